@@ -112,7 +112,7 @@ from nodeagent.leader_link import (
     wants_answer,
 )
 from tests.cluster import Cluster, hostport
-from tlsroll import __version__, pki, rpc, spiffe
+from tlsroll import __version__, features, pki, rpc, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HTTP_PORT, HTTPS_PORT, JOIN_PORT
 from tlsroll.v1 import (
     admin_pb2,
@@ -430,6 +430,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         ]
         return leader_pb2.HeartbeatRequest(
             agent_version=__version__,
+            features=features.AGENT_FEATURES,  # (a simulated agent of this build)
             sent_at=now,
             highest_epoch=self.highest_epoch,
             crl_number=self.crl_number,
@@ -540,6 +541,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.NodeStatus(
             node_name=self.name,
             agent_version=__version__,
+            features=features.AGENT_FEATURES,
             agent_time=now_ts(),
             server=self.view(),
             highest_epoch=self.highest_epoch,

@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from leader import byo
+from leader import agent_features, byo
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
 from leader.plan_texts import plan_texts
-from leader.planner import not_on_https
+from leader.planner import not_on_https, too_old
 from leader.rollout_core import (
     NOT_ON_HTTPS,
     Change,
@@ -301,6 +301,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             warnings.append(
                 f"{', '.join(blocked)}: {NOT_ON_HTTPS}; {rollout.change.value} cannot start "
                 "while a node in scope is on http only (rollout start refuses it)"
+            )
+        if too_old(nodes):
+            warnings.append(
+                f"{rollout.change.value} cannot start while a node's agent is too old for it "
+                "(rollout start refuses it): upgrade tlsroll on that node first"
             )
         on_http = await self._on_http(
             [r.name for r in nodes if r.state is not NodeState.SKIPPED], rollout
@@ -587,9 +592,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             renewal_due_at=timestamp(n.renewal_due_at),
             renewal_failing_since=timestamp(n.renewal_failing_since),
             renewal_error=n.renewal_error,
+            agent_features=n.agent_features,
         )
         if n.removed_at is not None:
             return info  # (a removed node has no clock to show: nothing read for it)
+        info.agent_too_old_for.extend(agent_features.too_old_for(n.agent_features))
         if clocks is None:
             clocks = self.state.clocks.listing()
         clock = clocks.get(n.name)

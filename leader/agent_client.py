@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from leader import agent_features
 from leader.store import Node, Store
 from tlsroll import dbthread, spiffe
 from tlsroll.errors import LOCAL_ERRNOS, LocalResourceError, TerminalError, TransientError
@@ -287,6 +288,24 @@ class AgentClient:
         channel, self._channel, self._stub = self._channel, None, None
         return asyncio.create_task(channel.close(None), name="close-idle-agent-channel")
 
+    def _sendable(self, request: Any) -> None:
+        """Refuse (``StepFailed``, FAILED_PRECONDITION, nothing sent) a request that carries
+        behaviour the node's agent has not reported it implements
+        (``leader.agent_features.request_needs``): it would drop the field unread (proto3)
+        and do something else, such as a direct switch for a transitional one. The plan
+        blocks such a node and a start refuses it; this holds whatever planned the request
+        (a rollout started before the agent was replaced by an older build, say). What the
+        agent implements is what its heartbeats said as the pool read the node (read again
+        when they say otherwise: ``Store.nodes_generation``)."""
+        node = self.node
+        missing = agent_features.missing_for(request, node.agent_features)
+        if missing:
+            why = agent_features.too_old(node.agent_version, node.agent_features, missing)
+            raise StepFailed(
+                f"{node.name}: {why}; the leader sent it nothing (FAILED_PRECONDITION)",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+
     async def _once(self, method: Method[T], request: Any, timeout: float = CALL_TIMEOUT) -> T:
         """One call: UNAVAILABLE or DEADLINE_EXCEEDED is a TransientError, any other status the
         agent saying no (StepFailed)."""
@@ -358,12 +377,15 @@ class AgentClient:
         return await self._call(lambda s: s.CreateCSR, request)
 
     async def stage(self, request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        self._sendable(request)
         return await self._call(lambda s: s.Stage, request)
 
     async def switch(self, request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        self._sendable(request)
         return await self._call(lambda s: s.Switch, request)
 
     async def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        self._sendable(request)
         return await self._call(lambda s: s.Rollback, request)
 
     async def get_transaction(
@@ -381,6 +403,7 @@ class AgentClient:
         row are a ``TransientError``. Another status is ``StepFailed``. An agent without the
         stream (UNIMPLEMENTED: an older version) is asked with GetTransaction every
         ``POLL_SECONDS`` instead."""
+        self._sendable(request)  # (one that begins a switch: ``switch_and_watch``)
         failures = 0
         self.in_flight += 1
         try:
@@ -461,6 +484,7 @@ class AgentClient:
             yield txn
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        self._sendable(request)
         return await self._call(lambda s: s.Freeze, request)
 
     async def unfreeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:

@@ -424,6 +424,10 @@ class Commands:
             default=0,
         )
         epoch = await asyncio.to_thread(self.schema.next_epoch)
+        # What each agent implements, as its heartbeats say (read after the agents answered:
+        # an agent just upgraded has said so by then).
+        listed = await asyncio.to_thread(self.store.list_nodes)
+        agents = {n.name: (n.agent_version, n.agent_features) for n in listed}
         try:
             rollout, records = planner.plan_rollout(
                 rollout_id=rollout_id or new_rollout_id(self.clock()),
@@ -439,6 +443,8 @@ class Commands:
                 observed=seen,
                 target_digest=target_digest,
                 dual_from=request.dual_from,
+                agents=agents,
+                own_certificates=request.own_certs is not None,
             )
         except planner.NothingToDo:
             if undone is not None:
@@ -519,6 +525,8 @@ class Commands:
             _check_verifier(request.auth_verifier_json)
         if blocked := planner.not_on_https(nodes):  # their preflight would fail: none starts
             raise planner.NotOnHttps(request.change, blocked)
+        if too_old := planner.too_old(nodes):  # they would drop what the change sends them
+            raise planner.AgentsTooOld(request.change, too_old)
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(

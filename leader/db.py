@@ -327,6 +327,15 @@ def _v10(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE certificates SET counted_at = ? WHERE counted_at > ?", (now, now))
 
 
+# Migration 11: what each node's agent implements of the behaviour the leader's requests carry
+# (``tlsroll.features``), as its heartbeats say, beside its version: a rollout that needs a
+# feature is blocked on a node whose agent lacks it, and no request carrying it is sent there.
+# '[]': none reported (an agent of an earlier release, or not heard since the upgrade), which
+# the leader takes for an agent that lacks every feature.
+_V11 = """
+ALTER TABLE nodes ADD COLUMN agent_features TEXT NOT NULL DEFAULT '[]';  -- JSON list, sorted
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -338,6 +347,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V8,  # scope freeze asked
     _V9,  # a freeze window's length in elapsed time
     _v10,  # certificates: record order, hourly caps' clock, their rollout
+    _V11,  # the features each node's agent implements
 )
 
 

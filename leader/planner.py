@@ -64,6 +64,7 @@ import itertools
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from leader import agent_features
 from leader.rollout_core import (
     BLOCKED,
     BLOCKED_HTTP,
@@ -89,6 +90,7 @@ from leader.rollout_core import (
     Step,
     Strategy,
     already_done,
+    blocked_too_old,
     needs_https_first,
     node_transition,
     not_on_https_refusal,
@@ -184,6 +186,28 @@ class NotOnHttps(PlanError):
 def not_on_https(records: Sequence[NodeRecord]) -> tuple[str, ...]:
     """The nodes ``plan_rollout`` marked ``BLOCKED_HTTP``: a start of the plan is refused."""
     return tuple(r.name for r in records if r.reason == BLOCKED_HTTP)
+
+
+class AgentsTooOld(PlanError):
+    """Nodes whose agents lack a feature the change needs (FAILED_PRECONDITION): the start is
+    refused before any node is touched; the agent would drop what it does not know unread
+    (proto3) and do something else (a transitional phase 1 would close http)."""
+
+    def __init__(self, change: Change, reasons: Mapping[str, str]) -> None:
+        names = sorted(reasons)
+        what = [f"{n} ({reasons[n].removeprefix(BLOCKED).strip()})" for n in names]
+        one = len(names) == 1
+        super().__init__(
+            f"{change.value} cannot start: {_some(what)} (or leave {'it' if one else 'them'} "
+            "out: --nodes); nothing was changed"
+        )
+        self.names = tuple(names)
+
+
+def too_old(records: Sequence[NodeRecord]) -> dict[str, str]:
+    """The nodes ``plan_rollout`` marked blocked as their agents are too old, with the reason:
+    a start of the plan is refused (``AgentsTooOld``)."""
+    return {r.name: r.reason for r in records if blocked_too_old(r.reason)}
 
 
 class NoPasswordStaged(PlanError):
@@ -300,6 +324,8 @@ def plan_rollout(
     observed: Mapping[str, NodeObservation] | None = None,
     target_digest: str = "",
     dual_from: str = "",
+    agents: Mapping[str, tuple[str, Collection[str]]] | None = None,
+    own_certificates: bool = False,
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -315,6 +341,12 @@ def plan_rollout(
     ``BLOCKED_HTTP`` (``not_on_https``: the start refuses the plan, ``NotOnHttps``); one whose
     read-only preflight checks found problems is ``blocked: <them>`` (it starts, and fails
     there unless they are fixed meanwhile).
+
+    ``agents``: each node's agent version and the features it reported (``Node.agent_features``).
+    A node the rollout steps whose agent lacks a feature the rollout's requests need
+    (``agent_features.rollout_needs``; ``own_certificates``: ``--cert-dir``) is ``blocked: its
+    agent (tlsroll V) is too old for …: upgrade it first`` (``too_old``: the start refuses the
+    plan, ``AgentsTooOld``). Missing: not checked.
 
     ``dual_from``: this is a retry of that transitional phase 1 (``rollout retry``). A node
     that still serves http and https with a certificate of this CA and the password of
@@ -356,6 +388,7 @@ def plan_rollout(
         if len(done) == len(names):
             raise NothingToDo(change, done)
     order = order_nodes(names, leader)
+    needs = agent_features.rollout_needs(change, strategy, freeze, own_certificates)
     rollout = Rollout(
         id=rollout_id,
         change=change,
@@ -376,6 +409,9 @@ def plan_rollout(
         seen = observed.get(name) if observed is not None else None
         if seen is not None and needs_https_first(change, seen):  # start refuses it
             return NodeRecord(name, reason=BLOCKED_HTTP)
+        agent = agents.get(name) if agents is not None else None
+        if agent is not None and (why := agent_features.too_old(*agent, needs)):
+            return NodeRecord(name, reason=f"{BLOCKED} {why}")  # start refuses it
         if seen is not None and seen.problems:  # its preflight will fail: say so up front
             return NodeRecord(name, reason=f"{BLOCKED} {'; '.join(seen.problems)}")
         return NodeRecord(name)

@@ -264,6 +264,18 @@ that serves http only: the planner marks such a node ``blocked: …`` with it (`
 a start is refused, and a plan that shows one exits 1."""
 BLOCKED_HTTP = f"{BLOCKED} {NOT_ON_HTTPS}"
 
+AGENT_TOO_OLD = "its agent (tlsroll "
+"""How the reason of a node whose agent lacks a feature the change needs goes on after
+``blocked:`` ("its agent (tlsroll V) is too old for …: upgrade it first":
+``leader.agent_features.too_old``): a start of the plan is refused (``blocked_too_old``), as
+the agent would drop what it does not know and do something else."""
+BLOCKED_TOO_OLD = f"{BLOCKED} {AGENT_TOO_OLD}"
+
+
+def blocked_too_old(reason: str) -> bool:
+    """Whether a planned node's ``reason`` says its agent is too old for the change."""
+    return reason.startswith(BLOCKED_TOO_OLD)
+
 
 def not_on_https_refusal(change: str, names: str, count: int) -> str:
     """The one line a start (and a plan, exit 1) is refused with: ``names`` (``count`` of them,

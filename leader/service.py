@@ -31,6 +31,7 @@ from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHt
 from leader.node_clocks import NodeClocks, clock_problem
 from leader.observe import NodeProblem, StreamEnded
 from leader.planner import (
+    AgentsTooOld,
     AlreadyUndone,
     EmptyScope,
     NodesOffline,
@@ -74,7 +75,7 @@ from leader.store import (
 )
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_csr, logs, peertext, pki, spiffe
+from tlsroll import bootstrap_csr, features, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     NO_BDP_PROBE,
@@ -107,6 +108,7 @@ ERRORS = {
     Unreachable: grpc.StatusCode.FAILED_PRECONDITION,
     NothingToDo: grpc.StatusCode.FAILED_PRECONDITION,
     NotOnHttps: grpc.StatusCode.FAILED_PRECONDITION,
+    AgentsTooOld: grpc.StatusCode.FAILED_PRECONDITION,
     NoPasswordStaged: grpc.StatusCode.FAILED_PRECONDITION,
     NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
     NotRetriable: grpc.StatusCode.FAILED_PRECONDITION,
@@ -393,6 +395,23 @@ def agent_version_text(raw: str) -> str:
 @functools.lru_cache(maxsize=256)
 def _agent_version_text(raw: str) -> str:
     return peertext.clean(raw, MAX_AGENT_VERSION)
+
+
+def agent_features_of(request: leader_pb2.HeartbeatRequest) -> tuple[str, ...]:
+    """The features an agent's heartbeat names, as the leader keeps them
+    (``tlsroll.features.reported``: well formed, sorted, bounded; a peer wrote them),
+    remembered as ``agent_version_text`` is: every message carries them, and the nodes of a
+    cluster mostly name the same few."""
+    names = request.features
+    if not names:
+        return ()
+    # Cut to what ``reported`` reads before it is a key: a peer's long names stay out of memory.
+    return _agent_features(tuple(n[: features.MAX_NAME + 1] for n in names[: features.READ]))
+
+
+@functools.lru_cache(maxsize=64)
+def _agent_features(names: tuple[str, ...]) -> tuple[str, ...]:
+    return features.reported(names)
 
 
 def _when(stamp: Timestamp, otherwise: dt.datetime) -> dt.datetime:
@@ -1331,6 +1350,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             "renewal": renewal_report(request, now),
         }
         version = agent_version_text(request.agent_version)
+        said["features"] = agent_features_of(request)
         if len(snap.accepted.get(name, ())) > 1:
             # Renewed, and the certificate before still accepted: a heartbeat with the new
             # one ends that at once (``Store.queue_heartbeat``), so it is not queued.

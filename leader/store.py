@@ -10,6 +10,7 @@ transaction. Clocks are passed in (``now``), never read here.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -147,6 +148,9 @@ class Node:
     # leader refuses its agent from that moment, so the node is offline at once, whatever its
     # last heartbeat says (``LeaderState.node_online``).
     cert_revoked: bool = False
+    # What its agent implements of the behaviour the leader's requests carry, as its last
+    # heartbeat said (``tlsroll.features``; sorted): () from an agent of an earlier release.
+    agent_features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,7 @@ class _Record:
     highest_epoch: int
     cert_fingerprint: str
     renewal: RenewalReport | None
+    features: tuple[str, ...] = ()
 
 
 MAX_QUEUED_WRITES = 4096  # client reports waiting for the group commit (``queue_write``)
@@ -473,6 +478,7 @@ class Store(LeaderStore):
             node = replace(
                 node,
                 agent_version=record.agent_version,
+                agent_features=record.features,
                 highest_epoch=max(node.highest_epoch, record.highest_epoch),
                 renewal_due_at=renewal.due_at if renewal else node.renewal_due_at,
                 renewal_failing_since=renewal.failing_since
@@ -799,6 +805,7 @@ class Store(LeaderStore):
         highest_epoch: int = 0,
         cert_fingerprint: str = "",
         renewal: RenewalReport | None = None,
+        features: tuple[str, ...] = (),
     ) -> None:
         """Record a heartbeat. A heartbeat with the certificate on record (``cert_fingerprint``)
         shows the agent has switched to it: the one before it is accepted no more. Written
@@ -811,16 +818,18 @@ class Store(LeaderStore):
             highest_epoch=highest_epoch,
             cert_fingerprint=cert_fingerprint,
             renewal=renewal,
+            features=features,
         ):
             return
-        said = (agent_version, highest_epoch, cert_fingerprint, renewal)
+        said = (agent_version, highest_epoch, cert_fingerprint, renewal, features)
         with self._commit_lock:  # after any batch already taken, before the next
             with self._seen_lock:
                 self._queued.pop(name, None)  # this write is newer and whole
             self._write_heartbeat(
-                name, agent_version, now, highest_epoch, cert_fingerprint, renewal
+                name, agent_version, now, highest_epoch, cert_fingerprint, renewal, features
             )
             with self._seen_lock:
+                self._features_seen(name, features)
                 self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
 
     def queue_heartbeat(
@@ -832,6 +841,7 @@ class Store(LeaderStore):
         highest_epoch: int = 0,
         cert_fingerprint: str = "",
         renewal: RenewalReport | None = None,
+        features: tuple[str, ...] = (),
     ) -> bool:
         """``heartbeat`` for the group commit: kept in memory if that is all it takes (False),
         else queued for ``write_queued`` (True), and every node this store returns shows it at
@@ -848,14 +858,27 @@ class Store(LeaderStore):
             highest_epoch=highest_epoch,
             cert_fingerprint=cert_fingerprint,
             renewal=renewal,
+            features=features,
         ):
             return False
-        said = (agent_version, highest_epoch, cert_fingerprint, renewal)
-        record = _Record(agent_version, now, highest_epoch, cert_fingerprint, renewal)
+        said = (agent_version, highest_epoch, cert_fingerprint, renewal, features)
+        record = _Record(agent_version, now, highest_epoch, cert_fingerprint, renewal, features)
         with self._seen_lock:
             self._queued[name] = record  # the newest is whole: it replaces one still queued
+            self._features_seen(name, features)
             self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
         return True
+
+    def _features_seen(self, name: str, features: tuple[str, ...]) -> None:
+        """(Under ``_seen_lock``, before ``_seen`` has the new heartbeat.) Node ``name``'s
+        agent reports ``features``: if that is not what this store last heard from it (its
+        agent was upgraded or replaced; or the first heartbeat since the store opened),
+        ``nodes_generation`` moves on, so that the agent pool reads the node again and sends
+        by what the agent implements now (``leader.agent_client``), not by what it read
+        before the upgrade."""
+        seen = self._seen.get(name)
+        if seen is None or seen.said[-1] != features:
+            self.nodes_generation += 1
 
     def queue_write(self, name: str, write: QueuedWrite) -> None:
         """Queue ``write`` (node ``name``'s client report) for the next group commit; writes
@@ -910,6 +933,7 @@ class Store(LeaderStore):
                         r.highest_epoch,
                         r.cert_fingerprint,
                         r.renewal,
+                        r.features,
                     )
                 for _name, write in writes:
                     write(db)
@@ -932,11 +956,12 @@ class Store(LeaderStore):
         highest_epoch: int = 0,
         cert_fingerprint: str = "",
         renewal: RenewalReport | None = None,
+        features: tuple[str, ...] = (),
     ) -> bool:
         """Record a heartbeat in memory if that is all it takes (it says nothing new and the
         stored one is recent): True. False: ``heartbeat`` has to write it. In memory only, so
         the event loop may call it without a worker thread."""
-        said = (agent_version, highest_epoch, cert_fingerprint, renewal)
+        said = (agent_version, highest_epoch, cert_fingerprint, renewal, features)
         heard = self._heard(now)
         with self._seen_lock:
             seen = self._seen.get(name)
@@ -1010,10 +1035,11 @@ class Store(LeaderStore):
         highest_epoch: int,
         cert_fingerprint: str,
         renewal: RenewalReport | None,
+        features: tuple[str, ...] = (),
     ) -> None:
         with self._db.tx(routine=True) as db:
             switched = self._heartbeat_sql(
-                db, name, agent_version, now, highest_epoch, cert_fingerprint, renewal
+                db, name, agent_version, now, highest_epoch, cert_fingerprint, renewal, features
             )
         if switched:  # the certificate before is accepted no more: not routine
             self._db.touch()
@@ -1027,14 +1053,15 @@ class Store(LeaderStore):
         highest_epoch: int,
         cert_fingerprint: str,
         renewal: RenewalReport | None,
+        features: tuple[str, ...] = (),
     ) -> bool:
         """A heartbeat record's statements (in the caller's transaction); True if it switched
         the node to its renewed certificate (the caller moves ``generation`` on)."""
         switched = False
         db.execute(
-            "UPDATE nodes SET last_heartbeat = ?, agent_version = ?,"
+            "UPDATE nodes SET last_heartbeat = ?, agent_version = ?, agent_features = ?,"
             " highest_epoch = MAX(highest_epoch, ?) WHERE name = ? AND removed_at IS NULL",
-            (to_text(now), agent_version, highest_epoch, name),
+            (to_text(now), agent_version, json.dumps(list(features)), highest_epoch, name),
         )
         if renewal is not None:
             db.execute(
@@ -2131,4 +2158,15 @@ def _node(row: sqlite3.Row) -> Node:
         renewal_failing_since=from_text(row["renewal_failing_since"]),
         renewal_error=row["renewal_error"],
         cert_revoked=bool(row["cert_revoked"]) if "cert_revoked" in row.keys() else False,  # noqa: SIM118
+        agent_features=_features(row["agent_features"]),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _features(text: str) -> tuple[str, ...]:
+    """A node's stored ``agent_features`` (a JSON list; the nodes mostly share a few)."""
+    try:
+        names = json.loads(text)
+    except ValueError:
+        return ()
+    return tuple(str(n) for n in names) if isinstance(names, list) else ()

@@ -63,7 +63,7 @@ from nodeagent.failure_log import FailureCount, FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, logs, spiffe
+from tlsroll import __version__, features, logs, spiffe
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
@@ -787,6 +787,7 @@ class LeaderLink:
             )
             request = leader_pb2.HeartbeatRequest(
                 agent_version=__version__,
+                features=features.this_agent(),
                 bootstrap_failures=failure_messages(report),
                 highest_epoch=highest,
                 crl_number=self.trust.crl_number,

@@ -48,7 +48,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, clocks, dbthread, httpcheck, logs, password
+from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import Change, TxnKind
@@ -427,6 +427,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             agent_time=timestamp(self.clock()),
             server=await self._view(),
             highest_epoch=await asyncio.to_thread(self.journal.highest_epoch),
+            features=features.this_agent(),
         )
 
     # --- preflight ----------------------------------------------------------------------------

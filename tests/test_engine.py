@@ -82,7 +82,7 @@ from tests.fake_agent import (
     FakeAgents,
     FakeClock,
 )
-from tlsroll import dbthread, pki
+from tlsroll import dbthread, features, pki
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.rpc import status_for
@@ -385,6 +385,9 @@ def enrol(world: World) -> None:
             issue=lambda: cert,
             now=START,
         )
+        # Its agent says what it implements, as a real one's first heartbeat does: a rollout
+        # that needs a feature blocks on an agent that reported none (``leader.agent_features``).
+        store.heartbeat(agent.name, "test", now=START, features=features.AGENT_FEATURES)
     store.close()
 
 

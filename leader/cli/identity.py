@@ -95,9 +95,7 @@ def nodes(
             state,
             _clock(n),
             Text(n.server or "-", style="red" if n.server.startswith("down") else ""),
-            # Whatever an agent reported, printed without control characters (the leader
-            # cleans it too; an older store may still hold raw text).
-            peertext.clean(n.agent_version, 64),
+            _agent(n),
             fmt_time(n, "last_heartbeat"),
             fmt_time(n, "cert_not_after"),
             _renewal(n),
@@ -120,6 +118,17 @@ def _clock(n: admin_pb2.NodeInfo) -> Text:
             return Text(f"{offset}: most nodes too: check the leader's clock", style="red")
         return Text(f"{offset}: fix NTP", style="red")
     return Text(offset)
+
+
+def _agent(n: admin_pb2.NodeInfo) -> Text:
+    """The agent's version, and in red what this leader can ask that it is too old for (the
+    leader's own verdict, ``NodeInfo.agent_too_old_for``): a rollout of it blocks there."""
+    # Whatever an agent reported, printed without control characters (the leader cleans it
+    # too; an older store may still hold raw text).
+    version = peertext.clean(n.agent_version, 64)
+    if not n.agent_too_old_for:
+        return Text(version)
+    return Text(f"{version}: too old for {', '.join(n.agent_too_old_for)}", style="red")
 
 
 def _renewal(n: admin_pb2.NodeInfo) -> Text:

@@ -53,6 +53,7 @@ from leader.rollout_core import (
     RolloutState,
     ScopeKind,
     Strategy,
+    blocked_too_old,
     not_on_https_refusal,
 )
 from leader.wire import (
@@ -239,12 +240,23 @@ def refuse_blocked(reply: admin_pb2.PlanResponse) -> None:
 def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
     """CLIError (exit 1) if the plan has nodes on http only that its change starts from https
     on (``BLOCKED_HTTP``): the leader refuses to start it (audit s38 M5), so the start says so
-    before anything is asked. A node blocked by its preflight checks is not refused here: the
+    before anything is asked; so are nodes whose agents are too old for it (``blocked_too_old``).
+    A node blocked by its preflight checks is not refused here: the
     start runs, and stops at that node unless its problems are fixed meanwhile."""
     blocked = [n.name for n in reply.rollout.nodes if n.reason == BLOCKED_HTTP]
     if blocked:
         change = CHANGE.text(reply.rollout.change)
         raise CLIError(not_on_https_refusal(change, ", ".join(blocked), len(blocked)))
+    old = [n for n in reply.rollout.nodes if blocked_too_old(n.reason)]
+    if old:  # the leader refuses it too (``planner.AgentsTooOld``)
+        change = CHANGE.text(reply.rollout.change)
+        named = [f"{n.name} ({n.reason.removeprefix(BLOCKED).strip()})" for n in old]
+        more = len(named) - MAX_NAMED
+        shown = ", ".join(named[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+        them = "it" if len(old) == 1 else "them"
+        raise CLIError(
+            f"{change} cannot start: {shown} (or leave {them} out: --nodes); nothing was changed"
+        )
 
 
 # What a node that is neither done already nor blocked will go through, per change (a direct

@@ -974,6 +974,8 @@ class NodeInfo(_message.Message):
     CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     CLOCK_DIFFERS_FIELD_NUMBER: _builtins.int
     CLOCK_LEADER_FIELD_NUMBER: _builtins.int
+    AGENT_FEATURES_FIELD_NUMBER: _builtins.int
+    AGENT_TOO_OLD_FOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_version: _builtins.str
     agent_port: _builtins.int
@@ -1032,6 +1034,19 @@ class NodeInfo(_message.Message):
     def renewal_failing_since(self) -> _timestamp_pb2.Timestamp:
         """Set while the agent's renewals fail: since when, and the last reason."""
 
+    @_builtins.property
+    def agent_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the agent implements of the behaviour the leader's requests carry, as its last
+        heartbeat said (`HeartbeatRequest.features`; empty: an agent of an earlier release).
+        """
+
+    @_builtins.property
+    def agent_too_old_for(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this leader can ask that the agent is too old for, in words ("the transitional
+        strategy", ...; `leader.agent_features`): a rollout of it blocks on the node until its
+        agent is upgraded. Empty: nothing (or a removed node).
+        """
+
     def __init__(
         self,
         *,
@@ -1059,10 +1074,12 @@ class NodeInfo(_message.Message):
         clock_offset_seconds: _builtins.float | None = ...,
         clock_differs: _builtins.bool = ...,
         clock_leader: _builtins.bool = ...,
+        agent_features: _abc.Iterable[_builtins.str] | None = ...,
+        agent_too_old_for: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "clock_offset_seconds", b"clock_offset_seconds", "enrolled_at", b"enrolled_at", "last_heartbeat", b"last_heartbeat", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "clock_differs", b"clock_differs", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "addresses", b"addresses", "agent_features", b"agent_features", "agent_port", b"agent_port", "agent_too_old_for", b"agent_too_old_for", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "clock_differs", b"clock_differs", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_offset_seconds: _TypeAlias = _typing.Literal["clock_offset_seconds"]  # noqa: Y015
     _WhichOneofArgType__clock_offset_seconds: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds"]  # noqa: Y015

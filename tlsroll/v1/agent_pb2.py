@@ -26,19 +26,19 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tlsroll.v1 import types_pb2 as tlsroll_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/agent.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/types.proto\"L\n\rFreezeRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\"3\n\x0e\x46reezeResponse\x12\x0e\n\x06\x66rozen\x18\x01 \x01(\x08\x12\x11\n\twatermark\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\xd9\x01\n\nNodeStatus\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x32\n\x0e\x63\x65rt_not_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nagent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06server\x18\x05 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x15\n\rhighest_epoch\x18\x06 \x01(\x04\"\xc1\x01\n\nServerView\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0c\n\x04urls\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x07 \x01(\x0c\x12\x17\n\x0fverifier_digest\x18\x08 \x01(\t\x12(\n\x07\x63lients\x18\t \x01(\x0b\x32\x17.tlsroll.v1.ClientsView\",\n\x07\x43ommand\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"|\n\x0c\x43heckRequest\x12/\n\x0bleader_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18max_clock_offset_seconds\x18\x02 \x01(\r\x12\x19\n\x11warm_certificates\x18\x03 \x01(\x08\"\x9d\x01\n\x10PreflightRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12/\n\x0bleader_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18max_clock_offset_seconds\x18\x03 \x01(\r\x12\x10\n\x08make_csr\x18\x04 \x01(\x08\"\xe2\x01\n\x11PreflightResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12\x13\n\x0b\x63ommon_name\x18\x03 \x01(\t\x12\x14\n\x0cip_addresses\x18\x04 \x03(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\x12&\n\x06server\x18\x06 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x0f\n\x07new_url\x18\x07 \x01(\t\x12\x0f\n\x07old_url\x18\x08 \x01(\t\x12\x16\n\x0e\x62ootstrap_port\x18\t \x01(\r\x12\x0f\n\x07\x63sr_pem\x18\n \x01(\x0c\"8\n\x10\x43reateCSRRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\"$\n\x11\x43reateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\xcd\x01\n\x0cStageRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x17\n\x0fprivate_key_pem\x18\x04 \x01(\x0c\x12\x17\n\x0fown_certificate\x18\x05 \x01(\x08\x12\x30\n\x0eswitch_to_come\x18\x06 \x01(\x0b\x32\x18.tlsroll.v1.SwitchToCome\"=\n\x0cSwitchToCome\x12\x1a\n\x12\x61uth_verifier_json\x18\x01 \x01(\t\x12\x11\n\tkeep_http\x18\x02 \x01(\x08\"S\n\rStageResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\rSwitchRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\"\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12\x1a\n\x12\x61uth_verifier_json\x18\x03 \x01(\t\x12\x13\n\x0bkeep_frozen\x18\x04 \x01(\x08\x12\x11\n\tkeep_http\x18\x05 \x01(\x08\"l\n\x0fRollbackRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x13\n\x0bkeep_frozen\x18\x02 \x01(\x08\x12\x13\n\x06undoes\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_undoes\"\x81\x01\n\x15GetTransactionRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tlsroll.v1.TransactionKind\x12)\n\x06switch\x18\x03 \x01(\x0b\x32\x19.tlsroll.v1.SwitchRequest\"\xab\x04\n\x0bTransaction\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tlsroll.v1.TransactionKind\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12+\n\x05phase\x18\x04 \x01(\x0e\x32\x1c.tlsroll.v1.TransactionPhase\x12/\n\x07outcome\x18\x05 \x01(\x0e\x32\x1e.tlsroll.v1.TransactionOutcome\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\twatermark\x18\x07 \x01(\x04\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11\x66reeze_started_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66reeze_ended_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frestart_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07old_url\x18\r \x01(\t\x12\x0f\n\x07new_url\x18\x0e \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x0f \x01(\t\x12\x1b\n\x0e\x66reeze_seconds\x18\x10 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_freeze_seconds*o\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSACTION_KIND_SWITCH\x10\x01\x12\x1d\n\x19TRANSACTION_KIND_ROLLBACK\x10\x02*\xc6\x03\n\x10TransactionPhase\x12!\n\x1dTRANSACTION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSACTION_PHASE_STARTED\x10\x01\x12\x1c\n\x18TRANSACTION_PHASE_FROZEN\x10\x02\x12$\n TRANSACTION_PHASE_CONFIG_WRITTEN\x10\x03\x12\x1f\n\x1bTRANSACTION_PHASE_RESTARTED\x10\x04\x12\x1e\n\x1aTRANSACTION_PHASE_VERIFIED\x10\x05\x12\x1f\n\x1bTRANSACTION_PHASE_COMPLETED\x10\x06\x12\"\n\x1eTRANSACTION_PHASE_ROLLING_BACK\x10\x07\x12\x1e\n\x1aTRANSACTION_PHASE_RESTORED\x10\x08\x12\"\n\x1eTRANSACTION_PHASE_RB_RESTARTED\x10\t\x12!\n\x1dTRANSACTION_PHASE_RB_VERIFIED\x10\n\x12!\n\x1dTRANSACTION_PHASE_ROLLED_BACK\x10\x0b\x12\x1c\n\x18TRANSACTION_PHASE_FAILED\x10\x0c*\xc2\x01\n\x12TransactionOutcome\x12#\n\x1fTRANSACTION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSACTION_OUTCOME_PENDING\x10\x01\x12!\n\x1dTRANSACTION_OUTCOME_COMPLETED\x10\x02\x12#\n\x1fTRANSACTION_OUTCOME_ROLLED_BACK\x10\x03\x12\x1e\n\x1aTRANSACTION_OUTCOME_FAILED\x10\x04\x32\x86\x06\n\tNodeAgent\x12\x41\n\tGetStatus\x12\x1c.tlsroll.v1.GetStatusRequest\x1a\x16.tlsroll.v1.NodeStatus\x12H\n\tPreflight\x12\x1c.tlsroll.v1.PreflightRequest\x1a\x1d.tlsroll.v1.PreflightResponse\x12@\n\x05\x43heck\x12\x18.tlsroll.v1.CheckRequest\x1a\x1d.tlsroll.v1.PreflightResponse\x12H\n\tCreateCSR\x12\x1c.tlsroll.v1.CreateCSRRequest\x1a\x1d.tlsroll.v1.CreateCSRResponse\x12<\n\x05Stage\x12\x18.tlsroll.v1.StageRequest\x1a\x19.tlsroll.v1.StageResponse\x12<\n\x06Switch\x12\x19.tlsroll.v1.SwitchRequest\x1a\x17.tlsroll.v1.Transaction\x12@\n\x08Rollback\x12\x1b.tlsroll.v1.RollbackRequest\x1a\x17.tlsroll.v1.Transaction\x12L\n\x0eGetTransaction\x12!.tlsroll.v1.GetTransactionRequest\x1a\x17.tlsroll.v1.Transaction\x12P\n\x10WatchTransaction\x12!.tlsroll.v1.GetTransactionRequest\x1a\x17.tlsroll.v1.Transaction0\x01\x12?\n\x06\x46reeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponse\x12\x41\n\x08Unfreeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/agent.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/types.proto\"L\n\rFreezeRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\"3\n\x0e\x46reezeResponse\x12\x0e\n\x06\x66rozen\x18\x01 \x01(\x08\x12\x11\n\twatermark\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\xeb\x01\n\nNodeStatus\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x32\n\x0e\x63\x65rt_not_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nagent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06server\x18\x05 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x15\n\rhighest_epoch\x18\x06 \x01(\x04\x12\x10\n\x08\x66\x65\x61tures\x18\x07 \x03(\t\"\xc1\x01\n\nServerView\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0c\n\x04urls\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x07 \x01(\x0c\x12\x17\n\x0fverifier_digest\x18\x08 \x01(\t\x12(\n\x07\x63lients\x18\t \x01(\x0b\x32\x17.tlsroll.v1.ClientsView\",\n\x07\x43ommand\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"|\n\x0c\x43heckRequest\x12/\n\x0bleader_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18max_clock_offset_seconds\x18\x02 \x01(\r\x12\x19\n\x11warm_certificates\x18\x03 \x01(\x08\"\x9d\x01\n\x10PreflightRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12/\n\x0bleader_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18max_clock_offset_seconds\x18\x03 \x01(\r\x12\x10\n\x08make_csr\x18\x04 \x01(\x08\"\xe2\x01\n\x11PreflightResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12\x13\n\x0b\x63ommon_name\x18\x03 \x01(\t\x12\x14\n\x0cip_addresses\x18\x04 \x03(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\x12&\n\x06server\x18\x06 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x0f\n\x07new_url\x18\x07 \x01(\t\x12\x0f\n\x07old_url\x18\x08 \x01(\t\x12\x16\n\x0e\x62ootstrap_port\x18\t \x01(\r\x12\x0f\n\x07\x63sr_pem\x18\n \x01(\x0c\"8\n\x10\x43reateCSRRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\"$\n\x11\x43reateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\xcd\x01\n\x0cStageRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\x12\x17\n\x0fprivate_key_pem\x18\x04 \x01(\x0c\x12\x17\n\x0fown_certificate\x18\x05 \x01(\x08\x12\x30\n\x0eswitch_to_come\x18\x06 \x01(\x0b\x32\x18.tlsroll.v1.SwitchToCome\"=\n\x0cSwitchToCome\x12\x1a\n\x12\x61uth_verifier_json\x18\x01 \x01(\t\x12\x11\n\tkeep_http\x18\x02 \x01(\x08\"S\n\rStageResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\rSwitchRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\"\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12\x1a\n\x12\x61uth_verifier_json\x18\x03 \x01(\t\x12\x13\n\x0bkeep_frozen\x18\x04 \x01(\x08\x12\x11\n\tkeep_http\x18\x05 \x01(\x08\"l\n\x0fRollbackRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x13\n\x0bkeep_frozen\x18\x02 \x01(\x08\x12\x13\n\x06undoes\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_undoes\"\x81\x01\n\x15GetTransactionRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tlsroll.v1.TransactionKind\x12)\n\x06switch\x18\x03 \x01(\x0b\x32\x19.tlsroll.v1.SwitchRequest\"\xab\x04\n\x0bTransaction\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tlsroll.v1.TransactionKind\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12+\n\x05phase\x18\x04 \x01(\x0e\x32\x1c.tlsroll.v1.TransactionPhase\x12/\n\x07outcome\x18\x05 \x01(\x0e\x32\x1e.tlsroll.v1.TransactionOutcome\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\twatermark\x18\x07 \x01(\x04\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11\x66reeze_started_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66reeze_ended_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frestart_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07old_url\x18\r \x01(\t\x12\x0f\n\x07new_url\x18\x0e \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x0f \x01(\t\x12\x1b\n\x0e\x66reeze_seconds\x18\x10 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_freeze_seconds*o\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSACTION_KIND_SWITCH\x10\x01\x12\x1d\n\x19TRANSACTION_KIND_ROLLBACK\x10\x02*\xc6\x03\n\x10TransactionPhase\x12!\n\x1dTRANSACTION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSACTION_PHASE_STARTED\x10\x01\x12\x1c\n\x18TRANSACTION_PHASE_FROZEN\x10\x02\x12$\n TRANSACTION_PHASE_CONFIG_WRITTEN\x10\x03\x12\x1f\n\x1bTRANSACTION_PHASE_RESTARTED\x10\x04\x12\x1e\n\x1aTRANSACTION_PHASE_VERIFIED\x10\x05\x12\x1f\n\x1bTRANSACTION_PHASE_COMPLETED\x10\x06\x12\"\n\x1eTRANSACTION_PHASE_ROLLING_BACK\x10\x07\x12\x1e\n\x1aTRANSACTION_PHASE_RESTORED\x10\x08\x12\"\n\x1eTRANSACTION_PHASE_RB_RESTARTED\x10\t\x12!\n\x1dTRANSACTION_PHASE_RB_VERIFIED\x10\n\x12!\n\x1dTRANSACTION_PHASE_ROLLED_BACK\x10\x0b\x12\x1c\n\x18TRANSACTION_PHASE_FAILED\x10\x0c*\xc2\x01\n\x12TransactionOutcome\x12#\n\x1fTRANSACTION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSACTION_OUTCOME_PENDING\x10\x01\x12!\n\x1dTRANSACTION_OUTCOME_COMPLETED\x10\x02\x12#\n\x1fTRANSACTION_OUTCOME_ROLLED_BACK\x10\x03\x12\x1e\n\x1aTRANSACTION_OUTCOME_FAILED\x10\x04\x32\x86\x06\n\tNodeAgent\x12\x41\n\tGetStatus\x12\x1c.tlsroll.v1.GetStatusRequest\x1a\x16.tlsroll.v1.NodeStatus\x12H\n\tPreflight\x12\x1c.tlsroll.v1.PreflightRequest\x1a\x1d.tlsroll.v1.PreflightResponse\x12@\n\x05\x43heck\x12\x18.tlsroll.v1.CheckRequest\x1a\x1d.tlsroll.v1.PreflightResponse\x12H\n\tCreateCSR\x12\x1c.tlsroll.v1.CreateCSRRequest\x1a\x1d.tlsroll.v1.CreateCSRResponse\x12<\n\x05Stage\x12\x18.tlsroll.v1.StageRequest\x1a\x19.tlsroll.v1.StageResponse\x12<\n\x06Switch\x12\x19.tlsroll.v1.SwitchRequest\x1a\x17.tlsroll.v1.Transaction\x12@\n\x08Rollback\x12\x1b.tlsroll.v1.RollbackRequest\x1a\x17.tlsroll.v1.Transaction\x12L\n\x0eGetTransaction\x12!.tlsroll.v1.GetTransactionRequest\x1a\x17.tlsroll.v1.Transaction\x12P\n\x10WatchTransaction\x12!.tlsroll.v1.GetTransactionRequest\x1a\x17.tlsroll.v1.Transaction0\x01\x12?\n\x06\x46reeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponse\x12\x41\n\x08Unfreeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlsroll.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSACTIONKIND']._serialized_start=2635
-  _globals['_TRANSACTIONKIND']._serialized_end=2746
-  _globals['_TRANSACTIONPHASE']._serialized_start=2749
-  _globals['_TRANSACTIONPHASE']._serialized_end=3203
-  _globals['_TRANSACTIONOUTCOME']._serialized_start=3206
-  _globals['_TRANSACTIONOUTCOME']._serialized_end=3400
+  _globals['_TRANSACTIONKIND']._serialized_start=2653
+  _globals['_TRANSACTIONKIND']._serialized_end=2764
+  _globals['_TRANSACTIONPHASE']._serialized_start=2767
+  _globals['_TRANSACTIONPHASE']._serialized_end=3221
+  _globals['_TRANSACTIONOUTCOME']._serialized_start=3224
+  _globals['_TRANSACTIONOUTCOME']._serialized_end=3418
   _globals['_FREEZEREQUEST']._serialized_start=95
   _globals['_FREEZEREQUEST']._serialized_end=171
   _globals['_FREEZERESPONSE']._serialized_start=173
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=226
   _globals['_GETSTATUSREQUEST']._serialized_end=244
   _globals['_NODESTATUS']._serialized_start=247
-  _globals['_NODESTATUS']._serialized_end=464
-  _globals['_SERVERVIEW']._serialized_start=467
-  _globals['_SERVERVIEW']._serialized_end=660
-  _globals['_COMMAND']._serialized_start=662
-  _globals['_COMMAND']._serialized_end=706
-  _globals['_CHECKREQUEST']._serialized_start=708
-  _globals['_CHECKREQUEST']._serialized_end=832
-  _globals['_PREFLIGHTREQUEST']._serialized_start=835
-  _globals['_PREFLIGHTREQUEST']._serialized_end=992
-  _globals['_PREFLIGHTRESPONSE']._serialized_start=995
-  _globals['_PREFLIGHTRESPONSE']._serialized_end=1221
-  _globals['_CREATECSRREQUEST']._serialized_start=1223
-  _globals['_CREATECSRREQUEST']._serialized_end=1279
-  _globals['_CREATECSRRESPONSE']._serialized_start=1281
-  _globals['_CREATECSRRESPONSE']._serialized_end=1317
-  _globals['_STAGEREQUEST']._serialized_start=1320
-  _globals['_STAGEREQUEST']._serialized_end=1525
-  _globals['_SWITCHTOCOME']._serialized_start=1527
-  _globals['_SWITCHTOCOME']._serialized_end=1588
-  _globals['_STAGERESPONSE']._serialized_start=1590
-  _globals['_STAGERESPONSE']._serialized_end=1673
-  _globals['_SWITCHREQUEST']._serialized_start=1676
-  _globals['_SWITCHREQUEST']._serialized_end=1833
-  _globals['_ROLLBACKREQUEST']._serialized_start=1835
-  _globals['_ROLLBACKREQUEST']._serialized_end=1943
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1946
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=2075
-  _globals['_TRANSACTION']._serialized_start=2078
-  _globals['_TRANSACTION']._serialized_end=2633
-  _globals['_NODEAGENT']._serialized_start=3403
-  _globals['_NODEAGENT']._serialized_end=4177
+  _globals['_NODESTATUS']._serialized_end=482
+  _globals['_SERVERVIEW']._serialized_start=485
+  _globals['_SERVERVIEW']._serialized_end=678
+  _globals['_COMMAND']._serialized_start=680
+  _globals['_COMMAND']._serialized_end=724
+  _globals['_CHECKREQUEST']._serialized_start=726
+  _globals['_CHECKREQUEST']._serialized_end=850
+  _globals['_PREFLIGHTREQUEST']._serialized_start=853
+  _globals['_PREFLIGHTREQUEST']._serialized_end=1010
+  _globals['_PREFLIGHTRESPONSE']._serialized_start=1013
+  _globals['_PREFLIGHTRESPONSE']._serialized_end=1239
+  _globals['_CREATECSRREQUEST']._serialized_start=1241
+  _globals['_CREATECSRREQUEST']._serialized_end=1297
+  _globals['_CREATECSRRESPONSE']._serialized_start=1299
+  _globals['_CREATECSRRESPONSE']._serialized_end=1335
+  _globals['_STAGEREQUEST']._serialized_start=1338
+  _globals['_STAGEREQUEST']._serialized_end=1543
+  _globals['_SWITCHTOCOME']._serialized_start=1545
+  _globals['_SWITCHTOCOME']._serialized_end=1606
+  _globals['_STAGERESPONSE']._serialized_start=1608
+  _globals['_STAGERESPONSE']._serialized_end=1691
+  _globals['_SWITCHREQUEST']._serialized_start=1694
+  _globals['_SWITCHREQUEST']._serialized_end=1851
+  _globals['_ROLLBACKREQUEST']._serialized_start=1853
+  _globals['_ROLLBACKREQUEST']._serialized_end=1961
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1964
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=2093
+  _globals['_TRANSACTION']._serialized_start=2096
+  _globals['_TRANSACTION']._serialized_end=2651
+  _globals['_NODEAGENT']._serialized_start=3421
+  _globals['_NODEAGENT']._serialized_end=4195
 # @@protoc_insertion_point(module_scope)

@@ -186,6 +186,7 @@ class NodeStatus(_message.Message):
     AGENT_TIME_FIELD_NUMBER: _builtins.int
     SERVER_FIELD_NUMBER: _builtins.int
     HIGHEST_EPOCH_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     node_name: _builtins.str
     agent_version: _builtins.str
     highest_epoch: _builtins.int
@@ -197,6 +198,14 @@ class NodeStatus(_message.Message):
     def server(self) -> Global___ServerView:
         """The managed server as the agent sees it now."""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the agent implements of the behaviour the leader's requests carry, by name
+        (`tlsroll.features`: "switch.keep_http", "rollback.undoes", ...), as in its heartbeats
+        (`HeartbeatRequest.features`). Empty: an agent of an earlier release, which the leader
+        takes for one that lacks every feature.
+        """
+
     def __init__(
         self,
         *,
@@ -206,10 +215,11 @@ class NodeStatus(_message.Message):
         agent_time: _timestamp_pb2.Timestamp | None = ...,
         server: Global___ServerView | None = ...,
         highest_epoch: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time", "cert_not_after", b"cert_not_after", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time", "agent_version", b"agent_version", "cert_not_after", b"cert_not_after", "highest_epoch", b"highest_epoch", "node_name", b"node_name", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_time", b"agent_time", "agent_version", b"agent_version", "cert_not_after", b"cert_not_after", "features", b"features", "highest_epoch", b"highest_epoch", "node_name", b"node_name", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -128,6 +128,7 @@ class HeartbeatRequest(_message.Message):
     UNSWITCHED_STAGES_FIELD_NUMBER: _builtins.int
     AGENT_INSTANCE_FIELD_NUMBER: _builtins.int
     FAILURES_REPORT_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -218,6 +219,17 @@ class HeartbeatRequest(_message.Message):
         agent then removes nothing.
         """
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the agent implements of the behaviour the leader's requests carry, by name (sorted,
+        at most 32 names of at most 64 characters: `tlsroll.features`), in every message like
+        `agent_version`: a field whose meaning an agent does not know is dropped unread (proto3),
+        so the leader sends a request carrying it only to an agent that names its feature here,
+        and `tlsroll plan` shows a node whose agent lacks one the change needs as blocked ("its
+        agent (tlsroll V) is too old for ..."). Empty: an agent of an earlier release, taken for
+        one that lacks every feature.
+        """
+
     def __init__(
         self,
         *,
@@ -240,10 +252,11 @@ class HeartbeatRequest(_message.Message):
         unswitched_stages: _abc.Iterable[_builtins.str] | None = ...,
         agent_instance: _builtins.str = ...,
         failures_report: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_answer", b"check_answer", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "failures_report", b"failures_report", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "failures_report", b"failures_report", "features", b"features", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,334 @@
+"""An agent too old for a change is named before it is asked (audit s40upg M3).
+
+A request field that carries behaviour is dropped unread by an agent that does not know it
+(proto3): ``SwitchRequest.keep_http`` to such an agent turns transitional phase 1 into a
+direct switch. So agents report the features they implement (``tlsroll.features``) with their
+heartbeats; the leader keeps them with the node, a plan shows a node whose agent lacks one the
+change needs as blocked (exit 1), a start refuses it, ``tlsroll nodes`` marks it, and the agent
+pool never sends such a request to it (``leader.agent_features``, one table).
+
+The pure table and its uses first; then a real leader and real agents, one of which reports
+no features (``TLSROLL_AGENT_TEST_FEATURES``, a test-only switch of what the agent reports).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from leader import agent_features as af
+from leader.agent_client import AgentClient, StepFailed, SwitchRefused
+from leader.planner import AgentsTooOld, plan_rollout, too_old
+from leader.rollout_core import (
+    BLOCKED,
+    Change,
+    FreezeMode,
+    NodeObservation,
+    NodeState,
+    Scope,
+    Strategy,
+    blocked_too_old,
+)
+from leader.service import agent_features_of
+from leader.store import Node, Store
+from tests.cluster import Cluster, wait_until
+from tests.leader_rig import _enrol
+from tests.nodeside import cluster_of
+from tests.test_level_based import live, password_file
+from tlsroll import features, pki
+from tlsroll.v1 import agent_pb2, leader_pb2
+
+ALL = features.AGENT_FEATURES
+T0 = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
+
+# --- the names -------------------------------------------------------------------------------
+
+
+def test_the_agent_implements_every_feature_this_leader_may_need() -> None:
+    """A build's agent and leader go together: the leader needs nothing its own agent lacks,
+    and every feature the agent names has words for a node's "too old for …"."""
+    assert frozenset(ALL) == af.EVERYTHING
+    assert list(ALL) == sorted(set(ALL))
+    assert features.reported(ALL) == ALL
+
+
+def test_reported_names_are_cleaned_and_bounded() -> None:
+    """A peer wrote them: well formed names only, sorted, once each, at most 32."""
+    assert features.reported(["switch.keep_http", "x" * 65, "Bad Name", "a.b", "a.b", ""]) == (
+        "a.b",
+        "switch.keep_http",
+    )
+    many = [f"f{i:03d}" for i in range(200)]
+    assert len(features.reported(many)) == features.MAX_FEATURES
+
+
+def test_the_test_switch_of_what_an_agent_reports() -> None:
+    assert features.agent_features({}) == ALL
+    assert features.agent_features({features.TEST_ENV: ""}) == ()
+    assert features.agent_features({features.TEST_ENV: " rollback.undoes , "}) == (
+        "rollback.undoes",
+    )
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "strategy", "freeze", "own", "needed"),
+    [
+        (Change.ENABLE_TLS, Strategy.DIRECT, FreezeMode.NODE, False, set()),
+        (Change.ENABLE_TLS, Strategy.TRANSITIONAL, FreezeMode.NODE, False, {features.KEEP_HTTP}),
+        (Change.FINALIZE, Strategy.DIRECT, FreezeMode.NODE, False, set()),
+        (Change.CHANGE_PASSWORD, Strategy.DIRECT, FreezeMode.NODE, False, set()),
+        (Change.ROTATE_CERT, Strategy.DIRECT, FreezeMode.NODE, True, {features.OWN_CERTIFICATE}),
+        (Change.DISABLE_TLS, Strategy.DIRECT, FreezeMode.NODE, False, {features.ROLLBACK_UNDOES}),
+        (
+            Change.ENABLE_TLS,
+            Strategy.DIRECT,
+            FreezeMode.SCOPE,
+            False,
+            {features.SWITCH_KEEP_FROZEN, features.ROLLBACK_KEEP_FROZEN, features.FREEZE_LEASE},
+        ),
+    ],
+)
+def test_what_a_rollout_needs_of_its_agents(
+    change: Change, strategy: Strategy, freeze: FreezeMode, own: bool, needed: set[str]
+) -> None:
+    assert af.rollout_needs(change, strategy, freeze, own) == needed
+
+
+def test_what_a_request_needs_by_what_it_carries() -> None:
+    """The same table, read from the request the agent pool is about to send."""
+    switch = agent_pb2.SwitchRequest(keep_http=True, keep_frozen=True)
+    assert af.request_needs(switch) == {features.KEEP_HTTP, features.SWITCH_KEEP_FROZEN}
+    assert af.request_needs(agent_pb2.SwitchRequest(auth_verifier_json="{}")) == set()
+    # ``undoes`` set, even empty, is the way back's: an agent that drops it undoes another switch
+    assert af.request_needs(agent_pb2.RollbackRequest(undoes="")) == {features.ROLLBACK_UNDOES}
+    assert af.request_needs(agent_pb2.RollbackRequest()) == set()
+    stage = agent_pb2.StageRequest(switch_to_come=agent_pb2.SwitchToCome(keep_http=True))
+    assert af.request_needs(stage) == {features.KEEP_HTTP}
+    own = agent_pb2.StageRequest(own_certificate=True, private_key_pem=b"k")
+    assert af.request_needs(own) == {features.OWN_CERTIFICATE}
+    assert af.request_needs(agent_pb2.FreezeRequest(lease_seconds=30)) == {features.FREEZE_LEASE}
+    assert af.request_needs(agent_pb2.FreezeRequest()) == set()  # an unfreeze
+    begin = agent_pb2.GetTransactionRequest(switch=switch)
+    assert af.request_needs(begin) == af.request_needs(switch)
+    assert af.request_needs(agent_pb2.CheckRequest(warm_certificates=True)) == set()
+
+
+def test_too_old_says_which_version_for_what_and_what_to_do() -> None:
+    needs = af.rollout_needs(Change.ENABLE_TLS, Strategy.TRANSITIONAL, FreezeMode.NODE, False)
+    assert af.too_old("0.2.0", ALL, needs) is None
+    assert af.too_old("0.2.0", (), needs) == (
+        "its agent (tlsroll 0.2.0) is too old for the transitional strategy: upgrade it first"
+    )
+    # An agent that names none is of an earlier release: it lacks every feature.
+    assert af.too_old_for(()) == tuple(dict.fromkeys(af.WHAT[f] for f in sorted(ALL)))
+    assert af.too_old_for(ALL) == ()
+    scope = af.rollout_needs(Change.ENABLE_TLS, Strategy.DIRECT, FreezeMode.SCOPE, False)
+    assert af.too_old_for([features.SWITCH_KEEP_FROZEN], scope) == ("--freeze scope",)
+
+
+# --- the planner -----------------------------------------------------------------------------
+
+
+def test_a_plan_blocks_a_node_whose_agent_is_too_old_and_a_start_refuses_it() -> None:
+    seen = NodeObservation(True, "", ("http",))
+    _rollout, records = plan_rollout(
+        rollout_id="r1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True, "c": True},
+        leader="a",
+        epoch=1,
+        strategy=Strategy.TRANSITIONAL,
+        observed={"a": seen, "b": seen, "c": seen},
+        agents={"a": ("0.2.0", ALL), "b": ("0.1.9", ()), "c": ("0.2.0", ALL)},
+    )
+    by_name = {r.name: r for r in records}
+    assert by_name["a"].reason == "" and by_name["c"].reason == ""
+    assert by_name["b"].state is NodeState.PENDING
+    assert by_name["b"].reason == (
+        f"{BLOCKED} its agent (tlsroll 0.1.9) is too old for the transitional strategy: "
+        "upgrade it first"
+    )
+    assert blocked_too_old(by_name["b"].reason)
+    old = too_old(records)
+    assert list(old) == ["b"]
+    refusal = str(AgentsTooOld(Change.ENABLE_TLS, old))
+    assert refusal.startswith("enable-tls cannot start: b (its agent (tlsroll 0.1.9) is too old")
+    assert refusal.endswith("(or leave it out: --nodes); nothing was changed")
+    # The same agents under a direct switch: nothing it sends needs a feature.
+    _rollout, direct = plan_rollout(
+        rollout_id="r2",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=1,
+        observed={"a": seen, "b": seen},
+        agents={"a": ("0.2.0", ALL), "b": ("0.1.9", ())},
+    )
+    assert not too_old(direct)
+
+
+# --- the agent pool: never sent --------------------------------------------------------------
+
+
+def node_of(features_reported: tuple[str, ...], version: str = "0.1.9") -> Node:
+    return Node(
+        name="old1",
+        addresses=("127.0.0.1",),
+        dns_names=(),
+        agent_version=version,
+        agent_port=9,  # (nothing is dialled: a refused request opens no channel)
+        key_pin="sha256:pin",
+        cert_fingerprint="sha256:fp",
+        cert_serial="1",
+        cert_not_after=T0,
+        enrolled_at=T0,
+        last_heartbeat=T0,
+        agent_features=features_reported,
+    )
+
+
+async def test_the_agent_pool_never_sends_what_the_agent_would_drop() -> None:
+    """Defence in depth: whatever planned it, a request carrying a feature the node's agent
+    has not reported is refused (FAILED_PRECONDITION, naming the node) and never sent: the
+    client opens no channel for it."""
+    client = AgentClient(node_of(()), grpc.ssl_channel_credentials(), "td.example")
+    dual = agent_pb2.SwitchRequest(
+        command=agent_pb2.Command(rollout_id="r1", epoch=1), keep_http=True
+    )
+    with pytest.raises(SwitchRefused) as refused:
+        async for _txn in client.switch_and_watch(dual):
+            pytest.fail("a state of a switch that must not begin")
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert str(refused.value).startswith(
+        "old1: its agent (tlsroll 0.1.9) is too old for the transitional strategy"
+    )
+    with pytest.raises(StepFailed, match="too old for the transitional strategy"):
+        await client.switch(dual)
+    with pytest.raises(StepFailed, match="too old for the transitional strategy"):
+        await client.stage(
+            agent_pb2.StageRequest(switch_to_come=agent_pb2.SwitchToCome(keep_http=True))
+        )
+    with pytest.raises(StepFailed, match="too old for disable-tls"):
+        await client.rollback(agent_pb2.RollbackRequest(undoes=""))
+    with pytest.raises(StepFailed, match="too old for --freeze scope"):
+        await client.freeze(agent_pb2.FreezeRequest(lease_seconds=300))
+    with pytest.raises(StepFailed, match="too old for --cert-dir"):
+        await client.stage(agent_pb2.StageRequest(own_certificate=True))
+    assert not client.open and client.in_flight == 0
+    # An agent that reported the feature is sent it (here: dialled, and nothing answers).
+    able = AgentClient(node_of(ALL), grpc.ssl_channel_credentials(), "td.example")
+    able._sendable(dual)  # the check alone: no refusal
+    await client.close()
+    await able.close()
+
+
+def test_a_heartbeat_with_other_features_has_the_pool_read_the_node_again(tmp_path: Path) -> None:
+    """An agent upgraded (or replaced by an older build) says so with its next heartbeat; the
+    store shows it at once (queued for the group commit or written), and the agent pool,
+    which reads a node again only when ``nodes_generation`` moves (``AgentPool.get``), reads
+    it again: it sends by what the agent implements now."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.1", T0)
+        assert store.get_node("n1").agent_features == ()
+        store.heartbeat("n1", "0.1", now=T0, features=())
+        generation = store.nodes_generation
+        store.heartbeat("n1", "0.1", now=T0 + dt.timedelta(seconds=1), features=())
+        assert store.nodes_generation == generation  # nothing new: not read again
+        assert store.queue_heartbeat("n1", "0.2", now=T0 + dt.timedelta(seconds=2), features=ALL)
+        assert store.nodes_generation > generation
+        assert store.get_node("n1").agent_features == ALL  # (queued: shown at once)
+        store.write_queued()
+        with store.db.read() as db:
+            (stored,) = db.execute("SELECT agent_features FROM nodes WHERE name = 'n1'").fetchone()
+        assert json.loads(stored) == list(ALL)
+        assert [n.agent_features for n in store.list_nodes()] == [ALL]
+    finally:
+        store.close()
+
+
+# --- a real leader and real agents -------------------------------------------------------------
+
+
+def features_of(cluster: Cluster, name: str) -> list[str]:
+    return list(cluster.list_nodes()[name].agent_features)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_whose_agent_is_too_old_is_named_before_it_is_asked(tmp_path: Path) -> None:
+    """node2's agent reports no features (an agent of an earlier release): ``tlsroll nodes``
+    marks it, ``tlsroll plan --strategy transitional`` shows it blocked and exits 1, ``rollout
+    start --strategy transitional`` is refused and switches nothing (node2 stays on http
+    only, node1 too); a direct switch needs no feature and is planned as before. Once its
+    agent reports them again (upgraded), the node is planned like any other."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node2 = nodes[1]
+        assert node2.agent is not None
+        wait_until(lambda: features_of(cluster, "node2") == list(ALL), 30, "node2's features")
+        node2.agent.stop()
+        node2.restart_agent({features.TEST_ENV: ""})
+        wait_until(
+            lambda: cluster.list_nodes()["node2"].online and not features_of(cluster, "node2"),
+            60,
+            "node2 online, reporting no features",
+        )
+
+        listed = cluster.cli("nodes")
+        assert listed.returncode == 0, listed.stderr
+        row2 = next(line for line in listed.stdout.splitlines() if "node2" in line)
+        assert "too old for" in row2
+        row1 = next(line for line in listed.stdout.splitlines() if "node1" in line)
+        assert "too old" not in row1
+        as_json = json.loads(cluster.cli("nodes", "--json").stdout)
+        by_name = {n["name"]: n for n in as_json}
+        assert "the transitional strategy" in by_name["node2"]["agent_too_old_for"]
+        assert not by_name["node1"].get("agent_too_old_for")
+
+        plan = cluster.cli("plan", "--scope", "cluster", "--strategy", "transitional")
+        assert plan.returncode == 1, plan.stdout + plan.stderr
+        assert "its agent (tlsroll" in plan.stdout + plan.stderr
+        assert "too old for the transitional strategy: upgrade it first" in plan.stderr
+        assert "node2" in plan.stderr and "node1 (" not in plan.stderr
+
+        secret = password_file(tmp_path, "pw", "too-old-agents-password-for-the-practice")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--strategy", "transitional",
+            "--password-file", str(secret), "--yes",
+        )  # fmt: skip
+        assert started.returncode == 1, started.stdout + started.stderr
+        assert "cannot start: node2 (its agent (tlsroll" in started.stderr
+        assert "nothing was changed" in started.stderr
+        assert "Traceback" not in started.stderr
+        # Nothing was switched: both nodes serve http only, and no rollout exists.
+        for node in nodes:
+            assert list(live(node).schemes) == ["http"]
+        schema = cluster.cli("schema", "show", "--json")
+        assert schema.returncode == 0, schema.stderr
+        assert not json.loads(schema.stdout).get("rollout")
+
+        # The seed's direct switch sends nothing an agent could drop: planned as before.
+        direct = cluster.cli("plan", "--scope", "cluster")
+        assert direct.returncode == 0, direct.stdout + direct.stderr
+
+        # Upgraded: its agent reports the features again, and the node is planned.
+        node2.agent.stop()
+        node2.restart_agent()
+        wait_until(lambda: features_of(cluster, "node2") == list(ALL), 60, "node2 upgraded")
+        again = cluster.cli("plan", "--scope", "cluster", "--strategy", "transitional")
+        assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_the_agents_report_rides_every_heartbeat_message() -> None:
+    """(The field, as the leader reads it.)"""
+    assert agent_features_of(leader_pb2.HeartbeatRequest()) == ()
+    said = leader_pb2.HeartbeatRequest(features=[*reversed(ALL), "Bad", "z" * 10_000])
+    assert agent_features_of(said) == ALL

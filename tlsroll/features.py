@@ -1,0 +1,96 @@
+"""What an agent implements of the behaviour the leader's requests carry: named features, as
+Kubernetes nodes report what they can and the control plane checks before it asks.
+
+A request field that carries behaviour is dropped unread by an agent that does not know it
+(proto3 keeps no unknown field's meaning): ``SwitchRequest.keep_http`` to such an agent would
+turn transitional phase 1 into a direct switch, closing http under every workstation, without
+a word. So the agent names what it honours (``AGENT_FEATURES``) in every heartbeat and in
+``NodeStatus`` (``features``), beside its version; the leader keeps it with the node, blocks a
+plan on a node whose agent lacks a feature the change needs (``leader.agent_features``), and
+never sends a request carrying it to such an agent (``leader.agent_client``). An agent that
+names none is of an earlier release: it lacks every feature.
+
+A feature is named after the request field whose meaning it stands for (``message.field``,
+the message's name without ``Request``, in lower case). A new field that carries behaviour
+gets a name here, in ``AGENT_FEATURES`` once the agent honours it, and its need in the
+leader's table (``leader.agent_features``). Names are never reused for another meaning.
+
+The leader and the agent share this module (role packages never import each other).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+KEEP_HTTP = "switch.keep_http"
+"""``SwitchRequest.keep_http`` (and ``SwitchToCome.keep_http`` in a Stage): transitional phase
+1, the target serves https and keeps http (the node ends dual)."""
+ROLLBACK_UNDOES = "rollback.undoes"
+"""``RollbackRequest.undoes``: the switch to undo is another rollout's, or (empty) the one that
+took the node from http to https (``disable-tls``, the way back)."""
+SWITCH_KEEP_FROZEN = "switch.keep_frozen"
+"""``SwitchRequest.keep_frozen``: ``--freeze scope``, the node stays frozen after its switch."""
+ROLLBACK_KEEP_FROZEN = "rollback.keep_frozen"
+"""``RollbackRequest.keep_frozen``: ``--freeze scope``, the node stays frozen after a
+rollback."""
+FREEZE_LEASE = "freeze.lease_seconds"
+"""``FreezeRequest.lease_seconds``: the scope freeze holds that long without renewal (the
+leader renews it at a third of it; an agent that held its own default could lift it early)."""
+OWN_CERTIFICATE = "stage.own_certificate"
+"""``StageRequest.own_certificate`` and ``private_key_pem``: the practice's own certificate
+and key (``--cert-dir``), not one signed from the agent's CSR."""
+
+AGENT_FEATURES: tuple[str, ...] = tuple(
+    sorted(
+        (
+            KEEP_HTTP,
+            ROLLBACK_UNDOES,
+            SWITCH_KEEP_FROZEN,
+            ROLLBACK_KEEP_FROZEN,
+            FREEZE_LEASE,
+            OWN_CERTIFICATE,
+        )
+    )
+)
+"""Every feature this build's agent implements: what it reports (sorted)."""
+
+MAX_FEATURES = 32
+MAX_NAME = 64
+READ = 4 * MAX_FEATURES  # names of a peer's list ``reported`` reads at most
+_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
+
+TEST_ENV = "TLSROLL_AGENT_TEST_FEATURES"
+"""TESTS ONLY: the features a test's agent reports instead of ``AGENT_FEATURES`` (comma
+separated; empty: none, as an agent of an earlier release), so that a real leader meets an
+agent too old for a change (``tests/test_agent_features.py``). An installed agent never has
+it set; what it reports changes nothing of what it does."""
+
+
+def reported(names: Iterable[str]) -> tuple[str, ...]:
+    """What a peer's list of feature names is taken as (it wrote it): the names well formed
+    (lower-case words joined by dots, at most ``MAX_NAME`` characters), sorted, without
+    repeats, at most ``MAX_FEATURES`` of them; anything else is left out."""
+    kept: set[str] = set()
+    for i, name in enumerate(names):
+        if i >= READ:
+            break
+        if len(name) <= MAX_NAME and _NAME.fullmatch(name):
+            kept.add(name)
+    return tuple(sorted(kept)[:MAX_FEATURES])
+
+
+def agent_features(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """What this agent reports: ``AGENT_FEATURES``, unless a test set ``TEST_ENV``."""
+    env = os.environ if environ is None else environ
+    if TEST_ENV not in env:
+        return AGENT_FEATURES
+    return reported(n.strip() for n in env[TEST_ENV].split(",") if n.strip())
+
+
+@functools.cache
+def this_agent() -> tuple[str, ...]:
+    """``agent_features`` of this process, read once (the agent's heartbeats and GetStatus)."""
+    return agent_features()
