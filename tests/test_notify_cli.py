@@ -193,7 +193,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     undo = world.cli("rollout", "rollback", "--yes")
     assert undo.returncode == 0, undo.stderr
     wait_until(
-        lambda: world.schema()["rollouts"][0]["state"] in ("completed", "halted", "aborted"),
+        lambda: world.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted"),
         90,
         "the way back",
     )

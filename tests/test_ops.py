@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from leader.layout import read_passphrase
 from tests.cluster import (
+    Agent,
     Cluster,
     Daemon,
     child_env,
@@ -269,11 +270,11 @@ def test_a_second_leader_or_agent_on_a_taken_port_prints_one_line(cluster: Clust
 # --- health and nodes --check ------------------------------------------------------------------
 
 
-def test_any_cluster_identity_may_ask_an_agent_for_its_health(cluster: Cluster) -> None:
-    cluster.start_leader()
-    node1 = cluster.add_agent("node1", next_loopback())
-    node2 = cluster.add_agent("node2", next_loopback())
-    cluster.wait_for_nodes_online(["node1", "node2"])
+def any_cluster_identity_may_ask_an_agent_for_its_health(
+    cluster: Cluster, node1: Agent, node2: Agent
+) -> None:
+    """The leader, the node itself, another node and a workstation each get node1's health; a
+    caller without a client certificate is refused at the handshake."""
     ca = pki.CertificateAuthority.load(
         cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
     )
@@ -306,13 +307,17 @@ def test_any_cluster_identity_may_ask_an_agent_for_its_health(cluster: Cluster) 
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_nodes_check_asks_every_agent(cluster: Cluster) -> None:
+def test_nodes_check_asks_every_agent_and_any_cluster_identity_may_ask_one(
+    cluster: Cluster,
+) -> None:
     cluster.start_leader()
     empty = cluster.cli("nodes", "--check")
     assert (empty.returncode, empty.stdout.strip()) == (0, "no nodes enrolled"), empty.stderr
     node1 = cluster.add_agent("node1", next_loopback())
     node2 = cluster.add_agent("node2", next_loopback())
     cluster.wait_for_nodes_online(["node1", "node2"])
+    # (a test of its own before, with a cluster of its own: it changes nothing here)
+    any_cluster_identity_may_ask_an_agent_for_its_health(cluster, node1, node2)
 
     result = cluster.cli("nodes", "--check")
     assert result.returncode == 0, result.stderr
