@@ -458,8 +458,9 @@ def after_the_crash(node: Node) -> None:
 def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
     tmp_path: Path,
 ) -> None:
-    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
-        node2 = nodes[1]  # the order: node2, node3, node1 (the leader node last)
+    # Two nodes (a third, like node2 skipped, added only its processes to the machine's load).
+    with cluster_of(tmp_path, 2) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        node2 = nodes[1]  # the order: node2, node1 (the leader node last)
         # Phase 1 fails on node2: back to http only, the rollout halts (budget 0).
         fail_next_switch(node2)
         first = start_transitional(cluster, tmp_path)
@@ -467,7 +468,7 @@ def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
         view = wait_state(cluster, first, WAITED, "phase 1 halting")
         assert view["state"] == "halted", view
         states = {n["name"]: n["state"] for n in view["nodes"]}
-        assert states == {"node1": "skipped", "node2": "rolled_back", "node3": "skipped"}
+        assert states == {"node1": "skipped", "node2": "rolled_back"}
         assert list(live(node2).schemes) == ["http"]
         # The way on: retry the nodes it left, to dual; then it waits for finalize.
         retried = cluster.cli("rollout", "retry", first, "--wait", timeout=LONG)
@@ -486,7 +487,7 @@ def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
         view = wait_state(cluster, finalize, WAITED, "finalize halting")
         assert view["state"] == "halted", view
         states = {n["name"]: n["state"] for n in view["nodes"]}
-        assert states == {"node1": "skipped", "node2": "rolled_back", "node3": "skipped"}
+        assert states == {"node1": "skipped", "node2": "rolled_back"}
         assert sorted(live(node2).schemes) == ["http", "https"] and not live(node2).frozen
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
 
