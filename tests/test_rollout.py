@@ -480,7 +480,14 @@ def test_controls_while_halting_and_after_halted(setups: Setups) -> None:
     )
     rid = start(s, "--scope", "cluster", "--max-parallel", "2")
     wait_agent_died(s["h2"])
-    snap = wait_rollout(s.cluster, "the rollout halting", lambda r: r.state == "halting")
+    # Settled first, as in the test above: h2 noted unreachable (the engine writes that note
+    # once, UNKNOWN_AFTER seconds after its agent went silent; a refusal that took that long on
+    # a busy machine found the note written meanwhile and the store "changed").
+    snap = wait_rollout(
+        s.cluster,
+        "the rollout halting, h2 noted unreachable",
+        lambda r: r.state == "halting" and r.nodes["h2"][1].startswith(UNKNOWN),
+    )
     assert snap.node_states() == {"h1": "rolled_back", "h2": "switching"}
     for action in ("pause", "resume", "abort"):
         control_refused(s, action, "halting")
