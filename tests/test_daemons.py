@@ -435,7 +435,9 @@ def past_enrolment_waits(sock: socket.socket) -> bytes:
             return message
 
 
-def test_graceful_stop_sd_notify_and_json_logs(tmp_path: Path) -> None:
+def test_graceful_stop_sd_notify_and_json_logs_even_after_failed_handshakes(
+    tmp_path: Path,
+) -> None:
     sock_dir = Path(tempfile.mkdtemp(prefix="tlsroll-notify-"))
     leader_notify = notify_socket(str(sock_dir / "notify"))
     agent_address = f"@tlsroll-test-{os.getpid()}-{time.monotonic_ns()}"
@@ -451,6 +453,20 @@ def test_graceful_stop_sd_notify_and_json_logs(tmp_path: Path) -> None:
             assert past_enrolment_waits(agent_notify) == b"READY=1"
             assert port_open(agent.address, agent.port)
             c.wait_for_nodes_online(["node1"])
+            # gRPC's C core would log each failed TLS handshake on stderr, past structlog:
+            # plaintext knocking on every port must leave the leader's and agent's logs pure
+            # JSON lines (checked below; a test of its own before, with a cluster of its own).
+            for address, port in (
+                (c.address, JOIN_PORT),
+                (c.address, CONTROL_PORT),
+                (agent.address, agent.port),
+            ):
+                with socket.create_connection((address, port), timeout=5) as raw:
+                    raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    raw.settimeout(2)
+                    with contextlib.suppress(OSError):
+                        raw.recv(100)
+            c.wait_for_nodes_online(["node1"])  # a later, good call still works
 
             stop_within_grace(agent)
             assert agent_notify.recv(4096) == b"STOPPING=1"
@@ -497,40 +513,9 @@ def test_watchdog_pings_while_the_loop_lives(tmp_path: Path) -> None:
         sock_dir.rmdir()
 
 
-def test_failed_handshakes_do_not_break_the_json_log(tmp_path: Path) -> None:
-    """gRPC's C core would log each failed TLS handshake on stderr, past structlog: plaintext
-    knocking on every port must leave the leader's and agent's logs pure JSON lines."""
-    with Cluster(tmp_path, next_loopback()) as c:
-        c.init()
-        c.start_leader()
-        agent = c.add_agent("node1", next_loopback())
-        for address, port in (
-            (c.address, JOIN_PORT),
-            (c.address, CONTROL_PORT),
-            (agent.address, agent.port),
-        ):
-            with socket.create_connection((address, port), timeout=5) as raw:
-                raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                raw.settimeout(2)
-                with contextlib.suppress(OSError):
-                    raw.recv(100)
-        c.wait_for_nodes_online(["node1"])  # a later, good call still works
-        stop_within_grace(agent)
-        stop_within_grace(c.leader)
-        assert_json_lines(c.leader.log_text())
-        assert_json_lines(agent.log_text())
-
-
-def test_leader_stops_on_sigint(tmp_path: Path) -> None:
-    with Cluster(tmp_path, next_loopback()) as c:
-        c.init()
-        c.start_leader()
-        stop_within_grace(c.leader, signal.SIGINT)
-        assert c.leader.event_names()[-1] == "leader.stopped"
-        assert not port_open(c.address, 9440)
-
-
-def test_a_second_leader_does_not_steal_the_first_ones_ports_or_socket(tmp_path: Path) -> None:
+def test_a_second_leader_does_not_steal_the_first_ones_ports_or_socket_and_sigint_stops_it(
+    tmp_path: Path,
+) -> None:
     with Cluster(tmp_path, next_loopback()) as c:
         c.init()
         c.start_leader()
@@ -553,6 +538,11 @@ def test_a_second_leader_does_not_steal_the_first_ones_ports_or_socket(tmp_path:
         assert c.leader.running
         assert c.list_nodes() == {}  # the first leader still owns its admin socket
         assert c.cli("token", "list").returncode == 0
+
+        # The leader stops on SIGINT (a test of its own before, with a cluster of its own).
+        stop_within_grace(c.leader, signal.SIGINT)
+        assert c.leader.event_names()[-1] == "leader.stopped"
+        assert not port_open(c.address, 9440)
 
 
 def test_logs_are_for_humans_on_a_tty(tmp_path: Path) -> None:
@@ -732,15 +722,24 @@ def test_config_file_that_is_not_toml_or_missing(tmp_path: Path, prog: str) -> N
         assert str(path) in line and problem in line
 
 
-@pytest.mark.parametrize("which", ["ca_key", "tls_key", "passphrase"])
-def test_leader_refuses_secret_files_readable_by_others(tmp_path: Path, which: str) -> None:
-    with Cluster(tmp_path, next_loopback()) as c:
+@pytest.fixture(scope="module")
+def initialized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A cluster after ``tlsroll init``, its leader stopped: the three cases below share it (an
+    init is a CLI process and a new CA), each leaving its file 0600 and the leader stopped."""
+    with Cluster(tmp_path_factory.mktemp("secret-modes"), next_loopback()) as c:
         c.init()
-        path = {
-            "ca_key": c.ca_key_path,
-            "tls_key": c.tls_key_path,
-            "passphrase": c.passphrase_path,
-        }[which]
+        yield c
+
+
+@pytest.mark.parametrize("which", ["ca_key", "tls_key", "passphrase"])
+def test_leader_refuses_secret_files_readable_by_others(initialized: Cluster, which: str) -> None:
+    c = initialized
+    path = {
+        "ca_key": c.ca_key_path,
+        "tls_key": c.tls_key_path,
+        "passphrase": c.passphrase_path,
+    }[which]
+    try:
         path.chmod(0o640)
         code, output = c.leader.run_to_exit()
         assert code == 1
@@ -752,6 +751,10 @@ def test_leader_refuses_secret_files_readable_by_others(tmp_path: Path, which: s
         path.chmod(0o600)  # and with the mode fixed, it starts
         c.start_leader()
         wait_until(lambda: port_open(c.address, 9441), 10, "join port open")
+    finally:
+        path.chmod(0o600)
+        if c.leader.running:  # stopped (its admin socket removed) for the next case
+            c.stop_leader()
 
 
 async def test_the_agents_stop_ends_a_task_that_swallowed_its_cancellation() -> None:

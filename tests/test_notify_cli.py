@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w = World(tmp_path_factory.mktemp("notify"), nodes=2)
     try:
@@ -70,14 +70,13 @@ def next_last_sunday(month: int) -> dt.date:
         year += 1
 
 
-@pytest.mark.parametrize(
-    ("month", "duration", "says"),
-    [
-        (10, "2h", "von 01:30 Uhr (MESZ) bis 02:30 Uhr (MEZ)"),  # the clocks go back at 03:00
-        (3, "1h", "von 01:30 Uhr (MEZ) bis 03:30 Uhr (MESZ)"),  # 02:00 becomes 03:00
-    ],
-)
-def test_an_announced_end_is_its_duration_after_the_start_across_a_dst_change(
+DST_CASES = [
+    (10, "2h", "von 01:30 Uhr (MESZ) bis 02:30 Uhr (MEZ)"),  # the clocks go back at 03:00
+    (3, "1h", "von 01:30 Uhr (MEZ) bis 03:30 Uhr (MESZ)"),  # 02:00 becomes 03:00
+]
+
+
+def an_announced_end_is_its_duration_after_the_start_across_a_dst_change(
     world: World, month: int, duration: str, says: str
 ) -> None:
     """Session 35's clock audit, E: the end was the start plus the duration in wall-clock
@@ -90,6 +89,14 @@ def test_an_announced_end_is_its_duration_after_the_start_across_a_dst_change(
 
 
 def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
+    """The notices before, during and after a rollout and its way back; first the announced
+    ends across a change of daylight saving time, last the bad input (both were tests of their
+    own on this module's cluster before: pytest-xdist handed them to either worker, and each
+    worker that got one started a cluster of its own)."""
+    for month, duration, says in DST_CASES:
+        an_announced_end_is_its_duration_after_the_start_across_a_dst_change(
+            world, month, duration, says
+        )
     # --- before any rollout: the old command pointed to `plan`, which stores nothing
     line = usage_error(world.cli("notify"), 1)
     assert "--when" in line and "plan" not in line
@@ -193,7 +200,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     undo = world.cli("rollout", "rollback", "--yes")
     assert undo.returncode == 0, undo.stderr
     wait_until(
-        lambda: world.schema()["rollouts"][0]["state"] in ("completed", "halted", "aborted"),
+        lambda: world.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted"),
         90,
         "the way back",
     )
@@ -209,8 +216,11 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         if "WARNUNG" not in out and "WARNING" not in out:
             assert PW1 not in out and PW2 not in out
 
+    for args, says in BAD_INPUT:
+        bad_input_is_one_line_and_exit_2(world, args, says)
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture
 def stepwise(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """Two nodes switched one rollout at a time: the leader node (scope local), then the
     rest (scope cluster)."""
@@ -456,22 +466,21 @@ def typed_password_rule(world: World) -> None:
         assert "Traceback" not in term.screen
 
 
-@pytest.mark.parametrize(
-    ("args", "says"),
-    [
-        (["--when", "next friday"], "--when"),
-        (["--when", "2020-01-01 10:00"], "past"),
-        (["--when", "2099-01-01 10:00", "--duration", "soon"], "--duration"),
-        (["--when", "2099-01-01 10:00", "--timezone", "Mars/Olympus"], "--timezone"),
-        (["--duration", "30m"], "--when"),
-        (["--when", "2099-01-01 10:00", "--rollout", "r1"], "--rollout"),
-        (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
-        (["--format", "pdf"], "pdf"),
-        # html is for e-mail programs; the seed: the password is not to go by e-mail
-        (["--format", "html", "--include-password"], "--format html is for e-mail"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: str) -> None:
+BAD_INPUT = [
+    (["--when", "next friday"], "--when"),
+    (["--when", "2020-01-01 10:00"], "past"),
+    (["--when", "2099-01-01 10:00", "--duration", "soon"], "--duration"),
+    (["--when", "2099-01-01 10:00", "--timezone", "Mars/Olympus"], "--timezone"),
+    (["--duration", "30m"], "--when"),
+    (["--when", "2099-01-01 10:00", "--rollout", "r1"], "--rollout"),
+    (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
+    (["--format", "pdf"], "pdf"),
+    # html is for e-mail programs; the seed: the password is not to go by e-mail
+    (["--format", "html", "--include-password"], "--format html is for e-mail"),
+]
+
+
+def bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: str) -> None:
     result = world.cli("notify", *args)
     line = usage_error(result)
     assert says in line, line

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from leader.layout import read_passphrase
 from tests.cluster import (
+    Agent,
     Cluster,
     Daemon,
     child_env,
@@ -84,8 +85,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 # --- the CA key --------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl tool to read the DER")
-def test_init_writes_the_ca_key_under_scrypt_and_openssl_reads_it(cluster: Cluster) -> None:
+def init_writes_the_ca_key_under_scrypt_and_openssl_reads_it(cluster: Cluster) -> None:
     assert kdf_lines(cluster.ca_key_path) == SCRYPT_LINES
     # Any PKCS#8 reader takes it: openssl decrypts it with the passphrase (output discarded).
     result = subprocess.run(
@@ -113,7 +113,12 @@ def test_init_writes_the_ca_key_under_scrypt_and_openssl_reads_it(cluster: Clust
 
 
 @pytest.mark.skipif(OPENSSL is None, reason="needs the openssl tool to read the DER")
-def test_a_weak_ca_key_is_encrypted_again_at_start(cluster: Cluster) -> None:
+def test_init_writes_the_ca_key_under_scrypt_and_a_weak_one_is_encrypted_again_at_start(
+    cluster: Cluster,
+) -> None:
+    # What init wrote (a test of its own before, with a cluster of its own), then the key as an
+    # old version wrote it.
+    init_writes_the_ca_key_under_scrypt_and_openssl_reads_it(cluster)
     passphrase = read_passphrase(cluster.passphrase_path)
     ca = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, passphrase)
     # As tlsroll 0.1.0 wrote it: cryptography's own choice, PBKDF2 with 2048 iterations.
@@ -200,7 +205,31 @@ def test_a_credential_others_can_read_is_refused_and_a_left_file_is_warned_about
 # --- log levels --------------------------------------------------------------------------------
 
 
+def a_bad_log_level_is_a_usage_error(cluster: Cluster) -> None:
+    """A log level the daemons do not know, in the config or on the command line: a usage
+    error (exit 2) in one line; the leader's config is left as it was."""
+    cluster.write_leader_config({"log_level": "loud"})
+    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
+    code, output = twin.run_to_exit()
+    assert code == 2
+    line = one_line_error(output, "tlsroll-leader")
+    assert "log_level: unknown log level 'loud'; use one of debug, info" in line, line
+    cluster.write_leader_config({"log_level": None})
+    twin.argv = [*cluster.leader.argv, "--log-level", "loud"]
+    code, output = twin.run_to_exit()
+    assert code == 2 and "Traceback" not in output
+    assert "argument --log-level: invalid choice: 'loud'" in output, output
+
+    bad = cluster.add_agent("node9", next_loopback(), token="x.y", start=False)
+    bad.write_config({"agent": {"log_level": "verbose"}})
+    code, output = bad.run_to_exit()
+    assert code == 2
+    assert "unknown log level 'verbose'" in one_line_error(output, "tlsroll-agent")
+
+
 def test_log_level_in_the_config_and_on_the_command_line(cluster: Cluster) -> None:
+    # A bad one first (a test of its own before, with a cluster of its own).
+    a_bad_log_level_is_a_usage_error(cluster)
     cluster.write_leader_config({"log_level": "warning"})
     cluster.start_leader()
     agent = cluster.add_agent("node1", next_loopback(), start=False)
@@ -221,26 +250,6 @@ def test_log_level_in_the_config_and_on_the_command_line(cluster: Cluster) -> No
     assert "leader.config_loaded" in cluster.leader.event_names()
     assert "leader.started" in cluster.leader.event_names()
     assert "agent.config_loaded" in agent.event_names()
-
-
-def test_a_bad_log_level_is_a_usage_error(cluster: Cluster) -> None:
-    cluster.write_leader_config({"log_level": "loud"})
-    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
-    code, output = twin.run_to_exit()
-    assert code == 2
-    line = one_line_error(output, "tlsroll-leader")
-    assert "log_level: unknown log level 'loud'; use one of debug, info" in line, line
-    cluster.write_leader_config({"log_level": None})
-    twin.argv = [*cluster.leader.argv, "--log-level", "loud"]
-    code, output = twin.run_to_exit()
-    assert code == 2 and "Traceback" not in output
-    assert "argument --log-level: invalid choice: 'loud'" in output, output
-
-    agent = cluster.add_agent("node1", next_loopback(), token="x.y", start=False)
-    agent.write_config({"agent": {"log_level": "verbose"}})
-    code, output = agent.run_to_exit()
-    assert code == 2
-    assert "unknown log level 'verbose'" in one_line_error(output, "tlsroll-agent")
 
 
 # --- one line when a port is taken -------------------------------------------------------------
@@ -269,11 +278,11 @@ def test_a_second_leader_or_agent_on_a_taken_port_prints_one_line(cluster: Clust
 # --- health and nodes --check ------------------------------------------------------------------
 
 
-def test_any_cluster_identity_may_ask_an_agent_for_its_health(cluster: Cluster) -> None:
-    cluster.start_leader()
-    node1 = cluster.add_agent("node1", next_loopback())
-    node2 = cluster.add_agent("node2", next_loopback())
-    cluster.wait_for_nodes_online(["node1", "node2"])
+def any_cluster_identity_may_ask_an_agent_for_its_health(
+    cluster: Cluster, node1: Agent, node2: Agent
+) -> None:
+    """The leader, the node itself, another node and a workstation each get node1's health; a
+    caller without a client certificate is refused at the handshake."""
     ca = pki.CertificateAuthority.load(
         cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
     )
@@ -306,13 +315,17 @@ def test_any_cluster_identity_may_ask_an_agent_for_its_health(cluster: Cluster) 
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_nodes_check_asks_every_agent(cluster: Cluster) -> None:
+def test_nodes_check_asks_every_agent_and_any_cluster_identity_may_ask_one(
+    cluster: Cluster,
+) -> None:
     cluster.start_leader()
     empty = cluster.cli("nodes", "--check")
     assert (empty.returncode, empty.stdout.strip()) == (0, "no nodes enrolled"), empty.stderr
     node1 = cluster.add_agent("node1", next_loopback())
     node2 = cluster.add_agent("node2", next_loopback())
     cluster.wait_for_nodes_online(["node1", "node2"])
+    # (a test of its own before, with a cluster of its own: it changes nothing here)
+    any_cluster_identity_may_ask_an_agent_for_its_health(cluster, node1, node2)
 
     result = cluster.cli("nodes", "--check")
     assert result.returncode == 0, result.stderr
