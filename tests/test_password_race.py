@@ -9,7 +9,6 @@ only)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from leader.cli.base import CLIError
 from leader.cli.password import shown_password_fate
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.test_interactive import GENERATED, Terminal
@@ -32,7 +31,7 @@ STAGED_BY = r"staged by \S+ at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
 @pytest.fixture
 def one_node(tmp_path: Path) -> Iterator[tuple[Cluster, Node]]:
     address = next_loopback()
-    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
     node = Node(cluster, "node1", address, tmp_path / "node1")
     try:
         cluster.init("--node-name", "node1")
@@ -166,9 +165,8 @@ def test_a_generated_password_is_not_shown_when_the_leader_would_refuse_it(
     assert "nothing was started, and no password made" in flat(term.screen)
     assert "write it down" not in term.screen
 
-    def awaiting() -> bool:
-        data = json.loads(cluster.cli("schema", "show", "--json").stdout)
-        return bool(data["rollouts"][0]["state"] == "awaiting_finalize")
+    def awaiting() -> bool:  # looked at from this process
+        return bool(cluster.poll_newest_rollout()["state"] == "awaiting_finalize")
 
     wait_until(awaiting, 90, "the transitional rollout to await finalize")
     before = cluster.store_rows(("auth_versions", "rollouts"))
@@ -218,7 +216,7 @@ def test_rollout_start_refuses_before_it_generates_a_password_while_a_rollout_is
     leader reaches runs a password: a start on node2 would generate one): `rollout start`
     refuses before it makes one (it showed one, "write it down", then was refused)."""
     addresses = [next_loopback(), next_loopback()]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [
         Node(cluster, f"node{i + 1}", a, tmp_path / f"node{i + 1}") for i, a in enumerate(addresses)
     ]
