@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests import test_rollout
+from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.test_rollout import Setup, Setups, newest, start_cmd, wait_ended, wait_rollout
 from tlsroll import pki
@@ -382,12 +383,17 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     (the agent's own check has none) and is rolled back."""
     made = Setups(tmp_path_factory.mktemp("farm"))
     try:
-        yield made(
-            "a1",
-            "a2",
-            "z9",
-            server={"z9": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
-        )
+        with pytest.MonkeyPatch.context() as patch:
+            # the agents' tokens over the admin socket, not by three CLI runs (the tests here
+            # are about the viewer)
+            patch.setattr(test_rollout, "Cluster", AdminTokenCluster)
+            setup = made(
+                "a1",
+                "a2",
+                "z9",
+                server={"z9": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
+            )
+        yield setup
     finally:
         made.close()
 
