@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from leader.cli.base import Leader, fetch_schema_json
+from leader.cli.base import Leader, fetch_schema_json, parse_duration
 from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
@@ -816,3 +816,37 @@ class Cluster:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class AdminTokenCluster(Cluster):
+    """A ``Cluster`` whose ``create_token`` asks the leader over its admin socket, from this
+    process, what ``tlsroll token create`` asks it (``CreateToken``, the same request): for
+    tests that need tokens only to enrol agents (``add_agent``, ``tests.nodeside.Node``). A
+    CLI run costs a few tenths of a second of CPU, one per agent; what a test asserts about
+    the command it still runs as the command (``cli``, or ``Cluster.create_token``)."""
+
+    def create_token(
+        self,
+        node: str,
+        *addresses: str,
+        dns: Sequence[str] = (),
+        ttl: str = "1h",
+        uses: int = 1,
+        description: str = "",
+    ) -> str:
+        request = admin_pb2.CreateTokenRequest(
+            ttl_seconds=parse_duration(ttl),
+            uses=uses,
+            description=description,
+            node_name=node,
+            addresses=addresses,
+            dns_names=dns,
+        )
+        with self.admin() as admin:
+            try:
+                reply = admin.CreateToken(request, timeout=CLI_TIMEOUT)
+            except grpc.RpcError as exc:
+                raise RuntimeError(f"token create failed ({exc.code()}): {exc.details()}") from None
+        token = str(reply.token)
+        self.tokens.append(token)
+        return token

@@ -22,6 +22,7 @@ from leader.cli.cluster_cmd import short_serial_digits
 from leader.tokens import SECRET_ALPHABET
 from tests.cluster import (
     CLI_TIMEOUT,
+    AdminTokenCluster,
     Cluster,
     child_env,
     command,
@@ -38,7 +39,9 @@ TOKEN = re.compile(r"^([a-z0-9]{6})\.([a-z2-7]{26})$")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("cli"), next_loopback()) as c:
+    # tokens only to enrol nodes come over the admin socket; the command is what the token
+    # tests run (``cli``, ``Cluster.create_token``)
+    with AdminTokenCluster(tmp_path_factory.mktemp("cli"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c
@@ -96,8 +99,8 @@ def test_token_create_list_revoke(cluster: Cluster) -> None:
 
 
 def test_token_secret_is_random_and_only_its_hash_is_stored(cluster: Cluster) -> None:
-    first = cluster.create_token("first-a", next_loopback())
-    second = cluster.create_token("second-a", next_loopback())
+    first = Cluster.create_token(cluster, "first-a", next_loopback())  # what the command printed
+    second = Cluster.create_token(cluster, "second-a", next_loopback())
     secrets = []
     for token in (first, second):
         m = TOKEN.match(token)

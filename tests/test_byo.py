@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from leader import byo
 from tests.byo_certs import NOW, Issuer, key_pem, leaf, make_ca, pem, write_dir
-from tests.cluster import Cluster
+from tests.cluster import AdminTokenCluster, Cluster
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request, peer_certificate
@@ -261,7 +261,7 @@ def test_read_cert_dir(tmp_path: Path, ca: Issuer) -> None:
 def two_nodes(root: Path) -> tuple[Cluster, list[Node]]:
     """A leader, node1 (the leader node) and node2, each with its reference server, online."""
     addresses = [next_loopback() for _ in range(2)]
-    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
     try:
         cluster.init("--node-name", "node1")

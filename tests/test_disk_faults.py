@@ -46,7 +46,7 @@ from leader.store_health import StoreHealth
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, fill, tmpfs
 from tests.test_recovery import announce_epoch, assert_on_https
@@ -215,7 +215,7 @@ def test_a_loop_that_ends_before_the_stop_is_named_with_its_error_and_sets_the_s
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("diskfaults"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("diskfaults"), next_loopback()) as c:
         c.init()
         c.start_leader()
         announce_epoch(c, 1)
@@ -300,7 +300,7 @@ def test_a_leader_whose_stderr_is_dev_full_runs_a_rollout_to_completion(tmp_path
     """Every line the leader logs fails: it still starts, and a rollout completes (its engine
     loop logs at each step). Before: the leader died at its first log line; the engine loop
     alone died after one pass (``test_the_engine_loop_survives…``)."""
-    cluster = Cluster(tmp_path / "c", next_loopback(), heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "c", next_loopback(), heartbeat_interval=1)
     node: Node | None = None
     try:
         cluster.leader.output = DEV_FULL
@@ -344,7 +344,7 @@ def test_an_admin_command_on_a_leader_whose_disk_is_full_says_so_in_one_line(
     root = Path(tempfile.mkdtemp(prefix="tlsroll-full-"))
     cleanup = contextlib.ExitStack()
     cleanup.callback(shutil.rmtree, root, ignore_errors=True)
-    with cleanup, tmpfs(root, "16m"), Cluster(root, next_loopback()) as cluster:
+    with cleanup, tmpfs(root, "16m"), AdminTokenCluster(root, next_loopback()) as cluster:
         assert cluster.data_dir.is_relative_to(root)
         cluster.init()
         cluster.start_leader()
@@ -546,7 +546,7 @@ def test_a_rollout_on_a_leader_whose_disk_fills_says_why_in_rollout_status(tmp_p
 
 
 def full_leader_rollout(root: Path, tmp_path: Path) -> None:
-    cluster = Cluster(root, next_loopback(), heartbeat_interval=1)
+    cluster = AdminTokenCluster(root, next_loopback(), heartbeat_interval=1)
     data = cluster.data_dir
     assert data.is_relative_to(root)
     node: Node | None = None
@@ -578,7 +578,9 @@ def full_leader_rollout(root: Path, tmp_path: Path) -> None:
                     status = cluster.cli("rollout", "status")
                     return "cannot write its store" in status.stderr
 
-                wait_until(said, ROLLOUT_TIMEOUT, "rollout status to say why the rollout waits")
+                wait_until(
+                    said, ROLLOUT_TIMEOUT, "rollout status to say why it waits", interval=0.5
+                )  # a CLI run each look
                 assert status is not None
                 assert status.returncode == 0, status.stderr
                 (line,) = [ln for ln in status.stderr.splitlines() if "cannot write" in ln]

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, TxnView
 from tlsroll import httpcheck, password, pki
@@ -39,7 +39,7 @@ DUAL = ["http", "https"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("dual"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("dual"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c

@@ -25,6 +25,7 @@ from leader.layout import read_passphrase
 from nodeagent import certwork, identity, journal, runtime
 from nodeagent.identity import EnrolmentDeferred, next_enrol_wait, told_wait
 from tests.cluster import (
+    AdminTokenCluster,
     Agent,
     Cluster,
     csr_pem,
@@ -46,7 +47,7 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("enrol"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("enrol"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c
@@ -508,7 +509,7 @@ def test_an_agent_the_join_port_tells_to_wait_waits_as_told_and_enrols(tmp_path:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind("\0" + address[1:])
     notify.settimeout(90)
-    with notify, Cluster(tmp_path / "c", next_loopback()) as c:
+    with notify, AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
         c.init()
         c.write_leader_config({"join_free_failures": None})  # the default, not the tests' own
         c.start_leader()

@@ -48,7 +48,7 @@ from nodeagent.journal import Journal
 from nodeagent.leader_link import LeaderLink, report_key
 from nodeagent.trust import LeaderTrust
 from tests.children import python_child
-from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, csr_pem, enrol, enrol_request, wait_until
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
@@ -1491,7 +1491,7 @@ async def test_superseded_certificates_reach_renewal_streams_in_rounds_a_revocat
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("hbstream"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("hbstream"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c
@@ -1988,7 +1988,7 @@ def test_the_leader_s_stop_writes_what_waits_for_the_group_commit(tmp_path: Path
     ``TEST_BATCH_ENV``), so only the stop can write the report: with the default second the
     periodic commit could write it first and the test pass without the stop's write (review of
     session 22, L9)."""
-    with Cluster(tmp_path / "c", next_loopback()) as c:
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
         c.init()
         c.start_leader({service.TEST_BATCH_ENV: "3600"})
         creds = Credentials.enrolled(c, "hb-stop")
@@ -2043,7 +2043,7 @@ class OlderLeader:
 def test_an_agent_falls_back_to_unary_with_an_older_leader_and_returns_to_the_stream(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path / "c", next_loopback()) as c:
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
         c.init()
         c.start_leader()
         agent = c.add_agent("hb-old", next_loopback())

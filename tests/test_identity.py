@@ -33,6 +33,7 @@ from leader.store import Node
 from nodeagent.config import AgentConfig
 from nodeagent.identity import enrol as agent_enrol
 from tests.cluster import (
+    AdminTokenCluster,
     Agent,
     Cluster,
     csr_pem,
@@ -64,7 +65,7 @@ ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("identity"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("identity"), next_loopback()) as c:
         c.init()
         c.start_leader()
         c.add_agent("node1", next_loopback())
@@ -648,7 +649,7 @@ def test_a_csr_whose_own_names_cannot_be_read_is_refused_as_invalid(
 
 
 def test_a_node_cannot_mint_workstation_certificates_without_limit(tmp_path: Path) -> None:
-    with Cluster(tmp_path, next_loopback()) as c:
+    with AdminTokenCluster(tmp_path, next_loopback()) as c:
         c.init()
         c.start_leader()
         agent = c.add_agent("minter", next_loopback())
@@ -661,7 +662,7 @@ def test_a_node_cannot_mint_workstation_certificates_without_limit(tmp_path: Pat
 
 
 def test_removed_node_is_refused_and_its_names_are_free(tmp_path: Path) -> None:
-    with Cluster(tmp_path, next_loopback()) as c:
+    with AdminTokenCluster(tmp_path, next_loopback()) as c:
         c.init()
         c.start_leader()
         address = next_loopback()
@@ -804,7 +805,7 @@ def test_an_epoch_no_leader_asked_for_is_refused(cluster: Cluster) -> None:
 def test_a_restored_leader_advances_past_what_nodes_have_seen(tmp_path: Path) -> None:
     """A node has seen epoch 50 (as from a leader state newer than the restored backup): the
     leader shows it is behind, and `tlsroll epoch advance` moves it past."""
-    with Cluster(tmp_path, next_loopback()) as c:
+    with AdminTokenCluster(tmp_path, next_loopback()) as c:
         c.init()
         c.start_leader()
         agent = c.add_agent("ahead", next_loopback())
@@ -823,7 +824,7 @@ def test_a_restored_leader_advances_past_what_nodes_have_seen(tmp_path: Path) ->
             shown = c.cli("epoch", "show", "--json")
             return shown.returncode == 1 and json.loads(shown.stdout)["behind"] is True
 
-        wait_until(behind, 15, "epoch show reports the node ahead")
+        wait_until(behind, 15, "epoch show reports the node ahead", interval=0.5)  # a CLI run each
         code, details = preflight(c, agent, 3)  # what the leader would use next
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch" in details
         advanced = c.cli("epoch", "advance", "--yes")

@@ -27,6 +27,7 @@ learns exactly one thing: whether the one candidate it chose for its answer was 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import os
@@ -97,12 +98,19 @@ class Candidate:
 
 def candidates(kdf: proto.KDF) -> list[Candidate]:
     """Every word through what the node's public salt and parameters allow (scrypt each)."""
+    return list(_candidates(kdf))
+
+
+@functools.cache
+def _candidates(kdf: proto.KDF) -> tuple[Candidate, ...]:
+    """``candidates``, computed once per salt and parameters: every test's node has the same
+    verifier (``tests.test_bootstrap.VERIFIER``), and 14 scrypts were most of a test's CPU."""
     out = []
     for word in WORDS:
         digest = proto.scrypt_hash(word, kdf)
         pw = proto.pake_password(digest)
         out.append(Candidate(word, pw, GROUP.password_to_scalar(pw), digest))
-    return out
+    return tuple(out)
 
 
 def point(msg: bytes) -> Any:

@@ -9,7 +9,6 @@ only)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from leader.cli.base import CLIError
 from leader.cli.password import shown_password_fate
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.test_interactive import GENERATED, Terminal
@@ -32,7 +31,7 @@ STAGED_BY = r"staged by \S+ at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
 @pytest.fixture
 def one_node(tmp_path: Path) -> Iterator[tuple[Cluster, Node]]:
     address = next_loopback()
-    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
     node = Node(cluster, "node1", address, tmp_path / "node1")
     try:
         cluster.init("--node-name", "node1")
@@ -139,8 +138,11 @@ def test_a_generated_password_is_not_shown_when_the_leader_would_refuse_it(
     """Another admin starts a rollout while `rollout start` waits for the answer to its plan:
     the start refuses before it makes a password. That rollout (transitional, awaiting
     finalize) has not ended: `password set --generate` is refused before a password is shown.
-    (Each showed one, "write it down", then was refused.)"""
-    cluster, _node = one_node
+    (Each showed one, "write it down", then was refused.) Then, with node1's agent gone and a
+    node2 that runs no password, `rollout start --nodes node2` is refused the same way (this
+    was test_rollout_start_refuses_before_it_generates_a_password_while_a_rollout_is_active,
+    with a cluster of its own)."""
+    cluster, node = one_node
     pw1 = secret_file(tmp_path / "pw1", PW1)
     term = Terminal(cluster, "rollout", "start", "--scope", "local")
     try:
@@ -166,9 +168,8 @@ def test_a_generated_password_is_not_shown_when_the_leader_would_refuse_it(
     assert "nothing was started, and no password made" in flat(term.screen)
     assert "write it down" not in term.screen
 
-    def awaiting() -> bool:
-        data = json.loads(cluster.cli("schema", "show", "--json").stdout)
-        return bool(data["rollouts"][0]["state"] == "awaiting_finalize")
+    def awaiting() -> bool:  # looked at from this process
+        return bool(cluster.poll_newest_rollout()["state"] == "awaiting_finalize")
 
     wait_until(awaiting, 90, "the transitional rollout to await finalize")
     before = cluster.store_rows(("auth_versions", "rollouts"))
@@ -181,6 +182,28 @@ def test_a_generated_password_is_not_shown_when_the_leader_would_refuse_it(
     assert "awaits finalize" in term.screen
     assert "write it down" not in term.screen
     assert cluster.store_rows(("auth_versions", "rollouts")) == before
+
+    # `rollout start` refuses before it generates a password while that rollout is active:
+    # node1's agent is gone (so no node the leader reaches runs a password: a start on a new
+    # node2 would generate one). (It showed one, "write it down", then was refused.)
+    node2 = Node(cluster, "node2", next_loopback(), tmp_path / "node2")
+    try:
+        node2.start()
+        cluster.wait_for_nodes_online(["node2"])
+        node.close()
+        cluster.wait_for_nodes(["node1"], online=False, timeout=60)
+        before = cluster.store_rows(("auth_versions", "rollouts"))
+        term = Terminal(cluster, "rollout", "start", "--nodes", "node2", "--yes")
+        try:
+            assert term.finish() == 1, term.screen
+        finally:
+            term.close()
+        assert GENERATED.search(term.screen) is None, term.screen  # no password was shown
+        assert "awaits finalize" in term.screen
+        assert "nothing was started" in term.screen
+        assert cluster.store_rows(("auth_versions", "rollouts")) == before
+    finally:
+        node2.close()
 
 
 @pytest.mark.parametrize(
@@ -209,52 +232,3 @@ def test_a_failed_set_after_a_password_was_shown_says_what_became_of_it(
     with pytest.raises(type(error)) as untouched, shown_password_fate(False):
         raise error
     assert str(untouched.value) == str(error)
-
-
-def test_rollout_start_refuses_before_it_generates_a_password_while_a_rollout_is_active(
-    tmp_path: Path,
-) -> None:
-    """node1 awaits finalize (a rollout not ended) and its agent is gone (so no node the
-    leader reaches runs a password: a start on node2 would generate one): `rollout start`
-    refuses before it makes one (it showed one, "write it down", then was refused)."""
-    addresses = [next_loopback(), next_loopback()]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
-    nodes = [
-        Node(cluster, f"node{i + 1}", a, tmp_path / f"node{i + 1}") for i, a in enumerate(addresses)
-    ]
-    try:
-        cluster.init("--node-name", "node1")
-        cluster.start_leader()
-        for node in nodes:
-            node.start()
-        cluster.wait_for_nodes_online(["node1", "node2"])
-        pw1 = secret_file(tmp_path / "pw1", PW1)
-        start = cluster.cli(
-            "rollout",
-            "start",
-            "--nodes",
-            "node1",
-            "--strategy",
-            "transitional",
-            "--password-file",
-            str(pw1),
-            "--yes",
-            "--wait",
-        )
-        assert start.returncode == 0, start.stdout + start.stderr
-        nodes[0].close()
-        cluster.wait_for_nodes(["node1"], online=False, timeout=60)
-        before = cluster.store_rows(("auth_versions", "rollouts"))
-        term = Terminal(cluster, "rollout", "start", "--nodes", "node2", "--yes")
-        try:
-            assert term.finish() == 1, term.screen
-        finally:
-            term.close()
-        assert GENERATED.search(term.screen) is None, term.screen  # no password was shown
-        assert "awaits finalize" in term.screen
-        assert "nothing was started" in term.screen
-        assert cluster.store_rows(("auth_versions", "rollouts")) == before
-    finally:
-        for node in nodes:
-            node.close()
-        cluster.close()

@@ -44,7 +44,7 @@ import pytest
 
 from nodeagent import ports, transaction
 from refserver.server import WRITE_DELAY_ENV
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive, fill, read_only, tmpfs
 from tests.refserver_helper import Response
@@ -56,7 +56,7 @@ from tlsroll.wire import CHANGE
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("recovery"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("recovery"), next_loopback()) as c:
         c.init()
         c.start_leader()
         announce_epoch(c, 1)

@@ -46,7 +46,7 @@ from nodeagent.renewal import (
     next_step,
     renewal_time,
 )
-from tests.cluster import Agent, Cluster, csr_pem, one_line_error, wait_until
+from tests.cluster import AdminTokenCluster, Agent, Cluster, csr_pem, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
 from tlsroll import pki, spiffe
@@ -521,7 +521,7 @@ async def _until(what: Callable[[], object], why: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("renewal"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("renewal"), next_loopback()) as c:
         c.init()
         c.write_leader_config(
             {"agent_cert_lifetime": LIFETIME, "expiry_check_interval": CHECK_EVERY}
@@ -757,7 +757,7 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     # node3 recovers by doing what the line says: removed, a fresh token, the expired
     # certificate moved aside, the token given to the agent; it enrols and renews again.
     assert cluster.cli("nodes", "remove", "node3", "--yes").returncode == 0
-    token = cluster.create_token("node3", node3.address)
+    token = Cluster.create_token(cluster, "node3", node3.address)  # the command the line gave
     node3.cert_file.rename(node3.cert_file.with_name("node.pem.expired"))
     node3.write_config({"leader": {"join_token": token}})
     node3.start()

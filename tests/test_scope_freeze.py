@@ -4,7 +4,6 @@ ended. Real leader, agents and reference servers."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
@@ -25,7 +24,7 @@ class ScopeWorld:
     def __init__(self, root: Path, count: int) -> None:
         addresses = [next_loopback() for _ in range(count)]
         self.root = root
-        self.cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+        self.cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
         self.nodes = [
             Node(self.cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)
         ]
@@ -59,13 +58,14 @@ class ScopeWorld:
         wait_until(lambda: self.poll()["nodes"][0]["state"] == "done", 60, "node2 done")
 
     def schema(self) -> dict[str, Any]:
-        data = json.loads(self.cluster.cli("schema", "show", "--json").stdout)
-        newest: dict[str, Any] = data["rollouts"][0]
-        return newest
+        """The newest rollout as ``schema show --json`` shows it, asked of the leader from this
+        process (``Cluster.poll_newest_rollout``): these tests are about the freeze, not the
+        command."""
+        return self.cluster.poll_newest_rollout()
 
     def poll(self) -> dict[str, Any]:
-        """``schema`` for a wait, looked at from this process (``Cluster.poll_newest_rollout``)."""
-        return self.cluster.poll_newest_rollout()
+        """``schema`` for a wait."""
+        return self.schema()
 
     def close(self) -> None:
         for node in self.nodes:

@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests import test_rollout
+from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.test_rollout import Setup, Setups, newest, start_cmd, wait_ended, wait_rollout
 from tlsroll import pki
@@ -116,9 +117,31 @@ def path_of(link: str) -> str:
     return "/" + link.split("/", 3)[3]
 
 
+def link_for(cluster: Cluster, name: str, ttl_seconds: int = 0) -> str:
+    """A login link for ``name`` (``ttl_seconds`` 0: the default), asked of the leader over its
+    admin socket as ``tlsroll viewer grant`` asks (``CreateViewerGrant``), from this process:
+    for tests that need a session, not the command (``grant`` runs the command)."""
+    request = admin_pb2.CreateViewerGrantRequest(name=name, ttl_seconds=ttl_seconds)
+    with cluster.admin() as admin:
+        made = admin.CreateViewerGrant(request, timeout=10)
+    return str(made.login_url)
+
+
 def login(cluster: Cluster, *args: str) -> str:
-    """Grant and sign in over HTTP (the link's sign-in URL): the session cookie's value."""
-    reply = fetch(cluster, path_of(grant(cluster, *args)) + "/open")
+    """Grant (``tlsroll viewer grant ARGS``) and sign in over HTTP (the link's sign-in URL):
+    the session cookie's value."""
+    return sign_in(cluster, grant(cluster, *args))
+
+
+def session_for(cluster: Cluster, name: str, ttl_seconds: int = 0) -> str:
+    """``login`` with the link from ``link_for``: a session, not the command, is what the
+    test needs."""
+    return sign_in(cluster, link_for(cluster, name, ttl_seconds))
+
+
+def sign_in(cluster: Cluster, link: str) -> str:
+    """Open the link's sign-in URL over HTTP: the session cookie's value."""
+    reply = fetch(cluster, path_of(link) + "/open")
     assert reply.status == 303 and reply.header("Location") == "/", reply
     line = reply.cookies()[SESSION_COOKIE]
     return line.split(";", 1)[0].split("=", 1)[1]
@@ -213,7 +236,7 @@ def test_a_login_link_opens_one_strict_session_and_only_once(lone: Cluster) -> N
 
 
 def test_every_method_but_get_and_head_answers_405_and_changes_nothing(lone: Cluster) -> None:
-    session = login(lone, "--name", "methods")
+    session = session_for(lone, "methods")
     link = grant(lone, "--name", "unopened")
     before = audit_rows(lone)
     paths = ["/", "/rollouts/x", "/events", "/api/v1/schema", "/metrics", "/static/viewer.css"]
@@ -231,7 +254,7 @@ def test_every_method_but_get_and_head_answers_405_and_changes_nothing(lone: Clu
 def test_revoked_and_expired_sessions_get_the_page_that_says_how_to_get_access(
     lone: Cluster,
 ) -> None:
-    revoked = login(lone, "--name", "to revoke")
+    revoked = session_for(lone, "to revoke")
     assert fetch(lone, "/api/v1/schema", cookie=revoked).status == 200
     grant_id = grants(lone)["to revoke"]["id"]
     result = lone.cli("viewer", "revoke", grant_id)
@@ -243,7 +266,7 @@ def test_revoked_and_expired_sessions_get_the_page_that_says_how_to_get_access(
     assert grants(lone)["to revoke"]["state"] == "revoked"
 
     unopened = grant(lone, "--name", "short, unopened", "--ttl", "2s")  # expires first
-    expiring = login(lone, "--name", "short", "--ttl", "2s")
+    expiring = session_for(lone, "short", 2)
     assert fetch(lone, "/", cookie=expiring).status == 200
     wait_until(lambda: fetch(lone, "/", cookie=expiring).status == 401, 10, "session expired")
     english = fetch(lone, "/?lang=en", cookie=expiring)
@@ -268,7 +291,7 @@ def test_metrics_take_the_scrape_token_or_a_session(lone: Cluster) -> None:
     assert wrong.status == 401 and wrong.header("WWW-Authenticate") == 'Bearer realm="tlsroll"'
     assert fetch(lone, "/metrics").status == 401
     assert fetch(lone, "/", headers=token).status == 401  # the token opens /metrics only
-    assert fetch(lone, "/metrics", cookie=login(lone, "--name", "prom")).status == 200
+    assert fetch(lone, "/metrics", cookie=session_for(lone, "prom")).status == 200
 
 
 def test_an_overlong_header_line_logs_its_type_and_no_session_or_token(lone: Cluster) -> None:
@@ -276,7 +299,7 @@ def test_an_overlong_header_line_logs_its_type_and_no_session_or_token(lone: Clu
     100 bytes: the session id of a Cookie line, "Bearer <scrape token>" (audit s34 H2). A
     large cookie of another web app on the leader's address is enough (cookies ignore the
     port)."""
-    session = login(lone, "--name", "long-cookie")
+    session = session_for(lone, "long-cookie")
     pad = "a" * 9000
     cookie_line = {"Cookie": f"{SESSION_COOKIE}={session}; pad={pad}"}
     assert fetch(lone, "/", headers=cookie_line).status == 400
@@ -360,12 +383,17 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     (the agent's own check has none) and is rolled back."""
     made = Setups(tmp_path_factory.mktemp("farm"))
     try:
-        yield made(
-            "a1",
-            "a2",
-            "z9",
-            server={"z9": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
-        )
+        with pytest.MonkeyPatch.context() as patch:
+            # the agents' tokens over the admin socket, not by three CLI runs (the tests here
+            # are about the viewer)
+            patch.setattr(test_rollout, "Cluster", AdminTokenCluster)
+            setup = made(
+                "a1",
+                "a2",
+                "z9",
+                server={"z9": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
+            )
+        yield setup
     finally:
         made.close()
 
@@ -414,10 +442,12 @@ def base(cluster: Cluster) -> str:
     return f"https://{cluster.address}:{VIEWER_PORT}"
 
 
-def browser_login(context: BrowserContext, cluster: Cluster, *args: str) -> Page:
+def browser_login(
+    context: BrowserContext, cluster: Cluster, name: str, ttl_seconds: int = 0
+) -> Page:
     """Open a fresh login link in the browser and sign in; it lands on the schema."""
     page = context.new_page()
-    page.goto(grant(cluster, *args))
+    page.goto(link_for(cluster, name, ttl_seconds))
     page.get_by_role("link", name="Anmelden").click()
     page.wait_for_url(base(cluster) + "/")
     page.wait_for_selector("#live.on")  # the live stream is connected
@@ -475,7 +505,7 @@ def artefact(page: Page, path: Path, capsys: pytest.CaptureFixture[str], what: s
 def test_browser_watches_a_real_rollout_live_without_reload(
     farm: Setup, context: BrowserContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    page = browser_login(context, farm.cluster, "--name", "Praxis-IT")
+    page = browser_login(context, farm.cluster, "Praxis-IT")
     assert page.locator("html").get_attribute("lang") == "de"
     before = newest(farm.cluster)
     page.evaluate(RECORD_STATES)
@@ -518,7 +548,7 @@ def test_browser_shows_why_a_node_failed_and_prints_the_record(
     result = farm.cli(*command, "--nodes", "z9", "--yes")
     assert result.returncode == 0, result.stderr
     snap = wait_rollout(farm.cluster, "z9 started", lambda s: "z9" in s.nodes)
-    page = browser_login(context, farm.cluster, "--name", "Support")
+    page = browser_login(context, farm.cluster, "Support")
     row = page.locator('#nodes tr[data-node="z9"][data-state="rolled_back"]')
     row.wait_for()  # live, if the switch was still under way when the page opened
     assert wait_ended(farm.cluster).state == "halted"
@@ -591,7 +621,7 @@ def test_browser_finds_nothing_that_posts_and_loads_nothing_from_elsewhere(
 ) -> None:
     requested: list[str] = []
     context.on("request", lambda request: requested.append(request.url))
-    page = browser_login(context, farm.cluster, "--name", "Prüfer")
+    page = browser_login(context, farm.cluster, "Prüfer")
     origin = base(farm.cluster)
     assert page.locator("form").count() == 0
     assert page.locator("button, input, select, textarea").count() == 0
@@ -614,7 +644,7 @@ def test_browser_finds_nothing_that_posts_and_loads_nothing_from_elsewhere(
 def test_browser_renders_german_and_english_also_on_a_phone(
     farm: Setup, context: BrowserContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    page = browser_login(context, farm.cluster, "--name", "Sprachen")
+    page = browser_login(context, farm.cluster, "Sprachen")
     assert page.locator("html").get_attribute("lang") == "de"
     assert page.locator("h1").inner_text() == "Update-Schema"
     assert page.locator("#offline h2").inner_text() == "Knoten offline"
@@ -645,7 +675,7 @@ def test_browser_renders_german_and_english_also_on_a_phone(
 def test_browser_is_shown_the_door_when_revoked_or_expired(
     farm: Setup, context: BrowserContext
 ) -> None:
-    page = browser_login(context, farm.cluster, "--name", "Widerruf")
+    page = browser_login(context, farm.cluster, "Widerruf")
     grant_id = grants(farm.cluster)["Widerruf"]["id"]
     assert farm.cli("viewer", "revoke", grant_id).returncode == 0
     page.wait_for_selector('#denied .why[data-reason="session"]')  # the open page, live
@@ -654,7 +684,7 @@ def test_browser_is_shown_the_door_when_revoked_or_expired(
     # Expiry: the open page notices by itself (the browser has dropped the cookie by then, or
     # the leader refuses it: either way the page says how to get access).
     context.clear_cookies()
-    page = browser_login(context, farm.cluster, "--name", "Kurz", "--ttl", "3s")
+    page = browser_login(context, farm.cluster, "Kurz", 3)
     page.wait_for_selector("#denied", timeout=15_000)
     assert page.locator("#denied .why").get_attribute("data-reason") in ("none", "session")
     assert "Praxis-IT" in page.locator("#denied").inner_text()
@@ -666,15 +696,12 @@ def test_browser_is_shown_the_door_when_revoked_or_expired(
 def test_api_schema_is_what_schema_show_json_prints(farm: Setup) -> None:
     # Every node's client report is in the store first (reports come with heartbeats and are
     # committed once a second): one arriving between the two reads below is no difference.
-    def reported() -> bool:
-        shown = farm.cli("schema", "show", "--json")
-        if shown.returncode != 0:
-            return False
-        nodes = {v["node"] for v in json.loads(shown.stdout)["node_clients"]}
+    def reported() -> bool:  # looked at from this process: the command's output is below
+        nodes = {v["node"] for v in farm.cluster.schema_json()["node_clients"]}
         return nodes >= set(farm.nodes)
 
     wait_until(reported, 30, "every node's client report")
-    session = login(farm.cluster, "--name", "api")
+    session = session_for(farm.cluster, "api")
     served = fetch(farm.cluster, "/api/v1/schema", cookie=session)
     assert (
         served.status == 200
@@ -694,7 +721,7 @@ def test_api_schema_is_what_schema_show_json_prints(farm: Setup) -> None:
 
 
 def test_metrics_parse_and_agree_with_the_schema(farm: Setup) -> None:
-    session = login(farm.cluster, "--name", "metrics")
+    session = session_for(farm.cluster, "metrics")
     scraped = fetch(farm.cluster, "/metrics", cookie=session)
     assert scraped.status == 200, scraped
     families = {f.name: f for f in text_string_to_metric_families(scraped.body)}
