@@ -30,7 +30,7 @@ from tests.cluster import secure_channel
 from tests.test_engine import ADMIN, LEADER, VERIFIER_1, make_world, open_store
 from tests.test_offline_grace import now, online
 from tests.test_perf_shape import harnessed_agent, wait_for_status
-from tlsroll import pki
+from tlsroll import features, pki
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2
 
@@ -62,7 +62,7 @@ async def test_a_start_warms_its_first_nodes_and_a_plan_none(
     store = open_store(world.path)
     try:
         for agent in world.agents:
-            store.heartbeat(agent.name, "test", now=now())
+            store.heartbeat(agent.name, "test", now=now(), features=features.AGENT_FEATURES)
         recorder = Recorder()
         commands = Commands(
             store, SchemaStore(store.db), now, online, LEADER, lambda: None, observe=recorder
@@ -222,7 +222,7 @@ def planning_commands(
     """The leader's commands over the world's store, planning as the leader daemon does
     (every agent answering on its stream), with ``reach`` and the pool's part ``channels``."""
     for agent in world.agents:
-        store.heartbeat(agent.name, "test", now=now())
+        store.heartbeat(agent.name, "test", now=now(), features=features.AGENT_FEATURES)
     asking = functools.partial(observe, agents, ca=world.ca.cert, ask=ready, reach=reach)
     return Commands(
         store, SchemaStore(store.db), now, online, LEADER, lambda: None, observe=asking,
