@@ -364,7 +364,7 @@ def cluster_of(
 ) -> Iterator[tuple[Cluster, list[Node]]]:
     """A leader (``leader``: keys for leader.toml) and ``count`` nodes, node1 on the leader's
     own address, each with its agent and reference server, all online; ``env`` is added to the
-    daemons' environment (a benchmark turns asyncio's debug mode off with it). A node's agent
+    daemons' environment (a benchmark turns the tests' loop thread check off with it). A node's agent
     left stopped (SIGSTOP) by a test is continued before it is closed."""
     addresses = [next_loopback() for _ in range(count)]
     cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
