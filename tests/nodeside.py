@@ -364,8 +364,8 @@ def cluster_of(
 ) -> Iterator[tuple[Cluster, list[Node]]]:
     """A leader (``leader``: keys for leader.toml) and ``count`` nodes, node1 on the leader's
     own address, each with its agent and reference server, all online; ``env`` is added to the
-    daemons' environment (a benchmark turns the tests' loop thread check off with it). A node's agent
-    left stopped (SIGSTOP) by a test is continued before it is closed."""
+    daemons' environment (a benchmark turns the tests' loop thread check off with it). A node's
+    agent left stopped (SIGSTOP) by a test is continued before it is closed."""
     addresses = [next_loopback() for _ in range(count)]
     cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
