@@ -117,7 +117,9 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
                 since = loop.time()
 
 
-async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
+async def serve(
+    cfg: AgentConfig, *, reinitialise: bool = False, journal_checked: bool = False
+) -> None:
     stop = stop_event()
     # The driver first: it finishes reading [server], so a bad key there stops the agent
     # before it creates anything.
@@ -130,6 +132,16 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
     enrolled = any(p.exists() for p in paths(cfg.data_dir))
     journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
+    if journal_checked:
+        # The admin checked the server that a journal put back could not settle (``journal``).
+        was = journal.clear_needs_admin()
+        log.warning(
+            "journal.checked",
+            detail="the admin checked the node: it is planned and switched again"
+            if was is not None
+            else "nothing needed the admin",
+            was=was,
+        )
     # One freeze lock for the servicer's Freeze, Unfreeze and lease watch and the runner's
     # lifts of a freeze: each reads the scope freeze's lease and changes the freeze under it.
     # (The servicer shares the runner's ``leases`` too, the leases' deadlines in elapsed time.)
@@ -255,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         " file is kept beside it); refused (exit 2) if the journal is intact or only cannot be"
         " opened now (a full or read-only disk)",
     )
+    parser.add_argument(
+        "--journal-checked",
+        action="store_true",
+        help="the admin has checked the managed server after a journal put back from a copy"
+        " left a transaction whose outcome the server did not show (the node 'needs the"
+        " admin'): the agent forgets that and the node is planned and switched again",
+    )
     ns = parser.parse_args(argv)
     try:
         cfg = AgentConfig.load(ns.config)
@@ -262,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         log.debug(
             "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
         )
-        asyncio.run(serve(cfg, reinitialise=ns.reinitialise))
+        asyncio.run(serve(cfg, reinitialise=ns.reinitialise, journal_checked=ns.journal_checked))
     except (ConfigError, NotDamaged) as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
