@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import random
 import sqlite3
 import sys
@@ -54,7 +55,12 @@ EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
 
 GRACE_SECONDS = 10.0
+# A switch running when the agent is told to stop is given this long to end (well inside the
+# unit's TimeoutStopSec=90s); then it is cancelled, and the next start resumes it.
 TXN_GRACE_SECONDS = 60.0
+# Test hook: seconds in place of TXN_GRACE_SECONDS (a switch slower than the grace: the tests
+# of a stop mid-switch cancel it at once with 0). Never set in production.
+TXN_GRACE_ENV = "TLSROLL_AGENT_TEST_TXN_GRACE"
 log = logs.get_logger(__name__)
 
 
@@ -219,7 +225,7 @@ async def serve(
     await server.stop(GRACE_SECONDS)
     if runner is not None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
-        await runner.close(TXN_GRACE_SECONDS)
+        await runner.close(txn_grace())
     await bootstrap.close()
     await link.close()
     # What a cancelled transaction had handed to the store's thread (its journal writes, a
@@ -244,6 +250,14 @@ async def stop_task(task: asyncio.Task[Any], patience: float = 10.0) -> None:
         log.error("agent.task_would_not_stop", task=task.get_name())
     elif not task.cancelled() and task.exception() is not None:
         log.error("agent.task_failed", task=task.get_name(), error=str(task.exception()))
+
+
+def txn_grace() -> float:
+    """``TXN_GRACE_SECONDS``, or the test hook's (``TXN_GRACE_ENV``) if it is a number >= 0."""
+    try:
+        return max(0.0, float(os.environ[TXN_GRACE_ENV]))
+    except (KeyError, ValueError):
+        return TXN_GRACE_SECONDS
 
 
 def journal_path(cfg: AgentConfig) -> Path:

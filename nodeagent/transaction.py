@@ -59,7 +59,10 @@ outside checks run in threads. Time (``clock``, ``sleep``) and the outside check
 
 Test hook: if the environment variable ``TLSROLL_AGENT_TEST_CRASH_AFTER`` names a phase, the
 agent SIGKILLs itself right after journalling that phase, ``started`` included (fault tests
-use it to kill the agent at an exact point; it is never set in production).
+use it to kill the agent at an exact point; it is never set in production). And
+``TLSROLL_AGENT_TEST_TERM_AFTER``: the agent sends itself SIGTERM there instead (what
+``systemctl restart tlsroll-agent`` does mid-switch: the agent stops as it does on any SIGTERM,
+``nodeagent.runtime``).
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ log = logs.get_logger(__name__)
 _T = TypeVar("_T")
 
 CRASH_ENV = "TLSROLL_AGENT_TEST_CRASH_AFTER"
+TERM_ENV = "TLSROLL_AGENT_TEST_TERM_AFTER"
 DRAIN_TIMEOUT = 10.0
 BACKWARD_ATTEMPTS = 3  # each action of the way back, before the outcome is ``failed``
 BACKWARD_WAIT = 0.5  # seconds before the 2nd attempt, 2 × that before the 3rd, ...
@@ -482,6 +486,7 @@ class Runner:
         self.leases = leases if leases is not None else Leases()
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
+        self.term_after = os.environ.get(TERM_ENV, "")
         # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
         self.dead = asyncio.Event()
         self.fatal = ""
@@ -953,6 +958,8 @@ class Runner:
     def _journalled(self, phase: Phase) -> None:
         if self.crash_after == phase:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
+        if self.term_after == phase:
+            os.kill(os.getpid(), signal.SIGTERM)  # test hook, see module docstring
 
     async def _attempt(self, action: Action, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
         """Run ``action`` (``attempts`` times on a failure of the server's); while the agent
