@@ -408,6 +408,11 @@ class Journal:
             losing=LOSING,
         )
         self._put_back()
+        # ``needs_admin``, kept in memory (the agent's view of its server asks at every
+        # heartbeat; one Journal per process writes it): read once here.
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'needs_admin'").fetchone()
+        self._needs_admin: str | None = str(row["value"]) if row and row["value"] else None
 
     def _put_back(self) -> None:
         """A journal that is the copy kept before an upgrade (``mark_copy``), opened for the
@@ -494,14 +499,16 @@ class Journal:
                 self._set_meta(db, "needs_admin", needs_admin)
             self._event(db, txn, "settle", "restored", {"reason": reason})
             changes = {"phase": phase, "outcome": outcome, "reason": reason, "ended_at": ended_at}
-            return self._update(db, txn, changes)
+            settled = self._update(db, txn, changes)
+        if needs_admin:
+            self._needs_admin = needs_admin
+        return settled
 
     def needs_admin(self) -> str | None:
         """Why the node needs the admin (a transaction of a journal put back that what the
-        server runs does not settle: ``settle_restored``), or None."""
-        with self._read() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'needs_admin'").fetchone()
-        return str(row["value"]) if row is not None and row["value"] else None
+        server runs does not settle: ``settle_restored``), or None. From memory (any thread:
+        no read of the file)."""
+        return self._needs_admin
 
     def clear_needs_admin(self) -> str | None:
         """The admin checked the node (``tlsroll-agent --journal-checked``): ``needs_admin``
@@ -509,6 +516,7 @@ class Journal:
         with self._tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'needs_admin'").fetchone()
             db.execute("DELETE FROM meta WHERE key = 'needs_admin'")
+        self._needs_admin = None
         return str(row["value"]) if row is not None and row["value"] else None
 
     def close(self) -> None:

@@ -308,7 +308,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver = self.driver
         # A journal put back from a copy whose transaction what the server runs did not settle
         # (``nodeagent.journal``): not planned or switched until the admin checked the node.
-        if (why := await dbthread.run(self.journal.needs_admin)) is not None:
+        if (why := self.journal.needs_admin()) is not None:
             detail = f"{NEEDS_ADMIN}: {why}"
             return agent_pb2.ServerView(driver=driver.name, healthy=False, detail=detail)
         try:
