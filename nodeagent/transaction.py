@@ -588,8 +588,8 @@ class Runner:
         )
         try:
             live: bytes | None = await dbthread.run(self.driver.read_config)
-        except OSError as exc:
-            live, looked = None, f"its live config cannot be read ({os_error_text(exc)})"
+        except Exception as exc:  # OSError, DriverError: the start goes on, the node says so
+            live, looked = None, f"its live config cannot be read ({describe(exc)})"
         target = txn.target_config or await dbthread.run(_read_or_none, plan.new_config_file)
         source = txn.source_config or await dbthread.run(_read_or_none, plan.backup_file)
         outcome, fingerprint = TxnOutcome.FAILED, ""

@@ -188,6 +188,9 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
         return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
 
     wait_until(lambda: shown().startswith("needs the admin: "), 30, "tlsroll nodes to say so")
+    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
+    assert plan.returncode != 0, plan.stdout
+    assert "needs the admin: journal put back mid-switch" in plan.stdout + plan.stderr, plan
 
     assert node.agent is not None
     assert node.agent.stop() == 0
@@ -200,6 +203,8 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     pre = node.preflight("pb-next")
     assert pre.server.healthy, pre.server.detail
     wait_until(lambda: shown() == "https", 30, "tlsroll nodes to show the server again")
+    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
+    assert plan.returncode == 0, (plan.stdout, plan.stderr)
 
 
 def refusal(node: Node, rid: str) -> str:
