@@ -375,10 +375,17 @@ def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
     if live.driver == "none":
         return "none"
     if not live.healthy:
+        detail = peertext.clean(live.detail, 200)
+        if detail.startswith(NEEDS_ADMIN):
+            return detail
         return "down: " + (peertext.clean(live.detail, 120) or "no answer")
     schemes = [s for s in ("http", "https") if s in live.schemes]
     return "+".join(schemes or ["?"]) + (" frozen" if live.frozen else "")
 
+
+# How an agent's view of its server begins while its journal, put back from a copy, says the
+# node needs the admin (``nodeagent.journal.NEEDS_ADMIN``): shown as it is, not as "down".
+NEEDS_ADMIN = "needs the admin: "
 
 MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
 
@@ -1390,10 +1397,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             shift = clock_shift(request, now)
             self._record_clients(name, request.server.clients, now, renewing, shift)
         summary = server_summary(request)
-        if summary.startswith("down") and not self.state.live_servers.get(name, "").startswith(
-            "down"
-        ):
-            log.warning("node.server_down", node=name, detail=summary)
+        for start, event in (("down", "node.server_down"), (NEEDS_ADMIN, "node.needs_admin")):
+            if summary.startswith(start) and not self.state.live_servers.get(name, "").startswith(
+                start
+            ):
+                log.warning(event, node=name, detail=summary)
         self.state.live_servers[name] = summary
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.

@@ -15,6 +15,29 @@ cannot be read now for a reason outside it (a full disk, a read-only file system
 ``tlsroll.sqlite.StoreUnavailable``, whose line says so and never advises ``--reinitialise``,
 which refuses it (``tlsroll.sqlite.NotDamaged``, exit 2) and moves nothing aside.
 
+A journal put back from the copy kept before an upgrade (``mark_copy``, ``Journal._put_back``;
+README "Going back to an older version") is older than the node: the agent ran on after the
+copy was made. A transaction it shows unfinished was unfinished *when the copy was made* (an
+upgrade restarts the agent mid-switch, and the newer agent carried it on to its end); it is
+never resumed from its old phase, which would freeze the server again and rewrite, restart and
+verify towards a config the cluster may have left since (a switch rolled back by the newer
+agent would be switched again; a way back resumed would take a switched node to http). At the
+first start on the copy such transactions are remembered (``restored_unfinished``, in the
+write that says the journal is a copy put back) and settled level-based instead
+(``nodeagent.transaction.Runner.resume_all``): the server's live config and what the server
+answers from outside are compared with the transaction's two configs. The target, live and
+answering as the target: the transaction ended so on the newer agent, recorded ``completed``
+(and what is live with it); the source: ``rolled_back``; anything else (neither, a server that
+answers as neither, a row of an earlier release without its configs) proves nothing: recorded
+``failed``, and the node needs the admin (``needs_admin``: the agent's heartbeats report its
+server as not healthy with that text, which `tlsroll nodes` shows and the leader's planning
+refuses) until the admin, having checked the server, starts the agent once with
+``--journal-checked``. Nothing is done to the server in any case: no freeze, no write, no
+restart, no unfreeze (a freeze the copy says is owed, ``unfreeze_owed``, is forgotten too:
+the newer agent lifted it or the server's freeze is another's now). The copy's time
+(``restored_copy_at``), which a refusal to roll back mentions, is forgotten with the first
+transaction the agent completes on the copy: from then on the journal explains itself.
+
 A transaction's ``plan`` is fixed when it starts (``update`` refuses to change it); what the
 runner learns on the way (``failed_phase``, ``restart_needed``) has columns of its own. Kind,
 phase and outcome are the enums' values as text (a pending outcome is ``''``, as in 0.1.0).
@@ -166,6 +189,10 @@ IGNORABLE: frozenset[int] = frozenset()
 """The migrations (numbered from 1) an agent without them may ignore as it reads and writes the
 journal (``tlsroll.sqlite.migrate``; as ``leader.db.IGNORABLE``). Empty so far: only builds
 from session 40 on read the floor it makes."""
+
+NEEDS_ADMIN = "needs the admin"
+"""How the agent's view of its server begins while the journal says the node needs the admin
+(``Journal.needs_admin``): reported as not healthy, with why (the leader's `tlsroll nodes`)."""
 
 LOSING = (
     "a switch made since loses its way back to http, which only the journal holds: never put"
@@ -381,35 +408,116 @@ class Journal:
             losing=LOSING,
         )
         self._put_back()
+        # ``needs_admin``, kept in memory (the agent's view of its server asks at every
+        # heartbeat; one Journal per process writes it): read once here.
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'needs_admin'").fetchone()
+        self._needs_admin: str | None = str(row["value"]) if row and row["value"] else None
 
     def _put_back(self) -> None:
         """A journal that is the copy kept before an upgrade (``mark_copy``), opened for the
-        first time: said once (``journal.restored``), and remembered (``restored_copy_at``)."""
-        with self._read() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'copy_made_at'").fetchone()
-        if row is None:
-            return
+        first time: said once (``journal.restored``), and remembered (``restored_copy_at``),
+        with the transactions it shows unfinished, which are settled, never resumed
+        (``restored_unfinished``; see the module docstring), in the same write. A freeze the
+        copy says is owed is forgotten in it too."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('restored_copy_at', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (row["value"],),
-            )
+            row = db.execute("SELECT value FROM meta WHERE key = 'copy_made_at'").fetchone()
+            if row is None:
+                return
+            self._set_meta(db, "restored_copy_at", row["value"])
             db.execute("DELETE FROM meta WHERE key = 'copy_made_at'")
+            held = [
+                [str(r["rollout_id"]), str(r["kind"]), str(r["phase"])]
+                for r in db.execute(
+                    "SELECT rollout_id, kind, phase FROM txns WHERE outcome = ?"
+                    " ORDER BY started_at",
+                    (_PENDING,),
+                )
+            ]
+            self._set_meta(db, "restored_unfinished", json.dumps(held))
+            owed = db.execute("SELECT value FROM meta WHERE key = 'unfreeze_owed'").fetchone()
+            self._set_meta(db, "unfreeze_owed", "")
         log.warning(
             "journal.restored",
             path=str(self.path),
             copy_made_at=row["value"],
+            unfinished=[f"{k} of {r} at {p}" for r, k, p in held],
+            unfreeze_owed_forgotten=(owed["value"] or None) if owed is not None else None,
             detail="this journal is the copy kept before an upgrade, put back: what the agent"
             " journalled since is not in it; a node switched since cannot be taken back to http"
-            " by a rollback",
+            " by a rollback"
+            + (
+                "; the transactions it shows unfinished are not resumed: each is settled from"
+                " what the server runs now"
+                if held
+                else ""
+            ),
         )
 
     def restored_copy_at(self) -> dt.datetime | None:
-        """When the copy this journal was put back from was made (``_put_back``), or None."""
+        """When the copy this journal was put back from was made (``_put_back``), or None
+        (also once the agent completed a transaction on it: ``complete``)."""
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'restored_copy_at'").fetchone()
         return None if row is None else dt.datetime.fromisoformat(row["value"])
+
+    def restored_unfinished(self) -> set[tuple[str, str]]:
+        """The transactions (rollout id, kind) that were unfinished in the copy put back and
+        are not settled yet (``_put_back``, ``settle_restored``): never resumed."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'restored_unfinished'").fetchone()
+        held = json.loads(row["value"]) if row is not None and row["value"] else []
+        return {(str(r[0]), str(r[1])) for r in held}
+
+    def settle_restored(
+        self,
+        txn: Txn,
+        outcome: TxnOutcome,
+        reason: str,
+        ended_at: dt.datetime,
+        *,
+        live_tls: dict[str, str] | None = None,
+        needs_admin: str = "",
+    ) -> Txn:
+        """One write: a transaction of a copy put back (``restored_unfinished``) settled as
+        ``outcome`` (its terminal phase, ``reason``), no longer held; ``completed`` sets what
+        is live to the transaction's (``live_tls``); ``needs_admin``: why the node needs the
+        admin now (``needs_admin``)."""
+        phase = {
+            TxnOutcome.COMPLETED: Phase.COMPLETED,
+            TxnOutcome.ROLLED_BACK: Phase.ROLLED_BACK,
+            TxnOutcome.FAILED: Phase.FAILED,
+        }[outcome]
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'restored_unfinished'").fetchone()
+            held = json.loads(row["value"]) if row is not None and row["value"] else []
+            rest = [r for r in held if (r[0], r[1]) != (txn.rollout_id, txn.kind.value)]
+            self._set_meta(db, "restored_unfinished", json.dumps(rest))
+            if outcome is TxnOutcome.COMPLETED:
+                self._set_live_tls(db, live_tls)
+            if needs_admin:
+                self._set_meta(db, "needs_admin", needs_admin)
+            self._event(db, txn, "settle", "restored", {"reason": reason})
+            changes = {"phase": phase, "outcome": outcome, "reason": reason, "ended_at": ended_at}
+            settled = self._update(db, txn, changes)
+        if needs_admin:
+            self._needs_admin = needs_admin
+        return settled
+
+    def needs_admin(self) -> str | None:
+        """Why the node needs the admin (a transaction of a journal put back that what the
+        server runs does not settle: ``settle_restored``), or None. From memory (any thread:
+        no read of the file)."""
+        return self._needs_admin
+
+    def clear_needs_admin(self) -> str | None:
+        """The admin checked the node (``tlsroll-agent --journal-checked``): ``needs_admin``
+        forgotten; returns what it was."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'needs_admin'").fetchone()
+            db.execute("DELETE FROM meta WHERE key = 'needs_admin'")
+        self._needs_admin = None
+        return str(row["value"]) if row is not None and row["value"] else None
 
     def close(self) -> None:
         self._db.close()
@@ -767,6 +875,9 @@ class Journal:
         (see ``live_tls``)."""
         with self._tx() as db:
             self._set_live_tls(db, live_tls)
+            # A journal put back: from its first transaction completed on, a switch missing
+            # from it is no longer explained by the copy (review s40 L-e).
+            db.execute("DELETE FROM meta WHERE key = 'restored_copy_at'")
             return self._update(db, txn, changes)
 
     def _begin(self, db: sqlite3.Connection, txn: Txn, step: str | None) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import random
 import sqlite3
 import sys
@@ -54,7 +55,12 @@ EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
 
 GRACE_SECONDS = 10.0
+# A switch running when the agent is told to stop is given this long to end (well inside the
+# unit's TimeoutStopSec=90s); then it is cancelled, and the next start resumes it.
 TXN_GRACE_SECONDS = 60.0
+# Test hook: seconds in place of TXN_GRACE_SECONDS (a switch slower than the grace: the tests
+# of a stop mid-switch cancel it at once with 0). Never set in production.
+TXN_GRACE_ENV = "TLSROLL_AGENT_TEST_TXN_GRACE"
 log = logs.get_logger(__name__)
 
 
@@ -117,7 +123,9 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
                 since = loop.time()
 
 
-async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
+async def serve(
+    cfg: AgentConfig, *, reinitialise: bool = False, journal_checked: bool = False
+) -> None:
     stop = stop_event()
     # The driver first: it finishes reading [server], so a bad key there stops the agent
     # before it creates anything.
@@ -130,6 +138,16 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
     enrolled = any(p.exists() for p in paths(cfg.data_dir))
     journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
+    if journal_checked:
+        # The admin checked the server that a journal put back could not settle (``journal``).
+        was = journal.clear_needs_admin()
+        log.warning(
+            "journal.checked",
+            detail="the admin checked the node: it is planned and switched again"
+            if was is not None
+            else "nothing needed the admin",
+            was=was,
+        )
     # One freeze lock for the servicer's Freeze, Unfreeze and lease watch and the runner's
     # lifts of a freeze: each reads the scope freeze's lease and changes the freeze under it.
     # (The servicer shares the runner's ``leases`` too, the leases' deadlines in elapsed time.)
@@ -207,7 +225,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     await server.stop(GRACE_SECONDS)
     if runner is not None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
-        await runner.close(TXN_GRACE_SECONDS)
+        await runner.close(txn_grace())
     await bootstrap.close()
     await link.close()
     # What a cancelled transaction had handed to the store's thread (its journal writes, a
@@ -234,6 +252,14 @@ async def stop_task(task: asyncio.Task[Any], patience: float = 10.0) -> None:
         log.error("agent.task_failed", task=task.get_name(), error=str(task.exception()))
 
 
+def txn_grace() -> float:
+    """``TXN_GRACE_SECONDS``, or the test hook's (``TXN_GRACE_ENV``) if it is a number >= 0."""
+    try:
+        return max(0.0, float(os.environ[TXN_GRACE_ENV]))
+    except (KeyError, ValueError):
+        return TXN_GRACE_SECONDS
+
+
 def journal_path(cfg: AgentConfig) -> Path:
     return cfg.data_dir / "journal.sqlite3"
 
@@ -255,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         " file is kept beside it); refused (exit 2) if the journal is intact or only cannot be"
         " opened now (a full or read-only disk)",
     )
+    parser.add_argument(
+        "--journal-checked",
+        action="store_true",
+        help="the admin has checked the managed server after a journal put back from a copy"
+        " left a transaction whose outcome the server did not show (the node 'needs the"
+        " admin'): the agent forgets that and the node is planned and switched again",
+    )
     ns = parser.parse_args(argv)
     try:
         cfg = AgentConfig.load(ns.config)
@@ -262,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         log.debug(
             "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
         )
-        asyncio.run(serve(cfg, reinitialise=ns.reinitialise))
+        asyncio.run(serve(cfg, reinitialise=ns.reinitialise, journal_checked=ns.journal_checked))
     except (ConfigError, NotDamaged) as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -33,7 +33,7 @@ from nodeagent import plans, ports, transaction, warmup
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal, Outlook, Staged, Txn
+from nodeagent.journal import NEEDS_ADMIN, Journal, Outlook, Staged, Txn
 from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import (
@@ -306,6 +306,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if self.driver is None:
             return agent_pb2.ServerView(driver="none", detail="no managed server configured")
         driver = self.driver
+        # A journal put back from a copy whose transaction what the server runs did not settle
+        # (``nodeagent.journal``): not planned or switched until the admin checked the node.
+        if (why := self.journal.needs_admin()) is not None:
+            detail = f"{NEEDS_ADMIN}: {why}"
+            return agent_pb2.ServerView(driver=driver.name, healthy=False, detail=detail)
         try:
             facts = await asyncio.to_thread(driver.facts)
             status = await driver.status()

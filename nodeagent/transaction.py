@@ -59,7 +59,10 @@ outside checks run in threads. Time (``clock``, ``sleep``) and the outside check
 
 Test hook: if the environment variable ``TLSROLL_AGENT_TEST_CRASH_AFTER`` names a phase, the
 agent SIGKILLs itself right after journalling that phase, ``started`` included (fault tests
-use it to kill the agent at an exact point; it is never set in production).
+use it to kill the agent at an exact point; it is never set in production). And
+``TLSROLL_AGENT_TEST_TERM_AFTER``: the agent sends itself SIGTERM there instead (what
+``systemctl restart tlsroll-agent`` does mid-switch: the agent stops as it does on any SIGTERM,
+``nodeagent.runtime``).
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ log = logs.get_logger(__name__)
 _T = TypeVar("_T")
 
 CRASH_ENV = "TLSROLL_AGENT_TEST_CRASH_AFTER"
+TERM_ENV = "TLSROLL_AGENT_TEST_TERM_AFTER"
 DRAIN_TIMEOUT = 10.0
 BACKWARD_ATTEMPTS = 3  # each action of the way back, before the outcome is ``failed``
 BACKWARD_WAIT = 0.5  # seconds before the 2nd attempt, 2 × that before the 3rd, ...
@@ -228,6 +232,15 @@ class LeaseUnread(TransientError):
 class TransactionDied(TerminalError):
     """A transaction task died more often than it is restarted: the agent must exit (its
     message is the daemon's one line)."""
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    """A file of a transaction of an earlier release (its plan's target or backup), if it is
+    still there."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
 
 
 def describe(exc: BaseException) -> str:
@@ -473,6 +486,7 @@ class Runner:
         self.leases = leases if leases is not None else Leases()
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
+        self.term_after = os.environ.get(TERM_ENV, "")
         # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
         self.dead = asyncio.Event()
         self.fatal = ""
@@ -538,14 +552,115 @@ class Runner:
             out.set_result(None)
 
     async def resume_all(self) -> list[Txn]:
+        """Carry on every unfinished transaction the journal holds (returned), except those of
+        a journal put back from a copy (``Journal.restored_unfinished``), which are settled
+        from what the server runs instead (``_settle_restored``: see ``nodeagent.journal``)."""
         await dbthread.run(self.driver.discard_stale_staged)
         pending = await dbthread.run(self.journal.unfinished)
+        held = await dbthread.run(self.journal.restored_unfinished)
+        resumed = []
         for txn in pending:
+            if (txn.rollout_id, txn.kind.value) in held:
+                await self._settle_restored(txn)
+                continue
             log.warning("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
             self.start(txn)
-        if not pending and await dbthread.run(self.journal.unfreeze_owed) is not None:
+            resumed.append(txn)
+        if not resumed and await dbthread.run(self.journal.unfreeze_owed) is not None:
             self._lift_owed_freeze()
-        return pending
+        return resumed
+
+    async def _settle_restored(self, txn: Txn) -> Txn:
+        """A transaction that was unfinished in a journal put back from a copy: the agent ran
+        on after the copy was made, so its phase is not where the node is. Settled by what
+        the server runs now, level-based, doing nothing to the server (no freeze, write,
+        restart or unfreeze): its live config is the transaction's target and the server
+        answers as the target: ``completed``; its source, answering as the source:
+        ``rolled_back``; anything else: ``failed``, and the node needs the admin
+        (``Journal.needs_admin``)."""
+        plan = Plan.from_json(txn.plan)
+        copy = await dbthread.run(self.journal.restored_copy_at)
+        made = copy.isoformat(timespec="seconds") if copy is not None else "?"
+        where = (
+            f"the journal was put back from the copy kept before an upgrade ({made}), made while"
+            f" this {txn.kind} of rollout {txn.rollout_id} was at phase {txn.phase};"
+            " it was not resumed: the agent ran on after the copy"
+        )
+        try:
+            live: bytes | None = await dbthread.run(self.driver.read_config)
+        except Exception as exc:  # OSError, DriverError: the start goes on, the node says so
+            live, looked = None, f"its live config cannot be read ({describe(exc)})"
+        target = txn.target_config or await dbthread.run(_read_or_none, plan.new_config_file)
+        source = txn.source_config or await dbthread.run(_read_or_none, plan.backup_file)
+        outcome, fingerprint = TxnOutcome.FAILED, ""
+        schemes: tuple[str, ...] = ()
+        if live is not None:
+            if target is None or source is None or target == source:
+                looked = "the transaction's configs do not tell its target from its source"
+            elif live == target:
+                outcome, schemes = TxnOutcome.COMPLETED, plan.target_schemes
+                fingerprint, looked = plan.target_fingerprint, "the server runs its target"
+            elif live == source:
+                outcome, schemes = TxnOutcome.ROLLED_BACK, plan.source_schemes
+                looked = "the server runs its source"
+            else:
+                looked = "the server's live config is neither its target nor its source"
+        if outcome is not TxnOutcome.FAILED:
+            try:
+                problems = await self._problems(plan, schemes, fingerprint, None)
+            except Exception as exc:  # the CA file gone, the server's status unreadable
+                problems = [describe(exc)]
+            if problems:
+                looked += f" on disk, but does not answer as it: {'; '.join(problems)}"
+                outcome = TxnOutcome.FAILED
+        try:
+            frozen = bool((await self.driver.status()).get("frozen"))
+        except (DriverError, OSError, LocalResourceError):
+            frozen = False
+        if frozen:
+            looked += "; the server is frozen, by no transaction this journal knows of"
+        if outcome is TxnOutcome.FAILED:
+            reason = (
+                f"{where}; {looked}: nothing was done to the server; check its config and"
+                " whether it takes writes by hand, then start the agent once with"
+                " --journal-checked"
+            )
+            # What the heartbeat says (its detail is cut at 200 characters): the log says more.
+            needs_admin = (
+                f"journal put back mid-{txn.kind} of rollout {txn.rollout_id[:40]}, which what"
+                " the server runs does not settle: check it, then start the agent once with"
+                " --journal-checked"
+            )
+        else:
+            reason = f"{where}; {looked}: recorded as {outcome.value}, nothing done to the server"
+            reason += " (a freeze is left as it is)" if frozen else ""
+            needs_admin = ""
+        settled = await dbthread.run(
+            functools.partial(
+                self.journal.settle_restored,
+                txn,
+                outcome,
+                reason,
+                self.clock(),
+                live_tls=plan.live_tls,
+                needs_admin=needs_admin,
+            )
+        )
+        self.changes.changed(settled)
+        (log.error if needs_admin else log.warning)(
+            "journal.restored_settled",
+            rollout_id=txn.rollout_id,
+            kind=txn.kind,
+            phase_in_copy=txn.phase,
+            outcome=outcome.value,
+            detail=reason,
+        )
+        if outcome is TxnOutcome.COMPLETED and self.on_complete is not None:
+            try:
+                await self.on_complete()
+            except Exception as exc:
+                log.error("txn.on_complete_failed", error=describe(exc))
+        return settled
 
     async def close(self, grace: float) -> None:
         """Give running transactions ``grace`` seconds to end, then stop them (the journal lets
@@ -843,6 +958,8 @@ class Runner:
     def _journalled(self, phase: Phase) -> None:
         if self.crash_after == phase:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
+        if self.term_after == phase:
+            os.kill(os.getpid(), signal.SIGTERM)  # test hook, see module docstring
 
     async def _attempt(self, action: Action, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
         """Run ``action`` (``attempts`` times on a failure of the server's); while the agent

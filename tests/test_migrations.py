@@ -348,7 +348,13 @@ def test_an_older_store_is_copied_as_it_was_before_its_migration(kind: str, tmp_
 
 COPY_MARKS = {"copy_made_at", "backup_made_at"}
 # What a store opened on a marked copy keeps of it (the mark is taken as it opens).
-RESTORED = {"restored_copy_at", "restored_backup_at", "restored_at", "relearn_until"}
+RESTORED = {
+    "restored_copy_at",
+    "restored_unfinished",
+    "restored_backup_at",
+    "restored_at",
+    "relearn_until",
+}
 
 
 @pytest.mark.parametrize("kind", ["journal", "leader-store"])

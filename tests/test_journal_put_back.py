@@ -1,0 +1,242 @@
+"""A node's journal put back from the copy kept before an upgrade, a copy made mid-switch
+(brief s41upg, 1 and 2; ``nodeagent.journal``'s docstring has the model).
+
+An upgrade restarts the agent at any time, also mid-switch (install.sh: "the agent may be
+restarted at any time"): the newer agent makes the copy (``NAME.before-vN``) as it opens the
+journal, with the switch unfinished in it, and carries the switch on to its end. Made here as
+test_going_back makes it: the journal's migrations with one more (that changes nothing), opened
+in the test's process with the agent stopped, the file's schema then set back by hand so that
+this checkout's agent is "the newer one". The switch is stopped mid-way by the fault tests' hook
+(``TLSROLL_AGENT_TEST_CRASH_AFTER``: the agent SIGKILLs itself after journalling a phase).
+
+Real agents and reference servers, commanded with the leader's certificate (``tests.nodeside``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from nodeagent import journal
+from nodeagent.transaction import CRASH_ENV
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, NodeFactory
+from tests.test_going_back import put_back, set_user_version
+from tlsroll.sqlite import copy_name
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("putback"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+@pytest.fixture
+def make_node(cluster: Cluster, tmp_path: Path) -> Iterator[NodeFactory]:
+    factory = NodeFactory(cluster, tmp_path, "pb")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def copy_made_mid_switch(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, rid: str, phase: str
+) -> tuple[Node, Path]:
+    """A node whose switch ``rid`` stopped after ``phase``, upgraded then (the copy made with
+    the switch unfinished in it), and the switch carried on to its end by the newer agent."""
+    node = make_node(env={CRASH_ENV: phase})
+    assert node.agent is not None and node.agent.proc is not None
+    node.stage(rid)
+    try:
+        node.switch(rid)
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    [row] = node.journal_query("SELECT phase, outcome FROM txns")
+    assert (row["phase"], row["outcome"]) == (phase, "")
+    known = len(journal.MIGRATIONS)
+    with monkeypatch.context() as m:  # the upgrade: its agent opens the journal first
+        m.setattr(journal, "MIGRATIONS", (*journal.MIGRATIONS, ""))
+        journal.Journal(node.journal_path).close()
+    copy = copy_name(node.journal_path, known + 1)
+    assert copy.exists()
+    set_user_version(node.journal_path, known)
+    node.restart_agent()  # "the newer agent", without the crash hook: it resumes the switch
+    assert node.wait_txn(rid).outcome == "completed"
+    assert node.admin_status()["listen"] == ["https"]
+    return node, copy
+
+
+def go_back(node: Node, copy: Path) -> tuple[int | None, bytes]:
+    """README's way back: the agent stopped, its journal's copy put back, the agent started
+    again. Returns the server's pid and config file as they were before the agent started."""
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    put_back(node.journal_path, copy)
+    pid, config = node.server_pid(), node.server.config_path.read_bytes()
+    node.restart_agent()
+    return pid, config
+
+
+def settled(node: Node, rid: str) -> tuple[str, str, str]:
+    done = node.wait_txn(rid, timeout=30)
+    return done.outcome, done.phase, done.reason
+
+
+def assert_untouched(node: Node, rid: str, pid: int | None, config: bytes) -> None:
+    """Nothing was done to the server: same process, same config file, not frozen, and the
+    journal shows no action begun for ``rid`` since its put back."""
+    assert node.server_pid() == pid
+    assert node.server.config_path.read_bytes() == config
+    assert node.admin_status()["frozen"] is False
+    events = node.journal_events(rid)
+    after = events[events.index(("settle", "restored")) :]
+    assert [e for e in after if e[1] == "begin"] == [], events
+    assert node.agent is not None
+    # Resumed once: by the newer agent, never by the agent on the copy.
+    assert node.agent.event_names().count("txn.resuming") == 1
+
+
+def test_a_switch_rolled_back_since_the_copy_is_not_switched_again(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy was made with the switch frozen; the newer agent completed it and the cluster
+    then took the node back to http. Before: the agent on the copy put back resumed the switch
+    from ``frozen`` (froze the server again, wrote the https config, restarted it): the node
+    went to https, which the cluster had left. Now the switch is settled from what the server
+    runs (its source, http): ``rolled_back``, and nothing is done to the server."""
+    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-back", "frozen")
+    node.rollback("pb-back")
+    assert node.wait_txn("pb-back", "rollback").outcome == "completed"
+    assert node.admin_status()["listen"] == ["http"]
+
+    pid, config = go_back(node, copy)
+    outcome, phase, reason = settled(node, "pb-back")
+    assert (outcome, phase) == ("rolled_back", "rolled_back"), reason
+    assert "made while this switch of rollout pb-back was at phase frozen" in reason
+    assert "the server runs its source" in reason
+    assert node.admin_status()["listen"] == ["http"]
+    assert_untouched(node, "pb-back", pid, config)
+    assert node.post("http", {"note": "after going back"}).status == 201
+    assert node.agent is not None
+    assert "journal.restored_settled" in node.agent.event_names()
+    # Not a node that needs the admin: its server view is healthy.
+    pre = node.preflight("pb-next")
+    assert pre.server.healthy, pre.server.detail
+
+
+def test_a_switch_finished_since_the_copy_is_recorded_completed_and_rolls_back(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy was made with the https config written, the server not restarted yet; the
+    newer agent completed the switch. Before: resumed from ``config_written``, the server was
+    frozen and restarted again. Now ``completed``, nothing done to the server; and the switch's
+    way back, which the copy holds, works: `rollout rollback` takes the node to http. That
+    first transaction completed on the copy also ends its mention in a refusal (brief 2)."""
+    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-done", "config_written")
+
+    pid, config = go_back(node, copy)
+    outcome, phase, reason = settled(node, "pb-done")
+    assert (outcome, phase) == ("completed", "completed"), reason
+    assert "the server runs its target" in reason
+    assert node.admin_status()["listen"] == ["https"]
+    assert_untouched(node, "pb-done", pid, config)
+
+    node.rollback("pb-done")
+    back = node.wait_txn("pb-done", "rollback")
+    assert back.outcome == "completed", back.reason
+    assert node.admin_status()["listen"] == ["http"]
+    assert node.post("http", {"note": "back on http"}).status == 201
+    [meta] = node.journal_query("SELECT count(*) AS n FROM meta WHERE key = 'restored_copy_at'")
+    assert meta["n"] == 0
+
+
+def test_a_server_that_runs_neither_config_needs_the_admin(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, cluster: Cluster
+) -> None:
+    """The server's config was changed by hand since: it is neither the switch's target nor
+    its source, and proves nothing. The switch is recorded ``failed`` with what to do, nothing
+    is done to the server, and the node needs the admin: its agent reports its server so (the
+    leader's `tlsroll nodes`, its planning), until the admin starts the agent once with
+    ``--journal-checked``."""
+    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-hand", "frozen")
+    with node.server.config_path.open("a") as f:
+        f.write("\n# changed by hand\n")
+
+    pid, config = go_back(node, copy)
+    outcome, phase, reason = settled(node, "pb-hand")
+    assert (outcome, phase) == ("failed", "failed"), reason
+    assert "the server's live config is neither its target nor its source" in reason
+    assert "start the agent once with --journal-checked" in reason
+    assert_untouched(node, "pb-hand", pid, config)
+    assert node.admin_status()["listen"] == ["https"]
+    pre = node.preflight("pb-next")
+    assert not pre.server.healthy
+    assert pre.server.detail.startswith("needs the admin: journal put back mid-switch"), pre
+
+    def shown() -> str:
+        listed = cluster.cli("nodes", "--json")
+        assert listed.returncode == 0, listed.stderr
+        return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
+
+    wait_until(lambda: shown().startswith("needs the admin: "), 30, "tlsroll nodes to say so")
+    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
+    assert plan.returncode != 0, plan.stdout
+    assert "needs the admin: journal put back mid-switch" in plan.stdout + plan.stderr, plan
+
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.agent.argv.append("--journal-checked")
+    try:
+        node.restart_agent()
+    finally:
+        node.agent.argv.remove("--journal-checked")
+    assert "journal.checked" in node.agent.event_names()
+    pre = node.preflight("pb-next")
+    assert pre.server.healthy, pre.server.detail
+    wait_until(lambda: shown() == "https", 30, "tlsroll nodes to show the server again")
+    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
+    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+
+
+def refusal(node: Node, rid: str) -> str:
+    """What the agent says when it is asked to roll back rollout ``rid``, which it cannot."""
+    try:
+        node.rollback(rid)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
+        return str(exc.details())
+    raise AssertionError(f"the rollback of {rid} was not refused")
+
+
+def test_the_copy_is_mentioned_only_until_a_transaction_completes_on_it(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s40 L-e: a refusal to roll back on a journal put back says that the switch may
+    be missing because the journal is the copy; before, every refusal said so for ever. Once
+    the agent completed a transaction on the copy, the journal explains itself again."""
+    node = make_node()
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    known = len(journal.MIGRATIONS)
+    with monkeypatch.context() as m:
+        m.setattr(journal, "MIGRATIONS", (*journal.MIGRATIONS, ""))
+        journal.Journal(node.journal_path).close()
+    set_user_version(node.journal_path, known)
+    go_back(node, copy_name(node.journal_path, known + 1))
+    assert "which is the copy kept before an upgrade" in refusal(node, "pb-never-1")
+
+    node.stage("pb-after")
+    node.switch("pb-after")
+    assert node.wait_txn("pb-after").outcome == "completed"
+    said = refusal(node, "pb-never-2")
+    assert "did not switch this node; nothing to roll back" in said
+    assert "copy" not in said, said
