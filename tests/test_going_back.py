@@ -66,6 +66,25 @@ def enable_tls(cluster: Cluster, tmp_path: Path) -> dict[str, Any]:
     return run(cluster, "start", "--scope", "cluster", "--password-file", str(pw))
 
 
+def start_agent(cluster: Cluster, node: Node) -> None:
+    """Start the node's agent again and wait until the leader has answered this process's
+    heartbeat. ``wait_for_nodes_online`` alone proves nothing here: a node is online for a few
+    heartbeat intervals after its last heartbeat, so the stopped agent's last one passed it (with
+    no agent running at all), and a rollout started then raced the new agent's start-up (a
+    failed TLS handshake once under load)."""
+    assert node.agent is not None
+    agent = node.agent
+    heard = agent.event_names().count("heartbeat.ok")
+    agent.start()
+    wait_until(
+        lambda: agent.event_names().count("heartbeat.ok") > heard,
+        20,
+        "the leader to answer the started agent",
+        interval=0.1,
+    )
+    cluster.wait_for_nodes_online([node.name])
+
+
 def reasons(rollout: dict[str, Any]) -> str:
     return " | ".join(str(n.get("reason", "")) for n in rollout["nodes"])
 
@@ -87,8 +106,7 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
     copy = copy_name(node.journal_path, known + 1)
     assert copy.exists()
     set_user_version(node.journal_path, known)
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert enable_tls(cluster, tmp_path)["state"] == "completed"
     assert list(live(node).schemes) == ["https"]
     # The newer agent's journal is not a copy put back (review s40 M3).
@@ -96,12 +114,10 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
 
     node.agent.stop()
     put_back(node.journal_path, copy)
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert node.agent.event_names().count("journal.restored") == 1
     node.agent.stop()  # said once: at the first start on the copy
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert node.agent.event_names().count("journal.restored") == 1
 
     back = run(cluster, "rollback")
@@ -129,8 +145,7 @@ def test_an_agent_runs_on_a_newer_journal_whose_migrations_it_may_ignore(
     newer = [*journal.MIGRATIONS, "ALTER TABLE txns ADD COLUMN newer_detail TEXT"]
     Database(node.journal_path, newer, ignorable={known + 1}, what="journal").close()
     assert user_version(node.journal_path) == known + 1
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert "store.newer_schema_read" in node.agent.event_names()
 
     assert enable_tls(cluster, tmp_path)["state"] == "completed"
