@@ -67,21 +67,10 @@ def enable_tls(cluster: Cluster, tmp_path: Path) -> dict[str, Any]:
 
 
 def start_agent(cluster: Cluster, node: Node) -> None:
-    """Start the node's agent again and wait until the leader has answered this process's
-    heartbeat. ``wait_for_nodes_online`` alone proves nothing here: a node is online for a few
-    heartbeat intervals after its last heartbeat, so the stopped agent's last one passed it (with
-    no agent running at all), and a rollout started then raced the new agent's start-up (a
-    failed TLS handshake once under load)."""
-    assert node.agent is not None
-    agent = node.agent
-    heard = agent.event_names().count("heartbeat.ok")
-    agent.start()
-    wait_until(
-        lambda: agent.event_names().count("heartbeat.ok") > heard,
-        20,
-        "the leader to answer the started agent",
-        interval=0.1,
-    )
+    """Start the node's agent again, heard by the leader (``Node.start_agent_heard``: the
+    stopped agent's last heartbeat passed ``wait_for_nodes_online``, and a rollout started then
+    raced the new agent's start-up; a failed TLS handshake once under load)."""
+    node.start_agent_heard()
     cluster.wait_for_nodes_online([node.name])
 
 
