@@ -380,8 +380,9 @@ def start_refused_for_bad_input_and_with_an_offline_node_at_plan_time(setup: Set
     unknown_node_is_refused_naming_it_and_changes_nothing(s)
     start_without_yes_and_without_a_terminal_asks_for_yes(s)
 
-    assert s[off].agent is not None
-    s[off].agent.stop()
+    stopped = s[off].agent
+    assert stopped is not None
+    stopped.stop()
     s.cluster.wait_for_nodes([off], online=False)
     listed = json.loads(s.cli("nodes", "--json").stdout)
     assert {n["name"]: n["online"] for n in listed} == {on: True, off: False}
