@@ -37,7 +37,14 @@ import grpc
 from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.cluster import Agent, Cluster, secure_channel, wait_until
+from tests.cluster import (
+    READY_TIMEOUT,
+    AdminTokenCluster,
+    Agent,
+    Cluster,
+    secure_channel,
+    wait_until,
+)
 from tests.conftest import next_loopback
 from tests.refserver_helper import RefServer, Response, http_request, peer_certificate
 from tlsroll import pki
@@ -137,6 +144,23 @@ class Node:
     def restart_agent(self, env: Mapping[str, str] | None = None) -> None:
         assert self.agent is not None
         self.agent.start(env)
+
+    def start_agent_heard(self, env: Mapping[str, str] | None = None) -> None:
+        """Start the stopped agent again and wait until the leader has answered this process's
+        heartbeat (its ``heartbeat.ok``). ``Cluster.wait_for_nodes_online`` alone proves
+        nothing after a restart: a node counts as online for a few heartbeat intervals after
+        its last heartbeat, so the stopped agent's last one passes it with no agent running,
+        and a rollout started then races the new agent's start-up."""
+        assert self.agent is not None
+        agent = self.agent
+        heard = agent.event_names().count("heartbeat.ok")
+        agent.start(env)
+        wait_until(
+            lambda: agent.event_names().count("heartbeat.ok") > heard,
+            READY_TIMEOUT,
+            f"the leader to answer {self.name}'s started agent",
+            interval=0.1,
+        )
 
     def close(self) -> None:
         """Stop the agent, the server we started, and any server the agent's driver started
@@ -251,31 +275,45 @@ class Node:
             )
         return TxnView(reply)
 
-    def txn(self, rollout_id: str, kind: str = "switch") -> TxnView:
-        with self.stub() as stub:
-            reply: agent_pb2.Transaction = stub.GetTransaction(
-                agent_pb2.GetTransactionRequest(
-                    rollout_id=rollout_id, kind=TXN_KIND.wire(TxnKind(kind))
-                ),
-                timeout=RPC_TIMEOUT,
-            )
-        return TxnView(reply)
+    def txn(
+        self,
+        rollout_id: str,
+        kind: str = "switch",
+        stub: agent_pb2_grpc.NodeAgentStub | None = None,
+    ) -> TxnView:
+        """The transaction as GetTransaction gives it (over ``stub``, or a channel of its own)."""
+        request = agent_pb2.GetTransactionRequest(
+            rollout_id=rollout_id, kind=TXN_KIND.wire(TxnKind(kind))
+        )
+        if stub is not None:
+            return TxnView(stub.GetTransaction(request, timeout=RPC_TIMEOUT))
+        with self.stub() as own:
+            return TxnView(own.GetTransaction(request, timeout=RPC_TIMEOUT))
 
     def wait_txn(self, rollout_id: str, kind: str = "switch", timeout: float = 60) -> TxnView:
-        """Poll GetTransaction until the transaction has an outcome (bounded)."""
+        """Poll GetTransaction until the transaction has an outcome (bounded). One channel for
+        the polls (each of its own was a TLS handshake for the agent and this process, ten a
+        second); a new one after a failed call (the agent restarting: a channel's reconnect
+        backoff grows to two minutes)."""
         result: list[TxnView] = []
+        with contextlib.ExitStack() as polls:
+            opened: list[agent_pb2_grpc.NodeAgentStub] = []
 
-        def finished() -> bool:
-            try:
-                t = self.txn(rollout_id, kind)
-            except grpc.RpcError:
-                return False
-            result[:] = [t]
-            return bool(t.outcome)  # "" while pending
+            def finished() -> bool:
+                if not opened:
+                    opened.append(polls.enter_context(self.stub()))
+                try:
+                    t = self.txn(rollout_id, kind, opened[0])
+                except grpc.RpcError:
+                    opened.clear()
+                    polls.close()  # (its channel)
+                    return False
+                result[:] = [t]
+                return bool(t.outcome)  # "" while pending
 
-        wait_until(
-            finished, timeout, f"{kind} of {rollout_id} on {self.name} to finish", interval=0.1
-        )
+            wait_until(
+                finished, timeout, f"{kind} of {rollout_id} on {self.name} to finish", interval=0.1
+            )
         return result[0]
 
     # --- the agent's journal (read beside the running agent; WAL allows it) -------------------
@@ -367,7 +405,7 @@ def cluster_of(
     daemons' environment (a benchmark turns the tests' loop thread check off with it). A node's
     agent left stopped (SIGSTOP) by a test is continued before it is closed."""
     addresses = [next_loopback() for _ in range(count)]
-    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
     try:
         cluster.init("--node-name", "node1")

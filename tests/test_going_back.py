@@ -66,6 +66,14 @@ def enable_tls(cluster: Cluster, tmp_path: Path) -> dict[str, Any]:
     return run(cluster, "start", "--scope", "cluster", "--password-file", str(pw))
 
 
+def start_agent(cluster: Cluster, node: Node) -> None:
+    """Start the node's agent again, heard by the leader (``Node.start_agent_heard``: the
+    stopped agent's last heartbeat passed ``wait_for_nodes_online``, and a rollout started then
+    raced the new agent's start-up; a failed TLS handshake once under load)."""
+    node.start_agent_heard()
+    cluster.wait_for_nodes_online([node.name])
+
+
 def reasons(rollout: dict[str, Any]) -> str:
     return " | ".join(str(n.get("reason", "")) for n in rollout["nodes"])
 
@@ -87,8 +95,7 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
     copy = copy_name(node.journal_path, known + 1)
     assert copy.exists()
     set_user_version(node.journal_path, known)
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert enable_tls(cluster, tmp_path)["state"] == "completed"
     assert list(live(node).schemes) == ["https"]
     # The newer agent's journal is not a copy put back (review s40 M3).
@@ -96,12 +103,10 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
 
     node.agent.stop()
     put_back(node.journal_path, copy)
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert node.agent.event_names().count("journal.restored") == 1
     node.agent.stop()  # said once: at the first start on the copy
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert node.agent.event_names().count("journal.restored") == 1
 
     back = run(cluster, "rollback")
@@ -129,8 +134,7 @@ def test_an_agent_runs_on_a_newer_journal_whose_migrations_it_may_ignore(
     newer = [*journal.MIGRATIONS, "ALTER TABLE txns ADD COLUMN newer_detail TEXT"]
     Database(node.journal_path, newer, ignorable={known + 1}, what="journal").close()
     assert user_version(node.journal_path) == known + 1
-    node.agent.start()
-    cluster.wait_for_nodes_online([node.name])
+    start_agent(cluster, node)
     assert "store.newer_schema_read" in node.agent.event_names()
 
     assert enable_tls(cluster, tmp_path)["state"] == "completed"

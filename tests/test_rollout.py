@@ -34,7 +34,7 @@ import pytest
 
 from leader.engine import UNKNOWN
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, port_holder
 from tlsroll import pki, spiffe
@@ -82,7 +82,7 @@ class Setups:
         """A leader and one node (reference server + agent) per name, all online.
         ``leader_node`` names the node that runs on the leader's own address."""
         root = self.root / f"c{len(self.clusters)}"
-        cluster = Cluster(root, next_loopback(), heartbeat_interval=1)
+        cluster = AdminTokenCluster(root, next_loopback(), heartbeat_interval=1)
         self.clusters.append(cluster)
         cluster.init(*(("--node-name", leader_node) if leader_node else ()))
         cluster.start_leader()
@@ -307,7 +307,7 @@ def wait_agent_died(node: Node) -> None:
 
 
 # === 1. unknown scope, unknown node; 9. no --yes without a terminal ==============================
-# Checked on two online nodes and no rollout, in test 3's cluster before it stops a node (they
+# Checked on two online nodes and no rollout, in test 3's checks before they stop a node (they
 # had a module-scoped cluster of their own, whose idle daemons lived as long as the module).
 
 
@@ -368,30 +368,33 @@ def test_start_while_another_rollout_runs_is_refused_naming_it(setups: Setups) -
     assert [r[0] for r in store_rows(s.cluster)["rollouts"]] == [rid]
 
 
-# === 3. an offline node in scope =================================================================
+# === 3. an offline node in scope (checked in test 5's cluster, before its rollout) ==============
 
 
-def test_start_refused_for_bad_input_and_with_an_offline_node_at_plan_time(setups: Setups) -> None:
-    s = setups("o1", "o2")
+def start_refused_for_bad_input_and_with_an_offline_node_at_plan_time(setup: Setup) -> None:
+    """Tests 1, 9 and 3 on two online nodes and no rollout (the first node stays online, the
+    second's agent is left stopped)."""
+    s, (on, off) = setup, list(setup.nodes)
     # Tests 1 and 9 first, while both nodes are online.
     unknown_scope_is_a_usage_error_and_changes_nothing(s)
     unknown_node_is_refused_naming_it_and_changes_nothing(s)
     start_without_yes_and_without_a_terminal_asks_for_yes(s)
 
-    assert s["o2"].agent is not None
-    s["o2"].agent.stop()
-    s.cluster.wait_for_nodes(["o2"], online=False)
+    stopped = s[off].agent
+    assert stopped is not None
+    stopped.stop()
+    s.cluster.wait_for_nodes([off], online=False)
     listed = json.loads(s.cli("nodes", "--json").stdout)
-    assert {n["name"]: n["online"] for n in listed} == {"o1": True, "o2": False}
+    assert {n["name"]: n["online"] for n in listed} == {on: True, off: False}
 
     for command in ([*start_cmd(s), "--yes"], ["plan"]):
         line = refused(s, [*command, "--scope", "cluster"])
-        assert "offline: o2" in line, line
-        assert "o1" not in line, line
-    line = refused(s, [*start_cmd(s), "--yes", "--nodes", "o1,o2"])
-    assert "offline: o2" in line, line
+        assert f"offline: {off}" in line, line
+        assert on not in line, line
+    line = refused(s, [*start_cmd(s), "--yes", "--nodes", f"{on},{off}"])
+    assert f"offline: {off}" in line, line
     assert newest(s.cluster) is None
-    assert s["o1"].journal_query("SELECT * FROM txns") == []
+    assert s[on].journal_query("SELECT * FROM txns") == []
 
 
 # === 4. pause / resume / abort in every state ====================================================
@@ -503,23 +506,31 @@ def test_controls_while_halting_and_after_halted(setups: Setups) -> None:
 # === 5. a node fails: preflight, or the switch itself ============================================
 
 
-def test_preflight_failure_fails_the_node_halts_and_changes_nothing(setups: Setups) -> None:
-    s = setups("f1", "f2")
+def test_start_refused_with_an_offline_node_then_a_preflight_failure_halts_changing_nothing(
+    setups: Setups,
+) -> None:
+    s = setups("o1", "o2")
+    # 3. (and 1, 9) first, before any rollout: a test of its own before, with a cluster of its
+    # own. o2's agent is back (and heard by the leader) before the rollout of 5.
+    start_refused_for_bad_input_and_with_an_offline_node_at_plan_time(s)
+    s["o2"].start_agent_heard()
+    s.cluster.wait_for_nodes_online(["o1", "o2"])
+
     was = {name: before(node) for name, node in s.nodes.items()}
-    with port_holder(s["f1"].address, 8443) as holder:
+    with port_holder(s["o1"].address, 8443) as holder:
         start(s)
         snap = wait_ended(s.cluster)
         assert snap.state == "halted"
-        assert snap.node_states() == {"f1": "failed", "f2": "skipped"}
+        assert snap.node_states() == {"o1": "failed", "o2": "skipped"}
         view = newest_view(s)
         nodes = nodes_of(view)
-        reason = nodes["f1"]["reason"]
-        assert f"port 8443 (https) on {s['f1'].address} is taken by" in reason, reason
+        reason = nodes["o1"]["reason"]
+        assert f"port 8443 (https) on {s['o1'].address} is taken by" in reason, reason
         assert f"pid {holder.pid}" in reason, reason
-        assert nodes["f2"]["reason"] == "rollout halted"
-        assert [st["step"] for st in nodes["f1"]["steps"]] == ["preflight"]
-        # f2 may have been prepared meanwhile (prepare_ahead 1): nothing live, never switched.
-        assert {st["step"] for st in nodes["f2"]["steps"]} <= {"preflight", "stage"}
+        assert nodes["o2"]["reason"] == "rollout halted"
+        assert [st["step"] for st in nodes["o1"]["steps"]] == ["preflight"]
+        # o2 may have been prepared meanwhile (prepare_ahead 1): nothing live, never switched.
+        assert {st["step"] for st in nodes["o2"]["steps"]} <= {"preflight", "stage"}
     for name, node in s.nodes.items():
         assert_untouched(node, was[name])
 

@@ -16,6 +16,11 @@ from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
 
+LEASE = 10
+"""The lease test's scope freeze lease (s): the leader renews it every third of it, at its
+engine's tick (a second) — a 3 s lease lapsed under a loaded CI machine (a renewal two seconds
+late); a 10 s lease lapses only if one is six seconds late."""
+
 
 class ScopeWorld:
     """Leader + nodes (node1 the leader node), a rollout started with --freeze scope and
@@ -126,18 +131,38 @@ def test_scope_freeze_is_a_lease_the_leader_must_renew(
     the leader is gone the agents lift it when the lease runs out — no node stays frozen
     because of a dead leader — and the restarted leader carries the rollout to its end."""
     w = make_world(2)
-    w.start_paused_rollout(scope_freeze_lease=3)
+    w.start_paused_rollout(scope_freeze_lease=LEASE)
+    frozen_by = time.monotonic()  # node1's first Freeze was before node2's switch
     cluster, nodes, schema = w.cluster, w.nodes, w.schema
     waiting = nodes[0]  # node1, the leader node, goes last: it waits, frozen
-    time.sleep(5)  # longer than the 3 s lease: renewals keep it
+    assert waiting.agent is not None
+    agent = waiting.agent
+
+    def freezes() -> int:
+        """Freezes node1's agent granted: the first and the leader's renewals."""
+        return agent.event_names().count("scope_freeze.on")
+
+    # Longer than a lease since the first Freeze, and renewed twice (every third of a lease):
+    # the freeze held past its lease because it was renewed, never lifted in between.
+    wait_until(
+        lambda: time.monotonic() - frozen_by > LEASE and freezes() >= 3,
+        LEASE + 60,
+        "a lease's time with renewals",
+        interval=0.5,
+    )
     assert waiting.server.status()["frozen"] is True
+    assert "scope_freeze.lease_expired" not in agent.event_names()
 
     cluster.kill_leader()
-    wait_until(lambda: waiting.server.status()["frozen"] is False, 20, "the lease to lapse")
+    wait_until(
+        lambda: waiting.server.status()["frozen"] is False,
+        LEASE + 20,
+        "the lease to lapse",
+        interval=0.25,
+    )
     accepted = http_request("POST", f"{waiting.http_url()}entries", {"note": "after"})
     assert accepted.status == 201
-    assert waiting.agent is not None
-    assert "scope_freeze.lease_expired" in waiting.agent.event_names()
+    assert "scope_freeze.lease_expired" in agent.event_names()
 
     cluster.start_leader()
     assert cluster.cli("rollout", "resume").returncode == 0

@@ -27,7 +27,7 @@ import pytest
 
 from nodeagent.transaction import CRASH_ENV
 from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, TxnView, port_holder, read_only
 from tests.refserver_helper import Response
@@ -41,7 +41,7 @@ FORWARD_ACTIONS = ("freeze", "write_config", "restart", "verify", "unfreeze")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("switch"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("switch"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c
@@ -245,7 +245,11 @@ def test_one_call_begins_a_switch_and_streams_it_to_its_end(make_node: NodeFacto
 # --- 2., 3. preflight problems --------------------------------------------------------------
 
 
-def test_preflight_names_the_process_holding_8443(make_node: NodeFactory) -> None:
+def test_preflight_names_the_process_holding_8443_then_a_read_only_config_dir(
+    make_node: NodeFactory,
+) -> None:
+    """Two tests with a node each before: the node that passes once the port is free is the
+    one whose config dir is then made read-only."""
     node = make_node()
     config, pid = node.server.config_path.read_bytes(), node.server_pid()
     with port_holder(node.address, 8443) as holder:
@@ -263,10 +267,7 @@ def test_preflight_names_the_process_holding_8443(make_node: NodeFactory) -> Non
     # The same node passes once the other program is gone: the problem was the port.
     assert node.preflight("taken").ok
 
-
-def test_preflight_names_a_read_only_config_dir(make_node: NodeFactory) -> None:
     assert os.geteuid() == 0, "this test bind-mounts; tests run as root here and in CI"
-    node = make_node()
     config, pid = node.server.config_path.read_bytes(), node.server_pid()
     with read_only(node.config_dir):
         with pytest.raises(OSError, match="Read-only"):
@@ -901,7 +902,7 @@ def test_a_real_leaders_password_switch_is_the_one_made_ready_at_its_stage(
     prepared one (``prepared``). Review 2 of session 29, finding 6: this test compared the
     live config's mtime with the transaction's start, which the coarse file clock let pass
     about half the time for a switch that built its own config."""
-    with Cluster(tmp_path / "cluster", next_loopback()) as cluster:
+    with AdminTokenCluster(tmp_path / "cluster", next_loopback()) as cluster:
         cluster.init()
         cluster.start_leader()
         factory = NodeFactory(cluster, tmp_path, "told")
