@@ -26,20 +26,15 @@ from tlsroll.names import Names
 
 
 def names_of(request: dict[str, Any]) -> Names:
-    """The node's names as the agent sent them (``names_request``)."""
+    """The node's names as the agent sent them (``certwork.names_request``)."""
     value = request["names"]
     return Names(value["common_name"], tuple(value["ips"]), tuple(value["dns"]))
 
 
-def names_request(names: Names) -> dict[str, Any]:
-    return {"common_name": names.common_name, "ips": list(names.ips), "dns": list(names.dns)}
-
-
 def _pem(request: dict[str, Any], key: str) -> bytes:
-    try:
-        return str(request[key]).encode("ascii")
-    except UnicodeEncodeError:  # a verdict on the PEM, as ``pki``'s own
-        raise PKIError(PKIReason.BAD_PEM, "certificate (not ASCII)") from None
+    """The bytes the agent got (``service._pem_text``: any that are not ASCII carried as
+    lone surrogates), for ``pki`` to judge as it judged them in the agent."""
+    return str(request[key]).encode("ascii", "surrogateescape")
 
 
 def _text(data: bytes) -> str:

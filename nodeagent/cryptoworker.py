@@ -87,18 +87,22 @@ class CryptoWorker:
     def __init__(
         self,
         *,
-        idle_seconds: float = IDLE_SECONDS,
+        idle_seconds: float | None = None,
         timeout: float = TIMEOUT,
         log_level: str = "info",
         json_logs: bool | None = None,
     ) -> None:
-        self.idle_seconds = idle_seconds
+        self.idle_seconds = IDLE_SECONDS if idle_seconds is None else idle_seconds
         self.timeout = timeout
         self.log_level = log_level
         self.json_logs = (not sys.stderr.isatty()) if json_logs is None else json_logs
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
+        # The loop it serves (``call_blocking`` runs calls there): the one it is made in, else
+        # the first one it is called or warmed in.
         self._loop: asyncio.AbstractEventLoop | None = None
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
         self._idle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -132,6 +136,9 @@ class CryptoWorker:
         loop = self._loop
         if loop is None or loop.is_closed():
             raise TransientError(f"crypto work ({op}): the agent's event loop is not running")
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:  # it would wait for itself for good
+                raise TerminalError(f"crypto work ({op}) waited for on the event loop's thread")
         return asyncio.run_coroutine_threadsafe(self.call(op, request), loop).result()
 
     async def _exchange(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +202,7 @@ class CryptoWorker:
             raise TransientError(f"{what}: {' '.join(str(exc).split())}") from None
         self._proc = proc
         self.started += 1
-        log.debug("cryptoworker.started", pid=proc.pid)
+        log.info("cryptoworker.started", pid=proc.pid)
         return proc
 
     # --- start ahead, stop when idle ---------------------------------------------------------
@@ -248,7 +255,7 @@ class CryptoWorker:
                 return  # a call came meanwhile (its clock runs), or nothing runs
             proc, self._proc = self._proc, None
             await self._stop(proc)
-            log.debug("cryptoworker.idle_stopped", pid=proc.pid)
+            log.info("cryptoworker.idle_stopped", pid=proc.pid)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent import certwork_ops, cryptoworker
+from nodeagent import certwork, certwork_ops, cryptoworker
 from nodeagent.cryptoworker import CryptoWorker, InProcess, NoAnswer
 from nodeagent.plans import Sharing
 from tests.cluster import child_env
@@ -127,13 +127,14 @@ async def test_a_child_killed_mid_call_is_no_answer_and_the_next_call_starts_ano
 async def test_a_hung_child_is_killed_the_call_is_transient_and_the_next_starts_another(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
-    worker = CryptoWorker(timeout=1.0)
+    worker = CryptoWorker()
     try:
         request = _crl_request(tmp_path, test_ca)
         await worker.call("cert.crl", request)
         first = worker.pid
         assert first is not None
-        os.kill(first, signal.SIGSTOP)
+        os.kill(first, signal.SIGSTOP)  # it never answers, however long it is given
+        worker.timeout = 1.0
         with pytest.raises(TransientError, match=r"crypto work \(cert.crl\) took over 1 s"):
             await worker.call("cert.crl", request)
         assert worker.pid is None and _gone(first)
@@ -235,7 +236,7 @@ async def test_a_new_key_is_written_0600_by_the_child_and_no_secret_is_said(
     request = {
         "key_file": str(key_file),
         "share": share,
-        "names": certwork_ops.names_request(NAMES),
+        "names": certwork.names_request(NAMES),
     }
     try:
         csr_pem = await worker.call("cert.new_key", request)
@@ -255,7 +256,7 @@ async def test_a_new_key_is_written_0600_by_the_child_and_no_secret_is_said(
                 "certificate_pem": pki.cert_to_pem(cert).decode(),
                 "ca_certificate_pem": pki.cert_to_pem(ca.cert).decode(),
                 "private_key_pem": pki.key_to_pem(other).decode(),
-                "names": certwork_ops.names_request(NAMES),
+                "names": certwork.names_request(NAMES),
                 "now": dt.datetime.now(dt.UTC).isoformat(),
             },
         )
@@ -267,7 +268,7 @@ async def test_a_new_key_is_written_0600_by_the_child_and_no_secret_is_said(
                     "certificate_pem": pki.cert_to_pem(cert).decode(),
                     "ca_certificate_pem": pki.cert_to_pem(ca.cert).decode(),
                     "private_key_pem": "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LXRleHQ=\n",
-                    "names": certwork_ops.names_request(NAMES),
+                    "names": certwork.names_request(NAMES),
                     "now": dt.datetime.now(dt.UTC).isoformat(),
                 },
             )
@@ -297,13 +298,17 @@ async def test_in_process_runs_the_same_ops_with_the_same_errors(
 async def test_a_call_from_a_worker_thread_runs_on_the_loop(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
+    """As ``LeaderTrust`` checks a list (``take_crl`` in a worker thread, ``load`` at the
+    agent's start, before any call or warm): on the loop the worker was made in."""
     worker = CryptoWorker()
     try:
         request = _crl_request(tmp_path, test_ca)
-        with pytest.raises(TransientError, match="event loop"):
-            worker.call_blocking("cert.crl", request)  # no loop known yet
-        worker.warm()
         answer = await asyncio.to_thread(worker.call_blocking, "cert.crl", request)
         assert answer["number"] == 7
+        with pytest.raises(TerminalError, match="on the event loop's thread"):
+            worker.call_blocking("cert.crl", request)  # never waits for itself
     finally:
         await worker.close()
+    unbound = await asyncio.to_thread(CryptoWorker)  # made outside a loop, never called
+    with pytest.raises(TransientError, match="event loop"):
+        unbound.call_blocking("cert.crl", {})
