@@ -144,18 +144,31 @@ class CryptoWorker:
     async def _exchange(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         if self._closed:
             raise TransientError(f"crypto work ({op}): the agent is stopping")
-        proc = await self._running(op)
-        assert proc.stdin is not None and proc.stdout is not None
         line = json.dumps({"op": op, "request": request}).encode() + b"\n"
+        for again in (False, True):
+            proc = await self._running(op)
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(line)
+                await proc.stdin.drain()
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                # It had ended while idle (a signal, the OOM killer) and nothing has read the
+                # request: a new child takes it, once.
+                code = await self._ended(proc)
+                if again:
+                    raise NoAnswer(
+                        f"crypto work ({op}) failed: the worker ended ({code})"
+                    ) from None
+            except BaseException:  # cancelled: the child may have half a request
+                await self._kill(proc)
+                raise
+        assert proc.stdout is not None
         try:
-            proc.stdin.write(line)
-            await proc.stdin.drain()
             raw = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
         except TimeoutError:
             await self._kill(proc)
             raise TransientError(f"crypto work ({op}) took over {self.timeout:.0f} s") from None
-        except (BrokenPipeError, ConnectionResetError):
-            raw = b""  # it died before it read the request: as below
         except (asyncio.LimitOverrunError, ValueError):
             await self._kill(proc)
             raise NoAnswer(

@@ -124,6 +124,25 @@ async def test_a_child_killed_mid_call_is_no_answer_and_the_next_call_starts_ano
         await worker.close()
 
 
+async def test_a_child_killed_while_idle_is_replaced_by_the_next_call(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """The OOM killer, or a person's kill, between two calls: the next call is answered by a
+    new child, not failed."""
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        first = worker.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await _until(lambda: _gone(first))
+        assert (await worker.call("cert.crl", request))["number"] == 7
+        assert worker.pid not in (None, first) and worker.started == 2
+    finally:
+        await worker.close()
+
+
 async def test_a_hung_child_is_killed_the_call_is_transient_and_the_next_starts_another(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
