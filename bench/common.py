@@ -88,6 +88,22 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def crypto_workers(pid: int) -> list[int]:
+    """The crypto worker children (``nodeagent.cryptoworker``) agent ``pid`` runs now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            ours = int(fields[1]) == pid and fields[0] != "Z"
+            if ours and b"cryptoworker" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return found
+
+
 def open_files(pid: int) -> int:
     """Open file descriptors now (sockets included)."""
     return len(os.listdir(f"/proc/{pid}/fd"))

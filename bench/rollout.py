@@ -68,6 +68,7 @@ from bench.common import (
     Reading,
     Switches,
     address,
+    crypto_workers,
     enable_tls_request,
     fine_cpu_seconds,
     get_schema,
@@ -195,6 +196,10 @@ class Run:
     bare_loaded: list[float]  # the same while the writer posts to the nodes
     agent_rss: list[float]
     agent_rss_after: list[float]
+    # The agents' crypto workers alive when ``agent_rss_after`` was read (each one's RSS; one
+    # per agent at most, gone after ``cryptoworker.IDLE_SECONDS`` idle), and of how many agents.
+    worker_rss_after: list[float]
+    agents_after: int
     cpu: float
     after: Reading
     writes: Writes
@@ -303,6 +308,12 @@ def one_run(
             window = time.monotonic() - began
             # Switched, each with its bootstrap service on 9443: what an agent holds from then on.
             agent_rss_after = [rss_mib(node.agent.pid) for node in nodes if node.agent]
+            worker_rss_after = [
+                rss_mib(worker)
+                for node in nodes
+                if node.agent
+                for worker in crypto_workers(node.agent.pid)
+            ]
             stop.set()
             thread.join(10)
             view = get_schema(channel, view.id)
@@ -328,6 +339,8 @@ def one_run(
             bare_loaded=bare_loaded,
             agent_rss=agent_rss,
             agent_rss_after=agent_rss_after,
+            worker_rss_after=worker_rss_after,
+            agents_after=len(agent_rss_after),
             cpu=after.cpu - before.cpu,
             after=after,
             writes=writes,
@@ -504,7 +517,18 @@ def report(runs: Sequence[Run]) -> None:
     print(
         "  agent RSS after:          "
         f"{summary([median(r.agent_rss_after) for r in runs], 'MiB')} (median agent, switched; "
-        "its bootstrap service runs)"
+        "its bootstrap service runs; the agent's own, its crypto worker apart)"
+    )
+    alive = sum(len(r.worker_rss_after) for r in runs)
+    print(
+        "  crypto worker RSS after:  "
+        + (
+            f"{summary([median(r.worker_rss_after) for r in runs if r.worker_rss_after], 'MiB')} "
+            f"(median worker; alive for {alive} of {sum(r.agents_after for r in runs)} agents "
+            "then, each gone after a minute without work)"
+            if alive
+            else "none alive when the agents were read"
+        )
     )
     print(f"  leader CPU per node:      {summary([r.cpu / r.nodes for r in runs], 'ms', ms, 1)}")
     print(

@@ -3,22 +3,22 @@
 The agent runs on every node for months. ``cryptography`` costs a process about 10 MiB (its
 Rust library with OpenSSL inside, and the Python modules around it), and the agent needs it
 only for moments: to check its own key, certificate and CA at start (``identity.load_identity``),
-to enrol once (``identity.enrol``), and to check a revocation list the leader sends
-(``pki.load_crl``). Those run here, in a short-lived child process (``CHILD``, about 0.3 s of
-CPU each), which does exactly the same work with the same
+and to enrol once (``identity.enrol``). Those run here, in a short-lived child process
+(``CHILD``, about 0.3 s of CPU each), which does exactly the same work with the same
 code and answers with the plain values the agent keeps (``Identity``: the certificate's
-validity and the trust domain; a list's number and revoked serials). The checks are as strict
+validity and the trust domain). The checks are as strict
 as they were in-process: the child runs the same functions, and their errors come back as the
 same classes with the same messages. A restart whose files and config are byte for byte those
 a child last checked needs no child (``MEMO`` in the data dir; see ``load_identity``).
 
-The work of a switch imports ``cryptography`` in the agent when it runs, where it then stays
-until the agent restarts: staging (a new key, its CSR, the leader's certificate checked), a
-practice's own certificate (``--cert-dir``), a renewal (about once a year), and the bootstrap
-service (SPAKE2 and the exchange's HKDF and AES-GCM; the ``spake2`` package imports
-``cryptography`` itself). So a switched node whose bootstrap service runs holds it; one that
-was never switched, or restarted since, does not. A revocation list that arrives while the
-agent holds it is checked in-process (``load_crl``): a child would load it a second time.
+The work of a switch (staging: a new key, its CSR, the leader's certificate checked; a
+practice's own certificate, ``--cert-dir``; a renewal; the revocation lists the leader sends)
+is the agent's crypto worker's (``nodeagent.cryptoworker``, its ops in
+``nodeagent.certwork_ops``): one child that serves a switch's calls and stops when idle, so
+that the agent never imports ``cryptography`` (issue 15: a switched agent kept it, about 10
+MiB, until it restarted). The checks at start and the enrolment stay here, one child each
+(as does a revocation list's check where no worker is given: ``load_crl``). Both rebuild a
+child's error with ``_error`` from ``_answer_for``'s answer.
 
 Protocol (``CHILD``): one JSON request on stdin ({"op": …}), one JSON answer on stdout ({"ok": …} or
 {"error": {"type": …, "message": …}}); anything else (a crash) is a ``NoAnswer`` (a TerminalError)
@@ -33,7 +33,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tlsroll
 from nodeagent.config import AgentConfig
@@ -61,7 +61,10 @@ from tlsroll.errors import (
     raise_if_local,
 )
 from tlsroll.fsutil import PRIVATE, check_private_file, write_atomic
-from tlsroll.names import utcnow
+from tlsroll.names import Names, utcnow
+
+if TYPE_CHECKING:
+    from nodeagent.cryptoworker import Worker
 
 log = logs.get_logger(__name__)
 
@@ -168,39 +171,24 @@ def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
     return identity
 
 
-def holds_pki() -> bool:
-    """True once this process has imported ``tlsroll.pki`` (and with it ``cryptography``)
-    fully. Not merely begun: a module another thread is still importing is in ``sys.modules``
-    already, and importing it here then, beside an import of ``cryptography``'s modules in
-    another thread (``nodeagent.warmup``), could meet that one in Python's import locks."""
-    module = sys.modules.get("tlsroll.pki")
-    spec = getattr(module, "__spec__", None)
-    return module is not None and not getattr(spec, "_initializing", False)
-
-
-def load_crl(pem: bytes, ca_file: Path, *, here: bool | None = None) -> tuple[int, frozenset[int]]:
+def load_crl(pem: bytes, ca_file: Path, worker: Worker | None = None) -> tuple[int, frozenset[int]]:
     """``pki.load_crl`` (signed by the CA in ``ca_file``): its number and revoked serials.
 
-    In a child only while this process holds no ``cryptography`` (``holds_pki``): once a
-    switch has loaded it (staging, the bootstrap service), the same check costs about a
-    millisecond here and a child about 0.3 s of CPU, which every agent of the cluster paid for
-    each list (a rotation revokes each node's old certificate, one list per node, sent to
-    every node, some of them restarting their server then). ``here`` decides instead (tests
-    of either way)."""
-    request = {"op": "crl", "pem": pem.decode("ascii", "replace"), "ca_file": str(ca_file)}
-    if here is None:
-        here = holds_pki()
-    if not here:
-        answer = _ask(request)
+    Checked by the agent's crypto worker (``worker``, from a worker thread of the agent: a
+    rotation revokes each node's old certificate, one list per node, sent to every node, and
+    one child serves them all, ``cryptoworker.IDLE_SECONDS``); without one (a tool, a test),
+    in a child of its own."""
+    request = {"pem": pem.decode("ascii", "replace"), "ca_file": str(ca_file)}
+    if worker is not None:
+        answer = worker.call_blocking("cert.crl", request)
     else:
-        try:
-            answer = _work(request)
-        except OSError as exc:  # as from a child: out of descriptors is the agent's shortage
-            raise_if_local(exc, "checking the revocation list")
-            raise
-        except ValueError as exc:  # as from a child (``_answer_for``): not PEM text at all
-            raise TerminalError(str(exc)) from None
+        answer = _ask({"op": "crl", **request})
     return int(answer["number"]), frozenset(int(s) for s in answer["revoked"])
+
+
+def names_request(names: Names) -> dict[str, Any]:
+    """The node's names as a crypto worker's request carries them (``certwork_ops.names_of``)."""
+    return {"common_name": names.common_name, "ips": list(names.ips), "dns": list(names.dns)}
 
 
 def _logging(cfg: AgentConfig) -> dict[str, Any]:
@@ -286,17 +274,12 @@ def _facts(identity: Identity) -> dict[str, str]:
 
 def _work(request: dict[str, Any]) -> Any:
     from nodeagent import identity  # noqa: PLC0415 - the child's work
-    from tlsroll import pki  # noqa: PLC0415
 
     op = request["op"]
     if op == "crl":
-        ca = pki.read_cert(Path(request["ca_file"]))
-        try:
-            pem = request["pem"].encode("ascii")
-        except UnicodeEncodeError:  # a verdict on the list, as ``pki.load_crl``'s own
-            raise PKIError(PKIReason.BAD_PEM, "revocation list (not ASCII)") from None
-        number, revoked = pki.load_crl(pem, ca)
-        return {"number": number, "revoked": sorted(revoked)}
+        from nodeagent import certwork_ops  # noqa: PLC0415
+
+        return certwork_ops.crl(request)
     cfg = AgentConfig.load(Path(request["config"]))
     if op == "identity":
         found = identity.load_identity(cfg)

@@ -91,7 +91,8 @@ class Identity:
     certificate's validity (renewal, status) and the cluster's trust domain. Held as plain
     values, so that a serving agent never parses X.509 (``cryptography`` costs it about 10 MiB
     for months, issue 15); ``cert`` (the certificate this identity was checked with, kept as
-    PEM) and ``ca`` are parsed when certificate work needs them (a renewal)."""
+    PEM) and ``ca`` are parsed where certificate work needs them (the checks' children,
+    ``certwork`` and ``cryptoworker``; tests), never in the agent."""
 
     key_file: Path
     cert_file: Path

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import functools
 import grp
+import hashlib
 import os
 import re
 import shutil
+import ssl
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.transaction import Plan
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
-from tlsroll.errors import PKIError, TerminalError, UnsafePermissions, os_error_text
+from tlsroll.errors import PKIError, PKIReason, TerminalError, UnsafePermissions, os_error_text
 from tlsroll.fsutil import (
     PRIVATE,
     PUBLIC,
@@ -503,6 +505,20 @@ def dual_problem(facts_schemes: tuple[str, ...], live: dict[str, str] | None) ->
     return None
 
 
+def pem_fingerprint(pem: bytes) -> str:
+    """``pki.fingerprint`` of the first certificate of a PEM file (``sha256:<hex>`` of its
+    DER), read with the ``ssl`` module's PEM helpers: the agent parses no X.509 (issue 15).
+    ``PKIError`` (BAD_PEM, "certificate") as ``pki.read_cert`` if there is none."""
+    try:
+        text = pem.decode("ascii")
+        start = text.index(ssl.PEM_HEADER)
+        end = text.index(ssl.PEM_FOOTER, start) + len(ssl.PEM_FOOTER)
+        der = ssl.PEM_cert_to_DER_cert(text[start:end])
+    except ValueError:  # not ASCII, no certificate, not base64
+        raise PKIError(PKIReason.BAD_PEM, "certificate") from None
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
 @_keeps_cause
 def finalize_plan(
     journal: Journal,
@@ -523,10 +539,8 @@ def finalize_plan(
         raise PlanRefused(problem)
     assert live is not None
     cert_file = Path(live["cert_file"])
-    from tlsroll import pki  # noqa: PLC0415 - certificate work, only while a switch is planned
-
     try:
-        fingerprint = pki.fingerprint(pki.read_cert(cert_file))
+        fingerprint = pem_fingerprint(cert_file.read_bytes())
     except PKIError as exc:
         raise PrepareFailed(f"cannot read the live certificate {cert_file}: {exc}") from None
     verifier_file = Path(live["verifier_file"]) if live.get("verifier_file") else None

@@ -50,32 +50,22 @@ scheduled.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import grpc
 
+from nodeagent.certwork import names_request
 from nodeagent.config import AgentConfig
-from nodeagent.identity import (
-    Identity,
-    check_issued,
-    expired_message,
-    install_renewed,
-    paths,
-    pending_paths,
-)
-from tlsroll import clocks, logs, spiffe
+from nodeagent.cryptoworker import InProcess, Worker
+from nodeagent.identity import Identity, expired_message, paths, pending_paths
+from tlsroll import clocks, logs
 from tlsroll.backoff import Policy
-from tlsroll.errors import PKIError, TerminalError, TlsrollError
+from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.names import BACKDATE, utcnow
-
-if TYPE_CHECKING:
-    from tlsroll import pki
 
 log = logs.get_logger(__name__)
 
@@ -224,8 +214,12 @@ class Renewer:
         on_renewed: Sequence[Renewed] = (),
         elapsed: Callable[[], float] = elapsed,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        crypto: Worker | None = None,
     ) -> None:
         self.cfg = cfg
+        # The X.509 work (the key, the CSR, the answer checked and installed): the agent's
+        # crypto worker (``nodeagent.cryptoworker``); in-process where no agent runs.
+        self.crypto: Worker = crypto if crypto is not None else InProcess()
         self.identity = identity
         self.link = link
         self.clock = clock
@@ -348,24 +342,38 @@ class Renewer:
         node's names, the leader's answer checked, the files moved into place, then everyone
         told (``on_renewed``). Raises on failure; nothing changes then.
 
-        The X.509 work imports ``cryptography`` into the agent, where it stays until the agent
-        restarts (about 10 MiB, once a year or so; see ``Identity``)."""
-        from tlsroll import pki  # noqa: PLC0415 - certificate work only
-
+        The X.509 work is the crypto worker's (``certwork_ops.renew_csr``: the key a renewal
+        cut short left, else a new one written 0600 before the CSR leaves the node;
+        ``certwork_ops.renew_install``: the answer checked, the files moved into place), so
+        that the agent holds no ``cryptography`` after it (issue 15)."""
         cfg = self.cfg
+        names = names_request(cfg.names)
         new_key = pending_paths(cfg.data_dir)[0]
-        key = await asyncio.to_thread(_pending_key, new_key)
-        csr = pki.make_csr(key, cfg.names)
-        cert_pem = await self.link.renew(pki.csr_to_pem(csr))
-        cert = pki.load_cert_pem(cert_pem)
-        ca = self.identity.ca
-        check_issued(cert, key, ca, cfg.names)
-        td = spiffe.trust_domain(ca)
-        if spiffe.of(cert) != spiffe.node(td, cfg.node_name):
-            raise RenewalRefused("the renewed certificate carries another identity")
-        await asyncio.to_thread(install_renewed, cfg.data_dir, cert)
+        csr_pem = await self.crypto.call(
+            "cert.renew_csr", {"key_file": str(new_key), "names": names}
+        )
+        cert_pem = await self.link.renew(str(csr_pem).encode("ascii"))
+        renewed = await self.crypto.call(
+            "cert.renew_install",
+            {
+                "certificate_pem": cert_pem.decode("ascii", "surrogateescape"),
+                "data_dir": str(cfg.data_dir),
+                "names": names,
+                "node_name": cfg.node_name,
+            },
+        )
+        if "refused" in renewed:
+            raise RenewalRefused(renewed["refused"])
         key_file, cert_file, ca_file = paths(cfg.data_dir)
-        self.identity = Identity.of(key_file, cert_file, ca_file, cert, ca)
+        self.identity = Identity(
+            key_file,
+            cert_file,
+            ca_file,
+            dt.datetime.fromisoformat(renewed["not_before"]),
+            dt.datetime.fromisoformat(renewed["not_after"]),
+            renewed["trust_domain"],
+            str(renewed["certificate"]).encode("ascii"),
+        )
         self.failures = 0
         self.last_failure = None
         self.status = Status()
@@ -373,9 +381,9 @@ class Renewer:
         self._hold_after_renewal()
         log.info(
             "agent.certificate_renewed",
-            serial=f"{cert.serial_number:x}",
-            key_pin=pki.spki_pin(cert),
-            not_after=_iso(cert.not_valid_after_utc),
+            serial=renewed["serial"],
+            key_pin=renewed["key_pin"],
+            not_after=_iso(self.identity.not_after),
             next_due_at=_iso(self.status.due_at),
         )
         for callback in self.on_renewed:
@@ -383,19 +391,6 @@ class Renewer:
             if result is not None:
                 await result
         return self.identity
-
-
-def _pending_key(path: Path) -> pki.PrivateKey:
-    """The key a renewal cut short left (used again: the leader may have signed it), else a
-    new one, written 0600 before the CSR leaves the node."""
-    from tlsroll import pki  # noqa: PLC0415 - certificate work only
-
-    if path.exists():
-        with contextlib.suppress(PKIError):
-            return pki.read_key(path)
-    key = pki.generate_key()
-    pki.write_key(path, key)
-    return key
 
 
 def _iso(when: dt.datetime | None) -> str | None:

@@ -28,6 +28,7 @@ import grpc
 from nodeagent import certwork, plans
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
+from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.drivers import make_driver
 from nodeagent.identity import EnrolmentDeferred, Identity, next_enrol_wait, paths
 from nodeagent.journal import open_journal
@@ -161,8 +162,14 @@ async def serve(
         # Then stage directories nothing can use any more: they hold private keys.
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
     identity = await obtain_identity(cfg)
+    # The agent's certificate work (and the bootstrap service's PAKE): one child of its own,
+    # started at need and stopped when idle, so that the agent never holds ``cryptography``
+    # (``nodeagent.cryptoworker``).
+    crypto = CryptoWorker(log_level=cfg.log_level)
     key_reader = (lambda: plans.sharing(driver).reader) if driver is not None else None
     bootstrap = BootstrapHost(cfg, identity, journal, key_reader)
+    # (``BootstrapHost`` declares ``crypto`` once its PAKE is an op of the worker, s41boot)
+    setattr(bootstrap, "crypto", crypto)  # noqa: B010 - until it is declared there
     if runner is not None:
         runner.on_complete = bootstrap.sync
         runner.on_switch = bootstrap.warm
@@ -172,13 +179,13 @@ async def serve(
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
     server = grpc.aio.server(options=AGENT_SERVER_OPTIONS)
     trust = await asyncio.to_thread(
-        LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir
+        LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir, crypto
     )
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
     link.clock = now  # its messages' ``sent_at``: the leader compares its clock with it
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(
-        cfg, identity, journal, driver, runner, now, trust, freeze_lock=freeze_lock
+        cfg, identity, journal, driver, runner, now, trust, freeze_lock=freeze_lock, crypto=crypto
     )
     link.server_view = service.server_view
     link.answer_check = service.answer_check
@@ -191,7 +198,7 @@ async def serve(
         bootstrap.identity = new
         return link.use(new)
 
-    renewer = Renewer(cfg, identity, link, clock=now, on_renewed=[renewed])
+    renewer = Renewer(cfg, identity, link, clock=now, on_renewed=[renewed], crypto=crypto)
     link.renewal = lambda: renewer.status
     agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
     await add_standard_services(
@@ -227,6 +234,7 @@ async def serve(
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
         await runner.close(txn_grace())
     await bootstrap.close()
+    await crypto.close()
     await link.close()
     # What a cancelled transaction had handed to the store's thread (its journal writes, a
     # staged config's rename or removal) runs before the journal closes (``dbthread.run``).

@@ -18,19 +18,19 @@ import datetime as dt
 import os
 import ssl
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
-from nodeagent import plans, ports, transaction, warmup
+from nodeagent import plans, ports, transaction
+from nodeagent.certwork import names_request
 from nodeagent.config import AgentConfig
+from nodeagent.cryptoworker import InProcess, Worker
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
 from nodeagent.journal import NEEDS_ADMIN, Journal, Outlook, Staged, Txn
@@ -87,10 +87,6 @@ DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
 WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least this often
-if TYPE_CHECKING:
-    from cryptography import x509
-
-    from tlsroll import pki
 
 log = logs.get_logger(__name__)
 
@@ -204,6 +200,17 @@ def _discarded(done: concurrent.futures.Future[None]) -> None:
         log.warning("stage.discard_failed", error=describe(exc))
 
 
+def _pem_text(data: bytes) -> str:
+    """PEM bytes of a request as text for the crypto worker (JSON): any bytes that are not
+    ASCII cross as lone surrogates (``surrogateescape``) and are given back as they came
+    (``certwork_ops._pem``), for ``pki`` to judge exactly as it judged them here."""
+    return data.decode("ascii", "surrogateescape")
+
+
+def _when(iso: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(iso)
+
+
 def _holds(path: Path, data: bytes) -> bool:
     """True if ``path`` holds ``data`` (blocking)."""
     return path.read_bytes() == data
@@ -222,8 +229,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         freeze_lock: asyncio.Lock | None = None,
         leases: Leases | None = None,
         monotonic: Callable[[], float] = clocks.elapsed,
+        crypto: Worker | None = None,
     ) -> None:
         self.cfg = cfg
+        # The certificate work (a key and its CSR, the leader's certificate checked, a
+        # practice's own): the agent's crypto worker, so that the agent never holds
+        # ``cryptography`` (``nodeagent.cryptoworker``); in-process where no agent runs.
+        self.crypto: Worker = crypto if crypto is not None else InProcess()
         self.identity = identity
         self.trust = trust or LeaderTrust.load(
             identity.ca_file, identity.trust_domain, cfg.data_dir
@@ -255,7 +267,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # Told when a node is staged for a switch (the agent imports what the switch's end
         # needs then, while the node's server is not restarting: ``BootstrapHost.warm``).
         self.on_prepare: Callable[[], object] | None = None
-        self._warming: asyncio.Future[ModuleType] | None = None  # ``_warm_certificates``
         # The switch made ready at the last Stage (``_prepare``); read and written on the
         # store's thread only, under ``_lock``.
         self._prepared: Prepared | None = None
@@ -452,20 +463,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     def _warm_certificates(self) -> None:
         """A preflight that asks for the CSR (``make_csr``: a rollout that stages a
-        certificate): the new key and its CSR, made once the checks pass, need
-        ``cryptography``, which an idle agent does not hold. Loading it starts now, in a
-        worker thread, while the checks run, instead of after them (about 40 ms of the first
-        node's preparation, which the rollout's first switch waits for). Once per agent. A
-        preflight that stages nothing (change-password, disable-tls) and ``Check`` (``tlsroll
-        plan``) load nothing: the agent would keep it, about 10 MiB, until it restarts. A
-        rollout's start asks its first nodes' agents to load it with their planning ``Check``
-        (``warm_certificates``), so that it is loaded when their preflight comes."""
-        if self.driver is None or self._warming is not None or "tlsroll.pki" in sys.modules:
+        certificate): the new key and its CSR, made once the checks pass, are the crypto
+        worker's, which an idle agent does not run. It starts now (``CryptoWorker.warm``:
+        its start and its import of the certificate code, at a low priority), while the
+        checks run, instead of after them (about 40 ms of the first node's preparation, which
+        the rollout's first switch waits for). A preflight that stages nothing
+        (change-password, disable-tls) and ``Check`` (``tlsroll plan``) start nothing. A
+        rollout's start asks its first nodes' agents to start it with their planning
+        ``Check`` (``warm_certificates``), so that it runs when their preflight comes; it
+        stops by itself when idle (``cryptoworker.IDLE_SECONDS``)."""
+        if self.driver is None:
             return
-        warming = warmup.warm("tlsroll.pki")  # one after another with other imports ahead
-        # A failed import is the CSR's to report (it imports again); here it is only retrieved.
-        warming.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._warming = warming
+        self.crypto.warm()
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Check(
@@ -623,7 +632,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
-                csr_pem, over = await asyncio.to_thread(self._new_key, driver, rollout_id)
+                csr_pem, over = await self._new_key(driver, rollout_id)
                 log.info("stage.csr_created", rollout_id=rollout_id)
                 prepared = self._prepared
                 if prepared is not None and prepared.rollout_id in over:
@@ -632,24 +641,31 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 return csr_pem
         return staged.csr_pem
 
-    def _new_key(self, driver: Driver, rollout_id: str) -> tuple[bytes, set[str]]:
-        """The node's new key (it never leaves the node) and its CSR, journalled, and the
-        rollouts whose stages that ended, their directories removed (blocking)."""
-        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
+    async def _new_key(self, driver: Driver, rollout_id: str) -> tuple[bytes, set[str]]:
+        """The node's new key (it never leaves the node: the crypto worker makes it and writes
+        it in the stage directory, as the live config is shared) and its CSR, journalled, and
+        the rollouts whose stages that ended, their directories removed."""
+        share = await asyncio.to_thread(plans.sharing, driver)
+        stage = await asyncio.to_thread(plans.make_stage_dir, driver, rollout_id, share)
+        key_file = stage / "server.key"
+        request = {
+            "key_file": str(key_file),
+            "share": dataclasses.asdict(share),
+            "names": names_request(self.cfg.names),
+        }
+        csr_pem = str(await self.crypto.call("cert.new_key", request)).encode("ascii")
+        return await asyncio.to_thread(self._record_csr, rollout_id, key_file, csr_pem)
 
-        share = plans.sharing(driver)
-        key = pki.generate_key()
-        key_file = plans.make_stage_dir(driver, rollout_id, share) / "server.key"
-        plans.write_staged(key_file, pki.key_to_pem(key), share)
-        csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
+    def _record_csr(
+        self, rollout_id: str, key_file: Path, csr_pem: bytes
+    ) -> tuple[bytes, set[str]]:
+        """``_new_key``'s journal write and removals (blocking)."""
         over = self.journal.record_csr(rollout_id, key_file, csr_pem)
         plans.remove_stages(over)
         return csr_pem, {s.rollout_id for s in over}
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
-        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
-
         rollout_id = await self._command(context, request.command)
         if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
             self.on_prepare()
@@ -661,54 +677,49 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise failed_precondition(f"no CSR for rollout {rollout_id}; call CreateCSR first")
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
-            cert = pki.load_cert_pem(request.certificate_pem)
-            ca = pki.load_cert_pem(request.ca_certificate_pem)
-            if pki.spki_pin(ca) != self.cfg.ca_pin:
-                raise invalid("the CA is not this cluster's CA (pin mismatch)")
-            if not pki.issued_by(cert, ca):
-                raise invalid("the certificate was not issued by the cluster CA")
-            key = await asyncio.to_thread(self._staged_key, staged.key_file)
-            if not pki.key_matches(cert, key):
-                raise invalid("the certificate does not match the staged key")
-            if pki.names_of(cert) != self.cfg.names:
-                raise invalid("the certificate's names differ from this node's names")
-            pki.check_valid_now(cert, self.clock())
-            fingerprint = await asyncio.to_thread(self._store_cert, staged, cert, ca)
+            # The key is given the access the live config gives now first (``plans.share_named``:
+            # the config may have changed since), then read as the managed server's user may
+            # share it (``plans.Sharing.reader``); the checks are the crypto worker's
+            # (``certwork_ops.stage``), in the order they always were.
+            reader = await asyncio.to_thread(self._staged_key_reader, staged.key_file)
+            checked = await self.crypto.call(
+                "cert.stage",
+                {
+                    "certificate_pem": _pem_text(request.certificate_pem),
+                    "ca_certificate_pem": _pem_text(request.ca_certificate_pem),
+                    "ca_pin": self.cfg.ca_pin,
+                    "key_file": str(staged.key_file),
+                    "reader": reader,
+                    "names": names_request(self.cfg.names),
+                    "now": self.clock().isoformat(),
+                },
+            )
+            if "refused" in checked:
+                raise invalid(checked["refused"])
+            fingerprint = await asyncio.to_thread(self._store_cert, staged, checked)
             await dbthread.run(self._prepare, rollout_id, _coming(request))
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint)
         return agent_pb2.StageResponse(
-            fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
+            fingerprint=fingerprint, not_after=timestamp(_when(checked["not_after"]))
         )
 
-    def _staged_key(self, key_file: Path) -> pki.PrivateKey:
-        """The key CreateCSR staged (blocking), given the access the live config gives now
-        first (``plans.share_named``: the config may have changed since), then read as the
-        managed server's user may share it (``plans.Sharing.reader``)."""
-        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
-
+    def _staged_key_reader(self, key_file: Path) -> tuple[int, int] | None:
+        """The key CreateCSR staged given the access the live config gives now (blocking):
+        whom it is shared with (``plans.Sharing.reader``), for the check that reads it."""
         driver = self._driver()
         plans.share_named(driver, [key_file])
-        return pki.read_key(key_file, shared=plans.sharing(driver).reader)
+        return plans.sharing(driver).reader
 
-    def _store_cert(
-        self,
-        staged: Staged,
-        cert: x509.Certificate,
-        ca: x509.Certificate | Sequence[x509.Certificate],
-        intermediates: Sequence[x509.Certificate] = (),
-    ) -> str:
-        """Write the certificate (and intermediates, served with it) and the CA(s) beside the
-        staged key, journalled (blocking). The TLS client context that trusts the staged CA is
-        made here too, for the switch's verify (``httpcheck.trusting`` keeps it): made there,
-        its CPU (about a millisecond, more on a busy machine) was inside the freeze window."""
-        from cryptography import x509  # noqa: PLC0415 - certificate work (see ``Identity``)
-
-        from tlsroll import pki  # noqa: PLC0415
-
+    def _store_cert(self, staged: Staged, checked: dict[str, Any]) -> str:
+        """Write the certificate (``chain_pem``: with the intermediates served with it) and the
+        CA(s) (``ca_pem``) beside the staged key, journalled with ``fingerprint`` and
+        ``not_after`` (a check's answer, ``certwork_ops``; blocking). The TLS client context
+        that trusts the staged CA is made here too, for the switch's verify
+        (``httpcheck.trusting`` keeps it): made there, its CPU (about a millisecond, more on a
+        busy machine) was inside the freeze window."""
         cert_file = staged.key_file.with_name("server.pem")
         ca_file = staged.key_file.with_name("ca.pem")
-        cas = [ca] if isinstance(ca, x509.Certificate) else list(ca)
-        ca_pem = b"".join(pki.cert_to_pem(c) for c in cas)
+        ca_pem = str(checked["ca_pem"]).encode("ascii")
         try:
             # Before anything is written or journalled: a CA the TLS library refuses fails the
             # stage with its reason (the verify would have refused it inside the freeze).
@@ -719,11 +730,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             ) from None
         share = plans.sharing(self._driver())  # the managed server reads them as its config
         plans.write_staged(ca_file, ca_pem, share)
-        chain = b"".join(pki.cert_to_pem(c) for c in (cert, *intermediates))
-        plans.write_staged(cert_file, chain, share)
-        fingerprint = pki.fingerprint(cert)
+        plans.write_staged(cert_file, str(checked["chain_pem"]).encode("ascii"), share)
+        fingerprint = str(checked["fingerprint"])
         self.journal.record_stage(
-            staged.rollout_id, cert_file, ca_file, fingerprint, cert.not_valid_after_utc
+            staged.rollout_id, cert_file, ca_file, fingerprint, _when(checked["not_after"])
         )
         return fingerprint
 
@@ -734,48 +744,38 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         again (key matches, chain to the CA sent, SAN covers this node's names, valid now)
         before anything is written; the key is written 0600 (or as the config: ``plans.Sharing``)
         and never logged. A replay (the
-        answer was lost) writes the same files again."""
-        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
-
+        answer was lost) writes the same files again. The checks are the crypto worker's
+        (``certwork_ops.own``); the key crosses its pipe, never a log."""
         driver = self._driver()
-        certs = pki.load_certs_pem(request.certificate_pem)
-        cas = pki.load_certs_pem(request.ca_certificate_pem)
-        if not certs or not cas or not all(pki.is_ca(c) for c in cas):
-            raise invalid("own certificate: a certificate and CA certificates are needed")
-        cert, intermediates = certs[0], certs[1:]
-        if pki.chain_to(cert, intermediates, cas) is None:
-            raise invalid("own certificate: it does not chain to the CA sent with it")
-        if not request.private_key_pem:
-            raise invalid("own certificate: its private key is missing")
-        key = pki.load_key_pem(request.private_key_pem)
-        if not pki.key_matches(cert, key):
-            raise invalid("own certificate: the private key does not match it")
-        lacks = pki.san_lacks(cert, self.cfg.names)
-        if lacks is None or lacks:
-            raise invalid(
-                f"own certificate: its SAN lacks {', '.join(lacks or ['everything'])}, "
-                "which this node serves on"
-            )
-        pki.check_valid_now(cert, self.clock())
+        checked = await self.crypto.call(
+            "cert.own",
+            {
+                "certificate_pem": _pem_text(request.certificate_pem),
+                "ca_certificate_pem": _pem_text(request.ca_certificate_pem),
+                "private_key_pem": _pem_text(request.private_key_pem),
+                "names": names_request(self.cfg.names),
+                "now": self.clock().isoformat(),
+            },
+        )
+        if "refused" in checked:
+            raise invalid(checked["refused"])
+        key_pem = str(checked.pop("key_pem")).encode("ascii")
         async with self._lock:
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
-            staged, over = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            staged, over = await asyncio.to_thread(self._own_key, driver, rollout_id, key_pem)
             prepared = self._prepared
             if prepared is not None and prepared.rollout_id in over:
                 # The switch made ready for a stage this one ended: dropped now, as ``_csr``
                 # does, not only by the ``_prepare`` below (a refused CA never reaches it).
                 await dbthread.run(self._drop_prepared)
-            # The intermediates in the CA file too: workstations build the server's chain
-            # with the bundle the bootstrap service hands them.
-            bundle = [*cas, *(c for c in intermediates if c not in cas)]
-            fingerprint = await asyncio.to_thread(
-                self._store_cert, staged, cert, bundle, intermediates
-            )
+            # (The intermediates are in the CA file too: workstations build the server's
+            # chain with the bundle the bootstrap service hands them; ``certwork_ops.own``.)
+            fingerprint = await asyncio.to_thread(self._store_cert, staged, checked)
             await dbthread.run(self._prepare, rollout_id, _coming(request))
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint, own=True)
         return agent_pb2.StageResponse(
-            fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
+            fingerprint=fingerprint, not_after=timestamp(_when(checked["not_after"]))
         )
 
     async def forget_ended(self, rollout_ids: Sequence[str]) -> None:
@@ -802,17 +802,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         plans.remove_stages(over, "its rollout ended")
         return {s.rollout_id for s in over}
 
-    def _own_key(
-        self, driver: Driver, rollout_id: str, key: pki.PrivateKey
-    ) -> tuple[Staged, set[str]]:
+    def _own_key(self, driver: Driver, rollout_id: str, key_pem: bytes) -> tuple[Staged, set[str]]:
         """Write the practice's key where CreateCSR would have made one (as CreateCSR's), journalled
         with no CSR, and the rollouts whose stages that ended, their directories removed
         (blocking)."""
-        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
-
         share = plans.sharing(driver)
         key_file = plans.make_stage_dir(driver, rollout_id, share) / "server.key"
-        plans.write_staged(key_file, pki.key_to_pem(key), share)
+        plans.write_staged(key_file, key_pem, share)
         over: list[Staged] = []
         if self.journal.staged(rollout_id) is None:
             over = self.journal.record_csr(rollout_id, key_file, b"")

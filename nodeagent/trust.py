@@ -11,10 +11,11 @@
   certificate), never parses X.509 in the agent, and is as strict as ``spiffe.of``: exactly one
   URI name, and it is the leader's.
 * **Revocation.** The leader sends the CA's revocation list with a heartbeat reply when it is
-  newer than the agent's; the agent checks its signature (in a child process,
-  ``nodeagent.certwork``), keeps it in ``DATA/crl.pem`` (the managed server can use it for
-  workstation certificates) and refuses a revoked leader certificate at once. A list is valid
-  for 7 days (``pki.CRL_VALIDITY``), and the leader gives it a new number a day after the last
+  newer than the agent's; the agent checks its signature (in its crypto worker,
+  ``nodeagent.cryptoworker``; without one, in a child of its own: ``nodeagent.certwork``),
+  keeps it in ``DATA/crl.pem`` (the managed server can use it for workstation certificates)
+  and refuses a revoked leader certificate at once. A list is valid for 7 days
+  (``pki.CRL_VALIDITY``), and the leader gives it a new number a day after the last
   (``leader.service.CRL_RENEW_AFTER``): the kept list is within its validity while the agent
   hears from the leader. A list with a lower number than the kept one is never taken.
 * **Epochs.** Every command carries its rollout's epoch, and the journal refuses one older than
@@ -32,12 +33,16 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nodeagent import certwork
 from tlsroll import logs, spiffe
 from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import PUBLIC, write_atomic
 from tlsroll.rpc import Peer
+
+if TYPE_CHECKING:
+    from nodeagent.cryptoworker import Worker
 
 log = logs.get_logger(__name__)
 
@@ -63,18 +68,24 @@ class LeaderTrust:
     revoked: frozenset[int] = frozenset()
     announced_epoch: int = 0
     refresh: Callable[[], Awaitable[None]] | None = None
+    # Who checks a list (``certwork.load_crl``): the agent's crypto worker, from a worker
+    # thread (``take_crl``); None: a child of its own each time.
+    worker: Worker | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _taking: threading.Lock = field(default_factory=threading.Lock)  # ``take_crl`` (threads)
     _older: int = -1  # the last older list refused (``take_crl`` says so once per number)
 
     @classmethod
-    def load(cls, ca_file: Path, trust_domain: str, data_dir: Path) -> LeaderTrust:
-        """The trust kept in ``data_dir`` (the revocation list, if one was received)."""
-        trust = cls(ca_file, trust_domain, data_dir / "crl.pem")
+    def load(
+        cls, ca_file: Path, trust_domain: str, data_dir: Path, worker: Worker | None = None
+    ) -> LeaderTrust:
+        """The trust kept in ``data_dir`` (the revocation list, if one was received; checked
+        by ``worker`` from a worker thread, see ``worker``)."""
+        trust = cls(ca_file, trust_domain, data_dir / "crl.pem", worker=worker)
         if trust.crl_file.exists():
             try:
                 trust.crl_number, trust.revoked = certwork.load_crl(
-                    trust.crl_file.read_bytes(), ca_file
+                    trust.crl_file.read_bytes(), ca_file, worker
                 )
             except (PKIError, TerminalError, TransientError) as exc:
                 log.warning("crl.unreadable", path=str(trust.crl_file), error=str(exc))
@@ -101,7 +112,7 @@ class LeaderTrust:
         Only a verdict (not PEM, not signed by the CA this node pinned, or another check that
         failed for good) refuses the list: the same bytes would be refused again."""
         try:
-            number, revoked = certwork.load_crl(pem, self.ca_file)
+            number, revoked = certwork.load_crl(pem, self.ca_file, self.worker)
         except certwork.NoAnswer as exc:
             log.warning("crl.not_checked", error=str(exc))
             raise TransientError(f"the revocation list could not be checked: {exc}") from None

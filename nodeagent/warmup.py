@@ -1,8 +1,10 @@
 """Imports made ahead of need, one after another in one worker thread, at a low CPU priority.
 
 The agent loads what a rollout's work needs before that work asks for it, off its event loop:
-the certificate code at a rollout's preflight (``NodeAgentService``), the bootstrap service when
-a node is staged or a switch begins (``BootstrapHost.warm``). Run in two threads at once, two
+the bootstrap service when a node is staged or a switch begins (``BootstrapHost.warm``). (The
+certificate code is no longer the agent's: its crypto worker, ``nodeagent.cryptoworker``,
+imports it in a child, in a thread lowered the same way, ``_lower_priority``.) Run in two
+threads at once, two
 such imports could meet in Python 3.11's per-module import locks, each holding a module of
 ``cryptography`` the other one needs next, which Python ends with a ``_DeadlockError`` in one
 of them. Here they queue instead. (An import the work itself makes meanwhile waits for the

@@ -5,12 +5,12 @@ and the same errors as the in-process functions they run (``identity.load_identi
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 import tlsroll
 from nodeagent import certwork
 from nodeagent.config import AgentConfig
+from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.identity import (
     IDENTITY_CHECKS,
     CertificateExpired,
@@ -83,55 +84,48 @@ def test_a_revocation_list_is_read_and_checked_in_a_child(
     crl = pki.crl_to_pem(pki.build_crl(test_ca, 7, revoked, now=now))
     ca_file = tmp_path / "ca.pem"
     pki.write_cert(ca_file, test_ca.cert)
-    assert certwork.load_crl(crl, ca_file, here=False) == pki.load_crl(crl, test_ca.cert)
-    assert certwork.load_crl(crl, ca_file, here=False) == (7, frozenset({12345, 1 << 150}))
+    assert certwork.load_crl(crl, ca_file) == pki.load_crl(crl, test_ca.cert)
+    assert certwork.load_crl(crl, ca_file) == (7, frozenset({12345, 1 << 150}))
     other = pki.CertificateAuthority.create("another CA")
     pki.write_cert(ca_file, other.cert)
     with pytest.raises(PKIError) as refused:
-        certwork.load_crl(crl, ca_file, here=False)
+        certwork.load_crl(crl, ca_file)
     assert refused.value.reason is PKIReason.UNTRUSTED
 
 
-def test_a_process_holding_cryptography_checks_a_revocation_list_without_a_child(
-    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+async def test_the_agents_crypto_worker_checks_a_revocation_list_as_a_child_does(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
-    """A strace of a rotate-cert rollout: every switched agent (its bootstrap service holds
-    ``cryptography``) started a child for each revocation list, 0.2-0.7 s of CPU each, some
-    while its own server restarted. With ``cryptography`` loaded (as in this test process),
-    the list is checked in-process, as strictly: same answer, same refusal."""
-
-    def no_child(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a child was started")
-
-    monkeypatch.setattr(subprocess, "run", no_child)
-    assert certwork.holds_pki()
-    now = dt.datetime.now(dt.UTC)
-    crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{777:x}", now)], now=now))
-    ca_file = tmp_path / "ca.pem"
-    pki.write_cert(ca_file, test_ca.cert)
-    assert (
-        certwork.load_crl(crl, ca_file) == (9, frozenset({777})) == pki.load_crl(crl, test_ca.cert)
-    )
-    pki.write_cert(ca_file, pki.CertificateAuthority.create("another CA").cert)
-    with pytest.raises(PKIError) as refused:
-        certwork.load_crl(crl, ca_file)
-    assert refused.value.reason is PKIReason.UNTRUSTED
-    not_ascii = "ü".encode()
-    with pytest.raises(TerminalError) as here:
-        certwork.load_crl(not_ascii, ca_file)
-    with pytest.raises(AssertionError, match="a child was started"):
-        certwork.load_crl(crl, ca_file, here=False)  # the child's way is still there
-    # From the review: pki begun in another thread (in sys.modules, still initialising) is not
-    # held yet: importing it here beside that import could deadlock; the child checks.
-    module = sys.modules["tlsroll.pki"]
-    monkeypatch.setattr(module.__spec__, "_initializing", True, raising=False)
-    assert not certwork.holds_pki()
-    with pytest.raises(AssertionError, match="a child was started"):
-        certwork.load_crl(crl, ca_file)
-    monkeypatch.undo()
-    with pytest.raises(TerminalError) as child:
-        certwork.load_crl(not_ascii, ca_file, here=False)
-    assert type(here.value) is type(child.value) and str(here.value) == str(child.value)
+    """A strace of a rotate-cert rollout: every switched agent started a child for each
+    revocation list, 0.2-0.7 s of CPU each, some while its own server restarted (later it
+    checked them in-process once a switch had loaded ``cryptography``, which it then kept).
+    The agent's crypto worker checks them all in one child (``certwork.load_crl`` with the
+    worker, from a worker thread, as ``LeaderTrust.take_crl`` runs), as strictly: the same
+    answer, the same refusal, the same error."""
+    worker = CryptoWorker()
+    try:
+        now = dt.datetime.now(dt.UTC)
+        crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{777:x}", now)], now=now))
+        ca_file = tmp_path / "ca.pem"
+        pki.write_cert(ca_file, test_ca.cert)
+        worker.warm()
+        checked = await asyncio.to_thread(certwork.load_crl, crl, ca_file, worker)
+        assert checked == (9, frozenset({777})) == pki.load_crl(crl, test_ca.cert)
+        pid = worker.pid
+        pki.write_cert(ca_file, pki.CertificateAuthority.create("another CA").cert)
+        with pytest.raises(PKIError) as refused:
+            await asyncio.to_thread(certwork.load_crl, crl, ca_file, worker)
+        assert refused.value.reason is PKIReason.UNTRUSTED
+        not_ascii = "ü".encode()
+        with pytest.raises(TerminalError) as by_worker:
+            await asyncio.to_thread(certwork.load_crl, not_ascii, ca_file, worker)
+        with pytest.raises(TerminalError) as child:
+            await asyncio.to_thread(certwork.load_crl, not_ascii, ca_file)
+        assert type(by_worker.value) is type(child.value)
+        assert str(by_worker.value) == str(child.value)
+        assert worker.pid == pid and worker.started == 1  # one child checked them all
+    finally:
+        await worker.close()
 
 
 def test_a_restart_with_the_files_a_child_checked_needs_no_child(
@@ -217,10 +211,10 @@ def test_a_child_that_cannot_start_is_a_shortage_not_a_verdict(
     resource.setrlimit(resource.RLIMIT_NOFILE, (fd, limits[1]))
     try:
         with pytest.raises(LocalResourceError, match="Too many open files"):
-            certwork.load_crl(crl, paths(cfg.data_dir)[2], here=False)
+            certwork.load_crl(crl, paths(cfg.data_dir)[2])
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-    assert certwork.load_crl(crl, paths(cfg.data_dir)[2], here=False)[0] == 1
+    assert certwork.load_crl(crl, paths(cfg.data_dir)[2])[0] == 1
 
 
 def test_a_childs_config_error_is_the_same_config_error(
@@ -315,7 +309,6 @@ def test_a_revocation_list_whose_check_gave_no_answer_is_raised_not_refused(
     trust = LeaderTrust.load(paths(cfg.data_dir)[2], spiffe.trust_domain(test_ca.cert), tmp_path)
     now = dt.datetime.now(dt.UTC)
     crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{4242:x}", now)], now=now))
-    monkeypatch.setattr(certwork, "holds_pki", lambda: False)  # checked in a child
     real = certwork.CHILD
     monkeypatch.setattr(
         certwork, "CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"

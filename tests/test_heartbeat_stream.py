@@ -42,6 +42,7 @@ from leader.planner import report_stale_after
 from leader.service import MAX_AGENT_MESSAGE, LeaderService, LeaderState, clients_persist
 from leader.store import IssuedCert, Store
 from nodeagent.config import AgentConfig
+from nodeagent.cryptoworker import InProcess
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
@@ -626,7 +627,9 @@ def agent_link(
         ca_pin="", join_token=None, join_token_file=None, data_dir=files, port=AGENT_PORT,
         heartbeat_interval=interval, server=None, bootstrap_port=9443,
     )  # fmt: skip
-    trust = LeaderTrust.load(files / "ca.pem", identity.trust_domain, files)
+    # The lists checked by the crypto worker's op in this process (``InProcess``): a child for
+    # each (``certwork``, a third of a second) delayed the stream's answers on a loaded machine.
+    trust = LeaderTrust.load(files / "ca.pem", identity.trust_domain, files, InProcess())
     journal = Journal(files / "journal.sqlite3")
     return LeaderLink(cfg, identity, trust, journal), trust, journal
 

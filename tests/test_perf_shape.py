@@ -316,12 +316,13 @@ def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
 ) -> None:
     """Issue 15, the overhead before a rollout's first switch: the first node's CSR imported
     ``cryptography`` (about 40 ms) after its preflight's checks, while the whole rollout waited.
-    A preflight that asks for the CSR (``make_csr``) now starts that import in a worker thread
-    before its checks. Here a real agent gets only the leader's Preflight call (the leader's
-    credentials, the epoch of a real rollout of another node), whose clock check fails: no
-    CSR is made, and the agent holds the certificate code all the same. A preflight that
-    stages nothing loads nothing (from the review: a disable-tls rollout left every agent
-    holding about 10 MiB until its restart)."""
+    A preflight that asks for the CSR (``make_csr``) now starts the crypto worker (which
+    imports it, at a low priority) before its checks. Here a real agent gets only the
+    leader's Preflight call (the leader's credentials, the epoch of a real rollout of another
+    node), whose clock check fails: no CSR is made, and the worker was started all the same.
+    A preflight that stages nothing starts nothing; the agent itself holds the certificate
+    code either way (from the review: a disable-tls rollout left every agent holding about
+    10 MiB until its restart; session 41: so did every switch)."""
     with harnessed_agent(tmp_path, loopback, "lean4") as (cluster, address, agent, out, go):
         other = NodeSide(cluster, "other", loopback(), tmp_path / "other")
         try:
@@ -351,8 +352,9 @@ def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
         finally:
             other.close()
     modules = out.read_text().split()
-    assert ("tlsroll.pki" in modules) is make_csr
-    assert "stage.csr_created" not in said  # no CSR ran: the preflight alone loaded it
+    assert "tlsroll.pki" not in modules  # the crypto worker's, never the agent's
+    assert ("cryptoworker.started" in said) is make_csr
+    assert "stage.csr_created" not in said  # no CSR ran: the preflight alone started it
 
 
 def _password_file(tmp_path: Path) -> Path:
@@ -1293,6 +1295,17 @@ def staging_agent(tmp_path: Path, issued: IssuedCert) -> tuple[Any, Any, Any]:
     return service, staged, journal
 
 
+def checked(issued: IssuedCert) -> dict[str, str]:
+    """What the crypto worker answers for ``issued``'s certificate (``certwork_ops.stage``)."""
+    cert = pki.read_cert(issued.cert_file)
+    return {
+        "chain_pem": pki.cert_to_pem(cert).decode(),
+        "ca_pem": pki.cert_to_pem(pki.read_cert(issued.ca_file)).decode(),
+        "fingerprint": pki.fingerprint(cert),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
+
+
 def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     tmp_path: Path,
     loopback: Callable[[], str],
@@ -1315,8 +1328,7 @@ def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     address = loopback()
     issued = issue_cert(address)
     service, staged, journal = staging_agent(tmp_path, issued)
-    cert = pki.read_cert(issued.cert_file)
-    fingerprint = service._store_cert(staged, cert, pki.read_cert(issued.ca_file))
+    fingerprint = service._store_cert(staged, checked(issued))
     assert made == [issued.ca_file.read_bytes()]
     staged = journal.staged("r1")
     assert staged is not None and staged.ca_file is not None
@@ -1348,9 +1360,8 @@ def test_a_stage_whose_ca_the_tls_library_refuses_fails_before_it_writes_anythin
     monkeypatch.setattr(httpcheck, "trusting", refusing)
     issued = issue_cert(loopback())
     service, staged, journal = staging_agent(tmp_path, issued)
-    cert = pki.read_cert(issued.cert_file)
     with pytest.raises(PKIError, match="TLS library refuses the CA certificate"):
-        service._store_cert(staged, cert, pki.read_cert(issued.ca_file))
+        service._store_cert(staged, checked(issued))
     after = journal.staged("r1")
     assert after is not None and after.ca_file is None  # not journalled
     assert sorted(p.name for p in staged.key_file.parent.iterdir()) == ["server.key"]  # unwritten

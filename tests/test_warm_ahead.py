@@ -137,7 +137,8 @@ def test_a_check_that_asks_loads_the_certificate_code_and_one_that_does_not_noth
     tmp_path: Path, loopback: Callable[[], str], warm: bool
 ) -> None:
     """A real agent gets only the leader's Check (its credentials): with ``warm_certificates``
-    it holds the certificate code afterwards; without (``tlsroll plan``) it loads nothing."""
+    it starts its crypto worker afterwards; without (``tlsroll plan``) nothing. The agent
+    itself holds the certificate code either way (``nodeagent.cryptoworker``)."""
     with harnessed_agent(tmp_path, loopback, "warm1") as (cluster, address, agent, out, go):
         chain, key = cluster.leader_credentials()
         target = f"{address}:{AGENT_PORT}"
@@ -150,7 +151,8 @@ def test_a_check_that_asks_loads_the_certificate_code_and_one_that_does_not_noth
         _, said = agent.communicate(timeout=120)
         assert agent.returncode == 0, said
     modules = out.read_text().split()
-    assert ("tlsroll.pki" in modules) is warm
+    assert "tlsroll.pki" not in modules  # the crypto worker's, never the agent's
+    assert ("cryptoworker.started" in said) is warm
 
 
 @pytest.mark.parametrize("warm", [True, False])
