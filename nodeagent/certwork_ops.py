@@ -1,0 +1,186 @@
+"""The agent's X.509 work, as ops of its crypto worker (``nodeagent.cryptoworker``: "cert.NAME").
+
+Each op takes and gives plain JSON values, keeps nothing between calls, and does exactly what
+the agent did in-process before (the same checks in the same order, the same errors with the
+same messages). A check the agent answers the leader with as INVALID_ARGUMENT (``invalid``:
+"the certificate was not issued by the cluster CA", …) comes back as ``{"refused": MESSAGE}``
+for the agent to raise; a ``PKIError`` (not PEM, not valid now) comes back as itself.
+
+Keys: ``new_key`` and ``renew_csr`` make a key and write it (0600, or as the live config is
+shared: ``plans.Sharing``) and answer with the CSR only; ``own`` answers with the practice's
+key (it came from the leader in the agent's request, and the agent writes it as before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nodeagent import identity as node_identity
+from tlsroll import pki, spiffe
+from tlsroll.errors import PKIError, PKIReason
+from tlsroll.names import Names
+
+
+def names_of(request: dict[str, Any]) -> Names:
+    """The node's names as the agent sent them (``names_request``)."""
+    value = request["names"]
+    return Names(value["common_name"], tuple(value["ips"]), tuple(value["dns"]))
+
+
+def names_request(names: Names) -> dict[str, Any]:
+    return {"common_name": names.common_name, "ips": list(names.ips), "dns": list(names.dns)}
+
+
+def _pem(request: dict[str, Any], key: str) -> bytes:
+    try:
+        return str(request[key]).encode("ascii")
+    except UnicodeEncodeError:  # a verdict on the PEM, as ``pki``'s own
+        raise PKIError(PKIReason.BAD_PEM, "certificate (not ASCII)") from None
+
+
+def _text(data: bytes) -> str:
+    return data.decode("ascii")
+
+
+def _reader(value: Any) -> tuple[int, int] | None:
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
+def crl(request: dict[str, Any]) -> dict[str, Any]:
+    """A revocation list checked against the CA file: its number and revoked serials."""
+    ca = pki.read_cert(Path(request["ca_file"]))
+    try:
+        pem = request["pem"].encode("ascii")
+    except UnicodeEncodeError:  # a verdict on the list, as ``pki.load_crl``'s own
+        raise PKIError(PKIReason.BAD_PEM, "revocation list (not ASCII)") from None
+    number, revoked = pki.load_crl(pem, ca)
+    return {"number": number, "revoked": sorted(revoked)}
+
+
+def new_key(request: dict[str, Any]) -> str:
+    """A rollout's new key, written to ``key_file`` as the live config is shared
+    (``share``: ``plans.Sharing``'s fields), and its CSR (PEM) for the node's names."""
+    from nodeagent import plans  # noqa: PLC0415 - only this op writes as a stage
+
+    share = plans.Sharing(
+        (int(request["share"]["owner"][0]), int(request["share"]["owner"][1])),
+        int(request["share"]["mode"]),
+        int(request["share"]["public_mode"]),
+        request["share"]["group"],
+        int(request["share"]["dir_mode"]),
+    )
+    key = pki.generate_key()
+    plans.write_staged(Path(request["key_file"]), pki.key_to_pem(key), share)
+    return _text(pki.csr_to_pem(pki.make_csr(key, names_of(request))))
+
+
+def stage(request: dict[str, Any]) -> dict[str, Any]:
+    """The leader's certificate for the staged key checked, as Stage did: the CA is the
+    pinned one, it issued the certificate, the staged key (``key_file``, read as shared with
+    ``reader``) matches, the names are the node's, valid at ``now``. The certificate and CA as
+    the agent writes them, the fingerprint and the end."""
+    cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
+    ca = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
+    if pki.spki_pin(ca) != request["ca_pin"]:
+        return {"refused": "the CA is not this cluster's CA (pin mismatch)"}
+    if not pki.issued_by(cert, ca):
+        return {"refused": "the certificate was not issued by the cluster CA"}
+    key = pki.read_key(Path(request["key_file"]), shared=_reader(request.get("reader")))
+    if not pki.key_matches(cert, key):
+        return {"refused": "the certificate does not match the staged key"}
+    if pki.names_of(cert) != names_of(request):
+        return {"refused": "the certificate's names differ from this node's names"}
+    pki.check_valid_now(cert, dt.datetime.fromisoformat(request["now"]))
+    return _stored(cert, [cert], [ca])
+
+
+def own(request: dict[str, Any]) -> dict[str, Any]:
+    """``--cert-dir``: the practice's certificate, intermediates, CA(s) and key checked as
+    Stage did (a certificate and CA certificates, the chain to one of those, the key present
+    and matching, the SAN covering the node's names, valid at ``now``): what the agent
+    writes (the key, the chain, the CA bundle), the fingerprint and the end."""
+    certs = pki.load_certs_pem(_pem(request, "certificate_pem"))
+    cas = pki.load_certs_pem(_pem(request, "ca_certificate_pem"))
+    if not certs or not cas or not all(pki.is_ca(c) for c in cas):
+        return {"refused": "own certificate: a certificate and CA certificates are needed"}
+    cert, intermediates = certs[0], certs[1:]
+    if pki.chain_to(cert, intermediates, cas) is None:
+        return {"refused": "own certificate: it does not chain to the CA sent with it"}
+    if not request.get("private_key_pem"):
+        return {"refused": "own certificate: its private key is missing"}
+    key = pki.load_key_pem(_pem(request, "private_key_pem"))
+    if not pki.key_matches(cert, key):
+        return {"refused": "own certificate: the private key does not match it"}
+    lacks = pki.san_lacks(cert, names_of(request))
+    if lacks is None or lacks:
+        return {
+            "refused": f"own certificate: its SAN lacks {', '.join(lacks or ['everything'])}, "
+            "which this node serves on"
+        }
+    pki.check_valid_now(cert, dt.datetime.fromisoformat(request["now"]))
+    # The intermediates in the CA file too: workstations build the server's chain with the
+    # bundle the bootstrap service hands them.
+    bundle = [*cas, *(c for c in intermediates if c not in cas)]
+    return {**_stored(cert, [cert, *intermediates], bundle), "key_pem": _text(pki.key_to_pem(key))}
+
+
+def _stored(cert: Any, chain: list[Any], cas: list[Any]) -> dict[str, Any]:
+    return {
+        "chain_pem": _text(b"".join(pki.cert_to_pem(c) for c in chain)),
+        "ca_pem": _text(b"".join(pki.cert_to_pem(c) for c in cas)),
+        "fingerprint": pki.fingerprint(cert),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
+
+
+def renew_csr(request: dict[str, Any]) -> str:
+    """A renewal's CSR: for the key a renewal cut short left at ``key_file`` (used again: the
+    leader may have signed it), else a new one written there 0600 before the CSR leaves."""
+    path = Path(request["key_file"])
+    key = None
+    if path.exists():
+        with contextlib.suppress(PKIError):
+            key = pki.read_key(path)
+    if key is None:
+        key = pki.generate_key()
+        pki.write_key(path, key)
+    return _text(pki.csr_to_pem(pki.make_csr(key, names_of(request))))
+
+
+def renew_install(request: dict[str, Any]) -> dict[str, Any]:
+    """The leader's renewed certificate checked (issued by the node's CA for the pending key
+    with exactly the node's names, carrying this node's identity) and moved into place with
+    that key (``identity.install_renewed``): the new identity's facts."""
+    data_dir = Path(request["data_dir"])
+    new_key = node_identity.pending_paths(data_dir)[0]
+    key_file, cert_file, ca_file = node_identity.paths(data_dir)
+    cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
+    ca = pki.read_cert(ca_file)
+    node_identity.check_issued(cert, pki.read_key(new_key), ca, names_of(request))
+    td = spiffe.trust_domain(ca)
+    if spiffe.of(cert) != spiffe.node(td, request["node_name"]):
+        return {"refused": "the renewed certificate carries another identity"}
+    node_identity.install_renewed(data_dir, cert)
+    renewed = node_identity.Identity.of(key_file, cert_file, ca_file, cert, ca)
+    return {
+        "not_before": renewed.not_before.isoformat(),
+        "not_after": renewed.not_after.isoformat(),
+        "trust_domain": renewed.trust_domain,
+        "certificate": _text(renewed.checked_pem),
+        "serial": f"{cert.serial_number:x}",
+        "key_pin": pki.spki_pin(cert),
+    }
+
+
+OPS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "crl": crl,
+    "new_key": new_key,
+    "stage": stage,
+    "own": own,
+    "renew_csr": renew_csr,
+    "renew_install": renew_install,
+}

@@ -1,0 +1,441 @@
+"""The agent's cryptography in one child process of its own, started on demand, gone when idle.
+
+The agent runs on every node for months, and ``cryptography`` (its Rust library with OpenSSL
+inside, and the Python modules around it) costs a process about 10 MiB, which it keeps until
+it ends (issue 15: a switched agent idled at 64.5 MiB, one never switched at 49 MiB). The
+agent needs it only while a rollout passes the node (a key and its CSR, the leader's
+certificate checked and stored, a practice's own certificate, the bootstrap service's PAKE),
+once a year for a renewal, and for each revocation list. All of that runs here, in ONE child
+per agent (``CryptoWorker``): started at need, or ahead of it (``warm``: a rollout's planning
+and preflight), kept while work comes (a rotation sends each node one revocation list per
+node of the cluster), and stopped after ``IDLE_SECONDS`` without a call. The agent itself never
+imports ``tlsroll.pki``.
+
+Protocol: one JSON line per request on the child's stdin, ``{"op": "MODULE.NAME", "request":
+{...}}``, one JSON line per answer on its stdout, ``{"ok": VALUE}`` or ``{"error": {...}}`` (an
+error of the op, answered as ``certwork._answer_for`` does and rebuilt in the agent as the same
+class with the same message, ``certwork._error``). The child resolves MODULE through
+``OP_MODULES`` (imported on first use) and calls ``module.OPS[NAME](request)``; ops are
+stateless (the child keeps its imports and caches between calls, nothing else). A missing
+module or op is an error answer, never a crash. The child's stderr is the agent's (its JSON
+log lines). EOF on its stdin ends it: the agent closed it, or died.
+
+Calls are serialised (one request in flight). A child that dies mid-call (a signal, the OOM
+killer) is ``certwork.NoAnswer``; one that does not answer within ``TIMEOUT`` is killed and the
+call is a ``TransientError``; a call cancelled while it waits kills the child too (its answer
+would be read as the next call's). Either way the next call starts a new child.
+
+Secrets (a staged or renewed key, a practice's key, the password verifier) cross the pipe
+only: requests and answers are never logged, and an op's unexpected failure is answered with
+its class name alone.
+
+The child imports ``tlsroll.pki`` at its start in a thread that lowers its own priority
+(``warmup.WARM_NICE``, as ``nodeagent.warmup`` does: a node is prepared while another node's
+server restarts on the same machine); a request waits for that import (given its priority
+back where the system allows it) and is served at the normal priority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from nodeagent import certwork
+from tlsroll import logs
+from tlsroll.errors import TerminalError, TlsrollError, TransientError, raise_if_local
+
+log = logs.get_logger(__name__)
+
+OP_MODULES: dict[str, str] = {
+    "cert": "nodeagent.certwork_ops",
+    "bootstrap": "nodeagent.bootstrap_crypto",
+}
+"""Where the child finds an op "MODULE.NAME": ``OP_MODULES[MODULE].OPS[NAME]``."""
+
+IDLE_SECONDS = 60.0
+"""The child is stopped after this long without a call. A rotation sends each node one
+revocation list per node of the cluster, seconds apart at most, and each must not start a child
+of its own (about 0.3 s of CPU); a minute covers them, and a switch's steps (preflight, CSR,
+stage, switch), which come at most a freeze window apart."""
+
+TIMEOUT = 60.0
+"""The longest one call may take (a key, a CSR, a check take milliseconds; a loaded machine
+and the child's start, under a second)."""
+
+STOP_PATIENCE = 5.0  # seconds a child told to stop (its stdin closed) has before it is killed
+LINE_LIMIT = 64 * 1024 * 1024  # the longest answer line read (a large revocation list)
+
+# -P: the child (root, handling keys) never imports from its working directory, whatever that
+# is. What a daemon never needs is kept out first (``tlsroll.lean``), then this module's main.
+CHILD = (
+    "from tlsroll import lean; lean.keep_out(); from nodeagent import cryptoworker; "
+    "cryptoworker.main()"
+)
+
+
+class CryptoWorker:
+    """The agent's side: one child at a time, one call at a time (``call``), started ahead of
+    need by ``warm``, stopped after ``idle_seconds`` without a call or by ``close``."""
+
+    def __init__(
+        self,
+        *,
+        idle_seconds: float = IDLE_SECONDS,
+        timeout: float = TIMEOUT,
+        log_level: str = "info",
+        json_logs: bool | None = None,
+    ) -> None:
+        self.idle_seconds = idle_seconds
+        self.timeout = timeout
+        self.log_level = log_level
+        self.json_logs = (not sys.stderr.isatty()) if json_logs is None else json_logs
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.started = 0  # children started so far (tests, the bench)
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id, None if none runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    async def call(self, op: str, request: dict[str, Any]) -> Any:
+        """The child's answer to ``op`` with ``request`` (its ``ok`` value), or its error
+        raised as the class it was (``certwork._error``)."""
+        self._loop = asyncio.get_running_loop()
+        async with self._lock:
+            self._disarm()
+            try:
+                answer = await self._exchange(op, request)
+            finally:
+                self._arm()
+        if "ok" in answer:
+            return answer["ok"]
+        raise certwork._error(answer.get("error") or {})
+
+    def call_blocking(self, op: str, request: dict[str, Any]) -> Any:
+        """``call`` from a worker thread of the agent (never its event loop's thread): run on
+        the loop the worker serves, waited for here."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            raise TransientError(f"crypto work ({op}): the agent's event loop is not running")
+        return asyncio.run_coroutine_threadsafe(self.call(op, request), loop).result()
+
+    async def _exchange(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        if self._closed:
+            raise TransientError(f"crypto work ({op}): the agent is stopping")
+        proc = await self._running(op)
+        assert proc.stdin is not None and proc.stdout is not None
+        line = json.dumps({"op": op, "request": request}).encode() + b"\n"
+        try:
+            proc.stdin.write(line)
+            await proc.stdin.drain()
+            raw = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
+        except TimeoutError:
+            await self._kill(proc)
+            raise TransientError(f"crypto work ({op}) took over {self.timeout:.0f} s") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raw = b""  # it died before it read the request: as below
+        except (asyncio.LimitOverrunError, ValueError):
+            await self._kill(proc)
+            raise NoAnswer(
+                f"crypto work ({op}): an answer longer than {LINE_LIMIT} bytes"
+            ) from None
+        except BaseException:  # cancelled while waiting: its answer must not be the next call's
+            await self._kill(proc)
+            raise
+        if not raw.endswith(b"\n"):
+            code = await self._ended(proc)
+            raise NoAnswer(f"crypto work ({op}) failed: the worker ended ({code})")
+        try:
+            answer = json.loads(raw)
+            if not isinstance(answer, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            await self._kill(proc)
+            raise NoAnswer(f"crypto work ({op}) failed: an answer that is not JSON") from None
+        return answer
+
+    async def _running(self, op: str) -> asyncio.subprocess.Process:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            return proc
+        if proc is not None:
+            await self._reap(proc)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-P",
+                "-c",
+                CHILD,
+                "json" if self.json_logs else "console",
+                self.log_level,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=None,  # its log lines go where the agent's go
+                limit=LINE_LIMIT,
+                close_fds=True,
+            )
+        except OSError as exc:  # no child at all: short of descriptors, processes or memory, …
+            what = f"starting the crypto worker ({op})"
+            raise_if_local(exc, what)
+            raise TransientError(f"{what}: {' '.join(str(exc).split())}") from None
+        self._proc = proc
+        self.started += 1
+        log.debug("cryptoworker.started", pid=proc.pid)
+        return proc
+
+    # --- start ahead, stop when idle ---------------------------------------------------------
+
+    def warm(self) -> None:
+        """Start the child now, ahead of need (its start and its import of the certificate
+        code then overlap other work); nothing if one runs or is starting. Needs the running
+        event loop."""
+        if self._closed or self.pid is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        if self._lock.locked():
+            return  # a call (or a start) is under way: it starts one
+        self._spawn(self._warm())
+
+    async def _warm(self) -> None:
+        async with self._lock:
+            if self._closed or self.pid is not None:
+                return
+            self._disarm()
+            try:
+                await self._running("warm")
+            except TlsrollError as exc:  # the call that needs it says so again
+                log.warning("cryptoworker.not_started", error=str(exc))
+            finally:
+                self._arm()
+
+    def _arm(self) -> None:
+        """(Re)start the idle clock: the child is stopped after ``idle_seconds`` without a
+        call."""
+        self._disarm()
+        if self._proc is not None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._idle = loop.call_later(self.idle_seconds, self._on_idle)
+
+    def _disarm(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if self._lock.locked():
+            return  # a call runs: it arms the clock again when done
+        self._spawn(self._stop_idle())
+
+    async def _stop_idle(self) -> None:
+        async with self._lock:
+            if self._idle is not None or self._proc is None:
+                return  # a call came meanwhile (its clock runs), or nothing runs
+            proc, self._proc = self._proc, None
+            await self._stop(proc)
+            log.debug("cryptoworker.idle_stopped", pid=proc.pid)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop the child (its stdin closed, killed if it does not end); no call is taken
+        after."""
+        self._closed = True
+        self._disarm()
+        # A start ahead or an idle stop under way ends first (not cut short: its child would
+        # be left running, its pipes open).
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is not None:
+                await self._stop(proc)
+
+    # --- the child's end -----------------------------------------------------------------------
+
+    async def _stop(self, proc: asyncio.subprocess.Process) -> None:
+        """End ``proc`` as asked: EOF on its stdin, then a kill after ``STOP_PATIENCE``."""
+        if proc.stdin is not None:
+            proc.stdin.close()
+            with contextlib.suppress(OSError):
+                await proc.stdin.wait_closed()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_PATIENCE)
+        except TimeoutError:
+            await self._kill(proc)
+        await self._reap(proc)
+
+    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await self._reap(proc)
+        if self._proc is proc:
+            self._proc = None
+
+    async def _ended(self, proc: asyncio.subprocess.Process) -> str:
+        """How a child that closed its stdout ended: 'exit N' or 'signal N' (killed if it
+        does not end within ``STOP_PATIENCE``)."""
+        try:
+            code = await asyncio.wait_for(proc.wait(), STOP_PATIENCE)
+        except TimeoutError:
+            await self._kill(proc)
+            code = proc.returncode if proc.returncode is not None else -9
+        await self._reap(proc)
+        if self._proc is proc:
+            self._proc = None
+        return f"signal {-code}" if code < 0 else f"exit {code}"
+
+    @staticmethod
+    async def _reap(proc: asyncio.subprocess.Process) -> None:
+        """Wait for a child known to end, and close its pipes (no transport left behind)."""
+        with contextlib.suppress(ProcessLookupError):
+            await proc.wait()
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
+
+
+NoAnswer = certwork.NoAnswer
+
+
+class InProcess:
+    """``CryptoWorker``'s interface, the ops run in this process (in a worker thread): for
+    tests and tools that build the agent's parts without an agent (its memory is not theirs
+    to keep low). The same ops, the same errors."""
+
+    pid: int | None = None
+
+    async def call(self, op: str, request: dict[str, Any]) -> Any:
+        return await asyncio.to_thread(self.call_blocking, op, request)
+
+    def call_blocking(self, op: str, request: dict[str, Any]) -> Any:
+        return _op(op)(request)
+
+    def warm(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+Worker = CryptoWorker | InProcess
+"""What the agent's parts take: the child, or the same ops in-process."""
+
+
+# --- the child's side -------------------------------------------------------------------------
+
+
+def _op(op: str) -> Callable[[dict[str, Any]], Any]:
+    """The op named "MODULE.NAME" (``OP_MODULES``), its module imported on first use."""
+    module_key, _, name = op.partition(".")
+    module_name = OP_MODULES.get(module_key)
+    if module_name is None or not name:
+        raise TerminalError(f"unknown crypto work {op!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise TerminalError(f"crypto work {op!r}: {module_name} is not available") from None
+    ops = getattr(module, "OPS", None)
+    found = ops.get(name) if isinstance(ops, dict) else None
+    if found is None:
+        raise TerminalError(f"unknown crypto work {op!r}")
+    return found  # type: ignore[no-any-return]
+
+
+def _serve(message: Any) -> dict[str, Any]:
+    """One request's answer line (never raises)."""
+    op = str(message.get("op", "")) if isinstance(message, dict) else ""
+    try:
+        if not isinstance(message, dict) or not isinstance(message.get("request"), dict):
+            raise TerminalError("crypto work: a request that is not {op, request}")
+        return {"ok": _op(op)(message["request"])}
+    except (TlsrollError, OSError, ValueError) as exc:
+        return {"error": certwork._answer_for(exc)}
+    except Exception as exc:  # its class only: the message might hold a secret
+        log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
+        return {"error": {"type": "TerminalError", "message": _failed(op, exc)}}
+
+
+def _failed(op: str, exc: BaseException) -> str:
+    return f"crypto work ({op}) failed: {type(exc).__name__}"
+
+
+class _Preload:
+    """``tlsroll.pki`` imported at the child's start, in a thread of low priority; a request
+    waits for it (``wait``), and gives that thread its priority back while it does."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.tid: int | None = None
+        self.before: int | None = None
+        self.thread = threading.Thread(target=self._run, name="preload", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from nodeagent import warmup  # noqa: PLC0415 - its priority step only
+
+        try:
+            if sys.platform == "linux":
+                self.tid = threading.get_native_id()
+                with contextlib.suppress(OSError):
+                    self.before = os.getpriority(os.PRIO_PROCESS, self.tid)
+            warmup._lower_priority()
+            importlib.import_module("tlsroll.pki")
+        except Exception as exc:  # the op that needs it imports it again
+            log.warning("cryptoworker.preload_failed", error_type=type(exc).__name__)
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        if self.done.is_set():
+            return
+        if self.tid is not None and self.before is not None:
+            with contextlib.suppress(OSError):  # raising a priority may be refused: it waits
+                os.setpriority(os.PRIO_PROCESS, self.tid, self.before)
+        self.done.wait()
+
+
+def main() -> int:
+    """The child: serve requests from stdin until EOF."""
+    args = sys.argv[1:]
+    logs.configure(
+        json=(args[0] if args else "json") == "json",
+        level=logs.level_of(args[1] if len(args) > 1 else "info"),
+    )
+    preload = _Preload()
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        line = stdin.readline()
+        if not line:
+            return 0  # EOF: the agent closed it, or ended
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        preload.wait()
+        answer = _serve(message)
+        stdout.write(json.dumps(answer).encode() + b"\n")
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""The agent's crypto worker (``nodeagent.cryptoworker``): one real child per ``CryptoWorker``,
+its answers and errors as the ops' own, a child that dies or hangs mid-call, its idle exit and
+the next call's new child, EOF on its stdin, and the secrets it writes and never says."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import errno
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nodeagent import certwork_ops, cryptoworker
+from nodeagent.cryptoworker import CryptoWorker, InProcess, NoAnswer
+from nodeagent.plans import Sharing
+from tests.cluster import child_env
+from tlsroll import pki
+from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
+from tlsroll.names import Names
+
+NAMES = Names.of("n1", ["127.0.0.1"])
+
+
+def _crl_request(tmp_path: Path, ca: pki.CertificateAuthority, number: int = 7) -> dict[str, str]:
+    now = dt.datetime.now(dt.UTC)
+    crl = pki.crl_to_pem(pki.build_crl(ca, number, [(f"{12345:x}", now)], now=now))
+    ca_file = tmp_path / "ca.pem"
+    pki.write_cert(ca_file, ca.cert)
+    return {"pem": crl.decode(), "ca_file": str(ca_file)}
+
+
+async def _until(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait (bounded) until ``check()``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "not within the bound"
+        await asyncio.sleep(0.05)
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has ended (reaped, or a zombie no one waits for)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_answers_and_errors_are_the_ops_own(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        assert await worker.call("cert.crl", request) == {"number": 7, "revoked": [12345]}
+        pid = worker.pid
+        assert pid is not None
+        # A verdict: the same class, reason and message as in-process.
+        bad = {**request, "pem": "not a list"}
+        with pytest.raises(PKIError) as child:
+            await worker.call("cert.crl", bad)
+        with pytest.raises(PKIError) as here:
+            certwork_ops.crl(bad)
+        assert child.value.reason is here.value.reason is PKIReason.BAD_PEM
+        assert str(child.value) == str(here.value)
+        # An OSError keeps its errno and file.
+        missing = {**request, "ca_file": str(tmp_path / "nope.pem")}
+        with pytest.raises(OSError) as gone:
+            await worker.call("cert.crl", missing)
+        assert gone.value.errno == errno.ENOENT and gone.value.filename == missing["ca_file"]
+        # No such op or module: an error answer, not a crash.
+        with pytest.raises(TerminalError, match=r"unknown crypto work 'cert\.nope'"):
+            await worker.call("cert.nope", {})
+        with pytest.raises(TerminalError, match=r"unknown crypto work 'nope\.crl'"):
+            await worker.call("nope.crl", {})
+        with pytest.raises(TerminalError):  # a request the op cannot read: its error, no crash
+            await worker.call("cert.crl", {})
+        assert worker.pid == pid and worker.started == 1  # one child served all of them
+    finally:
+        await worker.close()
+    assert worker.pid is None and _gone(pid)
+
+
+def test_a_module_that_is_not_there_is_an_error_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cryptoworker.OP_MODULES, "gone", "nodeagent.no_such_module")
+    answer = cryptoworker._serve({"op": "gone.x", "request": {}})
+    assert answer == {
+        "error": {
+            "type": "TerminalError",
+            "message": "crypto work 'gone.x': nodeagent.no_such_module is not available",
+        }
+    }
+    assert cryptoworker._serve("junk")["error"]["type"] == "TerminalError"
+
+
+async def test_a_child_killed_mid_call_is_no_answer_and_the_next_call_starts_another(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        first = worker.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)  # it takes the request, and never answers it
+        call = asyncio.ensure_future(worker.call("cert.crl", request))
+        await asyncio.sleep(0.2)
+        assert not call.done()
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(NoAnswer, match=r"crypto work \(cert.crl\) failed.*signal 9"):
+            await asyncio.wait_for(call, 60)
+        assert worker.pid is None and _gone(first)
+        assert await worker.call("cert.crl", request) == {"number": 7, "revoked": [12345]}
+        assert worker.pid not in (None, first) and worker.started == 2
+    finally:
+        await worker.close()
+
+
+async def test_a_hung_child_is_killed_the_call_is_transient_and_the_next_starts_another(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = CryptoWorker(timeout=1.0)
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        first = worker.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        with pytest.raises(TransientError, match=r"crypto work \(cert.crl\) took over 1 s"):
+            await worker.call("cert.crl", request)
+        assert worker.pid is None and _gone(first)
+        worker.timeout = 60.0
+        assert (await worker.call("cert.crl", request))["number"] == 7
+        assert worker.pid not in (None, first)
+    finally:
+        await worker.close()
+
+
+async def test_a_cancelled_call_ends_its_child_so_its_answer_is_no_later_calls(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        first = worker.pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        call = asyncio.ensure_future(worker.call("cert.crl", request))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert _gone(first)
+        later = _crl_request(tmp_path, test_ca, number=8)
+        assert (await worker.call("cert.crl", later))["number"] == 8
+    finally:
+        await worker.close()
+
+
+async def test_an_idle_child_stops_and_the_next_call_starts_a_new_one(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = CryptoWorker(idle_seconds=0.5)
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        first = worker.pid
+        assert first is not None
+        await _until(lambda: worker.pid is None)
+        await _until(lambda: _gone(first))
+        assert (await worker.call("cert.crl", request))["number"] == 7
+        assert worker.pid not in (None, first) and worker.started == 2
+    finally:
+        await worker.close()
+
+
+async def test_warm_starts_the_child_ahead_once_and_idles_it_out(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = CryptoWorker(idle_seconds=1.0)
+    try:
+        worker.warm()
+        worker.warm()  # starting already: nothing more
+        await _until(lambda: worker.pid is not None)
+        pid = worker.pid
+        worker.warm()
+        assert worker.pid == pid and worker.started == 1
+        assert (await worker.call("cert.crl", _crl_request(tmp_path, test_ca)))["number"] == 7
+        assert worker.pid == pid and worker.started == 1  # the warmed child answered
+        await _until(lambda: worker.pid is None)
+    finally:
+        await worker.close()
+
+
+def test_eof_on_its_stdin_ends_the_child() -> None:
+    """The agent died (or closed the pipe): the child ends by itself."""
+    child = subprocess.Popen(
+        [sys.executable, "-P", "-c", cryptoworker.CHILD, "json", "info"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(b'{"op": "cert.nope", "request": {}}\n')
+    child.stdin.flush()
+    assert b"unknown crypto work" in child.stdout.readline()  # it serves
+    child.stdin.close()
+    assert child.wait(timeout=60) == 0
+    child.stdout.close()
+
+
+async def test_a_new_key_is_written_0600_by_the_child_and_no_secret_is_said(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    worker = CryptoWorker(log_level="debug")
+    key_file = tmp_path / "stage" / "server.key"
+    key_file.parent.mkdir(mode=0o700)
+    own = Sharing.own()
+    share = {
+        "owner": list(own.owner),
+        "mode": own.mode,
+        "public_mode": own.public_mode,
+        "group": own.group,
+        "dir_mode": own.dir_mode,
+    }
+    request = {
+        "key_file": str(key_file),
+        "share": share,
+        "names": certwork_ops.names_request(NAMES),
+    }
+    try:
+        csr_pem = await worker.call("cert.new_key", request)
+        pid = worker.pid
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert key_file.stat().st_uid == os.geteuid()
+        key = pki.read_key(key_file)
+        csr = pki.load_csr_pem(csr_pem.encode())
+        assert pki.spki_pin(pki.check_csr(csr, NAMES)) == pki.spki_pin(key.public_key())
+        # A practice's key that does not match its certificate: refused, the key not said.
+        other = pki.generate_key()
+        ca = pki.CertificateAuthority.create("practice CA")
+        cert = ca.issue(pki.generate_key().public_key(), NAMES)
+        refused = await worker.call(
+            "cert.own",
+            {
+                "certificate_pem": pki.cert_to_pem(cert).decode(),
+                "ca_certificate_pem": pki.cert_to_pem(ca.cert).decode(),
+                "private_key_pem": pki.key_to_pem(other).decode(),
+                "names": certwork_ops.names_request(NAMES),
+                "now": dt.datetime.now(dt.UTC).isoformat(),
+            },
+        )
+        assert refused == {"refused": "own certificate: the private key does not match it"}
+        with pytest.raises(PKIError) as bad:  # a key that is not one: its error, no key text
+            await worker.call(
+                "cert.own",
+                {
+                    "certificate_pem": pki.cert_to_pem(cert).decode(),
+                    "ca_certificate_pem": pki.cert_to_pem(ca.cert).decode(),
+                    "private_key_pem": "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LXRleHQ=\n",
+                    "names": certwork_ops.names_request(NAMES),
+                    "now": dt.datetime.now(dt.UTC).isoformat(),
+                },
+            )
+        assert "c2VjcmV0" not in str(bad.value)
+    finally:
+        await worker.close()
+    said = capfd.readouterr()
+    secrets = [pki.key_to_pem(key).decode(), pki.key_to_pem(other).decode(), "c2VjcmV0"]
+    for secret in secrets:
+        body = "".join(secret.splitlines()[1:-1])[:40] if "BEGIN" in secret else secret
+        assert body not in said.err and body not in said.out
+    assert pid is not None and _gone(pid)
+
+
+async def test_in_process_runs_the_same_ops_with_the_same_errors(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = InProcess()
+    request = _crl_request(tmp_path, test_ca)
+    assert await worker.call("cert.crl", request) == {"number": 7, "revoked": [12345]}
+    with pytest.raises(PKIError):
+        await worker.call("cert.crl", {**request, "pem": "not a list"})
+    with pytest.raises(TerminalError, match="unknown crypto work"):
+        worker.call_blocking("cert.nope", {})
+
+
+async def test_a_call_from_a_worker_thread_runs_on_the_loop(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        with pytest.raises(TransientError, match="event loop"):
+            worker.call_blocking("cert.crl", request)  # no loop known yet
+        worker.warm()
+        answer = await asyncio.to_thread(worker.call_blocking, "cert.crl", request)
+        assert answer["number"] == 7
+    finally:
+        await worker.close()
