@@ -96,13 +96,12 @@ from typing import TYPE_CHECKING, Any
 from tlsroll import bootstrap_base, password
 
 if TYPE_CHECKING:  # imported when first used (``__getattr__`` below)
-    from tlsroll.bootstrap_csr import check_workstation_csr, workstation_names  # noqa: F401
-    from tlsroll.bootstrap_pake import (  # noqa: F401
-        PARAMS,
-        NodeSecret,
-        WorkstationPAKE,
-        ca_certificates,
-    )
+    from tlsroll.bootstrap_csr import check_workstation_csr as check_workstation_csr  # noqa: PLC0414
+    from tlsroll.bootstrap_csr import workstation_names as workstation_names  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import PARAMS as PARAMS  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import NodeSecret as NodeSecret  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import WorkstationPAKE as WorkstationPAKE  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import ca_certificates as ca_certificates  # noqa: PLC0414
 
 # This module is the standard library's only (no ``cryptography``, no ``spake2``): the agent
 # runs its bootstrap service with it, and leaves the X.509 and PAKE work to its crypto worker
