@@ -27,6 +27,7 @@ import grpc
 from nodeagent import certwork, plans
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
+from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.drivers import make_driver
 from nodeagent.identity import EnrolmentDeferred, Identity, next_enrol_wait, paths
 from nodeagent.journal import open_journal
@@ -143,8 +144,12 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
         # Then stage directories nothing can use any more: they hold private keys.
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
     identity = await obtain_identity(cfg)
+    # The agent's certificate work (and the bootstrap service's PAKE): one child of its own,
+    # started at need and stopped when idle, so that the agent never holds ``cryptography``
+    # (``nodeagent.cryptoworker``).
+    crypto = CryptoWorker(log_level=cfg.log_level)
     key_reader = (lambda: plans.sharing(driver).reader) if driver is not None else None
-    bootstrap = BootstrapHost(cfg, identity, journal, key_reader)
+    bootstrap = BootstrapHost(cfg, identity, journal, key_reader, crypto=crypto)
     if runner is not None:
         runner.on_complete = bootstrap.sync
         runner.on_switch = bootstrap.warm
@@ -209,6 +214,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
         await runner.close(TXN_GRACE_SECONDS)
     await bootstrap.close()
+    await crypto.close()
     await link.close()
     # What a cancelled transaction had handed to the store's thread (its journal writes, a
     # staged config's rename or removal) runs before the journal closes (``dbthread.run``).
