@@ -6,8 +6,10 @@ its HMAC key confirmation (the standard library's), and never imports ``cryptogr
 here, in the worker's child process, as stateless operations: JSON in, JSON out, bytes as base64
 text (the worker calls ``OPS[NAME](request)`` for the op ``"bootstrap.NAME"``):
 
-- ``respond`` {pake_pw, msg_a} -> {msg_b, key}: the node's SPAKE2 (its blinding points are
-  kept for the last two passwords, for as long as the child lives);
+- ``blinds`` {pake_pw} -> {blind, unblind}: the node's SPAKE2 blinding points for the password
+  (two scalar multiplications whose time depends on it: asked for when the service starts,
+  never for a stranger's request; ``tlsroll.bootstrap_pake.node_blinds``);
+- ``respond`` {pake_pw, blind, unblind, msg_a} -> {msg_b, key}: the node's SPAKE2;
 - ``open_csr`` {key, transcript, sealed} -> {csr_pem, cn, key_pin}: the workstation's sealed
   CSR opened (AES-256-GCM, to the node) and checked (``bootstrap_csr.check_workstation_csr``);
 - ``cert_facts`` {pem} -> {pem, spki_pin, fingerprint}: the certificate the leader signed;
@@ -70,13 +72,21 @@ def refusal(answer: Any) -> BootstrapError | None:
 def respond(request: dict[str, Any]) -> dict[str, Any]:
     from tlsroll import bootstrap_pake  # noqa: PLC0415 - the worker's imports
 
+    blinds = (_bytes(request, "blind"), _bytes(request, "unblind"))
     try:
         msg_b, key = bootstrap_pake.node_respond(
-            _bytes(request, "pake_pw"), _bytes(request, "msg_a")
+            _bytes(request, "pake_pw"), _bytes(request, "msg_a"), blinds
         )
     except BootstrapError as exc:
         return _refused(exc)
     return {"msg_b": _b64(msg_b), "key": _b64(key)}
+
+
+def blinds(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import bootstrap_pake  # noqa: PLC0415
+
+    blind, unblind = bootstrap_pake.node_blinds(_bytes(request, "pake_pw"))
+    return {"blind": _b64(blind), "unblind": _b64(unblind)}
 
 
 def open_csr(request: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +137,7 @@ def check_ca_bundle(request: dict[str, Any]) -> dict[str, Any]:
 
 
 OPS: dict[str, Op] = {
+    "blinds": blinds,
     "respond": respond,
     "open_csr": open_csr,
     "cert_facts": cert_facts,

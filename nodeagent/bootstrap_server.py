@@ -337,6 +337,7 @@ class BootstrapService:
         Exchanges already started keep the keys they have; new ones use the new password.
         """
         self._secret = proto.NodePassword.of_verifier(verifier)
+        self._blinds: dict[str, str] | None = None  # its SPAKE2 blinding points (``_blinds_of``)
 
     def set_ca_bundle(self, ca_bundle_pem: bytes) -> None:
         """Hand out this CA bundle from now on (ValueError if it holds no PEM certificate; that
@@ -396,6 +397,10 @@ class BootstrapService:
         if self._listener is not None:
             raise RuntimeError("bootstrap service already started")
         await self.check_ca_bundle()
+        try:  # the password's blinding points now, not at a stranger's request
+            await self._blinds_of(self._secret)
+        except WorkerFailed:
+            log.warning("bootstrap.blinds_deferred", node=self.node_name)
         self._ssl = await asyncio.to_thread(self._tls_context)  # reads the key and certificate
         listener = self.listener()
         self.port = await listener.start(self.address, self.port, self._ssl)
@@ -473,9 +478,13 @@ class BootstrapService:
         except Busy as exc:
             raise Refused(exc.status, proto.ErrorCode.BUSY, str(exc), retry=exc.retry) from None
         secret, hello = self._secret, self.hello
-        request = {"pake_pw": proto.b64(secret.pake_pw), "msg_a": proto.b64(start.msg_a)}
         try:
             async with self._pake_slots:
+                request = {
+                    "pake_pw": proto.b64(secret.pake_pw),
+                    **await self._blinds_of(secret),
+                    "msg_a": proto.b64(start.msg_a),
+                }
                 answer = await self._crypto("respond", request)
             msg_b = _worker_bytes(answer, "msg_b")
             shared = _worker_bytes(answer, "key")
@@ -615,6 +624,19 @@ class BootstrapService:
             fingerprint=str(cert.get("fingerprint")),
         )
         return _worker_bytes(cert, "pem")
+
+    async def _blinds_of(self, secret: proto.NodePassword) -> dict[str, str]:
+        """The SPAKE2 blinding points of ``secret`` ({"blind", "unblind"}, base64), asked of the
+        worker once per verifier (``bootstrap_crypto.blinds``): at ``start``, or at the first
+        exchange if the worker failed then. Their making takes a time that depends on the
+        password; an exchange then only decodes them (``tlsroll.bootstrap_pake.node_respond``)."""
+        if self._blinds is not None and self._secret is secret:
+            return self._blinds
+        answer = await self._crypto("blinds", {"pake_pw": proto.b64(secret.pake_pw)})
+        made = {k: proto.b64(_worker_bytes(answer, k)) for k in ("blind", "unblind")}
+        if self._secret is secret:  # (not replaced meanwhile)
+            self._blinds = made
+        return made
 
     async def _crypto(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         """``bootstrap_crypto.OPS[op](request)`` in the worker: its answer; the peer's refusal

@@ -36,7 +36,6 @@ from tests.nodeside import cluster_of
 from tests.test_bootstrap import (
     OTHER_PASSWORD,
     PASSWORD,
-    VERIFIER,
     FakeClock,
     InProcessCrypto,
     Node,
@@ -323,4 +322,40 @@ async def test_a_bundle_with_a_non_ca_is_refused_at_start(
     with pytest.raises(ValueError, match="CA certificates"):
         await service.start()
     await service.stop()
-    assert password.validate_verifier(VERIFIER)  # (the verifier itself is fine)
+
+
+async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Making ``w·N`` and ``−w·M`` takes a time that depends on the password: made once, when
+    the service starts (or, if the worker failed then, at the first exchange), never again for
+    a stranger's request, although the worker that keeps nothing between calls (it may have
+    been stopped when idle) answers each."""
+    address = loopback()
+    crypto = InProcessCrypto()
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto
+    ) as service:
+        node = Node(service, FakeClock(), test_ca.cert_pem)
+        assert crypto.calls == {"check_ca_bundle": 1, "blinds": 1}
+        for _ in range(2):
+            assert (await node.exchange(session)).status == 200
+        assert (await node.exchange(session, OTHER_PASSWORD)).status == 401
+        assert crypto.calls["blinds"] == 1 and crypto.calls["respond"] == 3
+        service.set_verifier(password.make_verifier(OTHER_PASSWORD, **password.TEST_PARAMS))
+        assert (await node.exchange(session, OTHER_PASSWORD)).status == 200
+        assert crypto.calls["blinds"] == 2
+
+    # A worker that cannot start when the service does: the service starts (warnings), and
+    # the first exchange has the points made.
+    crypto = InProcessCrypto()
+    crypto.fail = NoAnswer("crypto work (bootstrap.check_ca_bundle) failed: the worker ended")
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto
+    ) as service:
+        crypto.fail = None
+        assert (await Node(service, FakeClock(), test_ca.cert_pem).exchange(session)).status == 200
+        assert crypto.calls["blinds"] == 2  # the failed one at start, then the exchange's

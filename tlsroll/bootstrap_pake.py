@@ -111,17 +111,37 @@ class _NodeSPAKE2(SPAKE2_B):  # type: ignore[misc]
 @functools.lru_cache(maxsize=2)
 def _node_blinds(pw: bytes) -> tuple[Any, Any]:
     """The node's SPAKE2 blinding points for ``pw``: two scalar multiplications in pure Python
-    (tens of ms). Kept for the last two passwords, for as long as the process lives (the
-    agent's crypto worker: until it is idle for a minute)."""
+    (tens of ms), whose time depends on ``pw``. Kept for the last two passwords, for as long as
+    the process lives."""
     scalar = PARAMS.group.password_to_scalar(pw)
     return PARAMS.N.scalarmult(scalar), PARAMS.M.scalarmult(-scalar)
 
 
-def node_respond(pake_pw: bytes, msg_a: bytes) -> tuple[bytes, bytes]:
-    """The node's SPAKE2 for ``pake_pw`` (what SPAKE2 runs on: ``NodePassword.pake_pw``):
-    ``(msg_b, SPAKE2 key)`` for the workstation's ``msg_a`` (BootstrapError if bad)."""
-    check_message(msg_a, b"A")
+def node_blinds(pake_pw: bytes) -> tuple[bytes, bytes]:
+    """The node's blinding points ``w·N`` and ``−w·M`` for ``pake_pw``, encoded (32 bytes each;
+    secret: they stand for the password as ``pake_pw`` does). The agent asks for them once per
+    verifier, when its service starts, and passes them with each exchange (``node_respond``):
+    its crypto worker, which stops when idle, then never makes them for a stranger's request,
+    whose answer's time would depend on the password (see "Side channels")."""
     blind, unblind = _node_blinds(pake_pw)
+    return blind.to_bytes(), unblind.to_bytes()
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(blind: bytes, unblind: bytes) -> tuple[Any, Any]:
+    """``node_blinds``' points decoded (and checked to be in the group: a multiplication by the
+    group's order, whatever the password)."""
+    return PARAMS.group.bytes_to_element(blind), PARAMS.group.bytes_to_element(unblind)
+
+
+def node_respond(
+    pake_pw: bytes, msg_a: bytes, blinds: tuple[bytes, bytes] | None = None
+) -> tuple[bytes, bytes]:
+    """The node's SPAKE2 for ``pake_pw`` (what SPAKE2 runs on: ``NodePassword.pake_pw``):
+    ``(msg_b, SPAKE2 key)`` for the workstation's ``msg_a`` (BootstrapError if bad).
+    ``blinds``: ``node_blinds(pake_pw)``, made earlier; None: made (or kept) here."""
+    check_message(msg_a, b"A")
+    blind, unblind = _node_blinds(pake_pw) if blinds is None else _decoded(*blinds)
     side = _NodeSPAKE2(pake_pw, blind, unblind)
     msg_b: bytes = side.start()
     try:

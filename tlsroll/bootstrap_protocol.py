@@ -69,9 +69,11 @@ closes "whoever has the password can pose as a node": a pinned client trusts the
 and uses the password only to enrol.
 
 Side channels. ``spake2`` is pure Python and not constant time. The node computes the
-password's blinding points ``w·N`` and ``−w·M`` once per verifier (``NodeSecret``), so what an
-exchange costs it depends on its random scalar and the peer's message, not on ``w``; the
-workstation's one run per attempt is a single timing sample.
+password's blinding points ``w·N`` and ``−w·M`` once per verifier, when its service starts
+(``tlsroll.bootstrap_pake.node_blinds``; the agent keeps them and hands them to its crypto
+worker with each exchange, so that a worker started afresh for a stranger's request does not
+make them then), so what an exchange costs it depends on its random scalar and the peer's
+message, not on ``w``; the workstation's one run per attempt is a single timing sample.
 
 Canonical encoding: JSON with sorted keys, no whitespace, UTF-8, no floats (RFC 8785 for these
 values). An old (v1) client gets ``{"version": 2, "error": "upgrade_required", …}`` on
