@@ -8,14 +8,22 @@ connections), and the limits that make each password guess cost one counted exch
     service = BootstrapService(
         address="192.168.1.5", cert_file=..., key_file=..., ca_bundle_pem=...,
         server_url="https://192.168.1.5:8443/praxis_live/", node_name="node-a",
-        verifier=verifier, sign=forward_to_leader,
+        verifier=verifier, sign=forward_to_leader, crypto=worker,
     )
-    await service.start()            # refuses a key file others can read
+    await service.start()            # refuses a key file others can read, a bundle of non-CAs
     service.set_verifier(new)        # the password changed (at the managed server's restart)
     await service.stop()
 
 ``sign(csr_pem) -> certificate_pem`` is injected: in production the agent forwards the CSR to
 the leader's CA, which issues a client certificate (EKU clientAuth only) for ``ws-<name>``.
+
+``crypto`` runs the exchange's cryptography (``nodeagent.bootstrap_crypto``'s ops: SPAKE2,
+AES-GCM, the CSR's and the certificates' checks): in production the agent's crypto worker, a
+child process (``nodeagent.cryptoworker``), so that the agent never holds ``cryptography`` or
+``spake2`` (issue 15). The exchange's state, its limits, the key derivation and the key
+confirmation (HMAC) stay here: a wrong password is found and counted without the worker. A
+worker that fails (killed, hung, not startable) is a 503 ``busy`` with Retry-After for the
+workstation ("try later"), never a counted failure, and the exchange is used up.
 
 Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
 
@@ -49,15 +57,16 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
+from nodeagent import bootstrap_crypto
 from nodeagent.failure_log import FailureLog
 from nodeagent.json_https import HttpLimits, JsonHttpsListener, Reply, Request
 from tlsroll import bootstrap_protocol as proto
-from tlsroll import logs, pki
+from tlsroll import logs, peertext
 from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
 from tlsroll.defaults import BOOTSTRAP_PORT
-from tlsroll.errors import TerminalError
+from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
@@ -66,10 +75,40 @@ Clock = Callable[[], float]
 WallClock = Callable[[], dt.datetime]
 
 SHUTDOWN_TIMEOUT = 5.0
-PAKE_CONCURRENCY = 2  # SPAKE2 is pure Python: at most this many in worker threads at once
+PAKE_CONCURRENCY = 2  # SPAKE2 is pure Python: at most this many asked of the worker at once
+WORKER_RETRY = 5.0  # the Retry-After of a "try later" when the crypto worker failed
 NODE_KEY = "node"
 
 log = logs.get_logger(__name__)
+
+
+class Crypto(Protocol):
+    """What runs ``nodeagent.bootstrap_crypto``'s ops (op ``"bootstrap.NAME"``): the agent's
+    crypto worker (``nodeagent.cryptoworker.CryptoWorker``)."""
+
+    async def call(self, op: str, request: dict[str, Any]) -> Any: ...
+
+
+class WorkerFailed(TerminalError):
+    """The crypto worker gave no (usable) answer: killed, hung, not startable, or its bug
+    (``BootstrapService._crypto``). The workstation is told to try later; nothing is counted."""
+
+
+def _busy() -> Refused:
+    return Refused(
+        503,
+        proto.ErrorCode.BUSY,
+        "the node cannot run the exchange now; try later",
+        retry=WORKER_RETRY,
+    )
+
+
+def _worker_bytes(answer: Mapping[str, Any], name: str) -> bytes:
+    """A base64 field of the worker's answer; WorkerFailed if it has none."""
+    try:
+        return proto.unb64(answer.get(name), name)
+    except proto.BootstrapError:
+        raise WorkerFailed(f"the crypto worker's answer has no {name}") from None
 
 
 PER_SOURCE = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
@@ -257,6 +296,7 @@ class BootstrapService:
         failures: FailureLog | None = None,
         counted: Callable[[dt.datetime], Awaitable[None]] | None = None,
         key_shared_with: tuple[int, int] | None = None,
+        crypto: Crypto,
     ) -> None:
         if not server_url.startswith("https://") or not server_url.endswith("/"):
             raise ValueError(f"server_url must be https://HOST:PORT/APP/, got {server_url!r}")
@@ -270,6 +310,7 @@ class BootstrapService:
         self.server_url = server_url
         self.node_name = node_name
         self.sign = sign
+        self.crypto = crypto
         self.clock = clock
         self.wall = wall
         self.limits = limits or (guard.limits if guard is not None else Limits())
@@ -295,13 +336,27 @@ class BootstrapService:
 
         Exchanges already started keep the keys they have; new ones use the new password.
         """
-        self._secret = proto.NodeSecret(verifier)
+        self._secret = proto.NodePassword.of_verifier(verifier)
+        self._blinds: dict[str, str] | None = None  # its SPAKE2 blinding points (``_blinds_of``)
 
     def set_ca_bundle(self, ca_bundle_pem: bytes) -> None:
-        certs = pki.load_certs_pem(ca_bundle_pem)
-        if not certs or not all(pki.is_ca(c) for c in certs):
+        """Hand out this CA bundle from now on (ValueError if it holds no PEM certificate; that
+        each one is a CA is checked by ``check_ca_bundle``, in the worker, at ``start``)."""
+        if b"-----BEGIN CERTIFICATE-----" not in ca_bundle_pem:
             raise ValueError("ca_bundle_pem must hold one or more CA certificates")
         self.ca_bundle_pem = ca_bundle_pem
+
+    async def check_ca_bundle(self) -> None:
+        """ValueError unless every certificate of the bundle is a CA (checked by the worker).
+
+        A worker that fails here does not keep the service closed: the bundle is the node's own
+        CA file, which the agent checked when it staged it; a warning, and the service starts."""
+        try:
+            await self._crypto("check_ca_bundle", {"pem": proto.b64(self.ca_bundle_pem)})
+        except proto.BootstrapError as exc:
+            raise ValueError(f"ca_bundle_pem must hold only CA certificates: {exc}") from None
+        except WorkerFailed:
+            log.warning("bootstrap.ca_bundle_unchecked", node=self.node_name)
 
     @property
     def hello(self) -> proto.Hello:
@@ -341,6 +396,11 @@ class BootstrapService:
         managed server's user may own it, its group read it: ``plans.Sharing``)."""
         if self._listener is not None:
             raise RuntimeError("bootstrap service already started")
+        await self.check_ca_bundle()
+        try:  # the password's blinding points now, not at a stranger's request
+            await self._blinds_of(self._secret)
+        except WorkerFailed:
+            log.warning("bootstrap.blinds_deferred", node=self.node_name)
         self._ssl = await asyncio.to_thread(self._tls_context)  # reads the key and certificate
         listener = self.listener()
         self.port = await listener.start(self.address, self.port, self._ssl)
@@ -384,7 +444,10 @@ class BootstrapService:
                 start = proto.parse_start_request(request.body)
             except proto.BootstrapError as exc:
                 raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
-            answer = await self._start(source, start)
+            try:
+                answer = await self._start(source, start)
+            except WorkerFailed:
+                raise _busy() from None
         except Refused as exc:
             log.warning(
                 "bootstrap.start_refused",
@@ -417,7 +480,14 @@ class BootstrapService:
         secret, hello = self._secret, self.hello
         try:
             async with self._pake_slots:
-                msg_b, shared = await asyncio.to_thread(secret.respond, start.msg_a)
+                request = {
+                    "pake_pw": proto.b64(secret.pake_pw),
+                    **await self._blinds_of(secret),
+                    "msg_a": proto.b64(start.msg_a),
+                }
+                answer = await self._crypto("respond", request)
+            msg_b = _worker_bytes(answer, "msg_b")
+            shared = _worker_bytes(answer, "key")
         except proto.BootstrapError as exc:
             self.exchanges.drop(ex.id)
             raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
@@ -458,24 +528,37 @@ class BootstrapService:
                     "wrong password (a changed password takes effect when the server restarts)",
                 )
             self.guard.succeeded(ex.source, ex.workstation)
-            cert_pem = await self._enrol(request, ex, finish)
+            try:
+                sealed = await self._deliver(ex, await self._enrol(request, ex, finish))
+            except WorkerFailed:  # the password was right: nothing counted, try again later
+                raise _busy() from None
         except Refused as exc:
             if exc.code is not proto.ErrorCode.WRONG_PASSWORD:
                 log.warning(
                     "bootstrap.finish_refused", remote=request.remote, reason=exc.code.value
                 )
             return _refusal(exc)
+        answer = proto.FinishAnswer(confirm=ex.keys.confirmation(proto.Side.NODE), payload=sealed)
+        return _answer(answer.to_json())
+
+    async def _deliver(self, ex: Exchange, cert_pem: bytes) -> str:
+        """The payload for the workstation, sealed to it (by the worker)."""
+        assert ex.keys is not None
         payload = proto.Payload(
             ca_bundle_pem=self.ca_bundle_pem,
             certificate_pem=cert_pem,
             node=self.node_name,
             server_url=self.server_url,
         )
-        answer = proto.FinishAnswer(
-            confirm=ex.keys.confirmation(proto.Side.NODE),
-            payload=ex.keys.seal(proto.Side.WORKSTATION, payload.to_bytes()),
-        )
-        return _answer(answer.to_json())
+        request = {
+            "key": proto.b64(ex.keys.seal_to[proto.Side.WORKSTATION]),
+            "transcript": proto.b64(ex.keys.transcript),
+            "plaintext": proto.b64(payload.to_bytes()),
+        }
+        sealed = (await self._crypto("seal", request)).get("sealed")
+        if not isinstance(sealed, str):
+            raise WorkerFailed("the crypto worker's answer has no sealed payload")
+        return sealed
 
     def _failed(self, request: Request, ex: Exchange) -> dt.datetime:
         """Count a wrong password (in memory, at once); returns when."""
@@ -492,17 +575,24 @@ class BootstrapService:
 
     async def _enrol(self, request: Request, ex: Exchange, finish: proto.FinishRequest) -> bytes:
         assert ex.keys is not None
+        opened = {
+            "key": proto.b64(ex.keys.seal_to[proto.Side.NODE]),
+            "transcript": proto.b64(ex.keys.transcript),
+            "sealed": finish.csr,
+        }
         try:
-            csr_pem = ex.keys.open(proto.Side.NODE, finish.csr)
-            key, cn = proto.check_workstation_csr(csr_pem)
+            csr = await self._crypto("open_csr", opened)
         except proto.BootstrapError as exc:
             raise Refused(422, proto.ErrorCode.BAD_CSR, str(exc)) from None
+        csr_pem, cn, key_pin = _worker_bytes(csr, "csr_pem"), csr.get("cn"), csr.get("key_pin")
+        if not isinstance(cn, str) or not isinstance(key_pin, str):
+            raise WorkerFailed("the crypto worker's answer has no cn or key pin")
         if cn != ex.workstation:
             raise Refused(
                 422, proto.ErrorCode.BAD_CSR, f"the CSR names {cn}, the exchange {ex.workstation}"
             )
         try:
-            cert = pki.load_cert_pem(await self.sign(csr_pem))
+            signed = await self.sign(csr_pem)
         except TerminalError as exc:
             if not getattr(exc, "refused", False):
                 raise Refused(
@@ -517,13 +607,52 @@ class BootstrapService:
             raise Refused(
                 502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
-        if pki.spki_pin(cert) != pki.spki_pin(key):
+        try:
+            cert = await self._crypto("cert_facts", {"pem": proto.b64(signed)})
+        except proto.BootstrapError:  # what the leader returned does not parse
+            log.error("bootstrap.sign_failed", remote=request.remote, error="PKIError")
+            raise Refused(
+                502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
+            ) from None
+        if cert.get("spki_pin") != key_pin:
             log.error("bootstrap.sign_failed", remote=request.remote, error="key mismatch")
             raise Refused(502, proto.ErrorCode.SIGN_FAILED, "the CA returned a wrong certificate")
         log.info(
             "bootstrap.enrolled",
             remote=request.remote,
             cn=cn,
-            fingerprint=pki.fingerprint(cert),
+            fingerprint=str(cert.get("fingerprint")),
         )
-        return pki.cert_to_pem(cert)
+        return _worker_bytes(cert, "pem")
+
+    async def _blinds_of(self, secret: proto.NodePassword) -> dict[str, str]:
+        """The SPAKE2 blinding points of ``secret`` ({"blind", "unblind"}, base64), asked of the
+        worker once per verifier (``bootstrap_crypto.blinds``): at ``start``, or at the first
+        exchange if the worker failed then. Their making takes a time that depends on the
+        password; an exchange then only decodes them (``tlsroll.bootstrap_pake.node_respond``)."""
+        if self._blinds is not None and self._secret is secret:
+            return self._blinds
+        answer = await self._crypto("blinds", {"pake_pw": proto.b64(secret.pake_pw)})
+        made = {k: proto.b64(_worker_bytes(answer, k)) for k in ("blind", "unblind")}
+        if self._secret is secret:  # (not replaced meanwhile)
+            self._blinds = made
+        return made
+
+    async def _crypto(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        """``bootstrap_crypto.OPS[op](request)`` in the worker: its answer; the peer's refusal
+        it carries as ``BootstrapError``; WorkerFailed if the worker failed. The request and
+        the answer hold secrets: neither is ever logged, nor put in an error."""
+        try:
+            answer = await self.crypto.call(f"bootstrap.{op}", request)
+        except Exception as exc:  # killed, hung, not startable, or its bug: one answer
+            # (the worker's own errors name what failed, never a request's values)
+            detail = peertext.clean(str(exc), 200) if isinstance(exc, TlsrollError) else None
+            log.error("bootstrap.worker_failed", op=op, error=type(exc).__name__, detail=detail)
+            raise WorkerFailed(f"the crypto worker failed ({op})") from None
+        refused = bootstrap_crypto.refusal(answer)
+        if refused is not None:
+            raise refused
+        if not isinstance(answer, dict):
+            log.error("bootstrap.worker_failed", op=op, error="not an object")
+            raise WorkerFailed(f"the crypto worker's answer to {op} is not an object")
+        return answer

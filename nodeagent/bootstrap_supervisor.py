@@ -3,7 +3,10 @@
 While the managed server is on https with an auth password, workstations can fetch the CA
 and enrol there; on http (before the switch, or after a rollback) the service is closed. The
 service uses the server's own certificate and key and the live verifier; a workstation's CSR
-is signed by the leader's CA over the agent's mutual-TLS channel.
+is signed by the leader's CA over the agent's mutual-TLS channel. Its cryptography (SPAKE2,
+AES-GCM, the CSR's and certificates' checks) runs in the agent's crypto worker (``crypto``, a
+``nodeagent.cryptoworker.CryptoWorker``; ``nodeagent.bootstrap_crypto``'s ops), so that the
+agent never holds ``cryptography`` or ``spake2`` for it.
 
 The failure counts (``Guard``) and the failures not yet reported (``FailureLog``) belong to the
 host, not to one service: a restart of the service (a new password, a rollback and a new
@@ -26,12 +29,13 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from nodeagent import warmup
 from nodeagent.config import AgentConfig
+from nodeagent.cryptoworker import InProcess
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import FUTURE_SLACK, Journal
@@ -44,6 +48,14 @@ if TYPE_CHECKING:
     from nodeagent.bootstrap_server import BootstrapService, Guard
 
 log = logs.get_logger(__name__)
+
+
+class Crypto(Protocol):
+    """The agent's crypto worker as the host uses it (``nodeagent.cryptoworker``)."""
+
+    async def call(self, op: str, request: dict[str, Any]) -> Any: ...
+
+    def warm(self) -> None: ...
 
 
 class SignRefused(TerminalError):
@@ -75,8 +87,13 @@ class BootstrapHost:
         identity: Identity,
         journal: Journal,
         key_reader: Callable[[], tuple[int, int] | None] | None = None,
+        *,
+        crypto: Crypto | None = None,
     ) -> None:
         self.cfg = cfg
+        # The agent's crypto worker (``runtime.serve`` sets it): the service's SPAKE2, sealing
+        # and checks run there. ``InProcess`` (tests, tools): in this process.
+        self.crypto: Crypto = crypto if crypto is not None else InProcess()
         self.identity = identity
         self.journal = journal
         # (blocking) whom the server's key is shared with (the managed server's user, uid and
@@ -123,7 +140,9 @@ class BootstrapHost:
         """Import the bootstrap service in a worker thread, once: when the node is staged for a
         switch (and, for a switch without a stage, when it begins), so that the import is done,
         and its CPU spent while the node's server is not restarting, by the time the switch
-        completes; await the result to wait for it."""
+        completes; await the result to wait for it. The crypto worker, which runs the service's
+        cryptography, is started too (if it is not running), for the first exchanges."""
+        self.crypto.warm()
         warming = self._warming
         if warming is None or (warming.done() and (warming.cancelled() or warming.exception())):
             # (a failed or cancelled import is tried again, not kept for the agent's life)
@@ -140,15 +159,15 @@ class BootstrapHost:
             self.current = live
             if live is None or not live.get("verifier_file"):
                 return
-            # The service (its protocol, SPAKE2, h11) is imported when a node first serves
-            # https with an auth password, not at the agent's start: an agent that never runs
-            # the service does not hold it. (It served on aiohttp.web until issue 15, whose
-            # 10 MiB every switched agent then kept.) Imported in a worker thread (``warm``), not
-            # on the event loop: this runs as a switch completes, and a quarter of a second of
-            # importing there held back the outcome the leader waits for.
+            # The service (its protocol and h11) is imported when a node first serves https
+            # with an auth password, not at the agent's start: an agent that never runs the
+            # service does not hold it. (It served on aiohttp.web until issue 15, whose 10 MiB
+            # every switched agent then kept; and it held SPAKE2 and ``cryptography`` until
+            # session 41: the crypto worker runs those now.) Imported in a worker thread
+            # (``warm``), not on the event loop: this runs as a switch completes, and a quarter
+            # of a second of importing there held back the outcome the leader waits for.
             await asyncio.shield(self.warm())
             from nodeagent.bootstrap_server import BootstrapService, Guard, Limits  # noqa: PLC0415
-            from tlsroll.bootstrap_protocol import NodeSecret  # noqa: PLC0415
 
             if self.guard is None:
                 self.guard = Guard(Limits())
@@ -158,10 +177,6 @@ class BootstrapHost:
                 verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)
                 ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
                 verifier = password.verifier_from_json(verifier_text)
-                # The node's side of SPAKE2 costs two scalar multiplications in pure Python:
-                # made in a worker thread (the service below finds it made), not on the event
-                # loop, where it held back the leader's calls as the switch completed.
-                await asyncio.to_thread(NodeSecret, verifier)
                 reader = self.key_reader
                 shared = await asyncio.to_thread(reader) if reader is not None else None
                 service = BootstrapService(
@@ -178,6 +193,7 @@ class BootstrapHost:
                     failures=self.failures,
                     counted=self._counted,
                     key_shared_with=shared,
+                    crypto=self.crypto,
                 )
                 await service.start()
             except (OSError, ValueError, TlsrollError) as exc:

@@ -167,9 +167,7 @@ async def serve(
     # (``nodeagent.cryptoworker``).
     crypto = CryptoWorker(log_level=cfg.log_level)
     key_reader = (lambda: plans.sharing(driver).reader) if driver is not None else None
-    bootstrap = BootstrapHost(cfg, identity, journal, key_reader)
-    # (``BootstrapHost`` declares ``crypto`` once its PAKE is an op of the worker, s41boot)
-    setattr(bootstrap, "crypto", crypto)  # noqa: B010 - until it is declared there
+    bootstrap = BootstrapHost(cfg, identity, journal, key_reader, crypto=crypto)
     if runner is not None:
         runner.on_complete = bootstrap.sync
         runner.on_switch = bootstrap.warm

@@ -10,7 +10,6 @@ while it runs, as ``bench.rollout`` reads its RSS."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import signal
 import socket
@@ -112,9 +111,6 @@ def said(log_file: Path, event: str) -> bool:
     return event in log_file.read_text(errors="replace")
 
 
-BOOTSTRAP_OPS = importlib.util.find_spec("nodeagent.bootstrap_crypto") is not None
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("bootstrap", ["served", "kept-out"])
@@ -167,8 +163,6 @@ def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
                 text = log.read_text(errors="replace")
                 assert "stage.csr_created" in text
                 assert text.count("cryptoworker.started") >= 2  # the switch's work started one
-                if bootstrap == "served" and not BOOTSTRAP_OPS and holds_cryptography(agent.pid):
-                    pytest.xfail("the bootstrap service imports cryptography until its ops move")
                 assert not holds_cryptography(agent.pid), "the switch loaded it"
         finally:
             server.close()

@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +25,18 @@ import aiohttp
 import pytest
 import structlog
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from spake2 import SPAKE2_B
 
+from nodeagent import bootstrap_crypto
 from nodeagent.bootstrap_server import (
     NODE_KEY,
     BootstrapService,
     Busy,
+    Crypto,
     ExchangeTable,
     Guard,
     Limits,
@@ -79,6 +86,30 @@ def ca_signer(ca: pki.CertificateAuthority) -> Callable[[bytes], Any]:
     return sign
 
 
+class InProcessCrypto:
+    """The tests' stand-in for the agent's crypto worker (``nodeagent.cryptoworker``): runs
+    ``bootstrap_crypto.OPS[NAME]`` for the op "bootstrap.NAME" in a thread, the request and
+    the answer through JSON as over the worker's pipe. ``fail`` makes the next calls raise
+    what a dead worker raises; ``calls`` counts them by op."""
+
+    def __init__(self) -> None:
+        self.fail: Exception | None = None
+        self.calls: dict[str, int] = {}
+
+    async def call(self, op: str, request: dict[str, Any]) -> Any:
+        module, _, name = op.partition(".")
+        assert module == "bootstrap", op
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.fail is not None:
+            raise self.fail
+        sent = json.loads(json.dumps(request))
+        answer = await asyncio.to_thread(bootstrap_crypto.OPS[name], sent)
+        return json.loads(json.dumps(answer))
+
+    def warm(self) -> None:
+        pass
+
+
 def make_service(
     cert: IssuedCert,
     address: str,
@@ -89,6 +120,7 @@ def make_service(
     port: int = BOOTSTRAP_PORT,
     sign: Callable[[bytes], Any] | None = None,
     limits: Limits | None = None,
+    crypto: Crypto | None = None,
 ) -> BootstrapService:
     return BootstrapService(
         address=address,
@@ -102,6 +134,7 @@ def make_service(
         sign=sign or ca_signer(ca),
         clock=clock or FakeClock(),
         limits=limits,
+        crypto=crypto or InProcessCrypto(),
     )
 
 
@@ -350,6 +383,45 @@ def test_the_nodes_side_is_made_once_per_verifier(monkeypatch: pytest.MonkeyPatc
         ws = proto.WorkstationPAKE(secret, node.kdf)
         msg_b, key = node.respond(ws.msg_a)
         assert ws.finish(msg_b) == key
+
+
+def test_the_protocol_module_holds_no_cryptography_library() -> None:
+    """Issue 15 (session 41): what the agent's service imports of the protocol (and the
+    service itself, and the ops module its worker runs) loads neither ``cryptography`` nor
+    ``spake2``; the workstation's names (``proto.WorkstationPAKE`` …) still load them when
+    first used."""
+    script = (
+        "import sys\n"
+        "import nodeagent.bootstrap_server, nodeagent.bootstrap_crypto\n"
+        "from tlsroll import bootstrap_protocol as proto\n"
+        "bad = lambda: sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('cryptography', 'spake2'))\n"
+        "print(bad())\n"
+        "proto.WorkstationPAKE\n"
+        "print(bool(bad()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"], done.stdout
+
+
+def test_hkdf_of_the_standard_library_is_rfc_5869() -> None:
+    """``SessionKeys.derive``'s HKDF-SHA256 is ``hmac``'s (the agent holds no ``cryptography``):
+    RFC 5869's test case 1, and ``cryptography``'s HKDF, for the lengths and inputs the
+    protocol uses and more."""
+    ikm = bytes.fromhex("0b" * 22)
+    salt = bytes.fromhex("000102030405060708090a0b0c")
+    info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
+    okm = "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+    assert proto.hkdf_sha256(ikm, salt, info, 42).hex() == okm
+    for n in range(20):
+        shared, t = os.urandom(32), hashlib.sha256(bytes([n])).digest()
+        label = f"seal to {'node' if n % 2 else 'workstation'}".encode()
+        for length in (32, 16, 64, 100):
+            theirs = HKDF(hashes.SHA256(), length, salt=t, info=label).derive(shared)
+            assert proto.hkdf_sha256(shared, t, label, length) == theirs
 
 
 def test_bad_pake_messages_are_refused() -> None:

@@ -40,7 +40,14 @@ from nodeagent.journal import Journal
 from nodeagent.leader_link import failure_messages
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
-from tests.test_bootstrap import OTHER_PASSWORD, VERIFIER, FakeClock, Node, session_from
+from tests.test_bootstrap import (
+    OTHER_PASSWORD,
+    VERIFIER,
+    FakeClock,
+    InProcessCrypto,
+    Node,
+    session_from,
+)
 from tests.test_heartbeat_stream import agent_link
 from tlsroll import password, peertext, pki
 from tlsroll.errors import TransientError
@@ -148,7 +155,9 @@ def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
 
 def _host(journal: Journal) -> BootstrapHost:
     cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=0)
-    return BootstrapHost(cast(AgentConfig, cfg), cast(Identity, None), journal)
+    return BootstrapHost(
+        cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=InProcessCrypto()
+    )
 
 
 def switched(journal: Journal, tmp_path: Path, address: str, cert: IssuedCert) -> None:

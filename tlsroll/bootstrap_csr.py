@@ -10,23 +10,24 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
-import unicodedata
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tlsroll import peertext, pki
-from tlsroll.errors import PKIError, TerminalError
+from tlsroll import bootstrap_base, pki
+from tlsroll.errors import PKIError
 
-DETAIL_CHARS = 200  # node-supplied text in an error is cleaned and cut to this
-# "ws-" + a DNS label: at most 63 characters, lowercase letters, digits, inner hyphens.
-WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
+# The plain parts (standard library only) live in ``tlsroll.bootstrap_base``; they are part of
+# this module as before.
+DETAIL_CHARS = bootstrap_base.DETAIL_CHARS
+WORKSTATION_CN = bootstrap_base.WORKSTATION_CN
+BootstrapReason = bootstrap_base.BootstrapReason
+BootstrapError = bootstrap_base.BootstrapError
+loads_strict = bootstrap_base.loads_strict
+workstation_cn = bootstrap_base.workstation_cn
 # The CSR extension of a re-enrolment (``Reenrolment``), under a private OID (X.667: 2.25.UUID).
 REENROL_OID = x509.ObjectIdentifier("2.25.182646992994859322264631623817214396066")
 _REENROL_LABEL = b"tlsroll workstation re-enrolment v1\x00"
@@ -36,63 +37,9 @@ _MAX_REENROL_BYTES = 8192
 _UNREADABLE = (ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm)
 
 
-class BootstrapReason(StrEnum):
-    MALFORMED = "not a valid tlsroll bootstrap message"
-    VERSION = "unsupported bootstrap protocol version"
-    BAD_KDF = "unacceptable key derivation parameters"
-    CONFIRMATION = "key confirmation failed (wrong password, not the real node, or altered)"
-    SEAL = "sealed data does not verify under the exchanged key"
-    BAD_CSR = "unacceptable workstation CSR"
-
-
-class BootstrapError(TerminalError):
-    """A bootstrap message that is malformed or does not verify; ``str()`` is one line."""
-
-    def __init__(self, reason: BootstrapReason, detail: str = "") -> None:
-        # ``detail`` may quote what a node or a client sent: one line, bounded.
-        detail = peertext.clean(detail, DETAIL_CHARS) if detail else ""
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.reason = reason
-        self.detail = detail
-
-
-def loads_strict(body: bytes) -> Any:
-    """Parse JSON from the network: UTF-8, no duplicate keys, no NaN/Infinity, nested no deeper
-    than the decoder can go; ValueError (UnicodeDecodeError) else."""
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, item in items:
-            if key in obj:
-                raise ValueError(f"duplicate key {key!r}")
-            obj[key] = item
-        return obj
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not allowed")
-
-    text = body.decode("utf-8")
-    try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant)
-    except RecursionError:  # '[' * 30000: the decoder's recursion, not the handler's bug
-        raise ValueError("nested too deeply") from None
-
-
 def workstation_names(common_name: str) -> pki.Names:
     """What a workstation certificate carries: CN ``ws-...`` and the same name as its only SAN."""
     return pki.Names.of(common_name, dns=[common_name])
-
-
-def workstation_cn(label: str) -> str:
-    """``ws-<label>`` from a host name or any text: lowercase, [a-z0-9-], at most 63 chars."""
-    text = label.lower().split(".", 1)[0]
-    for umlaut, ascii_ in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
-        text = text.replace(umlaut, ascii_)
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    text = re.sub(r"[^a-z0-9-]+", "-", text).strip("-")
-    text = re.sub(r"-{2,}", "-", text)[:60].strip("-") or "workstation"
-    cn = text if text.startswith("ws-") else f"ws-{text}"
-    return cn[:63].rstrip("-")
 
 
 def check_workstation_csr(csr_pem: bytes) -> tuple[ec.EllipticCurvePublicKey, str]:

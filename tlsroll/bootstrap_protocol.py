@@ -69,9 +69,11 @@ closes "whoever has the password can pose as a node": a pinned client trusts the
 and uses the password only to enrol.
 
 Side channels. ``spake2`` is pure Python and not constant time. The node computes the
-password's blinding points ``w·N`` and ``−w·M`` once per verifier (``NodeSecret``), so what an
-exchange costs it depends on its random scalar and the peer's message, not on ``w``; the
-workstation's one run per attempt is a single timing sample.
+password's blinding points ``w·N`` and ``−w·M`` once per verifier, when its service starts
+(``tlsroll.bootstrap_pake.node_blinds``; the agent keeps them and hands them to its crypto
+worker with each exchange, so that a worker started afresh for a stranger's request does not
+make them then), so what an exchange costs it depends on its random scalar and the peer's
+message, not on ``w``; the workstation's one run per attempt is a single timing sample.
 
 Canonical encoding: JSON with sorted keys, no whitespace, UTF-8, no floats (RFC 8785 for these
 values). An old (v1) client gets ``{"version": 2, "error": "upgrade_required", …}`` on
@@ -83,42 +85,58 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import json
-import os
 import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from spake2 import SPAKE2_A, SPAKE2_B
-from spake2.ed25519_basic import NotOnCurve
-from spake2.parameters.ed25519 import ParamsEd25519
-from spake2.spake2 import SPAKEError
+from tlsroll import bootstrap_base, password
 
-from tlsroll import bootstrap_csr, password, pki
-from tlsroll.errors import PKIError
+if TYPE_CHECKING:  # imported when first used (``__getattr__`` below)
+    from tlsroll.bootstrap_csr import check_workstation_csr as check_workstation_csr  # noqa: PLC0414
+    from tlsroll.bootstrap_csr import workstation_names as workstation_names  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import PARAMS as PARAMS  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import NodeSecret as NodeSecret  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import WorkstationPAKE as WorkstationPAKE  # noqa: PLC0414
+    from tlsroll.bootstrap_pake import ca_certificates as ca_certificates  # noqa: PLC0414
 
-# What the leader needs of the protocol (a workstation's names and the check of its CSR, the
-# protocol's error) lives in ``tlsroll.bootstrap_csr``, without spake2; it is part of the
-# protocol here as before.
-DETAIL_CHARS = bootstrap_csr.DETAIL_CHARS
-WORKSTATION_CN = bootstrap_csr.WORKSTATION_CN
-BootstrapReason = bootstrap_csr.BootstrapReason
-BootstrapError = bootstrap_csr.BootstrapError
-workstation_names = bootstrap_csr.workstation_names
-workstation_cn = bootstrap_csr.workstation_cn
-check_workstation_csr = bootstrap_csr.check_workstation_csr
-loads_strict = bootstrap_csr.loads_strict
+# This module is the standard library's only (no ``cryptography``, no ``spake2``): the agent
+# runs its bootstrap service with it, and leaves the X.509 and PAKE work to its crypto worker
+# (``nodeagent.bootstrap_crypto``). What needs those libraries is in ``tlsroll.bootstrap_pake``
+# (SPAKE2, AES-GCM, the CA bundle's check) and ``tlsroll.bootstrap_csr`` (the CSR's rules); it
+# is part of the protocol here as before, imported when first asked for (``__getattr__``).
+_LAZY = {
+    "NodeSecret": "tlsroll.bootstrap_pake",
+    "WorkstationPAKE": "tlsroll.bootstrap_pake",
+    "PARAMS": "tlsroll.bootstrap_pake",
+    "ca_certificates": "tlsroll.bootstrap_pake",
+    "check_workstation_csr": "tlsroll.bootstrap_csr",
+    "workstation_names": "tlsroll.bootstrap_csr",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+DETAIL_CHARS = bootstrap_base.DETAIL_CHARS
+WORKSTATION_CN = bootstrap_base.WORKSTATION_CN
+BootstrapReason = bootstrap_base.BootstrapReason
+BootstrapError = bootstrap_base.BootstrapError
+workstation_cn = bootstrap_base.workstation_cn
+loads_strict = bootstrap_base.loads_strict
 
 VERSION = 2
 HELLO_PATH = "/v2/hello"
@@ -141,7 +159,6 @@ EXCHANGE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 PAKE_MESSAGE_BYTES = 33  # one side byte and one Ed25519 point
 
-PARAMS = ParamsEd25519  # the SPAKE2 group and its M, N (public: the tests attack with them)
 ID_WORKSTATION = b"tlsroll bootstrap v2: workstation"
 ID_NODE = b"tlsroll bootstrap v2: node"
 _PAKE_INFO = b"tlsroll bootstrap v2: spake2 password"
@@ -359,107 +376,28 @@ def parse_hello(body: bytes) -> Hello:
     )
 
 
-def ca_certificates(bundle_pem: bytes) -> list[x509.Certificate]:
-    """The certificates of a CA bundle; every one must be a CA."""
-    try:
-        certs = pki.load_certs_pem(bundle_pem)
-    except PKIError as exc:
-        raise BootstrapError(BootstrapReason.MALFORMED, str(exc)) from None
-    if not certs or not all(pki.is_ca(c) for c in certs):
-        raise BootstrapError(BootstrapReason.MALFORMED, "the CA bundle holds a non-CA certificate")
-    return certs
-
-
-# --- SPAKE2 -------------------------------------------------------------------------------------
-
-
-class _Fixed:
-    """A blinding point whose product with the password's scalar is already known."""
-
-    def __init__(self, element: Any) -> None:
-        self.element = element
-
-    def scalarmult(self, _scalar: int) -> Any:
-        return self.element
-
-
-class _NodeSPAKE2(SPAKE2_B):  # type: ignore[misc]
-    """SPAKE2's side B with ``w·N`` and ``−w·M`` computed beforehand (see "Side channels")."""
-
-    def __init__(self, pake_pw: bytes, blind: Any, unblind: Any) -> None:
-        super().__init__(pake_pw, idA=ID_WORKSTATION, idB=ID_NODE, params=PARAMS)
-        self._blind = _Fixed(blind)
-        self._unblind = _Fixed(unblind)
-
-    def my_blinding(self) -> _Fixed:
-        return self._blind
-
-    def my_unblinding(self) -> _Fixed:
-        return self._unblind
-
-
-def _check_message(msg: bytes, side: bytes) -> None:
+def check_message(msg: bytes, side: bytes) -> None:
+    """A SPAKE2 message of ``side`` (b"A": the workstation's, b"B": the node's), by its shape."""
     if len(msg) != PAKE_MESSAGE_BYTES or msg[:1] != side:
         raise BootstrapError(BootstrapReason.MALFORMED, "not a SPAKE2 message of the other side")
 
 
-@functools.lru_cache(maxsize=2)
-def _node_blinds(pw: bytes) -> tuple[Any, Any]:
-    """The node's SPAKE2 blinding points for ``pw``: two scalar multiplications in pure Python
-    (tens of ms). Kept for the last two passwords: the agent makes a ``NodeSecret`` again for
-    the same verifier at every switch that keeps it (a rotate-cert rollout), and makes it in
-    a worker thread first (``nodeagent.bootstrap_supervisor``), off its event loop."""
-    scalar = PARAMS.group.password_to_scalar(pw)
-    return PARAMS.N.scalarmult(scalar), PARAMS.M.scalarmult(-scalar)
+@dataclass(frozen=True)
+class NodePassword:
+    """The node's side of the password, from its verifier, without SPAKE2: the public KDF for
+    the hello and ``pake_pw``, what SPAKE2 runs on (which the agent passes to its crypto
+    worker). Never printed."""
 
+    kdf: KDF
+    pake_pw: bytes = field(repr=False)
 
-class NodeSecret:
-    """The node's side of the password, made from its verifier; never printed."""
-
-    def __init__(self, verifier: Mapping[str, Any]) -> None:
+    @classmethod
+    def of_verifier(cls, verifier: Mapping[str, Any]) -> NodePassword:
         v = password.validate_verifier(verifier)
-        self.kdf = KDF.of_verifier(v)
-        self._pw = pake_password(base64.b64decode(v["hash"]))
-        self._blind, self._unblind = _node_blinds(self._pw)
+        return cls(KDF.of_verifier(v), pake_password(base64.b64decode(v["hash"])))
 
     def __repr__(self) -> str:
-        return "NodeSecret()"
-
-    def respond(self, msg_a: bytes) -> tuple[bytes, bytes]:
-        """``(msg_b, SPAKE2 key)`` for the workstation's ``msg_a`` (BootstrapError if bad)."""
-        _check_message(msg_a, b"A")
-        side = _NodeSPAKE2(self._pw, self._blind, self._unblind)
-        msg_b: bytes = side.start()
-        try:
-            key: bytes = side.finish(msg_a)
-        except (SPAKEError, NotOnCurve, ValueError):
-            raise BootstrapError(BootstrapReason.MALFORMED, "msg_a is not a valid point") from None
-        return msg_b, key
-
-
-class WorkstationPAKE:
-    """The workstation's side: scrypt, then SPAKE2's side A; ``msg_a`` goes out first."""
-
-    def __init__(self, secret: str, kdf: KDF) -> None:
-        self._side = SPAKE2_A(
-            pake_password(scrypt_hash(secret, kdf)),
-            idA=ID_WORKSTATION,
-            idB=ID_NODE,
-            params=PARAMS,
-        )
-        self.msg_a: bytes = self._side.start()
-
-    def __repr__(self) -> str:
-        return "WorkstationPAKE()"
-
-    def finish(self, msg_b: bytes) -> bytes:
-        """The SPAKE2 key for the node's ``msg_b`` (BootstrapError if it is no valid point)."""
-        _check_message(msg_b, b"B")
-        try:
-            key: bytes = self._side.finish(msg_b)
-        except (SPAKEError, NotOnCurve, ValueError):
-            raise BootstrapError(BootstrapReason.MALFORMED, "msg_b is not a valid point") from None
-        return key
+        return "NodePassword()"
 
 
 # --- transcript and session keys ------------------------------------------------------------------
@@ -485,8 +423,20 @@ def transcript(hello: Hello, exchange: str, workstation: str, msg_a: bytes, msg_
     ).digest()
 
 
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF with SHA-256 (RFC 5869), extract then expand, by ``hmac`` of the standard library."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError("HKDF-SHA256 gives 1 to 8160 bytes")
+    prk = hmac.digest(salt or bytes(32), ikm, "sha256")
+    out, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        out += block
+    return out[:length]
+
+
 def _hkdf(shared: bytes, salt: bytes, label: str) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=salt, info=_KEY_INFO + label.encode()).derive(shared)
+    return hkdf_sha256(shared, salt, _KEY_INFO + label.encode())
 
 
 @dataclass(frozen=True)
@@ -517,21 +467,18 @@ class SessionKeys:
         return hmac.compare_digest(self.confirmation(side).encode(), value.encode())
 
     def seal(self, to: Side, plaintext: bytes) -> str:
-        """AES-256-GCM for ``to``, with the transcript and the direction as associated data."""
-        nonce = os.urandom(12)
-        aad = self.transcript + b" to " + to.value.encode()
-        return b64(nonce + AESGCM(self.seal_to[to]).encrypt(nonce, plaintext, aad))
+        """AES-256-GCM for ``to``, with the transcript and the direction as associated data
+        (``tlsroll.bootstrap_pake.seal``: imports ``cryptography``; the agent's service seals
+        in its crypto worker instead)."""
+        from tlsroll import bootstrap_pake  # noqa: PLC0415
+
+        return bootstrap_pake.seal(self.seal_to[to], self.transcript, to, plaintext)
 
     def open(self, to: Side, sealed: object) -> bytes:
         """The plaintext of ``seal(to, …)``; BootstrapError(SEAL) if it does not verify."""
-        raw = unb64(sealed, "sealed data")
-        if len(raw) < 12 + 16:
-            raise BootstrapError(BootstrapReason.SEAL, "too short")
-        aad = self.transcript + b" to " + to.value.encode()
-        try:
-            return AESGCM(self.seal_to[to]).decrypt(raw[:12], raw[12:], aad)
-        except InvalidTag:
-            raise BootstrapError(BootstrapReason.SEAL) from None
+        from tlsroll import bootstrap_pake  # noqa: PLC0415
+
+        return bootstrap_pake.open_sealed(self.seal_to[to], self.transcript, to, sealed)
 
 
 # --- the exchange's messages ----------------------------------------------------------------------

@@ -1,0 +1,146 @@
+"""The bootstrap service's cryptography, run in the agent's crypto worker (``cryptoworker``).
+
+The service itself (``nodeagent.bootstrap_server``) keeps each exchange's state, its limits and
+its HMAC key confirmation (the standard library's), and never imports ``cryptography`` or
+``spake2`` (issue 15: about 10 MiB a switched agent kept for months). What needs them runs
+here, in the worker's child process, as stateless operations: JSON in, JSON out, bytes as base64
+text (the worker calls ``OPS[NAME](request)`` for the op ``"bootstrap.NAME"``):
+
+- ``blinds`` {pake_pw} -> {blind, unblind}: the node's SPAKE2 blinding points for the password
+  (two scalar multiplications whose time depends on it: asked for when the service starts,
+  never for a stranger's request; ``tlsroll.bootstrap_pake.node_blinds``);
+- ``respond`` {pake_pw, blind, unblind, msg_a} -> {msg_b, key}: the node's SPAKE2;
+- ``open_csr`` {key, transcript, sealed} -> {csr_pem, cn, key_pin}: the workstation's sealed
+  CSR opened (AES-256-GCM, to the node) and checked (``bootstrap_csr.check_workstation_csr``);
+- ``cert_facts`` {pem} -> {pem, spki_pin, fingerprint}: the certificate the leader signed;
+- ``seal`` {key, transcript, plaintext} -> {sealed}: the payload sealed to the workstation;
+- ``check_ca_bundle`` {pem} -> {count}: the node's CA bundle holds CA certificates only.
+
+A refusal of what a peer sent (a bad point, a CSR that breaks the rules, a seal that does not
+verify; a certificate the leader returned that does not parse) is an *answer*, not an error:
+``{"refused": {"reason": BootstrapReason name, "detail": …}}``, which ``refusal`` turns back
+into the same ``BootstrapError`` on the agent's side. Any error the worker raises is the
+worker's failure (the agent answers the workstation "try later"; nothing is counted).
+
+Secrets (what SPAKE2 runs on, the exchange's keys) cross the worker's pipe only: no operation
+logs them or puts them in an error or a refusal.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Any
+
+from tlsroll.bootstrap_base import BootstrapError, BootstrapReason
+
+Op = Callable[[dict[str, Any]], Any]
+
+
+def _bytes(request: dict[str, Any], name: str) -> bytes:
+    """A base64 field of a request; ValueError (the agent's bug, not the peer's) if it is not."""
+    value = request.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"request field {name} missing")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"request field {name} is not base64") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _refused(exc: BootstrapError) -> dict[str, Any]:
+    return {"refused": {"reason": exc.reason.name, "detail": exc.detail}}
+
+
+def refusal(answer: Any) -> BootstrapError | None:
+    """The agent's side: the ``BootstrapError`` an op's answer carries, None if it carries none."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("refused"), dict):
+        return None
+    refused = answer["refused"]
+    try:
+        reason = BootstrapReason[str(refused.get("reason"))]
+    except KeyError:
+        reason = BootstrapReason.MALFORMED
+    return BootstrapError(reason, str(refused.get("detail") or ""))
+
+
+def respond(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import bootstrap_pake  # noqa: PLC0415 - the worker's imports
+
+    blinds = (_bytes(request, "blind"), _bytes(request, "unblind"))
+    try:
+        msg_b, key = bootstrap_pake.node_respond(
+            _bytes(request, "pake_pw"), _bytes(request, "msg_a"), blinds
+        )
+    except BootstrapError as exc:
+        return _refused(exc)
+    return {"msg_b": _b64(msg_b), "key": _b64(key)}
+
+
+def blinds(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import bootstrap_pake  # noqa: PLC0415
+
+    blind, unblind = bootstrap_pake.node_blinds(_bytes(request, "pake_pw"))
+    return {"blind": _b64(blind), "unblind": _b64(unblind)}
+
+
+def open_csr(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import bootstrap_csr, bootstrap_pake, pki  # noqa: PLC0415
+    from tlsroll.bootstrap_protocol import Side  # noqa: PLC0415
+
+    key, transcript = _bytes(request, "key"), _bytes(request, "transcript")
+    try:
+        csr_pem = bootstrap_pake.open_sealed(key, transcript, Side.NODE, request.get("sealed"))
+        public, cn = bootstrap_csr.check_workstation_csr(csr_pem)
+    except BootstrapError as exc:
+        return _refused(exc)
+    return {"csr_pem": _b64(csr_pem), "cn": cn, "key_pin": pki.spki_pin(public)}
+
+
+def cert_facts(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import pki  # noqa: PLC0415
+    from tlsroll.errors import PKIError  # noqa: PLC0415
+
+    try:
+        cert = pki.load_cert_pem(_bytes(request, "pem"))
+    except PKIError as exc:
+        return _refused(BootstrapError(BootstrapReason.MALFORMED, str(exc)))
+    return {
+        "pem": _b64(pki.cert_to_pem(cert)),
+        "spki_pin": pki.spki_pin(cert),
+        "fingerprint": pki.fingerprint(cert),
+    }
+
+
+def seal(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import bootstrap_pake  # noqa: PLC0415
+    from tlsroll.bootstrap_protocol import Side  # noqa: PLC0415
+
+    key, transcript = _bytes(request, "key"), _bytes(request, "transcript")
+    plaintext = _bytes(request, "plaintext")
+    return {"sealed": bootstrap_pake.seal(key, transcript, Side.WORKSTATION, plaintext)}
+
+
+def check_ca_bundle(request: dict[str, Any]) -> dict[str, Any]:
+    from tlsroll import bootstrap_pake  # noqa: PLC0415
+
+    try:
+        certs = bootstrap_pake.ca_certificates(_bytes(request, "pem"))
+    except BootstrapError as exc:
+        return _refused(exc)
+    return {"count": len(certs)}
+
+
+OPS: dict[str, Op] = {
+    "blinds": blinds,
+    "respond": respond,
+    "open_csr": open_csr,
+    "cert_facts": cert_facts,
+    "seal": seal,
+    "check_ca_bundle": check_ca_bundle,
+}

@@ -1,0 +1,356 @@
+"""Issue 15, session 41: the bootstrap service's cryptography runs in the agent's crypto worker
+(``nodeagent.bootstrap_crypto``'s ops in ``nodeagent.cryptoworker``'s child), so that an agent
+whose service enrols workstations holds neither ``cryptography`` nor ``spake2``.
+
+- real agents: a workstation enrols through the bootstrap service of a switched node (real
+  leader, agent, reference server and ``tlsroll client test-connection``); afterwards the
+  agent's ``/proc/PID/maps`` holds no ``cryptography`` library, its worker (a child of the
+  agent) does; nothing secret in the agent's log;
+- the service with a real worker: a worker killed in the middle of an exchange is a 503
+  "try later" for the workstation, nothing counted, and the next exchange works (a new child);
+  a wrong password is counted once even while the worker is down (the key confirmation is the
+  agent's own HMAC).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from nodeagent.certwork import NoAnswer
+from nodeagent.cryptoworker import CryptoWorker
+from tests.cluster import Cluster, wait_until
+from tests.conftest import IssuedCert
+from tests.nodeside import Node as ServerNode
+from tests.nodeside import cluster_of
+from tests.test_bootstrap import (
+    OTHER_PASSWORD,
+    PASSWORD,
+    FakeClock,
+    InProcessCrypto,
+    Node,
+    make_service,
+    secrets_in,
+)
+from tlsroll import bootstrap_protocol as proto
+from tlsroll import password, pki
+
+CRYPTOGRAPHY_LIB = "_rust.abi3.so"  # cryptography's Rust library (OpenSSL inside)
+ROLLOUT_TIMEOUT = 120
+
+
+def maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def children(pid: int) -> list[int]:
+    """The process ids whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def secret_file(path: Path, text: str) -> Path:
+    path.touch(0o600)
+    path.write_text(text + "\n")
+    return path
+
+
+def run_rollout(cluster: Cluster, *args: str) -> dict[str, Any]:
+    started = cluster.cli("rollout", "start", "--scope", "cluster", *args, "--yes")
+    assert started.returncode == 0, started.stderr
+
+    def ended() -> bool:
+        return cluster.schema_json()["rollouts"][0]["state"] in ("completed", "halted", "aborted")
+
+    wait_until(ended, ROLLOUT_TIMEOUT, "the rollout to end")
+    latest: dict[str, Any] = cluster.schema_json()["rollouts"][0]
+    return latest
+
+
+def client_test_connection(
+    url: str, password_file: Path, settings: Path
+) -> subprocess.CompletedProcess[str]:
+    """``tlsroll client test-connection`` as a workstation (``test_password_rollout``)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tlsroll",
+            "client",
+            "test-connection",
+            url,
+            "--password-file",
+            str(password_file),
+            "--yes",
+            "--settings-dir",
+            str(settings),
+            "--name",
+            settings.name,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def switched(tmp_path: Path) -> Iterator[tuple[Cluster, ServerNode, Path]]:
+    """One node switched to https with an auth password by a real rollout."""
+    with cluster_of(tmp_path, 1) as (cluster, (node,)):
+        pw = secret_file(tmp_path / "pw", PASSWORD)
+        rollout = run_rollout(cluster, "--password-file", str(pw))
+        assert rollout["state"] == "completed", rollout
+        yield cluster, node, pw
+
+
+def enrol_and_check(node: ServerNode, pw: Path, settings: Path) -> None:
+    """A workstation enrols through the node's bootstrap service; then the agent maps no
+    ``cryptography`` library, and its crypto worker (its child) does: the work was done there.
+    Nothing secret in the agent's log."""
+    assert node.agent is not None
+    wait_until(lambda: node.port_open(9443), 30, "the bootstrap service")
+    result = client_test_connection(node.https_url(), pw, settings)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (settings / "client.pem").exists()
+    agent = node.agent.pid
+    assert CRYPTOGRAPHY_LIB not in maps(agent), "the agent holds cryptography"
+    workers = [p for p in children(agent) if CRYPTOGRAPHY_LIB in maps(p)]
+    assert workers, "no crypto worker did the work"
+    log = node.agent.log_text()
+    assert "bootstrap.enrolled" in log
+    (verifier_file,) = (p for p in node.config_dir.rglob("*.json") if b'"hash"' in p.read_bytes())
+    verifier = json.loads(verifier_file.read_text())
+    digest = base64.b64decode(verifier["hash"])
+    pake_pw = proto.pake_password(digest)
+    for secret in (PASSWORD, verifier["hash"], digest.hex(), base64.b64encode(pake_pw).decode()):
+        assert secret not in log
+
+
+def test_a_switched_agent_restarted_enrols_workstations_without_cryptography(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """The bootstrap service alone: the agent of an already switched node restarts (no switch
+    work in this run), starts its service, and a workstation enrols through it. Fails before
+    session 41: the service imported ``spake2`` and ``cryptography`` into the agent."""
+    _cluster, node, pw = switched
+    assert node.agent is not None
+    node.agent.stop()
+    node.restart_agent()
+    enrol_and_check(node, pw, tmp_path / "ws-after-restart")
+
+
+def test_a_switched_agent_enrols_workstations_without_cryptography(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """The whole path: the agent that did the switch (staging: a key, a CSR, the certificate's
+    checks) then runs the bootstrap service; a workstation enrols; the agent holds no
+    ``cryptography``."""
+    _cluster, node, pw = switched
+    enrol_and_check(node, pw, tmp_path / "ws-after-switch")
+
+
+# --- the service with a real worker ---------------------------------------------------------------
+
+
+class Killing:
+    """A real ``CryptoWorker`` whose child is killed (SIGKILL) just before the op ``kill_at``
+    is sent to it: the call meets a dead child (``NoAnswer``), as when the kernel's OOM killer
+    ends it in the middle of an exchange."""
+
+    def __init__(self, worker: CryptoWorker) -> None:
+        self.worker = worker
+        self.kill_at: str | None = None
+        self.failures: list[str] = []
+
+    async def call(self, op: str, request: dict[str, Any]) -> Any:
+        if op == self.kill_at:
+            self.kill_at = None
+            pid = self.worker.pid
+            assert pid is not None, "no child to kill"
+            os.kill(pid, signal.SIGKILL)
+            # (no await between the kill and the call: the worker has not seen the child end)
+        try:
+            return await self.worker.call(op, request)
+        except Exception as exc:
+            self.failures.append(type(exc).__name__)
+            raise
+
+    def warm(self) -> None:
+        self.worker.warm()
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[CryptoWorker]:
+    w = CryptoWorker(idle_seconds=30)
+    try:
+        yield w
+    finally:
+        await w.close()
+
+
+@pytest.fixture
+async def killing_node(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    worker: CryptoWorker,
+) -> AsyncIterator[tuple[Node, Killing]]:
+    """The bootstrap service with a real crypto worker (a child process)."""
+    address = loopback()
+    clock = FakeClock()
+    crypto = Killing(worker)
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, clock=clock, crypto=crypto
+    ) as service:
+        yield Node(service, clock, test_ca.cert_pem), crypto
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        yield s
+
+
+@pytest.mark.parametrize("kill_at", ["bootstrap.respond", "bootstrap.open_csr", "bootstrap.seal"])
+async def test_a_worker_killed_mid_exchange_is_try_later_and_nothing_counted(
+    killing_node: tuple[Node, Killing],
+    session: aiohttp.ClientSession,
+    worker: CryptoWorker,
+    kill_at: str,
+) -> None:
+    node, crypto = killing_node
+    assert (await node.exchange(session, cn="ws-first")).status == 200  # the child runs
+    first = worker.pid
+    crypto.kill_at = kill_at
+    attempt = await node.exchange(session, cn="ws-second")
+    assert crypto.failures == [NoAnswer.__name__]
+    assert (attempt.status, attempt.error) == (503, "busy"), attempt.body
+    assert attempt.headers["Retry-After"] == "5"
+    assert "try later" in attempt.body["message"]
+    assert set(attempt.body) == {"error", "message"}  # nothing keyed
+    assert node.service.failures.pending() == []  # not a wrong password
+    assert node.service.guard.ceiling.count(node.clock()) == 0
+    assert len(node.service.exchanges) == 0  # dropped or used up: no slot held
+    again = await node.exchange(session, cn="ws-second")  # a new child answers
+    assert again.status == 200, again.body
+    assert worker.pid is not None and worker.pid != first
+
+
+async def test_a_wrong_password_is_counted_once_while_the_worker_is_down(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    session: aiohttp.ClientSession,
+) -> None:
+    """The key confirmation is the agent's own (HMAC): a wrong password is found and counted
+    without the worker, once; a right one whose CSR the worker cannot open is a 503, not
+    counted."""
+    address = loopback()
+    crypto = InProcessCrypto()
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto
+    ) as service:
+        node = Node(service, FakeClock(), test_ca.cert_pem)
+
+        def down() -> None:  # after the start, before the finish
+            crypto.fail = NoAnswer("crypto work (bootstrap.open_csr) failed: the worker ended")
+
+        wrong = await node.exchange(session, OTHER_PASSWORD, before_finish=down)
+        assert (wrong.status, wrong.error) == (401, "wrong_password")
+        assert sum(f.count for f in service.failures.pending()) == 1
+        assert "open_csr" not in crypto.calls
+        crypto.fail = None
+        right = await node.exchange(session, before_finish=down)
+        assert (right.status, right.error) == (503, "busy")
+        assert sum(f.count for f in service.failures.pending()) == 1  # still the one
+        crypto.fail = None
+        assert (await node.exchange(session)).status == 200
+
+
+async def test_the_exchange_through_a_real_worker_logs_no_secret(
+    killing_node: tuple[Node, Killing],
+    session: aiohttp.ClientSession,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The worker's child logs to the agent's stderr: neither it nor the agent logs what
+    crosses the pipe (what SPAKE2 runs on, the keys)."""
+    node, _crypto = killing_node
+    attempt = await node.exchange(session)
+    assert attempt.status == 200
+    assert attempt.keys is not None
+    out, err = capfd.readouterr()
+    assert secrets_in(out + err) == []
+    for key in (*attempt.keys.seal_to.values(), *attempt.keys.confirm.values()):
+        assert base64.b64encode(key).decode() not in out + err
+
+
+async def test_a_bundle_with_a_non_ca_is_refused_at_start(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+) -> None:
+    """The CA bundle's check moved from the constructor to ``start`` (the worker's op)."""
+    address = loopback()
+    cert = issue_cert(address, "node-a")
+    service = make_service(cert, address, test_ca)
+    service.ca_bundle_pem = cert.cert_file.read_bytes()  # the node's own: not a CA
+    with pytest.raises(ValueError, match="CA certificates"):
+        await service.start()
+    await service.stop()
+
+
+async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Making ``w·N`` and ``−w·M`` takes a time that depends on the password: made once, when
+    the service starts (or, if the worker failed then, at the first exchange), never again for
+    a stranger's request, although the worker that keeps nothing between calls (it may have
+    been stopped when idle) answers each."""
+    address = loopback()
+    crypto = InProcessCrypto()
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto
+    ) as service:
+        node = Node(service, FakeClock(), test_ca.cert_pem)
+        assert crypto.calls == {"check_ca_bundle": 1, "blinds": 1}
+        for _ in range(2):
+            assert (await node.exchange(session)).status == 200
+        assert (await node.exchange(session, OTHER_PASSWORD)).status == 401
+        assert crypto.calls["blinds"] == 1 and crypto.calls["respond"] == 3
+        service.set_verifier(password.make_verifier(OTHER_PASSWORD, **password.TEST_PARAMS))
+        assert (await node.exchange(session, OTHER_PASSWORD)).status == 200
+        assert crypto.calls["blinds"] == 2
+
+    # A worker that cannot start when the service does: the service starts (warnings), and
+    # the first exchange has the points made.
+    crypto = InProcessCrypto()
+    crypto.fail = NoAnswer("crypto work (bootstrap.check_ca_bundle) failed: the worker ended")
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto
+    ) as service:
+        crypto.fail = None
+        assert (await Node(service, FakeClock(), test_ca.cert_pem).exchange(session)).status == 200
+        assert crypto.calls["blinds"] == 2  # the failed one at start, then the exchange's

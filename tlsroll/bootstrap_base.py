@@ -1,0 +1,75 @@
+"""The plain parts of the workstation bootstrap protocol that every side shares: the protocol's
+error, strict JSON from the network, and the workstation's names. Standard library only (no
+``cryptography``, no ``spake2``): the agent imports it for its bootstrap service, which holds
+no X.509 or PAKE code itself (``nodeagent.bootstrap_crypto`` runs those in the agent's crypto
+worker), and the leader through ``tlsroll.bootstrap_csr``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from enum import StrEnum
+from typing import Any
+
+from tlsroll import peertext
+from tlsroll.errors import TerminalError
+
+DETAIL_CHARS = 200  # node-supplied text in an error is cleaned and cut to this
+# "ws-" + a DNS label: at most 63 characters, lowercase letters, digits, inner hyphens.
+WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
+
+
+class BootstrapReason(StrEnum):
+    MALFORMED = "not a valid tlsroll bootstrap message"
+    VERSION = "unsupported bootstrap protocol version"
+    BAD_KDF = "unacceptable key derivation parameters"
+    CONFIRMATION = "key confirmation failed (wrong password, not the real node, or altered)"
+    SEAL = "sealed data does not verify under the exchanged key"
+    BAD_CSR = "unacceptable workstation CSR"
+
+
+class BootstrapError(TerminalError):
+    """A bootstrap message that is malformed or does not verify; ``str()`` is one line."""
+
+    def __init__(self, reason: BootstrapReason, detail: str = "") -> None:
+        # ``detail`` may quote what a node or a client sent: one line, bounded.
+        detail = peertext.clean(detail, DETAIL_CHARS) if detail else ""
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+def loads_strict(body: bytes) -> Any:
+    """Parse JSON from the network: UTF-8, no duplicate keys, no NaN/Infinity, nested no deeper
+    than the decoder can go; ValueError (UnicodeDecodeError) else."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, item in items:
+            if key in obj:
+                raise ValueError(f"duplicate key {key!r}")
+            obj[key] = item
+        return obj
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not allowed")
+
+    text = body.decode("utf-8")
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant)
+    except RecursionError:  # '[' * 30000: the decoder's recursion, not the handler's bug
+        raise ValueError("nested too deeply") from None
+
+
+def workstation_cn(label: str) -> str:
+    """``ws-<label>`` from a host name or any text: lowercase, [a-z0-9-], at most 63 chars."""
+    text = label.lower().split(".", 1)[0]
+    for umlaut, ascii_ in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
+        text = text.replace(umlaut, ascii_)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^a-z0-9-]+", "-", text).strip("-")
+    text = re.sub(r"-{2,}", "-", text)[:60].strip("-") or "workstation"
+    cn = text if text.startswith("ws-") else f"ws-{text}"
+    return cn[:63].rstrip("-")
