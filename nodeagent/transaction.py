@@ -234,6 +234,31 @@ class TransactionDied(TerminalError):
     message is the daemon's one line)."""
 
 
+def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
+    """Why nothing shows that the server loaded ``config_file`` as it is now ("" if it
+    did): the server's status must say when it started (``started_at``, ISO 8601, as the
+    reference server's), after the file was last written (blocking: reads the file's time)."""
+    if status is None:
+        return "the server's status cannot be read"
+    text = status.get("started_at")
+    try:
+        started = dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        return "the server's status does not say when it started"
+    if started.tzinfo is None:
+        return "the server's status does not say when it started"
+    try:
+        written = dt.datetime.fromtimestamp(config_file.stat().st_mtime, dt.UTC)
+    except OSError as exc:
+        return f"its config file's time cannot be read ({exc.strerror})"
+    if started <= written:
+        return (
+            f"the server started ({started.isoformat(timespec='seconds')}) before its config"
+            f" was last written ({written.isoformat(timespec='seconds')})"
+        )
+    return ""
+
+
 def _read_or_none(path: Path) -> bytes | None:
     """A file of a transaction of an earlier release (its plan's target or backup), if it is
     still there."""
@@ -614,11 +639,29 @@ class Runner:
                 looked += f" on disk, but does not answer as it: {'; '.join(problems)}"
                 outcome = TxnOutcome.FAILED
         try:
-            frozen = bool((await self.driver.status()).get("frozen"))
+            status: dict[str, Any] | None = await self.driver.status()
         except (DriverError, OSError, LocalResourceError):
-            frozen = False
-        if frozen:
+            status = None
+        alike = plan.source_schemes == plan.target_schemes and not fingerprint
+        if outcome is not TxnOutcome.FAILED and alike:
+            # Target and source answer alike from outside (a change-password, a rollback, the
+            # source of a rotate-cert: same schemes, no certificate to tell them by): what is on
+            # disk is what the server runs only if the server started after it was written
+            # (review s41rev1 H2: a config written, the server not restarted, was "completed").
+            unproved = await dbthread.run(_not_loaded, self.driver.config_file, status)
+            if unproved:
+                looked += (
+                    f" on disk, but its target and source answer alike and {unproved}: it may"
+                    " still run the other"
+                )
+                outcome = TxnOutcome.FAILED
+        frozen = bool(status is not None and status.get("frozen"))
+        if frozen and await dbthread.run(self.journal.freeze_lease) is None:
+            # No transaction of this journal holds the freeze and no scope freeze's lease
+            # bounds it: nothing will ever lift it (review s41rev1 H1: the newer agent broke
+            # before it carried the switch on; the node stayed frozen, shown healthy).
             looked += "; the server is frozen, by no transaction this journal knows of"
+            outcome = TxnOutcome.FAILED
         if outcome is TxnOutcome.FAILED:
             reason = (
                 f"{where}; {looked}: nothing was done to the server; check its config and"
@@ -633,7 +676,8 @@ class Runner:
             )
         else:
             reason = f"{where}; {looked}: recorded as {outcome.value}, nothing done to the server"
-            reason += " (a freeze is left as it is)" if frozen else ""
+            if frozen:
+                reason += " (its freeze is the scope freeze's, which its lease bounds)"
             needs_admin = ""
         settled = await dbthread.run(
             functools.partial(

@@ -27,7 +27,11 @@ from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
 from tests.test_going_back import put_back, set_user_version
+from tlsroll import password
+from tlsroll.enums import Change
 from tlsroll.sqlite import copy_name
+from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,42 @@ def copy_made_mid_switch(
     assert node.wait_txn(rid).outcome == "completed"
     assert node.admin_status()["listen"] == ["https"]
     return node, copy
+
+
+def copy_made_then_broken(node: Node, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The upgrade of a node whose agent stopped mid-switch, the newer agent broken (the
+    usual reason to go back): it makes the copy as it opens the journal, then never carries
+    the switch on. Returns the copy."""
+    known = len(journal.MIGRATIONS)
+    with monkeypatch.context() as m:
+        m.setattr(journal, "MIGRATIONS", (*journal.MIGRATIONS, ""))
+        journal.Journal(node.journal_path).close()
+    set_user_version(node.journal_path, known)
+    copy = copy_name(node.journal_path, known + 1)
+    assert copy.exists()
+    return copy
+
+
+def assert_needs_admin(node: Node, rid: str, pid: int | None, config: bytes) -> None:
+    """The node needs the admin and nothing takes it on (review s41rev1 M1): its preflight
+    fails with why, and Stage, Switch and Rollback are refused with it; the server untouched."""
+    pre = node.preflight(f"{rid}-next")
+    assert not pre.server.healthy
+    assert pre.server.detail.startswith("needs the admin: journal put back mid-"), pre
+    assert not pre.ok
+    assert pre.problems[0].startswith("needs the admin: journal put back mid-"), pre.problems
+    for act in (
+        lambda: node.stage(f"{rid}-next"),
+        lambda: node.switch(f"{rid}-next"),
+        lambda: node.rollback(rid),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            act()
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+        assert str(refused.value.details()).startswith("needs the admin: "), refused.value
+    assert node.server_pid() == pid
+    assert node.server.config_path.read_bytes() == config
+    assert node.journal_query("SELECT 1 FROM txns WHERE rollout_id = ?", f"{rid}-next") == []
 
 
 def go_back(node: Node, copy: Path) -> tuple[int | None, bytes]:
@@ -240,3 +280,93 @@ def test_the_copy_is_mentioned_only_until_a_transaction_completes_on_it(
     said = refusal(node, "pb-never-2")
     assert "did not switch this node; nothing to roll back" in said
     assert "copy" not in said, said
+
+
+def test_a_node_that_needs_the_admin_is_not_staged_switched_or_rolled_back(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev1 M1: ``needs_admin`` only changed the agent's view; its Preflight stayed
+    ok (with no schemes), and a rollout already running staged and switched the node (the
+    server restarted on a new config) while it still needed the admin. Now the preflight fails
+    with why, and Stage, Switch and Rollback are refused (FAILED_PRECONDITION) with it."""
+    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-refuse", "frozen")
+    with node.server.config_path.open("a") as f:
+        f.write("\n# changed by hand\n")
+    pid, config = go_back(node, copy)
+    assert settled(node, "pb-refuse")[0] == "failed"
+    assert_needs_admin(node, "pb-refuse", pid, config)
+
+
+def test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev1 H1: the agent stopped with the server frozen; the newer agent made the
+    copy and broke before it carried the switch on; the copy put back. Before: settled
+    ``rolled_back`` ("the server runs its source"), the server left frozen for ever (writes
+    refused) and the node shown healthy. Now: ``failed``, the server frozen by no transaction
+    the journal knows of, and the node needs the admin; still nothing done to the server."""
+    node = make_node(env={CRASH_ENV: "frozen"})
+    assert node.agent is not None and node.agent.proc is not None
+    node.stage("pb-broken")
+    try:
+        node.switch("pb-broken")
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    copy = copy_made_then_broken(node, monkeypatch)
+    put_back(node.journal_path, copy)
+    pid, config = node.server_pid(), node.server.config_path.read_bytes()
+    node.restart_agent()
+
+    outcome, phase, reason = settled(node, "pb-broken")
+    assert (outcome, phase) == ("failed", "failed"), reason
+    assert "the server is frozen, by no transaction this journal knows of" in reason
+    assert node.admin_status()["frozen"] is True  # left to the admin, not lifted blindly
+    assert_needs_admin(node, "pb-broken", pid, config)
+
+
+def test_a_password_written_but_not_restarted_is_not_recorded_completed(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev1 H2: a change-password stopped after ``config_written`` (the server not
+    restarted: it still takes the old password), the newer agent broken, the copy put back.
+    Target and source answer alike from outside (https, no certificate to tell them by), and
+    the live config is the target's: before, ``completed`` (the new verifier counted live,
+    the node done). Now the server's start time, before the config was written, proves
+    nothing: ``failed``, and the node needs the admin."""
+    node = make_node()
+    node.stage("pb-tls")
+    node.switch("pb-tls")
+    assert node.wait_txn("pb-tls").outcome == "completed"
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.restart_agent(env={CRASH_ENV: "config_written"})
+    assert node.agent.proc is not None
+    verifier = password.make_verifier("a-new-password-long-enough-123", **password.TEST_PARAMS)
+    request = agent_pb2.SwitchRequest(
+        command=node.command("pb-pw"),
+        change=CHANGE.wire(Change.CHANGE_PASSWORD),
+        auth_verifier_json=password.verifier_to_json(verifier),
+    )
+    pid = node.server_pid()
+    try:
+        with node.stub() as stub:
+            stub.Switch(request, timeout=30)
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    [row] = node.journal_query("SELECT phase, outcome FROM txns WHERE rollout_id = 'pb-pw'")
+    assert (row["phase"], row["outcome"]) == ("config_written", "")
+    copy = copy_made_then_broken(node, monkeypatch)
+    put_back(node.journal_path, copy)
+    node.server.unfreeze()  # lifted by hand: only the config written is left to settle
+    config = node.server.config_path.read_bytes()
+    node.restart_agent()
+
+    outcome, phase, reason = settled(node, "pb-pw")
+    assert (outcome, phase) == ("failed", "failed"), reason
+    assert "frozen" not in reason, reason
+    assert "its target and source answer alike" in reason
+    assert "before its config was last written" in reason
+    assert node.server_pid() == pid  # never restarted: it still runs the old password
+    assert_needs_admin(node, "pb-pw", pid, config)
