@@ -190,10 +190,6 @@ IGNORABLE: frozenset[int] = frozenset()
 journal (``tlsroll.sqlite.migrate``; as ``leader.db.IGNORABLE``). Empty so far: only builds
 from session 40 on read the floor it makes."""
 
-NEEDS_ADMIN = "needs the admin"
-"""How the agent's view of its server begins while the journal says the node needs the admin
-(``Journal.needs_admin``): reported as not healthy, with why (the leader's `tlsroll nodes`)."""
-
 LOSING = (
     "a switch made since loses its way back to http, which only the journal holds: never put"
     " the copy back once a rollout touched this node since the upgrade"

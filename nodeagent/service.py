@@ -33,7 +33,7 @@ from nodeagent import plans, ports, transaction, warmup
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
-from nodeagent.journal import NEEDS_ADMIN, Journal, Outlook, Staged, Txn
+from nodeagent.journal import Journal, Outlook, Staged, Txn
 from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import (
@@ -51,7 +51,7 @@ from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
-from tlsroll.enums import Change, TxnKind
+from tlsroll.enums import NEEDS_ADMIN, Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import config_dir_problem
 from tlsroll.rpc import (
@@ -303,7 +303,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         runs does not settle (``nodeagent.journal``) is not staged, switched or rolled back
         until the admin checked it (review s41rev1 M1: a rollout already running did both)."""
         if (why := self.journal.needs_admin()) is not None:
-            raise failed_precondition(f"{NEEDS_ADMIN}: {why}")
+            raise failed_precondition(f"{NEEDS_ADMIN}{why}")
 
     async def server_view(self) -> agent_pb2.ServerView:
         """What the managed server runs now (for the heartbeats)."""
@@ -316,7 +316,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # A journal put back from a copy whose transaction what the server runs did not settle
         # (``nodeagent.journal``): not planned or switched until the admin checked the node.
         if (why := self.journal.needs_admin()) is not None:
-            detail = f"{NEEDS_ADMIN}: {why}"
+            detail = f"{NEEDS_ADMIN}{why}"
             return agent_pb2.ServerView(
                 driver=driver.name,
                 healthy=False,
@@ -551,7 +551,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         facts, unread, local = await local_checks
         problems = [unread] if unread else []  # in the order they were always found
         if (why := self.journal.needs_admin()) is not None:  # first: what to do first
-            problems.insert(0, f"{NEEDS_ADMIN}: {why}")
+            problems.insert(0, f"{NEEDS_ADMIN}{why}")
         if health is not None:
             problems.append(f"managed server not healthy: {health}")
         problems += local

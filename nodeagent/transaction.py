@@ -668,10 +668,11 @@ class Runner:
                 " whether it takes writes by hand, then start the agent once with"
                 " --journal-checked"
             )
-            # What the heartbeat says (its detail is cut at 200 characters): the log says more.
+            # What the heartbeat says (the leader cuts its detail at 200 characters, with
+            # NEEDS_ADMIN before it: 195 at most in all): the log says more.
             needs_admin = (
-                f"journal put back mid-{txn.kind} of rollout {txn.rollout_id[:40]}, which what"
-                " the server runs does not settle: check it, then start the agent once with"
+                f"journal put back mid-{txn.kind} of rollout {txn.rollout_id[:40]}: not settled"
+                " by what the server runs; check it, then start the agent once with"
                 " --journal-checked"
             )
         else:

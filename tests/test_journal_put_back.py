@@ -228,9 +228,18 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
         return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
 
     wait_until(lambda: shown().startswith("needs the admin: "), 30, "tlsroll nodes to say so")
+    # A node problem of the schema (review s41rev1 M3: only `tlsroll nodes` showed it).
+    [problem] = [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name]
+    assert problem["kind"] == "needs-admin", problem
+    assert problem["problem"].startswith(f"{node.name} needs the admin: journal put back"), problem
+    assert "--journal-checked" in problem["problem"], problem
     plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
     assert plan.returncode != 0, plan.stdout
-    assert "needs the admin: journal put back mid-switch" in plan.stdout + plan.stderr, plan
+    said = plan.stdout + plan.stderr
+    # Named with what to do, not "cannot ask the agent ...; bring the agent up" (M3).
+    assert f"{node.name} needs the admin: journal put back mid-switch" in said, plan
+    assert "or leave the node out (--nodes)" in said, plan
+    assert "cannot ask the agent" not in said, plan
 
     assert node.agent is not None
     assert node.agent.stop() == 0
@@ -243,6 +252,7 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     pre = node.preflight("pb-next")
     assert pre.server.healthy, pre.server.detail
     wait_until(lambda: shown() == "https", 30, "tlsroll nodes to show the server again")
+    assert [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name] == []
     plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
     assert plan.returncode == 0, (plan.stdout, plan.stderr)
 
