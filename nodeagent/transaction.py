@@ -62,7 +62,9 @@ agent SIGKILLs itself right after journalling that phase, ``started`` included (
 use it to kill the agent at an exact point; it is never set in production). And
 ``TLSROLL_AGENT_TEST_TERM_AFTER``: the agent sends itself SIGTERM there instead (what
 ``systemctl restart tlsroll-agent`` does mid-switch: the agent stops as it does on any SIGTERM,
-``nodeagent.runtime``).
+``nodeagent.runtime``); with ``TLSROLL_AGENT_TEST_TERM_HOLD`` set as well, the transaction then
+waits, before its next action, for the stop to cancel it (a switch slower than the grace, made
+certain: review s41rev1 M4).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ _T = TypeVar("_T")
 
 CRASH_ENV = "TLSROLL_AGENT_TEST_CRASH_AFTER"
 TERM_ENV = "TLSROLL_AGENT_TEST_TERM_AFTER"
+TERM_HOLD_ENV = "TLSROLL_AGENT_TEST_TERM_HOLD"
 DRAIN_TIMEOUT = 10.0
 BACKWARD_ATTEMPTS = 3  # each action of the way back, before the outcome is ``failed``
 BACKWARD_WAIT = 0.5  # seconds before the 2nd attempt, 2 × that before the 3rd, ...
@@ -512,6 +515,8 @@ class Runner:
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
         self.term_after = os.environ.get(TERM_ENV, "")
+        self.term_hold = bool(os.environ.get(TERM_HOLD_ENV))
+        self._term_sent = False
         # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
         self.dead = asyncio.Event()
         self.fatal = ""
@@ -987,6 +992,7 @@ class Runner:
             txn = await dbthread.run(write, txn, *args, **changes)
             self._journalled(txn.phase)
             self.changes.changed(txn)
+            await self._held()
             return txn
         txn, followed, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
         key = (txn.rollout_id, txn.kind.value)
@@ -998,13 +1004,21 @@ class Runner:
             self._journalled(followed.phase)
             self.changes.changed(followed)
             self._followed[key] = followed
+        await self._held()
         return txn
 
     def _journalled(self, phase: Phase) -> None:
         if self.crash_after == phase:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
         if self.term_after == phase:
+            self._term_sent = True
             os.kill(os.getpid(), signal.SIGTERM)  # test hook, see module docstring
+
+    async def _held(self) -> None:
+        """Test hook (``TERM_HOLD_ENV``, see the module docstring): once the agent sent itself
+        SIGTERM, the transaction waits here until the stop cancels it."""
+        if self._term_sent and self.term_hold:
+            await asyncio.Event().wait()
 
     async def _attempt(self, action: Action, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
         """Run ``action`` (``attempts`` times on a failure of the server's); while the agent

@@ -8,9 +8,11 @@ given ``TXN_GRACE_SECONDS`` to end (its next actions go on meanwhile), then canc
 agent exits 0 within the unit's TimeoutStopSec (90 s), with no traceback. Then it is started
 again (without the hooks), as systemd does: a switch that ended in the grace is ended, one that
 was cancelled is resumed from the journal and ends as its rules say (here: completed), the
-server unfrozen, taking writes, no acknowledged write lost. "No grace" (the hook
-``TLSROLL_AGENT_TEST_TXN_GRACE=0``) stands for a switch slower than the grace: the
-transaction is cancelled in the middle of its next action.
+server unfrozen, taking writes, no acknowledged write lost. "No grace" (the hooks
+``TLSROLL_AGENT_TEST_TXN_GRACE=0`` and ``TLSROLL_AGENT_TEST_TERM_HOLD``) stands for a switch
+slower than the grace: the transaction waits, before its next action, until the stop cancels
+it (without the hold, after ``restarted`` only the verify and the unfreeze were left, and they
+could end the switch before the cancel came: review s41rev1 M4).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import grpc
 import pytest
 
 from nodeagent.runtime import TXN_GRACE_ENV
-from nodeagent.transaction import TERM_ENV
+from nodeagent.transaction import TERM_ENV, TERM_HOLD_ENV
 from tests.cluster import Cluster
 from tests.conftest import next_loopback
 from tests.nodeside import NodeFactory
@@ -55,6 +57,7 @@ def test_an_agent_told_to_stop_mid_switch_stops_cleanly_and_the_switch_ends(
     env = {TERM_ENV: phase}
     if grace == "no-grace":
         env[TXN_GRACE_ENV] = "0"
+        env[TERM_HOLD_ENV] = "1"
     node = make_node(env=env)
     assert node.agent is not None and node.agent.proc is not None
     rid = f"term-{phase.replace('_', '-')}-{grace}"

@@ -205,8 +205,11 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     """The server's config was changed by hand since: it is neither the switch's target nor
     its source, and proves nothing. The switch is recorded ``failed`` with what to do, nothing
     is done to the server, and the node needs the admin: its agent reports its server so (the
-    leader's `tlsroll nodes`, its planning), until the admin starts the agent once with
-    ``--journal-checked``."""
+    leader's `tlsroll nodes`, the schema's node problems, its planning). Here the server
+    serves https, which the copy (made before the switch's end) does not know live: the
+    admin's ``--journal-checked`` is refused (review s41rev1 M2), and a plain restart keeps
+    the node needing the admin. (The way out is in
+    ``test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin``.)"""
     node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-hand", "frozen")
     with node.server.config_path.open("a") as f:
         f.write("\n# changed by hand\n")
@@ -245,16 +248,21 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     assert node.agent.stop() == 0
     node.agent.argv.append("--journal-checked")
     try:
-        node.restart_agent()
+        code, said = node.agent.run_to_exit()
     finally:
         node.agent.argv.remove("--journal-checked")
-    assert "journal.checked" in node.agent.event_names()
+    assert code == 2, said
+    [line] = [x for x in said.splitlines() if x.startswith("tlsroll-agent: ")]
+    assert line.startswith("tlsroll-agent: --journal-checked refused: the server's config"), said
+    assert "serves https, but the journal holds no https files live" in line, said
+    assert "NAME.after-vN" in line, said
+    assert "Traceback" not in said, said
+    [row] = node.journal_query("SELECT value FROM meta WHERE key = 'needs_admin'")
+    assert row["value"].startswith("journal put back mid-switch of rollout pb-hand"), row
+    node.restart_agent()  # a plain restart: the node still needs the admin
     pre = node.preflight("pb-next")
-    assert pre.server.healthy, pre.server.detail
-    wait_until(lambda: shown() == "https", 30, "tlsroll nodes to show the server again")
-    assert [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name] == []
-    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
-    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+    assert pre.server.detail.startswith("needs the admin: journal put back mid-switch"), pre
+    assert node.server_pid() == pid
 
 
 def refusal(node: Node, rid: str) -> str:
@@ -308,13 +316,16 @@ def test_a_node_that_needs_the_admin_is_not_staged_switched_or_rolled_back(
 
 
 def test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin(
-    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, cluster: Cluster
 ) -> None:
     """Review s41rev1 H1: the agent stopped with the server frozen; the newer agent made the
     copy and broke before it carried the switch on; the copy put back. Before: settled
     ``rolled_back`` ("the server runs its source"), the server left frozen for ever (writes
     refused) and the node shown healthy. Now: ``failed``, the server frozen by no transaction
-    the journal knows of, and the node needs the admin; still nothing done to the server."""
+    the journal knows of, and the node needs the admin; still nothing done to the server.
+    The admin lifts the freeze by hand and starts the agent once with ``--journal-checked``
+    (the server's config, http, is what the journal holds live): the node is planned and
+    switched again."""
     node = make_node(env={CRASH_ENV: "frozen"})
     assert node.agent is not None and node.agent.proc is not None
     node.stage("pb-broken")
@@ -333,6 +344,32 @@ def test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_a
     assert "the server is frozen, by no transaction this journal knows of" in reason
     assert node.admin_status()["frozen"] is True  # left to the admin, not lifted blindly
     assert_needs_admin(node, "pb-broken", pid, config)
+
+    node.server.unfreeze()  # the admin's check
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.agent.argv.append("--journal-checked")
+    try:
+        node.restart_agent()
+    finally:
+        node.agent.argv.remove("--journal-checked")
+    assert "journal.checked" in node.agent.event_names()
+    pre = node.preflight("pb-broken-next")
+    assert pre.server.healthy and pre.ok, pre
+
+    def shown() -> str:
+        listed = cluster.cli("nodes", "--json")
+        assert listed.returncode == 0, listed.stderr
+        return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
+
+    wait_until(lambda: shown() == "http", 30, "tlsroll nodes to show the server again")
+    assert [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name] == []
+    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "enable-tls")
+    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+    node.stage("pb-after")
+    node.switch("pb-after")
+    assert node.wait_txn("pb-after").outcome == "completed"
+    assert node.admin_status()["listen"] == ["https"]
 
 
 def test_a_password_written_but_not_restarted_is_not_recorded_completed(
