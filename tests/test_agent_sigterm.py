@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nodeagent.runtime import TXN_GRACE_ENV
+from nodeagent.runtime import TXN_GRACE_ENV, TXN_GRACE_SECONDS, txn_grace
 from nodeagent.transaction import TERM_ENV, TERM_HOLD_ENV
 from tests.cluster import Cluster
 from tests.conftest import next_loopback
@@ -90,3 +90,24 @@ def test_an_agent_told_to_stop_mid_switch_stops_cleanly_and_the_switch_ends(
     assert node.get("https", f"entries/{acked['id']}").status == 200
     assert node.post("https", {"note": "after"}).status == 201
     assert "Traceback" not in node.agent.log_text()
+
+
+@pytest.mark.parametrize(
+    ("raw", "grace"),
+    [
+        ("0", 0.0),
+        ("-5", 0.0),
+        ("7.5", 7.5),
+        ("1e9", TXN_GRACE_SECONDS),
+        ("inf", TXN_GRACE_SECONDS),
+        ("nan", TXN_GRACE_SECONDS),
+        ("soon", TXN_GRACE_SECONDS),
+    ],
+)
+def test_the_grace_hook_stays_within_the_grace(
+    monkeypatch: pytest.MonkeyPatch, raw: str, grace: float
+) -> None:
+    """Review s41rev1, Lows: the test hook's grace was unbounded above (1e9: an agent that
+    outlives the unit's stop timeout and is SIGKILLed); now within [0, TXN_GRACE_SECONDS]."""
+    monkeypatch.setenv(TXN_GRACE_ENV, raw)
+    assert txn_grace() == grace

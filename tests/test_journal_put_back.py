@@ -171,6 +171,17 @@ def test_a_switch_rolled_back_since_the_copy_is_not_switched_again(
     # Not a node that needs the admin: its server view is healthy.
     pre = node.preflight("pb-next")
     assert pre.server.healthy, pre.server.detail
+    # --journal-checked when nothing needs it: said so, nothing refused, nothing changed.
+    assert node.agent.stop() == 0
+    node.agent.argv.append("--journal-checked")
+    try:
+        node.restart_agent()
+    finally:
+        node.agent.argv.remove("--journal-checked")
+    [checked] = [e for e in node.agent.log_events() if e.get("event") == "journal.checked"]
+    assert checked["detail"] == "nothing needed the admin", checked
+    assert node.preflight("pb-next").ok
+    assert_untouched(node, "pb-back", pid, config)
 
 
 def test_a_switch_finished_since_the_copy_is_recorded_completed_and_rolls_back(
@@ -417,3 +428,51 @@ def test_a_password_written_but_not_restarted_is_not_recorded_completed(
     assert "before its config was last written" in reason
     assert node.server_pid() == pid  # never restarted: it still runs the old password
     assert_needs_admin(node, "pb-pw", pid, config)
+
+
+def test_a_rollback_unfinished_in_the_copy_is_settled_after_a_start_that_did_not_settle_it(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev1, Lows: a rollback (not a switch) unfinished in the copy, and an agent
+    that read the copy put back and stopped before it settled anything (here: the journal
+    opened once by the test). The rollback had written http, the server not restarted; the
+    newer agent completed it. The next start settles it from what the server runs, never
+    resumes it: ``completed`` (http live and answering), nothing done to the server."""
+    node = make_node()
+    node.stage("pb-rb")
+    node.switch("pb-rb")
+    assert node.wait_txn("pb-rb").outcome == "completed"
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.restart_agent(env={CRASH_ENV: "config_written"})
+    assert node.agent.proc is not None
+    try:
+        node.rollback("pb-rb")
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    [row] = node.journal_query("SELECT phase, outcome FROM txns WHERE kind = 'rollback'")
+    assert (row["phase"], row["outcome"]) == ("config_written", ""), row
+    copy = copy_made_then_broken(node, monkeypatch)
+    node.restart_agent()  # the newer agent, which carries the rollback on
+    assert node.wait_txn("pb-rb", "rollback").outcome == "completed"
+    assert node.admin_status()["listen"] == ["http"]
+
+    assert node.agent.stop() == 0
+    put_back(node.journal_path, copy)
+    journal.Journal(node.journal_path).close()  # read as a copy put back, nothing settled
+    [held] = node.journal_query("SELECT value FROM meta WHERE key = 'restored_unfinished'")
+    assert json.loads(held["value"]) == [["pb-rb", "rollback", "config_written"]]
+    pid, config = node.server_pid(), node.server.config_path.read_bytes()
+    node.restart_agent()
+    done = node.wait_txn("pb-rb", "rollback", timeout=30)
+    assert (done.outcome, done.phase) == ("completed", "completed"), done.reason
+    assert "made while this rollback of rollout pb-rb was at phase config_written" in done.reason
+    assert "the server runs its target" in done.reason
+    assert node.server_pid() == pid
+    assert node.server.config_path.read_bytes() == config
+    assert node.admin_status()["frozen"] is False
+    assert node.agent.event_names().count("txn.resuming") == 1  # by the newer agent alone
+    pre = node.preflight("pb-rb-next")
+    assert pre.server.healthy and pre.ok, pre
+    assert node.post("http", {"note": "after going back"}).status == 201
