@@ -60,6 +60,7 @@ from cryptography import x509
 from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
 from leader.rollout_core import NodeObservation
 from tlsroll import pki
+from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
@@ -122,7 +123,10 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
         except PKIError:
             from_ca = False
     if not view.healthy:
-        return NodeObservation(False, f"the managed server: {view.detail or 'not healthy'}")
+        needs_admin = view.detail if view.detail.startswith(NEEDS_ADMIN) else ""
+        return NodeObservation(
+            False, f"the managed server: {view.detail or 'not healthy'}", needs_admin=needs_admin
+        )
     return NodeObservation(
         reachable=True,
         schemes=tuple(sorted(view.schemes)),

@@ -146,6 +146,19 @@ class NodesOffline(PlanError):
         self.names = tuple(names)
 
 
+class NeedsAdmin(PlanError):
+    """Nodes whose agents say they need the admin (a journal put back from a copy made
+    mid-switch, which what the server runs does not settle: ``nodeagent.journal``): their
+    agents refuse to stage, switch or roll back, so a plan with them is refused, naming them
+    with what to do."""
+
+    def __init__(self, why: Mapping[str, str]) -> None:
+        names = sorted(why)
+        said = _some([f"{n} {why[n]}" for n in names])
+        super().__init__(f"{said}; or leave the node out (--nodes)")
+        self.names = tuple(names)
+
+
 class Unreachable(PlanError):
     """Nodes whose agents could not be asked what they run (the plan needs to know)."""
 
@@ -371,6 +384,8 @@ def plan_rollout(
     done: dict[str, str] = {}
     dual: dict[str, str] = {}
     if observed is not None:
+        if admin := {n: observed[n].needs_admin for n in names if observed[n].needs_admin}:
+            raise NeedsAdmin(admin)
         unreachable = {n: observed[n].error for n in names if not observed[n].reachable}
         if unreachable:
             raise Unreachable(unreachable)

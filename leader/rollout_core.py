@@ -369,6 +369,9 @@ class NodeObservation:
     verifier_digest: str = ""  # SHA-256 of the live auth password verifier ("" if none)
     problems: tuple[str, ...] = ()  # what the agent's read-only preflight checks found
     cert_fingerprint: str = ""  # ``sha256:…`` of the certificate served on https ("" if none)
+    # "needs the admin: <why, what to do>" (``tlsroll.enums.NEEDS_ADMIN``): the agent said so
+    # (its journal put back from a copy made mid-switch); reachable is False then.
+    needs_admin: str = ""
 
 
 def still_dual(seen: NodeObservation, digest: str = "") -> bool:

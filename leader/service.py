@@ -34,6 +34,7 @@ from leader.planner import (
     AgentsTooOld,
     AlreadyUndone,
     EmptyScope,
+    NeedsAdmin,
     NodesOffline,
     NoPasswordStaged,
     NotAwaitingFinalize,
@@ -76,6 +77,7 @@ from leader.store import (
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, features, logs, peertext, pki, spiffe
+from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     NO_BDP_PROBE,
@@ -106,6 +108,7 @@ ERRORS = {
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
     Unreachable: grpc.StatusCode.FAILED_PRECONDITION,
+    NeedsAdmin: grpc.StatusCode.FAILED_PRECONDITION,
     NothingToDo: grpc.StatusCode.FAILED_PRECONDITION,
     NotOnHttps: grpc.StatusCode.FAILED_PRECONDITION,
     AgentsTooOld: grpc.StatusCode.FAILED_PRECONDITION,
@@ -183,6 +186,9 @@ class LeaderState:
     leader_node: str | None = None
     # node -> what its managed server runs, as its last heartbeat said (``server_summary``).
     live_servers: dict[str, str] = field(default_factory=dict)
+    # node -> since when its heartbeats say it needs the admin (``NEEDS_ADMIN``): a node
+    # problem (``node_problems``).
+    needs_admin_since: dict[str, dt.datetime] = field(default_factory=dict)
     # node -> two agents seen using its identity (``LeaderService._look_for_twins``), while
     # it holds: the node is neither planned nor switched (``node_problem``).
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
@@ -249,15 +255,22 @@ class LeaderState:
         return twins_problem(node)
 
     def node_problems(self) -> list[NodeProblemRow]:
-        """(Any thread.) Every node's ``node_problem`` now, and every node whose clock differs
+        """(Any thread.) Every node's ``node_problem`` now, every node whose clock differs
         from the leader's (``leader.node_clocks``: a warning, which holds nothing; a rollout's
-        preflight refuses the node beyond its own limit), by name."""
+        preflight refuses the node beyond its own limit), and every node whose agent says it
+        needs the admin (``NEEDS_ADMIN``: its agent refuses stages, switches and rollbacks,
+        and the planner refuses a plan with it), by name."""
         now = self.monotonic()
         problems = [
             NodeProblemRow(node, twins_problem(node), twins.since)
             for node, twins in list(self.twin_agents.items())
             if now < twins.until
         ]
+        problems += (
+            NodeProblemRow(node, f"{node} {summary}", since, NodeProblemKind.NEEDS_ADMIN)
+            for node, since in list(self.needs_admin_since.items())
+            if (summary := self.live_servers.get(node, "")).startswith(NEEDS_ADMIN)
+        )
         clocks, step = self.clocks.problems_and_step()
         problems += (
             NodeProblemRow(
@@ -368,7 +381,8 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
 
 def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
     """One line on what a node's managed server runs, from its heartbeat (cleaned: a peer
-    wrote it): "http", "https", "http+https", "down: <why>", "none"; "frozen" added."""
+    wrote it): "http", "https", "http+https", "down: <why>", "needs the admin: <why>" (its
+    journal put back: ``NEEDS_ADMIN``), "none"; "frozen" added."""
     if not request.HasField("server"):
         return ""
     live = request.server
@@ -377,15 +391,11 @@ def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
     if not live.healthy:
         detail = peertext.clean(live.detail, 200)
         if detail.startswith(NEEDS_ADMIN):
-            return detail
+            return detail  # "needs the admin: <why, what to do>", as the agent said it
         return "down: " + (peertext.clean(live.detail, 120) or "no answer")
     schemes = [s for s in ("http", "https") if s in live.schemes]
     return "+".join(schemes or ["?"]) + (" frozen" if live.frozen else "")
 
-
-# How an agent's view of its server begins while its journal, put back from a copy, says the
-# node needs the admin (``nodeagent.journal.NEEDS_ADMIN``): shown as it is, not as "down".
-NEEDS_ADMIN = "needs the admin: "
 
 MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
 
@@ -1403,6 +1413,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             ):
                 log.warning(event, node=name, detail=summary)
         self.state.live_servers[name] = summary
+        if summary.startswith(NEEDS_ADMIN):
+            self.state.needs_admin_since.setdefault(name, now)
+        else:
+            self.state.needs_admin_since.pop(name, None)
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the

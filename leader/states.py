@@ -33,6 +33,9 @@ class NodeProblemKind(StrEnum):
     TWIN_AGENTS = "twin-agents"
     # Its clock differs from the leader's (a warning: ``leader.node_clocks``).
     CLOCK_OFFSET = "clock-offset"
+    # Its journal, put back from a copy made mid-switch, left it needing the admin (its agent
+    # refuses stages, switches and rollbacks; ``nodeagent.journal``).
+    NEEDS_ADMIN = "needs-admin"
 
 
 class NodeProblemRow(NamedTuple):

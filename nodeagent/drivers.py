@@ -134,6 +134,11 @@ class Driver(abc.ABC):
     def render(self, target: Target) -> bytes:
         """The new config for ``target``; raises DriverError if it cannot be made."""
 
+    def says(self, target: Target) -> bool:
+        """Whether the live config says what ``render(target)`` would (blocking; DriverError,
+        OSError). By default byte for byte: a config this driver renders from a template."""
+        return self.render(target) == self.read_config()
+
     def write_config(self, data: bytes) -> None:
         """Replace the live config atomically, keeping its file mode, owner and group."""
         self.commit_config(self.stage_config(data))
@@ -711,6 +716,11 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             if value is not None:
                 server[key] = str(value)
         return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
+
+    def says(self, target: Target) -> bool:
+        """As ``Driver.says``, by the parsed TOML: a comment or a layout does not count."""
+        rendered = ConfigFile.parse(self.config_file, self.render(target)).data
+        return bool(rendered == self._load().data)
 
     def _pid(self) -> int | None:
         """The running server's pid, from its pid file; None if there is none. Short of

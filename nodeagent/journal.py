@@ -18,25 +18,36 @@ which refuses it (``tlsroll.sqlite.NotDamaged``, exit 2) and moves nothing aside
 A journal put back from the copy kept before an upgrade (``mark_copy``, ``Journal._put_back``;
 README "Going back to an older version") is older than the node: the agent ran on after the
 copy was made. A transaction it shows unfinished was unfinished *when the copy was made* (an
-upgrade restarts the agent mid-switch, and the newer agent carried it on to its end); it is
-never resumed from its old phase, which would freeze the server again and rewrite, restart and
-verify towards a config the cluster may have left since (a switch rolled back by the newer
-agent would be switched again; a way back resumed would take a switched node to http). At the
-first start on the copy such transactions are remembered (``restored_unfinished``, in the
-write that says the journal is a copy put back) and settled level-based instead
-(``nodeagent.transaction.Runner.resume_all``): the server's live config and what the server
-answers from outside are compared with the transaction's two configs. The target, live and
-answering as the target: the transaction ended so on the newer agent, recorded ``completed``
-(and what is live with it); the source: ``rolled_back``; anything else (neither, a server that
-answers as neither, a row of an earlier release without its configs) proves nothing: recorded
-``failed``, and the node needs the admin (``needs_admin``: the agent's heartbeats report its
-server as not healthy with that text, which `tlsroll nodes` shows and the leader's planning
-refuses) until the admin, having checked the server, starts the agent once with
-``--journal-checked``. Nothing is done to the server in any case: no freeze, no write, no
-restart, no unfreeze (a freeze the copy says is owed, ``unfreeze_owed``, is forgotten too:
-the newer agent lifted it or the server's freeze is another's now). The copy's time
-(``restored_copy_at``), which a refusal to roll back mentions, is forgotten with the first
-transaction the agent completes on the copy: from then on the journal explains itself.
+upgrade restarts the agent mid-switch; the newer agent carried it on, or broke before it did,
+which is the usual reason to go back); it is never resumed from its old phase, which would
+freeze the server again and rewrite, restart and verify towards a config the cluster may have
+left since (a switch rolled back by the newer agent would be switched again; a way back resumed
+would take a switched node to http). At the first start on the copy such transactions are
+remembered (``restored_unfinished``, in the write that says the journal is a copy put back;
+an agent that stops before it settled them settles them at its next start) and settled
+level-based instead (``nodeagent.transaction.Runner.resume_all``): the server's live config and
+what the server answers from outside are compared with the transaction's two configs. A
+verdict is recorded only where the server proves it: the target live and answering as the
+target, ``completed`` (and what is live with it); the source, ``rolled_back``. Where the two
+answer alike from outside (the same schemes, and no certificate to tell them by: a
+change-password, a rollback), the server must also say it started after its config was last
+written (its status's ``started_at``): a config written and not restarted proves nothing (review
+s41rev1 H2). A server left frozen, with no scope freeze's lease in the journal to bound it,
+proves nothing either: no transaction this journal knows of will lift it (H1). Anything else
+(neither config, a server that answers as neither, a row of an earlier release without its
+configs) is recorded ``failed``, and the node needs the admin (``needs_admin``). Such a node is
+taken on by nothing: the agent's heartbeats report its server as not healthy with that text
+(`tlsroll nodes`, the schema's and the viewer's node problems), its preflight fails with it,
+the leader's planning refuses a plan with it, naming it, and the agent refuses Stage, Switch
+and Rollback (FAILED_PRECONDITION), until the admin, having checked the server, starts the
+agent once with ``--journal-checked`` (``nodeagent.runtime``; refused, exit 2, while the
+server's config contradicts the files the journal holds live: ``plans.live_contradiction``).
+A plain restart keeps it. Nothing is done to the server in any case: no freeze, no write, no
+restart, no unfreeze (a freeze the copy says is owed, ``unfreeze_owed``, is forgotten too: the
+newer agent lifted it, the server's freeze is another's now, or a freeze left makes the node
+need the admin). The copy's time (``restored_copy_at``), which a refusal to roll back
+mentions, is forgotten with the first transaction the agent completes on the copy: from then
+on the journal explains itself.
 
 A transaction's ``plan`` is fixed when it starts (``update`` refuses to change it); what the
 runner learns on the way (``failed_phase``, ``restart_needed``) has columns of its own. Kind,
@@ -189,10 +200,6 @@ IGNORABLE: frozenset[int] = frozenset()
 """The migrations (numbered from 1) an agent without them may ignore as it reads and writes the
 journal (``tlsroll.sqlite.migrate``; as ``leader.db.IGNORABLE``). Empty so far: only builds
 from session 40 on read the floor it makes."""
-
-NEEDS_ADMIN = "needs the admin"
-"""How the agent's view of its server begins while the journal says the node needs the admin
-(``Journal.needs_admin``): reported as not healthy, with why (the leader's `tlsroll nodes`)."""
 
 LOSING = (
     "a switch made since loses its way back to http, which only the journal holds: never put"

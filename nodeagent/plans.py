@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
-from nodeagent.drivers import Driver, Target
+from nodeagent.drivers import Driver, DriverError, Target
 from nodeagent.journal import Journal, Staged, Txn
-from nodeagent.transaction import Plan
+from nodeagent.transaction import Plan, describe
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, PKIReason, TerminalError, UnsafePermissions, os_error_text
@@ -240,6 +240,41 @@ def _said_group_wide(path: Path, share: Sharing) -> None:
             detail="the config's group reads the key and the password's verifier too; give the "
             "config a group of the server's alone",
         )
+
+
+def live_contradiction(journal: Journal, driver: Driver) -> str | None:
+    """Why the server's live config is not what the journal holds live (``Journal.live_tls``:
+    the https files, or none on http), or None (blocking). ``tlsroll-agent --journal-checked``
+    refuses to clear ``needs_admin`` then: the files the journal holds live are what the
+    agent's view, its bootstrap service and its next plans use (review s41rev1 M2: a stale
+    verifier file would come back with the next rotate-cert)."""
+    live = journal.live_tls()
+    try:
+        facts = driver.facts()
+        if not (live and live.get("cert_file")):
+            if "https" in facts.schemes:
+                return (
+                    f"the server's config {driver.config_file} serves https, but the journal"
+                    " holds no https files live (http only)"
+                )
+            return None
+        verifier = live.get("verifier_file")
+        target = Target(
+            facts.schemes,
+            Path(live["cert_file"]),
+            Path(live["key_file"]),
+            Path(live["ca_file"]),
+            Path(verifier) if verifier else None,
+        )
+        if driver.says(target):
+            return None
+    except (DriverError, OSError) as exc:
+        return f"the server's config cannot be compared with the journal: {describe(exc)}"
+    named = ", ".join(f"{k} {v}" for k, v in sorted(live.items()) if k.endswith("_file") and v)
+    return (
+        f"the server's config {driver.config_file} names other files than the journal holds"
+        f" live ({named})"
+    )
 
 
 def _files_of(live: dict[str, str] | None) -> list[str]:

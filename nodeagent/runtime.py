@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import math
 import os
 import random
 import sqlite3
@@ -39,7 +40,7 @@ from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, dbthread, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
-from tlsroll.errors import ConfigError, TlsrollError, TransientError, os_error_text
+from tlsroll.errors import ConfigError, TerminalError, TlsrollError, TransientError, os_error_text
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
 from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
@@ -63,6 +64,11 @@ TXN_GRACE_SECONDS = 60.0
 # of a stop mid-switch cancel it at once with 0). Never set in production.
 TXN_GRACE_ENV = "TLSROLL_AGENT_TEST_TXN_GRACE"
 log = logs.get_logger(__name__)
+
+
+class JournalContradicted(TerminalError):
+    """``--journal-checked`` on a node whose live config the journal contradicts (``serve``):
+    refused, nothing cleared; exit 2 (the command line is for a person to change)."""
 
 
 def now() -> dt.datetime:
@@ -140,7 +146,19 @@ async def serve(
     enrolled = any(p.exists() for p in paths(cfg.data_dir))
     journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
     if journal_checked:
-        # The admin checked the server that a journal put back could not settle (``journal``).
+        # The admin checked the server that a journal put back could not settle (``journal``);
+        # never a state the journal contradicts (review s41rev1 M2): its live files stay what
+        # the agent's view, its bootstrap service and its next plans use.
+        problem = None
+        if journal.needs_admin() is not None and driver is not None:
+            problem = await asyncio.to_thread(plans.live_contradiction, journal, driver)
+        if problem:
+            journal.close()
+            raise JournalContradicted(
+                f"--journal-checked refused: {problem}; the journal cannot describe this node:"
+                " go forward (put the journal kept as NAME.after-vN back and install the newer"
+                " version again), or make the config name what the journal holds live"
+            )
         was = journal.clear_needs_admin()
         log.warning(
             "journal.checked",
@@ -259,11 +277,15 @@ async def stop_task(task: asyncio.Task[Any], patience: float = 10.0) -> None:
 
 
 def txn_grace() -> float:
-    """``TXN_GRACE_SECONDS``, or the test hook's (``TXN_GRACE_ENV``) if it is a number >= 0."""
+    """``TXN_GRACE_SECONDS``, or the test hook's (``TXN_GRACE_ENV``), a number, brought into
+    [0, ``TXN_GRACE_SECONDS``]: never longer than the unit's stop timeout allows."""
     try:
-        return max(0.0, float(os.environ[TXN_GRACE_ENV]))
+        grace = float(os.environ[TXN_GRACE_ENV])
     except (KeyError, ValueError):
         return TXN_GRACE_SECONDS
+    if math.isnan(grace):
+        return TXN_GRACE_SECONDS
+    return min(max(0.0, grace), TXN_GRACE_SECONDS)
 
 
 def journal_path(cfg: AgentConfig) -> Path:
@@ -302,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
         )
         asyncio.run(serve(cfg, reinitialise=ns.reinitialise, journal_checked=ns.journal_checked))
-    except (ConfigError, NotDamaged) as exc:
+    except (ConfigError, NotDamaged, JournalContradicted) as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except SchemaTooNew as exc:

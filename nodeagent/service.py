@@ -33,7 +33,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess, Worker
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
-from nodeagent.journal import NEEDS_ADMIN, Journal, Outlook, Staged, Txn
+from nodeagent.journal import Journal, Outlook, Staged, Txn
 from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import (
@@ -51,7 +51,7 @@ from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
-from tlsroll.enums import Change, TxnKind
+from tlsroll.enums import NEEDS_ADMIN, Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import config_dir_problem
 from tlsroll.rpc import (
@@ -309,6 +309,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise failed_precondition("no managed server configured on this node ([server])")
         return self.driver
 
+    def _refuse_if_needs_admin(self) -> None:
+        """A node whose journal, put back from a copy, left a transaction that what the server
+        runs does not settle (``nodeagent.journal``) is not staged, switched or rolled back
+        until the admin checked it (review s41rev1 M1: a rollout already running did both)."""
+        if (why := self.journal.needs_admin()) is not None:
+            raise failed_precondition(f"{NEEDS_ADMIN}{why}")
+
     async def server_view(self) -> agent_pb2.ServerView:
         """What the managed server runs now (for the heartbeats)."""
         return await self._view()
@@ -320,8 +327,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # A journal put back from a copy whose transaction what the server runs did not settle
         # (``nodeagent.journal``): not planned or switched until the admin checked the node.
         if (why := self.journal.needs_admin()) is not None:
-            detail = f"{NEEDS_ADMIN}: {why}"
-            return agent_pb2.ServerView(driver=driver.name, healthy=False, detail=detail)
+            detail = f"{NEEDS_ADMIN}{why}"
+            return agent_pb2.ServerView(
+                driver=driver.name,
+                healthy=False,
+                detail=detail,
+                clients=await self._clients(driver),
+            )
         try:
             facts = await asyncio.to_thread(driver.facts)
             status = await driver.status()
@@ -547,6 +559,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise
         facts, unread, local = await local_checks
         problems = [unread] if unread else []  # in the order they were always found
+        if (why := self.journal.needs_admin()) is not None:  # first: what to do first
+            problems.insert(0, f"{NEEDS_ADMIN}{why}")
         if health is not None:
             problems.append(f"managed server not healthy: {health}")
         problems += local
@@ -667,6 +681,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
         rollout_id = await self._command(context, request.command)
+        self._refuse_if_needs_admin()
         if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
             self.on_prepare()
         if request.own_certificate:
@@ -1062,6 +1077,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         """Begin the switch (or find it, on a replay): Switch, and WatchTransaction with
         ``switch`` set."""
         rollout_id = await self._command(context, request.command)
+        self._refuse_if_needs_admin()
         change = CHANGE.read(request.change, "change")
         builders = {
             Change.ENABLE_TLS: plans.switch_plan,
@@ -1115,6 +1131,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.RollbackRequest, context: Ctx
     ) -> agent_pb2.Transaction:
         rollout_id = await self._command(context, request.command)
+        self._refuse_if_needs_admin()
         driver = self._driver()
 
         def make() -> Built:

@@ -62,7 +62,9 @@ agent SIGKILLs itself right after journalling that phase, ``started`` included (
 use it to kill the agent at an exact point; it is never set in production). And
 ``TLSROLL_AGENT_TEST_TERM_AFTER``: the agent sends itself SIGTERM there instead (what
 ``systemctl restart tlsroll-agent`` does mid-switch: the agent stops as it does on any SIGTERM,
-``nodeagent.runtime``).
+``nodeagent.runtime``); with ``TLSROLL_AGENT_TEST_TERM_HOLD`` set as well, the transaction then
+waits, before its next action, for the stop to cancel it (a switch slower than the grace, made
+certain: review s41rev1 M4).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ _T = TypeVar("_T")
 
 CRASH_ENV = "TLSROLL_AGENT_TEST_CRASH_AFTER"
 TERM_ENV = "TLSROLL_AGENT_TEST_TERM_AFTER"
+TERM_HOLD_ENV = "TLSROLL_AGENT_TEST_TERM_HOLD"
 DRAIN_TIMEOUT = 10.0
 BACKWARD_ATTEMPTS = 3  # each action of the way back, before the outcome is ``failed``
 BACKWARD_WAIT = 0.5  # seconds before the 2nd attempt, 2 × that before the 3rd, ...
@@ -232,6 +235,31 @@ class LeaseUnread(TransientError):
 class TransactionDied(TerminalError):
     """A transaction task died more often than it is restarted: the agent must exit (its
     message is the daemon's one line)."""
+
+
+def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
+    """Why nothing shows that the server loaded ``config_file`` as it is now ("" if it
+    did): the server's status must say when it started (``started_at``, ISO 8601, as the
+    reference server's), after the file was last written (blocking: reads the file's time)."""
+    if status is None:
+        return "the server's status cannot be read"
+    text = status.get("started_at")
+    try:
+        started = dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        return "the server's status does not say when it started"
+    if started.tzinfo is None:
+        return "the server's status does not say when it started"
+    try:
+        written = dt.datetime.fromtimestamp(config_file.stat().st_mtime, dt.UTC)
+    except OSError as exc:
+        return f"its config file's time cannot be read ({exc.strerror})"
+    if started <= written:
+        return (
+            f"the server started ({started.isoformat(timespec='seconds')}) before its config"
+            f" was last written ({written.isoformat(timespec='seconds')})"
+        )
+    return ""
 
 
 def _read_or_none(path: Path) -> bytes | None:
@@ -487,6 +515,8 @@ class Runner:
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
         self.term_after = os.environ.get(TERM_ENV, "")
+        self.term_hold = bool(os.environ.get(TERM_HOLD_ENV))
+        self._term_sent = False
         # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
         self.dead = asyncio.Event()
         self.fatal = ""
@@ -576,8 +606,10 @@ class Runner:
         the server runs now, level-based, doing nothing to the server (no freeze, write,
         restart or unfreeze): its live config is the transaction's target and the server
         answers as the target: ``completed``; its source, answering as the source:
-        ``rolled_back``; anything else: ``failed``, and the node needs the admin
-        (``Journal.needs_admin``)."""
+        ``rolled_back``; where the two answer alike, only if the server started after its
+        config was written (``_not_loaded``); anything else, or a server frozen with no
+        lease in the journal: ``failed``, and the node needs the admin
+        (``Journal.needs_admin``; see ``nodeagent.journal``)."""
         plan = Plan.from_json(txn.plan)
         copy = await dbthread.run(self.journal.restored_copy_at)
         made = copy.isoformat(timespec="seconds") if copy is not None else "?"
@@ -614,26 +646,46 @@ class Runner:
                 looked += f" on disk, but does not answer as it: {'; '.join(problems)}"
                 outcome = TxnOutcome.FAILED
         try:
-            frozen = bool((await self.driver.status()).get("frozen"))
+            status: dict[str, Any] | None = await self.driver.status()
         except (DriverError, OSError, LocalResourceError):
-            frozen = False
-        if frozen:
+            status = None
+        alike = plan.source_schemes == plan.target_schemes and not fingerprint
+        if outcome is not TxnOutcome.FAILED and alike:
+            # Target and source answer alike from outside (a change-password, a rollback, the
+            # source of a rotate-cert: same schemes, no certificate to tell them by): what is on
+            # disk is what the server runs only if the server started after it was written
+            # (review s41rev1 H2: a config written, the server not restarted, was "completed").
+            unproved = await dbthread.run(_not_loaded, self.driver.config_file, status)
+            if unproved:
+                looked += (
+                    f" on disk, but its target and source answer alike and {unproved}: it may"
+                    " still run the other"
+                )
+                outcome = TxnOutcome.FAILED
+        frozen = bool(status is not None and status.get("frozen"))
+        if frozen and await dbthread.run(self.journal.freeze_lease) is None:
+            # No transaction of this journal holds the freeze and no scope freeze's lease
+            # bounds it: nothing will ever lift it (review s41rev1 H1: the newer agent broke
+            # before it carried the switch on; the node stayed frozen, shown healthy).
             looked += "; the server is frozen, by no transaction this journal knows of"
+            outcome = TxnOutcome.FAILED
         if outcome is TxnOutcome.FAILED:
             reason = (
                 f"{where}; {looked}: nothing was done to the server; check its config and"
                 " whether it takes writes by hand, then start the agent once with"
                 " --journal-checked"
             )
-            # What the heartbeat says (its detail is cut at 200 characters): the log says more.
+            # What the heartbeat says (the leader cuts its detail at 200 characters, with
+            # NEEDS_ADMIN before it: 195 at most in all): the log says more.
             needs_admin = (
-                f"journal put back mid-{txn.kind} of rollout {txn.rollout_id[:40]}, which what"
-                " the server runs does not settle: check it, then start the agent once with"
+                f"journal put back mid-{txn.kind} of rollout {txn.rollout_id[:40]}: not settled"
+                " by what the server runs; check it, then start the agent once with"
                 " --journal-checked"
             )
         else:
             reason = f"{where}; {looked}: recorded as {outcome.value}, nothing done to the server"
-            reason += " (a freeze is left as it is)" if frozen else ""
+            if frozen:
+                reason += " (its freeze is the scope freeze's, which its lease bounds)"
             needs_admin = ""
         settled = await dbthread.run(
             functools.partial(
@@ -942,6 +994,7 @@ class Runner:
             txn = await dbthread.run(write, txn, *args, **changes)
             self._journalled(txn.phase)
             self.changes.changed(txn)
+            await self._held()
             return txn
         txn, followed, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
         key = (txn.rollout_id, txn.kind.value)
@@ -953,13 +1006,21 @@ class Runner:
             self._journalled(followed.phase)
             self.changes.changed(followed)
             self._followed[key] = followed
+        await self._held()
         return txn
 
     def _journalled(self, phase: Phase) -> None:
         if self.crash_after == phase:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
         if self.term_after == phase:
+            self._term_sent = True
             os.kill(os.getpid(), signal.SIGTERM)  # test hook, see module docstring
+
+    async def _held(self) -> None:
+        """Test hook (``TERM_HOLD_ENV``, see the module docstring): once the agent sent itself
+        SIGTERM, the transaction waits here until the stop cancels it."""
+        if self._term_sent and self.term_hold:
+            await asyncio.Event().wait()
 
     async def _attempt(self, action: Action, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
         """Run ``action`` (``attempts`` times on a failure of the server's); while the agent

@@ -8,9 +8,11 @@ given ``TXN_GRACE_SECONDS`` to end (its next actions go on meanwhile), then canc
 agent exits 0 within the unit's TimeoutStopSec (90 s), with no traceback. Then it is started
 again (without the hooks), as systemd does: a switch that ended in the grace is ended, one that
 was cancelled is resumed from the journal and ends as its rules say (here: completed), the
-server unfrozen, taking writes, no acknowledged write lost. "No grace" (the hook
-``TLSROLL_AGENT_TEST_TXN_GRACE=0``) stands for a switch slower than the grace: the
-transaction is cancelled in the middle of its next action.
+server unfrozen, taking writes, no acknowledged write lost. "No grace" (the hooks
+``TLSROLL_AGENT_TEST_TXN_GRACE=0`` and ``TLSROLL_AGENT_TEST_TERM_HOLD``) stands for a switch
+slower than the grace: the transaction waits, before its next action, until the stop cancels
+it (without the hold, after ``restarted`` only the verify and the unfreeze were left, and they
+could end the switch before the cancel came: review s41rev1 M4).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nodeagent.runtime import TXN_GRACE_ENV
-from nodeagent.transaction import TERM_ENV
+from nodeagent.runtime import TXN_GRACE_ENV, TXN_GRACE_SECONDS, txn_grace
+from nodeagent.transaction import TERM_ENV, TERM_HOLD_ENV
 from tests.cluster import Cluster
 from tests.conftest import next_loopback
 from tests.nodeside import NodeFactory
@@ -55,6 +57,7 @@ def test_an_agent_told_to_stop_mid_switch_stops_cleanly_and_the_switch_ends(
     env = {TERM_ENV: phase}
     if grace == "no-grace":
         env[TXN_GRACE_ENV] = "0"
+        env[TERM_HOLD_ENV] = "1"
     node = make_node(env=env)
     assert node.agent is not None and node.agent.proc is not None
     rid = f"term-{phase.replace('_', '-')}-{grace}"
@@ -87,3 +90,24 @@ def test_an_agent_told_to_stop_mid_switch_stops_cleanly_and_the_switch_ends(
     assert node.get("https", f"entries/{acked['id']}").status == 200
     assert node.post("https", {"note": "after"}).status == 201
     assert "Traceback" not in node.agent.log_text()
+
+
+@pytest.mark.parametrize(
+    ("raw", "grace"),
+    [
+        ("0", 0.0),
+        ("-5", 0.0),
+        ("7.5", 7.5),
+        ("1e9", TXN_GRACE_SECONDS),
+        ("inf", TXN_GRACE_SECONDS),
+        ("nan", TXN_GRACE_SECONDS),
+        ("soon", TXN_GRACE_SECONDS),
+    ],
+)
+def test_the_grace_hook_stays_within_the_grace(
+    monkeypatch: pytest.MonkeyPatch, raw: str, grace: float
+) -> None:
+    """Review s41rev1, Lows: the test hook's grace was unbounded above (1e9: an agent that
+    outlives the unit's stop timeout and is SIGKILLed); now within [0, TXN_GRACE_SECONDS]."""
+    monkeypatch.setenv(TXN_GRACE_ENV, raw)
+    assert txn_grace() == grace

@@ -27,7 +27,11 @@ from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
 from tests.test_going_back import put_back, set_user_version
+from tlsroll import password
+from tlsroll.enums import Change
 from tlsroll.sqlite import copy_name
+from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,42 @@ def copy_made_mid_switch(
     assert node.wait_txn(rid).outcome == "completed"
     assert node.admin_status()["listen"] == ["https"]
     return node, copy
+
+
+def copy_made_then_broken(node: Node, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The upgrade of a node whose agent stopped mid-switch, the newer agent broken (the
+    usual reason to go back): it makes the copy as it opens the journal, then never carries
+    the switch on. Returns the copy."""
+    known = len(journal.MIGRATIONS)
+    with monkeypatch.context() as m:
+        m.setattr(journal, "MIGRATIONS", (*journal.MIGRATIONS, ""))
+        journal.Journal(node.journal_path).close()
+    set_user_version(node.journal_path, known)
+    copy = copy_name(node.journal_path, known + 1)
+    assert copy.exists()
+    return copy
+
+
+def assert_needs_admin(node: Node, rid: str, pid: int | None, config: bytes) -> None:
+    """The node needs the admin and nothing takes it on (review s41rev1 M1): its preflight
+    fails with why, and Stage, Switch and Rollback are refused with it; the server untouched."""
+    pre = node.preflight(f"{rid}-next")
+    assert not pre.server.healthy
+    assert pre.server.detail.startswith("needs the admin: journal put back mid-"), pre
+    assert not pre.ok
+    assert pre.problems[0].startswith("needs the admin: journal put back mid-"), pre.problems
+    for act in (
+        lambda: node.stage(f"{rid}-next"),
+        lambda: node.switch(f"{rid}-next"),
+        lambda: node.rollback(rid),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            act()
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+        assert str(refused.value.details()).startswith("needs the admin: "), refused.value
+    assert node.server_pid() == pid
+    assert node.server.config_path.read_bytes() == config
+    assert node.journal_query("SELECT 1 FROM txns WHERE rollout_id = ?", f"{rid}-next") == []
 
 
 def go_back(node: Node, copy: Path) -> tuple[int | None, bytes]:
@@ -131,6 +171,17 @@ def test_a_switch_rolled_back_since_the_copy_is_not_switched_again(
     # Not a node that needs the admin: its server view is healthy.
     pre = node.preflight("pb-next")
     assert pre.server.healthy, pre.server.detail
+    # --journal-checked when nothing needs it: said so, nothing refused, nothing changed.
+    assert node.agent.stop() == 0
+    node.agent.argv.append("--journal-checked")
+    try:
+        node.restart_agent()
+    finally:
+        node.agent.argv.remove("--journal-checked")
+    [checked] = [e for e in node.agent.log_events() if e.get("event") == "journal.checked"]
+    assert checked["detail"] == "nothing needed the admin", checked
+    assert node.preflight("pb-next").ok
+    assert_untouched(node, "pb-back", pid, config)
 
 
 def test_a_switch_finished_since_the_copy_is_recorded_completed_and_rolls_back(
@@ -165,8 +216,11 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     """The server's config was changed by hand since: it is neither the switch's target nor
     its source, and proves nothing. The switch is recorded ``failed`` with what to do, nothing
     is done to the server, and the node needs the admin: its agent reports its server so (the
-    leader's `tlsroll nodes`, its planning), until the admin starts the agent once with
-    ``--journal-checked``."""
+    leader's `tlsroll nodes`, the schema's node problems, its planning). Here the server
+    serves https, which the copy (made before the switch's end) does not know live: the
+    admin's ``--journal-checked`` is refused (review s41rev1 M2), and a plain restart keeps
+    the node needing the admin. (The way out is in
+    ``test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin``.)"""
     node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-hand", "frozen")
     with node.server.config_path.open("a") as f:
         f.write("\n# changed by hand\n")
@@ -188,23 +242,38 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
         return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
 
     wait_until(lambda: shown().startswith("needs the admin: "), 30, "tlsroll nodes to say so")
+    # A node problem of the schema (review s41rev1 M3: only `tlsroll nodes` showed it).
+    [problem] = [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name]
+    assert problem["kind"] == "needs-admin", problem
+    assert problem["problem"].startswith(f"{node.name} needs the admin: journal put back"), problem
+    assert "--journal-checked" in problem["problem"], problem
     plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
     assert plan.returncode != 0, plan.stdout
-    assert "needs the admin: journal put back mid-switch" in plan.stdout + plan.stderr, plan
+    said = plan.stdout + plan.stderr
+    # Named with what to do, not "cannot ask the agent ...; bring the agent up" (M3).
+    assert f"{node.name} needs the admin: journal put back mid-switch" in said, plan
+    assert "or leave the node out (--nodes)" in said, plan
+    assert "cannot ask the agent" not in said, plan
 
     assert node.agent is not None
     assert node.agent.stop() == 0
     node.agent.argv.append("--journal-checked")
     try:
-        node.restart_agent()
+        code, said = node.agent.run_to_exit()
     finally:
         node.agent.argv.remove("--journal-checked")
-    assert "journal.checked" in node.agent.event_names()
+    assert code == 2, said
+    [line] = [x for x in said.splitlines() if x.startswith("tlsroll-agent: ")]
+    assert line.startswith("tlsroll-agent: --journal-checked refused: the server's config"), said
+    assert "serves https, but the journal holds no https files live" in line, said
+    assert "NAME.after-vN" in line, said
+    assert "Traceback" not in said, said
+    [row] = node.journal_query("SELECT value FROM meta WHERE key = 'needs_admin'")
+    assert row["value"].startswith("journal put back mid-switch of rollout pb-hand"), row
+    node.restart_agent()  # a plain restart: the node still needs the admin
     pre = node.preflight("pb-next")
-    assert pre.server.healthy, pre.server.detail
-    wait_until(lambda: shown() == "https", 30, "tlsroll nodes to show the server again")
-    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "rotate-cert")
-    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+    assert pre.server.detail.startswith("needs the admin: journal put back mid-switch"), pre
+    assert node.server_pid() == pid
 
 
 def refusal(node: Node, rid: str) -> str:
@@ -240,3 +309,170 @@ def test_the_copy_is_mentioned_only_until_a_transaction_completes_on_it(
     said = refusal(node, "pb-never-2")
     assert "did not switch this node; nothing to roll back" in said
     assert "copy" not in said, said
+
+
+def test_a_node_that_needs_the_admin_is_not_staged_switched_or_rolled_back(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev1 M1: ``needs_admin`` only changed the agent's view; its Preflight stayed
+    ok (with no schemes), and a rollout already running staged and switched the node (the
+    server restarted on a new config) while it still needed the admin. Now the preflight fails
+    with why, and Stage, Switch and Rollback are refused (FAILED_PRECONDITION) with it."""
+    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-refuse", "frozen")
+    with node.server.config_path.open("a") as f:
+        f.write("\n# changed by hand\n")
+    pid, config = go_back(node, copy)
+    assert settled(node, "pb-refuse")[0] == "failed"
+    assert_needs_admin(node, "pb-refuse", pid, config)
+
+
+def test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch, cluster: Cluster
+) -> None:
+    """Review s41rev1 H1: the agent stopped with the server frozen; the newer agent made the
+    copy and broke before it carried the switch on; the copy put back. Before: settled
+    ``rolled_back`` ("the server runs its source"), the server left frozen for ever (writes
+    refused) and the node shown healthy. Now: ``failed``, the server frozen by no transaction
+    the journal knows of, and the node needs the admin; still nothing done to the server.
+    The admin lifts the freeze by hand and starts the agent once with ``--journal-checked``
+    (the server's config, http, is what the journal holds live): the node is planned and
+    switched again."""
+    node = make_node(env={CRASH_ENV: "frozen"})
+    assert node.agent is not None and node.agent.proc is not None
+    node.stage("pb-broken")
+    try:
+        node.switch("pb-broken")
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    copy = copy_made_then_broken(node, monkeypatch)
+    put_back(node.journal_path, copy)
+    pid, config = node.server_pid(), node.server.config_path.read_bytes()
+    node.restart_agent()
+
+    outcome, phase, reason = settled(node, "pb-broken")
+    assert (outcome, phase) == ("failed", "failed"), reason
+    assert "the server is frozen, by no transaction this journal knows of" in reason
+    assert node.admin_status()["frozen"] is True  # left to the admin, not lifted blindly
+    assert_needs_admin(node, "pb-broken", pid, config)
+
+    node.server.unfreeze()  # the admin's check
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.agent.argv.append("--journal-checked")
+    try:
+        node.restart_agent()
+    finally:
+        node.agent.argv.remove("--journal-checked")
+    assert "journal.checked" in node.agent.event_names()
+    pre = node.preflight("pb-broken-next")
+    assert pre.server.healthy and pre.ok, pre
+
+    def shown() -> str:
+        listed = cluster.cli("nodes", "--json")
+        assert listed.returncode == 0, listed.stderr
+        return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
+
+    wait_until(lambda: shown() == "http", 30, "tlsroll nodes to show the server again")
+    assert [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name] == []
+    plan = cluster.cli("plan", "--scope", "nodes", "--nodes", node.name, "--change", "enable-tls")
+    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+    node.stage("pb-after")
+    node.switch("pb-after")
+    assert node.wait_txn("pb-after").outcome == "completed"
+    assert node.admin_status()["listen"] == ["https"]
+
+
+def test_a_password_written_but_not_restarted_is_not_recorded_completed(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev1 H2: a change-password stopped after ``config_written`` (the server not
+    restarted: it still takes the old password), the newer agent broken, the copy put back.
+    Target and source answer alike from outside (https, no certificate to tell them by), and
+    the live config is the target's: before, ``completed`` (the new verifier counted live,
+    the node done). Now the server's start time, before the config was written, proves
+    nothing: ``failed``, and the node needs the admin."""
+    node = make_node()
+    node.stage("pb-tls")
+    node.switch("pb-tls")
+    assert node.wait_txn("pb-tls").outcome == "completed"
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.restart_agent(env={CRASH_ENV: "config_written"})
+    assert node.agent.proc is not None
+    verifier = password.make_verifier("a-new-password-long-enough-123", **password.TEST_PARAMS)
+    request = agent_pb2.SwitchRequest(
+        command=node.command("pb-pw"),
+        change=CHANGE.wire(Change.CHANGE_PASSWORD),
+        auth_verifier_json=password.verifier_to_json(verifier),
+    )
+    pid = node.server_pid()
+    try:
+        with node.stub() as stub:
+            stub.Switch(request, timeout=30)
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    [row] = node.journal_query("SELECT phase, outcome FROM txns WHERE rollout_id = 'pb-pw'")
+    assert (row["phase"], row["outcome"]) == ("config_written", "")
+    copy = copy_made_then_broken(node, monkeypatch)
+    put_back(node.journal_path, copy)
+    node.server.unfreeze()  # lifted by hand: only the config written is left to settle
+    config = node.server.config_path.read_bytes()
+    node.restart_agent()
+
+    outcome, phase, reason = settled(node, "pb-pw")
+    assert (outcome, phase) == ("failed", "failed"), reason
+    assert "frozen" not in reason, reason
+    assert "its target and source answer alike" in reason
+    assert "before its config was last written" in reason
+    assert node.server_pid() == pid  # never restarted: it still runs the old password
+    assert_needs_admin(node, "pb-pw", pid, config)
+
+
+def test_a_rollback_unfinished_in_the_copy_is_settled_after_a_start_that_did_not_settle_it(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev1, Lows: a rollback (not a switch) unfinished in the copy, and an agent
+    that read the copy put back and stopped before it settled anything (here: the journal
+    opened once by the test). The rollback had written http, the server not restarted; the
+    newer agent completed it. The next start settles it from what the server runs, never
+    resumes it: ``completed`` (http live and answering), nothing done to the server."""
+    node = make_node()
+    node.stage("pb-rb")
+    node.switch("pb-rb")
+    assert node.wait_txn("pb-rb").outcome == "completed"
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.restart_agent(env={CRASH_ENV: "config_written"})
+    assert node.agent.proc is not None
+    try:
+        node.rollback("pb-rb")
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    [row] = node.journal_query("SELECT phase, outcome FROM txns WHERE kind = 'rollback'")
+    assert (row["phase"], row["outcome"]) == ("config_written", ""), row
+    copy = copy_made_then_broken(node, monkeypatch)
+    node.restart_agent()  # the newer agent, which carries the rollback on
+    assert node.wait_txn("pb-rb", "rollback").outcome == "completed"
+    assert node.admin_status()["listen"] == ["http"]
+
+    assert node.agent.stop() == 0
+    put_back(node.journal_path, copy)
+    journal.Journal(node.journal_path).close()  # read as a copy put back, nothing settled
+    [held] = node.journal_query("SELECT value FROM meta WHERE key = 'restored_unfinished'")
+    assert json.loads(held["value"]) == [["pb-rb", "rollback", "config_written"]]
+    pid, config = node.server_pid(), node.server.config_path.read_bytes()
+    node.restart_agent()
+    done = node.wait_txn("pb-rb", "rollback", timeout=30)
+    assert (done.outcome, done.phase) == ("completed", "completed"), done.reason
+    assert "made while this rollback of rollout pb-rb was at phase config_written" in done.reason
+    assert "the server runs its target" in done.reason
+    assert node.server_pid() == pid
+    assert node.server.config_path.read_bytes() == config
+    assert node.admin_status()["frozen"] is False
+    assert node.agent.event_names().count("txn.resuming") == 1  # by the newer agent alone
+    pre = node.preflight("pb-rb-next")
+    assert pre.server.healthy and pre.ok, pre
+    assert node.post("http", {"note": "after going back"}).status == 201

@@ -75,6 +75,7 @@ from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, ts, until
 from tlsroll.clocks import elapsed
 from tlsroll.defaults import AGENT_PORT
+from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2, agent_pb2, leader_pb2, leader_pb2_grpc, schema_pb2
 from tlsroll.wire import to_dict
@@ -205,6 +206,48 @@ def gauge(text: bytes, name: str) -> dict[str, float]:
     """A per-node gauge of the metrics ``text``: node -> value."""
     (family,) = [f for f in text_string_to_metric_families(text.decode()) if f.name == name]
     return {s.labels["node"]: s.value for s in family.samples}
+
+
+async def test_a_node_that_needs_the_admin_is_a_node_problem_until_its_agent_says_otherwise(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review s41rev1 M3: a node whose agent's server view says it needs the admin (its
+    journal put back from a copy made mid-switch: ``tlsroll.enums.NEEDS_ADMIN``) was shown
+    only by `tlsroll nodes`. Now it is a node problem (``needs-admin``) in the schema and on
+    the viewer's page, from the heartbeat that says so until the one that no longer does."""
+    why = (
+        "journal put back mid-switch of rollout r1: not settled by what the server runs;"
+        " check it, then start the agent once with --journal-checked"
+    )
+    views = [agent_pb2.ServerView(driver="reference", healthy=False, detail=NEEDS_ADMIN + why)]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return views[0]
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _offset):
+        link.server_view = server_view
+        await link.beat()
+        (problem,) = rig.state.node_problems()
+        assert (problem.node, problem.kind) == ("hb1", NodeProblemKind.NEEDS_ADMIN)
+        assert problem.problem == f"hb1 {NEEDS_ADMIN}{why}" and problem.since == T
+        assert rig.state.node_problem("hb1") is None  # the agent refuses: the engine not held
+        view = SchemaViewService(
+            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+        )
+        (listed,) = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
+        assert listed.kind == schema_pb2.NODE_PROBLEM_KIND_NEEDS_ADMIN
+        snap = reader_of(rig).read(times=True)
+        page = pages.PageContext("127.0.0.1", "test", T, "/events")
+        for lang, words in (
+            ("de", "Knoten hb1 braucht die Praxis-IT"),
+            ("en", "Node hb1 needs the practice IT"),
+        ):
+            html = unescape(pages.schema_content(snap, Words.of(lang), page))
+            assert words in html and "Two agents" not in html and "Zwei Agenten" not in html
+
+        views[0] = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
+        await link.beat()
+        assert rig.state.node_problems() == []
 
 
 @pytest.mark.parametrize("skew", [300.0, -300.0])

@@ -35,3 +35,10 @@ class TxnOutcome(StrEnum):
     COMPLETED = "completed"  # the target is live, verified, writes accepted
     ROLLED_BACK = "rolled_back"  # the source is live again, verified, writes accepted
     FAILED = "failed"  # even the way back failed: the node needs a person
+
+
+NEEDS_ADMIN = "needs the admin: "
+"""How an agent's view of its server (``ServerView.detail``), its refusals and its preflight's
+problem begin while its journal, put back from a copy, says the node needs the admin
+(``nodeagent.journal``, ``Journal.needs_admin``); the leader tells such a node by it (`tlsroll
+nodes`, the schema's node problems, the planner's ``NeedsAdmin``)."""

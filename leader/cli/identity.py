@@ -32,7 +32,11 @@ from leader.wire import NODE_HEALTH
 from tlsroll import peertext
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
+from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.v1 import admin_pb2
+
+# What the server column shows in red: a server down, or a node that needs the admin.
+_ALARMING = ("down", NEEDS_ADMIN)
 
 
 @click.group(invoke_without_command=True)
@@ -94,7 +98,7 @@ def nodes(
             ", ".join(n.addresses),
             state,
             _clock(n),
-            Text(n.server or "-", style="red" if n.server.startswith("down") else ""),
+            Text(n.server or "-", style="red" if n.server.startswith(_ALARMING) else ""),
             _agent(n),
             fmt_time(n, "last_heartbeat"),
             fmt_time(n, "cert_not_after"),

@@ -66,6 +66,9 @@ _DE: dict[str, str] = {
     "store_trouble": "Der Leader kann seit {since} nicht in seinen Speicher schreiben "
     "({problem}); keine Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT "
     "verständigen (Platz auf der Festplatte des Leaders schaffen).",
+    "needs_admin": "Knoten {node} braucht die Praxis-IT: ein früherer Stand seines Journals "
+    "wurde zurückgespielt, und was sein Server ausführt, klärt eine Umstellung nicht; er wird "
+    "nicht umgestellt, bis die Praxis-IT ihn geprüft hat. Bitte die Praxis-IT verständigen.",
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
@@ -180,6 +183,9 @@ _EN: dict[str, str] = {
     "store_trouble": "The leader cannot write its store since {since} ({problem}); no "
     "rollout moves until it can. Please call the practice IT (free space on the leader's "
     "disk).",
+    "needs_admin": "Node {node} needs the practice IT: an earlier copy of its journal was "
+    "put back, and what its server runs does not settle a switch; it is not switched until "
+    "the practice IT has checked it. Please call the practice IT.",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "

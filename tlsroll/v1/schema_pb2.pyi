@@ -37,6 +37,12 @@ class _NodeProblemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeP
     """The node's clock differs from the leader's by more than the leader warns at (a warning:
     a rollout's preflight refuses the node only beyond its own, larger limit).
     """
+    NODE_PROBLEM_KIND_NEEDS_ADMIN: _NodeProblemKind.ValueType  # 3
+    """The node's journal was put back from a copy made mid-switch, and what its server runs
+    does not settle the switch: its agent refuses to stage, switch or roll back, and its
+    preflight fails, until the admin checked the node and started the agent once with
+    --journal-checked (a leader before this value shows TWIN_AGENTS's words for it).
+    """
 
 class NodeProblemKind(_NodeProblemKind, metaclass=_NodeProblemKindEnumTypeWrapper): ...
 
@@ -46,6 +52,12 @@ NODE_PROBLEM_KIND_TWIN_AGENTS: NodeProblemKind.ValueType  # 1
 NODE_PROBLEM_KIND_CLOCK_OFFSET: NodeProblemKind.ValueType  # 2
 """The node's clock differs from the leader's by more than the leader warns at (a warning:
 a rollout's preflight refuses the node only beyond its own, larger limit).
+"""
+NODE_PROBLEM_KIND_NEEDS_ADMIN: NodeProblemKind.ValueType  # 3
+"""The node's journal was put back from a copy made mid-switch, and what its server runs
+does not settle the switch: its agent refuses to stage, switch or roll back, and its
+preflight fails, until the admin checked the node and started the agent once with
+--journal-checked (a leader before this value shows TWIN_AGENTS's words for it).
 """
 Global___NodeProblemKind: _TypeAlias = NodeProblemKind  # noqa: Y015
 
