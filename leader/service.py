@@ -1407,11 +1407,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             shift = clock_shift(request, now)
             self._record_clients(name, request.server.clients, now, renewing, shift)
         summary = server_summary(request)
-        for start, event in (("down", "node.server_down"), (NEEDS_ADMIN, "node.needs_admin")):
-            if summary.startswith(start) and not self.state.live_servers.get(name, "").startswith(
-                start
-            ):
-                log.warning(event, node=name, detail=summary)
+        before = self.state.live_servers.get(name, "")
+        if summary.startswith("down") and not before.startswith("down"):
+            log.warning("node.server_down", node=name, detail=summary)
+        if summary.startswith(NEEDS_ADMIN) and not before.startswith(NEEDS_ADMIN):
+            log.warning("node.needs_admin", node=name, detail=summary)
         self.state.live_servers[name] = summary
         if summary.startswith(NEEDS_ADMIN):
             self.state.needs_admin_since.setdefault(name, now)
