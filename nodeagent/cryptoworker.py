@@ -21,9 +21,15 @@ module or op is an error answer, never a crash. The child's stderr is the agent'
 log lines). EOF on its stdin ends it: the agent closed it, or died.
 
 Calls are serialised (one request in flight). A child that dies mid-call (a signal, the OOM
-killer) is ``certwork.NoAnswer``; one that does not answer within ``TIMEOUT`` is killed and the
-call is a ``TransientError``; a call cancelled while it waits kills the child too (its answer
-would be read as the next call's). Either way the next call starts a new child.
+killer) is ``WorkerEnded``, a ``TransientError`` (UNAVAILABLE for the leader, which tries the
+step again, as when the agent itself was killed); one that does not answer within ``TIMEOUT``
+is killed and the call is a ``TransientError`` too; a call cancelled while it waits kills the
+child (its answer would be read as the next call's). Either way the next call starts a new
+child. An answer that is not one JSON object, or too long, is ``certwork.NoAnswer`` (terminal:
+a bug, not chance). The child ignores SIGTERM and SIGINT: systemd signals the whole control
+group when the agent stops, and Ctrl-C a terminal's process group; the child's call (a key
+being written) ends, the agent closes its stdin and it ends on EOF (killed after
+``STOP_PATIENCE``).
 
 Secrets (a staged or renewed key, a practice's key, the password verifier) cross the pipe
 only: requests and answers are never logged, and an op's unexpected failure is answered with
@@ -42,6 +48,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -157,7 +164,7 @@ class CryptoWorker:
                 # request: a new child takes it, once.
                 code = await self._ended(proc)
                 if again:
-                    raise NoAnswer(
+                    raise WorkerEnded(
                         f"crypto work ({op}) failed: the worker ended ({code})"
                     ) from None
             except BaseException:  # cancelled: the child may have half a request
@@ -179,7 +186,7 @@ class CryptoWorker:
             raise
         if not raw.endswith(b"\n"):
             code = await self._ended(proc)
-            raise NoAnswer(f"crypto work ({op}) failed: the worker ended ({code})")
+            raise WorkerEnded(f"crypto work ({op}) failed: the worker ended ({code})")
         try:
             answer = json.loads(raw)
             if not isinstance(answer, dict):
@@ -335,6 +342,13 @@ class CryptoWorker:
 NoAnswer = certwork.NoAnswer
 
 
+class WorkerEnded(TransientError):
+    """The child ended in the middle of a call (a signal, the OOM killer, its parent's stop):
+    no verdict on the request, and a new child takes the next. Transient (UNAVAILABLE): the
+    leader tries the step again, as when the whole agent was killed. (``certwork.NoAnswer``
+    stays for certwork's one-shot children and for an answer that is not one.)"""
+
+
 class InProcess:
     """``CryptoWorker``'s interface, the ops run in this process (in a worker thread): for
     tests and tools that build the agent's parts without an agent (its memory is not theirs
@@ -433,7 +447,10 @@ class _Preload:
 
 
 def main() -> int:
-    """The child: serve requests from stdin until EOF."""
+    """The child: serve requests from stdin until EOF (SIGTERM and SIGINT ignored: the
+    agent's stop ends it, by EOF)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     args = sys.argv[1:]
     logs.configure(
         json=(args[0] if args else "json") == "json",

@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 
 from nodeagent.certwork import NoAnswer
-from nodeagent.cryptoworker import CryptoWorker
+from nodeagent.cryptoworker import CryptoWorker, WorkerEnded
 from tests.cluster import Cluster, wait_until
 from tests.conftest import IssuedCert
 from tests.nodeside import Node as ServerNode
@@ -174,7 +174,7 @@ def test_a_switched_agent_enrols_workstations_without_cryptography(
 
 class Killing:
     """A real ``CryptoWorker`` whose child is killed (SIGKILL) just before the op ``kill_at``
-    is sent to it: the call meets a dead child (``NoAnswer``), as when the kernel's OOM killer
+    is sent to it: the call meets a dead child (``WorkerEnded``), as when the kernel's OOM killer
     ends it in the middle of an exchange."""
 
     def __init__(self, worker: CryptoWorker) -> None:
@@ -243,7 +243,7 @@ async def test_a_worker_killed_mid_exchange_is_try_later_and_nothing_counted(
     first = worker.pid
     crypto.kill_at = kill_at
     attempt = await node.exchange(session, cn="ws-second")
-    assert crypto.failures == [NoAnswer.__name__]
+    assert crypto.failures == [WorkerEnded.__name__]
     assert (attempt.status, attempt.error) == (503, "busy"), attempt.body
     assert attempt.headers["Retry-After"] == "5"
     assert "try later" in attempt.body["message"]

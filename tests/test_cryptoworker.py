@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nodeagent import certwork, certwork_ops, cryptoworker
-from nodeagent.cryptoworker import CryptoWorker, InProcess, NoAnswer
+from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerEnded
 from nodeagent.plans import Sharing
 from tests.cluster import child_env
 from tlsroll import pki
@@ -101,9 +101,12 @@ def test_a_module_that_is_not_there_is_an_error_answer(monkeypatch: pytest.Monke
     assert cryptoworker._serve("junk")["error"]["type"] == "TerminalError"
 
 
-async def test_a_child_killed_mid_call_is_no_answer_and_the_next_call_starts_another(
+async def test_a_child_killed_mid_call_is_transient_and_the_next_call_starts_another(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
+    """Review s41 M1: a child killed mid-call (the OOM killer, a signal) is no verdict on the
+    request: transient (UNAVAILABLE for the leader, which tries the step again), as the same
+    kill of the whole agent was; it was ``certwork.NoAnswer``, terminal, before."""
     worker = CryptoWorker()
     try:
         request = _crl_request(tmp_path, test_ca)
@@ -115,13 +118,39 @@ async def test_a_child_killed_mid_call_is_no_answer_and_the_next_call_starts_ano
         await asyncio.sleep(0.2)
         assert not call.done()
         os.kill(first, signal.SIGKILL)
-        with pytest.raises(NoAnswer, match=r"crypto work \(cert.crl\) failed.*signal 9"):
+        with pytest.raises(WorkerEnded, match=r"crypto work \(cert.crl\) failed.*signal 9"):
             await asyncio.wait_for(call, 60)
+        assert issubclass(WorkerEnded, TransientError)
+        assert not issubclass(WorkerEnded, TerminalError)
         assert worker.pid is None and _gone(first)
         assert await worker.call("cert.crl", request) == {"number": 7, "revoked": [12345]}
         assert worker.pid not in (None, first) and worker.started == 2
     finally:
         await worker.close()
+
+
+async def test_the_child_ignores_sigterm_and_sigint(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s41 M1: systemd signals the agent's whole control group when it stops or
+    restarts the agent (and Ctrl-C a terminal's process group): the child must not die in the
+    middle of a call for it; it ends when the agent closes its stdin."""
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # the signals wait while it is stopped, as would a call
+        call = asyncio.ensure_future(worker.call("cert.crl", request))
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGCONT)
+        assert (await asyncio.wait_for(call, 60))["number"] == 7
+        assert worker.pid == pid and worker.started == 1
+    finally:
+        await worker.close()
+    assert _gone(pid)
 
 
 async def test_a_child_killed_while_idle_is_replaced_by_the_next_call(
