@@ -14,19 +14,25 @@ whose service enrols workstations holds neither ``cryptography`` nor ``spake2``.
 
 from __future__ import annotations
 
+import array
+import asyncio
 import base64
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.x509.oid import NameOID
 
+from nodeagent.bootstrap_supervisor import SignRefused
 from nodeagent.certwork import NoAnswer
 from nodeagent.cryptoworker import CryptoWorker, WorkerEnded
 from tests.cluster import Cluster, wait_until
@@ -39,6 +45,7 @@ from tests.test_bootstrap import (
     FakeClock,
     InProcessCrypto,
     Node,
+    ca_signer,
     make_service,
     secrets_in,
 )
@@ -173,9 +180,12 @@ def test_a_switched_agent_enrols_workstations_without_cryptography(
 
 
 class Killing:
-    """A real ``CryptoWorker`` whose child is killed (SIGKILL) just before the op ``kill_at``
-    is sent to it: the call meets a dead child (``WorkerEnded``), as when the kernel's OOM killer
-    ends it in the middle of an exchange."""
+    """A real ``CryptoWorker`` whose child is killed (SIGKILL) once the op ``kill_at`` has been
+    written to it, before it could read it: the call meets a child that ended mid-call
+    (``WorkerEnded``), as when the kernel's OOM killer ends it in the middle of an exchange.
+    The child is stopped (SIGSTOP) first, and killed only once the request is in its pipe:
+    killed before the write, the worker would see a child that ended while idle and hand the
+    request to a new one (no failure at all)."""
 
     def __init__(self, worker: CryptoWorker) -> None:
         self.worker = worker
@@ -183,20 +193,61 @@ class Killing:
         self.failures: list[str] = []
 
     async def call(self, op: str, request: dict[str, Any]) -> Any:
+        call = asyncio.ensure_future(self.worker.call(op, request))
         if op == self.kill_at:
             self.kill_at = None
             pid = self.worker.pid
             assert pid is not None, "no child to kill"
+            os.kill(pid, signal.SIGSTOP)
+            await until(lambda: call.done() or unread(self.worker) > 0)
             os.kill(pid, signal.SIGKILL)
-            # (no await between the kill and the call: the worker has not seen the child end)
         try:
-            return await self.worker.call(op, request)
+            return await call
         except Exception as exc:
             self.failures.append(type(exc).__name__)
             raise
 
     def warm(self) -> None:
         self.worker.warm()
+
+
+def unread(worker: CryptoWorker) -> int:
+    """How many bytes wait in the pipe to the worker's child (FIONREAD on its write end)."""
+    proc = worker._proc
+    if proc is None or proc.stdin is None:
+        return 0
+    pipe = proc.stdin.transport.get_extra_info("pipe")
+    if pipe is None:
+        return 0
+    found = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, found)
+    return found[0]
+
+
+async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait (bounded) until ``check()``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "not within the bound"
+        await asyncio.sleep(0.01)
+
+
+def naming_signer(ca: pki.CertificateAuthority) -> Callable[[bytes], Any]:
+    """The tests' CA signer, refusing a name already signed for another key as the leader does
+    (``leader.store.NameTaken``, ALREADY_EXISTS: ``SignRefused`` with ``refused``)."""
+    sign = ca_signer(ca)
+    holders: dict[str, str] = {}
+
+    async def signer(csr_pem: bytes) -> bytes:
+        csr = pki.load_csr_pem(csr_pem)
+        name = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        pin = pki.spki_pin(csr.public_key())  # type: ignore[arg-type]
+        if holders.setdefault(str(name), pin) != pin:
+            raise SignRefused(f"{name} is taken; run again with --replace", refused=True)
+        return bytes(await sign(csr_pem))
+
+    return signer
 
 
 @pytest.fixture
@@ -220,7 +271,12 @@ async def killing_node(
     clock = FakeClock()
     crypto = Killing(worker)
     async with make_service(
-        issue_cert(address, "node-a"), address, test_ca, clock=clock, crypto=crypto
+        issue_cert(address, "node-a"),
+        address,
+        test_ca,
+        clock=clock,
+        crypto=crypto,
+        sign=naming_signer(test_ca),
     ) as service:
         yield Node(service, clock, test_ca.cert_pem), crypto
 
@@ -231,7 +287,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@pytest.mark.parametrize("kill_at", ["bootstrap.respond", "bootstrap.open_csr", "bootstrap.seal"])
+@pytest.mark.parametrize("kill_at", ["bootstrap.respond", "bootstrap.open_csr"])
 async def test_a_worker_killed_mid_exchange_is_try_later_and_nothing_counted(
     killing_node: tuple[Node, Killing],
     session: aiohttp.ClientSession,
@@ -254,6 +310,32 @@ async def test_a_worker_killed_mid_exchange_is_try_later_and_nothing_counted(
     again = await node.exchange(session, cn="ws-second")  # a new child answers
     assert again.status == 200, again.body
     assert worker.pid is not None and worker.pid != first
+
+
+@pytest.mark.parametrize("kill_at", ["bootstrap.cert_facts", "bootstrap.seal"])
+async def test_a_worker_killed_after_the_leader_signed_is_tried_again(
+    killing_node: tuple[Node, Killing],
+    session: aiohttp.ClientSession,
+    worker: CryptoWorker,
+    kill_at: str,
+) -> None:
+    """Review s41 M2: once the leader has signed, it holds the workstation's name for that
+    certificate's key; a 503 then sent the workstation back with a new key, refused as a name
+    taken ("run again with --replace"). The worker's work after the signing is tried once
+    more (a new child): the workstation gets its certificate."""
+    node, crypto = killing_node
+    assert (await node.exchange(session, cn="ws-first")).status == 200  # the child runs
+    first = worker.pid
+    crypto.kill_at = kill_at
+    attempt = await node.exchange(session, cn="ws-second")
+    assert crypto.failures == [WorkerEnded.__name__]
+    assert attempt.status == 200, attempt.body
+    assert attempt.payload().certificate_pem  # the payload opens: the certificate is there
+    assert worker.pid is not None and worker.pid != first
+    assert node.service.failures.pending() == []
+    # (The signer refuses the name for another key, as the leader does.)
+    taken = await node.exchange(session, cn="ws-second")
+    assert (taken.status, taken.error) == (409, "sign_failed"), taken.body
 
 
 async def test_a_wrong_password_is_counted_once_while_the_worker_is_down(
