@@ -14,12 +14,17 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from nodeagent import certwork, certwork_ops, cryptoworker
+from nodeagent import certwork, certwork_ops, cryptoworker, plans
 from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerEnded
+from nodeagent.journal import Journal
 from nodeagent.plans import Sharing
+from nodeagent.service import NodeAgentService
+from nodeagent.trust import LeaderTrust
 from tests.cluster import child_env
 from tlsroll import pki
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
@@ -360,3 +365,65 @@ async def test_a_call_from_a_worker_thread_runs_on_the_loop(
     unbound = await asyncio.to_thread(CryptoWorker)  # made outside a loop, never called
     with pytest.raises(TransientError, match="event loop"):
         unbound.call_blocking("cert.crl", {})
+
+
+class SlowKey:
+    """The crypto worker's ``cert.new_key`` that has written the key and not yet answered when
+    its call is cancelled (the leader's deadline on CreateCSR): the answer waits for
+    ``release``."""
+
+    def __init__(self) -> None:
+        self.written = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def call(self, op: str, request: dict[str, object]) -> str:
+        assert op == "cert.new_key"
+        self.calls += 1
+        key_file = Path(str(request["key_file"]))
+        key_file.touch(0o600)
+        key_file.write_bytes(b"a key")
+        self.written.set()
+        await self.release.wait()
+        return f"CSR {self.calls}"
+
+
+async def test_a_cancelled_create_csr_still_journals_the_key_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41 M4: CreateCSR cancelled while the worker makes the key (the leader's 30 s
+    deadline) went without its journal record, the key the worker had written left where no
+    rollout's end removes it. The work goes on to its record, as when it ran in a thread: the
+    leader's next CreateCSR gets that CSR, no second key."""
+    stage = tmp_path / "stage"
+    stage.mkdir(mode=0o700)
+    monkeypatch.setattr(plans, "sharing", lambda _driver: Sharing.own())
+    monkeypatch.setattr(plans, "make_stage_dir", lambda _driver, _rid, _share: stage)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    crypto = SlowKey()
+    agent = NodeAgentService(
+        cast(Any, SimpleNamespace(names=NAMES)),
+        cast(Any, None),
+        journal,
+        None,
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem"),
+        crypto=cast(Any, crypto),
+    )
+    driver = cast(Any, None)
+    try:
+        call = asyncio.ensure_future(agent._csr(driver, "r1"))
+        await asyncio.wait_for(crypto.written.wait(), 60)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        crypto.release.set()
+        # The leader asks again: the same CSR, the key the first call made (no second one).
+        assert await asyncio.wait_for(agent._csr(driver, "r1"), 60) == b"CSR 1"
+        assert crypto.calls == 1
+        staged = journal.staged("r1")
+        assert staged is not None and staged.key_file == stage / "server.key"
+        assert staged.key_file.read_bytes() == b"a key"
+    finally:
+        journal.close()
