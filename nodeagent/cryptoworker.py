@@ -210,6 +210,7 @@ class CryptoWorker:
                 CHILD,
                 "json" if self.json_logs else "console",
                 self.log_level,
+                str(os.getpid()),  # its parent: an orphan serves nothing (``_orphaned``)
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=None,  # its log lines go where the agent's go
@@ -456,6 +457,7 @@ def main() -> int:
         json=(args[0] if args else "json") == "json",
         level=logs.level_of(args[1] if len(args) > 1 else "info"),
     )
+    parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
     preload = _Preload()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
@@ -469,9 +471,26 @@ def main() -> int:
         except ValueError:
             message = None
         preload.wait()
+        if _orphaned(parent):
+            return 0
         answer = _serve(message)
-        stdout.write(json.dumps(answer).encode() + b"\n")
-        stdout.flush()
+        if _orphaned(parent):
+            return 0
+        try:
+            stdout.write(json.dumps(answer).encode() + b"\n")
+            stdout.flush()
+        except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
+            return 0
+
+
+def _orphaned(parent: int) -> bool:
+    """True once the agent that started the child has ended (killed: SIGKILL, the OOM killer):
+    a request it left in the pipe is not served, so that an orphan does not write a key or
+    install a renewal beside the agent started again (review s41, Low 5)."""
+    if os.getppid() == parent:
+        return False
+    log.warning("cryptoworker.orphaned", parent=parent)
+    return True
 
 
 if __name__ == "__main__":

@@ -5,13 +5,16 @@ the next call's new child, EOF on its stdin, and the secrets it writes and never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import errno
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -270,6 +273,67 @@ def test_eof_on_its_stdin_ends_the_child() -> None:
     child.stdin.close()
     assert child.wait(timeout=60) == 0
     child.stdout.close()
+
+
+# An agent that starts the child, has it serve once, stops it (SIGSTOP), writes it a request,
+# prints the child's pid and kills itself: the request waits in the pipe of an orphan.
+DYING_AGENT = """
+import os, signal, subprocess, sys
+from nodeagent import cryptoworker
+child = subprocess.Popen(
+    [sys.executable, "-P", "-c", cryptoworker.CHILD, "json", "info"],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(sys.argv[1], "ab"),
+)
+child.stdin.write(b'{"op": "cert.nope", "request": {}}\\n')
+child.stdin.flush()
+assert b"unknown crypto work" in child.stdout.readline()
+os.kill(child.pid, signal.SIGSTOP)
+child.stdin.write(sys.argv[2].encode() + b"\\n")
+child.stdin.flush()
+print(child.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_orphaned_child_serves_nothing_and_ends_quietly(tmp_path: Path) -> None:
+    """Review s41, Low 5: the agent SIGKILLed with a request in its child's pipe: the child
+    (an orphan now) neither does the work (a key written beside the agent started again) nor
+    ends in a traceback (its answer's pipe is closed); it ends."""
+    key_file = tmp_path / "stage" / "server.key"
+    key_file.parent.mkdir(mode=0o700)
+    request = {
+        "op": "cert.new_key",
+        "request": {
+            "key_file": str(key_file),
+            "share": dataclasses.asdict(Sharing.own()),
+            "names": certwork.names_request(NAMES),
+        },
+    }
+    stderr = tmp_path / "child.log"
+    agent = subprocess.run(
+        [sys.executable, "-c", DYING_AGENT, str(stderr), json.dumps(request)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert agent.returncode == -signal.SIGKILL, agent.stderr
+    pid = int(agent.stdout.split()[0])
+    os.kill(pid, signal.SIGCONT)
+    loop_until(lambda: _gone(pid))
+    assert not key_file.exists()
+    assert not list(key_file.parent.iterdir())  # nor a temporary file
+    log = stderr.read_text()
+    assert "Traceback" not in log and "BrokenPipe" not in log, log
+
+
+def loop_until(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait (bounded, blocking) until ``check()``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the bound"
+        time.sleep(0.05)
 
 
 async def test_a_new_key_is_written_0600_by_the_child_and_no_secret_is_said(
