@@ -481,6 +481,8 @@ class BootstrapService:
             raise Refused(exc.status, proto.ErrorCode.BUSY, str(exc), retry=exc.retry) from None
         secret, hello = self._secret, self.hello
         try:
+            # Its shape here: a malformed message costs no worker round trip (review s41 Low 6).
+            proto.check_message(start.msg_a, b"A")
             async with self._pake_slots:
                 request = {
                     "pake_pw": proto.b64(secret.pake_pw),

@@ -38,7 +38,10 @@ its class name alone.
 The child imports ``tlsroll.pki`` at its start in a thread that lowers its own priority
 (``warmup.WARM_NICE``, as ``nodeagent.warmup`` does: a node is prepared while another node's
 server restarts on the same machine); a request waits for that import (given its priority
-back where the system allows it) and is served at the normal priority.
+back where the system allows it) and is served at the normal priority. Under the agent's
+systemd unit it never is: raising a priority needs CAP_SYS_NICE, which the unit's
+CapabilityBoundingSet leaves out, so a request that comes before the import has ended waits for
+it at nice +10 (a cold start on a busy machine; review s41, Low 4).
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ stage, switch), which come at most a freeze window apart."""
 TIMEOUT = 60.0
 """The longest one call may take (a key, a CSR, a check take milliseconds; a loaded machine
 and the child's start, under a second)."""
+
+STARTUP_TIMEOUT = 20.0
+"""``TIMEOUT`` while the agent starts (before it tells systemd READY, whose start timeout is
+90 s): a cold child on a loaded machine, its import at a low priority, well within it."""
 
 STOP_PATIENCE = 5.0  # seconds a child told to stop (its stdin closed) has before it is killed
 LINE_LIMIT = 64 * 1024 * 1024  # the longest answer line read (a large revocation list)

@@ -49,15 +49,19 @@ from tests.test_bootstrap import (
     make_service,
     secrets_in,
 )
+from tlsroll import bootstrap_pake, password, pki
 from tlsroll import bootstrap_protocol as proto
-from tlsroll import password, pki
 
 CRYPTOGRAPHY_LIB = "_rust.abi3.so"  # cryptography's Rust library (OpenSSL inside)
 ROLLOUT_TIMEOUT = 120
 
 
 def maps(pid: int) -> str:
-    return Path(f"/proc/{pid}/maps").read_text()
+    """``pid``'s memory map; empty if it has just ended."""
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def children(pid: int) -> list[int]:
@@ -166,6 +170,55 @@ def test_a_switched_agent_restarted_enrols_workstations_without_cryptography(
     enrol_and_check(node, pw, tmp_path / "ws-after-restart")
 
 
+# A crypto worker child that never answers the bootstrap service's ops (it serves the others):
+# put first on a restarted agent's PYTHONPATH (the child inherits it).
+HANGING_BOOTSTRAP_OPS = """
+import sys, time
+if any("cryptoworker.main()" in a for a in getattr(sys, "orig_argv", ())):
+    real = sys.stdin.buffer
+
+    class Lines:
+        def readline(self):
+            line = real.readline()
+            if b'"op": "bootstrap.' in line:
+                time.sleep(3600)
+            return line
+
+    class In:
+        buffer = Lines()
+
+    sys.stdin = In()
+"""
+
+
+def test_the_agent_is_ready_before_its_bootstrap_service_asks_the_worker(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """Review s41, Low 3: the bootstrap service's start asks the crypto worker twice (the CA
+    bundle, the password's blinding points), each up to a minute if the worker hangs: the
+    agent started its gRPC server and told systemd READY only after both (systemd gives a
+    start 90 s). It starts the service after READY now: a worker that never answers those
+    ops does not hold the agent back (the ordering of its log lines is what is looked at)."""
+    _cluster, node, _pw = switched
+    agent = node.agent
+    assert agent is not None
+    site = tmp_path / "hanging-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HANGING_BOOTSTRAP_OPS)
+    agent.stop()
+    before = len(agent.log_events())
+
+    def events() -> list[str]:
+        return [str(e.get("event")) for e in agent.log_events()[before:]]
+
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    agent.spawn({"PYTHONPATH": path})
+    wait_until(lambda: "agent.started" in events(), 100, "the agent's start")
+    seen = events()
+    started = seen.index("agent.started")
+    assert not [e for e in seen[:started] if e.startswith("bootstrap.")], seen[:started]
+
+
 def test_a_switched_agent_enrols_workstations_without_cryptography(
     switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
 ) -> None:
@@ -241,9 +294,9 @@ def naming_signer(ca: pki.CertificateAuthority) -> Callable[[bytes], Any]:
 
     async def signer(csr_pem: bytes) -> bytes:
         csr = pki.load_csr_pem(csr_pem)
-        name = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        name = str(csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
         pin = pki.spki_pin(csr.public_key())  # type: ignore[arg-type]
-        if holders.setdefault(str(name), pin) != pin:
+        if holders.setdefault(name, pin) != pin:
             raise SignRefused(f"{name} is taken; run again with --replace", refused=True)
         return bytes(await sign(csr_pem))
 
@@ -406,11 +459,20 @@ async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
     loopback: Callable[[], str],
     test_ca: pki.CertificateAuthority,
     session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Making ``w·N`` and ``−w·M`` takes a time that depends on the password: made once, when
     the service starts (or, if the worker failed then, at the first exchange), never again for
     a stranger's request, although the worker that keeps nothing between calls (it may have
     been stopped when idle) answers each."""
+    made: list[int] = []  # one entry per making of the points (a respond's too); not the pw
+    make = bootstrap_pake._node_blinds
+
+    def counted(pw: bytes) -> tuple[Any, Any]:
+        made.append(len(made) + 1)
+        return make(pw)
+
+    monkeypatch.setattr(bootstrap_pake, "_node_blinds", counted)
     address = loopback()
     crypto = InProcessCrypto()
     async with make_service(
@@ -422,9 +484,10 @@ async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
             assert (await node.exchange(session)).status == 200
         assert (await node.exchange(session, OTHER_PASSWORD)).status == 401
         assert crypto.calls["blinds"] == 1 and crypto.calls["respond"] == 3
+        assert len(made) == 1  # respond never made them
         service.set_verifier(password.make_verifier(OTHER_PASSWORD, **password.TEST_PARAMS))
         assert (await node.exchange(session, OTHER_PASSWORD)).status == 200
-        assert crypto.calls["blinds"] == 2
+        assert crypto.calls["blinds"] == 2 and len(made) == 2
 
     # A worker that cannot start when the service does: the service starts (warnings), and
     # the first exchange has the points made.
@@ -436,3 +499,27 @@ async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
         crypto.fail = None
         assert (await Node(service, FakeClock(), test_ca.cert_pem).exchange(session)).status == 200
         assert crypto.calls["blinds"] == 2  # the failed one at start, then the exchange's
+
+
+async def test_a_malformed_pake_message_is_refused_without_the_worker(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Review s41, Low 6: a msg_a of the wrong shape (the node's side, or the wrong length) is
+    a 400 found by the agent itself; the worker is not asked (a stranger's junk costs no round
+    trip), and no exchange is held."""
+    address = loopback()
+    crypto = InProcessCrypto()
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto
+    ) as service:
+        node = Node(service, FakeClock(), test_ca.cert_pem)
+        for bad in (b"B" + b"\x01" * 32, b"A" + b"\x01" * 31):
+            status, _headers, body = await node.call(
+                session, "POST", proto.START_PATH, proto.StartRequest("ws-a", bad).to_json()
+            )
+            assert (status, body["error"]) == (400, "bad_request"), body
+        assert "respond" not in crypto.calls
+        assert len(service.exchanges) == 0
