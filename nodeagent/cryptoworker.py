@@ -140,9 +140,7 @@ class CryptoWorker:
                 answer = await self._exchange(op, request)
             finally:
                 self._arm()
-        if "ok" in answer:
-            return answer["ok"]
-        raise certwork._error(answer.get("error") or {})
+        return _result(answer)
 
     def call_blocking(self, op: str, request: dict[str, Any]) -> Any:
         """``call`` from a worker thread of the agent (never its event loop's thread): run on
@@ -350,6 +348,23 @@ class CryptoWorker:
 NoAnswer = certwork.NoAnswer
 
 
+class WorkerBug(Exception):
+    """An op failed unexpectedly (a bug: a ``TypeError``, a ``KeyError``): its class name only
+    (its message might hold a secret). Not a ``TlsrollError``, as the op's own exception was
+    when the agent ran it: a servicer answers INTERNAL with a generic message (logged), not
+    FAILED_PRECONDITION (review s41, Low 2)."""
+
+
+def _result(answer: dict[str, Any]) -> Any:
+    """An answer's ``ok`` value, or its error raised as the class it was."""
+    if "ok" in answer:
+        return answer["ok"]
+    error = answer.get("error") or {}
+    if error.get("type") == "WorkerBug":
+        raise WorkerBug(str(error.get("message", "")))
+    raise certwork._error(error)
+
+
 class WorkerEnded(TransientError):
     """The child ended in the middle of a call (a signal, the OOM killer, its parent's stop):
     no verdict on the request, and a new child takes the next. Transient (UNAVAILABLE): the
@@ -368,7 +383,8 @@ class InProcess:
         return await asyncio.to_thread(self.call_blocking, op, request)
 
     def call_blocking(self, op: str, request: dict[str, Any]) -> Any:
-        return _op(op)(request)
+        # Answered and raised as the child's (``_serve``): the same errors either way.
+        return _result(_serve({"op": op, "request": request}))
 
     def warm(self) -> None:
         pass
@@ -412,7 +428,7 @@ def _serve(message: Any) -> dict[str, Any]:
         return {"error": certwork._answer_for(exc)}
     except Exception as exc:  # its class only: the message might hold a secret
         log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
-        return {"error": {"type": "TerminalError", "message": _failed(op, exc)}}
+        return {"error": {"type": "WorkerBug", "message": _failed(op, exc)}}
 
 
 def _failed(op: str, exc: BaseException) -> str:

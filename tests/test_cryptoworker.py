@@ -20,18 +20,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import grpc
 import pytest
 
 from nodeagent import certwork, certwork_ops, cryptoworker, plans
-from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerEnded
+from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerBug, WorkerEnded
 from nodeagent.journal import Journal
 from nodeagent.plans import Sharing
-from nodeagent.service import NodeAgentService
+from nodeagent.service import ERRORS, NodeAgentService
 from nodeagent.trust import LeaderTrust
 from tests.cluster import child_env
 from tlsroll import pki
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.names import Names
+from tlsroll.rpc import error_status
 
 NAMES = Names.of("n1", ["127.0.0.1"])
 
@@ -89,8 +91,12 @@ async def test_answers_and_errors_are_the_ops_own(
             await worker.call("cert.nope", {})
         with pytest.raises(TerminalError, match=r"unknown crypto work 'nope\.crl'"):
             await worker.call("nope.crl", {})
-        with pytest.raises(TerminalError):  # a request the op cannot read: its error, no crash
+        # A request the op cannot read: its bug (KeyError), answered as one, no crash: not a
+        # project error, so INTERNAL (generic) for the leader, as before the worker.
+        with pytest.raises(WorkerBug, match=r"crypto work \(cert.crl\) failed: KeyError$"):
             await worker.call("cert.crl", {})
+        code, details = error_status(WorkerBug("x"), ERRORS, "CreateCSR")
+        assert code is grpc.StatusCode.INTERNAL and "x" not in details
         assert worker.pid == pid and worker.started == 1  # one child served all of them
     finally:
         await worker.close()
@@ -410,6 +416,8 @@ async def test_in_process_runs_the_same_ops_with_the_same_errors(
         await worker.call("cert.crl", {**request, "pem": "not a list"})
     with pytest.raises(TerminalError, match="unknown crypto work"):
         worker.call_blocking("cert.nope", {})
+    with pytest.raises(WorkerBug, match=r"crypto work \(cert.crl\) failed: KeyError$"):
+        await worker.call("cert.crl", {})  # the child's error, not the op's raw KeyError
 
 
 async def test_a_call_from_a_worker_thread_runs_on_the_loop(
