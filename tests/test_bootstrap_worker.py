@@ -246,12 +246,16 @@ class Killing:
         self.failures: list[str] = []
 
     async def call(self, op: str, request: dict[str, Any]) -> Any:
-        call = asyncio.ensure_future(self.worker.call(op, request))
+        pid = self.worker.pid if op == self.kill_at else None
         if op == self.kill_at:
             self.kill_at = None
-            pid = self.worker.pid
             assert pid is not None, "no child to kill"
             os.kill(pid, signal.SIGSTOP)
+            # Stopped for sure before the write: a child woken from its read by the write
+            # before the stop took hold would take the request in (nothing left to see).
+            await until(lambda: state(pid) == "T")
+        call = asyncio.ensure_future(self.worker.call(op, request))
+        if pid is not None:
             await until(lambda: call.done() or unread(self.worker) > 0)
             os.kill(pid, signal.SIGKILL)
         try:
@@ -262,6 +266,14 @@ class Killing:
 
     def warm(self) -> None:
         self.worker.warm()
+
+
+def state(pid: int) -> str:
+    """``pid``'s state letter (/proc/PID/stat: "T" stopped, "Z" a zombie), "" if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def unread(worker: CryptoWorker) -> int:
