@@ -23,7 +23,9 @@ child process (``nodeagent.cryptoworker``), so that the agent never holds ``cryp
 ``spake2`` (issue 15). The exchange's state, its limits, the key derivation and the key
 confirmation (HMAC) stay here: a wrong password is found and counted without the worker. A
 worker that fails (killed, hung, not startable) is a 503 ``busy`` with Retry-After for the
-workstation ("try later"), never a counted failure, and the exchange is used up.
+workstation ("try later"), never a counted failure, and the exchange is used up; once the
+leader has signed, the worker's work (the certificate's facts, the seal) is tried a second time
+first (a new child), since the leader holds the name for that certificate's key by then.
 
 Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
 
@@ -479,6 +481,8 @@ class BootstrapService:
             raise Refused(exc.status, proto.ErrorCode.BUSY, str(exc), retry=exc.retry) from None
         secret, hello = self._secret, self.hello
         try:
+            # Its shape here: a malformed message costs no worker round trip (review s41 Low 6).
+            proto.check_message(start.msg_a, b"A")
             async with self._pake_slots:
                 request = {
                     "pake_pw": proto.b64(secret.pake_pw),
@@ -555,7 +559,7 @@ class BootstrapService:
             "transcript": proto.b64(ex.keys.transcript),
             "plaintext": proto.b64(payload.to_bytes()),
         }
-        sealed = (await self._crypto("seal", request)).get("sealed")
+        sealed = (await self._signed_crypto("seal", request)).get("sealed")
         if not isinstance(sealed, str):
             raise WorkerFailed("the crypto worker's answer has no sealed payload")
         return sealed
@@ -608,7 +612,7 @@ class BootstrapService:
                 502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
         try:
-            cert = await self._crypto("cert_facts", {"pem": proto.b64(signed)})
+            cert = await self._signed_crypto("cert_facts", {"pem": proto.b64(signed)})
         except proto.BootstrapError:  # what the leader returned does not parse
             log.error("bootstrap.sign_failed", remote=request.remote, error="PKIError")
             raise Refused(
@@ -637,6 +641,18 @@ class BootstrapService:
         if self._secret is secret:  # (not replaced meanwhile)
             self._blinds = made
         return made
+
+    async def _signed_crypto(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        """``_crypto`` for the work after the leader signed (``cert_facts``, ``seal``), tried a
+        second time if the worker failed (the next call starts a new child; the exchange is
+        still held). The leader has recorded the certificate for the workstation's name by
+        then, and the client makes a new key each run: a 503 here sends it back to be refused
+        as a name taken (review s41 M2). WorkerFailed only if both fail."""
+        try:
+            return await self._crypto(op, request)
+        except WorkerFailed:
+            log.warning("bootstrap.worker_retry", op=op)
+        return await self._crypto(op, request)
 
     async def _crypto(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         """``bootstrap_crypto.OPS[op](request)`` in the worker: its answer; the peer's refusal

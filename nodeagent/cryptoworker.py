@@ -21,9 +21,15 @@ module or op is an error answer, never a crash. The child's stderr is the agent'
 log lines). EOF on its stdin ends it: the agent closed it, or died.
 
 Calls are serialised (one request in flight). A child that dies mid-call (a signal, the OOM
-killer) is ``certwork.NoAnswer``; one that does not answer within ``TIMEOUT`` is killed and the
-call is a ``TransientError``; a call cancelled while it waits kills the child too (its answer
-would be read as the next call's). Either way the next call starts a new child.
+killer) is ``WorkerEnded``, a ``TransientError`` (UNAVAILABLE for the leader, which tries the
+step again, as when the agent itself was killed); one that does not answer within ``TIMEOUT``
+is killed and the call is a ``TransientError`` too; a call cancelled while it waits kills the
+child (its answer would be read as the next call's). Either way the next call starts a new
+child. An answer that is not one JSON object, or too long, is ``certwork.NoAnswer`` (terminal:
+a bug, not chance). The child ignores SIGTERM and SIGINT: systemd signals the whole control
+group when the agent stops, and Ctrl-C a terminal's process group; the child's call (a key
+being written) ends, the agent closes its stdin and it ends on EOF (killed after
+``STOP_PATIENCE``).
 
 Secrets (a staged or renewed key, a practice's key, the password verifier) cross the pipe
 only: requests and answers are never logged, and an op's unexpected failure is answered with
@@ -32,7 +38,10 @@ its class name alone.
 The child imports ``tlsroll.pki`` at its start in a thread that lowers its own priority
 (``warmup.WARM_NICE``, as ``nodeagent.warmup`` does: a node is prepared while another node's
 server restarts on the same machine); a request waits for that import (given its priority
-back where the system allows it) and is served at the normal priority.
+back where the system allows it) and is served at the normal priority. Under the agent's
+systemd unit it never is: raising a priority needs CAP_SYS_NICE, which the unit's
+CapabilityBoundingSet leaves out, so a request that comes before the import has ended waits for
+it at nice +10 (a cold start on a busy machine; review s41, Low 4).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -68,6 +78,10 @@ stage, switch), which come at most a freeze window apart."""
 TIMEOUT = 60.0
 """The longest one call may take (a key, a CSR, a check take milliseconds; a loaded machine
 and the child's start, under a second)."""
+
+STARTUP_TIMEOUT = 20.0
+"""``TIMEOUT`` while the agent starts (before it tells systemd READY, whose start timeout is
+90 s): a cold child on a loaded machine, its import at a low priority, well within it."""
 
 STOP_PATIENCE = 5.0  # seconds a child told to stop (its stdin closed) has before it is killed
 LINE_LIMIT = 64 * 1024 * 1024  # the longest answer line read (a large revocation list)
@@ -126,9 +140,7 @@ class CryptoWorker:
                 answer = await self._exchange(op, request)
             finally:
                 self._arm()
-        if "ok" in answer:
-            return answer["ok"]
-        raise certwork._error(answer.get("error") or {})
+        return _result(answer)
 
     def call_blocking(self, op: str, request: dict[str, Any]) -> Any:
         """``call`` from a worker thread of the agent (never its event loop's thread): run on
@@ -157,7 +169,7 @@ class CryptoWorker:
                 # request: a new child takes it, once.
                 code = await self._ended(proc)
                 if again:
-                    raise NoAnswer(
+                    raise WorkerEnded(
                         f"crypto work ({op}) failed: the worker ended ({code})"
                     ) from None
             except BaseException:  # cancelled: the child may have half a request
@@ -179,7 +191,7 @@ class CryptoWorker:
             raise
         if not raw.endswith(b"\n"):
             code = await self._ended(proc)
-            raise NoAnswer(f"crypto work ({op}) failed: the worker ended ({code})")
+            raise WorkerEnded(f"crypto work ({op}) failed: the worker ended ({code})")
         try:
             answer = json.loads(raw)
             if not isinstance(answer, dict):
@@ -203,6 +215,7 @@ class CryptoWorker:
                 CHILD,
                 "json" if self.json_logs else "console",
                 self.log_level,
+                str(os.getpid()),  # its parent: an orphan serves nothing (``_orphaned``)
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=None,  # its log lines go where the agent's go
@@ -335,6 +348,30 @@ class CryptoWorker:
 NoAnswer = certwork.NoAnswer
 
 
+class WorkerBug(Exception):
+    """An op failed unexpectedly (a bug: a ``TypeError``, a ``KeyError``): its class name only
+    (its message might hold a secret). Not a ``TlsrollError``, as the op's own exception was
+    when the agent ran it: a servicer answers INTERNAL with a generic message (logged), not
+    FAILED_PRECONDITION (review s41, Low 2)."""
+
+
+def _result(answer: dict[str, Any]) -> Any:
+    """An answer's ``ok`` value, or its error raised as the class it was."""
+    if "ok" in answer:
+        return answer["ok"]
+    error = answer.get("error") or {}
+    if error.get("type") == "WorkerBug":
+        raise WorkerBug(str(error.get("message", "")))
+    raise certwork._error(error)
+
+
+class WorkerEnded(TransientError):
+    """The child ended in the middle of a call (a signal, the OOM killer, its parent's stop):
+    no verdict on the request, and a new child takes the next. Transient (UNAVAILABLE): the
+    leader tries the step again, as when the whole agent was killed. (``certwork.NoAnswer``
+    stays for certwork's one-shot children and for an answer that is not one.)"""
+
+
 class InProcess:
     """``CryptoWorker``'s interface, the ops run in this process (in a worker thread): for
     tests and tools that build the agent's parts without an agent (its memory is not theirs
@@ -346,7 +383,8 @@ class InProcess:
         return await asyncio.to_thread(self.call_blocking, op, request)
 
     def call_blocking(self, op: str, request: dict[str, Any]) -> Any:
-        return _op(op)(request)
+        # Answered and raised as the child's (``_serve``): the same errors either way.
+        return _result(_serve({"op": op, "request": request}))
 
     def warm(self) -> None:
         pass
@@ -390,7 +428,7 @@ def _serve(message: Any) -> dict[str, Any]:
         return {"error": certwork._answer_for(exc)}
     except Exception as exc:  # its class only: the message might hold a secret
         log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
-        return {"error": {"type": "TerminalError", "message": _failed(op, exc)}}
+        return {"error": {"type": "WorkerBug", "message": _failed(op, exc)}}
 
 
 def _failed(op: str, exc: BaseException) -> str:
@@ -433,12 +471,16 @@ class _Preload:
 
 
 def main() -> int:
-    """The child: serve requests from stdin until EOF."""
+    """The child: serve requests from stdin until EOF (SIGTERM and SIGINT ignored: the
+    agent's stop ends it, by EOF)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     args = sys.argv[1:]
     logs.configure(
         json=(args[0] if args else "json") == "json",
         level=logs.level_of(args[1] if len(args) > 1 else "info"),
     )
+    parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
     preload = _Preload()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
@@ -452,9 +494,26 @@ def main() -> int:
         except ValueError:
             message = None
         preload.wait()
+        if _orphaned(parent):
+            return 0
         answer = _serve(message)
-        stdout.write(json.dumps(answer).encode() + b"\n")
-        stdout.flush()
+        if _orphaned(parent):
+            return 0
+        try:
+            stdout.write(json.dumps(answer).encode() + b"\n")
+            stdout.flush()
+        except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
+            return 0
+
+
+def _orphaned(parent: int) -> bool:
+    """True once the agent that started the child has ended (killed: SIGKILL, the OOM killer):
+    a request it left in the pipe is not served, so that an orphan does not write a key or
+    install a renewal beside the agent started again (review s41, Low 5)."""
+    if os.getppid() == parent:
+        return False
+    log.warning("cryptoworker.orphaned", parent=parent)
+    return True
 
 
 if __name__ == "__main__":

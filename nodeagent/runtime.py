@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from nodeagent import certwork, plans
+from nodeagent import certwork, cryptoworker, plans
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
@@ -183,13 +183,15 @@ async def serve(
     # The agent's certificate work (and the bootstrap service's PAKE): one child of its own,
     # started at need and stopped when idle, so that the agent never holds ``cryptography``
     # (``nodeagent.cryptoworker``).
-    crypto = CryptoWorker(log_level=cfg.log_level)
+    # Until READY (systemd's start timeout, 90 s), a worker call that hangs is given up after
+    # ``STARTUP_TIMEOUT`` (the revocation list's check: its list is sent again by the leader on
+    # the first heartbeat stream), not ``TIMEOUT`` (review s41, Low 3).
+    crypto = CryptoWorker(log_level=cfg.log_level, timeout=cryptoworker.STARTUP_TIMEOUT)
     key_reader = (lambda: plans.sharing(driver).reader) if driver is not None else None
     bootstrap = BootstrapHost(cfg, identity, journal, key_reader, crypto=crypto)
     if runner is not None:
         runner.on_complete = bootstrap.sync
         runner.on_switch = bootstrap.warm
-    await bootstrap.sync()
     # Hot-reloaded: a renewed certificate is served to new connections at once.
     creds = ServerCredentials(identity)
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
@@ -234,6 +236,11 @@ async def serve(
     )
     sd_notify("READY=1")
     pinger = asyncio.create_task(watchdog(), name="watchdog")
+    crypto.timeout = cryptoworker.TIMEOUT
+    # The bootstrap service after READY: its start asks the crypto worker twice (the CA
+    # bundle's check, the password's blinding points), which must not hold back the agent's
+    # own service nor systemd's start (review s41, Low 3); nor the agent's stop (a task).
+    starting = asyncio.create_task(bootstrap.sync(), name="bootstrap-start")
     waits = [asyncio.create_task(stop.wait(), name="stop")]
     if runner is not None:
         waits.append(asyncio.create_task(runner.dead.wait(), name="txn-died"))
@@ -243,7 +250,7 @@ async def serve(
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
-    for task in (beats, lease_watch, renewals):
+    for task in (beats, lease_watch, renewals, starting):
         await stop_task(task)
     await server.stop(GRACE_SECONDS)
     if runner is not None:

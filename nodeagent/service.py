@@ -246,6 +246,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.clock = clock
         self.monotonic = monotonic  # elapsed time (a suspend counts): the scope freeze's leases
         self._lock = asyncio.Lock()  # one command at a time changes the journal
+        self._csr_work: set[asyncio.Future[bytes]] = set()  # ``_csr``'s, its caller gone or not
         # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
         # lease in the journal and the server's freeze change together (``watch_freeze_lease``).
         # The runner's lifts that read the lease first take the same lock (``Runner.freeze_lock``;
@@ -642,7 +643,26 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def _csr(self, driver: Driver, rollout_id: str) -> bytes:
         """The CSR of the rollout's key, made (with the key) on first asking and journalled:
-        every later asking, by CreateCSR or by Preflight's ``make_csr``, gets the same one."""
+        every later asking, by CreateCSR or by Preflight's ``make_csr``, gets the same one.
+
+        A call cancelled meanwhile (the leader's deadline) does not cut the work short: it goes
+        on to its journal record, as when it ran in a thread (review s41 M4). Cut short, the
+        crypto worker's child was killed, which may have written the key already, and nothing
+        recorded it (a key file no rollout's end removes); the lock is held until the record,
+        so the leader's next CreateCSR gets that CSR."""
+        work = asyncio.ensure_future(self._csr_locked(driver, rollout_id))
+        waited = asyncio.shield(work)
+        self._csr_work.add(work)  # (kept: a task nothing refers to may be collected)
+
+        def done(_: asyncio.Future[bytes]) -> None:
+            self._csr_work.discard(work)
+            if waited.cancelled() and not work.cancelled() and work.exception() is not None:
+                log.warning("stage.csr_failed", rollout_id=rollout_id, error=str(work.exception()))
+
+        work.add_done_callback(done)
+        return await waited
+
+    async def _csr_locked(self, driver: Driver, rollout_id: str) -> bytes:
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:

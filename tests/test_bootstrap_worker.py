@@ -14,21 +14,27 @@ whose service enrols workstations holds neither ``cryptography`` nor ``spake2``.
 
 from __future__ import annotations
 
+import array
+import asyncio
 import base64
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.x509.oid import NameOID
 
+from nodeagent.bootstrap_supervisor import SignRefused
 from nodeagent.certwork import NoAnswer
-from nodeagent.cryptoworker import CryptoWorker
+from nodeagent.cryptoworker import CryptoWorker, WorkerEnded
 from tests.cluster import Cluster, wait_until
 from tests.conftest import IssuedCert
 from tests.nodeside import Node as ServerNode
@@ -39,18 +45,23 @@ from tests.test_bootstrap import (
     FakeClock,
     InProcessCrypto,
     Node,
+    ca_signer,
     make_service,
     secrets_in,
 )
+from tlsroll import bootstrap_pake, password, pki
 from tlsroll import bootstrap_protocol as proto
-from tlsroll import password, pki
 
 CRYPTOGRAPHY_LIB = "_rust.abi3.so"  # cryptography's Rust library (OpenSSL inside)
 ROLLOUT_TIMEOUT = 120
 
 
 def maps(pid: int) -> str:
-    return Path(f"/proc/{pid}/maps").read_text()
+    """``pid``'s memory map; empty if it has just ended."""
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def children(pid: int) -> list[int]:
@@ -159,6 +170,55 @@ def test_a_switched_agent_restarted_enrols_workstations_without_cryptography(
     enrol_and_check(node, pw, tmp_path / "ws-after-restart")
 
 
+# A crypto worker child that never answers the bootstrap service's ops (it serves the others):
+# put first on a restarted agent's PYTHONPATH (the child inherits it).
+HANGING_BOOTSTRAP_OPS = """
+import sys, time
+if any("cryptoworker.main()" in a for a in getattr(sys, "orig_argv", ())):
+    real = sys.stdin.buffer
+
+    class Lines:
+        def readline(self):
+            line = real.readline()
+            if b'"op": "bootstrap.' in line:
+                time.sleep(3600)
+            return line
+
+    class In:
+        buffer = Lines()
+
+    sys.stdin = In()
+"""
+
+
+def test_the_agent_is_ready_before_its_bootstrap_service_asks_the_worker(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """Review s41, Low 3: the bootstrap service's start asks the crypto worker twice (the CA
+    bundle, the password's blinding points), each up to a minute if the worker hangs: the
+    agent started its gRPC server and told systemd READY only after both (systemd gives a
+    start 90 s). It starts the service after READY now: a worker that never answers those
+    ops does not hold the agent back (the ordering of its log lines is what is looked at)."""
+    _cluster, node, _pw = switched
+    agent = node.agent
+    assert agent is not None
+    site = tmp_path / "hanging-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HANGING_BOOTSTRAP_OPS)
+    agent.stop()
+    before = len(agent.log_events())
+
+    def events() -> list[str]:
+        return [str(e.get("event")) for e in agent.log_events()[before:]]
+
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    agent.spawn({"PYTHONPATH": path})
+    wait_until(lambda: "agent.started" in events(), 100, "the agent's start")
+    seen = events()
+    started = seen.index("agent.started")
+    assert not [e for e in seen[:started] if e.startswith("bootstrap.")], seen[:started]
+
+
 def test_a_switched_agent_enrols_workstations_without_cryptography(
     switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
 ) -> None:
@@ -173,9 +233,12 @@ def test_a_switched_agent_enrols_workstations_without_cryptography(
 
 
 class Killing:
-    """A real ``CryptoWorker`` whose child is killed (SIGKILL) just before the op ``kill_at``
-    is sent to it: the call meets a dead child (``NoAnswer``), as when the kernel's OOM killer
-    ends it in the middle of an exchange."""
+    """A real ``CryptoWorker`` whose child is killed (SIGKILL) once the op ``kill_at`` has been
+    written to it, before it could read it: the call meets a child that ended mid-call
+    (``WorkerEnded``), as when the kernel's OOM killer ends it in the middle of an exchange.
+    The child is stopped (SIGSTOP) first, and killed only once the request is in its pipe:
+    killed before the write, the worker would see a child that ended while idle and hand the
+    request to a new one (no failure at all)."""
 
     def __init__(self, worker: CryptoWorker) -> None:
         self.worker = worker
@@ -183,20 +246,73 @@ class Killing:
         self.failures: list[str] = []
 
     async def call(self, op: str, request: dict[str, Any]) -> Any:
+        pid = self.worker.pid if op == self.kill_at else None
         if op == self.kill_at:
             self.kill_at = None
-            pid = self.worker.pid
             assert pid is not None, "no child to kill"
+            os.kill(pid, signal.SIGSTOP)
+            # Stopped for sure before the write: a child woken from its read by the write
+            # before the stop took hold would take the request in (nothing left to see).
+            await until(lambda: state(pid) == "T")
+        call = asyncio.ensure_future(self.worker.call(op, request))
+        if pid is not None:
+            await until(lambda: call.done() or unread(self.worker) > 0)
             os.kill(pid, signal.SIGKILL)
-            # (no await between the kill and the call: the worker has not seen the child end)
         try:
-            return await self.worker.call(op, request)
+            return await call
         except Exception as exc:
             self.failures.append(type(exc).__name__)
             raise
 
     def warm(self) -> None:
         self.worker.warm()
+
+
+def state(pid: int) -> str:
+    """``pid``'s state letter (/proc/PID/stat: "T" stopped, "Z" a zombie), "" if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def unread(worker: CryptoWorker) -> int:
+    """How many bytes wait in the pipe to the worker's child (FIONREAD on its write end)."""
+    proc = worker._proc
+    if proc is None or proc.stdin is None:
+        return 0
+    pipe = proc.stdin.transport.get_extra_info("pipe")
+    if pipe is None:
+        return 0
+    found = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, found)
+    return found[0]
+
+
+async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait (bounded) until ``check()``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "not within the bound"
+        await asyncio.sleep(0.01)
+
+
+def naming_signer(ca: pki.CertificateAuthority) -> Callable[[bytes], Any]:
+    """The tests' CA signer, refusing a name already signed for another key as the leader does
+    (``leader.store.NameTaken``, ALREADY_EXISTS: ``SignRefused`` with ``refused``)."""
+    sign = ca_signer(ca)
+    holders: dict[str, str] = {}
+
+    async def signer(csr_pem: bytes) -> bytes:
+        csr = pki.load_csr_pem(csr_pem)
+        name = str(csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        pin = pki.spki_pin(csr.public_key())  # type: ignore[arg-type]
+        if holders.setdefault(name, pin) != pin:
+            raise SignRefused(f"{name} is taken; run again with --replace", refused=True)
+        return bytes(await sign(csr_pem))
+
+    return signer
 
 
 @pytest.fixture
@@ -220,7 +336,12 @@ async def killing_node(
     clock = FakeClock()
     crypto = Killing(worker)
     async with make_service(
-        issue_cert(address, "node-a"), address, test_ca, clock=clock, crypto=crypto
+        issue_cert(address, "node-a"),
+        address,
+        test_ca,
+        clock=clock,
+        crypto=crypto,
+        sign=naming_signer(test_ca),
     ) as service:
         yield Node(service, clock, test_ca.cert_pem), crypto
 
@@ -231,7 +352,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@pytest.mark.parametrize("kill_at", ["bootstrap.respond", "bootstrap.open_csr", "bootstrap.seal"])
+@pytest.mark.parametrize("kill_at", ["bootstrap.respond", "bootstrap.open_csr"])
 async def test_a_worker_killed_mid_exchange_is_try_later_and_nothing_counted(
     killing_node: tuple[Node, Killing],
     session: aiohttp.ClientSession,
@@ -243,7 +364,7 @@ async def test_a_worker_killed_mid_exchange_is_try_later_and_nothing_counted(
     first = worker.pid
     crypto.kill_at = kill_at
     attempt = await node.exchange(session, cn="ws-second")
-    assert crypto.failures == [NoAnswer.__name__]
+    assert crypto.failures == [WorkerEnded.__name__]
     assert (attempt.status, attempt.error) == (503, "busy"), attempt.body
     assert attempt.headers["Retry-After"] == "5"
     assert "try later" in attempt.body["message"]
@@ -254,6 +375,32 @@ async def test_a_worker_killed_mid_exchange_is_try_later_and_nothing_counted(
     again = await node.exchange(session, cn="ws-second")  # a new child answers
     assert again.status == 200, again.body
     assert worker.pid is not None and worker.pid != first
+
+
+@pytest.mark.parametrize("kill_at", ["bootstrap.cert_facts", "bootstrap.seal"])
+async def test_a_worker_killed_after_the_leader_signed_is_tried_again(
+    killing_node: tuple[Node, Killing],
+    session: aiohttp.ClientSession,
+    worker: CryptoWorker,
+    kill_at: str,
+) -> None:
+    """Review s41 M2: once the leader has signed, it holds the workstation's name for that
+    certificate's key; a 503 then sent the workstation back with a new key, refused as a name
+    taken ("run again with --replace"). The worker's work after the signing is tried once
+    more (a new child): the workstation gets its certificate."""
+    node, crypto = killing_node
+    assert (await node.exchange(session, cn="ws-first")).status == 200  # the child runs
+    first = worker.pid
+    crypto.kill_at = kill_at
+    attempt = await node.exchange(session, cn="ws-second")
+    assert crypto.failures == [WorkerEnded.__name__]
+    assert attempt.status == 200, attempt.body
+    assert attempt.payload().certificate_pem  # the payload opens: the certificate is there
+    assert worker.pid is not None and worker.pid != first
+    assert node.service.failures.pending() == []
+    # (The signer refuses the name for another key, as the leader does.)
+    taken = await node.exchange(session, cn="ws-second")
+    assert (taken.status, taken.error) == (409, "sign_failed"), taken.body
 
 
 async def test_a_wrong_password_is_counted_once_while_the_worker_is_down(
@@ -324,11 +471,20 @@ async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
     loopback: Callable[[], str],
     test_ca: pki.CertificateAuthority,
     session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Making ``w·N`` and ``−w·M`` takes a time that depends on the password: made once, when
     the service starts (or, if the worker failed then, at the first exchange), never again for
     a stranger's request, although the worker that keeps nothing between calls (it may have
     been stopped when idle) answers each."""
+    made: list[int] = []  # one entry per making of the points (a respond's too); not the pw
+    make = bootstrap_pake._node_blinds
+
+    def counted(pw: bytes) -> tuple[Any, Any]:
+        made.append(len(made) + 1)
+        return make(pw)
+
+    monkeypatch.setattr(bootstrap_pake, "_node_blinds", counted)
     address = loopback()
     crypto = InProcessCrypto()
     async with make_service(
@@ -340,9 +496,10 @@ async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
             assert (await node.exchange(session)).status == 200
         assert (await node.exchange(session, OTHER_PASSWORD)).status == 401
         assert crypto.calls["blinds"] == 1 and crypto.calls["respond"] == 3
+        assert len(made) == 1  # respond never made them
         service.set_verifier(password.make_verifier(OTHER_PASSWORD, **password.TEST_PARAMS))
         assert (await node.exchange(session, OTHER_PASSWORD)).status == 200
-        assert crypto.calls["blinds"] == 2
+        assert crypto.calls["blinds"] == 2 and len(made) == 2
 
     # A worker that cannot start when the service does: the service starts (warnings), and
     # the first exchange has the points made.
@@ -354,3 +511,27 @@ async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
         crypto.fail = None
         assert (await Node(service, FakeClock(), test_ca.cert_pem).exchange(session)).status == 200
         assert crypto.calls["blinds"] == 2  # the failed one at start, then the exchange's
+
+
+async def test_a_malformed_pake_message_is_refused_without_the_worker(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Review s41, Low 6: a msg_a of the wrong shape (the node's side, or the wrong length) is
+    a 400 found by the agent itself; the worker is not asked (a stranger's junk costs no round
+    trip), and no exchange is held."""
+    address = loopback()
+    crypto = InProcessCrypto()
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto
+    ) as service:
+        node = Node(service, FakeClock(), test_ca.cert_pem)
+        for bad in (b"B" + b"\x01" * 32, b"A" + b"\x01" * 31):
+            status, _headers, body = await node.call(
+                session, "POST", proto.START_PATH, proto.StartRequest("ws-a", bad).to_json()
+            )
+            assert (status, body["error"]) == (400, "bad_request"), body
+        assert "respond" not in crypto.calls
+        assert len(service.exchanges) == 0

@@ -5,25 +5,35 @@ the next call's new child, EOF on its stdin, and the secrets it writes and never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import errno
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
+import grpc
 import pytest
 
-from nodeagent import certwork, certwork_ops, cryptoworker
-from nodeagent.cryptoworker import CryptoWorker, InProcess, NoAnswer
+from nodeagent import certwork, certwork_ops, cryptoworker, plans
+from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerBug, WorkerEnded
+from nodeagent.journal import Journal
 from nodeagent.plans import Sharing
+from nodeagent.service import ERRORS, NodeAgentService
+from nodeagent.trust import LeaderTrust
 from tests.cluster import child_env
 from tlsroll import pki
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.names import Names
+from tlsroll.rpc import error_status
 
 NAMES = Names.of("n1", ["127.0.0.1"])
 
@@ -81,8 +91,12 @@ async def test_answers_and_errors_are_the_ops_own(
             await worker.call("cert.nope", {})
         with pytest.raises(TerminalError, match=r"unknown crypto work 'nope\.crl'"):
             await worker.call("nope.crl", {})
-        with pytest.raises(TerminalError):  # a request the op cannot read: its error, no crash
+        # A request the op cannot read: its bug (KeyError), answered as one, no crash: not a
+        # project error, so INTERNAL (generic) for the leader, as before the worker.
+        with pytest.raises(WorkerBug, match=r"crypto work \(cert.crl\) failed: KeyError$"):
             await worker.call("cert.crl", {})
+        code, details = error_status(WorkerBug("x"), ERRORS, "CreateCSR")
+        assert code is grpc.StatusCode.INTERNAL and "x" not in details
         assert worker.pid == pid and worker.started == 1  # one child served all of them
     finally:
         await worker.close()
@@ -101,9 +115,12 @@ def test_a_module_that_is_not_there_is_an_error_answer(monkeypatch: pytest.Monke
     assert cryptoworker._serve("junk")["error"]["type"] == "TerminalError"
 
 
-async def test_a_child_killed_mid_call_is_no_answer_and_the_next_call_starts_another(
+async def test_a_child_killed_mid_call_is_transient_and_the_next_call_starts_another(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
+    """Review s41 M1: a child killed mid-call (the OOM killer, a signal) is no verdict on the
+    request: transient (UNAVAILABLE for the leader, which tries the step again), as the same
+    kill of the whole agent was; it was ``certwork.NoAnswer``, terminal, before."""
     worker = CryptoWorker()
     try:
         request = _crl_request(tmp_path, test_ca)
@@ -115,13 +132,39 @@ async def test_a_child_killed_mid_call_is_no_answer_and_the_next_call_starts_ano
         await asyncio.sleep(0.2)
         assert not call.done()
         os.kill(first, signal.SIGKILL)
-        with pytest.raises(NoAnswer, match=r"crypto work \(cert.crl\) failed.*signal 9"):
+        with pytest.raises(WorkerEnded, match=r"crypto work \(cert.crl\) failed.*signal 9"):
             await asyncio.wait_for(call, 60)
+        assert issubclass(WorkerEnded, TransientError)
+        assert not issubclass(WorkerEnded, TerminalError)
         assert worker.pid is None and _gone(first)
         assert await worker.call("cert.crl", request) == {"number": 7, "revoked": [12345]}
         assert worker.pid not in (None, first) and worker.started == 2
     finally:
         await worker.close()
+
+
+async def test_the_child_ignores_sigterm_and_sigint(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s41 M1: systemd signals the agent's whole control group when it stops or
+    restarts the agent (and Ctrl-C a terminal's process group): the child must not die in the
+    middle of a call for it; it ends when the agent closes its stdin."""
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # the signals wait while it is stopped, as would a call
+        call = asyncio.ensure_future(worker.call("cert.crl", request))
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGCONT)
+        assert (await asyncio.wait_for(call, 60))["number"] == 7
+        assert worker.pid == pid and worker.started == 1
+    finally:
+        await worker.close()
+    assert _gone(pid)
 
 
 async def test_a_child_killed_while_idle_is_replaced_by_the_next_call(
@@ -238,6 +281,67 @@ def test_eof_on_its_stdin_ends_the_child() -> None:
     child.stdout.close()
 
 
+# An agent that starts the child, has it serve once, stops it (SIGSTOP), writes it a request,
+# prints the child's pid and kills itself: the request waits in the pipe of an orphan.
+DYING_AGENT = """
+import os, signal, subprocess, sys
+from nodeagent import cryptoworker
+child = subprocess.Popen(
+    [sys.executable, "-P", "-c", cryptoworker.CHILD, "json", "info"],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(sys.argv[1], "ab"),
+)
+child.stdin.write(b'{"op": "cert.nope", "request": {}}\\n')
+child.stdin.flush()
+assert b"unknown crypto work" in child.stdout.readline()
+os.kill(child.pid, signal.SIGSTOP)
+child.stdin.write(sys.argv[2].encode() + b"\\n")
+child.stdin.flush()
+print(child.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_orphaned_child_serves_nothing_and_ends_quietly(tmp_path: Path) -> None:
+    """Review s41, Low 5: the agent SIGKILLed with a request in its child's pipe: the child
+    (an orphan now) neither does the work (a key written beside the agent started again) nor
+    ends in a traceback (its answer's pipe is closed); it ends."""
+    key_file = tmp_path / "stage" / "server.key"
+    key_file.parent.mkdir(mode=0o700)
+    request = {
+        "op": "cert.new_key",
+        "request": {
+            "key_file": str(key_file),
+            "share": dataclasses.asdict(Sharing.own()),
+            "names": certwork.names_request(NAMES),
+        },
+    }
+    stderr = tmp_path / "child.log"
+    agent = subprocess.run(
+        [sys.executable, "-c", DYING_AGENT, str(stderr), json.dumps(request)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert agent.returncode == -signal.SIGKILL, agent.stderr
+    pid = int(agent.stdout.split()[0])
+    os.kill(pid, signal.SIGCONT)
+    loop_until(lambda: _gone(pid))
+    assert not key_file.exists()
+    assert not list(key_file.parent.iterdir())  # nor a temporary file
+    log = stderr.read_text()
+    assert "Traceback" not in log and "BrokenPipe" not in log, log
+
+
+def loop_until(check: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait (bounded, blocking) until ``check()``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the bound"
+        time.sleep(0.05)
+
+
 async def test_a_new_key_is_written_0600_by_the_child_and_no_secret_is_said(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -312,6 +416,8 @@ async def test_in_process_runs_the_same_ops_with_the_same_errors(
         await worker.call("cert.crl", {**request, "pem": "not a list"})
     with pytest.raises(TerminalError, match="unknown crypto work"):
         worker.call_blocking("cert.nope", {})
+    with pytest.raises(WorkerBug, match=r"crypto work \(cert.crl\) failed: KeyError$"):
+        await worker.call("cert.crl", {})  # the child's error, not the op's raw KeyError
 
 
 async def test_a_call_from_a_worker_thread_runs_on_the_loop(
@@ -331,3 +437,65 @@ async def test_a_call_from_a_worker_thread_runs_on_the_loop(
     unbound = await asyncio.to_thread(CryptoWorker)  # made outside a loop, never called
     with pytest.raises(TransientError, match="event loop"):
         unbound.call_blocking("cert.crl", {})
+
+
+class SlowKey:
+    """The crypto worker's ``cert.new_key`` that has written the key and not yet answered when
+    its call is cancelled (the leader's deadline on CreateCSR): the answer waits for
+    ``release``."""
+
+    def __init__(self) -> None:
+        self.written = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def call(self, op: str, request: dict[str, object]) -> str:
+        assert op == "cert.new_key"
+        self.calls += 1
+        key_file = Path(str(request["key_file"]))
+        key_file.touch(0o600)
+        key_file.write_bytes(b"a key")
+        self.written.set()
+        await self.release.wait()
+        return f"CSR {self.calls}"
+
+
+async def test_a_cancelled_create_csr_still_journals_the_key_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41 M4: CreateCSR cancelled while the worker makes the key (the leader's 30 s
+    deadline) went without its journal record, the key the worker had written left where no
+    rollout's end removes it. The work goes on to its record, as when it ran in a thread: the
+    leader's next CreateCSR gets that CSR, no second key."""
+    stage = tmp_path / "stage"
+    stage.mkdir(mode=0o700)
+    monkeypatch.setattr(plans, "sharing", lambda _driver: Sharing.own())
+    monkeypatch.setattr(plans, "make_stage_dir", lambda _driver, _rid, _share: stage)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    crypto = SlowKey()
+    agent = NodeAgentService(
+        cast(Any, SimpleNamespace(names=NAMES)),
+        cast(Any, None),
+        journal,
+        None,
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem"),
+        crypto=cast(Any, crypto),
+    )
+    driver = cast(Any, None)
+    try:
+        call = asyncio.ensure_future(agent._csr(driver, "r1"))
+        await asyncio.wait_for(crypto.written.wait(), 60)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        crypto.release.set()
+        # The leader asks again: the same CSR, the key the first call made (no second one).
+        assert await asyncio.wait_for(agent._csr(driver, "r1"), 60) == b"CSR 1"
+        assert crypto.calls == 1
+        staged = journal.staged("r1")
+        assert staged is not None and staged.key_file == stage / "server.key"
+        assert staged.key_file.read_bytes() == b"a key"
+    finally:
+        journal.close()
