@@ -240,7 +240,16 @@ class TransactionDied(TerminalError):
 def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
     """Why nothing shows that the server loaded ``config_file`` as it is now ("" if it
     did): the server's status must say when it started (``started_at``, ISO 8601, as the
-    reference server's), after the file was last written (blocking: reads the file's time)."""
+    reference server's), after the file was last written (blocking: reads the file's time).
+
+    "Last written" is the later of its mtime and ctime: the way back puts the source in place
+    by renaming a file staged before the forward restart (``commit_config``), and a rename
+    keeps that file's older mtime but sets its ctime (review s41rev3 N1: the source, staged
+    before the server restarted onto the target, read as loaded). Nothing sets a ctime back
+    (``touch -d``, ``cp -p`` set only the mtime). A clock stepped back between the server's
+    start and the write can make a config written after the start look older: accepted (the
+    agent's and the server's clock are the node's one clock; a step back across a switch is
+    the admin's to notice)."""
     if status is None:
         return "the server's status cannot be read"
     text = status.get("started_at")
@@ -251,7 +260,8 @@ def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
     if started.tzinfo is None:
         return "the server's status does not say when it started"
     try:
-        written = dt.datetime.fromtimestamp(config_file.stat().st_mtime, dt.UTC)
+        stat = config_file.stat()
+        written = dt.datetime.fromtimestamp(max(stat.st_mtime, stat.st_ctime), dt.UTC)
     except OSError as exc:
         return f"its config file's time cannot be read ({exc.strerror})"
     if started <= written:
