@@ -546,3 +546,29 @@ def test_a_password_put_back_by_rename_but_not_restarted_is_not_recorded_rolled_
     finally:
         assert node.agent.stop() == 0
         asyncio.run(driver.stop())  # the server this test's driver started, reaped
+
+
+def test_a_server_whose_status_cannot_be_read_needs_the_admin(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev3 N2: the switch (http to https: its schemes tell target from source) was
+    finished by the newer agent, the server since frozen by no transaction, and its status
+    cannot be read when the copy is put back (its admin socket gone). Before: the status read
+    as None, "not frozen", the ports alone passed the verdict: ``completed``, the frozen node
+    shown healthy. Now unproven: ``failed`` (after asking again), and the node needs the admin."""
+    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-mute", "config_written")
+    node.server.freeze()  # by hand: no transaction and no lease holds it
+    socket = node.server.admin_socket
+    aside = socket.with_name("aside.sock")
+    os.replace(socket, aside)
+    try:
+        pid, config = go_back(node, copy)
+        outcome, phase, reason = settled(node, "pb-mute")
+    finally:
+        os.replace(aside, socket)
+    assert (outcome, phase) == ("failed", "failed"), reason
+    assert "the server runs its target" in reason
+    assert "the server's status cannot be read (" in reason
+    assert "whether it is frozen is unknown" in reason
+    assert node.admin_status()["frozen"] is True  # nothing was done to the server
+    assert_needs_admin(node, "pb-mute", pid, config)
