@@ -707,20 +707,24 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         tables = {name: dict(value) for name, value in cfg.data.items() if isinstance(value, dict)}
         server = tables["server"]
         server["listen"] = list(target.schemes)
-        for key, value in (
-            ("cert_file", target.cert_file),
-            ("key_file", target.key_file),
-            ("client_ca_file", target.ca_file),
-            ("auth_verifier_file", target.auth_verifier_file),
-        ):
+        for key, value in _reference_files(target):
             if value is not None:
                 server[key] = str(value)
         return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
 
     def says(self, target: Target) -> bool:
-        """As ``Driver.says``, by the parsed TOML: a comment or a layout does not count."""
+        """As ``Driver.says``, by the parsed TOML: a comment or a layout does not count. A
+        file ``target`` leaves out (None) must be absent from the config: ``render`` keeps
+        what the file says there, so a config naming a verifier the journal does not hold
+        live would say the target too (review s41rev3 L1)."""
+        config = self._load().data
+        server = config.get("server")
+        if isinstance(server, dict) and any(
+            value is None and key in server for key, value in _reference_files(target)
+        ):
+            return False
         rendered = ConfigFile.parse(self.config_file, self.render(target)).data
-        return bool(rendered == self._load().data)
+        return bool(rendered == config)
 
     def _pid(self) -> int | None:
         """The running server's pid, from its pid file; None if there is none. Short of
@@ -989,6 +993,16 @@ class TemplateDriver(Driver):
             raise DriverError(
                 f"template {self.template_file}: unknown or bad placeholder {exc}"
             ) from None
+
+
+def _reference_files(target: Target) -> tuple[tuple[str, Path | None], ...]:
+    """The reference server's config keys for ``target``'s files, with their values."""
+    return (
+        ("cert_file", target.cert_file),
+        ("key_file", target.key_file),
+        ("client_ca_file", target.ca_file),
+        ("auth_verifier_file", target.auth_verifier_file),
+    )
 
 
 def _scheme_switches(schemes: Sequence[str]) -> dict[str, str]:

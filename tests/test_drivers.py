@@ -1691,3 +1691,40 @@ def test_journal_checked_with_a_template_driver_and_its_server_stopped(tmp_path:
         assert problem.endswith("start it, then run --journal-checked again"), problem
     finally:
         http_only.close()
+
+
+def test_journal_checked_refuses_a_reference_config_naming_a_verifier_not_live(
+    tmp_path: Path,
+) -> None:
+    """Review s41rev3 L1: ``ReferenceDriver.render`` keeps the file keys its target leaves out
+    (None), so ``says`` took a config naming a verifier the journal does not hold live (a
+    later rollout's, say) for the journal's files. Now such a key must be absent."""
+    server = RefServer(tmp_path / "server", next_loopback())
+    server.write_config(
+        listen=["https"],
+        cert_file="/x/cert.pem",
+        key_file="/x/key.pem",
+        client_ca_file="/x/ca.pem",
+        auth_verifier_file="/x/verifier-v2.json",
+    )
+    driver = ReferenceDriver(server.config_path, tmp_path / "refserver.log")
+    without = journal_holding(tmp_path, LIVE_FILES)
+    try:
+        problem = plans.live_contradiction(without, driver)
+        assert problem is not None
+        assert "names other files than the journal holds live" in problem
+    finally:
+        without.close()
+    (tmp_path / "journal.sqlite3").unlink()
+    named = journal_holding(tmp_path, {**LIVE_FILES, "verifier_file": "/x/verifier-v2.json"})
+    try:
+        assert plans.live_contradiction(named, driver) is None
+    finally:
+        named.close()
+    server.write_config(auth_verifier_file=None)  # none in the config, none live: agreed
+    (tmp_path / "journal.sqlite3").unlink()
+    with_none = journal_holding(tmp_path, LIVE_FILES)
+    try:
+        assert plans.live_contradiction(with_none, driver) is None
+    finally:
+        with_none.close()
