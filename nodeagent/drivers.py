@@ -945,6 +945,16 @@ class TemplateDriver(Driver):
     listener line to comment it out), ``$cert_file``, ``$key_file``, ``$ca_file``,
     ``$auth_verifier_file``. One template thus renders http-only, https-only and dual (the
     transitional strategy's phase 1: http on 8080 and https on 8443, same certificate).
+
+    The server's status (its admin socket's, or the exec driver's ``status`` command) should
+    also carry ``started_at``, when the server process started, ISO 8601 with its zone
+    (``2026-12-03T13:40:00+00:00``), as the reference server's does: after a journal is put
+    back from a copy made mid-switch, a change-password, a rollback or any switch whose target
+    and source answer alike is settled only if the server started after its config was last
+    written (``nodeagent.transaction._not_loaded``); without ``started_at`` every such settle
+    needs the admin. ``facts`` reads the schemes from the ports that answer (nothing else
+    says them), so ``tlsroll-agent --journal-checked`` never takes them from there
+    (``plans.live_contradiction``).
     """
 
     def __init__(self, section: Section, address: str) -> None:
@@ -1064,7 +1074,8 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
 
 class ExecDriver(TemplateDriver):
     """Every operation is a command from ``[server.commands]``; ``freeze`` and ``watermark``
-    print the watermark, ``status`` prints a JSON object with ``frozen`` and ``watermark``."""
+    print the watermark, ``status`` prints a JSON object with ``frozen`` and ``watermark``
+    (and ``started_at``: see ``TemplateDriver``)."""
 
     name = "exec"
     OPERATIONS = ("restart", "status", "freeze", "unfreeze")
