@@ -617,9 +617,10 @@ class Runner:
         restart or unfreeze): its live config is the transaction's target and the server
         answers as the target: ``completed``; its source, answering as the source:
         ``rolled_back``; where the two answer alike, only if the server started after its
-        config was written (``_not_loaded``); anything else, or a server frozen with no
-        lease in the journal: ``failed``, and the node needs the admin
-        (``Journal.needs_admin``; see ``nodeagent.journal``)."""
+        config was written (``_not_loaded``); anything else, a server frozen with no lease
+        in the journal, or one whose status cannot be read (``_restored_status``):
+        ``failed``, and the node needs the admin (``Journal.needs_admin``; see
+        ``nodeagent.journal``)."""
         plan = Plan.from_json(txn.plan)
         copy = await dbthread.run(self.journal.restored_copy_at)
         made = copy.isoformat(timespec="seconds") if copy is not None else "?"
