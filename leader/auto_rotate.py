@@ -17,6 +17,10 @@ watch's interval is not missed. If that says start, it plans and starts a
 (the same planner, the same checks of the nodes), with the audit actor ``leader (auto_rotate)``.
 A plan that is refused (a node offline, one that cannot be reached, ...) starts nothing: the
 refusal is logged once and kept for the schema (``status``) until something changes.
+Nodes whose agent says they need the admin (``needs_admin``: a journal put back mid-switch;
+their agents refuse every switch, and the planner refuses a plan with them) are left out of
+what is due, and named in the check's reason: before, one such node blocked every rotation,
+and the other nodes' certificates could expire over it (review s41rev3).
 
 Never two at once: the checks run one after the other (a lock as well), ``decide`` waits while
 any rollout is active, and the schema store refuses a second active rollout in the same
@@ -27,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from zoneinfo import ZoneInfo
 
 from leader.commands import Commands, RolloutRequest
@@ -120,10 +124,14 @@ class AutoRotator:
         zone: ZoneInfo | None = None,
         local_clock: Callable[[], dt.datetime] = local_now,
         utc_host: Callable[[], bool] = host_is_utc,
+        needs_admin: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         """``zone``: the window's (``maintenance_timezone``); None: the host's local time.
         ``local_clock``: now, aware in any zone (it is read on ``zone``'s wall clock), or
-        without a ``zone`` as the window's wall clock itself (naive: the host's)."""
+        without a ``zone`` as the window's wall clock itself (naive: the host's).
+        ``needs_admin``: the nodes that need the admin now (any thread; the leader's node
+        problems of that kind), left out of every rotation."""
+        self.needs_admin = needs_admin
         self.watch = watch
         self.schema = schema
         self.commands = commands
@@ -175,6 +183,11 @@ class AutoRotator:
         # One that ends with the CA is not rotated: a new one would end no later, and the
         # practice's servers would be restarted at every window for nothing until the CA ends.
         servers = [e for e in warnings if e.kind == "server" and not e.ends_with_ca]
+        # A node that needs the admin is left out: its agent refuses, the planner refuses a
+        # plan with it, and the others' certificates must not expire over it.
+        held = set(self.needs_admin())
+        left_out = sorted({e.subject for e in servers if e.subject in held})
+        servers = [e for e in servers if e.subject not in held]
         due = [e.subject for e in servers]
         # No record of the cluster CA issuing it: the practice's own (--cert-dir) certificate.
         foreign = [e.subject for e in servers if not e.serial]
@@ -202,6 +215,11 @@ class AutoRotator:
         )
         if decision.verdict is Verdict.START:
             decision = await self._start(decision)
+        if left_out:
+            said = f"left out, needing the admin (`tlsroll nodes`): {', '.join(left_out)}"
+            decision = replace(
+                decision, reason=f"{decision.reason}; {said}" if decision.reason else said
+            )
         self._record(decision, local)
         return decision
 

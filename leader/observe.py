@@ -59,7 +59,7 @@ from cryptography import x509
 
 from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
 from leader.rollout_core import NodeObservation
-from tlsroll import pki
+from tlsroll import peertext, pki
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
@@ -123,9 +123,12 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
         except PKIError:
             from_ca = False
     if not view.healthy:
-        needs_admin = view.detail if view.detail.startswith(NEEDS_ADMIN) else ""
+        # The agent's words, printed by the CLI and shown in the viewer: no control characters,
+        # bounded (review s41rev3 L4; the heartbeat's own detail is cleaned the same way).
+        detail = peertext.clean(view.detail, 200)
+        needs_admin = detail if detail.startswith(NEEDS_ADMIN) else ""
         return NodeObservation(
-            False, f"the managed server: {view.detail or 'not healthy'}", needs_admin=needs_admin
+            False, f"the managed server: {detail or 'not healthy'}", needs_admin=needs_admin
         )
     return NodeObservation(
         reachable=True,

@@ -53,6 +53,7 @@ from leader.service import (
     batch_period,
     control_server_options,
 )
+from leader.states import NodeProblemKind
 from leader.store import Store, relearning
 from leader.store_health import StoreHealth
 from tlsroll import __version__, heap, keywrap, logs, pki
@@ -335,6 +336,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         enabled=cfg.auto_rotate,
         window=cfg.maintenance_window,
         zone=cfg.maintenance_timezone,
+        needs_admin=lambda: [
+            p.node for p in state.node_problems() if p.kind is NodeProblemKind.NEEDS_ADMIN
+        ],
     )
     rotator.announce()  # a window read in UTC only because the host runs on UTC
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window

@@ -707,20 +707,24 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         tables = {name: dict(value) for name, value in cfg.data.items() if isinstance(value, dict)}
         server = tables["server"]
         server["listen"] = list(target.schemes)
-        for key, value in (
-            ("cert_file", target.cert_file),
-            ("key_file", target.key_file),
-            ("client_ca_file", target.ca_file),
-            ("auth_verifier_file", target.auth_verifier_file),
-        ):
+        for key, value in _reference_files(target):
             if value is not None:
                 server[key] = str(value)
         return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
 
     def says(self, target: Target) -> bool:
-        """As ``Driver.says``, by the parsed TOML: a comment or a layout does not count."""
+        """As ``Driver.says``, by the parsed TOML: a comment or a layout does not count. A
+        file ``target`` leaves out (None) must be absent from the config: ``render`` keeps
+        what the file says there, so a config naming a verifier the journal does not hold
+        live would say the target too (review s41rev3 L1)."""
+        config = self._load().data
+        server = config.get("server")
+        if isinstance(server, dict) and any(
+            value is None and key in server for key, value in _reference_files(target)
+        ):
+            return False
         rendered = ConfigFile.parse(self.config_file, self.render(target)).data
-        return bool(rendered == self._load().data)
+        return bool(rendered == config)
 
     def _pid(self) -> int | None:
         """The running server's pid, from its pid file; None if there is none. Short of
@@ -941,6 +945,16 @@ class TemplateDriver(Driver):
     listener line to comment it out), ``$cert_file``, ``$key_file``, ``$ca_file``,
     ``$auth_verifier_file``. One template thus renders http-only, https-only and dual (the
     transitional strategy's phase 1: http on 8080 and https on 8443, same certificate).
+
+    The server's status (its admin socket's, or the exec driver's ``status`` command) should
+    also carry ``started_at``, when the server process started, ISO 8601 with its zone
+    (``2026-12-03T13:40:00+00:00``), as the reference server's does: after a journal is put
+    back from a copy made mid-switch, a change-password, a rollback or any switch whose target
+    and source answer alike is settled only if the server started after its config was last
+    written (``nodeagent.transaction._not_loaded``); without ``started_at`` every such settle
+    needs the admin. ``facts`` reads the schemes from the ports that answer (nothing else
+    says them), so ``tlsroll-agent --journal-checked`` never takes them from there
+    (``plans.live_contradiction``).
     """
 
     def __init__(self, section: Section, address: str) -> None:
@@ -989,6 +1003,16 @@ class TemplateDriver(Driver):
             raise DriverError(
                 f"template {self.template_file}: unknown or bad placeholder {exc}"
             ) from None
+
+
+def _reference_files(target: Target) -> tuple[tuple[str, Path | None], ...]:
+    """The reference server's config keys for ``target``'s files, with their values."""
+    return (
+        ("cert_file", target.cert_file),
+        ("key_file", target.key_file),
+        ("client_ca_file", target.ca_file),
+        ("auth_verifier_file", target.auth_verifier_file),
+    )
 
 
 def _scheme_switches(schemes: Sequence[str]) -> dict[str, str]:
@@ -1050,7 +1074,8 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
 
 class ExecDriver(TemplateDriver):
     """Every operation is a command from ``[server.commands]``; ``freeze`` and ``watermark``
-    print the watermark, ``status`` prints a JSON object with ``frozen`` and ``watermark``."""
+    print the watermark, ``status`` prints a JSON object with ``frozen`` and ``watermark``
+    (and ``started_at``: see ``TemplateDriver``)."""
 
     name = "exec"
     OPERATIONS = ("restart", "status", "freeze", "unfreeze")

@@ -31,9 +31,12 @@ verdict is recorded only where the server proves it: the target live and answeri
 target, ``completed`` (and what is live with it); the source, ``rolled_back``. Where the two
 answer alike from outside (the same schemes, and no certificate to tell them by: a
 change-password, a rollback), the server must also say it started after its config was last
-written (its status's ``started_at``): a config written and not restarted proves nothing (review
-s41rev1 H2). A server left frozen, with no scope freeze's lease in the journal to bound it,
-proves nothing either: no transaction this journal knows of will lift it (H1). Anything else
+written (its status's ``started_at``; "last written": the later of the file's mtime and ctime,
+since the way back renames a source staged before the restart into place, review s41rev3 N1):
+a config written and not restarted proves nothing (review s41rev1 H2). A server left frozen,
+with no scope freeze's lease in the journal to bound it, proves nothing either: no transaction
+this journal knows of will lift it (H1); nor does a server whose status cannot be read (asked
+again after short waits): whether it is frozen is unknown (s41rev3 N2). Anything else
 (neither config, a server that answers as neither, a row of an earlier release without its
 configs) is recorded ``failed``, and the node needs the admin (``needs_admin``). Such a node is
 taken on by nothing: the agent's heartbeats report its server as not healthy with that text

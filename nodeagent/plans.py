@@ -242,39 +242,66 @@ def _said_group_wide(path: Path, share: Sharing) -> None:
         )
 
 
+# The schemes a config may serve while the journal holds https files live (dual or https).
+HTTPS_LIVE: tuple[tuple[str, ...], ...] = (("https",), DUAL)
+
+
 def live_contradiction(journal: Journal, driver: Driver) -> str | None:
     """Why the server's live config is not what the journal holds live (``Journal.live_tls``:
     the https files, or none on http), or None (blocking). ``tlsroll-agent --journal-checked``
     refuses to clear ``needs_admin`` then: the files the journal holds live are what the
     agent's view, its bootstrap service and its next plans use (review s41rev1 M2: a stale
-    verifier file would come back with the next rotate-cert)."""
+    verifier file would come back with the next rotate-cert).
+
+    The schemes are never taken from the server's ports here (review s41rev3 N3: a template
+    driver's ``facts`` probes them, and the server the admin stopped to check it answers on
+    none): with https files live, the config must say them for https or for both schemes
+    (``Driver.says``); with none, a driver whose config decides (the reference server's) must
+    not list https, and a template driver's config must be its http-only render, or else the
+    server must answer, on http alone."""
     live = journal.live_tls()
     try:
-        facts = driver.facts()
         if not (live and live.get("cert_file")):
-            if "https" in facts.schemes:
-                return (
-                    f"the server's config {driver.config_file} serves https, but the journal"
-                    " holds no https files live (http only)"
-                )
-            return None
+            return _http_contradiction(driver)
         verifier = live.get("verifier_file")
-        target = Target(
-            facts.schemes,
-            Path(live["cert_file"]),
-            Path(live["key_file"]),
-            Path(live["ca_file"]),
-            Path(verifier) if verifier else None,
-        )
-        if driver.says(target):
-            return None
-    except (DriverError, OSError) as exc:
+        for schemes in HTTPS_LIVE:
+            target = Target(
+                schemes,
+                Path(live["cert_file"]),
+                Path(live["key_file"]),
+                Path(live["ca_file"]),
+                Path(verifier) if verifier else None,
+            )
+            if driver.says(target):
+                return None
+    except (DriverError, OSError, ValueError) as exc:
         return f"the server's config cannot be compared with the journal: {describe(exc)}"
     named = ", ".join(f"{k} {v}" for k, v in sorted(live.items()) if k.endswith("_file") and v)
     return (
         f"the server's config {driver.config_file} names other files than the journal holds"
         f" live ({named})"
     )
+
+
+def _http_contradiction(driver: Driver) -> str | None:
+    """``live_contradiction`` with no https files live (blocking; DriverError, OSError)."""
+    serves_https = (
+        f"the server's config {driver.config_file} serves https, but the journal holds no"
+        " https files live (http only)"
+    )
+    if driver.config_decides:
+        return serves_https if "https" in driver.facts().schemes else None
+    if driver.says(Target(("http",))):
+        return None
+    # Not the http-only render (a config the admin wrote): only the server can say what it
+    # serves, and it must be up to say it.
+    schemes = driver.facts().schemes
+    if not schemes:
+        return (
+            f"the server does not answer, and its config {driver.config_file} is not one the"
+            " agent renders for http: start it, then run --journal-checked again"
+        )
+    return serves_https if "https" in schemes else None
 
 
 def _files_of(live: dict[str, str] | None) -> list[str]:

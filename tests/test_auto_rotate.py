@@ -490,6 +490,7 @@ def _rotator(
     *,
     window: str = "Sat 02:00-05:00",
     zone: ZoneInfo | None = None,
+    needs_admin: frozenset[str] = frozenset(),
 ) -> Any:
     from types import SimpleNamespace
 
@@ -512,6 +513,7 @@ def _rotator(
         window=parse_window(window),
         zone=zone,
         local_clock=lambda: local(when),
+        needs_admin=lambda: needs_admin,
     )
 
 
@@ -562,6 +564,54 @@ def test_the_rotator_says_why_nothing_starts() -> None:
     held = _rotator(held_schema, FakeCommands(held_schema), ["n2"], "2026-12-05 03:00")
     decision = asyncio.run(held.check())
     assert decision.verdict.value == "held" and "r7" in decision.reason
+
+
+class RefusingNeedsAdmin(FakeCommands):
+    """The planner's refusal of a plan with a node that needs the admin."""
+
+    def __init__(self, schema: FakeSchema, held: str) -> None:
+        super().__init__(schema)
+        self.held = held
+
+    async def start(self, request: Any, actor: str) -> Any:
+        from leader.planner import PlanError
+
+        if self.held in request.scope.names:
+            raise PlanError(f"{self.held} needs the admin: journal put back mid-switch")
+        return await super().start(request, actor)
+
+
+def test_a_node_that_needs_the_admin_is_left_out_of_the_automatic_rotation() -> None:
+    """Review s41rev3 (design): one node that needs the admin (its agent refuses, the planner
+    refuses a plan with it) blocked every automatic rotation, and the other nodes'
+    certificates could expire over it. Now it is left out of what is due and named in the
+    check's reason; the others are rotated."""
+    import asyncio
+
+    schema = FakeSchema()
+    commands = RefusingNeedsAdmin(schema, "n2")
+    rotator = _rotator(
+        schema, commands, ["n1", "n2", "n3"], "2026-12-05 03:00", needs_admin=frozenset({"n2"})
+    )
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "started", decision
+    ((request, _actor),) = commands.started
+    assert set(request.scope.names) == {"n1", "n3"}
+    view = rotator.status.view()
+    assert list(view.due_nodes) == ["n1", "n3"]
+    assert view.reason == "rollout r1; left out, needing the admin (`tlsroll nodes`): n2"
+
+    alone = FakeSchema()
+    only = _rotator(
+        alone,
+        RefusingNeedsAdmin(alone, "n2"),
+        ["n2"],
+        "2026-12-05 03:00",
+        needs_admin=frozenset({"n2"}),
+    )
+    decision = asyncio.run(only.check())
+    assert decision.verdict.value == "nothing-due", decision
+    assert "left out, needing the admin (`tlsroll nodes`): n2" in only.status.view().reason
 
 
 def test_the_rotator_tells_the_admin_to_finalize_a_waiting_transitional_rollout() -> None:

@@ -18,13 +18,14 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import string
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from nodeagent import clients as client_sources
-from nodeagent import drivers
+from nodeagent import drivers, plans
 from nodeagent.drivers import (
     Driver,
     DriverError,
@@ -47,6 +48,7 @@ from nodeagent.drivers import (
     _wait_healthy,
     make_driver,
 )
+from nodeagent.journal import Journal
 from nodeagent.leader_link import live_server
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
@@ -1616,3 +1618,113 @@ def test_the_reference_driver_reads_its_config_once_within_reading_once(
     assert len(reads) == 4  # outside it, each reads the file
     driver.config_file.write_bytes(source.replace(b'"http"', b'"https"'))
     assert driver.facts().schemes == ("https",)
+
+
+def stopped_template_server(tmp_path: Path) -> SystemdDriver:
+    """A systemd driver whose server is stopped (an admin checking it): nothing listens on its
+    loopback address."""
+    template = tmp_path / "srv.conf.tmpl"
+    template.write_text(
+        "$http_off listen $address:$http_port;\n"
+        "$https_off listen $address:$https_port ssl;\n"
+        "$https_off ssl_certificate $cert_file;\n"
+        "auth $auth_verifier_file\n"
+    )
+    settings = {
+        "config_file": str(tmp_path / "srv.conf"),
+        "template": str(template),
+        "app_path": "/",
+        "unit": "srv.service",
+        "admin_socket": str(tmp_path / "admin.sock"),
+    }
+    return SystemdDriver(Section(tmp_path / "agent.toml", "server", settings), next_loopback())
+
+
+def journal_holding(tmp_path: Path, live: dict[str, str] | None) -> Journal:
+    """A journal whose ``live_tls`` is ``live`` (as a completed transaction leaves it)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    with contextlib.closing(sqlite3.connect(tmp_path / "journal.sqlite3")) as db, db:
+        Journal._set_live_tls(db, live)
+    return journal
+
+
+LIVE_FILES = {"cert_file": "/x/cert.pem", "key_file": "/x/key.pem", "ca_file": "/x/ca.pem"}
+
+
+def test_journal_checked_with_a_template_driver_and_its_server_stopped(tmp_path: Path) -> None:
+    """Review s41rev3 N3: ``live_contradiction`` took the schemes from the template driver's
+    ``facts``, which probes the ports: with the server stopped (the admin checking it) there
+    were none. With https files live, ``render`` failed on ``schemes[0]`` (IndexError, a
+    traceback on --journal-checked); with none live, a config serving https passed. Now the
+    config is compared with the renders for https and both schemes, or the http-only render;
+    a config that is neither needs the server up to say what it serves."""
+    driver = stopped_template_server(tmp_path)
+    files = Target(("https",), Path("/x/cert.pem"), Path("/x/key.pem"), Path("/x/ca.pem"))
+    with_tls = journal_holding(tmp_path, LIVE_FILES)
+    try:
+        for schemes in (("https",), ("http", "https")):
+            driver.config_file.write_bytes(driver.render(replace(files, schemes=schemes)))
+            assert plans.live_contradiction(with_tls, driver) is None, schemes
+        other = replace(files, cert_file=Path("/y/cert.pem"))
+        driver.config_file.write_bytes(driver.render(other))
+        problem = plans.live_contradiction(with_tls, driver)
+        assert problem is not None
+        assert "names other files than the journal holds live" in problem
+        driver.config_file.write_bytes(driver.render(Target(("http",))))
+        assert plans.live_contradiction(with_tls, driver) is not None  # https files live
+    finally:
+        with_tls.close()
+
+    (tmp_path / "journal.sqlite3").unlink()
+    http_only = journal_holding(tmp_path, None)
+    try:
+        driver.config_file.write_bytes(driver.render(files))  # https, the server stopped
+        problem = plans.live_contradiction(http_only, driver)
+        assert problem is not None
+        assert problem.startswith("the server does not answer"), problem
+        driver.config_file.write_bytes(driver.render(Target(("http",))))
+        assert plans.live_contradiction(http_only, driver) is None
+        driver.config_file.write_text("listen 127.0.0.1:8080; # the admin's own\n")
+        problem = plans.live_contradiction(http_only, driver)
+        assert problem is not None
+        assert problem.startswith("the server does not answer"), problem
+        assert problem.endswith("start it, then run --journal-checked again"), problem
+    finally:
+        http_only.close()
+
+
+def test_journal_checked_refuses_a_reference_config_naming_a_verifier_not_live(
+    tmp_path: Path,
+) -> None:
+    """Review s41rev3 L1: ``ReferenceDriver.render`` keeps the file keys its target leaves out
+    (None), so ``says`` took a config naming a verifier the journal does not hold live (a
+    later rollout's, say) for the journal's files. Now such a key must be absent."""
+    server = RefServer(tmp_path / "server", next_loopback())
+    server.write_config(
+        listen=["https"],
+        cert_file="/x/cert.pem",
+        key_file="/x/key.pem",
+        client_ca_file="/x/ca.pem",
+        auth_verifier_file="/x/verifier-v2.json",
+    )
+    driver = ReferenceDriver(server.config_path, tmp_path / "refserver.log")
+    without = journal_holding(tmp_path, LIVE_FILES)
+    try:
+        problem = plans.live_contradiction(without, driver)
+        assert problem is not None
+        assert "names other files than the journal holds live" in problem
+    finally:
+        without.close()
+    (tmp_path / "journal.sqlite3").unlink()
+    named = journal_holding(tmp_path, {**LIVE_FILES, "verifier_file": "/x/verifier-v2.json"})
+    try:
+        assert plans.live_contradiction(named, driver) is None
+    finally:
+        named.close()
+    server.write_config(auth_verifier_file=None)  # none in the config, none live: agreed
+    (tmp_path / "journal.sqlite3").unlink()
+    with_none = journal_holding(tmp_path, LIVE_FILES)
+    try:
+        assert plans.live_contradiction(with_none, driver) is None
+    finally:
+        with_none.close()

@@ -14,7 +14,9 @@ Real agents and reference servers, commanded with the leader's certificate (``te
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import grpc
 import pytest
 
 from nodeagent import journal
+from nodeagent.drivers import ReferenceDriver
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
@@ -476,3 +479,96 @@ def test_a_rollback_unfinished_in_the_copy_is_settled_after_a_start_that_did_not
     pre = node.preflight("pb-rb-next")
     assert pre.server.healthy and pre.ok, pre
     assert node.post("http", {"note": "after going back"}).status == 201
+
+
+def test_a_password_put_back_by_rename_but_not_restarted_is_not_recorded_rolled_back(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev3 N1: a change-password unfinished in the copy (at ``frozen``); the newer
+    agent staged the source, wrote the target, restarted the server onto it (the new password
+    live), its verify failed, and its way back renamed the staged source into place
+    (``commit_config``) and stopped before the restart. The config is the source with the
+    mtime of its staging, before the server started: read as loaded, ``rolled_back`` was
+    recorded while the server requires the new password. The rename's ctime is after the
+    start: ``failed``, the node needs the admin. (The newer agent's steps are done here by
+    hand, with the driver's own restart.)"""
+    node = make_node()
+    node.stage("pb-tls")
+    node.switch("pb-tls")
+    assert node.wait_txn("pb-tls").outcome == "completed"
+    assert node.admin_status()["auth_configured"] is False
+    assert node.agent is not None
+    assert node.agent.stop() == 0
+    node.restart_agent(env={CRASH_ENV: "frozen"})
+    assert node.agent.proc is not None
+    verifier = password.make_verifier("a-new-password-long-enough-123", **password.TEST_PARAMS)
+    request = agent_pb2.SwitchRequest(
+        command=node.command("pb-pw"),
+        change=CHANGE.wire(Change.CHANGE_PASSWORD),
+        auth_verifier_json=password.verifier_to_json(verifier),
+    )
+    try:
+        with node.stub() as stub:
+            stub.Switch(request, timeout=30)
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    node.agent.proc.wait(30)
+    copy = copy_made_then_broken(node, monkeypatch)
+    [row] = node.journal_query(
+        "SELECT phase, target_config, source_config FROM txns WHERE rollout_id = 'pb-pw'"
+    )
+    assert row["phase"] == "frozen"
+    target, source = bytes(row["target_config"]), bytes(row["source_config"])
+    cfg = node.server.config_path
+    assert cfg.read_bytes() == source
+    staged = cfg.parent / f".{cfg.name}.staged-test"
+    staged.write_bytes(source)  # staged with the target, before the restart
+    os.utime(staged, (1_000_000_000, 1_000_000_000))  # and long before it, to leave no doubt
+    fresh = cfg.parent / f".{cfg.name}.tmp-test"
+    fresh.write_bytes(target)
+    os.replace(fresh, cfg)
+    driver = ReferenceDriver(cfg, node.root / "test-driver.log")
+    try:
+        asyncio.run(driver.restart())
+        node.server.unfreeze()  # H1's frozen check aside: the config's time is looked at here
+        assert node.admin_status()["auth_configured"] is True  # the new password is live
+        os.replace(staged, cfg)  # the way back's restore, a rename; no restart after it
+        assert cfg.stat().st_mtime < 1_000_000_001
+        pid = node.server_pid()
+        put_back(node.journal_path, copy)
+        node.restart_agent()
+        outcome, phase, reason = settled(node, "pb-pw")
+        assert (outcome, phase) == ("failed", "failed"), reason
+        assert "its target and source answer alike" in reason
+        assert "before its config was last written" in reason
+        assert node.admin_status()["auth_configured"] is True  # still the new password
+        assert_needs_admin(node, "pb-pw", pid, source)
+    finally:
+        assert node.agent.stop() == 0
+        asyncio.run(driver.stop())  # the server this test's driver started, reaped
+
+
+def test_a_server_whose_status_cannot_be_read_needs_the_admin(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41rev3 N2: the switch (http to https: its schemes tell target from source) was
+    finished by the newer agent, the server since frozen by no transaction, and its status
+    cannot be read when the copy is put back (its admin socket gone). Before: the status read
+    as None, "not frozen", the ports alone passed the verdict: ``completed``, the frozen node
+    shown healthy. Now unproven: ``failed`` (after asking again), and the node needs the admin."""
+    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-mute", "config_written")
+    node.server.freeze()  # by hand: no transaction and no lease holds it
+    socket = node.server.admin_socket
+    aside = socket.with_name("aside.sock")
+    os.replace(socket, aside)
+    try:
+        pid, config = go_back(node, copy)
+        outcome, phase, reason = settled(node, "pb-mute")
+    finally:
+        os.replace(aside, socket)
+    assert (outcome, phase) == ("failed", "failed"), reason
+    assert "the server runs its target" in reason
+    assert "the server's status cannot be read (" in reason
+    assert "whether it is frozen is unknown" in reason
+    assert node.admin_status()["frozen"] is True  # nothing was done to the server
+    assert_needs_admin(node, "pb-mute", pid, config)

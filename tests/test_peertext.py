@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tlsroll import peertext
+from tlsroll.enums import NEEDS_ADMIN
 
 
 def walked(text: object, limit: int = 200) -> str:
@@ -61,3 +62,22 @@ def test_the_short_cut_gives_what_the_walk_gives(text: str, limit: int) -> None:
 @given(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80))
 def test_printable_ascii_keeps_what_the_walk_keeps(text: str) -> None:
     assert peertext.clean(text, 40) == walked(text, 40)
+
+
+def test_a_node_views_detail_reaches_the_planner_cleaned() -> None:
+    """Review s41rev3 L4: ``observation`` passed an unhealthy view's detail raw into the
+    node's needs-admin text and its unreachable reason, which the CLI prints (``refused``) and
+    the viewer shows: control characters and any length from the agent reached the terminal.
+    Now cleaned and cut at 200 characters, as the heartbeat's detail is."""
+    from leader.observe import observation
+    from tlsroll import pki
+    from tlsroll.v1 import agent_pb2
+
+    ca = pki.CertificateAuthority.create().cert
+    detail = f"{NEEDS_ADMIN}journal put back\x1b[2J\x1b]0;owned\x07 mid-switch " + "x" * 500
+    seen = observation(agent_pb2.ServerView(healthy=False, detail=detail), ca)
+    assert not seen.reachable
+    assert seen.needs_admin.startswith(f"{NEEDS_ADMIN}journal put back"), seen.needs_admin
+    assert seen.needs_admin.isprintable() and "\x1b" not in seen.needs_admin
+    assert len(seen.needs_admin) <= 200
+    assert seen.error == f"the managed server: {seen.needs_admin}"

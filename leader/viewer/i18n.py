@@ -67,8 +67,11 @@ _DE: dict[str, str] = {
     "({problem}); keine Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT "
     "verständigen (Platz auf der Festplatte des Leaders schaffen).",
     "needs_admin": "Knoten {node} braucht die Praxis-IT: ein früherer Stand seines Journals "
-    "wurde zurückgespielt, und was sein Server ausführt, klärt eine Umstellung nicht; er wird "
-    "nicht umgestellt, bis die Praxis-IT ihn geprüft hat. Bitte die Praxis-IT verständigen.",
+    "wurde zurückgespielt, und was sein Server ausführt, zeigt nicht, wie eine Umstellung "
+    "ausgegangen ist; er wird nicht umgestellt, bis die Praxis-IT ihn geprüft hat, und sein "
+    "Server lässt bis dahin vielleicht nichts speichern. Bitte die Praxis-IT verständigen.",
+    "node_problem": "Knoten {node} hat ein Problem, das diese Seite nicht näher kennt: "
+    "{problem} Bitte die Praxis-IT verständigen.",
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
@@ -184,8 +187,11 @@ _EN: dict[str, str] = {
     "rollout moves until it can. Please call the practice IT (free space on the leader's "
     "disk).",
     "needs_admin": "Node {node} needs the practice IT: an earlier copy of its journal was "
-    "put back, and what its server runs does not settle a switch; it is not switched until "
-    "the practice IT has checked it. Please call the practice IT.",
+    "put back, and what its server runs does not show how a switch ended; it is not switched "
+    "until the practice IT has checked it, and its server may refuse to save until then. "
+    "Please call the practice IT.",
+    "node_problem": "Node {node} has a problem this page knows no more about: {problem} "
+    "Please call the practice IT.",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "

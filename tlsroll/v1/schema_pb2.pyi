@@ -41,7 +41,8 @@ class _NodeProblemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeP
     """The node's journal was put back from a copy made mid-switch, and what its server runs
     does not settle the switch: its agent refuses to stage, switch or roll back, and its
     preflight fails, until the admin checked the node and started the agent once with
-    --journal-checked (a leader before this value shows TWIN_AGENTS's words for it).
+    --journal-checked (a leader before this value reports no such problem; a reader before
+    it sees an unknown kind: the problem's words say what it is).
     """
 
 class NodeProblemKind(_NodeProblemKind, metaclass=_NodeProblemKindEnumTypeWrapper): ...
@@ -57,7 +58,8 @@ NODE_PROBLEM_KIND_NEEDS_ADMIN: NodeProblemKind.ValueType  # 3
 """The node's journal was put back from a copy made mid-switch, and what its server runs
 does not settle the switch: its agent refuses to stage, switch or roll back, and its
 preflight fails, until the admin checked the node and started the agent once with
---journal-checked (a leader before this value shows TWIN_AGENTS's words for it).
+--journal-checked (a leader before this value reports no such problem; a reader before
+it sees an unknown kind: the problem's words say what it is).
 """
 Global___NodeProblemKind: _TypeAlias = NodeProblemKind  # noqa: Y015
 
