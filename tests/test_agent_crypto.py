@@ -28,9 +28,6 @@ IDLE = 3.0  # the worker's idle time in these agents (seconds)
 
 # The real agent daemon (as the tlsroll-agent script runs it), its worker's idle time short.
 # (An agent of code before the worker has none to set: the same test, for showing it fails.)
-# With a third argument "kept-out", the bootstrap service is neither imported nor run (what
-# it holds is another change's: its PAKE moves to the worker too), so that the certificate
-# work of a switch is what is looked at.
 HARNESS = """
 import sys
 from tlsroll import lean
@@ -40,14 +37,6 @@ try:
     cryptoworker.IDLE_SECONDS = float(sys.argv[2])
 except ImportError:
     pass
-if sys.argv[3:] == ["kept-out"]:
-    from nodeagent.bootstrap_supervisor import BootstrapHost
-
-    async def no_sync(self):
-        pass
-
-    BootstrapHost.warm = lambda self: None
-    BootstrapHost.sync = no_sync
 from nodeagent.daemon import main
 sys.exit(main(["--config", sys.argv[1]]))
 """
@@ -78,7 +67,7 @@ def workers_of(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def running_agent(
-    cluster: Cluster, tmp_path: Path, name: str, address: str, server: RefServer, bootstrap: str
+    cluster: Cluster, tmp_path: Path, name: str, address: str, server: RefServer
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """A real agent for node ``name`` managing ``server``: the process and its log file
     (stderr). Stopped (SIGTERM, then killed) on the way out."""
@@ -90,7 +79,7 @@ def running_agent(
     log_file = tmp_path / "agent.log"
     with log_file.open("wb") as log:
         agent = subprocess.Popen(
-            [sys.executable, "-c", HARNESS, str(config_file), str(IDLE), bootstrap],
+            [sys.executable, "-c", HARNESS, str(config_file), str(IDLE)],
             stdout=subprocess.DEVNULL,
             stderr=log,
             env=child_env(),
@@ -113,15 +102,15 @@ def said(log_file: Path, event: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("bootstrap", ["served", "kept-out"])
 def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
-    tmp_path: Path, loopback: Callable[[], str], bootstrap: str
+    tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
     """The agent's maps, read once its worker has stopped (idle): after a revocation list and
-    a renewal, and after a real enable-tls rollout has switched its node. Each time the agent
-    started a worker for that work and holds no ``cryptography`` after it. The bootstrap
-    service, which the switch starts, holds it until its PAKE is the worker's too
-    (``served``: expected to fail until then; ``kept-out``: the service not run)."""
+    a renewal, and after a real enable-tls rollout has switched its node and started its
+    bootstrap service. Each time the agent started a worker for that work and holds no
+    ``cryptography`` after it. (Run once, with the bootstrap service: a run without it, which
+    showed the switch's part alone before the service's PAKE moved to the worker too, proves
+    nothing more now; the service's part alone: ``tests/test_bootstrap_worker.py``.)"""
     with Cluster(tmp_path / "cluster", loopback()) as cluster:
         cluster.init()
         cluster.write_leader_config({"agent_cert_lifetime": 60})
@@ -131,7 +120,7 @@ def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
         server.start()
         restarted: int | None = None
         try:
-            with running_agent(cluster, tmp_path, "crypto1", address, server, bootstrap) as run:
+            with running_agent(cluster, tmp_path, "crypto1", address, server) as run:
                 agent, log = run
                 cluster.wait_for_nodes_online(["crypto1"], timeout=60)
                 # A revocation list (the leader sends it with a heartbeat reply) ...
@@ -154,8 +143,7 @@ def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
                 )
                 rollout = cluster.newest_rollout()
                 assert start.returncode == 0 and rollout["state"] == "completed", rollout
-                if bootstrap == "served":
-                    wait_until(lambda: port_open(address, BOOTSTRAP_PORT), 30, "its service")
+                wait_until(lambda: port_open(address, BOOTSTRAP_PORT), 30, "its service")
                 pid_file = Path(str(server.settings["data_dir"])) / "refserver.pid"
                 restarted = int(pid_file.read_text()) if pid_file.exists() else None
                 wait_until(lambda: not workers_of(agent.pid), 60, "the worker stops when idle")
