@@ -4,9 +4,8 @@ The agent loads what a rollout's work needs before that work asks for it, off it
 the bootstrap service when a node is staged or a switch begins (``BootstrapHost.warm``). (The
 certificate code is no longer the agent's: its crypto worker, ``nodeagent.cryptoworker``,
 imports it in a child, in a thread lowered the same way, ``_lower_priority``.) Run in two
-threads at once, two
-such imports could meet in Python 3.11's per-module import locks, each holding a module of
-``cryptography`` the other one needs next, which Python ends with a ``_DeadlockError`` in one
+threads at once, two such imports could meet in Python 3.11's per-module import locks, each
+holding a module the other one needs next, which Python ends with a ``_DeadlockError`` in one
 of them. Here they queue instead. (An import the work itself makes meanwhile waits for the
 module being loaded here, which is no cycle: it holds no other module's lock.)
 
