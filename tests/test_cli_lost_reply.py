@@ -523,3 +523,66 @@ def test_a_call_the_stopping_leader_did_not_take(
     assert capsys.readouterr().err == (
         f"tlsroll: error: cannot reach the leader on {sock}: is tlsroll-leader running?\n"
     )
+
+
+def test_a_reply_sent_whole_before_the_leader_closed_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader that answers and closes at once (it is stopping) while the CLI is still
+    acknowledging what it read before the answer: the acknowledgement's write fails (the
+    peer is gone), yet the reply is whole in the socket and is the call's result (CI, stop
+    39: "cannot reach" for a read-only call the leader had answered). The CLI's write is held
+    until the leader has closed, so the order is the same on every run."""
+    sock = tmp_path / "admin.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(1)
+    acking, closed = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            h2c.initiate_connection()
+            conn.settimeout(WAIT)
+            conn.sendall(h2c.data_to_send())
+            ended = None
+            while ended is None:
+                chunk = conn.recv(65536)
+                assert chunk
+                for event in h2c.receive_data(chunk):
+                    if isinstance(event, h2.events.StreamEnded):
+                        ended = event.stream_id
+            assert acking.wait(WAIT)  # the CLI read our SETTINGS and is about to answer them
+            body = schema_pb2.Schema(rollouts=[schema_pb2.RolloutView(id="r-1")])
+            data = body.SerializeToString()
+            h2c.send_headers(
+                ended, [(":status", "200"), ("content-type", "application/grpc+proto")]
+            )
+            h2c.send_data(ended, b"\x00" + len(data).to_bytes(4) + data)
+            h2c.send_headers(ended, [("grpc-status", "0")], end_stream=True)
+            conn.sendall(h2c.data_to_send())
+        closed.set()
+
+    real_flush = UnaryChannel._flush
+
+    def held_flush(self: UnaryChannel) -> None:
+        if self.sent is True and not acking.is_set():
+            acking.set()
+            assert closed.wait(WAIT)
+        real_flush(self)
+
+    monkeypatch.setattr(UnaryChannel, "_flush", held_flush)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        channel = UnaryChannel(str(sock))
+        try:
+            data = channel.call(GET_SCHEMA, schema_pb2.GetSchemaRequest().SerializeToString(), WAIT)
+        finally:
+            channel.close()
+        assert schema_pb2.Schema.FromString(data).rollouts[0].id == "r-1"
+        assert acking.is_set() and closed.is_set()  # (the order this test is about)
+    finally:
+        listener.close()
+        thread.join(WAIT)

@@ -216,6 +216,7 @@ class UnaryChannel:
         self._conn: H2Connection | None = None
         self._frames = _Frames()
         self._gone = False  # the server sent GOAWAY: the next call needs a new connection
+        self._unwritable = False  # a write failed once the request was out (the server closed)
         self._deadline = 0.0
         self.headers: dict[str, str] = {}
         """The last call's initial metadata (the leader names its code there)."""
@@ -320,6 +321,7 @@ class UnaryChannel:
                 sock.close()
                 raise
             self._sock, self._conn, self._gone = sock, conn, False
+            self._unwritable = False
             self._frames = _Frames()
         return self._conn
 
@@ -368,6 +370,8 @@ class UnaryChannel:
         while not reply.ended:
             self._receive(reply)
         self.headers = reply.headers or {}
+        if self._unwritable:
+            self.close()  # (its reply was read; no new call on it)
         if not self._gone:
             return self._reply(reply)
         self.close()  # the leader is stopping: it waits for its connections to close
@@ -434,13 +438,22 @@ class UnaryChannel:
                     reset_code(event.error_code),
                     f"the leader reset the call (HTTP/2 error {int(event.error_code or 0)})",
                 )
-        if not reply.ended:
-            self._flush()
+        if not reply.ended and self.sent is not True:
+            self._flush()  # (still sending the request: a failed write fails the call)
             return
-        try:  # (acknowledgements after the reply: a server that has closed is no failure)
+        if self._unwritable:
+            return
+        try:
             self._flush()
         except OSError:
-            self._gone = True
+            # The server has closed its side. After the reply: no failure (the next call
+            # needs a new connection). Before it: what the server sent before it closed may
+            # still hold the reply whole (it answered, then closed); it is read from what is
+            # left in the socket, and without it the read ends and the call fails there.
+            if reply.ended:
+                self._gone = True
+            else:
+                self._unwritable = True
 
     def _reply(self, reply: _Reply) -> bytes:
         headers = reply.headers or {}
