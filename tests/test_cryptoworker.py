@@ -23,7 +23,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from nodeagent import certwork, certwork_ops, cryptoworker, plans
+from nodeagent import certwork, certwork_ops, cryptoworker, cryptoworker_child, plans
 from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerBug, WorkerEnded
 from nodeagent.journal import Journal
 from nodeagent.plans import Sharing
@@ -104,15 +104,15 @@ async def test_answers_and_errors_are_the_ops_own(
 
 
 def test_a_module_that_is_not_there_is_an_error_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(cryptoworker.OP_MODULES, "gone", "nodeagent.no_such_module")
-    answer = cryptoworker._serve({"op": "gone.x", "request": {}})
+    monkeypatch.setitem(cryptoworker_child.OP_MODULES, "gone", "nodeagent.no_such_module")
+    answer = cryptoworker_child.serve({"op": "gone.x", "request": {}})
     assert answer == {
         "error": {
             "type": "TerminalError",
             "message": "crypto work 'gone.x': nodeagent.no_such_module is not available",
         }
     }
-    assert cryptoworker._serve("junk")["error"]["type"] == "TerminalError"
+    assert cryptoworker_child.serve("junk")["error"]["type"] == "TerminalError"
 
 
 async def test_a_child_killed_mid_call_is_transient_and_the_next_call_starts_another(
