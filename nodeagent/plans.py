@@ -477,7 +477,9 @@ def dual_problem(facts_schemes: tuple[str, ...], live: dict[str, str] | None) ->
 def pem_fingerprint(pem: bytes) -> str:
     """``pki.fingerprint`` of the first certificate of a PEM file (``sha256:<hex>`` of its
     DER), read with the ``ssl`` module's PEM helpers: the agent parses no X.509 (issue 15).
-    ``PKIError`` (BAD_PEM, "certificate") as ``pki.read_cert`` if there is none."""
+    ``PKIError`` (BAD_PEM, "certificate") as ``pki.read_cert`` if there is none, or if what
+    the PEM block holds is not framed as a certificate (``_framed_as_certificate``: the ``ssl``
+    helpers only decode base64; review s41 rev2, Low 7)."""
     try:
         text = pem.decode("ascii")
         start = text.index(ssl.PEM_HEADER)
@@ -485,7 +487,61 @@ def pem_fingerprint(pem: bytes) -> str:
         der = ssl.PEM_cert_to_DER_cert(text[start:end])
     except ValueError:  # not ASCII, no certificate, not base64
         raise PKIError(PKIReason.BAD_PEM, "certificate") from None
+    if not _framed_as_certificate(der):
+        raise PKIError(PKIReason.BAD_PEM, "certificate")
     return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _der_item(der: bytes, at: int, end: int) -> tuple[int, int, int]:
+    """The DER item at ``at`` (within ``der[:end]``): its tag, where its contents start and
+    where it ends. ValueError if none is there (cut short, an indefinite or a non-minimal
+    length, a high tag number: none in a certificate's frame)."""
+    if at + 2 > end or der[at] & 0x1F == 0x1F:
+        raise ValueError("no DER item")
+    tag, first, at = der[at], der[at + 1], at + 2
+    if first & 0x80:
+        count = first & 0x7F
+        if not 1 <= count <= 4 or at + count > end or der[at] == 0:
+            raise ValueError("a DER length that is not one")
+        length = int.from_bytes(der[at : at + count], "big")
+        at += count
+        if length < 0x80:
+            raise ValueError("a DER length that is not one")
+    else:
+        length = first
+    if at + length > end:
+        raise ValueError("a DER item cut short")
+    return tag, at, at + length
+
+
+def _framed_as_certificate(der: bytes) -> bool:
+    """True if ``der`` is framed as an X.509 certificate: one SEQUENCE, nothing after it, of a
+    SEQUENCE (tbsCertificate), a SEQUENCE (the signature's algorithm) and a BIT STRING (the
+    signature); tbsCertificate's items its version ([0], optional), its serial (an INTEGER),
+    then five SEQUENCEs (the signature's algorithm, the issuer, the validity, the subject,
+    the public key; a request's frame has two after its INTEGER). A frame only, without
+    ``cryptography`` (the agent's memory, issue 15): the certificate itself was checked when
+    it was staged (``certwork_ops``); this tells a file that holds something else (a key, a
+    request, garbage under a certificate's PEM header) from one."""
+    try:
+        tag, at, end = _der_item(der, 0, len(der))
+        if tag != 0x30 or end != len(der):
+            return False
+        parts = []
+        while at < end:
+            tag, contents, at = _der_item(der, at, end)
+            parts.append((tag, contents, at))
+        if [p[0] for p in parts] != [0x30, 0x30, 0x03]:
+            return False
+        tags, at, end = [], parts[0][1], parts[0][2]
+        while at < end:
+            tag, _, at = _der_item(der, at, end)
+            tags.append(tag)
+    except ValueError:
+        return False
+    if tags[:1] == [0xA0]:
+        tags = tags[1:]
+    return tags[:6] == [0x02, 0x30, 0x30, 0x30, 0x30, 0x30]
 
 
 @_keeps_cause
