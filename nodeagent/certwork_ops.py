@@ -71,17 +71,35 @@ def new_key(request: dict[str, Any]) -> str:
     return _text(pki.csr_to_pem(pki.make_csr(key, names_of(request))))
 
 
-def stage(request: dict[str, Any]) -> dict[str, Any]:
-    """The leader's certificate for the staged key checked, as Stage did: the CA is the
-    pinned one, it issued the certificate, the staged key (``key_file``, read as shared with
-    ``reader``) matches, the names are the node's, valid at ``now``. The certificate and CA as
-    the agent writes them, the fingerprint and the end."""
+def stage_issuer(request: dict[str, Any]) -> dict[str, Any]:
+    """Stage's checks that need no key, made before the agent gives the staged key the live
+    config's access (review s41 rev2, Low 1: a certificate refused changes nothing): both
+    certificates PEM, the CA the pinned one, and it issued the certificate. ``{}``, or
+    ``{"refused": …}``; ``PKIError`` for a PEM that is none."""
     cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
     ca = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
-    if pki.spki_pin(ca) != request["ca_pin"]:
-        return {"refused": "the CA is not this cluster's CA (pin mismatch)"}
+    refused = _issuer_refused(cert, ca, request["ca_pin"])
+    return {} if refused is None else {"refused": refused}
+
+
+def _issuer_refused(cert: Any, ca: Any, ca_pin: str) -> str | None:
+    if pki.spki_pin(ca) != ca_pin:
+        return "the CA is not this cluster's CA (pin mismatch)"
     if not pki.issued_by(cert, ca):
-        return {"refused": "the certificate was not issued by the cluster CA"}
+        return "the certificate was not issued by the cluster CA"
+    return None
+
+
+def stage(request: dict[str, Any]) -> dict[str, Any]:
+    """The leader's certificate for the staged key checked, as Stage did: the CA is the
+    pinned one, it issued the certificate (``stage_issuer``'s checks, again), the staged key
+    (``key_file``, read as shared with ``reader``) matches, the names are the node's, valid at
+    ``now``. The certificate and CA as the agent writes them, the fingerprint and the end."""
+    cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
+    ca = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
+    refused = _issuer_refused(cert, ca, request["ca_pin"])
+    if refused is not None:
+        return {"refused": refused}
     key = pki.read_key(Path(request["key_file"]), shared=_reader(request.get("reader")))
     if not pki.key_matches(cert, key):
         return {"refused": "the certificate does not match the staged key"}
@@ -172,6 +190,7 @@ def renew_install(request: dict[str, Any]) -> dict[str, Any]:
 OPS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "crl": crl,
     "new_key": new_key,
+    "stage_issuer": stage_issuer,
     "stage": stage,
     "own": own,
     "renew_csr": renew_csr,
