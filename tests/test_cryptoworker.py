@@ -637,6 +637,10 @@ logs.get_logger("nodeagent.cryptoworker_child").warning(
 leanlog.configure(json_lines=True, level=leanlog.level_of("warning"))
 lean.info("cryptoworker.dropped", parent=7)
 lean.warning("cryptoworker.orphaned", parent=7, pake_password="hunter2", path=sys.argv[1:2])
+# A logger of tlsroll.logs made in the lean child after all: its writer's, never stdout.
+logs.get_logger("nodeagent.cryptoworker_child").warning(
+    "cryptoworker.orphaned", parent=7, pake_password="hunter2", path=sys.argv[1:2]
+)
 """
     done = subprocess.run(
         [sys.executable, "-P", "-c", script, "a file"],
@@ -647,9 +651,9 @@ lean.warning("cryptoworker.orphaned", parent=7, pake_password="hunter2", path=sy
         check=True,
     )
     lines = [json.loads(line) for line in done.stderr.splitlines()]
-    assert len(lines) == 3, done.stderr
-    through_structlog, agent, child = lines
-    assert list(child) == list(agent) == list(through_structlog)
+    assert len(lines) == 4 and done.stdout == "", done.stderr
+    through_structlog, agent, child, late = lines
+    assert list(child) == list(agent) == list(through_structlog) == list(late)
     assert list(child) == [
         "parent",
         "pake_password",

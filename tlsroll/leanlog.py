@@ -16,7 +16,10 @@ and counted (``LineWriter``), never raised.
 Code that runs in both the agent and the lean child (``nodeagent.sharing``) takes its logger
 here (``get_logger(__name__)``): until ``configure`` is called (the child's ``main``) its
 events go through ``tlsroll.logs`` (structlog: the agent's configuration, a test's
-``capture_logs``), after it they are written here. Imports the standard library only.
+``capture_logs``), after it they are written here. So are those of a logger
+``tlsroll.logs.get_logger`` makes after it, should the child import that module after all
+(its unconfigured structlog would write to stdout, the child's answers). Imports the standard
+library only.
 """
 
 from __future__ import annotations
@@ -141,6 +144,11 @@ def configure(
     _output = _Output(json_lines, level, sys.stderr if file is None else file)
 
 
+def configured() -> bool:
+    """True once ``configure`` was called in this process (the lean child)."""
+    return _output is not None
+
+
 def level_of(name: str) -> int:
     """The level of a name in ``LEVELS`` (any case)."""
     return LEVELS[name.lower()]
@@ -181,6 +189,9 @@ class Logger:
 
     def error(self, event: str, **kw: Any) -> None:
         self._emit("error", event, kw)
+
+    # No traceback: it could show a secret's value (structlog's ``exception`` adds one).
+    exception = critical = error
 
 
 def get_logger(name: str) -> Logger:

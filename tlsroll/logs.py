@@ -158,7 +158,10 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
 
 
 def get_logger(name: str) -> Any:
-    """The logger of module ``name`` (pass ``__name__``): every event it logs carries it."""
+    """The logger of module ``name`` (pass ``__name__``): every event it logs carries it. In a
+    lean process (``tlsroll.leanlog`` configured: the crypto worker's child) that writer's."""
+    if leanlog.configured():
+        return leanlog.get_logger(name)
     return structlog.get_logger(logger_name=name)  # lazy: configure() may come later
 
 
