@@ -41,23 +41,22 @@ from nodeagent.identity import (
     IDENTITY_CHECKS,
     CertificateExpired,
     EnrolmentDeferred,
-    EnrolmentRefused,
     Identity,
     expired_message,
     paths,
     pending_paths,
     told_wait,
 )
+from nodeagent.workerrors import ERRORS as ERRORS  # noqa: PLC0414
+from nodeagent.workerrors import answer_for as _answer_for
 from tlsroll import logs
 from tlsroll.errors import (
     ConfigError,
-    LocalResourceError,
     PKIError,
     PKIReason,
     TerminalError,
     TlsrollError,
     TransientError,
-    UnsafePermissions,
     raise_if_local,
 )
 from tlsroll.fsutil import PRIVATE, check_private_file, write_atomic
@@ -75,21 +74,6 @@ TIMEOUT = 60.0
 # The child: what a daemon never needs kept out first (``tlsroll.lean``: structlog would import
 # rich), then this module's ``main``.
 CHILD = "from tlsroll import lean; lean.keep_out(); from nodeagent import certwork; certwork.main()"
-
-# The errors a child may answer with, rebuilt in the agent as the same class. Any other error
-# of the child's is answered as the nearest of these it derives from (``_answer_for``): a
-# transient one stays transient, and the agent tries again.
-ERRORS: dict[str, type[TlsrollError]] = {
-    cls.__name__: cls
-    for cls in (
-        TransientError,
-        LocalResourceError,
-        TerminalError,
-        UnsafePermissions,
-        EnrolmentRefused,
-        CertificateExpired,
-    )
-}
 
 
 class NoAnswer(TerminalError):
@@ -287,33 +271,6 @@ def _work(request: dict[str, Any]) -> Any:
     if op == "enrol":
         return _facts(identity.enrol(cfg))
     raise TerminalError(f"unknown certificate work {op!r}")
-
-
-def _answer_for(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, PKIError):
-        return {"type": "PKIError", "reason": exc.reason.value, "detail": exc.detail}
-    if isinstance(exc, OSError):
-        return {
-            "type": "OSError",
-            "errno": exc.errno,
-            "strerror": exc.strerror,
-            "filename": None if exc.filename is None else str(exc.filename),
-            "message": str(exc),
-        }
-    if isinstance(exc, ConfigError):
-        return {
-            "type": "ConfigError",
-            "path": str(exc.path),
-            "key": exc.key,
-            "problem": exc.problem,
-            "message": str(exc),
-        }
-    if isinstance(exc, EnrolmentDeferred):
-        return {"type": "EnrolmentDeferred", "message": str(exc), "retry_after": exc.retry_after}
-    # The nearest class the agent rebuilds (a LocalResourceError stays one, a TransientError of
-    # another kind stays transient); anything else is terminal.
-    kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in ERRORS), "TerminalError")
-    return {"type": kind, "message": str(exc)}
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ same messages). A check the agent answers the leader with as INVALID_ARGUMENT (`
 for the agent to raise; a ``PKIError`` (not PEM, not valid now) comes back as itself.
 
 Keys: ``new_key`` and ``renew_csr`` make a key and write it (0600, or as the live config is
-shared: ``plans.Sharing``) and answer with the CSR only; ``own`` answers with the practice's
+shared: ``sharing.Sharing``) and answer with the CSR only; ``own`` answers with the practice's
 key (it came from the leader in the agent's request, and the agent writes it as before).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nodeagent import identity as node_identity
+from nodeagent import nodefiles, sharing
 from tlsroll import pki, spiffe
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.names import Names
@@ -58,10 +58,8 @@ def crl(request: dict[str, Any]) -> dict[str, Any]:
 
 def new_key(request: dict[str, Any]) -> str:
     """A rollout's new key, written to ``key_file`` as the live config is shared
-    (``share``: ``plans.Sharing``'s fields), and its CSR (PEM) for the node's names."""
-    from nodeagent import plans  # noqa: PLC0415 - only this op writes as a stage
-
-    share = plans.Sharing(
+    (``share``: ``sharing.Sharing``'s fields), and its CSR (PEM) for the node's names."""
+    share = sharing.Sharing(
         (int(request["share"]["owner"][0]), int(request["share"]["owner"][1])),
         int(request["share"]["mode"]),
         int(request["share"]["public_mode"]),
@@ -69,21 +67,39 @@ def new_key(request: dict[str, Any]) -> str:
         int(request["share"]["dir_mode"]),
     )
     key = pki.generate_key()
-    plans.write_staged(Path(request["key_file"]), pki.key_to_pem(key), share)
+    sharing.write_staged(Path(request["key_file"]), pki.key_to_pem(key), share)
     return _text(pki.csr_to_pem(pki.make_csr(key, names_of(request))))
+
+
+def stage_issuer(request: dict[str, Any]) -> dict[str, Any]:
+    """Stage's checks that need no key, made before the agent gives the staged key the live
+    config's access (review s41 rev2, Low 1: a certificate refused changes nothing): both
+    certificates PEM, the CA the pinned one, and it issued the certificate. ``{}``, or
+    ``{"refused": …}``; ``PKIError`` for a PEM that is none."""
+    cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
+    ca = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
+    refused = _issuer_refused(cert, ca, request["ca_pin"])
+    return {} if refused is None else {"refused": refused}
+
+
+def _issuer_refused(cert: Any, ca: Any, ca_pin: str) -> str | None:
+    if pki.spki_pin(ca) != ca_pin:
+        return "the CA is not this cluster's CA (pin mismatch)"
+    if not pki.issued_by(cert, ca):
+        return "the certificate was not issued by the cluster CA"
+    return None
 
 
 def stage(request: dict[str, Any]) -> dict[str, Any]:
     """The leader's certificate for the staged key checked, as Stage did: the CA is the
-    pinned one, it issued the certificate, the staged key (``key_file``, read as shared with
-    ``reader``) matches, the names are the node's, valid at ``now``. The certificate and CA as
-    the agent writes them, the fingerprint and the end."""
+    pinned one, it issued the certificate (``stage_issuer``'s checks, again), the staged key
+    (``key_file``, read as shared with ``reader``) matches, the names are the node's, valid at
+    ``now``. The certificate and CA as the agent writes them, the fingerprint and the end."""
     cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
     ca = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
-    if pki.spki_pin(ca) != request["ca_pin"]:
-        return {"refused": "the CA is not this cluster's CA (pin mismatch)"}
-    if not pki.issued_by(cert, ca):
-        return {"refused": "the certificate was not issued by the cluster CA"}
+    refused = _issuer_refused(cert, ca, request["ca_pin"])
+    if refused is not None:
+        return {"refused": refused}
     key = pki.read_key(Path(request["key_file"]), shared=_reader(request.get("reader")))
     if not pki.key_matches(cert, key):
         return {"refused": "the certificate does not match the staged key"}
@@ -149,23 +165,23 @@ def renew_csr(request: dict[str, Any]) -> str:
 def renew_install(request: dict[str, Any]) -> dict[str, Any]:
     """The leader's renewed certificate checked (issued by the node's CA for the pending key
     with exactly the node's names, carrying this node's identity) and moved into place with
-    that key (``identity.install_renewed``): the new identity's facts."""
+    that key (``nodefiles.install_renewed``): the new identity's facts (``identity.Identity``'s,
+    as ``Identity.of`` takes them)."""
     data_dir = Path(request["data_dir"])
-    new_key = node_identity.pending_paths(data_dir)[0]
-    key_file, cert_file, ca_file = node_identity.paths(data_dir)
+    new_key = nodefiles.pending_paths(data_dir)[0]
+    ca_file = nodefiles.paths(data_dir)[2]
     cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
     ca = pki.read_cert(ca_file)
-    node_identity.check_issued(cert, pki.read_key(new_key), ca, names_of(request))
+    nodefiles.check_issued(cert, pki.read_key(new_key), ca, names_of(request))
     td = spiffe.trust_domain(ca)
     if spiffe.of(cert) != spiffe.node(td, request["node_name"]):
         return {"refused": "the renewed certificate carries another identity"}
-    node_identity.install_renewed(data_dir, cert)
-    renewed = node_identity.Identity.of(key_file, cert_file, ca_file, cert, ca)
+    nodefiles.install_renewed(data_dir, cert)
     return {
-        "not_before": renewed.not_before.isoformat(),
-        "not_after": renewed.not_after.isoformat(),
-        "trust_domain": renewed.trust_domain,
-        "certificate": _text(renewed.checked_pem),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "trust_domain": td,
+        "certificate": _text(pki.cert_to_pem(cert)),
         "serial": f"{cert.serial_number:x}",
         "key_pin": pki.spki_pin(cert),
     }
@@ -174,6 +190,7 @@ def renew_install(request: dict[str, Any]) -> dict[str, Any]:
 OPS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "crl": crl,
     "new_key": new_key,
+    "stage_issuer": stage_issuer,
     "stage": stage,
     "own": own,
     "renew_csr": renew_csr,

@@ -13,12 +13,13 @@ imports ``tlsroll.pki``.
 
 Protocol: one JSON line per request on the child's stdin, ``{"op": "MODULE.NAME", "request":
 {...}}``, one JSON line per answer on its stdout, ``{"ok": VALUE}`` or ``{"error": {...}}`` (an
-error of the op, answered as ``certwork._answer_for`` does and rebuilt in the agent as the same
-class with the same message, ``certwork._error``). The child resolves MODULE through
-``OP_MODULES`` (imported on first use) and calls ``module.OPS[NAME](request)``; ops are
+error of the op, answered as ``workerrors.answer_for`` makes it and rebuilt in the agent as the
+same class with the same message, ``certwork._error``). The child (``nodeagent.cryptoworker_child``,
+which imports nothing of this side) resolves MODULE through ``cryptoworker_child.OP_MODULES``
+(imported on first use) and calls ``module.OPS[NAME](request)``; ops are
 stateless (the child keeps its imports and caches between calls, nothing else). A missing
 module or op is an error answer, never a crash. The child's stderr is the agent's (its JSON
-log lines). EOF on its stdin ends it: the agent closed it, or died.
+log lines, ``tlsroll.leanlog``). EOF on its stdin ends it: the agent closed it, or died.
 
 Calls are serialised (one request in flight). A child that dies mid-call (a signal, the OOM
 killer) is ``WorkerEnded``, a ``TransientError`` (UNAVAILABLE for the leader, which tries the
@@ -35,39 +36,31 @@ Secrets (a staged or renewed key, a practice's key, the password verifier) cross
 only: requests and answers are never logged, and an op's unexpected failure is answered with
 its class name alone.
 
-The child imports ``tlsroll.pki`` at its start in a thread that lowers its own priority
-(``warmup.WARM_NICE``, as ``nodeagent.warmup`` does: a node is prepared while another node's
-server restarts on the same machine); a request waits for that import (given its priority
-back where the system allows it) and is served at the normal priority. Under the agent's
-systemd unit it never is: raising a priority needs CAP_SYS_NICE, which the unit's
-CapabilityBoundingSet leaves out, so a request that comes before the import has ended waits for
-it at nice +10 (a cold start on a busy machine; review s41, Low 4).
+The child imports only what its ops need (no structlog, asyncio or agent config: its cold
+start is what a rollout's first node waits for; ``cryptoworker_child``'s docstring), and
+``tlsroll.pki`` at its start in a thread that lowers its own priority (``priority.WARM_NICE``,
+as ``nodeagent.warmup`` does: a node is prepared while another node's server restarts on the
+same machine); a request waits for that import (given its priority back where the system
+allows it) and is served at the normal priority. Under the agent's systemd unit it never is:
+raising a priority needs CAP_SYS_NICE, which the unit's CapabilityBoundingSet leaves out, so a
+request that comes before the import has ended waits for it at nice +10 (a cold start on a busy
+machine; review s41, Low 4).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable
 from typing import Any
 
-from nodeagent import certwork
+from nodeagent import certwork, cryptoworker_child
 from tlsroll import logs
 from tlsroll.errors import TerminalError, TlsrollError, TransientError, raise_if_local
 
 log = logs.get_logger(__name__)
-
-OP_MODULES: dict[str, str] = {
-    "cert": "nodeagent.certwork_ops",
-    "bootstrap": "nodeagent.bootstrap_crypto",
-}
-"""Where the child finds an op "MODULE.NAME": ``OP_MODULES[MODULE].OPS[NAME]``."""
 
 IDLE_SECONDS = 60.0
 """The child is stopped after this long without a call. A rotation sends each node one
@@ -87,10 +80,11 @@ STOP_PATIENCE = 5.0  # seconds a child told to stop (its stdin closed) has befor
 LINE_LIMIT = 64 * 1024 * 1024  # the longest answer line read (a large revocation list)
 
 # -P: the child (root, handling keys) never imports from its working directory, whatever that
-# is. What a daemon never needs is kept out first (``tlsroll.lean``), then this module's main.
+# is. What a daemon never needs is kept out first (``tlsroll.lean``), then the child's own
+# module (``nodeagent.cryptoworker_child``: none of this one's imports).
 CHILD = (
-    "from tlsroll import lean; lean.keep_out(); from nodeagent import cryptoworker; "
-    "cryptoworker.main()"
+    "from tlsroll import lean; lean.keep_out(); from nodeagent import cryptoworker_child; "
+    "cryptoworker_child.main()"
 )
 
 
@@ -383,8 +377,9 @@ class InProcess:
         return await asyncio.to_thread(self.call_blocking, op, request)
 
     def call_blocking(self, op: str, request: dict[str, Any]) -> Any:
-        # Answered and raised as the child's (``_serve``): the same errors either way.
-        return _result(_serve({"op": op, "request": request}))
+        # Answered and raised as the child's (``cryptoworker_child.serve``): the same errors
+        # either way.
+        return _result(cryptoworker_child.serve({"op": op, "request": request}))
 
     def warm(self) -> None:
         pass
@@ -395,126 +390,3 @@ class InProcess:
 
 Worker = CryptoWorker | InProcess
 """What the agent's parts take: the child, or the same ops in-process."""
-
-
-# --- the child's side -------------------------------------------------------------------------
-
-
-def _op(op: str) -> Callable[[dict[str, Any]], Any]:
-    """The op named "MODULE.NAME" (``OP_MODULES``), its module imported on first use."""
-    module_key, _, name = op.partition(".")
-    module_name = OP_MODULES.get(module_key)
-    if module_name is None or not name:
-        raise TerminalError(f"unknown crypto work {op!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise TerminalError(f"crypto work {op!r}: {module_name} is not available") from None
-    ops = getattr(module, "OPS", None)
-    found = ops.get(name) if isinstance(ops, dict) else None
-    if found is None:
-        raise TerminalError(f"unknown crypto work {op!r}")
-    return found  # type: ignore[no-any-return]
-
-
-def _serve(message: Any) -> dict[str, Any]:
-    """One request's answer line (never raises)."""
-    op = str(message.get("op", "")) if isinstance(message, dict) else ""
-    try:
-        if not isinstance(message, dict) or not isinstance(message.get("request"), dict):
-            raise TerminalError("crypto work: a request that is not {op, request}")
-        return {"ok": _op(op)(message["request"])}
-    except (TlsrollError, OSError, ValueError) as exc:
-        return {"error": certwork._answer_for(exc)}
-    except Exception as exc:  # its class only: the message might hold a secret
-        log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
-        return {"error": {"type": "WorkerBug", "message": _failed(op, exc)}}
-
-
-def _failed(op: str, exc: BaseException) -> str:
-    return f"crypto work ({op}) failed: {type(exc).__name__}"
-
-
-class _Preload:
-    """``tlsroll.pki`` imported at the child's start, in a thread of low priority; a request
-    waits for it (``wait``), and gives that thread its priority back while it does."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.tid: int | None = None
-        self.before: int | None = None
-        self.thread = threading.Thread(target=self._run, name="preload", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        from nodeagent import warmup  # noqa: PLC0415 - its priority step only
-
-        try:
-            if sys.platform == "linux":
-                self.tid = threading.get_native_id()
-                with contextlib.suppress(OSError):
-                    self.before = os.getpriority(os.PRIO_PROCESS, self.tid)
-            warmup._lower_priority()
-            importlib.import_module("tlsroll.pki")
-        except Exception as exc:  # the op that needs it imports it again
-            log.warning("cryptoworker.preload_failed", error_type=type(exc).__name__)
-        finally:
-            self.done.set()
-
-    def wait(self) -> None:
-        if self.done.is_set():
-            return
-        if self.tid is not None and self.before is not None:
-            with contextlib.suppress(OSError):  # raising a priority may be refused: it waits
-                os.setpriority(os.PRIO_PROCESS, self.tid, self.before)
-        self.done.wait()
-
-
-def main() -> int:
-    """The child: serve requests from stdin until EOF (SIGTERM and SIGINT ignored: the
-    agent's stop ends it, by EOF)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-    args = sys.argv[1:]
-    logs.configure(
-        json=(args[0] if args else "json") == "json",
-        level=logs.level_of(args[1] if len(args) > 1 else "info"),
-    )
-    parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
-    preload = _Preload()
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        line = stdin.readline()
-        if not line:
-            return 0  # EOF: the agent closed it, or ended
-        if not line.strip():
-            continue
-        try:
-            message = json.loads(line)
-        except ValueError:
-            message = None
-        preload.wait()
-        if _orphaned(parent):
-            return 0
-        answer = _serve(message)
-        if _orphaned(parent):
-            return 0
-        try:
-            stdout.write(json.dumps(answer).encode() + b"\n")
-            stdout.flush()
-        except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
-            return 0
-
-
-def _orphaned(parent: int) -> bool:
-    """True once the agent that started the child has ended (killed: SIGKILL, the OOM killer):
-    a request it left in the pipe is not served, so that an orphan does not write a key or
-    install a renewal beside the agent started again (review s41, Low 5)."""
-    if os.getppid() == parent:
-        return False
-    log.warning("cryptoworker.orphaned", parent=parent)
-    return True
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

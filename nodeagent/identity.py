@@ -24,6 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nodeagent.config import AgentConfig
+
+# The pieces the crypto worker's child needs too (``certwork_ops.renew_install``), kept where it
+# imports them without this module's (the config, TLS, logging): ``nodeagent.nodefiles``.
+from nodeagent.nodefiles import CertificateExpired as CertificateExpired  # noqa: PLC0414
+from nodeagent.nodefiles import EnrolmentDeferred as EnrolmentDeferred  # noqa: PLC0414
+from nodeagent.nodefiles import EnrolmentRefused as EnrolmentRefused  # noqa: PLC0414
+from nodeagent.nodefiles import check_issued as check_issued  # noqa: PLC0414
+from nodeagent.nodefiles import install_renewed as install_renewed  # noqa: PLC0414
+from nodeagent.nodefiles import paths as paths  # noqa: PLC0414
+from nodeagent.nodefiles import pending_paths as pending_paths  # noqa: PLC0414
 from tlsroll import __version__, logs, spiffe, tls
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TlsrollError, TransientError
 from tlsroll.fsutil import check_private_file, fsync_dir, make_private_dir
@@ -32,7 +42,6 @@ from tlsroll.names import utcnow
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from tlsroll import pki
 
 log = logs.get_logger(__name__)
 
@@ -50,22 +59,6 @@ IDENTITY_CHECKS = 1
 LONGEST_TOLD_WAIT = 300
 
 
-class EnrolmentRefused(TerminalError):
-    pass
-
-
-class EnrolmentDeferred(TransientError):
-    """The join port said "wait and retry" (``leader.join_guard``: its source in backoff, or
-    more attempts of its source at once than it takes, as when many nodes behind one address
-    or IPv6 /64 enrol together) and how long: ``retry_after`` seconds. The agent waits that
-    long before its next attempt (``nodeagent.runtime``), not its own few seconds: each
-    attempt is a child process (``certwork``) costing the node a fraction of a second of CPU."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 def told_wait(trailers: Any) -> int | None:
     """The whole seconds of the join port's ``retry-after`` in gRPC trailing metadata (1 to
     ``LONGEST_TOLD_WAIT``), or None when it sent none or nothing readable: then a
@@ -79,10 +72,6 @@ def told_wait(trailers: Any) -> int | None:
     if not seconds:
         return None
     return min(max(1, *seconds), LONGEST_TOLD_WAIT)
-
-
-class CertificateExpired(TerminalError):
-    """The node's certificate has ended: it cannot renew, only enrol again."""
 
 
 @dataclass(frozen=True)
@@ -152,10 +141,6 @@ class Identity:
         return self.ca_file.read_bytes()
 
 
-def paths(data_dir: Path) -> tuple[Path, Path, Path]:
-    return data_dir / "node.key", data_dir / "node.pem", data_dir / "ca.pem"
-
-
 def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity | None:
     """The identity on disk, checked; None if the node has not enrolled yet;
     CertificateExpired if its certificate has ended (at ``now``)."""
@@ -185,21 +170,6 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     if now >= cert.not_valid_after_utc:
         raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc, now))
     return Identity.of(key_file, cert_file, ca_file, cert, ca)
-
-
-def check_issued(
-    cert: x509.Certificate, key: pki.PrivateKey, ca: x509.Certificate, names: pki.Names
-) -> None:
-    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
-
-    if not pki.issued_by(cert, ca):
-        raise PKIError(PKIReason.UNTRUSTED, "node certificate")
-    if not pki.key_matches(cert, key):
-        raise PKIError(PKIReason.KEY_MISMATCH, "node certificate")
-    if pki.names_of(cert) != names:
-        raise PKIError(
-            PKIReason.NAME_MISMATCH, "node certificate differs from [node] in the config"
-        )
 
 
 def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Certificate]:
@@ -374,12 +344,6 @@ def expired_message(
 # --- files ------------------------------------------------------------------------------------
 
 
-def pending_paths(data_dir: Path) -> tuple[Path, Path]:
-    """Where a renewal keeps the new key and certificate until it moves them into place."""
-    key_file, cert_file, _ = paths(data_dir)
-    return key_file.with_name(key_file.name + ".new"), cert_file.with_name(cert_file.name + ".new")
-
-
 def finish_pending(data_dir: Path) -> bool:
     """Complete a renewal a crash cut short (see the module docstring); True if a new key is
     still waiting for its certificate (renew at once)."""
@@ -403,16 +367,3 @@ def finish_pending(data_dir: Path) -> bool:
         fsync_dir(data_dir)
         log.info("renewal.completed_after_restart", node_cert=str(cert_file))
     return new_key.exists()
-
-
-def install_renewed(data_dir: Path, cert: x509.Certificate) -> None:
-    """Move a renewal's new key and certificate into place: the certificate written beside
-    the new key, then the key moved, then the certificate (see ``finish_pending``)."""
-    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
-
-    key_file, cert_file, _ = paths(data_dir)
-    new_key, new_cert = pending_paths(data_dir)
-    pki.write_cert(new_cert, cert)
-    os.replace(new_key, key_file)
-    os.replace(new_cert, cert_file)
-    fsync_dir(data_dir)

@@ -18,7 +18,6 @@ error").
 from __future__ import annotations
 
 import functools
-import grp
 import hashlib
 import os
 import re
@@ -26,24 +25,24 @@ import shutil
 import ssl
 import stat
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
 from nodeagent.drivers import Driver, DriverError, Target
 from nodeagent.journal import Journal, Staged, Txn
+from nodeagent.sharing import SECRET_FILES as SECRET_FILES  # noqa: PLC0414
+from nodeagent.sharing import Sharing as Sharing  # noqa: PLC0414
+from nodeagent.sharing import _said_group_wide, _said_unkept
+from nodeagent.sharing import refuse_unsafe_dir as refuse_unsafe_dir  # noqa: PLC0414
+from nodeagent.sharing import write_staged as write_staged  # noqa: PLC0414
 from nodeagent.transaction import Plan, describe
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, PKIReason, TerminalError, UnsafePermissions, os_error_text
 from tlsroll.fsutil import (
     PRIVATE,
-    PUBLIC,
-    config_dir_problem,
     give_file,
     make_private_dir,
-    user_label,
-    write_atomic,
 )
 
 log = logs.get_logger(__name__)
@@ -97,41 +96,6 @@ def stage_dir(driver: Driver, rollout_id: str) -> Path:
 # --- who may read what a switch names ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Sharing:
-    """What the files a switch names (the key, certificate and CA, the verifier file) and the
-    directories on the way (``tlsroll-tls``, the rollout's) are given: the access the live
-    config gives, for the managed server reads both after its restart. A server running as a
-    user of its own (systemd's ``User=praxis``) reads a config ``root:praxis 0640`` by its
-    group, ``praxis:praxis 0600`` as its owner: the files get the config's group, 0640, and
-    stay the agent's (``root:praxis 0640`` both ways; 0600 if the config is the agent's and
-    its group may not read it: never the server's user's, who could
-    rewrite the CA and the verifier file the root bootstrap service serves; nothing for
-    others, whatever the config allows them); the directories stay the agent's, with the
-    config's group, 0710 (the group passes through, never lists nor writes). ``own``: a
-    config of the agent's user and group (root:root 0600, the common case), or a driver whose
-    server runs as the agent (the reference driver): everything as before, the agent's, key
-    0600, certificates 0644, directories 0700."""
-
-    owner: tuple[int, int]  # the files' (uid, gid): the agent's uid, always
-    mode: int  # the key's and the verifier file's: 0600, or 0640 with the config's group
-    public_mode: int  # the certificate's and CA's: 0644 for the agent's own, else ``mode``
-    group: int | None  # the directories' group (None: as made)
-    dir_mode: int  # 0700, or 0710
-
-    @classmethod
-    def own(cls) -> Sharing:
-        return cls((os.geteuid(), os.getegid()), PRIVATE, PUBLIC, None, 0o700)
-
-    def file_mode(self, path: Path) -> int:
-        return self.mode if path.name in SECRET_FILES else self.public_mode
-
-    @property
-    def reader(self) -> tuple[int, int] | None:
-        """Whom the key is shared with (``check_private_file``'s ``shared``), None if no one."""
-        return None if self.group is None else self.owner
-
-
 def sharing(driver: Driver) -> Sharing:
     """The access the live config gives (blocking: its stat), as ``Sharing`` says."""
     if not driver.own_user:
@@ -149,15 +113,6 @@ def sharing(driver: Driver) -> Sharing:
     return Sharing((os.geteuid(), st.st_gid), mode, mode, st.st_gid, 0o710)
 
 
-def refuse_unsafe_dir(directory: Path) -> None:
-    """``UnsafePermissions`` (the message ends with what to run) if ``directory`` (the live
-    config's, or one the agent made under it) is one another user could swap
-    (``config_dir_problem``): nothing is staged, shared or written there then."""
-    problem = config_dir_problem(directory)
-    if problem:
-        raise UnsafePermissions(problem)
-
-
 def make_stage_dir(driver: Driver, rollout_id: str, share: Sharing) -> Path:
     """The rollout's stage directory (and ``tlsroll-tls``), made or taken over with ``share``'s
     group and mode (``make_private_dir``, strict: never through a link, refused if another
@@ -166,16 +121,6 @@ def make_stage_dir(driver: Driver, rollout_id: str, share: Sharing) -> Path:
     directory = stage_dir(driver, rollout_id)
     make_private_dir(directory, share.dir_mode, strict=True, group=share.group)
     return directory
-
-
-def write_staged(path: Path, data: bytes, share: Sharing) -> None:
-    """A file of a stage directory written (``write_atomic``) with ``share``'s owner and mode;
-    an owner that could not be set is said (the file stays the agent's alone). Refused in a
-    directory another user could swap (``refuse_unsafe_dir``, from / down to the file's)."""
-    refuse_unsafe_dir(path.parent)
-    write_atomic(path, data, share.file_mode(path), share.owner)
-    _said_unkept(path, share)
-    _said_group_wide(path, share)
 
 
 def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
@@ -218,28 +163,6 @@ def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
             continue
         _said_unkept(path, share)
         _said_group_wide(path, share)
-
-
-def _said_group_wide(path: Path, share: Sharing) -> None:
-    """``stage.group_shares_secrets`` if a secret (the key, the verifier file: password-
-    equivalent) is readable by a group that has members listed besides the server (/etc/group:
-    ``root:adm 0640`` lets every admin read it): the config's group decides, as the config
-    does; a group of the server's alone (``praxis``, no members listed) is said nothing."""
-    if share.group is None or path.name not in SECRET_FILES or not share.mode & 0o040:
-        return
-    try:
-        group = grp.getgrgid(share.group)
-    except KeyError:
-        return
-    if group.gr_mem:
-        log.warning(
-            "stage.group_shares_secrets",
-            file=str(path),
-            group=group.gr_name,
-            members=",".join(group.gr_mem),
-            detail="the config's group reads the key and the password's verifier too; give the "
-            "config a group of the server's alone",
-        )
 
 
 # The schemes a config may serve while the journal holds https files live (dual or https).
@@ -310,21 +233,6 @@ def _files_of(live: dict[str, str] | None) -> list[str]:
     return [live[k] for k in keys if live and live.get(k)]
 
 
-def _said_unkept(path: Path, share: Sharing) -> None:
-    """``stage.owner_not_kept`` if ``path`` did not get ``share``'s owner (no CAP_CHOWN: the
-    agent's unit of an earlier release), as ``Driver.stage_config`` says it of the config."""
-    st = os.stat(path)
-    if (st.st_uid, st.st_gid) != share.owner:
-        log.warning(
-            "stage.owner_not_kept",
-            file=str(path),
-            owner=f"{user_label(share.owner[0])}, gid {share.owner[1]}",
-            written_as=f"{st.st_uid}:{st.st_gid}",
-            detail="the agent may not chown (CAP_CHOWN): the file is its own, and the "
-            "managed server's user may not read it",
-        )
-
-
 def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -> None:
     """The directories of stages the journal has forgotten (``Journal.record_csr``,
     ``Journal.forget_stages``: ``why``, for the log) removed,
@@ -381,7 +289,6 @@ def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:
 # files of these (``.NAME.tmp-PID-RANDOM``; ``.NAME.tmp-PID`` before), left by an agent
 # stopped in the middle of a write.
 STAGE_FILES = frozenset({"server.key", "server.pem", "ca.pem", "auth-verifier.json"})
-SECRET_FILES = frozenset({"server.key", "auth-verifier.json"})  # never more than the config
 _STAGE_TEMP = re.compile(
     r"\.(server\.key|server\.pem|ca\.pem|auth-verifier\.json)\.tmp-[0-9]+(-[0-9a-f]+)?"
 )
@@ -570,7 +477,9 @@ def dual_problem(facts_schemes: tuple[str, ...], live: dict[str, str] | None) ->
 def pem_fingerprint(pem: bytes) -> str:
     """``pki.fingerprint`` of the first certificate of a PEM file (``sha256:<hex>`` of its
     DER), read with the ``ssl`` module's PEM helpers: the agent parses no X.509 (issue 15).
-    ``PKIError`` (BAD_PEM, "certificate") as ``pki.read_cert`` if there is none."""
+    ``PKIError`` (BAD_PEM, "certificate") as ``pki.read_cert`` if there is none, or if what
+    the PEM block holds is not framed as a certificate (``_framed_as_certificate``: the ``ssl``
+    helpers only decode base64; review s41 rev2, Low 7)."""
     try:
         text = pem.decode("ascii")
         start = text.index(ssl.PEM_HEADER)
@@ -578,7 +487,61 @@ def pem_fingerprint(pem: bytes) -> str:
         der = ssl.PEM_cert_to_DER_cert(text[start:end])
     except ValueError:  # not ASCII, no certificate, not base64
         raise PKIError(PKIReason.BAD_PEM, "certificate") from None
+    if not _framed_as_certificate(der):
+        raise PKIError(PKIReason.BAD_PEM, "certificate")
     return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _der_item(der: bytes, at: int, end: int) -> tuple[int, int, int]:
+    """The DER item at ``at`` (within ``der[:end]``): its tag, where its contents start and
+    where it ends. ValueError if none is there (cut short, an indefinite or a non-minimal
+    length, a high tag number: none in a certificate's frame)."""
+    if at + 2 > end or der[at] & 0x1F == 0x1F:
+        raise ValueError("no DER item")
+    tag, first, at = der[at], der[at + 1], at + 2
+    if first & 0x80:
+        count = first & 0x7F
+        if not 1 <= count <= 4 or at + count > end or der[at] == 0:
+            raise ValueError("a DER length that is not one")
+        length = int.from_bytes(der[at : at + count], "big")
+        at += count
+        if length < 0x80:
+            raise ValueError("a DER length that is not one")
+    else:
+        length = first
+    if at + length > end:
+        raise ValueError("a DER item cut short")
+    return tag, at, at + length
+
+
+def _framed_as_certificate(der: bytes) -> bool:
+    """True if ``der`` is framed as an X.509 certificate: one SEQUENCE, nothing after it, of a
+    SEQUENCE (tbsCertificate), a SEQUENCE (the signature's algorithm) and a BIT STRING (the
+    signature); tbsCertificate's items its version ([0], optional), its serial (an INTEGER),
+    then five SEQUENCEs (the signature's algorithm, the issuer, the validity, the subject,
+    the public key; a request's frame has two after its INTEGER). A frame only, without
+    ``cryptography`` (the agent's memory, issue 15): the certificate itself was checked when
+    it was staged (``certwork_ops``); this tells a file that holds something else (a key, a
+    request, garbage under a certificate's PEM header) from one."""
+    try:
+        tag, at, end = _der_item(der, 0, len(der))
+        if tag != 0x30 or end != len(der):
+            return False
+        parts = []
+        while at < end:
+            tag, contents, at = _der_item(der, at, end)
+            parts.append((tag, contents, at))
+        if [p[0] for p in parts] != [0x30, 0x30, 0x03]:
+            return False
+        tags, at, end = [], parts[0][1], parts[0][2]
+        while at < end:
+            tag, _, at = _der_item(der, at, end)
+            tags.append(tag)
+    except ValueError:
+        return False
+    if tags[:1] == [0xA0]:
+        tags = tags[1:]
+    return tags[:6] == [0x02, 0x30, 0x30, 0x30, 0x30, 0x30]
 
 
 @_keeps_cause

@@ -712,17 +712,25 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise failed_precondition(f"no CSR for rollout {rollout_id}; call CreateCSR first")
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
-            # The key is given the access the live config gives now first (``plans.share_named``:
-            # the config may have changed since), then read as the managed server's user may
-            # share it (``plans.Sharing.reader``); the checks are the crypto worker's
-            # (``certwork_ops.stage``), in the order they always were.
+            # The checks are the crypto worker's, in the order they always were: those that
+            # need no key first (``certwork_ops.stage_issuer``: the pinned CA issued it), so
+            # that a certificate refused changes nothing (review s41 rev2, Low 1); then the
+            # key is given the access the live config gives now (``plans.share_named``: the
+            # config may have changed since) and read as the managed server's user may share
+            # it (``plans.Sharing.reader``) for the rest (``certwork_ops.stage``).
+            certificates = {
+                "certificate_pem": _pem_text(request.certificate_pem),
+                "ca_certificate_pem": _pem_text(request.ca_certificate_pem),
+                "ca_pin": self.cfg.ca_pin,
+            }
+            issuer = await self.crypto.call("cert.stage_issuer", certificates)
+            if "refused" in issuer:
+                raise invalid(issuer["refused"])
             reader = await asyncio.to_thread(self._staged_key_reader, staged.key_file)
             checked = await self.crypto.call(
                 "cert.stage",
                 {
-                    "certificate_pem": _pem_text(request.certificate_pem),
-                    "ca_certificate_pem": _pem_text(request.ca_certificate_pem),
-                    "ca_pin": self.cfg.ca_pin,
+                    **certificates,
                     "key_file": str(staged.key_file),
                     "reader": reader,
                     "names": names_request(self.cfg.names),

@@ -174,7 +174,7 @@ def test_a_switched_agent_restarted_enrols_workstations_without_cryptography(
 # put first on a restarted agent's PYTHONPATH (the child inherits it).
 HANGING_BOOTSTRAP_OPS = """
 import sys, time
-if any("cryptoworker.main()" in a for a in getattr(sys, "orig_argv", ())):
+if any("cryptoworker_child.main()" in a for a in getattr(sys, "orig_argv", ())):
     real = sys.stdin.buffer
 
     class Lines:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import tlsroll
-from nodeagent import certwork
+from nodeagent import certwork, workerrors
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.identity import (
@@ -242,7 +242,7 @@ def test_a_childs_transient_error_stays_transient() -> None:
         pass
 
     def round_trip(exc: Exception) -> Exception:
-        return certwork._error(json.loads(json.dumps(certwork._answer_for(exc))))
+        return certwork._error(json.loads(json.dumps(workerrors.answer_for(exc))))
 
     assert type(round_trip(LocalResourceError("short"))) is LocalResourceError
     assert type(round_trip(Flaky("later"))) is TransientError
@@ -257,7 +257,7 @@ def test_the_join_ports_wait_crosses_the_childs_boundary() -> None:
     as "retry now"."""
 
     def round_trip(exc: Exception) -> Exception:
-        return certwork._error(json.loads(json.dumps(certwork._answer_for(exc))))
+        return certwork._error(json.loads(json.dumps(workerrors.answer_for(exc))))
 
     back = round_trip(EnrolmentDeferred("enrolment at x: retry in 8 s", 8))
     assert isinstance(back, EnrolmentDeferred)

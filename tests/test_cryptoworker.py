@@ -5,6 +5,7 @@ the next call's new child, EOF on its stdin, and the secrets it writes and never
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import datetime as dt
 import errno
@@ -23,7 +24,14 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from nodeagent import certwork, certwork_ops, cryptoworker, plans
+from nodeagent import (
+    bootstrap_crypto,
+    certwork,
+    certwork_ops,
+    cryptoworker,
+    cryptoworker_child,
+    plans,
+)
 from nodeagent.cryptoworker import CryptoWorker, InProcess, WorkerBug, WorkerEnded
 from nodeagent.journal import Journal
 from nodeagent.plans import Sharing
@@ -104,15 +112,15 @@ async def test_answers_and_errors_are_the_ops_own(
 
 
 def test_a_module_that_is_not_there_is_an_error_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(cryptoworker.OP_MODULES, "gone", "nodeagent.no_such_module")
-    answer = cryptoworker._serve({"op": "gone.x", "request": {}})
+    monkeypatch.setitem(cryptoworker_child.OP_MODULES, "gone", "nodeagent.no_such_module")
+    answer = cryptoworker_child.serve({"op": "gone.x", "request": {}})
     assert answer == {
         "error": {
             "type": "TerminalError",
             "message": "crypto work 'gone.x': nodeagent.no_such_module is not available",
         }
     }
-    assert cryptoworker._serve("junk")["error"]["type"] == "TerminalError"
+    assert cryptoworker_child.serve("junk")["error"]["type"] == "TerminalError"
 
 
 async def test_a_child_killed_mid_call_is_transient_and_the_next_call_starts_another(
@@ -499,3 +507,172 @@ async def test_a_cancelled_create_csr_still_journals_the_key_it_made(
         assert staged.key_file.read_bytes() == b"a key"
     finally:
         journal.close()
+
+
+# What the child may import of ours from its start to its answers (``cryptoworker_child``'s
+# docstring): its own module and the op modules, with what they need. A module of ours not
+# listed fails ``test_the_child_imports_only_what_its_ops_need``: add it only if it, and all it
+# imports, is as lean.
+CHILD_MODULES = frozenset(
+    {
+        "nodeagent",
+        "nodeagent.bootstrap_crypto",
+        "nodeagent.certwork_ops",
+        "nodeagent.cryptoworker_child",
+        "nodeagent.nodefiles",
+        "nodeagent.priority",
+        "nodeagent.sharing",
+        "nodeagent.workerrors",
+        "tlsroll",
+        "tlsroll.bootstrap_base",
+        "tlsroll.bootstrap_csr",
+        "tlsroll.bootstrap_pake",
+        "tlsroll.bootstrap_protocol",
+        "tlsroll.errors",
+        "tlsroll.fsutil",
+        "tlsroll.lean",
+        "tlsroll.leanlog",
+        "tlsroll.names",
+        "tlsroll.password",
+        "tlsroll.peertext",
+        "tlsroll.pki",
+        "tlsroll.spiffe",
+    }
+)
+# What the child never imports (and what brought it in before session 42): structlog (with
+# asyncio, the standard library's logging, rich) through ``tlsroll.logs``; the agent's config
+# (tomllib) and identity (ssl, TLS) through ``certwork``; sqlite3, concurrent.futures through
+# ``plans`` and ``warmup``; gRPC.
+NEVER_IN_CHILD = (
+    "structlog",
+    "rich",
+    "asyncio",
+    "logging",
+    "concurrent",
+    "sqlite3",
+    "tomllib",
+    "ssl",
+    "grpc",
+    "google",
+)
+
+
+def test_the_child_imports_only_what_its_ops_need(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Session 42: a rollout's first node waits for the child's cold start, and structlog,
+    asyncio, the agent's config and identity modules cost it about 0.1 s of CPU it never
+    needed. The real child (``CHILD``) does real work (a key and its CSR, a revocation list,
+    the bootstrap service's blinding points and CA bundle) and is asked once for every other
+    op (each module an op imports, imported); what it had imported when it ended is read."""
+    modules = tmp_path / "modules"
+    # Run first in the child's own command: what ``sys.modules`` holds when it ends.
+    dump = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(modules)!r}, 'w').write("
+        "'\\n'.join(k for k, v in sys.modules.items() if v is not None)))\n"
+    )
+    key_file = tmp_path / "stage" / "server.key"
+    key_file.parent.mkdir(mode=0o700)
+    pw = base64.b64encode(b"correct horse battery staple").decode()
+    ca_pem = base64.b64encode(test_ca.cert_pem).decode()
+    real = [
+        (
+            "cert.new_key",
+            {
+                "key_file": str(key_file),
+                "share": dataclasses.asdict(Sharing.own()),
+                "names": certwork.names_request(NAMES),
+            },
+        ),
+        ("cert.crl", _crl_request(tmp_path, test_ca)),
+        ("bootstrap.blinds", {"pake_pw": pw}),
+        ("bootstrap.check_ca_bundle", {"pem": ca_pem}),
+    ]
+    others = [
+        f"{module}.{name}"
+        for module, ops in (("cert", certwork_ops.OPS), ("bootstrap", bootstrap_crypto.OPS))
+        for name in ops
+        if f"{module}.{name}" not in {op for op, _ in real}
+    ]
+    requests = [*real, *((op, {}) for op in others)]
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", dump + cryptoworker.CHILD, "json", "info", str(os.getpid())],
+        input=b"".join(json.dumps({"op": op, "request": r}).encode() + b"\n" for op, r in requests),
+        capture_output=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    answers = [json.loads(line) for line in child.stdout.splitlines()]
+    assert len(answers) == len(requests)
+    assert all("ok" in a for a in answers[: len(real)]), answers[: len(real)]
+    assert answers[1]["ok"] == {"number": 7, "revoked": [12345]}
+    assert answers[3]["ok"] == {"count": 1}
+    assert pki.read_key(key_file) is not None  # the key was made and written
+    loaded = set(modules.read_text().split())
+    ours = {m for m in loaded if m.split(".")[0] in ("nodeagent", "tlsroll")}
+    assert ours <= CHILD_MODULES, sorted(ours - CHILD_MODULES)
+    assert {"nodeagent.certwork_ops", "nodeagent.bootstrap_crypto", "tlsroll.pki"} <= ours
+    assert "cryptography" in loaded  # the check saw the ops' imports
+    never = sorted(m for m in loaded if m.split(".")[0] in NEVER_IN_CHILD)
+    assert never == []
+
+
+def test_the_childs_log_lines_have_the_agents_shape(tmp_path: Path) -> None:
+    """The child writes its few lines itself (``tlsroll.leanlog``, no structlog): the same
+    JSON as the agent's (``tlsroll.logs``): the same keys in the same order, a UTC timestamp,
+    a secret's value redacted; events below its level dropped. And code the agent shares with
+    the child (``nodeagent.sharing``) logs through structlog in the agent."""
+    script = """
+import io, json, sys
+from tlsroll import leanlog, logs
+logs.configure(json=True, level=logs.level_of("info"))
+lean = leanlog.get_logger("nodeagent.cryptoworker_child")
+lean.warning("cryptoworker.orphaned", parent=7, pake_password="hunter2", path=sys.argv[1:2])
+logs.get_logger("nodeagent.cryptoworker_child").warning(
+    "cryptoworker.orphaned", parent=7, pake_password="hunter2", path=sys.argv[1:2]
+)
+leanlog.configure(json_lines=True, level=leanlog.level_of("warning"))
+lean.info("cryptoworker.dropped", parent=7)
+lean.warning("cryptoworker.orphaned", parent=7, pake_password="hunter2", path=sys.argv[1:2])
+# A logger of tlsroll.logs made in the lean child after all: its writer's, never stdout.
+logs.get_logger("nodeagent.cryptoworker_child").warning(
+    "cryptoworker.orphaned", parent=7, pake_password="hunter2", path=sys.argv[1:2]
+)
+"""
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script, "a file"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=True,
+    )
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert len(lines) == 4 and done.stdout == "", done.stderr
+    through_structlog, agent, child, late = lines
+    assert list(child) == list(agent) == list(through_structlog) == list(late)
+    assert list(child) == [
+        "parent",
+        "pake_password",
+        "path",
+        "event",
+        "logger",
+        "level",
+        "timestamp",
+    ]
+    for line in lines:
+        assert {k: v for k, v in line.items() if k != "timestamp"} == {
+            "parent": 7,
+            "pake_password": "[redacted]",
+            "path": ["a file"],
+            "event": "cryptoworker.orphaned",
+            "logger": "nodeagent.cryptoworker_child",
+            "level": "warning",
+        }
+        assert line["timestamp"].endswith("Z")
+        stamp = dt.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+        assert abs(stamp - dt.datetime.now(dt.UTC)) < dt.timedelta(hours=1)
+    assert "hunter2" not in done.stderr

@@ -20,6 +20,7 @@ the agent chowns, the test starts the server as another user.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import grp
 import json
 import os
@@ -32,20 +33,26 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import structlog.testing
 
 from nodeagent import drivers, plans
-from nodeagent.journal import Staged
+from nodeagent.cryptoworker import CryptoWorker
+from nodeagent.journal import Journal, Staged
+from nodeagent.service import NodeAgentService
+from nodeagent.trust import LeaderTrust
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, TxnView, alive
-from tlsroll import fsutil, password
+from tlsroll import fsutil, password, pki
 from tlsroll.enums import Change
 from tlsroll.errors import UnsafePermissions
 from tlsroll.fsutil import check_private_file
 from tlsroll.httpcheck import port_open
+from tlsroll.names import Names
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE
 
@@ -548,6 +555,7 @@ def shape(directory: Path) -> dict[str, tuple[int, int, int]]:
 
 ME = (os.geteuid(), os.getegid())
 N = SERVER_GID
+NAMES = Names.of("n1", ["127.0.0.1"])
 
 
 def own_shape(rollout_id: str) -> dict[str, tuple[int, int, int]]:
@@ -933,3 +941,82 @@ def test_a_group_with_other_members_reading_the_secrets_is_said(
     said = [e for e in wide if e["event"] == "stage.group_shares_secrets"]
     assert sorted(Path(e["file"]).name for e in said) == ["auth-verifier.json", "server.key"]
     assert {(e["group"], e["members"]) for e in said} == {(real(N).gr_name, "alice,bob")}
+
+
+class Aborted(Exception):
+    """What ``FakeContext.abort`` raises: the gRPC status a servicer answered with."""
+
+
+class FakeContext:
+    """The servicer's context, as far as ``map_errors`` uses it: ``abort`` raises."""
+
+    async def abort(self, code: object, details: str) -> None:
+        raise Aborted(code, details)
+
+
+@needs_root
+async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s41 rev2, Low 1: Stage gave the staged key the live config's access (its group,
+    0640: the config's group had changed since CreateCSR) before any certificate check, and a
+    certificate Stage then refused (another CA's) had changed the key anyway. The checks that
+    need no key come first now (pinned CA, issuer), as before session 41; a certificate of
+    the cluster CA's is staged, the key given the config's access on the way."""
+    config = tmp_path / "etc" / "praxis.toml"
+    config.parent.mkdir()
+    config.write_bytes(b"[server]\n")
+    driver = ConfigOnly(config)
+    # CreateCSR's key, staged while the config was the agent's alone: root:root 0600.
+    stage = plans.make_stage_dir(driver, "r1", plans.sharing(driver))  # type: ignore[arg-type]
+    key_file = stage / "server.key"
+    key = pki.generate_key()
+    pki.write_key(key_file, key)
+    csr = pki.make_csr(key, NAMES)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.record_csr("r1", key_file, pki.csr_to_pem(csr))
+    os.chown(config, 0, N)  # the config's access changed since: root:nogroup 0640
+    config.chmod(0o640)
+    crypto = CryptoWorker()
+    agent = NodeAgentService(
+        cast(Any, SimpleNamespace(names=NAMES, ca_pin=pki.spki_pin(test_ca.cert))),
+        cast(Any, None),
+        journal,
+        cast(Any, driver),
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem"),
+        crypto=crypto,
+    )
+
+    async def command(_context: object, command: agent_pb2.Command) -> str:
+        return command.rollout_id  # the leader's call admitted (not what this test is about)
+
+    monkeypatch.setattr(agent, "_command", command)
+    monkeypatch.setattr(agent, "_prepare", lambda *_args: None)  # no switch made ready here
+
+    def stage_request(cert: bytes, ca: bytes) -> agent_pb2.StageRequest:
+        return agent_pb2.StageRequest(
+            command=agent_pb2.Command(rollout_id="r1", epoch=1),
+            certificate_pem=cert,
+            ca_certificate_pem=ca,
+        )
+
+    other_ca = pki.CertificateAuthority.create("not the cluster CA")
+    foreign = pki.cert_to_pem(other_ca.sign_csr(csr, NAMES, server=True, client=False))
+    try:
+        for cert, ca, refusal in [
+            (foreign, test_ca.cert_pem, "not issued by the cluster CA"),
+            (foreign, other_ca.cert_pem, "pin mismatch"),
+            (b"not a certificate", test_ca.cert_pem, "certificate"),
+        ]:
+            with pytest.raises(Aborted, match=refusal):
+                await agent.Stage(stage_request(cert, ca), cast(Any, FakeContext()))
+            assert mode_and_owner(key_file) == (0o600, 0, 0)  # as it was
+        right = pki.cert_to_pem(test_ca.sign_csr(csr, NAMES, server=True, client=False))
+        staged = await agent.Stage(stage_request(right, test_ca.cert_pem), cast(Any, FakeContext()))
+        assert staged.fingerprint == pki.fingerprint(pki.load_cert_pem(right))
+        assert mode_and_owner(key_file) == (0o640, 0, N)  # the config's access, once checked
+    finally:
+        await crypto.close()
+        journal.close()

@@ -23,30 +23,18 @@ The first line written again is preceded by ``log.lines_lost`` with the count (`
 from __future__ import annotations
 
 import logging
-import re
 import sys
-import threading
 import traceback
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
 
+from tlsroll import leanlog
 from tlsroll.config import Section
-
-_SECRET_KEY = re.compile(r"(secret|token|password|passphrase|private|verifier)", re.IGNORECASE)
-# Keys that contain one of the words above but hold only public identifiers.
-_PUBLIC_KEYS = frozenset({"token_id"})
-
-
-def redact_secrets(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    for key in list(event_dict):
-        if key not in _PUBLIC_KEYS and _SECRET_KEY.search(key):
-            event_dict[key] = "[redacted]"
-    return event_dict
+from tlsroll.leanlog import LineWriter as LineWriter  # noqa: PLC0414
+from tlsroll.leanlog import redact_secrets as redact_secrets  # noqa: PLC0414
 
 
 def _name_key(
@@ -85,47 +73,6 @@ def config_level(section: Section) -> str:
 def level_of(name: str) -> int:
     """The ``logging`` level of a name in ``LEVELS`` (any case)."""
     return LEVELS[name.lower()]
-
-
-class LineWriter:
-    """The daemons' log output: one write of each whole line (and its newline) to ``file``,
-    then a flush, under a lock (structlog's ``WriteLogger`` did the same). A line that cannot
-    be written (OSError: a full disk, a closed pipe; ValueError: a closed file) is dropped and
-    counted in ``lost``; the next line that can be written is preceded by the line
-    ``notice(count)`` makes (``log.lines_lost``). Never raises, so a log call is never the
-    cause of a failure. structlog calls it as a logger (``msg``, ``info``, …); the standard
-    library's records come through ``_Handler``."""
-
-    def __init__(self, file: TextIO, notice: Callable[[int], str] | None = None) -> None:
-        self.file = file
-        self.notice = notice or (lambda n: f"{n} log lines lost")
-        self.lost = 0  # dropped since the last line written
-        self.lost_total = 0
-        self._lock = threading.Lock()
-
-    def _write(self, line: str) -> bool:
-        try:
-            self.file.write(line + "\n")
-            self.file.flush()
-        except (OSError, ValueError):
-            return False
-        return True
-
-    def msg(self, message: str) -> None:
-        with self._lock:
-            if self.lost:
-                try:
-                    notice = self.notice(self.lost)
-                except Exception:  # the notice is best effort, never a failure
-                    notice = f"{self.lost} log lines lost"
-                if self._write(notice):
-                    self.lost = 0
-            if self.lost or not self._write(message):
-                self.lost += 1
-                self.lost_total += 1
-
-    log = debug = info = warn = warning = msg
-    fatal = failure = err = error = critical = exception = msg
 
 
 class _Handler(logging.Handler):
@@ -211,8 +158,15 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
 
 
 def get_logger(name: str) -> Any:
-    """The logger of module ``name`` (pass ``__name__``): every event it logs carries it."""
+    """The logger of module ``name`` (pass ``__name__``): every event it logs carries it. In a
+    lean process (``tlsroll.leanlog`` configured: the crypto worker's child) that writer's."""
+    if leanlog.configured():
+        return leanlog.get_logger(name)
     return structlog.get_logger(logger_name=name)  # lazy: configure() may come later
+
+
+# A lean logger's events (``tlsroll.leanlog``, not configured there) go through this module.
+leanlog.structlog_logger = get_logger
 
 
 _OWN_PACKAGES = ("tlsroll", "leader", "nodeagent", "workstation", "refserver")

@@ -1,0 +1,171 @@
+"""The agent's crypto worker's child process: its ops served, and nothing imported they do not need.
+
+The agent's side (``nodeagent.cryptoworker``: the protocol, the child's start, its idle stop)
+starts this with ``cryptoworker.CHILD``. A rollout's first node waits for the child's first
+answer, and a later node's child starts while another node's server restarts on the same
+cores: so from its start to its first answer the child imports the standard library, the op
+modules (``OP_MODULES``: ``nodeagent.certwork_ops``, ``nodeagent.bootstrap_crypto``) and what
+they need (``tlsroll.pki``, ``cryptography``; ``spake2`` for the bootstrap service), and
+nothing else: no structlog (with asyncio and the standard library's logging), no agent config,
+no identity module (its TLS and gRPC bits). The pieces of the agent's modules its ops need are
+in lean modules of their own (``nodeagent.nodefiles``, ``nodeagent.sharing``,
+``nodeagent.workerrors``, ``nodeagent.priority``); ``tests/test_cryptoworker.py`` pins the set.
+
+Its few log lines (an op's unexpected failure, a preload that failed, an orphan's end, a staged
+file whose owner could not be given) are written by ``tlsroll.leanlog``, to the stderr it shares
+with the agent, in the agent's JSON shape (``tlsroll.logs``). Written here, not sent back over
+the pipe to the agent: an orphan's line has no agent to read it, a preload's failure comes
+before any request, and the protocol stays one answer per request. Requests and answers are
+never logged (they carry keys and the password's verifier), and an op's unexpected failure is
+logged and answered with its class name alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from nodeagent.priority import lower_priority
+from nodeagent.workerrors import answer_for
+from tlsroll import leanlog
+from tlsroll.errors import TerminalError, TlsrollError
+
+log = leanlog.get_logger(__name__)
+
+OP_MODULES: dict[str, str] = {
+    "cert": "nodeagent.certwork_ops",
+    "bootstrap": "nodeagent.bootstrap_crypto",
+}
+"""Where the child finds an op "MODULE.NAME": ``OP_MODULES[MODULE].OPS[NAME]``."""
+
+PRELOAD = "tlsroll.pki"
+"""What the child imports at its start, at a low priority (``_Preload``): what every op needs."""
+
+
+def _op(op: str) -> Callable[[dict[str, Any]], Any]:
+    """The op named "MODULE.NAME" (``OP_MODULES``), its module imported on first use."""
+    module_key, _, name = op.partition(".")
+    module_name = OP_MODULES.get(module_key)
+    if module_name is None or not name:
+        raise TerminalError(f"unknown crypto work {op!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise TerminalError(f"crypto work {op!r}: {module_name} is not available") from None
+    ops = getattr(module, "OPS", None)
+    found = ops.get(name) if isinstance(ops, dict) else None
+    if found is None:
+        raise TerminalError(f"unknown crypto work {op!r}")
+    return found  # type: ignore[no-any-return]
+
+
+def serve(message: Any) -> dict[str, Any]:
+    """One request's answer line (never raises): ``{"ok": VALUE}`` or ``{"error": {...}}``
+    (``workerrors.answer_for``; an unexpected failure is ``{"type": "WorkerBug", …}`` with
+    its class name only)."""
+    op = str(message.get("op", "")) if isinstance(message, dict) else ""
+    try:
+        if not isinstance(message, dict) or not isinstance(message.get("request"), dict):
+            raise TerminalError("crypto work: a request that is not {op, request}")
+        return {"ok": _op(op)(message["request"])}
+    except (TlsrollError, OSError, ValueError) as exc:
+        return {"error": answer_for(exc)}
+    except Exception as exc:  # its class only: the message might hold a secret
+        log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
+        return {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
+
+
+def failed(op: str, exc: BaseException) -> str:
+    """An op's unexpected failure as the agent is told it (``cryptoworker.WorkerBug``)."""
+    return f"crypto work ({op}) failed: {type(exc).__name__}"
+
+
+class _Preload:
+    """``PRELOAD`` imported at the child's start, in a thread of low priority; a request
+    waits for it (``wait``), and gives that thread its priority back while it does."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.tid: int | None = None
+        self.before: int | None = None
+        self.thread = threading.Thread(target=self._run, name="preload", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            if sys.platform == "linux":
+                self.tid = threading.get_native_id()
+                with contextlib.suppress(OSError):
+                    self.before = os.getpriority(os.PRIO_PROCESS, self.tid)
+            lower_priority()
+            importlib.import_module(PRELOAD)
+        except Exception as exc:  # the op that needs it imports it again
+            log.warning("cryptoworker.preload_failed", error_type=type(exc).__name__)
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        if self.done.is_set():
+            return
+        if self.tid is not None and self.before is not None:
+            with contextlib.suppress(OSError):  # raising a priority may be refused: it waits
+                os.setpriority(os.PRIO_PROCESS, self.tid, self.before)
+        self.done.wait()
+
+
+def main() -> int:
+    """The child: serve requests from stdin until EOF (SIGTERM and SIGINT ignored: the
+    agent's stop ends it, by EOF). Its arguments: ``json`` or ``console`` (how it logs), the
+    log level, the agent's pid."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    args = sys.argv[1:]
+    level = args[1] if len(args) > 1 and args[1].lower() in leanlog.LEVELS else "info"
+    leanlog.configure(
+        json_lines=(args[0] if args else "json") == "json", level=leanlog.level_of(level)
+    )
+    parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
+    preload = _Preload()
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        line = stdin.readline()
+        if not line:
+            return 0  # EOF: the agent closed it, or ended
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            message = None
+        preload.wait()
+        if _orphaned(parent):
+            return 0
+        answer = serve(message)
+        if _orphaned(parent):
+            return 0
+        try:
+            stdout.write(json.dumps(answer).encode() + b"\n")
+            stdout.flush()
+        except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
+            return 0
+
+
+def _orphaned(parent: int) -> bool:
+    """True once the agent that started the child has ended (killed: SIGKILL, the OOM killer):
+    a request it left in the pipe is not served, so that an orphan does not write a key or
+    install a renewal beside the agent started again (review s41, Low 5)."""
+    if os.getppid() == parent:
+        return False
+    log.warning("cryptoworker.orphaned", parent=parent)
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

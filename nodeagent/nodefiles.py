@@ -1,0 +1,84 @@
+"""The node's identity files, and the errors of its identity work: what needs no config.
+
+``nodeagent.identity`` checks and enrols the node; these pieces of it run in the agent's crypto
+worker too (``certwork_ops.renew_install``: a renewal's certificate checked and moved into
+place), whose child imports only what its ops need (``nodeagent.cryptoworker_child``): not the
+config, TLS or logging that ``identity`` imports. ``identity`` imports them from here (they
+are its names still). ``tlsroll.pki`` is imported where certificate work runs (the agent never
+does that work: ``identity.Identity``).
+
+    DATA/node.key   0600      DATA/node.pem   the node certificate      DATA/ca.pem  the CA
+    DATA/node.key.new, DATA/node.pem.new     a renewal's, until it moves them into place
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
+from tlsroll.fsutil import fsync_dir
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from tlsroll import pki
+
+
+class EnrolmentRefused(TerminalError):
+    pass
+
+
+class EnrolmentDeferred(TransientError):
+    """The join port said "wait and retry" (``leader.join_guard``: its source in backoff, or
+    more attempts of its source at once than it takes, as when many nodes behind one address
+    or IPv6 /64 enrol together) and how long: ``retry_after`` seconds. The agent waits that
+    long before its next attempt (``nodeagent.runtime``), not its own few seconds: each
+    attempt is a child process (``certwork``) costing the node a fraction of a second of CPU."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CertificateExpired(TerminalError):
+    """The node's certificate has ended: it cannot renew, only enrol again."""
+
+
+def paths(data_dir: Path) -> tuple[Path, Path, Path]:
+    return data_dir / "node.key", data_dir / "node.pem", data_dir / "ca.pem"
+
+
+def pending_paths(data_dir: Path) -> tuple[Path, Path]:
+    """Where a renewal keeps the new key and certificate until it moves them into place."""
+    key_file, cert_file, _ = paths(data_dir)
+    return key_file.with_name(key_file.name + ".new"), cert_file.with_name(cert_file.name + ".new")
+
+
+def check_issued(
+    cert: x509.Certificate, key: pki.PrivateKey, ca: x509.Certificate, names: pki.Names
+) -> None:
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see the module docstring)
+
+    if not pki.issued_by(cert, ca):
+        raise PKIError(PKIReason.UNTRUSTED, "node certificate")
+    if not pki.key_matches(cert, key):
+        raise PKIError(PKIReason.KEY_MISMATCH, "node certificate")
+    if pki.names_of(cert) != names:
+        raise PKIError(
+            PKIReason.NAME_MISMATCH, "node certificate differs from [node] in the config"
+        )
+
+
+def install_renewed(data_dir: Path, cert: x509.Certificate) -> None:
+    """Move a renewal's new key and certificate into place: the certificate written beside
+    the new key, then the key moved, then the certificate (see ``identity.finish_pending``)."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see the module docstring)
+
+    key_file, cert_file, _ = paths(data_dir)
+    new_key, new_cert = pending_paths(data_dir)
+    pki.write_cert(new_cert, cert)
+    os.replace(new_key, key_file)
+    os.replace(new_cert, cert_file)
+    fsync_dir(data_dir)
