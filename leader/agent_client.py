@@ -228,6 +228,8 @@ class AgentClient:
         self._in_flight = 0
         self._channel: grpc.aio.Channel | None = None
         self._stub: agent_pb2_grpc.NodeAgentAsyncStub | None = None
+        # Channels dropped as failed (``renew_failed``), closing with a grace for their calls.
+        self._failed: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -287,6 +289,36 @@ class AgentClient:
             return None
         channel, self._channel, self._stub = self._channel, None, None
         return asyncio.create_task(channel.close(None), name="close-idle-agent-channel")
+
+    def renew_failed(self) -> bool:
+        """Drop the channel if it is in TRANSIENT_FAILURE, so that its next use opens a new one
+        (which connects at once); whether it did. A channel that tried the agent while it was
+        down (a call, a dial) fails every call at once, without sending it, until its reconnect
+        backoff (up to ``RECONNECT_SECONDS``, and a fifth more) has passed, though the agent is
+        back: a start made as soon as an agent that had restarted was heard again was refused,
+        the node "unreachable" with the reason of the connect that had failed while it was
+        down ("Connection refused"; session 42, a real leader and agent, 5 starts of 5).
+
+        For the planning (``AgentPool.reach``, ``check``: one try each, and a node that fails
+        them keeps a start from starting; ``get_status`` follows a Check the agent answered),
+        not for a step's calls: those are tried again (``_call``), and where the node's host is
+        down (its packets dropped) a new channel's connect waits out the call's timeout, 30 s
+        a try, where the failed one answers at once. Nothing is sent twice: the calls on the
+        dropped channel were not sent, and end as they would have (it closes with
+        ``CALL_TIMEOUT`` of grace)."""
+        channel = self._channel
+        if channel is None or channel.get_state() is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return False
+        self._channel, self._stub = None, None
+
+        async def close() -> None:
+            try:
+                await channel.close(CALL_TIMEOUT)
+            finally:
+                self._failed.pop(channel, None)
+
+        self._failed[channel] = asyncio.create_task(close(), name="close-failed-agent-channel")
+        return True
 
     def _sendable(self, request: Any) -> None:
         """Refuse (``StepFailed``, FAILED_PRECONDITION, nothing sent) a request that carries
@@ -354,7 +386,9 @@ class AgentClient:
     async def check(
         self, request: agent_pb2.CheckRequest, timeout: float = CALL_TIMEOUT
     ) -> agent_pb2.PreflightResponse:
-        """Preflight's checks, read-only (one try, like ``get_status``)."""
+        """Preflight's checks, read-only (one try, like ``get_status``): the planning's
+        question over the channel, on one that has not failed (``renew_failed``)."""
+        self.renew_failed()
         return await self._once(lambda s: s.Check, request, timeout)
 
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
@@ -494,6 +528,10 @@ class AgentClient:
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close(None)
+        for failed, task in list(self._failed.items()):  # their grace ends now
+            task.cancel()
+            await failed.close(None)
+        self._failed.clear()
 
 
 class AgentPool:
@@ -599,6 +637,7 @@ class AgentPool:
                 client = await self.get(name)
         except TimeoutError:
             return "channel"
+        client.renew_failed()  # (a channel that tried the agent while it was down)
         client.in_flight += 1
         try:
             self._reservations.setdefault(reserve, (set(), None))[0].add(name)

@@ -19,6 +19,10 @@ from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, MAX_FREEZE_LEASE, VIEWER_P
 AGENT_CERT_LIFETIME = 30 * 86400  # seconds; see LeaderConfig.agent_cert_lifetime
 SERVER_CERT_LIFETIME = pki.LEAF_VALIDITY_DAYS * 86400  # seconds; under Apple's 398 days
 EXPIRY_CHECK_INTERVAL = 3600  # seconds
+# Seconds: the shortest scope_freeze_lease. The engine renews a node's lease at a third of it,
+# on its 1 s tick, and a renewal is a Freeze call that may be retried (0.2, 0.4, 0.8 s apart):
+# a lease of 2 s, the minimum before, ran out before a late renewal landed.
+MIN_FREEZE_LEASE = 10
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class LeaderConfig:
     heartbeat_interval: int
     admin_socket: Path
     node_name: str | None
-    scope_freeze_lease: int  # seconds a --freeze scope holds on a node without renewal
+    scope_freeze_lease: int  # seconds a --freeze scope holds on a node without renewal (>= 10)
     viewer_port: int  # the read-only web viewer (https); 0: off
     # A file (0600) with the bearer token a Prometheus server scrapes /metrics with; None: only
     # a viewer session may read /metrics.
@@ -89,7 +93,9 @@ class LeaderConfig:
             heartbeat_interval=s.integer("heartbeat_interval", 5, lo=1, hi=3600),
             admin_socket=s.path("admin_socket", layout.admin_socket),
             node_name=s.text("node_name", None),
-            scope_freeze_lease=s.integer("scope_freeze_lease", 300, lo=2, hi=MAX_FREEZE_LEASE),
+            scope_freeze_lease=s.integer(
+                "scope_freeze_lease", 300, lo=MIN_FREEZE_LEASE, hi=MAX_FREEZE_LEASE
+            ),
             viewer_port=s.integer("viewer_port", VIEWER_PORT, lo=0, hi=65535),
             metrics_token_file=s.path("metrics_token_file", None),
             join_free_failures=s.integer("join_free_failures", 5, lo=1, hi=1_000_000),

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests import grpc_env  # noqa: F401 - first of all that imports gRPC: the leader's setting
+from tests import (
+    grpc_env,  # noqa: F401 - first of all that imports gRPC: the leader's setting
+    procs,
+)
 from tlsroll import pki
 
 # Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports
@@ -37,6 +41,39 @@ def next_loopback() -> str:
 def loopback() -> Callable[[], str]:
     """Call it to get a fresh loopback address no other test uses."""
     return next_loopback
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that has its ``tmp_path`` fails (at its teardown) if a daemon of the project it
+    started there (reference server, agent, leader: its command line names a file under
+    ``tmp_path``) still runs once its fixtures are torn down: one left running once held a
+    port a later test on the same address needed (session 41). Such a daemon is killed, then
+    named. Cheap: one look through ``/proc`` per such test; processes that started before the
+    test (a run before this one with the same ``--basetemp``) are not its own."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    root = f"{request.getfixturevalue('tmp_path')}{os.sep}"
+    began = procs.since_boot() - procs.STARTED_SLACK
+    yield
+    found = [p for p in procs.running_with(root) if p.started >= began and p.daemon]
+    if not found:
+        return
+    # A daemon killed by the teardown just now may not have exited yet: a moment for it.
+    deadline = time.monotonic() + LEFT_GRACE
+    while found and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = [p for p in found if procs.alive(p.pid)]
+    if found:
+        procs.stop(found)
+        pytest.fail(
+            "still running after the test's teardown (killed now): " + "; ".join(map(str, found)),
+            pytrace=False,
+        )
+
+
+LEFT_GRACE = 3.0  # seconds a daemon found after a test's teardown has to exit by itself
 
 
 @dataclass(frozen=True)

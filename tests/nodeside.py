@@ -37,6 +37,7 @@ import grpc
 from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tests import procs
 from tests.cluster import (
     READY_TIMEOUT,
     AdminTokenCluster,
@@ -164,7 +165,10 @@ class Node:
 
     def close(self) -> None:
         """Stop the agent, the server we started, and any server the agent's driver started
-        (found by the pid file; not our child). Idempotent."""
+        (not our child): the one its pid file names, and every process that runs this node's
+        server config, for a server the driver was starting as its agent was stopped has
+        written no pid file yet (it did once the pid file had been read, and outlived its
+        test: session 41). Idempotent."""
         errors: list[BaseException] = []
         if self.agent is not None:
             try:
@@ -182,6 +186,13 @@ class Node:
             deadline = time.monotonic() + 5
             while alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
+        # The agent is gone: nothing starts a server of this node any more. (A child it forked
+        # and had not yet exec'd runs the agent's command line.)
+        names = [str(self.server.config_path)]
+        if self.agent is not None:
+            names.append(str(self.agent.config_path))
+        if left := procs.stop(procs.running_with(*names)):
+            errors.append(RuntimeError(f"{self.name}: still running: {', '.join(map(str, left))}"))
         if errors:
             raise errors[0]
 
@@ -548,10 +559,4 @@ class NodeFactory:
 _names = itertools.count(1)
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has exited), whoever its parent is."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+alive = procs.alive  # (the tests' name for it)

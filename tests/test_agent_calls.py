@@ -13,9 +13,10 @@ from typing import Any
 import grpc
 import pytest
 
-from leader.agent_client import AgentClient, SwitchRefused
+from leader.agent_client import AgentClient, AgentPool, SwitchRefused
 from leader.store import Node
 from tlsroll import pki, spiffe
+from tlsroll.defaults import AGENT_PORT
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
@@ -177,3 +178,68 @@ async def test_a_preflight_tried_again_carries_the_time_it_is_sent_at(
     first, second = agent.stamps
     assert first - stamped < dt.timedelta(seconds=0.5)
     assert second - first >= dt.timedelta(seconds=0.5)  # the lost try's time, at least
+
+
+class Checked(agent_pb2_grpc.NodeAgentServicer):
+    """Check (the planning's question) answered as a healthy node answers it."""
+
+    async def Check(self, request: agent_pb2.CheckRequest, context: Any) -> Any:
+        return agent_pb2.PreflightResponse(ok=True)
+
+
+class OneNode:
+    """What ``AgentPool`` reads of the store: one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def get_node(self, name: str) -> Node:
+        assert name == self.node.name
+        return self.node
+
+
+async def test_an_agent_back_from_a_restart_is_reached_though_its_channel_tried_it_while_down(
+    loopback: Callable[[], str],
+) -> None:
+    """Session 42: a start made as soon as a restarted agent was heard again was refused, the
+    node unreachable ("Connection refused"), where the leader's channel to it had been tried
+    while the agent was down: a channel whose connect failed fails every call at once,
+    without sending it, until its reconnect backoff is over (0.5 s after a first failure, up
+    to 2.4 s later on). The planning's question over the channel (Check, one try) and a
+    start's channel (``reach``) drop such a channel and use a new one, which connects at
+    once. (Real daemons: ``test_plan_over_stream``.)"""
+    address = loopback()
+    ca = pki.CertificateAuthority.create("agent restart test CA")
+    key = pki.generate_key()
+    td, pin = ca.trust_domain, "sha256:" + "cd" * 32
+    cert = ca.issue(key.public_key(), pki.Names.of("n1", [address], [spiffe.key_host(td, pin)]))
+    creds = grpc.ssl_server_credentials([(pki.key_to_pem(key), pki.cert_to_pem(cert))])
+
+    async def start_agent() -> grpc.aio.Server:
+        server = grpc.aio.server()
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(Checked(), server)  # type: ignore[abstract]
+        server.add_secure_port(f"{address}:{AGENT_PORT}", creds)
+        await server.start()
+        return server
+
+    at = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+    node = Node("n1", (address,), (), "1", AGENT_PORT, pin, "", "", at, at, None)
+    pool = AgentPool(OneNode(node), grpc.ssl_channel_credentials(ca.cert_pem), td)  # type: ignore[arg-type]
+    question = agent_pb2.CheckRequest()
+    server = await start_agent()
+    try:
+        client = await pool.get("n1")
+        assert (await client.check(question, timeout=10)).ok
+        for ask in ("check", "reach"):
+            await server.stop(None)  # the agent restarts: the leader tries it meanwhile
+            with pytest.raises(TransientError, match="agent n1: "):
+                await client.check(question, timeout=10)
+            server = await start_agent()
+            if ask == "check":
+                assert (await client.check(question, timeout=10)).ok
+            else:
+                deadline = asyncio.get_running_loop().time() + 10
+                assert await pool.reach("n1", deadline, channel=True) is None
+    finally:
+        await pool.close()
+        await server.stop(None)

@@ -255,6 +255,9 @@ def test_leader_config_loads_with_defaults(tmp_path: Path) -> None:
         ("ca_passphrase_file", 1, "expected a string, got integer"),
         ("admin_socket", "", "must not be empty"),
         ("node_name", ["a"], "expected a string, got list"),
+        # Renewed at a third of the lease on a 1 s tick: 2 s (the minimum before) had no room.
+        ("scope_freeze_lease", 9, "must be between 10 and 86400, got 9"),
+        ("scope_freeze_lease", 86401, "must be between 10 and 86400, got 86401"),
     ],
 )
 def test_leader_config_errors(tmp_path: Path, key: str, value: object, problem: str) -> None:
@@ -263,6 +266,12 @@ def test_leader_config_errors(tmp_path: Path, key: str, value: object, problem: 
     path = write_toml(tmp_path / "x.toml", {"leader": config})
     with expect_error(tmp_path, f"[leader].{key}", problem):
         LeaderConfig.load(path)
+
+
+def test_leader_config_takes_a_scope_freeze_lease_of_ten_seconds(tmp_path: Path) -> None:
+    config = {"address": "127.0.0.1", "data_dir": "d", "scope_freeze_lease": 10}
+    path = write_toml(tmp_path / "x.toml", {"leader": config})
+    assert LeaderConfig.load(path).scope_freeze_lease == 10
 
 
 def test_leader_config_written_by_init_loads(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import functools
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import pytest
 from leader import agent_client, planner
 from leader import observe as observe_module
 from leader.agent_client import AgentPool
+from leader.cli.rollout import rollout_request
 from leader.commands import Commands, RolloutRequest
 from leader.observe import StreamEnded, observe
 from leader.rollout_core import Change, NodeObservation, Scope
@@ -565,7 +567,9 @@ async def test_a_node_whose_agent_port_the_leader_cannot_reach_is_unreachable(
             )
             assert "hb1" not in pool.clients  # (nor a client made for the question)
         else:
-            assert opened["hb1"] == 1
+            # Its channel, then a new one for the Check whose reason the refusal gives: a
+            # channel whose connect failed is not asked over (``AgentClient.renew_failed``).
+            assert opened["hb1"] == 2
             on_channel = await observe(pool, ["hb1"], rig.state.ca.cert)
             assert error == on_channel["hb1"].error
 
@@ -643,6 +647,41 @@ def test_tlsroll_plan_asks_the_real_agents_on_their_streams_and_opens_no_channel
         (problem,) = checked.problems
         assert f"port {HTTPS_PORT} (https)" in problem
         assert problem in plan.stdout, (problem, plan.stdout)
+
+
+def test_a_start_right_after_an_agent_restart_reaches_it_though_the_leader_tried_it_while_down(
+    tmp_path: Path,
+) -> None:
+    """Session 42, real daemons: node2's agent stops, a start asks it meanwhile (refused: the
+    node cannot be asked), and once the started agent has been heard again a start reaches it
+    at once. On the code before, the leader's channel to node2, whose connect had failed
+    while the agent was down, failed every call at once until its reconnect backoff was over
+    (up to 2.4 s), and the start was refused "cannot ask the agent of node2 ... Connection
+    refused" (5 starts of 5 in one run, 1 of 4 in another: the backoff's phase decides). The
+    start's planning is all this looks at: its verifier is bad, so that it is refused after
+    its planning, for that, and nothing starts."""
+    request = rollout_request("nodes", "node2", 1, "node", "enable-tls")
+    request.auth_verifier_json = "{"
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node2 = nodes[1]
+        assert node2.agent is not None
+
+        def start() -> str:
+            with cluster.admin() as admin:
+                try:
+                    admin.StartRollout(request, timeout=60)
+                except grpc.RpcError as exc:
+                    return str(exc.details())
+            raise AssertionError("a start with a bad verifier started")
+
+        for _ in range(3):  # the window is the backoff's phase as the agent comes back
+            node2.agent.stop()
+            said = start()  # the channel tries it: refused
+            assert "cannot ask the agent of node2" in said, said
+            time.sleep(4)  # (its reconnect backoff grows to its top, 2 s)
+            node2.start_agent_heard()
+            said = start()
+            assert said.startswith("bad password verifier: "), said  # planned: node2 reached
 
 
 class Listed:

@@ -27,6 +27,7 @@ import pytest
 
 from nodeagent.transaction import CRASH_ENV
 from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from tests import procs
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, TxnView, port_holder, read_only
@@ -1074,6 +1075,32 @@ def test_an_agent_start_removes_only_stage_directories_nothing_needs(
     node.restart_agent()
     assert stage_dirs(node) == {"pending"}
     assert node.served_fingerprint() == staged
+
+
+def test_a_node_closed_as_its_driver_starts_a_server_leaves_no_server_running(
+    make_node: NodeFactory,
+) -> None:
+    """The harness (session 42): a node closed while its agent's driver starts a server (a
+    test that failed mid-switch, an agent killed at the end of its stop's grace) leaves no
+    server running. ``Node.close`` found the driver's server by its pid file only, which a
+    server starting has not written yet: it wrote it once the close had looked, listened on
+    the node's address, and outlived its test (session 41: once on 8443, where a later test
+    needed it)."""
+    node = make_node()
+    assert node.agent is not None
+    config = str(node.server.config_path)
+    ours = node.server.pid
+    stage_told(node, "closed")
+    node.switch("closed")
+
+    def driver_started() -> bool:
+        return any(p.pid != ours for p in procs.running_with(config))
+
+    wait_until(driver_started, 60, "the driver to start a server", interval=0.005)
+    node.agent.kill()  # as ``Daemon.close`` does once its grace is over
+    node.close()
+    assert procs.running_with(config) == []
+    assert not node.port_open(8443) and not node.port_open(8080)
 
 
 def test_a_stage_s_key_and_verifier_file_are_private_at_rest(make_node: NodeFactory) -> None:
