@@ -318,6 +318,7 @@ class AgentClient:
                 self._failed.pop(channel, None)
 
         self._failed[channel] = asyncio.create_task(close(), name="close-failed-agent-channel")
+        self._changed()  # (the pool's count of open channels: one fewer until the next opens)
         return True
 
     def _sendable(self, request: Any) -> None:

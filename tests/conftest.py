@@ -64,7 +64,7 @@ def no_daemon_left(request: pytest.FixtureRequest) -> Iterator[None]:
     deadline = time.monotonic() + LEFT_GRACE
     while found and time.monotonic() < deadline:
         time.sleep(0.05)
-        found = [p for p in found if procs.alive(p.pid)]
+        found = [p for p in found if procs.alive(p)]
     if found:
         procs.stop(found)
         pytest.fail(

@@ -428,12 +428,18 @@ def cluster_of(
         cluster.wait_for_nodes_online([n.name for n in nodes])
         yield cluster, nodes
     finally:
+        errors: list[BaseException] = []
         for node in nodes:
             with contextlib.suppress(Exception):
                 if node.agent is not None and node.agent.running:
                     node.agent.send_signal(signal.SIGCONT)
-            node.close()
+            try:
+                node.close()
+            except Exception as exc:  # keep going: stop every process, then say it
+                errors.append(exc)
         cluster.close()
+        if errors:
+            raise errors[0]
 
 
 @contextlib.contextmanager

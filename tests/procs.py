@@ -75,23 +75,33 @@ def running_with(*texts: str) -> list[Proc]:
     return found
 
 
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has exited), whoever its parent is."""
+def _started(pid: int) -> float | None:
+    """When ``pid`` started (seconds since boot), or None if it is not running (a zombie has
+    exited)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+            fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return state not in "ZX"
+        return None
+    return None if fields[0] in "ZX" else int(fields[19]) / TICKS
+
+
+def alive(proc: Proc | int) -> bool:
+    """True while the process runs (a zombie has exited), whoever its parent is; for a
+    ``Proc``, only the process it found (a pid used again since by another is not it)."""
+    if isinstance(proc, int):
+        return _started(proc) is not None
+    return _started(proc.pid) == proc.started
 
 
 def stop(procs: Iterable[Proc], timeout: float = 5.0) -> list[Proc]:
-    """SIGKILL each and wait (bounded) until they have exited; those still running after it."""
-    procs = list(procs)
+    """SIGKILL each that still is the process found, and wait (bounded) until they have
+    exited; those still running after it."""
+    procs = [p for p in procs if alive(p)]
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while any(alive(p.pid) for p in procs) and time.monotonic() < deadline:
+    while any(alive(p) for p in procs) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return [p for p in procs if alive(p.pid)]
+    return [p for p in procs if alive(p)]

@@ -1096,7 +1096,9 @@ def test_a_node_closed_as_its_driver_starts_a_server_leaves_no_server_running(
     def driver_started() -> bool:
         return any(p.pid != ours for p in procs.running_with(config))
 
-    wait_until(driver_started, 60, "the driver to start a server", interval=0.005)
+    # (every 30 ms: each look reads every process's command line; the server takes hundreds of
+    # ms from its start to its pid file)
+    wait_until(driver_started, 60, "the driver to start a server", interval=0.03)
     node.agent.kill()  # as ``Daemon.close`` does once its grace is over
     node.close()
     assert procs.running_with(config) == []
