@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
 from tests.refserver_helper import http_request
 from tlsroll import tls
@@ -38,7 +38,9 @@ def newest(cluster: Cluster) -> dict[str, Any]:
 def wait_ended(cluster: Cluster, what: str) -> dict[str, Any]:
     """Wait (looking from this process: ``Cluster.poll_newest_rollout``) until the newest
     rollout ended; then the rollout as ``schema show --json`` shows it."""
-    wait_until(lambda: cluster.poll_newest_rollout()["state"] in ENDED, 120, what)
+    wait_until(
+        lambda: cluster.poll_newest_rollout()["state"] in ENDED, 120, what, interval=LEADER_POLL
+    )
     return newest(cluster)
 
 

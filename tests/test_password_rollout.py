@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
@@ -38,7 +38,7 @@ class World:
     def __init__(self, root: Path, nodes: int = 3) -> None:
         self.root = root
         addresses = [next_loopback() for _ in range(nodes)]
-        self.cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+        self.cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
         self.nodes = [
             Node(self.cluster, f"node{i + 1}", a, root / f"node{i + 1}")
             for i, a in enumerate(addresses)
@@ -78,7 +78,7 @@ class World:
         def ended() -> bool:
             return self.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted")
 
-        wait_until(ended, 90, "the rollout to end")
+        wait_until(ended, 90, "the rollout to end", interval=LEADER_POLL)
         latest: dict[str, Any] = self.schema()["rollouts"][0]
         return latest
 
@@ -194,7 +194,7 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
         failures = world.poll()["bootstrap_failures"]
         return bool(failures)
 
-    wait_until(reported, 15, "the failed password in the schema")
+    wait_until(reported, 15, "the failed password in the schema", interval=LEADER_POLL)
     failures = world.schema()["bootstrap_failures"]
     (failure,) = failures
     assert failure["node"] == world.nodes[0].name and failure["count"] == 1
