@@ -133,6 +133,19 @@ def world(tmp_path: Path) -> Iterator[World]:
         w.close()
 
 
+@pytest.fixture(scope="module")
+def refusing_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One world for the two tests of refusals, which assert that their commands change
+    nothing (the store's auth versions and rollouts the same before and after): neither needs
+    a cluster of its own (a three-node world each). The unusable files' test comes first: it
+    leaves the world as it found it; the other leaves an aborted rollout."""
+    w = World(tmp_path_factory.mktemp("refusing"))
+    try:
+        yield w.start()
+    finally:
+        w.close()
+
+
 def login(node: Node, password: str, ca_pem: bytes) -> int:
     resp = http_request(
         "POST",
@@ -298,22 +311,6 @@ def test_a_pc_of_the_same_name_does_not_take_the_name_from_another(tmp_path: Pat
         w.close()
 
 
-def test_password_set_is_refused_while_a_rollout_runs(world: World, tmp_path: Path) -> None:
-    pw1 = secret_file(tmp_path / "pw1", PW1)
-    result = world.cli(
-        "rollout", "start", "--scope", "cluster", "--password-file", str(pw1), "--yes"
-    )
-    assert result.returncode == 0, result.stderr
-    assert world.cli("rollout", "pause").returncode == 0
-    before = world.cluster.store_rows(("auth_versions", "rollouts"))
-    refused = world.cli("password", "set", "--password-file", str(pw1))
-    assert refused.returncode == 1
-    assert len(refused.stderr.strip().splitlines()) == 1
-    assert "one rollout at a time" in refused.stderr
-    assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
-    assert world.cli("rollout", "abort").returncode == 0
-
-
 UNUSABLE = {
     "empty": "",
     "lf": "\n",
@@ -322,9 +319,12 @@ UNUSABLE = {
 }
 
 
-def test_an_unusable_password_file_is_a_one_line_usage_error(world: World, tmp_path: Path) -> None:
+def test_an_unusable_password_file_is_a_one_line_usage_error(
+    refusing_world: World, tmp_path: Path
+) -> None:
     """Each unusable file against one cluster (a cluster each cost the suite 30 s of CPU):
     a usage error that changes nothing, whichever came before it."""
+    world = refusing_world
     before = world.cluster.store_rows(("auth_versions", "rollouts"))
     for kind, content in UNUSABLE.items():
         unusable = tmp_path / kind
@@ -343,6 +343,25 @@ def test_an_unusable_password_file_is_a_one_line_usage_error(world: World, tmp_p
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
+
+
+def test_password_set_is_refused_while_a_rollout_runs(
+    refusing_world: World, tmp_path: Path
+) -> None:
+    world = refusing_world
+    pw1 = secret_file(tmp_path / "pw1", PW1)
+    result = world.cli(
+        "rollout", "start", "--scope", "cluster", "--password-file", str(pw1), "--yes"
+    )
+    assert result.returncode == 0, result.stderr
+    assert world.cli("rollout", "pause").returncode == 0
+    before = world.cluster.store_rows(("auth_versions", "rollouts"))
+    refused = world.cli("password", "set", "--password-file", str(pw1))
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "one rollout at a time" in refused.stderr
+    assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
+    assert world.cli("rollout", "abort").returncode == 0
 
 
 def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) -> None:
