@@ -54,6 +54,12 @@ READY_TIMEOUT = 20.0  # a daemon up and answering
 STOP_TIMEOUT = 15.0  # above the daemons' 10 s grace period
 CLI_TIMEOUT = 30.0
 POLL = 0.05
+# A wait whose look asks the leader (``schema_json``, ``poll_newest_rollout``, ``list_nodes``):
+# each look is a connection to its admin socket and, for the schema, the whole schema built,
+# about 10 ms of CPU of the leader's and this process's together. At ``POLL`` a wait for a
+# rollout to end took a tenth of a core from the daemons under test for its whole length; a
+# quarter of a second more at its end is nothing beside a rollout's time.
+LEADER_POLL = 0.25
 # Agents beat every second; the leader expects one every 2 s and calls a node offline after
 # 3 silent intervals (6 s), which leaves room for a busy test machine.
 AGENT_HEARTBEAT_INTERVAL = 1

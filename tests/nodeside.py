@@ -78,6 +78,29 @@ class TxnView:
 
 RPC_TIMEOUT = 15.0
 
+# The cluster CAs this process has loaded, by the bytes they were loaded from (a few at most:
+# the newest kept). Its key is under scrypt (tlsroll.keywrap): a load costs about 0.35 s of CPU,
+# which every ``Node.stage`` paid again for the same files.
+_CAS: dict[tuple[bytes, bytes, bytes], pki.CertificateAuthority] = {}
+_CAS_KEPT = 4
+
+
+def cluster_ca(cluster: Cluster) -> pki.CertificateAuthority:
+    """The cluster's CA as on disk now (certificate, key, passphrase), loaded once per those
+    files' contents: a CA the test replaced on disk is loaded anew."""
+    files = (
+        cluster.ca_cert_path.read_bytes(),
+        cluster.ca_key_path.read_bytes(),
+        cluster.passphrase_path.read_bytes().strip(),
+    )
+    ca = _CAS.pop(files, None)
+    if ca is None:
+        ca = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, files[2])
+    _CAS[files] = ca  # the newest last
+    while len(_CAS) > _CAS_KEPT:
+        del _CAS[next(iter(_CAS))]
+    return ca
+
 
 class Node:
     """One node: a reference server (the managed server) and the agent that manages it."""
@@ -216,10 +239,7 @@ class Node:
         return agent_pb2.Command(rollout_id=rollout_id, epoch=epoch)
 
     def ca(self) -> pki.CertificateAuthority:
-        passphrase = self.cluster.passphrase_path.read_bytes().strip()
-        return pki.CertificateAuthority.load(
-            self.cluster.ca_cert_path, self.cluster.ca_key_path, passphrase
-        )
+        return cluster_ca(self.cluster)
 
     def preflight(
         self, rollout_id: str, epoch: int | None = None, *, make_csr: bool = False

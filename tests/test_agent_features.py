@@ -35,7 +35,7 @@ from leader.rollout_core import (
 )
 from leader.service import agent_features_of
 from leader.store import Node, Store
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, Cluster, wait_until
 from tests.leader_rig import _enrol
 from tests.nodeside import cluster_of
 from tests.test_level_based import live, password_file
@@ -273,13 +273,19 @@ def test_a_node_whose_agent_is_too_old_is_named_before_it_is_asked(tmp_path: Pat
     with cluster_of(tmp_path, 2) as (cluster, nodes):
         node2 = nodes[1]
         assert node2.agent is not None
-        wait_until(lambda: features_of(cluster, "node2") == list(ALL), 30, "node2's features")
+        wait_until(
+            lambda: features_of(cluster, "node2") == list(ALL),
+            30,
+            "node2's features",
+            interval=LEADER_POLL,
+        )
         node2.agent.stop()
         node2.restart_agent({features.TEST_ENV: ""})
         wait_until(
             lambda: cluster.list_nodes()["node2"].online and not features_of(cluster, "node2"),
             60,
             "node2 online, reporting no features",
+            interval=LEADER_POLL,
         )
 
         listed = cluster.cli("nodes")

@@ -25,7 +25,7 @@ import pytest
 
 from nodeagent.runtime import TXN_GRACE_ENV, TXN_GRACE_SECONDS, txn_grace
 from nodeagent.transaction import TERM_ENV, TERM_HOLD_ENV
-from tests.cluster import Cluster
+from tests.cluster import AdminTokenCluster, Cluster
 from tests.conftest import next_loopback
 from tests.nodeside import NodeFactory
 
@@ -34,7 +34,7 @@ UNIT_STOP_TIMEOUT = 90  # deploy/systemd/tlsroll-agent.service: TimeoutStopSec=9
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("sigterm"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("sigterm"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c

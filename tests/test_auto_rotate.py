@@ -29,7 +29,7 @@ from leader.maintenance import (
     next_opening,
     parse_window,
 )
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
 from tlsroll import pki
@@ -341,7 +341,7 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
     from tests.test_level_based import password_file
 
     addresses = [next_loopback() for _ in range(2)]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
     try:
         cluster.init("--node-name", "node1")
@@ -373,6 +373,7 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
             lambda: set(auto_view(cluster, polled=True).get("due_nodes", [])) == {"node1", "node2"},
             90,
             "both server certificates due",
+            interval=LEADER_POLL,
         )
         view = auto_view(cluster)
         assert view["enabled"] and view["verdict"] == "outside-window", view
@@ -382,6 +383,7 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
             lambda: checked_at(cluster, polled=True) >= seen + dt.timedelta(seconds=3),
             30,
             "3 more checks",
+            interval=LEADER_POLL,
         )
         assert auto_view(cluster)["verdict"] == "outside-window"
         assert [r["id"] for r in schema_json(cluster)["rollouts"]] == [enabled["id"]]
@@ -405,7 +407,12 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
             ]
             return ended[-1] if ended else None  # the oldest (newest first)
 
-        wait_until(lambda: rotated(True) is not None, 180, "an automatic rotation that ended")
+        wait_until(
+            lambda: rotated(True) is not None,
+            180,
+            "an automatic rotation that ended",
+            interval=LEADER_POLL,
+        )
         r = rotated()
         assert r is not None and r["state"] == "completed", r
         assert r["started_by"] == "leader (auto_rotate)"
@@ -1127,7 +1134,7 @@ def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path:
     import re
 
     utc = {"TZ": "UTC"}
-    cluster = Cluster(tmp_path / "cluster", next_loopback(), heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", next_loopback(), heartbeat_interval=1)
     try:
         cluster.init()
         cluster.write_leader_config(
@@ -1140,7 +1147,10 @@ def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path:
         )
         cluster.start_leader(env=utc)
         wait_until(
-            lambda: bool(auto_view(cluster, polled=True).get("verdict")), 30, "a first check"
+            lambda: bool(auto_view(cluster, polled=True).get("verdict")),
+            30,
+            "a first check",
+            interval=LEADER_POLL,
         )
         view = auto_view(cluster)
         assert view["timezone"] == "Europe/Berlin" and not view.get("warning"), view
@@ -1156,7 +1166,10 @@ def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path:
         cluster.write_leader_config({"maintenance_timezone": None})
         cluster.start_leader(env=utc)
         wait_until(
-            lambda: bool(auto_view(cluster, polled=True).get("verdict")), 30, "a first check"
+            lambda: bool(auto_view(cluster, polled=True).get("verdict")),
+            30,
+            "a first check",
+            interval=LEADER_POLL,
         )
         view = auto_view(cluster)
         assert not view.get("timezone") and "read in UTC" in view["warning"], view

@@ -35,7 +35,7 @@ from cryptography.x509.oid import NameOID
 from nodeagent.bootstrap_supervisor import SignRefused
 from nodeagent.certwork import NoAnswer
 from nodeagent.cryptoworker import CryptoWorker, WorkerEnded
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, Cluster, wait_until
 from tests.conftest import IssuedCert
 from tests.nodeside import Node as ServerNode
 from tests.nodeside import cluster_of
@@ -92,7 +92,7 @@ def run_rollout(cluster: Cluster, *args: str) -> dict[str, Any]:
     def ended() -> bool:
         return cluster.schema_json()["rollouts"][0]["state"] in ("completed", "halted", "aborted")
 
-    wait_until(ended, ROLLOUT_TIMEOUT, "the rollout to end")
+    wait_until(ended, ROLLOUT_TIMEOUT, "the rollout to end", interval=LEADER_POLL)
     latest: dict[str, Any] = cluster.schema_json()["rollouts"][0]
     return latest
 
@@ -124,11 +124,17 @@ def client_test_connection(
     )
 
 
-@pytest.fixture
-def switched(tmp_path: Path) -> Iterator[tuple[Cluster, ServerNode, Path]]:
-    """One node switched to https with an auth password by a real rollout."""
-    with cluster_of(tmp_path, 1) as (cluster, (node,)):
-        pw = secret_file(tmp_path / "pw", PASSWORD)
+@pytest.fixture(scope="module")
+def switched(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Cluster, ServerNode, Path]]:
+    """One node switched to https with an auth password by a real rollout: one for the
+    module's tests of real agents, which run in the order written (under pytest-xdist, those a
+    worker gets, in that order, on a node of its own): the agent that did the switch first,
+    then restarted, then restarted with a worker that hangs."""
+    root = tmp_path_factory.mktemp("switched")
+    with cluster_of(root, 1) as (cluster, (node,)):
+        pw = secret_file(root / "pw", PASSWORD)
         rollout = run_rollout(cluster, "--password-file", str(pw))
         assert rollout["state"] == "completed", rollout
         yield cluster, node, pw
@@ -155,6 +161,16 @@ def enrol_and_check(node: ServerNode, pw: Path, settings: Path) -> None:
     pake_pw = proto.pake_password(digest)
     for secret in (PASSWORD, verifier["hash"], digest.hex(), base64.b64encode(pake_pw).decode()):
         assert secret not in log
+
+
+def test_a_switched_agent_enrols_workstations_without_cryptography(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """The whole path: the agent that did the switch (staging: a key, a CSR, the certificate's
+    checks) then runs the bootstrap service; a workstation enrols; the agent holds no
+    ``cryptography``."""
+    _cluster, node, pw = switched
+    enrol_and_check(node, pw, tmp_path / "ws-after-switch")
 
 
 def test_a_switched_agent_restarted_enrols_workstations_without_cryptography(
@@ -217,16 +233,6 @@ def test_the_agent_is_ready_before_its_bootstrap_service_asks_the_worker(
     seen = events()
     started = seen.index("agent.started")
     assert not [e for e in seen[:started] if e.startswith("bootstrap.")], seen[:started]
-
-
-def test_a_switched_agent_enrols_workstations_without_cryptography(
-    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
-) -> None:
-    """The whole path: the agent that did the switch (staging: a key, a CSR, the certificate's
-    checks) then runs the bootstrap service; a workstation enrols; the agent holds no
-    ``cryptography``."""
-    _cluster, node, pw = switched
-    enrol_and_check(node, pw, tmp_path / "ws-after-switch")
 
 
 # --- the service with a real worker ---------------------------------------------------------------

@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from leader.layout import read_passphrase
-from tests.cluster import Cluster, secure_channel, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, secure_channel, wait_until
 from tests.conftest import next_loopback
 from tlsroll import bootstrap_protocol, pki, spiffe
 from tlsroll.v1 import (
@@ -112,7 +112,7 @@ ENROL_EXPECTED = dict.fromkeys(CALLERS, INVALID)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, dict[str, Creds]]]:
-    with Cluster(tmp_path_factory.mktemp("matrix"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("matrix"), next_loopback()) as c:
         c.init()
         c.start_leader()
         node1 = c.add_agent("node1", next_loopback())

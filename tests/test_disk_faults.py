@@ -46,7 +46,7 @@ from leader.store_health import StoreHealth
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, fill, tmpfs
 from tests.test_recovery import announce_epoch, assert_on_https
@@ -319,7 +319,7 @@ def test_a_leader_whose_stderr_is_dev_full_runs_a_rollout_to_completion(tmp_path
         def done() -> bool:  # looked at from this process
             return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
 
-        wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end")
+        wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end", interval=LEADER_POLL)
         ended = cluster.newest_rollout()
         assert ended["state"] == "completed", ended
         assert cluster.leader.running
@@ -600,7 +600,7 @@ def full_leader_rollout(root: Path, tmp_path: Path) -> None:
             def done() -> bool:  # looked at from this process
                 return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
 
-            wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end")
+            wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end", interval=LEADER_POLL)
             ended = cluster.newest_rollout()
             full_for = time.monotonic() - began
             assert ended["state"] == "completed", ended

@@ -50,7 +50,7 @@ from nodeagent.drivers import (
 )
 from nodeagent.journal import Journal
 from nodeagent.leader_link import live_server
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
 from tests.refserver_helper import RefServer
@@ -260,7 +260,7 @@ def write_template(node: Node, extra: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("drivers"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("drivers"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c

@@ -18,7 +18,7 @@ from leader.agent_client import AgentClient
 from leader.store import _node
 from nodeagent.transaction import CRASH_ENV
 from nodeagent.wire import TXN_PHASE
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
 from tlsroll import pki, spiffe
@@ -32,7 +32,7 @@ FORWARD = ["started", "frozen", "config_written", "restarted", "verified", "comp
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("events"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("events"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c
@@ -91,7 +91,7 @@ def test_the_leader_gets_the_outcome_through_a_broken_stream(tmp_path: Path) -> 
     https, frozen): the leader's stream breaks mid-switch. Started again, the agent resumes
     the transaction from its journal; the leader follows it to the end and confirms."""
     address = next_loopback()
-    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
     node = Node(cluster, "node1", address, tmp_path / "n1")
     try:
         cluster.init("--node-name", "node1")
@@ -115,6 +115,7 @@ def test_the_leader_gets_the_outcome_through_a_broken_stream(tmp_path: Path) -> 
             lambda: cluster.poll_newest_rollout()["state"] in ("completed", "halted"),
             90,
             "the rollout",
+            interval=LEADER_POLL,
         )
         r = cluster.newest_rollout()
         assert r["state"] == "completed", r

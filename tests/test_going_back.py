@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from nodeagent import journal
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, Cluster, wait_until
 from tests.nodeside import Node, cluster_of
 from tests.test_level_based import live, password_file
 from tlsroll.sqlite import Database, copy_name
@@ -57,7 +57,12 @@ def run(cluster: Cluster, *args: str) -> dict[str, Any]:
     """A rollout command, then the rollout once it has ended."""
     started = cluster.cli("rollout", *args, "--yes", timeout=120)
     assert started.returncode in (0, 3, 4), started.stderr
-    wait_until(lambda: cluster.poll_newest_rollout()["state"] in ENDED, 120, f"rollout {args}")
+    wait_until(
+        lambda: cluster.poll_newest_rollout()["state"] in ENDED,
+        120,
+        f"rollout {args}",
+        interval=LEADER_POLL,
+    )
     return cluster.newest_rollout()
 
 

@@ -49,7 +49,15 @@ from nodeagent.journal import Journal
 from nodeagent.leader_link import LeaderLink, report_key
 from nodeagent.trust import LeaderTrust
 from tests.children import python_child
-from tests.cluster import AdminTokenCluster, Cluster, csr_pem, enrol, enrol_request, wait_until
+from tests.cluster import (
+    LEADER_POLL,
+    AdminTokenCluster,
+    Cluster,
+    csr_pem,
+    enrol,
+    enrol_request,
+    wait_until,
+)
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
@@ -1777,7 +1785,10 @@ def test_a_real_agent_beats_on_the_stream(cluster: Cluster, tmp_path: Path) -> N
         agent = node.agent
         cluster.wait_for_nodes_online([node.name])
         wait_until(
-            lambda: cluster.list_nodes()[node.name].server == "http", 15, "the server reported"
+            lambda: cluster.list_nodes()[node.name].server == "http",
+            15,
+            "the server reported",
+            interval=LEADER_POLL,
         )
         # The revocation list: a serial revoked now reaches the agent.
         ca = pki.CertificateAuthority.load(
@@ -1809,6 +1820,7 @@ def test_a_real_agent_beats_on_the_stream(cluster: Cluster, tmp_path: Path) -> N
             lambda: cluster.list_nodes()[node.name].server.startswith("down"),
             20,
             "the leader sees the server down",
+            interval=LEADER_POLL,
         )
         assert any(
             e.get("node") == node.name for e in cluster.leader.log_events()

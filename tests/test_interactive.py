@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import Cluster, child_env, command, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, child_env, command, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 
@@ -75,7 +75,7 @@ class Terminal:
 @pytest.fixture
 def one_node(tmp_path: Path) -> Iterator[tuple[Cluster, Node]]:
     address = next_loopback()
-    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
     node = Node(cluster, "node1", address, tmp_path / "node1")
     try:
         cluster.init("--node-name", "node1")
@@ -126,7 +126,7 @@ def test_start_asks_then_shows_a_generated_password_once(
     def completed() -> bool:  # looked at from this process: Cluster.poll_newest_rollout
         return bool(cluster.poll_newest_rollout()["state"] == "completed")
 
-    wait_until(completed, 60, "the rollout to complete")
+    wait_until(completed, 60, "the rollout to complete", interval=LEADER_POLL)
 
     # The password works at a workstation ...
     password_file = tmp_path / "pw"

@@ -26,7 +26,7 @@ import pytest
 from nodeagent import journal
 from nodeagent.drivers import ReferenceDriver
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
 from tests.test_going_back import put_back, set_user_version
@@ -39,7 +39,7 @@ from tlsroll.wire import CHANGE
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("putback"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("putback"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c
@@ -223,7 +223,13 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     serves https, which the copy (made before the switch's end) does not know live: the
     admin's ``--journal-checked`` is refused (review s41rev1 M2), and a plain restart keeps
     the node needing the admin. (The way out is in
-    ``test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin``.)"""
+    ``test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin``.)
+
+    Review s41rev1 M1, on the same node (once a test of its own, on a node made the same way):
+    ``needs_admin`` only changed the agent's view; its Preflight stayed ok (with no schemes),
+    and a rollout already running staged and switched the node (the server restarted on a new
+    config) while it still needed the admin. Now the preflight fails with why, and Stage,
+    Switch and Rollback are refused (FAILED_PRECONDITION) with it, nothing changed."""
     node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-hand", "frozen")
     with node.server.config_path.open("a") as f:
         f.write("\n# changed by hand\n")
@@ -238,6 +244,7 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     pre = node.preflight("pb-next")
     assert not pre.server.healthy
     assert pre.server.detail.startswith("needs the admin: journal put back mid-switch"), pre
+    assert_needs_admin(node, "pb-hand", pid, config)  # M1
 
     def shown() -> str:
         listed = cluster.cli("nodes", "--json")
@@ -312,21 +319,6 @@ def test_the_copy_is_mentioned_only_until_a_transaction_completes_on_it(
     said = refusal(node, "pb-never-2")
     assert "did not switch this node; nothing to roll back" in said
     assert "copy" not in said, said
-
-
-def test_a_node_that_needs_the_admin_is_not_staged_switched_or_rolled_back(
-    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Review s41rev1 M1: ``needs_admin`` only changed the agent's view; its Preflight stayed
-    ok (with no schemes), and a rollout already running staged and switched the node (the
-    server restarted on a new config) while it still needed the admin. Now the preflight fails
-    with why, and Stage, Switch and Rollback are refused (FAILED_PRECONDITION) with it."""
-    node, copy = copy_made_mid_switch(make_node, monkeypatch, "pb-refuse", "frozen")
-    with node.server.config_path.open("a") as f:
-        f.write("\n# changed by hand\n")
-    pid, config = go_back(node, copy)
-    assert settled(node, "pb-refuse")[0] == "failed"
-    assert_needs_admin(node, "pb-refuse", pid, config)
 
 
 def test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_admin(

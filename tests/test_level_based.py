@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
 from tests.refserver_helper import http_request
 from tlsroll import tls
@@ -38,7 +38,9 @@ def newest(cluster: Cluster) -> dict[str, Any]:
 def wait_ended(cluster: Cluster, what: str) -> dict[str, Any]:
     """Wait (looking from this process: ``Cluster.poll_newest_rollout``) until the newest
     rollout ended; then the rollout as ``schema show --json`` shows it."""
-    wait_until(lambda: cluster.poll_newest_rollout()["state"] in ENDED, 120, what)
+    wait_until(
+        lambda: cluster.poll_newest_rollout()["state"] in ENDED, 120, what, interval=LEADER_POLL
+    )
     return newest(cluster)
 
 
@@ -250,49 +252,29 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
         writes_work(node, "https", cluster.ca_pem)
 
 
-def test_a_server_that_dies_after_its_rollout_shows_within_heartbeats(
+@pytest.mark.timeout(240)
+def test_rotate_cert_then_a_server_that_dies_after_its_rollout_shows_within_heartbeats(
     three: tuple[Cluster, list[Node]], tmp_path: Path
 ) -> None:
-    """Issue 16 #6: a managed server killed after its node finished stayed down while the
+    """Two tests once, each on a cluster of its own that began with the same enable-tls
+    rollout, now one after the other on one cluster:
+
+    Issue 11: `rollout start --change rotate-cert` issues a new key and certificate per
+    node through the same safe transaction; each node serves the new fingerprint, keeps its
+    password, and workstations (which trust the CA) go on writing.
+
+    Issue 16 #6: a managed server killed after its node finished stayed down while the
     leader showed `done`. Heartbeats carry what the server runs: `tlsroll nodes` says it is
     down within a few intervals, and a new plan names it instead of going ahead."""
     cluster, nodes = three
     node2 = nodes[1]
-    pw = password_file(tmp_path, "pw", "dead-server-password-for-practice")
-    start = cluster.cli(
-        *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)), "--yes", "--wait"
-    )
-    assert start.returncode == 0, (start.stdout, start.stderr)
-
-    def server_of(name: str) -> str:
-        listed = json.loads(cluster.cli("nodes", "--json").stdout)
-        return str(next(n.get("server", "") for n in listed if n["name"] == name))
-
-    wait_until(lambda: server_of("node2") == "https", 15, "node2's server on https")
-    pid = node2.server_pid()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: server_of("node2").startswith("down"), 15, "node2's server down")
-    assert server_of("node1") == "https"
-    table = cluster.cli("nodes").stdout
-    (row,) = [ln for ln in table.splitlines() if " node2 " in ln]
-    assert "down" in row
-    plan = cluster.cli("plan", "--scope", "cluster", "--change", "change-password")
-    assert plan.returncode == 1 and "node2" in plan.stderr, (plan.stdout, plan.stderr)
-
-
-def test_rotate_cert_gives_every_node_a_new_key_and_certificate(
-    three: tuple[Cluster, list[Node]], tmp_path: Path
-) -> None:
-    """Issue 11: `rollout start --change rotate-cert` issues a new key and certificate per
-    node through the same safe transaction; each node serves the new fingerprint, keeps its
-    password, and workstations (which trust the CA) go on writing."""
-    cluster, nodes = three
     pw = password_file(tmp_path, "pw", "rotate-cert-password-for-practice")
     start = cluster.cli(
         *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)), "--yes", "--wait"
     )
     assert start.returncode == 0, (start.stdout, start.stderr)
+
+    # Issue 11: rotate-cert.
     before = {n.name: n.served_fingerprint() for n in nodes}
     digests = {n.name: live(n).verifier_digest for n in nodes}
     rotate = cluster.cli(
@@ -309,3 +291,26 @@ def test_rotate_cert_gives_every_node_a_new_key_and_certificate(
         view = live(node)
         assert view.schemes == ["https"] and view.verifier_digest == digests[node.name]
         writes_work(node, "https", cluster.ca_pem)
+
+    # Issue 16 #6: a server that dies after its rollout.
+
+    def server_of(name: str) -> str:
+        listed = json.loads(cluster.cli("nodes", "--json").stdout)
+        return str(next(n.get("server", "") for n in listed if n["name"] == name))
+
+    def reported(name: str) -> str:  # for a wait: the same view, asked from this process
+        return str(cluster.list_nodes()[name].server)
+
+    wait_until(lambda: reported("node2") == "https", 15, "node2's server on https", LEADER_POLL)
+    assert server_of("node2") == "https"
+    pid = node2.server_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: reported("node2").startswith("down"), 15, "node2's server down", LEADER_POLL)
+    assert server_of("node2").startswith("down")
+    assert server_of("node1") == "https"
+    table = cluster.cli("nodes").stdout
+    (row,) = [ln for ln in table.splitlines() if " node2 " in ln]
+    assert "down" in row
+    plan = cluster.cli("plan", "--scope", "cluster", "--change", "change-password")
+    assert plan.returncode == 1 and "node2" in plan.stderr, (plan.stdout, plan.stderr)

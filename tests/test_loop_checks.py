@@ -75,3 +75,30 @@ def test_the_check_imports_no_asyncio_into_a_child_that_does_not() -> None:
         check=True,
     )
     assert done.stdout.strip() == "False", done.stdout
+
+
+def test_the_check_loads_no_module_a_bare_interpreter_does_not() -> None:
+    """Every CLI run, daemon and crypto worker a test starts pays for what the check imports:
+    ``importlib.abc`` (its finder's base classes) brought ``importlib.resources``,
+    ``tempfile``, ``random`` and ``typing``, about 60 ms of CPU per process. Now the check is
+    the only module it adds."""
+    show = "import sys; print(' '.join(sorted(sys.modules)))"
+
+    def modules(env: dict[str, str]) -> set[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", show],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return set(done.stdout.split())
+
+    checked = child_env()
+    assert checked["TLSROLL_LOOP_CHECKS"] == "1"
+    bare = {k: v for k, v in checked.items() if k != "TLSROLL_LOOP_CHECKS"}
+    bare["PYTHONPATH"] = os.pathsep.join(
+        p for p in checked["PYTHONPATH"].split(os.pathsep) if not p.endswith("loop_checks")
+    )
+    assert modules(checked) - modules(bare) == {"sitecustomize"}

@@ -70,7 +70,7 @@ from leader.viewer import metrics, pages
 from leader.viewer.i18n import Words
 from leader.viewer.snapshot import Reader
 from nodeagent.leader_link import LeaderLink
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, ts, until
 from tlsroll.clocks import elapsed
@@ -495,7 +495,7 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
     restart), all of it ends within two of its messages."""
     skew_file = tmp_path / "skew"
     skew_file.write_text("300")
-    with Cluster(tmp_path / "c", loopback(), heartbeat_interval=1) as cluster:
+    with AdminTokenCluster(tmp_path / "c", loopback(), heartbeat_interval=1) as cluster:
         cluster.init()
         token_file = tmp_path / "metrics-token"
         token_file.write_text(METRICS_TOKEN + "\n")
@@ -521,7 +521,12 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
             assert isinstance(found, dict)
             return found
 
-        wait_until(lambda: cluster.list_nodes()["n1"].clock_differs, 30, "n1's clock differs")
+        wait_until(
+            lambda: cluster.list_nodes()["n1"].clock_differs,
+            30,
+            "n1's clock differs",
+            interval=LEADER_POLL,
+        )
         found = node()
         offset = found["clock_offset_seconds"]
         assert isinstance(offset, float) and found["clock_leader"] is False  # one node: its own
@@ -545,7 +550,12 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
         assert "node.clock_differs" in cluster.leader.event_names()
 
         skew_file.write_text("0")
-        wait_until(lambda: not cluster.list_nodes()["n1"].clock_differs, 30, "n1 agrees")
+        wait_until(
+            lambda: not cluster.list_nodes()["n1"].clock_differs,
+            30,
+            "n1 agrees",
+            interval=LEADER_POLL,
+        )
         offset = node()["clock_offset_seconds"]
         assert isinstance(offset, float)
         assert -10 < offset < 0.5
@@ -1063,7 +1073,7 @@ def test_a_real_agent_that_reconnects_keeps_its_clock_problem_through_the_gap(
     stream's second message, which its clock moved to 310 s ahead tells apart)."""
     skew_file = tmp_path / "skew"
     skew_file.write_text("300")
-    with Cluster(tmp_path / "c", loopback(), heartbeat_interval=2) as cluster:
+    with AdminTokenCluster(tmp_path / "c", loopback(), heartbeat_interval=2) as cluster:
         cluster.init()
         cluster.start_leader()
         agent = cluster.add_agent("n1", loopback(), start=False)
@@ -1078,19 +1088,34 @@ def test_a_real_agent_that_reconnects_keeps_its_clock_problem_through_the_gap(
             assert isinstance(found, dict) and found["kind"] == "clock-offset"
             return found
 
-        wait_until(lambda: cluster.list_nodes()["n1"].clock_differs, 30, "n1's clock differs")
+        wait_until(
+            lambda: cluster.list_nodes()["n1"].clock_differs,
+            30,
+            "n1's clock differs",
+            interval=LEADER_POLL,
+        )
         since = problem()["since"]
         agent.send_signal(signal.SIGSTOP)
         try:
-            wait_until(lambda: not cluster.list_nodes()["n1"].online, 30, "n1 offline")
+            wait_until(
+                lambda: not cluster.list_nodes()["n1"].online,
+                30,
+                "n1 offline",
+                interval=LEADER_POLL,
+            )
             away = cluster.list_nodes()["n1"]
             assert away.clock_differs and away.clock_offset_seconds > 290
         finally:
             agent.send_signal(signal.SIGCONT)
-        wait_until(lambda: cluster.list_nodes()["n1"].online, 30, "n1 back online")
+        wait_until(
+            lambda: cluster.list_nodes()["n1"].online, 30, "n1 back online", interval=LEADER_POLL
+        )
         skew_file.write_text("310")
         wait_until(
-            lambda: cluster.list_nodes()["n1"].clock_offset_seconds > 305, 60, "a later message"
+            lambda: cluster.list_nodes()["n1"].clock_offset_seconds > 305,
+            60,
+            "a later message",
+            interval=LEADER_POLL,
         )
         assert problem()["since"] == since
         assert cluster.leader.event_names().count("node.clock_differs") == 1

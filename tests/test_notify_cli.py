@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from leader.cli.notify import day_text
-from tests.cluster import child_env, command, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, child_env, command, one_line_error, wait_until
 from tests.test_interactive import Terminal
 from tests.test_password_rollout import PW1, PW2, World, secret_file
 from tlsroll.v1 import admin_pb2
@@ -203,6 +203,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         lambda: world.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted"),
         90,
         "the way back",
+        interval=LEADER_POLL,
     )
     undone = world.schema()["rollouts"][0]
     assert (undone["change"], undone["state"]) == ("disable-tls", "completed"), undone
@@ -239,7 +240,7 @@ def rollout(world: World, *args: str) -> dict[str, Any]:
     def ended() -> bool:
         return world.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted")
 
-    wait_until(ended, 90, "the rollout to end")
+    wait_until(ended, 90, "the rollout to end", interval=LEADER_POLL)
     latest: dict[str, Any] = world.schema()["rollouts"][0]
     assert latest["state"] == "completed", latest
     return latest
@@ -341,7 +342,12 @@ def test_a_notice_about_a_rollout_gives_the_password_it_applied(tmp_path: Path) 
             world.cli("notify", "--include-password", "--password-file", str(pw2)), 1
         )
         assert world.cli("rollout", "resume").returncode == 0
-        wait_until(lambda: world.poll()["rollouts"][0]["state"] == "completed", 90, "the switch")
+        wait_until(
+            lambda: world.poll()["rollouts"][0]["state"] == "completed",
+            90,
+            "the switch",
+            interval=LEADER_POLL,
+        )
         enable = world.schema()["rollouts"][0]
         assert enable["auth_version"] == 1
 

@@ -18,7 +18,7 @@ import pytest
 
 from leader.cli.base import CLIError
 from leader.cli.password import shown_password_fate
-from tests.cluster import AdminTokenCluster, Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.test_interactive import GENERATED, Terminal
@@ -171,7 +171,7 @@ def test_a_generated_password_is_not_shown_when_the_leader_would_refuse_it(
     def awaiting() -> bool:  # looked at from this process
         return bool(cluster.poll_newest_rollout()["state"] == "awaiting_finalize")
 
-    wait_until(awaiting, 90, "the transitional rollout to await finalize")
+    wait_until(awaiting, 90, "the transitional rollout to await finalize", interval=LEADER_POLL)
     before = cluster.store_rows(("auth_versions", "rollouts"))
     term = Terminal(cluster, "password", "set", "--generate")
     try:

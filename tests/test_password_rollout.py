@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
@@ -38,7 +38,7 @@ class World:
     def __init__(self, root: Path, nodes: int = 3) -> None:
         self.root = root
         addresses = [next_loopback() for _ in range(nodes)]
-        self.cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+        self.cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
         self.nodes = [
             Node(self.cluster, f"node{i + 1}", a, root / f"node{i + 1}")
             for i, a in enumerate(addresses)
@@ -78,7 +78,7 @@ class World:
         def ended() -> bool:
             return self.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted")
 
-        wait_until(ended, 90, "the rollout to end")
+        wait_until(ended, 90, "the rollout to end", interval=LEADER_POLL)
         latest: dict[str, Any] = self.schema()["rollouts"][0]
         return latest
 
@@ -127,6 +127,19 @@ class World:
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     w = World(tmp_path)
+    try:
+        yield w.start()
+    finally:
+        w.close()
+
+
+@pytest.fixture(scope="module")
+def refusing_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One world for the two tests of refusals, which assert that their commands change
+    nothing (the store's auth versions and rollouts the same before and after): neither needs
+    a cluster of its own (a three-node world each). The unusable files' test comes first: it
+    leaves the world as it found it; the other leaves an aborted rollout."""
+    w = World(tmp_path_factory.mktemp("refusing"))
     try:
         yield w.start()
     finally:
@@ -194,7 +207,7 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
         failures = world.poll()["bootstrap_failures"]
         return bool(failures)
 
-    wait_until(reported, 15, "the failed password in the schema")
+    wait_until(reported, 15, "the failed password in the schema", interval=LEADER_POLL)
     failures = world.schema()["bootstrap_failures"]
     (failure,) = failures
     assert failure["node"] == world.nodes[0].name and failure["count"] == 1
@@ -298,22 +311,6 @@ def test_a_pc_of_the_same_name_does_not_take_the_name_from_another(tmp_path: Pat
         w.close()
 
 
-def test_password_set_is_refused_while_a_rollout_runs(world: World, tmp_path: Path) -> None:
-    pw1 = secret_file(tmp_path / "pw1", PW1)
-    result = world.cli(
-        "rollout", "start", "--scope", "cluster", "--password-file", str(pw1), "--yes"
-    )
-    assert result.returncode == 0, result.stderr
-    assert world.cli("rollout", "pause").returncode == 0
-    before = world.cluster.store_rows(("auth_versions", "rollouts"))
-    refused = world.cli("password", "set", "--password-file", str(pw1))
-    assert refused.returncode == 1
-    assert len(refused.stderr.strip().splitlines()) == 1
-    assert "one rollout at a time" in refused.stderr
-    assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
-    assert world.cli("rollout", "abort").returncode == 0
-
-
 UNUSABLE = {
     "empty": "",
     "lf": "\n",
@@ -322,9 +319,12 @@ UNUSABLE = {
 }
 
 
-def test_an_unusable_password_file_is_a_one_line_usage_error(world: World, tmp_path: Path) -> None:
+def test_an_unusable_password_file_is_a_one_line_usage_error(
+    refusing_world: World, tmp_path: Path
+) -> None:
     """Each unusable file against one cluster (a cluster each cost the suite 30 s of CPU):
     a usage error that changes nothing, whichever came before it."""
+    world = refusing_world
     before = world.cluster.store_rows(("auth_versions", "rollouts"))
     for kind, content in UNUSABLE.items():
         unusable = tmp_path / kind
@@ -343,6 +343,25 @@ def test_an_unusable_password_file_is_a_one_line_usage_error(world: World, tmp_p
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
+
+
+def test_password_set_is_refused_while_a_rollout_runs(
+    refusing_world: World, tmp_path: Path
+) -> None:
+    world = refusing_world
+    pw1 = secret_file(tmp_path / "pw1", PW1)
+    result = world.cli(
+        "rollout", "start", "--scope", "cluster", "--password-file", str(pw1), "--yes"
+    )
+    assert result.returncode == 0, result.stderr
+    assert world.cli("rollout", "pause").returncode == 0
+    before = world.cluster.store_rows(("auth_versions", "rollouts"))
+    refused = world.cli("password", "set", "--password-file", str(pw1))
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "one rollout at a time" in refused.stderr
+    assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
+    assert world.cli("rollout", "abort").returncode == 0
 
 
 def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 
@@ -30,7 +30,7 @@ ENTRIES = (
 @pytest.fixture
 def one_node(tmp_path: Path) -> Iterator[tuple[Cluster, Node]]:
     address = next_loopback()
-    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
     node = Node(cluster, "node1", address, tmp_path / "node1")
     try:
         cluster.init("--node-name", "node1")

@@ -46,7 +46,15 @@ from nodeagent.renewal import (
     next_step,
     renewal_time,
 )
-from tests.cluster import AdminTokenCluster, Agent, Cluster, csr_pem, one_line_error, wait_until
+from tests.cluster import (
+    LEADER_POLL,
+    AdminTokenCluster,
+    Agent,
+    Cluster,
+    csr_pem,
+    one_line_error,
+    wait_until,
+)
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
 from tlsroll import pki, spiffe
@@ -950,6 +958,7 @@ def test_a_renewal_while_the_leader_restarts_is_tried_again(cluster: Cluster) ->
         lambda: all(cluster.list_nodes()[n].HasField("renewal_due_at") for n in names),
         15,
         "renewal points reported",
+        interval=LEADER_POLL,
     )
     soon = dt.datetime.now(UTC) + dt.timedelta(seconds=5)
     name = min((n for n in names if due(n) > soon), key=due, default=None)
@@ -1091,6 +1100,7 @@ def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> 
             ),
             20,
             "agents heartbeat to the leader with its new certificate",
+            interval=LEADER_POLL,
         )
     report = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
     (leader,) = [c for c in report["certificates"] if c["kind"] == "leader"]
@@ -1176,5 +1186,6 @@ def test_the_leader_certificate_is_renewed_while_the_leader_runs(
         lambda: cluster.list_nodes()["node11"].last_heartbeat.ToDatetime(tzinfo=UTC) > since,
         20,
         "node11 heartbeats after the renewal",
+        interval=LEADER_POLL,
     )
     agent.stop()

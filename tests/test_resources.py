@@ -19,7 +19,7 @@ import pytest
 from leader.agent_client import AgentPool
 from leader.store import Node as NodeRow
 from leader.store import _node
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tlsroll import pki, spiffe
@@ -53,7 +53,7 @@ def deferred_for_files(events: list[dict[str, Any]]) -> bool:
 
 def test_a_leader_out_of_descriptors_defers_and_never_rolls_back(tmp_path: Path) -> None:
     address = next_loopback()
-    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
     node = Node(cluster, "node1", address, tmp_path / "n1")
     try:
         cluster.init("--node-name", "node1")
@@ -89,6 +89,7 @@ def test_a_leader_out_of_descriptors_defers_and_never_rolls_back(tmp_path: Path)
             lambda: cluster.poll_newest_rollout()["state"] in ("completed", "halted"),
             60,
             "the rollout",
+            interval=LEADER_POLL,
         )
         r = cluster.newest_rollout()
         assert r["state"] == "completed", r
@@ -118,7 +119,7 @@ def test_the_agent_pool_keeps_few_channels_open_and_never_closes_a_busy_one(
     """Three real agents, a pool capped at two open channels: the least recently used idle
     channel is closed when a third opens, its client opens a new one when asked again, and a
     channel with a call on it (its agent stopped, the call waiting) is left alone."""
-    with Cluster(tmp_path / "cluster", next_loopback()) as cluster:
+    with AdminTokenCluster(tmp_path / "cluster", next_loopback()) as cluster:
         cluster.init()
         cluster.start_leader()
         agents = {f"node{i}": cluster.add_agent(f"node{i}", next_loopback()) for i in (1, 2, 3)}
@@ -178,7 +179,7 @@ def test_an_agent_out_of_descriptors_waits_and_never_rolls_back(tmp_path: Path) 
     and meets the shortage inside the transaction: before the fix that rolled the node back
     (or skipped the freeze, taking its own EMFILE for a server that is down); now the agent
     journals the shortage, waits for descriptors and carries the switch to the end."""
-    with Cluster(tmp_path / "cluster", next_loopback()) as cluster:
+    with AdminTokenCluster(tmp_path / "cluster", next_loopback()) as cluster:
         cluster.init()
         cluster.start_leader()
         node = Node(cluster, "fd1", next_loopback(), tmp_path / "fd1")

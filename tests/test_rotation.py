@@ -34,7 +34,7 @@ from cryptography import x509
 
 from leader.store import IssuedCert, Store, crl_time, revoke_undelivered_in
 from refserver.server import WRITE_DELAY_ENV
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import peer_certificate
@@ -147,7 +147,7 @@ def test_rotating_three_nodes_under_writes_one_fails_verification_and_keeps_its_
     tmp_path: Path,
 ) -> None:
     addresses = [next_loopback() for _ in range(3)]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [
         Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}", server_env=DELAY)
         for i, a in enumerate(addresses)

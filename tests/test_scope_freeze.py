@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import AdminTokenCluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
@@ -60,7 +60,12 @@ class ScopeWorld:
         )
         assert started.returncode == 0, started.stderr
         assert self.cluster.cli("rollout", "pause").returncode == 0
-        wait_until(lambda: self.poll()["nodes"][0]["state"] == "done", 60, "node2 done")
+        wait_until(
+            lambda: self.poll()["nodes"][0]["state"] == "done",
+            60,
+            "node2 done",
+            interval=LEADER_POLL,
+        )
 
     def schema(self) -> dict[str, Any]:
         """The newest rollout as ``schema show --json`` shows it, asked of the leader from this
@@ -111,7 +116,12 @@ def test_scope_freeze_holds_every_node_until_the_rollout_ends(
     assert switched.server.status()["listen"] == ["https"]
 
     assert cluster.cli("rollout", "resume").returncode == 0
-    wait_until(lambda: w.poll()["state"] == "completed", 90, "the rollout to complete")
+    wait_until(
+        lambda: w.poll()["state"] == "completed",
+        90,
+        "the rollout to complete",
+        interval=LEADER_POLL,
+    )
     r = schema()
     assert all(n["state"] == "done" for n in r["nodes"])
     times = {n["name"]: {s["step"]: s for s in n["steps"]} for n in r["nodes"]}
@@ -166,7 +176,12 @@ def test_scope_freeze_is_a_lease_the_leader_must_renew(
 
     cluster.start_leader()
     assert cluster.cli("rollout", "resume").returncode == 0
-    wait_until(lambda: w.poll()["state"] == "completed", 90, "the rollout to complete")
+    wait_until(
+        lambda: w.poll()["state"] == "completed",
+        90,
+        "the rollout to complete",
+        interval=LEADER_POLL,
+    )
     assert all(n["state"] == "done" for n in schema()["nodes"])
     for node in nodes:
         assert node.server.status()["frozen"] is False

@@ -44,7 +44,7 @@ from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.journal import Journal, Staged
 from nodeagent.service import NodeAgentService
 from nodeagent.trust import LeaderTrust
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, TxnView, alive
 from tlsroll import fsutil, password, pki
@@ -308,7 +308,7 @@ def server_python() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with Cluster(tmp_path_factory.mktemp("own-user"), next_loopback()) as c:
+    with AdminTokenCluster(tmp_path_factory.mktemp("own-user"), next_loopback()) as c:
         c.init()
         c.start_leader()
         yield c

@@ -29,7 +29,7 @@ from leader import planner
 from leader import service as leader_service
 from leader.rollout_core import Change, RolloutEvent, Scope
 from leader.schema_store import RolloutMeta, SchemaStore
-from tests.cluster import wait_until
+from tests.cluster import LEADER_POLL, wait_until
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import cluster_of
 from tests.test_heartbeat_stream import agent_link, until
@@ -239,7 +239,12 @@ def test_a_stage_of_a_rollout_that_ended_leaves_its_node_within_heartbeats(
 
             abort = cluster.cli("rollout", "abort")
             assert abort.returncode == 0, abort.stderr
-            wait_until(lambda: cluster.poll_newest_rollout()["state"] == "aborted", 30, "the abort")
+            wait_until(
+                lambda: cluster.poll_newest_rollout()["state"] == "aborted",
+                30,
+                "the abort",
+                interval=LEADER_POLL,
+            )
             wait_until(lambda: not staged.exists(), 30, "the aborted rollout's stage removed")
             assert stage_rows(node1.journal_path) == []
             assert not (node1.config_dir / "tlsroll-tls" / rid).exists()

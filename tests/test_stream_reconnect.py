@@ -32,7 +32,7 @@ import structlog.testing
 from leader import service
 from nodeagent import leader_link
 from nodeagent.leader_link import reconnect_pause
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.test_heartbeat_stream import agent_events, agent_link
@@ -277,7 +277,7 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
     the channel saw the leader gone), two more in the rare case that the first reached the
     stopping leader before its port closed; calling at each pause, at least 4 streams ended by
     4 s (pauses of up to 1, 1 and 2 s), 5 in the test's run."""
-    with Cluster(
+    with AdminTokenCluster(
         tmp_path / "c", next_loopback(), heartbeat_interval=90, agent_heartbeat_interval=90
     ) as c:
         c.init()
@@ -296,7 +296,12 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
             node = c.list_nodes()["rc-node"]
             return node.online and node.last_heartbeat.ToDatetime(dt.UTC) > restart
 
-        wait_until(heard_after_the_restart, 45, "the agent heard by the restarted leader")
+        wait_until(
+            heard_after_the_restart,
+            45,
+            "the agent heard by the restarted leader",
+            interval=LEADER_POLL,
+        )
 
 
 async def test_the_wait_for_the_channel_ends_when_the_channel_is_closed(

@@ -28,7 +28,7 @@ import pytest
 from nodeagent.transaction import CRASH_ENV
 from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests import procs
-from tests.cluster import AdminTokenCluster, Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, TxnView, port_holder, read_only
 from tests.refserver_helper import Response
@@ -920,7 +920,12 @@ def test_a_real_leaders_password_switch_is_the_one_made_ready_at_its_stage(
             )
             assert started.returncode == 0, started.stderr
             ends = ("completed", "halted", "aborted", "awaiting_finalize")
-            wait_until(lambda: cluster.poll_newest_rollout()["state"] in ends, 120, "the rollout")
+            wait_until(
+                lambda: cluster.poll_newest_rollout()["state"] in ends,
+                120,
+                "the rollout",
+                interval=LEADER_POLL,
+            )
             rollout = cluster.newest_rollout()
             wanted = "completed" if strategy == "direct" else "awaiting_finalize"
             assert rollout["state"] == wanted, json.dumps(rollout)

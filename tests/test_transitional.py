@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, cluster_of
 from tests.test_level_based import live, password_file
@@ -613,7 +613,7 @@ def fresh_reports(root: Path) -> Iterator[tuple[Cluster, list[Node]]]:
     """Three nodes whose agents read their server's clients afresh every second (the default
     reuses them for 10 s), so "quiet for 8 s" can be told apart from a busy workstation."""
     addresses = [next_loopback() for _ in range(3)]
-    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
     try:
         cluster.init("--node-name", "node1")

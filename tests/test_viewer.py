@@ -36,7 +36,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import test_rollout
-from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.test_rollout import Setup, Setups, newest, start_cmd, wait_ended, wait_rollout
 from tlsroll import pki
@@ -700,7 +700,7 @@ def test_api_schema_is_what_schema_show_json_prints(farm: Setup) -> None:
         nodes = {v["node"] for v in farm.cluster.schema_json()["node_clients"]}
         return nodes >= set(farm.nodes)
 
-    wait_until(reported, 30, "every node's client report")
+    wait_until(reported, 30, "every node's client report", interval=LEADER_POLL)
     session = session_for(farm.cluster, "api")
     served = fetch(farm.cluster, "/api/v1/schema", cookie=session)
     assert (

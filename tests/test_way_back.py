@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
@@ -27,7 +27,7 @@ def port_open(address: str, port: int) -> bool:
 
 def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
     addresses = [next_loopback() for _ in range(2)]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
     try:
         cluster.init("--node-name", "node1")
@@ -56,7 +56,7 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
             "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
         )
         assert start.returncode == 0, start.stderr
-        wait_until(ended, 90, "the switch")
+        wait_until(ended, 90, "the switch", interval=LEADER_POLL)
         switch = newest()
         assert switch["state"] == "completed"
 
@@ -75,7 +75,7 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
         going = re.search(r"^Back to http: (.*)\.$", back.stdout, re.M)
         assert going is not None and set(going[1].split(", ")) == {"node1", "node2"}, back.stdout
         assert "go back to the old http address" in back.stdout
-        wait_until(ended, 90, "the way back")
+        wait_until(ended, 90, "the way back", interval=LEADER_POLL)
         r = newest()
         assert r["change"] == "disable-tls" and r["undoes"] == switch["id"]
         assert r["state"] == "completed", r

@@ -11,30 +11,39 @@ worker thread answered INTERNAL) is this one: ``call_soon``/``call_at`` (and wit
 otherwise run as in production. ``TLSROLL_LOOP_CHECKS=1`` turns it on; asyncio is patched when
 something imports it, never imported here (the CLI does not need it)."""
 
-from __future__ import annotations
-
-import importlib.abc
-import importlib.machinery
 import os
 import sys
-from types import ModuleType
-from typing import Any
+
+# Nothing but ``os`` and ``sys``, which every Python process has loaded before this file runs
+# (not even ``__future__``: the annotations are strings):
+# ``importlib.abc`` (the finder's and loader's base classes) pulled in ``importlib.resources``,
+# ``tempfile``, ``random`` and ``typing``, about 60 ms of CPU in every child the tests start
+# (a CLI run, a daemon, an agent's crypto worker), most of which never needed them. The import
+# system needs no base class: a finder on ``sys.meta_path`` has ``find_spec``, a loader
+# ``create_module`` and ``exec_module``.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+    from typing import Any
 
 TARGET = "asyncio.base_events"
 
 
-def _patch(base_events: ModuleType) -> None:
+def _patch(base_events: "ModuleType") -> None:
     cls = base_events.BaseEventLoop
     call_soon, call_at = cls.call_soon, cls.call_at
 
-    def checked_call_soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
+    def checked_call_soon(
+        self: "Any", callback: "Any", *args: "Any", context: "Any" = None
+    ) -> "Any":
         if not self._debug:  # debug mode checks by itself
             self._check_thread()
         return call_soon(self, callback, *args, context=context)
 
     def checked_call_at(
-        self: Any, when: float, callback: Any, *args: Any, context: Any = None
-    ) -> Any:
+        self: "Any", when: float, callback: "Any", *args: "Any", context: "Any" = None
+    ) -> "Any":
         if not self._debug:
             self._check_thread()
         return call_at(self, when, callback, *args, context=context)
@@ -43,26 +52,29 @@ def _patch(base_events: ModuleType) -> None:
     cls.call_at = checked_call_at
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
+class _Loader:
+    def __init__(self, inner: "Any") -> None:
         self.inner = inner
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self.inner.create_module(spec)
+    def create_module(self, spec: "ModuleSpec") -> "ModuleType | None":
+        module: ModuleType | None = self.inner.create_module(spec)
+        return module
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         self.inner.exec_module(module)
         _patch(module)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+class _Finder:
+    def find_spec(self, name: str, path: "Any", target: "Any" = None) -> "Any":
         if name != TARGET:
             return None
         for finder in sys.meta_path:
             if finder is self:
                 continue
-            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            spec: Any = (
+                finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            )
             if spec is not None and spec.loader is not None:
                 spec.loader = _Loader(spec.loader)
                 return spec
