@@ -1831,3 +1831,44 @@ def test_the_in_process_tests_run_the_listener_the_leader_ships() -> None:
     # An explicit value wins (gRPC's defaults here), and stays in the environment.
     default = _accept_one({"GRPC_EXPERIMENTS": ""}, first="tests.grpc_env")
     assert "tcp_server_posix.cc" not in default, default[-2000:]
+
+
+REFSERVER_LOAD = """
+import json, os, ssl, sys
+from refserver import daemon
+daemon.load()
+import aiohttp.connector as connector
+print(json.dumps({
+    "aiohttp": [c.cert_store_stats()["x509"] for c in
+                (connector._SSL_CONTEXT_VERIFIED, connector._SSL_CONTEXT_UNVERIFIED)],
+    "env": [os.environ.get(n) for n in ("SSL_CERT_FILE", "SSL_CERT_DIR")],
+    "after": ssl.create_default_context().cert_store_stats()["x509"],
+    "rich": "rich" in sys.modules and sys.modules["rich"] is not None,
+}))
+"""
+
+
+def test_the_reference_server_loads_no_ca_bundle_for_aiohttps_client(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Session 42: every start of the reference server (each switch's restart, inside its
+    freeze window) loaded the system's CA bundle twice as it imported aiohttp, whose client
+    makes two default TLS contexts at import (about 0.17 s of CPU of its 0.6), for a client the
+    server never uses. Its start (``refserver.daemon.load``, as ``main`` does) now makes them
+    with no certificates, and puts the environment back, so that a context made after it
+    loads the default store as before. The default store here is a bundle of one certificate
+    named by ``SSL_CERT_FILE``, so that the test does not depend on the machine's."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(test_ca.cert_pem)
+    env = child_env() | {"SSL_CERT_FILE": str(bundle)}
+    env.pop("SSL_CERT_DIR", None)
+    said = subprocess.run(
+        [sys.executable, "-P", "-c", REFSERVER_LOAD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    facts = json.loads(said.stdout)
+    assert facts == {"aiohttp": [0, 0], "env": [str(bundle), None], "after": 1, "rich": False}
