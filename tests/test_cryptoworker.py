@@ -676,3 +676,52 @@ logs.get_logger("nodeagent.cryptoworker_child").warning(
         stamp = dt.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
         assert abs(stamp - dt.datetime.now(dt.UTC)) < dt.timedelta(hours=1)
     assert "hunter2" not in done.stderr
+
+
+def test_stage_s_checks_before_the_share_and_for_an_agent_that_calls_stage_alone(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s42 of the lean child, Low 1: ``cert.stage_issuer`` makes every check that
+    needs no key read (the key by the journalled CSR's public key, the names, the clock) in
+    Stage's order; ``cert.stage`` still makes them all, as an agent started before
+    ``stage_issuer`` existed calls it alone (an upgrade starts the new child for it), and
+    ``stage_issuer`` answers an agent of 900742f (CA fields alone) with the issuer's checks."""
+    key_file = tmp_path / "server.key"
+    key = pki.generate_key()
+    pki.write_key(key_file, key)
+    csr = pki.make_csr(key, NAMES)
+    earlier = pki.make_csr(pki.generate_key(), NAMES)
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(made: Any) -> str:
+        return pki.cert_to_pem(made).decode()
+
+    right = cert(test_ca.sign_csr(csr, NAMES))
+    cases = [
+        (cert(test_ca.sign_csr(earlier, NAMES)), now, "does not match the staged key"),
+        (cert(test_ca.issue(csr.public_key(), Names.of("n2", ["127.0.0.2"]))), now, "names"),
+        (right, now + dt.timedelta(days=3653), None),  # PKIError: not valid then
+    ]
+    base = {
+        "ca_certificate_pem": test_ca.cert_pem.decode(),
+        "ca_pin": pki.spki_pin(test_ca.cert),
+        "names": certwork.names_request(NAMES),
+    }
+    for pem, when, refusal in cases:
+        request = {**base, "certificate_pem": pem, "now": when.isoformat()}
+        for op, extra in (
+            (certwork_ops.stage_issuer, {"csr_pem": pki.csr_to_pem(csr).decode()}),
+            (certwork_ops.stage, {"key_file": str(key_file), "reader": None}),
+        ):
+            if refusal is None:
+                with pytest.raises(PKIError, match="expired or not yet valid"):
+                    op({**request, **extra})
+            else:
+                assert refusal in op({**request, **extra})["refused"]
+    request = {**base, "certificate_pem": right, "now": now.isoformat()}
+    issuer = certwork_ops.stage_issuer({**request, "csr_pem": pki.csr_to_pem(csr).decode()})
+    assert issuer == {"ca_pem": test_ca.cert_pem.decode()}
+    old = {k: request[k] for k in ("certificate_pem", "ca_certificate_pem", "ca_pin")}
+    assert "refused" not in certwork_ops.stage_issuer(old)
+    stored = certwork_ops.stage({**request, "key_file": str(key_file), "reader": None})
+    assert stored["fingerprint"] == pki.fingerprint(pki.load_cert_pem(right.encode()))
