@@ -725,3 +725,29 @@ def test_stage_s_checks_before_the_share_and_for_an_agent_that_calls_stage_alone
     assert "refused" not in certwork_ops.stage_issuer(old)
     stored = certwork_ops.stage({**request, "key_file": str(key_file), "reader": None})
     assert stored["fingerprint"] == pki.fingerprint(pki.load_cert_pem(right.encode()))
+
+
+OLD_CHILD = (
+    "from tlsroll import lean; lean.keep_out(); from nodeagent import cryptoworker; "
+    "cryptoworker.main()"
+)
+"""``cryptoworker.CHILD`` before 900742f, as an agent started then still says it."""
+
+
+def test_a_child_started_as_an_agent_before_the_lean_child_starts_it_answers(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s42 of the lean child, Low 2: an agent running while its node is upgraded starts
+    its child with the code on disk but its own ``CHILD``: that child answers, as ours does."""
+    request = {"op": "cert.crl", "request": _crl_request(tmp_path, test_ca)}
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", OLD_CHILD, "json", "info", str(os.getpid())],
+        input=json.dumps(request) + "\n",
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert (child.returncode, child.stderr) == (0, "")
+    assert json.loads(child.stdout) == {"ok": {"number": 7, "revoked": [12345]}}
