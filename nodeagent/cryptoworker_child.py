@@ -17,7 +17,9 @@ with the agent, in the agent's JSON shape (``tlsroll.logs``). Written here, not 
 the pipe to the agent: an orphan's line has no agent to read it, a preload's failure comes
 before any request, and the protocol stays one answer per request. Requests and answers are
 never logged (they carry keys and the password's verifier), and an op's unexpected failure is
-logged and answered with its class name alone.
+logged and answered with its class name alone. The answers are written to a descriptor of their
+own (the pipe the agent reads, which was fd 1); fd 1 and ``sys.stdout`` are stderr's, so
+that whatever else writes to stdout (a print, a library, C's stdio) is never read as an answer.
 """
 
 from __future__ import annotations
@@ -126,6 +128,12 @@ def main() -> int:
     log level, the agent's pid."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    # Nothing but answers reaches the answers' pipe (review s42 of the lean child, Low 4): they
+    # go through a descriptor of their own; fd 1 and ``sys.stdout`` are stderr's from here, so
+    # a stray write (a print, a library's, C's) is a line in the log, not an answer.
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     args = sys.argv[1:]
     level = args[1] if len(args) > 1 and args[1].lower() in leanlog.LEVELS else "info"
     leanlog.configure(
@@ -133,7 +141,7 @@ def main() -> int:
     )
     parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
     preload = _Preload()
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()
         if not line:
@@ -151,9 +159,11 @@ def main() -> int:
         if _orphaned(parent):
             return 0
         try:
-            stdout.write(json.dumps(answer).encode() + b"\n")
-            stdout.flush()
+            answers.write(json.dumps(answer).encode() + b"\n")
+            answers.flush()
         except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
+            with contextlib.suppress(OSError):  # (its buffer dropped, not flushed at exit)
+                answers.close()
             return 0
 
 

@@ -751,3 +751,55 @@ def test_a_child_started_as_an_agent_before_the_lean_child_starts_it_answers(
     )
     assert (child.returncode, child.stderr) == (0, "")
     assert json.loads(child.stdout) == {"ok": {"number": 7, "revoked": [12345]}}
+
+
+NOISY_OPS = '''
+import ctypes
+import os
+
+def say(request):
+    print("a print to stdout")
+    os.write(1, b"a write to fd 1\\n")
+    libc = ctypes.CDLL(None)
+    libc.puts(b"C's puts to stdout")
+    libc.fflush(None)
+    return request["back"]
+
+OPS = {"say": say}
+'''
+"""A test's op module (never the product's op table): writes to stdout three ways."""
+
+NOISY_CHILD = (
+    "from nodeagent import cryptoworker_child as c; c.OP_MODULES['noisy'] = 'noisy_ops'; "
+    "c.main()"
+)
+
+
+def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
+    """Review s42 of the lean child, Low 4: an op (or a library it calls) that writes to stdout
+    (a print, a write to fd 1, C's stdio) does not corrupt the answers: its lines go to
+    stderr, its answer and the next call's arrive as they should."""
+    (tmp_path / "noisy_ops.py").write_text(NOISY_OPS)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    requests = [
+        {"op": "noisy.say", "request": {"back": {"first": [1, "ü"]}}},
+        {"op": "noisy.say", "request": {"back": "second"}},
+        {"op": "cert.nope", "request": {}},
+    ]
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", NOISY_CHILD, "json", "info", str(os.getpid())],
+        input="".join(json.dumps(r) + "\n" for r in requests),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    answers = [json.loads(line) for line in child.stdout.splitlines()]
+    assert answers[:2] == [{"ok": {"first": [1, "ü"]}}, {"ok": "second"}]
+    assert answers[2]["error"]["type"] == "TerminalError" and len(answers) == 3
+    said = child.stderr.splitlines()
+    for noise in ("a print to stdout", "a write to fd 1", "C's puts to stdout"):
+        assert said.count(noise) == 2, child.stderr
