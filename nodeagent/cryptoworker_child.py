@@ -12,14 +12,15 @@ in lean modules of their own (``nodeagent.nodefiles``, ``nodeagent.sharing``,
 ``nodeagent.workerrors``, ``nodeagent.priority``); ``tests/test_cryptoworker.py`` pins the set.
 
 Its few log lines (an op's unexpected failure, a preload that failed, an orphan's end, a staged
-file whose owner could not be given) are written by ``tlsroll.leanlog``, to the stderr it shares
-with the agent, in the agent's JSON shape (``tlsroll.logs``). Written here, not sent back over
-the pipe to the agent: an orphan's line has no agent to read it, a preload's failure comes
-before any request, and the protocol stays one answer per request. Requests and answers are
-never logged (they carry keys and the password's verifier), and an op's unexpected failure is
-logged and answered with its class name alone. The answers are written to a descriptor of their
-own (the pipe the agent reads, which was fd 1); fd 1 and ``sys.stdout`` are stderr's, so
-that whatever else writes to stdout (a print, a library, C's stdio) is never read as an answer.
+file whose owner could not be given, a Python warning: ``_show_warning``) are written by
+``tlsroll.leanlog``, to the stderr it shares with the agent, in the agent's JSON shape
+(``tlsroll.logs``). Written here, not sent back over the pipe to the agent: an orphan's line
+has no agent to read it, a preload's failure comes before any request, and the protocol stays
+one answer per request. Requests and answers are never logged (they carry keys and the
+password's verifier), and an op's unexpected failure is logged and answered with its class name
+alone. The answers are written to a descriptor of their own (the pipe the agent reads, which
+was fd 1); fd 1 and ``sys.stdout`` are stderr's, so that whatever else writes to stdout (a
+print, a library, C's stdio) is never read as an answer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +84,27 @@ def serve(message: Any) -> dict[str, Any]:
     except Exception as exc:  # its class only: the message might hold a secret
         log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
         return {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
+
+
+WARNING_LIMIT = 200
+"""The longest warning text a ``cryptoworker.warning`` line carries (characters)."""
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` in the child (review s42 of the lean child, Low 3): a warning
+    (``cryptography``'s for a certificate's negative serial, say) as one log line, JSON when the
+    agent's are, not Python's two plain lines on the agent's stderr. Its category's name and
+    text (whitespace made single spaces, cut to ``WARNING_LIMIT``: the texts of the libraries
+    the ops use carry no secret), not its source line."""
+    text = " ".join(str(message).split())
+    log.warning("cryptoworker.warning", category=category.__name__, message=text[:WARNING_LIMIT])
 
 
 def failed(op: str, exc: BaseException) -> str:
@@ -139,6 +162,7 @@ def main() -> int:
     leanlog.configure(
         json_lines=(args[0] if args else "json") == "json", level=leanlog.level_of(level)
     )
+    warnings.showwarning = _show_warning
     parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
     preload = _Preload()
     stdin = sys.stdin.buffer

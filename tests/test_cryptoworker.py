@@ -23,6 +23,8 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from nodeagent import (
     bootstrap_crypto,
@@ -753,7 +755,7 @@ def test_a_child_started_as_an_agent_before_the_lean_child_starts_it_answers(
     assert json.loads(child.stdout) == {"ok": {"number": 7, "revoked": [12345]}}
 
 
-NOISY_OPS = '''
+NOISY_OPS = """
 import ctypes
 import os
 
@@ -766,12 +768,11 @@ def say(request):
     return request["back"]
 
 OPS = {"say": say}
-'''
+"""
 """A test's op module (never the product's op table): writes to stdout three ways."""
 
 NOISY_CHILD = (
-    "from nodeagent import cryptoworker_child as c; c.OP_MODULES['noisy'] = 'noisy_ops'; "
-    "c.main()"
+    "from nodeagent import cryptoworker_child as c; c.OP_MODULES['noisy'] = 'noisy_ops'; c.main()"
 )
 
 
@@ -803,3 +804,67 @@ def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
     said = child.stderr.splitlines()
     for noise in ("a print to stdout", "a write to fd 1", "C's puts to stdout"):
         assert said.count(noise) == 2, child.stderr
+
+
+def _negative_serial(ca: pki.CertificateAuthority) -> bytes:
+    """A certificate (PEM) whose serial is -1, which RFC 5280 forbids and ``cryptography``
+    warns of when it parses one: one of ``ca``'s with serial 1, the DER's serial byte made
+    0xff (its signature no longer verifies: nothing here needs it to)."""
+    made = ca.issue(pki.generate_key().public_key(), NAMES)
+    issued = (
+        x509.CertificateBuilder()
+        .subject_name(made.subject)
+        .issuer_name(made.issuer)
+        .public_key(made.public_key())
+        .serial_number(1)
+        .not_valid_before(made.not_valid_before_utc)
+        .not_valid_after(made.not_valid_after_utc)
+        .sign(ca.key, hashes.SHA256())
+    )
+    der = issued.public_bytes(serialization.Encoding.DER)
+    version_and_serial = b"\xa0\x03\x02\x01\x02\x02\x01\x01"
+    assert der.count(version_and_serial) == 1
+    der = der.replace(version_and_serial, version_and_serial[:-1] + b"\xff")
+    body = base64.encodebytes(der).decode().replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(
+        ["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----", ""]
+    ).encode()
+
+
+def test_a_warning_in_the_child_is_one_json_log_line(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s42 of the lean child, Low 3: a Python warning in the child (``cryptography``'s
+    for a certificate with a negative serial) was Python's two plain-text lines on the agent's
+    stderr, among its JSON lines; it is a ``cryptoworker.warning`` event now, one JSON line."""
+    negative = _negative_serial(test_ca)
+    request = {
+        "op": "cert.stage_issuer",
+        "request": {
+            "certificate_pem": negative.decode(),
+            "ca_certificate_pem": test_ca.cert_pem.decode(),
+            "ca_pin": pki.spki_pin(test_ca.cert),
+        },
+    }
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", cryptoworker.CHILD, "json", "info", str(os.getpid())],
+        input=json.dumps(request) + "\n",
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == {
+        "ok": {"refused": "the certificate was not issued by the cluster CA"}
+    }
+    lines = child.stderr.splitlines()
+    assert lines, "no warning"
+    for line in lines:
+        event = json.loads(line)
+        assert list(event) == ["category", "message", "event", "logger", "level", "timestamp"]
+        assert event["event"] == "cryptoworker.warning" and event["level"] == "warning"
+        assert event["category"] == "CryptographyDeprecationWarning"
+        assert "serial number" in event["message"] and len(event["message"]) <= 200
