@@ -107,6 +107,20 @@ def _show_warning(
     log.warning("cryptoworker.warning", category=category.__name__, message=text[:WARNING_LIMIT])
 
 
+def answer_line(message: Any) -> bytes:
+    """``serve``'s answer as the line written back (never raises): an op's value JSON cannot
+    encode (a bug) is answered as its unexpected failure, as ``serve`` answers one, not the
+    child's end."""
+    answer = serve(message)
+    try:
+        return json.dumps(answer).encode() + b"\n"
+    except Exception as exc:  # its class only, as ``serve``'s
+        op = str(message.get("op", "")) if isinstance(message, dict) else ""
+        log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
+        bug = {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
+        return json.dumps(bug).encode() + b"\n"
+
+
 def failed(op: str, exc: BaseException) -> str:
     """An op's unexpected failure as the agent is told it (``cryptoworker.WorkerBug``)."""
     return f"crypto work ({op}) failed: {type(exc).__name__}"
@@ -179,11 +193,11 @@ def main() -> int:
         preload.wait()
         if _orphaned(parent):
             return 0
-        answer = serve(message)
+        line = answer_line(message)
         if _orphaned(parent):
             return 0
         try:
-            answers.write(json.dumps(answer).encode() + b"\n")
+            answers.write(line)
             answers.flush()
         except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
             with contextlib.suppress(OSError):  # (its buffer dropped, not flushed at exit)

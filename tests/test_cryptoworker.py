@@ -680,6 +680,56 @@ logs.get_logger("nodeagent.cryptoworker_child").warning(
     assert "hunter2" not in done.stderr
 
 
+def test_the_childs_critical_unrenderable_and_lost_lines_are_as_the_agents(tmp_path: Path) -> None:
+    """Review s42 of the lean child, nits: ``critical`` is logged as structlog logs it (level
+    "critical", not "error"); an event whose fields cannot be rendered is a line with its name
+    (none of its fields), counted, not dropped silently; the lost-lines notice has
+    ``tlsroll.logs``' key order."""
+    script = """
+import json
+from tlsroll import leanlog, logs
+logs.configure(json=True, level=logs.level_of("info"))
+logs.get_logger("nodeagent.sharing").critical("stage.critical", n=1)
+agent_notice = json.loads(logs.writer.notice(3))
+leanlog.configure(json_lines=True, level=leanlog.level_of("warning"))
+lean = leanlog.get_logger("nodeagent.sharing")
+lean.critical("stage.critical", n=1)
+
+class Unsayable:
+    def __repr__(self):
+        raise RuntimeError("a value that says nothing")
+
+lean.warning("stage.unrendered", value=Unsayable(), n=2)
+lean.error("stage.after", n=3)
+child_notice = json.loads(leanlog._output.notice(3))
+print(json.dumps([list(agent_notice), list(child_notice), leanlog._output.unrendered]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=True,
+    )
+    agent_notice, child_notice, unrendered = json.loads(done.stdout)
+    assert (
+        child_notice == agent_notice == ["event", "logger", "level", "lost", "detail", "timestamp"]
+    )
+    assert unrendered == 1
+    agent, child, unsaid, after = [json.loads(line) for line in done.stderr.splitlines()]
+    assert agent["level"] == child["level"] == "critical"
+    assert list(child) == list(agent)
+    assert {k: v for k, v in unsaid.items() if k != "timestamp"} == {
+        "error_type": "RuntimeError",
+        "detail": "this event's fields could not be rendered; left out",
+        "event": "stage.unrendered",
+        "logger": "nodeagent.sharing",
+        "level": "warning",
+    }
+    assert after["event"] == "stage.after" and "says nothing" not in done.stderr
+
+
 def test_stage_s_checks_before_the_share_and_for_an_agent_that_calls_stage_alone(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
@@ -767,9 +817,10 @@ def say(request):
     libc.fflush(None)
     return request["back"]
 
-OPS = {"say": say}
+OPS = {"say": say, "unsayable": lambda request: {"a set": {1, 2}}}
 """
-"""A test's op module (never the product's op table): writes to stdout three ways."""
+"""A test's op module (never the product's op table): writes to stdout three ways, or answers
+what JSON cannot encode."""
 
 NOISY_CHILD = (
     "from nodeagent import cryptoworker_child as c; c.OP_MODULES['noisy'] = 'noisy_ops'; c.main()"
@@ -779,13 +830,15 @@ NOISY_CHILD = (
 def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
     """Review s42 of the lean child, Low 4: an op (or a library it calls) that writes to stdout
     (a print, a write to fd 1, C's stdio) does not corrupt the answers: its lines go to
-    stderr, its answer and the next call's arrive as they should."""
+    stderr, its answer and the next call's arrive as they should. And (a nit of the review)
+    an op's value JSON cannot encode is an error answer, not the child's end."""
     (tmp_path / "noisy_ops.py").write_text(NOISY_OPS)
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
     requests = [
         {"op": "noisy.say", "request": {"back": {"first": [1, "ü"]}}},
         {"op": "noisy.say", "request": {"back": "second"}},
+        {"op": "noisy.unsayable", "request": {}},
         {"op": "cert.nope", "request": {}},
     ]
     child = subprocess.run(
@@ -800,7 +853,11 @@ def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
     assert child.returncode == 0, child.stderr
     answers = [json.loads(line) for line in child.stdout.splitlines()]
     assert answers[:2] == [{"ok": {"first": [1, "ü"]}}, {"ok": "second"}]
-    assert answers[2]["error"]["type"] == "TerminalError" and len(answers) == 3
+    # An answer JSON cannot encode: the op's bug, answered as one (nit), and the child goes on.
+    assert answers[2] == {
+        "error": {"type": "WorkerBug", "message": "crypto work (noisy.unsayable) failed: TypeError"}
+    }
+    assert answers[3]["error"]["type"] == "TerminalError" and len(answers) == 4
     said = child.stderr.splitlines()
     for noise in ("a print to stdout", "a write to fd 1", "C's puts to stdout"):
         assert said.count(noise) == 2, child.stderr

@@ -933,7 +933,7 @@ def test_a_group_with_other_members_reading_the_secrets_is_said(
         got = real(gid)
         return grp.struct_group((got.gr_name, got.gr_passwd, got.gr_gid, members))
 
-    monkeypatch.setattr(grp, "getgrgid", getgrgid)  # plans calls grp.getgrgid
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)  # nodeagent.sharing calls grp.getgrgid
     with structlog.testing.capture_logs() as alone:
         stage_all(driver, "r1")
     assert [e for e in alone if e["event"] == "stage.group_shares_secrets"] == []
