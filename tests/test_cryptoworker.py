@@ -751,7 +751,7 @@ def test_stage_s_checks_before_the_share_and_for_an_agent_that_calls_stage_alone
     right = cert(test_ca.sign_csr(csr, NAMES))
     cases = [
         (cert(test_ca.sign_csr(earlier, NAMES)), now, "does not match the staged key"),
-        (cert(test_ca.issue(csr.public_key(), Names.of("n2", ["127.0.0.2"]))), now, "names"),
+        (cert(test_ca.issue(key.public_key(), Names.of("n2", ["127.0.0.2"]))), now, "names"),
         (right, now + dt.timedelta(days=3653), None),  # PKIError: not valid then
     ]
     base = {

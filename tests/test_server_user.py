@@ -1014,7 +1014,7 @@ async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
     earlier = pki.make_csr(pki.generate_key(), NAMES)
     other_key = pki.cert_to_pem(test_ca.sign_csr(earlier, NAMES, server=True, client=False))
     other_names = Names.of("n2", ["127.0.0.2"])
-    renamed = pki.cert_to_pem(test_ca.issue(csr.public_key(), other_names, server=True))
+    renamed = pki.cert_to_pem(test_ca.issue(key.public_key(), other_names, server=True))
     right = pki.cert_to_pem(test_ca.sign_csr(csr, NAMES, server=True, client=False))
     real_trusting = httpcheck.trusting
 
