@@ -119,7 +119,7 @@ class _Output:
         self.json_lines = json_lines
         self.level = level
         self.writer = LineWriter(file, self.notice)
-        self.unrendered = 0  # events whose line could not be made (``unrendered``)
+        self.unrendered = 0  # events whose line could not be made (``unrendered_line``)
 
     def line(self, level: str, event_dict: MutableMapping[str, Any]) -> str:
         event_dict["level"] = level
