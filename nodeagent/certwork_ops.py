@@ -72,14 +72,33 @@ def new_key(request: dict[str, Any]) -> str:
 
 
 def stage_issuer(request: dict[str, Any]) -> dict[str, Any]:
-    """Stage's checks that need no key, made before the agent gives the staged key the live
-    config's access (review s41 rev2, Low 1: a certificate refused changes nothing): both
-    certificates PEM, the CA the pinned one, and it issued the certificate. ``{}``, or
-    ``{"refused": …}``; ``PKIError`` for a PEM that is none."""
+    """Stage's checks that need no key read, made before the agent gives the staged key the
+    live config's access, so that a certificate refused changes nothing (review s41 rev2,
+    Low 1; review s42 of the lean child, Low 1): both certificates PEM, the CA the pinned one,
+    it issued the certificate, the certificate is for the staged key (its public key the
+    journalled CSR's, ``csr_pem``), its names are the node's, it is valid at ``now``: ``stage``'s
+    checks in its order. ``{"ca_pem": …}`` (the CA as the agent writes it, for its TLS check,
+    made before the share too), or ``{"refused": …}``; ``PKIError`` for a PEM that is none or
+    a certificate not valid at ``now``.
+
+    ``csr_pem``, ``names`` or ``now`` missing (an agent of 900742f, which sent the first
+    three fields alone), or ``csr_pem`` empty or no CSR: that check is left to ``stage``."""
     cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
     ca = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
-    refused = _issuer_refused(cert, ca, request["ca_pin"])
-    return {} if refused is None else {"refused": refused}
+    refused = _issuer_refused(cert, ca, request["ca_pin"]) or _cert_refused(
+        cert, request, _csr_key(request.get("csr_pem"))
+    )
+    return {"ca_pem": _text(pki.cert_to_pem(ca))} if refused is None else {"refused": refused}
+
+
+def _csr_key(csr_pem: Any) -> Any:
+    """The public key of the CSR the agent journalled for the staged key, None if none."""
+    if not csr_pem:
+        return None
+    try:
+        return pki.load_csr_pem(str(csr_pem).encode("ascii")).public_key()
+    except (PKIError, UnicodeEncodeError):
+        return None
 
 
 def _issuer_refused(cert: Any, ca: Any, ca_pin: str) -> str | None:
@@ -90,23 +109,37 @@ def _issuer_refused(cert: Any, ca: Any, ca_pin: str) -> str | None:
     return None
 
 
+def _cert_refused(cert: Any, request: dict[str, Any], key: Any) -> str | None:
+    """After the issuer's, Stage's checks in the order they always had (b97a856, in the
+    agent): the certificate is for ``key`` (the staged key's public key, or its CSR's; None:
+    not checked), its names are the node's, it is valid at ``now`` (``PKIError``). ``names``
+    or ``now`` missing: not checked (``stage_issuer`` for an older agent)."""
+    if key is not None and pki.spki_pin(cert) != pki.spki_pin(key):
+        return "the certificate does not match the staged key"
+    if "names" in request and pki.names_of(cert) != names_of(request):
+        return "the certificate's names differ from this node's names"
+    if "now" in request:
+        pki.check_valid_now(cert, dt.datetime.fromisoformat(request["now"]))
+    return None
+
+
 def stage(request: dict[str, Any]) -> dict[str, Any]:
     """The leader's certificate for the staged key checked, as Stage did: the CA is the
-    pinned one, it issued the certificate (``stage_issuer``'s checks, again), the staged key
-    (``key_file``, read as shared with ``reader``) matches, the names are the node's, valid at
-    ``now``. The certificate and CA as the agent writes them, the fingerprint and the end."""
+    pinned one, it issued the certificate, the staged key (``key_file``, read as shared with
+    ``reader``) matches, the names are the node's, valid at ``now``. The certificate and CA as
+    the agent writes them, the fingerprint and the end.
+
+    The agent calls it after ``stage_issuer`` and the key's share, so that only the key's read
+    and its match can refuse here; the other checks are made again all the same (about a
+    millisecond): an agent started before ``stage_issuer`` had them all (an upgrade starts
+    the new child for the old agent) calls this op alone."""
     cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
     ca = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
     refused = _issuer_refused(cert, ca, request["ca_pin"])
-    if refused is not None:
-        return {"refused": refused}
-    key = pki.read_key(Path(request["key_file"]), shared=_reader(request.get("reader")))
-    if not pki.key_matches(cert, key):
-        return {"refused": "the certificate does not match the staged key"}
-    if pki.names_of(cert) != names_of(request):
-        return {"refused": "the certificate's names differ from this node's names"}
-    pki.check_valid_now(cert, dt.datetime.fromisoformat(request["now"]))
-    return _stored(cert, [cert], [ca])
+    if refused is None:
+        key = pki.read_key(Path(request["key_file"]), shared=_reader(request.get("reader")))
+        refused = _cert_refused(cert, request, key.public_key())
+    return _stored(cert, [cert], [ca]) if refused is None else {"refused": refused}
 
 
 def own(request: dict[str, Any]) -> dict[str, Any]:

@@ -390,3 +390,16 @@ class InProcess:
 
 Worker = CryptoWorker | InProcess
 """What the agent's parts take: the child, or the same ops in-process."""
+
+
+def main() -> int:
+    """The child's start for an agent started before 900742f, whose ``CHILD`` was
+    ``from nodeagent import cryptoworker; cryptoworker.main()`` (review s42 of the lean child,
+    Low 2): upgraded underneath a running agent, that agent starts each new child with it
+    until it restarts itself, and without this every crypto call it makes (a key, a stage, a
+    revocation list) would fail (AttributeError). It runs ``cryptoworker_child.main``; such a
+    child also imports this module (structlog, asyncio), and starts as slowly as it did.
+
+    Keep it until no such agent can run: remove it in the release after the first one that
+    ships ``nodeagent.cryptoworker_child`` (an upgrade restarts the agent)."""
+    return cryptoworker_child.main()

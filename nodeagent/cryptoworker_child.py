@@ -12,12 +12,15 @@ in lean modules of their own (``nodeagent.nodefiles``, ``nodeagent.sharing``,
 ``nodeagent.workerrors``, ``nodeagent.priority``); ``tests/test_cryptoworker.py`` pins the set.
 
 Its few log lines (an op's unexpected failure, a preload that failed, an orphan's end, a staged
-file whose owner could not be given) are written by ``tlsroll.leanlog``, to the stderr it shares
-with the agent, in the agent's JSON shape (``tlsroll.logs``). Written here, not sent back over
-the pipe to the agent: an orphan's line has no agent to read it, a preload's failure comes
-before any request, and the protocol stays one answer per request. Requests and answers are
-never logged (they carry keys and the password's verifier), and an op's unexpected failure is
-logged and answered with its class name alone.
+file whose owner could not be given, a Python warning: ``_show_warning``) are written by
+``tlsroll.leanlog``, to the stderr it shares with the agent, in the agent's JSON shape
+(``tlsroll.logs``). Written here, not sent back over the pipe to the agent: an orphan's line
+has no agent to read it, a preload's failure comes before any request, and the protocol stays
+one answer per request. Requests and answers are never logged (they carry keys and the
+password's verifier), and an op's unexpected failure is logged and answered with its class name
+alone. The answers are written to a descriptor of their own (the pipe the agent reads, which
+was fd 1); fd 1 and ``sys.stdout`` are stderr's, so that whatever else writes to stdout (a
+print, a library, C's stdio) is never read as an answer.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +86,41 @@ def serve(message: Any) -> dict[str, Any]:
         return {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
 
 
+WARNING_LIMIT = 200
+"""The longest warning text a ``cryptoworker.warning`` line carries (characters)."""
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` in the child (review s42 of the lean child, Low 3): a warning
+    (``cryptography``'s for a certificate's negative serial, say) as one log line, JSON when the
+    agent's are, not Python's two plain lines on the agent's stderr. Its category's name and
+    text (whitespace made single spaces, cut to ``WARNING_LIMIT``: the texts of the libraries
+    the ops use carry no secret), not its source line."""
+    text = " ".join(str(message).split())
+    log.warning("cryptoworker.warning", category=category.__name__, message=text[:WARNING_LIMIT])
+
+
+def answer_line(message: Any) -> bytes:
+    """``serve``'s answer as the line written back (never raises): an op's value JSON cannot
+    encode (a bug) is answered as its unexpected failure, as ``serve`` answers one, not the
+    child's end."""
+    answer = serve(message)
+    try:
+        return json.dumps(answer).encode() + b"\n"
+    except Exception as exc:  # its class only, as ``serve``'s
+        op = str(message.get("op", "")) if isinstance(message, dict) else ""
+        log.error("cryptoworker.op_failed", op=op, error_type=type(exc).__name__)
+        bug = {"error": {"type": "WorkerBug", "message": failed(op, exc)}}
+        return json.dumps(bug).encode() + b"\n"
+
+
 def failed(op: str, exc: BaseException) -> str:
     """An op's unexpected failure as the agent is told it (``cryptoworker.WorkerBug``)."""
     return f"crypto work ({op}) failed: {type(exc).__name__}"
@@ -126,14 +165,21 @@ def main() -> int:
     log level, the agent's pid."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    # Nothing but answers reaches the answers' pipe (review s42 of the lean child, Low 4): they
+    # go through a descriptor of their own; fd 1 and ``sys.stdout`` are stderr's from here, so
+    # a stray write (a print, a library's, C's) is a line in the log, not an answer.
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     args = sys.argv[1:]
     level = args[1] if len(args) > 1 and args[1].lower() in leanlog.LEVELS else "info"
     leanlog.configure(
         json_lines=(args[0] if args else "json") == "json", level=leanlog.level_of(level)
     )
+    warnings.showwarning = _show_warning
     parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
     preload = _Preload()
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdin = sys.stdin.buffer
     while True:
         line = stdin.readline()
         if not line:
@@ -147,13 +193,15 @@ def main() -> int:
         preload.wait()
         if _orphaned(parent):
             return 0
-        answer = serve(message)
+        line = answer_line(message)
         if _orphaned(parent):
             return 0
         try:
-            stdout.write(json.dumps(answer).encode() + b"\n")
-            stdout.flush()
+            answers.write(line)
+            answers.flush()
         except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
+            with contextlib.suppress(OSError):  # (its buffer dropped, not flushed at exit)
+                answers.close()
             return 0
 
 

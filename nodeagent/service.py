@@ -211,6 +211,19 @@ def _when(iso: str) -> dt.datetime:
     return dt.datetime.fromisoformat(iso)
 
 
+def _tls_trusts(ca_pem: bytes) -> None:
+    """A stage's CA (``ca_pem``: as written beside the staged certificate) as the TLS library
+    takes it, for the switch's verify (``httpcheck.trusting``: the context made once and kept;
+    blocking), or ``PKIError`` with the library's reason (the verify would refuse it inside
+    the freeze)."""
+    try:
+        httpcheck.trusting(ca_pem)
+    except (ssl.SSLError, ValueError) as exc:
+        raise PKIError(
+            PKIReason.BAD_PEM, f"the TLS library refuses the CA certificate: {exc}"
+        ) from None
+
+
 def _holds(path: Path, data: bytes) -> bool:
     """True if ``path`` holds ``data`` (blocking)."""
     return path.read_bytes() == data
@@ -712,30 +725,33 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise failed_precondition(f"no CSR for rollout {rollout_id}; call CreateCSR first")
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
-            # The checks are the crypto worker's, in the order they always were: those that
-            # need no key first (``certwork_ops.stage_issuer``: the pinned CA issued it), so
-            # that a certificate refused changes nothing (review s41 rev2, Low 1); then the
-            # key is given the access the live config gives now (``plans.share_named``: the
-            # config may have changed since) and read as the managed server's user may share
-            # it (``plans.Sharing.reader``) for the rest (``certwork_ops.stage``).
+            # The checks are the crypto worker's, in the order they always were. Every one
+            # that needs no key read comes before the key is given any access
+            # (``certwork_ops.stage_issuer``: the pinned CA issued it, for the staged key by the
+            # journalled CSR's public key, with the node's names, valid now; then the TLS
+            # library's check of the CA), so that a certificate refused changes nothing
+            # (review s41 rev2, Low 1; review s42 of the lean child, Low 1). Then the key is
+            # given the access the live config gives now (``plans.share_named``: the config
+            # may have changed since) and read as the managed server's user may share it
+            # (``plans.Sharing.reader``): only its read and match can refuse after that
+            # (``certwork_ops.stage``).
             certificates = {
                 "certificate_pem": _pem_text(request.certificate_pem),
                 "ca_certificate_pem": _pem_text(request.ca_certificate_pem),
                 "ca_pin": self.cfg.ca_pin,
+                "names": names_request(self.cfg.names),
+                "now": self.clock().isoformat(),
             }
-            issuer = await self.crypto.call("cert.stage_issuer", certificates)
+            issuer = await self.crypto.call(
+                "cert.stage_issuer", {**certificates, "csr_pem": _pem_text(staged.csr_pem)}
+            )
             if "refused" in issuer:
                 raise invalid(issuer["refused"])
+            await asyncio.to_thread(_tls_trusts, str(issuer["ca_pem"]).encode("ascii"))
             reader = await asyncio.to_thread(self._staged_key_reader, staged.key_file)
             checked = await self.crypto.call(
                 "cert.stage",
-                {
-                    **certificates,
-                    "key_file": str(staged.key_file),
-                    "reader": reader,
-                    "names": names_request(self.cfg.names),
-                    "now": self.clock().isoformat(),
-                },
+                {**certificates, "key_file": str(staged.key_file), "reader": reader},
             )
             if "refused" in checked:
                 raise invalid(checked["refused"])
@@ -763,14 +779,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         cert_file = staged.key_file.with_name("server.pem")
         ca_file = staged.key_file.with_name("ca.pem")
         ca_pem = str(checked["ca_pem"]).encode("ascii")
-        try:
-            # Before anything is written or journalled: a CA the TLS library refuses fails the
-            # stage with its reason (the verify would have refused it inside the freeze).
-            httpcheck.trusting(ca_pem)  # the bytes verify reads back from ca_file
-        except (ssl.SSLError, ValueError) as exc:
-            raise PKIError(
-                PKIReason.BAD_PEM, f"the TLS library refuses the CA certificate: {exc}"
-            ) from None
+        # Before anything is written or journalled (Stage checked it earlier still, before the
+        # key's share; this is the context the verify uses, kept).
+        _tls_trusts(ca_pem)  # the bytes verify reads back from ca_file
         share = plans.sharing(self._driver())  # the managed server reads them as its config
         plans.write_staged(ca_file, ca_pem, share)
         plans.write_staged(cert_file, str(checked["chain_pem"]).encode("ascii"), share)
@@ -802,6 +813,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         )
         if "refused" in checked:
             raise invalid(checked["refused"])
+        # Before the key is written and other stages end: a CA the TLS library refuses
+        # changes nothing (``_store_cert`` checks it again, the context kept).
+        await asyncio.to_thread(_tls_trusts, str(checked["ca_pem"]).encode("ascii"))
         key_pem = str(checked.pop("key_pem")).encode("ascii")
         async with self._lock:
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:

@@ -23,6 +23,8 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from nodeagent import (
     bootstrap_crypto,
@@ -676,3 +678,250 @@ logs.get_logger("nodeagent.cryptoworker_child").warning(
         stamp = dt.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
         assert abs(stamp - dt.datetime.now(dt.UTC)) < dt.timedelta(hours=1)
     assert "hunter2" not in done.stderr
+
+
+def test_the_childs_critical_unrenderable_and_lost_lines_are_as_the_agents(tmp_path: Path) -> None:
+    """Review s42 of the lean child, nits: ``critical`` is logged as structlog logs it (level
+    "critical", not "error"); an event whose fields cannot be rendered is a line with its name
+    (none of its fields), counted, not dropped silently; the lost-lines notice has
+    ``tlsroll.logs``' key order."""
+    script = """
+import json
+from tlsroll import leanlog, logs
+logs.configure(json=True, level=logs.level_of("info"))
+logs.get_logger("nodeagent.sharing").critical("stage.critical", n=1)
+agent_notice = json.loads(logs.writer.notice(3))
+leanlog.configure(json_lines=True, level=leanlog.level_of("warning"))
+lean = leanlog.get_logger("nodeagent.sharing")
+lean.critical("stage.critical", n=1)
+
+class Unsayable:
+    def __repr__(self):
+        raise RuntimeError("a value that says nothing")
+
+lean.warning("stage.unrendered", value=Unsayable(), n=2)
+lean.error("stage.after", n=3)
+child_notice = json.loads(leanlog._output.notice(3))
+print(json.dumps([list(agent_notice), list(child_notice), leanlog._output.unrendered]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=True,
+    )
+    agent_notice, child_notice, unrendered = json.loads(done.stdout)
+    assert (
+        child_notice == agent_notice == ["event", "logger", "level", "lost", "detail", "timestamp"]
+    )
+    assert unrendered == 1
+    agent, child, unsaid, after = [json.loads(line) for line in done.stderr.splitlines()]
+    assert agent["level"] == child["level"] == "critical"
+    assert list(child) == list(agent)
+    assert {k: v for k, v in unsaid.items() if k != "timestamp"} == {
+        "error_type": "RuntimeError",
+        "detail": "this event's fields could not be rendered; left out",
+        "event": "stage.unrendered",
+        "logger": "nodeagent.sharing",
+        "level": "warning",
+    }
+    assert after["event"] == "stage.after" and "says nothing" not in done.stderr
+
+
+def test_stage_s_checks_before_the_share_and_for_an_agent_that_calls_stage_alone(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s42 of the lean child, Low 1: ``cert.stage_issuer`` makes every check that
+    needs no key read (the key by the journalled CSR's public key, the names, the clock) in
+    Stage's order; ``cert.stage`` still makes them all, as an agent started before
+    ``stage_issuer`` existed calls it alone (an upgrade starts the new child for it), and
+    ``stage_issuer`` answers an agent of 900742f (CA fields alone) with the issuer's checks."""
+    key_file = tmp_path / "server.key"
+    key = pki.generate_key()
+    pki.write_key(key_file, key)
+    csr = pki.make_csr(key, NAMES)
+    earlier = pki.make_csr(pki.generate_key(), NAMES)
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(made: Any) -> str:
+        return pki.cert_to_pem(made).decode()
+
+    right = cert(test_ca.sign_csr(csr, NAMES))
+    cases = [
+        (cert(test_ca.sign_csr(earlier, NAMES)), now, "does not match the staged key"),
+        (cert(test_ca.issue(key.public_key(), Names.of("n2", ["127.0.0.2"]))), now, "names"),
+        (right, now + dt.timedelta(days=3653), None),  # PKIError: not valid then
+    ]
+    base = {
+        "ca_certificate_pem": test_ca.cert_pem.decode(),
+        "ca_pin": pki.spki_pin(test_ca.cert),
+        "names": certwork.names_request(NAMES),
+    }
+    for pem, when, refusal in cases:
+        request = {**base, "certificate_pem": pem, "now": when.isoformat()}
+        for op, extra in (
+            (certwork_ops.stage_issuer, {"csr_pem": pki.csr_to_pem(csr).decode()}),
+            (certwork_ops.stage, {"key_file": str(key_file), "reader": None}),
+        ):
+            if refusal is None:
+                with pytest.raises(PKIError, match="expired or not yet valid"):
+                    op({**request, **extra})
+            else:
+                assert refusal in op({**request, **extra})["refused"]
+    request = {**base, "certificate_pem": right, "now": now.isoformat()}
+    issuer = certwork_ops.stage_issuer({**request, "csr_pem": pki.csr_to_pem(csr).decode()})
+    assert issuer == {"ca_pem": test_ca.cert_pem.decode()}
+    old = {k: request[k] for k in ("certificate_pem", "ca_certificate_pem", "ca_pin")}
+    assert "refused" not in certwork_ops.stage_issuer(old)
+    stored = certwork_ops.stage({**request, "key_file": str(key_file), "reader": None})
+    assert stored["fingerprint"] == pki.fingerprint(pki.load_cert_pem(right.encode()))
+
+
+OLD_CHILD = (
+    "from tlsroll import lean; lean.keep_out(); from nodeagent import cryptoworker; "
+    "cryptoworker.main()"
+)
+"""``cryptoworker.CHILD`` before 900742f, as an agent started then still says it."""
+
+
+def test_a_child_started_as_an_agent_before_the_lean_child_starts_it_answers(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s42 of the lean child, Low 2: an agent running while its node is upgraded starts
+    its child with the code on disk but its own ``CHILD``: that child answers, as ours does."""
+    request = {"op": "cert.crl", "request": _crl_request(tmp_path, test_ca)}
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", OLD_CHILD, "json", "info", str(os.getpid())],
+        input=json.dumps(request) + "\n",
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert (child.returncode, child.stderr) == (0, "")
+    assert json.loads(child.stdout) == {"ok": {"number": 7, "revoked": [12345]}}
+
+
+NOISY_OPS = """
+import ctypes
+import os
+
+def say(request):
+    print("a print to stdout")
+    os.write(1, b"a write to fd 1\\n")
+    libc = ctypes.CDLL(None)
+    libc.puts(b"C's puts to stdout")
+    libc.fflush(None)
+    return request["back"]
+
+OPS = {"say": say, "unsayable": lambda request: {"a set": {1, 2}}}
+"""
+"""A test's op module (never the product's op table): writes to stdout three ways, or answers
+what JSON cannot encode."""
+
+NOISY_CHILD = (
+    "from nodeagent import cryptoworker_child as c; c.OP_MODULES['noisy'] = 'noisy_ops'; c.main()"
+)
+
+
+def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
+    """Review s42 of the lean child, Low 4: an op (or a library it calls) that writes to stdout
+    (a print, a write to fd 1, C's stdio) does not corrupt the answers: its lines go to
+    stderr, its answer and the next call's arrive as they should. And (a nit of the review)
+    an op's value JSON cannot encode is an error answer, not the child's end."""
+    (tmp_path / "noisy_ops.py").write_text(NOISY_OPS)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    requests = [
+        {"op": "noisy.say", "request": {"back": {"first": [1, "ü"]}}},
+        {"op": "noisy.say", "request": {"back": "second"}},
+        {"op": "noisy.unsayable", "request": {}},
+        {"op": "cert.nope", "request": {}},
+    ]
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", NOISY_CHILD, "json", "info", str(os.getpid())],
+        input="".join(json.dumps(r) + "\n" for r in requests),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    answers = [json.loads(line) for line in child.stdout.splitlines()]
+    assert answers[:2] == [{"ok": {"first": [1, "ü"]}}, {"ok": "second"}]
+    # An answer JSON cannot encode: the op's bug, answered as one (nit), and the child goes on.
+    assert answers[2] == {
+        "error": {"type": "WorkerBug", "message": "crypto work (noisy.unsayable) failed: TypeError"}
+    }
+    assert answers[3]["error"]["type"] == "TerminalError" and len(answers) == 4
+    said = child.stderr.splitlines()
+    for noise in ("a print to stdout", "a write to fd 1", "C's puts to stdout"):
+        assert said.count(noise) == 2, child.stderr
+
+
+def _negative_serial(ca: pki.CertificateAuthority) -> bytes:
+    """A certificate (PEM) whose serial is -1, which RFC 5280 forbids and ``cryptography``
+    warns of when it parses one: one of ``ca``'s with serial 1, the DER's serial byte made
+    0xff (its signature no longer verifies: nothing here needs it to)."""
+    made = ca.issue(pki.generate_key().public_key(), NAMES)
+    issued = (
+        x509.CertificateBuilder()
+        .subject_name(made.subject)
+        .issuer_name(made.issuer)
+        .public_key(made.public_key())
+        .serial_number(1)
+        .not_valid_before(made.not_valid_before_utc)
+        .not_valid_after(made.not_valid_after_utc)
+        .sign(ca.key, hashes.SHA256())
+    )
+    der = issued.public_bytes(serialization.Encoding.DER)
+    version_and_serial = b"\xa0\x03\x02\x01\x02\x02\x01\x01"
+    assert der.count(version_and_serial) == 1
+    der = der.replace(version_and_serial, version_and_serial[:-1] + b"\xff")
+    body = base64.encodebytes(der).decode().replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(
+        ["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----", ""]
+    ).encode()
+
+
+def test_a_warning_in_the_child_is_one_json_log_line(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s42 of the lean child, Low 3: a Python warning in the child (``cryptography``'s
+    for a certificate with a negative serial) was Python's two plain-text lines on the agent's
+    stderr, among its JSON lines; it is a ``cryptoworker.warning`` event now, one JSON line."""
+    negative = _negative_serial(test_ca)
+    request = {
+        "op": "cert.stage_issuer",
+        "request": {
+            "certificate_pem": negative.decode(),
+            "ca_certificate_pem": test_ca.cert_pem.decode(),
+            "ca_pin": pki.spki_pin(test_ca.cert),
+        },
+    }
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", cryptoworker.CHILD, "json", "info", str(os.getpid())],
+        input=json.dumps(request) + "\n",
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == {
+        "ok": {"refused": "the certificate was not issued by the cluster CA"}
+    }
+    lines = child.stderr.splitlines()
+    assert lines, "no warning"
+    for line in lines:
+        event = json.loads(line)
+        assert list(event) == ["category", "message", "event", "logger", "level", "timestamp"]
+        assert event["event"] == "cryptoworker.warning" and event["level"] == "warning"
+        assert event["category"] == "CryptographyDeprecationWarning"
+        assert "serial number" in event["message"] and len(event["message"]) <= 200

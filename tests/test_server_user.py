@@ -25,6 +25,7 @@ import grp
 import json
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import grpc
 import pytest
 import structlog.testing
 
@@ -47,7 +49,7 @@ from nodeagent.trust import LeaderTrust
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, TxnView, alive
-from tlsroll import fsutil, password, pki
+from tlsroll import fsutil, httpcheck, password, pki
 from tlsroll.enums import Change
 from tlsroll.errors import UnsafePermissions
 from tlsroll.fsutil import check_private_file
@@ -931,7 +933,7 @@ def test_a_group_with_other_members_reading_the_secrets_is_said(
         got = real(gid)
         return grp.struct_group((got.gr_name, got.gr_passwd, got.gr_gid, members))
 
-    monkeypatch.setattr(grp, "getgrgid", getgrgid)  # plans calls grp.getgrgid
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)  # nodeagent.sharing calls grp.getgrgid
     with structlog.testing.capture_logs() as alone:
         stage_all(driver, "r1")
     assert [e for e in alone if e["event"] == "stage.group_shares_secrets"] == []
@@ -960,9 +962,12 @@ async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
 ) -> None:
     """Review s41 rev2, Low 1: Stage gave the staged key the live config's access (its group,
     0640: the config's group had changed since CreateCSR) before any certificate check, and a
-    certificate Stage then refused (another CA's) had changed the key anyway. The checks that
-    need no key come first now (pinned CA, issuer), as before session 41; a certificate of
-    the cluster CA's is staged, the key given the config's access on the way."""
+    certificate Stage then refused (another CA's) had changed the key anyway. Review s42 of
+    the lean child, Low 1: so had one of the cluster CA's for another key, with other names,
+    not valid at the node's clock (10 years ahead: the reviewer's case), or a CA the TLS
+    library refuses. Every check that needs no key read comes first now (the key's match
+    against the journalled CSR's public key); a certificate of the cluster CA's for the key
+    is staged, the key given the config's access on the way."""
     config = tmp_path / "etc" / "praxis.toml"
     config.parent.mkdir()
     config.write_bytes(b"[server]\n")
@@ -978,13 +983,14 @@ async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
     os.chown(config, 0, N)  # the config's access changed since: root:nogroup 0640
     config.chmod(0o640)
     crypto = CryptoWorker()
+    skew = [dt.timedelta(0)]  # the node's clock, ahead of the real one by this
     agent = NodeAgentService(
         cast(Any, SimpleNamespace(names=NAMES, ca_pin=pki.spki_pin(test_ca.cert))),
         cast(Any, None),
         journal,
         cast(Any, driver),
         None,
-        lambda: dt.datetime.now(dt.UTC),
+        lambda: dt.datetime.now(dt.UTC) + skew[0],
         trust=LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem"),
         crypto=crypto,
     )
@@ -1004,16 +1010,41 @@ async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
 
     other_ca = pki.CertificateAuthority.create("not the cluster CA")
     foreign = pki.cert_to_pem(other_ca.sign_csr(csr, NAMES, server=True, client=False))
+    # An earlier CSR's certificate (another key), and one for this key with other names.
+    earlier = pki.make_csr(pki.generate_key(), NAMES)
+    other_key = pki.cert_to_pem(test_ca.sign_csr(earlier, NAMES, server=True, client=False))
+    other_names = Names.of("n2", ["127.0.0.2"])
+    renamed = pki.cert_to_pem(test_ca.issue(key.public_key(), other_names, server=True))
+    right = pki.cert_to_pem(test_ca.sign_csr(csr, NAMES, server=True, client=False))
+    real_trusting = httpcheck.trusting
+
+    def refusing(ca_pem: bytes) -> ssl.SSLContext:
+        raise ssl.SSLError("[X509] the test's refusal")
+
+    changed = []  # the refusals that changed the key's access (each put back, to see all)
     try:
-        for cert, ca, refusal in [
-            (foreign, test_ca.cert_pem, "not issued by the cluster CA"),
-            (foreign, other_ca.cert_pem, "pin mismatch"),
-            (b"not a certificate", test_ca.cert_pem, "certificate"),
+        for cert, ca, refusal, ahead, tls_refuses in [
+            (foreign, test_ca.cert_pem, "not issued by the cluster CA", 0, False),
+            (foreign, other_ca.cert_pem, "pin mismatch", 0, False),
+            (b"not a certificate", test_ca.cert_pem, "certificate", 0, False),
+            (other_key, test_ca.cert_pem, "does not match the staged key", 0, False),
+            (renamed, test_ca.cert_pem, "names differ from this node's names", 0, False),
+            (right, test_ca.cert_pem, "expired or not yet valid", 3653, False),
+            (right, test_ca.cert_pem, "expired or not yet valid", -1, False),
+            (right, test_ca.cert_pem, "the TLS library refuses the CA certificate", 0, True),
         ]:
-            with pytest.raises(Aborted, match=refusal):
+            skew[0] = dt.timedelta(days=ahead)
+            monkeypatch.setattr(httpcheck, "trusting", refusing if tls_refuses else real_trusting)
+            with pytest.raises(Aborted, match=refusal) as aborted:
                 await agent.Stage(stage_request(cert, ca), cast(Any, FakeContext()))
-            assert mode_and_owner(key_file) == (0o600, 0, 0)  # as it was
-        right = pki.cert_to_pem(test_ca.sign_csr(csr, NAMES, server=True, client=False))
+            assert aborted.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
+            if mode_and_owner(key_file) != (0o600, 0, 0):  # as it was
+                changed.append(refusal)
+                os.chown(key_file, 0, 0)
+                key_file.chmod(0o600)
+        assert changed == []
+        skew[0] = dt.timedelta(0)
+        monkeypatch.setattr(httpcheck, "trusting", real_trusting)
         staged = await agent.Stage(stage_request(right, test_ca.cert_pem), cast(Any, FakeContext()))
         assert staged.fingerprint == pki.fingerprint(pki.load_cert_pem(right))
         assert mode_and_owner(key_file) == (0o640, 0, N)  # the config's access, once checked

@@ -11,7 +11,8 @@ those lines itself, here, in the same shape as the agent's (``tlsroll.logs``)::
 
 the event's keys first, then ``event``, ``logger``, ``level`` and ``timestamp`` (UTC, ISO),
 secrets redacted by the same rule (``redact_secrets``), a line that cannot be written dropped
-and counted (``LineWriter``), never raised.
+and counted (``LineWriter``), never raised; an event whose fields cannot be rendered is a line
+with its name and none of its fields (``_Output.unrendered_line``, counted).
 
 Code that runs in both the agent and the lean child (``nodeagent.sharing``) takes its logger
 here (``get_logger(__name__)``): until ``configure`` is called (the child's ``main``) its
@@ -38,6 +39,8 @@ _PUBLIC_KEYS = frozenset({"token_id"})
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 """The names ``--log-level`` and ``log_level`` take, and their ``logging`` numbers."""
+
+_NUMBERS = {**LEVELS, "critical": 50}  # every level a logger writes (structlog's names)
 
 
 def redact_secrets(
@@ -88,6 +91,12 @@ class LineWriter:
                 self.lost += 1
                 self.lost_total += 1
 
+    def drop(self) -> None:
+        """Count a line that could not be made as lost (said by the next notice)."""
+        with self._lock:
+            self.lost += 1
+            self.lost_total += 1
+
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
 
@@ -110,6 +119,7 @@ class _Output:
         self.json_lines = json_lines
         self.level = level
         self.writer = LineWriter(file, self.notice)
+        self.unrendered = 0  # events whose line could not be made (``unrendered_line``)
 
     def line(self, level: str, event_dict: MutableMapping[str, Any]) -> str:
         event_dict["level"] = level
@@ -117,13 +127,30 @@ class _Output:
         return render(redact_secrets(None, level, event_dict), self.json_lines)
 
     def notice(self, count: int) -> str:
+        """``log.lines_lost``, its keys in the order of ``tlsroll.logs``' notice."""
         return self.line(
             "warning",
             {
                 "event": "log.lines_lost",
                 "logger": __name__,
+                "level": "warning",
                 "lost": count,
                 "detail": "log lines could not be written (a full disk? a closed pipe?); dropped",
+            },
+        )
+
+    def unrendered_line(self, level: str, event: str, logger: str, exc: Exception) -> str:
+        """The line of an event whose own could not be made (a value whose ``repr`` raises,
+        one that refers to itself): its name, logger and level, the failure's class, none of
+        its values; counted in ``unrendered``."""
+        self.unrendered += 1
+        return self.line(
+            level,
+            {
+                "error_type": type(exc).__name__,
+                "detail": "this event's fields could not be rendered; left out",
+                "event": event,
+                "logger": logger,
             },
         )
 
@@ -169,13 +196,17 @@ class Logger:
             assert structlog_logger is not None
             getattr(structlog_logger(self.name), level)(event, **kw)
             return
-        if LEVELS[level] < output.level:
+        if _NUMBERS[level] < output.level:
             return
         event_dict: dict[str, Any] = {**kw, "event": event, "logger": self.name}
         try:
             line = output.line(level, event_dict)
-        except Exception:  # a line that cannot be made is no failure
-            return
+        except Exception as exc:  # a line that cannot be made is no failure: its name said
+            try:
+                line = output.unrendered_line(level, str(event), self.name, exc)
+            except Exception:  # (an event name that is no text): counted as lost
+                output.writer.drop()
+                return
         output.writer.msg(line)
 
     def debug(self, event: str, **kw: Any) -> None:
@@ -190,8 +221,11 @@ class Logger:
     def error(self, event: str, **kw: Any) -> None:
         self._emit("error", event, kw)
 
+    def critical(self, event: str, **kw: Any) -> None:
+        self._emit("critical", event, kw)
+
     # No traceback: it could show a secret's value (structlog's ``exception`` adds one).
-    exception = critical = error
+    exception = error
 
 
 def get_logger(name: str) -> Logger:
