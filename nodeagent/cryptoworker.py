@@ -156,6 +156,13 @@ class CryptoWorker:
             assert proc.stdin is not None
             try:
                 proc.stdin.write(line)
+                if proc.stdin.transport.is_closing():
+                    # The write found no reader (EPIPE), or the pipe was known closed: the
+                    # child had ended. Seen here, as the write returns, it is this request's
+                    # write that failed, and no child read it; ``drain`` would raise it only
+                    # after the loop's turns that tell the protocol, and the reply's EOF came
+                    # first (a child killed while idle taken for one that died mid-call).
+                    raise BrokenPipeError
                 await proc.stdin.drain()
                 break
             except (BrokenPipeError, ConnectionResetError):

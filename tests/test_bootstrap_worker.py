@@ -137,7 +137,13 @@ def switched(
         pw = secret_file(root / "pw", PASSWORD)
         rollout = run_rollout(cluster, "--password-file", str(pw))
         assert rollout["state"] == "completed", rollout
+        assert node.agent is not None
+        SWITCHED_BY[node.name] = node.agent.pid
         yield cluster, node, pw
+
+
+SWITCHED_BY: dict[str, int] = {}
+"""The pid of the agent that did each ``switched`` node's switch."""
 
 
 def enrol_and_check(node: ServerNode, pw: Path, settings: Path) -> None:
@@ -146,6 +152,7 @@ def enrol_and_check(node: ServerNode, pw: Path, settings: Path) -> None:
     Nothing secret in the agent's log."""
     assert node.agent is not None
     wait_until(lambda: node.port_open(9443), 30, "the bootstrap service")
+    logged = len(node.agent.log_text())  # (the log holds the runs before this one too)
     result = client_test_connection(node.https_url(), pw, settings)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (settings / "client.pem").exists()
@@ -154,7 +161,7 @@ def enrol_and_check(node: ServerNode, pw: Path, settings: Path) -> None:
     workers = [p for p in children(agent) if CRYPTOGRAPHY_LIB in maps(p)]
     assert workers, "no crypto worker did the work"
     log = node.agent.log_text()
-    assert "bootstrap.enrolled" in log
+    assert "bootstrap.enrolled" in log[logged:]
     (verifier_file,) = (p for p in node.config_dir.rglob("*.json") if b'"hash"' in p.read_bytes())
     verifier = json.loads(verifier_file.read_text())
     digest = base64.b64decode(verifier["hash"])
@@ -170,6 +177,9 @@ def test_a_switched_agent_enrols_workstations_without_cryptography(
     checks) then runs the bootstrap service; a workstation enrols; the agent holds no
     ``cryptography``."""
     _cluster, node, pw = switched
+    assert node.agent is not None
+    # (first of the module's tests: an agent a test before it restarted did no switch)
+    assert node.agent.pid == SWITCHED_BY[node.name], "not the agent that did the switch"
     enrol_and_check(node, pw, tmp_path / "ws-after-switch")
 
 

@@ -196,6 +196,32 @@ async def test_a_child_killed_while_idle_is_replaced_by_the_next_call(
         await worker.close()
 
 
+async def test_a_child_killed_while_idle_unseen_by_the_loop_yet_is_replaced_too(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """The same, where the next call comes before the event loop has heard that the child
+    ended (its exit is told on a later turn of the loop): the request's write finds no reader,
+    and a new child takes it. Before, the write's failure reached ``drain`` only turns later,
+    the answer's EOF came first, and the call failed as if the child had died in the middle
+    of it (``WorkerEnded``: 2 runs of 6 of the test above under load). The wait for the
+    child's end blocks the loop, so that the order is the same on every run."""
+    worker = CryptoWorker()
+    try:
+        request = _crl_request(tmp_path, test_ca)
+        await worker.call("cert.crl", request)
+        first = worker.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not _gone(first) and time.monotonic() < deadline:  # (the loop's thread: blocked)
+            time.sleep(0.01)
+        assert _gone(first)
+        assert (await worker.call("cert.crl", request))["number"] == 7
+        assert worker.pid not in (None, first) and worker.started == 2
+    finally:
+        await worker.close()
+
+
 async def test_a_hung_child_is_killed_the_call_is_transient_and_the_next_starts_another(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:
