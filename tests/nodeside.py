@@ -94,8 +94,8 @@ def cluster_ca(cluster: Cluster) -> pki.CertificateAuthority:
         cluster.passphrase_path.read_bytes().strip(),
     )
     ca = _CAS.pop(files, None)
-    if ca is None:
-        ca = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, files[2])
+    if ca is None:  # from the bytes read, which are the key (the key file's mode: the leader's)
+        ca = pki.CertificateAuthority(pki.load_cert_pem(files[0]), pki.load_key_pem(*files[1:]))
     _CAS[files] = ca  # the newest last
     while len(_CAS) > _CAS_KEPT:
         del _CAS[next(iter(_CAS))]

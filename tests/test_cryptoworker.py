@@ -830,10 +830,15 @@ def say(request):
     libc.fflush(None)
     return request["back"]
 
-OPS = {"say": say, "unsayable": lambda request: {"a set": {1, 2}}}
+def warn(request):
+    import warnings
+    warnings.warn("a test's warning,\\n  over " + "two lines " * 40, UserWarning)
+    return "warned"
+
+OPS = {"say": say, "unsayable": lambda request: {"a set": {1, 2}}, "warn": warn}
 """
-"""A test's op module (never the product's op table): writes to stdout three ways, or answers
-what JSON cannot encode."""
+"""A test's op module (never the product's op table): writes to stdout three ways, answers
+what JSON cannot encode, or warns."""
 
 NOISY_CHILD = (
     "from nodeagent import cryptoworker_child as c; c.OP_MODULES['noisy'] = 'noisy_ops'; c.main()"
@@ -874,6 +879,32 @@ def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
     said = child.stderr.splitlines()
     for noise in ("a print to stdout", "a write to fd 1", "C's puts to stdout"):
         assert said.count(noise) == 2, child.stderr
+
+
+def test_a_warning_any_op_gives_is_one_json_log_line(tmp_path: Path) -> None:
+    """Review s42 of the lean child, Low 3, whatever ``cryptography`` does (the next test
+    relies on its warning for a negative serial, which it says a later release will refuse):
+    a warning an op gives is one ``cryptoworker.warning`` line, its message on one line and
+    cut to 200 characters."""
+    (tmp_path / "noisy_ops.py").write_text(NOISY_OPS)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    child = subprocess.run(
+        [sys.executable, "-P", "-c", NOISY_CHILD, "json", "info", str(os.getpid())],
+        input=json.dumps({"op": "noisy.warn", "request": {}}) + "\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == {"ok": "warned"}
+    (line,) = child.stderr.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "cryptoworker.warning" and event["category"] == "UserWarning"
+    assert event["message"].startswith("a test's warning, over two lines two lines")
+    assert len(event["message"]) <= 200
 
 
 def _negative_serial(ca: pki.CertificateAuthority) -> bytes:
