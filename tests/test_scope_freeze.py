@@ -4,6 +4,7 @@ ended. Real leader, agents and reference servers."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
+from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
 LEASE = 10
 """The lease test's scope freeze lease (s): the leader renews it every third of it, at its
@@ -47,6 +49,11 @@ class ScopeWorld:
         pw = self.root / "pw"
         pw.touch(0o600)
         pw.write_text("scope-freeze-test-password\n")
+        with self.cluster.admin() as admin:
+            self._start_and_pause(admin, pw)
+
+    def _start_and_pause(self, admin: admin_pb2_grpc.AdminStub, pw: Path) -> None:
+        admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=30)  # (the channel open)
         started = self.cluster.cli(
             "rollout",
             "start",
@@ -59,7 +66,17 @@ class ScopeWorld:
             "--yes",
         )
         assert started.returncode == 0, started.stderr
-        assert self.cluster.cli("rollout", "pause").returncode == 0
+        # Paused over the admin socket from here, on a channel already open, not by a CLI
+        # process: its start (about 0.3 s, more under load) let node2 finish its switch before
+        # the pause, and node1, started by then, switched too (a run of session 42's CI).
+        (rollout_id,) = set(re.findall(r"\br\d{8}-\d{6}-[0-9a-f]{4}\b", started.stdout))
+        paused = admin.ControlRollout(
+            admin_pb2.ControlRolloutRequest(
+                rollout_id=rollout_id, action=admin_pb2.ROLLOUT_ACTION_PAUSE
+            ),
+            timeout=30,
+        )
+        assert paused is not None
         wait_until(
             lambda: self.poll()["nodes"][0]["state"] == "done",
             60,
