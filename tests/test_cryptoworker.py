@@ -845,21 +845,15 @@ NOISY_CHILD = (
 )
 
 
-def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
-    """Review s42 of the lean child, Low 4: an op (or a library it calls) that writes to stdout
-    (a print, a write to fd 1, C's stdio) does not corrupt the answers: its lines go to
-    stderr, its answer and the next call's arrive as they should. And (a nit of the review)
-    an op's value JSON cannot encode is an error answer, not the child's end."""
+def _noisy_child(
+    tmp_path: Path, requests: list[dict[str, Any]]
+) -> subprocess.CompletedProcess[str]:
+    """A real child (``NOISY_CHILD``) with the test's op module, given ``requests``, run to
+    its end (EOF)."""
     (tmp_path / "noisy_ops.py").write_text(NOISY_OPS)
     env = child_env()
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
-    requests = [
-        {"op": "noisy.say", "request": {"back": {"first": [1, "ü"]}}},
-        {"op": "noisy.say", "request": {"back": "second"}},
-        {"op": "noisy.unsayable", "request": {}},
-        {"op": "cert.nope", "request": {}},
-    ]
-    child = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-P", "-c", NOISY_CHILD, "json", "info", str(os.getpid())],
         input="".join(json.dumps(r) + "\n" for r in requests),
         capture_output=True,
@@ -868,6 +862,20 @@ def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
+
+
+def test_nothing_but_answers_reaches_the_answers_pipe(tmp_path: Path) -> None:
+    """Review s42 of the lean child, Low 4: an op (or a library it calls) that writes to stdout
+    (a print, a write to fd 1, C's stdio) does not corrupt the answers: its lines go to
+    stderr, its answer and the next call's arrive as they should. And (a nit of the review)
+    an op's value JSON cannot encode is an error answer, not the child's end."""
+    requests = [
+        {"op": "noisy.say", "request": {"back": {"first": [1, "ü"]}}},
+        {"op": "noisy.say", "request": {"back": "second"}},
+        {"op": "noisy.unsayable", "request": {}},
+        {"op": "cert.nope", "request": {}},
+    ]
+    child = _noisy_child(tmp_path, requests)
     assert child.returncode == 0, child.stderr
     answers = [json.loads(line) for line in child.stdout.splitlines()]
     assert answers[:2] == [{"ok": {"first": [1, "ü"]}}, {"ok": "second"}]
@@ -886,18 +894,7 @@ def test_a_warning_any_op_gives_is_one_json_log_line(tmp_path: Path) -> None:
     relies on its warning for a negative serial, which it says a later release will refuse):
     a warning an op gives is one ``cryptoworker.warning`` line, its message on one line and
     cut to 200 characters."""
-    (tmp_path / "noisy_ops.py").write_text(NOISY_OPS)
-    env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
-    child = subprocess.run(
-        [sys.executable, "-P", "-c", NOISY_CHILD, "json", "info", str(os.getpid())],
-        input=json.dumps({"op": "noisy.warn", "request": {}}) + "\n",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    child = _noisy_child(tmp_path, [{"op": "noisy.warn", "request": {}}])
     assert child.returncode == 0, child.stderr
     assert json.loads(child.stdout) == {"ok": "warned"}
     (line,) = child.stderr.splitlines()
