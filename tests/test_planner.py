@@ -653,8 +653,9 @@ ops = st.one_of(
 )
 
 
-def check_plan(rollout: Rollout, plan: Plan) -> None:
-    """What a plan may contain, given the rollout state it was made for."""
+def check_plan(rollout: Rollout, plan: Plan, ahead: int = 0) -> None:
+    """What a plan may contain, given the rollout state it was made for (``ahead``: the
+    leader's ``prepare_ahead``)."""
     if rollout.state in TERMINAL_ROLLOUT_STATES or rollout.state in (
         R.PLANNED,
         R.AWAITING_FINALIZE,
@@ -662,6 +663,9 @@ def check_plan(rollout: Rollout, plan: Plan) -> None:
         assert plan == Plan(epoch=rollout.epoch)
     if rollout.state is not R.RUNNING:
         assert not plan.nodes_with_event(NE.START)
+    if ahead and rollout.state is R.PAUSED:  # a node prepared ahead waits staged
+        assert not plan.nodes_with_event(NE.SWITCH)
+        assert not [a for a in plan.steps if a.step is Step.FREEZE]
     if (
         rollout.state in DRAINING_ROLLOUT_STATES
         or RE.FAILURE_BUDGET_EXCEEDED in plan.rollout_events
@@ -736,7 +740,9 @@ def run(eng: Engine, op: Op) -> None:
             eng.nodes = (*eng.nodes[:i], new, *eng.nodes[i + 1 :])
     else:  # the planner itself must never make an illegal move
         check_plan(
-            eng.rollout, next_actions(eng.rollout, eng.nodes, prepare_ahead=eng.prepare_ahead)
+            eng.rollout,
+            next_actions(eng.rollout, eng.nodes, prepare_ahead=eng.prepare_ahead),
+            eng.prepare_ahead,
         )
         plan = eng.plan()
         check_records(eng.rollout, eng.nodes, eng.prepare_ahead)
