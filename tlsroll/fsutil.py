@@ -436,7 +436,6 @@ def config_dir_problem(directory: Path) -> str | None:
     no symbolic link on the way may be someone else's. The answer ends with what to run."""
     me = os.geteuid()
     given = Path(os.path.abspath(directory))
-    fix = f"run: chown {_user_name(me)} DIR; chmod go-w DIR"
     try:
         link = _links_problem(given, me)
         if link:
@@ -456,10 +455,10 @@ def config_dir_problem(directory: Path) -> str | None:
     except OSError as exc:
         return f"config directory {directory}: {exc.strerror or exc}"
     if problem is None:
-        return None
+        return None  # the user's name (a passwd lookup) only for the answer: issue 15
     return (
         f"config directory: {problem}: another user could make the agent write, chown or "
-        f"chmod files elsewhere; {fix.replace('DIR', str(where))}"
+        f"chmod files elsewhere; run: chown {_user_name(me)} {where}; chmod go-w {where}"
     )
 
 
