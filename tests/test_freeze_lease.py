@@ -18,7 +18,7 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, Literal, cast
 
 import pytest
@@ -562,10 +562,10 @@ def test_the_boot_id_is_read_once_per_process(
     process runs. The clock itself is read each time."""
     reads: list[str] = []
 
-    class CountingPath(type(Path())):  # type: ignore[misc]
-        def read_text(self, *args: Any, **kwargs: Any) -> str:
+    class CountingPath(PosixPath):
+        def read_text(self, encoding: str | None = None, errors: str | None = None) -> str:
             reads.append(str(self))
-            return super().read_text(*args, **kwargs)
+            return super().read_text(encoding, errors)
 
     boot_id_file = tmp_path / "boot_id"
     boot_id_file.write_text("0b5e0b5e-0000-4000-8000-000000000001\n")

@@ -24,6 +24,7 @@ import datetime as dt
 import grp
 import json
 import os
+import pwd
 import shutil
 import ssl
 import stat
@@ -793,13 +794,13 @@ def test_a_safe_config_directory_is_checked_without_a_user_lookup(
     its stage prepared) looked up the agent's user name in the passwd database every time,
     for an answer it gives only when the directory is unsafe. It still names the user then."""
     lookups: list[int] = []
-    real = fsutil.pwd.getpwuid
+    real = pwd.getpwuid
 
     def counted(uid: int) -> Any:
         lookups.append(uid)
         return real(uid)
 
-    monkeypatch.setattr(fsutil.pwd, "getpwuid", counted)
+    monkeypatch.setattr(pwd, "getpwuid", counted)  # the module tlsroll.fsutil asks
     config_dir = tmp_path / "conf"
     config_dir.mkdir(mode=0o755)
     assert fsutil.config_dir_problem(config_dir) is None
