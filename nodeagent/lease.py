@@ -35,6 +35,7 @@ a lease is granted or taken over.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -59,15 +60,26 @@ class Boot(NamedTuple):
     seconds: float
 
 
+@functools.cache
+def _boot_id() -> str:
+    """This boot's id, read once per process: it cannot change while the process runs (a
+    reboot ends it). Every switch's freeze asked for it twice (its start and its end), the
+    first time inside the freeze window (issue 15). A read that fails is not kept: OSError."""
+    try:
+        return BOOT_ID.read_text(encoding="ascii").strip()
+    except UnicodeDecodeError as exc:
+        raise OSError(f"{BOOT_ID}: {exc}") from None
+
+
 def boot_clock() -> Boot | None:
     """Now on the boot-time clock, or None where there is none (not Linux, no /proc)."""
     clock = getattr(time, "CLOCK_BOOTTIME", None)
     if clock is None:
         return None
     try:
-        boot_id = BOOT_ID.read_text(encoding="ascii").strip()
+        boot_id = _boot_id()
         seconds = time.clock_gettime(clock)
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return None
     return Boot(boot_id, seconds) if boot_id else None
 

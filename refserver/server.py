@@ -578,7 +578,11 @@ async def serve(loaded: refserver_config.Loaded) -> int:
     socket_bound = started = False
     try:
         try:
-            write_atomic(pid_file, f"{os.getpid()}\n".encode())
+            # Replaced whole (a reader never sees half of it), not fsynced: a pid names a
+            # process of this boot only, and after a crash of the machine the file, whatever
+            # it holds, names none (the driver checks the process it names, and its lock). Its
+            # two fsyncs were in every restart, inside every switch's freeze window (issue 15).
+            write_atomic(pid_file, f"{os.getpid()}\n".encode(), sync=False)
         except OSError as exc:
             raise StartupError(f"cannot write {pid_file}: {exc.strerror or exc}") from None
         try:

@@ -18,12 +18,13 @@ import asyncio
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, Literal, cast
 
 import pytest
 from structlog.testing import capture_logs
 
+from nodeagent import lease as lease_module
 from nodeagent import service, transaction
 from nodeagent.drivers import ServerFacts
 from nodeagent.journal import Journal, JournalError, Txn
@@ -551,6 +552,33 @@ async def test_a_restart_in_this_boot_keeps_the_lease_on_the_real_boot_time_cloc
     assert await agent._lift_lapsed_freeze() is None
     assert server.frozen and journal.freeze_lease() == lease
     journal.close()
+
+
+def test_the_boot_id_is_read_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: every switch reads the boot-time clock at its freeze's start (inside the freeze
+    window) and end, and read the boot id from /proc each time; it cannot change while the
+    process runs. The clock itself is read each time."""
+    reads: list[str] = []
+
+    class CountingPath(PosixPath):
+        def read_text(self, encoding: str | None = None, errors: str | None = None) -> str:
+            reads.append(str(self))
+            return super().read_text(encoding, errors)
+
+    boot_id_file = tmp_path / "boot_id"
+    boot_id_file.write_text("0b5e0b5e-0000-4000-8000-000000000001\n")
+    monkeypatch.setattr(lease_module, "BOOT_ID", CountingPath(boot_id_file))
+    lease_module._boot_id.cache_clear()
+    try:
+        first, second = boot_clock(), boot_clock()
+    finally:
+        lease_module._boot_id.cache_clear()
+    assert first is not None and second is not None
+    assert first.boot_id == second.boot_id == "0b5e0b5e-0000-4000-8000-000000000001"
+    assert second.seconds >= first.seconds
+    assert reads == [str(boot_id_file)]
 
 
 async def test_a_lease_journalled_before_its_length_was_is_bounded_by_the_longest(

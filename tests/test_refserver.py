@@ -142,6 +142,53 @@ def test_write_and_read_over_http(make_server: MakeServer) -> None:
     assert events[0] == "server.started" and events[-1] == "server.stopped"
 
 
+class FsyncCountingServer(RefServer):
+    """A reference server whose process writes, for each ``os.fsync`` call it makes, the path
+    of the file or directory synced to ``fsynced`` (a line each)."""
+
+    def __init__(self, fsynced: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fsynced = fsynced
+
+    def command(self) -> list[str]:
+        code = (
+            "import os, runpy, sys\n"
+            "out, real = sys.argv.pop(1), os.fsync\n"
+            "def fsync(fd):\n"
+            "    with open(out, 'a') as f:\n"
+            "        f.write(os.readlink(f'/proc/self/fd/{fd}') + '\\n')\n"
+            "    return real(fd)\n"
+            "os.fsync = fsync\n"
+            "runpy.run_module('refserver', run_name='__main__', alter_sys=True)\n"
+        )
+        config = ["--config", str(self.config_path)]
+        return [sys.executable, "-P", "-c", code, str(self.fsynced), *config]
+
+
+def test_the_reference_server_s_start_fsyncs_no_pid_file(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15, the freeze window: the reference server starts inside every switch's freeze,
+    and its pid file was an fsynced atomic write (the file and its directory: two of the
+    fifteen fsyncs of a switch, ``bench.switch_calls``). A pid names a process of this boot
+    only: after a crash of the machine the file names none, whatever it holds. It is still
+    replaced whole (a rename), and names the process that runs, after a restart too."""
+    fsynced = tmp_path / "fsynced"
+    server = FsyncCountingServer(fsynced, tmp_path / "rs", loopback())
+    try:
+        server.start()
+        first = server.pid
+        server.restart()
+        assert server.pid != first
+        assert (server.data_dir / "refserver.pid").read_text() == f"{server.pid}\n"
+        assert sorted(server.data_dir.glob(".refserver.pid.tmp-*")) == []
+        assert server.stop() == 0
+    finally:
+        server.close()
+    synced = fsynced.read_text().splitlines() if fsynced.exists() else []
+    assert synced == []
+
+
 def test_an_overlong_header_line_logs_its_type_and_not_the_line(make_server: MakeServer) -> None:
     """aiohttp logged the first 100 bytes of a header line over 8190 bytes: a browser's
     cookies for this host (the viewer's session, if the leader shares the address) or an

@@ -24,6 +24,7 @@ import datetime as dt
 import grp
 import json
 import os
+import pwd
 import shutil
 import ssl
 import stat
@@ -784,6 +785,31 @@ def test_a_server_of_its_own_user_takes_roots_key_its_group_may_read(
 
 
 # --- s39key2: the server's user never steers the root agent ----------------------------------
+
+
+def test_a_safe_config_directory_is_checked_without_a_user_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the config directory's check (at a stage, and again as a switch takes what
+    its stage prepared) looked up the agent's user name in the passwd database every time,
+    for an answer it gives only when the directory is unsafe. It still names the user then."""
+    lookups: list[int] = []
+    real = pwd.getpwuid
+
+    def counted(uid: int) -> Any:
+        lookups.append(uid)
+        return real(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", counted)  # the module tlsroll.fsutil asks
+    config_dir = tmp_path / "conf"
+    config_dir.mkdir(mode=0o755)
+    assert fsutil.config_dir_problem(config_dir) is None
+    assert lookups == []
+    config_dir.chmod(0o777)
+    problem = fsutil.config_dir_problem(config_dir)
+    name = real(os.geteuid()).pw_name
+    assert problem is not None and f"run: chown {name} {config_dir}; chmod go-w" in problem
+    assert lookups
 
 
 @needs_root

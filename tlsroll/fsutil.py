@@ -20,7 +20,12 @@ _STAGINGS = itertools.count(1)  # ``stage_atomic``'s default names
 
 
 def write_atomic(
-    path: Path, data: bytes, mode: int = PUBLIC, owner: tuple[int, int] | None = None
+    path: Path,
+    data: bytes,
+    mode: int = PUBLIC,
+    owner: tuple[int, int] | None = None,
+    *,
+    sync: bool = True,
 ) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
 
@@ -30,10 +35,15 @@ def write_atomic(
     ``mode``'s owner bits only, then chowned, then given ``mode``); where it cannot be set
     (no CAP_CHOWN) the file stays ours with ``mode``'s owner bits only: its group and others
     get nothing, so never a group other than the one meant.
+
+    ``sync=False``: neither the file nor its directory is fsynced (the rename still replaces
+    it whole, for every reader of this boot), for a file that means nothing after a crash of
+    the machine: a pid file names a process of this boot only.
     """
     path = Path(path)
     name = f".{path.name}.tmp-{os.getpid()}-{os.urandom(8).hex()}"  # unguessable: never reused
-    replace_staged(stage_atomic(path, data, mode, name, owner, owner_first=True), path)
+    tmp = stage_atomic(path, data, mode, name, owner, owner_first=True, sync=sync)
+    replace_staged(tmp, path, sync=sync)
 
 
 def stage_atomic(
@@ -44,6 +54,7 @@ def stage_atomic(
     owner: tuple[int, int] | None = None,
     *,
     owner_first: bool = False,
+    sync: bool = True,
 ) -> Path:
     """The first half of ``write_atomic``: ``data`` in a temporary file beside ``path`` (created
     with ``mode``), written and fsynced, ``path`` untouched; ``replace_staged`` is the second
@@ -59,7 +70,8 @@ def stage_atomic(
     own user reads, 0640 say); set if the new file did not get them anyway, where
     that is allowed (CAP_CHOWN; else it stays ours: the caller may look). ``owner_first``
     (``write_atomic``'s): group and others get ``mode``'s access only once ``owner`` is set;
-    a file whose owner could not be set keeps ``mode``'s owner bits only."""
+    a file whose owner could not be set keeps ``mode``'s owner bits only. ``sync=False``: not
+    fsynced (``write_atomic``'s)."""
     path = Path(path)
     first = mode & 0o700 if owner_first and owner is not None else mode
     tmp, fd = _create_new(path, name, first)
@@ -76,7 +88,8 @@ def stage_atomic(
         with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
     except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
@@ -105,16 +118,17 @@ def _create_new(path: Path, name: str, mode: int) -> tuple[Path, int]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
-def replace_staged(tmp: Path, path: Path) -> None:
+def replace_staged(tmp: Path, path: Path, *, sync: bool = True) -> None:
     """The second half of ``write_atomic``: ``tmp`` (from ``stage_atomic``) becomes ``path``
-    (rename, then the directory fsynced)."""
+    (rename, then the directory fsynced unless ``sync`` is False)."""
     try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -422,7 +436,6 @@ def config_dir_problem(directory: Path) -> str | None:
     no symbolic link on the way may be someone else's. The answer ends with what to run."""
     me = os.geteuid()
     given = Path(os.path.abspath(directory))
-    fix = f"run: chown {_user_name(me)} DIR; chmod go-w DIR"
     try:
         link = _links_problem(given, me)
         if link:
@@ -442,10 +455,10 @@ def config_dir_problem(directory: Path) -> str | None:
     except OSError as exc:
         return f"config directory {directory}: {exc.strerror or exc}"
     if problem is None:
-        return None
+        return None  # the user's name (a passwd lookup) only for the answer: issue 15
     return (
         f"config directory: {problem}: another user could make the agent write, chown or "
-        f"chmod files elsewhere; {fix.replace('DIR', str(where))}"
+        f"chmod files elsewhere; run: chown {_user_name(me)} {where}; chmod go-w {where}"
     )
 
 
