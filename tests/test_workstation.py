@@ -1309,9 +1309,11 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     assert run.code == 1, run.err
     kept = d / KEPT
     assert run.error.startswith("tlsroll: error: a request with the new settings failed: ")
+    # (the set in place still works at this server, which reads no revocation list: kept)
     assert (
-        "the settings before are kept, but the leader superseded this PC's earlier certificate "
-        f"when it signed the new one; this PC's new certificate (ws-empfang) is kept in {kept}: "
+        "the settings before are kept (a request with them still succeeds), but the leader "
+        "revoked their certificate when it signed the new one: a server that checks "
+        f"revocation refuses it; this PC's new certificate (ws-empfang) is kept in {kept}: "
         "fix the cause and run again (it enrols as this PC again, no --replace needed)"
     ) in run.error
     assert not assert_one_set_beside_kept(d, before, node)  # the set before, working, in place

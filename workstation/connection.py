@@ -34,7 +34,10 @@ says ``--replace`` (a new PC for an old one). A new enrolment whose final check 
 the settings before in place and keeps its new key and certificate in
 ``.enrolment-kept`` (``settings_files``), with which the next run proves the name: the leader
 has superseded the certificate in place by then, and without them only ``--replace`` could
-enrol this PC again.
+enrol this PC again. The PC is never left without a working set (s39wsfix): settings before
+whose certificate the leader has just revoked stay only while a request with them still
+succeeds; otherwise the new set goes in place all the same (the one certificate the leader
+holds valid), and the error says what failed (``after_failed_check``).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -47,7 +50,9 @@ Exit codes (every error is one line on stderr; the password is never printed):
 
     0   done: settings written, restart the client
     1   other failure (unexpected answer, settings dir not writable, check with the new
-        settings failed: nothing written, a new enrolment kept aside, aborted at a prompt)
+        settings failed: nothing written and a new enrolment kept aside, or the new set
+        written all the same when the leader revoked the one in place and it fails too;
+        aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, no name to enrol under (host name
         "localhost": --name), a password file that is empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
@@ -552,7 +557,9 @@ class TestConnection:
             # committed before it failed is completed by the next run.)
             if client_pem is None or key_pem is None:
                 raise
-            raise self.keep_enrolment(exc, client_pem, key_pem) from None
+            raise self.after_failed_check(
+                exc, result, trusted_pem, client_pem, key_pem, bundle
+            ) from None
         return result
 
     def choose_name(self) -> None:
@@ -602,17 +609,110 @@ class TestConnection:
                 found.append((cert, key))
         return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
 
-    def keep_enrolment(self, failed: CheckFailed, client_pem: bytes, key_pem: bytes) -> ClientError:
+    def after_failed_check(
+        self,
+        failed: CheckFailed,
+        result: Result,
+        ca_pem: bytes,
+        client_pem: bytes,
+        key_pem: bytes,
+        bundle: Sequence[x509.Certificate],
+    ) -> ClientError:
+        """The check of a new enrolment's settings failed, after the leader signed the new
+        certificate and revoked every other one of that name (s39wsfix: the PC was left with
+        none that works). Never leave it so:
+
+        - the set in place uses no certificate of this name from this cluster (none, another
+          name's, another CA's): the signing did not touch it; it stays, the new pair is kept
+          aside (``keep_enrolment``);
+        - it does (revoked now, or before): it stays only while a request with it still
+          succeeds (a server that does not read the revocation list yet), the new pair kept
+          aside; if that request fails too, the new set goes in place all the same, unchecked:
+          the only one the leader holds valid (what failed is said, and what to do).
+
+        Returns the error to raise (exit 1 in every case: the new settings did not check out)."""
+        in_place = self._in_place_superseded(bundle)
+        if in_place is None:
+            return self.keep_enrolment(failed, client_pem, key_pem)
+        if (old_problem := self._set_in_place_problem(in_place)) is None:
+            return self.keep_enrolment(failed, client_pem, key_pem, still_works=True)
+        try:
+            self.write_settings(result, ca_pem, client_pem, key_pem)
+        except ClientError:  # (said once more by the keeping's error, which it also gets)
+            return self.keep_enrolment(failed, client_pem, key_pem)
+        return ClientError(
+            failed.code,
+            f"a request with the new settings failed: {failed.problem}; they are in place all "
+            "the same: the leader revoked the certificate of the settings before when it "
+            f"signed the new one, and a request with those fails too ({old_problem}); fix the "
+            f"cause (is the server at {result.server.url} running?), then run this again to "
+            "check, and restart the client",
+        )
+
+    def _in_place_superseded(self, bundle: Sequence[x509.Certificate]) -> x509.Certificate | None:
+        """The client certificate of the set in place, if the leader revoked it in signing
+        this run's (or before): of this name, from a CA of the cluster's bundle, not expired.
+        None if the set in place has none of that kind (or none that can be read)."""
+        d = self.o.settings_dir
+        try:
+            cert = pki.load_cert_pem((d / "client.pem").read_bytes())
+            pki.check_valid_now(cert)
+            if pki.names_of(cert).common_name != self.workstation:
+                return None
+        except (OSError, PKIError, ValueError, TypeError, x509.DuplicateExtension):
+            return None
+        return cert if any(pki.issued_by(cert, ca) for ca in bundle) else None
+
+    def _set_in_place_problem(self, cert: x509.Certificate) -> str | None:
+        """Why a request with the set in place (its own address, CA, client key and ``cert``)
+        fails; None if it succeeds."""
+        d = self.o.settings_dir
+        try:
+            settings = json.loads((d / "settings.json").read_bytes())
+            server = check_url(str(settings["server_url"]))
+            context = client_context(
+                (d / "ca.pem").read_bytes(), cert_file=d / "client.pem", key_file=d / "client.key"
+            )
+            if pki.fingerprint(pki.load_cert_pem((d / "client.pem").read_bytes())) != (
+                pki.fingerprint(cert)
+            ):
+                return "its client certificate changed meanwhile"
+        except (OSError, ValueError, TypeError, KeyError, PKIError, ssl.SSLError):
+            return "they cannot be read whole"
+        except click.ClickException:
+            return "their server address is not one"
+        try:
+            reply = request(
+                server.host,
+                server.port,
+                "GET",
+                server.app_path,
+                context,
+                timeout=self.o.timeout,
+                workstation=self.workstation,
+            )
+        except NetError as exc:
+            return exc.detail
+        return None if reply.status == 200 else f"{server.url} answered HTTP {reply.status}"
+
+    def keep_enrolment(
+        self, failed: CheckFailed, client_pem: bytes, key_pem: bytes, *, still_works: bool = False
+    ) -> ClientError:
         """The check of a new enrolment's settings failed: nothing was written, but the leader
         has signed the new certificate, and superseded the one of that name it signed before
         (this PC's earlier one, if it had one). The new key and certificate are kept
         (``settings_files.KEPT``) so that the next run proves with them that it is this PC: it
-        never needs --replace for it, and nothing it held is lost for good. Returns the error
-        to raise, which says so."""
+        never needs --replace for it, and nothing it held is lost for good. ``still_works``:
+        the set in place uses a certificate the leader revoked, but a request with it still
+        succeeds (said). Returns the error to raise, which says so."""
         d = self.o.settings_dir
-        superseded = self.previous is not None
+        superseded = self.previous is not None or still_works
         what = f"a request with the new settings failed: {failed.problem}; " + (
-            "the settings before are kept, but the leader superseded this PC's earlier "
+            "the settings before are kept (a request with them still succeeds), but the leader "
+            "revoked their certificate when it signed the new one: a server that checks "
+            "revocation refuses it"
+            if still_works
+            else "the settings before are kept, but the leader superseded this PC's earlier "
             "certificate when it signed the new one"
             if superseded
             else "the settings before are kept"
