@@ -509,3 +509,28 @@ def test_a_failed_final_check_never_leaves_the_pc_without_a_working_set(
         (pc / "ca.pem").read_bytes(), cert_file=pc / "client.pem", key_file=pc / "client.key"
     )
     assert http_request("GET", node.https_url(), context=ctx).status == 200
+
+
+def test_a_bootstrap_service_down_is_said_with_what_to_check(
+    switched_node: tuple[World, Path], tmp_path: Path
+) -> None:
+    """Audit s39ws M8 (real agent, leader and reference server): with the node's agent
+    stopped, its bootstrap port refuses connections while the server answers https; the
+    workstation's error said only "enter another port". It names what to check: the node's
+    agent, ``tlsroll schema show`` on the leader, the port (exit 8, one line, nothing written).
+    Stops the agent: the module's last test."""
+    w, pw = switched_node
+    node = w.nodes[0]
+    assert node.agent is not None
+    node.agent.stop()
+    wait_until(lambda: not node.port_open(9443), 30, "the bootstrap port to close")
+    assert http_request("GET", node.https_url(), context=node.ca_context()).status == 200
+    pc = tmp_path / "pc"
+    result = w.test_connection(node.https_url(), pw, pc, "empfang")
+    assert result.returncode == 8, result.stdout + result.stderr
+    line = one_line_error(result.stderr, "tlsroll")
+    assert f"bootstrap port 9443 on {node.address} is closed (connection refused)" in line, line
+    assert "check that the node's tlsroll agent is running" in line, line
+    assert "`tlsroll schema show` on the leader" in line, line
+    assert "the port: the one your notice names" in line, line
+    assert not pc.exists()

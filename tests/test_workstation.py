@@ -776,13 +776,36 @@ async def test_tls_stream_altered_in_transit(
 
 
 async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any) -> None:
+    """Audit s39ws M8: a bootstrap port that refuses connections said only "enter another
+    port"; it says what to check first: the node's agent, the schema, the port."""
     node = nodes["tls"]
     assert not port_open(node.address, BOOTSTRAP_PORT)
     run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, "--yes")
     assert run.code == 8 == int(Exit.BOOTSTRAP_PORT)
-    assert run.error.startswith(f"tlsroll: error: bootstrap port 9443 on {node.address} is closed")
+    assert run.error.startswith(
+        f"tlsroll: error: bootstrap port 9443 on {node.address} is closed (connection refused): "
+        "no bootstrap service runs there; check that the node's tlsroll agent is running "
+        "(systemctl status tlsroll-agent, on the node), that `tlsroll schema show` on the "
+        "leader shows the node online and switched (and its bootstrap port), and the port: "
+        "the one your notice names (at the port prompt, or --bootstrap-port)"
+    ), run.error
     run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, stdin="9444\n")
     assert run.code == 8 and "bootstrap port 9444" in run.error
+
+
+def test_a_bootstrap_port_that_does_not_answer_names_a_firewall() -> None:
+    """No answer at all (a port a firewall drops: not made on loopback) is not "refused": it
+    names the firewall, then the agent and the port."""
+    error = workstation.TestConnection._port_closed(
+        "192.0.2.7", 9443, workstation.NetError("unreachable", "no answer within 5 s")
+    )
+    assert error.code == Exit.BOOTSTRAP_PORT
+    assert error.message == (
+        "bootstrap port 9443 on 192.0.2.7 does not answer (no answer within 5 s), though the "
+        "server's port does: a firewall (on the node or on the way) may block it; check that "
+        "port 9443 is open to this PC, that the node's tlsroll agent is running, and the port: "
+        "the one your notice names (at the port prompt, or --bootstrap-port)"
+    )
 
 
 @asynccontextmanager

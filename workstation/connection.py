@@ -64,7 +64,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
     7   the app path does not answer (wrong APP path)
-    8   bootstrap port closed (9443 or the one given), or another program answers on it
+    8   bootstrap port closed (9443 or the one given: the node's agent down, a firewall, the
+        wrong port; the message says what to check), or another program answers on it
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -847,11 +848,26 @@ class TestConnection:
         return port, hello
 
     @staticmethod
-    def _port_closed(host: str, port: int, detail: str) -> ClientError:
+    def _port_closed(host: str, port: int, error: NetError) -> ClientError:
+        """The bootstrap port refuses connections or does not answer, where the server's
+        port of the same host answered: what to check, not only another port (audit s39ws
+        M8: a node's bootstrap service down said only that)."""
+        other_port = "the port: the one your notice names (at the port prompt, or --bootstrap-port)"
+        if error.kind == "refused":
+            return ClientError(
+                Exit.BOOTSTRAP_PORT,
+                f"bootstrap port {port} on {host} is closed (connection refused): no bootstrap "
+                "service runs there; check that the node's tlsroll agent is running "
+                "(systemctl status tlsroll-agent, on the node), that `tlsroll schema show` on "
+                f"the leader shows the node online and switched (and its bootstrap port), and "
+                f"{other_port}",
+            )
         return ClientError(
             Exit.BOOTSTRAP_PORT,
-            f"bootstrap port {port} on {host} is closed ({detail}); if the server uses another "
-            "port, enter it at the port prompt (or --bootstrap-port)",
+            f"bootstrap port {port} on {host} does not answer ({error.detail}), though the "
+            "server's port does: a firewall (on the node or on the way) may block it; check "
+            f"that port {port} is open to this PC, that the node's tlsroll agent is running, "
+            f"and {other_port}",
         )
 
     # (d)
@@ -867,7 +883,7 @@ class TestConnection:
             )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
-                raise self._port_closed(host, port, exc.detail) from None
+                raise self._port_closed(host, port, exc) from None
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
             ) from None
@@ -881,7 +897,7 @@ class TestConnection:
             )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
-                raise self._port_closed(host, port, exc.detail) from None
+                raise self._port_closed(host, port, exc) from None
             if exc.kind == "tls" and exc.reason in _NOT_TLS:
                 raise self._not_bootstrap(host, port, "not TLS") from None
             raise ClientError(
