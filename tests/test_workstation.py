@@ -376,6 +376,17 @@ async def test_end_to_end_password_enrol_and_authenticated_request(
         f"certificate {pki.fingerprint(pki.read_cert(node.cert.cert_file))}" in run.out
     )  # shown in step (b)
     assert "verified with the password (key exchange confirmed both ways)" in run.out
+    # Audit s39ws L2: the password alone does not tell the cluster's node from someone else
+    # who knows it (every workstation does): the pin to compare with the notice's, before the
+    # settings are written.
+    lines = run.out.splitlines()
+    compare = (
+        f"pin       compare {pki.spki_pin(test_ca.cert)} with the CA pin in your notice: if "
+        "they differ, this is not your cluster's server (whoever knows the password could pose "
+        "as it); then run again with --ca-pin and the notice's pin"
+    )
+    assert compare in lines, run.out
+    assert lines.index(compare) < next(i for i, x in enumerate(lines) if x.startswith("settings"))
     d = tmp_path / "settings"
     assert sorted(p.name for p in d.iterdir()) == [
         "ca.pem",
@@ -663,6 +674,7 @@ async def test_ca_pin_with_password_and_the_port_prompt(
         "by another program):"
     ) in run.out
     assert "(and the password exchange confirmed)" in run.out
+    assert "compare" not in run.out  # the pin given is checked
     assert settings_of(tmp_path)["client_fingerprint"].startswith("sha256:")
 
 

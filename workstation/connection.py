@@ -526,6 +526,14 @@ class TestConnection:
             bundle = self._cas(hello.ca_bundle_pem)  # parsed already: ``pinned`` is of it
         self.ui.say(f"ca        {how}")
         ca = self.check_chain(server, server_cert, trusted, bundle)
+        if self.pin is None:
+            # The password proves only a node that knows it, and every workstation does: the
+            # pin is what tells the cluster's CA from another (audit s39ws L2).
+            self.ui.say(
+                f"pin       compare {pki.spki_pin(ca)} with the CA pin in your notice: if they "
+                "differ, this is not your cluster's server (whoever knows the password could "
+                "pose as it); then run again with --ca-pin and the notice's pin"
+            )
         if node_url != server.url:
             self.ui.say(f"note      the node gives its address as {one_line(node_url)}")
         trusted_pem = b"".join(pki.cert_to_pem(c) for c in trusted)
