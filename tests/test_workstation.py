@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pty
+import pwd
 import select
 import socket
 import stat
@@ -52,7 +53,7 @@ from tests.test_bootstrap import (
     secrets_in,
 )
 from tests.test_workstation_settings import Crash, fault_at
-from tlsroll import bootstrap_csr, cli, pki
+from tlsroll import bootstrap_csr, cli, fsutil, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -541,6 +542,9 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         run = await run_cli(*args)
     assert run.code == 1 == int(Exit.FAILURE), run.err
     assert str(d) in run.error and "settings" in run.error, run.error
+    if before:  # (root in another user's dir: not "chown root" it, audit s39ws L6)
+        assert "run it as nobody, without sudo" in run.error or "uid 65534" in run.error
+        assert "chown root" not in run.error, run.error
     assert signed == []  # the leader signed (and revoked) nothing
     events = [e["event"] for e in run.logs[seen:]]
     assert "bootstrap.exchange_started" not in events and "bootstrap.enrolled" not in events
@@ -553,6 +557,62 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         assert node.server.request("GET", scheme="https", context=ctx).status == 200
     else:
         assert d.parent.read_bytes() == b"not a directory"
+
+
+@pytest.mark.parametrize("how", ["HOME", "--settings-dir"])
+async def test_root_in_another_users_home_is_refused_before_anything_is_written(
+    how: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws L6: ``sudo tlsroll client test-connection`` keeping the user's HOME made
+    the settings root's in the user's home (~/.config too, when it was missing), where the
+    user's client could not read them. Refused before anything is read, sent or written: exit
+    1, one line naming the user and ``sudo -H``, nothing created in the home, no exchange."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs into it")
+    node = nodes["mtls"]
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    user = pwd.getpwuid(65534).pw_name if _has_uid(65534) else "the user of uid 65534"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SUDO_USER", user)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("TLSROLL_CLIENT_DIR", raising=False)
+    monkeypatch.setattr(socket, "gethostname", lambda: "pc-test")
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--password-file", password_file(PASSWORD)]
+    if how == "--settings-dir":
+        argv += ["--settings-dir", str(home / "praxis" / "tlsroll")]
+    async with bootstrap_on(node, test_ca):
+        code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)
+    out, err = capsys.readouterr()
+    run = Run(code, out, err, list(logs))
+    assert run.code == 1, run.out + run.err
+    d = home / ".config" / "tlsroll" / "client" if how == "HOME" else home / "praxis" / "tlsroll"
+    assert run.error == (
+        f"tlsroll: error: this runs as root, but the settings dir {d} is in {home}, which "
+        f"{fsutil.user_label(65534)} owns: the settings would be root's there, and {user}'s "
+        f"client could not use them; run it as {user}, without sudo (or sudo -H for root's own "
+        "settings); nothing was changed"
+    )
+    assert run.out == ""  # before the address is even tried
+    assert os.listdir(home) == []
+    assert "bootstrap.exchange_started" not in [e["event"] for e in run.logs]
+
+
+def _has_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:

@@ -49,7 +49,8 @@ certificate, with no password involved at all.
 Exit codes (every error is one line on stderr; the password is never printed):
 
     0   done: settings written, restart the client
-    1   other failure (unexpected answer, settings dir not writable, check with the new
+    1   other failure (unexpected answer, settings dir not writable or, run as root, in a
+        directory another user owns (``sudo`` keeping HOME), check with the new
         settings failed: nothing written and a new enrolment kept aside, or the new set
         written all the same when the leader revoked the one in place and it fails too;
         aborted at a prompt)
@@ -82,6 +83,7 @@ import http.client
 import ipaddress
 import json
 import os
+import pwd
 import re
 import socket
 import ssl
@@ -103,7 +105,7 @@ from tlsroll import bootstrap_protocol as proto
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
-from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem
+from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem, user_label
 from tlsroll.password import password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
@@ -475,6 +477,7 @@ class TestConnection:
 
     def run(self) -> Result:
         o = self.o
+        self.check_not_root_in_a_users_dir()
         self.finish_settings()
         self.choose_name()
         try:
@@ -1204,6 +1207,41 @@ class TestConnection:
                 f"note      the earlier enrolment's client.key and client.pem moved to {moved}: "
                 "these settings use no client certificate (enrolling again uses them)"
             )
+
+    def check_not_root_in_a_users_dir(self) -> None:
+        """Run as root (``sudo`` keeping the user's HOME, ``su`` without ``-``), with a
+        settings dir in or below a directory another user owns: refused before anything is
+        read, sent or written (audit s39ws L6: it made a root-owned ~/.config/tlsroll in the
+        user's home, which the user's client could not read, and a ~/.config the user's
+        desktop could not write). Refused rather than written with the user's owner: root
+        creating and chown-ing files in a tree another user controls is what a planted link
+        turns against root (s39key2 H2), and the settings are that user's to write."""
+        if os.geteuid() != 0:
+            return
+        d = Path(os.path.abspath(self.o.settings_dir))
+        path = Path(os.path.realpath(d))
+        for part in (path, *path.parents):
+            try:
+                owner = os.stat(part).st_uid
+            except OSError:
+                continue  # not there (yet): made by root, in what holds it
+            if owner != 0:
+                try:
+                    user = pwd.getpwuid(owner).pw_name
+                except KeyError:
+                    user = f"the user of uid {owner}"
+                where = (
+                    f"is owned by {user_label(owner)}"
+                    if part == path
+                    else f"is in {part}, which {user_label(owner)} owns"
+                )
+                raise ClientError(
+                    Exit.FAILURE,
+                    f"this runs as root, but the settings dir {d} {where}: the settings would "
+                    f"be root's there, and {user}'s client could not use them; run it as "
+                    f"{user}, without sudo (or sudo -H for root's own settings); nothing was "
+                    "changed",
+                )
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password
