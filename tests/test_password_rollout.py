@@ -534,3 +534,48 @@ def test_a_bootstrap_service_down_is_said_with_what_to_check(
     assert "`tlsroll schema show` on the leader" in line, line
     assert "the port: the one your notice names" in line, line
     assert not pc.exists()
+
+
+def test_a_bootstrap_service_that_failed_to_start_is_a_node_problem_of_the_schema(
+    switched_node: tuple[World, Path],
+) -> None:
+    """Audit s39ws M8, part 2 (real leader, agent and reference server): a switched node's
+    agent starts while another program holds its bootstrap port, so its bootstrap service
+    fails to start: that was only in the agent's log. The agent's heartbeats say why, and the
+    schema shows it as the node's problem (what, what to do) until a start succeeds. Runs
+    after the test that stopped the agent."""
+    w, _pw = switched_node
+    node = w.nodes[0]
+    assert node.agent is not None
+    if node.agent.running:
+        node.agent.stop()
+
+    def problems() -> list[dict[str, Any]]:
+        return [p for p in w.poll().get("node_problems", []) if p["node"] == node.name]
+
+    squatter = socket.socket()
+    try:
+        squatter.bind((node.address, 9443))
+        squatter.listen()
+        node.start_agent_heard()
+        wait_until(lambda: problems() != [], 30, "the schema to show the node's problem")
+        [problem] = problems()
+        assert problem["kind"] == "bootstrap-down", problem
+        assert problem["problem"].startswith(
+            f"{node.name}'s bootstrap service did not start (port 9443: "
+        ), problem
+        assert problem["problem"].endswith(
+            "): workstations cannot enrol there; fix the cause, then restart its agent "
+            "(systemctl restart tlsroll-agent)"
+        ), problem
+        shown = w.cli("schema", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert "node problems" in shown.stdout and "bootstrap service did not start" in (
+            " ".join(shown.stdout.split())
+        ), shown.stdout
+    finally:
+        squatter.close()
+    node.agent.stop()
+    node.start_agent_heard()
+    wait_until(lambda: problems() == [], 30, "the node's problem to go")
+    wait_until(lambda: node.port_open(9443), 30, "the bootstrap service")
