@@ -529,14 +529,8 @@ class TestConnection:
             bundle = self._cas(hello.ca_bundle_pem)  # parsed already: ``pinned`` is of it
         self.ui.say(f"ca        {how}")
         ca = self.check_chain(server, server_cert, trusted, bundle)
-        if self.pin is None:
-            # The password proves only a node that knows it, and every workstation does: the
-            # pin is what tells the cluster's CA from another (audit s39ws L2).
-            self.ui.say(
-                f"pin       compare {pki.spki_pin(ca)} with the CA pin in your notice: if they "
-                "differ, this is not your cluster's server (whoever knows the password could "
-                "pose as it); then run again with --ca-pin and the notice's pin"
-            )
+        if self.pin is None and cert is not None:
+            self.say_pin_to_compare(ca, cert, bundle)
         if node_url != server.url:
             self.ui.say(f"note      the node gives its address as {one_line(node_url)}")
         trusted_pem = b"".join(pki.cert_to_pem(c) for c in trusted)
@@ -573,6 +567,26 @@ class TestConnection:
                 exc, result, trusted_pem, client_pem, key_pem, bundle
             ) from None
         return result
+
+    def say_pin_to_compare(
+        self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
+    ) -> None:
+        """The password proves only a node that knows it, and every workstation does: the
+        pin of the cluster CA (the client certificate's issuer, what the notice names) is what
+        tells the cluster from someone else, for the admin to compare (audit s39ws L2; the
+        --ca-pin path compares it itself). A server certificate from another CA (a practice's
+        own, ``--cert-dir``) is said: the notice's pin does not check that one."""
+        cluster = next((c for c in bundle if pki.issued_by(cert, c)), server_ca)
+        self.ui.say(
+            f"pin       compare {pki.spki_pin(cluster)} with the CA pin in your notice: if they "
+            "differ, this is not your cluster's server (whoever knows the password could "
+            "pose as it); then run again with --ca-pin and the notice's pin"
+        )
+        if pki.spki_pin(server_ca) != pki.spki_pin(cluster):
+            self.ui.say(
+                f"note      the server's certificate is from another CA ({pki.spki_pin(server_ca)}"
+                ", the practice's own): the notice's pin does not check it"
+            )
 
     def choose_name(self) -> None:
         """The name to enrol under, and this PC's proof of it. Without --name: the name of the
