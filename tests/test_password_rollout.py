@@ -423,7 +423,9 @@ def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) 
 @pytest.fixture(scope="module")
 def switched_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, Path]]:
     """One node switched to https with an auth password by a real rollout, for the tests of a
-    workstation's failures below (in the order written: the last one stops the agent)."""
+    workstation's failures below, in the order written (under pytest-xdist, those a worker
+    gets, in that order, on a node of its own): the second stops the agent, the third starts
+    it with its bootstrap port taken, then again with it free."""
     root = tmp_path_factory.mktemp("switched")
     w = World(root, nodes=1)
     try:
@@ -518,7 +520,7 @@ def test_a_bootstrap_service_down_is_said_with_what_to_check(
     stopped, its bootstrap port refuses connections while the server answers https; the
     workstation's error said only "enter another port". It names what to check: the node's
     agent, ``tlsroll schema show`` on the leader, the port (exit 8, one line, nothing written).
-    Stops the agent: the module's last test."""
+    Stops the agent."""
     w, pw = switched_node
     node = w.nodes[0]
     assert node.agent is not None
