@@ -633,6 +633,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             actor=_actor(context),
         )
         self.state.needs_admin_since.pop(node.name, None)  # no node problem of it is left
+        self.state.bootstrap_down.pop(node.name, None)
         log.warning("node.removed", node=node.name, revoked=len(serials))
         return admin_pb2.RemoveNodeResponse(node=self._node_info(node), revoked_serials=serials)
 

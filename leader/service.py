@@ -189,6 +189,9 @@ class LeaderState:
     # node -> since when its heartbeats say it needs the admin (``NEEDS_ADMIN``): a node
     # problem (``node_problems``).
     needs_admin_since: dict[str, dt.datetime] = field(default_factory=dict)
+    # node -> since when, and why, its heartbeats say its bootstrap service should run but did
+    # not start (``LiveServer.bootstrap_problem``, cleaned): a node problem (``node_problems``).
+    bootstrap_down: dict[str, tuple[dt.datetime, str]] = field(default_factory=dict)
     # node -> two agents seen using its identity (``LeaderService._look_for_twins``), while
     # it holds: the node is neither planned nor switched (``node_problem``).
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
@@ -270,6 +273,17 @@ class LeaderState:
             NodeProblemRow(node, f"{node} {summary}", since, NodeProblemKind.NEEDS_ADMIN)
             for node, since in list(self.needs_admin_since.items())
             if (summary := self.live_servers.get(node, "")).startswith(NEEDS_ADMIN)
+        )
+        problems += (
+            NodeProblemRow(
+                node,
+                f"{node}'s bootstrap service did not start ({why}): workstations cannot enrol "
+                "there; fix the cause, then restart its agent (systemctl restart "
+                "tlsroll-agent)",
+                since,
+                NodeProblemKind.BOOTSTRAP_DOWN,
+            )
+            for node, (since, why) in list(self.bootstrap_down.items())
         )
         clocks, step = self.clocks.problems_and_step()
         problems += (
@@ -1417,6 +1431,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self.state.needs_admin_since.setdefault(name, now)
         else:
             self.state.needs_admin_since.pop(name, None)
+        self._bootstrap_problem(name, request, now)
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
@@ -1515,6 +1530,21 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             crl_pem=snap.crl_pem if crl_number != snap.crl_number else b"",
             renew_seconds=renew_seconds(self.state.heartbeat_interval) if renews else 0,
         )
+
+    def _bootstrap_problem(
+        self, name: str, request: leader_pb2.HeartbeatRequest, now: dt.datetime
+    ) -> None:
+        """What the heartbeat says of the node's bootstrap service: a service that should run
+        but did not start is the node's problem (``node_problems``) until a heartbeat says no
+        more (audit s39ws M8: it was only in the agent's log)."""
+        why = peertext.clean(request.server.bootstrap_problem, 200)
+        if not why:
+            self.state.bootstrap_down.pop(name, None)
+            return
+        before = self.state.bootstrap_down.get(name)
+        if before is None:
+            log.warning("node.bootstrap_down", node=name, detail=why)
+        self.state.bootstrap_down[name] = (before[0] if before else now, why)
 
     def _record_clients(
         self,

@@ -36,6 +36,9 @@ class NodeProblemKind(StrEnum):
     # Its journal, put back from a copy made mid-switch, left it needing the admin (its agent
     # refuses stages, switches and rollbacks; ``nodeagent.journal``).
     NEEDS_ADMIN = "needs-admin"
+    # Its bootstrap service should run (https with an auth password) but failed to start (its
+    # agent says why): workstations cannot enrol there.
+    BOOTSTRAP_DOWN = "bootstrap-down"
 
 
 class NodeProblemRow(NamedTuple):

@@ -101,6 +101,10 @@ class BootstrapHost:
         self.key_reader = key_reader
         self.service: BootstrapService | None = None
         self.current: dict[str, str] | None = None
+        # Why the service that should run (``current``: https with an auth password) did not
+        # start; "" when it runs or need not. Heartbeats carry it (``LiveServer``), so that
+        # the leader shows it as the node's problem (audit s39ws M8: only logged).
+        self.problem = ""
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
         # What an earlier run counted (journal.bootstrap_failures): the times go to the guard
@@ -157,6 +161,7 @@ class BootstrapHost:
                 return
             await self._stop()
             self.current = live
+            self.problem = ""
             if live is None or not live.get("verifier_file"):
                 return
             # The service (its protocol and h11) is imported when a node first serves https
@@ -199,6 +204,7 @@ class BootstrapHost:
             except (OSError, ValueError, TlsrollError) as exc:
                 # The switch itself succeeded; workstations can still use the CA pin.
                 log.error("bootstrap.not_started", port=self.cfg.bootstrap_port, error=str(exc))
+                self.problem = f"port {self.cfg.bootstrap_port}: {exc}"
                 return
             self.service = service
 

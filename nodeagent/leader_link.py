@@ -539,6 +539,9 @@ class LeaderLink:
         # What the managed server runs now (NodeAgentService.server_view), sent with every
         # heartbeat so the leader sees a server that went down after its rollout.
         self.server_view: Callable[[], Awaitable[agent_pb2.ServerView]] | None = None
+        # Why the node's bootstrap service that should run did not start, "" if it runs or
+        # need not (``BootstrapHost.problem``), sent with the server's view.
+        self.bootstrap_problem: Callable[[], str] | None = None
         # Answers the leader's planning question asked on the heartbeat stream (``Check``'s
         # work: ``NodeAgentService.answer_check``); None: the agent does not say it can, and
         # the leader asks over its channel.
@@ -812,6 +815,8 @@ class LeaderLink:
                     async with asyncio.timeout(SERVER_VIEW_SECONDS):
                         view = await self.server_view()
                     request.server.CopyFrom(live_server(view))
+                    if self.bootstrap_problem is not None:
+                        request.server.bootstrap_problem = self.bootstrap_problem()[:200]
             if quiet and self._quiet(request):
                 return
             # Stamped as it goes, not before the journal and the server's status were read

@@ -206,6 +206,7 @@ async def serve(
         cfg, identity, journal, driver, runner, now, trust, freeze_lock=freeze_lock, crypto=crypto
     )
     link.server_view = service.server_view
+    link.bootstrap_problem = lambda: bootstrap.problem
     link.answer_check = service.answer_check
     link.stages_ended = service.forget_ended  # stages of rollouts the leader says are over
     service.on_prepare = bootstrap.warm

@@ -460,6 +460,17 @@ def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
         )  # fmt: skip
         assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
         assert pki.load_certs_pem((settings / "ca.pem").read_bytes())[0] == practice.cert
+        if not pin:  # the pin to compare with the notice's: the cluster CA's (audit s39ws L2)
+            cluster_pin = pki.spki_pin(pki.load_cert_pem(cluster.ca_pem))
+            assert f"pin       compare {cluster_pin} with the CA pin in your notice" in (
+                enrolled.stdout
+            ), enrolled.stdout
+            practice_pins = {pki.spki_pin(practice.cert), pki.spki_pin(inter.cert)}
+            assert any(
+                f"note      the server's certificate is from another CA ({practice_pin}, the "
+                "practice's own): the notice's pin does not check it" in enrolled.stdout
+                for practice_pin in practice_pins
+            ), enrolled.stdout
 
     # rotate-cert with the certificates already live: refused, one line per node.
     same = cluster.cli("rollout", "start", "--change", "rotate-cert", "--scope", "cluster",

@@ -260,6 +260,55 @@ async def test_a_node_that_needs_the_admin_is_a_node_problem_until_its_agent_say
         assert rig.state.node_problems() == []
 
 
+async def test_a_bootstrap_service_that_did_not_start_is_a_node_problem_until_it_runs(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s39ws M8, part 2: a bootstrap service that should run but failed to start was
+    only in the agent's log. The agent's heartbeat says why (``LiveServer.bootstrap_problem``,
+    cleaned by the leader: no escape reaches a terminal), and it is a node problem
+    (``bootstrap-down``) in the schema and on the viewer's page, from the heartbeat that says
+    so until the one that no longer does; the first such heartbeat's time is its since."""
+    problem_now = ["port 9443: [Errno 98] Address already in use\x1b[2J"]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _offset):
+        link.server_view = server_view
+        link.bootstrap_problem = lambda: problem_now[0]
+        await link.beat()
+        (problem,) = rig.state.node_problems()
+        assert (problem.node, problem.kind) == ("hb1", NodeProblemKind.BOOTSTRAP_DOWN)
+        assert problem.problem == (
+            "hb1's bootstrap service did not start (port 9443: [Errno 98] Address already in "
+            "use[2J): workstations cannot enrol there; fix the cause, then restart its agent "
+            "(systemctl restart tlsroll-agent)"
+        ), problem.problem
+        assert problem.since == T
+        assert rig.state.node_problem("hb1") is None  # nothing held: plans and switches go on
+        view = SchemaViewService(
+            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+        )
+        (listed,) = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
+        assert listed.kind == schema_pb2.NODE_PROBLEM_KIND_BOOTSTRAP_DOWN
+        snap = reader_of(rig).read(times=True)
+        page = pages.PageContext("127.0.0.1", "test", T, "/events")
+        for lang, words in (
+            ("de", "Der Dienst zum Einrichten von Arbeitsplätzen auf Knoten hb1 ist nicht "),
+            ("en", "The service that sets up workstations on node hb1 did not start"),
+        ):
+            html = unescape(pages.schema_content(snap, Words.of(lang), page))
+            assert words in html and "knows no more" not in html and "nicht näher" not in html
+        rig.clock[0] += dt.timedelta(seconds=5)
+        await link.beat()  # still down: the same since
+        (problem,) = rig.state.node_problems()
+        assert problem.since == T
+
+        problem_now[0] = ""
+        await link.beat()
+        assert rig.state.node_problems() == []
+
+
 @pytest.mark.parametrize("skew", [300.0, -300.0])
 async def test_a_node_whose_clock_is_off_is_a_node_problem_until_it_agrees_again(
     tmp_path: Path, loopback: Callable[[], str], skew: float

@@ -6,6 +6,8 @@ agents and reference servers on loopback addresses, the real CLI."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +22,9 @@ from tests.cluster import LEADER_POLL, AdminTokenCluster, one_line_error, wait_u
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
-from tlsroll import pki, tls
+from tlsroll import cli, pki, tls
+from workstation.connection import TestConnection
+from workstation.settings_files import KEPT
 
 PW1 = "first-password-kd7q-x2mf"
 PW2 = "second-password-9wq3-p4hz"
@@ -414,3 +418,166 @@ def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) 
     finally:
         squatter.close()
         w.close()
+
+
+@pytest.fixture(scope="module")
+def switched_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, Path]]:
+    """One node switched to https with an auth password by a real rollout, for the tests of a
+    workstation's failures below, in the order written (under pytest-xdist, those a worker
+    gets, in that order, on a node of its own): the second stops the agent, the third starts
+    it with its bootstrap port taken, then again with it free."""
+    root = tmp_path_factory.mktemp("switched")
+    w = World(root, nodes=1)
+    try:
+        w.start()
+        pw = secret_file(root / "pw", PW1)
+        assert w.run_rollout("--password-file", str(pw))["state"] == "completed"
+        yield w, pw
+    finally:
+        w.close()
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``tlsroll client test-connection ARGS`` run in this process (so that a test can put a
+    fault between its steps): the exit code, stdout, stderr."""
+    code = cli.main(["client", "test-connection", *args, "--yes", "--timeout", "2"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_failed_final_check_never_leaves_the_pc_without_a_working_set(
+    switched_node: tuple[World, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """s39wsfix leftover (real leader, agent, bootstrap service and reference server): a PC
+    enrols again and the server stops answering right after the exchange, so the final check
+    fails. The leader has revoked the PC's certificate in place when it signed the new one,
+    and a request with the settings before fails too: before, they stayed in place all the
+    same (the new pair kept aside), so the PC had no set the leader held valid. Now the new
+    set goes in place (the one valid certificate), the error says what failed and what to do,
+    and once the server answers again the settings in place work."""
+    w, pw = switched_node
+    node = w.nodes[0]
+    pc = tmp_path / "pc"
+    args = (node.https_url(), "--password-file", str(pw), "--settings-dir", str(pc))
+
+    def live() -> list[int]:
+        listed = w.cli("workstations", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)
+        return [
+            int(r["serial"], 16)
+            for r in rows
+            if r["name"] == "ws-empfang" and not r.get("revoked_at")
+        ]
+
+    code, out, err = in_process(capsys, *args, "--name", "empfang")
+    assert code == 0, out + err
+    before = pki.read_cert(pc / "client.pem").serial_number
+    assert live() == [before]
+
+    check = TestConnection.check_settings
+    stopped: list[int] = []
+
+    def server_stops_first(self: TestConnection, *a: Any) -> None:
+        pid = node.server_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # it accepts connections, answers nothing
+        stopped.append(pid)
+        check(self, *a)
+
+    monkeypatch.setattr(TestConnection, "check_settings", server_stops_first)
+    try:
+        code, out, err = in_process(capsys, *args)  # the name: the PC's own
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert stopped, out + err
+    assert code == 1, out + err
+    now = pki.read_cert(pc / "client.pem").serial_number
+    assert now != before
+    assert live() == [now]  # in place: the one certificate of the name the leader holds valid
+    assert not (pc / KEPT).exists()
+    line = one_line_error(err, "tlsroll")
+    assert line.startswith("tlsroll: error: a request with the new settings failed: "), line
+    assert (
+        "they are in place all the same: the leader revoked the certificate of the settings "
+        "before when it signed the new one, and a request with those fails too"
+    ) in line, line
+    assert f"is the server at {node.https_url()} running?" in line, line
+    ctx = tls.client_context(
+        (pc / "ca.pem").read_bytes(), cert_file=pc / "client.pem", key_file=pc / "client.key"
+    )
+    assert http_request("GET", node.https_url(), context=ctx).status == 200
+
+
+def test_a_bootstrap_service_down_is_said_with_what_to_check(
+    switched_node: tuple[World, Path], tmp_path: Path
+) -> None:
+    """Audit s39ws M8 (real agent, leader and reference server): with the node's agent
+    stopped, its bootstrap port refuses connections while the server answers https; the
+    workstation's error said only "enter another port". It names what to check: the node's
+    agent, ``tlsroll schema show`` on the leader, the port (exit 8, one line, nothing written).
+    Stops the agent."""
+    w, pw = switched_node
+    node = w.nodes[0]
+    assert node.agent is not None
+    node.agent.stop()
+    wait_until(lambda: not node.port_open(9443), 30, "the bootstrap port to close")
+    assert http_request("GET", node.https_url(), context=node.ca_context()).status == 200
+    pc = tmp_path / "pc"
+    result = w.test_connection(node.https_url(), pw, pc, "empfang")
+    assert result.returncode == 8, result.stdout + result.stderr
+    line = one_line_error(result.stderr, "tlsroll")
+    assert f"bootstrap port 9443 on {node.address} is closed (connection refused)" in line, line
+    assert "check that the node's tlsroll agent is running" in line, line
+    assert "`tlsroll schema show` on the leader" in line, line
+    assert "the port: the one your notice names" in line, line
+    assert not pc.exists()
+
+
+def test_a_bootstrap_service_that_failed_to_start_is_a_node_problem_of_the_schema(
+    switched_node: tuple[World, Path],
+) -> None:
+    """Audit s39ws M8, part 2 (real leader, agent and reference server): a switched node's
+    agent starts while another program holds its bootstrap port, so its bootstrap service
+    fails to start: that was only in the agent's log. The agent's heartbeats say why, and the
+    schema shows it as the node's problem (what, what to do) until a start succeeds. Runs
+    after the test that stopped the agent."""
+    w, _pw = switched_node
+    node = w.nodes[0]
+    assert node.agent is not None
+    if node.agent.running:
+        node.agent.stop()
+
+    def problems() -> list[dict[str, Any]]:
+        return [p for p in w.poll().get("node_problems", []) if p["node"] == node.name]
+
+    squatter = socket.socket()
+    try:
+        squatter.bind((node.address, 9443))
+        squatter.listen()
+        node.start_agent_heard()
+        wait_until(lambda: problems() != [], 30, "the schema to show the node's problem")
+        [problem] = problems()
+        assert problem["kind"] == "bootstrap-down", problem
+        assert problem["problem"].startswith(
+            f"{node.name}'s bootstrap service did not start (port 9443: "
+        ), problem
+        assert problem["problem"].endswith(
+            "): workstations cannot enrol there; fix the cause, then restart its agent "
+            "(systemctl restart tlsroll-agent)"
+        ), problem
+        shown = w.cli("schema", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert "node problems" in shown.stdout and "bootstrap service did not start" in (
+            " ".join(shown.stdout.split())
+        ), shown.stdout
+    finally:
+        squatter.close()
+    node.agent.stop()
+    node.start_agent_heard()
+    wait_until(lambda: problems() == [], 30, "the node's problem to go")
+    wait_until(lambda: node.port_open(9443), 30, "the bootstrap service")

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pty
+import pwd
 import select
 import socket
 import stat
@@ -52,7 +53,7 @@ from tests.test_bootstrap import (
     secrets_in,
 )
 from tests.test_workstation_settings import Crash, fault_at
-from tlsroll import bootstrap_csr, cli, pki
+from tlsroll import bootstrap_csr, cli, fsutil, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -376,6 +377,17 @@ async def test_end_to_end_password_enrol_and_authenticated_request(
         f"certificate {pki.fingerprint(pki.read_cert(node.cert.cert_file))}" in run.out
     )  # shown in step (b)
     assert "verified with the password (key exchange confirmed both ways)" in run.out
+    # Audit s39ws L2: the password alone does not tell the cluster's node from someone else
+    # who knows it (every workstation does): the pin to compare with the notice's, before the
+    # settings are written.
+    lines = run.out.splitlines()
+    compare = (
+        f"pin       compare {pki.spki_pin(test_ca.cert)} with the CA pin in your notice: if "
+        "they differ, this is not your cluster's server (whoever knows the password could pose "
+        "as it); then run again with --ca-pin and the notice's pin"
+    )
+    assert compare in lines, run.out
+    assert lines.index(compare) < next(i for i, x in enumerate(lines) if x.startswith("settings"))
     d = tmp_path / "settings"
     assert sorted(p.name for p in d.iterdir()) == [
         "ca.pem",
@@ -530,6 +542,9 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         run = await run_cli(*args)
     assert run.code == 1 == int(Exit.FAILURE), run.err
     assert str(d) in run.error and "settings" in run.error, run.error
+    if before:  # (root in another user's dir: not "chown root" it, audit s39ws L6)
+        assert "run it as nobody, without sudo" in run.error or "uid 65534" in run.error
+        assert "chown root" not in run.error, run.error
     assert signed == []  # the leader signed (and revoked) nothing
     events = [e["event"] for e in run.logs[seen:]]
     assert "bootstrap.exchange_started" not in events and "bootstrap.enrolled" not in events
@@ -542,6 +557,62 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         assert node.server.request("GET", scheme="https", context=ctx).status == 200
     else:
         assert d.parent.read_bytes() == b"not a directory"
+
+
+@pytest.mark.parametrize("how", ["HOME", "--settings-dir"])
+async def test_root_in_another_users_home_is_refused_before_anything_is_written(
+    how: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws L6: ``sudo tlsroll client test-connection`` keeping the user's HOME made
+    the settings root's in the user's home (~/.config too, when it was missing), where the
+    user's client could not read them. Refused before anything is read, sent or written: exit
+    1, one line naming the user and ``sudo -H``, nothing created in the home, no exchange."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs into it")
+    node = nodes["mtls"]
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    user = pwd.getpwuid(65534).pw_name if _has_uid(65534) else "the user of uid 65534"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("SUDO_USER", user)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("TLSROLL_CLIENT_DIR", raising=False)
+    monkeypatch.setattr(socket, "gethostname", lambda: "pc-test")
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--password-file", password_file(PASSWORD)]
+    if how == "--settings-dir":
+        argv += ["--settings-dir", str(home / "praxis" / "tlsroll")]
+    async with bootstrap_on(node, test_ca):
+        code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)
+    out, err = capsys.readouterr()
+    run = Run(code, out, err, list(logs))
+    assert run.code == 1, run.out + run.err
+    d = home / ".config" / "tlsroll" / "client" if how == "HOME" else home / "praxis" / "tlsroll"
+    assert run.error == (
+        f"tlsroll: error: this runs as root, but the settings dir {d} is in {home}, which "
+        f"{fsutil.user_label(65534)} owns: the settings would be root's there, and {user}'s "
+        f"client could not use them; run it as {user}, without sudo (or sudo -H for root's own "
+        "settings); nothing was changed"
+    )
+    assert run.out == ""  # before the address is even tried
+    assert os.listdir(home) == []
+    assert "bootstrap.exchange_started" not in [e["event"] for e in run.logs]
+
+
+def _has_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
@@ -663,6 +734,7 @@ async def test_ca_pin_with_password_and_the_port_prompt(
         "by another program):"
     ) in run.out
     assert "(and the password exchange confirmed)" in run.out
+    assert "compare" not in run.out  # the pin given is checked
     assert settings_of(tmp_path)["client_fingerprint"].startswith("sha256:")
 
 
@@ -776,13 +848,36 @@ async def test_tls_stream_altered_in_transit(
 
 
 async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any) -> None:
+    """Audit s39ws M8: a bootstrap port that refuses connections said only "enter another
+    port"; it says what to check first: the node's agent, the schema, the port."""
     node = nodes["tls"]
     assert not port_open(node.address, BOOTSTRAP_PORT)
     run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, "--yes")
     assert run.code == 8 == int(Exit.BOOTSTRAP_PORT)
-    assert run.error.startswith(f"tlsroll: error: bootstrap port 9443 on {node.address} is closed")
+    assert run.error.startswith(
+        f"tlsroll: error: bootstrap port 9443 on {node.address} is closed (connection refused): "
+        "no bootstrap service runs there; check that the node's tlsroll agent is running "
+        "(systemctl status tlsroll-agent, on the node), that `tlsroll schema show` on the "
+        "leader shows the node online and switched (and its bootstrap port), and the port: "
+        "the one your notice names (at the port prompt, or --bootstrap-port)"
+    ), run.error
     run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, stdin="9444\n")
     assert run.code == 8 and "bootstrap port 9444" in run.error
+
+
+def test_a_bootstrap_port_that_does_not_answer_names_a_firewall() -> None:
+    """No answer at all (a port a firewall drops: not made on loopback) is not "refused": it
+    names the firewall, then the agent and the port."""
+    error = workstation.TestConnection._port_closed(
+        "192.0.2.7", 9443, workstation.NetError("unreachable", "no answer within 5 s")
+    )
+    assert error.code == Exit.BOOTSTRAP_PORT
+    assert error.message == (
+        "bootstrap port 9443 on 192.0.2.7 does not answer (no answer within 5 s), though the "
+        "server's port does: a firewall (on the node or on the way) may block it; check that "
+        "port 9443 is open to this PC, that the node's tlsroll agent is running, and the port: "
+        "the one your notice names (at the port prompt, or --bootstrap-port)"
+    )
 
 
 @asynccontextmanager
@@ -1309,9 +1404,11 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     assert run.code == 1, run.err
     kept = d / KEPT
     assert run.error.startswith("tlsroll: error: a request with the new settings failed: ")
+    # (the set in place still works at this server, which reads no revocation list: kept)
     assert (
-        "the settings before are kept, but the leader superseded this PC's earlier certificate "
-        f"when it signed the new one; this PC's new certificate (ws-empfang) is kept in {kept}: "
+        "the settings before are kept (a request with them still succeeds), but the leader "
+        "revoked their certificate when it signed the new one: a server that checks "
+        f"revocation refuses it; this PC's new certificate (ws-empfang) is kept in {kept}: "
         "fix the cause and run again (it enrols as this PC again, no --replace needed)"
     ) in run.error
     assert not assert_one_set_beside_kept(d, before, node)  # the set before, working, in place

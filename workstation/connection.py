@@ -34,7 +34,10 @@ says ``--replace`` (a new PC for an old one). A new enrolment whose final check 
 the settings before in place and keeps its new key and certificate in
 ``.enrolment-kept`` (``settings_files``), with which the next run proves the name: the leader
 has superseded the certificate in place by then, and without them only ``--replace`` could
-enrol this PC again.
+enrol this PC again. The PC is never left without a working set (s39wsfix): settings before
+whose certificate the leader has just revoked stay only while a request with them still
+succeeds; otherwise the new set goes in place all the same (the one certificate the leader
+holds valid), and the error says what failed (``after_failed_check``).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -46,8 +49,11 @@ certificate, with no password involved at all.
 Exit codes (every error is one line on stderr; the password is never printed):
 
     0   done: settings written, restart the client
-    1   other failure (unexpected answer, settings dir not writable, check with the new
-        settings failed: nothing written, a new enrolment kept aside, aborted at a prompt)
+    1   other failure (unexpected answer, settings dir not writable or, run as root, in a
+        directory another user owns (``sudo`` keeping HOME), check with the new
+        settings failed: nothing written and a new enrolment kept aside, or the new set
+        written all the same when the leader revoked the one in place and it fails too;
+        aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, no name to enrol under (host name
         "localhost": --name), a password file that is empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
@@ -59,7 +65,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
     7   the app path does not answer (wrong APP path)
-    8   bootstrap port closed (9443 or the one given), or another program answers on it
+    8   bootstrap port closed (9443 or the one given: the node's agent down, a firewall, the
+        wrong port; the message says what to check), or another program answers on it
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -76,6 +83,7 @@ import http.client
 import ipaddress
 import json
 import os
+import pwd
 import re
 import socket
 import ssl
@@ -97,7 +105,7 @@ from tlsroll import bootstrap_protocol as proto
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
-from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem
+from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem, user_label
 from tlsroll.password import password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
@@ -469,6 +477,7 @@ class TestConnection:
 
     def run(self) -> Result:
         o = self.o
+        self.check_not_root_in_a_users_dir()
         self.finish_settings()
         self.choose_name()
         try:
@@ -520,6 +529,8 @@ class TestConnection:
             bundle = self._cas(hello.ca_bundle_pem)  # parsed already: ``pinned`` is of it
         self.ui.say(f"ca        {how}")
         ca = self.check_chain(server, server_cert, trusted, bundle)
+        if self.pin is None and cert is not None:
+            self.say_pin_to_compare(ca, cert, bundle)
         if node_url != server.url:
             self.ui.say(f"note      the node gives its address as {one_line(node_url)}")
         trusted_pem = b"".join(pki.cert_to_pem(c) for c in trusted)
@@ -552,8 +563,30 @@ class TestConnection:
             # committed before it failed is completed by the next run.)
             if client_pem is None or key_pem is None:
                 raise
-            raise self.keep_enrolment(exc, client_pem, key_pem) from None
+            raise self.after_failed_check(
+                exc, result, trusted_pem, client_pem, key_pem, bundle
+            ) from None
         return result
+
+    def say_pin_to_compare(
+        self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
+    ) -> None:
+        """The password proves only a node that knows it, and every workstation does: the
+        pin of the cluster CA (the client certificate's issuer, what the notice names) is what
+        tells the cluster from someone else, for the admin to compare (audit s39ws L2; the
+        --ca-pin path compares it itself). A server certificate from another CA (a practice's
+        own, ``--cert-dir``) is said: the notice's pin does not check that one."""
+        cluster = next((c for c in bundle if pki.issued_by(cert, c)), server_ca)
+        self.ui.say(
+            f"pin       compare {pki.spki_pin(cluster)} with the CA pin in your notice: if they "
+            "differ, this is not your cluster's server (whoever knows the password could "
+            "pose as it); then run again with --ca-pin and the notice's pin"
+        )
+        if pki.spki_pin(server_ca) != pki.spki_pin(cluster):
+            self.ui.say(
+                f"note      the server's certificate is from another CA ({pki.spki_pin(server_ca)}"
+                ", the practice's own): the notice's pin does not check it"
+            )
 
     def choose_name(self) -> None:
         """The name to enrol under, and this PC's proof of it. Without --name: the name of the
@@ -602,17 +635,106 @@ class TestConnection:
                 found.append((cert, key))
         return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
 
-    def keep_enrolment(self, failed: CheckFailed, client_pem: bytes, key_pem: bytes) -> ClientError:
+    def after_failed_check(
+        self,
+        failed: CheckFailed,
+        result: Result,
+        ca_pem: bytes,
+        client_pem: bytes,
+        key_pem: bytes,
+        bundle: Sequence[x509.Certificate],
+    ) -> ClientError:
+        """The check of a new enrolment's settings failed, after the leader signed the new
+        certificate and revoked every other one of that name (s39wsfix: the PC was left with
+        none that works). Never leave it so:
+
+        - the set in place uses no certificate of this name from this cluster (none, another
+          name's, another CA's): the signing did not touch it; it stays, the new pair is kept
+          aside (``keep_enrolment``);
+        - it does (revoked now, or before): it stays only while a request with it still
+          succeeds (a server that does not read the revocation list yet), the new pair kept
+          aside; if that request fails too, the new set goes in place all the same, unchecked:
+          the only one the leader holds valid (what failed is said, and what to do).
+
+        Returns the error to raise (exit 1 in every case: the new settings did not check out)."""
+        if not self._in_place_superseded(bundle):
+            return self.keep_enrolment(failed, client_pem, key_pem)
+        if (old_problem := self._set_in_place_problem()) is None:
+            return self.keep_enrolment(failed, client_pem, key_pem, still_works=True)
+        try:
+            self.write_settings(result, ca_pem, client_pem, key_pem)
+        except ClientError:  # (a full disk, say: the keeping then fails too, and says why)
+            return self.keep_enrolment(failed, client_pem, key_pem)
+        return ClientError(
+            failed.code,
+            f"a request with the new settings failed: {failed.problem}; they are in place all "
+            "the same: the leader revoked the certificate of the settings before when it "
+            f"signed the new one, and a request with those fails too ({old_problem}); fix the "
+            f"cause (is the server at {result.server.url} running?), then run this again to "
+            "check, and restart the client",
+        )
+
+    def _in_place_superseded(self, bundle: Sequence[x509.Certificate]) -> bool:
+        """Whether the leader has revoked the client certificate of the set in place, in
+        signing this run's (or before): it revokes every other of the name, so one of this
+        name, from a CA of the cluster's bundle and not expired. False if the set in place has
+        none of that kind (or none that can be read): the signing did not touch it."""
+        d = self.o.settings_dir
+        try:
+            cert = pki.load_cert_pem((d / "client.pem").read_bytes())
+            pki.check_valid_now(cert)
+            if pki.names_of(cert).common_name != self.workstation:
+                return False
+        except (OSError, PKIError, ValueError, TypeError, x509.DuplicateExtension):
+            return False
+        return any(pki.issued_by(cert, ca) for ca in bundle)
+
+    def _set_in_place_problem(self) -> str | None:
+        """Why a request with the set in place (its own address, CA, client key and
+        certificate) fails; None if it succeeds."""
+        d = self.o.settings_dir
+        try:
+            settings = json.loads((d / "settings.json").read_bytes())
+            server = check_url(str(settings["server_url"]))
+            context = client_context(
+                (d / "ca.pem").read_bytes(), cert_file=d / "client.pem", key_file=d / "client.key"
+            )
+        except (OSError, ValueError, TypeError, KeyError, PKIError, ssl.SSLError):
+            return "they cannot be read whole"
+        except click.ClickException:
+            return "their server address is not one"
+        try:
+            reply = request(
+                server.host,
+                server.port,
+                "GET",
+                server.app_path,
+                context,
+                timeout=self.o.timeout,
+                workstation=self.workstation,
+            )
+        except NetError as exc:
+            return exc.detail
+        return None if reply.status == 200 else f"{server.url} answered HTTP {reply.status}"
+
+    def keep_enrolment(
+        self, failed: CheckFailed, client_pem: bytes, key_pem: bytes, *, still_works: bool = False
+    ) -> ClientError:
         """The check of a new enrolment's settings failed: nothing was written, but the leader
         has signed the new certificate, and superseded the one of that name it signed before
         (this PC's earlier one, if it had one). The new key and certificate are kept
         (``settings_files.KEPT``) so that the next run proves with them that it is this PC: it
-        never needs --replace for it, and nothing it held is lost for good. Returns the error
-        to raise, which says so."""
+        never needs --replace for it, and nothing it held is lost for good. ``still_works``:
+        the set in place uses a certificate the leader revoked, but a request with it still
+        succeeds (said). Returns the error to raise, which says so."""
         d = self.o.settings_dir
-        superseded = self.previous is not None
+        superseded = self.previous is not None or still_works
         what = f"a request with the new settings failed: {failed.problem}; " + (
-            "the settings before are kept, but the leader superseded this PC's earlier "
+            "the settings before are kept (a request with them still succeeds), but the leader "
+            "revoked their certificate when it signed the new one: a server that checks "
+            "revocation refuses it"
+            if still_works
+            else "the settings before are kept, but the leader superseded this PC's earlier "
             "certificate when it signed the new one"
             if superseded
             else "the settings before are kept"
@@ -747,11 +869,26 @@ class TestConnection:
         return port, hello
 
     @staticmethod
-    def _port_closed(host: str, port: int, detail: str) -> ClientError:
+    def _port_closed(host: str, port: int, error: NetError) -> ClientError:
+        """The bootstrap port refuses connections or does not answer, where the server's
+        port of the same host answered: what to check, not only another port (audit s39ws
+        M8: a node's bootstrap service down said only that)."""
+        other_port = "the port: the one your notice names (at the port prompt, or --bootstrap-port)"
+        if error.kind == "refused":
+            return ClientError(
+                Exit.BOOTSTRAP_PORT,
+                f"bootstrap port {port} on {host} is closed (connection refused): no bootstrap "
+                "service runs there; check that the node's tlsroll agent is running "
+                "(systemctl status tlsroll-agent, on the node), that `tlsroll schema show` on "
+                f"the leader shows the node online and switched (and its bootstrap port), and "
+                f"{other_port}",
+            )
         return ClientError(
             Exit.BOOTSTRAP_PORT,
-            f"bootstrap port {port} on {host} is closed ({detail}); if the server uses another "
-            "port, enter it at the port prompt (or --bootstrap-port)",
+            f"bootstrap port {port} on {host} does not answer ({error.detail}), though the "
+            "server's port does: a firewall (on the node or on the way) may block it; check "
+            f"that port {port} is open to this PC, that the node's tlsroll agent is running, "
+            f"and {other_port}",
         )
 
     # (d)
@@ -767,7 +904,7 @@ class TestConnection:
             )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
-                raise self._port_closed(host, port, exc.detail) from None
+                raise self._port_closed(host, port, exc) from None
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
             ) from None
@@ -781,7 +918,7 @@ class TestConnection:
             )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
-                raise self._port_closed(host, port, exc.detail) from None
+                raise self._port_closed(host, port, exc) from None
             if exc.kind == "tls" and exc.reason in _NOT_TLS:
                 raise self._not_bootstrap(host, port, "not TLS") from None
             raise ClientError(
@@ -1080,6 +1217,41 @@ class TestConnection:
                 f"note      the earlier enrolment's client.key and client.pem moved to {moved}: "
                 "these settings use no client certificate (enrolling again uses them)"
             )
+
+    def check_not_root_in_a_users_dir(self) -> None:
+        """Run as root (``sudo`` keeping the user's HOME, ``su`` without ``-``), with a
+        settings dir in or below a directory another user owns: refused before anything is
+        read, sent or written (audit s39ws L6: it made a root-owned ~/.config/tlsroll in the
+        user's home, which the user's client could not read, and a ~/.config the user's
+        desktop could not write). Refused rather than written with the user's owner: root
+        creating and chown-ing files in a tree another user controls is what a planted link
+        turns against root (s39key2 H2), and the settings are that user's to write."""
+        if os.geteuid() != 0:
+            return
+        d = Path(os.path.abspath(self.o.settings_dir))
+        path = Path(os.path.realpath(d))
+        for part in (path, *path.parents):
+            try:
+                owner = os.stat(part).st_uid
+            except OSError:
+                continue  # not there (yet): made by root, in what holds it
+            if owner != 0:
+                try:
+                    user = pwd.getpwuid(owner).pw_name
+                except KeyError:
+                    user = f"the user of uid {owner}"
+                where = (
+                    f"is owned by {user_label(owner)}"
+                    if part == path
+                    else f"is in {part}, which {user_label(owner)} owns"
+                )
+                raise ClientError(
+                    Exit.FAILURE,
+                    f"this runs as root, but the settings dir {d} {where}: the settings would "
+                    f"be root's there, and {user}'s client could not use them; run it as "
+                    f"{user}, without sudo (or sudo -H for root's own settings); nothing was "
+                    "changed",
+                )
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password

@@ -72,6 +72,9 @@ _DE: dict[str, str] = {
     "Server lässt bis dahin vielleicht nichts speichern. Bitte die Praxis-IT verständigen.",
     "node_problem": "Knoten {node} hat ein Problem, das diese Seite nicht näher kennt: "
     "{problem} Bitte die Praxis-IT verständigen.",
+    "bootstrap_down": "Der Dienst zum Einrichten von Arbeitsplätzen auf Knoten {node} ist "
+    "nicht gestartet: Arbeitsplätze können dort nicht eingerichtet werden. Bitte die "
+    "Praxis-IT verständigen.",
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
@@ -192,6 +195,8 @@ _EN: dict[str, str] = {
     "Please call the practice IT.",
     "node_problem": "Node {node} has a problem this page knows no more about: {problem} "
     "Please call the practice IT.",
+    "bootstrap_down": "The service that sets up workstations on node {node} did not start: "
+    "workstations cannot be set up there. Please call the practice IT.",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "

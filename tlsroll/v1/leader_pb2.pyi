@@ -346,11 +346,18 @@ class LiveServer(_message.Message):
     SCHEMES_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     CLIENTS_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_PROBLEM_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
     detail: _builtins.str
     """Why it is not healthy (at most 200 characters)."""
+    bootstrap_problem: _builtins.str
+    """Set while the node's bootstrap service (port 9443 or the one configured) should run (the
+    server is on https with an auth password) but failed to start: why (at most 200
+    characters). Workstations cannot enrol at the node meanwhile. A leader that does not know
+    the field ignores it.
+    """
     @_builtins.property
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"http", "https" or both."""
@@ -368,10 +375,11 @@ class LiveServer(_message.Message):
         schemes: _abc.Iterable[_builtins.str] | None = ...,
         detail: _builtins.str = ...,
         clients: _types_pb2.ClientsView | None = ...,
+        bootstrap_problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_problem", b"bootstrap_problem", "clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,12 @@ class _NodeProblemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeP
     --journal-checked (a leader before this value reports no such problem; a reader before
     it sees an unknown kind: the problem's words say what it is).
     """
+    NODE_PROBLEM_KIND_BOOTSTRAP_DOWN: _NodeProblemKind.ValueType  # 4
+    """The node's bootstrap service should run (its server is on https with an auth password)
+    but failed to start (its agent says why): workstations cannot enrol there (a leader
+    before this value reports no such problem; a reader before it sees an unknown kind: the
+    problem's words say what it is).
+    """
 
 class NodeProblemKind(_NodeProblemKind, metaclass=_NodeProblemKindEnumTypeWrapper): ...
 
@@ -60,6 +66,12 @@ does not settle the switch: its agent refuses to stage, switch or roll back, and
 preflight fails, until the admin checked the node and started the agent once with
 --journal-checked (a leader before this value reports no such problem; a reader before
 it sees an unknown kind: the problem's words say what it is).
+"""
+NODE_PROBLEM_KIND_BOOTSTRAP_DOWN: NodeProblemKind.ValueType  # 4
+"""The node's bootstrap service should run (its server is on https with an auth password)
+but failed to start (its agent says why): workstations cannot enrol there (a leader
+before this value reports no such problem; a reader before it sees an unknown kind: the
+problem's words say what it is).
 """
 Global___NodeProblemKind: _TypeAlias = NodeProblemKind  # noqa: Y015
 
