@@ -333,6 +333,8 @@ def token_list(leader: Leader, as_json: bool) -> None:
         state = (
             "revoked"
             if t.revoked
+            else f"superseded ({t.node_name} enrolled {fmt_time(t, 'superseded_at')})"
+            if t.HasField("superseded_at")
             else "expired"
             if expired
             else "used up"
