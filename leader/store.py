@@ -623,7 +623,7 @@ class Store(LeaderStore):
                 raise TokenRejected("join token not valid")
             token = _token(row)
             if token.revoked_at is not None:
-                raise TokenRejected("join token revoked")
+                raise TokenRejected(_revoked_text(db, token))
             if now >= token.expires_at:
                 raise TokenRejected("join token expired")
             existing = db.execute(
@@ -1529,7 +1529,12 @@ class Store(LeaderStore):
         certificate since would be refused for good (its certificate is not the one on
         record). So a restore opens a re-learning window of ``RELEARN_WINDOW`` in which such
         a node's newer certificate is taken (``relearn``). Once: the mark becomes
-        ``restored_backup_at``. Returns (the backup's time, the window's end), or None."""
+        ``restored_backup_at``. Returns (the backup's time, the window's end), or None.
+
+        Every join token with a use left is revoked: any of them may have enrolled its node
+        since the backup (it is unused again in the copy), and one used so would take the name
+        of a node not re-learned yet from whoever held the token (race audit of session 39,
+        L2); the store cannot tell which. A token made after the restore enrols."""
         with self._db.tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'backup_made_at'").fetchone()
             if row is None:
@@ -1547,6 +1552,17 @@ class Store(LeaderStore):
                     (key, to_text(value)),
                 )
             db.execute("DELETE FROM meta WHERE key = 'backup_made_at'")
+            revoked = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM tokens WHERE uses_left > 0 AND revoked_at IS NULL"
+                    " AND superseded_at IS NULL ORDER BY created_at, id"
+                )
+            ]
+            db.executemany(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ?",
+                [(to_text(now), i) for i in revoked],
+            )
             self._audit(
                 db,
                 now,
@@ -1555,6 +1571,7 @@ class Store(LeaderStore):
                 "leader",
                 backup_made_at=made,
                 relearn_until=until,
+                revoked_tokens=revoked,
             )
         return made, until
 
@@ -2167,6 +2184,18 @@ def supersede_tokens(db: sqlite3.Connection, name: str, now: dt.datetime) -> lis
         "UPDATE tokens SET superseded_at = ? WHERE id = ?", [(to_text(now), i) for i in ids]
     )
     return ids
+
+
+def _revoked_text(db: sqlite3.Connection, token: Token) -> str:
+    """Why a revoked token is refused: by the admin (``token revoke``, ``nodes remove``), or
+    by the restore of the store from a backup (``Store.restore_began``)."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'restored_at'").fetchone()
+    if row is not None and from_text(row["value"]) == token.revoked_at:
+        return (
+            f"join token {token.id} revoked: the leader's store was restored from a backup, and"
+            " it may have enrolled its node since; create a new token"
+        )
+    return "join token revoked"
 
 
 def superseded_text(token: Token) -> str:
