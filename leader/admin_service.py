@@ -105,6 +105,7 @@ def token_info(t: Any) -> admin_pb2.TokenInfo:
         node_name=t.node_name or "",
         addresses=t.addresses,
         dns_names=t.dns_names,
+        superseded_at=timestamp(t.superseded_at),
     )
 
 

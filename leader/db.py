@@ -336,6 +336,25 @@ _V11 = """
 ALTER TABLE nodes ADD COLUMN agent_features TEXT NOT NULL DEFAULT '[]';  -- JSON list, sorted
 """
 
+# Migration 12: a join token is superseded by its node's enrolment (race audit of session 39,
+# L2: a token made before the node enrolled by another one stayed valid). ``superseded_at``:
+# when an enrolment (or a re-learning) of its node made it unusable; NULL: not superseded. A
+# token of an enrolled node that could still enrol it and was made before (or at) the node's
+# enrolment is superseded at that enrolment's time; a removed node's were revoked by the
+# removal. Not one an older leader may ignore (``IGNORABLE``): it writes rows, and an older
+# leader would enrol by a superseded token, and supersede none by its enrolments.
+_V12 = """
+ALTER TABLE tokens ADD COLUMN superseded_at TEXT;
+UPDATE tokens SET superseded_at = (
+    SELECT n.enrolled_at FROM nodes n WHERE n.name = tokens.node_name AND n.removed_at IS NULL)
+ WHERE uses_left > 0 AND revoked_at IS NULL
+   AND EXISTS (
+    SELECT 1 FROM nodes n WHERE n.name = tokens.node_name AND n.removed_at IS NULL
+       AND n.enrolled_at >= tokens.created_at);
+"""
+# (Both times are ``to_text``'s ISO 8601 in UTC, which sort as text: a time without
+# microseconds, "…:00+00:00", sorts before one of the same second with them, "…:00.5+00:00".)
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -348,6 +367,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V9,  # a freeze window's length in elapsed time
     _v10,  # certificates: record order, hourly caps' clock, their rollout
     _V11,  # the features each node's agent implements
+    _V12,  # a token superseded by its node's enrolment
 )
 
 

@@ -120,6 +120,10 @@ class Token:
     node_name: str | None  # None: a token of 0.1.0, bound to no node; refused
     addresses: tuple[str, ...]
     dns_names: tuple[str, ...]
+    # When an enrolment of its node made it unusable (``supersede_tokens``): every token of a
+    # node with a use left is superseded by the node's enrolment (its own included), so a
+    # token made before it (a lost or leaked join script) never enrols that node again.
+    superseded_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -604,6 +608,11 @@ class Store(LeaderStore):
 
         The key of a node whose certificate the admin revoked (``tlsroll ca revoke``) is
         refused by any token: a new key, or ``nodes remove`` first, is the way back.
+
+        An enrolment supersedes every token of the node with a use left, its own included
+        (``supersede_tokens``): a token made before it never enrols the node again, whatever
+        the key (a fresh one is not taken for the node's, the node's own is not certified
+        again behind its agent's back). Re-enrolling takes a token made after it.
         """
         self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
         with self._nodes_write(), self._db.tx() as db:
@@ -614,7 +623,7 @@ class Store(LeaderStore):
                 raise TokenRejected("join token not valid")
             token = _token(row)
             if token.revoked_at is not None:
-                raise TokenRejected("join token revoked")
+                raise TokenRejected(_revoked_text(db, token))
             if now >= token.expires_at:
                 raise TokenRejected("join token expired")
             existing = db.execute(
@@ -623,6 +632,9 @@ class Store(LeaderStore):
             replay = self._replay(db, existing, token_id, key_pin)
             if token.uses_left <= 0 and not replay:
                 raise TokenRejected("join token already used up")
+            if token.superseded_at is not None and not replay:
+                # (A replay is the enrolment that superseded it, answered again.)
+                raise TokenRejected(superseded_text(token))
             if token.node_name is None:
                 raise TokenRejected(
                     "join token names no node (made by an older tlsroll); create a new one "
@@ -679,6 +691,7 @@ class Store(LeaderStore):
             )
             db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
             _record_node_cert(db, name, cert, now, self.cap_now())
+            superseded = supersede_tokens(db, name, now)
             self._audit(
                 db,
                 now,
@@ -689,6 +702,7 @@ class Store(LeaderStore):
                 addresses=list(addresses),
                 cert_fingerprint=cert.fingerprint,
                 reenrolment=existing is not None,
+                superseded_tokens=superseded,
             )
         return cert
 
@@ -1515,7 +1529,12 @@ class Store(LeaderStore):
         certificate since would be refused for good (its certificate is not the one on
         record). So a restore opens a re-learning window of ``RELEARN_WINDOW`` in which such
         a node's newer certificate is taken (``relearn``). Once: the mark becomes
-        ``restored_backup_at``. Returns (the backup's time, the window's end), or None."""
+        ``restored_backup_at``. Returns (the backup's time, the window's end), or None.
+
+        Every join token with a use left is revoked: any of them may have enrolled its node
+        since the backup (it is unused again in the copy), and one used so would take the name
+        of a node not re-learned yet from whoever held the token (race audit of session 39,
+        L2); the store cannot tell which. A token made after the restore enrols."""
         with self._db.tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'backup_made_at'").fetchone()
             if row is None:
@@ -1533,6 +1552,17 @@ class Store(LeaderStore):
                     (key, to_text(value)),
                 )
             db.execute("DELETE FROM meta WHERE key = 'backup_made_at'")
+            revoked = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM tokens WHERE uses_left > 0 AND revoked_at IS NULL"
+                    " AND superseded_at IS NULL ORDER BY created_at, id"
+                )
+            ]
+            db.executemany(
+                "UPDATE tokens SET revoked_at = ? WHERE id = ?",
+                [(to_text(now), i) for i in revoked],
+            )
             self._audit(
                 db,
                 now,
@@ -1541,6 +1571,7 @@ class Store(LeaderStore):
                 "leader",
                 backup_made_at=made,
                 relearn_until=until,
+                revoked_tokens=revoked,
             )
         return made, until
 
@@ -1649,8 +1680,12 @@ class Store(LeaderStore):
         **detail: Any,
     ) -> None:
         """A node re-learned (``relearn``): its certificate recorded, the epoch floor raised to
-        what it has seen, audited as ``node.relearned``."""
+        what it has seen, its tokens superseded (``supersede_tokens``: every token the store
+        holds predates the backup or the loss, and the certificate its agent holds may be from
+        an enrolment by any of them since, or by one the store never saw), audited as
+        ``node.relearned``."""
         _record_node_cert(db, name, cert, now, self.cap_now())
+        detail["superseded_tokens"] = supersede_tokens(db, name, now)
         floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
         db.execute(
             "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
@@ -2126,6 +2161,49 @@ def _token(row: sqlite3.Row) -> Token:
         node_name=row["node_name"],
         addresses=tuple(json.loads(row["addresses"])),
         dns_names=tuple(json.loads(row["dns_names"])),
+        superseded_at=from_text(row["superseded_at"]),
+    )
+
+
+def supersede_tokens(db: sqlite3.Connection, name: str, now: dt.datetime) -> list[str]:
+    """Inside an enrolment's (or a re-learning's) write transaction: every token of node
+    ``name`` that could still enrol it (a use left, not revoked, not superseded yet) is
+    superseded now; their ids. A token made after this moment is not: the way to enrol the
+    node again is a new token (race audit of session 39, L2: a lost script's token, made
+    before the node enrolled by another one, stayed valid and enrolled the node's key again,
+    its agent's certificate then no longer on record)."""
+    ids = [
+        r["id"]
+        for r in db.execute(
+            "SELECT id FROM tokens WHERE node_name = ? AND uses_left > 0 AND revoked_at IS NULL"
+            " AND superseded_at IS NULL ORDER BY created_at, id",
+            (name,),
+        )
+    ]
+    db.executemany(
+        "UPDATE tokens SET superseded_at = ? WHERE id = ?", [(to_text(now), i) for i in ids]
+    )
+    return ids
+
+
+def _revoked_text(db: sqlite3.Connection, token: Token) -> str:
+    """Why a revoked token is refused: by the admin (``token revoke``, ``nodes remove``), or
+    by the restore of the store from a backup (``Store.restore_began``)."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'restored_at'").fetchone()
+    if row is not None and from_text(row["value"]) == token.revoked_at:
+        return (
+            f"join token {token.id} revoked: the leader's store was restored from a backup, and"
+            " it may have enrolled its node since; create a new token"
+        )
+    return "join token revoked"
+
+
+def superseded_text(token: Token) -> str:
+    """Why a superseded token is refused, one line (safe to send: the id is public)."""
+    when = token.superseded_at.strftime("%Y-%m-%d %H:%M:%S UTC") if token.superseded_at else "?"
+    return (
+        f"join token {token.id} is superseded by {token.node_name}'s enrolment at {when};"
+        " create a new token"
     )
 
 

@@ -25,9 +25,12 @@ import pytest
 
 from leader.layout import read_passphrase
 from tests.cluster import (
+    AdminTokenCluster,
     Cluster,
     child_env,
     command,
+    enrol,
+    enrol_request,
     one_line_error,
     secure_channel,
 )
@@ -342,3 +345,46 @@ def test_a_leader_gone_back_to_the_copy_kept_before_an_upgrade_relearns_renewed_
         assert c.list_nodes()["n1"].cert_serial == f"{renewed.serial_number:x}"
         [relearned] = [e for e in c.store_table("audit") if e["kind"] == "node.relearned"]
         assert relearned["subject"] == "n1"
+
+
+def test_a_restore_revokes_the_tokens_a_node_may_have_enrolled_by_since(tmp_path: Path) -> None:
+    """Race audit of session 39, L2: two tokens for n3 are in the backup; n3 enrols by one of
+    them after it. The restored store holds both unused again and does not know n3 until its
+    agent is heard: the other token, given a fresh key, took the name n3 (its agent then
+    refused for good). The restore revokes every token with a use left; n3's agent is
+    re-learned; a token made after the restore enrols."""
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        address = next_loopback()
+        lost = c.create_token("n3", address)
+        used = c.create_token("n3", address)
+        dest = tmp_path / "backup"
+        result = backup(c, dest)
+        assert result.returncode == 0, result.stderr
+        passphrase = c.passphrase_path.read_bytes()
+        n3 = c.add_agent("n3", address, token=used)
+        c.wait_for_nodes_online(["n3"])
+        n3.stop()
+        restore(c, dest, passphrase)
+        c.start_leader()
+
+        with pytest.raises(grpc.RpcError) as refused:
+            enrol(c, enrol_request(lost, "n3", address, key=pki.generate_key()))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "restored from a backup" in (refused.value.details() or "")
+        assert "create a new token" in (refused.value.details() or "")
+        assert "n3" not in c.list_nodes()
+
+        n3.start()
+        c.wait_for_nodes_online(["n3"])
+        assert c.list_nodes()["n3"].cert_serial == f"{n3.cert().serial_number:x}"
+        listed = {t["id"]: t for t in json.loads(c.cli("token", "list", "--json").stdout)}
+        assert all(listed[t.split(".", 1)[0]].get("revoked") for t in (lost, used))
+        [restored] = [e for e in c.store_table("audit") if e["kind"] == "store.restored"]
+        assert sorted(json.loads(restored["detail"])["revoked_tokens"]) == sorted(
+            t.split(".", 1)[0] for t in (lost, used)
+        )
+        fresh = next_loopback()
+        enrol(c, enrol_request(c.create_token("n4", fresh), "n4", fresh))
+        assert "n4" in c.list_nodes()

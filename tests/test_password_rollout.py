@@ -365,6 +365,20 @@ def test_password_set_is_refused_while_a_rollout_runs(
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "one rollout at a time" in refused.stderr
     assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
+    # `tlsroll plan` meanwhile: the plan, then exit 1 with one line, as for a blocked node (a
+    # start of it is refused now); it exited 0 (brief s39pw).
+    for json_out in ([], ["--json"]):
+        plan = world.cli("plan", "--scope", "cluster", *json_out)
+        assert plan.returncode == 1, plan.stderr
+        line = one_line_error(plan.stderr, "tlsroll")
+        assert line.startswith("tlsroll: error: rollout "), line
+        assert "; one rollout at a time" in line, line
+        assert "a start of this plan is refused until it has ended" in line, line
+        if json_out:
+            assert "one rollout at a time" in json.loads(plan.stdout)["busy"]
+        else:
+            assert "Nothing has been changed." in plan.stdout
+    assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
     assert world.cli("rollout", "abort").returncode == 0
 
 

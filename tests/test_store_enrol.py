@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from leader.db import MIGRATIONS
 from leader.store import (
     NODE_CERTS_PER_HOUR,
     NameTaken,
@@ -23,6 +25,7 @@ from leader.store import (
     TokenRejected,
     TooMany,
 )
+from tlsroll.sqlite import Database, to_text
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 SECRET = "s" * 26
@@ -265,9 +268,10 @@ def test_a_lost_answer_to_a_re_enrolment_of_a_node_that_renewed_is_replayed(stor
 def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store) -> None:
     """The admin revokes a node's certificate (a copied key and token); a token with a use
     left (``--uses 2``, or any other token of the node) must not sign that key again, replay
-    or not: a new key, or `nodes remove` first, is the way back (review 1 of s34, M2)."""
-    add_t2(store)
+    or not: a new key, or `nodes remove` first, is the way back (review 1 of s34, M2). (t2
+    is made after the enrolment: one made before it is superseded by it, refused for that.)"""
     first = enrol(store)
+    add_t2(store)
     store.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
     before = rows(store)
     with pytest.raises(TokenRejected, match="revoked"):
@@ -296,7 +300,8 @@ def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store)
 
 def test_a_multi_use_token_does_not_re_certify_its_revoked_key(tmp_path: Path) -> None:
     """The review's demo: one token made with ``--uses 2`` enrols key K, the admin revokes
-    K's certificate; K by the same token is refused and nothing changes."""
+    K's certificate; K by the same token is refused and nothing changes (its second use is
+    superseded by the enrolment its first made)."""
     s = Store(tmp_path / "leader.sqlite3")
     s.add_token(
         "t1",
@@ -313,8 +318,151 @@ def test_a_multi_use_token_does_not_re_certify_its_revoked_key(tmp_path: Path) -
         first = enrol(s)
         s.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
         before = rows(s)
-        with pytest.raises(TokenRejected, match="revoked"):
+        with pytest.raises(TokenRejected, match="superseded by node1's enrolment"):
             enrol(s, now=NOW + dt.timedelta(minutes=1))
         assert rows(s) == before
     finally:
         s.close()
+
+
+# --- a token made before an enrolment is superseded by it (race audit of session 39, L2) ----------
+
+
+def add_token(store: Store, token_id: str, *, uses: int = 1, now: dt.datetime = NOW) -> None:
+    store.add_token(
+        token_id,
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=uses,
+        description="",
+        now=now,
+        actor="admin",
+        node_name="node1",
+        addresses=(ADDRESS,),
+    )
+
+
+def test_a_token_made_before_the_enrolment_is_superseded_whatever_the_key(store: Store) -> None:
+    """t0 (a lost script) and t1 are made; node1 enrols by t1. t0 enrols it no more: not with a
+    fresh key, not with the node's own (which re-enrolled it, its agent's certificate no
+    longer on record). A token made after the enrolment enrols the key again and supersedes
+    the ones before it in its turn."""
+    add_token(store, "t0")
+    first = enrol(store)
+    later = NOW + dt.timedelta(minutes=1)
+    token = store.get_token("t0")
+    assert token.superseded_at == NOW and token.uses_left == 1
+    assert store.get_token("t1").superseded_at is None  # used up: nothing left to supersede
+    before = rows(store)
+    for pin in ("A-FRESH-KEY", PIN):
+        with pytest.raises(TokenRejected) as refused:
+            enrol(store, token_id="t0", key_pin=pin, now=later)
+        assert str(refused.value) == (
+            "join token t0 is superseded by node1's enrolment at 2026-05-01 12:00:00 UTC;"
+            " create a new token"
+        )
+        assert rows(store) == before
+    assert node_row(store)["cert_fingerprint"] == first.fingerprint
+    add_token(store, "t2", now=later)
+    add_token(store, "t3", uses=3, now=later)
+    again = enrol(store, token_id="t2", now=later)
+    assert node_row(store)["cert_fingerprint"] == again.fingerprint
+    assert store.get_token("t3").superseded_at == later
+    (audit,) = [r for r in rows(store)["audit"] if r[3] == "node.enrolled" and "t2" in r[5]]
+    assert '"superseded_tokens": ["t3"]' in audit[5]
+
+
+def test_a_multi_use_token_is_superseded_by_its_own_enrolment_but_replays(store: Store) -> None:
+    """``--uses 2``: the first use enrols; the second is superseded by that enrolment (two
+    enrolments at once by one token: the second, another key, is refused), but the first's
+    lost answer is still replayed to its key."""
+    add_token(store, "t2", uses=2)
+    first = enrol(store, token_id="t2")
+    assert store.get_token("t2").uses_left == 1
+    assert store.get_token("t2").superseded_at == NOW
+    before = rows(store)
+    with pytest.raises(TokenRejected, match="superseded by node1's enrolment"):
+        enrol(store, token_id="t2", key_pin="ANOTHER-KEY")
+    assert rows(store) == before
+    again = enrol(store, token_id="t2")  # the lost answer, replayed
+    assert again.fingerprint != first.fingerprint
+    assert store.get_token("t2").uses_left == 1
+
+
+def test_tokens_made_after_a_removal_enrol_and_the_ones_before_stay_refused(store: Store) -> None:
+    add_token(store, "t0")
+    enrol(store)
+    store.remove_node("node1", now=NOW, actor="admin")
+    later = NOW + dt.timedelta(minutes=1)
+    add_token(store, "t2", now=later)
+    add_token(store, "t3", now=later)  # a second script for the re-added node, lost
+    with pytest.raises(TokenRejected, match=r"superseded|revoked"):
+        enrol(store, token_id="t0", key_pin="NEW-KEY", now=later)
+    enrol(store, token_id="t2", key_pin="NEW-KEY", now=later)
+    assert node_row(store)["key_pin"] == "NEW-KEY"
+    with pytest.raises(TokenRejected, match="superseded by node1's enrolment"):
+        enrol(store, token_id="t3", key_pin="THIRD-KEY", now=later)
+
+
+def test_a_relearned_node_supersedes_the_tokens_the_store_holds(store: Store) -> None:
+    """A restored (or reinitialised) store re-learns node1 from its agent: node1 enrolled after
+    the backup, by a token the store may hold (unused again) or never saw. Every token of it
+    in the store predates that enrolment: superseded, not valid."""
+    with store.db.tx() as db:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)",
+            (to_text(NOW + dt.timedelta(hours=24)),),
+        )
+    cert = issuer()()
+    assert store.relearn(
+        name="node1",
+        names=((ADDRESS,), ()),
+        agent_port=9444,
+        key_pin=PIN,
+        cert=cert,
+        highest_epoch=0,
+        now=NOW,
+    )
+    assert store.get_token("t1").superseded_at == NOW
+    before = rows(store)
+    with pytest.raises(TokenRejected, match="superseded by node1's enrolment"):
+        enrol(store, key_pin=PIN)  # re-certified the agent's key behind its back, before
+    assert rows(store) == before
+    assert node_row(store)["cert_fingerprint"] == cert.fingerprint
+
+
+def test_the_migration_supersedes_the_tokens_made_before_an_enrolment(tmp_path: Path) -> None:
+    """A store of the release before: node1 enrolled by t1, t0 made before it and t9 after it
+    (still pending, for a re-enrolment), t8 for another node; the upgrade supersedes t0 at
+    node1's enrolment, and only t0."""
+    path = tmp_path / "leader.sqlite3"
+    Database(path, MIGRATIONS[:11]).close()  # the schema of the release before
+    conn = sqlite3.connect(path)
+    for token_id, node, created, left in [
+        ("t0", "node1", "2026-05-01T11:00:00+00:00", 1),
+        ("t1", "node1", "2026-05-01T11:30:00+00:00", 0),
+        ("tx", "node1", "2026-05-01T11:40:00+00:00", 2),  # --uses 2: its second use
+        ("t9", "node1", "2026-05-01T12:30:00+00:00", 1),
+        ("t8", "node8", "2026-05-01T11:00:00+00:00", 1),
+    ]:
+        conn.execute(
+            "INSERT INTO tokens (id, secret_hash, description, created_at, expires_at,"
+            " uses_allowed, uses_left, node_name, addresses, dns_names)"
+            " VALUES (?, '', '', ?, '2026-05-02T00:00:00+00:00', 2, ?, ?, '[]', '[]')",
+            (token_id, created, left, node),
+        )
+    conn.execute(
+        "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port, key_pin,"
+        " cert_fingerprint, cert_serial, cert_not_after, enrolled_at, token_id)"
+        " VALUES ('node1', '[]', '[]', 'v', 9444, 'p', 'f', '1', '2026-06-01T00:00:00+00:00',"
+        " '2026-05-01T12:00:00+00:00', 't1')"
+    )
+    conn.commit()
+    conn.close()
+    s = Store(path)
+    try:
+        superseded = {t.id: t.superseded_at for t in s.list_tokens()}
+    finally:
+        s.close()
+    enrolled = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+    assert superseded == {"t0": enrolled, "t1": None, "tx": enrolled, "t9": None, "t8": None}

@@ -190,7 +190,8 @@ def token() -> None:
     default=1,
     show_default=True,
     type=click.IntRange(1, 1000),
-    help="How often that node may enrol with it.",
+    help="Enrolments it allows; the node's enrolment supersedes the uses left (it enrols "
+    "the node once).",
 )
 @click.option("--description", default="", help="A note for `token list`.")
 @click.option(
@@ -298,7 +299,8 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         "#!/bin/sh",
         f"# Run as root on node {info.node_name} ({', '.join(info.addresses)}). It writes",
         f"# {config_file} and {token_file} (0600). The token is secret; it enrols this",
-        f"# node {info.uses_allowed} time(s) until {fmt_time(info, 'expires_at')}.",
+        f"# node until {fmt_time(info, 'expires_at')}, once: the node's enrolment supersedes",
+        "# it and every other token made for the node before it.",
         "set -eu",
         "umask 077",
         f"mkdir -p {q(str(config_dir))}",
@@ -333,6 +335,8 @@ def token_list(leader: Leader, as_json: bool) -> None:
         state = (
             "revoked"
             if t.revoked
+            else f"superseded ({t.node_name} enrolled {fmt_time(t, 'superseded_at')})"
+            if t.HasField("superseded_at")
             else "expired"
             if expired
             else "used up"

@@ -199,9 +199,10 @@ def plan(
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
     already in the wanted state show "already done"), its checks, what clients must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
-    any problem refuses the plan. Exit 1, after showing it, if a node is "blocked: <why>": a
-    start would be refused (a node on http only for rotate-cert or change-password) or would
-    stop at that node (its agent's preflight checks found problems: a port taken, …)."""
+    any problem refuses the plan. Exit 1, after showing it, if a start would be refused now (a
+    rollout has not ended: one at a time) or a node is "blocked: <why>": a start would be
+    refused (a node on http only for rotate-cert or change-password) or would stop at that
+    node (its agent's preflight checks found problems: a port taken, …)."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
@@ -211,6 +212,10 @@ def plan(
         emit_json(to_dict(reply))
     else:
         show_plan(reply)
+    if reply.busy:  # exit 1: a start of this plan is refused now (brief s39pw)
+        raise CLIError(
+            f"{reply.busy}; a start of this plan is refused until it has ended; nothing was changed"
+        )
     refuse_blocked(reply)  # exit 1: a start of this plan is refused or would stop
 
 

@@ -816,6 +816,7 @@ class TokenInfo(_message.Message):
     NODE_NAME_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
     DNS_NAMES_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     uses_allowed: _builtins.int
     uses_left: _builtins.int
@@ -830,6 +831,12 @@ class TokenInfo(_message.Message):
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def dns_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def superseded_at(self) -> _timestamp_pb2.Timestamp:
+        """Set: an enrolment of node_name made the token unusable (every token of a node with a use
+        left is superseded by the node's enrolment); a token made after it enrols the node.
+        """
+
     def __init__(
         self,
         *,
@@ -843,10 +850,11 @@ class TokenInfo(_message.Message):
         node_name: _builtins.str = ...,
         addresses: _abc.Iterable[_builtins.str] | None = ...,
         dns_names: _abc.Iterable[_builtins.str] | None = ...,
+        superseded_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "superseded_at", b"superseded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "created_at", b"created_at", "description", b"description", "dns_names", b"dns_names", "expires_at", b"expires_at", "id", b"id", "node_name", b"node_name", "revoked", b"revoked", "uses_allowed", b"uses_allowed", "uses_left", b"uses_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "created_at", b"created_at", "description", b"description", "dns_names", b"dns_names", "expires_at", b"expires_at", "id", b"id", "node_name", b"node_name", "revoked", b"revoked", "superseded_at", b"superseded_at", "uses_allowed", b"uses_allowed", "uses_left", b"uses_left"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
