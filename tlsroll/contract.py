@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "f7b962ae157e"
+REVISION = "0d69dc35432b"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
