@@ -71,6 +71,7 @@ from leader.store import (
     Store,
     Superseded,
     TokenRejected,
+    TooLate,
     TooMany,
     elapsed,
 )
@@ -133,6 +134,7 @@ ERRORS = {
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TooLate: grpc.StatusCode.FAILED_PRECONDITION,
     Superseded: grpc.StatusCode.UNAUTHENTICATED,
     InRollout: grpc.StatusCode.FAILED_PRECONDITION,
     EpochFixed: grpc.StatusCode.FAILED_PRECONDITION,
@@ -145,6 +147,7 @@ OFFLINE_AFTER_HEARTBEATS = 3
 CLOCK_OFFSET = NodeProblemKind.CLOCK_OFFSET
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MAX_AGENT_VERSION = 64  # characters of the version string an agent reports
+MAX_WITHDRAWN_PEM = 16 * 1024  # a workstation certificate's PEM is some 1.5 KiB
 
 
 @dataclass(frozen=True)
@@ -2160,6 +2163,33 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             raise
         log.info("workstation.enrolled", node=node, workstation=cn)
         return leader_pb2.SignWorkstationResponse(certificate_pem=pki.cert_to_pem(issued[0]))
+
+    @map_errors(ERRORS)
+    async def WithdrawWorkstationCertificate(
+        self, request: leader_pb2.WithdrawWorkstationRequest, context: Ctx
+    ) -> leader_pb2.WithdrawWorkstationResponse:
+        """A node's bootstrap service could not deliver the workstation certificate it was
+        just given (``SignWorkstationCertificate``: its crypto worker failed after the
+        signing): that very certificate, named whole, is revoked so that it no longer holds
+        the name, and the workstation's next try (with a new key) is signed. Only the node that
+        asked for it, within ``WITHDRAW_WINDOW`` of its issue (``Store.withdraw_workstation``):
+        a leaked password lets an enrolment withdraw nothing but the certificate its own
+        exchange was given, never a working one."""
+        caller = await self._caller_cert(context)
+        if len(request.certificate_pem) > MAX_WITHDRAWN_PEM:
+            raise invalid("not a workstation certificate (too long)")
+        fingerprint = pki.fingerprint(pki.load_cert_pem(request.certificate_pem))
+        serial = await asyncio.to_thread(
+            self.state.store.withdraw_workstation,
+            caller.name,
+            fingerprint,
+            now=self.state.clock(),
+            presented=caller.fingerprint,
+            presented_serial=caller.serial,
+        )
+        if serial is not None:
+            log.warning("workstation.withdrawn", node=caller.name, serial=serial)
+        return leader_pb2.WithdrawWorkstationResponse(withdrawn=serial is not None)
 
     @map_errors(ERRORS)
     async def RenewNodeCertificate(

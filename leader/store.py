@@ -81,6 +81,11 @@ class EpochFixed(TerminalError):
         super().__init__(f"rollout {rollout_id} is {state}; advance the epoch once it has ended")
 
 
+class TooLate(TerminalError):
+    """A workstation certificate too old for its node to withdraw
+    (``Store.withdraw_workstation``)."""
+
+
 class Superseded(TerminalError):
     """A node's certificate is neither the one on record nor the one before it, or it is
     revoked, or the node is removed: it may not call (``LeaderService._check_on_record``)."""
@@ -101,6 +106,11 @@ WORKSTATION_CERTS_PER_HOUR = 30
 # Certificates of its own a node may renew, per hour: an agent renews once in weeks (tests: every
 # minute or two); one that asks more often is broken or not ours any more.
 NODE_CERTS_PER_HOUR = 30
+# How long after its issue a node may withdraw a workstation certificate it could not deliver
+# (``Store.withdraw_workstation``): an exchange's finish signs, then the crypto worker's work is
+# tried twice (up to a minute each op, ``nodeagent.cryptoworker``) before the withdrawal; a
+# certificate older than this may have been delivered and in use, and is the admin's to revoke.
+WITHDRAW_WINDOW = dt.timedelta(minutes=10)
 
 
 def hash_secret(secret: str) -> str:
@@ -1329,6 +1339,55 @@ class Store(LeaderStore):
                 **({"replaced": True} if held and not proven else {}),
             )
         return cert
+
+    def withdraw_workstation(
+        self,
+        node: str,
+        fingerprint: str,
+        *,
+        now: dt.datetime,
+        presented: str,
+        presented_serial: str,
+    ) -> str | None:
+        """Revoke ("never delivered", not urgently: no one holds it) the workstation
+        certificate ``fingerprint`` that node ``node`` asked for (``issue_workstation``) and
+        could not deliver, calling with the certificate ``presented`` (serial
+        ``presented_serial``, ``check_caller_in``), so that it no longer holds its name; the
+        serial revoked now, or None if it was revoked already (idempotent: by an earlier call,
+        by the admin, superseded). NotFound unless it is a workstation certificate of this
+        node's asking (another node's is not found either: nothing is said about it);
+        TooLate if it was counted more than ``WITHDRAW_WINDOW`` ago (``cap_now``'s clock,
+        which no step of the wall clock moves). What it superseded stays revoked: a
+        revocation list with it may be out already, and a revocation is for good."""
+        with self._db.tx() as db:
+            check_caller_in(db, node, presented, presented_serial)
+            row = db.execute(
+                "SELECT serial, subject, revoked_at, counted_at FROM certificates"
+                " WHERE kind = 'workstation' AND node = ? AND fingerprint = ?",
+                (node, fingerprint),
+            ).fetchone()
+            if row is None:
+                raise NotFound("no workstation certificate of this node has that fingerprint")
+            if row["revoked_at"] is not None:
+                return None
+            counted = from_text(row["counted_at"])
+            if counted is None or counted < self.cap_now() - WITHDRAW_WINDOW:
+                raise TooLate(
+                    f"the certificate of {row['subject']} was issued too long ago to withdraw;"
+                    f" the admin revokes it (tlsroll workstations revoke {row['subject']})"
+                )
+            serial = str(row["serial"])
+            _revoke_in(db, [serial], "never delivered", now, urgent=False)
+            self._audit(
+                db,
+                now,
+                f"node:{node}",
+                "workstation.withdrawn",
+                row["subject"],
+                serial=serial,
+                fingerprint=fingerprint,
+            )
+        return serial
 
     def revoke_superseded(
         self, node: str, live_fingerprint: str, *, before: dt.datetime, now: dt.datetime

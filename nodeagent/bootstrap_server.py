@@ -16,6 +16,9 @@ connections), and the limits that make each password guess cost one counted exch
 
 ``sign(csr_pem) -> certificate_pem`` is injected: in production the agent forwards the CSR to
 the leader's CA, which issues a client certificate (EKU clientAuth only) for ``ws-<name>``.
+``withdraw(certificate_pem) -> bool`` too: the leader withdraws (revokes) a certificate it
+signed that the node could not deliver, which would otherwise hold the name against the
+workstation's next try (it makes a new key each run); True if it no longer holds it.
 
 ``crypto`` runs the exchange's cryptography (``nodeagent.bootstrap_crypto``'s ops: SPAKE2,
 AES-GCM, the CSR's and the certificates' checks): in production the agent's crypto worker, a
@@ -25,7 +28,10 @@ confirmation (HMAC) stay here: a wrong password is found and counted without the
 worker that fails (killed, hung, not startable) is a 503 ``busy`` with Retry-After for the
 workstation ("try later"), never a counted failure, and the exchange is used up; once the
 leader has signed, the worker's work (the certificate's facts, the seal) is tried a second time
-first (a new child), since the leader holds the name for that certificate's key by then.
+first (a new child), since the leader holds the name for that certificate's key by then; if
+both fail, the leader is asked to withdraw that certificate before the 503 is answered, so that
+the workstation's next try is signed (session 43). If it could not be withdrawn (an older
+leader, the leader unreachable), the 503 says what frees the name.
 
 Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
 
@@ -73,6 +79,7 @@ from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
 SignFn = Callable[[bytes], Awaitable[bytes]]
+WithdrawFn = Callable[[bytes], Awaitable[bool]]
 Clock = Callable[[], float]
 WallClock = Callable[[], dt.datetime]
 
@@ -290,6 +297,7 @@ class BootstrapService:
         node_name: str,
         verifier: Mapping[str, Any],
         sign: SignFn,
+        withdraw: WithdrawFn | None = None,
         port: int = BOOTSTRAP_PORT,
         clock: Clock = time.monotonic,
         wall: WallClock = lambda: dt.datetime.now(dt.UTC),
@@ -312,6 +320,7 @@ class BootstrapService:
         self.server_url = server_url
         self.node_name = node_name
         self.sign = sign
+        self.withdraw = withdraw  # None: nothing is withdrawn (as with an older leader)
         self.crypto = crypto
         self.clock = clock
         self.wall = wall
@@ -533,9 +542,10 @@ class BootstrapService:
                 )
             self.guard.succeeded(ex.source, ex.workstation)
             try:
-                sealed = await self._deliver(ex, await self._enrol(request, ex, finish))
+                signed, cn, key_pin = await self._enrol(request, ex, finish)
             except WorkerFailed:  # the password was right: nothing counted, try again later
                 raise _busy() from None
+            sealed = await self._signed_delivery(request, ex, signed, cn, key_pin)
         except Refused as exc:
             if exc.code is not proto.ErrorCode.WRONG_PASSWORD:
                 log.warning(
@@ -544,6 +554,54 @@ class BootstrapService:
             return _refusal(exc)
         answer = proto.FinishAnswer(confirm=ex.keys.confirmation(proto.Side.NODE), payload=sealed)
         return _answer(answer.to_json())
+
+    async def _signed_delivery(
+        self, request: Request, ex: Exchange, signed: bytes, cn: str, key_pin: str
+    ) -> str:
+        """The payload for the workstation with the certificate the leader ``signed``, checked
+        and sealed (by the worker; each op tried twice: ``_signed_crypto``). If that fails, the
+        leader has recorded a certificate that holds the name ``cn`` and that the workstation
+        never gets: it is withdrawn (``withdraw``) before the refusal is answered, so that the
+        workstation's next try, with a new key, is signed (session 43). Only the certificate
+        this exchange was given is named: a leaked password's enrolment cannot make the node
+        withdraw a working certificate."""
+        try:
+            return await self._deliver(ex, await self._checked(request, signed, cn, key_pin))
+        except WorkerFailed:
+            withdrawn = await self._withdraw(request, cn, signed)
+            if withdrawn:  # the name is free again: the next try is signed
+                raise _busy() from None
+            raise Refused(
+                503,
+                proto.ErrorCode.BUSY,
+                f"the node could not deliver the certificate the CA signed for {cn}, nor "
+                "withdraw it: a new try is refused as the name taken until the admin frees it "
+                f"(tlsroll workstations revoke {cn}), or run again at this node with --replace",
+                retry=WORKER_RETRY,
+            ) from None
+        except Refused:  # not the certificate asked for: withdrawn all the same
+            await self._withdraw(request, cn, signed)
+            raise
+        except proto.BootstrapError:  # the worker would not seal it (not seen so far)
+            await self._withdraw(request, cn, signed)
+            log.error("bootstrap.seal_refused", remote=request.remote)
+            raise Refused(
+                502, proto.ErrorCode.SIGN_FAILED, "the node could not seal the answer"
+            ) from None
+
+    async def _withdraw(self, request: Request, cn: str, signed: bytes) -> bool:
+        """``withdraw`` the certificate ``signed`` for ``cn``: whether it no longer holds the
+        name (False without ``withdraw``, or if it failed: logged)."""
+        if self.withdraw is None:
+            return False
+        try:
+            withdrawn = await self.withdraw(signed)
+        except Exception as exc:  # whatever the leader path raises: the name stays held
+            log.error("bootstrap.withdraw_failed", remote=request.remote, error=type(exc).__name__)
+            return False
+        if withdrawn:
+            log.warning("bootstrap.undelivered_withdrawn", remote=request.remote, cn=cn)
+        return withdrawn
 
     async def _deliver(self, ex: Exchange, cert_pem: bytes) -> str:
         """The payload for the workstation, sealed to it (by the worker)."""
@@ -577,7 +635,11 @@ class BootstrapService:
         )
         return when
 
-    async def _enrol(self, request: Request, ex: Exchange, finish: proto.FinishRequest) -> bytes:
+    async def _enrol(
+        self, request: Request, ex: Exchange, finish: proto.FinishRequest
+    ) -> tuple[bytes, str, str]:
+        """The workstation's CSR opened and checked, and signed by the leader: the certificate
+        (PEM, not yet checked), the name and the CSR key's pin."""
         assert ex.keys is not None
         opened = {
             "key": proto.b64(ex.keys.seal_to[proto.Side.NODE]),
@@ -611,6 +673,11 @@ class BootstrapService:
             raise Refused(
                 502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
+        return signed, cn, key_pin
+
+    async def _checked(self, request: Request, signed: bytes, cn: str, key_pin: str) -> bytes:
+        """The certificate the leader ``signed``, checked (by the worker) to be for the CSR's
+        key: its PEM."""
         try:
             cert = await self._signed_crypto("cert_facts", {"pem": proto.b64(signed)})
         except proto.BootstrapError:  # what the leader returned does not parse

@@ -39,7 +39,7 @@ from nodeagent.cryptoworker import InProcess
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import FUTURE_SLACK, Journal
-from tlsroll import logs, password, spiffe
+from tlsroll import logs, password, peertext, spiffe
 from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -117,8 +117,8 @@ class BootstrapHost:
         self._saving: set[asyncio.Task[None]] = set()
         self._warming: asyncio.Future[ModuleType] | None = None
 
-    async def sign(self, csr_pem: bytes) -> bytes:
-        """The leader signs the workstation's CSR (the service has checked its key confirmation)."""
+    def _channel(self) -> grpc.aio.Channel:
+        """A mutual-TLS channel to the leader, as this node."""
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.identity.ca_pem,
             private_key=self.identity.key_pem,
@@ -128,7 +128,11 @@ class BootstrapHost:
         # The leader by its identity, not by its address (tlsroll.spiffe).
         host = spiffe.leader_host(self.identity.trust_domain)
         options = [("grpc.ssl_target_name_override", host)]
-        async with grpc.aio.secure_channel(target, creds, options=options) as channel:
+        return grpc.aio.secure_channel(target, creds, options=options)
+
+    async def sign(self, csr_pem: bytes) -> bytes:
+        """The leader signs the workstation's CSR (the service has checked its key confirmation)."""
+        async with self._channel() as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
             try:
                 reply = await stub.SignWorkstationCertificate(
@@ -139,6 +143,29 @@ class BootstrapHost:
                     f"the leader did not sign: {exc.details()}", refused=exc.code() in REFUSALS
                 ) from None
         return reply.certificate_pem
+
+    async def withdraw(self, cert_pem: bytes) -> bool:
+        """The leader withdraws the workstation certificate ``cert_pem`` it just signed, which
+        the service could not deliver (``Leader.WithdrawWorkstationCertificate``), so that it
+        does not hold the name; whether it no longer does (revoked now or before). False, with
+        one log line, if the leader could not be asked or refused: an older leader
+        (UNIMPLEMENTED) keeps the name held, as before that call existed."""
+        try:
+            async with self._channel() as channel:
+                await leader_pb2_grpc.LeaderStub(channel).WithdrawWorkstationCertificate(
+                    leader_pb2.WithdrawWorkstationRequest(certificate_pem=cert_pem), timeout=15
+                )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                log.warning("bootstrap.withdraw_unsupported", why="the leader is older")
+            else:
+                log.error(
+                    "bootstrap.withdraw_failed",
+                    code=exc.code().name,
+                    detail=peertext.clean(str(exc.details()), 200),
+                )
+            return False
+        return True
 
     def warm(self) -> asyncio.Future[ModuleType]:
         """Import the bootstrap service in a worker thread, once: when the node is staged for a
@@ -193,6 +220,7 @@ class BootstrapHost:
                     node_name=self.cfg.node_name,
                     verifier=verifier,
                     sign=self.sign,
+                    withdraw=self.withdraw,
                     port=self.cfg.bootstrap_port,
                     guard=self.guard,
                     failures=self.failures,

@@ -121,6 +121,7 @@ def make_service(
     sign: Callable[[bytes], Any] | None = None,
     limits: Limits | None = None,
     crypto: Crypto | None = None,
+    withdraw: Callable[[bytes], Any] | None = None,
 ) -> BootstrapService:
     return BootstrapService(
         address=address,
@@ -132,6 +133,7 @@ def make_service(
         node_name="node-a",
         verifier=verifier,
         sign=sign or ca_signer(ca),
+        withdraw=withdraw,
         clock=clock or FakeClock(),
         limits=limits,
         crypto=crypto or InProcessCrypto(),

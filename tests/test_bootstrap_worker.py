@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import termios
@@ -51,6 +52,7 @@ from tests.test_bootstrap import (
 )
 from tlsroll import bootstrap_pake, password, pki
 from tlsroll import bootstrap_protocol as proto
+from workstation.connection import Exit
 
 CRYPTOGRAPHY_LIB = "_rust.abi3.so"  # cryptography's Rust library (OpenSSL inside)
 ROLLOUT_TIMEOUT = 120
@@ -245,6 +247,128 @@ def test_the_agent_is_ready_before_its_bootstrap_service_asks_the_worker(
     assert not [e for e in seen[:started] if e.startswith("bootstrap.")], seen[:started]
 
 
+# A crypto worker child that ends (exit 70) as it reads the bootstrap service's "seal" op while
+# the file named by FAIL_SEAL_WHILE exists: both tries of the work after the leader signed fail
+# (the second in a new child, which ends alike). Put first on a restarted agent's PYTHONPATH (the
+# child inherits it and the variable).
+FAILING_SEAL = """
+import os, sys
+from pathlib import Path
+if any("cryptoworker_child.main()" in a for a in getattr(sys, "orig_argv", ())):
+    real = sys.stdin.buffer
+    flag = Path(os.environ["FAIL_SEAL_WHILE"])
+
+    class Lines:
+        def readline(self):
+            line = real.readline()
+            if b'"op": "bootstrap.seal"' in line and flag.exists():
+                os._exit(70)
+            return line
+
+    class In:
+        buffer = Lines()
+
+    sys.stdin = In()
+"""
+OLDER_LEADER = Path(__file__).with_name("older_leader.py")
+
+
+def agent_failing_seal(node: ServerNode, tmp_path: Path) -> Path:
+    """Restart ``node``'s agent with a crypto worker that fails the "seal" op (``FAILING_SEAL``)
+    while the returned file exists (it does now)."""
+    agent = node.agent
+    assert agent is not None
+    site = tmp_path / "failing-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAILING_SEAL)
+    flag = tmp_path / "fail-seal"
+    flag.write_text("while this file exists\n")
+    agent.stop()
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    agent.start({"PYTHONPATH": path, "FAIL_SEAL_WHILE": str(flag)})
+    wait_until(lambda: node.port_open(9443), 30, "the bootstrap service")
+    return flag
+
+
+def events_since(daemon: Any, before: int, name: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.log_events()[before:] if e.get("event") == name]
+
+
+def test_a_certificate_signed_but_not_delivered_does_not_hold_the_name(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """Session 43 (carried since s41): the leader signs, then both tries of the crypto worker's
+    work fail; the workstation gets 503 "try later". Its retry (a new key, the same name) was
+    refused as the name taken: the leader held the name for a certificate the workstation never
+    got. Now the agent has the leader withdraw that very certificate before it answers: the
+    retry enrols."""
+    cluster, node, pw = switched
+    assert node.agent is not None
+    flag = agent_failing_seal(node, tmp_path)
+    before, leader_before = len(node.agent.log_events()), len(cluster.leader.log_events())
+    settings = tmp_path / "ws-undelivered"
+    first = client_test_connection(node.https_url(), pw, settings)
+    assert first.returncode == Exit.ENROL_REFUSED, first.stdout + first.stderr
+    assert "busy" in first.stderr and "try again in 5 s" in first.stderr, first.stderr
+    assert not (settings / "client.pem").exists()
+    flag.unlink()  # the worker works again
+    again = client_test_connection(node.https_url(), pw, settings)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (settings / "client.pem").exists()
+    assert len(events_since(node.agent, before, "bootstrap.undelivered_withdrawn")) == 1
+    (withdrawn,) = events_since(cluster.leader, leader_before, "workstation.withdrawn")
+    reasons = revoke_reasons(cluster, "ws-undelivered")
+    assert reasons[withdrawn["serial"]] == "never delivered"
+    assert sorted(reasons.values()) == ["", "never delivered"]  # the retry's is valid
+
+
+def revoke_reasons(cluster: Cluster, name: str) -> dict[str, str]:
+    """The leader's workstation certificates of ``name``: serial -> why revoked ("": valid)."""
+    db = sqlite3.connect(f"{cluster.store_path.as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT serial, revoke_reason FROM certificates"
+            " WHERE kind = 'workstation' AND subject = ?",
+            (name,),
+        ).fetchall()
+    finally:
+        db.close()
+    return {str(serial): str(reason) for serial, reason in rows}
+
+
+def test_an_older_leader_keeps_the_name_held_and_the_answers_say_what_frees_it(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """An agent of this release whose leader is older (UNIMPLEMENTED to the withdrawal): as
+    before, the name stays held; one log line says why, the 503 says what frees the name, and
+    so does the retry's refusal (the name taken)."""
+    cluster, node, pw = switched
+    assert node.agent is not None
+    default = cluster.leader.argv
+    cluster.stop_leader()
+    cluster.leader.argv = [sys.executable, str(OLDER_LEADER), "--config", str(cluster.config_path)]
+    try:
+        cluster.start_leader()
+        flag = agent_failing_seal(node, tmp_path)
+        before = len(node.agent.log_events())
+        settings = tmp_path / "ws-old-leader"
+        first = client_test_connection(node.https_url(), pw, settings)
+        assert first.returncode == Exit.ENROL_REFUSED, first.stdout + first.stderr
+        assert "tlsroll workstations revoke ws-old-leader" in first.stderr, first.stderr
+        assert "--replace" in first.stderr
+        assert len(events_since(node.agent, before, "bootstrap.withdraw_unsupported")) == 1
+        flag.unlink()
+        again = client_test_connection(node.https_url(), pw, settings)
+        assert again.returncode == Exit.ENROL_REFUSED, again.stdout + again.stderr
+        assert "is taken" in again.stderr, again.stderr
+        assert "tlsroll workstations revoke ws-old-leader" in again.stderr, again.stderr
+    finally:
+        cluster.leader.argv = default
+        if cluster.leader.running:
+            cluster.stop_leader()
+        cluster.start_leader()
+
+
 # --- the service with a real worker ---------------------------------------------------------------
 
 
@@ -259,12 +383,18 @@ class Killing:
     def __init__(self, worker: CryptoWorker) -> None:
         self.worker = worker
         self.kill_at: str | None = None
+        self.kills = 1  # calls of ``kill_at`` killed in a row
         self.failures: list[str] = []
 
     async def call(self, op: str, request: dict[str, Any]) -> Any:
+        if op == self.kill_at and self.worker.pid is None:
+            self.worker.warm()  # (a child to kill: the one the worker starts for the retry)
+            await until(lambda: self.worker.pid is not None)
         pid = self.worker.pid if op == self.kill_at else None
         if op == self.kill_at:
-            self.kill_at = None
+            self.kills -= 1
+            if self.kills <= 0:
+                self.kill_at, self.kills = None, 1
             assert pid is not None, "no child to kill"
             os.kill(pid, signal.SIGSTOP)
             # Stopped for sure before the write: a child woken from its read by the write
@@ -314,21 +444,38 @@ async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def naming_signer(ca: pki.CertificateAuthority) -> Callable[[bytes], Any]:
+class NamingSigner:
     """The tests' CA signer, refusing a name already signed for another key as the leader does
-    (``leader.store.NameTaken``, ALREADY_EXISTS: ``SignRefused`` with ``refused``)."""
-    sign = ca_signer(ca)
-    holders: dict[str, str] = {}
+    (``leader.store.NameTaken``, ALREADY_EXISTS: ``SignRefused`` with ``refused``); ``withdraw``
+    frees the name of a certificate it signed (``Leader.WithdrawWorkstationCertificate``), or
+    answers ``withdraws`` (False: as an older leader, the name stays held)."""
 
-    async def signer(csr_pem: bytes) -> bytes:
+    def __init__(self, ca: pki.CertificateAuthority) -> None:
+        self.sign = ca_signer(ca)
+        self.holders: dict[str, str] = {}
+        self.signed: list[bytes] = []
+        self.withdrawn: list[bytes] = []
+        self.withdraws = True
+
+    async def __call__(self, csr_pem: bytes) -> bytes:
         csr = pki.load_csr_pem(csr_pem)
         name = str(csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
         pin = pki.spki_pin(csr.public_key())  # type: ignore[arg-type]
-        if holders.setdefault(name, pin) != pin:
+        if self.holders.setdefault(name, pin) != pin:
             raise SignRefused(f"{name} is taken; run again with --replace", refused=True)
-        return bytes(await sign(csr_pem))
+        signed = bytes(await self.sign(csr_pem))
+        self.signed.append(signed)
+        return signed
 
-    return signer
+    async def withdraw(self, cert_pem: bytes) -> bool:
+        self.withdrawn.append(cert_pem)
+        if not self.withdraws:
+            return False
+        cert = pki.load_cert_pem(cert_pem)
+        name = str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        if self.holders.get(name) == pki.spki_pin(cert):
+            del self.holders[name]
+        return True
 
 
 @pytest.fixture
@@ -341,11 +488,17 @@ async def worker() -> AsyncIterator[CryptoWorker]:
 
 
 @pytest.fixture
+def signer(test_ca: pki.CertificateAuthority) -> NamingSigner:
+    return NamingSigner(test_ca)
+
+
+@pytest.fixture
 async def killing_node(
     issue_cert: Callable[..., IssuedCert],
     loopback: Callable[[], str],
     test_ca: pki.CertificateAuthority,
     worker: CryptoWorker,
+    signer: NamingSigner,
 ) -> AsyncIterator[tuple[Node, Killing]]:
     """The bootstrap service with a real crypto worker (a child process)."""
     address = loopback()
@@ -357,7 +510,8 @@ async def killing_node(
         test_ca,
         clock=clock,
         crypto=crypto,
-        sign=naming_signer(test_ca),
+        sign=signer,
+        withdraw=signer.withdraw,
     ) as service:
         yield Node(service, clock, test_ca.cert_pem), crypto
 
@@ -415,6 +569,49 @@ async def test_a_worker_killed_after_the_leader_signed_is_tried_again(
     assert worker.pid is not None and worker.pid != first
     assert node.service.failures.pending() == []
     # (The signer refuses the name for another key, as the leader does.)
+    taken = await node.exchange(session, cn="ws-second")
+    assert (taken.status, taken.error) == (409, "sign_failed"), taken.body
+
+
+@pytest.mark.parametrize("kill_at", ["bootstrap.cert_facts", "bootstrap.seal"])
+async def test_a_certificate_the_worker_failed_twice_to_deliver_is_withdrawn(
+    killing_node: tuple[Node, Killing],
+    session: aiohttp.ClientSession,
+    signer: NamingSigner,
+    kill_at: str,
+) -> None:
+    """Session 43: both tries of the work after the signing fail (the child killed twice).
+    The leader is asked to withdraw exactly the certificate it signed for this exchange before
+    the 503 "try later" goes out; the workstation's next try (a new key, the same name) is
+    signed. Fails before: nothing withdrawn, the next try refused (409, the name taken)."""
+    node, crypto = killing_node
+    crypto.kill_at, crypto.kills = kill_at, 2
+    attempt = await node.exchange(session, cn="ws-second")
+    assert crypto.failures == [WorkerEnded.__name__] * 2
+    assert (attempt.status, attempt.error) == (503, "busy"), attempt.body
+    assert "try later" in attempt.body["message"]
+    assert signer.withdrawn == signer.signed and len(signer.signed) == 1
+    again = await node.exchange(session, cn="ws-second")
+    assert again.status == 200, again.body
+    assert again.payload().certificate_pem == signer.signed[-1]
+
+
+async def test_a_certificate_that_could_not_be_withdrawn_is_answered_with_what_frees_the_name(
+    killing_node: tuple[Node, Killing],
+    session: aiohttp.ClientSession,
+    signer: NamingSigner,
+) -> None:
+    """The withdrawal failed too (an older leader, the leader unreachable): the name stays
+    held, and the 503 says so and what frees it; the retry is refused as the name taken."""
+    node, crypto = killing_node
+    signer.withdraws = False
+    crypto.kill_at, crypto.kills = "bootstrap.seal", 2
+    attempt = await node.exchange(session, cn="ws-second")
+    assert (attempt.status, attempt.error) == (503, "busy"), attempt.body
+    message = attempt.body["message"]
+    assert "tlsroll workstations revoke ws-second" in message and "--replace" in message
+    assert len(message) <= 400  # what the client shows of it (NODE_MESSAGE_CHARS)
+    assert signer.withdrawn == signer.signed
     taken = await node.exchange(session, cn="ws-second")
     assert (taken.status, taken.error) == (409, "sign_failed"), taken.body
 

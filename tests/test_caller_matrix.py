@@ -90,10 +90,20 @@ AGENT_EXPECTED = {
     "revoked": dict.fromkeys(AGENT_REQUESTS, UNAUTH),
 }
 
-LEADER_METHODS = ("Heartbeat", "SignWorkstationCertificate", "RenewNodeCertificate", "Heartbeats")
+LEADER_METHODS = (
+    "Heartbeat",
+    "SignWorkstationCertificate",
+    "WithdrawWorkstationCertificate",
+    "RenewNodeCertificate",
+    "Heartbeats",
+)
 # Leader: only enrolled nodes, each as itself (node2 is as much "a node" as node1); a node that
-# passes gets the method's answer (a renewal with a CSR that is none: INVALID_ARGUMENT).
-NODE_GETS = dict.fromkeys(LEADER_METHODS, OK) | {"RenewNodeCertificate": INVALID}
+# passes gets the method's answer (a renewal with a CSR that is none, a withdrawal of a
+# certificate that is none: INVALID_ARGUMENT).
+NODE_GETS = dict.fromkeys(LEADER_METHODS, OK) | {
+    "RenewNodeCertificate": INVALID,
+    "WithdrawWorkstationCertificate": INVALID,
+}
 LEADER_EXPECTED = {
     "leader": dict.fromkeys(LEADER_METHODS, DENIED),
     "node": NODE_GETS,
@@ -268,6 +278,9 @@ def test_leader_service(world: tuple[Cluster, dict[str, Creds]], caller: str) ->
         "Heartbeat": leader_pb2.HeartbeatRequest(agent_version="matrix"),
         "SignWorkstationCertificate": leader_pb2.SignWorkstationRequest(
             csr_pem=pki.csr_to_pem(csr)
+        ),
+        "WithdrawWorkstationCertificate": leader_pb2.WithdrawWorkstationRequest(
+            certificate_pem=b"not a certificate"
         ),
         "RenewNodeCertificate": leader_pb2.RenewNodeCertificateRequest(csr_pem=b"not a CSR"),
         "Heartbeats": leader_pb2.HeartbeatRequest(agent_version="matrix"),

@@ -24,10 +24,13 @@ from leader.rollout_core import Change, NodeState, RolloutEvent, Scope
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
 from leader.store import (
     NODE_CERTS_PER_HOUR,
+    WITHDRAW_WINDOW,
     WORKSTATION_CERTS_PER_HOUR,
     IssuedCert,
     NodeCert,
+    NotFound,
     Store,
+    TooLate,
     TooMany,
     _check_hourly_certs,
     _record_cert,
@@ -170,6 +173,37 @@ def test_a_node_s_workstation_cap_goes_by_elapsed_time(store: Store, clocks: Clo
         node.workstation("ws-next")
     clocks.passes(HOUR + MINUTE)
     node.workstation("ws-next")
+
+
+def test_a_node_withdraws_a_workstation_certificate_within_minutes_of_its_issue_by_elapsed_time(
+    store: Store, clocks: Clocks
+) -> None:
+    """Session 43: a node may withdraw a workstation certificate it could not deliver only
+    within ``WITHDRAW_WINDOW`` of its issue, by elapsed time (the caps' clock): a step of the
+    wall clock neither shortens it nor makes an old certificate (delivered, maybe in use)
+    withdrawable; after it, the admin revokes."""
+    node = Node(store, clocks)
+
+    def withdraw(fingerprint: str) -> str | None:
+        return store.withdraw_workstation(
+            "n1", fingerprint, now=clocks.wall, presented=node.current.fingerprint,
+            presented_serial=node.current.serial,
+        )  # fmt: skip
+
+    node.workstation("ws-a")  # fp2
+    clocks.steps(-DAY)  # the wall clock back a day: still minutes since its issue
+    clocks.passes(WITHDRAW_WINDOW - MINUTE)
+    assert withdraw("fp2") == "2"
+    assert withdraw("fp2") is None  # idempotent
+    node.workstation("ws-b")  # fp3
+    clocks.steps(-2 * WITHDRAW_WINDOW)  # back: the window counts elapsed time, not the wall
+    clocks.passes(WITHDRAW_WINDOW + MINUTE)
+    with pytest.raises(TooLate, match=r"tlsroll workstations revoke ws-b"):
+        withdraw("fp3")
+    with pytest.raises(NotFound):
+        withdraw("fp-unknown")
+    reasons = {c.subject: c.revoke_reason for c in store.list_certificates("workstation")}
+    assert reasons == {"ws-a": "never delivered", "ws-b": ""}
 
 
 def test_the_cap_holds_across_a_restart_and_a_clock_behind_holds_it_an_hour(

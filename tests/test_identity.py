@@ -61,6 +61,7 @@ PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 
 @pytest.fixture(scope="module")
@@ -511,6 +512,87 @@ def test_an_older_client_enrolling_its_own_pc_again_is_told_to_upgrade(cluster: 
     assert "--replace" in details and "--name" in details, details
     assert "tlsroll workstations revoke ws-praxis-empfang" in details, details
     assert workstation_rows(cluster, "ws-praxis-empfang") == before
+
+
+def withdraw_workstation(
+    cluster: Cluster, agent: Agent, cert_pem: bytes
+) -> tuple[grpc.StatusCode, str, bool | None]:
+    """A node's bootstrap service withdraws a certificate it could not deliver: the status,
+    its details, and (OK) whether it was withdrawn now."""
+    answers: list[Any] = []
+    with cluster.control_channel(*node_credentials(agent)) as channel:
+        stub = leader_pb2_grpc.LeaderStub(channel)
+        code, details = status_of(
+            lambda: answers.append(
+                stub.WithdrawWorkstationCertificate(
+                    leader_pb2.WithdrawWorkstationRequest(certificate_pem=cert_pem), timeout=10
+                )
+            )
+        )
+    return code, details, answers[0].withdrawn if answers else None
+
+
+def revoke_reasons(cluster: Cluster, cn: str) -> list[str]:
+    """The revoke reasons of ``cn``'s workstation certificates, oldest first ("": valid)."""
+    rows = cluster.store_table("certificates")
+    return [r["revoke_reason"] for r in rows if r["kind"] == "workstation" and r["subject"] == cn]
+
+
+def test_a_node_withdraws_the_certificate_it_was_just_given_and_nothing_else(
+    cluster: Cluster,
+) -> None:
+    """Session 43: a certificate the leader signed that the node could not deliver (its crypto
+    worker failed after the signing) held the name against the workstation's next try, which
+    has a new key. The node now withdraws it (``WithdrawWorkstationCertificate``): revoked
+    "never delivered", the name free. Only the node that asked for it, only that certificate
+    (named whole): another node cannot, and a PC's working certificate is not touched by a
+    withdrawal of the one that superseded it (it stays revoked, as superseded)."""
+    node1, node2 = cluster.agents["node1"], cluster.agents["node2"]
+    first: list[PC] = []
+    assert sign_workstation(cluster, node2, "ws-withdrawn", signed=first)[0] == OK
+    pem = pki.cert_to_pem(first[0][0])
+    code, details, _ = withdraw_workstation(cluster, node1, pem)  # not node1's to withdraw
+    assert code == NOT_FOUND, details
+    assert withdraw_workstation(cluster, node2, b"not a certificate")[0] == INVALID_ARGUMENT
+    assert revoke_reasons(cluster, "ws-withdrawn") == [""]
+    code, details, withdrawn = withdraw_workstation(cluster, node2, pem)
+    assert (code, withdrawn) == (OK, True), details
+    assert revoke_reasons(cluster, "ws-withdrawn") == ["never delivered"]
+    assert withdraw_workstation(cluster, node2, pem)[::2] == (OK, False)  # idempotent
+    # The name is free: the workstation's next try (a new key, no proof) is signed.
+    second: list[PC] = []
+    assert sign_workstation(cluster, node2, "ws-withdrawn", signed=second)[0] == OK
+    # The PC enrols again as itself; that certificate is not delivered and is withdrawn: the
+    # one it superseded stays revoked, and the PC's next try (its proof of a revoked
+    # certificate proves nothing, the name is free) is signed.
+    third: list[PC] = []
+    code, details = sign_workstation(
+        cluster, node2, "ws-withdrawn", previous=second[0], signed=third
+    )
+    assert code == OK, details
+    assert withdraw_workstation(cluster, node2, pki.cert_to_pem(third[0][0]))[::2] == (OK, True)
+    assert revoke_reasons(cluster, "ws-withdrawn") == [
+        "never delivered",
+        "superseded",
+        "never delivered",
+    ]
+    assert sign_workstation(cluster, node2, "ws-withdrawn", previous=second[0])[0] == OK
+    audit = [r for r in cluster.store_table("audit") if r["kind"] == "workstation.withdrawn"]
+    assert [(r["actor"], r["subject"]) for r in audit] == [("node:node2", "ws-withdrawn")] * 2
+
+
+def test_a_withdrawal_cannot_take_a_name_from_the_pc_that_holds_it(cluster: Cluster) -> None:
+    """A leaked password: another PC's enrolment under a name a PC holds is refused before
+    anything is signed, so its node has nothing to withdraw; what the node may withdraw is a
+    certificate it was given, and the holder's is not (another node's, here) — the PC's
+    certificate stays valid."""
+    node1, node2 = cluster.agents["node1"], cluster.agents["node2"]
+    held: list[PC] = []
+    assert sign_workstation(cluster, node1, "ws-held-pc", signed=held)[0] == OK
+    assert sign_workstation(cluster, node2, "ws-held-pc")[0] == ALREADY_EXISTS
+    code, _, _ = withdraw_workstation(cluster, node2, pki.cert_to_pem(held[0][0]))
+    assert code == NOT_FOUND
+    assert revoke_reasons(cluster, "ws-held-pc") == [""]
 
 
 def _proof_ext(raw: bytes) -> x509.UnrecognizedExtension:

@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "d9b9ea5841c4"
+REVISION = "bf8ae0fa5c4d"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

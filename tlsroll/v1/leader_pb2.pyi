@@ -106,6 +106,46 @@ class SignWorkstationResponse(_message.Message):
 Global___SignWorkstationResponse: _TypeAlias = SignWorkstationResponse  # noqa: Y015
 
 @_typing.final
+class WithdrawWorkstationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.bytes
+    """The certificate as SignWorkstationCertificate returned it (PEM)."""
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithdrawWorkstationRequest: _TypeAlias = WithdrawWorkstationRequest  # noqa: Y015
+
+@_typing.final
+class WithdrawWorkstationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITHDRAWN_FIELD_NUMBER: _builtins.int
+    withdrawn: _builtins.bool
+    """False: it was revoked already (by an earlier call, the admin, or a newer enrolment)."""
+    def __init__(
+        self,
+        *,
+        withdrawn: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawn", b"withdrawn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithdrawWorkstationResponse: _TypeAlias = WithdrawWorkstationResponse  # noqa: Y015
+
+@_typing.final
 class HeartbeatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -44,6 +44,11 @@ class LeaderStub:
                 request_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
                 _registered_method=True)
+        self.WithdrawWorkstationCertificate = channel.unary_unary(
+                '/tlsroll.v1.Leader/WithdrawWorkstationCertificate',
+                request_serializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationResponse.FromString,
+                _registered_method=True)
         self.RenewNodeCertificate = channel.unary_unary(
                 '/tlsroll.v1.Leader/RenewNodeCertificate',
                 request_serializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.SerializeToString,
@@ -70,6 +75,24 @@ class LeaderServicer:
     def SignWorkstationCertificate(self, request, context):
         """Sign a workstation's client certificate for the node's bootstrap service, which has
         checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WithdrawWorkstationCertificate(self, request, context):
+        """Withdraw a workstation certificate that SignWorkstationCertificate just gave this node and
+        that its bootstrap service could not deliver (its crypto worker failed after the signing):
+        revoked ("never delivered", not urgently), so that it no longer holds the workstation's
+        name, whose next try (with a new key) is then signed. Only the certificate itself (the
+        request names it whole), only for the node that asked for it, and only within minutes of
+        its issue (`leader.store.WITHDRAW_WINDOW`): what a node withdraws is what it was given for
+        one exchange, never a workstation's working certificate of earlier. The certificate it
+        superseded (the same PC's, or one replaced on purpose) stays revoked. Idempotent: one
+        already revoked (for whatever reason) is OK, unchanged. INVALID_ARGUMENT: not a
+        certificate; NOT_FOUND: no workstation certificate this node asked for; FAILED_PRECONDITION:
+        issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
+        leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +143,11 @@ def add_LeaderServicer_to_server(servicer, server):
                     servicer.SignWorkstationCertificate,
                     request_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.SerializeToString,
+            ),
+            'WithdrawWorkstationCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.WithdrawWorkstationCertificate,
+                    request_deserializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationResponse.SerializeToString,
             ),
             'RenewNodeCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewNodeCertificate,
@@ -186,6 +214,33 @@ class Leader:
             '/tlsroll.v1.Leader/SignWorkstationCertificate',
             tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
             tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WithdrawWorkstationCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Leader/WithdrawWorkstationCertificate',
+            tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationRequest.SerializeToString,
+            tlsroll_dot_v1_dot_leader__pb2.WithdrawWorkstationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,20 @@ class LeaderStub:
     """Sign a workstation's client certificate for the node's bootstrap service, which has
     checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
     """
+    WithdrawWorkstationCertificate: _grpc.UnaryUnaryMultiCallable[_leader_pb2.WithdrawWorkstationRequest, _leader_pb2.WithdrawWorkstationResponse]
+    """Withdraw a workstation certificate that SignWorkstationCertificate just gave this node and
+    that its bootstrap service could not deliver (its crypto worker failed after the signing):
+    revoked ("never delivered", not urgently), so that it no longer holds the workstation's
+    name, whose next try (with a new key) is then signed. Only the certificate itself (the
+    request names it whole), only for the node that asked for it, and only within minutes of
+    its issue (`leader.store.WITHDRAW_WINDOW`): what a node withdraws is what it was given for
+    one exchange, never a workstation's working certificate of earlier. The certificate it
+    superseded (the same PC's, or one replaced on purpose) stays revoked. Idempotent: one
+    already revoked (for whatever reason) is OK, unchanged. INVALID_ARGUMENT: not a
+    certificate; NOT_FOUND: no workstation certificate this node asked for; FAILED_PRECONDITION:
+    issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
+    leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
+    """
     RenewNodeCertificate: _grpc.UnaryUnaryMultiCallable[_leader_pb2.RenewNodeCertificateRequest, _leader_pb2.RenewNodeCertificateResponse]
     """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
     exactly the node's names on record. The caller is authenticated by its current
@@ -79,6 +93,20 @@ class LeaderAsyncStub(LeaderStub):
     SignWorkstationCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.SignWorkstationRequest, _leader_pb2.SignWorkstationResponse]  # type: ignore[assignment]
     """Sign a workstation's client certificate for the node's bootstrap service, which has
     checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
+    """
+    WithdrawWorkstationCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.WithdrawWorkstationRequest, _leader_pb2.WithdrawWorkstationResponse]  # type: ignore[assignment]
+    """Withdraw a workstation certificate that SignWorkstationCertificate just gave this node and
+    that its bootstrap service could not deliver (its crypto worker failed after the signing):
+    revoked ("never delivered", not urgently), so that it no longer holds the workstation's
+    name, whose next try (with a new key) is then signed. Only the certificate itself (the
+    request names it whole), only for the node that asked for it, and only within minutes of
+    its issue (`leader.store.WITHDRAW_WINDOW`): what a node withdraws is what it was given for
+    one exchange, never a workstation's working certificate of earlier. The certificate it
+    superseded (the same PC's, or one replaced on purpose) stays revoked. Idempotent: one
+    already revoked (for whatever reason) is OK, unchanged. INVALID_ARGUMENT: not a
+    certificate; NOT_FOUND: no workstation certificate this node asked for; FAILED_PRECONDITION:
+    issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
+    leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
     """
     RenewNodeCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.RenewNodeCertificateRequest, _leader_pb2.RenewNodeCertificateResponse]  # type: ignore[assignment]
     """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
@@ -125,6 +153,26 @@ class LeaderServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_leader_pb2.SignWorkstationResponse, _abc.Awaitable[_leader_pb2.SignWorkstationResponse]]:
         """Sign a workstation's client certificate for the node's bootstrap service, which has
         checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
+        """
+
+    @_abc_1.abstractmethod
+    def WithdrawWorkstationCertificate(
+        self,
+        request: _leader_pb2.WithdrawWorkstationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leader_pb2.WithdrawWorkstationResponse, _abc.Awaitable[_leader_pb2.WithdrawWorkstationResponse]]:
+        """Withdraw a workstation certificate that SignWorkstationCertificate just gave this node and
+        that its bootstrap service could not deliver (its crypto worker failed after the signing):
+        revoked ("never delivered", not urgently), so that it no longer holds the workstation's
+        name, whose next try (with a new key) is then signed. Only the certificate itself (the
+        request names it whole), only for the node that asked for it, and only within minutes of
+        its issue (`leader.store.WITHDRAW_WINDOW`): what a node withdraws is what it was given for
+        one exchange, never a workstation's working certificate of earlier. The certificate it
+        superseded (the same PC's, or one replaced on purpose) stays revoked. Idempotent: one
+        already revoked (for whatever reason) is OK, unchanged. INVALID_ARGUMENT: not a
+        certificate; NOT_FOUND: no workstation certificate this node asked for; FAILED_PRECONDITION:
+        issued too long ago (the admin revokes it: `tlsroll workstations revoke`). An agent whose
+        leader answers UNIMPLEMENTED (older than this RPC) leaves the name held, as before.
         """
 
     @_abc_1.abstractmethod
