@@ -1076,6 +1076,10 @@ def one_run(
             f"{name} {count / baseline:.1f}" for name, (_, count) in alone.by_name().items()
         )
         print(f"no agent yet: context switches per second by thread: {woke}")
+        alone_cpu = ", ".join(
+            f"{name} {cpu / baseline * 1000:.2f}" for name, cpu in alone.cpu_by_name().items()
+        )
+        print(f"no agent yet: CPU ms/s by thread: {alone_cpu}")
         base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
@@ -1229,6 +1233,10 @@ def one_run(
             f"{name} {count / messages:.2f}" for name, (_, count) in idle_switches.by_name().items()
         )
         print(f"idle window, {n} agents: context switches per message by thread: {by_thread}")
+        cpu_by_thread = ", ".join(
+            f"{name} {cpu / idle * 1000:.2f}" for name, cpu in idle_switches.cpu_by_name().items()
+        )
+        print(f"idle window, {n} agents: CPU ms/s by thread: {cpu_by_thread}")
         return Result(
             nodes=n,
             workers=workers,
