@@ -218,6 +218,22 @@ class Reading:
         return cls(cpu_seconds(pid), rss_mib(pid), open_files(pid))
 
 
+def task_cpu_ns(pid: int) -> dict[int, int]:
+    """Each thread's CPU so far, in ns (the first field of /proc/PID/task/TID/schedstat, as
+    ``fine_cpu_seconds``)."""
+    found: dict[int, int] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            found[int(tid)] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):  # the thread ended meanwhile
+            continue
+    return found
+
+
 def task_switches(pid: int) -> dict[int, tuple[int, int]]:
     """Each thread's context switches so far: tid → (voluntary, involuntary), from
     /proc/PID/task/TID/status (/proc/PID/status counts the main thread's only)."""
@@ -257,14 +273,21 @@ class Switches:
         self.last: dict[int, tuple[int, int]] = {}
         self.ended = 0
         self.names: dict[int, str] = {}  # tid → its name (/proc/PID/task/TID/comm)
+        # tid → its CPU so far (ns, schedstat), as first and last sampled (``cpu_by_name``)
+        self.cpu_first: dict[int, int] = {}
+        self.cpu_last: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
         now = task_switches(self.pid)
+        cpu = task_cpu_ns(self.pid)
         for tid, counts in now.items():
             self.first.setdefault(tid, (0, 0))  # a thread begun inside the window: from 0
             self.last[tid] = counts
+            if tid in cpu:
+                self.cpu_first.setdefault(tid, 0)
+                self.cpu_last[tid] = cpu[tid]
             if tid not in self.names:
                 try:
                     self.names[tid] = Path(f"/proc/{self.pid}/task/{tid}/comm").read_text().strip()
@@ -279,6 +302,8 @@ class Switches:
     def __enter__(self) -> Switches:
         self.first = task_switches(self.pid)
         self.last = dict(self.first)
+        self.cpu_first = task_cpu_ns(self.pid)
+        self.cpu_last = dict(self.cpu_first)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -315,6 +340,17 @@ class Switches:
             threads, count = found.get(name, (0, 0))
             found[name] = (threads + 1, count + sum(self._delta([tid])))
         return dict(sorted(found.items(), key=lambda kv: -kv[1][1]))
+
+    def cpu_by_name(self) -> dict[str, float]:
+        """CPU seconds over the window by thread name (the main thread as "main"; as
+        ``by_name``: a thread counts up to its last sample), most first. Python's threads
+        other than the main one (the worker threads, grpc.aio's completion-queue poller) keep
+        the process's name."""
+        found: dict[str, float] = {}
+        for tid, last in self.cpu_last.items():
+            name = "main" if tid == self.pid else self.names.get(tid, "?")
+            found[name] = found.get(name, 0.0) + (last - self.cpu_first.get(tid, 0)) / 1e9
+        return dict(sorted(found.items(), key=lambda kv: -kv[1]))
 
     @property
     def main(self) -> int:

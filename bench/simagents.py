@@ -11,7 +11,8 @@ simulated agent does is what the leader sees of a real one:
 * it serves NodeAgent over mutual TLS on its own loopback address (port 9442) with the
   certificate it enrolled with, requiring the leader's client certificate;
 * it makes a heartbeat every ``--interval`` seconds (the product default, 5 s), with the
-  fields a real agent sends, staggered over the interval, on one ``Heartbeats`` stream in
+  fields a real agent sends, staggered over the interval (``--spread renewal``: over the
+  renewal bound, as agents started at independent times), on one ``Heartbeats`` stream in
   renewal mode as a real agent does: a message only when its report changed or the leader's
   renewal bound would pass, the connection's keepalive vouching for it in between (its
   channel PINGs the leader as a real agent's does)
@@ -104,6 +105,7 @@ from bench.common import (
 from bench.memory import LeaderState, Snapshots, memory_env, state_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
 from bench.viewer import Watchers, fetch_page, sign_in
+from leader.service import renew_seconds
 from nodeagent.leader_link import (
     LASTED_SECONDS,
     NOT_AT_ONCE,
@@ -670,6 +672,8 @@ class Worker:
         self.interval = float(spec["interval"])
         self.restart = float(spec["restart"])
         self.heartbeat = str(spec["heartbeat"])
+        # Seconds the agents' first beats are spread over (``--spread``).
+        self.spread = float(spec.get("spread", self.interval))
         self.clients = int(spec["clients"])
         self.work = Path(spec["work"])
         self.agents = [SimAgent(node, self) for node in spec["nodes"]]
@@ -711,7 +715,7 @@ class Worker:
         print("ready", flush=True)
         n = len(self.agents)
         for i, a in enumerate(self.agents):
-            self.spawn(a.heartbeats(self.interval * i / n))
+            self.spawn(a.heartbeats(self.spread * i / n))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -1034,6 +1038,7 @@ def one_run(
     heartbeat: str,
     clients: int,
     baseline: float,
+    spread: float = 0.0,
     fsyncs: bool = False,
     profile: Path | None = None,
     yappi: Path | None = None,
@@ -1076,6 +1081,10 @@ def one_run(
             f"{name} {count / baseline:.1f}" for name, (_, count) in alone.by_name().items()
         )
         print(f"no agent yet: context switches per second by thread: {woke}")
+        alone_cpu = ", ".join(
+            f"{name} {cpu / baseline * 1000:.2f}" for name, cpu in alone.cpu_by_name().items()
+        )
+        print(f"no agent yet: CPU ms/s by thread: {alone_cpu}")
         base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
@@ -1090,6 +1099,7 @@ def one_run(
                 "interval": interval,
                 "restart": restart,
                 "heartbeat": heartbeat,
+                "spread": spread or interval,
                 "clients": clients,
                 "work": str(root / f"w{w}"),
                 "nodes": nodes,
@@ -1229,6 +1239,10 @@ def one_run(
             f"{name} {count / messages:.2f}" for name, (_, count) in idle_switches.by_name().items()
         )
         print(f"idle window, {n} agents: context switches per message by thread: {by_thread}")
+        cpu_by_thread = ", ".join(
+            f"{name} {cpu / idle * 1000:.2f}" for name, cpu in idle_switches.cpu_by_name().items()
+        )
+        print(f"idle window, {n} agents: CPU ms/s by thread: {cpu_by_thread}")
         return Result(
             nodes=n,
             workers=workers,
@@ -1416,6 +1430,15 @@ def main(argv: list[str] | None = None) -> int:
         "a message every interval on it (agents before renewal mode), or unary calls",
     )
     parser.add_argument(
+        "--spread",
+        choices=("interval", "renewal"),
+        default="interval",
+        help="the agents' first beats spread over one heartbeat interval (as agents that all "
+        "reconnected at once, after a leader restart: their renewal-mode messages then come in "
+        "one interval of every renewal bound) or over the renewal bound (as agents started at "
+        "independent times: their messages evenly spread)",
+    )
+    parser.add_argument(
         "--clients", type=int, default=2, help="workstations in each heartbeat's client report"
     )
     parser.add_argument(
@@ -1508,6 +1531,7 @@ def main(argv: list[str] | None = None) -> int:
         f"simulated agents: heartbeat every {ns.interval} s, restart {ns.restart} s, "
         f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s, "
         f"{ns.heartbeat} heartbeats with {ns.clients} clients each, "
+        f"first beats spread over the {ns.spread}, "
         f"leader's viewer {'off' if ns.no_viewer else 'on'}"
         + (f", {ns.viewers} live pages open" if ns.viewers else "")
     )
@@ -1532,6 +1556,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_parallel=ns.max_parallel,
                 nofile=ns.nofile,
                 heartbeat=ns.heartbeat,
+                spread=renew_seconds(ns.interval) if ns.spread == "renewal" else ns.interval,
                 clients=ns.clients,
                 baseline=ns.baseline,
                 fsyncs=ns.fsyncs,

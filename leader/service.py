@@ -67,6 +67,7 @@ from leader.store import (
     Node,
     NodeCert,
     NotFound,
+    Queued,
     RenewalReport,
     Store,
     Superseded,
@@ -755,9 +756,26 @@ stream that never says who it is for would hold memory and outlive the leader's 
 BATCH_SECONDS = 1.0
 """The group commit's period: heartbeat records and client reports of all agents that need
 writing are queued (``Store.queue_heartbeat``, ``Store.queue_write``) and written together
-this often, in one transaction (``Store.write_queued``; what a crash can lose is said there).
+this long after the first of them that says something new came (those that do not may wait
+longer: ``REFRESH_SECONDS``), in one transaction (``Store.write_queued``; what a crash can lose
+is said there).
 Before, each was an fsync'd transaction of its own behind a worker-thread hop, nearly one per
 renewal-mode message: about a third of the leader's heartbeat time (issue 15)."""
+
+REFRESH_SECONDS = 10.0
+"""How long a queued write that says nothing new may wait for its group commit: a heartbeat
+record written only because the stored one is ``HEARTBEAT_PERSIST`` old
+(``store.Queued.REFRESH``), a client report only because the stored one is ``clients_persist``
+old (its times and counts moved; who was seen did not), no later than a batch period before
+the stored report would be stale (``LeaderService._record_clients``). Anything that says
+something new is committed within ``BATCH_SECONDS`` as before, and takes every queued write
+along. An agent in renewal mode sends every 20 s (at 5 s) and nearly every message was such a
+refresh: the leader committed about once a second however few agents it had (a worker-thread
+hop, a transaction and an fsync each), a fixed cost that small clusters paid per agent
+(issue 15); now about once per this period. A crash may lose this much of such refreshes: a
+node's stored last-seen time is then up to ``HEARTBEAT_PERSIST`` and this old, a stored client
+report one renewal older (still not stale); the running leader shows neither (its nodes'
+newest heartbeats are in memory)."""
 
 TEST_BATCH_ENV = "TLSROLL_TEST_BATCH_SECONDS"
 """Tests only: a leader daemon's group-commit period instead of ``BATCH_SECONDS`` (seconds,
@@ -1063,6 +1081,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._stopping = False
         self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
         self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
+        # The event loop's time by which the writes queued now are to be committed
+        # (``_start_writer``; inf: none queued since the last commit), and the writer's wake
+        # when a write needs it sooner than it waits for.
+        self._write_due = math.inf
+        self._write_sooner = asyncio.Event()
         self.batch_seconds = BATCH_SECONDS
         # A store that cannot be written (a full disk): the batch's failure is logged there,
         # once a minute (``leader.store_health``); set by the leader.
@@ -1390,8 +1413,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             # one ends that at once (``Store.queue_heartbeat``), so it is not queued.
             if not store.note_heartbeat(name, version, **said):
                 await asyncio.to_thread(store.heartbeat, name, version, **said)
-        elif store.queue_heartbeat(name, version, **said):
-            self._start_writer()
+        elif queued := store.queue_heartbeat(name, version, **said):
+            self._start_writer(self._lazy() if queued is Queued.REFRESH else self.batch_seconds)
         numbered = failures_report(request)
         # A numbered report taken before: its answer was lost, and it is sent again (s33 L2).
         again = numbered is not None and self._failure_reports.get(name) == numbered
@@ -1564,9 +1587,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         leader's view older, never newer (``clients_persist``)."""
         said = clients_said(seen)
         last = self._clients.get(name)
-        persist = clients_persist(self.state.heartbeat_interval, renewing)
-        if last is not None and last[0] == said and dt.timedelta(0) <= now - last[1] < persist:
-            return
+        interval = self.state.heartbeat_interval
+        persist = clients_persist(interval, renewing)
+        within = self.batch_seconds
+        if last is not None and last[0] == said and dt.timedelta(0) <= now - last[1]:
+            if now - last[1] < persist:
+                return
+            # Only its age has it written: it may wait (``REFRESH_SECONDS``), a batch period
+            # short of when the stored one would be stale (``planner.report_stale_after``).
+            stale = last[1] + report_stale_after(interval) - now
+            within = self._lazy(stale.total_seconds() - self.batch_seconds)
         rows = client_rows(name, seen, now, shift)
         window = min(seen.window_seconds, 366 * 86400)
         source = peertext.clean(seen.source, 20)
@@ -1580,26 +1610,53 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self.state.store.queue_write(name, write)
         self.state.store.note_report(name, now)
         self._clients[name] = (said, now)
-        self._start_writer()
+        self._start_writer(within)
 
-    def _start_writer(self) -> None:
+    def _lazy(self, bound: float = math.inf) -> float:
+        """Seconds a queued write that says nothing new may wait for its commit:
+        ``REFRESH_SECONDS`` (or the batch period if longer: a test's), at most ``bound``, at
+        least the batch period."""
+        return max(self.batch_seconds, min(max(REFRESH_SECONDS, self.batch_seconds), bound))
+
+    def _start_writer(self, within: float) -> None:
+        """A write was queued that is to be committed within ``within`` seconds: the group
+        commit comes then, or sooner if another queued write needs it sooner (it only ever
+        comes sooner until it has run)."""
+        due = asyncio.get_running_loop().time() + within
+        if due < self._write_due:
+            self._write_due = due
+            self._write_sooner.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_batches())
 
     async def _write_batches(self) -> None:
-        """The group commit: every ``batch_seconds`` while writes are queued, all of them in
-        one transaction in one worker-thread hop (``Store.write_queued``); ends when nothing
-        is queued (the next queued write starts it again)."""
+        """The group commit: while writes are queued, all of them in one transaction in one
+        worker-thread hop (``Store.write_queued``) when the first of them is due
+        (``_start_writer``: a batch period after a write that says something new, up to
+        ``REFRESH_SECONDS`` after one that does not); ends when nothing is queued (the next
+        queued write starts it again). A failed commit is tried again a batch period later."""
         store = self.state.store
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.batch_seconds)
+            self._write_sooner.clear()
+            if self._write_due == math.inf:
+                if not store.queued():
+                    self._writer = None
+                    return
+                self._write_due = loop.time() + self.batch_seconds  # (queued without a time)
+            if (wait := self._write_due - loop.time()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._write_sooner.wait()  # a write due sooner came
+                continue
+            self._write_due = math.inf  # a write queued from now on sets it again
             if not store.queued():
-                self._writer = None
-                return
+                continue
             self._committing = asyncio.ensure_future(asyncio.to_thread(store.write_queued))
             try:
                 await asyncio.shield(self._committing)
             except Exception as exc:  # queued again: the next period retries
+                self._write_due = min(self._write_due, loop.time() + self.batch_seconds)
                 health = self.store_health
                 if health is None or not health.failed(exc, "heartbeat.batch_failed"):
                     log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
@@ -1612,6 +1669,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
+        self._write_due = math.inf
         if self._committing is not None:
             with contextlib.suppress(Exception):
                 await self._committing  # its failure was logged; what it held is queued again

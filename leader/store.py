@@ -10,6 +10,7 @@ transaction. Clocks are passed in (``now``), never read here.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import functools
 import hashlib
 import hmac
@@ -287,6 +288,16 @@ class _Record:
     cert_fingerprint: str
     renewal: RenewalReport | None
     features: tuple[str, ...] = ()
+
+
+class Queued(enum.IntEnum):
+    """What ``Store.queue_heartbeat`` did with a heartbeat (false: nothing to write)."""
+
+    KEPT = 0  # in memory only (``note_heartbeat``)
+    # Queued, saying nothing new: only the stored record's age (``HEARTBEAT_PERSIST``) has it
+    # written, which may wait for a later commit (``leader.service.REFRESH_SECONDS``).
+    REFRESH = 1
+    NEW = 2  # queued, saying something new (or the leader's clock stepped back): soon
 
 
 MAX_QUEUED_WRITES = 4096  # client reports waiting for the group commit (``queue_write``)
@@ -866,10 +877,12 @@ class Store(LeaderStore):
         cert_fingerprint: str = "",
         renewal: RenewalReport | None = None,
         features: tuple[str, ...] = (),
-    ) -> bool:
-        """``heartbeat`` for the group commit: kept in memory if that is all it takes (False),
-        else queued for ``write_queued`` (True), and every node this store returns shows it at
-        once. In memory only, so the event loop may call it without a worker thread.
+    ) -> Queued:
+        """``heartbeat`` for the group commit: kept in memory if that is all it takes
+        (``Queued.KEPT``, false), else queued for ``write_queued``, and every node this store
+        returns shows it at once: ``Queued.REFRESH`` if it says what the stored one said (only
+        that one's age has it written), else ``Queued.NEW``. In memory only, so the event loop
+        may call it without a worker thread.
 
         Not for a heartbeat that uses a renewed certificate for the first time
         (``prev_cert_fingerprint`` set): that one must be written at once (``heartbeat``), as
@@ -884,14 +897,18 @@ class Store(LeaderStore):
             renewal=renewal,
             features=features,
         ):
-            return False
+            return Queued.KEPT
         said = (agent_version, highest_epoch, cert_fingerprint, renewal, features)
         record = _Record(agent_version, now, highest_epoch, cert_fingerprint, renewal, features)
         with self._seen_lock:
+            seen = self._seen.get(name)
+            # (One queued before that said something new keeps its commit soon: the group
+            # commit's time only ever comes sooner, ``LeaderService._start_writer``.)
+            refresh = seen is not None and seen.said == said and now >= seen.stored_at
             self._queued[name] = record  # the newest is whole: it replaces one still queued
             self._features_seen(name, features)
             self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
-        return True
+        return Queued.REFRESH if refresh else Queued.NEW
 
     def _features_seen(self, name: str, features: tuple[str, ...]) -> None:
         """(Under ``_seen_lock``, before ``_seen`` has the new heartbeat.) Node ``name``'s
@@ -925,8 +942,10 @@ class Store(LeaderStore):
         own before: ~30 % of the leader's heartbeat time). Returns how many writes it made.
 
         What a crash can lose: the last batch period (``leader.service.BATCH_SECONDS``, a
-        second) of this soft state, never more: nodes' last-seen times, agent versions and
-        renewal reports, and client reports. That is safe because none of it is a decision:
+        second) of this soft state, and of writes that say nothing new (``Queued.REFRESH``, a
+        client report whose times and counts alone moved) the last
+        ``leader.service.REFRESH_SECONDS``, never more: nodes' last-seen times, agent versions
+        and renewal reports, and client reports. That is safe because none of it is a decision:
         online/offline derives from it (kept in memory anyway, and lost at any restart), and
         after a restart each agent reconnects and its first message is recorded again (the
         leader remembers nothing of what it said: ``_seen`` is empty). A client report lost

@@ -410,6 +410,107 @@ async def test_the_group_commit_runs_by_itself_and_a_failed_one_is_retried(
         await rig.close()
 
 
+async def test_writes_that_say_nothing_new_wait_for_a_later_group_commit(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (s43hb): a renewal-mode message that says nothing new still had its client
+    report written (the stored one is ``clients_persist`` old, 2 s in renewal mode) and, every
+    other one, its heartbeat record (``HEARTBEAT_PERSIST``): the leader committed about once a
+    second however few agents it had. Such writes now wait (``REFRESH_SECONDS``, here an hour),
+    never longer than a batch period short of when the stored report would be stale; a write
+    that says something new comes within the batch period and takes them along, in one
+    commit. Counted: commits and the time each write asked for, not how long anything took
+    (the waits are only long enough for the old code's batch period to have passed)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    batch = rig.service.batch_seconds = 0.05
+    monkeypatch.setattr(service, "REFRESH_SECONDS", 3600.0)
+    store, clock = rig.store, rig.clock
+    commits: list[int] = []
+    write_queued = store.write_queued
+
+    def counting() -> int:
+        written = write_queued()
+        commits.append(written)
+        return written
+
+    monkeypatch.setattr(store, "write_queued", counting)
+    asked: list[float] = []  # the time each queued write asked for (``_start_writer``)
+    start_writer = rig.service._start_writer
+
+    def noting(within: float) -> None:
+        asked.append(within)
+        start_writer(within)
+
+    monkeypatch.setattr(rig.service, "_start_writer", noting)
+    stale = report_stale_after(rig.state.heartbeat_interval).total_seconds()
+
+    def beat(version: str, requests: int) -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version=version,
+            agent_port=AGENT_PORT,
+            renews=True,
+            wants_answer=True,
+            server=client_report(clock[0], requests, "ws-empfang"),
+        )
+
+    async def committed(count: int) -> None:
+        for _ in range(500):
+            if len(commits) >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{len(commits)} commits, not {count}")
+
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+
+            async def send(request: leader_pb2.HeartbeatRequest) -> None:
+                await stream.write(request)
+                assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+
+            await send(beat("1", 1))  # new: its record and its client report, at once
+            await committed(1)
+            assert commits == [2] and asked == [batch, batch]
+            asked.clear()
+            clock[0] += dt.timedelta(seconds=20)  # a renewal: its report's times moved on
+            await send(beat("1", 2))
+            clock[0] += dt.timedelta(seconds=11)  # the next: its record is 31 s old too
+            await send(beat("1", 3))
+            await asyncio.sleep(20 * batch)
+            assert commits == [2]  # neither committed yet (once a batch period each before)
+            assert store.queued() == 3  # a report each, one record (the newest)
+            # Each waits, but less than the stored report's age allows (a batch period short).
+            # (The report at +20 s, then the record and the report at +31 s.)
+            assert asked == [
+                pytest.approx(stale - 20 - batch),
+                3600.0,
+                pytest.approx(stale - 11 - batch),
+            ]
+            clock[0] += dt.timedelta(seconds=1)
+            await send(beat("2", 4))  # something new: within a batch period, all of it
+            await committed(2)
+            assert commits == [2, 3]
+            assert store.get_node("hb1").agent_version == "2"
+            with store.db.read() as db:
+                (version,) = db.execute(
+                    "SELECT agent_version FROM nodes WHERE name = 'hb1'"
+                ).fetchone()
+            assert version == "2"
+            # A report whose stored one (+31 s) is nearly stale waits no longer than it may; one
+            # whose stored one is as good as stale, a batch period as before.
+            asked.clear()
+            clock[0] += dt.timedelta(seconds=stale - 2.5)  # its age: 28.5 s
+            await send(beat("2", 5))
+            clock[0] += dt.timedelta(seconds=stale - 0.02)
+            await send(beat("2", 6))
+            # (The second's record, 58.5 s old, waits: only its age has it written.)
+            assert asked == [pytest.approx(stale - 28.5 - batch), 3600.0, batch]
+            await stream.done_writing()
+    finally:
+        await rig.close()
+
+
 async def test_a_batch_taken_before_a_direct_heartbeat_write_does_not_commit_after_it(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
