@@ -70,8 +70,9 @@ _DE: dict[str, str] = {
     "wurde zurückgespielt, und was sein Server ausführt, zeigt nicht, wie eine Umstellung "
     "ausgegangen ist; er wird nicht umgestellt, bis die Praxis-IT ihn geprüft hat, und sein "
     "Server lässt bis dahin vielleicht nichts speichern. Bitte die Praxis-IT verständigen.",
-    "node_problem": "Knoten {node} hat ein Problem, das diese Seite nicht näher kennt: "
-    "{problem} Bitte die Praxis-IT verständigen.",
+    # (the leader's own words for a problem this page has none for follow it: in English)
+    "node_problem": "Knoten {node} hat ein Problem, das diese Seite nicht näher kennt. Bitte "
+    "die Praxis-IT verständigen. Der Leader beschreibt es auf Englisch:",
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
@@ -190,8 +191,8 @@ _EN: dict[str, str] = {
     "put back, and what its server runs does not show how a switch ended; it is not switched "
     "until the practice IT has checked it, and its server may refuse to save until then. "
     "Please call the practice IT.",
-    "node_problem": "Node {node} has a problem this page knows no more about: {problem} "
-    "Please call the practice IT.",
+    "node_problem": "Node {node} has a problem this page knows no more about. Please call "
+    "the practice IT. The leader describes it:",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "
