@@ -10,6 +10,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -742,6 +743,62 @@ def test_open_pages_of_one_language_share_each_drawing_and_each_event(
             app.close()
             for response, _ in opened:
                 response.close()
+
+    asyncio.run(watch())
+
+
+def test_a_page_opened_beside_an_open_one_reads_nothing_the_open_one_read(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: ``GET /`` read the stores whole again, though an open page's stream had read
+    them since the last write (a page opened beside it, or reloaded); it takes that read now,
+    as its own stream does. After a write, it reads."""
+    monkeypatch.setattr(viewer_app, "EVENT_INTERVAL", 60.0)
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    row = start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reads: list[str | None] = []
+    read = reader.read
+
+    def counted(rollout_id: str | None = None, **kwargs: Any) -> Snapshot:
+        reads.append(rollout_id)
+        return read(rollout_id, **kwargs)
+
+    monkeypatch.setattr(reader, "read", counted)
+
+    async def watch() -> None:
+        closing = asyncio.Event()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=closing,
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            response = await client.get("/events", headers=cookie)
+            kept = bytearray()
+            assert (await next_event(response.content, kept))[0] == "update"
+            assert reads == [None]
+            for _ in range(2):
+                page = await client.get("/", headers=cookie)
+                assert page.status == 200 and 'data-state="running"' in await page.text()
+            assert reads == [None]
+            halted = row.rollout.with_event(RolloutEvent.ABORT)
+            await asyncio.to_thread(schema.save_states, row, halted, row.records, NOW, "admin")
+            page = await client.get("/", headers=cookie)
+            shown = re.findall(r'data-rollout="r1" data-state="([^"]*)"', await page.text())
+            assert shown and shown[0] == halted.state.value != "running"
+            assert reads[-1] is None and len(reads) in (2, 3)  # (the stream's own, once)
+            closing.set()
+            app.close()
+            response.close()
 
     asyncio.run(watch())
 

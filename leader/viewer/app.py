@@ -303,8 +303,8 @@ class ViewerApp:
         )
 
     async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
-        """A snapshot for the live streams: read after the store's last write, and at most
-        ``SHARED_SECONDS`` old."""
+        """A snapshot for the live streams and the pages: read after the store's last write,
+        and at most ``SHARED_SECONDS`` old."""
         async with self._reading:
             now = time.monotonic()
             commits = self.reader.store.db.commits
@@ -342,7 +342,9 @@ class ViewerApp:
         return await self._schema_page(request, request.match_info["rollout_id"])
 
     async def _schema_page(self, request: web.Request, rollout_id: str | None) -> web.Response:
-        snap = await self._snapshot(rollout_id, clients=False)  # (the page draws none)
+        # What the live streams read, if no write came since (a page opened while another is
+        # open, or reloaded), as its stream's first read then is (issue 15).
+        snap = await self._shared_snapshot(rollout_id)
         if rollout_id is not None and snap.selected is None:
             raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
