@@ -699,6 +699,7 @@ def test_open_pages_of_one_language_share_each_drawing_and_each_event(
         return content_parts(snap, w, page)
 
     monkeypatch.setattr(pages, "content_parts", counted)
+    monkeypatch.setattr(viewer_app, "KEPT_EVENT_BYTES", 2048)
     schema = SchemaStore(store.db)
     grants = Grants(store.db)
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
@@ -739,6 +740,12 @@ def test_open_pages_of_one_language_share_each_drawing_and_each_event(
             assert sent[0] == sent[1] and sent[2] != sent[0]  # the same patch; German words
             assert [key for key, _ in json.loads(sent[0][1])] == ["node-b", "tl-node-b"]
             assert sorted(drawn) == ["de", "en"]  # once per language, not per page
+            # kept: the patches; not the part whole each page was sent first (~4.5 KiB here,
+            # ~0.9 MiB at 500 nodes: over the bound, put at 2 KiB for these two nodes)
+            kept_events = [event for *_, event in app._events.values()]
+            assert sent[0][1].encode() in b"".join(kept_events)
+            assert all(len(e) <= viewer_app.KEPT_EVENT_BYTES for e in kept_events)
+            assert not any(e.startswith(b"event: update") for e in kept_events)
             closing.set()
             app.close()
             for response, _ in opened:

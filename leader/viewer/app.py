@@ -94,9 +94,12 @@ EVENT_GAP = 0.5
 SHARED_SECONDS = EVENT_INTERVAL / 2
 # Open pages of one selection and language also share what is drawn of a read, kept for this
 # many (selection, language), and the event that takes a page from one drawing to the next
-# (this many: a page's whole part is ~0.8 MiB at 500 nodes).
+# (this many, and none larger than this: a page's whole part is ~0.9 MiB at 500 nodes, sent
+# at its first view and when more than rows changed; kept, the last one stayed until the
+# next four events, often long after the rollout).
 KEPT_DRAWN = 8
 KEPT_EVENTS = 4
+KEPT_EVENT_BYTES = 64 * 1024
 KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
 # Open /events streams: each holds a connection (``leader.viewer.listener`` caps those) and
 # reads the store; a person has a page or a few open, not dozens (audit s38 L1).
@@ -449,7 +452,8 @@ class ViewerApp:
     def _event(self, last: pages.Content | None, content: pages.Content) -> bytes:
         """What takes a page that shows ``last`` (None: nothing yet) to ``content``: the part
         whole (``update``), only the parts that changed (``patch``), or nothing (b"": nothing
-        changed). Made once for all the open pages that go from one to the other."""
+        changed). Made once for all the open pages that go from one to the other, unless
+        larger than ``KEPT_EVENT_BYTES`` (the part whole: made for each page)."""
         key = (id(last), id(content))
         hit = self._events.get(key)
         if hit is not None and hit[0] is last and hit[1] is content:
@@ -463,7 +467,8 @@ class ViewerApp:
             event = sse("patch", json.dumps(parts, ensure_ascii=False, separators=(",", ":")))
         else:
             event = b""
-        self._events[key] = (last, content, event)
+        if len(event) <= KEPT_EVENT_BYTES:
+            self._events[key] = (last, content, event)
         while len(self._events) > KEPT_EVENTS:
             self._events.popitem(last=False)
         return event
