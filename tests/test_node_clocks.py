@@ -245,15 +245,24 @@ async def test_a_node_that_needs_the_admin_is_a_node_problem_until_its_agent_say
             html = unescape(pages.schema_content(snap, Words.of(lang), page))
             assert words in html and "Two agents" not in html and "Zwei Agenten" not in html
         # Review s41rev3 L5: a kind the page does not know is not shown with the twin agents'
-        # words (its ``else`` did), but with the leader's own.
+        # words (its ``else`` did), but with the leader's own, which are English: on the
+        # German page they follow its German words, marked as English (session 41: they stood
+        # unmarked in the German sentence).
         (data,) = snap.data["node_problems"]
         data["kind"] = "a-later-kind"
         for lang, words in (
-            ("de", "Knoten hb1 hat ein Problem, das diese Seite nicht näher kennt: hb1 needs"),
-            ("en", "Node hb1 has a problem this page knows no more about: hb1 needs the admin"),
+            ("de", "Knoten hb1 hat ein Problem, das diese Seite nicht näher kennt."),
+            ("en", "Node hb1 has a problem this page knows no more about."),
         ):
-            html = unescape(pages.schema_content(snap, Words.of(lang), page))
-            assert words in html and "Two agents" not in html and "Zwei Agenten" not in html
+            html = pages.schema_content(snap, Words.of(lang), page)
+            (alert,) = re.findall(
+                r'<div class="alert"[^>]*data-problem="other"[^>]*>(.*?)</div>', html
+            )
+            (said,) = re.findall(r'<q lang="en">(.*?)</q>', alert)
+            assert unescape(said) == data["problem"] and said.startswith("hb1 needs the admin")
+            own = unescape(re.sub(r"<q lang=\"en\">.*?</q>|<[^>]+>", "", alert))
+            assert words in own and "needs" not in own and "admin" not in own
+            assert "Two agents" not in html and "Zwei Agenten" not in html
 
         views[0] = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
         await link.beat()

@@ -82,14 +82,24 @@ ALLOWED_METHODS = ("GET", "HEAD")
 # A page's live stream looks at the stores when a write to them committed (``Pulse``), and at
 # least this often for what changes with time alone (a node's heartbeat growing old, a session
 # ending, a write by another process) ...
-EVENT_INTERVAL = 0.5
+EVENT_INTERVAL = 1.0
 # ... and at most this often (or, for a page that takes longer to read and draw, twice that
 # time apart): a rollout writes many times a second; a page shows the state after the writes
-# of this long, not each of them.
-EVENT_GAP = 0.1
+# of this long, not each of them (one event with the rows they changed). At 500 nodes, an
+# open page that looked a tenth of a second apart (and each idle half second) drew most
+# nodes' every step, and took more of the leader's CPU than the rollout (issue 15).
+EVENT_GAP = 0.5
 # Open pages share what they read: however many are open, the stores are read at most once per
 # selection and write (``Database.commits``) and, without a write, per this long.
 SHARED_SECONDS = EVENT_INTERVAL / 2
+# Open pages of one selection and language also share what is drawn of a read, kept for this
+# many (selection, language), and the event that takes a page from one drawing to the next
+# (this many, and none larger than this: a page's whole part is ~0.9 MiB at 500 nodes, sent
+# at its first view and when more than rows changed; kept, the last one stayed until the
+# next four events, often long after the rollout).
+KEPT_DRAWN = 8
+KEPT_EVENTS = 4
+KEPT_EVENT_BYTES = 64 * 1024
 KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
 # Open /events streams: each holds a connection (``leader.viewer.listener`` caps those) and
 # reads the store; a person has a page or a few open, not dozens (audit s38 L1).
@@ -170,6 +180,16 @@ class ViewerApp:
         self.scrape_token = scrape_token
         self.closing = closing
         self._shared: dict[str | None, tuple[float, int, Snapshot]] = {}
+        # What the live streams drew of a shared snapshot, by (selection, language): the
+        # snapshot and its content (``_content``); and the events from one content to the
+        # next, by the two contents' ids (held, so their ids stay theirs: ``_event``).
+        self._drawn: collections.OrderedDict[
+            tuple[str | None, str], tuple[Snapshot, pages.Content]
+        ] = collections.OrderedDict()
+        self._events: collections.OrderedDict[
+            tuple[int, int], tuple[pages.Content | None, pages.Content, bytes]
+        ] = collections.OrderedDict()
+        self.drawn = 0  # contents drawn for the live streams (a test counts them)
         self._streams: collections.Counter[str] = collections.Counter()  # open, per session
         self._reading = asyncio.Lock()
         # Built on the event loop (the app is made when the first connection arrives).
@@ -286,8 +306,8 @@ class ViewerApp:
         )
 
     async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
-        """A snapshot for the live streams: read after the store's last write, and at most
-        ``SHARED_SECONDS`` old."""
+        """A snapshot for the live streams and the pages: read after the store's last write,
+        and at most ``SHARED_SECONDS`` old."""
         async with self._reading:
             now = time.monotonic()
             commits = self.reader.store.db.commits
@@ -325,7 +345,9 @@ class ViewerApp:
         return await self._schema_page(request, request.match_info["rollout_id"])
 
     async def _schema_page(self, request: web.Request, rollout_id: str | None) -> web.Response:
-        snap = await self._snapshot(rollout_id, clients=False)  # (the page draws none)
+        # What the live streams read, if no write came since (a page opened while another is
+        # open, or reloaded), as its stream's first read then is (issue 15).
+        snap = await self._shared_snapshot(rollout_id)
         if rollout_id is not None and snap.selected is None:
             raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
@@ -367,8 +389,6 @@ class ViewerApp:
     async def _stream(
         self, request: web.Request, rollout_id: str | None, session_id: str
     ) -> web.StreamResponse:
-        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
-
         words = self._words(request)
         page = self._page(request, rollout_id)
         response = web.StreamResponse(
@@ -390,19 +410,13 @@ class ViewerApp:
                 changed = self.pulse.event  # before the read: see ``Pulse``
                 began = time.monotonic()
                 snap = await self._shared_snapshot(rollout_id)
-                content = pages.content_parts(snap, words, page)
+                content = self._content(rollout_id, snap, words, page)
                 # A large cluster's page takes longer to read and draw: the gap grows with it,
                 # so that a page open during a rollout takes at most a third of the leader.
                 gap = max(EVENT_GAP, 2 * (time.monotonic() - began))
-                parts = None if last is None else content.changed(last)
-                if parts is None:
-                    await response.write(sse("update", content.html()))
-                    last, quiet = content, time.monotonic()
-                elif parts:
-                    # Only what changed: a write of a rollout changes a node or two, and a
-                    # 500-node page is ~0.6 MiB (issue 15); viewer.js puts each part in place.
-                    patch = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
-                    await response.write(sse("patch", patch))
+                event = self._event(last, content)
+                if event:
+                    await response.write(event)
                     last, quiet = content, time.monotonic()
                 elif time.monotonic() - quiet >= KEEPALIVE:
                     await response.write(b": keepalive\n\n")
@@ -412,6 +426,52 @@ class ViewerApp:
                 if not self.closing.is_set():
                     await asyncio.sleep(gap)
         return response
+
+    def _content(
+        self, rollout_id: str | None, snap: Snapshot, words: Words, page: pages.PageContext
+    ) -> pages.Content:
+        """The live part of the page drawn of ``snap`` (``pages.content_parts``), once for
+        every open page of this selection and language: the streams share their snapshots
+        (``_shared_snapshot``), and what a snapshot's content shows of ``page`` is the leader's
+        address only, the same for all."""
+        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
+
+        key = (rollout_id, words.lang)
+        hit = self._drawn.get(key)
+        if hit is not None and hit[0] is snap:
+            self._drawn.move_to_end(key)
+            return hit[1]
+        content = pages.content_parts(snap, words, page)
+        self.drawn += 1
+        self._drawn[key] = (snap, content)
+        self._drawn.move_to_end(key)
+        while len(self._drawn) > KEPT_DRAWN:
+            self._drawn.popitem(last=False)
+        return content
+
+    def _event(self, last: pages.Content | None, content: pages.Content) -> bytes:
+        """What takes a page that shows ``last`` (None: nothing yet) to ``content``: the part
+        whole (``update``), only the parts that changed (``patch``), or nothing (b"": nothing
+        changed). Made once for all the open pages that go from one to the other, unless
+        larger than ``KEPT_EVENT_BYTES`` (the part whole: made for each page)."""
+        key = (id(last), id(content))
+        hit = self._events.get(key)
+        if hit is not None and hit[0] is last and hit[1] is content:
+            return hit[2]
+        parts = None if last is None else content.changed(last)
+        if parts is None:
+            event = sse("update", content.html())
+        elif parts:
+            # Only what changed: a write of a rollout changes a node or two, and a 500-node
+            # page is ~0.8 MiB (issue 15); viewer.js puts each part in place.
+            event = sse("patch", json.dumps(parts, ensure_ascii=False, separators=(",", ":")))
+        else:
+            event = b""
+        if len(event) <= KEPT_EVENT_BYTES:
+            self._events[key] = (last, content, event)
+        while len(self._events) > KEPT_EVENTS:
+            self._events.popitem(last=False)
+        return event
 
     async def api_schema(self, request: web.Request) -> web.Response:
         snap = await self._snapshot(None, every=True)

@@ -70,8 +70,9 @@ _DE: dict[str, str] = {
     "wurde zurückgespielt, und was sein Server ausführt, zeigt nicht, wie eine Umstellung "
     "ausgegangen ist; er wird nicht umgestellt, bis die Praxis-IT ihn geprüft hat, und sein "
     "Server lässt bis dahin vielleicht nichts speichern. Bitte die Praxis-IT verständigen.",
-    "node_problem": "Knoten {node} hat ein Problem, das diese Seite nicht näher kennt: "
-    "{problem} Bitte die Praxis-IT verständigen.",
+    # (the leader's own words for a problem this page has none for follow it: in English)
+    "node_problem": "Knoten {node} hat ein Problem, das diese Seite nicht näher kennt. Bitte "
+    "die Praxis-IT verständigen. Der Leader beschreibt es auf Englisch:",
     "bootstrap_down": "Der Dienst zum Einrichten von Arbeitsplätzen auf Knoten {node} ist "
     "nicht gestartet: Arbeitsplätze können dort nicht eingerichtet werden. Bitte die "
     "Praxis-IT verständigen.",
@@ -193,8 +194,8 @@ _EN: dict[str, str] = {
     "put back, and what its server runs does not show how a switch ended; it is not switched "
     "until the practice IT has checked it, and its server may refuse to save until then. "
     "Please call the practice IT.",
-    "node_problem": "Node {node} has a problem this page knows no more about: {problem} "
-    "Please call the practice IT.",
+    "node_problem": "Node {node} has a problem this page knows no more about. Please call "
+    "the practice IT. The leader describes it:",
     "bootstrap_down": "The service that sets up workstations on node {node} did not start: "
     "workstations cannot be set up there. Please call the practice IT.",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "

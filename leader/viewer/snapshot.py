@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography import x509
 
@@ -23,7 +23,7 @@ from leader.rollout_core import NodeState
 from leader.schema_store import AuditEvent, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import Made, schema_message
 from leader.states import NodeProblemRow
-from leader.store import Store
+from leader.store import NodesMade, Store
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
 
@@ -34,9 +34,9 @@ NEAR_EXPIRY = dt.timedelta(days=30)
 KEPT_ROLLOUTS = 4
 
 
-@dataclass(frozen=True)
-class NodeStatus:
-    """An enrolled node as the leader sees it by its heartbeat."""
+class NodeStatus(NamedTuple):
+    """An enrolled node as the leader sees it by its heartbeat. (A tuple: a live page's read
+    makes one for every enrolled node, a frozen dataclass took three times as long.)"""
 
     name: str
     addresses: tuple[str, ...]
@@ -112,6 +112,10 @@ class Snapshot:
         return tuple(n["name"] for n in self.selected["nodes"] if n["state"] == wanted)
 
 
+# Where a Reader marks, in ``Database.cache``, that it read the enrolled nodes (``_enrolled``).
+_ROWS_READ = ("viewer", "enrolled nodes read")
+
+
 class Reader:
     """Reads a ``Snapshot``; holds the stores and the certificates that live in files."""
 
@@ -148,15 +152,22 @@ class Reader:
         # does; read in memory (the store it is about may fail to answer), set likewise.
         self.store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
-        # last): each node's data by its view's bytes; the timeline as read up to an audit
+        # last): each node's data by its view (``_data``); the timeline as read up to an audit
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
         # puts back a whole new entry under the lock (never a half-made one).
         self._lock = threading.Lock()
-        self._node_data: OrderedDict[str, dict[bytes, dict[str, Any]]] = OrderedDict()
+        self._node_data: OrderedDict[str, dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]]] = (
+            OrderedDict()
+        )
         self._timelines: OrderedDict[str, tuple[int, dict[str, tuple[Transition, ...]]]] = (
             OrderedDict()
         )
         self._views: Made = {}  # the node views the last read made (``rollout_view``)
+        self._nodes: NodesMade = {}  # the enrolled nodes the last read made (``heard_of``)
+        # The enrolled nodes' rows as last read (``_enrolled``: read under the store's lock).
+        self._rows: tuple[int, object, list[sqlite3.Row]] | None = None
+        # The agents' certificates of those rows (``_rows``' list: the same rows, the same).
+        self._agents: tuple[list[sqlite3.Row], tuple[CertStatus, ...]] | None = None
 
     def read(
         self,
@@ -171,7 +182,8 @@ class Reader:
         only the newest and the selected one, what the page and the metrics draw; ``every``:
         every rollout with its nodes (``/api/v1/schema``, what ``schema show --all --json``
         prints). Each stored 500-node rollout read whole is about 0.9 MiB of objects, and an
-        open page reads again after each write (issue 15). ``times``: with ``switch_times``.
+        open page reads again after each write (issue 15). ``times``: with ``switch_times``
+        and each node's ``clock_offset`` (the metrics; the pages show neither).
         ``clients``: with the workstations each node's server saw (``node_clients``, each node's
         ``still_on_http``); the pages draw neither, and at 500 nodes with two workstations each
         the report was a third of a read after a write (issue 15). The rollouts, pending
@@ -184,9 +196,15 @@ class Reader:
         def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow | RolloutHead], int]:
             return (list(schema.all_in(db)) if every else schema.listed_in(db, rollout_id)), 0
 
-        shown = schema.shown(rollouts, clients=clients, nodes=Store.node_rows)
+        shown = schema.shown(rollouts, clients=clients, nodes=self._enrolled)
         rows, pending, seen, infos = shown.rows, shown.pending, shown.clients, shown.infos
-        enrolled = self.store.nodes_of(shown.nodes)
+        with self._lock:
+            parsed = self._nodes
+        fresh: NodesMade = {}
+        enrolled = self.store.heard_of(shown.nodes, (parsed, fresh))
+        if not every:
+            with self._lock:
+                self._nodes = fresh
         now = self.clock()
         problems = self.node_problems() if self.node_problems is not None else ()
         with self._lock:
@@ -210,7 +228,7 @@ class Reader:
         if not every:  # (the API's read of every rollout would push out what pages show)
             with self._lock:
                 self._views = made
-        data = self._data(message, keep=not every)
+        data = self._data(message, rows, made, keep=not every)
         selected = None
         if data["rollouts"]:
             if rollout_id is None:
@@ -218,24 +236,31 @@ class Reader:
             else:
                 selected = next((r for r in data["rollouts"] if r["id"] == rollout_id), None)
         timeline = self._timeline(selected["id"]) if selected else {}
+        offset = self.clock_offset if times else None  # (the pages show none)
         nodes = tuple(
             NodeStatus(
                 name=n.name,
                 addresses=n.addresses,
-                online=not n.cert_revoked and self.online(n.last_heartbeat),
-                last_heartbeat=n.last_heartbeat,
+                online=not n.cert_revoked and self.online(heard),
+                last_heartbeat=heard,
                 # (a node an open renewal stream vouches for was heard "now" by the store's
                 # clock, another clock than ``now``'s: never a negative age)
-                heartbeat_age=max(0.0, (now - n.last_heartbeat).total_seconds())
-                if n.last_heartbeat
-                else None,
-                clock_offset=self.clock_offset(n.name) if self.clock_offset is not None else None,
+                heartbeat_age=max(0.0, (now - heard).total_seconds()) if heard else None,
+                clock_offset=offset(n.name) if offset is not None else None,
             )
-            for n in enrolled
+            for n, heard in enrolled
         )
-        agents = tuple(
-            CertStatus("agent", n.name, n.cert_fingerprint, n.cert_not_after) for n in enrolled
-        )
+        with self._lock:
+            kept = self._agents
+        if kept is not None and kept[0] is shown.nodes:  # the same rows: the same nodes
+            agents = kept[1]
+        else:
+            agents = tuple(
+                CertStatus("agent", n.name, n.cert_fingerprint, n.cert_not_after)
+                for n, _ in enrolled
+            )
+            with self._lock:
+                self._agents = (shown.nodes, agents)
         return Snapshot(
             now=now,
             schema=message,
@@ -249,10 +274,37 @@ class Reader:
             switch_times=self.schema.switch_times() if times else None,
         )
 
-    def _data(self, message: schema_pb2.Schema, *, keep: bool) -> dict[str, Any]:
-        """``wire.to_dict(message)``, each rollout's nodes converted only when their view
-        changed since the last read (kept by their bytes; a node's data is shared by the
-        snapshots that show it unchanged: read-only). ``keep``: keep what this read converted
+    def _enrolled(self, db: sqlite3.Connection) -> list[sqlite3.Row]:
+        """(Inside the read: ``SchemaStore.shown``.) The enrolled nodes' rows
+        (``Store.node_rows``), read again only after a write that may have changed them: one
+        that moved ``Database.generation`` on (every write but the routine ones, none of which
+        changes what a page shows of a node: a heartbeat's own record, whose time the store
+        keeps in memory too, and a rollout's steps), or one by another connection (which
+        empties ``Database.cache``, where a read leaves its mark). A rollout writes many times
+        a second, and each read of 500 rows was a third of a page's read (issue 15)."""
+        cache, generation = self.store.db.cache, self.store.db.generation
+        kept = self._rows
+        if kept is not None and kept[0] == generation and cache.get(_ROWS_READ) is kept[1]:
+            return kept[2]
+        rows = Store.node_rows(db)
+        mark = object()
+        cache[_ROWS_READ] = mark
+        self._rows = (generation, mark, rows)
+        return rows
+
+    def _data(
+        self,
+        message: schema_pb2.Schema,
+        rows: Sequence[RolloutRow | RolloutHead],
+        made: Made,
+        *,
+        keep: bool,
+    ) -> dict[str, Any]:
+        """``wire.to_dict(message)``, each rollout's nodes converted only when their view is
+        not the one converted at the last read (``made``: the node views ``schema_message``
+        made of ``rows``, by their record and detail; a view made before is the same object
+        while its node is unchanged: ``rollout_view``), so a node's data is shared by the
+        snapshots that show it unchanged (read-only). ``keep``: keep what this read converted
         (not for ``every``: the API's read of every stored rollout would push out what the
         open pages show)."""
         outer = schema_pb2.Schema()
@@ -260,23 +312,22 @@ class Reader:
         for view in outer.rollouts:
             del view.nodes[:]
         data = wire.to_dict(outer)
-        for item, view in zip(data["rollouts"], message.rollouts, strict=True):
-            if not view.nodes:
+        for item, row in zip(data["rollouts"], rows, strict=True):
+            if not isinstance(row, RolloutRow) or not row.nodes:
                 continue
             with self._lock:
-                kept = self._node_data.get(view.id, {})
-            fresh: dict[bytes, dict[str, Any]] = {}
+                kept = self._node_data.get(row.rollout.id, {})
+            fresh: dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]] = {}
             nodes = []
-            for node in view.nodes:
-                key = node.SerializeToString(deterministic=True)
-                found = fresh.get(key) or kept.get(key)
-                if found is None:
-                    found = wire.to_dict(node)
-                fresh[key] = found
-                nodes.append(found)
+            for rec, d in row.nodes:
+                shown = made[(id(rec), id(d))][3]
+                hit = kept.get(id(shown))
+                found = hit if hit is not None and hit[0] is shown else (shown, wire.to_dict(shown))
+                fresh[id(shown)] = found  # (the view held: its id stays its own)
+                nodes.append(found[1])
             item["nodes"] = nodes
             if keep:
-                self._keep(self._node_data, view.id, fresh)
+                self._keep(self._node_data, row.rollout.id, fresh)
         return data
 
     def _timeline(self, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
