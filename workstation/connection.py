@@ -523,6 +523,7 @@ class TestConnection:
                 trusted = bundle
                 how = "verified with the password (key exchange confirmed both ways)"
             cert = self._client_cert(payload, key, bundle, where)
+            self.keep_new_pair(cert, key)
         else:
             assert pinned is not None  # without a password there is always a pin
             trusted, how = pinned, f"pinned {self.pin}"
@@ -567,6 +568,26 @@ class TestConnection:
                 exc, result, trusted_pem, client_pem, key_pem, bundle
             ) from None
         return result
+
+    def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        """Keep the new key and certificate aside (``settings_files.KEPT``) as soon as the
+        exchange returns them, before anything else is checked or asked: the leader has signed
+        the certificate and revoked every other of this name, so a run cut short after this
+        (Ctrl-C or a kill during a check that hangs) must still leave it for the next run to
+        prove the PC's name with (audit s43rev1 M1: it was kept only once the final check and
+        the probe of the set before had failed). A set with a client certificate written in
+        place later removes it (``settings_files.replace``). Where it cannot be kept (a full
+        disk), that is said, and the run goes on: the set is written, or the keeping tried
+        again, when the final check fails."""
+        d = self.o.settings_dir
+        try:
+            make_private_dir(d)
+            settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
+        except OSError as exc:
+            self.ui.say(
+                f"note      the new certificate could not be kept aside in {d} yet "
+                f"({exc.strerror or exc})"
+            )
 
     def say_pin_to_compare(
         self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
@@ -659,6 +680,10 @@ class TestConnection:
         Returns the error to raise (exit 1 in every case: the new settings did not check out)."""
         if not self._in_place_superseded(bundle):
             return self.keep_enrolment(failed, client_pem, key_pem)
+        self.ui.say(
+            "check     the new settings failed their check: a request with the settings in "
+            f"place, to tell whether they still work (up to {self.o.timeout:g} s)"
+        )
         if (old_problem := self._set_in_place_problem()) is None:
             return self.keep_enrolment(failed, client_pem, key_pem, still_works=True)
         try:
