@@ -521,6 +521,9 @@ def test_a_failed_final_check_never_leaves_the_pc_without_a_working_set(
         "before when it signed the new one, and a request with those fails too"
     ) in line, line
     assert f"is the server at {node.https_url()} running?" in line, line
+    assert line.endswith(
+        "then run this again (it enrols again with the password) and restart the client"
+    ), line
     ctx = tls.client_context(
         (pc / "ca.pem").read_bytes(), cert_file=pc / "client.pem", key_file=pc / "client.key"
     )

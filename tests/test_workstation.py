@@ -37,7 +37,7 @@ import structlog
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nodeagent.bootstrap_server import BootstrapService
 from tests.cluster import child_env, command
@@ -1416,13 +1416,16 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     assert run.code == 1, run.err
     kept = d / KEPT
     assert run.error.startswith("tlsroll: error: a request with the new settings failed: ")
-    # (the set in place still works at this server, which reads no revocation list: kept)
+    # (the set in place still works at this server, which reads no revocation list: kept;
+    # the new set failed its second check too; until when the old one works is said)
     assert (
         "the settings before are kept (a request with them still succeeds), but the leader "
-        "revoked their certificate when it signed the new one: a server that checks "
-        f"revocation refuses it; this PC's new certificate (ws-empfang) is kept in {kept}: "
-        "fix the cause and run again (it enrols as this PC again, no --replace needed)"
+        "revoked their certificate when it signed the new one: they work only until the "
+        "server reads the leader's revocation list, possibly at its next restart; this PC's "
+        f"new certificate (ws-empfang) is kept in {kept}: fix the cause and run this again "
+        "soon (it enrols again with the password, as this PC: no --replace needed)"
     ) in run.error
+    assert "the settings in place still work: the new ones checked once more" in run.out
     assert not assert_one_set_beside_kept(d, before, node)  # the set before, working, in place
     new_cert = pki.read_cert(kept / "client.pem")
     assert pki.key_matches(new_cert, pki.read_key(kept / "client.key"))
@@ -1490,6 +1493,105 @@ async def test_a_run_cut_short_after_the_exchange_keeps_the_new_certificate(
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
     assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+
+
+def client_pair(
+    ca: pki.CertificateAuthority, common_name: str, *, expired: bool
+) -> tuple[bytes, bytes]:
+    """A client key and certificate (PEM) of ``ca`` for ``common_name``, expired yesterday
+    or valid for a month."""
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.UTC) + dt.timedelta(days=-30 if expired else 1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=29))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return pki.key_to_pem(key), pki.cert_to_pem(cert)
+
+
+@pytest.mark.parametrize("in_place", ["expired", "another CA's"])
+async def test_a_set_in_place_that_fails_too_gives_way_to_the_new_one(
+    in_place: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Audit s43rev1 M2: a certificate in place that the signing did not revoke (expired: the
+    likeliest reason to enrol again; or another CA's) was neither tried nor replaced: the
+    final check failed, and the set that does not work stayed while the valid new one went
+    aside. One rule now: the set in place stays only if a request with it succeeds; here it
+    fails too, so the new set goes in place, and the error says so."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    args = (node.url, "--password-file", pw, "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+    expired = in_place == "expired"  # else valid, of a CA the server does not trust
+    issuer = test_ca if expired else pki.CertificateAuthority.create("a stranger's CA")
+    key_pem, cert_pem = client_pair(issuer, "ws-empfang", expired=expired)
+    write_atomic(d / "client.key", key_pem, PRIVATE)
+    write_atomic(d / "client.pem", cert_pem, 0o644)
+    before = settings_set(d)
+    other = pki.CertificateAuthority.create("another CA")  # the new set fails its check
+    async with bootstrap_on(node, test_ca, sign=ca_signer(other)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
+        run = await run_cli(*args)
+    assert run.code == 1, run.err
+    assert "a request with the settings in place, to tell whether they still work" in run.out
+    assert run.error.startswith("tlsroll: error: a request with the new settings failed: ")
+    assert "they are in place all the same: a request with the settings before fails too (" in (
+        run.error
+    ), run.error
+    assert "then run this again (it enrols again with the password)" in run.error, run.error
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # nothing kept aside
+    assert pki.issued_by(pki.read_cert(d / "client.pem"), other.cert)
+    assert settings_set(d)["client.pem"] != before["client.pem"]
+
+
+async def test_a_set_in_place_that_works_is_followed_by_the_new_ones_second_check(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Audit s43rev1 (Low, the s39wsfix rule): the new set's check failed once, a moment
+    later a request with the set in place succeeded at the same address: the PC stayed on the
+    certificate the leader had just revoked. The new set is checked once more then, and goes
+    in place when it passes."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    args = (node.url, "--password-file", pw, "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+        before = settings_set(d)
+        check = workstation.TestConnection.check_settings
+        calls: list[Path] = []
+
+        def fails_once(self: workstation.TestConnection, *a: Any) -> None:
+            calls.append(a[-1])
+            if len(calls) == 1:
+                raise workstation.CheckFailed("the server did not answer (a moment)")
+            check(self, *a)
+
+        monkeypatch.setattr(workstation.TestConnection, "check_settings", fails_once)
+        run = await run_cli(*args)
+    assert run.code == 0, run.err
+    assert len(calls) == 2
+    assert "the settings in place still work: the new ones checked once more" in run.out
+    assert assert_one_set(d, before, node)  # the new set in place, nothing kept aside
 
 
 async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(

@@ -551,22 +551,22 @@ class TestConnection:
             client_fingerprint=None if cert is None else pki.fingerprint(cert),
             settings_dir=o.settings_dir,
         )
+
+        def check(staged: Path) -> None:
+            self.check_settings(server, result, staged)
+
         try:
-            self.write_settings(
-                result,
-                trusted_pem,
-                client_pem,
-                key_pem,
-                check=lambda staged: self.check_settings(server, result, staged),
-            )
+            self.write_settings(result, trusted_pem, client_pem, key_pem, check=check)
         except CheckFailed as exc:
             # (Not when the writing failed: a full disk fails the keeping too, and a set
             # committed before it failed is completed by the next run.)
             if client_pem is None or key_pem is None:
                 raise
-            raise self.after_failed_check(
-                exc, result, trusted_pem, client_pem, key_pem, bundle
-            ) from None
+            error = self.after_failed_check(
+                exc, result, trusted_pem, client_pem, key_pem, bundle, check
+            )
+            if error is not None:
+                raise error from None
         return result
 
     def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
@@ -664,46 +664,72 @@ class TestConnection:
         client_pem: bytes,
         key_pem: bytes,
         bundle: Sequence[x509.Certificate],
-    ) -> ClientError:
+        check: Callable[[Path], None],
+    ) -> ClientError | None:
         """The check of a new enrolment's settings failed, after the leader signed the new
         certificate and revoked every other one of that name (s39wsfix: the PC was left with
-        none that works). Never leave it so:
+        none that works). Never leave it so; one rule (audit s43rev1 M2: an expired
+        certificate in place, or another CA's, was kept untried and the new one set aside):
 
-        - the set in place uses no certificate of this name from this cluster (none, another
-          name's, another CA's): the signing did not touch it; it stays, the new pair is kept
-          aside (``keep_enrolment``);
-        - it does (revoked now, or before): it stays only while a request with it still
-          succeeds (a server that does not read the revocation list yet), the new pair kept
-          aside; if that request fails too, the new set goes in place all the same, unchecked:
-          the only one the leader holds valid (what failed is said, and what to do).
+        - the set in place has no client certificate: it stays (the signing did not touch
+          it), the new pair kept aside (``keep_enrolment``; it is already, ``keep_new_pair``);
+        - it has one: a request with it is tried. It stays only if that succeeds; then the
+          new set is checked once more (the cause was likely passing) and goes in place if it
+          passes now, else the new pair stays aside and the error says until when the set in
+          place works (its certificate revoked: until the server reads the leader's
+          revocation list). If that request fails too, the new set goes in place all the
+          same, unchecked: the only one the leader holds valid (what failed is said, and what
+          to do).
 
-        Returns the error to raise (exit 1 in every case: the new settings did not check out)."""
-        if not self._in_place_superseded(bundle):
+        Returns the error to raise (exit 1: the new settings did not check out), None if the
+        new set passed its second check and is in place."""
+        d = self.o.settings_dir
+        if not os.path.lexists(d / "client.pem"):
             return self.keep_enrolment(failed, client_pem, key_pem)
+        revoked = self._in_place_superseded(bundle)
         self.ui.say(
             "check     the new settings failed their check: a request with the settings in "
             f"place, to tell whether they still work (up to {self.o.timeout:g} s)"
         )
         if (old_problem := self._set_in_place_problem()) is None:
-            return self.keep_enrolment(failed, client_pem, key_pem, still_works=True)
+            self.ui.say(
+                "check     the settings in place still work: the new ones checked once more"
+            )
+            try:
+                self.write_settings(result, ca_pem, client_pem, key_pem, check=check)
+            except CheckFailed as again:
+                return self.keep_enrolment(
+                    again, client_pem, key_pem, still_works=True, revoked=revoked
+                )
+            except ClientError:  # (a full disk: the keeping then fails too, and says why)
+                return self.keep_enrolment(
+                    failed, client_pem, key_pem, still_works=True, revoked=revoked
+                )
+            return None
         try:
             self.write_settings(result, ca_pem, client_pem, key_pem)
-        except ClientError:  # (a full disk, say: the keeping then fails too, and says why)
+        except ClientError:
             return self.keep_enrolment(failed, client_pem, key_pem)
+        before = (
+            "the leader revoked the certificate of the settings before when it signed the new "
+            f"one, and a request with those fails too ({old_problem})"
+            if revoked
+            else f"a request with the settings before fails too ({old_problem})"
+        )
         return ClientError(
             failed.code,
             f"a request with the new settings failed: {failed.problem}; they are in place all "
-            "the same: the leader revoked the certificate of the settings before when it "
-            f"signed the new one, and a request with those fails too ({old_problem}); fix the "
-            f"cause (is the server at {result.server.url} running?), then run this again to "
-            "check, and restart the client",
+            f"the same: {before}; fix the cause (is the server at {result.server.url} "
+            "running?), then run this again (it enrols again with the password) and restart "
+            "the client",
         )
 
     def _in_place_superseded(self, bundle: Sequence[x509.Certificate]) -> bool:
         """Whether the leader has revoked the client certificate of the set in place, in
         signing this run's (or before): it revokes every other of the name, so one of this
         name, from a CA of the cluster's bundle and not expired. False if the set in place has
-        none of that kind (or none that can be read): the signing did not touch it."""
+        none of that kind (or none that can be read): the signing did not touch it (whether
+        it stays is up to a request with it all the same, ``after_failed_check``)."""
         d = self.o.settings_dir
         try:
             cert = pki.load_cert_pem((d / "client.pem").read_bytes())
@@ -743,27 +769,45 @@ class TestConnection:
         return None if reply.status == 200 else f"{server.url} answered HTTP {reply.status}"
 
     def keep_enrolment(
-        self, failed: CheckFailed, client_pem: bytes, key_pem: bytes, *, still_works: bool = False
+        self,
+        failed: CheckFailed,
+        client_pem: bytes,
+        key_pem: bytes,
+        *,
+        still_works: bool = False,
+        revoked: bool = False,
     ) -> ClientError:
         """The check of a new enrolment's settings failed: nothing was written, but the leader
         has signed the new certificate, and superseded the one of that name it signed before
         (this PC's earlier one, if it had one). The new key and certificate are kept
-        (``settings_files.KEPT``) so that the next run proves with them that it is this PC: it
-        never needs --replace for it, and nothing it held is lost for good. ``still_works``:
-        the set in place uses a certificate the leader revoked, but a request with it still
-        succeeds (said). Returns the error to raise, which says so."""
+        (``settings_files.KEPT``; ``keep_new_pair`` did already, this makes sure) so that the
+        next run proves with them that it is this PC: it never needs --replace for it, and
+        nothing it held is lost for good. ``still_works``: a request with the set in place
+        still succeeds; ``revoked``: its certificate is one the leader revoked, so it works
+        only until the server reads the revocation list (said, with the deadline). Returns
+        the error to raise, which says so."""
         d = self.o.settings_dir
-        superseded = self.previous is not None or still_works
+        superseded = self.previous is not None or revoked
+        urgent = still_works and revoked
         what = f"a request with the new settings failed: {failed.problem}; " + (
             "the settings before are kept (a request with them still succeeds), but the leader "
-            "revoked their certificate when it signed the new one: a server that checks "
-            "revocation refuses it"
+            "revoked their certificate when it signed the new one: they work only until the "
+            "server reads the leader's revocation list, possibly at its next restart"
+            if urgent
+            else "the settings before are kept (a request with them still succeeds)"
+            + (
+                ", but the leader superseded this PC's earlier certificate when it signed the "
+                "new one"
+                if superseded
+                else ""
+            )
             if still_works
             else "the settings before are kept, but the leader superseded this PC's earlier "
             "certificate when it signed the new one"
             if superseded
             else "the settings before are kept"
         )
+        again = "run this again soon" if urgent else "run this again"
         try:
             kept = settings_files.keep(d, key_pem, client_pem)
         except OSError as exc:
@@ -771,12 +815,14 @@ class TestConnection:
             return ClientError(
                 failed.code,
                 f"{what}; the new certificate could not be kept either ({why}): fix the cause "
-                f"and run again{' with --replace' if superseded else ''}",
+                f"and {again} (it enrols again with the password"
+                f"{', with --replace' if superseded else ''})",
             )
         return ClientError(
             failed.code,
             f"{what}; this PC's new certificate ({self.workstation}) is kept in {kept}: fix the "
-            "cause and run again (it enrols as this PC again, no --replace needed)",
+            f"cause and {again} (it enrols again with the password, as this PC: no --replace "
+            "needed)",
         )
 
     def _answers_https(self, server: ServerURL) -> bool:
