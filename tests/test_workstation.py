@@ -571,7 +571,7 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         assert d.parent.read_bytes() == b"not a directory"
 
 
-@pytest.mark.parametrize("how", ["HOME", "--settings-dir"])
+@pytest.mark.parametrize("how", ["HOME", "--settings-dir", "a user's link"])
 async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     how: str,
     nodes: dict[str, ServerNode],
@@ -591,7 +591,16 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     node = nodes["mtls"]
     home = tmp_path / "home"
     home.mkdir()
-    os.chown(home, 65534, 65534)
+    # (Audit s43rev1: a home root owns, whose ~/.config is a link of the user's to a
+    # directory root owns: only the path resolved was looked at, all root's, so it was let
+    # through; the user can swap the link between the check and the writes.)
+    linked = how == "a user's link"
+    if linked:
+        (tmp_path / "roots").mkdir()
+        os.symlink(tmp_path / "roots", home / ".config")
+        os.lchown(home / ".config", 65534, 65534)
+    else:
+        os.chown(home, 65534, 65534)
     user = pwd.getpwuid(65534).pw_name if _has_uid(65534) else "the user of uid 65534"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("SUDO_USER", user)
@@ -607,15 +616,24 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     out, err = capsys.readouterr()
     run = Run(code, out, err, list(logs))
     assert run.code == 1, run.out + run.err
-    d = home / ".config" / "tlsroll" / "client" if how == "HOME" else home / "praxis" / "tlsroll"
+    if how == "--settings-dir":
+        d = home / "praxis" / "tlsroll"
+    else:
+        d = home / ".config" / "tlsroll" / "client"
+    where = (
+        f"is in {home / '.config'}, a symbolic link {fsutil.user_label(65534)} owns"
+        if linked
+        else f"is in {home}, which {fsutil.user_label(65534)} owns"
+    )
     assert run.error == (
-        f"tlsroll: error: this runs as root, but the settings dir {d} is in {home}, which "
-        f"{fsutil.user_label(65534)} owns: the settings would be root's there, and {user}'s "
-        f"client could not use them; run it as {user}, without sudo (or sudo -H for root's own "
-        "settings); nothing was changed"
+        f"tlsroll: error: this runs as root, but the settings dir {d} {where}: the settings "
+        f"would be root's there, and {user}'s client could not use them; run it as {user}, "
+        "without sudo (or sudo -H for root's own settings); nothing was changed"
     )
     assert run.out == ""  # before the address is even tried
-    assert os.listdir(home) == []
+    assert os.listdir(home) == ([".config"] if linked else [])
+    if linked:
+        assert os.listdir(tmp_path / "roots") == []
     assert "bootstrap.exchange_started" not in [e["event"] for e in run.logs]
 
 

@@ -87,6 +87,7 @@ import pwd
 import re
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1301,19 +1302,28 @@ class TestConnection:
             return
         d = Path(os.path.abspath(self.o.settings_dir))
         path = Path(os.path.realpath(d))
-        for part in (path, *path.parents):
+        # Each part of the path as given, links themselves included (audit s43rev1: a link of
+        # the user's to a directory root owns passed, all of the path resolved being root's,
+        # and the user can swap it between this check and the writes), then of the resolved.
+        parts = [(part, os.lstat) for part in (d, *d.parents)]
+        parts += [(part, os.stat) for part in (path, *path.parents)]
+        for part, look in parts:
             try:
-                owner = os.stat(part).st_uid
+                st = look(part)
             except OSError:
                 continue  # not there (yet): made by root, in what holds it
+            owner = st.st_uid
             if owner != 0:
                 try:
                     user = pwd.getpwuid(owner).pw_name
                 except KeyError:
                     user = f"the user of uid {owner}"
+                link = stat.S_ISLNK(st.st_mode)
                 where = (
-                    f"is owned by {user_label(owner)}"
-                    if part == path
+                    f"is {'a symbolic link ' if link else ''}owned by {user_label(owner)}"
+                    if part in (d, path)
+                    else f"is in {part}, a symbolic link {user_label(owner)} owns"
+                    if link
                     else f"is in {part}, which {user_label(owner)} owns"
                 )
                 raise ClientError(
