@@ -879,7 +879,8 @@ async def test_tls_stream_altered_in_transit(
 
 async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any) -> None:
     """Audit s39ws M8: a bootstrap port that refuses connections said only "enter another
-    port"; it says what to check first: the node's agent, the schema, the port."""
+    port"; it says what to check first: the node's agent, the schema, the port. The node's
+    bootstrap port is in ``schema show --json`` only, not in its text (audit s43rev1)."""
     node = nodes["tls"]
     assert not port_open(node.address, BOOTSTRAP_PORT)
     run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, "--yes")
@@ -888,8 +889,9 @@ async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any)
         f"tlsroll: error: bootstrap port 9443 on {node.address} is closed (connection refused): "
         "no bootstrap service runs there; check that the node's tlsroll agent is running "
         "(systemctl status tlsroll-agent, on the node), that `tlsroll schema show` on the "
-        "leader shows the node online and switched (and its bootstrap port), and the port: "
-        "the one your notice names (at the port prompt, or --bootstrap-port)"
+        "leader shows the node online and switched (its bootstrap port: `tlsroll schema show "
+        "--json`, bootstrap_port), and the port: the one your notice names (at the port "
+        "prompt, or --bootstrap-port)"
     ), run.error
     run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, stdin="9444\n")
     assert run.code == 8 and "bootstrap port 9444" in run.error

@@ -952,8 +952,8 @@ class TestConnection:
                 f"bootstrap port {port} on {host} is closed (connection refused): no bootstrap "
                 "service runs there; check that the node's tlsroll agent is running "
                 "(systemctl status tlsroll-agent, on the node), that `tlsroll schema show` on "
-                f"the leader shows the node online and switched (and its bootstrap port), and "
-                f"{other_port}",
+                "the leader shows the node online and switched (its bootstrap port: `tlsroll "
+                f"schema show --json`, bootstrap_port), and {other_port}",
             )
         return ClientError(
             Exit.BOOTSTRAP_PORT,
