@@ -1457,7 +1457,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self.state.needs_admin_since.setdefault(name, now)
         else:
             self.state.needs_admin_since.pop(name, None)
-        self._bootstrap_problem(name, request, now)
+        if request.HasField("server"):  # (without it, nothing said: audit s43rev1)
+            self._bootstrap_problem(name, request, now)
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
@@ -1562,7 +1563,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     ) -> None:
         """What the heartbeat says of the node's bootstrap service: a service that should run
         but did not start is the node's problem (``node_problems``) until a heartbeat says no
-        more (audit s39ws M8: it was only in the agent's log)."""
+        more (audit s39ws M8: it was only in the agent's log). Called only for a heartbeat
+        with the server's status, which carries it: one without (the status took longer than
+        the agent waits, SERVER_VIEW_SECONDS) says nothing of it, and cleared it (audit
+        s43rev1)."""
         why = peertext.clean(request.server.bootstrap_problem, 200)
         if not why:
             self.state.bootstrap_down.pop(name, None)

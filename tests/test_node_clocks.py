@@ -313,6 +313,19 @@ async def test_a_bootstrap_service_that_did_not_start_is_a_node_problem_until_it
         (problem,) = rig.state.node_problems()
         assert problem.since == T
 
+        # Audit s43rev1: a heartbeat without the server's status (it took longer than
+        # SERVER_VIEW_SECONDS) says nothing of the bootstrap service: the problem stays, its
+        # since too (it was cleared, and set again, logged again, by the next full one).
+        async def no_view() -> agent_pb2.ServerView:
+            raise TimeoutError
+
+        link.server_view = no_view
+        rig.clock[0] += dt.timedelta(seconds=5)
+        await link.beat()
+        (problem,) = rig.state.node_problems()
+        assert (problem.kind, problem.since) == (NodeProblemKind.BOOTSTRAP_DOWN, T)
+        link.server_view = server_view
+
         problem_now[0] = ""
         await link.beat()
         assert rig.state.node_problems() == []

@@ -87,6 +87,7 @@ import pwd
 import re
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -523,6 +524,7 @@ class TestConnection:
                 trusted = bundle
                 how = "verified with the password (key exchange confirmed both ways)"
             cert = self._client_cert(payload, key, bundle, where)
+            self.keep_new_pair(cert, key)
         else:
             assert pinned is not None  # without a password there is always a pin
             trusted, how = pinned, f"pinned {self.pin}"
@@ -550,23 +552,43 @@ class TestConnection:
             client_fingerprint=None if cert is None else pki.fingerprint(cert),
             settings_dir=o.settings_dir,
         )
+
+        def check(staged: Path) -> None:
+            self.check_settings(server, result, staged)
+
         try:
-            self.write_settings(
-                result,
-                trusted_pem,
-                client_pem,
-                key_pem,
-                check=lambda staged: self.check_settings(server, result, staged),
-            )
+            self.write_settings(result, trusted_pem, client_pem, key_pem, check=check)
         except CheckFailed as exc:
             # (Not when the writing failed: a full disk fails the keeping too, and a set
             # committed before it failed is completed by the next run.)
             if client_pem is None or key_pem is None:
                 raise
-            raise self.after_failed_check(
-                exc, result, trusted_pem, client_pem, key_pem, bundle
-            ) from None
+            error = self.after_failed_check(
+                exc, result, trusted_pem, client_pem, key_pem, bundle, check
+            )
+            if error is not None:
+                raise error from None
         return result
+
+    def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        """Keep the new key and certificate aside (``settings_files.KEPT``) as soon as the
+        exchange returns them, before anything else is checked or asked: the leader has signed
+        the certificate and revoked every other of this name, so a run cut short after this
+        (Ctrl-C or a kill during a check that hangs) must still leave it for the next run to
+        prove the PC's name with (audit s43rev1 M1: it was kept only once the final check and
+        the probe of the set before had failed). A set with a client certificate written in
+        place later removes it (``settings_files.replace``). Where it cannot be kept (a full
+        disk), that is said, and the run goes on: the set is written, or the keeping tried
+        again, when the final check fails."""
+        d = self.o.settings_dir
+        try:
+            make_private_dir(d)
+            settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
+        except OSError as exc:
+            self.ui.say(
+                f"note      the new certificate could not be kept aside in {d} yet "
+                f"({exc.strerror or exc})"
+            )
 
     def say_pin_to_compare(
         self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
@@ -643,42 +665,72 @@ class TestConnection:
         client_pem: bytes,
         key_pem: bytes,
         bundle: Sequence[x509.Certificate],
-    ) -> ClientError:
+        check: Callable[[Path], None],
+    ) -> ClientError | None:
         """The check of a new enrolment's settings failed, after the leader signed the new
         certificate and revoked every other one of that name (s39wsfix: the PC was left with
-        none that works). Never leave it so:
+        none that works). Never leave it so; one rule (audit s43rev1 M2: an expired
+        certificate in place, or another CA's, was kept untried and the new one set aside):
 
-        - the set in place uses no certificate of this name from this cluster (none, another
-          name's, another CA's): the signing did not touch it; it stays, the new pair is kept
-          aside (``keep_enrolment``);
-        - it does (revoked now, or before): it stays only while a request with it still
-          succeeds (a server that does not read the revocation list yet), the new pair kept
-          aside; if that request fails too, the new set goes in place all the same, unchecked:
-          the only one the leader holds valid (what failed is said, and what to do).
+        - the set in place has no client certificate: it stays (the signing did not touch
+          it), the new pair kept aside (``keep_enrolment``; it is already, ``keep_new_pair``);
+        - it has one: a request with it is tried. It stays only if that succeeds; then the
+          new set is checked once more (the cause was likely passing) and goes in place if it
+          passes now, else the new pair stays aside and the error says until when the set in
+          place works (its certificate revoked: until the server reads the leader's
+          revocation list). If that request fails too, the new set goes in place all the
+          same, unchecked: the only one the leader holds valid (what failed is said, and what
+          to do).
 
-        Returns the error to raise (exit 1 in every case: the new settings did not check out)."""
-        if not self._in_place_superseded(bundle):
+        Returns the error to raise (exit 1: the new settings did not check out), None if the
+        new set passed its second check and is in place."""
+        d = self.o.settings_dir
+        if not os.path.lexists(d / "client.pem"):
             return self.keep_enrolment(failed, client_pem, key_pem)
+        revoked = self._in_place_superseded(bundle)
+        self.ui.say(
+            "check     the new settings failed their check: a request with the settings in "
+            f"place, to tell whether they still work (up to {self.o.timeout:g} s)"
+        )
         if (old_problem := self._set_in_place_problem()) is None:
-            return self.keep_enrolment(failed, client_pem, key_pem, still_works=True)
+            self.ui.say(
+                "check     the settings in place still work: the new ones checked once more"
+            )
+            try:
+                self.write_settings(result, ca_pem, client_pem, key_pem, check=check)
+            except CheckFailed as again:
+                return self.keep_enrolment(
+                    again, client_pem, key_pem, still_works=True, revoked=revoked
+                )
+            except ClientError:  # (a full disk: the keeping then fails too, and says why)
+                return self.keep_enrolment(
+                    failed, client_pem, key_pem, still_works=True, revoked=revoked
+                )
+            return None
         try:
             self.write_settings(result, ca_pem, client_pem, key_pem)
-        except ClientError:  # (a full disk, say: the keeping then fails too, and says why)
+        except ClientError:
             return self.keep_enrolment(failed, client_pem, key_pem)
+        before = (
+            "the leader revoked the certificate of the settings before when it signed the new "
+            f"one, and a request with those fails too ({old_problem})"
+            if revoked
+            else f"a request with the settings before fails too ({old_problem})"
+        )
         return ClientError(
             failed.code,
             f"a request with the new settings failed: {failed.problem}; they are in place all "
-            "the same: the leader revoked the certificate of the settings before when it "
-            f"signed the new one, and a request with those fails too ({old_problem}); fix the "
-            f"cause (is the server at {result.server.url} running?), then run this again to "
-            "check, and restart the client",
+            f"the same: {before}; fix the cause (is the server at {result.server.url} "
+            "running?), then run this again (it enrols again with the password) and restart "
+            "the client",
         )
 
     def _in_place_superseded(self, bundle: Sequence[x509.Certificate]) -> bool:
         """Whether the leader has revoked the client certificate of the set in place, in
         signing this run's (or before): it revokes every other of the name, so one of this
         name, from a CA of the cluster's bundle and not expired. False if the set in place has
-        none of that kind (or none that can be read): the signing did not touch it."""
+        none of that kind (or none that can be read): the signing did not touch it (whether
+        it stays is up to a request with it all the same, ``after_failed_check``)."""
         d = self.o.settings_dir
         try:
             cert = pki.load_cert_pem((d / "client.pem").read_bytes())
@@ -718,27 +770,45 @@ class TestConnection:
         return None if reply.status == 200 else f"{server.url} answered HTTP {reply.status}"
 
     def keep_enrolment(
-        self, failed: CheckFailed, client_pem: bytes, key_pem: bytes, *, still_works: bool = False
+        self,
+        failed: CheckFailed,
+        client_pem: bytes,
+        key_pem: bytes,
+        *,
+        still_works: bool = False,
+        revoked: bool = False,
     ) -> ClientError:
         """The check of a new enrolment's settings failed: nothing was written, but the leader
         has signed the new certificate, and superseded the one of that name it signed before
         (this PC's earlier one, if it had one). The new key and certificate are kept
-        (``settings_files.KEPT``) so that the next run proves with them that it is this PC: it
-        never needs --replace for it, and nothing it held is lost for good. ``still_works``:
-        the set in place uses a certificate the leader revoked, but a request with it still
-        succeeds (said). Returns the error to raise, which says so."""
+        (``settings_files.KEPT``; ``keep_new_pair`` did already, this makes sure) so that the
+        next run proves with them that it is this PC: it never needs --replace for it, and
+        nothing it held is lost for good. ``still_works``: a request with the set in place
+        still succeeds; ``revoked``: its certificate is one the leader revoked, so it works
+        only until the server reads the revocation list (said, with the deadline). Returns
+        the error to raise, which says so."""
         d = self.o.settings_dir
-        superseded = self.previous is not None or still_works
+        superseded = self.previous is not None or revoked
+        urgent = still_works and revoked
         what = f"a request with the new settings failed: {failed.problem}; " + (
             "the settings before are kept (a request with them still succeeds), but the leader "
-            "revoked their certificate when it signed the new one: a server that checks "
-            "revocation refuses it"
+            "revoked their certificate when it signed the new one: they work only until the "
+            "server reads the leader's revocation list, possibly at its next restart"
+            if urgent
+            else "the settings before are kept (a request with them still succeeds)"
+            + (
+                ", but the leader superseded this PC's earlier certificate when it signed the "
+                "new one"
+                if superseded
+                else ""
+            )
             if still_works
             else "the settings before are kept, but the leader superseded this PC's earlier "
             "certificate when it signed the new one"
             if superseded
             else "the settings before are kept"
         )
+        again = "run this again soon" if urgent else "run this again"
         try:
             kept = settings_files.keep(d, key_pem, client_pem)
         except OSError as exc:
@@ -746,12 +816,14 @@ class TestConnection:
             return ClientError(
                 failed.code,
                 f"{what}; the new certificate could not be kept either ({why}): fix the cause "
-                f"and run again{' with --replace' if superseded else ''}",
+                f"and {again} (it enrols again with the password"
+                f"{', with --replace' if superseded else ''})",
             )
         return ClientError(
             failed.code,
             f"{what}; this PC's new certificate ({self.workstation}) is kept in {kept}: fix the "
-            "cause and run again (it enrols as this PC again, no --replace needed)",
+            f"cause and {again} (it enrols again with the password, as this PC: no --replace "
+            "needed)",
         )
 
     def _answers_https(self, server: ServerURL) -> bool:
@@ -880,8 +952,8 @@ class TestConnection:
                 f"bootstrap port {port} on {host} is closed (connection refused): no bootstrap "
                 "service runs there; check that the node's tlsroll agent is running "
                 "(systemctl status tlsroll-agent, on the node), that `tlsroll schema show` on "
-                f"the leader shows the node online and switched (and its bootstrap port), and "
-                f"{other_port}",
+                "the leader shows the node online and switched (its bootstrap port: `tlsroll "
+                f"schema show --json`, bootstrap_port), and {other_port}",
             )
         return ClientError(
             Exit.BOOTSTRAP_PORT,
@@ -1230,19 +1302,28 @@ class TestConnection:
             return
         d = Path(os.path.abspath(self.o.settings_dir))
         path = Path(os.path.realpath(d))
-        for part in (path, *path.parents):
+        # Each part of the path as given, links themselves included (audit s43rev1: a link of
+        # the user's to a directory root owns passed, all of the path resolved being root's,
+        # and the user can swap it between this check and the writes), then of the resolved.
+        parts = [(part, os.lstat) for part in (d, *d.parents)]
+        parts += [(part, os.stat) for part in (path, *path.parents)]
+        for part, look in parts:
             try:
-                owner = os.stat(part).st_uid
+                st = look(part)
             except OSError:
                 continue  # not there (yet): made by root, in what holds it
+            owner = st.st_uid
             if owner != 0:
                 try:
                     user = pwd.getpwuid(owner).pw_name
                 except KeyError:
                     user = f"the user of uid {owner}"
+                link = stat.S_ISLNK(st.st_mode)
                 where = (
-                    f"is owned by {user_label(owner)}"
-                    if part == path
+                    f"is {'a symbolic link ' if link else ''}owned by {user_label(owner)}"
+                    if part in (d, path)
+                    else f"is in {part}, a symbolic link {user_label(owner)} owns"
+                    if link
                     else f"is in {part}, which {user_label(owner)} owns"
                 )
                 raise ClientError(
