@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import datetime as dt
+import math
 import queue
 import signal
 import sqlite3
