@@ -301,9 +301,10 @@ class Queued(enum.IntEnum):
 
 
 MAX_QUEUED_WRITES = 4096  # client reports waiting for the group commit (``queue_write``)
-# Reports a node's newest client report is known to repeat (``Store.note_report``): one is
-# stored while the newest waits for its commit; more only while commits fail (a full disk),
-# and then a stored report older than these is judged by its own time.
+# Reports a node's newest client report is known to repeat (``Store.note_report``), newest
+# first kept. The one stored is normally the one just before the newest (while that waits for
+# its commit); older ones only while commits fail (a full disk), and a stored report older
+# than these is then judged by its own time.
 REPEATS_KEPT = 16
 
 QueuedWrite = Callable[[sqlite3.Connection], None]
