@@ -91,7 +91,8 @@ EXIT_STORE_DAMAGED = 4
 # the admin calls in flight GRACE_SECONDS, then the commands carried on past it (``runs_to_end``)
 # GRACE_SECONDS more at most, then the join and control servers TAIL_GRACE_SECONDS (their
 # heartbeat streams are ended first: only short calls are left): 25 s at most, and the rest
-# (the heartbeats' group commit, a second at most; the stores' close) within the 30.
+# (the heartbeats' group commit of what is queued, one transaction; the stores' close) within
+# the 30.
 GRACE_SECONDS = 10.0
 TAIL_GRACE_SECONDS = 5.0
 OFFLINE_GRACE_MAX = 15.0  # seconds a command waits for a node that just went offline
@@ -445,7 +446,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         if not died and (task.cancelled() or task.exception() is not None):
             died = f"the {task.get_name()} loop ended: {ended_why(task)}"
             log.error("leader.loop_died", detail=died)
-    # What waits for the heartbeats' group commit (a second at most) is kept at a stop.
+    # What waits for the heartbeats' group commit (up to a batch period of news, up to
+    # ``service.REFRESH_SECONDS`` of refreshes) is kept at a stop.
     try:
         await leader_service.write_queued()
     except Exception as exc:  # soft state: the agents report it again after the restart

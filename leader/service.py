@@ -767,15 +767,22 @@ REFRESH_SECONDS = 10.0
 record written only because the stored one is ``HEARTBEAT_PERSIST`` old
 (``store.Queued.REFRESH``), a client report only because the stored one is ``clients_persist``
 old (its times and counts moved; who was seen did not), no later than a batch period before
-the stored report would be stale (``LeaderService._record_clients``). Anything that says
+the stored report would be stale (``LeaderService._record_clients``; until then the running
+leader judges how recent the stored report is by the newest that repeats it:
+``Store.report_on_clock_now``, so a slow commit does not make it stale). Anything that says
 something new is committed within ``BATCH_SECONDS`` as before, and takes every queued write
 along. An agent in renewal mode sends every 20 s (at 5 s) and nearly every message was such a
 refresh: the leader committed about once a second however few agents it had (a worker-thread
 hop, a transaction and an fsync each), a fixed cost that small clusters paid per agent
-(issue 15); now about once per this period. A crash may lose this much of such refreshes: a
-node's stored last-seen time is then up to ``HEARTBEAT_PERSIST`` and this old, a stored client
-report one renewal older (still not stale); the running leader shows neither (its nodes'
-newest heartbeats are in memory)."""
+(issue 15); now about once per this period. A crash (or a stop whose last commit fails) may
+lose this much of such refreshes: a node's stored last-seen time is then up to
+``HEARTBEAT_PERSIST`` and this old, and a stored client report up to nearly
+``planner.report_stale_after`` old: the restarted leader may take it for stale at once (it
+judges a report stored before it started by its stored time), until the agent's first
+report to it, which is new to it and committed within a batch period. A finalize or
+``--when-quiet`` meanwhile refuses or holds that node, as for any report a leader just
+restarted has not had yet. The running leader shows neither (its nodes' newest heartbeats
+and reports are in memory)."""
 
 TEST_BATCH_ENV = "TLSROLL_TEST_BATCH_SECONDS"
 """Tests only: a leader daemon's group-commit period instead of ``BATCH_SECONDS`` (seconds,
@@ -1599,6 +1606,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 return
             # Only its age has it written: it may wait (``REFRESH_SECONDS``), a batch period
             # short of when the stored one would be stale (``planner.report_stale_after``).
+            # Meanwhile the running leader judges the stored one by this one's time: it
+            # repeats it (``Store.report_on_clock_now``); the bound is for what is stored.
             stale = last[1] + report_stale_after(interval) - now
             within = self._lazy(stale.total_seconds() - self.batch_seconds)
         rows = client_rows(name, seen, now, shift)
@@ -1612,7 +1621,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             )
 
         self.state.store.queue_write(name, write)
-        self.state.store.note_report(name, now)
+        self.state.store.note_report(name, now, repeats=last is not None and last[0] == said)
         self._clients[name] = (said, now)
         self._start_writer(within)
 

@@ -301,6 +301,11 @@ class Queued(enum.IntEnum):
 
 
 MAX_QUEUED_WRITES = 4096  # client reports waiting for the group commit (``queue_write``)
+# Reports a node's newest client report is known to repeat (``Store.note_report``), newest
+# first kept. The one stored is normally the one just before the newest (while that waits for
+# its commit); older ones only while commits fail (a full disk), and a stored report older
+# than these is then judged by its own time.
+REPEATS_KEPT = 16
 
 QueuedWrite = Callable[[sqlite3.Connection], None]
 """A write of a node's soft state (its client report) queued for the next group commit: run
@@ -334,9 +339,11 @@ class Store(LeaderStore):
         # (``vouch``); its last heartbeat is then "now", by ``clock`` (the leader's, set by the
         # service), without a timer moving it on every second.
         self._vouched: dict[str, int] = {}
-        # node -> the time its newest client report is stored as (``reported_at``) and when
-        # that was by ``monotonic`` (``note_report``), under ``_seen_lock``.
-        self._reported: dict[str, tuple[dt.datetime, float]] = {}
+        # node -> the time its newest client report is stored (or queued) as (``reported_at``),
+        # when that was by ``monotonic``, and the times of the reports before it back to the
+        # last that said something else (the newest says what each of them said; at most
+        # ``REPEATS_KEPT``): ``note_report``, under ``_seen_lock``.
+        self._reported: dict[str, tuple[dt.datetime, float, tuple[dt.datetime, ...]]] = {}
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
         # leader's, set by ``LeaderState``).
@@ -1049,12 +1056,16 @@ class Store(LeaderStore):
                 return True
         return False
 
-    def note_report(self, name: str, at: dt.datetime) -> None:
+    def note_report(self, name: str, at: dt.datetime, *, repeats: bool = False) -> None:
         """Node ``name``'s client report is stored (or queued) as of ``at`` (its
-        ``reported_at``), by the leader's clock now (``report_on_clock_now``)."""
+        ``reported_at``), by the leader's clock now (``report_on_clock_now``). ``repeats``: it
+        says what the report noted before it said (who was seen on which scheme, the window,
+        source and problem: ``service.clients_said``; only its times and counts moved)."""
         heard = self._heard(at)
         with self._seen_lock:
-            self._reported[name] = (at, heard)
+            before = self._reported.get(name)
+            kept = (*before[2], before[0])[-REPEATS_KEPT:] if repeats and before else ()
+            self._reported[name] = (at, heard, kept)
 
     def report_on_clock_now(self, name: str, reported_at: dt.datetime) -> dt.datetime:
         """When node ``name``'s client report stored as of ``reported_at`` came, by the
@@ -1063,12 +1074,23 @@ class Store(LeaderStore):
         which no step of the clock moves. Before, a report from just before the clock stepped
         back an hour spoke for its node for that hour (clock audit s35, D). A report this
         store did not note (one stored before it opened): ``reported_at``, no later than
-        when this store opened (``_stored_on_clock_now``)."""
+        when this store opened (``_stored_on_clock_now``).
+
+        A report that the newest one noted repeats (``note_report``), still stored while that
+        one waits for the group commit (``leader.service.REFRESH_SECONDS``): when the newest
+        came. It says the same clients, and its agent reports: before, such a report aged
+        until the commit, which came a batch period before it was stale, and a commit any
+        slower (a write lock, a slow fsync) had a finalize refused "no recent report" and
+        ``--when-quiet`` hold the node while its agent reported normally (review s43rev2, M2).
+        What the stored report shows (its sightings, its own ``reported_at`` as the as-of of
+        ``--when-quiet``) is not moved on: only how recent its agent's word on it is. A report
+        queued that says something new does not speak for the stored one (it is committed
+        within a batch period anyway)."""
         with self._seen_lock:
             noted = self._reported.get(name)
-        if noted is None or noted[0] != reported_at:
+        if noted is None or (noted[0] != reported_at and reported_at not in noted[2]):
             return self._stored_on_clock_now(reported_at)
-        return self._then_on_clock_now(*noted)
+        return self._then_on_clock_now(noted[0], noted[1])
 
     def vouch(self, name: str) -> None:
         """An open heartbeat stream vouches that node ``name`` is alive now (its agent sends

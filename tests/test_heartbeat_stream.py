@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import math
 import queue
 import signal
 import sqlite3
@@ -506,6 +507,87 @@ async def test_writes_that_say_nothing_new_wait_for_a_later_group_commit(
             await send(beat("2", 6))
             # (The second's record, 58.5 s old, waits: only its age has it written.)
             assert asked == [pytest.approx(stale - 28.5 - batch), 3600.0, batch]
+            await stream.done_writing()
+    finally:
+        await rig.close()
+
+
+async def test_refreshes_alone_are_committed_when_due_and_the_writer_then_ends(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s43rev2 (Low): writes that say nothing new, with nothing new queued to take
+    them along, are committed by themselves when the first of them is due (the writer's
+    deadline, ``_write_due``, as each is queued), not before, in one commit; then the writer
+    ends. Counted: commits, writes, and the writer's deadline against the event loop's time
+    at the commit (an order, not a duration: ``REFRESH_SECONDS`` is short here only so that
+    the test does not wait 10 s)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    batch = rig.service.batch_seconds = 0.05
+    refresh = 0.3
+    monkeypatch.setattr(service, "REFRESH_SECONDS", refresh)
+    store, clock, svc = rig.store, rig.clock, rig.service
+    loop = asyncio.get_running_loop()
+    commits: list[tuple[int, float]] = []  # (writes, the loop's time as the commit began)
+    write_queued = store.write_queued
+
+    def counting() -> int:
+        began = loop.time()  # (the loop's clock, time.monotonic: read in the worker thread)
+        written = write_queued()
+        commits.append((written, began))
+        return written
+
+    monkeypatch.setattr(store, "write_queued", counting)
+    asked: list[tuple[float, float]] = []  # (within, the writer's deadline then)
+    start_writer = svc._start_writer
+
+    def noting(within: float) -> None:
+        start_writer(within)
+        asked.append((within, svc._write_due))
+
+    monkeypatch.setattr(svc, "_start_writer", noting)
+
+    def beat(requests: int) -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1",
+            agent_port=AGENT_PORT,
+            renews=True,
+            wants_answer=True,
+            server=client_report(clock[0], requests, "ws-empfang"),
+        )
+
+    async def ended(count: int) -> None:
+        """``count`` commits made, and the writer ended with nothing queued."""
+        for _ in range(500):
+            if len(commits) >= count and svc._writer is None:
+                break
+            await asyncio.sleep(0.02)
+        assert len(commits) == count and svc._writer is None
+        assert store.queued() == 0 and svc._write_due == math.inf
+
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+
+            async def send(request: leader_pb2.HeartbeatRequest) -> None:
+                await stream.write(request)
+                assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+
+            await send(beat(1))  # new: its record and its report, within a batch period
+            await ended(1)
+            assert [w for w, _ in commits] == [2] and [w for w, _ in asked] == [batch, batch]
+            asked.clear()
+            clock[0] += dt.timedelta(seconds=20)  # a renewal: only its report's times moved
+            await send(beat(2))
+            await ended(2)
+            assert [w for w, _ in asked] == [refresh]  # (its record is kept in memory)
+            assert commits[1][0] == 1 and commits[1][1] >= asked[0][1]  # when due, not before
+            asked.clear()
+            clock[0] += dt.timedelta(seconds=11)  # the next: its record is 31 s old too
+            await send(beat(3))
+            await ended(3)
+            assert [w for w, _ in asked] == [refresh, refresh]  # the record, the report
+            assert commits[2][0] == 2 and commits[2][1] >= min(due for _, due in asked)
             await stream.done_writing()
     finally:
         await rig.close()

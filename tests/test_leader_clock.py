@@ -37,7 +37,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
 from leader.service import CRL_AHEAD_LIMIT, LeaderService, LeaderState, keepalive_seconds
-from leader.store import Store, _record_cert
+from leader.store import REPEATS_KEPT, Store, _record_cert
 from nodeagent.journal import open_journal
 from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, until
@@ -554,6 +554,120 @@ async def test_when_quiet_holds_a_node_whose_report_came_before_a_step_back(
         assert await engine._held_for_quiet(row) == {"hb1"}
     finally:
         await rig.close()
+
+
+def _report(now: dt.datetime, *http: str) -> types_pb2.ClientsView:
+    """A node's client report as ``_awaiting_finalize``'s (a workstation on https, seen
+    ``now``), with workstations ``http`` on http besides."""
+    seen = timestamp(now)
+    return types_pb2.ClientsView(
+        clients=[
+            types_pb2.ClientSeen(
+                scheme="https", address="10.0.0.1", first_seen=seen, last_seen=seen
+            ),
+            *(
+                types_pb2.ClientSeen(
+                    scheme="http",
+                    address="10.0.0.9",
+                    workstation=w,
+                    first_seen=seen,
+                    last_seen=seen,
+                )
+                for w in http
+            ),
+        ],
+        window_seconds=600,
+        source="refserver",
+    )
+
+
+async def test_a_report_that_waits_for_its_commit_keeps_the_stored_one_fresh(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s43rev2, M2: a renewal-mode report that repeats the stored one waits for its
+    commit (``REFRESH_SECONDS``) until a batch period before the stored one is stale. A
+    finalize and ``--when-quiet`` read the stored report; a commit any slower (held back
+    here) had them refuse ("no recent report") and hold a node whose agent reported
+    normally. They judge it by the repeat now; a queued report that says something new does
+    not speak for the stored one (hb2: stale, refused, until its commit)."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        schema, commands = await _awaiting_finalize(rig, loopback())  # both reported at T
+        engine = Engine(
+            rig.store,
+            schema,
+            rig.state.ca,
+            cast(Agents, None),
+            rig.state.clock,
+            monotonic=rig.state.monotonic,
+        )
+        pending = (
+            NodeRecord(name="hb1", state=NodeState.PENDING),
+            NodeRecord(name="hb2", state=NodeState.PENDING),
+        )
+        row = cast(
+            RolloutRow, SimpleNamespace(meta=SimpleNamespace(when_quiet=60), records=pending)
+        )
+        asked: list[float] = []
+        monkeypatch.setattr(rig.service, "_start_writer", asked.append)  # the commit held back
+        _passes(rig, mono, dt.timedelta(seconds=20))  # a renewal: the next reports
+        rig.service._record_clients("hb1", _report(rig.clock[0]), rig.clock[0], renewing=True)
+        rig.service._record_clients(
+            "hb2", _report(rig.clock[0], "ws-empfang"), rig.clock[0], renewing=True
+        )
+        assert len(asked) == 2 and rig.store.queued() == 2
+        stale = planner.report_stale_after(rig.state.heartbeat_interval)
+        _passes(rig, mono, stale - dt.timedelta(seconds=19))  # the stored ones: stale
+        with pytest.raises(StillOnHttp, match="no recent report") as refused:
+            await commands.finalize("t1", "admin:test")
+        assert set(refused.value.unknown) == {"hb2"}  # hb1's repeat speaks for it
+        assert not refused.value.clients  # the stored reports: no one on http
+        assert await engine._held_for_quiet(row) == {"hb2"}
+        await rig.service.write_queued()  # the commit: each report judged by itself
+        with pytest.raises(StillOnHttp) as refused:
+            await commands.finalize("t1", "admin:test")
+        assert not refused.value.unknown
+        assert [c.workstation for c in refused.value.clients] == ["ws-empfang"]
+        assert await engine._held_for_quiet(row) == {"hb2"}  # on http just now
+        assert schema.follower("t1") is None  # nothing started
+    finally:
+        await rig.close()
+
+
+def test_a_report_speaks_for_the_stored_ones_it_repeats_only(tmp_path: Path) -> None:
+    """``Store.note_report``/``report_on_clock_now``: a stored report that the newest noted
+    one repeats (each report between says the same) is as recent as the newest; one the
+    newest does not repeat is judged by its own time. While commits fail, the newest
+    speaks for at most ``REPEATS_KEPT`` before it."""
+    wall, mono = [T], [100.0]
+    store = Store(tmp_path / "leader.sqlite3")
+    store.clock, store.monotonic = (lambda: wall[0]), (lambda: mono[0])
+    try:
+
+        def at(seconds: int) -> dt.datetime:
+            return T + dt.timedelta(seconds=seconds)
+
+        def noted(seconds: int, *, repeats: bool) -> None:
+            wall[0], mono[0] = at(seconds), 100.0 + seconds
+            store.note_report("n1", at(seconds), repeats=repeats)
+
+        noted(0, repeats=False)
+        noted(20, repeats=True)
+        noted(40, repeats=True)
+        assert store.report_on_clock_now("n1", at(0)) == at(40)
+        assert store.report_on_clock_now("n1", at(20)) == at(40)
+        assert store.report_on_clock_now("n1", at(40)) == at(40)
+        assert store.report_on_clock_now("n1", at(-5)) == at(-5)  # before: not repeated
+        noted(50, repeats=False)  # says something new: it speaks for itself only
+        assert store.report_on_clock_now("n1", at(40)) == at(40)
+        assert store.report_on_clock_now("n1", at(50)) == at(50)
+        for n in range(1, REPEATS_KEPT + 2):
+            noted(50 + 20 * n, repeats=True)
+        newest = at(50 + 20 * (REPEATS_KEPT + 1))
+        assert store.report_on_clock_now("n1", at(70)) == newest
+        assert store.report_on_clock_now("n1", at(50)) == at(50)  # past REPEATS_KEPT
+    finally:
+        store.close()
 
 
 async def test_a_client_report_from_before_a_step_back_stays_stale_after_a_restart(
