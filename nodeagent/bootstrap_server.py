@@ -604,6 +604,8 @@ class BootstrapService:
         certificate this exchange was given is named: a leaked password's enrolment cannot make
         the node withdraw a working certificate."""
         try:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError  # signed that late: a sound child is not killed for nothing
             async with asyncio.timeout_at(deadline):
                 return await self._deliver(ex, await self._checked(request, signed, cn, key_pin))
         except asyncio.CancelledError:  # the agent stops: the workstation gets nothing

@@ -338,7 +338,8 @@ def test_a_certificate_signed_while_the_worker_hangs_is_withdrawn_while_the_work
     was refused as the name taken. Now the work after the signing has FINISH_DEADLINE (half
     the workstation's wait): past it, the hung child is killed, the certificate withdrawn, and
     the workstation told to try later, while it still waits; its retry enrols. Fails before:
-    the first run gets no answer (exit 6, not 11), and the retry is refused."""
+    the first run gets no answer (exit 6 "the server closed the connection", not 11); the
+    review showed the retry then refused as the name taken once the late seal was done."""
     cluster, node, pw = switched
     assert node.agent is not None
     flag = agent_failing_seal(node, tmp_path, hang=True)
