@@ -18,7 +18,7 @@ connections), and the limits that make each password guess cost one counted exch
 the leader's CA, which issues a client certificate (EKU clientAuth only) for ``ws-<name>``.
 ``withdraw(certificate_pem) -> bool`` too: the leader withdraws (revokes) a certificate it
 signed that the node could not deliver, which would otherwise hold the name against the
-workstation's next try (it makes a new key each run); True if it no longer holds it.
+workstation's next try (it makes a new key each run); True if the leader withdrew it now.
 
 ``crypto`` runs the exchange's cryptography (``nodeagent.bootstrap_crypto``'s ops: SPAKE2,
 AES-GCM, the CSR's and the certificates' checks): in production the agent's crypto worker, a
@@ -29,9 +29,11 @@ worker that fails (killed, hung, not startable) is a 503 ``busy`` with Retry-Aft
 workstation ("try later"), never a counted failure, and the exchange is used up; once the
 leader has signed, the worker's work (the certificate's facts, the seal) is tried a second time
 first (a new child), since the leader holds the name for that certificate's key by then; if
-both fail, the leader is asked to withdraw that certificate before the 503 is answered, so that
-the workstation's next try is signed (session 43). If it could not be withdrawn (an older
-leader, the leader unreachable), the 503 says what frees the name.
+both fail, or do not end within ``FINISH_DEADLINE`` of the request (well within the
+workstation's wait: a hung worker), the leader is asked to withdraw that certificate before the
+503 is answered, so that the workstation's next try is signed (session 43); and so it is if the
+agent stops meanwhile. If it could not be withdrawn (an older leader, the leader unreachable, a
+certificate revoked already), the 503 says what frees the name.
 
 Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
 
@@ -86,6 +88,18 @@ WallClock = Callable[[], dt.datetime]
 SHUTDOWN_TIMEOUT = 5.0
 PAKE_CONCURRENCY = 2  # SPAKE2 is pure Python: at most this many asked of the worker at once
 WORKER_RETRY = 5.0  # the Retry-After of a "try later" when the crypto worker failed
+FINISH_DEADLINE = proto.CLIENT_WAIT / 2
+"""Seconds from a finish request's arrival by which the work after the leader signed (the
+certificate's check and the seal, each tried twice) must be done; past it, the certificate is
+withdrawn and the answer is 503 "try later". Half the workstation's default wait
+(``proto.CLIENT_WAIT``): a sealed answer must reach the workstation while it still waits, and
+the other half is for a slow signing before it (which counts against the same wait), the
+withdrawal before the 503, the way back and a loaded machine. The work itself takes
+milliseconds, a retry in a new child under a second (review s43rev2, M1: a hung worker's retry
+sealed the answer after the workstation had gone, and the name stayed held)."""
+STOP_WITHDRAW = 2.0
+"""Seconds a withdrawal gets when the agent stops (its request cancelled) after the leader
+signed: the leader answers one in milliseconds; the agent's stop is not held up for long."""
 NODE_KEY = "node"
 
 log = logs.get_logger(__name__)
@@ -110,6 +124,17 @@ def _busy() -> Refused:
         "the node cannot run the exchange now; try later",
         retry=WORKER_RETRY,
     )
+
+
+async def _given_time(asking: asyncio.Future[bool], request: Request) -> None:
+    """The agent stops: ``asking`` (a withdrawal) gets ``STOP_WITHDRAW`` seconds to end (a
+    second cancellation ends the wait), then it is cancelled."""
+    try:
+        await asyncio.wait({asking}, timeout=STOP_WITHDRAW)
+    finally:
+        if not asking.done():
+            asking.cancel()
+            log.error("bootstrap.withdraw_failed", remote=request.remote, error="stopping")
 
 
 def _worker_bytes(answer: Mapping[str, Any], name: str) -> bytes:
@@ -307,6 +332,7 @@ class BootstrapService:
         counted: Callable[[dt.datetime], Awaitable[None]] | None = None,
         key_shared_with: tuple[int, int] | None = None,
         crypto: Crypto,
+        finish_deadline: float = FINISH_DEADLINE,
     ) -> None:
         if not server_url.startswith("https://") or not server_url.endswith("/"):
             raise ValueError(f"server_url must be https://HOST:PORT/APP/, got {server_url!r}")
@@ -322,6 +348,7 @@ class BootstrapService:
         self.sign = sign
         self.withdraw = withdraw  # None: nothing is withdrawn (as with an older leader)
         self.crypto = crypto
+        self.finish_deadline = finish_deadline
         self.clock = clock
         self.wall = wall
         self.limits = limits or (guard.limits if guard is not None else Limits())
@@ -514,6 +541,8 @@ class BootstrapService:
 
     async def post_finish(self, request: Request) -> Reply:
         source = source_key(request.remote)
+        # (the loop's clock, not ``clock``: it times the worker's calls, as the client's does)
+        deadline = asyncio.get_running_loop().time() + self.finish_deadline
         try:
             try:
                 finish = proto.parse_finish_request(request.body)
@@ -545,7 +574,7 @@ class BootstrapService:
                 signed, cn, key_pin = await self._enrol(request, ex, finish)
             except WorkerFailed:  # the password was right: nothing counted, try again later
                 raise _busy() from None
-            sealed = await self._signed_delivery(request, ex, signed, cn, key_pin)
+            sealed = await self._signed_delivery(request, ex, signed, cn, key_pin, deadline)
         except Refused as exc:
             if exc.code is not proto.ErrorCode.WRONG_PASSWORD:
                 log.warning(
@@ -556,18 +585,41 @@ class BootstrapService:
         return _answer(answer.to_json())
 
     async def _signed_delivery(
-        self, request: Request, ex: Exchange, signed: bytes, cn: str, key_pin: str
+        self,
+        request: Request,
+        ex: Exchange,
+        signed: bytes,
+        cn: str,
+        key_pin: str,
+        deadline: float,
     ) -> str:
         """The payload for the workstation with the certificate the leader ``signed``, checked
-        and sealed (by the worker; each op tried twice: ``_signed_crypto``). If that fails, the
-        leader has recorded a certificate that holds the name ``cn`` and that the workstation
-        never gets: it is withdrawn (``withdraw``) before the refusal is answered, so that the
-        workstation's next try, with a new key, is signed (session 43). Only the certificate
-        this exchange was given is named: a leaked password's enrolment cannot make the node
-        withdraw a working certificate."""
+        and sealed (by the worker; each op tried twice: ``_signed_crypto``) by ``deadline``
+        (the loop's clock: ``FINISH_DEADLINE`` after the request came, while the workstation
+        still waits). If that fails, or takes longer, the leader has recorded a certificate
+        that holds the name ``cn`` and that the workstation never gets: it is withdrawn
+        (``withdraw``) before the refusal is answered, so that the workstation's next try, with
+        a new key, is signed (session 43). So it is if the agent stops meanwhile (this request
+        cancelled): withdrawn within ``STOP_WITHDRAW``, then the cancellation goes on. Only the
+        certificate this exchange was given is named: a leaked password's enrolment cannot make
+        the node withdraw a working certificate."""
         try:
-            return await self._deliver(ex, await self._checked(request, signed, cn, key_pin))
-        except WorkerFailed:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise TimeoutError  # signed that late: a sound child is not killed for nothing
+            async with asyncio.timeout_at(deadline):
+                return await self._deliver(ex, await self._checked(request, signed, cn, key_pin))
+        except asyncio.CancelledError:  # the agent stops: the workstation gets nothing
+            log.warning("bootstrap.undelivered_stopping", remote=request.remote, cn=cn)
+            await self._withdraw(request, cn, signed, stopping=True)
+            raise
+        except (WorkerFailed, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):  # (the worker's call cancelled: its child killed)
+                log.error(
+                    "bootstrap.delivery_late",
+                    remote=request.remote,
+                    cn=cn,
+                    deadline=self.finish_deadline,
+                )
             withdrawn = await self._withdraw(request, cn, signed)
             if withdrawn:  # the name is free again: the next try is signed
                 raise _busy() from None
@@ -589,13 +641,29 @@ class BootstrapService:
                 502, proto.ErrorCode.SIGN_FAILED, "the node could not seal the answer"
             ) from None
 
-    async def _withdraw(self, request: Request, cn: str, signed: bytes) -> bool:
-        """``withdraw`` the certificate ``signed`` for ``cn``: whether it no longer holds the
-        name (False without ``withdraw``, or if it failed: logged)."""
+    async def _withdraw(
+        self, request: Request, cn: str, signed: bytes, *, stopping: bool = False
+    ) -> bool:
+        """``withdraw`` the certificate ``signed`` for ``cn``: whether the leader withdrew it
+        (False without ``withdraw``, or if it failed: logged). The call is not cut short by a
+        cancellation (the agent stopping while it runs) but gets ``STOP_WITHDRAW`` more seconds,
+        then the cancellation goes on; ``stopping``: the agent stops already, it gets that
+        long in all."""
         if self.withdraw is None:
             return False
+        asking = asyncio.ensure_future(self._ask_withdraw(request, cn, signed))
+        if not stopping:
+            try:
+                return await asyncio.shield(asking)
+            except asyncio.CancelledError:
+                await _given_time(asking, request)
+                raise
+        await _given_time(asking, request)
+        return asking.done() and not asking.cancelled() and asking.result()
+
+    async def _ask_withdraw(self, request: Request, cn: str, signed: bytes) -> bool:
         try:
-            withdrawn = await self.withdraw(signed)
+            withdrawn = await self.withdraw(signed) if self.withdraw is not None else False
         except Exception as exc:  # whatever the leader path raises: the name stays held
             log.error("bootstrap.withdraw_failed", remote=request.remote, error=type(exc).__name__)
             return False

@@ -147,12 +147,14 @@ class BootstrapHost:
     async def withdraw(self, cert_pem: bytes) -> bool:
         """The leader withdraws the workstation certificate ``cert_pem`` it just signed, which
         the service could not deliver (``Leader.WithdrawWorkstationCertificate``), so that it
-        does not hold the name; whether it no longer does (revoked now or before). False, with
-        one log line, if the leader could not be asked or refused: an older leader
-        (UNIMPLEMENTED) keeps the name held, as before that call existed."""
+        does not hold the name: whether it withdrew it now. False, with one log line, if the
+        leader could not be asked or refused (an older leader, UNIMPLEMENTED, keeps the name
+        held, as before that call existed), or answered that it was revoked already (by the
+        admin, or superseded by another enrolment of the name with --replace, which then holds
+        the name: review s43rev2 Low, it was taken as withdrawn)."""
         try:
             async with self._channel() as channel:
-                await leader_pb2_grpc.LeaderStub(channel).WithdrawWorkstationCertificate(
+                reply = await leader_pb2_grpc.LeaderStub(channel).WithdrawWorkstationCertificate(
                     leader_pb2.WithdrawWorkstationRequest(certificate_pem=cert_pem), timeout=15
                 )
         except grpc.aio.AioRpcError as exc:
@@ -165,7 +167,9 @@ class BootstrapHost:
                     detail=peertext.clean(str(exc.details()), 200),
                 )
             return False
-        return True
+        if not reply.withdrawn:
+            log.warning("bootstrap.withdraw_revoked_already", why="the leader had revoked it")
+        return bool(reply.withdrawn)
 
     def warm(self) -> asyncio.Future[ModuleType]:
         """Import the bootstrap service in a worker thread, once: when the node is staged for a

@@ -33,6 +33,7 @@ import aiohttp
 import pytest
 from cryptography.x509.oid import NameOID
 
+from nodeagent import bootstrap_server
 from nodeagent.bootstrap_supervisor import SignRefused
 from nodeagent.certwork import NoAnswer
 from nodeagent.cryptoworker import CryptoWorker, WorkerEnded
@@ -249,20 +250,25 @@ def test_the_agent_is_ready_before_its_bootstrap_service_asks_the_worker(
 
 # A crypto worker child that ends (exit 70) as it reads the bootstrap service's "seal" op while
 # the file named by FAIL_SEAL_WHILE exists: both tries of the work after the leader signed fail
-# (the second in a new child, which ends alike). Put first on a restarted agent's PYTHONPATH (the
-# child inherits it and the variable).
+# (the second in a new child, which ends alike). With HANG_SEAL set, it hangs instead while the
+# file exists (then seals: a child the agent did not kill answers late). Put first on a
+# restarted agent's PYTHONPATH (the child inherits it and the variables).
 FAILING_SEAL = """
-import os, sys
+import os, sys, time
 from pathlib import Path
 if any("cryptoworker_child.main()" in a for a in getattr(sys, "orig_argv", ())):
     real = sys.stdin.buffer
     flag = Path(os.environ["FAIL_SEAL_WHILE"])
+    hang = bool(os.environ.get("HANG_SEAL"))
 
     class Lines:
         def readline(self):
             line = real.readline()
             if b'"op": "bootstrap.seal"' in line and flag.exists():
-                os._exit(70)
+                if not hang:
+                    os._exit(70)
+                while flag.exists():
+                    time.sleep(0.05)
             return line
 
     class In:
@@ -273,9 +279,9 @@ if any("cryptoworker_child.main()" in a for a in getattr(sys, "orig_argv", ())):
 OLDER_LEADER = Path(__file__).with_name("older_leader.py")
 
 
-def agent_failing_seal(node: ServerNode, tmp_path: Path) -> Path:
-    """Restart ``node``'s agent with a crypto worker that fails the "seal" op (``FAILING_SEAL``)
-    while the returned file exists (it does now)."""
+def agent_failing_seal(node: ServerNode, tmp_path: Path, *, hang: bool = False) -> Path:
+    """Restart ``node``'s agent with a crypto worker that fails (``hang``: hangs in) the "seal"
+    op (``FAILING_SEAL``) while the returned file exists (it does now)."""
     agent = node.agent
     assert agent is not None
     site = tmp_path / "failing-site"
@@ -285,7 +291,8 @@ def agent_failing_seal(node: ServerNode, tmp_path: Path) -> Path:
     flag.write_text("while this file exists\n")
     agent.stop()
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    agent.start({"PYTHONPATH": path, "FAIL_SEAL_WHILE": str(flag)})
+    env = {"PYTHONPATH": path, "FAIL_SEAL_WHILE": str(flag)}
+    agent.start(env | ({"HANG_SEAL": "1"} if hang else {}))
     wait_until(lambda: node.port_open(9443), 30, "the bootstrap service")
     return flag
 
@@ -320,6 +327,39 @@ def test_a_certificate_signed_but_not_delivered_does_not_hold_the_name(
     reasons = revoke_reasons(cluster, "ws-undelivered")
     assert reasons[withdrawn["serial"]] == "never delivered"
     assert sorted(reasons.values()) == ["", "never delivered"]  # the retry's is valid
+
+
+def test_a_certificate_signed_while_the_worker_hangs_is_withdrawn_while_the_workstation_waits(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """Review s43rev2 M1: the leader signs, then the crypto worker hangs in the seal. The agent
+    waited for it up to the worker's 60 s, then sealed in a new child, long after the
+    workstation had stopped waiting (10 s): nothing was withdrawn, and the workstation's retry
+    was refused as the name taken. Now the work after the signing has FINISH_DEADLINE (half
+    the workstation's wait): past it, the hung child is killed, the certificate withdrawn, and
+    the workstation told to try later, while it still waits; its retry enrols. Fails before:
+    the first run gets no answer (exit 6 "the server closed the connection", not 11); the
+    review showed the retry then refused as the name taken once the late seal was done."""
+    cluster, node, pw = switched
+    assert node.agent is not None
+    flag = agent_failing_seal(node, tmp_path, hang=True)
+    before, leader_before = len(node.agent.log_events()), len(cluster.leader.log_events())
+    settings = tmp_path / "ws-hung-seal"
+    first = client_test_connection(node.https_url(), pw, settings)
+    flag.unlink()  # (a child still hanging would seal now)
+    assert first.returncode == Exit.ENROL_REFUSED, first.stdout + first.stderr
+    assert "busy" in first.stderr and "try again in 5 s" in first.stderr, first.stderr
+    assert not (settings / "client.pem").exists()
+    assert len(events_since(node.agent, before, "bootstrap.delivery_late")) == 1
+    assert len(events_since(node.agent, before, "bootstrap.undelivered_withdrawn")) == 1
+    again = client_test_connection(node.https_url(), pw, settings)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (settings / "client.pem").exists()
+    (withdrawn,) = events_since(cluster.leader, leader_before, "workstation.withdrawn")
+    reasons = revoke_reasons(cluster, "ws-hung-seal")
+    assert reasons[withdrawn["serial"]] == "never delivered"
+    assert sorted(reasons.values()) == ["", "never delivered"]  # the retry's is valid
+    assert not events_since(node.agent, before, "bootstrap.worker_retry")  # no late second try
 
 
 def revoke_reasons(cluster: Cluster, name: str) -> dict[str, str]:
@@ -614,6 +654,148 @@ async def test_a_certificate_that_could_not_be_withdrawn_is_answered_with_what_f
     assert signer.withdrawn == signer.signed
     taken = await node.exchange(session, cn="ws-second")
     assert (taken.status, taken.error) == (409, "sign_failed"), taken.body
+
+
+class Stalling:
+    """The in-process crypto (``InProcessCrypto``), except that the op ``stall_at`` never
+    answers (a hung worker, as the agent sees it: its call cancelled when it gives up)."""
+
+    def __init__(self) -> None:
+        self.crypto = InProcessCrypto()
+        self.stall_at: str | None = None
+        self.stalled = asyncio.Event()
+        self.cancelled = 0  # calls of ``stall_at`` given up by the service
+
+    async def call(self, op: str, request: dict[str, Any]) -> Any:
+        if op == self.stall_at:
+            self.stalled.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return await self.crypto.call(op, request)
+
+    def warm(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def stalling_node(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    signer: NamingSigner,
+) -> AsyncIterator[tuple[Node, Stalling]]:
+    address = loopback()
+    clock = FakeClock()
+    crypto = Stalling()
+    async with make_service(
+        issue_cert(address, "node-a"),
+        address,
+        test_ca,
+        clock=clock,
+        crypto=crypto,
+        sign=signer,
+        withdraw=signer.withdraw,
+    ) as service:
+        yield Node(service, clock, test_ca.cert_pem), crypto
+
+
+@pytest.mark.parametrize("late", ["seal hangs", "signed late"])
+async def test_the_work_after_the_signing_past_its_deadline_is_withdrawn_and_try_later(
+    stalling_node: tuple[Node, Stalling],
+    session: aiohttp.ClientSession,
+    signer: NamingSigner,
+    late: str,
+) -> None:
+    """Review s43rev2 M1: the work after the leader signed has one deadline from the request's
+    arrival (``FINISH_DEADLINE``, half the workstation's wait; shortened here): a worker that
+    hangs in the seal, or a leader that signs so late that no answer would come while the
+    workstation waits, ends in the certificate withdrawn and 503 "try later", not an answer
+    sealed for a workstation that has gone. Fails before: the hung seal is waited for (until
+    the client's own timeout), the late signing answered as if the workstation still waited;
+    nothing withdrawn."""
+    node, crypto = stalling_node
+    node.service.finish_deadline = 1.0
+    sign = signer.sign
+    if late == "seal hangs":
+        crypto.stall_at = "bootstrap.seal"
+    else:
+
+        async def slow(csr_pem: bytes) -> bytes:
+            await asyncio.sleep(1.5)  # past the deadline, by the loop's clock
+            return bytes(await sign(csr_pem))
+
+        signer.sign = slow
+    attempt = await node.exchange(session, cn="ws-late")
+    assert (attempt.status, attempt.error) == (503, "busy"), attempt.body
+    assert "try later" in attempt.body["message"]
+    assert signer.withdrawn == signer.signed and len(signer.signed) == 1
+    assert crypto.cancelled == (1 if late == "seal hangs" else 0)  # no second try
+    crypto.stall_at, signer.sign = None, sign
+    again = await node.exchange(session, cn="ws-late")
+    assert again.status == 200, again.body
+    assert again.payload().certificate_pem == signer.signed[-1]
+
+
+async def test_a_certificate_signed_as_the_agent_stops_is_withdrawn_before_it_ends(
+    stalling_node: tuple[Node, Stalling],
+    session: aiohttp.ClientSession,
+    signer: NamingSigner,
+) -> None:
+    """Review s43rev2 M1: the agent stops (the service's stop cancels the request after its
+    grace) while the work after the signing runs: the certificate, which no one will receive,
+    is withdrawn before the cancellation goes on. Fails before: the cancellation went through,
+    nothing withdrawn, the name held."""
+    node, crypto = stalling_node
+    node.service.finish_deadline = 600.0  # (the stop comes first)
+    assert node.service._listener is not None
+    node.service._listener.shutdown_timeout = 0.1
+    crypto.stall_at = "bootstrap.seal"
+    attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))
+    await asyncio.wait_for(crypto.stalled.wait(), 60)
+    await node.service.stop()
+    assert crypto.cancelled == 1
+    assert len(signer.signed) == 1 and signer.withdrawn == signer.signed
+    with pytest.raises(aiohttp.ClientError):
+        await attempt
+
+
+async def test_a_withdrawal_as_the_agent_stops_is_bounded(
+    stalling_node: tuple[Node, Stalling],
+    session: aiohttp.ClientSession,
+    signer: NamingSigner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader that does not answer the withdrawal holds up the agent's stop for
+    ``STOP_WITHDRAW`` at most (shortened here): the withdrawal is then cancelled."""
+    node, crypto = stalling_node
+    monkeypatch.setattr(bootstrap_server, "STOP_WITHDRAW", 0.2)
+    node.service.finish_deadline = 600.0
+    assert node.service._listener is not None
+    node.service._listener.shutdown_timeout = 0.1
+    crypto.stall_at = "bootstrap.seal"
+    asked = asyncio.Event()
+    ended: list[str] = []
+
+    async def hanging(cert_pem: bytes) -> bool:
+        asked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        return True
+
+    node.service.withdraw = hanging
+    attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))
+    await asyncio.wait_for(crypto.stalled.wait(), 60)
+    await asyncio.wait_for(node.service.stop(), 60)
+    await asyncio.wait_for(asked.wait(), 60)
+    await until(lambda: bool(ended))
+    with pytest.raises(aiohttp.ClientError):
+        await attempt
 
 
 async def test_a_wrong_password_is_counted_once_while_the_worker_is_down(

@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -30,8 +31,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from leader.agent_client import AgentClient
 from leader.layout import read_passphrase
 from leader.store import Node
+from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.identity import enrol as agent_enrol
+from nodeagent.identity import load_identity
 from tests.cluster import (
     AdminTokenCluster,
     Agent,
@@ -579,6 +582,29 @@ def test_a_node_withdraws_the_certificate_it_was_just_given_and_nothing_else(
     assert sign_workstation(cluster, node2, "ws-withdrawn", previous=second[0])[0] == OK
     audit = [r for r in cluster.store_table("audit") if r["kind"] == "workstation.withdrawn"]
     assert [(r["actor"], r["subject"]) for r in audit] == [("node:node2", "ws-withdrawn")] * 2
+
+
+def test_the_agent_takes_a_certificate_revoked_already_as_not_withdrawn(cluster: Cluster) -> None:
+    """Review s43rev2 Low: the agent's call (``BootstrapHost.withdraw``) said True, "the name
+    is free", also when the leader answered ``withdrawn=False`` (revoked already: by the
+    admin, or superseded by an enrolment with --replace, which holds the name then). Now it
+    says whether the leader withdrew it, so that the 503 says what frees the name. Fails
+    before: the second call said True."""
+    node2 = cluster.agents["node2"]
+    signed: list[PC] = []
+    assert sign_workstation(cluster, node2, "ws-withdrawn-twice", signed=signed)[0] == OK
+    pem = pki.cert_to_pem(signed[0][0])
+    cfg = AgentConfig.load(node2.config_path)
+    identity = load_identity(cfg)
+    assert identity is not None
+    journal: Any = SimpleNamespace(bootstrap_failures=lambda: ([], []))
+    host = BootstrapHost(cfg, identity, journal)
+
+    async def twice() -> tuple[bool, bool]:
+        return await host.withdraw(pem), await host.withdraw(pem)
+
+    assert asyncio.run(twice()) == (True, False)
+    assert revoke_reasons(cluster, "ws-withdrawn-twice") == ["never delivered"]
 
 
 def test_a_withdrawal_cannot_take_a_name_from_the_pc_that_holds_it(cluster: Cluster) -> None:

@@ -147,6 +147,11 @@ FINISH_PATH = "/v2/exchange/finish"
 V1_BOOTSTRAP_PATH = "/v1/bootstrap"  # answered with "upgrade_required" for old clients
 V1_ENROL_PATH = "/v1/enroll"
 EXCHANGE_TTL = 30  # seconds from start to finish; the password is asked before start
+CLIENT_WAIT = 10.0
+"""How long the workstation waits for each answer by default (its ``--timeout``). The node
+answers a finish well within it (``nodeagent.bootstrap_server.FINISH_DEADLINE``): an answer
+sealed after the workstation gave up delivers a certificate no one receives, which holds the
+workstation's name against its next try (review s43rev2, M1)."""
 MAX_ANSWER_BYTES = 1 << 20  # a larger answer is refused by the client
 MAX_REQUEST_BYTES = 64 << 10  # the service refuses larger requests (413)
 # What a client will spend on the KDF of a hello it cannot verify yet: no more than tlsroll

@@ -112,7 +112,7 @@ from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
 
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = proto.CLIENT_WAIT  # (the node's answers are timed to come within it)
 START_ATTEMPTS = 2  # exchanges started when the first is near its expiry before finishing
 EXPIRY_MARGIN = 5.0  # seconds: less than this left, start again instead of confirming
 # Of a node's refusal message: the leader's refusal of a name says what to do in ~260
