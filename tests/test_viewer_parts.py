@@ -998,6 +998,55 @@ def test_an_unknown_rollout_keeps_no_snapshot_and_the_kept_ones_are_few_and_fres
     asyncio.run(watch())
 
 
+def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s43rev3 Low 2: the drawings and events the open pages share (``_drawn``, ``_events``)
+    stayed after every page had closed, each drawing with its snapshot. They go when the last
+    open stream ends, not before: a page still open keeps its own."""
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+
+    async def until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(30):
+            while not done():
+                await asyncio.sleep(0.05)
+
+    async def watch() -> None:
+        closing = asyncio.Event()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=closing,
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            opened = []
+            for lang in ("en", "de"):
+                response = await client.get(f"/events?lang={lang}", headers=cookie)
+                assert (await next_event(response.content, bytearray()))[0] == "update"
+                opened.append(response)
+            assert len(app._drawn) == 2 and app._events
+            opened[0].close()
+            await until(lambda: app._streams.total() == 1)
+            assert len(app._drawn) == 2 and app._events  # the other page's
+            opened[1].close()
+            await until(lambda: not app._streams)
+            assert not app._drawn and not app._events
+            closing.set()
+            app.close()
+
+    asyncio.run(watch())
+
+
 # --- words and frames ----------------------------------------------------------------------------
 
 

@@ -100,7 +100,8 @@ KEPT_SHARED = 8
 # many (selection, language), and the event that takes a page from one drawing to the next
 # (this many, and none larger than this: a page's whole part is ~0.9 MiB at 500 nodes, sent
 # at its first view and when more than rows changed; kept, the last one stayed until the
-# next four events, often long after the rollout).
+# next four events, often long after the rollout). Both are emptied when the last open
+# stream ends (they stayed after every page closed, s43rev3 Low 2).
 KEPT_DRAWN = 8
 KEPT_EVENTS = 4
 KEPT_EVENT_BYTES = 64 * 1024
@@ -397,6 +398,9 @@ class ViewerApp:
             self._streams[session_id] -= 1
             if self._streams[session_id] <= 0:
                 del self._streams[session_id]
+            if not self._streams:  # the last page closed: what was drawn for them goes too
+                self._drawn.clear()
+                self._events.clear()
 
     async def _stream(
         self, request: web.Request, rollout_id: str | None, session_id: str
