@@ -1231,6 +1231,31 @@ def test_make_private_dir_strict_never_follows_a_link_and_checks_the_parent(
     assert not (parent / "r5").exists()
 
 
+def test_make_private_dir_follows_no_link_of_another_user_s(tmp_path: Path) -> None:
+    """s43rev3 Low 5: ``make_private_dir`` (not strict, as a workstation's settings dir uses
+    it) followed a link at the name to chmod its target, as long as the target was ours: a
+    link another user planted after root's check made root chmod a directory of root's 0700.
+    Another user's link is refused and its target left as it is; a link of ours (or root's)
+    is still taken, as before."""
+    from tlsroll.errors import UnsafePermissions
+    from tlsroll.fsutil import make_private_dir
+
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a link another user's name")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)
+    planted = tmp_path / "settings"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)
+    with pytest.raises(UnsafePermissions, match=r"is a symbolic link owned by .*run: rm"):
+        make_private_dir(planted)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    os.lchown(planted, 0, 0)
+    assert make_private_dir(planted) == planted
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o700
+
+
 # --- stage directories: only tlsroll's own are ever removed (review 1a, finding 1) -----------
 
 
