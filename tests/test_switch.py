@@ -1236,10 +1236,11 @@ def test_make_private_dir_follows_no_link_of_another_user_s(tmp_path: Path) -> N
     """s43rev3 Low 5: ``make_private_dir`` (not strict, as a workstation's settings dir uses
     it) followed a link at the name to chmod its target, as long as the target was ours: a
     link another user planted after root's check made root chmod a directory of root's 0700.
-    Another user's link is refused and its target left as it is; a link of ours (or root's)
-    is still taken, as before."""
+    Another user's link is refused (and said by ``private_dir_problem``, the check before
+    anything is sent) and its target left as it is; a link of ours (or root's) is still
+    taken, as before."""
     from tlsroll.errors import UnsafePermissions
-    from tlsroll.fsutil import make_private_dir
+    from tlsroll.fsutil import make_private_dir, private_dir_problem, user_label
 
     if os.geteuid() != 0:
         pytest.skip("only root can give a link another user's name")
@@ -1249,10 +1250,13 @@ def test_make_private_dir_follows_no_link_of_another_user_s(tmp_path: Path) -> N
     planted = tmp_path / "settings"
     planted.symlink_to(victim)
     os.lchown(planted, 65534, 65534)
+    problem = f"{planted} is a symbolic link owned by {user_label(65534)}, not by"
+    assert str(private_dir_problem(planted)).startswith(problem)  # (the check before it)
     with pytest.raises(UnsafePermissions, match=r"is a symbolic link owned by .*run: rm"):
         make_private_dir(planted)
     assert stat.S_IMODE(victim.stat().st_mode) == 0o755
     os.lchown(planted, 0, 0)
+    assert private_dir_problem(planted) is None
     assert make_private_dir(planted) == planted
     assert stat.S_IMODE(victim.stat().st_mode) == 0o700
 

@@ -268,13 +268,19 @@ def private_dir_problem(path: Path) -> str | None:
     existing = path
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent  # make_private_dir would create the rest
+    me = os.geteuid()
     try:
+        lst = os.lstat(existing)
         st = os.stat(existing)
     except OSError as exc:
         return f"{existing}: {exc.strerror or exc}"
     if not stat.S_ISDIR(st.st_mode):
         return f"{existing} is not a directory"
-    me = os.geteuid()
+    if existing == path and stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (me, 0):
+        return (
+            f"{path} is a symbolic link owned by {user_label(lst.st_uid)}, not by "
+            f"{user_label(me)} who runs this; run: rm {path}"
+        )
     if existing == path:  # ours (it is chmod-ed to 0700 then), on a file system we can write
         if st.st_uid != me:
             return (
