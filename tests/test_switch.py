@@ -8,6 +8,7 @@ Every node has its own loopback address with the seed's ports (8080, 8443, 9443)
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import http.client
 import json
 import os
@@ -1229,6 +1230,73 @@ def test_make_private_dir_strict_never_follows_a_link_and_checks_the_parent(
     with pytest.raises(UnsafePermissions, match="run: chown"):
         make_private_dir(parent / "r5", strict=True)
     assert not (parent / "r5").exists()
+
+
+def test_make_private_dir_follows_no_link_of_another_user_s(tmp_path: Path) -> None:
+    """s43rev3 Low 5: ``make_private_dir`` (not strict, as a workstation's settings dir uses
+    it) followed a link at the name to chmod its target, as long as the target was ours: a
+    link another user planted after root's check made root chmod a directory of root's 0700.
+    Another user's link is refused (and said by ``private_dir_problem``, the check before
+    anything is sent) and its target left as it is; a link of ours (or root's) is still
+    taken, as before."""
+    from tlsroll.errors import UnsafePermissions
+    from tlsroll.fsutil import make_private_dir, private_dir_problem, user_label
+
+    if os.geteuid() != 0:
+        pytest.skip("only root can give a link another user's name")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)
+    planted = tmp_path / "settings"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)
+    problem = f"{planted} is a symbolic link owned by {user_label(65534)}, not by"
+    assert str(private_dir_problem(planted)).startswith(problem)  # (the check before it)
+    with pytest.raises(UnsafePermissions, match=r"is a symbolic link owned by .*run: rm"):
+        make_private_dir(planted)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    os.lchown(planted, 0, 0)
+    assert private_dir_problem(planted) is None
+    assert make_private_dir(planted) == planted
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o700
+
+
+def test_look_up_goes_where_the_kernel_goes(tmp_path: Path) -> None:
+    """``fsutil.look_up`` (root's check of a workstation's settings dir, s43rev3 Low 5) takes
+    each entry as the kernel does: a link's target where it is met (relative or absolute, a
+    link in a link's target), and a ``..`` from the directory reached, not from the text (a
+    ``..`` after a link is the target's parent). Where it gets to is where the kernel gets
+    (``realpath``, and the directory a ``mkdir`` of the rest would make things in); every
+    link on the way is among the entries; a loop is ELOOP, not "not there"."""
+    from tlsroll.fsutil import look_up
+
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    os.symlink("a/b/c", tmp_path / "rel")  # relative
+    os.symlink(tmp_path / "rel", tmp_path / "x" / "abs")  # absolute, to a link
+    os.symlink("..", tmp_path / "a" / "b" / "c" / "up")  # a .. as a target
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    a, b = tmp_path / "a", tmp_path / "a" / "b"
+    for given, reached, whole in (
+        ("rel", b / "c", True),
+        ("rel/..", b, True),  # not tmp_path, as abspath has it
+        ("x/abs/../..", a, True),
+        ("x/abs/up/c/up", b, True),
+        ("rel/../new/deeper", b, False),  # not there: made in a/b
+        ("x/abs/up/../none", a, False),
+    ):
+        path = tmp_path / given
+        found = look_up(path)
+        assert (found.reached, found.whole) == (reached, whole), given
+        if whole:
+            assert found.reached == Path(os.path.realpath(path))
+        assert found.entries[0][0] == Path("/")
+        links = {p for p, st in found.entries if stat.S_ISLNK(st.st_mode)}
+        if given.startswith("x/abs"):
+            assert {tmp_path / "x" / "abs", tmp_path / "rel"} <= links
+    with pytest.raises(OSError) as caught:
+        look_up(tmp_path / "loop" / "settings")
+    assert caught.value.errno == errno.ELOOP
 
 
 # --- stage directories: only tlsroll's own are ever removed (review 1a, finding 1) -----------

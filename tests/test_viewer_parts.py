@@ -947,6 +947,106 @@ def wire_dict(snap: Snapshot) -> dict[str, Any]:
     return wire.to_dict(snap.schema)
 
 
+def test_an_unknown_rollout_keeps_no_snapshot_and_the_kept_ones_are_few_and_fresh(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s43rev3 Low 1: ``GET /rollouts/<any id>`` (and ``/events?rollout=<any id>``) kept a
+    whole snapshot under the id the client chose before it answered 404, dropped only at the
+    next read (a burst of 200 left 174 held). Now none is kept for a rollout that does not
+    exist; at most ``KEPT_SHARED`` are (the least recently used out); and a stale one is
+    dropped at any look, a hit included."""
+    monkeypatch.setattr(viewer_app, "EVENT_INTERVAL", 60.0)
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    ids = [f"r{i}" for i in range(viewer_app.KEPT_SHARED + 2)]
+    for rollout_id in ids:
+        run_rollout(schema, rollout_id, Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+
+    async def watch() -> None:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            for i in range(50):
+                page = await client.get(f"/rollouts/nope-{i}", headers=cookie)
+                assert page.status == 404
+                stream = await client.get(f"/events?rollout=nope-e{i}", headers=cookie)
+                assert stream.status == 404
+            assert dict(app._shared) == {}
+            for rollout_id in ids:  # one more than kept, and another
+                page = await client.get(f"/rollouts/{rollout_id}", headers=cookie)
+                assert page.status == 200
+            assert list(app._shared) == ids[-viewer_app.KEPT_SHARED :]
+            # a hit drops what is stale (here: one made to look old), not the next read only
+            at, commits, snap = app._shared[ids[-2]]
+            app._shared[ids[-2]] = (at - 3600.0, commits, snap)
+            assert (await client.get(f"/rollouts/{ids[-1]}", headers=cookie)).status == 200
+            assert ids[-2] not in app._shared and ids[-1] in app._shared
+            assert len(app._shared) == viewer_app.KEPT_SHARED - 1
+            app.close()
+
+    asyncio.run(watch())
+
+
+def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s43rev3 Low 2: the drawings and events the open pages share (``_drawn``, ``_events``)
+    stayed after every page had closed, each drawing with its snapshot. They go when the last
+    open stream ends, not before: a page still open keeps its own."""
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+
+    async def until(done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(30):
+            while not done():
+                await asyncio.sleep(0.05)
+
+    async def watch() -> None:
+        closing = asyncio.Event()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=closing,
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            opened = []
+            for lang in ("en", "de"):
+                response = await client.get(f"/events?lang={lang}", headers=cookie)
+                assert (await next_event(response.content, bytearray()))[0] == "update"
+                opened.append(response)
+            assert len(app._drawn) == 2 and app._events
+            opened[0].close()
+            await until(lambda: app._streams.total() == 1)
+            assert len(app._drawn) == 2 and app._events  # the other page's
+            opened[1].close()
+            await until(lambda: not app._streams)
+            assert not app._drawn and not app._events
+            closing.set()
+            app.close()
+
+    asyncio.run(watch())
+
+
 # --- words and frames ----------------------------------------------------------------------------
 
 

@@ -637,6 +637,88 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     assert "bootstrap.exchange_started" not in [e["event"] for e in run.logs]
 
 
+@pytest.mark.parametrize("how", ["a link, then ..", "a link loop", "sticky", "not sticky", "ok"])
+def test_root_s_settings_dir_is_looked_up_as_the_kernel_does_and_by_modes_too(
+    how: str,
+    tmp_path: Path,
+    password_file: Callable[[str], str],
+    capsys: pytest.CaptureFixture[str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """s43rev3 Low 5: root's check of the settings dir (a) took a ``..`` after a link as text
+    (``abspath``: ``ulink/../x`` as ``x``, the kernel goes to the link's target's parent), so
+    another user's link passed; (b) passed over any error as "not there" (a link loop); (c)
+    looked at owners only: a dir to be made in a directory others can write (a sticky one as
+    /tmp: they could put a link at the name first), or in one others can rename things out
+    of, passed. Each refused before anything is looked up on the network or made; a dir of
+    root's in a sticky directory still passes the check."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs into it")
+    roots = tmp_path / "roots"
+    (roots / "inner").mkdir(parents=True)
+    label = fsutil.user_label(65534)
+    if how == "a link, then ..":
+        os.symlink(roots / "inner", tmp_path / "ulink")
+        os.lchown(tmp_path / "ulink", 65534, 65534)
+        d = f"{tmp_path}/ulink/../tlsroll"
+        why = f"is in {tmp_path / 'ulink'}, a symbolic link {label} owns: the settings would"
+    elif how == "a link loop":
+        os.symlink(tmp_path / "loop", tmp_path / "loop")
+        d = f"{tmp_path}/loop/tlsroll"
+        why = "cannot be looked at: Too many levels of symbolic links; nothing was changed"
+    elif how == "sticky":
+        (tmp_path / "tmp").mkdir()
+        os.chmod(tmp_path / "tmp", 0o1777)  # noqa: S103 (what the test is about)
+        d = f"{tmp_path}/tmp/tlsroll"
+        why = (
+            f"would be made in {tmp_path / 'tmp'}, which group or others can write "
+            "(mode 1777): another user could put a link in root's way there"
+        )
+    elif how == "not sticky":
+        (tmp_path / "shared" / "own").mkdir(parents=True)
+        os.chmod(tmp_path / "shared", 0o777)  # noqa: S103 (what the test is about)
+        d = f"{tmp_path}/shared/own/tlsroll"
+        why = (
+            f"is in {tmp_path / 'shared'}, which group or others can write and is not sticky "
+            "(mode 0777): another user could put a link in root's way there"
+        )
+    else:
+        (tmp_path / "tmp" / "own").mkdir(parents=True)
+        os.chmod(tmp_path / "tmp", 0o1777)  # noqa: S103 (what the test is about)
+        os.chmod(tmp_path / "tmp" / "own", 0o700)
+        d = f"{tmp_path}/tmp/own/tlsroll"
+        why = ""
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    port = 9  # (nothing serves it: a run let through fails to connect, after the check)
+    argv = [
+        "client",
+        "test-connection",
+        f"https://127.0.0.1:{port}/app/",
+        "--yes",
+        "--timeout",
+        "5",
+    ]
+    argv += ["--password-file", password_file(PASSWORD), "--settings-dir", d]
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    run = Run(code, out, err, list(logs))
+    prefix = "tlsroll: error: this runs as root, "
+    if how == "ok":  # on to the address: nothing serves it
+        assert run.error.startswith("tlsroll: error: 127.0.0.1:9 refuses connections")
+        assert run.out == f"address   https://127.0.0.1:{port}/app/\n"
+    else:
+        assert run.code == 1, run.out + run.err
+        assert run.error.startswith(
+            f"{prefix}{'and' if how == 'a link loop' else 'but'} the settings dir {d} {why}"
+        )
+        assert run.error.endswith("; nothing was changed") and run.out == ""
+    password = str(tmp_path / "password")
+    assert sorted(str(p) for p in tmp_path.rglob("*") if str(p) != password) == [
+        p for p in before if p != password
+    ]
+    assert os.listdir(roots / "inner") == []
+
+
 def _has_uid(uid: int) -> bool:
     try:
         pwd.getpwuid(uid)

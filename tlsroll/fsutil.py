@@ -10,6 +10,7 @@ import pwd
 import socket
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from tlsroll.errors import UnsafePermissions
@@ -145,6 +146,8 @@ def make_private_dir(
     """Create ``path`` (and its parents) or take it over: ours, with ``mode``. A directory
     another user owns is refused: whoever owns it can swap what we put there.
 
+    A symbolic link at ``path`` that is neither ours nor root's is refused.
+
     ``strict`` (a directory secrets go in, inside one we share with nobody: the agent's
     stage directories in ``tlsroll-tls``): a symbolic link is refused, never followed (the
     mode is set on the directory opened with ``O_NOFOLLOW``, so a link swapped in cannot
@@ -159,6 +162,14 @@ def make_private_dir(
     path = Path(path)
     if not strict:
         path.mkdir(parents=True, exist_ok=True, mode=mode)
+        # A link there of another user's is refused, not followed to be chmod-ed: planted
+        # after a caller's check (root's in a workstation's settings dir, s43rev3 Low 5).
+        lst = os.lstat(path)
+        if stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (os.geteuid(), 0):
+            raise UnsafePermissions(
+                f"directory {path} is a symbolic link owned by {user_label(lst.st_uid)}, not "
+                f"by {user_label(os.geteuid())} who runs this; run: rm {path}"
+            )
         _check_owner(path, os.stat(path), "directory")
         os.chmod(path, mode)
         return path
@@ -257,13 +268,19 @@ def private_dir_problem(path: Path) -> str | None:
     existing = path
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent  # make_private_dir would create the rest
+    me = os.geteuid()
     try:
+        lst = os.lstat(existing)
         st = os.stat(existing)
     except OSError as exc:
         return f"{existing}: {exc.strerror or exc}"
     if not stat.S_ISDIR(st.st_mode):
         return f"{existing} is not a directory"
-    me = os.geteuid()
+    if existing == path and stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (me, 0):
+        return (
+            f"{path} is a symbolic link owned by {user_label(lst.st_uid)}, not by "
+            f"{user_label(me)} who runs this; run: rm {path}"
+        )
     if existing == path:  # ours (it is chmod-ed to 0700 then), on a file system we can write
         if st.st_uid != me:
             return (
@@ -275,6 +292,63 @@ def private_dir_problem(path: Path) -> str | None:
     elif not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
         return f"{existing} is not writable by {user_label(me)}"
     return None
+
+
+MAX_LINKS = 40  # symbolic links followed on one path, as Linux's lookup does (ELOOP past it)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the kernel looks up on its way to a path (``look_up``): each entry in order,
+    ``lstat``-ed (directories, the links themselves, the entries of each link's target), the
+    directories held: ``/`` first; ``reached``: the last directory it got to (the path
+    itself, or the nearest directory above it that is there: where what is missing would be
+    made); ``whole``: the path is there."""
+
+    entries: tuple[tuple[Path, os.stat_result], ...]
+    reached: Path
+    whole: bool
+
+
+def look_up(path: Path) -> Lookup:
+    """The entries on the way to ``path`` (absolute) one by one as the kernel resolves it: a
+    link's target is followed where it is met, and ``..`` is the parent of the directory
+    reached so far, not of the text before it (``os.path.abspath`` drops ``a/link/..`` as
+    ``a``: the kernel goes to the link's target's parent). Stops where an entry is not there
+    (ENOENT) or is not a directory with more to look up (left to what makes or writes the
+    path). Any other error (EACCES, ELOOP, ...) is raised: not there is not a guess."""
+    given = Path(path)
+    if not given.is_absolute():
+        raise ValueError(f"not an absolute path: {given}")
+    entries = [(Path("/"), os.lstat("/"))]
+    todo = list(given.parts[1:])
+    here, links = Path("/"), 0
+    while todo:
+        name = todo.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            here = here.parent  # ``here`` has no link in it: its parent is the kernel's
+            continue
+        part = here / name
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            return Lookup(tuple(entries), here, False)
+        entries.append((part, st))
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(given))
+            target = Path(os.readlink(part))
+            if target.is_absolute():
+                here = Path("/")
+            todo[:0] = [p for p in target.parts if p != "/"]
+        elif stat.S_ISDIR(st.st_mode):
+            here = part
+        else:
+            return Lookup(tuple(entries), here, False)  # not a directory: nothing below it
+    return Lookup(tuple(entries), here, True)
 
 
 def user_label(uid: int) -> str:

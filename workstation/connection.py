@@ -106,7 +106,14 @@ from tlsroll import bootstrap_protocol as proto
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
-from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem, user_label
+from tlsroll.fsutil import (
+    PRIVATE,
+    PUBLIC,
+    look_up,
+    make_private_dir,
+    private_dir_problem,
+    user_label,
+)
 from tlsroll.password import password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
@@ -1297,21 +1304,31 @@ class TestConnection:
         user's home, which the user's client could not read, and a ~/.config the user's
         desktop could not write). Refused rather than written with the user's owner: root
         creating and chown-ing files in a tree another user controls is what a planted link
-        turns against root (s39key2 H2), and the settings are that user's to write."""
+        turns against root (s39key2 H2), and the settings are that user's to write. For the
+        same reason a settings dir to be made in a directory others can write (a sticky one
+        as /tmp included), or in one others can write under a directory on the way that is
+        not sticky, is refused (s43rev3 Low 5), and so is a path that cannot be looked at."""
         if os.geteuid() != 0:
             return
-        d = Path(os.path.abspath(self.o.settings_dir))
-        path = Path(os.path.realpath(d))
-        # Each part of the path as given, links themselves included (audit s43rev1: a link of
-        # the user's to a directory root owns passed, all of the path resolved being root's,
-        # and the user can swap it between this check and the writes), then of the resolved.
-        parts = [(part, os.lstat) for part in (d, *d.parents)]
-        parts += [(part, os.stat) for part in (path, *path.parents)]
-        for part, look in parts:
-            try:
-                st = look(part)
-            except OSError:
-                continue  # not there (yet): made by root, in what holds it
+        # Each entry the kernel looks up on the way, in its order: the links themselves and
+        # their targets' entries (audit s43rev1: a link of the user's to a directory root owns
+        # passed, all of the path resolved being root's, and the user can swap it between this
+        # check and the writes), and a ``..`` after a link from the link's target, as the
+        # kernel takes it (s43rev3 Low 5: ``abspath`` drops ``link/..`` as text). Only "not
+        # there" is passed over (made by root, in what holds it); any other error refuses.
+        d = Path(self.o.settings_dir)  # (said as given: a ``..`` kept)
+        if not d.is_absolute():
+            d = Path(os.getcwd(), d)  # (the kernel's own name of the cwd: no link in it)
+        try:
+            found = look_up(d)
+        except OSError as exc:
+            raise ClientError(
+                Exit.FAILURE,
+                f"this runs as root, and the settings dir {d} cannot be looked at: "
+                f"{exc.strerror or exc}; nothing was changed",
+            ) from None
+        last = found.entries[-1][0]
+        for part, st in found.entries:
             owner = st.st_uid
             if owner != 0:
                 try:
@@ -1321,7 +1338,7 @@ class TestConnection:
                 link = stat.S_ISLNK(st.st_mode)
                 where = (
                     f"is {'a symbolic link ' if link else ''}owned by {user_label(owner)}"
-                    if part in (d, path)
+                    if found.whole and part in (d, last)
                     else f"is in {part}, a symbolic link {user_label(owner)} owns"
                     if link
                     else f"is in {part}, which {user_label(owner)} owns"
@@ -1333,6 +1350,29 @@ class TestConnection:
                     f"{user}, without sudo (or sudo -H for root's own settings); nothing was "
                     "changed",
                 )
+        # Modes too (s43rev3 Low 5): where root makes the dir, or writes in it, nobody else
+        # may write (they could put a link there first: a settings dir not yet made in /tmp
+        # passed); a directory on the way, only if sticky (else they could rename what is in
+        # it away): ``fsutil.config_dir_problem``'s rule.
+        for part, st in found.entries:
+            if not stat.S_ISDIR(st.st_mode) or not st.st_mode & 0o022:
+                continue
+            mode = f"mode {stat.S_IMODE(st.st_mode):04o}"
+            if part == found.reached and found.whole:
+                real = "" if part == d else f" (it is {part})"
+                why = f"is writable by group or others{real} ({mode})"
+            elif part == found.reached:
+                why = f"would be made in {part}, which group or others can write ({mode})"
+            elif not st.st_mode & stat.S_ISVTX:
+                why = f"is in {part}, which group or others can write and is not sticky ({mode})"
+            else:
+                continue
+            raise ClientError(
+                Exit.FAILURE,
+                f"this runs as root, but the settings dir {d} {why}: another user could "
+                "put a link in root's way there; give a --settings-dir in a directory only root "
+                "can write (or sudo -H for root's own settings); nothing was changed",
+            )
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password

@@ -92,11 +92,16 @@ EVENT_GAP = 0.5
 # Open pages share what they read: however many are open, the stores are read at most once per
 # selection and write (``Database.commits``) and, without a write, per this long.
 SHARED_SECONDS = EVENT_INTERVAL / 2
+# Snapshots kept so, one per selection, the least recently used out past this many; none for a
+# rollout that does not exist (a request for any id stored one, s43rev3 Low 1), and stale
+# ones dropped at every look, not only at the next read.
+KEPT_SHARED = 8
 # Open pages of one selection and language also share what is drawn of a read, kept for this
 # many (selection, language), and the event that takes a page from one drawing to the next
 # (this many, and none larger than this: a page's whole part is ~0.9 MiB at 500 nodes, sent
 # at its first view and when more than rows changed; kept, the last one stayed until the
-# next four events, often long after the rollout).
+# next four events, often long after the rollout). Both are emptied when the last open
+# stream ends (they stayed after every page closed, s43rev3 Low 2).
 KEPT_DRAWN = 8
 KEPT_EVENTS = 4
 KEPT_EVENT_BYTES = 64 * 1024
@@ -179,7 +184,9 @@ class ViewerApp:
         self.address = address
         self.scrape_token = scrape_token
         self.closing = closing
-        self._shared: dict[str | None, tuple[float, int, Snapshot]] = {}
+        self._shared: collections.OrderedDict[str | None, tuple[float, int, Snapshot]] = (
+            collections.OrderedDict()
+        )
         # What the live streams drew of a shared snapshot, by (selection, language): the
         # snapshot and its content (``_content``); and the events from one content to the
         # next, by the two contents' ids (held, so their ids stay theirs: ``_event``).
@@ -307,21 +314,27 @@ class ViewerApp:
 
     async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
         """A snapshot for the live streams and the pages: read after the store's last write,
-        and at most ``SHARED_SECONDS`` old."""
+        and at most ``SHARED_SECONDS`` old. Kept for the next asker: at most ``KEPT_SHARED``
+        (the least recently used out), stale ones dropped at every call, and none of a rollout
+        that does not exist (any id a client asks for would hold a snapshot)."""
         async with self._reading:
             now = time.monotonic()
             commits = self.reader.store.db.commits
+            for key, (at, count, _) in list(self._shared.items()):
+                if now - at >= SHARED_SECONDS or count != commits:
+                    del self._shared[key]
             hit = self._shared.get(rollout_id)
-            if hit is not None and now - hit[0] < SHARED_SECONDS and hit[1] == commits:
+            if hit is not None:
+                self._shared.move_to_end(rollout_id)
                 return hit[2]
             snap = await self._snapshot(rollout_id, clients=False)  # (the page draws none)
-            self._shared = {
-                k: v
-                for k, v in self._shared.items()
-                if now - v[0] < SHARED_SECONDS and v[1] == commits
-            }
+            if rollout_id is not None and snap.selected is None:
+                return snap  # 404 for it: nothing kept
             # The count read before the snapshot: a write during the read makes it stale.
             self._shared[rollout_id] = (time.monotonic(), commits, snap)
+            self._shared.move_to_end(rollout_id)
+            while len(self._shared) > KEPT_SHARED:
+                self._shared.popitem(last=False)
             return snap
 
     def _page(self, request: web.Request, rollout_id: str | None) -> pages.PageContext:
@@ -385,6 +398,9 @@ class ViewerApp:
             self._streams[session_id] -= 1
             if self._streams[session_id] <= 0:
                 del self._streams[session_id]
+            if not self._streams:  # the last page closed: what was drawn for them goes too
+                self._drawn.clear()
+                self._events.clear()
 
     async def _stream(
         self, request: web.Request, rollout_id: str | None, session_id: str
