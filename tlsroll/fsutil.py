@@ -164,12 +164,9 @@ def make_private_dir(
         path.mkdir(parents=True, exist_ok=True, mode=mode)
         # A link there of another user's is refused, not followed to be chmod-ed: planted
         # after a caller's check (root's in a workstation's settings dir, s43rev3 Low 5).
-        lst = os.lstat(path)
-        if stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (os.geteuid(), 0):
-            raise UnsafePermissions(
-                f"directory {path} is a symbolic link owned by {user_label(lst.st_uid)}, not "
-                f"by {user_label(os.geteuid())} who runs this; run: rm {path}"
-            )
+        link = _foreign_link(path, os.lstat(path), os.geteuid())
+        if link:
+            raise UnsafePermissions(f"directory {link}")
         _check_owner(path, os.stat(path), "directory")
         os.chmod(path, mode)
         return path
@@ -276,11 +273,8 @@ def private_dir_problem(path: Path) -> str | None:
         return f"{existing}: {exc.strerror or exc}"
     if not stat.S_ISDIR(st.st_mode):
         return f"{existing} is not a directory"
-    if existing == path and stat.S_ISLNK(lst.st_mode) and lst.st_uid not in (me, 0):
-        return (
-            f"{path} is a symbolic link owned by {user_label(lst.st_uid)}, not by "
-            f"{user_label(me)} who runs this; run: rm {path}"
-        )
+    if existing == path and (link := _foreign_link(path, lst, me)):
+        return link
     if existing == path:  # ours (it is chmod-ed to 0700 then), on a file system we can write
         if st.st_uid != me:
             return (
@@ -292,6 +286,18 @@ def private_dir_problem(path: Path) -> str | None:
     elif not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
         return f"{existing} is not writable by {user_label(me)}"
     return None
+
+
+def _foreign_link(path: Path, lst: os.stat_result, me: int) -> str | None:
+    """What is wrong with ``path`` (``lst``: its ``lstat``) if it is a symbolic link neither
+    ``me`` nor root owns (``make_private_dir`` refuses it, ``private_dir_problem`` says so
+    first), else None."""
+    if not stat.S_ISLNK(lst.st_mode) or lst.st_uid in (me, 0):
+        return None
+    return (
+        f"{path} is a symbolic link owned by {user_label(lst.st_uid)}, not by "
+        f"{user_label(me)} who runs this; run: rm {path}"
+    )
 
 
 MAX_LINKS = 40  # symbolic links followed on one path, as Linux's lookup does (ELOOP past it)
