@@ -1100,6 +1100,46 @@ async def test_server_certificate_not_from_the_announced_ca(
     assert "is not from the cluster CA" in run.error
 
 
+async def test_a_server_not_from_the_cluster_ca_after_the_exchange_says_where_the_pair_is_kept(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s43rev3 Low 3: the node signed a new certificate (the leader superseded the one in
+    place), then the server's certificate was not from the CA the node handed over: the new
+    pair was kept aside (``keep_new_pair``), but the error did not say so. It says where, and
+    that the next run proves the PC's name with it; and so it does."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    args = (node.url, "--password-file", pw, "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+    before = settings_set(d)
+    other = pki.CertificateAuthority.create("another CA")  # the node's bundle: not the server's
+    async with bootstrap_on(node, test_ca, sign=recording(other, csrs)) as service:
+        service.set_ca_bundle(other.cert_pem)
+        run = await run_cli(*args)
+    assert run.code == Exit.UNTRUSTED, run.err
+    kept = d / KEPT
+    assert "is not from the cluster CA: someone may be in between; do not continue; " in run.error
+    assert run.error.endswith(
+        f"the new certificate the node handed over for this PC (ws-empfang) is kept in {kept}: "
+        "the next run, with the password, proves this PC's name with it (no --replace needed)"
+    ), run.error
+    new_cert = pki.read_cert(kept / "client.pem")
+    assert pki.issued_by(new_cert, other.cert)
+    assert not assert_one_set_beside_kept(d, before, node)  # nothing written
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 0, run.err
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
+    assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+
+
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
     node = nodes["tls"]
     run = await run_cli(f"https://{node.address}:8443/tomedo_live/", "--yes")

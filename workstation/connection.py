@@ -516,6 +516,7 @@ class TestConnection:
                 raise ClientError(Exit.USAGE, f"the password entered {why}; nothing was sent")
         node, node_url = hello.node, hello.server_url
         cert = key = None
+        kept: Path | None = None  # where the new pair is kept aside (``keep_new_pair``)
         # The whole bundle: intermediates to build the server's chain with (a practice's own
         # certificates, ``--cert-dir``, may come through one), and the CA of the client
         # certificate (the cluster's, which may not be the one pinned).
@@ -531,13 +532,16 @@ class TestConnection:
                 trusted = bundle
                 how = "verified with the password (key exchange confirmed both ways)"
             cert = self._client_cert(payload, key, bundle, where)
-            self.keep_new_pair(cert, key)
+            kept = self.keep_new_pair(cert, key)
         else:
             assert pinned is not None  # without a password there is always a pin
             trusted, how = pinned, f"pinned {self.pin}"
             bundle = self._cas(hello.ca_bundle_pem)  # parsed already: ``pinned`` is of it
         self.ui.say(f"ca        {how}")
-        ca = self.check_chain(server, server_cert, trusted, bundle)
+        try:
+            ca = self.check_chain(server, server_cert, trusted, bundle)
+        except ClientError as exc:
+            raise self._said_kept(exc, kept) from None
         if self.pin is None and cert is not None:
             self.say_pin_to_compare(ca, cert, bundle)
         if node_url != server.url:
@@ -575,9 +579,27 @@ class TestConnection:
             )
             if error is not None:
                 raise error from None
+        except ClientError as exc:  # not written (a full disk): the new pair may be kept
+            raise self._said_kept(exc, kept) from None
         return result
 
-    def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    def _said_kept(self, error: ClientError, kept: Path | None) -> ClientError:
+        """``error``, raised after the exchange and before a set was written, saying where the
+        new pair is kept (``kept``, from ``keep_new_pair``) and what the next run does with it
+        (s43rev3 Low 3: a server certificate not from the cluster CA kept it unsaid); as it was
+        if the pair could not be kept (said then already)."""
+        if kept is None:
+            return error
+        return ClientError(
+            error.code,
+            f"{error.message}; the new certificate the node handed over for this PC "
+            f"({self.workstation}) is kept in {kept}: the next run, with the password, proves "
+            "this PC's name with it (no --replace needed)",
+        )
+
+    def keep_new_pair(
+        self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+    ) -> Path | None:
         """Keep the new key and certificate aside (``settings_files.KEPT``) as soon as the
         exchange returns them, before anything else is checked or asked: the leader has signed
         the certificate and revoked every other of this name, so a run cut short after this
@@ -586,16 +608,17 @@ class TestConnection:
         the probe of the set before had failed). A set with a client certificate written in
         place later removes it (``settings_files.replace``). Where it cannot be kept (a full
         disk), that is said, and the run goes on: the set is written, or the keeping tried
-        again, when the final check fails."""
+        again, when the final check fails. Returns where it is kept, None if it is not."""
         d = self.o.settings_dir
         try:
             make_private_dir(d)
-            settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
+            return settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
         except OSError as exc:
             self.ui.say(
                 f"note      the new certificate could not be kept aside in {d} yet "
                 f"({exc.strerror or exc})"
             )
+            return None
 
     def say_pin_to_compare(
         self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
