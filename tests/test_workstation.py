@@ -61,7 +61,7 @@ from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
 from workstation import connection as workstation
 from workstation.connection import Exit
-from workstation.settings_files import KEPT, MARKER, STAGING
+from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
 
 APP = "/praxis_live/"
 
@@ -1671,7 +1671,9 @@ async def test_a_set_in_place_that_fails_too_gives_way_to_the_new_one(
     likeliest reason to enrol again; or another CA's) was neither tried nor replaced: the
     final check failed, and the set that does not work stayed while the valid new one went
     aside. One rule now: the set in place stays only if a request with it succeeds; here it
-    fails too, so the new set goes in place, and the error says so."""
+    fails too, so the new set goes in place, and the error says so. s43rev3 Low 4: another
+    CA's pair, valid, was overwritten unsaid (its key gone): it is kept with its set in
+    REPLACED, and said; an expired one is not."""
     node = nodes["mtls"]
     d = tmp_path / "settings"
     pw = password_file(PASSWORD)
@@ -1695,9 +1697,22 @@ async def test_a_set_in_place_that_fails_too_gives_way_to_the_new_one(
         run.error
     ), run.error
     assert "then run this again (it enrols again with the password)" in run.error, run.error
-    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # nothing kept aside
     assert pki.issued_by(pki.read_cert(d / "client.pem"), other.cert)
     assert settings_set(d)["client.pem"] != before["client.pem"]
+    if expired:  # worth nothing: not kept
+        assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+        assert "kept in" not in run.out
+        return
+    assert sorted(os.listdir(d)) == sorted([*SETTINGS_SET, REPLACED])
+    assert settings_set(d / REPLACED) == before  # the whole set, as it was
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
+    until = f"{pki.load_cert_pem(cert_pem).not_valid_after_utc:%Y-%m-%d}"
+    assert (
+        f"note      the settings before are kept in {d / REPLACED}, as their key is nowhere "
+        f"else: client certificate ws-empfang of another CA than this cluster's, valid until "
+        f"{until}"
+    ) in run.out.splitlines(), run.out
 
 
 async def test_a_set_in_place_that_works_is_followed_by_the_new_ones_second_check(
@@ -1741,11 +1756,13 @@ async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
     test_ca: pki.CertificateAuthority,
     run_cli: Any,
     password_file: Callable[[str], str],
+    tmp_path: Path,
 ) -> None:
     """Audit s40ws L3: a PC enrolled under its host name, run again with --name another,
     enrols under that name with no proof (its certificate is of another name: it proves
     nothing about this one, and the leader would refuse it)."""
     node = nodes["mtls"]
+    d = tmp_path / "settings"
     csrs: list[bytes] = []
     pw = password_file(PASSWORD)
     async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
@@ -1755,6 +1772,17 @@ async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
     names = [pki.names_of(pki.load_csr_pem(c)).common_name for c in csrs]
     assert names == ["ws-pc-test", "ws-other"]
     assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
+    # s43rev3 Low 4: the pair of ws-pc-test, still valid at the leader, was overwritten: its
+    # set is kept, and said
+    assert pki.names_of(pki.read_cert(d / REPLACED / "client.pem")).common_name == "ws-pc-test"
+    assert pki.key_matches(
+        pki.read_cert(d / REPLACED / "client.pem"), pki.read_key(d / REPLACED / "client.key")
+    )
+    assert (
+        f"note      the settings before are kept in {d / REPLACED}, as their key is nowhere "
+        "else: client certificate ws-pc-test of another name than this one, valid until "
+    ) in run.out, run.out
+    assert "(the leader still holds it)" in run.out
 
 
 async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(

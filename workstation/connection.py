@@ -37,7 +37,10 @@ has superseded the certificate in place by then, and without them only ``--repla
 enrol this PC again. The PC is never left without a working set (s39wsfix): settings before
 whose certificate the leader has just revoked stay only while a request with them still
 succeeds; otherwise the new set goes in place all the same (the one certificate the leader
-holds valid), and the error says what failed (``after_failed_check``).
+holds valid), and the error says what failed (``after_failed_check``). A client key and
+certificate in place that a new set replaces and that may still be valid (another name's, or
+another CA's: this enrolment did not supersede them) are kept with their set in
+``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -568,7 +571,9 @@ class TestConnection:
             self.check_settings(server, result, staged)
 
         try:
-            self.write_settings(result, trusted_pem, client_pem, key_pem, check=check)
+            self.write_settings(
+                result, trusted_pem, client_pem, key_pem, check=check, bundle=bundle
+            )
         except CheckFailed as exc:
             # (Not when the writing failed: a full disk fails the keeping too, and a set
             # committed before it failed is completed by the next run.)
@@ -727,7 +732,9 @@ class TestConnection:
                 "check     the settings in place still work: the new ones checked once more"
             )
             try:
-                self.write_settings(result, ca_pem, client_pem, key_pem, check=check)
+                self.write_settings(
+                    result, ca_pem, client_pem, key_pem, check=check, bundle=bundle
+                )
             except CheckFailed as again:
                 return self.keep_enrolment(
                     again, client_pem, key_pem, still_works=True, revoked=revoked
@@ -738,7 +745,7 @@ class TestConnection:
                 )
             return None
         try:
-            self.write_settings(result, ca_pem, client_pem, key_pem)
+            self.write_settings(result, ca_pem, client_pem, key_pem, bundle=bundle)
         except ClientError:
             return self.keep_enrolment(failed, client_pem, key_pem)
         before = (
@@ -1265,11 +1272,16 @@ class TestConnection:
         client_pem: bytes | None,
         key_pem: bytes | None,
         check: Callable[[Path], None] | None = None,
+        bundle: Sequence[x509.Certificate] = (),
     ) -> None:
         """The settings dir's files, replaced as one set (``settings_files``): a run cut short
         leaves the old set or a new one the next run completes, never a mix. ``check`` (the
         request with them) runs on the new set staged, before it is committed: a set that
-        fails it is not written (audit s39ws M5: it replaced a working one)."""
+        fails it is not written (audit s39ws M5: it replaced a working one). A client key and
+        certificate in place that this enrolment did not make worthless (``_worth_keeping``,
+        ``bundle`` the cluster's CAs) are kept with their set in ``settings_files.REPLACED``,
+        and that is said (s43rev3 Low 4: another name's, or another CA's, was overwritten
+        unsaid)."""
         d = result.settings_dir
         settings = {
             "version": SETTINGS_VERSION,
@@ -1288,9 +1300,18 @@ class TestConnection:
         files = {"ca.pem": (ca_pem, PUBLIC), "settings.json": (text.encode(), PUBLIC)}
         if client_pem is not None and key_pem is not None:
             files |= {"client.key": (key_pem, PRIVATE), "client.pem": (client_pem, PUBLIC)}
+        replaced: list[str] = []  # why the pair in place is worth keeping, if it is
+
+        def worth_keeping(key_pem: bytes, cert_pem: bytes) -> bool:
+            if (why := self._worth_keeping(key_pem, cert_pem, bundle)) is not None:
+                replaced.append(why)
+            return why is not None
+
         try:
             make_private_dir(d)
-            settings_files.replace(d, files, check)
+            kept = settings_files.replace(
+                d, files, check, worth_keeping if client_pem is not None else None
+            )
         except OSError as exc:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
@@ -1298,8 +1319,36 @@ class TestConnection:
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         self.ui.say(f"settings  written to {d}")
+        if kept is not None and replaced:
+            self.ui.say(
+                f"note      the settings before are kept in {kept}, as their key is nowhere "
+                f"else: client certificate {replaced[-1]}"
+            )
         if client_pem is None:
             self._set_aside(d)
+
+    def _worth_keeping(
+        self, key_pem: bytes, cert_pem: bytes, bundle: Sequence[x509.Certificate]
+    ) -> str | None:
+        """Why a client key and certificate about to be replaced are worth keeping: a pair
+        that holds together, is valid now, and that this enrolment did not supersede (the
+        leader revokes every other certificate of the name it signs: one of this name from a
+        CA of the cluster's ``bundle``), i.e. another name's or another CA's. None if not
+        worth keeping (expired, unreadable, or superseded)."""
+        try:
+            cert = pki.load_cert_pem(cert_pem)
+            pki.check_valid_now(cert)
+            if not pki.key_matches(cert, pki.load_key_pem(key_pem)):
+                return None
+            name = one_line(pki.names_of(cert).common_name, 64)
+        except (PKIError, ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
+            return None
+        valid = f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+        if not any(pki.issued_by(cert, ca) for ca in bundle):
+            return f"{name} of another CA than this cluster's, {valid}"
+        if name != self.workstation:
+            return f"{name} of another name than this one, {valid} (the leader still holds it)"
+        return None
 
     def _set_aside(self, d: Path) -> None:
         """Settings without a client certificate are in place: an earlier enrolment's
