@@ -203,7 +203,9 @@ def run_cli(
     monkeypatch.setattr(socket, "gethostname", lambda: "pc-test")
 
     async def run(*args: str, stdin: str | None = None) -> Run:
-        argv = ["client", "test-connection", *args, "--timeout", "5"]
+        argv = ["client", "test-connection", *args]
+        if "--timeout" not in args:
+            argv += ["--timeout", "5"]
         if "--settings-dir" not in args:
             argv += ["--settings-dir", str(tmp_path / "settings")]
         if stdin is not None:
@@ -1581,6 +1583,48 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
     assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+
+
+async def test_a_short_timeout_still_waits_for_the_node_to_deliver_the_certificate(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """A --timeout under the node's deadline (it delivers the certificate up to
+    FINISH_DEADLINE after the request) gave up while the node still worked: the node sealed
+    and sent a certificate nobody received, which held the name. The exchange waits at least
+    MIN_EXCHANGE_WAIT, and one note says so; the rest of the run keeps the --timeout given."""
+    assert proto.MIN_EXCHANGE_WAIT > proto.FINISH_DEADLINE
+    node = nodes["mtls"]
+    sign = ca_signer(test_ca)
+    slow = 2.0  # a slow signing, longer than the --timeout, within the node's deadline
+
+    async def slow_sign(csr_pem: bytes) -> bytes:
+        await asyncio.sleep(slow)
+        return bytes(await sign(csr_pem))
+
+    args = (node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca, sign=slow_sign):
+        run = await run_cli(*args, "--timeout", "1")
+    assert run.code == 0, run.err
+    note = (
+        f"note      the password exchange waits {proto.MIN_EXCHANGE_WAIT:g} s for each answer, "
+        f"not --timeout 1: the node may take {proto.FINISH_DEADLINE:g} s to deliver the "
+        "certificate"
+    )
+    assert run.out.splitlines().count(note) == 1, run.out
+    delivered = pki.read_cert(tmp_path / "settings" / "client.pem")
+    assert pki.names_of(delivered).common_name == "ws-empfang"
+    # A --timeout at least that long is taken as it is; a run without an exchange says nothing.
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(*args, "--timeout", f"{proto.MIN_EXCHANGE_WAIT:g}")
+        assert run.code == 0 and "note" not in run.out, run.out
+        pin = pki.spki_pin(test_ca.cert)
+        run = await run_cli(node.url, "--ca-pin", pin, "--no-enrol", "--yes", "--timeout", "1")
+        assert "password exchange" not in run.out, run.out
 
 
 @pytest.mark.parametrize("cut", ["final check", "probe of the set before"])

@@ -1002,15 +1002,22 @@ class TestConnection:
 
     # (d)
     def _call(
-        self, host: str, port: int, method: str, path: str, body: dict[str, Any] | None = None
+        self,
+        host: str,
+        port: int,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Reply:
-        """One request to the bootstrap port over unverified TLS (the PAKE authenticates)."""
+        """One request to the bootstrap port over unverified TLS (the PAKE authenticates),
+        waiting ``timeout`` (default: ``--timeout``)."""
         where = _netloc(host, port)
         data = None if body is None else json.dumps(body).encode()
+        wait = self.o.timeout if timeout is None else timeout
         try:
-            return request(
-                host, port, method, path, self.context, body=data, timeout=self.o.timeout
-            )
+            return request(host, port, method, path, self.context, body=data, timeout=wait)
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
                 raise self._port_closed(host, port, exc) from None
@@ -1147,6 +1154,7 @@ class TestConnection:
         )
         csr = pki.make_csr(key, proto.workstation_names(cn), [claim] if claim else [])
         csr_pem = pki.csr_to_pem(csr)
+        wait = self.exchange_wait()
         # One confirmation per run, whatever the node answers to it: each one a (fake) node
         # sees tests one password guess. Only an exchange about to expire *before* the
         # confirmation goes out is started again.
@@ -1154,7 +1162,7 @@ class TestConnection:
             pake = proto.WorkstationPAKE(secret, hello.kdf)
             start_body = proto.StartRequest(cn, pake.msg_a).to_json()
             started = time.monotonic()
-            reply = self._call(host, port, "POST", proto.START_PATH, start_body)
+            reply = self._call(host, port, "POST", proto.START_PATH, start_body, timeout=wait)
             if reply.status != 200:
                 raise self._refused(reply, where)
             try:
@@ -1174,7 +1182,7 @@ class TestConnection:
                 break
         else:
             raise ClientError(Exit.FAILURE, f"{where}: the exchange expired too soon; try again")
-        reply = self._call(host, port, "POST", proto.FINISH_PATH, finish.to_json())
+        reply = self._call(host, port, "POST", proto.FINISH_PATH, finish.to_json(), timeout=wait)
         error, _ = _error_of(reply)
         if reply.status == 410 and error == proto.ErrorCode.EXCHANGE_EXPIRED:
             raise ClientError(
@@ -1184,6 +1192,22 @@ class TestConnection:
         if reply.status != 200:
             raise self._refused(reply, where, self._name_hint(reply))
         return self._payload(reply, keys, where)
+
+    def exchange_wait(self) -> float:
+        """How long the exchange waits for each answer: ``--timeout``, but never less than
+        ``proto.MIN_EXCHANGE_WAIT`` (one note line says so): the node delivers the certificate
+        up to ``proto.FINISH_DEADLINE`` after the request, and a client that gave up before
+        left the name held until the node withdrew it. Raised rather than refused: the
+        timeout is for not waiting long on a host that does not answer, which it still does
+        everywhere else, and a run without an exchange (``--no-enrol``) is not affected."""
+        if self.o.timeout >= proto.MIN_EXCHANGE_WAIT:
+            return self.o.timeout
+        self.ui.say(
+            f"note      the password exchange waits {proto.MIN_EXCHANGE_WAIT:g} s for each answer, "
+            f"not --timeout {self.o.timeout:g}: the node may take {proto.FINISH_DEADLINE:g} s "
+            "to deliver the certificate"
+        )
+        return proto.MIN_EXCHANGE_WAIT
 
     def _name_hint(self, reply: Reply) -> str:
         """For a name the leader refused (409): a longer one from this PC's full host name,
