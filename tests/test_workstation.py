@@ -573,7 +573,18 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         assert d.parent.read_bytes() == b"not a directory"
 
 
-@pytest.mark.parametrize("how", ["HOME", "--settings-dir", "a user's link"])
+def _login_user() -> pwd.struct_passwd | None:
+    """A user of this machine, not root, with a login shell (listed in /etc/shells)."""
+    try:
+        shells = Path("/etc/shells").read_text().split()
+    except OSError:
+        return None
+    return next((u for u in pwd.getpwall() if u.pw_uid != 0 and u.pw_shell in shells), None)
+
+
+@pytest.mark.parametrize(
+    "how", ["HOME", "--settings-dir", "a user's link", "a login user's HOME", "TLSROLL_CLIENT_DIR"]
+)
 async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     how: str,
     nodes: dict[str, ServerNode],
@@ -587,12 +598,22 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     """Audit s39ws L6: ``sudo tlsroll client test-connection`` keeping the user's HOME made
     the settings root's in the user's home (~/.config too, when it was missing), where the
     user's client could not read them. Refused before anything is read, sent or written: exit
-    1, one line naming the user and ``sudo -H``, nothing created in the home, no exchange."""
+    1, one line naming the user and ``sudo -H``, nothing created in the home, no exchange.
+    s44 (the wording): a service user, whose shell lets no one log in (nobody here), is told
+    ``sudo -u USER -H``, not "without sudo"; a user who can log in and ran sudo, "without
+    sudo"; and ``sudo -H`` for root's own settings names the variable the settings dir came
+    from, which sudo -E keeps (none for a --settings-dir given)."""
     if os.geteuid() != 0:
         pytest.skip("only root runs into it")
     node = nodes["mtls"]
     home = tmp_path / "home"
     home.mkdir()
+    uid = 65534
+    if how == "a login user's HOME":
+        login = _login_user()
+        if login is None:
+            pytest.skip("no user with a login shell on this machine")
+        uid = login.pw_uid
     # (Audit s43rev1: a home root owns, whose ~/.config is a link of the user's to a
     # directory root owns: only the path resolved was looked at, all root's, so it was let
     # through; the user can swap the link between the check and the writes.)
@@ -602,8 +623,8 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
         os.symlink(tmp_path / "roots", home / ".config")
         os.lchown(home / ".config", 65534, 65534)
     else:
-        os.chown(home, 65534, 65534)
-    user = pwd.getpwuid(65534).pw_name if _has_uid(65534) else "the user of uid 65534"
+        os.chown(home, uid, uid)
+    user = pwd.getpwuid(uid).pw_name if _has_uid(uid) else f"the user of uid {uid}"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("SUDO_USER", user)
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
@@ -613,24 +634,41 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     argv += ["--password-file", password_file(PASSWORD)]
     if how == "--settings-dir":
         argv += ["--settings-dir", str(home / "praxis" / "tlsroll")]
+    if how == "TLSROLL_CLIENT_DIR":
+        monkeypatch.setenv("TLSROLL_CLIENT_DIR", str(home / "praxis" / "tlsroll"))
     async with bootstrap_on(node, test_ca):
         code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)
     out, err = capsys.readouterr()
     run = Run(code, out, err, list(logs))
     assert run.code == 1, run.out + run.err
-    if how == "--settings-dir":
+    if how in ("--settings-dir", "TLSROLL_CLIENT_DIR"):
         d = home / "praxis" / "tlsroll"
     else:
         d = home / ".config" / "tlsroll" / "client"
     where = (
-        f"is in {home / '.config'}, a symbolic link {fsutil.user_label(65534)} owns"
+        f"is in {home / '.config'}, a symbolic link {fsutil.user_label(uid)} owns"
         if linked
-        else f"is in {home}, which {fsutil.user_label(65534)} owns"
+        else f"is in {home}, which {fsutil.user_label(uid)} owns"
+    )
+    as_user = (
+        f"run it as {user}, without sudo"
+        if how == "a login user's HOME"
+        else f"run it as {user}, a user without a login shell (su does not work): sudo -u "
+        f"{user} -H tlsroll client test-connection …"
+    )
+    for_root = (
+        "a --settings-dir of root's"
+        if how == "--settings-dir"
+        else "sudo -H without -E: this settings dir comes from TLSROLL_CLIENT_DIR, which sudo "
+        "-E and su without - keep from the user"
+        if how == "TLSROLL_CLIENT_DIR"
+        else "sudo -H without -E: this settings dir comes from HOME, which sudo -E and some "
+        "sudo set-ups keep from the user"
     )
     assert run.error == (
         f"tlsroll: error: this runs as root, but the settings dir {d} {where}: the settings "
-        f"would be root's there, and {user}'s client could not use them; run it as {user}, "
-        "without sudo (or sudo -H for root's own settings); nothing was changed"
+        f"would be root's there, and {user}'s client could not use them; {as_user} (or, for "
+        f"root's own settings, {for_root}); nothing was changed"
     )
     assert run.out == ""  # before the address is even tried
     assert os.listdir(home) == ([".config"] if linked else [])

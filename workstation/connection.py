@@ -602,9 +602,7 @@ class TestConnection:
             "this PC's name with it (no --replace needed)",
         )
 
-    def keep_new_pair(
-        self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-    ) -> Path | None:
+    def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path | None:
         """Keep the new key and certificate aside (``settings_files.KEPT``) as soon as the
         exchange returns them, before anything else is checked or asked: the leader has signed
         the certificate and revoked every other of this name, so a run cut short after this
@@ -732,9 +730,7 @@ class TestConnection:
                 "check     the settings in place still work: the new ones checked once more"
             )
             try:
-                self.write_settings(
-                    result, ca_pem, client_pem, key_pem, check=check, bundle=bundle
-                )
+                self.write_settings(result, ca_pem, client_pem, key_pem, check=check, bundle=bundle)
             except CheckFailed as again:
                 return self.keep_enrolment(
                     again, client_pem, key_pem, still_works=True, revoked=revoked
@@ -1428,9 +1424,10 @@ class TestConnection:
             owner = st.st_uid
             if owner != 0:
                 try:
-                    user = pwd.getpwuid(owner).pw_name
+                    entry: pwd.struct_passwd | None = pwd.getpwuid(owner)
                 except KeyError:
-                    user = f"the user of uid {owner}"
+                    entry = None
+                user = entry.pw_name if entry is not None else f"the user of uid {owner}"
                 link = stat.S_ISLNK(st.st_mode)
                 where = (
                     f"is {'a symbolic link ' if link else ''}owned by {user_label(owner)}"
@@ -1442,9 +1439,8 @@ class TestConnection:
                 raise ClientError(
                     Exit.FAILURE,
                     f"this runs as root, but the settings dir {d} {where}: the settings would "
-                    f"be root's there, and {user}'s client could not use them; run it as "
-                    f"{user}, without sudo (or sudo -H for root's own settings); nothing was "
-                    "changed",
+                    f"be root's there, and {user}'s client could not use them; "
+                    f"{self._as_the_user(entry, user)}; nothing was changed",
                 )
         # Modes too (s43rev3 Low 5): where root makes the dir, or writes in it, nobody else
         # may write (they could put a link there first: a settings dir not yet made in /tmp
@@ -1469,6 +1465,41 @@ class TestConnection:
                 "put a link in root's way there; give a --settings-dir in a directory only root "
                 "can write (or sudo -H for root's own settings); nothing was changed",
             )
+
+    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str) -> str:
+        """What to run instead, for root's refusal of a settings dir in ``user``'s tree
+        (``entry``: their passwd entry, if any): as that user (a service user, whose shell
+        lets no one log in, with ``sudo -u``), or, for root's own settings, ``sudo -H`` where
+        the dir came from the environment sudo kept (``-E``, or a sudo that keeps HOME)."""
+        if entry is None:
+            as_user = f"run it as {user}"
+        elif not _login_shell(entry.pw_shell):
+            as_user = (
+                f"run it as {user}, a user without a login shell (su does not work): "
+                f"sudo -u {user} -H tlsroll client test-connection …"
+            )
+        elif os.environ.get("SUDO_USER") == user:
+            as_user = f"run it as {user}, without sudo"
+        else:
+            as_user = f"run it as {user} (sudo -u {user} -H tlsroll client test-connection …)"
+        given = os.environ.get("TLSROLL_CLIENT_DIR")
+        if given and Path(given) == self.o.settings_dir:
+            variable: str | None = "TLSROLL_CLIENT_DIR"
+        elif self.o.settings_dir == default_settings_dir():
+            variable = "XDG_CONFIG_HOME" if os.environ.get("XDG_CONFIG_HOME") else "HOME"
+        else:
+            variable = None  # --settings-dir
+        if variable is None:
+            return f"{as_user} (or, for root's own settings, a --settings-dir of root's)"
+        keeps = (
+            "sudo -E and some sudo set-ups keep"
+            if variable == "HOME"
+            else ("sudo -E and su without - keep")
+        )
+        return (
+            f"{as_user} (or, for root's own settings, sudo -H without -E: this settings dir "
+            f"comes from {variable}, which {keeps} from the user)"
+        )
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password
@@ -1526,6 +1557,20 @@ class TestConnection:
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise CheckFailed(f"{server.url} answered HTTP {reply.status}")
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
+
+
+def _login_shell(shell: str) -> bool:
+    """Whether ``shell`` (a passwd entry's) lets its user log in: not ``nologin`` or
+    ``false``, and listed in /etc/shells where that can be read (an empty one is /bin/sh)."""
+    if not shell:
+        return True
+    if os.path.basename(shell) in ("nologin", "false"):
+        return False
+    try:
+        listed = Path("/etc/shells").read_text(errors="replace").split()
+    except OSError:
+        return True
+    return shell in listed
 
 
 def proto_pin(text: str | None) -> str | None:
