@@ -236,9 +236,8 @@ def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]], name: str = K
         data, mode = files[file]  # whose key does not match
         write_atomic(kept / file, data, mode)
     for file in NAMES:
-        if file not in files:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(kept / file)
+        if file not in files and os.path.lexists(kept / file):
+            os.unlink(kept / file)
     fsync_dir(kept)
     fsync_dir(directory)
 
