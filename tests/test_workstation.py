@@ -1173,11 +1173,47 @@ async def test_a_server_not_from_the_cluster_ca_after_the_exchange_says_where_th
     new_cert = pki.read_cert(kept / "client.pem")
     assert pki.issued_by(new_cert, other.cert)
     assert not assert_one_set_beside_kept(d, before, node)  # nothing written
-    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+    # (the node's bundle names the CA that signed the kept pair: the cluster's, a server
+    # that was not the node's; a fake node's: test_a_fake_nodes_pair_proves_nothing)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
         run = await run_cli(node.url, "--password-file", pw, "--yes")
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
-    assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # a new set, .enrolment-kept gone
+    assert pki.issued_by(pki.read_cert(d / "client.pem"), test_ca.cert)
+
+
+async def test_a_fake_nodes_pair_proves_nothing(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """A fake node that knows the password (on the bootstrap port, with a CA of its own)
+    hands over a certificate: the server's does not check out, and the pair is kept aside,
+    the newest in the settings dir. The next run, at the real node, proves the PC's name with
+    the pair from that node's CA (the one in place), not with the fake one: else the leader
+    would refuse the name as another PC's."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    args = (node.url, "--password-file", pw, "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+    held = pki.read_cert(d / "client.pem")
+    evil = pki.CertificateAuthority.create("evil")
+    evil_node = ServerNode(node.address, issue(evil, node.address, tmp_path / "evil"), node.server)
+    async with bootstrap_on(evil_node, evil):
+        run = await run_cli(*args)
+    assert run.code == Exit.UNTRUSTED and f"is kept in {d / KEPT}" in run.error, run.error
+    assert pki.issued_by(pki.read_cert(d / KEPT / "client.pem"), evil.cert)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 0, run.err
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
 
 
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
@@ -1615,12 +1651,15 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     assert stat.S_IMODE((kept / "client.key").stat().st_mode) == 0o600
     assert stat.S_IMODE(kept.stat().st_mode) == 0o700
     # The next run proves the name with the kept certificate (the one the leader holds now,
-    # not the superseded one in place); once in place, nothing is kept aside any more.
-    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+    # not the superseded one in place; its CA in the node's bundle, as in the run before);
+    # once in place, nothing is kept aside any more.
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
         run = await run_cli(node.url, "--password-file", pw, "--yes")  # the name: the PC's
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
-    assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # a new set, .enrolment-kept gone
+    assert pki.issued_by(pki.read_cert(d / "client.pem"), test_ca.cert)
 
 
 async def test_a_short_timeout_still_waits_for_the_node_to_deliver_the_certificate(

@@ -26,7 +26,8 @@ CA pin). The steps, in the seed's order:
       writable) before the password is asked for: after the exchange a run has enrolled.
 
 The name is this PC's. The CSR carries, signed by the key of this PC's newest certificate of
-that name in its settings dir, proof that it holds that certificate
+that name in its settings dir (of those from a CA the node's hello names, if any: a pair a fake
+node handed over is not the proof), proof that it holds that certificate
 (``bootstrap_csr.Reenrolment``): the leader then signs the name again and supersedes the
 certificate. Another PC of the same name has no such proof and is refused (exit 11, audit
 s39ws M2: it took the name over and the first PC's certificate was revoked) unless its admin
@@ -507,6 +508,7 @@ class TestConnection:
         where = _netloc(server.host, port)
         # A wrong CA is reported as such, before the password is asked for.
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
+        self.prove_with_the_nodes_ca(hello.ca_bundle_pem)
         self.check_settings_dir()
         secret = None
         if o.enrol:
@@ -662,9 +664,35 @@ class TestConnection:
             self.previous = None  # another name's: it proves nothing about this one
 
     def _previous_enrolment(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-        """The newest valid pair of client key and certificate in the settings dir: kept aside
+        """The newest valid pair of client key and certificate in the settings dir
+        (``_enrolments``)."""
+        return max(self._enrolments(), key=lambda pair: pair[0].not_valid_before_utc, default=None)
+
+    def prove_with_the_nodes_ca(self, bundle_pem: bytes) -> None:
+        """The proof of the name: of this name's pairs in the settings dir, the newest from a
+        CA of the node's hello (``bundle_pem``), else the newest (``choose_name``'s). A pair
+        kept aside after a run whose server did not check out may be a fake node's (one that
+        knew the password, s43rev3 Low 3): the newer, it would stand for this PC's proof, and
+        the leader would refuse the name as another PC's."""
+        if self.previous is None:
+            return
+        try:
+            cas = proto.ca_certificates(bundle_pem)
+        except proto.BootstrapError:
+            return  # (said when the bundle is used)
+        ours = [
+            pair
+            for pair in self._enrolments()
+            if pki.names_of(pair[0]).common_name == self.workstation
+            and any(pki.issued_by(pair[0], ca) for ca in cas)
+        ]
+        if ours and not any(pki.issued_by(self.previous[0], ca) for ca in cas):
+            self.previous = max(ours, key=lambda pair: pair[0].not_valid_before_utc)
+
+    def _enrolments(self) -> list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
+        """The valid pairs of client key and certificate in the settings dir: kept aside
         (``settings_files.KEPT``: an enrolment whose check failed, or one --no-enrol took out
-        of use) or in place. One that cannot be read or does not hold together counts as none."""
+        of use) and in place. One that cannot be read or does not hold together counts as none."""
         d = self.o.settings_dir
         pairs: list[tuple[bytes, bytes]] = []
         if (kept := settings_files.kept_pair(d)) is not None:
@@ -688,7 +716,7 @@ class TestConnection:
                 continue
             if holds:
                 found.append((cert, key))
-        return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
+        return found
 
     def after_failed_check(
         self,
