@@ -1168,7 +1168,8 @@ async def test_a_server_not_from_the_cluster_ca_after_the_exchange_says_where_th
     assert "is not from the cluster CA: someone may be in between; do not continue; " in run.error
     assert run.error.endswith(
         f"the new certificate the node handed over for this PC (ws-empfang) is kept in {kept}: "
-        "the next run, with the password, proves this PC's name with it (no --replace needed)"
+        "the next run, with the password, proves this PC's name with it at a node whose CA "
+        "signed it (no --replace needed)"
     ), run.error
     new_cert = pki.read_cert(kept / "client.pem")
     assert pki.issued_by(new_cert, other.cert)

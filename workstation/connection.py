@@ -601,7 +601,7 @@ class TestConnection:
             error.code,
             f"{error.message}; the new certificate the node handed over for this PC "
             f"({self.workstation}) is kept in {kept}: the next run, with the password, proves "
-            "this PC's name with it (no --replace needed)",
+            "this PC's name with it at a node whose CA signed it (no --replace needed)",
         )
 
     def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path | None:
