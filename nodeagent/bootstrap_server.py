@@ -88,7 +88,7 @@ WallClock = Callable[[], dt.datetime]
 SHUTDOWN_TIMEOUT = 5.0
 PAKE_CONCURRENCY = 2  # SPAKE2 is pure Python: at most this many asked of the worker at once
 WORKER_RETRY = 5.0  # the Retry-After of a "try later" when the crypto worker failed
-FINISH_DEADLINE = proto.CLIENT_WAIT / 2
+FINISH_DEADLINE = proto.FINISH_DEADLINE  # (CLIENT_WAIT / 2)
 """Seconds from a finish request's arrival by which the work after the leader signed (the
 certificate's check and the seal, each tried twice) must be done; past it, the certificate is
 withdrawn and the answer is 503 "try later". Half the workstation's default wait

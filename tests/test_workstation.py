@@ -61,7 +61,7 @@ from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
 from workstation import connection as workstation
 from workstation.connection import Exit
-from workstation.settings_files import KEPT, MARKER, STAGING
+from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
 
 APP = "/praxis_live/"
 
@@ -203,7 +203,9 @@ def run_cli(
     monkeypatch.setattr(socket, "gethostname", lambda: "pc-test")
 
     async def run(*args: str, stdin: str | None = None) -> Run:
-        argv = ["client", "test-connection", *args, "--timeout", "5"]
+        argv = ["client", "test-connection", *args]
+        if "--timeout" not in args:
+            argv += ["--timeout", "5"]
         if "--settings-dir" not in args:
             argv += ["--settings-dir", str(tmp_path / "settings")]
         if stdin is not None:
@@ -571,7 +573,18 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         assert d.parent.read_bytes() == b"not a directory"
 
 
-@pytest.mark.parametrize("how", ["HOME", "--settings-dir", "a user's link"])
+def _login_user() -> pwd.struct_passwd | None:
+    """A user of this machine, not root, with a login shell (listed in /etc/shells)."""
+    try:
+        shells = Path("/etc/shells").read_text().split()
+    except OSError:
+        return None
+    return next((u for u in pwd.getpwall() if u.pw_uid != 0 and u.pw_shell in shells), None)
+
+
+@pytest.mark.parametrize(
+    "how", ["HOME", "--settings-dir", "a user's link", "a login user's HOME", "TLSROLL_CLIENT_DIR"]
+)
 async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     how: str,
     nodes: dict[str, ServerNode],
@@ -585,12 +598,22 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     """Audit s39ws L6: ``sudo tlsroll client test-connection`` keeping the user's HOME made
     the settings root's in the user's home (~/.config too, when it was missing), where the
     user's client could not read them. Refused before anything is read, sent or written: exit
-    1, one line naming the user and ``sudo -H``, nothing created in the home, no exchange."""
+    1, one line naming the user and ``sudo -H``, nothing created in the home, no exchange.
+    s44 (the wording): a service user, whose shell lets no one log in (nobody here), is told
+    ``sudo -u USER -H``, not "without sudo"; a user who can log in and ran sudo, "without
+    sudo"; and ``sudo -H`` for root's own settings names the variable the settings dir came
+    from, which sudo -E keeps (none for a --settings-dir given)."""
     if os.geteuid() != 0:
         pytest.skip("only root runs into it")
     node = nodes["mtls"]
     home = tmp_path / "home"
     home.mkdir()
+    uid = 65534
+    if how == "a login user's HOME":
+        login = _login_user()
+        if login is None:
+            pytest.skip("no user with a login shell on this machine")
+        uid = login.pw_uid
     # (Audit s43rev1: a home root owns, whose ~/.config is a link of the user's to a
     # directory root owns: only the path resolved was looked at, all root's, so it was let
     # through; the user can swap the link between the check and the writes.)
@@ -600,8 +623,8 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
         os.symlink(tmp_path / "roots", home / ".config")
         os.lchown(home / ".config", 65534, 65534)
     else:
-        os.chown(home, 65534, 65534)
-    user = pwd.getpwuid(65534).pw_name if _has_uid(65534) else "the user of uid 65534"
+        os.chown(home, uid, uid)
+    user = pwd.getpwuid(uid).pw_name if _has_uid(uid) else f"the user of uid {uid}"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("SUDO_USER", user)
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
@@ -611,24 +634,41 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     argv += ["--password-file", password_file(PASSWORD)]
     if how == "--settings-dir":
         argv += ["--settings-dir", str(home / "praxis" / "tlsroll")]
+    if how == "TLSROLL_CLIENT_DIR":
+        monkeypatch.setenv("TLSROLL_CLIENT_DIR", str(home / "praxis" / "tlsroll"))
     async with bootstrap_on(node, test_ca):
         code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)
     out, err = capsys.readouterr()
     run = Run(code, out, err, list(logs))
     assert run.code == 1, run.out + run.err
-    if how == "--settings-dir":
+    if how in ("--settings-dir", "TLSROLL_CLIENT_DIR"):
         d = home / "praxis" / "tlsroll"
     else:
         d = home / ".config" / "tlsroll" / "client"
     where = (
-        f"is in {home / '.config'}, a symbolic link {fsutil.user_label(65534)} owns"
+        f"is in {home / '.config'}, a symbolic link {fsutil.user_label(uid)} owns"
         if linked
-        else f"is in {home}, which {fsutil.user_label(65534)} owns"
+        else f"is in {home}, which {fsutil.user_label(uid)} owns"
+    )
+    as_user = (
+        f"run it as {user}, without sudo"
+        if how == "a login user's HOME"
+        else f"run it as {user}, a user without a login shell (su does not work): sudo -u "
+        f"{user} -H tlsroll client test-connection …"
+    )
+    for_root = (
+        "a --settings-dir of root's"
+        if how == "--settings-dir"
+        else "sudo -H without -E: this settings dir comes from TLSROLL_CLIENT_DIR, which sudo "
+        "-E and su without - keep from the user"
+        if how == "TLSROLL_CLIENT_DIR"
+        else "sudo -H without -E: this settings dir comes from HOME, which sudo -E and some "
+        "sudo set-ups keep from the user"
     )
     assert run.error == (
         f"tlsroll: error: this runs as root, but the settings dir {d} {where}: the settings "
-        f"would be root's there, and {user}'s client could not use them; run it as {user}, "
-        "without sudo (or sudo -H for root's own settings); nothing was changed"
+        f"would be root's there, and {user}'s client could not use them; {as_user} (or, for "
+        f"root's own settings, {for_root}); nothing was changed"
     )
     assert run.out == ""  # before the address is even tried
     assert os.listdir(home) == ([".config"] if linked else [])
@@ -1100,6 +1140,83 @@ async def test_server_certificate_not_from_the_announced_ca(
     assert "is not from the cluster CA" in run.error
 
 
+async def test_a_server_not_from_the_cluster_ca_after_the_exchange_says_where_the_pair_is_kept(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s43rev3 Low 3: the node signed a new certificate (the leader superseded the one in
+    place), then the server's certificate was not from the CA the node handed over: the new
+    pair was kept aside (``keep_new_pair``), but the error did not say so. It says where, and
+    that the next run proves the PC's name with it; and so it does."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    args = (node.url, "--password-file", pw, "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+    before = settings_set(d)
+    other = pki.CertificateAuthority.create("another CA")  # the node's bundle: not the server's
+    async with bootstrap_on(node, test_ca, sign=recording(other, csrs)) as service:
+        service.set_ca_bundle(other.cert_pem)
+        run = await run_cli(*args)
+    assert run.code == Exit.UNTRUSTED, run.err
+    kept = d / KEPT
+    assert "is not from the cluster CA: someone may be in between; do not continue; " in run.error
+    assert run.error.endswith(
+        f"the new certificate the node handed over for this PC (ws-empfang) is kept in {kept}: "
+        "the next run, with the password, proves this PC's name with it at a node whose CA "
+        "signed it (no --replace needed)"
+    ), run.error
+    new_cert = pki.read_cert(kept / "client.pem")
+    assert pki.issued_by(new_cert, other.cert)
+    assert not assert_one_set_beside_kept(d, before, node)  # nothing written
+    # (the node's bundle names the CA that signed the kept pair: the cluster's, a server
+    # that was not the node's; a fake node's: test_a_fake_nodes_pair_proves_nothing)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 0, run.err
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # a new set, .enrolment-kept gone
+    assert pki.issued_by(pki.read_cert(d / "client.pem"), test_ca.cert)
+
+
+async def test_a_fake_nodes_pair_proves_nothing(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """A fake node that knows the password (on the bootstrap port, with a CA of its own)
+    hands over a certificate: the server's does not check out, and the pair is kept aside,
+    the newest in the settings dir. The next run, at the real node, proves the PC's name with
+    the pair from that node's CA (the one in place), not with the fake one: else the leader
+    would refuse the name as another PC's."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    args = (node.url, "--password-file", pw, "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+    held = pki.read_cert(d / "client.pem")
+    evil = pki.CertificateAuthority.create("evil")
+    evil_node = ServerNode(node.address, issue(evil, node.address, tmp_path / "evil"), node.server)
+    async with bootstrap_on(evil_node, evil):
+        run = await run_cli(*args)
+    assert run.code == Exit.UNTRUSTED and f"is kept in {d / KEPT}" in run.error, run.error
+    assert pki.issued_by(pki.read_cert(d / KEPT / "client.pem"), evil.cert)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 0, run.err
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
+
+
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
     node = nodes["tls"]
     run = await run_cli(f"https://{node.address}:8443/tomedo_live/", "--yes")
@@ -1535,12 +1652,57 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     assert stat.S_IMODE((kept / "client.key").stat().st_mode) == 0o600
     assert stat.S_IMODE(kept.stat().st_mode) == 0o700
     # The next run proves the name with the kept certificate (the one the leader holds now,
-    # not the superseded one in place); once in place, nothing is kept aside any more.
-    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+    # not the superseded one in place; its CA in the node's bundle, as in the run before);
+    # once in place, nothing is kept aside any more.
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
         run = await run_cli(node.url, "--password-file", pw, "--yes")  # the name: the PC's
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
-    assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # a new set, .enrolment-kept gone
+    assert pki.issued_by(pki.read_cert(d / "client.pem"), test_ca.cert)
+
+
+async def test_a_short_timeout_still_waits_for_the_node_to_deliver_the_certificate(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """A --timeout under the node's deadline (it delivers the certificate up to
+    FINISH_DEADLINE after the request) gave up while the node still worked: the node sealed
+    and sent a certificate nobody received, which held the name. The exchange waits at least
+    MIN_EXCHANGE_WAIT, and one note says so; the rest of the run keeps the --timeout given."""
+    assert proto.MIN_EXCHANGE_WAIT > proto.FINISH_DEADLINE
+    node = nodes["mtls"]
+    sign = ca_signer(test_ca)
+    slow = 2.0  # a slow signing, longer than the --timeout, within the node's deadline
+
+    async def slow_sign(csr_pem: bytes) -> bytes:
+        await asyncio.sleep(slow)
+        return bytes(await sign(csr_pem))
+
+    args = (node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca, sign=slow_sign):
+        run = await run_cli(*args, "--timeout", "1")
+    assert run.code == 0, run.err
+    note = (
+        f"note      the password exchange waits {proto.MIN_EXCHANGE_WAIT:g} s for each answer, "
+        f"not --timeout 1: the node may take {proto.FINISH_DEADLINE:g} s to deliver the "
+        "certificate"
+    )
+    assert run.out.splitlines().count(note) == 1, run.out
+    delivered = pki.read_cert(tmp_path / "settings" / "client.pem")
+    assert pki.names_of(delivered).common_name == "ws-empfang"
+    # A --timeout at least that long is taken as it is; a run without an exchange says nothing.
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(*args, "--timeout", f"{proto.MIN_EXCHANGE_WAIT:g}")
+        assert run.code == 0 and "note" not in run.out, run.out
+        pin = pki.spki_pin(test_ca.cert)
+        run = await run_cli(node.url, "--ca-pin", pin, "--no-enrol", "--yes", "--timeout", "1")
+        assert "password exchange" not in run.out, run.out
 
 
 @pytest.mark.parametrize("cut", ["final check", "probe of the set before"])
@@ -1631,7 +1793,9 @@ async def test_a_set_in_place_that_fails_too_gives_way_to_the_new_one(
     likeliest reason to enrol again; or another CA's) was neither tried nor replaced: the
     final check failed, and the set that does not work stayed while the valid new one went
     aside. One rule now: the set in place stays only if a request with it succeeds; here it
-    fails too, so the new set goes in place, and the error says so."""
+    fails too, so the new set goes in place, and the error says so. s43rev3 Low 4: another
+    CA's pair, valid, was overwritten unsaid (its key gone): it is kept with its set in
+    REPLACED, and said; an expired one is not."""
     node = nodes["mtls"]
     d = tmp_path / "settings"
     pw = password_file(PASSWORD)
@@ -1655,9 +1819,22 @@ async def test_a_set_in_place_that_fails_too_gives_way_to_the_new_one(
         run.error
     ), run.error
     assert "then run this again (it enrols again with the password)" in run.error, run.error
-    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # nothing kept aside
     assert pki.issued_by(pki.read_cert(d / "client.pem"), other.cert)
     assert settings_set(d)["client.pem"] != before["client.pem"]
+    if expired:  # worth nothing: not kept
+        assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+        assert "kept in" not in run.out
+        return
+    assert sorted(os.listdir(d)) == sorted([*SETTINGS_SET, REPLACED])
+    assert settings_set(d / REPLACED) == before  # the whole set, as it was
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
+    until = f"{pki.load_cert_pem(cert_pem).not_valid_after_utc:%Y-%m-%d}"
+    assert (
+        f"note      the settings before are kept in {d / REPLACED}, as their key is nowhere "
+        f"else: client certificate ws-empfang of another CA than this cluster's, valid until "
+        f"{until}"
+    ) in run.out.splitlines(), run.out
 
 
 async def test_a_set_in_place_that_works_is_followed_by_the_new_ones_second_check(
@@ -1701,11 +1878,13 @@ async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
     test_ca: pki.CertificateAuthority,
     run_cli: Any,
     password_file: Callable[[str], str],
+    tmp_path: Path,
 ) -> None:
     """Audit s40ws L3: a PC enrolled under its host name, run again with --name another,
     enrols under that name with no proof (its certificate is of another name: it proves
     nothing about this one, and the leader would refuse it)."""
     node = nodes["mtls"]
+    d = tmp_path / "settings"
     csrs: list[bytes] = []
     pw = password_file(PASSWORD)
     async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
@@ -1715,6 +1894,17 @@ async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
     names = [pki.names_of(pki.load_csr_pem(c)).common_name for c in csrs]
     assert names == ["ws-pc-test", "ws-other"]
     assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
+    # s43rev3 Low 4: the pair of ws-pc-test, still valid at the leader, was overwritten: its
+    # set is kept, and said
+    assert pki.names_of(pki.read_cert(d / REPLACED / "client.pem")).common_name == "ws-pc-test"
+    assert pki.key_matches(
+        pki.read_cert(d / REPLACED / "client.pem"), pki.read_key(d / REPLACED / "client.key")
+    )
+    assert (
+        f"note      the settings before are kept in {d / REPLACED}, as their key is nowhere "
+        "else: client certificate ws-pc-test of another name than this one, valid until "
+    ) in run.out, run.out
+    assert "(the leader still holds it)" in run.out
 
 
 async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(

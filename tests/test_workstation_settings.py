@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 from tlsroll import pki
 from tlsroll.fsutil import PRIVATE, PUBLIC, private_dir_problem, stage_atomic
 from workstation import settings_files
-from workstation.settings_files import KEPT, MARKER, STAGING, Finished
+from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING, Finished
 
 
 class Crash(BaseException):
@@ -396,3 +396,43 @@ def test_a_kept_link_is_not_followed(d: Path, tmp_path: Path) -> None:
     with pytest.raises(NotADirectoryError):
         settings_files.keep(d, pair["client.key"], pair["client.pem"])
     assert os.listdir(elsewhere) == [] and stat.S_IMODE(elsewhere.stat().st_mode) == 0o755
+
+
+def test_the_set_replaced_is_kept_when_its_pair_is_worth_it_one_at_most(d: Path) -> None:
+    """s43rev3 Low 4: a new set overwrote a client key that may still be valid (another
+    name's, another CA's). ``keep_replaced`` is asked about the pair in place once the check
+    passed; if it says so, the whole set in place is copied to REPLACED (the key 0600) before
+    the new one is committed: one set at most, a later one takes its place whole."""
+    asked: list[tuple[bytes, bytes]] = []
+
+    def no(key: bytes, cert: bytes) -> bool:
+        asked.append((key, cert))
+        return False
+
+    def yes(key: bytes, cert: bytes) -> bool:
+        return True
+
+    def refuse(staging: Path) -> None:
+        raise OSError(errno.EIO, "the check failed")
+
+    assert settings_files.replace(d, files(NEW), keep_replaced=no) is None
+    assert asked == [(OLD["client.key"], OLD["client.pem"])]
+    assert not (d / REPLACED).exists()
+    with_ca = OLD | {"ca.pem": b"ca"}
+    assert settings_files.replace(d, files(with_ca), keep_replaced=yes) == d / REPLACED
+    assert contents(d / REPLACED) == NEW
+    assert {n: (d / n).read_bytes() for n in with_ca} == with_ca
+    assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    # a failed check copies nothing; a set without a client key asks nothing
+    with pytest.raises(OSError):
+        settings_files.replace(d, files(NEW), refuse, keep_replaced=yes)
+    assert contents(d / REPLACED) == NEW
+    settings_files.replace(d, files({"settings.json": b"pinned"}), keep_replaced=no)
+    assert len(asked) == 1
+    # the next one takes its place whole
+    settings_files.replace(d, files(NEW), keep_replaced=yes)
+    assert contents(d / REPLACED) == with_ca | {"settings.json": b"pinned"}
+    os.unlink(d / "ca.pem")
+    settings_files.replace(d, files(OLD), keep_replaced=yes)
+    assert contents(d / REPLACED) == NEW  # no ca.pem left of the one before

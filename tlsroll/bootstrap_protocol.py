@@ -152,6 +152,14 @@ CLIENT_WAIT = 10.0
 answers a finish well within it (``nodeagent.bootstrap_server.FINISH_DEADLINE``): an answer
 sealed after the workstation gave up delivers a certificate no one receives, which holds the
 workstation's name against its next try (review s43rev2, M1)."""
+FINISH_DEADLINE = CLIENT_WAIT / 2
+"""Seconds from a finish request's arrival within which the node sends its sealed answer, or
+none: past it, it withdraws the certificate and answers "busy" (``nodeagent.bootstrap_server``)."""
+MIN_EXCHANGE_WAIT = FINISH_DEADLINE + 2.0
+"""The least the workstation waits for each answer of the exchange, whatever its ``--timeout``:
+a sealed answer comes within ``FINISH_DEADLINE`` of the request's arrival, plus the way there and
+back and a loaded node (2 s); a shorter wait could give up on a certificate the node still
+delivers, and the name would stay held until the node withdraws it."""
 MAX_ANSWER_BYTES = 1 << 20  # a larger answer is refused by the client
 MAX_REQUEST_BYTES = 64 << 10  # the service refuses larger requests (413)
 # What a client will spend on the KDF of a hello it cannot verify yet: no more than tlsroll

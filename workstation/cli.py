@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from tlsroll.bootstrap_protocol import FINISH_DEADLINE, MIN_EXCHANGE_WAIT
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.password import PasswordFileError, read_password_file
 from workstation.connection import (
@@ -77,7 +78,8 @@ def client() -> None:
     type=click.FloatRange(0.5, 120),
     default=DEFAULT_TIMEOUT,
     show_default=True,
-    help="Seconds to wait for each connection.",
+    help="Seconds to wait for each connection (the password exchange waits at least "
+    f"{MIN_EXCHANGE_WAIT:g}: the node may take {FINISH_DEADLINE:g} to deliver the certificate).",
 )
 def test_connection(
     url: str,

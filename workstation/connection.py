@@ -26,7 +26,8 @@ CA pin). The steps, in the seed's order:
       writable) before the password is asked for: after the exchange a run has enrolled.
 
 The name is this PC's. The CSR carries, signed by the key of this PC's newest certificate of
-that name in its settings dir, proof that it holds that certificate
+that name in its settings dir (of those from a CA the node's hello names, if any: a pair a fake
+node handed over is not the proof), proof that it holds that certificate
 (``bootstrap_csr.Reenrolment``): the leader then signs the name again and supersedes the
 certificate. Another PC of the same name has no such proof and is refused (exit 11, audit
 s39ws M2: it took the name over and the first PC's certificate was revoked) unless its admin
@@ -37,7 +38,10 @@ has superseded the certificate in place by then, and without them only ``--repla
 enrol this PC again. The PC is never left without a working set (s39wsfix): settings before
 whose certificate the leader has just revoked stay only while a request with them still
 succeeds; otherwise the new set goes in place all the same (the one certificate the leader
-holds valid), and the error says what failed (``after_failed_check``).
+holds valid), and the error says what failed (``after_failed_check``). A client key and
+certificate in place that a new set replaces and that may still be valid (another name's, or
+another CA's: this enrolment did not supersede them) are kept with their set in
+``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -504,6 +508,7 @@ class TestConnection:
         where = _netloc(server.host, port)
         # A wrong CA is reported as such, before the password is asked for.
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
+        self.prove_with_the_nodes_ca(hello.ca_bundle_pem)
         self.check_settings_dir()
         secret = None
         if o.enrol:
@@ -516,6 +521,7 @@ class TestConnection:
                 raise ClientError(Exit.USAGE, f"the password entered {why}; nothing was sent")
         node, node_url = hello.node, hello.server_url
         cert = key = None
+        kept: Path | None = None  # where the new pair is kept aside (``keep_new_pair``)
         # The whole bundle: intermediates to build the server's chain with (a practice's own
         # certificates, ``--cert-dir``, may come through one), and the CA of the client
         # certificate (the cluster's, which may not be the one pinned).
@@ -531,13 +537,16 @@ class TestConnection:
                 trusted = bundle
                 how = "verified with the password (key exchange confirmed both ways)"
             cert = self._client_cert(payload, key, bundle, where)
-            self.keep_new_pair(cert, key)
+            kept = self.keep_new_pair(cert, key)
         else:
             assert pinned is not None  # without a password there is always a pin
             trusted, how = pinned, f"pinned {self.pin}"
             bundle = self._cas(hello.ca_bundle_pem)  # parsed already: ``pinned`` is of it
         self.ui.say(f"ca        {how}")
-        ca = self.check_chain(server, server_cert, trusted, bundle)
+        try:
+            ca = self.check_chain(server, server_cert, trusted, bundle)
+        except ClientError as exc:
+            raise self._said_kept(exc, kept) from None
         if self.pin is None and cert is not None:
             self.say_pin_to_compare(ca, cert, bundle)
         if node_url != server.url:
@@ -564,7 +573,9 @@ class TestConnection:
             self.check_settings(server, result, staged)
 
         try:
-            self.write_settings(result, trusted_pem, client_pem, key_pem, check=check)
+            self.write_settings(
+                result, trusted_pem, client_pem, key_pem, check=check, bundle=bundle
+            )
         except CheckFailed as exc:
             # (Not when the writing failed: a full disk fails the keeping too, and a set
             # committed before it failed is completed by the next run.)
@@ -575,9 +586,25 @@ class TestConnection:
             )
             if error is not None:
                 raise error from None
+        except ClientError as exc:  # not written (a full disk): the new pair may be kept
+            raise self._said_kept(exc, kept) from None
         return result
 
-    def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    def _said_kept(self, error: ClientError, kept: Path | None) -> ClientError:
+        """``error``, raised after the exchange and before a set was written, saying where the
+        new pair is kept (``kept``, from ``keep_new_pair``) and what the next run does with it
+        (s43rev3 Low 3: a server certificate not from the cluster CA kept it unsaid); as it was
+        if the pair could not be kept (said then already)."""
+        if kept is None:
+            return error
+        return ClientError(
+            error.code,
+            f"{error.message}; the new certificate the node handed over for this PC "
+            f"({self.workstation}) is kept in {kept}: the next run, with the password, proves "
+            "this PC's name with it at a node whose CA signed it (no --replace needed)",
+        )
+
+    def keep_new_pair(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path | None:
         """Keep the new key and certificate aside (``settings_files.KEPT``) as soon as the
         exchange returns them, before anything else is checked or asked: the leader has signed
         the certificate and revoked every other of this name, so a run cut short after this
@@ -586,16 +613,17 @@ class TestConnection:
         the probe of the set before had failed). A set with a client certificate written in
         place later removes it (``settings_files.replace``). Where it cannot be kept (a full
         disk), that is said, and the run goes on: the set is written, or the keeping tried
-        again, when the final check fails."""
+        again, when the final check fails. Returns where it is kept, None if it is not."""
         d = self.o.settings_dir
         try:
             make_private_dir(d)
-            settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
+            return settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
         except OSError as exc:
             self.ui.say(
                 f"note      the new certificate could not be kept aside in {d} yet "
                 f"({exc.strerror or exc})"
             )
+            return None
 
     def say_pin_to_compare(
         self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
@@ -636,9 +664,35 @@ class TestConnection:
             self.previous = None  # another name's: it proves nothing about this one
 
     def _previous_enrolment(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-        """The newest valid pair of client key and certificate in the settings dir: kept aside
+        """The newest valid pair of client key and certificate in the settings dir
+        (``_enrolments``)."""
+        return max(self._enrolments(), key=lambda pair: pair[0].not_valid_before_utc, default=None)
+
+    def prove_with_the_nodes_ca(self, bundle_pem: bytes) -> None:
+        """The proof of the name: of this name's pairs in the settings dir, the newest from a
+        CA of the node's hello (``bundle_pem``), else the newest (``choose_name``'s). A pair
+        kept aside after a run whose server did not check out may be a fake node's (one that
+        knew the password, s43rev3 Low 3): the newer, it would stand for this PC's proof, and
+        the leader would refuse the name as another PC's."""
+        if self.previous is None:
+            return
+        try:
+            cas = proto.ca_certificates(bundle_pem)
+        except proto.BootstrapError:
+            return  # (said when the bundle is used)
+        ours = [
+            pair
+            for pair in self._enrolments()
+            if pki.names_of(pair[0]).common_name == self.workstation
+            and any(pki.issued_by(pair[0], ca) for ca in cas)
+        ]
+        if ours and not any(pki.issued_by(self.previous[0], ca) for ca in cas):
+            self.previous = max(ours, key=lambda pair: pair[0].not_valid_before_utc)
+
+    def _enrolments(self) -> list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
+        """The valid pairs of client key and certificate in the settings dir: kept aside
         (``settings_files.KEPT``: an enrolment whose check failed, or one --no-enrol took out
-        of use) or in place. One that cannot be read or does not hold together counts as none."""
+        of use) and in place. One that cannot be read or does not hold together counts as none."""
         d = self.o.settings_dir
         pairs: list[tuple[bytes, bytes]] = []
         if (kept := settings_files.kept_pair(d)) is not None:
@@ -662,7 +716,7 @@ class TestConnection:
                 continue
             if holds:
                 found.append((cert, key))
-        return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
+        return found
 
     def after_failed_check(
         self,
@@ -704,7 +758,7 @@ class TestConnection:
                 "check     the settings in place still work: the new ones checked once more"
             )
             try:
-                self.write_settings(result, ca_pem, client_pem, key_pem, check=check)
+                self.write_settings(result, ca_pem, client_pem, key_pem, check=check, bundle=bundle)
             except CheckFailed as again:
                 return self.keep_enrolment(
                     again, client_pem, key_pem, still_works=True, revoked=revoked
@@ -715,7 +769,7 @@ class TestConnection:
                 )
             return None
         try:
-            self.write_settings(result, ca_pem, client_pem, key_pem)
+            self.write_settings(result, ca_pem, client_pem, key_pem, bundle=bundle)
         except ClientError:
             return self.keep_enrolment(failed, client_pem, key_pem)
         before = (
@@ -972,15 +1026,22 @@ class TestConnection:
 
     # (d)
     def _call(
-        self, host: str, port: int, method: str, path: str, body: dict[str, Any] | None = None
+        self,
+        host: str,
+        port: int,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Reply:
-        """One request to the bootstrap port over unverified TLS (the PAKE authenticates)."""
+        """One request to the bootstrap port over unverified TLS (the PAKE authenticates),
+        waiting ``timeout`` (default: ``--timeout``)."""
         where = _netloc(host, port)
         data = None if body is None else json.dumps(body).encode()
+        wait = self.o.timeout if timeout is None else timeout
         try:
-            return request(
-                host, port, method, path, self.context, body=data, timeout=self.o.timeout
-            )
+            return request(host, port, method, path, self.context, body=data, timeout=wait)
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
                 raise self._port_closed(host, port, exc) from None
@@ -1117,6 +1178,7 @@ class TestConnection:
         )
         csr = pki.make_csr(key, proto.workstation_names(cn), [claim] if claim else [])
         csr_pem = pki.csr_to_pem(csr)
+        wait = self.exchange_wait()
         # One confirmation per run, whatever the node answers to it: each one a (fake) node
         # sees tests one password guess. Only an exchange about to expire *before* the
         # confirmation goes out is started again.
@@ -1124,7 +1186,7 @@ class TestConnection:
             pake = proto.WorkstationPAKE(secret, hello.kdf)
             start_body = proto.StartRequest(cn, pake.msg_a).to_json()
             started = time.monotonic()
-            reply = self._call(host, port, "POST", proto.START_PATH, start_body)
+            reply = self._call(host, port, "POST", proto.START_PATH, start_body, timeout=wait)
             if reply.status != 200:
                 raise self._refused(reply, where)
             try:
@@ -1144,7 +1206,7 @@ class TestConnection:
                 break
         else:
             raise ClientError(Exit.FAILURE, f"{where}: the exchange expired too soon; try again")
-        reply = self._call(host, port, "POST", proto.FINISH_PATH, finish.to_json())
+        reply = self._call(host, port, "POST", proto.FINISH_PATH, finish.to_json(), timeout=wait)
         error, _ = _error_of(reply)
         if reply.status == 410 and error == proto.ErrorCode.EXCHANGE_EXPIRED:
             raise ClientError(
@@ -1154,6 +1216,22 @@ class TestConnection:
         if reply.status != 200:
             raise self._refused(reply, where, self._name_hint(reply))
         return self._payload(reply, keys, where)
+
+    def exchange_wait(self) -> float:
+        """How long the exchange waits for each answer: ``--timeout``, but never less than
+        ``proto.MIN_EXCHANGE_WAIT`` (one note line says so): the node delivers the certificate
+        up to ``proto.FINISH_DEADLINE`` after the request, and a client that gave up before
+        left the name held until the node withdrew it. Raised rather than refused: the
+        timeout is for not waiting long on a host that does not answer, which it still does
+        everywhere else, and a run without an exchange (``--no-enrol``) is not affected."""
+        if self.o.timeout >= proto.MIN_EXCHANGE_WAIT:
+            return self.o.timeout
+        self.ui.say(
+            f"note      the password exchange waits {proto.MIN_EXCHANGE_WAIT:g} s for each answer, "
+            f"not --timeout {self.o.timeout:g}: the node may take {proto.FINISH_DEADLINE:g} s "
+            "to deliver the certificate"
+        )
+        return proto.MIN_EXCHANGE_WAIT
 
     def _name_hint(self, reply: Reply) -> str:
         """For a name the leader refused (409): a longer one from this PC's full host name,
@@ -1242,11 +1320,16 @@ class TestConnection:
         client_pem: bytes | None,
         key_pem: bytes | None,
         check: Callable[[Path], None] | None = None,
+        bundle: Sequence[x509.Certificate] = (),
     ) -> None:
         """The settings dir's files, replaced as one set (``settings_files``): a run cut short
         leaves the old set or a new one the next run completes, never a mix. ``check`` (the
         request with them) runs on the new set staged, before it is committed: a set that
-        fails it is not written (audit s39ws M5: it replaced a working one)."""
+        fails it is not written (audit s39ws M5: it replaced a working one). A client key and
+        certificate in place that this enrolment did not make worthless (``_worth_keeping``,
+        ``bundle`` the cluster's CAs) are kept with their set in ``settings_files.REPLACED``,
+        and that is said (s43rev3 Low 4: another name's, or another CA's, was overwritten
+        unsaid)."""
         d = result.settings_dir
         settings = {
             "version": SETTINGS_VERSION,
@@ -1265,9 +1348,18 @@ class TestConnection:
         files = {"ca.pem": (ca_pem, PUBLIC), "settings.json": (text.encode(), PUBLIC)}
         if client_pem is not None and key_pem is not None:
             files |= {"client.key": (key_pem, PRIVATE), "client.pem": (client_pem, PUBLIC)}
+        replaced: list[str] = []  # why the pair in place is worth keeping, if it is
+
+        def worth_keeping(key_pem: bytes, cert_pem: bytes) -> bool:
+            if (why := self._worth_keeping(key_pem, cert_pem, bundle)) is not None:
+                replaced.append(why)
+            return why is not None
+
         try:
             make_private_dir(d)
-            settings_files.replace(d, files, check)
+            kept = settings_files.replace(
+                d, files, check, worth_keeping if client_pem is not None else None
+            )
         except OSError as exc:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
@@ -1275,8 +1367,36 @@ class TestConnection:
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         self.ui.say(f"settings  written to {d}")
+        if kept is not None and replaced:
+            self.ui.say(
+                f"note      the settings before are kept in {kept}, as their key is nowhere "
+                f"else: client certificate {replaced[-1]}"
+            )
         if client_pem is None:
             self._set_aside(d)
+
+    def _worth_keeping(
+        self, key_pem: bytes, cert_pem: bytes, bundle: Sequence[x509.Certificate]
+    ) -> str | None:
+        """Why a client key and certificate about to be replaced are worth keeping: a pair
+        that holds together, is valid now, and that this enrolment did not supersede (the
+        leader revokes every other certificate of the name it signs: one of this name from a
+        CA of the cluster's ``bundle``), i.e. another name's or another CA's. None if not
+        worth keeping (expired, unreadable, or superseded)."""
+        try:
+            cert = pki.load_cert_pem(cert_pem)
+            pki.check_valid_now(cert)
+            if not pki.key_matches(cert, pki.load_key_pem(key_pem)):
+                return None
+            name = one_line(pki.names_of(cert).common_name, 64)
+        except (PKIError, ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
+            return None
+        valid = f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+        if not any(pki.issued_by(cert, ca) for ca in bundle):
+            return f"{name} of another CA than this cluster's, {valid}"
+        if name != self.workstation:
+            return f"{name} of another name than this one, {valid} (the leader still holds it)"
+        return None
 
     def _set_aside(self, d: Path) -> None:
         """Settings without a client certificate are in place: an earlier enrolment's
@@ -1332,9 +1452,10 @@ class TestConnection:
             owner = st.st_uid
             if owner != 0:
                 try:
-                    user = pwd.getpwuid(owner).pw_name
+                    entry: pwd.struct_passwd | None = pwd.getpwuid(owner)
                 except KeyError:
-                    user = f"the user of uid {owner}"
+                    entry = None
+                user = entry.pw_name if entry is not None else f"the user of uid {owner}"
                 link = stat.S_ISLNK(st.st_mode)
                 where = (
                     f"is {'a symbolic link ' if link else ''}owned by {user_label(owner)}"
@@ -1346,9 +1467,8 @@ class TestConnection:
                 raise ClientError(
                     Exit.FAILURE,
                     f"this runs as root, but the settings dir {d} {where}: the settings would "
-                    f"be root's there, and {user}'s client could not use them; run it as "
-                    f"{user}, without sudo (or sudo -H for root's own settings); nothing was "
-                    "changed",
+                    f"be root's there, and {user}'s client could not use them; "
+                    f"{self._as_the_user(entry, user)}; nothing was changed",
                 )
         # Modes too (s43rev3 Low 5): where root makes the dir, or writes in it, nobody else
         # may write (they could put a link there first: a settings dir not yet made in /tmp
@@ -1373,6 +1493,41 @@ class TestConnection:
                 "put a link in root's way there; give a --settings-dir in a directory only root "
                 "can write (or sudo -H for root's own settings); nothing was changed",
             )
+
+    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str) -> str:
+        """What to run instead, for root's refusal of a settings dir in ``user``'s tree
+        (``entry``: their passwd entry, if any): as that user (a service user, whose shell
+        lets no one log in, with ``sudo -u``), or, for root's own settings, ``sudo -H`` where
+        the dir came from the environment sudo kept (``-E``, or a sudo that keeps HOME)."""
+        if entry is None:
+            as_user = f"run it as {user}"
+        elif not _login_shell(entry.pw_shell):
+            as_user = (
+                f"run it as {user}, a user without a login shell (su does not work): "
+                f"sudo -u {user} -H tlsroll client test-connection …"
+            )
+        elif os.environ.get("SUDO_USER") == user:
+            as_user = f"run it as {user}, without sudo"
+        else:
+            as_user = f"run it as {user} (sudo -u {user} -H tlsroll client test-connection …)"
+        given = os.environ.get("TLSROLL_CLIENT_DIR")
+        if given and Path(given) == self.o.settings_dir:
+            variable: str | None = "TLSROLL_CLIENT_DIR"
+        elif self.o.settings_dir == default_settings_dir():
+            variable = "XDG_CONFIG_HOME" if os.environ.get("XDG_CONFIG_HOME") else "HOME"
+        else:
+            variable = None  # --settings-dir
+        if variable is None:
+            return f"{as_user} (or, for root's own settings, a --settings-dir of root's)"
+        keeps = (
+            "sudo -E and some sudo set-ups keep"
+            if variable == "HOME"
+            else ("sudo -E and su without - keep")
+        )
+        return (
+            f"{as_user} (or, for root's own settings, sudo -H without -E: this settings dir "
+            f"comes from {variable}, which {keeps} from the user)"
+        )
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password
@@ -1430,6 +1585,20 @@ class TestConnection:
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise CheckFailed(f"{server.url} answered HTTP {reply.status}")
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
+
+
+def _login_shell(shell: str) -> bool:
+    """Whether ``shell`` (a passwd entry's) lets its user log in: not ``nologin`` or
+    ``false``, and listed in /etc/shells where that can be read (an empty one is /bin/sh)."""
+    if not shell:
+        return True
+    if os.path.basename(shell) in ("nologin", "false"):
+        return False
+    try:
+        listed = Path("/etc/shells").read_text(errors="replace").split()
+    except OSError:
+        return True
+    return shell in listed
 
 
 def proto_pin(text: str | None) -> str | None:

@@ -26,6 +26,12 @@ place: a new enrolment's whose final check failed (the leader had signed it, and
 certificate in place), or an enrolment a run without one (``--no-enrol``) took out of use. The
 next enrolment proves with it that it is the same PC (``bootstrap_csr.Reenrolment``); once an
 enrolment is in place it is removed.
+
+``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced, when the
+caller says its client key and certificate are worth keeping (``replace``'s ``keep_replaced``:
+one that may still be valid, another name's or another CA's, whose key would otherwise be gone:
+s43rev3 Low 4). One set at most: a later one takes its place. It is copied before the new set
+is committed, so a run cut short leaves it beside the set it copies, never without it.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from tlsroll.fsutil import PRIVATE, PUBLIC, fsync_dir, stage_atomic, write_atomi
 
 STAGING = ".settings-new"
 KEPT = ".enrolment-kept"  # this PC's client.key and client.pem while not in place (see above)
+REPLACED = ".settings-replaced"  # the set before a new enrolment, if worth keeping (see above)
 CLIENT = ("client.key", "client.pem")
 MARKER = "commit"  # in STAGING: the names to rename into place, written last
 NAMES = ("client.key", "client.pem", "ca.pem", "settings.json")  # in the order they move
@@ -71,14 +78,20 @@ def replace(
     directory: Path,
     files: Mapping[str, tuple[bytes, int]],
     check: Callable[[Path], None] | None = None,
-) -> None:
+    keep_replaced: Callable[[bytes, bytes], bool] | None = None,
+) -> Path | None:
     """Replace the files ``files`` names (``{name: (data, mode)}``, names of ``NAMES``) in
     ``directory`` (which exists) as one set; the others stay. Raises OSError; when it does, the
     directory holds the old set, or a committed new one that the next ``finish`` completes.
     ``NewerStaging`` (nothing written) if a newer tlsroll's run is left to finish.
 
     ``check(staging)``, if given, is called with the new files staged (in the directory it
-    gets), before they are committed: whatever it raises leaves the old set as it was."""
+    gets), before they are committed: whatever it raises leaves the old set as it was.
+
+    ``keep_replaced(key_pem, cert_pem)``, if given and the new set has a client key, is asked
+    about the client key and certificate in place (if both can be read) once the check passed:
+    if True, the files of the set in place are copied to ``REPLACED`` (its key 0600) before the
+    new set is committed. Returns ``REPLACED`` if so, else None."""
     unknown = set(files) - set(NAMES)
     if unknown:
         raise ValueError(f"not a settings file: {sorted(unknown)}")
@@ -94,6 +107,9 @@ def replace(
             fsync_dir(staging)
             if check is not None:
                 check(staging)
+            kept = None
+            if keep_replaced is not None and "client.key" in files:
+                kept = _keep_replaced(directory, keep_replaced)
             marker = json.dumps({"files": order}).encode()
             os.replace(stage_atomic(staging / MARKER, marker, PUBLIC), staging / MARKER)
             fsync_dir(staging)  # committed
@@ -105,6 +121,24 @@ def replace(
         if "client.key" in files:  # an enrolment in place: nothing kept aside is wanted now
             with contextlib.suppress(OSError):  # committed: a pair left there is older, and the
                 _drop_kept(directory)  # next run goes by the newest (``connection``)
+    return kept
+
+
+def _keep_replaced(directory: Path, worth: Callable[[bytes, bytes], bool]) -> Path | None:
+    """The set in place copied to ``REPLACED`` (what it held before removed) if ``worth`` says
+    its client key and certificate are worth keeping; returns ``REPLACED`` then, else None."""
+    try:
+        pair = [(directory / name).read_bytes() for name in CLIENT]
+    except FileNotFoundError:
+        return None
+    if not worth(*pair):
+        return None
+    present: dict[str, tuple[bytes, int]] = {}
+    for name in NAMES:  # the key first (``_keep``), with the rest of its set
+        with contextlib.suppress(FileNotFoundError):
+            present[name] = ((directory / name).read_bytes(), _mode(name))
+    _keep(directory, present, REPLACED)
+    return directory / REPLACED
 
 
 def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
@@ -179,8 +213,10 @@ def _mode(name: str) -> int:
     return PRIVATE if name == "client.key" else PUBLIC
 
 
-def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
-    kept = directory / KEPT
+def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]], name: str = KEPT) -> None:
+    """Write ``files`` into the directory ``name`` (0700) in ``directory``; a file of
+    ``NAMES`` there that ``files`` does not name is removed (it was of another set)."""
+    kept = directory / name
     with contextlib.suppress(FileExistsError):
         os.mkdir(kept, 0o700)
     # One that was there already (made by hand, or under another umask) is made private: it
@@ -196,9 +232,13 @@ def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
             os.fchmod(fd, 0o700)
     finally:
         os.close(fd)
-    for name in CLIENT:  # the key first: a pair cut short is one whose key does not match
-        data, mode = files[name]
-        write_atomic(kept / name, data, mode)
+    for file in [n for n in NAMES if n in files]:  # the key first: a pair cut short is one
+        data, mode = files[file]  # whose key does not match
+        write_atomic(kept / file, data, mode)
+    for file in NAMES:
+        if file not in files and os.path.lexists(kept / file):
+            os.unlink(kept / file)
+    fsync_dir(kept)
     fsync_dir(directory)
 
 
