@@ -221,7 +221,12 @@ class BootstrapHost:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MOST)
             async with self._lock:
-                if not await self._sync():
+                try:
+                    again = await self._sync()
+                except TlsrollError as exc:  # the journal unread: tried again all the same
+                    log.error("bootstrap.retry_failed", error=str(exc))
+                    continue
+                if not again:
                     if self._retrying is asyncio.current_task():
                         self._retrying = None
                     return
@@ -233,6 +238,7 @@ class BootstrapHost:
         it, and the leader keeps what it had: s43's Left 2)."""
         live = await asyncio.to_thread(self.journal.live_tls)
         if live == self.current and (live is None or self.service is not None):
+            self.problem = ""  # (known now, also at an agent's start on http)
             return False
         await self._stop()
         self.current = live

@@ -154,8 +154,8 @@ def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
 # --- the agent's restart (session 33, M4) -------------------------------------------------------
 
 
-def _host(journal: Journal) -> BootstrapHost:
-    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=0)
+def _host(journal: Journal, port: int = 0) -> BootstrapHost:
+    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=port)
     return BootstrapHost(
         cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=InProcessCrypto()
     )
@@ -498,8 +498,7 @@ async def test_a_service_that_could_not_start_is_tried_again_until_it_runs_or_ne
     squatter = socket.socket()
     squatter.bind((address, 0))
     squatter.listen()
-    host = _host(journal)
-    host.cfg.bootstrap_port = squatter.getsockname()[1]
+    host = _host(journal, squatter.getsockname()[1])
     try:
         assert host.problem is None  # not tried yet: the heartbeat says it does not know
         with structlog.testing.capture_logs() as events:
@@ -520,8 +519,7 @@ async def test_a_service_that_could_not_start_is_tried_again_until_it_runs_or_ne
         squatter = socket.socket()
         squatter.bind((address, host.cfg.bootstrap_port))
         squatter.listen()
-        host = _host(journal)
-        host.cfg.bootstrap_port = squatter.getsockname()[1]
+        host = _host(journal, squatter.getsockname()[1])
         await host.sync()
         assert host.problem and retrying()
         with journal._tx() as db:
@@ -529,6 +527,10 @@ async def test_a_service_that_could_not_start_is_tried_again_until_it_runs_or_ne
         await host.sync()
         await asyncio.sleep(0)  # (the cancelled task's last step)
         assert host.problem == "" and not retrying() and host.service is None
+        on_http = _host(journal)  # an agent started on http knows at its first sync
+        assert on_http.problem is None
+        await on_http.sync()
+        assert on_http.problem == ""
 
         # The agent's stop while it is tried again: no task left behind.
         switched(journal, tmp_path, address, issue_cert(address, "node-a"))
