@@ -633,8 +633,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             now=self.state.clock(),
             actor=_actor(context),
         )
-        self.state.needs_admin_since.pop(node.name, None)  # no node problem of it is left
-        self.state.bootstrap_down.pop(node.name, None)
+        self.state.forget_node(node.name)  # no node problem of it is left
         log.warning("node.removed", node=node.name, revoked=len(serials))
         return admin_pb2.RemoveNodeResponse(node=self._node_info(node), revoked_serials=serials)
 

@@ -337,6 +337,11 @@ class NodeClocks:
         if o is not None:
             self._unknown(node, agent, o)
 
+    def drop(self, node: str) -> None:
+        """``node`` was removed: its agents' offsets go now (a problem of them ends)."""
+        for agent, o in list(self._nodes.pop(node, {}).items()):
+            self._unknown(node, agent, o)
+
     def ended(self, node: str, agent: str, keep: float) -> None:
         """``agent`` of ``node`` has no heartbeat stream open any more: its offset is known for
         ``keep`` seconds more (a reconnect within them goes on with it), then not. The node's

@@ -201,6 +201,11 @@ class LeaderState:
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
     # node -> its clock against the leader's, from its heartbeats (``leader.node_clocks``).
     clocks: NodeClocks = field(default_factory=NodeClocks)
+    # Nodes removed (``forget_node``): how many removals there had been, the node's included;
+    # ``removals``: how many there have been. A heartbeat that was checked before a removal
+    # of its node writes none of the node's entries above after it (``removed_since``).
+    removed: dict[str, int] = field(default_factory=dict)
+    removals: int = 0
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     # The clock no step moves, that counts a suspend: how long ago a node was heard
@@ -261,6 +266,24 @@ class LeaderState:
             return None
         return twins_problem(node)
 
+    def forget_node(self, node: str) -> None:
+        """Node ``node`` was removed (the store says so): its entries here go, so that no node
+        problem, server or clock of it is shown, and a heartbeat of it under way (checked
+        against the store before the removal, and writing after it) adds none back
+        (``removed_since``: s43's Left 3)."""
+        self.removals += 1
+        if len(self.removed) >= MAX_CALLERS:
+            self.removed.clear()  # (a removal is an admin's act: never as a rule)
+        self.removed[node] = self.removals
+        for entries in (self.live_servers, self.needs_admin_since, self.bootstrap_down):
+            entries.pop(node, None)
+        self.twin_agents.pop(node, None)
+        self.clocks.drop(node)
+
+    def removed_since(self, node: str, removals: int) -> bool:
+        """Whether ``node`` was removed after ``removals`` (``removals`` as it was then)."""
+        return self.removed.get(node, 0) > removals
+
     def node_problems(self) -> list[NodeProblemRow]:
         """(Any thread.) Every node's ``node_problem`` now, every node whose clock differs
         from the leader's (``leader.node_clocks``: a warning, which holds nothing; a rollout's
@@ -282,8 +305,7 @@ class LeaderState:
             NodeProblemRow(
                 node,
                 f"{node}'s bootstrap service did not start ({why}): workstations cannot enrol "
-                "there; fix the cause, then restart its agent (systemctl restart "
-                "tlsroll-agent)",
+                "there; fix the cause: its agent tries again (at least once a minute)",
                 since,
                 NodeProblemKind.BOOTSTRAP_DOWN,
             )
@@ -1396,6 +1418,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         was checked against and the time, for the answer (``_response``). ``agent``: which
         agent sends on the stream (``agent_of``; worked out here for a unary call)."""
         now = self.state.clock()
+        # Before the store is read: a removal of the node after this is seen below.
+        removals = self.state.removals
         snap = await self.snapshot()
         if (why := snap.refusal(caller)) is not None:
             if not snap.relearns(caller.name, now) or not await self._relearn(context, request):
@@ -1441,6 +1465,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             if len(self._failures_said) >= MAX_CALLERS:
                 self._failures_said.clear()
             self._failures_said[name] = reported
+        if self.state.removed_since(name, removals):
+            # Removed while this message was checked and recorded (the awaits above): what it
+            # says of the node is not kept, or a removed node showed a node problem again
+            # (s43's Left 3). Nothing is awaited from here to the end: it cannot come later.
+            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)")
         if failures:
             for f in failures if audit else ():
                 log.warning(
@@ -1573,7 +1602,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         more (audit s39ws M8: it was only in the agent's log). Called only for a heartbeat
         with the server's status, which carries it: one without (the status took longer than
         the agent waits, SERVER_VIEW_SECONDS) says nothing of it, and cleared it (audit
-        s43rev1)."""
+        s43rev1). Nor does one with ``bootstrap_pending`` (an agent just started, which has
+        not tried the service yet: its "no problem" made the problem go at each restart, and
+        come back with a new since, s43). An agent older than that field never sets it: its
+        empty problem clears, as before."""
+        if request.server.bootstrap_pending:
+            return  # the agent has not tried yet (it just started): what was shown stays
         why = peertext.clean(request.server.bootstrap_problem, 200)
         if not why:
             self.state.bootstrap_down.pop(name, None)

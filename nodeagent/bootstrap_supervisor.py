@@ -49,6 +49,13 @@ if TYPE_CHECKING:
 
 log = logs.get_logger(__name__)
 
+# A service that should run and did not start is tried again after RETRY_FIRST seconds, the
+# wait doubling to RETRY_MOST: a port held for a moment (a program restarting) is taken within
+# seconds, and a PC waits at most a minute once the port is free; an attempt (a bind, the
+# files read, two calls to the crypto worker) a minute costs nothing worth saving.
+RETRY_FIRST = 2.0
+RETRY_MOST = 60.0
+
 
 class Crypto(Protocol):
     """The agent's crypto worker as the host uses it (``nodeagent.cryptoworker``)."""
@@ -102,9 +109,13 @@ class BootstrapHost:
         self.service: BootstrapService | None = None
         self.current: dict[str, str] | None = None
         # Why the service that should run (``current``: https with an auth password) did not
-        # start; "" when it runs or need not. Heartbeats carry it (``LiveServer``), so that
-        # the leader shows it as the node's problem (audit s39ws M8: only logged).
-        self.problem = ""
+        # start; "" when it runs or need not; None until the first ``sync`` has found out.
+        # Heartbeats carry it (``LiveServer``), so that the leader shows it as the node's
+        # problem (audit s39ws M8: only logged); None as ``bootstrap_pending``.
+        self.problem: str | None = None
+        # Failed starts in this outage (0: none), and the task that tries again (``_retry``).
+        self._tries = 0
+        self._retrying: asyncio.Task[None] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
         # What an earlier run counted (journal.bootstrap_failures): the times go to the guard
@@ -185,60 +196,122 @@ class BootstrapHost:
         return warming
 
     async def sync(self) -> None:
-        """Start, restart or stop the service to match the journal's live settings."""
+        """Start, restart or stop the service to match the journal's live settings. A service
+        that should run and did not start is tried again (``_retry``) until it runs, the node
+        no longer should serve it (a later sync: the retries end at once) or the agent stops
+        (``close``)."""
         async with self._lock:
-            live = await asyncio.to_thread(self.journal.live_tls)
-            if live == self.current and (live is None or self.service is not None):
-                return
-            await self._stop()
-            self.current = live
-            self.problem = ""
-            if live is None or not live.get("verifier_file"):
-                return
-            # The service (its protocol and h11) is imported when a node first serves https
-            # with an auth password, not at the agent's start: an agent that never runs the
-            # service does not hold it. (It served on aiohttp.web until issue 15, whose 10 MiB
-            # every switched agent then kept; and it held SPAKE2 and ``cryptography`` until
-            # session 41: the crypto worker runs those now.) Imported in a worker thread
-            # (``warm``), not on the event loop: this runs as a switch completes, and a quarter
-            # of a second of importing there held back the outcome the leader waits for.
-            await asyncio.shield(self.warm())
-            from nodeagent.bootstrap_server import BootstrapService, Guard, Limits  # noqa: PLC0415
-
-            if self.guard is None:
-                self.guard = Guard(Limits())
-                self.guard.restore(guard_times(self._earlier, time.time(), time.monotonic()))
-                self._earlier = []
-            try:
-                verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)
-                ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
-                verifier = password.verifier_from_json(verifier_text)
-                reader = self.key_reader
-                shared = await asyncio.to_thread(reader) if reader is not None else None
-                service = BootstrapService(
-                    address=urllib.parse.urlsplit(live["server_url"]).hostname or "",
-                    cert_file=Path(live["cert_file"]),
-                    key_file=Path(live["key_file"]),
-                    ca_bundle_pem=ca_pem,
-                    server_url=live["server_url"],
-                    node_name=self.cfg.node_name,
-                    verifier=verifier,
-                    sign=self.sign,
-                    withdraw=self.withdraw,
-                    port=self.cfg.bootstrap_port,
-                    guard=self.guard,
-                    failures=self.failures,
-                    counted=self._counted,
-                    key_shared_with=shared,
-                    crypto=self.crypto,
+            again = await self._sync()
+            retrying = self._retrying
+            if not again:
+                if retrying is not None:
+                    self._retrying = None
+                    retrying.cancel()  # sleeping or waiting for the lock: nothing half done
+            elif retrying is None or retrying.done():
+                self._retrying = asyncio.get_running_loop().create_task(
+                    self._retry(), name="bootstrap-retry"
                 )
-                await service.start()
-            except (OSError, ValueError, TlsrollError) as exc:
-                # The switch itself succeeded; workstations can still use the CA pin.
-                log.error("bootstrap.not_started", port=self.cfg.bootstrap_port, error=str(exc))
-                self.problem = f"port {self.cfg.bootstrap_port}: {exc}"
-                return
-            self.service = service
+
+    async def _retry(self) -> None:
+        """Try the start again, after ``RETRY_FIRST`` seconds doubling to ``RETRY_MOST``,
+        until it runs or need not (the port another program held is free again: without this
+        a PC could not fetch the CA until someone restarted the agent, s43's Left 1)."""
+        delay = RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MOST)
+            async with self._lock:
+                try:
+                    again = await self._sync()
+                except TlsrollError as exc:  # the journal unread: tried again all the same
+                    log.error("bootstrap.retry_failed", error=str(exc))
+                    continue
+                if not again:
+                    if self._retrying is asyncio.current_task():
+                        self._retrying = None
+                    return
+
+    async def _sync(self) -> bool:
+        """(Under the lock.) One step of ``sync``: whether the service should run and does not
+        (to be tried again). ``problem`` says the outcome; it is "" only once the service runs
+        or need not, never before the first attempt (None: the heartbeat then says nothing of
+        it, and the leader keeps what it had: s43's Left 2)."""
+        live = await asyncio.to_thread(self.journal.live_tls)
+        if live == self.current and (live is None or self.service is not None):
+            self.problem = ""  # (known now, also at an agent's start on http)
+            return False
+        await self._stop()
+        self.current = live
+        if live is None or not live.get("verifier_file"):
+            self._up(running=False)
+            return False
+        try:
+            service = await self._start(live)
+        except (OSError, ValueError, TlsrollError) as exc:
+            # The switch itself succeeded; workstations can still use the CA pin.
+            problem = f"port {self.cfg.bootstrap_port}: {exc}"
+            if self._tries == 0:  # once an outage, not a line a try
+                log.error(
+                    "bootstrap.not_started",
+                    port=self.cfg.bootstrap_port,
+                    error=str(exc),
+                    retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
+                )
+            self._tries += 1
+            self.problem = problem
+            return True
+        self.service = service
+        self._up(running=True)
+        return False
+
+    def _up(self, *, running: bool) -> None:
+        """The service runs, or need not: no problem, and the outage (if any) said over."""
+        if self._tries and running:
+            log.warning("bootstrap.up_again", port=self.cfg.bootstrap_port, tries=self._tries)
+        elif self._tries:
+            log.info("bootstrap.retry_ended", why="the node no longer serves it")
+        self._tries = 0
+        self.problem = ""
+
+    async def _start(self, live: dict[str, str]) -> BootstrapService:
+        # The service (its protocol and h11) is imported when a node first serves https
+        # with an auth password, not at the agent's start: an agent that never runs the
+        # service does not hold it. (It served on aiohttp.web until issue 15, whose 10 MiB
+        # every switched agent then kept; and it held SPAKE2 and ``cryptography`` until
+        # session 41: the crypto worker runs those now.) Imported in a worker thread
+        # (``warm``), not on the event loop: this runs as a switch completes, and a quarter
+        # of a second of importing there held back the outcome the leader waits for.
+        await asyncio.shield(self.warm())
+        from nodeagent.bootstrap_server import BootstrapService, Guard, Limits  # noqa: PLC0415
+
+        if self.guard is None:
+            self.guard = Guard(Limits())
+            self.guard.restore(guard_times(self._earlier, time.time(), time.monotonic()))
+            self._earlier = []
+        verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)
+        ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
+        verifier = password.verifier_from_json(verifier_text)
+        reader = self.key_reader
+        shared = await asyncio.to_thread(reader) if reader is not None else None
+        service = BootstrapService(
+            address=urllib.parse.urlsplit(live["server_url"]).hostname or "",
+            cert_file=Path(live["cert_file"]),
+            key_file=Path(live["key_file"]),
+            ca_bundle_pem=ca_pem,
+            server_url=live["server_url"],
+            node_name=self.cfg.node_name,
+            verifier=verifier,
+            sign=self.sign,
+            withdraw=self.withdraw,
+            port=self.cfg.bootstrap_port,
+            guard=self.guard,
+            failures=self.failures,
+            counted=self._counted,
+            key_shared_with=shared,
+            crypto=self.crypto,
+        )
+        await service.start()
+        return service
 
     async def _counted(self, when: dt.datetime) -> None:
         """The service counted a failure at ``when``: into the journal before it is answered."""
@@ -277,6 +350,10 @@ class BootstrapHost:
             await service.stop()
 
     async def close(self) -> None:
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None:
+            retrying.cancel()
+            await asyncio.gather(retrying, return_exceptions=True)
         async with self._lock:
             await self._stop()
         if self._saving:

@@ -540,8 +540,9 @@ class LeaderLink:
         # heartbeat so the leader sees a server that went down after its rollout.
         self.server_view: Callable[[], Awaitable[agent_pb2.ServerView]] | None = None
         # Why the node's bootstrap service that should run did not start, "" if it runs or
-        # need not (``BootstrapHost.problem``), sent with the server's view.
-        self.bootstrap_problem: Callable[[], str] | None = None
+        # need not, None before the agent knows (``BootstrapHost.problem``), sent with the
+        # server's view.
+        self.bootstrap_problem: Callable[[], str | None] | None = None
         # Answers the leader's planning question asked on the heartbeat stream (``Check``'s
         # work: ``NodeAgentService.answer_check``); None: the agent does not say it can, and
         # the leader asks over its channel.
@@ -816,7 +817,12 @@ class LeaderLink:
                         view = await self.server_view()
                     request.server.CopyFrom(live_server(view))
                     if self.bootstrap_problem is not None:
-                        request.server.bootstrap_problem = self.bootstrap_problem()[:200]
+                        # None: not known yet (the agent's start has not tried the service):
+                        # said as such, not as "no problem" (s43's Left 2).
+                        if (said := self.bootstrap_problem()) is None:
+                            request.server.bootstrap_pending = True
+                        else:
+                            request.server.bootstrap_problem = said[:200]
             if quiet and self._quiet(request):
                 return
             # Stamped as it goes, not before the journal and the server's status were read

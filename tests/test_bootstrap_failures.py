@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import functools
 import io
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Coroutine
@@ -31,7 +32,7 @@ from leader.cli.draw import render_failures
 from leader.schema_store import MAX_FAILURE_ROWS, MAX_FAILURE_TOTAL, SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows
-from nodeagent import bootstrap_server
+from nodeagent import bootstrap_server, bootstrap_supervisor
 from nodeagent.bootstrap_supervisor import BootstrapHost, guard_times
 from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
@@ -153,8 +154,8 @@ def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
 # --- the agent's restart (session 33, M4) -------------------------------------------------------
 
 
-def _host(journal: Journal) -> BootstrapHost:
-    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=0)
+def _host(journal: Journal, port: int = 0) -> BootstrapHost:
+    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=port)
     return BootstrapHost(
         cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=InProcessCrypto()
     )
@@ -459,3 +460,85 @@ async def test_a_report_resent_with_failures_since_is_not_counted_twice(
         await link.close()
         journal.close()
         await rig.close()
+
+
+# --- a start that failed, tried again (s43's Left 1) --------------------------------------------
+
+
+async def test_a_service_that_could_not_start_is_tried_again_until_it_runs_or_need_not(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """s43's Left 1: a bootstrap service that failed to start (its port held by another
+    program) was not tried again until the next switch or agent restart. Now the host tries
+    again with a bounded backoff (``RETRY_FIRST`` doubling to ``RETRY_MOST``; made short here,
+    the loop is the same), logs once when it fails and once when it comes up, says the problem
+    until then ("" after; None before its first try: nothing known), and stops trying at once
+    when the node no longer serves it (a rollback: ``sync``) and on the agent's stop (``close``),
+    leaving no task behind. The real service on a real port; the port held by a plain socket."""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_MOST", 0.2)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    switched(journal, tmp_path, address, issue_cert(address, "node-a"))
+
+    def retrying() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "bootstrap-retry"]
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        try:
+            async with asyncio.timeout(30):
+                while not condition():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"{what}: not within 30 s") from None
+
+    squatter = socket.socket()
+    squatter.bind((address, 0))
+    squatter.listen()
+    host = _host(journal, squatter.getsockname()[1])
+    try:
+        assert host.problem is None  # not tried yet: the heartbeat says it does not know
+        with structlog.testing.capture_logs() as events:
+            await host.sync()
+            assert host.service is None and "address already in use" in (host.problem or "")
+            await until(lambda: host._tries >= 4, "a few tries")
+            assert host.service is None and "address already in use" in (host.problem or "")
+            squatter.close()
+            await until(lambda: host.service is not None, "the service to start")
+            assert host.problem == ""
+            await until(lambda: not retrying(), "the retries to end")
+        said = [e["event"] for e in events if e["event"].startswith("bootstrap.")]
+        assert said.count("bootstrap.not_started") == 1, said
+        assert said.count("bootstrap.up_again") == 1, said
+
+        # A rollback (the journal: http) while it is tried again: the retries end at once.
+        await host.close()
+        squatter = socket.socket()
+        squatter.bind((address, host.cfg.bootstrap_port))
+        squatter.listen()
+        host = _host(journal, squatter.getsockname()[1])
+        await host.sync()
+        assert host.problem and retrying()
+        with journal._tx() as db:
+            Journal._set_live_tls(db, None)
+        await host.sync()
+        await asyncio.sleep(0)  # (the cancelled task's last step)
+        assert host.problem == "" and not retrying() and host.service is None
+        on_http = _host(journal)  # an agent started on http knows at its first sync
+        assert on_http.problem is None
+        await on_http.sync()
+        assert on_http.problem == ""
+
+        # The agent's stop while it is tried again: no task left behind.
+        switched(journal, tmp_path, address, issue_cert(address, "node-a"))
+        await host.sync()
+        assert host.problem and retrying()
+        await host.close()
+        assert not retrying() and host.service is None
+    finally:
+        squatter.close()
+        await host.close()
+        journal.close()

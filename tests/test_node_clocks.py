@@ -290,8 +290,8 @@ async def test_a_bootstrap_service_that_did_not_start_is_a_node_problem_until_it
         assert (problem.node, problem.kind) == ("hb1", NodeProblemKind.BOOTSTRAP_DOWN)
         assert problem.problem == (
             "hb1's bootstrap service did not start (port 9443: [Errno 98] Address already in "
-            "use[2J): workstations cannot enrol there; fix the cause, then restart its agent "
-            "(systemctl restart tlsroll-agent)"
+            "use[2J): workstations cannot enrol there; fix the cause: its agent tries again (at "
+            "least once a minute)"
         ), problem.problem
         assert problem.since == T
         assert rig.state.node_problem("hb1") is None  # nothing held: plans and switches go on
@@ -329,6 +329,107 @@ async def test_a_bootstrap_service_that_did_not_start_is_a_node_problem_until_it
         problem_now[0] = ""
         await link.beat()
         assert rig.state.node_problems() == []
+
+
+async def test_an_agent_that_has_not_tried_its_bootstrap_service_yet_leaves_the_problem_as_is(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """s43's Left 2: an agent's first heartbeat after its start went before its runtime had
+    tried the bootstrap service, and said "no problem": the leader cleared the node's
+    ``bootstrap-down``, and the next heartbeat set it again with a new since and a new warning
+    in the leader's log, at each agent restart. Such a heartbeat now says it does not know yet
+    (``LiveServer.bootstrap_pending``; ``BootstrapHost.problem`` None): the problem stays, its
+    since and its one log line too. An agent older than the field never sets it: its empty
+    problem clears, as before."""
+    down = "port 9443: [Errno 98] Address already in use"
+    problem_now: list[str | None] = [down]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _offset):
+        link.server_view = server_view
+        link.bootstrap_problem = lambda: problem_now[0]
+        with structlog.testing.capture_logs() as events:
+            await link.beat()
+            (problem,) = rig.state.node_problems()
+            assert (problem.kind, problem.since) == (NodeProblemKind.BOOTSTRAP_DOWN, T)
+            problem_now[0] = None  # the agent started again: not tried yet
+            rig.clock[0] += dt.timedelta(seconds=5)
+            await link.beat()
+            (problem,) = rig.state.node_problems()
+            assert (problem.kind, problem.since) == (NodeProblemKind.BOOTSTRAP_DOWN, T)
+            problem_now[0] = down  # its first try: the port is still taken
+            rig.clock[0] += dt.timedelta(seconds=5)
+            await link.beat()
+            (problem,) = rig.state.node_problems()
+            assert (problem.kind, problem.since) == (NodeProblemKind.BOOTSTRAP_DOWN, T)
+        warned = [e for e in events if e["event"] == "node.bootstrap_down"]
+        assert len(warned) == 1, warned
+
+        # An agent of the release before: no bootstrap_pending, an empty problem is "none".
+        older = leader_pb2.LiveServer(driver="reference", healthy=True, schemes=["https"])
+        assert not older.bootstrap_pending
+        problem_now[0] = ""
+        await link.beat()
+        assert rig.state.node_problems() == []
+
+
+async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem_back(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """s43's Left 3: ``RemoveNode`` drops the node's in-memory entries after the store's
+    removal, but a heartbeat of the node checked against the store before it, and writing
+    after, put them back: a removed node showed ``bootstrap-down`` (and its clock problem,
+    never dropped at all) in the schema, the viewer and `tlsroll nodes`. The interleaving is
+    forced here: the service's ``snapshot`` (what the heartbeat is checked against) is wrapped
+    to hold the heartbeat right after it, since nothing else can stop it at that point on
+    purpose; the node is removed meanwhile by the real admin service, then the heartbeat goes
+    on. It is refused (the node is removed) and adds nothing back."""
+
+    async def server_view() -> agent_pb2.ServerView:
+        return agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, offset):
+        link.server_view = server_view
+        link.bootstrap_problem = lambda: "port 9443: [Errno 98] Address already in use"
+        offset[0] = 300.0
+        await link.beat()
+        await link.beat()
+        kinds = {p.kind for p in rig.state.node_problems()}
+        assert kinds == {NodeProblemKind.BOOTSTRAP_DOWN, CLOCK_OFFSET}, kinds
+
+        checked, go = asyncio.Event(), asyncio.Event()
+        real = rig.service.snapshot
+
+        async def held() -> Any:
+            snap = await real()
+            checked.set()
+            await go.wait()
+            return snap
+
+        rig.service.snapshot = held  # type: ignore[method-assign]
+        beat = asyncio.create_task(link.beat())
+        await asyncio.wait_for(checked.wait(), 15)
+        rig.service.snapshot = real  # type: ignore[method-assign]
+        admin = AdminService(rig.state, cast(Any, None), SchemaStore(rig.store.db))
+        await admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="hb1"), cast(Any, None))
+        assert rig.state.node_problems() == []
+        go.set()
+        with contextlib.suppress(Exception):  # refused: the node is removed
+            await asyncio.wait_for(beat, 15)
+        assert rig.state.node_problems() == []
+        assert "hb1" not in rig.state.live_servers and "hb1" not in rig.state.bootstrap_down
+        assert rig.state.clocks.offset("hb1") is None
+        view = SchemaViewService(
+            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+        )
+        assert list(view._answer(schema_pb2.GetSchemaRequest(), None).node_problems) == []
+        reply = await admin.ListNodes(admin_pb2.ListNodesRequest(), cast(Any, None))
+        assert [(n.name, n.server, n.clock_differs) for n in reply.nodes] in (
+            [],
+            [("hb1", "", False)],
+        )
 
 
 @pytest.mark.parametrize("skew", [300.0, -300.0])

@@ -387,6 +387,7 @@ class LiveServer(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     CLIENTS_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_PROBLEM_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_PENDING_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
@@ -397,6 +398,12 @@ class LiveServer(_message.Message):
     server is on https with an auth password) but failed to start: why (at most 200
     characters). Workstations cannot enrol at the node meanwhile. A leader that does not know
     the field ignores it.
+    """
+    bootstrap_pending: _builtins.bool
+    """Set by an agent that has not yet tried to start its bootstrap service (just started):
+    bootstrap_problem says nothing then, and the leader keeps what it showed (an agent's
+    restart made the node's problem go and come back, with a new "since": s43). An older agent
+    never sets it: its empty bootstrap_problem is "no problem", as before.
     """
     @_builtins.property
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -416,10 +423,11 @@ class LiveServer(_message.Message):
         detail: _builtins.str = ...,
         clients: _types_pb2.ClientsView | None = ...,
         bootstrap_problem: _builtins.str = ...,
+        bootstrap_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_problem", b"bootstrap_problem", "clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_pending", b"bootstrap_pending", "bootstrap_problem", b"bootstrap_problem", "clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
