@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "bf8ae0fa5c4d"
+REVISION = "69b4dcfa310b"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
