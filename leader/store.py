@@ -1425,6 +1425,18 @@ class Store(LeaderStore):
             )
         return cert
 
+    def revoke_reason(self, node: str, fingerprint: str) -> str:
+        """Why the workstation certificate ``fingerprint`` of node ``node``'s asking was
+        revoked ("" if it is not, or not found): for a withdrawal refused as revoked already
+        (``withdraw_workstation``), whose node then tells its workstation what to do."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT revoke_reason FROM certificates"
+                " WHERE kind = 'workstation' AND node = ? AND fingerprint = ?",
+                (node, fingerprint),
+            ).fetchone()
+        return str(row["revoke_reason"] or "") if row is not None else ""
+
     def withdraw_workstation(
         self,
         node: str,
