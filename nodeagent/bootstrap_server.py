@@ -81,6 +81,7 @@ from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
+
 class Withdrawal(StrEnum):
     """What came of asking the leader to withdraw a certificate it signed (``WithdrawFn``)."""
 
@@ -138,7 +139,7 @@ def _busy() -> Refused:
     )
 
 
-async def _given_time(asking: asyncio.Future[bool], request: Request) -> None:
+async def _given_time(asking: asyncio.Future[Withdrawal], request: Request) -> None:
     """The agent stops: ``asking`` (a withdrawal) gets ``STOP_WITHDRAW`` seconds to end (a
     second cancellation ends the wait), then it is cancelled."""
     try:

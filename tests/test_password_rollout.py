@@ -379,7 +379,9 @@ def test_password_set_is_refused_while_a_rollout_runs(
         else:  # the plan, and only stderr says that nothing was changed (s44)
             assert "Plan: change enable-tls" in plan.stdout
             assert "nothing has been changed" not in plan.stdout.lower()
-        assert line.endswith("a start of this plan is refused until it has ended; nothing was changed")
+        assert line.endswith(
+            "a start of this plan is refused until it has ended; nothing was changed"
+        )
     # ... and with nodes blocked as well (rotate-cert on the nodes still on http): every
     # reason in the one line, and "nothing ... changed" said once, there (s44: only the busy
     # one was given, and stdout said "Nothing has been changed." as well).
