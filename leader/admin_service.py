@@ -106,6 +106,7 @@ def token_info(t: Any) -> admin_pb2.TokenInfo:
         addresses=t.addresses,
         dns_names=t.dns_names,
         superseded_at=timestamp(t.superseded_at),
+        superseded_by=t.superseded_by,
     )
 
 

@@ -2294,7 +2294,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         )
         if serial is not None:
             log.warning("workstation.withdrawn", node=caller.name, serial=serial)
-        return leader_pb2.WithdrawWorkstationResponse(withdrawn=serial is not None)
+            return leader_pb2.WithdrawWorkstationResponse(withdrawn=True)
+        reason = await asyncio.to_thread(
+            self.state.store.revoke_reason, caller.name, fingerprint
+        )  # (a revocation is for good: its reason stays what it was)
+        return leader_pb2.WithdrawWorkstationResponse(withdrawn=False, revoke_reason=reason)
 
     @map_errors(ERRORS)
     async def RenewNodeCertificate(

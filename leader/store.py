@@ -135,6 +135,9 @@ class Token:
     # node with a use left is superseded by the node's enrolment (its own included), so a
     # token made before it (a lost or leaked join script) never enrols that node again.
     superseded_at: dt.datetime | None = None
+    # What superseded it: "enrolment", or "re-learning" (``Store.relearn``: a restored or
+    # reinitialised store learned the node from its agent); "" while not superseded.
+    superseded_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -587,14 +590,14 @@ class Store(LeaderStore):
 
     def get_token(self, token_id: str) -> Token:
         with self._db.read() as db:
-            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            row = db.execute(f"{_TOKENS} WHERE id = ?", (token_id,)).fetchone()
         if row is None:
             raise NotFound(f"no join token with id {token_id!r}")
         return _token(row)
 
     def list_tokens(self) -> list[Token]:
         with self._db.read() as db:
-            rows = db.execute("SELECT * FROM tokens ORDER BY created_at, id").fetchall()
+            rows = db.execute(f"{_TOKENS} ORDER BY created_at, id").fetchall()
         return [_token(r) for r in rows]
 
     def revoke_token(self, token_id: str, *, now: dt.datetime, actor: str) -> Token:
@@ -646,27 +649,13 @@ class Store(LeaderStore):
         the key (a fresh one is not taken for the node's, the node's own is not certified
         again behind its agent's back). Re-enrolling takes a token made after it.
         """
-        self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
+        # A wrong secret, or a token refused as it stands (revoked, expired, used up,
+        # superseded), never takes the write lock: the same checks in a read first.
+        with self._db.read() as db:
+            self._usable_token(db, token_id, secret, name, key_pin, now)
         with self._nodes_write(), self._db.tx() as db:
-            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
-            # Compare even when the id is unknown, so both cases take the same time.
-            expected = row["secret_hash"] if row else hash_secret("x" * 26)
-            if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
-                raise TokenRejected("join token not valid")
-            token = _token(row)
-            if token.revoked_at is not None:
-                raise TokenRejected(_revoked_text(db, token))
-            if now >= token.expires_at:
-                raise TokenRejected("join token expired")
-            existing = db.execute(
-                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
-            ).fetchone()
-            replay = self._replay(db, existing, token_id, key_pin)
-            if token.uses_left <= 0 and not replay:
-                raise TokenRejected("join token already used up")
-            if token.superseded_at is not None and not replay:
-                # (A replay is the enrolment that superseded it, answered again.)
-                raise TokenRejected(superseded_text(token))
+            # Again under the write lock: an enrolment or a revocation may have committed since.
+            token, existing, replay = self._usable_token(db, token_id, secret, name, key_pin, now)
             if token.node_name is None:
                 raise TokenRejected(
                     "join token names no node (made by an older tlsroll); create a new one "
@@ -810,14 +799,42 @@ class Store(LeaderStore):
 
     # --- nodes --------------------------------------------------------------------------------
 
-    def _check_secret(self, token_id: str, secret: str) -> None:
-        """TokenRejected for a wrong secret, in a read transaction: a stream of guesses at the
-        join port never queues behind (or holds) the store's write lock."""
-        with self._db.read() as db:
-            row = db.execute("SELECT secret_hash FROM tokens WHERE id = ?", (token_id,)).fetchone()
+    def _usable_token(
+        self,
+        db: sqlite3.Connection,
+        token_id: str,
+        secret: str,
+        name: str,
+        key_pin: str,
+        now: dt.datetime,
+    ) -> tuple[Token, sqlite3.Row | None, bool]:
+        """``enrol``'s checks of the token itself, each refusal a TokenRejected: the secret,
+        then revoked, expired, used up, superseded (but a replay, ``_replay``, of the
+        enrolment that used it up or superseded it is let through). Run in a read first, so
+        that a stream of guesses or of stale tokens at the join port never queues behind (or
+        holds) the store's write lock, then again inside the write transaction, with the same
+        words. Returns the token, the node's row of that name (not removed) and whether
+        this is a replay."""
+        row = db.execute(f"{_TOKENS} WHERE id = ?", (token_id,)).fetchone()
+        # Compare even when the id is unknown, so both cases take the same time.
         expected = row["secret_hash"] if row else hash_secret("x" * 26)
         if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
             raise TokenRejected("join token not valid")
+        token = _token(row)
+        if token.revoked_at is not None:
+            raise TokenRejected(_revoked_text(db, token))
+        if now >= token.expires_at:
+            raise TokenRejected("join token expired")
+        existing = db.execute(
+            "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+        ).fetchone()
+        replay = self._replay(db, existing, token_id, key_pin)
+        if token.uses_left <= 0 and not replay:
+            raise TokenRejected("join token already used up")
+        if token.superseded_at is not None and not replay:
+            # (A replay is the enrolment that superseded it, answered again.)
+            raise TokenRejected(superseded_text(token))
+        return token, existing, replay
 
     def list_nodes(self, *, include_removed: bool = False) -> list[Node]:
         with self._db.read() as db:
@@ -1407,6 +1424,18 @@ class Store(LeaderStore):
                 **({"replaced": True} if held and not proven else {}),
             )
         return cert
+
+    def revoke_reason(self, node: str, fingerprint: str) -> str:
+        """Why the workstation certificate ``fingerprint`` of node ``node``'s asking was
+        revoked ("" if it is not, or not found): for a withdrawal refused as revoked already
+        (``withdraw_workstation``), whose node then tells its workstation what to do."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT revoke_reason FROM certificates"
+                " WHERE kind = 'workstation' AND node = ? AND fingerprint = ?",
+                (node, fingerprint),
+            ).fetchone()
+        return str(row["revoke_reason"] or "") if row is not None else ""
 
     def withdraw_workstation(
         self,
@@ -2289,7 +2318,20 @@ def _token(row: sqlite3.Row) -> Token:
         addresses=tuple(json.loads(row["addresses"])),
         dns_names=tuple(json.loads(row["dns_names"])),
         superseded_at=from_text(row["superseded_at"]),
+        superseded_by=row["superseded_by"] or "",
     )
+
+
+_TOKENS = (
+    "SELECT *, CASE WHEN superseded_at IS NULL THEN NULL WHEN EXISTS (SELECT 1 FROM audit a"
+    " WHERE a.kind = 'node.relearned' AND a.subject = tokens.node_name"
+    " AND a.at = tokens.superseded_at) THEN 're-learning' ELSE 'enrolment' END AS superseded_by"
+    " FROM tokens"
+)
+"""Tokens with what superseded each (``Token.superseded_by``): a re-learning of its node
+supersedes in the transaction that audits it as ``node.relearned``, at the same time; anything
+else that supersedes is an enrolment (``supersede_tokens``, migration 12). Looked up in the
+audit only for a superseded token."""
 
 
 def supersede_tokens(db: sqlite3.Connection, name: str, now: dt.datetime) -> list[str]:
@@ -2328,6 +2370,11 @@ def _revoked_text(db: sqlite3.Connection, token: Token) -> str:
 def superseded_text(token: Token) -> str:
     """Why a superseded token is refused, one line (safe to send: the id is public)."""
     when = token.superseded_at.strftime("%Y-%m-%d %H:%M:%S UTC") if token.superseded_at else "?"
+    if token.superseded_by == "re-learning":
+        return (
+            f"join token {token.id} is superseded by {token.node_name}'s re-learning at {when}"
+            " (the leader's restored store learned the node from its agent); create a new token"
+        )
     return (
         f"join token {token.id} is superseded by {token.node_name}'s enrolment at {when};"
         " create a new token"

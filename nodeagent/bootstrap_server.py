@@ -66,6 +66,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, Self
 
@@ -80,8 +81,20 @@ from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
+
+class Withdrawal(StrEnum):
+    """What came of asking the leader to withdraw a certificate it signed (``WithdrawFn``)."""
+
+    WITHDRAWN = "withdrawn"  # revoked now: the name is free, the workstation's next try signed
+    HELD = "held"  # not withdrawn (an older leader, the leader unreachable, or superseded by a
+    # newer enrolment of the name, which holds it): what frees the name is the admin's, or
+    # --replace
+    REVOKED = "revoked"  # an admin had revoked it (``tlsroll workstations revoke``): the name
+    # is free, but the admin may have meant this PC
+
+
 SignFn = Callable[[bytes], Awaitable[bytes]]
-WithdrawFn = Callable[[bytes], Awaitable[bool]]
+WithdrawFn = Callable[[bytes], Awaitable[Withdrawal]]
 Clock = Callable[[], float]
 WallClock = Callable[[], dt.datetime]
 
@@ -126,7 +139,7 @@ def _busy() -> Refused:
     )
 
 
-async def _given_time(asking: asyncio.Future[bool], request: Request) -> None:
+async def _given_time(asking: asyncio.Future[Withdrawal], request: Request) -> None:
     """The agent stops: ``asking`` (a withdrawal) gets ``STOP_WITHDRAW`` seconds to end (a
     second cancellation ends the wait), then it is cancelled."""
     try:
@@ -621,8 +634,16 @@ class BootstrapService:
                     deadline=self.finish_deadline,
                 )
             withdrawn = await self._withdraw(request, cn, signed)
-            if withdrawn:  # the name is free again: the next try is signed
+            if withdrawn is Withdrawal.WITHDRAWN:  # the name is free again: the next try is signed
                 raise _busy() from None
+            if withdrawn is Withdrawal.REVOKED:  # not busy, nor the name held (s44)
+                raise Refused(
+                    502,
+                    proto.ErrorCode.SIGN_FAILED,
+                    f"the node could not deliver the certificate the CA signed for {cn}, and an "
+                    "admin has revoked it since (tlsroll workstations revoke): ask the admin "
+                    "whether this PC is to be enrolled; if so, run again",
+                ) from None
             raise Refused(
                 503,
                 proto.ErrorCode.BUSY,
@@ -643,14 +664,14 @@ class BootstrapService:
 
     async def _withdraw(
         self, request: Request, cn: str, signed: bytes, *, stopping: bool = False
-    ) -> bool:
-        """``withdraw`` the certificate ``signed`` for ``cn``: whether the leader withdrew it
-        (False without ``withdraw``, or if it failed: logged). The call is not cut short by a
+    ) -> Withdrawal:
+        """``withdraw`` the certificate ``signed`` for ``cn``: what the leader did (HELD
+        without ``withdraw``, or if it failed: logged). The call is not cut short by a
         cancellation (the agent stopping while it runs) but gets ``STOP_WITHDRAW`` more seconds,
         then the cancellation goes on; ``stopping``: the agent stops already, it gets that
         long in all."""
         if self.withdraw is None:
-            return False
+            return Withdrawal.HELD
         asking = asyncio.ensure_future(self._ask_withdraw(request, cn, signed))
         if not stopping:
             try:
@@ -659,17 +680,19 @@ class BootstrapService:
                 await _given_time(asking, request)
                 raise
         await _given_time(asking, request)
-        return asking.done() and not asking.cancelled() and asking.result()
+        if asking.done() and not asking.cancelled():
+            return asking.result()
+        return Withdrawal.HELD
 
-    async def _ask_withdraw(self, request: Request, cn: str, signed: bytes) -> bool:
+    async def _ask_withdraw(self, request: Request, cn: str, signed: bytes) -> Withdrawal:
         try:
-            withdrawn = await self.withdraw(signed) if self.withdraw is not None else False
+            withdrawn = await self.withdraw(signed) if self.withdraw is not None else None
         except Exception as exc:  # whatever the leader path raises: the name stays held
             log.error("bootstrap.withdraw_failed", remote=request.remote, error=type(exc).__name__)
-            return False
-        if withdrawn:
+            return Withdrawal.HELD
+        if withdrawn is Withdrawal.WITHDRAWN:
             log.warning("bootstrap.undelivered_withdrawn", remote=request.remote, cn=cn)
-        return withdrawn
+        return withdrawn or Withdrawal.HELD
 
     async def _deliver(self, ex: Exchange, cert_pem: bytes) -> str:
         """The payload for the workstation, sealed to it (by the worker)."""

@@ -45,7 +45,7 @@ from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 if TYPE_CHECKING:
-    from nodeagent.bootstrap_server import BootstrapService, Guard
+    from nodeagent.bootstrap_server import BootstrapService, Guard, Withdrawal
 
 log = logs.get_logger(__name__)
 
@@ -155,14 +155,17 @@ class BootstrapHost:
                 ) from None
         return reply.certificate_pem
 
-    async def withdraw(self, cert_pem: bytes) -> bool:
+    async def withdraw(self, cert_pem: bytes) -> Withdrawal:
         """The leader withdraws the workstation certificate ``cert_pem`` it just signed, which
         the service could not deliver (``Leader.WithdrawWorkstationCertificate``), so that it
-        does not hold the name: whether it withdrew it now. False, with one log line, if the
-        leader could not be asked or refused (an older leader, UNIMPLEMENTED, keeps the name
-        held, as before that call existed), or answered that it was revoked already (by the
-        admin, or superseded by another enrolment of the name with --replace, which then holds
-        the name: review s43rev2 Low, it was taken as withdrawn)."""
+        does not hold the name: WITHDRAWN if it withdrew it now. HELD, with one log line, if
+        the leader could not be asked or refused (an older leader, UNIMPLEMENTED, keeps the
+        name held, as before that call existed), or answered that it was revoked already by a
+        newer enrolment of the name with --replace, which then holds the name (review s43rev2
+        Low, it was taken as withdrawn), or by a withdrawal before; REVOKED if an admin had
+        revoked it (``revoke_reason``; the service's answer says so, s44)."""
+        from nodeagent.bootstrap_server import Withdrawal  # noqa: PLC0415 (imported by now)
+
         try:
             async with self._channel() as channel:
                 reply = await leader_pb2_grpc.LeaderStub(channel).WithdrawWorkstationCertificate(
@@ -177,10 +180,17 @@ class BootstrapHost:
                     code=exc.code().name,
                     detail=peertext.clean(str(exc.details()), 200),
                 )
-            return False
-        if not reply.withdrawn:
-            log.warning("bootstrap.withdraw_revoked_already", why="the leader had revoked it")
-        return bool(reply.withdrawn)
+            return Withdrawal.HELD
+        if reply.withdrawn:
+            return Withdrawal.WITHDRAWN
+        log.warning(
+            "bootstrap.withdraw_revoked_already",
+            why="the leader had revoked it",
+            reason=peertext.clean(reply.revoke_reason, 100),
+        )
+        if reply.revoke_reason in ("", "never delivered", "superseded"):
+            return Withdrawal.HELD
+        return Withdrawal.REVOKED
 
     def warm(self) -> asyncio.Future[ModuleType]:
         """Import the bootstrap service in a worker thread, once: when the node is staged for a

@@ -69,7 +69,7 @@ def test_token_create_list_revoke(cluster: Cluster) -> None:
     address = next_loopback()
     result = cluster.cli(
         *("token", "create", "--node", "n7", "--address", address),
-        *("--ttl", "30m", "--uses", "3", "--description", "n7"),
+        *("--ttl", "30m", "--uses", "1", "--description", "n7"),  # a script's --uses 1 works
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # the hint goes to a terminal only
@@ -79,15 +79,15 @@ def test_token_create_list_revoke(cluster: Cluster) -> None:
     token_id = m.group(1)
 
     info = tokens_json(cluster)[token_id]
-    assert info["uses_allowed"] == 3
-    assert info["uses_left"] == 3
+    assert info["uses_allowed"] == 1
+    assert info["uses_left"] == 1
     assert info["revoked"] is False
     assert info["description"] == "n7"
     assert (info["node_name"], info["addresses"]) == ("n7", [address])
     listed = cluster.cli("token", "list")
     assert listed.returncode == 0
     (row,) = [line for line in listed.stdout.splitlines() if token_id in line]
-    assert "3/3" in row and "valid" in row
+    assert "1/1" in row and "valid" in row
 
     revoked = cluster.cli("token", "revoke", m.group(0))  # the whole token is accepted too
     assert revoked.returncode == 0, revoked.stderr
@@ -136,6 +136,10 @@ def test_revoke_unknown_token_is_one_line_exit_1(cluster: Cluster) -> None:
         (["--ttl", "soon"], 2, "use a number with s, m, h or d"),
         (["--uses", "0"], 2, "--uses"),
         (["--uses", "many"], 2, "--uses"),
+        # A second use could never enrol (the node's enrolment supersedes the token): no
+        # token that promises it is made (s44).
+        (["--uses", "2"], 2, "--uses: 2: a token enrols its node once"),
+        (["--uses", "1000"], 2, "--uses: 1000: a token enrols its node once"),
         (["--ttl", "8d"], 2, "at most 7 days"),  # the leader's INVALID_ARGUMENT: usage
         (["--ttl", "99999999999d"], 2, "too long"),  # over a uint32: was a traceback
     ],

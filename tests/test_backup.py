@@ -375,12 +375,27 @@ def test_a_restore_revokes_the_tokens_a_node_may_have_enrolled_by_since(tmp_path
         assert "restored from a backup" in (refused.value.details() or "")
         assert "create a new token" in (refused.value.details() or "")
         assert "n3" not in c.list_nodes()
+        # Made after the restore, before n3's agent is heard: its re-learning supersedes it,
+        # and the refusal and `token list` name the re-learning, not an enrolment (s44).
+        late = c.create_token("n3", address)
 
         n3.start()
         c.wait_for_nodes_online(["n3"])
         assert c.list_nodes()["n3"].cert_serial == f"{n3.cert().serial_number:x}"
         listed = {t["id"]: t for t in json.loads(c.cli("token", "list", "--json").stdout)}
         assert all(listed[t.split(".", 1)[0]].get("revoked") for t in (lost, used))
+        late_id = late.split(".", 1)[0]
+        assert listed[late_id]["superseded_by"] == "re-learning"
+        table = c.cli("token", "list")
+        assert table.returncode == 0, table.stderr
+        (row,) = [line for line in table.stdout.splitlines() if late_id in line]
+        assert "superseded (n3 re-learned" in row, row
+        with pytest.raises(grpc.RpcError) as superseded:
+            enrol(c, enrol_request(late, "n3", address, key=pki.generate_key()))
+        details = superseded.value.details() or ""
+        assert superseded.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert f"join token {late_id} is superseded by n3's re-learning at" in details, details
+        assert "enrolment" not in details and "create a new token" in details
         [restored] = [e for e in c.store_table("audit") if e["kind"] == "store.restored"]
         assert sorted(json.loads(restored["detail"])["revoked_tokens"]) == sorted(
             t.split(".", 1)[0] for t in (lost, used)

@@ -362,6 +362,56 @@ def test_a_certificate_signed_while_the_worker_hangs_is_withdrawn_while_the_work
     assert not events_since(node.agent, before, "bootstrap.worker_retry")  # no late second try
 
 
+def test_a_certificate_the_admin_revoked_before_it_was_delivered_is_answered_so(
+    switched: tuple[Cluster, ServerNode, Path], tmp_path: Path
+) -> None:
+    """The leader signs, the crypto worker hangs in the seal, and meanwhile an admin revokes
+    the workstation's name (``tlsroll workstations revoke``). The withdrawal then finds the
+    certificate revoked already: the PC was told "busy", the name taken until the admin frees
+    it (which the admin had just done), and to use --replace (s44). Now it is told that an
+    admin revoked it, and what to do; the name is free, and a run again enrols."""
+    cluster, node, pw = switched
+    assert node.agent is not None
+    flag = agent_failing_seal(node, tmp_path, hang=True)
+    leader_before = len(cluster.leader.log_events())
+    settings = tmp_path / "ws-revoked-meanwhile"
+    first = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tlsroll", "client", "test-connection", node.https_url()),
+            *("--password-file", str(pw), "--yes", "--settings-dir", str(settings)),
+            *("--name", settings.name),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Signed (the seal hangs now, up to FINISH_DEADLINE): the admin revokes the name.
+        wait_until(
+            lambda: bool(events_since(cluster.leader, leader_before, "workstation.enrolled")),
+            30,
+            "the leader's signing",
+        )
+        revoked = cluster.cli("workstations", "revoke", "ws-revoked-meanwhile")
+        assert revoked.returncode == 0, revoked.stderr
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate(timeout=10)
+        flag.unlink(missing_ok=True)
+    assert first.returncode == Exit.ENROL_REFUSED, out + err
+    said = " ".join(err.split())
+    assert "an admin has revoked it since (tlsroll workstations revoke)" in said, said
+    assert "ask the admin whether this PC is to be enrolled; if so, run again" in said, said
+    assert "busy" not in said and "--replace" not in said and "name taken" not in said, said
+    assert not (settings / "client.pem").exists()
+    reasons = revoke_reasons(cluster, "ws-revoked-meanwhile")
+    assert list(reasons.values()) == ["revoked by the admin"]
+    again = client_test_connection(node.https_url(), pw, settings)  # the name is free
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 def revoke_reasons(cluster: Cluster, name: str) -> dict[str, str]:
     """The leader's workstation certificates of ``name``: serial -> why revoked ("": valid)."""
     db = sqlite3.connect(f"{cluster.store_path.as_uri()}?mode=ro", uri=True, timeout=10)
@@ -507,15 +557,15 @@ class NamingSigner:
         self.signed.append(signed)
         return signed
 
-    async def withdraw(self, cert_pem: bytes) -> bool:
+    async def withdraw(self, cert_pem: bytes) -> bootstrap_server.Withdrawal:
         self.withdrawn.append(cert_pem)
         if not self.withdraws:
-            return False
+            return bootstrap_server.Withdrawal.HELD
         cert = pki.load_cert_pem(cert_pem)
         name = str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
         if self.holders.get(name) == pki.spki_pin(cert):
             del self.holders[name]
-        return True
+        return bootstrap_server.Withdrawal.WITHDRAWN
 
 
 @pytest.fixture
@@ -779,14 +829,14 @@ async def test_a_withdrawal_as_the_agent_stops_is_bounded(
     asked = asyncio.Event()
     ended: list[str] = []
 
-    async def hanging(cert_pem: bytes) -> bool:
+    async def hanging(cert_pem: bytes) -> bootstrap_server.Withdrawal:
         asked.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             ended.append("cancelled")
             raise
-        return True
+        return bootstrap_server.Withdrawal.WITHDRAWN
 
     node.service.withdraw = hanging
     attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))

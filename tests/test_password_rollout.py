@@ -378,8 +378,25 @@ def test_password_set_is_refused_while_a_rollout_runs(
         assert "a start of this plan is refused until it has ended" in line, line
         if json_out:
             assert "one rollout at a time" in json.loads(plan.stdout)["busy"]
-        else:
-            assert "Nothing has been changed." in plan.stdout
+        else:  # the plan, and only stderr says that nothing was changed (s44)
+            assert "Plan: change enable-tls" in plan.stdout
+            assert "nothing has been changed" not in plan.stdout.lower()
+        assert line.endswith(
+            "a start of this plan is refused until it has ended; nothing was changed"
+        )
+    # ... and with nodes blocked as well (rotate-cert on the nodes still on http): every
+    # reason in the one line, and "nothing ... changed" said once, there (s44: only the busy
+    # one was given, and stdout said "Nothing has been changed." as well).
+    plan = world.cli("plan", "--scope", "cluster", "--change", "rotate-cert")
+    assert plan.returncode == 1, (plan.stdout, plan.stderr)
+    line = one_line_error(plan.stderr, "tlsroll")
+    assert line.startswith("tlsroll: error: rollout "), line
+    assert "; one rollout at a time" in line, line
+    assert "a start of this plan is refused until it has ended; rotate-cert is blocked on " in line
+    assert "(not on https; run enable-tls first)" in line, line
+    assert line.endswith("(--nodes); nothing was changed"), line
+    said = (plan.stdout + plan.stderr).lower()
+    assert said.count("nothing has been changed") + said.count("nothing was changed") == 1, said
     assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
     assert world.cli("rollout", "abort").returncode == 0
 

@@ -7,6 +7,7 @@ nothing (audit of session 33, M1).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import sqlite3
@@ -372,6 +373,79 @@ def test_a_token_made_before_the_enrolment_is_superseded_whatever_the_key(store:
     assert '"superseded_tokens": ["t3"]' in audit[5]
 
 
+def count_writes(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A hook on the store's database: every write transaction it opens (``Database.tx``, which
+    takes the write lock: BEGIN IMMEDIATE under the database's lock) adds one to the list's
+    only item, whether it commits or is refused. The store keeps no counter of refused writes
+    (``generation`` moves only on a commit), hence the hook."""
+    opened = [0]
+    real = store.db.tx
+
+    def tx(**kw: Any) -> Any:
+        opened[0] += 1
+        return real(**kw)
+
+    monkeypatch.setattr(store.db, "tx", tx)
+    return opened
+
+
+def test_a_superseded_token_is_refused_without_the_write_lock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a wrong secret is: the read before the write transaction refuses a superseded token
+    (and a revoked, expired or used-up one), with the words the write transaction says, so a
+    stale script retried by its agent (or a flood of it) never queues for the write lock."""
+    add_token(store, "t0")
+    enrol(store)
+    add_token(store, "t9", now=NOW - dt.timedelta(hours=2))  # expired
+    before = rows(store)
+    opened = count_writes(store, monkeypatch)
+    later = NOW + dt.timedelta(minutes=1)
+    for token_id, says in (
+        ("t0", "join token t0 is superseded by node1's enrolment at 2026-05-01 12:00:00 UTC;"),
+        ("t1", "join token already used up"),
+        ("t9", "join token expired"),
+    ):
+        with pytest.raises(TokenRejected) as refused:
+            enrol(store, token_id=token_id, key_pin="A-FRESH-KEY", now=later)
+        assert str(refused.value).startswith(says), refused.value
+    assert opened == [0]
+    assert rows(store) == before
+    add_token(store, "t2", now=later)  # the hook counts: one write transaction, committed
+    opened[0] = 0
+    enrol(store, token_id="t2", now=later)
+    assert opened == [1]
+
+
+def test_a_token_superseded_after_the_read_is_refused_in_the_write_transaction(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: t0's read finds it usable, then node1 enrols by t1 (superseding t0) before
+    t0's write transaction. The write transaction refuses t0 with the same words."""
+    add_token(store, "t0")
+    real_read = store.db.read
+    raced: list[str] = []
+
+    @contextlib.contextmanager
+    def read() -> Iterator[sqlite3.Connection]:
+        with real_read() as db:
+            yield db
+        if not raced:  # the first read is t0's check: node1 enrols by t1 right after it
+            raced.append("t1")
+            enrol(store, key_pin="THE-AGENT-KEY")
+
+    monkeypatch.setattr(store.db, "read", read)
+    opened = count_writes(store, monkeypatch)
+    with pytest.raises(TokenRejected) as refused:
+        enrol(store, token_id="t0", key_pin="A-FRESH-KEY")
+    assert raced and opened == [2]  # t1's enrolment, then t0's, refused under the lock
+    assert str(refused.value) == (
+        "join token t0 is superseded by node1's enrolment at 2026-05-01 12:00:00 UTC;"
+        " create a new token"
+    )
+    assert node_row(store)["key_pin"] == "THE-AGENT-KEY"
+
+
 def test_a_multi_use_token_is_superseded_by_its_own_enrolment_but_replays(store: Store) -> None:
     """``--uses 2``: the first use enrols; the second is superseded by that enrolment (two
     enrolments at once by one token: the second, another key, is refused), but the first's
@@ -424,9 +498,16 @@ def test_a_relearned_node_supersedes_the_tokens_the_store_holds(store: Store) ->
         now=NOW,
     )
     assert store.get_token("t1").superseded_at == NOW
+    # Named as what it was (s44): a re-learning, not an enrolment.
+    assert store.get_token("t1").superseded_by == "re-learning"
+    assert [t.superseded_by for t in store.list_tokens()] == ["re-learning"]
     before = rows(store)
-    with pytest.raises(TokenRejected, match="superseded by node1's enrolment"):
+    with pytest.raises(TokenRejected) as refused:
         enrol(store, key_pin=PIN)  # re-certified the agent's key behind its back, before
+    assert str(refused.value) == (
+        "join token t1 is superseded by node1's re-learning at 2026-05-01 12:00:00 UTC (the"
+        " leader's restored store learned the node from its agent); create a new token"
+    )
     assert rows(store) == before
     assert node_row(store)["cert_fingerprint"] == cert.fingerprint
 

@@ -494,6 +494,30 @@ def test_a_measure_a_leader_stored_unchecked_is_not_shown_and_raises_nothing(
         assert Words.of("en").seconds(value) == Words.of("en")("seconds", value="–")
 
 
+def test_the_store_s_trouble_is_in_the_page_s_words_with_sqlite_s_marked_english(
+    store: Store,
+) -> None:
+    """Session 44: the alert for a store whose writes fail put SQLite's English (its
+    ``StoreHealth.trouble``) inside the German sentence, unmarked. Now the page's own words
+    come first, in its language, then SQLite's, quoted and marked ``lang="en"`` (as the words
+    of a node problem the page knows no more about, session 41)."""
+    problem = "store: database or disk is full (SQLITE_FULL)"
+    reader = Reader(store, SchemaStore(store.db), lambda: NOW, lambda _: True, [])
+    reader.store_trouble = lambda: (problem, NOW - dt.timedelta(minutes=3))
+    snap = reader.read()
+    page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, words in (
+        ("de", "Der Leader kann seit "),
+        ("en", "The leader cannot write its store since "),
+    ):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        (alert,) = re.findall(r'<div class="alert"[^>]*data-trouble="store"[^>]*>(.*?)</div>', html)
+        (said,) = re.findall(r'<q lang="en">(.*?)</q>', alert)
+        assert unescape(said) == problem
+        own = unescape(re.sub(r"<q lang=\"en\">.*?</q>|<[^>]+>", "", alert))
+        assert words in own and "SQLITE" not in own and "disk is full" not in own, own
+
+
 def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Store) -> None:
     schema = SchemaStore(store.db)
     failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)

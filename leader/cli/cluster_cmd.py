@@ -189,9 +189,10 @@ def token() -> None:
     "--uses",
     default=1,
     show_default=True,
-    type=click.IntRange(1, 1000),
-    help="Enrolments it allows; the node's enrolment supersedes the uses left (it enrols "
-    "the node once).",
+    type=int,
+    callback=lambda _ctx, _param, value: one_use(value),
+    help="Kept for scripts: 1 only. A token enrols its node once: the node's enrolment "
+    "supersedes every token made for it, a second use included.",
 )
 @click.option("--description", default="", help="A note for `token list`.")
 @click.option(
@@ -260,11 +261,24 @@ def token_create(
     click.echo(reply.token)
     if sys.stderr.isatty():
         click.echo(
-            f"token {reply.info.id} for node {reply.info.node_name}: {uses} use(s), expires "
+            f"token {reply.info.id} for node {reply.info.node_name}: enrols it once, expires "
             f"{fmt_time(reply.info, 'expires_at')}; give it to the agent's config as "
             "join_token_file (0600)",
             err=True,
         )
+
+
+def one_use(uses: int) -> int:
+    """``--uses``, checked before anything is asked: a second use could never enrol (the
+    node's enrolment supersedes every token of the node with a use left, its own included),
+    so more than one is a usage error, not a token that promises what it cannot do."""
+    if uses != 1:
+        raise click.BadParameter(
+            f"{uses}: a token enrols its node once (the enrolment supersedes it); "
+            "give 1 or leave --uses out, and make a new token to enrol the node again",
+            param_hint="--uses",
+        )
+    return uses
 
 
 def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir: Path) -> str:
@@ -335,7 +349,7 @@ def token_list(leader: Leader, as_json: bool) -> None:
         state = (
             "revoked"
             if t.revoked
-            else f"superseded ({t.node_name} enrolled {fmt_time(t, 'superseded_at')})"
+            else f"superseded ({t.node_name} {superseded_how(t)} {fmt_time(t, 'superseded_at')})"
             if t.HasField("superseded_at")
             else "expired"
             if expired
@@ -352,6 +366,12 @@ def token_list(leader: Leader, as_json: bool) -> None:
             t.description,
         )
     out.print(table)
+
+
+def superseded_how(t: admin_pb2.TokenInfo) -> str:
+    """The event that superseded a token, as ``token list`` says it (a leader before s44 does
+    not say: only an enrolment superseded then, or a re-learning it did not tell apart)."""
+    return "re-learned" if t.superseded_by == "re-learning" else "enrolled"
 
 
 @token.command("revoke")

@@ -208,15 +208,21 @@ def plan(
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
+    # Exit 1 when a start of this plan is refused now (a rollout has not ended: brief s39pw)
+    # or is refused or would stop at a node (blocked): every reason in one line on stderr,
+    # which alone says that nothing was changed (s44: only the busy one was given, and both
+    # streams said it).
+    reasons = []
+    if reply.busy:
+        reasons.append(f"{reply.busy}; a start of this plan is refused until it has ended")
+    if blocked := blocked_text(reply):
+        reasons.append(blocked)
     if as_json:
         emit_json(to_dict(reply))
     else:
-        show_plan(reply)
-    if reply.busy:  # exit 1: a start of this plan is refused now (brief s39pw)
-        raise CLIError(
-            f"{reply.busy}; a start of this plan is refused until it has ended; nothing was changed"
-        )
-    refuse_blocked(reply)  # exit 1: a start of this plan is refused or would stop
+        show_plan(reply, nothing_changed=not reasons)
+    if reasons:
+        raise CLIError("; ".join(reasons) + "; nothing was changed")
 
 
 def applies_text(staged: admin_pb2.StagedPassword) -> str:
@@ -224,22 +230,20 @@ def applies_text(staged: admin_pb2.StagedPassword) -> str:
     return f"{staged.version}, {staged_text(staged)}"
 
 
-def refuse_blocked(reply: admin_pb2.PlanResponse) -> None:
-    """CLIError (exit 1) naming every node of the plan that is ``blocked: <why>`` (``BLOCKED``),
-    with its why: whatever it is, the change cannot get past that node (audit s38 M5; brief
-    s39: a node whose port 8443 was taken gave exit 0, and the start then halted there)."""
+def blocked_text(reply: admin_pb2.PlanResponse) -> str:
+    """What ``plan`` refuses for (exit 1) naming every node of the plan that is ``blocked:
+    <why>`` (``BLOCKED``), with its why: whatever it is, the change cannot get past that node
+    (audit s38 M5; brief s39: a node whose port 8443 was taken gave exit 0, and the start then
+    halted there). "" when none is."""
     blocked = [n for n in reply.rollout.nodes if n.reason.startswith(BLOCKED)]
     if not blocked:
-        return
+        return ""
     named = [f"{n.name} ({n.reason.removeprefix(BLOCKED).strip()})" for n in blocked]
     more = len(named) - MAX_NAMED
     shown = ", ".join(named[:MAX_NAMED]) + (f" and {more} more (listed above)" if more > 0 else "")
     change = CHANGE.text(reply.rollout.change)
     them = "it" if len(blocked) == 1 else "them"
-    raise CLIError(
-        f"{change} is blocked on {shown}: fix that, or leave {them} out (--nodes); nothing was"
-        " changed"
-    )
+    return f"{change} is blocked on {shown}: fix that, or leave {them} out (--nodes)"
 
 
 def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
@@ -275,7 +279,9 @@ WILL = {
 }
 
 
-def show_plan(reply: admin_pb2.PlanResponse) -> None:
+def show_plan(reply: admin_pb2.PlanResponse, *, nothing_changed: bool = True) -> None:
+    """The plan on stdout; ``nothing_changed``: ending with "Nothing has been changed." (not
+    when the caller's refusal on stderr says it)."""
     r = reply.rollout
     transitional = STRATEGY.text(r.strategy) == Strategy.TRANSITIONAL.value
     out.print(
@@ -322,7 +328,8 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
     )
     for s in reply.client_steps:
         out.print(f"  - {s}")
-    out.print("Nothing has been changed.")
+    if nothing_changed:
+        out.print("Nothing has been changed.")
 
 
 # --- rollout ----------------------------------------------------------------------------------

@@ -63,9 +63,10 @@ _DE: dict[str, str] = {
     "leader_node": "Leader",
     "attention": "Braucht Aufmerksamkeit: {nodes}. Der Rückweg ist fehlgeschlagen; der Knoten "
     "ist in keinem bekannten Zustand. Bitte die Praxis-IT verständigen.",
-    "store_trouble": "Der Leader kann seit {since} nicht in seinen Speicher schreiben "
-    "({problem}); keine Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT "
-    "verständigen (Platz auf der Festplatte des Leaders schaffen).",
+    # (SQLite's words for the trouble follow it, in English: as for ``node_problem``)
+    "store_trouble": "Der Leader kann seit {since} nicht in seinen Speicher schreiben; keine "
+    "Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT verständigen (Platz "
+    "auf der Festplatte des Leaders schaffen). Der Leader beschreibt es auf Englisch:",
     "needs_admin": "Knoten {node} braucht die Praxis-IT: ein früherer Stand seines Journals "
     "wurde zurückgespielt, und was sein Server ausführt, zeigt nicht, wie eine Umstellung "
     "ausgegangen ist; er wird nicht umgestellt, bis die Praxis-IT ihn geprüft hat, und sein "
@@ -187,9 +188,9 @@ _EN: dict[str, str] = {
     "leader_node": "leader",
     "attention": "Needs attention: {nodes}. The way back failed; the node is in no known "
     "state. Please call the practice IT.",
-    "store_trouble": "The leader cannot write its store since {since} ({problem}); no "
-    "rollout moves until it can. Please call the practice IT (free space on the leader's "
-    "disk).",
+    "store_trouble": "The leader cannot write its store since {since}; no rollout moves "
+    "until it can. Please call the practice IT (free space on the leader's disk). The leader "
+    "says:",
     "needs_admin": "Node {node} needs the practice IT: an earlier copy of its journal was "
     "put back, and what its server runs does not show how a switch ended; it is not switched "
     "until the practice IT has checked it, and its server may refuse to save until then. "

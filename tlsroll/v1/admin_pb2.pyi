@@ -817,12 +817,18 @@ class TokenInfo(_message.Message):
     ADDRESSES_FIELD_NUMBER: _builtins.int
     DNS_NAMES_FIELD_NUMBER: _builtins.int
     SUPERSEDED_AT_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     uses_allowed: _builtins.int
     uses_left: _builtins.int
     revoked: _builtins.bool
     description: _builtins.str
     node_name: _builtins.str
+    superseded_by: _builtins.str
+    """What superseded it, with superseded_at: "enrolment", or "re-learning" (a restored or
+    reinitialised store learned node_name from its agent). "" from a leader before it: an
+    enrolment.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -851,10 +857,11 @@ class TokenInfo(_message.Message):
         addresses: _abc.Iterable[_builtins.str] | None = ...,
         dns_names: _abc.Iterable[_builtins.str] | None = ...,
         superseded_at: _timestamp_pb2.Timestamp | None = ...,
+        superseded_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "superseded_at", b"superseded_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "created_at", b"created_at", "description", b"description", "dns_names", b"dns_names", "expires_at", b"expires_at", "id", b"id", "node_name", b"node_name", "revoked", b"revoked", "superseded_at", b"superseded_at", "uses_allowed", b"uses_allowed", "uses_left", b"uses_left"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "created_at", b"created_at", "description", b"description", "dns_names", b"dns_names", "expires_at", b"expires_at", "id", b"id", "node_name", b"node_name", "revoked", b"revoked", "superseded_at", b"superseded_at", "superseded_by", b"superseded_by", "uses_allowed", b"uses_allowed", "uses_left", b"uses_left"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -130,16 +130,22 @@ class WithdrawWorkstationResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WITHDRAWN_FIELD_NUMBER: _builtins.int
+    REVOKE_REASON_FIELD_NUMBER: _builtins.int
     withdrawn: _builtins.bool
     """False: it was revoked already (by an earlier call, the admin, or a newer enrolment)."""
+    revoke_reason: _builtins.str
+    """With withdrawn false: why it was revoked ("never delivered": an earlier call;
+    "superseded": a newer enrolment of the name, which holds it; else the admin's revocation).
+    """
     def __init__(
         self,
         *,
         withdrawn: _builtins.bool = ...,
+        revoke_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["withdrawn", b"withdrawn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoke_reason", b"revoke_reason", "withdrawn", b"withdrawn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
