@@ -56,6 +56,8 @@ def rollout_view(
     pending: set[str] | None = None,
     on_http: Mapping[str, int] | None = None,
     made: tuple[Made, Made] | None = None,
+    *,
+    with_nodes: bool = True,
 ) -> schema_pb2.RolloutView:
     """The view of one rollout; ``pending`` names nodes with a staged, not yet live password,
     ``on_http`` counts the workstations still on http per node. A ``RolloutHead`` (a line of
@@ -63,7 +65,9 @@ def rollout_view(
     node views made by the last call, where this call puts its own): a node whose record and
     detail are the same objects as then (the store keeps a rollout's unchanged ones) and whose
     password and http count are the same takes its view from there (the viewer's page reads
-    a 500-node rollout again after each write of it: issue 15)."""
+    a 500-node rollout again after each write of it: issue 15). ``with_nodes`` False: the
+    node views are made (into ``made``) but the view carries none of them (the viewer's page
+    draws them from ``made``: a view holds a copy of each, ~0.5 MiB at 500 nodes)."""
     r, meta = row.rollout, row.meta
     nodes = []
     for rec, d in row.nodes if isinstance(row, RolloutRow) else ():
@@ -124,7 +128,7 @@ def rollout_view(
         started_at=timestamp(meta.started_at),
         ended_at=timestamp(meta.ended_at),
         started_by=meta.started_by,
-        nodes=nodes,
+        nodes=nodes if with_nodes else (),
         reason=meta.reason,
         undoes=meta.undoes,
         finalizes=meta.finalizes,
@@ -206,17 +210,19 @@ def schema_message(
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
     node_problems: Sequence[NodeProblemRow] = (),
+    *,
+    with_nodes: bool = True,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
-    ``node_problems``: ``LeaderState.node_problems``."""
+    ``node_problems``: ``LeaderState.node_problems``; ``with_nodes``: see ``rollout_view``."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now))
     return schema_pb2.Schema(
         node_clients=node_clients_views(clients, infos, now),
-        rollouts=[rollout_view(r, pending, on_http, made) for r in rows],
+        rollouts=[rollout_view(r, pending, on_http, made, with_nodes=with_nodes) for r in rows],
         generated_at=timestamp(now),
         bootstrap_failures=[failure_view(f) for f in failures],
         removed_nodes=[

@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, NamedTuple
 
 from cryptography import x509
@@ -32,6 +33,27 @@ NEAR_EXPIRY = dt.timedelta(days=30)
 # whatever open pages select): a live page's read after a write converts and parses only what
 # changed (issue 15: at 500 nodes, a read of everything took 30 ms after each write).
 KEPT_ROLLOUTS = 4
+# What a page's read keeps of each node (``Reader.read``'s ``page``): the fields its row draws
+# (``templates/node_row.html``), not the steps' times, the fingerprint and the rest that
+# `schema show --json` prints (at 500 nodes the whole records were ~2 MiB of a leader with a
+# page open, most of it the steps' dicts of strings: issue 15). A test draws every row of
+# both and compares.
+ROW_FIELDS = frozenset(
+    {
+        "name",
+        "state",
+        "reason",
+        "old_url",
+        "new_url",
+        "cert_not_after",
+        "freeze_started_at",
+        "freeze_ended_at",
+        "freeze_seconds",
+        "restart_seconds",
+        "leader_node",
+        "password_pending",
+    }
+)
 
 
 class NodeStatus(NamedTuple):
@@ -58,9 +80,10 @@ class CertStatus:
     not_after: dt.datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transition:
-    """One state change of a rollout or a node, from the audit trail."""
+    """One state change of a rollout or a node, from the audit trail. (Slots, and its words
+    interned: a 500-node rollout's timelines keep some 3,500, ~1 MiB as they were.)"""
 
     at: dt.datetime
     old: str
@@ -77,7 +100,9 @@ class Snapshot:
     nodes (the others' ``nodes`` are empty: not read, ``SchemaStore.listed``), unless read
     with ``every`` (``/api/v1/schema``: every rollout whole)."""
     data: dict[str, Any]  # wire.to_dict(schema): enums as words, as `schema show --json`
-    """``schema`` as `schema show --json` prints it (so with the same rollouts' nodes)."""
+    """``schema`` as `schema show --json` prints it (so with the same rollouts' nodes). A
+    page's read (``Reader.read``'s ``page``) has each node's ``ROW_FIELDS`` only, and its
+    ``schema`` no node views."""
     nodes: tuple[NodeStatus, ...]
     pending_passwords: tuple[str, ...]
     certificates: tuple[CertStatus, ...]
@@ -156,9 +181,9 @@ class Reader:
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
         # puts back a whole new entry under the lock (never a half-made one).
         self._lock = threading.Lock()
-        self._node_data: OrderedDict[str, dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]]] = (
-            OrderedDict()
-        )
+        self._node_data: OrderedDict[
+            tuple[str, bool], dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]]
+        ] = OrderedDict()  # by (rollout id, a page's read: its rows' fields only)
         self._timelines: OrderedDict[str, tuple[int, dict[str, tuple[Transition, ...]]]] = (
             OrderedDict()
         )
@@ -176,6 +201,7 @@ class Reader:
         every: bool = False,
         times: bool = False,
         clients: bool = True,
+        page: bool = False,
     ) -> Snapshot:
         """Everything at once; ``rollout_id`` selects a rollout (None: the newest). A rollout
         id that does not exist selects none. Every rollout is in the schema, with its nodes
@@ -190,7 +216,8 @@ class Reader:
         passwords, enrolled nodes and client report are of one read (``SchemaStore.shown``),
         and ``now`` is taken after it: read apart, and ``now`` first, a write between them
         showed parts of two moments, and a report newer than ``now`` (session 32's audit,
-        L3)."""
+        L3). ``page``: what a page draws (``_shared_snapshot``): its nodes in ``data`` with
+        ``ROW_FIELDS`` only, and ``schema`` without the node views (they are in ``data``)."""
         schema = self.schema
 
         def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow | RolloutHead], int]:
@@ -220,6 +247,7 @@ class Reader:
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
             node_problems=problems,
+            with_nodes=not page,
         )
         trouble = self.store_trouble() if self.store_trouble is not None else None
         if trouble is not None:
@@ -228,7 +256,7 @@ class Reader:
         if not every:  # (the API's read of every rollout would push out what pages show)
             with self._lock:
                 self._views = made
-        data = self._data(message, rows, made, keep=not every)
+        data = self._data(message, rows, made, keep=not every, page=page)
         selected = None
         if data["rollouts"]:
             if rollout_id is None:
@@ -274,6 +302,16 @@ class Reader:
             switch_times=self.schema.switch_times() if times else None,
         )
 
+    def forget_pages(self) -> None:
+        """What was kept for the pages' next reads: their node records, every timeline and
+        node view (the last open page closed: ``ViewerApp.events``; the next read makes them
+        again). The enrolled nodes' rows stay: every read reads them, the metrics' too."""
+        with self._lock:
+            for key in [k for k in self._node_data if k[1]]:
+                del self._node_data[key]
+            self._timelines.clear()
+            self._views = {}
+
     def _enrolled(self, db: sqlite3.Connection) -> list[sqlite3.Row]:
         """(Inside the read: ``SchemaStore.shown``.) The enrolled nodes' rows
         (``Store.node_rows``), read again only after a write that may have changed them: one
@@ -299,6 +337,7 @@ class Reader:
         made: Made,
         *,
         keep: bool,
+        page: bool = False,
     ) -> dict[str, Any]:
         """``wire.to_dict(message)``, each rollout's nodes converted only when their view is
         not the one converted at the last read (``made``: the node views ``schema_message``
@@ -306,7 +345,8 @@ class Reader:
         while its node is unchanged: ``rollout_view``), so a node's data is shared by the
         snapshots that show it unchanged (read-only). ``keep``: keep what this read converted
         (not for ``every``: the API's read of every stored rollout would push out what the
-        open pages show)."""
+        open pages show). ``page``: each node's ``ROW_FIELDS`` only (kept apart from the
+        whole records a read for the metrics keeps)."""
         outer = schema_pb2.Schema()
         outer.CopyFrom(message)
         for view in outer.rollouts:
@@ -315,19 +355,20 @@ class Reader:
         for item, row in zip(data["rollouts"], rows, strict=True):
             if not isinstance(row, RolloutRow) or not row.nodes:
                 continue
+            key = (row.rollout.id, page)
             with self._lock:
-                kept = self._node_data.get(row.rollout.id, {})
+                kept = self._node_data.get(key, {})
             fresh: dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]] = {}
             nodes = []
             for rec, d in row.nodes:
                 shown = made[(id(rec), id(d))][3]
                 hit = kept.get(id(shown))
-                found = hit if hit is not None and hit[0] is shown else (shown, wire.to_dict(shown))
+                found = hit if hit is not None and hit[0] is shown else (shown, _node(shown, page))
                 fresh[id(shown)] = found  # (the view held: its id stays its own)
                 nodes.append(found[1])
             item["nodes"] = nodes
             if keep:
-                self._keep(self._node_data, row.rollout.id, fresh)
+                self._keep(self._node_data, key, fresh)
         return data
 
     def _timeline(self, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
@@ -344,7 +385,7 @@ class Reader:
         self._keep(self._timelines, rollout_id, (last, timeline))
         return timeline
 
-    def _keep(self, kept: OrderedDict[str, Any], rollout_id: str, value: Any) -> None:
+    def _keep(self, kept: OrderedDict[Any, Any], rollout_id: Any, value: Any) -> None:
         with self._lock:
             kept[rollout_id] = value
             kept.move_to_end(rollout_id)
@@ -361,6 +402,12 @@ class Reader:
         )
 
 
+def _node(view: schema_pb2.NodeView, page: bool) -> dict[str, Any]:
+    """A node's data as `schema show --json` prints it, or (``page``) its row's fields of it."""
+    data = wire.to_dict(view)
+    return {k: v for k, v in data.items() if k in ROW_FIELDS} if page else data
+
+
 def _timeline(events: Sequence[AuditEvent]) -> dict[str, tuple[Transition, ...]]:
     found: dict[str, list[Transition]] = {}
     for event in events:
@@ -371,7 +418,8 @@ def _timeline(events: Sequence[AuditEvent]) -> dict[str, tuple[Transition, ...]]
             old, new = str(event.detail.get("old", "")), str(event.detail.get("new", ""))
         else:
             continue
+        reason = str(event.detail.get("reason", ""))
         found.setdefault(key, []).append(
-            Transition(event.at, old, new, str(event.detail.get("reason", "")), event.actor)
+            Transition(event.at, intern(old), intern(new), reason, intern(event.actor))
         )
     return {key: tuple(items) for key, items in found.items()}
