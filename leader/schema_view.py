@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from leader.rollout_core import Client, still_on_http
+from leader.rollout_core import Client, NodeRecord, still_on_http
 from leader.schema_store import (
     BootstrapFailureRow,
     ClientsInfo,
+    NodeDetail,
     RolloutHead,
     RolloutRow,
     SchemaStore,
@@ -56,8 +57,6 @@ def rollout_view(
     pending: set[str] | None = None,
     on_http: Mapping[str, int] | None = None,
     made: tuple[Made, Made] | None = None,
-    *,
-    with_nodes: bool = True,
 ) -> schema_pb2.RolloutView:
     """The view of one rollout; ``pending`` names nodes with a staged, not yet live password,
     ``on_http`` counts the workstations still on http per node. A ``RolloutHead`` (a line of
@@ -65,9 +64,7 @@ def rollout_view(
     node views made by the last call, where this call puts its own): a node whose record and
     detail are the same objects as then (the store keeps a rollout's unchanged ones) and whose
     password and http count are the same takes its view from there (the viewer's page reads
-    a 500-node rollout again after each write of it: issue 15). ``with_nodes`` False: the
-    node views are made (into ``made``) but the view carries none of them (the viewer's page
-    draws them from ``made``: a view holds a copy of each, ~0.5 MiB at 500 nodes)."""
+    a 500-node rollout again after each write of it: issue 15)."""
     r, meta = row.rollout, row.meta
     nodes = []
     for rec, d in row.nodes if isinstance(row, RolloutRow) else ():
@@ -83,34 +80,7 @@ def rollout_view(
                 made[1][key] = hit
                 nodes.append(hit[3])
                 continue
-        steps = [
-            schema_pb2.StepTimes(
-                step=step,
-                started_at=timestamp(dt.datetime.fromisoformat(a)) if a else None,
-                ended_at=timestamp(dt.datetime.fromisoformat(b)) if b else None,
-            )
-            for step, (a, b) in d.steps.items()
-        ]
-        nodes.append(
-            schema_pb2.NodeView(
-                name=rec.name,
-                state=NODE_STATE.wire(rec.state),
-                reason=rec.reason,
-                old_url=d.old_url,
-                new_url=d.new_url,
-                cert_fingerprint=d.cert_fingerprint,
-                cert_not_after=timestamp(d.cert_not_after),
-                freeze_started_at=timestamp(d.freeze_started_at),
-                freeze_ended_at=timestamp(d.freeze_ended_at),
-                restart_seconds=d.restart_seconds,
-                freeze_seconds=d.freeze_window,
-                steps=steps,
-                leader_node=shown[0],
-                bootstrap_port=d.bootstrap_port,
-                password_pending=shown[1],
-                still_on_http=shown[2],
-            )
-        )
+        nodes.append(node_view(rec, d, shown))
         if made is not None:
             made[1][(id(rec), id(d))] = (rec, d, shown, nodes[-1])
     return schema_pb2.RolloutView(
@@ -128,12 +98,43 @@ def rollout_view(
         started_at=timestamp(meta.started_at),
         ended_at=timestamp(meta.ended_at),
         started_by=meta.started_by,
-        nodes=nodes if with_nodes else (),
+        nodes=nodes,
         reason=meta.reason,
         undoes=meta.undoes,
         finalizes=meta.finalizes,
         when_quiet_seconds=meta.when_quiet,
         auth_version=meta.auth_version,
+    )
+
+
+def node_view(rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int]) -> schema_pb2.NodeView:
+    """One node's view: its record, its detail and (whether it is the leader's node, whether
+    its password is pending, how many workstations are still on http)."""
+    steps = [
+        schema_pb2.StepTimes(
+            step=step,
+            started_at=timestamp(dt.datetime.fromisoformat(a)) if a else None,
+            ended_at=timestamp(dt.datetime.fromisoformat(b)) if b else None,
+        )
+        for step, (a, b) in d.steps.items()
+    ]
+    return schema_pb2.NodeView(
+        name=rec.name,
+        state=NODE_STATE.wire(rec.state),
+        reason=rec.reason,
+        old_url=d.old_url,
+        new_url=d.new_url,
+        cert_fingerprint=d.cert_fingerprint,
+        cert_not_after=timestamp(d.cert_not_after),
+        freeze_started_at=timestamp(d.freeze_started_at),
+        freeze_ended_at=timestamp(d.freeze_ended_at),
+        restart_seconds=d.restart_seconds,
+        freeze_seconds=d.freeze_window,
+        steps=steps,
+        leader_node=shown[0],
+        bootstrap_port=d.bootstrap_port,
+        password_pending=shown[1],
+        still_on_http=shown[2],
     )
 
 
@@ -210,19 +211,17 @@ def schema_message(
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
     node_problems: Sequence[NodeProblemRow] = (),
-    *,
-    with_nodes: bool = True,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
-    ``node_problems``: ``LeaderState.node_problems``; ``with_nodes``: see ``rollout_view``."""
+    ``node_problems``: ``LeaderState.node_problems``."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now))
     return schema_pb2.Schema(
         node_clients=node_clients_views(clients, infos, now),
-        rollouts=[rollout_view(r, pending, on_http, made, with_nodes=with_nodes) for r in rows],
+        rollouts=[rollout_view(r, pending, on_http, made) for r in rows],
         generated_at=timestamp(now),
         bootstrap_failures=[failure_view(f) for f in failures],
         removed_nodes=[

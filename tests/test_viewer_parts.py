@@ -946,10 +946,11 @@ def test_a_snapshot_read_again_after_writes_is_a_fresh_readers(store: Store) -> 
 
 def test_a_page_s_read_keeps_of_each_node_what_its_row_draws(store: Store) -> None:
     """Issue 15: a page's read (``page``) keeps of each node only the fields its row draws
-    (``ROW_FIELDS``), and its schema carries no node view (the leader's memory with a page
-    open at 500 nodes). What is drawn of it is what is drawn of the whole records, in both
-    languages, at every step of a rollout (one rolled back, one done, windows, restarts and
-    certificates recorded): a row that drew a field left out would differ here."""
+    (``ROW_FIELDS``), no node view, and its schema carries none (the leader's memory with a
+    page open at 500 nodes); a node unchanged since the last read keeps its fields. What is
+    drawn of it is what is drawn of the whole records, in both languages, at every step of
+    a rollout (one rolled back, one done, windows, restarts and certificates recorded): a
+    row that drew a field left out would differ here."""
     schema = SchemaStore(store.db)
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
     row = start_rollout(schema, "r1", Change.ENABLE_TLS)
@@ -966,6 +967,12 @@ def test_a_page_s_read_keeps_of_each_node_what_its_row_draws(store: Store) -> No
             for n in whole.selected["nodes"]
         ]
         assert any("steps" in n and "cert_fingerprint" in n for n in whole.selected["nodes"])
+        assert reader._views == {}
+        again = reader.read(clients=False, page=True)
+        assert again.selected is not None
+        assert all(
+            a is b for a, b in zip(again.selected["nodes"], part.selected["nodes"], strict=True)
+        )
         for lang in LANGS:
             words = Words.of(lang)
             drawn = pages.Drawn().rows(part, words)
@@ -1082,12 +1089,12 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
             await until(lambda: app._streams.total() == 1)
             assert len(app._drawn) == 2 and app._events  # the other page's
             assert app._shared and pages.DRAWN._rows and pages.DRAWN._details
-            assert reader._node_data and reader._timelines and reader._views
+            assert reader._page_nodes and reader._timelines
             opened[1].close()
             await until(lambda: not app._streams)
             assert not app._drawn and not app._events
             assert not app._shared and not pages.DRAWN._rows and not pages.DRAWN._details
-            assert not reader._node_data and not reader._timelines and not reader._views
+            assert not reader._page_nodes and not reader._timelines
             page = await client.get("/", headers=cookie)  # drawn again, as it was
             assert page.status == 200 and 'data-node="a"' in await page.text()
             closing.set()

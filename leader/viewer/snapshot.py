@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 
 from cryptography import x509
 
-from leader.rollout_core import NodeState
-from leader.schema_store import AuditEvent, RolloutHead, RolloutRow, SchemaStore
-from leader.schema_view import Made, schema_message
+from leader.rollout_core import NodeRecord, NodeState
+from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
+from leader.schema_view import Made, node_view, schema_message
 from leader.states import NodeProblemRow
 from leader.store import NodesMade, Store
 from tlsroll import pki, wire
@@ -54,6 +54,15 @@ ROW_FIELDS = frozenset(
         "password_pending",
     }
 )
+
+
+class _PageNode(NamedTuple):
+    """A node as a page's read keeps it (``Reader._page_data``)."""
+
+    record: NodeRecord
+    detail: NodeDetail
+    marks: tuple[bool, bool]  # it is the leader's node; its password is pending
+    fields: dict[str, Any]  # its ``ROW_FIELDS``
 
 
 class NodeStatus(NamedTuple):
@@ -181,9 +190,12 @@ class Reader:
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
         # puts back a whole new entry under the lock (never a half-made one).
         self._lock = threading.Lock()
-        self._node_data: OrderedDict[
-            tuple[str, bool], dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]]
-        ] = OrderedDict()  # by (rollout id, a page's read: its rows' fields only)
+        self._node_data: OrderedDict[str, dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]]] = (
+            OrderedDict()
+        )
+        # A page's reads (``read``'s ``page``): each node's row fields, by rollout id, then by
+        # its record and detail (held, so their ids stay theirs) and what else its row shows.
+        self._page_nodes: OrderedDict[str, dict[tuple[int, int], _PageNode]] = OrderedDict()
         self._timelines: OrderedDict[str, tuple[int, dict[str, tuple[Transition, ...]]]] = (
             OrderedDict()
         )
@@ -238,7 +250,8 @@ class Reader:
             views = self._views
         made: Made = {}
         message = schema_message(
-            rows,
+            # (a page's read makes no node views: ``_page_data`` makes its nodes' fields)
+            [RolloutHead(r.rollout, r.meta) for r in rows] if page else rows,
             pending,
             now,
             self.schema.bootstrap_failures(),
@@ -247,16 +260,18 @@ class Reader:
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
             node_problems=problems,
-            with_nodes=not page,
         )
         trouble = self.store_trouble() if self.store_trouble is not None else None
         if trouble is not None:
             message.store_trouble.problem, since = trouble
             message.store_trouble.since.FromDatetime(since)
-        if not every:  # (the API's read of every rollout would push out what pages show)
-            with self._lock:
-                self._views = made
-        data = self._data(message, rows, made, keep=not every, page=page)
+        if page:
+            data = self._page_data(message, rows, pending)
+        else:
+            if not every:  # (the API's read of every rollout would push out what pages show)
+                with self._lock:
+                    self._views = made
+            data = self._data(message, rows, made, keep=not every)
         selected = None
         if data["rollouts"]:
             if rollout_id is None:
@@ -303,14 +318,12 @@ class Reader:
         )
 
     def forget_pages(self) -> None:
-        """What was kept for the pages' next reads: their node records, every timeline and
-        node view (the last open page closed: ``ViewerApp.events``; the next read makes them
-        again). The enrolled nodes' rows stay: every read reads them, the metrics' too."""
+        """What was kept for the pages' next reads: their nodes' fields and every timeline
+        (the last open page closed: ``ViewerApp.events``; the next read makes them again).
+        The enrolled nodes' rows stay: every read reads them, the metrics' too."""
         with self._lock:
-            for key in [k for k in self._node_data if k[1]]:
-                del self._node_data[key]
+            self._page_nodes.clear()
             self._timelines.clear()
-            self._views = {}
 
     def _enrolled(self, db: sqlite3.Connection) -> list[sqlite3.Row]:
         """(Inside the read: ``SchemaStore.shown``.) The enrolled nodes' rows
@@ -337,7 +350,6 @@ class Reader:
         made: Made,
         *,
         keep: bool,
-        page: bool = False,
     ) -> dict[str, Any]:
         """``wire.to_dict(message)``, each rollout's nodes converted only when their view is
         not the one converted at the last read (``made``: the node views ``schema_message``
@@ -345,8 +357,7 @@ class Reader:
         while its node is unchanged: ``rollout_view``), so a node's data is shared by the
         snapshots that show it unchanged (read-only). ``keep``: keep what this read converted
         (not for ``every``: the API's read of every stored rollout would push out what the
-        open pages show). ``page``: each node's ``ROW_FIELDS`` only (kept apart from the
-        whole records a read for the metrics keeps)."""
+        open pages show)."""
         outer = schema_pb2.Schema()
         outer.CopyFrom(message)
         for view in outer.rollouts:
@@ -355,20 +366,58 @@ class Reader:
         for item, row in zip(data["rollouts"], rows, strict=True):
             if not isinstance(row, RolloutRow) or not row.nodes:
                 continue
-            key = (row.rollout.id, page)
             with self._lock:
-                kept = self._node_data.get(key, {})
+                kept = self._node_data.get(row.rollout.id, {})
             fresh: dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]] = {}
             nodes = []
             for rec, d in row.nodes:
                 shown = made[(id(rec), id(d))][3]
                 hit = kept.get(id(shown))
-                found = hit if hit is not None and hit[0] is shown else (shown, _node(shown, page))
+                found = hit if hit is not None and hit[0] is shown else (shown, wire.to_dict(shown))
                 fresh[id(shown)] = found  # (the view held: its id stays its own)
                 nodes.append(found[1])
             item["nodes"] = nodes
             if keep:
-                self._keep(self._node_data, key, fresh)
+                self._keep(self._node_data, row.rollout.id, fresh)
+        return data
+
+    def _page_data(
+        self,
+        message: schema_pb2.Schema,
+        rows: Sequence[RolloutRow | RolloutHead],
+        pending: set[str],
+    ) -> dict[str, Any]:
+        """A page's ``data``: ``wire.to_dict(message)`` (made of ``rows`` without their
+        nodes), each rollout's nodes with their ``ROW_FIELDS``, made again only for a node
+        whose record or detail is not the one of the last read (the store keeps a rollout's
+        unchanged ones) or whose row shows another leader or password mark; kept for the next
+        read. No node view is kept: one is ~3 KiB, the fields of a row a third of that
+        (issue 15: the leader's memory with a page open at 500 nodes)."""
+        data = wire.to_dict(message)
+        for item, row in zip(data["rollouts"], rows, strict=True):
+            if not isinstance(row, RolloutRow) or not row.nodes:
+                continue
+            with self._lock:
+                kept = self._page_nodes.get(row.rollout.id, {})
+            fresh: dict[tuple[int, int], _PageNode] = {}
+            nodes = []
+            leader = row.meta.leader_node
+            for rec, d in row.nodes:
+                key, marks = (id(rec), id(d)), (rec.name == leader, rec.name in pending)
+                hit = kept.get(key)
+                if (
+                    hit is None
+                    or hit.record is not rec
+                    or hit.detail is not d
+                    or hit.marks != marks
+                ):
+                    view = node_view(rec, d, (*marks, 0))
+                    fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
+                    hit = _PageNode(rec, d, marks, fields)
+                fresh[key] = hit
+                nodes.append(hit.fields)
+            item["nodes"] = nodes
+            self._keep(self._page_nodes, row.rollout.id, fresh)
         return data
 
     def _timeline(self, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
@@ -400,12 +449,6 @@ class Reader:
             CertStatus("server", name, fingerprint, not_after)
             for name, (fingerprint, not_after) in sorted(served.items())
         )
-
-
-def _node(view: schema_pb2.NodeView, page: bool) -> dict[str, Any]:
-    """A node's data as `schema show --json` prints it, or (``page``) its row's fields of it."""
-    data = wire.to_dict(view)
-    return {k: v for k, v in data.items() if k in ROW_FIELDS} if page else data
 
 
 def _timeline(events: Sequence[AuditEvent]) -> dict[str, tuple[Transition, ...]]:
