@@ -405,7 +405,8 @@ class ViewerApp:
 
     def _forget(self) -> None:
         """What the open pages shared, read and drawn: none is open any more (s43rev3 Low 2;
-        at 500 nodes ~5 MiB that stayed after the page closed, issue 15)."""
+        issue 15: at 500 nodes the rows, timelines and node records stayed, ~4 MiB of Python
+        objects after the page had closed)."""
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
         self._drawn.clear()
@@ -607,7 +608,7 @@ def handler_factory(server: web.Server) -> Callable[[], ViewerRequestHandler]:
 
 def sse(event: str, data: str) -> bytes:
     """One server-sent event; a line of ``data`` each (the browser joins them with \\n).
-    Made of the text whole, not line by line: a page's whole live part is ~0.9 MiB in some
-    ten thousand lines, each a string of its own twice over (issue 15)."""
+    Made of the text whole, not line by line: a page's whole live part at 500 nodes is
+    ~0.9 MiB in some 14,000 lines, each a string of its own twice over (issue 15)."""
     body = data.replace("\r", "").replace("\n", "\ndata: ")
     return f"event: {event}\ndata: {body}\n\n".encode()

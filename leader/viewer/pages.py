@@ -165,8 +165,8 @@ def _narrow(html: str) -> str:
     """A part as it is kept (``Drawn``): stripped, and every character past Latin-1 (the
     words' "→" and "–", a reason's) as a character reference, which the browser shows as the
     character. Python keeps a string with one such character at two or four bytes a
-    character: the timelines and most rows had one, ~1.7 MiB of the rows and timelines kept
-    for a 500-node page, ~1 MiB without (issue 15)."""
+    character: the timelines and most rows had one, ~1.6 MiB of the rows and timelines kept
+    for a 500-node page, 0.9 MiB without (issue 15)."""
     html = html.strip()
     return html if html.isascii() else html.encode("latin-1", "xmlcharrefreplace").decode("latin-1")
 

@@ -92,7 +92,7 @@ class CertStatus:
 @dataclass(frozen=True, slots=True)
 class Transition:
     """One state change of a rollout or a node, from the audit trail. (Slots, and its words
-    interned: a 500-node rollout's timelines keep some 3,500, ~1 MiB as they were.)"""
+    interned: a 500-node rollout's timelines keep some 3,500.)"""
 
     at: dt.datetime
     old: str
@@ -391,8 +391,9 @@ class Reader:
         nodes), each rollout's nodes with their ``ROW_FIELDS``, made again only for a node
         whose record or detail is not the one of the last read (the store keeps a rollout's
         unchanged ones) or whose row shows another leader or password mark; kept for the next
-        read. No node view is kept: one is ~3 KiB, the fields of a row a third of that
-        (issue 15: the leader's memory with a page open at 500 nodes)."""
+        read. No node view is kept (one with its steps' times is ~3 KiB of protobuf's memory)
+        and ``schema`` carries none (issue 15: the leader's memory with a page open at 500
+        nodes)."""
         data = wire.to_dict(message)
         for item, row in zip(data["rollouts"], rows, strict=True):
             if not isinstance(row, RolloutRow) or not row.nodes:
@@ -411,7 +412,7 @@ class Reader:
                     or hit.detail is not d
                     or hit.marks != marks
                 ):
-                    view = node_view(rec, d, (*marks, 0))
+                    view = node_view(rec, d, (*marks, 0))  # (no row draws ``still_on_http``)
                     fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
                     hit = _PageNode(rec, d, marks, fields)
                 fresh[key] = hit
@@ -434,7 +435,7 @@ class Reader:
         self._keep(self._timelines, rollout_id, (last, timeline))
         return timeline
 
-    def _keep(self, kept: OrderedDict[Any, Any], rollout_id: Any, value: Any) -> None:
+    def _keep(self, kept: OrderedDict[str, Any], rollout_id: str, value: Any) -> None:
         with self._lock:
             kept[rollout_id] = value
             kept.move_to_end(rollout_id)
