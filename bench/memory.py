@@ -126,9 +126,12 @@ class Snapshots:
                 f"    {s.size / KIB / KIB:7.2f} {s.count:>8} {s.traceback[0].filename}"
                 for s in by_file
             ]
-        if len(self.taken) >= 2:
-            first, last = self.taken[0][0], self.taken[-1][0]
-            lines.append(f"grew from snapshot 1 to {len(self.taken)}, by line (KiB, blocks):")
+        pairs = [(1, len(self.taken))] if len(self.taken) >= 2 else []
+        if len(self.taken) > 2:  # and each step between
+            pairs += [(i, i + 1) for i in range(1, len(self.taken))]
+        for a, b in pairs:
+            first, last = self.taken[a - 1][0], self.taken[b - 1][0]
+            lines.append(f"grew from snapshot {a} to {b}, by line (KiB, blocks):")
             for stat in last.compare_to(first, "lineno")[:top]:
                 frame = stat.traceback[0]
                 lines.append(

@@ -1060,7 +1060,7 @@ def one_run(
         **NO_DEBUG,
         **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {}),
         **(memory_env(memory / f"leader-{n}.tracemalloc") if memory else {}),
-        **(state_env(root / "state") if rollouts > 1 and not yappi else {}),
+        **(state_env(root / "state") if (rollouts > 1 or memory) and not yappi else {}),
     }
     try:
         cluster.init()
@@ -1196,6 +1196,10 @@ def one_run(
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
         if watchers is not None:
+            if snapshots is not None:  # the page still open: what it holds, apart from after
+                snapshots.take()
+                if inside is not None:
+                    print(f"leader {n}, the page open: {json.dumps(inside.read())}", flush=True)
             close_viewers(cluster, watchers, n, during)
         print(
             f"rollout, {n} nodes: agents' heartbeat messages per node "
@@ -1221,6 +1225,8 @@ def one_run(
             )
         if snapshots is not None:
             snapshots.take()
+            if inside is not None:
+                print(f"leader {n}, at the end: {json.dumps(inside.read())}", flush=True)
             print(f"leader {n}: threads {dict(threads(pid))}", flush=True)
             print(snapshots.report(), flush=True)
         if spied is not None and perf is not None:

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from leader.rollout_core import Client, still_on_http
+from leader.rollout_core import Client, NodeRecord, still_on_http
 from leader.schema_store import (
     BootstrapFailureRow,
     ClientsInfo,
+    NodeDetail,
     RolloutHead,
     RolloutRow,
     SchemaStore,
@@ -79,34 +80,7 @@ def rollout_view(
                 made[1][key] = hit
                 nodes.append(hit[3])
                 continue
-        steps = [
-            schema_pb2.StepTimes(
-                step=step,
-                started_at=timestamp(dt.datetime.fromisoformat(a)) if a else None,
-                ended_at=timestamp(dt.datetime.fromisoformat(b)) if b else None,
-            )
-            for step, (a, b) in d.steps.items()
-        ]
-        nodes.append(
-            schema_pb2.NodeView(
-                name=rec.name,
-                state=NODE_STATE.wire(rec.state),
-                reason=rec.reason,
-                old_url=d.old_url,
-                new_url=d.new_url,
-                cert_fingerprint=d.cert_fingerprint,
-                cert_not_after=timestamp(d.cert_not_after),
-                freeze_started_at=timestamp(d.freeze_started_at),
-                freeze_ended_at=timestamp(d.freeze_ended_at),
-                restart_seconds=d.restart_seconds,
-                freeze_seconds=d.freeze_window,
-                steps=steps,
-                leader_node=shown[0],
-                bootstrap_port=d.bootstrap_port,
-                password_pending=shown[1],
-                still_on_http=shown[2],
-            )
-        )
+        nodes.append(node_view(rec, d, shown))
         if made is not None:
             made[1][(id(rec), id(d))] = (rec, d, shown, nodes[-1])
     return schema_pb2.RolloutView(
@@ -130,6 +104,37 @@ def rollout_view(
         finalizes=meta.finalizes,
         when_quiet_seconds=meta.when_quiet,
         auth_version=meta.auth_version,
+    )
+
+
+def node_view(rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int]) -> schema_pb2.NodeView:
+    """One node's view: its record, its detail and (whether it is the leader's node, whether
+    its password is pending, how many workstations are still on http)."""
+    steps = [
+        schema_pb2.StepTimes(
+            step=step,
+            started_at=timestamp(dt.datetime.fromisoformat(a)) if a else None,
+            ended_at=timestamp(dt.datetime.fromisoformat(b)) if b else None,
+        )
+        for step, (a, b) in d.steps.items()
+    ]
+    return schema_pb2.NodeView(
+        name=rec.name,
+        state=NODE_STATE.wire(rec.state),
+        reason=rec.reason,
+        old_url=d.old_url,
+        new_url=d.new_url,
+        cert_fingerprint=d.cert_fingerprint,
+        cert_not_after=timestamp(d.cert_not_after),
+        freeze_started_at=timestamp(d.freeze_started_at),
+        freeze_ended_at=timestamp(d.freeze_ended_at),
+        restart_seconds=d.restart_seconds,
+        freeze_seconds=d.freeze_window,
+        steps=steps,
+        leader_node=shown[0],
+        bootstrap_port=d.bootstrap_port,
+        password_pending=shown[1],
+        still_on_http=shown[2],
     )
 
 

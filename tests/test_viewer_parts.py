@@ -40,7 +40,7 @@ from leader.schema_view import SchemaViewService, schema_message
 from leader.states import GrantState
 from leader.store import NodeCert, NotFound, Store
 from leader.viewer import app as viewer_app
-from leader.viewer import certificate, metrics, pages
+from leader.viewer import certificate, metrics, pages, snapshot
 from leader.viewer.app import SESSION_COOKIE, ViewerApp, sse
 from leader.viewer.grants import Grants, LoginRefused
 from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
@@ -686,7 +686,8 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
                     drawn = pages.DRAWN.count
                     # the page put together is the page drawn whole
                     page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
-                    fresh = pages.schema_content(reader.read(clients=False), Words.of("en"), page)
+                    read = reader.read(clients=False, page=True)  # as the page reads
+                    fresh = pages.schema_content(read, Words.of("en"), page)
                     for key, html in parts.items():
                         assert html in fresh, key
                 halted = row.rollout.with_event(RolloutEvent.ABORT)
@@ -967,6 +968,52 @@ def test_a_snapshot_read_again_after_writes_is_a_fresh_readers(store: Store) -> 
         assert snap.timeline == fresh.timeline and snap.timeline
 
 
+def test_a_page_s_read_keeps_of_each_node_what_its_row_draws(store: Store) -> None:
+    """Issue 15: a page's read (``page``) keeps of each node only the fields its row draws
+    (``ROW_FIELDS``), no node view, and its schema carries none (the leader's memory with a
+    page open at 500 nodes); a node unchanged since the last read keeps its fields. What is
+    drawn of it is what is drawn of the whole records, in both languages, at every step of
+    a rollout (one rolled back, one done, windows, restarts and certificates recorded): a
+    row that drew a field left out would differ here."""
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    row = start_rollout(schema, "r1", Change.ENABLE_TLS)
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    checked: list[str] = []
+
+    def check() -> None:
+        part = reader.read(clients=False, page=True)
+        whole = Reader(store, schema, lambda: NOW, lambda _: True, []).read(clients=False)
+        assert part.selected is not None and whole.selected is not None
+        assert all(not view.nodes for view in part.schema.rollouts)
+        assert part.selected["nodes"] == [
+            {k: v for k, v in n.items() if k in snapshot.ROW_FIELDS}
+            for n in whole.selected["nodes"]
+        ]
+        assert any("steps" in n and "cert_fingerprint" in n for n in whole.selected["nodes"])
+        assert reader._views == {}
+        again = reader.read(clients=False, page=True)
+        assert again.selected is not None
+        assert all(
+            a is b for a, b in zip(again.selected["nodes"], part.selected["nodes"], strict=True)
+        )
+        for lang in LANGS:
+            words = Words.of(lang)
+            drawn = pages.Drawn().rows(part, words)
+            assert drawn == pages.Drawn().rows(whole, words)
+            assert pages.content_parts(part, words, context).html() == (
+                pages.content_parts(whole, words, context).html()
+            )
+            checked.extend(drawn.values())
+
+    drive_rollout(schema, row, "a", check)
+    check()
+    # A row is kept in Latin-1, its freeze window's dash a reference the browser shows as one
+    # (``pages._narrow``: Python keeps a string with one "–" at two bytes a character).
+    assert any("&#8211;" in html and "–" in unescape(html) for html in checked)
+    assert all(max(html) <= "\xff" for html in checked)
+
+
 def wire_dict(snap: Snapshot) -> dict[str, Any]:
     return wire.to_dict(snap.schema)
 
@@ -1027,8 +1074,11 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
 ) -> None:
     """s43rev3 Low 2: the drawings and events the open pages share (``_drawn``, ``_events``)
     stayed after every page had closed, each drawing with its snapshot. They go when the last
-    open stream ends, not before: a page still open keeps its own."""
+    open stream ends, not before: a page still open keeps its own. So do (issue 15) the
+    snapshot they shared, the rows and timelines drawn (``pages.DRAWN``) and what the reader
+    kept for the pages' next reads (their node records, timelines and node views)."""
     monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)
+    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
     schema = SchemaStore(store.db)
     grants = Grants(store.db)
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
@@ -1062,9 +1112,15 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
             opened[0].close()
             await until(lambda: app._streams.total() == 1)
             assert len(app._drawn) == 2 and app._events  # the other page's
+            assert app._shared and pages.DRAWN._rows and pages.DRAWN._details
+            assert reader._page_nodes and reader._timelines
             opened[1].close()
             await until(lambda: not app._streams)
             assert not app._drawn and not app._events
+            assert not app._shared and not pages.DRAWN._rows and not pages.DRAWN._details
+            assert not reader._page_nodes and not reader._timelines
+            page = await client.get("/", headers=cookie)  # drawn again, as it was
+            assert page.status == 200 and 'data-node="a"' in await page.text()
             closing.set()
             app.close()
 

@@ -15,13 +15,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, NamedTuple
 
 from cryptography import x509
 
-from leader.rollout_core import NodeState
-from leader.schema_store import AuditEvent, RolloutHead, RolloutRow, SchemaStore
-from leader.schema_view import Made, schema_message
+from leader.rollout_core import NodeRecord, NodeState
+from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
+from leader.schema_view import Made, node_view, schema_message
 from leader.states import NodeProblemRow
 from leader.store import NodesMade, Store
 from tlsroll import pki, wire
@@ -32,6 +33,36 @@ NEAR_EXPIRY = dt.timedelta(days=30)
 # whatever open pages select): a live page's read after a write converts and parses only what
 # changed (issue 15: at 500 nodes, a read of everything took 30 ms after each write).
 KEPT_ROLLOUTS = 4
+# What a page's read keeps of each node (``Reader.read``'s ``page``): the fields its row draws
+# (``templates/node_row.html``), not the steps' times, the fingerprint and the rest that
+# `schema show --json` prints (at 500 nodes the whole records were ~2 MiB of a leader with a
+# page open, most of it the steps' dicts of strings: issue 15). A test draws every row of
+# both and compares.
+ROW_FIELDS = frozenset(
+    {
+        "name",
+        "state",
+        "reason",
+        "old_url",
+        "new_url",
+        "cert_not_after",
+        "freeze_started_at",
+        "freeze_ended_at",
+        "freeze_seconds",
+        "restart_seconds",
+        "leader_node",
+        "password_pending",
+    }
+)
+
+
+class _PageNode(NamedTuple):
+    """A node as a page's read keeps it (``Reader._page_data``)."""
+
+    record: NodeRecord
+    detail: NodeDetail
+    marks: tuple[bool, bool]  # it is the leader's node; its password is pending
+    fields: dict[str, Any]  # its ``ROW_FIELDS``
 
 
 class NodeStatus(NamedTuple):
@@ -58,9 +89,10 @@ class CertStatus:
     not_after: dt.datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transition:
-    """One state change of a rollout or a node, from the audit trail."""
+    """One state change of a rollout or a node, from the audit trail. (Slots, and its words
+    interned: a 500-node rollout's timelines keep some 3,500.)"""
 
     at: dt.datetime
     old: str
@@ -77,7 +109,9 @@ class Snapshot:
     nodes (the others' ``nodes`` are empty: not read, ``SchemaStore.listed``), unless read
     with ``every`` (``/api/v1/schema``: every rollout whole)."""
     data: dict[str, Any]  # wire.to_dict(schema): enums as words, as `schema show --json`
-    """``schema`` as `schema show --json` prints it (so with the same rollouts' nodes)."""
+    """``schema`` as `schema show --json` prints it (so with the same rollouts' nodes). A
+    page's read (``Reader.read``'s ``page``) has each node's ``ROW_FIELDS`` only, and its
+    ``schema`` no node views."""
     nodes: tuple[NodeStatus, ...]
     pending_passwords: tuple[str, ...]
     certificates: tuple[CertStatus, ...]
@@ -159,6 +193,9 @@ class Reader:
         self._node_data: OrderedDict[str, dict[int, tuple[schema_pb2.NodeView, dict[str, Any]]]] = (
             OrderedDict()
         )
+        # A page's reads (``read``'s ``page``): each node's row fields, by rollout id, then by
+        # its record and detail (held, so their ids stay theirs) and what else its row shows.
+        self._page_nodes: OrderedDict[str, dict[tuple[int, int], _PageNode]] = OrderedDict()
         self._timelines: OrderedDict[str, tuple[int, dict[str, tuple[Transition, ...]]]] = (
             OrderedDict()
         )
@@ -176,6 +213,7 @@ class Reader:
         every: bool = False,
         times: bool = False,
         clients: bool = True,
+        page: bool = False,
     ) -> Snapshot:
         """Everything at once; ``rollout_id`` selects a rollout (None: the newest). A rollout
         id that does not exist selects none. Every rollout is in the schema, with its nodes
@@ -190,7 +228,8 @@ class Reader:
         passwords, enrolled nodes and client report are of one read (``SchemaStore.shown``),
         and ``now`` is taken after it: read apart, and ``now`` first, a write between them
         showed parts of two moments, and a report newer than ``now`` (session 32's audit,
-        L3)."""
+        L3). ``page``: what a page draws (``_shared_snapshot``): its nodes in ``data`` with
+        ``ROW_FIELDS`` only, and ``schema`` without the node views (they are in ``data``)."""
         schema = self.schema
 
         def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow | RolloutHead], int]:
@@ -211,7 +250,8 @@ class Reader:
             views = self._views
         made: Made = {}
         message = schema_message(
-            rows,
+            # (a page's read makes no node views: ``_page_data`` makes its nodes' fields)
+            [RolloutHead(r.rollout, r.meta) for r in rows] if page else rows,
             pending,
             now,
             self.schema.bootstrap_failures(),
@@ -225,10 +265,13 @@ class Reader:
         if trouble is not None:
             message.store_trouble.problem, since = trouble
             message.store_trouble.since.FromDatetime(since)
-        if not every:  # (the API's read of every rollout would push out what pages show)
-            with self._lock:
-                self._views = made
-        data = self._data(message, rows, made, keep=not every)
+        if page:
+            data = self._page_data(message, rows, pending)
+        else:
+            if not every:  # (the API's read of every rollout would push out what pages show)
+                with self._lock:
+                    self._views = made
+            data = self._data(message, rows, made, keep=not every)
         selected = None
         if data["rollouts"]:
             if rollout_id is None:
@@ -273,6 +316,14 @@ class Reader:
             agent_near=self.agent_near,
             switch_times=self.schema.switch_times() if times else None,
         )
+
+    def forget_pages(self) -> None:
+        """What was kept for the pages' next reads: their nodes' fields and every timeline
+        (the last open page closed: ``ViewerApp.events``; the next read makes them again).
+        The enrolled nodes' rows stay: every read reads them, the metrics' too."""
+        with self._lock:
+            self._page_nodes.clear()
+            self._timelines.clear()
 
     def _enrolled(self, db: sqlite3.Connection) -> list[sqlite3.Row]:
         """(Inside the read: ``SchemaStore.shown``.) The enrolled nodes' rows
@@ -330,6 +381,46 @@ class Reader:
                 self._keep(self._node_data, row.rollout.id, fresh)
         return data
 
+    def _page_data(
+        self,
+        message: schema_pb2.Schema,
+        rows: Sequence[RolloutRow | RolloutHead],
+        pending: set[str],
+    ) -> dict[str, Any]:
+        """A page's ``data``: ``wire.to_dict(message)`` (made of ``rows`` without their
+        nodes), each rollout's nodes with their ``ROW_FIELDS``, made again only for a node
+        whose record or detail is not the one of the last read (the store keeps a rollout's
+        unchanged ones) or whose row shows another leader or password mark; kept for the next
+        read. No node view is kept (one with its steps' times is ~3 KiB of protobuf's memory)
+        and ``schema`` carries none (issue 15: the leader's memory with a page open at 500
+        nodes)."""
+        data = wire.to_dict(message)
+        for item, row in zip(data["rollouts"], rows, strict=True):
+            if not isinstance(row, RolloutRow) or not row.nodes:
+                continue
+            with self._lock:
+                kept = self._page_nodes.get(row.rollout.id, {})
+            fresh: dict[tuple[int, int], _PageNode] = {}
+            nodes = []
+            leader = row.meta.leader_node
+            for rec, d in row.nodes:
+                key, marks = (id(rec), id(d)), (rec.name == leader, rec.name in pending)
+                hit = kept.get(key)
+                if (
+                    hit is None
+                    or hit.record is not rec
+                    or hit.detail is not d
+                    or hit.marks != marks
+                ):
+                    view = node_view(rec, d, (*marks, 0))  # (no row draws ``still_on_http``)
+                    fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
+                    hit = _PageNode(rec, d, marks, fields)
+                fresh[key] = hit
+                nodes.append(hit.fields)
+            item["nodes"] = nodes
+            self._keep(self._page_nodes, row.rollout.id, fresh)
+        return data
+
     def _timeline(self, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
         """The rollout's transitions: what was read before, and the audit events since."""
         with self._lock:
@@ -371,7 +462,8 @@ def _timeline(events: Sequence[AuditEvent]) -> dict[str, tuple[Transition, ...]]
             old, new = str(event.detail.get("old", "")), str(event.detail.get("new", ""))
         else:
             continue
+        reason = str(event.detail.get("reason", ""))
         found.setdefault(key, []).append(
-            Transition(event.at, old, new, str(event.detail.get("reason", "")), event.actor)
+            Transition(event.at, intern(old), intern(new), reason, intern(event.actor))
         )
     return {key: tuple(items) for key, items in found.items()}
