@@ -52,12 +52,14 @@ from leader.schema_store import (
     AlreadyRetried,
     AlreadyTakenBack,
     BootstrapFailureRow,
+    ClientsInfo,
     PasswordStagedMeanwhile,
     RolloutBusy,
     SchemaStore,
     StaleRecords,
     write_clients,
 )
+from leader.schema_view import fresh_reports
 from leader.states import NodeProblemKind, NodeProblemRow
 from leader.store import (
     EpochFixed,
@@ -252,6 +254,12 @@ class LeaderState:
             return False
         silence = self.clock() - last_heartbeat
         return silence <= dt.timedelta(seconds=self.heartbeat_interval * OFFLINE_AFTER_HEARTBEATS)
+
+    def fresh_reports(self, infos: Mapping[str, ClientsInfo], now: dt.datetime) -> frozenset[str]:
+        """The nodes of ``infos`` whose stored client report speaks for now
+        (``schema_view.fresh_reports``): who is still on http there is judged by that report
+        (``schema_view.still_on_http_now``), for the schema and the viewer as for a finalize."""
+        return fresh_reports(self.store, infos, now, report_stale_after(self.heartbeat_interval))
 
     def node_problem(self, node: str) -> str | None:
         """What keeps node ``node`` from being planned or switched now, in words with what to
