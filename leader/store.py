@@ -983,7 +983,8 @@ class Store(LeaderStore):
         second) of this soft state, and of writes that say nothing new (``Queued.REFRESH``, a
         client report whose times and counts alone moved) the last
         ``leader.service.REFRESH_SECONDS``, never more: nodes' last-seen times, agent versions
-        and renewal reports, and client reports. That is safe because none of it is a decision:
+        and renewal reports, and client reports (a restarted leader trusts none stored before
+        it started: ``report_since_start``). That is safe because none of it is a decision:
         online/offline derives from it (kept in memory anyway, and lost at any restart), and
         after a restart each agent reconnects and its first message is recorded again (the
         leader remembers nothing of what it said: ``_seen`` is empty). A client report lost

@@ -16,6 +16,7 @@ from leader import planner
 from leader.commands import Commands, StillOnHttp
 from leader.rollout_core import Change, Client, NodeState, RolloutEvent, Scope, Strategy
 from leader.schema_store import RolloutMeta, SchemaStore, write_clients
+from leader.schema_view import fresh_reports, still_on_http_now
 from leader.store import Store
 
 NOW = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
@@ -98,7 +99,6 @@ def test_a_retry_of_a_finalize_refuses_as_finalize_does(tmp_path: Path) -> None:
     assert schema.get("f1") == row and schema.follower("t1") == row  # no retry started
 
 
-
 def test_a_report_stored_before_the_leader_started_speaks_for_no_node(tmp_path: Path) -> None:
     """The leader restarted: the reports stored before (a's a moment ago, nobody on http)
     say nothing of what the workstations did while no leader listened. A finalize waits for
@@ -113,9 +113,7 @@ def test_a_report_stored_before_the_leader_started_speaks_for_no_node(tmp_path: 
     assert waiting.value.unknown == {
         n: f"waiting for {n}'s first report since the leader started" for n in ("a", "b")
     }
-    assert "a: cannot tell who is on http (waiting for a's first report since" in str(
-        waiting.value
-    )
+    assert "a: cannot tell who is on http (waiting for a's first report since" in str(waiting.value)
     at = NOW - dt.timedelta(seconds=1)
     http = Client("a", "http", "10.0.0.2", "ws-2", at - dt.timedelta(minutes=1), at, 3)
     report(store, "a", [http], at)
@@ -124,3 +122,29 @@ def test_a_report_stored_before_the_leader_started_speaks_for_no_node(tmp_path: 
         asyncio.run(commands.finalize("t1", "admin:test"))
     assert not named.value.unknown and [c.address for c in named.value.clients] == ["10.0.0.2"]
     assert [r.rollout.id for r in schema.awaiting()] == ["t1"]  # nothing started
+
+
+def test_a_sighting_its_fresh_report_lists_counts_past_the_window_until_one_leaves_it_out(
+    tmp_path: Path,
+) -> None:
+    """The rule alone (``still_on_http_now``, ``write_clients``): the agent's report lists a
+    workstation last seen on http 11 minutes ago (its view is that old; the window is 10):
+    it is stored and still on http while the report is fresh, and a finalize names it; judged
+    against now once the report is stale; gone once a report leaves it out."""
+    schema, commands = cluster(tmp_path)
+    store = commands.store
+    old = NOW - dt.timedelta(minutes=11)
+    http = Client("a", "http", "10.0.0.3", "ws-3", old - dt.timedelta(minutes=1), old, 2)
+    https = Client("a", "https", "10.0.0.1", "ws-1", NOW, NOW, 6)
+    report(store, "a", [http, https], NOW)
+    clients, infos = schema.clients_report(["a"])
+    assert [c.address for c in clients if c.scheme == "http"] == ["10.0.0.3"]  # kept
+    assert [c.address for c in still_on_http_now(clients, infos, NOW, {"a"})] == ["10.0.0.3"]
+    assert still_on_http_now(clients, infos, NOW, frozenset()) == []  # stale: against now
+    assert fresh_reports(store, infos, NOW, planner.report_stale_after(HEARTBEAT)) == {"a"}
+    with pytest.raises(StillOnHttp, match=r"a: 10\.0\.0\.3 \(ws-3\) last seen on http"):
+        asyncio.run(commands.finalize("t1", "admin:test"))
+    report(store, "a", [https], NOW)  # the agent let go of it
+    clients, infos = schema.clients_report(["a"])
+    assert [c.scheme for c in clients] == ["https"]
+    assert still_on_http_now(clients, infos, NOW, {"a"}) == []
