@@ -41,16 +41,17 @@ WINDOW = 60  # seconds: the reference server's clients_window (its least)
 
 
 @contextlib.contextmanager
-def one_node(root: Path, **agent: object) -> Iterator[tuple[Cluster, Node]]:
+def one_node(root: Path, clients_refresh: int = 10) -> Iterator[tuple[Cluster, Node]]:
     """A leader (1 s heartbeats) and node1 on its address, whose reference server reports
-    the workstations it saw within ``WINDOW``; ``agent``: its agent's ``[server]`` keys."""
+    the workstations it saw within ``WINDOW``; its agent reuses its view of them for
+    ``clients_refresh`` seconds (the agent's default: 10)."""
     address = next_loopback()
     cluster = AdminTokenCluster(root / "cluster", address, heartbeat_interval=1)
     node = Node(cluster, "node1", address, root / "n0", clients_window=WINDOW)
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
-        node.start(**agent)
+        node.start(clients_refresh=clients_refresh)
         cluster.wait_for_nodes_online(["node1"])
         yield cluster, node
     finally:
