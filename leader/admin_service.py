@@ -367,7 +367,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if rollout.change is not Change.ENABLE_TLS or not names:
             return {}
         clients, infos = await asyncio.to_thread(self.schema.clients_report, names)
-        left = still_on_http_now(clients, infos, self.state.clock())
+        now = self.state.clock()
+        left = still_on_http_now(clients, infos, now, self.state.fresh_reports(infos, now))
         return dict(Counter(c.node for c in left))
 
     @map_errors(ERRORS)

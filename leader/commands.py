@@ -49,7 +49,7 @@ from leader.schema_store import (
     SchemaStore,
     StaleRecords,
 )
-from leader.schema_view import still_on_http_now
+from leader.schema_view import report_problems, still_on_http_now
 from leader.store import Store
 from tlsroll import logs, password
 from tlsroll.errors import TerminalError
@@ -204,6 +204,7 @@ class Commands:
         offline_grace: float = 0.0,
         prepare_ahead: int = 1,
         channels: FirstChannels | None = None,
+        heartbeat_interval: float = 5,
     ) -> None:
         """``observe``: asks the named nodes' agents what they run (``leader.observe``; those
         named in ``warm`` are told to load their certificate code ahead); rollouts are planned
@@ -214,7 +215,9 @@ class Commands:
         that long ago is waited for before a plan counts it offline (``_observe_all``);
         ``prepare_ahead``: the engine's (a start's first nodes, ``first_steps``); ``channels``:
         the agent pool that opens their channels (its cap; their reservation ends with the
-        start, ``start``)."""
+        start, ``start``); ``heartbeat_interval``: the leader's (how old a client report may
+        be and still speak for its node: ``planner.report_stale_after``)."""
+        self.stale_after = planner.report_stale_after(heartbeat_interval)
         self.offline_grace = offline_grace
         self.channels = channels
         self.prepare_ahead = prepare_ahead
@@ -675,11 +678,14 @@ class Commands:
 
     async def _refuse_while_on_http(self, rollout_id: str, names: Sequence[str]) -> None:
         """``StillOnHttp`` if workstations were seen on http on ``names`` lately, or if who is
-        on http cannot be told there: no report, a report naming a problem, or only a stale
-        one. Stale is ``planner.report_stale_after``: older than ``STALE_REPORT_HEARTBEATS``
-        heartbeat intervals + ``REPORT_LAG``, i.e. ``self.online`` (offline after as many
-        silent heartbeats) says no for the report's time + ``REPORT_LAG``."""
+        on http cannot be told there: no report, a report naming a problem, none since this
+        leader started, or only a stale one (``schema_view.report_problems``; stale:
+        ``planner.report_stale_after``, older than ``STALE_REPORT_HEARTBEATS`` heartbeat
+        intervals + ``REPORT_LAG``). Who is on http: ``still_on_http_now``, each node by its
+        own report while that speaks for now."""
         clients, infos = await asyncio.to_thread(self.schema.clients_report, names)
+        now = self.clock()
+        problems = report_problems(self.store, infos, now, self.stale_after)
         unknown = {}
         for n in names:
             info = infos.get(n)
@@ -687,14 +693,10 @@ class Commands:
                 unknown[n] = "its agent has not reported its clients"
             elif info.problem:
                 unknown[n] = info.problem
-            elif not self.online(
-                self.store.report_on_clock_now(n, info.reported_at) + planner.REPORT_LAG
-            ):
-                unknown[n] = (
-                    f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"
-                    " UTC; check it runs: tlsroll status"
-                )
-        left = still_on_http_now(clients, infos, self.clock())
+            elif n in problems:
+                unknown[n] = problems[n]
+        fresh = frozenset(infos).difference(problems)
+        left = still_on_http_now(clients, infos, now, fresh)
         if left or unknown:
             raise StillOnHttp(rollout_id, left, unknown)
 

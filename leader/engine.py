@@ -93,6 +93,7 @@ from leader.schema_store import (
     StaleRecords,
     StepTime,
 )
+from leader.schema_view import report_problems
 from leader.store import IssuedCert, Node, Store, elapsed
 from leader.store_health import StoreHealth
 from tlsroll import dbthread, logs, pki
@@ -425,9 +426,10 @@ class Engine:
         # (``Store.report_on_clock_now``). Not ``as_of``: that is measured against the
         # sightings, stored on the clock as it ran then (a step forward counted as quiet time
         # would finalize a node under a workstation on http).
-        reported = {n: self.store.report_on_clock_now(n, i.reported_at) for n, i in infos.items()}
-        stale = planner.stale_reports(reported, self.clock(), self.stale_after)
-        return planner.held_for_quiet(pending, last, known, as_of, quiet, stale)
+        # A report stored before this leader started speaks for its node only once the agent
+        # has reported to this one (``report_problems``: "waiting for ...").
+        stale = report_problems(self.store, infos, self.clock(), self.stale_after)
+        return planner.held_for_quiet(pending, last, known, as_of, quiet, frozenset(stale))
 
     async def _record_node_auth(self, row: RolloutRow) -> None:
         """Record the password live on each node the rollout has left ``done`` (it restarted

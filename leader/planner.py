@@ -851,7 +851,7 @@ def stale_reports(
     reported_at: Mapping[str, dt.datetime], now: dt.datetime, bound: dt.timedelta
 ) -> frozenset[str]:
     """The nodes whose latest client report is older than ``bound`` (``report_stale_after``):
-    unknown for a plain finalize, held by ``--when-quiet``."""
+    unknown for a plain finalize, held by ``--when-quiet`` (``schema_view.report_problems``)."""
     return frozenset(n for n, at in reported_at.items() if now - at > bound)
 
 

@@ -311,6 +311,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         offline_grace=min(cfg.heartbeat_interval + 1.0, OFFLINE_GRACE_MAX),
         prepare_ahead=cfg.prepare_ahead,
         channels=agents,  # a start's first nodes' channels (``AgentPool.release_first``)
+        heartbeat_interval=cfg.heartbeat_interval,
     )
     viewer: Viewer | None = None
     if cfg.viewer_port:  # the viewer's parts only when it is on; aiohttp once it is opened
@@ -350,6 +351,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         viewer.reader.node_problems = state.node_problems
         viewer.reader.clock_offset = state.clocks.offset
         viewer.reader.store_trouble = lambda: health.trouble
+        viewer.reader.fresh = state.fresh_reports
     admin_service = AdminService(
         state,
         commands,
@@ -376,6 +378,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         rotator.status.view,
         node_problems=state.node_problems,
         store_trouble=lambda: health.trouble,
+        fresh=state.fresh_reports,
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
     add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`

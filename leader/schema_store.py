@@ -1636,12 +1636,20 @@ def write_clients(
     """Merge what ``node``'s agent reports into what it reported before and move its
     ``last_http_at`` on. Merged, not replaced: the server's own log may forget (the
     reference server keeps it in memory and phase 1 restarts it), and a workstation seen
-    on http before that must still be named and still refuse a plain finalize. A row
-    goes once its ``last_seen`` is older than the agent's window; at most
+    on http before that must still be named and still refuse a plain finalize. A row the
+    report does not list goes once its ``last_seen`` is older than the agent's window (one
+    it lists stays while it does); at most
     ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text): at
     the cap a client may be left out (``CLIENTS_FULL``)."""
     kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
     last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
+    # Before the report's own rows go in: a sighting it lists stays, however old its time
+    # (the agent's view may be ``clients_refresh`` old, its window is the agent's to judge:
+    # ``schema_view.still_on_http_now``); one it no longer lists goes once past the window.
+    db.execute(
+        "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
+        (node, to_text(now - dt.timedelta(seconds=window_seconds))),
+    )
     db.executemany(
         "INSERT INTO node_clients (node, scheme, address, workstation,"
         " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -1661,10 +1669,6 @@ def write_clients(
             )
             for c in kept
         ],
-    )
-    db.execute(
-        "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
-        (node, to_text(now - dt.timedelta(seconds=window_seconds))),
     )
     db.execute(
         "DELETE FROM node_clients WHERE node = ? AND rowid NOT IN (SELECT rowid FROM"

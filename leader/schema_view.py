@@ -12,11 +12,12 @@ import json
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
+from leader.planner import stale_reports
 from leader.rollout_core import Client, NodeRecord, still_on_http
 from leader.schema_store import (
     BootstrapFailureRow,
@@ -43,9 +44,14 @@ from tlsroll.v1 import schema_pb2, schema_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
     from leader.expiry import ExpiryWatch
+    from leader.store import Store
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
+
+FreshReports = Callable[[Mapping[str, ClientsInfo], dt.datetime], frozenset[str]]
+"""Which nodes' stored client reports speak for now (``fresh_reports``, bound to the leader's
+store and interval: ``leader.service.LeaderState.fresh_reports``)."""
 
 # Node views made before, by (id(record), id(detail)): the record, the detail (held, so that
 # their ids stay theirs), what else the view shows, the view (``rollout_view``'s ``made``).
@@ -150,22 +156,84 @@ def client_view(c: Client) -> types_pb2.ClientSeen:
 
 
 def still_on_http_now(
-    clients: Sequence[Client], infos: Mapping[str, ClientsInfo], now: dt.datetime
+    clients: Sequence[Client],
+    infos: Mapping[str, ClientsInfo],
+    now: dt.datetime,
+    fresh: Collection[str] = frozenset(),
 ) -> list[Client]:
-    """Who still needs the client steps: per node, within the window its agent reports."""
+    """Who still needs the client steps: the http clients of nodes that reported, not seen on
+    https since (``rollout_core.still_on_http``), each node's judged by its own report while
+    that report is fresh (``fresh``: ``fresh_reports``), by the window its agent reports
+    against now once it is not. The one rule of a finalize's refusal, the start's count
+    of workstations on http, ``schema show``, ``notify`` and the viewer.
+
+    A fresh report's stored sightings all count: they are what its agent listed, each seen
+    within the agent's window as of the agent's view, and those it listed before that were
+    seen within the window before the report came (``write_clients`` keeps no older one). A
+    sighting's stored ``last_seen`` need not be its newest: a report that only moves it is no
+    news and is stored only every ``service.clients_persist`` (up to ~29 s later at a 5 s
+    interval), and the agent reuses its view of its server's clients for ``clients_refresh``.
+    Judged against now, a workstation the agent's latest report still listed dropped out
+    up to that long before the agent itself let go of it (a finalize then went ahead while
+    it used http). The agent drops a workstation its window has passed by its next message
+    (news, stored within a batch period): then it is gone here too."""
     return [
         c
         for c in still_on_http(clients, now, dt.timedelta(days=366))
         if c.node in infos
-        and now - c.last_seen <= dt.timedelta(seconds=infos[c.node].window_seconds)
+        and (
+            c.node in fresh
+            or now - c.last_seen <= dt.timedelta(seconds=infos[c.node].window_seconds)
+        )
     ]
 
 
+def report_problems(
+    store: Store,
+    infos: Mapping[str, ClientsInfo],
+    now: dt.datetime,
+    stale_after: dt.timedelta,
+) -> dict[str, str]:
+    """Per node of ``infos`` whose stored client report does not speak for now, why: none of
+    its agent's reports has come to this leader yet (``Store.report_since_start``), or the
+    last came ``stale_after`` ago (``planner.report_stale_after``; by the time since it came,
+    whatever the clock did: ``Store.report_on_clock_now``). What a node's agent says is
+    wrong with its report (``ClientsInfo.problem``) is not judged here."""
+    heard = {n: i for n, i in infos.items() if store.report_since_start(n)}
+    came = {n: store.report_on_clock_now(n, i.reported_at) for n, i in heard.items()}
+    stale = stale_reports(came, now, stale_after)
+    problems = {}
+    for n, info in infos.items():
+        if n not in heard:
+            problems[n] = f"waiting for {n}'s first report since the leader started"
+        elif n in stale:
+            problems[n] = (
+                f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"
+                " UTC; check it runs: tlsroll status"
+            )
+    return problems
+
+
+def fresh_reports(
+    store: Store,
+    infos: Mapping[str, ClientsInfo],
+    now: dt.datetime,
+    stale_after: dt.timedelta,
+) -> frozenset[str]:
+    """The nodes of ``infos`` whose stored client report speaks for now (``report_problems``
+    has nothing to say of it)."""
+    return frozenset(infos).difference(report_problems(store, infos, now, stale_after))
+
+
 def node_clients_views(
-    clients: Sequence[Client], infos: Mapping[str, ClientsInfo], now: dt.datetime
+    clients: Sequence[Client],
+    infos: Mapping[str, ClientsInfo],
+    now: dt.datetime,
+    fresh: Collection[str] = frozenset(),
 ) -> list[schema_pb2.NodeClientsView]:
-    """Per node that reported, which clients are on which scheme, by node name."""
-    left = still_on_http_now(clients, infos, now)
+    """Per node that reported, which clients are on which scheme, by node name; ``fresh``:
+    see ``still_on_http_now``."""
+    left = still_on_http_now(clients, infos, now, fresh)
     views = []
     for node in sorted(infos):
         info = infos[node]
@@ -211,16 +279,18 @@ def schema_message(
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
     node_problems: Sequence[NodeProblemRow] = (),
+    fresh: Collection[str] = frozenset(),
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
-    ``node_problems``: ``LeaderState.node_problems``."""
+    ``node_problems``: ``LeaderState.node_problems``; ``fresh``: the nodes whose client report
+    speaks for now (``fresh_reports``; who is still on http: ``still_on_http_now``)."""
     infos = infos or {}
-    on_http = Counter(c.node for c in still_on_http_now(clients, infos, now))
+    on_http = Counter(c.node for c in still_on_http_now(clients, infos, now, fresh))
     return schema_pb2.Schema(
-        node_clients=node_clients_views(clients, infos, now),
+        node_clients=node_clients_views(clients, infos, now, fresh),
         rollouts=[rollout_view(r, pending, on_http, made) for r in rows],
         generated_at=timestamp(now),
         bootstrap_failures=[failure_view(f) for f in failures],
@@ -287,11 +357,15 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
         node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None,
         store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None,
+        fresh: FreshReports | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
         problem with now (``leader.service.LeaderState.node_problems``); ``store_trouble``:
-        why the store's writes fail and since when, while they do (``Engine.store_trouble``)."""
+        why the store's writes fail and since when, while they do (``Engine.store_trouble``);
+        ``fresh``: the nodes whose client report speaks for now
+        (``leader.service.LeaderState.fresh_reports``; None: none does)."""
+        self.fresh = fresh
         self.node_problems = node_problems
         self.store_trouble = store_trouble
         self.schema = schema
@@ -384,6 +458,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             "now": now,
             "clients": shown.clients,
             "infos": shown.infos,
+            "fresh": self.fresh(shown.infos, now) if self.fresh is not None else frozenset(),
         }
         if request.rollouts_only:
             return rows, total, parts

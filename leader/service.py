@@ -52,12 +52,14 @@ from leader.schema_store import (
     AlreadyRetried,
     AlreadyTakenBack,
     BootstrapFailureRow,
+    ClientsInfo,
     PasswordStagedMeanwhile,
     RolloutBusy,
     SchemaStore,
     StaleRecords,
     write_clients,
 )
+from leader.schema_view import fresh_reports
 from leader.states import NodeProblemKind, NodeProblemRow
 from leader.store import (
     EpochFixed,
@@ -257,6 +259,12 @@ class LeaderState:
             return False
         silence = self.clock() - last_heartbeat
         return silence <= dt.timedelta(seconds=self.heartbeat_interval * OFFLINE_AFTER_HEARTBEATS)
+
+    def fresh_reports(self, infos: Mapping[str, ClientsInfo], now: dt.datetime) -> frozenset[str]:
+        """The nodes of ``infos`` whose stored client report speaks for now
+        (``schema_view.fresh_reports``): who is still on http there is judged by that report
+        (``schema_view.still_on_http_now``), for the schema and the viewer as for a finalize."""
+        return fresh_reports(self.store, infos, now, report_stale_after(self.heartbeat_interval))
 
     def node_problem(self, node: str) -> str | None:
         """What keeps node ``node`` from being planned or switched now, in words with what to
@@ -799,12 +807,14 @@ hop, a transaction and an fsync each), a fixed cost that small clusters paid per
 (issue 15); now about once per this period. A crash (or a stop whose last commit fails) may
 lose this much of such refreshes: a node's stored last-seen time is then up to
 ``HEARTBEAT_PERSIST`` and this old, and a stored client report up to nearly
-``planner.report_stale_after`` old: the restarted leader may take it for stale at once (it
-judges a report stored before it started by its stored time), until the agent's first
-report to it, which is new to it and committed within a batch period. A finalize or
-``--when-quiet`` meanwhile refuses or holds that node, as for any report a leader just
-restarted has not had yet. The running leader shows neither (its nodes' newest heartbeats
-and reports are in memory)."""
+``planner.report_stale_after`` old. A restarted leader takes no report stored before it
+started for its node's word (``Store.report_since_start``): a finalize refuses ("waiting for
+NODE's first report since the leader started") and ``--when-quiet`` holds the node until
+the agent's first report to it, which is new to it and committed within a batch period (at
+a 1 s interval, under 2.5 s after the leader was up, measured). Before (s44), a report stored
+just before the crash spoke for the node at once (nobody on http then: a finalize went
+ahead), and one a little older was "stale". The running leader shows neither (its nodes'
+newest heartbeats and reports are in memory)."""
 
 TEST_BATCH_ENV = "TLSROLL_TEST_BATCH_SECONDS"
 """Tests only: a leader daemon's group-commit period instead of ``BATCH_SECONDS`` (seconds,

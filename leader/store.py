@@ -347,6 +347,9 @@ class Store(LeaderStore):
         # last that said something else (the newest says what each of them said; at most
         # ``REPEATS_KEPT``): ``note_report``, under ``_seen_lock``.
         self._reported: dict[str, tuple[dt.datetime, float, tuple[dt.datetime, ...]]] = {}
+        # The nodes whose client report has been committed since this store opened
+        # (``report_since_start``), under ``_seen_lock``.
+        self._reports_stored: set[str] = set()
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
         # leader's, set by ``LeaderState``).
@@ -451,6 +454,7 @@ class Store(LeaderStore):
         with self._seen_lock:
             self._seen.pop(name, None)
             self._reported.pop(name, None)
+            self._reports_stored.discard(name)
             self._queued.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
 
@@ -996,7 +1000,8 @@ class Store(LeaderStore):
         second) of this soft state, and of writes that say nothing new (``Queued.REFRESH``, a
         client report whose times and counts alone moved) the last
         ``leader.service.REFRESH_SECONDS``, never more: nodes' last-seen times, agent versions
-        and renewal reports, and client reports. That is safe because none of it is a decision:
+        and renewal reports, and client reports (a restarted leader trusts none stored before
+        it started: ``report_since_start``). That is safe because none of it is a decision:
         online/offline derives from it (kept in memory anyway, and lost at any restart), and
         after a restart each agent reconnects and its first message is recorded again (the
         leader remembers nothing of what it said: ``_seen`` is empty). A client report lost
@@ -1037,6 +1042,9 @@ class Store(LeaderStore):
                     self._queued.setdefault(name, r)
                 self._queued_writes[:0] = writes
             raise
+        if writes:  # (committed: from now on these nodes' stored reports are this leader's)
+            with self._seen_lock:
+                self._reports_stored.update(name for name, _write in writes)
         if switched:  # the certificate before is accepted no more: not routine
             self._db.touch()
         return len(records) + len(writes)
@@ -1108,6 +1116,20 @@ class Store(LeaderStore):
         if noted is None or (noted[0] != reported_at and reported_at not in noted[2]):
             return self._stored_on_clock_now(reported_at)
         return self._then_on_clock_now(noted[0], noted[1])
+
+    def report_since_start(self, name: str) -> bool:
+        """Whether node ``name``'s stored client report came to this leader: one of its
+        agent's reports was committed since this store opened (``write_queued``). Until
+        then the stored one is what a leader before it stored, up to nearly
+        ``planner.report_stale_after`` old at a crash (``leader.service.REFRESH_SECONDS``),
+        and nobody can tell what the node's workstations did while no leader listened: it
+        speaks for the node no more (a finalize refuses, ``--when-quiet`` holds it) until
+        the agent's first report to this leader is stored, a batch period after its first
+        message with its server's status (``leader.schema_view.report_problems``).
+        Before, a report stored just before a crash spoke for the node at once, and one a
+        little older made it "stale" though its agent was about to report."""
+        with self._seen_lock:
+            return name in self._reports_stored
 
     def vouch(self, name: str) -> None:
         """An open heartbeat stream vouches that node ``name`` is alive now (its agent sends

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from leader import planner
 from leader.commands import Commands, StillOnHttp
 from leader.rollout_core import Change, Client, NodeState, RolloutEvent, Scope, Strategy
-from leader.schema_store import RolloutMeta, SchemaStore
+from leader.schema_store import RolloutMeta, SchemaStore, write_clients
+from leader.schema_view import fresh_reports, still_on_http_now
 from leader.store import Store
 
 NOW = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
@@ -48,10 +50,20 @@ def cluster(tmp_path: Path) -> tuple[SchemaStore, Commands]:
     stale = NOW - planner.report_stale_after(HEARTBEAT) - dt.timedelta(seconds=1)
     for node, at in (("a", fresh), ("b", stale)):
         https = Client(node, "https", "10.0.0.1", "ws-1", at - dt.timedelta(minutes=9), at, 5)
-        schema.record_clients(
-            node, [https], window_seconds=600, source="refserver", problem="", now=at
-        )
+        report(store, node, [https], at)
     return schema, Commands(store, schema, lambda: NOW, online, "a", lambda: None)
+
+
+def report(store: Store, node: str, clients: list[Client], at: dt.datetime) -> None:
+    """``node``'s agent reports ``clients`` to this leader at ``at``, stored as the leader's
+    heartbeat service stores it (``LeaderService._record_clients``: queued, noted, committed)."""
+
+    def write(db: sqlite3.Connection) -> None:
+        write_clients(db, node, clients, window_seconds=600, source="refserver", problem="", now=at)
+
+    store.queue_write(node, write)
+    store.note_report(node, at)
+    assert store.write_queued() == 1
 
 
 def test_a_node_whose_client_report_is_stale_refuses_plain_finalize(tmp_path: Path) -> None:
@@ -85,3 +97,54 @@ def test_a_retry_of_a_finalize_refuses_as_finalize_does(tmp_path: Path) -> None:
     with pytest.raises(StillOnHttp, match=r"b: .*no recent report.*rollout finalize t1 --force"):
         asyncio.run(commands.retry("f1", "admin:test"))
     assert schema.get("f1") == row and schema.follower("t1") == row  # no retry started
+
+
+def test_a_report_stored_before_the_leader_started_speaks_for_no_node(tmp_path: Path) -> None:
+    """The leader restarted: the reports stored before (a's a moment ago, nobody on http)
+    say nothing of what the workstations did while no leader listened. A finalize waits for
+    each agent's first report to this leader, and says so; then that report decides."""
+    first, _commands = cluster(tmp_path)
+    first.close()
+    store = Store(tmp_path / "leader.sqlite3")  # the leader started again
+    schema = SchemaStore(store.db)
+    commands = Commands(store, schema, lambda: NOW, online, "a", lambda: None)
+    with pytest.raises(StillOnHttp) as waiting:
+        asyncio.run(commands.finalize("t1", "admin:test"))
+    assert waiting.value.unknown == {
+        n: f"waiting for {n}'s first report since the leader started" for n in ("a", "b")
+    }
+    assert "a: cannot tell who is on http (waiting for a's first report since" in str(waiting.value)
+    at = NOW - dt.timedelta(seconds=1)
+    http = Client("a", "http", "10.0.0.2", "ws-2", at - dt.timedelta(minutes=1), at, 3)
+    report(store, "a", [http], at)
+    report(store, "b", [], at)
+    with pytest.raises(StillOnHttp) as named:
+        asyncio.run(commands.finalize("t1", "admin:test"))
+    assert not named.value.unknown and [c.address for c in named.value.clients] == ["10.0.0.2"]
+    assert [r.rollout.id for r in schema.awaiting()] == ["t1"]  # nothing started
+
+
+def test_a_sighting_its_fresh_report_lists_counts_past_the_window_until_one_leaves_it_out(
+    tmp_path: Path,
+) -> None:
+    """The rule alone (``still_on_http_now``, ``write_clients``): the agent's report lists a
+    workstation last seen on http 11 minutes ago (its view is that old; the window is 10):
+    it is stored and still on http while the report is fresh, and a finalize names it; judged
+    against now once the report is stale; gone once a report leaves it out."""
+    schema, commands = cluster(tmp_path)
+    store = commands.store
+    old = NOW - dt.timedelta(minutes=11)
+    http = Client("a", "http", "10.0.0.3", "ws-3", old - dt.timedelta(minutes=1), old, 2)
+    https = Client("a", "https", "10.0.0.1", "ws-1", NOW, NOW, 6)
+    report(store, "a", [http, https], NOW)
+    clients, infos = schema.clients_report(["a"])
+    assert [c.address for c in clients if c.scheme == "http"] == ["10.0.0.3"]  # kept
+    assert [c.address for c in still_on_http_now(clients, infos, NOW, {"a"})] == ["10.0.0.3"]
+    assert still_on_http_now(clients, infos, NOW, frozenset()) == []  # stale: against now
+    assert fresh_reports(store, infos, NOW, planner.report_stale_after(HEARTBEAT)) == {"a"}
+    with pytest.raises(StillOnHttp, match=r"a: 10\.0\.0\.3 \(ws-3\) last seen on http"):
+        asyncio.run(commands.finalize("t1", "admin:test"))
+    report(store, "a", [https], NOW)  # the agent let go of it
+    clients, infos = schema.clients_report(["a"])
+    assert [c.scheme for c in clients] == ["https"]
+    assert still_on_http_now(clients, infos, NOW, {"a"}) == []

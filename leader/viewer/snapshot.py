@@ -22,7 +22,7 @@ from cryptography import x509
 
 from leader.rollout_core import NodeRecord, NodeState
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
-from leader.schema_view import Made, node_view, schema_message
+from leader.schema_view import FreshReports, Made, node_view, schema_message
 from leader.states import NodeProblemRow
 from leader.store import NodesMade, Store
 from tlsroll import pki, wire
@@ -185,6 +185,10 @@ class Reader:
         # (``leader.store_health.StoreHealth.trouble``): a page shows it as `rollout status`
         # does; read in memory (the store it is about may fail to answer), set likewise.
         self.store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None
+        # The nodes whose client report speaks for now (``leader.service.LeaderState
+        # .fresh_reports``): who is still on http there goes by that report, as for a finalize
+        # (``leader.schema_view.still_on_http_now``); set likewise (None: none does).
+        self.fresh: FreshReports | None = None
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
         # last): each node's data by its view (``_data``); the timeline as read up to an audit
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
@@ -260,6 +264,7 @@ class Reader:
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
             node_problems=problems,
+            fresh=self.fresh(infos, now) if self.fresh is not None else frozenset(),
         )
         trouble = self.store_trouble() if self.store_trouble is not None else None
         if trouble is not None:

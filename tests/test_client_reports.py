@@ -1,0 +1,190 @@
+"""Who is still on http, judged by the node's own client report (session 44), end to end: a
+real leader, agent and reference server over real mutual TLS, a transitional rollout left
+awaiting its finalize, and a workstation that writes over http from a loopback address of its
+own.
+
+- A workstation the agent's latest report still lists counts as on http while that report
+  is fresh, however old its stored ``last_seen`` is against now: judged against now, it
+  dropped out before the agent let go of it, and a finalize closed http under it.
+- A restarted leader judges a node by the report its agent sends to it, and until then says
+  it waits for it (a report stored before the crash says nothing of what the workstations
+  did while no leader listened); it never finalizes on the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.test_transitional import (
+    LONG,
+    SCHEMA_POLL,
+    Workstation,
+    look,
+    on_http_named,
+    rollout,
+    start_transitional,
+)
+
+WINDOW = 60  # seconds: the reference server's clients_window (its least)
+
+
+@contextlib.contextmanager
+def one_node(root: Path, clients_refresh: int = 10) -> Iterator[tuple[Cluster, Node]]:
+    """A leader (1 s heartbeats) and node1 on its address, whose reference server reports
+    the workstations it saw within ``WINDOW``; its agent reuses its view of them for
+    ``clients_refresh`` seconds (the agent's default: 10)."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(root / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, root / "n0", clients_window=WINDOW)
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        node.start(clients_refresh=clients_refresh)
+        cluster.wait_for_nodes_online(["node1"])
+        yield cluster, node
+    finally:
+        node.close()
+        cluster.close()
+
+
+def phase_1(cluster: Cluster, root: Path) -> str:
+    """A transitional rollout's phase 1, done: node1 serves http and https, awaiting finalize."""
+    phase1 = start_transitional(cluster, root, "--wait")
+    assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+    return phase1
+
+
+def visit(ws: Workstation) -> dt.datetime:
+    """One write of ``ws`` over http; when it was made (the server sees it at about then)."""
+    before = dt.datetime.now(dt.UTC)
+    status, _entry = ws.post("http", uuid.uuid4().hex)
+    assert status == 201
+    return before
+
+
+def restart_agent(node: Node) -> None:
+    """The node's agent stopped and started again: its view of the server's clients is read
+    afresh at its first heartbeat."""
+    assert node.agent is not None
+    node.agent.stop()
+    node.start_agent_heard()
+
+
+def node1_clients(cluster: Cluster) -> dict[str, Any]:
+    view: dict[str, Any] = next(v for v in look(cluster)["node_clients"] if v["node"] == "node1")
+    return view
+
+
+def reported_at(cluster: Cluster) -> dt.datetime:
+    """When node1's stored client report came (its ``reported_at``)."""
+    return dt.datetime.fromisoformat(node1_clients(cluster)["reported_at"].replace("Z", "+00:00"))
+
+
+@pytest.mark.timeout(300)
+def test_a_workstation_the_latest_report_lists_counts_on_http_past_its_stored_time(
+    tmp_path: Path,
+) -> None:
+    """The agent reuses its view of its server's clients for ``clients_refresh`` (an hour
+    here: the lag made long enough to look at; the leader's stored copy lags the same way
+    for up to ~29 s at a 5 s interval, as a sighting that moves only ``last_seen`` is no
+    news). Past the window since the workstation's stored sighting, the agent's every
+    report still lists it: it is still on http for the schema, ``notify --remaining`` and a
+    finalize, until a report leaves it out."""
+    with one_node(tmp_path, clients_refresh=3600) as (cluster, node):
+        phase1 = phase_1(cluster, tmp_path)
+        ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
+        seen = visit(ws)
+        restart_agent(node)  # its view, read now, lists the workstation for the next hour
+        wait_until(
+            lambda: on_http_named(cluster, "node1") == [ws.source],
+            30,
+            "the workstation reported on http",
+            interval=SCHEMA_POLL,
+        )
+        # Past the window since it was seen, and a report stored since then.
+        time.sleep(max(0.0, (seen - dt.datetime.now(dt.UTC)).total_seconds() + WINDOW + 2))
+        wait_until(
+            lambda: reported_at(cluster) > seen + dt.timedelta(seconds=WINDOW + 1),
+            40,
+            "a report stored past the window",
+            interval=SCHEMA_POLL,
+        )
+        view = node1_clients(cluster)
+        assert [c["address"] for c in view.get("still_on_http", [])] == [ws.source], view
+        remaining = cluster.cli("notify", "--remaining")
+        assert remaining.returncode == 0 and ws.source in remaining.stdout, remaining
+        refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert refused.returncode == 1, refused.stdout
+        assert f"node1: {ws.source}" in refused.stderr, refused.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
+
+        # The agent's next view leaves it out (the server's window has passed): gone here too.
+        restart_agent(node)
+        wait_until(
+            lambda: on_http_named(cluster, "node1") == [],
+            30,
+            "the workstation no longer on http",
+            interval=SCHEMA_POLL,
+        )
+        done = cluster.cli("rollout", "finalize", phase1, "--yes", "--wait", timeout=LONG)
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
+    tmp_path: Path,
+) -> None:
+    """The stored report says nobody is on http. The leader is killed, a workstation writes
+    over http meanwhile, the leader starts again before the agent could report to it (the
+    agent held stopped: the moment right after a restart, made to last). A finalize asked at
+    once refuses, saying it waits for node1's first report since the leader started (it took
+    the stored report for fresh and closed http under the workstation, or called it stale
+    though the agent was about to report); the report the agent sends on reconnecting
+    decides: it names the workstation."""
+    with one_node(tmp_path) as (cluster, node):
+        phase1 = phase_1(cluster, tmp_path)
+        wait_until(
+            lambda: any(v["node"] == "node1" for v in look(cluster).get("node_clients", [])),
+            30,
+            "node1's client report",
+            interval=SCHEMA_POLL,
+        )
+        assert on_http_named(cluster, "node1") == []
+        assert node.agent is not None
+        node.agent.send_signal(signal.SIGSTOP)
+        try:
+            cluster.kill_leader()
+            ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
+            visit(ws)
+            cluster.start_leader()
+            refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+            assert refused.returncode == 1, refused.stdout
+            assert (
+                "node1: cannot tell who is on http (waiting for node1's first report since the"
+                " leader started)" in refused.stderr
+            ), refused.stderr
+            assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
+        finally:
+            node.agent.send_signal(signal.SIGCONT)
+        wait_until(
+            lambda: on_http_named(cluster, "node1") == [ws.source],
+            60,
+            "the agent's report to the restarted leader",
+            interval=SCHEMA_POLL,
+        )
+        named = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert named.returncode == 1, named.stdout
+        assert f"node1: {ws.source}" in named.stderr and "waiting" not in named.stderr, named
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
