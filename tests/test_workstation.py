@@ -60,6 +60,7 @@ from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
 from workstation import connection as workstation
+from workstation import settings_files
 from workstation.connection import Exit
 from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
 
@@ -1215,6 +1216,95 @@ async def test_a_fake_nodes_pair_proves_nothing(
         run = await run_cli(node.url, "--password-file", pw, "--yes")
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
+
+
+def signing_as(ca: pki.CertificateAuthority, common_name: str) -> Callable[[bytes], Any]:
+    """A fake node's ``sign``: its own CA issues the CSR's key a certificate of another name
+    than the CSR asks for (the cluster's leader signs exactly the CSR's)."""
+
+    async def sign(csr_pem: bytes) -> bytes:
+        key = pki.load_csr_pem(csr_pem).public_key()
+        names = proto.workstation_names(common_name)
+        return pki.cert_to_pem(ca.issue(key, names, server=False, client=True))  # type: ignore[arg-type]
+
+    return sign
+
+
+async def test_a_fake_nodes_certificate_of_another_name_is_refused_and_not_kept(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s44rev1 M1 (a): a fake node that knows the password handed over a certificate of
+    another name (ws-chef) than the PC asked for: it was kept aside as "this PC's" (the error
+    said so), and the next run at the real node, without --name, took the name from it (the
+    newest pair), asked for ws-chef with the fake one as its proof, and moved the PC's own
+    set to .settings-replaced. It is refused now, before anything is kept, and the next run
+    enrols as the PC it is, proven by the certificate in place."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+    held = pki.read_cert(d / "client.pem")
+    assert pki.names_of(held).common_name == "ws-pc-test"
+    before = settings_set(d)
+    evil = pki.CertificateAuthority.create("evil")
+    evil_node = ServerNode(node.address, issue(evil, node.address, tmp_path / "evil"), node.server)
+    async with bootstrap_on(evil_node, evil, sign=signing_as(evil, "ws-chef")):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == Exit.UNTRUSTED, run.err
+    assert (
+        "sent a certificate for 'ws-chef', not for ws-pc-test, the name this PC asked for"
+    ) in run.error, run.error
+    assert "kept in" not in run.error and not os.path.lexists(d / KEPT)
+    assert settings_set(d) == before
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 0, run.err
+    assert pki.names_of(pki.load_csr_pem(csrs[-1])).common_name == "ws-pc-test"
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # nothing replaced, nothing kept
+
+
+@pytest.mark.parametrize("name", [None, "pc-test"])
+async def test_a_pair_of_a_ca_the_node_does_not_name_neither_names_the_pc_nor_blocks_its_proof(
+    name: str | None,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s44rev1 M1 (b): a fake node's pair of another name, newer than the PC's own, kept
+    aside (as an older tlsroll did, or one a stranger put there): without --name the PC took
+    its name from it; with --name (the PC's real name) the proof was dropped, as the newest
+    pair was another name's, though the pair in place was this name's, from the node's CA
+    (the leader refuses the name then: NameTaken, exit 11). The name comes only from a pair
+    of a CA the node's hello names, and the proof is chosen among the pairs of the name."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+    held = pki.read_cert(d / "client.pem")
+    evil = pki.CertificateAuthority.create("evil")
+    fake_key, fake_cert = client_pair(evil, "ws-chef", expired=False)
+    settings_files.keep(d, fake_key, fake_cert)
+    fake = pki.load_cert_pem(fake_cert)
+    assert fake.not_valid_before_utc > held.not_valid_before_utc  # the newest pair
+    named = ("--name", name) if name is not None else ()
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes", *named)
+    assert run.code == 0, run.err
+    assert pki.names_of(pki.load_csr_pem(csrs[-1])).common_name == "ws-pc-test"
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-pc-test"
+    assert not os.path.lexists(d / REPLACED)
 
 
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:

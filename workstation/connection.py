@@ -508,7 +508,7 @@ class TestConnection:
         where = _netloc(server.host, port)
         # A wrong CA is reported as such, before the password is asked for.
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
-        self.prove_with_the_nodes_ca(hello.ca_bundle_pem)
+        self.choose_proof(hello.ca_bundle_pem)
         self.check_settings_dir()
         secret = None
         if o.enrol:
@@ -646,48 +646,53 @@ class TestConnection:
             )
 
     def choose_name(self) -> None:
-        """The name to enrol under, and this PC's proof of it. Without --name: the name of the
-        newest client certificate in the settings dir (a PC keeps its name when its host name
-        changes, or when it was given one with --name), else the host name's first label,
-        unless that names no PC in particular ("localhost")."""
-        self.previous = previous = self._previous_enrolment()
-        if self.o.name is None and previous is not None:
-            self.workstation = pki.names_of(previous[0]).common_name
-        unnamed = self.o.name is None and previous is None and self.workstation in _NO_NAMES
-        if unnamed and self.o.enrol:
+        """The name to go by until the node's hello is read (``choose_proof`` decides then):
+        --name, else the newest client certificate's in the settings dir, else the host
+        name's first label. A host name that names no PC in particular ("localhost") is
+        refused here, before anything is sent, when nothing else could name the PC (no
+        --name, no client certificate in the settings dir)."""
+        newest = _newest(self._enrolments())
+        if self.o.name is None and newest is not None:
+            self.workstation = pki.names_of(newest[0]).common_name
+        if self.o.name is None and newest is None:
+            self._refuse_no_name()
+
+    def _refuse_no_name(self) -> None:
+        if self.workstation in _NO_NAMES and self.o.enrol:
             raise ClientError(
                 Exit.USAGE,
                 f"this PC's host name ({one_line(self.host, 63)!r}) names no PC in particular: "
                 "give it a name with --name, e.g. --name empfang-1",
             )
-        if previous is not None and pki.names_of(previous[0]).common_name != self.workstation:
-            self.previous = None  # another name's: it proves nothing about this one
 
-    def _previous_enrolment(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-        """The newest valid pair of client key and certificate in the settings dir
-        (``_enrolments``)."""
-        return max(self._enrolments(), key=lambda pair: pair[0].not_valid_before_utc, default=None)
-
-    def prove_with_the_nodes_ca(self, bundle_pem: bytes) -> None:
-        """The proof of the name: of this name's pairs in the settings dir, the newest from a
-        CA of the node's hello (``bundle_pem``), else the newest (``choose_name``'s). A pair
-        kept aside after a run whose server did not check out may be a fake node's (one that
-        knew the password, s43rev3 Low 3): the newer, it would stand for this PC's proof, and
-        the leader would refuse the name as another PC's."""
-        if self.previous is None:
-            return
+    def choose_proof(self, bundle_pem: bytes) -> None:
+        """The name to enrol under and this PC's proof of it, once the node's hello (its CAs,
+        ``bundle_pem``) is read. The name: --name, else the name of the newest client
+        certificate in the settings dir from a CA the hello names (a PC keeps its name when
+        its host name changes, or when it was given one with --name), else the host name's
+        first label. The proof (``bootstrap_csr.Reenrolment``): of that name's pairs, the
+        newest from a CA the hello names, else the newest. A pair of another CA (a fake node
+        that knew the password handed it over, an older tlsroll kept it aside: s44rev1 M1)
+        neither names this PC nor stands for its proof: the leader would refuse the name as
+        another PC's."""
         try:
             cas = proto.ca_certificates(bundle_pem)
         except proto.BootstrapError:
-            return  # (said when the bundle is used)
-        ours = [
-            pair
-            for pair in self._enrolments()
-            if pki.names_of(pair[0]).common_name == self.workstation
-            and any(pki.issued_by(pair[0], ca) for ca in cas)
-        ]
-        if ours and not any(pki.issued_by(self.previous[0], ca) for ca in cas):
-            self.previous = max(ours, key=lambda pair: pair[0].not_valid_before_utc)
+            cas = []  # (said when the bundle is used)
+        pairs = self._enrolments()
+
+        def by_node(pair: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> bool:
+            return any(pki.issued_by(pair[0], ca) for ca in cas)
+
+        if self.o.name is None:
+            named = _newest([pair for pair in pairs if by_node(pair)])
+            if named is not None:
+                self.workstation = pki.names_of(named[0]).common_name
+            else:
+                self.workstation = proto.workstation_cn(self.host)
+                self._refuse_no_name()
+        ours = [pair for pair in pairs if pki.names_of(pair[0]).common_name == self.workstation]
+        self.previous = _newest([pair for pair in ours if by_node(pair)]) or _newest(ours)
 
     def _enrolments(self) -> list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
         """The valid pairs of client key and certificate in the settings dir: kept aside
@@ -1296,13 +1301,16 @@ class TestConnection:
             f"{one_line(message, NODE_MESSAGE_CHARS)}{hint}",
         )
 
-    @staticmethod
     def _client_cert(
+        self,
         payload: proto.Payload,
         key: pki.PrivateKey,
         trusted: list[x509.Certificate],
         where: str,
     ) -> x509.Certificate:
+        """The client certificate the node handed over: for this key, from a CA of its
+        bundle, and of the name asked for (the leader signs exactly the CSR's name: one of
+        another name is not the cluster's doing, s44rev1 M1); refused (and not kept) if not."""
         try:
             cert = pki.load_cert_pem(payload.certificate_pem)
         except PKIError:
@@ -1310,6 +1318,18 @@ class TestConnection:
         if not pki.key_matches(cert, key) or not any(pki.issued_by(cert, ca) for ca in trusted):
             raise ClientError(
                 Exit.UNTRUSTED, f"{where} sent a certificate not for this key or not from the CA"
+            )
+        try:
+            name = pki.names_of(cert).common_name
+        except (PKIError, ValueError, TypeError, x509.DuplicateExtension):
+            name = ""
+        if name != self.workstation:
+            raise ClientError(
+                Exit.UNTRUSTED,
+                f"{where} sent a certificate for {one_line(name or 'no name', 64)!r}, not for "
+                f"{self.workstation}, the name this PC asked for: the cluster's leader signs "
+                "the name asked for only; this is not your cluster's node; do not continue "
+                "(nothing was kept or written)",
             )
         return cert
 
@@ -1585,6 +1605,13 @@ class TestConnection:
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise CheckFailed(f"{server.url} answered HTTP {reply.status}")
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
+
+
+def _newest(
+    pairs: Sequence[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]],
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    """Of client certificates and keys, the pair issued last; None if none."""
+    return max(pairs, key=lambda pair: pair[0].not_valid_before_utc, default=None)
 
 
 def _login_shell(shell: str) -> bool:
