@@ -1920,10 +1920,13 @@ async def test_a_set_in_place_that_fails_too_gives_way_to_the_new_one(
     assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
     until = f"{pki.load_cert_pem(cert_pem).not_valid_after_utc:%Y-%m-%d}"
+    # (s44rev1 L4: and what to do with it, and that it goes once expired)
     assert (
         f"note      the settings before are kept in {d / REPLACED}, as their key is nowhere "
         f"else: client certificate ws-empfang of another CA than this cluster's, valid until "
-        f"{until}"
+        f"{until}; remove that folder once ws-empfang is no longer needed (tlsroll "
+        "workstations revoke ws-empfang, on its cluster's leader, frees the name); it goes by "
+        "itself once that certificate has expired"
     ) in run.out.splitlines(), run.out
 
 
@@ -1995,6 +1998,67 @@ async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
         "else: client certificate ws-pc-test of another name than this one, valid until "
     ) in run.out, run.out
     assert "(the leader still holds it)" in run.out
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "link to a directory", "full disk"])
+async def test_what_blocks_keeping_the_set_replaced_is_removed_or_said(
+    in_the_way: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """s44rev1 L2: a file, or a link to a directory, at .settings-replaced failed every
+    enrolment that replaced a set worth keeping ("cannot write the settings to D: not a
+    directory; ... the next run proves this PC's name", which failed the same way, each run
+    signing a certificate against the node's hourly cap). It is removed (a link not followed)
+    and the set kept there. What else fails the keeping (a full disk: made here by failing
+    the copy's writes, as no disk can be filled for a test) names .settings-replaced and what
+    to do, and nothing is replaced."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        before = settings_set(d)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o755)
+        if in_the_way == "file":
+            (d / REPLACED).write_bytes(b"a file")
+        elif in_the_way == "link to a directory":
+            os.symlink(elsewhere, d / REPLACED)
+        else:
+            real = fsutil.write_atomic
+
+            def full(path: Path, *a: Any, **kw: Any) -> None:
+                if REPLACED in path.parts:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                real(path, *a, **kw)
+
+            monkeypatch.setattr(settings_files, "write_atomic", full)
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "other")
+    assert os.listdir(elsewhere) == []
+    if in_the_way != "full disk":
+        assert run.code == 0, run.err
+        assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-other"
+        assert settings_set(d / REPLACED) == before
+        assert stat.S_ISDIR(os.lstat(d / REPLACED).st_mode)
+        return
+    assert run.code == 1, run.err
+    assert run.error.startswith(
+        "tlsroll: error: the settings in place (client certificate ws-pc-test of another name "
+        "than this one, valid until "
+    ), run.error
+    assert (
+        f"could not be kept in {d / REPLACED} (No space left on device): nothing was replaced; "
+        f"free the space (or remove {d / REPLACED} if the set kept there is not needed), or "
+        f"move client.key and client.pem out of {d} yourself (keep them if that certificate "
+        "is still needed), then run this again; the new certificate the node handed over for "
+        f"this PC (ws-other) is kept in {d / KEPT}"
+    ) in run.error, run.error
+    assert settings_set(d) == before and not os.path.lexists(d / REPLACED)
 
 
 async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(

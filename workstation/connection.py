@@ -1368,12 +1368,12 @@ class TestConnection:
         files = {"ca.pem": (ca_pem, PUBLIC), "settings.json": (text.encode(), PUBLIC)}
         if client_pem is not None and key_pem is not None:
             files |= {"client.key": (key_pem, PRIVATE), "client.pem": (client_pem, PUBLIC)}
-        replaced: list[str] = []  # why the pair in place is worth keeping, if it is
+        replaced: list[tuple[str, str]] = []  # its name, and why it is worth keeping, if it is
 
         def worth_keeping(key_pem: bytes, cert_pem: bytes) -> bool:
-            if (why := self._worth_keeping(key_pem, cert_pem, bundle)) is not None:
-                replaced.append(why)
-            return why is not None
+            if (worth := self._worth_keeping(key_pem, cert_pem, bundle)) is not None:
+                replaced.append(worth)
+            return worth is not None
 
         try:
             make_private_dir(d)
@@ -1386,23 +1386,28 @@ class TestConnection:
             ) from None
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
+        except settings_files.ReplacedNotKept as exc:
+            raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
         self.ui.say(f"settings  written to {d}")
         if kept is not None and replaced:
+            name, why = replaced[-1]
             self.ui.say(
                 f"note      the settings before are kept in {kept}, as their key is nowhere "
-                f"else: client certificate {replaced[-1]}"
+                f"else: client certificate {name} {why}; remove that folder once {name} is "
+                f"no longer needed (tlsroll workstations revoke {name}, on its cluster's "
+                "leader, frees the name); it goes by itself once that certificate has expired"
             )
         if client_pem is None:
             self._set_aside(d)
 
     def _worth_keeping(
         self, key_pem: bytes, cert_pem: bytes, bundle: Sequence[x509.Certificate]
-    ) -> str | None:
+    ) -> tuple[str, str] | None:
         """Why a client key and certificate about to be replaced are worth keeping: a pair
         that holds together, is valid now, and that this enrolment did not supersede (the
         leader revokes every other certificate of the name it signs: one of this name from a
         CA of the cluster's ``bundle``), i.e. another name's or another CA's. None if not
-        worth keeping (expired, unreadable, or superseded)."""
+        worth keeping (expired, unreadable, or superseded); else its name, and why."""
         try:
             cert = pki.load_cert_pem(cert_pem)
             pki.check_valid_now(cert)
@@ -1413,9 +1418,9 @@ class TestConnection:
             return None
         valid = f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
         if not any(pki.issued_by(cert, ca) for ca in bundle):
-            return f"{name} of another CA than this cluster's, {valid}"
+            return name, f"of another CA than this cluster's, {valid}"
         if name != self.workstation:
-            return f"{name} of another name than this one, {valid} (the leader still holds it)"
+            return name, f"of another name than this one, {valid} (the leader still holds it)"
         return None
 
     def _set_aside(self, d: Path) -> None:
@@ -1605,6 +1610,31 @@ class TestConnection:
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise CheckFailed(f"{server.url} answered HTTP {reply.status}")
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
+
+
+def _replaced_not_kept(
+    d: Path, exc: settings_files.ReplacedNotKept, replaced: Sequence[tuple[str, str]]
+) -> str:
+    """The one line for a set in place that could not be kept in ``REPLACED`` before a new
+    enrolment's set replaced it (s44rev1 L2: it said "cannot write the settings", and that
+    the next run would do, which failed the same way)."""
+    where = d / settings_files.REPLACED
+    mine = (
+        f"move client.key and client.pem out of {d} yourself (keep them if that certificate "
+        "is still needed), then run this again"
+    )
+    if exc.reading:
+        return (
+            f"the client key and certificate in place could not be read to tell whether to "
+            f"keep them in {where} ({exc.path}: {exc.reason}): nothing was replaced; let this "
+            f"user read them, or {mine}"
+        )
+    what = f"client certificate {replaced[-1][0]} {replaced[-1][1]}" if replaced else "its pair"
+    return (
+        f"the settings in place ({what}) could not be kept in {where} ({exc.reason}): nothing "
+        f"was replaced; free the space (or remove {where} if the set kept there is not "
+        f"needed), or {mine}"
+    )
 
 
 def _newest(
