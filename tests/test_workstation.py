@@ -655,8 +655,8 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
         f"run it as {user}, without sudo"
         if how == "a login user's HOME"
         else f"run it as {user}, a user without a login shell (su does not work): sudo -u "
-        f"{user} -H tlsroll client test-connection …"
-    )
+        f"{user} -H tlsroll client test-connection --settings-dir {d} …"
+    )  # (s44rev1 L5: the dir named, as sudo drops TLSROLL_CLIENT_DIR and the user's HOME)
     for_root = (
         "a --settings-dir of root's"
         if how == "--settings-dir"
@@ -1459,6 +1459,16 @@ def test_password_file_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[
         )
         err = capsys.readouterr().err
         assert code == 2 and "Permission denied" in err and PASSWORD not in err
+
+
+def test_the_help_gives_the_exchange_s_wait_in_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    """s44rev1 L5: "waits at least 7: ... take 5", no unit."""
+    assert cli.main(["client", "test-connection", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        f"the password exchange waits at least {proto.MIN_EXCHANGE_WAIT:g} s for its answers: "
+        f"the node may take {proto.FINISH_DEADLINE:g} s to deliver the certificate"
+    ) in text, text
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -89,6 +89,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import socket
 import ssl
 import stat
@@ -1493,7 +1494,7 @@ class TestConnection:
                     Exit.FAILURE,
                     f"this runs as root, but the settings dir {d} {where}: the settings would "
                     f"be root's there, and {user}'s client could not use them; "
-                    f"{self._as_the_user(entry, user)}; nothing was changed",
+                    f"{self._as_the_user(entry, user, d)}; nothing was changed",
                 )
         # Modes too (s43rev3 Low 5): where root makes the dir, or writes in it, nobody else
         # may write (they could put a link there first: a settings dir not yet made in /tmp
@@ -1519,22 +1520,27 @@ class TestConnection:
                 "can write (or sudo -H for root's own settings); nothing was changed",
             )
 
-    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str) -> str:
-        """What to run instead, for root's refusal of a settings dir in ``user``'s tree
+    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str, d: Path) -> str:
+        """What to run instead, for root's refusal of a settings dir ``d`` in ``user``'s tree
         (``entry``: their passwd entry, if any): as that user (a service user, whose shell
-        lets no one log in, with ``sudo -u``), or, for root's own settings, ``sudo -H`` where
-        the dir came from the environment sudo kept (``-E``, or a sudo that keeps HOME)."""
+        lets no one log in, with ``sudo -u``: the command names ``--settings-dir d``, as sudo
+        drops the environment it may have come from, s44rev1 L5), or, for root's own settings,
+        ``sudo -H`` where the dir came from the environment sudo kept (``-E``, or a sudo that
+        keeps HOME)."""
+        command = (
+            f"sudo -u {user} -H tlsroll client test-connection --settings-dir "
+            f"{shlex.quote(str(d))} …"
+        )
         if entry is None:
             as_user = f"run it as {user}"
         elif not _login_shell(entry.pw_shell):
             as_user = (
-                f"run it as {user}, a user without a login shell (su does not work): "
-                f"sudo -u {user} -H tlsroll client test-connection …"
+                f"run it as {user}, a user without a login shell (su does not work): {command}"
             )
         elif os.environ.get("SUDO_USER") == user:
             as_user = f"run it as {user}, without sudo"
         else:
-            as_user = f"run it as {user} (sudo -u {user} -H tlsroll client test-connection …)"
+            as_user = f"run it as {user} ({command})"
         given = os.environ.get("TLSROLL_CLIENT_DIR")
         if given and Path(given) == self.o.settings_dir:
             variable: str | None = "TLSROLL_CLIENT_DIR"
