@@ -1805,6 +1805,34 @@ async def test_a_short_timeout_still_waits_for_the_node_to_deliver_the_certifica
         assert "password exchange" not in run.out, run.out
 
 
+def test_the_exchange_s_longer_wait_is_for_the_answer_not_for_connecting(tmp_path: Path) -> None:
+    """s44rev1 L6: the exchange's floor (MIN_EXCHANGE_WAIT) covered the connect too: a node
+    that answered the hello and then no more cost that long on each call, not --timeout. A
+    port whose queue is full (a real listener that accepts nothing: the kernel drops further
+    connection attempts) does not answer within --timeout, and the error says so."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port), timeout=5)  # fills the queue
+    options = workstation.Options(
+        url="https://127.0.0.1:8443/a/", settings_dir=tmp_path, timeout=1, name="pc-test"
+    )
+    ui = workstation.UI(say=lambda line: None, ask_port=lambda p: p, ask_password=lambda: "")
+    try:
+        with pytest.raises(workstation.ClientError) as caught:
+            workstation.TestConnection(options, ui)._call(
+                "127.0.0.1", port, "POST", proto.START_PATH, {}, timeout=proto.MIN_EXCHANGE_WAIT
+            )
+    finally:
+        queued.close()
+        listener.close()
+    assert caught.value.code == Exit.BOOTSTRAP_PORT
+    assert f"bootstrap port {port} on 127.0.0.1 does not answer (no answer within 1 s)" in str(
+        caught.value.message
+    ), caught.value.message
+
+
 @pytest.mark.parametrize("cut", ["final check", "probe of the set before"])
 async def test_a_run_cut_short_after_the_exchange_keeps_the_new_certificate(
     cut: str,

@@ -363,25 +363,31 @@ def request(
     body: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     workstation: str | None = None,
+    connect_timeout: float | None = None,
 ) -> Reply:
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
-    can tell which workstation is on which scheme (``tlsroll.clients``)."""
+    can tell which workstation is on which scheme (``tlsroll.clients``). ``timeout``: the
+    wait for the answer; ``connect_timeout`` (default ``timeout``): for the connection and
+    the TLS handshake (a host that does not answer fails within it, whatever the wait for
+    an answer: s44rev1 L6)."""
+    connecting = timeout if connect_timeout is None else connect_timeout
     try:  # wrapped before its connect: see tlsroll.tls.connect
         tls = tls_connect(
-            context, host, port, timeout=timeout, server_hostname=host, handshake=False
+            context, host, port, timeout=connecting, server_hostname=host, handshake=False
         )
     except OSError as exc:
-        raise _connect_error(exc, host, timeout) from None
+        raise _connect_error(exc, host, connecting) from None
     with tls:
         try:
             tls.do_handshake()
         except ssl.SSLError as exc:
             raise _tls_error(exc) from None
         except TimeoutError:
-            raise NetError("tls", f"no TLS handshake within {timeout:g} s") from None
+            raise NetError("tls", f"no TLS handshake within {connecting:g} s") from None
         except OSError as exc:
             raise NetError("tls", f"connection closed during the handshake ({exc})") from None
+        tls.settimeout(timeout)
         peer = tls.getpeercert(binary_form=True)
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
         conn.sock = tls
@@ -1042,12 +1048,23 @@ class TestConnection:
         timeout: float | None = None,
     ) -> Reply:
         """One request to the bootstrap port over unverified TLS (the PAKE authenticates),
-        waiting ``timeout`` (default: ``--timeout``)."""
+        waiting ``timeout`` (default: ``--timeout``) for the answer; connecting, ``--timeout``
+        whatever ``timeout`` (s44rev1 L6: a node that stopped answering cost the exchange's
+        longer wait on each call)."""
         where = _netloc(host, port)
         data = None if body is None else json.dumps(body).encode()
         wait = self.o.timeout if timeout is None else timeout
         try:
-            return request(host, port, method, path, self.context, body=data, timeout=wait)
+            return request(
+                host,
+                port,
+                method,
+                path,
+                self.context,
+                body=data,
+                timeout=wait,
+                connect_timeout=self.o.timeout,
+            )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
                 raise self._port_closed(host, port, exc) from None
@@ -1229,7 +1246,8 @@ class TestConnection:
         up to ``proto.FINISH_DEADLINE`` after the request, and a client that gave up before
         left the name held until the node withdrew it. Raised rather than refused: the
         timeout is for not waiting long on a host that does not answer, which it still does
-        everywhere else, and a run without an exchange (``--no-enrol``) is not affected."""
+        everywhere else, and for connecting in the exchange too (``_call``: the floor is for the
+        answer only); a run without an exchange (``--no-enrol``) is not affected."""
         if self.o.timeout >= proto.MIN_EXCHANGE_WAIT:
             return self.o.timeout
         self.ui.say(
