@@ -14,7 +14,8 @@ CA pin). The steps, in the seed's order:
   (d) the password (no echo, or ``--password-file``), asked before anything secret is sent
       and held to the password file's rule;
   (e) a key and CSR (``ws-<name>``: ``--name``, else the name this PC enrolled under before,
-      else its host name's first label; the key never leaves the workstation) and the
+      by a certificate of a CA the hello names, else its host name's first label; the key
+      never leaves the workstation) and the
       password exchange (``tlsroll.bootstrap_protocol``: SPAKE2, key confirmation both ways;
       the CSR goes sealed, the CA bundle and the client certificate come back sealed). The
       certificate of (b) must come from that CA (or the pinned one), a verified handshake
@@ -480,7 +481,8 @@ class TestConnection:
         self.ui = ui
         self.pin = proto_pin(options.ca_pin)
         # The name of its certificate, also sent with each request to the app path: --name,
-        # else the name this PC enrolled under before (``choose_name``), else its host name's.
+        # else the name this PC enrolled under before, else its host name's (``choose_name``,
+        # then, once the node's hello is read, ``choose_proof``).
         self.host = socket.gethostname()
         self.workstation = proto.workstation_cn(options.name or self.host)
         if not options.enrol and self.pin is None:
