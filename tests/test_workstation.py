@@ -60,6 +60,7 @@ from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
 from workstation import connection as workstation
+from workstation import settings_files
 from workstation.connection import Exit
 from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
 
@@ -654,8 +655,8 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
         f"run it as {user}, without sudo"
         if how == "a login user's HOME"
         else f"run it as {user}, a user without a login shell (su does not work): sudo -u "
-        f"{user} -H tlsroll client test-connection …"
-    )
+        f"{user} -H tlsroll client test-connection --settings-dir {d} …"
+    )  # (s44rev1 L5: the dir named, as sudo drops TLSROLL_CLIENT_DIR and the user's HOME)
     for_root = (
         "a --settings-dir of root's"
         if how == "--settings-dir"
@@ -1217,6 +1218,95 @@ async def test_a_fake_nodes_pair_proves_nothing(
     assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
 
 
+def signing_as(ca: pki.CertificateAuthority, common_name: str) -> Callable[[bytes], Any]:
+    """A fake node's ``sign``: its own CA issues the CSR's key a certificate of another name
+    than the CSR asks for (the cluster's leader signs exactly the CSR's)."""
+
+    async def sign(csr_pem: bytes) -> bytes:
+        key = pki.load_csr_pem(csr_pem).public_key()
+        names = proto.workstation_names(common_name)
+        return pki.cert_to_pem(ca.issue(key, names, server=False, client=True))  # type: ignore[arg-type]
+
+    return sign
+
+
+async def test_a_fake_nodes_certificate_of_another_name_is_refused_and_not_kept(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s44rev1 M1 (a): a fake node that knows the password handed over a certificate of
+    another name (ws-chef) than the PC asked for: it was kept aside as "this PC's" (the error
+    said so), and the next run at the real node, without --name, took the name from it (the
+    newest pair), asked for ws-chef with the fake one as its proof, and moved the PC's own
+    set to .settings-replaced. It is refused now, before anything is kept, and the next run
+    enrols as the PC it is, proven by the certificate in place."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+    held = pki.read_cert(d / "client.pem")
+    assert pki.names_of(held).common_name == "ws-pc-test"
+    before = settings_set(d)
+    evil = pki.CertificateAuthority.create("evil")
+    evil_node = ServerNode(node.address, issue(evil, node.address, tmp_path / "evil"), node.server)
+    async with bootstrap_on(evil_node, evil, sign=signing_as(evil, "ws-chef")):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == Exit.UNTRUSTED, run.err
+    assert (
+        "sent a certificate for 'ws-chef', not for ws-pc-test, the name this PC asked for"
+    ) in run.error, run.error
+    assert "kept in" not in run.error and not os.path.lexists(d / KEPT)
+    assert settings_set(d) == before
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 0, run.err
+    assert pki.names_of(pki.load_csr_pem(csrs[-1])).common_name == "ws-pc-test"
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # nothing replaced, nothing kept
+
+
+@pytest.mark.parametrize("name", [None, "pc-test"])
+async def test_a_pair_of_a_ca_the_node_does_not_name_neither_names_the_pc_nor_blocks_its_proof(
+    name: str | None,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s44rev1 M1 (b): a fake node's pair of another name, newer than the PC's own, kept
+    aside (as an older tlsroll did, or one a stranger put there): without --name the PC took
+    its name from it; with --name (the PC's real name) the proof was dropped, as the newest
+    pair was another name's, though the pair in place was this name's, from the node's CA
+    (the leader refuses the name then: NameTaken, exit 11). The name comes only from a pair
+    of a CA the node's hello names, and the proof is chosen among the pairs of the name."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+    held = pki.read_cert(d / "client.pem")
+    evil = pki.CertificateAuthority.create("evil")
+    fake_key, fake_cert = client_pair(evil, "ws-chef", expired=False)
+    settings_files.keep(d, fake_key, fake_cert)
+    fake = pki.load_cert_pem(fake_cert)
+    assert fake.not_valid_before_utc > held.not_valid_before_utc  # the newest pair
+    named = ("--name", name) if name is not None else ()
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes", *named)
+    assert run.code == 0, run.err
+    assert pki.names_of(pki.load_csr_pem(csrs[-1])).common_name == "ws-pc-test"
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(held)
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-pc-test"
+    assert not os.path.lexists(d / REPLACED)
+
+
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
     node = nodes["tls"]
     run = await run_cli(f"https://{node.address}:8443/tomedo_live/", "--yes")
@@ -1369,6 +1459,16 @@ def test_password_file_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[
         )
         err = capsys.readouterr().err
         assert code == 2 and "Permission denied" in err and PASSWORD not in err
+
+
+def test_the_help_gives_the_exchange_s_wait_in_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    """s44rev1 L5: "waits at least 7: ... take 5", no unit."""
+    assert cli.main(["client", "test-connection", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        f"the password exchange waits at least {proto.MIN_EXCHANGE_WAIT:g} s for its answers: "
+        f"the node may take {proto.FINISH_DEADLINE:g} s to deliver the certificate"
+    ) in text, text
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1705,6 +1805,34 @@ async def test_a_short_timeout_still_waits_for_the_node_to_deliver_the_certifica
         assert "password exchange" not in run.out, run.out
 
 
+def test_the_exchange_s_longer_wait_is_for_the_answer_not_for_connecting(tmp_path: Path) -> None:
+    """s44rev1 L6: the exchange's floor (MIN_EXCHANGE_WAIT) covered the connect too: a node
+    that answered the hello and then no more cost that long on each call, not --timeout. A
+    port whose queue is full (a real listener that accepts nothing: the kernel drops further
+    connection attempts) does not answer within --timeout, and the error says so."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port), timeout=5)  # fills the queue
+    options = workstation.Options(
+        url="https://127.0.0.1:8443/a/", settings_dir=tmp_path, timeout=1, name="pc-test"
+    )
+    ui = workstation.UI(say=lambda line: None, ask_port=lambda p: p, ask_password=lambda: "")
+    try:
+        with pytest.raises(workstation.ClientError) as caught:
+            workstation.TestConnection(options, ui)._call(
+                "127.0.0.1", port, "POST", proto.START_PATH, {}, timeout=proto.MIN_EXCHANGE_WAIT
+            )
+    finally:
+        queued.close()
+        listener.close()
+    assert caught.value.code == Exit.BOOTSTRAP_PORT
+    assert f"bootstrap port {port} on 127.0.0.1 does not answer (no answer within 1 s)" in str(
+        caught.value.message
+    ), caught.value.message
+
+
 @pytest.mark.parametrize("cut", ["final check", "probe of the set before"])
 async def test_a_run_cut_short_after_the_exchange_keeps_the_new_certificate(
     cut: str,
@@ -1830,10 +1958,13 @@ async def test_a_set_in_place_that_fails_too_gives_way_to_the_new_one(
     assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
     until = f"{pki.load_cert_pem(cert_pem).not_valid_after_utc:%Y-%m-%d}"
+    # (s44rev1 L4: and what to do with it, and that it goes once expired)
     assert (
         f"note      the settings before are kept in {d / REPLACED}, as their key is nowhere "
         f"else: client certificate ws-empfang of another CA than this cluster's, valid until "
-        f"{until}"
+        f"{until}; remove that folder once ws-empfang is no longer needed (tlsroll "
+        "workstations revoke ws-empfang, on its cluster's leader, frees the name); it goes by "
+        "itself once that certificate has expired"
     ) in run.out.splitlines(), run.out
 
 
@@ -1905,6 +2036,67 @@ async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
         "else: client certificate ws-pc-test of another name than this one, valid until "
     ) in run.out, run.out
     assert "(the leader still holds it)" in run.out
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "link to a directory", "full disk"])
+async def test_what_blocks_keeping_the_set_replaced_is_removed_or_said(
+    in_the_way: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """s44rev1 L2: a file, or a link to a directory, at .settings-replaced failed every
+    enrolment that replaced a set worth keeping ("cannot write the settings to D: not a
+    directory; ... the next run proves this PC's name", which failed the same way, each run
+    signing a certificate against the node's hourly cap). It is removed (a link not followed)
+    and the set kept there. What else fails the keeping (a full disk: made here by failing
+    the copy's writes, as no disk can be filled for a test) names .settings-replaced and what
+    to do, and nothing is replaced."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        before = settings_set(d)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o755)
+        if in_the_way == "file":
+            (d / REPLACED).write_bytes(b"a file")
+        elif in_the_way == "link to a directory":
+            os.symlink(elsewhere, d / REPLACED)
+        else:
+            real = fsutil.write_atomic
+
+            def full(path: Path, *a: Any, **kw: Any) -> None:
+                if REPLACED in path.parts:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                real(path, *a, **kw)
+
+            monkeypatch.setattr(settings_files, "write_atomic", full)
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "other")
+    assert os.listdir(elsewhere) == []
+    if in_the_way != "full disk":
+        assert run.code == 0, run.err
+        assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-other"
+        assert settings_set(d / REPLACED) == before
+        assert stat.S_ISDIR(os.lstat(d / REPLACED).st_mode)
+        return
+    assert run.code == 1, run.err
+    assert run.error.startswith(
+        "tlsroll: error: the settings in place (client certificate ws-pc-test of another name "
+        "than this one, valid until "
+    ), run.error
+    assert (
+        f"could not be kept in {d / REPLACED} (No space left on device): nothing was replaced; "
+        f"free the space (or remove {d / REPLACED} if the set kept there is not needed), or "
+        f"move client.key and client.pem out of {d} yourself (keep them if that certificate "
+        "is still needed), then run this again; the new certificate the node handed over for "
+        f"this PC (ws-other) is kept in {d / KEPT}"
+    ) in run.error, run.error
+    assert settings_set(d) == before and not os.path.lexists(d / REPLACED)
 
 
 async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(

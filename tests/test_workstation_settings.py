@@ -436,3 +436,141 @@ def test_the_set_replaced_is_kept_when_its_pair_is_worth_it_one_at_most(d: Path)
     os.unlink(d / "ca.pem")
     settings_files.replace(d, files(OLD), keep_replaced=yes)
     assert contents(d / REPLACED) == NEW  # no ca.pem left of the one before
+
+
+EARLIER = {"client.key": b"earlier key", "client.pem": b"earlier cert", "settings.json": b"{}"}
+
+
+def in_place(d: Path) -> dict[str, bytes]:
+    """The set's files in ``d`` (what is beside them, kept sets, left out)."""
+    return {n: (d / n).read_bytes() for n in settings_files.NAMES if (d / n).exists()}
+
+
+def with_an_earlier_kept_set(d: Path) -> None:
+    """REPLACED holds EARLIER's set (an enrolment before replaced it), OLD is in place."""
+    settings_files.replace(d, files(EARLIER))
+    settings_files.replace(d, files(OLD), keep_replaced=lambda key, cert: True)
+    assert contents(d / REPLACED) == EARLIER and in_place(d) == OLD
+
+
+def test_a_commit_that_fails_keeps_the_earlier_kept_set(d: Path) -> None:
+    """s44rev1 L3: the set in place was copied over REPLACED before the commit; a commit
+    that then failed (a full disk at any later step) lost the earlier kept set while nothing
+    was replaced. At every step that fails before the commit, the set in place and REPLACED
+    are as they were; once committed, REPLACED holds the set it replaced."""
+    with_an_earlier_kept_set(d)
+    failed = 0
+    for at in range(1, 100):
+        try:
+            with fault_at(d, at, "enospc"):
+                settings_files.replace(d, files(NEW), keep_replaced=lambda key, cert: True)
+        except Exception:  # OSError, or the copy's ReplacedNotKept
+            failed += 1
+            settings_files.finish(d)
+            assert (in_place(d), contents(d / REPLACED)) in [(OLD, EARLIER), (NEW, OLD)], at
+            if in_place(d) == NEW:  # failed after the commit: completed by ``finish``
+                settings_files.replace(d, files(OLD))
+                with_an_earlier_kept_set(d)
+            continue
+        break
+    assert failed > 10 and in_place(d) == NEW and contents(d / REPLACED) == OLD
+
+
+def test_a_run_killed_anywhere_keeps_the_earlier_kept_set_or_the_new_one(d: Path) -> None:
+    """s44rev1 L3, a real kill (SIGKILL) after each change: before the commit the set in
+    place and the earlier kept set as they were, after it the new set and the one it
+    replaced kept (``finish`` completes it)."""
+    with_an_earlier_kept_set(d)
+    outcomes: list[bool] = []
+    for at in range(1, 200):
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no handler of ours past this point
+            code = 1
+            try:
+                with fault_at(d, at, "kill"):
+                    settings_files.replace(d, files(NEW), keep_replaced=lambda key, cert: True)
+                code = 0
+            finally:
+                os._exit(code)
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            break
+        settings_files.finish(d)
+        now = (in_place(d), contents(d / REPLACED))
+        assert now in [(OLD, EARLIER), (NEW, OLD)], (at, now)
+        outcomes.append(now[0] == NEW)
+        if now[0] == NEW:
+            settings_files.replace(d, files(OLD))
+            with_an_earlier_kept_set(d)
+    assert in_place(d) == NEW and contents(d / REPLACED) == OLD
+    first_new = outcomes.index(True)
+    assert first_new > 5 and not any(outcomes[:first_new]) and all(outcomes[first_new:])
+
+
+@pytest.mark.parametrize("what", ["file", "link to a directory", "dangling link"])
+def test_what_is_in_the_way_of_the_kept_set_is_removed_not_followed(
+    what: str, d: Path, tmp_path: Path
+) -> None:
+    """s44rev1 L2: a file or a link at REPLACED failed every replacement that kept a set
+    (ENOTDIR), and the next run the same. It is removed (a link itself, never followed)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    (elsewhere / "client.key").write_bytes(b"not ours")
+    if what == "file":
+        (d / REPLACED).write_bytes(b"a file")
+    else:
+        os.symlink(elsewhere if what == "link to a directory" else tmp_path / "none", d / REPLACED)
+    assert settings_files.replace(d, files(NEW), keep_replaced=lambda k, c: True) == d / REPLACED
+    assert in_place(d) == NEW and contents(d / REPLACED) == OLD
+    assert stat.S_ISDIR(os.lstat(d / REPLACED).st_mode)
+    assert contents(elsewhere) == {"client.key": b"not ours"}
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755
+
+
+def test_a_pair_that_cannot_be_read_is_not_replaced_unsaid(d: Path) -> None:
+    """s44rev1 L2: a client key that cannot be read (here a directory at its name) could be
+    worth keeping: nothing is replaced, and the error names the file."""
+    os.unlink(d / "client.key")
+    os.mkdir(d / "client.key")
+    with pytest.raises(settings_files.ReplacedNotKept) as caught:
+        settings_files.replace(d, files(NEW), keep_replaced=lambda k, c: True)
+    assert caught.value.reading and caught.value.path == d / "client.key"
+    assert (d / "client.pem").read_bytes() == OLD["client.pem"]
+    assert not os.path.lexists(d / STAGING) and not os.path.lexists(d / REPLACED)
+
+
+def client_set(days_left: int) -> dict[str, bytes]:
+    """A set whose client certificate ends ``days_left`` days from now (past if negative)."""
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ws-other")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=60))
+        .not_valid_after(now + dt.timedelta(days=days_left))
+        .sign(key, hashes.SHA256())
+    )
+    return {"client.key": pki.key_to_pem(key), "client.pem": pki.cert_to_pem(cert)}
+
+
+@pytest.mark.parametrize("kept", ["expired", "valid", "unreadable"])
+def test_a_kept_set_whose_certificate_expired_goes_at_the_next_write(kept: str, d: Path) -> None:
+    """s44rev1 L4: REPLACED was kept for ever. A later write removes it once its
+    certificate has expired; a valid one, or one that cannot be read, stays."""
+    pair = (
+        client_set(-1)
+        if kept == "expired"
+        else client_set(30)
+        if kept == "valid"
+        else {"client.key": b"key", "client.pem": b"not a certificate"}
+    )
+    settings_files.replace(d, files(pair))
+    settings_files.replace(d, files(OLD), keep_replaced=lambda k, c: True)
+    assert (d / REPLACED / "client.pem").read_bytes() == pair["client.pem"]
+    settings_files.replace(d, files({"settings.json": b"pinned"}))
+    assert os.path.lexists(d / REPLACED) == (kept != "expired")

@@ -79,7 +79,8 @@ def client() -> None:
     default=DEFAULT_TIMEOUT,
     show_default=True,
     help="Seconds to wait for each connection (the password exchange waits at least "
-    f"{MIN_EXCHANGE_WAIT:g}: the node may take {FINISH_DEADLINE:g} to deliver the certificate).",
+    f"{MIN_EXCHANGE_WAIT:g} s for its answers: the node may take {FINISH_DEADLINE:g} s to "
+    "deliver the certificate).",
 )
 def test_connection(
     url: str,

@@ -14,7 +14,8 @@ CA pin). The steps, in the seed's order:
   (d) the password (no echo, or ``--password-file``), asked before anything secret is sent
       and held to the password file's rule;
   (e) a key and CSR (``ws-<name>``: ``--name``, else the name this PC enrolled under before,
-      else its host name's first label; the key never leaves the workstation) and the
+      by a certificate of a CA the hello names, else its host name's first label; the key
+      never leaves the workstation) and the
       password exchange (``tlsroll.bootstrap_protocol``: SPAKE2, key confirmation both ways;
       the CSR goes sealed, the CA bundle and the client certificate come back sealed). The
       certificate of (b) must come from that CA (or the pinned one), a verified handshake
@@ -89,6 +90,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import socket
 import ssl
 import stat
@@ -362,25 +364,31 @@ def request(
     body: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     workstation: str | None = None,
+    connect_timeout: float | None = None,
 ) -> Reply:
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
-    can tell which workstation is on which scheme (``tlsroll.clients``)."""
+    can tell which workstation is on which scheme (``tlsroll.clients``). ``timeout``: the
+    wait for the answer; ``connect_timeout`` (default ``timeout``): for the connection and
+    the TLS handshake (a host that does not answer fails within it, whatever the wait for
+    an answer: s44rev1 L6)."""
+    connecting = timeout if connect_timeout is None else connect_timeout
     try:  # wrapped before its connect: see tlsroll.tls.connect
         tls = tls_connect(
-            context, host, port, timeout=timeout, server_hostname=host, handshake=False
+            context, host, port, timeout=connecting, server_hostname=host, handshake=False
         )
     except OSError as exc:
-        raise _connect_error(exc, host, timeout) from None
+        raise _connect_error(exc, host, connecting) from None
     with tls:
         try:
             tls.do_handshake()
         except ssl.SSLError as exc:
             raise _tls_error(exc) from None
         except TimeoutError:
-            raise NetError("tls", f"no TLS handshake within {timeout:g} s") from None
+            raise NetError("tls", f"no TLS handshake within {connecting:g} s") from None
         except OSError as exc:
             raise NetError("tls", f"connection closed during the handshake ({exc})") from None
+        tls.settimeout(timeout)
         peer = tls.getpeercert(binary_form=True)
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
         conn.sock = tls
@@ -473,7 +481,8 @@ class TestConnection:
         self.ui = ui
         self.pin = proto_pin(options.ca_pin)
         # The name of its certificate, also sent with each request to the app path: --name,
-        # else the name this PC enrolled under before (``choose_name``), else its host name's.
+        # else the name this PC enrolled under before, else its host name's (``choose_name``,
+        # then, once the node's hello is read, ``choose_proof``).
         self.host = socket.gethostname()
         self.workstation = proto.workstation_cn(options.name or self.host)
         if not options.enrol and self.pin is None:
@@ -508,7 +517,7 @@ class TestConnection:
         where = _netloc(server.host, port)
         # A wrong CA is reported as such, before the password is asked for.
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
-        self.prove_with_the_nodes_ca(hello.ca_bundle_pem)
+        self.choose_proof(hello.ca_bundle_pem)
         self.check_settings_dir()
         secret = None
         if o.enrol:
@@ -646,48 +655,53 @@ class TestConnection:
             )
 
     def choose_name(self) -> None:
-        """The name to enrol under, and this PC's proof of it. Without --name: the name of the
-        newest client certificate in the settings dir (a PC keeps its name when its host name
-        changes, or when it was given one with --name), else the host name's first label,
-        unless that names no PC in particular ("localhost")."""
-        self.previous = previous = self._previous_enrolment()
-        if self.o.name is None and previous is not None:
-            self.workstation = pki.names_of(previous[0]).common_name
-        unnamed = self.o.name is None and previous is None and self.workstation in _NO_NAMES
-        if unnamed and self.o.enrol:
+        """The name to go by until the node's hello is read (``choose_proof`` decides then):
+        --name, else the newest client certificate's in the settings dir, else the host
+        name's first label. A host name that names no PC in particular ("localhost") is
+        refused here, before anything is sent, when nothing else could name the PC (no
+        --name, no client certificate in the settings dir)."""
+        newest = _newest(self._enrolments())
+        if self.o.name is None and newest is not None:
+            self.workstation = pki.names_of(newest[0]).common_name
+        if self.o.name is None and newest is None:
+            self._refuse_no_name()
+
+    def _refuse_no_name(self) -> None:
+        if self.workstation in _NO_NAMES and self.o.enrol:
             raise ClientError(
                 Exit.USAGE,
                 f"this PC's host name ({one_line(self.host, 63)!r}) names no PC in particular: "
                 "give it a name with --name, e.g. --name empfang-1",
             )
-        if previous is not None and pki.names_of(previous[0]).common_name != self.workstation:
-            self.previous = None  # another name's: it proves nothing about this one
 
-    def _previous_enrolment(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
-        """The newest valid pair of client key and certificate in the settings dir
-        (``_enrolments``)."""
-        return max(self._enrolments(), key=lambda pair: pair[0].not_valid_before_utc, default=None)
-
-    def prove_with_the_nodes_ca(self, bundle_pem: bytes) -> None:
-        """The proof of the name: of this name's pairs in the settings dir, the newest from a
-        CA of the node's hello (``bundle_pem``), else the newest (``choose_name``'s). A pair
-        kept aside after a run whose server did not check out may be a fake node's (one that
-        knew the password, s43rev3 Low 3): the newer, it would stand for this PC's proof, and
-        the leader would refuse the name as another PC's."""
-        if self.previous is None:
-            return
+    def choose_proof(self, bundle_pem: bytes) -> None:
+        """The name to enrol under and this PC's proof of it, once the node's hello (its CAs,
+        ``bundle_pem``) is read. The name: --name, else the name of the newest client
+        certificate in the settings dir from a CA the hello names (a PC keeps its name when
+        its host name changes, or when it was given one with --name), else the host name's
+        first label. The proof (``bootstrap_csr.Reenrolment``): of that name's pairs, the
+        newest from a CA the hello names, else the newest. A pair of another CA (a fake node
+        that knew the password handed it over, an older tlsroll kept it aside: s44rev1 M1)
+        neither names this PC nor stands for its proof: the leader would refuse the name as
+        another PC's."""
         try:
             cas = proto.ca_certificates(bundle_pem)
         except proto.BootstrapError:
-            return  # (said when the bundle is used)
-        ours = [
-            pair
-            for pair in self._enrolments()
-            if pki.names_of(pair[0]).common_name == self.workstation
-            and any(pki.issued_by(pair[0], ca) for ca in cas)
-        ]
-        if ours and not any(pki.issued_by(self.previous[0], ca) for ca in cas):
-            self.previous = max(ours, key=lambda pair: pair[0].not_valid_before_utc)
+            cas = []  # (said when the bundle is used)
+        pairs = self._enrolments()
+
+        def by_node(pair: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> bool:
+            return any(pki.issued_by(pair[0], ca) for ca in cas)
+
+        if self.o.name is None:
+            named = _newest([pair for pair in pairs if by_node(pair)])
+            if named is not None:
+                self.workstation = pki.names_of(named[0]).common_name
+            else:
+                self.workstation = proto.workstation_cn(self.host)
+                self._refuse_no_name()
+        ours = [pair for pair in pairs if pki.names_of(pair[0]).common_name == self.workstation]
+        self.previous = _newest([pair for pair in ours if by_node(pair)]) or _newest(ours)
 
     def _enrolments(self) -> list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
         """The valid pairs of client key and certificate in the settings dir: kept aside
@@ -1036,12 +1050,23 @@ class TestConnection:
         timeout: float | None = None,
     ) -> Reply:
         """One request to the bootstrap port over unverified TLS (the PAKE authenticates),
-        waiting ``timeout`` (default: ``--timeout``)."""
+        waiting ``timeout`` (default: ``--timeout``) for the answer; connecting, ``--timeout``
+        whatever ``timeout`` (s44rev1 L6: a node that stopped answering cost the exchange's
+        longer wait on each call)."""
         where = _netloc(host, port)
         data = None if body is None else json.dumps(body).encode()
         wait = self.o.timeout if timeout is None else timeout
         try:
-            return request(host, port, method, path, self.context, body=data, timeout=wait)
+            return request(
+                host,
+                port,
+                method,
+                path,
+                self.context,
+                body=data,
+                timeout=wait,
+                connect_timeout=self.o.timeout,
+            )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
                 raise self._port_closed(host, port, exc) from None
@@ -1223,7 +1248,8 @@ class TestConnection:
         up to ``proto.FINISH_DEADLINE`` after the request, and a client that gave up before
         left the name held until the node withdrew it. Raised rather than refused: the
         timeout is for not waiting long on a host that does not answer, which it still does
-        everywhere else, and a run without an exchange (``--no-enrol``) is not affected."""
+        everywhere else, and for connecting in the exchange too (``_call``: the floor is for the
+        answer only); a run without an exchange (``--no-enrol``) is not affected."""
         if self.o.timeout >= proto.MIN_EXCHANGE_WAIT:
             return self.o.timeout
         self.ui.say(
@@ -1296,13 +1322,16 @@ class TestConnection:
             f"{one_line(message, NODE_MESSAGE_CHARS)}{hint}",
         )
 
-    @staticmethod
     def _client_cert(
+        self,
         payload: proto.Payload,
         key: pki.PrivateKey,
         trusted: list[x509.Certificate],
         where: str,
     ) -> x509.Certificate:
+        """The client certificate the node handed over: for this key, from a CA of its
+        bundle, and of the name asked for (the leader signs exactly the CSR's name: one of
+        another name is not the cluster's doing, s44rev1 M1); refused (and not kept) if not."""
         try:
             cert = pki.load_cert_pem(payload.certificate_pem)
         except PKIError:
@@ -1310,6 +1339,18 @@ class TestConnection:
         if not pki.key_matches(cert, key) or not any(pki.issued_by(cert, ca) for ca in trusted):
             raise ClientError(
                 Exit.UNTRUSTED, f"{where} sent a certificate not for this key or not from the CA"
+            )
+        try:
+            name = pki.names_of(cert).common_name
+        except (PKIError, ValueError, TypeError, x509.DuplicateExtension):
+            name = ""
+        if name != self.workstation:
+            raise ClientError(
+                Exit.UNTRUSTED,
+                f"{where} sent a certificate for {one_line(name or 'no name', 64)!r}, not for "
+                f"{self.workstation}, the name this PC asked for: the cluster's leader signs "
+                "the name asked for only; this is not your cluster's node; do not continue "
+                "(nothing was kept or written)",
             )
         return cert
 
@@ -1348,12 +1389,12 @@ class TestConnection:
         files = {"ca.pem": (ca_pem, PUBLIC), "settings.json": (text.encode(), PUBLIC)}
         if client_pem is not None and key_pem is not None:
             files |= {"client.key": (key_pem, PRIVATE), "client.pem": (client_pem, PUBLIC)}
-        replaced: list[str] = []  # why the pair in place is worth keeping, if it is
+        replaced: list[tuple[str, str]] = []  # its name, and why it is worth keeping, if it is
 
         def worth_keeping(key_pem: bytes, cert_pem: bytes) -> bool:
-            if (why := self._worth_keeping(key_pem, cert_pem, bundle)) is not None:
-                replaced.append(why)
-            return why is not None
+            if (worth := self._worth_keeping(key_pem, cert_pem, bundle)) is not None:
+                replaced.append(worth)
+            return worth is not None
 
         try:
             make_private_dir(d)
@@ -1366,23 +1407,28 @@ class TestConnection:
             ) from None
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
+        except settings_files.ReplacedNotKept as exc:
+            raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
         self.ui.say(f"settings  written to {d}")
         if kept is not None and replaced:
+            name, why = replaced[-1]
             self.ui.say(
                 f"note      the settings before are kept in {kept}, as their key is nowhere "
-                f"else: client certificate {replaced[-1]}"
+                f"else: client certificate {name} {why}; remove that folder once {name} is "
+                f"no longer needed (tlsroll workstations revoke {name}, on its cluster's "
+                "leader, frees the name); it goes by itself once that certificate has expired"
             )
         if client_pem is None:
             self._set_aside(d)
 
     def _worth_keeping(
         self, key_pem: bytes, cert_pem: bytes, bundle: Sequence[x509.Certificate]
-    ) -> str | None:
+    ) -> tuple[str, str] | None:
         """Why a client key and certificate about to be replaced are worth keeping: a pair
         that holds together, is valid now, and that this enrolment did not supersede (the
         leader revokes every other certificate of the name it signs: one of this name from a
         CA of the cluster's ``bundle``), i.e. another name's or another CA's. None if not
-        worth keeping (expired, unreadable, or superseded)."""
+        worth keeping (expired, unreadable, or superseded); else its name, and why."""
         try:
             cert = pki.load_cert_pem(cert_pem)
             pki.check_valid_now(cert)
@@ -1393,9 +1439,9 @@ class TestConnection:
             return None
         valid = f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
         if not any(pki.issued_by(cert, ca) for ca in bundle):
-            return f"{name} of another CA than this cluster's, {valid}"
+            return name, f"of another CA than this cluster's, {valid}"
         if name != self.workstation:
-            return f"{name} of another name than this one, {valid} (the leader still holds it)"
+            return name, f"of another name than this one, {valid} (the leader still holds it)"
         return None
 
     def _set_aside(self, d: Path) -> None:
@@ -1468,7 +1514,7 @@ class TestConnection:
                     Exit.FAILURE,
                     f"this runs as root, but the settings dir {d} {where}: the settings would "
                     f"be root's there, and {user}'s client could not use them; "
-                    f"{self._as_the_user(entry, user)}; nothing was changed",
+                    f"{self._as_the_user(entry, user, d)}; nothing was changed",
                 )
         # Modes too (s43rev3 Low 5): where root makes the dir, or writes in it, nobody else
         # may write (they could put a link there first: a settings dir not yet made in /tmp
@@ -1494,22 +1540,27 @@ class TestConnection:
                 "can write (or sudo -H for root's own settings); nothing was changed",
             )
 
-    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str) -> str:
-        """What to run instead, for root's refusal of a settings dir in ``user``'s tree
+    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str, d: Path) -> str:
+        """What to run instead, for root's refusal of a settings dir ``d`` in ``user``'s tree
         (``entry``: their passwd entry, if any): as that user (a service user, whose shell
-        lets no one log in, with ``sudo -u``), or, for root's own settings, ``sudo -H`` where
-        the dir came from the environment sudo kept (``-E``, or a sudo that keeps HOME)."""
+        lets no one log in, with ``sudo -u``: the command names ``--settings-dir d``, as sudo
+        drops the environment it may have come from, s44rev1 L5), or, for root's own settings,
+        ``sudo -H`` where the dir came from the environment sudo kept (``-E``, or a sudo that
+        keeps HOME)."""
+        command = (
+            f"sudo -u {user} -H tlsroll client test-connection --settings-dir "
+            f"{shlex.quote(str(d))} …"
+        )
         if entry is None:
             as_user = f"run it as {user}"
         elif not _login_shell(entry.pw_shell):
             as_user = (
-                f"run it as {user}, a user without a login shell (su does not work): "
-                f"sudo -u {user} -H tlsroll client test-connection …"
+                f"run it as {user}, a user without a login shell (su does not work): {command}"
             )
         elif os.environ.get("SUDO_USER") == user:
             as_user = f"run it as {user}, without sudo"
         else:
-            as_user = f"run it as {user} (sudo -u {user} -H tlsroll client test-connection …)"
+            as_user = f"run it as {user} ({command})"
         given = os.environ.get("TLSROLL_CLIENT_DIR")
         if given and Path(given) == self.o.settings_dir:
             variable: str | None = "TLSROLL_CLIENT_DIR"
@@ -1585,6 +1636,38 @@ class TestConnection:
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise CheckFailed(f"{server.url} answered HTTP {reply.status}")
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
+
+
+def _replaced_not_kept(
+    d: Path, exc: settings_files.ReplacedNotKept, replaced: Sequence[tuple[str, str]]
+) -> str:
+    """The one line for a set in place that could not be kept in ``REPLACED`` before a new
+    enrolment's set replaced it (s44rev1 L2: it said "cannot write the settings", and that
+    the next run would do, which failed the same way)."""
+    where = d / settings_files.REPLACED
+    mine = (
+        f"move client.key and client.pem out of {d} yourself (keep them if that certificate "
+        "is still needed), then run this again"
+    )
+    if exc.reading:
+        return (
+            f"the client key and certificate in place could not be read to tell whether to "
+            f"keep them in {where} ({exc.path}: {exc.reason}): nothing was replaced; let this "
+            f"user read them, or {mine}"
+        )
+    what = f"client certificate {replaced[-1][0]} {replaced[-1][1]}" if replaced else "its pair"
+    return (
+        f"the settings in place ({what}) could not be kept in {where} ({exc.reason}): nothing "
+        f"was replaced; free the space (or remove {where} if the set kept there is not "
+        f"needed), or {mine}"
+    )
+
+
+def _newest(
+    pairs: Sequence[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]],
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+    """Of client certificates and keys, the pair issued last; None if none."""
+    return max(pairs, key=lambda pair: pair[0].not_valid_before_utc, default=None)
 
 
 def _login_shell(shell: str) -> bool:

@@ -30,8 +30,13 @@ enrolment is in place it is removed.
 ``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced, when the
 caller says its client key and certificate are worth keeping (``replace``'s ``keep_replaced``:
 one that may still be valid, another name's or another CA's, whose key would otherwise be gone:
-s43rev3 Low 4). One set at most: a later one takes its place. It is copied before the new set
-is committed, so a run cut short leaves it beside the set it copies, never without it.
+s43rev3 Low 4). One set at most: a later one takes its place. It is copied into the staging
+(``.settings-new/.settings-replaced``) before the new set is committed and moved into place
+with the new set's files (s44rev1 L3: copied over the one before ahead of the commit, a commit
+that failed lost the earlier kept set while nothing was replaced): a run cut short before the
+commit leaves the kept set before as it was, one after it is completed by the next run. What
+is in its way there (a file, a link: not followed) is removed as it moves in (s44rev1 L2: it
+failed every enrolment). A later write removes it once its certificate has expired (s44rev1 L4).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
@@ -67,6 +73,19 @@ class NewerStaging(TerminalError):
     version does not know): left as it is."""
 
 
+class ReplacedNotKept(Exception):
+    """The client key and certificate in place were to be kept in ``REPLACED`` (worth it,
+    or they could not be read to tell) and could not be: nothing was replaced. ``path``: the
+    file that failed; ``reason``: why (the OS's words); ``reading``: it failed reading the
+    pair in place (else writing the copy)."""
+
+    def __init__(self, path: Path, reason: str, *, reading: bool) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.reading = reading
+
+
 class Finished(Enum):
     """What ``finish`` did with an interrupted run's staging."""
 
@@ -89,9 +108,12 @@ def replace(
     gets), before they are committed: whatever it raises leaves the old set as it was.
 
     ``keep_replaced(key_pem, cert_pem)``, if given and the new set has a client key, is asked
-    about the client key and certificate in place (if both can be read) once the check passed:
-    if True, the files of the set in place are copied to ``REPLACED`` (its key 0600) before the
-    new set is committed. Returns ``REPLACED`` if so, else None."""
+    about the client key and certificate in place (if both are there) once the check passed:
+    if True, the files of the set in place are copied into the staging (its key 0600) before
+    the new set is committed, and take the place of ``REPLACED`` with the new set's files.
+    Returns ``REPLACED`` if so, else None. ``ReplacedNotKept`` (nothing written) if they could
+    not be read or copied. Once the new set is in place, a set in ``REPLACED`` whose
+    certificate has expired is removed."""
     unknown = set(files) - set(NAMES)
     if unknown:
         raise ValueError(f"not a settings file: {sorted(unknown)}")
@@ -109,36 +131,74 @@ def replace(
                 check(staging)
             kept = None
             if keep_replaced is not None and "client.key" in files:
-                kept = _keep_replaced(directory, keep_replaced)
-            marker = json.dumps({"files": order}).encode()
+                kept = _keep_replaced(directory, staging, keep_replaced)
+            # (REPLACED in the list: an older tlsroll leaves such a staging to this one)
+            marker = json.dumps({"files": order + [REPLACED] * bool(kept)}).encode()
             os.replace(stage_atomic(staging / MARKER, marker, PUBLIC), staging / MARKER)
             fsync_dir(staging)  # committed
         except Exception:  # (not a kill: that leaves the staging to the next run's finish)
             with contextlib.suppress(OSError):  # else the next run removes it
                 _remove(directory, staging)
             raise
-        _roll_forward(directory, staging, order)
+        _roll_forward(directory, staging, order + [REPLACED] * bool(kept))
         if "client.key" in files:  # an enrolment in place: nothing kept aside is wanted now
             with contextlib.suppress(OSError):  # committed: a pair left there is older, and the
                 _drop_kept(directory)  # next run goes by the newest (``connection``)
+        if kept is None:
+            with contextlib.suppress(OSError):  # (tried again at the next write)
+                _drop_expired_replaced(directory)
     return kept
 
 
-def _keep_replaced(directory: Path, worth: Callable[[bytes, bytes], bool]) -> Path | None:
-    """The set in place copied to ``REPLACED`` (what it held before removed) if ``worth`` says
-    its client key and certificate are worth keeping; returns ``REPLACED`` then, else None."""
-    try:
-        pair = [(directory / name).read_bytes() for name in CLIENT]
-    except FileNotFoundError:
-        return None
-    if not worth(*pair):
-        return None
+def _keep_replaced(
+    directory: Path, staging: Path, worth: Callable[[bytes, bytes], bool]
+) -> Path | None:
+    """The set in place copied into ``staging``'s ``REPLACED`` if ``worth`` says its client
+    key and certificate are worth keeping; returns ``REPLACED`` (where it goes once committed)
+    then, else None. ``ReplacedNotKept`` if the set could not be read or copied."""
     present: dict[str, tuple[bytes, int]] = {}
-    for name in NAMES:  # the key first (``_keep``), with the rest of its set
-        with contextlib.suppress(FileNotFoundError):
+    for name in CLIENT + tuple(n for n in NAMES if n not in CLIENT):
+        try:
             present[name] = ((directory / name).read_bytes(), _mode(name))
-    _keep(directory, present, REPLACED)
+        except FileNotFoundError:
+            if name in CLIENT:
+                return None  # no pair in place: nothing to keep
+        except OSError as exc:
+            raise ReplacedNotKept(directory / name, _why(exc), reading=True) from None
+        if name == CLIENT[-1] and not worth(present["client.key"][0], present["client.pem"][0]):
+            return None
+    try:
+        _keep(staging, present, REPLACED)
+    except OSError as exc:
+        raise ReplacedNotKept(directory / REPLACED, _why(exc), reading=False) from None
     return directory / REPLACED
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _put_replaced(directory: Path, staging: Path) -> None:
+    """The set kept in the staging (committed) in place of ``REPLACED``: what is there
+    removed first, whatever it is (a link or a file not followed: s44rev1 L2)."""
+    if not os.path.lexists(staging / REPLACED):
+        return  # moved already, before an interruption
+    _drop(directory, REPLACED)
+    os.replace(staging / REPLACED, directory / REPLACED)
+
+
+def _drop_expired_replaced(directory: Path) -> None:
+    """``REPLACED`` removed if the certificate it holds has expired (s44rev1 L4: a key kept
+    for ever); one that cannot be read is left as it is."""
+    replaced = directory / REPLACED
+    if not stat.S_ISDIR(os.lstat(replaced).st_mode):
+        return  # (FileNotFoundError: none) not ours to read through; replaced when needed
+    try:
+        cert = x509.load_pem_x509_certificate((replaced / "client.pem").read_bytes())
+    except ValueError:
+        return
+    if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
+        _drop(directory, REPLACED)
 
 
 def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
@@ -197,15 +257,21 @@ def _issued(cert_pem: bytes) -> dt.datetime | None:
 
 
 def _drop_kept(directory: Path) -> None:
-    kept = directory / KEPT
+    _drop(directory, KEPT)
+
+
+def _drop(directory: Path, name: str) -> None:
+    """``name`` in ``directory`` removed, whatever it is: a directory with all it holds, a
+    file, or a link (the link itself: not ours to follow)."""
+    path = directory / name
     try:
-        st = os.lstat(kept)
+        st = os.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        _remove(directory, kept)
+        _remove(directory, path)
     else:  # not ours to follow
-        os.unlink(kept)
+        os.unlink(path)
         fsync_dir(directory)
 
 
@@ -285,7 +351,7 @@ def _committed(staging: Path) -> list[str] | None:
     names = data.get("files") if isinstance(data, dict) else None
     if not isinstance(names, list) or not all(_file_name(n) for n in names):
         return None
-    if not all(n in NAMES for n in names):
+    if not all(n in NAMES or n == REPLACED for n in names):
         raise NewerStaging(f"{staging} holds a committed set with files this version does not know")
     return [str(n) for n in names]
 
@@ -303,6 +369,9 @@ def _file_name(name: object) -> bool:
 
 def _roll_forward(directory: Path, staging: Path, order: list[str]) -> None:
     for name in order:
+        if name == REPLACED:
+            _put_replaced(directory, staging)
+            continue
         with contextlib.suppress(FileNotFoundError):  # moved already, before an interruption
             os.replace(staging / name, directory / name)
     fsync_dir(directory)  # the new set in place for good before its marker goes
@@ -311,12 +380,16 @@ def _roll_forward(directory: Path, staging: Path, order: list[str]) -> None:
 
 def _remove(directory: Path, staging: Path) -> None:
     """Remove ``staging``, its marker first: a staging cut short in its removal is never taken
-    for a committed one missing files."""
+    for a committed one missing files. A directory in it (``REPLACED``'s copy, or one put
+    there by hand) goes with all it holds, its links not followed."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(staging / MARKER)
         fsync_dir(staging)
     for name in os.listdir(staging):
-        os.unlink(staging / name)
+        if stat.S_ISDIR(os.lstat(staging / name).st_mode):
+            shutil.rmtree(staging / name)
+        else:
+            os.unlink(staging / name)
     os.rmdir(staging)
     fsync_dir(directory)
 
