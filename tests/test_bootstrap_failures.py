@@ -705,12 +705,14 @@ async def test_the_problem_names_the_file_at_fault(
         assert host.problem and str(cert.key_file) in host.problem, host.problem
         assert "port" not in host.problem, host.problem
         cert.key_file.chmod(0o600)
+        await host.close()
         with socket.socket() as squatter:
             squatter.bind((address, 0))
             squatter.listen()
-            host.cfg.bootstrap_port = squatter.getsockname()[1]
+            port = squatter.getsockname()[1]
+            host = _host(journal, port)
             await host.sync()
-            assert (host.problem or "").startswith(f"port {host.cfg.bootstrap_port}: ")
+            assert (host.problem or "").startswith(f"port {port}: "), host.problem
     finally:
         await host.close()
         journal.close()
