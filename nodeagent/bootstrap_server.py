@@ -77,7 +77,7 @@ from tlsroll import bootstrap_protocol as proto
 from tlsroll import logs, peertext
 from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
 from tlsroll.defaults import BOOTSTRAP_PORT
-from tlsroll.errors import TerminalError, TlsrollError
+from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
@@ -297,6 +297,11 @@ class ExchangeTable:
         return len(self._open)
 
 
+class NotStarted(TerminalError):
+    """The service could not start; the message names the cause (the port, or a file) as the
+    node's problem shows it (``BootstrapHost.problem``)."""
+
+
 class Refused(TerminalError):
     """A request refused: HTTP status, error code, one-line message for the client."""
 
@@ -443,18 +448,37 @@ class BootstrapService:
         return JsonHttpsListener(routes, limits, shutdown_timeout=SHUTDOWN_TIMEOUT)
 
     async def start(self) -> None:
-        """Listen on https://address:port; UnsafePermissions if others may read the key file (the
-        managed server's user may own it, its group read it: ``plans.Sharing``)."""
+        """Listen on https://address:port. ``NotStarted`` naming the cause if the port is held
+        or the certificate or key file cannot be used; UnsafePermissions (its words name the
+        file) if others may read the key file (the managed server's user may own it, its group
+        read it: ``plans.Sharing``); ValueError if the CA bundle holds a certificate that is no CA.
+
+        The port is taken first, the files read next, and the crypto worker asked last: a
+        port another program holds costs the agent's retries (``BootstrapHost``) a bind a
+        try, not a start of the worker's child (review s44rev2 M1: one a minute)."""
         if self._listener is not None:
             raise RuntimeError("bootstrap service already started")
-        await self.check_ca_bundle()
-        try:  # the password's blinding points now, not at a stranger's request
-            await self._blinds_of(self._secret)
-        except WorkerFailed:
-            log.warning("bootstrap.blinds_deferred", node=self.node_name)
-        self._ssl = await asyncio.to_thread(self._tls_context)  # reads the key and certificate
         listener = self.listener()
-        self.port = await listener.start(self.address, self.port, self._ssl)
+        try:
+            self.port = await listener.bind(self.address, self.port)
+        except OSError as exc:
+            raise NotStarted(f"port {self.port}: {os_error_text(exc)}") from None
+        try:
+            try:  # reads the key and certificate (UnsafePermissions: its words name the file)
+                self._ssl = await asyncio.to_thread(self._tls_context)
+            except (OSError, ValueError) as exc:  # (ssl.SSLError: an OSError without a path)
+                raise NotStarted(
+                    f"certificate {self.cert_file} or key {self.key_file}: {exc}"
+                ) from None
+            await self.check_ca_bundle()
+            try:  # the password's blinding points now, not at a stranger's request
+                await self._blinds_of(self._secret)
+            except WorkerFailed:
+                log.warning("bootstrap.blinds_deferred", node=self.node_name)
+            await listener.start(self.address, self.port, self._ssl)
+        except BaseException:
+            await listener.stop()  # the port given up
+            raise
         self._listener = listener
         log.info("bootstrap.started", address=self.address, port=self.port, node=self.node_name)
 

@@ -40,7 +40,7 @@ from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import FUTURE_SLACK, Journal
 from tlsroll import logs, password, peertext, spiffe
-from tlsroll.errors import TerminalError, TlsrollError
+from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
@@ -51,8 +51,11 @@ log = logs.get_logger(__name__)
 
 # A service that should run and did not start is tried again after RETRY_FIRST seconds, the
 # wait doubling to RETRY_MOST: a port held for a moment (a program restarting) is taken within
-# seconds, and a PC waits at most a minute once the port is free; an attempt (a bind, the
-# files read, two calls to the crypto worker) a minute costs nothing worth saving.
+# seconds, and a PC waits at most a minute once the port is free; an attempt a minute (the
+# journal read, the files read, a bind) costs nothing worth saving. The crypto worker is asked
+# only once the port is taken (``BootstrapService.start``): a try that asked it first started
+# its child (idle after IDLE_SECONDS, a minute too) at every try of a long outage, 1,440 a day
+# (review s44rev2 M1).
 RETRY_FIRST = 2.0
 RETRY_MOST = 60.0
 
@@ -199,6 +202,10 @@ class BootstrapHost:
         completes; await the result to wait for it. The crypto worker, which runs the service's
         cryptography, is started too (if it is not running), for the first exchanges."""
         self.crypto.warm()
+        return self._import()
+
+    def _import(self) -> asyncio.Future[ModuleType]:
+        """The service's module imported in a worker thread, once (``warm``)."""
         warming = self._warming
         if warming is None or (warming.done() and (warming.cancelled() or warming.exception())):
             # (a failed or cancelled import is tried again, not kept for the agent's life)
@@ -211,7 +218,7 @@ class BootstrapHost:
         no longer should serve it (a later sync: the retries end at once) or the agent stops
         (``close``)."""
         async with self._lock:
-            again = await self._sync()
+            again = await self._step()
             retrying = self._retrying
             if not again:
                 if retrying is not None:
@@ -231,15 +238,36 @@ class BootstrapHost:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MOST)
             async with self._lock:
-                try:
-                    again = await self._sync()
-                except TlsrollError as exc:  # the journal unread: tried again all the same
-                    log.error("bootstrap.retry_failed", error=str(exc))
-                    continue
-                if not again:
+                if not await self._step():
                     if self._retrying is asyncio.current_task():
                         self._retrying = None
                     return
+
+    async def _step(self) -> bool:
+        """(Under the lock.) ``_sync``, whatever it raises the node's problem and tried again
+        (``_failed``): a journal that cannot be read at the first sync left the problem unknown
+        for ever and nothing tried again (review s44rev2 L1), and anything but a TlsrollError
+        ended the retries silently (L2)."""
+        try:
+            return await self._sync()
+        except TlsrollError as exc:  # (the journal unread)
+            self._failed(str(exc))
+        except Exception as exc:  # a bug: said, and tried again all the same
+            self._failed(f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _failed(self, problem: str) -> None:
+        """A try failed: ``problem`` is the node's until one succeeds; one log line an outage,
+        not a line a try."""
+        if self._tries == 0:
+            log.error(
+                "bootstrap.not_started",
+                port=self.cfg.bootstrap_port,
+                error=problem,
+                retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
+            )
+        self._tries += 1
+        self.problem = problem
 
     async def _sync(self) -> bool:
         """(Under the lock.) One step of ``sync``: whether the service should run and does not
@@ -248,7 +276,7 @@ class BootstrapHost:
         it, and the leader keeps what it had: s43's Left 2)."""
         live = await asyncio.to_thread(self.journal.live_tls)
         if live == self.current and (live is None or self.service is not None):
-            self.problem = ""  # (known now, also at an agent's start on http)
+            self._up(running=live is not None)  # (known now, also at an agent's start on http)
             return False
         await self._stop()
         self.current = live
@@ -258,17 +286,9 @@ class BootstrapHost:
         try:
             service = await self._start(live)
         except (OSError, ValueError, TlsrollError) as exc:
-            # The switch itself succeeded; workstations can still use the CA pin.
-            problem = f"port {self.cfg.bootstrap_port}: {exc}"
-            if self._tries == 0:  # once an outage, not a line a try
-                log.error(
-                    "bootstrap.not_started",
-                    port=self.cfg.bootstrap_port,
-                    error=str(exc),
-                    retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
-                )
-            self._tries += 1
-            self.problem = problem
+            # The switch itself succeeded; workstations can still use the CA pin. The problem
+            # names the cause: the port, or the file at fault (review s44rev2 L4).
+            self._failed(os_error_text(exc) if isinstance(exc, OSError) else str(exc))
             return True
         self.service = service
         self._up(running=True)
@@ -289,38 +309,50 @@ class BootstrapHost:
         # service does not hold it. (It served on aiohttp.web until issue 15, whose 10 MiB
         # every switched agent then kept; and it held SPAKE2 and ``cryptography`` until
         # session 41: the crypto worker runs those now.) Imported in a worker thread
-        # (``warm``), not on the event loop: this runs as a switch completes, and a quarter
-        # of a second of importing there held back the outcome the leader waits for.
-        await asyncio.shield(self.warm())
+        # (``_import``), not on the event loop: this runs as a switch completes, and a quarter
+        # of a second of importing there held back the outcome the leader waits for. The
+        # module only, not the crypto worker's child (``warm``): the service asks the worker
+        # once it holds the port, not at every try while another program holds it.
+        await asyncio.shield(self._import())
         from nodeagent.bootstrap_server import BootstrapService, Guard, Limits  # noqa: PLC0415
 
         if self.guard is None:
             self.guard = Guard(Limits())
             self.guard.restore(guard_times(self._earlier, time.time(), time.monotonic()))
             self._earlier = []
-        verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)
+        verifier_file = live["verifier_file"]
+        verifier_text = await asyncio.to_thread(Path(verifier_file).read_text)
         ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
-        verifier = password.verifier_from_json(verifier_text)
+        try:
+            verifier = password.verifier_from_json(verifier_text)
+        except ValueError as exc:
+            raise ValueError(f"{verifier_file}: {exc}") from None
         reader = self.key_reader
         shared = await asyncio.to_thread(reader) if reader is not None else None
-        service = BootstrapService(
-            address=urllib.parse.urlsplit(live["server_url"]).hostname or "",
-            cert_file=Path(live["cert_file"]),
-            key_file=Path(live["key_file"]),
-            ca_bundle_pem=ca_pem,
-            server_url=live["server_url"],
-            node_name=self.cfg.node_name,
-            verifier=verifier,
-            sign=self.sign,
-            withdraw=self.withdraw,
-            port=self.cfg.bootstrap_port,
-            guard=self.guard,
-            failures=self.failures,
-            counted=self._counted,
-            key_shared_with=shared,
-            crypto=self.crypto,
-        )
-        await service.start()
+        try:
+            service = BootstrapService(
+                address=urllib.parse.urlsplit(live["server_url"]).hostname or "",
+                cert_file=Path(live["cert_file"]),
+                key_file=Path(live["key_file"]),
+                ca_bundle_pem=ca_pem,
+                server_url=live["server_url"],
+                node_name=self.cfg.node_name,
+                verifier=verifier,
+                sign=self.sign,
+                withdraw=self.withdraw,
+                port=self.cfg.bootstrap_port,
+                guard=self.guard,
+                failures=self.failures,
+                counted=self._counted,
+                key_shared_with=shared,
+                crypto=self.crypto,
+            )
+        except ValueError as exc:  # (a CA file without a certificate, say)
+            raise ValueError(f"{exc} ({live['ca_file']}, {verifier_file})") from None
+        try:
+            await service.start()  # (NotStarted, UnsafePermissions: they name the cause)
+        except ValueError as exc:  # (the CA bundle: a certificate that is no CA)
+            raise ValueError(f"{live['ca_file']}: {exc}") from None
         return service
 
     async def _counted(self, when: dt.datetime) -> None:

@@ -120,19 +120,32 @@ class JsonHttpsListener:
         self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
         self._closing = False
 
+    async def bind(self, address: str, port: int) -> int:
+        """Take ``address:port`` (OSError if another program holds it), not listening yet
+        (``start``); returns the port bound (``port`` unless it was 0). ``stop`` gives it up.
+        The bootstrap service binds before it does anything costly (review s44rev2 M1)."""
+        if self._server is not None:
+            raise RuntimeError("already bound")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Accepted(self._accepted), address, port, reuse_address=True, start_serving=False
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
     async def start(self, address: str, port: int, context: ssl.SSLContext) -> int:
-        """Listen; returns the port bound (``port`` unless it was 0).
+        """Listen (on the address and port ``bind`` took, if it was called); returns the port
+        bound (``port`` unless it was 0).
 
         The server is plain TCP and each connection starts TLS itself (``loop.start_tls``), so
         the limits count it from the accept and ``stop`` can end it while it is still in its
         handshake (``start_server(ssl=...)`` shows a connection only once its handshake is
         done, and closing that server leaves the handshakes running)."""
         self._context = context
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Accepted(self._accepted), address, port, reuse_address=True
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        if self._server is None:
+            await self.bind(address, port)
+        assert self._server is not None
+        await self._server.start_serving()
         return self.port
 
     async def stop(self) -> None:

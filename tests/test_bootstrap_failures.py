@@ -35,6 +35,7 @@ from leader.service import failure_rows
 from nodeagent import bootstrap_server, bootstrap_supervisor
 from nodeagent.bootstrap_supervisor import BootstrapHost, guard_times
 from nodeagent.config import AgentConfig
+from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
@@ -540,5 +541,178 @@ async def test_a_service_that_could_not_start_is_tried_again_until_it_runs_or_ne
         assert not retrying() and host.service is None
     finally:
         squatter.close()
+        await host.close()
+        journal.close()
+
+
+def _retrying() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "bootstrap-retry"]
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    try:
+        async with asyncio.timeout(30):
+            while not condition():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what}: not within 30 s") from None
+
+
+async def test_tries_while_the_port_is_held_start_no_crypto_worker(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s44rev2 M1: every try of a start warmed the crypto worker and asked it twice
+    (the CA bundle's check, the blinding points) before it tried the port: with the port held
+    for good, the worker's child (stopped after IDLE_SECONDS, as long as RETRY_MOST) was started
+    again at every try, 1,440 a day. Now the service takes the port first: no try while it is
+    held starts the child or asks it anything; once the port is free, the service starts (and
+    the worker with it). The real crypto worker, scaled down (its idle time and the retries'
+    waits short, the loop the same); the port held by a plain socket."""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_MOST", 0.2)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    switched(journal, tmp_path, address, issue_cert(address, "node-a"))
+    worker = CryptoWorker(idle_seconds=0.1)
+    asked: list[str] = []
+    ask = worker.call
+
+    async def call(op: str, request: dict[str, Any]) -> Any:
+        asked.append(op)
+        return await ask(op, request)
+
+    monkeypatch.setattr(worker, "call", call)
+    squatter = socket.socket()
+    squatter.bind((address, 0))
+    squatter.listen()
+    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=squatter.getsockname()[1])
+    host = BootstrapHost(cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=worker)
+    try:
+        await host.sync()
+        await _until(lambda: host._tries >= 6, "six tries")
+        assert host.service is None
+        assert (host.problem or "").startswith(f"port {cfg.bootstrap_port}: "), host.problem
+        assert (worker.started, asked) == (0, [])
+        squatter.close()
+        await _until(lambda: host.service is not None, "the service to start")
+        assert host.problem == "" and worker.started >= 1
+        assert sorted(set(asked)) == ["bootstrap.blinds", "bootstrap.check_ca_bundle"]
+    finally:
+        squatter.close()
+        await host.close()
+        await worker.close()
+        journal.close()
+
+
+def unreadable(journal: Journal) -> None:
+    """The journal's live settings made unreadable (not JSON: ``live_tls`` raises)."""
+    with journal._tx() as db:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('live_tls', '{\"server_url\": ')"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        )
+
+
+async def test_a_try_that_fails_whatever_it_raises_says_so_and_is_tried_again(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s44rev2 L2 and L1: a retry that met anything but a TlsrollError ended, silently
+    (the node's problem then said "tried again" while nothing was), and one that met a
+    TlsrollError logged a line a try; a first ``sync`` that raised (the journal's live
+    settings unreadable) left the problem unknown (``bootstrap_pending``) for ever and tried
+    nothing again. Now whatever a try raises is the node's problem, logged once an outage, and
+    tried again until it works. The real journal, its live settings made unreadable (not JSON)
+    and then good again; the real service and port."""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_MOST", 0.2)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    cert = issue_cert(address, "node-a")
+    switched(journal, tmp_path, address, cert)
+    squatter = socket.socket()
+    squatter.bind((address, 0))
+    squatter.listen()
+    host = _host(journal, squatter.getsockname()[1])
+    try:
+        # L2: the retries go on through an error that is no TlsrollError, with no line a try.
+        with structlog.testing.capture_logs() as events:
+            await host.sync()
+            assert host.problem and _retrying()
+            unreadable(journal)
+            tries = host._tries
+            await _until(lambda: host._tries >= tries + 4, "four more tries")
+            assert "JSONDecodeError" in (host.problem or ""), host.problem
+            switched(journal, tmp_path, address, cert)
+            squatter.close()
+            await _until(lambda: host.service is not None, "the service to start")
+            assert host.problem == ""
+            await _until(lambda: not _retrying(), "the retries to end")
+        said = [e["event"] for e in events if e["event"].startswith("bootstrap.")]
+        assert said.count("bootstrap.not_started") == 1, said
+        assert said.count("bootstrap.up_again") == 1, said
+        assert "bootstrap.retry_failed" not in said, said
+        await host.close()
+
+        # L1: the agent's first sync meets the unreadable journal.
+        unreadable(journal)
+        host = _host(journal)
+        await host.sync()
+        assert "JSONDecodeError" in (host.problem or ""), host.problem
+        assert _retrying()
+        await _until(lambda: host._tries >= 3, "a few tries")
+        switched(journal, tmp_path, address, cert)
+        await _until(lambda: host.service is not None, "the service to start")
+        assert host.problem == ""
+    finally:
+        squatter.close()
+        await host.close()
+        journal.close()
+
+
+async def test_the_problem_names_the_file_at_fault(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s44rev2 L4: the node's problem said "port 9443: ..." whatever the cause. A file
+    that cannot be read, a verifier that is not one, a key others may read: named, and no
+    port; a port held: the port. (Each try by ``sync``; the retries made slow, not to run
+    between.)"""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 3600.0)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    cert = issue_cert(address, "node-a")
+    switched(journal, tmp_path, address, cert)
+    verifier_file = tmp_path / "verifier.json"
+    host = _host(journal)
+    try:
+        verifier_file.unlink()
+        await host.sync()
+        assert (host.problem or "").startswith(f"{verifier_file}: No such file"), host.problem
+        verifier_file.write_text("{}")
+        await host.sync()  # (the same settings: tried again now, not after the backoff)
+        assert (host.problem or "").startswith(f"{verifier_file}: "), host.problem
+        switched(journal, tmp_path, address, cert)
+        cert.key_file.chmod(0o644)
+        await host.sync()
+        assert host.problem and str(cert.key_file) in host.problem, host.problem
+        assert "port" not in host.problem, host.problem
+        cert.key_file.chmod(0o600)
+        await host.close()
+        with socket.socket() as squatter:
+            squatter.bind((address, 0))
+            squatter.listen()
+            port = squatter.getsockname()[1]
+            host = _host(journal, port)
+            await host.sync()
+            assert (host.problem or "").startswith(f"port {port}: "), host.problem
+    finally:
         await host.close()
         journal.close()

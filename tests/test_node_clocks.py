@@ -76,6 +76,7 @@ from tests.test_heartbeat_stream import agent_link, ts, until
 from tlsroll.clocks import elapsed
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.enums import NEEDS_ADMIN
+from tlsroll.errors import TransientError
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2, agent_pb2, leader_pb2, leader_pb2_grpc, schema_pb2
 from tlsroll.wire import to_dict
@@ -367,9 +368,8 @@ async def test_an_agent_that_has_not_tried_its_bootstrap_service_yet_leaves_the_
         warned = [e for e in events if e["event"] == "node.bootstrap_down"]
         assert len(warned) == 1, warned
 
-        # An agent of the release before: no bootstrap_pending, an empty problem is "none".
-        older = leader_pb2.LiveServer(driver="reference", healthy=True, schemes=["https"])
-        assert not older.bootstrap_pending
+        # An empty problem without bootstrap_pending (as an agent of the release before,
+        # which never sets it, says it) is "none".
         problem_now[0] = ""
         await link.beat()
         assert rig.state.node_problems() == []
@@ -385,7 +385,9 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
     forced here: the service's ``snapshot`` (what the heartbeat is checked against) is wrapped
     to hold the heartbeat right after it, since nothing else can stop it at that point on
     purpose; the node is removed meanwhile by the real admin service, then the heartbeat goes
-    on. It is refused (the node is removed) and adds nothing back."""
+    on. It is refused (the node is removed) and adds nothing back. Another node's heartbeat,
+    held at the same point across the removal, is taken, with its problem (review s44rev2
+    L3: a removal must not refuse the nodes it did not remove)."""
 
     async def server_view() -> agent_pb2.ServerView:
         return agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
@@ -399,34 +401,51 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
         kinds = {p.kind for p in rig.state.node_problems()}
         assert kinds == {NodeProblemKind.BOOTSTRAP_DOWN, CLOCK_OFFSET}, kinds
 
+        other = grpc.aio.secure_channel(rig.target, rig.add_node("hb2", loopback()))
+        hb2 = leader_pb2.HeartbeatRequest(
+            agent_version="1",
+            agent_port=AGENT_PORT,
+            server=leader_pb2.LiveServer(
+                driver="reference", healthy=True, schemes=["https"], bootstrap_problem="hb2's"
+            ),
+        )
         checked, go = asyncio.Event(), asyncio.Event()
+        holding = [0]
         real = rig.service.snapshot
 
         async def held() -> Any:
             snap = await real()
-            checked.set()
+            holding[0] += 1
+            if holding[0] == 2:
+                checked.set()
             await go.wait()
             return snap
 
         rig.service.snapshot = held  # type: ignore[method-assign]
         beat = asyncio.create_task(link.beat())
-        await asyncio.wait_for(checked.wait(), 15)
+        beat2 = asyncio.ensure_future(leader_pb2_grpc.LeaderStub(other).Heartbeat(hb2, timeout=15))
+        await asyncio.wait_for(checked.wait(), 15)  # both heartbeats checked, and held
         rig.service.snapshot = real  # type: ignore[method-assign]
         admin = AdminService(rig.state, cast(Any, None), SchemaStore(rig.store.db))
         await admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="hb1"), cast(Any, None))
         assert rig.state.node_problems() == []
         go.set()
-        with contextlib.suppress(Exception):  # refused: the node is removed
+        with pytest.raises(TransientError, match="'hb1' is not an enrolled node"):
             await asyncio.wait_for(beat, 15)
-        assert rig.state.node_problems() == []
+        assert isinstance(await asyncio.wait_for(beat2, 15), leader_pb2.HeartbeatResponse)
+        await other.close(None)
+        hb2_down = ("hb2", NodeProblemKind.BOOTSTRAP_DOWN)
+        assert [(p.node, p.kind) for p in rig.state.node_problems()] == [hb2_down]
         assert "hb1" not in rig.state.live_servers and "hb1" not in rig.state.bootstrap_down
+        assert "hb2" in rig.state.live_servers and "hb2" in rig.state.bootstrap_down
         assert rig.state.clocks.offset("hb1") is None
         view = SchemaViewService(
             SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
         )
-        assert list(view._answer(schema_pb2.GetSchemaRequest(), None).node_problems) == []
+        shown = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
+        assert [p.node for p in shown] == ["hb2"]
         reply = await admin.ListNodes(admin_pb2.ListNodesRequest(), cast(Any, None))
-        assert [(n.name, n.server, n.clock_differs) for n in reply.nodes] in (
+        assert [(n.name, n.server, n.clock_differs) for n in reply.nodes if n.name != "hb2"] in (
             [],
             [("hb1", "", False)],
         )
