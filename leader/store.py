@@ -2419,7 +2419,8 @@ def superseded_text(token: Token) -> str:
     if token.superseded_by == "re-learning":
         return (
             f"join token {token.id} is superseded by {token.node_name}'s re-learning at {when}"
-            " (the leader's restored store learned the node from its agent); create a new token"
+            " (the leader's restored or reinitialised store learned the node from its agent);"
+            " create a new token"
         )
     return (
         f"join token {token.id} is superseded by {token.node_name}'s enrolment at {when};"

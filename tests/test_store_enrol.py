@@ -507,7 +507,8 @@ def test_a_relearned_node_supersedes_the_tokens_the_store_holds(store: Store) ->
         enrol(store, key_pin=PIN)  # re-certified the agent's key behind its back, before
     assert str(refused.value) == (
         "join token t1 is superseded by node1's re-learning at 2026-05-01 12:00:00 UTC (the"
-        " leader's restored store learned the node from its agent); create a new token"
+        " leader's restored or reinitialised store learned the node from its agent); create a"
+        " new token"
     )
     assert rows(store) == before
     assert node_row(store)["cert_fingerprint"] == cert.fingerprint
