@@ -1014,6 +1014,86 @@ def test_a_page_s_read_keeps_of_each_node_what_its_row_draws(store: Store) -> No
     assert all(max(html) <= "\xff" for html in checked)
 
 
+class ReadKeys(dict[str, Any]):
+    """A node's dict that notes every key the row's template reads of it: Jinja reads
+    ``n.name`` of a dict as ``n["name"]`` (after ``getattr``, which a dict has no such
+    attribute for), and ``n.get("…")`` by the method."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_every_field_a_row_draws_is_kept_for_a_page(store: Store) -> None:
+    """Review s44rev3 M6: the test above drives a rollout that sets no reason, URL, measured
+    freeze, pending password: a ``ROW_FIELDS`` without one of them passed it, and a page
+    would have drawn that cell blank. Here one node has every field its row draws set, each
+    to what shows (a reason with what HTML escapes and a character past Latin-1; a freeze
+    measured at other than the two times' difference): its row drawn from its
+    ``ROW_FIELDS`` alone is the row drawn from the whole record, in both languages, and
+    what the template reads of a node is within ``ROW_FIELDS``."""
+    schema = SchemaStore(store.db)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    whole = Reader(store, schema, lambda: NOW, lambda _: True, []).read(clients=False)
+    assert whole.selected is not None
+    node = dict(whole.selected["nodes"][0])
+    node.update(
+        state="needs_attention",
+        reason='rolled back: a & b < "c" → d',
+        old_url="http://a.example:8080/",
+        new_url="https://a.example:8443/",
+        cert_not_after=(NOW + dt.timedelta(days=30)).isoformat(),
+        freeze_started_at=NOW.isoformat(),
+        freeze_ended_at=(NOW + dt.timedelta(seconds=3)).isoformat(),
+        freeze_seconds=2.5,  # not the 3 s between the times: shown only if kept
+        restart_seconds=1.5,
+        leader_node=True,
+        password_pending=True,
+    )
+    assert set(node) > ROW_FIELDS_OF_THE_ROW  # the record has more than its row draws
+    kept = {k: v for k, v in node.items() if k in snapshot.ROW_FIELDS}
+    for lang in LANGS:
+        words = Words.of(lang)
+        row = pages._ENV.get_template("node_row.html")
+        drawn = row.render(n=node, w=words)
+        assert row.render(n=kept, w=words) == drawn, lang
+        assert "a &amp; b &lt; &#34;c&#34; → d" in drawn  # escaped once
+        assert f"({words.seconds(2.5)})" in drawn  # the measured freeze, not the times'
+        assert "https://a.example:8443/" in drawn and "http://a.example:8080/" in drawn
+        recorded = ReadKeys(node)
+        assert row.render(n=recorded, w=words) == drawn
+        assert recorded.read <= snapshot.ROW_FIELDS, recorded.read - snapshot.ROW_FIELDS
+        assert recorded.read == ROW_FIELDS_OF_THE_ROW
+
+
+ROW_FIELDS_OF_THE_ROW = frozenset(
+    {
+        "name",
+        "state",
+        "reason",
+        "old_url",
+        "new_url",
+        "cert_not_after",
+        "freeze_started_at",
+        "freeze_ended_at",
+        "freeze_seconds",
+        "restart_seconds",
+        "leader_node",
+        "password_pending",
+    }
+)
+"""What ``templates/node_row.html`` reads of a node, written out here (not
+``snapshot.ROW_FIELDS``): the list the test above checks the one in the code against."""
+
+
 def wire_dict(snap: Snapshot) -> dict[str, Any]:
     return wire.to_dict(snap.schema)
 
