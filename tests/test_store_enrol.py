@@ -578,15 +578,15 @@ def test_what_superseded_a_token_is_read_from_the_audit_only_to_say_it(store: St
         relearn_node(store, name, f"127.0.0.{10 + n}", now=NOW + dt.timedelta(minutes=n))
     later = NOW + dt.timedelta(minutes=10)
 
-    with statements(store) as ran:  # a wrong secret at a superseded token's id
-        with pytest.raises(TokenRejected, match="^join token not valid$"):
-            enrol(store, token_id="node2-0", secret="w" * 26, name="node2", now=later)
+    # A wrong secret at a superseded token's id:
+    with statements(store) as ran, pytest.raises(TokenRejected, match=r"^join token not valid$"):
+        enrol(store, token_id="node2-0", secret="w" * 26, name="node2", now=later)
     assert any("FROM tokens" in sql for sql in ran), ran  # (the hook sees the statements)
     assert reads_audit(ran) == []
 
-    with statements(store) as ran:  # the right secret: refused, and says what superseded it
-        with pytest.raises(TokenRejected, match="superseded by node2's re-learning at"):
-            enrol(store, token_id="node2-0", name="node2", addresses=("127.0.0.12",), now=later)
+    # The right secret: refused, and says what superseded it.
+    with statements(store) as ran, pytest.raises(TokenRejected, match="node2's re-learning at"):
+        enrol(store, token_id="node2-0", name="node2", addresses=("127.0.0.12",), now=later)
     assert len(reads_audit(ran)) == 1, ran
 
     with statements(store) as ran:
