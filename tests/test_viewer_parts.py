@@ -5,6 +5,7 @@ languages, the server-sent event framing and /metrics (parsed by prometheus-clie
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime as dt
 import functools
@@ -12,6 +13,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from html import unescape
@@ -1204,6 +1206,108 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
             closing.set()
             app.close()
 
+    asyncio.run(watch())
+
+
+def test_what_a_read_puts_back_with_no_page_open_goes_too(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s44rev3 L7: what the last stream's end forgot came back from a read under way
+    then (a new page's GET), and a GET of a page that never opens its stream (no JavaScript,
+    a scripted check) kept it too, until some later stream ended. Now it goes again once no
+    stream is open and no read is under way, ``SHARED_SECONDS`` after (a short one here; the
+    test waits for what is kept to be empty, bounded, and counts the reads: none of them is
+    held up or repeated by it)."""
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 0.05)
+    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    real_read = reader.read
+    entered, release = threading.Event(), threading.Event()
+    reads: list[str | None] = []
+
+    def read(rollout_id: str | None = None, **kw: Any) -> Snapshot:
+        reads.append(rollout_id)
+        if rollout_id == "r1" and not release.is_set():  # the GET under way: held here
+            entered.set()
+            assert release.wait(30)
+        return real_read(rollout_id, **kw)
+
+    monkeypatch.setattr(reader, "read", read)
+    put: list[str | None] = []
+
+    class Shared(collections.OrderedDict[str | None, Any]):
+        """``ViewerApp._shared``, noting each snapshot put in (whether one was put back
+        cannot be seen by looking after: it may be forgotten again by then)."""
+
+        def __setitem__(self, key: str | None, value: Any) -> None:
+            put.append(key)
+            super().__setitem__(key, value)
+
+    def kept() -> list[str]:
+        return [
+            name
+            for name, what in (
+                ("shared", app._shared),
+                ("rows", pages.DRAWN._rows),
+                ("details", pages.DRAWN._details),
+                ("page nodes", reader._page_nodes),
+                ("timelines", reader._timelines),
+            )
+            if what
+        ]
+
+    async def until(done: Callable[[], bool], what: str) -> None:
+        try:
+            async with asyncio.timeout(30):
+                while not done():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"{what}: still kept {kept()}") from None
+
+    async def watch() -> None:
+        nonlocal app
+        closing = asyncio.Event()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=closing,
+        )
+        app._shared = Shared()
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            # A GET of the page, its stream never opened.
+            page = await client.get("/", headers=cookie)
+            assert page.status == 200 and 'data-node="a"' in await page.text()
+            assert put == [None] and pages.DRAWN.count  # read and drawn (and kept: until…)
+            await until(lambda: not kept(), "a page whose stream never opened")
+
+            # A GET under way as the last stream ends.
+            stream = await client.get("/events", headers=cookie)
+            assert (await next_event(stream.content, bytearray()))[0] == "update"
+            opening = asyncio.ensure_future(client.get("/rollouts/r1", headers=cookie))
+            assert await asyncio.to_thread(entered.wait, 30)
+            stream.close()
+            await until(lambda: not app._streams, "the stream's end")
+            assert not kept()  # forgotten at the end of the last stream
+            put.clear()
+            release.set()
+            page = await opening
+            assert page.status == 200 and 'data-node="a"' in await page.text()
+            assert put == ["r1"]  # put back by the read under way
+            await until(lambda: not kept(), "a read under way as the last stream ended")
+            assert reads.count("r1") == 1  # (read once: forgetting reads nothing)
+            closing.set()
+            app.close()
+
+    app: ViewerApp
     asyncio.run(watch())
 
 
