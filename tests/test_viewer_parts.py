@@ -1248,7 +1248,7 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
             put.append(key)
             super().__setitem__(key, value)
 
-    def kept() -> list[str]:
+    def kept(app: ViewerApp) -> list[str]:
         return [
             name
             for name, what in (
@@ -1261,16 +1261,15 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
             if what
         ]
 
-    async def until(done: Callable[[], bool], what: str) -> None:
+    async def until(app: ViewerApp, done: Callable[[], bool], what: str) -> None:
         try:
             async with asyncio.timeout(30):
                 while not done():
                     await asyncio.sleep(0.02)
         except TimeoutError:
-            raise AssertionError(f"{what}: still kept {kept()}") from None
+            raise AssertionError(f"{what}: still kept {kept(app)}") from None
 
     async def watch() -> None:
-        nonlocal app
         closing = asyncio.Event()
         app = ViewerApp(
             reader=reader,
@@ -1287,7 +1286,7 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
             page = await client.get("/", headers=cookie)
             assert page.status == 200 and 'data-node="a"' in await page.text()
             assert put == [None] and pages.DRAWN.count  # read and drawn (and kept: until…)
-            await until(lambda: not kept(), "a page whose stream never opened")
+            await until(app, lambda: not kept(app), "a page whose stream never opened")
 
             # A GET under way as the last stream ends.
             stream = await client.get("/events", headers=cookie)
@@ -1295,19 +1294,18 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
             opening = asyncio.ensure_future(client.get("/rollouts/r1", headers=cookie))
             assert await asyncio.to_thread(entered.wait, 30)
             stream.close()
-            await until(lambda: not app._streams, "the stream's end")
-            assert not kept()  # forgotten at the end of the last stream
+            await until(app, lambda: not app._streams, "the stream's end")
+            assert not kept(app)  # forgotten at the end of the last stream
             put.clear()
             release.set()
             page = await opening
             assert page.status == 200 and 'data-node="a"' in await page.text()
             assert put == ["r1"]  # put back by the read under way
-            await until(lambda: not kept(), "a read under way as the last stream ended")
+            await until(app, lambda: not kept(app), "a read under way as the last stream ended")
             assert reads.count("r1") == 1  # (read once: forgetting reads nothing)
             closing.set()
             app.close()
 
-    app: ViewerApp
     asyncio.run(watch())
 
 
