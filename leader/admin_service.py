@@ -489,8 +489,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if ttl > MAX_TOKEN_TTL:
             raise invalid(f"a join token lives at most {MAX_TOKEN_TTL.days} days")
         uses = request.uses or 1
-        if uses > 1000:
-            raise invalid("a join token allows at most 1000 uses")
+        if uses > 1:
+            # A second use could never enrol: the node's enrolment supersedes every token of
+            # the node with a use left, its own included (review s44rev3 L2: `token create`
+            # refuses it since s44, an older CLI or another client did not). Tokens stored
+            # with more uses stay as they are.
+            raise invalid(
+                f"uses {uses}: a join token enrols its node once (the enrolment supersedes it);"
+                " ask for 1, and make a new token to enrol the node again"
+            )
         names = claimed_names(request.node_name, request.addresses, request.dns_names)
         token = JoinToken.generate()
         info = await asyncio.to_thread(

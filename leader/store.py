@@ -136,7 +136,8 @@ class Token:
     # token made before it (a lost or leaked join script) never enrols that node again.
     superseded_at: dt.datetime | None = None
     # What superseded it: "enrolment", or "re-learning" (``Store.relearn``: a restored or
-    # reinitialised store learned the node from its agent); "" while not superseded.
+    # reinitialised store learned the node from its agent); "" while not superseded, and in
+    # the checks of an enrolment, which do not read the audit for it (``superseded_how``).
     superseded_by: str = ""
 
 
@@ -594,15 +595,17 @@ class Store(LeaderStore):
 
     def get_token(self, token_id: str) -> Token:
         with self._db.read() as db:
-            row = db.execute(f"{_TOKENS} WHERE id = ?", (token_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no join token with id {token_id!r}")
-        return _token(row)
+            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no join token with id {token_id!r}")
+            return superseded_how(db, [_token(row)])[0]
 
     def list_tokens(self) -> list[Token]:
+        """Every token, with what superseded each (one read of the audit for all of them,
+        ``superseded_how``)."""
         with self._db.read() as db:
-            rows = db.execute(f"{_TOKENS} ORDER BY created_at, id").fetchall()
-        return [_token(r) for r in rows]
+            rows = db.execute("SELECT * FROM tokens ORDER BY created_at, id").fetchall()
+            return superseded_how(db, [_token(r) for r in rows])
 
     def revoke_token(self, token_id: str, *, now: dt.datetime, actor: str) -> Token:
         with self._db.tx() as db:
@@ -819,7 +822,7 @@ class Store(LeaderStore):
         holds) the store's write lock, then again inside the write transaction, with the same
         words. Returns the token, the node's row of that name (not removed) and whether
         this is a replay."""
-        row = db.execute(f"{_TOKENS} WHERE id = ?", (token_id,)).fetchone()
+        row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
         # Compare even when the id is unknown, so both cases take the same time.
         expected = row["secret_hash"] if row else hash_secret("x" * 26)
         if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
@@ -836,8 +839,9 @@ class Store(LeaderStore):
         if token.uses_left <= 0 and not replay:
             raise TokenRejected("join token already used up")
         if token.superseded_at is not None and not replay:
-            # (A replay is the enrolment that superseded it, answered again.)
-            raise TokenRejected(superseded_text(token))
+            # (A replay is the enrolment that superseded it, answered again.) What superseded
+            # it is read from the audit only here: refusing a token whose secret was right.
+            raise TokenRejected(superseded_text(superseded_how(db, [token])[0]))
         return token, existing, replay
 
     def list_nodes(self, *, include_removed: bool = False) -> list[Node]:
@@ -2340,20 +2344,40 @@ def _token(row: sqlite3.Row) -> Token:
         addresses=tuple(json.loads(row["addresses"])),
         dns_names=tuple(json.loads(row["dns_names"])),
         superseded_at=from_text(row["superseded_at"]),
-        superseded_by=row["superseded_by"] or "",
     )
 
 
-_TOKENS = (
-    "SELECT *, CASE WHEN superseded_at IS NULL THEN NULL WHEN EXISTS (SELECT 1 FROM audit a"
-    " WHERE a.kind = 'node.relearned' AND a.subject = tokens.node_name"
-    " AND a.at = tokens.superseded_at) THEN 're-learning' ELSE 'enrolment' END AS superseded_by"
-    " FROM tokens"
-)
-"""Tokens with what superseded each (``Token.superseded_by``): a re-learning of its node
-supersedes in the transaction that audits it as ``node.relearned``, at the same time; anything
-else that supersedes is an enrolment (``supersede_tokens``, migration 12). Looked up in the
-audit only for a superseded token."""
+def superseded_how(db: sqlite3.Connection, tokens: list[Token]) -> list[Token]:
+    """``tokens`` with what superseded each (``Token.superseded_by``), by one read of the audit
+    whatever their number, and none when none is superseded: a re-learning of a token's node
+    supersedes it in the transaction that audits the re-learning as ``node.relearned``, at the
+    same time; anything else that supersedes is an enrolment (``supersede_tokens``, migration
+    12). The audit has no index for this and is never pruned (review s44rev3 M1: a scan of it
+    for every lookup of a superseded token, before its secret was checked): read it only for
+    a caller that says why a token was superseded (a refusal of a token whose secret was
+    right, ``token list``), never for the checks of an enrolment."""
+    superseded = {t.node_name for t in tokens if t.superseded_at is not None and t.node_name}
+    if not superseded:
+        return tokens
+    relearned = {
+        (r["subject"], from_text(r["at"]))
+        for r in db.execute(
+            "SELECT subject, at FROM audit WHERE kind = 'node.relearned'"
+            " AND subject IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(superseded)),),
+        )
+    }
+    return [
+        t
+        if t.superseded_at is None
+        else replace(
+            t,
+            superseded_by="re-learning"
+            if (t.node_name, t.superseded_at) in relearned
+            else "enrolment",
+        )
+        for t in tokens
+    ]
 
 
 def supersede_tokens(db: sqlite3.Connection, name: str, now: dt.datetime) -> list[str]:
@@ -2395,7 +2419,8 @@ def superseded_text(token: Token) -> str:
     if token.superseded_by == "re-learning":
         return (
             f"join token {token.id} is superseded by {token.node_name}'s re-learning at {when}"
-            " (the leader's restored store learned the node from its agent); create a new token"
+            " (the leader's restored or reinitialised store learned the node from its agent);"
+            " create a new token"
         )
     return (
         f"join token {token.id} is superseded by {token.node_name}'s enrolment at {when};"

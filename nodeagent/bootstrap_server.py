@@ -661,12 +661,14 @@ class BootstrapService:
             if withdrawn is Withdrawal.WITHDRAWN:  # the name is free again: the next try is signed
                 raise _busy() from None
             if withdrawn is Withdrawal.REVOKED:  # not busy, nor the name held (s44)
+                # (The code stays SIGN_FAILED, which PCs of every release handle; the words say
+                # that the signing went through and the delivery did not: review s44rev3 L4.)
                 raise Refused(
                     502,
                     proto.ErrorCode.SIGN_FAILED,
-                    f"the node could not deliver the certificate the CA signed for {cn}, and an "
-                    "admin has revoked it since (tlsroll workstations revoke): ask the admin "
-                    "whether this PC is to be enrolled; if so, run again",
+                    f"the CA signed a certificate for {cn}, but the node could not deliver it, "
+                    "and an admin has revoked it since (tlsroll workstations revoke, or ca "
+                    "revoke): ask the admin whether this PC is to be enrolled; if so, run again",
                 ) from None
             raise Refused(
                 503,

@@ -256,19 +256,26 @@ def test_the_agent_is_ready_before_its_bootstrap_service_asks_the_worker(
 FAILING_SEAL = """
 import os, sys, time
 from pathlib import Path
+if os.environ.get("FINISH_DEADLINE_OF_TEST"):  # the agent's, before nodeagent reads it
+    import tlsroll.bootstrap_protocol
+    tlsroll.bootstrap_protocol.FINISH_DEADLINE = float(os.environ["FINISH_DEADLINE_OF_TEST"])
 if any("cryptoworker_child.main()" in a for a in getattr(sys, "orig_argv", ())):
     real = sys.stdin.buffer
     flag = Path(os.environ["FAIL_SEAL_WHILE"])
     hang = bool(os.environ.get("HANG_SEAL"))
+    then = os.environ.get("FAIL_SEAL_AFTER_HANG_WHILE")
 
     class Lines:
         def readline(self):
             line = real.readline()
-            if b'"op": "bootstrap.seal"' in line and flag.exists():
+            failing = bool(then) and Path(then).exists()
+            if b'"op": "bootstrap.seal"' in line and (flag.exists() or failing):
                 if not hang:
                     os._exit(70)
                 while flag.exists():
                     time.sleep(0.05)
+                if failing:
+                    os._exit(70)
             return line
 
     class In:
@@ -279,9 +286,15 @@ if any("cryptoworker_child.main()" in a for a in getattr(sys, "orig_argv", ())):
 OLDER_LEADER = Path(__file__).with_name("older_leader.py")
 
 
-def agent_failing_seal(node: ServerNode, tmp_path: Path, *, hang: bool = False) -> Path:
+def agent_failing_seal(
+    node: ServerNode, tmp_path: Path, *, hang: bool = False, then_fail: float = 0.0
+) -> Path:
     """Restart ``node``'s agent with a crypto worker that fails (``hang``: hangs in) the "seal"
-    op (``FAILING_SEAL``) while the returned file exists (it does now)."""
+    op (``FAILING_SEAL``) while the returned file exists (it does now). ``then_fail``: the
+    seal hangs while the file exists, then fails, as it does in any child while the file
+    ``then_failing(tmp_path)`` exists (it does now); the agent waits that many seconds for
+    it (its FINISH_DEADLINE, set by the same sitecustomize): the test, not the deadline, says
+    when the seal fails."""
     agent = node.agent
     assert agent is not None
     site = tmp_path / "failing-site"
@@ -292,9 +305,19 @@ def agent_failing_seal(node: ServerNode, tmp_path: Path, *, hang: bool = False) 
     agent.stop()
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
     env = {"PYTHONPATH": path, "FAIL_SEAL_WHILE": str(flag)}
-    agent.start(env | ({"HANG_SEAL": "1"} if hang else {}))
+    if then_fail:
+        then_failing(tmp_path).write_text("while this file exists\n")
+        env |= {
+            "FAIL_SEAL_AFTER_HANG_WHILE": str(then_failing(tmp_path)),
+            "FINISH_DEADLINE_OF_TEST": str(then_fail),
+        }
+    agent.start(env | ({"HANG_SEAL": "1"} if hang or then_fail else {}))
     wait_until(lambda: node.port_open(9443), 30, "the bootstrap service")
     return flag
+
+
+def then_failing(tmp_path: Path) -> Path:
+    return tmp_path / "then-fail-seal"
 
 
 def events_since(daemon: Any, before: int, name: str) -> list[dict[str, Any]]:
@@ -369,24 +392,29 @@ def test_a_certificate_the_admin_revoked_before_it_was_delivered_is_answered_so(
     the workstation's name (``tlsroll workstations revoke``). The withdrawal then finds the
     certificate revoked already: the PC was told "busy", the name taken until the admin frees
     it (which the admin had just done), and to use --replace (s44). Now it is told that an
-    admin revoked it, and what to do; the name is free, and a run again enrols."""
+    admin revoked it, and what to do; the name is free, and a run again enrols.
+
+    The order is the test's, not the clock's (review s44rev3 L5: the revoke had to return
+    within the agent's 5 s FINISH_DEADLINE, which a loaded machine may miss): the seal hangs
+    until the revoke has returned, then fails; the agent's deadline (60 s) and the PC's wait
+    (--timeout 90) are longer than any of it."""
     cluster, node, pw = switched
     assert node.agent is not None
-    flag = agent_failing_seal(node, tmp_path, hang=True)
-    leader_before = len(cluster.leader.log_events())
+    flag = agent_failing_seal(node, tmp_path, then_fail=60.0)
+    before, leader_before = len(node.agent.log_events()), len(cluster.leader.log_events())
     settings = tmp_path / "ws-revoked-meanwhile"
     first = subprocess.Popen(
         [
             *(sys.executable, "-m", "tlsroll", "client", "test-connection", node.https_url()),
             *("--password-file", str(pw), "--yes", "--settings-dir", str(settings)),
-            *("--name", settings.name),
+            *("--name", settings.name, "--timeout", "90"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        # Signed (the seal hangs now, up to FINISH_DEADLINE): the admin revokes the name.
+        # Signed (the seal hangs now, until the flag goes): the admin revokes the name.
         wait_until(
             lambda: bool(events_since(cluster.leader, leader_before, "workstation.enrolled")),
             30,
@@ -394,20 +422,25 @@ def test_a_certificate_the_admin_revoked_before_it_was_delivered_is_answered_so(
         )
         revoked = cluster.cli("workstations", "revoke", "ws-revoked-meanwhile")
         assert revoked.returncode == 0, revoked.stderr
-        out, err = first.communicate(timeout=60)
+        assert first.poll() is None  # the PC still waits: nothing answered yet
+        flag.unlink()  # the seal fails now, in both tries: the agent withdraws, finds it revoked
+        out, err = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
             first.kill()
             first.communicate(timeout=10)
         flag.unlink(missing_ok=True)
+        then_failing(tmp_path).unlink()  # the seal works again
     assert first.returncode == Exit.ENROL_REFUSED, out + err
     said = " ".join(err.split())
-    assert "an admin has revoked it since (tlsroll workstations revoke)" in said, said
+    assert "the CA signed a certificate for ws-revoked-meanwhile, but the node could not" in said
+    assert "an admin has revoked it since (tlsroll workstations revoke, or ca revoke)" in said
     assert "ask the admin whether this PC is to be enrolled; if so, run again" in said, said
     assert "busy" not in said and "--replace" not in said and "name taken" not in said, said
     assert not (settings / "client.pem").exists()
     reasons = revoke_reasons(cluster, "ws-revoked-meanwhile")
     assert list(reasons.values()) == ["revoked by the admin"]
+    assert not events_since(node.agent, before, "bootstrap.delivery_late")  # (not the deadline)
     again = client_test_connection(node.https_url(), pw, settings)  # the name is free
     assert again.returncode == 0, again.stdout + again.stderr
 

@@ -126,17 +126,17 @@ def test_used_up_token_is_refused(cluster: Cluster) -> None:
 
 def test_revoked_token_is_refused(cluster: Cluster) -> None:
     address = next_loopback()
-    token = cluster.create_token("revoked", address, uses=5)
+    token = cluster.create_token("revoked", address)
     result = cluster.cli("token", "revoke", token.split(".")[0])
     assert result.returncode == 0, result.stderr
     details = assert_refused(cluster, enrol_request(token, "revoked", address), UNAUTHENTICATED)
     assert "revoked" in details
-    assert token_info(cluster, token).uses_left == 5
+    assert token_info(cluster, token).uses_left == 1
 
 
 def test_right_id_wrong_secret_is_refused_like_an_unknown_id(cluster: Cluster) -> None:
     address = next_loopback()
-    token = cluster.create_token("guess", address, uses=5)
+    token = cluster.create_token("guess", address)
     token_id, secret = token.split(".")
     wrong = ("a" if secret[0] != "a" else "b") + secret[1:]
     details = assert_refused(
@@ -151,7 +151,7 @@ def test_right_id_wrong_secret_is_refused_like_an_unknown_id(cluster: Cluster) -
         cluster, enrol_request(f"{unknown}.{secret}", "guess", next_loopback()), UNAUTHENTICATED
     )
     assert details == details_unknown
-    assert token_info(cluster, token).uses_left == 5
+    assert token_info(cluster, token).uses_left == 1
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,7 @@ def test_an_ordinary_token_gets_nothing_but_its_own_names(cluster: Cluster) -> N
     leader's address, node2's, foreign names, every-host names, 5000 addresses, 60000 DNS
     names. None is signed and nothing is stored."""
     mine = next_loopback()
-    token = cluster.create_token("node9", mine, uses=20)
+    token = cluster.create_token("node9", mine)  # (a refused request spends no use)
     key = pki.generate_key()
     many_ips = [f"127.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" for i in range(1, 5001)]
     asks: list[tuple[list[str], list[str]]] = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import itertools
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -506,10 +507,107 @@ def test_a_relearned_node_supersedes_the_tokens_the_store_holds(store: Store) ->
         enrol(store, key_pin=PIN)  # re-certified the agent's key behind its back, before
     assert str(refused.value) == (
         "join token t1 is superseded by node1's re-learning at 2026-05-01 12:00:00 UTC (the"
-        " leader's restored store learned the node from its agent); create a new token"
+        " leader's restored or reinitialised store learned the node from its agent); create a"
+        " new token"
     )
     assert rows(store) == before
     assert node_row(store)["cert_fingerprint"] == cert.fingerprint
+
+
+@contextlib.contextmanager
+def statements(store: Store) -> Iterator[list[str]]:
+    """Every SQL statement the store's connection runs meanwhile, as SQLite gives it to the
+    connection's trace callback (``sqlite3.Connection.set_trace_callback``: called once per
+    statement run, with its text). The store keeps no count of its reads, and what this asks
+    (whether the audit is read at all, and by how many statements) is in the text: the audit
+    has no index for what superseded a token, so a statement that reads it scans it."""
+    ran: list[str] = []
+    with store.db.read() as db:  # the store's one connection (reads and writes)
+        db.set_trace_callback(ran.append)
+    try:
+        yield ran
+    finally:
+        with store.db.read() as db:
+            db.set_trace_callback(None)
+
+
+def reads_audit(ran: list[str]) -> list[str]:
+    return [sql for sql in ran if re.search(r"\bfrom\s+audit\b", sql, re.IGNORECASE)]
+
+
+def relearn_node(store: Store, name: str, address: str, *, now: dt.datetime = NOW) -> None:
+    """``name`` re-learned from its agent by a restored (or reinitialised) store."""
+    with store.db.tx() as db:
+        db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('relearn_until', ?)",
+            (to_text(NOW + dt.timedelta(hours=24)),),
+        )
+    assert store.relearn(
+        name=name,
+        names=((address,), ()),
+        agent_port=9444,
+        key_pin=f"PIN-OF-{name}",
+        cert=issuer(f"PIN-OF-{name}")(),
+        highest_epoch=0,
+        now=now,
+    )
+
+
+def test_what_superseded_a_token_is_read_from_the_audit_only_to_say_it(store: Store) -> None:
+    """Review s44rev3 M1: the audit (no index for it, never pruned: a year of a fleet is
+    hundreds of thousands of rows) was scanned for every lookup of a superseded token, before
+    its secret was checked: each wrong guess at a superseded token's id, each retry of a stale
+    script, and ``token list`` once per superseded token. Now the token is checked on its own
+    row; the audit is read to refuse a token whose secret was right (one statement), and for
+    ``token list`` by one statement for all the tokens listed, whatever their number."""
+    add_token(store, "t0")
+    enrol(store)  # by t1: supersedes t0 (node1's enrolment)
+    for n, name in enumerate(("node2", "node3", "node4"), start=2):
+        for k in range(2):
+            store.add_token(
+                f"{name}-{k}",
+                SECRET,
+                ttl=dt.timedelta(hours=1),
+                uses=1,
+                description="",
+                now=NOW,
+                actor="admin",
+                node_name=name,
+                addresses=(f"127.0.0.{10 + n}",),
+            )
+        relearn_node(store, name, f"127.0.0.{10 + n}", now=NOW + dt.timedelta(minutes=n))
+    later = NOW + dt.timedelta(minutes=10)
+
+    # A wrong secret at a superseded token's id:
+    with statements(store) as ran, pytest.raises(TokenRejected, match=r"^join token not valid$"):
+        enrol(store, token_id="node2-0", secret="w" * 26, name="node2", now=later)
+    assert any("FROM tokens" in sql for sql in ran), ran  # (the hook sees the statements)
+    assert reads_audit(ran) == []
+
+    # The right secret: refused, and says what superseded it.
+    with statements(store) as ran, pytest.raises(TokenRejected, match="node2's re-learning at"):
+        enrol(store, token_id="node2-0", name="node2", addresses=("127.0.0.12",), now=later)
+    assert len(reads_audit(ran)) == 1, ran
+
+    with statements(store) as ran:
+        listed = store.list_tokens()
+    assert len(reads_audit(ran)) == 1, ran  # for the six superseded tokens of three nodes
+    assert not any("FROM tokens" in sql for sql in reads_audit(ran)), ran  # not per token
+    assert [(t.id, t.superseded_by) for t in listed] == [
+        ("node2-0", "re-learning"),
+        ("node2-1", "re-learning"),
+        ("node3-0", "re-learning"),
+        ("node3-1", "re-learning"),
+        ("node4-0", "re-learning"),
+        ("node4-1", "re-learning"),
+        ("t0", "enrolment"),
+        ("t1", ""),  # used up by the enrolment, not superseded
+    ]
+    add_token(store, "t2", now=later)  # not superseded: listed and looked up without the audit
+    with statements(store) as ran:
+        assert store.get_token("t2").superseded_by == ""
+        enrol(store, token_id="t2", key_pin=PIN, now=later)
+    assert reads_audit(ran) == []
 
 
 def test_the_migration_supersedes_the_tokens_made_before_an_enrolment(tmp_path: Path) -> None:

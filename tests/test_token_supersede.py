@@ -87,16 +87,25 @@ def test_a_token_made_before_the_enrolment_does_not_take_the_node_over(cluster: 
     assert "used up" in states[used.split(".", 1)[0]]
 
 
-def test_the_second_use_of_a_multi_use_token_is_superseded_by_its_first(cluster: Cluster) -> None:
-    """``--uses 2``: the node enrolled by the first use; the second, used by another key (two
-    enrolments at once, or a copy of the script), is refused the same way."""
+@pytest.mark.parametrize("uses", [2, 1000, 1001])
+def test_the_leader_makes_no_token_of_more_than_one_use(cluster: Cluster, uses: int) -> None:
+    """A second use could never enrol (the node's enrolment supersedes the token, its own use
+    included): ``token create`` refuses ``--uses 2`` since s44, and the leader refuses it too
+    (review s44rev3 L2), for an older CLI (which shows INVALID_ARGUMENT as a usage error, exit
+    2) or any other client of the admin socket. Nothing is made. A token stored with more
+    uses by an older leader stays as it was: ``test_store_enrol``'s multi-use tests."""
     address = next_loopback()
-    token = cluster.create_token("twice", address, uses=2)
-    enrol(cluster, enrol_request(token, "twice", address))
-    details = refused(cluster, token, "twice", address, pki.generate_key())
-    assert "superseded by twice's enrolment at" in details
-    states, _ = listed(cluster)
-    assert "superseded" in states[token.split(".", 1)[0]]
+    before = cluster.store_rows()
+    with pytest.raises(RuntimeError) as refusal:
+        cluster.create_token(f"twice{uses}", address, uses=uses)  # the CLI's request
+    assert str(refusal.value) == (
+        f"token create failed (StatusCode.INVALID_ARGUMENT): uses {uses}: a join token enrols"
+        " its node once (the enrolment supersedes it); ask for 1, and make a new token to"
+        " enrol the node again"
+    )
+    assert cluster.store_rows() == before
+    token = cluster.create_token(f"twice{uses}", address, uses=0)  # 0: the default, 1
+    enrol(cluster, enrol_request(token, f"twice{uses}", address))
 
 
 def test_an_agent_given_a_superseded_token_exits_with_one_line(cluster: Cluster) -> None:

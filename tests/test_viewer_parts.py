@@ -5,6 +5,7 @@ languages, the server-sent event framing and /metrics (parsed by prometheus-clie
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import datetime as dt
 import functools
@@ -12,6 +13,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from html import unescape
@@ -1014,6 +1016,86 @@ def test_a_page_s_read_keeps_of_each_node_what_its_row_draws(store: Store) -> No
     assert all(max(html) <= "\xff" for html in checked)
 
 
+class ReadKeys(dict[str, Any]):
+    """A node's dict that notes every key the row's template reads of it: Jinja reads
+    ``n.name`` of a dict as ``n["name"]`` (after ``getattr``, which a dict has no such
+    attribute for), and ``n.get("…")`` by the method."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_every_field_a_row_draws_is_kept_for_a_page(store: Store) -> None:
+    """Review s44rev3 M6: the test above drives a rollout that sets no reason, URL, measured
+    freeze, pending password: a ``ROW_FIELDS`` without one of them passed it, and a page
+    would have drawn that cell blank. Here one node has every field its row draws set, each
+    to what shows (a reason with what HTML escapes and a character past Latin-1; a freeze
+    measured at other than the two times' difference): its row drawn from its
+    ``ROW_FIELDS`` alone is the row drawn from the whole record, in both languages, and
+    what the template reads of a node is within ``ROW_FIELDS``."""
+    schema = SchemaStore(store.db)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    whole = Reader(store, schema, lambda: NOW, lambda _: True, []).read(clients=False)
+    assert whole.selected is not None
+    node = dict(whole.selected["nodes"][0])
+    node.update(
+        state="needs_attention",
+        reason='rolled back: a & b < "c" → d',
+        old_url="http://a.example:8080/",
+        new_url="https://a.example:8443/",
+        cert_not_after=(NOW + dt.timedelta(days=30)).isoformat(),
+        freeze_started_at=NOW.isoformat(),
+        freeze_ended_at=(NOW + dt.timedelta(seconds=3)).isoformat(),
+        freeze_seconds=2.5,  # not the 3 s between the times: shown only if kept
+        restart_seconds=1.5,
+        leader_node=True,
+        password_pending=True,
+    )
+    assert set(node) > ROW_FIELDS_OF_THE_ROW  # the record has more than its row draws
+    kept = {k: v for k, v in node.items() if k in snapshot.ROW_FIELDS}
+    for lang in LANGS:
+        words = Words.of(lang)
+        row = pages._ENV.get_template("node_row.html")
+        drawn = row.render(n=node, w=words)
+        assert row.render(n=kept, w=words) == drawn, lang
+        assert "a &amp; b &lt; &#34;c&#34; → d" in drawn  # escaped once
+        assert f"({words.seconds(2.5)})" in drawn  # the measured freeze, not the times'
+        assert "https://a.example:8443/" in drawn and "http://a.example:8080/" in drawn
+        recorded = ReadKeys(node)
+        assert row.render(n=recorded, w=words) == drawn
+        assert recorded.read <= snapshot.ROW_FIELDS, recorded.read - snapshot.ROW_FIELDS
+        assert recorded.read == ROW_FIELDS_OF_THE_ROW
+
+
+ROW_FIELDS_OF_THE_ROW = frozenset(
+    {
+        "name",
+        "state",
+        "reason",
+        "old_url",
+        "new_url",
+        "cert_not_after",
+        "freeze_started_at",
+        "freeze_ended_at",
+        "freeze_seconds",
+        "restart_seconds",
+        "leader_node",
+        "password_pending",
+    }
+)
+"""What ``templates/node_row.html`` reads of a node, written out here (not
+``snapshot.ROW_FIELDS``): the list the test above checks the one in the code against."""
+
+
 def wire_dict(snap: Snapshot) -> dict[str, Any]:
     return wire.to_dict(snap.schema)
 
@@ -1121,6 +1203,106 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
             assert not reader._page_nodes and not reader._timelines
             page = await client.get("/", headers=cookie)  # drawn again, as it was
             assert page.status == 200 and 'data-node="a"' in await page.text()
+            closing.set()
+            app.close()
+
+    asyncio.run(watch())
+
+
+def test_what_a_read_puts_back_with_no_page_open_goes_too(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s44rev3 L7: what the last stream's end forgot came back from a read under way
+    then (a new page's GET), and a GET of a page that never opens its stream (no JavaScript,
+    a scripted check) kept it too, until some later stream ended. Now it goes again once no
+    stream is open and no read is under way, ``SHARED_SECONDS`` after (a short one here; the
+    test waits for what is kept to be empty, bounded, and counts the reads: none of them is
+    held up or repeated by it)."""
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 0.05)
+    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    real_read = reader.read
+    entered, release = threading.Event(), threading.Event()
+    reads: list[str | None] = []
+
+    def read(rollout_id: str | None = None, **kw: Any) -> Snapshot:
+        reads.append(rollout_id)
+        if rollout_id == "r1" and not release.is_set():  # the GET under way: held here
+            entered.set()
+            assert release.wait(30)
+        return real_read(rollout_id, **kw)
+
+    monkeypatch.setattr(reader, "read", read)
+    put: list[str | None] = []
+
+    class Shared(collections.OrderedDict[str | None, Any]):
+        """``ViewerApp._shared``, noting each snapshot put in (whether one was put back
+        cannot be seen by looking after: it may be forgotten again by then)."""
+
+        def __setitem__(self, key: str | None, value: Any) -> None:
+            put.append(key)
+            super().__setitem__(key, value)
+
+    def kept(app: ViewerApp) -> list[str]:
+        return [
+            name
+            for name, what in (
+                ("shared", app._shared),
+                ("rows", pages.DRAWN._rows),
+                ("details", pages.DRAWN._details),
+                ("page nodes", reader._page_nodes),
+                ("timelines", reader._timelines),
+            )
+            if what
+        ]
+
+    async def until(app: ViewerApp, done: Callable[[], bool], what: str) -> None:
+        try:
+            async with asyncio.timeout(30):
+                while not done():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"{what}: still kept {kept(app)}") from None
+
+    async def watch() -> None:
+        closing = asyncio.Event()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=closing,
+        )
+        app._shared = Shared()
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            # A GET of the page, its stream never opened.
+            page = await client.get("/", headers=cookie)
+            assert page.status == 200 and 'data-node="a"' in await page.text()
+            assert put == [None] and pages.DRAWN.count  # read and drawn (and kept: until…)
+            await until(app, lambda: not kept(app), "a page whose stream never opened")
+
+            # A GET under way as the last stream ends.
+            stream = await client.get("/events", headers=cookie)
+            assert (await next_event(stream.content, bytearray()))[0] == "update"
+            opening = asyncio.ensure_future(client.get("/rollouts/r1", headers=cookie))
+            assert await asyncio.to_thread(entered.wait, 30)
+            stream.close()
+            await until(app, lambda: not app._streams, "the stream's end")
+            assert not kept(app)  # forgotten at the end of the last stream
+            put.clear()
+            release.set()
+            page = await opening
+            assert page.status == 200 and 'data-node="a"' in await page.text()
+            assert put == ["r1"]  # put back by the read under way
+            await until(app, lambda: not kept(app), "a read under way as the last stream ended")
+            assert reads.count("r1") == 1  # (read once: forgetting reads nothing)
             closing.set()
             app.close()
 

@@ -349,7 +349,7 @@ def token_list(leader: Leader, as_json: bool) -> None:
         state = (
             "revoked"
             if t.revoked
-            else f"superseded ({t.node_name} {superseded_how(t)} {fmt_time(t, 'superseded_at')})"
+            else f"superseded ({superseded_how(t)} {fmt_time(t, 'superseded_at')})"
             if t.HasField("superseded_at")
             else "expired"
             if expired
@@ -369,9 +369,13 @@ def token_list(leader: Leader, as_json: bool) -> None:
 
 
 def superseded_how(t: admin_pb2.TokenInfo) -> str:
-    """The event that superseded a token, as ``token list`` says it (a leader before s44 does
-    not say: only an enrolment superseded then, or a re-learning it did not tell apart)."""
-    return "re-learned" if t.superseded_by == "re-learning" else "enrolled"
+    """The event that superseded a token, as ``token list`` says it: "n3 enrolled", or
+    "re-learned by the leader" (its restored or reinitialised store learned the node from its
+    agent: not something the node did, review s44rev3 L3). A leader before s44 does not say:
+    only an enrolment superseded then, or a re-learning it did not tell apart."""
+    if t.superseded_by == "re-learning":
+        return "re-learned by the leader"
+    return f"{t.node_name} enrolled"
 
 
 @token.command("revoke")

@@ -199,6 +199,7 @@ class ViewerApp:
         self.drawn = 0  # contents drawn for the live streams (a test counts them)
         self._streams: collections.Counter[str] = collections.Counter()  # open, per session
         self._reading = asyncio.Lock()
+        self._forgetting: asyncio.TimerHandle | None = None  # ``_forget_later``
         # Built on the event loop (the app is made when the first connection arrives).
         self.pulse = Pulse(asyncio.get_running_loop())
         reader.store.db.on_commit.append(self.pulse.tell)
@@ -211,6 +212,9 @@ class ViewerApp:
         """The leader stops: no more telling; the live streams wake and see ``closing``."""
         with contextlib.suppress(ValueError):
             self.reader.store.db.on_commit.remove(self.pulse.tell)
+        if self._forgetting is not None:
+            self._forgetting.cancel()
+            self._forgetting = None
         self.pulse.tell()
 
     def make(self) -> web.Application:
@@ -337,6 +341,8 @@ class ViewerApp:
             self._shared.move_to_end(rollout_id)
             while len(self._shared) > KEPT_SHARED:
                 self._shared.popitem(last=False)
+            if not self._streams:  # a page's GET that may never open its stream
+                self._forget_later()
             return snap
 
     def _page(self, request: web.Request, rollout_id: str | None) -> pages.PageContext:
@@ -402,6 +408,27 @@ class ViewerApp:
                 del self._streams[session_id]
             if not self._streams:  # the last page closed: what was read and drawn for it goes
                 self._forget()
+                self._forget_later()  # and what a read under way puts back
+
+    def _forget_later(self) -> None:
+        """``_forget`` again ``SHARED_SECONDS`` from now if no stream is open then and no read
+        is under way (else later again): a read under way as the last stream ends (a new
+        page's GET) puts back what it read and drew, and a GET of a page that never opens
+        its stream (no JavaScript, a scripted check) keeps it too; it stayed until some later
+        stream ended (review s44rev3 L7). (By then a page that opens its stream no longer
+        shares that read: it is stale, ``_shared_snapshot``.)"""
+        if self._forgetting is None:
+            loop = asyncio.get_running_loop()
+            self._forgetting = loop.call_later(SHARED_SECONDS, self._forget_idle)
+
+    def _forget_idle(self) -> None:
+        self._forgetting = None
+        if self._streams:  # a page is open: its stream's end forgets
+            return
+        if self._reading.locked():
+            self._forget_later()
+            return
+        self._forget()
 
     def _forget(self) -> None:
         """What the open pages shared, read and drawn: none is open any more (s43rev3 Low 2;

@@ -735,6 +735,9 @@ class CreateTokenRequest(_message.Message):
     DNS_NAMES_FIELD_NUMBER: _builtins.int
     ttl_seconds: _builtins.int
     uses: _builtins.int
+    """0 or 1: a token enrols its node once (the enrolment supersedes it); more is
+    INVALID_ARGUMENT (since s44; tokens stored with more before stay as they are).
+    """
     description: _builtins.str
     node_name: _builtins.str
     """The one identity this token can enrol: the node's name and exactly these addresses and
