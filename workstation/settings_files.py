@@ -73,7 +73,7 @@ class NewerStaging(TerminalError):
     version does not know): left as it is."""
 
 
-class ReplacedNotKept(Exception):
+class ReplacedNotKept(TerminalError):
     """The client key and certificate in place were to be kept in ``REPLACED`` (worth it,
     or they could not be read to tell) and could not be: nothing was replaced. ``path``: the
     file that failed; ``reason``: why (the OS's words); ``reading``: it failed reading the
