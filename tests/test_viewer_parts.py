@@ -1305,6 +1305,10 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
             assert reads.count("r1") == 1  # (read once: forgetting reads nothing)
             closing.set()
             app.close()
+            # Review s44rev5 L4: streams end after the leader's ``close``, each asking for
+            # the timer: none is set after it.
+            app._forget_later()
+            assert app._forgetting is None
 
     asyncio.run(watch())
 

@@ -200,6 +200,7 @@ class ViewerApp:
         self._streams: collections.Counter[str] = collections.Counter()  # open, per session
         self._reading = asyncio.Lock()
         self._forgetting: asyncio.TimerHandle | None = None  # ``_forget_later``
+        self._closed = False  # ``close``: no timer after it (streams end after it)
         # Built on the event loop (the app is made when the first connection arrives).
         self.pulse = Pulse(asyncio.get_running_loop())
         reader.store.db.on_commit.append(self.pulse.tell)
@@ -212,6 +213,7 @@ class ViewerApp:
         """The leader stops: no more telling; the live streams wake and see ``closing``."""
         with contextlib.suppress(ValueError):
             self.reader.store.db.on_commit.remove(self.pulse.tell)
+        self._closed = True  # (the live streams end after this, each asking for a timer)
         if self._forgetting is not None:
             self._forgetting.cancel()
             self._forgetting = None
@@ -417,7 +419,7 @@ class ViewerApp:
         its stream (no JavaScript, a scripted check) keeps it too; it stayed until some later
         stream ended (review s44rev3 L7). (By then a page that opens its stream no longer
         shares that read: it is stale, ``_shared_snapshot``.)"""
-        if self._forgetting is None:
+        if self._forgetting is None and not self._closed:
             loop = asyncio.get_running_loop()
             self._forgetting = loop.call_later(SHARED_SECONDS, self._forget_idle)
 
