@@ -556,6 +556,20 @@ def test_an_older_tlsroll_finishes_a_run_killed_before_the_commit(d: Path) -> No
     assert not os.path.lexists(d / (REPLACED + ".new"))
 
 
+def test_the_copy_of_the_set_in_place_is_durable_before_the_commit(d: Path) -> None:
+    """Review s44rev5 L2: the marker takes a copy that is not there for moved already; the
+    settings dir, which holds the copy (REPLACED + ".new"), is fsynced after the copy's last
+    change and before the marker is made."""
+    with fault_at(d, 10**6, "enospc") as seen:
+        settings_files.replace(d, files(NEW), keep_replaced=lambda key, cert: True)
+    copy = str(d / (REPLACED + ".new"))
+    marker = next(
+        i for i, what in enumerate(seen) if what.endswith(f" {d / STAGING / MARKER}")
+    )  # the marker moved into its name: the commit
+    last_copy = max(i for i, what in enumerate(seen[:marker]) if copy in what)
+    assert f"fsync {d}" in seen[last_copy + 1 : marker], seen
+
+
 @pytest.mark.parametrize("what", ["file", "link to a directory", "dangling link"])
 def test_what_is_in_the_way_of_the_kept_set_is_removed_not_followed(
     what: str, d: Path, tmp_path: Path
