@@ -475,7 +475,11 @@ class BootstrapService:
                 await self._blinds_of(self._secret)
             except WorkerFailed:
                 log.warning("bootstrap.blinds_deferred", node=self.node_name)
-            await listener.start(self.address, self.port, self._ssl)
+            try:
+                await listener.start(self.address, self.port, self._ssl)
+            except OSError as exc:  # (another program took the port since the bind, binding
+                # with SO_REUSEADDR while it was not listening yet: review s44rev5 L3)
+                raise NotStarted(f"port {self.port}: {os_error_text(exc)}") from None
         except BaseException:
             await listener.stop()  # the port given up
             raise

@@ -716,3 +716,45 @@ async def test_the_problem_names_the_file_at_fault(
     finally:
         await host.close()
         journal.close()
+
+
+async def test_a_port_taken_between_the_bind_and_the_listen_is_named(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s44rev5 L3: while the service's port is bound and not yet listening (the files
+    read, the crypto worker asked), a program binding with SO_REUSEADDR (most servers) can
+    take it and listen; the service's listen then failed with EADDRINUSE, and the node's
+    problem read "Address already in use (errno 98, EADDRINUSE)" without the port. It names
+    the port, as a port held at the bind does. (The program is started from the step between
+    the bind and the listen: no timing.)"""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 3600.0)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    cert = issue_cert(address, "node-a")
+    switched(journal, tmp_path, address, cert)
+    with socket.socket() as probe:  # a free port, to name before the service binds it
+        probe.bind((address, 0))
+        port = probe.getsockname()[1]
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    check = bootstrap_server.BootstrapService.check_ca_bundle
+
+    async def meanwhile(service: bootstrap_server.BootstrapService) -> None:
+        await check(service)
+        squatter.bind((address, port))  # bound by the service, not listening yet
+        squatter.listen()
+
+    monkeypatch.setattr(bootstrap_server.BootstrapService, "check_ca_bundle", meanwhile)
+    host = _host(journal, port)
+    try:
+        await host.sync()
+        assert host.service is None
+        assert (host.problem or "").startswith(f"port {port}: "), host.problem
+        assert "EADDRINUSE" in (host.problem or ""), host.problem
+    finally:
+        squatter.close()
+        await host.close()
+        journal.close()

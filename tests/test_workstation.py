@@ -1307,6 +1307,45 @@ async def test_a_pair_of_a_ca_the_node_does_not_name_neither_names_the_pc_nor_bl
     assert not os.path.lexists(d / REPLACED)
 
 
+async def test_a_pair_in_place_of_a_ca_the_node_no_longer_names_keeps_its_name_unproven(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s44rev5 M1: the PC's only pair, in place and valid, is ws-empfang-1's from a CA
+    the node's hello no longer names (CA1 dropped while the PC was off), on a host named
+    otherwise. Without --name the PC took its host name's (ws-desktop-7f3k) and enrolled
+    quietly as a new PC, the old name held. It asks for its name again, with no proof (the
+    pair is not of a CA the node names: the leader refuses the name held, exit 11, saying
+    --replace); --name still chooses another."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+    dropped = pki.CertificateAuthority.create("cluster CA1")  # no longer in the hello
+    key_pem, cert_pem = client_pair(dropped, "ws-empfang-1", expired=False)
+    (d / "client.key").write_bytes(key_pem)
+    (d / "client.pem").write_bytes(cert_pem)
+    assert stat.S_IMODE((d / "client.key").stat().st_mode) == 0o600
+    monkeypatch.setattr(socket, "gethostname", lambda: "desktop-7f3k")
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+        assert run.code == 0, run.err
+        assert pki.names_of(pki.load_csr_pem(csrs[-1])).common_name == "ws-empfang-1"
+        assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()  # no proof
+        (d / "client.key").write_bytes(key_pem)
+        (d / "client.pem").write_bytes(cert_pem)
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "desktop-7f3k")
+        assert run.code == 0, run.err
+        assert pki.names_of(pki.load_csr_pem(csrs[-1])).common_name == "ws-desktop-7f3k"
+        assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
+
+
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
     node = nodes["tls"]
     run = await run_cli(f"https://{node.address}:8443/tomedo_live/", "--yes")
@@ -2071,7 +2110,7 @@ async def test_what_blocks_keeping_the_set_replaced_is_removed_or_said(
             real = fsutil.write_atomic
 
             def full(path: Path, *a: Any, **kw: Any) -> None:
-                if REPLACED in path.parts:
+                if any(part.startswith(REPLACED) for part in path.parts):  # (or its copy)
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
                 real(path, *a, **kw)
 

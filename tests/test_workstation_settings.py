@@ -508,6 +508,68 @@ def test_a_run_killed_anywhere_keeps_the_earlier_kept_set_or_the_new_one(d: Path
     assert first_new > 5 and not any(outcomes[:first_new]) and all(outcomes[first_new:])
 
 
+def older_finish(d: Path) -> None:
+    """What tlsroll 0.1.0's ``finish`` does with an uncommitted staging: it removes each entry
+    with ``os.unlink`` (a directory there: "Is a directory", every run), then the staging. A
+    committed one listing REPLACED it leaves to this version (NewerStaging): not done here."""
+    staging = d / STAGING
+    for name in os.listdir(staging):
+        os.unlink(staging / name)
+    os.rmdir(staging)
+
+
+def test_an_older_tlsroll_finishes_a_run_killed_before_the_commit(d: Path) -> None:
+    """Review s44rev5 L1: the copy of the set in place was staged inside the staging
+    (.settings-new/.settings-replaced); a run killed after the copy and before the commit left
+    a staging an older tlsroll could not remove ("Is a directory": every run of it exit 1). The
+    copy is staged beside it now: killed at every step before the commit, the older version's
+    finish removes the staging, the set in place and the earlier kept set are as they were,
+    and the next run of this version removes the copy left beside and replaces the set."""
+    with_an_earlier_kept_set(d)
+    uncommitted = 0
+    for at in range(1, 200):
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no handler of ours past this point
+            code = 1
+            try:
+                with fault_at(d, at, "kill"):
+                    settings_files.replace(d, files(NEW), keep_replaced=lambda key, cert: True)
+                code = 0
+            finally:
+                os._exit(code)
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            break
+        if not os.path.lexists(d / STAGING) or (d / STAGING / MARKER).exists():
+            settings_files.finish(d)  # committed (or not begun): this version's part
+        else:
+            uncommitted += 1
+            older_finish(d)
+            assert (in_place(d), contents(d / REPLACED)) == (OLD, EARLIER), at
+        if in_place(d) == NEW:
+            settings_files.replace(d, files(OLD))
+        with_an_earlier_kept_set(d)
+        assert not os.path.lexists(d / (REPLACED + ".new")), at
+    assert uncommitted > 5
+    assert in_place(d) == NEW and contents(d / REPLACED) == OLD
+    assert not os.path.lexists(d / (REPLACED + ".new"))
+
+
+def test_the_copy_of_the_set_in_place_is_durable_before_the_commit(d: Path) -> None:
+    """Review s44rev5 L2: the marker takes a copy that is not there for moved already; the
+    settings dir, which holds the copy (REPLACED + ".new"), is fsynced after the copy's last
+    change and before the marker is made."""
+    with fault_at(d, 10**6, "enospc") as seen:
+        settings_files.replace(d, files(NEW), keep_replaced=lambda key, cert: True)
+    copy = str(d / (REPLACED + ".new"))
+    marker = next(
+        i for i, what in enumerate(seen) if what.endswith(f" {d / STAGING / MARKER}")
+    )  # the marker moved into its name: the commit
+    last_copy = max(i for i, what in enumerate(seen[:marker]) if copy in what)
+    assert f"fsync {d}" in seen[last_copy + 1 : marker], seen
+
+
 @pytest.mark.parametrize("what", ["file", "link to a directory", "dangling link"])
 def test_what_is_in_the_way_of_the_kept_set_is_removed_not_followed(
     what: str, d: Path, tmp_path: Path

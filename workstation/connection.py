@@ -678,12 +678,17 @@ class TestConnection:
         """The name to enrol under and this PC's proof of it, once the node's hello (its CAs,
         ``bundle_pem``) is read. The name: --name, else the name of the newest client
         certificate in the settings dir from a CA the hello names (a PC keeps its name when
-        its host name changes, or when it was given one with --name), else the host name's
-        first label. The proof (``bootstrap_csr.Reenrolment``): of that name's pairs, the
-        newest from a CA the hello names, else the newest. A pair of another CA (a fake node
-        that knew the password handed it over, an older tlsroll kept it aside: s44rev1 M1)
-        neither names this PC nor stands for its proof: the leader would refuse the name as
-        another PC's."""
+        its host name changes, or when it was given one with --name), else the name of the
+        pair in place (client.pem) with no proof, else the host name's first label. The proof
+        (``bootstrap_csr.Reenrolment``): of that name's pairs, the newest from a CA the hello
+        names, else the newest. A pair kept aside of another CA (a fake node that knew the
+        password handed it over, an older tlsroll kept it aside: s44rev1 M1) neither names
+        this PC nor stands for its proof: the leader would refuse the name as another PC's.
+        The pair in place of a CA the hello no longer names (CA1 dropped while this PC was
+        off) still names it, as it did before s44wsfix, but proves nothing: the leader
+        refuses the name held, loudly (exit 11, --replace), where the host name would have
+        enrolled the PC quietly as a new one (review s44rev5 M1). The name in client.pem is
+        the one this PC asked for (``_client_cert`` refuses a certificate of another)."""
         try:
             cas = proto.ca_certificates(bundle_pem)
         except proto.BootstrapError:
@@ -697,6 +702,10 @@ class TestConnection:
             named = _newest([pair for pair in pairs if by_node(pair)])
             if named is not None:
                 self.workstation = pki.names_of(named[0]).common_name
+            elif (in_place := self._in_place()) is not None:
+                self.workstation = pki.names_of(in_place[0]).common_name
+                self.previous = None  # of a CA the node does not name: it proves nothing
+                return
             else:
                 self.workstation = proto.workstation_cn(self.host)
                 self._refuse_no_name()
@@ -713,24 +722,17 @@ class TestConnection:
             pairs.append(kept)
         with contextlib.suppress(OSError):
             pairs.append(((d / "client.key").read_bytes(), (d / "client.pem").read_bytes()))
-        found: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
-        for key_pem, cert_pem in pairs:
-            # (Its names and key are read when asked for: a malformed SAN, an extension twice
-            # or a key ``cryptography`` cannot load raise then; audit s40ws L2.)
-            try:
-                key = pki.load_key_pem(key_pem)
-                cert = pki.load_cert_pem(cert_pem)
-                pki.check_valid_now(cert)
-                if not isinstance(key, ec.EllipticCurvePrivateKey):
-                    continue
-                holds = pki.key_matches(cert, key) and proto.WORKSTATION_CN.fullmatch(
-                    pki.names_of(cert).common_name
-                )
-            except (PKIError, ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
-                continue
-            if holds:
-                found.append((cert, key))
-        return found
+        return _valid_pairs(pairs)
+
+    def _in_place(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+        """The valid pair of client key and certificate in place in the settings dir (not
+        one kept aside), if any (``_enrolments``)."""
+        d = self.o.settings_dir
+        try:
+            pair = ((d / "client.key").read_bytes(), (d / "client.pem").read_bytes())
+        except OSError:
+            return None
+        return _newest(_valid_pairs([pair]))
 
     def after_failed_check(
         self,
@@ -1661,6 +1663,31 @@ def _replaced_not_kept(
         f"was replaced; free the space (or remove {where} if the set kept there is not "
         f"needed), or {mine}"
     )
+
+
+def _valid_pairs(
+    pairs: Sequence[tuple[bytes, bytes]],
+) -> list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
+    """Of pairs of client key and certificate (PEM), those valid now that hold together:
+    an EC key, its certificate, a workstation name. One that cannot be read counts as none."""
+    found: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
+    for key_pem, cert_pem in pairs:
+        # (Its names and key are read when asked for: a malformed SAN, an extension twice
+        # or a key ``cryptography`` cannot load raise then; audit s40ws L2.)
+        try:
+            key = pki.load_key_pem(key_pem)
+            cert = pki.load_cert_pem(cert_pem)
+            pki.check_valid_now(cert)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                continue
+            holds = pki.key_matches(cert, key) and proto.WORKSTATION_CN.fullmatch(
+                pki.names_of(cert).common_name
+            )
+        except (PKIError, ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
+            continue
+        if holds:
+            found.append((cert, key))
+    return found
 
 
 def _newest(

@@ -30,11 +30,13 @@ enrolment is in place it is removed.
 ``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced, when the
 caller says its client key and certificate are worth keeping (``replace``'s ``keep_replaced``:
 one that may still be valid, another name's or another CA's, whose key would otherwise be gone:
-s43rev3 Low 4). One set at most: a later one takes its place. It is copied into the staging
-(``.settings-new/.settings-replaced``) before the new set is committed and moved into place
-with the new set's files (s44rev1 L3: copied over the one before ahead of the commit, a commit
-that failed lost the earlier kept set while nothing was replaced): a run cut short before the
-commit leaves the kept set before as it was, one after it is completed by the next run. What
+s43rev3 Low 4). One set at most: a later one takes its place. It is copied beside the staging
+(``.settings-replaced.new``, ``REPLACED_NEW``; not into it: an older tlsroll, finding an
+interrupted run's staging, removes only files there, and a directory stuck it, review s44rev5
+L1) before the new set is committed, and moved into place with the new set's files (s44rev1
+L3: copied over the one before ahead of the commit, a commit that failed lost the earlier kept
+set while nothing was replaced): a run cut short before the commit leaves the kept set before
+as it was, one after it is completed by the next run. What
 is in its way there (a file, a link: not followed) is removed as it moves in (s44rev1 L2: it
 failed every enrolment). A later write removes it once its certificate has expired (s44rev1 L4).
 """
@@ -61,6 +63,7 @@ from tlsroll.fsutil import PRIVATE, PUBLIC, fsync_dir, stage_atomic, write_atomi
 STAGING = ".settings-new"
 KEPT = ".enrolment-kept"  # this PC's client.key and client.pem while not in place (see above)
 REPLACED = ".settings-replaced"  # the set before a new enrolment, if worth keeping (see above)
+REPLACED_NEW = REPLACED + ".new"  # its copy, staged beside STAGING until committed (see above)
 CLIENT = ("client.key", "client.pem")
 MARKER = "commit"  # in STAGING: the names to rename into place, written last
 NAMES = ("client.key", "client.pem", "ca.pem", "settings.json")  # in the order they move
@@ -110,7 +113,8 @@ def replace(
     ``keep_replaced(key_pem, cert_pem)``, if given and the new set has a client key, is asked
     about the client key and certificate in place (if both are there) once the check passed:
     if True, the files of the set in place are copied into the staging (its key 0600) before
-    the new set is committed, and take the place of ``REPLACED`` with the new set's files.
+    the new set is committed (into ``REPLACED_NEW``), and take the place of ``REPLACED`` with
+    the new set's files.
     Returns ``REPLACED`` if so, else None. ``ReplacedNotKept`` (nothing written) if they could
     not be read or copied. Once the new set is in place, a set in ``REPLACED`` whose
     certificate has expired is removed."""
@@ -120,6 +124,7 @@ def replace(
     staging = directory / STAGING
     with _locked(directory):
         _finish(directory)
+        _drop(directory, REPLACED_NEW)  # (an older tlsroll's finish leaves it: see ``_discard``)
         os.mkdir(staging, 0o700)
         try:
             order = [name for name in NAMES if name in files]
@@ -131,14 +136,16 @@ def replace(
                 check(staging)
             kept = None
             if keep_replaced is not None and "client.key" in files:
-                kept = _keep_replaced(directory, staging, keep_replaced)
+                kept = _keep_replaced(directory, keep_replaced)
+                # (``_keep`` ends with an fsync of ``directory``: the copy is there for good
+                # before the marker, which takes it for moved once it is gone; s44rev5 L2)
             # (REPLACED in the list: an older tlsroll leaves such a staging to this one)
             marker = json.dumps({"files": order + [REPLACED] * bool(kept)}).encode()
             os.replace(stage_atomic(staging / MARKER, marker, PUBLIC), staging / MARKER)
             fsync_dir(staging)  # committed
         except Exception:  # (not a kill: that leaves the staging to the next run's finish)
             with contextlib.suppress(OSError):  # else the next run removes it
-                _remove(directory, staging)
+                _discard(directory, staging)
             raise
         _roll_forward(directory, staging, order + [REPLACED] * bool(kept))
         if "client.key" in files:  # an enrolment in place: nothing kept aside is wanted now
@@ -150,11 +157,9 @@ def replace(
     return kept
 
 
-def _keep_replaced(
-    directory: Path, staging: Path, worth: Callable[[bytes, bytes], bool]
-) -> Path | None:
-    """The set in place copied into ``staging``'s ``REPLACED`` if ``worth`` says its client
-    key and certificate are worth keeping; returns ``REPLACED`` (where it goes once committed)
+def _keep_replaced(directory: Path, worth: Callable[[bytes, bytes], bool]) -> Path | None:
+    """The set in place copied into ``REPLACED_NEW`` if ``worth`` says its client key and
+    certificate are worth keeping; returns ``REPLACED`` (where it goes once committed)
     then, else None. ``ReplacedNotKept`` if the set could not be read or copied."""
     present: dict[str, tuple[bytes, int]] = {}
     for name in CLIENT + tuple(n for n in NAMES if n not in CLIENT):
@@ -168,7 +173,7 @@ def _keep_replaced(
         if name == CLIENT[-1] and not worth(present["client.key"][0], present["client.pem"][0]):
             return None
     try:
-        _keep(staging, present, REPLACED)
+        _keep(directory, present, REPLACED_NEW)
     except OSError as exc:
         raise ReplacedNotKept(directory / REPLACED, _why(exc), reading=False) from None
     return directory / REPLACED
@@ -178,13 +183,13 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _put_replaced(directory: Path, staging: Path) -> None:
-    """The set kept in the staging (committed) in place of ``REPLACED``: what is there
+def _put_replaced(directory: Path) -> None:
+    """The set kept in ``REPLACED_NEW`` (committed) in place of ``REPLACED``: what is there
     removed first, whatever it is (a link or a file not followed: s44rev1 L2)."""
-    if not os.path.lexists(staging / REPLACED):
+    if not os.path.lexists(directory / REPLACED_NEW):
         return  # moved already, before an interruption
     _drop(directory, REPLACED)
-    os.replace(staging / REPLACED, directory / REPLACED)
+    os.replace(directory / REPLACED_NEW, directory / REPLACED)
 
 
 def _drop_expired_replaced(directory: Path) -> None:
@@ -331,7 +336,7 @@ def _finish(directory: Path) -> Finished | None:
     order = _committed(staging)
     if order is None:
         staged = any(name in NAMES for name in os.listdir(staging))
-        _remove(directory, staging)
+        _discard(directory, staging)
         # With none of the set's files in it, the staging was just made, or it was committed
         # and moved already (cut short while removed): nothing of a set was discarded.
         return Finished.BACK if staged else None
@@ -370,7 +375,7 @@ def _file_name(name: object) -> bool:
 def _roll_forward(directory: Path, staging: Path, order: list[str]) -> None:
     for name in order:
         if name == REPLACED:
-            _put_replaced(directory, staging)
+            _put_replaced(directory)
             continue
         with contextlib.suppress(FileNotFoundError):  # moved already, before an interruption
             os.replace(staging / name, directory / name)
@@ -380,8 +385,8 @@ def _roll_forward(directory: Path, staging: Path, order: list[str]) -> None:
 
 def _remove(directory: Path, staging: Path) -> None:
     """Remove ``staging``, its marker first: a staging cut short in its removal is never taken
-    for a committed one missing files. A directory in it (``REPLACED``'s copy, or one put
-    there by hand) goes with all it holds, its links not followed."""
+    for a committed one missing files. A directory in it (one put there by hand) goes with
+    all it holds, its links not followed."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(staging / MARKER)
         fsync_dir(staging)
@@ -392,6 +397,15 @@ def _remove(directory: Path, staging: Path) -> None:
             os.unlink(staging / name)
     os.rmdir(staging)
     fsync_dir(directory)
+
+
+def _discard(directory: Path, staging: Path) -> None:
+    """An uncommitted staging removed, and the copy of the set in place staged beside it
+    (``REPLACED_NEW``) first: while the staging is there, the next run's ``finish`` removes
+    both. (One left by an older tlsroll, which removes only the staging, goes at the next
+    ``replace``.)"""
+    _drop(directory, REPLACED_NEW)
+    _remove(directory, staging)
 
 
 @contextlib.contextmanager
