@@ -1076,10 +1076,6 @@ def test_every_field_a_row_draws_is_kept_for_a_page(store: Store) -> None:
         assert recorded.read == snapshot.ROW_FIELDS, recorded.read ^ snapshot.ROW_FIELDS
 
 
-"""What ``templates/node_row.html`` reads of a node, written out here (not
-``snapshot.ROW_FIELDS``): the list the test above checks the one in the code against."""
-
-
 def wire_dict(snap: Snapshot) -> dict[str, Any]:
     return wire.to_dict(snap.schema)
 
