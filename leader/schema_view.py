@@ -188,6 +188,18 @@ def still_on_http_now(
     ]
 
 
+WAITING = "waiting for "  # how a ``report_problems`` reason begins when it is only a wait
+
+
+def waiting_for(node: str) -> str:
+    """Why a restarted leader cannot judge ``node`` yet: its agent has not reported to it.
+    Seconds once the agent is connected; an agent that stays down never reports."""
+    return (
+        f"{WAITING}{node}'s first report since the leader started (seconds once its agent is"
+        " connected; else check it runs: tlsroll status)"
+    )
+
+
 def report_problems(
     store: Store,
     infos: Mapping[str, ClientsInfo],
@@ -205,7 +217,7 @@ def report_problems(
     problems = {}
     for n, info in infos.items():
         if n not in heard:
-            problems[n] = f"waiting for {n}'s first report since the leader started"
+            problems[n] = waiting_for(n)
         elif n in stale:
             problems[n] = (
                 f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from leader import service
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
@@ -147,12 +147,13 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
     tmp_path: Path,
 ) -> None:
     """The stored report says nobody is on http. The leader is killed, a workstation writes
-    over http meanwhile, the leader starts again before the agent could report to it (the
-    agent held stopped: the moment right after a restart, made to last). A finalize asked at
-    once refuses, saying it waits for node1's first report since the leader started (it took
-    the stored report for fresh and closed http under the workstation, or called it stale
-    though the agent was about to report); the report the agent sends on reconnecting
-    decides: it names the workstation."""
+    over http meanwhile, and the leader starts again with its group commit held back for an
+    hour (``TEST_BATCH_ENV``): the agent reconnects and reports, but its first report is not
+    stored (the moment right after a restart, made to last). With node1 online, a finalize
+    refuses, saying it waits for node1's first report since the leader started (it took the
+    stored report for fresh and closed http under the workstation). The leader killed and
+    started as usual, the report the agent sends on reconnecting decides: it names the
+    workstation."""
     with one_node(tmp_path) as (cluster, node):
         phase1 = phase_1(cluster, tmp_path)
         wait_until(
@@ -162,22 +163,23 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
             interval=SCHEMA_POLL,
         )
         assert on_http_named(cluster, "node1") == []
-        assert node.agent is not None
-        node.agent.send_signal(signal.SIGSTOP)
-        try:
-            cluster.kill_leader()
-            ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
-            visit(ws)
-            cluster.start_leader()
-            refused = cluster.cli("rollout", "finalize", phase1, "--yes")
-            assert refused.returncode == 1, refused.stdout
-            assert (
-                "node1: cannot tell who is on http (waiting for node1's first report since the"
-                " leader started)" in refused.stderr
-            ), refused.stderr
-            assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
-        finally:
-            node.agent.send_signal(signal.SIGCONT)
+        cluster.kill_leader()
+        ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
+        visit(ws)
+        cluster.start_leader({service.TEST_BATCH_ENV: "3600"})
+        cluster.wait_for_nodes_online(["node1"])
+        refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert refused.returncode == 1, refused.stdout
+        assert (
+            "node1: cannot tell who is on http (waiting for node1's first report since the"
+            " leader started (seconds once its agent is connected; else check it runs:"
+            " tlsroll status))" in refused.stderr
+        ), refused.stderr
+        assert "client steps" not in refused.stderr, refused.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
+
+        cluster.kill_leader()
+        cluster.start_leader()
         wait_until(
             lambda: on_http_named(cluster, "node1") == [ws.source],
             60,
