@@ -159,7 +159,7 @@ def still_on_http_now(
     clients: Sequence[Client],
     infos: Mapping[str, ClientsInfo],
     now: dt.datetime,
-    fresh: Collection[str] = frozenset(),
+    fresh: Collection[str],
 ) -> list[Client]:
     """Who still needs the client steps: the http clients of nodes that reported, not seen on
     https since (``rollout_core.still_on_http``), each node's judged by its own report while
@@ -241,7 +241,7 @@ def node_clients_views(
     clients: Sequence[Client],
     infos: Mapping[str, ClientsInfo],
     now: dt.datetime,
-    fresh: Collection[str] = frozenset(),
+    fresh: Collection[str],
 ) -> list[schema_pb2.NodeClientsView]:
     """Per node that reported, which clients are on which scheme, by node name; ``fresh``:
     see ``still_on_http_now``."""
@@ -291,7 +291,8 @@ def schema_message(
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
     node_problems: Sequence[NodeProblemRow] = (),
-    fresh: Collection[str] = frozenset(),
+    *,
+    fresh: Collection[str],
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
