@@ -342,12 +342,16 @@ def still_on_http(
     (same node, same workstation or address): who still needs the client steps. Most
     recently seen first.
 
-    A key has switched only when its first https request came after its last http one
-    (``first_seen`` on https > ``last_seen`` on http): a clean switch clears, a client that
-    alternates or went back to http stays counted (one PC with two programs, a terminal
-    server or NAT whose address is the key). A tie counts as http: the reference server's
-    times are whole seconds, so the order within the second is not known (the safe side:
-    the sighting then leaves at the agent's window)."""
+    A key has switched only when its first https request came at or after its last http
+    one (``first_seen`` on https >= ``last_seen`` on http): a clean switch clears, a client
+    that alternates or went back to http stays counted (one PC with two programs, a terminal
+    server or NAT whose address is the key). A tie counts as switched: the reference
+    server's times are whole seconds, and a program that switches at once (the demo's
+    workstations, a write every 0.1 s) makes its last http and first https request in the
+    same second; a tie counted as http kept it on http for the agent's whole window. Only
+    a client whose one http request after https came within its first https second and
+    that then used http no more is taken for switched; any later http request counts it.
+    """
     everyone = list(clients)
     first_https: dict[tuple[str, str], dt.datetime] = {}
     for c in everyone:
@@ -359,7 +363,7 @@ def still_on_http(
         for c in everyone
         if c.scheme == "http"
         and now - c.last_seen <= window
-        and c.last_seen >= first_https.get((c.node, c.key), c.last_seen)
+        and ((c.node, c.key) not in first_https or c.last_seen > first_https[(c.node, c.key)])
     ]
     return sorted(left, key=lambda c: (c.last_seen, c.node, c.key), reverse=True)
 

@@ -2499,6 +2499,6 @@ def test_going_back_to_http_is_news_once_not_per_request() -> None:
     assert key(switched) == key(moved)
     assert clients_said(switched) != clients_said(back) == clients_said(again)
     assert clients_said(switched) == clients_said(moved)
-    # A tie (whole seconds) counts as http, as the leader judges it (``still_on_http``).
+    # A tie (whole seconds) counts as switched, as the leader judges it (``still_on_http``).
     tie = _clients(("http", 100, 120), ("https", 120, 130))
-    assert key(tie) == key(back) and clients_said(tie) == clients_said(back)
+    assert key(tie) == key(switched) and clients_said(tie) == clients_said(switched)
