@@ -49,7 +49,7 @@ from leader.schema_store import (
     SchemaStore,
     StaleRecords,
 )
-from leader.schema_view import report_problems, still_on_http_now
+from leader.schema_view import WAITING, report_problems, still_on_http_now
 from leader.store import Store
 from tlsroll import logs, password
 from tlsroll.errors import TerminalError
@@ -145,12 +145,22 @@ class StillOnHttp(TerminalError):
         shown = "; ".join(parts[: planner.MAX_NAMED])
         if len(parts) > planner.MAX_NAMED:
             shown += f"; and {len(parts) - planner.MAX_NAMED} more (tlsroll schema show)"
-        super().__init__(
-            f"finalize would close http on workstations that still use it: {shown}. "
-            "Have them do the client steps (tlsroll notify --remaining), then finalize again; "
-            f"or let the leader finalize each node once it is quiet (tlsroll rollout finalize "
+        quiet = (
+            f"let the leader finalize each node once it is quiet (tlsroll rollout finalize "
             f"{rollout_id} --when-quiet 30m), or cut them off (--force)"
         )
+        if not left and all(why.startswith(WAITING) for why in unknown.values()):
+            # Only a restarted leader's wait: nothing for the workstations to do.
+            super().__init__(
+                f"finalize cannot tell yet who is on http: {shown}. Finalize again once it "
+                f"has reported; or {quiet}"
+            )
+        else:
+            super().__init__(
+                f"finalize would close http on workstations that still use it: {shown}. "
+                "Have them do the client steps (tlsroll notify --remaining), then finalize "
+                f"again; or {quiet}"
+            )
         self.clients = tuple(left)
         self.unknown = dict(unknown)
 

@@ -338,21 +338,32 @@ class Client:
 def still_on_http(
     clients: Iterable[Client], now: dt.datetime, window: dt.timedelta
 ) -> list[Client]:
-    """The http clients seen within ``window`` of ``now`` that have not been seen on https
-    (same node, same workstation or address) since: who still needs the client steps. Most
-    recently seen first."""
+    """The http clients seen within ``window`` of ``now`` that have not switched to https
+    (same node, same workstation or address): who still needs the client steps. Most
+    recently seen first.
+
+    A key has switched only when its first https request came at or after its last http
+    one (``first_seen`` on https >= ``last_seen`` on http): a clean switch clears, a client
+    that alternates or went back to http stays counted (one PC with two programs, a terminal
+    server or NAT whose address is the key). A tie counts as switched: the reference
+    server's times are whole seconds, and a program that switches at once (the demo's
+    workstations, a write every 0.1 s) makes its last http and first https request in the
+    same second; a tie counted as http kept it on http for the agent's whole window. Only
+    a client whose one http request after https came within its first https second and
+    that then used http no more is taken for switched; any later http request counts it.
+    """
     everyone = list(clients)
-    latest_https: dict[tuple[str, str], dt.datetime] = {}
+    first_https: dict[tuple[str, str], dt.datetime] = {}
     for c in everyone:
         if c.scheme == "https":
             k = (c.node, c.key)
-            latest_https[k] = max(latest_https.get(k, c.last_seen), c.last_seen)
+            first_https[k] = min(first_https.get(k, c.first_seen), c.first_seen)
     left = [
         c
         for c in everyone
         if c.scheme == "http"
         and now - c.last_seen <= window
-        and c.last_seen >= latest_https.get((c.node, c.key), c.last_seen)
+        and ((c.node, c.key) not in first_https or c.last_seen > first_https[(c.node, c.key)])
     ]
     return sorted(left, key=lambda c: (c.last_seen, c.node, c.key), reverse=True)
 

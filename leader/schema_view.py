@@ -159,7 +159,7 @@ def still_on_http_now(
     clients: Sequence[Client],
     infos: Mapping[str, ClientsInfo],
     now: dt.datetime,
-    fresh: Collection[str] = frozenset(),
+    fresh: Collection[str],
 ) -> list[Client]:
     """Who still needs the client steps: the http clients of nodes that reported, not seen on
     https since (``rollout_core.still_on_http``), each node's judged by its own report while
@@ -188,6 +188,18 @@ def still_on_http_now(
     ]
 
 
+WAITING = "waiting for "  # how a ``report_problems`` reason begins when it is only a wait
+
+
+def waiting_for(node: str) -> str:
+    """Why a restarted leader cannot judge ``node`` yet: its agent has not reported to it.
+    Seconds once the agent is connected; an agent that stays down never reports."""
+    return (
+        f"{WAITING}{node}'s first report since the leader started (seconds once its agent is"
+        " connected; else check it runs: tlsroll status)"
+    )
+
+
 def report_problems(
     store: Store,
     infos: Mapping[str, ClientsInfo],
@@ -205,7 +217,7 @@ def report_problems(
     problems = {}
     for n, info in infos.items():
         if n not in heard:
-            problems[n] = f"waiting for {n}'s first report since the leader started"
+            problems[n] = waiting_for(n)
         elif n in stale:
             problems[n] = (
                 f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"
@@ -229,7 +241,7 @@ def node_clients_views(
     clients: Sequence[Client],
     infos: Mapping[str, ClientsInfo],
     now: dt.datetime,
-    fresh: Collection[str] = frozenset(),
+    fresh: Collection[str],
 ) -> list[schema_pb2.NodeClientsView]:
     """Per node that reported, which clients are on which scheme, by node name; ``fresh``:
     see ``still_on_http_now``."""
@@ -279,7 +291,8 @@ def schema_message(
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
     node_problems: Sequence[NodeProblemRow] = (),
-    fresh: Collection[str] = frozenset(),
+    *,
+    fresh: Collection[str],
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.

@@ -80,7 +80,7 @@ from leader.store import (
 )
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_csr, features, logs, peertext, pki, spiffe
+from tlsroll import bootstrap_csr, features, logs, peertext, pki, spiffe, wire
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
@@ -922,9 +922,16 @@ class Snapshot:
 def clients_said(view: types_pb2.ClientsView) -> tuple[object, ...]:
     """What of a client report makes it worth a write at once: who was seen on which scheme,
     and the window, source and problem. The times and counts alone move with every request a
-    workstation makes; they are written at most every ``clients_persist`` seconds."""
-    who = frozenset((c.scheme, c.address, c.workstation) for c in view.clients[:MAX_CLIENTS])
-    return (who, view.window_seconds, view.source, view.problem)
+    workstation makes; they are written at most every ``clients_persist`` seconds. But who
+    used http again after first using https (``tlsroll.wire.back_on_http``) is news: a
+    revert that moved only an http ``last_seen`` left the stored rows saying it had switched
+    until they aged. It changes once per revert, not per request. An agent older than this
+    sends such a report only when its other fields change or at its bound (its ``report_key``
+    drops the times): the revert then shows as late as before (about 40 s at a 5 s
+    interval)."""
+    shown = view.clients[:MAX_CLIENTS]
+    who = frozenset((c.scheme, c.address, c.workstation) for c in shown)
+    return (who, wire.back_on_http(shown), view.window_seconds, view.source, view.problem)
 
 
 def clients_persist(heartbeat_interval: int, renewing: bool = False) -> dt.timedelta:

@@ -351,6 +351,9 @@ class Store(LeaderStore):
         # The nodes whose client report has been committed since this store opened
         # (``report_since_start``), under ``_seen_lock``.
         self._reports_stored: set[str] = set()
+        # How many times each name was forgotten (``_forget_seen``: removed, enrolled anew),
+        # under ``_seen_lock``: a batch taken before a name was forgotten marks it not.
+        self._forgets: dict[str, int] = {}
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
         # leader's, set by ``LeaderState``).
@@ -456,6 +459,7 @@ class Store(LeaderStore):
             self._seen.pop(name, None)
             self._reported.pop(name, None)
             self._reports_stored.discard(name)
+            self._forgets[name] = self._forgets.get(name, 0) + 1
             self._queued.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
 
@@ -1022,6 +1026,7 @@ class Store(LeaderStore):
         with self._seen_lock:
             records, self._queued = self._queued, {}
             writes, self._queued_writes = self._queued_writes, []
+            forgets = dict(self._forgets)
         if not records and not writes:
             return 0
         switched = False
@@ -1047,8 +1052,12 @@ class Store(LeaderStore):
                 self._queued_writes[:0] = writes
             raise
         if writes:  # (committed: from now on these nodes' stored reports are this leader's)
-            with self._seen_lock:
-                self._reports_stored.update(name for name, _write in writes)
+            with self._seen_lock:  # (not a name forgotten since the batch was taken)
+                self._reports_stored.update(
+                    name
+                    for name, _write in writes
+                    if self._forgets.get(name, 0) == forgets.get(name, 0)
+                )
         if switched:  # the certificate before is accepted no more: not routine
             self._db.touch()
         return len(records) + len(writes)

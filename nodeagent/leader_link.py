@@ -63,7 +63,7 @@ from nodeagent.failure_log import FailureCount, FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, features, logs, spiffe
+from tlsroll import __version__, features, logs, spiffe, wire
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
@@ -238,11 +238,14 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     # ``leader.service.LeaderService._look_at_stages``): a stage made or switched would
     # otherwise cost a message per node and rollout.
     key.ClearField("unswitched_stages")
+    # Who used http again after first using https (``tlsroll.wire.back_on_http``): the times
+    # go, but a client's going back to http is news, once per revert, not per request.
+    back = sorted(wire.back_on_http(key.server.clients.clients))
     for client in key.server.clients.clients:
         client.ClearField("first_seen")
         client.ClearField("last_seen")
         client.ClearField("requests")
-    return key.SerializeToString(deterministic=True)
+    return key.SerializeToString(deterministic=True) + "\0".join(["", *back]).encode()
 
 
 async def _status(stream: _Stream) -> grpc.StatusCode | None:

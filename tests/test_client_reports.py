@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from leader import service
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
@@ -147,12 +147,13 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
     tmp_path: Path,
 ) -> None:
     """The stored report says nobody is on http. The leader is killed, a workstation writes
-    over http meanwhile, the leader starts again before the agent could report to it (the
-    agent held stopped: the moment right after a restart, made to last). A finalize asked at
-    once refuses, saying it waits for node1's first report since the leader started (it took
-    the stored report for fresh and closed http under the workstation, or called it stale
-    though the agent was about to report); the report the agent sends on reconnecting
-    decides: it names the workstation."""
+    over http meanwhile, and the leader starts again with its group commit held back for an
+    hour (``TEST_BATCH_ENV``): the agent reconnects and reports, but its first report is not
+    stored (the moment right after a restart, made to last). With node1 online, a finalize
+    refuses, saying it waits for node1's first report since the leader started (it took the
+    stored report for fresh and closed http under the workstation). The leader killed and
+    started as usual, the report the agent sends on reconnecting decides: it names the
+    workstation."""
     with one_node(tmp_path) as (cluster, node):
         phase1 = phase_1(cluster, tmp_path)
         wait_until(
@@ -162,22 +163,23 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
             interval=SCHEMA_POLL,
         )
         assert on_http_named(cluster, "node1") == []
-        assert node.agent is not None
-        node.agent.send_signal(signal.SIGSTOP)
-        try:
-            cluster.kill_leader()
-            ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
-            visit(ws)
-            cluster.start_leader()
-            refused = cluster.cli("rollout", "finalize", phase1, "--yes")
-            assert refused.returncode == 1, refused.stdout
-            assert (
-                "node1: cannot tell who is on http (waiting for node1's first report since the"
-                " leader started)" in refused.stderr
-            ), refused.stderr
-            assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
-        finally:
-            node.agent.send_signal(signal.SIGCONT)
+        cluster.kill_leader()
+        ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
+        visit(ws)
+        cluster.start_leader({service.TEST_BATCH_ENV: "3600"})
+        cluster.wait_for_nodes_online(["node1"])
+        refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert refused.returncode == 1, refused.stdout
+        assert (
+            "node1: cannot tell who is on http (waiting for node1's first report since the"
+            " leader started (seconds once its agent is connected; else check it runs:"
+            " tlsroll status))" in refused.stderr
+        ), refused.stderr
+        assert "client steps" not in refused.stderr, refused.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
+
+        cluster.kill_leader()
+        cluster.start_leader()
         wait_until(
             lambda: on_http_named(cluster, "node1") == [ws.source],
             60,
@@ -188,3 +190,48 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
         assert named.returncode == 1, named.stdout
         assert f"node1: {ws.source}" in named.stderr and "waiting" not in named.stderr, named
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+
+
+def when(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def sightings(cluster: Cluster, source: str) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """node1's stored sightings of ``source``: scheme -> (first_seen, last_seen)."""
+    clients = node1_clients(cluster).get("clients", {}).get("clients", [])
+    return {
+        c["scheme"]: (when(c["first_seen"]), when(c["last_seen"]))
+        for c in clients
+        if c["address"] == source
+    }
+
+
+@pytest.mark.timeout(300)
+def test_a_workstation_that_alternates_http_and_https_counts_on_http(tmp_path: Path) -> None:
+    """One address writes on http, then on https, then on http and https again (one PC with
+    two programs, a terminal server, a NAT): its https is seen after its last http request,
+    but it used http after it first used https, so it has not switched. Once the stored
+    report holds both schemes that way, a plain finalize refuses, naming it (it went ahead:
+    "seen on https since its last http request" hid it)."""
+    with one_node(tmp_path, clients_refresh=1) as (cluster, node):
+        phase1 = phase_1(cluster, tmp_path)
+        ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
+        for scheme in ("http", "https", "http", "https"):
+            status, _entry = ws.post(scheme, uuid.uuid4().hex)
+            assert status == 201, scheme
+            time.sleep(1.2)  # whole seconds on the server: each write in a later second
+
+        def alternated() -> bool:
+            seen = sightings(cluster, ws.source)
+            return (
+                set(seen) == {"http", "https"}
+                and seen["http"][1] > seen["https"][0]  # http used after https first was
+                and seen["https"][1] > seen["http"][1]  # and https last
+            )
+
+        wait_until(alternated, 60, "both schemes stored as written", interval=SCHEMA_POLL)
+        refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert refused.returncode == 1, refused.stdout
+        assert f"node1: {ws.source}" in refused.stderr, refused.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
+        assert on_http_named(cluster, "node1") == [ws.source]

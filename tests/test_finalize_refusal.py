@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,12 @@ from leader import planner
 from leader.commands import Commands, StillOnHttp
 from leader.rollout_core import Change, Client, NodeState, RolloutEvent, Scope, Strategy
 from leader.schema_store import RolloutMeta, SchemaStore, write_clients
-from leader.schema_view import fresh_reports, still_on_http_now
+from leader.schema_view import (
+    fresh_reports,
+    node_clients_views,
+    schema_message,
+    still_on_http_now,
+)
 from leader.store import Store
 
 NOW = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
@@ -111,9 +117,14 @@ def test_a_report_stored_before_the_leader_started_speaks_for_no_node(tmp_path: 
     with pytest.raises(StillOnHttp) as waiting:
         asyncio.run(commands.finalize("t1", "admin:test"))
     assert waiting.value.unknown == {
-        n: f"waiting for {n}'s first report since the leader started" for n in ("a", "b")
+        n: f"waiting for {n}'s first report since the leader started (seconds once its agent"
+        " is connected; else check it runs: tlsroll status)"
+        for n in ("a", "b")
     }
-    assert "a: cannot tell who is on http (waiting for a's first report since" in str(waiting.value)
+    said = str(waiting.value)
+    assert "a: cannot tell who is on http (waiting for a's first report since" in said
+    # Nothing for the workstations to do: the advice is to finalize again, not the steps.
+    assert said.startswith("finalize cannot tell yet who is on http") and "client steps" not in said
     at = NOW - dt.timedelta(seconds=1)
     http = Client("a", "http", "10.0.0.2", "ws-2", at - dt.timedelta(minutes=1), at, 3)
     report(store, "a", [http], at)
@@ -148,3 +159,30 @@ def test_a_sighting_its_fresh_report_lists_counts_past_the_window_until_one_leav
     clients, infos = schema.clients_report(["a"])
     assert [c.scheme for c in clients] == ["https"]
     assert still_on_http_now(clients, infos, NOW, {"a"}) == []
+
+
+def test_a_report_committed_after_its_node_was_removed_marks_it_not(tmp_path: Path) -> None:
+    """The group commit took a's report, then a was removed (``remove_node``'s
+    ``_forget_seen``, made here while the batch is written: the moment between the take and
+    the mark) and may be enrolled again under its name: the old agent's report does not
+    speak for it as one heard since the leader started (it did: the commit marked it)."""
+    store = Store(tmp_path / "leader.sqlite3")
+    at = NOW - dt.timedelta(seconds=1)
+    https = Client("a", "https", "10.0.0.1", "ws-1", at - dt.timedelta(minutes=9), at, 5)
+
+    def write(db: sqlite3.Connection) -> None:
+        write_clients(db, "a", [https], window_seconds=600, source="refserver", problem="", now=at)
+        store._forget_seen("a")  # removed meanwhile
+
+    store.queue_write("a", write)
+    assert store.write_queued() == 1
+    assert not store.report_since_start("a")
+    report(store, "a", [https], at)  # the next report (a's new agent's) is the one
+    assert store.report_since_start("a")
+
+
+def test_the_nodes_fresh_reports_are_always_given() -> None:
+    """Who is still on http goes by the fresh reports: each caller says which they are (a
+    left-out ``fresh`` judged every node against now, silently: review s44rev4 L3)."""
+    for f in (still_on_http_now, node_clients_views, schema_message):
+        assert inspect.signature(f).parameters["fresh"].default is inspect.Parameter.empty, f

@@ -40,7 +40,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from leader import service
 from leader.layout import read_passphrase
 from leader.planner import report_stale_after
-from leader.service import MAX_AGENT_MESSAGE, LeaderService, LeaderState, clients_persist
+from leader.service import (
+    MAX_AGENT_MESSAGE,
+    LeaderService,
+    LeaderState,
+    clients_persist,
+    clients_said,
+)
 from leader.store import IssuedCert, Store
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess
@@ -2462,3 +2468,37 @@ async def test_a_certificate_holds_two_silent_streams_at_most_and_a_refused_one_
         await until(lambda: not rig.service._open and not rig.service._silent, "all ended")
     finally:
         await rig.close()
+
+
+def _clients(*seen: tuple[str, int, int]) -> types_pb2.ClientsView:
+    """A client report of one workstation (``ws-1``): (scheme, first_seen, last_seen) each."""
+    view = types_pb2.ClientsView(window_seconds=600)
+    for scheme, first, last in seen:
+        c = view.clients.add(scheme=scheme, address="10.0.0.5", workstation="ws-1", requests=1)
+        c.first_seen.seconds, c.last_seen.seconds = first, last
+    return view
+
+
+def test_going_back_to_http_is_news_once_not_per_request() -> None:
+    """A workstation that switched (https first seen after its last http request) and then
+    went back to http changes only its http ``last_seen``: that is news to the agent
+    (``report_key``) and to the leader (``clients_said``), sent and written at once (it was
+    not: the stored rows said it had switched until they aged, and a finalize went ahead).
+    Later requests of either scheme, which move the times only, are not news again."""
+    switched = _clients(("http", 100, 110), ("https", 120, 130))
+    back = _clients(("http", 100, 140), ("https", 120, 130))
+    again = _clients(("http", 100, 150), ("https", 120, 160))  # more requests: no news
+    moved = _clients(("http", 100, 110), ("https", 120, 170))  # a switched one's requests
+
+    def key(view: types_pb2.ClientsView) -> bytes:
+        request = leader_pb2.HeartbeatRequest(agent_version="1")
+        request.server.clients.CopyFrom(view)
+        return report_key(request)
+
+    assert key(switched) != key(back) == key(again)
+    assert key(switched) == key(moved)
+    assert clients_said(switched) != clients_said(back) == clients_said(again)
+    assert clients_said(switched) == clients_said(moved)
+    # A tie (whole seconds) counts as switched, as the leader judges it (``still_on_http``).
+    tie = _clients(("http", 100, 120), ("https", 120, 130))
+    assert key(tie) == key(switched) and clients_said(tie) == clients_said(switched)

@@ -1331,9 +1331,19 @@ def test_still_on_http_is_who_was_on_http_lately_and_not_on_https_since() -> Non
         seen_at("a", "http", "10.0.0.4", 30),  # outside the window
         seen_at("b", "http", "10.9.9.9", 2, ws="ws-front"),
         seen_at("b", "https", "10.9.9.8", 1, ws="ws-front"),  # same workstation, new address
+        # Alternates: https seen last, but http used after https first was (from minute 5).
+        Client("a", "http", "10.0.0.5", "", T0 - 8 * MIN, T0 - 2 * MIN, 4),
+        Client("a", "https", "10.0.0.5", "", T0 - 5 * MIN, T0 - 1 * MIN, 4),
+        # Same second on both schemes (whole seconds): a switch made at once, switched.
+        Client("a", "http", "10.0.0.6", "", T0 - 8 * MIN, T0 - 6 * MIN, 4),
+        Client("a", "https", "10.0.0.6", "", T0 - 6 * MIN, T0 - 1 * MIN, 4),
     ]
     left = still_on_http(clients, T0, dt.timedelta(minutes=10))
-    assert [(c.node, c.address) for c in left] == [("a", "10.0.0.1"), ("a", "10.0.0.3")]
+    assert [(c.node, c.address) for c in left] == [
+        ("a", "10.0.0.1"),
+        ("a", "10.0.0.5"),
+        ("a", "10.0.0.3"),
+    ]
 
 
 def test_a_node_is_quiet_once_no_http_client_was_seen_for_the_duration() -> None:

@@ -456,7 +456,7 @@ def test_clients_reports_are_merged_so_a_server_restart_forgets_no_workstation(
         store.record_clients(
             "a", clients, window_seconds=3600, source="refserver", problem="", now=now
         )
-        return still_on_http_now(store.clients(["a"]), store.clients_info(), now)
+        return still_on_http_now(store.clients(["a"]), store.clients_info(), now, frozenset())
 
     assert [c.workstation for c in report(at, gone, stays)] == ["ws-7"]
     restarted = at + dt.timedelta(minutes=30)  # 18:05: the server forgot both

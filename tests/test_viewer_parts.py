@@ -338,7 +338,7 @@ def test_the_served_certificates_query_and_its_oracle_follow_one_list_of_changes
     run_rollout(schema, "r2", Change.ROTATE_CERT, fail="a")
 
     def both() -> tuple[dict[str, str], dict[str, str]]:
-        drawn = server_certs(schema_message(schema.all(), set(), NOW))
+        drawn = server_certs(schema_message(schema.all(), set(), NOW, fresh=frozenset()))
         served = schema.served_certificates()
         return {c.subject: c.fingerprint for c in drawn}, {n: f for n, (f, _) in served.items()}
 
@@ -406,7 +406,7 @@ def test_a_transitional_phase_1_and_its_finalize_leave_each_node_serving_its_cer
 
     def seen() -> tuple[dict[str, str], ...]:
         served = {n: f for n, (f, _) in schema.served_certificates().items()}
-        drawn = server_certs(schema_message(schema.all(), set(), NOW))
+        drawn = server_certs(schema_message(schema.all(), set(), NOW, fresh=frozenset()))
         warned = {e.subject: e.fingerprint for e in watch.warnings() if e.kind == "server"}
         return served, {c.subject: c.fingerprint for c in drawn}, warned
 

@@ -241,3 +241,24 @@ def from_json(data: object) -> tuple[list[ClientSeen], int | None, str]:
             first_bad = first_bad or f"clients[{i}]: {exc}"
     problem = f"{bad} malformed entries left out (first: {first_bad})" if bad else ""
     return clients, window, problem[:MAX_PROBLEM]
+
+
+def used_http_after_https(
+    seen: Iterable[tuple[str, str, tuple[int, int], tuple[int, int]]],
+) -> frozenset[str]:
+    """Of ``seen`` (scheme, key, first_seen, last_seen: a key its workstation name where
+    known, else its address; times as (seconds, nanos)), the keys seen on both schemes whose
+    last http request came after their first https one: not switched (the leader's
+    ``rollout_core.still_on_http``; a tie counts as switched). What makes a client's going back
+    to http news in a report (the agent's ``report_key``, the leader's ``clients_said``):
+    the times alone move with every request and are not, so a revert that moves only the
+    http ``last_seen`` waited for the stored copy to age. It changes once per revert (or
+    switch), not per request."""
+    first_https: dict[str, tuple[int, int]] = {}
+    last_http: dict[str, tuple[int, int]] = {}
+    for scheme, key, first, last in seen:
+        if scheme == "https":
+            first_https[key] = min(first_https.get(key, first), first)
+        elif scheme == "http":
+            last_http[key] = max(last_http.get(key, last), last)
+    return frozenset(k for k, at in last_http.items() if k in first_https and at > first_https[k])

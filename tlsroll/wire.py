@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -177,4 +178,20 @@ def clients_view(msg: types_pb2.ClientsView) -> ClientsView:
         msg.window_seconds,
         msg.source,
         msg.problem,
+    )
+
+
+def back_on_http(clients: Iterable[types_pb2.ClientSeen]) -> frozenset[str]:
+    """``tlsroll.clients.used_http_after_https`` of a report's clients (the agent's
+    ``report_key``, the leader's ``clients_said``)."""
+    from tlsroll.clients import used_http_after_https  # noqa: PLC0415
+
+    return used_http_after_https(
+        (
+            c.scheme,
+            c.workstation or c.address,
+            (c.first_seen.seconds, c.first_seen.nanos),
+            (c.last_seen.seconds, c.last_seen.nanos),
+        )
+        for c in clients
     )
