@@ -12,6 +12,8 @@ import os
 import socket
 from pathlib import Path
 
+from tlsroll import peertext
+
 
 def _proc_addr(hexaddr: str) -> tuple[str, int]:
     host, port = hexaddr.split(":")
@@ -78,8 +80,10 @@ def _describe(pid: str) -> str:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # it exited after we saw the socket: name it by its pid alone
         return f"a process that has just exited (pid {pid})"
-    cmdline = raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
-    return f"{comm} (pid {pid}: {cmdline[:120]})"
+    # Another user's words, in a reason that goes into one-line errors and the leader's plan
+    # (a newline or an escape sequence in an argument split or coloured them: s44cli).
+    cmdline = peertext.clean(raw.replace(b"\0", b" ").decode("utf-8", "replace"), 120)
+    return f"{peertext.clean(comm, 32)} (pid {pid}: {cmdline})"
 
 
 def holder(address: str, port: int) -> str | None:

@@ -181,6 +181,39 @@ def test_holder_names_this_process_although_an_fd_vanishes_during_the_scan(
         listener.close()
 
 
+def test_holder_names_a_process_with_a_newline_in_its_arguments_in_one_line(
+    loopback: Callable[[], str],
+) -> None:
+    """Session 44: the reason a preflight gives for a taken port quotes the holder's command
+    line, which any user may fill with a newline or an escape sequence; it went as it was
+    into ``tlsroll plan``'s one-line refusal and split it. A real process listens here with
+    such arguments."""
+    address = loopback()
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket(); s.bind((sys.argv[1], 0)); s.listen()\n"
+        "print(s.getsockname()[1], flush=True); time.sleep(30)\n"
+    )
+    child = subprocess.Popen(  # (its argv[0], first in the command line: the words are cut)
+        ["first\nsecond \x1b[31mred\tend", "-c", code, address],
+        executable=sys.executable,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        who = ports.holder(address, port)
+        assert who is not None and f"(pid {child.pid}:" in who, who
+        assert "first second [31mred end" in who, who
+        assert who.isprintable(), who
+    finally:
+        child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
 def test_finding_a_ports_listener_decodes_only_the_lines_on_that_port(
     loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
