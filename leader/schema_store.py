@@ -1637,6 +1637,7 @@ def write_clients(
     ``last_http_at`` on. Merged, not replaced: the server's own log may forget (the
     reference server keeps it in memory and phase 1 restarts it), and a workstation seen
     on http before that must still be named and still refuse a plain finalize. A row the
+    report lists takes its times from this report (one message, one clock shift). A row the
     report does not list goes once its ``last_seen`` is older than the agent's window (one
     it lists stays while it does); at most
     ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text): at
@@ -1653,9 +1654,16 @@ def write_clients(
     db.executemany(
         "INSERT INTO node_clients (node, scheme, address, workstation,"
         " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        # A row the report lists takes the report's own times, both of them: each message's
+        # times are moved onto the leader's clock by that message's own shift (its transit,
+        # a node clock ahead: ``service.client_rows``), so a first_seen kept from one message
+        # and a last_seen from another could be in the wrong order by that difference, and
+        # who has switched is decided by their order (``rollout_core.still_on_http``: a clean
+        # switch showed on http again for the window; review s44rev6 H1). A row the report no
+        # longer lists (the server forgot it) keeps what was stored, as before.
         " ON CONFLICT(node, scheme, address, workstation) DO UPDATE SET"
-        " first_seen = min(first_seen, excluded.first_seen),"
-        " last_seen = max(last_seen, excluded.last_seen),"
+        " first_seen = excluded.first_seen,"
+        " last_seen = excluded.last_seen,"
         " requests = max(requests, excluded.requests)",
         [
             (

@@ -161,6 +161,31 @@ def test_a_sighting_its_fresh_report_lists_counts_past_the_window_until_one_leav
     assert still_on_http_now(clients, infos, NOW, {"a"}) == []
 
 
+@pytest.mark.parametrize("shifts", [(0.0021, 0.0034), (0.0034, 0.0021), (0.0, -30.0)])
+def test_a_clean_switch_stays_switched_whatever_each_report_s_clock_shift(
+    tmp_path: Path, shifts: tuple[float, float]
+) -> None:
+    """Review s44rev6 H1: a workstation's last http and first https request in one second
+    (the demo's), reported twice. Each message's times are moved onto the leader's clock by
+    its own shift (its transit: milliseconds; a node clock ahead: seconds), and the store kept
+    the earliest first_seen and the latest last_seen over the writes: the https first_seen
+    of one message and the http last_seen of another, out of order by the shifts'
+    difference, put the switched workstation back on http for the agent's window."""
+    schema, _commands = cluster(tmp_path)
+    store = _commands.store
+    seen = NOW - dt.timedelta(seconds=30)
+    for n, shift in enumerate(shifts):
+        at = seen + dt.timedelta(seconds=2 + n, milliseconds=shift * 1000)
+        moved = dt.timedelta(seconds=shift)
+        http = Client(
+            "a", "http", "10.0.0.5", "", seen - dt.timedelta(minutes=5) + moved, seen + moved, 40
+        )
+        https = Client("a", "https", "10.0.0.5", "", seen + moved, seen + moved, 3 + n)
+        report(store, "a", [http, https], at)
+        clients, infos = schema.clients_report(["a"])
+        assert still_on_http_now(clients, infos, NOW, {"a"}) == [], (n, clients)
+
+
 def test_a_report_committed_after_its_node_was_removed_marks_it_not(tmp_path: Path) -> None:
     """The group commit took a's report, then a was removed (``remove_node``'s
     ``_forget_seen``, made here while the batch is written: the moment between the take and

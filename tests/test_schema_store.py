@@ -464,7 +464,9 @@ def test_clients_reports_are_merged_so_a_server_restart_forgets_no_workstation(
     assert [c.workstation for c in report(restarted, again)] == ["ws-7"]
     merged = {(c.scheme, c.workstation): c for c in store.clients(["a"])}
     assert merged[("http", "ws-7")] == gone
-    assert merged[("https", "ws-1")] == replace(stays, last_seen=restarted)  # min, max, max
+    # listed again: the report's own times (one message, one clock shift: review s44rev6
+    # H1), the most requests
+    assert merged[("https", "ws-1")] == replace(stays, first_seen=restarted, last_seen=restarted)
     moved = replace(gone, scheme="https", first_seen=restarted, last_seen=restarted)
     assert report(restarted, moved) == []  # seen on https since: moved, though still stored
     assert ("http", "ws-7") in {(c.scheme, c.workstation) for c in store.clients(["a"])}
