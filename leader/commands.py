@@ -49,7 +49,7 @@ from leader.schema_store import (
     SchemaStore,
     StaleRecords,
 )
-from leader.schema_view import WAITING, report_problems, still_on_http_now
+from leader.schema_view import report_problems, still_on_http_now, waiting_for
 from leader.store import Store
 from tlsroll import logs, password
 from tlsroll.errors import TerminalError
@@ -149,11 +149,21 @@ class StillOnHttp(TerminalError):
             f"let the leader finalize each node once it is quiet (tlsroll rollout finalize "
             f"{rollout_id} --when-quiet 30m), or cut them off (--force)"
         )
-        if not left and all(why.startswith(WAITING) for why in unknown.values()):
-            # Only a restarted leader's wait: nothing for the workstations to do.
+        if not left and unknown and all(why == waiting_for(n) for n, why in unknown.items()):
+            # Only a restarted leader's wait, of seconds: nothing for the workstations to do,
+            # nothing to cut off (review s44rev6 L4: "cannot tell" twice, brackets nested).
+            names = sorted(unknown)
+            who = ", ".join(names[: planner.MAX_NAMED])
+            if len(names) > planner.MAX_NAMED:
+                who += f" and {len(names) - planner.MAX_NAMED} more"
+            agents, run = (
+                ("its agent is", "it runs") if len(names) == 1 else ("their agents are", "they run")
+            )
             super().__init__(
-                f"finalize cannot tell yet who is on http: {shown}. Finalize again once it "
-                f"has reported; or {quiet}"
+                f"finalize waits for the first client report since the leader started from "
+                f"{who} (seconds once {agents} connected; else check {run}: tlsroll status); "
+                f"finalize again then, or let the leader finalize each node once it is quiet "
+                f"(tlsroll rollout finalize {rollout_id} --when-quiet 30m)"
             )
         else:
             super().__init__(
