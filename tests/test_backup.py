@@ -33,6 +33,7 @@ from tests.cluster import (
     enrol_request,
     one_line_error,
     secure_channel,
+    wait_until,
 )
 from tests.conftest import next_loopback
 from tlsroll import pki, spiffe
@@ -238,8 +239,17 @@ def test_a_node_that_renewed_its_certificate_after_the_backup_is_back_after_a_re
         pki.write_cert(n1.cert_file, renewed)
         restore(c, dest, passphrase)
         c.start_leader()
+        up = dt.datetime.now(dt.UTC)
         n1.start()
         c.wait_for_nodes_online(["n1", "n2"])
+        # n2's agent heard by the restarted leader (not only online by its stored time, which
+        # the backup's moment makes recent): "live" below is about an agent beating with the
+        # backup's certificate (ci24, a loaded machine: the refusal came before n2's beat).
+        wait_until(
+            lambda: c.list_nodes()["n2"].last_heartbeat.ToDatetime(dt.UTC) > up,
+            20,
+            "n2's agent heard by the restarted leader",
+        )
         assert c.leader.event_names().count("store.restored") == 1
         assert c.list_nodes()["n1"].cert_serial == f"{renewed.serial_number:x}"
         [relearned] = [e for e in c.store_table("audit") if e["kind"] == "node.relearned"]

@@ -691,7 +691,9 @@ async def test_a_client_report_from_before_a_step_back_stays_stale_after_a_resta
         commands = Commands(state.store, schema, state.clock, state.online, "hb1", lambda: None)
         # (Since s44 a report stored before the leader started speaks for no node until its
         # agent reports to this leader, whatever its time says: a stronger refusal.)
-        with pytest.raises(StillOnHttp, match="waiting for hb1's first report since") as refused:
+        with pytest.raises(
+            StillOnHttp, match="first client report since the leader started from hb1"
+        ) as refused:
             await commands.finalize("t1", "admin:test")
         assert set(refused.value.unknown) == {"hb1", "hb2"}
         assert schema.follower("t1") is None  # nothing started
