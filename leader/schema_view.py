@@ -188,14 +188,11 @@ def still_on_http_now(
     ]
 
 
-WAITING = "waiting for "  # how a ``report_problems`` reason begins when it is only a wait
-
-
 def waiting_for(node: str) -> str:
     """Why a restarted leader cannot judge ``node`` yet: its agent has not reported to it.
     Seconds once the agent is connected; an agent that stays down never reports."""
     return (
-        f"{WAITING}{node}'s first report since the leader started (seconds once its agent is"
+        f"waiting for {node}'s first report since the leader started (seconds once its agent is"
         " connected; else check it runs: tlsroll status)"
     )
 
