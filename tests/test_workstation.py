@@ -2228,6 +2228,98 @@ async def test_no_enrol_over_an_enrolled_dir_takes_the_client_files_out_of_place
     assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
 
 
+def older_pair(ca: pki.CertificateAuthority, common_name: str) -> tuple[bytes, bytes]:
+    """A client key and certificate (PEM) of ``ca`` for ``common_name``, issued two days ago
+    (before any the tests enrol now) and valid for four weeks more."""
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=2))
+        .not_valid_after(now + dt.timedelta(days=28))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return pki.key_to_pem(key), pki.cert_to_pem(cert)
+
+
+@pytest.mark.parametrize(
+    "case", ["in place of another name", "in place superseded", "kept aside of another name"]
+)
+async def test_no_enrol_never_loses_a_pair_that_may_still_be_valid(
+    case: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s45ws item 1: ``--ca-pin PIN --no-enrol`` over a settings dir whose .enrolment-kept
+    held a newer pair removed the pair in place, even another name's, which the leader still
+    holds valid (its key nowhere else); a pair kept aside older than the one in place was
+    overwritten alike. The older of the two is kept in .settings-replaced (0700, its key
+    0600), as a set a new enrolment replaced, when it may still be valid (another name's or
+    another CA's), and that is said; one the newer pair of its name superseded (the
+    cluster's CA) is removed, as before."""
+    node = nodes["tls"]
+    d = tmp_path / "settings"
+    async with bootstrap_on(node, test_ca):
+        pw = password_file(PASSWORD)
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        enrolled = ((d / "client.key").read_bytes(), (d / "client.pem").read_bytes())
+        if case == "kept aside of another name":
+            other = older_pair(test_ca, "ws-other")
+            newer, older = enrolled, other
+        else:
+            other = client_pair(
+                test_ca, "ws-other" if "another" in case else "ws-pc-test", expired=False
+            )
+            newer, older = other, enrolled
+        assert (
+            pki.load_cert_pem(newer[1]).not_valid_before_utc
+            > pki.load_cert_pem(older[1]).not_valid_before_utc
+        )
+        settings_files.keep(d, *other)
+        run = await run_cli(node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes")
+    assert run.code == 0, run.err
+    assert settings_of(tmp_path)["client_cert_file"] is None
+    assert settings_files.kept_pair(d) == newer
+    if case == "in place superseded":
+        assert sorted(os.listdir(d)) == [KEPT, "ca.pem", "settings.json"]
+        assert (
+            "note      the earlier enrolment's client.key and client.pem removed (expired, "
+            f"unreadable, superseded or not a pair): enrolling again uses the newer pair in "
+            f"{d / KEPT}"
+        ) in run.out, run.out
+        return
+    assert sorted(os.listdir(d)) == [KEPT, REPLACED, "ca.pem", "settings.json"]
+    assert (
+        (d / REPLACED / "client.key").read_bytes(),
+        (d / REPLACED / "client.pem").read_bytes(),
+    ) == older
+    assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    name = pki.names_of(pki.load_cert_pem(older[1])).common_name
+    than = "ws-pc-test" if case == "kept aside of another name" else "ws-other"
+    said = f"(client certificate {name} of another name than {than}, valid until "
+    assert (
+        said in run.out
+        and f"{d / REPLACED}; remove that folder once {name} is no longer needed" in run.out
+    ), run.out
+    # (Still of use: the server takes it.)
+    ctx = client_context(
+        test_ca.cert_pem,
+        cert_file=d / REPLACED / "client.pem",
+        key_file=d / REPLACED / "client.key",
+    )
+    assert nodes["mtls"].server.request("GET", scheme="https", context=ctx).status == 200
+
+
 async def test_a_numeric_host_not_written_as_an_ipv4_address_is_refused(run_cli: Any) -> None:
     """Audit s39ws L5: 127.000.000.010 went to 127.0.0.8 (the resolver reads a leading zero as
     octal): one line, exit 2, before anything is sent."""

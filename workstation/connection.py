@@ -49,7 +49,10 @@ Each password attempt costs one exchange with the node, which counts the failure
 is "too old: upgrade the agent".
 
 ``--ca-pin PIN --no-enrol`` trusts the CA by the pin and writes the settings without a client
-certificate, with no password involved at all.
+certificate, with no password involved at all. The client key and certificate in place are
+taken out of place (``.enrolment-kept``, the newer of them and a pair kept there before); the
+older of the two, if it may still be valid (another name's or another CA's), is kept in
+``.settings-replaced``, said, as a set an enrolment replaced (s45ws: it was removed).
 
 Exit codes (every error is one line on stderr; the password is never printed):
 
@@ -1421,16 +1424,22 @@ class TestConnection:
                 "leader, frees the name); it goes by itself once that certificate has expired"
             )
         if client_pem is None:
-            self._set_aside(d)
+            self._set_aside(d, bundle)
 
     def _worth_keeping(
-        self, key_pem: bytes, cert_pem: bytes, bundle: Sequence[x509.Certificate]
+        self,
+        key_pem: bytes,
+        cert_pem: bytes,
+        bundle: Sequence[x509.Certificate],
+        superseding: str | None = "",
     ) -> tuple[str, str] | None:
         """Why a client key and certificate about to be replaced are worth keeping: a pair
         that holds together, is valid now, and that this enrolment did not supersede (the
         leader revokes every other certificate of the name it signs: one of this name from a
         CA of the cluster's ``bundle``), i.e. another name's or another CA's. None if not
-        worth keeping (expired, unreadable, or superseded); else its name, and why."""
+        worth keeping (expired, unreadable, or superseded); else its name, and why.
+        ``superseding``: the name whose signing superseded it (default: this run's name;
+        None: none did, as the newer pair is not of the cluster's CA)."""
         try:
             cert = pki.load_cert_pem(cert_pem)
             pki.check_valid_now(cert)
@@ -1442,27 +1451,80 @@ class TestConnection:
         valid = f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
         if not any(pki.issued_by(cert, ca) for ca in bundle):
             return name, f"of another CA than this cluster's, {valid}"
-        if name != self.workstation:
-            return name, f"of another name than this one, {valid} (the leader still holds it)"
+        if superseding is None:
+            return name, f"not superseded by the newer one, {valid}"
+        if name != (superseding or self.workstation):
+            than = "this one" if not superseding else one_line(superseding, 64)
+            return name, f"of another name than {than}, {valid} (the leader still holds it)"
         return None
 
-    def _set_aside(self, d: Path) -> None:
+    def _superseding(self, cert_pem: bytes, bundle: Sequence[x509.Certificate]) -> str | None:
+        """The name of a client certificate (PEM) if its signing superseded the older
+        certificates of that name: one of a CA of the cluster's ``bundle``; else None."""
+        try:
+            cert = pki.load_cert_pem(cert_pem)
+            name = pki.names_of(cert).common_name
+        except (PKIError, ValueError, TypeError, x509.DuplicateExtension):
+            return None
+        return name if any(pki.issued_by(cert, ca) for ca in bundle) else None
+
+    def _set_aside(self, d: Path, bundle: Sequence[x509.Certificate]) -> None:
         """Settings without a client certificate are in place: an earlier enrolment's
         client.key and client.pem are taken out of place (software that reads those names
         would use what these settings do not), kept to prove this PC's name at its next
-        enrolment (audit s39ws L3: they stayed, unmentioned)."""
+        enrolment (audit s39ws L3: they stayed, unmentioned). Of them and a pair kept aside
+        before, the older is kept in ``settings_files.REPLACED`` when it may still be valid
+        (``_worth_keeping``: another name's or another CA's), and that is said (s45ws: it
+        was removed, its key nowhere else)."""
+        older: list[tuple[str, str]] = []
+
+        def worth(key_pem: bytes, cert_pem: bytes, newer_pem: bytes) -> bool:
+            why = self._worth_keeping(
+                key_pem, cert_pem, bundle, self._superseding(newer_pem, bundle)
+            )
+            if why is not None:
+                older.append(why)
+            return why is not None
+
         try:
-            moved = settings_files.set_aside(d)
+            done = settings_files.set_aside(d, worth)
         except OSError as exc:
             self.ui.say(
                 f"note      the earlier enrolment's client.key and client.pem are still in {d} "
-                f"({exc.strerror or exc}); these settings do not use them: delete them"
+                f"({exc.strerror or exc}); these settings do not use them: move them out "
+                "(keep them if that certificate is still needed)"
             )
             return
-        if moved is not None:
+        if done is None:
+            return
+        kept_older = f"client certificate {older[-1][0]} {older[-1][1]}" if older else ""
+        if done.moved:
             self.ui.say(
-                f"note      the earlier enrolment's client.key and client.pem moved to {moved}: "
-                "these settings use no client certificate (enrolling again uses them)"
+                f"note      the earlier enrolment's client.key and client.pem moved to "
+                f"{done.kept}: these settings use no client certificate (enrolling again uses "
+                "them)"
+            )
+            if done.replaced is not None and older:
+                self.ui.say(
+                    f"note      the pair kept there before ({kept_older}) moved to "
+                    f"{done.replaced}; remove that folder once {older[-1][0]} is no longer needed"
+                )
+        elif done.replaced is not None and older:
+            self.ui.say(
+                f"note      the earlier enrolment's client.key and client.pem ({kept_older}) "
+                f"moved to {done.replaced}; remove that folder once {older[-1][0]} is no longer "
+                f"needed (these settings use no client certificate; enrolling again uses the "
+                f"newer pair in {done.kept})"
+            )
+        else:
+            newer = (
+                f": enrolling again uses the newer pair in {done.kept}"
+                if settings_files.kept_pair(d) is not None
+                else ""
+            )
+            self.ui.say(
+                "note      the earlier enrolment's client.key and client.pem removed (expired, "
+                f"unreadable, superseded or not a pair){newer}"
             )
 
     def check_not_root_in_a_users_dir(self) -> None:

@@ -27,7 +27,8 @@ certificate in place), or an enrolment a run without one (``--no-enrol``) took o
 next enrolment proves with it that it is the same PC (``bootstrap_csr.Reenrolment``); once an
 enrolment is in place it is removed.
 
-``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced, when the
+``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced (or, of the
+two pairs a run without one takes out of place, ``set_aside``, the older: s45ws), when the
 caller says its client key and certificate are worth keeping (``replace``'s ``keep_replaced``:
 one that may still be valid, another name's or another CA's, whose key would otherwise be gone:
 s43rev3 Low 4). One set at most: a later one takes its place. It is copied beside the staging
@@ -54,6 +55,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -215,25 +217,57 @@ def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
     return kept
 
 
-def set_aside(directory: Path) -> Path | None:
+class SetAside(NamedTuple):
+    """What ``set_aside`` did: ``kept`` is ``KEPT`` (where this PC's newest pair is now);
+    ``moved``: the pair in place went there (else it was the older, or not a pair);
+    ``replaced``: ``REPLACED`` if the older pair went there (worth keeping), else None."""
+
+    kept: Path
+    moved: bool
+    replaced: Path | None
+
+
+def set_aside(
+    directory: Path, worth: Callable[[bytes, bytes, bytes], bool] | None = None
+) -> SetAside | None:
     """Take ``client.key`` and ``client.pem`` out of place (a set without a client certificate
-    is in place): into ``KEPT`` unless it holds a pair issued later already (then they are
-    removed; a certificate that cannot be read counts as the older). Returns ``KEPT`` (where
-    this PC's newest pair is now), None if there were none. Raises OSError."""
+    is in place): into ``KEPT`` unless it holds a pair issued later already (a certificate
+    that cannot be read counts as the older). Of the two pairs, the older one (the one in
+    place, or the one ``KEPT`` held) is not lost if ``worth(key_pem, cert_pem,
+    newer_cert_pem)`` says it may still be valid (another name's or another CA's: the
+    newer did not supersede it; s45ws): it takes the place of ``REPLACED``, as a set a new
+    enrolment replaced does (one set at most: a set there before goes); else it is removed.
+    None if there was no client file in place. Raises OSError; a pair is removed only once it
+    is kept elsewhere."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
             return None
+        moved, replaced = False, None
         if len(present) == len(CLIENT):
             pair = {n: (directory / n).read_bytes() for n in CLIENT}
-            if not os.path.lexists(directory / KEPT) or _newer(
-                pair["client.pem"], kept_pair(directory)
+            in_place = (pair["client.key"], pair["client.pem"])
+            before = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
+            moved = not os.path.lexists(directory / KEPT) or _newer(pair["client.pem"], before)
+            older, newer = (before, in_place) if moved else (in_place, before)
+            if (
+                older is not None
+                and newer is not None
+                and worth is not None
+                and worth(older[0], older[1], newer[1])
             ):
+                _drop(directory, REPLACED_NEW)
+                files = {"client.key": (older[0], PRIVATE), "client.pem": (older[1], PUBLIC)}
+                _keep(directory, files, REPLACED_NEW)
+                _put_replaced(directory)
+                fsync_dir(directory)
+                replaced = directory / REPLACED
+            if moved:
                 _keep(directory, {n: (data, _mode(n)) for n, data in pair.items()})
         for name in present:
             os.unlink(directory / name)
         fsync_dir(directory)
-        return directory / KEPT
+        return SetAside(directory / KEPT, moved, replaced)
 
 
 def kept_pair(directory: Path) -> tuple[bytes, bytes] | None:
