@@ -18,11 +18,13 @@ import os
 import pty
 import pwd
 import select
+import shutil
 import socket
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, suppress
@@ -2136,6 +2138,91 @@ async def test_what_blocks_keeping_the_set_replaced_is_removed_or_said(
         f"this PC (ws-other) is kept in {d / KEPT}"
     ) in run.error, run.error
     assert settings_set(d) == before and not os.path.lexists(d / REPLACED)
+
+
+async def as_nobody(*args: str) -> tuple[int, str, str]:
+    """``tlsroll client test-connection ARGS`` run as nobody (a child, setpriv), its exit code,
+    stdout and stderr; the test's event loop serves the bootstrap service meanwhile."""
+    proc = await asyncio.create_subprocess_exec(
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        *command("tlsroll", "tlsroll.cli"),
+        "client",
+        "test-connection",
+        *args,
+        "--timeout",
+        "5",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env({"HOME": "/"}),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_kept_set_that_cannot_be_removed_names_itself_and_the_way_out(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+) -> None:
+    """s45ws item 2: where the set kept in .settings-replaced before could not be removed as
+    a new enrolment's set was committed (a directory in it root's, the run a user's), the run
+    said "cannot write the settings to D: Permission denied" (its set was committed), and every
+    later run "cannot finish the settings an interrupted run left in D: Permission denied",
+    no path, no way out. Both name the file that cannot be removed and say to move
+    .settings-replaced out of the way; once it is, the next run completes the set. Real
+    permissions: the runs are nobody's (setpriv), the directory in the way root's."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the client as another user")
+    node = nodes["mtls"]
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-ws-"))
+    root.chmod(0o755)  # (the way to the settings dir open to nobody)
+    try:
+        d = root / "settings"
+        pw = root / "password"
+        write_atomic(pw, (PASSWORD + "\n").encode(), PRIVATE)
+        args = ("--password-file", str(pw), "--yes", "--settings-dir", str(d))
+        async with bootstrap_on(node, test_ca):
+            assert (await run_cli(node.url, *args)).code == 0  # ws-pc-test, in place
+            before = settings_set(d)
+            (d / REPLACED).mkdir(mode=0o700)  # a set kept before, and root's dir in it
+            (d / REPLACED / "stuck").mkdir(mode=0o755)
+            (d / REPLACED / "stuck" / "f").write_bytes(b"root's")
+            for path in (root, pw, d, *d.rglob("*")):
+                if path.parent.name != "stuck" and path.name != "stuck" and path != root:
+                    os.lchown(path, 65534, 65534)
+            stuck = d / REPLACED / "stuck" / "f"
+            code, _, err = await as_nobody(node.url, *args, "--name", "other")
+            assert code == 1, err
+            assert len(err.strip().splitlines()) == 1, err
+            assert err.startswith(
+                f"tlsroll: error: the new settings are committed in {d}, but not finished: "
+                f"{stuck} cannot be removed (Permission denied); move {d / REPLACED} out of "
+                f"{d} as its owner or root (keep it if its certificate is still needed), then "
+                "run this again"
+            ), err
+            http = f"http://{node.address}:8080{APP}"
+            for _ in range(2):  # each later run, the same
+                code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+                assert (code, out) == (1, ""), err
+                assert err.strip() == (
+                    f"tlsroll: error: cannot finish the settings an interrupted run left in "
+                    f"{d}: {stuck} cannot be removed (Permission denied); move {d / REPLACED} "
+                    f"out of {d} as its owner or root (keep it if its certificate is still "
+                    "needed), then run this again"
+                ), err
+            os.rename(d / REPLACED, root / "kept-before")  # what the admin does
+            code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+        assert code == 3, err
+        assert f"settings  an interrupted run's new settings completed in {d}" in out, out
+        assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-other"
+        assert settings_set(d / REPLACED) == before
+        assert not os.path.lexists(d / STAGING)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(

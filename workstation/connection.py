@@ -1406,6 +1406,12 @@ class TestConnection:
             kept = settings_files.replace(
                 d, files, check, worth_keeping if client_pem is not None else None
             )
+        except settings_files.Unfinished as exc:
+            raise ClientError(
+                Exit.FAILURE,
+                f"the new settings are committed in {d}, but not finished: "
+                f"{_at_fault(d, exc.error)}",
+            ) from None
         except OSError as exc:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
@@ -1662,9 +1668,9 @@ class TestConnection:
         try:
             done = settings_files.finish(d)
         except OSError as exc:
-            why = exc.strerror or exc
             raise ClientError(
-                Exit.FAILURE, f"cannot finish the settings an interrupted run left in {d}: {why}"
+                Exit.FAILURE,
+                f"cannot finish the settings an interrupted run left in {d}: {_at_fault(d, exc)}",
             ) from None
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
@@ -1700,6 +1706,21 @@ class TestConnection:
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise CheckFailed(f"{server.url} answered HTTP {reply.status}")
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
+
+
+def _at_fault(d: Path, exc: OSError) -> str:
+    """What failed in finishing a committed set in the settings dir ``d`` (``exc``, its
+    ``filename`` the path at fault), and what to do, for the one line (s45ws: "Permission
+    denied", each later run stopped by it without a path or a way out)."""
+    why = exc.strerror or str(exc)
+    path = Path(exc.filename) if exc.filename else d
+    replaced = d / settings_files.REPLACED
+    if path == replaced or replaced in path.parents:
+        return (
+            f"{path} cannot be removed ({why}); move {replaced} out of {d} as its owner or "
+            "root (keep it if its certificate is still needed), then run this again"
+        )
+    return f"{path}: {why}; fix that as its owner or root, then run this again"
 
 
 def _replaced_not_kept(

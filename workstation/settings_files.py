@@ -91,6 +91,15 @@ class ReplacedNotKept(TerminalError):
         self.reading = reading
 
 
+class Unfinished(TerminalError):
+    """The new set was committed, and a later step failed: ``error`` (an OSError, its
+    ``filename`` the whole path at fault). The next ``finish`` tries again."""
+
+    def __init__(self, error: OSError, directory: Path) -> None:
+        super().__init__(f"{directory}: {error}")
+        self.error = error
+
+
 class Finished(Enum):
     """What ``finish`` did with an interrupted run's staging."""
 
@@ -106,7 +115,8 @@ def replace(
 ) -> Path | None:
     """Replace the files ``files`` names (``{name: (data, mode)}``, names of ``NAMES``) in
     ``directory`` (which exists) as one set; the others stay. Raises OSError; when it does, the
-    directory holds the old set, or a committed new one that the next ``finish`` completes.
+    directory holds the old set, or a committed new one that the next ``finish`` completes
+    (``Unfinished`` when it was committed: its files may be in place already).
     ``NewerStaging`` (nothing written) if a newer tlsroll's run is left to finish.
 
     ``check(staging)``, if given, is called with the new files staged (in the directory it
@@ -149,7 +159,10 @@ def replace(
             with contextlib.suppress(OSError):  # else the next run removes it
                 _discard(directory, staging)
             raise
-        _roll_forward(directory, staging, order + [REPLACED] * bool(kept))
+        try:
+            _roll_forward(directory, staging, order + [REPLACED] * bool(kept))
+        except OSError as exc:
+            raise Unfinished(exc, directory) from None
         if "client.key" in files:  # an enrolment in place: nothing kept aside is wanted now
             with contextlib.suppress(OSError):  # committed: a pair left there is older, and the
                 _drop_kept(directory)  # next run goes by the newest (``connection``)
@@ -426,11 +439,23 @@ def _remove(directory: Path, staging: Path) -> None:
         fsync_dir(staging)
     for name in os.listdir(staging):
         if stat.S_ISDIR(os.lstat(staging / name).st_mode):
-            shutil.rmtree(staging / name)
+            _rmtree(staging / name)
         else:
             os.unlink(staging / name)
     os.rmdir(staging)
     fsync_dir(directory)
+
+
+def _rmtree(path: Path) -> None:
+    """``shutil.rmtree``, whose error names the file that could not be removed by its whole
+    path (it gives only its last part: s45ws, "Permission denied: f")."""
+
+    def named(_func: object, where: str, info: tuple[type, BaseException, object]) -> None:
+        if isinstance(info[1], OSError):
+            raise OSError(info[1].errno, info[1].strerror, where) from None
+        raise info[1]
+
+    shutil.rmtree(path, onerror=named)
 
 
 def _discard(directory: Path, staging: Path) -> None:
