@@ -1348,6 +1348,61 @@ async def test_a_pair_in_place_of_a_ca_the_node_no_longer_names_keeps_its_name_u
         assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
 
 
+@pytest.mark.parametrize("case", ["unproven, taken", "unproven, too many", "proven, taken"])
+async def test_a_name_asked_for_unproven_and_refused_says_why_before_the_refusal(
+    case: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """s45ws item 3: a PC whose only valid pair, in place, is of a CA the node's hello no
+    longer names asks for that name with no proof (review s44rev5 M1), and the leader's
+    refusal of the name held (exit 11) was the only message. One note line of its own comes
+    before it: the pair is of a CA the node no longer names, so it cannot prove the name;
+    --replace, or --name. Only then: not for another refusal, nor for a PC whose proof the
+    leader refused."""
+    from nodeagent.bootstrap_supervisor import SignRefused
+
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+    if case.startswith("unproven"):
+        dropped = pki.CertificateAuthority.create("cluster CA1")  # no longer in the hello
+        key_pem, cert_pem = client_pair(dropped, "ws-empfang-1", expired=False)
+        write_atomic(d / "client.key", key_pem, PRIVATE)
+        (d / "client.pem").write_bytes(cert_pem)
+    name = pki.names_of(pki.read_cert(d / "client.pem")).common_name
+    taken = (
+        f"the leader did not sign: workstation name {name} is taken at this node: by this PC "
+        "if its tlsroll is too old to prove it (upgrade it), else by another PC; if this PC "
+        "replaces that one, run again with --replace; else choose another (--name), or the "
+        f"admin frees it (tlsroll workstations revoke {name})"
+    )
+    words = "the leader did not sign: too many certificates" if "too many" in case else taken
+
+    async def refuse(csr_pem: bytes) -> bytes:
+        raise SignRefused(words, refused=True)
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "desktop-7f3k")
+    async with bootstrap_on(node, test_ca, sign=refuse):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 11 == int(Exit.ENROL_REFUSED), run.err
+    assert run.error.endswith(f"refused enrolment (HTTP 409 sign_failed): {words}"), run.error
+    note = (
+        "note      the certificate in place (ws-empfang-1) is of a CA the node no longer "
+        "names, so it cannot prove this PC's name: run again with --replace if this PC is "
+        "ws-empfang-1, else with --name"
+    )
+    notes = [line for line in run.out.splitlines() if "no longer names" in line]
+    assert notes == ([note] if case == "unproven, taken" else []), run.out
+    assert len(note) < 200
+
+
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
     node = nodes["tls"]
     run = await run_cli(f"https://{node.address}:8443/tomedo_live/", "--yes")

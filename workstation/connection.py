@@ -498,6 +498,9 @@ class TestConnection:
         # This PC's newest client certificate and key in its settings dir, if of the name it
         # enrols under: they prove that it is the PC that holds the name (``exchange``).
         self.previous: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+        # The certificate in place whose name this PC asks for with no proof: of a CA the
+        # node's hello no longer names (``choose_proof``).
+        self.unproven: x509.Certificate | None = None
 
     def run(self) -> Result:
         o = self.o
@@ -708,6 +711,7 @@ class TestConnection:
             elif (in_place := self._in_place()) is not None:
                 self.workstation = pki.names_of(in_place[0]).common_name
                 self.previous = None  # of a CA the node does not name: it proves nothing
+                self.unproven = in_place[0]  # (said if the leader refuses the name: exchange)
                 return
             else:
                 self.workstation = proto.workstation_cn(self.host)
@@ -1244,8 +1248,26 @@ class TestConnection:
                 f"{where}: the exchange expired before the node took it; try again",
             )
         if reply.status != 200:
+            self._say_unproven(reply)
             raise self._refused(reply, where, self._name_hint(reply))
         return self._payload(reply, keys, where)
+
+    def _say_unproven(self, reply: Reply) -> None:
+        """For a name the leader refused as held (409) that this PC asked for with no proof,
+        its certificate in place being of a CA the node no longer names (``choose_proof``):
+        one line of what happened and what to do, before the leader's refusal (s45ws: that
+        was the only message, and said nothing of the CA)."""
+        error, message = _error_of(reply)
+        if self.unproven is None or reply.status != 409 or error != proto.ErrorCode.SIGN_FAILED:
+            return
+        if " is taken" not in message:  # (the leader's words for it) not too many an hour, say
+            return
+        name = self.workstation
+        self.ui.say(
+            f"note      the certificate in place ({name}) is of a CA the node no longer names, "
+            f"so it cannot prove this PC's name: run again with --replace if this PC is {name}, "
+            "else with --name"
+        )
 
     def exchange_wait(self) -> float:
         """How long the exchange waits for each answer: ``--timeout``, but never less than
