@@ -93,7 +93,6 @@ import json
 import os
 import pwd
 import re
-import shlex
 import socket
 import ssl
 import stat
@@ -166,6 +165,12 @@ class ClientError(click.ClickException, TerminalError):
     @property
     def exit_code(self) -> int:  # type: ignore[override]
         return int(self.code)
+
+
+class NotReplaced(ClientError):
+    """The set in place could not be kept in ``settings_files.REPLACED`` (a full disk):
+    nothing was replaced. Where the new pair is kept is said in a note line of its own
+    (``_said_kept``), the error line being long enough."""
 
 
 class CheckFailed(ClientError):
@@ -611,6 +616,12 @@ class TestConnection:
         (s43rev3 Low 3: a server certificate not from the cluster CA kept it unsaid); as it was
         if the pair could not be kept (said then already)."""
         if kept is None:
+            return error
+        if isinstance(error, NotReplaced):
+            self.ui.say(
+                f"note      the new certificate for this PC ({self.workstation}) is kept in "
+                f"{kept}: the next run proves this PC's name with it (no --replace needed)"
+            )
             return error
         return ClientError(
             error.code,
@@ -1441,7 +1452,17 @@ class TestConnection:
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         except settings_files.ReplacedNotKept as exc:
-            raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
+            if exc.reading:
+                raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
+            # (Short lines, s45ws: the other course in a note, then the error; it was one
+            # line of ~600 characters.)
+            name = replaced[-1][0] if replaced else "that certificate"
+            self.ui.say(
+                "note      if the set in place cannot be kept aside: move client.key and "
+                f"client.pem out of {d} yourself (keep them while {name} is needed), then run "
+                "this again"
+            )
+            raise NotReplaced(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
         self.ui.say(f"settings  written to {d}")
         if kept is not None and replaced:
             name, why = replaced[-1]
@@ -1602,11 +1623,13 @@ class TestConnection:
                     if link
                     else f"is in {part}, which {user_label(owner)} owns"
                 )
+                # (Two lines, each short, s45ws: root's own settings in a note line first,
+                # then the error, whose one course is to run it as the user.)
+                self.ui.say(f"note      for root's own settings instead, {self._for_root()}")
                 raise ClientError(
                     Exit.FAILURE,
-                    f"this runs as root, but the settings dir {d} {where}: the settings would "
-                    f"be root's there, and {user}'s client could not use them; "
-                    f"{self._as_the_user(entry, user, d)}; nothing was changed",
+                    f"this runs as root, but the settings dir {d} {where}: "
+                    f"{self._as_the_user(entry, user)}; nothing was changed",
                 )
         # Modes too (s43rev3 Low 5): where root makes the dir, or writes in it, nobody else
         # may write (they could put a link there first: a settings dir not yet made in /tmp
@@ -1632,27 +1655,24 @@ class TestConnection:
                 "can write (or sudo -H for root's own settings); nothing was changed",
             )
 
-    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str, d: Path) -> str:
-        """What to run instead, for root's refusal of a settings dir ``d`` in ``user``'s tree
-        (``entry``: their passwd entry, if any): as that user (a service user, whose shell
-        lets no one log in, with ``sudo -u``: the command names ``--settings-dir d``, as sudo
-        drops the environment it may have come from, s44rev1 L5), or, for root's own settings,
-        ``sudo -H`` where the dir came from the environment sudo kept (``-E``, or a sudo that
-        keeps HOME)."""
-        command = (
-            f"sudo -u {user} -H tlsroll client test-connection --settings-dir "
-            f"{shlex.quote(str(d))} …"
-        )
+    @staticmethod
+    def _as_the_user(entry: pwd.struct_passwd | None, user: str) -> str:
+        """What to run instead, for root's refusal of a settings dir in ``user``'s tree
+        (``entry``: their passwd entry, if any): as that user; "without sudo" for the user
+        who ran sudo and can log in, else ``sudo -u USER -H`` (a service user's shell lets no
+        one log in: su does not work) naming the dir with ``--settings-dir``, as sudo drops
+        the environment it may have come from (s44rev1 L5). Short (s45ws: the line was ~500
+        characters; ``d`` is named once, before)."""
         if entry is None:
-            as_user = f"run it as {user}"
-        elif not _login_shell(entry.pw_shell):
-            as_user = (
-                f"run it as {user}, a user without a login shell (su does not work): {command}"
-            )
-        elif os.environ.get("SUDO_USER") == user:
-            as_user = f"run it as {user}, without sudo"
-        else:
-            as_user = f"run it as {user} ({command})"
+            return f"run it as {user}"
+        if _login_shell(entry.pw_shell) and os.environ.get("SUDO_USER") == user:
+            return f"run it as {user}, without sudo"
+        return f"use sudo -u {user} -H, with this dir as --settings-dir"
+
+    def _for_root(self) -> str:
+        """The other course for root's refusal: root's own settings, ``sudo -H`` where the
+        settings dir came from the environment sudo kept (``-E``, or a sudo that keeps HOME;
+        the variable named), else a ``--settings-dir`` of root's."""
         given = os.environ.get("TLSROLL_CLIENT_DIR")
         if given and Path(given) == self.o.settings_dir:
             variable: str | None = "TLSROLL_CLIENT_DIR"
@@ -1661,16 +1681,13 @@ class TestConnection:
         else:
             variable = None  # --settings-dir
         if variable is None:
-            return f"{as_user} (or, for root's own settings, a --settings-dir of root's)"
+            return "give a --settings-dir of root's"
         keeps = (
             "sudo -E and some sudo set-ups keep"
             if variable == "HOME"
-            else ("sudo -E and su without - keep")
+            else "sudo -E and su without - keep"
         )
-        return (
-            f"{as_user} (or, for root's own settings, sudo -H without -E: this settings dir "
-            f"comes from {variable}, which {keeps} from the user)"
-        )
+        return f"run sudo -H without -E: this settings dir comes from {variable}, which {keeps}"
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password
@@ -1742,7 +1759,8 @@ def _at_fault(d: Path, exc: OSError) -> str:
             f"{path} cannot be removed ({why}); move {replaced} out of {d} as its owner or "
             "root (keep it if its certificate is still needed), then run this again"
         )
-    return f"{path}: {why}; fix that as its owner or root, then run this again"
+    who = " as its owner or root" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+    return f"{path}: {why}; fix that{who}, then run this again"
 
 
 def _replaced_not_kept(
@@ -1762,11 +1780,11 @@ def _replaced_not_kept(
             f"keep them in {where} ({exc.path}: {exc.reason}): nothing was replaced; let this "
             f"user read them, or {mine}"
         )
-    what = f"client certificate {replaced[-1][0]} {replaced[-1][1]}" if replaced else "its pair"
+    what = f"{replaced[-1][0]}'s" if replaced else "its pair"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return (
         f"the settings in place ({what}) could not be kept in {where} ({exc.reason}): nothing "
-        f"was replaced; free the space (or remove {where} if the set kept there is not "
-        f"needed), or {mine}"
+        f"was replaced; {'free some space' if full else 'fix that'}, then run this again"
     )
 
 

@@ -84,11 +84,12 @@ class ReplacedNotKept(TerminalError):
     file that failed; ``reason``: why (the OS's words); ``reading``: it failed reading the
     pair in place (else writing the copy)."""
 
-    def __init__(self, path: Path, reason: str, *, reading: bool) -> None:
+    def __init__(self, path: Path, reason: str, *, reading: bool, errno: int | None = None) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
         self.reading = reading
+        self.errno = errno  # (the OS's error number, if one)
 
 
 class Unfinished(TerminalError):
@@ -190,7 +191,9 @@ def _keep_replaced(directory: Path, worth: Callable[[bytes, bytes], bool]) -> Pa
     try:
         _keep(directory, present, REPLACED_NEW)
     except OSError as exc:
-        raise ReplacedNotKept(directory / REPLACED, _why(exc), reading=False) from None
+        raise ReplacedNotKept(
+            directory / REPLACED, _why(exc), reading=False, errno=exc.errno
+        ) from None
     return directory / REPLACED
 
 
