@@ -18,11 +18,13 @@ import os
 import pty
 import pwd
 import select
+import shutil
 import socket
 import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, suppress
@@ -488,7 +490,10 @@ async def test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new(
             went_on = run is not None and run.code == 0
             if fault == "enospc":
                 assert run is not None, what
-                assert went_on or (run.code == 1 and "cannot write the settings" in run.err), (
+                # (A fault after the commit: the set is committed, the next run finishes it.)
+                unfinished = f"the new settings are committed in {d}, but not finished: "
+                written = "cannot write the settings" in run.err or unfinished in run.err
+                assert went_on or (run.code == 1 and written), (
                     what,
                     run.err,
                 )
@@ -654,24 +659,29 @@ async def test_root_in_another_users_home_is_refused_before_anything_is_written(
     as_user = (
         f"run it as {user}, without sudo"
         if how == "a login user's HOME"
-        else f"run it as {user}, a user without a login shell (su does not work): sudo -u "
-        f"{user} -H tlsroll client test-connection --settings-dir {d} …"
+        else f"use sudo -u {user} -H, with this dir as --settings-dir"
     )  # (s44rev1 L5: the dir named, as sudo drops TLSROLL_CLIENT_DIR and the user's HOME)
     for_root = (
-        "a --settings-dir of root's"
+        "give a --settings-dir of root's"
         if how == "--settings-dir"
-        else "sudo -H without -E: this settings dir comes from TLSROLL_CLIENT_DIR, which sudo "
-        "-E and su without - keep from the user"
+        else "run sudo -H without -E: this settings dir comes from TLSROLL_CLIENT_DIR, which "
+        "sudo -E and su without - keep"
         if how == "TLSROLL_CLIENT_DIR"
-        else "sudo -H without -E: this settings dir comes from HOME, which sudo -E and some "
-        "sudo set-ups keep from the user"
+        else "run sudo -H without -E: this settings dir comes from HOME, which sudo -E and "
+        "some sudo set-ups keep"
     )
+    # s45ws item 4: two lines, each short (it was one of ~500 characters): root's own
+    # settings in a note, then the error with the course as the user; nothing else before
+    # (the address is not even tried).
     assert run.error == (
-        f"tlsroll: error: this runs as root, but the settings dir {d} {where}: the settings "
-        f"would be root's there, and {user}'s client could not use them; {as_user} (or, for "
-        f"root's own settings, {for_root}); nothing was changed"
+        f"tlsroll: error: this runs as root, but the settings dir {d} {where}: {as_user}; "
+        "nothing was changed"
     )
-    assert run.out == ""  # before the address is even tried
+    assert run.out == f"note      for root's own settings instead, {for_root}\n"
+    assert len(run.out) < 160
+    # Under 200 characters with a home's paths (the test's temporary ones are longer).
+    real = run.error.removeprefix("tlsroll: error: ").replace(str(home), "/home/anna")
+    assert len(real) <= 220, real  # (~200: a link named too)
     assert os.listdir(home) == ([".config"] if linked else [])
     if linked:
         assert os.listdir(tmp_path / "roots") == []
@@ -702,7 +712,7 @@ def test_root_s_settings_dir_is_looked_up_as_the_kernel_does_and_by_modes_too(
         os.symlink(roots / "inner", tmp_path / "ulink")
         os.lchown(tmp_path / "ulink", 65534, 65534)
         d = f"{tmp_path}/ulink/../tlsroll"
-        why = f"is in {tmp_path / 'ulink'}, a symbolic link {label} owns: the settings would"
+        why = f"is in {tmp_path / 'ulink'}, a symbolic link {label} owns: use sudo -u nobody"
     elif how == "a link loop":
         os.symlink(tmp_path / "loop", tmp_path / "loop")
         d = f"{tmp_path}/loop/tlsroll"
@@ -752,7 +762,9 @@ def test_root_s_settings_dir_is_looked_up_as_the_kernel_does_and_by_modes_too(
         assert run.error.startswith(
             f"{prefix}{'and' if how == 'a link loop' else 'but'} the settings dir {d} {why}"
         )
-        assert run.error.endswith("; nothing was changed") and run.out == ""
+        assert run.error.endswith("; nothing was changed")
+        note = "note      for root's own settings instead, give a --settings-dir of root's\n"
+        assert run.out == (note if how == "a link, then .." else "")
     password = str(tmp_path / "password")
     assert sorted(str(p) for p in tmp_path.rglob("*") if str(p) != password) == [
         p for p in before if p != password
@@ -1344,6 +1356,61 @@ async def test_a_pair_in_place_of_a_ca_the_node_no_longer_names_keeps_its_name_u
         assert run.code == 0, run.err
         assert pki.names_of(pki.load_csr_pem(csrs[-1])).common_name == "ws-desktop-7f3k"
         assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
+
+
+@pytest.mark.parametrize("case", ["unproven, taken", "unproven, too many", "proven, taken"])
+async def test_a_name_asked_for_unproven_and_refused_says_why_before_the_refusal(
+    case: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """s45ws item 3: a PC whose only valid pair, in place, is of a CA the node's hello no
+    longer names asks for that name with no proof (review s44rev5 M1), and the leader's
+    refusal of the name held (exit 11) was the only message. One note line of its own comes
+    before it: the pair is of a CA the node no longer names, so it cannot prove the name;
+    --replace, or --name. Only then: not for another refusal, nor for a PC whose proof the
+    leader refused."""
+    from nodeagent.bootstrap_supervisor import SignRefused
+
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+    if case.startswith("unproven"):
+        dropped = pki.CertificateAuthority.create("cluster CA1")  # no longer in the hello
+        key_pem, cert_pem = client_pair(dropped, "ws-empfang-1", expired=False)
+        write_atomic(d / "client.key", key_pem, PRIVATE)
+        (d / "client.pem").write_bytes(cert_pem)
+    name = pki.names_of(pki.read_cert(d / "client.pem")).common_name
+    taken = (
+        f"the leader did not sign: workstation name {name} is taken at this node: by this PC "
+        "if its tlsroll is too old to prove it (upgrade it), else by another PC; if this PC "
+        "replaces that one, run again with --replace; else choose another (--name), or the "
+        f"admin frees it (tlsroll workstations revoke {name})"
+    )
+    words = "the leader did not sign: too many certificates" if "too many" in case else taken
+
+    async def refuse(csr_pem: bytes) -> bytes:
+        raise SignRefused(words, refused=True)
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "desktop-7f3k")
+    async with bootstrap_on(node, test_ca, sign=refuse):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 11 == int(Exit.ENROL_REFUSED), run.err
+    assert run.error.endswith(f"refused enrolment (HTTP 409 sign_failed): {words}"), run.error
+    note = (
+        "note      the certificate in place (ws-empfang-1) is of a CA the node no longer "
+        "names, so it cannot prove this PC's name: run again with --replace if this PC is "
+        "ws-empfang-1, else with --name"
+    )
+    notes = [line for line in run.out.splitlines() if "no longer names" in line]
+    assert notes == ([note] if case == "unproven, taken" else []), run.out
+    assert len(note) < 200
 
 
 async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
@@ -2124,18 +2191,110 @@ async def test_what_blocks_keeping_the_set_replaced_is_removed_or_said(
         assert stat.S_ISDIR(os.lstat(d / REPLACED).st_mode)
         return
     assert run.code == 1, run.err
-    assert run.error.startswith(
-        "tlsroll: error: the settings in place (client certificate ws-pc-test of another name "
-        "than this one, valid until "
+    # s45ws item 4: it was one line of ~600 characters, two courses of action and where the
+    # new pair is kept: now the error, one course, and a note line each for the rest.
+    assert run.error == (
+        "tlsroll: error: the settings in place (ws-pc-test's) could not be kept in "
+        f"{d / REPLACED} (No space left on device): nothing was replaced; free some space, "
+        "then run this again"
     ), run.error
-    assert (
-        f"could not be kept in {d / REPLACED} (No space left on device): nothing was replaced; "
-        f"free the space (or remove {d / REPLACED} if the set kept there is not needed), or "
-        f"move client.key and client.pem out of {d} yourself (keep them if that certificate "
-        "is still needed), then run this again; the new certificate the node handed over for "
-        f"this PC (ws-other) is kept in {d / KEPT}"
-    ) in run.error, run.error
+    notes = [line for line in run.out.splitlines() if line.startswith("note")]
+    assert notes[-2:] == [
+        "note      if the set in place cannot be kept aside: move client.key and client.pem "
+        f"out of {d} "
+        "yourself (keep them while ws-pc-test is needed), then run this again",
+        f"note      the new certificate for this PC (ws-other) is kept in {d / KEPT}: the next "
+        "run proves this PC's name with it (no --replace needed)",
+    ], run.out
+    home = "/home/anna/.config/tlsroll/client"  # under 200 characters with a home's paths
+    for line in (run.error.removeprefix("tlsroll: error: "), *notes[-2:]):
+        assert len(line.replace(str(d), home)) < 200, line
     assert settings_set(d) == before and not os.path.lexists(d / REPLACED)
+
+
+async def as_nobody(*args: str) -> tuple[int, str, str]:
+    """``tlsroll client test-connection ARGS`` run as nobody (a child, setpriv), its exit code,
+    stdout and stderr; the test's event loop serves the bootstrap service meanwhile."""
+    proc = await asyncio.create_subprocess_exec(
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        *command("tlsroll", "tlsroll.cli"),
+        "client",
+        "test-connection",
+        *args,
+        "--timeout",
+        "5",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env({"HOME": "/"}),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_a_kept_set_that_cannot_be_removed_names_itself_and_the_way_out(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+) -> None:
+    """s45ws item 2: where the set kept in .settings-replaced before could not be removed as
+    a new enrolment's set was committed (a directory in it root's, the run a user's), the run
+    said "cannot write the settings to D: Permission denied" (its set was committed), and every
+    later run "cannot finish the settings an interrupted run left in D: Permission denied",
+    no path, no way out. Both name the file that cannot be removed and say to move
+    .settings-replaced out of the way; once it is, the next run completes the set. Real
+    permissions: the runs are nobody's (setpriv), the directory in the way root's."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the client as another user")
+    node = nodes["mtls"]
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-ws-"))
+    root.chmod(0o755)  # (the way to the settings dir open to nobody)
+    try:
+        d = root / "settings"
+        pw = root / "password"
+        write_atomic(pw, (PASSWORD + "\n").encode(), PRIVATE)
+        args = ("--password-file", str(pw), "--yes", "--settings-dir", str(d))
+        async with bootstrap_on(node, test_ca):
+            assert (await run_cli(node.url, *args)).code == 0  # ws-pc-test, in place
+            before = settings_set(d)
+            (d / REPLACED).mkdir(mode=0o700)  # a set kept before, and root's dir in it
+            (d / REPLACED / "stuck").mkdir(mode=0o755)
+            (d / REPLACED / "stuck" / "f").write_bytes(b"root's")
+            for path in (root, pw, d, *d.rglob("*")):
+                if path.parent.name != "stuck" and path.name != "stuck" and path != root:
+                    os.lchown(path, 65534, 65534)
+            stuck = d / REPLACED / "stuck" / "f"
+            code, _, err = await as_nobody(node.url, *args, "--name", "other")
+            assert code == 1, err
+            assert len(err.strip().splitlines()) == 1, err
+            assert err.startswith(
+                f"tlsroll: error: the new settings are committed in {d}, but not finished: "
+                f"{stuck} cannot be removed (Permission denied); move {d / REPLACED} out of "
+                f"{d} as its owner or root (keep it if its certificate is still needed), then "
+                "run this again"
+            ), err
+            http = f"http://{node.address}:8080{APP}"
+            for _ in range(2):  # each later run, the same
+                code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+                assert (code, out) == (1, ""), err
+                assert err.strip() == (
+                    f"tlsroll: error: cannot finish the settings an interrupted run left in "
+                    f"{d}: {stuck} cannot be removed (Permission denied); move {d / REPLACED} "
+                    f"out of {d} as its owner or root (keep it if its certificate is still "
+                    "needed), then run this again"
+                ), err
+            os.rename(d / REPLACED, root / "kept-before")  # what the admin does
+            code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+        assert code == 3, err
+        assert f"settings  an interrupted run's new settings completed in {d}" in out, out
+        assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-other"
+        assert settings_set(d / REPLACED) == before
+        assert not os.path.lexists(d / STAGING)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(
@@ -2226,6 +2385,98 @@ async def test_no_enrol_over_an_enrolled_dir_takes_the_client_files_out_of_place
         assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(enrolled)
     assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+
+
+def older_pair(ca: pki.CertificateAuthority, common_name: str) -> tuple[bytes, bytes]:
+    """A client key and certificate (PEM) of ``ca`` for ``common_name``, issued two days ago
+    (before any the tests enrol now) and valid for four weeks more."""
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=2))
+        .not_valid_after(now + dt.timedelta(days=28))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return pki.key_to_pem(key), pki.cert_to_pem(cert)
+
+
+@pytest.mark.parametrize(
+    "case", ["in place of another name", "in place superseded", "kept aside of another name"]
+)
+async def test_no_enrol_never_loses_a_pair_that_may_still_be_valid(
+    case: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s45ws item 1: ``--ca-pin PIN --no-enrol`` over a settings dir whose .enrolment-kept
+    held a newer pair removed the pair in place, even another name's, which the leader still
+    holds valid (its key nowhere else); a pair kept aside older than the one in place was
+    overwritten alike. The older of the two is kept in .settings-replaced (0700, its key
+    0600), as a set a new enrolment replaced, when it may still be valid (another name's or
+    another CA's), and that is said; one the newer pair of its name superseded (the
+    cluster's CA) is removed, as before."""
+    node = nodes["tls"]
+    d = tmp_path / "settings"
+    async with bootstrap_on(node, test_ca):
+        pw = password_file(PASSWORD)
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        enrolled = ((d / "client.key").read_bytes(), (d / "client.pem").read_bytes())
+        if case == "kept aside of another name":
+            other = older_pair(test_ca, "ws-other")
+            newer, older = enrolled, other
+        else:
+            other = client_pair(
+                test_ca, "ws-other" if "another" in case else "ws-pc-test", expired=False
+            )
+            newer, older = other, enrolled
+        assert (
+            pki.load_cert_pem(newer[1]).not_valid_before_utc
+            > pki.load_cert_pem(older[1]).not_valid_before_utc
+        )
+        settings_files.keep(d, *other)
+        run = await run_cli(node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes")
+    assert run.code == 0, run.err
+    assert settings_of(tmp_path)["client_cert_file"] is None
+    assert settings_files.kept_pair(d) == newer
+    if case == "in place superseded":
+        assert sorted(os.listdir(d)) == [KEPT, "ca.pem", "settings.json"]
+        assert (
+            "note      the earlier enrolment's client.key and client.pem removed (expired, "
+            f"unreadable, superseded or not a pair): enrolling again uses the newer pair in "
+            f"{d / KEPT}"
+        ) in run.out, run.out
+        return
+    assert sorted(os.listdir(d)) == [KEPT, REPLACED, "ca.pem", "settings.json"]
+    assert (
+        (d / REPLACED / "client.key").read_bytes(),
+        (d / REPLACED / "client.pem").read_bytes(),
+    ) == older
+    assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    name = pki.names_of(pki.load_cert_pem(older[1])).common_name
+    than = "ws-pc-test" if case == "kept aside of another name" else "ws-other"
+    said = f"(client certificate {name} of another name than {than}, valid until "
+    assert (
+        said in run.out
+        and f"{d / REPLACED}; remove that folder once {name} is no longer needed" in run.out
+    ), run.out
+    # (Still of use: the server takes it.)
+    ctx = client_context(
+        test_ca.cert_pem,
+        cert_file=d / REPLACED / "client.pem",
+        key_file=d / REPLACED / "client.key",
+    )
+    assert nodes["mtls"].server.request("GET", scheme="https", context=ctx).status == 200
 
 
 async def test_a_numeric_host_not_written_as_an_ipv4_address_is_refused(run_cli: Any) -> None:

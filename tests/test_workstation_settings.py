@@ -369,7 +369,8 @@ def test_set_aside_keeps_the_newer_pair(
     certificate that cannot be read is the older); the client files are out of place."""
     settings_files.keep(d, kept["client.key"], kept["client.pem"])
     put_in_place(d, in_place)
-    assert settings_files.set_aside(d) == d / KEPT
+    done = settings_files.set_aside(d)
+    assert done == settings_files.SetAside(d / KEPT, newest == "in place", None)
     assert settings_files.kept_pair(d) == (
         (in_place if newest == "in place" else kept)["client.key"],
         (in_place if newest == "in place" else kept)["client.pem"],

@@ -49,7 +49,10 @@ Each password attempt costs one exchange with the node, which counts the failure
 is "too old: upgrade the agent".
 
 ``--ca-pin PIN --no-enrol`` trusts the CA by the pin and writes the settings without a client
-certificate, with no password involved at all.
+certificate, with no password involved at all. The client key and certificate in place are
+taken out of place (``.enrolment-kept``, the newer of them and a pair kept there before); the
+older of the two, if it may still be valid (another name's or another CA's), is kept in
+``.settings-replaced``, said, as a set an enrolment replaced (s45ws: it was removed).
 
 Exit codes (every error is one line on stderr; the password is never printed):
 
@@ -90,7 +93,6 @@ import json
 import os
 import pwd
 import re
-import shlex
 import socket
 import ssl
 import stat
@@ -163,6 +165,12 @@ class ClientError(click.ClickException, TerminalError):
     @property
     def exit_code(self) -> int:  # type: ignore[override]
         return int(self.code)
+
+
+class NotReplaced(ClientError):
+    """The set in place could not be kept in ``settings_files.REPLACED`` (a full disk):
+    nothing was replaced. Where the new pair is kept is said in a note line of its own
+    (``_said_kept``), the error line being long enough."""
 
 
 class CheckFailed(ClientError):
@@ -495,6 +503,9 @@ class TestConnection:
         # This PC's newest client certificate and key in its settings dir, if of the name it
         # enrols under: they prove that it is the PC that holds the name (``exchange``).
         self.previous: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
+        # The certificate in place whose name this PC asks for with no proof: of a CA the
+        # node's hello no longer names (``choose_proof``).
+        self.unproven: x509.Certificate | None = None
 
     def run(self) -> Result:
         o = self.o
@@ -606,6 +617,12 @@ class TestConnection:
         if the pair could not be kept (said then already)."""
         if kept is None:
             return error
+        if isinstance(error, NotReplaced):
+            self.ui.say(
+                f"note      the new certificate for this PC ({self.workstation}) is kept in "
+                f"{kept}: the next run proves this PC's name with it (no --replace needed)"
+            )
+            return error
         return ClientError(
             error.code,
             f"{error.message}; the new certificate the node handed over for this PC "
@@ -705,6 +722,7 @@ class TestConnection:
             elif (in_place := self._in_place()) is not None:
                 self.workstation = pki.names_of(in_place[0]).common_name
                 self.previous = None  # of a CA the node does not name: it proves nothing
+                self.unproven = in_place[0]  # (said if the leader refuses the name: exchange)
                 return
             else:
                 self.workstation = proto.workstation_cn(self.host)
@@ -1241,8 +1259,26 @@ class TestConnection:
                 f"{where}: the exchange expired before the node took it; try again",
             )
         if reply.status != 200:
+            self._say_unproven(reply)
             raise self._refused(reply, where, self._name_hint(reply))
         return self._payload(reply, keys, where)
+
+    def _say_unproven(self, reply: Reply) -> None:
+        """For a name the leader refused as held (409) that this PC asked for with no proof,
+        its certificate in place being of a CA the node no longer names (``choose_proof``):
+        one line of what happened and what to do, before the leader's refusal (s45ws: that
+        was the only message, and said nothing of the CA)."""
+        error, message = _error_of(reply)
+        if self.unproven is None or reply.status != 409 or error != proto.ErrorCode.SIGN_FAILED:
+            return
+        if " is taken" not in message:  # (the leader's words for it) not too many an hour, say
+            return
+        name = self.workstation
+        self.ui.say(
+            f"note      the certificate in place ({name}) is of a CA the node no longer names, "
+            f"so it cannot prove this PC's name: run again with --replace if this PC is {name}, "
+            "else with --name"
+        )
 
     def exchange_wait(self) -> float:
         """How long the exchange waits for each answer: ``--timeout``, but never less than
@@ -1403,6 +1439,12 @@ class TestConnection:
             kept = settings_files.replace(
                 d, files, check, worth_keeping if client_pem is not None else None
             )
+        except settings_files.Unfinished as exc:
+            raise ClientError(
+                Exit.FAILURE,
+                f"the new settings are committed in {d}, but not finished: "
+                f"{_at_fault(d, exc.error)}",
+            ) from None
         except OSError as exc:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
@@ -1410,7 +1452,17 @@ class TestConnection:
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         except settings_files.ReplacedNotKept as exc:
-            raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
+            if exc.reading:
+                raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
+            # (Short lines, s45ws: the other course in a note, then the error; it was one
+            # line of ~600 characters.)
+            name = replaced[-1][0] if replaced else "that certificate"
+            self.ui.say(
+                "note      if the set in place cannot be kept aside: move client.key and "
+                f"client.pem out of {d} yourself (keep them while {name} is needed), then run "
+                "this again"
+            )
+            raise NotReplaced(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
         self.ui.say(f"settings  written to {d}")
         if kept is not None and replaced:
             name, why = replaced[-1]
@@ -1421,16 +1473,22 @@ class TestConnection:
                 "leader, frees the name); it goes by itself once that certificate has expired"
             )
         if client_pem is None:
-            self._set_aside(d)
+            self._set_aside(d, bundle)
 
     def _worth_keeping(
-        self, key_pem: bytes, cert_pem: bytes, bundle: Sequence[x509.Certificate]
+        self,
+        key_pem: bytes,
+        cert_pem: bytes,
+        bundle: Sequence[x509.Certificate],
+        superseding: str | None = "",
     ) -> tuple[str, str] | None:
         """Why a client key and certificate about to be replaced are worth keeping: a pair
         that holds together, is valid now, and that this enrolment did not supersede (the
         leader revokes every other certificate of the name it signs: one of this name from a
         CA of the cluster's ``bundle``), i.e. another name's or another CA's. None if not
-        worth keeping (expired, unreadable, or superseded); else its name, and why."""
+        worth keeping (expired, unreadable, or superseded); else its name, and why.
+        ``superseding``: the name whose signing superseded it (default: this run's name;
+        None: none did, as the newer pair is not of the cluster's CA)."""
         try:
             cert = pki.load_cert_pem(cert_pem)
             pki.check_valid_now(cert)
@@ -1442,27 +1500,80 @@ class TestConnection:
         valid = f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
         if not any(pki.issued_by(cert, ca) for ca in bundle):
             return name, f"of another CA than this cluster's, {valid}"
-        if name != self.workstation:
-            return name, f"of another name than this one, {valid} (the leader still holds it)"
+        if superseding is None:
+            return name, f"not superseded by the newer one, {valid}"
+        if name != (superseding or self.workstation):
+            than = "this one" if not superseding else one_line(superseding, 64)
+            return name, f"of another name than {than}, {valid} (the leader still holds it)"
         return None
 
-    def _set_aside(self, d: Path) -> None:
+    def _superseding(self, cert_pem: bytes, bundle: Sequence[x509.Certificate]) -> str | None:
+        """The name of a client certificate (PEM) if its signing superseded the older
+        certificates of that name: one of a CA of the cluster's ``bundle``; else None."""
+        try:
+            cert = pki.load_cert_pem(cert_pem)
+            name = pki.names_of(cert).common_name
+        except (PKIError, ValueError, TypeError, x509.DuplicateExtension):
+            return None
+        return name if any(pki.issued_by(cert, ca) for ca in bundle) else None
+
+    def _set_aside(self, d: Path, bundle: Sequence[x509.Certificate]) -> None:
         """Settings without a client certificate are in place: an earlier enrolment's
         client.key and client.pem are taken out of place (software that reads those names
         would use what these settings do not), kept to prove this PC's name at its next
-        enrolment (audit s39ws L3: they stayed, unmentioned)."""
+        enrolment (audit s39ws L3: they stayed, unmentioned). Of them and a pair kept aside
+        before, the older is kept in ``settings_files.REPLACED`` when it may still be valid
+        (``_worth_keeping``: another name's or another CA's), and that is said (s45ws: it
+        was removed, its key nowhere else)."""
+        older: list[tuple[str, str]] = []
+
+        def worth(key_pem: bytes, cert_pem: bytes, newer_pem: bytes) -> bool:
+            why = self._worth_keeping(
+                key_pem, cert_pem, bundle, self._superseding(newer_pem, bundle)
+            )
+            if why is not None:
+                older.append(why)
+            return why is not None
+
         try:
-            moved = settings_files.set_aside(d)
+            done = settings_files.set_aside(d, worth)
         except OSError as exc:
             self.ui.say(
                 f"note      the earlier enrolment's client.key and client.pem are still in {d} "
-                f"({exc.strerror or exc}); these settings do not use them: delete them"
+                f"({exc.strerror or exc}); these settings do not use them: move them out "
+                "(keep them if that certificate is still needed)"
             )
             return
-        if moved is not None:
+        if done is None:
+            return
+        kept_older = f"client certificate {older[-1][0]} {older[-1][1]}" if older else ""
+        if done.moved:
             self.ui.say(
-                f"note      the earlier enrolment's client.key and client.pem moved to {moved}: "
-                "these settings use no client certificate (enrolling again uses them)"
+                f"note      the earlier enrolment's client.key and client.pem moved to "
+                f"{done.kept}: these settings use no client certificate (enrolling again uses "
+                "them)"
+            )
+            if done.replaced is not None and older:
+                self.ui.say(
+                    f"note      the pair kept there before ({kept_older}) moved to "
+                    f"{done.replaced}; remove that folder once {older[-1][0]} is no longer needed"
+                )
+        elif done.replaced is not None and older:
+            self.ui.say(
+                f"note      the earlier enrolment's client.key and client.pem ({kept_older}) "
+                f"moved to {done.replaced}; remove that folder once {older[-1][0]} is no longer "
+                f"needed (these settings use no client certificate; enrolling again uses the "
+                f"newer pair in {done.kept})"
+            )
+        else:
+            newer = (
+                f": enrolling again uses the newer pair in {done.kept}"
+                if settings_files.kept_pair(d) is not None
+                else ""
+            )
+            self.ui.say(
+                "note      the earlier enrolment's client.key and client.pem removed (expired, "
+                f"unreadable, superseded or not a pair){newer}"
             )
 
     def check_not_root_in_a_users_dir(self) -> None:
@@ -1512,11 +1623,13 @@ class TestConnection:
                     if link
                     else f"is in {part}, which {user_label(owner)} owns"
                 )
+                # (Two lines, each short, s45ws: root's own settings in a note line first,
+                # then the error, whose one course is to run it as the user.)
+                self.ui.say(f"note      for root's own settings instead, {self._for_root()}")
                 raise ClientError(
                     Exit.FAILURE,
-                    f"this runs as root, but the settings dir {d} {where}: the settings would "
-                    f"be root's there, and {user}'s client could not use them; "
-                    f"{self._as_the_user(entry, user, d)}; nothing was changed",
+                    f"this runs as root, but the settings dir {d} {where}: "
+                    f"{self._as_the_user(entry, user)}; nothing was changed",
                 )
         # Modes too (s43rev3 Low 5): where root makes the dir, or writes in it, nobody else
         # may write (they could put a link there first: a settings dir not yet made in /tmp
@@ -1542,27 +1655,24 @@ class TestConnection:
                 "can write (or sudo -H for root's own settings); nothing was changed",
             )
 
-    def _as_the_user(self, entry: pwd.struct_passwd | None, user: str, d: Path) -> str:
-        """What to run instead, for root's refusal of a settings dir ``d`` in ``user``'s tree
-        (``entry``: their passwd entry, if any): as that user (a service user, whose shell
-        lets no one log in, with ``sudo -u``: the command names ``--settings-dir d``, as sudo
-        drops the environment it may have come from, s44rev1 L5), or, for root's own settings,
-        ``sudo -H`` where the dir came from the environment sudo kept (``-E``, or a sudo that
-        keeps HOME)."""
-        command = (
-            f"sudo -u {user} -H tlsroll client test-connection --settings-dir "
-            f"{shlex.quote(str(d))} …"
-        )
+    @staticmethod
+    def _as_the_user(entry: pwd.struct_passwd | None, user: str) -> str:
+        """What to run instead, for root's refusal of a settings dir in ``user``'s tree
+        (``entry``: their passwd entry, if any): as that user; "without sudo" for the user
+        who ran sudo and can log in, else ``sudo -u USER -H`` (a service user's shell lets no
+        one log in: su does not work) naming the dir with ``--settings-dir``, as sudo drops
+        the environment it may have come from (s44rev1 L5). Short (s45ws: the line was ~500
+        characters; ``d`` is named once, before)."""
         if entry is None:
-            as_user = f"run it as {user}"
-        elif not _login_shell(entry.pw_shell):
-            as_user = (
-                f"run it as {user}, a user without a login shell (su does not work): {command}"
-            )
-        elif os.environ.get("SUDO_USER") == user:
-            as_user = f"run it as {user}, without sudo"
-        else:
-            as_user = f"run it as {user} ({command})"
+            return f"run it as {user}"
+        if _login_shell(entry.pw_shell) and os.environ.get("SUDO_USER") == user:
+            return f"run it as {user}, without sudo"
+        return f"use sudo -u {user} -H, with this dir as --settings-dir"
+
+    def _for_root(self) -> str:
+        """The other course for root's refusal: root's own settings, ``sudo -H`` where the
+        settings dir came from the environment sudo kept (``-E``, or a sudo that keeps HOME;
+        the variable named), else a ``--settings-dir`` of root's."""
         given = os.environ.get("TLSROLL_CLIENT_DIR")
         if given and Path(given) == self.o.settings_dir:
             variable: str | None = "TLSROLL_CLIENT_DIR"
@@ -1571,16 +1681,13 @@ class TestConnection:
         else:
             variable = None  # --settings-dir
         if variable is None:
-            return f"{as_user} (or, for root's own settings, a --settings-dir of root's)"
+            return "give a --settings-dir of root's"
         keeps = (
             "sudo -E and some sudo set-ups keep"
             if variable == "HOME"
-            else ("sudo -E and su without - keep")
+            else "sudo -E and su without - keep"
         )
-        return (
-            f"{as_user} (or, for root's own settings, sudo -H without -E: this settings dir "
-            f"comes from {variable}, which {keeps} from the user)"
-        )
+        return f"run sudo -H without -E: this settings dir comes from {variable}, which {keeps}"
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password
@@ -1600,9 +1707,9 @@ class TestConnection:
         try:
             done = settings_files.finish(d)
         except OSError as exc:
-            why = exc.strerror or exc
             raise ClientError(
-                Exit.FAILURE, f"cannot finish the settings an interrupted run left in {d}: {why}"
+                Exit.FAILURE,
+                f"cannot finish the settings an interrupted run left in {d}: {_at_fault(d, exc)}",
             ) from None
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
@@ -1640,6 +1747,22 @@ class TestConnection:
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
 
 
+def _at_fault(d: Path, exc: OSError) -> str:
+    """What failed in finishing a committed set in the settings dir ``d`` (``exc``, its
+    ``filename`` the path at fault), and what to do, for the one line (s45ws: "Permission
+    denied", each later run stopped by it without a path or a way out)."""
+    why = exc.strerror or str(exc)
+    path = Path(exc.filename) if exc.filename else d
+    replaced = d / settings_files.REPLACED
+    if path == replaced or replaced in path.parents:
+        return (
+            f"{path} cannot be removed ({why}); move {replaced} out of {d} as its owner or "
+            "root (keep it if its certificate is still needed), then run this again"
+        )
+    who = " as its owner or root" if exc.errno in (errno.EACCES, errno.EPERM) else ""
+    return f"{path}: {why}; fix that{who}, then run this again"
+
+
 def _replaced_not_kept(
     d: Path, exc: settings_files.ReplacedNotKept, replaced: Sequence[tuple[str, str]]
 ) -> str:
@@ -1657,11 +1780,11 @@ def _replaced_not_kept(
             f"keep them in {where} ({exc.path}: {exc.reason}): nothing was replaced; let this "
             f"user read them, or {mine}"
         )
-    what = f"client certificate {replaced[-1][0]} {replaced[-1][1]}" if replaced else "its pair"
+    what = f"{replaced[-1][0]}'s" if replaced else "its pair"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return (
         f"the settings in place ({what}) could not be kept in {where} ({exc.reason}): nothing "
-        f"was replaced; free the space (or remove {where} if the set kept there is not "
-        f"needed), or {mine}"
+        f"was replaced; {'free some space' if full else 'fix that'}, then run this again"
     )
 
 

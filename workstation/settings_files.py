@@ -27,7 +27,8 @@ certificate in place), or an enrolment a run without one (``--no-enrol``) took o
 next enrolment proves with it that it is the same PC (``bootstrap_csr.Reenrolment``); once an
 enrolment is in place it is removed.
 
-``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced, when the
+``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced (or, of the
+two pairs a run without one takes out of place, ``set_aside``, the older: s45ws), when the
 caller says its client key and certificate are worth keeping (``replace``'s ``keep_replaced``:
 one that may still be valid, another name's or another CA's, whose key would otherwise be gone:
 s43rev3 Low 4). One set at most: a later one takes its place. It is copied beside the staging
@@ -54,6 +55,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 
@@ -82,11 +84,21 @@ class ReplacedNotKept(TerminalError):
     file that failed; ``reason``: why (the OS's words); ``reading``: it failed reading the
     pair in place (else writing the copy)."""
 
-    def __init__(self, path: Path, reason: str, *, reading: bool) -> None:
+    def __init__(self, path: Path, reason: str, *, reading: bool, errno: int | None = None) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
         self.reading = reading
+        self.errno = errno  # (the OS's error number, if one)
+
+
+class Unfinished(TerminalError):
+    """The new set was committed, and a later step failed: ``error`` (an OSError, its
+    ``filename`` the whole path at fault). The next ``finish`` tries again."""
+
+    def __init__(self, error: OSError, directory: Path) -> None:
+        super().__init__(f"{directory}: {error}")
+        self.error = error
 
 
 class Finished(Enum):
@@ -104,7 +116,8 @@ def replace(
 ) -> Path | None:
     """Replace the files ``files`` names (``{name: (data, mode)}``, names of ``NAMES``) in
     ``directory`` (which exists) as one set; the others stay. Raises OSError; when it does, the
-    directory holds the old set, or a committed new one that the next ``finish`` completes.
+    directory holds the old set, or a committed new one that the next ``finish`` completes
+    (``Unfinished`` when it was committed: its files may be in place already).
     ``NewerStaging`` (nothing written) if a newer tlsroll's run is left to finish.
 
     ``check(staging)``, if given, is called with the new files staged (in the directory it
@@ -147,7 +160,10 @@ def replace(
             with contextlib.suppress(OSError):  # else the next run removes it
                 _discard(directory, staging)
             raise
-        _roll_forward(directory, staging, order + [REPLACED] * bool(kept))
+        try:
+            _roll_forward(directory, staging, order + [REPLACED] * bool(kept))
+        except OSError as exc:
+            raise Unfinished(exc, directory) from None
         if "client.key" in files:  # an enrolment in place: nothing kept aside is wanted now
             with contextlib.suppress(OSError):  # committed: a pair left there is older, and the
                 _drop_kept(directory)  # next run goes by the newest (``connection``)
@@ -175,7 +191,9 @@ def _keep_replaced(directory: Path, worth: Callable[[bytes, bytes], bool]) -> Pa
     try:
         _keep(directory, present, REPLACED_NEW)
     except OSError as exc:
-        raise ReplacedNotKept(directory / REPLACED, _why(exc), reading=False) from None
+        raise ReplacedNotKept(
+            directory / REPLACED, _why(exc), reading=False, errno=exc.errno
+        ) from None
     return directory / REPLACED
 
 
@@ -215,25 +233,57 @@ def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
     return kept
 
 
-def set_aside(directory: Path) -> Path | None:
+class SetAside(NamedTuple):
+    """What ``set_aside`` did: ``kept`` is ``KEPT`` (where this PC's newest pair is now);
+    ``moved``: the pair in place went there (else it was the older, or not a pair);
+    ``replaced``: ``REPLACED`` if the older pair went there (worth keeping), else None."""
+
+    kept: Path
+    moved: bool
+    replaced: Path | None
+
+
+def set_aside(
+    directory: Path, worth: Callable[[bytes, bytes, bytes], bool] | None = None
+) -> SetAside | None:
     """Take ``client.key`` and ``client.pem`` out of place (a set without a client certificate
-    is in place): into ``KEPT`` unless it holds a pair issued later already (then they are
-    removed; a certificate that cannot be read counts as the older). Returns ``KEPT`` (where
-    this PC's newest pair is now), None if there were none. Raises OSError."""
+    is in place): into ``KEPT`` unless it holds a pair issued later already (a certificate
+    that cannot be read counts as the older). Of the two pairs, the older one (the one in
+    place, or the one ``KEPT`` held) is not lost if ``worth(key_pem, cert_pem,
+    newer_cert_pem)`` says it may still be valid (another name's or another CA's: the
+    newer did not supersede it; s45ws): it takes the place of ``REPLACED``, as a set a new
+    enrolment replaced does (one set at most: a set there before goes); else it is removed.
+    None if there was no client file in place. Raises OSError; a pair is removed only once it
+    is kept elsewhere."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
             return None
+        moved, replaced = False, None
         if len(present) == len(CLIENT):
             pair = {n: (directory / n).read_bytes() for n in CLIENT}
-            if not os.path.lexists(directory / KEPT) or _newer(
-                pair["client.pem"], kept_pair(directory)
+            in_place = (pair["client.key"], pair["client.pem"])
+            before = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
+            moved = not os.path.lexists(directory / KEPT) or _newer(pair["client.pem"], before)
+            older, newer = (before, in_place) if moved else (in_place, before)
+            if (
+                older is not None
+                and newer is not None
+                and worth is not None
+                and worth(older[0], older[1], newer[1])
             ):
+                _drop(directory, REPLACED_NEW)
+                files = {"client.key": (older[0], PRIVATE), "client.pem": (older[1], PUBLIC)}
+                _keep(directory, files, REPLACED_NEW)
+                _put_replaced(directory)
+                fsync_dir(directory)
+                replaced = directory / REPLACED
+            if moved:
                 _keep(directory, {n: (data, _mode(n)) for n, data in pair.items()})
         for name in present:
             os.unlink(directory / name)
         fsync_dir(directory)
-        return directory / KEPT
+        return SetAside(directory / KEPT, moved, replaced)
 
 
 def kept_pair(directory: Path) -> tuple[bytes, bytes] | None:
@@ -392,11 +442,23 @@ def _remove(directory: Path, staging: Path) -> None:
         fsync_dir(staging)
     for name in os.listdir(staging):
         if stat.S_ISDIR(os.lstat(staging / name).st_mode):
-            shutil.rmtree(staging / name)
+            _rmtree(staging / name)
         else:
             os.unlink(staging / name)
     os.rmdir(staging)
     fsync_dir(directory)
+
+
+def _rmtree(path: Path) -> None:
+    """``shutil.rmtree``, whose error names the file that could not be removed by its whole
+    path (it gives only its last part: s45ws, "Permission denied: f")."""
+
+    def named(_func: object, where: str, info: tuple[type, BaseException, object]) -> None:
+        if isinstance(info[1], OSError):
+            raise OSError(info[1].errno, info[1].strerror, where) from None
+        raise info[1]
+
+    shutil.rmtree(path, onerror=named)
 
 
 def _discard(directory: Path, staging: Path) -> None:
