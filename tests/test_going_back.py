@@ -1,4 +1,4 @@
-"""README "Going back to an older version" on the nodes and after a rollout: a real leader,
+"""README "Downgrading tlsroll" on the nodes and after a rollout: a real leader,
 agents and reference servers (audit s40, H1 and H2).
 
 The upgrade that keeps a store's copy (``NAME.before-vN``) is the store's own migration path
