@@ -109,8 +109,7 @@ EXIT_CODES = (
     ("1", "A failure (the one line on stderr says which)."),
     (
         "2",
-        "A usage error: a bad option or value, also one the leader refuses as "
-        "INVALID_ARGUMENT.",
+        "A usage error: a bad option or value, also one the leader refuses as INVALID_ARGUMENT.",
     ),
     (
         "3",

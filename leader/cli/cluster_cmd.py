@@ -4,8 +4,8 @@ up the cluster (the CA, the leader's files) and letting agents join it."""
 from __future__ import annotations
 
 import datetime as dt
-import re
 import pwd
+import re
 import shlex
 import sys
 from pathlib import Path
