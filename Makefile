@@ -80,7 +80,8 @@ test: lint typecheck proto-check pytest
 
 # Man pages and shell completion files, made from the click commands, for an installer to copy:
 # dist/man/*.1 (to /usr/share/man/man1/) and dist/completions/bash/tlsroll,
-# dist/completions/zsh/_tlsroll, dist/completions/fish/tlsroll.fish (README "Shell completion").
+# dist/completions/zsh/_tlsroll, dist/completions/fish/tlsroll.fish (README "Version, licence,
+# man pages, shell completion"; the bundle carries them and install.sh copies them).
 man: $(STAMP)
 	$(PY) tools/manpages.py --out dist/man
 

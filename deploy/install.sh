@@ -40,7 +40,7 @@
 # is restarted at once. The check is made again after the build, just before the swap (a
 # rollout auto_rotate started meanwhile). Never over a newer install: a store whose schema is
 # newer than this tlsroll knows (the leader's, the agent's journal) is refused before anything
-# is built ("Going back" in README says why). --check-only makes these checks and stops:
+# is built ("Downgrading tlsroll" in README says why). --check-only makes these checks and stops:
 # nothing is built or changed. Every unit is restarted even if another one fails to; each
 # failure is reported, and the run exits 1.
 set -euo pipefail
@@ -430,7 +430,7 @@ for store in "$LEADER_DATA/leader.sqlite3" "$agent_data/journal.sqlite3"; do
     fi
     read -r version floor <<<"$found"
     if [ "$floor" -gt "$known" ]; then
-        die "$store has schema $version, this tlsroll knows $known: a newer tlsroll wrote it, and this one's daemons would refuse it; keep the newer version or see README 'Going back'; nothing changed"
+        die "$store has schema $version, this tlsroll knows $known: a newer tlsroll wrote it, and this one's daemons would refuse it; keep the newer version or see README 'Downgrading tlsroll'; nothing changed"
     fi
 done
 

@@ -156,12 +156,15 @@ class StillOnHttp(TerminalError):
             who = ", ".join(names[: planner.MAX_NAMED])
             if len(names) > planner.MAX_NAMED:
                 who += f" and {len(names) - planner.MAX_NAMED} more"
-            agents, run = (
-                ("its agent is", "it runs") if len(names) == 1 else ("their agents are", "they run")
+            agents, run, node = (
+                ("its agent is", "it runs", "the node")
+                if len(names) == 1
+                else ("their agents are", "they run", "each node")
             )
             super().__init__(
                 f"finalize waits for the first client report since the leader started from "
-                f"{who} (seconds once {agents} connected; else check {run}: tlsroll status); "
+                f"{who} (seconds once {agents} connected; else check {run}: tlsroll nodes, and "
+                f"on {node} systemctl status tlsroll-agent); "
                 f"finalize again then, or let the leader finalize each node once it is quiet "
                 f"(tlsroll rollout finalize {rollout_id} --when-quiet 30m)"
             )

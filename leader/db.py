@@ -405,7 +405,7 @@ LOSING = (
 def mark_copy(conn: sqlite3.Connection, made_at: dt.datetime) -> None:
     """Into the copy kept before a migration (``tlsroll.sqlite.keep_copy``): ``backup_made_at``,
     the copy's time, as ``leader.backup`` writes into a backup. A leader started on the copy
-    put back ("Going back to an older version") knows that what happened since is not in it
+    put back (README "Downgrading tlsroll") knows that what happened since is not in it
     (``Store.restore_began``): it re-learns the nodes whose agents renewed their certificates
     since, and says so (``store.restored``). Before, it refused them for good (audit s40, H1).
     A copy of a store with no ``meta`` (schema 4 or below) is left as it is: no leader that

@@ -163,7 +163,7 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
                 backup_made_at=made.isoformat(timespec="seconds"),
                 relearn_until=until.isoformat(timespec="seconds"),
                 detail="a store restored from a backup (or the copy kept before an upgrade, put"
-                " back: README 'Going back'): a node whose agent renewed its "
+                " back: README 'Downgrading tlsroll'): a node whose agent renewed its "
                 "certificate since is taken with it until then; its join tokens with a use left"
                 " are revoked (create new ones); revoke again what was revoked "
                 "since the backup, and check `tlsroll epoch show`",

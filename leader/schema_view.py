@@ -193,7 +193,8 @@ def waiting_for(node: str) -> str:
     Seconds once the agent is connected; an agent that stays down never reports."""
     return (
         f"waiting for {node}'s first report since the leader started (seconds once its agent is"
-        " connected; else check it runs: tlsroll status)"
+        " connected; else check it runs: tlsroll nodes, and on the node systemctl status"
+        " tlsroll-agent)"
     )
 
 
@@ -218,7 +219,8 @@ def report_problems(
         elif n in stale:
             problems[n] = (
                 f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"
-                " UTC; check it runs: tlsroll status"
+                " UTC; check it runs: tlsroll nodes, and on the node systemctl status"
+                " tlsroll-agent"
             )
     return problems
 

@@ -16,7 +16,7 @@ cannot be read now for a reason outside it (a full disk, a read-only file system
 which refuses it (``tlsroll.sqlite.NotDamaged``, exit 2) and moves nothing aside.
 
 A journal put back from the copy kept before an upgrade (``mark_copy``, ``Journal._put_back``;
-README "Going back to an older version") is older than the node: the agent ran on after the
+README "Downgrading tlsroll") is older than the node: the agent ran on after the
 copy was made. A transaction it shows unfinished was unfinished *when the copy was made* (an
 upgrade restarts the agent mid-switch; the newer agent carried it on, or broke before it did,
 which is the usual reason to go back); it is never resumed from its old phase, which would

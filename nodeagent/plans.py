@@ -712,8 +712,7 @@ def _put_back(journal: Journal) -> str:
     return (
         f" in this journal, which is the copy kept before an upgrade"
         f" ({made.isoformat(timespec='seconds')}), put back: a switch made since is not in it,"
-        " and its way back to http went with the newer journal (README 'Going back to an older"
-        " version')"
+        " and its way back to http went with the newer journal (README 'Downgrading tlsroll')"
     )
 
 

@@ -7,9 +7,11 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import re
 import stat
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from leader.cli import cluster_cmd
 from leader.cli.cluster_cmd import short_serial_digits
 from leader.tokens import SECRET_ALPHABET
 from tests.cluster import (
@@ -237,6 +240,36 @@ def test_two_inits_at_once_on_one_data_directory_leave_one_cluster(tmp_path: Pat
             key = pki.read_key(fresh.data_dir / "ca" / "ca.key", passphrase)
             assert pki.key_matches(pki.read_cert(fresh.ca_cert_path), key)
             assert not (fresh.data_dir / "init.lock").exists()
+
+
+def test_init_ends_with_how_to_start_the_leader_as_commands_that_work_as_printed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s45rt2 M6: ``tlsroll init`` ended with "tlsroll-leader --config …", which is
+    not on PATH on an installed server (only ``tlsroll`` is). It names the daemon beside the
+    interpreter (``/opt/tlsroll/bin`` there); for the unit's data dir the unit comes first and
+    the daemon by hand runs as the data dir's owner, the unit's user."""
+    daemon = Path(sys.executable).parent / "tlsroll-leader"
+    assert daemon.exists()  # the console script the line names (the venv's, here)
+    with Cluster(tmp_path / "c", next_loopback()) as fresh:
+        result = fresh.init()
+        assert result.stdout.splitlines()[-1] == (
+            f"start the leader:  {daemon} --config {fresh.data_dir / 'leader.toml'}"
+        ), result.stdout
+    # The unit's data dir (/var/lib/tlsroll, here a stand-in owned by another user).
+    unit_dir = tmp_path / "var-lib-tlsroll"
+    unit_dir.mkdir()
+    other = pwd.getpwnam("nobody")
+    os.chown(unit_dir, other.pw_uid, other.pw_gid)
+    monkeypatch.setattr(cluster_cmd, "DEFAULT_DATA_DIR", unit_dir.resolve())
+    assert cluster_cmd.start_lines(unit_dir, unit_dir / "leader.toml") == [
+        "start the leader:  systemctl enable --now tlsroll-leader",
+        f"  or by hand:      runuser -u nobody -- {daemon} --config {unit_dir / 'leader.toml'}",
+    ]
+    os.chown(unit_dir, 0, 0)  # root's own: nothing to run it as
+    assert cluster_cmd.start_lines(unit_dir, unit_dir / "leader.toml")[1] == (
+        f"  or by hand:      {daemon} --config {unit_dir / 'leader.toml'}"
+    )
 
 
 def test_an_init_refuses_while_another_holds_the_directory(tmp_path: Path) -> None:

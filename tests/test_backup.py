@@ -301,7 +301,7 @@ def test_a_node_that_renewed_its_certificate_after_the_backup_is_back_after_a_re
 def test_a_leader_gone_back_to_the_copy_kept_before_an_upgrade_relearns_renewed_nodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Audit s40, H1: README "Going back to an older version" on the leader (stop, remove
+    """Audit s40, H1: README "Downgrading tlsroll" on the leader (stop, remove
     -wal and -shm, move NAME.before-vN over NAME, start). The copy was a plain copy: the
     leader started on it did not know it ran on an older state, so a node whose agent renewed
     its certificate since the upgrade was refused for good (UNAUTHENTICATED, not the

@@ -172,7 +172,8 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
         assert refused.returncode == 1, refused.stdout
         assert (
             "finalize waits for the first client report since the leader started from node1"
-            " (seconds once its agent is connected; else check it runs: tlsroll status);"
+            " (seconds once its agent is connected; else check it runs: tlsroll nodes, and on"
+            " the node systemctl status tlsroll-agent);"
             " finalize again then" in refused.stderr
         ), refused.stderr
         assert "client steps" not in refused.stderr, refused.stderr

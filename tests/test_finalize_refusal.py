@@ -82,6 +82,10 @@ def test_a_node_whose_client_report_is_stale_refuses_plain_finalize(tmp_path: Pa
     except StillOnHttp as exc:
         refused = exc
     assert refused is not None and set(refused.unknown) == {"b"} and not refused.clients
+    # What to check names commands that exist (review s45rt2 M1: there is no `tlsroll status`).
+    assert refused.unknown["b"].endswith(
+        "UTC; check it runs: tlsroll nodes, and on the node systemctl status tlsroll-agent"
+    ), refused.unknown["b"]
     assert [r.rollout.id for r in schema.awaiting()] == ["t1"]  # nothing started
 
 
@@ -118,14 +122,16 @@ def test_a_report_stored_before_the_leader_started_speaks_for_no_node(tmp_path: 
         asyncio.run(commands.finalize("t1", "admin:test"))
     assert waiting.value.unknown == {
         n: f"waiting for {n}'s first report since the leader started (seconds once its agent"
-        " is connected; else check it runs: tlsroll status)"
+        " is connected; else check it runs: tlsroll nodes, and on the node systemctl status"
+        " tlsroll-agent)"
         for n in ("a", "b")
     }
     # Nothing for the workstations to do, nothing to cut off: finalize again (review s44rev6
     # L4: "cannot tell" twice, brackets in brackets, --force offered for a wait of seconds).
     assert str(waiting.value) == (
         "finalize waits for the first client report since the leader started from a, b"
-        " (seconds once their agents are connected; else check they run: tlsroll status);"
+        " (seconds once their agents are connected; else check they run: tlsroll nodes, and"
+        " on each node systemctl status tlsroll-agent);"
         " finalize again then, or let the leader finalize each node once it is quiet"
         " (tlsroll rollout finalize t1 --when-quiet 30m)"
     )

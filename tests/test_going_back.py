@@ -1,4 +1,4 @@
-"""README "Going back to an older version" on the nodes and after a rollout: a real leader,
+"""README "Downgrading tlsroll" on the nodes and after a rollout: a real leader,
 agents and reference servers (audit s40, H1 and H2).
 
 The upgrade that keeps a store's copy (``NAME.before-vN``) is the store's own migration path
@@ -119,7 +119,7 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
     why = reasons(back)
     assert "this node was never switched from http to https" in why, back
     assert "which is the copy kept before an upgrade" in why
-    assert "its way back to http went with the newer journal" in why
+    assert "its way back to http went with the newer journal (README 'Downgrading tlsroll')" in why
     assert list(live(node).schemes) == ["https"]  # nothing was done
 
 

@@ -238,7 +238,7 @@ def test_a_store_newer_than_this_tlsroll_is_refused_before_anything_is_built(
     assert result.stderr.splitlines()[-1] == (
         f"install.sh: /var/lib/tlsroll/leader.sqlite3 has schema {known_leader + 1}, this "
         f"tlsroll knows {known_leader}: a newer tlsroll wrote it, and this one's daemons would "
-        "refuse it; keep the newer version or see README 'Going back'; nothing changed"
+        "refuse it; keep the newer version or see README 'Downgrading tlsroll'; nothing changed"
     ), result.stderr
     assert sorted(throwaway.changed()) == before  # no -wal, no -shm, no venv
     assert sorted(p.name for p in agent_data.iterdir()) == ["journal.sqlite3"]
@@ -262,7 +262,7 @@ def test_a_store_newer_than_this_tlsroll_is_refused_before_anything_is_built(
         assert result.stderr.splitlines()[-1] == (
             f"install.sh: {journal} has schema {known_journal + 1}, this tlsroll knows "
             f"{known_journal}: a newer tlsroll wrote it, and this one's daemons would refuse "
-            "it; keep the newer version or see README 'Going back'; nothing changed"
+            "it; keep the newer version or see README 'Downgrading tlsroll'; nothing changed"
         ), result.stderr
 
         # Both at what this tlsroll knows: the checks pass.

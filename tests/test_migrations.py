@@ -580,7 +580,7 @@ def test_a_newer_schema_is_refused_and_left_unchanged(kind: str, tmp_path: Path)
     assert str(refused.value) == (
         f"{path}: {WHAT.get(kind, 'store')} schema version 99 is newer than this tlsroll knows"
         f" ({current}): this tlsroll is older than the one that wrote {path.name}; run the"
-        ' newer version, or see README "Going back to an older version"'
+        ' newer version, or see README "Downgrading tlsroll"'
     )
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert user_version(path) == 99

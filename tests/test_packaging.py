@@ -142,6 +142,11 @@ def test_man_pages_name_every_command(tmp_path: Path) -> None:
     assert {"tlsroll notify", "tlsroll rollout start", "tlsroll client test-connection"} <= set(
         paths
     )
+    # Every exit code README "Exit codes" documents (review s45rt2 L5: only 2 and 1 were).
+    status = main.split(".SH EXIT STATUS", 1)[1].split(".SH ", 1)[0]
+    codes = re.findall(r"^\\fB(\d+)\\fR$", status, re.M)
+    assert codes == ["0", "1", "2", "3", "4", "5", "6", "130"], status
+    assert "INVALID_ARGUMENT" in status and "systemctl restart tlsroll\\-leader" in status
     commands = main.split(".SH COMMANDS", 1)[1].split(".SH ", 1)[0]
     for path in paths:
         assert f"\\fB{esc(path)}\\fR" in commands, path

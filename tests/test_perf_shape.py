@@ -1761,8 +1761,8 @@ def test_the_leader_accepts_connections_on_grpc_s_polling_thread_not_the_event_e
     """The leader turns gRPC's ``event_engine_listener`` experiment off (``leader.__init__``):
     the connections its ports accept (every agent's heartbeat stream) are then read by the
     thread that polls the completion queue, not handed over from the EventEngine's thread pool
-    (~12 context switches of gRPC's threads per sparse message down to ~3; README
-    "Performance"). Seen in gRPC's own tcp trace: iomgr's listener and endpoint
+    (~12 context switches of gRPC's threads per sparse message down to ~3;
+    docs/performance.md). Seen in gRPC's own tcp trace: iomgr's listener and endpoint
     (``tcp_server_posix.cc``, ``tcp_posix.cc``), which gRPC's defaults never use. If a
     later grpcio drops the switch, gRPC says "Unknown experiment" and this fails: measure
     again (``bench.grpc_floor --modes message``)."""
@@ -1784,7 +1784,7 @@ def test_the_leader_accepts_connections_on_grpc_s_polling_thread_not_the_event_e
 UNKNOWN = (
     "grpcio {} does not know the experiment the leader turns off (leader.GRPC_EXPERIMENTS = "
     "{!r}): the leader daemon logs gRPC's 'Unknown experiment' at each start and runs gRPC's "
-    "default listener. Measure again (bench.grpc_floor --modes message; README 'Performance') "
+    "default listener. Measure again (bench.grpc_floor --modes message; docs/performance.md) "
     "and change or remove the setting."
 )
 

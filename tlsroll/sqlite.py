@@ -90,7 +90,7 @@ class SchemaTooNew(TerminalError):
         text = (
             f"{path}: {what} schema version {found} is newer than this tlsroll knows ({known}):"
             f" this tlsroll is older than the one that wrote {path.name}; run the newer"
-            ' version, or see README "Going back to an older version"'
+            ' version, or see README "Downgrading tlsroll"'
         )
         if copy is not None:
             kept, version, when = copy

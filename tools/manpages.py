@@ -102,6 +102,43 @@ def describe(command: click.Command) -> list[str]:
     return out
 
 
+# The exit codes as README "Exit codes" documents them (review s45rt2 L5: the page named only
+# 2 and 1).
+EXIT_CODES = (
+    ("0", "Success (rollout status: the rollout runs, is paused or completed)."),
+    ("1", "A failure (the one line on stderr says which)."),
+    (
+        "2",
+        "A usage error: a bad option or value, also one the leader refuses as INVALID_ARGUMENT.",
+    ),
+    (
+        "3",
+        "rollout status, and --wait: the rollout halted or was aborted; every node that did "
+        "not finish is back where it was.",
+    ),
+    (
+        "4",
+        "rollout status, and --wait: a node needs attention, neither switched nor back (see "
+        "its reason).",
+    ),
+    (
+        "5",
+        "The running tlsroll-leader is other code than this tlsroll (upgraded and not "
+        "restarted): nothing was changed or shown; systemctl restart tlsroll-leader.",
+    ),
+    (
+        "6",
+        "A command that changes something lost the leader's reply after its request was "
+        "sent: it may have been done; look (the line names the command) before repeating it.",
+    ),
+    (
+        "130",
+        "Ctrl-C while such a request awaited its reply (the leader may have done it), or "
+        "while --wait waited (the rollout goes on).",
+    ),
+)
+
+
 def main_page(names: list[tuple[str, click.Command, click.Context]], root: click.Context) -> str:
     lines = header(PROG, "switch a multiserver from http to https, safely, node by node")
     lines += [".SH SYNOPSIS", f"\\fB{PROG}\\fR [\\fIOPTIONS\\fR] \\fICOMMAND\\fR [\\fIARGS\\fR]..."]
@@ -110,7 +147,7 @@ def main_page(names: list[tuple[str, click.Command, click.Context]], root: click
         ".PP",
         esc(
             "Every command but client talks to the leader over its Unix admin socket. Every "
-            "error is one line on stderr; exit code 2 means a usage error, 1 a failure."
+            "error is one line on stderr; the exit codes are under EXIT STATUS."
         ),
     ]
     lines += [".SH OPTIONS", *options(cli, root, with_help=True)]
@@ -118,6 +155,9 @@ def main_page(names: list[tuple[str, click.Command, click.Context]], root: click
     for _name, command, ctx in names:
         lines += [".TP", f"\\fB{esc(ctx.command_path)}\\fR", esc(command.get_short_help_str(90))]
     tops = sorted({ctx.command_path.split()[1] for _, _, ctx in names})
+    lines += [".SH EXIT STATUS"]
+    for code, meaning in EXIT_CODES:
+        lines += [".TP", f"\\fB{code}\\fR", esc(meaning)]
     lines += [".SH ENVIRONMENT"]
     lines += [
         ".TP",

@@ -4,6 +4,7 @@ up the cluster (the CA, the leader's files) and letting agents join it."""
 from __future__ import annotations
 
 import datetime as dt
+import pwd
 import re
 import shlex
 import sys
@@ -23,7 +24,7 @@ from leader.cli.base import (
     to_dict,
 )
 from tlsroll.config import dump_toml
-from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
+from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
 from tlsroll.v1 import admin_pb2
 
 
@@ -80,7 +81,29 @@ def init(
     out.print(f"initialised {layout.data_dir}")
     out.print(f"  config      {layout.config}")
     out.print(f"  CA pin      {pki.spki_pin(ca)}   (agents need it: [leader].ca_pin)")
-    out.print(f"start the leader:  tlsroll-leader --config {layout.config}")
+    for line in start_lines(layout.data_dir, layout.config):
+        out.print(line)
+
+
+def start_lines(data_dir: Path, config: Path) -> list[str]:
+    """How to start the leader ``init`` just set up, as commands that work as printed (review
+    s45rt2 M6: on an installed server only ``tlsroll`` is on PATH). The daemon is the one
+    beside this interpreter (``/opt/tlsroll/bin`` when installed). For the unit's data dir
+    (``deploy/systemd/tlsroll-leader.service`` reads ``/var/lib/tlsroll/leader.toml``) the
+    unit comes first, and running it by hand is as the data dir's owner (the unit's user)."""
+    daemon = shlex.quote(str(Path(sys.executable).parent / "tlsroll-leader"))
+    by_hand = f"{daemon} --config {shlex.quote(str(config))}"
+    if data_dir.resolve() != DEFAULT_DATA_DIR:
+        return [f"start the leader:  {by_hand}"]
+    try:
+        owner = pwd.getpwuid(data_dir.stat().st_uid).pw_name
+    except (KeyError, OSError):
+        owner = "root"
+    as_owner = "" if owner == "root" else f"runuser -u {owner} -- "
+    return [
+        "start the leader:  systemctl enable --now tlsroll-leader",
+        f"  or by hand:      {as_owner}{by_hand}",
+    ]
 
 
 @click.group()
