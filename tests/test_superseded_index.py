@@ -4,7 +4,7 @@ and a refusal of a superseded token whose secret was right, or a ``token list``,
 of it. On the real SQLite file: the plan SQLite makes for the very statements the store runs
 (``EXPLAIN QUERY PLAN`` of each, as the connection's trace callback gives it, its values
 bound), a store of the schema before migrated with the same answers, and the older leader on
-the migrated store and on a backup of it (README "Going back to an older version",
+the migrated store and on a backup of it (README "Downgrading tlsroll",
 "Backups"). The leader of the schema before is this code with the migrations it had
 (``MIGRATIONS[:12]``, nothing ignorable): the statements that read and write tokens and the
 audit are the same, only the migration is new.
@@ -218,7 +218,7 @@ def test_a_store_of_the_schema_before_migrates_and_answers_alike(
 def test_the_older_leader_runs_on_the_migrated_store_and_on_a_backup_of_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README "Going back": the leader of schema 12 opens a store of schema 13 as it is
+    """README "Downgrading tlsroll": the leader of schema 12 opens a store of schema 13 as it is
     (``store.newer_schema_read``, nothing lost), and so a backup this leader made
     (``leader.backup``'s copy of the store, restored: ``store.restored``, its tokens with a use
     left revoked). What it writes there (a node re-learned, its token superseded) is in the
