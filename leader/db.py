@@ -355,6 +355,23 @@ UPDATE tokens SET superseded_at = (
 # (Both times are ``to_text``'s ISO 8601 in UTC, which sort as text: a time without
 # microseconds, "…:00+00:00", sorts before one of the same second with them, "…:00.5+00:00".)
 
+# Migration 13: what superseded a join token (``superseded_how``) read through an index, not
+# by a scan of the audit (session 45). The audit is never pruned (a year of a fleet: hundreds of
+# thousands of rows) and had no index for its ``node.relearned`` rows of a node: each refusal of
+# a superseded token whose secret was right, and each ``token list``, scanned all of it. A
+# partial index: only the re-learnings are in it (one a node re-learned after a restore or a
+# --reinitialise), so the audit's other writes cost nothing more than SQLite's test of its
+# WHERE. SQLite uses it only for a query whose WHERE holds ``kind = 'node.relearned'`` as
+# written here (a literal, not a bound parameter: SQLite, "Partial Indexes", 3). Not a
+# ``superseded_by`` column written where a token is superseded: that migration would fill it
+# from the audit (rows written, so an older leader would refuse the file, and one that
+# ran on it would supersede tokens without it), two records of one fact. This one writes no
+# row and SQLite keeps the index on an older leader's writes too: one an older leader may
+# ignore (``IGNORABLE``).
+_V13 = """
+CREATE INDEX audit_relearned ON audit (subject, at) WHERE kind = 'node.relearned';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -368,6 +385,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _v10,  # certificates: record order, hourly caps' clock, their rollout
     _V11,  # the features each node's agent implements
     _V12,  # a token superseded by its node's enrolment
+    _V13,  # the audit's re-learnings by node: what superseded a token
 )
 
 
@@ -388,12 +406,13 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset()
+IGNORABLE: frozenset[int] = frozenset({13})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
-file (``tlsroll.sqlite.migrate``): a new table, or columns that are NULL or have a default, and
-this code copes with rows an older leader wrote without them. Only builds from session 40 on
-read the floor this makes, so the migrations before are not listed: every one of them is
-needed by the builds that read it."""
+file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
+index that is not unique, and this code copes with rows an older leader wrote without them.
+Only builds from session 40 on read the floor this makes, so the migrations before are not
+listed: every one of them is needed by the builds that read it. 13: an index of the audit,
+which SQLite keeps up to date as an older leader writes the audit."""
 
 LOSING = (
     "the nodes enrolled, join tokens, revocations and rollouts since; a node whose agent renewed"

@@ -2361,10 +2361,12 @@ def superseded_how(db: sqlite3.Connection, tokens: list[Token]) -> list[Token]:
     whatever their number, and none when none is superseded: a re-learning of a token's node
     supersedes it in the transaction that audits the re-learning as ``node.relearned``, at the
     same time; anything else that supersedes is an enrolment (``supersede_tokens``, migration
-    12). The audit has no index for this and is never pruned (review s44rev3 M1: a scan of it
-    for every lookup of a superseded token, before its secret was checked): read it only for
-    a caller that says why a token was superseded (a refusal of a token whose secret was
-    right, ``token list``), never for the checks of an enrolment."""
+    12). The audit is never pruned (review s44rev3 M1: a scan of it for every lookup of a
+    superseded token, before its secret was checked): read only for a caller that says why a
+    token was superseded (a refusal of a token whose secret was right, ``token list``), never
+    for the checks of an enrolment, and by its partial index of the re-learnings
+    (``audit_relearned``, migration 13), which SQLite uses only while ``kind =
+    'node.relearned'`` is written in the query as it is in the index (not a parameter)."""
     superseded = {t.node_name for t in tokens if t.superseded_at is not None and t.node_name}
     if not superseded:
         return tokens

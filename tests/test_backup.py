@@ -413,3 +413,95 @@ def test_a_restore_revokes_the_tokens_a_node_may_have_enrolled_by_since(tmp_path
         fresh = next_loopback()
         enrol(c, enrol_request(c.create_token("n4", fresh), "n4", fresh))
         assert "n4" in c.list_nodes()
+
+
+def superseded_by(c: Cluster) -> dict[str, str]:
+    """``token list --json``: what superseded each token ("" for none)."""
+    listed = c.cli("token", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return {t["id"]: t.get("superseded_by", "") for t in json.loads(listed.stdout)}
+
+
+def set_back_to_schema_12(dest: Path) -> None:
+    """The backup as the leader of store schema 12 made it: migration 13 only adds the audit's
+    index of re-learnings and records the floor that may read the file (``schema_floor``);
+    both go, the schema is set back, the manifest says so."""
+    store = dest / "leader.sqlite3"
+    with contextlib.closing(sqlite3.connect(store, isolation_level=None)) as db:
+        db.execute("DROP INDEX audit_relearned")
+        db.execute("DROP TABLE schema_floor")
+        db.execute("PRAGMA user_version=12")
+    manifest = json.loads((dest / "MANIFEST.json").read_text())
+    data = store.read_bytes()
+    manifest["store_schema"] = 12
+    manifest["files"]["leader.sqlite3"] = {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    (dest / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def test_a_backup_of_store_schema_12_is_migrated_by_the_restored_leader_s_first_start(
+    tmp_path: Path,
+) -> None:
+    """Session 45 (store schema 13: the audit's index of re-learnings, read to say what
+    superseded a join token): a backup the leader of schema 12 made, restored as README
+    "Backups" says, is migrated by the leader's first start (the copy as it was kept beside
+    it; ``--backup`` reads it as it is), which knows it for a restored store; ``token list``
+    says what superseded each token as the leader backed up said it (an enrolment, a
+    re-learning). The backup is this leader's, set back to schema 12 by hand (what migration
+    13 adds, removed)."""
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        passphrase = c.passphrase_path.read_bytes()
+        address = next_loopback()
+        used = c.create_token("n3", address)
+        first = tmp_path / "first"
+        assert backup(c, first).returncode == 0
+        n3 = c.add_agent("n3", address, token=used)
+        c.wait_for_nodes_online(["n3"])
+        n3.stop()
+        # A token superseded by a re-learning: n3 enrolled after the backup restored.
+        restore(c, first, passphrase)
+        c.start_leader()
+        late = c.create_token("n3", address).split(".", 1)[0]
+        n3.start()
+        c.wait_for_nodes_online(["n3"])
+        # ... and one superseded by an enrolment.
+        a4 = next_loopback()
+        spare = c.create_token("n4", a4).split(".", 1)[0]
+        enrol(c, enrol_request(c.create_token("n4", a4), "n4", a4))
+        before = superseded_by(c)
+        assert (before[late], before[spare]) == ("re-learning", "enrolment")
+
+        dest = tmp_path / "backup"
+        result = backup(c, dest)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((dest / "MANIFEST.json").read_text())["store_schema"] == 13
+        set_back_to_schema_12(dest)
+        restored_before = c.leader.event_names().count("store.restored")
+        restore(c, dest, passphrase)
+        # A backup reads the store as it is, never migrates it (the leader running on it may
+        # be the older one): one taken now says schema 12, and the store stays so.
+        again = tmp_path / "again"
+        result = backup(c, again)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((again / "MANIFEST.json").read_text())["store_schema"] == 12
+        c.start_leader()
+        c.wait_for_nodes_online(["n3"])
+
+        events = c.leader.event_names()
+        assert events.count("store.restored") == restored_before + 1
+        assert "store.copy_kept" in events
+        with contextlib.closing(
+            sqlite3.connect(f"{c.store_path.as_uri()}?mode=ro", uri=True)
+        ) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 13
+            assert db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'audit_relearned'"
+            ).fetchone()
+        copy = c.store_path.with_name(f"{c.store_path.name}.before-v13")
+        with contextlib.closing(sqlite3.connect(f"{copy.as_uri()}?mode=ro", uri=True)) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 12
+        assert superseded_by(c) == before

@@ -518,9 +518,10 @@ def test_a_relearned_node_supersedes_the_tokens_the_store_holds(store: Store) ->
 def statements(store: Store) -> Iterator[list[str]]:
     """Every SQL statement the store's connection runs meanwhile, as SQLite gives it to the
     connection's trace callback (``sqlite3.Connection.set_trace_callback``: called once per
-    statement run, with its text). The store keeps no count of its reads, and what this asks
-    (whether the audit is read at all, and by how many statements) is in the text: the audit
-    has no index for what superseded a token, so a statement that reads it scans it."""
+    statement run, with its text, its values bound). The store keeps no count of its reads,
+    and what this asks (whether the audit is read at all, and by how many statements) is in
+    the text; how SQLite reads it (by the index of schema 13, not a scan), in its plan
+    (``tests/test_superseded_index.py``)."""
     ran: list[str] = []
     with store.db.read() as db:  # the store's one connection (reads and writes)
         db.set_trace_callback(ran.append)

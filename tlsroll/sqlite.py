@@ -21,10 +21,11 @@ taken over as it is.
 To change a schema, append one migration to the store's list: an SQL script (statements with
 ``;``) or a function of the connection. Never edit, reorder or remove a migration that was
 released: files in the field have had it (their user_version counts it) and will not have it
-again. A migration that only adds a table (with no foreign key into an older one), or
-columns that are NULL or have a default (``ALTER TABLE ADD COLUMN``, with no CHECK,
-REFERENCES, COLLATE, UNIQUE or generation), writes no row, and whose rows the code copes
-without (an older tlsroll writes them so), goes into the store's
+again. A migration that only adds a table (with no foreign key into an older one), columns
+that are NULL or have a default (``ALTER TABLE ADD COLUMN``, with no CHECK, REFERENCES,
+COLLATE, UNIQUE or generation), or an index that is not unique (SQLite keeps it up to date as
+an older tlsroll writes), writes no row, and whose rows the code copes without (an older
+tlsroll writes them so), goes into the store's
 ``IGNORABLE`` as well: an older tlsroll then runs on the file without going back to the copy
 (what was written since is kept). A migration must not commit or call ``executescript``
 (which commits); it runs with foreign keys off (SQLite cannot switch them inside a
@@ -539,19 +540,19 @@ def migrate(
     tlsroll is rolled back; a copy an interrupted run left half made is removed
     (``remove_stale_copies``).
 
-    Going back without the copy (audit s40, H2): ``ignorable`` numbers (from 1) the
-    migrations that a tlsroll without them may ignore, as it reads and writes the file: they
-    only add tables, and columns that are NULL or have a default (``_check_ignorable``
-    checks that as each runs), and the tlsroll that has them copes with what an older one
-    writes without them (a row without its new columns' values, rows missing from its new
-    tables). A migrated file records the lowest schema that may read it, ``readable_by``
-    (``floor_of``: the last migration it has that is not ignorable) in ``FLOOR_TABLE`` when
-    that is below its version. A tlsroll that finds a newer file whose ``readable_by`` it
-    knows opens it as it is (a warning, ``store.newer_schema_read``; its version is left as
-    it is, so the newer tlsroll finds it as it left it, plus rows this one wrote); any other
-    newer file is refused, unchanged (``SchemaTooNew``, naming the copy it may go back to:
-    ``usable_copy``; ``what`` and ``losing`` are its words). Only a tlsroll with this code
-    reads ``readable_by``: an older one refuses every newer file.
+    Going back without the copy (audit s40, H2): ``ignorable`` numbers (from 1) the migrations
+    that a tlsroll without them may ignore, as it reads and writes the file: they only add
+    tables, columns that are NULL or have a default, and indexes that are not unique
+    (``_check_ignorable`` checks that as each runs), and the tlsroll that has them copes with
+    what an older one writes without them (a row without its new columns' values, rows missing
+    from its new tables). A migrated file records the lowest schema that may read it,
+    ``readable_by`` (``floor_of``: the last migration it has that is not ignorable) in
+    ``FLOOR_TABLE`` when that is below its version. A tlsroll that finds a newer file whose
+    ``readable_by`` it knows opens it as it is (a warning, ``store.newer_schema_read``; its
+    version is left as it is, so the newer tlsroll finds it as it left it, plus rows this one
+    wrote); any other newer file is refused, unchanged (``SchemaTooNew``, naming the copy it may
+    go back to: ``usable_copy``; ``what`` and ``losing`` are its words). Only a tlsroll with
+    this code reads ``readable_by``: an older one refuses every newer file.
     """
     if conn.isolation_level is not None or conn.in_transaction:
         raise ValueError("migrate needs an autocommit connection outside a transaction")
