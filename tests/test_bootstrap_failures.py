@@ -15,7 +15,7 @@ import io
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -760,7 +760,7 @@ async def test_a_port_taken_between_the_bind_and_the_listen_is_named(
         journal.close()
 
 
-def _bootstrap_lines(events: list[dict[str, Any]]) -> list[str]:
+def _bootstrap_lines(events: list[MutableMapping[str, Any]]) -> list[str]:
     return [e["event"] for e in events if e["event"].startswith("bootstrap.")]
 
 
