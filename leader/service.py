@@ -208,6 +208,9 @@ class LeaderState:
     # of its node writes none of the node's entries above after it (``removed_since``).
     removed: dict[str, int] = field(default_factory=dict)
     removals: int = 0
+    # Called with a removed node's name by ``forget_node``: the Leader service drops its own
+    # memory of the node (``LeaderService._forget``).
+    on_forget: list[Callable[[str], None]] = field(default_factory=list)
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     # The clock no step moves, that counts a suspend: how long ago a node was heard
@@ -287,6 +290,8 @@ class LeaderState:
             entries.pop(node, None)
         self.twin_agents.pop(node, None)
         self.clocks.drop(node)
+        for forget in self.on_forget:
+            forget(node)
 
     def removed_since(self, node: str, removals: int) -> bool:
         """Whether ``node`` was removed after ``removals`` (``removals`` as it was then)."""
@@ -1151,6 +1156,24 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._failures_said: dict[str, frozenset[tuple[object, ...]]] = {}
         # node -> its agent's last numbered failure report taken (``failures_report``).
         self._failure_reports: dict[str, tuple[str, int]] = {}
+        state.on_forget.append(self._forget)
+
+    def _forget(self, node: str) -> None:
+        """Node ``node`` was removed (``LeaderState.forget_node``): what this service keeps of
+        it goes, so that a node enrolled again under its name starts afresh. Before, its first
+        client report, saying what the removed node's last one said, was neither stored nor
+        counted as heard since the leader started (``Store.report_since_start``) until it was
+        half stale; its first failure report was not audited when the removed node had used
+        the day's audits, nor taken where it repeated the removed node's last entries or
+        report number (session 44's Left). A heartbeat of the removed node under way sets
+        none of them after this (``_heartbeat`` sets them after its removal checks)."""
+        for entries in (
+            self._clients,
+            self._failure_audits,
+            self._failures_said,
+            self._failure_reports,
+        ):
+            entries.pop(node, None)
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -1470,10 +1493,18 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             name, () if again else request.bootstrap_failures, now
         )
         if failures:
+            if self.state.removed_since(name, removals):  # (its audits were forgotten)
+                raise unauthenticated(f"{name!r} is not an enrolled node (removed?)")
             audit = self._failures_audited(name, now)
             await asyncio.to_thread(
                 self.schema.record_bootstrap_failures, name, failures, now, audit=audit
             )
+        if self.state.removed_since(name, removals):
+            # Removed while this message was checked and recorded (the awaits above): what it
+            # says of the node is not kept, or a removed node showed a node problem again
+            # (s43's Left 3), or a node enrolled again under its name inherited what it said
+            # (``_forget``). Nothing is awaited from here to the end: it cannot come later.
+            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)")
         if numbered is not None:
             if len(self._failure_reports) >= MAX_CALLERS:
                 self._failure_reports.clear()
@@ -1482,11 +1513,6 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             if len(self._failures_said) >= MAX_CALLERS:
                 self._failures_said.clear()
             self._failures_said[name] = reported
-        if self.state.removed_since(name, removals):
-            # Removed while this message was checked and recorded (the awaits above): what it
-            # says of the node is not kept, or a removed node showed a node problem again
-            # (s43's Left 3). Nothing is awaited from here to the end: it cannot come later.
-            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)")
         if failures:
             for f in failures if audit else ():
                 log.warning(

@@ -778,8 +778,12 @@ class BootstrapService:
             raise Refused(
                 422, proto.ErrorCode.BAD_CSR, f"the CSR names {cn}, the exchange {ex.workstation}"
             )
+        signing = asyncio.ensure_future(self.sign(csr_pem))
         try:
-            signed = await self.sign(csr_pem)
+            signed = await asyncio.shield(signing)
+        except asyncio.CancelledError:  # the agent stops while the leader signs
+            await self._signing_stopped(request, cn, signing)
+            raise
         except TerminalError as exc:
             if not getattr(exc, "refused", False):
                 raise Refused(
@@ -795,6 +799,31 @@ class BootstrapService:
                 502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
         return signed, cn, key_pin
+
+    async def _signing_stopped(
+        self, request: Request, cn: str, signing: asyncio.Future[bytes]
+    ) -> None:
+        """The agent stops (this request cancelled) while the leader signs: the leader may
+        record a certificate for ``cn`` that no one will receive, which held the name (the
+        workstation's next try refused as a name taken until the admin freed it) with nothing
+        said (session 43's "agent stopping during signing"). The signing gets
+        ``STOP_WITHDRAW`` seconds to answer, and what it signed is withdrawn as after the
+        signing (``_withdraw``); a signing that does not answer by then is cancelled, said in
+        the log with the name it may hold."""
+        log.warning("bootstrap.signing_stopping", remote=request.remote, cn=cn)
+        try:
+            await asyncio.wait({signing}, timeout=STOP_WITHDRAW)
+        finally:
+            if not signing.done():
+                signing.cancel()
+                log.error(
+                    "bootstrap.signing_cut",
+                    remote=request.remote,
+                    cn=cn,
+                    why="the agent stopped: a certificate the leader signed may hold the name",
+                )
+        if signing.done() and not signing.cancelled() and signing.exception() is None:
+            await self._withdraw(request, cn, signing.result(), stopping=True)
 
     async def _checked(self, request: Request, signed: bytes, cn: str, key_pin: str) -> bytes:
         """The certificate the leader ``signed``, checked (by the worker) to be for the CSR's

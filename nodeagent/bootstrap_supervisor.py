@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from nodeagent import warmup
+from nodeagent import plans, warmup
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess
 from nodeagent.failure_log import FailureLog
@@ -116,8 +116,13 @@ class BootstrapHost:
         # Heartbeats carry it (``LiveServer``), so that the leader shows it as the node's
         # problem (audit s39ws M8: only logged); None as ``bootstrap_pending``.
         self.problem: str | None = None
-        # Failed starts in this outage (0: none), and the task that tries again (``_retry``).
+        # Failed starts in this outage (0: none), the cause last logged in it (``_failed``),
+        # and the task that tries again (``_retry``).
         self._tries = 0
+        self._said = ""
+        # Why the journal could not be read while the service ran and serves on (``_unread``):
+        # logged, "" when it was read since.
+        self._unread_said = ""
         self._retrying: asyncio.Task[None] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
@@ -244,30 +249,61 @@ class BootstrapHost:
                     return
 
     async def _step(self) -> bool:
-        """(Under the lock.) ``_sync``, whatever it raises the node's problem and tried again
-        (``_failed``): a journal that cannot be read at the first sync left the problem unknown
-        for ever and nothing tried again (review s44rev2 L1), and anything but a TlsrollError
-        ended the retries silently (L2)."""
+        """(Under the lock.) ``_sync``, whatever it raises tried again: the node's problem
+        (``_failed``) if no service runs (a journal that cannot be read at the first sync left
+        the problem unknown for ever and nothing tried again, review s44rev2 L1; anything but
+        a TlsrollError ended the retries silently, L2), and not if the service runs on
+        (``_unread``)."""
         try:
             return await self._sync()
         except TlsrollError as exc:  # (the journal unread)
-            self._failed(str(exc))
+            why = str(exc)
         except Exception as exc:  # a bug: said, and tried again all the same
-            self._failed(f"{type(exc).__name__}: {exc}")
+            why = f"{type(exc).__name__}: {exc}"
+        if self.service is not None:
+            self._unread(why)
+        else:
+            self._failed(why)
         return True
 
     def _failed(self, problem: str) -> None:
-        """A try failed: ``problem`` is the node's until one succeeds; one log line an outage,
-        not a line a try."""
+        """A try failed: ``problem`` is the node's until one succeeds. One log line at the
+        outage's start, and one each time its cause changes (``bootstrap.still_not_started``:
+        the port held, then a file at fault), not a line a try: a port held for a day writes
+        one line, not one a minute."""
+        retry = f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s"
         if self._tries == 0:
             log.error(
-                "bootstrap.not_started",
+                "bootstrap.not_started", port=self.cfg.bootstrap_port, error=problem, retry=retry
+            )
+        elif problem != self._said:
+            log.error(
+                "bootstrap.still_not_started",
                 port=self.cfg.bootstrap_port,
                 error=problem,
-                retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
+                was=self._said,
+                tries=self._tries,
             )
+        self._said = problem
         self._tries += 1
         self.problem = problem
+
+    def _unread(self, why: str) -> None:
+        """The journal's live settings could not be read (``why``) while the service runs: it
+        serves on with the settings it last read, so the node has no bootstrap problem (the
+        leader would show "did not start": review s44, the problem stayed until the next good
+        read though the service served). What is degraded, said in the log (once, and again
+        if the cause changes): a change of the settings (a rollback, a new password) is not
+        followed until the journal is read again, which is tried as a failed start is."""
+        if why != self._unread_said:
+            log.error(
+                "bootstrap.settings_unread",
+                port=self.cfg.bootstrap_port,
+                error=why,
+                serves="the settings last read, until the journal is read again",
+                retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
+            )
+            self._unread_said = why
 
     async def _sync(self) -> bool:
         """(Under the lock.) One step of ``sync``: whether the service should run and does not
@@ -275,6 +311,9 @@ class BootstrapHost:
         or need not, never before the first attempt (None: the heartbeat then says nothing of
         it, and the leader keeps what it had: s43's Left 2)."""
         live = await asyncio.to_thread(self.journal.live_tls)
+        if self._unread_said:
+            log.warning("bootstrap.settings_read_again", port=self.cfg.bootstrap_port)
+            self._unread_said = ""
         if live == self.current and (live is None or self.service is not None):
             self._up(running=live is not None)  # (known now, also at an agent's start on http)
             return False
@@ -301,6 +340,7 @@ class BootstrapHost:
         elif self._tries:
             log.info("bootstrap.retry_ended", why="the node no longer serves it")
         self._tries = 0
+        self._said = ""
         self.problem = ""
 
     async def _start(self, live: dict[str, str]) -> BootstrapService:
@@ -323,6 +363,10 @@ class BootstrapHost:
         verifier_file = live["verifier_file"]
         verifier_text = await asyncio.to_thread(Path(verifier_file).read_text)
         ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
+        if why := plans.ca_bundle_problem(ca_pem):
+            # Refused here, not by the worker's check at ``start``: each try of the outage
+            # started the worker's child for it (one a minute).
+            raise ValueError(f"{live['ca_file']}: {why}")
         try:
             verifier = password.verifier_from_json(verifier_text)
         except ValueError as exc:

@@ -544,6 +544,84 @@ def _framed_as_certificate(der: bytes) -> bool:
     return tags[:6] == [0x02, 0x30, 0x30, 0x30, 0x30, 0x30]
 
 
+BASIC_CONSTRAINTS = bytes.fromhex("551d13")  # 2.5.29.19, the basicConstraints extension
+
+
+def ca_bundle_problem(pem: bytes) -> str | None:
+    """Why the CA bundle ``pem`` cannot be the bootstrap service's: a certificate of it that
+    says it is no CA (``pki.is_ca``'s test: no basicConstraints, or one without cA), read with
+    the ``ssl`` module's PEM helpers and ``_der_item``, without ``cryptography`` (the agent's
+    memory, issue 15), so that a try of the service with such a bundle is refused before it
+    asks the crypto worker, whose child it would start at every try of the outage. None when
+    every certificate says it is a CA, and for one that cannot be read so (not framed as a
+    certificate, an extension not laid out as RFC 5280 says): the worker's check
+    (``bootstrap_crypto.check_ca_bundle``) judges those, as before."""
+    text = pem.decode("ascii", "replace")
+    end = 0
+    number = 0
+    while (start := text.find(ssl.PEM_HEADER, end)) >= 0:
+        end = text.find(ssl.PEM_FOOTER, start)
+        if end < 0:
+            return None
+        end += len(ssl.PEM_FOOTER)
+        number += 1
+        try:
+            der = ssl.PEM_cert_to_DER_cert(text[start:end])
+        except ValueError:
+            continue
+        if _says_ca(der) is False:
+            return f"certificate {number} of the CA bundle is not a CA (no basicConstraints cA)"
+    return None
+
+
+def _says_ca(der: bytes) -> bool | None:
+    """Whether the certificate ``der`` says it is a CA (its basicConstraints' cA is TRUE); None
+    if it cannot be read so (see ``ca_bundle_problem``)."""
+    if not _framed_as_certificate(der):
+        return None
+    try:
+        _, at, end = _der_item(der, 0, len(der))  # Certificate
+        _, at, end = _der_item(der, at, end)  # tbsCertificate
+        while at < end:  # its items; the extensions, [3] EXPLICIT, come last
+            tag, contents, at = _der_item(der, at, end)
+            if tag == 0xA3:
+                break
+        else:
+            return False  # no extensions (a version 1 certificate): no basicConstraints
+        tag, at, end = _der_item(der, contents, at)  # SEQUENCE OF Extension
+        if tag != 0x30:
+            return None
+        while at < end:
+            tag, item, at = _der_item(der, at, end)  # Extension ::= SEQUENCE {
+            if tag != 0x30:
+                return None
+            tag, oid, item = _der_item(der, item, at)  #   extnID OBJECT IDENTIFIER,
+            if tag != 0x06:
+                return None
+            if der[oid:item] != BASIC_CONSTRAINTS:
+                continue
+            tag, value, value_end = _der_item(der, item, at)  # critical BOOLEAN DEFAULT FALSE,
+            if tag == 0x01:
+                tag, value, value_end = _der_item(der, value_end, at)
+            if tag != 0x04:  #   extnValue OCTET STRING }
+                return None
+            # BasicConstraints ::= SEQUENCE { cA BOOLEAN DEFAULT FALSE, pathLen INTEGER OPTIONAL }
+            tag, first, seq_end = _der_item(der, value, value_end)
+            if tag != 0x30 or seq_end != value_end:
+                return None
+            if first == seq_end:
+                return False  # cA absent: FALSE
+            tag, flag, flag_end = _der_item(der, first, seq_end)
+            if tag == 0x02:
+                return False  # pathLen first: cA absent
+            if tag != 0x01 or flag_end - flag != 1:
+                return None
+            return der[flag] == 0xFF
+        return False  # no basicConstraints
+    except ValueError:
+        return None
+
+
 @_keeps_cause
 def finalize_plan(
     journal: Journal,

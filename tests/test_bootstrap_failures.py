@@ -15,7 +15,7 @@ import io
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -758,3 +758,225 @@ async def test_a_port_taken_between_the_bind_and_the_listen_is_named(
         squatter.close()
         await host.close()
         journal.close()
+
+
+def _bootstrap_lines(events: list[MutableMapping[str, Any]]) -> list[str]:
+    return [e["event"] for e in events if e["event"].startswith("bootstrap.")]
+
+
+async def test_a_ca_bundle_with_a_certificate_that_is_no_ca_starts_no_crypto_worker(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 44's Left: a CA file that holds a certificate that is no CA (a server's own
+    certificate copied there) failed only at the crypto worker's check, after the bind, so
+    every try of the outage started the worker's child (one a minute for as long as the file
+    stays wrong). Now the agent reads the bundle's basicConstraints itself (the ``ssl``
+    module's PEM helpers and a DER walk, no ``cryptography``): no try starts the child or asks
+    it anything, and the problem names the file and the certificate. The real crypto worker,
+    its idle time and the retries' waits short (the loop the same)."""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_MOST", 0.2)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    cert = issue_cert(address, "node-a")
+    switched(journal, tmp_path, address, cert)
+    worker = CryptoWorker(idle_seconds=0.1)
+    asked: list[str] = []
+    ask = worker.call
+
+    async def call(op: str, request: dict[str, Any]) -> Any:
+        asked.append(op)
+        return await ask(op, request)
+
+    monkeypatch.setattr(worker, "call", call)
+    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=0)
+    host = BootstrapHost(cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=worker)
+    leaf = cert.cert_file.read_bytes()
+    try:
+        cert.ca_file.write_bytes(leaf)
+        await host.sync()
+        await _until(lambda: host._tries >= 5, "five tries")
+        assert host.service is None
+        assert (worker.started, asked) == (0, [])
+        assert (host.problem or "").startswith(
+            f"{cert.ca_file}: certificate 1 of the CA bundle is not a CA"
+        ), host.problem
+        cert.ca_file.write_bytes(test_ca.cert_pem + leaf)  # the CA, then the leaf
+        tries = host._tries
+        await _until(lambda: host._tries >= tries + 3, "three more tries")
+        assert (host.problem or "").startswith(
+            f"{cert.ca_file}: certificate 2 of the CA bundle is not a CA"
+        ), host.problem
+        assert (worker.started, asked) == (0, [])
+        cert.ca_file.write_bytes(test_ca.cert_pem)
+        await _until(lambda: host.service is not None, "the service to start")
+        assert host.problem == "" and worker.started >= 1
+        assert "bootstrap.check_ca_bundle" in asked  # the worker's check still runs
+    finally:
+        await host.close()
+        await worker.close()
+        journal.close()
+
+
+async def test_a_journal_unread_while_the_service_runs_is_no_bootstrap_problem(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 44's Left: a sync that could not read the journal while the service ran made
+    the read's error the node's bootstrap problem, which the leader shows as "did not start:
+    workstations cannot enrol there", though the service served on, until the next good read.
+    Now the node has no problem while the service serves (a workstation enrols: the real
+    service and port, asked for its hello); the log says once what is degraded (a change of
+    the settings is not followed) and once that the journal is read again; the read is tried
+    again meanwhile."""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_MOST", 0.2)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    cert = issue_cert(address, "node-a")
+    switched(journal, tmp_path, address, cert)
+    host = _host(journal)
+    reads = 0
+    live_tls = journal.live_tls
+
+    def counted() -> dict[str, str] | None:
+        nonlocal reads
+        reads += 1
+        return live_tls()
+
+    monkeypatch.setattr(journal, "live_tls", counted)
+    try:
+        await host.sync()
+        service = host.service
+        assert service is not None and host.problem == ""
+        with structlog.testing.capture_logs() as events:
+            unreadable(journal)
+            await host.sync()
+            assert host.service is service and host.problem == "", host.problem
+            assert _retrying()
+            before = reads
+            await _until(lambda: reads >= before + 4, "four more reads")
+            assert host.service is service and host.problem == "", host.problem
+            _, writer = await asyncio.open_connection(address, service.bound_port)
+            writer.close()
+            await writer.wait_closed()
+            switched(journal, tmp_path, address, cert)
+            await _until(lambda: not _retrying(), "the retries to end")
+            assert host.service is service and host.problem == ""
+        said = _bootstrap_lines(events)
+        assert said == ["bootstrap.settings_unread", "bootstrap.settings_read_again"], said
+        unread = next(e for e in events if e["event"] == "bootstrap.settings_unread")
+        assert "JSONDecodeError" in unread["error"], unread
+    finally:
+        await host.close()
+        journal.close()
+
+
+async def test_a_cause_that_changes_within_an_outage_is_logged_once_a_change(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 44's Left: one line an outage, even when its cause changed (the port held, then
+    the verifier file gone): the log still named the first cause while the node's problem
+    named another. Now a change of cause writes one line (``bootstrap.still_not_started``,
+    the cause before it too), and the tries of one cause none: the port held, the verifier
+    gone, the port held again, each for several tries, then the port free. The real service
+    and port; the port held by a plain socket."""
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 0.05)
+    monkeypatch.setattr(bootstrap_supervisor, "RETRY_MOST", 0.2)
+    address = loopback()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    cert = issue_cert(address, "node-a")
+    switched(journal, tmp_path, address, cert)
+    verifier_file = tmp_path / "verifier.json"
+    squatter = socket.socket()
+    squatter.bind((address, 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    host = _host(journal, port)
+    try:
+        with structlog.testing.capture_logs() as events:
+            await host.sync()
+            await _until(lambda: host._tries >= 4, "four tries")
+            held = host.problem or ""
+            assert held.startswith(f"port {port}: "), held
+            verifier_file.unlink()
+            tries = host._tries
+            await _until(lambda: host._tries >= tries + 4, "four more tries")
+            gone = host.problem or ""
+            assert gone.startswith(f"{verifier_file}: No such file"), gone
+            switched(journal, tmp_path, address, cert)  # (the verifier written again)
+            tries = host._tries
+            await _until(lambda: host._tries >= tries + 4, "four more tries")
+            assert host.problem == held
+            squatter.close()
+            await _until(lambda: host.service is not None, "the service to start")
+        said = _bootstrap_lines(events)
+        assert said == [
+            "bootstrap.not_started",
+            "bootstrap.still_not_started",
+            "bootstrap.still_not_started",
+            "bootstrap.started",
+            "bootstrap.up_again",
+        ], said
+        causes = [
+            (e["error"], e.get("was"))
+            for e in events
+            if e["event"] in ("bootstrap.not_started", "bootstrap.still_not_started")
+        ]
+        assert causes == [(held, None), (gone, held), (held, gone)], causes
+    finally:
+        squatter.close()
+        await host.close()
+        journal.close()
+
+
+def test_the_agents_ca_check_agrees_with_pki_is_ca(test_ca: pki.CertificateAuthority) -> None:
+    """``plans.ca_bundle_problem`` (no ``cryptography``) refuses exactly the certificates that
+    ``pki.is_ca`` (the worker's check) says are no CA: basicConstraints with cA (critical or
+    not, with a path length), without it, none, a leaf of the test CA; and it leaves what it
+    cannot read (not framed as a certificate) to the worker."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    from nodeagent.plans import ca_bundle_problem
+
+    def made(constraints: x509.BasicConstraints | None, critical: bool) -> x509.Certificate:
+        key = pki.generate_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "made")])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(5)
+            .not_valid_before(NOW - dt.timedelta(days=1))
+            .not_valid_after(NOW + dt.timedelta(days=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        )
+        if constraints is not None:
+            builder = builder.add_extension(constraints, critical)
+        return builder.sign(key, hashes.SHA256())
+
+    leaf = test_ca.issue(pki.generate_key().public_key(), pki.Names.of("n", ["127.0.0.1"]))
+    certs = [
+        made(x509.BasicConstraints(ca=True, path_length=None), True),
+        made(x509.BasicConstraints(ca=True, path_length=2), False),
+        made(x509.BasicConstraints(ca=False, path_length=None), True),
+        made(None, False),
+        leaf,
+        pki.load_cert_pem(test_ca.cert_pem),
+    ]
+    accepted = [ca_bundle_problem(pki.cert_to_pem(c)) is None for c in certs]
+    assert accepted == [pki.is_ca(c) for c in certs] == [True, True, False, False, False, True]
+    garbage = b"-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n"
+    assert ca_bundle_problem(garbage) is None  # (the worker refuses it: MALFORMED)

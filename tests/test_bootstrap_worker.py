@@ -845,6 +845,45 @@ async def test_a_certificate_signed_as_the_agent_stops_is_withdrawn_before_it_en
         await attempt
 
 
+async def test_a_certificate_signed_while_the_agent_stops_is_withdrawn(
+    stalling_node: tuple[Node, Stalling],
+    session: aiohttp.ClientSession,
+    signer: NamingSigner,
+) -> None:
+    """Session 43's "agent stopping during signing": the agent stops (the service's stop
+    cancels the request after its grace) while the leader signs. The leader records the
+    certificate, and its answer comes after the cancellation: before, the cancellation cut
+    the signing call, nothing was withdrawn and the name stayed held by a certificate no one
+    received (the workstation's next try refused as a name taken), nothing said. Now the
+    signing is let finish (``STOP_WITHDRAW``) and what it signed is withdrawn: the name is free
+    for the next try. (The leader's answer is held until the request's cancellation has
+    begun: no timing.)"""
+    node, _crypto = stalling_node
+    listener = node.service._listener
+    assert listener is not None
+    listener.shutdown_timeout = 0.1
+    recorded, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow(csr_pem: bytes) -> bytes:
+        signed = await signer(csr_pem)  # the leader recorded it
+        recorded.set()
+        await answer.wait()  # its answer on the way
+        return signed
+
+    node.service.sign = slow
+    attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))
+    await asyncio.wait_for(recorded.wait(), 60)
+    stopping = asyncio.ensure_future(node.service.stop())
+    await until(lambda: any(t.cancelling() for t in listener._connections) or stopping.done())
+    answer.set()
+    await asyncio.wait_for(stopping, 60)
+    await until(lambda: bool(signer.withdrawn))
+    assert len(signer.signed) == 1 and signer.withdrawn == signer.signed
+    assert "ws-stopping" not in signer.holders  # the name free for the next try
+    with pytest.raises(aiohttp.ClientError):
+        await attempt
+
+
 async def test_a_withdrawal_as_the_agent_stops_is_bounded(
     stalling_node: tuple[Node, Stalling],
     session: aiohttp.ClientSession,

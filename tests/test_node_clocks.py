@@ -72,7 +72,7 @@ from leader.viewer.snapshot import Reader
 from nodeagent.leader_link import LeaderLink
 from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.leader_rig import InProcessLeader, leader_with_a_node
-from tests.test_heartbeat_stream import agent_link, ts, until
+from tests.test_heartbeat_stream import agent_link, client_report, ts, until
 from tlsroll.clocks import elapsed
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.enums import NEEDS_ADMIN
@@ -449,6 +449,77 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
             [],
             [("hb1", "", False)],
         )
+
+
+async def test_a_node_enrolled_again_under_a_removed_nodes_name_starts_afresh(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 44's Left: ``forget_node`` dropped the removed node's entries in the leader's
+    state, but not the service's own memory of it: what its last client report said
+    (``_clients``), the bootstrap failures its last report said (``_failures_said``), its
+    agent's last numbered report (``_failure_reports``) and its failure reports audited today
+    (``_failure_audits``). A node enrolled again under the name inherited them: its first
+    client report, saying what the removed node's last one said, was neither stored nor
+    counted as a report since the leader started (a finalize waited for it, ``schema show``
+    judged the node by the removed one's report) until the report was half stale; its first
+    failure report was not audited (the removed node had used the day's audits: their number
+    scaled down to 1 here) nor taken at all where it repeated the removed node's last entry
+    (an answer lost to the removal: the agent's journal keeps the failure). Now the removal
+    clears them: the new node's first report is stored, counted and audited. The leader's real
+    service on its mutual-TLS port, the real admin service's removal, the real store."""
+    monkeypatch.setattr(service_module, "FAILURE_AUDITS_A_DAY", 1)
+    rig = leader_with_a_node(tmp_path, loopback(), node_address := loopback())
+    rig.service.batch_seconds = 3600  # the test commits (``write_queued``)
+    await rig.server.start()
+    now = rig.clock[0]
+
+    def failure(source: str) -> leader_pb2.BootstrapFailure:
+        return leader_pb2.BootstrapFailure(
+            source=source, workstation="ws-a", count=3, last_at=ts(now - dt.timedelta(minutes=1))
+        )
+
+    def beat(instance: str, number: int, source: str) -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1",
+            agent_port=AGENT_PORT,
+            agent_instance=instance,
+            server=client_report(now, 5, "ws-a"),
+            bootstrap_failures=[failure(source)],
+            failures_report=number,
+        )
+
+    def audited() -> int:
+        with rig.store.db.read() as db:
+            return int(
+                db.execute(
+                    "SELECT count(*) FROM audit WHERE kind = 'bootstrap.failures'"
+                ).fetchone()[0]
+            )
+
+    admin = AdminService(rig.state, cast(Any, None), SchemaStore(rig.store.db))
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            await stub.Heartbeat(beat("old", 1, "10.0.0.1"), timeout=15)
+            await stub.Heartbeat(beat("old", 2, "10.0.0.2"), timeout=15)  # the day's audits
+        rig.store.write_queued()
+        assert rig.store.report_since_start("hb1")
+        assert audited() == 1
+        await admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="hb1"), cast(Any, None))
+        assert not rig.store.report_since_start("hb1")
+
+        again = rig.add_node("hb1", node_address)
+        with structlog.testing.capture_logs() as events:
+            async with grpc.aio.secure_channel(rig.target, again) as channel:
+                stub = leader_pb2_grpc.LeaderStub(channel)
+                await stub.Heartbeat(beat("new", 1, "10.0.0.2"), timeout=15)
+        rig.store.write_queued()
+        assert rig.store.report_since_start("hb1")
+        said = [(e["event"], e.get("source")) for e in events if e["event"].startswith("boot")]
+        assert said == [("bootstrap.failures_reported", "10.0.0.2")], said
+        assert audited() == 2
+    finally:
+        await rig.close()
 
 
 @pytest.mark.parametrize("skew", [300.0, -300.0])
