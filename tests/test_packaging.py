@@ -147,6 +147,8 @@ def test_man_pages_name_every_command(tmp_path: Path) -> None:
     codes = re.findall(r"^\\fB(\d+)\\fR$", status, re.M)
     assert codes == ["0", "1", "2", "3", "4", "5", "6", "130"], status
     assert "INVALID_ARGUMENT" in status and "systemctl restart tlsroll\\-leader" in status
+    # ... and says they are not test-connection's (review s45rev2 M1).
+    assert "client test\\-connection" in status and "3 to 11" in status, status
     commands = main.split(".SH COMMANDS", 1)[1].split(".SH ", 1)[0]
     for path in paths:
         assert f"\\fB{esc(path)}\\fR" in commands, path

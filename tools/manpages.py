@@ -102,6 +102,12 @@ def describe(command: click.Command) -> list[str]:
     return out
 
 
+CLIENT_CODES = (
+    "These are the admin commands' codes. tlsroll client test-connection, run on a "
+    "workstation, has codes of its own, 3 to 11 (see its --help): there 5 means the "
+    "connection was refused and 6 a TLS failure."
+)
+
 # The exit codes as README "Exit codes" documents them (review s45rt2 L5: the page named only
 # 2 and 1).
 EXIT_CODES = (
@@ -158,6 +164,9 @@ def main_page(names: list[tuple[str, click.Command, click.Context]], root: click
     lines += [".SH EXIT STATUS"]
     for code, meaning in EXIT_CODES:
         lines += [".TP", f"\\fB{code}\\fR", esc(meaning)]
+    # Review s45rev2 M1: the workstation's command has codes of its own (3-11), which mean
+    # other things than the admin commands' 3-6.
+    lines += [".PP", esc(CLIENT_CODES)]
     lines += [".SH ENVIRONMENT"]
     lines += [
         ".TP",
