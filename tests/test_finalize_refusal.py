@@ -28,10 +28,11 @@ from leader.schema_view import (
     schema_message,
     still_on_http_now,
 )
+from leader.service import client_rows
 from leader.store import Store
 from leader.viewer.snapshot import Reader
 from tlsroll import wire
-from tlsroll.v1 import schema_pb2
+from tlsroll.v1 import schema_pb2, types_pb2
 
 NOW = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
 HEARTBEAT = 5  # seconds: the leader's heartbeat_interval in these tests
@@ -309,3 +310,42 @@ def test_the_providers_of_fresh_reports_are_required() -> None:
         for name in names:
             param = inspect.signature(f).parameters[name]
             assert param.default is inspect.Parameter.empty, (f, name)
+
+
+def sighting(scheme: str, first: dt.datetime, last: dt.datetime) -> types_pb2.ClientSeen:
+    """ws-9's sighting as its agent sends it (times on the node's clock)."""
+    seen = types_pb2.ClientSeen(scheme=scheme, address="10.0.0.9", workstation="ws-9")
+    seen.first_seen.FromDatetime(first)
+    seen.last_seen.FromDatetime(last)
+    return seen
+
+
+@pytest.mark.parametrize("back", [True, False])
+def test_a_node_clock_ahead_keeps_a_return_to_http_in_its_order(tmp_path: Path, back: bool) -> None:
+    """Review s44rev6 L1: node a's clock is 30 s ahead (the preflight allows 100 s). ws-9
+    makes its first https request, then goes back to http 5 s later, both within those 30 s.
+    The leader caps a sighting's times at its now (``service.client_rows``): stored, both
+    were ``now``, a tie, taken for switched, and the finalize's rule let it go ahead while
+    ws-9 had used http 5 s before. It is on http now; a clean switch (http, then https) so
+    capped stays switched (a tie, as before)."""
+    schema, commands = cluster(tmp_path)
+    store = commands.store
+    ahead = NOW + dt.timedelta(seconds=30)  # the node's clock at the leader's NOW
+    one, two = ahead - dt.timedelta(seconds=10), ahead - dt.timedelta(seconds=5)
+    https_at, http_at = (one, two) if back else (two, one)
+    view = types_pb2.ClientsView(window_seconds=600, source="refserver")
+    view.clients.extend(
+        [
+            sighting("https", https_at, https_at),
+            sighting("http", NOW - dt.timedelta(minutes=5), http_at),
+        ]
+    )
+    rows = client_rows("a", view, NOW, dt.timedelta(0))  # (ahead: no shift, capped)
+    assert {r.last_seen for r in rows} == {NOW}
+    report(store, "a", rows, NOW)
+    clients, infos = schema.clients_report(["a", "b"])
+    left = still_on_http_now(clients, infos, NOW, {"a", "b"})
+    assert [c.workstation for c in left] == (["ws-9"] if back else []), clients
+    if back:
+        with pytest.raises(StillOnHttp, match=r"a: 10\.0\.0\.9 \(ws-9\) last seen on http"):
+            asyncio.run(commands.finalize("t1", "admin:test"))
