@@ -567,7 +567,7 @@ def client_rows(
     back = used_http_after_https(sent)
     if not back:
         return rows
-    last_http = {}
+    last_http: dict[str, dt.datetime] = {}
     for r in rows:
         if r.scheme == "http" and r.key in back:
             last_http[r.key] = max(last_http.get(r.key, r.last_seen), r.last_seen)
