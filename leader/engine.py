@@ -93,7 +93,7 @@ from leader.schema_store import (
     StaleRecords,
     StepTime,
 )
-from leader.schema_view import report_problems
+from leader.schema_view import report_problems, waiting_for
 from leader.store import IssuedCert, Node, Store, elapsed
 from leader.store_health import StoreHealth
 from tlsroll import dbthread, logs, pki
@@ -175,6 +175,9 @@ class Engine:
         self.problem_held: dict[StepKey, float] = {}
         # --when-quiet holds a node whose latest client report is older than this.
         self.stale_after = planner.report_stale_after(heartbeat_interval)
+        # (rollout id, node) that --when-quiet holds until the node's first client report
+        # since the leader started (logged once each while it waits: ``_held_for_quiet``).
+        self.report_waits: set[tuple[str, str]] = set()
         self.schema = schema
         self.ca = ca
         self.agents = agents
@@ -429,7 +432,30 @@ class Engine:
         # A report stored before this leader started speaks for its node only once the agent
         # has reported to this one (``report_problems``: "waiting for ...").
         stale = report_problems(self.store, infos, self.clock(), self.stale_after)
+        self._say_report_waits(row.rollout.id, pending)
         return planner.held_for_quiet(pending, last, known, as_of, quiet, frozenset(stale))
+
+    def _say_report_waits(self, rollout_id: str, pending: Sequence[str]) -> None:
+        """Log once each pending node ``--when-quiet`` holds because no client report of it
+        came to this leader since it started (``Store.report_since_start``; or none ever, at
+        a leader's very first start), in the words of a finalize's refusal (``waiting_for``);
+        the schema shows it on the node (``NodeView.awaiting_report``). Before, the node was
+        held without a word (session 45)."""
+        waiting = {n for n in pending if not self.store.report_since_start(n)}
+        for name in sorted(waiting):
+            if (rollout_id, name) not in self.report_waits:
+                if len(self.report_waits) >= 1024:
+                    self.report_waits.clear()
+                self.report_waits.add((rollout_id, name))
+                log.info(
+                    "rollout.node_waits_for_report",
+                    rollout_id=rollout_id,
+                    node=name,
+                    reason=waiting_for(name),
+                )
+        self.report_waits -= {
+            key for key in self.report_waits if key[0] == rollout_id and key[1] not in waiting
+        }
 
     async def _record_node_auth(self, row: RolloutRow) -> None:
         """Record the password live on each node the rollout has left ``done`` (it restarted

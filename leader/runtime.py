@@ -351,7 +351,6 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         viewer.reader.node_problems = state.node_problems
         viewer.reader.clock_offset = state.clocks.offset
         viewer.reader.store_trouble = lambda: health.trouble
-        viewer.reader.fresh = state.fresh_reports
     admin_service = AdminService(
         state,
         commands,
@@ -379,6 +378,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         node_problems=state.node_problems,
         store_trouble=lambda: health.trouble,
         fresh=state.fresh_reports,
+        reported=state.store.report_since_start,
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
     add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`

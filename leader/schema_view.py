@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from leader.planner import stale_reports
-from leader.rollout_core import Client, NodeRecord, still_on_http
+from leader.rollout_core import TERMINAL_ROLLOUT_STATES, Client, NodeRecord, still_on_http
 from leader.schema_store import (
     BootstrapFailureRow,
     ClientsInfo,
@@ -53,9 +53,14 @@ FreshReports = Callable[[Mapping[str, ClientsInfo], dt.datetime], frozenset[str]
 """Which nodes' stored client reports speak for now (``fresh_reports``, bound to the leader's
 store and interval: ``leader.service.LeaderState.fresh_reports``)."""
 
+Reported = Callable[[str], bool]
+"""Whether a node's client report came to this leader since it started
+(``leader.store.Store.report_since_start``): until then the leader waits for it
+(``waiting_for``)."""
+
 # Node views made before, by (id(record), id(detail)): the record, the detail (held, so that
 # their ids stay theirs), what else the view shows, the view (``rollout_view``'s ``made``).
-Made = dict[tuple[int, int], tuple[Any, Any, tuple[bool, bool, int], schema_pb2.NodeView]]
+Made = dict[tuple[int, int], tuple[Any, Any, tuple[bool, bool, int, bool], schema_pb2.NodeView]]
 
 
 def rollout_view(
@@ -63,9 +68,12 @@ def rollout_view(
     pending: set[str] | None = None,
     on_http: Mapping[str, int] | None = None,
     made: tuple[Made, Made] | None = None,
+    reported: Reported | None = None,
 ) -> schema_pb2.RolloutView:
     """The view of one rollout; ``pending`` names nodes with a staged, not yet live password,
-    ``on_http`` counts the workstations still on http per node. A ``RolloutHead`` (a line of
+    ``on_http`` counts the workstations still on http per node, ``reported``: whether a node's
+    client report came since the leader started (``awaits_report``; None: not shown, as in
+    the replies of the admin commands). A ``RolloutHead`` (a line of
     ``SchemaStore.listed``) has no nodes read: its view's ``nodes`` is empty. ``made``: (the
     node views made by the last call, where this call puts its own): a node whose record and
     detail are the same objects as then (the store keeps a rollout's unchanged ones) and whose
@@ -78,6 +86,7 @@ def rollout_view(
             rec.name == meta.leader_node,
             rec.name in (pending or set()),
             (on_http or {}).get(rec.name, 0),
+            reported is not None and awaits_report(r.state, rec.name, reported),
         )
         if made is not None:
             key = (id(rec), id(d))
@@ -113,9 +122,12 @@ def rollout_view(
     )
 
 
-def node_view(rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int]) -> schema_pb2.NodeView:
+def node_view(
+    rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int, bool]
+) -> schema_pb2.NodeView:
     """One node's view: its record, its detail and (whether it is the leader's node, whether
-    its password is pending, how many workstations are still on http)."""
+    its password is pending, how many workstations are still on http, whether the leader
+    waits for its client report: ``awaits_report``)."""
     steps = [
         schema_pb2.StepTimes(
             step=step,
@@ -141,7 +153,17 @@ def node_view(rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int]) -> 
         bootstrap_port=d.bootstrap_port,
         password_pending=shown[1],
         still_on_http=shown[2],
+        awaiting_report=shown[3],
     )
+
+
+def awaits_report(state: Any, node: str, reported: Reported) -> bool:
+    """Whether a node of a rollout in ``state`` shows that the leader waits for its client
+    report (``NodeView.awaiting_report``): none came to this leader since it started, or none
+    ever (``reported``: ``Store.report_since_start``; a finalize refuses with ``waiting_for``'s
+    words, ``--when-quiet`` holds the node). Not on an ended rollout's nodes: nothing of it
+    waits (a removed node, in old rollouts, never reports again)."""
+    return state not in TERMINAL_ROLLOUT_STATES and not reported(node)
 
 
 def client_view(c: Client) -> types_pb2.ClientSeen:
@@ -241,9 +263,11 @@ def node_clients_views(
     infos: Mapping[str, ClientsInfo],
     now: dt.datetime,
     fresh: Collection[str],
+    reported: Reported,
 ) -> list[schema_pb2.NodeClientsView]:
     """Per node that reported, which clients are on which scheme, by node name; ``fresh``:
-    see ``still_on_http_now``."""
+    see ``still_on_http_now``; ``reported``: ``Reported`` (a report stored before the leader
+    started, not repeated to it since: ``awaiting_report``)."""
     left = still_on_http_now(clients, infos, now, fresh)
     views = []
     for node in sorted(infos):
@@ -260,6 +284,7 @@ def node_clients_views(
                 still_on_http=[client_view(c) for c in left if c.node == node],
                 reported_at=timestamp(info.reported_at),
                 last_http_at=timestamp(info.last_http_at),
+                awaiting_report=not reported(node),
             )
         )
     return views
@@ -292,18 +317,20 @@ def schema_message(
     node_problems: Sequence[NodeProblemRow] = (),
     *,
     fresh: Collection[str],
+    reported: Reported,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
     ``node_problems``: ``LeaderState.node_problems``; ``fresh``: the nodes whose client report
-    speaks for now (``fresh_reports``; who is still on http: ``still_on_http_now``)."""
+    speaks for now (``fresh_reports``; who is still on http: ``still_on_http_now``);
+    ``reported``: ``Reported`` (each node that waits for it says so: ``awaits_report``)."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now, fresh))
     return schema_pb2.Schema(
-        node_clients=node_clients_views(clients, infos, now, fresh),
-        rollouts=[rollout_view(r, pending, on_http, made) for r in rows],
+        node_clients=node_clients_views(clients, infos, now, fresh, reported),
+        rollouts=[rollout_view(r, pending, on_http, made, reported) for r in rows],
         generated_at=timestamp(now),
         bootstrap_failures=[failure_view(f) for f in failures],
         removed_nodes=[
@@ -369,15 +396,20 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
         node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None,
         store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None,
-        fresh: FreshReports | None = None,
+        *,
+        fresh: FreshReports,
+        reported: Reported,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
         problem with now (``leader.service.LeaderState.node_problems``); ``store_trouble``:
         why the store's writes fail and since when, while they do (``Engine.store_trouble``);
         ``fresh``: the nodes whose client report speaks for now
-        (``leader.service.LeaderState.fresh_reports``; None: none does)."""
+        (``leader.service.LeaderState.fresh_reports``); ``reported``: ``Reported``. Both
+        required (review s44rev6 L3): without them this said nobody's report was fresh and
+        nobody's awaited, which no leader means."""
         self.fresh = fresh
+        self.reported = reported
         self.node_problems = node_problems
         self.store_trouble = store_trouble
         self.schema = schema
@@ -470,7 +502,8 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             "now": now,
             "clients": shown.clients,
             "infos": shown.infos,
-            "fresh": self.fresh(shown.infos, now) if self.fresh is not None else frozenset(),
+            "fresh": self.fresh(shown.infos, now),
+            "reported": self.reported,
         }
         if request.rollouts_only:
             return rows, total, parts

@@ -18,7 +18,7 @@ import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -81,6 +81,7 @@ from leader.store import (
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, features, logs, peertext, pki, spiffe, wire
+from tlsroll.clients import used_http_after_https
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
@@ -530,12 +531,31 @@ def client_rows(
     bounded. A time that is no time (seconds outside the years 1 to 9999, nanoseconds beyond
     a second) is taken as ``now``: the client counts as seen just now, never as quiet (an
     http client left out could make a node look quiet to ``--when-quiet``: review 2 of
-    session 33, L3); it failed the whole message with INTERNAL before (review 1, L3)."""
+    session 33, L3); it failed the whole message with INTERNAL before (review 1, L3).
+
+    One message's times keep their order (one shift), but capping at ``now`` (a node clock
+    ahead) can make two of them equal: a workstation whose first https request and a later
+    http one both lie ahead of the leader's clock was stored with both at ``now``, a tie,
+    which ``rollout_core.still_on_http`` takes for switched, and a plain finalize went ahead
+    while it used http (review s44rev6 L1; up to the preflight's 100 s of skew, until a
+    report came uncapped). A key whose times as sent say it went back to http
+    (``clients.used_http_after_https``, on the node's own clock) keeps that order: its first
+    https ``first_seen`` is put a microsecond before its last http ``last_seen``."""
     rows = []
+    sent: list[tuple[str, str, tuple[int, int], tuple[int, int]]] = []
     for c in view.clients[:MAX_CLIENTS]:
         address = peertext.clean(c.address, 64)
         if c.scheme not in ("http", "https") or not address:
             continue
+        workstation = peertext.clean(c.workstation, 63)
+        sent.append(
+            (
+                c.scheme,
+                workstation or address,
+                (c.first_seen.seconds, c.first_seen.nanos),
+                (c.last_seen.seconds, c.last_seen.nanos),
+            )
+        )
         last = min(_shifted(c.last_seen, shift, now), now) if c.HasField("last_seen") else now
         first = _shifted(c.first_seen, shift, last) if c.HasField("first_seen") else last
         rows.append(
@@ -543,13 +563,26 @@ def client_rows(
                 node=node,
                 scheme=c.scheme,
                 address=address,
-                workstation=peertext.clean(c.workstation, 63),
+                workstation=workstation,
                 first_seen=min(first, last),
                 last_seen=last,
                 requests=min(c.requests, 2**62),
             )
         )
-    return rows
+    back = used_http_after_https(sent)
+    if not back:
+        return rows
+    last_http: dict[str, dt.datetime] = {}
+    for r in rows:
+        if r.scheme == "http" and r.key in back:
+            last_http[r.key] = max(last_http.get(r.key, r.last_seen), r.last_seen)
+    before = dt.timedelta(microseconds=1)
+    return [
+        replace(r, first_seen=last_http[r.key] - before)
+        if r.scheme == "https" and r.key in last_http and r.first_seen >= last_http[r.key]
+        else r
+        for r in rows
+    ]
 
 
 MAX_RENEWAL_ERROR = 200  # characters of the reason an agent gives for a failed renewal

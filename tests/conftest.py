@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ _SLOT = os.environ.get("TLSROLL_TEST_SLOT", "")
 _SEED = int(_SLOT) if _SLOT.isdigit() else int(_RUN[:8], 16) if _RUN else os.getpid()
 _BASE = 100 + _SEED % 25 * 6 + _WORKER % 6
 _counter = itertools.count(1)
+
+
+def none_fresh(_infos: Mapping[str, Any], _now: dt.datetime) -> frozenset[str]:
+    """A reader's or ``SchemaViewService``'s fresh reports for a test with no leader state
+    (``leader.schema_view.FreshReports``, a required argument since review s44rev6 L3): no
+    node's stored report speaks for now, each is judged by its window against now."""
+    return frozenset()
 
 
 def next_loopback() -> str:

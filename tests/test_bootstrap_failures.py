@@ -126,7 +126,9 @@ def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
         ]
         assert rows[0].first_at == NOW and rows[0].last_at == later
 
-        data = to_dict(schema_message([], set(), later, rows, fresh=frozenset()))
+        data = to_dict(
+            schema_message([], set(), later, rows, fresh=frozenset(), reported=lambda _node: True)
+        )
         assert data["bootstrap_failures"][0] == {
             "node": "node-a",
             "source": "10.0.0.1",

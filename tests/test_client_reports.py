@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,12 +34,15 @@ from tests.test_transitional import (
     SCHEMA_POLL,
     Workstation,
     look,
+    newest,
     on_http_named,
     rollout,
     start_transitional,
 )
+from tests.test_viewer import fetch, session_for
 
 WINDOW = 60  # seconds: the reference server's clients_window (its least)
+WAITS = "waiting for its first client report since the leader started"  # a node's row says
 
 
 @contextlib.contextmanager
@@ -191,6 +196,98 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
         assert named.returncode == 1, named.stdout
         assert f"node1: {ws.source}" in named.stderr and "waiting" not in named.stderr, named
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+
+
+def node_cell(text: str, node: str, column: str) -> str:
+    """The cell of ``column`` in ``node``'s row of the first rollout table that ``schema
+    show``'s text draws (a cell folds onto the lines below its row's first), its lines joined."""
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("┃ # "))
+    at = [c.strip() for c in lines[head].split("┃")].index(column)
+    start = next(i for i, line in enumerate(lines) if line.startswith("│ 1 ") and node in line)
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(("│ 2 ", "└")))
+    return " ".join(filter(None, (line.split("│")[at].strip() for line in lines[start:end])))
+
+
+@pytest.mark.timeout(300)
+def test_a_restarted_leader_says_on_each_node_that_it_waits_for_its_report(
+    tmp_path: Path,
+) -> None:
+    """Session 45: the wait was said only by a finalize's refusal. The leader restarted with
+    its group commit held back for an hour (``TEST_BATCH_ENV``: the moment before the agent's
+    first report is stored, made to last), node1 online: ``schema show`` (text and
+    ``--json``), the web viewer's page and ``notify --remaining`` say on node1 that the leader
+    waits for its first report since it started, and a ``finalize --when-quiet`` that holds
+    node1 for it logs why, in the refusal's words, and shows it on node1 of the finalize.
+    Started as usual, the agent's report comes: the marks go, and the finalize goes ahead."""
+    with one_node(tmp_path) as (cluster, _node):
+        phase1 = phase_1(cluster, tmp_path)
+        wait_until(
+            lambda: any(v["node"] == "node1" for v in look(cluster).get("node_clients", [])),
+            30,
+            "node1's client report",
+            interval=SCHEMA_POLL,
+        )
+        assert not rollout(cluster, phase1)["nodes"][0].get("awaiting_report")
+        cluster.kill_leader()
+        cluster.start_leader({service.TEST_BATCH_ENV: "3600"})
+        cluster.wait_for_nodes_online(["node1"])
+
+        shown = cluster.cli("schema", "show", "--all", "--json")
+        assert shown.returncode == 0, shown.stderr
+        data = json.loads(shown.stdout)
+        (n1,) = next(r for r in data["rollouts"] if r["id"] == phase1)["nodes"]
+        assert n1["name"] == "node1" and n1.get("awaiting_report") is True, n1
+        (clients,) = data["node_clients"]
+        assert clients["node"] == "node1" and clients.get("awaiting_report") is True, clients
+        text = cluster.cli("schema", "show")
+        assert text.returncode == 0, text.stderr
+        assert node_cell(text.stdout, "node1", "reason") == WAITS, text.stdout
+        assert f"node1: 0 still on http; window {WINDOW}s" in text.stdout
+        assert f"; {WAITS}" in text.stdout.split("node1: 0 still on http", 1)[1].splitlines()[0]
+
+        session = session_for(cluster, "staff")
+        page = fetch(cluster, f"/rollouts/{phase1}?lang=en", cookie=session)
+        assert page.status == 200, page
+        drawn = re.search(r'<tr id="node-node1".*?</tr>', page.body, re.S)
+        assert drawn is not None, page.body
+        assert f"{WAITS} (seconds once its agent is connected)" in " ".join(
+            drawn.group(0).split()
+        ), drawn.group(0)
+
+        remaining = cluster.cli("notify", "--remaining", "--lang", "en")
+        assert remaining.returncode == 0, remaining.stderr
+        assert (
+            "node1: cannot tell (no report from its agent since the leader started yet)"
+            in remaining.stdout
+        ), remaining.stdout
+
+        started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", "1s", "--yes")
+        assert started.returncode == 0, started.stderr
+        said = "rollout.node_waits_for_report"
+        wait_until(lambda: said in cluster.leader.event_names(), 30, "the hold said", interval=0.2)
+        (event,) = [e for e in cluster.leader.log_events() if e.get("event") == said]
+        assert event["node"] == "node1", event
+        assert event["reason"] == (
+            "waiting for node1's first report since the leader started (seconds once its agent"
+            " is connected; else check it runs: tlsroll status)"
+        ), event
+        final = newest(cluster)
+        assert final["finalizes"] == phase1, final
+        (held,) = final["nodes"]
+        assert held["state"] == "pending" and held.get("awaiting_report") is True, held
+
+        cluster.kill_leader()
+        cluster.start_leader()
+        wait_until(
+            lambda: newest(cluster)["state"] == "completed",
+            LONG,
+            "the finalize, once node1's report came",
+            interval=SCHEMA_POLL,
+        )
+        done = newest(cluster)
+        assert not done["nodes"][0].get("awaiting_report"), done
+        assert not look(cluster)["node_clients"][0].get("awaiting_report")
 
 
 def when(text: str) -> dt.datetime:

@@ -3196,7 +3196,9 @@ async def test_when_quiet_reads_a_nodes_report_whole_even_when_the_next_one_comm
 
     monkeypatch.setattr(dbthread, "run", interleaved)
     pending = NodeRecord(name=node, state=NodeState.PENDING)
-    row = SimpleNamespace(meta=SimpleNamespace(when_quiet=8), records=(pending,))
+    row = SimpleNamespace(
+        rollout=SimpleNamespace(id="q1"), meta=SimpleNamespace(when_quiet=8), records=(pending,)
+    )
     try:
         held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
         assert held == {node}, reads  # the stayer wrote on http 1 s ago: not quiet
@@ -3234,7 +3236,9 @@ async def test_when_quiet_holds_a_node_whose_report_may_have_left_an_http_client
     ]
     report(now, others)
     pending = NodeRecord(name=node, state=NodeState.PENDING)
-    row = SimpleNamespace(meta=SimpleNamespace(when_quiet=30), records=(pending,))
+    row = SimpleNamespace(
+        rollout=SimpleNamespace(id="q1"), meta=SimpleNamespace(when_quiet=30), records=(pending,)
+    )
     try:
         held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
         assert held == {node}  # the stayer wrote on http 5 s ago: not quiet

@@ -8,22 +8,31 @@ import asyncio
 import datetime as dt
 import inspect
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from leader import planner
+from leader.cli.draw import AWAITING, render_rollout
 from leader.commands import Commands, StillOnHttp
 from leader.rollout_core import Change, Client, NodeState, RolloutEvent, Scope, Strategy
-from leader.schema_store import RolloutMeta, SchemaStore, write_clients
+from leader.rollout_enums import RolloutState
+from leader.schema_store import ClientsInfo, RolloutMeta, SchemaStore, write_clients
 from leader.schema_view import (
+    SchemaViewService,
     fresh_reports,
     node_clients_views,
+    rollout_view,
     schema_message,
     still_on_http_now,
 )
+from leader.service import client_rows
 from leader.store import Store
+from leader.viewer.snapshot import Reader
+from tlsroll import wire
+from tlsroll.v1 import schema_pb2, types_pb2
 
 NOW = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
 HEARTBEAT = 5  # seconds: the leader's heartbeat_interval in these tests
@@ -221,3 +230,128 @@ def test_the_nodes_fresh_reports_are_always_given() -> None:
     left-out ``fresh`` judged every node against now, silently: review s44rev4 L3)."""
     for f in (still_on_http_now, node_clients_views, schema_message):
         assert inspect.signature(f).parameters["fresh"].default is inspect.Parameter.empty, f
+
+
+def test_the_schema_and_the_viewer_say_which_nodes_wait_for_their_report(tmp_path: Path) -> None:
+    """Session 45: a restarted leader's wait for a node's first client report was said only by
+    a finalize's refusal. The schema (``GetSchema``: what ``schema show`` prints) marks each
+    such node of a rollout not ended (``NodeView.awaiting_report``) and its client report
+    (``NodeClientsView.awaiting_report``), and so does the viewer's page row, until the
+    node's report comes; a node that never reported (a leader's very first start) waits
+    alike; an ended rollout's nodes wait for nothing."""
+    first, _commands = cluster(tmp_path)
+    first.close()
+    store = Store(tmp_path / "leader.sqlite3")  # the leader started again
+    schema = SchemaStore(store.db)
+    stale_after = planner.report_stale_after(HEARTBEAT)
+
+    def fresh(infos: Mapping[str, ClientsInfo], now: dt.datetime) -> frozenset[str]:
+        return fresh_reports(store, infos, now, stale_after)
+
+    service = SchemaViewService(schema, lambda: NOW, fresh=fresh, reported=store.report_since_start)
+    reader = Reader(store, schema, lambda: NOW, online, [], fresh=fresh)
+
+    def marks() -> tuple[dict[str, bool], dict[str, bool], dict[str, bool]]:
+        message = service._answer(schema_pb2.GetSchemaRequest(), None)
+        (t1,) = message.rollouts
+        page = reader.read(page=True, clients=False).data["rollouts"][0]
+        return (
+            {n.name: n.awaiting_report for n in t1.nodes},
+            {v.node: v.awaiting_report for v in message.node_clients},
+            {n["name"]: bool(n.get("awaiting_report")) for n in page["nodes"]},
+        )
+
+    assert marks() == ({"a": True, "b": True},) * 3
+    text = "\n".join(
+        render_rollout(
+            wire.to_dict(service._answer(schema_pb2.GetSchemaRequest(), None).rollouts[0])
+        ).lines(400, False)
+    )
+    assert text.count(AWAITING) == 2, text
+    report(store, "a", [], NOW - dt.timedelta(seconds=1))  # a's agent reports to this leader
+    assert marks() == ({"a": False, "b": True},) * 3
+    # Ended, the rollout's nodes wait for nothing (a removed one never reports again).
+    row = schema.get("t1")
+    assert row is not None
+    ended = replace(row, rollout=replace(row.rollout, state=RolloutState.COMPLETED))
+    assert [n.awaiting_report for n in rollout_view(ended, reported=lambda _n: False).nodes] == [
+        False,
+        False,
+    ]
+    store.close()
+
+    # A leader's very first start: no report was ever stored, and the nodes wait alike.
+    other = tmp_path / "first"
+    other.mkdir()
+    new = Store(other / "leader.sqlite3")
+    new_schema = SchemaStore(new.db)
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="t2",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"c": True},
+        leader="c",
+        epoch=new_schema.next_epoch(),
+        strategy=Strategy.TRANSITIONAL,
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="c")
+    new_schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, '{"v": 1}')
+    view = SchemaViewService(
+        new_schema, lambda: NOW, fresh=lambda _i, _n: frozenset(), reported=new.report_since_start
+    )
+    (t2,) = view._answer(schema_pb2.GetSchemaRequest(), None).rollouts
+    assert [(n.name, n.awaiting_report) for n in t2.nodes] == [("c", True)]
+    new.close()
+
+
+def test_the_providers_of_fresh_reports_are_required() -> None:
+    """Review s44rev6 L3: the schema's servicer and the viewer's reader judged every node
+    against now ("no fresh report") when not given who has a fresh report; production always
+    gave one. Now they cannot be made without it (nor without ``reported``)."""
+    for f, names in (
+        (SchemaViewService.__init__, ("fresh", "reported")),
+        (Reader.__init__, ("fresh",)),
+        (schema_message, ("fresh", "reported")),
+    ):
+        for name in names:
+            param = inspect.signature(f).parameters[name]
+            assert param.default is inspect.Parameter.empty, (f, name)
+
+
+def sighting(scheme: str, first: dt.datetime, last: dt.datetime) -> types_pb2.ClientSeen:
+    """ws-9's sighting as its agent sends it (times on the node's clock)."""
+    seen = types_pb2.ClientSeen(scheme=scheme, address="10.0.0.9", workstation="ws-9")
+    seen.first_seen.FromDatetime(first)
+    seen.last_seen.FromDatetime(last)
+    return seen
+
+
+@pytest.mark.parametrize("back", [True, False])
+def test_a_node_clock_ahead_keeps_a_return_to_http_in_its_order(tmp_path: Path, back: bool) -> None:
+    """Review s44rev6 L1: node a's clock is 30 s ahead (the preflight allows 100 s). ws-9
+    makes its first https request, then goes back to http 5 s later, both within those 30 s.
+    The leader caps a sighting's times at its now (``service.client_rows``): stored, both
+    were ``now``, a tie, taken for switched, and the finalize's rule let it go ahead while
+    ws-9 had used http 5 s before. It is on http now; a clean switch (http, then https) so
+    capped stays switched (a tie, as before)."""
+    schema, commands = cluster(tmp_path)
+    store = commands.store
+    ahead = NOW + dt.timedelta(seconds=30)  # the node's clock at the leader's NOW
+    one, two = ahead - dt.timedelta(seconds=10), ahead - dt.timedelta(seconds=5)
+    https_at, http_at = (one, two) if back else (two, one)
+    view = types_pb2.ClientsView(window_seconds=600, source="refserver")
+    view.clients.extend(
+        [
+            sighting("https", https_at, https_at),
+            sighting("http", NOW - dt.timedelta(minutes=5), http_at),
+        ]
+    )
+    rows = client_rows("a", view, NOW, dt.timedelta(0))  # (ahead: no shift, capped)
+    assert {r.last_seen for r in rows} == {NOW}
+    report(store, "a", rows, NOW)
+    clients, infos = schema.clients_report(["a", "b"])
+    left = still_on_http_now(clients, infos, NOW, {"a", "b"})
+    assert [c.workstation for c in left] == (["ws-9"] if back else []), clients
+    if back:
+        with pytest.raises(StillOnHttp, match=r"a: 10\.0\.0\.9 \(ws-9\) last seen on http"):
+            asyncio.run(commands.finalize("t1", "admin:test"))

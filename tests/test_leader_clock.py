@@ -545,7 +545,11 @@ async def test_when_quiet_holds_a_node_whose_report_came_before_a_step_back(
         pending = NodeRecord(name="hb1", state=NodeState.PENDING)
         row = cast(
             RolloutRow,
-            SimpleNamespace(meta=SimpleNamespace(when_quiet=60), records=(pending,)),
+            SimpleNamespace(
+                rollout=SimpleNamespace(id="q1"),
+                meta=SimpleNamespace(when_quiet=60),
+                records=(pending,),
+            ),
         )
         _passes(rig, mono, dt.timedelta(seconds=10))
         assert await engine._held_for_quiet(row) == frozenset()  # quiet, its report fresh
@@ -606,7 +610,12 @@ async def test_a_report_that_waits_for_its_commit_keeps_the_stored_one_fresh(
             NodeRecord(name="hb2", state=NodeState.PENDING),
         )
         row = cast(
-            RolloutRow, SimpleNamespace(meta=SimpleNamespace(when_quiet=60), records=pending)
+            RolloutRow,
+            SimpleNamespace(
+                rollout=SimpleNamespace(id="q1"),
+                meta=SimpleNamespace(when_quiet=60),
+                records=pending,
+            ),
         )
         asked: list[float] = []
         monkeypatch.setattr(rig.service, "_start_writer", asked.append)  # the commit held back
@@ -708,7 +717,11 @@ async def test_a_client_report_from_before_a_step_back_stays_stale_after_a_resta
         pending = NodeRecord(name="hb1", state=NodeState.PENDING)
         row = cast(
             RolloutRow,
-            SimpleNamespace(meta=SimpleNamespace(when_quiet=60), records=(pending,)),
+            SimpleNamespace(
+                rollout=SimpleNamespace(id="q1"),
+                meta=SimpleNamespace(when_quiet=60),
+                records=(pending,),
+            ),
         )
         assert await engine._held_for_quiet(row) == {"hb1"}
     finally:

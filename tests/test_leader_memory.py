@@ -40,7 +40,7 @@ from leader.viewer import metrics
 from leader.viewer.server import Viewer
 from leader.viewer.snapshot import Reader
 from tests.cluster import Cluster, child_env, csr_pem
-from tests.conftest import IssuedCert
+from tests.conftest import IssuedCert, none_fresh
 from tests.leader_rig import leader_with_a_node
 from tests.test_engine import ADMIN, ended, make_world
 from tests.test_perf_shape import NodeRows
@@ -583,7 +583,7 @@ def test_the_viewer_s_page_and_metrics_read_the_newest_and_selected_rollout_not_
         run_rollout(schema, f"r{i + 1}", change, fail="a" if i == 1 else "")
     run_rollout(schema, "r4", Change.ENABLE_TLS)
     built = rows_built(monkeypatch)
-    reader = Reader(store, schema, lambda: VIEWER_NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: VIEWER_NOW, lambda _: True, [], fresh=none_fresh)
     schema._db.cache.clear()  # nothing kept: every rollout read whole is built
     every = reader.read(every=True, times=True)
     assert sorted(built) == ["r1", "r2", "r3", "r4"]  # the API's: all of them

@@ -197,7 +197,14 @@ async def leader_and_link(
 
 def reader_of(rig: InProcessLeader) -> Reader:
     """The viewer's reader of ``rig``'s leader, hooked to its state as the daemon hooks it."""
-    reader = Reader(rig.store, SchemaStore(rig.store.db), lambda: rig.clock[0], lambda _: True, [])
+    reader = Reader(
+        rig.store,
+        SchemaStore(rig.store.db),
+        lambda: rig.clock[0],
+        lambda _: True,
+        [],
+        fresh=rig.state.fresh_reports,
+    )
     reader.node_problems = rig.state.node_problems
     reader.clock_offset = rig.state.clocks.offset
     return reader
@@ -233,7 +240,11 @@ async def test_a_node_that_needs_the_admin_is_a_node_problem_until_its_agent_say
         assert problem.problem == f"hb1 {NEEDS_ADMIN}{why}" and problem.since == T
         assert rig.state.node_problem("hb1") is None  # the agent refuses: the engine not held
         view = SchemaViewService(
-            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+            SchemaStore(rig.store.db),
+            lambda: rig.clock[0],
+            node_problems=rig.state.node_problems,
+            fresh=rig.state.fresh_reports,
+            reported=rig.store.report_since_start,
         )
         (listed,) = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
         assert listed.kind == schema_pb2.NODE_PROBLEM_KIND_NEEDS_ADMIN
@@ -297,7 +308,11 @@ async def test_a_bootstrap_service_that_did_not_start_is_a_node_problem_until_it
         assert problem.since == T
         assert rig.state.node_problem("hb1") is None  # nothing held: plans and switches go on
         view = SchemaViewService(
-            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+            SchemaStore(rig.store.db),
+            lambda: rig.clock[0],
+            node_problems=rig.state.node_problems,
+            fresh=rig.state.fresh_reports,
+            reported=rig.store.report_since_start,
         )
         (listed,) = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
         assert listed.kind == schema_pb2.NODE_PROBLEM_KIND_BOOTSTRAP_DOWN
@@ -440,7 +455,11 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
         assert "hb2" in rig.state.live_servers and "hb2" in rig.state.bootstrap_down
         assert rig.state.clocks.offset("hb1") is None
         view = SchemaViewService(
-            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+            SchemaStore(rig.store.db),
+            lambda: rig.clock[0],
+            node_problems=rig.state.node_problems,
+            fresh=rig.state.fresh_reports,
+            reported=rig.store.report_since_start,
         )
         shown = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
         assert [p.node for p in shown] == ["hb2"]
@@ -541,7 +560,11 @@ async def test_a_node_whose_clock_is_off_is_a_node_problem_until_it_agrees_again
         assert rig.state.node_problem("hb1") is None  # a warning: it holds nothing
 
         view = SchemaViewService(
-            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+            SchemaStore(rig.store.db),
+            lambda: rig.clock[0],
+            node_problems=rig.state.node_problems,
+            fresh=rig.state.fresh_reports,
+            reported=rig.store.report_since_start,
         )
         shown = view._answer(schema_pb2.GetSchemaRequest(), None)
         (listed,) = shown.node_problems
@@ -1244,7 +1267,11 @@ async def test_tlsroll_nodes_shows_the_leader_s_own_verdict_on_its_clock_and_jso
         assert to_dict(info)["clock_leader"] is True  # `tlsroll nodes --json`, one node
 
         view = SchemaViewService(
-            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+            SchemaStore(rig.store.db),
+            lambda: rig.clock[0],
+            node_problems=rig.state.node_problems,
+            fresh=rig.state.fresh_reports,
+            reported=rig.store.report_since_start,
         )
         shown = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
         blamed = {p.node: p.clock_leader for p in shown}

@@ -764,7 +764,7 @@ def test_the_expiry_check_behind_every_schema_show_reads_no_rollout_history(
     run_rollout(schema, "r2", Change.ROTATE_CERT, fail="a")
     run_rollout(schema, "r3", Change.DISABLE_TLS, fail="b")
     run_rollout(schema, "r4", Change.ROTATE_CERT, fail="a")
-    every = schema_message(schema.all(), set(), NOW, fresh=frozenset())
+    every = schema_message(schema.all(), set(), NOW, fresh=frozenset(), reported=lambda _node: True)
     drawn = {c.subject: (c.fingerprint, c.not_after) for c in server_certs(every)}
     assert drawn == {"b": ("sha256:r4-b", NOW + dt.timedelta(days=20))}  # a: disabled in r3
     assert schema.served_certificates() == drawn

@@ -55,7 +55,7 @@ from tests.cluster import (
     one_line_error,
     wait_until,
 )
-from tests.conftest import next_loopback
+from tests.conftest import next_loopback, none_fresh
 from tests.refserver_helper import write_toml
 from tlsroll import pki, spiffe
 from tlsroll.errors import TransientError
@@ -1030,9 +1030,17 @@ def test_the_viewer_lists_an_agent_certificate_only_once_its_renewal_is_overdue(
             now=T0,
         )
     schema = SchemaStore(store.db)
-    old = Reader(store, schema, lambda: T0, lambda _: True, [])
+    old = Reader(store, schema, lambda: T0, lambda _: True, [], fresh=none_fresh)
     assert {c.subject for c in old.read().near_expiry} == {"fresh", "overdue"}
-    reader = Reader(store, schema, lambda: T0, lambda _: True, [], agent_near=dt.timedelta(days=3))
+    reader = Reader(
+        store,
+        schema,
+        lambda: T0,
+        lambda _: True,
+        [],
+        agent_near=dt.timedelta(days=3),
+        fresh=none_fresh,
+    )
     assert {c.subject for c in reader.read().near_expiry} == {"overdue"}
     store.close()
 

@@ -39,6 +39,7 @@ from leader.viewer import pages
 from leader.viewer.i18n import Words
 from leader.viewer.snapshot import Reader
 from nodeagent.leader_link import LeaderLink
+from tests.conftest import none_fresh
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_engine import ALL_DONE, make_world, states
 from tests.test_heartbeat_stream import agent_link, until
@@ -103,6 +104,8 @@ async def test_two_live_agents_of_one_node_are_its_problem_and_it_is_neither_pla
                     SchemaStore(rig.store.db),
                     lambda: rig.clock[0],
                     node_problems=rig.state.node_problems,
+                    fresh=rig.state.fresh_reports,
+                    reported=rig.store.report_since_start,
                 )
                 shown = view._answer(schema_pb2.GetSchemaRequest(), None)
                 # (The rig's leader clock stands at its own time, the agents' run: their clock
@@ -411,7 +414,7 @@ def test_the_node_problem_is_on_the_viewer_s_page_and_in_schema_show(tmp_path: P
     schema = SchemaStore(store.db)
     now = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
     problems = [NodeProblemRow("hb1", twins_problem("hb1"), now)]
-    reader = Reader(store, schema, lambda: now, lambda _: True, [])
+    reader = Reader(store, schema, lambda: now, lambda _: True, [], fresh=none_fresh)
     reader.node_problems = lambda: problems
     snap = reader.read()
     (shown,) = snap.data["node_problems"]

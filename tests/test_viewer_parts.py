@@ -48,6 +48,7 @@ from leader.viewer.grants import Grants, LoginRefused
 from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
 from leader.viewer.snapshot import CertStatus, Reader, Snapshot
 from leader.wire import CHANGE, NODE_STATE
+from tests.conftest import none_fresh
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
 
@@ -290,7 +291,7 @@ def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: S
     run_rollout(schema, "r1", Change.ENABLE_TLS)
     run_rollout(schema, "r2", Change.ENABLE_TLS, fail="a")
     ca = pki.CertificateAuthority.create(now=NOW)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [("ca", ca.cert)])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [("ca", ca.cert)], fresh=none_fresh)
     snap = reader.read()
     assert snap.selected is not None and snap.selected["id"] == "r2"
     assert snap.selected["state"] == RolloutState.HALTED.value
@@ -338,7 +339,9 @@ def test_the_served_certificates_query_and_its_oracle_follow_one_list_of_changes
     run_rollout(schema, "r2", Change.ROTATE_CERT, fail="a")
 
     def both() -> tuple[dict[str, str], dict[str, str]]:
-        drawn = server_certs(schema_message(schema.all(), set(), NOW, fresh=frozenset()))
+        drawn = server_certs(
+            schema_message(schema.all(), set(), NOW, fresh=frozenset(), reported=lambda _node: True)
+        )
         served = schema.served_certificates()
         return {c.subject: c.fingerprint for c in drawn}, {n: f for n, (f, _) in served.items()}
 
@@ -406,7 +409,9 @@ def test_a_transitional_phase_1_and_its_finalize_leave_each_node_serving_its_cer
 
     def seen() -> tuple[dict[str, str], ...]:
         served = {n: f for n, (f, _) in schema.served_certificates().items()}
-        drawn = server_certs(schema_message(schema.all(), set(), NOW, fresh=frozenset()))
+        drawn = server_certs(
+            schema_message(schema.all(), set(), NOW, fresh=frozenset(), reported=lambda _node: True)
+        )
         warned = {e.subject: e.fingerprint for e in watch.warnings() if e.kind == "server"}
         return served, {c.subject: c.fingerprint for c in drawn}, warned
 
@@ -433,7 +438,7 @@ def test_metrics_refuse_a_snapshot_read_without_its_switch_times(store: Store) -
     (the page's) once rendered histograms that said no node ever switched, with no error."""
     schema = SchemaStore(store.db)
     run_rollout(schema, "r1", Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
     with pytest.raises(ValueError, match="times=True"):
         metrics.render(reader.read())
     text = metrics.render(reader.read(times=True)).decode()
@@ -452,7 +457,7 @@ def test_a_freeze_window_is_the_agent_s_elapsed_time_on_the_page_and_in_the_metr
     stepped = NOW - dt.timedelta(seconds=3597.5)
     schema.update_detail("r1", "a", freeze_ended_at=stepped, freeze_seconds=2.5)
     schema.update_detail("r1", "b", freeze_ended_at=NOW - dt.timedelta(seconds=10))
-    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read(times=True)
+    snap = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh).read(times=True)
     text = metrics.render(snap).decode()
     assert "tlsroll_freeze_window_seconds_sum 2.5" in text
     assert 'tlsroll_freeze_window_seconds_bucket{le="0.5"} 1.0' in text  # b's 0, not -13
@@ -484,7 +489,7 @@ def test_a_measure_a_leader_stored_unchecked_is_not_shown_and_raises_nothing(
     assert row is not None
     detail = row.node("a")[1]
     assert detail.freeze_window == 4.0 and detail.restart_seconds == 0.0
-    snap = Reader(later, reader, lambda: NOW, lambda _: True, []).read(times=True)
+    snap = Reader(later, reader, lambda: NOW, lambda _: True, [], fresh=none_fresh).read(times=True)
     text = metrics.render(snap).decode()
     assert "inf" not in text.lower().replace("+inf", "") and "e+300" not in text
     page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
@@ -504,7 +509,7 @@ def test_the_store_s_trouble_is_in_the_page_s_words_with_sqlite_s_marked_english
     come first, in its language, then SQLite's, quoted and marked ``lang="en"`` (as the words
     of a node problem the page knows no more about, session 41)."""
     problem = "store: database or disk is full (SQLITE_FULL)"
-    reader = Reader(store, SchemaStore(store.db), lambda: NOW, lambda _: True, [])
+    reader = Reader(store, SchemaStore(store.db), lambda: NOW, lambda _: True, [], fresh=none_fresh)
     reader.store_trouble = lambda: (problem, NOW - dt.timedelta(minutes=3))
     snap = reader.read()
     page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
@@ -524,7 +529,7 @@ def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Sto
     schema = SchemaStore(store.db)
     failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)
     schema.record_bootstrap_failures("a", [failure], NOW)
-    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read(times=True)
+    snap = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh).read(times=True)
     text = metrics.render(snap).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     (sample,) = families["tlsroll_bootstrap_failures"].samples
@@ -579,7 +584,7 @@ def test_every_write_to_the_store_reaches_an_open_page_without_waiting_for_a_loo
     row = start_rollout(schema, "r1", Change.ENABLE_TLS)
 
     async def watch() -> None:
-        reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+        reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
         closing = asyncio.Event()
         app = ViewerApp(
             reader=reader,
@@ -641,7 +646,7 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
     )
     meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node=names[0])
     row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
     # The page draws no workstation: its reads leave the client report out (O(clients)).
     reports: list[int] = []
     report = schema_store._clients
@@ -732,7 +737,7 @@ def test_open_pages_of_one_language_share_each_drawing_and_each_event(
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
     _, session = grants.login(made.secret, NOW)
     row = start_rollout(schema, "r1", Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
 
     async def watch() -> None:
         closing = asyncio.Event()
@@ -794,7 +799,7 @@ def test_a_page_opened_beside_an_open_one_reads_nothing_the_open_one_read(
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
     _, session = grants.login(made.secret, NOW)
     row = start_rollout(schema, "r1", Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
     reads: list[str | None] = []
     read = reader.read
 
@@ -854,7 +859,7 @@ def test_a_page_s_read_after_a_rollout_s_write_reads_and_makes_no_enrolled_node_
         store.heartbeat(name, "t", now=NOW)
         store.vouch(name)
     row = start_rollout(schema, "r1", Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
     first = reader.read(clients=False)
     assert [(n.name, n.online) for n in first.nodes] == [(n, True) for n in names]
     done: list[str] = []
@@ -900,7 +905,9 @@ def test_a_page_s_read_after_a_rollout_s_write_reads_and_makes_no_enrolled_node_
     snap = reader.read(clients=False)
     assert done == ["read", "parsed"]
     assert shown(snap)[0] == ("a", ("10.0.0.9",), True)
-    fresh = Reader(store, schema, lambda: NOW, lambda _: True, []).read(clients=False)
+    fresh = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh).read(
+        clients=False
+    )
     assert shown(snap) == shown(fresh)
 
 
@@ -929,10 +936,10 @@ def test_a_view_s_time_is_never_before_what_it_shows(store: Store, view: str) ->
         return NOW
 
     if view == "schema show":
-        service = SchemaViewService(schema, clock)
+        service = SchemaViewService(schema, clock, fresh=none_fresh, reported=lambda _node: True)
         message = service._answer(schema_pb2.GetSchemaRequest(limit=1), None)
     else:
-        message = Reader(store, schema, clock, lambda _: True, []).read().schema
+        message = Reader(store, schema, clock, lambda _: True, [], fresh=none_fresh).read().schema
     generated = message.generated_at.ToDatetime(tzinfo=dt.UTC)
     shown = [v.reported_at.ToDatetime(tzinfo=dt.UTC) for v in message.node_clients]
     shown += [
@@ -946,7 +953,7 @@ def test_a_snapshot_read_again_after_writes_is_a_fresh_readers(store: Store) -> 
     """The Reader keeps each node's data and the timeline between reads (issue 15) and converts
     and parses only what changed: what it reads after writes is what a new Reader reads."""
     schema = SchemaStore(store.db)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
     row = start_rollout(schema, "r1", Change.ENABLE_TLS)
     first = reader.read()
     assert first.data == wire_dict(first)
@@ -957,7 +964,7 @@ def test_a_snapshot_read_again_after_writes_is_a_fresh_readers(store: Store) -> 
         steps += 1
         if steps % 3 == 0:  # now and then, between the writes
             snap = reader.read()
-            fresh = Reader(store, schema, lambda: NOW, lambda _: True, []).read()
+            fresh = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh).read()
             assert snap.data == fresh.data == wire_dict(snap)
             assert snap.timeline == fresh.timeline
 
@@ -965,7 +972,9 @@ def test_a_snapshot_read_again_after_writes_is_a_fresh_readers(store: Store) -> 
     run_rollout(schema, "r2", Change.ENABLE_TLS)
     for selected in ("r1", None, "r1"):
         snap = reader.read(selected)
-        fresh = Reader(store, schema, lambda: NOW, lambda _: True, []).read(selected)
+        fresh = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh).read(
+            selected
+        )
         assert snap.data == fresh.data == wire_dict(snap)
         assert snap.timeline == fresh.timeline and snap.timeline
 
@@ -978,14 +987,16 @@ def test_a_page_s_read_keeps_of_each_node_what_its_row_draws(store: Store) -> No
     a rollout (one rolled back, one done, windows, restarts and certificates recorded): a
     row that drew a field left out would differ here."""
     schema = SchemaStore(store.db)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
     row = start_rollout(schema, "r1", Change.ENABLE_TLS)
     context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
     checked: list[str] = []
 
     def check() -> None:
         part = reader.read(clients=False, page=True)
-        whole = Reader(store, schema, lambda: NOW, lambda _: True, []).read(clients=False)
+        whole = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh).read(
+            clients=False
+        )
         assert part.selected is not None and whole.selected is not None
         assert all(not view.nodes for view in part.schema.rollouts)
         assert part.selected["nodes"] == [
@@ -1044,7 +1055,9 @@ def test_every_field_a_row_draws_is_kept_for_a_page(store: Store) -> None:
     what the template reads of a node is within ``ROW_FIELDS``."""
     schema = SchemaStore(store.db)
     start_rollout(schema, "r1", Change.ENABLE_TLS)
-    whole = Reader(store, schema, lambda: NOW, lambda _: True, []).read(clients=False)
+    whole = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh).read(
+        clients=False
+    )
     assert whole.selected is not None
     node = dict(whole.selected["nodes"][0])
     node.update(
@@ -1097,7 +1110,7 @@ def test_an_unknown_rollout_keeps_no_snapshot_and_the_kept_ones_are_few_and_fres
     ids = [f"r{i}" for i in range(viewer_app.KEPT_SHARED + 2)]
     for rollout_id in ids:
         run_rollout(schema, rollout_id, Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
 
     async def watch() -> None:
         app = ViewerApp(
@@ -1146,7 +1159,7 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
     _, session = grants.login(made.secret, NOW)
     start_rollout(schema, "r1", Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
 
     async def until(done: Callable[[], bool]) -> None:
         async with asyncio.timeout(30):
@@ -1205,7 +1218,7 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
     _, session = grants.login(made.secret, NOW)
     start_rollout(schema, "r1", Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
     real_read = reader.read
     entered, release = threading.Event(), threading.Event()
     reads: list[str | None] = []

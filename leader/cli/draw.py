@@ -24,6 +24,9 @@ PENDING = (
     "password change pending — takes effect with `tlsroll rollout start --change "
     "change-password` (which restarts the server)"
 )
+AWAITING = "waiting for its first client report since the leader started"
+"""A node the leader has had no client report from since it started (``awaiting_report``):
+who is on http there is not known yet; a finalize waits for it, ``--when-quiet`` holds it."""
 STATE_STYLE = {
     "needs_attention": "bold reverse red",
     "done": "green",
@@ -151,7 +154,14 @@ def render_rollout(r: View) -> Block:
             fmt_time(n, "cert_not_after"),
             str(n["still_on_http"]) if n.get("still_on_http") else "-",
             "; ".join(
-                filter(None, [n.get("reason"), PENDING if n.get("password_pending") else ""])
+                filter(
+                    None,
+                    [
+                        n.get("reason"),
+                        PENDING if n.get("password_pending") else "",
+                        AWAITING if n.get("awaiting_report") else "",
+                    ],
+                )
             ),
         )
     return Block(head, times, table)
@@ -181,6 +191,8 @@ def render_clients(views: Sequence[View]) -> Block:
             )
         source = clients.get("source") or "unknown"
         problem = f"; problem: {clients['problem']}" if clients.get("problem") else ""
+        if v.get("awaiting_report"):
+            problem += f"; {AWAITING}"
         notes.append(
             Styled(
                 f"{v['node']}: {len(still)} still on http; window "

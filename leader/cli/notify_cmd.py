@@ -699,6 +699,7 @@ _REMAINING = {
         "row": "  {node}: {address}{ws}, zuletzt {last}",
         "unknown": "  {node}: nicht feststellbar ({why})",
         "never": "der Agent hat noch nichts gemeldet",
+        "awaiting": "noch kein Bericht des Agenten seit dem Start des Leaders",
     },
     "en": {
         "head": "Workstations still on http (each needs the client steps before http closes):",
@@ -706,6 +707,7 @@ _REMAINING = {
         "row": "  {node}: {address}{ws}, last seen {last}",
         "unknown": "  {node}: cannot tell ({why})",
         "never": "its agent has not reported yet",
+        "awaiting": "no report from its agent since the leader started yet",
     },
 }
 
@@ -729,6 +731,8 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
         if view.clients.problem or not view.clients.source:
             why = view.clients.problem or t["never"]
             rows.append(t["unknown"].format(node=view.node, why=why))
+        elif view.awaiting_report:  # (the stored report speaks for the node no more)
+            rows.append(t["unknown"].format(node=view.node, why=t["awaiting"]))
     if not schema.node_clients:
         rows.append(t["unknown"].format(node="*", why=t["never"]))
     if not rows:

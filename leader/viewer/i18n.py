@@ -95,6 +95,10 @@ _DE: dict[str, str] = {
         "neues Passwort hinterlegt – wirksam mit `tlsroll rollout start --change "
         "change-password` (startet den Server neu)"
     ),
+    "awaiting_report": (
+        "wartet auf den ersten Client-Bericht seit dem Start des Leaders (Sekunden, sobald "
+        "sein Agent verbunden ist)"
+    ),
     "offline": "Knoten offline",
     "all_online": "Alle {count} Knoten melden sich regelmäßig.",
     "no_nodes": "Noch kein Knoten angemeldet.",
@@ -215,6 +219,10 @@ _EN: dict[str, str] = {
     "password_pending": (
         "new password staged – takes effect with `tlsroll rollout start --change "
         "change-password` (which restarts the server)"
+    ),
+    "awaiting_report": (
+        "waiting for its first client report since the leader started (seconds once its "
+        "agent is connected)"
     ),
     "offline": "Nodes offline",
     "all_online": "All {count} nodes report in regularly.",

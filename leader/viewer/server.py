@@ -155,6 +155,7 @@ class Viewer:
                 ("viewer", cert),
             ],
             agent_near=state.agent_cert_lifetime * AGENT_HORIZON_FRACTION,
+            fresh=state.fresh_reports,
         )
         scrape_token = read_scrape_token(cfg)  # a bad token file stops the leader at start
 

@@ -22,7 +22,7 @@ from cryptography import x509
 
 from leader.rollout_core import NodeRecord, NodeState
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
-from leader.schema_view import FreshReports, Made, node_view, schema_message
+from leader.schema_view import FreshReports, Made, awaits_report, node_view, schema_message
 from leader.states import NodeProblemRow
 from leader.store import NodesMade, Store
 from tlsroll import pki, wire
@@ -52,6 +52,7 @@ ROW_FIELDS = frozenset(
         "restart_seconds",
         "leader_node",
         "password_pending",
+        "awaiting_report",
     }
 )
 
@@ -61,7 +62,8 @@ class _PageNode(NamedTuple):
 
     record: NodeRecord
     detail: NodeDetail
-    marks: tuple[bool, bool]  # it is the leader's node; its password is pending
+    # it is the leader's node; its password is pending; the leader waits for its client report
+    marks: tuple[bool, bool, bool]
     fields: dict[str, Any]  # its ``ROW_FIELDS``
 
 
@@ -161,9 +163,16 @@ class Reader:
         online: Callable[[dt.datetime | None], bool],
         own_certs: Sequence[tuple[str, x509.Certificate]],
         agent_near: dt.timedelta = NEAR_EXPIRY,
+        *,
+        fresh: FreshReports,
     ) -> None:
         """``own_certs``: the leader's own certificates as (kind, certificate): the CA, the
-        leader's, the viewer's."""
+        leader's, the viewer's. ``fresh``: the nodes whose client report speaks for now
+        (``leader.service.LeaderState.fresh_reports``): who is still on http there goes by
+        that report, as for a finalize (``leader.schema_view.still_on_http_now``). Required
+        (review s44rev6 L3): set by the daemon after the fact, a reader without it said
+        nobody's report was fresh. Whether a node's report came since the leader started
+        is the store's (``Store.report_since_start``)."""
         self.store = store
         self.schema = schema
         self.clock = clock
@@ -185,10 +194,7 @@ class Reader:
         # (``leader.store_health.StoreHealth.trouble``): a page shows it as `rollout status`
         # does; read in memory (the store it is about may fail to answer), set likewise.
         self.store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None
-        # The nodes whose client report speaks for now (``leader.service.LeaderState
-        # .fresh_reports``): who is still on http there goes by that report, as for a finalize
-        # (``leader.schema_view.still_on_http_now``); set likewise (None: none does).
-        self.fresh: FreshReports | None = None
+        self.fresh = fresh
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
         # last): each node's data by its view (``_data``); the timeline as read up to an audit
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
@@ -264,7 +270,8 @@ class Reader:
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
             node_problems=problems,
-            fresh=self.fresh(infos, now) if self.fresh is not None else frozenset(),
+            fresh=self.fresh(infos, now),
+            reported=self.store.report_since_start,
         )
         trouble = self.store_trouble() if self.store_trouble is not None else None
         if trouble is not None:
@@ -395,10 +402,10 @@ class Reader:
         """A page's ``data``: ``wire.to_dict(message)`` (made of ``rows`` without their
         nodes), each rollout's nodes with their ``ROW_FIELDS``, made again only for a node
         whose record or detail is not the one of the last read (the store keeps a rollout's
-        unchanged ones) or whose row shows another leader or password mark; kept for the next
-        read. No node view is kept (one with its steps' times is ~3 KiB of protobuf's memory)
-        and ``schema`` carries none (issue 15: the leader's memory with a page open at 500
-        nodes)."""
+        unchanged ones) or whose row shows another leader, password or report mark; kept for
+        the next read. No node view is kept (one with its steps' times is ~3 KiB of protobuf's
+        memory) and ``schema`` carries none (issue 15: the leader's memory with a page open at
+        500 nodes)."""
         data = wire.to_dict(message)
         for item, row in zip(data["rollouts"], rows, strict=True):
             if not isinstance(row, RolloutRow) or not row.nodes:
@@ -407,9 +414,15 @@ class Reader:
                 kept = self._page_nodes.get(row.rollout.id, {})
             fresh: dict[tuple[int, int], _PageNode] = {}
             nodes = []
-            leader = row.meta.leader_node
+            leader, state = row.meta.leader_node, row.rollout.state
+            reported = self.store.report_since_start
             for rec, d in row.nodes:
-                key, marks = (id(rec), id(d)), (rec.name == leader, rec.name in pending)
+                key = (id(rec), id(d))
+                marks = (
+                    rec.name == leader,
+                    rec.name in pending,
+                    awaits_report(state, rec.name, reported),
+                )
                 hit = kept.get(key)
                 if (
                     hit is None
@@ -417,7 +430,8 @@ class Reader:
                     or hit.detail is not d
                     or hit.marks != marks
                 ):
-                    view = node_view(rec, d, (*marks, 0))  # (no row draws ``still_on_http``)
+                    # (no row draws ``still_on_http``)
+                    view = node_view(rec, d, (marks[0], marks[1], 0, marks[2]))
                     fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
                     hit = _PageNode(rec, d, marks, fields)
                 fresh[key] = hit

@@ -153,6 +153,7 @@ class NodeView(_message.Message):
     PASSWORD_PENDING_FIELD_NUMBER: _builtins.int
     STILL_ON_HTTP_FIELD_NUMBER: _builtins.int
     FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
+    AWAITING_REPORT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
@@ -177,6 +178,11 @@ class NodeView(_message.Message):
     the node's wall clock (with --freeze scope, on the leader's), so their difference is off by
     any step of that clock. Where no such measure was sent (an older agent, a reboot during the
     freeze, a scope freeze) it is that difference, never below 0 (0 for a clock stepped back).
+    """
+    awaiting_report: _builtins.bool
+    """The leader has had no client report from this node's agent since it started (or none
+    ever): who is on http there is not known yet. A finalize waits for it, --when-quiet holds
+    the node; seconds once its agent is connected. Only on the nodes of a rollout not ended.
     """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
@@ -205,10 +211,11 @@ class NodeView(_message.Message):
         password_pending: _builtins.bool = ...,
         still_on_http: _builtins.int = ...,
         freeze_seconds: _builtins.float | None = ...,
+        awaiting_report: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "awaiting_report", b"awaiting_report", "bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
     _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
@@ -314,7 +321,12 @@ class NodeClientsView(_message.Message):
     STILL_ON_HTTP_FIELD_NUMBER: _builtins.int
     REPORTED_AT_FIELD_NUMBER: _builtins.int
     LAST_HTTP_AT_FIELD_NUMBER: _builtins.int
+    AWAITING_REPORT_FIELD_NUMBER: _builtins.int
     node: _builtins.str
+    awaiting_report: _builtins.bool
+    """The stored report came before the leader started and its agent has not reported to it
+    since: it speaks for the node no more (NodeView's awaiting_report).
+    """
     @_builtins.property
     def clients(self) -> _types_pb2.ClientsView:
         """What the agent last reported (most recently seen first)."""
@@ -339,10 +351,11 @@ class NodeClientsView(_message.Message):
         still_on_http: _abc.Iterable[_types_pb2.ClientSeen] | None = ...,
         reported_at: _timestamp_pb2.Timestamp | None = ...,
         last_http_at: _timestamp_pb2.Timestamp | None = ...,
+        awaiting_report: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "last_http_at", b"last_http_at", "reported_at", b"reported_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "last_http_at", b"last_http_at", "node", b"node", "reported_at", b"reported_at", "still_on_http", b"still_on_http"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting_report", b"awaiting_report", "clients", b"clients", "last_http_at", b"last_http_at", "node", b"node", "reported_at", b"reported_at", "still_on_http", b"still_on_http"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
