@@ -409,7 +409,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 IGNORABLE: frozenset[int] = frozenset({13})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
-index that is not unique, and this code copes with rows an older leader wrote without them.
+index that is not unique on plain columns (no COLLATE, expression or function), and this code copes with rows an older leader wrote without them.
 Only builds from session 40 on read the floor this makes, so the migrations before are not
 listed: every one of them is needed by the builds that read it. 13: an index of the audit,
 which SQLite keeps up to date as an older leader writes the audit."""

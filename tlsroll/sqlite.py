@@ -23,8 +23,10 @@ To change a schema, append one migration to the store's list: an SQL script (sta
 released: files in the field have had it (their user_version counts it) and will not have it
 again. A migration that only adds a table (with no foreign key into an older one), columns
 that are NULL or have a default (``ALTER TABLE ADD COLUMN``, with no CHECK, REFERENCES,
-COLLATE, UNIQUE or generation), or an index that is not unique (SQLite keeps it up to date as
-an older tlsroll writes), writes no row, and whose rows the code copes without (an older
+COLLATE, UNIQUE or generation), or an index that is not unique, on plain columns (no COLLATE,
+no expression or function: an older tlsroll must be able to maintain it; partial on a literal
+only; ``_check_ignorable`` does not read an index's SQL, so this is the author's to keep; SQLite
+keeps it up to date as an older tlsroll writes), writes no row, and whose rows the code copes without (an older
 tlsroll writes them so), goes into the store's
 ``IGNORABLE`` as well: an older tlsroll then runs on the file without going back to the copy
 (what was written since is kept). A migration must not commit or call ``executescript``
