@@ -980,8 +980,9 @@ class Database:
             raise not_now from exc
         if (problem := unreadable(exc)) is not None:
             raise StoreUnreadable(
-                f"{what} {self.path}: {problem}; restore it from a backup, or start once with"
-                " --reinitialise"
+                f"{what} {self.path}: {problem}; restore it from a backup, or run the daemon"
+                " once with --reinitialise (it only replaces the file and exits), then start it"
+                " as before"
             ) from exc
 
     def _others_wrote(self) -> None:
