@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from leader.planner import stale_reports
-from leader.rollout_core import Client, NodeRecord, still_on_http
+from leader.rollout_core import Change, Client, NodeRecord, before_after, still_on_http
 from leader.schema_store import (
     BootstrapFailureRow,
     ClientsInfo,
@@ -86,7 +86,7 @@ def rollout_view(
                 made[1][key] = hit
                 nodes.append(hit[3])
                 continue
-        nodes.append(node_view(rec, d, shown))
+        nodes.append(node_view(rec, d, shown, r.change))
         if made is not None:
             made[1][(id(rec), id(d))] = (rec, d, shown, nodes[-1])
     return schema_pb2.RolloutView(
@@ -113,9 +113,14 @@ def rollout_view(
     )
 
 
-def node_view(rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int]) -> schema_pb2.NodeView:
+def node_view(
+    rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int], change: Change
+) -> schema_pb2.NodeView:
     """One node's view: its record, its detail and (whether it is the leader's node, whether
-    its password is pending, how many workstations are still on http)."""
+    its password is pending, how many workstations are still on http), in a rollout of
+    ``change``: its old and new address are the ones before and after that change
+    (``rollout_core.before_after``)."""
+    old_url, new_url = before_after(change, d.old_url, d.new_url)
     steps = [
         schema_pb2.StepTimes(
             step=step,
@@ -128,8 +133,8 @@ def node_view(rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int]) -> 
         name=rec.name,
         state=NODE_STATE.wire(rec.state),
         reason=rec.reason,
-        old_url=d.old_url,
-        new_url=d.new_url,
+        old_url=old_url,
+        new_url=new_url,
         cert_fingerprint=d.cert_fingerprint,
         cert_not_after=timestamp(d.cert_not_after),
         freeze_started_at=timestamp(d.freeze_started_at),

@@ -417,7 +417,8 @@ class Reader:
                     or hit.detail is not d
                     or hit.marks != marks
                 ):
-                    view = node_view(rec, d, (*marks, 0))  # (no row draws ``still_on_http``)
+                    # (no row draws ``still_on_http``)
+                    view = node_view(rec, d, (*marks, 0), row.rollout.change)
                     fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
                     hit = _PageNode(rec, d, marks, fields)
                 fresh[key] = hit
