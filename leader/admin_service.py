@@ -434,7 +434,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 if version > 1
                 else None
             )
-        if newest is not None and not newest.live_on:  # staged, never applied (audit s39 H4)
+        # staged, live on no node now: never applied, or taken back (audit s39 H4)
+        if newest is not None and not newest.live_on:
             reply.replaces.CopyFrom(staged_password(newest))
         return reply
 

@@ -46,6 +46,7 @@ from leader.rollout_core import (
     NodeObservation,
     Rollout,
     Strategy,
+    before_after,
     wrong_source,
 )
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore, measured_seconds
@@ -481,10 +482,7 @@ class ChangeSteps:
     async def outside_problem(self, ctx: StepContext) -> str | None:
         """The outside check for where this change leaves the node (``CHANGES``)."""
         detail = await self.node_detail(ctx)
-        if CHANGES[self.change].target_scheme == "https":
-            live, closed = detail.new_url, detail.old_url
-        else:
-            live, closed = detail.old_url, detail.new_url
+        closed, live = before_after(self.change, detail.old_url, detail.new_url)
         trusted = await self.trusted(ctx)
         return await outside_check(live, closed, trusted, detail.cert_fingerprint)
 

@@ -13,7 +13,8 @@ one that was released.
 Lost state is loud: once the leader has made the file it leaves ``leader.sqlite3.created``
 beside it (``mark_store``), and ``check_store`` refuses a store that is then missing, or one
 that is empty (0 bytes) or damaged, with one line saying how to recover (restore it from a
-backup), or start once with ``--reinitialise``: the lost file is moved aside, and the new
+backup), or run ``tlsroll-leader --reinitialise`` once, which only replaces the store and
+exits (``leader.runtime.reinitialise``): the lost file is moved aside, and the new
 store's first transaction opens the window in which it re-learns the nodes from their agents
 (``leader.store.relearning``). A first start killed before its first commit leaves a file of 0
 bytes and no mark: that one is new (``tlsroll.sqlite.damage``). A store that cannot be read
@@ -409,10 +410,11 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 IGNORABLE: frozenset[int] = frozenset({13})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
-index that is not unique on plain columns (no COLLATE, expression or function), and this code copes with rows an older leader wrote without them.
-Only builds from session 40 on read the floor this makes, so the migrations before are not
-listed: every one of them is needed by the builds that read it. 13: an index of the audit,
-which SQLite keeps up to date as an older leader writes the audit."""
+index that is not unique on plain columns (no COLLATE, expression or function), and this code
+copes with rows an older leader wrote without them. Only builds from session 40 on read the
+floor this makes, so the migrations before are not listed: every one of them is needed by the
+builds that read it. 13: an index of the audit, which SQLite keeps up to date as an older leader
+writes the audit."""
 
 LOSING = (
     "the nodes enrolled, join tokens, revocations and rollouts since; a node whose agent renewed"
@@ -468,14 +470,15 @@ def _created_mark(path: Path) -> Path:
 RELEARN_WINDOW = dt.timedelta(hours=24)
 
 
-def check_store(path: Path, *, reinitialise: bool = False) -> list[Path]:
+def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") -> list[Path]:
     """Refuse a lost store (see the module docstring); blocking, before ``open_db``.
 
     ``reinitialise``: the admin's explicit choice to start an empty store in place of a lost
     one (refused for an intact store): the lost file is moved aside, and the new store
     re-learns the enrolled nodes from their agents' heartbeats for ``RELEARN_WINDOW``
     (``Store.relearn``). Returns what was moved aside. Refused (``NotDamaged``) for a store
-    that is intact or only unavailable now (``StoreUnavailable``: a full disk)."""
+    that is intact or only unavailable now (``StoreUnavailable``: a full disk). ``recover``:
+    the ``--reinitialise`` command line a lost store's message gives (``leader.runtime``)."""
     try:
         problem = damage(path, expected=_created_mark(path).exists())
     except StoreUnavailable as exc:
@@ -493,10 +496,12 @@ def check_store(path: Path, *, reinitialise: bool = False) -> list[Path]:
             )
         return []
     if not reinitialise:
+        begin = recover or "tlsroll-leader --config CONFIG --reinitialise"
         raise StoreLost(
             f"store {path}: {problem}; restore it from a backup with the leader stopped (it holds"
-            " the enrolled nodes, join tokens and rollouts), or start tlsroll-leader once with"
-            " --reinitialise: an empty store that re-learns the nodes from their agents"
+            " the enrolled nodes, join tokens and rollouts), or begin an empty store that"
+            f" re-learns the nodes from their agents: run `{begin}` (it only replaces the"
+            " store), then start the leader as before (installed: systemctl start tlsroll-leader)"
         )
     return move_aside(path, ("", "-wal", "-shm"))
 

@@ -206,6 +206,20 @@ CHANGES: Mapping[Change, ChangeSpec] = {
 }
 """Every change and how it runs; a test checks that each one has a row."""
 
+
+def before_after(change: Change, old_url: str, new_url: str) -> tuple[str, str]:
+    """A node's address before ``change`` and after it, from the two its record holds
+    (``old_url``, ``new_url``: the agent's preflight gives its http and its https URL in that
+    order, whatever the change). The one place that decides it for the outside check
+    (``leader.changes``) and for every view of a rollout's rows (`schema show`, `rollout
+    status`, the viewer): a change whose target is http (disable-tls, a rollback) goes from
+    the https address to the http one (review s45rt2 M2: its rows showed the https port it
+    had closed as the new address)."""
+    if CHANGES[change].target_scheme == "http":
+        return new_url, old_url
+    return old_url, new_url
+
+
 HTTP: frozenset[str] = frozenset({"http"})
 HTTPS: frozenset[str] = frozenset({"https"})
 DUAL_SCHEMES: frozenset[str] = frozenset({"http", "https"})

@@ -56,10 +56,16 @@ from leader.service import (
 from leader.states import NodeProblemKind
 from leader.store import Store, relearning
 from leader.store_health import StoreHealth
-from tlsroll import __version__, heap, keywrap, logs, pki
+from tlsroll import __version__, fsutil, heap, keywrap, logs, pki
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
-from tlsroll.errors import ConfigError, TerminalError, TlsrollError, os_error_text
+from tlsroll.errors import (
+    ConfigError,
+    TerminalError,
+    TlsrollError,
+    UnsafePermissions,
+    os_error_text,
+)
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
 from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
@@ -125,7 +131,17 @@ def _answers(sock: Path) -> bool:
     return True
 
 
-def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
+def recovery_command(config: Path) -> str:
+    """The one-shot that begins an empty store in place of a lost one, as the admin types it
+    (root, on a server installed by install.sh: as the leader's user, whose files the store
+    and its directory are; review s45rt2 H1)."""
+    me = os.geteuid()
+    run = f"{fsutil.this_program('tlsroll-leader')} --config {os.path.abspath(config)}"
+    as_user = f"runuser -u {fsutil.user_name(me)} -- " if me != 0 else ""
+    return f"{as_user}{run} --reinitialise"
+
+
+def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     layout = cfg.layout
     check_secret_dirs(layout)
     source = passphrase_source(cfg.ca_passphrase_file)
@@ -150,45 +166,23 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     if ensure_leader_identity(layout, ca, names):
         log.info("leader.certificate_reissued", reason="identity or names changed, or due")
-    # Lost state stops the leader; it never starts empty instead, unless the admin says so.
-    kept = check_store(layout.store, reinitialise=reinitialise)
-    if not reinitialise:
-        store = Store(layout.store)
-        mark_store(layout.store)
-        if (restored := store.restore_began(dt.datetime.now(dt.UTC))) is not None:
-            made, until = restored
-            log.warning(
-                "store.restored",
-                path=str(layout.store),
-                backup_made_at=made.isoformat(timespec="seconds"),
-                relearn_until=until.isoformat(timespec="seconds"),
-                detail="a store restored from a backup (or the copy kept before an upgrade, put"
-                " back: README 'Downgrading tlsroll'): a node whose agent renewed its "
-                "certificate since is taken with it until then; its join tokens with a use left"
-                " are revoked (create new ones); revoke again what was revoked "
-                "since the backup, and check `tlsroll epoch show`",
-            )
-    else:
-        # Marked first: until the new store's first transaction has committed, its file is
-        # lost, not new; that transaction opens the re-learning window with the schema.
-        mark_store(layout.store)
-        now = dt.datetime.now(dt.UTC)
-        until = now + RELEARN_WINDOW
-        store = Store(
-            layout.store, created=relearning(until, now=now, actor="admin:--reinitialise")
-        )
-        if store.relearn_until() is None:  # not new: made meanwhile by another process
-            store.close()
-            raise TerminalError(  # not lost: exit 1
-                f"store {layout.store}: made by another process meanwhile; try again"
-            )
+    # Lost state stops the leader; it never starts empty instead, unless the admin says so
+    # (``reinitialise``, a one-shot of its own).
+    check_store(layout.store, recover=recovery_command(config or layout.config))
+    store = Store(layout.store)
+    mark_store(layout.store)
+    if (restored := store.restore_began(dt.datetime.now(dt.UTC))) is not None:
+        made, until = restored
         log.warning(
-            "store.reinitialised",
+            "store.restored",
             path=str(layout.store),
-            kept_as=[str(k) for k in kept],
+            backup_made_at=made.isoformat(timespec="seconds"),
             relearn_until=until.isoformat(timespec="seconds"),
-            detail="an empty store on the admin's --reinitialise; nodes are re-learned from "
-            "their agents' heartbeats; check `tlsroll nodes` and remove any that do not belong",
+            detail="a store restored from a backup (or the copy kept before an upgrade, put"
+            " back: README 'Downgrading tlsroll'): a node whose agent renewed its "
+            "certificate since is taken with it until then; its join tokens with a use left"
+            " are revoked (create new ones); revoke again what was revoked "
+            "since the backup, and check `tlsroll epoch show`",
         )
     return LeaderState(
         store=store,
@@ -198,6 +192,57 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
         leader_names=names,
         leader_node=cfg.node_name,
         agent_cert_lifetime=dt.timedelta(seconds=cfg.agent_cert_lifetime),
+    )
+
+
+def reinitialise(cfg: LeaderConfig) -> str:
+    """``tlsroll-leader --reinitialise``: an empty store in place of a lost one, then exit; the
+    leader is started as before afterwards (by its unit). A one-shot that needs no CA (the
+    store holds none of it): on an installed server the CA passphrase reaches only the unit's
+    start, as a systemd credential, and root runs this as the leader's user (review s45rt2
+    H1). The lost file is moved aside; the new store re-learns the enrolled nodes from their
+    agents' heartbeats for ``RELEARN_WINDOW`` from now. Refused (``NotDamaged``) for an intact
+    store, one that only cannot be opened now, and (``UnsafePermissions``) for a data dir of
+    another user's, where a store of ours would stop that user's leader. Returns the line
+    that says what was done and what comes next."""
+    layout = cfg.layout
+    check_secret_dirs(layout)
+    for secret in (layout.ca_key, layout.tls_key):
+        check_private_file(secret)
+    here = layout.store.parent
+    if (owner := os.stat(here).st_uid) != os.geteuid():
+        raise UnsafePermissions(
+            f"{here} is owned by {fsutil.user_label(owner)}, not by "
+            f"{fsutil.user_label(os.geteuid())} who runs this: a store made by this would stop"
+            f" the leader that runs as its owner; {fsutil.owner_fix(owner, layout.store)}"
+        )
+    kept = check_store(layout.store, reinitialise=True)
+    # Marked first: until the new store's first transaction has committed, its file is lost,
+    # not new; that transaction opens the re-learning window with the schema.
+    mark_store(layout.store)
+    now = dt.datetime.now(dt.UTC)
+    until = now + RELEARN_WINDOW
+    store = Store(layout.store, created=relearning(until, now=now, actor="admin:--reinitialise"))
+    try:
+        if store.relearn_until() is None:  # not new: made meanwhile by another process
+            raise TerminalError(  # not lost: exit 1
+                f"store {layout.store}: made by another process meanwhile; try again"
+            )
+    finally:
+        store.close()
+    log.warning(
+        "store.reinitialised",
+        path=str(layout.store),
+        kept_as=[str(k) for k in kept],
+        relearn_until=until.isoformat(timespec="seconds"),
+        detail="an empty store on the admin's --reinitialise; nodes are re-learned from "
+        "their agents' heartbeats; check `tlsroll nodes` and remove any that do not belong",
+    )
+    aside = f" (the lost one kept as {', '.join(k.name for k in kept)})" if kept else ""
+    return (
+        f"store {layout.store}: begun again, empty{aside}; the leader re-learns the enrolled"
+        f" nodes from their agents until {until.isoformat(timespec='minutes')}: start it now"
+        " as before (installed: systemctl start tlsroll-leader), then check `tlsroll nodes`"
     )
 
 
@@ -475,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reinitialise",
         action="store_true",
-        help="start with an empty store in place of a lost (missing, empty or damaged) one; "
-        "enrolled nodes are re-learned from their agents for 24 h; refused (exit 2) if the store"
-        " is intact or only cannot be opened now (a full or read-only disk)",
+        help="begin an empty store in place of a lost (missing, empty or damaged) one and exit"
+        " (no CA passphrase needed; run it as the leader's user), then start the leader as"
+        " before: it re-learns the enrolled nodes from their agents for 24 h; refused (exit 2)"
+        " if the store is intact or only cannot be opened now (a full or read-only disk)",
     )
     parser.add_argument(
         "--backup",
@@ -495,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         log.debug(
             "leader.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
         )
-        state = load_state(cfg, reinitialise=ns.reinitialise)
+        if ns.reinitialise:
+            print(f"tlsroll-leader: {reinitialise(cfg)}")
+            return 0
+        state = load_state(cfg, config=ns.config)
         asyncio.run(serve(cfg, state))
     except SchemaTooNew as exc:
         print(f"tlsroll-leader: {exc}", file=sys.stderr)

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 
 from leader.planner import stale_reports
-from leader.rollout_core import TERMINAL_ROLLOUT_STATES, Client, NodeRecord, still_on_http
+from leader.rollout_core import (
+    TERMINAL_ROLLOUT_STATES,
+    Change,
+    Client,
+    NodeRecord,
+    before_after,
+    still_on_http,
+)
 from leader.schema_store import (
     BootstrapFailureRow,
     ClientsInfo,
@@ -95,7 +102,7 @@ def rollout_view(
                 made[1][key] = hit
                 nodes.append(hit[3])
                 continue
-        nodes.append(node_view(rec, d, shown))
+        nodes.append(node_view(rec, d, shown, r.change))
         if made is not None:
             made[1][(id(rec), id(d))] = (rec, d, shown, nodes[-1])
     return schema_pb2.RolloutView(
@@ -123,11 +130,13 @@ def rollout_view(
 
 
 def node_view(
-    rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int, bool]
+    rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int, bool], change: Change
 ) -> schema_pb2.NodeView:
     """One node's view: its record, its detail and (whether it is the leader's node, whether
     its password is pending, how many workstations are still on http, whether the leader
-    waits for its client report: ``awaits_report``)."""
+    waits for its client report: ``awaits_report``), in a rollout of ``change``: its old and
+    new address are the ones before and after that change (``rollout_core.before_after``)."""
+    old_url, new_url = before_after(change, d.old_url, d.new_url)
     steps = [
         schema_pb2.StepTimes(
             step=step,
@@ -140,8 +149,8 @@ def node_view(
         name=rec.name,
         state=NODE_STATE.wire(rec.state),
         reason=rec.reason,
-        old_url=d.old_url,
-        new_url=d.new_url,
+        old_url=old_url,
+        new_url=new_url,
         cert_fingerprint=d.cert_fingerprint,
         cert_not_after=timestamp(d.cert_not_after),
         freeze_started_at=timestamp(d.freeze_started_at),

@@ -9,8 +9,9 @@ leaders, and the staged certificate of each rollout.
 
 Lost state is loud: ``open_journal`` refuses a journal that is missing although the agent is
 enrolled (it had one), empty (0 bytes) or damaged, with one line naming the file and the two
-ways on (restore it from a backup, or ``tlsroll-agent --reinitialise``, which moves the lost
-file aside and starts an empty journal, logged as ``journal.reinitialised``). A journal that
+ways on (restore it from a backup, or the one-shot ``tlsroll-agent --reinitialise``, which
+moves the lost file aside, begins an empty journal, logged as ``journal.reinitialised``, and
+exits). A journal that
 cannot be read now for a reason outside it (a full disk, a read-only file system) is not lost:
 ``tlsroll.sqlite.StoreUnavailable``, whose line says so and never advises ``--reinitialise``,
 which refuses it (``tlsroll.sqlite.NotDamaged``, exit 2) and moves nothing aside.
@@ -42,15 +43,15 @@ configs) is recorded ``failed``, and the node needs the admin (``needs_admin``).
 taken on by nothing: the agent's heartbeats report its server as not healthy with that text
 (`tlsroll nodes`, the schema's and the viewer's node problems), its preflight fails with it,
 the leader's planning refuses a plan with it, naming it, and the agent refuses Stage, Switch
-and Rollback (FAILED_PRECONDITION), until the admin, having checked the server, starts the
-agent once with ``--journal-checked`` (``nodeagent.runtime``; refused, exit 2, while the
-server's config contradicts the files the journal holds live: ``plans.live_contradiction``).
-A plain restart keeps it. Nothing is done to the server in any case: no freeze, no write, no
-restart, no unfreeze (a freeze the copy says is owed, ``unfreeze_owed``, is forgotten too: the
-newer agent lifted it, the server's freeze is another's now, or a freeze left makes the node
-need the admin). The copy's time (``restored_copy_at``), which a refusal to roll back
-mentions, is forgotten with the first transaction the agent completes on the copy: from then
-on the journal explains itself.
+and Rollback (FAILED_PRECONDITION), until the admin, having checked the server, runs the
+one-shot ``tlsroll-agent --journal-checked`` (``nodeagent.runtime.recover``; refused, exit
+2, while the server's config contradicts the files the journal holds live:
+``plans.live_contradiction``). A plain restart keeps it. Nothing is done to the server in
+any case: no freeze, no write, no restart, no unfreeze (a freeze the copy says is owed,
+``unfreeze_owed``, is forgotten too: the newer agent lifted it, the server's freeze is
+another's now, or a freeze left makes the node need the admin). The copy's time
+(``restored_copy_at``), which a refusal to roll back mentions, is forgotten with the first
+transaction the agent completes on the copy: from then on the journal explains itself.
 
 A transaction's ``plan`` is fixed when it starts (``update`` refuses to change it); what the
 runner learns on the way (``failed_phase``, ``restart_needed``) has columns of its own. Kind,
@@ -356,20 +357,28 @@ class JournalLost(StoreDamaged):
     says how to recover; exit 4, not restarted)."""
 
 
-RECOVER = (
-    "restore it from a backup with the agent stopped, or start the agent once with"
-    " --reinitialise to begin an empty journal (this node then forgets its transactions and"
-    " staged certificates: check the managed server's config by hand, and run the rollout again)"
-)
+def recovery(command: str = "") -> str:
+    """What the line of a lost journal says to do; ``command``: the ``--reinitialise`` one-shot
+    as the admin types it (``nodeagent.runtime.recovery_command``)."""
+    begin = command or "tlsroll-agent --config CONFIG --reinitialise"
+    return (
+        "restore it from a backup with the agent stopped, or begin an empty journal: run"
+        f" `{begin}` (it only replaces the journal), then start the agent as before (installed:"
+        " systemctl start tlsroll-agent); this node then forgets its transactions and staged"
+        " certificates: check the managed server's config by hand, and run the rollout again"
+    )
 
 
-def open_journal(path: Path, *, expected: bool, reinitialise: bool = False) -> Journal:
+def open_journal(
+    path: Path, *, expected: bool, reinitialise: bool = False, recover: str = ""
+) -> Journal:
     """The journal at ``path``, refusing lost state (see the module docstring).
 
     ``expected``: the agent had a journal (it is enrolled; the journal is made before the
     enrolment). ``reinitialise``: the admin's explicit choice to start an empty journal in
     place of a lost one; refused (``NotDamaged``) for a journal that is intact or only
-    unavailable now (``StoreUnavailable``: a full disk), which it would throw away."""
+    unavailable now (``StoreUnavailable``: a full disk), which it would throw away. ``recover``:
+    the ``--reinitialise`` command line a lost journal's message gives."""
     path = Path(path)
     try:
         problem = damage(path, expected=expected, what="journal")
@@ -388,7 +397,7 @@ def open_journal(path: Path, *, expected: bool, reinitialise: bool = False) -> J
             )
         return Journal(path)
     if not reinitialise:
-        raise JournalLost(f"journal {path}: {problem}; {RECOVER}")
+        raise JournalLost(f"journal {path}: {problem}; {recovery(recover)}")
     kept = _move_aside(path)
     log.warning(
         "journal.reinitialised",

@@ -30,15 +30,15 @@ from nodeagent import certwork, cryptoworker, plans
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
-from nodeagent.drivers import make_driver
+from nodeagent.drivers import Driver, make_driver
 from nodeagent.identity import EnrolmentDeferred, Identity, next_enrol_wait, paths
-from nodeagent.journal import open_journal
+from nodeagent.journal import Journal, open_journal
 from nodeagent.leader_link import LeaderLink
 from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, dbthread, logs
+from tlsroll import __version__, dbthread, fsutil, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError, TransientError, os_error_text
 from tlsroll.fsutil import make_private_dir
@@ -130,10 +130,15 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
                 since = loop.time()
 
 
-async def serve(
-    cfg: AgentConfig, *, reinitialise: bool = False, journal_checked: bool = False
-) -> None:
-    stop = stop_event()
+def recovery_command(config: Path, flag: str) -> str:
+    """The one-shot ``flag`` (``--reinitialise``, ``--journal-checked``) as the admin types
+    it: the agent runs as root (its unit's User=root), so root runs it as it is."""
+    return f"{fsutil.this_program('tlsroll-agent')} --config {os.path.abspath(config)} {flag}"
+
+
+def _open_journal(
+    cfg: AgentConfig, config: Path | None, *, reinitialise: bool = False
+) -> tuple[Journal, Driver | None]:
     # The driver first: it finishes reading [server], so a bad key there stops the agent
     # before it creates anything.
     driver = (
@@ -144,29 +149,60 @@ async def serve(
     make_private_dir(cfg.data_dir)
     # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
     enrolled = any(p.exists() for p in paths(cfg.data_dir))
-    journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
-    if journal_checked:
-        # The admin checked the server that a journal put back could not settle (``journal``);
-        # never a state the journal contradicts (review s41rev1 M2): its live files stay what
-        # the agent's view, its bootstrap service and its next plans use.
-        problem = None
-        if journal.needs_admin() is not None and driver is not None:
-            problem = await asyncio.to_thread(plans.live_contradiction, journal, driver)
-        if problem:
-            journal.close()
-            raise JournalContradicted(
-                f"--journal-checked refused: {problem}; the journal cannot describe this node:"
-                " go forward (put the journal kept as NAME.after-vN back and install the newer"
-                " version again), or make the config name what the journal holds live"
-            )
-        was = journal.clear_needs_admin()
-        log.warning(
-            "journal.checked",
-            detail="the admin checked the node: it is planned and switched again"
-            if was is not None
-            else "nothing needed the admin",
-            was=was,
+    recover = recovery_command(config, "--reinitialise") if config is not None else ""
+    journal = open_journal(
+        journal_path(cfg), expected=enrolled, reinitialise=reinitialise, recover=recover
+    )
+    return journal, driver
+
+
+async def _journal_checked(journal: Journal, driver: Driver | None) -> str:
+    """The admin checked the server that a journal put back could not settle (``journal``);
+    never a state the journal contradicts (review s41rev1 M2): its live files stay what the
+    agent's view, its bootstrap service and its next plans use."""
+    problem = None
+    if journal.needs_admin() is not None and driver is not None:
+        problem = await asyncio.to_thread(plans.live_contradiction, journal, driver)
+    if problem:
+        raise JournalContradicted(
+            f"--journal-checked refused: {problem}; the journal cannot describe this node:"
+            " go forward (put the journal kept as NAME.after-vN back and install the newer"
+            " version again), or make the config name what the journal holds live"
         )
+    was = journal.clear_needs_admin()
+    log.warning(
+        "journal.checked",
+        detail="the admin checked the node: it is planned and switched again"
+        if was is not None
+        else "nothing needed the admin",
+        was=was,
+    )
+    return "the admin's check recorded" if was is not None else "nothing needed the admin"
+
+
+async def recover(
+    cfg: AgentConfig, config: Path, *, reinitialise: bool, journal_checked: bool
+) -> str:
+    """``--reinitialise`` and ``--journal-checked``: one-shots that change the journal and
+    exit, run with the agent stopped; the agent is then started as before (by its unit:
+    review s45rt2 H1, a flag that started the agent in the foreground left the admin a daemon
+    to stop by hand before the unit could start it). Returns the line saying what comes next."""
+    journal, driver = _open_journal(cfg, config, reinitialise=reinitialise)
+    done = [f"journal {journal.path} begun again, empty"] if reinitialise else []
+    try:
+        if journal_checked:
+            done.append(await _journal_checked(journal, driver))
+    finally:
+        journal.close()
+    return (
+        f"{'; '.join(done)}: start the agent now as before (installed: systemctl restart"
+        " tlsroll-agent)"
+    )
+
+
+async def serve(cfg: AgentConfig, config: Path | None = None) -> None:
+    stop = stop_event()
+    journal, driver = _open_journal(cfg, config)
     # One freeze lock for the servicer's Freeze, Unfreeze and lease watch and the runner's
     # lifts of a freeze: each reads the scope freeze's lease and changes the freeze under it.
     # (The servicer shares the runner's ``leases`` too, the leases' deadlines in elapsed time.)
@@ -313,16 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reinitialise",
         action="store_true",
-        help="start with an empty journal in place of a missing, empty or damaged one (the lost"
-        " file is kept beside it); refused (exit 2) if the journal is intact or only cannot be"
-        " opened now (a full or read-only disk)",
+        help="begin an empty journal in place of a missing, empty or damaged one (the lost"
+        " file is kept beside it) and exit, with the agent stopped; then start the agent as"
+        " before; refused (exit 2) if the journal is intact or only cannot be opened now (a full"
+        " or read-only disk)",
     )
     parser.add_argument(
         "--journal-checked",
         action="store_true",
         help="the admin has checked the managed server after a journal put back from a copy"
         " left a transaction whose outcome the server did not show (the node 'needs the"
-        " admin'): the agent forgets that and the node is planned and switched again",
+        " admin'): the agent records that and exits, with the agent stopped; started as before,"
+        " the node is planned and switched again",
     )
     ns = parser.parse_args(argv)
     try:
@@ -331,7 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         log.debug(
             "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
         )
-        asyncio.run(serve(cfg, reinitialise=ns.reinitialise, journal_checked=ns.journal_checked))
+        if ns.reinitialise or ns.journal_checked:
+            said = asyncio.run(
+                recover(
+                    cfg,
+                    ns.config,
+                    reinitialise=ns.reinitialise,
+                    journal_checked=ns.journal_checked,
+                )
+            )
+            print(f"tlsroll-agent: {said}")
+            return 0
+        asyncio.run(serve(cfg, ns.config))
     except (ConfigError, NotDamaged, JournalContradicted) as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG

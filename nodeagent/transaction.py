@@ -687,14 +687,14 @@ class Runner:
         if outcome is TxnOutcome.FAILED:
             reason = (
                 f"{where}; {looked}: nothing was done to the server; check its config and"
-                " whether it takes writes by hand, then start the agent once with"
-                " --journal-checked"
+                " whether it takes writes by hand, then run the agent once with"
+                " --journal-checked (it exits) and start it again"
             )
             # What the heartbeat says (the leader cuts its detail at 200 characters, with
             # NEEDS_ADMIN before it: 195 at most in all): the log says more.
             needs_admin = (
                 f"journal put back mid-{txn.kind} of rollout {txn.rollout_id[:40]}: not settled"
-                " by what the server runs; check it, then start the agent once with"
+                " by what the server runs; check it, then run the agent once with"
                 " --journal-checked"
             )
         else:

@@ -26,7 +26,7 @@ import pytest
 from nodeagent import journal
 from nodeagent.drivers import ReferenceDriver
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import AdminTokenCluster, Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
 from tests.test_going_back import put_back, set_user_version
@@ -148,6 +148,24 @@ def assert_untouched(node: Node, rid: str, pid: int | None, config: bytes) -> No
     assert node.agent.event_names().count("txn.resuming") == 1
 
 
+def checked_once(node: Node) -> str:
+    """The admin's ``tlsroll-agent --journal-checked``, a one-shot with the agent stopped
+    (review s45rt2 H1): it exits 0 and says to start the agent again; its line."""
+    agent = node.agent
+    assert agent is not None
+    agent.argv.append("--journal-checked")
+    try:
+        code, said = agent.run_to_exit()
+    finally:
+        agent.argv.remove("--journal-checked")
+    assert code == 0, said
+    line = one_line_error(said, "tlsroll-agent", allow_grpc_core=True)
+    assert line.endswith(
+        ": start the agent now as before (installed: systemctl restart tlsroll-agent)"
+    ), line
+    return line
+
+
 def test_a_switch_rolled_back_since_the_copy_is_not_switched_again(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,11 +194,8 @@ def test_a_switch_rolled_back_since_the_copy_is_not_switched_again(
     assert pre.server.healthy, pre.server.detail
     # --journal-checked when nothing needs it: said so, nothing refused, nothing changed.
     assert node.agent.stop() == 0
-    node.agent.argv.append("--journal-checked")
-    try:
-        node.restart_agent()
-    finally:
-        node.agent.argv.remove("--journal-checked")
+    checked_once(node)
+    node.restart_agent()
     [checked] = [e for e in node.agent.log_events() if e.get("event") == "journal.checked"]
     assert checked["detail"] == "nothing needed the admin", checked
     assert node.preflight("pb-next").ok
@@ -238,7 +253,7 @@ def test_a_server_that_runs_neither_config_needs_the_admin(
     outcome, phase, reason = settled(node, "pb-hand")
     assert (outcome, phase) == ("failed", "failed"), reason
     assert "the server's live config is neither its target nor its source" in reason
-    assert "start the agent once with --journal-checked" in reason
+    assert "then run the agent once with --journal-checked (it exits) and start it" in reason
     assert_untouched(node, "pb-hand", pid, config)
     assert node.admin_status()["listen"] == ["https"]
     pre = node.preflight("pb-next")
@@ -354,11 +369,8 @@ def test_a_switch_the_newer_agent_never_carried_on_leaves_a_frozen_node_to_the_a
     node.server.unfreeze()  # the admin's check
     assert node.agent is not None
     assert node.agent.stop() == 0
-    node.agent.argv.append("--journal-checked")
-    try:
-        node.restart_agent()
-    finally:
-        node.agent.argv.remove("--journal-checked")
+    checked_once(node)
+    node.restart_agent()
     assert "journal.checked" in node.agent.event_names()
     pre = node.preflight("pb-broken-next")
     assert pre.server.healthy and pre.ok, pre

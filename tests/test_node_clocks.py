@@ -225,7 +225,7 @@ async def test_a_node_that_needs_the_admin_is_a_node_problem_until_its_agent_say
     the viewer's page, from the heartbeat that says so until the one that no longer does."""
     why = (
         "journal put back mid-switch of rollout r1: not settled by what the server runs;"
-        " check it, then start the agent once with --journal-checked"
+        " check it, then run the agent once with --journal-checked"
     )
     views = [agent_pb2.ServerView(driver="reference", healthy=False, detail=NEEDS_ADMIN + why)]
 

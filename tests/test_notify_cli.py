@@ -18,7 +18,8 @@ import grpc
 import pytest
 
 from leader.cli.notify import day_text
-from tests.cluster import LEADER_POLL, child_env, command, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, Cluster, child_env, command, one_line_error, wait_until
+from tests.conftest import next_loopback
 from tests.test_interactive import Terminal
 from tests.test_password_rollout import PW1, PW2, World, secret_file
 from tlsroll.v1 import admin_pb2
@@ -520,3 +521,19 @@ def test_bad_input_is_a_usage_error_with_the_leader_down(
     line = usage_error(result)
     assert says in line and "admin socket" not in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_remaining_with_no_report_yet_says_so_in_words(tmp_path: Path) -> None:
+    """Review s45rt2 L6: with no agent's report yet, `notify --remaining` named a node "*"
+    ("*: nicht feststellbar"). Now it says in words that no node can tell yet."""
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        for lang, says in (
+            ("de", "Für keinen Knoten feststellbar: noch kein Agent hat etwas gemeldet"),
+            ("en", "Cannot tell for any node: no agent has reported yet"),
+        ):
+            shown = c.cli("notify", "--remaining", "--lang", lang)
+            assert shown.returncode == 0, shown.stderr
+            assert shown.stdout.splitlines()[1:] == [f"  {says}"], shown.stdout
+            assert "*" not in shown.stdout, shown.stdout

@@ -59,12 +59,13 @@ def test_each_password_says_which_staged_one_it_replaces_and_rollouts_which_they
     assert "password version 1 staged." in first.stdout
     assert "replaces" not in first.stdout  # nothing before it
 
-    # A second admin stages another: the first one, never applied, is named.
+    # A second admin stages another: the first one, live on no node, is named.
     second = cluster.cli("password", "set", "--password-file", str(pw2))
     assert second.returncode == 0, second.stderr
     assert "password version 2 staged." in second.stdout
     assert re.search(
-        rf"It replaces password version 1 \({STAGED_BY}, never applied\): whoever was given "
+        rf"It replaces password version 1 \({STAGED_BY}, live on no node now\): whoever was"
+        " given "
         "that one must get the new one instead.",
         flat(second.stdout),
     ), second.stdout
@@ -73,8 +74,8 @@ def test_each_password_says_which_staged_one_it_replaces_and_rollouts_which_they
     shown = cluster.cli("plan", "--scope", "local")
     assert shown.returncode == 0, shown.stderr
     assert re.search(
-        rf"Auth password: a new one; it replaces password version 2 \({STAGED_BY}, never "
-        "applied\\)",
+        rf"Auth password: a new one; it replaces password version 2 \({STAGED_BY}, live on no "
+        "node now\\)",
         flat(shown.stdout),
     ), shown.stdout
     start = cluster.cli(
@@ -82,8 +83,8 @@ def test_each_password_says_which_staged_one_it_replaces_and_rollouts_which_they
     )
     assert start.returncode == 0, start.stdout + start.stderr
     assert re.search(
-        rf"its new password \(version 3\) replaces password version 2 \({STAGED_BY}, never "
-        "applied\\)",
+        rf"its new password \(version 3\) replaces password version 2 \({STAGED_BY}, live on "
+        "no node now\\)",
         flat(start.stdout),
     ), start.stdout
 

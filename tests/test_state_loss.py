@@ -3,8 +3,9 @@ the data dir shows it existed), empty (0 bytes) or damaged (random bytes) stops 
 one line naming the file and how to recover, exit code 4 (brief s39small: its unit does not
 start it again; exit 1 logged the same line every few seconds for ever), no traceback, and
 nothing new in its place; never a silent fresh start or "internal error" on every command.
-The agent's explicit ``--reinitialise`` starts an empty journal and keeps the lost file
-beside it.
+The explicit ``--reinitialise`` of either daemon is a one-shot: it begins an empty store or
+journal, keeps the lost file beside it and exits; the daemon is then started as before (review
+s45rt2 H1: on an installed server the leader's runs as its user, without the CA passphrase).
 
 The daemons are real processes (tests.cluster); the files are broken from outside while the
 daemon is stopped, and put back afterwards.
@@ -16,7 +17,10 @@ import contextlib
 import datetime as dt
 import errno
 import os
+import pwd
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +109,9 @@ def test_a_lost_leader_store_stops_the_leader_with_one_line(cluster: Cluster, ho
         line = refused(cluster.leader, "tlsroll-leader")
         assert line.startswith(f"tlsroll-leader: store {store}: {PROBLEM[how]}"), line
         assert "restore it from a backup" in line
+        # The one-shot as the admin types it (root here: as it is), then the unit.
+        begin = f"{cluster.leader.argv[0]} --config {cluster.config_path} --reinitialise"
+        assert f"run `{begin}` (it only replaces the store), then start the leader" in line
         # nothing new in its place: no fresh, empty store was made
         assert (store.read_bytes() if store.exists() else None) == before
     cluster.wait_for_nodes_online(["lossy"])  # restored from the copy: the node is known again
@@ -128,7 +135,11 @@ def test_a_lost_journal_stops_the_agent_with_one_line(cluster: Cluster, how: str
         before = journal.read_bytes() if journal.exists() else None
         line = refused(agent, "tlsroll-agent")
         assert line.startswith(f"tlsroll-agent: journal {journal}: {PROBLEM[how]}"), line
-        assert "restore it from a backup" in line and "--reinitialise" in line
+        assert "restore it from a backup" in line, line
+        # The one-shot as root types it (the agent runs as root), then the unit (s45rt2 H1).
+        begin = f"{agent.argv[0]} --config {agent.config_path} --reinitialise"
+        assert f"run `{begin}` (it only replaces the journal)" in line, line
+        assert "then start the agent as before (installed: systemctl start" in line, line
         assert (journal.read_bytes() if journal.exists() else None) == before
     cluster.wait_for_nodes_online(["lossy"])
 
@@ -181,10 +192,17 @@ def test_reinitialise_starts_an_empty_journal_and_keeps_the_lost_one(cluster: Cl
         break_file(journal, "random")
         damaged = journal.read_bytes()
         agent.argv = [*argv, "--reinitialise"]
-        try:
-            agent.start()
+        try:  # a one-shot: it exits, and the agent is started as before (s45rt2 H1)
+            code, output = agent.run_to_exit(timeout=EXIT_TIMEOUT)
         finally:
             agent.argv = argv
+        assert code == 0, output
+        said = [line for line in output.splitlines() if line.startswith("tlsroll-agent: ")]
+        assert said == [
+            f"tlsroll-agent: journal {journal} begun again, empty: start the agent now as"
+            " before (installed: systemctl restart tlsroll-agent)"
+        ], output
+        agent.start()
         cluster.wait_for_nodes_online(["lossy"])
         (event,) = [e for e in agent.log_events() if e.get("event") == "journal.reinitialised"]
         assert event["path"] == str(journal) and event["problem"].startswith("damaged (")
@@ -228,8 +246,10 @@ def test_a_reinitialised_leader_relearns_its_nodes_from_their_agents(tmp_path: P
         c.leader.argv = argv
         assert "--reinitialise" in refused(c.leader, "tlsroll-leader")
         c.leader.argv = [*argv, "--reinitialise"]
-        c.start_leader()
+        code, output = c.leader.run_to_exit(timeout=EXIT_TIMEOUT)  # a one-shot: it exits
+        assert code == 0, output
         c.leader.argv = argv
+        c.start_leader()
         assert list(store.parent.glob("leader.sqlite3.lost-*"))
         nodes = c.wait_for_nodes_online(["one", "two"], timeout=30)
         for name in ("one", "two"):
@@ -248,6 +268,86 @@ def test_a_reinitialised_leader_relearns_its_nodes_from_their_agents(tmp_path: P
         time.sleep(3 * c.agent_heartbeat_interval)
         assert "two" not in c.list_nodes()
         assert one.running and two.running
+
+
+def as_user(user: str, argv: list[str]) -> list[str]:
+    """``argv`` run as ``user`` (setpriv, as tests/test_ops.py runs the CLI as another user),
+    as ``runuser -u USER --`` does for the admin. It may read its way to the interpreter
+    (CAP_DAC_READ_SEARCH: on some machines the interpreter lies under root's 0700 home): what
+    it makes, and what its checks compare, are still its uid's."""
+    caps = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    group = ["--regid=nogroup", "--clear-groups"]
+    return ["setpriv", f"--reuid={user}", *group, *caps, *argv]
+
+
+def chown_tree(top: Path, uid: int, gid: int) -> None:
+    for path in [top, *top.rglob("*")]:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def test_reinitialise_on_an_installed_server_is_a_one_shot_as_the_leaders_user() -> None:
+    """Review s45rt2 H1: on a server installed by install.sh the data dir is the leader's user's
+    (tlsroll; nobody here) and the CA passphrase reaches only the unit's start (a systemd
+    credential). ``--reinitialise`` run as root said "run: chown root …", which would leave a
+    data dir the unit cannot start; run as the leader's user it failed for want of the CA
+    passphrase. Now root is told to run it as that user; so run, it needs no CA passphrase,
+    only replaces the store (the user's) and exits; the leader is then started as before and
+    re-learns its node."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the leader as another user")
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-reinit-"))
+    root.chmod(0o755)  # the way to the data dir is open, as /var/lib is
+    try:
+        _reinitialise_as_the_leaders_user(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _reinitialise_as_the_leaders_user(root: Path) -> None:
+    with Cluster(root, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        c.add_agent("one", next_loopback())
+        c.wait_for_nodes_online(["one"])
+        assert c.leader.stop() == 0
+        store, argv = c.store_path, list(c.leader.argv)
+        break_file(store, "random")
+        damaged = store.read_bytes()
+        passphrase = c.passphrase_path.read_bytes()
+        c.passphrase_path.unlink()  # not here: only the unit's start is given it
+        nobody = pwd.getpwnam("nobody")
+        chown_tree(c.data_dir, nobody.pw_uid, nobody.pw_gid)
+
+        # Root, the admin's usual account: refused, and told to run it as the owner.
+        c.leader.argv = [*argv, "--reinitialise"]
+        line = refused(c.leader, "tlsroll-leader", 1)
+        assert f"run it as nobody, with the same arguments: runuser -u nobody -- {argv[0]} …" in (
+            line
+        ), line
+        assert "chown" not in line, line
+        assert store.read_bytes() == damaged and not list(store.parent.glob("*.lost-*"))
+
+        # As the leader's user: no CA passphrase needed; the store replaced, the user's.
+        c.leader.argv = as_user("nobody", [*argv, "--reinitialise"])
+        code, output = c.leader.run_to_exit(timeout=EXIT_TIMEOUT)
+        assert code == 0, output
+        said = [x for x in output.splitlines() if x.startswith("tlsroll-leader: ")]
+        assert len(said) == 1 and said[0].startswith(f"tlsroll-leader: store {store}: begun"), said
+        assert "start it now as before (installed: systemctl start tlsroll-leader)" in said[0]
+        (kept,) = store.parent.glob("leader.sqlite3.lost-*")
+        assert kept.read_bytes() == damaged
+        made = [p for p in store.parent.glob("leader.sqlite3*") if p != kept]
+        assert made and {p.stat().st_uid for p in made} == {nobody.pw_uid}, made
+
+        # Then the leader starts as before (here as root: its data dir given back to root)
+        # and re-learns the node from its agent.
+        chown_tree(c.data_dir, 0, 0)
+        c.passphrase_path.write_bytes(passphrase)
+        c.passphrase_path.chmod(0o600)
+        c.leader.argv = argv
+        c.start_leader()
+        nodes = c.wait_for_nodes_online(["one"], timeout=30)
+        assert nodes["one"].token_id == "relearned"
 
 
 # --- a kill at the first commit (audit of session 33, M2 and M3): unit tests, no daemons ------
@@ -340,7 +440,7 @@ def test_reinitialise_opens_the_relearning_window_in_the_new_stores_first_commit
     with monkeypatch.context() as m:
         m.setattr(runtime, "Store", store_then_killed)
         with pytest.raises(Killed):
-            load_state(cfg, reinitialise=True)
+            runtime.reinitialise(cfg)
     until = relearn_until(load_state(cfg))  # systemd starts it again, without the flag
     assert until is not None and dt.datetime.fromisoformat(until) > dt.datetime.now(dt.UTC)
     assert len(list(cfg.layout.store.parent.glob("leader.sqlite3.lost-*"))) == 1
@@ -352,10 +452,11 @@ def test_reinitialise_killed_before_the_new_stores_first_commit_is_refused_and_d
     """A kill inside the new store's first transaction leaves it lost (0 bytes, marked), not
     new: the next start is refused, and --reinitialise again opens the window."""
     cfg = leader_config(tmp_path)
-    killed_in_first_transaction(monkeypatch, lambda: load_state(cfg, reinitialise=True))
+    killed_in_first_transaction(monkeypatch, lambda: runtime.reinitialise(cfg))
     with pytest.raises(StoreLost, match=r"empty \(0 bytes\)"):
         load_state(cfg)
-    assert relearn_until(load_state(cfg, reinitialise=True)) is not None
+    runtime.reinitialise(cfg)
+    assert relearn_until(load_state(cfg)) is not None
 
 
 def test_an_init_killed_before_its_config_says_what_to_remove_and_runs_again(
@@ -558,7 +659,10 @@ def test_an_unreadable_file_once_open_is_one_terminal_error(
     path = _a_store(tmp_path)
     with (
         reads_fail(monkeypatch, path, "SQLITE_IOERR_SHORT_READ"),
-        pytest.raises(sqlite.StoreUnreadable, match=r"unreadable .*--reinitialise$"),
+        pytest.raises(
+            sqlite.StoreUnreadable,
+            match=r"unreadable .*--reinitialise \(it only replaces the file and exits\)",
+        ),
     ):
         sqlite.Database(path, [], what="journal")
 

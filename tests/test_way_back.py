@@ -14,6 +14,7 @@ from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
+from tests.test_viewer import fetch, session_for
 from tlsroll import tls
 
 
@@ -40,6 +41,12 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
             data = json.loads(cluster.cli("schema", "show", "--json").stdout)
             rollout: dict[str, Any] = data["rollouts"][0]
             return rollout
+
+        def newest_switch(switch: dict[str, Any]) -> list[dict[str, Any]]:
+            shown = cluster.cli("schema", "show", "--rollout", switch["id"], "--json")
+            data = json.loads(shown.stdout)
+            rows: list[dict[str, Any]] = data["rollouts"][0]["nodes"]
+            return rows
 
         def ended() -> bool:  # looked at from this process: Cluster.poll_newest_rollout
             return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
@@ -91,6 +98,23 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
             assert http_request("POST", f"{node.http_url()}entries", {"n": 1}).status == 201
         for n in r["nodes"]:
             assert not n["password_pending"]
+        # Each row's addresses go the rollback's way, https to http, in every view (review
+        # s45rt2 M2: "new address https://…:8443" for a node that serves http only): `schema
+        # show`, `rollout status` and the viewer's page. The switch's rows stay http to https.
+        urls = {n.name: (n.https_url(), n.http_url()) for n in nodes}
+        assert {n["name"]: (n["old_url"], n["new_url"]) for n in r["nodes"]} == urls, r
+        assert {n["name"]: (n["new_url"], n["old_url"]) for n in newest_switch(switch)} == urls
+        status = cluster.cli("rollout", "status", r["id"])
+        assert status.returncode == 0, status.stderr
+        for node in nodes:
+            (row,) = [x for x in status.stdout.splitlines() if node.https_url() in x]
+            old, new = urls[node.name]
+            assert row.index(old) < row.index(new), row  # the old address, then the new one
+        page = fetch(cluster, f"/rollouts/{r['id']}", cookie=session_for(cluster, "m2")).body
+        for node in nodes:
+            row = page.split(f'id="node-{node.name}"', 1)[1].split("</tr>", 1)[0]
+            cells = re.findall(r'<td class="url" data-label="[^"]*">([^<]*)</td>', row)
+            assert cells == list(urls[node.name]), row
 
         # The same switch is taken back once: a second rollback is refused with the first's id
         # and state (it used to start and halt at preflight: "not on https"), nothing created.
@@ -102,6 +126,28 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
             assert f"already taken back by rollout {r['id']} (completed)" in again.stderr
             assert len(again.stderr.strip().splitlines()) == 1
         assert newest()["id"] == r["id"]
+
+        # Review s45rt2 M3: the password the switch applied is live on no node now, which is
+        # not "never applied"; and the same password again replaces nothing for the staff
+        # who were given it: `password set` and the next switch with the same file say no
+        # "replaces" (the CLI's hash under the leader's stored salt, compared by the leader).
+        shown = cluster.cli("plan", "--scope", "cluster")
+        assert shown.returncode == 0, shown.stderr
+        assert "it replaces password version 1 (staged by " in shown.stdout, shown.stdout
+        assert "live on no node now): whoever was given" in shown.stdout, shown.stdout
+        assert "never applied" not in shown.stdout, shown.stdout
+        staged = cluster.cli("password", "set", "--password-file", str(pw))
+        assert staged.returncode == 0, staged.stderr
+        assert "password version 2 staged." in staged.stdout, staged.stdout
+        assert "replaces" not in staged.stdout, staged.stdout
+        again = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes", "--wait"
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "replaces" not in again.stdout, again.stdout
+        assert "way-back-test-password" not in again.stdout + again.stderr
+        for node in nodes:
+            assert node.server.status()["listen"] == ["https"]
     finally:
         for node in nodes:
             node.close()

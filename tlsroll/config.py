@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from tlsroll.errors import ConfigError, raise_if_local
+from tlsroll.fsutil import owner_fix
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -299,7 +300,7 @@ def _check_holds_secrets(path: Path, key: str) -> None:
             path,
             key,
             f"a secret inline in a file owned by uid {st.st_uid}, not by uid {os.geteuid()} "
-            f"who runs this; run: chown {os.geteuid()} {path}{instead}",
+            f"who runs this; {owner_fix(st.st_uid, path)}{instead}",
         )
 
 

@@ -10,6 +10,7 @@ import pwd
 import socket
 import stat
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def make_private_dir(
     _check_holder(
         parent,
         f"the secret directory {path.name}",
-        f"run: chown {_user_name(os.geteuid())} {parent}",
+        f"run: chown {user_name(os.geteuid())} {parent}",
     )
     if group is not None and os.stat(parent).st_uid == os.geteuid():  # root's: left as it is
         _take_over(parent, mode, group)
@@ -279,7 +280,7 @@ def private_dir_problem(path: Path) -> str | None:
         if st.st_uid != me:
             return (
                 f"{path} is owned by {user_label(st.st_uid)}, not by {user_label(me)} who runs "
-                f"this; run: chown {_user_name(me)} {path}"
+                f"this; {owner_fix(st.st_uid, path)}"
             )
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             return f"{path} is on a read-only file system"
@@ -365,16 +366,45 @@ def user_label(uid: int) -> str:
         return f"uid {uid}"
 
 
+def this_program(default: str = "COMMAND") -> str:
+    """The running tlsroll program as an admin would type it again: its console script's path
+    as it was started (``/opt/tlsroll/bin/tlsroll-leader`` under its unit), else ``default``
+    (``python -m …``). Never its arguments: one may name a secret."""
+    prog = sys.argv[0] if sys.argv else ""
+    return prog if os.path.basename(prog).startswith("tlsroll") else default
+
+
+def owner_fix(owner: int, path: Path) -> str:
+    """What to do about ``path``, owned by ``owner`` and not by whoever runs this. Root running
+    a command on the files of a service's user (the leader's tlsroll) runs it as that user:
+    a ``chown root`` there would leave files the service can no longer open (review s45rt2 H1).
+    That is when the directory holding ``path`` is that user's too (the service's data dir);
+    one file of another user's in a directory of root's is chowned, as is a file of an owner
+    without a name (no passwd entry: it cannot run anything)."""
+    me = os.geteuid()
+    if me == 0 and owner != 0 and (name := user_name(owner)) != str(owner) and _holds(path, owner):
+        return f"run it as {name}, with the same arguments: runuser -u {name} -- {this_program()} …"
+    return f"run: chown {user_name(me)} {path}"
+
+
+def _holds(path: Path, owner: int) -> bool:
+    """Is the directory holding ``path`` ``owner``'s?"""
+    try:
+        return os.stat(Path(os.path.abspath(path)).parent).st_uid == owner
+    except OSError:
+        return False
+
+
 def _check_owner(path: Path, st: os.stat_result, what: str) -> None:
     me = os.geteuid()
     if st.st_uid != me:
         raise UnsafePermissions(
             f"{what} {path} is owned by {user_label(st.st_uid)}, not by {user_label(me)} who "
-            f"runs this; run: chown {_user_name(me)} {path}"
+            f"runs this; {owner_fix(st.st_uid, path)}"
         )
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -388,7 +418,8 @@ def _check_holder(directory: Path, held: str, owner_hint: str) -> None:
     st = os.stat(directory)
     if st.st_uid not in (os.geteuid(), 0):
         raise UnsafePermissions(
-            f"{directory} (holding {held}) is owned by {user_label(st.st_uid)}; {owner_hint}"
+            f"{directory} (holding {held}) is owned by {user_label(st.st_uid)}; "
+            f"{owner_fix(st.st_uid, directory) if os.geteuid() == 0 else owner_hint}"
         )
     if st.st_mode & 0o022:
         raise UnsafePermissions(
@@ -538,7 +569,7 @@ def config_dir_problem(directory: Path) -> str | None:
         return None  # the user's name (a passwd lookup) only for the answer: issue 15
     return (
         f"config directory: {problem}: another user could make the agent write, chown or "
-        f"chmod files elsewhere; run: chown {_user_name(me)} {where}; chmod go-w {where}"
+        f"chmod files elsewhere; run: chown {user_name(me)} {where}; chmod go-w {where}"
     )
 
 

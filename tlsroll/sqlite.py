@@ -25,9 +25,9 @@ again. A migration that only adds a table (with no foreign key into an older one
 that are NULL or have a default (``ALTER TABLE ADD COLUMN``, with no CHECK, REFERENCES,
 COLLATE, UNIQUE or generation), or an index that is not unique, on plain columns (no COLLATE,
 no expression or function: an older tlsroll must be able to maintain it; partial on a literal
-only; ``_check_ignorable`` does not read an index's SQL, so this is the author's to keep; SQLite
-keeps it up to date as an older tlsroll writes), writes no row, and whose rows the code copes without (an older
-tlsroll writes them so), goes into the store's
+only; ``_check_ignorable`` does not read an index's SQL, so this is the author's to keep;
+SQLite keeps it up to date as an older tlsroll writes), writes no row, and whose rows the code
+copes without (an older tlsroll writes them so), goes into the store's
 ``IGNORABLE`` as well: an older tlsroll then runs on the file without going back to the copy
 (what was written since is kept). A migration must not commit or call ``executescript``
 (which commits); it runs with foreign keys off (SQLite cannot switch them inside a
@@ -983,8 +983,9 @@ class Database:
             raise not_now from exc
         if (problem := unreadable(exc)) is not None:
             raise StoreUnreadable(
-                f"{what} {self.path}: {problem}; restore it from a backup, or start once with"
-                " --reinitialise"
+                f"{what} {self.path}: {problem}; restore it from a backup, or run the daemon"
+                " once with --reinitialise (it only replaces the file and exits), then start it"
+                " as before"
             ) from exc
 
     def _others_wrote(self) -> None:

@@ -700,6 +700,7 @@ _REMAINING = {
         "unknown": "  {node}: nicht feststellbar ({why})",
         "never": "der Agent hat noch nichts gemeldet",
         "awaiting": "noch kein Bericht des Agenten seit dem Start des Leaders",
+        "nobody": "  Für keinen Knoten feststellbar: noch kein Agent hat etwas gemeldet",
     },
     "en": {
         "head": "Workstations still on http (each needs the client steps before http closes):",
@@ -708,6 +709,7 @@ _REMAINING = {
         "unknown": "  {node}: cannot tell ({why})",
         "never": "its agent has not reported yet",
         "awaiting": "no report from its agent since the leader started yet",
+        "nobody": "  Cannot tell for any node: no agent has reported yet",
     },
 }
 
@@ -734,7 +736,7 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
         elif view.awaiting_report:  # (the stored report speaks for the node no more)
             rows.append(t["unknown"].format(node=view.node, why=t["awaiting"]))
     if not schema.node_clients:
-        rows.append(t["unknown"].format(node="*", why=t["never"]))
+        rows.append(t["nobody"])  # said in words, not as a node named "*" (s45rt2 L6)
     if not rows:
         return t["none"] + "\n"
     return "\n".join([t["head"], *rows]) + "\n"
@@ -757,9 +759,10 @@ def _recorded_node(
     n: schema_pb2.NodeView, change: Change, known: dict[str, tuple[str, int]], address: str
 ) -> NoticeNode:
     """The node as the rollout recorded it, before and after ``change`` as ``notice_node``
-    decides. The record's ``old_url``/``new_url`` are the node's http and https URL (the agent's
-    preflight, whatever the change): taken as they are, a disable-tls notice sent the staff to
-    the https port it had closed (audit s39ws H1)."""
+    decides. The view's ``old_url``/``new_url`` are the node's address before and after the
+    rollout's change (``rollout_core.before_after``), not this notice's: each is taken by its
+    scheme (audit s39ws H1: a disable-tls notice sent the staff to the https port it had
+    closed)."""
     port = n.bootstrap_port or BOOTSTRAP_PORT
     recorded = {_split(url)[0]: (url, port) for url in (n.old_url, n.new_url) if url}
     return notice_node(n.name, change, {**known, **recorded}, address)

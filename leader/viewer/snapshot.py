@@ -431,7 +431,7 @@ class Reader:
                     or hit.marks != marks
                 ):
                     # (no row draws ``still_on_http``)
-                    view = node_view(rec, d, (marks[0], marks[1], 0, marks[2]))
+                    view = node_view(rec, d, (marks[0], marks[1], 0, marks[2]), row.rollout.change)
                     fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
                     hit = _PageNode(rec, d, marks, fields)
                 fresh[key] = hit

@@ -301,9 +301,10 @@ class SetPasswordResponse(_message.Message):
 
     @_builtins.property
     def replaces(self) -> Global___StagedPassword:
-        """The newest version before this one if it is live on no node (staged, never applied):
-        this one supersedes it, and whoever was given that password must be told. Unset: none,
-        or it runs on nodes.
+        """The newest version before this one if it is live on no node now (never applied, or
+        taken back by a rollback): this one supersedes it, and whoever was given that password
+        must be told (the CLI says nothing when the new password is the same). Unset: none, or
+        it runs on nodes.
         """
 
     def __init__(
