@@ -247,7 +247,7 @@ ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passp
     echo "$LEADER_DATA on another machine needs it to use the CA. It is shown this once:"
     echo "  $passphrase"
     echo
-    echo "next step (as root): systemctl restart tlsroll-leader"
+    echo "next step (as root): systemctl enable tlsroll-leader && systemctl restart tlsroll-leader"
     exit 0
 fi
 

@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import json
 import os
-import pwd
 import re
 import stat
 import subprocess
@@ -256,20 +255,23 @@ def test_init_ends_with_how_to_start_the_leader_as_commands_that_work_as_printed
         assert result.stdout.splitlines()[-1] == (
             f"start the leader:  {daemon} --config {fresh.data_dir / 'leader.toml'}"
         ), result.stdout
-    # The unit's data dir (/var/lib/tlsroll, here a stand-in owned by another user).
+    # The unit's data dir (/var/lib/tlsroll, here a stand-in): the unit, after ca-credential;
+    # no "by hand" line, which fails once the passphrase is a systemd credential (review s45rev2
+    # M2: "no CA passphrase: /run/tlsroll/ca-passphrase does not exist").
     unit_dir = tmp_path / "var-lib-tlsroll"
     unit_dir.mkdir()
-    other = pwd.getpwnam("nobody")
-    os.chown(unit_dir, other.pw_uid, other.pw_gid)
     monkeypatch.setattr(cluster_cmd, "DEFAULT_DATA_DIR", unit_dir.resolve())
-    assert cluster_cmd.start_lines(unit_dir, unit_dir / "leader.toml") == [
-        "start the leader:  systemctl enable --now tlsroll-leader",
-        f"  or by hand:      runuser -u nobody -- {daemon} --config {unit_dir / 'leader.toml'}",
+    lines = cluster_cmd.start_lines(unit_dir, unit_dir / "leader.toml")
+    assert lines[0].startswith("start the leader:  systemctl enable --now tlsroll-leader"), lines
+    assert "install.sh ca-credential" in lines[1], lines
+    assert not any("by hand" in line or "tlsroll-leader --config" in line for line in lines)
+    # Elsewhere with no daemon beside the interpreter (pip install --user: review s45rev2 L6):
+    # the one on PATH, else its bare name, never a path that does not exist.
+    monkeypatch.setattr(cluster_cmd.sys, "executable", str(tmp_path / "nowhere" / "python3"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cluster_cmd.start_lines(tmp_path / "d", tmp_path / "d" / "leader.toml") == [
+        f"start the leader:  tlsroll-leader --config {tmp_path / 'd' / 'leader.toml'}"
     ]
-    os.chown(unit_dir, 0, 0)  # root's own: nothing to run it as
-    assert cluster_cmd.start_lines(unit_dir, unit_dir / "leader.toml")[1] == (
-        f"  or by hand:      {daemon} --config {unit_dir / 'leader.toml'}"
-    )
 
 
 def test_an_init_refuses_while_another_holds_the_directory(tmp_path: Path) -> None:

@@ -388,12 +388,9 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     assert init.startswith("runuser -u tlsroll -- "), init
     printed = throwaway.ok(init)  # exactly as printed
     # How to start the leader, as commands that work here (review s45rt2 M6: tlsroll-leader
-    # is not on PATH; the unit first, by hand as the unit's user).
+    # is not on PATH; the unit, after ca-credential; no "by hand" line: review s45rev2 M2).
     assert "start the leader:  systemctl enable --now tlsroll-leader" in printed, printed
-    assert (
-        "or by hand:      runuser -u tlsroll -- /opt/tlsroll/bin/tlsroll-leader"
-        " --config /var/lib/tlsroll/leader.toml" in printed
-    ), printed
+    assert "install.sh ca-credential" in printed and "by hand" not in printed, printed
     owner = throwaway.ok("stat -c '%U %a' /var/lib/tlsroll /var/lib/tlsroll/leader.toml")
     assert owner.split() == ["tlsroll", "750", "tlsroll", "644"], owner
     throwaway.ok("test -s /usr/share/doc/tlsroll/README.md")

@@ -4,9 +4,9 @@ up the cluster (the CA, the leader's files) and letting agents join it."""
 from __future__ import annotations
 
 import datetime as dt
-import pwd
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,23 +87,23 @@ def init(
 
 def start_lines(data_dir: Path, config: Path) -> list[str]:
     """How to start the leader ``init`` just set up, as commands that work as printed (review
-    s45rt2 M6: on an installed server only ``tlsroll`` is on PATH). The daemon is the one
-    beside this interpreter (``/opt/tlsroll/bin`` when installed). For the unit's data dir
-    (``deploy/systemd/tlsroll-leader.service`` reads ``/var/lib/tlsroll/leader.toml``) the
-    unit comes first, and running it by hand is as the data dir's owner (the unit's user)."""
-    daemon = shlex.quote(str(Path(sys.executable).parent / "tlsroll-leader"))
-    by_hand = f"{daemon} --config {shlex.quote(str(config))}"
-    if data_dir.resolve() != DEFAULT_DATA_DIR:
-        return [f"start the leader:  {by_hand}"]
-    try:
-        owner = pwd.getpwuid(data_dir.stat().st_uid).pw_name
-    except (KeyError, OSError):
-        owner = "root"
-    as_owner = "" if owner == "root" else f"runuser -u {owner} -- "
-    return [
-        "start the leader:  systemctl enable --now tlsroll-leader",
-        f"  or by hand:      {as_owner}{by_hand}",
-    ]
+    s45rt2 M6: on an installed server only ``tlsroll`` is on PATH). For the unit's data dir
+    (``deploy/systemd/tlsroll-leader.service`` reads ``/var/lib/tlsroll/leader.toml``): the unit,
+    after ``install.sh ca-credential`` if the admin takes the passphrase out of the data dir; no
+    line for running it by hand, which stops working once that has run (the passphrase is then
+    a systemd credential, in /run/tlsroll only while the unit starts: review s45rev2 M2).
+    Elsewhere: the daemon beside this interpreter (``/opt/tlsroll/bin`` when installed), else
+    the one on PATH, else its bare name (review s45rev2 L6)."""
+    if data_dir.resolve() == DEFAULT_DATA_DIR:
+        return [
+            "start the leader:  systemctl enable --now tlsroll-leader"
+            "   (its log: journalctl -u tlsroll-leader -f)",
+            f"  first, to take the CA passphrase out of {data_dir}: install.sh ca-credential"
+            " (as root)",
+        ]
+    beside = Path(sys.executable).parent / "tlsroll-leader"
+    daemon = str(beside) if beside.exists() else shutil.which("tlsroll-leader") or "tlsroll-leader"
+    return [f"start the leader:  {shlex.quote(daemon)} --config {shlex.quote(str(config))}"]
 
 
 @click.group()
