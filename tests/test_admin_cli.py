@@ -267,7 +267,7 @@ def test_init_ends_with_how_to_start_the_leader_as_commands_that_work_as_printed
     assert not any("by hand" in line or "tlsroll-leader --config" in line for line in lines)
     # Elsewhere with no daemon beside the interpreter (pip install --user: review s45rev2 L6):
     # the one on PATH, else its bare name, never a path that does not exist.
-    monkeypatch.setattr(cluster_cmd.sys, "executable", str(tmp_path / "nowhere" / "python3"))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "nowhere" / "python3"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert cluster_cmd.start_lines(tmp_path / "d", tmp_path / "d" / "leader.toml") == [
         f"start the leader:  tlsroll-leader --config {tmp_path / 'd' / 'leader.toml'}"
