@@ -270,7 +270,8 @@ def test_a_restarted_leader_says_on_each_node_that_it_waits_for_its_report(
         assert event["node"] == "node1", event
         assert event["reason"] == (
             "waiting for node1's first report since the leader started (seconds once its agent"
-            " is connected; else check it runs: tlsroll status)"
+            " is connected; else check it runs: tlsroll nodes, and on the node systemctl status"
+            " tlsroll-agent)"
         ), event
         final = newest(cluster)
         assert final["finalizes"] == phase1, final
