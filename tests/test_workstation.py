@@ -2508,6 +2508,79 @@ async def test_no_enrol_never_loses_a_pair_that_may_still_be_valid(
     assert nodes["mtls"].server.request("GET", scheme="https", context=ctx).status == 200
 
 
+def pair_in(directory: Path) -> tuple[bytes, bytes] | None:
+    """The client key and certificate (PEM) in ``directory``, None if not both there."""
+    try:
+        return (directory / "client.key").read_bytes(), (directory / "client.pem").read_bytes()
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize(
+    "case", ["a valid set kept before", "in place kept already", "the set it worked with"]
+)
+async def test_no_enrol_never_loses_the_set_kept_in_settings_replaced(
+    case: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s45rev1, its reproductions. M1: W (ws-w, another name, valid) kept in
+    .settings-replaced by an enrolment, X (ws-pc-test) in place, Y (ws-y, newer) kept aside
+    by a --name run whose check failed: --no-enrol put X in W's place, W lost, unsaid. X
+    stays in place now, W and Y as they were, and one note line says why and what to do.
+    M2: the pair in place the very pair kept aside (another CA's: an enrolment cut after its
+    commit, with --ca-pin OTHER) was compared with itself and took W's place, "the newer
+    pair" said of itself: it only leaves its place now. L3: the pair set aside in
+    .settings-replaced went without the ca.pem and settings.json it worked with."""
+    node = nodes["tls"]
+    d = tmp_path / "settings"
+    pin = pki.spki_pin(test_ca.cert)
+    w = older_pair(test_ca, "ws-w")
+    async with bootstrap_on(node, test_ca):
+        pw = password_file(PASSWORD)
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        x = pair_in(d)
+        before = settings_set(d)
+        y = client_pair(test_ca, "ws-y", expired=False)  # (issued after X)
+        if case == "in place kept already":
+            other = pki.CertificateAuthority.create("another CA")
+            x = client_pair(other, "ws-pc-test", expired=False)
+            write_atomic(d / "client.key", x[0], PRIVATE)
+            (d / "client.pem").write_bytes(x[1])
+            y = x
+        settings_files.keep(d, *y)
+        if case != "the set it worked with":
+            (d / REPLACED).mkdir(mode=0o700)
+            write_atomic(d / REPLACED / "client.key", w[0], PRIVATE)
+            (d / REPLACED / "client.pem").write_bytes(w[1])
+        run = await run_cli(node.url, "--ca-pin", pin, "--no-enrol", "--yes")
+    assert run.code == 0, run.err
+    assert settings_of(tmp_path)["client_cert_file"] is None
+    notes = [line for line in run.out.splitlines() if line.startswith("note")]
+    if case == "a valid set kept before":
+        assert (pair_in(d), pair_in(d / KEPT), pair_in(d / REPLACED)) == (x, y, w)
+        line = (
+            f"note      client.key and client.pem stay in {d}: keeping ws-pc-test's "
+            f"pair aside would lose ws-w's in {REPLACED}; move that folder out, then run this "
+            "again"
+        )
+        assert notes == [line], run.out
+        assert len(line.replace(str(d), "/home/anna/.config/tlsroll/client")) < 200
+    elif case == "in place kept already":
+        assert (pair_in(d), pair_in(d / KEPT), pair_in(d / REPLACED)) == (None, x, w)
+        assert notes == [
+            f"note      the earlier enrolment's client.key and client.pem moved to {d / KEPT}: "
+            "these settings use no client certificate (enrolling again uses them)"
+        ], run.out
+    else:
+        assert (pair_in(d), pair_in(d / KEPT)) == (None, y)
+        assert settings_set(d / REPLACED) == before  # the whole set X worked with
+        assert f"moved to {d / REPLACED}; remove that folder once ws-pc-test" in run.out
+
+
 async def test_a_numeric_host_not_written_as_an_ipv4_address_is_refused(run_cli: Any) -> None:
     """Audit s39ws L5: 127.000.000.010 went to 127.0.0.8 (the resolver reads a leading zero as
     octal): one line, exit 2, before anything is sent."""

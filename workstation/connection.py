@@ -1575,7 +1575,7 @@ class TestConnection:
                 else f"the one in {settings_files.REPLACED} (it cannot be read)"
             )
             self.ui.say(
-                f"note      client.key and client.pem stay in {d}, unused: keeping {name}'s "
+                f"note      client.key and client.pem stay in {d}: keeping {name}'s "
                 f"pair aside would lose {held}; move that folder out, then run this again"
             )
             return
