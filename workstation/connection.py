@@ -1450,11 +1450,8 @@ class TestConnection:
                 replaced.append(worth)
             return worth is not None
 
-        before: dict[str, bytes] = {}
-        if client_pem is None:  # the set before, for the pair in place to keep (s45rev1 L3)
-            for name in settings_files.NAMES:
-                with contextlib.suppress(OSError):
-                    before[name] = (d / name).read_bytes()
+        # The set before, for the pair in place to keep with it (s45rev1 L3).
+        before = settings_files.read_set(d) if client_pem is None else {}
         try:
             make_private_dir(d)
             kept = settings_files.replace(

@@ -344,6 +344,15 @@ def _held(
     return pair[1] if worth(pair[0], pair[1], newer[1] if later else b"") else None
 
 
+def read_set(directory: Path) -> dict[str, bytes]:
+    """The set's files in ``directory`` that can be read (a link not followed: not ours)."""
+    found: dict[str, bytes] = {}
+    for name in NAMES:
+        with contextlib.suppress(OSError):
+            found[name] = _read_nofollow(directory / name)
+    return found
+
+
 def _read_nofollow(path: Path) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
