@@ -637,3 +637,172 @@ def test_a_kept_set_whose_certificate_expired_goes_at_the_next_write(kept: str, 
     assert (d / REPLACED / "client.pem").read_bytes() == pair["client.pem"]
     settings_files.replace(d, files({"settings.json": b"pinned"}))
     assert os.path.lexists(d / REPLACED) == (kept != "expired")
+
+
+# s45rev1: ``set_aside`` (a run without an enrolment, ``--no-enrol``) and the set kept in
+# REPLACED. The pairs are real keys and certificates: X in place, Y the newer, W kept in
+# REPLACED before; ``worth`` stands for the workstation's (a pair that holds together and is
+# in ``valid``: of another name or CA, not superseded).
+
+
+def pair_of(data: dict[str, bytes]) -> tuple[bytes, bytes]:
+    return data["client.key"], data["client.pem"]
+
+
+def worth_of(*valid: dict[str, bytes]) -> Callable[[bytes, bytes, bytes], bool]:
+    certs = {p["client.pem"] for p in valid}
+
+    def worth(key_pem: bytes, cert_pem: bytes, newer_pem: bytes) -> bool:
+        try:
+            cert = pki.load_cert_pem(cert_pem)
+            return cert_pem in certs and pki.key_matches(cert, pki.load_key_pem(key_pem))
+        except ValueError:
+            return False
+
+    return worth
+
+
+def pairs_at(d: Path) -> dict[str, tuple[bytes, bytes] | None]:
+    """The whole pair in place, in KEPT and in REPLACED (None where there is none)."""
+    found: dict[str, tuple[bytes, bytes] | None] = {}
+    for where, path in (("in place", d), ("kept", d / KEPT), ("replaced", d / REPLACED)):
+        try:
+            found[where] = ((path / "client.key").read_bytes(), (path / "client.pem").read_bytes())
+        except OSError:
+            found[where] = None
+    return found
+
+
+def put_replaced(d: Path, pair: dict[str, bytes]) -> None:
+    (d / REPLACED).mkdir(mode=0o700)
+    for name, data in pair.items():
+        (d / REPLACED / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("in_place_newer", [False, True], ids=["kept newer", "in place newer"])
+def test_set_aside_never_takes_the_place_of_a_kept_set_that_may_still_be_valid(
+    d: Path, in_place_newer: bool
+) -> None:
+    """Review s45rev1 M1: W kept in REPLACED (an enrolment replaced it), X in place, Y newer
+    in KEPT: ``set_aside`` put X in REPLACED's place, W lost unsaid. With W possibly valid,
+    nothing is changed now and ``held`` says why; with W not worth keeping (expired,
+    superseded), X takes its place as before."""
+    w, x, y = client_pair(5), client_pair(3), client_pair(1)
+    older, newer = x, y
+    put_replaced(d, w)
+    settings_files.keep(d, *pair_of(older if in_place_newer else newer))
+    put_in_place(d, newer if in_place_newer else older)
+    before = pairs_at(d)
+    done = settings_files.set_aside(d, worth_of(w, x, y))
+    assert pairs_at(d) == before
+    assert done == settings_files.SetAside(
+        d / KEPT, False, None, older["client.pem"], w["client.pem"]
+    )
+    # W no longer worth keeping: the older pair takes its place.
+    done = settings_files.set_aside(d, worth_of(x, y))
+    assert done == settings_files.SetAside(
+        d / KEPT, in_place_newer, d / REPLACED, older["client.pem"]
+    )
+    assert pairs_at(d) == {"in place": None, "kept": pair_of(newer), "replaced": pair_of(older)}
+
+
+def test_set_aside_of_a_pair_kept_already_only_takes_it_out_of_place(d: Path) -> None:
+    """Review s45rev1 M2: the pair in place the very pair KEPT holds (an enrolment cut after
+    its commit, an unfinished one, a set_aside cut short) was compared with itself: another
+    CA's counted as worth keeping, and its copy took the place of the set in REPLACED. It
+    is one pair: the files in place go, KEPT and REPLACED stay as they are."""
+    w, p = client_pair(5), client_pair(1)
+    put_replaced(d, w)
+    settings_files.keep(d, *pair_of(p))
+    put_in_place(d, p)
+    done = settings_files.set_aside(d, worth_of(w, p))
+    assert pairs_at(d) == {"in place": None, "kept": pair_of(p), "replaced": pair_of(w)}
+    assert done == settings_files.SetAside(d / KEPT, True, None)
+
+
+def test_the_pair_set_aside_in_replaced_keeps_the_set_it_worked_with(d: Path) -> None:
+    """Review s45rev1 L3: REPLACED got only client.key and client.pem from ``set_aside``, not
+    the ca.pem and settings.json they worked with (the settings without a client certificate
+    had overwritten them). The set as it was before (``before``, read by the caller) goes
+    with the pair in place, if it is that pair's."""
+    x, y = client_pair(3), client_pair(1)
+    old = x | {"ca.pem": b"the other CA", "settings.json": b'{"old": 1}'}
+    settings_files.replace(d, files(old))
+    settings_files.keep(d, *pair_of(y))
+    settings_files.replace(d, files({"ca.pem": b"pinned CA", "settings.json": b"{}"}))
+    done = settings_files.set_aside(d, worth_of(x), before=old)
+    assert done is not None and done.replaced == d / REPLACED
+    assert contents(d / REPLACED) == old
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    # A set read before that is not the pair's (another run's in between) does not go.
+    os.rename(d / REPLACED, d.parent / "moved-out")
+    settings_files.keep(d, *pair_of(y))
+    put_in_place(d, x)
+    settings_files.set_aside(d, worth_of(x), before=client_pair(2) | {"ca.pem": b"no"})
+    assert contents(d / REPLACED) == x
+
+
+SCENARIOS = {
+    # name: (in place, kept, replaced, worth keeping, what is left at the end)
+    "kept newer": ("X", "Y", "Z", "XY", {"in place": None, "kept": "Y", "replaced": "X"}),
+    "in place newer": ("Y", "X", None, "XY", {"in place": None, "kept": "Y", "replaced": "X"}),
+    "kept already": ("X", "X", "W", "WX", {"in place": None, "kept": "X", "replaced": "W"}),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_set_aside_killed_at_every_step_loses_no_pair_that_may_be_valid(
+    tmp_path: Path, scenario: str
+) -> None:
+    """Review s45rev1 L5 (M2 was found so: the older pair lost at 12 steps of 47): a real kill
+    (SIGKILL) right after each change ``set_aside`` makes, then ``set_aside`` again. After
+    the kill every pair worth keeping is whole somewhere (in place, KEPT or REPLACED), and
+    the next run ends as one never cut short does. W and Z: kept in REPLACED before (W may
+    still be valid, Z not); X issued before Y."""
+    made = {"W": client_pair(7), "Z": client_pair(5), "X": client_pair(3), "Y": client_pair(1)}
+    placed, kept, replaced, valid, end = SCENARIOS[scenario]
+    worth = worth_of(*(made[n] for n in valid))
+    named = {pair_of(p): n for n, p in made.items()}
+
+    def setup(d: Path) -> None:
+        d.mkdir(mode=0o700)
+        settings_files.replace(d, files({"settings.json": b"{}"}))
+        if replaced is not None:
+            put_replaced(d, made[replaced])
+        settings_files.keep(d, *pair_of(made[kept]))
+        put_in_place(d, made[placed])
+
+    def state(d: Path) -> dict[str, str | None]:
+        return {k: None if v is None else named.get(v, "?") for k, v in pairs_at(d).items()}
+
+    dry = tmp_path / "dry"  # the steps of a run never cut short
+    setup(dry)
+    with fault_at(dry, 10**6, "kill") as steps:
+        settings_files.set_aside(dry, worth)
+    assert state(dry) == end
+    killed = 0
+    for at in range(1, len(steps) + 1):  # (a step that fails, a removal of nothing, kills not)
+        d = tmp_path / f"run-{at}"
+        setup(d)
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no handler of ours past this point
+            code = 1
+            try:
+                with fault_at(d, at, "kill"):
+                    settings_files.set_aside(d, worth)
+                code = 0
+            finally:
+                os._exit(code)
+        status = os.waitpid(pid, 0)[1]
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            assert state(d) == end, at
+            continue
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        killed += 1
+        now = state(d)
+        assert all(n in now.values() for n in valid + placed + kept), (at, now)
+        settings_files.set_aside(d, worth)
+        assert state(d) == end, (at, now, state(d))
+        assert not os.path.lexists(d / (REPLACED + ".new")), at
+    assert killed >= len(steps) - 2 and killed > (1 if scenario == "kept already" else 10)

@@ -52,7 +52,8 @@ is "too old: upgrade the agent".
 certificate, with no password involved at all. The client key and certificate in place are
 taken out of place (``.enrolment-kept``, the newer of them and a pair kept there before); the
 older of the two, if it may still be valid (another name's or another CA's), is kept in
-``.settings-replaced``, said, as a set an enrolment replaced (s45ws: it was removed).
+``.settings-replaced``, said, as a set an enrolment replaced (s45ws: it was removed), unless
+the set there may still be valid too: then nothing is moved, and that is said (s45rev1 M1).
 
 Exit codes (every error is one line on stderr; the password is never printed):
 
@@ -97,7 +98,7 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -171,6 +172,12 @@ class NotReplaced(ClientError):
     """The set in place could not be kept in ``settings_files.REPLACED`` (a full disk):
     nothing was replaced. Where the new pair is kept is said in a note line of its own
     (``_said_kept``), the error line being long enough."""
+
+
+class NotFinished(ClientError):
+    """The new set was committed and a later step failed (``settings_files.Unfinished``):
+    the new pair is in place, and the next run completes the set; nothing is added about
+    where it is kept (``_said_kept``; s45rev1 M4: a 630-character line, and wrong)."""
 
 
 class CheckFailed(ClientError):
@@ -615,7 +622,7 @@ class TestConnection:
         new pair is kept (``kept``, from ``keep_new_pair``) and what the next run does with it
         (s43rev3 Low 3: a server certificate not from the cluster CA kept it unsaid); as it was
         if the pair could not be kept (said then already)."""
-        if kept is None:
+        if kept is None or isinstance(error, NotFinished):
             return error
         if isinstance(error, NotReplaced):
             self.ui.say(
@@ -1267,18 +1274,27 @@ class TestConnection:
         """For a name the leader refused as held (409) that this PC asked for with no proof,
         its certificate in place being of a CA the node no longer names (``choose_proof``):
         one line of what happened and what to do, before the leader's refusal (s45ws: that
-        was the only message, and said nothing of the CA)."""
+        was the only message, and said nothing of the CA). By the leader's words
+        (``leader.store``, ``NameTaken``): "is taken at this node" (--replace takes it), or
+        "is taken (at node X)", which --replace does not take (s45rev1 M3: it was offered)."""
         error, message = _error_of(reply)
         if self.unproven is None or reply.status != 409 or error != proto.ErrorCode.SIGN_FAILED:
             return
-        if " is taken" not in message:  # (the leader's words for it) not too many an hour, say
-            return
         name = self.workstation
-        self.ui.say(
-            f"note      the certificate in place ({name}) is of a CA the node no longer names, "
-            f"so it cannot prove this PC's name: run again with --replace if this PC is {name}, "
-            "else with --name"
-        )
+        taken = f"workstation name {name} is taken"
+        elsewhere = re.search(re.escape(taken) + r" \(at node ([^)]+)\)", message)
+        if elsewhere is not None:
+            self.ui.say(
+                f"note      the certificate in place ({name}) is of a CA the node does not name, "
+                f"so it cannot prove this PC's name, held at node {one_line(elsewhere[1], 63)}: "
+                "run again with --name (--replace cannot take it)"
+            )
+        elif f"{taken} at this node" in message:  # (not too many an hour, say)
+            self.ui.say(
+                f"note      the certificate in place ({name}) is of a CA the node does not name, "
+                f"so it cannot prove this PC's name: run again with --replace if this PC is "
+                f"{name}, else with --name"
+            )
 
     def exchange_wait(self) -> float:
         """How long the exchange waits for each answer: ``--timeout``, but never less than
@@ -1434,13 +1450,15 @@ class TestConnection:
                 replaced.append(worth)
             return worth is not None
 
+        # The set before, for the pair in place to keep with it (s45rev1 L3).
+        before = settings_files.read_set(d) if client_pem is None else {}
         try:
             make_private_dir(d)
             kept = settings_files.replace(
                 d, files, check, worth_keeping if client_pem is not None else None
             )
         except settings_files.Unfinished as exc:
-            raise ClientError(
+            raise NotFinished(
                 Exit.FAILURE,
                 f"the new settings are committed in {d}, but not finished: "
                 f"{_at_fault(d, exc.error)}",
@@ -1473,7 +1491,7 @@ class TestConnection:
                 "leader, frees the name); it goes by itself once that certificate has expired"
             )
         if client_pem is None:
-            self._set_aside(d, bundle)
+            self._set_aside(d, bundle, before)
 
     def _worth_keeping(
         self,
@@ -1517,51 +1535,63 @@ class TestConnection:
             return None
         return name if any(pki.issued_by(cert, ca) for ca in bundle) else None
 
-    def _set_aside(self, d: Path, bundle: Sequence[x509.Certificate]) -> None:
+    def _set_aside(
+        self, d: Path, bundle: Sequence[x509.Certificate], before: Mapping[str, bytes]
+    ) -> None:
         """Settings without a client certificate are in place: an earlier enrolment's
         client.key and client.pem are taken out of place (software that reads those names
         would use what these settings do not), kept to prove this PC's name at its next
         enrolment (audit s39ws L3: they stayed, unmentioned). Of them and a pair kept aside
         before, the older is kept in ``settings_files.REPLACED`` when it may still be valid
-        (``_worth_keeping``: another name's or another CA's), and that is said (s45ws: it
-        was removed, its key nowhere else)."""
-        older: list[tuple[str, str]] = []
+        (``_worth_keeping``: another name's or another CA's), with the set it worked with
+        (``before``, read before these settings were written: s45rev1 L3), and that is said
+        (s45ws: it was removed, its key nowhere else). Where that would lose a set kept there
+        that may still be valid, nothing is moved, and that is said (s45rev1 M1)."""
+        whys: dict[bytes, tuple[str, str]] = {}  # by certificate (PEM): its name, and why
 
         def worth(key_pem: bytes, cert_pem: bytes, newer_pem: bytes) -> bool:
             why = self._worth_keeping(
                 key_pem, cert_pem, bundle, self._superseding(newer_pem, bundle)
             )
             if why is not None:
-                older.append(why)
+                whys[cert_pem] = why
             return why is not None
 
         try:
-            done = settings_files.set_aside(d, worth)
-        except OSError as exc:
-            self.ui.say(
-                f"note      the earlier enrolment's client.key and client.pem are still in {d} "
-                f"({exc.strerror or exc}); these settings do not use them: move them out "
-                "(keep them if that certificate is still needed)"
-            )
+            done = settings_files.set_aside(d, worth, before)
+        except OSError as exc:  # (s45rev1 L1: the path at fault, and what to do)
+            self.ui.say(f"note      client.key and client.pem stay in {d}: {_at_fault(d, exc)}")
             return
         if done is None:
             return
-        kept_older = f"client certificate {older[-1][0]} {older[-1][1]}" if older else ""
+        name, why = whys.get(done.older or b"", ("", ""))
+        if done.held is not None:
+            held = (
+                f"{whys[done.held][0]}'s in {settings_files.REPLACED}"
+                if done.held in whys
+                else f"the one in {settings_files.REPLACED} (it cannot be read)"
+            )
+            self.ui.say(
+                f"note      client.key and client.pem stay in {d}: keeping {name}'s "
+                f"pair aside would lose {held}; move that folder out, then run this again"
+            )
+            return
+        kept_older = f"client certificate {name} {why}"
         if done.moved:
             self.ui.say(
                 f"note      the earlier enrolment's client.key and client.pem moved to "
                 f"{done.kept}: these settings use no client certificate (enrolling again uses "
                 "them)"
             )
-            if done.replaced is not None and older:
+            if done.replaced is not None:
                 self.ui.say(
                     f"note      the pair kept there before ({kept_older}) moved to "
-                    f"{done.replaced}; remove that folder once {older[-1][0]} is no longer needed"
+                    f"{done.replaced}; remove that folder once {name} is no longer needed"
                 )
-        elif done.replaced is not None and older:
+        elif done.replaced is not None:
             self.ui.say(
                 f"note      the earlier enrolment's client.key and client.pem ({kept_older}) "
-                f"moved to {done.replaced}; remove that folder once {older[-1][0]} is no longer "
+                f"moved to {done.replaced}; remove that folder once {name} is no longer "
                 f"needed (these settings use no client certificate; enrolling again uses the "
                 f"newer pair in {done.kept})"
             )
@@ -1748,11 +1778,17 @@ class TestConnection:
 
 
 def _at_fault(d: Path, exc: OSError) -> str:
-    """What failed in finishing a committed set in the settings dir ``d`` (``exc``, its
-    ``filename`` the path at fault), and what to do, for the one line (s45ws: "Permission
-    denied", each later run stopped by it without a path or a way out)."""
+    """What failed in finishing a committed set in the settings dir ``d``, or in setting its
+    client files aside (``exc``, its ``filename``, or a rename's ``filename2``, the path at
+    fault), and what to do, for the one line (s45ws: "Permission denied", each later run
+    stopped by it without a path or a way out). A directory in ``settings_files.REPLACED``
+    is removed before its files (``settings_files._remove``): when it cannot be, the key
+    kept there is still there to keep."""
     why = exc.strerror or str(exc)
-    path = Path(exc.filename) if exc.filename else d
+    named = exc.filename2 or exc.filename  # (a rename's: where it was to go, s45rev1 L2)
+    path = Path(named) if named else d
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # (s45rev1 L2: not "fix that")
+        return f"{path}: {why}; free some space, then run this again"
     replaced = d / settings_files.REPLACED
     if path == replaced or replaced in path.parents:
         return (

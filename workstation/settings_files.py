@@ -28,7 +28,8 @@ next enrolment proves with it that it is the same PC (``bootstrap_csr.Reenrolmen
 enrolment is in place it is removed.
 
 ``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced (or, of the
-two pairs a run without one takes out of place, ``set_aside``, the older: s45ws), when the
+two pairs a run without one takes out of place, ``set_aside``, the older: s45ws; never over
+a set there that may still be valid: s45rev1 M1), when the
 caller says its client key and certificate are worth keeping (``replace``'s ``keep_replaced``:
 one that may still be valid, another name's or another CA's, whose key would otherwise be gone:
 s43rev3 Low 4). One set at most: a later one takes its place. It is copied beside the staging
@@ -235,55 +236,127 @@ def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
 
 class SetAside(NamedTuple):
     """What ``set_aside`` did: ``kept`` is ``KEPT`` (where this PC's newest pair is now);
-    ``moved``: the pair in place went there (else it was the older, or not a pair);
-    ``replaced``: ``REPLACED`` if the older pair went there (worth keeping), else None."""
+    ``moved``: the pair in place is there now (else it was the older, or not a pair);
+    ``replaced``: ``REPLACED`` if the older pair went there (worth keeping), else None;
+    ``older``: the older pair's certificate (PEM) if it was worth keeping (kept in
+    ``REPLACED``, or left); ``held``: if the client files were left in place, changed in
+    nothing, as the older pair could not be kept without losing the set ``REPLACED`` holds
+    (one that may still be valid: s45rev1 M1), that set's certificate (PEM; empty if it
+    could not be read)."""
 
     kept: Path
     moved: bool
     replaced: Path | None
+    older: bytes | None = None
+    held: bytes | None = None
 
 
 def set_aside(
-    directory: Path, worth: Callable[[bytes, bytes, bytes], bool] | None = None
+    directory: Path,
+    worth: Callable[[bytes, bytes, bytes], bool] | None = None,
+    before: Mapping[str, bytes] | None = None,
 ) -> SetAside | None:
     """Take ``client.key`` and ``client.pem`` out of place (a set without a client certificate
     is in place): into ``KEPT`` unless it holds a pair issued later already (a certificate
-    that cannot be read counts as the older). Of the two pairs, the older one (the one in
-    place, or the one ``KEPT`` held) is not lost if ``worth(key_pem, cert_pem,
+    that cannot be read counts as the older), or that same pair (a run cut short after it
+    kept it: only the files in place go, s45rev1 M2). Of two pairs, the older one (the one
+    in place, or the one ``KEPT`` held) is not lost if ``worth(key_pem, cert_pem,
     newer_cert_pem)`` says it may still be valid (another name's or another CA's: the
     newer did not supersede it; s45ws): it takes the place of ``REPLACED``, as a set a new
-    enrolment replaced does (one set at most: a set there before goes); else it is removed.
-    None if there was no client file in place. Raises OSError; a pair is removed only once it
-    is kept elsewhere."""
+    enrolment replaced does, only if the set there is not one that may still be valid
+    (``worth`` asked about it too; one that cannot be read may be): else nothing is changed
+    and ``held`` says so (s45rev1 M1: that set was lost). ``before``: the set's files as they
+    were before the settings in place were written (``ca.pem``, ``settings.json``, read by
+    the caller): they go with the pair in place to ``REPLACED`` if it is theirs (s45rev1
+    L3). None if there was no client file in place. Raises OSError; a pair is removed only
+    once it is kept elsewhere."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
             return None
-        moved, replaced = False, None
+        moved, replaced, older_cert = False, None, None
         if len(present) == len(CLIENT):
             pair = {n: (directory / n).read_bytes() for n in CLIENT}
             in_place = (pair["client.key"], pair["client.pem"])
-            before = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
-            moved = not os.path.lexists(directory / KEPT) or _newer(pair["client.pem"], before)
-            older, newer = (before, in_place) if moved else (in_place, before)
-            if (
+            kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
+            moved = not os.path.lexists(directory / KEPT) or _newer(pair["client.pem"], kept)
+            older, newer = (kept, in_place) if moved else (in_place, kept)
+            if kept == in_place:  # kept already: one pair, not two (s45rev1 M2)
+                moved, older = True, None
+            elif (
                 older is not None
                 and newer is not None
                 and worth is not None
                 and worth(older[0], older[1], newer[1])
             ):
-                _drop(directory, REPLACED_NEW)
+                older_cert = older[1]
+                held = _held(directory, older, newer, worth)
+                if held is not None:
+                    return SetAside(directory / KEPT, False, None, older_cert, held)
                 files = {"client.key": (older[0], PRIVATE), "client.pem": (older[1], PUBLIC)}
+                if older == in_place and before is not None:
+                    ours = (before.get("client.key"), before.get("client.pem")) == in_place
+                    files |= {
+                        n: (data, PUBLIC)
+                        for n, data in before.items()
+                        if ours and n not in CLIENT and n in NAMES
+                    }
+                # What is there goes first (it holds nothing that may still be valid): one
+                # that cannot be removed leaves no copy of the key behind (s45rev1 L1).
+                _drop(directory, REPLACED)
+                _drop(directory, REPLACED_NEW)
                 _keep(directory, files, REPLACED_NEW)
                 _put_replaced(directory)
                 fsync_dir(directory)
                 replaced = directory / REPLACED
-            if moved:
+            if moved and kept != in_place:
                 _keep(directory, {n: (data, _mode(n)) for n, data in pair.items()})
         for name in present:
             os.unlink(directory / name)
         fsync_dir(directory)
-        return SetAside(directory / KEPT, moved, replaced)
+        return SetAside(directory / KEPT, moved, replaced, older_cert)
+
+
+def _held(
+    directory: Path,
+    older: tuple[bytes, bytes],
+    newer: tuple[bytes, bytes],
+    worth: Callable[[bytes, bytes, bytes], bool],
+) -> bytes | None:
+    """The certificate (PEM) of the set ``REPLACED`` holds if it may still be valid
+    (``worth``, the ``newer`` pair superseding it only if issued after it), empty if it
+    cannot be read (it may be); None if there is nothing there to lose: none, not a
+    directory (in the way, not followed), no pair in it, the pair ``older`` or ``newer``
+    itself (a run cut short), or one not worth keeping."""
+    replaced = directory / REPLACED
+    try:
+        if not stat.S_ISDIR(os.lstat(replaced).st_mode):
+            return None
+        pair = tuple(_read_nofollow(replaced / n) for n in CLIENT)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return b""
+    if pair in (older, newer):
+        return None
+    issued, newer_issued = _issued(pair[1]), _issued(newer[1])
+    later = issued is not None and newer_issued is not None and newer_issued > issued
+    return pair[1] if worth(pair[0], pair[1], newer[1] if later else b"") else None
+
+
+def read_set(directory: Path) -> dict[str, bytes]:
+    """The set's files in ``directory`` that can be read (a link not followed: not ours)."""
+    found: dict[str, bytes] = {}
+    for name in NAMES:
+        with contextlib.suppress(OSError):
+            found[name] = _read_nofollow(directory / name)
+    return found
+
+
+def _read_nofollow(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def kept_pair(directory: Path) -> tuple[bytes, bytes] | None:
@@ -436,14 +509,18 @@ def _roll_forward(directory: Path, staging: Path, order: list[str]) -> None:
 def _remove(directory: Path, staging: Path) -> None:
     """Remove ``staging``, its marker first: a staging cut short in its removal is never taken
     for a committed one missing files. A directory in it (one put there by hand) goes with
-    all it holds, its links not followed."""
+    all it holds, its links not followed, before the files."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(staging / MARKER)
         fsync_dir(staging)
-    for name in os.listdir(staging):
-        if stat.S_ISDIR(os.lstat(staging / name).st_mode):
-            _rmtree(staging / name)
-        else:
+    # Directories first (s45rev1 L2): one that cannot be removed (root's) fails before a file
+    # (a kept key) is gone, so what the error says to keep is still there.
+    names = os.listdir(staging)
+    dirs = {n for n in names if stat.S_ISDIR(os.lstat(staging / n).st_mode)}
+    for name in sorted(dirs):
+        _rmtree(staging / name)
+    for name in names:
+        if name not in dirs:
             os.unlink(staging / name)
     os.rmdir(staging)
     fsync_dir(directory)
