@@ -80,7 +80,7 @@ from leader.store import (
 )
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_csr, features, logs, peertext, pki, spiffe, wire
+from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
@@ -911,11 +911,11 @@ class Snapshot:
         name = caller.name
         accepted = self.accepted.get(name)
         if accepted is None:
-            return f"{name!r} is not an enrolled node (removed?)"
+            return rpc.not_enrolled(name)
         if caller.fingerprint not in accepted:
             return f"certificate is not the one on record for node {name!r}"
         if caller.serial in self.revoked:
-            return f"the certificate of node {name!r} is revoked; enrol it again"
+            return rpc.revoked_node(name)
         return None
 
 
@@ -1302,14 +1302,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         try:
             node = self.state.store.get_node(name)
         except NotFound:
-            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)") from None
+            raise unauthenticated(rpc.not_enrolled(name)) from None
         accepted = {node.cert_fingerprint, node.prev_cert_fingerprint} - {""}
         if caller.fingerprint not in accepted:
             raise unauthenticated(f"certificate is not the one on record for node {name!r}")
         # A certificate revoked by serial (`tlsroll ca revoke`) must not renew itself into a
         # fresh one, nor go on calling: the node has to enrol again.
         if self.state.store.is_revoked(caller.serial):
-            raise unauthenticated(f"the certificate of node {name!r} is revoked; enrol it again")
+            raise unauthenticated(rpc.revoked_node(name))
 
     async def _caller_cert(self, context: Ctx) -> Caller:
         """The enrolled node calling, and its certificate (``_identify``, ``_check_on_record``)."""
@@ -1486,7 +1486,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             # Removed while this message was checked and recorded (the awaits above): what it
             # says of the node is not kept, or a removed node showed a node problem again
             # (s43's Left 3). Nothing is awaited from here to the end: it cannot come later.
-            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)")
+            raise unauthenticated(rpc.not_enrolled(name))
         if failures:
             for f in failures if audit else ():
                 log.warning(
@@ -2331,7 +2331,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         try:
             node = await asyncio.to_thread(self.state.store.get_node, name)
         except NotFound:  # removed since the check: the check's refusal
-            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)") from None
+            raise unauthenticated(rpc.not_enrolled(name)) from None
         csr = pki.load_csr_pem(request.csr_pem)
         names = pki.Names.of(node.name, node.addresses, node.dns_names)
         public_key = pki.check_csr(csr, names)

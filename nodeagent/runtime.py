@@ -207,6 +207,7 @@ async def serve(
     )
     link.server_view = service.server_view
     link.bootstrap_problem = lambda: bootstrap.problem
+    link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password
     link.answer_check = service.answer_check
     link.stages_ended = service.forget_ended  # stages of rollouts the leader says are over
     service.on_prepare = bootstrap.warm
