@@ -38,7 +38,7 @@ from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, dbthread, logs
+from tlsroll import __version__, daemon, dbthread, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError, TransientError, os_error_text
 from tlsroll.fsutil import make_private_dir
@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         " admin'): the agent forgets that and the node is planned and switched again",
     )
     ns = parser.parse_args(argv)
+    daemon.no_core_dumps()  # before any key or secret is read
     try:
         cfg = AgentConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))

@@ -712,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="TOML config file")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     args = parser.parse_args(argv)
+    daemon.no_core_dumps()  # before the password's verifier and the key are read
     try:
         loaded = refserver_config.load(args.config)
     except ConfigError as exc:
