@@ -11,6 +11,8 @@ import base64
 import datetime as dt
 import functools
 import hmac
+import sqlite3
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -59,8 +61,9 @@ from leader.wire import (
     VIEWER_GRANT_STATE,
 )
 from tlsroll import logs, password, peertext, pki, spiffe
+from tlsroll.backoff import Backoff, Policy, retry_after
 from tlsroll.errors import TlsrollError
-from tlsroll.rpc import failed_precondition, invalid, map_errors, timestamp
+from tlsroll.rpc import RpcStatusError, failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
 
 log = logs.get_logger(__name__)
@@ -76,6 +79,11 @@ def trust_bundle(ca: pki.CertificateAuthority) -> list[Any]:
     bootstrap's ``ca_bundle_pem``): today the cluster CA alone. During a CA roll it holds the
     old and the new CA (docs/ca-renewal.md), and ``tlsroll ca show`` lists both."""
     return [ca.cert]
+
+
+# Admin.CheckPassword's wrong hashes per caller: 5 free, then 1 s doubling up to a minute (a
+# person mistyping is not held up; a script using the leader to test guesses is).
+CHECK_BACKOFF = Policy(free=5, base=1.0, cap=60.0, forget=3600.0)
 
 
 def _actor(context: Ctx) -> str:
@@ -259,6 +267,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             state.clock,
             agent_lifetime=state.agent_cert_lifetime,
         )
+        # Hashes CheckPassword found wrong, per caller (``_actor``): the call compares a hash
+        # computed anywhere with the stored verifier's, so it is rate-limited like any guess
+        # (audit s45rt3 L3); the monotonic clock, ``check_clock``, a test may move.
+        self._check_failures = Backoff(CHECK_BACKOFF)
+        self.check_clock: Callable[[], float] = time.monotonic
 
     async def finish_carried_on(self, timeout: float) -> None:
         """At the leader's stop, after its servers: let the commands whose callers went away
@@ -468,6 +481,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ],
         )
         if request.candidate_hash:
+            actor = _actor(context)
+            wait = self._check_failures.wait(actor, self.check_clock())
+            if wait > 0:
+                log.warning("password.check_refused", actor=actor, retry_after=retry_after(wait))
+                raise RpcStatusError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many wrong passwords checked; try again in {retry_after(wait)} s",
+                )
             if request.version != version:
                 raise failed_precondition(
                     f"the hash was made under password version {request.version}, not the "
@@ -476,7 +497,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     else f"password version {newest} was staged meanwhile; check again"
                 )
             reply.matches = hmac.compare_digest(request.candidate_hash, expected)
-            log.info("password.checked", version=version, matches=reply.matches)
+            # Counted with no await since the wait was checked: calls at once pass no more.
+            if reply.matches:
+                self._check_failures.reset(actor)
+            else:
+                self._check_failures.failed(actor, self.check_clock())
+            log.info("password.checked", version=version, matches=reply.matches, actor=actor)
+            try:  # the audit trail's; a full disk must not stop the check (notify's)
+                await asyncio.to_thread(
+                    self.state.store.record_event,
+                    "password.checked",
+                    actor,
+                    f"password version {version}",
+                    self.state.clock(),
+                    matches=reply.matches,
+                )
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("password.check_not_audited", error=" ".join(str(exc).split()))
         return reply
 
     # --- tokens, nodes, CA --------------------------------------------------------------------

@@ -56,7 +56,7 @@ from leader.service import (
 from leader.states import NodeProblemKind
 from leader.store import Store, relearning
 from leader.store_health import StoreHealth
-from tlsroll import __version__, fsutil, heap, keywrap, logs, pki
+from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import (
@@ -533,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "certificate into DIR (new or empty; made 0700) and exit; the leader may be running",
     )
     ns = parser.parse_args(argv)
+    daemon.no_core_dumps()  # before any key or secret is read
     if ns.backup is not None:
         return _backup(ns.config, ns.backup)
     try:

@@ -80,7 +80,7 @@ from leader.store import (
 )
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_csr, features, logs, peertext, pki, spiffe, wire
+from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
 from tlsroll.clients import used_http_after_https
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError
@@ -949,11 +949,11 @@ class Snapshot:
         name = caller.name
         accepted = self.accepted.get(name)
         if accepted is None:
-            return f"{name!r} is not an enrolled node (removed?)"
+            return rpc.not_enrolled(name)
         if caller.fingerprint not in accepted:
             return f"certificate is not the one on record for node {name!r}"
         if caller.serial in self.revoked:
-            return f"the certificate of node {name!r} is revoked; enrol it again"
+            return rpc.revoked_node(name)
         return None
 
 
@@ -1358,14 +1358,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         try:
             node = self.state.store.get_node(name)
         except NotFound:
-            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)") from None
+            raise unauthenticated(rpc.not_enrolled(name)) from None
         accepted = {node.cert_fingerprint, node.prev_cert_fingerprint} - {""}
         if caller.fingerprint not in accepted:
             raise unauthenticated(f"certificate is not the one on record for node {name!r}")
         # A certificate revoked by serial (`tlsroll ca revoke`) must not renew itself into a
         # fresh one, nor go on calling: the node has to enrol again.
         if self.state.store.is_revoked(caller.serial):
-            raise unauthenticated(f"the certificate of node {name!r} is revoked; enrol it again")
+            raise unauthenticated(rpc.revoked_node(name))
 
     async def _caller_cert(self, context: Ctx) -> Caller:
         """The enrolled node calling, and its certificate (``_identify``, ``_check_on_record``)."""
@@ -1527,7 +1527,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         )
         if failures:
             if self.state.removed_since(name, removals):  # (its audits were forgotten)
-                raise unauthenticated(f"{name!r} is not an enrolled node (removed?)")
+                raise unauthenticated(rpc.not_enrolled(name))
             audit = self._failures_audited(name, now)
             await asyncio.to_thread(
                 self.schema.record_bootstrap_failures, name, failures, now, audit=audit
@@ -1537,7 +1537,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             # says of the node is not kept, or a removed node showed a node problem again
             # (s43's Left 3), or a node enrolled again under its name inherited what it said
             # (``_forget``). Nothing is awaited from here to the end: it cannot come later.
-            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)")
+            raise unauthenticated(rpc.not_enrolled(name))
         if numbered is not None:
             if len(self._failure_reports) >= MAX_CALLERS:
                 self._failure_reports.clear()
@@ -2390,7 +2390,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         try:
             node = await asyncio.to_thread(self.state.store.get_node, name)
         except NotFound:  # removed since the check: the check's refusal
-            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)") from None
+            raise unauthenticated(rpc.not_enrolled(name)) from None
         csr = pki.load_csr_pem(request.csr_pem)
         names = pki.Names.of(node.name, node.addresses, node.dns_names)
         public_key = pki.check_csr(csr, names)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES
-from tlsroll import clocks, logs
+from tlsroll import clocks, logs, rpc
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
@@ -2013,7 +2013,7 @@ def check_caller_in(
         "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
     ).fetchone()
     if row is None:
-        raise Superseded(f"{name!r} is not an enrolled node (removed?)")
+        raise Superseded(rpc.not_enrolled(name))
     if fingerprint not in {row["cert_fingerprint"], row["prev_cert_fingerprint"]} - {""}:
         raise Superseded(f"certificate is not the one on record for node {name!r}")
     revoked = db.execute(
@@ -2021,7 +2021,7 @@ def check_caller_in(
         (serial.lstrip("0") or "0",),
     ).fetchone()
     if revoked is not None:
-        raise Superseded(f"the certificate of node {name!r} is revoked; enrol it again")
+        raise Superseded(rpc.revoked_node(name))
     return row
 
 

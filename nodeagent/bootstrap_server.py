@@ -384,8 +384,28 @@ class BootstrapService:
         self.set_verifier(verifier)
         self._listener: JsonHttpsListener | None = None
         self._ssl: ssl.SSLContext | None = None
+        # Why the leader refuses this node (removed, or its certificate revoked), None while
+        # it does not: ``set_removed``.
+        self.removed: str | None = None
 
     # --- state the agent may swap while running ---------------------------------------------
+
+    def set_removed(self, why: str | None) -> None:
+        """The leader refuses this node as no longer in the cluster (``why``), or accepts it
+        again (None). Meanwhile every start and finish is a 503 ``node_removed`` before any
+        password is looked at: a removed node is no guess oracle (its guesses would reach no
+        schema: the leader refuses its heartbeats) and tells no PC to try later a signature
+        that never comes (audit s45rt3 M3)."""
+        self.removed = why
+
+    def _check_removed(self) -> None:
+        if self.removed is not None:
+            raise Refused(
+                503,
+                proto.ErrorCode.NODE_REMOVED,
+                "this node was removed from the cluster (its leader refuses it); enrol at "
+                "another node of the practice, or ask the practice IT",
+            )
 
     def set_verifier(self, verifier: Mapping[str, Any]) -> None:
         """Use a new password verifier from now on (ValueError if it is malformed).
@@ -519,6 +539,7 @@ class BootstrapService:
     async def post_start(self, request: Request) -> Reply:
         source = source_key(request.remote)
         try:
+            self._check_removed()
             try:
                 start = proto.parse_start_request(request.body)
             except proto.BootstrapError as exc:
@@ -585,6 +606,7 @@ class BootstrapService:
         # (the loop's clock, not ``clock``: it times the worker's calls, as the client's does)
         deadline = asyncio.get_running_loop().time() + self.finish_deadline
         try:
+            self._check_removed()
             try:
                 finish = proto.parse_finish_request(request.body)
             except proto.BootstrapError as exc:

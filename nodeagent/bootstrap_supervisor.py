@@ -126,6 +126,9 @@ class BootstrapHost:
         self._retrying: asyncio.Task[None] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
+        # Why the leader refuses this node as no longer in the cluster, None while it does not
+        # (``set_removed``: the link's heartbeats tell it).
+        self.removed: str | None = None
         # What an earlier run counted (journal.bootstrap_failures): the times go to the guard
         # when it is made; the unreported failures go with the next heartbeat.
         self._earlier, unreported = journal.bootstrap_failures()
@@ -393,11 +396,20 @@ class BootstrapHost:
             )
         except ValueError as exc:  # (a CA file without a certificate, say)
             raise ValueError(f"{exc} ({live['ca_file']}, {verifier_file})") from None
+        service.set_removed(self.removed)
         try:
             await service.start()  # (NotStarted, UnsafePermissions: they name the cause)
         except ValueError as exc:  # (the CA bundle: a certificate that is no CA)
             raise ValueError(f"{live['ca_file']}: {exc}") from None
         return service
+
+    def set_removed(self, why: str | None) -> None:
+        """The leader refused this node's heartbeat as no longer in the cluster (``why``), or
+        answered it again (None): the service, if it runs, takes no password meanwhile
+        (``BootstrapService.set_removed``)."""
+        self.removed = why
+        if self.service is not None:
+            self.service.set_removed(why)
 
     async def _counted(self, when: dt.datetime) -> None:
         """The service counted a failure at ``when``: into the journal before it is answered."""

@@ -63,7 +63,7 @@ from nodeagent.failure_log import FailureCount, FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, features, logs, spiffe, wire
+from tlsroll import __version__, features, logs, rpc, spiffe, wire
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
@@ -550,6 +550,12 @@ class LeaderLink:
         # work: ``NodeAgentService.answer_check``); None: the agent does not say it can, and
         # the leader asks over its channel.
         self.answer_check: Answer | None = None
+        # Told the leader's refusal of this node as no longer in the cluster (removed, or its
+        # certificate revoked: ``rpc.node_removed``) at each heartbeat so refused, and None at
+        # the first one answered after that (``BootstrapHost.set_removed``: the bootstrap
+        # service takes no workstation password meanwhile; audit s45rt3 M3).
+        self.on_removed: Callable[[str | None], None] | None = None
+        self._removed = False
         self._lock = asyncio.Lock()
         self._stream: _Stream | None = None
         self._sent: tuple[bytes, float] | None = None  # report_key and time of the last message
@@ -734,6 +740,10 @@ class LeaderLink:
             if status != grpc.StatusCode.UNIMPLEMENTED:
                 if isinstance(ended, grpc.aio.AioRpcError):
                     raise ended
+                if status == grpc.StatusCode.UNAUTHENTICATED and stream.call.done():
+                    details = await stream.call.details()
+                    if rpc.node_removed(status, details):  # (the send saw the end first)
+                        self._said_removed(details)
                 why = f"ended: {status.name}" if status is not None else "no reply in time"
                 raise TimeoutError(f"the heartbeat stream {why}") from None
             self.streaming = False
@@ -842,6 +852,10 @@ class LeaderLink:
                         self.streaming = True  # the leader may come back upgraded: try again
                 else:
                     code, detail = "DEADLINE_EXCEEDED", str(exc)
+                if isinstance(exc, grpc.aio.AioRpcError) and rpc.node_removed(
+                    exc.code(), exc.details()
+                ):
+                    self._said_removed(detail)
                 if self.healthy is not False:
                     log.warning("heartbeat.failed", leader=self.target, code=code, detail=detail)
                 self.healthy = False
@@ -849,10 +863,21 @@ class LeaderLink:
             if self.failures is not None:
                 self.failures.reported(report)
                 self._report = None
+            if self._removed:
+                self._said_removed(None)
             if self.healthy is not True:
                 renew = self._stream.renew if self._stream is not None else 0
                 log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
             self.healthy = True
+
+    def _said_removed(self, why: str | None) -> None:
+        if why is not None and not self._removed:
+            log.error("agent.removed_from_cluster", leader=self.target, detail=why[:200])
+        elif why is None:
+            log.warning("agent.accepted_again", leader=self.target)
+        self._removed = why is not None
+        if self.on_removed is not None:
+            self.on_removed(why)
 
     async def run(self) -> None:
         """Beat until cancelled: every interval, or sooner when the stream ended by itself

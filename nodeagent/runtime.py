@@ -38,7 +38,7 @@ from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, dbthread, fsutil, logs
+from tlsroll import __version__, daemon, dbthread, fsutil, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError, TransientError, os_error_text
 from tlsroll.fsutil import make_private_dir
@@ -243,6 +243,7 @@ async def serve(cfg: AgentConfig, config: Path | None = None) -> None:
     )
     link.server_view = service.server_view
     link.bootstrap_problem = lambda: bootstrap.problem
+    link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password
     link.answer_check = service.answer_check
     link.stages_ended = service.forget_ended  # stages of rollouts the leader says are over
     service.on_prepare = bootstrap.warm
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         " the node is planned and switched again",
     )
     ns = parser.parse_args(argv)
+    daemon.no_core_dumps()  # before any key or secret is read
     try:
         cfg = AgentConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))

@@ -17,6 +17,8 @@
     auth_verifier_file = "auth.json"  # optional scrypt verifier; refused if others may read it
     clients_window = 86400          # seconds: who is still on http covers this long (60..31 days)
     clients_max = 1024              # clients kept at most (the least recently seen goes first)
+    login_ceiling = 200             # wrong passwords a day for the whole server (any source);
+                                    # past that every /login waits (1..100000)
 
 Relative paths are taken relative to the config file's directory. Unknown keys are errors
 (a typo must not silently fall back to a default).
@@ -37,6 +39,7 @@ from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
 SCHEMES = ("http", "https")
+LOGIN_CEILING = 200  # wrong passwords a day for the whole server (the bootstrap service's)
 KEYS = frozenset(
     {
         "address",
@@ -53,6 +56,7 @@ KEYS = frozenset(
         "auth_verifier_file",
         "clients_window",
         "clients_max",
+        "login_ceiling",
     }
 )
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -77,6 +81,7 @@ class RefServerConfig:
     auth_verifier_file: Path | None
     clients_window: int = clients.WINDOW_SECONDS
     clients_max: int = clients.MAX_ENTRIES
+    login_ceiling: int = LOGIN_CEILING
 
     @property
     def app_name(self) -> str:
@@ -129,6 +134,7 @@ def load(path: Path) -> Loaded:
         "clients_window", clients.WINDOW_SECONDS, lo=60, hi=clients.MAX_WINDOW_SECONDS
     )
     clients_max: int = s.integer("clients_max", clients.MAX_ENTRIES, lo=1, hi=100_000)
+    login_ceiling: int = s.integer("login_ceiling", LOGIN_CEILING, lo=1, hi=100_000)
 
     config = RefServerConfig(
         path=cfg.path,
@@ -146,6 +152,7 @@ def load(path: Path) -> Loaded:
         auth_verifier_file=verifier_file,
         clients_window=clients_window,
         clients_max=clients_max,
+        login_ceiling=login_ceiling,
     )
     ctx = _ssl_context(s, config) if "https" in listen else None
     verifier = _verifier(s, verifier_file) if verifier_file is not None else None

@@ -12,8 +12,14 @@ Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is
                              400 bad JSON; 503 + Retry-After while frozen
     GET  APP entries/{id}    200 {"id", "seq", "body", "created_at"} or 404
     POST APP login           {"password": "..."} -> 200 {"ok": true} | 401 | 409 (none configured)
+                             | 403 "https_required" on http (the body is not read: the
+                             password never crosses the network in clear, also in the dual
+                             phase, when the http listener is up with the same verifier)
                              | 429 + Retry-After: too many wrong passwords from this address
-                             (5 free, then 2 s doubling up to 15 min; a right one clears it)
+                             (5 free, then 2 s doubling up to 15 min; a right one clears it),
+                             or from anywhere (``login_ceiling`` a day for the whole server);
+                             each guess is counted before it is checked, so guesses sent
+                             together cannot all pass one allowance
 
 Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/the service user):
 
@@ -73,7 +79,7 @@ from aiohttp import web
 from refserver import config as refserver_config
 from refserver.store import FreezeState, Store, now_iso
 from tlsroll import __version__, clients, daemon, httplog, logs, password
-from tlsroll.backoff import Backoff, Policy, retry_after, source_key
+from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import socket_dir_problem, write_atomic
 
@@ -92,6 +98,7 @@ CLOSE_CONNECTIONS_SECONDS = 0.5
 LOGIN_CONCURRENCY = 4  # scrypt costs 32 MiB and ~0.1 s of CPU per check
 # The same backoff per source address as the bootstrap service's (nodeagent.bootstrap_server).
 LOGIN_BACKOFF = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
+LOGIN_CEILING_WINDOW = 86_400.0  # [server].login_ceiling wrong passwords in this window at most
 MAX_TRACKED_CLIENTS = 10_000
 SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
 
@@ -200,6 +207,9 @@ class RefServer:
         self._freeze_lock = asyncio.Lock()
         self._login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
         self._login_failures = Backoff(LOGIN_BACKOFF)
+        self._login_ceiling = Ceiling(self.config.login_ceiling, LOGIN_CEILING_WINDOW)
+        self.login_failures = 0  # wrong passwords since start (the status's)
+        self.login_refused = 0  # logins refused by the limits since start (429)
         self.clock: Callable[[], float] = time.monotonic
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refserver-writer")
 
@@ -333,16 +343,32 @@ class RefServer:
             return _error(404, "not_found", f"no entry {entry_id}")
         return web.json_response(entry)
 
+    def _https_only_message(self) -> str:
+        c = self.config
+        where = (
+            f": use https://{c.address}:{c.https_port}{c.app_path}login"
+            if "https" in c.listen
+            else " (this server does not listen on https yet)"
+        )
+        return f"The password is taken over https only, never in clear over http{where}."
+
     async def login(self, request: web.Request) -> web.Response:
         if self.verifier is None:
             return _error(409, "no_password", "No auth password is configured on this server.")
+        if not request.secure:
+            # Not even read: the password must not cross the network in clear (in the dual
+            # phase the http listener is up as well, with the same verifier behind it).
+            log.warning("login.refused_http", remote=request.remote)
+            return _error(403, "https_required", self._https_only_message())
         body = await self._json_body(request)
         secret = body.get("password")
         if not isinstance(secret, str) or not secret:
             return _error(400, "bad_request", 'body needs "password": a non-empty string')
         source = source_key(request.remote)
-        wait = self._login_failures.wait(source, self.clock())
+        now = self.clock()
+        wait = max(self._login_failures.wait(source, now), self._login_ceiling.wait(now))
         if wait > 0:
+            self.login_refused += 1
             log.warning("login.rate_limited", remote=request.remote, retry_after=retry_after(wait))
             return web.json_response(
                 {
@@ -353,16 +379,22 @@ class RefServer:
                 status=429,
                 headers={"Retry-After": str(retry_after(wait))},
             )
+        # Counted as a failure before the check (no await between the limits above and here):
+        # guesses sent together must not all pass one allowance while scrypt runs. A right
+        # password takes its count back below.
+        self._login_failures.failed(source, now)
+        self._login_ceiling.failed(now)
         async with self._login_slots:
             ok = await asyncio.to_thread(password.check_password, self.verifier, secret)
         log.info("login.checked", accepted=ok, scheme=self._scheme(request), remote=request.remote)
         if not ok:
-            self._login_failures.failed(source, self.clock())
+            self.login_failures += 1
             return web.json_response(
                 {"ok": False, "error": "wrong_password", "message": "The password is wrong."},
                 status=401,
             )
         self._login_failures.reset(source)
+        self._login_ceiling.forgive(now)
         return web.json_response({"ok": True})
 
     # --- admin app ----------------------------------------------------------------------------
@@ -457,6 +489,8 @@ class RefServer:
                 "requests": dict(self.requests),
                 "clients": {scheme: len(seen) for scheme, seen in self.clients.items()},
                 "auth_configured": self.verifier is not None,
+                "login_failures": self.login_failures,
+                "login_refused": self.login_refused,
                 "cert_sha256": self.cert_sha256,
                 "client_ca": c.client_ca_file is not None,
                 "require_client_cert": c.require_client_cert,
@@ -678,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="TOML config file")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     args = parser.parse_args(argv)
+    daemon.no_core_dumps()  # before the password's verifier and the key are read
     try:
         loaded = refserver_config.load(args.config)
     except ConfigError as exc:

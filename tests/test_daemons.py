@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import pty
+import resource
 import select
 import signal
 import socket
@@ -47,7 +48,7 @@ from tests.cluster import (
     wait_until,
 )
 from tests.conftest import next_loopback
-from tests.refserver_helper import write_toml
+from tests.refserver_helper import RefServer, write_toml
 from tlsroll import __version__, pki
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.errors import PKIError
@@ -796,3 +797,39 @@ async def test_the_agents_stop_ends_a_task_that_swallowed_its_cancellation() -> 
     task.cancel()
     await asyncio.wait({task}, timeout=5)
     assert task.done()
+
+
+def core_limits(pid: int) -> tuple[str, str]:
+    """The soft and hard RLIMIT_CORE of process ``pid``, as /proc/PID/limits says them."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            soft, hard = line.split()[4:6]
+            return soft, hard
+    raise AssertionError(f"no core limit in /proc/{pid}/limits")
+
+
+def test_no_daemon_can_leave_a_core_file(tmp_path: Path) -> None:
+    """Audit s45rt3 L2: a daemon's core holds secrets (the agent's password verifier and node
+    key, the leader's decrypted CA key, the reference server's verifier). Started with a limit
+    that allows core files (as a shell may), each daemon sets soft and hard limit to 0 itself:
+    the units' LimitCORE=0 covers only a start by systemd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    allowed = 1 << 30 if hard == resource.RLIM_INFINITY else hard
+    if allowed == 0:
+        pytest.skip("this machine's hard core limit is 0 already: nothing to show")
+    resource.setrlimit(resource.RLIMIT_CORE, (allowed, hard))  # the daemons inherit it
+    try:
+        server = RefServer(tmp_path / "rs", next_loopback())
+        try:
+            server.start()
+            with Cluster(tmp_path / "c", next_loopback()) as c:
+                c.init()
+                c.start_leader()
+                agent = c.add_agent("node1", next_loopback())
+                for proc in (c.leader.proc, agent.proc, server.proc):
+                    assert proc is not None and proc.poll() is None
+                    assert core_limits(proc.pid) == ("0", "0"), proc.args
+        finally:
+            server.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))

@@ -1047,3 +1047,13 @@ def test_ca_credential_on_a_full_data_dir_leaves_leader_toml_as_it_was(
     assert 'ca_passphrase_file = "/run/tlsroll/ca-passphrase"' in throwaway.ok(f"cat {config}")
     assert throwaway.ok(f"ls -A {data}").split() == ["leader.toml"]
     throwaway.ok(f"umount {data}")
+
+
+@pytest.mark.parametrize("unit", UNIT_NAMES)
+def test_unit_allows_no_core_file(unit: str, unit_root: Path) -> None:
+    """Audit s45rt3 L2: the daemons' memory holds secrets; systemd-coredump would keep them
+    for days. ``LimitCORE=0``, which ``systemd-analyze verify`` takes without a word."""
+    lines = (UNITS / unit).read_text().splitlines()
+    assert [line for line in lines if line.startswith("LimitCORE=")] == ["LimitCORE=0"]
+    result = analyze("verify", f"--root={unit_root}", unit)
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr

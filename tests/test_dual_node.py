@@ -150,8 +150,9 @@ def test_dual_switch_serves_both_and_finalize_closes_http(make_node: NodeFactory
     verifier = password.verifier_to_json(password.make_verifier(secret, **password.TEST_PARAMS))
     fingerprint = go_dual(node, "t1", verifier)
     assert_dual(node, fingerprint)
-    for scheme in ("http", "https"):  # the password is live on both listeners
-        assert node.post(scheme, {"password": secret}, path="login").status == 200
+    # The password is live, and taken on https only: never in clear, also in the dual phase.
+    assert node.post("https", {"password": secret}, path="login").status == 200
+    assert node.post("http", {"password": secret}, path="login").status == 403
     pid = node.server_pid()
     # One store behind both: a write on http is read on https and the other way round.
     on_http = node.post("http", {"note": "dual via http"}).json()

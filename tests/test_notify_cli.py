@@ -537,3 +537,39 @@ def test_remaining_with_no_report_yet_says_so_in_words(tmp_path: Path) -> None:
             assert shown.returncode == 0, shown.stderr
             assert shown.stdout.splitlines()[1:] == [f"  {says}"], shown.stdout
             assert "*" not in shown.stdout, shown.stdout
+
+
+def test_check_password_is_audited_and_backs_off(tmp_path: Path) -> None:
+    """Audit s45rt3 L3: Admin.CheckPassword compares a hash made anywhere with the staged
+    verifier's, so each check is in the audit trail (who, which version, whether it
+    matched), and after 5 wrong hashes a caller waits (1 s, doubling), even with the right
+    one; a right one clears it."""
+    w = World(tmp_path, nodes=1)
+    try:
+        w.start()
+        pw = secret_file(tmp_path / "pw", PW1)
+        assert w.cli("password", "set", "--password-file", str(pw)).returncode == 0
+        rows = w.cluster.store_rows(("auth_versions",), ignore=("created_at", "actor"))
+        stored = json.loads(rows["auth_versions"][-1][1])
+        digest = base64.b64decode(stored["hash"])
+        with w.cluster.admin() as admin:
+            version = admin.CheckPassword(admin_pb2.CheckPasswordRequest(), timeout=10).version
+
+            def check(candidate: bytes) -> admin_pb2.CheckPasswordResponse:
+                request = admin_pb2.CheckPasswordRequest(candidate_hash=candidate, version=version)
+                reply: admin_pb2.CheckPasswordResponse = admin.CheckPassword(request, timeout=10)
+                return reply
+
+            assert check(digest).matches
+            for _ in range(5):
+                assert not check(b"x" * len(digest)).matches
+            with pytest.raises(grpc.RpcError) as waits:
+                check(digest)
+            assert waits.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "too many wrong passwords checked" in (waits.value.details() or "")
+        audit = w.cluster.store_rows(("audit",))["audit"]
+        checked = [json.loads(r[-1]) for r in audit if "password.checked" in r]
+        assert [c["matches"] for c in checked] == [True] + [False] * 5, audit
+        assert PW1 not in w.cluster.logs_text()
+    finally:
+        w.close()

@@ -663,3 +663,45 @@ def test_a_bootstrap_service_that_failed_to_start_is_a_node_problem_until_the_ag
         assert said().count("bootstrap.up_again") == 1, said()
     finally:
         squatter.close()
+
+
+def test_a_removed_node_takes_no_password_and_says_it_was_removed(tmp_path: Path) -> None:
+    """Audit s45rt3 M3 end to end: once the leader refuses a removed node's heartbeat, its
+    agent's bootstrap service checks no password (a wrong one was "wrong password", a guess
+    oracle whose guesses reached no schema; the right one "502 ... try later", which never
+    works): a 503 that says the node was removed, for either, nothing written. ``nodes remove``
+    says what to do on that machine."""
+    w = World(tmp_path, nodes=2)
+    try:
+        w.start()
+        pw = secret_file(tmp_path / "pw", PW1)
+        assert w.run_rollout("--password-file", str(pw))["state"] == "completed"
+        gone = w.nodes[1]
+        assert gone.agent is not None
+        removed = w.cli("nodes", "remove", gone.name, "--yes")
+        assert removed.returncode == 0, removed.stderr
+        said = " ".join(removed.stdout.split())
+        assert f"On {gone.name}: stop tlsroll-agent" in said, said
+        assert "tlsroll password set" in said and "--change change-password" in said, said
+        agent = gone.agent
+        wait_until(
+            lambda: "agent.removed_from_cluster" in agent.event_names(),
+            30,
+            "the removed node's agent to hear that the leader refuses it",
+            interval=0.2,
+        )
+        wrong = secret_file(tmp_path / "wrong", "not-the-password")
+        for password_file, settings in ((wrong, tmp_path / "pc-wrong"), (pw, tmp_path / "pc")):
+            result = w.test_connection(gone.https_url(), password_file, settings)
+            assert result.returncode == 11, result.stdout + result.stderr
+            line = one_line_error(result.stderr, "tlsroll")
+            assert "node_removed" in line and "removed from the cluster" in line, line
+            assert "wrong password" not in line and "try later" not in line, line
+            assert not (settings / "client.key").exists()
+        assert w.schema()["bootstrap_failures"] == []
+        # The node still in the cluster enrols as before.
+        kept = w.test_connection(w.nodes[0].https_url(), pw, tmp_path / "pc-kept")
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert PW1 not in w.cluster.logs_text() + "".join(w.outputs)
+    finally:
+        w.close()

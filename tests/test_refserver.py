@@ -713,24 +713,72 @@ def test_bad_verifier_file_is_refused(make_server: MakeServer, tmp_path: Path) -
 # --- auth password --------------------------------------------------------------------------------
 
 
+def https_login_server(
+    make_server: MakeServer,
+    loopback: Callable[[], str],
+    issue_cert: IssueCert,
+    verifier_file: Path,
+    **settings: Any,
+) -> tuple[RefServer, ssl.SSLContext]:
+    """A started server on http and https (the dual phase) with the auth password, and a
+    context that trusts its certificate."""
+    address = loopback()
+    cert = issue_cert(address)
+    server = make_server(
+        address=address,
+        listen=["http", "https"],
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+        auth_verifier_file=verifier_file,
+        **settings,
+    )
+    server.start()
+    return server, https_context(cert)
+
+
+def login_from(
+    server: RefServer, context: ssl.SSLContext, secret: str, source: str | None = None
+) -> Response:
+    """POST the login on https, from the local address ``source`` if given (as a PC with that
+    address would)."""
+    conn = httpcheck.HTTPSConnection(
+        server.address,
+        server.port("https"),
+        timeout=30,
+        context=context,
+        source_address=(source, 0) if source else None,
+    )
+    try:
+        body = json.dumps({"password": secret}).encode()
+        conn.request(
+            "POST",
+            f"{server.app_path}login",
+            body=body,
+            headers={"Content-Type": "application/json", "Connection": "close"},
+        )
+        resp = conn.getresponse()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
 def test_login_checks_the_verifier_read_at_start_up(
-    make_server: MakeServer, tmp_path: Path
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
 ) -> None:
     old_secret = password.generate_password()
     new_secret = password.generate_password()
     verifier_file = write_verifier(tmp_path / "auth.json", old_secret)
-    server = make_server(auth_verifier_file=verifier_file)
-    server.start()
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
     assert server.status()["auth_configured"] is True
 
     def login(secret: object) -> Response:
-        return server.request("POST", "login", {"password": secret})
+        return server.request("POST", "login", {"password": secret}, scheme="https", context=ctx)
 
     assert login(old_secret).status == 200 and login(old_secret).json() == {"ok": True}
     wrong = login(new_secret)
     assert wrong.status == 401 and wrong.json()["ok"] is False
     assert login("").status == 400 and login(42).status == 400
-    assert server.request("POST", "login", b"nope").status == 400
+    assert server.request("POST", "login", b"nope", scheme="https", context=ctx).status == 400
 
     # A new verifier on disk has no effect until the server restarts (the seed's rule).
     write_verifier(verifier_file, new_secret)
@@ -745,14 +793,46 @@ def test_login_checks_the_verifier_read_at_start_up(
     assert any(e["event"] == "login.checked" for e in server.log_events())
 
 
-def test_login_backs_off_after_wrong_passwords(make_server: MakeServer, tmp_path: Path) -> None:
+def test_login_is_refused_over_http_in_the_dual_phase(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Both listeners up with the verifier (phase 1): the password is taken on https only; on
+    http a 403 that says where to go, the body unread, nothing counted. Plain writes over http
+    still work (the seed's phase 1)."""
+    secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
+
+    for value in (secret, "not-" + secret):
+        refused = server.request("POST", "login", {"password": value})
+        assert refused.status == 403, refused.body
+        body = refused.json()
+        assert body["error"] == "https_required"
+        assert f"https://{server.address}:8443{server.app_path}login" in body["message"]
+        assert secret not in refused.body.decode()
+    assert post(server, {"still": "http"}).status == 201
+    assert login_from(server, ctx, secret).status == 200
+    status = server.status()
+    assert status["login_failures"] == 0 and status["login_refused"] == 0
+    assert not [
+        e
+        for e in server.log_events()
+        if e["event"] == "login.checked" and e.get("scheme") == "http"
+    ]
+    assert any(e["event"] == "login.refused_http" for e in server.log_events())
+    assert secret not in server.log()
+
+
+def test_login_backs_off_after_wrong_passwords(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
     """Per source address: 5 wrong ones are free, then 2 s, doubling; a right one clears it."""
     secret = password.generate_password()
-    server = make_server(auth_verifier_file=write_verifier(tmp_path / "auth.json", secret))
-    server.start()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
 
     def login(value: str) -> Response:
-        return server.request("POST", "login", {"password": value})
+        return login_from(server, ctx, value)
 
     for _ in range(5):
         assert login("not-" + secret).status == 401
@@ -766,6 +846,51 @@ def test_login_backs_off_after_wrong_passwords(make_server: MakeServer, tmp_path
     assert login(secret).status == 200
     assert login("not-" + secret).status == 401  # cleared: free again
     assert any(e["event"] == "login.rate_limited" for e in server.log_events())
+    assert secret not in server.log()
+
+
+GUESSES_AT_ONCE = 24
+
+
+def test_wrong_passwords_sent_together_pass_no_more_than_the_allowance(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Each guess is counted before scrypt runs: 24 sent at once from one address get 5
+    answers (the free ones) and 19 refusals, not 24 answers."""
+    secret = password.generate_password()
+    verifier_file = tmp_path / "auth.json"
+    # The production cost (~0.1 s each), so that the guesses really overlap in the server.
+    verifier = password.make_verifier(secret)
+    write_atomic(verifier_file, password.verifier_to_json(verifier).encode(), PRIVATE)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
+    with ThreadPoolExecutor(GUESSES_AT_ONCE) as pool:
+        answers = list(
+            pool.map(lambda i: login_from(server, ctx, f"guess-{i}").status, range(GUESSES_AT_ONCE))
+        )
+    assert sorted(answers) == [401] * 5 + [429] * (GUESSES_AT_ONCE - 5), answers
+    status = server.status()
+    assert status["login_failures"] == 5
+    assert status["login_refused"] == GUESSES_AT_ONCE - 5
+
+
+def test_the_whole_server_has_a_ceiling_of_wrong_passwords(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Fresh addresses get no fresh budget past ``login_ceiling`` wrong passwords a day: then
+    even the right password from a new address waits. A right one does not use it up."""
+    secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    server, ctx = https_login_server(
+        make_server, loopback, issue_cert, verifier_file, login_ceiling=3
+    )
+    assert login_from(server, ctx, secret, loopback()).status == 200
+    for _ in range(3):  # one wrong password from each of three addresses
+        assert login_from(server, ctx, "not-" + secret, loopback()).status == 401
+    refused = login_from(server, ctx, secret, loopback())
+    assert refused.status == 429 and refused.json()["error"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) > 80_000  # until the first leaves the day
+    status = server.status()
+    assert status["login_failures"] == 3 and status["login_refused"] == 1
     assert secret not in server.log()
 
 

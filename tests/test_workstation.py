@@ -1861,6 +1861,7 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     async with bootstrap_on(node, test_ca):
         assert (await run_cli(*args)).code == 0
     before = settings_set(d)
+    expires = pki.read_cert(d / "client.pem").not_valid_after_utc
     # A certificate of a CA the node's bundle names but its server does not take: the check
     # fails after the exchange (what a server trusting the wrong CA, or down, would do).
     other = pki.CertificateAuthority.create("another CA")
@@ -1874,8 +1875,9 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     # the new set failed its second check too; until when the old one works is said)
     assert (
         "the settings before are kept (a request with them still succeeds), but the leader "
-        "revoked their certificate when it signed the new one: they work only until the "
-        "server reads the leader's revocation list, possibly at its next restart; this PC's "
+        "revoked their certificate when it signed the new one; a managed server reads no "
+        "revocation list, so they keep working with it until that certificate expires (on "
+        f"{expires:%Y-%m-%d}); this PC's "
         f"new certificate (ws-empfang) is kept in {kept}: fix the cause and run this again "
         "soon (it enrols again with the password, as this PC: no --replace needed)"
     ) in run.error

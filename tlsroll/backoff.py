@@ -2,7 +2,7 @@
 
 Pure: time (monotonic seconds) is passed in, so tests move it by hand. Used by the node's
 bootstrap service (per source address, per claimed workstation name, and for the whole node)
-and by the reference server's ``/login`` (per source address).
+and by the reference server's ``/login`` (per source address, and for the whole server).
 
 ``Backoff``: a key may fail ``free`` times without waiting; after that, each failure makes it
 wait ``base * 2**(failures - free)`` seconds (at most ``cap``) from its last failure before the
@@ -15,6 +15,7 @@ that every attempt waits until the oldest failure leaves the window.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 from collections import OrderedDict, deque
@@ -116,6 +117,12 @@ class Ceiling:
         self._times.append(now)
         while len(self._times) > self.limit:  # older ones no longer decide anything
             self._times.popleft()
+
+    def forgive(self, at: float) -> None:
+        """Take back one failure counted ``at`` (an attempt counted before it was checked,
+        which turned out right); nothing if it has left the window or was pushed out."""
+        with contextlib.suppress(ValueError):
+            self._times.remove(at)
 
 
 def retry_after(seconds: float) -> int:

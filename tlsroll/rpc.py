@@ -57,6 +57,30 @@ def permission_denied(message: str) -> RpcStatusError:
     return RpcStatusError(grpc.StatusCode.PERMISSION_DENIED, message)
 
 
+# The leader's refusal of a node no longer in the cluster (removed, or its certificate revoked
+# by serial), in these words (an older leader's too): an agent told so at its heartbeat stops
+# taking workstation passwords (``node_removed``; audit s45rt3 M3).
+NOT_ENROLLED = "is not an enrolled node (removed?)"
+REVOKED_NODE = "is revoked; enrol it again"
+
+
+def not_enrolled(name: str) -> str:
+    return f"{name!r} {NOT_ENROLLED}"
+
+
+def revoked_node(name: str) -> str:
+    return f"the certificate of node {name!r} {REVOKED_NODE}"
+
+
+def node_removed(code: grpc.StatusCode | None, details: str | None) -> bool:
+    """Whether the leader refused a node's call because the node is no longer in the cluster
+    (not for a certificate that is merely not the one on record: a renewal under way)."""
+    text = details or ""
+    return code == grpc.StatusCode.UNAUTHENTICATED and (
+        NOT_ENROLLED in text or REVOKED_NODE in text
+    )
+
+
 def failed_precondition(message: str) -> RpcStatusError:
     return RpcStatusError(grpc.StatusCode.FAILED_PRECONDITION, message)
 

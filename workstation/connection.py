@@ -779,8 +779,8 @@ class TestConnection:
         - it has one: a request with it is tried. It stays only if that succeeds; then the
           new set is checked once more (the cause was likely passing) and goes in place if it
           passes now, else the new pair stays aside and the error says until when the set in
-          place works (its certificate revoked: until the server reads the leader's
-          revocation list). If that request fails too, the new set goes in place all the
+          place works (its certificate revoked, which the managed server does not learn: until
+          it expires). If that request fails too, the new set goes in place all the
           same, unchecked: the only one the leader holds valid (what failed is said, and what
           to do).
 
@@ -843,6 +843,15 @@ class TestConnection:
             return False
         return any(pki.issued_by(cert, ca) for ca in bundle)
 
+    def _in_place_expiry(self) -> str:
+        """`` (on YYYY-MM-DD)``: when the client certificate of the set in place expires; ""
+        if it cannot be read."""
+        try:
+            cert = pki.load_cert_pem((self.o.settings_dir / "client.pem").read_bytes())
+        except (OSError, PKIError, ValueError, TypeError):
+            return ""
+        return f" (on {cert.not_valid_after_utc:%Y-%m-%d})"
+
     def _set_in_place_problem(self) -> str | None:
         """Why a request with the set in place (its own address, CA, client key and
         certificate) fails; None if it succeeds."""
@@ -886,16 +895,17 @@ class TestConnection:
         (``settings_files.KEPT``; ``keep_new_pair`` did already, this makes sure) so that the
         next run proves with them that it is this PC: it never needs --replace for it, and
         nothing it held is lost for good. ``still_works``: a request with the set in place
-        still succeeds; ``revoked``: its certificate is one the leader revoked, so it works
-        only until the server reads the revocation list (said, with the deadline). Returns
-        the error to raise, which says so."""
+        still succeeds; ``revoked``: its certificate is one the leader revoked, which a
+        managed server does not learn (it reads no revocation list): it works until it
+        expires (said, with the date). Returns the error to raise, which says so."""
         d = self.o.settings_dir
         superseded = self.previous is not None or revoked
         urgent = still_works and revoked
         what = f"a request with the new settings failed: {failed.problem}; " + (
             "the settings before are kept (a request with them still succeeds), but the leader "
-            "revoked their certificate when it signed the new one: they work only until the "
-            "server reads the leader's revocation list, possibly at its next restart"
+            "revoked their certificate when it signed the new one; a managed server reads no "
+            "revocation list, so they keep working with it until that certificate expires"
+            f"{self._in_place_expiry()}"
             if urgent
             else "the settings before are kept (a request with them still succeeds)"
             + (

@@ -190,6 +190,14 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
         f"To enrol it again: tlsroll token create --node {reply.node.name} "
         + " ".join(f"--address {a}" for a in reply.node.addresses)
     )
+    # Its agent refuses workstation passwords once the leader refuses it (its next heartbeat),
+    # but the machine still holds the password's verifier, which is as good as the password.
+    out.print(
+        f"On {reply.node.name}: stop tlsroll-agent (systemctl disable --now tlsroll-agent). "
+        "If that machine is not trusted (lost, sold, compromised), it still holds what "
+        "checks the auth password: stage a new one (tlsroll password set) and run "
+        "tlsroll rollout start --change change-password."
+    )
 
 
 @click.group()
