@@ -47,13 +47,14 @@ from leader.rollout_core import (
     Rollout,
     Strategy,
     before_after,
+    down_on_https,
     wrong_source,
 )
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore, measured_seconds
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, pki, probe, spiffe
-from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.enums import SERVER_NOT_HEALTHY, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import WireError
@@ -231,11 +232,19 @@ class ChangeSteps:
         await ctx.detail(
             old_url=reply.old_url, new_url=reply.new_url, bootstrap_port=reply.bootstrap_port
         )
-        if not reply.ok:
-            return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
-        if CHANGES[self.change].requires_https and "https" not in reply.server.schemes:
+        problems = list(reply.problems)
+        schemes = reply.server.schemes
+        down = NodeObservation(False, configured=tuple(reply.server.configured_schemes))
+        if not reply.server.healthy and down_on_https(self.change, down):
+            # The way back with the server down, its config on https: the agent's switch
+            # restores http and starts it (review s45rt1 H1); judged by its config.
+            problems = [p for p in problems if not p.startswith(SERVER_NOT_HEALTHY)]
+            schemes = reply.server.configured_schemes
+        if problems:
+            return NodeEvent.PREFLIGHT_FAILED, "; ".join(problems)
+        if CHANGES[self.change].requires_https and "https" not in schemes:
             return NodeEvent.PREFLIGHT_FAILED, f"the node is {NOT_ON_HTTPS}"
-        serving = NodeObservation(True, schemes=tuple(sorted(reply.server.schemes)))
+        serving = NodeObservation(True, schemes=tuple(sorted(schemes)))
         if why := wrong_source(self.change, serving, ctx.rollout.strategy):
             return NodeEvent.PREFLIGHT_FAILED, why  # what the plan saw may have changed
         node = await ctx.enrolled_node()

@@ -41,6 +41,7 @@ from leader.rollout_core import (
     Scope,
     ScopeKind,
     Strategy,
+    left_as_is,
 )
 from leader.schema_store import (
     AlreadyRetried,
@@ -471,6 +472,7 @@ class Commands:
                 dual_from=request.dual_from,
                 agents=agents,
                 own_certificates=request.own_certs is not None,
+                finalizes=request.finalizes,
             )
         except planner.NothingToDo:
             if undone is not None:
@@ -592,7 +594,10 @@ class Commands:
             change=rollout.change.value,
             scope=rollout.scope.kind.value,
             order=list(rollout.order),
-            already_done=[r.name for r in nodes if r.state is NodeState.SKIPPED],
+            already_done=[
+                r.name for r in nodes if r.state is NodeState.SKIPPED and not left_as_is(r.reason)
+            ],
+            left_as_is=[r.name for r in nodes if left_as_is(r.reason)] or None,
             own_certificates=request.own_certs is not None,
             epoch=row.rollout.epoch,
             actor=actor,

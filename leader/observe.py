@@ -128,7 +128,10 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
         detail = peertext.clean(view.detail, 200)
         needs_admin = detail if detail.startswith(NEEDS_ADMIN) else ""
         return NodeObservation(
-            False, f"the managed server: {detail or 'not healthy'}", needs_admin=needs_admin
+            False,
+            f"the managed server: {detail or 'not healthy'}",
+            needs_admin=needs_admin,
+            configured=tuple(sorted(view.configured_schemes)),
         )
     return NodeObservation(
         reachable=True,

@@ -72,6 +72,8 @@ from leader.rollout_core import (
     DRAINING_ROLLOUT_STATES,
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
+    LEFT_AS_IS,
+    LEFT_OFFLINE,
     STEP_FOR_STATE,
     TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
@@ -91,6 +93,8 @@ from leader.rollout_core import (
     Strategy,
     already_done,
     blocked_too_old,
+    down_on_https,
+    left_unknown,
     needs_https_first,
     node_transition,
     not_on_https_refusal,
@@ -123,7 +127,8 @@ class AlreadyUndone(PlanError):
     def __init__(self, target: str, by: Rollout) -> None:
         super().__init__(
             f"rollout {target} was already taken back by rollout {by.id} ({by.state.value}); "
-            "see: tlsroll schema show"
+            "see: tlsroll schema show; to take back every node on https now: tlsroll rollout "
+            "rollback"
         )
         self.target = target
         self.by = by.id
@@ -171,6 +176,22 @@ class Unreachable(PlanError):
             "bring the agent up or leave the node out (--nodes)"
         )
         self.names = tuple(sorted(errors))
+
+
+class NoneReachable(PlanError):
+    """The way back (disable-tls) found no node it could take back now: every node in scope
+    is on http already or left as is (offline, or its agent could not say what it runs)."""
+
+    def __init__(self, change: Change, left: Mapping[str, str], done: Mapping[str, str]) -> None:
+        names = sorted(left)
+        said = _some([f"{n} ({left[n].split(LEFT_AS_IS)[0].rstrip(':; ')})" for n in names])
+        on_http = f"; on http already: {_some(sorted(done))}" if done else ""
+        them = "it is" if len(names) == 1 else "they are"
+        super().__init__(
+            f"{change.value} has no node to take back now: {said}{on_http}; nothing was "
+            f"changed: run tlsroll rollout rollback again once {them} back"
+        )
+        self.names = tuple(names)
 
 
 class WrongSource(PlanError):
@@ -339,6 +360,7 @@ def plan_rollout(
     dual_from: str = "",
     agents: Mapping[str, tuple[str, Collection[str]]] | None = None,
     own_certificates: bool = False,
+    finalizes: str = "",
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -379,29 +401,49 @@ def plan_rollout(
     if not names:
         raise EmptyScope()
     offline = sorted(name for name in names if not enrolled[name])
-    if offline:
+    # The way back is the emergency path: a node whose agent is off, or cannot say what it
+    # runs, is left as is (named, with what to do), not in the way of the others (review
+    # s45rt1 H1: one switched-off machine refused `rollout rollback` for every node).
+    left: dict[str, str] = {}
+    if offline and change is Change.DISABLE_TLS:
+        left = {name: LEFT_OFFLINE for name in offline}
+    elif offline:
         raise NodesOffline(offline)
     done: dict[str, str] = {}
     dual: dict[str, str] = {}
     if observed is not None:
-        if admin := {n: observed[n].needs_admin for n in names if observed[n].needs_admin}:
+        asked = [n for n in names if n not in left]
+        admin = {n: observed[n].needs_admin for n in asked if observed[n].needs_admin}
+        unreachable = {
+            n: observed[n].error
+            for n in asked
+            if not observed[n].reachable and not down_on_https(change, observed[n])
+        }
+        if change is Change.DISABLE_TLS:
+            left |= {n: left_unknown(unreachable[n], admin.get(n, "")) for n in unreachable}
+        elif admin:
             raise NeedsAdmin(admin)
-        unreachable = {n: observed[n].error for n in names if not observed[n].reachable}
-        if unreachable:
+        elif unreachable:
             raise Unreachable(unreachable)
         wrong: dict[str, str] = {}
-        for name in names:
+        for name in asked:
+            if name in left:
+                continue
             if settled := settled_at_start(
                 change, observed[name], target_digest, strategy, dual_from
             ):
                 state, reason = settled
                 (dual if state is NodeState.DUAL else done)[name] = reason
-            elif why := wrong_source(change, observed[name], strategy):
+            elif why := wrong_source(change, observed[name], strategy, finalizes):
                 wrong[name] = why
         if wrong:
             raise WrongSource(change, wrong)
         if len(done) == len(names):
             raise NothingToDo(change, done)
+        if len(done) + len(left) == len(names):
+            raise NoneReachable(change, left, done)
+    elif left and len(left) == len(names):  # nothing asked (no agents): only they are known
+        raise NoneReachable(change, left, {})
     order = order_nodes(names, leader)
     needs = agent_features.rollout_needs(change, strategy, freeze, own_certificates)
     rollout = Rollout(
@@ -417,6 +459,8 @@ def plan_rollout(
     )
 
     def record(name: str) -> NodeRecord:
+        if name in left:
+            return NodeRecord(name, NodeState.SKIPPED, left[name])
         if name in done:
             return NodeRecord(name, NodeState.SKIPPED, done[name])
         if name in dual:

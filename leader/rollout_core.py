@@ -286,6 +286,43 @@ the agent would drop what it does not know and do something else."""
 BLOCKED_TOO_OLD = f"{BLOCKED} {AGENT_TOO_OLD}"
 
 
+LEFT_AS_IS = "left as is"
+"""In the reason of a node the way back (disable-tls) skipped as it could not tell what the node
+runs (``LEFT_OFFLINE``, ``left_unknown``): the others go back to http, this one does not; the
+CLI names such nodes apart from those already on http (review s45rt1 H1)."""
+
+LEFT_OFFLINE = f"offline: {LEFT_AS_IS}: run tlsroll rollout rollback again once its agent is back"
+
+
+def left_unknown(error: str, needs_admin: str = "") -> str:
+    """The reason of a node the way back leaves as is: its agent could not say what it runs
+    (``error``), or says it needs the admin first (``needs_admin``)."""
+    if needs_admin:
+        return f"{needs_admin}; {LEFT_AS_IS}: then run tlsroll rollout rollback again"
+    return (
+        f"cannot tell what it runs ({error}): {LEFT_AS_IS}; fix that, then run tlsroll "
+        "rollout rollback again"
+    )
+
+
+def down_on_https(change: Change, seen: NodeObservation) -> bool:
+    """The way back (disable-tls) and node ``seen``, whose managed server is down with a config
+    on https (or http and https): the way back restores http and starts the server (the
+    agent's freeze is skipped for a server that is down), so it steps such a node; any other
+    change waits for a healthy server."""
+    return (
+        change is Change.DISABLE_TLS
+        and not seen.reachable
+        and not seen.needs_admin
+        and "https" in seen.configured
+    )
+
+
+def left_as_is(reason: str) -> bool:
+    """Whether a skipped node's ``reason`` says the way back left it as is (not on http)."""
+    return LEFT_AS_IS in reason and not reason.startswith("already done")
+
+
 def blocked_too_old(reason: str) -> bool:
     """Whether a planned node's ``reason`` says its agent is too old for the change."""
     return reason.startswith(BLOCKED_TOO_OLD)
@@ -309,10 +346,14 @@ def needs_https_first(change: Change, seen: NodeObservation) -> bool:
 
 
 def wrong_source(
-    change: Change, seen: NodeObservation, strategy: Strategy = Strategy.DIRECT
+    change: Change,
+    seen: NodeObservation,
+    strategy: Strategy = Strategy.DIRECT,
+    finalizes: str = "",
 ) -> str | None:
     """Why a node may not take ``change`` from what it serves now (None: it may). A dual node
-    is named with the two ways on."""
+    is named with the two ways on; so is a node a finalize finds on http only (``finalizes``:
+    the phase 1 it finalizes, named in the way back)."""
     now = frozenset(seen.schemes)
     row = schemes(change, strategy)
     # Only the transitional states are judged here; the other changes' preflight says why a
@@ -326,7 +367,11 @@ def wrong_source(
             "tlsroll rollout finalize, or go back with tlsroll rollout rollback, first"
         )
     if change is Change.FINALIZE:
-        return f"it serves {'+'.join(sorted(now))} only: finalize closes http on a dual node"
+        back = f"tlsroll rollout rollback {finalizes or '<its ID>'}"
+        return (
+            f"it serves {'+'.join(sorted(now))} only: finalize closes http on a dual node; "
+            f"take phase 1 back with {back}, or make the node dual again"
+        )
     return f"it serves {'+'.join(sorted(now))}: {change.value} does not start from there"
 
 
@@ -397,6 +442,9 @@ class NodeObservation:
     # "needs the admin: <why, what to do>" (``tlsroll.enums.NEEDS_ADMIN``): the agent said so
     # (its journal put back from a copy made mid-switch); reachable is False then.
     needs_admin: str = ""
+    # Its managed server is down (reachable False) and its config says it listens on these
+    # (``ServerView.configured_schemes``): the way back takes a node on https so to http.
+    configured: tuple[str, ...] = ()
 
 
 def still_dual(seen: NodeObservation, digest: str = "") -> bool:

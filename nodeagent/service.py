@@ -51,7 +51,7 @@ from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
-from tlsroll.enums import NEEDS_ADMIN, Change, TxnKind
+from tlsroll.enums import NEEDS_ADMIN, SERVER_NOT_HEALTHY, Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import config_dir_problem
 from tlsroll.rpc import (
@@ -348,6 +348,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 detail=detail,
                 clients=await self._clients(driver),
             )
+        facts = None
         try:
             facts = await asyncio.to_thread(driver.facts)
             status = await driver.status()
@@ -357,6 +358,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 healthy=False,
                 detail=str(exc),
                 clients=await self._clients(driver),
+                # The server down, its config read: the way back can still take it to http.
+                configured_schemes=list(facts.schemes) if facts is not None else [],
             )
         cert_pem, digest = await asyncio.to_thread(self._live_files)
         return agent_pb2.ServerView(
@@ -576,7 +579,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if (why := self.journal.needs_admin()) is not None:  # first: what to do first
             problems.insert(0, f"{NEEDS_ADMIN}{why}")
         if health is not None:
-            problems.append(f"managed server not healthy: {health}")
+            problems.append(f"{SERVER_NOT_HEALTHY}{health}")
         problems += local
         if request.HasField("leader_time"):
             offset = (received - request.leader_time.ToDatetime(tzinfo=dt.UTC)).total_seconds()

@@ -19,6 +19,7 @@ from leader.planner import (
     InconsistentRecords,
     NodeEventAction,
     NodesOffline,
+    NoneReachable,
     NothingToDo,
     Plan,
     PlanError,
@@ -46,6 +47,7 @@ from leader.rollout_core import (
     DRAINING_ROLLOUT_STATES,
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
+    LEFT_OFFLINE,
     RESULT_NODE_EVENTS,
     STEP_FOR_STATE,
     TERMINAL_NODE_STATES,
@@ -65,6 +67,7 @@ from leader.rollout_core import (
     Step,
     Strategy,
     already_done,
+    left_as_is,
     serves_after,
     still_on_http,
 )
@@ -1372,3 +1375,73 @@ def test_when_quiet_holds_a_node_whose_client_report_is_stale() -> None:
     as_of = {n: T0 - MIN for n in "ab"}  # both reports spoke for 59 quiet minutes
     stale = stale_reports(reported, T0, bound)
     assert held_for_quiet(["a", "b"], {"a": None, "b": None}, known, as_of, quiet, stale) == {"b"}
+
+
+def _way_back(
+    enrolled: dict[str, bool], observed: dict[str, NodeObservation], change: Change
+) -> dict[str, tuple[NodeState, str]]:
+    _, records = plan_rollout(
+        rollout_id="r5",
+        change=change,
+        scope=Scope.cluster(),
+        enrolled=enrolled,
+        leader="a",
+        epoch=1,
+        observed=observed,
+    )
+    return {r.name: (r.state, r.reason) for r in records}
+
+
+def test_the_way_back_leaves_nodes_it_cannot_reach_as_is_and_goes_on() -> None:
+    """Review s45rt1 H1: one switched-off machine (offline), an agent that cannot be asked or
+    one that needs the admin no longer refuses `rollout rollback` for every node: each is left
+    as is, named with what to do; a server down with its config on https is stepped."""
+    down = NodeObservation(False, "the managed server: connection refused", configured=("https",))
+    admin = NodeObservation(False, "x", needs_admin="needs the admin: check the journal")
+    planned = _way_back(
+        {"a": True, "b": True, "c": False, "d": True, "e": True, "f": True},
+        {
+            "a": seen("https"),
+            "b": seen("http"),
+            "d": NodeObservation(False, "connection refused"),
+            "e": down,
+            "f": admin,
+        },
+        Change.DISABLE_TLS,
+    )
+    assert planned == {
+        "a": (NodeState.PENDING, ""),
+        "b": (NodeState.SKIPPED, "already done: on http"),
+        "c": (NodeState.SKIPPED, LEFT_OFFLINE),
+        "d": (
+            NodeState.SKIPPED,
+            "cannot tell what it runs (connection refused): left as is; fix that, then run "
+            "tlsroll rollout rollback again",
+        ),
+        "e": (NodeState.PENDING, ""),
+        "f": (
+            NodeState.SKIPPED,
+            "needs the admin: check the journal; left as is: then run tlsroll rollout rollback "
+            "again",
+        ),
+    }
+    assert [n for n, (_, why) in planned.items() if left_as_is(why)] == ["c", "d", "f"]
+
+
+def test_other_changes_stay_strict_about_nodes_out_of_reach() -> None:
+    down = NodeObservation(False, "the managed server: connection refused", configured=("https",))
+    with pytest.raises(NodesOffline):
+        _way_back({"a": True, "b": False}, {"a": seen("https")}, Change.ROTATE_CERT)
+    with pytest.raises(Unreachable, match="b: the managed server"):
+        _way_back({"a": True, "b": True}, {"a": seen("https"), "b": down}, Change.ROTATE_CERT)
+
+
+def test_the_way_back_with_no_node_to_take_back_now_is_refused() -> None:
+    with pytest.raises(
+        NoneReachable,
+        match=r"^disable-tls has no node to take back now: c \(offline\); on http already: b; "
+        "nothing was changed",
+    ):
+        _way_back({"b": True, "c": False}, {"b": seen("http")}, Change.DISABLE_TLS)
+    with pytest.raises(NothingToDo):  # every node on http: as before
+        _way_back({"b": True}, {"b": seen("http")}, Change.DISABLE_TLS)

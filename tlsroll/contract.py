@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "6d91c274d6a0"
+REVISION = "aa66a4a428ea"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

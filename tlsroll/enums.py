@@ -42,3 +42,8 @@ NEEDS_ADMIN = "needs the admin: "
 problem begin while its journal, put back from a copy, says the node needs the admin
 (``nodeagent.journal``, ``Journal.needs_admin``); the leader tells such a node by it (`tlsroll
 nodes`, the schema's node problems, the planner's ``NeedsAdmin``)."""
+
+SERVER_NOT_HEALTHY = "managed server not healthy: "
+"""How an agent's preflight problem begins when its managed server is down or not answering:
+the way back (disable-tls) goes on past it when the server's config is on https (the agent's
+switch restores http and starts the server); every other change fails its preflight there."""

@@ -55,6 +55,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
     blocked_too_old,
+    left_as_is,
     not_on_https_refusal,
 )
 from leader.wire import (
@@ -598,25 +599,35 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     leader.require_same_code()  # before the plan is shown and confirmed (as rollout start)
     with leader.admin() as admin:
         planned = leader.call(admin.PlanRollout, request)
-        going = ", ".join(n.name for n in planned.rollout.nodes)
         if not yes:
-            out.print(
-                f"Back to http: {going} "
-                "(each: freeze writes, restore the http config, restart, verify, unfreeze)."
+            going_back(
+                planned.rollout.nodes,
+                " (each: freeze writes, restore the http config, restart, verify, unfreeze).",
             )
-            out.print("  ! Every workstation must go back to the old http address afterwards.")
             if not sys.stdin.isatty():
                 raise click.UsageError("not a terminal: add --yes to go back without asking")
             if not click.confirm("Go back to http now?", default=False):
                 raise CLIError("not started")
         view = leader.call(admin.StartRollout, request)
+    undoes = f", undoes {view.undoes}" if view.undoes else ""
     out.print(
-        f"rollout {view.id} (disable-tls, undoes {view.undoes}) started; "
+        f"rollout {view.id} (disable-tls{undoes}) started; "
         "follow it with: tlsroll schema show --watch"
     )
     if yes:  # (the plan was not shown: which nodes go back, and what the workstations must do)
-        out.print(f"Back to http: {going}.")
-        out.print("  ! Every workstation must go back to the old http address afterwards.")
+        going_back(view.nodes, ".")
+
+
+def going_back(nodes: Sequence[schema_pb2.NodeView], how: str) -> None:
+    """Which nodes the way back puts on http (only those: review s45rt1 L1), then each other
+    node with why it is not among them ("already on http", "offline: left as is: …")."""
+    skipped = [n for n in nodes if NODE_STATE.text(n.state) == SKIPPED]
+    going = ", ".join(n.name for n in nodes if n not in skipped)
+    out.print(f"Back to http: {going}{how}")
+    for n in skipped:
+        on_http = n.reason.startswith("already done") and not left_as_is(n.reason)
+        out.print(f"  {n.name}: {'already on http' if on_http else n.reason}")
+    out.print("  ! Every workstation must go back to the old http address afterwards.")
 
 
 @rollout.command("finalize")
@@ -760,6 +771,15 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             err=True,
         )
         click.get_current_context().exit(EXIT_STOPPED)
+    left = [n.name for n in r.nodes if left_as_is(n.reason)]
+    if left and ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value:
+        # Not every node is on http: say so beside "completed" (review s45rt1 H1).
+        click.echo(
+            f"tlsroll: rollout {r.id} left {', '.join(left)} as is (not known to be on http: "
+            "see the reason above); run tlsroll rollout rollback again once "
+            f"{'its agent is' if len(left) == 1 else 'their agents are'} back",
+            err=True,
+        )
     if ROLLOUT_STATE.text(r.state) == AWAITING:
         click.echo(
             f"tlsroll: rollout {r.id} awaits finalize: its nodes serve http and https; who is "

@@ -238,6 +238,7 @@ class ServerView(_message.Message):
     CERT_PEM_FIELD_NUMBER: _builtins.int
     VERIFIER_DIGEST_FIELD_NUMBER: _builtins.int
     CLIENTS_FIELD_NUMBER: _builtins.int
+    CONFIGURED_SCHEMES_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
@@ -260,6 +261,14 @@ class ServerView(_message.Message):
     def clients(self) -> _types_pb2.ClientsView:
         """Which workstations the server has seen on which scheme lately."""
 
+    @_builtins.property
+    def configured_schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A server that is down (`healthy` false) whose config could be read: what that config
+        says it listens on ("http", "https" or both). The way back (disable-tls) takes such a node
+        back to http and starts its server; any other change waits for a healthy server. Empty
+        otherwise, and from an agent of an earlier release.
+        """
+
     def __init__(
         self,
         *,
@@ -272,10 +281,11 @@ class ServerView(_message.Message):
         cert_pem: _builtins.bytes = ...,
         verifier_digest: _builtins.str = ...,
         clients: _types_pb2.ClientsView | None = ...,
+        configured_schemes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_pem", b"cert_pem", "clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes", "urls", b"urls", "verifier_digest", b"verifier_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_pem", b"cert_pem", "clients", b"clients", "configured_schemes", b"configured_schemes", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes", "urls", b"urls", "verifier_digest", b"verifier_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
