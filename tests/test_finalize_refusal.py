@@ -299,9 +299,9 @@ def test_the_schema_and_the_viewer_say_which_nodes_wait_for_their_report(tmp_pat
         strategy=Strategy.TRANSITIONAL,
     )
     meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="c")
-    t2 = new_schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, '{"v": 1}')
-    dual = [replace(n, state=NodeState.DUAL) for n in t2.records]
-    new_schema.save_states(t2, t2.rollout.with_event(RolloutEvent.NODES_DUAL), dual, NOW, "x")
+    made = new_schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, "{}")
+    dual = [replace(n, state=NodeState.DUAL) for n in made.records]
+    new_schema.save_states(made, made.rollout.with_event(RolloutEvent.NODES_DUAL), dual, NOW, "x")
     view = SchemaViewService(
         new_schema, lambda: NOW, fresh=lambda _i, _n: frozenset(), reported=new.report_since_start
     )
