@@ -1586,8 +1586,17 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
     return rec, detail
 
 
+# A removed node's client report is none (``Store.remove_node`` deletes it; one stored before
+# that did, or committed by a batch taken before the removal, is left out here): no agent
+# reports for it again, and it was "waiting for its report" for good (review s45rev5 M2).
+_NOT_REMOVED = "node NOT IN (SELECT name FROM nodes WHERE removed_at IS NOT NULL)"
+
+
 def _clients(db: sqlite3.Connection, nodes: Sequence[str] | None) -> list[Client]:
-    rows = db.execute("SELECT * FROM node_clients ORDER BY last_seen DESC, node, address")
+    rows = db.execute(
+        f"SELECT * FROM node_clients WHERE {_NOT_REMOVED}"  # noqa: S608 - a constant
+        " ORDER BY last_seen DESC, node, address"
+    )
     return [
         Client(
             node=r["node"],
@@ -1617,8 +1626,8 @@ def _clients_info(db: sqlite3.Connection) -> dict[str, ClientsInfo]:
             last_http_at=from_text(r["last_http_at"]),
         )
         for r in db.execute(
-            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"
-            " FROM node_clients_info i"
+            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"  # noqa: S608 - a constant
+            f" FROM node_clients_info i WHERE i.{_NOT_REMOVED}"
         ).fetchall()
     }
 

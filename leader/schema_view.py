@@ -23,6 +23,9 @@ from leader.rollout_core import (
     Change,
     Client,
     NodeRecord,
+    NodeState,
+    Rollout,
+    RolloutState,
     before_after,
     still_on_http,
 )
@@ -93,7 +96,7 @@ def rollout_view(
             rec.name == meta.leader_node,
             rec.name in (pending or set()),
             (on_http or {}).get(rec.name, 0),
-            reported is not None and awaits_report(r.state, rec.name, reported),
+            reported is not None and awaits_report(r, meta.when_quiet, rec, reported),
         )
         if made is not None:
             key = (id(rec), id(d))
@@ -166,13 +169,23 @@ def node_view(
     )
 
 
-def awaits_report(state: Any, node: str, reported: Reported) -> bool:
-    """Whether a node of a rollout in ``state`` shows that the leader waits for its client
-    report (``NodeView.awaiting_report``): none came to this leader since it started, or none
-    ever (``reported``: ``Store.report_since_start``; a finalize refuses with ``waiting_for``'s
-    words, ``--when-quiet`` holds the node). Not on an ended rollout's nodes: nothing of it
-    waits (a removed node, in old rollouts, never reports again)."""
-    return state not in TERMINAL_ROLLOUT_STATES and not reported(node)
+def awaits_report(rollout: Rollout, when_quiet: int, rec: NodeRecord, reported: Reported) -> bool:
+    """Whether node ``rec`` of ``rollout`` (``when_quiet``: its ``RolloutMeta.when_quiet``)
+    shows that the leader waits for its client report (``NodeView.awaiting_report``): none
+    came to this leader since it started, or none ever (``reported``:
+    ``Store.report_since_start``), where that wait decides something: a node left dual by a
+    transitional phase 1 awaiting its finalize (a finalize refuses with ``waiting_for``'s
+    words), and a pending node of a ``finalize --when-quiet`` not ended (held until the
+    report comes). Nowhere else (review s45rev5 L1): a renewal, a password change, phase 1
+    while it runs or a plain finalize once started wait for no client report, and an ended
+    rollout's nodes for nothing (a removed node, in old rollouts, never reports again)."""
+    waits = (rollout.state is RolloutState.AWAITING_FINALIZE and rec.state is NodeState.DUAL) or (
+        rollout.change is Change.FINALIZE
+        and when_quiet > 0
+        and rollout.state not in TERMINAL_ROLLOUT_STATES
+        and rec.state is NodeState.PENDING
+    )
+    return waits and not reported(rec.name)
 
 
 def client_view(c: Client) -> types_pb2.ClientSeen:

@@ -1310,7 +1310,8 @@ class Store(LeaderStore):
         and the serials revoked now. InRollout if a rollout not yet ended holds the node,
         checked in this transaction (the admin's early check reads before it: a rollout
         created between them, by an admin or auto-rotate, is seen here); a refused removal
-        forgets nothing either (the heartbeat and client report queued for the group commit)."""
+        forgets nothing either (the heartbeat and client report queued for the group commit).
+        Its stored client report goes (``node_clients``, ``node_clients_info``)."""
         with self._nodes_write(), self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
@@ -1350,6 +1351,13 @@ class Store(LeaderStore):
                 " WHERE node_name = ? AND uses_left > 0",
                 (to_text(now), name),
             )
+            # What its server saw goes with it (review s45rev5 M2): no agent reports for it
+            # again, so its stored report spoke for nobody, yet ``notify --remaining`` said
+            # "cannot tell" for it for good and the schema waited for its report; and a node
+            # enrolled again under its name (another machine, maybe) inherited its
+            # workstations. Soft state, never audited: the audit keeps the removal.
+            db.execute("DELETE FROM node_clients WHERE node = ?", (name,))
+            db.execute("DELETE FROM node_clients_info WHERE node = ?", (name,))
             _bump_crl(db, now)
             self._audit(db, now, actor, "node.removed", name, revoked=serials)
         self._forget_seen(name)  # after: a heartbeat queued meanwhile is dropped too

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from leader import service
+from leader.cli.draw import AWAITING
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
@@ -42,7 +43,7 @@ from tests.test_transitional import (
 from tests.test_viewer import fetch, session_for
 
 WINDOW = 60  # seconds: the reference server's clients_window (its least)
-WAITS = "waiting for its first client report since the leader started"  # a node's row says
+WAITS = AWAITING  # what a node's row says (and, in English, the viewer's)
 
 
 @contextlib.contextmanager
@@ -251,9 +252,7 @@ def test_a_restarted_leader_says_on_each_node_that_it_waits_for_its_report(
         assert page.status == 200, page
         drawn = re.search(r'<tr id="node-node1".*?</tr>', page.body, re.S)
         assert drawn is not None, page.body
-        assert f"{WAITS} (seconds once its agent is connected)" in " ".join(
-            drawn.group(0).split()
-        ), drawn.group(0)
+        assert WAITS in " ".join(drawn.group(0).split()), drawn.group(0)
 
         remaining = cluster.cli("notify", "--remaining", "--lang", "en")
         assert remaining.returncode == 0, remaining.stderr
@@ -289,6 +288,71 @@ def test_a_restarted_leader_says_on_each_node_that_it_waits_for_its_report(
         done = newest(cluster)
         assert not done["nodes"][0].get("awaiting_report"), done
         assert not look(cluster)["node_clients"][0].get("awaiting_report")
+
+
+@pytest.mark.timeout(300)
+def test_a_removed_node_waits_for_no_report_and_enrolled_again_reports_anew(
+    tmp_path: Path,
+) -> None:
+    """Review s45rev5 M2: node2, removed, was forgotten as heard since the leader started
+    while its client report stayed stored: ``notify --remaining`` said "cannot tell" for it
+    for good (the all-clear never came back) and ``schema show`` added the wait to its line.
+    Removed, its report goes; enrolled again under its name, node2 shows a report again once
+    its agent sends one, not waiting."""
+    address1, address2 = next_loopback(), next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address1, heartbeat_interval=1)
+    node1 = Node(cluster, "node1", address1, tmp_path / "n1", clients_window=WINDOW)
+    node2 = Node(cluster, "node2", address2, tmp_path / "n2", clients_window=WINDOW)
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        node1.start()
+        node2.start()
+        cluster.wait_for_nodes_online(["node1", "node2"])
+
+        def reported() -> list[str]:
+            return sorted(v["node"] for v in look(cluster).get("node_clients", []))
+
+        wait_until(
+            lambda: reported() == ["node1", "node2"],
+            30,
+            "both nodes' client reports",
+            interval=SCHEMA_POLL,
+        )
+        assert node2.agent is not None
+        agent2 = node2.agent
+        agent2.stop()
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        remaining = cluster.cli("notify", "--remaining", "--lang", "en")
+        assert remaining.returncode == 0, remaining.stderr
+        assert remaining.stdout == "No workstation was seen on http lately.\n", remaining.stdout
+        text = cluster.cli("schema", "show")
+        assert text.returncode == 0, text.stderr
+        assert "node2: " not in text.stdout and "waiting for" not in text.stdout, text.stdout
+        assert reported() == ["node1"]
+
+        # Enrolled again under its name (a token of the admin's, the certificate of before
+        # moved aside): its agent's first report is stored and speaks for it.
+        token = Cluster.create_token(cluster, "node2", address2)
+        agent2.cert_file.rename(agent2.cert_file.with_name("node.pem.removed"))
+        agent2.write_config({"leader": {"join_token": token}})
+        agent2.start()
+        cluster.wait_for_nodes_online(["node2"])
+        wait_until(
+            lambda: reported() == ["node1", "node2"],
+            30,
+            "node2's report, enrolled again",
+            interval=SCHEMA_POLL,
+        )
+        view = next(v for v in look(cluster)["node_clients"] if v["node"] == "node2")
+        assert not view.get("awaiting_report"), view
+        remaining = cluster.cli("notify", "--remaining", "--lang", "en")
+        assert remaining.stdout == "No workstation was seen on http lately.\n", remaining.stdout
+    finally:
+        node2.close()
+        node1.close()
+        cluster.close()
 
 
 def when(text: str) -> dt.datetime:

@@ -8,7 +8,8 @@ import asyncio
 import datetime as dt
 import inspect
 import sqlite3
-from collections.abc import Mapping
+import zoneinfo
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from leader import planner
 from leader.cli.draw import AWAITING, render_rollout
+from leader.cli.notify_cmd import remaining_text
 from leader.commands import Commands, StillOnHttp
 from leader.rollout_core import Change, Client, NodeState, RolloutEvent, Scope, Strategy
 from leader.rollout_enums import RolloutState
@@ -29,8 +31,10 @@ from leader.schema_view import (
     still_on_http_now,
 )
 from leader.service import client_rows
-from leader.store import Store
+from leader.store import NodeCert, Store
+from leader.viewer.i18n import TEXTS
 from leader.viewer.snapshot import Reader
+from tests.test_schema_store import enrolled
 from tlsroll import wire
 from tlsroll.v1 import schema_pb2, types_pb2
 
@@ -295,13 +299,152 @@ def test_the_schema_and_the_viewer_say_which_nodes_wait_for_their_report(tmp_pat
         strategy=Strategy.TRANSITIONAL,
     )
     meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="c")
-    new_schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, '{"v": 1}')
+    made = new_schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, "{}")
+    dual = [replace(n, state=NodeState.DUAL) for n in made.records]
+    new_schema.save_states(made, made.rollout.with_event(RolloutEvent.NODES_DUAL), dual, NOW, "x")
     view = SchemaViewService(
         new_schema, lambda: NOW, fresh=lambda _i, _n: frozenset(), reported=new.report_since_start
     )
     (t2,) = view._answer(schema_pb2.GetSchemaRequest(), None).rollouts
     assert [(n.name, n.awaiting_report) for n in t2.nodes] == [("c", True)]
     new.close()
+
+
+def test_only_a_wait_that_decides_something_marks_a_node(tmp_path: Path) -> None:
+    """Review s45rev5 L1: every node of any rollout not ended was marked as waiting for its
+    client report (a renewal, a password change, phase 1 while it ran), though only a
+    finalize (refused until the report comes) and ``--when-quiet`` (holds a pending node)
+    wait for it. Now only a dual node of phase 1 awaiting its finalize and a pending node of
+    a ``finalize --when-quiet`` not ended are marked, and only while the report has not come."""
+    schema, _commands = cluster(tmp_path)
+    row = schema.get("t1")  # phase 1 awaiting finalize, a and b dual
+    assert row is not None
+    none = lambda _n: False  # noqa: E731 (no report since the leader started)
+
+    def marks(
+        change: Change,
+        state: RolloutState,
+        states: tuple[NodeState, NodeState],
+        when_quiet: int = 0,
+        reported: Callable[[str], bool] = none,
+    ) -> tuple[bool, bool]:
+        """(a's mark, b's) in ``row`` made a ``change`` rollout in ``state``, with a and b
+        in ``states``."""
+        of = dict(zip("ab", states, strict=True))
+        made = replace(
+            row,
+            rollout=replace(row.rollout, change=change, state=state),
+            meta=replace(row.meta, when_quiet=when_quiet),
+            nodes=tuple((replace(rec, state=of[rec.name]), d) for rec, d in row.nodes),
+        )
+        shown = {n.name: n.awaiting_report for n in rollout_view(made, reported=reported).nodes}
+        return shown["a"], shown["b"]
+
+    enable, finalize = Change.ENABLE_TLS, Change.FINALIZE
+    dual, pending, done = NodeState.DUAL, NodeState.PENDING, NodeState.DONE
+    running, waiting = RolloutState.RUNNING, RolloutState.AWAITING_FINALIZE
+    # Where the wait decides something.
+    assert marks(enable, waiting, (dual, dual)) == (True, True)
+    assert marks(enable, waiting, (dual, NodeState.FAILED)) == (True, False)  # not finalized
+    assert marks(finalize, running, (pending, done), when_quiet=60) == (True, False)
+    assert marks(finalize, RolloutState.PAUSED, (pending, pending), 60) == (True, True)
+    assert marks(enable, waiting, (dual, dual), reported=lambda n: n == "a") == (False, True)
+    # Where it decides nothing: marked before.
+    for change in (Change.ROTATE_CERT, Change.CHANGE_PASSWORD, enable, Change.DISABLE_TLS):
+        assert marks(change, running, (pending, pending)) == (False, False), change
+    assert marks(enable, running, (dual, pending)) == (False, False)  # phase 1 runs
+    assert marks(finalize, running, (pending, pending)) == (False, False)  # refused at start
+    assert marks(finalize, RolloutState.HALTED, (pending, pending), 60) == (False, False)
+
+
+def test_the_row_says_what_to_do_if_the_wait_lasts() -> None:
+    """Review s45rev5 L2: the row's phrase said the wait but not what to do if it lasts, as a
+    finalize's refusal does; ``schema show`` and the viewer (both languages) now say it, in
+    the same words in English."""
+    for text in (AWAITING, TEXTS["en"]["awaiting_report"]):
+        assert text.startswith("waiting for its first client report since the leader started")
+        assert "tlsroll nodes, on the node systemctl status tlsroll-agent" in text, text
+    assert TEXTS["en"]["awaiting_report"] == AWAITING
+    assert (
+        "tlsroll nodes, auf dem Knoten systemctl status tlsroll-agent"
+        in (TEXTS["de"]["awaiting_report"])
+    )
+
+
+def test_a_removed_node_s_client_report_goes_with_it(tmp_path: Path) -> None:
+    """Review s45rev5 M2: a removed node's client report stayed stored, and the node was
+    forgotten as one heard since the leader started, so it waited for its first report for
+    good (``notify --remaining``: "cannot tell"; the schema's line). Its report now goes at
+    the removal, and one that outlived it (committed by a batch taken before the removal; or
+    stored by an older leader) is not read. Enrolled again under its name (a new key: another
+    machine, maybe) it starts from nothing, none of the old machine's workstations: its new
+    agent's first report is the one."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    at = NOW - dt.timedelta(seconds=1)
+    for node in ("a", "b"):  # ws-5 writes over http to both, within the window
+        http = Client(node, "http", "10.0.0.5", "ws-5", at - dt.timedelta(minutes=1), at, 3)
+        report(store, node, [http], at)
+    stale_after = planner.report_stale_after(HEARTBEAT)
+
+    def fresh(infos: Mapping[str, ClientsInfo], now: dt.datetime) -> frozenset[str]:
+        return fresh_reports(store, infos, now, stale_after)
+
+    service = SchemaViewService(schema, lambda: NOW, fresh=fresh, reported=store.report_since_start)
+
+    def remaining() -> str:
+        message = service._answer(schema_pb2.GetSchemaRequest(), None)
+        return remaining_text(message, "en", zoneinfo.ZoneInfo("UTC"))
+
+    def stored(node: str) -> int:
+        with store.db.read() as db:
+            row = db.execute("SELECT count(*) FROM node_clients_info WHERE node = ?", (node,))
+            return int(row.fetchone()[0])
+
+    both = remaining()
+    assert "  a: 10.0.0.5 (ws-5)" in both and "  b: 10.0.0.5 (ws-5)" in both, both
+    store.remove_node("a", now=NOW, actor="admin")
+    assert remaining() == (
+        "Workstations still on http (each needs the client steps before http closes):\n"
+        f"  b: 10.0.0.5 (ws-5), last seen {at:%Y-%m-%d %H:%M:%S} UTC\n"
+    )
+    message = service._answer(schema_pb2.GetSchemaRequest(), None)
+    assert [v.node for v in message.node_clients] == ["b"], message.node_clients
+    assert stored("a") == 0
+
+    # a, enrolled again under its name by a new key: nothing of the old machine's clients;
+    # its new agent reports https only, and a is on http nowhere.
+    store.add_token(
+        "t9", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=NOW,
+        actor="test", node_name="a", addresses=("10.1.1.9",),
+    )  # fmt: skip
+    store.enrol(
+        token_id="t9", secret="s" * 26, name="a", addresses=("10.1.1.9",), dns_names=(),
+        agent_version="t", agent_port=9442, key_pin="sha256:pin9",
+        issue=lambda: NodeCert("sha256:pin9", "sha256:fp9", "9", NOW + dt.timedelta(days=30)),
+        now=NOW,
+    )  # fmt: skip
+    message = service._answer(schema_pb2.GetSchemaRequest(), None)
+    assert [v.node for v in message.node_clients] == ["b"], message.node_clients
+    https = Client("a", "https", "10.0.0.6", "ws-6", at - dt.timedelta(minutes=1), at, 2)
+    report(store, "a", [https], at)
+    message = service._answer(schema_pb2.GetSchemaRequest(), None)
+    views = {v.node: (v.awaiting_report, len(v.still_on_http)) for v in message.node_clients}
+    assert views == {"a": (False, 0), "b": (False, 1)}, views
+    assert "  a:" not in remaining()
+
+    # b removed while a batch with its report was taken: committed after the removal, the
+    # report is stored again, and not read.
+    def write(db: sqlite3.Connection) -> None:
+        http = Client("b", "http", "10.0.0.5", "ws-5", at - dt.timedelta(minutes=1), at, 4)
+        write_clients(db, "b", [http], window_seconds=600, source="refserver", problem="", now=at)
+
+    store.remove_node("b", now=NOW, actor="admin")
+    store.queue_write("b", write)
+    assert store.write_queued() == 1 and stored("b") == 1
+    message = service._answer(schema_pb2.GetSchemaRequest(), None)
+    assert [v.node for v in message.node_clients] == ["a"], message.node_clients
+    assert remaining() == "No workstation was seen on http lately.\n"
+    store.close()
 
 
 def test_the_providers_of_fresh_reports_are_required() -> None:

@@ -24,9 +24,14 @@ PENDING = (
     "password change pending — takes effect with `tlsroll rollout start --change "
     "change-password` (which restarts the server)"
 )
-AWAITING = "waiting for its first client report since the leader started"
+AWAITING = (
+    "waiting for its first client report since the leader started (seconds once its agent is"
+    " connected; else check: tlsroll nodes, on the node systemctl status tlsroll-agent)"
+)
 """A node the leader has had no client report from since it started (``awaiting_report``):
-who is on http there is not known yet; a finalize waits for it, ``--when-quiet`` holds it."""
+who is on http there is not known yet; a finalize waits for it, ``--when-quiet`` holds it.
+What to do if the wait lasts, as a finalize's refusal says it (``schema_view.waiting_for``;
+review s45rev5 L2), and as the viewer's row says it (``leader.viewer.i18n``)."""
 STATE_STYLE = {
     "needs_attention": "bold reverse red",
     "done": "green",

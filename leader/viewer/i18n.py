@@ -97,7 +97,8 @@ _DE: dict[str, str] = {
     ),
     "awaiting_report": (
         "wartet auf den ersten Client-Bericht seit dem Start des Leaders (Sekunden, sobald "
-        "sein Agent verbunden ist)"
+        "sein Agent verbunden ist; sonst prüfen: tlsroll nodes, auf dem Knoten systemctl "
+        "status tlsroll-agent)"
     ),
     "offline": "Knoten offline",
     "all_online": "Alle {count} Knoten melden sich regelmäßig.",
@@ -222,7 +223,8 @@ _EN: dict[str, str] = {
     ),
     "awaiting_report": (
         "waiting for its first client report since the leader started (seconds once its "
-        "agent is connected)"
+        "agent is connected; else check: tlsroll nodes, on the node systemctl status "
+        "tlsroll-agent)"
     ),
     "offline": "Nodes offline",
     "all_online": "All {count} nodes report in regularly.",

@@ -414,14 +414,14 @@ class Reader:
                 kept = self._page_nodes.get(row.rollout.id, {})
             fresh: dict[tuple[int, int], _PageNode] = {}
             nodes = []
-            leader, state = row.meta.leader_node, row.rollout.state
+            leader = row.meta.leader_node
             reported = self.store.report_since_start
             for rec, d in row.nodes:
                 key = (id(rec), id(d))
                 marks = (
                     rec.name == leader,
                     rec.name in pending,
-                    awaits_report(state, rec.name, reported),
+                    awaits_report(row.rollout, row.meta.when_quiet, rec, reported),
                 )
                 hit = kept.get(key)
                 if (
