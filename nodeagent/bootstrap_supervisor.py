@@ -40,6 +40,7 @@ from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import FUTURE_SLACK, Journal
 from tlsroll import logs, password, peertext, spiffe
+from tlsroll.enums import SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -58,6 +59,10 @@ log = logs.get_logger(__name__)
 # (review s44rev2 M1).
 RETRY_FIRST = 2.0
 RETRY_MOST = 60.0
+# What the node's problem says of a journal unread while the service serves on (``_unread``),
+# the cause cut to fit the heartbeat's 200 characters.
+UNREAD = "journal unread ({}): a new password or a rollback is not in effect; check the node's disk"
+UNREAD_CAUSE = 200 - len(SERVES_PREVIOUS) - len(UNREAD.format(""))
 
 
 class Crypto(Protocol):
@@ -121,8 +126,9 @@ class BootstrapHost:
         self._tries = 0
         self._said = ""
         # Why the journal could not be read while the service ran and serves on (``_unread``):
-        # logged, "" when it was read since.
+        # logged, "" when it was read since; since when (``time.monotonic``), None then.
         self._unread_said = ""
+        self._unread_since: float | None = None
         self._retrying: asyncio.Task[None] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
@@ -254,14 +260,15 @@ class BootstrapHost:
         the problem unknown for ever and nothing tried again, review s44rev2 L1; anything but
         a TlsrollError ended the retries silently, L2), and not if the service runs on
         (``_unread``)."""
+        unexpected = False
         try:
             return await self._sync()
         except TlsrollError as exc:  # (the journal unread)
             why = str(exc)
-        except Exception as exc:  # a bug: said, and tried again all the same
-            why = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug, or damaged settings: said, and tried again all the same
+            why, unexpected = f"{type(exc).__name__}: {exc}", True
         if self.service is not None:
-            self._unread(why)
+            self._unread(why, unexpected=unexpected)
         else:
             self._failed(why)
         return True
@@ -288,22 +295,33 @@ class BootstrapHost:
         self._tries += 1
         self.problem = problem
 
-    def _unread(self, why: str) -> None:
+    def _unread(self, why: str, *, unexpected: bool = False) -> None:
         """The journal's live settings could not be read (``why``) while the service runs: it
-        serves on with the settings it last read, so the node has no bootstrap problem (the
-        leader would show "did not start": review s44, the problem stayed until the next good
-        read though the service served). What is degraded, said in the log (once, and again
-        if the cause changes): a change of the settings (a rollback, a new password) is not
-        followed until the journal is read again, which is tried as a failed start is."""
+        serves on with the settings it last read, and a change of them (a rollback, a new
+        password, perhaps for one that leaked) is not followed until the journal is read again,
+        which is tried as a failed start is. Said in the log at once (once, and again if the
+        cause changes); for a moment (a read tried again within seconds) it is no node problem,
+        and the leader was told "did not start" though the service served (session 44). Unread
+        for ``RETRY_MOST`` seconds (the first try a minute after the last), it is the node's
+        problem, worded as what it is (``SERVES_PREVIOUS``, review s45rev4 M2: only the log
+        said it, and the leader took the rollout as done) until the journal is read again.
+        ``unexpected``: not the journal's own error (damaged settings, or a bug: L6), said so."""
         if why != self._unread_said:
             log.error(
                 "bootstrap.settings_unread",
                 port=self.cfg.bootstrap_port,
                 error=why,
+                unexpected=unexpected or None,
                 serves="the settings last read, until the journal is read again",
                 retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
             )
             self._unread_said = why
+        now = time.monotonic()
+        if self._unread_since is None:
+            self._unread_since = now
+        elif now - self._unread_since >= RETRY_MOST:
+            cause = peertext.clean(why, UNREAD_CAUSE)
+            self.problem = f"{SERVES_PREVIOUS}{UNREAD.format(cause)}"
 
     async def _sync(self) -> bool:
         """(Under the lock.) One step of ``sync``: whether the service should run and does not
@@ -311,6 +329,7 @@ class BootstrapHost:
         or need not, never before the first attempt (None: the heartbeat then says nothing of
         it, and the leader keeps what it had: s43's Left 2)."""
         live = await asyncio.to_thread(self.journal.live_tls)
+        self._unread_since = None  # (the problem, if it was one, is set below)
         if self._unread_said:
             log.warning("bootstrap.settings_read_again", port=self.cfg.bootstrap_port)
             self._unread_said = ""

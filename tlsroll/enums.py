@@ -42,3 +42,11 @@ NEEDS_ADMIN = "needs the admin: "
 problem begin while its journal, put back from a copy, says the node needs the admin
 (``nodeagent.journal``, ``Journal.needs_admin``); the leader tells such a node by it (`tlsroll
 nodes`, the schema's node problems, the planner's ``NeedsAdmin``)."""
+
+
+SERVES_PREVIOUS = "serves its previous settings: "
+"""How an agent's bootstrap problem (``LiveServer.bootstrap_problem``) begins when its service
+runs but serves the settings it last read, its journal unread for a minute (a new password or a
+rollback not in effect: ``nodeagent.bootstrap_supervisor``); the leader tells it from a service
+that did not start by it, and words it so (``leader.service.LeaderState.node_problems``, the
+viewer's page): the contract has one problem kind for both (``bootstrap-down``)."""
