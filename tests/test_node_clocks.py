@@ -70,6 +70,7 @@ from leader.viewer import metrics, pages
 from leader.viewer.i18n import Words
 from leader.viewer.snapshot import Reader
 from nodeagent.bootstrap_supervisor import UNREAD
+from nodeagent.failure_log import FailureLog
 from nodeagent.leader_link import LeaderLink
 from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.leader_rig import InProcessLeader, leader_with_a_node
@@ -441,7 +442,10 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
     purpose; the node is removed meanwhile by the real admin service, then the heartbeat goes
     on. It is refused (the node is removed) and adds nothing back. Another node's heartbeat,
     held at the same point across the removal, is taken, with its problem (review s44rev2
-    L3: a removal must not refuse the nodes it did not remove)."""
+    L3: a removal must not refuse the nodes it did not remove). Both carry bootstrap failures
+    in a numbered report (review s45rev4 L1): the removed node's leaves nothing in the
+    service's own memory of it (what a node enrolled again under its name would inherit:
+    its audits, the failures said, the report's number), the other's is kept."""
 
     async def server_view() -> agent_pb2.ServerView:
         return agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
@@ -452,6 +456,8 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
         offset[0] = 300.0
         await link.beat()
         await link.beat()
+        link.failures = FailureLog()
+        link.failures.record("10.0.0.1", "ws-a", T - dt.timedelta(minutes=1))
         kinds = {p.kind for p in rig.state.node_problems()}
         assert kinds == {NodeProblemKind.BOOTSTRAP_DOWN, CLOCK_OFFSET}, kinds
 
@@ -462,6 +468,12 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
             server=leader_pb2.LiveServer(
                 driver="reference", healthy=True, schemes=["https"], bootstrap_problem="hb2's"
             ),
+            bootstrap_failures=[
+                leader_pb2.BootstrapFailure(
+                    source="10.0.0.2", workstation="ws-b", count=2, last_at=ts(T)
+                )
+            ],
+            failures_report=7,
         )
         checked, go = asyncio.Event(), asyncio.Event()
         holding = [0]
@@ -492,6 +504,12 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
         assert [(p.node, p.kind) for p in rig.state.node_problems()] == [hb2_down]
         assert "hb1" not in rig.state.live_servers and "hb1" not in rig.state.bootstrap_down
         assert "hb2" in rig.state.live_servers and "hb2" in rig.state.bootstrap_down
+        kept = (
+            rig.service._failure_audits,
+            rig.service._failures_said,
+            rig.service._failure_reports,
+        )
+        assert [("hb1" in c, "hb2" in c) for c in kept] == [(False, True)] * 3, kept
         assert rig.state.clocks.offset("hb1") is None
         view = SchemaViewService(
             SchemaStore(rig.store.db),
