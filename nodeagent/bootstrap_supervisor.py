@@ -95,6 +95,18 @@ def guard_times(earlier: list[float], wall: float, mono: float) -> list[float]:
     return [mono - max(0.0, wall - at) for at in earlier if at <= wall + FUTURE_SLACK]
 
 
+def _ca_bundle(ca_file: str) -> bytes:
+    """(Blocking: in a worker thread, review s45rev4 L3: a large file took seconds of the event
+    loop.) The CA bundle ``ca_file`` read, and refused (ValueError naming the file) if a
+    certificate of it says it is no CA (``plans.ca_bundle_problem``): refused here, not by the
+    worker's check at ``start``, since each try of the outage started the worker's child for it
+    (one a minute)."""
+    pem = Path(ca_file).read_bytes()
+    if why := plans.ca_bundle_problem(pem):
+        raise ValueError(f"{ca_file}: {why}")
+    return pem
+
+
 class BootstrapHost:
     def __init__(
         self,
@@ -381,11 +393,7 @@ class BootstrapHost:
             self._earlier = []
         verifier_file = live["verifier_file"]
         verifier_text = await asyncio.to_thread(Path(verifier_file).read_text)
-        ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
-        if why := plans.ca_bundle_problem(ca_pem):
-            # Refused here, not by the worker's check at ``start``: each try of the outage
-            # started the worker's child for it (one a minute).
-            raise ValueError(f"{live['ca_file']}: {why}")
+        ca_pem = await asyncio.to_thread(_ca_bundle, live["ca_file"])
         try:
             verifier = password.verifier_from_json(verifier_text)
         except ValueError as exc:

@@ -32,7 +32,7 @@ from leader.cli.draw import render_failures
 from leader.schema_store import MAX_FAILURE_ROWS, MAX_FAILURE_TOTAL, SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows
-from nodeagent import bootstrap_server, bootstrap_supervisor
+from nodeagent import bootstrap_server, bootstrap_supervisor, plans
 from nodeagent.bootstrap_supervisor import BootstrapHost, guard_times
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
@@ -779,13 +779,23 @@ async def test_a_ca_bundle_with_a_certificate_that_is_no_ca_starts_no_crypto_wor
     stays wrong). Now the agent reads the bundle's basicConstraints itself (the ``ssl``
     module's PEM helpers and a DER walk, no ``cryptography``): no try starts the child or asks
     it anything, and the problem names the file and the certificate. The real crypto worker,
-    its idle time and the retries' waits short (the loop the same)."""
+    its idle time and the retries' waits short (the loop the same). The check runs in a worker
+    thread with the file's read, not on the event loop (review s45rev4 L3: a large file took
+    seconds of it)."""
     monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 0.05)
     monkeypatch.setattr(bootstrap_supervisor, "RETRY_MOST", 0.2)
     address = loopback()
     journal = Journal(tmp_path / "journal.sqlite3")
     cert = issue_cert(address, "node-a")
     switched(journal, tmp_path, address, cert)
+    checked_in: list[int] = []
+    check = plans.ca_bundle_problem
+
+    def in_thread(pem: bytes) -> str | None:
+        checked_in.append(threading.get_ident())
+        return check(pem)
+
+    monkeypatch.setattr(plans, "ca_bundle_problem", in_thread)
     worker = CryptoWorker(idle_seconds=0.1)
     asked: list[str] = []
     ask = worker.call
@@ -818,6 +828,7 @@ async def test_a_ca_bundle_with_a_certificate_that_is_no_ca_starts_no_crypto_wor
         await _until(lambda: host.service is not None, "the service to start")
         assert host.problem == "" and worker.started >= 1
         assert "bootstrap.check_ca_bundle" in asked  # the worker's check still runs
+        assert checked_in and threading.get_ident() not in checked_in  # (the loop's thread)
     finally:
         await host.close()
         await worker.close()
