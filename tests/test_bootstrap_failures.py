@@ -14,6 +14,7 @@ import functools
 import io
 import socket
 import sqlite3
+import ssl
 import threading
 from collections.abc import Callable, Coroutine, MutableMapping
 from pathlib import Path
@@ -964,18 +965,50 @@ async def test_a_cause_that_changes_within_an_outage_is_logged_once_a_change(
         journal.close()
 
 
+def _tlv(tag: int, content: bytes) -> bytes:
+    """A DER item (definite length)."""
+    n = len(content)
+    length = (
+        bytes([n])
+        if n < 0x80
+        else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+        + (n.to_bytes((n.bit_length() + 7) // 8, "big"))
+    )
+    return bytes([tag]) + length + content
+
+
+def _items(der: bytes) -> list[bytes]:
+    """The items (whole, tag and length too) inside the DER item ``der``."""
+    at, end = plans._der_item(der, 0, len(der))[1:]
+    items = []
+    while at < end:
+        _, _, after = plans._der_item(der, at, end)
+        items.append(der[at:after])
+        at = after
+    return items
+
+
 def test_the_agents_ca_check_agrees_with_pki_is_ca(test_ca: pki.CertificateAuthority) -> None:
     """``plans.ca_bundle_problem`` (no ``cryptography``) refuses exactly the certificates that
     ``pki.is_ca`` (the worker's check) says are no CA: basicConstraints with cA (critical or
-    not, with a path length), without it, none, a leaf of the test CA; and it leaves what it
-    cannot read (not framed as a certificate) to the worker."""
+    not, with a path length), without it, none, a leaf of the test CA, a version 1 certificate
+    (no extensions at all: review s45rev4 L4); and it leaves what it cannot read to the
+    worker: not framed as a certificate, and (L2) what the worker's parser refuses, which it
+    judged no CA before: a cA FALSE written out, a BOOLEAN of 0x01, a path length without cA,
+    basicConstraints twice (FALSE first). The odd ones are the made ones with bytes changed
+    (their signatures no longer hold: neither check reads them)."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID, ObjectIdentifier
 
     from nodeagent.plans import ca_bundle_problem
 
-    def made(constraints: x509.BasicConstraints | None, critical: bool) -> x509.Certificate:
+    def made(
+        constraints: x509.BasicConstraints | None,
+        critical: bool,
+        *others: x509.UnrecognizedExtension,
+        ski: bool = True,
+    ) -> x509.Certificate:
         key = pki.generate_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "made")])
         builder = (
@@ -986,13 +1019,44 @@ def test_the_agents_ca_check_agrees_with_pki_is_ca(test_ca: pki.CertificateAutho
             .serial_number(5)
             .not_valid_before(NOW - dt.timedelta(days=1))
             .not_valid_after(NOW + dt.timedelta(days=1))
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         )
+        if ski:
+            builder = builder.add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False
+            )
         if constraints is not None:
             builder = builder.add_extension(constraints, critical)
+        for other in others:
+            builder = builder.add_extension(other, False)
         return builder.sign(key, hashes.SHA256())
 
+    def pem(der: bytes) -> bytes:
+        return ssl.DER_cert_to_PEM_cert(der).encode()
+
+    def version_1(cert: x509.Certificate) -> bytes:
+        """``cert`` (no extensions) as a version 1 certificate: its version item dropped."""
+        tbs, *rest = _items(cert.public_bytes(serialization.Encoding.DER))
+        version, *fields = _items(tbs)
+        assert version == bytes.fromhex("a003020102")  # [0] v3
+        return _tlv(0x30, _tlv(0x30, b"".join(fields)) + b"".join(rest))
+
+    # 2.5.29.98 and .99 stand in for basicConstraints (2.5.29.19: as long) in the builder,
+    # which writes only well-formed constraints, and once: replaced in the bytes after.
+    stand_ins = [ObjectIdentifier("2.5.29.98"), ObjectIdentifier("2.5.29.99")]
+
+    def constraints_as(*values: str) -> bytes:
+        extensions = [
+            x509.UnrecognizedExtension(oid, bytes.fromhex(v))
+            for oid, v in zip(stand_ins, values, strict=False)
+        ]
+        der = made(None, False, *extensions).public_bytes(serialization.Encoding.DER)
+        for oid in ("551d62", "551d63"):
+            der = der.replace(bytes.fromhex("0603" + oid), bytes.fromhex("0603551d13"))
+        return der
+
     leaf = test_ca.issue(pki.generate_key().public_key(), pki.Names.of("n", ["127.0.0.1"]))
+    v1 = x509.load_der_x509_certificate(version_1(made(None, False, ski=False)))
+    assert v1.version is x509.Version.v1
     certs = [
         made(x509.BasicConstraints(ca=True, path_length=None), True),
         made(x509.BasicConstraints(ca=True, path_length=2), False),
@@ -1000,8 +1064,20 @@ def test_the_agents_ca_check_agrees_with_pki_is_ca(test_ca: pki.CertificateAutho
         made(None, False),
         leaf,
         pki.load_cert_pem(test_ca.cert_pem),
+        v1,
+        x509.load_der_x509_certificate(constraints_as("30030101ff")),  # (the stand-in works)
     ]
     accepted = [ca_bundle_problem(pki.cert_to_pem(c)) is None for c in certs]
-    assert accepted == [pki.is_ca(c) for c in certs] == [True, True, False, False, False, True]
+    expected = [True, True, False, False, False, True, False, True]
+    assert accepted == [pki.is_ca(c) for c in certs] == expected
     garbage = b"-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n"
     assert ca_bundle_problem(garbage) is None  # (the worker refuses it: MALFORMED)
+    for what, odd in (
+        ("cA FALSE written out", constraints_as("3003010100")),
+        ("TRUE as 0x01", constraints_as("3003010101")),
+        ("a path length without cA", constraints_as("3003020100")),
+        ("twice, FALSE first", constraints_as("3000", "30030101ff")),
+    ):
+        with pytest.raises((ValueError, x509.DuplicateExtension)):  # the worker's parser
+            pki.is_ca(x509.load_der_x509_certificate(odd))
+        assert ca_bundle_problem(pem(odd)) is None, what
