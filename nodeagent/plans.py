@@ -570,7 +570,10 @@ def ca_bundle_problem(pem: bytes) -> str | None:
         except ValueError:
             continue
         if _says_ca(der) is False:
-            return f"certificate {number} of the CA bundle is not a CA (no basicConstraints cA)"
+            return (
+                f"certificate {number} of the CA bundle is not a CA certificate (a server's "
+                "own?): keep only CA certificates in the bundle"
+            )
     return None
 
 
