@@ -861,7 +861,7 @@ async def test_a_certificate_signed_while_the_agent_stops_is_withdrawn(
     that work (review s45rev4 M1: it ran in the cancelled request's task, which the listener's
     stop left after 1 s; the stop returned, and the agent's end then cut the withdrawal). The
     leader answers 1.5 s after the cancellation here; the withdrawal is done when the stop
-    returns. (The answer is held until the request's cancellation has begun; the bound,
+    returns. (The answer is held until the request was cancelled; the bound,
     ``STOP_WITHDRAW``, made long, so that the loaded machine's pace does not matter: its end
     is the next test's.) Fails before the fix: the stop returned before the leader answered."""
     monkeypatch.setattr(bootstrap_server, "STOP_WITHDRAW", 30.0)
@@ -880,12 +880,17 @@ async def test_a_certificate_signed_while_the_agent_stops_is_withdrawn(
     node.service.sign = slow
     attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))
     await asyncio.wait_for(recorded.wait(), 60)
-    stopping = asyncio.ensure_future(node.service.stop())
-    await until(lambda: any(t.cancelling() for t in listener._connections) or stopping.done())
-    await asyncio.sleep(1.5)  # past the listener's 1 s for its cancelled connections
-    assert not stopping.done(), "the stop returned before the leader answered"
-    answer.set()
-    await asyncio.wait_for(stopping, 60)
+    with structlog.testing.capture_logs() as events:
+        stopping = asyncio.ensure_future(node.service.stop())
+
+        def cancelled() -> bool:
+            return any(e["event"] == "bootstrap.signing_stopping" for e in events)
+
+        await until(lambda: cancelled() or stopping.done())
+        await asyncio.sleep(1.5)  # past the listener's 1 s for its cancelled connections
+        assert not stopping.done(), "the stop returned before the leader answered"
+        answer.set()
+        await asyncio.wait_for(stopping, 60)
     assert len(signer.signed) == 1 and signer.withdrawn == signer.signed
     assert "ws-stopping" not in signer.holders  # the name free for the next try
     assert not node.service._stop_work  # nothing left for the agent's end to cut
