@@ -312,9 +312,9 @@ class BootstrapHost:
         serves on with the settings it last read, and a change of them (a rollback, a new
         password, perhaps for one that leaked) is not followed until the journal is read again,
         which is tried as a failed start is. Said in the log at once (once, and again if the
-        cause changes); for a moment (a read tried again within seconds) it is no node problem,
-        and the leader was told "did not start" though the service served (session 44). Unread
-        for ``RETRY_MOST`` seconds (the first try a minute after the last), it is the node's
+        cause changes). For a moment (a read tried again within seconds) it is no node problem
+        (session 44: the leader showed "did not start" though the service served). Unread for
+        ``RETRY_MOST`` seconds (the first try a minute after the last), it is the node's
         problem, worded as what it is (``SERVES_PREVIOUS``, review s45rev4 M2: only the log
         said it, and the leader took the rollout as done) until the journal is read again.
         ``unexpected``: not the journal's own error (damaged settings, or a bug: L6), said so."""
