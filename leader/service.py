@@ -83,7 +83,7 @@ from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
 from tlsroll.clients import used_http_after_https
-from tlsroll.enums import NEEDS_ADMIN
+from tlsroll.enums import NEEDS_ADMIN, SERVES_PREVIOUS
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     NO_BDP_PROBE,
@@ -174,6 +174,21 @@ def twins_problem(node: str) -> str:
         f"agent started by hand): the leader neither plans nor switches {node} until one of "
         f"them stops; stop the one that is not {node}'s, and if the key may have been copied "
         f"where it should not be, `tlsroll nodes remove {node}` and enrol it again"
+    )
+
+
+def bootstrap_problem(node: str, why: str) -> str:
+    """The node problem node ``node``'s agent says of its bootstrap service (``why``, cleaned):
+    one that did not start, or (``SERVES_PREVIOUS``) one that serves the settings it last
+    read, its journal unread (review s45rev4 M2: "did not start" would be untrue)."""
+    if why.startswith(SERVES_PREVIOUS):
+        return (
+            f"{node}'s bootstrap service {why} (its agent reads the journal again at least once "
+            "a minute)"
+        )
+    return (
+        f"{node}'s bootstrap service did not start ({why}): workstations cannot enrol there; "
+        "fix the cause: its agent tries again (at least once a minute)"
     )
 
 
@@ -319,11 +334,7 @@ class LeaderState:
         )
         problems += (
             NodeProblemRow(
-                node,
-                f"{node}'s bootstrap service did not start ({why}): workstations cannot enrol "
-                "there; fix the cause: its agent tries again (at least once a minute)",
-                since,
-                NodeProblemKind.BOOTSTRAP_DOWN,
+                node, bootstrap_problem(node, why), since, NodeProblemKind.BOOTSTRAP_DOWN
             )
             for node, (since, why) in list(self.bootstrap_down.items())
         )

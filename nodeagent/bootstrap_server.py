@@ -32,8 +32,9 @@ first (a new child), since the leader holds the name for that certificate's key 
 both fail, or do not end within ``FINISH_DEADLINE`` of the request (well within the
 workstation's wait: a hung worker), the leader is asked to withdraw that certificate before the
 503 is answered, so that the workstation's next try is signed (session 43); and so it is if the
-agent stops meanwhile. If it could not be withdrawn (an older leader, the leader unreachable, a
-certificate revoked already), the 503 says what frees the name.
+service stops meanwhile (the agent's stop, new settings), or while the leader signs (the stop
+waits for that work: ``STOP_WITHDRAW``). If it could not be withdrawn (an older leader, the
+leader unreachable, a certificate revoked already), the 503 says what frees the name.
 
 Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
 
@@ -64,7 +65,7 @@ import secrets
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -111,8 +112,18 @@ withdrawal before the 503, the way back and a loaded machine. The work itself ta
 milliseconds, a retry in a new child under a second (review s43rev2, M1: a hung worker's retry
 sealed the answer after the workstation had gone, and the name stayed held)."""
 STOP_WITHDRAW = 2.0
-"""Seconds a withdrawal gets when the agent stops (its request cancelled) after the leader
-signed: the leader answers one in milliseconds; the agent's stop is not held up for long."""
+"""Seconds, from the cancellation of the requests the agent's stop cuts (after their grace,
+``SHUTDOWN_TIMEOUT``), that the work they leave gets in all: a signing's answer awaited and
+what it signed withdrawn, or a withdrawal under way (``BootstrapService._stop_work``). The
+service's ``stop`` waits for that work (review s45rev4 M1: it ran in the cut request's task,
+which the listener's stop left after 1 s and the loop's end cancelled), then cancels what is
+left (``STOP_CUT`` for it to end). The leader answers in milliseconds. The agent's whole stop,
+at worst: its gRPC grace 10 s, a switch's 60 s, this service's 5 + 2 + 0.5 s (the listener's
+1 s for its connections runs within the 2), the crypto worker's 5 s and the leader link's
+2 + 2 s: 86.5 s, inside the unit's TimeoutStopSec=90s."""
+STOP_CUT = 0.5
+"""Seconds the stop-time work cancelled at ``STOP_WITHDRAW`` gets to end (a gRPC call ends at
+once)."""
 NODE_KEY = "node"
 
 log = logs.get_logger(__name__)
@@ -139,15 +150,14 @@ def _busy() -> Refused:
     )
 
 
-async def _given_time(asking: asyncio.Future[Withdrawal], request: Request) -> None:
-    """The agent stops: ``asking`` (a withdrawal) gets ``STOP_WITHDRAW`` seconds to end (a
-    second cancellation ends the wait), then it is cancelled."""
+async def _asked_at_stop(asking: Awaitable[Withdrawal], request: Request) -> None:
+    """(Stop-time work.) A withdrawal awaited; cancelled by the stop's bound, said in the log:
+    the certificate then holds its name."""
     try:
-        await asyncio.wait({asking}, timeout=STOP_WITHDRAW)
-    finally:
-        if not asking.done():
-            asking.cancel()
-            log.error("bootstrap.withdraw_failed", remote=request.remote, error="stopping")
+        await asking
+    except asyncio.CancelledError:
+        log.error("bootstrap.withdraw_failed", remote=request.remote, error="stopping")
+        raise
 
 
 def _worker_bytes(answer: Mapping[str, Any], name: str) -> bytes:
@@ -387,6 +397,10 @@ class BootstrapService:
         # Why the leader refuses this node (removed, or its certificate revoked), None while
         # it does not: ``set_removed``.
         self.removed: str | None = None
+        # The work the requests the stop cut left (``_at_stop``), which ``stop`` waits for
+        # until ``_stop_by`` (the loop's clock: ``STOP_WITHDRAW`` after the first was left).
+        self._stop_work: set[asyncio.Task[None]] = set()
+        self._stop_by: float | None = None
 
     # --- state the agent may swap while running ---------------------------------------------
 
@@ -507,10 +521,34 @@ class BootstrapService:
         log.info("bootstrap.started", address=self.address, port=self.port, node=self.node_name)
 
     async def stop(self) -> None:
+        """Stop listening: requests being answered get ``SHUTDOWN_TIMEOUT`` seconds, then they
+        are cancelled; the work they leave (a signing's answer, a withdrawal: ``_at_stop``) is
+        waited for until ``STOP_WITHDRAW`` after that, then cancelled (each says what it cut)."""
         if self._listener is not None:
             listener, self._listener = self._listener, None
             await listener.stop()
             log.info("bootstrap.stopped", address=self.address, port=self.port)
+        work, by = set(self._stop_work), self._stop_by
+        self._stop_by = None
+        if not work or by is None:
+            return
+        try:
+            await asyncio.wait(work, timeout=max(0.0, by - asyncio.get_running_loop().time()))
+        finally:
+            for task in work:
+                task.cancel()
+            await asyncio.wait(work, timeout=STOP_CUT)
+
+    def _at_stop(self, work: Coroutine[Any, Any, None]) -> None:
+        """A request the agent's stop cancels leaves ``work`` that must not be cut with it (a
+        certificate the leader signed for no one is withdrawn): run apart from the request, and
+        waited for by ``stop`` (``STOP_WITHDRAW`` from the first such work, in all)."""
+        loop = asyncio.get_running_loop()
+        if self._stop_by is None:
+            self._stop_by = loop.time() + STOP_WITHDRAW
+        task = loop.create_task(work, name="bootstrap-stop-work")
+        self._stop_work.add(task)
+        task.add_done_callback(self._stop_work.discard)
 
     @property
     def bound_port(self) -> int:
@@ -662,18 +700,18 @@ class BootstrapService:
         still waits). If that fails, or takes longer, the leader has recorded a certificate
         that holds the name ``cn`` and that the workstation never gets: it is withdrawn
         (``withdraw``) before the refusal is answered, so that the workstation's next try, with
-        a new key, is signed (session 43). So it is if the agent stops meanwhile (this request
-        cancelled): withdrawn within ``STOP_WITHDRAW``, then the cancellation goes on. Only the
-        certificate this exchange was given is named: a leaked password's enrolment cannot make
-        the node withdraw a working certificate."""
+        a new key, is signed (session 43). So it is if the service stops meanwhile (this
+        request cancelled): withdrawn by the service's stop (``_at_stop``), and the
+        cancellation goes on. Only the certificate this exchange was given is named: a leaked
+        password's enrolment cannot make the node withdraw a working certificate."""
         try:
             if asyncio.get_running_loop().time() >= deadline:
                 raise TimeoutError  # signed that late: a sound child is not killed for nothing
             async with asyncio.timeout_at(deadline):
                 return await self._deliver(ex, await self._checked(request, signed, cn, key_pin))
-        except asyncio.CancelledError:  # the agent stops: the workstation gets nothing
+        except asyncio.CancelledError:  # the service stops: the workstation gets nothing
             log.warning("bootstrap.undelivered_stopping", remote=request.remote, cn=cn)
-            await self._withdraw(request, cn, signed, stopping=True)
+            self._at_stop(self._withdrawn_at_stop(request, cn, signed))
             raise
         except (WorkerFailed, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):  # (the worker's call cancelled: its child killed)
@@ -714,27 +752,25 @@ class BootstrapService:
                 502, proto.ErrorCode.SIGN_FAILED, "the node could not seal the answer"
             ) from None
 
-    async def _withdraw(
-        self, request: Request, cn: str, signed: bytes, *, stopping: bool = False
-    ) -> Withdrawal:
+    async def _withdraw(self, request: Request, cn: str, signed: bytes) -> Withdrawal:
         """``withdraw`` the certificate ``signed`` for ``cn``: what the leader did (HELD
         without ``withdraw``, or if it failed: logged). The call is not cut short by a
-        cancellation (the agent stopping while it runs) but gets ``STOP_WITHDRAW`` more seconds,
-        then the cancellation goes on; ``stopping``: the agent stops already, it gets that
-        long in all."""
+        cancellation (the service stopping while it runs): the service's stop waits for it
+        (``_at_stop``), and the cancellation goes on."""
         if self.withdraw is None:
             return Withdrawal.HELD
         asking = asyncio.ensure_future(self._ask_withdraw(request, cn, signed))
-        if not stopping:
-            try:
-                return await asyncio.shield(asking)
-            except asyncio.CancelledError:
-                await _given_time(asking, request)
-                raise
-        await _given_time(asking, request)
-        if asking.done() and not asking.cancelled():
-            return asking.result()
-        return Withdrawal.HELD
+        try:
+            return await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            self._at_stop(_asked_at_stop(asking, request))
+            raise
+
+    async def _withdrawn_at_stop(self, request: Request, cn: str, signed: bytes) -> None:
+        """(Stop-time work: ``_at_stop``.) ``_withdraw`` the certificate ``signed`` for ``cn``,
+        which no one will receive; cancelled by the stop's bound, said in the log."""
+        if self.withdraw is not None:
+            await _asked_at_stop(self._ask_withdraw(request, cn, signed), request)
 
     async def _ask_withdraw(self, request: Request, cn: str, signed: bytes) -> Withdrawal:
         try:
@@ -803,8 +839,9 @@ class BootstrapService:
         signing = asyncio.ensure_future(self.sign(csr_pem))
         try:
             signed = await asyncio.shield(signing)
-        except asyncio.CancelledError:  # the agent stops while the leader signs
-            await self._signing_stopped(request, cn, signing)
+        except asyncio.CancelledError:  # the service stops while the leader signs
+            log.warning("bootstrap.signing_stopping", remote=request.remote, cn=cn)
+            self._at_stop(self._signing_stopped(request, cn, signing))
             raise
         except TerminalError as exc:
             if not getattr(exc, "refused", False):
@@ -825,27 +862,27 @@ class BootstrapService:
     async def _signing_stopped(
         self, request: Request, cn: str, signing: asyncio.Future[bytes]
     ) -> None:
-        """The agent stops (this request cancelled) while the leader signs: the leader may
-        record a certificate for ``cn`` that no one will receive, which held the name (the
-        workstation's next try refused as a name taken until the admin freed it) with nothing
-        said (session 43's "agent stopping during signing"). The signing gets
-        ``STOP_WITHDRAW`` seconds to answer, and what it signed is withdrawn as after the
-        signing (``_withdraw``); a signing that does not answer by then is cancelled, said in
-        the log with the name it may hold."""
-        log.warning("bootstrap.signing_stopping", remote=request.remote, cn=cn)
+        """(Stop-time work: ``_at_stop``.) The service stops (its request cancelled) while the
+        leader signs: the leader may record a certificate for ``cn`` that no one will receive,
+        which held the name (the workstation's next try refused as a name taken until the
+        admin freed it) with nothing said (session 43's "agent stopping during signing"). The
+        signing's answer is awaited, and what it signed withdrawn, within the stop's bound
+        (``STOP_WITHDRAW``); a signing still unanswered then is cancelled, said in the log with
+        the name it may hold."""
         try:
-            await asyncio.wait({signing}, timeout=STOP_WITHDRAW)
-        finally:
-            if not signing.done():
-                signing.cancel()
-                log.error(
-                    "bootstrap.signing_cut",
-                    remote=request.remote,
-                    cn=cn,
-                    why="the agent stopped: a certificate the leader signed may hold the name",
-                )
-        if signing.done() and not signing.cancelled() and signing.exception() is None:
-            await self._withdraw(request, cn, signing.result(), stopping=True)
+            signed = await signing
+        except asyncio.CancelledError:
+            log.error(
+                "bootstrap.signing_cut",
+                remote=request.remote,
+                cn=cn,
+                why="the service stopped before the leader answered: a certificate it signed "
+                f"may hold the name (tlsroll workstations revoke {cn} frees it)",
+            )
+            raise
+        except Exception:  # not signed (the leader said no, or could not be asked)
+            return
+        await self._withdrawn_at_stop(request, cn, signed)
 
     async def _checked(self, request: Request, signed: bytes, cn: str, key_pin: str) -> bytes:
         """The certificate the leader ``signed``, checked (by the worker) to be for the CSR's

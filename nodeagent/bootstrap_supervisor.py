@@ -40,6 +40,7 @@ from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import FUTURE_SLACK, Journal
 from tlsroll import logs, password, peertext, spiffe
+from tlsroll.enums import SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -58,6 +59,10 @@ log = logs.get_logger(__name__)
 # (review s44rev2 M1).
 RETRY_FIRST = 2.0
 RETRY_MOST = 60.0
+# What the node's problem says of a journal unread while the service serves on (``_unread``),
+# the cause cut to fit the heartbeat's 200 characters.
+UNREAD = "journal unread ({}): a new password or a rollback is not in effect; check the node's disk"
+UNREAD_CAUSE = 200 - len(SERVES_PREVIOUS) - len(UNREAD.format(""))
 
 
 class Crypto(Protocol):
@@ -88,6 +93,18 @@ def guard_times(earlier: list[float], wall: float, mono: float) -> list[float]:
     while the clock was ahead and is dropped: it would impose the day's ceiling again at every
     restart until the clock passes it (s34 review L3)."""
     return [mono - max(0.0, wall - at) for at in earlier if at <= wall + FUTURE_SLACK]
+
+
+def _ca_bundle(ca_file: str) -> bytes:
+    """(Blocking: in a worker thread, review s45rev4 L3: a large file took seconds of the event
+    loop.) The CA bundle ``ca_file`` read, and refused (ValueError naming the file) if a
+    certificate of it says it is no CA (``plans.ca_bundle_problem``): refused here, not by the
+    worker's check at ``start``, since each try of the outage started the worker's child for it
+    (one a minute)."""
+    pem = Path(ca_file).read_bytes()
+    if why := plans.ca_bundle_problem(pem):
+        raise ValueError(f"{ca_file}: {why}")
+    return pem
 
 
 class BootstrapHost:
@@ -121,8 +138,9 @@ class BootstrapHost:
         self._tries = 0
         self._said = ""
         # Why the journal could not be read while the service ran and serves on (``_unread``):
-        # logged, "" when it was read since.
+        # logged, "" when it was read since; since when (``time.monotonic``), None then.
         self._unread_said = ""
+        self._unread_since: float | None = None
         self._retrying: asyncio.Task[None] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
@@ -257,14 +275,15 @@ class BootstrapHost:
         the problem unknown for ever and nothing tried again, review s44rev2 L1; anything but
         a TlsrollError ended the retries silently, L2), and not if the service runs on
         (``_unread``)."""
+        unexpected = False
         try:
             return await self._sync()
         except TlsrollError as exc:  # (the journal unread)
             why = str(exc)
-        except Exception as exc:  # a bug: said, and tried again all the same
-            why = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a bug, or damaged settings: said, and tried again all the same
+            why, unexpected = f"{type(exc).__name__}: {exc}", True
         if self.service is not None:
-            self._unread(why)
+            self._unread(why, unexpected=unexpected)
         else:
             self._failed(why)
         return True
@@ -291,22 +310,33 @@ class BootstrapHost:
         self._tries += 1
         self.problem = problem
 
-    def _unread(self, why: str) -> None:
+    def _unread(self, why: str, *, unexpected: bool = False) -> None:
         """The journal's live settings could not be read (``why``) while the service runs: it
-        serves on with the settings it last read, so the node has no bootstrap problem (the
-        leader would show "did not start": review s44, the problem stayed until the next good
-        read though the service served). What is degraded, said in the log (once, and again
-        if the cause changes): a change of the settings (a rollback, a new password) is not
-        followed until the journal is read again, which is tried as a failed start is."""
+        serves on with the settings it last read, and a change of them (a rollback, a new
+        password, perhaps for one that leaked) is not followed until the journal is read again,
+        which is tried as a failed start is. Said in the log at once (once, and again if the
+        cause changes). For a moment (a read tried again within seconds) it is no node problem
+        (session 44: the leader showed "did not start" though the service served). Unread for
+        ``RETRY_MOST`` seconds (the first try a minute after the last), it is the node's
+        problem, worded as what it is (``SERVES_PREVIOUS``, review s45rev4 M2: only the log
+        said it, and the leader took the rollout as done) until the journal is read again.
+        ``unexpected``: not the journal's own error (damaged settings, or a bug: L6), said so."""
         if why != self._unread_said:
             log.error(
                 "bootstrap.settings_unread",
                 port=self.cfg.bootstrap_port,
                 error=why,
+                unexpected=unexpected or None,
                 serves="the settings last read, until the journal is read again",
                 retry=f"after {RETRY_FIRST:g} s doubling to {RETRY_MOST:g} s",
             )
             self._unread_said = why
+        now = time.monotonic()
+        if self._unread_since is None:
+            self._unread_since = now
+        elif now - self._unread_since >= RETRY_MOST:
+            cause = peertext.clean(why, UNREAD_CAUSE)
+            self.problem = f"{SERVES_PREVIOUS}{UNREAD.format(cause)}"
 
     async def _sync(self) -> bool:
         """(Under the lock.) One step of ``sync``: whether the service should run and does not
@@ -314,6 +344,7 @@ class BootstrapHost:
         or need not, never before the first attempt (None: the heartbeat then says nothing of
         it, and the leader keeps what it had: s43's Left 2)."""
         live = await asyncio.to_thread(self.journal.live_tls)
+        self._unread_since = None  # (the problem, if it was one, is set below)
         if self._unread_said:
             log.warning("bootstrap.settings_read_again", port=self.cfg.bootstrap_port)
             self._unread_said = ""
@@ -365,11 +396,7 @@ class BootstrapHost:
             self._earlier = []
         verifier_file = live["verifier_file"]
         verifier_text = await asyncio.to_thread(Path(verifier_file).read_text)
-        ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
-        if why := plans.ca_bundle_problem(ca_pem):
-            # Refused here, not by the worker's check at ``start``: each try of the outage
-            # started the worker's child for it (one a minute).
-            raise ValueError(f"{live['ca_file']}: {why}")
+        ca_pem = await asyncio.to_thread(_ca_bundle, live["ca_file"])
         try:
             verifier = password.verifier_from_json(verifier_text)
         except ValueError as exc:

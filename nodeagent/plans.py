@@ -554,8 +554,8 @@ def ca_bundle_problem(pem: bytes) -> str | None:
     memory, issue 15), so that a try of the service with such a bundle is refused before it
     asks the crypto worker, whose child it would start at every try of the outage. None when
     every certificate says it is a CA, and for one that cannot be read so (not framed as a
-    certificate, an extension not laid out as RFC 5280 says): the worker's check
-    (``bootstrap_crypto.check_ca_bundle``) judges those, as before."""
+    certificate, an extension not laid out as RFC 5280 says, not in DER: ``_says_ca``): the
+    worker's check (``bootstrap_crypto.check_ca_bundle``) judges those, as before."""
     text = pem.decode("ascii", "replace")
     end = 0
     number = 0
@@ -570,13 +570,21 @@ def ca_bundle_problem(pem: bytes) -> str | None:
         except ValueError:
             continue
         if _says_ca(der) is False:
-            return f"certificate {number} of the CA bundle is not a CA (no basicConstraints cA)"
+            return (
+                f"certificate {number} of the CA bundle is not a CA certificate (a server's "
+                "own?): keep only CA certificates in the bundle"
+            )
     return None
 
 
 def _says_ca(der: bytes) -> bool | None:
     """Whether the certificate ``der`` says it is a CA (its basicConstraints' cA is TRUE); None
-    if it cannot be read so (see ``ca_bundle_problem``)."""
+    if it cannot be read so (see ``ca_bundle_problem``): not framed as a certificate, an
+    extension not laid out as RFC 5280 says, or not in DER as the worker's parser wants it,
+    which raises on it (review s45rev4 L2: a cA FALSE written out, a BOOLEAN other than 0x00 or
+    0xFF, a path length without cA, anything after the path length, an extension twice). The
+    worker's failure to judge those let the service start (``ca_bundle_unchecked``), as it
+    still does."""
     if not _framed_as_certificate(der):
         return None
     try:
@@ -591,35 +599,52 @@ def _says_ca(der: bytes) -> bool | None:
         tag, at, end = _der_item(der, contents, at)  # SEQUENCE OF Extension
         if tag != 0x30:
             return None
+        seen: set[bytes] = set()
+        says = False  # no basicConstraints: no CA
         while at < end:
             tag, item, at = _der_item(der, at, end)  # Extension ::= SEQUENCE {
             if tag != 0x30:
                 return None
             tag, oid, item = _der_item(der, item, at)  #   extnID OBJECT IDENTIFIER,
-            if tag != 0x06:
-                return None
-            if der[oid:item] != BASIC_CONSTRAINTS:
-                continue
-            tag, value, value_end = _der_item(der, item, at)  # critical BOOLEAN DEFAULT FALSE,
-            if tag == 0x01:
-                tag, value, value_end = _der_item(der, value_end, at)
-            if tag != 0x04:  #   extnValue OCTET STRING }
-                return None
-            # BasicConstraints ::= SEQUENCE { cA BOOLEAN DEFAULT FALSE, pathLen INTEGER OPTIONAL }
-            tag, first, seq_end = _der_item(der, value, value_end)
-            if tag != 0x30 or seq_end != value_end:
-                return None
-            if first == seq_end:
-                return False  # cA absent: FALSE
-            tag, flag, flag_end = _der_item(der, first, seq_end)
-            if tag == 0x02:
-                return False  # pathLen first: cA absent
-            if tag != 0x01 or flag_end - flag != 1:
-                return None
-            return der[flag] == 0xFF
-        return False  # no basicConstraints
+            if tag != 0x06 or der[oid:item] in seen:
+                return None  # (an extension twice: the worker's parser refuses it)
+            seen.add(der[oid:item])
+            if der[oid:item] == BASIC_CONSTRAINTS:
+                said = _basic_constraints_ca(der, item, at)
+                if said is None:
+                    return None
+                says = said
+        return says
     except ValueError:
         return None
+
+
+def _basic_constraints_ca(der: bytes, at: int, end: int) -> bool | None:
+    """The cA of the basicConstraints extension whose ``critical`` and ``extnValue`` are
+    ``der[at:end]``; None unless laid out in DER: ``critical`` absent or 0xFF (a FALSE is the
+    default, never written), then ``BasicConstraints ::= SEQUENCE { cA BOOLEAN DEFAULT FALSE,
+    pathLenConstraint INTEGER OPTIONAL }`` with cA absent (FALSE) and no path length, or 0xFF
+    (TRUE) and at most a path length (ValueError: an item cut short)."""
+    tag, value, value_end = _der_item(der, at, end)  # critical BOOLEAN DEFAULT FALSE,
+    if tag == 0x01:
+        if value_end - value != 1 or der[value] != 0xFF:
+            return None
+        tag, value, value_end = _der_item(der, value_end, end)
+    if tag != 0x04 or value_end != end:  #   extnValue OCTET STRING }
+        return None
+    tag, first, seq_end = _der_item(der, value, value_end)
+    if tag != 0x30 or seq_end != value_end:
+        return None
+    if first == seq_end:
+        return False  # cA absent: FALSE
+    tag, flag, at = _der_item(der, first, seq_end)
+    if tag != 0x01 or at - flag != 1 or der[flag] != 0xFF:
+        return None  # a path length without cA, a FALSE written out, or not a DER BOOLEAN
+    if at < seq_end:
+        tag, _, at = _der_item(der, at, seq_end)  # pathLenConstraint
+        if tag != 0x02 or at != seq_end:
+            return None
+    return True
 
 
 @_keeps_cause

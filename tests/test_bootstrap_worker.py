@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog.testing
 from cryptography.x509.oid import NameOID
 
 from nodeagent import bootstrap_server
@@ -849,15 +850,21 @@ async def test_a_certificate_signed_while_the_agent_stops_is_withdrawn(
     stalling_node: tuple[Node, Stalling],
     session: aiohttp.ClientSession,
     signer: NamingSigner,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Session 43's "agent stopping during signing": the agent stops (the service's stop
     cancels the request after its grace) while the leader signs. The leader records the
     certificate, and its answer comes after the cancellation: before, the cancellation cut
     the signing call, nothing was withdrawn and the name stayed held by a certificate no one
     received (the workstation's next try refused as a name taken), nothing said. Now the
-    signing is let finish (``STOP_WITHDRAW``) and what it signed is withdrawn: the name is free
-    for the next try. (The leader's answer is held until the request's cancellation has
-    begun: no timing.)"""
+    signing's answer is awaited and what it signed withdrawn, and the service's stop waits for
+    that work (review s45rev4 M1: it ran in the cancelled request's task, which the listener's
+    stop left after 1 s; the stop returned, and the agent's end then cut the withdrawal). The
+    leader answers 1.5 s after the cancellation here; the withdrawal is done when the stop
+    returns. (The answer is held until the request was cancelled; the bound,
+    ``STOP_WITHDRAW``, made long, so that the loaded machine's pace does not matter: its end
+    is the next test's.) Fails before the fix: the stop returned before the leader answered."""
+    monkeypatch.setattr(bootstrap_server, "STOP_WITHDRAW", 30.0)
     node, _crypto = stalling_node
     listener = node.service._listener
     assert listener is not None
@@ -873,49 +880,76 @@ async def test_a_certificate_signed_while_the_agent_stops_is_withdrawn(
     node.service.sign = slow
     attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))
     await asyncio.wait_for(recorded.wait(), 60)
-    stopping = asyncio.ensure_future(node.service.stop())
-    await until(lambda: any(t.cancelling() for t in listener._connections) or stopping.done())
-    answer.set()
-    await asyncio.wait_for(stopping, 60)
-    await until(lambda: bool(signer.withdrawn))
+    with structlog.testing.capture_logs() as events:
+        stopping = asyncio.ensure_future(node.service.stop())
+
+        def cancelled() -> bool:
+            return any(e["event"] == "bootstrap.signing_stopping" for e in events)
+
+        await until(lambda: cancelled() or stopping.done())
+        await asyncio.sleep(1.5)  # past the listener's 1 s for its cancelled connections
+        assert not stopping.done(), "the stop returned before the leader answered"
+        answer.set()
+        await asyncio.wait_for(stopping, 60)
     assert len(signer.signed) == 1 and signer.withdrawn == signer.signed
     assert "ws-stopping" not in signer.holders  # the name free for the next try
+    assert not node.service._stop_work  # nothing left for the agent's end to cut
     with pytest.raises(aiohttp.ClientError):
         await attempt
 
 
-async def test_a_withdrawal_as_the_agent_stops_is_bounded(
+@pytest.mark.parametrize("hangs", ["withdrawal", "signing"])
+async def test_the_work_a_stop_leaves_is_bounded(
     stalling_node: tuple[Node, Stalling],
     session: aiohttp.ClientSession,
     signer: NamingSigner,
     monkeypatch: pytest.MonkeyPatch,
+    hangs: str,
 ) -> None:
-    """A leader that does not answer the withdrawal holds up the agent's stop for
-    ``STOP_WITHDRAW`` at most (shortened here): the withdrawal is then cancelled."""
+    """A leader that does not answer the withdrawal, or the signing, holds up the service's
+    stop for ``STOP_WITHDRAW`` at most (shortened here): when the stop returns, the call was
+    cancelled and the log says what it may leave held."""
     node, crypto = stalling_node
     monkeypatch.setattr(bootstrap_server, "STOP_WITHDRAW", 0.2)
     node.service.finish_deadline = 600.0
     assert node.service._listener is not None
     node.service._listener.shutdown_timeout = 0.1
-    crypto.stall_at = "bootstrap.seal"
     asked = asyncio.Event()
     ended: list[str] = []
 
-    async def hanging(cert_pem: bytes) -> bootstrap_server.Withdrawal:
+    async def hanging(*_: object) -> Any:
         asked.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             ended.append("cancelled")
             raise
-        return bootstrap_server.Withdrawal.WITHDRAWN
 
-    node.service.withdraw = hanging
-    attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))
-    await asyncio.wait_for(crypto.stalled.wait(), 60)
-    await asyncio.wait_for(node.service.stop(), 60)
-    await asyncio.wait_for(asked.wait(), 60)
-    await until(lambda: bool(ended))
+    if hangs == "withdrawal":
+        crypto.stall_at = "bootstrap.seal"
+        node.service.withdraw = hanging
+    else:
+        node.service.sign = hanging
+    with structlog.testing.capture_logs() as events:
+        attempt = asyncio.ensure_future(node.exchange(session, cn="ws-stopping"))
+        if hangs == "withdrawal":
+            await asyncio.wait_for(crypto.stalled.wait(), 60)
+        else:
+            await asyncio.wait_for(asked.wait(), 60)
+        await asyncio.wait_for(node.service.stop(), 60)
+        assert asked.is_set() and ended == ["cancelled"]
+        assert not node.service._stop_work
+    said = [
+        e for e in events if e["event"] in ("bootstrap.withdraw_failed", "bootstrap.signing_cut")
+    ]
+    if hangs == "withdrawal":
+        assert [(e["event"], e["error"]) for e in said] == [
+            ("bootstrap.withdraw_failed", "stopping")
+        ]
+    else:
+        (cut,) = said
+        assert cut["event"] == "bootstrap.signing_cut"
+        assert "tlsroll workstations revoke ws-stopping" in cut["why"], cut
     with pytest.raises(aiohttp.ClientError):
         await attempt
 

@@ -69,13 +69,15 @@ from leader.states import NodeProblemKind
 from leader.viewer import metrics, pages
 from leader.viewer.i18n import Words
 from leader.viewer.snapshot import Reader
+from nodeagent.bootstrap_supervisor import UNREAD
+from nodeagent.failure_log import FailureLog
 from nodeagent.leader_link import LeaderLink
 from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, client_report, ts, until
 from tlsroll.clocks import elapsed
 from tlsroll.defaults import AGENT_PORT
-from tlsroll.enums import NEEDS_ADMIN
+from tlsroll.enums import NEEDS_ADMIN, SERVES_PREVIOUS
 from tlsroll.errors import TransientError
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2, agent_pb2, leader_pb2, leader_pb2_grpc, schema_pb2
@@ -347,6 +349,44 @@ async def test_a_bootstrap_service_that_did_not_start_is_a_node_problem_until_it
         assert rig.state.node_problems() == []
 
 
+async def test_a_bootstrap_service_serving_its_previous_settings_is_not_said_to_be_down(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review s45rev4 M2: an agent whose journal it cannot read for a minute while its
+    bootstrap service serves says so as the node's bootstrap problem (``SERVES_PREVIOUS``:
+    a new password or a rollback not in effect). The contract has one kind for it and a
+    service that did not start (``bootstrap-down``); the leader words it as what it is, in the
+    schema and on the viewer's page, never "did not start". Fails before: "hb1's bootstrap
+    service did not start (serves its previous settings: …)", and the page said "did not
+    start"."""
+    said = f"{SERVES_PREVIOUS}{UNREAD.format('disk I/O error')}"
+
+    async def server_view() -> agent_pb2.ServerView:
+        return agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _offset):
+        link.server_view = server_view
+        link.bootstrap_problem = lambda: said
+        await link.beat()
+        (problem,) = rig.state.node_problems()
+        assert (problem.node, problem.kind) == ("hb1", NodeProblemKind.BOOTSTRAP_DOWN)
+        assert problem.problem == (
+            "hb1's bootstrap service serves its previous settings: journal unread (disk I/O "
+            "error): a new password or a rollback is not in effect; check the node's disk (its "
+            "agent reads the journal again at least once a minute)"
+        ), problem.problem
+        snap = reader_of(rig).read(times=True)
+        page = pages.PageContext("127.0.0.1", "test", T, "/events")
+        for lang, words in (
+            ("de", "Knoten hb1 arbeitet noch mit seinen bisherigen Einstellungen"),
+            ("en", "node hb1 still serves its previous settings"),
+        ):
+            html = unescape(pages.schema_content(snap, Words.of(lang), page))
+            assert words in html, html
+            assert "did not start" not in html and "nicht gestartet" not in html
+            assert 'data-problem="bootstrap-previous"' in html
+
+
 async def test_an_agent_that_has_not_tried_its_bootstrap_service_yet_leaves_the_problem_as_is(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
@@ -402,7 +442,10 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
     purpose; the node is removed meanwhile by the real admin service, then the heartbeat goes
     on. It is refused (the node is removed) and adds nothing back. Another node's heartbeat,
     held at the same point across the removal, is taken, with its problem (review s44rev2
-    L3: a removal must not refuse the nodes it did not remove)."""
+    L3: a removal must not refuse the nodes it did not remove). Both carry bootstrap failures
+    in a numbered report (review s45rev4 L1): the removed node's leaves nothing in the
+    service's own memory of it (what a node enrolled again under its name would inherit:
+    its audits, the failures said, the report's number), the other's is kept."""
 
     async def server_view() -> agent_pb2.ServerView:
         return agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
@@ -413,6 +456,8 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
         offset[0] = 300.0
         await link.beat()
         await link.beat()
+        link.failures = FailureLog()
+        link.failures.record("10.0.0.1", "ws-a", T - dt.timedelta(minutes=1))
         kinds = {p.kind for p in rig.state.node_problems()}
         assert kinds == {NodeProblemKind.BOOTSTRAP_DOWN, CLOCK_OFFSET}, kinds
 
@@ -423,6 +468,12 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
             server=leader_pb2.LiveServer(
                 driver="reference", healthy=True, schemes=["https"], bootstrap_problem="hb2's"
             ),
+            bootstrap_failures=[
+                leader_pb2.BootstrapFailure(
+                    source="10.0.0.2", workstation="ws-b", count=2, last_at=ts(T)
+                )
+            ],
+            failures_report=7,
         )
         checked, go = asyncio.Event(), asyncio.Event()
         holding = [0]
@@ -453,6 +504,12 @@ async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem
         assert [(p.node, p.kind) for p in rig.state.node_problems()] == [hb2_down]
         assert "hb1" not in rig.state.live_servers and "hb1" not in rig.state.bootstrap_down
         assert "hb2" in rig.state.live_servers and "hb2" in rig.state.bootstrap_down
+        kept = (
+            rig.service._failure_audits,
+            rig.service._failures_said,
+            rig.service._failure_reports,
+        )
+        assert [("hb1" in c, "hb2" in c) for c in kept] == [(False, True)] * 3, kept
         assert rig.state.clocks.offset("hb1") is None
         view = SchemaViewService(
             SchemaStore(rig.store.db),

@@ -47,3 +47,10 @@ SERVER_NOT_HEALTHY = "managed server not healthy: "
 """How an agent's preflight problem begins when its managed server is down or not answering:
 the way back (disable-tls) goes on past it when the server's config is on https (the agent's
 switch restores http and starts the server); every other change fails its preflight there."""
+
+SERVES_PREVIOUS = "serves its previous settings: "
+"""How an agent's bootstrap problem (``LiveServer.bootstrap_problem``) begins when its service
+runs but serves the settings it last read, its journal unread for a minute (a new password or a
+rollback not in effect: ``nodeagent.bootstrap_supervisor``); the leader tells it from a service
+that did not start by it, and words it so (``leader.service.LeaderState.node_problems``, the
+viewer's page): the contract has one problem kind for both (``bootstrap-down``)."""

@@ -77,6 +77,10 @@ _DE: dict[str, str] = {
     "bootstrap_down": "Der Dienst zum Einrichten von Arbeitsplätzen auf Knoten {node} ist "
     "nicht gestartet: Arbeitsplätze können dort nicht eingerichtet werden. Bitte die "
     "Praxis-IT verständigen.",
+    "bootstrap_previous": "Der Dienst zum Einrichten von Arbeitsplätzen auf Knoten {node} "
+    "arbeitet noch mit seinen bisherigen Einstellungen: der Agent kann sein Journal nicht "
+    "lesen, ein neues Passwort oder eine Rücknahme gilt dort noch nicht. Bitte die Praxis-IT "
+    "verständigen (die Festplatte des Knotens prüfen).",
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
@@ -204,6 +208,9 @@ _EN: dict[str, str] = {
     "the practice IT. The leader describes it:",
     "bootstrap_down": "The service that sets up workstations on node {node} did not start: "
     "workstations cannot be set up there. Please call the practice IT.",
+    "bootstrap_previous": "The service that sets up workstations on node {node} still serves "
+    "its previous settings: its agent cannot read its journal, and a new password or a "
+    "rollback is not in effect there. Please call the practice IT (check the node's disk).",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "

@@ -24,6 +24,7 @@ from markupsafe import Markup
 
 from leader.viewer.i18n import LANGS, Words
 from leader.viewer.snapshot import NEAR_EXPIRY, Snapshot, Transition
+from tlsroll.enums import SERVES_PREVIOUS
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("leader.viewer", "templates"),
@@ -31,6 +32,8 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+# How a bootstrap problem that is no start's failure begins (``content.html``'s node problems).
+_ENV.globals["SERVES_PREVIOUS"] = SERVES_PREVIOUS
 
 
 @dataclass(frozen=True)
