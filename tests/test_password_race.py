@@ -64,9 +64,8 @@ def test_each_password_says_which_staged_one_it_replaces_and_rollouts_which_they
     assert second.returncode == 0, second.stderr
     assert "password version 2 staged." in second.stdout
     assert re.search(
-        rf"It replaces password version 1 \({STAGED_BY}, live on no node now\): whoever was"
-        " given "
-        "that one must get the new one instead.",
+        rf"It replaces password version 1 \({STAGED_BY}, live on no node now\): if it is another"
+        " password, whoever was given that one must get the new one instead.",
         flat(second.stdout),
     ), second.stdout
 

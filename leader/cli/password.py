@@ -14,16 +14,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader
 from tlsroll import password
 from tlsroll.v1 import admin_pb2
-
-if TYPE_CHECKING:
-    from tlsroll.v1.admin_pb2_grpc import AdminStub
 
 
 def read_password_file(path: Path) -> str:
@@ -129,48 +125,14 @@ def staged_text(staged: admin_pb2.StagedPassword) -> str:
 def replaces_text(staged: admin_pb2.StagedPassword) -> str:
     """The line naming a staged password version a new one supersedes: live on no node now
     (never applied, or applied and taken back by a rollback: review s45rt2 M3, which was
-    told "never applied")."""
+    told "never applied"). True whether or not the new one is the same password: the CLI does
+    not compare them (a comparison through ``Admin.CheckPassword`` counted as a wrong password
+    checked whenever they differed, in the audit and the caller's backoff: review s45rev8 M1)."""
     return (
         f"replaces password version {staged.version} ({staged_text(staged)}, live on no node"
-        " now): whoever was given that one must get the new one instead"
+        " now): if it is another password, whoever was given that one must get the new one"
+        " instead"
     )
-
-
-def same_password(leader: Leader, admin: AdminStub, version: int, secret: str) -> bool:
-    """Is ``secret`` the staged password ``version``? The leader keeps that version's
-    verifier (salt, scrypt parameters, hash), never the password: the hash of ``secret`` under
-    that salt is derived here and compared there (``Admin.CheckPassword``, as `tlsroll notify`
-    checks a password); neither password is logged or printed. False if it cannot be told
-    (the replacement is then said, as before)."""
-    try:
-        params = leader.call(admin.CheckPassword, admin_pb2.CheckPasswordRequest(about=version))
-        digest = password.derive_hash(
-            secret, salt=params.salt, n=params.n, r=params.r, p=params.p, dklen=params.dklen
-        )
-        reply = leader.call(
-            admin.CheckPassword,
-            admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=version, about=version),
-        )
-    except (CLIError, ValueError):
-        return False
-    return bool(reply.matches)
-
-
-def drop_same_replaced(
-    leader: Leader,
-    admin: AdminStub,
-    reply: admin_pb2.PlanResponse | admin_pb2.SetPasswordResponse,
-    secret: str | None,
-) -> None:
-    """Clear ``reply.replaces`` when ``secret`` is the password it names: nothing is replaced
-    for whoever was given it (review s45rt2 M3: after a rollback, the same --password-file
-    again was said to replace the password, which was handed out again for nothing)."""
-    if (
-        secret is not None
-        and reply.HasField("replaces")
-        and same_password(leader, admin, reply.replaces.version, secret)
-    ):
-        reply.ClearField("replaces")
 
 
 def verifier_json(secret: str) -> str:
@@ -214,7 +176,6 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
                 admin.SetPassword,
                 admin_pb2.SetPasswordRequest(auth_verifier_json=verifier_json(secret)),
             )
-        drop_same_replaced(leader, admin, reply, None if generate else secret)
     out.print(f"password version {reply.version} staged.")
     if reply.HasField("replaces"):
         out.print(f"It {replaces_text(reply.replaces)}.")

@@ -34,7 +34,6 @@ from leader.cli.base import (
 )
 from leader.cli.draw import render_rollout
 from leader.cli.password import (
-    drop_same_replaced,
     obtain_password,
     replaces_text,
     shown_password_fate,
@@ -412,7 +411,6 @@ def rollout_start(
                 "(only the newest staged version is applied); nothing was started"
             )
         in_use = planned.password_version_in_use
-        drop_same_replaced(leader, admin, planned, secret)  # the same password: kept
         if in_use and secret is not None:
             raise CLIError(
                 f"nodes already use auth password version {in_use}; the other nodes get the "
