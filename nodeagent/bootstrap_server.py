@@ -417,8 +417,9 @@ class BootstrapService:
             raise Refused(
                 503,
                 proto.ErrorCode.NODE_REMOVED,
-                "this node was removed from the cluster (its leader refuses it); enrol at "
-                "another node of the practice, or ask the practice IT",
+                "the cluster's leader no longer accepts this node (removed from the cluster,"
+                " or its certificate revoked); enrol at another node of the practice, or ask"
+                " the practice IT",
             )
 
     def set_verifier(self, verifier: Mapping[str, Any]) -> None:
