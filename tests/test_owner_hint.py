@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import child_env, command, write_toml
+from tests.cluster import child_env, command
 from tests.conftest import next_loopback
+from tests.refserver_helper import write_toml
 
 TIMEOUT = 60.0
 

@@ -263,9 +263,10 @@ def test_a_one_shot_while_its_daemon_runs_is_refused_and_changes_nothing(
                 " tlsroll-leader)"
             ), line
         else:
+            data = agent_of(cluster).data_dir
             assert line == (
-                f"tlsroll-agent: a tlsroll-agent is running on {daemon.data_dir} (it holds"
-                f" {daemon.data_dir / agent_runtime.LOCK_NAME}): stop it first (systemctl stop"
+                f"tlsroll-agent: a tlsroll-agent is running on {data} (it holds"
+                f" {data / agent_runtime.LOCK_NAME}): stop it first (systemctl stop"
                 " tlsroll-agent)"
             ), line
         assert sorted(p.name for p in path.parent.iterdir()) == before  # nothing renamed or made
