@@ -46,8 +46,8 @@ from leader.rollout_core import (
     NodeObservation,
     Rollout,
     Strategy,
-    before_after,
     down_on_https,
+    live_and_closed,
     wrong_source,
 )
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore, measured_seconds
@@ -491,7 +491,7 @@ class ChangeSteps:
     async def outside_problem(self, ctx: StepContext) -> str | None:
         """The outside check for where this change leaves the node (``CHANGES``)."""
         detail = await self.node_detail(ctx)
-        closed, live = before_after(self.change, detail.old_url, detail.new_url)
+        live, closed = live_and_closed(self.change, detail.old_url, detail.new_url)
         trusted = await self.trusted(ctx)
         return await outside_check(live, closed, trusted, detail.cert_fingerprint)
 

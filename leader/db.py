@@ -478,7 +478,8 @@ def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") ->
     re-learns the enrolled nodes from their agents' heartbeats for ``RELEARN_WINDOW``
     (``Store.relearn``). Returns what was moved aside. Refused (``NotDamaged``) for a store
     that is intact or only unavailable now (``StoreUnavailable``: a full disk). ``recover``:
-    the ``--reinitialise`` command line a lost store's message gives (``leader.runtime``)."""
+    the ``--reinitialise`` command line, quoted, a lost store's message gives
+    (``leader.runtime``)."""
     try:
         problem = damage(path, expected=_created_mark(path).exists())
     except StoreUnavailable as exc:
@@ -496,11 +497,11 @@ def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") ->
             )
         return []
     if not reinitialise:
-        begin = recover or "tlsroll-leader --config CONFIG --reinitialise"
+        begin = recover or "`tlsroll-leader --config CONFIG --reinitialise`"
         raise StoreLost(
             f"store {path}: {problem}; restore it from a backup with the leader stopped (it holds"
             " the enrolled nodes, join tokens and rollouts), or begin an empty store that"
-            f" re-learns the nodes from their agents: run `{begin}` (it only replaces the"
+            f" re-learns the nodes from their agents: run {begin} (it only replaces the"
             " store), then start the leader as before (installed: systemctl start tlsroll-leader)"
         )
     return move_aside(path, ("", "-wal", "-shm"))

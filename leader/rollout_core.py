@@ -207,17 +207,29 @@ CHANGES: Mapping[Change, ChangeSpec] = {
 """Every change and how it runs; a test checks that each one has a row."""
 
 
-def before_after(change: Change, old_url: str, new_url: str) -> tuple[str, str]:
+def before_after(change: Change, http_url: str, https_url: str) -> tuple[str, str]:
     """A node's address before ``change`` and after it, from the two its record holds
-    (``old_url``, ``new_url``: the agent's preflight gives its http and its https URL in that
-    order, whatever the change). The one place that decides it for the outside check
-    (``leader.changes``) and for every view of a rollout's rows (`schema show`, `rollout
-    status`, the viewer): a change whose target is http (disable-tls, a rollback) goes from
-    the https address to the http one (review s45rt2 M2: its rows showed the https port it
-    had closed as the new address)."""
+    (``http_url``, ``https_url``: the agent's preflight gives its http and its https URL, as
+    the record's ``old_url`` and ``new_url``, whatever the change), by the schemes
+    ``ADDRESSES`` derives from the change's ``SCHEMES`` rows. The one place that decides it
+    for every view of a rollout's rows (`schema show`, `rollout status`, the viewer) and for
+    a notice (``leader.cli.notify_cmd.notice_node``): a change whose target is http
+    (disable-tls, a rollback) goes from the https address to the http one (review s45rt2 M2),
+    one on https the whole time (change-password, rotate-cert) stays on https, finalize goes
+    from http to https (review s45rev6 L2: they showed the node's http address as "old")."""
+    urls = {"http": http_url, "https": https_url}
+    old, new = ADDRESSES[change]
+    return urls[old], urls[new]
+
+
+def live_and_closed(change: Change, http_url: str, https_url: str) -> tuple[str, str]:
+    """For the outside check of a change with one target scheme: the URL the change leaves the
+    node serving on (``ChangeSpec.target_scheme``) and the other, whose port must be closed.
+    Not ``before_after``: a node on https the whole time has no "old" address, but still one
+    that must stay closed (its http)."""
     if CHANGES[change].target_scheme == "http":
-        return new_url, old_url
-    return old_url, new_url
+        return http_url, https_url
+    return https_url, http_url
 
 
 HTTP: frozenset[str] = frozenset({"http"})
@@ -245,6 +257,28 @@ SCHEMES: Mapping[tuple[Change, Strategy], Schemes] = {
 enable-tls may start on https-only (a certificate of another CA is replaced); no change but
 ``finalize`` and ``disable-tls`` starts on a dual node, so a dual node never goes to
 https-only without finalize."""
+
+
+def _addresses(change: Change) -> tuple[str, str]:
+    """The scheme of a node's address before ``change`` and after it, from its ``SCHEMES``
+    rows: before, the scheme the change closes (http for enable-tls and finalize, https for
+    disable-tls), else the one it served (http for a transitional enable-tls, https for
+    change-password); after, the scheme it opens, else the one it serves after (https, http).
+    Every strategy of a change must agree (a test checks it, as it does every row)."""
+    found = set()
+    for (each, _), row in SCHEMES.items():
+        if each is not change:
+            continue
+        was: frozenset[str] = frozenset().union(*row.sources)
+        (old,) = (was - row.target) or was
+        (new,) = (row.target - was) or row.target
+        found.add((old, new))
+    (one,) = found
+    return one
+
+
+ADDRESSES: Mapping[Change, tuple[str, str]] = {change: _addresses(change) for change in CHANGES}
+"""Per change, the scheme of a node's address before it and after it (``before_after``)."""
 
 
 def schemes(change: Change, strategy: Strategy = Strategy.DIRECT) -> Schemes:

@@ -133,12 +133,17 @@ def _answers(sock: Path) -> bool:
 
 def recovery_command(config: Path) -> str:
     """The one-shot that begins an empty store in place of a lost one, as the admin types it
-    (root, on a server installed by install.sh: as the leader's user, whose files the store
-    and its directory are; review s45rt2 H1)."""
+    (on a server installed by install.sh: as the leader's user, whose files the store and its
+    directory are, review s45rt2 H1; root, the admin's usual account there, is told how, and
+    no one else is told ``runuser``, which is root's: review s45rev6 L3)."""
     me = os.geteuid()
     run = f"{fsutil.this_program('tlsroll-leader')} --config {os.path.abspath(config)}"
-    as_user = f"runuser -u {fsutil.user_name(me)} -- " if me != 0 else ""
-    return f"{as_user}{run} --reinitialise"
+    if me == 0:
+        return f"`{run} --reinitialise`"
+    name = fsutil.user_name(me)
+    return (
+        f"`{run} --reinitialise` as {name} (as root: `runuser -u {name} -- {run} --reinitialise`)"
+    )
 
 
 def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
@@ -206,6 +211,11 @@ def reinitialise(cfg: LeaderConfig) -> str:
     another user's, where a store of ours would stop that user's leader. Returns the line
     that says what was done and what comes next."""
     layout = cfg.layout
+    if _answers(cfg.admin_socket):  # its store is no lost one: it would go on, on the old file
+        raise TerminalError(  # review s45rev6 M1: nothing changed
+            f"a leader is running on {cfg.admin_socket}: stop it first (systemctl stop"
+            " tlsroll-leader)"
+        )
     check_secret_dirs(layout)
     for secret in (layout.ca_key, layout.tls_key):
         check_private_file(secret)

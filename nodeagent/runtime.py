@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import errno
+import fcntl
 import math
 import os
 import random
 import sqlite3
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +139,37 @@ def recovery_command(config: Path, flag: str) -> str:
     return f"{fsutil.this_program('tlsroll-agent')} --config {os.path.abspath(config)} {flag}"
 
 
+LOCK_NAME = "agent.lock"
+
+
+@contextlib.contextmanager
+def agent_lock(cfg: AgentConfig) -> Iterator[None]:
+    """Held by the agent for as long as it runs, and by its one-shots: a one-shot run while an
+    agent runs on the same data dir is refused, nothing changed (review s45rev6 M1: it
+    replaced the journal under the running agent). A lock (``flock`` on ``agent.lock`` in the
+    data dir), not a probe of the agent's port: the agent holds it from its start, before it
+    resumes a transaction or enrols (its port answers only after both), on whatever address
+    its config names, and the kernel drops it when the agent ends however it ends; a port
+    another process answers on is no agent."""
+    lock = cfg.data_dir / LOCK_NAME
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise TerminalError(
+                f"a tlsroll-agent is running on {cfg.data_dir} (it holds {lock}): stop it first"
+                " (systemctl stop tlsroll-agent)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _open_journal(
-    cfg: AgentConfig, config: Path | None, *, reinitialise: bool = False
+    cfg: AgentConfig, config: Path | None, held: contextlib.ExitStack, *, reinitialise: bool = False
 ) -> tuple[Journal, Driver | None]:
     # The driver first: it finishes reading [server], so a bad key there stops the agent
     # before it creates anything.
@@ -147,6 +179,7 @@ def _open_journal(
         else None
     )
     make_private_dir(cfg.data_dir)
+    held.enter_context(agent_lock(cfg))  # until ``held`` closes: the agent's or one-shot's end
     # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
     enrolled = any(p.exists() for p in paths(cfg.data_dir))
     recover = recovery_command(config, "--reinitialise") if config is not None else ""
@@ -187,22 +220,29 @@ async def recover(
     exit, run with the agent stopped; the agent is then started as before (by its unit:
     review s45rt2 H1, a flag that started the agent in the foreground left the admin a daemon
     to stop by hand before the unit could start it). Returns the line saying what comes next."""
-    journal, driver = _open_journal(cfg, config, reinitialise=reinitialise)
-    done = [f"journal {journal.path} begun again, empty"] if reinitialise else []
-    try:
-        if journal_checked:
-            done.append(await _journal_checked(journal, driver))
-    finally:
-        journal.close()
+    with contextlib.ExitStack() as held:
+        journal, driver = _open_journal(cfg, config, held, reinitialise=reinitialise)
+        done = [f"journal {journal.path} begun again, empty"] if reinitialise else []
+        try:
+            if journal_checked:
+                done.append(await _journal_checked(journal, driver))
+        finally:
+            journal.close()
+    # "start", as the lost journal's line says: the one-shot ran with no agent running.
     return (
-        f"{'; '.join(done)}: start the agent now as before (installed: systemctl restart"
+        f"{'; '.join(done)}: start the agent now as before (installed: systemctl start"
         " tlsroll-agent)"
     )
 
 
 async def serve(cfg: AgentConfig, config: Path | None = None) -> None:
+    with contextlib.ExitStack() as held:
+        await _serve(cfg, config, held)
+
+
+async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitStack) -> None:
     stop = stop_event()
-    journal, driver = _open_journal(cfg, config)
+    journal, driver = _open_journal(cfg, config, held)
     # One freeze lock for the servicer's Freeze, Unfreeze and lease watch and the runner's
     # lifts of a freeze: each reads the scope freeze's lease and changes the freeze under it.
     # (The servicer shares the runner's ``leases`` too, the leases' deadlines in elapsed time.)
@@ -365,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ns = parser.parse_args(argv)
     daemon.no_core_dumps()  # before any key or secret is read
+    fsutil.runs_as_root()  # its unit's User=root: never told to run as another user
     try:
         cfg = AgentConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))

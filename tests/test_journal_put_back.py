@@ -161,7 +161,7 @@ def checked_once(node: Node) -> str:
     assert code == 0, said
     line = one_line_error(said, "tlsroll-agent", allow_grpc_core=True)
     assert line.endswith(
-        ": start the agent now as before (installed: systemctl restart tlsroll-agent)"
+        ": start the agent now as before (installed: systemctl start tlsroll-agent)"
     ), line
     return line
 

@@ -18,6 +18,7 @@ from typing import Any, cast
 import click
 import pytest
 
+from leader import rollout_core
 from leader.cli import notify_cmd
 from leader.cli.base import CLIError, Leader
 from leader.cli.notify import NoticeInfo, NoticeNode, Timing, render_notice, when_text
@@ -436,3 +437,27 @@ def test_a_leader_of_older_code_is_refused(with_newest: bool, secret: str) -> No
     for applied in (None, notify_cmd.Applied("r", 1, ("a",))):
         with pytest.raises(CLIError, match="the leader runs older code: restart it"):
             notify_cmd.check_password(leader, secret, V, ["a", "b"], 1, applied)
+
+
+def test_every_change_says_its_addresses_as_its_rows_do() -> None:
+    """Review s45rev6 L2: old and new address are decided in one place, from the change's
+    schemes (``rollout_core.SCHEMES``), for the rollout's rows and for a notice. The rows
+    showed a node on https the whole time (change-password, rotate-cert) with its http
+    address as "old"; the notice said finalize goes from https to https, its rows from http."""
+    known = {
+        "http": ("http://10.0.0.5:8080/praxis_live/", 9443),
+        "https": ("https://10.0.0.5:8443/praxis_live/", 9443),
+    }
+    http, https = known["http"][0], known["https"][0]
+    expected = {
+        Change.ENABLE_TLS: (http, https),
+        Change.FINALIZE: (http, https),
+        Change.DISABLE_TLS: (https, http),
+        Change.CHANGE_PASSWORD: (https, https),
+        Change.ROTATE_CERT: (https, https),
+    }
+    assert set(expected) == set(Change)
+    for change, (old, new) in expected.items():
+        assert rollout_core.before_after(change, http, https) == (old, new), change
+        node = notify_cmd.notice_node("a", change, known, "10.0.0.5")
+        assert (node.old_url, node.new_url) == (old, new), change

@@ -20,6 +20,7 @@ import os
 import pwd
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from leader.service import LeaderState
 from leader.store import Store
 from nodeagent import runtime as agent_runtime
 from nodeagent.journal import JournalLost, open_journal
-from tests.cluster import Agent, Cluster, Daemon, one_line_error
+from tests.cluster import Agent, Cluster, Daemon, child_env, one_line_error
 from tests.conftest import next_loopback
 from tests.nodeside import fill, tmpfs
 from tlsroll import fsutil, sqlite
@@ -200,7 +201,7 @@ def test_reinitialise_starts_an_empty_journal_and_keeps_the_lost_one(cluster: Cl
         said = [line for line in output.splitlines() if line.startswith("tlsroll-agent: ")]
         assert said == [
             f"tlsroll-agent: journal {journal} begun again, empty: start the agent now as"
-            " before (installed: systemctl restart tlsroll-agent)"
+            " before (installed: systemctl start tlsroll-agent)"
         ], output
         agent.start()
         cluster.wait_for_nodes_online(["lossy"])
@@ -219,6 +220,64 @@ def test_reinitialise_starts_an_empty_journal_and_keeps_the_lost_one(cluster: Cl
             agent.argv = argv
         assert line.startswith(f"tlsroll-agent: journal {journal}: intact;"), line
         kept.unlink()
+    cluster.wait_for_nodes_online(["lossy"])
+
+
+@pytest.mark.parametrize("which", ["leader", "agent"])
+def test_a_one_shot_while_its_daemon_runs_is_refused_and_changes_nothing(
+    cluster: Cluster, which: str
+) -> None:
+    """Review s45rev6 M1: ``--reinitialise`` run while the daemon still ran (its store deleted
+    under it: the daemon keeps the file open) said "begun again" and renamed the running
+    daemon's live -wal and -shm; the daemon went on with the deleted file, and the line's
+    ``systemctl start`` does nothing to a unit that runs. Now it is refused, nothing changed:
+    the leader is found on its admin socket, the agent by the lock it holds."""
+    daemon: Daemon
+    if which == "leader":
+        daemon, path, prog = cluster.leader, cluster.store_path, "tlsroll-leader"
+    else:
+        daemon = agent_of(cluster)
+        path, prog = journal_of(daemon), "tlsroll-agent"
+    start = cluster.start_leader if which == "leader" else daemon.start
+    assert daemon.stop() == 0
+    saved = path.read_bytes()  # put back when the test is over (as ``stopped`` does)
+    start()
+    path.unlink()  # deleted by mistake while the daemon runs
+    before = sorted(p.name for p in path.parent.iterdir())
+    try:
+        done = subprocess.run(
+            [*daemon.argv, "--reinitialise"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(None),
+            check=False,
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 1, output
+        line = one_line_error(output, prog, allow_grpc_core=True)
+        if which == "leader":
+            sock = cluster.admin_socket
+            assert line == (
+                f"tlsroll-leader: a leader is running on {sock}: stop it first (systemctl stop"
+                " tlsroll-leader)"
+            ), line
+        else:
+            data = agent_of(cluster).data_dir
+            assert line == (
+                f"tlsroll-agent: a tlsroll-agent is running on {data} (it holds"
+                f" {data / agent_runtime.LOCK_NAME}): stop it first (systemctl stop"
+                " tlsroll-agent)"
+            ), line
+        assert sorted(p.name for p in path.parent.iterdir()) == before  # nothing renamed or made
+        assert daemon.running
+    finally:
+        daemon.close()
+        for f in sqlite_files(path):
+            f.unlink(missing_ok=True)
+        path.write_bytes(saved)
+        path.chmod(0o600)
+        start()
     cluster.wait_for_nodes_online(["lossy"])
 
 

@@ -374,25 +374,49 @@ def this_program(default: str = "COMMAND") -> str:
     return prog if os.path.basename(prog).startswith("tlsroll") else default
 
 
+_AS_ROOT_ONLY = False
+"""Set by a program whose unit runs as root (the agent: ``runs_as_root``): ``owner_fix`` never
+tells it to run as another user (review s45rev6 L1)."""
+
+
+def runs_as_root() -> None:
+    """This program runs as root under its unit (the agent): a file of another user's is
+    chowned, never run as that user."""
+    global _AS_ROOT_ONLY  # noqa: PLW0603 - one switch per process, set at its start
+    _AS_ROOT_ONLY = True
+
+
 def owner_fix(owner: int, path: Path) -> str:
-    """What to do about ``path``, owned by ``owner`` and not by whoever runs this. Root running
-    a command on the files of a service's user (the leader's tlsroll) runs it as that user:
-    a ``chown root`` there would leave files the service can no longer open (review s45rt2 H1).
-    That is when the directory holding ``path`` is that user's too (the service's data dir);
-    one file of another user's in a directory of root's is chowned, as is a file of an owner
-    without a name (no passwd entry: it cannot run anything)."""
+    """What to do about ``path``, owned by ``owner`` and not by whoever runs this. A command on
+    the files of a service's user (the leader's tlsroll; the CLI's ``init``) is run as that
+    user: a ``chown`` there would leave files the service can no longer open (review s45rt2 H1).
+    That is when the directory ``path`` is, or the one holding it, is that user's (the
+    service's data dir: review s45rev6 M2), whoever runs this (root, or an admin of group
+    tlsroll: M3); root is told how (``runuser``), anyone else only as an aside (L3: runuser is
+    root's). One file of another user's in a directory of root's is chowned, as is a file of
+    an owner without a name (no passwd entry: it cannot run anything), and every file of a
+    program that runs as root (``runs_as_root``: the agent, L1)."""
     me = os.geteuid()
-    if me == 0 and owner != 0 and (name := user_name(owner)) != str(owner) and _holds(path, owner):
-        return f"run it as {name}, with the same arguments: runuser -u {name} -- {this_program()} …"
+    name = user_name(owner)
+    if not _AS_ROOT_ONLY and owner not in (0, me) and name != str(owner) and _holds(path, owner):
+        how = f"runuser -u {name} -- {this_program()} …"
+        if me == 0:
+            return f"run it as {name}, with the same arguments: {how}"
+        return f"run it as {name}, with the same arguments (as root: {how})"
     return f"run: chown {user_name(me)} {path}"
 
 
 def _holds(path: Path, owner: int) -> bool:
-    """Is the directory holding ``path`` ``owner``'s?"""
-    try:
-        return os.stat(Path(os.path.abspath(path)).parent).st_uid == owner
-    except OSError:
-        return False
+    """Is ``path`` a directory of ``owner``'s, or the directory holding it?"""
+    full = Path(os.path.abspath(path))
+    for place in (full, full.parent):
+        try:
+            st = os.stat(place)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == owner:
+            return True
+    return False
 
 
 def _check_owner(path: Path, st: os.stat_result, what: str) -> None:
@@ -417,9 +441,10 @@ def _check_holder(directory: Path, held: str, owner_hint: str) -> None:
     replace what is in it (as OpenSSH does for its keys)."""
     st = os.stat(directory)
     if st.st_uid not in (os.geteuid(), 0):
+        fix = owner_fix(st.st_uid, directory)  # a service's data dir: run as its user (M3)
         raise UnsafePermissions(
             f"{directory} (holding {held}) is owned by {user_label(st.st_uid)}; "
-            f"{owner_fix(st.st_uid, directory) if os.geteuid() == 0 else owner_hint}"
+            f"{fix if os.geteuid() == 0 or fix.startswith('run it as') else owner_hint}"
         )
     if st.st_mode & 0o022:
         raise UnsafePermissions(

@@ -39,7 +39,15 @@ import click
 from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader
 from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice
 from leader.cli.password import read_password_file
-from leader.rollout_core import Change, FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
+from leader.rollout_core import (
+    Change,
+    FreezeMode,
+    NodeState,
+    RolloutState,
+    ScopeKind,
+    Strategy,
+    before_after,
+)
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
@@ -204,7 +212,8 @@ def notice_node(
     known: dict[str, tuple[str, int]],
     address: str,
 ) -> NoticeNode:
-    """The node's addresses before and after ``change``."""
+    """The node's addresses before and after ``change`` (``rollout_core.before_after``, as the
+    rollout's rows show them: review s45rev6 L2)."""
     http, https = known.get("http"), known.get("https")
     port = (https or (None, BOOTSTRAP_PORT))[1]
     if http and https:
@@ -215,11 +224,8 @@ def notice_node(
         host = f"[{address}]" if ":" in address else address
         http_url = http[0] if http else f"http://{host}:{HTTP_PORT}/…"
         https_url = https[0] if https else f"https://{host}:{HTTPS_PORT}/…"
-    if change is Change.ENABLE_TLS:
-        return NoticeNode(name, http_url, https_url, port, path_known)
-    if change is Change.DISABLE_TLS:
-        return NoticeNode(name, https_url, http_url, port, path_known)
-    return NoticeNode(name, https_url, https_url, port, path_known)
+    old_url, new_url = before_after(change, http_url, https_url)  # as the rollout's rows
+    return NoticeNode(name, old_url, new_url, port, path_known)
 
 
 def node_addresses(leader: Leader) -> dict[str, str]:

@@ -158,6 +158,12 @@ class NodeView(_message.Message):
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
     old_url: _builtins.str
+    """The node's address before the rollout's change and after it, each taken by the
+    change's direction (leader/rollout_core.py ADDRESSES, from its SCHEMES): enable-tls and
+    finalize go from http to https, disable-tls (a rollback too) from https to http,
+    change-password and rotate-cert stay on https (both the https address). Empty while
+    the leader has none recorded for the node.
+    """
     new_url: _builtins.str
     cert_fingerprint: _builtins.str
     restart_seconds: _builtins.float
