@@ -342,11 +342,12 @@ def halt_way_out(rollout: Rollout, failed: Iterable[str]) -> str:
     to do with a node that failed it, which would fail a retry again (review s45rev9 M2)."""
     if rollout.change is not Change.DISABLE_TLS:
         return way_out(rollout)
-    names = ", ".join(failed) or "the failed node"
+    names = list(failed)
+    its, it = ("its", "it") if len(names) <= 1 else ("each one's", "that node")
     return (
-        f"{names}: stop its agent (systemctl stop tlsroll-agent on it) so that the next way "
-        "back leaves it as is, or fix what failed it (a port held: free it); then tlsroll "
-        "rollout rollback again"
+        f"{', '.join(names) or 'the failed node'}: stop {its} agent (systemctl stop "
+        f"tlsroll-agent on {it}) so that the next way back leaves {it} as is, or fix what "
+        f"failed {it} (a port held: free it); then tlsroll rollout rollback again"
     )
 
 
