@@ -82,7 +82,9 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Step,
-    way_out,
+    halt_way_out,
+    left_as_is,
+    taken_back_note,
 )
 from leader.schema_store import (
     SERVING_STATES,
@@ -333,12 +335,12 @@ class Engine:
         if plan.rollout_events or moved:  # moved: by an event, or a scope freeze asked
             reason = None
             if RolloutEvent.FAILURE_BUDGET_EXCEEDED in plan.rollout_events:
+                failed_records = [row.nodes[at][0] for at in _positions(row, FAILED_NODE_STATES)]
                 failed = [
-                    f"{r.name} {r.state.value}: {r.reason}"
-                    for r in (row.nodes[at][0] for at in _positions(row, FAILED_NODE_STATES))
-                    if r.reason
+                    f"{r.name} {r.state.value}: {r.reason}" for r in failed_records if r.reason
                 ]
-                reason = f"halted: {'; '.join(failed)}; next: {way_out(rollout)}"
+                out = halt_way_out(rollout, [r.name for r in failed_records])
+                reason = f"halted: {'; '.join(failed)}; next: {out}"
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:
@@ -390,6 +392,16 @@ class Engine:
             if event is None:
                 continue
             reason = f"{event.value} by rollout {follower.rollout.id}"
+            if event is RolloutEvent.TAKEN_BACK:
+                # A node phase 1 made dual that the way back left as is still serves http
+                # and https: its note says so, and what to do (review s45rev9 M1).
+                dual = {r.name for r in row.records if r.state is NodeState.DUAL}
+                left = {
+                    r.name: r.reason
+                    for r in follower.records
+                    if r.name in dual and r.state is NodeState.SKIPPED and left_as_is(r.reason)
+                }
+                reason = taken_back_note(follower.rollout.id, left)
             try:
                 await dbthread.run(
                     self.schema.save_states,

@@ -58,7 +58,7 @@ import grpc
 from cryptography import x509
 
 from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
-from leader.rollout_core import NodeObservation
+from leader.rollout_core import SERVER_DOWN, NodeObservation
 from tlsroll import peertext, pki
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError, TlsrollError, TransientError
@@ -129,7 +129,7 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
         needs_admin = detail if detail.startswith(NEEDS_ADMIN) else ""
         return NodeObservation(
             False,
-            f"the managed server: {detail or 'not healthy'}",
+            f"{SERVER_DOWN}{detail or 'not healthy'}",
             needs_admin=needs_admin,
             configured=tuple(sorted(view.configured_schemes)),
         )

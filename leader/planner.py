@@ -95,6 +95,7 @@ from leader.rollout_core import (
     blocked_too_old,
     down_on_https,
     left_unknown,
+    left_way_on,
     needs_https_first,
     node_transition,
     not_on_https_refusal,
@@ -186,10 +187,14 @@ class NoneReachable(PlanError):
         names = sorted(left)
         said = _some([f"{n} ({left[n].split(LEFT_AS_IS)[0].rstrip(':; ')})" for n in names])
         on_http = f"; on http already: {_some(sorted(done))}" if done else ""
-        them = "it is" if len(names) == 1 else "they are"
+        if all(left[n] == LEFT_OFFLINE for n in names):
+            them = "it is" if len(names) == 1 else "they are"
+            then = f"run tlsroll rollout rollback again once {them} back"
+        else:  # "once it is back" only of an agent that is off (review s45rev9 L1)
+            then = "; ".join(f"{n}: {left_way_on(left[n])}" for n in names)
         super().__init__(
             f"{change.value} has no node to take back now: {said}{on_http}; nothing was "
-            f"changed: run tlsroll rollout rollback again once {them} back"
+            f"changed: {then}"
         )
         self.names = tuple(names)
 

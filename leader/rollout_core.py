@@ -109,7 +109,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from leader.rollout_enums import FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
-from tlsroll.enums import Change
+from tlsroll.enums import NEEDS_ADMIN, Change
 from tlsroll.errors import TerminalError
 
 # Re-exported: the core's vocabulary. ``Change`` is defined where the agents share it; the
@@ -336,6 +336,52 @@ def left_unknown(error: str, needs_admin: str = "") -> str:
     return (
         f"cannot tell what it runs ({error}): {LEFT_AS_IS}; fix that, then run tlsroll "
         "rollout rollback again"
+    )
+
+
+SERVER_DOWN = "the managed server: "
+"""The start of an observation's error when the agent answered that its server is not healthy
+(``leader.observe.observation``)."""
+
+
+def left_way_on(reason: str) -> str:
+    """What to do about a node the way back left as is, by its ``reason`` (``LEFT_OFFLINE``,
+    ``left_unknown``): wait for an agent only where the agent is off (review s45rev9 L1)."""
+    if reason.startswith("offline: "):
+        return "run tlsroll rollout rollback once its agent is back"
+    if reason.startswith(NEEDS_ADMIN):
+        said = reason.split(f"; {LEFT_AS_IS}", maxsplit=1)[0].rstrip(":; ")
+        return f"{said}; then run tlsroll rollout rollback"
+    if reason.startswith(f"cannot tell what it runs ({SERVER_DOWN}"):
+        # Its agent is up: its server is down and the agent (an older one) does not say
+        # what its config holds, or the config is not on https.
+        return "start its server or upgrade tlsroll on the node, then run tlsroll rollout rollback"
+    return "run tlsroll rollout rollback once its agent answers (tlsroll nodes --check)"
+
+
+LEFT_DUAL = "left dual"
+"""In the note of a transitional phase 1 taken back by a way back that left a node as is: the
+node still serves http and https (review s45rev9 M1)."""
+
+
+def taken_back_note(follower_id: str, left: Mapping[str, str]) -> str:
+    """The note of a phase 1 its way back ``follower_id`` took back; ``left``: the nodes that
+    way back left as is (with their reasons) while phase 1 had made them dual."""
+    note = f"{RolloutEvent.TAKEN_BACK.value} by rollout {follower_id}"
+    return "; ".join([note, *(f"{n} {LEFT_DUAL}: {left_way_on(left[n])}" for n in sorted(left))])
+
+
+def halt_way_out(rollout: Rollout, failed: Iterable[str]) -> str:
+    """The end of a halted rollout's note: ``way_out``, and for the way back (disable-tls), what
+    to do with a node that failed it, which would fail a retry again (review s45rev9 M2)."""
+    if rollout.change is not Change.DISABLE_TLS:
+        return way_out(rollout)
+    names = list(failed)
+    its, it = ("its", "it") if len(names) <= 1 else ("each one's", "that node")
+    return (
+        f"{', '.join(names) or 'the failed node'}: stop {its} agent (systemctl stop "
+        f"tlsroll-agent on {it}) so that the next way back leaves {it} as is, or fix what "
+        f"failed {it} (a port held: free it); then tlsroll rollout rollback again"
     )
 
 

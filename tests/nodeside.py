@@ -468,6 +468,9 @@ def port_holder(address: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     code = (
         "import socket, sys, time\n"
         "s = socket.socket()\n"
+        # A port just used has connections in TIME_WAIT, which a plain bind refuses; a second
+        # listener is refused all the same.
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
         "s.bind((sys.argv[1], int(sys.argv[2])))\n"
         "s.listen()\n"
         "time.sleep(300)\n"

@@ -1445,3 +1445,27 @@ def test_the_way_back_with_no_node_to_take_back_now_is_refused() -> None:
         _way_back({"b": True, "c": False}, {"b": seen("http")}, Change.DISABLE_TLS)
     with pytest.raises(NothingToDo):  # every node on http: as before
         _way_back({"b": True}, {"b": seen("http")}, Change.DISABLE_TLS)
+
+
+def test_the_way_back_says_once_it_is_back_only_of_an_agent_that_is_off() -> None:
+    """Review s45rev9 L1: a node left as is because it needs the admin, or because its agent
+    (an older one) cannot say what a down server's config holds, has its agent up: the refusal
+    says what fits each, not "once it is back"."""
+    old_agent_down = NodeObservation(False, "the managed server: connection refused")
+    admin = NodeObservation(False, "x", needs_admin="needs the admin: check the journal")
+    with pytest.raises(NoneReachable) as refused:
+        _way_back(
+            {"b": True, "c": False, "d": True, "e": True},
+            {"b": seen("http"), "d": old_agent_down, "e": admin},
+            Change.DISABLE_TLS,
+        )
+    said = str(refused.value)
+    assert said.endswith(
+        "nothing was changed: c: run tlsroll rollout rollback once its agent is back; "
+        "d: start its server or upgrade tlsroll on the node, then run tlsroll rollout "
+        "rollback; e: needs the admin: check the journal; then run tlsroll rollout rollback"
+    ), said
+    assert "once they are back" not in said
+    unanswered = NodeObservation(False, "no answer within 5 s")
+    with pytest.raises(NoneReachable, match=r"once its agent answers \(tlsroll nodes --check\)$"):
+        _way_back({"d": True}, {"d": unanswered}, Change.DISABLE_TLS)

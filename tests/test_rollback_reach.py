@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.cluster import LEADER_POLL, Cluster, wait_until
-from tests.nodeside import Node, cluster_of
+from tests.nodeside import Node, cluster_of, port_holder
+from tlsroll.defaults import HTTP_PORT
 
 ENDED = ("completed", "halted", "aborted")
 LEFT = "offline: left as is: run tlsroll rollout rollback again once its agent is back"
@@ -198,3 +199,95 @@ def test_finalize_refused_for_a_node_put_back_by_hand_names_the_next_step(tmp_pa
             f"node; take phase 1 back with tlsroll rollout rollback {phase1}, or make the node "
             "dual again"
         ) in refused.stderr
+
+
+def test_a_phase_1_taken_back_names_the_node_the_way_back_left_dual(tmp_path: Path) -> None:
+    """Review s45rev9 M1: a transitional phase 1 taken back by a way back that left a node as is
+    (its agent off) was noted "taken_back by rollout W" alone, and `rollout status PHASE1`
+    advised `rollout retry`, while that node still served http and https. The note names the
+    node and the way on, which works once the agent is back."""
+    with cluster_of(tmp_path, 3, step_deadline=15) as (cluster, nodes):
+        node3 = nodes[2]
+        switch(cluster, tmp_path, "--scope", "cluster", "--strategy", "transitional")
+        wait_until(
+            lambda: cluster.poll_newest_rollout()["state"] == "awaiting_finalize",
+            120,
+            "phase 1",
+            LEADER_POLL,
+        )
+        phase1 = cluster.poll_newest_rollout()["id"]
+        assert node3.agent is not None
+        node3.agent.stop()
+        cluster.wait_for_nodes(["node3"], online=False, timeout=40)
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, back.stderr
+        way_back = wait_ended(cluster, "the way back")
+        assert states(way_back)["node3"] == ("skipped", LEFT)
+        wait_until(
+            lambda: cluster.schema_json(phase1)["rollouts"][0]["state"] == "aborted",
+            30,
+            "phase 1 taken back",
+            LEADER_POLL,
+        )
+        note = cluster.schema_json(phase1)["rollouts"][0]["reason"]
+        assert note == (
+            f"taken_back by rollout {way_back['id']}; node3 left dual: run tlsroll rollout "
+            "rollback once its agent is back"
+        ), note
+        assert node3.server.status()["listen"] == ["http", "https"]  # so it is
+        status = cluster.cli("rollout", "status", phase1)
+        assert status.returncode == 3, status.stderr
+        assert "rollout retry" not in status.stderr  # would not take node3 back
+        assert status.stderr == (
+            f"tlsroll: rollout {phase1} aborted: taken back, but not every node is back on "
+            "http: node3 left dual: run tlsroll rollout rollback once its agent is back\n"
+        ), status.stderr
+        # The way on it names works.
+        node3.start_agent_heard()
+        again = cluster.cli("rollout", "rollback", "--yes")
+        assert again.returncode == 0, again.stderr
+        assert wait_ended(cluster, "the second way back")["state"] == "completed"
+        assert node3.server.status()["listen"] == ["http"]
+
+
+def test_a_halted_way_back_names_the_way_out(tmp_path: Path) -> None:
+    """Review s45rev9 M2: a down server that cannot start on http (its port held) fails its way
+    back, and halts it for the nodes after it, every time; the halt named only `rollout retry`,
+    which fails the same way. It names the way out, and that way out takes the others back."""
+    with cluster_of(tmp_path, 3, step_deadline=15) as (cluster, nodes):
+        node2 = nodes[1]
+        switch(cluster, tmp_path)
+        assert wait_ended(cluster, "the switch")["state"] == "completed"
+        kill_server(node2)
+        with port_holder(node2.address, HTTP_PORT):
+            wait_until(
+                lambda: str(cluster.list_nodes()["node2"].server).startswith("down"),
+                30,
+                "node2 seen down",
+                LEADER_POLL,
+            )
+            back = cluster.cli("rollout", "rollback", "--yes")
+            assert back.returncode == 0, back.stderr
+            way_back = wait_ended(cluster, "the way back")
+            assert way_back["state"] == "halted", way_back
+            assert way_back["reason"].endswith(
+                "; next: node2: stop its agent (systemctl stop tlsroll-agent on it) so that the "
+                "next way back leaves it as is, or fix what failed it (a port held: free it); "
+                "then tlsroll rollout rollback again"
+            ), way_back["reason"]
+            status = cluster.cli("rollout", "status")
+            assert status.returncode == 4, status.stderr  # node2 needs attention
+            assert status.stderr.rstrip().endswith(
+                "; to take the other nodes back meanwhile: see the rollout's note above"
+            ), status.stderr
+            # The way out it names: node2's agent stopped, the next way back takes the rest.
+            assert node2.agent is not None
+            node2.agent.stop()
+            cluster.wait_for_nodes(["node2"], online=False, timeout=40)
+            again = cluster.cli("rollout", "rollback", "--yes")
+            assert again.returncode == 0, again.stderr
+            way_back = wait_ended(cluster, "the second way back")
+            assert way_back["state"] == "completed", way_back
+            assert states(way_back)["node2"] == ("skipped", LEFT)
+            for node in (nodes[0], nodes[2]):
+                assert node.server.status()["listen"] == ["http"]

@@ -34,7 +34,9 @@ from leader.rollout_core import (
     Scope,
     ScopeKind,
     Step,
+    halt_way_out,
     next_command,
+    way_out,
 )
 
 R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
@@ -329,3 +331,16 @@ def test_scope() -> None:
         Scope.of_nodes([])
     with pytest.raises(ValueError, match="node list"):
         Scope(ScopeKind.CLUSTER, ("a",))
+
+
+def test_a_halted_way_back_names_the_way_out_for_each_failed_node() -> None:
+    """Review s45rev9 M2: a halted disable-tls names what to do with the nodes that failed it
+    (a retry would fail them again); any other change keeps ``way_out``."""
+    back = replace(a_rollout(R.HALTING), change=Change.DISABLE_TLS)
+    assert halt_way_out(back, ["a", "b"]) == (
+        "a, b: stop each one's agent (systemctl stop tlsroll-agent on that node) so that the "
+        "next way back leaves that node as is, or fix what failed that node (a port held: free "
+        "it); then tlsroll rollout rollback again"
+    )
+    switch = a_rollout(R.HALTING)
+    assert halt_way_out(switch, ["a"]) == way_out(switch)

@@ -46,6 +46,7 @@ from leader.planner import MAX_NAMED
 from leader.rollout_core import (
     BLOCKED,
     BLOCKED_HTTP,
+    LEFT_DUAL,
     Change,
     FreezeMode,
     NodeState,
@@ -55,6 +56,7 @@ from leader.rollout_core import (
     Strategy,
     blocked_too_old,
     left_as_is,
+    left_way_on,
     not_on_https_refusal,
 )
 from leader.wire import (
@@ -751,18 +753,35 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
         )
     attention = [n.name for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
     if attention:
+        others = (
+            "; to take the other nodes back meanwhile: see the rollout's note above"
+            if CHANGE.text(r.change) == Change.DISABLE_TLS.value
+            and ROLLOUT_STATE.text(r.state) == RolloutState.HALTED.value
+            else ""
+        )
         click.echo(
             f"tlsroll: {', '.join(attention)} need(s) attention: neither on the new settings nor "
-            "back on the old ones; see the reason above, fix the server by hand",
+            f"back on the old ones; see the reason above, fix the server by hand{others}",
             err=True,
         )
         click.get_current_context().exit(EXIT_NEEDS_ATTENTION)
+    if ROLLOUT_STATE.text(r.state) == RolloutState.ABORTED.value and f" {LEFT_DUAL}: " in r.reason:
+        # A phase 1 taken back by a way back that left a node dual: a retry would not take
+        # that node back; the note says what does (review s45rev9 M1).
+        click.echo(
+            f"tlsroll: rollout {r.id} aborted: taken back, but not every node is back on http: "
+            f"{r.reason.split('; ', 1)[1]}",
+            err=True,
+        )
+        click.get_current_context().exit(EXIT_STOPPED)
     if ROLLOUT_STATE.text(r.state) in (RolloutState.HALTED.value, RolloutState.ABORTED.value):
         back = (
             " (or go back to http: tlsroll rollout rollback)"
             if CHANGE.text(r.change) == (Change.ENABLE_TLS.value)
             else ""
         )
+        if CHANGE.text(r.change) == Change.DISABLE_TLS.value:
+            back = " (a node that failed it would fail it again: see the note above)"
         click.echo(
             f"tlsroll: rollout {r.id} {ROLLOUT_STATE.text(r.state)}; to finish the nodes it left: "
             f"tlsroll rollout retry {r.id}{back}",
@@ -772,10 +791,17 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     left = [n.name for n in r.nodes if left_as_is(n.reason)]
     if left and ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value:
         # Not every node is on http: say so beside "completed" (review s45rt1 H1).
+        reasons = {n.name: n.reason for n in r.nodes if n.name in left}
+        if all(w.startswith("offline: ") for w in reasons.values()):
+            then = (
+                "run tlsroll rollout rollback again once "
+                f"{'its agent is' if len(left) == 1 else 'their agents are'} back"
+            )
+        else:  # "once its agent is back" only of an agent that is off (review s45rev9 L1)
+            then = "; ".join(f"{n}: {left_way_on(w)}" for n, w in reasons.items())
         click.echo(
             f"tlsroll: rollout {r.id} left {', '.join(left)} as is (not known to be on http: "
-            "see the reason above); run tlsroll rollout rollback again once "
-            f"{'its agent is' if len(left) == 1 else 'their agents are'} back",
+            f"see the reason above); {then}",
             err=True,
         )
     if ROLLOUT_STATE.text(r.state) == AWAITING:
