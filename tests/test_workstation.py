@@ -2409,6 +2409,11 @@ def test_what_is_at_fault_names_where_a_rename_went_and_a_full_disk(tmp_path: Pa
         f"{d / REPLACED / 'client.key'}: No space left on device; free some space, then run "
         "this again"
     )
+    # s45rev7 L5: an error without a file name (write()'s ENOSPC) adds no path of its own: the
+    # line names the settings dir already ("stay in D: D: No space left on device").
+    for unnamed, end in ((errno.ENOSPC, "free some space"), (errno.EIO, "fix that")):
+        said = workstation._at_fault(d, OSError(unnamed, os.strerror(unnamed)))
+        assert said == f"{os.strerror(unnamed)}; {end}, then run this again", said
 
 
 async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(
@@ -2647,13 +2652,16 @@ async def test_no_enrol_never_loses_the_set_kept_in_settings_replaced(
     notes = [line for line in run.out.splitlines() if line.startswith("note")]
     if case == "a valid set kept before":
         assert (pair_in(d), pair_in(d / KEPT), pair_in(d / REPLACED)) == (x, y, w)
-        line = (
-            f"note      client.key and client.pem stay in {d}: keeping ws-pc-test's "
-            f"pair aside would lose ws-w's in {REPLACED}; move that folder out, then run this "
-            "again"
-        )
-        assert notes == [line], run.out
-        assert len(line.replace(str(d), "/home/anna/.config/tlsroll/client")) < 200
+        # (s45rev7 L3: where each pair is; the folder moved out as its owner or root)
+        lines = [
+            f"note      client.key and client.pem stay in {d}: keeping the older pair, "
+            f"ws-pc-test's (in place), aside would lose ws-w's in {REPLACED}",
+            f"note      move {d / REPLACED} out of {d} as its owner or root (keep it while its "
+            "certificate is needed), then run this again",
+        ]
+        assert notes == lines, run.out
+        for line in lines:
+            assert len(line.replace(str(d), "/home/anna/.config/tlsroll/client")) < 200
     elif case == "in place kept already":
         assert (pair_in(d), pair_in(d / KEPT), pair_in(d / REPLACED)) == (None, x, w)
         assert notes == [

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import stat
 from collections.abc import Callable, Iterator
@@ -673,6 +674,30 @@ def pairs_at(d: Path) -> dict[str, tuple[bytes, bytes] | None]:
     return found
 
 
+def old_set(pair: dict[str, bytes], ca: bytes = b"the other CA") -> dict[str, bytes]:
+    """``pair`` with the ca.pem and a settings.json naming it, as an enrolment writes them."""
+    cert = x509.load_pem_x509_certificate(pair["client.pem"])
+    settings = {
+        "ca_file": "ca.pem",
+        "client_cert_file": "client.pem",
+        "client_key_file": "client.key",
+        "client_fingerprint": pki.fingerprint(cert),
+    }
+    return pair | {"ca.pem": ca, "settings.json": json.dumps(settings).encode()}
+
+
+# What a run without an enrolment writes: no client certificate named.
+PINNED = {"ca.pem": b"pinned CA", "settings.json": b'{"client_cert_file": null}'}
+
+
+def no_enrol(d: Path, worth: Callable[[bytes, bytes, bytes], bool]) -> Any:
+    """A whole ``--no-enrol`` run's steps: the set read, the new settings written, then
+    ``set_aside`` with the set read before (as ``connection`` does)."""
+    before = settings_files.read_set(d)
+    settings_files.replace(d, files(PINNED))
+    return settings_files.set_aside(d, worth, before)
+
+
 def put_replaced(d: Path, pair: dict[str, bytes]) -> None:
     (d / REPLACED).mkdir(mode=0o700)
     for name, data in pair.items():
@@ -695,8 +720,9 @@ def test_set_aside_never_takes_the_place_of_a_kept_set_that_may_still_be_valid(
     before = pairs_at(d)
     done = settings_files.set_aside(d, worth_of(w, x, y))
     assert pairs_at(d) == before
+    older_at = d / KEPT if in_place_newer else d  # (s45rev7 L3: where the older pair is)
     assert done == settings_files.SetAside(
-        d / KEPT, False, None, older["client.pem"], w["client.pem"]
+        d / KEPT, False, None, older["client.pem"], w["client.pem"], older_at
     )
     # W no longer worth keeping: the older pair takes its place.
     done = settings_files.set_aside(d, worth_of(x, y))
@@ -726,20 +752,135 @@ def test_the_pair_set_aside_in_replaced_keeps_the_set_it_worked_with(d: Path) ->
     had overwritten them). The set as it was before (``before``, read by the caller) goes
     with the pair in place, if it is that pair's."""
     x, y = client_pair(3), client_pair(1)
-    old = x | {"ca.pem": b"the other CA", "settings.json": b'{"old": 1}'}
+    old = old_set(x)
     settings_files.replace(d, files(old))
     settings_files.keep(d, *pair_of(y))
     settings_files.replace(d, files({"ca.pem": b"pinned CA", "settings.json": b"{}"}))
     done = settings_files.set_aside(d, worth_of(x), before=old)
     assert done is not None and done.replaced == d / REPLACED
     assert contents(d / REPLACED) == old
-    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    for name in old:  # (s45rev7 L1: copies 0600)
+        assert stat.S_IMODE((d / REPLACED / name).stat().st_mode) == 0o600, name
     # A set read before that is not the pair's (another run's in between) does not go.
     os.rename(d / REPLACED, d.parent / "moved-out")
     settings_files.keep(d, *pair_of(y))
     put_in_place(d, x)
     settings_files.set_aside(d, worth_of(x), before=client_pair(2) | {"ca.pem": b"no"})
     assert contents(d / REPLACED) == x
+
+
+def test_the_set_kept_with_the_pair_is_never_the_new_settings(d: Path) -> None:
+    """Review s45rev7 M1: the ca.pem and settings.json that went with the pair in place to
+    REPLACED were the set read before the run, if it held that pair; once a run had written
+    the new settings (one held, or cut short), the next found the new ones beside the pair
+    and kept them as its set. (a) The held flow: W kept in REPLACED, X in place, Y kept; the
+    first run is held, the admin moves REPLACED out, the second keeps X without the new
+    settings (X's own were overwritten by the first). (b) A settings.json not naming the
+    pair (another fingerprint, or none) is not its set either."""
+    w, x, y = client_pair(5), client_pair(3), client_pair(1)
+    settings_files.replace(d, files(old_set(x)))
+    settings_files.keep(d, *pair_of(y))
+    put_replaced(d, w)
+    done = no_enrol(d, worth_of(w, x, y))
+    assert done is not None and done.held == w["client.pem"] and done.older_at == d
+    os.rename(d / REPLACED, d.parent / "moved-out")
+    done = no_enrol(d, worth_of(w, x, y))
+    assert done is not None and done.replaced == d / REPLACED
+    assert contents(d / REPLACED) == x
+    # (b) A settings.json naming another certificate, or none by its fingerprint.
+    other = json.loads(old_set(client_pair(2))["settings.json"])
+    for settings in (other, {k: v for k, v in other.items() if k != "client_fingerprint"}):
+        shutil.rmtree(d / REPLACED)
+        before = x | {"ca.pem": b"some CA", "settings.json": json.dumps(settings).encode()}
+        settings_files.replace(d, files(before))
+        settings_files.keep(d, *pair_of(y))
+        settings_files.replace(d, files(PINNED))
+        settings_files.set_aside(d, worth_of(x, y), before)
+        assert contents(d / REPLACED) == x, settings
+    # The fingerprint as some other tool records it (upper case, colons): it names X.
+    shutil.rmtree(d / REPLACED)
+    named = json.loads(old_set(x)["settings.json"])
+    hexed = named["client_fingerprint"].removeprefix("sha256:").upper()
+    named["client_fingerprint"] = ":".join(hexed[i : i + 2] for i in range(0, len(hexed), 2))
+    before = x | {"ca.pem": b"X's CA", "settings.json": json.dumps(named).encode()}
+    settings_files.replace(d, files(before))
+    settings_files.keep(d, *pair_of(y))
+    settings_files.replace(d, files(PINNED))
+    settings_files.set_aside(d, worth_of(x, y), before)
+    assert contents(d / REPLACED) == before
+
+
+def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) -> None:
+    """Review s45rev7 L1: ``set_aside`` read the pair in place following links: client.pem a
+    link to a 0600 file outside the settings dir was copied into KEPT at 0644. A link is no
+    pair: it is removed, never read; KEPT holds no copy of it. ``kept_pair`` does not follow
+    a link in KEPT either; the copies ``set_aside`` writes are 0600."""
+    secret = tmp_path / "outside"
+    secret.write_bytes(b"SECRET OUTSIDE THE SETTINGS DIR\n")
+    secret.chmod(0o600)
+    x = client_pair(3)
+    (d / "client.key").write_bytes(x["client.key"])
+    os.unlink(d / "client.pem")
+    os.symlink(secret, d / "client.pem")
+    assert settings_files.set_aside(d, worth_of(x)) == settings_files.SetAside(
+        d / KEPT, False, None
+    )
+    assert not os.path.lexists(d / "client.pem") and not os.path.lexists(d / "client.key")
+    assert not os.path.lexists(d / KEPT)
+    assert secret.read_bytes() == b"SECRET OUTSIDE THE SETTINGS DIR\n"
+    # A link in KEPT is no kept pair.
+    y = client_pair(1)
+    settings_files.keep(d, *pair_of(y))
+    os.unlink(d / KEPT / "client.pem")
+    os.symlink(secret, d / KEPT / "client.pem")
+    assert settings_files.kept_pair(d) is None
+    # A pair in place, set aside: its copies 0600.
+    put_in_place(d, x)
+    done = settings_files.set_aside(d)
+    assert done is not None and done.moved
+    assert settings_files.kept_pair(d) == pair_of(x)
+    for name in settings_files.CLIENT:
+        assert stat.S_IMODE((d / KEPT / name).stat().st_mode) == 0o600, name
+
+
+@pytest.mark.parametrize("name", ["ca.pem", "settings.json", "client.pem"])
+def test_a_fifo_in_the_set_is_not_waited_on(d: Path, name: str) -> None:
+    """Review s45rev7 L2: a FIFO planted as ca.pem or settings.json hung ``--no-enrol`` for
+    ever in ``read_set`` (the open waits for a writer). It is not a file of the set: not read,
+    not waited on. (An alarm bounds the test: a hang fails it instead of the run.)"""
+    x, y = client_pair(3), client_pair(1)
+    settings_files.replace(d, files(old_set(x)))
+    settings_files.keep(d, *pair_of(y))
+    named = {"settings.json": old_set(x)["settings.json"]}
+    os.unlink(d / name)
+    os.mkfifo(d / name)
+
+    def hung(signum: int, frame: Any) -> None:  # (not an OSError: read_set suppresses those)
+        pytest.fail("waited on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        found = settings_files.read_set(d)
+        settings_files.replace(d, files(PINNED))
+        done = settings_files.set_aside(d, worth_of(x, y), found)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert name not in found
+    assert done is not None
+    if name == "client.pem":  # no pair in place: the FIFO and the key only removed
+        assert not os.path.lexists(d / name) and settings_files.kept_pair(d) == pair_of(y)
+    else:  # X's set as it was read: without the FIFO
+        assert contents(d / REPLACED) == x | ({} if name == "settings.json" else named)
+
+
+def test_a_file_larger_than_any_settings_file_is_not_read(d: Path) -> None:
+    """The size cap of the reads (s45rev7 L2): a settings.json larger than ``MAX_FILE`` is
+    not read whole into memory; it is left out of the set read."""
+    with open(d / "settings.json", "wb") as f:
+        f.truncate(settings_files.MAX_FILE + 1)
+    assert "settings.json" not in settings_files.read_set(d)
 
 
 SCENARIOS = {
@@ -758,38 +899,55 @@ def test_set_aside_killed_at_every_step_loses_no_pair_that_may_be_valid(
     (SIGKILL) right after each change ``set_aside`` makes, then ``set_aside`` again. After
     the kill every pair worth keeping is whole somewhere (in place, KEPT or REPLACED), and
     the next run ends as one never cut short does. W and Z: kept in REPLACED before (W may
-    still be valid, Z not); X issued before Y."""
+    still be valid, Z not); X issued before Y. Review s45rev7 M1: each run is a whole
+    ``--no-enrol`` run (the set read, the new settings written, ``set_aside`` given the set
+    read); the set in place before is the placed pair's (its ca.pem and a settings.json
+    naming it). REPLACED holds that set, or the pair alone (its own ca.pem and settings.json
+    were overwritten before the kill), never the new settings; one that held it after the
+    kill still does."""
     made = {"W": client_pair(7), "Z": client_pair(5), "X": client_pair(3), "Y": client_pair(1)}
     placed, kept, replaced, valid, end = SCENARIOS[scenario]
     worth = worth_of(*(made[n] for n in valid))
     named = {pair_of(p): n for n, p in made.items()}
 
-    def setup(d: Path) -> None:
+    placed_set = old_set(made[placed], ca=b"the placed pair's CA")
+
+    def setup(d: Path) -> dict[str, bytes]:
+        """The set in place, and the set read before the run (as it reads it)."""
         d.mkdir(mode=0o700)
-        settings_files.replace(d, files({"settings.json": b"{}"}))
+        settings_files.replace(d, files(placed_set))
         if replaced is not None:
             put_replaced(d, made[replaced])
         settings_files.keep(d, *pair_of(made[kept]))
-        put_in_place(d, made[placed])
+        before = settings_files.read_set(d)
+        settings_files.replace(d, files(PINNED))
+        return before
 
     def state(d: Path) -> dict[str, str | None]:
         return {k: None if v is None else named.get(v, "?") for k, v in pairs_at(d).items()}
 
+    def replaced_set(d: Path) -> dict[str, bytes]:
+        return contents(d / REPLACED) if (d / REPLACED).is_dir() else {}
+
+    # REPLACED at the end: X with its set (it was in place) or X alone (it was kept), or W.
+    whole = {"kept newer": placed_set, "in place newer": made["X"], "kept already": made["W"]}
+
     dry = tmp_path / "dry"  # the steps of a run never cut short
-    setup(dry)
+    before = setup(dry)
     with fault_at(dry, 10**6, "kill") as steps:
-        settings_files.set_aside(dry, worth)
+        settings_files.set_aside(dry, worth, before)
     assert state(dry) == end
+    assert replaced_set(dry) == whole[scenario]
     killed = 0
     for at in range(1, len(steps) + 1):  # (a step that fails, a removal of nothing, kills not)
         d = tmp_path / f"run-{at}"
-        setup(d)
+        before = setup(d)
         pid = os.fork()
         if pid == 0:  # the child: no pytest, no handler of ours past this point
             code = 1
             try:
                 with fault_at(d, at, "kill"):
-                    settings_files.set_aside(d, worth)
+                    settings_files.set_aside(d, worth, before)
                 code = 0
             finally:
                 os._exit(code)
@@ -797,12 +955,18 @@ def test_set_aside_killed_at_every_step_loses_no_pair_that_may_be_valid(
         if os.WIFEXITED(status):
             assert os.WEXITSTATUS(status) == 0
             assert state(d) == end, at
+            assert replaced_set(d) == whole[scenario], at
             continue
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         killed += 1
-        now = state(d)
+        now, set_then = state(d), replaced_set(d)
         assert all(n in now.values() for n in valid + placed + kept), (at, now)
-        settings_files.set_aside(d, worth)
+        no_enrol(d, worth)  # the next run, whole
         assert state(d) == end, (at, now, state(d))
+        after = replaced_set(d)
+        assert after in (whole[scenario], made[end["replaced"] or "X"]), (at, sorted(after))
+        assert after.get("ca.pem") != PINNED["ca.pem"], at
+        if set_then == whole[scenario]:  # kept whole before the kill: still whole
+            assert after == set_then, (at, sorted(after))
         assert not os.path.lexists(d / (REPLACED + ".new")), at
     assert killed >= len(steps) - 2 and killed > (1 if scenario == "kept already" else 10)

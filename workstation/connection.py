@@ -1576,14 +1576,17 @@ class TestConnection:
             return
         name, why = whys.get(done.older or b"", ("", ""))
         if done.held is not None:
-            held = (
-                f"{whys[done.held][0]}'s in {settings_files.REPLACED}"
-                if done.held in whys
-                else f"the one in {settings_files.REPLACED} (it cannot be read)"
+            # (s45rev7 L3: where each pair is, and who can move that folder out; two
+            # lines, each short)
+            at = "in place" if done.older_at in (None, d) else f"in {settings_files.KEPT}"
+            held = f"{whys[done.held][0]}'s" if done.held in whys else "one that cannot be read"
+            self.ui.say(
+                f"note      client.key and client.pem stay in {d}: keeping the older pair, "
+                f"{name}'s ({at}), aside would lose {held} in {settings_files.REPLACED}"
             )
             self.ui.say(
-                f"note      client.key and client.pem stay in {d}: keeping {name}'s "
-                f"pair aside would lose {held}; move that folder out, then run this again"
+                f"note      move {d / settings_files.REPLACED} out of {d} as its owner or root "
+                "(keep it while its certificate is needed), then run this again"
             )
             return
         kept_older = f"client certificate {name} {why}"
@@ -1798,7 +1801,8 @@ def _at_fault(d: Path, exc: OSError) -> str:
     named = exc.filename2 or exc.filename  # (a rename's: where it was to go, s45rev1 L2)
     path = Path(named) if named else d
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # (s45rev1 L2: not "fix that")
-        return f"{path}: {why}; free some space, then run this again"
+        # (s45rev7 L5: no path of its own, as write() gives none: not "D: D: No space")
+        return f"{f'{path}: ' if named else ''}{why}; free some space, then run this again"
     replaced = d / settings_files.REPLACED
     if path == replaced or replaced in path.parents:
         return (
@@ -1806,7 +1810,7 @@ def _at_fault(d: Path, exc: OSError) -> str:
             "root (keep it if its certificate is still needed), then run this again"
         )
     who = " as its owner or root" if exc.errno in (errno.EACCES, errno.EPERM) else ""
-    return f"{path}: {why}; fix that{who}, then run this again"
+    return f"{f'{path}: ' if named else ''}{why}; fix that{who}, then run this again"
 
 
 def _replaced_not_kept(

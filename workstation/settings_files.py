@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, PUBLIC, fsync_dir, stage_atomic, write_atomic
@@ -242,13 +243,15 @@ class SetAside(NamedTuple):
     ``REPLACED``, or left); ``held``: if the client files were left in place, changed in
     nothing, as the older pair could not be kept without losing the set ``REPLACED`` holds
     (one that may still be valid: s45rev1 M1), that set's certificate (PEM; empty if it
-    could not be read)."""
+    could not be read); ``older_at``: where the older pair is then (the settings dir, or
+    ``KEPT``: s45rev7 L3)."""
 
     kept: Path
     moved: bool
     replaced: Path | None
     older: bytes | None = None
     held: bytes | None = None
+    older_at: Path | None = None
 
 
 def set_aside(
@@ -268,18 +271,21 @@ def set_aside(
     and ``held`` says so (s45rev1 M1: that set was lost). ``before``: the set's files as they
     were before the settings in place were written (``ca.pem``, ``settings.json``, read by
     the caller): they go with the pair in place to ``REPLACED`` if it is theirs (s45rev1
-    L3). None if there was no client file in place. Raises OSError; a pair is removed only
-    once it is kept elsewhere."""
+    L3; their settings.json names it: s45rev7 M1), and a ``REPLACED`` holding that pair
+    already is left as it is. Links are not followed (a link in place is no pair: only
+    removed), and the copies are 0600. None if there was no client file in place. Raises
+    OSError; a pair is removed only once it is kept elsewhere."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
             return None
         moved, replaced, older_cert = False, None, None
-        if len(present) == len(CLIENT):
-            pair = {n: (directory / n).read_bytes() for n in CLIENT}
-            in_place = (pair["client.key"], pair["client.pem"])
+        # (s45rev7 L1: a link is no pair of ours, and not read: it was followed, a 0600 file
+        # elsewhere copied into KEPT at 0644; it is only removed, as a lone file is.)
+        in_place = _pair_in(directory) if len(present) == len(CLIENT) else None
+        if in_place is not None:
             kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
-            moved = not os.path.lexists(directory / KEPT) or _newer(pair["client.pem"], kept)
+            moved = not os.path.lexists(directory / KEPT) or _newer(in_place[1], kept)
             older, newer = (kept, in_place) if moved else (in_place, kept)
             if kept == in_place:  # kept already: one pair, not two (s45rev1 M2)
                 moved, older = True, None
@@ -292,25 +298,28 @@ def set_aside(
                 older_cert = older[1]
                 held = _held(directory, older, newer, worth)
                 if held is not None:
-                    return SetAside(directory / KEPT, False, None, older_cert, held)
-                files = {"client.key": (older[0], PRIVATE), "client.pem": (older[1], PUBLIC)}
-                if older == in_place and before is not None:
-                    ours = (before.get("client.key"), before.get("client.pem")) == in_place
-                    files |= {
-                        n: (data, PUBLIC)
-                        for n, data in before.items()
-                        if ours and n not in CLIENT and n in NAMES
-                    }
-                # What is there goes first (it holds nothing that may still be valid): one
-                # that cannot be removed leaves no copy of the key behind (s45rev1 L1).
-                _drop(directory, REPLACED)
-                _drop(directory, REPLACED_NEW)
-                _keep(directory, files, REPLACED_NEW)
-                _put_replaced(directory)
-                fsync_dir(directory)
+                    older_at = directory / KEPT if moved else directory
+                    return SetAside(directory / KEPT, False, None, older_cert, held, older_at)
+                files = {"client.key": (older[0], PRIVATE), "client.pem": (older[1], PRIVATE)}
+                if older == in_place and before is not None and _names(before, in_place):
+                    files |= {n: (data, PRIVATE) for n, data in before.items() if n in NAMES}
                 replaced = directory / REPLACED
+                # REPLACED holding that pair already (a run cut short after it put it there)
+                # is left as it is: the set read before this run is no longer the pair's, the
+                # new settings being in place (s45rev7 M1).
+                if _pair_in(replaced) != older:
+                    # What is there goes first (it holds nothing that may still be valid):
+                    # one that cannot be removed leaves no copy of the key behind (s45rev1 L1).
+                    _drop(directory, REPLACED)
+                    _drop(directory, REPLACED_NEW)
+                    _keep(directory, files, REPLACED_NEW)
+                    _put_replaced(directory)
+                    fsync_dir(directory)
             if moved and kept != in_place:
-                _keep(directory, {n: (data, _mode(n)) for n, data in pair.items()})
+                _keep(
+                    directory,
+                    {"client.key": (in_place[0], PRIVATE), "client.pem": (in_place[1], PRIVATE)},
+                )
         for name in present:
             os.unlink(directory / name)
         fsync_dir(directory)
@@ -353,16 +362,78 @@ def read_set(directory: Path) -> dict[str, bytes]:
     return found
 
 
-def _read_nofollow(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+MAX_FILE = 1 << 20  # bytes: more than any settings file holds (a CA bundle: some kB)
+
+
+def _read_nofollow(path: Path, dir_fd: int | None = None) -> bytes:
+    """A regular file's bytes, its last component not followed (a link: ELOOP); one that is
+    not a regular file (a FIFO, which hung the read: s45rev7 L2) or larger than
+    ``MAX_FILE``: OSError, never waited on."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, dir_fd=dir_fd)
     with os.fdopen(fd, "rb") as f:
-        return f.read()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = f.read(MAX_FILE + 1)
+    if len(data) > MAX_FILE:
+        raise OSError(errno.EFBIG, "larger than a settings file", str(path))
+    return data
+
+
+def _pair_in(directory: Path) -> tuple[bytes, bytes] | None:
+    """The client key and certificate (PEM) in ``directory`` if both are regular files that
+    can be read, neither it nor they followed if a link (s45rev7 L1: a link in place was
+    followed, its file copied into KEPT). Raises OSError if one cannot be read for another
+    reason (a permission)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    try:
+        pair = []
+        for name in CLIENT:
+            try:
+                pair.append(_read_nofollow(Path(name), dir_fd))
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EFBIG):
+                    return None
+                raise OSError(exc.errno, exc.strerror, str(directory / name)) from None
+    finally:
+        os.close(dir_fd)
+    return pair[0], pair[1]
+
+
+def _names(before: Mapping[str, bytes], pair: tuple[bytes, bytes]) -> bool:
+    """Whether the set ``before`` is the one ``pair`` (key, certificate) worked with: that
+    pair, and a ``settings.json`` naming it (its ``client_cert_file`` and
+    ``client_fingerprint``). The settings written since (none naming a client certificate)
+    are not (s45rev7 M1: after a run cut short, or one held, they went with it)."""
+    if (before.get("client.key"), before.get("client.pem")) != pair:
+        return False
+    try:
+        settings = json.loads(before.get("settings.json", b""))
+        cert = x509.load_pem_x509_certificate(pair[1])
+    except (ValueError, UnicodeDecodeError):
+        return False
+    if not isinstance(settings, dict):
+        return False
+    recorded = settings.get("client_fingerprint")
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+    return (
+        settings.get("client_cert_file") == "client.pem"
+        and settings.get("client_key_file", "client.key") == "client.key"
+        and isinstance(recorded, str)
+        and recorded.lower().removeprefix("sha256:").replace(":", "") == fingerprint
+    )
 
 
 def kept_pair(directory: Path) -> tuple[bytes, bytes] | None:
-    """The key and certificate (PEM) ``KEPT`` holds, if both can be read."""
+    """The key and certificate (PEM) ``KEPT`` holds, if both can be read (links not
+    followed: s45rev7 L1)."""
     try:
-        return tuple((directory / KEPT / n).read_bytes() for n in CLIENT)  # type: ignore[return-value]
+        return _pair_in(directory / KEPT)
     except OSError:
         return None
 
