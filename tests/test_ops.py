@@ -269,9 +269,12 @@ def test_a_second_leader_or_agent_on_a_taken_port_prints_one_line(cluster: Clust
     agent_twin = Daemon("agent twin", node.argv, cluster.root / "agent-twin.log", lambda: False)
     code, output = agent_twin.run_to_exit()
     assert code == 1
-    assert f"tlsroll-agent: cannot listen on {node.target}" in one_line_error(
-        output, "tlsroll-agent"
-    )
+    # The same config is the same data dir: the running agent's lock stops the twin before it
+    # opens the journal or its port (review s45rev6 M1's ``agent.lock``), in one line.
+    assert one_line_error(output, "tlsroll-agent") == (
+        f"tlsroll-agent: a tlsroll-agent is running on {node.data_dir} (it holds"
+        f" {node.data_dir / 'agent.lock'}): stop it first (systemctl stop tlsroll-agent)"
+    ), output
     assert not [line for line in output.splitlines() if "add_port" in line], output
 
 
