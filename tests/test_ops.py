@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -275,6 +276,21 @@ def test_a_second_leader_or_agent_on_a_taken_port_prints_one_line(cluster: Clust
         f"tlsroll-agent: a tlsroll-agent is running on {node.data_dir} (it holds"
         f" {node.data_dir / 'agent.lock'}): stop it first (systemctl stop tlsroll-agent)"
     ), output
+    assert not [line for line in output.splitlines() if "add_port" in line], output
+    # Its port held by another program (the agent itself stopped): the one-line refusal names
+    # the port, as before the lock.
+    node.stop()
+    host, port = node.target.rsplit(":", 1)
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind((host, int(port)))
+        holder.listen()
+        again = Daemon("agent again", node.argv, cluster.root / "agent-again.log", lambda: False)
+        code, output = again.run_to_exit()
+    assert code == 1
+    assert f"tlsroll-agent: cannot listen on {node.target}" in one_line_error(
+        output, "tlsroll-agent"
+    )
     assert not [line for line in output.splitlines() if "add_port" in line], output
 
 
