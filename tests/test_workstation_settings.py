@@ -843,6 +843,21 @@ def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) ->
         assert stat.S_IMODE((d / KEPT / name).stat().st_mode) == 0o600, name
 
 
+def test_a_settings_dir_that_is_a_link_keeps_its_pair(d: Path, tmp_path: Path) -> None:
+    """The settings dir itself may be a link (a --settings-dir the admin linked elsewhere):
+    its pair is the PC's, set aside into KEPT as from a plain dir. Only the client files and
+    KEPT are not followed (s45rev7 L1); a first version also refused to follow the dir itself
+    and removed the pair in place unkept."""
+    x = client_pair(3)
+    put_in_place(d, x)
+    link = tmp_path / "settings-link"
+    os.symlink(d, link)
+    done = settings_files.set_aside(link)
+    assert done is not None and done.moved, done
+    assert settings_files.kept_pair(d) == pair_of(x)
+    assert not os.path.lexists(d / "client.pem") and not os.path.lexists(d / "client.key")
+
+
 @pytest.mark.parametrize("name", ["ca.pem", "settings.json", "client.pem"])
 def test_a_fifo_in_the_set_is_not_waited_on(d: Path, name: str) -> None:
     """Review s45rev7 L2: a FIFO planted as ca.pem or settings.json hung ``--no-enrol`` for

@@ -282,7 +282,7 @@ def set_aside(
         moved, replaced, older_cert = False, None, None
         # (s45rev7 L1: a link is no pair of ours, and not read: it was followed, a 0600 file
         # elsewhere copied into KEPT at 0644; it is only removed, as a lone file is.)
-        in_place = _pair_in(directory) if len(present) == len(CLIENT) else None
+        in_place = _pair_in(directory, follow_dir=True) if len(present) == len(CLIENT) else None
         if in_place is not None:
             kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
             moved = not os.path.lexists(directory / KEPT) or _newer(in_place[1], kept)
@@ -380,13 +380,16 @@ def _read_nofollow(path: Path, dir_fd: int | None = None) -> bytes:
     return data
 
 
-def _pair_in(directory: Path) -> tuple[bytes, bytes] | None:
+def _pair_in(directory: Path, *, follow_dir: bool = False) -> tuple[bytes, bytes] | None:
     """The client key and certificate (PEM) in ``directory`` if both are regular files that
-    can be read, neither it nor they followed if a link (s45rev7 L1: a link in place was
-    followed, its file copied into KEPT). Raises OSError if one cannot be read for another
+    can be read, they not followed if a link (s45rev7 L1: a link in place was followed, its
+    file copied into KEPT), nor ``directory`` unless ``follow_dir``: the settings dir itself
+    may be a link the admin made (its pair was removed unkept when it was not followed), a
+    folder of ours in it (KEPT) may not. Raises OSError if one cannot be read for another
     reason (a permission)."""
+    nofollow = 0 if follow_dir else os.O_NOFOLLOW
     try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             return None
