@@ -232,13 +232,16 @@ def still_on_http_now(
     ]
 
 
+CHECK_AGENT = "tlsroll nodes, and on the node systemctl status tlsroll-agent"
+"""How to check that a node's agent runs (there is no ``tlsroll status``: review s45rt2 M1)."""
+
+
 def waiting_for(node: str) -> str:
     """Why a restarted leader cannot judge ``node`` yet: its agent has not reported to it.
     Seconds once the agent is connected; an agent that stays down never reports."""
     return (
         f"waiting for {node}'s first report since the leader started (seconds once its agent is"
-        " connected; else check it runs: tlsroll nodes, and on the node systemctl status"
-        " tlsroll-agent)"
+        f" connected; else check it runs: {CHECK_AGENT})"
     )
 
 
@@ -263,8 +266,7 @@ def report_problems(
         elif n in stale:
             problems[n] = (
                 f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"
-                " UTC; check it runs: tlsroll nodes, and on the node systemctl status"
-                " tlsroll-agent"
+                f" UTC; check it runs: {CHECK_AGENT}"
             )
     return problems
 

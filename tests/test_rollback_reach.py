@@ -171,17 +171,22 @@ def test_rollback_takes_back_a_node_whose_server_is_down(tmp_path: Path) -> None
         assert node2.post("http", {"after": "the way back"}).status == 201
 
 
+def phase_1_awaiting(cluster: Cluster, tmp_path: Path) -> str:
+    """A transitional phase 1 of the whole cluster, run until it awaits its finalize: its id."""
+    switch(cluster, tmp_path, "--scope", "cluster", "--strategy", "transitional")
+    wait_until(
+        lambda: cluster.poll_newest_rollout()["state"] == "awaiting_finalize",
+        120,
+        "phase 1",
+        LEADER_POLL,
+    )
+    return str(cluster.poll_newest_rollout()["id"])
+
+
 def test_finalize_refused_for_a_node_put_back_by_hand_names_the_next_step(tmp_path: Path) -> None:
     with cluster_of(tmp_path, 2, step_deadline=15) as (cluster, nodes):
         node2 = nodes[1]
-        switch(cluster, tmp_path, "--scope", "cluster", "--strategy", "transitional")
-        wait_until(
-            lambda: cluster.poll_newest_rollout()["state"] == "awaiting_finalize",
-            120,
-            "phase 1",
-            LEADER_POLL,
-        )
-        phase1 = cluster.poll_newest_rollout()["id"]
+        phase1 = phase_1_awaiting(cluster, tmp_path)
         kill_server(node2)  # put back on http by hand
         wait_until(
             lambda: not node2.port_open(8443) and not node2.port_open(8080), 10, "node2 down"
@@ -208,14 +213,7 @@ def test_a_phase_1_taken_back_names_the_node_the_way_back_left_dual(tmp_path: Pa
     node and the way on, which works once the agent is back."""
     with cluster_of(tmp_path, 3, step_deadline=15) as (cluster, nodes):
         node3 = nodes[2]
-        switch(cluster, tmp_path, "--scope", "cluster", "--strategy", "transitional")
-        wait_until(
-            lambda: cluster.poll_newest_rollout()["state"] == "awaiting_finalize",
-            120,
-            "phase 1",
-            LEADER_POLL,
-        )
-        phase1 = cluster.poll_newest_rollout()["id"]
+        phase1 = phase_1_awaiting(cluster, tmp_path)
         assert node3.agent is not None
         node3.agent.stop()
         cluster.wait_for_nodes(["node3"], online=False, timeout=40)
