@@ -10,6 +10,9 @@ benchmark never collides with a test run, nor with another checkout's benchmark.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import itertools
 import json
 import os
 import re
@@ -102,6 +105,123 @@ def crypto_workers(pid: int) -> list[int]:
         except (OSError, IndexError, ValueError):  # gone meanwhile
             continue
     return found
+
+
+PROCESS_KINDS = (
+    ("cryptoworker_child", "crypto worker"),
+    ("refserver", "reference server"),
+    ("agent", "agent"),
+    ("leader", "leader"),
+    ("bench", "bench"),
+)
+"""A process's kind by its program (its command line up to its first ``--`` option, so that a
+path under the benchmark's ``tlsroll-bench-…`` directory does not count): the first kind whose
+marker it holds. The crypto worker's code names its module, a reference server's is ``-m
+refserver``, an agent's ``tlsroll-agent`` (or ``-m nodeagent.daemon``), the leader's
+``tlsroll-leader``, this benchmark's ``-m bench.…``."""
+
+
+def process_kind(cmdline: bytes) -> str | None:
+    """``PROCESS_KINDS``' name for a process of the benchmark's, None for any other."""
+    args = cmdline.decode(errors="replace").split("\0")
+    program = " ".join(itertools.takewhile(lambda a: not a.startswith("--"), args))
+    return next((kind for marker, kind in PROCESS_KINDS if marker in program), None)
+
+
+class CpuByKind:
+    """The CPU (utime + stime, clock ticks) of every process of the benchmark's kinds
+    (``process_kind``), sampled every ``every`` seconds by a thread while the ``with`` block
+    runs, so that what each kind used inside a window of wall-clock time (``in_window``) can be
+    read afterwards: what ran beside a reference server's restart. A process begun inside a
+    window counts from 0 (the restarted server's whole start), one that ended inside it up to
+    its last sample. Reading /proc costs the processes read nothing; the sampler's own CPU
+    (about 3 % of a core at 20 ms) is the bench process's, not counted."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        self.every = every
+        self.kinds: dict[int, str | None] = {}
+        self.series: dict[int, list[tuple[float, int]]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        now = time.time()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            if pid not in self.kinds:
+                try:
+                    self.kinds[pid] = process_kind(Path(f"/proc/{pid}/cmdline").read_bytes())
+                except OSError:
+                    continue
+            if self.kinds[pid] is None:
+                continue
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            self.series.setdefault(pid, []).append((now, int(fields[11]) + int(fields[12])))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> CpuByKind:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-by-kind", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._sample()
+
+    def in_window(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by kind between wall-clock times ``start`` and ``end``: each process's
+        last sample at or before ``end`` less its last one at or before ``start`` (0 if it
+        began after ``start``)."""
+        used: dict[str, float] = {}
+        for pid, points in self.series.items():
+            kind = self.kinds.get(pid)
+            if kind is None:
+                continue
+            before = [ticks for t, ticks in points if t <= start]
+            until = [ticks for t, ticks in points if t <= end]
+            if not until:
+                continue
+            ticks = until[-1] - (before[-1] if before else 0)
+            if ticks:
+                used[kind] = used.get(kind, 0.0) + ticks / CLK_TCK
+        return used
+
+
+def restart_windows(*logs: Path) -> list[tuple[float, float]]:
+    """The restarts a reference server's JSON log lines record (``logs``: the files its
+    successive processes wrote, in any order): each ``server.stopping`` to the next
+    ``server.started``, as wall-clock times."""
+    events: list[tuple[float, str]] = []
+    for log in logs:
+        with contextlib.suppress(OSError):
+            for line in log.read_text(errors="replace").splitlines():
+                if not line.startswith("{"):
+                    continue
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    event = json.loads(line)
+                    if event["event"] in ("server.stopping", "server.started"):
+                        stamp = dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+                        events.append((stamp.timestamp(), event["event"]))
+    windows: list[tuple[float, float]] = []
+    stopping: float | None = None
+    for at, event in sorted(events):
+        if event == "server.stopping":
+            stopping = at
+        elif stopping is not None:
+            windows.append((stopping, at))
+            stopping = None
+    return windows
 
 
 def open_files(pid: int) -> int:

@@ -64,6 +64,7 @@ import grpc
 from bench import ansible_baseline
 from bench.common import (
     NO_DEBUG,
+    CpuByKind,
     Fsyncs,
     Reading,
     Switches,
@@ -74,6 +75,7 @@ from bench.common import (
     get_schema,
     log_says_ended,
     median,
+    restart_windows,
     rss_mib,
     seconds,
     summary,
@@ -224,6 +226,9 @@ class Run:
         """The rollout's context switches less the idle rate over its window."""
         return self.switches - self.idle_rate * self.window
 
+    # CPU seconds by process kind per restart window (--restart-cpu): "managed" (each node's
+    # restart in its switch), "bare" (idle machine), "bare, writer" (while the writer posts).
+    restart_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     gaps: list[float] = field(default_factory=list)  # a node's confirm end → the next's switch
     parts: dict[str, float] = field(default_factory=dict)  # overhead per node, by where it went
     steps: dict[str, list[float]] = field(default_factory=dict)  # a switch, step by step
@@ -254,6 +259,7 @@ def one_run(
     fsyncs: bool = False,
     profile: Path | None = None,
     prepare_ahead: int | None = None,
+    restart_cpu: bool = False,
 ) -> Run:
     cluster = Cluster(
         root / "cluster", address(0), heartbeat_interval=5, agent_heartbeat_interval=5
@@ -266,6 +272,9 @@ def one_run(
         cluster.start_leader(NO_DEBUG)
         start_nodes(cluster, nodes)
         baseline = ansible_baseline.run(nodes, root / "ansible") if ansible else None
+        sampler = CpuByKind() if restart_cpu else None
+        if sampler is not None:
+            sampler.__enter__()
         bare = bare_restarts(root / "bare", address(1), restarts)
         ca = client_context(cluster.ca_pem)
         # The same restart while the writer posts to the nodes, as it does during the rollout:
@@ -318,6 +327,10 @@ def one_run(
             thread.join(10)
             view = get_schema(channel, view.id)
         bare_loaded += restarts_while_writing(root / "bare-after", nodes, ca, restarts // 2)
+        by_kind: dict[str, dict[str, float]] = {}
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+            by_kind = cpu_beside_restarts(sampler, root, nodes)
         if spied is not None and perf is not None:
             print(spied.summary(n), perf.by_dso(), sep="\n", flush=True)
         return Run(
@@ -354,6 +367,7 @@ def one_run(
             start_cpu=start1[1] - start0[1],
             idle_rate=idle_rate,
             window=window,
+            restart_cpu=by_kind,
             gaps=switch_gaps(view),
             parts=overhead_parts(view),
             steps=switch_steps(view, nodes),
@@ -363,6 +377,38 @@ def one_run(
             with contextlib.suppress(Exception):
                 node.close()
         cluster.close()
+
+
+def cpu_beside_restarts(
+    sampler: CpuByKind, root: Path, nodes: Sequence[Node]
+) -> dict[str, dict[str, float]]:
+    """CPU seconds by process kind in a mean restart window (``--restart-cpu``): each node's
+    managed restart (from its first server's ``server.stopping`` to the agent's server's
+    ``server.started``), and the bare restarts, idle and while the writer posts."""
+    groups: dict[str, list[tuple[float, float]]] = {
+        "managed": [
+            w
+            for n in nodes
+            if n.agent is not None
+            for w in restart_windows(n.server.log_path, n.agent.data_dir / "refserver.log")
+        ],
+        "bare": restart_windows(root / "bare" / "refserver.log"),
+        "bare, writer": [
+            w
+            for d in ("bare-before", "bare-after")
+            for w in restart_windows(root / d / "refserver.log")
+        ],
+    }
+    found: dict[str, dict[str, float]] = {}
+    for label, windows in groups.items():
+        total: dict[str, float] = {"window": 0.0}
+        for start, end in windows:
+            total["window"] += end - start
+            for kind, used in sampler.in_window(start, end).items():
+                total[kind] = total.get(kind, 0.0) + used
+        if windows:
+            found[label] = {k: v / len(windows) for k, v in total.items()}
+    return found
 
 
 def switch_gaps(view: schema_pb2.RolloutView) -> list[float]:
@@ -540,6 +586,19 @@ def report(runs: Sequence[Run]) -> None:
     )
     print(f"  leader RSS after:         {summary([r.after.rss for r in runs], 'MiB')}")
     print(f"  leader open files after:  {summary([r.after.files for r in runs], 'fds', digits=0)}")
+    for label in ("managed", "bare, writer", "bare"):
+        readings = [r.restart_cpu[label] for r in runs if label in r.restart_cpu]
+        if not readings:
+            continue
+        kinds = sorted({k for r in readings for k in r} - {"window"})
+        split = ", ".join(
+            f"{k} {median([r.get(k, 0.0) for r in readings]) * ms:.0f}" for k in kinds
+        )
+        window = median([r["window"] for r in readings]) * ms
+        print(
+            f"  CPU in a restart ({label}): window {window:.0f} ms; ms by process (median run, "
+            f"mean restart; clock ticks): {split}"
+        )
     if any(r.fsyncs is not None for r in runs):
         counted = [r.fsyncs / r.nodes for r in runs if r.fsyncs is not None]
         print(
@@ -605,6 +664,13 @@ def main(argv: list[str] | None = None) -> int:
         "with the restart of the node switching, which separate machines would not",
     )
     parser.add_argument(
+        "--restart-cpu",
+        action="store_true",
+        help="sample every process's CPU (/proc, every 20 ms) and print what each kind used "
+        "inside the restarts: the managed ones in the switches, the bare ones (what runs "
+        "beside a restart on the same cores)",
+    )
+    parser.add_argument(
         "--no-bytecode-cache",
         action="store_true",
         help="do not compile the tree's modules before the runs: with PYTHONDONTWRITEBYTECODE "
@@ -629,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                 fsyncs=ns.fsyncs,
                 profile=ns.profile,
                 prepare_ahead=ns.prepare_ahead,
+                restart_cpu=ns.restart_cpu,
             )
         finally:
             if not ns.keep:

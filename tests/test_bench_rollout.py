@@ -48,3 +48,55 @@ def test_the_bench_compiles_the_tree_s_packages_where_python_reads_them(tmp_path
 def test_the_packages_the_bench_compiles_are_the_tree_s() -> None:
     tree = Path(rollout.__file__).resolve().parents[1]
     assert all((tree / name / "__init__.py").is_file() for name in rollout.PACKAGES)
+
+
+def test_a_restart_window_runs_from_the_old_server_s_stopping_to_the_new_one_s_start(
+    tmp_path: Path,
+) -> None:
+    """``--restart-cpu`` reads each restart from the reference server's log lines: the old
+    process's ``server.stopping`` (in one file) to the next ``server.started`` (in another, the
+    agent's); a first start, with no stopping before it, is no restart."""
+    from bench.common import restart_windows
+
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    first.write_text(
+        '{"event": "server.started", "timestamp": "2026-12-04T10:00:00.000000Z"}\n'
+        '{"event": "server.stopping", "timestamp": "2026-12-04T10:00:05.000000Z"}\n'
+        "not json\n"
+        '{"event": "server.stopped", "timestamp": "2026-12-04T10:00:05.010000Z"}\n'
+    )
+    second.write_text('{"event": "server.started", "timestamp": "2026-12-04T10:00:05.400000Z"}\n')
+    ((start, end),) = restart_windows(second, first)
+    assert round(end - start, 3) == 0.4
+    assert restart_windows(first) == []
+
+
+def test_cpu_by_kind_counts_a_process_begun_inside_a_window_from_zero() -> None:
+    """A process's CPU inside a window: its last sample by the window's end less its last one
+    by its start, or all of it if it began inside (the restarted server's start); processes
+    of no benchmark kind are not counted."""
+    from bench.common import CpuByKind, process_kind
+
+    assert process_kind(b"python\0-P\0-m\0refserver\0--config\0x") == "reference server"
+    assert process_kind(b"python\0-c\0from nodeagent import cryptoworker_child") == "crypto worker"
+    assert process_kind(b"python\0/venv/bin/tlsroll-agent\0--config\0/tmp/b/a.toml") == "agent"
+    assert process_kind(b"python\0-m\0nodeagent.daemon\0--config\0a.toml") == "agent"
+    # a path under the bench's directory is no program's name
+    assert (
+        process_kind(b"python\0/venv/bin/tlsroll-leader\0--config\0/tmp/tlsroll-bench-x/l.toml")
+        == "leader"
+    )
+    assert process_kind(b"python\0-m\0bench.rollout\0--nodes\0003") == "bench"
+    assert process_kind(b"/usr/bin/sshd") is None
+    sampler = CpuByKind()
+    sampler.kinds = {1: "reference server", 2: "agent", 3: None}
+    sampler.series = {
+        1: [(10.0, 0), (10.5, 30)],  # began after 9.9: all 30 ticks
+        2: [(9.0, 100), (10.2, 104), (12.0, 200)],
+        3: [(9.0, 0), (10.5, 50)],
+    }
+    used = sampler.in_window(9.9, 10.6)
+    assert used == {
+        "reference server": 30 / os.sysconf("SC_CLK_TCK"),
+        "agent": 4 / os.sysconf("SC_CLK_TCK"),
+    }
