@@ -833,3 +833,35 @@ def test_no_daemon_can_leave_a_core_file(tmp_path: Path) -> None:
             server.close()
     finally:
         resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+
+
+def test_the_tlsroll_command_can_leave_no_core_file() -> None:
+    """Review s45rt3 (left open then): the commands hold secrets as the daemons do (``tlsroll
+    init`` makes the CA key, ``password set`` reads the auth password, ``client
+    test-connection`` the password and a workstation's key). Started with a limit that allows
+    core files, the ``tlsroll`` program (``tlsroll.cli.main()`` on ``sys.argv``, as the console
+    script runs it) sets soft and hard limit to 0 before its command runs; in-process callers
+    (``main(argv)``, the tests) keep theirs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    allowed = 1 << 30 if hard == resource.RLIM_INFINITY else hard
+    if allowed == 0:
+        pytest.skip("this machine's hard core limit is 0 already: nothing to show")
+    probe = (
+        "import resource, sys\n"
+        "from tlsroll import cli\n"
+        "print(*resource.getrlimit(resource.RLIMIT_CORE), file=sys.stderr)\n"
+        "sys.argv = ['tlsroll', '--version']\n"
+        "code = cli.main()\n"
+        "print(code, *resource.getrlimit(resource.RLIMIT_CORE), file=sys.stderr)\n"
+    )
+    resource.setrlimit(resource.RLIMIT_CORE, (allowed, hard))  # the command inherits it
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
+    before, after = out.stderr.splitlines()[-2:]
+    assert before.split()[0] == str(allowed)  # a limit that allowed core files, inherited
+    assert after.split() == ["0", "0", "0"]  # exit code 0, soft 0, hard 0
+    assert out.stdout.startswith("tlsroll, version")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import click
 
-from tlsroll import __version__
+from tlsroll import __version__, nocore
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.errors import TlsrollError
 
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     program, on ``sys.argv`` (see the module docstring)."""
     if argv is not None:
         return _run(argv)
+    nocore.no_core_dumps()  # before any command reads a secret (``tlsroll.nocore``)
     _pause_gc()
     try:
         code = _run(None)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import resource
 import signal
 import socket
 from collections.abc import Iterable
 from typing import Any
+
+from tlsroll import nocore
 
 
 def sd_notify(state: str) -> bool:
@@ -29,13 +29,8 @@ def sd_notify(state: str) -> bool:
 
 
 def no_core_dumps() -> None:
-    """No core file of this process, nor of the children it starts: a daemon's memory holds
-    what must not end up on disk or in a support bundle (the agent's password verifier and
-    SPAKE2 blinding points, as good as the password; a node's key; the leader's decrypted CA
-    key). The units' ``LimitCORE=0`` does the same under systemd; this covers a daemon
-    started otherwise. Soft and hard limit 0 (never raised again); a failure is ignored."""
-    with contextlib.suppress(OSError, ValueError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    """No core file of this daemon nor of its children (``tlsroll.nocore``)."""
+    nocore.no_core_dumps()
 
 
 def stop_event() -> asyncio.Event:
