@@ -145,8 +145,17 @@ class BootstrapHost:
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
         # Why the leader refuses this node as no longer in the cluster, None while it does not
-        # (``set_removed``: the link's heartbeats tell it).
-        self.removed: str | None = None
+        # (``set_removed``: the link's heartbeats tell it). Kept in the journal: an agent
+        # started again while the leader cannot be reached would otherwise check passwords
+        # (a guess oracle) until its first refused heartbeat (review s45rev8 L1).
+        self.removed: str | None = journal.removed_from_cluster()
+        self._removed_saved = self.removed is not None
+        if self.removed is not None:
+            log.warning(
+                "bootstrap.removed_earlier",
+                detail=self.removed[:200],
+                then="no workstation password is taken until the leader accepts this node",
+            )
         # What an earlier run counted (journal.bootstrap_failures): the times go to the guard
         # when it is made; the unreported failures go with the next heartbeat.
         self._earlier, unreported = journal.bootstrap_failures()
@@ -437,6 +446,20 @@ class BootstrapHost:
         self.removed = why
         if self.service is not None:
             self.service.set_removed(why)
+        if (why is not None) != self._removed_saved:
+            self._removed_saved = why is not None
+            task = asyncio.get_running_loop().create_task(self._save_removed())
+            self._saving.add(task)
+            task.add_done_callback(self._saving.discard)
+
+    async def _save_removed(self) -> None:
+        """Into the journal: the refusal as it is when the write begins (one at a time, so that
+        the last write holds the latest). Lost (a full disk): it holds in memory still."""
+        async with self._save_lock:
+            try:
+                await asyncio.to_thread(self.journal.set_removed_from_cluster, self.removed)
+            except TlsrollError as exc:
+                log.error("bootstrap.removed_not_saved", error=str(exc))
 
     async def _counted(self, when: dt.datetime) -> None:
         """The service counted a failure at ``when``: into the journal before it is answered."""

@@ -644,6 +644,22 @@ class Journal:
         with self._tx() as db:
             self._set_meta(db, "unfreeze_owed", rollout_id or "")
 
+    def removed_from_cluster(self) -> str | None:
+        """Why the leader last refused this node as no longer in the cluster (removed, or its
+        certificate revoked), None if it has answered it since, or never refused it
+        (``set_removed_from_cluster``)."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'removed_from_cluster'").fetchone()
+        return str(row["value"]) if row and row["value"] else None
+
+    def set_removed_from_cluster(self, why: str | None) -> None:
+        """Kept across the agent's restarts (``nodeagent.bootstrap_supervisor.BootstrapHost``):
+        an agent started again while the leader cannot be reached still takes no workstation
+        password until the leader answers it (review s45rev8 L1). A meta key, which a journal
+        of an older agent keeps and ignores."""
+        with self._tx() as db:
+            self._set_meta(db, "removed_from_cluster", why or "")
+
     @staticmethod
     def _set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
         db.execute(

@@ -870,6 +870,11 @@ class LeaderLink:
                 log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
             self.healthy = True
 
+    def removed_at_start(self, why: str | None) -> None:
+        """What an earlier run of the agent was last told (``BootstrapHost.removed``, from the
+        journal): the first heartbeat the leader answers says "accepted again", and clears it."""
+        self._removed = why is not None
+
     def _said_removed(self, why: str | None) -> None:
         if why is not None and not self._removed:
             log.error("agent.removed_from_cluster", leader=self.target, detail=why[:200])

@@ -284,6 +284,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     link.server_view = service.server_view
     link.bootstrap_problem = lambda: bootstrap.problem
     link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password
+    link.removed_at_start(bootstrap.removed)  # as an earlier run was last told (its journal)
     link.answer_check = service.answer_check
     link.stages_ended = service.forget_ended  # stages of rollouts the leader says are over
     service.on_prepare = bootstrap.warm

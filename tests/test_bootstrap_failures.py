@@ -294,6 +294,37 @@ async def test_an_agent_restart_keeps_the_ceiling_and_the_unreported_failures(
         journal.close()
 
 
+async def test_the_leader_s_refusal_of_a_removed_node_outlives_the_agent_until_it_answers(
+    tmp_path: Path,
+) -> None:
+    """Review s45rev8 L1: the refusal the link hears (``set_removed``) is written to the
+    journal, so that an agent started again takes no password before any heartbeat; the first
+    heartbeat the leader answers again (None) takes it away, for the next start too."""
+    journal_file = tmp_path / "journal.sqlite3"
+    journal = Journal(journal_file)
+    host = _host(journal)
+    assert host.removed is None
+    host.set_removed("node node-a was removed from the cluster")
+    host.set_removed("node node-a was removed from the cluster")  # each refused heartbeat
+    await host.close()
+    journal.close()
+
+    journal = Journal(journal_file)
+    host = _host(journal)
+    assert host.removed == "node node-a was removed from the cluster"
+    host.set_removed(None)  # the link's call at the first heartbeat answered again
+    assert host.removed is None
+    await host.close()
+    journal.close()
+
+    journal = Journal(journal_file)
+    try:
+        assert journal.removed_from_cluster() is None
+        assert _host(journal).removed is None
+    finally:
+        journal.close()
+
+
 def test_failure_times_from_a_clock_that_was_ahead_neither_push_out_real_ones_nor_come_back(
     tmp_path: Path,
 ) -> None:

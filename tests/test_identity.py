@@ -597,7 +597,9 @@ def test_the_agent_takes_a_certificate_revoked_already_as_not_withdrawn(cluster:
     cfg = AgentConfig.load(node2.config_path)
     identity = load_identity(cfg)
     assert identity is not None
-    journal: Any = SimpleNamespace(bootstrap_failures=lambda: ([], []))
+    journal: Any = SimpleNamespace(
+        bootstrap_failures=lambda: ([], []), removed_from_cluster=lambda: None
+    )
     host = BootstrapHost(cfg, identity, journal)
 
     async def twice() -> tuple[str, str]:

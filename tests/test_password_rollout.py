@@ -702,6 +702,26 @@ def test_a_removed_node_takes_no_password_and_says_it_was_removed(tmp_path: Path
         # The node still in the cluster enrols as before.
         kept = w.test_connection(w.nodes[0].https_url(), pw, tmp_path / "pc-kept")
         assert kept.returncode == 0, kept.stdout + kept.stderr
+        # Review s45rev8 L1: the refusal is kept in the agent's journal. Started again while the
+        # leader cannot be reached (no heartbeat refused yet), the agent's service still takes
+        # no password: before, it checked them again (a guess oracle) until the leader refused
+        # a heartbeat.
+        w.cluster.stop_leader()
+        agent.stop()
+        agent.start()
+        hello = f"https://{gone.address}:9443/v2/hello"
+
+        def answers() -> bool:
+            with contextlib.suppress(OSError):
+                return http_request("GET", hello, context=gone.ca_context()).status == 200
+            return False
+
+        wait_until(answers, 60, "the restarted agent's bootstrap service to answer")
+        assert "bootstrap.removed_earlier" in agent.event_names()
+        result = w.test_connection(gone.https_url(), wrong, tmp_path / "pc-after-restart")
+        assert result.returncode == 11, result.stdout + result.stderr
+        line = one_line_error(result.stderr, "tlsroll")
+        assert "node_removed" in line and "wrong password" not in line, line
         assert PW1 not in w.cluster.logs_text() + "".join(w.outputs)
     finally:
         w.close()
