@@ -647,14 +647,8 @@ def test_a_bootstrap_service_that_failed_to_start_is_a_node_problem_until_the_ag
         # Left 1: the port freed, the running agent starts the service (no restart).
         pid = agent.pid
         squatter.close()
+        wait_until(lambda: bootstrap_answers(node), 90, "the bootstrap service to answer a PC")
         hello = f"https://{node.address}:9443/v2/hello"
-
-        def answers() -> bool:
-            with contextlib.suppress(OSError):
-                return http_request("GET", hello, context=node.ca_context()).status == 200
-            return False
-
-        wait_until(answers, 90, "the bootstrap service to answer a PC")
         assert node.name in http_request("GET", hello, context=node.ca_context()).body.decode()
         wait_until(lambda: problems() == [], 30, "the node's problem to go")
         assert agent.running and agent.pid == pid
@@ -663,6 +657,14 @@ def test_a_bootstrap_service_that_failed_to_start_is_a_node_problem_until_the_ag
         assert said().count("bootstrap.up_again") == 1, said()
     finally:
         squatter.close()
+
+
+def bootstrap_answers(node: Node) -> bool:
+    """The node's bootstrap service answers a PC's hello on 9443 (200)."""
+    hello = f"https://{node.address}:9443/v2/hello"
+    with contextlib.suppress(OSError):
+        return http_request("GET", hello, context=node.ca_context()).status == 200
+    return False
 
 
 def test_a_removed_node_takes_no_password_and_says_it_was_removed(tmp_path: Path) -> None:
@@ -709,14 +711,9 @@ def test_a_removed_node_takes_no_password_and_says_it_was_removed(tmp_path: Path
         w.cluster.stop_leader()
         agent.stop()
         agent.start()
-        hello = f"https://{gone.address}:9443/v2/hello"
-
-        def answers() -> bool:
-            with contextlib.suppress(OSError):
-                return http_request("GET", hello, context=gone.ca_context()).status == 200
-            return False
-
-        wait_until(answers, 60, "the restarted agent's bootstrap service to answer")
+        wait_until(
+            lambda: bootstrap_answers(gone), 60, "the restarted agent's bootstrap service to answer"
+        )
         assert "bootstrap.removed_earlier" in agent.event_names()
         result = w.test_connection(gone.https_url(), wrong, tmp_path / "pc-after-restart")
         assert result.returncode == 11, result.stdout + result.stderr
