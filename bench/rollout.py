@@ -304,6 +304,7 @@ def one_run(
             grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel,
         ):
             began = time.monotonic()
+            began_wall = time.time()
             start0 = sum(map(sum, task_switches(pid).values())), fine_cpu_seconds(pid)
             view = admin_pb2_grpc.AdminStub(channel).StartRollout(enable_tls_request(), timeout=60)
             start1 = sum(map(sum, task_switches(pid).values())), fine_cpu_seconds(pid)
@@ -315,6 +316,7 @@ def one_run(
             )
             after = Reading.of(pid)
             window = time.monotonic() - began
+            ended_wall = time.time()
             # Switched, each with its bootstrap service on 9443: what an agent holds from then on.
             agent_rss_after = [rss_mib(node.agent.pid) for node in nodes if node.agent]
             worker_rss_after = [
@@ -330,7 +332,7 @@ def one_run(
         by_kind: dict[str, dict[str, float]] = {}
         if sampler is not None:
             sampler.__exit__(None, None, None)
-            by_kind = cpu_beside_restarts(sampler, root, nodes)
+            by_kind = cpu_beside_restarts(sampler, root, nodes, (began_wall, ended_wall))
         if spied is not None and perf is not None:
             print(spied.summary(n), perf.by_dso(), sep="\n", flush=True)
         return Run(
@@ -380,17 +382,21 @@ def one_run(
 
 
 def cpu_beside_restarts(
-    sampler: CpuByKind, root: Path, nodes: Sequence[Node]
+    sampler: CpuByKind, root: Path, nodes: Sequence[Node], rollout: tuple[float, float]
 ) -> dict[str, dict[str, float]]:
-    """CPU seconds by process kind in a mean restart window (``--restart-cpu``): each node's
-    managed restart (from its first server's ``server.stopping`` to the agent's server's
-    ``server.started``), and the bare restarts, idle and while the writer posts."""
+    """CPU seconds by process kind in a mean restart window (``--restart-cpu``), and the
+    number of windows (``count``): each node's managed restart inside the rollout (wall-clock
+    ``rollout``: from its first server's ``server.stopping`` to the agent's server's
+    ``server.started``; the Ansible playbook's restart of the same server, earlier, is not
+    one), and the bare restarts, idle and while the writer posts. Windows the sampler did not
+    cover are left out."""
     groups: dict[str, list[tuple[float, float]]] = {
         "managed": [
-            w
+            (start, end)
             for n in nodes
             if n.agent is not None
-            for w in restart_windows(n.server.log_path, n.agent.data_dir / "refserver.log")
+            for start, end in restart_windows(n.server.log_path, n.agent.data_dir / "refserver.log")
+            if rollout[0] <= start and end <= rollout[1]
         ],
         "bare": restart_windows(root / "bare" / "refserver.log"),
         "bare, writer": [
@@ -400,7 +406,8 @@ def cpu_beside_restarts(
         ],
     }
     found: dict[str, dict[str, float]] = {}
-    for label, windows in groups.items():
+    for label, all_windows in groups.items():
+        windows = [w for w in all_windows if sampler.covers(*w)]
         total: dict[str, float] = {"window": 0.0}
         for start, end in windows:
             total["window"] += end - start
@@ -408,6 +415,7 @@ def cpu_beside_restarts(
                 total[kind] = total.get(kind, 0.0) + used
         if windows:
             found[label] = {k: v / len(windows) for k, v in total.items()}
+            found[label]["count"] = len(windows)
     return found
 
 
@@ -590,14 +598,16 @@ def report(runs: Sequence[Run]) -> None:
         readings = [r.restart_cpu[label] for r in runs if label in r.restart_cpu]
         if not readings:
             continue
-        kinds = sorted({k for r in readings for k in r} - {"window"})
+        kinds = sorted({k for r in readings for k in r} - {"window", "count"})
         split = ", ".join(
             f"{k} {median([r.get(k, 0.0) for r in readings]) * ms:.0f}" for k in kinds
         )
         window = median([r["window"] for r in readings]) * ms
+        count = sum(int(r["count"]) for r in readings)
         print(
-            f"  CPU in a restart ({label}): window {window:.0f} ms; ms by process (median run, "
-            f"mean restart; clock ticks): {split}"
+            f"  CPU in a restart ({label}): window {window:.0f} ms ({count} restarts); ms by "
+            f"process (median run, mean restart; clock ticks, ±1 sample at each end; bench: "
+            f"its writer and poll, not the sampler): {split}"
         )
     if any(r.fsyncs is not None for r in runs):
         counted = [r.fsyncs / r.nodes for r in runs if r.fsyncs is not None]
@@ -666,9 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--restart-cpu",
         action="store_true",
-        help="sample every process's CPU (/proc, every 20 ms) and print what each kind used "
-        "inside the restarts: the managed ones in the switches, the bare ones (what runs "
-        "beside a restart on the same cores)",
+        help="sample the bench's processes' CPU (/proc, every 20 ms) and print what each kind "
+        "used inside the restarts: the managed ones in the switches, the bare ones (what runs "
+        "beside a restart on the same cores; the sampler takes about a tenth of a core, so "
+        "the run's other figures compare with no other run)",
     )
     parser.add_argument(
         "--no-bytecode-cache",

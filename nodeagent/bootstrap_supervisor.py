@@ -456,10 +456,15 @@ class BootstrapHost:
         """Into the journal: the refusal as it is when the write begins (one at a time, so that
         the last write holds the latest). Lost (a full disk): it holds in memory still."""
         async with self._save_lock:
+            removed = self.removed
             try:
-                await asyncio.to_thread(self.journal.set_removed_from_cluster, self.removed)
+                await asyncio.to_thread(self.journal.set_removed_from_cluster, removed)
             except TlsrollError as exc:
                 log.error("bootstrap.removed_not_saved", error=str(exc))
+                # Not saved: the next refused heartbeat (one an interval) writes it again. A
+                # refusal not cleared is cleared at the next start's first answered heartbeat.
+                if (removed is not None) == (self.removed is not None):
+                    self._removed_saved = removed is None
 
     async def _counted(self, when: dt.datetime) -> None:
         """The service counted a failure at ``when``: into the journal before it is answered."""

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench import rollout
@@ -71,6 +72,31 @@ def test_a_restart_window_runs_from_the_old_server_s_stopping_to_the_new_one_s_s
     assert restart_windows(first) == []
 
 
+def test_cpu_by_kind_counts_only_the_bench_s_own_processes_live(tmp_path: Path) -> None:
+    """Sampled for real: a child of the bench that burns CPU counts under its kind, a process
+    that is not the bench's descendant (here: pid 1) does not, and the bench's own process
+    counts as "bench" without the sampler's thread."""
+    from bench.common import CpuByKind
+
+    burner = (
+        "import time\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\n"
+        "time.sleep(0.3)\n"
+    )
+    with CpuByKind() as sampler:
+        start = time.time()
+        subprocess.run(
+            [sys.executable, "-c", "# refserver\n" + burner],
+            check=True,
+        )
+        end = time.time()
+    assert all(sampler.ours[k] for k in sampler.series)
+    assert not any(pid == 1 for pid, _ in sampler.series)
+    used = sampler.in_window(start, end)
+    assert used.get("reference server", 0.0) >= 0.2, used
+
+
 def test_cpu_by_kind_counts_a_process_begun_inside_a_window_from_zero() -> None:
     """A process's CPU inside a window: its last sample by the window's end less its last one
     by its start, or all of it if it began inside (the restarted server's start); processes
@@ -89,12 +115,14 @@ def test_cpu_by_kind_counts_a_process_begun_inside_a_window_from_zero() -> None:
     assert process_kind(b"python\0-m\0bench.rollout\0--nodes\0003") == "bench"
     assert process_kind(b"/usr/bin/sshd") is None
     sampler = CpuByKind()
-    sampler.kinds = {1: "reference server", 2: "agent", 3: None}
+    sampler.kinds = {(1, 7): "reference server", (2, 7): "agent", (3, 7): None}
     sampler.series = {
-        1: [(10.0, 0), (10.5, 30)],  # began after 9.9: all 30 ticks
-        2: [(9.0, 100), (10.2, 104), (12.0, 200)],
-        3: [(9.0, 0), (10.5, 50)],
+        (1, 7): [(10.0, 0), (10.5, 30)],  # began after 9.9: all 30 ticks
+        (2, 7): [(9.0, 100), (10.2, 104), (12.0, 200)],
+        (3, 7): [(9.0, 0), (10.5, 50)],
     }
+    sampler.span = (9.0, 12.0)
+    assert sampler.covers(9.9, 10.6) and not sampler.covers(8.0, 10.6)
     used = sampler.in_window(9.9, 10.6)
     assert used == {
         "reference server": 30 / os.sysconf("SC_CLK_TCK"),

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from nodeagent.journal import Journal
 from tests.cluster import LEADER_POLL, AdminTokenCluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
@@ -719,6 +720,34 @@ def test_a_removed_node_takes_no_password_and_says_it_was_removed(tmp_path: Path
         assert result.returncode == 11, result.stdout + result.stderr
         line = one_line_error(result.stderr, "tlsroll")
         assert "node_removed" in line and "wrong password" not in line, line
+        # And the mark goes once the leader answers (review s46rev1 M4): a node whose journal
+        # holds a refusal (an earlier removal, a journal put back from a copy) but that the
+        # leader accepts takes passwords again from its first answered heartbeat, and the
+        # journal forgets the refusal.
+        w.cluster.start_leader()
+        stays = w.nodes[0]
+        assert stays.agent is not None
+        stays.agent.stop()
+        journal = Journal(stays.journal_path)
+        try:
+            journal.set_removed_from_cluster("node node0 was removed from the cluster")
+        finally:
+            journal.close()
+        stays.agent.start()
+        wait_until(
+            lambda: "agent.accepted_again" in stays.agent.event_names(),  # type: ignore[union-attr]
+            30,
+            "the leader to answer the marked agent",
+            interval=0.2,
+        )
+        wait_until(lambda: bootstrap_answers(stays), 60, "its bootstrap service to answer")
+        again = w.test_connection(stays.https_url(), pw, tmp_path / "pc-accepted")
+        assert again.returncode == 0, again.stdout + again.stderr
+        journal = Journal(stays.journal_path)
+        try:
+            assert journal.removed_from_cluster() is None
+        finally:
+            journal.close()
         assert PW1 not in w.cluster.logs_text() + "".join(w.outputs)
     finally:
         w.close()
