@@ -98,6 +98,14 @@ def test_rollback_goes_ahead_past_an_offline_agent(tmp_path: Path) -> None:
             f"tlsroll: rollout {way_back['id']} left node3 as is (not known to be on http: see "
             "the reason above); run tlsroll rollout rollback again once its agent is back"
         ) in status.stderr
+        # ... nor does the schema (review s45rev9 L3): its --json names node3 (`way_back` is
+        # what it printed), its text says so beside "completed", as `rollout status` does.
+        assert way_back["left_as_is"] == ["node3"]
+        beside = f"rollout {way_back['id']}  completed, 1 node left as is: node3  change"
+        assert beside in status.stdout
+        shown = cluster.cli("schema", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert beside in shown.stdout, shown.stdout
 
         # node3 back: that switch was taken back once; the refusal says what does go on.
         node3.restart_agent()
