@@ -179,6 +179,34 @@ def test_rollback_takes_back_a_node_whose_server_is_down(tmp_path: Path) -> None
         assert node2.post("http", {"after": "the way back"}).status == 201
 
 
+def test_rollback_skips_a_down_server_whose_config_serves_http(tmp_path: Path) -> None:
+    """Review s45rev9 L2: node2's server is down, its config on http (its agent says so): the
+    way back said "cannot tell what it runs" and left it as is. It is on http already: the
+    prompt and the record say so, and the way back that took node1 back is complete."""
+    with cluster_of(tmp_path, 2, step_deadline=15) as (cluster, nodes):
+        node1, node2 = nodes
+        switch(cluster, tmp_path, "--scope", "nodes", "--nodes", "node1")
+        assert wait_ended(cluster, "the switch")["state"] == "completed"
+        kill_server(node2)  # down, its config on http
+        wait_until(
+            lambda: str(cluster.list_nodes()["node2"].server).startswith("down"),
+            30,
+            "node2 seen down",
+            LEADER_POLL,
+        )
+        down = "down, its config serves http: nothing to take back"
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, back.stderr
+        assert going(back.stdout) == ["node1"]
+        assert f"  node2: {down}" in back.stdout.splitlines(), back.stdout
+        way_back = wait_ended(cluster, "the way back")
+        assert way_back["state"] == "completed", way_back
+        assert states(way_back) == {"node1": ("done", ""), "node2": ("skipped", down)}
+        assert way_back["left_as_is"] == []
+        assert node1.server.status()["listen"] == ["http"]
+        assert not node2.port_open(8080)  # not started again: nothing was done to it
+
+
 def phase_1_awaiting(cluster: Cluster, tmp_path: Path) -> str:
     """A transitional phase 1 of the whole cluster, run until it awaits its finalize: its id."""
     switch(cluster, tmp_path, "--scope", "cluster", "--strategy", "transitional")
