@@ -93,6 +93,7 @@ from leader.rollout_core import (
     Strategy,
     already_done,
     blocked_too_old,
+    down_on_http,
     down_on_https,
     left_unknown,
     left_way_on,
@@ -422,7 +423,9 @@ def plan_rollout(
         unreachable = {
             n: observed[n].error
             for n in asked
-            if not observed[n].reachable and not down_on_https(change, observed[n])
+            if not observed[n].reachable
+            and not down_on_https(change, observed[n])
+            and not down_on_http(change, observed[n])  # (``already_done`` says why)
         }
         if change is Change.DISABLE_TLS:
             left |= {n: left_unknown(unreachable[n], admin.get(n, "")) for n in unreachable}

@@ -354,7 +354,8 @@ def left_way_on(reason: str) -> str:
         return f"{said}; then run tlsroll rollout rollback"
     if reason.startswith(f"cannot tell what it runs ({SERVER_DOWN}"):
         # Its agent is up: its server is down and the agent (an older one) does not say
-        # what its config holds, or the config is not on https.
+        # what its config holds (a config on https is taken back, one on http skipped:
+        # ``down_on_https``, ``down_on_http``).
         return "start its server or upgrade tlsroll on the node, then run tlsroll rollout rollback"
     return "run tlsroll rollout rollback once its agent answers (tlsroll nodes --check)"
 
@@ -395,6 +396,24 @@ def down_on_https(change: Change, seen: NodeObservation) -> bool:
         and not seen.reachable
         and not seen.needs_admin
         and "https" in seen.configured
+    )
+
+
+DOWN_ON_HTTP = "down, its config serves http: nothing to take back"
+"""Why the way back skips a node whose managed server is down with its config on http only
+(``down_on_http``): it is on http already, not left as is (review s45rev9 L2: it read
+"cannot tell what it runs")."""
+
+
+def down_on_http(change: Change, seen: NodeObservation) -> bool:
+    """The way back (disable-tls) and node ``seen``, whose managed server is down with a config
+    on http only (its agent says so: ``ServerView.configured_schemes``): nothing to take back
+    (``already_done``'s ``DOWN_ON_HTTP``); any other change waits for a healthy server."""
+    return (
+        change is Change.DISABLE_TLS
+        and not seen.reachable
+        and not seen.needs_admin
+        and seen.configured == ("http",)
     )
 
 
@@ -560,6 +579,8 @@ def already_done(
         return "already done: on https with a certificate of this CA"
     if change is Change.DISABLE_TLS and seen.schemes == ("http",):
         return "already done: on http"
+    if down_on_http(change, seen):
+        return DOWN_ON_HTTP
     if (
         change is Change.CHANGE_PASSWORD
         and https_only

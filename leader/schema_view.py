@@ -12,7 +12,7 @@ import json
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -27,6 +27,7 @@ from leader.rollout_core import (
     Rollout,
     RolloutState,
     before_after,
+    left_as_is,
     still_on_http,
 )
 from leader.schema_store import (
@@ -129,7 +130,16 @@ def rollout_view(
         finalizes=meta.finalizes,
         when_quiet_seconds=meta.when_quiet,
         auth_version=meta.auth_version,
+        left_as_is=left_as_is_nodes(row.records) if isinstance(row, RolloutRow) else (),
     )
+
+
+def left_as_is_nodes(records: Iterable[NodeRecord]) -> list[str]:
+    """The nodes of a rollout (its ``records``) that its way back (disable-tls) left as is:
+    skipped, and not on http already (``rollout_core.left_as_is``). A completed way back with
+    one is not back on http everywhere: ``RolloutView.left_as_is``, which `schema show` and the
+    viewer show beside the state (review s45rev9 L3)."""
+    return [r.name for r in records if r.state is NodeState.SKIPPED and left_as_is(r.reason)]
 
 
 def node_view(

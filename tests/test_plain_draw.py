@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from leader import planner
 from leader.cli.base import to_dict
 from leader.cli.draw import render_rollout
 from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
+from leader.rollout_core import Change, NodeState, RolloutState, Scope, left_unknown
+from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow
+from leader.schema_view import rollout_view, schema_json, schema_message
 from tlsroll.v1 import schema_pb2, types_pb2
 
 ROWS = [
@@ -134,3 +140,67 @@ def test_a_freeze_window_says_its_clock_and_the_length_the_schema_gives() -> Non
     view.nodes[0].restart_seconds = float("inf")
     text = "\n".join(render_rollout(to_dict(view)).lines(200, color=False))
     assert "10:00:01–09:00:03 (?)" in text and "inf" not in text.lower()
+
+
+# --- a way back that left nodes as is ------------------------------------------------------------
+
+NOW = dt.datetime(2026, 12, 4, 9, 0, tzinfo=dt.UTC)
+
+
+def left_way_back() -> RolloutRow:
+    """A way back (disable-tls) that completed and left node3 (its agent off) and node4 (its
+    agent could not say what it runs) as is; node5 was on http already."""
+    rollout, records = planner.plan_rollout(
+        rollout_id="r9",
+        change=Change.DISABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"node1": True, "node2": True, "node3": False, "node4": True, "node5": True},
+        leader="node1",
+        epoch=1,
+    )
+    skip = {
+        "node4": left_unknown("the managed server: connection refused"),
+        "node5": "already done: on http",
+    }
+    ended = tuple(
+        replace(r, state=NodeState.SKIPPED, reason=skip[r.name])
+        if r.name in skip
+        else r
+        if r.state is NodeState.SKIPPED
+        else replace(r, state=NodeState.DONE)
+        for r in records
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="node1")
+    return RolloutRow(
+        replace(rollout, state=RolloutState.COMPLETED),
+        meta,
+        tuple((r, NodeDetail()) for r in ended),
+    )
+
+
+def test_a_way_back_that_left_nodes_as_is_says_so_beside_completed() -> None:
+    """Review s45rev9 L3: a way back that went past nodes it could not reach read as plain
+    "completed" in `schema show`, its --json and the viewer. The view names the nodes it left
+    as is (``left_as_is``, from the node records: not one already on http), the JSON that
+    `schema show --json` prints carries them, and the rollout's heading says so beside its
+    state, each such node's row its reason (what to do)."""
+    row = left_way_back()
+    view = rollout_view(row)
+    assert list(view.left_as_is) == ["node3", "node4"]
+    message = schema_message([row], set(), NOW, fresh=frozenset(), reported=lambda _n: True)
+    data = json.loads(schema_json(message))["rollouts"][0]  # what `schema show --json` prints
+    assert data["state"] == "completed" and data["left_as_is"] == ["node3", "node4"]
+    lines = render_rollout(data).lines(400, color=False)
+    assert lines[0].startswith("rollout r9  completed, 2 nodes left as is: node3, node4  change")
+    (node3,) = [line for line in lines if "│ node3 " in line]
+    assert "offline: left as is: run tlsroll rollout rollback again once its agent is back" in node3
+    (node4,) = [line for line in lines if "│ node4 " in line]
+    assert "cannot tell what it runs (the managed server: connection refused)" in node4
+    # One node: "1 node"; none left (all back, or on http already): the state alone.
+    one = replace(row, nodes=tuple(n for n in row.nodes if n[0].name != "node4"))
+    head = render_rollout(to_dict(rollout_view(one))).lines(400, color=False)[0]
+    assert head.startswith("rollout r9  completed, 1 node left as is: node3  change"), head
+    back = replace(row, nodes=tuple(n for n in row.nodes if n[0].name in ("node1", "node5")))
+    assert list(rollout_view(back).left_as_is) == []
+    head = render_rollout(to_dict(rollout_view(back))).lines(400, color=False)[0]
+    assert head.startswith("rollout r9  completed  change"), head

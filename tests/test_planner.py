@@ -1469,3 +1469,30 @@ def test_the_way_back_says_once_it_is_back_only_of_an_agent_that_is_off() -> Non
     unanswered = NodeObservation(False, "no answer within 5 s")
     with pytest.raises(NoneReachable, match=r"once its agent answers \(tlsroll nodes --check\)$"):
         _way_back({"d": True}, {"d": unanswered}, Change.DISABLE_TLS)
+
+
+def test_the_way_back_says_a_down_server_whose_config_serves_http_has_nothing_to_take_back() -> (
+    None
+):
+    """Review s45rev9 L2: a managed server that is down, its config on http (its agent says so:
+    ``ServerView.configured_schemes``), was left as is as "cannot tell what it runs": it is
+    on http already, and the way back says so (skipped, not left as is). Only the way back:
+    other changes still wait for a healthy server; an older agent that says nothing of the
+    config still cannot tell."""
+    down_http = NodeObservation(
+        False, "the managed server: connection refused", configured=("http",)
+    )
+    planned = _way_back(
+        {"a": True, "b": True}, {"a": seen("https"), "b": down_http}, Change.DISABLE_TLS
+    )
+    assert planned == {
+        "a": (NodeState.PENDING, ""),
+        "b": (NodeState.SKIPPED, "down, its config serves http: nothing to take back"),
+    }
+    assert not left_as_is(planned["b"][1])
+    with pytest.raises(NothingToDo):  # nothing else to take back either
+        _way_back({"b": True}, {"b": down_http}, Change.DISABLE_TLS)
+    with pytest.raises(NoneReachable, match=r"c \(offline\); on http already: b; "):
+        _way_back({"b": True, "c": False}, {"b": down_http}, Change.DISABLE_TLS)
+    with pytest.raises(Unreachable, match="b: the managed server"):
+        _way_back({"a": True, "b": True}, {"a": seen("https"), "b": down_http}, Change.ROTATE_CERT)

@@ -98,6 +98,14 @@ def test_rollback_goes_ahead_past_an_offline_agent(tmp_path: Path) -> None:
             f"tlsroll: rollout {way_back['id']} left node3 as is (not known to be on http: see "
             "the reason above); run tlsroll rollout rollback again once its agent is back"
         ) in status.stderr
+        # ... nor does the schema (review s45rev9 L3): its --json names node3 (`way_back` is
+        # what it printed), its text says so beside "completed", as `rollout status` does.
+        assert way_back["left_as_is"] == ["node3"]
+        beside = f"rollout {way_back['id']}  completed, 1 node left as is: node3  change"
+        assert beside in status.stdout
+        shown = cluster.cli("schema", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert beside in shown.stdout, shown.stdout
 
         # node3 back: that switch was taken back once; the refusal says what does go on.
         node3.restart_agent()
@@ -169,6 +177,34 @@ def test_rollback_takes_back_a_node_whose_server_is_down(tmp_path: Path) -> None
             status = node.server.status()  # node2's server started again, on http
             assert status["listen"] == ["http"] and status["frozen"] is False
         assert node2.post("http", {"after": "the way back"}).status == 201
+
+
+def test_rollback_skips_a_down_server_whose_config_serves_http(tmp_path: Path) -> None:
+    """Review s45rev9 L2: node2's server is down, its config on http (its agent says so): the
+    way back said "cannot tell what it runs" and left it as is. It is on http already: the
+    prompt and the record say so, and the way back that took node1 back is complete."""
+    with cluster_of(tmp_path, 2, step_deadline=15) as (cluster, nodes):
+        node1, node2 = nodes
+        switch(cluster, tmp_path, "--scope", "nodes", "--nodes", "node1")
+        assert wait_ended(cluster, "the switch")["state"] == "completed"
+        kill_server(node2)  # down, its config on http
+        wait_until(
+            lambda: str(cluster.list_nodes()["node2"].server).startswith("down"),
+            30,
+            "node2 seen down",
+            LEADER_POLL,
+        )
+        down = "down, its config serves http: nothing to take back"
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, back.stderr
+        assert going(back.stdout) == ["node1"]
+        assert f"  node2: {down}" in back.stdout.splitlines(), back.stdout
+        way_back = wait_ended(cluster, "the way back")
+        assert way_back["state"] == "completed", way_back
+        assert states(way_back) == {"node1": ("done", ""), "node2": ("skipped", down)}
+        assert way_back["left_as_is"] == []
+        assert node1.server.status()["listen"] == ["http"]
+        assert not node2.port_open(8080)  # not started again: nothing was done to it
 
 
 def phase_1_awaiting(cluster: Cluster, tmp_path: Path) -> str:

@@ -1329,3 +1329,67 @@ def test_both_languages_have_every_text_state_and_change() -> None:
 def test_a_server_sent_event_keeps_every_line_of_its_data() -> None:
     assert sse("update", "<p>\r\na\n</p>") == b"event: update\ndata: <p>\ndata: a\ndata: </p>\n\n"
     assert sse("unauthorized", "") == b"event: unauthorized\ndata: \n\n"
+
+
+def test_a_way_back_that_left_a_node_as_is_says_so_on_the_page_and_in_the_api(
+    store: Store,
+) -> None:
+    """Review s45rev9 L3: a way back (disable-tls) that went past a node whose agent was off
+    showed "completed" on the page, as if every node were back on http. The heading says
+    beside the state which node it left as is, an alert says the way back is not complete
+    and where to read what to do (the node's reason, in its row), in both languages; the
+    API (`schema show --json`'s data) names the node; a page's read shows what a whole read
+    does."""
+    schema = SchemaStore(store.db)
+    rollout, records = planner.plan_rollout(
+        rollout_id="back1",
+        change=Change.DISABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": False},
+        leader="a",
+        epoch=schema.next_epoch(),
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    row = schema.create(rollout.with_event(RolloutEvent.START), records, meta, NOW)
+    for event in (
+        NodeEvent.START,
+        NodeEvent.PREFLIGHT_PASSED,
+        NodeEvent.STAGE_DONE,
+        NodeEvent.SWITCH,
+        NodeEvent.SWITCH_DONE,
+        NodeEvent.CONFIRM_DONE,
+    ):
+        moved = [r.with_event(event) if r.name == "a" else r for r in row.records]
+        row = schema.save_states(row, row.rollout, moved, NOW, "engine")
+    done = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+    schema.save_states(row, done, row.records, NOW, "engine")
+    left = "offline: left as is: run tlsroll rollout rollback again once its agent is back"
+
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    whole = reader.read(every=True)  # /api/v1/schema
+    (api,) = whole.data["rollouts"]
+    assert (api["state"], api["left_as_is"]) == ("completed", ["b"])
+    page = reader.read(clients=False, page=True)
+    assert page.left_as_is == ("b",) and reader.read().left_as_is == ("b",)
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, beside, alert in (
+        ("de", "abgeschlossen, 1 Knoten unverändert gelassen: b", "Der Rückweg ist nicht"),
+        ("en", "completed, 1 node left as is: b", "The way back is not complete. Left as is"),
+    ):
+        words = Words.of(lang)
+        html = pages.schema_content(page, words, context)
+        assert html == pages.schema_content(reader.read(), words, context)
+        (heading,) = re.findall(r'<h2 id="rollout-h">(.*?)</h2>', html, re.S)
+        text = " ".join(unescape(re.sub(r"<[^>]+>", "", heading)).split())
+        assert text.endswith(beside), text
+        (said,) = re.findall(r'<div class="alert"[^>]*data-left-as-is="b"[^>]*>(.*?)</div>', html)
+        assert alert in unescape(said) and ": b." in unescape(said)
+        (b_row,) = re.findall(r'<tr id="node-b".*?</tr>', html, re.S)
+        assert left in unescape(b_row)
+    # A way back that took every node back says nothing of it.
+    run_rollout(schema, "back2", Change.DISABLE_TLS)
+    later = reader.read(page=True, clients=False)
+    assert later.selected is not None and later.selected["id"] == "back2"
+    assert later.left_as_is == () and later.selected["left_as_is"] == []
+    html = pages.schema_content(later, Words.of("en"), context)
+    assert "left as is" not in html and "data-left-as-is" not in html

@@ -113,6 +113,22 @@ def freeze_clock(rollout: View) -> str:
     return "leader clock" if rollout.get("freeze") == "scope" else "node clock"
 
 
+def left_as_is(names: Sequence[str]) -> str:
+    """``1 node left as is: node3``: the nodes a way back (disable-tls) left as is, not known to
+    be on http (the schema's ``left_as_is``); each one's reason says what to do."""
+    return f"{len(names)} node{'' if len(names) == 1 else 's'} left as is: {', '.join(names)}"
+
+
+def _state_left(r: View) -> Styled:
+    """The rollout's state; for a way back that left nodes as is, with them beside it
+    (``completed, 1 node left as is: node3``): it did not put every node on http (review
+    s45rev9 L3)."""
+    left = r.get("left_as_is") or []
+    if not left:
+        return _styled(r["state"])
+    return Styled(f"{r['state']}, {left_as_is(left)}", "bold yellow")
+
+
 def render_rollout(r: View) -> Block:
     scope_nodes = r.get("scope_nodes", [])
     rest = Styled(
@@ -127,7 +143,7 @@ def render_rollout(r: View) -> Block:
     head = [
         Styled(f"rollout {r['id']}", "bold"),
         Styled("  "),
-        _styled(r["state"]),
+        _state_left(r),
         rest,
     ]
     times = Styled(

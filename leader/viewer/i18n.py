@@ -63,6 +63,13 @@ _DE: dict[str, str] = {
     "leader_node": "Leader",
     "attention": "Braucht Aufmerksamkeit: {nodes}. Der Rückweg ist fehlgeschlagen; der Knoten "
     "ist in keinem bekannten Zustand. Bitte die Praxis-IT verständigen.",
+    # a way back (disable-tls) that left nodes as is (``RolloutView.left_as_is``): beside its
+    # state, and above (each node's reason, in English, says what to do)
+    "left_as_is_one": "{count} Knoten unverändert gelassen: {nodes}",
+    "left_as_is_many": "{count} Knoten unverändert gelassen: {nodes}",
+    "left_as_is_alert": "Der Rückweg ist nicht vollständig. Unverändert gelassen (nicht bekannt, "
+    "ob auf http): {nodes}. Was zu tun ist, steht beim Knoten unter „Grund“. Bitte die "
+    "Praxis-IT verständigen.",
     # (SQLite's words for the trouble follow it, in English: as for ``node_problem``)
     "store_trouble": "Der Leader kann seit {since} nicht in seinen Speicher schreiben; keine "
     "Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT verständigen (Platz "
@@ -197,6 +204,10 @@ _EN: dict[str, str] = {
     "leader_node": "leader",
     "attention": "Needs attention: {nodes}. The way back failed; the node is in no known "
     "state. Please call the practice IT.",
+    "left_as_is_one": "{count} node left as is: {nodes}",
+    "left_as_is_many": "{count} nodes left as is: {nodes}",
+    "left_as_is_alert": "The way back is not complete. Left as is (not known to be on http): "
+    "{nodes}. What to do is in the node's reason below. Please call the practice IT.",
     "store_trouble": "The leader cannot write its store since {since}; no rollout moves "
     "until it can. Please call the practice IT (free space on the leader's disk). The leader "
     "says:",

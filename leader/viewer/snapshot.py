@@ -22,7 +22,14 @@ from cryptography import x509
 
 from leader.rollout_core import NodeRecord, NodeState
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
-from leader.schema_view import FreshReports, Made, awaits_report, node_view, schema_message
+from leader.schema_view import (
+    FreshReports,
+    Made,
+    awaits_report,
+    left_as_is_nodes,
+    node_view,
+    schema_message,
+)
 from leader.states import NodeProblemRow
 from leader.store import NodesMade, Store
 from tlsroll import pki, wire
@@ -146,6 +153,14 @@ class Snapshot:
             return ()
         wanted = NodeState.NEEDS_ATTENTION.value
         return tuple(n["name"] for n in self.selected["nodes"] if n["state"] == wanted)
+
+    @property
+    def left_as_is(self) -> tuple[str, ...]:
+        """The selected rollout's nodes its way back (disable-tls) left as is: not known to be
+        on http, each one's reason says what to do (``RolloutView.left_as_is``)."""
+        if self.selected is None:
+            return ()
+        return tuple(self.selected.get("left_as_is", ()))
 
 
 # Where a Reader marks, in ``Database.cache``, that it read the enrolled nodes (``_enrolled``).
@@ -437,6 +452,8 @@ class Reader:
                 fresh[key] = hit
                 nodes.append(hit.fields)
             item["nodes"] = nodes
+            # (made of a head without its nodes, the view names none: ``rollout_view``)
+            item["left_as_is"] = left_as_is_nodes(row.records)
             self._keep(self._page_nodes, row.rollout.id, fresh)
         return data
 

@@ -253,6 +253,7 @@ class RolloutView(_message.Message):
     FINALIZES_FIELD_NUMBER: _builtins.int
     WHEN_QUIET_SECONDS_FIELD_NUMBER: _builtins.int
     AUTH_VERSION_FIELD_NUMBER: _builtins.int
+    LEFT_AS_IS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     change: _types_pb2.Change.ValueType
     scope: _types_pb2.ScopeKind.ValueType
@@ -284,6 +285,14 @@ class RolloutView(_message.Message):
     def ended_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeView]: ...
+    @_builtins.property
+    def left_as_is(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """disable-tls: the nodes this way back left as is (skipped, not known to be on http: their
+        agent was off or could not say what they run), from the node records; each one's reason
+        says what to do. Not those it skipped as on http already. Empty in a rollout listed
+        without its nodes.
+        """
+
     def __init__(
         self,
         *,
@@ -307,10 +316,11 @@ class RolloutView(_message.Message):
         finalizes: _builtins.str = ...,
         when_quiet_seconds: _builtins.int = ...,
         auth_version: _builtins.int = ...,
+        left_as_is: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "left_as_is", b"left_as_is", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
