@@ -58,7 +58,7 @@ import grpc
 from cryptography import x509
 
 from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
-from leader.rollout_core import SERVER_DOWN, NodeObservation
+from leader.rollout_core import CONFIG_READING_DRIVERS, SERVER_DOWN, NodeObservation
 from tlsroll import peertext, pki
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import PKIError, TlsrollError, TransientError
@@ -132,6 +132,7 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
             f"{SERVER_DOWN}{detail or 'not healthy'}",
             needs_admin=needs_admin,
             configured=tuple(sorted(view.configured_schemes)),
+            config_read=view.driver in CONFIG_READING_DRIVERS,
         )
     return NodeObservation(
         reachable=True,

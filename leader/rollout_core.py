@@ -399,6 +399,10 @@ def down_on_https(change: Change, seen: NodeObservation) -> bool:
     )
 
 
+CONFIG_READING_DRIVERS = frozenset({"reference"})
+"""The drivers whose agent reads a down server's schemes from its config file
+(``ServerView.configured_schemes``); the systemd and exec drivers send the ports that answer."""
+
 DOWN_ON_HTTP = "down, its config serves http: nothing to take back"
 """Why the way back skips a node whose managed server is down with its config on http only
 (``down_on_http``): it is on http already, not left as is (review s45rev9 L2: it read
@@ -407,12 +411,15 @@ DOWN_ON_HTTP = "down, its config serves http: nothing to take back"
 
 def down_on_http(change: Change, seen: NodeObservation) -> bool:
     """The way back (disable-tls) and node ``seen``, whose managed server is down with a config
-    on http only (its agent says so: ``ServerView.configured_schemes``): nothing to take back
-    (``already_done``'s ``DOWN_ON_HTTP``); any other change waits for a healthy server."""
+    on http only (its agent read it in the config file: ``ServerView.configured_schemes`` from
+    a driver of ``CONFIG_READING_DRIVERS``): nothing to take back (``already_done``'s
+    ``DOWN_ON_HTTP``); any other change waits for a healthy server. A port that answers on
+    http (another program's) says nothing of the config: such a node is left as is."""
     return (
         change is Change.DISABLE_TLS
         and not seen.reachable
         and not seen.needs_admin
+        and seen.config_read
         and seen.configured == ("http",)
     )
 
@@ -544,6 +551,10 @@ class NodeObservation:
     # Its managed server is down (reachable False) and its config says it listens on these
     # (``ServerView.configured_schemes``): the way back takes a node on https so to http.
     configured: tuple[str, ...] = ()
+    # ``configured`` was read from the server's config file (``CONFIG_READING_DRIVERS``), not
+    # from the ports that answer, as the systemd and exec drivers find it: a down server whose
+    # http port something else holds says nothing of its config (review s46rev3 H1).
+    config_read: bool = False
 
 
 def still_dual(seen: NodeObservation, digest: str = "") -> bool:

@@ -1480,7 +1480,7 @@ def test_the_way_back_says_a_down_server_whose_config_serves_http_has_nothing_to
     other changes still wait for a healthy server; an older agent that says nothing of the
     config still cannot tell."""
     down_http = NodeObservation(
-        False, "the managed server: connection refused", configured=("http",)
+        False, "the managed server: connection refused", configured=("http",), config_read=True
     )
     planned = _way_back(
         {"a": True, "b": True}, {"a": seen("https"), "b": down_http}, Change.DISABLE_TLS
@@ -1496,3 +1496,13 @@ def test_the_way_back_says_a_down_server_whose_config_serves_http_has_nothing_to
         _way_back({"b": True, "c": False}, {"b": down_http}, Change.DISABLE_TLS)
     with pytest.raises(Unreachable, match="b: the managed server"):
         _way_back({"a": True, "b": True}, {"a": seen("https"), "b": down_http}, Change.ROTATE_CERT)
+    # Review s46rev3 H1: the systemd and exec drivers send the ports that answer, not the
+    # config: a down server whose http port another program holds may be configured on https.
+    # Not read in a config file, it is left as is, named, as before.
+    probed = NodeObservation(
+        False, "the managed server: status: false exited 1", configured=("http",)
+    )
+    planned = _way_back(
+        {"a": True, "b": True}, {"a": seen("https"), "b": probed}, Change.DISABLE_TLS
+    )
+    assert planned["b"][0] is NodeState.SKIPPED and left_as_is(planned["b"][1]), planned

@@ -264,9 +264,10 @@ class ServerView(_message.Message):
     @_builtins.property
     def configured_schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """A server that is down (`healthy` false) whose config could be read: what that config
-        says it listens on ("http", "https" or both). The way back (disable-tls) takes such a node
-        back to http and starts its server; any other change waits for a healthy server. Empty
-        otherwise, and from an agent of an earlier release.
+        says it listens on ("http", "https" or both); the systemd and exec drivers, which render
+        the config from a template, send the ports that answer instead (`driver` says which). The
+        way back (disable-tls) takes such a node back to http and starts its server; any other
+        change waits for a healthy server. Empty otherwise, and from an agent of an earlier release.
         """
 
     def __init__(
