@@ -69,6 +69,7 @@ from leader.rollout_core import (
     BLOCKED,
     BLOCKED_HTTP,
     CHANGES,
+    DOWN_ON_HTTP,
     DRAINING_ROLLOUT_STATES,
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
@@ -272,9 +273,13 @@ class NothingToDo(PlanError):
 
     def __init__(self, change: Change, done: Mapping[str, str]) -> None:
         names = ", ".join(sorted(done))
+        # A down server whose config serves http runs nothing: its words, not "runs" (review
+        # s46rev3 L1).
+        down = sorted(name for name, why in done.items() if why == DOWN_ON_HTTP)
+        said = f"; {', '.join(down)}: {DOWN_ON_HTTP}" if down else ""
         super().__init__(
             f"nothing to do: every node in scope ({names}) already runs what {change.value} "
-            "wants (see: tlsroll nodes, tlsroll schema show)"
+            f"wants{said} (see: tlsroll nodes, tlsroll schema show)"
         )
 
 

@@ -1490,8 +1490,8 @@ def test_the_way_back_says_a_down_server_whose_config_serves_http_has_nothing_to
         "b": (NodeState.SKIPPED, "down, its config serves http: nothing to take back"),
     }
     assert not left_as_is(planned["b"][1])
-    with pytest.raises(NothingToDo):  # nothing else to take back either
-        _way_back({"b": True}, {"b": down_http}, Change.DISABLE_TLS)
+    with pytest.raises(NothingToDo, match="; b: down, its config serves http: nothing to take"):
+        _way_back({"b": True}, {"b": down_http}, Change.DISABLE_TLS)  # (b runs nothing)
     with pytest.raises(NoneReachable, match=r"c \(offline\); on http already: b; "):
         _way_back({"b": True, "c": False}, {"b": down_http}, Change.DISABLE_TLS)
     with pytest.raises(Unreachable, match="b: the managed server"):
