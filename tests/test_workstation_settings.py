@@ -732,25 +732,6 @@ def test_set_aside_never_takes_the_place_of_a_kept_set_that_may_still_be_valid(
     assert pairs_at(d) == {"in place": None, "kept": pair_of(newer), "replaced": pair_of(older)}
 
 
-def test_a_key_kept_alone_in_replaced_is_not_lost_to_a_later_pair(d: Path) -> None:
-    """s46ws: a key kept alone in REPLACED (its client.pem a link, a FIFO or none when it was
-    set aside) may be the only copy of a valid pair's key, which cannot be told: it holds
-    REPLACED as a set that may still be valid does (``held`` empty: it cannot be read as a
-    pair). Before, a REPLACED without a client.pem counted as nothing to lose: X took its
-    place. A REPLACED cut short in its removal holds no key alone (the key goes first), so
-    no such hold comes of an interrupted run (``test_set_aside_killed_at_every_step...``)."""
-    k, x, y = client_pair(5), client_pair(3), client_pair(1)
-    (d / REPLACED).mkdir(mode=0o700)
-    (d / REPLACED / "client.key").write_bytes(k["client.key"])
-    settings_files.keep(d, *pair_of(y))
-    put_in_place(d, x)
-    before = pairs_at(d)
-    done = settings_files.set_aside(d, worth_of(x, y))
-    assert done == settings_files.SetAside(d / KEPT, False, None, x["client.pem"], b"", d)
-    assert pairs_at(d) == before
-    assert contents(d / REPLACED) == {"client.key": k["client.key"]}
-
-
 def test_set_aside_of_a_pair_kept_already_only_takes_it_out_of_place(d: Path) -> None:
     """Review s45rev1 M2: the pair in place the very pair KEPT holds (an enrolment cut after
     its commit, an unfinished one, a set_aside cut short) was compared with itself: another
@@ -832,10 +813,8 @@ def test_the_set_kept_with_the_pair_is_never_the_new_settings(d: Path) -> None:
 def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) -> None:
     """Review s45rev7 L1: ``set_aside`` read the pair in place following links: client.pem a
     link to a 0600 file outside the settings dir was copied into KEPT at 0644. A link is no
-    pair: it is removed, never read; KEPT holds no copy of it. s46ws: the key beside it (a
-    regular file) was removed with it, its only copy: it goes to REPLACED alone (0600).
-    ``kept_pair`` does not follow a link in KEPT either; the copies ``set_aside`` writes are
-    0600."""
+    pair: it is removed, never read; KEPT holds no copy of it. ``kept_pair`` does not follow
+    a link in KEPT either; the copies ``set_aside`` writes are 0600."""
     secret = tmp_path / "outside"
     secret.write_bytes(b"SECRET OUTSIDE THE SETTINGS DIR\n")
     secret.chmod(0o600)
@@ -844,14 +823,11 @@ def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) ->
     os.unlink(d / "client.pem")
     os.symlink(secret, d / "client.pem")
     assert settings_files.set_aside(d, worth_of(x)) == settings_files.SetAside(
-        d / KEPT, False, d / REPLACED, lone=True
+        d / KEPT, False, None
     )
     assert not os.path.lexists(d / "client.pem") and not os.path.lexists(d / "client.key")
     assert not os.path.lexists(d / KEPT)
-    assert contents(d / REPLACED) == {"client.key": x["client.key"]}
-    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
     assert secret.read_bytes() == b"SECRET OUTSIDE THE SETTINGS DIR\n"
-    shutil.rmtree(d / REPLACED)
     # A link in KEPT is no kept pair.
     y = client_pair(1)
     settings_files.keep(d, *pair_of(y))
@@ -908,10 +884,8 @@ def test_a_fifo_in_the_set_is_not_waited_on(d: Path, name: str) -> None:
         signal.signal(signal.SIGALRM, previous)
     assert name not in found
     assert done is not None
-    if name == "client.pem":  # no pair in place: the FIFO removed, the key kept (s46ws)
+    if name == "client.pem":  # no pair in place: the FIFO and the key only removed
         assert not os.path.lexists(d / name) and settings_files.kept_pair(d) == pair_of(y)
-        assert contents(d / REPLACED) == {"client.key": x["client.key"]}
-        assert not os.path.lexists(d / "client.key")
     else:  # X's set as it was read: without the FIFO
         assert contents(d / REPLACED) == x | ({} if name == "settings.json" else named)
 

@@ -745,15 +745,19 @@ class TestConnection:
         pairs: list[tuple[bytes, bytes]] = []
         if (kept := settings_files.kept_pair(d)) is not None:
             pairs.append(kept)
-        if (pair := _pair_in_place(d)) is not None:
-            pairs.append(pair)
+        with contextlib.suppress(OSError):
+            pairs.append(((d / "client.key").read_bytes(), (d / "client.pem").read_bytes()))
         return _valid_pairs(pairs)
 
     def _in_place(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
         """The valid pair of client key and certificate in place in the settings dir (not
         one kept aside), if any (``_enrolments``)."""
-        pair = _pair_in_place(self.o.settings_dir)
-        return None if pair is None else _newest(_valid_pairs([pair]))
+        d = self.o.settings_dir
+        try:
+            pair = ((d / "client.key").read_bytes(), (d / "client.pem").read_bytes())
+        except OSError:
+            return None
+        return _newest(_valid_pairs([pair]))
 
     def after_failed_check(
         self,
@@ -829,8 +833,9 @@ class TestConnection:
         name, from a CA of the cluster's bundle and not expired. False if the set in place has
         none of that kind (or none that can be read): the signing did not touch it (whether
         it stays is up to a request with it all the same, ``after_failed_check``)."""
+        d = self.o.settings_dir
         try:
-            cert = pki.load_cert_pem(_cert_in_place(self.o.settings_dir))
+            cert = pki.load_cert_pem((d / "client.pem").read_bytes())
             pki.check_valid_now(cert)
             if pki.names_of(cert).common_name != self.workstation:
                 return False
@@ -842,7 +847,7 @@ class TestConnection:
         """`` (on YYYY-MM-DD)``: when the client certificate of the set in place expires; ""
         if it cannot be read."""
         try:
-            cert = pki.load_cert_pem(_cert_in_place(self.o.settings_dir))
+            cert = pki.load_cert_pem((self.o.settings_dir / "client.pem").read_bytes())
         except (OSError, PKIError, ValueError, TypeError):
             return ""
         return f" (on {cert.not_valid_after_utc:%Y-%m-%d})"
@@ -851,16 +856,11 @@ class TestConnection:
         """Why a request with the set in place (its own address, CA, client key and
         certificate) fails; None if it succeeds."""
         d = self.o.settings_dir
-        # (The files read as the keeping reads them, s46ws: a link is none of the set's, a
-        # FIFO is not waited on; the pair is then loaded from its names.)
-        found = settings_files.read_set(d)
         try:
-            if _pair_in_place(d) is None:
-                raise ValueError("no client key and certificate of ours in place")
-            settings = json.loads(found["settings.json"])
+            settings = json.loads((d / "settings.json").read_bytes())
             server = check_url(str(settings["server_url"]))
             context = client_context(
-                found["ca.pem"], cert_file=d / "client.pem", key_file=d / "client.key"
+                (d / "ca.pem").read_bytes(), cert_file=d / "client.pem", key_file=d / "client.key"
             )
         except (OSError, ValueError, TypeError, KeyError, PKIError, ssl.SSLError):
             return "they cannot be read whole"
@@ -1500,9 +1500,6 @@ class TestConnection:
                 f"no longer needed (tlsroll workstations revoke {name}, on its cluster's "
                 "leader, frees the name); it goes by itself once that certificate has expired"
             )
-        elif kept is not None:  # (a key whose client.pem is none of ours: s46ws)
-            self.ui.say(f"note      the settings before are kept in {kept}, {_LONE_KEY}")
-            self.ui.say(f"note      {_LONE_KEY_KEPT}")
         if client_pem is None:
             self._set_aside(d, bundle, before)
 
@@ -1578,22 +1575,6 @@ class TestConnection:
         if done is None:
             return
         name, why = whys.get(done.older or b"", ("", ""))
-        if done.lone:  # (s46ws: a key whose client.pem is none of ours, kept, not removed)
-            if done.held is not None:
-                held = f"{whys[done.held][0]}'s" if done.held in whys else "one that cannot be read"
-                self.ui.say(
-                    f"note      client.key and client.pem stay in {d}: keeping client.key aside "
-                    "alone (its client.pem is a link, a FIFO or none) would lose "
-                    f"{held} in {settings_files.REPLACED}"
-                )
-                self.ui.say(
-                    f"note      move {d / settings_files.REPLACED} out of {d} as its owner or "
-                    "root (keep it while its certificate is needed), then run this again"
-                )
-                return
-            self.ui.say(f"note      client.key moved to {done.replaced}, {_LONE_KEY}")
-            self.ui.say(f"note      {_LONE_KEY_KEPT}")
-            return
         if done.held is not None:
             # (s45rev7 L3: where each pair is, and who can move that folder out; two
             # lines, each short)
@@ -1809,15 +1790,6 @@ class TestConnection:
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
 
 
-# A client.key in place whose client.pem is a link, a FIFO or none (s46ws): kept alone, as it
-# may be the only copy of a valid pair's key; what to do with it. (Two short notes.)
-_LONE_KEY = "alone: its client.pem was a link, a FIFO or none (not read)"
-_LONE_KEY_KEPT = (
-    "whether that key is still needed cannot be told: put its certificate beside it, or "
-    "remove that folder once it is no longer needed"
-)
-
-
 def _at_fault(d: Path, exc: OSError) -> str:
     """What failed in finishing a committed set in the settings dir ``d``, or in setting its
     client files aside (``exc``, its ``filename``, or a rename's ``filename2``, the path at
@@ -1864,21 +1836,6 @@ def _replaced_not_kept(
         f"the settings in place ({what}) could not be kept in {where} ({exc.reason}): nothing "
         f"was replaced; {'free some space' if full else 'fix that'}, then run this again"
     )
-
-
-def _pair_in_place(d: Path) -> tuple[bytes, bytes] | None:
-    """The client key and certificate (PEM) in place in the settings dir ``d``, if both are
-    files of ours (``settings_files.in_place``: not a link, not a FIFO, s46ws)."""
-    key, cert = settings_files.in_place(d)
-    return (key, cert) if key is not None and cert is not None else None
-
-
-def _cert_in_place(d: Path) -> bytes:
-    """The client certificate (PEM) in place in the settings dir ``d`` (``_pair_in_place``'s
-    rule); OSError if there is none of ours."""
-    if (cert := settings_files.in_place(d).cert) is None:
-        raise FileNotFoundError(errno.ENOENT, "no client certificate of ours", str(d))
-    return cert
 
 
 def _valid_pairs(

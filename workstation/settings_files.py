@@ -41,13 +41,6 @@ set while nothing was replaced): a run cut short before the commit leaves the ke
 as it was, one after it is completed by the next run. What
 is in its way there (a file, a link: not followed) is removed as it moves in (s44rev1 L2: it
 failed every enrolment). A later write removes it once its certificate has expired (s44rev1 L4).
-
-Every path that keeps client files (``keep``, ``replace``'s keeping, ``set_aside``) reads the
-client files in place by one rule (``_client_in``: a link is not followed, a FIFO or another
-file that is not a regular one is not opened, nor waited on; the settings dir itself may be a
-link) and writes every kept file 0600 (``_keep``). A key in place (a regular file) whose
-client.pem is none of ours to read (a link, a FIFO, none) may be the only copy of a valid
-pair's key: it is kept alone in ``REPLACED``, never removed or overwritten unkept (s46ws).
 """
 
 from __future__ import annotations
@@ -134,10 +127,9 @@ def replace(
 
     ``keep_replaced(key_pem, cert_pem)``, if given and the new set has a client key, is asked
     about the client key and certificate in place (if both are there) once the check passed:
-    if True, the files of the set in place are copied beside the staging (each 0600) before
+    if True, the files of the set in place are copied into the staging (its key 0600) before
     the new set is committed (into ``REPLACED_NEW``), and take the place of ``REPLACED`` with
-    the new set's files. A key in place whose certificate is none of ours to read (a link, a
-    FIFO, none) is kept so without asking (``_keep_replaced``: s46ws).
+    the new set's files.
     Returns ``REPLACED`` if so, else None. ``ReplacedNotKept`` (nothing written) if they could
     not be read or copied. Once the new set is in place, a set in ``REPLACED`` whose
     certificate has expired is removed."""
@@ -185,28 +177,19 @@ def replace(
 
 def _keep_replaced(directory: Path, worth: Callable[[bytes, bytes], bool]) -> Path | None:
     """The set in place copied into ``REPLACED_NEW`` if ``worth`` says its client key and
-    certificate are worth keeping, or if its key (a regular file) has no certificate that can
-    be read beside it (a link, a FIFO, none: ``_client_in``; whether it is still needed
-    cannot be told, and it may be the only copy of a valid pair's key: s46ws); returns
-    ``REPLACED`` (where it goes once committed) then, else None. The files are read as
-    ``set_aside`` reads them (``_client_in``, ``_read_nofollow``: links not followed, a FIFO
-    not waited on, s46ws). ``ReplacedNotKept`` if the set could not be read or copied."""
-    try:
-        key, cert = _client_in(directory, follow_dir=True)
-    except OSError as exc:
-        raise ReplacedNotKept(Path(exc.filename), _why(exc), reading=True) from None
-    if key is None:
-        return None  # no key of ours in place: nothing to keep
-    if cert is not None and not worth(key, cert):
-        return None
-    present = {"client.key": key} | ({"client.pem": cert} if cert is not None else {})
-    for name in (n for n in NAMES if n not in CLIENT):
+    certificate are worth keeping; returns ``REPLACED`` (where it goes once committed)
+    then, else None. ``ReplacedNotKept`` if the set could not be read or copied."""
+    present: dict[str, tuple[bytes, int]] = {}
+    for name in CLIENT + tuple(n for n in NAMES if n not in CLIENT):
         try:
-            present[name] = _read_nofollow(directory / name)
+            present[name] = ((directory / name).read_bytes(), _mode(name))
+        except FileNotFoundError:
+            if name in CLIENT:
+                return None  # no pair in place: nothing to keep
         except OSError as exc:
-            if exc.errno in _NOT_OURS:
-                continue  # none, or not a file of ours: not kept
             raise ReplacedNotKept(directory / name, _why(exc), reading=True) from None
+        if name == CLIENT[-1] and not worth(present["client.key"][0], present["client.pem"][0]):
+            return None
     try:
         _keep(directory, present, REPLACED_NEW)
     except OSError as exc:
@@ -235,9 +218,9 @@ def _drop_expired_replaced(directory: Path) -> None:
     replaced = directory / REPLACED
     if not stat.S_ISDIR(os.lstat(replaced).st_mode):
         return  # (FileNotFoundError: none) not ours to read through; replaced when needed
-    try:  # (a link or a FIFO there: not read, s46ws; a key alone: kept)
-        cert = x509.load_pem_x509_certificate(_read_nofollow(replaced / "client.pem"))
-    except (OSError, ValueError):
+    try:
+        cert = x509.load_pem_x509_certificate((replaced / "client.pem").read_bytes())
+    except ValueError:
         return
     if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
         _drop(directory, REPLACED)
@@ -248,7 +231,7 @@ def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
     held: the newer enrolment); returns its path. Raises OSError."""
     kept = directory / KEPT
     with _locked(directory):
-        _keep(directory, {"client.key": key_pem, "client.pem": cert_pem})
+        _keep(directory, {"client.key": (key_pem, PRIVATE), "client.pem": (cert_pem, PUBLIC)})
     return kept
 
 
@@ -261,10 +244,7 @@ class SetAside(NamedTuple):
     nothing, as the older pair could not be kept without losing the set ``REPLACED`` holds
     (one that may still be valid: s45rev1 M1), that set's certificate (PEM; empty if it
     could not be read); ``older_at``: where the older pair is then (the settings dir, or
-    ``KEPT``: s45rev7 L3); ``lone``: the client files in place were a key (a regular file)
-    beside a client.pem that is none of ours to read (a link, a FIFO, none): the key alone
-    went to ``REPLACED`` (``replaced``), or was held in place (``held``) (s46ws: it was
-    removed, the only copy of a pair's key that may still be valid)."""
+    ``KEPT``: s45rev7 L3)."""
 
     kept: Path
     moved: bool
@@ -272,7 +252,6 @@ class SetAside(NamedTuple):
     older: bytes | None = None
     held: bytes | None = None
     older_at: Path | None = None
-    lone: bool = False
 
 
 def set_aside(
@@ -293,24 +272,17 @@ def set_aside(
     were before the settings in place were written (``ca.pem``, ``settings.json``, read by
     the caller): they go with the pair in place to ``REPLACED`` if it is theirs (s45rev1
     L3; their settings.json names it: s45rev7 M1), and a ``REPLACED`` holding that pair
-    already is left as it is. The client files are read as the enrolment's keeping reads
-    them (``_client_in``: a link in place is no pair, only removed, never read; a FIFO is
-    not waited on), and the copies are 0600 (``_keep``). A key (a regular file) beside a
-    client.pem that is none of ours to read, or alone, goes to ``REPLACED`` alone
-    (``_set_key_aside``, s46ws: it was removed). None if there was no client file in place.
-    Raises OSError; a key is removed only once it is kept elsewhere."""
+    already is left as it is. Links are not followed (a link in place is no pair: only
+    removed), and the copies are 0600. None if there was no client file in place. Raises
+    OSError; a pair is removed only once it is kept elsewhere."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
             return None
         moved, replaced, older_cert = False, None, None
         # (s45rev7 L1: a link is no pair of ours, and not read: it was followed, a 0600 file
-        # elsewhere copied into KEPT at 0644; it is only removed. s46ws: a key, a regular
-        # file, beside one, is kept: it goes to REPLACED alone, as a lone key does.)
-        key, cert = _client_in(directory, follow_dir=True)
-        in_place = (key, cert) if key is not None and cert is not None else None
-        if key is not None and cert is None:
-            return _set_key_aside(directory, key, present, worth)
+        # elsewhere copied into KEPT at 0644; it is only removed, as a lone file is.)
+        in_place = _pair_in(directory, follow_dir=True) if len(present) == len(CLIENT) else None
         if in_place is not None:
             kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
             moved = not os.path.lexists(directory / KEPT) or _newer(in_place[1], kept)
@@ -328,90 +300,57 @@ def set_aside(
                 if held is not None:
                     older_at = directory / KEPT if moved else directory
                     return SetAside(directory / KEPT, False, None, older_cert, held, older_at)
-                files = {"client.key": older[0], "client.pem": older[1]}
+                files = {"client.key": (older[0], PRIVATE), "client.pem": (older[1], PRIVATE)}
                 if older == in_place and before is not None and _names(before, in_place):
-                    files |= {n: data for n, data in before.items() if n in NAMES}
+                    files |= {n: (data, PRIVATE) for n, data in before.items() if n in NAMES}
                 replaced = directory / REPLACED
                 # REPLACED holding that pair already (a run cut short after it put it there)
                 # is left as it is: the set read before this run is no longer the pair's, the
                 # new settings being in place (s45rev7 M1).
                 if _pair_in(replaced) != older:
-                    _put_aside(directory, files)
+                    # What is there goes first (it holds nothing that may still be valid):
+                    # one that cannot be removed leaves no copy of the key behind (s45rev1 L1).
+                    _drop(directory, REPLACED)
+                    _drop(directory, REPLACED_NEW)
+                    _keep(directory, files, REPLACED_NEW)
+                    _put_replaced(directory)
+                    fsync_dir(directory)
             if moved and kept != in_place:
-                _keep(directory, {"client.key": in_place[0], "client.pem": in_place[1]})
+                _keep(
+                    directory,
+                    {"client.key": (in_place[0], PRIVATE), "client.pem": (in_place[1], PRIVATE)},
+                )
         for name in present:
             os.unlink(directory / name)
         fsync_dir(directory)
         return SetAside(directory / KEPT, moved, replaced, older_cert)
 
 
-def _put_aside(directory: Path, files: Mapping[str, bytes]) -> None:
-    """``files`` in place of ``REPLACED``, what is there gone first (it holds nothing that
-    may still be valid: ``_held`` said so): one that cannot be removed leaves no copy of the
-    key behind (s45rev1 L1)."""
-    _drop(directory, REPLACED)
-    _drop(directory, REPLACED_NEW)
-    _keep(directory, files, REPLACED_NEW)
-    _put_replaced(directory)
-    fsync_dir(directory)
-
-
-def _set_key_aside(
-    directory: Path,
-    key: bytes,
-    present: list[str],
-    worth: Callable[[bytes, bytes, bytes], bool] | None,
-) -> SetAside:
-    """``set_aside`` of a key in place (a regular file) whose client.pem is none of ours to
-    read (a link, a FIFO, none): whether it is still needed cannot be told, and it may be
-    the only copy of a valid pair's key (s46ws: it was removed with its partner), so it goes
-    to ``REPLACED`` alone (0600), unless what ``REPLACED`` holds may still be valid: the
-    client files then stay as they are (``held``). Its partner is only removed, never read.
-    The key ``KEPT`` holds stays there (none goes to KEPT: a key alone proves nothing)."""
-    kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
-    older = (key, b"")
-    if (held := _held(directory, older, kept, worth)) is not None:
-        return SetAside(directory / KEPT, False, None, None, held, directory, lone=True)
-    if _client_in(directory / REPLACED) != ClientFiles(key, None):  # (a run cut short)
-        _put_aside(directory, {"client.key": key})
-    for name in present:
-        os.unlink(directory / name)
-    fsync_dir(directory)
-    return SetAside(directory / KEPT, False, directory / REPLACED, lone=True)
-
-
 def _held(
     directory: Path,
     older: tuple[bytes, bytes],
-    newer: tuple[bytes, bytes] | None,
-    worth: Callable[[bytes, bytes, bytes], bool] | None,
+    newer: tuple[bytes, bytes],
+    worth: Callable[[bytes, bytes, bytes], bool],
 ) -> bytes | None:
     """The certificate (PEM) of the set ``REPLACED`` holds if it may still be valid
     (``worth``, the ``newer`` pair superseding it only if issued after it), empty if it
-    cannot be read (it may be), or if it holds a key alone (its certificate none of ours to
-    read: s46ws, whether it is still needed cannot be told); None if there is nothing there
-    to lose: none, not a directory (in the way, not followed), no key in it, the key of
-    ``older`` or ``newer`` itself (a run cut short: it is not lost), or a pair not worth
-    keeping (``worth`` None: none is)."""
+    cannot be read (it may be); None if there is nothing there to lose: none, not a
+    directory (in the way, not followed), no pair in it, the pair ``older`` or ``newer``
+    itself (a run cut short), or one not worth keeping."""
     replaced = directory / REPLACED
     try:
         if not stat.S_ISDIR(os.lstat(replaced).st_mode):
             return None
-        key, cert = _client_in(replaced)
+        pair = tuple(_read_nofollow(replaced / n) for n in CLIENT)
     except FileNotFoundError:
         return None
     except OSError:
         return b""
-    if key is None or key == older[0] or (newer is not None and key == newer[0]):
+    if pair in (older, newer):
         return None
-    if cert is None:
-        return b""
-    if worth is None:
-        return None
-    newer_cert = newer[1] if newer is not None else b""
-    issued, newer_issued = _issued(cert), _issued(newer_cert)
+    issued, newer_issued = _issued(pair[1]), _issued(newer[1])
     later = issued is not None and newer_issued is not None and newer_issued > issued
-    return cert if worth(key, cert, newer_cert if later else b"") else None
+    return pair[1] if worth(pair[0], pair[1], newer[1] if later else b"") else None
 
 
 def read_set(directory: Path) -> dict[str, bytes]:
@@ -441,66 +380,32 @@ def _read_nofollow(path: Path, dir_fd: int | None = None) -> bytes:
     return data
 
 
-# A settings file that is none of ours to read: none, a link (O_NOFOLLOW), a FIFO or another
-# file that is not a regular one (``_read_nofollow``; a socket cannot be opened: ENXIO), or
-# one larger than any settings file.
-_NOT_OURS = frozenset({errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EFBIG, errno.ENXIO})
-
-
-class ClientFiles(NamedTuple):
-    """``client.key`` and ``client.pem`` (PEM) in a directory, each None if it is not a file
-    of ours to read (``_NOT_OURS``: none, a link, a FIFO, ...)."""
-
-    key: bytes | None
-    cert: bytes | None
-
-
-def _client_in(directory: Path, *, follow_dir: bool = False) -> ClientFiles:
-    """The client key and certificate in ``directory``, read as every path that keeps them
-    reads them (s46ws: one rule, ``set_aside``'s and the enrolment's): each read only if a
-    regular file, not followed if a link (s45rev7 L1: a link in place was followed, its file
-    copied into KEPT), never waited on (a FIFO: s45rev7 L2); ``directory`` itself not
-    followed unless ``follow_dir``: the settings dir may be a link the admin made (its pair
-    was removed unkept when it was not followed), a folder of ours in it (KEPT, REPLACED)
-    may not (none then). Raises OSError (its filename the whole path) if one cannot be read
-    for another reason (a permission)."""
+def _pair_in(directory: Path, *, follow_dir: bool = False) -> tuple[bytes, bytes] | None:
+    """The client key and certificate (PEM) in ``directory`` if both are regular files that
+    can be read, they not followed if a link (s45rev7 L1: a link in place was followed, its
+    file copied into KEPT), nor ``directory`` unless ``follow_dir``: the settings dir itself
+    may be a link the admin made (its pair was removed unkept when it was not followed), a
+    folder of ours in it (KEPT) may not. Raises OSError if one cannot be read for another
+    reason (a permission)."""
     nofollow = 0 if follow_dir else os.O_NOFOLLOW
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return ClientFiles(None, None)
-        raise OSError(exc.errno, exc.strerror, str(directory)) from None
+            return None
+        raise
     try:
-        found: list[bytes | None] = []
+        pair = []
         for name in CLIENT:
             try:
-                found.append(_read_nofollow(Path(name), dir_fd))
+                pair.append(_read_nofollow(Path(name), dir_fd))
             except OSError as exc:
-                if exc.errno not in _NOT_OURS:
-                    raise OSError(exc.errno, exc.strerror, str(directory / name)) from None
-                found.append(None)
+                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EFBIG):
+                    return None
+                raise OSError(exc.errno, exc.strerror, str(directory / name)) from None
     finally:
         os.close(dir_fd)
-    return ClientFiles(found[0], found[1])
-
-
-def _pair_in(directory: Path, *, follow_dir: bool = False) -> tuple[bytes, bytes] | None:
-    """The client key and certificate (PEM) in ``directory`` if both are files of ours that
-    can be read (``_client_in``). Raises OSError if one cannot be read for another reason."""
-    key, cert = _client_in(directory, follow_dir=follow_dir)
-    return (key, cert) if key is not None and cert is not None else None
-
-
-def in_place(directory: Path) -> ClientFiles:
-    """The client key and certificate in place in the settings dir ``directory`` (which may
-    be a link), read as the paths that keep them read them (``_client_in``: s46ws, a FIFO
-    client.pem hung the enrolment before anything was sent); one that cannot be read for
-    another reason counts as none."""
-    try:
-        return _client_in(directory, follow_dir=True)
-    except OSError:
-        return ClientFiles(None, None)
+    return pair[0], pair[1]
 
 
 def _names(before: Mapping[str, bytes], pair: tuple[bytes, bytes]) -> bool:
@@ -572,11 +477,13 @@ def _drop(directory: Path, name: str) -> None:
         fsync_dir(directory)
 
 
-def _keep(directory: Path, files: Mapping[str, bytes], name: str = KEPT) -> None:
-    """Write ``files`` (``{name: data}``) into the directory ``name`` (0700) in
-    ``directory``, every one 0600 (the certificate too, whichever path keeps it: s46ws, the
-    enrolment's were 0644); a file of ``NAMES`` there that ``files`` does not name is removed
-    (it was of another set)."""
+def _mode(name: str) -> int:
+    return PRIVATE if name == "client.key" else PUBLIC
+
+
+def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]], name: str = KEPT) -> None:
+    """Write ``files`` into the directory ``name`` (0700) in ``directory``; a file of
+    ``NAMES`` there that ``files`` does not name is removed (it was of another set)."""
     kept = directory / name
     with contextlib.suppress(FileExistsError):
         os.mkdir(kept, 0o700)
@@ -594,7 +501,8 @@ def _keep(directory: Path, files: Mapping[str, bytes], name: str = KEPT) -> None
     finally:
         os.close(fd)
     for file in [n for n in NAMES if n in files]:  # the key first: a pair cut short is one
-        write_atomic(kept / file, files[file], PRIVATE)  # whose key does not match
+        data, mode = files[file]  # whose key does not match
+        write_atomic(kept / file, data, mode)
     for file in NAMES:
         if file not in files and os.path.lexists(kept / file):
             os.unlink(kept / file)
@@ -685,14 +593,9 @@ def _remove(directory: Path, staging: Path) -> None:
     dirs = {n for n in names if stat.S_ISDIR(os.lstat(staging / n).st_mode)}
     for name in sorted(dirs):
         _rmtree(staging / name)
-    # Then the key (s46ws): a REPLACED cut short in its removal holds no key alone, which
-    # would be taken for one kept alone that may still be valid (``_held``), every later run
-    # held by it.
-    files = sorted((n for n in names if n not in dirs), key=lambda n: n != "client.key")
-    for name in files:
-        os.unlink(staging / name)
-        if name == "client.key":
-            fsync_dir(staging)
+    for name in names:
+        if name not in dirs:
+            os.unlink(staging / name)
     os.rmdir(staging)
     fsync_dir(directory)
 
