@@ -388,6 +388,8 @@ def test_a_kept_dir_that_was_there_is_made_private(d: Path) -> None:
     settings_files.keep(d, pair["client.key"], pair["client.pem"])
     assert stat.S_IMODE((d / KEPT).stat().st_mode) == 0o700
     assert stat.S_IMODE((d / KEPT / "client.key").stat().st_mode) == 0o600
+    # Every kept file is 0600 (the certificate was 0644 here, where set_aside wrote 0600).
+    assert stat.S_IMODE((d / KEPT / "client.pem").stat().st_mode) == 0o600
 
 
 def test_a_kept_link_is_not_followed(d: Path, tmp_path: Path) -> None:
@@ -425,7 +427,8 @@ def test_the_set_replaced_is_kept_when_its_pair_is_worth_it_one_at_most(d: Path)
     assert contents(d / REPLACED) == NEW
     assert {n: (d / n).read_bytes() for n in with_ca} == with_ca
     assert stat.S_IMODE((d / REPLACED).stat().st_mode) == 0o700
-    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
+    for name in NEW:  # every file of the set kept, 0600 (the certificate was 0644)
+        assert stat.S_IMODE((d / REPLACED / name).stat().st_mode) == 0o600, name
     # a failed check copies nothing; a set without a client key asks nothing
     with pytest.raises(OSError):
         settings_files.replace(d, files(NEW), refuse, keep_replaced=yes)

@@ -482,8 +482,10 @@ def _mode(name: str) -> int:
 
 
 def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]], name: str = KEPT) -> None:
-    """Write ``files`` into the directory ``name`` (0700) in ``directory``; a file of
-    ``NAMES`` there that ``files`` does not name is removed (it was of another set)."""
+    """Write ``files`` into the directory ``name`` (0700) in ``directory``, every one 0600
+    whatever mode ``files`` gives it (a kept set is the user's alone; ``set_aside`` writes its
+    files 0600 too: review s45wsfix2); a file of ``NAMES`` there that ``files`` does not name
+    is removed (it was of another set)."""
     kept = directory / name
     with contextlib.suppress(FileExistsError):
         os.mkdir(kept, 0o700)
@@ -501,8 +503,8 @@ def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]], name: str = K
     finally:
         os.close(fd)
     for file in [n for n in NAMES if n in files]:  # the key first: a pair cut short is one
-        data, mode = files[file]  # whose key does not match
-        write_atomic(kept / file, data, mode)
+        data, _mode = files[file]  # whose key does not match
+        write_atomic(kept / file, data, PRIVATE)
     for file in NAMES:
         if file not in files and os.path.lexists(kept / file):
             os.unlink(kept / file)
