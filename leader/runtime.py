@@ -406,6 +406,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         viewer.reader.node_problems = state.node_problems
         viewer.reader.clock_offset = state.clocks.offset
         viewer.reader.store_trouble = lambda: health.trouble
+        viewer.reader.live_server = lambda name: state.live_servers.get(name, "")
     admin_service = AdminService(
         state,
         commands,

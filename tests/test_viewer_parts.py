@@ -1331,6 +1331,16 @@ def test_a_server_sent_event_keeps_every_line_of_its_data() -> None:
     assert sse("unauthorized", "") == b"event: unauthorized\ndata: \n\n"
 
 
+def live_of(servers: dict[str, str], name: str) -> str:
+    """A ``Reader.live_server``: each node's server as its latest heartbeat said it."""
+    return servers.get(name, "")
+
+
+def always(value: bool, _heard: object) -> bool:
+    """A ``Reader.online`` that says ``value`` of every node."""
+    return value
+
+
 def test_a_way_back_that_left_a_node_as_is_says_so_on_the_page_and_in_the_api(
     store: Store,
 ) -> None:
@@ -1386,6 +1396,28 @@ def test_a_way_back_that_left_a_node_as_is_says_so_on_the_page_and_in_the_api(
         assert alert in unescape(said) and ": b." in unescape(said)
         (b_row,) = re.findall(r'<tr id="node-b".*?</tr>', html, re.S)
         assert left in unescape(b_row)
+    # Review s46rev3 M1: the node left as is was on http all along. Seen on http since (its
+    # heartbeat's server, online), it leaves the alert (a later `rollout rollback` has nothing
+    # to do and makes no newer rollout, so the alert stayed for good); the heading keeps what
+    # the way back did. Seen on https, down, or offline, it stays in the alert.
+    enrol(store, ["a", "b"])  # (the nodes the leader hears from)
+    for live, online, alerted in (
+        ("http", True, ()),
+        ("http frozen", True, ()),
+        ("https", True, ("b",)),
+        ("down: the managed server: connection refused", True, ("b",)),
+        ("http", False, ("b",)),
+    ):
+        reader.live_server = functools.partial(live_of, {"b": live})
+        reader.online = functools.partial(always, online)
+        snap = reader.read(clients=False, page=True)
+        assert (snap.left_as_is, snap.still_left) == (("b",), alerted), (live, online)
+        html = pages.schema_content(snap, Words.of("en"), context)
+        assert ("data-left-as-is" in html) is bool(alerted), (live, online)
+        (heading,) = re.findall(r'<h2 id="rollout-h">(.*?)</h2>', html, re.S)
+        text = " ".join(unescape(re.sub(r"<[^>]+>", "", heading)).split())
+        assert text.endswith("completed, 1 node left as is: b"), text
+    reader.live_server, reader.online = None, lambda _: True
     # A way back that took every node back says nothing of it.
     run_rollout(schema, "back2", Change.DISABLE_TLS)
     later = reader.read(page=True, clients=False)

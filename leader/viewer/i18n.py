@@ -67,10 +67,9 @@ _DE: dict[str, str] = {
     # state, and above (each node's reason, in English, says what to do)
     "left_as_is_one": "{count} Knoten unverändert gelassen: {nodes}",
     "left_as_is_many": "{count} Knoten unverändert gelassen: {nodes}",
-    "left_as_is_alert": "Der Rückweg ist nicht vollständig. Unverändert gelassen (damals nicht "
-    "bekannt, ob auf http): {nodes}. Was zu tun ist, steht beim Knoten unter „Grund“; sagt "
-    "„tlsroll rollout rollback“ danach, es gebe nichts zu tun, sind alle Knoten auf http. "
-    "Bitte die Praxis-IT verständigen.",
+    "left_as_is_alert": "Der Rückweg ist nicht vollständig. Unverändert gelassen und seither "
+    "nicht auf http gesehen: {nodes}. Was zu tun ist, steht beim Knoten unter „Grund“. Bitte "
+    "die Praxis-IT verständigen.",
     # (SQLite's words for the trouble follow it, in English: as for ``node_problem``)
     "store_trouble": "Der Leader kann seit {since} nicht in seinen Speicher schreiben; keine "
     "Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT verständigen (Platz "
@@ -207,10 +206,8 @@ _EN: dict[str, str] = {
     "state. Please call the practice IT.",
     "left_as_is_one": "{count} node left as is: {nodes}",
     "left_as_is_many": "{count} nodes left as is: {nodes}",
-    "left_as_is_alert": "The way back is not complete. Left as is (not known then to be on "
-    "http): {nodes}. What to do is in the node's reason below; if \u201ctlsroll rollout "
-    "rollback\u201d then says there is nothing to do, every node is on http. Please call the "
-    "practice IT.",
+    "left_as_is_alert": "The way back is not complete. Left as is and not seen on http since: "
+    "{nodes}. What to do is in the node's reason below. Please call the practice IT.",
     "store_trouble": "The leader cannot write its store since {since}; no rollout moves "
     "until it can. Please call the practice IT (free space on the leader's disk). The leader "
     "says:",

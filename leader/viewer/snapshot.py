@@ -133,6 +133,8 @@ class Snapshot:
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
     overdue (``leader.expiry``: a tenth of its life), not merely within ``NEAR_EXPIRY``."""
+    on_http_now: frozenset[str] = frozenset()
+    """Of ``left_as_is``, the nodes seen on http since (``Reader._on_http_now``)."""
 
     @property
     def offline(self) -> tuple[NodeStatus, ...]:
@@ -161,6 +163,12 @@ class Snapshot:
         if self.selected is None:
             return ()
         return tuple(self.selected.get("left_as_is", ()))
+
+    @property
+    def still_left(self) -> tuple[str, ...]:
+        """``left_as_is`` less the nodes seen on http since: what the page's alert names (the
+        heading keeps what the way back did)."""
+        return tuple(n for n in self.left_as_is if n not in self.on_http_now)
 
 
 # Where a Reader marks, in ``Database.cache``, that it read the enrolled nodes (``_enrolled``).
@@ -209,6 +217,11 @@ class Reader:
         # (``leader.store_health.StoreHealth.trouble``): a page shows it as `rollout status`
         # does; read in memory (the store it is about may fail to answer), set likewise.
         self.store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None
+        # What each node's managed server runs by its latest heartbeat ("http", "https",
+        # "http+https", "down: …"; ``leader.service.server_summary``, kept in
+        # ``LeaderState.live_servers``), set likewise: a node a way back left as is that is on
+        # http since is no longer in the page's alert (``Snapshot.still_left``).
+        self.live_server: Callable[[str], str] | None = None
         self.fresh = fresh
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
         # last): each node's data by its view (``_data``); the timeline as read up to an audit
@@ -342,6 +355,23 @@ class Reader:
             timeline=timeline,
             agent_near=self.agent_near,
             switch_times=self.schema.switch_times() if times else None,
+            on_http_now=self._on_http_now(selected, nodes),
+        )
+
+    def _on_http_now(
+        self, selected: dict[str, Any] | None, nodes: Sequence[NodeStatus]
+    ) -> frozenset[str]:
+        """Of the nodes the selected rollout's way back left as is, those online whose server
+        runs http only by their latest heartbeat (``live_server``): on http since (review
+        s46rev3 M1: a node left as is that was on http all along kept the page's alert for
+        good, a later `rollout rollback` having nothing to do)."""
+        live = self.live_server
+        left = selected.get("left_as_is", ()) if selected is not None else ()
+        if live is None or not left:
+            return frozenset()
+        online = {n.name for n in nodes if n.online}
+        return frozenset(
+            name for name in left if name in online and live(name).split(" ")[0] == "http"
         )
 
     def forget_pages(self) -> None:
