@@ -788,7 +788,9 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             err=True,
         )
         click.get_current_context().exit(EXIT_STOPPED)
-    left = [n.name for n in r.nodes if left_as_is(n.reason)]
+    # The nodes the view names (``RolloutView.left_as_is``: skipped ones, the heading's rule);
+    # a leader of the release before sends none: then by their reasons (review s46rev3 L3).
+    left = list(r.left_as_is) or [n.name for n in r.nodes if left_as_is(n.reason)]
     if left and ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value:
         # Not every node is on http: say so beside "completed" (review s45rt1 H1).
         reasons = {n.name: n.reason for n in r.nodes if n.name in left}
