@@ -20,7 +20,8 @@ What is watched, and from where (no key is ever read):
 * ``server``: each node's 8443 certificate as the rollouts recorded it (the newest
   ``enable-tls`` or ``rotate-cert`` that ended ``done`` on the node, unless a ``disable-tls``
   came after), with its serial from the certificates table.
-* ``workstation``: every workstation certificate that is neither revoked nor expired.
+* ``workstation``: every workstation certificate that is neither revoked nor expired, and the
+  newest of a name that ended less than ``expiry_warning_days`` ago (the PC lost it: "expired").
 
 ``server``, ``leader``, ``viewer`` and ``workstation`` certificates are warned about
 ``expiry_warning_days`` (leader.toml, default 30) before their end.
@@ -64,7 +65,8 @@ ADVICE = {
     "--node NAME --address IP)",
     "server": "rotate it: tlsroll rollout start --change rotate-cert (a node serving the "
     "practice's own certificate: renew it and add --cert-dir DIR)",
-    "workstation": "run `tlsroll client test-connection` on that workstation again",
+    "workstation": "run `tlsroll client test-connection` on that workstation again (or, if "
+    "the PC is gone: tlsroll workstations revoke NAME)",
 }
 # A certificate that ends with the CA: issuing it again gives one that ends no later.
 ENDS_WITH_CA = "it ends with the cluster CA, and no new one would outlive the CA: see the CA's line"
@@ -180,8 +182,19 @@ class ExpiryWatch:
                         self.horizon,
                     )
                 )
+        # A workstation's certificate is watched until it ends and, if it is its name's newest,
+        # for the warning horizon after (review s46rt1 M2: it left the list the moment the PC
+        # lost it, and a monitoring check of `certs check-expiration` turned green then);
+        # one superseded by a newer one of its name (the PC enrolled again) is not.
+        newest: dict[str, dt.datetime] = {}
         for c in certs:
-            if c.kind == "workstation" and c.revoked_at is None and c.not_after > now:
+            if c.kind == "workstation" and c.revoked_at is None:
+                newest[c.subject] = max(newest.get(c.subject, c.not_after), c.not_after)
+        for c in certs:
+            if c.kind != "workstation" or c.revoked_at is not None:
+                continue
+            ended_lately = c.not_after == newest[c.subject] and now - c.not_after < self.horizon
+            if c.not_after > now or ended_lately:
                 found.append(
                     Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
                 )

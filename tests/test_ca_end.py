@@ -23,6 +23,7 @@ from leader.auto_rotate import AutoRotator
 from leader.expiry import ENDS_WITH_CA, ExpiryWatch
 from leader.layout import Layout, ensure_leader_identity, write_leader_cert
 from leader.maintenance import parse_window
+from leader.store import IssuedCert
 from leader.viewer import certificate
 from tests.test_auto_rotate import FakeCommands, FakeSchema, served_store
 from tests.test_viewer_parts import NOW
@@ -147,3 +148,48 @@ def test_server_certificates_that_end_with_the_ca_are_not_rotated_at_every_windo
     assert ca_entry.warning(NOW) and not ca_entry.ends_with_ca  # the CA itself is shown, warned
     assert "docs/ca-renewal.md" in ca_entry.advice and "SPEC" not in ca_entry.advice
     store.close()
+
+
+def test_a_workstation_certificate_that_ended_stays_listed_as_expired(tmp_path: Path) -> None:
+    """Review s46rt1 M2: a workstation's certificate was warned about for 30 days, then left
+    `certs check-expiration` (and the leader's log) the moment it ended: a monitoring check
+    turned green just as the PC lost its certificate. Now the newest of its name is listed,
+    expired, and logged ``certificate.expired``, for the warning horizon after its end; one
+    that a newer certificate of its name superseded, or a revoked one, is not."""
+    store, schema = served_store(tmp_path)
+    ca = pki.CertificateAuthority.create()
+    end = NOW + dt.timedelta(days=100)
+    store.record_certificate(
+        IssuedCert("c1", "workstation", "ws-pc1", "a", "sha256:c1", NOW, end), actor="t", now=NOW
+    )
+    store.record_certificate(  # ws-pc2: enrolled again before the first ended
+        IssuedCert("d1", "workstation", "ws-pc2", "a", "sha256:d1", NOW, end), actor="t", now=NOW
+    )
+    later = end + dt.timedelta(days=200)
+    store.record_certificate(
+        IssuedCert("d2", "workstation", "ws-pc2", "a", "sha256:d2", NOW, later), actor="t", now=NOW
+    )
+
+    def workstations(now: dt.datetime) -> tuple[list[tuple[str, str, bool]], list[str]]:
+        watch = ExpiryWatch(store, schema, ca.cert, list, lambda: now, warning_days=30)
+        with structlog.testing.capture_logs() as logs:
+            watch.log_warnings()
+        listed = [(e.subject, e.serial, e.warning(now)) for e in watch.check()]
+        said = [
+            f"{line['event']} {line['subject']}"
+            for line in logs
+            if line.get("kind") == "workstation"
+        ]
+        return [w for w in listed if w[0].startswith("ws-")], said
+
+    assert workstations(end - dt.timedelta(days=10)) == (
+        [("ws-pc1", "c1", True), ("ws-pc2", "d1", True), ("ws-pc2", "d2", False)],
+        ["certificate.expiring ws-pc1", "certificate.expiring ws-pc2"],
+    )
+    # Ended a minute ago: ws-pc1's is listed and logged expired; ws-pc2's first is superseded.
+    assert workstations(end + dt.timedelta(minutes=1)) == (
+        [("ws-pc1", "c1", True), ("ws-pc2", "d2", False)],
+        ["certificate.expired ws-pc1"],
+    )
+    # Past the horizon after its end, it goes (the PC enrolled again, or is gone).
+    assert workstations(end + dt.timedelta(days=31)) == ([("ws-pc2", "d2", False)], [])
