@@ -34,7 +34,13 @@ from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.drivers import Driver, make_driver
-from nodeagent.identity import EnrolmentDeferred, Identity, next_enrol_wait, paths
+from nodeagent.identity import (
+    CertificateExpired,
+    EnrolmentDeferred,
+    Identity,
+    next_enrol_wait,
+    paths,
+)
 from nodeagent.journal import Journal, open_journal
 from nodeagent.leader_link import LeaderLink
 from nodeagent.renewal import Renewer, ServerCredentials
@@ -58,6 +64,11 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
+EXIT_CERT_EXPIRED = 5
+"""The node's certificate has ended by this node's clock (``CertificateExpired``): a clock to
+correct, or an enrolment again, both a person's; its line says which and says to start the
+agent again. Restarted every few seconds it logged that line some 30,000 times a day (review
+s46rt1 L3)."""
 
 GRACE_SECONDS = 10.0
 # A switch running when the agent is told to stop is given this long to end (well inside the
@@ -431,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     except SchemaTooNew as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_STORE_TOO_NEW
+    except CertificateExpired as exc:
+        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        return EXIT_CERT_EXPIRED
     except TlsrollError as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
