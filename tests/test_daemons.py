@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -865,3 +865,60 @@ def test_the_tlsroll_command_can_leave_no_core_file() -> None:
     assert before.split()[0] == str(allowed)  # a limit that allowed core files, inherited
     assert after.split() == ["0", "0", "0"]  # exit code 0, soft 0, hard 0
     assert out.stdout.startswith("tlsroll, version")
+
+
+JOURNAL_PROBE = """
+import logging, sys
+from tlsroll import leanlog, logs
+if sys.argv[1] == "lean":
+    leanlog.configure(json_lines=True)
+    log = leanlog.get_logger("tests.journal")
+else:
+    logs.configure(json=True)
+    log = logs.get_logger("tests.journal")
+log.info("probe.info")
+log.warning("probe.warning")
+log.error("probe.error")
+if sys.argv[1] != "lean":
+    logging.getLogger("a.library").warning("a library's record")
+"""
+
+
+@pytest.mark.parametrize("kind", ["structlog", "lean"])
+def test_lines_to_journald_carry_their_priority(tmp_path: Path, kind: str) -> None:
+    """Review s46rt2 M1: journald stored every line at priority 6 (info), so `journalctl -p
+    warning` and alerts on priority never saw a warning or an error. A daemon's (``kind``:
+    tlsroll.logs, and the crypto worker's lean writer) stderr that systemd connected to the
+    journal (``JOURNAL_STREAM`` names its device and inode: systemd.exec(5)) gets each line's
+    ``<N>`` before it, which journald reads (``SyslogLevelPrefix=``) and strips; a stderr that
+    is a file or a pipe gets none. systemd is not PID 1 here: the stream is a file whose device
+    and inode the test puts in ``JOURNAL_STREAM`` as systemd would."""
+
+    def run(env_for: Callable[[Path], dict[str, str]]) -> list[str]:
+        out = tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}.log"
+        out.touch()
+        with out.open("a") as stderr:
+            subprocess.run(
+                [sys.executable, "-c", JOURNAL_PROBE, kind],
+                stderr=stderr,
+                env={**os.environ, **env_for(out)},
+                check=True,
+                timeout=60,
+            )
+        return out.read_text().splitlines()
+
+    def stream(path: Path) -> dict[str, str]:
+        st = path.stat()
+        return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+
+    lines = run(stream)
+    prefixes = [line.split("{", 1)[0] for line in lines]
+    events = [json.loads("{" + line.split("{", 1)[1])["event"] for line in lines]
+    expected = ["<6>", "<4>", "<3>"] + (["<4>"] if kind == "structlog" else [])
+    assert prefixes == expected, lines
+    assert events[:3] == ["probe.info", "probe.warning", "probe.error"]
+    # Not the journal's stream (another file's, or none): plain JSON lines.
+    other = tmp_path / "other"
+    other.touch()
+    for env in (lambda _out: stream(other), lambda _out: {"JOURNAL_STREAM": ""}):
+        assert all(line.startswith("{") for line in run(env)), kind

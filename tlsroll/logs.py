@@ -110,6 +110,14 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
     )
+    if json and leanlog.to_journal(sys.stderr):
+        # journald reads each line's priority from a ``<N>`` before it (``leanlog.SYSLOG_PRIORITY``)
+        plain = renderer
+
+        def renderer(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+            level = str(event_dict.get("level", method))
+            return leanlog.priority_prefix(level) + str(plain(logger, method, event_dict))
+
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
