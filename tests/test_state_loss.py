@@ -808,25 +808,3 @@ def test_a_failed_quick_check_is_said_on_one_line(tmp_path: Path) -> None:
     problem = damage(path, expected=True)
     assert problem is not None and problem.startswith("damaged (quick_check: "), problem
     assert "\n" not in problem, problem
-
-
-def test_an_agent_whose_certificate_ended_stops_with_its_own_exit_code(tmp_path: Path) -> None:
-    """Review s46rt1 L3: an agent started with its certificate past its end (by its clock)
-    exited 1, which its unit restarts every 2 s: the one long line some 30,000 times a day.
-    It exits 5 (``EXIT_CERT_EXPIRED``), which the unit does not restart on (a clock to correct,
-    or an enrolment again: a person's; tests/test_deploy.py), with its one line. The shortest
-    agent certificate the leader issues lives a minute: the agent is stopped before its
-    renewal and started again once it has ended."""
-    with Cluster(tmp_path / "c", next_loopback()) as c:
-        c.init()
-        c.write_leader_config({"agent_cert_lifetime": 60})
-        c.start_leader()
-        agent = c.add_agent("short", next_loopback())
-        agent.stop()
-        end = agent.cert().not_valid_after_utc
-        time.sleep(max(0.0, (end - dt.datetime.now(dt.UTC)).total_seconds()) + 1)
-        code, output = agent.run_to_exit(timeout=EXIT_TIMEOUT)
-    assert code == agent_runtime.EXIT_CERT_EXPIRED == 5, output
-    line = one_line_error(output, "tlsroll-agent", allow_grpc_core=True)
-    assert "expired" in line and "check that clock first" in line, line
-    assert "start the agent again" in line, line
