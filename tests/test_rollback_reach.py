@@ -59,6 +59,16 @@ def kill_server(node: Node) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def seen_down(cluster: Cluster, name: str) -> None:
+    """Wait until the leader sees node ``name``'s managed server down (its heartbeat)."""
+    wait_until(
+        lambda: str(cluster.list_nodes()[name].server).startswith("down"),
+        30,
+        f"{name} seen down",
+        LEADER_POLL,
+    )
+
+
 def test_rollback_goes_ahead_past_an_offline_agent(tmp_path: Path) -> None:
     with cluster_of(tmp_path, 3, step_deadline=15) as (cluster, nodes):
         node1, node2, node3 = nodes
@@ -154,12 +164,7 @@ def test_rollback_takes_back_a_node_whose_server_is_down(tmp_path: Path) -> None
         switch(cluster, tmp_path)
         assert wait_ended(cluster, "the switch")["state"] == "completed"
         kill_server(node2)  # down, its config on https
-        wait_until(
-            lambda: str(cluster.list_nodes()["node2"].server).startswith("down"),
-            30,
-            "node2 seen down",
-            LEADER_POLL,
-        )
+        seen_down(cluster, "node2")
         # Every other change is as strict as before: refused, naming the server.
         rotate = cluster.cli("rollout", "start", "--scope", "cluster", "--change", "rotate-cert")
         assert rotate.returncode == 1
@@ -188,12 +193,7 @@ def test_rollback_skips_a_down_server_whose_config_serves_http(tmp_path: Path) -
         switch(cluster, tmp_path, "--scope", "nodes", "--nodes", "node1")
         assert wait_ended(cluster, "the switch")["state"] == "completed"
         kill_server(node2)  # down, its config on http
-        wait_until(
-            lambda: str(cluster.list_nodes()["node2"].server).startswith("down"),
-            30,
-            "node2 seen down",
-            LEADER_POLL,
-        )
+        seen_down(cluster, "node2")
         down = "down, its config serves http: nothing to take back"
         back = cluster.cli("rollout", "rollback", "--yes")
         assert back.returncode == 0, back.stderr
@@ -294,12 +294,7 @@ def test_a_halted_way_back_names_the_way_out(tmp_path: Path) -> None:
         assert wait_ended(cluster, "the switch")["state"] == "completed"
         kill_server(node2)
         with port_holder(node2.address, HTTP_PORT):
-            wait_until(
-                lambda: str(cluster.list_nodes()["node2"].server).startswith("down"),
-                30,
-                "node2 seen down",
-                LEADER_POLL,
-            )
+            seen_down(cluster, "node2")
             back = cluster.cli("rollout", "rollback", "--yes")
             assert back.returncode == 0, back.stderr
             way_back = wait_ended(cluster, "the way back")
