@@ -46,10 +46,10 @@ class LeaderConfig:
     # before it has to wait, doubling from 1 s (leader.join_guard).
     join_free_failures: int = 5
     # How long an agent's own (mTLS) certificate lives, in seconds (default 30 days). Agents
-    # renew it by themselves at a jittered 70-90 % of that, so a short life costs nothing and
-    # bounds how long a stolen agent key is of use; 30 days leaves a node that is switched off
-    # for a few days (a holiday, a repair) room to come back and renew (a node offline past
-    # the end must enrol again). Tests set a minute.
+    # renew it by themselves at a jittered 30-40 % of that, so a short life costs nothing and
+    # bounds how long a stolen agent key is of use; a node that is switched off (a holiday, a
+    # repair, the leader host off) has at least 60 % of it (18 of 30 days) to come back and
+    # renew (a node offline past the end must enrol again). Tests set a minute.
     agent_cert_lifetime: int = AGENT_CERT_LIFETIME
     # Days before its end that a server, leader, viewer or workstation certificate is warned
     # about (`tlsroll certs check-expiration`, the leader's log, the schema).

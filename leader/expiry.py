@@ -15,8 +15,9 @@ What is watched, and from where (no key is ever read):
   one would end no later).
 * ``leader``, ``viewer``: the leader's own certificates, from ``DATA/tls`` (``own_certs``).
 * ``agent``: each enrolled node's own mTLS certificate as on record. Agents renew it by
-  themselves at 70-90 % of its life, so it is warned about only once less than 10 % is left:
-  the renewal is overdue.
+  themselves at 30-40 % of its life, so it is warned about once less than half is left: the
+  renewal is overdue by a tenth of the life at least (the node is off, or cannot reach the
+  leader), with half the life (15 days of 30) still left to bring it back.
 * ``server``: each node's 8443 certificate as the rollouts recorded it (the newest
   ``enable-tls`` or ``rotate-cert`` that ended ``done`` on the node, unless a ``disable-tls``
   came after), with its serial from the certificates table.
@@ -47,7 +48,7 @@ from tlsroll.errors import PKIError
 log = logs.get_logger(__name__)
 
 CA_HORIZON = dt.timedelta(days=365)
-AGENT_HORIZON_FRACTION = 0.1  # agents renew by 90 % of the life; later than that is overdue
+AGENT_HORIZON_FRACTION = 0.5  # agents renew by 40 % of the life; past half is overdue
 CHECK_EVERY = 3600.0  # seconds
 WARN_EVERY = dt.timedelta(days=1)  # per certificate
 

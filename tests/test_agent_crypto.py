@@ -3,8 +3,8 @@ library, and its Python modules) for months: the certificate work of a switch, a
 a revocation list imported it into the agent, where it stayed until the agent restarted. That
 work is now its crypto worker's (``nodeagent.cryptoworker``), a child that is gone once idle.
 
-A real leader and a real agent managing a real reference server, the agent's certificates one
-minute long (renewed at 42-54 s), its worker's idle time short; the agent's memory map is read
+A real leader and a real agent managing a real reference server, the agent's certificates two
+minutes long (renewed at 36-48 s), its worker's idle time short; the agent's memory map is read
 while it runs, as ``bench.rollout`` reads its RSS."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
     nothing more now; the service's part alone: ``tests/test_bootstrap_worker.py``.)"""
     with Cluster(tmp_path / "cluster", loopback()) as cluster:
         cluster.init()
-        cluster.write_leader_config({"agent_cert_lifetime": 60})
+        cluster.write_leader_config({"agent_cert_lifetime": 120})
         cluster.start_leader()
         address = loopback()
         server = RefServer(tmp_path / "server", address)
@@ -127,7 +127,7 @@ def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
                 revoked = cluster.cli("ca", "revoke", "--unknown", "5eec")
                 assert revoked.returncode == 0, revoked.stderr
                 wait_until(lambda: said(log, "crl.updated"), 60, "the agent takes the list")
-                # ... and a renewal, at 70-90 % of the certificate's minute.
+                # ... and a renewal, at 30-40 % of the certificate's two minutes.
                 wait_until(lambda: said(log, "agent.certificate_renewed"), 90, "the agent renews")
                 wait_until(lambda: not workers_of(agent.pid), 60, "the worker stops when idle")
                 assert not holds_cryptography(agent.pid), "the renewal or the list loaded it"

@@ -132,7 +132,7 @@ class Snapshot:
     its freeze windows and its server's restarts, in seconds (``SchemaStore.switch_times``)."""
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
-    overdue (``leader.expiry``: a tenth of its life), not merely within ``NEAR_EXPIRY``."""
+    overdue (``leader.expiry``: half its life left), not merely within ``NEAR_EXPIRY``."""
     on_http_now: frozenset[str] = frozenset()
     """Of ``left_as_is``, the nodes seen on http since (``Reader._on_http_now``)."""
 
