@@ -19,7 +19,10 @@ Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is
                              (5 free, then 2 s doubling up to 15 min; a right one clears it),
                              or from anywhere (``login_ceiling`` a day for the whole server);
                              each guess is counted before it is checked, so guesses sent
-                             together cannot all pass one allowance
+                             together cannot all pass one allowance; a login over the
+                             allowance only while such checks run waits for them (16 per
+                             address, 30 s at most): right passwords sent together (a
+                             terminal server's users at eight) all get in
 
 Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/the service user):
 
@@ -99,6 +102,14 @@ LOGIN_CONCURRENCY = 4  # scrypt costs 32 MiB and ~0.1 s of CPU per check
 # The same backoff per source address as the bootstrap service's (nodeagent.bootstrap_server).
 LOGIN_BACKOFF = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
 LOGIN_CEILING_WINDOW = 86_400.0  # [server].login_ceiling wrong passwords in this window at most
+# A login that the limits refuse only because of checks still running (counted before they are
+# checked: they may turn out right and be taken back) waits for them instead: a terminal server
+# whose users log in together at eight o'clock, all with the right password, from one address.
+# At most this many wait per source, and in all, each at most LOGIN_QUEUE_SECONDS; the rest are
+# refused (429) as before.
+LOGIN_QUEUE_PER_SOURCE = 16
+LOGIN_QUEUE_TOTAL = 64
+LOGIN_QUEUE_SECONDS = 30.0
 MAX_TRACKED_CLIENTS = 10_000
 SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
 
@@ -208,6 +219,11 @@ class RefServer:
         self._login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
         self._login_failures = Backoff(LOGIN_BACKOFF)
         self._login_ceiling = Ceiling(self.config.login_ceiling, LOGIN_CEILING_WINDOW)
+        # Checks running per source (counted as failures until they turn out right), logins
+        # waiting for them per source, and the condition a finished check notifies.
+        self._login_checking: dict[str, int] = {}
+        self._login_waiting: dict[str, int] = {}
+        self._login_done = asyncio.Condition()
         self.login_failures = 0  # wrong passwords since start (the status's)
         self.login_refused = 0  # logins refused by the limits since start (429)
         self.clock: Callable[[], float] = time.monotonic
@@ -365,8 +381,7 @@ class RefServer:
         if not isinstance(secret, str) or not secret:
             return _error(400, "bad_request", 'body needs "password": a non-empty string')
         source = source_key(request.remote)
-        now = self.clock()
-        wait = max(self._login_failures.wait(source, now), self._login_ceiling.wait(now))
+        wait, now = await self._login_allowed(source)
         if wait > 0:
             self.login_refused += 1
             log.warning("login.rate_limited", remote=request.remote, retry_after=retry_after(wait))
@@ -384,8 +399,21 @@ class RefServer:
         # password takes its count back below.
         self._login_failures.failed(source, now)
         self._login_ceiling.failed(now)
-        async with self._login_slots:
-            ok = await asyncio.to_thread(password.check_password, self.verifier, secret)
+        self._login_checking[source] = self._login_checking.get(source, 0) + 1
+        try:
+            async with self._login_slots:
+                ok = await asyncio.to_thread(password.check_password, self.verifier, secret)
+            if ok:
+                self._login_failures.reset(source)
+                self._login_ceiling.forgive(now)
+        finally:
+            left = self._login_checking[source] - 1
+            if left:
+                self._login_checking[source] = left
+            else:
+                del self._login_checking[source]
+            async with self._login_done:
+                self._login_done.notify_all()
         log.info("login.checked", accepted=ok, scheme=self._scheme(request), remote=request.remote)
         if not ok:
             self.login_failures += 1
@@ -393,9 +421,51 @@ class RefServer:
                 {"ok": False, "error": "wrong_password", "message": "The password is wrong."},
                 status=401,
             )
-        self._login_failures.reset(source)
-        self._login_ceiling.forgive(now)
         return web.json_response({"ok": True})
+
+    def _login_wait(self, source: str, now: float) -> float:
+        return max(self._login_failures.wait(source, now), self._login_ceiling.wait(now))
+
+    async def _login_allowed(self, source: str) -> tuple[float, float]:
+        """(seconds ``source`` must wait before a check, now). A wait that checks still running
+        may take back (this source's, or any source's for the ceiling) is waited out here, up to
+        ``LOGIN_QUEUE_SECONDS``, by at most ``LOGIN_QUEUE_PER_SOURCE`` logins of a source and
+        ``LOGIN_QUEUE_TOTAL`` in all. Guesses sent together still get no more checks than the
+        allowance: a waiting one goes on only once the checks before it are over and the limits
+        allow it; wrong ones leave the wait in place and it is refused."""
+        now = self.clock()
+        wait = self._login_wait(source, now)
+        if wait <= 0 or not self._login_pending(source, now):
+            return wait, now
+        waiting = self._login_waiting.get(source, 0)
+        if waiting >= LOGIN_QUEUE_PER_SOURCE or sum(self._login_waiting.values()) >= (
+            LOGIN_QUEUE_TOTAL
+        ):
+            return wait, now
+        self._login_waiting[source] = waiting + 1
+        deadline = now + LOGIN_QUEUE_SECONDS
+        try:
+            async with self._login_done:
+                while True:
+                    now = self.clock()
+                    wait = self._login_wait(source, now)
+                    if wait <= 0 or not self._login_pending(source, now) or now >= deadline:
+                        return wait, now
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._login_done.wait(), deadline - now)
+        finally:
+            left = self._login_waiting[source] - 1
+            if left:
+                self._login_waiting[source] = left
+            else:
+                del self._login_waiting[source]
+
+    def _login_pending(self, source: str, now: float) -> bool:
+        """Whether checks still running may lift ``source``'s wait: its own (its backoff), or
+        any (the whole server's ceiling)."""
+        if self._login_failures.wait(source, now) > 0:
+            return source in self._login_checking
+        return bool(self._login_checking)
 
     # --- admin app ----------------------------------------------------------------------------
 

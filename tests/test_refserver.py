@@ -873,6 +873,43 @@ def test_wrong_passwords_sent_together_pass_no_more_than_the_allowance(
     assert status["login_refused"] == GUESSES_AT_ONCE - 5
 
 
+RIGHT_AT_ONCE = 12
+
+
+def test_right_passwords_sent_together_from_one_address_all_get_in(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """A terminal server whose users log in together at eight, all with the right password,
+    from one address: each login is counted before scrypt runs, so the sixth and later were
+    refused (429) while the first five were still being checked (session 45's finding). Now a
+    login over the allowance only because checks are still running waits for them: all 12 get
+    in, and wrong guesses sent together still get no more than the allowance (the test above)."""
+    secret = password.generate_password()
+    verifier_file = tmp_path / "auth.json"
+    verifier = password.make_verifier(secret)  # the production cost: the checks overlap
+    write_atomic(verifier_file, password.verifier_to_json(verifier).encode(), PRIVATE)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
+    with ThreadPoolExecutor(RIGHT_AT_ONCE) as pool:
+        answers = list(
+            pool.map(lambda _: login_from(server, ctx, secret).status, range(RIGHT_AT_ONCE))
+        )
+    assert answers == [200] * RIGHT_AT_ONCE
+    status = server.status()
+    assert status["login_failures"] == 0 and status["login_refused"] == 0
+    # Mixed: wrong guesses among right logins get their own answers, nothing more is refused
+    # than the limits say, and the source is clear afterwards.
+    with ThreadPoolExecutor(8) as pool:
+        mixed = list(
+            pool.map(
+                lambda i: login_from(server, ctx, secret if i % 2 else f"guess-{i}").status,
+                range(8),
+            )
+        )
+    assert sorted(mixed) == [200] * 4 + [401] * 4  # five counted at most, one right among them
+    assert login_from(server, ctx, secret).status == 200
+    assert secret not in server.log()
+
+
 def test_the_whole_server_has_a_ceiling_of_wrong_passwords(
     make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
 ) -> None:
