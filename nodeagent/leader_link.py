@@ -556,6 +556,7 @@ class LeaderLink:
         # service takes no workstation password meanwhile; audit s45rt3 M3).
         self.on_removed: Callable[[str | None], None] | None = None
         self._removed = False
+        self._logged_removed = False  # agent.removed_from_cluster logged by this process
         self._lock = asyncio.Lock()
         self._stream: _Stream | None = None
         self._sent: tuple[bytes, float] | None = None  # report_key and time of the last message
@@ -876,11 +877,14 @@ class LeaderLink:
         self._removed = why is not None
 
     def _said_removed(self, why: str | None) -> None:
-        if why is not None and not self._removed:
+        # Logged once per refusal in this process, also when the refusal came from an earlier
+        # run (``removed_at_start``: review s46rev1 L8, an operator grepping this run's log for
+        # the error found only the start's ``bootstrap.removed_earlier``).
+        if why is not None and not self._logged_removed:
             log.error("agent.removed_from_cluster", leader=self.target, detail=why[:200])
         elif why is None:
             log.warning("agent.accepted_again", leader=self.target)
-        self._removed = why is not None
+        self._removed = self._logged_removed = why is not None
         if self.on_removed is not None:
             self.on_removed(why)
 
