@@ -24,8 +24,9 @@
 # (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given.
 #
 # Run again to upgrade: the new version replaces the old one in /opt/tlsroll, and the daemons
-# that run from it (the leader and the agent share it) are restarted, so that no old process
-# goes on beside new files (it would import them when it next loads a module lazily). The new
+# that run from it (the leader and the agent share it) are stopped before the swap and started
+# after it, so that no old process goes on beside new files (it would import them when it next
+# loads a module lazily, and start its children from them). The new
 # virtual environment is built beside the live one (/opt/tlsroll.new), checked, and put in its
 # place by renames; the one it replaces is kept as /opt/tlsroll.old until the next run has
 # built and checked its own (a run cut short between the two renames, a power loss, leaves no
@@ -575,6 +576,23 @@ fi
 discard_new=yes
 check_rollouts " (it started while the new version was built)"
 discard_new=no
+# The daemons that run from $VENV stop before the swap and start after it (review s46rt2 L2: a
+# restart after the swap let the old agent finish its switch over the new files for up to 60 s,
+# its lazy imports and every child it started, the crypto worker among them, the new version's).
+# Whatever happens from here on, a daemon stopped here is started again on the way out (the old
+# version, if the swap is undone); a unit that would not stop is restarted after the swap.
+stopped=""
+start_stopped() {
+    local unit
+    for unit in $stopped; do
+        systemctl start "$unit.service" || echo "install.sh: systemctl start $unit failed: see systemctl status $unit" >&2
+    done
+    stopped=""
+}
+trap start_stopped EXIT
+for unit in $restart_now; do
+    if systemctl stop "$unit.service"; then stopped="$stopped $unit"; fi
+done
 # The swap: two renames (a daemon started between them fails and is started again by systemd).
 rm -rf "$OLD_VENV"
 if [ -d "$VENV" ]; then mv -T "$VENV" "$OLD_VENV" || failed_build "cannot move $VENV to $OLD_VENV"; fi
@@ -687,13 +705,15 @@ version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(v
 restarted=""
 not_restarted=""
 for unit in $restart_now; do
-    if systemctl try-restart "$unit.service"; then
+    if [[ " $stopped " == *" $unit "* ]]; then verb=start; else verb=try-restart; fi
+    if systemctl "$verb" "$unit.service"; then
         restarted="$restarted $unit"
     else
-        echo "install.sh: systemctl try-restart $unit failed: see systemctl status $unit" >&2
+        echo "install.sh: systemctl $verb $unit failed: see systemctl status $unit" >&2
         not_restarted="$not_restarted $unit"
     fi
 done
+stopped="" # each one started (or tried) above: nothing left for the way out
 restarted=${restarted# }
 not_restarted=${not_restarted# }
 if [ -n "$held" ]; then

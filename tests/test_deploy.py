@@ -515,14 +515,14 @@ ROLLOUT_ID = "r20261202-110000-test"
 def test_an_upgrade_restarts_the_daemons_but_not_under_an_active_rollout(
     installed: ThrowawayRoot, first_install: FirstInstall, bundle: Path
 ) -> None:
-    """From the upgrade audit (F1): a re-run of install.sh (an upgrade) replaced /opt/tlsroll
-    under the running daemons and restarted none of them, printing the first-install steps
-    again; the old processes then loaded new modules lazily (the viewer failed to import).
-    Now it restarts each tlsroll unit that runs (systemctl try-restart), says so in one line,
+    """From the upgrade audit (F1): a re-run of install.sh (an upgrade) replaced /opt/tlsroll under
+    the running daemons and restarted none of them, printing the first-install steps again; the
+    old processes then loaded new modules lazily (the viewer failed to import). Now it restarts
+    each tlsroll unit that runs (stopped before the swap, started after), says so in one line,
     and refuses, changing nothing, while the running leader has an active rollout, unless
     --restart-later (install, restart nothing, say what to restart). The leader is real; only
-    systemctl is a stand-in (there is no systemd here; the test under systemd below restarts
-    the real unit). The root starts with the leader installed (``first_install``)."""
+    systemctl is a stand-in (there is no systemd here; the test under systemd below restarts the
+    real unit). The root starts with the leader installed (``first_install``)."""
     throwaway = installed
     # The user tlsroll with a uid of its own: the leader runs for a while here, and a uid the
     # other tests' roots share (first_install's) would make their `uninstall --purge`
@@ -575,7 +575,7 @@ def upgrade_while_the_leader_runs(
     assert "line " not in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert throwaway.ok(manifest) == before
     calls = throwaway.ok("cat /var/lib/fake-systemd/calls")
-    assert "try-restart" not in calls and "restart " not in calls, calls
+    assert "try-restart" not in calls and "restart " not in calls and "stop " not in calls, calls
 
     # --restart-later: installed, the agent restarted, the leader held back, and the admin
     # told what to restart.
@@ -588,8 +588,9 @@ def upgrade_while_the_leader_runs(
     ), result.stdout
     assert "tlsroll init" not in result.stdout
     logged = throwaway.ok("cat /var/lib/fake-systemd/calls").splitlines()
-    assert [c for c in logged if c.startswith("try-restart")] == [
-        "try-restart tlsroll-agent.service"
+    assert [c for c in logged if c.split()[0] in {"stop", "start", "try-restart"}] == [
+        "stop tlsroll-agent.service",  # before the swap, started after it (review s46rt2 L2)
+        "start tlsroll-agent.service",
     ], logged
 
     # The rollout ended: both daemons restarted, one line saying so.
@@ -604,10 +605,13 @@ def upgrade_while_the_leader_runs(
     ), result.stdout
     assert "tlsroll init" not in result.stdout and "next steps" not in result.stdout
     logged = throwaway.ok("cat /var/lib/fake-systemd/calls").splitlines()
-    assert [c for c in logged if c.startswith("try-restart")] == [
-        "try-restart tlsroll-agent.service",  # --restart-later's
-        "try-restart tlsroll-leader.service",
-        "try-restart tlsroll-agent.service",
+    assert [c for c in logged if c.split()[0] in {"stop", "start", "try-restart"}] == [
+        "stop tlsroll-agent.service",  # --restart-later's
+        "start tlsroll-agent.service",
+        "stop tlsroll-leader.service",
+        "stop tlsroll-agent.service",
+        "start tlsroll-leader.service",
+        "start tlsroll-agent.service",
     ], logged
 
     # A leader that runs but does not answer: not restarted blind.

@@ -68,12 +68,15 @@ def test_install_sh_knows_the_schemas_of_this_tlsroll() -> None:
 
 FAKE_SYSTEMCTL = """#!/bin/sh
 # systemctl as install.sh uses it: a unit is active while /var/lib/fake-systemd/UNIT exists;
-# try-restart UNIT fails while /var/lib/fake-systemd/fail-UNIT exists; every call is logged.
+# try-restart or start UNIT fails while /var/lib/fake-systemd/fail-UNIT exists; every call is
+# logged, and in calls-at with which /opt/tlsroll it met ("old": the one fake_venv made).
 mkdir -p /var/lib/fake-systemd
 echo "$*" >>/var/lib/fake-systemd/calls
+if [ -e /opt/tlsroll/FAKE-OLD ]; then at=old; else at=new; fi
+echo "$* $at" >>/var/lib/fake-systemd/calls-at
 case "$1" in
     is-active) [ -e "/var/lib/fake-systemd/$3" ] ;;
-    try-restart) [ ! -e "/var/lib/fake-systemd/fail-$2" ] ;;
+    try-restart | start) [ ! -e "/var/lib/fake-systemd/fail-$2" ] ;;
     *) exit 0 ;;
 esac
 """
@@ -109,7 +112,7 @@ def fake_venv(
     python = shlex.quote(sys.executable)
     data = shlex.quote(str(cluster.data_dir))
     throwaway.ok(
-        "mkdir -p /opt/tlsroll/bin && touch /opt/tlsroll/installed-files && "
+        "mkdir -p /opt/tlsroll/bin && touch /opt/tlsroll/installed-files /opt/tlsroll/FAKE-OLD && "
         f"printf '#!/bin/sh\\nexec env {env} {python} \"$@\"\\n' >/opt/tlsroll/bin/python && "
         f"printf '#!/bin/sh\\nexec env {env} TLSROLL_DATA_DIR={data} {python} -m tlsroll \"$@\"\\n'"
         " >/opt/tlsroll/bin/tlsroll && chmod 0755 /opt/tlsroll/bin/python /opt/tlsroll/bin/tlsroll"
@@ -391,7 +394,9 @@ def test_every_unit_is_restarted_even_if_one_fails_and_a_downgrade_says_so(
     throwaway: ThrowawayRoot, cluster: Cluster, tmp_path: Path, bundle: Path
 ) -> None:
     """The restart loop stopped at the first failure: the leader node's agent was never
-    restarted and ran old code over new files. And an older version said "upgraded"."""
+    restarted and ran old code over new files. And an older version said "upgraded". Review
+    s46rt2 L2: restarted after the swap, the old agent finished its switch over the new files
+    (its lazy imports, its children); now every daemon stops before the swap and starts after."""
     version = (bundle / "BUNDLE").read_text().split("version=", 1)[1].split()[0]
     fake_venv(throwaway, cluster, tmp_path, version="99.0.0")
     fake_systemd(throwaway, "tlsroll-leader", "tlsroll-agent", failing="tlsroll-leader")
@@ -408,13 +413,15 @@ def test_every_unit_is_restarted_even_if_one_fails_and_a_downgrade_says_so(
         "restart tlsroll-leader"
     ), result.stdout
     assert (
-        "install.sh: systemctl try-restart tlsroll-leader failed: see systemctl status "
+        "install.sh: systemctl start tlsroll-leader failed: see systemctl status "
         "tlsroll-leader" in result.stderr
     ), result.stderr
-    calls = throwaway.ok("cat /var/lib/fake-systemd/calls").splitlines()
-    assert [c for c in calls if c.startswith("try-restart")] == [
-        "try-restart tlsroll-leader.service",
-        "try-restart tlsroll-agent.service",
+    calls = throwaway.ok("cat /var/lib/fake-systemd/calls-at").splitlines()
+    assert [c for c in calls if c.split()[0] in {"stop", "start", "try-restart"}] == [
+        "stop tlsroll-leader.service old",
+        "stop tlsroll-agent.service old",
+        "start tlsroll-leader.service new",
+        "start tlsroll-agent.service new",
     ], calls
     assert throwaway.ok("/opt/tlsroll/bin/tlsroll --version").strip().endswith(version)
 
