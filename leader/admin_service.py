@@ -47,7 +47,7 @@ from leader.schema_store import (
 )
 from leader.schema_view import rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
-from leader.store import Node
+from leader.store import Node, in_rollout_text
 from leader.tokens import JoinToken
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
 from leader.viewer.grants import Grant, Grants
@@ -670,9 +670,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.RemoveNodeResponse:
         active = await asyncio.to_thread(self.schema.active)
         if active is not None and request.name in {r.name for r in active.records}:
+            held = await asyncio.to_thread(self.state.store.get_node, request.name)
             raise failed_precondition(
-                f"node {request.name!r} is in rollout {active.rollout.id}, which is "
-                f"{active.rollout.state.value}; let it end (or `tlsroll rollout abort`) first"
+                in_rollout_text(
+                    request.name,
+                    active.rollout.id,
+                    active.rollout.state.value,
+                    held.addresses,
+                    held.dns_names,
+                )
             )
         node, serials = await asyncio.to_thread(
             self.state.store.remove_node,

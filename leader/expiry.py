@@ -62,8 +62,11 @@ ADVICE = {
     "viewer": "the leader issues it again by itself within 30 days of its end; if this "
     "stays, look for viewer.certificate_reloaded or errors in the leader's log",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
-    "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create "
-    "--node NAME --address IP)",
+    "has expired (the node was offline past its end), check the node's clock, then enrol it "
+    "again with its own key, no removal needed (also while a rollout holds it): tlsroll token "
+    "create --node NAME --address IP (its names as `tlsroll nodes` lists them), the token to "
+    "its agent's join_token_file, start the agent (`tlsroll nodes remove NAME` is for a "
+    "machine lost or stolen)",
     "server": "rotate it: tlsroll rollout start --change rotate-cert (a node serving the "
     "practice's own certificate: renew it and add --cert-dir DIR)",
     "workstation": "run `tlsroll client test-connection` on that workstation again (or, if "
@@ -95,7 +98,9 @@ class Expiry:
     def advice(self) -> str:
         if self.ends_with_ca and self.kind != "ca":
             return ENDS_WITH_CA
-        return ADVICE.get(self.kind, "")
+        advice = ADVICE.get(self.kind, "")
+        # An agent's subject is its node's name: the commands name it.
+        return advice.replace("NAME", self.subject) if self.kind == "agent" else advice
 
 
 def _of(kind: str, subject: str, cert: x509.Certificate, horizon: dt.timedelta) -> Expiry:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
-from leader.rollout_core import TERMINAL_ROLLOUT_STATES
+from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
 from tlsroll import clocks, logs, rpc
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
@@ -66,13 +66,49 @@ class TooMany(TerminalError):
 
 
 class InRollout(TerminalError):
-    """A node that a rollout not yet ended holds cannot be removed."""
+    """A node that a rollout not yet ended holds cannot be removed (``in_rollout_text``)."""
 
-    def __init__(self, name: str, rollout_id: str, state: str) -> None:
-        super().__init__(
-            f"node {name!r} is in rollout {rollout_id}, which is {state}; let it end (or "
-            "`tlsroll rollout abort`) first"
+    def __init__(
+        self,
+        name: str,
+        rollout_id: str,
+        state: str,
+        addresses: Sequence[str] = (),
+        dns_names: Sequence[str] = (),
+    ) -> None:
+        super().__init__(in_rollout_text(name, rollout_id, state, addresses, dns_names))
+
+
+def in_rollout_text(
+    name: str,
+    rollout_id: str,
+    state: str,
+    addresses: Sequence[str] = (),
+    dns_names: Sequence[str] = (),
+) -> str:
+    """Why node ``name`` is not removed while rollout ``rollout_id`` (in ``state``) holds it,
+    and the ways on: a rollout awaiting finalize (a transitional phase 1, often for weeks) is
+    finalized or rolled back, not aborted (``rollout abort`` refuses it); any other, let it end
+    or abort it. Then the way back for an agent whose certificate has ended, which needs no
+    removal (review s46rt1 H1): a token for the node (its names: ``addresses``, ``dns_names``),
+    given to its agent, which enrols its own key again; ``nodes remove`` is for a machine lost
+    or stolen."""
+    if state == RolloutState.AWAITING_FINALIZE.value:
+        first = (
+            f"its nodes serve http and https: close http with `tlsroll rollout finalize "
+            f"{rollout_id}`, or go back to http with `tlsroll rollout rollback {rollout_id}`, "
+            "first"
         )
+    else:
+        first = "let it end (or `tlsroll rollout abort`) first"
+    words = [f"--address {a}" for a in addresses] + [f"--dns {d}" for d in dns_names]
+    token = " ".join([f"tlsroll token create --node {name}", *(words or ["--address IP"])])
+    return (
+        f"node {name!r} is in rollout {rollout_id}, which is {state}; {first}. If its agent's "
+        f"certificate has ended, it needs no removal: `{token}`, the token to its agent "
+        "(its join_token_file), then start the agent: it enrols its own key again (`nodes "
+        "remove` is for a machine lost or stolen)"
+    )
 
 
 class EpochFixed(TerminalError):
@@ -1320,7 +1356,8 @@ class Store(LeaderStore):
                 raise NotFound(f"no enrolled node named {name!r}")
             busy = db.execute(_HELD, (name, *_TERMINAL)).fetchone()
             if busy is not None:
-                raise InRollout(name, busy["id"], busy["state"])
+                names = (json.loads(row["addresses"]), json.loads(row["dns_names"]))
+                raise InRollout(name, busy["id"], busy["state"], *names)
             serials = [
                 r["serial"]
                 for r in db.execute(

@@ -11,7 +11,12 @@ A renewal (``nodeagent.renewal``) keeps its new key in ``DATA/node.key.new`` and
 in ``DATA/node.pem.new`` until it moves them into place; ``load_identity`` first completes one
 that a crash cut short (``finish_pending``). A certificate past its end is refused with one
 line saying to check the node's clock first, then how to enrol the node again
-(``expired_message``).
+(``expired_message``). Enrolling again keeps the node's key: an agent that has a join token and
+a certificate that has ended enrols ``DATA/node.key`` again (``nodeagent.runtime``), and keeps
+the ended certificate as ``DATA/node.pem.ended`` (``ended_path``); the leader takes the key it
+has on record for the node with a token made for the node after its enrolment, with no
+``tlsroll nodes remove`` (which revokes the node's certificates, its served one too: it is for a
+lost or stolen machine).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from nodeagent.nodefiles import paths as paths  # noqa: PLC0414
 from nodeagent.nodefiles import pending_paths as pending_paths  # noqa: PLC0414
 from tlsroll import __version__, logs, spiffe, tls
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TlsrollError, TransientError
-from tlsroll.fsutil import check_private_file, fsync_dir, make_private_dir
+from tlsroll.fsutil import PUBLIC, check_private_file, fsync_dir, make_private_dir, write_atomic
 from tlsroll.names import utcnow
 
 if TYPE_CHECKING:
@@ -267,14 +272,41 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
         raise PKIError(PKIReason.PIN_MISMATCH, "CA in the enrolment answer")
     check_issued(cert, key, got_ca, cfg.names)
     pki.write_cert(ca_file, got_ca)
+    kept = keep_ended(cfg.data_dir)
     pki.write_cert(cert_file, cert)
     log.info(
         "agent.enrolled",
         node=cfg.node_name,
         cert_fingerprint=pki.fingerprint(cert),
         not_after=cert.not_valid_after_utc.isoformat(),
+        key_pin=pki.spki_pin(cert),
+        **({"ended_cert_kept": str(kept)} if kept else {}),
     )
     return Identity.of(key_file, cert_file, ca_file, cert, got_ca)
+
+
+def ended_path(data_dir: Path) -> Path:
+    """Where an enrolment again keeps the node's certificate that had ended."""
+    return data_dir / "node.pem.ended"
+
+
+def keep_ended(data_dir: Path, now: dt.datetime | None = None) -> Path | None:
+    """Copy the node's certificate to ``ended_path`` if it has ended (at ``now``), before an
+    enrolment again writes the new one over it; the path, or None (no certificate, or one not
+    ended, or unreadable: written over, as before). A copy, not a move: ``DATA/node.pem`` is
+    never missing, and the new one replaces it in one rename."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
+    cert_file = paths(data_dir)[1]
+    try:
+        pem = cert_file.read_bytes()
+        ended = (now or utcnow()) >= pki.load_cert_pem(pem).not_valid_after_utc
+    except (OSError, PKIError, ValueError):
+        return None
+    if not ended:
+        return None
+    write_atomic(ended_path(data_dir), pem, PUBLIC)
+    return ended_path(data_dir)
 
 
 # How long an agent goes on trying to enrol: ``ENROL_PATIENCE`` seconds while the leader cannot
@@ -324,9 +356,9 @@ def expired_message(
 ) -> str:
     """The one line for a certificate past its end by this node's clock (``now``): the clock
     first (an RTC wrong at boot, a VM resumed, ``date -s``: correcting it is the fix, and
-    enrolling again, which revokes the node's certificates, is not needed), then how to enrol
-    again. ``running``: the agent goes on by itself once the clock is right (the renewer looks
-    again); at start, it has to be started again."""
+    enrolling again is not needed), then how to enrol again: with the node's own key, by a new
+    token (``reenrol_advice``). ``running``: the agent goes on by itself once the clock is right
+    (the renewer looks again); at start, it has to be started again."""
     cert = paths(cfg.data_dir)[1]
     then = "the agent goes on by itself" if running else "start the agent again"
     return (
@@ -334,10 +366,33 @@ def expired_message(
         f"clock, which reads {now:%Y-%m-%d %H:%M:%S} UTC: check that clock first — if it is "
         f"ahead, correct it and {then} (the certificate is still valid then; do not enrol "
         "again); if the clock is right, the node was offline past the certificate's end and "
-        "cannot renew it: enrol it again — on the leader "
-        f"`tlsroll nodes remove {cfg.node_name}` and `tlsroll token create --node "
-        f"{cfg.node_name} " + " ".join(f"--address {a}" for a in cfg.addresses) + "`, then "
-        f"move {cert} aside and give this agent the new token"
+        f"cannot renew it: {reenrol_advice(cfg, running=running)}"
+    )
+
+
+def token_command(name: str, addresses: tuple[str, ...], dns_names: tuple[str, ...]) -> str:
+    """The ``tlsroll token create`` that makes a token for exactly this node's names (the
+    leader enrols a token's node only with the names the token names)."""
+    words = [f"--address {a}" for a in addresses] + [f"--dns {d}" for d in dns_names]
+    return " ".join([f"tlsroll token create --node {name}", *words])
+
+
+def reenrol_advice(cfg: AgentConfig, *, running: bool = False) -> str:
+    """How a node whose certificate has ended enrols again, keeping its key: a new token, given
+    to the agent, which enrols the key again at its next start (``runtime.obtain_identity``).
+    No ``nodes remove``: that revokes every certificate of the node (the one its server serves
+    too) and is refused while a rollout holds the node; it is for a lost or stolen machine."""
+    where = (
+        f"write it to {cfg.join_token_file}"
+        if cfg.join_token_file is not None
+        else f"give it to this agent ([leader].join_token_file in {cfg.path})"
+    )
+    start = "restart the agent" if running else "start the agent again"
+    return (
+        "enrol it again with its own key, no `tlsroll nodes remove` needed — on the leader "
+        f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where} and {start}: "
+        f"it enrols {paths(cfg.data_dir)[0]} again and keeps the ended certificate as "
+        f"{ended_path(cfg.data_dir)}"
     )
 
 

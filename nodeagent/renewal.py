@@ -81,7 +81,8 @@ MAX_ERROR = 200
 # What the heartbeat reports (``tlsroll nodes``, the schema) while the node's clock says so.
 EXPIRED = (
     "certificate expired by the node's clock: check that clock first (if it is ahead, correct "
-    "it: the agent goes on by itself); if it is right, enrol the node again"
+    "it: the agent goes on by itself); if it is right, enrol the node again (a new join token, "
+    "no nodes remove)"
 )
 EXPIRED_RECHECK = 60.0  # seconds between looks at a certificate the node's clock says has ended
 # After a renewal, elapsed time before the next is tried, as a fraction of the new life.

@@ -111,10 +111,43 @@ def start_extension(wait: float, told: bool) -> str:
 
 async def obtain_identity(cfg: AgentConfig) -> Identity:
     """The node's identity, checked (or enrolled) in a child process (``certwork``), so that the
-    agent itself never holds X.509 code while it serves."""
-    identity = await asyncio.to_thread(certwork.load_identity, cfg)
-    if identity is not None:
-        return identity
+    agent itself never holds X.509 code while it serves.
+
+    A certificate that has ended (``CertificateExpired``) with a join token in the config is
+    enrolled again, with the node's own key (``identity.enrol`` keeps ``DATA/node.key`` and the
+    ended certificate as ``DATA/node.pem.ended``): the way back for a node that was offline
+    past its certificate's end, with no ``nodes remove`` (review s46rt1 H1). The leader takes
+    it with a token made for the node after its enrolment; a token it refuses (the one the node
+    enrolled with, superseded by that enrolment), a leader not reached within the enrolment's
+    patience, or no token at all ends the agent with the certificate's one line (exit 5, which
+    its unit does not restart on) and, after it, what the token got."""
+    ended: CertificateExpired | None = None
+    try:
+        identity = await asyncio.to_thread(certwork.load_identity, cfg)
+    except CertificateExpired as exc:
+        if cfg.join_token is None and cfg.join_token_file is None:
+            raise
+        ended = exc
+        log.warning(
+            "agent.enrolling_again",
+            reason="node certificate ended",
+            node_cert=str(paths(cfg.data_dir)[1]),
+        )
+    else:
+        if identity is not None:
+            return identity
+    try:
+        return await _enrol(cfg)
+    except TlsrollError as exc:
+        if ended is None or isinstance(exc, CertificateExpired):
+            raise
+        raise CertificateExpired(
+            f"{ended} (this agent tried to enrol again with the join token it has: {exc})"
+        ) from None
+
+
+async def _enrol(cfg: AgentConfig) -> Identity:
+    """Enrol (``certwork.enrol``), trying again while it is worth it (``next_enrol_wait``)."""
     loop = asyncio.get_running_loop()
     began = since = loop.time()
     failures = 0

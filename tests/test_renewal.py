@@ -521,7 +521,8 @@ def test_a_certificate_past_its_end_says_to_check_the_clock_before_enrolling_aga
 
     def clock_first(line: str) -> None:
         assert reads in line, line
-        assert line.index("check that clock first") < line.index("tlsroll nodes remove n1")
+        assert line.index("check that clock first") < line.index("tlsroll token create --node n1")
+        assert "no `tlsroll nodes remove` needed" in line
         assert "if it is ahead, correct it" in line and "do not enrol again" in line
 
     # At start: the certificate checked in the child's code, and from certwork's memo.
@@ -764,7 +765,7 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     # every 2 s, its line some 30,000 times a day; tests/test_deploy.py).
     assert code == agent_runtime.EXIT_CERT_EXPIRED == 5
     line = one_line_error(output, "tlsroll-agent")
-    assert "expired" in line and "tlsroll nodes remove node3" in line
+    assert "expired" in line and "no `tlsroll nodes remove` needed" in line
     assert "check that clock first" in line  # before the advice to enrol again
     assert f"tlsroll token create --node node3 --address {node3.address}" in line
 
@@ -795,16 +796,15 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     ]
     assert len(warned) == 1
 
-    # node3 recovers by doing what the line says: removed, a fresh token, the expired
-    # certificate moved aside, the token given to the agent; it enrols and renews again.
-    assert cluster.cli("nodes", "remove", "node3", "--yes").returncode == 0
+    # node3 recovers by doing what the line says: a fresh token given to the agent, which
+    # enrols its own key again (no `nodes remove`; tests/test_reenrol_ended.py) and renews.
     token = Cluster.create_token(cluster, "node3", node3.address)  # the command the line gave
-    node3.cert_file.rename(node3.cert_file.with_name("node.pem.expired"))
     node3.write_config({"leader": {"join_token": token}})
     node3.start()
     cluster.wait_for_nodes_online(["node3"])
     fresh = node3.cert()
     assert fresh.serial_number != cert3.serial_number
+    assert pki.spki_pin(fresh) == pki.spki_pin(cert3)
     assert fresh.not_valid_after_utc > dt.datetime.now(UTC)
     assert _row(cluster, "node3")["cert_serial"] == f"{fresh.serial_number:x}"
     report = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)

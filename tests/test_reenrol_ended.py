@@ -1,0 +1,228 @@
+"""An agent certificate that has ended comes back with a new token and the node's own key, with
+no ``tlsroll nodes remove`` (review s46rt1 H1), also while a transitional phase 1 waits for
+its finalize (often for weeks).
+
+Real leader, agents and reference servers over real mutual TLS; the agents' certificates live
+a minute (``agent_cert_lifetime``), so that one ends while the test waits, as in
+tests/test_renewal.py. Before: the agent exited 5 with one line saying ``nodes remove`` first
+(which the waiting rollout refuses, saying ``rollout abort``, which it refuses too), and a token
+given to it was not looked at. Now its line gives the ``token create`` to run; started with the
+token, the agent enrols its key again and keeps the ended certificate aside; nothing is revoked,
+its server goes on serving the same certificate, and the rollout finalizes over every node.
+The advice texts themselves, where they are pure, are checked at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+
+from leader.expiry import ADVICE, Expiry
+from leader.store import in_rollout_text
+from nodeagent import runtime as agent_runtime
+from nodeagent.config import AgentConfig
+from nodeagent.identity import ended_path, expired_message, keep_ended
+from tests.cluster import Cluster, one_line_error, wait_until
+from tests.nodeside import cluster_of
+from tests.refserver_helper import write_toml
+from tests.test_level_based import live
+from tests.test_transitional import (
+    LONG,
+    look,
+    newest,
+    rollout,
+    start_transitional,
+    wait_state,
+    when,
+)
+from tlsroll import pki
+
+UTC = dt.UTC
+LIFETIME = 60  # seconds: the agents' certificates (the least leader.toml takes)
+
+
+def _sleep_until(when: dt.datetime) -> None:
+    delay = (when - dt.datetime.now(UTC)).total_seconds()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _revoked(rows: list[dict[str, object]]) -> list[tuple[object, ...]]:
+    return [(r["kind"], r["subject"], r["revoke_reason"]) for r in rows if r.get("revoked_at")]
+
+
+def _reported(cluster: Cluster, node: str, since: dt.datetime) -> bool:
+    """Whether ``node``'s agent has reported its clients to the leader since ``since``."""
+    for view in look(cluster).get("node_clients", []):
+        if view["node"] == node and not view.get("awaiting_report") and view.get("reported_at"):
+            return when(view["reported_at"]) >= since
+    return False
+
+
+@pytest.mark.timeout(600)
+def test_an_ended_agent_certificate_comes_back_by_token_while_phase_1_awaits_finalize(
+    tmp_path: Path,
+) -> None:
+    with cluster_of(tmp_path, 2, agent_cert_lifetime=LIFETIME) as (cluster, nodes):
+        node2 = nodes[1]
+        agent = node2.agent
+        assert agent is not None
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        served = node2.served_fingerprint()
+
+        # node2 is off past its certificate's end (the agent stopped; its server runs on).
+        agent.stop()
+        ended = agent.cert()
+        key = agent.key_file.read_bytes()
+        _sleep_until(ended.not_valid_after_utc + dt.timedelta(seconds=1))
+
+        # `nodes remove` stays refused while the rollout holds the node; its refusal names the
+        # ways on for a waiting rollout (not `abort`, which that refuses) and the token.
+        token_command = f"tlsroll token create --node node2 --address {node2.address}"
+        removal = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removal.returncode != 0
+        refusal = " ".join(removal.stderr.split())
+        assert f"tlsroll rollout finalize {phase1}" in refusal, refusal
+        assert f"tlsroll rollout rollback {phase1}" in refusal
+        assert "rollout abort" not in refusal
+        assert token_command in refusal and "needs no removal" in refusal
+        # ... as does check-expiration's advice for it.
+        check = cluster.cli("certs", "check-expiration", "--json")
+        assert check.returncode == 1
+        (row,) = [
+            c
+            for c in json.loads(check.stdout)["certificates"]
+            if c["kind"] == "agent" and c.get("subject") == "node2"
+        ]
+        assert int(row["residual_seconds"]) < 0
+        assert "tlsroll token create --node node2" in row["advice"]
+        assert "no removal needed" in row["advice"]
+
+        # Started with the token it enrolled with (used up by that enrolment): refused, and
+        # one line, exit 5, that gives the command for a new token; nothing changed.
+        code, output = agent.run_to_exit()
+        assert code == agent_runtime.EXIT_CERT_EXPIRED
+        line = one_line_error(output, "tlsroll-agent")
+        assert "check that clock first" in line and "join token already used up" in line, line
+        assert "no `tlsroll nodes remove` needed" in line
+        assert agent.key_file.read_bytes() == key
+        assert agent.cert().serial_number == ended.serial_number
+        (given,) = re.findall(r"`(tlsroll token create [^`]*)`", line)
+        assert given == token_command
+
+        # The way back: the command the line gave, the token to the agent, the agent started.
+        made = cluster.cli(*shlex.split(given)[1:])
+        assert made.returncode == 0, made.stderr
+        agent.write_config({"leader": {"join_token": made.stdout.strip()}})
+        back = dt.datetime.now(UTC)
+        node2.start_agent_heard()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        fresh = agent.cert()
+        assert agent.key_file.read_bytes() == key  # its own key, enrolled again
+        assert pki.spki_pin(fresh) == pki.spki_pin(ended)
+        assert fresh.not_valid_after_utc > dt.datetime.now(UTC)
+        assert ended_path(agent.data_dir).read_bytes() == pki.cert_to_pem(ended)
+        (record,) = [r for r in cluster.store_table("nodes") if r["name"] == "node2"]
+        assert record["removed_at"] is None
+        assert record["cert_serial"] == f"{fresh.serial_number:x}"
+        assert record["key_pin"] == pki.spki_pin(ended)
+        assert _revoked(cluster.store_table("certificates")) == []
+        assert node2.served_fingerprint() == served
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+
+        # The rollout finalizes over every node, node2 among them, once node2's agent has
+        # reported its clients again (seconds: a finalize waits for that report).
+        wait_until(lambda: _reported(cluster, "node2", back), 60, "node2's client report")
+        done = cluster.cli("rollout", "finalize", phase1, "--yes", "--wait", timeout=LONG)
+        assert done.returncode == 0, done.stderr
+        final = newest(cluster)
+        assert final["finalizes"] == phase1 and final["state"] == "completed", final
+        assert {n["name"]: n["state"] for n in final["nodes"]} == {
+            "node1": "done",
+            "node2": "done",
+        }
+        wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
+        for node in nodes:
+            assert list(live(node).schemes) == ["https"]
+        assert node2.served_fingerprint() == served
+        assert _revoked(cluster.store_table("certificates")) == []
+        wait_until(
+            lambda: cluster.cli("certs", "check-expiration").returncode == 0,
+            30,
+            "no certificate left to warn about",
+        )
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+# --- the advice, where it is pure ----------------------------------------------------------------
+
+
+def _config(tmp_path: Path, **leader: object) -> AgentConfig:
+    path = tmp_path / "agent.toml"
+    write_toml(
+        path,
+        {
+            "node": {"name": "pc9", "addresses": ["10.1.1.9"], "dns_names": ["pc9.example"]},
+            "leader": {"address": "10.1.1.2", "ca_pin": "sha256:" + "a" * 64, **leader},
+            "agent": {"data_dir": tmp_path / "data"},
+        },
+    )
+    return AgentConfig.load(path)
+
+
+def test_the_agents_line_gives_the_token_for_its_names_and_where_the_token_goes(
+    tmp_path: Path,
+) -> None:
+    end = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    cfg = _config(tmp_path, join_token_file=str(tmp_path / "join-token"))
+    line = expired_message(cfg, end, end + dt.timedelta(days=2))
+    assert line.index("check that clock first") < line.index("tlsroll token create")
+    assert "`tlsroll token create --node pc9 --address 10.1.1.9 --dns pc9.example`" in line
+    assert f"write it to {tmp_path / 'join-token'} and start the agent again" in line
+    assert f"keeps the ended certificate as {tmp_path / 'data' / 'node.pem.ended'}" in line
+    assert "no `tlsroll nodes remove` needed" in line and "\n" not in line
+    running = expired_message(_config(tmp_path), end, end, running=True)
+    assert "the agent goes on by itself" in running and "restart the agent" in running
+    assert f"[leader].join_token_file in {tmp_path / 'agent.toml'}" in running
+
+
+def test_the_refusal_of_a_removal_names_finalize_or_rollback_for_a_waiting_rollout() -> None:
+    waiting = in_rollout_text("b", "r7", "awaiting_finalize", ["10.0.0.2"], ["b.example"])
+    assert "`tlsroll rollout finalize r7`" in waiting
+    assert "`tlsroll rollout rollback r7`" in waiting and "abort" not in waiting
+    assert "`tlsroll token create --node b --address 10.0.0.2 --dns b.example`" in waiting
+    running = in_rollout_text("b", "r7", "running")
+    assert "let it end (or `tlsroll rollout abort`) first" in running
+    assert "`tlsroll token create --node b --address IP`" in running
+
+
+def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it() -> None:
+    when = dt.datetime(2026, 1, 1, tzinfo=UTC)
+    entry = Expiry("agent", "pc9", "1f", "sha256:x", when, dt.timedelta(days=3))
+    assert "tlsroll token create --node pc9 --address IP" in entry.advice
+    assert "no removal needed" in entry.advice
+    assert entry.advice.index("token create") < entry.advice.index("nodes remove pc9")
+    assert "lost or stolen" in entry.advice
+    assert "NAME" not in entry.advice and "NAME" in ADVICE["agent"]
+
+
+def test_only_an_ended_certificate_is_kept_aside(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    key = pki.generate_key()
+    cert = test_ca.issue(key.public_key(), pki.Names.of("pc9", ["10.1.1.9"]), client=True)
+    assert keep_ended(data) is None  # no certificate: nothing to keep
+    pki.write_cert(data / "node.pem", cert)
+    assert keep_ended(data, cert.not_valid_before_utc) is None  # not ended: written over
+    assert not ended_path(data).exists()
+    assert keep_ended(data, cert.not_valid_after_utc) == ended_path(data)
+    assert ended_path(data).read_bytes() == (data / "node.pem").read_bytes()
