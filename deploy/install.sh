@@ -4,7 +4,7 @@
 #   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later] [--check-only]
 #   install.sh agent  [--server-config-dir DIR] [--python PYTHON] [--restart-later] [--check-only]
 #   install.sh ca-credential
-#   install.sh uninstall [--purge]
+#   install.sh uninstall [--purge [--yes]]
 #
 # From a release bundle (`make dist`: this script beside wheels/) it installs offline; from a
 # checkout (deploy/install.sh) pip fetches the dependencies from PyPI. What it writes:
@@ -21,7 +21,9 @@
 # `ca-credential` (after `tlsroll init`) moves the CA passphrase out of the data dir into a
 # systemd credential encrypted for this machine (its host key, and its TPM2 when it has one).
 # `uninstall` removes the units, the venv, the docs and the link, and keeps config and data
-# (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given.
+# (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given. It is
+# refused (nothing removed) while the leader runs here with a node of a rollout on its way, and
+# --purge of a leader's data dir (the cluster CA) wants --yes, or "purge" typed on a terminal.
 #
 # Run again to upgrade: the new version replaces the old one in /opt/tlsroll, and the daemons
 # that run from it (the leader and the agent share it) are stopped before the swap and started
@@ -74,7 +76,7 @@ fc08deb3ad7499b4c9be16b3251867ae727d89ca66dcf9c160383c1a86529669"
 USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later] [--check-only]
        install.sh agent [--server-config-dir DIR] [--python PYTHON] [--restart-later] [--check-only]
        install.sh ca-credential
-       install.sh uninstall [--purge]"
+       install.sh uninstall [--purge [--yes]]"
 
 usage_error() {
     echo "install.sh: $1" >&2
@@ -107,6 +109,7 @@ address=""
 node_name=""
 server_config_dir=""
 purge=no
+yes=no
 restart_later=no
 check_only=no
 while [ $# -gt 0 ]; do
@@ -124,6 +127,10 @@ while [ $# -gt 0 ]; do
             ;;
         uninstall:--purge)
             purge=yes
+            shift
+            ;;
+        uninstall:--yes)
+            yes=yes
             shift
             ;;
         leader:--restart-later | agent:--restart-later)
@@ -180,6 +187,78 @@ write_whole() {
     fi
     rm -f "$tmp"
     return 1
+}
+
+# --- the running daemons, and whether a rollout is in the way --------------------------------
+# An upgrade restarts each one that runs, uninstall stops them: not the leader while a node of
+# a rollout is on its way (below, and "an upgrade" further on).
+running=""
+if systemd_running; then
+    for unit in tlsroll-leader tlsroll-agent; do
+        if systemctl is-active --quiet "$unit.service"; then running="$running $unit"; fi
+    done
+    running=${running# }
+fi
+if [ "$role" = uninstall ]; then
+    anyway="(to uninstall anyway: systemctl stop tlsroll-leader first)"
+else
+    anyway="(--restart-later installs without restarting it)"
+fi
+# rollouts_in_the_way: whether the running leader may be restarted now. Prints "quiet WHAT" (no
+# node of a rollout on its way; WHAT: the rollouts not ended, if any, e.g. one awaiting
+# finalize) or "busy WHAT"; dies if the leader cannot be asked. Every rollout not ended is
+# looked at (what the leader considers active), not only the newest: a finalize that halted is
+# newer than the phase 1 it finalizes, which still awaits finalize.
+rollouts_in_the_way() {
+    local errors answer asked problem
+    errors=$(mktemp)
+    answer=$(timeout 60 "$VENV/bin/tlsroll" schema show --all --json 2>"$errors") && asked=0 || asked=$?
+    problem=$(grep -v '^ *$' "$errors" | tail -n 1 || true)
+    rm -f "$errors"
+    [ "$asked" = 0 ] ||
+        die "cannot ask the running tlsroll-leader whether a rollout is active (${problem:-tlsroll schema show exited $asked}); nothing changed $anyway"
+    "$VENV/bin/python" -c 'import json, sys
+ENDED = {"completed", "halted", "aborted"}
+ON_ITS_WAY = {"preflight", "staging", "staged", "switching", "confirming"}
+busy, quiet = [], []
+for r in json.load(sys.stdin).get("rollouts", []):
+    rid, state = r["id"], r["state"]
+    if state in ENDED:
+        continue
+    moving = ", ".join(sorted(n["name"] for n in r.get("nodes", []) if n.get("state") in ON_ITS_WAY))
+    if state == "awaiting_finalize":
+        quiet.append(f"rollout {rid} awaits finalize")
+    elif state == "paused" and not moving:
+        quiet.append(f"rollout {rid} is paused with no node on its way")
+    elif state == "running" and r.get("when_quiet_seconds") and not moving:
+        quiet.append(f"rollout {rid} (finalize --when-quiet) waits for quiet nodes")
+    else:
+        busy.append(f"rollout {rid} is {state}" + (f" ({moving} on its way)" if moving else ""))
+print("busy" if busy else "quiet", "; ".join(busy or quiet))' <<<"$answer" 2>/dev/null ||
+        die "cannot read the running leader's answer to tlsroll schema show --all --json; nothing changed $anyway"
+}
+# check_rollouts WHEN: refuse (nothing changed) if the leader would be restarted (uninstall:
+# stopped) while a node of a rollout is on its way; say so if a rollout not ended is no obstacle.
+check_rollouts() {
+    local found
+    if [ "$restart_later" = yes ] || [[ " $running " != *" tlsroll-leader "* ]]; then return 0; fi
+    found=$(rollouts_in_the_way) || exit 1 # it said why
+    case "$found" in
+        busy\ *)
+            if [ "$role" = uninstall ]; then
+                die "${found#busy }: uninstalling now would stop tlsroll-leader in its course; nothing removed. Wait until no node is on its way (tlsroll rollout status)"
+            fi
+            die "${found#busy }$1: an upgrade now would restart tlsroll-leader in its course; nothing changed. Wait until no node is on its way (tlsroll rollout status), or run again with --restart-later (the agent is restarted, the leader only once you restart it: systemctl restart tlsroll-leader)"
+            ;;
+        "quiet ") ;;
+        *)
+            if [ "$role" = uninstall ]; then
+                say "${found#quiet }: it stays so while tlsroll is not installed"
+            else
+                say "${found#quiet }: the leader's restart is safe there (it goes on where it was)"
+            fi
+            ;;
+    esac
 }
 
 # --- ca-credential ---------------------------------------------------------------------------
@@ -254,6 +333,19 @@ fi
 
 # --- uninstall -------------------------------------------------------------------------------
 if [ "$role" = uninstall ]; then
+    check_rollouts ""
+    # The leader's data dir holds the cluster CA: without it no node gets a certificate again.
+    if [ "$purge" = yes ] && [ "$yes" = no ] && [ -n "$(ls -A "$LEADER_DATA" 2>/dev/null)" ]; then
+        deletes="--purge deletes $LEADER_DATA: the cluster CA (its key) and the leader's store"
+        if [ -t 0 ] && [ -t 2 ]; then
+            printf 'install.sh: %s; a backup first: tlsroll-leader --backup DIR. Type purge to go on: ' "$deletes" >&2
+            answer=""
+            read -r answer || true
+            [ "$answer" = purge ] || die "not confirmed; nothing removed"
+        else
+            die "$deletes: give --yes too (a backup first: tlsroll-leader --backup DIR); nothing removed"
+        fi
+    fi
     if systemd_running; then
         for unit in tlsroll-leader.service tlsroll-agent.service; do
             systemctl disable --now "$unit" >/dev/null 2>&1 || true
@@ -349,13 +441,6 @@ old_version=""
 if [ -f "$MANIFEST" ] && [ -x "$VENV/bin/python" ]; then
     old_version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("tlsroll"))' 2>/dev/null || echo unknown)
 fi
-running=""
-if systemd_running; then
-    for unit in tlsroll-leader tlsroll-agent; do
-        if systemctl is-active --quiet "$unit.service"; then running="$running $unit"; fi
-    done
-    running=${running# }
-fi
 
 # store_schema FILE: the schema (PRAGMA user_version) of the SQLite file and the lowest schema
 # that may read it (its schema_floor table's readable_by, tlsroll/sqlite.py: a newer tlsroll's
@@ -435,51 +520,6 @@ for store in "$LEADER_DATA/leader.sqlite3" "$agent_data/journal.sqlite3"; do
     fi
 done
 
-# rollouts_in_the_way: whether the running leader may be restarted now. Prints "quiet WHAT" (no
-# node of a rollout on its way; WHAT: the rollouts not ended, if any, e.g. one awaiting
-# finalize) or "busy WHAT"; dies if the leader cannot be asked. Every rollout not ended is
-# looked at (what the leader considers active), not only the newest: a finalize that halted is
-# newer than the phase 1 it finalizes, which still awaits finalize.
-rollouts_in_the_way() {
-    local errors answer asked problem
-    errors=$(mktemp)
-    answer=$(timeout 60 "$VENV/bin/tlsroll" schema show --all --json 2>"$errors") && asked=0 || asked=$?
-    problem=$(grep -v '^ *$' "$errors" | tail -n 1 || true)
-    rm -f "$errors"
-    [ "$asked" = 0 ] ||
-        die "cannot ask the running tlsroll-leader whether a rollout is active (${problem:-tlsroll schema show exited $asked}); nothing changed (--restart-later installs without restarting it)"
-    "$VENV/bin/python" -c 'import json, sys
-ENDED = {"completed", "halted", "aborted"}
-ON_ITS_WAY = {"preflight", "staging", "staged", "switching", "confirming"}
-busy, quiet = [], []
-for r in json.load(sys.stdin).get("rollouts", []):
-    rid, state = r["id"], r["state"]
-    if state in ENDED:
-        continue
-    moving = ", ".join(sorted(n["name"] for n in r.get("nodes", []) if n.get("state") in ON_ITS_WAY))
-    if state == "awaiting_finalize":
-        quiet.append(f"rollout {rid} awaits finalize")
-    elif state == "paused" and not moving:
-        quiet.append(f"rollout {rid} is paused with no node on its way")
-    elif state == "running" and r.get("when_quiet_seconds") and not moving:
-        quiet.append(f"rollout {rid} (finalize --when-quiet) waits for quiet nodes")
-    else:
-        busy.append(f"rollout {rid} is {state}" + (f" ({moving} on its way)" if moving else ""))
-print("busy" if busy else "quiet", "; ".join(busy or quiet))' <<<"$answer" 2>/dev/null ||
-        die "cannot read the running leader's answer to tlsroll schema show --all --json; nothing changed (--restart-later installs without restarting it)"
-}
-# check_rollouts WHEN: refuse (nothing changed) if the leader would be restarted while a node
-# of a rollout is on its way; say so if a rollout not ended is no obstacle.
-check_rollouts() {
-    local found
-    if [ "$restart_later" = yes ] || [[ " $running " != *" tlsroll-leader "* ]]; then return 0; fi
-    found=$(rollouts_in_the_way) || exit 1 # it said why
-    case "$found" in
-        busy\ *) die "${found#busy }$1: an upgrade now would restart tlsroll-leader in its course; nothing changed. Wait until no node is on its way (tlsroll rollout status), or run again with --restart-later (the agent is restarted, the leader only once you restart it: systemctl restart tlsroll-leader)" ;;
-        "quiet ") ;;
-        *) say "${found#quiet }: the leader's restart is safe there (it goes on where it was)" ;;
-    esac
-}
 check_rollouts ""
 # What is restarted once installed (restart_now) and what --restart-later holds back (held):
 # only the leader; the agent is restarted at once (old code must not go on over new files).

@@ -75,6 +75,7 @@ from leader.rollout_core import (
     IN_FLIGHT_NODE_STATES,
     LEFT_AS_IS,
     LEFT_OFFLINE,
+    SERVER_DOWN,
     STEP_FOR_STATE,
     TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
@@ -168,17 +169,35 @@ class NeedsAdmin(PlanError):
 
 
 class Unreachable(PlanError):
-    """Nodes whose agents could not be asked what they run (the plan needs to know)."""
+    """Nodes whose agents could not be asked what they run (the plan needs to know), or whose
+    agents answered but not their managed servers (``SERVER_DOWN``): each named with what to
+    do, "bring the agent up" only where the agent did not answer (review s46rt2 L4)."""
 
     def __init__(self, errors: Mapping[str, str]) -> None:
         self.errors = dict(errors)
         names = sorted(errors)
-        what = _some([f"{n}: {errors[n]}" for n in names], " (tlsroll nodes --check)")
-        super().__init__(
-            f"cannot ask the agent of {_some(names)} what it runs ({what}); "
-            "bring the agent up or leave the node out (--nodes)"
-        )
-        self.names = tuple(sorted(errors))
+        down = [n for n in names if errors[n].startswith(SERVER_DOWN)]
+        agents = [n for n in names if n not in down]
+        said = []
+        if agents:
+            what = _some([f"{n}: {errors[n]}" for n in agents], " (tlsroll nodes --check)")
+            said.append(
+                f"cannot ask the agent of {_some(agents)} what it runs ({what}); "
+                "bring the agent up or leave the node out (--nodes)"
+            )
+        if down:
+            what = _some([f"{n}: {errors[n]}" for n in down], " (tlsroll nodes)")
+            its, verb = (
+                ("its agent answers, its managed server does not", "runs")
+                if len(down) == 1
+                else ("their agents answer, their managed servers do not", "run")
+            )
+            said.append(
+                f"cannot tell what {_some(down)} {verb}: {its} ({what}); "
+                "start the server or leave the node out (--nodes)"
+            )
+        super().__init__("; ".join(said))
+        self.names = tuple(names)
 
 
 class NoneReachable(PlanError):

@@ -449,7 +449,10 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok(f"for p in {gone} {unit}; do ! test -e $p || {{ echo $p; exit 1; }}; done")
     throwaway.ok(f"test -f /var/lib/tlsroll/ca/ca.pem -a -f /etc/tlsroll/agent.toml -a -f {dropin}")
     throwaway.ok("getent passwd tlsroll")
-    throwaway.ok(f"{install} uninstall --purge")
+    refused = throwaway.run(f"{install} uninstall --purge")  # the CA: wants --yes (no terminal)
+    assert refused.returncode == 1 and "give --yes too" in refused.stderr, refused.stderr
+    throwaway.ok("test -f /var/lib/tlsroll/ca/ca.pem")
+    throwaway.ok(f"{install} uninstall --purge --yes")
     throwaway.ok(f"! test -e /var/lib/tlsroll && ! test -e /etc/tlsroll && ! test -e {dropin}")
     throwaway.ok("! getent passwd tlsroll")
 

@@ -487,3 +487,97 @@ def test_a_rollout_started_during_the_build_is_seen_before_the_swap(
     assert throwaway.ok("sha256sum /opt/tlsroll/bin/* /opt/tlsroll/installed-files") == before
     assert throwaway.run("test -e /opt/tlsroll.new || test -e /opt/tlsroll.old").returncode == 1
     assert "try-restart" not in throwaway.ok("cat /var/lib/fake-systemd/calls")
+
+
+# --- uninstall (review s46rt2 L6) ------------------------------------------------------------
+
+
+def uninstall(throwaway: ThrowawayRoot, args: str = "") -> subprocess.CompletedProcess[str]:
+    result = throwaway.run(f"{INSTALL} uninstall {args}", timeout=60, network=True)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not re.search(r"line \d+", result.stderr), result.stderr
+    return result
+
+
+def test_uninstall_is_refused_while_a_node_of_a_rollout_is_on_its_way(
+    throwaway: ThrowawayRoot, cluster: Cluster, tmp_path: Path
+) -> None:
+    """It stopped the leader (and the agent) in a rollout's course without a look. Now it is
+    refused as an upgrade is, nothing removed; a rollout with no node on its way is said and
+    the uninstall goes on."""
+    fake_venv(throwaway, cluster, tmp_path)
+    fake_systemd(throwaway, "tlsroll-leader", "tlsroll-agent")
+    on_its_way = dict(rollout_id="r-switching", epoch=2, state="running",
+                      nodes={"n1": "done", "n2": "switching"})  # fmt: skip
+    rollouts_now(cluster, on_its_way)
+    throwaway.ok("touch /var/lib/fake-systemd/calls")  # (each systemctl call is logged there)
+    before = throwaway.changed()
+
+    refused = uninstall(throwaway)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr == (
+        "install.sh: rollout r-switching is running (n2 on its way): uninstalling now would "
+        "stop tlsroll-leader in its course; nothing removed. Wait until no node is on its way "
+        "(tlsroll rollout status)\n"
+    )
+    assert refused.stdout == ""
+    calls = throwaway.ok("cat /var/lib/fake-systemd/calls")
+    assert "disable" not in calls, calls
+    assert throwaway.changed() == before
+
+    phase1 = dict(rollout_id="r-phase1", epoch=1, state="awaiting_finalize",
+                  nodes={"n1": "dual", "n2": "dual"}, strategy="transitional")  # fmt: skip
+    rollouts_now(cluster, phase1)
+    done = uninstall(throwaway)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0] == (
+        "install.sh: rollout r-phase1 awaits finalize: it stays so while tlsroll is not installed"
+    ), done.stdout
+    assert "disable --now tlsroll-leader.service" in throwaway.ok("cat /var/lib/fake-systemd/calls")
+    throwaway.ok("! test -e /opt/tlsroll")
+
+
+def test_uninstall_purge_of_a_leader_data_dir_wants_yes_or_purge_typed(
+    throwaway: ThrowawayRoot,
+) -> None:
+    """--purge deleted the cluster CA (/var/lib/tlsroll) without a question. Now it wants
+    --yes, or "purge" typed on a terminal; refused, it removes nothing. A node with no
+    leader's data dir (an agent node) is purged as before."""
+    throwaway.ok(
+        "mkdir -p /opt/tlsroll/bin /var/lib/tlsroll/ca /etc/tlsroll /var/lib/tlsroll-agent && "
+        "touch /opt/tlsroll/installed-files /var/lib/tlsroll/ca/ca.key /etc/tlsroll/agent.toml"
+    )
+    before = throwaway.changed()
+    refused = uninstall(throwaway, "--purge")
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "install.sh: --purge deletes /var/lib/tlsroll: the cluster CA (its key) and the "
+        "leader's store: give --yes too (a backup first: tlsroll-leader --backup DIR); "
+        "nothing removed\n"
+    )
+    assert throwaway.changed() == before
+
+    def on_a_terminal(typed: str) -> subprocess.CompletedProcess[str]:
+        command = f"{INSTALL} uninstall --purge"
+        return throwaway.run(
+            f"printf '%s\\n' {shlex.quote(typed)} | script -qec {shlex.quote(command)} /dev/null",
+            timeout=60,
+        )
+
+    typed_no = on_a_terminal("yes")
+    assert typed_no.returncode == 1, typed_no.stdout + typed_no.stderr
+    assert "Type purge to go on: " in typed_no.stdout  # (script: one terminal for both)
+    assert "install.sh: not confirmed; nothing removed" in typed_no.stdout
+    assert throwaway.changed() == before
+
+    typed = on_a_terminal("purge")
+    assert typed.returncode == 0, typed.stdout + typed.stderr
+    throwaway.ok("! test -e /var/lib/tlsroll && ! test -e /opt/tlsroll && ! test -e /etc/tlsroll")
+
+    # With --yes, no question; an agent node (no leader data dir) needs no --yes.
+    throwaway.ok("mkdir -p /var/lib/tlsroll/ca /opt/tlsroll && touch /var/lib/tlsroll/ca/ca.key")
+    assert uninstall(throwaway, "--purge --yes").returncode == 0
+    throwaway.ok("! test -e /var/lib/tlsroll")
+    throwaway.ok("mkdir -p /var/lib/tlsroll-agent /opt/tlsroll && touch /var/lib/tlsroll-agent/j")
+    assert uninstall(throwaway, "--purge").returncode == 0
+    throwaway.ok("! test -e /var/lib/tlsroll-agent")

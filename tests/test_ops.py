@@ -15,7 +15,9 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2
 
+from leader.cli import join_merge
 from leader.layout import read_passphrase
+from nodeagent.config import AgentConfig
 from tests.cluster import (
     Agent,
     Cluster,
@@ -401,7 +405,12 @@ def test_print_join_command_writes_a_config_that_enrols_a_real_agent(cluster: Cl
         ["sh", "-s"], input=script, capture_output=True, text=True, timeout=30, check=False
     )
     assert ran.returncode == 0, ran.stderr
-    assert (etc / "agent.toml.before-join").read_text().startswith("# the example")
+    (kept,) = etc.glob("agent.toml.before-join.*")  # nothing to keep in it: said so
+    assert kept.read_text().startswith("# the example")
+    assert ran.stdout == (
+        "join: the agent.toml that was there had no [server] and no other [agent] setting to "
+        f"keep; all of it is in {kept}\n"
+    )
     for path in (config, token_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert token_file.read_text() == token + "\n"
@@ -422,6 +431,141 @@ def test_print_join_command_writes_a_config_that_enrols_a_real_agent(cluster: Cl
         assert cluster.find_secrets(agent.log_text() + cluster.leader.log_text()) == []
     finally:
         agent.close()
+
+
+OLD_AGENT_TOML = """\
+# node7, set up before (its leader's CA made again since: tlsroll init)
+[node]
+name = "node7"
+addresses = ["192.0.2.7"]
+
+[leader]
+address = "192.0.2.1"
+ca_pin = "sha256:{pin}"
+join_token_file = "/nowhere/join-token"
+
+[agent]
+data_dir = "{data}"
+bootstrap_port = 9543   # 9443 is another program's here
+log_level = "debug"
+
+[server]                 # the managed server: the admin's
+driver = "systemd"
+unit = "praxis.service"  # not the example's name
+config_file = "/etc/praxis/server.toml"
+template = "/etc/tlsroll/praxis.toml.tmpl"
+"""
+
+
+def join_script_for(cluster: Cluster, name: str, etc: Path, data: Path) -> str:
+    made = cluster.cli(
+        "token", "create", "--node", name, "--address", next_loopback(),
+        "--print-join-command", "--agent-config-dir", str(etc), "--agent-data-dir", str(data),
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = re.search(r"^printf '%s\\n' '?([\w-]+\.[\w-]+)'? > ", made.stdout, re.MULTILINE)
+    assert token, made.stdout
+    cluster.tokens.append(token.group(1))
+    return made.stdout
+
+
+def run_join(script: str, path: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", "-s"], input=script, capture_output=True, text=True, timeout=30, check=False,
+        env={"PATH": path, "LANG": "C.UTF-8"},
+    )  # fmt: skip
+
+
+def test_a_join_again_keeps_the_server_table_and_agent_settings_and_every_earlier_copy(
+    cluster: Cluster,
+) -> None:
+    """Review s46rt2 L3: the join script, run again on a node set up before (what a CA made
+    again sends the admin to do), overwrote agent.toml whole: its [server] table and
+    bootstrap_port were gone without a word, and a second run overwrote agent.toml.before-join
+    (then the join's own config, no [server] in it). Now they are kept, in one line, and each
+    run keeps the config it found under a name of its own."""
+    cluster.start_leader()
+    etc, data = cluster.root / "node-etc", cluster.root / "node-data"
+    etc.mkdir()
+    config = etc / "agent.toml"
+    old = OLD_AGENT_TOML.format(pin="0" * 64, data=data)
+    config.write_text(old)
+    config.chmod(0o600)
+    script = join_script_for(cluster, "node7", etc, data)
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"  # python3: a 3.11+, as on a node
+
+    runs = [run_join(script, path), run_join(script, path)]
+    copies = sorted(etc.glob("agent.toml.before-join.*"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(copies) == 2, copies  # the second run did not overwrite the first's
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
+    for ran, kept in zip(runs, copies, strict=True):
+        assert ran.stdout == (
+            "join: kept [server] (driver systemd), [agent] bootstrap_port, log_level of the "
+            f"agent.toml that was there; all of it is in {kept}\n"
+        ), ran.stdout
+    assert copies[0].read_text() == old
+    assert stat.S_IMODE(copies[0].stat().st_mode) == 0o600
+    assert copies[1].read_text() == config.read_text()  # a second run changes nothing more
+
+    loaded = AgentConfig.load(config)  # as the agent reads it
+    assert loaded.bootstrap_port == 9543 and loaded.log_level == "debug"
+    assert loaded.data_dir == data and loaded.leader_address == cluster.address
+    assert loaded.server is not None and loaded.server.text("unit") == "praxis.service"
+    assert loaded.ca_pin == cluster.ca_pin() and loaded.join_token_file == etc / "join-token"
+    assert 'unit = "praxis.service"  # not the example\'s name' in config.read_text()
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert sorted(p.name for p in etc.iterdir() if "before-join" not in p.name) == [
+        "agent.toml",
+        "join-token",
+    ]
+
+
+def test_a_join_with_no_python_to_keep_the_server_table_changes_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_leader()
+    etc, data = cluster.root / "node-etc", cluster.root / "node-data"
+    etc.mkdir()
+    config = etc / "agent.toml"
+    old = OLD_AGENT_TOML.format(pin="0" * 64, data=data)
+    config.write_text(old)
+    script = join_script_for(cluster, "node7", etc, data)
+    bin_dir = tmp_path / "bin"  # the script's tools, and no python3
+    bin_dir.mkdir()
+    for tool in ("sh", "mkdir", "cat", "rm", "date", "cp", "chmod", "mv"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    ran = run_join(script, str(bin_dir))
+    assert ran.returncode == 1
+    assert ran.stderr == (
+        f"join: {config} is there and no Python 3.11+ to keep its [server] table: install "
+        "tlsroll first (install.sh agent), or move it away; nothing changed\n"
+    )
+    assert config.read_text() == old
+    assert [p.name for p in etc.iterdir()] == ["agent.toml"]
+
+
+def test_a_config_whose_tables_are_not_told_apart_by_line_is_kept_from_its_values() -> None:
+    """A quoted table name, a "[" at the start of a line in a multi-line string, a sub-table
+    after another table: the join's merge writes what it keeps from the values (and checks
+    what it wrote reads as the old [server] and [agent] and the join's tables)."""
+    new = '# head\n\n[node]\nname = "a"\n\n[leader]\naddress = "192.0.2.1"\n\n[agent]\n'
+    new += 'data_dir = "/d"\n'
+    old = '[agent]\nport = 1\n"data_dir" = "/x"\n\n["server"]\ndriver = "exec"\nenv = {A = "b"}\n'
+    old += 'text = """\n[x]\n"""\n[leader]\naddress = "192.0.2.9"\n[server.sub]\nk = [1, 2]\n'
+    text, expect = join_merge.merged_text(old, new)
+    assert (
+        tomllib.loads(text)
+        == expect
+        == {
+            "node": {"name": "a"},
+            "leader": {"address": "192.0.2.1"},
+            "agent": {"port": 1, "data_dir": "/d"},
+            "server": {"driver": "exec", "env": {"A": "b"}, "text": "[x]\n", "sub": {"k": [1, 2]}},
+        }
+    )
+    assert text.startswith("# head\n")
 
 
 # --- usage errors and the admin socket ---------------------------------------------------------

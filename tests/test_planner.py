@@ -1057,6 +1057,32 @@ def test_a_node_whose_agent_cannot_be_asked_blocks_the_plan_naming_why() -> None
     assert "b: connection refused" in str(info.value)
 
 
+def test_an_agent_that_answers_for_a_down_server_is_not_told_to_be_brought_up() -> None:
+    """Review s46rt2 L4: each node with what to do: the agent that does not answer brought up,
+    the server that does not started (its agent answered)."""
+    with pytest.raises(Unreachable) as info:
+        plan_rollout(
+            rollout_id="r4",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled={"a": True, "b": True, "c": True},
+            leader="a",
+            epoch=1,
+            observed={
+                "a": seen("http"),
+                "b": NodeObservation(False, "connection refused"),
+                "c": NodeObservation(False, "the managed server: not answering on /run/x.sock"),
+            },
+        )
+    assert info.value.names == ("b", "c")
+    assert str(info.value) == (
+        "cannot ask the agent of b what it runs (b: connection refused); bring the agent up or "
+        "leave the node out (--nodes); cannot tell what c runs: its agent answers, its managed "
+        "server does not (c: the managed server: not answering on /run/x.sock); start the "
+        "server or leave the node out (--nodes)"
+    )
+
+
 def test_a_password_in_use_is_kept_never_replaced() -> None:
     assert decide_auth(Change.ENABLE_TLS, False, 3, in_use=2) == AuthDecision(False, 2)
     with pytest.raises(PlanError, match="already use auth password version 2"):

@@ -168,7 +168,7 @@ def test_rollback_takes_back_a_node_whose_server_is_down(tmp_path: Path) -> None
         # Every other change is as strict as before: refused, naming the server.
         rotate = cluster.cli("rollout", "start", "--scope", "cluster", "--change", "rotate-cert")
         assert rotate.returncode == 1
-        assert "cannot ask the agent of node2 what it runs (node2: the managed server" in (
+        assert "cannot tell what node2 runs: its agent answers, its managed server does not " in (
             rotate.stderr
         )
 
@@ -320,3 +320,24 @@ def test_a_halted_way_back_names_the_way_out(tmp_path: Path) -> None:
             assert states(way_back)["node2"] == ("skipped", LEFT)
             for node in (nodes[0], nodes[2]):
                 assert node.server.status()["listen"] == ["http"]
+
+
+def test_plan_says_start_the_server_where_the_agent_answers_and_its_server_does_not(
+    tmp_path: Path,
+) -> None:
+    """Review s46rt2 L4: node2's agent online, its managed server down: `tlsroll plan` said
+    "cannot ask the agent of node2 what it runs (...); bring the agent up or leave the node
+    out", of an agent that was up. Now it says what is down and what to do."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        kill_server(nodes[1])
+        seen_down(cluster, "node2")
+        plan = cluster.cli("plan", "--scope", "cluster")
+        assert plan.returncode == 1, plan.stdout
+        assert re.fullmatch(
+            r"tlsroll: error: cannot tell what node2 runs: its agent answers, its managed server"
+            r" does not \(node2: the managed server: [^\n]+\); start the server or leave the node"
+            r" out \(--nodes\)\n",
+            plan.stderr,
+        ), plan.stderr
+        left_out = cluster.cli("plan", "--scope", "nodes", "--nodes", "node1")
+        assert left_out.returncode == 0, left_out.stderr

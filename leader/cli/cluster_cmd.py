@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from leader.cli import join_merge
 from leader.cli.base import (
     Leader,
     emit_json,
@@ -257,8 +258,10 @@ def token_create(
     signs those and nothing else, and refuses names the leader or another node holds.
 
     With --print-join-command it prints, instead, a shell script to run as root on that node:
-    it writes the agent's whole config and the token file; add the [server] table (the managed
-    server's driver, see the example agent.toml) and start the agent."""
+    it writes the agent's config and the token file. An agent.toml already there is copied to
+    agent.toml.before-join.TIME (never over an earlier copy), and its [server] table and the
+    [agent] settings the script does not set are kept, said in one line; check the [server]
+    table (the managed server's driver, see the example agent.toml) and start the agent."""
     seconds = parse_duration(ttl)
     for option, path in (
         ("--agent-config-dir", agent_config_dir),
@@ -330,8 +333,9 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         },
         f"tlsroll agent {info.node_name} (written by `tlsroll token create --print-join-command`)",
     )
-    marker = "TLSROLL_AGENT_TOML"
+    marker, merge = "TLSROLL_AGENT_TOML", "TLSROLL_JOIN_MERGE"
     q = shlex.quote
+    conf, new = q(str(config_file)), q(f"{config_file}.join")
     lines = [
         "#!/bin/sh",
         f"# Run as root on node {info.node_name} ({', '.join(info.addresses)}). It writes",
@@ -341,18 +345,51 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         "set -eu",
         "umask 077",
         f"mkdir -p {q(str(config_dir))}",
-        "# An agent.toml already there (install.sh's example, your [server] table) is kept aside.",
-        f"if [ -e {q(str(config_file))} ]; then "
-        f"cp -p {q(str(config_file))} {q(str(config_file) + '.before-join')}; fi",
-        f"cat > {q(str(config_file))} <<'{marker}'",
+        f"cat > {new} <<'{marker}'",
         config.rstrip("\n"),
         marker,
+        "# An agent.toml already there (install.sh's example, a node joined before) is copied",
+        "# whole to agent.toml.before-join.TIME, and its [server] table and the [agent] settings",
+        "# this script does not set are kept (by the node's Python: tlsroll's, or python3 3.11+).",
+        f"if [ -e {conf} ]; then",
+        "    py=",
+        "    for candidate in /opt/tlsroll/bin/python python3; do",
+        "        if \"$candidate\" -c 'import tomllib' >/dev/null 2>&1; then",
+        "            py=$candidate",
+        "            break",
+        "        fi",
+        "    done",
+        '    if [ -z "$py" ]; then',
+        f"        rm -f {new}",
+        "        echo "
+        + q(
+            f"join: {config_file} is there and no Python 3.11+ to keep its [server] table: "
+            "install tlsroll first (install.sh agent), or move it away; nothing changed"
+        )
+        + " >&2",
+        "        exit 1",
+        "    fi",
+        f"    kept={q(f'{config_file}.before-join.')}$(date -u +%Y%m%dT%H%M%SZ)",
+        "    base=$kept n=1",
+        '    while [ -e "$kept" ]; do kept=$base.$n; n=$((n + 1)); done',
+        f'    cp -p {conf} "$kept"',
+        f'    "$py" - "$kept" {new} <<\'{merge}\' || {{ rm -f {new}; exit 1; }}',
+        join_merge_source().rstrip("\n"),
+        merge,
+        "fi",
         f"printf '%s\\n' {q(reply.token)} > {q(str(token_file))}",
-        f"chmod 600 {q(str(config_file))} {q(str(token_file))}",
-        "# Next: add the [server] table for the managed server (from agent.toml.before-join or",
-        "# the example agent.toml), then: systemctl enable --now tlsroll-agent",
+        f"chmod 600 {new} {q(str(token_file))}",
+        f"mv -f {new} {conf}",
+        "# Next: check the [server] table for the managed server (kept from the agent.toml",
+        "# that was there, else from the example agent.toml), then:",
+        "# systemctl enable --now tlsroll-agent",
     ]
     return "\n".join(lines) + "\n"
+
+
+def join_merge_source() -> str:
+    """The text of ``leader.cli.join_merge``, which the join script runs with the node's Python."""
+    return Path(join_merge.__file__).read_text(encoding="utf-8")
 
 
 @token.command("list")
