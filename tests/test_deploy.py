@@ -651,7 +651,14 @@ systemctl start tlsroll-leader.service && echo LEADER-STARTED >>/probe-out/leade
 tlsroll ca show >>/probe-out/leader 2>&1 && echo CA-SHOW-OK >>/probe-out/leader
 pid=$(systemctl show -p MainPID --value tlsroll-leader.service)
 grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status >>/probe-out/leader
+# The system bus, as on a server (this boot starts only what the probe needs).
+systemctl start dbus.socket
 systemctl start tlsroll-agent.service
+# What the agent's probe tried to start outside its sandbox (review s46rt2 M2).
+for i in $(seq 50); do test -e /var/lib/escaped-nowait && break; sleep 0.1; done
+for f in escaped-run escaped-nowait escaped-link; do
+  test -e /var/lib/$f && echo "$f" >>/probe-out/escape
+done
 # install.sh again (an upgrade) under the running leader, no rollout: it restarts the leader.
 before=$(systemctl show -p MainPID --value tlsroll-leader.service)
 ./install.sh leader --address 127.0.0.2 --node-name srv1 >/probe-out/upgrade 2>&1
@@ -675,6 +682,7 @@ AGENT_PROBE = r"""#!/bin/bash
 exec >/probe-out/agent 2>&1
 grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' /proc/self/status
 systemctl restart praxis-dummy.service && echo RESTART-OK
+systemctl status --no-pager praxis-dummy.service >/dev/null && echo STATUS-OK
 /opt/tlsroll/bin/python -c '
 import mmap, grpc, aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -689,6 +697,16 @@ chown nobody:nogroup /etc/praxis/server.toml && echo CHOWN-SERVER-CONFIG-OK
 echo x >/etc/tlsroll/elsewhere 2>/dev/null || echo WRITE-ETC-DENIED
 echo x >/var/lib/tlsroll-agent/probe && echo WRITE-DATA-OK
 [ -z "$(ls -A /root 2>/dev/null)" ] && echo HOME-HIDDEN
+# A command outside the sandbox, through the system bus (review s46rt2 M2): refused.
+systemd-run --wait --quiet /bin/touch /var/lib/escaped-run || echo SYSTEMD-RUN-REFUSED
+busctl --system --no-pager list >/dev/null || echo SYSTEM-BUS-HIDDEN
+# Through PID 1's private socket, which systemctl uses (recorded, not refused: see the unit).
+systemd-run --quiet --unit=probe-nowait /bin/touch /var/lib/escaped-nowait
+echo "systemd-run (no --wait): $?"
+printf '[Service]\nType=oneshot\nExecStart=/bin/touch /var/lib/escaped-link\n' \
+  >/var/lib/tlsroll-agent/probe-link.service
+systemctl link /var/lib/tlsroll-agent/probe-link.service && systemctl start probe-link.service
+echo "systemctl link + start: $?"
 """
 
 
@@ -774,14 +792,24 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     assert re.search(r"Seccomp:\s+2\n", agent), report
     allowed = [
         "RESTART-OK",
+        "STATUS-OK",
         "PYTHON-OK",
         "WRITE-SERVER-CONFIG-OK",
         "CHOWN-SERVER-CONFIG-OK",
         "WRITE-DATA-OK",
     ]
-    refused = ["WX-DENIED", "WRITE-ETC-DENIED", "HOME-HIDDEN"]
+    refused = [
+        "WX-DENIED",
+        "WRITE-ETC-DENIED",
+        "HOME-HIDDEN",
+        "SYSTEMD-RUN-REFUSED",
+        "SYSTEM-BUS-HIDDEN",
+    ]
     for word in allowed + refused:
         assert word in agent, report
+    # What the unit's comment says remains: PID 1's private socket, through which uid 0 still
+    # has a command run outside the sandbox (only systemd-run --wait needs the bus).
+    assert files.get("escape", "").split() == ["escaped-nowait", "escaped-link"], report
 
 
 # --- a full disk under install.sh (audit s38, M3) -----------------------------------------------
