@@ -19,8 +19,8 @@
 # /opt/tlsroll/installed-files); a changed one is kept and the new version put beside it as
 # FILE.tlsroll-new. Local changes to a unit belong in a drop-in (`systemctl edit tlsroll-agent`).
 # `ca-credential` (after `tlsroll init`) moves the CA passphrase out of the data dir into a
-# systemd credential encrypted for this machine (its host key, and its TPM2 when it has one)
-# and shows the passphrase once: on a terminal, or in a new file that
+# systemd credential encrypted for this machine (its host key, and its TPM2 when it has one, not
+# bound to its PCRs) and shows the passphrase once: on a terminal, or in a new file that
 # --passphrase-out names (never into a pipe or a log).
 # `uninstall` removes the units, the venv, the docs and the link, and keeps config and data
 # (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given.
@@ -195,6 +195,10 @@ write_whole() {
 # (Ubuntu 24.04's 255) leaves a credential owned by root with an ACL for the service's user.
 # The credential is named tlsroll-ca-passphrase, not ca-passphrase, so that a leader that looks
 # for $CREDENTIALS_DIRECTORY/ca-passphrase itself takes the copy instead.
+# With a TPM2, the credential is bound to the TPM2 but to none of its PCRs (--tpm2-pcrs=, empty;
+# systemd-creds's default is PCR 7): PCR 7 changes with the Secure Boot state and its keys (a
+# dbx update by fwupd, Secure Boot switched off in the firmware setup), and the leader would no
+# longer start. The TPM2 still ties it to this machine's chip, the host key to its disk.
 # The plaintext file is shredded: the passphrase is shown once, its only copy then. So it goes
 # to a terminal only, or into a new 0600 file the admin names (--passphrase-out FILE); stdout
 # that is a pipe or a file (`| tee install.log`, a provisioning tool that keeps its output)
@@ -232,7 +236,7 @@ print(tomllib.load(open(sys.argv[1], "rb"))["leader"]["ca_passphrase_file"])' "$
     fi
     errors=$(mktemp)
     install -d -m 0700 "$(dirname "$CA_CREDENTIAL")"
-    if ! systemd-creds encrypt --name=tlsroll-ca-passphrase "$passfile" "$CA_CREDENTIAL.tmp" 2>"$errors"; then
+    if ! systemd-creds encrypt --name=tlsroll-ca-passphrase --tpm2-pcrs= "$passfile" "$CA_CREDENTIAL.tmp" 2>"$errors"; then
         cat "$errors" >&2
         rm -f "$CA_CREDENTIAL.tmp" "$errors"
         die "systemd-creds encrypt failed; nothing changed"
@@ -269,7 +273,11 @@ ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passp
     say "the CA passphrase is now the credential $CA_CREDENTIAL, which only this machine can decrypt; $passfile is gone"
     echo
     echo "Keep the CA passphrase offline (a password safe, or on paper in the safe): a copy of"
-    echo "$LEADER_DATA on another machine needs it to use the CA."
+    echo "$LEADER_DATA on another machine needs it to use the CA, and so does this machine once"
+    echo "it cannot decrypt the credential (its TPM2 cleared or replaced, or"
+    echo "/var/lib/systemd/credential.secret lost): the leader does not start then. The way back:"
+    echo "the passphrase in a file (0600, owned by tlsroll), ca_passphrase_file in $config"
+    echo "set to that file, then install.sh ca-credential again."
     if [ -n "$passphrase_out" ]; then
         echo "It is in $passphrase_out (0600), its only copy: keep it offline, then shred -u it."
     else

@@ -1116,7 +1116,7 @@ exec /usr/bin/systemd-creds "$@"
 """
 
 
-def test_ca_credential_shows_the_passphrase_on_a_terminal_only(
+def test_ca_credential_shows_the_passphrase_on_a_terminal_only_and_binds_no_pcr(
     throwaway: ThrowawayRoot,
 ) -> None:
     """Review s46rt2 L5: ``install.sh ca-credential`` printed the CA passphrase whatever its
@@ -1124,8 +1124,12 @@ def test_ca_credential_shows_the_passphrase_on_a_terminal_only(
     plaintext file is shredded, so that printout is its only copy. Now: stdout a pipe or a
     file is refused before anything changes (one line naming ``--passphrase-out``), and the
     passphrase is in no output; ``--passphrase-out FILE`` writes it to a new file, 0600, never
-    over an existing one, and not to stdout; on a terminal it is shown, as before. The
-    credential, made by the real systemd-creds, decrypts to it (no TPM2 here: the host key)."""
+    over an existing one, and not to stdout; on a terminal it is shown, as before.
+    M3: the credential is encrypted with ``--tpm2-pcrs=`` (empty: bound to the TPM2 if the
+    machine has one, but to none of its PCRs: systemd 252's default is PCR 7, which a Secure
+    Boot or firmware change moves, and the leader would not start) and, with the real
+    systemd-creds, still decrypts here (this machine has no TPM2: the host key alone). The
+    output names the way back if the credential no longer decrypts."""
     install = shlex.quote(str(INSTALL_SH))
     data = "/var/lib/tlsroll"
     config = f"{data}/leader.toml"
@@ -1183,7 +1187,16 @@ def test_ca_credential_shows_the_passphrase_on_a_terminal_only(
     assert throwaway.ok(f"stat -c '%U %a' {PASSPHRASE_OUT}") == "root 600\n"
     assert throwaway.ok(f"cat {PASSPHRASE_OUT}") == passphrase
     throwaway.ok(f"! test -e {passfile}")
-    # The real credential decrypts here (no TPM2 on this machine).
+    # The way back, beside the words on keeping it offline.
+    assert "so does this machine once\nit cannot decrypt the credential" in result.stdout
+    assert "then install.sh ca-credential again." in result.stdout
+    # M3: no PCR, and the real credential decrypts here (no TPM2 on this machine).
+    (encrypt,) = [
+        c
+        for c in throwaway.ok("cat /var/lib/systemd-creds.calls").splitlines()
+        if c.startswith("encrypt ")
+    ]
+    assert "--tpm2-pcrs= " in encrypt, encrypt
     decrypted = throwaway.ok(
         f"/usr/bin/systemd-creds decrypt --name=tlsroll-ca-passphrase {credential} -"
     )
