@@ -3,7 +3,7 @@
 #
 #   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later] [--check-only]
 #   install.sh agent  [--server-config-dir DIR] [--python PYTHON] [--restart-later] [--check-only]
-#   install.sh ca-credential
+#   install.sh ca-credential [--passphrase-out FILE]
 #   install.sh uninstall [--purge [--yes]]
 #
 # From a release bundle (`make dist`: this script beside wheels/) it installs offline; from a
@@ -19,7 +19,9 @@
 # /opt/tlsroll/installed-files); a changed one is kept and the new version put beside it as
 # FILE.tlsroll-new. Local changes to a unit belong in a drop-in (`systemctl edit tlsroll-agent`).
 # `ca-credential` (after `tlsroll init`) moves the CA passphrase out of the data dir into a
-# systemd credential encrypted for this machine (its host key, and its TPM2 when it has one).
+# systemd credential encrypted for this machine (its host key, and its TPM2 when it has one, not
+# bound to its PCRs) and shows the passphrase once: on a terminal, or in a new file that
+# --passphrase-out names (never into a pipe or a log).
 # `uninstall` removes the units, the venv, the docs and the link, and keeps config and data
 # (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given. It is
 # refused (nothing removed) while the leader runs here with a node of a rollout on its way, and
@@ -75,7 +77,7 @@ fc08deb3ad7499b4c9be16b3251867ae727d89ca66dcf9c160383c1a86529669"
 
 USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later] [--check-only]
        install.sh agent [--server-config-dir DIR] [--python PYTHON] [--restart-later] [--check-only]
-       install.sh ca-credential
+       install.sh ca-credential [--passphrase-out FILE]
        install.sh uninstall [--purge [--yes]]"
 
 usage_error() {
@@ -84,8 +86,10 @@ usage_error() {
     exit 2
 }
 discard_new=no # yes once the new venv is built and not yet in place: a refusal removes it
+discard_out="" # ca-credential's --passphrase-out once written, while nothing else has changed
 die() {
     if [ "$discard_new" = yes ]; then rm -rf "$NEW_VENV"; fi
+    if [ -n "$discard_out" ]; then rm -f "$discard_out"; fi
     echo "install.sh: $1" >&2
     exit 1
 }
@@ -112,12 +116,14 @@ purge=no
 yes=no
 restart_later=no
 check_only=no
+passphrase_out=""
 while [ $# -gt 0 ]; do
     opt=$1
     case "$role:$opt" in
-        leader:--address | leader:--node-name | leader:--python | agent:--python | agent:--server-config-dir)
+        leader:--address | leader:--node-name | leader:--python | agent:--python | agent:--server-config-dir | ca-credential:--passphrase-out)
             [ $# -ge 2 ] && [ -n "$2" ] || usage_error "$opt needs a value"
             case "$opt" in
+                --passphrase-out) passphrase_out=$2 ;;
                 --address) address=$2 ;;
                 --node-name) node_name=$2 ;;
                 --python) python=$2 ;;
@@ -269,6 +275,14 @@ check_rollouts() {
 # (Ubuntu 24.04's 255) leaves a credential owned by root with an ACL for the service's user.
 # The credential is named tlsroll-ca-passphrase, not ca-passphrase, so that a leader that looks
 # for $CREDENTIALS_DIRECTORY/ca-passphrase itself takes the copy instead.
+# With a TPM2, the credential is bound to the TPM2 but to none of its PCRs (--tpm2-pcrs=, empty;
+# systemd-creds's default is PCR 7): PCR 7 changes with the Secure Boot state and its keys (a
+# dbx update by fwupd, Secure Boot switched off in the firmware setup), and the leader would no
+# longer start. The TPM2 still ties it to this machine's chip, the host key to its disk.
+# The plaintext file is shredded: the passphrase is shown once, its only copy then. So it goes
+# to a terminal only, or into a new 0600 file the admin names (--passphrase-out FILE); stdout
+# that is a pipe or a file (`| tee install.log`, a provisioning tool that keeps its output)
+# is refused before anything changes, rather than the passphrase left in a log or lost.
 if [ "$role" = ca-credential ]; then
     config=$LEADER_DATA/leader.toml
     runtime_file=/run/tlsroll/ca-passphrase
@@ -286,9 +300,23 @@ print(tomllib.load(open(sys.argv[1], "rb"))["leader"]["ca_passphrase_file"])' "$
     [ -s "$passfile" ] || die "$passfile (ca_passphrase_file in $config) is missing or empty"
     [ "$(grep -c '^ca_passphrase_file = ' "$config")" = 1 ] ||
         die "cannot find the line ca_passphrase_file = ... in $config"
+    if [ -n "$passphrase_out" ]; then
+        if [ -e "$passphrase_out" ] || [ -L "$passphrase_out" ]; then
+            die "--passphrase-out $passphrase_out exists (it is never overwritten): name a new file; nothing changed"
+        fi
+        # Created new (noclobber: O_EXCL, no link followed), 0600, then filled and read back.
+        if ! (umask 077 && set -C && : >"$passphrase_out") 2>/dev/null; then
+            die "cannot create --passphrase-out $passphrase_out; nothing changed"
+        fi
+        discard_out=$passphrase_out
+        { cat "$passfile" >"$passphrase_out" && cmp -s "$passfile" "$passphrase_out"; } 2>/dev/null ||
+            die "cannot write --passphrase-out $passphrase_out (is its file system full?); nothing changed"
+    elif ! [ -t 1 ]; then
+        die "the CA passphrase is shown once, on a terminal only, and stdout is not one: run install.sh ca-credential on a terminal, or add --passphrase-out FILE (a new file, created 0600) to have it written there; nothing changed"
+    fi
     errors=$(mktemp)
     install -d -m 0700 "$(dirname "$CA_CREDENTIAL")"
-    if ! systemd-creds encrypt --name=tlsroll-ca-passphrase "$passfile" "$CA_CREDENTIAL.tmp" 2>"$errors"; then
+    if ! systemd-creds encrypt --name=tlsroll-ca-passphrase --tpm2-pcrs= "$passfile" "$CA_CREDENTIAL.tmp" 2>"$errors"; then
         cat "$errors" >&2
         rm -f "$CA_CREDENTIAL.tmp" "$errors"
         die "systemd-creds encrypt failed; nothing changed"
@@ -318,14 +346,24 @@ ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passp
         rm -f "$tmp"
         die "$unrewritten"
     fi
+    discard_out=""
     passphrase=$(cat "$passfile")
     shred -u "$passfile" 2>/dev/null || rm -f "$passfile"
     if systemd_running; then systemctl daemon-reload; fi
     say "the CA passphrase is now the credential $CA_CREDENTIAL, which only this machine can decrypt; $passfile is gone"
     echo
     echo "Keep the CA passphrase offline (a password safe, or on paper in the safe): a copy of"
-    echo "$LEADER_DATA on another machine needs it to use the CA. It is shown this once:"
-    echo "  $passphrase"
+    echo "$LEADER_DATA on another machine needs it to use the CA, and so does this machine once"
+    echo "it cannot decrypt the credential (its TPM2 cleared or replaced, or"
+    echo "/var/lib/systemd/credential.secret lost): the leader does not start then. The way back:"
+    echo "the passphrase in a file (0600, owned by tlsroll), ca_passphrase_file in $config"
+    echo "set to that file, then install.sh ca-credential again."
+    if [ -n "$passphrase_out" ]; then
+        echo "It is in $passphrase_out (0600), its only copy: keep it offline, then shred -u it."
+    else
+        echo "It is shown this once:"
+        echo "  $passphrase"
+    fi
     echo
     echo "next step (as root): systemctl enable tlsroll-leader && systemctl restart tlsroll-leader"
     exit 0

@@ -658,7 +658,14 @@ systemctl start tlsroll-leader.service && echo LEADER-STARTED >>/probe-out/leade
 tlsroll ca show >>/probe-out/leader 2>&1 && echo CA-SHOW-OK >>/probe-out/leader
 pid=$(systemctl show -p MainPID --value tlsroll-leader.service)
 grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status >>/probe-out/leader
+# The system bus, as on a server (this boot starts only what the probe needs).
+systemctl start dbus.socket
 systemctl start tlsroll-agent.service
+# What the agent's probe tried to start outside its sandbox (review s46rt2 M2).
+for i in $(seq 50); do test -e /var/lib/escaped-nowait && break; sleep 0.1; done
+for f in escaped-run escaped-nowait escaped-link; do
+  test -e /var/lib/$f && echo "$f" >>/probe-out/escape
+done
 # install.sh again (an upgrade) under the running leader, no rollout: it restarts the leader.
 before=$(systemctl show -p MainPID --value tlsroll-leader.service)
 ./install.sh leader --address 127.0.0.2 --node-name srv1 >/probe-out/upgrade 2>&1
@@ -667,9 +674,20 @@ after=$(systemctl show -p MainPID --value tlsroll-leader.service)
 [ "$before" != "$after" ] && systemctl is-active --quiet tlsroll-leader.service &&
   tlsroll ca show >/dev/null && echo RESTARTED-ON-UPGRADE >>/probe-out/upgrade
 # The CA passphrase into an encrypted credential, as install.sh printed; the leader restarts.
+# Its output is not a terminal here: refused, nothing changed, unless a file is named for the
+# passphrase (review s46rt2 L5). This machine has no TPM2: the credential is the host key's.
 step=$(grep -o '/probe-bundle/install.sh ca-credential' /probe-out/install-leader)
-$step >/probe-out/ca-credential 2>&1 || exit 1
+$step >/probe-out/ca-credential-refused 2>&1 && exit 1
+test -e /var/lib/tlsroll/secrets/ca.passphrase && ! test -e /etc/tlsroll/credstore.encrypted &&
+  echo REFUSED-NOT-A-TERMINAL >>/probe-out/credential
+$step --passphrase-out /root/ca-passphrase >/probe-out/ca-credential 2>&1 || exit 1
 test -e /var/lib/tlsroll/secrets/ca.passphrase || echo PLAINTEXT-GONE >>/probe-out/credential
+stat -c 'out %U %a' /root/ca-passphrase >>/probe-out/credential
+grep -qFf /root/ca-passphrase /probe-out/ca-credential* ||
+  echo NOT-IN-OUTPUT >>/probe-out/credential
+systemd-creds decrypt --name=tlsroll-ca-passphrase \
+  /etc/tlsroll/credstore.encrypted/tlsroll-ca-passphrase - | cmp -s - /root/ca-passphrase &&
+  echo DECRYPTS >>/probe-out/credential
 systemctl restart tlsroll-leader.service && tlsroll ca show >/dev/null &&
   echo RESTARTED-OK >>/probe-out/credential
 stat -c '%U %a' /run/tlsroll/ca-passphrase >>/probe-out/credential
@@ -682,6 +700,7 @@ AGENT_PROBE = r"""#!/bin/bash
 exec >/probe-out/agent 2>&1
 grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' /proc/self/status
 systemctl restart praxis-dummy.service && echo RESTART-OK
+systemctl status --no-pager praxis-dummy.service >/dev/null && echo STATUS-OK
 /opt/tlsroll/bin/python -c '
 import mmap, grpc, aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -696,6 +715,16 @@ chown nobody:nogroup /etc/praxis/server.toml && echo CHOWN-SERVER-CONFIG-OK
 echo x >/etc/tlsroll/elsewhere 2>/dev/null || echo WRITE-ETC-DENIED
 echo x >/var/lib/tlsroll-agent/probe && echo WRITE-DATA-OK
 [ -z "$(ls -A /root 2>/dev/null)" ] && echo HOME-HIDDEN
+# A command outside the sandbox, through the system bus (review s46rt2 M2): refused.
+systemd-run --wait --quiet /bin/touch /var/lib/escaped-run || echo SYSTEMD-RUN-REFUSED
+busctl --system --no-pager list >/dev/null || echo SYSTEM-BUS-HIDDEN
+# Through PID 1's private socket, which systemctl uses (recorded, not refused: see the unit).
+systemd-run --quiet --unit=probe-nowait /bin/touch /var/lib/escaped-nowait
+echo "systemd-run (no --wait): $?"
+printf '[Service]\nType=oneshot\nExecStart=/bin/touch /var/lib/escaped-link\n' \
+  >/var/lib/tlsroll-agent/probe-link.service
+systemctl link /var/lib/tlsroll-agent/probe-link.service && systemctl start probe-link.service
+echo "systemctl link + start: $?"
 """
 
 
@@ -712,7 +741,12 @@ def test_the_installed_units_run_under_systemd(
     exactly CAP_DAC_OVERRIDE, CAP_CHOWN and CAP_KILL, still lets it restart another unit
     through systemctl, write the managed server's config (and give it its owner back: s38
     audit D) and its data dir, and refuses writable and executable memory, which grpcio and
-    cryptography do without."""
+    cryptography do without. Review s46rt2 M2: the agent's sandbox has no D-Bus (no
+    ``systemd-run --wait``, no ``busctl``) while ``systemctl restart`` still works; what is
+    left, as the unit's comment says, is PID 1's private socket (``systemd-run`` without
+    --wait, ``systemctl link`` + ``start``). L5: ``install.sh ca-credential`` with its output
+    not a terminal is refused until ``--passphrase-out`` names a file, and the passphrase is
+    in no output."""
     if os.geteuid() != 0:
         pytest.skip("needs root to boot a container (CI runs `make test` as root)")
     if not NSPAWN.exists():
@@ -772,7 +806,16 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     assert "RESTARTED-ON-UPGRADE" in upgrade and "exit 0" in upgrade, report
     assert re.search(r"install.sh: reinstalled \S+; restarted tlsroll-leader\n", upgrade), report
     credential = files.get("credential", "")
-    for word in ("PLAINTEXT-GONE", "RESTARTED-OK", "tlsroll 400", "RUNTIME-GONE"):
+    for word in (
+        "REFUSED-NOT-A-TERMINAL",
+        "PLAINTEXT-GONE",
+        "out root 600",
+        "NOT-IN-OUTPUT",
+        "DECRYPTS",
+        "RESTARTED-OK",
+        "tlsroll 400",
+        "RUNTIME-GONE",
+    ):
         assert word in credential, report
     agent = files.get("agent", "")
     assert re.search(r"Uid:\s+0\s", agent), report
@@ -781,19 +824,31 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     assert re.search(r"Seccomp:\s+2\n", agent), report
     allowed = [
         "RESTART-OK",
+        "STATUS-OK",
         "PYTHON-OK",
         "WRITE-SERVER-CONFIG-OK",
         "CHOWN-SERVER-CONFIG-OK",
         "WRITE-DATA-OK",
     ]
-    refused = ["WX-DENIED", "WRITE-ETC-DENIED", "HOME-HIDDEN"]
+    refused = [
+        "WX-DENIED",
+        "WRITE-ETC-DENIED",
+        "HOME-HIDDEN",
+        "SYSTEMD-RUN-REFUSED",
+        "SYSTEM-BUS-HIDDEN",
+    ]
     for word in allowed + refused:
         assert word in agent, report
+    # What the unit's comment says remains: PID 1's private socket, through which uid 0 still
+    # has a command run outside the sandbox (only systemd-run --wait needs the bus).
+    assert files.get("escape", "").split() == ["escaped-nowait", "escaped-link"], report
 
 
 # --- a full disk under install.sh (audit s38, M3) -----------------------------------------------
 
 CA_DROPIN_DIR = "/etc/systemd/system/tlsroll-leader.service.d"
+# Where ``ca-credential --passphrase-out`` writes the passphrase in a throwaway root (overlaid).
+PASSPHRASE_OUT = "/var/lib/ca-passphrase.copy"
 
 
 def test_ca_credential_on_a_full_file_system_writes_its_drop_in_whole_or_not_at_all(
@@ -820,7 +875,7 @@ def test_ca_credential_on_a_full_file_system_writes_its_drop_in_whole_or_not_at_
     throwaway.run(f"dd if=/dev/zero of={CA_DROPIN_DIR}/filler bs=4k")  # until ENOSPC
     before = throwaway.ok(f"sha256sum {config} {passfile}")
 
-    result = throwaway.run(f"{install} ca-credential")
+    result = throwaway.run(f"{install} ca-credential --passphrase-out {PASSPHRASE_OUT}")
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines == [
@@ -829,9 +884,10 @@ def test_ca_credential_on_a_full_file_system_writes_its_drop_in_whole_or_not_at_
     ], result.stderr
     assert throwaway.ok(f"ls -A {CA_DROPIN_DIR}").split() == ["filler"]  # no drop-in, no temp
     assert throwaway.ok(f"sha256sum {config} {passfile}") == before
+    throwaway.ok(f"! test -e {PASSPHRASE_OUT}")  # the copy it wrote is gone with the rest
 
     throwaway.ok(f"rm {CA_DROPIN_DIR}/filler")
-    out = throwaway.ok(f"{install} ca-credential")
+    out = throwaway.ok(f"{install} ca-credential --passphrase-out {PASSPHRASE_OUT}")
     assert "is now the credential" in out, out
     written = throwaway.ok(f"cat {dropin}")
     assert written.endswith(
@@ -1037,7 +1093,7 @@ def test_ca_credential_on_a_full_data_dir_leaves_leader_toml_as_it_was(
     throwaway.run(f"dd if=/dev/zero of={data}/filler bs=4k")  # until ENOSPC
     before = throwaway.ok(f"sha256sum {config} {passfile}")
 
-    result = throwaway.run(f"{install} ca-credential")
+    result = throwaway.run(f"{install} ca-credential --passphrase-out {PASSPHRASE_OUT}")
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines == [
@@ -1050,13 +1106,116 @@ def test_ca_credential_on_a_full_data_dir_leaves_leader_toml_as_it_was(
         "leader.toml",
     ]
     assert throwaway.ok(f"sha256sum {config} {passfile}") == before
+    throwaway.ok(f"! test -e {PASSPHRASE_OUT}")
 
     throwaway.ok(f"rm {data}/filler")
-    out = throwaway.ok(f"{install} ca-credential")
+    out = throwaway.ok(f"{install} ca-credential --passphrase-out {PASSPHRASE_OUT}")
     assert "is now the credential" in out, out
     assert 'ca_passphrase_file = "/run/tlsroll/ca-passphrase"' in throwaway.ok(f"cat {config}")
     assert throwaway.ok(f"ls -A {data}").split() == ["leader.toml"]
     throwaway.ok(f"umount {data}")
+
+
+# systemd-creds, its arguments written down (in a log) before the real one runs.
+CREDS_WRAPPER = """#!/bin/sh
+echo "$*" >>/var/lib/systemd-creds.calls
+exec /usr/bin/systemd-creds "$@"
+"""
+
+
+def test_ca_credential_shows_the_passphrase_on_a_terminal_only_and_binds_no_pcr(
+    throwaway: ThrowawayRoot,
+) -> None:
+    """Review s46rt2 L5: ``install.sh ca-credential`` printed the CA passphrase whatever its
+    stdout was (``| tee install.log``, a provisioning tool keeping its output), and the
+    plaintext file is shredded, so that printout is its only copy. Now: stdout a pipe or a
+    file is refused before anything changes (one line naming ``--passphrase-out``), and the
+    passphrase is in no output; ``--passphrase-out FILE`` writes it to a new file, 0600, never
+    over an existing one, and not to stdout; on a terminal it is shown, as before.
+    M3: the credential is encrypted with ``--tpm2-pcrs=`` (empty: bound to the TPM2 if the
+    machine has one, but to none of its PCRs: systemd 252's default is PCR 7, which a Secure
+    Boot or firmware change moves, and the leader would not start) and, with the real
+    systemd-creds, still decrypts here (this machine has no TPM2: the host key alone). The
+    output names the way back if the credential no longer decrypts."""
+    install = shlex.quote(str(INSTALL_SH))
+    data = "/var/lib/tlsroll"
+    config = f"{data}/leader.toml"
+    passfile = f"{data}/ca-passphrase"
+    credential = "/etc/tlsroll/credstore.encrypted/tlsroll-ca-passphrase"
+    passphrase = "".join(random.choices("abcdefghijkmnpqrstuvwxyz23456789", k=32))
+    setup = (
+        f"printf '[leader]\\nca_passphrase_file = \"{passfile}\"\\n' >{config} && "
+        f"printf '%s' {passphrase} >{passfile} && chmod 0600 {passfile}"
+    )
+    throwaway.ok(
+        f"mkdir -p /opt/tlsroll/bin {data} /usr/local/bin && "
+        f"ln -s {shlex.quote(sys.executable)} /opt/tlsroll/bin/python && "
+        f"printf '%s' {shlex.quote(CREDS_WRAPPER)} >/usr/local/bin/systemd-creds && "
+        f"chmod 755 /usr/local/bin/systemd-creds && {setup}"
+    )
+    before = throwaway.ok(f"sha256sum {config} {passfile}")
+
+    def unchanged() -> None:
+        assert throwaway.ok(f"sha256sum {config} {passfile}") == before
+        throwaway.ok(f"! test -e {credential} && ! test -e {CA_DROPIN_DIR}")
+        throwaway.ok("! test -e /var/lib/systemd-creds.calls")
+
+    # stdout a pipe, or a file: refused, nothing changed, no passphrase anywhere.
+    refused = (
+        "install.sh: the CA passphrase is shown once, on a terminal only, and stdout is not "
+        "one: run install.sh ca-credential on a terminal, or add --passphrase-out FILE (a new "
+        "file, created 0600) to have it written there; nothing changed"
+    )
+    for redirect in ("| cat", ">/var/lib/install.log"):
+        result = throwaway.run(f"set -o pipefail; {install} ca-credential {redirect}")
+        assert result.returncode == 1, redirect
+        assert result.stderr.strip().splitlines() == [refused], redirect
+        assert result.stdout == ""
+        unchanged()
+    assert throwaway.ok("cat /var/lib/install.log") == ""
+
+    # --passphrase-out names a file that exists: refused, it stays as it was.
+    throwaway.ok(f"echo keep >{PASSPHRASE_OUT}")
+    result = throwaway.run(f"{install} ca-credential --passphrase-out {PASSPHRASE_OUT}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"install.sh: --passphrase-out {PASSPHRASE_OUT} exists (it is never overwritten): "
+        "name a new file; nothing changed"
+    ]
+    assert throwaway.ok(f"cat {PASSPHRASE_OUT}") == "keep\n"
+    unchanged()
+    throwaway.ok(f"rm {PASSPHRASE_OUT}")
+
+    # A new file: the passphrase in it, 0600, and not in the output.
+    result = throwaway.run(f"{install} ca-credential --passphrase-out {PASSPHRASE_OUT}")
+    assert result.returncode == 0, result.stderr
+    assert passphrase not in result.stdout + result.stderr
+    assert f"It is in {PASSPHRASE_OUT} (0600), its only copy" in result.stdout
+    assert throwaway.ok(f"stat -c '%U %a' {PASSPHRASE_OUT}") == "root 600\n"
+    assert throwaway.ok(f"cat {PASSPHRASE_OUT}") == passphrase
+    throwaway.ok(f"! test -e {passfile}")
+    # The way back, beside the words on keeping it offline.
+    assert "so does this machine once\nit cannot decrypt the credential" in result.stdout
+    assert "then install.sh ca-credential again." in result.stdout
+    # M3: no PCR, and the real credential decrypts here (no TPM2 on this machine).
+    (encrypt,) = [
+        c
+        for c in throwaway.ok("cat /var/lib/systemd-creds.calls").splitlines()
+        if c.startswith("encrypt ")
+    ]
+    assert "--tpm2-pcrs= " in encrypt, encrypt
+    decrypted = throwaway.ok(
+        f"/usr/bin/systemd-creds decrypt --name=tlsroll-ca-passphrase {credential} -"
+    )
+    assert decrypted.endswith(passphrase), "the credential does not decrypt to the passphrase"
+
+    # On a terminal (script(1) gives it one): shown, as before.
+    throwaway.ok(f"rm -rf {credential} {CA_DROPIN_DIR} && {setup}")
+    result = throwaway.run(f"script -qec '{install} ca-credential' /dev/null")
+    assert result.returncode == 0, result.stdout + result.stderr
+    shown = result.stdout.replace("\r\n", "\n")
+    assert f"It is shown this once:\n  {passphrase}\n" in shown
+    throwaway.ok(f"! test -e {passfile}")
 
 
 @pytest.mark.parametrize("unit", UNIT_NAMES)
