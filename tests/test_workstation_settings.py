@@ -816,8 +816,10 @@ def test_the_set_kept_with_the_pair_is_never_the_new_settings(d: Path) -> None:
 def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) -> None:
     """Review s45rev7 L1: ``set_aside`` read the pair in place following links: client.pem a
     link to a 0600 file outside the settings dir was copied into KEPT at 0644. A link is no
-    pair: it is removed, never read; KEPT holds no copy of it. ``kept_pair`` does not follow
-    a link in KEPT either; the copies ``set_aside`` writes are 0600."""
+    pair: it is removed, never read; KEPT holds no copy of it. s47ws: the key beside it (a
+    regular file) was removed with it, its only copy: it goes to REPLACED alone (0600).
+    ``kept_pair`` does not follow a link in KEPT either; the copies ``set_aside`` writes are
+    0600."""
     secret = tmp_path / "outside"
     secret.write_bytes(b"SECRET OUTSIDE THE SETTINGS DIR\n")
     secret.chmod(0o600)
@@ -826,11 +828,14 @@ def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) ->
     os.unlink(d / "client.pem")
     os.symlink(secret, d / "client.pem")
     assert settings_files.set_aside(d, worth_of(x)) == settings_files.SetAside(
-        d / KEPT, False, None
+        d / KEPT, False, d / REPLACED, lone=True
     )
     assert not os.path.lexists(d / "client.pem") and not os.path.lexists(d / "client.key")
     assert not os.path.lexists(d / KEPT)
+    assert contents(d / REPLACED) == {"client.key": x["client.key"]}
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
     assert secret.read_bytes() == b"SECRET OUTSIDE THE SETTINGS DIR\n"
+    shutil.rmtree(d / REPLACED)
     # A link in KEPT is no kept pair.
     y = client_pair(1)
     settings_files.keep(d, *pair_of(y))
@@ -887,8 +892,10 @@ def test_a_fifo_in_the_set_is_not_waited_on(d: Path, name: str) -> None:
         signal.signal(signal.SIGALRM, previous)
     assert name not in found
     assert done is not None
-    if name == "client.pem":  # no pair in place: the FIFO and the key only removed
+    if name == "client.pem":  # no pair in place: the FIFO removed, the key kept (s47ws)
         assert not os.path.lexists(d / name) and settings_files.kept_pair(d) == pair_of(y)
+        assert contents(d / REPLACED) == {"client.key": x["client.key"]}
+        assert not os.path.lexists(d / "client.key")
     else:  # X's set as it was read: without the FIFO
         assert contents(d / REPLACED) == x | ({} if name == "settings.json" else named)
 
