@@ -6,18 +6,17 @@ all without the two regressions of the reverted s46ws attempt (review s46rev2 M1
 
 Real runs of the command against the real reference server and bootstrap service, with the
 helpers of ``test_workstation``; real FIFOs (``os.mkfifo``) and real links. A FIFO test
-watches the FIFO (``watched_fifo``): a reader that opens it is seen (a writer's
-non-blocking open succeeds only while one has it open) and let go with an end of file, so
-that the code before the fix is caught opening it, and never hangs the test.
+watches the FIFO (``test_workstation_settings.watched_fifo``): a reader that opens it is
+seen (a writer's non-blocking open succeeds only while one has it open) and let go with an
+end of file, so that the code before the fix is caught opening it, and never hangs the test.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from tests.test_workstation import (
     settings_of,
     settings_set,
 )
+from tests.test_workstation_settings import watched_fifo
 from tlsroll import pki
 from tlsroll.fsutil import PRIVATE, write_atomic
 from workstation import settings_files
@@ -46,39 +46,6 @@ password_file = test_workstation.password_file
 run_cli = test_workstation.run_cli
 
 HOSTNAME = b"praxis-pc-7\n"  # what a link to /etc/hostname would read
-
-
-@contextmanager
-def watched_fifo(path: Path) -> Iterator[list[str]]:
-    """A FIFO made at ``path``, watched while the block runs: whenever a reader has it open
-    (its open waiting for a writer, as a plain read's does), a writer opens it without
-    blocking and closes it again, which lets that reader go on (it reads an end of file).
-    Yields a list that gets an entry each time that happened: empty if nothing opened it."""
-    os.mkfifo(path)
-    opened: list[str] = []
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.01):
-            try:
-                if not stat.S_ISFIFO(os.lstat(path).st_mode):
-                    continue  # (gone, or something else in its place now)
-                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # ENXIO: no reader has it open; ENOENT: gone
-                continue
-            try:
-                if stat.S_ISFIFO(os.fstat(fd).st_mode):
-                    opened.append(str(path))
-            finally:
-                os.close(fd)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        yield opened
-    finally:
-        stop.set()
-        watcher.join()
 
 
 def files_under(d: Path) -> dict[Path, bytes]:
