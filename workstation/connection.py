@@ -42,7 +42,13 @@ succeeds; otherwise the new set goes in place all the same (the one certificate 
 holds valid), and the error says what failed (``after_failed_check``). A client key and
 certificate in place that a new set replaces and that may still be valid (another name's, or
 another CA's: this enrolment did not supersede them) are kept with their set in
-``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4).
+``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4). A
+client.key whose client.pem is a link, a FIFO or none is kept there alone (s47ws: it was
+overwritten), unless that would lose a set kept there that may still be valid: then nothing is
+replaced (exit 1) and the error says which folder to move out (s46rev2 M1). A settings file that
+is not a regular file (a FIFO: the run waited on it for ever) is never opened, and a note says
+so; a link is followed to tell the set in place (its name, whether it still works), never
+copied (s46rev2 M2, s47ws).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that

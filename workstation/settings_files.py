@@ -492,15 +492,9 @@ def read_file(path: Path) -> bytes:
     """A settings file's bytes, a link followed (the practice software follows it: the
     set in place is told by it, s46rev2 M2), only if what it names is a regular file: one
     that is not (a FIFO: a run waited on it for ever, s47ws), or larger than ``MAX_FILE``,
-    is OSError (``not_a_file``), never opened. For telling what the set in place is, never
+    is OSError, never opened. For telling what the set in place is, never
     for copying (``_read_nofollow``)."""
     return _read_regular(path, None, follow=True)
-
-
-def not_a_file(exc: OSError) -> bool:
-    """Whether ``exc`` (from ``read_file``) is of a file that is there but is not a regular
-    one (a FIFO, a device, a directory) or too large: not one of the set's."""
-    return exc.errno in (errno.EINVAL, errno.EFBIG)
 
 
 def _read_regular(path: Path, dir_fd: int | None, *, follow: bool) -> bytes:
