@@ -15,8 +15,9 @@ import os
 import shutil
 import signal
 import stat
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,45 @@ from cryptography.x509.oid import NameOID
 from tlsroll import pki
 from tlsroll.fsutil import PRIVATE, PUBLIC, private_dir_problem, stage_atomic
 from workstation import settings_files
-from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING, Finished
+from workstation.settings_files import KEPT, MARKER, REPLACED, REPLACED_NEW, STAGING, Finished
 
 
 class Crash(BaseException):
     """A kill at this point: no handler of the product's catches it (``finally`` blocks run,
     as a kill closes the files and drops the locks)."""
+
+
+@contextmanager
+def watched_fifo(path: Path) -> Iterator[list[str]]:
+    """A FIFO made at ``path``, watched while the block runs: whenever a reader has it open
+    (its open waiting for a writer, as a plain read's does), a writer opens it without
+    blocking and closes it again, which lets that reader go on (it reads an end of file).
+    Yields a list that gets an entry each time that happened: empty if nothing opened it."""
+    os.mkfifo(path)
+    opened: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.01):
+            try:
+                if not stat.S_ISFIFO(os.lstat(path).st_mode):
+                    continue  # (gone, or something else in its place now)
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: no reader has it open; ENOENT: gone
+                continue
+            try:
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    opened.append(str(path))
+            finally:
+                os.close(fd)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield opened
+    finally:
+        stop.set()
+        watcher.join()
 
 
 @contextmanager
@@ -816,8 +850,10 @@ def test_the_set_kept_with_the_pair_is_never_the_new_settings(d: Path) -> None:
 def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) -> None:
     """Review s45rev7 L1: ``set_aside`` read the pair in place following links: client.pem a
     link to a 0600 file outside the settings dir was copied into KEPT at 0644. A link is no
-    pair: it is removed, never read; KEPT holds no copy of it. ``kept_pair`` does not follow
-    a link in KEPT either; the copies ``set_aside`` writes are 0600."""
+    pair: it is removed, never read; KEPT holds no copy of it. s47ws: the key beside it (a
+    regular file) was removed with it, its only copy: it goes to REPLACED alone (0600).
+    ``kept_pair`` does not follow a link in KEPT either; the copies ``set_aside`` writes are
+    0600."""
     secret = tmp_path / "outside"
     secret.write_bytes(b"SECRET OUTSIDE THE SETTINGS DIR\n")
     secret.chmod(0o600)
@@ -826,11 +862,14 @@ def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) ->
     os.unlink(d / "client.pem")
     os.symlink(secret, d / "client.pem")
     assert settings_files.set_aside(d, worth_of(x)) == settings_files.SetAside(
-        d / KEPT, False, None
+        d / KEPT, False, d / REPLACED, lone=True
     )
     assert not os.path.lexists(d / "client.pem") and not os.path.lexists(d / "client.key")
     assert not os.path.lexists(d / KEPT)
+    assert contents(d / REPLACED) == {"client.key": x["client.key"]}
+    assert stat.S_IMODE((d / REPLACED / "client.key").stat().st_mode) == 0o600
     assert secret.read_bytes() == b"SECRET OUTSIDE THE SETTINGS DIR\n"
+    shutil.rmtree(d / REPLACED)
     # A link in KEPT is no kept pair.
     y = client_pair(1)
     settings_files.keep(d, *pair_of(y))
@@ -887,8 +926,10 @@ def test_a_fifo_in_the_set_is_not_waited_on(d: Path, name: str) -> None:
         signal.signal(signal.SIGALRM, previous)
     assert name not in found
     assert done is not None
-    if name == "client.pem":  # no pair in place: the FIFO and the key only removed
+    if name == "client.pem":  # no pair in place: the FIFO removed, the key kept (s47ws)
         assert not os.path.lexists(d / name) and settings_files.kept_pair(d) == pair_of(y)
+        assert contents(d / REPLACED) == {"client.key": x["client.key"]}
+        assert not os.path.lexists(d / "client.key")
     else:  # X's set as it was read: without the FIFO
         assert contents(d / REPLACED) == x | ({} if name == "settings.json" else named)
 
@@ -988,3 +1029,119 @@ def test_set_aside_killed_at_every_step_loses_no_pair_that_may_be_valid(
             assert after == set_then, (at, sorted(after))
         assert not os.path.lexists(d / (REPLACED + ".new")), at
     assert killed >= len(steps) - 2 and killed > (1 if scenario == "kept already" else 10)
+
+
+def test_a_key_kept_alone_in_replaced_is_not_lost_to_a_later_pair(d: Path) -> None:
+    """s47ws: a key kept alone in REPLACED (its client.pem a link, a FIFO or none when it was
+    kept) may be the only copy of a valid pair's key, which cannot be told: it holds
+    REPLACED as a set that may still be valid does (``held`` empty: it cannot be read as a
+    pair). Before, a REPLACED without a client.pem counted as nothing to lose: X took its
+    place. A REPLACED cut short in its removal holds no key alone (the key goes first)."""
+    k, x, y = client_pair(5), client_pair(3), client_pair(1)
+    (d / REPLACED).mkdir(mode=0o700)
+    (d / REPLACED / "client.key").write_bytes(k["client.key"])
+    settings_files.keep(d, *pair_of(y))
+    put_in_place(d, x)
+    before = pairs_at(d)
+    done = settings_files.set_aside(d, worth_of(x, y))
+    assert done == settings_files.SetAside(d / KEPT, False, None, x["client.pem"], b"", d)
+    assert pairs_at(d) == before
+    assert contents(d / REPLACED) == {"client.key": k["client.key"]}
+
+
+@pytest.mark.parametrize("path", ["set_aside", "replace"])
+def test_a_key_alone_whose_pair_replaced_holds_leaves_that_pair_whole(d: Path, path: str) -> None:
+    """Review s46rev2 L1 (the reverted s46ws attempt; the code before it removed or
+    overwrote the key, which did no harm here): W kept whole in REPLACED, its key in place
+    again without client.pem. Keeping that key alone put it in place of W's whole set: W's
+    certificate, its only copy, was lost. REPLACED holds that key already: it is left as
+    it is."""
+    w = client_pair(3)
+    put_replaced(d, old_set(w))
+    kept_before = contents(d / REPLACED)
+    (d / "client.key").write_bytes(w["client.key"])
+    os.unlink(d / "client.pem")
+    if path == "set_aside":
+        settings_files.set_aside(d, worth_of(w))
+    else:
+        settings_files.replace(d, files(client_pair(1)), keep_replaced=lambda k, c: True)
+    assert contents(d / REPLACED) == kept_before
+
+
+@pytest.mark.parametrize("partner", ["a link", "a FIFO", "none"])
+@pytest.mark.parametrize("path", ["set_aside", "replace"])
+def test_a_key_alone_killed_at_every_step_is_never_lost(
+    tmp_path: Path, path: str, partner: str
+) -> None:
+    """Review s46rev2 L6: a real kill (SIGKILL) right after each change ``set_aside`` or an
+    enrolment's ``replace`` makes over a key K alone in place (its client.pem a link, a FIFO
+    or none; Z, not worth keeping, in REPLACED; Y in KEPT). After the kill K is in place, in
+    REPLACED, or in a committed staging's copy (``REPLACED_NEW``); the next run ends with K
+    in REPLACED, as one never cut short does (s47ws: K was removed, or overwritten)."""
+    k, z, y, new = client_pair(5), client_pair(9), client_pair(1), client_pair(0)
+
+    def worth(*_pair: bytes) -> bool:
+        return False  # (Z is not worth keeping)
+
+    def setup(d: Path) -> None:
+        d.mkdir(mode=0o700)
+        settings_files.replace(d, files(OLD))
+        put_replaced(d, z)
+        settings_files.keep(d, *pair_of(y))
+        (d / "client.key").write_bytes(k["client.key"])
+        os.unlink(d / "client.pem")
+        if partner == "a link":
+            os.symlink(tmp_path / "outside", d / "client.pem")
+        elif partner == "a FIFO":
+            os.mkfifo(d / "client.pem")
+
+    def run(d: Path) -> None:
+        if path == "set_aside":
+            settings_files.set_aside(d, worth)
+        else:
+            settings_files.replace(d, files(new), keep_replaced=worth)
+
+    def where_k(d: Path) -> list[str]:
+        found = []
+        for name in ("in place", REPLACED, REPLACED_NEW):
+            with suppress(OSError):
+                where = d if name == "in place" else d / name
+                if settings_files._read_nofollow(where / "client.key") == k["client.key"]:
+                    found.append(name)
+        return found
+
+    (tmp_path / "outside").write_bytes(b"praxis-pc-7\n")  # (what /etc/hostname holds)
+    dry = tmp_path / "dry"
+    setup(dry)
+    if partner == "a FIFO":  # (the code before waited on it for ever: let go, and seen)
+        os.unlink(dry / "client.pem")
+    fifo: AbstractContextManager[list[str]] = (
+        watched_fifo(dry / "client.pem") if partner == "a FIFO" else nullcontext([])
+    )
+    with fifo as opened, fault_at(dry, 10**6, "kill") as steps:
+        run(dry)
+    assert opened == [], "it opened the FIFO"
+    assert where_k(dry) == [REPLACED]
+    killed = 0
+    for at in range(1, len(steps) + 1):
+        d = tmp_path / f"run-{at}"
+        setup(d)
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest, no handler of ours past this point
+            code = 1
+            try:
+                with fault_at(d, at, "kill"):
+                    run(d)
+                code = 0
+            finally:
+                os._exit(code)
+        status = os.waitpid(pid, 0)[1]
+        killed += os.WIFSIGNALED(status)
+        now = where_k(d)
+        committed = os.path.lexists(d / STAGING / MARKER)
+        assert [w for w in now if w != REPLACED_NEW] or (committed and REPLACED_NEW in now), at
+        settings_files.finish(d)  # the next run: a --no-enrol run sets aside again, and an
+        if path == "set_aside" or "in place" in where_k(d):  # enrolment not committed enrols
+            run(d)
+        assert where_k(d) == [REPLACED], (at, now, where_k(d))
+    assert killed >= len(steps) - 2

@@ -42,7 +42,13 @@ succeeds; otherwise the new set goes in place all the same (the one certificate 
 holds valid), and the error says what failed (``after_failed_check``). A client key and
 certificate in place that a new set replaces and that may still be valid (another name's, or
 another CA's: this enrolment did not supersede them) are kept with their set in
-``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4).
+``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4). A
+client.key whose client.pem is a link, a FIFO or none is kept there alone (s47ws: it was
+overwritten), unless that would lose a set kept there that may still be valid: then nothing is
+replaced (exit 1) and the error says which folder to move out (s46rev2 M1). A settings file that
+is not a regular file (a FIFO: the run waited on it for ever) is never opened, and a note says
+so; a link is followed to tell the set in place (its name, whether it still works), never
+copied (s46rev2 M2, s47ws).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -518,6 +524,7 @@ class TestConnection:
         o = self.o
         self.check_not_root_in_a_users_dir()
         self.finish_settings()
+        self.say_not_files()
         self.choose_name()
         try:
             server = check_url(o.url)
@@ -678,6 +685,22 @@ class TestConnection:
                 ", the practice's own): the notice's pin does not check it"
             )
 
+    def say_not_files(self) -> None:
+        """A note line for each of the set's files in place that is not a regular file (a
+        FIFO, a device, a directory, or a link to one): it is never opened, and counts as
+        missing (s47ws: a FIFO there hung the run for ever, unsaid)."""
+        d = self.o.settings_dir
+        for name in settings_files.NAMES:
+            try:
+                mode = os.stat(d / name).st_mode  # (a FIFO is not opened by it)
+            except OSError:
+                continue
+            if not stat.S_ISREG(mode):
+                self.ui.say(
+                    f"note      {d / name} is not a regular file (a FIFO?): not read, taken as "
+                    "missing"
+                )
+
     def choose_name(self) -> None:
         """The name to go by until the node's hello is read (``choose_proof`` decides then):
         --name, else the newest client certificate's in the settings dir, else the host
@@ -745,19 +768,15 @@ class TestConnection:
         pairs: list[tuple[bytes, bytes]] = []
         if (kept := settings_files.kept_pair(d)) is not None:
             pairs.append(kept)
-        with contextlib.suppress(OSError):
-            pairs.append(((d / "client.key").read_bytes(), (d / "client.pem").read_bytes()))
+        if (pair := _pair_in_place(d)) is not None:
+            pairs.append(pair)
         return _valid_pairs(pairs)
 
     def _in_place(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
         """The valid pair of client key and certificate in place in the settings dir (not
         one kept aside), if any (``_enrolments``)."""
-        d = self.o.settings_dir
-        try:
-            pair = ((d / "client.key").read_bytes(), (d / "client.pem").read_bytes())
-        except OSError:
-            return None
-        return _newest(_valid_pairs([pair]))
+        pair = _pair_in_place(self.o.settings_dir)
+        return None if pair is None else _newest(_valid_pairs([pair]))
 
     def after_failed_check(
         self,
@@ -835,7 +854,7 @@ class TestConnection:
         it stays is up to a request with it all the same, ``after_failed_check``)."""
         d = self.o.settings_dir
         try:
-            cert = pki.load_cert_pem((d / "client.pem").read_bytes())
+            cert = pki.load_cert_pem(settings_files.read_file(d / "client.pem"))
             pki.check_valid_now(cert)
             if pki.names_of(cert).common_name != self.workstation:
                 return False
@@ -847,21 +866,25 @@ class TestConnection:
         """`` (on YYYY-MM-DD)``: when the client certificate of the set in place expires; ""
         if it cannot be read."""
         try:
-            cert = pki.load_cert_pem((self.o.settings_dir / "client.pem").read_bytes())
+            cert = pki.load_cert_pem(settings_files.read_file(self.o.settings_dir / "client.pem"))
         except (OSError, PKIError, ValueError, TypeError):
             return ""
         return f" (on {cert.not_valid_after_utc:%Y-%m-%d})"
 
     def _set_in_place_problem(self) -> str | None:
         """Why a request with the set in place (its own address, CA, client key and
-        certificate) fails; None if it succeeds."""
+        certificate) fails; None if it succeeds. Its files are read as the practice software
+        reads them, a link followed (s46rev2 M2: a client.pem link counted as a set that
+        fails), but one that is not a regular file (a FIFO) is never opened (s47ws: the run
+        waited on it for ever): such a set cannot be read whole."""
         d = self.o.settings_dir
         try:
-            settings = json.loads((d / "settings.json").read_bytes())
+            settings = json.loads(settings_files.read_file(d / "settings.json"))
             server = check_url(str(settings["server_url"]))
-            context = client_context(
-                (d / "ca.pem").read_bytes(), cert_file=d / "client.pem", key_file=d / "client.key"
-            )
+            ca_pem = settings_files.read_file(d / "ca.pem")
+            for name in ("client.pem", "client.key"):  # (checked before ssl opens them)
+                settings_files.read_file(d / name)
+            context = client_context(ca_pem, cert_file=d / "client.pem", key_file=d / "client.key")
         except (OSError, ValueError, TypeError, KeyError, PKIError, ssl.SSLError):
             return "they cannot be read whole"
         except click.ClickException:
@@ -1482,6 +1505,8 @@ class TestConnection:
         except settings_files.ReplacedNotKept as exc:
             if exc.reading:
                 raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
+            if exc.held is not None:  # (a key alone: s46rev2 M1, held as --no-enrol holds)
+                raise NotReplaced(Exit.FAILURE, _key_alone_held(d, exc.held, replaced)) from None
             # (Short lines, s45ws: the other course in a note, then the error; it was one
             # line of ~600 characters.)
             name = replaced[-1][0] if replaced else "that certificate"
@@ -1492,7 +1517,10 @@ class TestConnection:
             )
             raise NotReplaced(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
         self.ui.say(f"settings  written to {d}")
-        if kept is not None and replaced:
+        if kept is not None and not os.path.lexists(kept / "client.pem"):  # (s47ws)
+            self.ui.say(f"note      the settings before are kept in {kept}, {_LONE_KEY}")
+            self.ui.say(f"note      {_LONE_KEY_KEPT}")
+        elif kept is not None and replaced:
             name, why = replaced[-1]
             self.ui.say(
                 f"note      the settings before are kept in {kept}, as their key is nowhere "
@@ -1575,6 +1603,22 @@ class TestConnection:
         if done is None:
             return
         name, why = whys.get(done.older or b"", ("", ""))
+        if done.lone:  # (s47ws: a key whose client.pem is a link, a FIFO or none: kept)
+            if done.held is not None:
+                held = f"{whys[done.held][0]}'s" if done.held in whys else "one that cannot be read"
+                self.ui.say(
+                    f"note      client.key and client.pem stay in {d}: keeping client.key aside "
+                    "alone (its client.pem is a link, a FIFO or none) would lose "
+                    f"{held} in {settings_files.REPLACED}"
+                )
+                self.ui.say(
+                    f"note      move {d / settings_files.REPLACED} out of {d} as its owner or "
+                    "root (keep it while its certificate is needed), then run this again"
+                )
+                return
+            self.ui.say(f"note      client.key moved to {done.replaced}, {_LONE_KEY}")
+            self.ui.say(f"note      {_LONE_KEY_KEPT}")
+            return
         if done.held is not None:
             # (s45rev7 L3: where each pair is, and who can move that folder out; two
             # lines, each short)
@@ -1790,6 +1834,29 @@ class TestConnection:
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
 
 
+# A client.key in place whose client.pem is a link, a FIFO or none (s47ws): kept alone, as it
+# may be the only copy of a valid pair's key; what to do with it. (Two short notes.)
+_LONE_KEY = "alone: its client.pem was a link, a FIFO or none (not copied)"
+_LONE_KEY_KEPT = (
+    "whether that key is still needed cannot be told: put its certificate beside it, or "
+    "remove that folder once it is no longer needed"
+)
+
+
+def _key_alone_held(d: Path, held: bytes, replaced: Sequence[tuple[str, str]]) -> str:
+    """The one line for a client.key in place, alone (its client.pem a link, a FIFO or
+    none), that a new enrolment's set would replace, not kept as keeping it would lose the
+    set ``REPLACED`` holds, which may still be valid (``held``, its certificate; s46rev2
+    M1)."""
+    where = d / settings_files.REPLACED
+    what = f"{replaced[-1][0]}'s set" if held and replaced else "the one there"
+    return (
+        f"client.key in place (its client.pem a link, a FIFO or none) cannot be kept aside "
+        f"without losing {what} in {where}: nothing was replaced; move {where} out of {d} as "
+        "its owner or root (keep it while its certificate is needed), then run this again"
+    )
+
+
 def _at_fault(d: Path, exc: OSError) -> str:
     """What failed in finishing a committed set in the settings dir ``d``, or in setting its
     client files aside (``exc``, its ``filename``, or a rename's ``filename2``, the path at
@@ -1836,6 +1903,17 @@ def _replaced_not_kept(
         f"the settings in place ({what}) could not be kept in {where} ({exc.reason}): nothing "
         f"was replaced; {'free some space' if full else 'fix that'}, then run this again"
     )
+
+
+def _pair_in_place(d: Path) -> tuple[bytes, bytes] | None:
+    """The client key and certificate (PEM) in place in the settings dir ``d``, if both can
+    be read (``settings_files.read_file``: a link followed, as the practice software follows
+    it, s46rev2 M2; a FIFO never opened, s47ws: the run waited on it for ever)."""
+    try:
+        key = settings_files.read_file(d / "client.key")
+        return key, settings_files.read_file(d / "client.pem")
+    except OSError:
+        return None
 
 
 def _valid_pairs(

@@ -41,6 +41,17 @@ set while nothing was replaced): a run cut short before the commit leaves the ke
 as it was, one after it is completed by the next run. What
 is in its way there (a file, a link: not followed) is removed as it moves in (s44rev1 L2: it
 failed every enrolment). A later write removes it once its certificate has expired (s44rev1 L4).
+
+A file that is not a regular one (a FIFO, whose open waits for a writer: a run hung on it for
+ever) is never opened, wherever it is: the client files, ``ca.pem``, ``settings.json``, the
+commit marker (s47ws). What is copied aside is read without following a link (``_client_in``,
+``_read_nofollow``: s45rev7 L1); what tells the set in place (its name, whether it still works,
+whether a pair is worth keeping) follows one, as the practice software does (``read_file``:
+s46rev2 M2). A client.key (a file of ours) whose client.pem is a link, a FIFO or none may be the
+only copy of a valid pair's key: it is kept alone in ``REPLACED`` (an enrolment's keeping,
+``set_aside``), never removed or overwritten unkept, unless that would lose a set ``REPLACED``
+holds that may still be valid (``_held``: then nothing is changed, and that is said; s46rev2
+M1).
 """
 
 from __future__ import annotations
@@ -59,7 +70,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, PUBLIC, fsync_dir, stage_atomic, write_atomic
@@ -84,14 +96,26 @@ class ReplacedNotKept(TerminalError):
     """The client key and certificate in place were to be kept in ``REPLACED`` (worth it,
     or they could not be read to tell) and could not be: nothing was replaced. ``path``: the
     file that failed; ``reason``: why (the OS's words); ``reading``: it failed reading the
-    pair in place (else writing the copy)."""
+    pair in place (else writing the copy). ``held``: not tried, as the client.key in place
+    is alone (its client.pem a link, a FIFO or none) and keeping it would lose the set
+    ``REPLACED`` holds, which may still be valid (s46rev2 M1): that set's certificate (PEM;
+    empty if it cannot be read)."""
 
-    def __init__(self, path: Path, reason: str, *, reading: bool, errno: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        reason: str,
+        *,
+        reading: bool,
+        errno: int | None = None,
+        held: bytes | None = None,
+    ) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
         self.reading = reading
         self.errno = errno  # (the OS's error number, if one)
+        self.held = held
 
 
 class Unfinished(TerminalError):
@@ -130,6 +154,10 @@ def replace(
     if True, the files of the set in place are copied into the staging (its key 0600) before
     the new set is committed (into ``REPLACED_NEW``), and take the place of ``REPLACED`` with
     the new set's files.
+    The files in place are read as ``set_aside`` reads them: a link is not copied, a FIFO
+    never opened (s47ws). A client.key in place whose client.pem is a link, a FIFO or none
+    is kept alone (``_keep_replaced``), unless that would lose a set ``REPLACED`` holds that
+    may still be valid: ``ReplacedNotKept`` (``held``), nothing written (s46rev2 M1).
     Returns ``REPLACED`` if so, else None. ``ReplacedNotKept`` (nothing written) if they could
     not be read or copied. Once the new set is in place, a set in ``REPLACED`` whose
     certificate has expired is removed."""
@@ -151,7 +179,8 @@ def replace(
                 check(staging)
             kept = None
             if keep_replaced is not None and "client.key" in files:
-                kept = _keep_replaced(directory, keep_replaced)
+                new_pair = (files["client.key"][0], files.get("client.pem", (b"", 0))[0])
+                kept = _keep_replaced(directory, keep_replaced, new_pair)
                 # (``_keep`` ends with an fsync of ``directory``: the copy is there for good
                 # before the marker, which takes it for moved once it is gone; s44rev5 L2)
             # (REPLACED in the list: an older tlsroll leaves such a staging to this one)
@@ -175,28 +204,69 @@ def replace(
     return kept
 
 
-def _keep_replaced(directory: Path, worth: Callable[[bytes, bytes], bool]) -> Path | None:
+def _keep_replaced(
+    directory: Path, worth: Callable[[bytes, bytes], bool], new_pair: tuple[bytes, bytes]
+) -> Path | None:
     """The set in place copied into ``REPLACED_NEW`` if ``worth`` says its client key and
     certificate are worth keeping; returns ``REPLACED`` (where it goes once committed)
-    then, else None. ``ReplacedNotKept`` if the set could not be read or copied."""
-    present: dict[str, tuple[bytes, int]] = {}
-    for name in CLIENT + tuple(n for n in NAMES if n not in CLIENT):
-        try:
-            present[name] = ((directory / name).read_bytes(), _mode(name))
-        except FileNotFoundError:
-            if name in CLIENT:
-                return None  # no pair in place: nothing to keep
-        except OSError as exc:
-            raise ReplacedNotKept(directory / name, _why(exc), reading=True) from None
-        if name == CLIENT[-1] and not worth(present["client.key"][0], present["client.pem"][0]):
-            return None
+    then, else None. ``ReplacedNotKept`` if the set could not be read or copied.
+
+    The files are read as ``set_aside`` reads them (``_client_in``, ``_read_nofollow``: a
+    link is not copied, s45rev7 L1; a FIFO is never opened, s47ws: a run waited on it for
+    ever); one of ``ca.pem``, ``settings.json`` that is not a file of ours is not kept. A
+    client.key (a file of ours) whose client.pem is not (a link, a FIFO, none) may be the
+    only copy of a valid pair's key (s47ws: it was overwritten unkept): it is kept alone,
+    unless what a link there names is its certificate and ``worth`` says that pair is worth
+    nothing (expired, or superseded by ``new_pair``: it is read to tell, never copied), or
+    ``REPLACED`` holds that key already (s46rev2 L1: its certificate with it), or keeping it
+    would lose the set ``REPLACED`` holds, which may still be valid (``_held``, as
+    ``set_aside`` asks; s46rev2 M1): ``ReplacedNotKept`` (``held``) then."""
     try:
-        _keep(directory, present, REPLACED_NEW)
+        key, cert = _client_in(directory, follow_dir=True)
+    except OSError as exc:
+        raise ReplacedNotKept(Path(exc.filename), _why(exc), reading=True) from None
+    if key is None:
+        return None  # no key of ours in place: nothing to keep
+    present: dict[str, bytes] = {"client.key": key}
+    if cert is not None:
+        if not worth(key, cert):
+            return None
+        present["client.pem"] = cert
+    else:
+        with contextlib.suppress(OSError):
+            linked = read_file(directory / "client.pem")  # (a link followed: read, not kept)
+            if _matches(key, linked) and not worth(key, linked):
+                return None
+        if _key_in(directory / REPLACED) == key:
+            return None  # kept there already (a run cut short), with what it has
+        held = _held(directory, (key, b""), new_pair, lambda k, c, _newer: worth(k, c))
+        if held is not None:
+            reason = "it holds a set that may still be valid"
+            raise ReplacedNotKept(directory / REPLACED, reason, reading=False, held=held)
+    for name in (n for n in NAMES if n not in CLIENT):
+        try:
+            present[name] = _read_nofollow(directory / name)
+        except OSError as exc:
+            if exc.errno in _NOT_OURS:
+                continue  # none, or not a file of ours: not kept
+            raise ReplacedNotKept(directory / name, _why(exc), reading=True) from None
+    try:
+        _keep(directory, {n: (data, PRIVATE) for n, data in present.items()}, REPLACED_NEW)
     except OSError as exc:
         raise ReplacedNotKept(
             directory / REPLACED, _why(exc), reading=False, errno=exc.errno
         ) from None
     return directory / REPLACED
+
+
+def _matches(key_pem: bytes, cert_pem: bytes) -> bool:
+    """Whether ``cert_pem`` is a certificate of the key ``key_pem`` (both PEM)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return cert.public_key() == key.public_key()
 
 
 def _why(exc: OSError) -> str:
@@ -218,9 +288,9 @@ def _drop_expired_replaced(directory: Path) -> None:
     replaced = directory / REPLACED
     if not stat.S_ISDIR(os.lstat(replaced).st_mode):
         return  # (FileNotFoundError: none) not ours to read through; replaced when needed
-    try:
-        cert = x509.load_pem_x509_certificate((replaced / "client.pem").read_bytes())
-    except ValueError:
+    try:  # (a link or a FIFO there: not read, s47ws; a key alone: kept)
+        cert = x509.load_pem_x509_certificate(_read_nofollow(replaced / "client.pem"))
+    except (OSError, ValueError):
         return
     if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
         _drop(directory, REPLACED)
@@ -244,7 +314,9 @@ class SetAside(NamedTuple):
     nothing, as the older pair could not be kept without losing the set ``REPLACED`` holds
     (one that may still be valid: s45rev1 M1), that set's certificate (PEM; empty if it
     could not be read); ``older_at``: where the older pair is then (the settings dir, or
-    ``KEPT``: s45rev7 L3)."""
+    ``KEPT``: s45rev7 L3); ``lone``: the client files in place were a key (a file of ours)
+    beside a client.pem that is not (a link, a FIFO) or none: the key alone went to
+    ``REPLACED`` (``replaced``), or was held in place (``held``) (s47ws: it was removed)."""
 
     kept: Path
     moved: bool
@@ -252,6 +324,7 @@ class SetAside(NamedTuple):
     older: bytes | None = None
     held: bytes | None = None
     older_at: Path | None = None
+    lone: bool = False
 
 
 def set_aside(
@@ -273,8 +346,10 @@ def set_aside(
     the caller): they go with the pair in place to ``REPLACED`` if it is theirs (s45rev1
     L3; their settings.json names it: s45rev7 M1), and a ``REPLACED`` holding that pair
     already is left as it is. Links are not followed (a link in place is no pair: only
-    removed), and the copies are 0600. None if there was no client file in place. Raises
-    OSError; a pair is removed only once it is kept elsewhere."""
+    removed), a FIFO is never opened, and the copies are 0600. A key (a file of ours) beside
+    a client.pem that is not (a link, a FIFO) or alone goes to ``REPLACED`` alone
+    (``_set_key_aside``; s47ws: it was removed with it). None if there was no client file in
+    place. Raises OSError; a key is removed only once it is kept elsewhere."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
@@ -282,7 +357,10 @@ def set_aside(
         moved, replaced, older_cert = False, None, None
         # (s45rev7 L1: a link is no pair of ours, and not read: it was followed, a 0600 file
         # elsewhere copied into KEPT at 0644; it is only removed, as a lone file is.)
-        in_place = _pair_in(directory, follow_dir=True) if len(present) == len(CLIENT) else None
+        key, cert = _client_in(directory, follow_dir=True)
+        in_place = (key, cert) if key is not None and cert is not None else None
+        if key is not None and cert is None:
+            return _set_key_aside(directory, key, present, worth)
         if in_place is not None:
             kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
             moved = not os.path.lexists(directory / KEPT) or _newer(in_place[1], kept)
@@ -326,31 +404,65 @@ def set_aside(
         return SetAside(directory / KEPT, moved, replaced, older_cert)
 
 
+def _set_key_aside(
+    directory: Path,
+    key: bytes,
+    present: list[str],
+    worth: Callable[[bytes, bytes, bytes], bool] | None,
+) -> SetAside:
+    """``set_aside`` of a key in place (a file of ours) whose client.pem is not (a link, a
+    FIFO, none): whether it is still needed cannot be told, and it may be the only copy of a
+    valid pair's key (s47ws: it was removed with its partner), so it goes to ``REPLACED``
+    alone (0600), unless what ``REPLACED`` holds may still be valid (``_held``): the client
+    files then stay as they are (``held``). ``REPLACED`` holding that key already (a run cut
+    short, or the whole pair kept there) is left as it is (s46rev2 L1: its certificate was
+    lost). Its partner is only removed, never read. The pair ``KEPT`` holds stays there."""
+    kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
+    if (held := _held(directory, (key, b""), kept, worth)) is not None:
+        return SetAside(directory / KEPT, False, None, None, held, directory, lone=True)
+    if _key_in(directory / REPLACED) != key:
+        _drop(directory, REPLACED)
+        _drop(directory, REPLACED_NEW)
+        _keep(directory, {"client.key": (key, PRIVATE)}, REPLACED_NEW)
+        _put_replaced(directory)
+        fsync_dir(directory)
+    for name in present:
+        os.unlink(directory / name)
+    fsync_dir(directory)
+    return SetAside(directory / KEPT, False, directory / REPLACED, lone=True)
+
+
 def _held(
     directory: Path,
     older: tuple[bytes, bytes],
-    newer: tuple[bytes, bytes],
-    worth: Callable[[bytes, bytes, bytes], bool],
+    newer: tuple[bytes, bytes] | None,
+    worth: Callable[[bytes, bytes, bytes], bool] | None,
 ) -> bytes | None:
     """The certificate (PEM) of the set ``REPLACED`` holds if it may still be valid
     (``worth``, the ``newer`` pair superseding it only if issued after it), empty if it
-    cannot be read (it may be); None if there is nothing there to lose: none, not a
-    directory (in the way, not followed), no pair in it, the pair ``older`` or ``newer``
-    itself (a run cut short), or one not worth keeping."""
+    cannot be read (it may be), or if it holds a key alone (s47ws: whether it is still
+    needed cannot be told); None if there is nothing there to lose: none, not a directory
+    (in the way, not followed), no key in it, the key of ``older`` or ``newer`` itself (a
+    run cut short: it is not lost), or a pair not worth keeping (``worth`` None: none is)."""
     replaced = directory / REPLACED
     try:
         if not stat.S_ISDIR(os.lstat(replaced).st_mode):
             return None
-        pair = tuple(_read_nofollow(replaced / n) for n in CLIENT)
+        key, cert = _client_in(replaced)
     except FileNotFoundError:
         return None
     except OSError:
         return b""
-    if pair in (older, newer):
+    if key is None or key == older[0] or (newer is not None and key == newer[0]):
         return None
-    issued, newer_issued = _issued(pair[1]), _issued(newer[1])
+    if cert is None:
+        return b""
+    if worth is None:
+        return None
+    newer_cert = newer[1] if newer is not None else b""
+    issued, newer_issued = _issued(cert), _issued(newer_cert)
     later = issued is not None and newer_issued is not None and newer_issued > issued
-    return pair[1] if worth(pair[0], pair[1], newer[1] if later else b"") else None
+    return cert if worth(key, cert, newer_cert if later else b"") else None
 
 
 def read_set(directory: Path) -> dict[str, bytes]:
@@ -364,12 +476,38 @@ def read_set(directory: Path) -> dict[str, bytes]:
 
 MAX_FILE = 1 << 20  # bytes: more than any settings file holds (a CA bundle: some kB)
 
+# A settings file that is none of ours to read: none, a link (``_read_nofollow``), a FIFO or
+# another file that is not a regular one, or one larger than any settings file.
+_NOT_OURS = frozenset({errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EFBIG, errno.ENXIO})
+
 
 def _read_nofollow(path: Path, dir_fd: int | None = None) -> bytes:
     """A regular file's bytes, its last component not followed (a link: ELOOP); one that is
     not a regular file (a FIFO, which hung the read: s45rev7 L2) or larger than
-    ``MAX_FILE``: OSError, never waited on."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    ``MAX_FILE``: OSError, never opened (s47ws), nor waited on."""
+    return _read_regular(path, dir_fd, follow=False)
+
+
+def read_file(path: Path) -> bytes:
+    """A settings file's bytes, a link followed (the practice software follows it: the
+    set in place is told by it, s46rev2 M2), only if what it names is a regular file: one
+    that is not (a FIFO: a run waited on it for ever, s47ws), or larger than ``MAX_FILE``,
+    is OSError, never opened. For telling what the set in place is, never
+    for copying (``_read_nofollow``)."""
+    return _read_regular(path, None, follow=True)
+
+
+def _read_regular(path: Path, dir_fd: int | None, *, follow: bool) -> bytes:
+    # Checked before it is opened (a FIFO is never opened: its open would wait for a writer),
+    # and again on the descriptor, opened without blocking (what is there may have changed).
+    mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow).st_mode
+    if stat.S_ISLNK(mode):
+        raise OSError(errno.ELOOP, "a symbolic link, not followed", str(path))
+    if stat.S_ISDIR(mode):  # (one that may hold anything: not "none", s44rev1 L2)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     fd = os.open(path, flags, dir_fd=dir_fd)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -380,32 +518,57 @@ def _read_nofollow(path: Path, dir_fd: int | None = None) -> bytes:
     return data
 
 
-def _pair_in(directory: Path, *, follow_dir: bool = False) -> tuple[bytes, bytes] | None:
-    """The client key and certificate (PEM) in ``directory`` if both are regular files that
-    can be read, they not followed if a link (s45rev7 L1: a link in place was followed, its
-    file copied into KEPT), nor ``directory`` unless ``follow_dir``: the settings dir itself
-    may be a link the admin made (its pair was removed unkept when it was not followed), a
-    folder of ours in it (KEPT) may not. Raises OSError if one cannot be read for another
-    reason (a permission)."""
+class ClientFiles(NamedTuple):
+    """``client.key`` and ``client.pem`` (PEM) in a directory, each None if it is not a file
+    of ours to read (``_NOT_OURS``: none, a link, a FIFO, ...)."""
+
+    key: bytes | None
+    cert: bytes | None
+
+
+def _client_in(directory: Path, *, follow_dir: bool = False) -> ClientFiles:
+    """The client key and certificate in ``directory``, each read only if a regular file,
+    not followed if a link (s45rev7 L1: a link in place was followed, its file copied into
+    KEPT), never opened if a FIFO (s45rev7 L2, s47ws); ``directory`` itself not followed
+    unless ``follow_dir``: the settings dir may be a link the admin made (its pair was
+    removed unkept when it was not followed), a folder of ours in it (KEPT, REPLACED) may
+    not (none then). Raises OSError (its filename the whole path) if one cannot be read for
+    another reason (a permission)."""
     nofollow = 0 if follow_dir else os.O_NOFOLLOW
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return None
-        raise
+            return ClientFiles(None, None)
+        raise OSError(exc.errno, exc.strerror, str(directory)) from None
     try:
-        pair = []
+        found: list[bytes | None] = []
         for name in CLIENT:
             try:
-                pair.append(_read_nofollow(Path(name), dir_fd))
+                found.append(_read_nofollow(Path(name), dir_fd))
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EFBIG):
-                    return None
-                raise OSError(exc.errno, exc.strerror, str(directory / name)) from None
+                if exc.errno not in _NOT_OURS:
+                    raise OSError(exc.errno, exc.strerror, str(directory / name)) from None
+                found.append(None)
     finally:
         os.close(dir_fd)
-    return pair[0], pair[1]
+    return ClientFiles(found[0], found[1])
+
+
+def _key_in(directory: Path) -> bytes | None:
+    """The client key in ``directory`` (``_client_in``), None if none can be read."""
+    try:
+        return _client_in(directory).key
+    except OSError:
+        return None
+
+
+def _pair_in(directory: Path, *, follow_dir: bool = False) -> tuple[bytes, bytes] | None:
+    """The client key and certificate (PEM) in ``directory`` if both are regular files that
+    can be read (``_client_in``). Raises OSError if one cannot be read for another reason
+    (a permission)."""
+    key, cert = _client_in(directory, follow_dir=follow_dir)
+    return (key, cert) if key is not None and cert is not None else None
 
 
 def _names(before: Mapping[str, bytes], pair: tuple[bytes, bytes]) -> bool:
@@ -477,10 +640,6 @@ def _drop(directory: Path, name: str) -> None:
         fsync_dir(directory)
 
 
-def _mode(name: str) -> int:
-    return PRIVATE if name == "client.key" else PUBLIC
-
-
 def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]], name: str = KEPT) -> None:
     """Write ``files`` into the directory ``name`` (0700) in ``directory``, every one 0600
     whatever mode ``files`` gives it (a kept set is the user's alone; ``set_aside`` writes its
@@ -546,10 +705,12 @@ def _finish(directory: Path) -> Finished | None:
 def _committed(staging: Path) -> list[str] | None:
     """The names the marker lists, or None if there is no (valid) marker: not committed.
     ``NewerStaging`` if it is valid but lists a file name this version does not know."""
-    try:
-        data = json.loads((staging / MARKER).read_bytes())
-    except FileNotFoundError:
-        return None
+    try:  # (a link or a FIFO there is none of ours: not read, never waited on, s47ws)
+        data = json.loads(_read_nofollow(staging / MARKER))
+    except OSError as exc:
+        if exc.errno in _NOT_OURS:
+            return None
+        raise
     except (ValueError, UnicodeDecodeError):
         return None  # written atomically, so never half there: not one of ours
     names = data.get("files") if isinstance(data, dict) else None
@@ -595,9 +756,14 @@ def _remove(directory: Path, staging: Path) -> None:
     dirs = {n for n in names if stat.S_ISDIR(os.lstat(staging / n).st_mode)}
     for name in sorted(dirs):
         _rmtree(staging / name)
-    for name in names:
-        if name not in dirs:
-            os.unlink(staging / name)
+    # Then the key (s46ws): a REPLACED cut short in its removal holds no key alone, which
+    # would be taken for one kept alone that may still be valid (``_held``), every later run
+    # held by it.
+    files = sorted((n for n in names if n not in dirs), key=lambda n: n != "client.key")
+    for name in files:
+        os.unlink(staging / name)
+        if name == "client.key":
+            fsync_dir(staging)
     os.rmdir(staging)
     fsync_dir(directory)
 

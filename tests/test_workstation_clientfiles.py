@@ -1,0 +1,449 @@
+"""``tlsroll client test-connection`` and the client files in its settings dir that are not
+plain files of its own (s47ws): a FIFO is never opened (a run waited on it for ever), a link
+is followed only to tell what the set in place is (its name, whether it works), never copied
+through, and a client.key beside a client.pem that is a link, a FIFO or none is not lost;
+all without the two regressions of the reverted s46ws attempt (review s46rev2 M1, M2).
+
+Real runs of the command against the real reference server and bootstrap service, with the
+helpers of ``test_workstation``; real FIFOs (``os.mkfifo``) and real links. A FIFO test
+watches the FIFO (``test_workstation_settings.watched_fifo``): a reader that opens it is
+seen (a writer's non-blocking open succeeds only while one has it open) and let go with an
+end of file, so that the code before the fix is caught opening it, and never hangs the test.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import test_workstation
+from tests.test_bootstrap import PASSWORD, ca_signer
+from tests.test_workstation import (
+    SETTINGS_SET,
+    ServerNode,
+    bootstrap_on,
+    client_pair,
+    older_pair,
+    settings_of,
+    settings_set,
+)
+from tests.test_workstation_settings import watched_fifo
+from tlsroll import pki
+from tlsroll.fsutil import PRIVATE, write_atomic
+from workstation import settings_files
+from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
+
+# test_workstation's fixtures, used here by name (its servers, its run of the command)
+logs = test_workstation.logs
+nodes = test_workstation.nodes
+password_file = test_workstation.password_file
+run_cli = test_workstation.run_cli
+
+HOSTNAME = b"praxis-pc-7\n"  # what a link to /etc/hostname would read
+
+
+def files_under(d: Path) -> dict[Path, bytes]:
+    """Every regular file under ``d`` (links not followed), by path: its bytes."""
+    found: dict[Path, bytes] = {}
+    for root, _dirs, names in os.walk(d):
+        for name in names:
+            path = Path(root) / name
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                found[path] = path.read_bytes()
+    return found
+
+
+def modes_in(directory: Path) -> dict[str, int]:
+    return {n: stat.S_IMODE(os.lstat(directory / n).st_mode) for n in os.listdir(directory)}
+
+
+async def enrol(node: ServerNode, test_ca: pki.CertificateAuthority, run_cli: Any, *a: str) -> Any:
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--yes", *a)
+    assert run.code == 0, run.err
+    return run
+
+
+# --- non-regressions (review s46rev2 M1, M2): they pass on the code before s47ws too ---------
+
+
+async def test_an_enrolment_over_a_key_alone_keeps_the_valid_set_kept_before(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s46rev2 M1: an enrolment over a client.key whose client.pem is gone kept that
+    key in .settings-replaced in place of the set there, another name's, valid (its key the
+    only copy, the leader still holding its certificate): that set was lost. It stays."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "a")
+    a_set = settings_set(d)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "b")
+    assert settings_set(d / REPLACED) == a_set  # (another name's: kept, with its set)
+    os.unlink(d / "client.pem")
+    async with bootstrap_on(node, test_ca):
+        await run_cli(node.url, "--yes", "--password-file", pw, "--name", "c")
+    assert settings_set(d / REPLACED) == a_set
+
+
+async def test_a_client_pem_link_is_no_set_that_fails(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s46rev2 M2: a client.pem that is a link (an admin's) counted as a set that
+    cannot be read: after the new set failed its check, no request with the set in place was
+    made, the failing new set replaced the working one, and the error said "a request with
+    the settings before fails too". The link is followed for that request: the set in place
+    works, it stays (the link as it was), and the new pair is kept aside."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    args = ("--password-file", pw, "--name", "empfang")
+    await enrol(node, test_ca, run_cli, *args)
+    outside = tmp_path / "empfang.pem"
+    outside.write_bytes((d / "client.pem").read_bytes())
+    os.unlink(d / "client.pem")
+    os.symlink(outside, d / "client.pem")
+    before = {n: (d / n).read_bytes() for n in ("ca.pem", "client.key", "settings.json")}
+    other = pki.CertificateAuthority.create("another CA")  # the new set fails its check
+    async with bootstrap_on(node, test_ca, sign=ca_signer(other)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
+        run = await run_cli(node.url, "--yes", *args)
+    assert run.code == 1, run.err
+    assert "the settings in place still work: the new ones checked once more" in run.out
+    assert "fails too" not in run.error, run.error
+    assert "the settings before are kept (a request with them still succeeds)" in run.error
+    assert os.readlink(d / "client.pem") == str(outside)
+    assert {n: (d / n).read_bytes() for n in before} == before
+    assert pki.issued_by(pki.read_cert(d / KEPT / "client.pem"), other.cert)
+
+
+async def test_a_client_pem_link_still_names_the_pc(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s46rev2 M2 (its second effect): with client.pem a link, a run without --name
+    took the host name (a new PC, ws-pc-test) instead of the name of the pair in place."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "empfang")
+    outside = tmp_path / "empfang.pem"
+    outside.write_bytes((d / "client.pem").read_bytes())
+    os.unlink(d / "client.pem")
+    os.symlink(outside, d / "client.pem")
+    await enrol(node, test_ca, run_cli, "--password-file", pw)
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-empfang"
+
+
+# --- 1. a FIFO in place of a settings file is never opened (a run waited on it for ever) ----
+
+
+def test_a_fifo_as_the_commit_marker_is_not_opened(tmp_path: Path) -> None:
+    """s46rev2 L4: ``finish`` (every run's first step) read ``.settings-new/commit`` by its
+    name, and a FIFO there held the run for ever. It is not opened: no marker of ours, so the
+    staging was never committed, and it is discarded (the settings before stay)."""
+    d = tmp_path
+    (d / "settings.json").write_bytes(b"{}\n")
+    (d / STAGING).mkdir(mode=0o700)
+    (d / STAGING / "settings.json").write_bytes(b'{"new": 1}\n')
+    with watched_fifo(d / STAGING / MARKER) as opened:
+        done = settings_files.finish(d)
+    assert opened == []
+    assert done is settings_files.Finished.BACK
+    assert sorted(os.listdir(d)) == ["settings.json"]
+    assert (d / "settings.json").read_bytes() == b"{}\n"
+
+
+@pytest.mark.parametrize("name", ["client.pem", "client.key"])
+async def test_a_fifo_in_place_of_a_client_file_is_not_opened_by_an_enrolment(
+    name: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s45rev7 L2 (left open): a FIFO as client.pem or client.key held an enrolment for ever
+    (the pair in place was read by name to name the PC, and to keep it). It is never
+    opened: a note says it is no file, the run enrols, and the new set takes its place; a
+    key beside a FIFO client.pem is kept, alone (0600)."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw)
+    key_pem = (d / "client.key").read_bytes()
+    os.unlink(d / name)
+    with watched_fifo(d / name) as opened:
+        async with bootstrap_on(node, test_ca):
+            run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "fresh")
+    assert opened == [], "the run opened the FIFO"
+    assert run.code == 0, run.err
+    assert (
+        f"note      {d / name} is not a regular file (a FIFO?): not read, taken as missing"
+    ) in run.out.splitlines(), run.out
+    assert all(stat.S_ISREG(os.lstat(d / n).st_mode) for n in SETTINGS_SET)
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-fresh"
+    if name == "client.key":  # no key of ours beside the certificate: nothing to keep
+        assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+        return
+    assert files_under(d / REPLACED)[d / REPLACED / "client.key"] == key_pem
+    assert not os.path.lexists(d / REPLACED / "client.pem")
+    assert set(modes_in(d / REPLACED).values()) == {0o600}
+
+
+@pytest.mark.parametrize("name", ["ca.pem", "settings.json"])
+async def test_a_fifo_beside_a_pair_worth_keeping_is_not_opened(
+    name: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """A FIFO as ca.pem or settings.json beside a pair worth keeping (another name's,
+    valid) held the enrolment for ever when it kept that set in .settings-replaced. It is
+    never opened: the pair is kept with the rest of its set, the FIFO not."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw)
+    key_pem, cert_pem = client_pair(test_ca, "ws-other", expired=False)
+    write_atomic(d / "client.key", key_pem, PRIVATE)
+    write_atomic(d / "client.pem", cert_pem, 0o644)
+    other = next(n for n in ("ca.pem", "settings.json") if n != name)
+    other_data = (d / other).read_bytes()
+    os.unlink(d / name)
+    with watched_fifo(d / name) as opened:
+        async with bootstrap_on(node, test_ca):
+            run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "fresh")
+    assert opened == [], "the run opened the FIFO"
+    assert run.code == 0, run.err
+    assert files_under(d / REPLACED) == {
+        d / REPLACED / "client.key": key_pem,
+        d / REPLACED / "client.pem": cert_pem,
+        d / REPLACED / other: other_data,
+    }
+    assert all(stat.S_ISREG(os.lstat(d / n).st_mode) for n in SETTINGS_SET)
+
+
+async def test_a_fifo_in_the_set_in_place_is_not_opened_after_a_failed_check(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """After the new set failed its check, the request with the set in place read its
+    settings.json by name: a FIFO there held the run for ever. It is never opened: that set
+    cannot be read whole (nor could the practice software read it), so the new set goes in
+    place, and the error says why."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    args = ("--password-file", pw, "--name", "empfang")
+    await enrol(node, test_ca, run_cli, *args)
+    os.unlink(d / "settings.json")
+    other = pki.CertificateAuthority.create("another CA")  # the new set fails its check
+    with watched_fifo(d / "settings.json") as opened:
+        async with bootstrap_on(node, test_ca, sign=ca_signer(other)) as service:
+            service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
+            run = await run_cli(node.url, "--yes", *args)
+    assert opened == [], "the run opened the FIFO"
+    assert run.code == 1, run.err
+    assert "fails too (they cannot be read whole)" in run.error, run.error
+    assert pki.issued_by(pki.read_cert(d / "client.pem"), other.cert)
+    assert stat.S_ISREG(os.lstat(d / "settings.json").st_mode)
+
+
+# --- 2. a client.pem link is not copied through; 3. the key beside it is not lost ------------
+
+
+@pytest.mark.parametrize("target", ["another name's certificate", "a file like /etc/hostname"])
+async def test_an_enrolment_does_not_copy_a_client_pem_link_and_keeps_the_key_beside_it(
+    target: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """The enrolment's keeping of the set it replaces (``_keep_replaced``) read client.pem
+    through a link: the file outside the settings dir (0600) was copied into
+    .settings-replaced; a link to a file that is no certificate (/etc/hostname) was read, and
+    the key beside it overwritten, its only copy. Nothing is copied through the link now:
+    the key (a file of ours) is kept alone in .settings-replaced, 0600, with the rest of its
+    set, and two notes say so; the file the link names is not changed."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw)
+    key_pem, cert_pem = client_pair(test_ca, "ws-other", expired=False)
+    outside = tmp_path / "outside"
+    outside.write_bytes(cert_pem if "certificate" in target else HOSTNAME)
+    outside.chmod(0o600)
+    write_atomic(d / "client.key", key_pem, PRIVATE)
+    os.unlink(d / "client.pem")
+    os.symlink(outside, d / "client.pem")
+    before = {n: (d / n).read_bytes() for n in ("ca.pem", "settings.json")}
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "fresh")
+    assert run.code == 0, run.err
+    assert sorted(os.listdir(d)) == sorted([*SETTINGS_SET, REPLACED])
+    assert not os.path.islink(d / "client.pem")
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-fresh"
+    assert files_under(d / REPLACED) == {
+        d / REPLACED / "client.key": key_pem,
+        d / REPLACED / "ca.pem": before["ca.pem"],
+        d / REPLACED / "settings.json": before["settings.json"],
+    }
+    assert set(modes_in(d / REPLACED).values()) == {0o600}
+    assert outside.read_bytes() == (cert_pem if "certificate" in target else HOSTNAME)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o600
+    notes = [line for line in run.out.splitlines() if line.startswith("note")]
+    assert notes[-2:] == [
+        f"note      the settings before are kept in {d / REPLACED}, alone: its client.pem was "
+        "a link, a FIFO or none (not copied)",
+        "note      whether that key is still needed cannot be told: put its certificate beside "
+        "it, or remove that folder once it is no longer needed",
+    ], run.out
+
+
+async def test_a_client_pem_link_to_the_pcs_superseded_certificate_keeps_nothing(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """(Passes before s47ws too.) An admin's client.pem link to this PC's own certificate,
+    which the new enrolment supersedes: the link is read to tell that (never copied), so the
+    key beside it, worth nothing now, is not kept, and no note is said."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "empfang")
+    outside = tmp_path / "empfang.pem"
+    outside.write_bytes((d / "client.pem").read_bytes())
+    os.unlink(d / "client.pem")
+    os.symlink(outside, d / "client.pem")
+    run = await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "empfang")
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+    assert "kept in" not in run.out, run.out
+
+
+async def test_an_enrolment_over_a_key_alone_holds_it_beside_a_valid_set_kept_before(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """An enrolment over a client.key whose client.pem is gone overwrote that key, unkept
+    (b's here, another name's, the leader still holding its certificate). It cannot go to
+    .settings-replaced without losing the valid set there (a's: review s46rev2 M1), so
+    nothing is replaced, as ``--no-enrol`` holds: the key stays, the new pair is kept aside,
+    and the error says which folder to move out."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "a")
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "b")
+    a_set, b_key = settings_set(d / REPLACED), (d / "client.key").read_bytes()
+    os.unlink(d / "client.pem")
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--yes", "--password-file", pw, "--name", "c")
+    assert run.code == 1, run.err
+    assert settings_set(d / REPLACED) == a_set
+    assert (d / "client.key").read_bytes() == b_key
+    assert pki.names_of(pki.read_cert(d / KEPT / "client.pem")).common_name == "ws-c"
+    assert run.error == (
+        "tlsroll: error: client.key in place (its client.pem a link, a FIFO or none) cannot be "
+        f"kept aside without losing ws-a's set in {d / REPLACED}: nothing was replaced; move "
+        f"{d / REPLACED} out of {d} as its owner or root (keep it while its certificate is "
+        "needed), then run this again"
+    )
+
+
+@pytest.mark.parametrize("partner", ["a link", "a FIFO", "none", "a link, a valid set kept before"])
+async def test_no_enrol_keeps_a_key_whose_client_pem_is_no_file_of_ours(
+    partner: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """``--no-enrol`` over a settings dir whose client.pem is a link or a FIFO (or none)
+    removed the client.key beside it, a file of ours: the only copy of a pair's key that may
+    still be valid. It goes to .settings-replaced alone (0600) now, its partner only removed
+    (the file a link names unchanged), and two notes say so; where .settings-replaced holds
+    a set that may still be valid, the client files stay as they are and the notes say why
+    and what to do (as for a pair)."""
+    node = nodes["tls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw)
+    key_pem = (d / "client.key").read_bytes()
+    outside = tmp_path / "outside"
+    outside.write_bytes(HOSTNAME)
+    outside.chmod(0o600)
+    os.unlink(d / "client.pem")
+    if partner.startswith("a link"):
+        os.symlink(outside, d / "client.pem")
+    if partner.endswith("kept before"):
+        w = older_pair(test_ca, "ws-w")
+        (d / REPLACED).mkdir(mode=0o700)
+        write_atomic(d / REPLACED / "client.key", w[0], PRIVATE)
+        write_atomic(d / REPLACED / "client.pem", w[1], PRIVATE)
+    pin = pki.spki_pin(test_ca.cert)
+    fifo: AbstractContextManager[list[str]] = (
+        watched_fifo(d / "client.pem") if partner == "a FIFO" else nullcontext([])
+    )
+    with fifo as opened:
+        async with bootstrap_on(node, test_ca):
+            run = await run_cli(node.url, "--ca-pin", pin, "--no-enrol", "--yes")
+    assert opened == [], "the run opened the FIFO"
+    assert run.code == 0, run.err
+    assert settings_of(tmp_path)["client_cert_file"] is None
+    assert outside.read_bytes() == HOSTNAME
+    notes = [line for line in run.out.splitlines() if line.startswith("note")]
+    if partner.endswith("kept before"):  # nothing moved, nothing lost
+        assert (d / "client.key").read_bytes() == key_pem
+        assert os.readlink(d / "client.pem") == str(outside)
+        assert files_under(d / REPLACED) == {
+            d / REPLACED / "client.key": w[0],
+            d / REPLACED / "client.pem": w[1],
+        }
+        assert notes[-2:] == [
+            f"note      client.key and client.pem stay in {d}: keeping client.key aside alone "
+            f"(its client.pem is a link, a FIFO or none) would lose ws-w's in {REPLACED}",
+            f"note      move {d / REPLACED} out of {d} as its owner or root (keep it while its "
+            "certificate is needed), then run this again",
+        ], run.out
+        return
+    assert sorted(os.listdir(d)) == [REPLACED, "ca.pem", "settings.json"]
+    assert files_under(d / REPLACED) == {d / REPLACED / "client.key": key_pem}
+    assert modes_in(d / REPLACED) == {"client.key": 0o600}
+    assert notes[-2:] == [
+        f"note      client.key moved to {d / REPLACED}, alone: its client.pem was a link, a "
+        "FIFO or none (not copied)",
+        "note      whether that key is still needed cannot be told: put its certificate beside "
+        "it, or remove that folder once it is no longer needed",
+    ], run.out
