@@ -510,7 +510,7 @@ def test_uninstall_is_refused_while_a_node_of_a_rollout_is_on_its_way(
     on_its_way = dict(rollout_id="r-switching", epoch=2, state="running",
                       nodes={"n1": "done", "n2": "switching"})  # fmt: skip
     rollouts_now(cluster, on_its_way)
-    throwaway.ok("touch /var/lib/fake-systemd/calls")  # (each systemctl call is logged there)
+    throwaway.ok("touch /var/lib/fake-systemd/calls /var/lib/fake-systemd/calls-at")  # (logs)
     before = throwaway.changed()
 
     refused = uninstall(throwaway)
