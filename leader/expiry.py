@@ -41,7 +41,7 @@ from pathlib import Path
 from cryptography import x509
 
 from leader.schema_store import SchemaStore
-from leader.store import Store
+from leader.store import Node, Store, token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
 
@@ -63,9 +63,9 @@ ADVICE = {
     "stays, look for viewer.certificate_reloaded or errors in the leader's log",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired (the node was offline past its end), check the node's clock, then enrol it "
-    "again with its own key, no removal needed (also while a rollout holds it): tlsroll token "
-    "create --node NAME --address IP (its names as `tlsroll nodes` lists them), the token to "
-    "its agent's join_token_file, start the agent (`tlsroll nodes remove NAME` is for a "
+    "again with its own key, no removal needed (also while a rollout holds it): TOKEN, the "
+    "token to its agent's join_token_file, then (re)start the agent there (systemctl restart "
+    "tlsroll-agent: a running one does not read it) (`tlsroll nodes remove NAME` is for a "
     "machine lost or stolen)",
     "server": "rotate it: tlsroll rollout start --change rotate-cert (a node serving the "
     "practice's own certificate: renew it and add --cert-dir DIR)",
@@ -87,6 +87,8 @@ class Expiry:
     # Its end is the CA's (or later): a new one would end no later, so it is not renewed or
     # rotated for being near its end (``pki.ends_with_ca``); the CA's own entry says what to do.
     ends_with_ca: bool = False
+    # An agent's: the `tlsroll token create` for its node's names (``store.token_command``).
+    token: str = ""
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -99,8 +101,23 @@ class Expiry:
         if self.ends_with_ca and self.kind != "ca":
             return ENDS_WITH_CA
         advice = ADVICE.get(self.kind, "")
-        # An agent's subject is its node's name: the commands name it.
-        return advice.replace("NAME", self.subject) if self.kind == "agent" else advice
+        if self.kind != "agent":
+            return advice
+        # An agent's subject is its node's name: the commands name it, and its names.
+        token = self.token or token_command(self.subject)
+        return advice.replace("TOKEN", token).replace("NAME", self.subject)
+
+
+def agent_horizon(node: Node, lifetime: dt.timedelta) -> dt.timedelta:
+    """How near its end ``node``'s agent certificate is warned about: once less than half of
+    its own life is left (agents renew by 40 %), counted from when the leader signed it (its
+    enrolment or last renewal). Its own life, not ``agent_cert_lifetime`` (review s47rev1 M1:
+    a lifetime raised before a closure warned about every node's shorter certificate at once,
+    and one lowered warned late); ``lifetime``'s half if that time is not known."""
+    life = node.cert_not_after - (node.cert_renewed_at or node.enrolled_at)
+    if life <= dt.timedelta(0):
+        life = lifetime
+    return life * AGENT_HORIZON_FRACTION
 
 
 def _of(kind: str, subject: str, cert: x509.Certificate, horizon: dt.timedelta) -> Expiry:
@@ -144,7 +161,8 @@ class ExpiryWatch:
         self.own_certs = own_certs
         self.clock = clock
         self.horizon = dt.timedelta(days=warning_days)
-        self.agent_horizon = agent_lifetime * AGENT_HORIZON_FRACTION
+        self.agent_lifetime = agent_lifetime
+        self.agent_horizon = agent_lifetime * AGENT_HORIZON_FRACTION  # the check's cadence
         self.check_every = check_every
         self._warned: dict[tuple[str, str, str], dt.datetime] = {}
         # Called on the event loop before each periodic check, one after the other; a hook
@@ -170,7 +188,8 @@ class ExpiryWatch:
                     n.cert_serial,
                     n.cert_fingerprint,
                     n.cert_not_after,
-                    self.agent_horizon,
+                    agent_horizon(n, self.agent_lifetime),
+                    token=token_command(n.name, n.addresses, n.dns_names),
                 )
             )
         certs = self.store.list_certificates()

@@ -101,14 +101,19 @@ def in_rollout_text(
         )
     else:
         first = "let it end (or `tlsroll rollout abort`) first"
-    words = [f"--address {a}" for a in addresses] + [f"--dns {d}" for d in dns_names]
-    token = " ".join([f"tlsroll token create --node {name}", *(words or ["--address IP"])])
     return (
         f"node {name!r} is in rollout {rollout_id}, which is {state}; {first}. If its agent's "
-        f"certificate has ended, it needs no removal: `{token}`, the token to its agent "
-        "(its join_token_file), then start the agent: it enrols its own key again (`nodes "
-        "remove` is for a machine lost or stolen)"
+        f"certificate has ended, it needs no removal: `{token_command(name, addresses, dns_names)}`"
+        ", the token to its agent (its join_token_file), then restart the agent there "
+        "(systemctl restart tlsroll-agent): it enrols its own key again (`nodes remove` is for "
+        "a machine lost or stolen)"
     )
+
+
+def token_command(name: str, addresses: Sequence[str] = (), dns_names: Sequence[str] = ()) -> str:
+    """The `tlsroll token create` that lets node ``name`` enrol again under its names."""
+    words = [f"--address {a}" for a in addresses] + [f"--dns {d}" for d in dns_names]
+    return " ".join([f"tlsroll token create --node {name}", *(words or ["--address IP"])])
 
 
 class EpochFixed(TerminalError):

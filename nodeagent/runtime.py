@@ -118,9 +118,10 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     ended certificate as ``DATA/node.pem.ended``): the way back for a node that was offline
     past its certificate's end, with no ``nodes remove`` (review s46rt1 H1). The leader takes
     it with a token made for the node after its enrolment; a token it refuses (the one the node
-    enrolled with, superseded by that enrolment), a leader not reached within the enrolment's
-    patience, or no token at all ends the agent with the certificate's one line (exit 5, which
-    its unit does not restart on) and, after it, what the token got."""
+    enrolled with, superseded by that enrolment) or no token at all ends the agent with the
+    certificate's one line (exit 5, which its unit does not restart on) and, after it, what the
+    token got; a leader not reached within the enrolment's patience ends it with exit 1, which
+    the unit restarts on."""
     ended: CertificateExpired | None = None
     try:
         identity = await asyncio.to_thread(certwork.load_identity, cfg)
@@ -141,9 +142,13 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     except TlsrollError as exc:
         if ended is None or isinstance(exc, CertificateExpired):
             raise
-        raise CertificateExpired(
-            f"{ended} (this agent tried to enrol again with the join token it has: {exc})"
-        ) from None
+        said = f"{ended} (this agent tried to enrol again with the join token it has: {exc})"
+        if isinstance(exc, TransientError):
+            # The leader not reached (its host off, as the node was): exit 1, which the unit
+            # restarts on, so the node comes back once the leader does, as a first enrolment
+            # would (review s47rev1 L2: exit 5 stopped it for good).
+            raise TransientError(f"{said}; it tries again at its next start") from None
+        raise CertificateExpired(said) from None
 
 
 async def _enrol(cfg: AgentConfig) -> Identity:

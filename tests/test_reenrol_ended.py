@@ -102,7 +102,10 @@ def test_an_ended_agent_certificate_comes_back_by_token_while_phase_1_awaits_fin
             if c["kind"] == "agent" and c.get("subject") == "node2"
         ]
         assert int(row["residual_seconds"]) < 0
-        assert "tlsroll token create --node node2" in row["advice"]
+        # the node's own names, and a restart (a running agent does not read a new token:
+        # review s47rev1 M2, L4)
+        assert f"{token_command}, the token" in row["advice"]
+        assert "systemctl restart tlsroll-agent" in row["advice"]
         assert "no removal needed" in row["advice"]
 
         # Started with the token it enrolled with (used up by that enrolment): refused, and
@@ -207,6 +210,8 @@ def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it()
     when = dt.datetime(2026, 1, 1, tzinfo=UTC)
     entry = Expiry("agent", "pc9", "1f", "sha256:x", when, dt.timedelta(days=3))
     assert "tlsroll token create --node pc9 --address IP" in entry.advice
+    named = Expiry("agent", "pc9", "1f", "sha256:x", when, dt.timedelta(days=3), token="T-CMD")
+    assert "T-CMD, the token" in named.advice and "--address IP" not in named.advice
     assert "no removal needed" in entry.advice
     assert entry.advice.index("token create") < entry.advice.index("nodes remove pc9")
     assert "lost or stolen" in entry.advice
@@ -226,3 +231,46 @@ def test_only_an_ended_certificate_is_kept_aside(
     assert not ended_path(data).exists()
     assert keep_ended(data, cert.not_valid_after_utc) == ended_path(data)
     assert ended_path(data).read_bytes() == (data / "node.pem").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [("unreachable", 1), ("refused", agent_runtime.EXIT_CERT_EXPIRED)],
+)
+def test_an_ended_certificate_whose_enrolment_finds_no_leader_is_restarted_by_its_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, code: int
+) -> None:
+    """Review s47rev1 L2: the leader host off as long as the node (the usual reason a node's
+    certificate ends): the enrolment again with the token found no leader within its patience
+    and the agent exited 5, which its unit does not restart on: the node never came back by
+    itself once the leader did. Now exit 1 (restarted, as a first enrolment is); a token the
+    leader refuses still exits 5 with the certificate's line. (The certificate check and the
+    enrolment stand in for the child process and the leader: which exit the agent makes of
+    their outcome is what is tested; the real daemon path is in the test above.)"""
+    from nodeagent import certwork
+    from nodeagent.identity import CertificateExpired
+    from tlsroll.errors import TerminalError, TransientError
+
+    cfg = _config(tmp_path, join_token_file=str(tmp_path / "join-token"))
+
+    def ended(_cfg: AgentConfig) -> None:
+        raise CertificateExpired("the node's certificate ended on 2026-01-02")
+
+    def enrol(_cfg: AgentConfig) -> None:
+        if failure == "unreachable":
+            raise TransientError("the leader at 10.1.1.1:9444 did not answer")
+        raise TerminalError("the join token was refused: already used")
+
+    monkeypatch.setattr(certwork, "load_identity", ended)
+    monkeypatch.setattr(certwork, "enrol", enrol)
+    monkeypatch.setattr(agent_runtime, "next_enrol_wait", lambda *_a: None)
+    import asyncio
+
+    with pytest.raises((TransientError, CertificateExpired)) as raised:
+        asyncio.run(agent_runtime.obtain_identity(cfg))
+    said = str(raised.value)
+    assert said.startswith("the node's certificate ended on 2026-01-02")
+    exit_code = (
+        agent_runtime.EXIT_CERT_EXPIRED if isinstance(raised.value, CertificateExpired) else 1
+    )
+    assert exit_code == code, said

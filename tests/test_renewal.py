@@ -114,17 +114,34 @@ def test_a_node_off_for_more_than_half_of_the_life_still_renews_and_is_warned_be
         assert not_after - renewal_time(not_before, not_after, draw) > life * 0.6
     ca = pki.CertificateAuthority.create()
 
-    def warned(left: dt.timedelta) -> bool:
+    def warned(
+        left: dt.timedelta, own_life: dt.timedelta = life, setting: dt.timedelta = life
+    ) -> bool:
+        """Whether a certificate of ``own_life`` with ``left`` to go is warned about, the leader
+        set to ``setting`` (``agent_cert_lifetime``); renewed once, so both times count."""
         node = SimpleNamespace(
-            name="node1", cert_serial="1f", cert_fingerprint="sha256:1f", cert_not_after=T0 + left
+            name="node1",
+            cert_serial="1f",
+            cert_fingerprint="sha256:1f",
+            cert_not_after=T0 + left,
+            addresses=("10.0.0.5",),
+            dns_names=(),
+            enrolled_at=T0 + left - own_life - dt.timedelta(days=400),
+            cert_renewed_at=T0 + left - own_life,
         )
         store = SimpleNamespace(list_nodes=lambda: [node], list_certificates=lambda: [])
         schema = SimpleNamespace(served_certificates=dict)
-        watch = ExpiryWatch(store, schema, ca.cert, list, lambda: T0, agent_lifetime=life)  # type: ignore[arg-type]
+        watch = ExpiryWatch(store, schema, ca.cert, list, lambda: T0, agent_lifetime=setting)  # type: ignore[arg-type]
         (agent,) = [e for e in watch.check() if e.kind == "agent"]
         return agent.warning(T0)
 
     assert not warned(life * 0.55) and warned(life * 0.45)
+    # Review s47rev1 M1: half of each certificate's own life, not of the setting. Raised to 90
+    # days before a closure, the nodes' 30-day certificates renewing on time are not warned
+    # about (they were, every one); lowered to 10 days, a 90-day one is warned at 45 days left.
+    three_months = dt.timedelta(days=90)
+    assert not warned(life * 0.6, setting=three_months)
+    assert warned(three_months * 0.45, own_life=three_months, setting=dt.timedelta(days=10))
 
 
 def test_next_step_waits_renews_backs_off_and_gives_up_at_the_end() -> None:
@@ -1029,52 +1046,54 @@ def test_the_viewer_lists_an_agent_certificate_only_once_its_renewal_is_overdue(
     tmp_path: Path,
 ) -> None:
     """30-day agent certificates are always "within 30 days": the viewer lists one only when
-    less than a tenth of its life is left (the expiry watch's rule)."""
+    less than half of its own life is left (the expiry watch's rule, ``expiry.agent_horizon``),
+    whatever ``agent_cert_lifetime`` says now (review s47rev1 M1: half of the setting, 45
+    days for a setting raised to 90, listed every node's 30-day certificate)."""
     from leader.schema_store import SchemaStore
     from leader.store import NodeCert, Store
     from leader.viewer.snapshot import Reader
 
     store = Store(tmp_path / "leader.sqlite3")
-    for name, days in (("fresh", 20.0), ("overdue", 2.0)):
-        cert = NodeCert(
-            f"sha256:{name}", f"sha256:fp-{name}", name.encode().hex(), T0 + dt.timedelta(days=days)
-        )
+    life = dt.timedelta(days=30)
+    for name, left in (("fresh", 20.0), ("overdue", 2.0)):
+        ends = T0 + dt.timedelta(days=left)
+        issued = ends - life
+        cert = NodeCert(f"sha256:{name}", f"sha256:fp-{name}", name.encode().hex(), ends)
         store.add_token(
             name,
             "s" * 26,
             ttl=dt.timedelta(hours=1),
             uses=1,
             description="",
-            now=T0,
+            now=issued,
             actor="test",
             node_name=name,
-            addresses=(f"10.1.1.{int(days)}",),
+            addresses=(f"10.1.1.{int(left)}",),
         )
         store.enrol(
             token_id=name,
             secret="s" * 26,
             name=name,
-            addresses=(f"10.1.1.{int(days)}",),
+            addresses=(f"10.1.1.{int(left)}",),
             dns_names=(),
             agent_version="t",
             agent_port=9442,
             key_pin=f"sha256:{name}",
             issue=lambda cert=cert: cert,  # type: ignore[misc]
-            now=T0,
+            now=issued,
         )
     schema = SchemaStore(store.db)
-    old = Reader(store, schema, lambda: T0, lambda _: True, [], fresh=none_fresh)
-    assert {c.subject for c in old.read().near_expiry} == {"fresh", "overdue"}
-    reader = Reader(
-        store,
-        schema,
-        lambda: T0,
-        lambda _: True,
-        [],
-        agent_near=dt.timedelta(days=3),
-        fresh=none_fresh,
-    )
-    assert {c.subject for c in reader.read().near_expiry} == {"overdue"}
+    for setting in (life, dt.timedelta(days=90), dt.timedelta(days=10)):
+        reader = Reader(
+            store,
+            schema,
+            lambda: T0,
+            lambda _: True,
+            [],
+            agent_near=setting * 0.5,
+            fresh=none_fresh,
+        )
+        assert {c.subject for c in reader.read().near_expiry} == {"overdue"}, setting
     store.close()
 
 

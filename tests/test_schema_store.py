@@ -655,8 +655,8 @@ def test_a_node_is_not_removed_if_a_rollout_started_after_the_admins_check(
         "node 'a' is in rollout r1, which is running; let it end (or `tlsroll rollout abort`)"
         " first. If its agent's certificate has ended, it needs no removal: `tlsroll token"
         " create --node a --address 10.1.1.1`, the token to its agent (its join_token_file),"
-        " then start the agent: it enrols its own key again (`nodes remove` is for a machine"
-        " lost or stolen)"
+        " then restart the agent there (systemctl restart tlsroll-agent): it enrols its own key"
+        " again (`nodes remove` is for a machine lost or stolen)"
     )
     assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
     assert store.get_node("a").removed_at is None

@@ -27,7 +27,7 @@ def certs() -> None:
 def check_expiration(leader: Leader, as_json: bool) -> None:
     """List every certificate (CA, leader, viewer, each agent's, each node's server
     certificate, each workstation's) with its residual time; exit 1 if any is within its
-    warning horizon (`expiry_warning_days` in leader.toml; agents: a tenth of their life)."""
+    warning horizon (`expiry_warning_days` in leader.toml; agents: half of their life)."""
     from tlsroll.v1 import admin_pb2  # noqa: PLC0415 - only when this command runs
 
     with leader.admin() as admin:

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from cryptography import x509
 
+from leader.expiry import AGENT_HORIZON_FRACTION, agent_horizon
 from leader.rollout_core import NodeRecord, NodeState
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import (
@@ -96,6 +97,9 @@ class CertStatus:
     subject: str  # the node's name; "" for the leader's own
     fingerprint: str
     not_after: dt.datetime
+    # How near its end it is shown as near (an agent's: ``leader.expiry.agent_horizon``);
+    # None: the kind's (``Snapshot.agent_near``, ``NEAR_EXPIRY``).
+    near: dt.timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +136,8 @@ class Snapshot:
     its freeze windows and its server's restarts, in seconds (``SchemaStore.switch_times``)."""
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
-    overdue (``leader.expiry``: half its life left), not merely within ``NEAR_EXPIRY``."""
+    overdue (``leader.expiry``: half its life left), not merely within ``NEAR_EXPIRY``; this is
+    the configured lifetime's half, each certificate's own life decides (``CertStatus.near``)."""
     on_http_now: frozenset[str] = frozenset()
     """Of ``left_as_is``, the nodes seen on http since (``Reader._on_http_now``)."""
 
@@ -145,7 +150,8 @@ class Snapshot:
         return tuple(
             c
             for c in self.certificates
-            if c.not_after - self.now < (self.agent_near if c.kind == "agent" else NEAR_EXPIRY)
+            if c.not_after - self.now
+            < (c.near or (self.agent_near if c.kind == "agent" else NEAR_EXPIRY))
         )
 
     @property
@@ -339,7 +345,13 @@ class Reader:
             agents = kept[1]
         else:
             agents = tuple(
-                CertStatus("agent", n.name, n.cert_fingerprint, n.cert_not_after)
+                CertStatus(
+                    "agent",
+                    n.name,
+                    n.cert_fingerprint,
+                    n.cert_not_after,
+                    agent_horizon(n, self.agent_near / AGENT_HORIZON_FRACTION),
+                )
                 for n, _ in enrolled
             )
             with self._lock:
