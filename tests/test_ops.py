@@ -546,6 +546,50 @@ def test_a_join_with_no_python_to_keep_the_server_table_changes_nothing(
     assert [p.name for p in etc.iterdir()] == ["agent.toml"]
 
 
+def test_a_join_run_from_a_directory_others_may_write_runs_none_of_its_code(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Review s47rev2 M1: the join script's Python had the current directory first on its
+    import path: run as root from /tmp (or any directory another user may write), a
+    ``tomllib.py`` or ``json.py`` there ran as root. It runs isolated now (``-I``)."""
+    cluster.start_leader()
+    etc, data = cluster.root / "node-etc", cluster.root / "node-data"
+    etc.mkdir()
+    (etc / "agent.toml").write_text(OLD_AGENT_TOML.format(pin="0" * 64, data=data))
+    script = join_script_for(cluster, "node7", etc, data)
+    planted = tmp_path / "others-dir"
+    planted.mkdir()
+    marker = tmp_path / "ran-planted-code"
+    for module in ("tomllib", "json", "re", "os"):
+        (planted / f"{module}.py").write_text(f"open({str(marker)!r}, 'a').write('{module} ')\n")
+    ran = subprocess.run(
+        ["sh", "-s"], input=script, capture_output=True, text=True, timeout=30, check=False,
+        cwd=planted, env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"},
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert not marker.exists(), marker.read_text()
+    assert "[server]" in (etc / "agent.toml").read_text()
+
+
+def test_a_control_character_in_a_join_path_is_refused_before_a_token_is_made(
+    cluster: Cluster,
+) -> None:
+    """Review s47rtin M2: a newline in --agent-config-dir landed in a comment of the join
+    script and started a line of its own, run as root on the node. Refused (exit 2), and no
+    token made."""
+    cluster.start_leader()
+    before = cluster.cli("token", "list", "--json")
+    assert before.returncode == 0, before.stderr
+    for option in ("--agent-config-dir", "--agent-data-dir"):
+        made = cluster.cli(
+            "token", "create", "--node", "node8", "--address", next_loopback(),
+            "--print-join-command", option, "/etc/tlsroll\ntouch /tmp/owned",
+        )  # fmt: skip
+        assert made.returncode == 2, made.stdout + made.stderr
+        assert "must not hold control characters" in made.stderr and made.stdout == ""
+    assert cluster.cli("token", "list", "--json").stdout == before.stdout
+
+
 def test_a_config_whose_tables_are_not_told_apart_by_line_is_kept_from_its_values() -> None:
     """A quoted table name, a "[" at the start of a line in a multi-line string, a sub-table
     after another table: the join's merge writes what it keeps from the values (and checks

@@ -269,6 +269,10 @@ def token_create(
     ):
         if print_join_command and not path.is_absolute():
             raise click.BadParameter("must be an absolute path", param_hint=option)
+        # It goes into a shell script run as root (in comments and quoted words): a newline or
+        # other control character would start a line of its own (review s47rtin M2).
+        if print_join_command and any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+            raise click.BadParameter("must not hold control characters", param_hint=option)
     with leader.admin() as admin:
         reply = leader.call(
             admin.CreateToken,
@@ -354,7 +358,7 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         f"if [ -e {conf} ]; then",
         "    py=",
         "    for candidate in /opt/tlsroll/bin/python python3; do",
-        "        if \"$candidate\" -c 'import tomllib' >/dev/null 2>&1; then",
+        "        if \"$candidate\" -I -c 'import tomllib' >/dev/null 2>&1; then",
         "            py=$candidate",
         "            break",
         "        fi",
@@ -373,7 +377,7 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         "    base=$kept n=1",
         '    while [ -e "$kept" ]; do kept=$base.$n; n=$((n + 1)); done',
         f'    cp -p {conf} "$kept"',
-        f'    "$py" - "$kept" {new} <<\'{merge}\' || {{ rm -f {new}; exit 1; }}',
+        f'    "$py" -I - "$kept" {new} <<\'{merge}\' || {{ rm -f {new}; exit 1; }}',
         join_merge_source().rstrip("\n"),
         merge,
         "fi",
