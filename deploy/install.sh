@@ -668,11 +668,17 @@ start_stopped() {
     stopped=""
 }
 trap start_stopped EXIT
+rm -rf "$OLD_VENV" # (the version before the installed one: nothing runs from it)
+if [ -n "$restart_now" ]; then
+    say "stopping ${restart_now// /, } for the swap (an agent lets a switch under way end first: up to 60 s)"
+fi
 for unit in $restart_now; do
-    if systemctl stop "$unit.service"; then stopped="$stopped $unit"; fi
+    # Counted as stopped before the stop returns: a run cut short during it (the agent's is the
+    # long one, a dropped SSH session, Ctrl-C) starts it again on the way out (review s47rev2 M2).
+    stopped="$stopped $unit"
+    if ! systemctl stop "$unit.service"; then stopped=${stopped% "$unit"}; fi
 done
 # The swap: two renames (a daemon started between them fails and is started again by systemd).
-rm -rf "$OLD_VENV"
 if [ -d "$VENV" ]; then mv -T "$VENV" "$OLD_VENV" || failed_build "cannot move $VENV to $OLD_VENV"; fi
 if ! mv -T "$NEW_VENV" "$VENV"; then
     if [ -d "$OLD_VENV" ]; then mv -T "$OLD_VENV" "$VENV"; fi

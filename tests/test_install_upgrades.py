@@ -426,6 +426,51 @@ def test_every_unit_is_restarted_even_if_one_fails_and_a_downgrade_says_so(
     assert throwaway.ok("/opt/tlsroll/bin/tlsroll --version").strip().endswith(version)
 
 
+# As FAKE_SYSTEMCTL, but the run is cut short (SIGHUP to install.sh: the admin's SSH session
+# drops) while `systemctl stop tlsroll-agent` runs, the agent's long stop; the stop itself
+# completes (PID 1 carries the job on).
+HUP_ON_AGENT_STOP = FAKE_SYSTEMCTL.replace(
+    'case "$1" in',
+    'if [ "$1 $2" = "stop tlsroll-agent.service" ]; then\n'
+    "    kill -HUP $PPID\n"
+    "    exit 0\n"
+    "fi\n"
+    'case "$1" in',
+)
+
+
+@pytest.mark.timeout(600)
+def test_a_run_cut_short_while_a_daemon_stops_starts_it_again(
+    throwaway: ThrowawayRoot, cluster: Cluster, tmp_path: Path, bundle: Path
+) -> None:
+    """Review s47rev2 M2: a unit counted as stopped only once its stop had returned, so a run
+    cut short during the agent's stop (up to 60 s, with nothing printed) started the leader
+    again on its way out but left the agent stopped. Now each is counted before its stop, and
+    the run says what it stops."""
+    fake_venv(throwaway, cluster, tmp_path, version="99.0.0")
+    fake_systemd(throwaway, "tlsroll-leader", "tlsroll-agent")
+    throwaway.ok(f"cat >/usr/local/sbin/systemctl <<'EOF'\n{HUP_ON_AGENT_STOP}EOF\n")
+    throwaway.ok("install -d -m 0750 /var/lib/tlsroll && touch /var/lib/tlsroll/leader.toml")
+    install = shlex.quote(str(bundle / "install.sh"))
+    result = throwaway.run(
+        f"{install} leader --address 127.0.0.2 --node-name srv1 {server_python()}",
+        BUILD_TIMEOUT,
+        network=True,
+    )
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert (
+        "install.sh: stopping tlsroll-leader, tlsroll-agent for the swap (an agent lets a "
+        "switch under way end first: up to 60 s)" in result.stdout
+    ), result.stdout
+    calls = throwaway.ok("cat /var/lib/fake-systemd/calls-at").splitlines()
+    assert [c for c in calls if c.split()[0] in {"stop", "start", "try-restart"}] == [
+        "stop tlsroll-leader.service old",
+        "stop tlsroll-agent.service old",
+        "start tlsroll-leader.service old",  # the swap never came: the old version
+        "start tlsroll-agent.service old",
+    ], calls
+
+
 GATED_PYTHON = """#!/bin/sh
 # The server's python; `-m venv` (the build) waits at a gate the test opens.
 if [ "$1 $2" = "-m venv" ]; then
