@@ -196,7 +196,7 @@ async def test_a_fifo_in_place_of_a_client_file_is_not_opened_by_an_enrolment(
     assert opened == [], "the run opened the FIFO"
     assert run.code == 0, run.err
     assert (
-        f"note      {d / name} is not a regular file (a FIFO?): not read, taken as missing"
+        f"note      {d / name} is a FIFO: not read, taken as missing"
     ) in run.out.splitlines(), run.out
     assert all(stat.S_ISREG(os.lstat(d / n).st_mode) for n in SETTINGS_SET)
     assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-fresh"
@@ -275,7 +275,7 @@ async def test_a_fifo_in_the_set_in_place_is_not_opened_after_a_failed_check(
 # --- 2. a client.pem link is not copied through; 3. the key beside it is not lost ------------
 
 
-@pytest.mark.parametrize("target", ["another name's certificate", "a file like /etc/hostname"])
+@pytest.mark.parametrize("target", ["a file like /etc/hostname", "no file (a dangling link)"])
 async def test_an_enrolment_does_not_copy_a_client_pem_link_and_keeps_the_key_beside_it(
     target: str,
     nodes: dict[str, ServerNode],
@@ -289,15 +289,17 @@ async def test_an_enrolment_does_not_copy_a_client_pem_link_and_keeps_the_key_be
     .settings-replaced; a link to a file that is no certificate (/etc/hostname) was read, and
     the key beside it overwritten, its only copy. Nothing is copied through the link now:
     the key (a file of ours) is kept alone in .settings-replaced, 0600, with the rest of its
-    set, and two notes say so; the file the link names is not changed."""
+    set, and two notes say so; the file the link names is not changed. (A link to the key's
+    own certificate: ``test_a_client_pem_link_to_the_keys_valid_certificate_is_kept_with_it``.)"""
     node = nodes["mtls"]
     d = tmp_path / "settings"
     pw = password_file(PASSWORD)
     await enrol(node, test_ca, run_cli, "--password-file", pw)
-    key_pem, cert_pem = client_pair(test_ca, "ws-other", expired=False)
+    key_pem = client_pair(test_ca, "ws-other", expired=False)[0]
     outside = tmp_path / "outside"
-    outside.write_bytes(cert_pem if "certificate" in target else HOSTNAME)
-    outside.chmod(0o600)
+    if "hostname" in target:
+        outside.write_bytes(HOSTNAME)
+        outside.chmod(0o600)
     write_atomic(d / "client.key", key_pem, PRIVATE)
     os.unlink(d / "client.pem")
     os.symlink(outside, d / "client.pem")
@@ -314,15 +316,60 @@ async def test_an_enrolment_does_not_copy_a_client_pem_link_and_keeps_the_key_be
         d / REPLACED / "settings.json": before["settings.json"],
     }
     assert set(modes_in(d / REPLACED).values()) == {0o600}
-    assert outside.read_bytes() == (cert_pem if "certificate" in target else HOSTNAME)
-    assert stat.S_IMODE(outside.stat().st_mode) == 0o600
+    if "hostname" in target:
+        assert outside.read_bytes() == HOSTNAME
+        assert stat.S_IMODE(outside.stat().st_mode) == 0o600
     notes = [line for line in run.out.splitlines() if line.startswith("note")]
     assert notes[-2:] == [
-        f"note      the settings before are kept in {d / REPLACED}, alone: its client.pem was "
-        "a link, a FIFO or none (not copied)",
+        f"note      the settings before are kept in {d / REPLACED}, their client.key alone: "
+        "its client.pem was a link or a FIFO (not copied)",
         "note      whether that key is still needed cannot be told: put its certificate beside "
         "it, or remove that folder once it is no longer needed",
     ], run.out
+
+
+async def test_a_client_pem_link_to_the_keys_valid_certificate_is_kept_with_it(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s47rev3 L1: a client.pem link to a valid certificate of the key beside it
+    (another name's: worth keeping) was read to tell that, then the key kept without it, a
+    note saying "whether that key is still needed cannot be told", never to go by itself.
+    The certificate (public) is kept with the key, read through the link and written as a
+    file of ours (0600), and the ordinary note says whose it is and that it goes by itself;
+    the file the link names is not changed."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw)
+    key_pem, cert_pem = client_pair(test_ca, "ws-other", expired=False)
+    outside = tmp_path / "other.pem"
+    outside.write_bytes(cert_pem)
+    write_atomic(d / "client.key", key_pem, PRIVATE)
+    os.unlink(d / "client.pem")
+    os.symlink(outside, d / "client.pem")
+    before = {n: (d / n).read_bytes() for n in ("ca.pem", "settings.json")}
+    run = await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "fresh")
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-fresh"
+    assert not os.path.islink(d / REPLACED / "client.pem")
+    assert files_under(d / REPLACED) == {
+        d / REPLACED / "client.key": key_pem,
+        d / REPLACED / "client.pem": cert_pem,
+        d / REPLACED / "ca.pem": before["ca.pem"],
+        d / REPLACED / "settings.json": before["settings.json"],
+    }
+    assert set(modes_in(d / REPLACED).values()) == {0o600}
+    assert outside.read_bytes() == cert_pem
+    notes = [line for line in run.out.splitlines() if line.startswith("note")]
+    assert notes[-1].startswith(
+        f"note      the settings before are kept in {d / REPLACED}, as their key is nowhere "
+        "else: client certificate ws-other of another name"
+    ), run.out
+    assert notes[-1].endswith("it goes by itself once that certificate has expired"), run.out
+    assert "cannot be told" not in run.out, run.out
 
 
 async def test_a_client_pem_link_to_the_pcs_superseded_certificate_keeps_nothing(
@@ -348,18 +395,59 @@ async def test_a_client_pem_link_to_the_pcs_superseded_certificate_keeps_nothing
     assert "kept in" not in run.out, run.out
 
 
-async def test_an_enrolment_over_a_key_alone_holds_it_beside_a_valid_set_kept_before(
+CERT_GONE = (
+    "its client.pem is gone, and a key without its certificate can neither be used nor prove "
+    "this PC's name"
+)
+
+
+@pytest.mark.parametrize("kept_before", ["another name's valid set", "a key alone"])
+async def test_client_pem_deleted_by_hand_an_enrolment_replaces_the_key_beside_what_is_kept(
+    kept_before: str,
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,
     run_cli: Any,
     password_file: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
-    """An enrolment over a client.key whose client.pem is gone overwrote that key, unkept
-    (b's here, another name's, the leader still holding its certificate). It cannot go to
-    .settings-replaced without losing the valid set there (a's: review s46rev2 M1), so
-    nothing is replaced, as ``--no-enrol`` holds: the key stays, the new pair is kept aside,
-    and the error says which folder to move out."""
+    """Review s47rev3 M1: "delete client.pem, enrol again" (a renamed PC, a copied dir)
+    stopped with exit 1 whenever .settings-replaced held a set that may still be valid (a's
+    here), or a key alone (which never goes by itself: every later such enrolment stopped):
+    the key in place, whose certificate is gone, was to be kept there. Such a key can neither
+    be used nor prove this PC's name, so it is not kept (as before s47ws): the enrolment
+    replaces it, says so, and what .settings-replaced holds stays (s46rev2 M1)."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "a")
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "b")
+    if kept_before == "a key alone":  # (as s47ws kept one)
+        os.unlink(d / REPLACED / "client.pem")
+    kept = files_under(d / REPLACED)
+    os.unlink(d / "client.pem")
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--yes", "--password-file", pw, "--name", "c")
+    assert run.code == 0, run.err
+    assert files_under(d / REPLACED) == kept
+    assert sorted(os.listdir(d)) == sorted([*SETTINGS_SET, REPLACED])
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-c"
+    notes = [line for line in run.out.splitlines() if line.startswith("note")]
+    assert notes[-1] == f"note      the client.key in place is replaced, not kept: {CERT_GONE}"
+    assert "kept in" not in run.out, run.out
+
+
+async def test_an_enrolment_over_a_key_beside_a_link_held_by_a_valid_set_says_both_ways_out(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """A client.key beside a client.pem link that names no certificate of it (a dangling
+    one: its certificate may be on a drive not mounted) cannot go to .settings-replaced
+    without losing the valid set there (a's: review s46rev2 M1), so nothing is replaced,
+    as ``--no-enrol`` holds: the key stays, the new pair is kept aside. The error offered
+    only moving that valid set out (review s47rev3 M1); it offers removing the key too."""
     node = nodes["mtls"]
     d = tmp_path / "settings"
     pw = password_file(PASSWORD)
@@ -367,6 +455,7 @@ async def test_an_enrolment_over_a_key_alone_holds_it_beside_a_valid_set_kept_be
     await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "b")
     a_set, b_key = settings_set(d / REPLACED), (d / "client.key").read_bytes()
     os.unlink(d / "client.pem")
+    os.symlink(tmp_path / "unmounted" / "b.pem", d / "client.pem")
     async with bootstrap_on(node, test_ca):
         run = await run_cli(node.url, "--yes", "--password-file", pw, "--name", "c")
     assert run.code == 1, run.err
@@ -374,14 +463,79 @@ async def test_an_enrolment_over_a_key_alone_holds_it_beside_a_valid_set_kept_be
     assert (d / "client.key").read_bytes() == b_key
     assert pki.names_of(pki.read_cert(d / KEPT / "client.pem")).common_name == "ws-c"
     assert run.error == (
-        "tlsroll: error: client.key in place (its client.pem a link, a FIFO or none) cannot be "
-        f"kept aside without losing ws-a's set in {d / REPLACED}: nothing was replaced; move "
-        f"{d / REPLACED} out of {d} as its owner or root (keep it while its certificate is "
-        "needed), then run this again"
+        "tlsroll: error: client.key in place (its client.pem a link or a FIFO) cannot be kept "
+        f"aside without losing ws-a's set in {d / REPLACED}: nothing was replaced; remove "
+        f"{d / 'client.key'} if its certificate is no longer needed, or move {d / REPLACED} "
+        f"out of {d} as its owner or root (keep it while its certificate is needed), then run "
+        "this again"
     )
 
 
-@pytest.mark.parametrize("partner", ["a link", "a FIFO", "none", "a link, a valid set kept before"])
+async def test_a_failed_check_over_a_held_key_alone_says_so_and_names_the_folder(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s47rev3 L2: the new set failed its check, the set in place could not be read
+    whole (its client.pem a dangling link), and the new set could not go in place either, as
+    keeping the key in place would lose the valid set in .settings-replaced: that was
+    swallowed ("the settings before are kept"), the folder unnamed. A note says it now, with
+    both ways out; nothing is lost."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "a")
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "b")
+    a_set, b_key = settings_set(d / REPLACED), (d / "client.key").read_bytes()
+    os.unlink(d / "client.pem")
+    os.symlink(tmp_path / "gone.pem", d / "client.pem")
+    other = pki.CertificateAuthority.create("another CA")  # the new set fails its check
+    async with bootstrap_on(node, test_ca, sign=ca_signer(other)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
+        run = await run_cli(node.url, "--yes", "--password-file", pw, "--name", "c")
+    assert run.code == 1, run.err
+    assert settings_set(d / REPLACED) == a_set
+    assert (d / "client.key").read_bytes() == b_key
+    assert pki.issued_by(pki.read_cert(d / KEPT / "client.pem"), other.cert)
+    assert (
+        "note      the new settings are not in place either: client.key in place (its "
+        "client.pem a link or a FIFO) cannot be kept aside without losing ws-a's set in "
+        f"{d / REPLACED}: nothing was replaced; remove {d / 'client.key'} if its certificate "
+        f"is no longer needed, or move {d / REPLACED} out of {d} as its owner or root (keep it "
+        "while its certificate is needed), then run this again"
+    ) in run.out.splitlines(), run.out
+
+
+async def test_a_directory_as_client_pem_is_not_called_a_fifo_taken_as_missing(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s47rev3 L5: a directory at client.pem got "is not a regular file (a FIFO?):
+    not read, taken as missing", then an error that it could not be read. It is said as a
+    directory, no more."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    await enrol(node, test_ca, run_cli, "--password-file", pw, "--name", "a")
+    os.unlink(d / "client.pem")
+    os.mkdir(d / "client.pem")
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--yes", "--password-file", pw, "--name", "b")
+    assert (
+        f"note      {d / 'client.pem'} is a directory, not a regular file: not read"
+    ) in run.out.splitlines(), run.out
+    assert "taken as missing" not in run.out, run.out
+
+
+@pytest.mark.parametrize(
+    "partner",
+    ["a link", "a FIFO", "none", "a link, a valid set kept before", "a link to its certificate"],
+)
 async def test_no_enrol_keeps_a_key_whose_client_pem_is_no_file_of_ours(
     partner: str,
     nodes: dict[str, ServerNode],
@@ -395,14 +549,17 @@ async def test_no_enrol_keeps_a_key_whose_client_pem_is_no_file_of_ours(
     still be valid. It goes to .settings-replaced alone (0600) now, its partner only removed
     (the file a link names unchanged), and two notes say so; where .settings-replaced holds
     a set that may still be valid, the client files stay as they are and the notes say why
-    and what to do (as for a pair)."""
+    and what to do (as for a pair, and that the key may be removed: s47rev3 M1). A link to
+    the key's own certificate makes a pair with it: both go to .enrolment-kept as files
+    (s47rev3 L1: the key went alone). With no client.pem at all the key is removed, and
+    that is said (s47rev3 M1: its certificate gone, it is worth nothing)."""
     node = nodes["tls"]
     d = tmp_path / "settings"
     pw = password_file(PASSWORD)
     await enrol(node, test_ca, run_cli, "--password-file", pw)
-    key_pem = (d / "client.key").read_bytes()
+    key_pem, cert_pem = (d / "client.key").read_bytes(), (d / "client.pem").read_bytes()
     outside = tmp_path / "outside"
-    outside.write_bytes(HOSTNAME)
+    outside.write_bytes(cert_pem if partner.endswith("its certificate") else HOSTNAME)
     outside.chmod(0o600)
     os.unlink(d / "client.pem")
     if partner.startswith("a link"):
@@ -422,8 +579,24 @@ async def test_no_enrol_keeps_a_key_whose_client_pem_is_no_file_of_ours(
     assert opened == [], "the run opened the FIFO"
     assert run.code == 0, run.err
     assert settings_of(tmp_path)["client_cert_file"] is None
-    assert outside.read_bytes() == HOSTNAME
     notes = [line for line in run.out.splitlines() if line.startswith("note")]
+    if partner.endswith("its certificate"):
+        assert outside.read_bytes() == cert_pem
+        assert sorted(os.listdir(d)) == [KEPT, "ca.pem", "settings.json"]
+        assert files_under(d / KEPT) == {
+            d / KEPT / "client.key": key_pem,
+            d / KEPT / "client.pem": cert_pem,
+        }
+        assert modes_in(d / KEPT) == {"client.key": 0o600, "client.pem": 0o600}
+        assert notes[-1].startswith(
+            f"note      the earlier enrolment's client.key and client.pem moved to {d / KEPT}"
+        ), run.out
+        return
+    assert outside.read_bytes() == HOSTNAME
+    if partner == "none":
+        assert sorted(os.listdir(d)) == ["ca.pem", "settings.json"]
+        assert notes[-1] == f"note      client.key removed: {CERT_GONE}", run.out
+        return
     if partner.endswith("kept before"):  # nothing moved, nothing lost
         assert (d / "client.key").read_bytes() == key_pem
         assert os.readlink(d / "client.pem") == str(outside)
@@ -433,17 +606,18 @@ async def test_no_enrol_keeps_a_key_whose_client_pem_is_no_file_of_ours(
         }
         assert notes[-2:] == [
             f"note      client.key and client.pem stay in {d}: keeping client.key aside alone "
-            f"(its client.pem is a link, a FIFO or none) would lose ws-w's in {REPLACED}",
-            f"note      move {d / REPLACED} out of {d} as its owner or root (keep it while its "
-            "certificate is needed), then run this again",
+            f"(its client.pem is a link or a FIFO) would lose ws-w's in {REPLACED}",
+            f"note      remove {d / 'client.key'} if its certificate is no longer needed, or move "
+            f"{d / REPLACED} out of {d} as its owner or root (keep it while its certificate is "
+            "needed), then run this again",
         ], run.out
         return
     assert sorted(os.listdir(d)) == [REPLACED, "ca.pem", "settings.json"]
     assert files_under(d / REPLACED) == {d / REPLACED / "client.key": key_pem}
     assert modes_in(d / REPLACED) == {"client.key": 0o600}
     assert notes[-2:] == [
-        f"note      client.key moved to {d / REPLACED}, alone: its client.pem was a link, a "
-        "FIFO or none (not copied)",
+        f"note      client.key moved to {d / REPLACED}, alone: its client.pem was a link or a "
+        "FIFO (not copied)",
         "note      whether that key is still needed cannot be told: put its certificate beside "
         "it, or remove that folder once it is no longer needed",
     ], run.out

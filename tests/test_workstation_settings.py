@@ -1068,16 +1068,17 @@ def test_a_key_alone_whose_pair_replaced_holds_leaves_that_pair_whole(d: Path, p
     assert contents(d / REPLACED) == kept_before
 
 
-@pytest.mark.parametrize("partner", ["a link", "a FIFO", "none"])
+@pytest.mark.parametrize("partner", ["a link", "a FIFO"])
 @pytest.mark.parametrize("path", ["set_aside", "replace"])
 def test_a_key_alone_killed_at_every_step_is_never_lost(
     tmp_path: Path, path: str, partner: str
 ) -> None:
     """Review s46rev2 L6: a real kill (SIGKILL) right after each change ``set_aside`` or an
-    enrolment's ``replace`` makes over a key K alone in place (its client.pem a link, a FIFO
-    or none; Z, not worth keeping, in REPLACED; Y in KEPT). After the kill K is in place, in
+    enrolment's ``replace`` makes over a key K alone in place (its client.pem a link or a
+    FIFO; Z, not worth keeping, in REPLACED; Y in KEPT). After the kill K is in place, in
     REPLACED, or in a committed staging's copy (``REPLACED_NEW``); the next run ends with K
-    in REPLACED, as one never cut short does (s47ws: K was removed, or overwritten)."""
+    in REPLACED, as one never cut short does (s47ws: K was removed, or overwritten). (With no
+    client.pem at all K is not kept: ``test_a_key_whose_certificate_is_gone_is_not_kept``.)"""
     k, z, y, new = client_pair(5), client_pair(9), client_pair(1), client_pair(0)
 
     def worth(*_pair: bytes) -> bool:
@@ -1145,3 +1146,58 @@ def test_a_key_alone_killed_at_every_step_is_never_lost(
             run(d)
         assert where_k(d) == [REPLACED], (at, now, where_k(d))
     assert killed >= len(steps) - 2
+
+
+@pytest.mark.parametrize("path", ["set_aside", "replace"])
+def test_a_key_whose_certificate_is_gone_is_not_kept(d: Path, path: str) -> None:
+    """Review s47rev3 M1: a client.key with no client.pem at all (deleted by hand) was kept
+    alone in REPLACED, or, where that would lose the valid set there (W), held every
+    enrolment (exit 1). Its certificate gone, it can neither be used nor prove the PC's name:
+    it is not kept (``cert_gone``), an enrolment replaces it, ``set_aside`` removes it, and
+    W stays."""
+    w, k = client_pair(7), client_pair(5)
+    put_replaced(d, w)
+    kept_before = contents(d / REPLACED)
+    (d / "client.key").write_bytes(k["client.key"])
+    os.unlink(d / "client.pem")
+    if path == "set_aside":
+        done = settings_files.set_aside(d, lambda *_pair: True)
+        assert done == settings_files.SetAside(d / KEPT, False, None, lone=True)
+        assert not os.path.lexists(d / "client.key")
+    else:
+        new = client_pair(0)
+        assert settings_files.replace(d, files(new), keep_replaced=lambda k, c: True) is None
+        assert (d / "client.key").read_bytes() == new["client.key"]
+    assert contents(d / REPLACED) == kept_before
+
+
+@pytest.mark.parametrize("path", ["set_aside", "replace"])
+def test_a_client_pem_link_to_the_keys_certificate_keeps_the_certificate_alone(
+    d: Path, tmp_path: Path, path: str
+) -> None:
+    """Review s47rev3 L1: a client.pem link to a certificate of the key beside it made the
+    key go alone. The certificate goes with it, as a regular file of ours (0600), read through
+    the link, and written out as the certificate alone: whatever else the file the link names
+    holds (a secret appended) is never copied (s45rev7 L1); that file is not changed."""
+    k = client_pair(5)
+    outside = tmp_path / "outside.pem"
+    outside.write_bytes(k["client.pem"] + b"SECRET OUTSIDE THE SETTINGS DIR\n")
+    outside.chmod(0o600)
+    (d / "client.key").write_bytes(k["client.key"])
+    os.unlink(d / "client.pem")
+    os.symlink(outside, d / "client.pem")
+    if path == "set_aside":
+        settings_files.set_aside(d, lambda *_pair: True)
+        kept = d / KEPT
+    else:
+        settings_files.replace(d, files(client_pair(0)), keep_replaced=lambda k, c: True)
+        kept = d / REPLACED
+    assert not os.path.islink(kept / "client.pem")
+    assert (kept / "client.key").read_bytes() == k["client.key"]
+    cert_pem = (kept / "client.pem").read_bytes()
+    assert b"SECRET" not in cert_pem
+    assert x509.load_pem_x509_certificate(cert_pem) == x509.load_pem_x509_certificate(
+        k["client.pem"]
+    )
+    assert stat.S_IMODE((kept / "client.pem").stat().st_mode) == 0o600
+    assert outside.read_bytes() == k["client.pem"] + b"SECRET OUTSIDE THE SETTINGS DIR\n"

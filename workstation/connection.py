@@ -42,10 +42,14 @@ succeeds; otherwise the new set goes in place all the same (the one certificate 
 holds valid), and the error says what failed (``after_failed_check``). A client key and
 certificate in place that a new set replaces and that may still be valid (another name's, or
 another CA's: this enrolment did not supersede them) are kept with their set in
-``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4). A
-client.key whose client.pem is a link, a FIFO or none is kept there alone (s47ws: it was
+``.settings-replaced`` (one set at most, the key 0600), and that is said (s43rev3 Low 4); a
+client.pem link to a certificate of the key is kept with it as a file (s47rev3 L1). A
+client.key whose client.pem is another link or a FIFO is kept there alone (s47ws: it was
 overwritten), unless that would lose a set kept there that may still be valid: then nothing is
-replaced (exit 1) and the error says which folder to move out (s46rev2 M1). A settings file that
+replaced (exit 1) and the error says which folder to move out, or that the key may be removed
+(s46rev2 M1, s47rev3 M1). A client.key with no client.pem at all is replaced, and that is said:
+its certificate gone, it can neither be used nor prove the PC's name (s47rev3 M1: keeping it
+stopped the everyday "delete client.pem, enrol again"). A settings file that
 is not a regular file (a FIFO: the run waited on it for ever) is never opened, and a note says
 so; a link is followed to tell the set in place (its name, whether it still works), never
 copied (s46rev2 M2, s47ws).
@@ -178,6 +182,13 @@ class NotReplaced(ClientError):
     """The set in place could not be kept in ``settings_files.REPLACED`` (a full disk):
     nothing was replaced. Where the new pair is kept is said in a note line of its own
     (``_said_kept``), the error line being long enough."""
+
+
+class KeyAloneHeld(NotReplaced):
+    """``NotReplaced`` as the client.key in place, alone (its client.pem a link or a FIFO),
+    could not be kept aside without losing the set ``settings_files.REPLACED`` holds, which
+    may still be valid (s46rev2 M1). Said even where the run then keeps the settings before
+    (``after_failed_check``: s47rev3 L2, it was swallowed)."""
 
 
 class NotFinished(ClientError):
@@ -687,19 +698,21 @@ class TestConnection:
 
     def say_not_files(self) -> None:
         """A note line for each of the set's files in place that is not a regular file (a
-        FIFO, a device, a directory, or a link to one): it is never opened, and counts as
-        missing (s47ws: a FIFO there hung the run for ever, unsaid)."""
+        FIFO, a device, a directory, or a link to one): it is never opened (s47ws: a FIFO
+        there hung the run for ever, unsaid). One that is no directory counts as missing; a
+        directory is said as one, no more (s47rev3 L5: "a FIFO?, taken as missing", then an
+        error that it could not be read)."""
         d = self.o.settings_dir
         for name in settings_files.NAMES:
             try:
                 mode = os.stat(d / name).st_mode  # (a FIFO is not opened by it)
             except OSError:
                 continue
-            if not stat.S_ISREG(mode):
-                self.ui.say(
-                    f"note      {d / name} is not a regular file (a FIFO?): not read, taken as "
-                    "missing"
-                )
+            if stat.S_ISDIR(mode):
+                self.ui.say(f"note      {d / name} is a directory, not a regular file: not read")
+            elif not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+                self.ui.say(f"note      {d / name} is {kind}: not read, taken as missing")
 
     def choose_name(self) -> None:
         """The name to go by until the node's hello is read (``choose_proof`` decides then):
@@ -830,6 +843,9 @@ class TestConnection:
             return None
         try:
             self.write_settings(result, ca_pem, client_pem, key_pem, bundle=bundle)
+        except KeyAloneHeld as held:  # (s47rev3 L2: it was swallowed, the folder unnamed)
+            self.ui.say(f"note      the new settings are not in place either: {held.message}")
+            return self.keep_enrolment(failed, client_pem, key_pem)
         except ClientError:
             return self.keep_enrolment(failed, client_pem, key_pem)
         before = (
@@ -1485,6 +1501,7 @@ class TestConnection:
 
         # The set before, for the pair in place to keep with it (s45rev1 L3).
         before = settings_files.read_set(d) if client_pem is None else {}
+        gone = client_pem is not None and settings_files.cert_gone(d)  # (s47rev3 M1)
         try:
             make_private_dir(d)
             kept = settings_files.replace(
@@ -1506,7 +1523,7 @@ class TestConnection:
             if exc.reading:
                 raise ClientError(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
             if exc.held is not None:  # (a key alone: s46rev2 M1, held as --no-enrol holds)
-                raise NotReplaced(Exit.FAILURE, _key_alone_held(d, exc.held, replaced)) from None
+                raise KeyAloneHeld(Exit.FAILURE, _key_alone_held(d, exc.held, replaced)) from None
             # (Short lines, s45ws: the other course in a note, then the error; it was one
             # line of ~600 characters.)
             name = replaced[-1][0] if replaced else "that certificate"
@@ -1517,8 +1534,13 @@ class TestConnection:
             )
             raise NotReplaced(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
         self.ui.say(f"settings  written to {d}")
+        if gone:
+            self.ui.say(f"note      the client.key in place is replaced, not kept: {_CERT_GONE}")
         if kept is not None and not os.path.lexists(kept / "client.pem"):  # (s47ws)
-            self.ui.say(f"note      the settings before are kept in {kept}, {_LONE_KEY}")
+            self.ui.say(
+                f"note      the settings before are kept in {kept}, their client.key alone: "
+                + _LONE_KEY
+            )
             self.ui.say(f"note      {_LONE_KEY_KEPT}")
         elif kept is not None and replaced:
             name, why = replaced[-1]
@@ -1603,27 +1625,31 @@ class TestConnection:
         if done is None:
             return
         name, why = whys.get(done.older or b"", ("", ""))
-        if done.lone:  # (s47ws: a key whose client.pem is a link, a FIFO or none: kept)
+        if done.lone:  # (s47ws: a key whose client.pem is a link or a FIFO: kept)
             if done.held is not None:
-                held = f"{whys[done.held][0]}'s" if done.held in whys else "one that cannot be read"
+                held = whys[done.held][0] + "'s" if done.held in whys else _held_what(d)
                 self.ui.say(
                     f"note      client.key and client.pem stay in {d}: keeping client.key aside "
-                    "alone (its client.pem is a link, a FIFO or none) would lose "
+                    "alone (its client.pem is a link or a FIFO) would lose "
                     f"{held} in {settings_files.REPLACED}"
                 )
                 self.ui.say(
-                    f"note      move {d / settings_files.REPLACED} out of {d} as its owner or "
-                    "root (keep it while its certificate is needed), then run this again"
+                    f"note      remove {d / 'client.key'} if its certificate is no longer needed, "
+                    f"or move {d / settings_files.REPLACED} out of {d} as its owner or root (keep "
+                    "it while its certificate is needed), then run this again"
                 )
                 return
-            self.ui.say(f"note      client.key moved to {done.replaced}, {_LONE_KEY}")
+            if done.replaced is None:  # (no client.pem at all: s47rev3 M1)
+                self.ui.say(f"note      client.key removed: {_CERT_GONE}")
+                return
+            self.ui.say(f"note      client.key moved to {done.replaced}, alone: {_LONE_KEY}")
             self.ui.say(f"note      {_LONE_KEY_KEPT}")
             return
         if done.held is not None:
             # (s45rev7 L3: where each pair is, and who can move that folder out; two
             # lines, each short)
             at = "in place" if done.older_at in (None, d) else f"in {settings_files.KEPT}"
-            held = f"{whys[done.held][0]}'s" if done.held in whys else "one that cannot be read"
+            held = whys[done.held][0] + "'s" if done.held in whys else _held_what(d)
             self.ui.say(
                 f"note      client.key and client.pem stay in {d}: keeping the older pair, "
                 f"{name}'s ({at}), aside would lose {held} in {settings_files.REPLACED}"
@@ -1834,26 +1860,44 @@ class TestConnection:
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
 
 
-# A client.key in place whose client.pem is a link, a FIFO or none (s47ws): kept alone, as it
-# may be the only copy of a valid pair's key; what to do with it. (Two short notes.)
-_LONE_KEY = "alone: its client.pem was a link, a FIFO or none (not copied)"
+# A client.key in place whose client.pem is a link (to no certificate of it) or a FIFO
+# (s47ws): kept alone, as it may be the only copy of a valid pair's key; what to do with it.
+# (Two short notes.)
+_LONE_KEY = "its client.pem was a link or a FIFO (not copied)"
 _LONE_KEY_KEPT = (
     "whether that key is still needed cannot be told: put its certificate beside it, or "
     "remove that folder once it is no longer needed"
 )
+# A client.key with no client.pem at all (s47rev3 M1): not kept.
+_CERT_GONE = (
+    "its client.pem is gone, and a key without its certificate can neither be used nor prove "
+    "this PC's name"
+)
+
+
+def _held_what(d: Path) -> str:
+    """What ``settings_files.REPLACED`` in ``d`` holds, when it is said to hold a set that
+    may still be valid and its certificate could not be read: a key without its certificate
+    (s47rev3 L5: called "one that cannot be read"), or a set that cannot be read."""
+    where = d / settings_files.REPLACED
+    if os.path.lexists(where / "client.key") and not os.path.lexists(where / "client.pem"):
+        return "a key without its certificate"
+    return "a set that cannot be read"
 
 
 def _key_alone_held(d: Path, held: bytes, replaced: Sequence[tuple[str, str]]) -> str:
-    """The one line for a client.key in place, alone (its client.pem a link, a FIFO or
-    none), that a new enrolment's set would replace, not kept as keeping it would lose the
-    set ``REPLACED`` holds, which may still be valid (``held``, its certificate; s46rev2
-    M1)."""
+    """The one line for a client.key in place, alone (its client.pem a link or a FIFO),
+    that a new enrolment's set would replace, not kept as keeping it would lose the set
+    ``REPLACED`` holds, which may still be valid (``held``, its certificate; s46rev2 M1).
+    The two ways out: the key removed (s47rev3 M1: only moving a valid set out was
+    offered), or that folder moved out."""
     where = d / settings_files.REPLACED
-    what = f"{replaced[-1][0]}'s set" if held and replaced else "the one there"
+    what = f"{replaced[-1][0]}'s set" if held and replaced else _held_what(d)
     return (
-        f"client.key in place (its client.pem a link, a FIFO or none) cannot be kept aside "
-        f"without losing {what} in {where}: nothing was replaced; move {where} out of {d} as "
-        "its owner or root (keep it while its certificate is needed), then run this again"
+        f"client.key in place (its client.pem a link or a FIFO) cannot be kept aside without "
+        f"losing {what} in {where}: nothing was replaced; remove {d / 'client.key'} if its "
+        f"certificate is no longer needed, or move {where} out of {d} as its owner or root "
+        "(keep it while its certificate is needed), then run this again"
     )
 
 

@@ -47,11 +47,13 @@ ever) is never opened, wherever it is: the client files, ``ca.pem``, ``settings.
 commit marker (s47ws). What is copied aside is read without following a link (``_client_in``,
 ``_read_nofollow``: s45rev7 L1); what tells the set in place (its name, whether it still works,
 whether a pair is worth keeping) follows one, as the practice software does (``read_file``:
-s46rev2 M2). A client.key (a file of ours) whose client.pem is a link, a FIFO or none may be the
-only copy of a valid pair's key: it is kept alone in ``REPLACED`` (an enrolment's keeping,
+s46rev2 M2). A client.pem link that names a certificate of the key beside it makes a pair
+with it: that certificate is kept with it (written out as a file of ours, 0600; s47rev3 L1).
+A client.key (a file of ours) whose client.pem is a link or a FIFO otherwise may be the only
+copy of a valid pair's key: it is kept alone in ``REPLACED`` (an enrolment's keeping,
 ``set_aside``), never removed or overwritten unkept, unless that would lose a set ``REPLACED``
 holds that may still be valid (``_held``: then nothing is changed, and that is said; s46rev2
-M1).
+M1). A client.key with no client.pem at all is not kept (``cert_gone``, s47rev3 M1).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class ReplacedNotKept(TerminalError):
     or they could not be read to tell) and could not be: nothing was replaced. ``path``: the
     file that failed; ``reason``: why (the OS's words); ``reading``: it failed reading the
     pair in place (else writing the copy). ``held``: not tried, as the client.key in place
-    is alone (its client.pem a link, a FIFO or none) and keeping it would lose the set
+    is alone (its client.pem a link or a FIFO) and keeping it would lose the set
     ``REPLACED`` holds, which may still be valid (s46rev2 M1): that set's certificate (PEM;
     empty if it cannot be read)."""
 
@@ -155,9 +157,10 @@ def replace(
     the new set is committed (into ``REPLACED_NEW``), and take the place of ``REPLACED`` with
     the new set's files.
     The files in place are read as ``set_aside`` reads them: a link is not copied, a FIFO
-    never opened (s47ws). A client.key in place whose client.pem is a link, a FIFO or none
-    is kept alone (``_keep_replaced``), unless that would lose a set ``REPLACED`` holds that
-    may still be valid: ``ReplacedNotKept`` (``held``), nothing written (s46rev2 M1).
+    never opened (s47ws). A client.key in place whose client.pem is a link (to no certificate
+    of it) or a FIFO is kept alone (``_keep_replaced``), unless that would lose a set
+    ``REPLACED`` holds that may still be valid: ``ReplacedNotKept`` (``held``), nothing
+    written (s46rev2 M1); one with no client.pem at all is not kept (``cert_gone``).
     Returns ``REPLACED`` if so, else None. ``ReplacedNotKept`` (nothing written) if they could
     not be read or copied. Once the new set is in place, a set in ``REPLACED`` whose
     certificate has expired is removed."""
@@ -214,29 +217,30 @@ def _keep_replaced(
     The files are read as ``set_aside`` reads them (``_client_in``, ``_read_nofollow``: a
     link is not copied, s45rev7 L1; a FIFO is never opened, s47ws: a run waited on it for
     ever); one of ``ca.pem``, ``settings.json`` that is not a file of ours is not kept. A
-    client.key (a file of ours) whose client.pem is not (a link, a FIFO, none) may be the
-    only copy of a valid pair's key (s47ws: it was overwritten unkept): it is kept alone,
-    unless what a link there names is its certificate and ``worth`` says that pair is worth
-    nothing (expired, or superseded by ``new_pair``: it is read to tell, never copied), or
-    ``REPLACED`` holds that key already (s46rev2 L1: its certificate with it), or keeping it
-    would lose the set ``REPLACED`` holds, which may still be valid (``_held``, as
-    ``set_aside`` asks; s46rev2 M1): ``ReplacedNotKept`` (``held``) then."""
+    client.pem link that names a certificate of the key is that key's certificate
+    (``_linked_cert``: kept with it if ``worth`` says so, written out as a file of ours;
+    s47rev3 L1). A client.key with no client.pem at all is not kept (``cert_gone``: s47rev3
+    M1). A client.key (a file of ours) whose client.pem is a link to something else, or a
+    FIFO, may be the only copy of a valid pair's key (s47ws: it was overwritten unkept): it is
+    kept alone, unless ``REPLACED`` holds that key already (s46rev2 L1: its certificate with
+    it), or keeping it would lose the set ``REPLACED`` holds, which may still be valid
+    (``_held``, as ``set_aside`` asks; s46rev2 M1): ``ReplacedNotKept`` (``held``) then."""
     try:
         key, cert = _client_in(directory, follow_dir=True)
     except OSError as exc:
         raise ReplacedNotKept(Path(exc.filename), _why(exc), reading=True) from None
     if key is None:
         return None  # no key of ours in place: nothing to keep
+    if cert is None:
+        cert = _linked_cert(directory, key)  # (s47rev3 L1: kept with it, as a pair)
+    if cert is None and not os.path.lexists(directory / "client.pem"):
+        return None  # its certificate gone: worth nothing (``cert_gone``; s47rev3 M1)
     present: dict[str, bytes] = {"client.key": key}
     if cert is not None:
         if not worth(key, cert):
             return None
         present["client.pem"] = cert
     else:
-        with contextlib.suppress(OSError):
-            linked = read_file(directory / "client.pem")  # (a link followed: read, not kept)
-            if _matches(key, linked) and not worth(key, linked):
-                return None
         if _key_in(directory / REPLACED) == key:
             return None  # kept there already (a run cut short), with what it has
         held = _held(directory, (key, b""), new_pair, lambda k, c, _newer: worth(k, c))
@@ -259,14 +263,39 @@ def _keep_replaced(
     return directory / REPLACED
 
 
-def _matches(key_pem: bytes, cert_pem: bytes) -> bool:
-    """Whether ``cert_pem`` is a certificate of the key ``key_pem`` (both PEM)."""
+def _linked_cert(directory: Path, key_pem: bytes) -> bytes | None:
+    """The certificate a client.pem link in ``directory`` names, if it is one of the key
+    ``key_pem`` (s47rev3 L1: the key was kept without it, never to go by itself): read
+    through the link (``read_file``: a FIFO never opened), written out again as the
+    certificate alone (PEM), so that nothing else the file holds is ever copied (s45rev7
+    L1). None if client.pem is no link, or names no certificate of that key."""
+    if not os.path.islink(directory / "client.pem"):
+        return None
     try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
+        cert = x509.load_pem_x509_certificate(read_file(directory / "client.pem"))
         key = serialization.load_pem_private_key(key_pem, None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    if cert.public_key() != key.public_key():
+        return None
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def cert_gone(directory: Path) -> bool:
+    """Whether ``directory`` holds a client.key (a regular file) and no client.pem at all
+    (not a link, not a FIFO: none). Such a key is not kept (s47rev3 M1): its certificate is
+    gone, so it can neither be used (the practice software needs both) nor prove this PC's
+    name (``bootstrap_csr.Reenrolment`` signs with the pair), and the certificate the leader
+    holds for it ends by itself. It is replaced by an enrolment and removed by ``set_aside``
+    (as before s47ws); keeping it made an enrolment over it stop whenever ``REPLACED`` held a
+    set that may still be valid (s46rev2 M1), the everyday "delete client.pem and enrol
+    again" included. A key beside a link or a FIFO is kept: its certificate may still be
+    where that names."""
+    try:
+        key_mode = os.lstat(directory / "client.key").st_mode
+    except OSError:
         return False
-    return cert.public_key() == key.public_key()
+    return stat.S_ISREG(key_mode) and not os.path.lexists(directory / "client.pem")
 
 
 def _why(exc: OSError) -> str:
@@ -315,8 +344,10 @@ class SetAside(NamedTuple):
     (one that may still be valid: s45rev1 M1), that set's certificate (PEM; empty if it
     could not be read); ``older_at``: where the older pair is then (the settings dir, or
     ``KEPT``: s45rev7 L3); ``lone``: the client files in place were a key (a file of ours)
-    beside a client.pem that is not (a link, a FIFO) or none: the key alone went to
-    ``REPLACED`` (``replaced``), or was held in place (``held``) (s47ws: it was removed)."""
+    beside a client.pem that is not (a link to no certificate of it, a FIFO): the key alone
+    went to ``REPLACED`` (``replaced``), or was held in place (``held``) (s47ws: it was
+    removed); or beside no client.pem at all (neither of them set): it was removed
+    (``cert_gone``: s47rev3 M1)."""
 
     kept: Path
     moved: bool
@@ -345,21 +376,32 @@ def set_aside(
     were before the settings in place were written (``ca.pem``, ``settings.json``, read by
     the caller): they go with the pair in place to ``REPLACED`` if it is theirs (s45rev1
     L3; their settings.json names it: s45rev7 M1), and a ``REPLACED`` holding that pair
-    already is left as it is. Links are not followed (a link in place is no pair: only
-    removed), a FIFO is never opened, and the copies are 0600. A key (a file of ours) beside
-    a client.pem that is not (a link, a FIFO) or alone goes to ``REPLACED`` alone
-    (``_set_key_aside``; s47ws: it was removed with it). None if there was no client file in
-    place. Raises OSError; a key is removed only once it is kept elsewhere."""
+    already is left as it is. Links are not copied (a link in place is only removed), a FIFO
+    is never opened, and the copies are 0600; a client.pem link that names a certificate of
+    the key beside it makes a pair with it, that certificate written out (``_linked_cert``,
+    s47rev3 L1). A
+    key (a file of ours) beside a client.pem that is not (a link, a FIFO) goes to
+    ``REPLACED`` alone (``_set_key_aside``; s47ws: it was removed with it); one with no
+    client.pem at all is removed (``cert_gone``: s47rev3 M1). None if there was no client
+    file in place. Raises OSError; a key is removed only once it is kept elsewhere, or its
+    certificate gone."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
             return None
         moved, replaced, older_cert = False, None, None
-        # (s45rev7 L1: a link is no pair of ours, and not read: it was followed, a 0600 file
-        # elsewhere copied into KEPT at 0644; it is only removed, as a lone file is.)
+        # (s45rev7 L1: a link is not copied through: it was followed, a 0600 file elsewhere
+        # copied into KEPT at 0644; it is only removed, as a lone file is. Only a certificate
+        # of the key that a client.pem link names is read, and written out as one: s47rev3 L1.)
         key, cert = _client_in(directory, follow_dir=True)
+        if key is not None and cert is None:
+            cert = _linked_cert(directory, key)  # (its certificate: a pair, s47rev3 L1)
         in_place = (key, cert) if key is not None and cert is not None else None
         if key is not None and cert is None:
+            if not os.path.lexists(directory / "client.pem"):  # (``cert_gone``: s47rev3 M1)
+                os.unlink(directory / "client.key")
+                fsync_dir(directory)
+                return SetAside(directory / KEPT, False, None, lone=True)
             return _set_key_aside(directory, key, present, worth)
         if in_place is not None:
             kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
@@ -410,13 +452,14 @@ def _set_key_aside(
     present: list[str],
     worth: Callable[[bytes, bytes, bytes], bool] | None,
 ) -> SetAside:
-    """``set_aside`` of a key in place (a file of ours) whose client.pem is not (a link, a
-    FIFO, none): whether it is still needed cannot be told, and it may be the only copy of a
-    valid pair's key (s47ws: it was removed with its partner), so it goes to ``REPLACED``
-    alone (0600), unless what ``REPLACED`` holds may still be valid (``_held``): the client
-    files then stay as they are (``held``). ``REPLACED`` holding that key already (a run cut
-    short, or the whole pair kept there) is left as it is (s46rev2 L1: its certificate was
-    lost). Its partner is only removed, never read. The pair ``KEPT`` holds stays there."""
+    """``set_aside`` of a key in place (a file of ours) whose client.pem is not (a link to no
+    certificate of it, a FIFO): whether it is still needed cannot be told, and it may be the
+    only copy of a valid pair's key (s47ws: it was removed with its partner), so it goes to
+    ``REPLACED`` alone (0600), unless what ``REPLACED`` holds may still be valid
+    (``_held``): the client files then stay as they are (``held``). ``REPLACED`` holding that
+    key already (a run cut short, or the whole pair kept there) is left as it is (s46rev2 L1:
+    its certificate was lost). Its partner is only removed (a link read only to tell that it
+    names no certificate of the key). The pair ``KEPT`` holds stays there."""
     kept = kept_pair(directory) if os.path.lexists(directory / KEPT) else None
     if (held := _held(directory, (key, b""), kept, worth)) is not None:
         return SetAside(directory / KEPT, False, None, None, held, directory, lone=True)
