@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from leader.layout import Layout
+from leader.layout import Layout, leader_names_problem
 from leader.maintenance import Window, WindowError, parse_window
 from leader.zones import load_zone
 from tlsroll import logs, pki
@@ -130,7 +130,22 @@ class LeaderConfig:
                 "from the day it is issued",
             )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
+        _check_names(s, config)
         return config
+
+
+def _check_names(s: Section, config: LeaderConfig) -> None:
+    """The rules ``tlsroll init`` applies to the leader's names (``layout.leader_names_problem``,
+    ``names.node_name_problem``), applied to the file: the leader issues its own certificate
+    again with ``address`` and ``dns_names`` at its start, before it binds a port, so an edited
+    file got it a certificate for a wildcard, a NUL or every host (review s47rtin H1). A config
+    error here is raised before anything is written."""
+    if problem := pki.ip_problem(config.address):
+        raise s.error("address", problem)
+    if problem := leader_names_problem(config.address, config.dns_names):
+        raise s.error("dns_names", problem)
+    if config.node_name is not None and (problem := pki.node_name_problem(config.node_name)):
+        raise s.error("node_name", problem)
 
 
 def _warning_days(s: Section) -> float:

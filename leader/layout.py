@@ -236,11 +236,14 @@ def leader_names_problem(address: str, dns_names: tuple[str, ...]) -> str | None
     ``pki.dns_problem``; audit s34 M1). The leader binds its ports to ``address``, and agents
     dial it: 0.0.0.0 opened them on every interface, 127.0.0.1 is every host's own. Other
     loopback addresses (127.0.0.2 and up) stay allowed: tests and the demo run leaders there.
-    DNS names are checked as the certificate holds them (lowercase, no final dot)."""
+    DNS names are checked as the certificate holds them (lowercase, no final dot), and there
+    are at most as many as a node may hold (``names.MAX_DNS``)."""
     from tlsroll import names as pki_names  # noqa: PLC0415 - see the imports
 
     if problem := pki_names.ip_problem(address):
         return problem
+    if len({name.lower().rstrip(".") for name in dns_names}) > pki_names.MAX_DNS:
+        return f"the leader holds at most {pki_names.MAX_DNS} DNS names, got {len(dns_names)}"
     for name in dns_names:
         if problem := pki_names.dns_problem(name.lower().rstrip(".")):
             return problem
@@ -264,6 +267,7 @@ def init(
     # (What an init running now leaves is told apart from what an interrupted one left only
     # under the lock.)
     _refuse_made(layout, interrupted=False)
+    _refuse_foreign(layout)
     if problem := leader_names_problem(address, dns_names):
         raise TerminalError(problem)
     names = pki.Names.of(LEADER_NAME, [address], dns_names)
@@ -314,6 +318,32 @@ def _init_lock(layout: Layout) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # (before the lock goes: the next init makes a new file)
         os.close(fd)
+
+
+# What an init makes before its last write (the config): a directory holding nothing else was
+# left by an init cut short (``_refuse_made`` sees to one that got as far as a CA key), and is
+# set up again. lost+found: a file system's own, where the data directory is one.
+INIT_ENTRIES = frozenset({"ca", "secrets", "tls", "run", INIT_LOCK, "lost+found"})
+
+
+def _refuse_foreign(layout: Layout) -> None:
+    """Refuse an existing directory that holds anything but what an init makes: ``--data-dir
+    "$DATA"`` with DATA unset set up the cluster in the current directory (and made it 0750),
+    and so did any directory with other files in it (review s47rtin M4). A new or empty
+    directory is what init sets up, as ``tlsroll-leader --backup DIR`` writes into."""
+    try:
+        entries = sorted(os.listdir(layout.data_dir))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise TerminalError(f"{layout.data_dir} exists and is not a directory") from None
+    other = [name for name in entries if name not in INIT_ENTRIES]
+    if other:
+        more = f" and {len(other) - 1} more" if len(other) > 1 else ""
+        raise TerminalError(
+            f"{layout.data_dir} is not empty and not a tlsroll data directory (it holds"
+            f" {other[0]!r}{more}); init sets up a new or empty directory: name one"
+        )
 
 
 def _refuse_made(layout: Layout, *, interrupted: bool = True) -> None:

@@ -196,7 +196,7 @@ def test_a_bad_window_says_what_is_wrong(value: Any, problem: str) -> None:
 
 def leader_toml(tmp_path: Path, **keys: object) -> Path:
     return write_toml(
-        tmp_path / "leader.toml", {"leader": {"address": "::1", "data_dir": "d", **keys}}
+        tmp_path / "leader.toml", {"leader": {"address": "fd00::1", "data_dir": "d", **keys}}
     )
 
 

@@ -228,10 +228,10 @@ def test_agent_config_missing_table(tmp_path: Path, table: str) -> None:
 
 
 def test_leader_config_loads_with_defaults(tmp_path: Path) -> None:
-    path = write_toml(tmp_path / "x.toml", {"leader": {"address": "::1", "data_dir": "d"}})
+    path = write_toml(tmp_path / "x.toml", {"leader": {"address": "fd00::1", "data_dir": "d"}})
     cfg = LeaderConfig.load(path)
     data = (tmp_path / "d").resolve()
-    assert cfg.address == "::1"
+    assert cfg.address == "fd00::1"
     assert cfg.layout.data_dir == data
     assert cfg.ca_passphrase_file == data / "secrets" / "ca.passphrase"
     assert cfg.admin_socket == data / "run" / "admin.sock"
@@ -258,10 +258,17 @@ def test_leader_config_loads_with_defaults(tmp_path: Path) -> None:
         # Renewed at a third of the lease on a 1 s tick: 2 s (the minimum before) had no room.
         ("scope_freeze_lease", 9, "must be between 10 and 86400, got 9"),
         ("scope_freeze_lease", 86401, "must be between 10 and 86400, got 86401"),
+        # The names ``tlsroll init`` refuses (review s47rtin H1).
+        ("address", "0.0.0.0", "0.0.0.0 is not the address of one host"),  # noqa: S104
+        ("address", "::1", "::1 names every host"),
+        ("dns_names", ["ok.example", "*.example"], "'*.example': wildcard names are never"),
+        ("dns_names", ["a\u0000b"], "'a\\x00b' is not a DNS host name"),
+        ("dns_names", [f"n{i}.example" for i in range(9)], "the leader holds at most 8 DNS"),
+        ("node_name", "A B", "'A B' is not a valid node name"),
     ],
 )
 def test_leader_config_errors(tmp_path: Path, key: str, value: object, problem: str) -> None:
-    config: dict[str, object] = {"address": "127.0.0.1", "data_dir": "d"}
+    config: dict[str, object] = {"address": "127.0.0.2", "data_dir": "d"}
     config[key] = value
     path = write_toml(tmp_path / "x.toml", {"leader": config})
     with expect_error(tmp_path, f"[leader].{key}", problem):
@@ -269,7 +276,7 @@ def test_leader_config_errors(tmp_path: Path, key: str, value: object, problem: 
 
 
 def test_leader_config_takes_a_scope_freeze_lease_of_ten_seconds(tmp_path: Path) -> None:
-    config = {"address": "127.0.0.1", "data_dir": "d", "scope_freeze_lease": 10}
+    config = {"address": "127.0.0.2", "data_dir": "d", "scope_freeze_lease": 10}
     path = write_toml(tmp_path / "x.toml", {"leader": config})
     assert LeaderConfig.load(path).scope_freeze_lease == 10
 
@@ -407,14 +414,14 @@ def test_a_misspelt_required_key_is_named_where_it_is_missing(tmp_path: Path) ->
     [
         ({"leader": {"heartbeat_intervall": 2}}, "[leader].heartbeat_intervall", "unknown key"),
         ({"leader": {"data_dir": "d", "port": 1}}, "[leader].port", "unknown key"),
-        ({"leadr": {"address": "127.0.0.1"}}, "[leadr]", "unknown table (did you mean [leader]?)"),
+        ({"leadr": {"address": "127.0.0.2"}}, "[leadr]", "unknown table (did you mean [leader]?)"),
         ({"agent": {"data_dir": "d"}}, "[agent]", "unknown table (only [leader])"),
     ],
 )
 def test_leader_config_refuses_unknown_keys_and_tables(
     tmp_path: Path, changes: dict[str, dict[str, object]], key: str, problem: str
 ) -> None:
-    config: dict[str, dict[str, object]] = {"leader": {"address": "127.0.0.1", "data_dir": "d"}}
+    config: dict[str, dict[str, object]] = {"leader": {"address": "127.0.0.2", "data_dir": "d"}}
     for table, values in changes.items():
         config.setdefault(table, {}).update(values)
     path = write_toml(tmp_path / "x.toml", config)
@@ -440,13 +447,13 @@ def test_leader_config_refuses_unknown_keys_and_tables(
         (
             "tlsroll-leader",
             "leader.daemon",
-            {"leader": {"address": "127.0.0.1", "data_dir": "d", "join_prot": 9441}},
+            {"leader": {"address": "127.0.0.2", "data_dir": "d", "join_prot": 9441}},
             "[leader].join_prot: unknown key (did you mean join_port?)",
         ),
         (
             "tlsroll-leader",
             "leader.daemon",
-            {"leader": {"address": "127.0.0.1", "data_dir": "d", "maintenance_timezone": "Berln"}},
+            {"leader": {"address": "127.0.0.2", "data_dir": "d", "maintenance_timezone": "Berln"}},
             "[leader].maintenance_timezone: unknown time zone 'Berln'; use an IANA name such as "
             "Europe/Berlin",
         ),
@@ -455,7 +462,7 @@ def test_leader_config_refuses_unknown_keys_and_tables(
             "leader.daemon",
             {
                 "leader": {
-                    "address": "127.0.0.1",
+                    "address": "127.0.0.2",
                     "data_dir": "d",
                     "maintenance_timezone": "right/Europe/Berlin",
                 }

@@ -641,7 +641,7 @@ AGENT_CONFIG: dict[str, dict[str, object]] = {
 
 
 def leader_config(tmp_path: Path) -> dict[str, dict[str, object]]:
-    return {"leader": {"address": "127.0.0.1", "data_dir": str(tmp_path / "data")}}
+    return {"leader": {"address": "127.0.0.2", "data_dir": str(tmp_path / "data")}}
 
 
 @pytest.mark.parametrize(

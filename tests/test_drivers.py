@@ -56,7 +56,7 @@ from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
 from tests.refserver_helper import RefServer
 from tlsroll import daemon
 from tlsroll.clients import ClientSeen, ClientsView
-from tlsroll.config import Section
+from tlsroll.config import ConfigFile, Section
 from tlsroll.enums import Change
 from tlsroll.errors import ConfigError, LocalResourceError
 from tlsroll.v1 import agent_pb2
@@ -1597,13 +1597,20 @@ def test_the_reference_driver_reads_its_config_once_within_reading_once(
     driver = reference_driver(tmp_path)
     reads: list[Path] = []
     read_bytes = Path.read_bytes
+    config_read = ConfigFile.read
 
     def counting(path: Path) -> bytes:
         if path == driver.config_file:
             reads.append(path)
         return read_bytes(path)
 
+    def counting_config(path: Path) -> bytes:  # (the config reader opens the file itself)
+        if path == driver.config_file:
+            reads.append(path)
+        return config_read(path)
+
     monkeypatch.setattr(Path, "read_bytes", counting)
+    monkeypatch.setattr(ConfigFile, "read", staticmethod(counting_config))
     target = Target(("https",), tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem")
     with driver.reading_once():
         facts, rendered, source = driver.facts(), driver.render(target), driver.read_config()

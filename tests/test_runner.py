@@ -50,6 +50,7 @@ from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
 from tests.conftest import count_thread_hops
 from tlsroll import dbthread, fsutil, password
+from tlsroll.config import ConfigFile
 from tlsroll.enums import TxnKind, TxnOutcome
 
 ADDRESS = "192.0.2.10"
@@ -1054,15 +1055,22 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     blocking: list[str] = []
     read_bytes, write_atomic = Path.read_bytes, fsutil.write_atomic
 
+    config_read = ConfigFile.read
+
     def read(path: Path) -> bytes:
         on_the_loop(blocking, f"read {path.name}")
         return read_bytes(path)
+
+    def read_config(path: Path) -> bytes:  # (it opens the file itself, not by read_bytes)
+        on_the_loop(blocking, f"read {path.name}")
+        return config_read(path)
 
     def write(path: Path, data: bytes, mode: int = 0o644) -> None:
         on_the_loop(blocking, f"write {path.name}")
         write_atomic(path, data, mode)
 
     monkeypatch.setattr(Path, "read_bytes", read)
+    monkeypatch.setattr(ConfigFile, "read", staticmethod(read_config))
     monkeypatch.setattr(transaction, "write_atomic", write)
     return blocking
 

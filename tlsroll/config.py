@@ -35,6 +35,9 @@ from tlsroll.fsutil import owner_fix
 T = TypeVar("T")
 _MISSING: Any = object()
 
+# A config file is a few KiB; what is larger is not one (and is not read whole).
+MAX_CONFIG_BYTES = 1024 * 1024
+
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
 
@@ -47,6 +50,21 @@ def _kind(value: object) -> str:
         list: "list",
         dict: "table",
     }.get(type(value), type(value).__name__)
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for an error."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return f"file type {stat.S_IFMT(mode):o}"
 
 
 def _close_match(name: str, known: Iterable[str]) -> list[str]:
@@ -199,14 +217,35 @@ class ConfigFile:
 
     @staticmethod
     def read(path: Path) -> bytes:
-        """The file's bytes (``load``'s first half; its errors)."""
+        """The file's bytes (``load``'s first half; its errors). Only a regular file is read,
+        and at most ``MAX_CONFIG_BYTES``: a FIFO hung the daemon (no writer) and /dev/zero
+        filled its memory (review s47rtin L2). It is opened without blocking (a FIFO with no
+        writer opens at once) and checked (``fstat``) before a byte is read."""
         try:
-            return path.read_bytes()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except FileNotFoundError:
             raise ConfigError(path, None, "no such file") from None
         except OSError as exc:
             raise_if_local(exc, f"reading {path}")
             raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+        data = b""
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    data = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise_if_local(exc, f"reading {path}")
+            raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(mode):
+            raise ConfigError(path, None, f"not a regular file ({_file_kind(mode)})")
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                path, None, f"larger than {MAX_CONFIG_BYTES} bytes; not a tlsroll config file"
+            )
+        return data
 
     @classmethod
     def parse(cls, path: Path, raw: bytes) -> ConfigFile:
@@ -215,6 +254,8 @@ class ConfigFile:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(path, None, f"not valid TOML: {exc}") from None
+        except RecursionError:  # [[[[…]]]] thousands deep: tomllib's recursion (s47rtin L1)
+            raise ConfigError(path, None, "not valid TOML: nested too deeply") from None
         if inline := inline_secrets(data):
             _check_holds_secrets(path, inline[0])
         return cls(path, data)

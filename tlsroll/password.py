@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
+from tlsroll.bootstrap_base import loads_strict
 from tlsroll.errors import TerminalError
 
 # Characters nobody types at a password prompt (``read_password_file``): control (Cc), format
@@ -65,6 +66,9 @@ MIN_N = 2**14
 MAX_N = 2**20
 MAX_R = 32
 MAX_P = 16
+
+# A password file holds one line: what is longer is not one, and is not read whole.
+MAX_FILE_BYTES = 4096
 
 # No 0/o, 1/l/i: nothing that reads or sounds like another character.
 ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
@@ -108,9 +112,16 @@ def read_password_file(path: Path) -> str:
     try:
         with os.fdopen(fd, "rb") as f:
             _check_private(path, f.fileno())
-            data = f.read()
+            # Bounded: /dev/zero or an endless pipe was read until memory ran out (review
+            # s47rtin M3); a pipe with a password in it is read as before.
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise PasswordFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PasswordFileError(
+            f"{path} is longer than {MAX_FILE_BYTES} bytes; a password file holds one line, "
+            "the password"
+        )
     return password_from_bytes(data, path)
 
 
@@ -256,9 +267,12 @@ def verifier_to_json(verifier: Mapping[str, Any]) -> str:
 
 def verifier_from_json(text: str | bytes) -> Verifier:
     """Parse and validate a verifier; anything wrong raises ValueError with one line."""
+    # Strict (no duplicate keys, NaN or nesting deeper than the decoder goes): ``[`` * 100000
+    # made the leader's SetPassword and StartRollout answer INTERNAL with a RecursionError
+    # (review s47rtin M1); it is a malformed verifier.
     try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = loads_strict(text.encode("utf-8") if isinstance(text, str) else text)
+    except (ValueError, UnicodeError) as exc:
         raise ValueError(f"verifier is not valid JSON: {_one_line(exc)}") from None
     return validate_verifier(data)
 

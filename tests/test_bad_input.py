@@ -1,0 +1,259 @@
+"""Bad input from the admin's side, as the red team gave it (review s47rtin H1, M1, M3, M4, L1,
+L2): one line, a proper exit code or gRPC status, and nothing changed on refusal. The daemons
+and the CLI run as processes; the password-file and verifier rules also as functions (the
+workstation's commands read a password file by the same function)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.cluster import Cluster, command, one_line_error
+from tests.conftest import next_loopback
+from tests.refserver_helper import write_toml
+from tlsroll import password
+from tlsroll.v1 import admin_pb2
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+DEEP_TOML = "x = " + "[" * 5000 + "]" * 5000 + "\n"
+DAEMONS = [
+    ("tlsroll-leader", "leader.daemon"),
+    ("tlsroll-agent", "nodeagent.daemon"),
+    ("tlsroll-refserver", "refserver.daemon"),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """After ``tlsroll init``; its leader stopped unless a test starts it (and stops it)."""
+    with Cluster(tmp_path_factory.mktemp("bad-input"), next_loopback()) as c:
+        c.init()
+        yield c
+
+
+def run_daemon(script: str, module: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command(script, module), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# --- H1: leader.toml's names, checked before the leader reissues its certificate --------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("dns_names", ["a\u0000b"], "is not a DNS host name"),
+        ("dns_names", ["*.example.com"], "wildcard names are never signed"),
+        ("dns_names", ["evil..x"], "is not a DNS host name"),
+        ("dns_names", [f"n{i}.example" for i in range(9)], "at most 8 DNS names"),
+        ("address", "0.0.0.0", "is not the address of one host"),  # noqa: S104 - refused
+        ("address", "255.255.255.255", "names every host"),
+        ("address", "127.0.0.1", "names every host"),
+        ("node_name", "BAD NAME\u0000", "is not a valid node name"),
+        ("node_name", "tlsroll-leader", "is reserved"),
+    ],
+)
+def test_leader_refuses_names_init_would_refuse_before_its_certificate_changes(
+    cluster: Cluster, key: str, value: object, problem: str
+) -> None:
+    original = cluster.config_path.read_bytes()
+    cert = cluster.tls_cert_path.read_bytes()
+    try:
+        cluster.write_leader_config({key: value})
+        code, output = cluster.leader.run_to_exit()
+        assert code == 2, output
+        line = one_line_error(output, "tlsroll-leader")
+        assert f"config error: {cluster.config_path}: [leader].{key}: " in line, line
+        assert problem in line, line
+        assert cluster.tls_cert_path.read_bytes() == cert  # not issued again
+        assert not cluster.admin_socket.exists()
+    finally:
+        cluster.config_path.write_bytes(original)
+
+
+def test_init_refuses_more_dns_names_than_a_node_may_hold(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    dns = [arg for i in range(9) for arg in ("--dns", f"n{i}.example")]
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        result = c.cli("init", "--data-dir", str(data), "--address", c.address, *dns)
+    assert result.returncode == 1, result.stderr
+    assert "at most 8 DNS names" in one_line_error(result.stderr, "tlsroll")
+    assert not data.exists()
+
+
+# --- M1: a verifier nested too deeply is malformed, not an internal error --------------------
+
+
+def test_a_deeply_nested_verifier_is_invalid_not_an_internal_error(cluster: Cluster) -> None:
+    cluster.start_leader()
+    before = cluster.store_rows(("auth_versions",))
+    try:
+        with cluster.admin() as admin:
+            with pytest.raises(grpc.RpcError) as err:
+                admin.SetPassword(
+                    admin_pb2.SetPasswordRequest(auth_verifier_json=DEEP_JSON), timeout=30
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "nested too deeply" in (err.value.details() or "")
+    finally:
+        cluster.stop_leader()
+    assert cluster.store_rows(("auth_versions",)) == before  # nothing staged
+    assert "rpc.internal_error" not in cluster.leader.event_names()
+    assert "RecursionError" not in cluster.leader.log_text()
+    with pytest.raises(ValueError, match="nested too deeply"):
+        password.verifier_from_json(DEEP_JSON)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        password.verifier_from_json(DEEP_JSON.encode())
+
+
+# --- M3: a password file is read up to a bound ---------------------------------------------------
+
+
+def test_a_password_file_is_read_only_up_to_its_bound(tmp_path: Path) -> None:
+    with pytest.raises(password.PasswordFileError, match="longer than 4096 bytes"):
+        password.read_password_file(Path("/dev/zero"))
+    big = tmp_path / "big"
+    big.write_bytes(b"a" * 4097)
+    big.chmod(0o600)
+    with pytest.raises(password.PasswordFileError, match="longer than 4096 bytes"):
+        password.read_password_file(big)
+    # A pipe still serves (``<(…)``, /dev/stdin), as does a file of the bound's length.
+    read, write = os.pipe()
+    os.write(write, b"kd7q-x2mf-9vhc-3ptw-a8ke-rn5d\n")
+    os.close(write)
+    try:
+        assert (
+            password.read_password_file(Path(f"/dev/fd/{read}")) == "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d"
+        )
+    finally:
+        os.close(read)
+    big.write_bytes(b"a" * 4095 + b"\n")
+    assert password.read_password_file(big) == "a" * 4095
+
+
+def test_password_set_from_dev_zero_is_one_line_and_exit_2(cluster: Cluster) -> None:
+    result = cluster.cli("password", "set", "--password-file", "/dev/zero")
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll")
+    assert "--password-file" in line and "longer than 4096 bytes" in line
+
+
+def test_password_set_reads_a_pipe_as_before(cluster: Cluster) -> None:
+    """/dev/stdin (a pipe from the shell): read, checked by the policy, staged."""
+    cluster.start_leader()
+    try:
+        before = cluster.store_rows(("auth_versions",))["auth_versions"]
+        result = cluster.cli(
+            "password", "set", "--password-file", "/dev/stdin", input="kd7q-x2mf-9vhc-3ptw-a8ke\n"
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        cluster.stop_leader()
+    assert len(cluster.store_rows(("auth_versions",))["auth_versions"]) == len(before) + 1
+
+
+# --- M4: init sets up only a new or empty directory ----------------------------------------------
+
+
+def _tree(path: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(path)): (p.stat().st_mode, p.stat().st_size if p.is_file() else 0)
+        for p in [path, *path.rglob("*")]
+    }
+
+
+def test_init_refuses_a_directory_with_other_files_and_changes_nothing(tmp_path: Path) -> None:
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        target = tmp_path / "busy"
+        target.mkdir(mode=0o755)
+        target.chmod(0o755)
+        (target / "notes.txt").write_text("mine\n")
+        before = _tree(target)
+        result = c.cli("init", "--data-dir", str(target), "--address", c.address)
+        assert result.returncode == 1, result.stderr
+        line = one_line_error(result.stderr, "tlsroll")
+        assert f"{target} is not empty and not a tlsroll data directory" in line
+        assert "'notes.txt'" in line
+        assert _tree(target) == before  # nothing made, the mode kept (0755)
+        # ``--data-dir ''`` is the current directory: refused there too when it holds files.
+        result = subprocess.run(
+            [*command("tlsroll", "tlsroll"), "init", "--data-dir", "", "--address", c.address],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            cwd=target,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "is not empty and not a tlsroll data directory" in one_line_error(
+            result.stderr, "tlsroll"
+        )
+        assert _tree(target) == before
+        # An empty directory (install.sh makes /var/lib/tlsroll before init) is set up.
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        result = c.cli("init", "--data-dir", str(empty), "--address", c.address)
+        assert result.returncode == 0, result.stderr
+        assert (empty / "leader.toml").is_file()
+
+
+# --- L1, L2: config files nested too deeply, or not regular files --------------------------------
+
+
+@pytest.mark.parametrize(("script", "module"), DAEMONS)
+def test_a_config_nested_too_deeply_is_a_config_error(
+    tmp_path: Path, script: str, module: str
+) -> None:
+    config = tmp_path / "deep.toml"
+    config.write_text(DEEP_TOML)
+    result = run_daemon(script, module, config)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = one_line_error(result.stderr, script)
+    assert f"config error: {config}: not valid TOML: nested too deeply" in line
+
+
+@pytest.mark.parametrize(("script", "module"), DAEMONS)
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_a_config_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path, script: str, module: str, kind: str
+) -> None:
+    if kind == "fifo":
+        config = tmp_path / "fifo.toml"
+        os.mkfifo(config, 0o600)
+        what = "a FIFO"
+    elif kind == "dev-zero":
+        config = tmp_path / "zero.toml"
+        config.symlink_to("/dev/zero")
+        what = "a character device"
+    else:
+        config = tmp_path / "dir.toml"
+        config.mkdir()
+        what = "a directory"
+    result = run_daemon(script, module, config)
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = one_line_error(result.stderr, script)
+    assert f"config error: {config}: not a regular file ({what})" in line
+    if kind == "fifo":
+        assert stat.S_ISFIFO(config.lstat().st_mode)
+
+
+def test_a_config_file_larger_than_its_bound_is_refused(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "leader.toml", {"leader": {"address": "127.0.0.2"}})
+    with config.open("a") as f:
+        f.write("#" * (1024 * 1024) + "\n")
+    result = run_daemon("tlsroll-leader", "leader.daemon", config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-leader")
+    assert f"config error: {config}: larger than 1048576 bytes" in line
