@@ -187,19 +187,19 @@ def test_init_refuses_a_directory_with_other_files_and_changes_nothing(tmp_path:
         assert f"{target} is not empty and not a tlsroll data directory" in line
         assert "'notes.txt'" in line
         assert _tree(target) == before  # nothing made, the mode kept (0755)
-        # ``--data-dir ''`` is the current directory: refused there too when it holds files.
-        result = subprocess.run(
-            [*command("tlsroll", "tlsroll"), "init", "--data-dir", "", "--address", c.address],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            cwd=target,
-        )
-        assert result.returncode == 1, result.stderr
-        assert "is not empty and not a tlsroll data directory" in one_line_error(
-            result.stderr, "tlsroll"
-        )
+        # ``--data-dir ''`` was the current directory (click's path type): a usage error now,
+        # wherever it is run, an empty directory too.
+        for where in (target, tmp_path / "c"):
+            result = subprocess.run(
+                [*command("tlsroll", "tlsroll"), "init", "--data-dir", "", "--address", c.address],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+                cwd=where,
+            )
+            assert result.returncode == 2, result.stderr
+            assert "--data-dir" in result.stderr and "must not be empty" in result.stderr
         assert _tree(target) == before
         # An empty directory (install.sh makes /var/lib/tlsroll before init) is set up.
         empty = tmp_path / "empty"

@@ -32,7 +32,7 @@ from tlsroll.v1 import admin_pb2
 @click.command()
 @click.option(
     "--data-dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a string: click makes '' the current directory as a Path
     required=True,
     help="Where the leader keeps its CA, store and config (created).",
 )
@@ -46,7 +46,7 @@ from tlsroll.v1 import admin_pb2
     "default: a new random one in DATA_DIR/secrets/.",
 )
 def init(
-    data_dir: Path,
+    data_dir: str,
     address: str,
     dns_names: tuple[str, ...],
     node_name: str | None,
@@ -56,6 +56,8 @@ def init(
     # cryptography (about 50 ms): only init needs it, not every command this module serves
     from tlsroll import pki  # noqa: PLC0415
 
+    if not data_dir.strip():
+        raise click.BadParameter("must not be empty", param_hint="--data-dir")
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise click.BadParameter(problem, param_hint="--node-name")
     # The rules ``token create`` applies to a node's names (audit s34 M1;
@@ -70,7 +72,7 @@ def init(
         from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
 
         layout = layout_mod.init(
-            data_dir,
+            Path(data_dir),
             address,
             dns_names=dns_names,
             node_name=node_name,
