@@ -1201,3 +1201,44 @@ def test_a_client_pem_link_to_the_keys_certificate_keeps_the_certificate_alone(
     )
     assert stat.S_IMODE((kept / "client.pem").stat().st_mode) == 0o600
     assert outside.read_bytes() == k["client.pem"] + b"SECRET OUTSIDE THE SETTINGS DIR\n"
+
+
+def _damaged_point(pem: bytes) -> bytes:
+    """``pem`` with a byte of its public key's point changed: the certificate still loads,
+    its public key no longer does (not on the curve)."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(pem)
+    der = bytearray(cert.public_bytes(serialization.Encoding.DER))
+    point = cert.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    der[bytes(der).index(point) + 40] ^= 0x01
+    return x509.load_der_x509_certificate(bytes(der)).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("way", ["enrolment", "no-enrol"])
+def test_a_client_pem_link_to_a_certificate_whose_key_cannot_be_loaded_is_no_crash(
+    tmp_path: Path, way: str
+) -> None:
+    """Review s47rev4 M1: a client.key beside a client.pem link to a certificate whose public
+    key cannot be loaded (a damaged byte, an unknown curve) ended every run in a traceback:
+    the comparison with the key was outside the ``try``. Such a link names no certificate of
+    the key: the key is kept alone, as beside any other link."""
+    pair, new = client_pair(3), client_pair(0)
+    settings = tmp_path / "settings"
+    settings.mkdir(mode=0o700)
+    settings_files.replace(settings, files(OLD))
+    (settings / "client.key").write_bytes(pair["client.key"])
+    os.unlink(settings / "client.pem")
+    linked = tmp_path / "linked.pem"
+    linked.write_bytes(_damaged_point(pair["client.pem"]))
+    os.symlink(linked, settings / "client.pem")
+    if way == "no-enrol":
+        settings_files.set_aside(settings, lambda *_: True, settings_files.read_set(settings))
+    else:
+        settings_files.replace(settings, files(new), keep_replaced=lambda *_: True)
+    kept = settings / ".settings-replaced"
+    assert (kept / "client.key").read_bytes() == pair["client.key"]
+    assert not (kept / "client.pem").exists()
+    assert linked.read_bytes() == _damaged_point(pair["client.pem"])  # not touched

@@ -274,9 +274,11 @@ def _linked_cert(directory: Path, key_pem: bytes) -> bytes | None:
     try:
         cert = x509.load_pem_x509_certificate(read_file(directory / "client.pem"))
         key = serialization.load_pem_private_key(key_pem, None)
+        # Inside: a certificate whose public key cannot be loaded (an unknown curve, a damaged
+        # byte) raises here, and every run ended in a traceback (review s47rev4 M1).
+        if cert.public_key() != key.public_key():
+            return None
     except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
-        return None
-    if cert.public_key() != key.public_key():
         return None
     return cert.public_bytes(serialization.Encoding.PEM)
 
