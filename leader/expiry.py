@@ -14,6 +14,10 @@ What is watched, and from where (no key is ever read):
   that ends with it is marked ``ends_with_ca`` and is not rotated for being near its end (a new
   one would end no later).
 * ``leader``, ``viewer``: the leader's own certificates, from ``DATA/tls`` (``own_certs``).
+  The leader issues them again by itself, ahead of their warning (``leader.layout.
+  own_renew_before``): their horizon is ``expiry_warning_days`` cut to come after that
+  (``own_warn_before``), so that a warning of one is a renewal that failed, never a month of
+  nothing to do (review s46rt1 L2).
 * ``agent``: each enrolled node's own mTLS certificate as on record. Agents renew it by
   themselves at 70-90 % of its life, so it is warned about only once less than 10 % is left:
   the renewal is overdue.
@@ -23,8 +27,9 @@ What is watched, and from where (no key is ever read):
 * ``workstation``: every workstation certificate that is neither revoked nor expired, and the
   newest of a name that ended less than ``expiry_warning_days`` ago (the PC lost it: "expired").
 
-``server``, ``leader``, ``viewer`` and ``workstation`` certificates are warned about
-``expiry_warning_days`` (leader.toml, default 30) before their end.
+``server`` and ``workstation`` certificates are warned about ``expiry_warning_days``
+(leader.toml, default 30) before their end; ``leader`` and ``viewer`` as well, up to half of
+their life (beyond it, at half their life less two days: ``own_warn_before``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
 from leader.store import Store
 from tlsroll import logs, pki
@@ -56,10 +62,12 @@ ADVICE = {
     "it issues lives past the CA's end; before then, set the cluster up again with a new CA: "
     "tlsroll init, every node joined again (tlsroll token create --print-join-command), a "
     "rollout, then `tlsroll client test-connection` on every workstation",
-    "leader": "the leader issues it again by itself within 30 days of its end; if this "
-    "stays, look for leader.certificate_reloaded or errors in the leader's log",
-    "viewer": "the leader issues it again by itself within 30 days of its end; if this "
-    "stays, look for viewer.certificate_reloaded or errors in the leader's log",
+    "leader": "the leader should have issued it again by itself (a check of the expiry watch "
+    "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
+    "the leader, which issues it at its start",
+    "viewer": "the leader should have issued it again by itself (a check of the expiry watch "
+    "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
+    "the leader, which issues it at its start",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create "
     "--node NAME --address IP)",
@@ -155,7 +163,9 @@ class ExpiryWatch:
         """Every watched certificate, soonest end first (blocking)."""
         now = self.clock()
         found = [_of("ca", "", self.ca, CA_HORIZON)]
-        found += [_of(kind, "", cert, self.horizon) for kind, cert in self.own_certs()]
+        found += [
+            _of(kind, "", cert, own_warn_before(self.horizon)) for kind, cert in self.own_certs()
+        ]
         for n in self.store.list_nodes():
             found.append(
                 Expiry(
