@@ -23,7 +23,10 @@ What is watched, and from where (no key is ever read):
   the renewal is overdue.
 * ``server``: each node's 8443 certificate as the rollouts recorded it (the newest
   ``enable-tls`` or ``rotate-cert`` that ended ``done`` on the node, unless a ``disable-tls``
-  came after), with its serial from the certificates table.
+  came after), with its serial from the certificates table. One of the practice's own
+  (``--cert-dir``) whose chain (an intermediate, the practice CA) ends before it is watched by
+  the chain's end, which its advice names (``SchemaStore.own_chain_ends``): the chain was
+  checked only at the rollout's start (review s46rt1 L4).
 * ``workstation``: every workstation certificate that is neither revoked nor expired, and the
   newest of a name that ended less than ``expiry_warning_days`` ago (the PC lost it: "expired").
 
@@ -76,6 +79,13 @@ ADVICE = {
     "workstation": "run `tlsroll client test-connection` on that workstation again (or, if "
     "the PC is gone: tlsroll workstations revoke NAME)",
 }
+# A practice's own server certificate whose chain ends first (``Expiry.chain`` names it).
+CHAIN_ENDS_FIRST = (
+    "its chain's {chain} ends then, before the certificate itself, and clients refuse it "
+    "from that moment: have the practice renew that CA certificate (or issue new certificates "
+    "under one that outlives them), then tlsroll rollout start --change rotate-cert --nodes "
+    "{node} --cert-dir DIR"
+)
 # A certificate that ends with the CA: issuing it again gives one that ends no later.
 ENDS_WITH_CA = "it ends with the cluster CA, and no new one would outlive the CA: see the CA's line"
 
@@ -91,6 +101,9 @@ class Expiry:
     # Its end is the CA's (or later): a new one would end no later, so it is not renewed or
     # rotated for being near its end (``pki.ends_with_ca``); the CA's own entry says what to do.
     ends_with_ca: bool = False
+    # A server certificate of the practice's own whose chain ends first: the chain's
+    # certificate that does (its subject); ``not_after`` is then its end.
+    chain: str = ""
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -100,6 +113,8 @@ class Expiry:
 
     @property
     def advice(self) -> str:
+        if self.chain:
+            return CHAIN_ENDS_FIRST.format(chain=self.chain, node=self.subject)
         if self.ends_with_ca and self.kind != "ca":
             return ENDS_WITH_CA
         return ADVICE.get(self.kind, "")
@@ -121,7 +136,10 @@ def _marked(found: list[Expiry], ca: x509.Certificate) -> list[Expiry]:
     (or after it: one issued before leaves were cut to the CA's end)."""
     end = ca.not_valid_after_utc
     return [
-        replace(e, ends_with_ca=True) if e.kind != "ca" and e.not_after >= end else e for e in found
+        replace(e, ends_with_ca=True)
+        if e.kind != "ca" and not e.chain and e.not_after >= end
+        else e
+        for e in found
     ]
 
 
@@ -180,16 +198,19 @@ class ExpiryWatch:
         certs = self.store.list_certificates()
         serial_of = {c.fingerprint: c.serial for c in certs if c.fingerprint}
         enrolled = {n.name for n in self.store.list_nodes()}
+        chains = self.schema.own_chain_ends()
         for name, (fingerprint, not_after) in sorted(self.schema.served_certificates().items()):
             if name in enrolled:
+                chain, chain_end = chains.get(fingerprint, ("", not_after))
                 found.append(
                     Expiry(
                         "server",
                         name,
                         serial_of.get(fingerprint, ""),
                         fingerprint,
-                        not_after,
+                        min(not_after, chain_end),
                         self.horizon,
+                        chain=chain if chain_end < not_after else "",
                     )
                 )
         # A workstation's certificate is watched until it ends and, if it is its name's newest,
