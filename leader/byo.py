@@ -472,6 +472,29 @@ def chain_pem(item: NodeMaterial) -> bytes:
     return b"".join(pki.cert_to_pem(c) for c in pki.load_certs_pem(item.chain_pem))
 
 
+def chain_ends(material: Material, nodes: Iterable[str]) -> dict[str, tuple[str, dt.datetime]]:
+    """Per certificate of ``nodes`` (by its fingerprint) whose chain ends before it does:
+    the subject and end of the chain's certificate that ends first (an intermediate, or the
+    practice CA it chains to). Checked once, beyond the horizon, at the start (``validate``);
+    recorded with the rollout (``SchemaStore.create``) so that the expiry watch warns of the
+    chain's end, where the leaf's own row read "ok" until the chain broke (review s46rt1 L4).
+    A validated directory's; a node whose files do not parse is left out."""
+    anchors = [c for c in _load_certs(material.ca_pem) or [] if pki.is_ca(c)]
+    ends = {}
+    for node in sorted(nodes):
+        item = material.nodes.get(node)
+        certs = _load_certs(item.chain_pem) if item is not None else None
+        if not certs:
+            continue
+        leaf, extra = certs[0], certs[1:]
+        path = pki.chain_to(leaf, extra, anchors) or [leaf, *extra, *anchors]
+        first = min(path[1:], key=lambda c: c.not_valid_after_utc, default=None)
+        if first is not None and first.not_valid_after_utc < leaf.not_valid_after_utc:
+            who = first.subject.rfc4514_string() or "(no subject)"
+            ends[pki.fingerprint(leaf)] = (who, first.not_valid_after_utc)
+    return ends
+
+
 def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:
     """What ``plan`` shows of certificates that passed ``validate``."""
     out = []

@@ -580,6 +580,12 @@ class Commands:
             auth_latest=latest if staged_one and not request.keep_auth_version else None,
             # With the rollout, in its transaction: its steps find it from the start.
             own_ca=byo.ca_bundle(own) if own is not None else None,
+            # ... and where a certificate's chain ends before it, that end (the expiry watch's).
+            own_chain_ends=byo.chain_ends(
+                own, [r.name for r in nodes if r.state is not NodeState.SKIPPED]
+            )
+            if own is not None
+            else None,
             # A rollout is retried once; a retry of its retry may follow (audit s39race H3).
             retry_of=request.retry_of,
         )

@@ -14,18 +14,26 @@ What is watched, and from where (no key is ever read):
   that ends with it is marked ``ends_with_ca`` and is not rotated for being near its end (a new
   one would end no later).
 * ``leader``, ``viewer``: the leader's own certificates, from ``DATA/tls`` (``own_certs``).
+  The leader issues them again by itself, ahead of their warning (``leader.layout.
+  own_renew_before``): their horizon is ``expiry_warning_days`` cut to come after that
+  (``own_warn_before``), so that a warning of one is a renewal that failed, never a month of
+  nothing to do (review s46rt1 L2).
 * ``agent``: each enrolled node's own mTLS certificate as on record. Agents renew it by
   themselves at 30-40 % of its life, so it is warned about once less than half is left: the
   renewal is overdue by a tenth of the life at least (the node is off, or cannot reach the
   leader), with half the life (15 days of 30) still left to bring it back.
 * ``server``: each node's 8443 certificate as the rollouts recorded it (the newest
   ``enable-tls`` or ``rotate-cert`` that ended ``done`` on the node, unless a ``disable-tls``
-  came after), with its serial from the certificates table.
+  came after), with its serial from the certificates table. One of the practice's own
+  (``--cert-dir``) whose chain (an intermediate, the practice CA) ends before it is watched by
+  the chain's end, which its advice names (``SchemaStore.own_chain_ends``): the chain was
+  checked only at the rollout's start (review s46rt1 L4).
 * ``workstation``: every workstation certificate that is neither revoked nor expired, and the
   newest of a name that ended less than ``expiry_warning_days`` ago (the PC lost it: "expired").
 
-``server``, ``leader``, ``viewer`` and ``workstation`` certificates are warned about
-``expiry_warning_days`` (leader.toml, default 30) before their end.
+``server`` and ``workstation`` certificates are warned about ``expiry_warning_days``
+(leader.toml, default 30) before their end; ``leader`` and ``viewer`` as well, up to half of
+their life (beyond it, at half their life less two days: ``own_warn_before``).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
 from leader.store import Node, Store, token_command
 from tlsroll import logs, pki
@@ -57,10 +66,12 @@ ADVICE = {
     "it issues lives past the CA's end; before then, set the cluster up again with a new CA: "
     "tlsroll init, every node joined again (tlsroll token create --print-join-command), a "
     "rollout, then `tlsroll client test-connection` on every workstation",
-    "leader": "the leader issues it again by itself within 30 days of its end; if this "
-    "stays, look for leader.certificate_reloaded or errors in the leader's log",
-    "viewer": "the leader issues it again by itself within 30 days of its end; if this "
-    "stays, look for viewer.certificate_reloaded or errors in the leader's log",
+    "leader": "the leader should have issued it again by itself (a check of the expiry watch "
+    "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
+    "the leader, which issues it at its start",
+    "viewer": "the leader should have issued it again by itself (a check of the expiry watch "
+    "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
+    "the leader, which issues it at its start",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired (the node was offline past its end), check the node's clock, then enrol it "
     "again with its own key, no removal needed (also while a rollout holds it): TOKEN, the "
@@ -72,6 +83,13 @@ ADVICE = {
     "workstation": "run `tlsroll client test-connection` on that workstation again (or, if "
     "the PC is gone: tlsroll workstations revoke NAME)",
 }
+# A practice's own server certificate whose chain ends first (``Expiry.chain`` names it).
+CHAIN_ENDS_FIRST = (
+    "its chain's {chain} ends then, before the certificate itself, and clients refuse it "
+    "from that moment: have the practice renew that CA certificate (or issue new certificates "
+    "under one that outlives them), then tlsroll rollout start --change rotate-cert --nodes "
+    "{node} --cert-dir DIR"
+)
 # A certificate that ends with the CA: issuing it again gives one that ends no later.
 ENDS_WITH_CA = "it ends with the cluster CA, and no new one would outlive the CA: see the CA's line"
 
@@ -89,6 +107,9 @@ class Expiry:
     ends_with_ca: bool = False
     # An agent's: the `tlsroll token create` for its node's names (``store.token_command``).
     token: str = ""
+    # A server certificate of the practice's own whose chain ends first: the chain's
+    # certificate that does (its subject); ``not_after`` is then its end.
+    chain: str = ""
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -98,6 +119,8 @@ class Expiry:
 
     @property
     def advice(self) -> str:
+        if self.chain:
+            return CHAIN_ENDS_FIRST.format(chain=self.chain, node=self.subject)
         if self.ends_with_ca and self.kind != "ca":
             return ENDS_WITH_CA
         advice = ADVICE.get(self.kind, "")
@@ -136,7 +159,10 @@ def _marked(found: list[Expiry], ca: x509.Certificate) -> list[Expiry]:
     (or after it: one issued before leaves were cut to the CA's end)."""
     end = ca.not_valid_after_utc
     return [
-        replace(e, ends_with_ca=True) if e.kind != "ca" and e.not_after >= end else e for e in found
+        replace(e, ends_with_ca=True)
+        if e.kind != "ca" and not e.chain and e.not_after >= end
+        else e
+        for e in found
     ]
 
 
@@ -179,7 +205,9 @@ class ExpiryWatch:
         """Every watched certificate, soonest end first (blocking)."""
         now = self.clock()
         found = [_of("ca", "", self.ca, CA_HORIZON)]
-        found += [_of(kind, "", cert, self.horizon) for kind, cert in self.own_certs()]
+        found += [
+            _of(kind, "", cert, own_warn_before(self.horizon)) for kind, cert in self.own_certs()
+        ]
         for n in self.store.list_nodes():
             found.append(
                 Expiry(
@@ -195,16 +223,19 @@ class ExpiryWatch:
         certs = self.store.list_certificates()
         serial_of = {c.fingerprint: c.serial for c in certs if c.fingerprint}
         enrolled = {n.name for n in self.store.list_nodes()}
+        chains = self.schema.own_chain_ends()
         for name, (fingerprint, not_after) in sorted(self.schema.served_certificates().items()):
             if name in enrolled:
+                chain, chain_end = chains.get(fingerprint, ("", not_after))
                 found.append(
                     Expiry(
                         "server",
                         name,
                         serial_of.get(fingerprint, ""),
                         fingerprint,
-                        not_after,
+                        min(not_after, chain_end),
                         self.horizon,
+                        chain=chain if chain_end < not_after else "",
                     )
                 )
         # A workstation's certificate is watched until it ends and, if it is its name's newest,

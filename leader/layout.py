@@ -110,9 +110,37 @@ def write_leader_cert(
     write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
 
 
-# The leader's own certificate is issued again at a start when it ends within this (nothing
-# else renews it: restart the leader when `tlsroll certs check-expiration` warns about it).
+# The leader's own certificates (``leader.pem``, ``viewer.pem``) are issued again by the leader,
+# at its start and with every check of the expiry watch, once they end within
+# ``own_renew_before``: at least this, ...
 LEADER_RENEW_BEFORE = dt.timedelta(days=30)
+# ... and, with a longer ``expiry_warning_days``, this long before the expiry watch would warn
+# of them (more than the longest ``expiry_check_interval``, a day: a warning seen between two
+# checks is never one the next check's renewal removes). Before, they were issued again within
+# 30 days whatever the warning's horizon, and with 60 `certs check-expiration` exited 1 for a
+# month a year with nothing to do (review s46rt1 L2).
+OWN_RENEW_AHEAD = dt.timedelta(days=2)
+# ... but at most half of their life before their end (``expiry_warning_days`` may be up to
+# 365, and they live ``pki.LEAF_VALIDITY_DAYS``, 397 days: not imported here, see the imports):
+# not issued again every month, nor at every start; the watch's horizon for them is cut to
+# match (``own_warn_before``).
+OWN_RENEW_CAP = dt.timedelta(days=397 / 2)
+DEFAULT_WARNING = dt.timedelta(days=30)  # ``expiry_warning_days``' default
+
+
+def own_renew_before(warning: dt.timedelta) -> dt.timedelta:
+    """How long before its end the leader issues its own certificate or the viewer's again,
+    given the expiry watch's horizon ``warning`` (``expiry_warning_days``): ``OWN_RENEW_AHEAD``
+    before the watch would warn of it, at least ``LEADER_RENEW_BEFORE``, at most
+    ``OWN_RENEW_CAP``."""
+    return max(LEADER_RENEW_BEFORE, min(warning + OWN_RENEW_AHEAD, OWN_RENEW_CAP))
+
+
+def own_warn_before(warning: dt.timedelta) -> dt.timedelta:
+    """The expiry watch's horizon for the leader's and the viewer's certificates: ``warning``,
+    cut so that it comes ``OWN_RENEW_AHEAD`` after the leader issues them again (a warning of
+    one is then a renewal that failed, never one the next check makes)."""
+    return min(warning, own_renew_before(warning) - OWN_RENEW_AHEAD)
 
 
 def ensure_leader_identity(
@@ -120,13 +148,14 @@ def ensure_leader_identity(
     ca: pki.CertificateAuthority,
     names: pki.Names,
     now: dt.datetime | None = None,
+    warning: dt.timedelta = DEFAULT_WARNING,
 ) -> bool:
     """Give the leader's certificate its cluster identity if it lacks it (one made by tlsroll
     0.1.0), keeping its key; True if it was issued again. Agents accept commands only from a
     certificate that names the leader. It is also issued again (same key) when it ends within
-    ``LEADER_RENEW_BEFORE`` of ``now`` (unless it ends with the CA, which no new one would
-    outlive): agents check the leader's identity, not its certificate, so they accept the new
-    one at once."""
+    ``own_renew_before`` (given ``warning``, ``expiry_warning_days``) of ``now`` (unless it ends
+    with the CA, which no new one would outlive): agents check the leader's identity, not its
+    certificate, so they accept the new one at once."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
@@ -134,7 +163,7 @@ def ensure_leader_identity(
     cert = pki.read_cert(layout.tls_cert)
     # One that ends with the CA is not due: a new one would end no later (it is cut to the
     # CA's end), so it would be issued again at every start and every check.
-    near = cert.not_valid_after_utc - (now or pki.utcnow()) < LEADER_RENEW_BEFORE
+    near = cert.not_valid_after_utc - (now or pki.utcnow()) < own_renew_before(warning)
     due = near and not pki.ends_with_ca(cert, ca.cert)
     td = ca.trust_domain
     try:

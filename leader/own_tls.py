@@ -1,12 +1,13 @@
 """The leader's own certificate (``DATA/tls/leader.pem``), renewed and served while it runs.
 
-    own = OwnTls(layout, ca, names)
+    own = OwnTls(layout, ca, names, warning)
     bind(join, ..., own.join_credentials())        # TLS, no client certificate
     bind(control, ..., own.control_credentials())  # mutual TLS, the cluster CA
     await own.renew_if_due()                       # with every check of the expiry watch
 
 ``renew_if_due`` issues the certificate again (same key) once it ends within
-``LEADER_RENEW_BEFORE`` (``leader.layout.ensure_leader_identity``, the same rule as at start)
+``leader.layout.own_renew_before`` (``ensure_leader_identity``, the same rule as at start: ahead
+of the expiry watch's warning, ``warning``)
 and serves it from then on: gRPC asks each listener's fetcher for the certificate at every new
 handshake, so new connections get the new one and open ones keep theirs, with no restart.
 Agents check the leader's identity (its URI SAN), not its certificate, so they accept it at
@@ -16,21 +17,29 @@ once. The credentials the leader dials agents with (``on_renewed`` callbacks) ch
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 
-from leader.layout import Layout, ensure_leader_identity
+from leader.layout import DEFAULT_WARNING, Layout, ensure_leader_identity
 from tlsroll import logs, pki
 
 log = logs.get_logger(__name__)
 
 
 class OwnTls:
-    def __init__(self, layout: Layout, ca: pki.CertificateAuthority, names: pki.Names) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        ca: pki.CertificateAuthority,
+        names: pki.Names,
+        warning: dt.timedelta = DEFAULT_WARNING,
+    ) -> None:
         self.layout = layout
+        self.warning = warning  # ``expiry_warning_days``
         self.ca = ca
         self.names = names
         self.key_pem = layout.tls_key.read_bytes()
@@ -84,7 +93,9 @@ class OwnTls:
 
     async def renew_if_due(self) -> bool:
         """Issue the certificate again if it is due, and serve it; True if it did."""
-        reissued = await asyncio.to_thread(ensure_leader_identity, self.layout, self.ca, self.names)
+        reissued = await asyncio.to_thread(
+            ensure_leader_identity, self.layout, self.ca, self.names, None, self.warning
+        )
         if not reissued:  # (a file changed by hand is read at the next start, not here)
             return False
         chain = await asyncio.to_thread(Path(self.layout.tls_cert).read_bytes)

@@ -169,7 +169,9 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
             kdf_now=str(keywrap.kdf_of(layout.ca_key.read_bytes())),
         )
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
-    if ensure_leader_identity(layout, ca, names):
+    if ensure_leader_identity(
+        layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
+    ):
         log.info("leader.certificate_reissued", reason="identity or names changed, or due")
     # Lost state stops the leader; it never starts empty instead, unless the admin says so
     # (``reinitialise``, a one-shot of its own).
@@ -299,7 +301,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     stop = stop_event()
     layout = cfg.layout
     names = state.leader_names or pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
-    own = OwnTls(layout, state.ca, names)  # renewed and served while running
+    # renewed and served while running
+    own = OwnTls(layout, state.ca, names, dt.timedelta(days=cfg.expiry_warning_days))
     join_creds = own.join_credentials()
     control_creds = own.control_credentials()
 

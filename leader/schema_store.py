@@ -714,6 +714,7 @@ class SchemaStore(LeaderStore):
         takes_back_once: bool = False,
         auth_latest: int | None = None,
         own_ca: bytes | None = None,
+        own_chain_ends: Mapping[str, tuple[str, dt.datetime]] | None = None,
         retry_of: str = "",
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
@@ -733,7 +734,9 @@ class SchemaStore(LeaderStore):
         staged since (None: not checked). ``own_ca``: a ``--cert-dir`` rollout's practice CA
         (``own_ca``), written with the rollout: written before, a start then refused left it
         trusted meanwhile by a running rollout's outside checks, and for good if the leader
-        died between the write and its removal (session 32's audit, L2).
+        died between the write and its removal (session 32's audit, L2). ``own_chain_ends``:
+        its certificates whose chain ends first (``byo.chain_ends``), kept with it
+        (``own_chain_ends``).
         ``retry_of``: the rollout this one retries (``rollout retry``), retried once:
         ``AlreadyRetried`` if another retry of it was created, checked here so that two
         retries that crossed cannot both start (audit s39race H3); the link is kept
@@ -769,6 +772,16 @@ class SchemaStore(LeaderStore):
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (f"own_ca/{rollout.id}", own_ca.decode("ascii")),
+                )
+            if own_chain_ends:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (
+                        f"{_OWN_CHAIN}{rollout.id}",
+                        json.dumps(
+                            {f: [who, end.isoformat()] for f, (who, end) in own_chain_ends.items()}
+                        ),
+                    ),
                 )
             if retry_of:
                 db.execute(
@@ -1100,6 +1113,20 @@ class SchemaStore(LeaderStore):
                 "SELECT value FROM meta WHERE key LIKE 'own\\_ca/%' ESCAPE '\\' ORDER BY key"
             ).fetchall()
         return b"".join(dict.fromkeys(str(r["value"]).encode("ascii") for r in rows))
+
+    def own_chain_ends(self) -> dict[str, tuple[str, dt.datetime]]:
+        """Of the certificates ``--cert-dir`` rollouts brought, by fingerprint, those whose
+        chain ends before they do: the chain's certificate that ends first (subject, end),
+        kept in ``meta`` under ``own_chain/<rollout id>`` (public) by ``create``."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT value FROM meta WHERE key LIKE 'own\\_chain/%' ESCAPE '\\' ORDER BY key"
+            ).fetchall()
+        ends = {}
+        for row in rows:
+            for fingerprint, (who, end) in json.loads(row["value"]).items():
+                ends[str(fingerprint)] = (str(who), dt.datetime.fromisoformat(end))
+        return ends
 
     def own_fingerprints(self) -> set[str]:
         """The certificates ``--cert-dir`` rollouts installed (nodes that ended ``done``)."""
@@ -1462,6 +1489,7 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
 
 
 _RETRIED_BY = "retried_by/"  # meta key prefix: ``retried_by/<rollout id>`` = its retry's id
+_OWN_CHAIN = "own_chain/"  # meta key prefix: ``own_chain/<rollout id>`` = JSON, ``own_chain_ends``
 
 
 def _retried_by(db: sqlite3.Connection, rollout_id: str) -> tuple[str, str] | None:

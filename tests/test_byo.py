@@ -797,3 +797,84 @@ async def test_the_plan_warns_that_nodes_already_on_https_keep_their_certificate
     reply = await service.PlanRollout(request, None)  # type: ignore[arg-type]
     assert not any("keep(s) the certificate" in w for w in reply.warnings)
     store.close()
+
+
+async def test_the_expiry_watch_warns_of_a_practice_ca_that_ends_before_its_certificates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s46rt1 L4: a ``--cert-dir`` rollout's practice CA is checked once, at the start
+    (beyond the horizon); the expiry watch saw only the served leaves, and a leaf its CA does
+    not outlive (a CA that does not clamp) ended its chain with no warning, its row "ok". The
+    CA here ends 59 days after the rollout, the leaves 199 days: 40 days on, each node's server
+    row ends with the CA, within the horizon, and its advice names the CA."""
+    from leader import changes
+    from leader.commands import RolloutRequest
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_core import Change, RolloutState, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START, days=60)
+    files = {}
+    for agent in world.agents:  # 200 days, from a day before START
+        ips, dns = list(agent.names.ips), list(agent.names.dns)
+        cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    # The fake nodes judge a certificate by the cluster CA only; the outside check of a
+    # --cert-dir rollout trusts the practice CA (as in test_engine's).
+    check = world.agents.outside_check
+
+    async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
+        return await check(live, closed, world.ca.cert_pem, fingerprint)
+
+    monkeypatch.setattr(changes, "outside_check", outside)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    await leader_.commands.start(
+        RolloutRequest(
+            Change.ENABLE_TLS,
+            Scope.cluster(),
+            auth_verifier_json=VERIFIER_1,
+            own_certs=byo.Material(practice.pem, files),
+        ),
+        ADMIN,
+    )
+    row = await leader_.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    at = START + dt.timedelta(days=40)
+    watch = ExpiryWatch(leader_.store, leader_.schema, world.ca.cert, list, lambda: at)
+    servers = [e for e in watch.check() if e.kind == "server"]
+    assert sorted(e.subject for e in servers) == sorted(files)
+    for e in servers:
+        leaf_cert = pki.load_cert_pem(files[e.subject].chain_pem)
+        assert e.fingerprint == pki.fingerprint(leaf_cert)
+        assert e.not_after == practice.cert.not_valid_after_utc < leaf_cert.not_valid_after_utc
+        assert e.warning(at) and not e.ends_with_ca
+        assert "its chain's CN=Praxis CA,O=Praxis Dr. Beispiel ends then" in e.advice
+        assert f"--nodes {e.subject} --cert-dir DIR" in e.advice
+    # Ten days after the rollout, the CA has 49 days left: beyond the horizon, no warning.
+    assert not [e for e in watch.check() if e.warning(START + dt.timedelta(days=10))]
+    await leader_.stop()
+
+
+def test_the_chain_end_kept_is_that_of_its_certificate_that_ends_first() -> None:
+    """``byo.chain_ends``: of each leaf, the chain's certificate that ends first (an
+    intermediate from the node's file, or the practice CA), only where it ends before the
+    leaf; a leaf its whole chain outlives is not listed."""
+    root = make_ca("Praxis Root", days=3650)
+    inter = make_ca("Praxis Issuing CA", parent=root, path_length=0, days=100)
+    short, short_key = leaf(inter, ["10.0.0.1"], days=60)
+    long, long_key = leaf(inter, ["10.0.0.2"], days=200)
+    nodes = {
+        "a": byo.NodeMaterial("a", pem(short) + inter.pem, key_pem(short_key), 0o600),
+        "b": byo.NodeMaterial("b", pem(long) + inter.pem, key_pem(long_key), 0o600),
+    }
+    ends = byo.chain_ends(byo.Material(root.pem, nodes), ["a", "b"])
+    assert ends == {
+        pki.fingerprint(long): (
+            inter.cert.subject.rfc4514_string(),
+            inter.cert.not_valid_after_utc,
+        )
+    }
+    assert byo.chain_ends(byo.Material(root.pem, nodes), ["a"]) == {}

@@ -21,7 +21,7 @@ import structlog.testing
 
 from leader.auto_rotate import AutoRotator
 from leader.expiry import ENDS_WITH_CA, ExpiryWatch
-from leader.layout import Layout, ensure_leader_identity, write_leader_cert
+from leader.layout import OWN_RENEW_CAP, Layout, ensure_leader_identity, write_leader_cert
 from leader.maintenance import parse_window
 from leader.store import IssuedCert
 from leader.viewer import certificate
@@ -113,6 +113,64 @@ def test_the_viewers_certificate_is_not_issued_again_once_it_ends_with_the_ca(
     for hours in (1, 24, 24 * 9):
         later = now + dt.timedelta(hours=hours)
         assert certificate.ensure(layout, ca, "127.0.0.9", (), later) == first
+
+
+@pytest.mark.parametrize("warning_days", [1, 30, 60, 200, 365])
+def test_the_leader_issues_its_own_certificates_before_the_watch_warns_of_them(
+    tmp_path: Path, warning_days: int
+) -> None:
+    """Review s46rt1 L2: the leader's and the viewer's certificates were issued again within a
+    fixed 30 days of their end, and warned about ``expiry_warning_days`` before it: with 60,
+    a month a year of warnings with nothing to do. Day by day through their life, whatever
+    the setting: the watch warns of one only once it has been due (issued again at the
+    checks before) for a day at least, and neither is due when new (not issued at every
+    start, even with 365 days)."""
+    store, schema = served_store(tmp_path)
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = ending_in(3000)
+    warning = dt.timedelta(days=warning_days)
+    names = pki.Names.of("leader", ["127.0.0.9"])
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    t0 = pki.utcnow()
+    certificate.ensure(layout, ca, "127.0.0.9", (), t0, warning)
+    files = [layout.tls_cert, layout.viewer_cert, layout.viewer_key]
+    kept = [f.read_bytes() for f in files]
+    first = {
+        "leader": pki.read_cert(layout.tls_cert),
+        "viewer": pki.read_cert(layout.viewer_cert),
+    }
+
+    def due(kind: str, now: dt.datetime) -> bool:
+        """Whether the leader would issue it again at a check at ``now`` (files put back)."""
+        try:
+            if kind == "leader":
+                return ensure_leader_identity(layout, ca, names, now, warning)
+            return certificate.ensure(layout, ca, "127.0.0.9", (), now, warning) != first[kind]
+        finally:
+            for f, data in zip(files, kept, strict=True):
+                f.write_bytes(data)
+
+    watch = ExpiryWatch(
+        store, schema, ca.cert, lambda: list(first.items()), lambda: t0, warning_days=warning_days
+    )
+    assert not due("leader", t0) and not due("viewer", t0)
+    warned_from: dict[str, int] = {}  # the first day each is warned of (due from then on)
+    for day in range(398):
+        now = t0 + dt.timedelta(days=day)
+        for entry in watch.check():
+            if entry.kind in first and entry.kind not in warned_from and entry.warning(now):
+                warned_from[entry.kind] = day
+                assert due(entry.kind, now - dt.timedelta(days=1)), (entry.kind, day)
+        if len(warned_from) == len(first):
+            break
+    # Warned of at the latest with ``warning_days`` left (up to half their life).
+    assert all(397 - d >= min(warning_days, 397 // 2 - 2) for d in warned_from.values())
+    assert set(warned_from) == {"leader", "viewer"}
+    assert dt.timedelta(days=pki.LEAF_VALIDITY_DAYS / 2) == OWN_RENEW_CAP  # (layout's own 397)
+    store.close()
 
 
 def test_server_certificates_that_end_with_the_ca_are_not_rotated_at_every_window(

@@ -1249,3 +1249,56 @@ def test_the_leader_certificate_is_renewed_while_the_leader_runs(
         interval=LEADER_POLL,
     )
     agent.stop()
+
+
+def test_with_a_longer_warning_the_leader_issues_its_certificates_before_it_warns(
+    tmp_path: Path,
+) -> None:
+    """Review s46rt1 L2: with ``expiry_warning_days = 60``, the leader's and the viewer's
+    certificates were issued again only within 30 days of their end, and `certs
+    check-expiration` exited 1 for the month between with nothing to do. Both have 45 days left
+    when the leader starts (within the warning, past the old 30): the leader issues them again
+    at its start, and check-expiration exits 0 with both far from their end."""
+    from leader.layout import read_passphrase
+    from tlsroll.fsutil import write_atomic
+
+    cluster = Cluster(tmp_path / "c", next_loopback())
+    try:
+        cluster.init()
+        cluster.write_leader_config({"expiry_warning_days": 60})
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+        )
+        td = ca.trust_domain
+        tls_dir = cluster.data_dir / "tls"
+        key = pki.read_key(cluster.tls_key_path)
+        names = pki.names_of(pki.read_cert(cluster.tls_cert_path))
+        left = dt.timedelta(days=45)
+        leader = ca.issue(
+            key.public_key(),
+            names,
+            client=True,
+            identity=spiffe.leader(td),
+            internal_dns=[spiffe.leader_host(td)],
+            lifetime=left,
+        )
+        write_atomic(cluster.tls_cert_path, pki.cert_to_pem(leader) + ca.cert_pem)
+        viewer_key = pki.generate_key()
+        viewer = ca.issue(viewer_key.public_key(), names, server=True, client=False, lifetime=left)
+        pki.write_key(tls_dir / "viewer.key", viewer_key)
+        write_atomic(tls_dir / "viewer.pem", pki.cert_to_pem(viewer) + ca.cert_pem)
+        cluster.start_leader()
+        result = cluster.cli("certs", "check-expiration", "--json")
+        report = json.loads(result.stdout)
+        own = {c["kind"]: c for c in report["certificates"] if c["kind"] in ("leader", "viewer")}
+        assert result.returncode == 0, report
+        assert own["leader"]["fingerprint"] == pki.fingerprint(pki.read_cert(cluster.tls_cert_path))
+        assert own["viewer"]["fingerprint"] == pki.fingerprint(
+            pki.read_cert(tls_dir / "viewer.pem")
+        )
+        for cert in (pki.read_cert(cluster.tls_cert_path), pki.read_cert(tls_dir / "viewer.pem")):
+            assert cert.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300)
+        assert pki.fingerprint(leader) != own["leader"]["fingerprint"]
+        assert pki.fingerprint(viewer) != own["viewer"]["fingerprint"]
+    finally:
+        cluster.close()

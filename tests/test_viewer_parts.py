@@ -27,7 +27,7 @@ from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from leader import planner, schema_store
-from leader.layout import Layout
+from leader.layout import LEADER_RENEW_BEFORE, Layout
 from leader.rollout_core import (
     Change,
     Client,
@@ -153,7 +153,7 @@ def test_the_viewer_certificate_is_issued_once_and_again_when_names_change(
     assert certificate.ensure(layout, ca, "127.0.0.9", (), NOW) == first
     moved = certificate.ensure(layout, ca, "127.0.0.10", ("leader.praxis",), NOW)
     assert moved != first and pki.names_of(moved).dns == ("leader.praxis",)
-    due = moved.not_valid_after_utc - certificate.RENEW_BEFORE + dt.timedelta(hours=1)
+    due = moved.not_valid_after_utc - LEADER_RENEW_BEFORE + dt.timedelta(hours=1)
     assert certificate.ensure(layout, ca, "127.0.0.10", ("leader.praxis",), due) != moved
     other_ca = pki.CertificateAuthority.create()
     assert pki.issued_by(certificate.ensure(layout, other_ca, "127.0.0.10", (), NOW), other_ca.cert)

@@ -4,9 +4,11 @@ A workstation that has done the bootstrap trusts the cluster CA, so it opens the
 without a warning. The certificate is the viewer's own (serverAuth only, its own key 0600 in
 ``DATA/tls/viewer.key``), not the leader's: the leader's certificate is also its client identity
 towards the agents, and a browser-facing listener has no need for that. The daemon calls
-``ensure`` at start: it issues a new certificate when there is none, when it is due (within
-``RENEW_BEFORE`` of its end, unless it ends with the CA, which no new one would outlive), when
-the names changed or when it is not from this CA.
+``ensure`` at start (and with every check of the expiry watch): it issues a new certificate
+when there is none, when it is due (within ``leader.layout.own_renew_before`` of its end, as
+the leader's own: at least 30 days, and ahead of the watch's warning for a longer
+``expiry_warning_days``; unless it ends with the CA, which no new one would outlive), when the
+names changed or when it is not from this CA.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ import datetime as dt
 
 from cryptography import x509
 
-from leader.layout import Layout
+from leader.layout import DEFAULT_WARNING, Layout, own_renew_before
 from tlsroll import logs, pki
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import write_atomic
 
-RENEW_BEFORE = dt.timedelta(days=30)
 log = logs.get_logger(__name__)
 
 
 def _usable(
-    layout: Layout, ca: pki.CertificateAuthority, names: pki.Names, now: dt.datetime
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    names: pki.Names,
+    now: dt.datetime,
+    warning: dt.timedelta,
 ) -> x509.Certificate | None:
     """The certificate on disk, if it can be served as it is."""
     if not (layout.viewer_cert.exists() and layout.viewer_key.exists()):
@@ -41,7 +46,10 @@ def _usable(
         or not pki.issued_by(cert, ca.cert)
         or pki.names_of(cert) != names
         # Due, unless it ends with the CA: a new one would end no later (``pki.ends_with_ca``).
-        or (cert.not_valid_after_utc - now < RENEW_BEFORE and not pki.ends_with_ca(cert, ca.cert))
+        or (
+            cert.not_valid_after_utc - now < own_renew_before(warning)
+            and not pki.ends_with_ca(cert, ca.cert)
+        )
     ):
         return None
     return cert
@@ -53,10 +61,12 @@ def ensure(
     address: str,
     dns_names: tuple[str, ...],
     now: dt.datetime,
+    warning: dt.timedelta = DEFAULT_WARNING,
 ) -> x509.Certificate:
-    """The viewer's certificate for ``address`` (and ``dns_names``), issued if needed."""
+    """The viewer's certificate for ``address`` (and ``dns_names``), issued if needed
+    (``warning``: ``expiry_warning_days``)."""
     names = pki.Names.of(LEADER_NAME, [address], dns_names)
-    cert = _usable(layout, ca, names, now)
+    cert = _usable(layout, ca, names, now, warning)
     if cert is not None:
         return cert
     key = pki.generate_key()

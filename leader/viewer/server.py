@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import ipaddress
 import socket
 import ssl
@@ -141,7 +142,14 @@ class Viewer:
         layout = cfg.layout
 
         def ensure() -> x509.Certificate:
-            return certificate.ensure(layout, state.ca, cfg.address, cfg.dns_names, state.clock())
+            return certificate.ensure(
+                layout,
+                state.ca,
+                cfg.address,
+                cfg.dns_names,
+                state.clock(),
+                dt.timedelta(days=cfg.expiry_warning_days),
+            )
 
         cert = ensure()
         reader = Reader(
