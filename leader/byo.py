@@ -472,15 +472,19 @@ def chain_pem(item: NodeMaterial) -> bytes:
     return b"".join(pki.cert_to_pem(c) for c in pki.load_certs_pem(item.chain_pem))
 
 
-def chain_ends(material: Material, nodes: Iterable[str]) -> dict[str, tuple[str, dt.datetime]]:
+def chain_ends(
+    material: Material, nodes: Iterable[str]
+) -> dict[str, tuple[str, dt.datetime] | None]:
     """Per certificate of ``nodes`` (by its fingerprint) whose chain ends before it does:
     the subject and end of the chain's certificate that ends first (an intermediate, or the
-    practice CA it chains to). Checked once, beyond the horizon, at the start (``validate``);
-    recorded with the rollout (``SchemaStore.create``) so that the expiry watch warns of the
-    chain's end, where the leaf's own row read "ok" until the chain broke (review s46rt1 L4).
-    A validated directory's; a node whose files do not parse is left out."""
+    practice CA it chains to); None for one its whole chain outlives (a later rollout with a
+    chain renewed since clears what an earlier one recorded: review s47rev5 M1). Checked
+    once, beyond the horizon, at the start (``validate``); recorded with the rollout
+    (``SchemaStore.create``) so that the expiry watch warns of the chain's end, where the
+    leaf's own row read "ok" until the chain broke (review s46rt1 L4). A validated
+    directory's; a node whose files do not parse is left out."""
     anchors = [c for c in _load_certs(material.ca_pem) or [] if pki.is_ca(c)]
-    ends = {}
+    ends: dict[str, tuple[str, dt.datetime] | None] = {}
     for node in sorted(nodes):
         item = material.nodes.get(node)
         certs = _load_certs(item.chain_pem) if item is not None else None
@@ -492,6 +496,8 @@ def chain_ends(material: Material, nodes: Iterable[str]) -> dict[str, tuple[str,
         if first is not None and first.not_valid_after_utc < leaf.not_valid_after_utc:
             who = first.subject.rfc4514_string() or "(no subject)"
             ends[pki.fingerprint(leaf)] = (who, first.not_valid_after_utc)
+        else:
+            ends[pki.fingerprint(leaf)] = None
     return ends
 
 

@@ -714,7 +714,7 @@ class SchemaStore(LeaderStore):
         takes_back_once: bool = False,
         auth_latest: int | None = None,
         own_ca: bytes | None = None,
-        own_chain_ends: Mapping[str, tuple[str, dt.datetime]] | None = None,
+        own_chain_ends: Mapping[str, tuple[str, dt.datetime] | None] | None = None,
         retry_of: str = "",
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
@@ -779,7 +779,10 @@ class SchemaStore(LeaderStore):
                     (
                         f"{_OWN_CHAIN}{rollout.id}",
                         json.dumps(
-                            {f: [who, end.isoformat()] for f, (who, end) in own_chain_ends.items()}
+                            {
+                                f: None if e is None else [e[0], e[1].isoformat()]
+                                for f, e in own_chain_ends.items()
+                            }
                         ),
                     ),
                 )
@@ -1117,15 +1120,22 @@ class SchemaStore(LeaderStore):
     def own_chain_ends(self) -> dict[str, tuple[str, dt.datetime]]:
         """Of the certificates ``--cert-dir`` rollouts brought, by fingerprint, those whose
         chain ends before they do: the chain's certificate that ends first (subject, end),
-        kept in ``meta`` under ``own_chain/<rollout id>`` (public) by ``create``."""
+        kept in ``meta`` under ``own_chain/<rollout id>`` (public) by ``create``. The newest
+        rollout that brought a certificate decides: one whose chain was renewed since records
+        None for it, which clears an earlier rollout's end (review s47rev5 M1: the ends of every
+        rollout were merged by key, and a stale one stuck to the certificate for good)."""
         with self._db.read() as db:
             rows = db.execute(
-                "SELECT value FROM meta WHERE key LIKE 'own\\_chain/%' ESCAPE '\\' ORDER BY key"
+                "SELECT m.value FROM meta m JOIN rollouts r ON m.key = 'own_chain/' || r.id"
+                " ORDER BY r.epoch"
             ).fetchall()
-        ends = {}
+        ends: dict[str, tuple[str, dt.datetime]] = {}
         for row in rows:
-            for fingerprint, (who, end) in json.loads(row["value"]).items():
-                ends[str(fingerprint)] = (str(who), dt.datetime.fromisoformat(end))
+            for fingerprint, end in json.loads(row["value"]).items():
+                if end is None:
+                    ends.pop(str(fingerprint), None)
+                else:
+                    ends[str(fingerprint)] = (str(end[0]), dt.datetime.fromisoformat(end[1]))
         return ends
 
     def own_fingerprints(self) -> set[str]:

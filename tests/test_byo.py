@@ -875,6 +875,44 @@ def test_the_chain_end_kept_is_that_of_its_certificate_that_ends_first() -> None
         pki.fingerprint(long): (
             inter.cert.subject.rfc4514_string(),
             inter.cert.not_valid_after_utc,
-        )
+        ),
+        pki.fingerprint(short): None,  # its chain outlives it: clears an earlier end
     }
-    assert byo.chain_ends(byo.Material(root.pem, nodes), ["a"]) == {}
+    assert byo.chain_ends(byo.Material(root.pem, nodes), ["a"]) == {pki.fingerprint(short): None}
+
+
+def test_a_chain_renewed_since_clears_the_end_an_earlier_rollout_recorded(tmp_path: Path) -> None:
+    """Review s47rev5 M1: the chain ends of every ``--cert-dir`` rollout were merged by the
+    certificate's fingerprint, and a later rollout whose chain outlives it recorded nothing: the
+    same leaves brought again under a renewed practice CA kept the old CA's end for good (a
+    warning no rotate-cert could clear: it refuses the certificate a node already serves). The
+    newest rollout that brought a certificate decides now."""
+    from leader.schema_store import SchemaStore
+    from leader.store import Store
+    from tests.test_schema_store import NOW, end, new_rollout
+
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    old_end = NOW + dt.timedelta(days=60)
+
+    def rollout(rollout_id: str, ends: dict[str, tuple[str, dt.datetime] | None]) -> None:
+        original = schema.create
+
+        def create(*args: Any, **kwargs: Any) -> Any:
+            return original(*args, **kwargs, own_chain_ends=ends)
+
+        schema.create = create  # type: ignore[method-assign]
+        try:
+            new_rollout(schema, rollout_id)
+        finally:
+            schema.create = original  # type: ignore[method-assign]
+        end(schema)
+
+    rollout("r1", {"sha256:aa": ("CN=Praxis CA", old_end), "sha256:bb": ("CN=Praxis CA", old_end)})
+    assert schema.own_chain_ends() == {
+        "sha256:aa": ("CN=Praxis CA", old_end),
+        "sha256:bb": ("CN=Praxis CA", old_end),
+    }
+    rollout("r0", {"sha256:aa": None})  # later (its epoch), though its id sorts first
+    assert schema.own_chain_ends() == {"sha256:bb": ("CN=Praxis CA", old_end)}
+    store.close()
