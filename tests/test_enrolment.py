@@ -542,13 +542,15 @@ def test_a_resource_exhausted_without_retry_after_stops_the_agent_with_one_line(
     cluster: Cluster,
 ) -> None:
     """gRPC's own RESOURCE_EXHAUSTED (here a request over the leader's 4 MiB message limit: a
-    join token of 5 MB in the config) carries no ``retry-after``: no wait cures it. The agent
-    stops at its first attempt with one line naming it, instead of retrying every few seconds
-    for a minute and exiting with the transient error."""
+    join token of 5 MB in its token file: a config file over 1 MiB is refused before) carries
+    no ``retry-after``: no wait cures it. The agent stops at its first attempt with one line
+    naming it, instead of retrying every few seconds for a minute and exiting with the
+    transient error."""
     agent = cluster.add_agent(
         "oversized",
         next_loopback(),
         token="x" * 5_000_000,
+        token_file=True,
         start=False,
     )
     agent.spawn()
