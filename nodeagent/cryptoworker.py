@@ -168,16 +168,14 @@ class CryptoWorker:
                     continue  # the write found the child ended: a new one takes the request
                 if raw.endswith(b"\n"):
                     break
-                # EOF, no answer: the child ended. If any of the request still waits in its
-                # pipe, no child read its end of line, and a child acts on a whole line only:
-                # it had ended while idle, and the write landed in the pipe before the kernel
-                # closed its reader (the process already read as gone, its descriptors not yet
-                # released), or it died reading a request longer than the pipe holds (review
-                # s47rev5 L1: the whole request is never in the pipe then): a new child takes
-                # it, once, as when the write fails. Otherwise it died in the middle of the call.
+                # EOF, no answer: the child ended. If the whole request still waits in its
+                # pipe, no child read it: the child had ended while idle, and the write landed
+                # in the pipe before the kernel closed its reader (the process already read as
+                # gone, its descriptors not yet released): a new child takes it, once, as when
+                # the write fails. Otherwise it died in the middle of the call.
                 try:
                     await asyncio.wait_for(proc.wait(), STOP_PATIENCE)
-                    untouched = (_unread(probe) or 0) > 0
+                    untouched = _unread(probe) == len(line)
                 except TimeoutError:  # (it closed its answers and lives on: ``_ended`` kills it)
                     untouched = False
                 code = await self._ended(proc)
