@@ -23,13 +23,9 @@ log lines, ``tlsroll.leanlog``). EOF on its stdin ends it: the agent closed it, 
 
 Calls are serialised (one request in flight). A child that dies mid-call (a signal, the OOM
 killer) is ``WorkerEnded``, a ``TransientError`` (UNAVAILABLE for the leader, which tries the
-step again, as when the agent itself was killed); one that had ended while idle, before it
-read the request, is replaced and the request given to the new child, once, however the agent
-learns of the end (the write fails, or it lands in the pipe before the kernel closed the
-child's end and the answer's EOF comes: the request still whole in the pipe, ``_unread``);
-one that does not answer within ``TIMEOUT`` is killed and the call is a ``TransientError``
-too; a call cancelled while it waits kills the child (its answer would be read as the next
-call's). Either way the next call starts a new
+step again, as when the agent itself was killed); one that does not answer within ``TIMEOUT``
+is killed and the call is a ``TransientError`` too; a call cancelled while it waits kills the
+child (its answer would be read as the next call's). Either way the next call starts a new
 child. An answer that is not one JSON object, or too long, is ``certwork.NoAnswer`` (terminal:
 a bug, not chance). The child ignores SIGTERM and SIGINT: systemd signals the whole control
 group when the agent stops, and Ctrl-C a terminal's process group; the child's call (a key
@@ -55,11 +51,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import sys
-import termios
 from typing import Any
 
 from nodeagent import certwork, cryptoworker_child
@@ -159,69 +153,32 @@ class CryptoWorker:
         line = json.dumps({"op": op, "request": request}).encode() + b"\n"
         for again in (False, True):
             proc = await self._running(op)
-            # A second descriptor of the request's pipe, held for the call: however the child
-            # ends, the pipe and what nothing read of it stay, to be counted (``_unread``).
-            probe = _probe(proc)
+            assert proc.stdin is not None
             try:
-                raw = await self._ask(proc, op, line, again)
-                if raw is None:
-                    continue  # the write found the child ended: a new one takes the request
-                if raw.endswith(b"\n"):
-                    break
-                # EOF, no answer: the child ended. If the whole request still waits in its
-                # pipe, no child read it: the child had ended while idle, and the write landed
-                # in the pipe before the kernel closed its reader (the process already read as
-                # gone, its descriptors not yet released): a new child takes it, once, as when
-                # the write fails. Otherwise it died in the middle of the call.
-                try:
-                    await asyncio.wait_for(proc.wait(), STOP_PATIENCE)
-                    untouched = _unread(probe) == len(line)
-                except TimeoutError:  # (it closed its answers and lives on: ``_ended`` kills it)
-                    untouched = False
+                proc.stdin.write(line)
+                if proc.stdin.transport.is_closing():
+                    # The write found no reader (EPIPE), or the pipe was known closed: the
+                    # child had ended. Seen here, as the write returns, it is this request's
+                    # write that failed, and no child read it; ``drain`` would raise it only
+                    # after the loop's turns that tell the protocol, and the reply's EOF came
+                    # first (a child killed while idle taken for one that died mid-call).
+                    raise BrokenPipeError
+                await proc.stdin.drain()
+                break
+            except (BrokenPipeError, ConnectionResetError):
+                # It had ended while idle (a signal, the OOM killer) and nothing has read the
+                # request: a new child takes it, once.
                 code = await self._ended(proc)
-                if again or not untouched:
-                    raise WorkerEnded(f"crypto work ({op}) failed: the worker ended ({code})")
-            finally:
-                if probe is not None:
-                    os.close(probe)
-        assert raw is not None  # (the second try's write raises rather than give None)
+                if again:
+                    raise WorkerEnded(
+                        f"crypto work ({op}) failed: the worker ended ({code})"
+                    ) from None
+            except BaseException:  # cancelled: the child may have half a request
+                await self._kill(proc)
+                raise
+        assert proc.stdout is not None
         try:
-            answer = json.loads(raw)
-            if not isinstance(answer, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            await self._kill(proc)
-            raise NoAnswer(f"crypto work ({op}) failed: an answer that is not JSON") from None
-        return answer
-
-    async def _ask(
-        self, proc: asyncio.subprocess.Process, op: str, line: bytes, again: bool
-    ) -> bytes | None:
-        """``line`` written to ``proc`` and its answer's line read (without its newline at
-        EOF); None if the write found the child ended (it read nothing), on the first try."""
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            proc.stdin.write(line)
-            if proc.stdin.transport.is_closing():
-                # The write found no reader (EPIPE), or the pipe was known closed: the
-                # child had ended. Seen here, as the write returns, it is this request's
-                # write that failed, and no child read it; ``drain`` would raise it only
-                # after the loop's turns that tell the protocol, and the reply's EOF came
-                # first (a child killed while idle taken for one that died mid-call).
-                raise BrokenPipeError
-            await proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            # It had ended while idle (a signal, the OOM killer) and nothing has read the
-            # request: a new child takes it, once.
-            code = await self._ended(proc)
-            if again:
-                raise WorkerEnded(f"crypto work ({op}) failed: the worker ended ({code})") from None
-            return None
-        except BaseException:  # cancelled: the child may have half a request
-            await self._kill(proc)
-            raise
-        try:
-            return await asyncio.wait_for(proc.stdout.readline(), self.timeout)
+            raw = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
         except TimeoutError:
             await self._kill(proc)
             raise TransientError(f"crypto work ({op}) took over {self.timeout:.0f} s") from None
@@ -233,6 +190,17 @@ class CryptoWorker:
         except BaseException:  # cancelled while waiting: its answer must not be the next call's
             await self._kill(proc)
             raise
+        if not raw.endswith(b"\n"):
+            code = await self._ended(proc)
+            raise WorkerEnded(f"crypto work ({op}) failed: the worker ended ({code})")
+        try:
+            answer = json.loads(raw)
+            if not isinstance(answer, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            await self._kill(proc)
+            raise NoAnswer(f"crypto work ({op}) failed: an answer that is not JSON") from None
+        return answer
 
     async def _running(self, op: str) -> asyncio.subprocess.Process:
         proc = self._proc
@@ -376,27 +344,6 @@ class CryptoWorker:
         transport = getattr(proc, "_transport", None)
         if transport is not None:
             transport.close()
-
-
-def _probe(proc: asyncio.subprocess.Process) -> int | None:
-    """A descriptor of the write end of ``proc``'s stdin of our own (to close), or None."""
-    pipe = proc.stdin.transport.get_extra_info("pipe") if proc.stdin is not None else None
-    try:
-        return os.dup(pipe.fileno()) if pipe is not None else None
-    except (OSError, ValueError):  # closed already: the write says how the child is
-        return None
-
-
-def _unread(fd: int | None) -> int | None:
-    """How many bytes written to the pipe of ``fd`` (its write end) nothing has read yet
-    (``FIONREAD``), or None where that can't be told."""
-    if fd is None:
-        return None
-    try:
-        count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
-    except OSError:
-        return None
-    return int.from_bytes(count, sys.byteorder, signed=True)
 
 
 NoAnswer = certwork.NoAnswer
