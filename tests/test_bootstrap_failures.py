@@ -1113,3 +1113,43 @@ def test_the_agents_ca_check_agrees_with_pki_is_ca(test_ca: pki.CertificateAutho
         with pytest.raises((ValueError, x509.DuplicateExtension)):  # the worker's parser
             pki.is_ca(x509.load_der_x509_certificate(odd))
         assert ca_bundle_problem(pem(odd)) is None, what
+
+
+async def test_a_refusal_taken_back_while_the_service_starts_reaches_the_new_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen once in CI (test_password_rollout): an agent started with the journal's mark of a
+    refusal, whose leader answered its first heartbeat (``set_removed(None)``) while the
+    bootstrap service was still starting: no service to tell yet, and the new one kept the mark
+    it was made with, so every PC was refused "node_removed" at a node the leader accepts until
+    the agent restarted. The service started is told the refusal as it is once it runs. (The
+    service's start stands in for the real one, which binds 9443 and warms the crypto worker:
+    the order of the two events is what is tested.)"""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        journal.set_removed_from_cluster("node node-a was removed from the cluster")
+        host = _host(journal)
+        assert host.removed is not None
+        told: list[str | None] = []
+
+        class Service:
+            def set_removed(self, why: str | None) -> None:
+                told.append(why)
+
+            async def stop(self) -> None:
+                return None
+
+        async def start(live: object) -> Service:
+            service = Service()
+            service.set_removed(host.removed)  # as _start does, before its awaits
+            host.set_removed(None)  # the leader answers meanwhile
+            await asyncio.sleep(0)
+            return service
+
+        monkeypatch.setattr(journal, "live_tls", lambda: {"verifier_file": "v", "server_url": "u"})
+        monkeypatch.setattr(host, "_start", start)
+        assert await host._sync() is False
+        assert told[-1] is None, told  # the running service takes passwords again
+        await host.close()
+    finally:
+        journal.close()
