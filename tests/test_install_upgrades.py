@@ -82,6 +82,13 @@ esac
 """
 
 
+def restart_calls(throwaway: ThrowawayRoot) -> list[str]:
+    """The stand-in systemctl's stop, start and try-restart calls, each with the /opt/tlsroll
+    it met ("old" or "new")."""
+    calls = throwaway.ok("cat /var/lib/fake-systemd/calls-at").splitlines()
+    return [c for c in calls if c.split()[0] in {"stop", "start", "try-restart"}]
+
+
 def fake_systemd(throwaway: ThrowawayRoot, *active: str, failing: str = "") -> None:
     """systemd "runs" (/run/systemd/system), with the stand-in systemctl; ``active`` units
     are active, ``failing`` fails to restart."""
@@ -416,8 +423,8 @@ def test_every_unit_is_restarted_even_if_one_fails_and_a_downgrade_says_so(
         "install.sh: systemctl start tlsroll-leader failed: see systemctl status "
         "tlsroll-leader" in result.stderr
     ), result.stderr
-    calls = throwaway.ok("cat /var/lib/fake-systemd/calls-at").splitlines()
-    assert [c for c in calls if c.split()[0] in {"stop", "start", "try-restart"}] == [
+    calls = restart_calls(throwaway)
+    assert calls == [
         "stop tlsroll-leader.service old",
         "stop tlsroll-agent.service old",
         "start tlsroll-leader.service new",
@@ -462,8 +469,8 @@ def test_a_run_cut_short_while_a_daemon_stops_starts_it_again(
         "install.sh: stopping tlsroll-leader, tlsroll-agent for the swap (an agent lets a "
         "switch under way end first: up to 60 s)" in result.stdout
     ), result.stdout
-    calls = throwaway.ok("cat /var/lib/fake-systemd/calls-at").splitlines()
-    assert [c for c in calls if c.split()[0] in {"stop", "start", "try-restart"}] == [
+    calls = restart_calls(throwaway)
+    assert calls == [
         "stop tlsroll-leader.service old",
         "stop tlsroll-agent.service old",
         "start tlsroll-leader.service old",  # the swap never came: the old version
