@@ -14,7 +14,9 @@ end of file, so that the code before the fix is caught opening it, and never han
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -27,6 +29,7 @@ from tests.test_bootstrap import PASSWORD, ca_signer
 from tests.test_workstation import (
     SETTINGS_SET,
     ServerNode,
+    as_nobody,
     bootstrap_on,
     client_pair,
     older_pair,
@@ -621,3 +624,58 @@ async def test_no_enrol_keeps_a_key_whose_client_pem_is_no_file_of_ours(
         "note      whether that key is still needed cannot be told: put its certificate beside "
         "it, or remove that folder once it is no longer needed",
     ], run.out
+
+
+# --- review s47rev3 L3: no key of ours, a client.pem that cannot be read -------------------
+
+
+@pytest.mark.parametrize("run_with", ["an enrolment", "--no-enrol"])
+async def test_a_client_pem_that_cannot_be_read_beside_no_key_is_not_read(
+    run_with: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+) -> None:
+    """Review s47rev3 L3: with no client.key in place, a client.pem the run may not read (a
+    root's 0600 file copied in without its key) was read all the same, to tell whether the
+    pair was worth keeping: an enrolment stopped with exit 1 ("could not be read to tell
+    whether to keep them"), ``--no-enrol`` left it in place. Without a key of ours it is
+    worth nothing and is not read: the enrolment replaces it, ``--no-enrol`` removes it,
+    both exit 0, as before s47ws. Real permissions: the runs are nobody's (setpriv), the
+    client.pem root's."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the client as another user")
+    node = nodes["mtls"] if run_with == "an enrolment" else nodes["tls"]
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-ws-"))
+    root.chmod(0o755)  # (the way to the settings dir open to nobody)
+    try:
+        d = root / "settings"
+        pw = root / "password"
+        write_atomic(pw, (PASSWORD + "\n").encode(), PRIVATE)
+        args = ("--yes", "--settings-dir", str(d))
+        async with bootstrap_on(node, test_ca):
+            assert (await run_cli(node.url, "--password-file", str(pw), *args)).code == 0
+            _, cert_pem = client_pair(test_ca, "ws-elsewhere", expired=False)
+            os.unlink(d / "client.key")
+            write_atomic(d / "client.pem", cert_pem, PRIVATE)  # root's, 0600
+            for path in (pw, d, *d.rglob("*")):
+                if path != d / "client.pem":
+                    os.lchown(path, 65534, 65534)
+            if run_with == "an enrolment":
+                code, out, err = await as_nobody(
+                    node.url, "--password-file", str(pw), *args, "--name", "fresh"
+                )
+            else:
+                pin = pki.spki_pin(test_ca.cert)
+                code, out, err = await as_nobody(node.url, "--ca-pin", pin, "--no-enrol", *args)
+        assert code == 0, err
+        assert "could not be read" not in out + err, out + err
+        if run_with == "an enrolment":
+            assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+            assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-fresh"
+        else:
+            assert sorted(os.listdir(d)) == ["ca.pem", "settings.json"]
+            assert settings_of(root)["client_cert_file"] is None
+        assert "stay in" not in out, out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

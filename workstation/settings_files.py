@@ -578,7 +578,9 @@ def _client_in(directory: Path, *, follow_dir: bool = False) -> ClientFiles:
     unless ``follow_dir``: the settings dir may be a link the admin made (its pair was
     removed unkept when it was not followed), a folder of ours in it (KEPT, REPLACED) may
     not (none then). Raises OSError (its filename the whole path) if one cannot be read for
-    another reason (a permission)."""
+    another reason (a permission). With no key of ours there, the certificate is not read
+    (None): it is worth nothing without it, and one that could not be read (a root's 0600
+    file copied in alone) stopped every enrolment and ``--no-enrol`` (review s47rev3 L3)."""
     nofollow = 0 if follow_dir else os.O_NOFOLLOW
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC)
@@ -588,7 +590,10 @@ def _client_in(directory: Path, *, follow_dir: bool = False) -> ClientFiles:
         raise OSError(exc.errno, exc.strerror, str(directory)) from None
     try:
         found: list[bytes | None] = []
-        for name in CLIENT:
+        for name in CLIENT:  # (the key first: no key, no certificate read)
+            if found and found[0] is None:
+                found.append(None)
+                continue
             try:
                 found.append(_read_nofollow(Path(name), dir_fd))
             except OSError as exc:
