@@ -39,6 +39,7 @@ from tests.test_workstation import (
 from tests.test_workstation_settings import watched_fifo
 from tlsroll import pki
 from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.tls import client_context
 from workstation import connection as workstation
 from workstation import settings_files
 from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
@@ -704,7 +705,7 @@ async def test_a_fifo_swapped_in_after_the_check_is_not_what_ssl_opens(
     pw = password_file(PASSWORD)
     args = ("--password-file", pw, "--name", "empfang")
     await enrol(node, test_ca, run_cli, *args)
-    cls, real = workstation.TestConnection, workstation.client_context
+    cls, real = workstation.TestConnection, client_context
     probe = cls._set_in_place_problem
     armed: list[bool] = []
     with ExitStack() as stack:

@@ -51,7 +51,8 @@ replaced (exit 1) and the error says which folder to move out, or that the key m
 its certificate gone, it can neither be used nor prove the PC's name (s47rev3 M1: keeping it
 stopped the everyday "delete client.pem, enrol again"). A settings file that
 is not a regular file (a FIFO: the run waited on it for ever) is never opened, and a note says
-so; a link is followed to tell the set in place (its name, whether it still works), never
+so (nor one swapped in after the check: ssl loads the files checked, held open, s47rev3 L4); a
+link is followed to tell the set in place (its name, whether it still works), never
 copied (s46rev2 M2, s47ws).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
