@@ -14,9 +14,11 @@ end of file, so that the code before the fix is caught opening it, and never han
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from tests.test_bootstrap import PASSWORD, ca_signer
 from tests.test_workstation import (
     SETTINGS_SET,
     ServerNode,
+    as_nobody,
     bootstrap_on,
     client_pair,
     older_pair,
@@ -36,6 +39,8 @@ from tests.test_workstation import (
 from tests.test_workstation_settings import watched_fifo
 from tlsroll import pki
 from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.tls import client_context
+from workstation import connection as workstation
 from workstation import settings_files
 from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
 
@@ -621,3 +626,141 @@ async def test_no_enrol_keeps_a_key_whose_client_pem_is_no_file_of_ours(
         "note      whether that key is still needed cannot be told: put its certificate beside "
         "it, or remove that folder once it is no longer needed",
     ], run.out
+
+
+# --- review s47rev3 L3: no key of ours, a client.pem that cannot be read -------------------
+
+
+@pytest.mark.parametrize("run_with", ["an enrolment", "--no-enrol"])
+async def test_a_client_pem_that_cannot_be_read_beside_no_key_is_not_read(
+    run_with: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+) -> None:
+    """Review s47rev3 L3: with no client.key in place, a client.pem the run may not read (a
+    root's 0600 file copied in without its key) was read all the same, to tell whether the
+    pair was worth keeping: an enrolment stopped with exit 1 ("could not be read to tell
+    whether to keep them"), ``--no-enrol`` left it in place. Without a key of ours it is
+    worth nothing and is not read: the enrolment replaces it, ``--no-enrol`` removes it,
+    both exit 0, as before s47ws. Real permissions: the runs are nobody's (setpriv), the
+    client.pem root's."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the client as another user")
+    node = nodes["mtls"] if run_with == "an enrolment" else nodes["tls"]
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-ws-"))
+    root.chmod(0o755)  # (the way to the settings dir open to nobody)
+    try:
+        d = root / "settings"
+        pw = root / "password"
+        write_atomic(pw, (PASSWORD + "\n").encode(), PRIVATE)
+        args = ("--yes", "--settings-dir", str(d))
+        async with bootstrap_on(node, test_ca):
+            assert (await run_cli(node.url, "--password-file", str(pw), *args)).code == 0
+            _, cert_pem = client_pair(test_ca, "ws-elsewhere", expired=False)
+            os.unlink(d / "client.key")
+            write_atomic(d / "client.pem", cert_pem, PRIVATE)  # root's, 0600
+            for path in (pw, d, *d.rglob("*")):
+                if path != d / "client.pem":
+                    os.lchown(path, 65534, 65534)
+            if run_with == "an enrolment":
+                code, out, err = await as_nobody(
+                    node.url, "--password-file", str(pw), *args, "--name", "fresh"
+                )
+            else:
+                pin = pki.spki_pin(test_ca.cert)
+                code, out, err = await as_nobody(node.url, "--ca-pin", pin, "--no-enrol", *args)
+        assert code == 0, err
+        assert "could not be read" not in out + err, out + err
+        if run_with == "an enrolment":
+            assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+            assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-fresh"
+        else:
+            assert sorted(os.listdir(d)) == ["ca.pem", "settings.json"]
+            assert settings_of(root)["client_cert_file"] is None
+        assert "stay in" not in out, out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- review s47rev3 L4: ssl loads the client files that were checked ------------------------
+
+
+async def test_a_fifo_swapped_in_after_the_check_is_not_what_ssl_opens(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s47rev3 L4 (s46rev2 L5): the request with the set in place (the new set having
+    failed its check) checked client.pem and client.key, then ssl opened them again by name:
+    a FIFO swapped in between held the run for ever. ssl loads the very files checked now
+    (held open): the swap, made at that seam (just before ssl loads them), never reaches it;
+    the set in place, as checked, still works, and the run ends with its one error line.
+    (The FIFO is watched: an open of it is seen and let go, and run_cli bounds the run.)"""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    args = ("--password-file", pw, "--name", "empfang")
+    await enrol(node, test_ca, run_cli, *args)
+    cls, real = workstation.TestConnection, client_context
+    probe = cls._set_in_place_problem
+    armed: list[bool] = []
+    with ExitStack() as stack:
+
+        def in_place_problem(self: Any) -> str | None:
+            armed.append(True)
+            return probe(self)
+
+        def swapping(ca_pem: bytes | None = None, **files: Path | None) -> Any:
+            if armed and files.get("cert_file") is not None and not opened:
+                os.unlink(d / "client.pem")  # the swap, after the check, before ssl loads
+                opened.append(stack.enter_context(watched_fifo(d / "client.pem")))
+            return real(ca_pem, **files)
+
+        opened: list[list[str]] = []
+        monkeypatch.setattr(cls, "_set_in_place_problem", in_place_problem)
+        monkeypatch.setattr(workstation, "client_context", swapping)
+        other = pki.CertificateAuthority.create("another CA")  # the new set fails its check
+        async with bootstrap_on(node, test_ca, sign=ca_signer(other)) as service:
+            service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
+            run = await run_cli(node.url, "--yes", *args)
+    assert len(opened) == 1, "the swap was not made"
+    assert opened[0] == [], "ssl opened the FIFO swapped in after the check"
+    assert run.code == 1, run.err
+    assert "the settings before are kept (a request with them still succeeds)" in run.error
+    assert pki.issued_by(pki.read_cert(d / KEPT / "client.pem"), other.cert)
+
+
+def test_held_files_names_the_file_checked_or_refuses_a_fifo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``held_files``: the path it yields names the file it checked, whatever is swapped in
+    by name afterwards (a FIFO: never opened); a FIFO, a directory or a file larger than any
+    settings file there from the start is an OSError, not opened; with no /dev/fd that names
+    the file, the file's own path (checked) is what it yields."""
+    pem = tmp_path / "client.pem"
+    pem.write_bytes(b"checked")
+    with settings_files.held_files(pem) as (held,):
+        os.unlink(pem)
+        with watched_fifo(pem) as opened:
+            assert held.read_bytes() == b"checked"
+            assert held.read_bytes() == b"checked"  # (at its start each time)
+    assert opened == []
+    with (
+        watched_fifo(tmp_path / "fifo") as opened,
+        pytest.raises(OSError),
+        settings_files.held_files(tmp_path / "fifo"),
+    ):
+        pass
+    assert opened == []
+    (tmp_path / "big").write_bytes(b"x" * (settings_files.MAX_FILE + 1))
+    for name in ("big", "."):
+        with pytest.raises(OSError), settings_files.held_files(tmp_path / name):
+            pass
+    (tmp_path / "plain").write_bytes(b"plain")
+    monkeypatch.setattr(settings_files, "_FD_DIRS", (str(tmp_path / "no-fd"),))
+    with settings_files.held_files(tmp_path / "plain") as (held,):
+        assert held == tmp_path / "plain"

@@ -51,7 +51,8 @@ replaced (exit 1) and the error says which folder to move out, or that the key m
 its certificate gone, it can neither be used nor prove the PC's name (s47rev3 M1: keeping it
 stopped the everyday "delete client.pem, enrol again"). A settings file that
 is not a regular file (a FIFO: the run waited on it for ever) is never opened, and a note says
-so; a link is followed to tell the set in place (its name, whether it still works), never
+so (nor one swapped in after the check: ssl loads the files checked, held open, s47rev3 L4); a
+link is followed to tell the set in place (its name, whether it still works), never
 copied (s46rev2 M2, s47ws).
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
@@ -898,9 +899,10 @@ class TestConnection:
             settings = json.loads(settings_files.read_file(d / "settings.json"))
             server = check_url(str(settings["server_url"]))
             ca_pem = settings_files.read_file(d / "ca.pem")
-            for name in ("client.pem", "client.key"):  # (checked before ssl opens them)
-                settings_files.read_file(d / name)
-            context = client_context(ca_pem, cert_file=d / "client.pem", key_file=d / "client.key")
+            # (held open as checked, and handed to ssl so: by name, a FIFO swapped in after
+            # the check was opened, and the run waited on it: s47rev3 L4)
+            with settings_files.held_files(d / "client.pem", d / "client.key") as (cert, key):
+                context = client_context(ca_pem, cert_file=cert, key_file=key)
         except (OSError, ValueError, TypeError, KeyError, PKIError, ssl.SSLError):
             return "they cannot be read whole"
         except click.ClickException:
@@ -1833,11 +1835,12 @@ class TestConnection:
         """A request with the settings in ``d`` (the new set, staged) must succeed; CheckFailed
         if not."""
         enrolled = result.client_fingerprint is not None
-        context = client_context(
-            (d / "ca.pem").read_bytes(),
-            cert_file=d / "client.pem" if enrolled else None,
-            key_file=d / "client.key" if enrolled else None,
-        )
+        # (read as the set in place is: what ssl loads is what was checked, s47rev3 L4)
+        ca_pem = settings_files.read_file(d / "ca.pem")
+        client = (d / "client.pem", d / "client.key") if enrolled else ()
+        with settings_files.held_files(*client) as held:
+            cert, key = held if held else (None, None)
+            context = client_context(ca_pem, cert_file=cert, key_file=key)
         try:
             reply = request(
                 server.host,

@@ -543,6 +543,16 @@ def read_file(path: Path) -> bytes:
 
 
 def _read_regular(path: Path, dir_fd: int | None, *, follow: bool) -> bytes:
+    with os.fdopen(_open_regular(path, dir_fd, follow=follow), "rb") as f:
+        data = f.read(MAX_FILE + 1)
+    if len(data) > MAX_FILE:  # (it grew since)
+        raise OSError(errno.EFBIG, "larger than a settings file", str(path))
+    return data
+
+
+def _open_regular(path: Path, dir_fd: int | None, *, follow: bool) -> int:
+    """A descriptor of ``path`` if it is a regular file of at most ``MAX_FILE`` bytes, else
+    OSError (``_read_regular``)."""
     # Checked before it is opened (a FIFO is never opened: its open would wait for a writer),
     # and again on the descriptor, opened without blocking (what is there may have changed).
     mode = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow).st_mode
@@ -554,13 +564,57 @@ def _read_regular(path: Path, dir_fd: int | None, *, follow: bool) -> bytes:
         raise OSError(errno.EINVAL, "not a regular file", str(path))
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     fd = os.open(path, flags, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        held = os.fstat(fd)
+        if not stat.S_ISREG(held.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        data = f.read(MAX_FILE + 1)
-    if len(data) > MAX_FILE:
-        raise OSError(errno.EFBIG, "larger than a settings file", str(path))
-    return data
+        if held.st_size > MAX_FILE:
+            raise OSError(errno.EFBIG, "larger than a settings file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# Where a process's open descriptors have names (Linux: both; macOS, and FreeBSD with
+# fdescfs: /dev/fd, whose open is a dup of the descriptor, sharing its offset).
+_FD_DIRS = ("/dev/fd", "/proc/self/fd")
+
+
+@contextlib.contextmanager
+def held_files(*paths: Path) -> Iterator[tuple[Path, ...]]:
+    """Settings files for a library that opens them by name (ssl's ``load_cert_chain``),
+    each opened once as ``read_file`` reads it (a link followed; a regular file of at most
+    ``MAX_FILE`` bytes, else OSError: a FIFO never opened) and named by a path to that very
+    descriptor (``/dev/fd/N``), so that what the library loads is the file checked: one
+    swapped in by name after the check (a FIFO: the run waited on it for ever) is never
+    opened (s46rev2 L5, s47rev3 L4). Where no such path names the same file (a system
+    without ``/dev/fd`` for every descriptor: FreeBSD without fdescfs), the file's own path,
+    checked (as before). The descriptors are closed on leaving."""
+    fds: list[int] = []
+    try:
+        for path in paths:
+            fds.append(_open_regular(path, None, follow=True))
+        yield tuple(_fd_path(fd, path) for fd, path in zip(fds, paths, strict=True))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _fd_path(fd: int, path: Path) -> Path:
+    """A path that names the open descriptor ``fd`` (the same file: device and inode), its
+    offset at the start (a dup shares it); ``path`` if there is none."""
+    held = os.fstat(fd)
+    for fd_dir in _FD_DIRS:
+        name = Path(fd_dir) / str(fd)
+        try:
+            named = os.stat(name)
+        except OSError:
+            continue
+        if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            os.lseek(fd, 0, os.SEEK_SET)
+            return name
+    return path
 
 
 class ClientFiles(NamedTuple):
@@ -578,7 +632,9 @@ def _client_in(directory: Path, *, follow_dir: bool = False) -> ClientFiles:
     unless ``follow_dir``: the settings dir may be a link the admin made (its pair was
     removed unkept when it was not followed), a folder of ours in it (KEPT, REPLACED) may
     not (none then). Raises OSError (its filename the whole path) if one cannot be read for
-    another reason (a permission)."""
+    another reason (a permission). With no key of ours there, the certificate is not read
+    (None): it is worth nothing without it, and one that could not be read (a root's 0600
+    file copied in alone) stopped every enrolment and ``--no-enrol`` (review s47rev3 L3)."""
     nofollow = 0 if follow_dir else os.O_NOFOLLOW
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | nofollow | os.O_CLOEXEC)
@@ -588,7 +644,10 @@ def _client_in(directory: Path, *, follow_dir: bool = False) -> ClientFiles:
         raise OSError(exc.errno, exc.strerror, str(directory)) from None
     try:
         found: list[bytes | None] = []
-        for name in CLIENT:
+        for name in CLIENT:  # (the key first: no key, no certificate read)
+            if found and found[0] is None:
+                found.append(None)
+                continue
             try:
                 found.append(_read_nofollow(Path(name), dir_fd))
             except OSError as exc:
