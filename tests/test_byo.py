@@ -916,3 +916,31 @@ def test_a_chain_renewed_since_clears_the_end_an_earlier_rollout_recorded(tmp_pa
     rollout("r0", {"sha256:aa": None})  # later (its epoch), though its id sorts first
     assert schema.own_chain_ends() == {"sha256:bb": ("CN=Praxis CA", old_end)}
     store.close()
+
+def test_the_chain_end_kept_does_not_depend_on_the_order_of_the_bundle() -> None:
+    """Review s47rev5 L3: ``byo.chain_ends`` took the first CA of the bundle (or of the node's
+    file) that signed a link, so a bundle with the practice CA and its renewal (same key and
+    subject) recorded the old CA's end or none by their order; clients, given the whole bundle,
+    take the path that still holds. Now the path whose earliest end is latest counts, in
+    either order, for the practice CA and for an intermediate alike."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    old = make_ca("Praxis CA", days=60, key=key)
+    renewed = make_ca("Praxis CA", days=3650, key=key)
+    cert, cert_key = leaf(old, ["10.0.0.1"], days=200)
+    nodes = {"a": byo.NodeMaterial("a", pem(cert), key_pem(cert_key), 0o600)}
+    for bundle in (old.pem + renewed.pem, renewed.pem + old.pem):
+        assert byo.chain_ends(byo.Material(bundle, nodes), ["a"]) == {pki.fingerprint(cert): None}
+    # Only the old one: its end is the chain's.
+    assert byo.chain_ends(byo.Material(old.pem, nodes), ["a"]) == {
+        pki.fingerprint(cert): (old.cert.subject.rfc4514_string(), old.cert.not_valid_after_utc)
+    }
+
+    root = make_ca("Praxis Root", days=3650)
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter_old = make_ca("Praxis Issuing CA", parent=root, path_length=0, days=60, key=inter_key)
+    inter_new = make_ca("Praxis Issuing CA", parent=root, path_length=0, days=1000, key=inter_key)
+    cert, cert_key = leaf(inter_old, ["10.0.0.2"], days=200)
+    for inters in (inter_old.pem + inter_new.pem, inter_new.pem + inter_old.pem):
+        nodes = {"b": byo.NodeMaterial("b", pem(cert) + inters, key_pem(cert_key), 0o600)}
+        assert byo.chain_ends(byo.Material(root.pem, nodes), ["b"]) == {pki.fingerprint(cert): None}
+
