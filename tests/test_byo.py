@@ -944,3 +944,139 @@ def test_the_chain_end_kept_does_not_depend_on_the_order_of_the_bundle() -> None
         nodes = {"b": byo.NodeMaterial("b", pem(cert) + inters, key_pem(cert_key), 0o600)}
         assert byo.chain_ends(byo.Material(root.pem, nodes), ["b"]) == {pki.fingerprint(cert): None}
 
+
+async def own_cert_leader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, practice: Issuer
+) -> tuple[Any, Any]:
+    """The engine harness of tests/test_engine.py (a real leader's commands, engine and
+    store; fake agents) wired for ``--cert-dir``: (world, leader)."""
+    from leader import changes
+    from tests.test_engine import make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    # The fake nodes judge a certificate by the cluster CA only; the outside check of a
+    # --cert-dir rollout trusts the practice CA (as in test_engine's).
+    check = world.agents.outside_check
+
+    async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
+        return await check(live, closed, world.ca.cert_pem, fingerprint)
+
+    monkeypatch.setattr(changes, "outside_check", outside)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    return world, leader_
+
+
+async def own_rollout(world: Any, leader_: Any, change: Any, practice: Issuer) -> dict[str, str]:
+    """A ``--cert-dir`` rollout of ``change`` over every node with new leaves (200 days from a
+    day before START) under ``practice``, run to its end: each node's leaf fingerprint."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, RolloutState, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1
+
+    files = {}
+    for agent in world.agents:
+        ips, dns = list(agent.names.ips), list(agent.names.dns)
+        cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    await leader_.commands.start(
+        RolloutRequest(
+            change,
+            Scope.cluster(),
+            auth_verifier_json=VERIFIER_1 if change is Change.ENABLE_TLS else "",
+            own_certs=byo.Material(practice.pem, files),
+        ),
+        ADMIN,
+    )
+    row = await leader_.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    return {n: pki.fingerprint(pki.load_cert_pem(m.chain_pem)) for n, m in files.items()}
+
+
+async def test_the_viewer_marks_near_what_the_expiry_watch_warns_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The viewer marked the leader's, the viewer's, the CA's and the server certificates
+    "near expiry" on a fixed 30 days, whatever ``expiry_warning_days``, and a server certificate
+    of the practice's own by its own end, not its chain's (which ends first here: the practice
+    CA, 60 days, the leaves 200). It goes by the expiry watch's rule and horizons now: at every
+    moment and warning horizon tried, it lists exactly what the watch warns of, with the same
+    end (and the chain's certificate that ends first)."""
+    from html import unescape
+
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_core import Change
+    from leader.viewer import pages
+    from leader.viewer.i18n import Words
+    from leader.viewer.snapshot import Reader
+    from tests.conftest import none_fresh
+    from tests.fake_agent import START
+
+    practice = make_ca("Praxis CA", now=START, days=60)
+    world, leader_ = await own_cert_leader(tmp_path, monkeypatch, practice)
+    await own_rollout(world, leader_, Change.ENABLE_TLS, practice)
+    names = pki.Names.of("leader", ["10.9.9.9"])
+    own = [
+        (kind, world.ca.issue(pki.generate_key().public_key(), names, now=START, lifetime=life))
+        for kind, life in (("leader", dt.timedelta(days=100)), ("viewer", dt.timedelta(days=20)))
+    ]
+    lifetime = dt.timedelta(days=30)  # agent_cert_lifetime
+    seen = set()
+    for warning_days in (10, 30, 90):
+        for day in (0, 10, 15, 25, 35, 45, 59, 61, 100, 150, 201, 3000, 3300):
+            at = START + dt.timedelta(days=day)
+            watch = ExpiryWatch(
+                leader_.store,
+                leader_.schema,
+                world.ca.cert,
+                lambda: own,
+                lambda at=at: at,  # type: ignore[misc]
+                warning_days=warning_days,
+                agent_lifetime=lifetime,
+            )
+            reader = Reader(
+                leader_.store,
+                leader_.schema,
+                lambda at=at: at,  # type: ignore[misc]
+                lambda _: True,
+                [("ca", world.ca.cert), *own],
+                agent_near=lifetime / 2,
+                fresh=none_fresh,
+                warning=dt.timedelta(days=warning_days),
+            )
+            warned = {(e.kind, e.subject, e.not_after, e.chain) for e in watch.warnings()}
+            near = {(c.kind, c.subject, c.end, c.chain) for c in reader.read().near_expiry}
+            assert near == warned, (warning_days, day)
+            seen |= {(warning_days, day, kind) for kind, *_ in near}
+    end = practice.cert.not_valid_after_utc
+    subject = practice.cert.subject.rfc4514_string()
+    # What the old fixed 30 days missed, or marked the watch does not warn of:
+    assert (30, 35, "server") in seen  # the chain (the practice CA) ends in 25 days
+    assert (90, 0, "server") in seen and (90, 10, "leader") in seen  # 90 days: the horizon
+    assert (10, 0, "viewer") not in seen and (10, 15, "viewer") in seen  # 20 days, 5 left
+    assert (10, 45, "server") not in seen and (10, 59, "server") in seen
+    assert (30, 3300, "ca") in seen and (30, 3000, "ca") not in seen  # a year ahead
+    at = START + dt.timedelta(days=35)
+    snap = Reader(
+        leader_.store,
+        leader_.schema,
+        lambda: at,
+        lambda _: True,
+        [],
+        fresh=none_fresh,
+    ).read()
+    servers = [c for c in snap.near_expiry if c.kind == "server"]
+    assert sorted(c.subject for c in servers) == sorted(a.name for a in world.agents)
+    assert all(c.end == end < c.not_after and c.chain == subject for c in servers)
+    # The page's row: the chain's end, and which of its certificates ends then.
+    words = Words.of("en")
+    html = unescape(pages.schema_page(snap, words, pages.PageContext("10.0.0.1", "t", at, "/e")))
+    for c in servers:
+        assert (
+            f'<tr data-kind="server"><th scope="row">server (https, 8443)</th><td>{c.subject} '
+            f'<span class="chain">(its chain\'s {subject} ends first)</span></td>'
+            f"<td>{words.when(end)}</td><td>25</td></tr>"
+        ) in html
+    await leader_.stop()
+
