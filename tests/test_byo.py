@@ -886,16 +886,21 @@ def test_a_chain_renewed_since_clears_the_end_an_earlier_rollout_recorded(tmp_pa
     certificate's fingerprint, and a later rollout whose chain outlives it recorded nothing: the
     same leaves brought again under a renewed practice CA kept the old CA's end for good (a
     warning no rotate-cert could clear: it refuses the certificate a node already serves). The
-    newest rollout that brought a certificate decides now."""
+    newest rollout that brought a certificate decides now. (r1's nodes serve its
+    certificates: the rows of certificates no node serves are dropped, s48.)"""
     from leader.schema_store import SchemaStore
     from leader.store import Store
     from tests.test_schema_store import NOW, end, new_rollout
+    from tests.test_viewer_parts import drive_rollout
 
     store = Store(tmp_path / "leader.sqlite3")
     schema = SchemaStore(store.db)
     old_end = NOW + dt.timedelta(days=60)
+    aa, bb = "sha256:r1-a", "sha256:r1-b"  # what drive_rollout records of r1's nodes
 
-    def rollout(rollout_id: str, ends: dict[str, tuple[str, dt.datetime] | None]) -> None:
+    def rollout(
+        rollout_id: str, ends: dict[str, tuple[str, dt.datetime] | None], *, done: bool = False
+    ) -> None:
         original = schema.create
 
         def create(*args: Any, **kwargs: Any) -> Any:
@@ -906,16 +911,23 @@ def test_a_chain_renewed_since_clears_the_end_an_earlier_rollout_recorded(tmp_pa
             new_rollout(schema, rollout_id)
         finally:
             schema.create = original  # type: ignore[method-assign]
-        end(schema)
+        if done:
+            row = schema.active()
+            assert row is not None
+            drive_rollout(schema, row)
+        else:
+            end(schema)
 
-    rollout("r1", {"sha256:aa": ("CN=Praxis CA", old_end), "sha256:bb": ("CN=Praxis CA", old_end)})
+    rollout("r1", {aa: ("CN=Praxis CA", old_end), bb: ("CN=Praxis CA", old_end)}, done=True)
+    assert {f for f, _ in schema.served_certificates().values()} == {aa, bb}
     assert schema.own_chain_ends() == {
-        "sha256:aa": ("CN=Praxis CA", old_end),
-        "sha256:bb": ("CN=Praxis CA", old_end),
+        aa: ("CN=Praxis CA", old_end),
+        bb: ("CN=Praxis CA", old_end),
     }
-    rollout("r0", {"sha256:aa": None})  # later (its epoch), though its id sorts first
-    assert schema.own_chain_ends() == {"sha256:bb": ("CN=Praxis CA", old_end)}
+    rollout("r0", {aa: None})  # later (its epoch), though its id sorts first
+    assert schema.own_chain_ends() == {bb: ("CN=Praxis CA", old_end)}
     store.close()
+
 
 def test_the_chain_end_kept_does_not_depend_on_the_order_of_the_bundle() -> None:
     """Review s47rev5 L3: ``byo.chain_ends`` took the first CA of the bundle (or of the node's
@@ -1080,3 +1092,39 @@ async def test_the_viewer_marks_near_what_the_expiry_watch_warns_of(
         ) in html
     await leader_.stop()
 
+
+def own_chain_rows(leader_: Any) -> list[str]:
+    with leader_.store.db.read() as db:
+        rows = db.execute("SELECT key FROM meta WHERE key LIKE 'own_chain/%'").fetchall()
+    return sorted(str(r[0]) for r in rows)
+
+
+async def test_the_chain_ends_kept_do_not_grow_with_each_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s47rev5 Nit: each ``--cert-dir`` rollout kept its chain ends
+    (``own_chain/<rollout id>`` in ``meta``) for good, one row more per rollout. A rollout's
+    creation drops, in its transaction, those no served certificate's end depends on: over an
+    enable-tls and four rotations the table holds the rows of the rollout the nodes' current
+    certificates came from and of the newest, and the expiry watch still warns of the chain's
+    end of what the nodes serve."""
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_core import Change
+    from tests.fake_agent import START
+
+    practice = make_ca("Praxis CA", now=START, days=60)
+    world, leader_ = await own_cert_leader(tmp_path, monkeypatch, practice)
+    counts = []
+    for change in (Change.ENABLE_TLS, *[Change.ROTATE_CERT] * 4):
+        served = await own_rollout(world, leader_, change, practice)
+        counts.append(len(own_chain_rows(leader_)))
+        assert {n: f for n, (f, _) in leader_.schema.served_certificates().items()} == served
+    assert counts == [1, 2, 2, 2, 2]
+    newest = leader_.schema.latest()
+    assert f"own_chain/{newest.rollout.id}" in own_chain_rows(leader_)
+    at = START + dt.timedelta(days=40)
+    watch = ExpiryWatch(leader_.store, leader_.schema, world.ca.cert, list, lambda: at)
+    servers = {e.subject: e for e in watch.warnings() if e.kind == "server"}
+    assert {n: e.fingerprint for n, e in servers.items()} == served
+    assert all(e.not_after == practice.cert.not_valid_after_utc for e in servers.values())
+    await leader_.stop()
