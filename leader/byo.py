@@ -482,7 +482,11 @@ def chain_ends(
     once, beyond the horizon, at the start (``validate``); recorded with the rollout
     (``SchemaStore.create``) so that the expiry watch warns of the chain's end, where the
     leaf's own row read "ok" until the chain broke (review s46rt1 L4). A validated
-    directory's; a node whose files do not parse is left out."""
+    directory's; a node whose files do not parse is left out.
+    Of the leaf's paths to the practice CA, the one whose earliest end is latest counts
+    (``_longest_path``): a bundle with the practice CA and its renewal (same key and subject)
+    recorded the old one's end or none by their order (review s47rev5 L3); clients, given
+    the whole bundle (``ca_bundle``), take the path that is still valid."""
     anchors = [c for c in _load_certs(material.ca_pem) or [] if pki.is_ca(c)]
     ends: dict[str, tuple[str, dt.datetime] | None] = {}
     for node in sorted(nodes):
@@ -491,7 +495,7 @@ def chain_ends(
         if not certs:
             continue
         leaf, extra = certs[0], certs[1:]
-        path = pki.chain_to(leaf, extra, anchors) or [leaf, *extra, *anchors]
+        path = _longest_path(leaf, extra, anchors) or [leaf, *extra, *anchors]
         first = min(path[1:], key=lambda c: c.not_valid_after_utc, default=None)
         if first is not None and first.not_valid_after_utc < leaf.not_valid_after_utc:
             who = first.subject.rfc4514_string() or "(no subject)"
@@ -499,6 +503,36 @@ def chain_ends(
         else:
             ends[pki.fingerprint(leaf)] = None
     return ends
+
+
+def _longest_path(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+) -> list[x509.Certificate] | None:
+    """Of every path leaf -> intermediates -> one of ``anchors`` (each link as
+    ``pki.chain_to`` checks it, at most ``pki.MAX_CHAIN`` long), the one whose certificate that
+    ends first ends latest; None if there is none. ``pki.chain_to`` takes the first anchor
+    (and intermediate) that signed a link, whichever ends first."""
+    best: list[x509.Certificate] | None = None
+    best_end: dt.datetime | None = None
+
+    def walk(path: list[x509.Certificate]) -> None:
+        nonlocal best, best_end
+        current = path[-1]
+        for anchor in anchors:
+            if pki.issued_by(current, anchor):
+                end = min(c.not_valid_after_utc for c in [*path[1:], anchor])
+                if best_end is None or end > best_end:
+                    best, best_end = [*path, anchor], end
+        if len(path) >= pki.MAX_CHAIN:
+            return
+        for step in intermediates:
+            if step not in path and pki.is_ca(step) and pki.issued_by(current, step):
+                walk([*path, step])
+
+    walk([leaf])
+    return best
 
 
 def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:

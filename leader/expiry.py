@@ -115,7 +115,7 @@ class Expiry:
         return self.not_after - now
 
     def warning(self, now: dt.datetime) -> bool:
-        return self.residual(now) <= self.horizon
+        return within(self.not_after, self.horizon, now)
 
     @property
     def advice(self) -> str:
@@ -129,6 +129,35 @@ class Expiry:
         # An agent's subject is its node's name: the commands name it, and its names.
         token = self.token or token_command(self.subject)
         return advice.replace("TOKEN", token).replace("NAME", self.subject)
+
+
+def within(not_after: dt.datetime, horizon: dt.timedelta, now: dt.datetime) -> bool:
+    """Whether a certificate that ends at ``not_after`` is warned about at ``now``: the rule of
+    the watch, and of the viewer's "near expiry" (``leader.viewer.snapshot``)."""
+    return not_after - now <= horizon
+
+
+def horizon_of(kind: str, warning: dt.timedelta) -> dt.timedelta:
+    """How near its end a ``ca``, ``leader``, ``viewer``, ``server`` or ``workstation``
+    certificate is warned about, given ``expiry_warning_days`` (``warning``); an agent's is
+    its own (``agent_horizon``). The watch's and the viewer's (review s48: the viewer marked
+    every one but agents' on a fixed 30 days)."""
+    if kind == "ca":
+        return CA_HORIZON
+    if kind in ("leader", "viewer"):
+        return own_warn_before(warning)
+    return warning
+
+
+def served_end(
+    not_after: dt.datetime, chain: tuple[str, dt.datetime] | None
+) -> tuple[dt.datetime, str]:
+    """A served certificate's end as watched, given its chain's end if one was recorded
+    (``SchemaStore.own_chain_ends``): (its end, "") or, if the chain ends first, (the chain's
+    end, the subject of the chain's certificate that ends then)."""
+    if chain is not None and chain[1] < not_after:
+        return chain[1], chain[0]
+    return not_after, ""
 
 
 def agent_horizon(node: Node, lifetime: dt.timedelta) -> dt.timedelta:
@@ -204,9 +233,9 @@ class ExpiryWatch:
     def check(self) -> list[Expiry]:
         """Every watched certificate, soonest end first (blocking)."""
         now = self.clock()
-        found = [_of("ca", "", self.ca, CA_HORIZON)]
+        found = [_of("ca", "", self.ca, horizon_of("ca", self.horizon))]
         found += [
-            _of(kind, "", cert, own_warn_before(self.horizon)) for kind, cert in self.own_certs()
+            _of(kind, "", cert, horizon_of(kind, self.horizon)) for kind, cert in self.own_certs()
         ]
         for n in self.store.list_nodes():
             found.append(
@@ -226,16 +255,16 @@ class ExpiryWatch:
         chains = self.schema.own_chain_ends()
         for name, (fingerprint, not_after) in sorted(self.schema.served_certificates().items()):
             if name in enrolled:
-                chain, chain_end = chains.get(fingerprint, ("", not_after))
+                end, chain = served_end(not_after, chains.get(fingerprint))
                 found.append(
                     Expiry(
                         "server",
                         name,
                         serial_of.get(fingerprint, ""),
                         fingerprint,
-                        min(not_after, chain_end),
-                        self.horizon,
-                        chain=chain if chain_end < not_after else "",
+                        end,
+                        horizon_of("server", self.horizon),
+                        chain=chain,
                     )
                 )
         # A workstation's certificate is watched until it ends and, if it is its name's newest,

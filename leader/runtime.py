@@ -428,6 +428,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         admin_service.agent_credentials = credentials
 
     own.on_renewed.append(redial)
+    if viewer is not None:  # the page shows the new one, as the expiry watch has it
+        reader = viewer.reader
+        own.on_renewed.append(lambda _chain: reader.own_renewed("leader", own.cert))
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
     schema_view = SchemaViewService(
         schema,

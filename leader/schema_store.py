@@ -564,26 +564,8 @@ class SchemaStore(LeaderStore):
         ``done`` came after it. One query that SQLite answers with a row
         per node: the expiry check behind every ``schema show`` and the viewer once drew every
         rollout ever stored for it (the tests keep that drawing as the oracle)."""
-        serving = tuple(c.value for c in SERVES_NEW_CERT)
-        states = tuple(s.value for s in SERVING_STATES)
         with self._db.read() as db:
-            rows = db.execute(
-                "SELECT name, change, cert_fingerprint, cert_not_after FROM ("  # noqa: S608 - placeholders
-                " SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, row_number()"
-                "  OVER (PARTITION BY n.name ORDER BY r.epoch DESC) AS newest"
-                " FROM rollout_nodes n JOIN rollouts r ON r.id = n.rollout_id"
-                " WHERE (n.state = ? AND r.change = ?)"
-                f"  OR (n.state IN ({', '.join('?' * len(states))})"
-                f"   AND r.change IN ({', '.join('?' * len(serving))})"
-                "   AND n.cert_not_after IS NOT NULL)"
-                ") WHERE newest = 1",
-                (NodeState.DONE.value, Change.DISABLE_TLS.value, *states, *serving),
-            ).fetchall()
-        return {
-            r["name"]: (r["cert_fingerprint"], dt.datetime.fromisoformat(r["cert_not_after"]))
-            for r in rows
-            if r["change"] != Change.DISABLE_TLS.value
-        }
+            return _served_certificates(db)
 
     def history(self, rollout_id: str) -> list[AuditEvent]:
         """The audit events of a rollout and of its nodes, oldest first: its timeline."""
@@ -736,7 +718,8 @@ class SchemaStore(LeaderStore):
         trusted meanwhile by a running rollout's outside checks, and for good if the leader
         died between the write and its removal (session 32's audit, L2). ``own_chain_ends``:
         its certificates whose chain ends first (``byo.chain_ends``), kept with it
-        (``own_chain_ends``).
+        (``own_chain_ends``); those of earlier rollouts that no longer decide a served
+        certificate's end are dropped here (``_prune_own_chains``).
         ``retry_of``: the rollout this one retries (``rollout retry``), retried once:
         ``AlreadyRetried`` if another retry of it was created, checked here so that two
         retries that crossed cannot both start (audit s39race H3); the link is kept
@@ -773,6 +756,7 @@ class SchemaStore(LeaderStore):
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (f"own_ca/{rollout.id}", own_ca.decode("ascii")),
                 )
+            _prune_own_chains(db)
             if own_chain_ends:
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -1500,6 +1484,59 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
 
 _RETRIED_BY = "retried_by/"  # meta key prefix: ``retried_by/<rollout id>`` = its retry's id
 _OWN_CHAIN = "own_chain/"  # meta key prefix: ``own_chain/<rollout id>`` = JSON, ``own_chain_ends``
+
+
+def _served_certificates(db: sqlite3.Connection) -> dict[str, tuple[str, dt.datetime]]:
+    """``SchemaStore.served_certificates``, inside a read or a transaction."""
+    serving = tuple(c.value for c in SERVES_NEW_CERT)
+    states = tuple(s.value for s in SERVING_STATES)
+    rows = db.execute(
+        "SELECT name, change, cert_fingerprint, cert_not_after FROM ("  # noqa: S608 - placeholders
+        " SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, row_number()"
+        "  OVER (PARTITION BY n.name ORDER BY r.epoch DESC) AS newest"
+        " FROM rollout_nodes n JOIN rollouts r ON r.id = n.rollout_id"
+        " WHERE (n.state = ? AND r.change = ?)"
+        f"  OR (n.state IN ({', '.join('?' * len(states))})"
+        f"   AND r.change IN ({', '.join('?' * len(serving))})"
+        "   AND n.cert_not_after IS NOT NULL)"
+        ") WHERE newest = 1",
+        (NodeState.DONE.value, Change.DISABLE_TLS.value, *states, *serving),
+    ).fetchall()
+    return {
+        r["name"]: (r["cert_fingerprint"], dt.datetime.fromisoformat(r["cert_not_after"]))
+        for r in rows
+        if r["change"] != Change.DISABLE_TLS.value
+    }
+
+
+def _prune_own_chains(db: sqlite3.Connection) -> None:
+    """(In ``create``'s transaction.) Drop the ``own_chain/<rollout id>`` rows no served
+    certificate's end depends on any more (review s47rev5 Nit: one was kept for every
+    ``--cert-dir`` rollout, for good). ``own_chain_ends`` takes, for each certificate, the
+    newest rollout's row that names it: kept are, for each certificate a node serves now
+    (``served_certificates``), that row, and the rows of rollouts not ended (their nodes may
+    yet serve what they bring); the others decide nothing that is watched, and a certificate
+    served again later comes with a rollout that records it again. So the table holds at
+    most a row per served certificate's rollout and the rollout being created."""
+    rows = db.execute(
+        "SELECT m.key, m.value, r.epoch, r.state FROM meta m"
+        " LEFT JOIN rollouts r ON m.key = 'own_chain/' || r.id"
+        " WHERE m.key LIKE 'own\\_chain/%' ESCAPE '\\'"
+    ).fetchall()
+    if not rows:
+        return
+    served = {fingerprint for fingerprint, _ in _served_certificates(db).values()}
+    keep = {r["key"] for r in rows if r["state"] is not None and r["state"] not in _TERMINAL}
+    newest: dict[str, tuple[int, str]] = {}  # fingerprint -> (epoch, key) of the newest row
+    for r in rows:
+        if r["epoch"] is None:
+            continue  # its rollout is gone: nothing reads it
+        for fingerprint in json.loads(r["value"]):
+            if fingerprint in served and newest.get(fingerprint, (-1, ""))[0] < r["epoch"]:
+                newest[fingerprint] = (int(r["epoch"]), str(r["key"]))
+    keep |= {key for _, key in newest.values()}
+    stale = [(r["key"],) for r in rows if r["key"] not in keep]
+    db.executemany("DELETE FROM meta WHERE key = ?", stale)
 
 
 def _retried_by(db: sqlite3.Connection, rollout_id: str) -> tuple[str, str] | None:

@@ -886,16 +886,21 @@ def test_a_chain_renewed_since_clears_the_end_an_earlier_rollout_recorded(tmp_pa
     certificate's fingerprint, and a later rollout whose chain outlives it recorded nothing: the
     same leaves brought again under a renewed practice CA kept the old CA's end for good (a
     warning no rotate-cert could clear: it refuses the certificate a node already serves). The
-    newest rollout that brought a certificate decides now."""
+    newest rollout that brought a certificate decides now. (r1's nodes serve its
+    certificates: the rows of certificates no node serves are dropped, s48.)"""
     from leader.schema_store import SchemaStore
     from leader.store import Store
     from tests.test_schema_store import NOW, end, new_rollout
+    from tests.test_viewer_parts import drive_rollout
 
     store = Store(tmp_path / "leader.sqlite3")
     schema = SchemaStore(store.db)
     old_end = NOW + dt.timedelta(days=60)
+    aa, bb = "sha256:r1-a", "sha256:r1-b"  # what drive_rollout records of r1's nodes
 
-    def rollout(rollout_id: str, ends: dict[str, tuple[str, dt.datetime] | None]) -> None:
+    def rollout(
+        rollout_id: str, ends: dict[str, tuple[str, dt.datetime] | None], *, done: bool = False
+    ) -> None:
         original = schema.create
 
         def create(*args: Any, **kwargs: Any) -> Any:
@@ -906,13 +911,220 @@ def test_a_chain_renewed_since_clears_the_end_an_earlier_rollout_recorded(tmp_pa
             new_rollout(schema, rollout_id)
         finally:
             schema.create = original  # type: ignore[method-assign]
-        end(schema)
+        if done:
+            row = schema.active()
+            assert row is not None
+            drive_rollout(schema, row)
+        else:
+            end(schema)
 
-    rollout("r1", {"sha256:aa": ("CN=Praxis CA", old_end), "sha256:bb": ("CN=Praxis CA", old_end)})
+    rollout("r1", {aa: ("CN=Praxis CA", old_end), bb: ("CN=Praxis CA", old_end)}, done=True)
+    assert {f for f, _ in schema.served_certificates().values()} == {aa, bb}
     assert schema.own_chain_ends() == {
-        "sha256:aa": ("CN=Praxis CA", old_end),
-        "sha256:bb": ("CN=Praxis CA", old_end),
+        aa: ("CN=Praxis CA", old_end),
+        bb: ("CN=Praxis CA", old_end),
     }
-    rollout("r0", {"sha256:aa": None})  # later (its epoch), though its id sorts first
-    assert schema.own_chain_ends() == {"sha256:bb": ("CN=Praxis CA", old_end)}
+    rollout("r0", {aa: None})  # later (its epoch), though its id sorts first
+    assert schema.own_chain_ends() == {bb: ("CN=Praxis CA", old_end)}
     store.close()
+
+
+def test_the_chain_end_kept_does_not_depend_on_the_order_of_the_bundle() -> None:
+    """Review s47rev5 L3: ``byo.chain_ends`` took the first CA of the bundle (or of the node's
+    file) that signed a link, so a bundle with the practice CA and its renewal (same key and
+    subject) recorded the old CA's end or none by their order; clients, given the whole bundle,
+    take the path that still holds. Now the path whose earliest end is latest counts, in
+    either order, for the practice CA and for an intermediate alike."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    old = make_ca("Praxis CA", days=60, key=key)
+    renewed = make_ca("Praxis CA", days=3650, key=key)
+    cert, cert_key = leaf(old, ["10.0.0.1"], days=200)
+    nodes = {"a": byo.NodeMaterial("a", pem(cert), key_pem(cert_key), 0o600)}
+    for bundle in (old.pem + renewed.pem, renewed.pem + old.pem):
+        assert byo.chain_ends(byo.Material(bundle, nodes), ["a"]) == {pki.fingerprint(cert): None}
+    # Only the old one: its end is the chain's.
+    assert byo.chain_ends(byo.Material(old.pem, nodes), ["a"]) == {
+        pki.fingerprint(cert): (old.cert.subject.rfc4514_string(), old.cert.not_valid_after_utc)
+    }
+
+    root = make_ca("Praxis Root", days=3650)
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter_old = make_ca("Praxis Issuing CA", parent=root, path_length=0, days=60, key=inter_key)
+    inter_new = make_ca("Praxis Issuing CA", parent=root, path_length=0, days=1000, key=inter_key)
+    cert, cert_key = leaf(inter_old, ["10.0.0.2"], days=200)
+    for inters in (inter_old.pem + inter_new.pem, inter_new.pem + inter_old.pem):
+        nodes = {"b": byo.NodeMaterial("b", pem(cert) + inters, key_pem(cert_key), 0o600)}
+        assert byo.chain_ends(byo.Material(root.pem, nodes), ["b"]) == {pki.fingerprint(cert): None}
+
+
+async def own_cert_leader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, practice: Issuer
+) -> tuple[Any, Any]:
+    """The engine harness of tests/test_engine.py (a real leader's commands, engine and
+    store; fake agents) wired for ``--cert-dir``: (world, leader)."""
+    from leader import changes
+    from tests.test_engine import make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    # The fake nodes judge a certificate by the cluster CA only; the outside check of a
+    # --cert-dir rollout trusts the practice CA (as in test_engine's).
+    check = world.agents.outside_check
+
+    async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
+        return await check(live, closed, world.ca.cert_pem, fingerprint)
+
+    monkeypatch.setattr(changes, "outside_check", outside)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    return world, leader_
+
+
+async def own_rollout(world: Any, leader_: Any, change: Any, practice: Issuer) -> dict[str, str]:
+    """A ``--cert-dir`` rollout of ``change`` over every node with new leaves (200 days from a
+    day before START) under ``practice``, run to its end: each node's leaf fingerprint."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, RolloutState, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1
+
+    files = {}
+    for agent in world.agents:
+        ips, dns = list(agent.names.ips), list(agent.names.dns)
+        cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    await leader_.commands.start(
+        RolloutRequest(
+            change,
+            Scope.cluster(),
+            auth_verifier_json=VERIFIER_1 if change is Change.ENABLE_TLS else "",
+            own_certs=byo.Material(practice.pem, files),
+        ),
+        ADMIN,
+    )
+    row = await leader_.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    return {n: pki.fingerprint(pki.load_cert_pem(m.chain_pem)) for n, m in files.items()}
+
+
+async def test_the_viewer_marks_near_what_the_expiry_watch_warns_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The viewer marked the leader's, the viewer's, the CA's and the server certificates
+    "near expiry" on a fixed 30 days, whatever ``expiry_warning_days``, and a server certificate
+    of the practice's own by its own end, not its chain's (which ends first here: the practice
+    CA, 60 days, the leaves 200). It goes by the expiry watch's rule and horizons now: at every
+    moment and warning horizon tried, it lists exactly what the watch warns of, with the same
+    end (and the chain's certificate that ends first)."""
+    from html import unescape
+
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_core import Change
+    from leader.viewer import pages
+    from leader.viewer.i18n import Words
+    from leader.viewer.snapshot import Reader
+    from tests.conftest import none_fresh
+    from tests.fake_agent import START
+
+    practice = make_ca("Praxis CA", now=START, days=60)
+    world, leader_ = await own_cert_leader(tmp_path, monkeypatch, practice)
+    await own_rollout(world, leader_, Change.ENABLE_TLS, practice)
+    names = pki.Names.of("leader", ["10.9.9.9"])
+    own = [
+        (kind, world.ca.issue(pki.generate_key().public_key(), names, now=START, lifetime=life))
+        for kind, life in (("leader", dt.timedelta(days=100)), ("viewer", dt.timedelta(days=20)))
+    ]
+    lifetime = dt.timedelta(days=30)  # agent_cert_lifetime
+    seen = set()
+    for warning_days in (10, 30, 90):
+        for day in (0, 10, 15, 25, 35, 45, 59, 61, 100, 150, 201, 3000, 3300):
+            at = START + dt.timedelta(days=day)
+            watch = ExpiryWatch(
+                leader_.store,
+                leader_.schema,
+                world.ca.cert,
+                lambda: own,
+                lambda at=at: at,  # type: ignore[misc]
+                warning_days=warning_days,
+                agent_lifetime=lifetime,
+            )
+            reader = Reader(
+                leader_.store,
+                leader_.schema,
+                lambda at=at: at,  # type: ignore[misc]
+                lambda _: True,
+                [("ca", world.ca.cert), *own],
+                agent_near=lifetime / 2,
+                fresh=none_fresh,
+                warning=dt.timedelta(days=warning_days),
+            )
+            warned = {(e.kind, e.subject, e.not_after, e.chain) for e in watch.warnings()}
+            near = {(c.kind, c.subject, c.end, c.chain) for c in reader.read().near_expiry}
+            assert near == warned, (warning_days, day)
+            seen |= {(warning_days, day, kind) for kind, *_ in near}
+    end = practice.cert.not_valid_after_utc
+    subject = practice.cert.subject.rfc4514_string()
+    # What the old fixed 30 days missed, or marked the watch does not warn of:
+    assert (30, 35, "server") in seen  # the chain (the practice CA) ends in 25 days
+    assert (90, 0, "server") in seen and (90, 10, "leader") in seen  # 90 days: the horizon
+    assert (10, 0, "viewer") not in seen and (10, 15, "viewer") in seen  # 20 days, 5 left
+    assert (10, 45, "server") not in seen and (10, 59, "server") in seen
+    assert (30, 3300, "ca") in seen and (30, 3000, "ca") not in seen  # a year ahead
+    at = START + dt.timedelta(days=35)
+    snap = Reader(
+        leader_.store,
+        leader_.schema,
+        lambda: at,
+        lambda _: True,
+        [],
+        fresh=none_fresh,
+    ).read()
+    servers = [c for c in snap.near_expiry if c.kind == "server"]
+    assert sorted(c.subject for c in servers) == sorted(a.name for a in world.agents)
+    assert all(c.end == end < c.not_after and c.chain == subject for c in servers)
+    # The page's row: the chain's end, and which of its certificates ends then.
+    words = Words.of("en")
+    html = unescape(pages.schema_page(snap, words, pages.PageContext("10.0.0.1", "t", at, "/e")))
+    for c in servers:
+        assert (
+            f'<tr data-kind="server"><th scope="row">server (https, 8443)</th><td>{c.subject} '
+            f'<span class="chain">(its chain\'s {subject} ends first)</span></td>'
+            f"<td>{words.when(end)}</td><td>25</td></tr>"
+        ) in html
+    await leader_.stop()
+
+
+def own_chain_rows(leader_: Any) -> list[str]:
+    with leader_.store.db.read() as db:
+        rows = db.execute("SELECT key FROM meta WHERE key LIKE 'own_chain/%'").fetchall()
+    return sorted(str(r[0]) for r in rows)
+
+
+async def test_the_chain_ends_kept_do_not_grow_with_each_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s47rev5 Nit: each ``--cert-dir`` rollout kept its chain ends
+    (``own_chain/<rollout id>`` in ``meta``) for good, one row more per rollout. A rollout's
+    creation drops, in its transaction, those no served certificate's end depends on: over an
+    enable-tls and four rotations the table holds the rows of the rollout the nodes' current
+    certificates came from and of the newest, and the expiry watch still warns of the chain's
+    end of what the nodes serve."""
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_core import Change
+    from tests.fake_agent import START
+
+    practice = make_ca("Praxis CA", now=START, days=60)
+    world, leader_ = await own_cert_leader(tmp_path, monkeypatch, practice)
+    counts = []
+    for change in (Change.ENABLE_TLS, *[Change.ROTATE_CERT] * 4):
+        served = await own_rollout(world, leader_, change, practice)
+        counts.append(len(own_chain_rows(leader_)))
+        assert {n: f for n, (f, _) in leader_.schema.served_certificates().items()} == served
+    assert counts == [1, 2, 2, 2, 2]
+    newest = leader_.schema.latest()
+    assert f"own_chain/{newest.rollout.id}" in own_chain_rows(leader_)
+    at = START + dt.timedelta(days=40)
+    watch = ExpiryWatch(leader_.store, leader_.schema, world.ca.cert, list, lambda: at)
+    servers = {e.subject: e for e in watch.warnings() if e.kind == "server"}
+    assert {n: e.fingerprint for n, e in servers.items()} == served
+    assert all(e.not_after == practice.cert.not_valid_after_utc for e in servers.values())
+    await leader_.stop()

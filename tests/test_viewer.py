@@ -294,6 +294,68 @@ def test_metrics_take_the_scrape_token_or_a_session(lone: Cluster) -> None:
     assert fetch(lone, "/metrics", cookie=session_for(lone, "prom")).status == 200
 
 
+def test_the_page_goes_by_the_leaders_warning_days_and_its_renewed_certificate(
+    tmp_path: Path,
+) -> None:
+    """The viewer's "near expiry" went by a fixed 30 days and kept the leader's certificate it
+    was started with: once the leader had issued its own again, the page (and /metrics) showed
+    the old one, ever nearer its end, until a restart. It goes by ``expiry_warning_days`` now
+    (the page says how long ahead the leader warns), and shows the leader's new certificate,
+    as the expiry watch does."""
+    from leader.layout import read_passphrase
+    from tlsroll import spiffe
+    from tlsroll.fsutil import write_atomic
+
+    cluster = Cluster(tmp_path / "c", next_loopback())
+    try:
+        cluster.init()
+        cluster.write_leader_config({"expiry_warning_days": 45, "expiry_check_interval": 1})
+        cluster.start_leader()
+        session = session_for(cluster, "near")
+        page = fetch(cluster, "/?lang=en", cookie=session)
+        assert page.status == 200 and "the leader warns 45 days ahead" in page.body, page.body
+
+        def leader_fingerprints() -> set[str]:
+            scraped = fetch(cluster, "/metrics", cookie=session)
+            assert scraped.status == 200, scraped
+            return {
+                s.labels["fingerprint"]
+                for f in text_string_to_metric_families(scraped.body)
+                if f.name == "tlsroll_certificate_expiry_timestamp_seconds"
+                for s in f.samples
+                if s.labels["kind"] == "leader"
+            }
+
+        before = pki.read_cert(cluster.tls_cert_path)
+        assert leader_fingerprints() == {pki.fingerprint(before)}
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+        )
+        td = ca.trust_domain
+        due = ca.issue(
+            pki.read_key(cluster.tls_key_path).public_key(),
+            pki.names_of(before),
+            client=True,
+            identity=spiffe.leader(td),
+            internal_dns=[spiffe.leader_host(td)],
+            lifetime=dt.timedelta(days=10),  # due: the running leader issues it again
+        )
+        write_atomic(cluster.tls_cert_path, pki.cert_to_pem(due) + ca.cert_pem)
+        wait_until(
+            lambda: pki.read_cert(cluster.tls_cert_path) not in (before, due),
+            40,
+            "the leader issues its certificate again",
+        )
+        renewed = pki.fingerprint(pki.read_cert(cluster.tls_cert_path))
+        wait_until(
+            lambda: leader_fingerprints() == {renewed}, 10, "the viewer shows the new certificate"
+        )
+        page = fetch(cluster, "/?lang=en", cookie=session)
+        assert 'data-kind="leader"' not in page.body  # 397 days left: not near
+    finally:
+        cluster.close()
+
+
 def test_an_overlong_header_line_logs_its_type_and_no_session_or_token(lone: Cluster) -> None:
     """aiohttp refuses a header line over 8190 bytes with a 400 and logged the line's first
     100 bytes: the session id of a Cookie line, "Bearer <scrape token>" (audit s34 H2). A

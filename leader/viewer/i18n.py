@@ -126,7 +126,9 @@ _DE: dict[str, str] = {
     "failure_count": "Anzahl",
     "failure_last": "Zuletzt",
     "certs": "Zertifikate, die bald ablaufen",
-    "certs_none": "Kein Zertifikat läuft in den nächsten {days} Tagen ab.",
+    "certs_none": "Kein Zertifikat läuft bald ab (bei Server-Zertifikaten warnt der Leader "
+    "{days} Tage vor dem Ende, bei der CA ein Jahr).",
+    "cert_chain": "zuerst endet {chain} in seiner Kette",
     "cert_kind": "Art",
     "cert_subject": "Für",
     "cert_days": "Tage übrig",
@@ -259,7 +261,9 @@ _EN: dict[str, str] = {
     "failure_count": "Count",
     "failure_last": "Last",
     "certs": "Certificates near expiry",
-    "certs_none": "No certificate expires within the next {days} days.",
+    "certs_none": "No certificate is near its end (the leader warns {days} days ahead of a "
+    "server certificate's end, a year ahead of the CA's).",
+    "cert_chain": "its chain's {chain} ends first",
     "cert_kind": "Kind",
     "cert_subject": "For",
     "cert_days": "Days left",

@@ -23,7 +23,7 @@ import jinja2
 from markupsafe import Markup
 
 from leader.viewer.i18n import LANGS, Words
-from leader.viewer.snapshot import NEAR_EXPIRY, Snapshot, Transition
+from leader.viewer.snapshot import Snapshot, Transition
 from tlsroll.enums import SERVES_PREVIOUS
 
 _ENV = jinja2.Environment(
@@ -209,7 +209,8 @@ def _values(snap: Snapshot, w: Words, page: PageContext) -> dict[str, Any]:
         # where ``Content.html`` puts the rows and timelines drawn (``Drawn``)
         "rows": [Markup(_ROWS)],  # noqa: S704 - ours
         "details": [Markup(_DETAILS)],  # noqa: S704 - ours
-        "near_days": NEAR_EXPIRY.days,
+        # ``expiry_warning_days``, as leader.toml has it (the server certificates' horizon)
+        "near_days": f"{snap.warning / dt.timedelta(days=1):g}",
     }
 
 

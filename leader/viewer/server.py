@@ -34,7 +34,6 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -164,6 +163,7 @@ class Viewer:
             ],
             agent_near=state.agent_cert_lifetime * AGENT_HORIZON_FRACTION,
             fresh=state.fresh_reports,
+            warning=dt.timedelta(days=cfg.expiry_warning_days),
         )
         scrape_token = read_scrape_token(cfg)  # a bad token file stops the leader at start
 
@@ -194,13 +194,7 @@ class Viewer:
             return False
         self._context.load_cert_chain(*self.tls_files)
         self.serving = cert
-        reader = self.reader
-        reader.own_certs = tuple(
-            c
-            if c.kind != "viewer"
-            else replace(c, fingerprint=pki.fingerprint(cert), not_after=cert.not_valid_after_utc)
-            for c in reader.own_certs
-        )
+        self.reader.own_renewed("viewer", cert)
         log.info(
             "viewer.certificate_reloaded",
             fingerprint=pki.fingerprint(cert),

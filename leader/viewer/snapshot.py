@@ -14,13 +14,14 @@ import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from sys import intern
 from typing import Any, NamedTuple
 
 from cryptography import x509
 
-from leader.expiry import AGENT_HORIZON_FRACTION, agent_horizon
+from leader.expiry import AGENT_HORIZON_FRACTION, agent_horizon, horizon_of, served_end, within
+from leader.layout import DEFAULT_WARNING
 from leader.rollout_core import NodeRecord, NodeState
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import (
@@ -36,6 +37,7 @@ from leader.store import NodesMade, Store
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
 
+# ``Reader``'s ``agent_near`` if not given (the daemon gives it: ``agent_cert_lifetime``'s half).
 NEAR_EXPIRY = dt.timedelta(days=30)
 # The rollouts whose nodes' data and timelines a Reader keeps between two reads (the newest and
 # whatever open pages select): a live page's read after a write converts and parses only what
@@ -96,10 +98,20 @@ class CertStatus:
     kind: str  # ca | leader | viewer | agent (a node's mTLS) | server (a node's 8443)
     subject: str  # the node's name; "" for the leader's own
     fingerprint: str
-    not_after: dt.datetime
+    not_after: dt.datetime  # the certificate's own end (the metrics')
     # How near its end it is shown as near (an agent's: ``leader.expiry.agent_horizon``);
-    # None: the kind's (``Snapshot.agent_near``, ``NEAR_EXPIRY``).
+    # None: the kind's, as the expiry watch's (``Snapshot.horizon``).
     near: dt.timedelta | None = None
+    # A server certificate of the practice's own (``--cert-dir``) whose chain ends before it:
+    # the chain's certificate that does (its subject) and its end
+    # (``leader.expiry.served_end``), which the page shows and the horizon counts from.
+    chain: str = ""
+    chain_end: dt.datetime | None = None
+
+    @property
+    def end(self) -> dt.datetime:
+        """When clients stop accepting it: its end, or its chain's if that comes first."""
+        return self.chain_end if self.chain_end is not None else self.not_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +148,13 @@ class Snapshot:
     its freeze windows and its server's restarts, in seconds (``SchemaStore.switch_times``)."""
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
-    overdue (``leader.expiry``: half its life left), not merely within ``NEAR_EXPIRY``; this is
-    the configured lifetime's half, each certificate's own life decides (``CertStatus.near``)."""
+    overdue (``leader.expiry``: half its life left); this is the configured lifetime's half,
+    each certificate's own life decides (``CertStatus.near``)."""
+    warning: dt.timedelta = DEFAULT_WARNING
+    """``expiry_warning_days``: the other certificates are near their end within the expiry
+    watch's horizon of their kind (``leader.expiry.horizon_of``: a year for the CA, this for
+    server certificates, this cut for the leader's and the viewer's), so the page lists what
+    `tlsroll certs check-expiration` warns of, and only that."""
     on_http_now: frozenset[str] = frozenset()
     """Of ``left_as_is``, the nodes seen on http since (``Reader._on_http_now``)."""
 
@@ -145,14 +162,17 @@ class Snapshot:
     def offline(self) -> tuple[NodeStatus, ...]:
         return tuple(n for n in self.nodes if not n.online)
 
+    def horizon(self, cert: CertStatus) -> dt.timedelta:
+        """How near its end ``cert`` is shown as near: the expiry watch's horizon of it."""
+        if cert.near is not None:
+            return cert.near
+        return self.agent_near if cert.kind == "agent" else horizon_of(cert.kind, self.warning)
+
     @property
     def near_expiry(self) -> tuple[CertStatus, ...]:
-        return tuple(
-            c
-            for c in self.certificates
-            if c.not_after - self.now
-            < (c.near or (self.agent_near if c.kind == "agent" else NEAR_EXPIRY))
-        )
+        """The certificates the expiry watch warns of (``leader.expiry.within``), by the end
+        clients go by (``CertStatus.end``)."""
+        return tuple(c for c in self.certificates if within(c.end, self.horizon(c), self.now))
 
     @property
     def attention(self) -> tuple[str, ...]:
@@ -194,6 +214,7 @@ class Reader:
         agent_near: dt.timedelta = NEAR_EXPIRY,
         *,
         fresh: FreshReports,
+        warning: dt.timedelta = DEFAULT_WARNING,
     ) -> None:
         """``own_certs``: the leader's own certificates as (kind, certificate): the CA, the
         leader's, the viewer's. ``fresh``: the nodes whose client report speaks for now
@@ -201,12 +222,14 @@ class Reader:
         that report, as for a finalize (``leader.schema_view.still_on_http_now``). Required
         (review s44rev6 L3): set by the daemon after the fact, a reader without it said
         nobody's report was fresh. Whether a node's report came since the leader started
-        is the store's (``Store.report_since_start``)."""
+        is the store's (``Store.report_since_start``). ``warning``: ``expiry_warning_days``,
+        whose horizons the page's "near expiry" goes by (``Snapshot.warning``)."""
         self.store = store
         self.schema = schema
         self.clock = clock
         self.online = online
         self.agent_near = agent_near
+        self.warning = warning
         self.own_certs = tuple(
             CertStatus(kind, "", pki.fingerprint(cert), cert.not_valid_after_utc)
             for kind, cert in own_certs
@@ -366,6 +389,7 @@ class Reader:
             selected=selected,
             timeline=timeline,
             agent_near=self.agent_near,
+            warning=self.warning,
             switch_times=self.schema.switch_times() if times else None,
             on_http_now=self._on_http_now(selected, nodes),
         )
@@ -520,14 +544,37 @@ class Reader:
             while len(kept) > KEPT_ROLLOUTS:
                 kept.popitem(last=False)
 
+    def own_renewed(self, kind: str, cert: x509.Certificate) -> None:
+        """The leader's (``kind`` "leader") or the viewer's certificate was issued again:
+        shown from now on (the expiry watch reads them from their files at every check; a
+        reader that kept the first showed it as it neared its end, renewed long since)."""
+        self.own_certs = tuple(
+            replace(c, fingerprint=pki.fingerprint(cert), not_after=cert.not_valid_after_utc)
+            if c.kind == kind
+            else c
+            for c in self.own_certs
+        )
+
     def _served(self) -> tuple[CertStatus, ...]:
         """The certificate each node serves on 8443, by one query rather than from every
-        stored rollout's nodes (``SchemaStore.served_certificates``)."""
+        stored rollout's nodes (``SchemaStore.served_certificates``), with its chain's end
+        where that comes first (``SchemaStore.own_chain_ends``), as the expiry watch has it."""
         served = self.schema.served_certificates()
-        return tuple(
-            CertStatus("server", name, fingerprint, not_after)
-            for name, (fingerprint, not_after) in sorted(served.items())
-        )
+        chains = self.schema.own_chain_ends() if served else {}
+        found = []
+        for name, (fingerprint, not_after) in sorted(served.items()):
+            end, chain = served_end(not_after, chains.get(fingerprint))
+            found.append(
+                CertStatus(
+                    "server",
+                    name,
+                    fingerprint,
+                    not_after,
+                    chain=chain,
+                    chain_end=end if chain else None,
+                )
+            )
+        return tuple(found)
 
 
 def _timeline(events: Sequence[AuditEvent]) -> dict[str, tuple[Transition, ...]]:
