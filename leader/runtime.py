@@ -433,7 +433,13 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     # viewer's certificates issued again if due (one cut to the old end is, near it).
     admin_service.ca_renewed.append(own.ca_renewed)
     if viewer is not None:
-        admin_service.ca_renewed.append(viewer.renew_if_due)
+        shown = viewer
+
+        def show_renewed() -> None:
+            shown.show_own("ca", state.ca.cert)
+            shown.show_own("leader", own.cert)
+
+        admin_service.ca_renewed += [viewer.renew_if_due, show_renewed]
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
     schema_view = SchemaViewService(
         schema,

@@ -60,7 +60,7 @@ def same_key(
     )
     for extension in cert.extensions:
         builder = builder.add_extension(extension.value, critical=extension.critical)
-    return builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    return builder.sign(key, hashes.SHA256())
 
 
 def ending_in(cluster: AdminTokenCluster, days: int) -> x509.Certificate:
@@ -282,7 +282,7 @@ def _offered(kind: str, ca: pki.CertificateAuthority) -> bytes:
         )
         for extension in ca.cert.extensions:
             builder = builder.add_extension(extension.value, critical=extension.critical)
-        return pki.cert_to_pem(builder.sign(other.key, hashes.SHA256()))  # type: ignore[arg-type]
+        return pki.cert_to_pem(builder.sign(other.key, hashes.SHA256()))
     if kind == "not a CA":
         leaf = ca.issue(ca.key.public_key(), NAMES)  # the pinned key, a leaf
         return pki.cert_to_pem(leaf)
