@@ -31,6 +31,7 @@ from leader.layout import Layout, read_passphrase, write_leader_cert
 from leader.schema_store import SchemaStore
 from leader.store import RolloutHoldsCA, Store
 from nodeagent import certwork_ops
+from nodeagent.identity import fetch_chain
 from tests.cluster import AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
@@ -38,6 +39,7 @@ from tests.test_level_based import password_file
 from tests.test_rotation import served
 from tests.test_schema_store import new_rollout
 from tlsroll import pki, spiffe
+from tlsroll.defaults import JOIN_PORT, VIEWER_PORT
 from tlsroll.errors import PKIError
 
 DAY = dt.timedelta(days=1)
@@ -165,6 +167,9 @@ def test_a_ca_near_its_end_is_renewed_with_its_key_and_reaches_agents_and_server
         # the old end, is issued again past it.
         chain = pki.load_certs_pem(cluster.tls_cert_path.read_bytes())
         assert chain[1] == new and chain[0].not_valid_after_utc > old.not_valid_after_utc
+        assert fetch_chain(address, JOIN_PORT)[1:] == [new]  # what enrolling agents get
+        viewer = fetch_chain(address, VIEWER_PORT)[0]  # issued again past the old end too
+        assert viewer.not_valid_after_utc > old.not_valid_after_utc + DAY
 
         # The agent takes it with its next renewal, and still talks to the leader with it.
         agent = node.agent
