@@ -11,6 +11,7 @@ import base64
 import datetime as dt
 import functools
 import hmac
+import inspect
 import sqlite3
 import time
 from collections import Counter
@@ -20,10 +21,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from leader import agent_features, byo
+from leader import agent_features, byo, ca_renewal
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
+from leader.layout import Layout
 from leader.node_check import check_nodes
 from leader.plan_texts import plan_texts
 from leader.planner import not_on_https, too_old
@@ -47,7 +49,7 @@ from leader.schema_store import (
 )
 from leader.schema_view import rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
-from leader.store import Node, in_rollout_text
+from leader.store import Node, RolloutHoldsCA, in_rollout_text
 from leader.tokens import JoinToken
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
 from leader.viewer.grants import Grant, Grants
@@ -244,13 +246,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         expiry: ExpiryWatch | None = None,
         endpoints: Endpoints | None = None,
         agent_credentials: grpc.ChannelCredentials | None = None,
+        layout: Layout | None = None,
     ) -> None:
-        """``viewer_url``: the web viewer's base URL (``https://ADDRESS:PORT``), empty if it
-        is off; ``grants``: its read-only grants (on the leader's database); ``endpoints``:
-        where agents reach the leader (for a token's join command); ``agent_credentials``:
-        the leader's mutual-TLS credentials for calls to agents (``CheckNodes``)."""
+        """``layout``: the leader's files (``RenewCA`` writes the CA certificate there; None:
+        it is refused); ``viewer_url``: the web viewer's base URL (``https://ADDRESS:PORT``),
+        empty if it is off; ``grants``: its read-only grants (on the leader's database);
+        ``endpoints``: where agents reach the leader (for a token's join command);
+        ``agent_credentials``: the leader's mutual-TLS credentials for calls to agents
+        (``CheckNodes``)."""
         self.endpoints = endpoints
         self.agent_credentials = agent_credentials
+        self.layout = layout
+        # Called on the event loop after the CA certificate was renewed (``RenewCA``), one
+        # after the other, an awaitable awaited: the leader serves and dials with it, and
+        # issues its own certificates again (``leader.runtime``).
+        self.ca_renewed: list[Callable[[], object]] = []
         # The commands still running whose callers went away (``runs_to_end``).
         self.carried_on: set[asyncio.Task[Any]] = set()
         self.state = state
@@ -262,7 +272,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self.expiry = expiry or ExpiryWatch(
             state.store,
             schema,
-            state.ca.cert,
+            lambda: state.ca.cert,
             lambda: [],
             state.clock,
             agent_lifetime=state.agent_cert_lifetime,
@@ -761,6 +771,37 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
         log.warning("epoch.advanced", floor=floor, was=before.leader_epoch)
         return await self._epochs()
+
+    @map_errors(ERRORS)
+    @runs_to_end
+    async def RenewCA(
+        self, request: admin_pb2.RenewCARequest, context: Ctx
+    ) -> admin_pb2.GetCAResponse:
+        """Renew the CA certificate with the same key (``leader.ca_renewal``), unless a
+        rollout has not ended (``Store.renew_ca``: its stages carry the CA certificate, and
+        certificates it prepared ahead are cut to the old end); then the leader serves, dials
+        and issues with it (``ca_renewed``). Audited (``ca.renewed``)."""
+        if self.layout is None:
+            raise failed_precondition("this leader cannot renew its CA (no data directory)")
+        active = await asyncio.to_thread(self.schema.active)
+        if active is not None:
+            raise RolloutHoldsCA(active.rollout.id, active.rollout.state.value)
+        layout, ca, now = self.layout, self.state.ca, self.state.clock()
+        detail = await asyncio.to_thread(
+            self.state.store.renew_ca,
+            functools.partial(ca_renewal.renew, layout, ca, now),
+            now=now,
+            actor=_actor(context),
+        )
+        log.warning("ca.renewed", **detail)
+        for hook in self.ca_renewed:
+            try:
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # the renewal stands; the hook's work is done later
+                log.error("ca.renewed_hook_failed", error=str(exc))
+        return await self.GetCA(admin_pb2.GetCARequest(), context)
 
     @map_errors(ERRORS)
     async def GetCA(self, request: admin_pb2.GetCARequest, context: Ctx) -> admin_pb2.GetCAResponse:

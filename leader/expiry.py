@@ -9,10 +9,12 @@ at most once a day).
 
 What is watched, and from where (no key is ever read):
 
-* ``ca``: the cluster CA; warned a year ahead (rolling a CA takes planning, see
-  docs/ca-renewal.md). No leaf outlives it (``pki.CertificateAuthority.issue``): a certificate
-  that ends with it is marked ``ends_with_ca`` and is not rotated for being near its end (a new
-  one would end no later).
+* ``ca``: the cluster CA (the certificate in use: ``tlsroll ca renew`` replaces it while the
+  leader runs); warned a year ahead, with the renewal as the advice (docs/ca-renewal.md). No
+  leaf outlives it (``pki.CertificateAuthority.issue``): a certificate that ends with it is
+  marked ``ends_with_ca`` and is not rotated for being near its end (a new one would end no
+  later); once the CA is renewed, its leaves are no longer cut, and those that ended with
+  the old certificate are renewed or rotated as any other.
 * ``leader``, ``viewer``: the leader's own certificates, from ``DATA/tls`` (``own_certs``).
   The leader issues them again by itself, ahead of their warning (``leader.layout.
   own_renew_before``): their horizon is ``expiry_warning_days`` cut to come after that
@@ -62,10 +64,11 @@ CHECK_EVERY = 3600.0  # seconds
 WARN_EVERY = dt.timedelta(days=1)  # per certificate
 
 ADVICE = {
-    "ca": "tlsroll cannot renew its CA yet (the plan: docs/ca-renewal.md), and no certificate "
-    "it issues lives past the CA's end; before then, set the cluster up again with a new CA: "
-    "tlsroll init, every node joined again (tlsroll token create --print-join-command), a "
-    "rollout, then `tlsroll client test-connection` on every workstation",
+    "ca": "no certificate the CA issues lives past its end: renew it with the same key "
+    "(`tlsroll ca renew`; its pin and every certificate stay), let the agents renew their "
+    "certificates (within 40 % of their life; they take the renewed CA then), then "
+    "`tlsroll rollout start --change rotate-cert` for the managed servers, then "
+    "`tlsroll client test-connection` on every workstation (docs/ca-renewal.md)",
     "leader": "the leader should have issued it again by itself (a check of the expiry watch "
     "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
     "the leader, which issues it at its start",
@@ -200,7 +203,7 @@ class ExpiryWatch:
         self,
         store: Store,
         schema: SchemaStore,
-        ca: x509.Certificate,
+        ca: x509.Certificate | Callable[[], x509.Certificate],
         own_certs: Callable[[], Sequence[tuple[str, x509.Certificate]]],
         clock: Callable[[], dt.datetime],
         *,
@@ -208,11 +211,12 @@ class ExpiryWatch:
         agent_lifetime: dt.timedelta = dt.timedelta(days=30),
         check_every: float = CHECK_EVERY,
     ) -> None:
-        """``own_certs`` gives the leader's own certificates (kind, certificate) as they are
-        on disk now: ``leader``, ``viewer``."""
+        """``ca``: the CA certificate, or what gives the one in use now (the leader's, which
+        ``tlsroll ca renew`` replaces while it runs); ``own_certs`` gives the leader's own
+        certificates (kind, certificate) as they are on disk now: ``leader``, ``viewer``."""
         self.store = store
         self.schema = schema
-        self.ca = ca
+        self._ca = ca
         self.own_certs = own_certs
         self.clock = clock
         self.horizon = dt.timedelta(days=warning_days)
@@ -230,10 +234,16 @@ class ExpiryWatch:
         # window's opening, while a server certificate waits for it).
         self.wake_hints: list[Callable[[], float | None]] = []
 
+    @property
+    def ca(self) -> x509.Certificate:
+        """The CA certificate in use now."""
+        return self._ca if isinstance(self._ca, x509.Certificate) else self._ca()
+
     def check(self) -> list[Expiry]:
         """Every watched certificate, soonest end first (blocking)."""
         now = self.clock()
-        found = [_of("ca", "", self.ca, horizon_of("ca", self.horizon))]
+        ca = self.ca
+        found = [_of("ca", "", ca, horizon_of("ca", self.horizon))]
         found += [
             _of(kind, "", cert, horizon_of(kind, self.horizon)) for kind, cert in self.own_certs()
         ]
@@ -283,7 +293,7 @@ class ExpiryWatch:
                 found.append(
                     Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
                 )
-        return sorted(_marked(found, self.ca), key=lambda e: (e.not_after, e.kind, e.subject))
+        return sorted(_marked(found, ca), key=lambda e: (e.not_after, e.kind, e.subject))
 
     def warnings(self) -> list[Expiry]:
         now = self.clock()

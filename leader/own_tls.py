@@ -26,6 +26,7 @@ from cryptography import x509
 
 from leader.layout import DEFAULT_WARNING, Layout, ensure_leader_identity
 from tlsroll import logs, pki
+from tlsroll.fsutil import write_atomic
 
 log = logs.get_logger(__name__)
 
@@ -90,6 +91,26 @@ class OwnTls:
             private_key=self.key_pem,
             certificate_chain=self.chain_pem,
         )
+
+    async def ca_renewed(self) -> None:
+        """The CA certificate was renewed with the same key (``tlsroll ca renew``): the chain
+        served carries the new one (same leaf), the control listener trusts it, and the
+        leader dials agents with it (``on_renewed``); then the leader's certificate is issued
+        again if that is due now (one cut to the old certificate's end is, near that end)."""
+        chain = await asyncio.to_thread(self._rechain)
+        self.chain_pem = chain
+        self._version += 1
+        for callback in self.on_renewed:
+            callback(chain)
+        log.info("leader.ca_reloaded", ca_not_after=self.ca.cert.not_valid_after_utc.isoformat())
+        await self.renew_if_due()
+
+    def _rechain(self) -> bytes:
+        """``DATA/tls/leader.pem`` written again as its leaf and the CA certificate in use."""
+        leaf = pki.load_certs_pem(Path(self.layout.tls_cert).read_bytes())[0]
+        chain = pki.cert_to_pem(leaf) + self.ca.cert_pem
+        write_atomic(self.layout.tls_cert, chain)
+        return chain
 
     async def renew_if_due(self) -> bool:
         """Issue the certificate again if it is due, and serve it; True if it did."""

@@ -379,7 +379,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     expiry = ExpiryWatch(
         state.store,
         schema,
-        state.ca.cert,
+        lambda: state.ca.cert,  # the one in use (`tlsroll ca renew` replaces it)
         lambda: own_certificates(
             [("leader", layout.tls_cert)] + ([("viewer", layout.viewer_cert)] if viewer else [])
         ),
@@ -419,6 +419,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         expiry=expiry,
         endpoints=Endpoints(cfg.address, cfg.join_port, cfg.control_port),
         agent_credentials=agent_credentials,
+        layout=layout,
     )
     admin_pb2_grpc.add_AdminServicer_to_server(admin_service, admin)
 
@@ -431,6 +432,17 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     if viewer is not None:  # the page shows the new one, as the expiry watch has it
         reader = viewer.reader
         own.on_renewed.append(lambda _chain: reader.own_renewed("leader", own.cert))
+    # `tlsroll ca renew`: served, trusted and dialled with at once, and the leader's and the
+    # viewer's certificates issued again if due (one cut to the old end is, near it).
+    admin_service.ca_renewed.append(own.ca_renewed)
+    if viewer is not None:
+        shown = viewer
+
+        def show_renewed() -> None:
+            shown.show_own("ca", state.ca.cert)
+            shown.show_own("leader", own.cert)
+
+        admin_service.ca_renewed += [viewer.renew_if_due, show_renewed]
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
     schema_view = SchemaViewService(
         schema,

@@ -72,6 +72,7 @@ from leader.store import (
     NotFound,
     Queued,
     RenewalReport,
+    RolloutHoldsCA,
     Store,
     Superseded,
     TokenRejected,
@@ -144,6 +145,7 @@ ERRORS = {
     Superseded: grpc.StatusCode.UNAUTHENTICATED,
     InRollout: grpc.StatusCode.FAILED_PRECONDITION,
     EpochFixed: grpc.StatusCode.FAILED_PRECONDITION,
+    RolloutHoldsCA: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 """Most specific class wins (``tlsroll.rpc.status_for``): NodesOffline is a PlanError, and
@@ -2414,7 +2416,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now = self.state.clock()
         issued: list[Any] = []
 
+        ca_pem: list[bytes] = []
+
         def issue() -> NodeCert:
+            ca_pem.append(self.state.ca.cert_pem)  # the certificate the leaf is issued under
             new = self.state.ca.issue(
                 public_key,
                 names,
@@ -2448,6 +2453,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             serial=recorded.serial,
             not_after=recorded.not_after.isoformat(),
         )
+        # The CA certificate it was issued with: after `tlsroll ca renew`, the agent takes
+        # the renewed one (same key, a later end) as its DATA/ca.pem.
         return leader_pb2.RenewNodeCertificateResponse(
-            certificate_pem=pki.cert_to_pem(issued[0]), not_after=timestamp(recorded.not_after)
+            certificate_pem=pki.cert_to_pem(issued[0]),
+            not_after=timestamp(recorded.not_after),
+            ca_certificate_pem=ca_pem[0],
         )

@@ -116,6 +116,17 @@ def token_command(name: str, addresses: Sequence[str] = (), dns_names: Sequence[
     return " ".join([f"tlsroll token create --node {name}", *(words or ["--address IP"])])
 
 
+class RolloutHoldsCA(TerminalError):
+    """The CA certificate is not renewed while a rollout runs: its stages carry the CA
+    certificate (``tlsroll ca renew``)."""
+
+    def __init__(self, rollout_id: str, state: str) -> None:
+        super().__init__(
+            f"rollout {rollout_id} is {state}: its stages carry the CA certificate; renew the "
+            "CA once it has ended (tlsroll rollout status)"
+        )
+
+
 class EpochFixed(TerminalError):
     """The epoch floor is not raised while a rollout runs: its epoch is fixed."""
 
@@ -2022,6 +2033,22 @@ class Store(LeaderStore):
             )
             self._audit(db, now, actor, "epoch.advanced", "leader", floor=floor)
         return floor
+
+    def renew_ca(
+        self, write: Callable[[], dict[str, Any]], *, now: dt.datetime, actor: str
+    ) -> dict[str, Any]:
+        """Renew the CA's certificate (``tlsroll ca renew``): ``write()`` writes and adopts the
+        new certificate and returns what the audit trail keeps of it, in a transaction that
+        first checks that no rollout has begun and not ended (``RolloutHoldsCA``): a rollout
+        that begins waits for this transaction, and stages the renewed CA certificate. A
+        ``write`` that fails leaves no audit entry."""
+        with self._db.tx() as db:
+            live = db.execute(_LIVE, _TERMINAL).fetchone()
+            if live is not None:
+                raise RolloutHoldsCA(live["id"], live["state"])
+            detail = write()
+            self._audit(db, now, actor, "ca.renewed", "ca", **detail)
+        return detail
 
     # --- audit --------------------------------------------------------------------------------
 

@@ -195,11 +195,35 @@ def renew_csr(request: dict[str, Any]) -> str:
     return _text(pki.csr_to_pem(pki.make_csr(key, names_of(request))))
 
 
+def renewed_ca_refused(offered: Any, held: Any, ca_pin: str) -> str | None:
+    """Why the CA certificate the leader sent with a renewal is not taken as the node's
+    ``DATA/ca.pem`` (None: taken). Taken only if it is a CA certificate, for the key the node
+    pinned (``ca_pin``), self-signed, with the subject of the one held (the leaves' issuer),
+    and ending later than it: a renewal with the same key (``tlsroll ca renew``)."""
+    if not pki.is_ca(offered):
+        return "it is not a CA certificate"
+    if not ca_pin or pki.spki_pin(offered) != ca_pin:
+        return "its key is not the CA key this node pinned ([leader].ca_pin)"
+    if not pki.issued_by(offered, offered):
+        return "it is not self-signed by the pinned key"
+    if offered.subject != held.subject:
+        return "its subject is not the one of the CA certificate this node holds"
+    if offered.not_valid_after_utc <= held.not_valid_after_utc:
+        return "it ends no later than the CA certificate this node holds"
+    return None
+
+
 def renew_install(request: dict[str, Any]) -> dict[str, Any]:
     """The leader's renewed certificate checked (issued by the node's CA for the pending key
     with exactly the node's names, carrying this node's identity) and moved into place with
     that key (``nodefiles.install_renewed``): the new identity's facts (``identity.Identity``'s,
-    as ``Identity.of`` takes them)."""
+    as ``Identity.of`` takes them).
+
+    The CA certificate the leader sent with it (``ca_certificate_pem``, after ``tlsroll ca
+    renew``), if it is not the one held: written as ``DATA/ca.pem`` (one rename) before the
+    certificate is moved into place when ``renewed_ca_refused`` finds nothing against it
+    (``ca_not_after``: its end), else left (``ca_refused``: why; the renewal goes on, under
+    the CA certificate held). Missing or empty (an older leader, an older agent): neither."""
     data_dir = Path(request["data_dir"])
     new_key = nodefiles.pending_paths(data_dir)[0]
     ca_file = nodefiles.paths(data_dir)[2]
@@ -209,8 +233,23 @@ def renew_install(request: dict[str, Any]) -> dict[str, Any]:
     td = spiffe.trust_domain(ca)
     if spiffe.of(cert) != spiffe.node(td, request["node_name"]):
         return {"refused": "the renewed certificate carries another identity"}
+    about_ca: dict[str, str] = {}
+    if request.get("ca_certificate_pem"):
+        try:
+            offered = pki.load_cert_pem(_pem(request, "ca_certificate_pem"))
+        except PKIError as exc:
+            about_ca["ca_refused"] = f"the CA certificate sent with it: {exc}"
+        else:
+            if offered != ca:
+                refused = renewed_ca_refused(offered, ca, str(request.get("ca_pin", "")))
+                if refused is None:
+                    pki.write_cert(ca_file, offered)
+                    about_ca["ca_not_after"] = offered.not_valid_after_utc.isoformat()
+                else:
+                    about_ca["ca_refused"] = f"the CA certificate sent with it: {refused}"
     nodefiles.install_renewed(data_dir, cert)
     return {
+        **about_ca,
         "not_before": cert.not_valid_before_utc.isoformat(),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "trust_domain": td,

@@ -756,9 +756,10 @@ class LeaderLink:
             self.streaming = True
         await self._take(await self.stub.Heartbeat(request, timeout=timeout))
 
-    async def renew(self, csr_pem: bytes) -> bytes:
-        """Ask the leader to renew this agent's certificate; the new certificate (PEM).
-        TransientError when the leader did not answer, RenewalRefused when it said no."""
+    async def renew(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        """Ask the leader to renew this agent's certificate; the new certificate and the CA
+        certificate the leader issues with (PEM; empty from an older leader). TransientError
+        when the leader did not answer, RenewalRefused when it said no."""
         async with self._lock:
             try:
                 reply = await self.stub.RenewNodeCertificate(
@@ -774,7 +775,7 @@ class LeaderLink:
                 raise RenewalRefused(
                     f"the leader refused the renewal: {exc.details()} ({exc.code().name})"
                 ) from None
-        return bytes(reply.certificate_pem)
+        return bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem)
 
     async def _now(self) -> tuple[int, int]:
         """The revocation list's number the agent holds and its journal's highest epoch."""

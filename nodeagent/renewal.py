@@ -202,7 +202,9 @@ class RenewalRefused(TerminalError):
 class Link(Protocol):
     """What the renewer needs of the agent's link to the leader (``nodeagent.leader_link``)."""
 
-    async def renew(self, csr_pem: bytes) -> bytes: ...
+    async def renew(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        """The new certificate and the leader's CA certificate (PEM; empty: none sent)."""
+        ...
 
 
 Renewed = Callable[[Identity], Awaitable[None] | None]
@@ -358,7 +360,7 @@ class Renewer:
         csr_pem = await self.crypto.call(
             "cert.renew_csr", {"key_file": str(new_key), "names": names}
         )
-        cert_pem = await self.link.renew(str(csr_pem).encode("ascii"))
+        cert_pem, ca_pem = await self.link.renew(str(csr_pem).encode("ascii"))
         renewed = await self.crypto.call(
             "cert.renew_install",
             {
@@ -366,10 +368,16 @@ class Renewer:
                 "data_dir": str(cfg.data_dir),
                 "names": names,
                 "node_name": cfg.node_name,
+                "ca_certificate_pem": ca_pem.decode("ascii", "surrogateescape"),
+                "ca_pin": cfg.ca_pin,
             },
         )
         if "refused" in renewed:
             raise RenewalRefused(renewed["refused"])
+        if renewed.get("ca_refused"):
+            log.warning("renewal.ca_refused", reason=renewed["ca_refused"])
+        if renewed.get("ca_not_after"):
+            log.info("agent.ca_renewed", ca_not_after=renewed["ca_not_after"])
         key_file, cert_file, ca_file = paths(cfg.data_dir)
         self.identity = Identity(
             key_file,

@@ -259,7 +259,7 @@ class FlakyLink:
         self.ca, self.cfg, self.fail, self.clock = ca, cfg, fail, clock
         self.csrs: list[bytes] = []
 
-    async def renew(self, csr: bytes) -> bytes:
+    async def renew(self, csr: bytes) -> tuple[bytes, bytes]:
         self.csrs.append(csr)
         if self.fail:
             self.fail -= 1
@@ -274,7 +274,7 @@ class FlakyLink:
             internal_dns=[spiffe.key_host(td, pki.spki_pin(key))],
             now=self.clock() if self.clock else None,
         )
-        return pki.cert_to_pem(cert)
+        return pki.cert_to_pem(cert), b""
 
 
 def test_a_failed_renewal_is_reported_and_the_next_one_uses_the_same_key(

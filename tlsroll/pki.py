@@ -394,6 +394,38 @@ class CertificateAuthority:
     def cert_pem(self) -> bytes:
         return cert_to_pem(self.cert)
 
+    def renewed_cert(self, now: dt.datetime | None = None) -> x509.Certificate:
+        """The CA certificate renewed with the same key (docs/ca-renewal.md, "renewal with the
+        same key"): its subject (and issuer), key and extensions as they are (the key
+        identifier, ``pathLenConstraint`` 0), a new serial, valid ``CA_VALIDITY_DAYS`` from
+        ``now``. Its pin and trust domain are this one's, and every leaf this CA issued
+        chains to it unchanged (same issuer name, same key)."""
+        now = now or utcnow()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(self.cert.subject)
+            .issuer_name(self.cert.subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=CA_VALIDITY_DAYS))
+        )
+        for extension in self.cert.extensions:
+            builder = builder.add_extension(extension.value, critical=extension.critical)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def adopt(self, cert: x509.Certificate) -> None:
+        """Use ``cert`` as this CA's certificate from now on (a renewal of it, as
+        ``renewed_cert`` makes): refused unless it is a self-signed CA certificate for this
+        CA's key and subject, so that its pin and trust domain stay what they were."""
+        if not is_ca(cert):
+            raise PKIError(PKIReason.NOT_CA)
+        if not key_matches(cert, self.key):
+            raise PKIError(PKIReason.KEY_MISMATCH, "CA")
+        if cert.subject != self.cert.subject or not issued_by(cert, cert):
+            raise PKIError(PKIReason.UNTRUSTED, "the renewed CA certificate")
+        self.cert = cert
+
     def issue(
         self,
         public_key: PublicKey,

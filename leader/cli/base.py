@@ -159,6 +159,7 @@ CHECK_WITH = {
     "RevokeToken": "tlsroll token list",
     "RemoveNode": "tlsroll nodes --all",
     "AdvanceEpoch": "tlsroll epoch show",
+    "RenewCA": "tlsroll ca show",
     "CreateViewerGrant": "tlsroll viewer list",
     "RevokeViewerGrant": "tlsroll viewer list",
 }

@@ -1,5 +1,5 @@
-"""``tlsroll init``, ``tlsroll ca show|revoke`` and ``tlsroll token create|list|revoke``: setting
-up the cluster (the CA, the leader's files) and letting agents join it."""
+"""``tlsroll init``, ``tlsroll ca show|renew|revoke`` and ``tlsroll token create|list|revoke``:
+setting up the cluster (the CA, the leader's files) and letting agents join it."""
 
 from __future__ import annotations
 
@@ -146,6 +146,38 @@ def ca_show(leader: Leader, as_json: bool) -> None:
             f"  {role:8} {c.subject}  {c.fingerprint}  expires {fmt_time(c, 'not_after')}"
             f" ({residual(c.residual_seconds)})"
         )
+
+
+@ca.command("renew")
+@click.option("--yes", is_flag=True, help="Do it without asking.")
+@pass_leader
+def ca_renew(leader: Leader, yes: bool) -> None:
+    """Renew the CA certificate with the same key: its subject, key and pin kept, a new serial,
+    valid 10 years from now. Every certificate it issued stays valid and chains to it; the
+    leader uses it at once (no restart). Agents take it with their next certificate renewal;
+    then run `tlsroll rollout start --change rotate-cert` (managed servers) and `tlsroll
+    client test-connection` on every workstation. Refused while a rollout has not ended.
+    Audited. See docs/ca-renewal.md."""
+    from leader.cli.draw import residual  # noqa: PLC0415 - lazy, as the command groups are
+
+    leader.require_same_code()  # before it is confirmed (exit 5; review s35 L1)
+    if not yes:
+        click.confirm(
+            "Renew the cluster CA's certificate (same key, 10 years from now)? The previous "
+            "one is kept beside it.",
+            abort=True,
+        )
+    with leader.admin() as admin:
+        reply = leader.call(admin.RenewCA, admin_pb2.RenewCARequest())
+    out.print(
+        f"renewed the CA certificate: expires {fmt_time(reply, 'not_after')} "
+        f"({residual(reply.residual_seconds)}), pin {reply.spki_pin} (unchanged)"
+    )
+    out.print(
+        "next: agents take it with their next certificate renewal (`tlsroll nodes`); then "
+        "tlsroll rollout start --change rotate-cert (managed servers), then `tlsroll client "
+        "test-connection` on every workstation"
+    )
 
 
 SERIAL_DIGITS = 32  # fewer hex digits than a serial of this CA has (``ca revoke --unknown``)

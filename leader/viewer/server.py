@@ -184,6 +184,11 @@ class Viewer:
         viewer.serving = cert
         return viewer
 
+    def show_own(self, kind: str, cert: x509.Certificate) -> None:
+        """Show ``cert`` as the leader's own certificate ``kind`` (``ca``, ``leader``) from
+        now on: the CA's after ``tlsroll ca renew``, the leader's issued again then."""
+        self.reader.own_renewed(kind, cert)
+
     def renew_if_due(self) -> bool:
         """Issue and serve a new certificate if the one served is due (see the module's
         docstring); True if it did. On the event loop: the context is the listener's."""

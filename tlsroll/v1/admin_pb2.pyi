@@ -1489,6 +1489,21 @@ class GetCARequest(_message.Message):
 Global___GetCARequest: _TypeAlias = GetCARequest  # noqa: Y015
 
 @_typing.final
+class RenewCARequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewCARequest: _TypeAlias = RenewCARequest  # noqa: Y015
+
+@_typing.final
 class GetCAResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

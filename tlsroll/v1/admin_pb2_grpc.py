@@ -85,6 +85,11 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
                 _registered_method=True)
+        self.RenewCA = channel.unary_unary(
+                '/tlsroll.v1.Admin/RenewCA',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.RenewCARequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
+                _registered_method=True)
         self.CheckExpiration = channel.unary_unary(
                 '/tlsroll.v1.Admin/CheckExpiration',
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckExpirationRequest.SerializeToString,
@@ -215,6 +220,19 @@ class AdminServicer:
 
     def GetCA(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewCA(self, request, context):
+        """Renew the cluster CA's certificate with the same key (docs/ca-renewal.md): its subject,
+        key and extensions kept, a new serial, valid 10 years from now; its pin and trust domain
+        stay, and every certificate it issued chains to it unchanged. The leader writes it (the
+        previous one kept beside it), uses it at once and audits it; agents get it with their next
+        certificate renewal, managed servers and workstations with a rotate-cert rollout.
+        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+        The CA as GetCA shows it after the renewal.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -376,6 +394,11 @@ def add_AdminServicer_to_server(servicer, server):
             'GetCA': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCA,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.SerializeToString,
+            ),
+            'RenewCA': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCA,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RenewCARequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.SerializeToString,
             ),
             'CheckExpiration': grpc.unary_unary_rpc_method_handler(
@@ -708,6 +731,33 @@ class Admin:
             target,
             '/tlsroll.v1.Admin/GetCA',
             tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/RenewCA',
+            tlsroll_dot_v1_dot_admin__pb2.RenewCARequest.SerializeToString,
             tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
             options,
             channel_credentials,

@@ -57,6 +57,15 @@ class AdminStub:
     from backup, or a node that saw an epoch no rollout of this leader had). Audited.
     """
     GetCA: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]
+    RenewCA: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RenewCARequest, _admin_pb2.GetCAResponse]
+    """Renew the cluster CA's certificate with the same key (docs/ca-renewal.md): its subject,
+    key and extensions kept, a new serial, valid 10 years from now; its pin and trust domain
+    stay, and every certificate it issued chains to it unchanged. The leader writes it (the
+    previous one kept beside it), uses it at once and audits it; agents get it with their next
+    certificate renewal, managed servers and workstations with a rotate-cert rollout.
+    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+    The CA as GetCA shows it after the renewal.
+    """
     CheckExpiration: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]
     """Every certificate in use with its residual time: the CA, the leader's, the viewer's, each
     agent's, each node's server (8443) certificate as the rollouts recorded it and every
@@ -137,6 +146,15 @@ class AdminAsyncStub(AdminStub):
     from backup, or a node that saw an epoch no rollout of this leader had). Audited.
     """
     GetCA: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]  # type: ignore[assignment]
+    RenewCA: _aio.UnaryUnaryMultiCallable[_admin_pb2.RenewCARequest, _admin_pb2.GetCAResponse]  # type: ignore[assignment]
+    """Renew the cluster CA's certificate with the same key (docs/ca-renewal.md): its subject,
+    key and extensions kept, a new serial, valid 10 years from now; its pin and trust domain
+    stay, and every certificate it issued chains to it unchanged. The leader writes it (the
+    previous one kept beside it), uses it at once and audits it; agents get it with their next
+    certificate renewal, managed servers and workstations with a rotate-cert rollout.
+    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+    The CA as GetCA shows it after the renewal.
+    """
     CheckExpiration: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]  # type: ignore[assignment]
     """Every certificate in use with its residual time: the CA, the leader's, the viewer's, each
     agent's, each node's server (8443) certificate as the rollouts recorded it and every
@@ -274,6 +292,21 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetCARequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetCAResponse, _abc.Awaitable[_admin_pb2.GetCAResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RenewCA(
+        self,
+        request: _admin_pb2.RenewCARequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetCAResponse, _abc.Awaitable[_admin_pb2.GetCAResponse]]:
+        """Renew the cluster CA's certificate with the same key (docs/ca-renewal.md): its subject,
+        key and extensions kept, a new serial, valid 10 years from now; its pin and trust domain
+        stay, and every certificate it issued chains to it unchanged. The leader writes it (the
+        previous one kept beside it), uses it at once and audits it; agents get it with their next
+        certificate renewal, managed servers and workstations with a rotate-cert rollout.
+        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+        The CA as GetCA shows it after the renewal.
+        """
 
     @_abc_1.abstractmethod
     def CheckExpiration(

@@ -50,7 +50,13 @@ class RenewNodeCertificateResponse(_message.Message):
 
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
+    ca_certificate_pem: _builtins.bytes
+    """The CA certificate the leader issues with (PEM): after `tlsroll ca renew` a renewal of the
+    one the agent holds (same key, a later end), which the agent takes as its DATA/ca.pem if it
+    is a self-signed CA certificate for the key it pinned. Empty from an older leader.
+    """
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -58,10 +64,11 @@ class RenewNodeCertificateResponse(_message.Message):
         *,
         certificate_pem: _builtins.bytes = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
+        ca_certificate_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "not_after", b"not_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "not_after", b"not_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

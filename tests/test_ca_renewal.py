@@ -1,0 +1,370 @@
+"""Renewing the cluster CA with the same key (review s46rt1 M3; docs/ca-renewal.md).
+
+The CA lived 10 years and was warned about a year ahead with one piece of advice: set the
+cluster up again. In its last year every leaf was cut to its end, so every https certificate
+stopped on the same day. ``tlsroll ca renew`` makes CA1' (CA1's subject, key, key identifier
+and extensions, a new serial, 10 years from now): its pin and trust domain are CA1's, every
+leaf chains to it unchanged. The leader uses it at once, agents take it with their next
+certificate renewal (only a self-signed CA certificate for the key they pinned), and a
+rotate-cert rollout stages it for the managed servers (and so for the workstations, which
+the bootstrap hands it to).
+
+The cluster whose CA is near its end is made by the test itself: after ``tlsroll init``, the
+CA certificate is made again with its own key, ending in 20 days (the test's own builder,
+not the product's), and the leader's certificate issued again under it (cut to that end).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from leader.layout import Layout, read_passphrase, write_leader_cert
+from leader.schema_store import SchemaStore
+from leader.store import RolloutHoldsCA, Store
+from nodeagent import certwork_ops
+from nodeagent.identity import fetch_chain
+from tests.cluster import AdminTokenCluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.test_level_based import password_file
+from tests.test_rotation import served
+from tests.test_schema_store import new_rollout
+from tlsroll import pki, spiffe
+from tlsroll.defaults import JOIN_PORT, VIEWER_PORT
+from tlsroll.errors import PKIError
+
+DAY = dt.timedelta(days=1)
+LONG = 120.0
+
+
+def same_key(
+    cert: x509.Certificate, key: pki.PrivateKey, not_before: dt.datetime, not_after: dt.datetime
+) -> x509.Certificate:
+    """``cert`` (a self-signed CA certificate) made again with its key, subject and
+    extensions, valid from ``not_before`` to ``not_after``."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    return builder.sign(key, hashes.SHA256())
+
+
+def ending_in(cluster: AdminTokenCluster, days: int) -> x509.Certificate:
+    """The cluster's CA certificate made again to end in ``days`` days (its tenth year), and
+    the leader's certificate issued again under it (cut to that end): as a cluster set up
+    almost 10 years ago."""
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    now = pki.utcnow()
+    near = same_key(ca.cert, ca.key, now - 3600 * DAY, now + days * DAY)
+    pki.write_cert(cluster.ca_cert_path, near)
+    ca = pki.CertificateAuthority(near, ca.key)
+    layout = Layout(cluster.data_dir)
+    names = pki.Names.of("leader", [cluster.address])
+    write_leader_cert(layout, ca, pki.read_key(layout.tls_key), names)
+    return near
+
+
+def expiration(cluster: AdminTokenCluster) -> tuple[int, dict[str, Any]]:
+    check = cluster.cli("certs", "check-expiration", "--json")
+    return check.returncode, {
+        c["kind"] + ("/" + c["subject"] if c.get("subject") else ""): c
+        for c in json.loads(check.stdout)["certificates"]
+    }
+
+
+def live_client_ca(node: Node) -> bytes:
+    """The CA file the managed server is configured with (what a rollout staged and the
+    node's bootstrap service hands the workstations)."""
+    with node.server.config_path.open("rb") as f:
+        config = tomllib.load(f)
+    table = config.get("server", config)
+    path = Path(table["client_ca_file"])
+    if not path.is_absolute():
+        path = node.server.config_path.parent / path
+    return path.read_bytes()
+
+
+@pytest.mark.timeout(400)
+def test_a_ca_near_its_end_is_renewed_with_its_key_and_reaches_agents_and_servers(
+    tmp_path: Path,
+) -> None:
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, tmp_path / "n0")
+    try:
+        cluster.init("--node-name", "node1")
+        old = ending_in(cluster, 20)
+        key_before = cluster.ca_key_path.read_bytes()
+        # Agents renew every 18-24 s (30-40 % of a minute): the test sees them take the CA.
+        cluster.write_leader_config({"agent_cert_lifetime": 60})
+        cluster.start_leader()
+        node.start()
+        cluster.wait_for_nodes_online(["node1"])
+        pw = password_file(tmp_path, "pw", "renewal-password-for-the-practice")
+        enable = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert enable.returncode == 0, (enable.stdout, enable.stderr)
+        before = served(node)
+        assert before.not_valid_after_utc == old.not_valid_after_utc  # cut to the CA's end
+
+        # The CA is warned about, and the advice is the renewal (it was: set up a new cluster).
+        code, certs = expiration(cluster)
+        assert code == 1 and certs["ca"]["warning"], certs["ca"]
+        assert "tlsroll ca renew" in certs["ca"]["advice"], certs["ca"]["advice"]
+        assert (
+            "rotate-cert" in certs["ca"]["advice"] and "tlsroll init" not in certs["ca"]["advice"]
+        )
+
+        # Asked, and not confirmed: nothing changes.
+        asked = cluster.cli("ca", "renew", input="n\n")
+        assert asked.returncode != 0 and cluster.ca_pem == pki.cert_to_pem(old), asked
+
+        renew = cluster.cli("ca", "renew", "--yes")
+        assert renew.returncode == 0, (renew.stdout, renew.stderr)
+        assert pki.spki_pin(old) in renew.stdout and "rotate-cert" in renew.stdout
+        new = pki.read_cert(cluster.ca_cert_path)
+        # CA1': CA1's subject, key, key identifier and extensions; a new serial and validity.
+        assert new.subject == new.issuer == old.subject
+        assert pki.spki_pin(new) == pki.spki_pin(old) and new.serial_number != old.serial_number
+        assert list(new.extensions) == list(old.extensions)
+        bc = new.extensions.get_extension_for_class(x509.BasicConstraints).value
+        assert bc.ca and bc.path_length == 0
+        assert new.not_valid_after_utc - pki.utcnow() > (pki.CA_VALIDITY_DAYS - 1) * DAY
+        assert spiffe.trust_domain(new) == spiffe.trust_domain(old)
+        assert pki.issued_by(before, new)  # the served leaf chains to it unchanged
+        assert cluster.ca_key_path.read_bytes() == key_before  # the key is left as it was
+        kept = cluster.ca_cert_path.with_name(f"ca.pem.until-{old.not_valid_after_utc:%Y-%m-%d}")
+        assert pki.read_cert(kept) == old
+        assert cluster.ca_cert_path.stat().st_mode & 0o777 == 0o644
+        shown = json.loads(cluster.cli("ca", "show", "--json").stdout)
+        assert shown["fingerprint"] == pki.fingerprint(new)
+        assert int(shown["residual_seconds"]) > (pki.CA_VALIDITY_DAYS - 1) * 86400
+        audit = [a for a in cluster.store_table("audit") if a["kind"] == "ca.renewed"]
+        assert len(audit) == 1, audit
+        assert json.loads(audit[0]["detail"])["serial"] == f"{new.serial_number:x}"
+        # The leader serves it at once: its chain carries it, and its own certificate, cut to
+        # the old end, is issued again past it.
+        chain = pki.load_certs_pem(cluster.tls_cert_path.read_bytes())
+        assert chain[1] == new and chain[0].not_valid_after_utc > old.not_valid_after_utc
+        assert fetch_chain(address, JOIN_PORT)[1:] == [new]  # what enrolling agents get
+        viewer = fetch_chain(address, VIEWER_PORT)[0]  # issued again past the old end too
+        assert viewer.not_valid_after_utc > old.not_valid_after_utc + DAY
+
+        # The agent takes it with its next renewal, and still talks to the leader with it.
+        agent = node.agent
+        assert agent is not None
+        wait_until(lambda: agent.ca_file.read_bytes() == pki.cert_to_pem(new), 60, "new ca.pem")
+        renewed_at = pki.read_cert(agent.cert_file).serial_number
+        wait_until(
+            lambda: pki.read_cert(agent.cert_file).serial_number != renewed_at,
+            60,
+            "a renewal under the new ca.pem",
+        )
+        cluster.wait_for_nodes_online(["node1"])
+        check = cluster.cli("nodes", "--check")
+        assert check.returncode == 0, (check.stdout, check.stderr)  # the leader dials it
+        assert "agent.ca_renewed" in agent.event_names()
+
+        # A rotate-cert rollout stages the renewed CA certificate, and the new server
+        # certificate is no longer cut to the old end.
+        rotate = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--change", "rotate-cert"),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+        assert live_client_ca(node) == pki.cert_to_pem(new)
+        after = served(node)
+        assert after != before and after.not_valid_after_utc > old.not_valid_after_utc + DAY
+
+        # Nothing is warned about any more.
+        code, certs = expiration(cluster)
+        assert code == 0, {k: c for k, c in certs.items() if c.get("warning")}
+        assert certs["ca"]["not_after"].startswith(f"{new.not_valid_after_utc:%Y-%m-%d}")
+
+        # And the leader starts again with it.
+        cluster.stop_leader()
+        cluster.start_leader()
+        shown = json.loads(cluster.cli("ca", "show", "--json").stdout)
+        assert shown["fingerprint"] == pki.fingerprint(new)
+        assert cluster.find_secrets(cluster.logs_text()) == []
+    finally:
+        node.close()
+        cluster.close()
+
+
+def test_the_renewal_waits_for_a_rollout_to_end(tmp_path: Path) -> None:
+    """A rollout not ended holds the CA certificate: its stages send it, and what it prepared
+    ahead was cut to the old end. The renewal is refused (one line), checked in the
+    transaction that audits it, and nothing is written."""
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    written: list[str] = []
+
+    def write() -> dict[str, Any]:
+        written.append("written")
+        return {"serial": "1"}
+
+    new_rollout(schema, "r1")
+    with pytest.raises(RolloutHoldsCA) as refused:
+        store.renew_ca(write, now=pki.utcnow(), actor="admin:test")
+    assert "rollout r1" in str(refused.value) and "\n" not in str(refused.value)
+    assert written == []
+    store.close()
+    db = sqlite3.connect(tmp_path / "leader.sqlite3")
+    try:
+        assert db.execute("SELECT COUNT(*) FROM audit WHERE kind = 'ca.renewed'").fetchone() == (0,)
+    finally:
+        db.close()
+
+
+# --- the agent takes the renewed CA certificate, and nothing else -----------------------------
+
+NAMES = pki.Names.of("n1", ["10.0.0.5"])
+
+
+def _node(tmp_path: Path) -> tuple[pki.CertificateAuthority, dict[str, Any]]:
+    """A node enrolled under a CA that ends in 20 days, with a renewal's key pending and the
+    leader's certificate for it: ``renew_install``'s request, without a CA certificate."""
+    now = pki.utcnow()
+    ca = pki.CertificateAuthority.create(now=now + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    data = tmp_path / "data"
+    data.mkdir()
+    key = pki.generate_key()
+    pki.write_key(data / "node.key.new", key)
+    cert = ca.issue(
+        key.public_key(), NAMES, client=True, identity=spiffe.node(ca.trust_domain, "n1")
+    )
+    pki.write_cert(data / "ca.pem", ca.cert)
+    return ca, {
+        "certificate_pem": pki.cert_to_pem(cert).decode(),
+        "data_dir": str(data),
+        "names": {"common_name": "n1", "ips": ["10.0.0.5"], "dns": []},
+        "node_name": "n1",
+        "ca_pin": pki.spki_pin(ca.cert),
+    }
+
+
+def _offered(kind: str, ca: pki.CertificateAuthority) -> bytes:
+    """What a leader (or someone in its place) sends as the CA certificate: ``kind``."""
+    now = pki.utcnow()
+    later = now + pki.CA_VALIDITY_DAYS * DAY
+    other = pki.CertificateAuthority.create()  # another key, and the same subject
+    if kind == "renewed":
+        return pki.cert_to_pem(same_key(ca.cert, ca.key, now, later))
+    if kind == "another key":
+        return pki.cert_to_pem(same_key(ca.cert, other.key, now, later))
+    if kind == "not self-signed":  # the pinned key, the subject, signed by another key
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(ca.cert.subject)
+            .issuer_name(ca.cert.subject)
+            .public_key(ca.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(later)
+        )
+        for extension in ca.cert.extensions:
+            builder = builder.add_extension(extension.value, critical=extension.critical)
+        return pki.cert_to_pem(builder.sign(other.key, hashes.SHA256()))
+    if kind == "not a CA":
+        leaf = ca.issue(ca.key.public_key(), NAMES)  # the pinned key, a leaf
+        return pki.cert_to_pem(leaf)
+    if kind == "older":
+        return pki.cert_to_pem(same_key(ca.cert, ca.key, now - 400 * DAY, now + DAY))
+    if kind == "another subject":
+        named = pki.CertificateAuthority.create("another CA").cert
+        renamed = same_key(named, ca.key, now, later)  # another subject, the pinned key
+        return pki.cert_to_pem(renamed)
+    if kind == "not PEM":
+        return b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+    if kind == "the same":
+        return ca.cert_pem
+    raise AssertionError(kind)
+
+
+def test_the_agent_takes_the_renewed_ca_certificate_with_its_renewal(tmp_path: Path) -> None:
+    ca, request = _node(tmp_path)
+    offered = _offered("renewed", ca)
+    answer = certwork_ops.renew_install({**request, "ca_certificate_pem": offered.decode()})
+    ca_file = tmp_path / "data" / "ca.pem"
+    assert ca_file.read_bytes() == offered
+    assert answer["ca_not_after"] == pki.load_cert_pem(offered).not_valid_after_utc.isoformat()
+    assert "ca_refused" not in answer
+    # The certificate renewed is in place, and chains to the new CA certificate.
+    assert pki.issued_by(pki.read_cert(tmp_path / "data" / "node.pem"), pki.read_cert(ca_file))
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("another key", "pinned"),
+        ("not self-signed", "self-signed"),
+        ("not a CA", "not a CA"),
+        ("another subject", "subject"),
+        ("older", "no later"),
+        ("not PEM", "certificate"),
+    ],
+)
+def test_the_agent_refuses_any_other_ca_certificate_and_renews_all_the_same(
+    tmp_path: Path, kind: str, why: str
+) -> None:
+    ca, request = _node(tmp_path)
+    answer = certwork_ops.renew_install(
+        {**request, "ca_certificate_pem": _offered(kind, ca).decode()}
+    )
+    assert why in answer["ca_refused"] and "ca_not_after" not in answer, answer
+    assert (tmp_path / "data" / "ca.pem").read_bytes() == ca.cert_pem  # left as it was
+    assert pki.read_cert(tmp_path / "data" / "node.pem").serial_number == int(answer["serial"], 16)
+
+
+@pytest.mark.parametrize("kind", ["the same", ""])
+def test_the_same_ca_certificate_or_none_changes_nothing(tmp_path: Path, kind: str) -> None:
+    """An older leader sends none; a leader whose CA was not renewed sends the one held."""
+    ca, request = _node(tmp_path)
+    if kind:
+        request["ca_certificate_pem"] = _offered(kind, ca).decode()
+    answer = certwork_ops.renew_install(request)
+    assert "ca_refused" not in answer and "ca_not_after" not in answer
+    assert (tmp_path / "data" / "ca.pem").read_bytes() == ca.cert_pem
+
+
+def test_the_leader_renews_its_ca_certificate_and_issues_past_the_old_end(tmp_path: Path) -> None:
+    """``renewed_cert``/``adopt``: the product's renewal keeps what the pin and the chains
+    depend on, and the leaves are cut to the certificate in use."""
+    now = pki.utcnow()
+    ca = pki.CertificateAuthority.create(now=now + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    leaf = ca.issue(pki.generate_key().public_key(), NAMES)
+    assert leaf.not_valid_after_utc == ca.cert.not_valid_after_utc  # cut
+    old = ca.cert
+    new = ca.renewed_cert(now)
+    assert list(new.extensions) == list(old.extensions) and new.subject == old.subject
+    assert pki.spki_pin(new) == pki.spki_pin(old) and new.serial_number != old.serial_number
+    assert pki.issued_by(leaf, new) and pki.issued_by(new, new)
+    with pytest.raises(PKIError):
+        ca.adopt(pki.CertificateAuthority.create().cert)  # another key
+    ca.adopt(new)
+    assert ca.cert == new and ca.trust_domain == spiffe.trust_domain(old)
+    longer = ca.issue(pki.generate_key().public_key(), NAMES)
+    assert longer.not_valid_after_utc > old.not_valid_after_utc  # no longer cut
