@@ -25,18 +25,20 @@
 # `uninstall` removes the units, the venv, the docs and the link, and keeps config and data
 # (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given. It is
 # refused (nothing removed) while the leader runs here with a node of a rollout on its way, and
-# --purge of a leader's data dir (the cluster CA) wants --yes, or "purge" typed on a terminal.
+# --purge of a leader's data dir (the cluster CA) or an agent's (its journal: the way back of a
+# switch) wants --yes, or "purge" typed on a terminal.
 #
 # Run again to upgrade: the new version replaces the old one in /opt/tlsroll, and the daemons
-# that run from it (the leader and the agent share it) are stopped before the swap and started
-# after it, so that no old process goes on beside new files (it would import them when it next
-# loads a module lazily, and start its children from them). The new
-# virtual environment is built beside the live one (/opt/tlsroll.new), checked, and put in its
-# place by renames; the one it replaces is kept as /opt/tlsroll.old until the next run has
-# built and checked its own (a run cut short between the two renames, a power loss, leaves no
-# /opt/tlsroll: the next run renames /opt/tlsroll.old back first). A failure on the way (a full
-# disk) leaves /opt/tlsroll as it was; so does too little space, which is refused before
-# anything is built. /opt/tlsroll may not be a mount point (a rename cannot move it).
+# that run from it (the leader and the agent share it; read again just before the swap, one
+# starting counts) are stopped before the swap and started after it, so that no old process goes
+# on beside new files (it would import them when it next loads a module lazily, and start its
+# children from them). The new virtual environment is built beside the live one
+# (/opt/tlsroll.new), checked, and put in its place by renames; the one it replaces is kept as
+# /opt/tlsroll.old until the next run has built and checked its own (a run cut short between the
+# two renames, a power loss, leaves no /opt/tlsroll: the next run renames /opt/tlsroll.old back
+# first). A failure on the way (a full disk) leaves /opt/tlsroll as it was; so does too little
+# space, which is refused before anything is built. /opt/tlsroll may not be a mount point (a
+# rename cannot move it).
 # Not while a node of a rollout is on its way: the running leader is asked first (`tlsroll
 # schema show --all`) and the upgrade refused; a rollout that awaits finalize, one paused with
 # no node on its way, and a finalize --when-quiet waiting for quiet nodes are no obstacle (the
@@ -198,13 +200,30 @@ write_whole() {
 # --- the running daemons, and whether a rollout is in the way --------------------------------
 # An upgrade restarts each one that runs, uninstall stops them: not the leader while a node of
 # a rollout is on its way (below, and "an upgrade" further on).
-running=""
-if systemd_running; then
-    for unit in tlsroll-leader tlsroll-agent; do
-        if systemctl is-active --quiet "$unit.service"; then running="$running $unit"; fi
-    done
+# read_units: running, the units systemd runs or is starting ("activating": also one that waits
+# to be restarted after it failed), each stopped for the swap and started after it; up, those
+# of them that run (the leader is asked only then). Read at the start and again just before
+# the swap (review s47rev2 L2: one started meanwhile ran the old code over the new files).
+read_units() {
+    local unit state
+    running=""
+    up=""
+    if systemd_running; then
+        for unit in tlsroll-leader tlsroll-agent; do
+            state=$(systemctl is-active "$unit.service" 2>/dev/null) || true
+            case "$state" in
+                active | reloading | refreshing)
+                    running="$running $unit"
+                    up="$up $unit"
+                    ;;
+                activating) running="$running $unit" ;;
+            esac
+        done
+    fi
     running=${running# }
-fi
+    up=${up# }
+}
+read_units
 if [ "$role" = uninstall ]; then
     anyway="(to uninstall anyway: systemctl stop tlsroll-leader first)"
 else
@@ -247,7 +266,7 @@ print("busy" if busy else "quiet", "; ".join(busy or quiet))' <<<"$answer" 2>/de
 # stopped) while a node of a rollout is on its way; say so if a rollout not ended is no obstacle.
 check_rollouts() {
     local found
-    if [ "$restart_later" = yes ] || [[ " $running " != *" tlsroll-leader "* ]]; then return 0; fi
+    if [ "$restart_later" = yes ] || [[ " $up " != *" tlsroll-leader "* ]]; then return 0; fi
     found=$(rollouts_in_the_way) || exit 1 # it said why
     case "$found" in
         busy\ *)
@@ -258,7 +277,10 @@ check_rollouts() {
             ;;
         "quiet ") ;;
         *)
-            if [ "$role" = uninstall ]; then
+            if [ "$role" = uninstall ] && [ "$purge" = yes ]; then
+                # Not "it stays so": its store is about to go (review s47rev2 L4).
+                say "${found#quiet }: --purge deletes it with the leader's store (its nodes stay as they are; no tlsroll can finalize it or take it back then)"
+            elif [ "$role" = uninstall ]; then
                 say "${found#quiet }: it stays so while tlsroll is not installed"
             else
                 say "${found#quiet }: the leader's restart is safe there (it goes on where it was)"
@@ -373,15 +395,28 @@ fi
 if [ "$role" = uninstall ]; then
     check_rollouts ""
     # The leader's data dir holds the cluster CA: without it no node gets a certificate again.
-    if [ "$purge" = yes ] && [ "$yes" = no ] && [ -n "$(ls -A "$LEADER_DATA" 2>/dev/null)" ]; then
-        deletes="--purge deletes $LEADER_DATA: the cluster CA (its key) and the leader's store"
+    # The agent's holds its journal: the managed server's config as it was before each switch,
+    # the way back of a rollout awaiting finalize or taken back (review s47rev2 L4).
+    deletes=""
+    backup=""
+    if [ "$purge" = yes ] && [ "$yes" = no ]; then
+        if [ -n "$(ls -A "$LEADER_DATA" 2>/dev/null)" ]; then
+            deletes="$LEADER_DATA: the cluster CA (its key) and the leader's store"
+            backup="a backup first: tlsroll-leader --backup DIR"
+        fi
+        if [ -n "$(ls -A "$AGENT_DATA" 2>/dev/null)" ]; then
+            deletes="${deletes:+$deletes, and }$AGENT_DATA: the agent's key and its journal (the server's config before each switch: the way back of a rollout awaiting finalize or taken back)"
+        fi
+    fi
+    if [ -n "$deletes" ]; then
+        deletes="--purge deletes $deletes"
         if [ -t 0 ] && [ -t 2 ]; then
-            printf 'install.sh: %s; a backup first: tlsroll-leader --backup DIR. Type purge to go on: ' "$deletes" >&2
+            printf 'install.sh: %s%s. Type purge to go on: ' "$deletes" "${backup:+; $backup}" >&2
             answer=""
             read -r answer || true
             [ "$answer" = purge ] || die "not confirmed; nothing removed"
         else
-            die "$deletes: give --yes too (a backup first: tlsroll-leader --backup DIR); nothing removed"
+            die "$deletes: give --yes too${backup:+ ($backup)}; nothing removed"
         fi
     fi
     if systemd_running; then
@@ -561,12 +596,16 @@ done
 check_rollouts ""
 # What is restarted once installed (restart_now) and what --restart-later holds back (held):
 # only the leader; the agent is restarted at once (old code must not go on over new files).
-restart_now=""
-held=""
-for unit in $running; do
-    if [ "$unit" = tlsroll-leader ] && [ "$restart_later" = yes ]; then held=$unit; else restart_now="$restart_now $unit"; fi
-done
-restart_now=${restart_now# }
+plan_restarts() {
+    local unit
+    restart_now=""
+    held=""
+    for unit in $running; do
+        if [ "$unit" = tlsroll-leader ] && [ "$restart_later" = yes ]; then held=$unit; else restart_now="$restart_now $unit"; fi
+    done
+    restart_now=${restart_now# }
+}
+plan_restarts
 if [ "$check_only" = yes ]; then
     would="install"
     if [ -n "$restart_now" ]; then would="$would and restart ${restart_now// /, }"; fi
@@ -652,6 +691,10 @@ fi
 # Again, just before the swap: a rollout may have started while the new version was built
 # (auto_rotate starts one by itself). Refused, the new venv removed: nothing changed.
 discard_new=yes
+# Which daemons run, read again: one started while the new version was built (by hand, or by
+# systemd after it failed) is stopped for the swap and started after it too.
+read_units
+plan_restarts
 check_rollouts " (it started while the new version was built)"
 discard_new=no
 # The daemons that run from $VENV stop before the swap and start after it (review s46rt2 L2: a

@@ -463,7 +463,8 @@ FAKE_SYSTEMCTL = """#!/bin/sh
 mkdir -p /var/lib/fake-systemd
 echo "$*" >>/var/lib/fake-systemd/calls
 case "$1" in
-    is-active) [ -e "/var/lib/fake-systemd/$3" ] ;;
+    is-active)
+        if [ -e "/var/lib/fake-systemd/$2" ]; then echo active; else echo inactive; exit 3; fi ;;
     *) exit 0 ;;
 esac
 """

@@ -67,15 +67,27 @@ def test_install_sh_knows_the_schemas_of_this_tlsroll() -> None:
 # --- stand-ins: the installed venv and systemctl ---------------------------------------------
 
 FAKE_SYSTEMCTL = """#!/bin/sh
-# systemctl as install.sh uses it: a unit is active while /var/lib/fake-systemd/UNIT exists;
-# try-restart or start UNIT fails while /var/lib/fake-systemd/fail-UNIT exists; every call is
-# logged, and in calls-at with which /opt/tlsroll it met ("old": the one fake_venv made).
+# systemctl as install.sh uses it: a unit is active while /var/lib/fake-systemd/UNIT exists
+# (in the state that file holds, if any: "activating"); one whose later-UNIT exists is inactive
+# at the first look and active from then on (started meanwhile); try-restart or start UNIT
+# fails while /var/lib/fake-systemd/fail-UNIT exists; every call is logged, and in calls-at
+# with which /opt/tlsroll it met ("old": the one fake_venv made).
 mkdir -p /var/lib/fake-systemd
 echo "$*" >>/var/lib/fake-systemd/calls
 if [ -e /opt/tlsroll/FAKE-OLD ]; then at=old; else at=new; fi
 echo "$* $at" >>/var/lib/fake-systemd/calls-at
 case "$1" in
-    is-active) [ -e "/var/lib/fake-systemd/$3" ] ;;
+    is-active)
+        unit=$2 say=echo
+        if [ "$unit" = --quiet ]; then unit=$3 say=:; fi
+        if [ -e "/var/lib/fake-systemd/later-$unit" ]; then
+            mv "/var/lib/fake-systemd/later-$unit" "/var/lib/fake-systemd/$unit"
+            $say inactive
+            exit 3
+        fi
+        state=$(cat "/var/lib/fake-systemd/$unit" 2>/dev/null) || state=inactive
+        $say "${state:-active}"
+        [ "${state:-active}" = active ] ;;
     try-restart | start) [ ! -e "/var/lib/fake-systemd/fail-$2" ] ;;
     *) exit 0 ;;
 esac
@@ -98,7 +110,7 @@ def fake_systemd(throwaway: ThrowawayRoot, *active: str, failing: str = "") -> N
         "mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/system && "
         f"cat >/usr/local/sbin/systemctl <<'EOF'\n{FAKE_SYSTEMCTL}EOF\n"
         "chmod 0755 /usr/local/sbin/systemctl && mkdir -p /var/lib/fake-systemd && "
-        f"touch {marks} {fail}"
+        f"touch /var/lib/fake-systemd/calls {marks} {fail}"
     )
 
 
@@ -396,6 +408,17 @@ def test_the_leader_may_be_restarted_unless_a_node_of_a_rollout_is_on_its_way(
 # --- real builds: every unit restarted (M1), and the check again before the swap (L5) ------
 
 
+# As FAKE_SYSTEMCTL, and each stop notes whether /opt/tlsroll.old (the version before the
+# installed one) is still there when the daemons stop.
+NOTES_OLD_VENV_AT_STOP = FAKE_SYSTEMCTL.replace(
+    'case "$1" in',
+    'if [ "$1" = stop ] && [ -e /opt/tlsroll.old ]; then\n'
+    '    echo "$2" >>/var/lib/fake-systemd/stopped-with-old-old\n'
+    "fi\n"
+    'case "$1" in',
+)
+
+
 @pytest.mark.timeout(600)
 def test_every_unit_is_restarted_even_if_one_fails_and_a_downgrade_says_so(
     throwaway: ThrowawayRoot, cluster: Cluster, tmp_path: Path, bundle: Path
@@ -403,11 +426,17 @@ def test_every_unit_is_restarted_even_if_one_fails_and_a_downgrade_says_so(
     """The restart loop stopped at the first failure: the leader node's agent was never
     restarted and ran old code over new files. And an older version said "upgraded". Review
     s46rt2 L2: restarted after the swap, the old agent finished its switch over the new files
-    (its lazy imports, its children); now every daemon stops before the swap and starts after."""
+    (its lazy imports, its children); now every daemon stops before the swap and starts after.
+    Review s47rev2 L1: /opt/tlsroll.old (a whole venv) was deleted once they had stopped, in
+    the outage; it goes before they stop."""
     version = (bundle / "BUNDLE").read_text().split("version=", 1)[1].split()[0]
     fake_venv(throwaway, cluster, tmp_path, version="99.0.0")
     fake_systemd(throwaway, "tlsroll-leader", "tlsroll-agent", failing="tlsroll-leader")
-    throwaway.ok("install -d -m 0750 /var/lib/tlsroll && touch /var/lib/tlsroll/leader.toml")
+    throwaway.ok(
+        f"cat >/usr/local/sbin/systemctl <<'EOF'\n{NOTES_OLD_VENV_AT_STOP}EOF\n"
+        "mkdir /opt/tlsroll.old && touch /opt/tlsroll.old/OLD-OLD && "
+        "install -d -m 0750 /var/lib/tlsroll && touch /var/lib/tlsroll/leader.toml"
+    )
     install = shlex.quote(str(bundle / "install.sh"))
     result = throwaway.run(
         f"{install} leader --address 127.0.0.2 --node-name srv1 {server_python()}",
@@ -431,6 +460,9 @@ def test_every_unit_is_restarted_even_if_one_fails_and_a_downgrade_says_so(
         "start tlsroll-agent.service new",
     ], calls
     assert throwaway.ok("/opt/tlsroll/bin/tlsroll --version").strip().endswith(version)
+    stopped_with_it = throwaway.run("cat /var/lib/fake-systemd/stopped-with-old-old").stdout
+    assert stopped_with_it == "", stopped_with_it  # /opt/tlsroll.old was gone at each stop
+    throwaway.ok("test -e /opt/tlsroll.old/FAKE-OLD")  # now the version it replaced
 
 
 # As FAKE_SYSTEMCTL, but the run is cut short (SIGHUP to install.sh: the admin's SSH session
@@ -476,6 +508,42 @@ def test_a_run_cut_short_while_a_daemon_stops_starts_it_again(
         "start tlsroll-leader.service old",  # the swap never came: the old version
         "start tlsroll-agent.service old",
     ], calls
+
+
+@pytest.mark.timeout(600)
+def test_a_daemon_started_during_the_build_or_starting_is_stopped_for_the_swap_too(
+    throwaway: ThrowawayRoot, cluster: Cluster, tmp_path: Path, bundle: Path
+) -> None:
+    """Review s47rev2 L2: which daemons run was read once, at the start, minutes before the
+    stop: one started meanwhile (here the leader, by hand) or one starting then ("activating":
+    the agent waiting to be restarted after it failed) was neither stopped nor started and ran
+    the old code over the new files. Now it is read again just before the stop, and a starting
+    unit counts."""
+    version = (bundle / "BUNDLE").read_text().split("version=", 1)[1].split()[0]
+    fake_venv(throwaway, cluster, tmp_path, version="99.0.0")
+    fake_systemd(throwaway)
+    throwaway.ok(
+        "touch /var/lib/fake-systemd/later-tlsroll-leader.service && "
+        "echo activating >/var/lib/fake-systemd/tlsroll-agent.service && "
+        "install -d -m 0750 /var/lib/tlsroll && touch /var/lib/tlsroll/leader.toml"
+    )
+    install = shlex.quote(str(bundle / "install.sh"))
+    result = throwaway.run(
+        f"{install} leader --address 127.0.0.2 --node-name srv1 {server_python()}",
+        BUILD_TIMEOUT,
+        network=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = restart_calls(throwaway)
+    assert calls == [
+        "stop tlsroll-leader.service old",
+        "stop tlsroll-agent.service old",
+        "start tlsroll-leader.service new",
+        "start tlsroll-agent.service new",
+    ], calls
+    assert result.stdout.splitlines()[-1] == (
+        f"install.sh: downgraded 99.0.0 -> {version}; restarted tlsroll-leader, tlsroll-agent"
+    ), result.stdout
 
 
 GATED_PYTHON = """#!/bin/sh
@@ -580,6 +648,17 @@ def test_uninstall_is_refused_while_a_node_of_a_rollout_is_on_its_way(
     phase1 = dict(rollout_id="r-phase1", epoch=1, state="awaiting_finalize",
                   nodes={"n1": "dual", "n2": "dual"}, strategy="transitional")  # fmt: skip
     rollouts_now(cluster, phase1)
+    # Review s47rev2 L4: --purge said "it stays so" of a rollout whose store it then deleted.
+    throwaway.ok("install -d -m 0750 /var/lib/tlsroll && touch /var/lib/tlsroll/leader.sqlite3")
+    before = throwaway.changed()
+    purge = uninstall(throwaway, "--purge")
+    assert purge.returncode == 1, purge.stdout + purge.stderr
+    assert purge.stdout == (
+        "install.sh: rollout r-phase1 awaits finalize: --purge deletes it with the leader's "
+        "store (its nodes stay as they are; no tlsroll can finalize it or take it back then)\n"
+    ), purge.stdout
+    assert "give --yes too" in purge.stderr, purge.stderr
+    assert throwaway.changed() == before
     done = uninstall(throwaway)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[0] == (
@@ -630,6 +709,45 @@ def test_uninstall_purge_of_a_leader_data_dir_wants_yes_or_purge_typed(
     throwaway.ok("mkdir -p /var/lib/tlsroll/ca /opt/tlsroll && touch /var/lib/tlsroll/ca/ca.key")
     assert uninstall(throwaway, "--purge --yes").returncode == 0
     throwaway.ok("! test -e /var/lib/tlsroll")
-    throwaway.ok("mkdir -p /var/lib/tlsroll-agent /opt/tlsroll && touch /var/lib/tlsroll-agent/j")
+    throwaway.ok("mkdir -p /var/lib/tlsroll-agent /opt/tlsroll")
     assert uninstall(throwaway, "--purge").returncode == 0
     throwaway.ok("! test -e /var/lib/tlsroll-agent")
+
+
+AGENT_DELETES = (
+    "/var/lib/tlsroll-agent: the agent's key and its journal (the server's config before each "
+    "switch: the way back of a rollout awaiting finalize or taken back)"
+)
+
+
+def test_uninstall_purge_of_an_agent_data_dir_wants_yes_too(throwaway: ThrowawayRoot) -> None:
+    """Review s47rev2 L4: on an agent node --purge deleted /var/lib/tlsroll-agent, the journal
+    that holds the way back of a rollout awaiting finalize, without a question. Now it wants
+    --yes (or "purge" typed) as a leader's data dir does; refused, it removes nothing."""
+    throwaway.ok(
+        "mkdir -p /opt/tlsroll/bin /etc/tlsroll /var/lib/tlsroll-agent/txn && cd / && touch "
+        "opt/tlsroll/installed-files etc/tlsroll/agent.toml var/lib/tlsroll-agent/journal.sqlite3"
+    )
+    before = throwaway.changed()
+    refused = uninstall(throwaway, "--purge")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr == (
+        f"install.sh: --purge deletes {AGENT_DELETES}: give --yes too; nothing removed\n"
+    )
+    assert throwaway.changed() == before
+
+    # A node with both: one question for both.
+    throwaway.ok("mkdir -p /var/lib/tlsroll/ca && touch /var/lib/tlsroll/ca/ca.key")
+    before = throwaway.changed()
+    refused = uninstall(throwaway, "--purge")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr == (
+        "install.sh: --purge deletes /var/lib/tlsroll: the cluster CA (its key) and the "
+        f"leader's store, and {AGENT_DELETES}: give --yes too (a backup first: tlsroll-leader "
+        "--backup DIR); nothing removed\n"
+    )
+    assert throwaway.changed() == before
+
+    done = uninstall(throwaway, "--purge --yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    throwaway.ok("! test -e /var/lib/tlsroll-agent && ! test -e /var/lib/tlsroll")

@@ -457,10 +457,12 @@ template = "/etc/tlsroll/praxis.toml.tmpl"
 """
 
 
-def join_script_for(cluster: Cluster, name: str, etc: Path, data: Path) -> str:
+def join_script_for(cluster: Cluster, name: str, etc: Path, data: Path | None) -> str:
+    """The join script for ``name``; ``data`` None: no --agent-data-dir."""
     made = cluster.cli(
         "token", "create", "--node", name, "--address", next_loopback(),
-        "--print-join-command", "--agent-config-dir", str(etc), "--agent-data-dir", str(data),
+        "--print-join-command", "--agent-config-dir", str(etc),
+        *(("--agent-data-dir", str(data)) if data else ()),
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     token = re.search(r"^printf '%s\\n' '?([\w-]+\.[\w-]+)'? > ", made.stdout, re.MULTILINE)
@@ -518,6 +520,96 @@ def test_a_join_again_keeps_the_server_table_and_agent_settings_and_every_earlie
         "agent.toml",
         "join-token",
     ]
+
+
+def test_a_join_again_keeps_the_data_dir_unless_the_join_command_names_one(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Review s47rev2 L5: a join run again set [agent] data_dir to the default unless
+    --agent-data-dir was given again: the agent started on an empty data dir, its journal left
+    in the old one. Now the agent.toml's own stays (said) unless the command names one."""
+    cluster.start_leader()
+    etc, data = cluster.root / "node-etc", tmp_path / "custom-data"
+    etc.mkdir()
+    config = etc / "agent.toml"
+    config.write_text(OLD_AGENT_TOML.format(pin="0" * 64, data=data))
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+
+    script = join_script_for(cluster, "node7", etc, None)
+    ran = run_join(script, path)
+    assert ran.returncode == 0, ran.stderr
+    (kept,) = etc.glob("agent.toml.before-join.*")
+    assert ran.stdout == (
+        "join: kept [server] (driver systemd), [agent] bootstrap_port, data_dir, log_level of "
+        f"the agent.toml that was there; [agent] data_dir stays {data} (the join command named "
+        f"none: --agent-data-dir); all of it is in {kept}\n"
+    ), ran.stdout
+    loaded = AgentConfig.load(config)
+    assert loaded.data_dir == data and loaded.bootstrap_port == 9543
+    assert loaded.leader_address == cluster.address
+    assert config.read_text().count("data_dir") == 1, config.read_text()
+
+    # Named: the join's data dir, said as before.
+    other = tmp_path / "other-data"
+    ran = run_join(join_script_for(cluster, "node7", etc, other), path)
+    assert ran.returncode == 0, ran.stderr
+    assert f"; [agent] data_dir is now {other} (it was {data}: --agent-data-dir)" in ran.stdout
+    assert AgentConfig.load(config).data_dir == other
+
+    # A node with no agent.toml yet: the default.
+    fresh = tmp_path / "fresh-etc"
+    ran = run_join(join_script_for(cluster, "node8", fresh, None), path)
+    assert ran.returncode == 0, ran.stderr
+    assert AgentConfig.load(fresh / "agent.toml").data_dir == Path("/var/lib/tlsroll-agent")
+
+
+def test_a_join_writes_a_symlinked_agent_toml_where_it_points(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Review s47rev2 L7: the join renamed its config over agent.toml, so a symbolic link (an
+    admin keeping the config elsewhere) became a plain file, the file it named left as it
+    was. Now the config is written where the link points (said), the link stays; a link to no
+    file is refused, nothing changed."""
+    cluster.start_leader()
+    etc, elsewhere = cluster.root / "node-etc", tmp_path / "elsewhere"
+    etc.mkdir()
+    elsewhere.mkdir()
+    target, config = elsewhere / "agent.toml", etc / "agent.toml"
+    old = OLD_AGENT_TOML.format(pin="0" * 64, data=tmp_path / "data")
+    target.write_text(old)
+    config.symlink_to(target)
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+
+    ran = run_join(join_script_for(cluster, "node7", etc, None), path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[-1] == (
+        f"join: {config} is a symbolic link: the config is written to {target}, where it points"
+    ), ran.stdout
+    assert config.is_symlink() and config.readlink() == target
+    loaded = AgentConfig.load(config)  # as the agent reads it, through the link
+    assert loaded.leader_address == cluster.address and loaded.server is not None
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    (kept,) = etc.glob("agent.toml.before-join.*")
+    assert not kept.is_symlink() and kept.read_text() == old
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["agent.toml"]  # no temporary file
+    assert sorted(p.name for p in etc.iterdir() if "before-join" not in p.name) == [
+        "agent.toml",
+        "join-token",
+    ]
+
+    # A link to no file: refused before anything is written.
+    dangling_etc = tmp_path / "dangling-etc"
+    dangling_etc.mkdir()
+    nowhere = tmp_path / "nowhere" / "agent.toml"
+    (dangling_etc / "agent.toml").symlink_to(nowhere)
+    ran = run_join(join_script_for(cluster, "node8", dangling_etc, None), path)
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert ran.stderr == (
+        f"join: {dangling_etc / 'agent.toml'} is a symbolic link to {nowhere}, which is not a "
+        "file: point it at the agent's config or remove it; nothing changed\n"
+    ), ran.stderr
+    assert [p.name for p in dangling_etc.iterdir()] == ["agent.toml"]
+    assert (dangling_etc / "agent.toml").is_symlink() and not nowhere.parent.exists()
 
 
 def test_a_join_with_no_python_to_keep_the_server_table_changes_nothing(

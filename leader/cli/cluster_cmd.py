@@ -28,6 +28,9 @@ from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
 from tlsroll.v1 import admin_pb2
 
+AGENT_DATA_DIR = Path("/var/lib/tlsroll-agent")
+"""The agent's data dir in a join script's config when ``--agent-data-dir`` names none."""
+
 
 @click.command()
 @click.option(
@@ -269,9 +272,10 @@ def token() -> None:
 @click.option(
     "--agent-data-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=Path("/var/lib/tlsroll-agent"),
-    show_default=True,
-    help="With --print-join-command: the agent's data_dir in the config it writes.",
+    default=None,
+    help="With --print-join-command: the agent's data_dir in the config it writes "
+    f"[default: {AGENT_DATA_DIR}; an agent.toml already there keeps its own unless this is "
+    "given].",
 )
 @pass_leader
 def token_create(
@@ -284,7 +288,7 @@ def token_create(
     description: str,
     print_join_command: bool,
     agent_config_dir: Path,
-    agent_data_dir: Path,
+    agent_data_dir: Path | None,
 ) -> None:
     """Create a join token for one node and print it (shown once; only its hash is kept).
 
@@ -294,13 +298,17 @@ def token_create(
     With --print-join-command it prints, instead, a shell script to run as root on that node:
     it writes the agent's config and the token file. An agent.toml already there is copied to
     agent.toml.before-join.TIME (never over an earlier copy), and its [server] table and the
-    [agent] settings the script does not set are kept, said in one line; check the [server]
-    table (the managed server's driver, see the example agent.toml) and start the agent."""
+    [agent] settings the script does not set are kept (its data_dir too unless
+    --agent-data-dir is given), said in one line; check the [server] table (the managed
+    server's driver, see the example agent.toml) and start the agent. An agent.toml that is a
+    symbolic link is written where it points (a link to no file is refused)."""
     seconds = parse_duration(ttl)
     for option, path in (
         ("--agent-config-dir", agent_config_dir),
         ("--agent-data-dir", agent_data_dir),
     ):
+        if path is None:
+            continue
         if print_join_command and not path.is_absolute():
             raise click.BadParameter("must be an absolute path", param_hint=option)
         # It goes into a shell script run as root (in comments and quoted words): a newline or
@@ -345,9 +353,12 @@ def one_use(uses: int) -> int:
     return uses
 
 
-def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir: Path) -> str:
+def join_script(
+    reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir: Path | None
+) -> str:
     """A POSIX shell script that writes an agent's config and join token for the node the token
-    names, each 0600 (the token in its own file, never in the config)."""
+    names, each 0600 (the token in its own file, never in the config). ``data_dir`` None: the
+    default, and an agent.toml already there keeps its own (review s47rev2 L5)."""
     info = reply.info
     config_file, token_file = config_dir / "agent.toml", config_dir / "join-token"
     leader_table: dict[str, object] = {
@@ -367,13 +378,18 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
                 "dns_names": list(info.dns_names),
             },
             "leader": leader_table,
-            "agent": {"data_dir": data_dir},
+            "agent": {"data_dir": data_dir or AGENT_DATA_DIR},
         },
         f"tlsroll agent {info.node_name} (written by `tlsroll token create --print-join-command`)",
     )
     marker, merge = "TLSROLL_AGENT_TOML", "TLSROLL_JOIN_MERGE"
     q = shlex.quote
     conf, new = q(str(config_file)), q(f"{config_file}.join")
+    keep = "" if data_dir else f" {join_merge.KEEP_DATA_DIR}"
+    dangling = (
+        "join: %s is a symbolic link to %s, which is not a file: point it at the agent's "
+        "config or remove it; nothing changed\\n"
+    )
     lines = [
         "#!/bin/sh",
         f"# Run as root on node {info.node_name} ({', '.join(info.addresses)}). It writes",
@@ -383,12 +399,27 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         "set -eu",
         "umask 077",
         f"mkdir -p {q(str(config_dir))}",
+        "# An agent.toml that is a symbolic link is written where it points; a link to no file",
+        "# is refused.",
+        f"dest={conf}",
+        f"if [ -L {conf} ]; then",
+        f"    dest=$(readlink -f {conf}) || dest=",
+        '    if [ -z "$dest" ] || [ ! -f "$dest" ]; then',
+        f'        printf {q(dangling)} {conf} "$(readlink {conf})" >&2',
+        "        exit 1",
+        "    fi",
+        "fi",
         f"cat > {new} <<'{marker}'",
         config.rstrip("\n"),
         marker,
         "# An agent.toml already there (install.sh's example, a node joined before) is copied",
         "# whole to agent.toml.before-join.TIME, and its [server] table and the [agent] settings",
         "# this script does not set are kept (by the node's Python: tlsroll's, or python3 3.11+).",
+        *(
+            ["# Its [agent] data_dir too: this script names none (no --agent-data-dir)."]
+            if keep
+            else []
+        ),
         f"if [ -e {conf} ]; then",
         "    py=",
         "    for candidate in /opt/tlsroll/bin/python python3; do",
@@ -411,13 +442,24 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         "    base=$kept n=1",
         '    while [ -e "$kept" ]; do kept=$base.$n; n=$((n + 1)); done',
         f'    cp -p {conf} "$kept"',
-        f'    "$py" -I - "$kept" {new} <<\'{merge}\' || {{ rm -f {new}; exit 1; }}',
+        f'    "$py" -I - "$kept" {new}{keep} <<\'{merge}\' || {{ rm -f {new}; exit 1; }}',
         join_merge_source().rstrip("\n"),
         merge,
         "fi",
         f"printf '%s\\n' {q(reply.token)} > {q(str(token_file))}",
         f"chmod 600 {new} {q(str(token_file))}",
-        f"mv -f {new} {conf}",
+        f'if [ "$dest" = {conf} ]; then',
+        f"    mv -f {new} {conf}",
+        "else",
+        "    # Beside the file the link names, created new (no link followed), then renamed.",
+        f'    tmp=$(mktemp "$dest.join.XXXXXX") || {{ rm -f {new}; exit 1; }}',
+        f'    cat {new} > "$tmp" && chmod 600 "$tmp" && mv -f "$tmp" "$dest" ||',
+        f'        {{ rm -f "$tmp" {new}; exit 1; }}',
+        f"    rm -f {new}",
+        "    printf "
+        + q("join: %s is a symbolic link: the config is written to %s, where it points\\n")
+        + f' {conf} "$dest"',
+        "fi",
         "# Next: check the [server] table for the managed server (kept from the agent.toml",
         "# that was there, else from the example agent.toml), then:",
         "# systemctl enable --now tlsroll-agent",

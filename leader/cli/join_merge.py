@@ -4,11 +4,14 @@ The script writes the agent's config for the node the token names; a node that a
 ``agent.toml`` (install.sh's example, or a node joined again after ``tlsroll init``) keeps what
 the join does not set: the ``[server]`` table (and any other table but ``[node]`` and
 ``[leader]``) and the ``[agent]`` settings other than ``data_dir`` (``port``,
-``bootstrap_port`` …), review s46rt2 L3. The script runs this file's text with the node's
-Python (``python - KEPT NEW``, stdlib only: the node may have no tlsroll to import): ``KEPT``
-is the copy of the old config, ``NEW`` the join's config, rewritten in place with what is kept
-and checked by reading it back; one line on stdout says what was kept. Exit 1 (``NEW``
-unchanged, one line on stderr) if the result would not hold exactly that.
+``bootstrap_port`` …), review s46rt2 L3; and its ``data_dir`` too unless the join command named
+one (``--agent-data-dir``: the script then runs the merge without ``--keep-data-dir``), review
+s47rev2 L5: the agent started on an empty data dir, its journal left in the old one. The script
+runs this file's text with the node's Python (``python - KEPT NEW [--keep-data-dir]``, stdlib
+only: the node may have no tlsroll to import): ``KEPT`` is the copy of the old config, ``NEW``
+the join's config, rewritten in place with what is kept and checked by reading it back; one
+line on stdout says what was kept. Exit 1 (``NEW`` unchanged, one line on stderr) if the result
+would not hold exactly that.
 
 The kept tables are copied as text (the admin's comments stay); a file whose tables cannot be
 told apart line by line (a quoted table name, a ``[`` at the start of a line in a multi-line
@@ -29,6 +32,8 @@ JOINED = ("node", "leader")
 """Tables the join writes whole: the old ones are replaced."""
 JOINED_AGENT_KEYS = ("data_dir",)
 """The ``[agent]`` keys the join sets; the old table's other keys are kept."""
+KEEP_DATA_DIR = "--keep-data-dir"
+"""The merge's third argument when the join command named no data dir: the old one stays."""
 
 _HEADER = re.compile(r"\s*\[\[?\s*([A-Za-z0-9_-]+)\s*(?:[.\]])")
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
@@ -72,25 +77,43 @@ def _table(name: str, table: Mapping[str, object]) -> str:
     return f"\n[{_key(name)}]\n" + "".join(f"{_key(k)} = {_value(v)}\n" for k, v in table.items())
 
 
-def merged_text(old_text: str, new_text: str) -> tuple[str, dict[str, object]]:
+def joined_agent_keys(old_agent: Mapping[str, object], keep_data_dir: bool) -> tuple[str, ...]:
+    """The ``[agent]`` keys the join's config sets over the old one's: ``data_dir`` not when
+    the join command named none and the old config has one."""
+    if keep_data_dir and "data_dir" in old_agent:
+        return tuple(k for k in JOINED_AGENT_KEYS if k != "data_dir")
+    return JOINED_AGENT_KEYS
+
+
+def _setting(keys: Sequence[str]) -> re.Pattern[str]:
+    """A line that sets one of ``keys`` (bare or quoted)."""
+    return re.compile(rf"\s*\"?({'|'.join(map(re.escape, keys))})\"?\s*=")
+
+
+def merged_text(
+    old_text: str, new_text: str, keep_data_dir: bool = False
+) -> tuple[str, dict[str, object]]:
     """``new_text`` with what ``old_text`` keeps; and the values the result must read as.
     ValueError if ``new_text`` has no ``[agent]`` table or a value cannot be written."""
     old, new = tomllib.loads(old_text), tomllib.loads(new_text)
     old_agent = old.get("agent", {})
-    agent_kept = {k: v for k, v in old_agent.items() if k not in JOINED_AGENT_KEYS}
+    joined_keys = joined_agent_keys(old_agent, keep_data_dir)
+    agent_kept = {k: v for k, v in old_agent.items() if k not in joined_keys}
     tables = [t for t in old if t not in (*JOINED, "agent") and isinstance(old[t], dict)]
     expect = dict(new) | {t: old[t] for t in tables}
-    expect["agent"] = agent_kept | new["agent"]
+    expect["agent"] = {k: v for k, v in new["agent"].items() if k not in agent_kept} | agent_kept
 
     old_blocks = dict(blocks(old_text)[1:])
     out = []
     for name, lines in blocks(new_text):
-        out.append("".join(lines))
         if name == "agent" and "agent" in old_blocks:
-            joined = "|".join(map(re.escape, JOINED_AGENT_KEYS))
-            setting = re.compile(rf"\s*\"?({joined})\"?\s*=")
-            rest = [ln for ln in old_blocks["agent"][1:] if not setting.match(ln)]
+            kept = _setting(list(agent_kept))  # the old table's setting, not the join's
+            out.append("".join(ln for ln in lines if not (agent_kept and kept.match(ln))))
+            joined = _setting(joined_keys)
+            rest = [ln for ln in old_blocks["agent"][1:] if not (joined_keys and joined.match(ln))]
             out.append("".join(rest).rstrip() + "\n" if "".join(rest).strip() else "")
+        else:
+            out.append("".join(lines))
     for name in tables:
         out.append("\n" + "".join(old_blocks.get(name, [])).rstrip() + "\n")
     text = "".join(out)
@@ -109,7 +132,9 @@ def _reads(text: str) -> object:
         return None
 
 
-def what_was_kept(old_text: str, new_text: str, kept_copy: Path) -> str:
+def what_was_kept(
+    old_text: str, new_text: str, kept_copy: Path, keep_data_dir: bool = False
+) -> str:
     """One line: what the new config keeps of the old one, and where the old one is."""
     old, new = tomllib.loads(old_text), tomllib.loads(new_text)
     kept = []
@@ -119,7 +144,8 @@ def what_was_kept(old_text: str, new_text: str, kept_copy: Path) -> str:
         driver = table.get("driver")
         kept.append(f"[{name}]" + (f" (driver {driver})" if isinstance(driver, str) else ""))
     agent = old.get("agent", {})
-    if keys := sorted(k for k in agent if k not in JOINED_AGENT_KEYS):
+    joined_keys = joined_agent_keys(agent, keep_data_dir)
+    if keys := sorted(k for k in agent if k not in joined_keys):
         kept.append("[agent] " + ", ".join(keys))
     said = (
         f"kept {', '.join(kept)} of the agent.toml that was there"
@@ -127,13 +153,16 @@ def what_was_kept(old_text: str, new_text: str, kept_copy: Path) -> str:
         else "the agent.toml that was there had no [server] and no other [agent] setting to keep"
     )
     was, now = agent.get("data_dir"), new.get("agent", {}).get("data_dir")
-    if was is not None and was != now:
+    if "data_dir" not in joined_keys and was != now:
+        said += f"; [agent] data_dir stays {was} (the join command named none: --agent-data-dir)"
+    elif was is not None and was != now:
         said += f"; [agent] data_dir is now {now} (it was {was}: --agent-data-dir)"
     return f"{said}; all of it is in {kept_copy}"
 
 
 def main(argv: Sequence[str]) -> int:
     kept_copy, new_file = Path(argv[0]), Path(argv[1])
+    keep_data_dir = KEEP_DATA_DIR in argv[2:]
     new_text = new_file.read_text(encoding="utf-8")
     try:
         old_text = kept_copy.read_text(encoding="utf-8")
@@ -145,7 +174,7 @@ def main(argv: Sequence[str]) -> int:
         )
         return 0
     try:
-        text, expect = merged_text(old_text, new_text)
+        text, expect = merged_text(old_text, new_text, keep_data_dir)
     except ValueError as exc:
         text, expect = "", {"": str(exc)}
     if _reads(text) != expect:
@@ -157,7 +186,7 @@ def main(argv: Sequence[str]) -> int:
         )
         return 1
     new_file.write_text(text, encoding="utf-8")
-    print(f"join: {what_was_kept(old_text, new_text, kept_copy)}")
+    print(f"join: {what_was_kept(old_text, new_text, kept_copy, keep_data_dir)}")
     return 0
 
 
