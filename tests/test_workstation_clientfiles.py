@@ -13,16 +13,21 @@ end of file, so that the code before the fix is caught opening it, and never han
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
+import termios
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests import test_workstation
 from tests.test_bootstrap import PASSWORD, ca_signer
@@ -747,7 +752,7 @@ def test_held_files_names_the_file_checked_or_refuses_a_fifo(
         os.unlink(pem)
         with watched_fifo(pem) as opened:
             assert held.read_bytes() == b"checked"
-            assert held.read_bytes() == b"checked"  # (at its start each time)
+            assert held.read_bytes() == b"checked"  # (Linux: each open of /dev/fd/N its own offset)
     assert opened == []
     with (
         watched_fifo(tmp_path / "fifo") as opened,
@@ -764,3 +769,63 @@ def test_held_files_names_the_file_checked_or_refuses_a_fifo(
     monkeypatch.setattr(settings_files, "_FD_DIRS", (str(tmp_path / "no-fd"),))
     with settings_files.held_files(tmp_path / "plain") as (held,):
         assert held == tmp_path / "plain"
+
+
+def test_an_encrypted_client_key_is_refused_not_asked_for_on_the_terminal(tmp_path: Path) -> None:
+    """A ``client.key`` encrypted with a pass phrase (an admin's own, copied in) makes the
+    client context fail at once (ssl.SSLError: "cannot be read whole"), never OpenSSL's
+    "Enter PEM pass phrase:" on the run's terminal, where an unattended run waited for ever
+    (review s48rev2 L1). A real child process whose controlling terminal is a pseudo-terminal
+    nobody types into, bounded by a timeout."""
+    ca = pki.CertificateAuthority.create("encrypted key test CA")
+    key_pem, cert_pem = client_pair(ca, "ws-enc", expired=False)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"not-typed"),
+    )
+    (tmp_path / "client.pem").write_bytes(cert_pem)
+    (tmp_path / "client.key").write_bytes(encrypted)
+    code = (
+        "import ssl, sys\n"
+        "from pathlib import Path\n"
+        "from tlsroll.tls import client_context\n"
+        "d = Path(sys.argv[1])\n"
+        "try:\n"
+        "    client_context(None, cert_file=d / 'client.pem', key_file=d / 'client.key')\n"
+        "except ssl.SSLError:\n"
+        "    print('refused', flush=True)\n"
+        "    sys.exit(0)\n"
+        "print('loaded', flush=True)\n"
+    )
+    main_fd, terminal_fd = os.openpty()
+
+    def on_the_terminal() -> None:  # (in the child: the pty its controlling terminal)
+        fcntl.ioctl(terminal_fd, termios.TIOCSCTTY, 0)
+
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdin=terminal_fd,
+            stdout=subprocess.PIPE,
+            stderr=terminal_fd,
+            start_new_session=True,
+            preexec_fn=on_the_terminal,  # noqa: PLW1509 (a test's child, no threads of ours there)
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        try:
+            out, _ = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            os.set_blocking(main_fd, False)
+            try:
+                shown = os.read(main_fd, 4096)
+            except OSError:
+                shown = b""
+            pytest.fail(f"the run waited on its terminal: {shown!r}")
+    finally:
+        os.close(terminal_fd)
+        os.close(main_fd)
+    assert out.decode().strip() == "refused"

@@ -26,6 +26,12 @@ INTERMEDIATE_CIPHERS = ":".join(
 )
 
 
+# Given to ssl with every key file: a key encrypted with a pass phrase is refused at once
+# (ssl.SSLError), where OpenSSL's default asked for it on the process's terminal and a run
+# waited there for ever (review s48rev2 L1); tlsroll never writes an encrypted key file.
+NO_PASS_PHRASE = b""
+
+
 def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -43,7 +49,7 @@ def server_context(
 ) -> ssl.SSLContext:
     """A server context; with ``client_ca_file`` it asks for (or requires) a client certificate."""
     ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-    ctx.load_cert_chain(cert_file, key_file)
+    ctx.load_cert_chain(cert_file, key_file, password=NO_PASS_PHRASE)
     if client_ca_file is not None:
         ctx.load_verify_locations(cafile=str(client_ca_file))
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_OPTIONAL
@@ -61,7 +67,7 @@ def client_context(
     if ca_pem is not None:
         ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
     if cert_file is not None and key_file is not None:
-        ctx.load_cert_chain(cert_file, key_file)
+        ctx.load_cert_chain(cert_file, key_file, password=NO_PASS_PHRASE)
     return ctx
 
 
