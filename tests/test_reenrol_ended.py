@@ -14,12 +14,18 @@ The advice texts themselves, where they are pure, are checked at the end.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import itertools
 import json
+import os
 import re
 import shlex
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,8 +33,10 @@ from leader.expiry import ADVICE, Expiry
 from leader.store import in_rollout_text
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
-from nodeagent.identity import ended_path, expired_message, keep_ended
-from tests.cluster import Cluster, one_line_error, wait_until
+from nodeagent.identity import ended_path, expired_message, keep_ended, pending_paths
+from nodeagent.identity import enrol as enrol_in_process
+from tests.cluster import AdminTokenCluster, Cluster, csr_pem, one_line_error, wait_until
+from tests.conftest import next_loopback
 from tests.nodeside import cluster_of
 from tests.refserver_helper import write_toml
 from tests.test_level_based import live
@@ -42,6 +50,7 @@ from tests.test_transitional import (
     when,
 )
 from tlsroll import pki
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 UTC = dt.UTC
 LIFETIME = 60  # seconds: the agents' certificates (the least leader.toml takes)
@@ -162,6 +171,131 @@ def test_an_ended_agent_certificate_comes_back_by_token_while_phase_1_awaits_fin
             "no certificate left to warn about",
         )
         assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+class Killed(Exception):
+    """Stands for the agent killed at one step of its enrolment (nothing after it runs)."""
+
+
+def _kill_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the enrolment's ``step``-th file write (0: the CA, 1: the ended certificate kept,
+    2: the new certificate beside the renewal's key, 3: that key moved into place, 4: the
+    certificate moved into place) raise ``Killed`` instead of running."""
+    from nodeagent import identity, nodefiles
+
+    done = itertools.count()
+
+    def at(original: Callable[..., object]) -> Callable[..., object]:
+        def write(*args: object, **kwargs: object) -> object:
+            if next(done) == step:
+                raise Killed(step)
+            return original(*args, **kwargs)
+
+        return write
+
+    monkeypatch.setattr(pki, "write_cert", at(pki.write_cert))
+    monkeypatch.setattr(identity, "write_atomic", at(identity.write_atomic))
+    monkeypatch.setattr(nodefiles, "os", types.SimpleNamespace(replace=at(os.replace)))
+
+
+@pytest.mark.timeout(400)
+def test_an_ended_certificate_whose_renewal_answer_was_lost_enrols_the_renewal_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s47rev1 L1: a renewal the leader signed (it has the new key on record) whose
+    answer never reached the node (``DATA/node.key.new`` kept, ``node.pem`` the old one), then
+    the node off past the old certificate's end. Before: the enrolment again offered
+    ``node.key`` and the leader refused it ("already enrolled with another key; remove the old
+    node first: tlsroll nodes remove"), exit 5. Now the agent offers the renewal's key next and
+    moves it into place once enrolled; the refused offer spends no use of the token; and a kill
+    at any step after the leader's answer leaves a node that comes back at its next start
+    (with the same token: the leader replays its enrolment)."""
+    with AdminTokenCluster(tmp_path / "cluster", next_loopback(), heartbeat_interval=1) as cluster:
+        cluster.init()
+        cluster.write_leader_config({"agent_cert_lifetime": LIFETIME})
+        cluster.start_leader()
+        address = next_loopback()
+        agent = cluster.add_agent("node5", address)
+        cluster.wait_for_nodes_online(["node5"])
+
+        # The leader signs a renewal whose answer never reaches the agent (it stops first).
+        agent.stop()
+        old = agent.cert()
+        pending = pending_paths(agent.data_dir)[0]
+        renewal_key = pki.generate_key()
+        pki.write_key(pending, renewal_key)
+        with cluster.control_channel(
+            agent.cert_file.read_bytes(), agent.key_file.read_bytes()
+        ) as channel:
+            leader_pb2_grpc.LeaderStub(channel).RenewNodeCertificate(
+                leader_pb2.RenewNodeCertificateRequest(
+                    csr_pem=csr_pem(renewal_key, "node5", [address])
+                ),
+                timeout=10,
+            )
+        renewal_pin = pki.spki_pin(renewal_key.public_key())
+        assert _node_row(cluster, "node5")["key_pin"] == renewal_pin != pki.spki_pin(old)
+        lost = {p: p.read_bytes() for p in (agent.key_file, agent.cert_file, pending)}
+        _sleep_until(old.not_valid_after_utc + dt.timedelta(seconds=1))
+
+        def back(token: str) -> None:
+            """The node enrolled with the renewal's key by ``token``'s one use."""
+            assert agent.key_file.read_bytes() == lost[pending]
+            assert not pending.exists()
+            assert not pending_paths(agent.data_dir)[1].exists()
+            fresh = agent.cert()
+            assert pki.spki_pin(fresh) == renewal_pin
+            assert fresh.not_valid_after_utc > dt.datetime.now(UTC)
+            assert ended_path(agent.data_dir).read_bytes() == pki.cert_to_pem(old)
+            row = _node_row(cluster, "node5")
+            assert row["removed_at"] is None and row["key_pin"] == renewal_pin
+            assert row["cert_serial"] == f"{fresh.serial_number:x}"
+            (used,) = [
+                t for t in cluster.store_table("tokens") if t["id"] == token.partition(".")[0]
+            ]
+            assert used["uses_left"] == 0 and used["revoked_at"] is None
+
+        # The agent started with a new token (one use): it comes back with the renewal's key.
+        token = cluster.create_token("node5", address)
+        agent.write_config({"leader": {"join_token": token}})
+        agent.start()
+        cluster.wait_for_nodes_online(["node5"])
+        back(token)
+        events = agent.event_names()
+        since = events[events.index("agent.enrolling_again") :]
+        assert "agent.enrolling_with_renewal_key" in since and "agent.enrolled" in since, events
+        agent.stop()
+        assert _revoked(cluster.store_table("certificates")) == []
+
+        # A kill at each step after the leader's answer; the next start comes back, with the
+        # same token (one use, spent once).
+        cfg = AgentConfig.load(agent.config_path)
+        for step in range(5):
+            for path in (*pending_paths(agent.data_dir), ended_path(agent.data_dir)):
+                path.unlink(missing_ok=True)
+            for path, data in lost.items():
+                path.write_bytes(data)
+                path.chmod(0o600)
+            token = cluster.create_token("node5", address)
+            agent.write_config({"leader": {"join_token": token}})
+            cfg = AgentConfig.load(agent.config_path)
+            with monkeypatch.context() as faults:
+                _kill_at(faults, step)
+                with pytest.raises(Killed):
+                    enrol_in_process(cfg)
+            identity = asyncio.run(agent_runtime.obtain_identity(cfg))
+            assert pki.spki_pin(identity.cert) == renewal_pin, step
+            back(token)
+
+        agent.start()  # and the agent serves with it
+        cluster.wait_for_nodes_online(["node5"])
+        assert _revoked(cluster.store_table("certificates")) == []
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def _node_row(cluster: Cluster, name: str) -> dict[str, Any]:
+    (row,) = [r for r in cluster.store_table("nodes") if r["name"] == name]
+    return row
 
 
 # --- the advice, where it is pure ----------------------------------------------------------------
