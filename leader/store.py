@@ -694,7 +694,8 @@ class Store(LeaderStore):
         same key and names, within the node's certificates per hour; nothing else changes.
 
         The key of a node whose certificate the admin revoked (``tlsroll ca revoke``) is
-        refused by any token: a new key, or ``nodes remove`` first, is the way back.
+        refused by any token: ``nodes remove`` and a new key is the way back (a new key alone
+        is NameTaken while the node is on record).
 
         An enrolment supersedes every token of the node with a use left, its own included
         (``supersede_tokens``): a token made before it never enrols the node again, whatever
@@ -729,8 +730,8 @@ class Store(LeaderStore):
                 # Same key (not NameTaken): whoever holds a copied key and a token with a use
                 # left must not undo `ca revoke` (review 1 of s34, M2).
                 raise TokenRejected(
-                    f"this key's certificate was revoked; enrol with a new key, or remove "
-                    f"the node first: tlsroll nodes remove {name}"
+                    f"this key's certificate was revoked (tlsroll ca revoke): enrol the node "
+                    f"with a new key, once it is removed: tlsroll nodes remove {name}"
                 )
             _check_free(db, name, addresses, dns_names, reserved())
             if replay and existing is not None:

@@ -224,6 +224,17 @@ def read_token(cfg: AgentConfig) -> str:
     )
 
 
+def no_token_in(path: Path) -> bool:
+    """Whether the join token file ``path`` holds no token: missing, or empty. A file that
+    cannot be read otherwise (its mode, not UTF-8) is left to ``read_token`` to say so."""
+    try:
+        return not path.read_bytes().strip()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
 def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     """Enrol with the leader once; TransientError when it is worth trying again.
 
@@ -453,6 +464,30 @@ def reenrol_advice(cfg: AgentConfig, *, running: bool = False) -> str:
         f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where} and {start}: "
         f"it enrols {paths(cfg.data_dir)[0]} again and keeps the ended certificate as "
         f"{ended_path(cfg.data_dir)}"
+    )
+
+
+REVOKED_KEY = "certificate was revoked"
+"""What the leader's refusal of a key whose certificate the admin revoked says
+(``leader.store.Store.enrol``)."""
+
+
+def revoked_key_advice(cfg: AgentConfig) -> str:
+    """How a node whose key's certificate was revoked (``tlsroll ca revoke``: a key thought
+    stolen) enrols again: with a new key, which the leader takes once the node is removed
+    (while the node is on record, it takes only the key on record, and not that one)."""
+    key_file = paths(cfg.data_dir)[0]
+    where = (
+        f"the token to {cfg.join_token_file}"
+        if cfg.join_token_file is not None
+        else f"the token to this agent ([leader].join_token_file in {cfg.path})"
+    )
+    return (
+        "this key cannot enrol again; to enrol the node with a new key — on the leader "
+        f"`tlsroll nodes remove {cfg.node_name}` (it revokes the node's certificates, its served "
+        f"one too) and `{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where}, "
+        f"here `mv {key_file} {key_file}.revoked`, then start the agent again: it makes a new "
+        "key and enrols it"
     )
 
 

@@ -35,11 +35,14 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.drivers import Driver, make_driver
 from nodeagent.identity import (
+    REVOKED_KEY,
     CertificateExpired,
     EnrolmentDeferred,
     Identity,
     next_enrol_wait,
+    no_token_in,
     paths,
+    revoked_key_advice,
 )
 from nodeagent.journal import Journal, open_journal
 from nodeagent.leader_link import LeaderLink
@@ -128,6 +131,16 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     except CertificateExpired as exc:
         if cfg.join_token is None and cfg.join_token_file is None:
             raise
+        if (
+            cfg.join_token is None
+            and cfg.join_token_file is not None
+            and no_token_in(cfg.join_token_file)
+        ):
+            # Nothing to try: the file the join script named is gone or empty (its example
+            # says "needed on the first start only"; review s47rev1 L4).
+            raise CertificateExpired(
+                f"{exc} (no token in {cfg.join_token_file}: no enrolment tried)"
+            ) from None
         ended = exc
         log.warning(
             "agent.enrolling_again",
@@ -143,6 +156,8 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
         if ended is None or isinstance(exc, CertificateExpired):
             raise
         said = f"{ended} (this agent tried to enrol again with the join token it has: {exc})"
+        if REVOKED_KEY in str(exc):
+            said = f"{said}; {revoked_key_advice(cfg)}"
         if isinstance(exc, TransientError):
             # The leader not reached (its host off, as the node was): exit 1, which the unit
             # restarts on, so the node comes back once the leader does, as a first enrolment

@@ -293,6 +293,81 @@ def test_an_ended_certificate_whose_renewal_answer_was_lost_enrols_the_renewal_k
         assert cluster.find_secrets(cluster.logs_text()) == []
 
 
+@pytest.mark.timeout(400)
+def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """Review s47rev1 L4. The join script's token file deleted (its example says "needed on
+    the first start only"): the line said the agent had tried to enrol with "the join token it
+    has: cannot read FILE: No such file or directory"; now "no token in FILE", and no attempt.
+    A key whose certificate was revoked (`tlsroll ca revoke`): the line said "enrol with a new
+    key, or remove the node first" (a new key alone is refused while the node is on record)
+    and not how to get a new key; now it gives the commands, and following them enrols the
+    node with a new key (a stale renewal's key is dropped, not renewed in its name)."""
+    with AdminTokenCluster(tmp_path / "cluster", next_loopback(), heartbeat_interval=1) as cluster:
+        cluster.init()
+        cluster.write_leader_config({"agent_cert_lifetime": LIFETIME})
+        cluster.start_leader()
+        address = next_loopback()
+        agent = cluster.add_agent("node6", address, token_file=True)
+        cluster.wait_for_nodes_online(["node6"])
+        token_file = Path(str(agent.config["leader"]["join_token_file"]))
+        agent.stop()
+        old = agent.cert()
+        old_key = agent.key_file.read_bytes()
+        pending = pending_paths(agent.data_dir)[0]
+        pki.write_key(pending, pki.generate_key())  # a renewal's key the leader never signed
+        _sleep_until(old.not_valid_after_utc + dt.timedelta(seconds=1))
+
+        # No token in the file (deleted, then empty): said so, and nothing is tried.
+        token_file.unlink()
+        for _ in range(2):
+            code, output = agent.run_to_exit()
+            assert code == agent_runtime.EXIT_CERT_EXPIRED
+            line = one_line_error(output, "tlsroll-agent")
+            assert line.endswith(f"(no token in {token_file}: no enrolment tried)"), line
+            assert "tried to enrol again" not in line and "cannot read" not in line
+            assert f"write it to {token_file}" in line
+            assert "agent.enrolling_again" not in output
+            token_file.write_text("\n")
+            token_file.chmod(0o600)
+        assert "enrol.refused" not in cluster.leader.log_text()
+
+        # The key's certificate revoked, and a new token: the line says how to get a new key.
+        assert cluster.cli("ca", "revoke", f"{old.serial_number:x}").returncode == 0
+        token_file.write_text(cluster.create_token("node6", address) + "\n")
+        code, output = agent.run_to_exit()
+        assert code == agent_runtime.EXIT_CERT_EXPIRED
+        line = one_line_error(output, "tlsroll-agent")
+        assert "certificate was revoked" in line, line
+        steps = re.findall(r"`([^`]*)`", line[line.index("this key cannot enrol again") :])
+        assert steps == [
+            "tlsroll nodes remove node6",
+            f"tlsroll token create --node node6 --address {address}",
+            f"mv {agent.key_file} {agent.key_file}.revoked",
+        ], line
+        assert f"the token to {token_file}" in line
+        assert agent.key_file.read_bytes() == old_key and agent.cert() == old
+
+        # Following them enrols the node with a new key.
+        removal = cluster.cli(*shlex.split(steps[0])[1:], "--yes")
+        assert removal.returncode == 0, removal.stderr
+        made = cluster.cli(*shlex.split(steps[1])[1:])
+        assert made.returncode == 0, made.stderr
+        token_file.write_text(made.stdout.strip() + "\n")
+        src, dst = shlex.split(steps[2])[1:]
+        os.rename(src, dst)
+        agent.start()
+        cluster.wait_for_nodes_online(["node6"])
+        fresh = agent.cert()
+        assert pki.spki_pin(fresh) != pki.spki_pin(old)
+        assert pki.spki_pin(fresh) == _node_row(cluster, "node6")["key_pin"]
+        assert not pending.exists()  # the earlier identity's renewal key: dropped
+        assert Path(dst).read_bytes() == old_key
+        assert ended_path(agent.data_dir).read_bytes() == pki.cert_to_pem(old)
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
 def _node_row(cluster: Cluster, name: str) -> dict[str, Any]:
     (row,) = [r for r in cluster.store_table("nodes") if r["name"] == name]
     return row
