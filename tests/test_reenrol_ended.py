@@ -49,7 +49,7 @@ from tests.test_transitional import (
     wait_state,
     when,
 )
-from tlsroll import pki
+from tlsroll import fsutil, pki
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 UTC = dt.UTC
@@ -194,7 +194,7 @@ def _kill_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
         return write
 
     monkeypatch.setattr(pki, "write_cert", at(pki.write_cert))
-    monkeypatch.setattr(identity, "write_atomic", at(identity.write_atomic))
+    monkeypatch.setattr(identity, "write_atomic", at(fsutil.write_atomic))
     monkeypatch.setattr(nodefiles, "os", types.SimpleNamespace(replace=at(os.replace)))
 
 
