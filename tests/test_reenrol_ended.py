@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from leader.expiry import ADVICE, Expiry
@@ -368,6 +369,82 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
         assert cluster.find_secrets(cluster.logs_text()) == []
 
 
+@pytest.mark.timeout(600)
+def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_by_the_serial_the_refusal_gives(
+    tmp_path: Path,
+) -> None:
+    """Review s47rev1 L5: a machine lost or stolen while a transitional phase 1 waits. `nodes
+    remove` stays refused; its refusal said nothing of `tlsroll ca revoke`, which the rollout
+    does not block. Now it gives the command with the agent's serial; run, it cuts the agent
+    off at once while the rollout waits. What the product does next (checked here, as it is):
+    finalize refuses the node while it is offline (finalize has no scope to leave it out);
+    rollback takes the others back to http and leaves it as it is; then `nodes remove` works."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, node2 = nodes
+        agent = node2.agent
+        assert agent is not None
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        serial = f"{agent.cert().serial_number:x}"
+
+        removal = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removal.returncode != 0
+        refusal = " ".join(removal.stderr.split())
+        assert "lost or stolen" in refusal, refusal
+        (revoke,) = re.findall(r"`(tlsroll ca revoke [^`]*)`", refusal)
+        assert revoke == f"tlsroll ca revoke {serial}", refusal
+        # where the serial is found, as the text says: check-expiration's agent row of node2
+        assert "tlsroll certs check-expiration" in refusal
+        check = cluster.cli("certs", "check-expiration", "--json")
+        listed = {
+            c["serial"]
+            for c in json.loads(check.stdout)["certificates"]
+            if c["kind"] == "agent" and c.get("subject") == "node2"
+        }
+        assert listed == {serial}
+
+        done = cluster.cli(*shlex.split(revoke)[1:])
+        assert done.returncode == 0, done.stderr
+        # The leader refuses the agent from then on, while the rollout waits.
+        wait_until(lambda: not cluster.list_nodes()["node2"].online, 30, "node2 offline")
+        with (
+            cluster.control_channel(
+                agent.cert_file.read_bytes(), agent.key_file.read_bytes()
+            ) as ch,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            leader_pb2_grpc.LeaderStub(ch).Heartbeat(
+                leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (refused.value.details() or "")
+        assert cluster.list_nodes()["node1"].online
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        again = " ".join(cluster.cli("nodes", "remove", "node2", "--yes").stderr.split())
+        assert "its agent's certificate is revoked already" in again, again
+        assert "ca revoke" not in again
+
+        # Finalize refuses the node while it is offline, even forced (no scope to leave it
+        # out): phase 1 waits on, both nodes dual.
+        forced = cluster.cli("rollout", "finalize", phase1, "--yes", "--force", timeout=LONG)
+        assert forced.returncode != 0 and "offline: node2" in forced.stderr, forced.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        # Rollback takes node1 back to http and leaves node2 as it is; then it can be removed.
+        back = cluster.cli("rollout", "rollback", phase1, "--yes", timeout=LONG)
+        assert back.returncode == 0, back.stderr
+        undo = newest(cluster)["id"]
+        wait_state(cluster, undo, ("completed",), "the rollback")
+        assert {n["name"]: n["state"] for n in newest(cluster)["nodes"]} == {
+            "node1": "done",
+            "node2": "skipped",
+        }
+        assert list(live(node1).schemes) == ["http"]
+        wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
 def _node_row(cluster: Cluster, name: str) -> dict[str, Any]:
     (row,) = [r for r in cluster.store_table("nodes") if r["name"] == name]
     return row
@@ -413,6 +490,52 @@ def test_the_refusal_of_a_removal_names_finalize_or_rollback_for_a_waiting_rollo
     running = in_rollout_text("b", "r7", "running")
     assert "let it end (or `tlsroll rollout abort`) first" in running
     assert "`tlsroll token create --node b --address IP`" in running
+    # a machine lost or stolen (review s47rev1 L5): cut off by serial, the rollout held or not
+    assert "`tlsroll ca revoke SERIAL`" in running and "check-expiration" in running
+    both = in_rollout_text("b", "r7", "running", serials=["1a", "2b"])
+    assert "`tlsroll ca revoke 1a` and `tlsroll ca revoke 2b`" in both
+    assert "while the rollout goes on" in both
+    done = in_rollout_text("b", "r7", "awaiting_finalize", serials=[])
+    assert "revoked already" in done and "ca revoke" not in done
+    assert "`tlsroll rollout rollback r7` goes back without it" in done
+
+
+def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left_accepted(
+    tmp_path: Path,
+) -> None:
+    """Right after a renewal, until the agent uses the new certificate, the leader still
+    accepts the one before it, which can renew again: revoking the one on record alone would
+    leave a stolen machine a way back. The refusal names both (``Store.agent_serials``)."""
+    from leader.store import NodeCert, Store
+
+    t0 = dt.datetime(2026, 11, 1, tzinfo=UTC)
+    serials = itertools.count(0x100)
+
+    def cert(pin: str) -> NodeCert:
+        n = next(serials)
+        return NodeCert(pin, f"sha256:fp{n:x}", f"{n:x}", t0 + dt.timedelta(days=30))
+
+    store = Store(tmp_path / "leader.sqlite3")
+    store.add_token(
+        "t1", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=t0,
+        actor="admin", node_name="b", addresses=("10.1.1.2",),
+    )  # fmt: skip
+    first = store.enrol(
+        token_id="t1", secret="s" * 26, name="b", addresses=("10.1.1.2",), dns_names=(),
+        agent_version="t", agent_port=9442, key_pin="sha256:A", issue=lambda: cert("sha256:A"),
+        now=t0,
+    )  # fmt: skip
+    assert store.agent_serials("b") == [first.serial]
+    row = store.get_node("b")
+    renewed = store.renew_node_certificate(
+        "b", presented=row.cert_fingerprint, presented_serial=row.cert_serial,
+        key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
+    )  # fmt: skip
+    assert store.agent_serials("b") == [renewed.serial, first.serial]
+    store.revoke(renewed.serial, reason="stolen", now=t0, actor="admin")
+    assert store.agent_serials("b") == [first.serial]
+    store.revoke(first.serial, reason="stolen", now=t0, actor="admin")
+    assert store.agent_serials("b") == [] == store.agent_serials("nobody")
 
 
 def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it() -> None:
