@@ -584,6 +584,7 @@ def test_an_ended_certificate_whose_enrolment_finds_no_leader_is_restarted_by_it
     from tlsroll.errors import TerminalError, TransientError
 
     cfg = _config(tmp_path, join_token_file=str(tmp_path / "join-token"))
+    (tmp_path / "join-token").write_text("a token\n")  # (one there: it is tried)
 
     def ended(_cfg: AgentConfig) -> None:
         raise CertificateExpired("the node's certificate ended on 2026-01-02")
