@@ -12,9 +12,11 @@ in ``DATA/node.pem.new`` until it moves them into place; ``load_identity`` first
 that a crash cut short (``finish_pending``). A certificate past its end is refused with one
 line saying to check the node's clock first, then how to enrol the node again
 (``expired_message``). Enrolling again keeps the node's key: an agent that has a join token and
-a certificate that has ended enrols ``DATA/node.key`` again (``nodeagent.runtime``), and keeps
-the ended certificate as ``DATA/node.pem.ended`` (``ended_path``); the leader takes the key it
-has on record for the node with a token made for the node after its enrolment, with no
+a certificate that has ended enrols ``DATA/node.key`` again (``nodeagent.runtime``; that key
+refused, a renewal's key in ``DATA/node.key.new``, which the leader may have on record:
+``enrol``), and keeps the ended certificate as ``DATA/node.pem.ended`` (``ended_path``); the
+leader takes the key it has on record for the node with a token made for the node after its
+enrolment, with no
 ``tlsroll nodes remove`` (which revokes the node's certificates, its served one too: it is for a
 lost or stolen machine).
 """

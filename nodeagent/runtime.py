@@ -123,8 +123,9 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     it with a token made for the node after its enrolment; a token it refuses (the one the node
     enrolled with, superseded by that enrolment) or no token at all ends the agent with the
     certificate's one line (exit 5, which its unit does not restart on) and, after it, what the
-    token got; a leader not reached within the enrolment's patience ends it with exit 1, which
-    the unit restarts on."""
+    token got (or "no token in FILE" for a join_token_file missing or empty: nothing is tried;
+    for a key whose certificate was revoked, the way to a new key); a leader not reached
+    within the enrolment's patience ends it with exit 1, which the unit restarts on."""
     ended: CertificateExpired | None = None
     try:
         identity = await asyncio.to_thread(certwork.load_identity, cfg)
