@@ -681,6 +681,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         active = await asyncio.to_thread(self.schema.active)
         if active is not None and request.name in {r.name for r in active.records}:
             held = await asyncio.to_thread(self.state.store.get_node, request.name)
+            serials = await asyncio.to_thread(self.state.store.agent_serials, request.name)
             raise failed_precondition(
                 in_rollout_text(
                     request.name,
@@ -688,6 +689,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     active.rollout.state.value,
                     held.addresses,
                     held.dns_names,
+                    serials,
                 )
             )
         node, serials = await asyncio.to_thread(

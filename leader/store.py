@@ -75,8 +75,9 @@ class InRollout(TerminalError):
         state: str,
         addresses: Sequence[str] = (),
         dns_names: Sequence[str] = (),
+        serials: Sequence[str] | None = None,
     ) -> None:
-        super().__init__(in_rollout_text(name, rollout_id, state, addresses, dns_names))
+        super().__init__(in_rollout_text(name, rollout_id, state, addresses, dns_names, serials))
 
 
 def in_rollout_text(
@@ -85,14 +86,18 @@ def in_rollout_text(
     state: str,
     addresses: Sequence[str] = (),
     dns_names: Sequence[str] = (),
+    serials: Sequence[str] | None = None,
 ) -> str:
     """Why node ``name`` is not removed while rollout ``rollout_id`` (in ``state``) holds it,
     and the ways on: a rollout awaiting finalize (a transitional phase 1, often for weeks) is
     finalized or rolled back, not aborted (``rollout abort`` refuses it); any other, let it end
     or abort it. Then the way back for an agent whose certificate has ended, which needs no
     removal (review s46rt1 H1): a token for the node (its names: ``addresses``, ``dns_names``),
-    given to its agent, which enrols its own key again; ``nodes remove`` is for a machine lost
-    or stolen."""
+    given to its agent, which enrols its own key again. Last, a machine lost or stolen meanwhile
+    (review s47rev1 L5): ``tlsroll ca revoke`` of its agent's certificates cuts it off at once,
+    the rollout held or not (``serials``: those the leader accepts from the node's agent, not
+    revoked (``Store.agent_serials``); None: not known here, so the text says where to find
+    them); ``nodes remove`` once the rollout has ended."""
     if state == RolloutState.AWAITING_FINALIZE.value:
         first = (
             f"its nodes serve http and https: close http with `tlsroll rollout finalize "
@@ -101,12 +106,37 @@ def in_rollout_text(
         )
     else:
         first = "let it end (or `tlsroll rollout abort`) first"
+    if serials is None:
+        cut = (
+            "cut it off now with `tlsroll ca revoke SERIAL`, its agent's certificate's serial "
+            f"(the agent row of {name} in `tlsroll certs check-expiration`): the leader refuses "
+            "its agent from then on"
+        )
+    elif serials:
+        cut = "cut it off now with " + " and ".join(
+            f"`tlsroll ca revoke {serial}`" for serial in serials
+        )
+        cut += (
+            f" (its agent's certificate{'s' if len(serials) > 1 else ''}, as `tlsroll certs "
+            "check-expiration` lists it): the leader refuses its agent from then on"
+        )
+    else:
+        cut = "its agent's certificate is revoked already: the leader refuses its agent"
+    then = "`tlsroll nodes remove` it (its served certificate is revoked then) once the rollout"
+    waiting = state == RolloutState.AWAITING_FINALIZE.value
+    if waiting:
+        then += (
+            " has ended (finalize refuses a node that is offline; `tlsroll rollout rollback "
+            f"{rollout_id}` goes back without it, leaving it as it is)"
+        )
+    else:
+        then += " has ended"
     return (
         f"node {name!r} is in rollout {rollout_id}, which is {state}; {first}. If its agent's "
         f"certificate has ended, it needs no removal: `{token_command(name, addresses, dns_names)}`"
         ", the token to its agent (its join_token_file), then restart the agent there "
-        "(systemctl restart tlsroll-agent): it enrols its own key again (`nodes remove` is for "
-        "a machine lost or stolen)"
+        "(systemctl restart tlsroll-agent): it enrols its own key again. If the machine is lost "
+        f"or stolen, {cut}, while the rollout {'waits' if waiting else 'goes on'}; {then}"
     )
 
 
@@ -705,7 +735,8 @@ class Store(LeaderStore):
         same key and names, within the node's certificates per hour; nothing else changes.
 
         The key of a node whose certificate the admin revoked (``tlsroll ca revoke``) is
-        refused by any token: a new key, or ``nodes remove`` first, is the way back.
+        refused by any token: ``nodes remove`` and a new key is the way back (a new key alone
+        is NameTaken while the node is on record).
 
         An enrolment supersedes every token of the node with a use left, its own included
         (``supersede_tokens``): a token made before it never enrols the node again, whatever
@@ -740,8 +771,8 @@ class Store(LeaderStore):
                 # Same key (not NameTaken): whoever holds a copied key and a token with a use
                 # left must not undo `ca revoke` (review 1 of s34, M2).
                 raise TokenRejected(
-                    f"this key's certificate was revoked; enrol with a new key, or remove "
-                    f"the node first: tlsroll nodes remove {name}"
+                    f"this key's certificate was revoked (tlsroll ca revoke): enrol the node "
+                    f"with a new key, once it is removed: tlsroll nodes remove {name}"
                 )
             _check_free(db, name, addresses, dns_names, reserved())
             if replay and existing is not None:
@@ -1356,6 +1387,15 @@ class Store(LeaderStore):
             )
         return cert
 
+    def agent_serials(self, name: str) -> list[str]:
+        """The serials of the certificates the leader accepts now from node ``name``'s agent
+        (``_agent_serials``); none for a node not enrolled."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+            ).fetchone()
+            return [] if row is None else _agent_serials(db, row)
+
     def remove_node(self, name: str, *, now: dt.datetime, actor: str) -> tuple[Node, list[str]]:
         """Remove node ``name``: revoke every certificate issued to or for it, free its names
         (a token can name them again) and spend its unused tokens. Returns the node as it was
@@ -1373,7 +1413,7 @@ class Store(LeaderStore):
             busy = db.execute(_HELD, (name, *_TERMINAL)).fetchone()
             if busy is not None:
                 names = (json.loads(row["addresses"]), json.loads(row["dns_names"]))
-                raise InRollout(name, busy["id"], busy["state"], *names)
+                raise InRollout(name, busy["id"], busy["state"], *names, _agent_serials(db, row))
             serials = [
                 r["serial"]
                 for r in db.execute(
@@ -2310,6 +2350,24 @@ def record_certificate_in(
     LeaderStore._audit(
         db, now, actor, f"certificate.issued.{cert.kind}", cert.subject, serial=cert.serial
     )
+
+
+def _agent_serials(db: sqlite3.Connection, row: sqlite3.Row) -> list[str]:
+    """The serials, not revoked, of the certificates the leader accepts from the agent of node
+    ``row`` (the service's ``_check_on_record``): the one on record and, right after a renewal
+    until the agent has used the new one, the one before it, which can renew again (so
+    revoking only the one on record would leave a stolen machine a way back)."""
+    serials = [row["cert_serial"]]
+    if row["prev_cert_fingerprint"]:
+        serials += [
+            r["serial"]
+            for r in db.execute(
+                "SELECT serial FROM certificates WHERE node = ? AND kind = 'node'"
+                " AND fingerprint = ?",
+                (row["name"], row["prev_cert_fingerprint"]),
+            )
+        ]
+    return [s for s in dict.fromkeys(serials) if not _revoked(db, s)]
 
 
 def _record_node_cert(

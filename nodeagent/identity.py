@@ -12,9 +12,11 @@ in ``DATA/node.pem.new`` until it moves them into place; ``load_identity`` first
 that a crash cut short (``finish_pending``). A certificate past its end is refused with one
 line saying to check the node's clock first, then how to enrol the node again
 (``expired_message``). Enrolling again keeps the node's key: an agent that has a join token and
-a certificate that has ended enrols ``DATA/node.key`` again (``nodeagent.runtime``), and keeps
-the ended certificate as ``DATA/node.pem.ended`` (``ended_path``); the leader takes the key it
-has on record for the node with a token made for the node after its enrolment, with no
+a certificate that has ended enrols ``DATA/node.key`` again (``nodeagent.runtime``; that key
+refused, a renewal's key in ``DATA/node.key.new``, which the leader may have on record:
+``enrol``), and keeps the ended certificate as ``DATA/node.pem.ended`` (``ended_path``); the
+leader takes the key it has on record for the node with a token made for the node after its
+enrolment, with no
 ``tlsroll nodes remove`` (which revokes the node's certificates, its served one too: it is for a
 lost or stolen machine).
 """
@@ -46,6 +48,8 @@ from tlsroll.names import utcnow
 
 if TYPE_CHECKING:
     from cryptography import x509
+
+    from tlsroll import pki
 
 
 log = logs.get_logger(__name__)
@@ -222,8 +226,32 @@ def read_token(cfg: AgentConfig) -> str:
     )
 
 
+def no_token_in(path: Path) -> bool:
+    """Whether the join token file ``path`` holds no token: missing, or empty. A file that
+    cannot be read otherwise (its mode, not UTF-8) is left to ``read_token`` to say so."""
+    try:
+        return not path.read_bytes().strip()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
 def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
-    """Enrol with the leader once; TransientError when it is worth trying again."""
+    """Enrol with the leader once; TransientError when it is worth trying again.
+
+    The key offered is ``DATA/node.key`` (a new one on a first enrolment). An enrolment again
+    whose key the leader refuses while a renewal's key waits in ``DATA/node.key.new`` offers
+    that key next, in the same call: the leader may have signed that renewal and recorded its
+    key, the answer never reaching the node (review s47rev1 L1; the leader said "already
+    enrolled with another key" and the node was told to ``nodes remove`` it; after an answer
+    to the enrolment itself was lost, "join token already used up", as only the key it
+    enrolled replays it). A refused offer spends no use of the token (the leader's
+    transaction writes nothing). Enrolled with
+    the renewal's key, the node moves it into place as a renewal does (``install_renewed``:
+    the certificate beside the key, then the key, then the certificate, each a rename), so a
+    kill at any step leaves either the old files (enrol again: the same token replays the
+    enrolment, no use spent) or a pair that ``finish_pending`` completes at the next start."""
     # Imported here: the identity check at every start (in ``certwork``'s child) needs none.
     import grpc  # noqa: PLC0415
 
@@ -234,12 +262,15 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     token = read_token(cfg)
     make_private_dir(cfg.data_dir)
     key_file, cert_file, ca_file = paths(cfg.data_dir)
+    pending = pending_paths(cfg.data_dir)[0]
     if key_file.exists():  # a key from an earlier, interrupted attempt: keep the identity
         key = pki.read_key(key_file)
     else:
         key = pki.generate_key()
         pki.write_key(key_file, key)
-    csr = pki.make_csr(key, cfg.names)
+        # A renewal's key left by the node's earlier identity (its node.key moved aside, as
+        # for a revoked key): never offered, nor renewed, in the new one's name.
+        pending.unlink(missing_ok=True)
 
     chain = fetch_chain(cfg.leader_address, cfg.join_port, timeout)
     ca = pki.find_pinned_ca(chain, cfg.ca_pin)
@@ -251,11 +282,12 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     options = [("grpc.ssl_target_name_override", leader_host)]
     with grpc.secure_channel(target, creds, options=options) as channel:
         stub = enrolment_pb2_grpc.EnrolmentStub(channel)
-        try:
-            reply = stub.Enrol(
+
+        def offer(key: pki.PrivateKey) -> enrolment_pb2.EnrolResponse:
+            reply: enrolment_pb2.EnrolResponse = stub.Enrol(
                 enrolment_pb2.EnrolRequest(
                     token=token,
-                    csr_pem=pki.csr_to_pem(csr),
+                    csr_pem=pki.csr_to_pem(pki.make_csr(key, cfg.names)),
                     node_name=cfg.node_name,
                     addresses=list(cfg.names.ips),
                     dns_names=list(cfg.names.dns),
@@ -264,8 +296,34 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
                 ),
                 timeout=timeout,
             )
+            return reply
+
+        renewal_key = False
+        try:
+            reply = offer(key)
         except grpc.RpcError as exc:
-            raise _enrol_error(cfg, target, exc) from None
+            first = _enrol_error(cfg, target, exc)
+            other = _pending_key(pending) if isinstance(first, EnrolmentRefused) else None
+            if other is None:
+                raise first from None
+            log.warning(
+                "agent.enrolling_with_renewal_key",
+                refused=str(first),
+                key_file=str(pending),
+                detail="the leader refused this node's key; it may have on record the key of a "
+                "renewal it signed whose answer never reached the node",
+            )
+            try:
+                reply = offer(other)
+            except grpc.RpcError as again:
+                second = _enrol_error(cfg, target, again)
+                if not isinstance(second, EnrolmentRefused):
+                    raise second from None
+                also = "" if str(second) == str(first) else f": {second}"
+                raise EnrolmentRefused(
+                    f"{first}; {pending} (a renewal's key) was refused too{also}"
+                ) from None
+            key, renewal_key = other, True
     cert = pki.load_cert_pem(reply.certificate_pem)
     got_ca = pki.load_cert_pem(reply.ca_certificate_pem)
     if pki.spki_pin(got_ca) != cfg.ca_pin:
@@ -273,7 +331,10 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     check_issued(cert, key, got_ca, cfg.names)
     pki.write_cert(ca_file, got_ca)
     kept = keep_ended(cfg.data_dir)
-    pki.write_cert(cert_file, cert)
+    if renewal_key:
+        install_renewed(cfg.data_dir, cert)
+    else:
+        pki.write_cert(cert_file, cert)
     log.info(
         "agent.enrolled",
         node=cfg.node_name,
@@ -281,8 +342,20 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
         not_after=cert.not_valid_after_utc.isoformat(),
         key_pin=pki.spki_pin(cert),
         **({"ended_cert_kept": str(kept)} if kept else {}),
+        **({"key_from": str(pending)} if renewal_key else {}),
     )
     return Identity.of(key_file, cert_file, ca_file, cert, got_ca)
+
+
+def _pending_key(path: Path) -> pki.PrivateKey | None:
+    """The key a renewal left at ``path`` (``DATA/node.key.new``), or None (none, unreadable)."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
+    try:
+        check_private_file(path)
+        return pki.read_key(path)
+    except (OSError, PKIError, TlsrollError):
+        return None
 
 
 def ended_path(data_dir: Path) -> Path:
@@ -393,6 +466,30 @@ def reenrol_advice(cfg: AgentConfig, *, running: bool = False) -> str:
         f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where} and {start}: "
         f"it enrols {paths(cfg.data_dir)[0]} again and keeps the ended certificate as "
         f"{ended_path(cfg.data_dir)}"
+    )
+
+
+REVOKED_KEY = "certificate was revoked"
+"""What the leader's refusal of a key whose certificate the admin revoked says
+(``leader.store.Store.enrol``)."""
+
+
+def revoked_key_advice(cfg: AgentConfig) -> str:
+    """How a node whose key's certificate was revoked (``tlsroll ca revoke``: a key thought
+    stolen) enrols again: with a new key, which the leader takes once the node is removed
+    (while the node is on record, it takes only the key on record, and not that one)."""
+    key_file = paths(cfg.data_dir)[0]
+    where = (
+        f"the token to {cfg.join_token_file}"
+        if cfg.join_token_file is not None
+        else f"the token to this agent ([leader].join_token_file in {cfg.path})"
+    )
+    return (
+        "this key cannot enrol again; to enrol the node with a new key — on the leader "
+        f"`tlsroll nodes remove {cfg.node_name}` (it revokes the node's certificates, its served "
+        f"one too) and `{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where}, "
+        f"here `mv {key_file} {key_file}.revoked`, then start the agent again: it makes a new "
+        "key and enrols it"
     )
 
 

@@ -35,11 +35,14 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.drivers import Driver, make_driver
 from nodeagent.identity import (
+    REVOKED_KEY,
     CertificateExpired,
     EnrolmentDeferred,
     Identity,
     next_enrol_wait,
+    no_token_in,
     paths,
+    revoked_key_advice,
 )
 from nodeagent.journal import Journal, open_journal
 from nodeagent.leader_link import LeaderLink
@@ -120,14 +123,25 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     it with a token made for the node after its enrolment; a token it refuses (the one the node
     enrolled with, superseded by that enrolment) or no token at all ends the agent with the
     certificate's one line (exit 5, which its unit does not restart on) and, after it, what the
-    token got; a leader not reached within the enrolment's patience ends it with exit 1, which
-    the unit restarts on."""
+    token got (or "no token in FILE" for a join_token_file missing or empty: nothing is tried;
+    for a key whose certificate was revoked, the way to a new key); a leader not reached
+    within the enrolment's patience ends it with exit 1, which the unit restarts on."""
     ended: CertificateExpired | None = None
     try:
         identity = await asyncio.to_thread(certwork.load_identity, cfg)
     except CertificateExpired as exc:
         if cfg.join_token is None and cfg.join_token_file is None:
             raise
+        if (
+            cfg.join_token is None
+            and cfg.join_token_file is not None
+            and no_token_in(cfg.join_token_file)
+        ):
+            # Nothing to try: the file the join script named is gone or empty (its example
+            # says "needed on the first start only"; review s47rev1 L4).
+            raise CertificateExpired(
+                f"{exc} (no token in {cfg.join_token_file}: no enrolment tried)"
+            ) from None
         ended = exc
         log.warning(
             "agent.enrolling_again",
@@ -143,6 +157,8 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
         if ended is None or isinstance(exc, CertificateExpired):
             raise
         said = f"{ended} (this agent tried to enrol again with the join token it has: {exc})"
+        if REVOKED_KEY in str(exc):
+            said = f"{said}; {revoked_key_advice(cfg)}"
         if isinstance(exc, TransientError):
             # The leader not reached (its host off, as the node was): exit 1, which the unit
             # restarts on, so the node comes back once the leader does, as a first enrolment

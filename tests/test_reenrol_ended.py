@@ -14,21 +14,30 @@ The advice texts themselves, where they are pure, are checked at the end.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import itertools
 import json
+import os
 import re
 import shlex
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from leader.expiry import ADVICE, Expiry
 from leader.store import in_rollout_text
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
-from nodeagent.identity import ended_path, expired_message, keep_ended
-from tests.cluster import Cluster, one_line_error, wait_until
+from nodeagent.identity import ended_path, expired_message, keep_ended, pending_paths
+from nodeagent.identity import enrol as enrol_in_process
+from tests.cluster import AdminTokenCluster, Cluster, csr_pem, one_line_error, wait_until
+from tests.conftest import next_loopback
 from tests.nodeside import cluster_of
 from tests.refserver_helper import write_toml
 from tests.test_level_based import live
@@ -41,7 +50,8 @@ from tests.test_transitional import (
     wait_state,
     when,
 )
-from tlsroll import pki
+from tlsroll import fsutil, pki
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 UTC = dt.UTC
 LIFETIME = 60  # seconds: the agents' certificates (the least leader.toml takes)
@@ -164,6 +174,282 @@ def test_an_ended_agent_certificate_comes_back_by_token_while_phase_1_awaits_fin
         assert cluster.find_secrets(cluster.logs_text()) == []
 
 
+class Killed(Exception):
+    """Stands for the agent killed at one step of its enrolment (nothing after it runs)."""
+
+
+def _kill_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the enrolment's ``step``-th file write (0: the CA, 1: the ended certificate kept,
+    2: the new certificate beside the renewal's key, 3: that key moved into place, 4: the
+    certificate moved into place) raise ``Killed`` instead of running."""
+    from nodeagent import identity, nodefiles
+
+    done = itertools.count()
+
+    def at(original: Callable[..., object]) -> Callable[..., object]:
+        def write(*args: object, **kwargs: object) -> object:
+            if next(done) == step:
+                raise Killed(step)
+            return original(*args, **kwargs)
+
+        return write
+
+    monkeypatch.setattr(pki, "write_cert", at(pki.write_cert))
+    monkeypatch.setattr(identity, "write_atomic", at(fsutil.write_atomic))
+    monkeypatch.setattr(nodefiles, "os", types.SimpleNamespace(replace=at(os.replace)))
+
+
+@pytest.mark.timeout(400)
+def test_an_ended_certificate_whose_renewal_answer_was_lost_enrols_the_renewal_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s47rev1 L1: a renewal the leader signed (it has the new key on record) whose
+    answer never reached the node (``DATA/node.key.new`` kept, ``node.pem`` the old one), then
+    the node off past the old certificate's end. Before: the enrolment again offered
+    ``node.key`` and the leader refused it ("already enrolled with another key; remove the old
+    node first: tlsroll nodes remove"), exit 5. Now the agent offers the renewal's key next and
+    moves it into place once enrolled; the refused offer spends no use of the token; and a kill
+    at any step after the leader's answer leaves a node that comes back at its next start
+    (with the same token: the leader replays its enrolment)."""
+    with AdminTokenCluster(tmp_path / "cluster", next_loopback(), heartbeat_interval=1) as cluster:
+        cluster.init()
+        cluster.write_leader_config({"agent_cert_lifetime": LIFETIME})
+        cluster.start_leader()
+        address = next_loopback()
+        agent = cluster.add_agent("node5", address)
+        cluster.wait_for_nodes_online(["node5"])
+
+        # The leader signs a renewal whose answer never reaches the agent (it stops first).
+        agent.stop()
+        old = agent.cert()
+        pending = pending_paths(agent.data_dir)[0]
+        renewal_key = pki.generate_key()
+        pki.write_key(pending, renewal_key)
+        with cluster.control_channel(
+            agent.cert_file.read_bytes(), agent.key_file.read_bytes()
+        ) as channel:
+            leader_pb2_grpc.LeaderStub(channel).RenewNodeCertificate(
+                leader_pb2.RenewNodeCertificateRequest(
+                    csr_pem=csr_pem(renewal_key, "node5", [address])
+                ),
+                timeout=10,
+            )
+        renewal_pin = pki.spki_pin(renewal_key.public_key())
+        assert _node_row(cluster, "node5")["key_pin"] == renewal_pin != pki.spki_pin(old)
+        lost = {p: p.read_bytes() for p in (agent.key_file, agent.cert_file, pending)}
+        _sleep_until(old.not_valid_after_utc + dt.timedelta(seconds=1))
+
+        def back(token: str) -> None:
+            """The node enrolled with the renewal's key by ``token``'s one use."""
+            assert agent.key_file.read_bytes() == lost[pending]
+            assert not pending.exists()
+            assert not pending_paths(agent.data_dir)[1].exists()
+            fresh = agent.cert()
+            assert pki.spki_pin(fresh) == renewal_pin
+            assert fresh.not_valid_after_utc > dt.datetime.now(UTC)
+            assert ended_path(agent.data_dir).read_bytes() == pki.cert_to_pem(old)
+            row = _node_row(cluster, "node5")
+            assert row["removed_at"] is None and row["key_pin"] == renewal_pin
+            assert row["cert_serial"] == f"{fresh.serial_number:x}"
+            (used,) = [
+                t for t in cluster.store_table("tokens") if t["id"] == token.partition(".")[0]
+            ]
+            assert used["uses_left"] == 0 and used["revoked_at"] is None
+
+        # The agent started with a new token (one use): it comes back with the renewal's key.
+        token = cluster.create_token("node5", address)
+        agent.write_config({"leader": {"join_token": token}})
+        agent.start()
+        cluster.wait_for_nodes_online(["node5"])
+        back(token)
+        events = agent.event_names()
+        since = events[events.index("agent.enrolling_again") :]
+        assert "agent.enrolling_with_renewal_key" in since and "agent.enrolled" in since, events
+        agent.stop()
+        assert _revoked(cluster.store_table("certificates")) == []
+
+        # A kill at each step after the leader's answer; the next start comes back, with the
+        # same token (one use, spent once).
+        cfg = AgentConfig.load(agent.config_path)
+        for step in range(5):
+            for path in (*pending_paths(agent.data_dir), ended_path(agent.data_dir)):
+                path.unlink(missing_ok=True)
+            for path, data in lost.items():
+                path.write_bytes(data)
+                path.chmod(0o600)
+            token = cluster.create_token("node5", address)
+            agent.write_config({"leader": {"join_token": token}})
+            cfg = AgentConfig.load(agent.config_path)
+            with monkeypatch.context() as faults:
+                _kill_at(faults, step)
+                with pytest.raises(Killed):
+                    enrol_in_process(cfg)
+            identity = asyncio.run(agent_runtime.obtain_identity(cfg))
+            assert pki.spki_pin(identity.cert) == renewal_pin, step
+            back(token)
+
+        agent.start()  # and the agent serves with it
+        cluster.wait_for_nodes_online(["node5"])
+        assert _revoked(cluster.store_table("certificates")) == []
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.timeout(400)
+def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """Review s47rev1 L4. The join script's token file deleted (its example says "needed on
+    the first start only"): the line said the agent had tried to enrol with "the join token it
+    has: cannot read FILE: No such file or directory"; now "no token in FILE", and no attempt.
+    A key whose certificate was revoked (`tlsroll ca revoke`): the line said "enrol with a new
+    key, or remove the node first" (a new key alone is refused while the node is on record)
+    and not how to get a new key; now it gives the commands, and following them enrols the
+    node with a new key (a stale renewal's key is dropped, not renewed in its name)."""
+    with AdminTokenCluster(tmp_path / "cluster", next_loopback(), heartbeat_interval=1) as cluster:
+        cluster.init()
+        cluster.write_leader_config({"agent_cert_lifetime": LIFETIME})
+        cluster.start_leader()
+        address = next_loopback()
+        agent = cluster.add_agent("node6", address, token_file=True)
+        cluster.wait_for_nodes_online(["node6"])
+        token_file = Path(str(agent.config["leader"]["join_token_file"]))
+        agent.stop()
+        old = agent.cert()
+        old_key = agent.key_file.read_bytes()
+        pending = pending_paths(agent.data_dir)[0]
+        pki.write_key(pending, pki.generate_key())  # a renewal's key the leader never signed
+        _sleep_until(old.not_valid_after_utc + dt.timedelta(seconds=1))
+
+        # No token in the file (deleted, then empty): said so, and nothing is tried.
+        token_file.unlink()
+        for _ in range(2):
+            code, output = agent.run_to_exit()
+            assert code == agent_runtime.EXIT_CERT_EXPIRED
+            line = one_line_error(output, "tlsroll-agent")
+            assert line.endswith(f"(no token in {token_file}: no enrolment tried)"), line
+            assert "tried to enrol again" not in line and "cannot read" not in line
+            assert f"write it to {token_file}" in line
+            assert "agent.enrolling_again" not in output
+            token_file.write_text("\n")
+            token_file.chmod(0o600)
+        assert "enrol.refused" not in cluster.leader.log_text()
+
+        # The key's certificate revoked, and a new token: the line says how to get a new key.
+        assert cluster.cli("ca", "revoke", f"{old.serial_number:x}").returncode == 0
+        token_file.write_text(cluster.create_token("node6", address) + "\n")
+        code, output = agent.run_to_exit()
+        assert code == agent_runtime.EXIT_CERT_EXPIRED
+        line = one_line_error(output, "tlsroll-agent")
+        assert "certificate was revoked" in line, line
+        steps = re.findall(r"`([^`]*)`", line[line.index("this key cannot enrol again") :])
+        assert steps == [
+            "tlsroll nodes remove node6",
+            f"tlsroll token create --node node6 --address {address}",
+            f"mv {agent.key_file} {agent.key_file}.revoked",
+        ], line
+        assert f"the token to {token_file}" in line
+        assert agent.key_file.read_bytes() == old_key and agent.cert() == old
+
+        # Following them enrols the node with a new key.
+        removal = cluster.cli(*shlex.split(steps[0])[1:], "--yes")
+        assert removal.returncode == 0, removal.stderr
+        made = cluster.cli(*shlex.split(steps[1])[1:])
+        assert made.returncode == 0, made.stderr
+        token_file.write_text(made.stdout.strip() + "\n")
+        src, dst = shlex.split(steps[2])[1:]
+        os.rename(src, dst)
+        agent.start()
+        cluster.wait_for_nodes_online(["node6"])
+        fresh = agent.cert()
+        assert pki.spki_pin(fresh) != pki.spki_pin(old)
+        assert pki.spki_pin(fresh) == _node_row(cluster, "node6")["key_pin"]
+        assert not pending.exists()  # the earlier identity's renewal key: dropped
+        assert Path(dst).read_bytes() == old_key
+        assert ended_path(agent.data_dir).read_bytes() == pki.cert_to_pem(old)
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.timeout(600)
+def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_by_the_serial_the_refusal_gives(
+    tmp_path: Path,
+) -> None:
+    """Review s47rev1 L5: a machine lost or stolen while a transitional phase 1 waits. `nodes
+    remove` stays refused; its refusal said nothing of `tlsroll ca revoke`, which the rollout
+    does not block. Now it gives the command with the agent's serial; run, it cuts the agent
+    off at once while the rollout waits. What the product does next (checked here, as it is):
+    finalize refuses the node while it is offline (finalize has no scope to leave it out);
+    rollback takes the others back to http and leaves it as it is; then `nodes remove` works."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, node2 = nodes
+        agent = node2.agent
+        assert agent is not None
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        serial = f"{agent.cert().serial_number:x}"
+
+        removal = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removal.returncode != 0
+        refusal = " ".join(removal.stderr.split())
+        assert "lost or stolen" in refusal, refusal
+        (revoke,) = re.findall(r"`(tlsroll ca revoke [^`]*)`", refusal)
+        assert revoke == f"tlsroll ca revoke {serial}", refusal
+        # where the serial is found, as the text says: check-expiration's agent row of node2
+        assert "tlsroll certs check-expiration" in refusal
+        check = cluster.cli("certs", "check-expiration", "--json")
+        listed = {
+            c["serial"]
+            for c in json.loads(check.stdout)["certificates"]
+            if c["kind"] == "agent" and c.get("subject") == "node2"
+        }
+        assert listed == {serial}
+
+        done = cluster.cli(*shlex.split(revoke)[1:])
+        assert done.returncode == 0, done.stderr
+        # The leader refuses the agent from then on, while the rollout waits.
+        wait_until(lambda: not cluster.list_nodes()["node2"].online, 30, "node2 offline")
+        with (
+            cluster.control_channel(
+                agent.cert_file.read_bytes(), agent.key_file.read_bytes()
+            ) as ch,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            leader_pb2_grpc.LeaderStub(ch).Heartbeat(
+                leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (refused.value.details() or "")
+        assert cluster.list_nodes()["node1"].online
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        again = " ".join(cluster.cli("nodes", "remove", "node2", "--yes").stderr.split())
+        assert "its agent's certificate is revoked already" in again, again
+        assert "ca revoke" not in again
+
+        # Finalize refuses the node while it is offline, even forced (no scope to leave it
+        # out): phase 1 waits on, both nodes dual.
+        forced = cluster.cli("rollout", "finalize", phase1, "--yes", "--force", timeout=LONG)
+        assert forced.returncode != 0 and "offline: node2" in forced.stderr, forced.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        # Rollback takes node1 back to http and leaves node2 as it is; then it can be removed.
+        back = cluster.cli("rollout", "rollback", phase1, "--yes", timeout=LONG)
+        assert back.returncode == 0, back.stderr
+        undo = newest(cluster)["id"]
+        wait_state(cluster, undo, ("completed",), "the rollback")
+        assert {n["name"]: n["state"] for n in newest(cluster)["nodes"]} == {
+            "node1": "done",
+            "node2": "skipped",
+        }
+        assert list(live(node1).schemes) == ["http"]
+        wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def _node_row(cluster: Cluster, name: str) -> dict[str, Any]:
+    (row,) = [r for r in cluster.store_table("nodes") if r["name"] == name]
+    return row
+
+
 # --- the advice, where it is pure ----------------------------------------------------------------
 
 
@@ -204,6 +490,52 @@ def test_the_refusal_of_a_removal_names_finalize_or_rollback_for_a_waiting_rollo
     running = in_rollout_text("b", "r7", "running")
     assert "let it end (or `tlsroll rollout abort`) first" in running
     assert "`tlsroll token create --node b --address IP`" in running
+    # a machine lost or stolen (review s47rev1 L5): cut off by serial, the rollout held or not
+    assert "`tlsroll ca revoke SERIAL`" in running and "check-expiration" in running
+    both = in_rollout_text("b", "r7", "running", serials=["1a", "2b"])
+    assert "`tlsroll ca revoke 1a` and `tlsroll ca revoke 2b`" in both
+    assert "while the rollout goes on" in both
+    done = in_rollout_text("b", "r7", "awaiting_finalize", serials=[])
+    assert "revoked already" in done and "ca revoke" not in done
+    assert "`tlsroll rollout rollback r7` goes back without it" in done
+
+
+def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left_accepted(
+    tmp_path: Path,
+) -> None:
+    """Right after a renewal, until the agent uses the new certificate, the leader still
+    accepts the one before it, which can renew again: revoking the one on record alone would
+    leave a stolen machine a way back. The refusal names both (``Store.agent_serials``)."""
+    from leader.store import NodeCert, Store
+
+    t0 = dt.datetime(2026, 11, 1, tzinfo=UTC)
+    serials = itertools.count(0x100)
+
+    def cert(pin: str) -> NodeCert:
+        n = next(serials)
+        return NodeCert(pin, f"sha256:fp{n:x}", f"{n:x}", t0 + dt.timedelta(days=30))
+
+    store = Store(tmp_path / "leader.sqlite3")
+    store.add_token(
+        "t1", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=t0,
+        actor="admin", node_name="b", addresses=("10.1.1.2",),
+    )  # fmt: skip
+    first = store.enrol(
+        token_id="t1", secret="s" * 26, name="b", addresses=("10.1.1.2",), dns_names=(),
+        agent_version="t", agent_port=9442, key_pin="sha256:A", issue=lambda: cert("sha256:A"),
+        now=t0,
+    )  # fmt: skip
+    assert store.agent_serials("b") == [first.serial]
+    row = store.get_node("b")
+    renewed = store.renew_node_certificate(
+        "b", presented=row.cert_fingerprint, presented_serial=row.cert_serial,
+        key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
+    )  # fmt: skip
+    assert store.agent_serials("b") == [renewed.serial, first.serial]
+    store.revoke(renewed.serial, reason="stolen", now=t0, actor="admin")
+    assert store.agent_serials("b") == [first.serial]
+    store.revoke(first.serial, reason="stolen", now=t0, actor="admin")
+    assert store.agent_serials("b") == [] == store.agent_serials("nobody")
 
 
 def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it() -> None:
@@ -252,6 +584,7 @@ def test_an_ended_certificate_whose_enrolment_finds_no_leader_is_restarted_by_it
     from tlsroll.errors import TerminalError, TransientError
 
     cfg = _config(tmp_path, join_token_file=str(tmp_path / "join-token"))
+    (tmp_path / "join-token").write_text("a token\n")  # (one there: it is tried)
 
     def ended(_cfg: AgentConfig) -> None:
         raise CertificateExpired("the node's certificate ended on 2026-01-02")
