@@ -957,6 +957,47 @@ def test_the_chain_end_kept_does_not_depend_on_the_order_of_the_bundle() -> None
         assert byo.chain_ends(byo.Material(root.pem, nodes), ["b"]) == {pki.fingerprint(cert): None}
 
 
+def test_validate_takes_the_path_that_holds_not_the_first_ca_listed(ca: Issuer) -> None:
+    """``byo.validate`` took the first CA in the node's file (or the bundle) that signed a link
+    (``pki.chain_to``): an old intermediate listed before its renewal (same key and subject)
+    that ends within the warning horizon refused a directory clients accept (they take the
+    path that holds). It goes by ``byo.chain_ends``' rule now (``_longest_path``: of the leaf's
+    paths, the one whose earliest end is latest), in either order; with the old one alone,
+    or a renewal that ends within the horizon too, it is refused as before."""
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    old = make_ca("Praxis Issuing CA", parent=ca, path_length=0, days=20, key=inter_key)
+    new = make_ca("Praxis Issuing CA", parent=ca, path_length=0, days=1000, key=inter_key)
+    short = make_ca("Praxis Issuing CA", parent=ca, path_length=0, days=25, key=inter_key)
+    cert, key = leaf(old, [IP], [DNS])
+    for inters in (old.pem + new.pem, new.pem + old.pem):
+        assert check(ca.pem, pem(cert) + inters, key) == []
+    who = old.cert.subject.rfc4514_string()
+    for inters in (old.pem, old.pem + short.pem, short.pem + old.pem):
+        [problem] = check(ca.pem, pem(cert) + inters, key)
+        assert problem.startswith(f"node1: node1.crt: the intermediate {who} expires on "), problem
+        assert "renew the intermediate CA" in problem
+
+
+def test_a_ca_in_the_ca_file_beside_its_renewal_is_not_refused_for_its_end() -> None:
+    """The same in DIR/ca.crt (a root and an intermediate are allowed there): an old CA
+    certificate that ends within the warning horizon, beside its renewal (same subject and
+    key, valid beyond it), is on no path clients take and no longer refuses the directory, in
+    either order. Alone, beside a renewal that ends within the horizon too, or expired, it
+    is refused as before."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    old = make_ca("Praxis CA", days=20, key=key)
+    renewed = make_ca("Praxis CA", days=3650, key=key)
+    short = make_ca("Praxis CA", days=25, key=key)
+    expired = make_ca("Praxis CA", now=NOW - dt.timedelta(days=30), days=10, key=key)
+    cert, cert_key = leaf(old, [IP], [DNS])
+    for bundle in (old.pem + renewed.pem, renewed.pem + old.pem):
+        assert check(bundle, pem(cert), cert_key) == []
+    who = old.cert.subject.rfc4514_string()
+    for bundle in (old.pem, old.pem + short.pem, expired.pem + renewed.pem):
+        problems = check(bundle, pem(cert), cert_key)
+        assert problems and all(p.startswith(f"ca: ca.crt: the CA {who} ") for p in problems)
+
+
 async def own_cert_leader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, practice: Issuer
 ) -> tuple[Any, Any]:
