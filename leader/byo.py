@@ -190,8 +190,36 @@ def ca_problems(ca_pem: bytes, now: dt.datetime, horizon: dt.timedelta) -> list[
             problems.append(
                 Problem("", CA_FILE, f"{who} is not a CA certificate (basicConstraints CA)", fix)
             )
+        if _renewed_beside(cert, certs, now, horizon):
+            continue  # on no path that counts (``_longest_path``): its end is not the chain's
         problems += _validity(cert, now, horizon, "", CA_FILE, f"the CA {who}", "renew the CA")
     return problems
+
+
+def _renewed_beside(
+    cert: x509.Certificate,
+    certs: Sequence[x509.Certificate],
+    now: dt.datetime,
+    horizon: dt.timedelta,
+) -> bool:
+    """Whether ``cert``, valid now but ending within ``horizon``, has its renewal in ``certs``:
+    a CA certificate of the same subject and key, valid now and beyond the horizon. Whatever
+    it signed the renewal signs too, and a path through the renewal ends later, so no path
+    that counts goes through ``cert`` (review s48: an old CA listed beside its renewal refused
+    a good directory). One that has expired is still refused: drop it from the file."""
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if not start <= now <= end or end >= now + horizon:
+        return False
+    pin = pki.spki_pin(cert)
+    return any(
+        other is not cert
+        and pki.is_ca(other)
+        and other.subject == cert.subject
+        and pki.spki_pin(other) == pin
+        and other.not_valid_before_utc <= now
+        and other.not_valid_after_utc >= now + horizon
+        for other in certs
+    )
 
 
 def _validity(
@@ -353,7 +381,10 @@ def node_problems(
         return problems
     leaf, intermediates = certs[0], certs[1:]
     fingerprint = pki.fingerprint(leaf)
-    chain = pki.chain_to(leaf, intermediates, anchors)
+    # The path clients take, as ``chain_ends`` records it: not the first CA listed that signed
+    # a link (an old intermediate before its renewal refused a good directory once it ended
+    # within the horizon: review s48).
+    chain = _longest_path(leaf, intermediates, anchors)
     if chain is None:
         problems.append(
             Problem(
@@ -513,7 +544,8 @@ def _longest_path(
     """Of every path leaf -> intermediates -> one of ``anchors`` (each link as
     ``pki.chain_to`` checks it, at most ``pki.MAX_CHAIN`` long), the one whose certificate that
     ends first ends latest; None if there is none. ``pki.chain_to`` takes the first anchor
-    (and intermediate) that signed a link, whichever ends first."""
+    (and intermediate) that signed a link, whichever ends first. The one rule of the check
+    before a rollout (``node_problems``) and of the chain end it records (``chain_ends``)."""
     best: list[x509.Certificate] | None = None
     best_end: dt.datetime | None = None
 

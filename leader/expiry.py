@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,7 +52,7 @@ from cryptography import x509
 
 from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
-from leader.store import Node, Store, token_command
+from leader.store import IssuedCert, Node, Store, token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
 
@@ -161,6 +161,27 @@ def served_end(
     if chain is not None and chain[1] < not_after:
         return chain[1], chain[0]
     return not_after, ""
+
+
+def watched_workstations(
+    certs: Iterable[IssuedCert], now: dt.datetime, horizon: dt.timedelta
+) -> list[IssuedCert]:
+    """Of ``certs``, the workstation certificates the watch lists (and the viewer's "near
+    expiry" with it: ``leader.viewer.snapshot``, review s48): those not revoked until they end
+    and, a name's newest, for ``horizon`` after (review s46rt1 M2: it left the list the
+    moment the PC lost it, and a monitoring check of `certs check-expiration` turned green
+    then); one superseded by a newer one of its name (the PC enrolled again) is not. Those
+    that ended ``horizon`` or longer ago may be left out of ``certs``
+    (``Store.workstation_certificates``): a name's newest is then the same."""
+    mine = [c for c in certs if c.kind == "workstation" and c.revoked_at is None]
+    newest: dict[str, dt.datetime] = {}
+    for c in mine:
+        newest[c.subject] = max(newest.get(c.subject, c.not_after), c.not_after)
+    return [
+        c
+        for c in mine
+        if c.not_after > now or (c.not_after == newest[c.subject] and now - c.not_after < horizon)
+    ]
 
 
 def agent_horizon(node: Node, lifetime: dt.timedelta) -> dt.timedelta:
@@ -277,22 +298,10 @@ class ExpiryWatch:
                         chain=chain,
                     )
                 )
-        # A workstation's certificate is watched until it ends and, if it is its name's newest,
-        # for the warning horizon after (review s46rt1 M2: it left the list the moment the PC
-        # lost it, and a monitoring check of `certs check-expiration` turned green then);
-        # one superseded by a newer one of its name (the PC enrolled again) is not.
-        newest: dict[str, dt.datetime] = {}
-        for c in certs:
-            if c.kind == "workstation" and c.revoked_at is None:
-                newest[c.subject] = max(newest.get(c.subject, c.not_after), c.not_after)
-        for c in certs:
-            if c.kind != "workstation" or c.revoked_at is not None:
-                continue
-            ended_lately = c.not_after == newest[c.subject] and now - c.not_after < self.horizon
-            if c.not_after > now or ended_lately:
-                found.append(
-                    Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
-                )
+        found += [
+            Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
+            for c in watched_workstations(certs, now, self.horizon)
+        ]
         return sorted(_marked(found, ca), key=lambda e: (e.not_after, e.kind, e.subject))
 
     def warnings(self) -> list[Expiry]:

@@ -1644,6 +1644,18 @@ class Store(LeaderStore):
                 ).fetchall()
         return [_cert(r) for r in rows]
 
+    def workstation_certificates(self, ending_after: dt.datetime) -> list[IssuedCert]:
+        """The workstation certificates not revoked that end after ``ending_after``: what the
+        expiry watch's rule (``leader.expiry.watched_workstations``) may list, for the viewer,
+        which reads them at each read (the others, revoked or long ended, pile up)."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT * FROM certificates WHERE kind = 'workstation' AND revoked_at IS NULL"
+                " AND not_after > ? ORDER BY subject, issued_at",
+                (to_text(ending_after),),
+            ).fetchall()
+        return [_cert(r) for r in rows]
+
     def revoke(
         self,
         name_or_serial: str,

@@ -957,6 +957,47 @@ def test_the_chain_end_kept_does_not_depend_on_the_order_of_the_bundle() -> None
         assert byo.chain_ends(byo.Material(root.pem, nodes), ["b"]) == {pki.fingerprint(cert): None}
 
 
+def test_validate_takes_the_path_that_holds_not_the_first_ca_listed(ca: Issuer) -> None:
+    """``byo.validate`` took the first CA in the node's file (or the bundle) that signed a link
+    (``pki.chain_to``): an old intermediate listed before its renewal (same key and subject)
+    that ends within the warning horizon refused a directory clients accept (they take the
+    path that holds). It goes by ``byo.chain_ends``' rule now (``_longest_path``: of the leaf's
+    paths, the one whose earliest end is latest), in either order; with the old one alone,
+    or a renewal that ends within the horizon too, it is refused as before."""
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    old = make_ca("Praxis Issuing CA", parent=ca, path_length=0, days=20, key=inter_key)
+    new = make_ca("Praxis Issuing CA", parent=ca, path_length=0, days=1000, key=inter_key)
+    short = make_ca("Praxis Issuing CA", parent=ca, path_length=0, days=25, key=inter_key)
+    cert, key = leaf(old, [IP], [DNS])
+    for inters in (old.pem + new.pem, new.pem + old.pem):
+        assert check(ca.pem, pem(cert) + inters, key) == []
+    who = old.cert.subject.rfc4514_string()
+    for inters in (old.pem, old.pem + short.pem, short.pem + old.pem):
+        [problem] = check(ca.pem, pem(cert) + inters, key)
+        assert problem.startswith(f"node1: node1.crt: the intermediate {who} expires on "), problem
+        assert "renew the intermediate CA" in problem
+
+
+def test_a_ca_in_the_ca_file_beside_its_renewal_is_not_refused_for_its_end() -> None:
+    """The same in DIR/ca.crt (a root and an intermediate are allowed there): an old CA
+    certificate that ends within the warning horizon, beside its renewal (same subject and
+    key, valid beyond it), is on no path clients take and no longer refuses the directory, in
+    either order. Alone, beside a renewal that ends within the horizon too, or expired, it
+    is refused as before."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    old = make_ca("Praxis CA", days=20, key=key)
+    renewed = make_ca("Praxis CA", days=3650, key=key)
+    short = make_ca("Praxis CA", days=25, key=key)
+    expired = make_ca("Praxis CA", now=NOW - dt.timedelta(days=30), days=10, key=key)
+    cert, cert_key = leaf(old, [IP], [DNS])
+    for bundle in (old.pem + renewed.pem, renewed.pem + old.pem):
+        assert check(bundle, pem(cert), cert_key) == []
+    who = old.cert.subject.rfc4514_string()
+    for bundle in (old.pem, old.pem + short.pem, expired.pem + renewed.pem):
+        problems = check(bundle, pem(cert), cert_key)
+        assert problems and all(p.startswith(f"ca: ca.crt: the CA {who} ") for p in problems)
+
+
 async def own_cert_leader(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, practice: Issuer
 ) -> tuple[Any, Any]:
@@ -1090,6 +1131,182 @@ async def test_the_viewer_marks_near_what_the_expiry_watch_warns_of(
             f'<span class="chain">(its chain\'s {subject} ends first)</span></td>'
             f"<td>{words.when(end)}</td><td>25</td></tr>"
         ) in html
+    await leader_.stop()
+
+
+OWN_LABELS = ("kind", "subject", "fingerprint", "chain")
+
+
+def gauge_samples(text: bytes, name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """The samples of the gauge ``name`` in the metrics ``text``, by their ``labels``' values
+    (kind, subject, fingerprint if none are given)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels = labels or ("kind", "subject", "fingerprint")
+    return {
+        tuple(s.labels[k] for k in labels): s.value
+        for f in text_string_to_metric_families(text.decode())
+        if f.name == name
+        for s in f.samples
+    }
+
+
+async def test_the_metrics_give_the_end_the_watch_warns_by_and_the_certificate_s_own_beside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s48: ``/metrics`` gave a ``--cert-dir`` certificate its own end (the leaves here:
+    200 days) where its chain (the practice CA: 60 days) ends first, so a Prometheus alert on
+    ``tlsroll_certificate_expiry_timestamp_seconds`` missed the end the expiry watch warns of.
+    That metric (same name and labels) gives the end clients go by now, and
+    ``tlsroll_certificate_own_expiry_timestamp_seconds`` the certificate's own end, with the
+    chain's certificate that ends first, for those only. An alert ``expiry - time() < 30 days``
+    fires for the servers (and, a year ahead, the CA's) as the watch warns of them."""
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_core import Change
+    from leader.viewer import metrics
+    from leader.viewer.snapshot import Reader
+    from tests.conftest import none_fresh
+    from tests.fake_agent import START
+
+    practice = make_ca("Praxis CA", now=START, days=60)
+    world, leader_ = await own_cert_leader(tmp_path, monkeypatch, practice)
+    served = await own_rollout(world, leader_, Change.ENABLE_TLS, practice)
+    ends = {n: end for n, (_, end) in leader_.schema.served_certificates().items()}
+    end = practice.cert.not_valid_after_utc
+    subject = practice.cert.subject.rfc4514_string()
+    at = START + dt.timedelta(days=35)
+    reader = Reader(
+        leader_.store,
+        leader_.schema,
+        lambda: at,
+        lambda _: True,
+        [("ca", world.ca.cert)],
+        fresh=none_fresh,
+    )
+    text = metrics.render(reader.read(times=True))
+    expiry = gauge_samples(text, "tlsroll_certificate_expiry_timestamp_seconds")
+    for name, fingerprint in served.items():
+        assert ends[name] > end
+        assert expiry[("server", name, fingerprint)] == end.timestamp()
+    assert gauge_samples(text, "tlsroll_certificate_own_expiry_timestamp_seconds", *OWN_LABELS) == {
+        ("server", name, fingerprint, subject): ends[name].timestamp()
+        for name, fingerprint in served.items()
+    }
+    assert expiry[("ca", "", pki.fingerprint(world.ca.cert))] == (
+        world.ca.cert.not_valid_after_utc.timestamp()
+    )
+    watch = ExpiryWatch(leader_.store, leader_.schema, world.ca.cert, list, lambda: at)
+    warned = {(e.kind, e.subject, e.fingerprint) for e in watch.warnings() if e.kind == "server"}
+    alert = {
+        labels
+        for labels, value in expiry.items()
+        if labels[0] == "server" and value - at.timestamp() < 30 * 86400
+    }
+    assert alert == warned and len(alert) == len(served)
+    await leader_.stop()
+
+
+async def test_the_viewer_lists_the_workstations_the_expiry_watch_warns_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s48: the expiry watch warns of workstation certificates (and, a name's newest,
+    for ``expiry_warning_days`` after its end: review s46rt1 M2), the viewer's "near expiry"
+    left them out. It lists them by the watch's rule now (``watched_workstations``): at every
+    moment and horizon tried, what the watch warns of; the page names them in German and
+    English (an ended one "abgelaufen", "expired"), and ``/metrics`` gives their ends."""
+    from html import unescape
+
+    from leader.expiry import ExpiryWatch
+    from leader.store import IssuedCert
+    from leader.viewer import metrics, pages
+    from leader.viewer.i18n import Words
+    from leader.viewer.snapshot import Reader
+    from tests.conftest import none_fresh
+    from tests.fake_agent import START
+    from tests.test_engine import make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    leader_ = world.boot()
+    store = leader_.store
+    node = next(iter(world.agents)).name
+    day = dt.timedelta(days=1)
+
+    def record(serial: str, name: str, ends: dt.timedelta) -> None:
+        store.record_certificate(
+            IssuedCert(serial, "workstation", name, node, f"sha256:{serial}", START, START + ends),
+            actor="t",
+            now=START,
+        )
+
+    record("a1", "ws-far", 300 * day)
+    record("b1", "ws-soon", 20 * day)
+    record("c1", "ws-ended", -5 * day)  # the PC lost it five days ago: listed, expired
+    record("d1", "ws-again", -5 * day)  # enrolled again since: the old one is not listed
+    record("d2", "ws-again", 200 * day)
+    record("e1", "ws-revoked", 10 * day)
+    store.revoke("ws-revoked", reason="lost", now=START, actor="t")
+    record("f1", "ws-long-gone", -40 * day)
+    lifetime = dt.timedelta(days=30)
+    seen = set()
+    for warning_days in (10, 30, 90):
+        for days in (0, 4, 10, 19, 21, 25, 40, 100, 195, 250, 301):
+            at = START + days * day
+            watch = ExpiryWatch(
+                store,
+                leader_.schema,
+                world.ca.cert,
+                list,
+                lambda at=at: at,  # type: ignore[misc]
+                warning_days=warning_days,
+                agent_lifetime=lifetime,
+            )
+            reader = Reader(
+                store,
+                leader_.schema,
+                lambda at=at: at,  # type: ignore[misc]
+                lambda _: True,
+                [("ca", world.ca.cert)],
+                agent_near=lifetime / 2,
+                fresh=none_fresh,
+                warning=dt.timedelta(days=warning_days),
+            )
+            warned = {(e.kind, e.subject, e.not_after) for e in watch.warnings()}
+            near = {(c.kind, c.subject, c.end) for c in reader.read().near_expiry}
+            assert near == warned, (warning_days, days)
+            seen |= {(warning_days, days, s) for k, s, _ in near if k == "workstation"}
+    assert {s for w, d, s in seen if (w, d) == (30, 0)} == {"ws-soon", "ws-ended"}
+    assert (10, 4, "ws-ended") in seen and (10, 10, "ws-ended") not in seen  # 15 days after
+    assert (30, 195, "ws-again") in seen and (30, 100, "ws-again") not in seen
+    assert "ws-revoked" not in {s for *_, s in seen}
+    assert {(w, d) for w, d, s in seen if s == "ws-long-gone"} == {
+        (90, d)
+        for d in (0, 4, 10, 19, 21, 25, 40)  # 90 days after its end, not 10 or 30
+    }
+
+    snap = Reader(store, leader_.schema, lambda: START, lambda _: True, [], fresh=none_fresh).read(
+        times=True
+    )
+    context = pages.PageContext("10.0.0.1", "t", START, "/e")
+    for lang, kind, expired in (
+        ("de", "Arbeitsplatz (Client-Zertifikat)", "abgelaufen"),
+        ("en", "workstation (client certificate)", "expired"),
+    ):
+        words = Words.of(lang)
+        html = unescape(pages.schema_page(snap, words, context))
+        row = '<tr data-kind="workstation"><th scope="row">{}</th><td>{}</td><td>{}</td><td>{}</td>'
+        soon, ended = START + 20 * day, START - 5 * day
+        assert row.format(kind, "ws-soon", words.when(soon), 20) in html, lang
+        assert (
+            row.format(kind, "ws-ended", words.when(ended), f"<strong>{expired}</strong>") in html
+        )
+        assert "ws-far" not in html and "ws-revoked" not in html
+    expiry = gauge_samples(metrics.render(snap), "tlsroll_certificate_expiry_timestamp_seconds")
+    assert {
+        (labels[1], value) for labels, value in expiry.items() if labels[0] == "workstation"
+    } == {
+        (name, (START + ends * day).timestamp())
+        for name, ends in (("ws-far", 300), ("ws-soon", 20), ("ws-ended", -5), ("ws-again", 200))
+    }
     await leader_.stop()
 
 

@@ -126,8 +126,8 @@ _DE: dict[str, str] = {
     "failure_count": "Anzahl",
     "failure_last": "Zuletzt",
     "certs": "Zertifikate, die bald ablaufen",
-    "certs_none": "Kein Zertifikat läuft bald ab (bei Server-Zertifikaten warnt der Leader "
-    "{days} Tage vor dem Ende, bei der CA ein Jahr).",
+    "certs_none": "Kein Zertifikat läuft bald ab (bei Server- und Arbeitsplatz-Zertifikaten "
+    "warnt der Leader {days} Tage vor dem Ende, bei der CA ein Jahr).",
     "cert_chain": "zuerst endet {chain} in seiner Kette",
     "cert_kind": "Art",
     "cert_subject": "Für",
@@ -138,6 +138,7 @@ _DE: dict[str, str] = {
     "cert_viewer": "diese Webansicht",
     "cert_agent": "Agent eines Knotens",
     "cert_server": "Server (https, 8443)",
+    "cert_workstation": "Arbeitsplatz (Client-Zertifikat)",
     "none": "–",
     "seconds": "{value} s",
     "window": "{start}–{end} ({seconds})",
@@ -262,7 +263,7 @@ _EN: dict[str, str] = {
     "failure_last": "Last",
     "certs": "Certificates near expiry",
     "certs_none": "No certificate is near its end (the leader warns {days} days ahead of a "
-    "server certificate's end, a year ahead of the CA's).",
+    "server or workstation certificate's end, a year ahead of the CA's).",
     "cert_chain": "its chain's {chain} ends first",
     "cert_kind": "Kind",
     "cert_subject": "For",
@@ -273,6 +274,7 @@ _EN: dict[str, str] = {
     "cert_viewer": "this web viewer",
     "cert_agent": "a node's agent",
     "cert_server": "server (https, 8443)",
+    "cert_workstation": "workstation (client certificate)",
     "none": "–",
     "seconds": "{value} s",
     "window": "{start}–{end} ({seconds})",

@@ -17,6 +17,16 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
                                                      never below 0: ``SchemaStore.switch_times``)
     tlsroll_restart_seconds                          how long the managed server's restart took
     tlsroll_certificate_expiry_timestamp_seconds{kind,subject,fingerprint}
+                                                     when clients stop accepting it: its end,
+                                                     or its chain's where that comes first (a
+                                                     ``--cert-dir`` one's), as the expiry
+                                                     watch warns by; workstations' as the
+                                                     watch lists them
+    tlsroll_certificate_own_expiry_timestamp_seconds{kind,subject,fingerprint,chain}
+                                                     only where the chain ends first: the
+                                                     certificate's own end; ``chain``: the
+                                                     subject of the chain's certificate that
+                                                     ends first
     tlsroll_password_change_pending{node}            1: a new password waits for change-password
     tlsroll_bootstrap_failures{node,source}          wrong passwords on 9443, last 30 days
 """
@@ -101,15 +111,31 @@ def render(snap: Snapshot) -> bytes:
     for seconds in restarts:
         restart.observe(seconds)
 
+    # The end clients go by, the expiry watch's (review s48: a --cert-dir certificate's own
+    # end, and an alert on it missed its chain's, which comes first); the name and labels are
+    # the same as before, for the dashboards and alerts on them.
     expiry = Gauge(
         "tlsroll_certificate_expiry_timestamp_seconds",
-        "When a certificate expires (Unix time): the CA, the leader's, the viewer's, each "
-        "node's agent certificate and the certificate each node serves on 8443.",
+        "When clients stop accepting a certificate (Unix time): its end, or its chain's if that "
+        "comes first (tlsroll_certificate_own_expiry_timestamp_seconds has its own then). The "
+        "CA, the leader's, the viewer's, each node's agent certificate, the certificate each "
+        "node serves on 8443 and the workstations' (as the expiry watch lists them).",
         ["kind", "subject", "fingerprint"],
         registry=registry,
     )
+    own_expiry = Gauge(
+        "tlsroll_certificate_own_expiry_timestamp_seconds",
+        "A certificate's own end (Unix time), where its chain ends first: chain names the "
+        "chain's certificate that does.",
+        ["kind", "subject", "fingerprint", "chain"],
+        registry=registry,
+    )
     for cert in snap.certificates:
-        expiry.labels(cert.kind, cert.subject, cert.fingerprint).set(cert.not_after.timestamp())
+        expiry.labels(cert.kind, cert.subject, cert.fingerprint).set(cert.end.timestamp())
+        if cert.chain_end is not None:
+            own_expiry.labels(cert.kind, cert.subject, cert.fingerprint, cert.chain).set(
+                cert.not_after.timestamp()
+            )
 
     pending = Gauge(
         "tlsroll_password_change_pending",

@@ -20,7 +20,14 @@ from typing import Any, NamedTuple
 
 from cryptography import x509
 
-from leader.expiry import AGENT_HORIZON_FRACTION, agent_horizon, horizon_of, served_end, within
+from leader.expiry import (
+    AGENT_HORIZON_FRACTION,
+    agent_horizon,
+    horizon_of,
+    served_end,
+    watched_workstations,
+    within,
+)
 from leader.layout import DEFAULT_WARNING
 from leader.rollout_core import NodeRecord, NodeState
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
@@ -95,10 +102,14 @@ class NodeStatus(NamedTuple):
 class CertStatus:
     """A certificate the cluster depends on, and when it expires."""
 
-    kind: str  # ca | leader | viewer | agent (a node's mTLS) | server (a node's 8443)
-    subject: str  # the node's name; "" for the leader's own
+    # ca | leader | viewer | agent (a node's mTLS) | server (a node's 8443) | workstation (a
+    # PC's client certificate, as the expiry watch lists them: ``watched_workstations``)
+    kind: str
+    subject: str  # the node's or workstation's name; "" for the leader's own
     fingerprint: str
-    not_after: dt.datetime  # the certificate's own end (the metrics')
+    # The certificate's own end (the metrics' ``tlsroll_certificate_own_expiry_timestamp_
+    # seconds`` where its chain ends first; ``end`` is what the page and the watch go by).
+    not_after: dt.datetime
     # How near its end it is shown as near (an agent's: ``leader.expiry.agent_horizon``);
     # None: the kind's, as the expiry watch's (``Snapshot.horizon``).
     near: dt.timedelta | None = None
@@ -385,7 +396,7 @@ class Reader:
             data=data,
             nodes=nodes,
             pending_passwords=tuple(sorted(pending)),
-            certificates=self.own_certs + agents + self._served(),
+            certificates=self.own_certs + agents + self._served() + self._workstations(now),
             selected=selected,
             timeline=timeline,
             agent_near=self.agent_near,
@@ -575,6 +586,20 @@ class Reader:
                 )
             )
         return tuple(found)
+
+    def _workstations(self, now: dt.datetime) -> tuple[CertStatus, ...]:
+        """The workstations' certificates the expiry watch lists (``watched_workstations``:
+        not revoked, until they end, a name's newest for ``expiry_warning_days`` after), by
+        name: the page's "near expiry" lists those within ``expiry_warning_days``, as the
+        watch warns of them (review s48: the page left them out)."""
+        certs = self.store.workstation_certificates(now - self.warning)
+        return tuple(
+            CertStatus("workstation", c.subject, c.fingerprint, c.not_after)
+            for c in sorted(
+                watched_workstations(certs, now, self.warning),
+                key=lambda c: (c.subject, c.not_after),
+            )
+        )
 
 
 def _timeline(events: Sequence[AuditEvent]) -> dict[str, tuple[Transition, ...]]:
