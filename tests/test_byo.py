@@ -1134,6 +1134,55 @@ async def test_the_viewer_marks_near_what_the_expiry_watch_warns_of(
     await leader_.stop()
 
 
+async def test_a_removed_node_s_server_certificate_leaves_the_viewer_as_it_leaves_the_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``nodes remove`` takes a node's served certificate out of the expiry watch (it lists
+    enrolled nodes only); the viewer's "near expiry" and ``/metrics`` kept listing it, later
+    as expired, for good (review s48rev2 M1): they go by the same enrolled nodes now."""
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_core import Change
+    from leader.viewer.snapshot import Reader
+    from tests.conftest import none_fresh
+    from tests.fake_agent import START
+
+    practice = make_ca("Praxis CA", now=START, days=60)
+    world, leader_ = await own_cert_leader(tmp_path, monkeypatch, practice)
+    await own_rollout(world, leader_, Change.ENABLE_TLS, practice)
+    names = sorted(a.name for a in world.agents)
+    gone = names[-1]
+    leader_.store.remove_node(gone, now=START + dt.timedelta(days=1), actor="admin:test")
+    lifetime = dt.timedelta(days=30)
+    for day in (40, 100, 2000):  # the chain (the practice CA) near its end, then long ended
+        at = START + dt.timedelta(days=day)
+        watch = ExpiryWatch(
+            leader_.store,
+            leader_.schema,
+            world.ca.cert,
+            lambda: [],
+            lambda at=at: at,  # type: ignore[misc]
+            warning_days=30,
+            agent_lifetime=lifetime,
+        )
+        reader = Reader(
+            leader_.store,
+            leader_.schema,
+            lambda at=at: at,  # type: ignore[misc]
+            lambda _: True,
+            [("ca", world.ca.cert)],
+            agent_near=lifetime / 2,
+            fresh=none_fresh,
+            warning=dt.timedelta(days=30),
+        )
+        warned = {(e.kind, e.subject) for e in watch.warnings()}
+        snap = reader.read()
+        near = {(c.kind, c.subject) for c in snap.near_expiry}
+        assert near == warned, (day, sorted(near - warned), sorted(warned - near))
+        assert ("server", gone) not in {(c.kind, c.subject) for c in snap.certificates}
+    assert ("server", names[0]) in warned  # (the others' are still listed)
+    await leader_.stop()
+
+
 OWN_LABELS = ("kind", "subject", "fingerprint", "chain")
 
 

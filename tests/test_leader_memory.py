@@ -39,6 +39,7 @@ from leader.store import Store
 from leader.viewer import metrics
 from leader.viewer.server import Viewer
 from leader.viewer.snapshot import Reader
+from tests import leader_rig
 from tests.cluster import Cluster, child_env, csr_pem
 from tests.conftest import IssuedCert, none_fresh
 from tests.leader_rig import leader_with_a_node
@@ -579,6 +580,9 @@ def test_the_viewer_s_page_and_metrics_read_the_newest_and_selected_rollout_not_
     histograms over every node of every rollout. ``/api/v1/schema`` keeps every rollout whole."""
     store = Store(tmp_path / "leader.sqlite3")
     schema = SchemaStore(store.db)
+    ca = pki.CertificateAuthority.create()  # (the nodes enrolled: only theirs are listed)
+    for n, name in enumerate("ab", start=2):
+        leader_rig._enrol(store, ca, name, f"10.0.0.{n}", VIEWER_NOW)
     for i, change in enumerate([Change.ENABLE_TLS, Change.ENABLE_TLS, Change.DISABLE_TLS]):
         run_rollout(schema, f"r{i + 1}", change, fail="a" if i == 1 else "")
     run_rollout(schema, "r4", Change.ENABLE_TLS)

@@ -396,7 +396,10 @@ class Reader:
             data=data,
             nodes=nodes,
             pending_passwords=tuple(sorted(pending)),
-            certificates=self.own_certs + agents + self._served() + self._workstations(now),
+            certificates=self.own_certs
+            + agents
+            + self._served({n.name for n, _ in enrolled})
+            + self._workstations(now),
             selected=selected,
             timeline=timeline,
             agent_near=self.agent_near,
@@ -566,11 +569,15 @@ class Reader:
             for c in self.own_certs
         )
 
-    def _served(self) -> tuple[CertStatus, ...]:
+    def _served(self, enrolled: set[str]) -> tuple[CertStatus, ...]:
         """The certificate each node serves on 8443, by one query rather than from every
         stored rollout's nodes (``SchemaStore.served_certificates``), with its chain's end
-        where that comes first (``SchemaStore.own_chain_ends``), as the expiry watch has it."""
-        served = self.schema.served_certificates()
+        where that comes first (``SchemaStore.own_chain_ends``), as the expiry watch has it:
+        of the ``enrolled`` nodes only (a removed node's stayed listed for good, later as
+        expired, review s48rev2 M1)."""
+        served = {
+            name: end for name, end in self.schema.served_certificates().items() if name in enrolled
+        }
         chains = self.schema.own_chain_ends() if served else {}
         found = []
         for name, (fingerprint, not_after) in sorted(served.items()):
