@@ -9,23 +9,28 @@ from __future__ import annotations
 import secrets
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
 import grpc
 import pytest
 
+from leader.cli import cluster_cmd
+from leader.rollout_core import RolloutAction
 from leader.tokens import JoinToken
+from leader.wire import ROLLOUT_ACTION
 from tests.cluster import Cluster, one_line_error
 from tests.conftest import next_loopback
 from tlsroll import echo
+from tlsroll.cli import main
 from tlsroll.password import generate_password
 from tlsroll.v1 import admin_pb2
 
 LONG = "A" * 100_000
 BROKEN = "ab\ncd\x1b[2J"  # a line end and an escape sequence that clears the screen
 TOKEN = str(JoinToken.generate())
+TOKEN_ID = TOKEN.split(".", maxsplit=1)[0]
 LINK_SECRET = secrets.token_urlsafe(32)  # as leader.viewer.grants makes a login link's
 LINK = f"https://127.0.0.1:9444/login/{LINK_SECRET}"
 PASSWORD = generate_password()
@@ -148,20 +153,22 @@ def test_a_line_end_or_escape_in_an_argument_stays_in_its_one_line(
 
 def test_the_leaders_details_cut_what_they_repeat(cluster: Cluster) -> None:
     """The leader's own refusals (over the admin socket, as any caller gets them)."""
-    calls = [
-        lambda a: a.RemoveNode(admin_pb2.RemoveNodeRequest(name="B" * 3_000_000), timeout=10),
-        lambda a: a.RevokeToken(admin_pb2.RevokeTokenRequest(id="B" * 100_000), timeout=10),
-        lambda a: a.RevokeViewerGrant(
-            admin_pb2.RevokeViewerGrantRequest(id="B" * 100_000), timeout=10
-        ),
-        lambda a: a.ControlRollout(
-            admin_pb2.ControlRolloutRequest(rollout_id="B" * 100_000, action=1), timeout=10
-        ),
-    ]
+    pause = ROLLOUT_ACTION.wire(RolloutAction.PAUSE)
     with cluster.admin() as admin:
+        calls: list[Callable[[], object]] = [
+            lambda: admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="B" * 3_000_000), timeout=10),
+            lambda: admin.RevokeToken(admin_pb2.RevokeTokenRequest(id="B" * 100_000), timeout=10),
+            lambda: admin.RevokeViewerGrant(
+                admin_pb2.RevokeViewerGrantRequest(id="B" * 100_000), timeout=10
+            ),
+            lambda: admin.ControlRollout(
+                admin_pb2.ControlRolloutRequest(rollout_id="B" * 100_000, action=pause),
+                timeout=10,
+            ),
+        ]
         for call in calls:
             with pytest.raises(grpc.RpcError) as refused:
-                call(admin)
+                call()
             details = refused.value.details() or ""
             assert refused.value.code() == grpc.StatusCode.NOT_FOUND, details[:300]
             assert "(3000000 characters)" in details or "(100000 characters)" in details
@@ -193,7 +200,7 @@ def test_a_secret_given_for_an_id_is_named_not_repeated(
     assert _hidden(value) not in result.stderr + result.stdout
     assert "this looks like a" in line and "; give " in line, line
     if kind == "join token":
-        assert f"a join token (id {TOKEN.split('.')[0]}; its secret not shown)" in line, line
+        assert f"a join token (id {TOKEN_ID}; its secret not shown)" in line, line
 
 
 @pytest.mark.parametrize("kind", sorted(SECRETS))
@@ -214,7 +221,7 @@ def test_a_secret_anywhere_else_is_not_repeated_either(cluster: Cluster, kind: s
 
 def test_token_revoke_takes_a_whole_token_but_refuses_another_secret(cluster: Cluster) -> None:
     line = error_line(cluster.cli("token", "revoke", TOKEN), 1)  # its id: not found
-    assert f"no join token with id '{TOKEN.split('.')[0]}'" in line, line
+    assert f"no join token with id '{TOKEN_ID}'" in line, line
     result = cluster.cli("token", "revoke", LINK_SECRET)
     assert "a viewer login link" in error_line(result, 2)
     assert LINK_SECRET not in result.stderr
@@ -275,9 +282,6 @@ def test_the_leader_calls_a_malformed_serial_invalid_not_unknown(cluster: Cluste
 def test_an_error_nobody_foresaw_is_one_line_with_its_type_only(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from leader.cli import cluster_cmd  # noqa: PLC0415
-    from tlsroll.cli import main  # noqa: PLC0415
-
     def boom(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError(f"bug holding {PASSWORD}")
 
@@ -296,8 +300,6 @@ def test_an_error_nobody_foresaw_is_one_line_with_its_type_only(
 
 
 def test_click_usage_errors_are_not_caught_as_internal(capsys: pytest.CaptureFixture[str]) -> None:
-    from tlsroll.cli import main  # noqa: PLC0415
-
     assert main(["nodes", "remove"]) == 2
     assert "internal error" not in capsys.readouterr().err
     assert issubclass(click.UsageError, Exception)  # (why the catch-all comes last)

@@ -26,6 +26,7 @@ entry point loads it for every command.
 
 from __future__ import annotations
 
+import functools
 import re
 
 LIMIT = 80
@@ -84,7 +85,7 @@ def scrub(message: str) -> str:
     looks like (``<a join token (id abc123; its secret not shown)>``)."""
     for pattern, kind in _SHAPES:
         if pattern.search(message):
-            message = pattern.sub(lambda m, kind=kind: _placeholder(kind, m), message)
+            message = pattern.sub(functools.partial(_placeholder, kind), message)
     return message
 
 
