@@ -108,7 +108,6 @@ from leader.rollout_core import (
 )
 from tlsroll import echo
 from tlsroll.errors import TerminalError
-from tlsroll.names import NODE_NAME
 
 
 class PlanError(TerminalError):
@@ -122,8 +121,8 @@ class EmptyScope(PlanError):
 
 class UnknownNodes(PlanError):
     """Names no enrolled node has (NOT_FOUND: an unknown name is no usage error, review
-    s47rtin L6); each named as given if it is a node name, else escaped and cut
-    (``tlsroll.echo``), ten at most."""
+    s47rtin L6); each named as given if it is plain, else escaped and cut (``tlsroll.echo``),
+    ten at most."""
 
     def __init__(self, names: Sequence[str]) -> None:
         said = _some([_as_given(n) for n in names])
@@ -132,7 +131,9 @@ class UnknownNodes(PlanError):
 
 
 def _as_given(name: str) -> str:
-    if NODE_NAME.fullmatch(name) and echo.secret_kind(name) is None:
+    """``name`` as given if it is printable, short and no secret; else ``echo.shown``."""
+    plain = name.isprintable() and not any(c in name for c in " ,'\"")
+    if plain and 0 < len(name) <= echo.LIMIT and echo.secret_kind(name) is None:
         return name
     return echo.shown(name)
 

@@ -10,7 +10,10 @@ looked up, so the import rule (role packages never import each other, the shared
 them) holds.
 
 Every error is one line on stderr: exit code 2 for usage errors, 1 for failures (a command may
-define its own codes, like ``tlsroll client test-connection``), never a traceback.
+define its own codes, like ``tlsroll client test-connection``), never a traceback: an error
+nobody foresaw is ``internal error: TYPE`` with exit 1 (``TLSROLL_DEBUG=1`` shows its
+traceback). What an error repeats of the input is escaped, cut and never a secret
+(``tlsroll.echo``).
 
 Run as the program (``main()`` reading ``sys.argv``: the console script, ``python -m tlsroll``),
 two things cut what Python itself costs around a short command (``tlsroll schema show``, goal
