@@ -64,6 +64,7 @@ from leader.wire import (
 )
 from tlsroll import logs, password, peertext, pki, spiffe
 from tlsroll.backoff import Backoff, Policy, retry_after
+from tlsroll.echo import shown
 from tlsroll.errors import TlsrollError
 from tlsroll.rpc import RpcStatusError, failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
@@ -171,7 +172,7 @@ def own_certs(cert_dir: admin_pb2.CertDir) -> byo.Material:
     nodes: dict[str, byo.NodeMaterial] = {}
     for n in cert_dir.nodes:
         if n.node in nodes:
-            raise invalid(f"--cert-dir: node {n.node!r} given twice")
+            raise invalid(f"--cert-dir: node {shown(n.node)} given twice")
         mode = n.key_file_mode if n.HasField("key_file_mode") else None
         nodes[n.node] = byo.NodeMaterial(n.node, n.chain_pem, n.private_key_pem, mode)
     return byo.Material(cert_dir.ca_pem, nodes)

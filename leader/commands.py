@@ -53,6 +53,7 @@ from leader.schema_store import (
 from leader.schema_view import report_problems, still_on_http_now, waiting_for
 from leader.store import Store
 from tlsroll import logs, password
+from tlsroll.echo import shown
 from tlsroll.errors import TerminalError
 from tlsroll.pki import Names
 
@@ -799,7 +800,7 @@ class Commands:
             else self.schema.active() or self.schema.latest()
         )
         if row is None and rollout_id:
-            raise NoSuchRollout(f"no rollout {rollout_id!r} (see: tlsroll schema show)")
+            raise NoSuchRollout(f"no rollout {shown(rollout_id)} (see: tlsroll schema show)")
         if row is None:
             raise NoRolloutYet("no rollout yet; start one with: tlsroll rollout start")
         return row

@@ -106,6 +106,7 @@ from leader.rollout_core import (
     still_dual,
     wrong_source,
 )
+from tlsroll import echo
 from tlsroll.errors import TerminalError
 
 
@@ -119,9 +120,26 @@ class EmptyScope(PlanError):
 
 
 class UnknownNodes(PlanError):
+    """Names no enrolled node has (NOT_FOUND: an unknown name is no usage error, review
+    s47rtin L6); each named as given if it is plain, else escaped and cut (``tlsroll.echo``),
+    ten at most."""
+
     def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(f"not enrolled: {', '.join(names)} (check the names with `tlsroll nodes`)")
+        said = _some([_as_given(n) for n in names])
+        super().__init__(f"not enrolled: {said} (check the names with `tlsroll nodes`)")
         self.names = tuple(names)
+
+
+def _as_given(name: str) -> str:
+    """``name`` as given if it is printable, short and no secret; else ``echo.shown``."""
+    plain = name.isprintable() and not any(c in name for c in " ,'\"")
+    if plain and 0 < len(name) <= echo.LIMIT and echo.secret_kind(name) is None:
+        return name
+    return echo.shown(name)
+
+
+class UnknownRollout(PlanError):
+    """The rollout a command names is not one it can act on (NOT_FOUND)."""
 
 
 class AlreadyUndone(PlanError):
@@ -845,8 +863,13 @@ def undo_target(
     """
     if rollout_id:
         found = [(r, nodes) for r, nodes in candidates if r.id == rollout_id]
-        if not found or found[0][0].change is not Change.ENABLE_TLS:
-            raise PlanError(f"no enable-tls rollout {rollout_id!r} to take back")
+        if not found:
+            raise UnknownRollout(f"no rollout {echo.shown(rollout_id)} (see: tlsroll schema show)")
+        if found[0][0].change is not Change.ENABLE_TLS:
+            raise PlanError(
+                f"rollout {rollout_id} is a {found[0][0].change.value} rollout: only an "
+                "enable-tls rollout is taken back"
+            )
         target, records = found[0]
     else:
         enabling = [(r, nodes) for r, nodes in candidates if r.change is Change.ENABLE_TLS]

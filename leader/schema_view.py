@@ -48,7 +48,7 @@ from leader.wire import (
     SCOPE_KIND,
     STRATEGY,
 )
-from tlsroll import wire
+from tlsroll import echo, wire
 from tlsroll.rpc import invalid, map_errors, not_found, timestamp
 from tlsroll.sqlite import from_text
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc, types_pb2
@@ -527,7 +527,9 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
 
         shown = schema.shown(rollouts)
         if request.rollout_id and not shown.rows:
-            raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
+            raise not_found(
+                f"no rollout {echo.shown(request.rollout_id)} (see: tlsroll schema show)"
+            )
         rows = cast(list[RolloutRow], shown.rows)
         total = shown.total
         now = self.clock()  # after the read: never before what it shows

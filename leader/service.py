@@ -43,6 +43,8 @@ from leader.planner import (
     NothingToUndo,
     NotOnHttps,
     PlanError,
+    UnknownNodes,
+    UnknownRollout,
     Unreachable,
     WrongSource,
     report_stale_after,
@@ -66,6 +68,7 @@ from leader.store import (
     EpochFixed,
     InRollout,
     IssuedCert,
+    Malformed,
     NameTaken,
     Node,
     NodeCert,
@@ -110,6 +113,8 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 ERRORS = {
     NoSuchRollout: grpc.StatusCode.NOT_FOUND,
+    UnknownNodes: grpc.StatusCode.NOT_FOUND,
+    UnknownRollout: grpc.StatusCode.NOT_FOUND,
     NoRolloutYet: grpc.StatusCode.FAILED_PRECONDITION,
     bootstrap_csr.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -140,6 +145,7 @@ ERRORS = {
     PKIError: grpc.StatusCode.INVALID_ARGUMENT,
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    Malformed: grpc.StatusCode.INVALID_ARGUMENT,
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooLate: grpc.StatusCode.FAILED_PRECONDITION,
     Superseded: grpc.StatusCode.UNAUTHENTICATED,

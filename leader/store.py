@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
 from tlsroll import clocks, logs, rpc
+from tlsroll.echo import shown
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
@@ -59,6 +60,11 @@ class NameTaken(TerminalError):
 
 class NotFound(TerminalError):
     pass
+
+
+class Malformed(TerminalError):
+    """An id or serial of a shape nothing can have (INVALID_ARGUMENT, the CLI's usage error;
+    review s47rtin L6): not "not found", which says the shape was right."""
 
 
 class TooMany(TerminalError):
@@ -683,7 +689,7 @@ class Store(LeaderStore):
         with self._db.read() as db:
             row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
             if row is None:
-                raise NotFound(f"no join token with id {token_id!r}")
+                raise NotFound(f"no join token with id {shown(token_id)}")
             return superseded_how(db, [_token(row)])[0]
 
     def list_tokens(self) -> list[Token]:
@@ -700,7 +706,7 @@ class Store(LeaderStore):
                 (to_text(now), token_id),
             )
             if cur.rowcount == 0:
-                raise NotFound(f"no join token with id {token_id!r}")
+                raise NotFound(f"no join token with id {shown(token_id)}")
             self._audit(db, now, actor, "token.revoked", token_id)
         return self.get_token(token_id)
 
@@ -974,7 +980,7 @@ class Store(LeaderStore):
         with self._db.read() as db:
             row = db.execute(f"{_NODES} WHERE name = ? AND removed_at IS NULL", (name,)).fetchone()
         if row is None:
-            raise NotFound(f"no enrolled node named {name!r}")
+            raise NotFound(f"no enrolled node named {shown(name)}")
         return self._with_seen(_node(row))
 
     def heartbeat(
@@ -1409,7 +1415,7 @@ class Store(LeaderStore):
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
             if row is None:
-                raise NotFound(f"no enrolled node named {name!r}")
+                raise NotFound(f"no enrolled node named {shown(name)}")
             busy = db.execute(_HELD, (name, *_TERMINAL)).fetchone()
             if busy is not None:
                 names = (json.loads(row["addresses"]), json.loads(row["dns_names"]))
@@ -1687,8 +1693,9 @@ class Store(LeaderStore):
             elif re.fullmatch(r"[0-9a-f]{1,40}", key):
                 serial = key.lstrip("0") or "0"
                 if not serial_fits(serial):
-                    raise NotFound(
-                        f"{name_or_serial!r} is not a serial this CA can have issued (1 to 2^159-1)"
+                    raise Malformed(
+                        f"{shown(name_or_serial)} is not a serial this CA can have issued "
+                        "(1 to 2^159-1)"
                     )
                 known = db.execute(
                     "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)
@@ -1705,9 +1712,11 @@ class Store(LeaderStore):
                     _record_cert(db, serial, "other", "", "", "", now, far)
                 serials = [] if known is not None and known["revoked_at"] else [serial]
             else:
-                raise NotFound(f"{name_or_serial!r} is neither a workstation name nor a serial")
+                raise Malformed(
+                    f"{shown(name_or_serial)} is neither a workstation name (ws-…) nor a serial"
+                )
             if not serials:
-                raise NotFound(f"no unrevoked certificate matches {name_or_serial!r}")
+                raise NotFound(f"no unrevoked certificate matches {shown(name_or_serial)}")
             _revoke_in(db, serials, reason or "revoked by the admin", now)
             self._audit(db, now, actor, "certificate.revoked", key, serials=serials)
         return serials

@@ -153,7 +153,7 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
         offline = Node(cluster, "offline1", agent=False)  # enrolled, never a heartbeat
         cases: list[tuple[admin_pb2.RolloutRequest, grpc.StatusCode, str]] = [
             (request(), Code.FAILED_PRECONDITION, "offline: offline1"),  # NodesOffline
-            (request(scope=ScopeKind.NODES, nodes=["ghost"]), Code.INVALID_ARGUMENT, "ghost"),
+            (request(scope=ScopeKind.NODES, nodes=["ghost"]), Code.NOT_FOUND, "ghost"),  # L6
             (request(scope=ScopeKind.LOCAL), Code.INVALID_ARGUMENT, "node_name"),
             (request(scope=ScopeKind.NODES), Code.INVALID_ARGUMENT, "node list"),
             (request(nodes=["offline1"]), Code.INVALID_ARGUMENT, "node list"),

@@ -338,12 +338,13 @@ def test_a_serial_no_certificate_can_have_is_refused_before_it_is_sent(
     other_code(monkeypatch)
     for args in (["ca", "revoke", "0"], ["ca", "revoke", "--unknown", "f" * 40]):
         result = tlsroll("--socket", str(cluster.admin_socket), *args)
-        assert result.exit_code == 1, (args, result.stdout, result.stderr)
+        assert result.exit_code == 2, (args, result.stdout, result.stderr)  # a bad value
         assert result.stderr.splitlines() == [
             f"tlsroll: error: {args[-1]!r} is not a serial this CA can have issued (1 to 2^159-1)"
+            " (see: tlsroll ca revoke --help)"
         ]
     result = tlsroll("--socket", str(cluster.admin_socket), "workstations", "revoke", "000")
-    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
     assert called == []
 
 

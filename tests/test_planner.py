@@ -868,8 +868,8 @@ def test_undo_target_takes_the_newest_enable_tls_and_its_done_nodes() -> None:
 @pytest.mark.parametrize(
     ("rollout_id", "words"),
     [
-        ("r3", "no enable-tls rollout 'r3'"),
-        ("nope", "no enable-tls rollout 'nope'"),
+        ("r3", "rollout r3 is a change-password rollout: only an enable-tls rollout"),
+        ("nope", "no rollout 'nope'"),  # UnknownRollout: NOT_FOUND (review s47rtin L6)
         ("r4", "switched no node"),
     ],
 )

@@ -10,7 +10,10 @@ looked up, so the import rule (role packages never import each other, the shared
 them) holds.
 
 Every error is one line on stderr: exit code 2 for usage errors, 1 for failures (a command may
-define its own codes, like ``tlsroll client test-connection``), never a traceback.
+define its own codes, like ``tlsroll client test-connection``), never a traceback: an error
+nobody foresaw is ``internal error: TYPE`` with exit 1 (``TLSROLL_DEBUG=1`` shows its
+traceback). What an error repeats of the input is escaped, cut and never a secret
+(``tlsroll.echo``).
 
 Run as the program (``main()`` reading ``sys.argv``: the console script, ``python -m tlsroll``),
 two things cut what Python itself costs around a short command (``tlsroll schema show``, goal
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import click
 
-from tlsroll import __version__, nocore
+from tlsroll import __version__, echo, nocore
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.errors import TlsrollError
 
@@ -158,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+DEBUG_ENV = "TLSROLL_DEBUG"
+"""Set to 1, an error nobody foresaw ends with Python's traceback instead of one line."""
+
+
 def _run(argv: list[str] | None) -> int:
+    """Run the command; every error is one line on stderr (``tlsroll.echo``: no control
+    character acts on the terminal, no input is repeated at length, no secret at all), and an
+    error nobody foresaw too, exit 1, unless ``TLSROLL_DEBUG=1`` asks for its traceback."""
     try:
         code = cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
     except click.UsageError as exc:
@@ -167,23 +177,38 @@ def _run(argv: list[str] | None) -> int:
         message = (
             "missing command"
             if isinstance(exc, click.exceptions.NoArgsIsHelpError)
-            else exc.format_message()
+            else echo.one_line(exc.format_message())  # click's own repeat argv as given
         )
-        click.echo(f"tlsroll: error: {message}{hint}", err=True)
+        _error(f"{message}{hint}")
         return 2
     except click.Abort:
         click.echo("tlsroll: aborted", err=True)
         return 1
     except click.ClickException as exc:
-        click.echo(f"tlsroll: error: {exc.format_message()}", err=True)
+        _error(exc.format_message())
         return exc.exit_code
     except TlsrollError as exc:
-        click.echo(f"tlsroll: error: {exc}", err=True)
+        _error(str(exc))
         return 1
     except OSError as exc:
-        click.echo(f"tlsroll: error: {exc.strerror}: {exc.filename}", err=True)
+        what = exc.strerror or type(exc).__name__
+        where = f": {echo.shown_path(exc.filename)}" if exc.filename is not None else ""
+        _error(f"{what}{where}")
+        return 1
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        # Its type only: its message may hold anything, a secret the command read among it.
+        _error(
+            f"internal error: {type(exc).__name__}; run it again with {DEBUG_ENV}=1 for the "
+            "traceback, and report it"
+        )
         return 1
     return code if isinstance(code, int) else 0  # a command's ctx.exit(code), else 0
+
+
+def _error(message: str) -> None:
+    click.echo(f"tlsroll: error: {echo.safe_lines(message)}", err=True)
 
 
 if __name__ == "__main__":  # python -m tlsroll.cli: run the module itself, not a copy of it

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tlsroll import spiffe
+from tlsroll.echo import shown
 
 BACKDATE = dt.timedelta(hours=1)  # a leaf's NotBefore: tolerate clocks that lag the CA's
 NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -35,9 +36,13 @@ EVERY_HOST_IPS = frozenset({"127.0.0.1", "::1"})
 def node_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a node name, or None."""
     if not NODE_NAME.fullmatch(name):
-        return f"{name!r} is not a valid node name: lowercase letters, digits and '-', at most 63"
+        return (
+            f"{shown(name)} is not a valid node name: lowercase letters, digits and '-', at most 63"
+        )
     if name.startswith(RESERVED_PREFIXES):
-        return f"node name {name!r} is reserved (names starting {' or '.join(RESERVED_PREFIXES)})"
+        return (
+            f"node name {shown(name)} is reserved (names starting {' or '.join(RESERVED_PREFIXES)})"
+        )
     return None
 
 
@@ -46,7 +51,7 @@ def ip_problem(text: str) -> str | None:
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
-        return f"{text!r} is not an IP address"
+        return f"{shown(text)} is not an IP address"
     if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
         return f"{ip} is not the address of one host"
     if str(ip) in EVERY_HOST_IPS or ip == ipaddress.IPv4Address("255.255.255.255"):
@@ -57,13 +62,13 @@ def ip_problem(text: str) -> str | None:
 def dns_problem(name: str) -> str | None:
     """Why the CA will not put DNS name ``name`` in a certificate, or None."""
     if "*" in name:
-        return f"{name!r}: wildcard names are never signed"
+        return f"{shown(name)}: wildcard names are never signed"
     if not DNS_NAME.fullmatch(name):
-        return f"{name!r} is not a DNS host name (lowercase letters, digits, '-' and '.')"
+        return f"{shown(name)} is not a DNS host name (lowercase letters, digits, '-' and '.')"
     if name == "localhost" or name.endswith(".localhost"):
-        return f"{name!r} names every host, not this one"
+        return f"{shown(name)} names every host, not this one"
     if name.endswith("." + spiffe.INTERNAL_TLD):
-        return f"{name!r}: names under .{spiffe.INTERNAL_TLD} are the cluster's own"
+        return f"{shown(name)}: names under .{spiffe.INTERNAL_TLD} are the cluster's own"
     return None
 
 

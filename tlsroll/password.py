@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from tlsroll.bootstrap_base import loads_strict
+from tlsroll.echo import shown_path
 from tlsroll.errors import TerminalError
 
 # Characters nobody types at a password prompt (``read_password_file``): control (Cc), format
@@ -108,7 +109,7 @@ def read_password_file(path: Path) -> str:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
-        raise PasswordFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise PasswordFileError(f"cannot read {shown_path(path)}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "rb") as f:
             _check_private(path, f.fileno())
@@ -116,11 +117,11 @@ def read_password_file(path: Path) -> str:
             # s47rtin M3); a pipe with a password in it is read as before.
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise PasswordFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise PasswordFileError(f"cannot read {shown_path(path)}: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
         raise PasswordFileError(
-            f"{path} is longer than {MAX_FILE_BYTES} bytes; a password file holds one line, "
-            "the password"
+            f"{shown_path(path)} is longer than {MAX_FILE_BYTES} bytes; a password file holds "
+            "one line, the password"
         )
     return password_from_bytes(data, path)
 
@@ -132,10 +133,12 @@ def _check_private(path: Path, fd: int) -> None:
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
         real = _resolved(path, fd)
-        named = str(path) if real == str(path) else f"{path} ({real})"
+        named = (
+            shown_path(path) if real == str(path) else f"{shown_path(path)} ({shown_path(real)})"
+        )
         raise PasswordFileError(
             f"{named} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod 600 {real}"
+            f"run: chmod 600 {shown_path(real)}"
         )
 
 
@@ -159,19 +162,19 @@ def password_from_bytes(data: bytes, path: Path | str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise PasswordFileError(f"{path} is not UTF-8 text") from None
+        raise PasswordFileError(f"{shown_path(path)} is not UTF-8 text") from None
     # The encoding's mark, not the password: Notepad writes it unasked, and the workstation
     # reads its file by this rule too, so both sides drop it alike. Only one, only first.
     text = text.removeprefix(BOM)
     text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
     if not text:
-        raise PasswordFileError(f"{path} is empty")
+        raise PasswordFileError(f"{shown_path(path)} is empty")
     if "\n" in text or "\r" in text:
         raise PasswordFileError(
-            f"{path} has more than one line; the password must be the file's only line"
+            f"{shown_path(path)} has more than one line; the password must be the file's only line"
         )
     if (why := password_problem(text)) is not None:
-        raise PasswordFileError(f"{path} {why}")
+        raise PasswordFileError(f"{shown_path(path)} {why}")
     return text
 
 

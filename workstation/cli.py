@@ -50,6 +50,7 @@ def client() -> None:
 @click.option(
     "--settings-dir",
     type=click.Path(path_type=Path, file_okay=False),
+    callback=lambda _ctx, _param, value: _plain_dir(value),
     envvar="TLSROLL_CLIENT_DIR",
     default=default_settings_dir,
     show_default="~/.config/tlsroll/client",
@@ -120,6 +121,24 @@ def test_connection(
     ui = UI(say=click.echo, ask_port=_ask_port, ask_password=_ask_password)
     TestConnection(options, ui).run()
     click.echo("restart the client to finish")
+
+
+MAX_SETTINGS_DIR = 1024
+"""Characters of a --settings-dir: every message about the settings names it (review s47rtin
+L5: a 100 KB one came back whole)."""
+
+
+def _plain_dir(value: Path) -> Path:
+    """--settings-dir without a control character and of a length a message can name."""
+    text = str(value)
+    if not text.isprintable():
+        raise click.BadParameter("must not hold control characters", param_hint="--settings-dir")
+    if len(text) > MAX_SETTINGS_DIR:
+        raise click.BadParameter(
+            f"is {len(text)} characters long: at most {MAX_SETTINGS_DIR}",
+            param_hint="--settings-dir",
+        )
+    return value
 
 
 def _password_from(path: Path) -> str:

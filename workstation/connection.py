@@ -125,6 +125,7 @@ from tlsroll import bootstrap_csr, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
+from tlsroll.echo import shown
 from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import (
     PRIVATE,
@@ -276,12 +277,12 @@ def check_url(text: str) -> ServerURL:
         hostname = parts.hostname  # a bracketed host that is no IPv6 address raises here
     except ValueError:
         raise click.BadParameter(
-            f"{text!r} is not a server address; use {example}", param_hint="URL"
+            f"{shown(text)} is not a server address; use {example}", param_hint="URL"
         ) from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not hostname:
         raise click.BadParameter(
-            f"{text!r} is not a server address; use {example}", param_hint="URL"
+            f"{shown(text)} is not a server address; use {example}", param_hint="URL"
         )
     if parts.username is not None or parts.password is not None:
         raise click.BadParameter("the address must not contain a user name", param_hint="URL")
@@ -293,7 +294,7 @@ def check_url(text: str) -> ServerURL:
         port = parts.port
     except ValueError:
         raise click.BadParameter(
-            f"{text!r} has an invalid port; use {example}", param_hint="URL"
+            f"{shown(text)} has an invalid port; use {example}", param_hint="URL"
         ) from None
     path = parts.path or "/"
     if not path.isascii():

@@ -32,6 +32,7 @@ from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
+from tlsroll.echo import secret_kind, shown, shown_path
 from tlsroll.errors import TerminalError
 
 if TYPE_CHECKING:
@@ -81,6 +82,17 @@ class CLIError(TerminalError):
 
 def fail(message: str) -> NoReturn:
     raise CLIError(message)
+
+
+def ask_first(without_terminal: str, question: str, declined: str) -> None:
+    """The one rule of a command that asks before it changes something, unless ``--yes``: it
+    asks only on a terminal; with stdin not one, a usage error (exit 2: "not a terminal:
+    add --yes …", ``without_terminal``) before anything is asked or done; "no" at the prompt
+    (or Enter) ends it with exit 1 (``declined``: "not removed"), nothing changed."""
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"not a terminal: {without_terminal}")
+    if not click.confirm(question, default=False):
+        raise CLIError(declined)
 
 
 EXIT_OTHER_CODE = 5
@@ -277,7 +289,7 @@ def permission_hint(sock: Path) -> str:
         blocking = path
         break
     else:
-        return f"permission denied on {sock}: run as root or the leader's user"
+        return f"permission denied on {shown_path(sock)}: run as root or the leader's user"
     try:
         group = grp.getgrgid(st.st_gid).gr_name
     except KeyError:
@@ -287,7 +299,8 @@ def permission_hint(sock: Path) -> str:
     except KeyError:
         user = str(os.geteuid())
     return (
-        f"permission denied on {sock} ({blocking} belongs to group {group}): join that group "
+        f"permission denied on {shown_path(sock)} ({shown_path(blocking)} belongs to group "
+        f"{group}): join that group "
         f"(usermod -aG {group} {user}, then log in again) or run as root"
     )
 
@@ -315,7 +328,8 @@ class Leader:
             os.stat(sock)
         except FileNotFoundError:  # (also while the leader restarts: ``while_away``)
             raise Unreachable(
-                f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)"
+                f"no admin socket at {shown_path(sock)}: is tlsroll-leader running? "
+                "(see --data-dir/--socket)"
             ) from None
         except PermissionError:
             fail(permission_hint(sock))
@@ -348,7 +362,7 @@ class Leader:
         the CLI made it for a connection that failed."""
         if code == "UNAVAILABLE" and not (answered and details):
             raise Unreachable(
-                f"cannot reach the leader on {self.socket}: is tlsroll-leader running?"
+                f"cannot reach the leader on {shown_path(self.socket)}: is tlsroll-leader running?"
             )
         if code == "UNAVAILABLE":
             fail(f"the leader cannot do it now: {details}")
@@ -550,23 +564,67 @@ def parse_duration(text: str) -> int:
     ``MAX_DURATION_SECONDS`` (a usage error, not protobuf's ValueError: audit s34 M2)."""
     m = _DURATION.fullmatch(text.strip())
     if not m or int(m.group(1)) == 0:
-        raise click.BadParameter(f"{text!r}: use a number with s, m, h or d, e.g. 1h")
+        raise click.BadParameter(f"{shown(text)}: use a number with s, m, h or d, e.g. 1h")
     seconds = int(m.group(1)) * _UNITS[m.group(2)]
     if seconds > MAX_DURATION_SECONDS:
-        raise click.BadParameter(f"{text!r} is too long: at most {MAX_DURATION_SECONDS // 86400}d")
+        raise click.BadParameter(
+            f"{shown(text)} is too long: at most {MAX_DURATION_SECONDS // 86400}d"
+        )
     return seconds
 
 
-def refuse_unfit_serial(name_or_serial: str) -> None:
-    """One line (exit 1) for a serial no certificate of this CA can have (0, or 2^159 and above:
-    ``leader.store.serial_fits``), before it is sent. The leader refuses it too, but one from
-    before session 34 (reached through other code: ``STOPS``) would record it, and from then on
-    fail to sign every revocation list: every heartbeat refused, every node offline."""
+def not_a_secret(value: str, wanted: str) -> None:
+    """A usage error (exit 2) if ``value``, given where ``wanted`` belongs ("the node's name"),
+    looks like one of tlsroll's secrets (a join token, a login link, a generated password:
+    ``tlsroll.echo``), saying what it looks like and never repeating it (review s47rtin L8)."""
+    kind = secret_kind(value)
+    if kind is not None:
+        raise click.UsageError(f"this looks like {kind}; give {wanted}")
+
+
+_HEX_SERIAL = re.compile(r"[0-9a-f]{1,40}")
+
+
+def refuse_unfit_serial(name_or_serial: str, *, serial_only: bool = False) -> None:
+    """A usage error (exit 2), before anything is sent, for what is no serial (``ca revoke``,
+    ``serial_only``), neither a workstation name nor a serial (``workstations revoke``), or a
+    serial no certificate of this CA can have (0, or 2^159 and above:
+    ``leader.store.serial_fits``). The leader refuses these too, but one from before session 34
+    (reached through other code: ``STOPS``) would record the last, and from then on fail to
+    sign every revocation list: every heartbeat refused, every node offline."""
     from leader.store import serial_fits  # noqa: PLC0415 - for the revoke commands alone
 
+    not_a_secret(
+        name_or_serial,
+        "the certificate's serial (tlsroll certs check-expiration lists them)"
+        if serial_only
+        else "the workstation's name (ws-…) or a serial (tlsroll workstations list)",
+    )
     key = name_or_serial.strip().lower()
-    if re.fullmatch(r"[0-9a-f]{1,40}", key) and not serial_fits(key.lstrip("0") or "0"):
-        fail(f"{name_or_serial!r} is not a serial this CA can have issued (1 to 2^159-1)")
+    if _HEX_SERIAL.fullmatch(key):
+        if not serial_fits(key.lstrip("0") or "0"):
+            raise click.UsageError(
+                f"{shown(name_or_serial)} is not a serial this CA can have issued (1 to 2^159-1)"
+            )
+    elif serial_only:
+        raise click.UsageError(
+            f"{shown(name_or_serial)} is not a serial: hex digits, in full (tlsroll certs "
+            "check-expiration lists them)"
+        )
+    elif not key.startswith("ws-"):
+        raise click.UsageError(
+            f"{shown(name_or_serial)} is neither a workstation name (ws-…) nor a serial (hex)"
+        )
+
+
+ROLLOUT_WANTED = "a rollout's id (tlsroll schema show lists them)"
+
+
+def rollout_id_param(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    """A click callback for a rollout id argument or option: ``not_a_secret``."""
+    if value:
+        not_a_secret(value, ROLLOUT_WANTED)
+    return value
 
 
 def fetch_schema(

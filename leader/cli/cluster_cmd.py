@@ -18,6 +18,7 @@ from leader.cli.base import (
     Leader,
     emit_json,
     fmt_time,
+    not_a_secret,
     out,
     parse_duration,
     pass_leader,
@@ -201,7 +202,7 @@ def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
     check-expiration` lists them). Agents learn of it with their next heartbeat and refuse it
     from then on. A serial the leader has no record of is refused, unless --unknown. (`tlsroll
     nodes remove` and `tlsroll workstations revoke` revoke by name.)"""
-    refuse_unfit_serial(serial)
+    refuse_unfit_serial(serial, serial_only=True)
     with leader.admin() as admin:
         reply = leader.call(
             admin.RevokeCertificate,
@@ -302,6 +303,9 @@ def token_create(
     --agent-data-dir is given), said in one line; check the [server] table (the managed
     server's driver, see the example agent.toml) and start the agent. An agent.toml that is a
     symbolic link is written where it points (a link to no file is refused)."""
+    # A secret pasted for a name would be signed into a certificate and shown in every list.
+    for name in (node_name, *dns_names):
+        not_a_secret(name, "the node's name (--node) and its DNS names (--dns)")
     seconds = parse_duration(ttl)
     for option, path in (
         ("--agent-config-dir", agent_config_dir),
@@ -524,6 +528,7 @@ def superseded_how(t: admin_pb2.TokenInfo) -> str:
 def token_revoke(leader: Leader, token_id: str) -> None:
     """Revoke a join token by its id (the part before the dot)."""
     token_id = token_id.split(".", 1)[0]  # accept a whole token too, but never echo its secret
+    not_a_secret(token_id, "the token's id (tlsroll token list lists them)")
     with leader.admin() as admin:
         reply = leader.call(admin.RevokeToken, admin_pb2.RevokeTokenRequest(id=token_id))
     out.print(f"revoked token {reply.info.id}")

@@ -17,9 +17,11 @@ from rich.text import Text
 
 from leader.cli.base import (
     Leader,
+    ask_first,
     emit_json,
     fail,
     fmt_time,
+    not_a_secret,
     out,
     pass_leader,
     refuse_unfit_serial,
@@ -32,6 +34,7 @@ from leader.wire import NODE_HEALTH
 from tlsroll import peertext
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
+from tlsroll.echo import shown
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.v1 import admin_pb2
 
@@ -176,12 +179,14 @@ def _check_nodes(ctx: click.Context, leader: Leader, as_json: bool, timeout: int
 def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     """Remove a node: revoke its certificates (its agent's, its servers' and its workstations')
     and free its name and addresses for a new token. Its agent is refused from then on."""
+    not_a_secret(name, "the node's name (tlsroll nodes lists them)")
     leader.require_same_code()  # before it is confirmed (exit 5; review s35 L1)
     if not yes:
-        click.confirm(
-            f"Remove node {name}? Its agent stops being accepted at once, and its certificates "
-            "are revoked.",
-            abort=True,
+        ask_first(
+            "add --yes to remove it without asking",
+            f"Remove node {shown(name)}? Its agent stops being accepted at once, and its "
+            "certificates are revoked.",
+            "not removed",
         )
     with leader.admin() as admin:
         reply = leader.call(admin.RemoveNode, admin_pb2.RemoveNodeRequest(name=name))
@@ -285,7 +290,11 @@ def epoch_advance(leader: Leader, yes: bool) -> None:
     a backup, or when a node refuses rollouts with "stale epoch"). Audited."""
     leader.require_same_code()  # before it is confirmed (exit 5; review s35 L1)
     if not yes:
-        click.confirm("Advance the leader's epoch past every node's?", abort=True)
+        ask_first(
+            "add --yes to advance it without asking",
+            "Advance the leader's epoch past every node's?",
+            "not advanced",
+        )
     with leader.admin() as admin:
         info = leader.call(admin.AdvanceEpoch, admin_pb2.AdvanceEpochRequest())
     _print_epochs(info)

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader
+from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader, rollout_id_param
 from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice
 from leader.cli.password import read_password_file
 from leader.rollout_core import (
@@ -52,6 +52,7 @@ from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, S
 from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
 from tlsroll.defaults import BOOTSTRAP_PORT
+from tlsroll.echo import shown
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ def practice_zone(option: str | None, lang: str, configured: str = "") -> zonein
             return load_zone(configured)
         except ValueError:  # the leader knows it; this machine's zone database does not
             raise click.UsageError(
-                f"the leader's maintenance_timezone {configured!r} is unknown here; give "
+                f"the leader's maintenance_timezone {shown(configured)} is unknown here; give "
                 "--timezone, e.g. Europe/Berlin"
             ) from None
     if name is None:
@@ -104,10 +105,11 @@ def practice_zone(option: str | None, lang: str, configured: str = "") -> zonein
     except ValueError:
         if option is None:  # the machine's own setting is odd: say so, not "bad option"
             raise click.UsageError(
-                f"this machine's time zone {name!r} is unknown; give --timezone, e.g. Europe/Berlin"
+                f"this machine's time zone {shown(name)} is unknown; give --timezone, "
+                "e.g. Europe/Berlin"
             ) from None
         raise click.BadParameter(
-            f"unknown time zone {option!r}; use a name like Europe/Berlin",
+            f"unknown time zone {shown(option)}; use a name like Europe/Berlin",
             param_hint="--timezone",
         ) from None
 
@@ -131,7 +133,7 @@ def when_syntax(text: str, hint: str = "--when") -> dt.datetime:
         except ValueError:
             continue
     raise click.BadParameter(
-        f"{text!r}: give date and time as YYYY-MM-DD HH:MM, e.g. 2026-12-05 18:00",
+        f"{shown(text)}: give date and time as YYYY-MM-DD HH:MM, e.g. 2026-12-05 18:00",
         param_hint=hint,
     )
 
@@ -169,11 +171,13 @@ def parse_duration(text: str) -> dt.timedelta:
     """``30m``, ``2h``, ``1h30m``: more than nothing, at most two days."""
     m = _DURATION.fullmatch(text.strip())
     if not m or not any(m.groups()):
-        raise click.BadParameter(f"{text!r}: use e.g. 30m, 2h or 1h30m", param_hint="--duration")
+        raise click.BadParameter(
+            f"{shown(text)}: use e.g. 30m, 2h or 1h30m", param_hint="--duration"
+        )
     span = dt.timedelta(hours=int(m.group(1) or 0), minutes=int(m.group(2) or 0))
     if not dt.timedelta(0) < span <= MAX_DURATION:
         raise click.BadParameter(
-            f"{text!r}: give more than 0 minutes and at most 48 hours", param_hint="--duration"
+            f"{shown(text)}: give more than 0 minutes and at most 48 hours", param_hint="--duration"
         )
     return span
 
@@ -261,7 +265,7 @@ def pick_rollout(schema: schema_pb2.Schema, rollout_id: str | None) -> schema_pb
     if rollout_id:
         rollouts = [r for r in rollouts if r.id == rollout_id]
         if not rollouts:
-            raise CLIError(f"no rollout {rollout_id!r}: see `tlsroll schema show`")
+            raise CLIError(f"no rollout {shown(rollout_id)}: see `tlsroll schema show`")
     if not rollouts:
         raise CLIError(
             "no rollout yet: announce one with "
@@ -466,7 +470,12 @@ def check_password(
     help="With --when: which nodes [default: cluster].",
 )
 @click.option("--nodes", help="With --when: comma-separated node names (scope 'nodes').")
-@click.option("--rollout", "rollout_id", help="Without --when: this rollout, not the newest.")
+@click.option(
+    "--rollout",
+    "rollout_id",
+    callback=rollout_id_param,
+    help="Without --when: this rollout, not the newest.",
+)
 @click.option(
     "--timezone",
     "tz_name",

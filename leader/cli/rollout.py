@@ -11,7 +11,6 @@ rollout for ``rollout status``.
 from __future__ import annotations
 
 import datetime as dt
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +23,13 @@ from leader.cli.base import (
     EXIT_INTERRUPTED,
     CLIError,
     Leader,
+    ask_first,
     emit_json,
     fetch_schema,
     out,
     parse_duration,
     pass_leader,
+    rollout_id_param,
     to_dict,
     while_away,
 )
@@ -421,10 +422,9 @@ def rollout_start(
             )
         if not yes:
             show_plan(planned)
-            if not sys.stdin.isatty():
-                raise click.UsageError("not a terminal: review `tlsroll plan`, then add --yes")
-            if not click.confirm("Start the switch now?", default=False):
-                raise CLIError("not started")
+            ask_first(
+                "review `tlsroll plan`, then add --yes", "Start the switch now?", "not started"
+            )
         generated = False
         if change == "enable-tls" and not in_use:
             if secret is None:  # generated now, after the confirmation, and shown once
@@ -544,7 +544,7 @@ def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None
 
 
 @rollout.command("retry")
-@click.argument("rollout_id", required=False, default="")
+@click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--wait",
     is_flag=True,
@@ -576,7 +576,7 @@ def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
 
 
 @rollout.command("rollback")
-@click.argument("rollout_id", required=False, default="")
+@click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--max-parallel",
     type=click.IntRange(1, 200),
@@ -604,10 +604,7 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
                 planned.rollout.nodes,
                 " (each: freeze writes, restore the http config, restart, verify, unfreeze).",
             )
-            if not sys.stdin.isatty():
-                raise click.UsageError("not a terminal: add --yes to go back without asking")
-            if not click.confirm("Go back to http now?", default=False):
-                raise CLIError("not started")
+            ask_first("add --yes to go back without asking", "Go back to http now?", "not started")
         view = leader.call(admin.StartRollout, request)
     undoes = f", undoes {view.undoes}" if view.undoes else ""
     out.print(
@@ -631,7 +628,7 @@ def going_back(nodes: Sequence[schema_pb2.NodeView], how: str) -> None:
 
 
 @rollout.command("finalize")
-@click.argument("rollout_id", required=False, default="")
+@click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option(
     "--force",
     is_flag=True,
@@ -674,10 +671,7 @@ def rollout_finalize(
             "https live, unfreeze; else back to http+https)."
         )
         out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
-        if not sys.stdin.isatty():
-            raise click.UsageError("not a terminal: add --yes to finalize without asking")
-        if not click.confirm("Close http now?", default=False):
-            raise CLIError("not started")
+        ask_first("add --yes to finalize without asking", "Close http now?", "not started")
     request = admin_pb2.FinalizeRolloutRequest(
         rollout_id=rollout_id, force=force, when_quiet_seconds=quiet
     )
@@ -714,7 +708,7 @@ CONTROL_HELP = {
 
 def _control_command(action: RolloutAction) -> None:
     @rollout.command(action.value, help=CONTROL_HELP[action])
-    @click.argument("rollout_id", required=False, default="")
+    @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
     @pass_leader
     def command(leader: Leader, rollout_id: str) -> None:
         _control(leader, action, rollout_id)
@@ -725,7 +719,7 @@ for _action in RolloutAction:  # rollout pause | resume | abort [ID]
 
 
 @rollout.command("status")
-@click.argument("rollout_id", required=False, default="")
+@click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:

@@ -25,6 +25,7 @@ from leader.cli.base import (
     emit_json,
     fetch_schema_json,
     pass_leader,
+    rollout_id_param,
     while_away,
 )
 from tlsroll.cli import quick_exit
@@ -48,7 +49,9 @@ def schema() -> None:
 
 
 @schema.command("show")
-@click.option("--rollout", "rollout_id", default="", help="Only this rollout.")
+@click.option(
+    "--rollout", "rollout_id", default="", callback=rollout_id_param, help="Only this rollout."
+)
 @click.option("--all", "show_all", is_flag=True, help="Every rollout stored, not only the newest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")

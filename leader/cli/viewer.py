@@ -12,7 +12,16 @@ import sys
 import click
 from rich.table import Table
 
-from leader.cli.base import Leader, emit_json, fmt_time, out, parse_duration, pass_leader, to_dict
+from leader.cli.base import (
+    Leader,
+    emit_json,
+    fmt_time,
+    not_a_secret,
+    out,
+    parse_duration,
+    pass_leader,
+    to_dict,
+)
 from leader.wire import VIEWER_GRANT_STATE
 from tlsroll.v1 import admin_pb2
 
@@ -77,6 +86,7 @@ def viewer_list(leader: Leader, as_json: bool) -> None:
 @pass_leader
 def viewer_revoke(leader: Leader, grant_id: str) -> None:
     """Revoke a grant by its id: its browser session ends at once."""
+    not_a_secret(grant_id, "the grant's id (tlsroll viewer list lists them)")
     with leader.admin() as admin:
         reply = leader.call(
             admin.RevokeViewerGrant, admin_pb2.RevokeViewerGrantRequest(id=grant_id)

@@ -67,6 +67,7 @@ from leader.viewer.grants import Grant, Grants, LoginRefused
 from leader.viewer.i18n import LANGS, Words, pick_lang
 from leader.viewer.snapshot import Reader, Snapshot
 from tlsroll import logs
+from tlsroll.echo import shown
 
 if TYPE_CHECKING:
     from leader.viewer import pages
@@ -372,7 +373,7 @@ class ViewerApp:
         # open, or reloaded), as its stream's first read then is (issue 15).
         snap = await self._shared_snapshot(rollout_id)
         if rollout_id is not None and snap.selected is None:
-            raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
+            raise web.HTTPNotFound(text=f"no rollout {shown(rollout_id)}\n")
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
         html = pages.schema_page(snap, self._words(request), self._page(request, rollout_id))
@@ -388,7 +389,7 @@ class ViewerApp:
         if rollout_id is not None:  # as /rollouts/{id} answers: no stream for nothing
             snap = await self._shared_snapshot(rollout_id)
             if snap.selected is None:
-                raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
+                raise web.HTTPNotFound(text=f"no rollout {shown(rollout_id)}\n")
         session_id = request.cookies.get(SESSION_COOKIE, "")
         if request.method != "HEAD" and (
             self._streams.total() >= MAX_STREAMS

@@ -28,6 +28,7 @@ from leader.states import GrantState
 from leader.store import NotFound
 from leader.tokens import ID_ALPHABET, ID_LEN
 from tlsroll import peertext
+from tlsroll.echo import shown
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import from_text, to_text
 
@@ -109,7 +110,7 @@ class Grants(LeaderStore):
         with self._db.read() as db:
             row = db.execute("SELECT * FROM viewer_grants WHERE id = ?", (grant_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no viewer grant with id {grant_id!r} (see: tlsroll viewer list)")
+            raise NotFound(f"no viewer grant with id {shown(grant_id)} (see: tlsroll viewer list)")
         return _grant(row)
 
     def all(self) -> list[Grant]:
@@ -124,7 +125,9 @@ class Grants(LeaderStore):
                 (to_text(now), grant_id),
             )
             if cur.rowcount == 0:
-                raise NotFound(f"no viewer grant with id {grant_id!r} (see: tlsroll viewer list)")
+                raise NotFound(
+                    f"no viewer grant with id {shown(grant_id)} (see: tlsroll viewer list)"
+                )
             self._audit(db, now, actor, "viewer_grant.revoked", grant_id)
         return self.get(grant_id)
 

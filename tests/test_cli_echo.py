@@ -1,0 +1,344 @@
+"""The admin CLI's errors (review s47rtin L5, L6, L8, L9 and "the CLI has no catch-all"): one
+line whatever the input holds, input repeated at most some 80 characters, never one of
+tlsroll's secrets, one rule for exit codes, and one line for an error nobody foresaw. The CLI
+runs as a process against a real leader; the shapes of the secrets (``tlsroll.echo``) are
+checked against what makes them."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+import grpc
+import pytest
+
+from leader.cli import cluster_cmd
+from leader.rollout_core import RolloutAction
+from leader.tokens import JoinToken
+from leader.wire import ROLLOUT_ACTION
+from tests.cluster import Cluster, one_line_error
+from tests.conftest import next_loopback
+from tlsroll import echo
+from tlsroll.cli import main
+from tlsroll.password import generate_password
+from tlsroll.v1 import admin_pb2
+
+LONG = "A" * 100_000
+BROKEN = "ab\ncd\x1b[2J"  # a line end and an escape sequence that clears the screen
+TOKEN = str(JoinToken.generate())
+TOKEN_ID = TOKEN.split(".", maxsplit=1)[0]
+LINK_SECRET = secrets.token_urlsafe(32)  # as leader.viewer.grants makes a login link's
+LINK = f"https://127.0.0.1:9444/login/{LINK_SECRET}"
+PASSWORD = generate_password()
+SECRETS = {"join token": TOKEN, "login link": LINK, "link secret": LINK_SECRET, "pw": PASSWORD}
+
+
+def _hidden(value: str) -> str:
+    """The part of a secret that must never be printed."""
+    return value.split(".", 1)[1] if value == TOKEN else value.rsplit("/", 1)[-1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("echo"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+def error_line(result: subprocess.CompletedProcess[str], code: int | None = None) -> str:
+    """The one error line (no traceback, nothing after it), short, with nothing in it that
+    acts on a terminal; ``code``: the exit code it must have."""
+    if code is not None:
+        assert result.returncode == code, (result.returncode, result.stderr[:500])
+    else:
+        assert result.returncode != 0, result.stderr[:500]
+    line = one_line_error(result.stderr, "tlsroll")
+    assert line.startswith("tlsroll: error: "), line
+    assert "\x1b" not in result.stderr, line
+    return line
+
+
+# --- the shapes ---------------------------------------------------------------------------------
+
+
+def test_every_secret_tlsroll_makes_is_recognised_and_never_shown() -> None:
+    for _ in range(200):
+        made = [
+            str(JoinToken.generate()),
+            secrets.token_urlsafe(32),
+            f"https://leader.example:9444/login/{secrets.token_urlsafe(32)}",
+            generate_password(),
+        ]
+        for value in made:
+            assert echo.secret_kind(value) is not None, value
+            assert _hidden(value) not in echo.shown(value)
+            assert _hidden(value) not in echo.scrub(f"no rollout {value!r}: see …")
+    token = JoinToken.generate()
+    assert echo.shown(str(token)) == f"<a join token (id {token.id}; its secret not shown)>"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "node-1",
+        "ws-front-desk",
+        "r20261204-101010-ab12",
+        "sha256:" + "ab" * 32,  # a pin or fingerprint
+        "5eed" * 10,  # a serial
+        "a" * 43,  # lower case: a node or DNS name, not a 256-bit secret
+        "/var/lib/tlsroll/run/admin.sock",
+    ],
+)
+def test_what_is_no_secret_is_shown_as_it_is(value: str) -> None:
+    assert echo.secret_kind(value) is None
+    assert echo.shown(value) == repr(value)
+
+
+def test_shown_is_one_escaped_line_of_at_most_80_characters_and_the_length() -> None:
+    assert echo.shown(BROKEN) == "'ab\\ncd\\x1b[2J'"
+    assert echo.shown(LONG) == "'" + "A" * 79 + "…' (100000 characters)"
+    assert echo.shown_path("/tmp/a\nb") == "/tmp/a\\nb"
+
+
+# --- L5: one line, input cut -------------------------------------------------------------------
+
+ECHOING = [
+    (("nodes", "remove", "{}", "--yes"), 1),
+    (("token", "revoke", "{}"), 1),
+    (("ca", "revoke", "{}"), 2),
+    (("workstations", "revoke", "{}"), 2),
+    (("viewer", "revoke", "{}"), 1),
+    (("rollout", "pause", "{}"), 1),
+    (("rollout", "rollback", "{}", "--yes"), 1),
+    (("notify", "--rollout", "{}"), 1),
+    (("plan", "--nodes", "{}"), 1),
+    (("notify", "--timezone", "{}", "--remaining"), 2),
+    (("notify", "--when", "{}"), 2),
+    (("token", "create", "--node", "{}", "--address", "127.1.2.3"), 2),
+    (("token", "create", "--node", "nx", "--address", "{}"), 2),
+    (("token", "create", "--node", "nx", "--address", "127.1.2.3", "--dns", "{}"), 2),
+    (("token", "create", "--node", "nx", "--address", "127.1.2.3", "--ttl", "{}"), 2),
+    (("{}",), 2),
+    (("nodes", "{}"), 2),
+    (("password", "set", "--password-file", "{}"), 2),
+    (("--socket", "{}", "nodes"), 1),
+    (("--data-dir", "{}", "nodes"), 1),
+    (("client", "test-connection", "{}"), 2),
+    (("client", "test-connection", "https://127.1.2.3:8443/p/", "--settings-dir", "/x/{}"), 2),
+]
+ECHOING_IDS = [" ".join(args) for args, _ in ECHOING]
+
+
+@pytest.mark.parametrize(("args", "code"), ECHOING, ids=ECHOING_IDS)
+def test_a_100_kb_argument_comes_back_cut_in_one_line(
+    cluster: Cluster, args: tuple[str, ...], code: int
+) -> None:
+    line = error_line(cluster.cli(*(a.replace("{}", LONG) for a in args), input=""), code)
+    assert len(line) < 400, line[:600]
+    assert "A" * 200 not in line  # (a path is cut at 200 characters, any other input at 80)
+
+
+@pytest.mark.parametrize(("args", "code"), ECHOING, ids=ECHOING_IDS)
+def test_a_line_end_or_escape_in_an_argument_stays_in_its_one_line(
+    cluster: Cluster, args: tuple[str, ...], code: int
+) -> None:
+    del code  # (the same input may be refused for its shape first)
+    error_line(cluster.cli(*(a.replace("{}", BROKEN) for a in args), input=""))
+
+
+def test_the_leaders_details_cut_what_they_repeat(cluster: Cluster) -> None:
+    """The leader's own refusals (over the admin socket, as any caller gets them)."""
+    pause = ROLLOUT_ACTION.wire(RolloutAction.PAUSE)
+    with cluster.admin() as admin:
+        calls: list[Callable[[], object]] = [
+            lambda: admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="B" * 3_000_000), timeout=10),
+            lambda: admin.RevokeToken(admin_pb2.RevokeTokenRequest(id="B" * 100_000), timeout=10),
+            lambda: admin.RevokeViewerGrant(
+                admin_pb2.RevokeViewerGrantRequest(id="B" * 100_000), timeout=10
+            ),
+            lambda: admin.ControlRollout(
+                admin_pb2.ControlRolloutRequest(rollout_id="B" * 100_000, action=pause),
+                timeout=10,
+            ),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            details = refused.value.details() or ""
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND, details[:300]
+            assert "(3000000 characters)" in details or "(100000 characters)" in details
+            assert len(details) < 200, details[:300]
+
+
+# --- L8: no secret repeated ------------------------------------------------------------------
+
+ID_COMMANDS = [
+    ("nodes", "remove", "{}", "--yes"),
+    ("ca", "revoke", "{}"),
+    ("workstations", "revoke", "{}"),
+    ("viewer", "revoke", "{}"),
+    ("rollout", "status", "{}"),
+    ("rollout", "abort", "{}"),
+    ("schema", "show", "--rollout", "{}"),
+    ("notify", "--rollout", "{}"),
+]
+
+
+@pytest.mark.parametrize("kind", sorted(SECRETS))
+@pytest.mark.parametrize("args", ID_COMMANDS, ids=" ".join)
+def test_a_secret_given_for_an_id_is_named_not_repeated(
+    cluster: Cluster, args: tuple[str, ...], kind: str
+) -> None:
+    value = SECRETS[kind]
+    result = cluster.cli(*(a.replace("{}", value) for a in args), input="")
+    line = error_line(result, 2)
+    assert _hidden(value) not in result.stderr + result.stdout
+    assert "this looks like a" in line and "; give " in line, line
+    if kind == "join token":
+        assert f"a join token (id {TOKEN_ID}; its secret not shown)" in line, line
+
+
+@pytest.mark.parametrize("kind", sorted(SECRETS))
+def test_a_secret_anywhere_else_is_not_repeated_either(cluster: Cluster, kind: str) -> None:
+    value = SECRETS[kind]
+    for args in (
+        ("notify", "--when", value),
+        ("token", "create", "--node", value, "--address", "127.1.2.3"),
+        ("token", "create", "--node", "n", "--address", "127.1.2.3", "--dns", value),
+        (value,),
+        ("--socket", value, "nodes"),
+        ("password", "set", "--password-file", value),
+    ):
+        result = cluster.cli(*args, input="")
+        error_line(result)
+        assert _hidden(value) not in result.stderr + result.stdout, (args, result.stderr)
+
+
+def test_token_revoke_takes_a_whole_token_but_refuses_another_secret(cluster: Cluster) -> None:
+    line = error_line(cluster.cli("token", "revoke", TOKEN), 1)  # its id: not found
+    assert f"no join token with id '{TOKEN_ID}'" in line, line
+    result = cluster.cli("token", "revoke", LINK_SECRET)
+    assert "a viewer login link" in error_line(result, 2)
+    assert LINK_SECRET not in result.stderr
+
+
+# --- L6: one rule for exit codes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        # a malformed serial: usage (2)
+        (("ca", "revoke", ""), 2, "is not a serial: hex digits"),
+        (("ca", "revoke", "zz"), 2, "is not a serial: hex digits"),
+        (("ca", "revoke", "0x10"), 2, "is not a serial: hex digits"),
+        (("ca", "revoke", "0"), 2, "not a serial this CA can have issued"),
+        (("workstations", "revoke", ""), 2, "neither a workstation name"),
+        (("workstations", "revoke", "00"), 2, "not a serial this CA can have issued"),
+        (("workstations", "revoke", "zz"), 2, "neither a workstation name"),
+        # well-formed, but nothing has it: a failure (1)
+        (("ca", "revoke", "5eed"), 1, "no certificate with serial 5eed is on record"),
+        (("workstations", "revoke", "ws-nosuch"), 1, "no unrevoked certificate matches"),
+        (("nodes", "remove", "nosuch", "--yes"), 1, "no enrolled node named 'nosuch'"),
+        (("rollout", "status", "nosuch"), 1, "no rollout 'nosuch'"),
+        (("rollout", "finalize", "nosuch", "--yes"), 1, "no rollout 'nosuch'"),
+        (("rollout", "rollback", "nosuch", "--yes"), 1, "no rollout 'nosuch'"),
+        (("plan", "--nodes", "nosuch"), 1, "not enrolled: nosuch "),
+        (("notify", "--when", "2099-12-05 18:00", "--nodes", "nosuch"), 1, "not enrolled"),
+        (("viewer", "revoke", "nosuch"), 1, "no viewer grant with id 'nosuch'"),
+        # asked without a terminal and without --yes: usage (2), before anything is done
+        (("nodes", "remove", "nosuch"), 2, "not a terminal: add --yes"),
+        (("epoch", "advance"), 2, "not a terminal: add --yes"),
+        (("rollout", "finalize"), 2, "not a terminal: add --yes"),
+    ],
+)
+def test_malformed_is_usage_unknown_is_a_failure(
+    cluster: Cluster, args: tuple[str, ...], code: int, says: str
+) -> None:
+    before = cluster.store_rows(("certificates", "meta", "nodes", "audit"))
+    line = error_line(cluster.cli(*args, input="y\n"), code)
+    assert says in line, line
+    assert cluster.store_rows(("certificates", "meta", "nodes", "audit")) == before
+
+
+def test_the_leader_calls_a_malformed_serial_invalid_not_unknown(cluster: Cluster) -> None:
+    with cluster.admin() as admin:
+        for value in ("-1", "0x10", "f" * 100_000, "", "0"):
+            request = admin_pb2.RevokeCertificateRequest(name_or_serial=value, unknown=True)
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.RevokeCertificate(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, value[:20]
+            assert len(refused.value.details() or "") < 200
+
+
+# --- a catch-all in the entry point ----------------------------------------------------------
+
+
+def test_an_error_nobody_foresaw_is_one_line_with_its_type_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def boom(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError(f"bug holding {PASSWORD}")
+
+    monkeypatch.setattr(cluster_cmd, "parse_duration", boom)
+    monkeypatch.delenv("TLSROLL_DEBUG", raising=False)
+    argv = ["--socket", "/nonexistent", "token", "create", "--node", "n", "--address", "1.2.3.4"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "tlsroll: error: internal error: RuntimeError; run it again with TLSROLL_DEBUG=1 for "
+        "the traceback, and report it"
+    ]
+    monkeypatch.setenv("TLSROLL_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(argv)
+
+
+def test_click_usage_errors_are_not_caught_as_internal(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nodes", "remove"]) == 2
+    assert "internal error" not in capsys.readouterr().err
+    assert issubclass(click.UsageError, Exception)  # (why the catch-all comes last)
+
+
+# --- L9: test-connection reads its password file before it touches the network ---------------
+
+
+def test_test_connection_refuses_a_bad_password_file_before_any_connection(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    address = next_loopback()
+    listeners = []
+    for port in (8443, 8080, 9443):
+        server = socket.socket()
+        server.bind((address, port))
+        server.listen(8)
+        server.setblocking(False)
+        listeners.append(server)
+    secret = tmp_path / "pw"
+    secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o644)
+    try:
+        result = cluster.cli(
+            "client",
+            "test-connection",
+            f"https://{address}:8443/praxis_live/",
+            "--password-file",
+            str(secret),
+            "--bootstrap-port",
+            "9443",
+            env={"HOME": str(tmp_path), "TLSROLL_CLIENT_DIR": str(tmp_path / "client")},
+            input="",
+        )
+        line = error_line(result, 2)
+        assert "accessible by others" in line, line
+        for server in listeners:
+            with pytest.raises(BlockingIOError):
+                server.accept()  # nobody connected
+    finally:
+        for server in listeners:
+            server.close()

@@ -1,0 +1,147 @@
+"""What a message may say of the input it refuses: one line, bounded, never a secret.
+
+    shown("ab\\ncd")        "'ab\\\\ncd'"                          (escaped: still one line)
+    shown("A" * 100_000)   "'AAAA…' (100000 characters)"          (at most ``LIMIT`` of it)
+    shown(join_token)      "<a join token (id abc123; its secret not shown)>"
+
+Every message that repeats what an administrator typed (an id, a name, a path, a value), the
+admin CLI's and the leader's gRPC details alike, renders it with ``shown`` (review s47rtin L5):
+a newline or an escape sequence in an argument can no longer split the CLI's one-line error
+or move the terminal's cursor, and a 100 KB argument comes back as 80 characters.
+
+tlsroll's own secrets have fixed shapes, recognised here (``secret_kind``) so that one pasted
+where an id belongs is never repeated (review s47rtin L8): stderr of scripts often ends up in
+logs. The shapes, kept in step with their makers by tests/test_cli_echo.py:
+
+- a join token ``<id>.<secret>`` (``leader.tokens``: 6 of ``[a-z0-9]``, 26 of base32);
+- a 256-bit ``secrets.token_urlsafe(32)``: a viewer login link's secret (``leader.viewer.
+  grants``; the link ``https://…/login/<secret>`` holds one), and the same shape's session
+  ids, CA passphrases and bootstrap exchanges;
+- a generated auth password (``tlsroll.password.generate_password``: 6 groups of 4).
+
+``scrub`` replaces any such shape inside a whole message: the CLI's last word on every error
+(``tlsroll.cli``), whatever raised it. This module imports the standard library only: the CLI's
+entry point loads it for every command.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+LIMIT = 80
+"""Characters of an input a message repeats (``shown``); a longer one is cut with ``…``."""
+ELLIPSIS = "…"
+
+_TOKEN_ID = "[a-z0-9]{6}"  # noqa: S105 - leader.tokens: ID_ALPHABET, ID_LEN
+_TOKEN_SECRET = "[a-z2-7]{26}"  # noqa: S105 - leader.tokens: SECRET_ALPHABET (base32), SECRET_LEN
+_URLSAFE = "A-Za-z0-9_-"
+_PASSWORD_CHAR = "[2-9a-hjkmnp-z]"  # noqa: S105 - tlsroll.password.ALPHABET
+
+_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(rf"(?<![a-z0-9])({_TOKEN_ID})\.{_TOKEN_SECRET}(?![a-z0-9])"),
+        "a join token",
+    ),
+    (
+        # 43 characters of base64url: 256 random bits (``secrets.token_urlsafe(32)``). Such a
+        # string holds an upper-case letter but with a chance of 2**-32 or so; requiring one
+        # keeps node names, DNS names and hex digests (lower case) from looking like it.
+        re.compile(rf"(?<![{_URLSAFE}])(?=[{_URLSAFE}]*[A-Z])[{_URLSAFE}]{{43}}(?![{_URLSAFE}])"),
+        "a viewer login link or its secret",
+    ),
+    (
+        re.compile(
+            rf"(?<![0-9a-z-]){_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}(?![0-9a-z-])"
+        ),
+        "a generated auth password",
+    ),
+)
+
+
+def secret_kind(text: str) -> str | None:
+    """What ``text`` holds that looks like one of tlsroll's secrets, said without it ("a join
+    token (id abc123; its secret not shown)", "a generated auth password (not shown)"), or
+    None. Searched anywhere in it: a login link holds its secret after ``/login/``."""
+    for pattern, kind in _SHAPES:
+        match = pattern.search(text)
+        if match is not None:
+            return _described(kind, match)
+    return None
+
+
+def _described(kind: str, match: re.Match[str]) -> str:
+    if kind == "a join token":
+        return f"a join token (id {match.group(1)}; its secret not shown)"
+    return f"{kind} (not shown)"
+
+
+def _placeholder(kind: str, match: re.Match[str]) -> str:
+    return f"<{_described(kind, match)}>"
+
+
+def scrub(message: str) -> str:
+    """``message`` with every part shaped like one of tlsroll's secrets replaced by what it
+    looks like (``<a join token (id abc123; its secret not shown)>``)."""
+    for pattern, kind in _SHAPES:
+        if pattern.search(message):
+            message = pattern.sub(functools.partial(_placeholder, kind), message)
+    return message
+
+
+def shown(value: object, limit: int = LIMIT) -> str:
+    """An input as a message repeats it: quoted and escaped like ``repr`` (a control character
+    as ``\\n``, ``\\x1b``: one line, nothing a terminal acts on), cut after ``limit``
+    characters with ``…`` and the whole length said, and a secret not at all (what it looks
+    like instead: ``secret_kind``)."""
+    text = str(value)
+    kind = secret_kind(text)
+    if kind is not None:
+        return f"<{kind}>"
+    if len(text) <= limit:
+        return repr(text)
+    cut = repr(text[: limit - 1])
+    return f"{cut[:-1]}{ELLIPSIS}{cut[-1]} ({len(text)} characters)"
+
+
+def shown_path(path: object, limit: int = 200) -> str:
+    """A path a message names, unquoted as paths are in tlsroll's messages: its control
+    characters escaped, at most ``limit`` characters (a real path is rarely longer; one
+    typed wrong may be 100 KB), a secret not at all."""
+    text = str(path)
+    if secret_kind(text) is not None:
+        return shown(text)
+    escaped = repr(text)[1:-1]
+    if len(escaped) <= limit:
+        return escaped
+    return f"{escaped[: limit - 1]}{ELLIPSIS} ({len(text)} characters)"
+
+
+WORD_LIMIT = 120
+LINE_LIMIT = 1000
+
+
+def one_line(message: str) -> str:
+    """A message meant to be one line (a usage error: click's own repeat argv), made one:
+    control characters escaped, any run of more than ``WORD_LIMIT`` characters without a
+    space cut, the whole at most ``LINE_LIMIT``; secrets scrubbed. The CLI's safety net
+    for messages that repeat input without ``shown``."""
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in scrub(message))
+    text = re.sub(
+        rf"\S{{{WORD_LIMIT + 1},}}",
+        lambda m: f"{m.group(0)[: WORD_LIMIT - 1]}{ELLIPSIS}",
+        text,
+    )
+    if len(text) > LINE_LIMIT:
+        text = text[: LINE_LIMIT - 1] + ELLIPSIS
+    return text
+
+
+def safe_lines(message: str) -> str:
+    """A message that may hold lines of its own (a refusal listing one problem a line), as the
+    CLI prints it: secrets scrubbed and every control character but the line end escaped,
+    so that nothing in it acts on the terminal."""
+    text = scrub(message)
+    if text.isascii() and text.replace("\n", "").isprintable():
+        return text
+    return "".join(ch if ch == "\n" or ch.isprintable() else repr(ch)[1:-1] for ch in text)
