@@ -136,9 +136,11 @@ def test_a_ca_near_its_end_is_renewed_with_its_key_and_reaches_agents_and_server
             "rotate-cert" in certs["ca"]["advice"] and "tlsroll init" not in certs["ca"]["advice"]
         )
 
-        # Asked, and not confirmed: nothing changes.
-        asked = cluster.cli("ca", "renew", input="n\n")
-        assert asked.returncode != 0 and cluster.ca_pem == pki.cert_to_pem(old), asked
+        # Not on a terminal and no --yes: refused before anything is asked (the CLI's one
+        # rule, leader.cli.base.ask_first), nothing changes.
+        asked = cluster.cli("ca", "renew", input="y\n")
+        assert asked.returncode == 2 and cluster.ca_pem == pki.cert_to_pem(old), asked
+        assert "not a terminal: add --yes" in asked.stderr, asked.stderr
 
         renew = cluster.cli("ca", "renew", "--yes")
         assert renew.returncode == 0, (renew.stdout, renew.stderr)

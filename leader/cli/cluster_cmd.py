@@ -16,6 +16,7 @@ from rich.table import Table
 from leader.cli import join_merge
 from leader.cli.base import (
     Leader,
+    ask_first,
     emit_json,
     fmt_time,
     not_a_secret,
@@ -166,10 +167,11 @@ def ca_renew(leader: Leader, yes: bool) -> None:
 
     leader.require_same_code()  # before it is confirmed (exit 5; review s35 L1)
     if not yes:
-        click.confirm(
+        ask_first(
+            "add --yes to renew it without asking",
             "Renew the cluster CA's certificate (same key, 10 years from now)? The previous "
             "one is kept beside it.",
-            abort=True,
+            "not renewed",
         )
     with leader.admin() as admin:
         reply = leader.call(admin.RenewCA, admin_pb2.RenewCARequest())
