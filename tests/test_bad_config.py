@@ -6,16 +6,20 @@ daemons and the CLI run as processes; the admin API is called over the leader's 
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, command, one_line_error
 from tests.conftest import next_loopback
 from tests.nodeside import Node
+from tests.refserver_helper import write_toml
 from tlsroll import password
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import admin_pb2, types_pb2
 
 STATE_TABLES = ("rollouts", "rollout_nodes", "audit", "auth_versions", "meta")
@@ -27,6 +31,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("bad-config"), next_loopback()) as c:
         c.init()
         yield c
+
+
+def run_daemon(script: str, module: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command(script, module), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _invalid(call: object, request: object) -> str:
@@ -116,3 +131,169 @@ def test_the_admin_api_refuses_what_the_cli_bounds_and_records_nothing(
         cluster.stop_leader()
     audit = [row for row in cluster.store_table("audit") if row["kind"] == "password.checked"]
     assert len(audit) == 2, audit  # the two well-formed checks only
+
+
+# --- L4: the daemons' start-up: the real cause, the file named, exit 2 for the config's own ---
+
+
+def _leader_refuses(cluster: Cluster, changes: dict[str, object]) -> str:
+    """Start the leader with ``changes`` to leader.toml: exit 2, one line (returned); its
+    certificate not issued again, no admin socket; the file as it was afterwards."""
+    original = cluster.config_path.read_bytes()
+    cert = cluster.tls_cert_path.read_bytes()
+    try:
+        cluster.write_leader_config(changes)
+        code, output = cluster.leader.run_to_exit(timeout=30)
+    finally:
+        cluster.config_path.write_bytes(original)
+    assert code == 2, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert "chmod" not in line, line
+    assert cluster.tls_cert_path.read_bytes() == cert
+    assert not cluster.admin_socket.exists()
+    return line
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "fifo", "dev-zero"])
+def test_a_ca_passphrase_file_that_is_missing_or_no_file_is_a_config_error(
+    cluster: Cluster, tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "passphrase"
+    what = {
+        "missing": "does not exist",
+        "directory": "is not a regular file (a directory)",
+        "fifo": "is not a regular file (a FIFO)",  # 0600: it was opened and waited on for ever
+        "dev-zero": "is not a regular file (a character device)",
+    }[kind]
+    if kind == "directory":
+        path.mkdir(mode=0o755)
+    elif kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    line = _leader_refuses(cluster, {"ca_passphrase_file": str(path)})
+    assert f"config error: {cluster.config_path}: [leader].ca_passphrase_file: " in line, line
+    assert str(path) in line and what in line, line
+
+
+def test_a_metrics_token_file_that_is_a_directory_is_a_config_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    line = _leader_refuses(cluster, {"metrics_token_file": str(tmp_path)})
+    assert (
+        f"config error: {cluster.config_path}: [leader].metrics_token_file: {tmp_path} is not "
+        "a regular file (a directory)"
+    ) in line, line
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("viewer_port", CONTROL_PORT, f"viewer_port: {CONTROL_PORT} is control_port too"),
+        ("join_port", CONTROL_PORT, f"join_port: {CONTROL_PORT} is control_port too"),
+        ("viewer_port", JOIN_PORT, f"viewer_port: {JOIN_PORT} is join_port too"),
+        ("admin_socket", "/tmp/" + "s" * 120 + "/admin.sock", "longer than 107 bytes"),
+        ("data_dir", "/nonexistent/tlsroll-data", "/nonexistent/tlsroll-data: no such directory"),
+    ],
+)
+def test_the_leader_names_the_key_of_a_config_that_cannot_work(
+    cluster: Cluster, key: str, value: object, problem: str
+) -> None:
+    line = _leader_refuses(cluster, {key: value})
+    assert f"config error: {cluster.config_path}: [leader].{key}: " in line, line
+    assert problem in line, line
+
+
+def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 100)
+    config = write_toml(
+        tmp_path / "leader.toml", {"leader": {"address": "127.0.0.2", "data_dir": deep}}
+    )
+    result = run_daemon("tlsroll-leader", "leader.daemon", config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-leader")
+    assert f"config error: {config}: [leader].data_dir: the admin socket in it, {deep}" in line
+    assert "set admin_socket to a shorter path" in line
+
+
+def _agent_config(cluster: Cluster, root: Path, **agent: object) -> Path:
+    tables = cluster.agent_config("n9", "127.0.0.9", "abc.def", root)
+    tables["agent"].update(agent)
+    return write_toml(root / "agent.toml", tables)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_an_agent_join_token_file_that_is_no_file_is_said_so(
+    cluster: Cluster, tmp_path: Path, kind: str
+) -> None:
+    token = tmp_path / "token"
+    if kind == "directory":
+        token.mkdir(mode=0o755)
+    else:
+        os.mkfifo(token, 0o600)  # it was opened and waited on for ever
+    tables = cluster.agent_config("n9", "127.0.0.9", None, tmp_path)
+    tables["leader"].update(join_token=None, join_token_file=token)
+    config = write_toml(tmp_path / "agent.toml", tables)
+    result = run_daemon("tlsroll-agent", "nodeagent.daemon", config)
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert result.returncode == 2, result.stderr
+    kind_text = "a directory" if kind == "directory" else "a FIFO"
+    assert f"{token} is not a regular file ({kind_text})" in line, line
+    assert "chmod" not in line, line
+
+
+# --- L9: agent.toml's data_dir and ports ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("agent", "problem"),
+    [
+        ({"data_dir": "agent-data"}, "[agent].data_dir: 'agent-data' is not an absolute path"),
+        ({"port": 9500, "bootstrap_port": 9500}, "[agent].bootstrap_port: 9500 is port too"),
+    ],
+)
+def test_an_agent_config_with_a_relative_data_dir_or_one_port_twice_is_refused(
+    cluster: Cluster, tmp_path: Path, agent: dict[str, object], problem: str
+) -> None:
+    config = _agent_config(cluster, tmp_path, **agent)
+    result = subprocess.run(
+        [*command("tlsroll-agent", "nodeagent.daemon"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert f"config error: {config}: {problem}" in line, line
+    assert not (tmp_path / "agent-data").exists()  # nothing made where it was started
+
+
+# --- L2 (the reference server's files): a FIFO is refused, not waited on ---------------------
+
+
+def test_a_refserver_cert_file_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo, 0o600)
+    config = write_toml(
+        tmp_path / "refserver.toml",
+        {
+            "server": {
+                "address": "127.0.0.9",
+                "app_path": "/praxis_live/",
+                "listen": ["https"],
+                "data_dir": tmp_path / "data",
+                "admin_socket": tmp_path / "a.sock",
+                "cert_file": fifo,
+                "key_file": fifo,
+            }
+        },
+    )
+    result = run_daemon("tlsroll-refserver", "refserver.daemon", config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-refserver")
+    assert f"[server].cert_file: {fifo} is not a regular file (a FIFO)" in line, line
