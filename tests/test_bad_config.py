@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from leader import byo
+from tests.byo_certs import leaf, make_ca, pem, write_dir
 from tests.cluster import Cluster, command, one_line_error
 from tests.conftest import next_loopback
 from tests.nodeside import Node
@@ -297,3 +299,73 @@ def test_a_refserver_cert_file_that_is_a_fifo_is_refused_at_once(tmp_path: Path)
     assert result.returncode == 2, result.stderr
     line = one_line_error(result.stderr, "tlsroll-refserver")
     assert f"[server].cert_file: {fifo} is not a regular file (a FIFO)" in line, line
+
+
+# --- L3: --cert-dir files that are there and cannot be read: why, not "missing" ---------------
+
+
+def _bad_cert_dir(root: Path) -> Path:
+    """ca.crt a FIFO (no writer: it was opened and waited on for ever), n1.crt a directory,
+    n1.key a link to /dev/zero, n2.crt too large for a certificate, n2.key a good key, n3's
+    files good."""
+    practice = make_ca("Praxis CA")
+    cert, key = leaf(practice, ["127.0.0.9"], cn="n3")
+    d = write_dir(root, practice, {"n2": (b"", key), "n3": (pem(cert), key)})
+    (d / "ca.crt").unlink()
+    os.mkfifo(d / "ca.crt", 0o644)
+    (d / "n1.crt").mkdir()
+    (d / "n1.key").symlink_to("/dev/zero")
+    (d / "n2.crt").write_bytes(b"-" * 70_000)
+    return d
+
+
+def test_cert_dir_files_that_cannot_be_read_are_refused_with_why(tmp_path: Path) -> None:
+    material = byo.read_cert_dir(_bad_cert_dir(tmp_path / "certs"))
+    assert material.unreadable == {
+        "ca.crt": "is not a regular file (a FIFO)",
+        "n1.crt": "is not a regular file (a directory)",
+        "n1.key": "is not a regular file (a character device)",
+        "n2.crt": "is larger than 65536 bytes: not a certificate or key",
+    }
+    assert material.ca_pem == b"" and material.nodes["n1"].chain_pem == b""
+    assert material.nodes["n2"].key_mode == 0o600 and material.nodes["n3"].chain_pem
+    assert [str(p) for p in byo.read_problems(material, ["n2"])] == [
+        "ca: ca.crt: is not a regular file (a FIFO); put the practice CA's certificate (PEM) "
+        "in DIR/ca.crt as a readable file",
+        "n2: n2.crt: is larger than 65536 bytes: not a certificate or key; put n2's "
+        "certificate (PEM) in DIR/n2.crt as a readable file",
+    ]
+    assert len(byo.read_problems(material)) == 4
+
+
+def test_plan_and_start_name_why_a_cert_dir_file_cannot_be_read(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    d = _bad_cert_dir(tmp_path / "certs")
+    cluster.start_leader()
+    try:
+        before = cluster.store_rows(STATE_TABLES)
+        plan = cluster.cli("plan", "--scope", "cluster", "--cert-dir", str(d), timeout=30)
+        start = cluster.cli(
+            "rollout", "start", "--scope", "nodes", "--nodes", "n1", "--cert-dir", str(d),
+            "--yes", timeout=30,
+        )  # fmt: skip
+        assert cluster.store_rows(STATE_TABLES) == before
+    finally:
+        cluster.stop_leader()
+    assert plan.returncode == 1, plan.stderr
+    lines = plan.stderr.splitlines()
+    assert lines[0] == (
+        "tlsroll: error: the certificates from --cert-dir are refused (4 problems); no node "
+        "was changed:"
+    ), plan.stderr
+    assert [ln.strip().split("; put")[0] for ln in lines[1:]] == [
+        "ca: ca.crt: is not a regular file (a FIFO)",
+        "n1: n1.crt: is not a regular file (a directory)",
+        "n1: n1.key: is not a regular file (a character device)",
+        "n2: n2.crt: is larger than 65536 bytes: not a certificate or key",
+    ], plan.stderr
+    assert "missing" not in plan.stderr
+    # --nodes n1: the files of n1 and the CA only
+    assert start.returncode == 1, start.stderr
+    assert "refused (3 problems)" in start.stderr and "n2.crt" not in start.stderr
