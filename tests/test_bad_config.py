@@ -369,3 +369,28 @@ def test_plan_and_start_name_why_a_cert_dir_file_cannot_be_read(
     # --nodes n1: the files of n1 and the CA only
     assert start.returncode == 1, start.stderr
     assert "refused (3 problems)" in start.stderr and "n2.crt" not in start.stderr
+
+
+# --- L9: init's CA passphrase has the length of a password the admin chooses ----------------
+
+
+def test_init_refuses_a_ca_passphrase_shorter_than_12_characters(tmp_path: Path) -> None:
+    passphrase = tmp_path / "passphrase"
+    with Cluster(tmp_path / "c", next_loopback()) as fresh:
+        args = ["init", "--data-dir", str(fresh.data_dir), "--address", fresh.address]
+        args += ["--ca-passphrase-file", str(passphrase)]
+        for short in ("short", "ä" * 11):
+            passphrase.write_text(short + "\n")
+            passphrase.chmod(0o600)
+            result = fresh.cli(*args)
+            assert result.returncode == 1, result.stderr
+            line = one_line_error(result.stderr, "tlsroll")
+            assert (
+                f"the CA passphrase in {passphrase} has {len(short)} characters; it encrypts "
+                "the CA key at rest and needs at least 12"
+            ) in line, line
+            assert short not in line
+            assert not fresh.data_dir.exists()  # nothing made
+        passphrase.write_text("ä" * 12 + "\n")
+        result = fresh.cli(*args)
+        assert result.returncode == 0, result.stderr
