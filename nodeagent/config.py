@@ -11,7 +11,7 @@ ca_pin = "sha256:…"               # from `tlsroll ca show` on the leader
 join_token_file = "/etc/tlsroll/join-token"   # or join_token = "…"; first start only
 
 [agent]
-data_dir = "/var/lib/tlsroll-agent"
+data_dir = "/var/lib/tlsroll-agent"   # an absolute path
 log_level = "info"                # debug | info | warning | error
 
 An optional ``[server]`` table names the managed server's driver and its settings (see
