@@ -636,7 +636,7 @@ def workstation(
 def workdir(path: Path | None, keep: bool) -> Iterator[Path]:
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
-        yield path
+        yield path.resolve()  # agent.toml's data_dir must be absolute
         return
     tmp = Path(tempfile.mkdtemp(prefix="tlsroll-demo-"))
     try:

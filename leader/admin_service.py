@@ -75,6 +75,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_TOKEN_TTL = dt.timedelta(days=7)
 DEFAULT_VIEWER_TTL = dt.timedelta(hours=8)
 MAX_WHEN_QUIET = 30 * 86400
+MAX_FAILURE_BUDGET = 200  # as `--failure-budget` allows (leader/cli/rollout.py)
 
 
 def trust_bundle(ca: pki.CertificateAuthority) -> list[Any]:
@@ -154,6 +155,8 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         scope = Scope(kind, tuple(request.nodes))
     if not 1 <= (request.max_parallel or 1) <= 200:
         raise invalid("max-parallel must be 1..200")
+    if not 0 <= request.failure_budget <= MAX_FAILURE_BUDGET:  # the CLI's bound (s47rtin L7)
+        raise invalid(f"failure-budget must be 0..{MAX_FAILURE_BUDGET}")
     return RolloutRequest(
         change=change,
         scope=scope,
@@ -174,6 +177,8 @@ def own_certs(cert_dir: admin_pb2.CertDir) -> byo.Material:
         if n.node in nodes:
             raise invalid(f"--cert-dir: node {shown(n.node)} given twice")
         mode = n.key_file_mode if n.HasField("key_file_mode") else None
+        if mode is not None and mode > 0o7777:  # permission bits only (s47rtin L7)
+            raise invalid(f"--cert-dir: node {n.node!r}: key_file_mode {mode:o} is not a file mode")
         nodes[n.node] = byo.NodeMaterial(n.node, n.chain_pem, n.private_key_pem, mode)
     return byo.Material(cert_dir.ca_pem, nodes)
 
@@ -506,6 +511,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     f"version asked about ({version})"
                     if request.about or request.version > newest
                     else f"password version {newest} was staged meanwhile; check again"
+                )
+            if len(request.candidate_hash) != len(expected):
+                # Malformed, not a wrong password: no audit row, not counted (s47rtin L7).
+                raise invalid(
+                    f"candidate_hash must be {len(expected)} bytes (dklen), got "
+                    f"{len(request.candidate_hash)}"
                 )
             reply.matches = hmac.compare_digest(request.candidate_hash, expected)
             # Counted with no await since the wait was checked: calls at once pass no more.

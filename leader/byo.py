@@ -28,12 +28,11 @@ trail or the schema (``NodeMaterial`` hides the key from ``repr``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
 import os
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tlsroll import pki
 from tlsroll.errors import TerminalError
+from tlsroll.fsutil import file_kind
 
 CA_FILE = "ca.crt"
 CERT_SUFFIX = ".crt"
@@ -95,10 +95,13 @@ class NodeMaterial:
 
 @dataclass(frozen=True)
 class Material:
-    """The whole directory: the practice CA and each node's files."""
+    """The whole directory: the practice CA and each node's files; ``unreadable``: the files
+    that are there but could not be read (file name: why), which the CLI reports itself
+    (``read_problems``): the leader gets them as empty."""
 
     ca_pem: bytes
     nodes: Mapping[str, NodeMaterial]
+    unreadable: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -124,26 +127,57 @@ class Accepted:
 # --- reading the directory (the CLI) ------------------------------------------------------
 
 
-def _read(path: Path) -> bytes:
-    with path.open("rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)
+class _Unreadable(Exception):
+    """A file of the directory that is there but cannot be read; the message says why."""
+
+
+def _read(path: Path) -> tuple[bytes, int]:
+    """A regular file's bytes (at most ``MAX_FILE_BYTES``) and its permission bits. It is
+    opened without blocking (a FIFO with no writer opened for ever: review s47rtin L2) and
+    checked (``fstat``) before a byte is read, so what is checked is what is read.
+    FileNotFoundError if it is not there (a dangling link); ``_Unreadable`` with the reason
+    if it is and cannot be read (review s47rtin L3: all of these were "missing")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _Unreadable(f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Unreadable(f"is not a regular file ({file_kind(st.st_mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise _Unreadable(f"cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_FILE_BYTES:
-        raise OSError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not a certificate or key")
-    return data
+        raise _Unreadable(f"is larger than {MAX_FILE_BYTES} bytes: not a certificate or key")
+    return data, stat.S_IMODE(st.st_mode)
 
 
 def read_cert_dir(directory: Path) -> Material:
-    """The files of ``directory`` (layout: module docstring). A missing or unreadable file
-    is read as empty, and ``validate`` reports it if its node is in scope; OSError only if
-    the directory itself cannot be listed."""
+    """The files of ``directory`` (layout: module docstring). A missing file is read as
+    empty, and ``validate`` reports it if its node is in scope; one that is there and cannot
+    be read (permission denied, not a regular file, too large) is read as empty too and
+    named in ``Material.unreadable`` with why (``read_problems``); OSError only if the
+    directory itself cannot be listed."""
     directory = Path(directory)
     names = sorted(p.name for p in directory.iterdir())
-    ca_pem = b""
-    if CA_FILE in names:
+    unreadable: dict[str, str] = {}
+
+    def read(name: str) -> tuple[bytes, int | None]:
         try:
-            ca_pem = _read(directory / CA_FILE)
-        except OSError:
-            ca_pem = b""
+            return _read(directory / name)
+        except FileNotFoundError:
+            return b"", None
+        except _Unreadable as exc:
+            unreadable[name] = str(exc)
+            return b"", None
+
+    ca_pem = read(CA_FILE)[0] if CA_FILE in names else b""
     stems = {n[: -len(s)] for n in names for s in (CERT_SUFFIX, KEY_SUFFIX) if n.endswith(s)} - {
         CA_FILE[: -len(CERT_SUFFIX)]
     }
@@ -151,18 +185,31 @@ def read_cert_dir(directory: Path) -> Material:
     for stem in sorted(stems):
         if pki.node_name_problem(stem) is not None:
             continue  # not a node's file: ignored
-        chain = key = b""
-        mode: int | None = None
-        with contextlib.suppress(OSError):
-            chain = _read(directory / f"{stem}{CERT_SUFFIX}")
-        key_path = directory / f"{stem}{KEY_SUFFIX}"
-        try:
-            mode = stat.S_IMODE(os.stat(key_path).st_mode)
-            key = _read(key_path)
-        except OSError:
-            pass
+        chain = read(f"{stem}{CERT_SUFFIX}")[0] if f"{stem}{CERT_SUFFIX}" in names else b""
+        key, mode = read(f"{stem}{KEY_SUFFIX}") if f"{stem}{KEY_SUFFIX}" in names else (b"", None)
         nodes[stem] = NodeMaterial(stem, chain, key, mode)
-    return Material(ca_pem, nodes)
+    return Material(ca_pem, nodes, unreadable)
+
+
+def read_problems(material: Material, nodes: Collection[str] = ()) -> list[Problem]:
+    """A problem per file of the directory that is there and could not be read
+    (``Material.unreadable``): ``ca.crt``, and the files of ``nodes`` (all nodes' if empty:
+    the CLI does not know which nodes a cluster-wide rollout touches). The CLI refuses with
+    them before it asks the leader, which would see such a file as missing."""
+    problems = []
+    for name, why in sorted(material.unreadable.items()):
+        node = "" if name == CA_FILE else name.removesuffix(CERT_SUFFIX).removesuffix(KEY_SUFFIX)
+        if node and nodes and node not in nodes:
+            continue
+        what = (
+            "the practice CA's certificate (PEM)"
+            if not node
+            else f"{node}'s private key"
+            if name.endswith(KEY_SUFFIX)
+            else f"{node}'s certificate (PEM)"
+        )
+        problems.append(Problem(node, name, why, f"put {what} in DIR/{name} as a readable file"))
+    return problems
 
 
 # --- checks (pure) --------------------------------------------------------------------------

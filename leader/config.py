@@ -23,6 +23,8 @@ EXPIRY_CHECK_INTERVAL = 3600  # seconds
 # on its 1 s tick, and a renewal is a Freeze call that may be retried (0.2, 0.4, 0.8 s apart):
 # a lease of 2 s, the minimum before, ran out before a late renewal landed.
 MIN_FREEZE_LEASE = 10
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,38 @@ class LeaderConfig:
             )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
         _check_names(s, config)
+        _check_ports(s, config)
+        _check_admin_socket(s, config)
         return config
+
+
+def _check_ports(s: Section, config: LeaderConfig) -> None:
+    """The join, control and viewer ports differ: the same port twice failed at the bind
+    ("Address already in use", exit 1, started again by systemd for ever), or for join and
+    control not at all (review s47rtin L4)."""
+    ports = [("control_port", config.control_port), ("join_port", config.join_port)]
+    if config.viewer_port:
+        ports.append(("viewer_port", config.viewer_port))
+    for i, (key, port) in enumerate(ports):
+        for other, taken in ports[:i]:
+            if port == taken:
+                raise s.error(key, f"{port} is {other} too; each port must be its own")
+
+
+def _check_admin_socket(s: Section, config: LeaderConfig) -> None:
+    """A Unix socket's path holds at most ``MAX_SOCKET_PATH`` bytes: a longer one failed at
+    the bind with "AF_UNIX path too long", naming neither the key nor the path (review
+    s47rtin L4)."""
+    path = config.admin_socket
+    if len(str(path).encode()) <= MAX_SOCKET_PATH:
+        return
+    if s.has("admin_socket"):
+        raise s.error("admin_socket", f"{path}: longer than {MAX_SOCKET_PATH} bytes")
+    raise s.error(
+        "data_dir",
+        f"the admin socket in it, {path}, is longer than {MAX_SOCKET_PATH} bytes; set "
+        "admin_socket to a shorter path",
+    )
 
 
 def _check_names(s: Section, config: LeaderConfig) -> None:

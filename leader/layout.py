@@ -279,6 +279,12 @@ def leader_names_problem(address: str, dns_names: tuple[str, ...]) -> str | None
     return None
 
 
+# The shortest CA passphrase ``init`` takes from --ca-passphrase-file: the password policy's
+# minimum for a password the admin chooses (``leader.password_policy.MIN_LENGTH``); a random
+# one (none given) has 43. A leader started with an older, shorter one still starts.
+MIN_CA_PASSPHRASE = 12
+
+
 def init(
     data_dir: Path,
     address: str,
@@ -303,6 +309,14 @@ def init(
     # A given passphrase file is checked before anything is made: a refused one left the
     # empty directories behind (audit s34 L5).
     passphrase = None if passphrase_file is None else read_passphrase(passphrase_file)
+    if passphrase is not None and (n := len(passphrase.decode(errors="replace"))) < (
+        MIN_CA_PASSPHRASE
+    ):
+        raise TerminalError(
+            f"the CA passphrase in {passphrase_file} has {n} characters; it encrypts the CA "
+            f"key at rest and needs at least {MIN_CA_PASSPHRASE} (as a password the admin "
+            "chooses); or leave out --ca-passphrase-file for a random one"
+        )
     make_private_dir(layout.data_dir, 0o750)
     with _init_lock(layout):
         _refuse_made(layout)  # (again, under the lock: another init may have ended meanwhile)

@@ -19,6 +19,7 @@ import gc
 import os
 import socket
 import sqlite3
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +62,7 @@ from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, 
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import (
     ConfigError,
+    NotRegularFile,
     TerminalError,
     TlsrollError,
     UnsafePermissions,
@@ -146,14 +148,51 @@ def recovery_command(config: Path) -> str:
     )
 
 
+def check_data_dir(cfg: LeaderConfig) -> None:
+    """``data_dir`` names a directory: a config error (exit 2) if not, before anything in it
+    is looked at (a missing one was "ca/ca.key: No such file", exit 1: review s47rtin L4)."""
+    where = cfg.layout.data_dir
+    try:
+        mode = os.stat(where).st_mode
+    except FileNotFoundError:
+        raise ConfigError(
+            cfg.path, "[leader].data_dir", f"{where}: no such directory (tlsroll init makes it)"
+        ) from None
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(
+            cfg.path, "[leader].data_dir", f"{where} is not a directory ({fsutil.file_kind(mode)})"
+        )
+
+
+def _passphrase_source(cfg: LeaderConfig) -> Path:
+    """``layout.passphrase_source``; a ``ca_passphrase_file`` that is missing (with no
+    credential) is the config's to fix: ConfigError, exit 2, which systemd does not restart
+    (it was exit 1, started again for ever: review s47rtin L4)."""
+    try:
+        return passphrase_source(cfg.ca_passphrase_file)
+    except TerminalError as exc:
+        raise ConfigError(cfg.path, "[leader].ca_passphrase_file", str(exc)) from None
+
+
+def _read_passphrase(cfg: LeaderConfig, source: Path, *, credential: bool) -> bytes:
+    """``layout.read_passphrase``; a ``ca_passphrase_file`` that is not a regular file (a
+    directory was told "chmod 600", a FIFO hung the start) is a config error too."""
+    try:
+        return read_passphrase(source, credential=credential)
+    except NotRegularFile as exc:
+        if credential:
+            raise
+        raise ConfigError(cfg.path, "[leader].ca_passphrase_file", str(exc)) from None
+
+
 def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     layout = cfg.layout
     check_secret_dirs(layout)
-    source = passphrase_source(cfg.ca_passphrase_file)
+    source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
     for secret in (layout.ca_key, layout.tls_key):
         check_private_file(secret)
-    passphrase = read_passphrase(source, credential=credential)
+    passphrase = _read_passphrase(cfg, source, credential=credential)
     ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
@@ -567,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         return _backup(ns.config, ns.backup)
     try:
         cfg = LeaderConfig.load(ns.config)
+        check_data_dir(cfg)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
         log.debug(
             "leader.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
@@ -583,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tlsroll-leader: {exc}", file=sys.stderr)
         if needs_a_person(exc):
             return EXIT_STORE_DAMAGED
-        return EXIT_CONFIG if isinstance(exc, ConfigError | NotDamaged) else 1
+        # NotRegularFile: a file to read (a key) is a directory or a FIFO, for a person to fix
+        return EXIT_CONFIG if isinstance(exc, ConfigError | NotDamaged | NotRegularFile) else 1
     except OSError as exc:
         print(f"tlsroll-leader: {os_error_text(exc)}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ ca_pin = "sha256:…"               # from `tlsroll ca show` on the leader
 join_token_file = "/etc/tlsroll/join-token"   # or join_token = "…"; first start only
 
 [agent]
-data_dir = "/var/lib/tlsroll-agent"
+data_dir = "/var/lib/tlsroll-agent"   # an absolute path
 log_level = "info"                # debug | info | warning | error
 
 An optional ``[server]`` table names the managed server's driver and its settings (see
@@ -99,4 +99,15 @@ class AgentConfig:
         # Unknown keys are errors; [server]'s are checked by make_driver, once the driver it
         # names has read its own.
         cfg.finish(pending=("server",))
+        # Review s47rtin L9: a relative data_dir was taken from wherever the agent was started
+        # (a journal and a key of its own in each such place), and a bootstrap port the same as
+        # the agent's failed only at the bind.
+        if not Path(agent.text("data_dir")).expanduser().is_absolute():
+            raise agent.error(
+                "data_dir", f"{agent.text('data_dir')!r} is not an absolute path; give one"
+            )
+        if config.bootstrap_port == config.port:
+            raise agent.error(
+                "bootstrap_port", f"{config.port} is port too; each port must be its own"
+            )
         return config

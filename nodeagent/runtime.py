@@ -52,7 +52,14 @@ from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, daemon, dbthread, fsutil, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
-from tlsroll.errors import ConfigError, TerminalError, TlsrollError, TransientError, os_error_text
+from tlsroll.errors import (
+    ConfigError,
+    NotRegularFile,
+    TerminalError,
+    TlsrollError,
+    TransientError,
+    os_error_text,
+)
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
 from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
@@ -490,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tlsroll-agent: {said}")
             return 0
         asyncio.run(serve(cfg, ns.config))
-    except (ConfigError, NotDamaged, JournalContradicted) as exc:
+    except (ConfigError, NotDamaged, JournalContradicted, NotRegularFile) as exc:
+        # NotRegularFile: a file to read (join_token_file, a key) is a directory or a FIFO,
+        # for a person to fix (review s47rtin L4)
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except SchemaTooNew as exc:

@@ -18,6 +18,7 @@ from nodeagent.nodefiles import (
 from tlsroll.errors import (
     ConfigError,
     LocalResourceError,
+    NotRegularFile,
     PKIError,
     TerminalError,
     TlsrollError,
@@ -35,6 +36,7 @@ ERRORS: dict[str, type[TlsrollError]] = {
         LocalResourceError,
         TerminalError,
         UnsafePermissions,
+        NotRegularFile,
         EnrolmentRefused,
         CertificateExpired,
     )

@@ -26,16 +26,18 @@ Relative paths are taken relative to the config file's directory. Unknown keys a
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tlsroll import clients, password
 from tlsroll.config import ConfigFile, Section
-from tlsroll.errors import UnsafePermissions
-from tlsroll.fsutil import check_private_file
+from tlsroll.errors import NotRegularFile, UnsafePermissions
+from tlsroll.fsutil import check_private_file, file_kind
 from tlsroll.tls import server_context
 
 SCHEMES = ("http", "https")
@@ -199,13 +201,20 @@ def _verifier(s: Section, path: Path) -> password.Verifier:
 
 
 def _readable(s: Section, key: str, path: Path) -> None:
+    """A regular file we may open: opened without blocking (a FIFO with no writer opened for
+    ever: review s47rtin L2) and its type checked before anything reads it."""
     try:
-        with path.open("rb"):
-            pass
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise s.error(key, f"{path}: no such file") from None
     except OSError as exc:
         raise s.error(key, f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode):
+        raise s.error(key, f"{path} is not a regular file ({file_kind(mode)})")
 
 
 def _private(s: Section, key: str, path: Path) -> None:
@@ -214,7 +223,7 @@ def _private(s: Section, key: str, path: Path) -> None:
     of a config ``root:GROUP 0640``)."""
     try:
         check_private_file(path, root_shares=True)
-    except UnsafePermissions as exc:
+    except (UnsafePermissions, NotRegularFile) as exc:
         raise s.error(key, str(exc)) from None
 
 

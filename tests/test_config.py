@@ -137,7 +137,7 @@ def test_good_values(tmp_path: Path) -> None:
 AGENT: dict[str, dict[str, object]] = {
     "node": {"name": "node1", "addresses": ["127.0.0.1"], "dns_names": ["n1.example"]},
     "leader": {"address": "127.0.0.2", "ca_pin": PIN.upper().replace("SHA256", "sha256")},
-    "agent": {"data_dir": "agent-data"},
+    "agent": {"data_dir": "/var/lib/tlsroll-agent"},
 }
 
 
@@ -153,7 +153,7 @@ def test_agent_config_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.node_name == "node1"
     assert cfg.addresses == ("127.0.0.1",)
     assert cfg.ca_pin == PIN  # normalised to lower case
-    assert cfg.data_dir == (tmp_path / "agent-data").resolve()
+    assert cfg.data_dir == Path("/var/lib/tlsroll-agent")
     assert (cfg.port, cfg.control_port, cfg.join_port) == (AGENT_PORT, CONTROL_PORT, JOIN_PORT)
     assert cfg.heartbeat_interval == HEARTBEAT_INTERVAL
     assert cfg.join_token == "abc" and cfg.join_token_file is None
@@ -191,6 +191,8 @@ def test_a_join_token_file_that_is_not_utf_8_is_named(tmp_path: Path) -> None:
         ("leader", "join_token", 5, "expected a string, got integer"),
         ("leader", "join_token_file", [], "expected a string, got list"),
         ("agent", "data_dir", None, "missing"),
+        ("agent", "data_dir", "agent-data", "'agent-data' is not an absolute path"),
+        ("agent", "bootstrap_port", AGENT_PORT, f"{AGENT_PORT} is port too"),
         ("agent", "port", 1.0, "expected an integer, got float"),
         ("agent", "heartbeat_interval", 0, "must be between 1 and 3600"),
     ],

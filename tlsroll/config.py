@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import tomli_w
 
 from tlsroll.errors import ConfigError, raise_if_local
-from tlsroll.fsutil import owner_fix
+from tlsroll.fsutil import file_kind, owner_fix
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -50,21 +50,6 @@ def _kind(value: object) -> str:
         list: "list",
         dict: "table",
     }.get(type(value), type(value).__name__)
-
-
-def _file_kind(mode: int) -> str:
-    """What a file that is not a regular one is, for an error."""
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return f"file type {stat.S_IFMT(mode):o}"
 
 
 def _close_match(name: str, known: Iterable[str]) -> list[str]:
@@ -240,7 +225,7 @@ class ConfigFile:
         finally:
             os.close(fd)
         if not stat.S_ISREG(mode):
-            raise ConfigError(path, None, f"not a regular file ({_file_kind(mode)})")
+            raise ConfigError(path, None, f"not a regular file ({file_kind(mode)})")
         if len(data) > MAX_CONFIG_BYTES:
             raise ConfigError(
                 path, None, f"larger than {MAX_CONFIG_BYTES} bytes; not a tlsroll config file"

@@ -9,6 +9,7 @@
         ├── ConfigError          a config file is missing, unreadable or has a wrong key/value
         ├── PKIError             category + reason, with fixed messages (like cfssl's errors)
         ├── UnsafePermissions    a secret file readable by others (refuse to start, like OpenSSH)
+        ├── NotRegularFile       a file to read is a directory, a FIFO, a device or a socket
         └── …                    each package's own (a test checks that every error class in
                                  the project is one of the two kinds)
 
@@ -109,6 +110,11 @@ class PKIError(TerminalError):
 
 class UnsafePermissions(TerminalError):
     pass
+
+
+class NotRegularFile(TerminalError):
+    """A path that must name a file (a secret, a token) names a directory, a FIFO, a device or
+    a socket: reading it would fail, hang (a FIFO without a writer) or never end (/dev/zero)."""
 
 
 def os_error_text(exc: OSError) -> str:

@@ -14,11 +14,26 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsroll.errors import UnsafePermissions
+from tlsroll.errors import NotRegularFile, UnsafePermissions
 
 PRIVATE = 0o600
 PUBLIC = 0o644
 _STAGINGS = itertools.count(1)  # ``stage_atomic``'s default names
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is (``st_mode``), for an error."""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return f"file type {stat.S_IFMT(mode):o}"
 
 
 def write_atomic(
@@ -456,9 +471,10 @@ def _check_holder(directory: Path, held: str, owner_hint: str) -> None:
 def check_private_file(
     path: Path, *, shared: tuple[int, int] | None = None, root_shares: bool = False
 ) -> None:
-    """Refuse a secret file that is not ours, that group or others can read or write, or that
-    others could replace: its directory must be ours or root's and writable by nobody else
-    (as OpenSSH does for its keys).
+    """Refuse a secret file that is not a regular file (``NotRegularFile``: a directory was
+    told to ``chmod 600``, a FIFO was read for ever), that is not ours, that group or others
+    can read or write, or that others could replace: its directory must be ours or root's
+    and writable by nobody else (as OpenSSH does for its keys).
 
     ``shared`` (uid, gid): the agent reading a key it staged for a managed server running as
     its own user (``nodeagent.plans.Sharing``: the key is the agent's, with the live config's
@@ -470,6 +486,8 @@ def check_private_file(
     read it); a file of ours must still be ours alone."""
     path = Path(path)
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # not "chmod 600" a directory, nor read a FIFO (s47rtin L4)
+        raise NotRegularFile(f"{path} is not a regular file ({file_kind(st.st_mode)})")
     me = os.geteuid()
     # root's key, group-readable, for a server of its own user (root itself: as before)
     roots = root_shares and st.st_uid == 0 and me != 0

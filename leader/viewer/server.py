@@ -48,7 +48,7 @@ from leader.viewer.grants import Grants
 from leader.viewer.listener import GatedListener, Limits
 from leader.viewer.snapshot import Reader
 from tlsroll import httplog, logs, pki, tls
-from tlsroll.errors import ConfigError, TerminalError
+from tlsroll.errors import ConfigError, NotRegularFile, TerminalError
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import hostport
 
@@ -90,7 +90,14 @@ def read_scrape_token(cfg: LeaderConfig) -> str | None:
     path = cfg.metrics_token_file
     if path is None:
         return None
-    check_private_file(path)
+    try:
+        check_private_file(path)
+    except FileNotFoundError:  # the config's to fix: exit 2 (review s47rtin L4)
+        raise ConfigError(
+            cfg.path, "[leader].metrics_token_file", f"{path}: no such file"
+        ) from None
+    except NotRegularFile as exc:  # a directory was told "chmod 600", a FIFO was read for ever
+        raise ConfigError(cfg.path, "[leader].metrics_token_file", str(exc)) from None
     token = path.read_text().strip()
     if len(token) < 16:
         raise ConfigError(cfg.path, "[leader].metrics_token_file", f"{path}: under 16 characters")

@@ -1,0 +1,396 @@
+"""Bad input in the daemons' configs, their start-up and the admin API (review s47rtin L3,
+L4, L7, L9): one line naming the real cause, the config exit code 2 where a person must fix a
+file, INVALID_ARGUMENT where the CLI's bounds are missed, nothing changed on a refusal. The
+daemons and the CLI run as processes; the admin API is called over the leader's real socket."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from leader import byo
+from tests.byo_certs import leaf, make_ca, pem, write_dir
+from tests.cluster import Cluster, command, one_line_error
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.refserver_helper import write_toml
+from tlsroll import password
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
+from tlsroll.v1 import admin_pb2, types_pb2
+
+STATE_TABLES = ("rollouts", "rollout_nodes", "audit", "auth_versions", "meta")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """After ``tlsroll init``; its leader stopped unless a test starts it (and stops it)."""
+    with Cluster(tmp_path_factory.mktemp("bad-config"), next_loopback()) as c:
+        c.init()
+        yield c
+
+
+def run_daemon(script: str, module: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command(script, module), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _invalid(call: object, request: object) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call(request, timeout=30)  # type: ignore[operator]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    return err.value.details() or ""
+
+
+# --- L7: the admin API bounds what the CLI bounds ----------------------------------------------
+
+
+def _rollout(**fields: object) -> admin_pb2.RolloutRequest:
+    return admin_pb2.RolloutRequest(
+        change=types_pb2.CHANGE_ENABLE_TLS,
+        scope=types_pb2.SCOPE_KIND_CLUSTER,
+        freeze=types_pb2.FREEZE_MODE_NODE,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def test_the_admin_api_refuses_what_the_cli_bounds_and_records_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.start_leader()
+    # A node with its agent and server, so that a request within the bounds is planned.
+    node = Node(cluster, "n1", next_loopback(), tmp_path / "n1")
+    try:
+        node.start()
+        with cluster.admin() as admin:
+            # A password staged, for CheckPassword's parameters (audited: before is after this).
+            verifier = password.make_verifier("kd7q-x2mf-9vhc-3ptw-a8ke-rn5d")
+            admin.SetPassword(
+                admin_pb2.SetPasswordRequest(
+                    auth_verifier_json=password.verifier_to_json(verifier)
+                ),
+                timeout=30,
+            )
+            before = cluster.store_rows(STATE_TABLES)
+            assert admin.PlanRollout(_rollout(failure_budget=200), timeout=30).rollout.nodes
+            for call in (admin.PlanRollout, admin.StartRollout):
+                for budget in (201, 2**32 - 1):
+                    details = _invalid(call, _rollout(failure_budget=budget))
+                    assert "failure-budget must be 0..200" in details
+                cert_dir = admin_pb2.CertDir(ca_pem=b"")
+                cert_dir.nodes.add(node="n1", key_file_mode=2**32 - 1)
+                details = _invalid(call, _rollout(cert_dir=cert_dir))
+                assert "key_file_mode 37777777777 is not a file mode" in details
+            params = admin.CheckPassword(admin_pb2.CheckPasswordRequest(), timeout=30)
+            # Malformed hashes, more of them than the throttle lets pass free (5): refused as
+            # such, neither audited nor counted as wrong passwords.
+            for size in (1, params.dklen - 1, params.dklen + 1, 3 * 1024 * 1024, 1, 1, 1):
+                details = _invalid(
+                    admin.CheckPassword,
+                    admin_pb2.CheckPasswordRequest(
+                        candidate_hash=b"x" * size, version=params.version
+                    ),
+                )
+                assert f"candidate_hash must be {params.dklen} bytes (dklen), got {size}" in (
+                    details
+                )
+            assert cluster.store_rows(STATE_TABLES) == before
+            # A hash of the right length is checked as before (not throttled: nothing counted).
+            right = password.derive_hash(
+                "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d",
+                salt=params.salt,
+                n=params.n,
+                r=params.r,
+                p=params.p,
+                dklen=params.dklen,
+            )
+            wrong = admin.CheckPassword(
+                admin_pb2.CheckPasswordRequest(
+                    candidate_hash=bytes(params.dklen), version=params.version
+                ),
+                timeout=30,
+            )
+            assert not wrong.matches
+            good = admin.CheckPassword(
+                admin_pb2.CheckPasswordRequest(candidate_hash=right, version=params.version),
+                timeout=30,
+            )
+            assert good.matches
+            assert base64.b64decode(params.salt)  # the parameters came back whole
+    finally:
+        node.close()
+        cluster.stop_leader()
+    audit = [row for row in cluster.store_table("audit") if row["kind"] == "password.checked"]
+    assert len(audit) == 2, audit  # the two well-formed checks only
+
+
+# --- L4: the daemons' start-up: the real cause, the file named, exit 2 for the config's own ---
+
+
+def _leader_refuses(cluster: Cluster, changes: dict[str, object]) -> str:
+    """Start the leader with ``changes`` to leader.toml: exit 2, one line (returned); its
+    certificate not issued again, no admin socket; the file as it was afterwards."""
+    original = cluster.config_path.read_bytes()
+    cert = cluster.tls_cert_path.read_bytes()
+    try:
+        cluster.write_leader_config(changes)
+        code, output = cluster.leader.run_to_exit(timeout=30)
+    finally:
+        cluster.config_path.write_bytes(original)
+    assert code == 2, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert "chmod" not in line, line
+    assert cluster.tls_cert_path.read_bytes() == cert
+    assert not cluster.admin_socket.exists()
+    return line
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "fifo", "dev-zero"])
+def test_a_ca_passphrase_file_that_is_missing_or_no_file_is_a_config_error(
+    cluster: Cluster, tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "passphrase"
+    what = {
+        "missing": "does not exist",
+        "directory": "is not a regular file (a directory)",
+        "fifo": "is not a regular file (a FIFO)",  # 0600: it was opened and waited on for ever
+        "dev-zero": "is not a regular file (a character device)",
+    }[kind]
+    if kind == "directory":
+        path.mkdir(mode=0o755)
+    elif kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    line = _leader_refuses(cluster, {"ca_passphrase_file": str(path)})
+    assert f"config error: {cluster.config_path}: [leader].ca_passphrase_file: " in line, line
+    assert str(path) in line and what in line, line
+
+
+def test_a_metrics_token_file_that_is_a_directory_is_a_config_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    line = _leader_refuses(cluster, {"metrics_token_file": str(tmp_path)})
+    assert (
+        f"config error: {cluster.config_path}: [leader].metrics_token_file: {tmp_path} is not "
+        "a regular file (a directory)"
+    ) in line, line
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("viewer_port", CONTROL_PORT, f"viewer_port: {CONTROL_PORT} is control_port too"),
+        ("join_port", CONTROL_PORT, f"join_port: {CONTROL_PORT} is control_port too"),
+        ("viewer_port", JOIN_PORT, f"viewer_port: {JOIN_PORT} is join_port too"),
+        ("admin_socket", "/tmp/" + "s" * 120 + "/admin.sock", "longer than 107 bytes"),
+        ("data_dir", "/nonexistent/tlsroll-data", "/nonexistent/tlsroll-data: no such directory"),
+    ],
+)
+def test_the_leader_names_the_key_of_a_config_that_cannot_work(
+    cluster: Cluster, key: str, value: object, problem: str
+) -> None:
+    line = _leader_refuses(cluster, {key: value})
+    assert f"config error: {cluster.config_path}: [leader].{key}: " in line, line
+    assert problem in line, line
+
+
+def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 100)
+    config = write_toml(
+        tmp_path / "leader.toml", {"leader": {"address": "127.0.0.2", "data_dir": deep}}
+    )
+    result = run_daemon("tlsroll-leader", "leader.daemon", config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-leader")
+    assert f"config error: {config}: [leader].data_dir: the admin socket in it, {deep}" in line
+    assert "set admin_socket to a shorter path" in line
+
+
+def _agent_config(cluster: Cluster, root: Path, **agent: object) -> Path:
+    tables = cluster.agent_config("n9", "127.0.0.9", "abc.def", root)
+    tables["agent"].update(agent)
+    return write_toml(root / "agent.toml", tables)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_an_agent_join_token_file_that_is_no_file_is_said_so(
+    cluster: Cluster, tmp_path: Path, kind: str
+) -> None:
+    token = tmp_path / "token"
+    if kind == "directory":
+        token.mkdir(mode=0o755)
+    else:
+        os.mkfifo(token, 0o600)  # it was opened and waited on for ever
+    tables = cluster.agent_config("n9", "127.0.0.9", None, tmp_path)
+    tables["leader"].update(join_token=None, join_token_file=token)
+    config = write_toml(tmp_path / "agent.toml", tables)
+    result = run_daemon("tlsroll-agent", "nodeagent.daemon", config)
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert result.returncode == 2, result.stderr
+    kind_text = "a directory" if kind == "directory" else "a FIFO"
+    assert f"{token} is not a regular file ({kind_text})" in line, line
+    assert "chmod" not in line, line
+
+
+# --- L9: agent.toml's data_dir and ports ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("agent", "problem"),
+    [
+        ({"data_dir": "agent-data"}, "[agent].data_dir: 'agent-data' is not an absolute path"),
+        ({"port": 9500, "bootstrap_port": 9500}, "[agent].bootstrap_port: 9500 is port too"),
+    ],
+)
+def test_an_agent_config_with_a_relative_data_dir_or_one_port_twice_is_refused(
+    cluster: Cluster, tmp_path: Path, agent: dict[str, object], problem: str
+) -> None:
+    config = _agent_config(cluster, tmp_path, **agent)
+    result = subprocess.run(
+        [*command("tlsroll-agent", "nodeagent.daemon"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert f"config error: {config}: {problem}" in line, line
+    assert not (tmp_path / "agent-data").exists()  # nothing made where it was started
+
+
+# --- L2 (the reference server's files): a FIFO is refused, not waited on ---------------------
+
+
+def test_a_refserver_cert_file_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo, 0o600)
+    config = write_toml(
+        tmp_path / "refserver.toml",
+        {
+            "server": {
+                "address": "127.0.0.9",
+                "app_path": "/praxis_live/",
+                "listen": ["https"],
+                "data_dir": tmp_path / "data",
+                "admin_socket": tmp_path / "a.sock",
+                "cert_file": fifo,
+                "key_file": fifo,
+            }
+        },
+    )
+    result = run_daemon("tlsroll-refserver", "refserver.daemon", config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-refserver")
+    assert f"[server].cert_file: {fifo} is not a regular file (a FIFO)" in line, line
+
+
+# --- L3: --cert-dir files that are there and cannot be read: why, not "missing" ---------------
+
+
+def _bad_cert_dir(root: Path) -> Path:
+    """ca.crt a FIFO (no writer: it was opened and waited on for ever), n1.crt a directory,
+    n1.key a link to /dev/zero, n2.crt too large for a certificate, n2.key a good key, n3's
+    files good."""
+    practice = make_ca("Praxis CA")
+    cert, key = leaf(practice, ["127.0.0.9"], cn="n3")
+    d = write_dir(root, practice, {"n2": (b"", key), "n3": (pem(cert), key)})
+    (d / "ca.crt").unlink()
+    os.mkfifo(d / "ca.crt", 0o644)
+    (d / "n1.crt").mkdir()
+    (d / "n1.key").symlink_to("/dev/zero")
+    (d / "n2.crt").write_bytes(b"-" * 70_000)
+    return d
+
+
+def test_cert_dir_files_that_cannot_be_read_are_refused_with_why(tmp_path: Path) -> None:
+    material = byo.read_cert_dir(_bad_cert_dir(tmp_path / "certs"))
+    assert material.unreadable == {
+        "ca.crt": "is not a regular file (a FIFO)",
+        "n1.crt": "is not a regular file (a directory)",
+        "n1.key": "is not a regular file (a character device)",
+        "n2.crt": "is larger than 65536 bytes: not a certificate or key",
+    }
+    assert material.ca_pem == b"" and material.nodes["n1"].chain_pem == b""
+    assert material.nodes["n2"].key_mode == 0o600 and material.nodes["n3"].chain_pem
+    assert [str(p) for p in byo.read_problems(material, ["n2"])] == [
+        "ca: ca.crt: is not a regular file (a FIFO); put the practice CA's certificate (PEM) "
+        "in DIR/ca.crt as a readable file",
+        "n2: n2.crt: is larger than 65536 bytes: not a certificate or key; put n2's "
+        "certificate (PEM) in DIR/n2.crt as a readable file",
+    ]
+    assert len(byo.read_problems(material)) == 4
+
+
+def test_plan_and_start_name_why_a_cert_dir_file_cannot_be_read(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    d = _bad_cert_dir(tmp_path / "certs")
+    cluster.start_leader()
+    try:
+        before = cluster.store_rows(STATE_TABLES)
+        plan = cluster.cli("plan", "--scope", "cluster", "--cert-dir", str(d), timeout=30)
+        start = cluster.cli(
+            "rollout", "start", "--scope", "nodes", "--nodes", "n1", "--cert-dir", str(d),
+            "--yes", timeout=30,
+        )  # fmt: skip
+        assert cluster.store_rows(STATE_TABLES) == before
+    finally:
+        cluster.stop_leader()
+    assert plan.returncode == 1, plan.stderr
+    lines = plan.stderr.splitlines()
+    assert lines[0] == (
+        "tlsroll: error: the certificates from --cert-dir are refused (4 problems); no node "
+        "was changed:"
+    ), plan.stderr
+    assert [ln.strip().split("; put")[0] for ln in lines[1:]] == [
+        "ca: ca.crt: is not a regular file (a FIFO)",
+        "n1: n1.crt: is not a regular file (a directory)",
+        "n1: n1.key: is not a regular file (a character device)",
+        "n2: n2.crt: is larger than 65536 bytes: not a certificate or key",
+    ], plan.stderr
+    assert "missing" not in plan.stderr
+    # --nodes n1: the files of n1 and the CA only
+    assert start.returncode == 1, start.stderr
+    assert "refused (3 problems)" in start.stderr and "n2.crt" not in start.stderr
+
+
+# --- L9: init's CA passphrase has the length of a password the admin chooses ----------------
+
+
+def test_init_refuses_a_ca_passphrase_shorter_than_12_characters(tmp_path: Path) -> None:
+    passphrase = tmp_path / "passphrase"
+    with Cluster(tmp_path / "c", next_loopback()) as fresh:
+        args = ["init", "--data-dir", str(fresh.data_dir), "--address", fresh.address]
+        args += ["--ca-passphrase-file", str(passphrase)]
+        for short in ("short", "ä" * 11):
+            passphrase.write_text(short + "\n")
+            passphrase.chmod(0o600)
+            result = fresh.cli(*args)
+            assert result.returncode == 1, result.stderr
+            line = one_line_error(result.stderr, "tlsroll")
+            assert (
+                f"the CA passphrase in {passphrase} has {len(short)} characters; it encrypts "
+                "the CA key at rest and needs at least 12"
+            ) in line, line
+            assert short not in line
+            assert not fresh.data_dir.exists()  # nothing made
+        passphrase.write_text("ä" * 12 + "\n")
+        result = fresh.cli(*args)
+        assert result.returncode == 0, result.stderr
