@@ -12,25 +12,31 @@ node of the cluster), and stopped after ``IDLE_SECONDS`` without a call. The age
 imports ``tlsroll.pki``.
 
 Protocol: one JSON line per request on the child's stdin, ``{"op": "MODULE.NAME", "request":
-{...}}``, one JSON line per answer on its stdout, ``{"ok": VALUE}`` or ``{"error": {...}}`` (an
-error of the op, answered as ``workerrors.answer_for`` makes it and rebuilt in the agent as the
-same class with the same message, ``certwork._error``). The child (``nodeagent.cryptoworker_child``,
-which imports nothing of this side) resolves MODULE through ``cryptoworker_child.OP_MODULES``
-(imported on first use) and calls ``module.OPS[NAME](request)``; ops are
-stateless (the child keeps its imports and caches between calls, nothing else). A missing
-module or op is an error answer, never a crash. The child's stderr is the agent's (its JSON
-log lines, ``tlsroll.leanlog``). EOF on its stdin ends it: the agent closed it, or died.
+{...}}``; on its stdout, ``TAKEN`` (one byte, once the child has the request's whole line and
+before it acts on it; asked for by ``cryptoworker_child.TAKES``), then one JSON line per answer,
+``{"ok": VALUE}`` or ``{"error": {...}}`` (an error of the op, answered as
+``workerrors.answer_for`` makes it and rebuilt in the agent as the same class with the same
+message, ``certwork._error``). The child (``nodeagent.cryptoworker_child``, which imports
+nothing of this side) resolves MODULE through ``cryptoworker_child.OP_MODULES`` (imported on
+first use) and calls ``module.OPS[NAME](request)``; ops are stateless (the child keeps its
+imports and caches between calls, nothing else). A missing module or op is an error answer,
+never a crash. The child's stderr is the agent's (its JSON log lines, ``tlsroll.leanlog``).
+EOF on its stdin ends it: the agent closed it, or died.
 
 Calls are serialised (one request in flight). A child that dies mid-call (a signal, the OOM
-killer) is ``WorkerEnded``, a ``TransientError`` (UNAVAILABLE for the leader, which tries the
-step again, as when the agent itself was killed); one that does not answer within ``TIMEOUT``
-is killed and the call is a ``TransientError`` too; a call cancelled while it waits kills the
-child (its answer would be read as the next call's). Either way the next call starts a new
-child. An answer that is not one JSON object, or too long, is ``certwork.NoAnswer`` (terminal:
-a bug, not chance). The child ignores SIGTERM and SIGINT: systemd signals the whole control
-group when the agent stops, and Ctrl-C a terminal's process group; the child's call (a key
-being written) ends, the agent closes its stdin and it ends on EOF (killed after
-``STOP_PATIENCE``).
+killer: after ``TAKEN``) is ``WorkerEnded``, a ``TransientError`` (UNAVAILABLE for the leader,
+which tries the step again, as when the agent itself was killed). One that ended before it
+took the request (killed while idle) never acted on it, and a new child takes it, once,
+however the agent learns of the end (the write fails, or lands in the pipe before the kernel
+closed the child's end of it) and whatever the request's size. One that does not answer within
+``TIMEOUT`` (the request's write included: a stopped child reads nothing of one larger than
+the pipe holds) is killed and the call is a ``TransientError`` too; a call cancelled while it
+waits kills the child (its answer would be read as the next call's). Either way the next call
+starts a new child. An answer that is not one JSON object, or too long, is
+``certwork.NoAnswer`` (terminal: a bug, not chance). The child ignores SIGTERM and SIGINT:
+systemd signals the whole control group when the agent stops, and Ctrl-C a terminal's process
+group; the child's call (a key being written) ends, the agent closes its stdin and it ends on
+EOF (killed after ``STOP_PATIENCE``).
 
 Secrets (a staged or renewed key, a practice's key, the password verifier) cross the pipe
 only: requests and answers are never logged, and an op's unexpected failure is answered with
@@ -153,46 +159,16 @@ class CryptoWorker:
         line = json.dumps({"op": op, "request": request}).encode() + b"\n"
         for again in (False, True):
             proc = await self._running(op)
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(line)
-                if proc.stdin.transport.is_closing():
-                    # The write found no reader (EPIPE), or the pipe was known closed: the
-                    # child had ended. Seen here, as the write returns, it is this request's
-                    # write that failed, and no child read it; ``drain`` would raise it only
-                    # after the loop's turns that tell the protocol, and the reply's EOF came
-                    # first (a child killed while idle taken for one that died mid-call).
-                    raise BrokenPipeError
-                await proc.stdin.drain()
+            taken, raw = await self._ask(proc, op, line)
+            if raw.endswith(b"\n"):
                 break
-            except (BrokenPipeError, ConnectionResetError):
-                # It had ended while idle (a signal, the OOM killer) and nothing has read the
-                # request: a new child takes it, once.
-                code = await self._ended(proc)
-                if again:
-                    raise WorkerEnded(
-                        f"crypto work ({op}) failed: the worker ended ({code})"
-                    ) from None
-            except BaseException:  # cancelled: the child may have half a request
-                await self._kill(proc)
-                raise
-        assert proc.stdout is not None
-        try:
-            raw = await asyncio.wait_for(proc.stdout.readline(), self.timeout)
-        except TimeoutError:
-            await self._kill(proc)
-            raise TransientError(f"crypto work ({op}) took over {self.timeout:.0f} s") from None
-        except (asyncio.LimitOverrunError, ValueError):
-            await self._kill(proc)
-            raise NoAnswer(
-                f"crypto work ({op}): an answer longer than {LINE_LIMIT} bytes"
-            ) from None
-        except BaseException:  # cancelled while waiting: its answer must not be the next call's
-            await self._kill(proc)
-            raise
-        if not raw.endswith(b"\n"):
+            # EOF: the child ended. It had not taken the request (no ``TAKEN``): it had ended
+            # while idle, however the agent learns of it (the write failed, or landed in the
+            # pipe before the kernel closed the child's end), and a new child takes it, once.
+            # It had taken it: it died in the middle of the call.
             code = await self._ended(proc)
-            raise WorkerEnded(f"crypto work ({op}) failed: the worker ended ({code})")
+            if taken or again:
+                raise WorkerEnded(f"crypto work ({op}) failed: the worker ended ({code})")
         try:
             answer = json.loads(raw)
             if not isinstance(answer, dict):
@@ -201,6 +177,40 @@ class CryptoWorker:
             await self._kill(proc)
             raise NoAnswer(f"crypto work ({op}) failed: an answer that is not JSON") from None
         return answer
+
+    async def _ask(
+        self, proc: asyncio.subprocess.Process, op: str, line: bytes
+    ) -> tuple[bool, bytes]:
+        """``line`` written to ``proc``: whether the child took it (``TAKEN`` came), and its
+        answer's line (without its newline: EOF first). The write and the reads have the
+        call's ``timeout`` together: a child that never reads (stopped, hung) holds no call
+        longer, whatever the request's size (review s47rev5 L2)."""
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                # Not drained: a request larger than the pipe holds goes on being written
+                # while the child reads it, and the answer's end says what became of it (a
+                # write that fails finds a child that ended before it read the whole line, and
+                # the EOF that follows says so; ``drain`` would wait for good on a pipe that a
+                # reader of a dead child, or a stopped child, keeps full).
+                proc.stdin.write(line)
+                taken = await proc.stdout.read(len(TAKEN))
+                if not taken:  # EOF: it ended before it took the request
+                    return False, b""
+                if taken != TAKEN:
+                    raise NoAnswer(f"crypto work ({op}) failed: an answer that is not JSON")
+                return True, await proc.stdout.readline()
+        except TimeoutError:
+            await self._kill(proc)
+            raise TransientError(f"crypto work ({op}) took over {self.timeout:.0f} s") from None
+        except (asyncio.LimitOverrunError, ValueError):
+            await self._kill(proc)
+            raise NoAnswer(
+                f"crypto work ({op}): an answer longer than {LINE_LIMIT} bytes"
+            ) from None
+        except BaseException:  # cancelled (its answer must not be the next call's), NoAnswer
+            await self._kill(proc)
+            raise
 
     async def _running(self, op: str) -> asyncio.subprocess.Process:
         proc = self._proc
@@ -217,6 +227,7 @@ class CryptoWorker:
                 "json" if self.json_logs else "console",
                 self.log_level,
                 str(os.getpid()),  # its parent: an orphan serves nothing (``_orphaned``)
+                cryptoworker_child.TAKES,  # it says ``TAKEN`` once it has a whole request
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=None,  # its log lines go where the agent's go
@@ -341,12 +352,17 @@ class CryptoWorker:
         """Wait for a child known to end, and close its pipes (no transport left behind)."""
         with contextlib.suppress(ProcessLookupError):
             await proc.wait()
+        # What the child never read of a request is dropped (a request larger than the pipe
+        # holds, to a child that ended: its pipe kept open by a reader that reads no more).
+        if proc.stdin is not None and proc.stdin.transport.get_write_buffer_size():
+            proc.stdin.transport.abort()
         transport = getattr(proc, "_transport", None)
         if transport is not None:
             transport.close()
 
 
 NoAnswer = certwork.NoAnswer
+TAKEN = cryptoworker_child.TAKEN
 
 
 class WorkerBug(Exception):

@@ -49,6 +49,16 @@ OP_MODULES: dict[str, str] = {
 }
 """Where the child finds an op "MODULE.NAME": ``OP_MODULES[MODULE].OPS[NAME]``."""
 
+TAKES = "takes"
+"""The child's fourth argument where the agent reads ``TAKEN`` (one that started it before
+the byte was said gives three, and reads none)."""
+
+TAKEN = b"."
+"""Written back before a request's answer, once the child has the request's whole line and
+before it acts on it: a child that ended without saying it never acted on the request, which
+the agent then gives to a new child (a child killed while idle, whatever the order in which the
+agent learns of it, and whatever the request's size)."""
+
 PRELOAD = "tlsroll.pki"
 """What the child imports at its start, at a low priority (``_Preload``): what every op needs."""
 
@@ -178,6 +188,7 @@ def main() -> int:
     )
     warnings.showwarning = _show_warning
     parent = int(args[2]) if len(args) > 2 and args[2].isdigit() else os.getppid()
+    takes = len(args) > 3 and args[3] == TAKES
     preload = _Preload()
     stdin = sys.stdin.buffer
     while True:
@@ -186,6 +197,8 @@ def main() -> int:
             return 0  # EOF: the agent closed it, or ended
         if not line.strip():
             continue
+        if takes and not _say(answers, TAKEN):
+            return 0
         try:
             message = json.loads(line)
         except ValueError:
@@ -194,15 +207,20 @@ def main() -> int:
         if _orphaned(parent):
             return 0
         line = answer_line(message)
-        if _orphaned(parent):
+        if _orphaned(parent) or not _say(answers, line):
             return 0
-        try:
-            answers.write(line)
-            answers.flush()
-        except BrokenPipeError:  # the agent ended meanwhile: nobody to answer
-            with contextlib.suppress(OSError):  # (its buffer dropped, not flushed at exit)
-                answers.close()
-            return 0
+
+
+def _say(answers: Any, data: bytes) -> bool:
+    """``data`` written to the agent; False if it has ended (nobody to answer)."""
+    try:
+        answers.write(data)
+        answers.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):  # (its buffer dropped, not flushed at exit)
+            answers.close()
+        return False
+    return True
 
 
 def _orphaned(parent: int) -> bool:

@@ -14,17 +14,14 @@ whose service enrols workstations holds neither ``cryptography`` nor ``spake2``.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import base64
-import fcntl
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import termios
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ import pytest
 import structlog.testing
 from cryptography.x509.oid import NameOID
 
-from nodeagent import bootstrap_server
+from nodeagent import bootstrap_server, cryptoworker
 from nodeagent.bootstrap_supervisor import SignRefused
 from nodeagent.certwork import NoAnswer
 from nodeagent.cryptoworker import CryptoWorker, WorkerEnded
@@ -497,37 +494,34 @@ def test_an_older_leader_keeps_the_name_held_and_the_answers_say_what_frees_it(
 
 
 class Killing:
-    """A real ``CryptoWorker`` whose child is killed (SIGKILL) once the op ``kill_at`` has been
-    written to it, before it could read it: the call meets a child that ended mid-call
-    (``WorkerEnded``), as when the kernel's OOM killer ends it in the middle of an exchange.
-    The child is stopped (SIGSTOP) first, and killed only once the request is in its pipe:
-    killed before the write, the worker would see a child that ended while idle and hand the
-    request to a new one (no failure at all)."""
+    """A real ``CryptoWorker`` whose child is killed (SIGKILL) in the middle of the op
+    ``kill_at``: the call meets a child that ended mid-call (``WorkerEnded``), as when the
+    kernel's OOM killer ends it in the middle of an exchange. The child (``HELD_CHILD``) has
+    taken the request (said ``cryptoworker_child.TAKEN``) and stopped itself before answering
+    it when it is killed: a child killed before it took the request would be one that ended
+    while idle, and the worker would hand the request to a new one (no failure at all)."""
 
-    def __init__(self, worker: CryptoWorker) -> None:
+    def __init__(self, worker: CryptoWorker, hold: Path) -> None:
         self.worker = worker
+        self.hold = hold  # ``HELD_CHILD``'s file: the op its child stops in, once
         self.kill_at: str | None = None
         self.kills = 1  # calls of ``kill_at`` killed in a row
         self.failures: list[str] = []
 
     async def call(self, op: str, request: dict[str, Any]) -> Any:
-        if op == self.kill_at and self.worker.pid is None:
-            self.worker.warm()  # (a child to kill: the one the worker starts for the retry)
-            await until(lambda: self.worker.pid is not None)
-        pid = self.worker.pid if op == self.kill_at else None
-        if op == self.kill_at:
+        kill = op == self.kill_at
+        if kill:
             self.kills -= 1
             if self.kills <= 0:
                 self.kill_at, self.kills = None, 1
-            assert pid is not None, "no child to kill"
-            os.kill(pid, signal.SIGSTOP)
-            # Stopped for sure before the write: a child woken from its read by the write
-            # before the stop took hold would take the request in (nothing left to see).
-            await until(lambda: state(pid) == "T")
+            self.hold.write_text(op)
         call = asyncio.ensure_future(self.worker.call(op, request))
-        if pid is not None:
-            await until(lambda: call.done() or unread(self.worker) > 0)
-            os.kill(pid, signal.SIGKILL)
+        if kill:
+            await until(lambda: call.done() or state(self.worker.pid) == "T")
+            assert not call.done(), "the child did not stop in the op"
+            assert not self.hold.exists()  # the child took the request, and stopped
+            assert self.worker.pid is not None
+            os.kill(self.worker.pid, signal.SIGKILL)
         try:
             return await call
         except Exception as exc:
@@ -538,25 +532,35 @@ class Killing:
         self.worker.warm()
 
 
-def state(pid: int) -> str:
+HELD_CHILD = """
+import os, pathlib, signal
+from nodeagent import cryptoworker_child
+
+answer_line = cryptoworker_child.answer_line
+
+
+def held(message, hold=pathlib.Path(%r)):
+    # The test's fault, once: the op named in ``hold`` stops the child once it has taken the
+    # request (said so) and before it answers it.
+    if isinstance(message, dict) and hold.exists() and message.get("op") == hold.read_text():
+        hold.unlink()
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return answer_line(message)
+
+
+cryptoworker_child.answer_line = held
+"""
+"""``cryptoworker.CHILD`` comes after this: the real child, stopped in an op (``Killing``)."""
+
+
+def state(pid: int | None) -> str:
     """``pid``'s state letter (/proc/PID/stat: "T" stopped, "Z" a zombie), "" if gone."""
+    if pid is None:
+        return ""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return ""
-
-
-def unread(worker: CryptoWorker) -> int:
-    """How many bytes wait in the pipe to the worker's child (FIONREAD on its write end)."""
-    proc = worker._proc
-    if proc is None or proc.stdin is None:
-        return 0
-    pipe = proc.stdin.transport.get_extra_info("pipe")
-    if pipe is None:
-        return 0
-    found = array.array("i", [0])
-    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, found)
-    return found[0]
 
 
 async def until(check: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -623,11 +627,15 @@ async def killing_node(
     test_ca: pki.CertificateAuthority,
     worker: CryptoWorker,
     signer: NamingSigner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[tuple[Node, Killing]]:
-    """The bootstrap service with a real crypto worker (a child process)."""
+    """The bootstrap service with a real crypto worker (a child process: ``HELD_CHILD``)."""
     address = loopback()
     clock = FakeClock()
-    crypto = Killing(worker)
+    hold = tmp_path / "hold-in-op"
+    monkeypatch.setattr(cryptoworker, "CHILD", HELD_CHILD % str(hold) + cryptoworker.CHILD)
+    crypto = Killing(worker, hold)
     async with make_service(
         issue_cert(address, "node-a"),
         address,

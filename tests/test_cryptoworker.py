@@ -48,9 +48,14 @@ from tlsroll.rpc import error_status
 NAMES = Names.of("n1", ["127.0.0.1"])
 
 
-def _crl_request(tmp_path: Path, ca: pki.CertificateAuthority, number: int = 7) -> dict[str, str]:
+def _crl_request(
+    tmp_path: Path, ca: pki.CertificateAuthority, number: int = 7, more: int = 0
+) -> dict[str, str]:
+    """A ``cert.crl`` request: a list numbered ``number`` revoking 12345 (and ``more``
+    serials after it: ``BIG``)."""
     now = dt.datetime.now(dt.UTC)
-    crl = pki.crl_to_pem(pki.build_crl(ca, number, [(f"{12345:x}", now)], now=now))
+    revoked = [(f"{12345 + i:x}", now) for i in range(1 + more)]
+    crl = pki.crl_to_pem(pki.build_crl(ca, number, revoked, now=now))
     ca_file = tmp_path / "ca.pem"
     pki.write_cert(ca_file, ca.cert)
     return {"pem": crl.decode(), "ca_file": str(ca_file)}
@@ -65,12 +70,35 @@ async def _until(check: Callable[[], bool], timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _opened_for_writing(fifo: Path) -> int:
+    """``fifo`` opened for writing, once a reader has it open (a child in the middle of an
+    op that reads it)."""
+    found: list[int] = []
+
+    def opened() -> bool:
+        try:
+            found.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO  # no reader yet
+            return False
+        return True
+
+    await _until(opened)
+    return found[0]
+
+
+BIG = 8000
+"""``_crl_request``'s ``more`` for a request (a large revocation list, 230 kB) larger than the
+pipe to the child holds and, beyond that, than the write buffer's high-water mark (64 KiB
+each): its write waits until the child has read some."""
+
+
 def _gone(pid: int) -> bool:
     """True once ``pid`` has ended (reaped, or a zombie no one waits for)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # (reaped between the open and the read)
         return True
 
 
@@ -125,29 +153,41 @@ def test_a_module_that_is_not_there_is_an_error_answer(monkeypatch: pytest.Monke
     assert cryptoworker_child.serve("junk")["error"]["type"] == "TerminalError"
 
 
+@pytest.mark.parametrize("big", [False, True], ids=["small", "over-64-KiB"])
 async def test_a_child_killed_mid_call_is_transient_and_the_next_call_starts_another(
-    tmp_path: Path, test_ca: pki.CertificateAuthority
+    tmp_path: Path, test_ca: pki.CertificateAuthority, big: bool
 ) -> None:
     """Review s41 M1: a child killed mid-call (the OOM killer, a signal) is no verdict on the
     request: transient (UNAVAILABLE for the leader, which tries the step again), as the same
-    kill of the whole agent was; it was ``certwork.NoAnswer``, terminal, before."""
+    kill of the whole agent was; it was ``certwork.NoAnswer``, terminal, before. Never given
+    to a new child (the op may have written a key): also a request larger than the pipe holds,
+    which no FIFO count could tell from one never read."""
     worker = CryptoWorker()
     try:
-        request = _crl_request(tmp_path, test_ca)
+        request = _crl_request(tmp_path, test_ca, more=BIG if big else 0)
         await worker.call("cert.crl", request)
         first = worker.pid
         assert first is not None
-        os.kill(first, signal.SIGSTOP)  # it takes the request, and never answers it
-        call = asyncio.ensure_future(worker.call("cert.crl", request))
-        await asyncio.sleep(0.2)
-        assert not call.done()
-        os.kill(first, signal.SIGKILL)
-        with pytest.raises(WorkerEnded, match=r"crypto work \(cert.crl\) failed.*signal 9"):
-            await asyncio.wait_for(call, 60)
+        # It takes the request and is in the middle of it: reading a CA file that is a FIFO,
+        # which the test opens (the child is in the op then) and never writes. (A child
+        # stopped by SIGSTOP would not do: it has not taken the request, and a new child
+        # takes a request no child took.)
+        fifo = tmp_path / "ca.fifo"
+        os.mkfifo(fifo)
+        call = asyncio.ensure_future(worker.call("cert.crl", {**request, "ca_file": str(fifo)}))
+        writer = await _opened_for_writing(fifo)
+        try:
+            assert not call.done()
+            os.kill(first, signal.SIGKILL)
+            with pytest.raises(WorkerEnded, match=r"crypto work \(cert.crl\) failed.*signal 9"):
+                await asyncio.wait_for(call, 60)
+        finally:
+            os.close(writer)
+        assert worker.started == 1  # not given to a new child
         assert issubclass(WorkerEnded, TransientError)
         assert not issubclass(WorkerEnded, TerminalError)
         assert worker.pid is None and _gone(first)
-        assert await worker.call("cert.crl", request) == {"number": 7, "revoked": [12345]}
+        assert (await worker.call("cert.crl", request))["revoked"][:1] == [12345]
         assert worker.pid not in (None, first) and worker.started == 2
     finally:
         await worker.close()
@@ -177,51 +217,80 @@ async def test_the_child_ignores_sigterm_and_sigint(
     assert _gone(pid)
 
 
-@pytest.mark.parametrize("seen", [True, False], ids=["seen-by-the-loop", "unseen-by-the-loop"])
+@pytest.mark.parametrize(
+    ("order", "big"),
+    [
+        ("seen-by-the-loop", False),
+        ("unseen-by-the-loop", False),
+        ("reader-not-yet-closed", False),
+        ("reader-not-yet-closed", True),
+    ],
+    ids=["seen-by-the-loop", "unseen-by-the-loop", "reader-not-yet-closed", "over-64-KiB"],
+)
 async def test_a_child_killed_while_idle_is_replaced_by_the_next_call(
-    tmp_path: Path, test_ca: pki.CertificateAuthority, seen: bool
+    tmp_path: Path, test_ca: pki.CertificateAuthority, order: str, big: bool
 ) -> None:
     """The OOM killer, or a person's kill, between two calls: the next call is answered by a
-    new child, not failed. Also where the next call comes before the event loop has heard
-    that the child ended (``unseen``: its exit is told on a later turn of the loop): the
-    request's write finds no reader, and a new child takes it. Before, the write's failure
-    reached ``drain`` only turns later, the answer's EOF came first, and the call failed as if
-    the child had died in the middle of it (``WorkerEnded``: 2 runs of 6 of the ``seen`` case
-    under load). There the wait for the child's end blocks the loop, so that the order is the
-    same on every run."""
+    new child, not failed, whatever the order in which the agent learns of the end.
+
+    ``unseen``: the next call comes before the event loop has heard that the child ended (its
+    exit is told on a later turn of the loop): the request's write finds no reader. Before
+    (session 46), the write's failure reached ``drain`` only turns later, the answer's EOF came
+    first, and the call failed as if the child had died in the middle of it (``WorkerEnded``:
+    2 runs of 6 of the ``seen`` case under load). There the wait for the child's end blocks
+    the loop, so that the order is the same on every run.
+
+    ``reader-not-yet-closed``: the process already reads as gone, but the kernel has not yet
+    closed its end of the request's pipe (seen under CI load as ``WorkerEnded``, "the worker
+    ended (signal 9)", in the ``unseen`` case): the write lands in the pipe, and the answer's
+    EOF comes with nothing read. Here a second reader of that pipe (the test's, opened through
+    /proc) keeps it open for as long as the call takes, so that the order is the same on every
+    run. No child said it took the request (``cryptoworker_child.TAKEN``): a new child takes it.
+    Also for a request larger than the pipe holds (review s47rev5 L1), which is never whole in
+    the pipe, and whose write fills it and waits (for good: the held reader reads nothing)."""
     worker = CryptoWorker()
+    held: int | None = None
     try:
-        request = _crl_request(tmp_path, test_ca)
+        request = _crl_request(tmp_path, test_ca, more=BIG if big else 0)
         await worker.call("cert.crl", request)
         first = worker.pid
         assert first is not None
+        if order == "reader-not-yet-closed":
+            held = os.open(f"/proc/{first}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
         os.kill(first, signal.SIGKILL)
-        if seen:
+        if order == "seen-by-the-loop":
             await _until(lambda: _gone(first))
         else:
             deadline = time.monotonic() + 20
             while not _gone(first) and time.monotonic() < deadline:  # (the loop: blocked)
                 time.sleep(0.01)
             assert _gone(first)
-        assert (await worker.call("cert.crl", request))["number"] == 7
+        assert (await asyncio.wait_for(worker.call("cert.crl", request), 60))["number"] == 7
         assert worker.pid not in (None, first) and worker.started == 2
     finally:
+        if held is not None:
+            os.close(held)
         await worker.close()
 
 
+@pytest.mark.parametrize("big", [False, True], ids=["small", "over-64-KiB"])
 async def test_a_hung_child_is_killed_the_call_is_transient_and_the_next_starts_another(
-    tmp_path: Path, test_ca: pki.CertificateAuthority
+    tmp_path: Path, test_ca: pki.CertificateAuthority, big: bool
 ) -> None:
+    """A child that never answers is killed after the call's ``timeout``. Also one that never
+    reads a request larger than the pipe holds (review s47rev5 L2): before, the write waited
+    for the pipe to drain, with no bound, holding the worker's lock (the call never ended:
+    here the test's own bound of 30 s, ``TimeoutError``)."""
     worker = CryptoWorker()
     try:
-        request = _crl_request(tmp_path, test_ca)
+        request = _crl_request(tmp_path, test_ca, more=BIG if big else 0)
         await worker.call("cert.crl", request)
         first = worker.pid
         assert first is not None
         os.kill(first, signal.SIGSTOP)  # it never answers, however long it is given
         worker.timeout = 1.0
         with pytest.raises(TransientError, match=r"crypto work \(cert.crl\) took over 1 s"):
-            await worker.call("cert.crl", request)
+            await asyncio.wait_for(worker.call("cert.crl", request), 30)
         assert worker.pid is None and _gone(first)
         worker.timeout = 60.0
         assert (await worker.call("cert.crl", request))["number"] == 7
@@ -304,13 +373,15 @@ def test_eof_on_its_stdin_ends_the_child() -> None:
     child.stdout.close()
 
 
-# An agent that starts the child, has it serve once, stops it (SIGSTOP), writes it a request,
-# prints the child's pid and kills itself: the request waits in the pipe of an orphan.
+# An agent that starts the child (with its own pid and argv[3:] after the log's arguments, if
+# any are given), has it serve once, stops it (SIGSTOP), writes it a request, prints the
+# child's pid and kills itself: the request waits in the pipe of an orphan.
 DYING_AGENT = """
 import os, signal, subprocess, sys
 from nodeagent import cryptoworker
 child = subprocess.Popen(
-    [sys.executable, "-P", "-c", cryptoworker.CHILD, "json", "info"],
+    [sys.executable, "-P", "-c", cryptoworker.CHILD, "json", "info"]
+    + ([str(os.getpid()), *sys.argv[3:]] if sys.argv[3:] else []),
     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(sys.argv[1], "ab"),
 )
 child.stdin.write(b'{"op": "cert.nope", "request": {}}\\n')
@@ -324,10 +395,12 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_an_orphaned_child_serves_nothing_and_ends_quietly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("takes", [False, True], ids=["says-nothing-taken", "says-taken"])
+def test_an_orphaned_child_serves_nothing_and_ends_quietly(tmp_path: Path, takes: bool) -> None:
     """Review s41, Low 5: the agent SIGKILLed with a request in its child's pipe: the child
     (an orphan now) neither does the work (a key written beside the agent started again) nor
-    ends in a traceback (its answer's pipe is closed); it ends."""
+    ends in a traceback (its answer's pipe is closed); it ends. Also a child that says it took
+    a request (``cryptoworker_child.TAKEN``, to a pipe with no reader)."""
     key_file = tmp_path / "stage" / "server.key"
     key_file.parent.mkdir(mode=0o700)
     request = {
@@ -340,7 +413,8 @@ def test_an_orphaned_child_serves_nothing_and_ends_quietly(tmp_path: Path) -> No
     }
     stderr = tmp_path / "child.log"
     agent = subprocess.run(
-        [sys.executable, "-c", DYING_AGENT, str(stderr), json.dumps(request)],
+        [sys.executable, "-c", DYING_AGENT, str(stderr), json.dumps(request)]
+        + ([cryptoworker_child.TAKES] if takes else []),
         capture_output=True,
         text=True,
         env=child_env(),
