@@ -20,6 +20,12 @@ IPv6 /64 (``tlsroll.backoff.source_key``):
 ``guarded`` wraps the ``Enrol`` servicer method with all of that (its service has a ``guard``
 attribute). Every refused enrolment counts as a failure, not only a wrong token: a request
 with a bad CSR must not reset its source's count (an agent that is set up right fails rarely).
+But one the store refused after the token's secret was right (the token used up, expired,
+superseded or for other names; the node on record with another key) is no guess: it is logged
+as a failure is, and neither counts nor resets. An agent whose certificate ended offers two
+keys at each start with the token in its file (``node.key``, then a renewal's
+``node.key.new``): counted, two starts with a spent token put its source past the free
+failures, and the second offer of every later try was told to wait, for good (s48rev4 M1).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from leader.store import NameTaken, TokenRejected, WrongSecret
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import logs, peertext
 from tlsroll.backoff import Backoff, Policy, source_key
@@ -125,10 +132,11 @@ class JoinGuard:
         self._in_flight[source] += 1
         return Verdict(True)
 
-    def done(self, source: str, *, failed: bool | None) -> bool:
-        """End an admitted attempt: ``failed`` True counts a failure, False (a success) forgets
-        the source, None (cancelled) neither. True if this failure should be logged on its own
-        (the source's first), False if it goes into the next summary."""
+    def done(self, source: str, *, failed: bool | None, counted: bool = True) -> bool:
+        """End an admitted attempt: ``failed`` True counts a failure (unless not ``counted``: a
+        refusal of a right secret, logged as a failure is but adding no wait), False (a
+        success) forgets the source, None (cancelled) neither. True if this failure should be
+        logged on its own (the source's first), False if it goes into the next summary."""
         if self._in_flight[source] <= 1:
             self._in_flight.pop(source, None)
         else:
@@ -139,7 +147,8 @@ class JoinGuard:
             self._backoff.reset(source)
             return False
         now = self.clock()
-        self._backoff.failed(source, now)
+        if counted:
+            self._backoff.failed(source, now)
         logged_at = self._logged.get(source)
         if logged_at is None or now - logged_at >= self.policy.forget:
             self._logged[source] = now
@@ -197,6 +206,12 @@ def _log_summary(guard: JoinGuard) -> None:
         )
 
 
+def _secret_was_right(exc: BaseException) -> bool:
+    """Whether the store refused the enrolment after the token's secret was right (not a
+    guess: the module's docstring)."""
+    return isinstance(exc, (TokenRejected, NameTaken)) and not isinstance(exc, WrongSecret)
+
+
 def _reason(exc: BaseException) -> str:
     """What to log about a refused enrolment: the project's own message (it never holds the
     secret), else only the error's type."""
@@ -226,7 +241,7 @@ def guarded(method: F) -> F:
         try:
             result = await method(self, request, context)
         except Exception as exc:
-            if guard.done(source, failed=True):
+            if guard.done(source, failed=True, counted=not _secret_was_right(exc)):
                 log.warning(
                     "enrol.refused",
                     source=source,

@@ -54,6 +54,12 @@ class TokenRejected(TerminalError):
     """The join token cannot be used; the message is safe to send to the caller."""
 
 
+class WrongSecret(TokenRejected):
+    """The join token's id is unknown or its secret wrong: a guess (``leader.join_guard``
+    counts it against the caller's source). Every other refusal of an enrolment in the store
+    comes after a right secret."""
+
+
 class NameTaken(TerminalError):
     pass
 
@@ -919,7 +925,7 @@ class Store(LeaderStore):
         # Compare even when the id is unknown, so both cases take the same time.
         expected = row["secret_hash"] if row else hash_secret("x" * 26)
         if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
-            raise TokenRejected("join token not valid")
+            raise WrongSecret("join token not valid")
         token = _token(row)
         if token.revoked_at is not None:
             raise TokenRejected(_revoked_text(db, token))

@@ -281,3 +281,43 @@ def test_a_wrong_token_is_refused_while_another_process_holds_the_write_lock(
         holder.close()
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
     assert elapsed < 5  # the store's busy timeout is 10 s
+
+
+def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(
+    cluster: Cluster,
+) -> None:
+    """A refusal whose token secret was right (the token used up, or the node's name on record
+    with another key) is no guess: it does not count towards the source's wait. An agent
+    whose certificate ended offers two keys at every start (``node.key``, then a renewal's
+    ``node.key.new``) with the token in its file: counted, two starts with a spent token put
+    its source past the free failures, and the second offer of every later try was told to
+    wait, for good (review s48rev4 M1). Wrong secrets still count, from the same source."""
+    source = next_loopback()
+    relay = Relay(source, (cluster.address, JOIN_PORT), source)
+    options = [("grpc.ssl_target_name_override", cluster.address)]
+    spent = join_token(cluster, "spent", source)
+    codes: list[grpc.StatusCode] = []
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cluster.ca_pem)
+        with grpc.secure_channel(relay.address, creds, options=options) as channel:
+            stub = enrolment_pb2_grpc.EnrolmentStub(channel)
+            assert stub.Enrol(enrol_request(spent, "spent", source), timeout=10).certificate_pem
+            for _ in range(12):  # the spent token again, each time with another key
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Enrol(enrol_request(spent, "spent", source), timeout=10)
+                codes.append(info.value.code())
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes, codes
+            # A good token from that source enrols at once.
+            address = next_loopback()
+            good = join_token(cluster, "good2", address)
+            assert stub.Enrol(enrol_request(good, "good2", address), timeout=10).certificate_pem
+            # Guesses from it are still held off after the free failures.
+            wrong = f"{'c' * 6}.{'d' * 26}"
+            guessed: list[grpc.StatusCode] = []
+            for i in range(8):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Enrol(enrol_request(wrong, f"guess{i}", source), timeout=10)
+                guessed.append(info.value.code())
+            assert guessed[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED, guessed
+    finally:
+        relay.close()
