@@ -127,7 +127,7 @@ class Accepted:
 # --- reading the directory (the CLI) ------------------------------------------------------
 
 
-class _Unreadable(Exception):
+class _Unreadable(TerminalError):
     """A file of the directory that is there but cannot be read; the message says why."""
 
 
