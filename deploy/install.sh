@@ -202,12 +202,16 @@ write_whole() {
 # a rollout is on its way (below, and "an upgrade" further on).
 # read_units: running, the units systemd runs or is starting ("activating": also one that waits
 # to be restarted after it failed), each stopped for the swap and started after it; up, those
-# of them that run (the leader is asked only then). Read at the start and again just before
-# the swap (review s47rev2 L2: one started meanwhile ran the old code over the new files).
+# of them that run (the leader is asked only then); starting, those that were only starting
+# (started again after the swap without waiting: an agent that cannot reach its leader yet
+# stays "activating" for minutes, and a blocking start waited for all of it, then counted it
+# failed, review s48rev4 M2). Read at the start and again just before the swap (review s47rev2
+# L2: one started meanwhile ran the old code over the new files).
 read_units() {
     local unit state
     running=""
     up=""
+    starting=""
     if systemd_running; then
         for unit in tlsroll-leader tlsroll-agent; do
             state=$(systemctl is-active "$unit.service" 2>/dev/null) || true
@@ -216,12 +220,16 @@ read_units() {
                     running="$running $unit"
                     up="$up $unit"
                     ;;
-                activating) running="$running $unit" ;;
+                activating)
+                    running="$running $unit"
+                    starting="$starting $unit"
+                    ;;
             esac
         done
     fi
     running=${running# }
     up=${up# }
+    starting=${starting# }
 }
 read_units
 if [ "$role" = uninstall ]; then
@@ -266,7 +274,13 @@ print("busy" if busy else "quiet", "; ".join(busy or quiet))' <<<"$answer" 2>/de
 # stopped) while a node of a rollout is on its way; say so if a rollout not ended is no obstacle.
 check_rollouts() {
     local found
-    if [ "$restart_later" = yes ] || [[ " $up " != *" tlsroll-leader "* ]]; then return 0; fi
+    if [ "$restart_later" = yes ]; then return 0; fi
+    if [[ " $starting " == *" tlsroll-leader "* ]]; then
+        # Starting: it cannot be asked yet, and stopping it unasked could stop a rollout it
+        # resumes (review s48rev4 L1).
+        die "tlsroll-leader is starting$1: it cannot be asked yet whether a node of a rollout is on its way; nothing changed. Run again once it is up (systemctl is-active tlsroll-leader), or stop it first (systemctl stop tlsroll-leader) $anyway"
+    fi
+    if [[ " $up " != *" tlsroll-leader "* ]]; then return 0; fi
     found=$(rollouts_in_the_way) || exit 1 # it said why
     case "$found" in
         busy\ *)
@@ -703,10 +717,18 @@ discard_new=no
 # Whatever happens from here on, a daemon stopped here is started again on the way out (the old
 # version, if the swap is undone); a unit that would not stop is restarted after the swap.
 stopped=""
+# start_unit UNIT [VERB]: started again; one that was only starting, without waiting for it.
+start_unit() {
+    if [[ " $starting " == *" $1 "* ]]; then
+        systemctl start --no-block "$1.service"
+    else
+        systemctl "${2:-start}" "$1.service"
+    fi
+}
 start_stopped() {
     local unit
     for unit in $stopped; do
-        systemctl start "$unit.service" || echo "install.sh: systemctl start $unit failed: see systemctl status $unit" >&2
+        start_unit "$unit" || echo "install.sh: systemctl start $unit failed: see systemctl status $unit" >&2
     done
     stopped=""
 }
@@ -833,7 +855,7 @@ restarted=""
 not_restarted=""
 for unit in $restart_now; do
     if [[ " $stopped " == *" $unit "* ]]; then verb=start; else verb=try-restart; fi
-    if systemctl "$verb" "$unit.service"; then
+    if start_unit "$unit" "$verb"; then
         restarted="$restarted $unit"
     else
         echo "install.sh: systemctl $verb $unit failed: see systemctl status $unit" >&2

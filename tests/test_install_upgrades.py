@@ -70,8 +70,10 @@ FAKE_SYSTEMCTL = """#!/bin/sh
 # systemctl as install.sh uses it: a unit is active while /var/lib/fake-systemd/UNIT exists
 # (in the state that file holds, if any: "activating"); one whose later-UNIT exists is inactive
 # at the first look and active from then on (started meanwhile); try-restart or start UNIT
-# fails while /var/lib/fake-systemd/fail-UNIT exists; every call is logged, and in calls-at
-# with which /opt/tlsroll it met ("old": the one fake_venv made).
+# fails while /var/lib/fake-systemd/fail-UNIT exists, and a blocking start of one that is
+# "activating" fails too (systemd waits for all of its start, an agent that cannot reach its
+# leader yet: minutes, then says it failed); every call is logged, and in calls-at with which
+# /opt/tlsroll it met ("old": the one fake_venv made).
 mkdir -p /var/lib/fake-systemd
 echo "$*" >>/var/lib/fake-systemd/calls
 if [ -e /opt/tlsroll/FAKE-OLD ]; then at=old; else at=new; fi
@@ -88,7 +90,11 @@ case "$1" in
         state=$(cat "/var/lib/fake-systemd/$unit" 2>/dev/null) || state=inactive
         $say "${state:-active}"
         [ "${state:-active}" = active ] ;;
-    try-restart | start) [ ! -e "/var/lib/fake-systemd/fail-$2" ] ;;
+    start)
+        if [ "$2" = --no-block ]; then exit 0; fi
+        [ ! -e "/var/lib/fake-systemd/fail-$2" ] || exit 1
+        [ "$(cat "/var/lib/fake-systemd/$2" 2>/dev/null)" != activating ] ;;
+    try-restart) [ ! -e "/var/lib/fake-systemd/fail-$2" ] ;;
     *) exit 0 ;;
 esac
 """
@@ -518,7 +524,9 @@ def test_a_daemon_started_during_the_build_or_starting_is_stopped_for_the_swap_t
     stop: one started meanwhile (here the leader, by hand) or one starting then ("activating":
     the agent waiting to be restarted after it failed) was neither stopped nor started and ran
     the old code over the new files. Now it is read again just before the stop, and a starting
-    unit counts."""
+    unit counts; it is started again without waiting for it (review s48rev4 M2: a blocking
+    start waited for all of an agent's start, minutes while it cannot reach its leader, then
+    counted it failed and the upgrade exited 1)."""
     version = (bundle / "BUNDLE").read_text().split("version=", 1)[1].split()[0]
     fake_venv(throwaway, cluster, tmp_path, version="99.0.0")
     fake_systemd(throwaway)
@@ -539,11 +547,37 @@ def test_a_daemon_started_during_the_build_or_starting_is_stopped_for_the_swap_t
         "stop tlsroll-leader.service old",
         "stop tlsroll-agent.service old",
         "start tlsroll-leader.service new",
-        "start tlsroll-agent.service new",
+        "start --no-block tlsroll-agent.service new",
     ], calls
     assert result.stdout.splitlines()[-1] == (
         f"install.sh: downgraded 99.0.0 -> {version}; restarted tlsroll-leader, tlsroll-agent"
     ), result.stdout
+
+
+def test_a_leader_that_is_starting_is_not_stopped_unasked(
+    throwaway: ThrowawayRoot, cluster: Cluster, tmp_path: Path, bundle: Path
+) -> None:
+    """A leader "activating" cannot be asked whether a node of a rollout is on its way, and
+    stopping it unasked could stop a rollout it resumes: the run refuses, nothing changed, and
+    says how on (review s48rev4 L1: it was stopped for the swap without being asked)."""
+    fake_venv(throwaway, cluster, tmp_path)
+    fake_systemd(throwaway)
+    throwaway.ok(
+        "echo activating >/var/lib/fake-systemd/tlsroll-leader.service && "
+        "install -d -m 0750 /var/lib/tlsroll && touch /var/lib/tlsroll/leader.toml"
+    )
+    before = throwaway.ok("sha256sum /opt/tlsroll/bin/* /opt/tlsroll/installed-files")
+    install = shlex.quote(str(bundle / "install.sh"))
+    result = throwaway.run(
+        f"{install} leader --address 127.0.0.2 --node-name srv1 {server_python()}",
+        BUILD_TIMEOUT,
+        network=True,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "tlsroll-leader is starting" in result.stderr, result.stderr
+    assert "nothing changed" in result.stderr, result.stderr
+    assert restart_calls(throwaway) == []
+    assert throwaway.ok("sha256sum /opt/tlsroll/bin/* /opt/tlsroll/installed-files") == before
 
 
 GATED_PYTHON = """#!/bin/sh
