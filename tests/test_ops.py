@@ -612,6 +612,23 @@ def test_a_join_writes_a_symlinked_agent_toml_where_it_points(
     assert [p.name for p in dangling_etc.iterdir()] == ["agent.toml"]
     assert (dangling_etc / "agent.toml").is_symlink() and not nowhere.parent.exists()
 
+    # A link to a file that is no TOML (another file of the system's, by mistake): refused, the
+    # file left as it was, no copy of it kept (review s48rev4 L2: it was replaced by the
+    # agent's config, and its content copied to agent.toml.before-join.TIME).
+    other_etc, other = tmp_path / "other-etc", tmp_path / "shadow-like"
+    other_etc.mkdir()
+    other.write_text("root:$y$j9T$not-toml:19000:0:99999:7:::\n")
+    other.chmod(0o640)
+    (other_etc / "agent.toml").symlink_to(other)
+    ran = run_join(join_script_for(cluster, "node9", other_etc, None), path)
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert ran.stderr.splitlines()[-1].startswith(
+        f"join: {other_etc / 'agent.toml'} is a symbolic link to {other}, which does not read "
+        "as TOML"
+    ), ran.stderr
+    assert other.read_text().startswith("root:") and stat.S_IMODE(other.stat().st_mode) == 0o640
+    assert [p.name for p in other_etc.iterdir()] == ["agent.toml"]
+
 
 def test_a_join_with_no_python_to_keep_the_server_table_changes_nothing(
     cluster: Cluster, tmp_path: Path

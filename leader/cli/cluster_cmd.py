@@ -448,7 +448,11 @@ def join_script(
         "    base=$kept n=1",
         '    while [ -e "$kept" ]; do kept=$base.$n; n=$((n + 1)); done',
         f'    cp -p {conf} "$kept"',
-        f'    "$py" -I - "$kept" {new}{keep} <<\'{merge}\' || {{ rm -f {new}; exit 1; }}',
+        "    set --",
+        f'    if [ "$dest" != {conf} ]; then set -- {join_merge.VIA_LINK} {conf} "$dest"; fi',
+        "    # (a link to no TOML refused: the copy of what it names is not kept)",
+        f'    "$py" -I - "$kept" {new}{keep} "$@" <<\'{merge}\' || {{'
+        f' rm -f {new}; if [ "$#" -gt 0 ]; then rm -f "$kept"; fi; exit 1; }}',
         join_merge_source().rstrip("\n"),
         merge,
         "fi",

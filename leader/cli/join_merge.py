@@ -34,6 +34,10 @@ JOINED_AGENT_KEYS = ("data_dir",)
 """The ``[agent]`` keys the join sets; the old table's other keys are kept."""
 KEEP_DATA_DIR = "--keep-data-dir"
 """The merge's third argument when the join command named no data dir: the old one stays."""
+VIA_LINK = "--via-link"
+"""``--via-link LINK TARGET``: the agent.toml there is a symbolic link: one to a file that does
+not read as TOML is refused (another file of the system's named by mistake was replaced,
+review s48rev4 L2)."""
 
 _HEADER = re.compile(r"\s*\[\[?\s*([A-Za-z0-9_-]+)\s*(?:[.\]])")
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
@@ -163,11 +167,21 @@ def what_was_kept(
 def main(argv: Sequence[str]) -> int:
     kept_copy, new_file = Path(argv[0]), Path(argv[1])
     keep_data_dir = KEEP_DATA_DIR in argv[2:]
+    # ``--via-link LINK TARGET``: the agent.toml there is LINK, to TARGET.
+    link = list(argv[argv.index(VIA_LINK) + 1 :][:2]) if VIA_LINK in argv[2:] else []
     new_text = new_file.read_text(encoding="utf-8")
     try:
         old_text = kept_copy.read_text(encoding="utf-8")
         tomllib.loads(old_text)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        if len(link) == 2:
+            print(
+                f"join: {link[0]} is a symbolic link to {link[1]}, which does not read as TOML: "
+                "not an agent config; point it at the agent's config or remove it; nothing "
+                "changed",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"join: the agent.toml that was there does not read as TOML ({exc}): nothing of it "
             f"kept; it is {kept_copy}",
