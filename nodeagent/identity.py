@@ -485,11 +485,12 @@ def revoked_key_advice(cfg: AgentConfig) -> str:
         else f"the token to this agent ([leader].join_token_file in {cfg.path})"
     )
     return (
-        "this key cannot enrol again; to enrol the node with a new key — on the leader "
-        f"`tlsroll nodes remove {cfg.node_name}` (it revokes the node's certificates, its served "
-        f"one too) and `{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where}, "
-        f"here `mv {key_file} {key_file}.revoked`, then start the agent again: it makes a new "
-        "key and enrols it"
+        "the leader refuses this key while the node is on record; to enrol the node with a new "
+        f"key (the revoked one thought stolen) — here `mv {key_file} {key_file}.revoked` first, "
+        f"on the leader `tlsroll nodes remove {cfg.node_name}` (it revokes the node's "
+        "certificates, its served one too) and "
+        f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where}, then start "
+        "the agent again: it makes a new key and enrols it"
     )
 
 

@@ -341,23 +341,25 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
         assert code == agent_runtime.EXIT_CERT_EXPIRED
         line = one_line_error(output, "tlsroll-agent")
         assert "certificate was revoked" in line, line
-        steps = re.findall(r"`([^`]*)`", line[line.index("this key cannot enrol again") :])
-        assert steps == [
+        steps = re.findall(
+            r"`([^`]*)`", line[line.index("the leader refuses this key while the node is") :]
+        )
+        assert steps == [  # the key moved aside first (review s48rev4 L3)
+            f"mv {agent.key_file} {agent.key_file}.revoked",
             "tlsroll nodes remove node6",
             f"tlsroll token create --node node6 --address {address}",
-            f"mv {agent.key_file} {agent.key_file}.revoked",
         ], line
         assert f"the token to {token_file}" in line
         assert agent.key_file.read_bytes() == old_key and agent.cert() == old
 
         # Following them enrols the node with a new key.
-        removal = cluster.cli(*shlex.split(steps[0])[1:], "--yes")
+        src, dst = shlex.split(steps[0])[1:]
+        os.rename(src, dst)
+        removal = cluster.cli(*shlex.split(steps[1])[1:], "--yes")
         assert removal.returncode == 0, removal.stderr
-        made = cluster.cli(*shlex.split(steps[1])[1:])
+        made = cluster.cli(*shlex.split(steps[2])[1:])
         assert made.returncode == 0, made.stderr
         token_file.write_text(made.stdout.strip() + "\n")
-        src, dst = shlex.split(steps[2])[1:]
-        os.rename(src, dst)
         agent.start()
         cluster.wait_for_nodes_online(["node6"])
         fresh = agent.cert()
