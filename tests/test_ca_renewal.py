@@ -297,11 +297,77 @@ def _offered(kind: str, ca: pki.CertificateAuthority) -> bytes:
         named = pki.CertificateAuthority.create("another CA").cert
         renamed = same_key(named, ca.key, now, later)  # another subject, the pinned key
         return pki.cert_to_pem(renamed)
+    if kind in VARIANTS:
+        return pki.cert_to_pem(_variant(kind, ca, now))
     if kind == "not PEM":
         return b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
     if kind == "the same":
         return ca.cert_pem
     raise AssertionError(kind)
+
+
+KEY_USAGE = {
+    "digital_signature": True,
+    "key_cert_sign": True,
+    "crl_sign": True,
+    "content_commitment": False,
+    "key_encipherment": False,
+    "data_encipherment": False,
+    "key_agreement": False,
+    "encipher_only": False,
+    "decipher_only": False,
+}
+# Renewals with the pinned key and subject that are weaker than the CA certificate held, or
+# that nothing would verify with (review s48rev1 M1): the agent took each of them.
+VARIANTS = {
+    "no path length": "extensions",
+    "key usage without keyCertSign": "extensions",
+    "name constraints added": "extensions",
+    "extended key usage added": "extensions",
+    "an unknown critical extension": "does not know",
+    "another signature algorithm": "signature algorithm",
+    "starts in 30 days": "future",
+    "ends in 30 years": "days from now",
+}
+
+
+def _variant(kind: str, ca: pki.CertificateAuthority, now: dt.datetime) -> x509.Certificate:
+    """CA1 renewed with its key and subject, and one thing changed: ``kind``."""
+    start, end = now - dt.timedelta(hours=1), now + pki.CA_VALIDITY_DAYS * DAY
+    if kind == "starts in 30 days":
+        start = now + 30 * DAY
+    if kind == "ends in 30 years":
+        end = now + 3 * pki.CA_VALIDITY_DAYS * DAY
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(ca.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+    )
+    for extension in ca.cert.extensions:
+        value = extension.value
+        if kind == "no path length" and isinstance(value, x509.BasicConstraints):
+            value = x509.BasicConstraints(ca=True, path_length=None)
+        if kind == "key usage without keyCertSign" and isinstance(value, x509.KeyUsage):
+            value = x509.KeyUsage(**{**KEY_USAGE, "key_cert_sign": False})
+        builder = builder.add_extension(value, critical=extension.critical)
+    if kind == "name constraints added":
+        permitted = [x509.DNSName("example.org")]
+        builder = builder.add_extension(
+            x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None),
+            critical=True,
+        )
+    if kind == "extended key usage added":
+        eku = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    if kind == "an unknown critical extension":
+        oid = x509.ObjectIdentifier("1.3.6.1.4.1.55555.1")
+        builder = builder.add_extension(x509.UnrecognizedExtension(oid, b"\x05\x00"), True)
+    algorithm = hashes.SHA384() if kind == "another signature algorithm" else hashes.SHA256()
+    return builder.sign(ca.key, algorithm)
 
 
 def test_the_agent_takes_the_renewed_ca_certificate_with_its_renewal(tmp_path: Path) -> None:
@@ -325,6 +391,7 @@ def test_the_agent_takes_the_renewed_ca_certificate_with_its_renewal(tmp_path: P
         ("another subject", "subject"),
         ("older", "no later"),
         ("not PEM", "certificate"),
+        *VARIANTS.items(),
     ],
 )
 def test_the_agent_refuses_any_other_ca_certificate_and_renews_all_the_same(
@@ -368,3 +435,22 @@ def test_the_leader_renews_its_ca_certificate_and_issues_past_the_old_end(tmp_pa
     assert ca.cert == new and ca.trust_domain == spiffe.trust_domain(old)
     longer = ca.issue(pki.generate_key().public_key(), NAMES)
     assert longer.not_valid_after_utc > old.not_valid_after_utc  # no longer cut
+
+
+def test_a_renewal_by_a_leader_whose_clock_is_ahead_starts_no_later_than_now() -> None:
+    """The leader made CA1' start an hour before its own now: with its clock two hours ahead,
+    CA1' started in the future, every agent took it, and was cut off from the leader until
+    real time reached that start (review s48rev1 M1). It starts when CA1 did now (or an hour
+    before the leader's now, if earlier), and the agents' check takes it."""
+    now = pki.utcnow()
+    ca = pki.CertificateAuthority.create(now=now + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    old = ca.cert
+    new = ca.renewed_cert(now + 2 * dt.timedelta(hours=1))
+    assert new.not_valid_before_utc <= now
+    assert new.not_valid_before_utc == old.not_valid_before_utc
+    assert pki.renewed_ca_problem(new, old, pki.spki_pin(old), now) is None
+    # The leader adopts nothing an agent would refuse.
+    weaker = _variant("no path length", ca, now)
+    with pytest.raises(PKIError, match="extensions"):
+        ca.adopt(weaker)
+    assert ca.cert == old
