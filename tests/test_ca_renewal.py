@@ -16,9 +16,13 @@ not the product's), and the leader's certificate issued again under it (cut to t
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
+import shutil
 import sqlite3
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -30,15 +34,16 @@ from cryptography.hazmat.primitives import hashes
 from leader.layout import Layout, read_passphrase, write_leader_cert
 from leader.schema_store import SchemaStore
 from leader.store import RolloutHoldsCA, Store
-from nodeagent import certwork_ops
+from nodeagent import bootstrap_crypto, certwork_ops
 from nodeagent.identity import fetch_chain
 from tests.cluster import AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
+from tests.refserver_helper import http_request
 from tests.test_level_based import password_file
 from tests.test_rotation import served
 from tests.test_schema_store import new_rollout
-from tlsroll import pki, spiffe
+from tlsroll import bootstrap_protocol, pki, spiffe, tls
 from tlsroll.defaults import JOIN_PORT, VIEWER_PORT
 from tlsroll.errors import PKIError
 
@@ -454,3 +459,137 @@ def test_a_renewal_by_a_leader_whose_clock_is_ahead_starts_no_later_than_now() -
     with pytest.raises(PKIError, match="extensions"):
         ca.adopt(weaker)
     assert ca.cert == old
+
+
+# --- a workstation set up between the renewal and its node's rotate-cert rollout ---------------
+
+OPENSSL = shutil.which("openssl")
+
+
+def connect_pc(url: str, pw: Path, settings: Path) -> subprocess.CompletedProcess[str]:
+    """``tlsroll client test-connection`` run as a PC runs it (its own process)."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "tlsroll", "client", "test-connection", url),
+            *("--password-file", str(pw), "--yes", "--settings-dir", str(settings)),
+            *("--name", settings.name),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+        check=False,
+    )
+
+
+def verified_at(ca_file: Path, cert: x509.Certificate, when: dt.datetime, tmp: Path) -> str:
+    """``openssl verify`` of ``cert`` against the CA bundle ``ca_file`` as if it were ``when``
+    (OpenSSL, as the PC's Python uses it, checks a trust anchor's dates): "OK" or why not."""
+    leaf = tmp / "leaf.pem"
+    leaf.write_bytes(pki.cert_to_pem(cert))
+    at = str(int(when.timestamp()))
+    assert OPENSSL is not None
+    run = subprocess.run(
+        [OPENSSL, "verify", "-attime", at, "-CAfile", str(ca_file), str(leaf)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "OK" if run.returncode == 0 else (run.stdout + run.stderr).strip()
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl command")
+@pytest.mark.timeout(400)
+def test_a_workstation_set_up_before_the_rotate_cert_rollout_trusts_the_renewed_ca(
+    tmp_path: Path,
+) -> None:
+    """A PC set up after `tlsroll ca renew` and before its node's rotate-cert rollout was
+    handed the staged CA file, CA1 alone, with a client certificate of 397 days: at CA1's end
+    it could no longer verify its server, and nothing warned (review s48rev1 H1). The leader's
+    signing answer carries CA1', and the node's bootstrap service adds it (its agent's check
+    of a renewal) to the sealed bundle: the PC trusts CA1 and CA1', and the server's
+    certificate of the rollout verifies with its settings past CA1's end."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, tmp_path / "n0")
+    try:
+        cluster.init("--node-name", "node1")
+        old = ending_in(cluster, 20)
+        cluster.start_leader()
+        node.start()
+        cluster.wait_for_nodes_online(["node1"])
+        pw = password_file(tmp_path, "pw", "renewal-password-for-the-practice")
+        enable = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert enable.returncode == 0, (enable.stdout, enable.stderr)
+        renew = cluster.cli("ca", "renew", "--yes")
+        assert renew.returncode == 0, (renew.stdout, renew.stderr)
+        new = pki.read_cert(cluster.ca_cert_path)
+        assert live_client_ca(node) == pki.cert_to_pem(old)  # the staged file: CA1 still
+
+        pc = tmp_path / "ws-pca"
+        connected = connect_pc(node.https_url(), pw, pc)
+        assert connected.returncode == 0, (connected.stdout, connected.stderr)
+        client = pki.read_cert(pc / "client.pem")
+        assert client.not_valid_after_utc > old.not_valid_after_utc + DAY  # 397 days
+
+        rotate = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--change", "rotate-cert"),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+        server = served(node)
+        assert server.not_valid_after_utc > old.not_valid_after_utc + DAY
+        past = old.not_valid_after_utc + DAY
+        assert verified_at(pc / "ca.pem", server, past, tmp_path) == "OK"
+        trusted = pki.load_certs_pem((pc / "ca.pem").read_bytes())
+        assert trusted == [old, new], [f"{c.serial_number:x}" for c in trusted]
+        # (CA1 alone, as the PC was handed it, verifies nothing then.)
+        alone = tmp_path / "ca1.pem"
+        alone.write_bytes(pki.cert_to_pem(old))
+        assert "expired" in verified_at(alone, server, past, tmp_path)
+        # And it works now, with the settings it wrote.
+        context = tls.client_context(
+            (pc / "ca.pem").read_bytes(), cert_file=pc / "client.pem", key_file=pc / "client.key"
+        )
+        assert http_request("GET", node.https_url(), context=context).status == 200
+        assert cluster.find_secrets(cluster.logs_text()) == []
+    finally:
+        node.close()
+        cluster.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "added"),
+    [("renewed", True), ("the same", None), ("older", False), ("another key", False)]
+    + [(kind, False) for kind in VARIANTS],
+)
+def test_the_bootstrap_adds_only_a_renewal_of_the_pinned_ca_to_the_bundle(
+    kind: str, added: bool | None
+) -> None:
+    """The node's crypto worker (``bootstrap_crypto.cert_facts``) adds the CA certificate the
+    leader signed a workstation's certificate under to the bundle the PC is handed only if
+    it is a renewal of the pinned key's certificate in it, by the agent's check; else the
+    staged bundle goes out as it is, and why is said."""
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    own = pki.CertificateAuthority.create("a practice's own CA").cert_pem  # a BYO bundle
+    bundle = own + ca.cert_pem
+    leaf = ca.issue(pki.generate_key().public_key(), NAMES, client=True)
+    offered = _offered(kind, ca)
+    answer = bootstrap_crypto.cert_facts(
+        {
+            "pem": bootstrap_protocol.b64(pki.cert_to_pem(leaf)),
+            "ca_pem": bootstrap_protocol.b64(offered),
+            "bundle": bootstrap_protocol.b64(bundle),
+            "ca_pin": pki.spki_pin(ca.cert),
+        }
+    )
+    assert answer["spki_pin"] == pki.spki_pin(leaf)
+    if added:
+        assert base64.b64decode(answer["bundle"]) == bundle + offered
+    else:
+        assert "bundle" not in answer
+        assert (added is None) == ("ca_refused" not in answer), answer
