@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import shutil
 import sqlite3
@@ -31,6 +32,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from leader import ca_renewal
 from leader.layout import Layout, read_passphrase, write_leader_cert
 from leader.schema_store import SchemaStore
 from leader.store import RolloutHoldsCA, Store
@@ -159,7 +161,10 @@ def test_a_ca_near_its_end_is_renewed_with_its_key_and_reaches_agents_and_server
         assert spiffe.trust_domain(new) == spiffe.trust_domain(old)
         assert pki.issued_by(before, new)  # the served leaf chains to it unchanged
         assert cluster.ca_key_path.read_bytes() == key_before  # the key is left as it was
-        kept = cluster.ca_cert_path.with_name(f"ca.pem.until-{old.not_valid_after_utc:%Y-%m-%d}")
+        serial8 = f"{old.serial_number:x}"[:8]
+        kept = cluster.ca_cert_path.with_name(
+            f"ca.pem.until-{old.not_valid_after_utc:%Y-%m-%d}-{serial8}"
+        )
         assert pki.read_cert(kept) == old
         assert cluster.ca_cert_path.stat().st_mode & 0o777 == 0o644
         shown = json.loads(cluster.cli("ca", "show", "--json").stdout)
@@ -227,9 +232,9 @@ def test_the_renewal_waits_for_a_rollout_to_end(tmp_path: Path) -> None:
     schema = SchemaStore(store.db)
     written: list[str] = []
 
-    def write() -> dict[str, Any]:
+    def write() -> ca_renewal.Renewal:
         written.append("written")
-        return {"serial": "1"}
+        raise AssertionError("prepared while a rollout runs")
 
     new_rollout(schema, "r1")
     with pytest.raises(RolloutHoldsCA) as refused:
@@ -593,3 +598,98 @@ def test_the_bootstrap_adds_only_a_renewal_of_the_pinned_ca_to_the_bundle(
     else:
         assert "bundle" not in answer
         assert (added is None) == ("ca_refused" not in answer), answer
+
+
+# --- the renewal's files: after its commit only, and never one overwritten ----------------------
+
+
+def test_a_renewal_whose_transaction_fails_changes_nothing(tmp_path: Path) -> None:
+    """The renewal wrote ca.pem and adopted CA1' before its audit row and its COMMIT: one that
+    failed there (a full disk) left CA1' in use, unaudited, with the hooks never run (review
+    s48rev1 L1). CA1' is written aside (ca.pem.new) in the transaction, and put in place and
+    adopted only once it has committed."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    old = ca.cert
+    pki.write_cert(layout.ca_cert, old)
+    store = Store(layout.store)
+    raw = sqlite3.connect(layout.store)
+    raw.execute(
+        "CREATE TRIGGER full BEFORE INSERT ON audit WHEN NEW.kind = 'ca.renewed' "
+        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+    )
+    raw.commit()
+    raw.close()
+    now = pki.utcnow()
+    prepare = functools.partial(ca_renewal.prepare, layout, ca, now)
+    with pytest.raises(sqlite3.DatabaseError, match="full"):
+        store.renew_ca(prepare, now=now, actor="admin:test")
+    assert pki.read_cert(layout.ca_cert) == old and ca.cert == old
+    assert not ca_renewal.new_path(layout).exists()
+    leaf = ca.issue(pki.generate_key().public_key(), NAMES)
+    assert leaf.not_valid_after_utc == old.not_valid_after_utc  # still cut to CA1's end
+    # The audit taken back: the renewal goes through, in place once committed.
+    raw = sqlite3.connect(layout.store)
+    raw.execute("DROP TRIGGER full")
+    raw.commit()
+    raw.close()
+    detail = store.renew_ca(prepare, now=now, actor="admin:test")
+    new = pki.read_cert(layout.ca_cert)
+    assert ca.cert == new != old and detail["serial"] == f"{new.serial_number:x}"
+    assert not ca_renewal.new_path(layout).exists()
+    store.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_second_renewal_is_refused_without_force_and_keeps_every_certificate(
+    tmp_path: Path,
+) -> None:
+    """Two renewals of certificates that end the same day kept the second's previous one over
+    the first's (``ca.pem.until-DATE``), and nothing refused a renewal of a CA with 10 years
+    left (review s48rev1 L2). The kept file is named by the serial too, and a renewal with
+    more than 9 years left is refused (one line, exit 1, nothing written) unless --force. A
+    renewal left half done by a kill (its ca.pem.new) is removed at the leader's start."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    try:
+        cluster.init("--node-name", "node1")
+        old = ending_in(cluster, 20)
+        cluster.start_leader()
+        first = cluster.cli("ca", "renew", "--yes")
+        assert first.returncode == 0, (first.stdout, first.stderr)
+        once = pki.read_cert(cluster.ca_cert_path)
+        files = sorted(cluster.ca_cert_path.parent.iterdir())
+
+        again = cluster.cli("ca", "renew", "--yes")
+        assert again.returncode == 1, (again.stdout, again.stderr)
+        said = again.stderr.strip()
+        assert "\n" not in said and "--force" in said and "days left" in said, said
+        assert pki.read_cert(cluster.ca_cert_path) == once
+        assert sorted(cluster.ca_cert_path.parent.iterdir()) == files
+
+        forced = cluster.cli("ca", "renew", "--yes", "--force")
+        assert forced.returncode == 0, (forced.stdout, forced.stderr)
+        twice = pki.read_cert(cluster.ca_cert_path)
+        assert twice != once
+        kept = {
+            p.name: pki.read_cert(p) for p in cluster.ca_cert_path.parent.glob("ca.pem.until-*")
+        }
+        assert sorted(kept.values(), key=lambda c: c.not_valid_after_utc) == [old, once], kept
+        audit = [
+            json.loads(a["detail"])
+            for a in cluster.store_table("audit")
+            if a["kind"] == "ca.renewed"
+        ]
+        assert [pki.read_cert(Path(a["previous_kept"])) for a in audit] == [old, once]
+        assert [a.get("forced") for a in audit] == [None, True]
+
+        # A renewal cut short by a kill (its ca.pem.new left): removed at the next start.
+        cluster.stop_leader()
+        left = cluster.ca_cert_path.with_name("ca.pem.new")
+        left.write_bytes(pki.cert_to_pem(old))
+        cluster.start_leader()
+        assert not left.exists() and "ca.renewal_leftover_removed" in cluster.logs_text()
+        assert pki.read_cert(cluster.ca_cert_path) == twice
+    finally:
+        cluster.close()

@@ -230,7 +230,8 @@ class AdminServicer:
         stay, and every certificate it issued chains to it unchanged. The leader writes it (the
         previous one kept beside it), uses it at once and audits it; agents get it with their next
         certificate renewal, managed servers and workstations with a rotate-cert rollout.
-        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate),
+        and while more than 9 years of it remain, unless `force`.
         The CA as GetCA shows it after the renewal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -63,7 +63,8 @@ class AdminStub:
     stay, and every certificate it issued chains to it unchanged. The leader writes it (the
     previous one kept beside it), uses it at once and audits it; agents get it with their next
     certificate renewal, managed servers and workstations with a rotate-cert rollout.
-    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate),
+    and while more than 9 years of it remain, unless `force`.
     The CA as GetCA shows it after the renewal.
     """
     CheckExpiration: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]
@@ -152,7 +153,8 @@ class AdminAsyncStub(AdminStub):
     stay, and every certificate it issued chains to it unchanged. The leader writes it (the
     previous one kept beside it), uses it at once and audits it; agents get it with their next
     certificate renewal, managed servers and workstations with a rotate-cert rollout.
-    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate),
+    and while more than 9 years of it remain, unless `force`.
     The CA as GetCA shows it after the renewal.
     """
     CheckExpiration: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]  # type: ignore[assignment]
@@ -304,7 +306,8 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         stay, and every certificate it issued chains to it unchanged. The leader writes it (the
         previous one kept beside it), uses it at once and audits it; agents get it with their next
         certificate renewal, managed servers and workstations with a rotate-cert rollout.
-        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate),
+        and while more than 9 years of it remain, unless `force`.
         The CA as GetCA shows it after the renewal.
         """
 
