@@ -120,6 +120,7 @@ def prepare(
         "fingerprint": pki.fingerprint(new),
         "not_after": new.not_valid_after_utc.isoformat(timespec="seconds"),
         "previous_serial": f"{old.serial_number:x}",
+        "previous_fingerprint": pki.fingerprint(old),
         "previous_not_after": old.not_valid_after_utc.isoformat(timespec="seconds"),
         "previous_kept": str(kept),
         "forced": force or None,

@@ -138,6 +138,18 @@ class CARenewal(Protocol):
     def discard(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class CARenewed:
+    """The last ``tlsroll ca renew``: when, the serial of the certificate it made, and the
+    certificate it replaced (its serial, fingerprint and end)."""
+
+    at: dt.datetime
+    serial: str
+    previous_serial: str
+    previous_fingerprint: str
+    previous_not_after: dt.datetime
+
+
 class CARenewalNotInPlace(TerminalError):
     """The renewal was audited, and its certificate could not be put in place (the rename
     failed): the CA certificate in use is the one it was."""
@@ -2085,6 +2097,12 @@ class Store(LeaderStore):
                     raise RolloutHoldsCA(live["id"], live["state"])
                 renewal = prepare()
                 self._audit(db, now, actor, "ca.renewed", "ca", **renewal.detail)
+                # When, and of what: who was handed the certificate before it since is
+                # still to get the renewed one (``leader.expiry``: ``last_ca_renewal``).
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('ca_renewed', ?)",
+                    (json.dumps({"at": to_text(now), **renewal.detail}),),
+                )
                 self._db.after_commit(put)
         except BaseException:
             if renewal is not None:
@@ -2094,6 +2112,24 @@ class Store(LeaderStore):
             renewal.discard()
             raise CARenewalNotInPlace(str(failed[0]))
         return renewal.detail
+
+    def last_ca_renewal(self) -> CARenewed | None:
+        """The last ``tlsroll ca renew`` (``renew_ca``), None if there was none."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'ca_renewed'").fetchone()
+        if row is None:
+            return None
+        detail = json.loads(row["value"])
+        at = from_text(detail["at"])
+        if at is None:
+            return None
+        return CARenewed(
+            at=at,
+            serial=str(detail.get("serial", "")),
+            previous_serial=str(detail.get("previous_serial", "")),
+            previous_fingerprint=str(detail.get("previous_fingerprint", "")),
+            previous_not_after=dt.datetime.fromisoformat(detail["previous_not_after"]),
+        )
 
     # --- audit --------------------------------------------------------------------------------
 

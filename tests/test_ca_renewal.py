@@ -693,3 +693,64 @@ def test_a_second_renewal_is_refused_without_force_and_keeps_every_certificate(
         assert pki.read_cert(cluster.ca_cert_path) == twice
     finally:
         cluster.close()
+
+
+@pytest.mark.timeout(400)
+def test_check_expiration_names_who_still_holds_only_the_old_ca_certificate(
+    tmp_path: Path,
+) -> None:
+    """After the renewal the CA's line jumped to 10 years, and nothing said who still trusted
+    CA1 alone: `certs check-expiration` exited 0 while agents not yet renewed, servers
+    staged before it and workstations enrolled before it would stop at CA1's end (review
+    s48rev1 M2). A line for the previous CA certificate (ca/previous, warned within the CA's
+    horizon) names them, by kind, with what to run, until none is left."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, tmp_path / "n0")
+    try:
+        cluster.init("--node-name", "node1")
+        old = ending_in(cluster, 20)
+        cluster.start_leader()
+        node.start()
+        cluster.wait_for_nodes_online(["node1"])
+        pw = password_file(tmp_path, "pw", "renewal-password-for-the-practice")
+        enable = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert enable.returncode == 0, (enable.stdout, enable.stderr)
+        pc = tmp_path / "ws-pc0"
+        before = connect_pc(node.https_url(), pw, pc)  # enrolled under CA1
+        assert before.returncode == 0, (before.stdout, before.stderr)
+        code, certs = expiration(cluster)
+        assert "ca/previous" not in certs  # no renewal yet
+
+        renew = cluster.cli("ca", "renew", "--yes")
+        assert renew.returncode == 0, (renew.stdout, renew.stderr)
+        code, certs = expiration(cluster)
+        previous = certs["ca/previous"]
+        assert code == 1 and previous["warning"], previous
+        assert previous["serial"] == f"{old.serial_number:x}"
+        assert previous["not_after"].startswith(f"{old.not_valid_after_utc:%Y-%m-%d}")
+        advice = previous["advice"]
+        assert "agents not renewed since" in advice and "node1" in advice, advice
+        assert "managed servers staged before it" in advice, advice
+        assert "workstations enrolled before it" in advice and "ws-pc0" in advice, advice
+        assert not certs["ca"]["warning"]  # CA1' itself has 10 years
+
+        rotate = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--change", "rotate-cert"),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+        again = connect_pc(node.https_url(), pw, pc)  # enrolled again: handed CA1' now
+        assert again.returncode == 0, (again.stdout, again.stderr)
+        code, certs = expiration(cluster)
+        advice = certs["ca/previous"]["advice"]
+        assert "agents not renewed since" in advice and advice.endswith(": node1"), advice
+        assert "managed servers" not in advice and "workstations" not in advice, advice
+    finally:
+        node.close()
+        cluster.close()
