@@ -459,11 +459,18 @@ def test_a_renewal_by_a_leader_whose_clock_is_ahead_starts_no_later_than_now() -
     assert new.not_valid_before_utc <= now
     assert new.not_valid_before_utc == old.not_valid_before_utc
     assert pki.renewed_ca_problem(new, old, pki.spki_pin(old), now) is None
+    # Renewed again within the same second (X.509 times are whole seconds), it still ends
+    # later: agents take only a later end (seen with `ca renew --force` right after another).
+    ca.adopt(new)
+    again = ca.renewed_cert(now + 2 * dt.timedelta(hours=1))
+    assert again.not_valid_after_utc > new.not_valid_after_utc
+    assert pki.renewed_ca_problem(again, new, pki.spki_pin(old), now) is None
+    ca.adopt(again, now)
     # The leader adopts nothing an agent would refuse.
     weaker = _variant("no path length", ca, now)
     with pytest.raises(PKIError, match="extensions"):
         ca.adopt(weaker)
-    assert ca.cert == old
+    assert ca.cert == again
 
 
 # --- a workstation set up between the renewal and its node's rotate-cert rollout ---------------

@@ -475,6 +475,12 @@ class CertificateAuthority:
         # even by a leader's clock that is ahead (an agent refuses a CA certificate that
         # starts in the future, and a trust anchor not yet valid verifies nothing).
         start = min(self.cert.not_valid_before_utc, now - BACKDATE)
+        # It ends later than this one, even renewed again within the same second (X.509
+        # times are whole seconds): an agent takes only a later end.
+        end = max(
+            now + dt.timedelta(days=CA_VALIDITY_DAYS),
+            self.cert.not_valid_after_utc + dt.timedelta(seconds=1),
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(self.cert.subject)
@@ -482,7 +488,7 @@ class CertificateAuthority:
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(now + dt.timedelta(days=CA_VALIDITY_DAYS))
+            .not_valid_after(end)
         )
         for extension in self.cert.extensions:
             builder = builder.add_extension(extension.value, critical=extension.critical)
