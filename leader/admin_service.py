@@ -793,8 +793,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.GetCAResponse:
         """Renew the CA certificate with the same key (``leader.ca_renewal``), unless a
         rollout has not ended (``Store.renew_ca``: its stages carry the CA certificate, and
-        certificates it prepared ahead are cut to the old end); then the leader serves, dials
-        and issues with it (``ca_renewed``). Audited (``ca.renewed``)."""
+        certificates it prepared ahead are cut to the old end), or while more than 9 years of
+        it remain and it is not ``force``d (``ca_renewal.TooEarly``); then the leader serves,
+        dials and issues with it (``ca_renewed``). Audited (``ca.renewed``)."""
         if self.layout is None:
             raise failed_precondition("this leader cannot renew its CA (no data directory)")
         active = await asyncio.to_thread(self.schema.active)
@@ -803,7 +804,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         layout, ca, now = self.layout, self.state.ca, self.state.clock()
         detail = await asyncio.to_thread(
             self.state.store.renew_ca,
-            functools.partial(ca_renewal.renew, layout, ca, now),
+            functools.partial(ca_renewal.prepare, layout, ca, now, force=request.force),
             now=now,
             actor=_actor(context),
         )

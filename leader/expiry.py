@@ -93,6 +93,17 @@ CHAIN_ENDS_FIRST = (
     "under one that outlives them), then tlsroll rollout start --change rotate-cert --nodes "
     "{node} --cert-dir DIR"
 )
+# The CA certificate a `tlsroll ca renew` replaced, while some still hold it alone (``holders``).
+PREVIOUS_CA = (
+    "the CA certificate before `tlsroll ca renew` ends then, and these were handed it and not "
+    "the renewed one since; each stops trusting the cluster at that end: {holders}"
+)
+PREVIOUS_HOLDERS = {
+    "agent": "agents not renewed since (they take it with their next certificate renewal, "
+    "within 40 % of their certificate's life; `tlsroll nodes`)",
+    "server": "managed servers staged before it (`tlsroll rollout start --change rotate-cert`)",
+    "workstation": "workstations enrolled before it (`tlsroll client test-connection` on each)",
+}
 # A certificate that ends with the CA: issuing it again gives one that ends no later.
 ENDS_WITH_CA = "it ends with the cluster CA, and no new one would outlive the CA: see the CA's line"
 
@@ -113,6 +124,9 @@ class Expiry:
     # A server certificate of the practice's own whose chain ends first: the chain's
     # certificate that does (its subject); ``not_after`` is then its end.
     chain: str = ""
+    # The CA certificate a renewal replaced (kind ``ca``, subject ``previous``): who was
+    # handed it and not the renewed one since, by kind (``PREVIOUS_HOLDERS``).
+    holders: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -124,6 +138,12 @@ class Expiry:
     def advice(self) -> str:
         if self.chain:
             return CHAIN_ENDS_FIRST.format(chain=self.chain, node=self.subject)
+        if self.holders:
+            return PREVIOUS_CA.format(
+                holders="; ".join(
+                    f"{PREVIOUS_HOLDERS[kind]}: {', '.join(names)}" for kind, names in self.holders
+                )
+            )
         if self.ends_with_ca and self.kind != "ca":
             return ENDS_WITH_CA
         advice = ADVICE.get(self.kind, "")
@@ -302,7 +322,64 @@ class ExpiryWatch:
             Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
             for c in watched_workstations(certs, now, self.horizon)
         ]
+        if (previous := self._previous_ca(ca, certs, now)) is not None:
+            found.append(previous)
         return sorted(_marked(found, ca), key=lambda e: (e.not_after, e.kind, e.subject))
+
+    def _previous_ca(
+        self, ca: x509.Certificate, certs: Sequence[IssuedCert], now: dt.datetime
+    ) -> Expiry | None:
+        """The CA certificate the last ``tlsroll ca renew`` replaced (review s48rev1 M2), as
+        long as some were handed it and not the renewed one since: agents whose certificate
+        was last issued before the renewal (a renewal's answer, or the join, carries the
+        CA certificate in use), nodes that serve a certificate staged before it (the stage
+        sent the CA certificate in use as the server's client CA) and workstations whose
+        newest certificate, not ended, was issued before it (the bootstrap handed them the
+        bundle of then). None if the CA in use is not that renewal's, or no one is left.
+        What it cannot see: an agent that refused the renewed certificate, or of a release
+        that does not take it; a node's certificate from --cert-dir (not the CA's)."""
+        renewed = self.store.last_ca_renewal()
+        if renewed is None or renewed.serial != f"{ca.serial_number:x}":
+            return None
+        at = renewed.at
+        agents = sorted(
+            n.name for n in self.store.list_nodes() if (n.cert_renewed_at or n.enrolled_at) < at
+        )
+        issued = {c.fingerprint: c.issued_at for c in certs if c.kind == "server"}
+        servers = sorted(
+            name
+            for name, (fingerprint, _end) in self.schema.served_certificates().items()
+            if fingerprint in issued and issued[fingerprint] < at
+        )
+        newest: dict[str, IssuedCert] = {}
+        for c in certs:
+            if c.kind != "workstation" or c.revoked_at is not None:
+                continue
+            if c.subject not in newest or c.issued_at > newest[c.subject].issued_at:
+                newest[c.subject] = c
+        workstations = sorted(
+            s for s, c in newest.items() if c.issued_at < at and c.not_after > now
+        )
+        holders = tuple(
+            (kind, tuple(names))
+            for kind, names in (
+                ("agent", agents),
+                ("server", servers),
+                ("workstation", workstations),
+            )
+            if names
+        )
+        if not holders:
+            return None
+        return Expiry(
+            "ca",
+            "previous",
+            renewed.previous_serial,
+            renewed.previous_fingerprint,
+            renewed.previous_not_after,
+            CA_HORIZON,
+            holders=holders,
+        )
 
     def warnings(self) -> list[Expiry]:
         now = self.clock()

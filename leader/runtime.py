@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from leader import ca_renewal
 from leader.admin_service import AdminService, Endpoints
 from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
@@ -193,6 +194,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     for secret in (layout.ca_key, layout.tls_key):
         check_private_file(secret)
     passphrase = _read_passphrase(cfg, source, credential=credential)
+    ca_renewal.leftover(layout)  # (a `tlsroll ca renew` cut short: its ca.pem.new)
     ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():

@@ -2328,14 +2328,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         but ``ws-<name>`` and its workstation identity. At most ``WORKSTATION_CERTS_PER_HOUR``
         per node; a name another PC holds is refused (ALREADY_EXISTS) unless the CSR proves this
         is that PC or replaces it on purpose (``bootstrap_csr.Reenrolment``, ``Store.
-        issue_workstation``)."""
+        issue_workstation``). The answer carries the CA certificate it was issued under."""
         caller = await self._caller_cert(context)
         node = caller.name
         key, cn = bootstrap_csr.check_workstation_csr(request.csr_pem)
         claim = bootstrap_csr.reenrolment_of(request.csr_pem)
         now = self.state.clock()
+        ca_pem: list[bytes] = []
 
         def issue() -> IssuedCert:
+            ca_pem.append(self.state.ca.cert_pem)  # the certificate the leaf is issued under
             cert = self.state.ca.issue(
                 key,
                 bootstrap_csr.workstation_names(cn),
@@ -2364,7 +2366,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("workstation.refused", node=node, workstation=cn, reason=str(exc))
             raise
         log.info("workstation.enrolled", node=node, workstation=cn)
-        return leader_pb2.SignWorkstationResponse(certificate_pem=pki.cert_to_pem(issued[0]))
+        # With the CA certificate it was issued under: after `tlsroll ca renew`, the node's
+        # bootstrap service hands the workstation the renewed one too, before a rotate-cert
+        # rollout stages it (review s48rev1 H1).
+        return leader_pb2.SignWorkstationResponse(
+            certificate_pem=pki.cert_to_pem(issued[0]), ca_certificate_pem=ca_pem[-1]
+        )
 
     @map_errors(ERRORS)
     async def WithdrawWorkstationCertificate(

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
@@ -166,6 +166,40 @@ class RolloutHoldsCA(TerminalError):
         super().__init__(
             f"rollout {rollout_id} is {state}: its stages carry the CA certificate; renew the "
             "CA once it has ended (tlsroll rollout status)"
+        )
+
+
+class CARenewal(Protocol):
+    """A CA renewal prepared in ``Store.renew_ca``'s transaction (``leader.ca_renewal.
+    Renewal``)."""
+
+    detail: dict[str, Any]
+
+    def put_in_place(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CARenewed:
+    """The last ``tlsroll ca renew``: when, the serial of the certificate it made, and the
+    certificate it replaced (its serial, fingerprint and end)."""
+
+    at: dt.datetime
+    serial: str
+    previous_serial: str
+    previous_fingerprint: str
+    previous_not_after: dt.datetime
+
+
+class CARenewalNotInPlace(TerminalError):
+    """The renewal was audited, and its certificate could not be put in place (the rename
+    failed): the CA certificate in use is the one it was."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(
+            f"the CA renewal was audited, but the renewed certificate could not be put in place "
+            f"({cause}): the CA certificate in use is unchanged; run tlsroll ca renew again"
         )
 
 
@@ -2102,20 +2136,67 @@ class Store(LeaderStore):
         return floor
 
     def renew_ca(
-        self, write: Callable[[], dict[str, Any]], *, now: dt.datetime, actor: str
+        self, prepare: Callable[[], CARenewal], *, now: dt.datetime, actor: str
     ) -> dict[str, Any]:
-        """Renew the CA's certificate (``tlsroll ca renew``): ``write()`` writes and adopts the
-        new certificate and returns what the audit trail keeps of it, in a transaction that
-        first checks that no rollout has begun and not ended (``RolloutHoldsCA``): a rollout
-        that begins waits for this transaction, and stages the renewed CA certificate. A
-        ``write`` that fails leaves no audit entry."""
-        with self._db.tx() as db:
-            live = db.execute(_LIVE, _TERMINAL).fetchone()
-            if live is not None:
-                raise RolloutHoldsCA(live["id"], live["state"])
-            detail = write()
-            self._audit(db, now, actor, "ca.renewed", "ca", **detail)
-        return detail
+        """Renew the CA's certificate (``tlsroll ca renew``, ``leader.ca_renewal``) in one
+        transaction that first checks that no rollout has begun and not ended
+        (``RolloutHoldsCA``: a rollout that begins waits for this transaction, and stages the
+        renewed CA certificate), then ``prepare()``s the renewal (its files written aside)
+        and audits it (``ca.renewed``: ``detail``, what it returns). Only once that has
+        committed, still under the write lock, is it put in place (``put_in_place``: the
+        certificate renamed into place and adopted); a transaction that fails (the audit
+        refused, a full disk at the COMMIT) ``discard``s it: nothing is changed, and nothing
+        audited (review s48rev1 L1)."""
+        renewal: CARenewal | None = None
+        failed: list[Exception] = []
+
+        def put() -> None:
+            assert renewal is not None
+            try:
+                renewal.put_in_place()
+            except Exception as exc:  # (said below, to the caller)
+                failed.append(exc)
+
+        try:
+            with self._db.tx() as db:
+                live = db.execute(_LIVE, _TERMINAL).fetchone()
+                if live is not None:
+                    raise RolloutHoldsCA(live["id"], live["state"])
+                renewal = prepare()
+                self._audit(db, now, actor, "ca.renewed", "ca", **renewal.detail)
+                # When, and of what: who was handed the certificate before it since is
+                # still to get the renewed one (``leader.expiry``: ``last_ca_renewal``).
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('ca_renewed', ?)",
+                    (json.dumps({"at": to_text(now), **renewal.detail}),),
+                )
+                self._db.after_commit(put)
+        except BaseException:
+            if renewal is not None:
+                renewal.discard()
+            raise
+        if failed:
+            renewal.discard()
+            raise CARenewalNotInPlace(str(failed[0]))
+        return renewal.detail
+
+    def last_ca_renewal(self) -> CARenewed | None:
+        """The last ``tlsroll ca renew`` (``renew_ca``), None if there was none."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'ca_renewed'").fetchone()
+        if row is None:
+            return None
+        detail = json.loads(row["value"])
+        at = from_text(detail["at"])
+        if at is None:
+            return None
+        return CARenewed(
+            at=at,
+            serial=str(detail.get("serial", "")),
+            previous_serial=str(detail.get("previous_serial", "")),
+            previous_fingerprint=str(detail.get("previous_fingerprint", "")),
+            previous_not_after=dt.datetime.fromisoformat(detail["previous_not_after"]),
+        )
 
     # --- audit --------------------------------------------------------------------------------
 

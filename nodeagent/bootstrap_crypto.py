@@ -12,7 +12,11 @@ text (the worker calls ``OPS[NAME](request)`` for the op ``"bootstrap.NAME"``):
 - ``respond`` {pake_pw, blind, unblind, msg_a} -> {msg_b, key}: the node's SPAKE2;
 - ``open_csr`` {key, transcript, sealed} -> {csr_pem, cn, key_pin}: the workstation's sealed
   CSR opened (AES-256-GCM, to the node) and checked (``bootstrap_csr.check_workstation_csr``);
-- ``cert_facts`` {pem} -> {pem, spki_pin, fingerprint}: the certificate the leader signed;
+- ``cert_facts`` {pem[, ca_pem, bundle, ca_pin]} -> {pem, spki_pin, fingerprint[, bundle |
+  ca_refused]}: the certificate the leader signed; with the CA certificate it was issued under
+  (``ca_pem``), the node's CA ``bundle`` with it added (``bundle``) if it is not in it and is a
+  renewal with the same key of the ``ca_pin`` key's certificate in it (``pki.
+  renewed_ca_problem``), else why not (``ca_refused``; nothing if it is in it already);
 - ``seal`` {key, transcript, plaintext} -> {sealed}: the payload sealed to the workstation;
 - ``check_ca_bundle`` {pem} -> {count}: the node's CA bundle holds CA certificates only.
 
@@ -110,11 +114,39 @@ def cert_facts(request: dict[str, Any]) -> dict[str, Any]:
         cert = pki.load_cert_pem(_bytes(request, "pem"))
     except PKIError as exc:
         return _refused(BootstrapError(BootstrapReason.MALFORMED, str(exc)))
-    return {
+    facts: dict[str, Any] = {
         "pem": _b64(pki.cert_to_pem(cert)),
         "spki_pin": pki.spki_pin(cert),
         "fingerprint": pki.fingerprint(cert),
     }
+    if request.get("ca_pem"):
+        facts |= bundle_with(
+            _bytes(request, "bundle"), _bytes(request, "ca_pem"), str(request.get("ca_pin", ""))
+        )
+    return facts
+
+
+def bundle_with(bundle_pem: bytes, ca_pem: bytes, ca_pin: str) -> dict[str, Any]:
+    """``cert_facts``'s bundle: {"bundle"} (``bundle_pem`` with ``ca_pem`` added), {"ca_refused":
+    why}, or {} (``ca_pem`` is in the bundle already)."""
+    from tlsroll import pki  # noqa: PLC0415
+    from tlsroll.errors import PKIError  # noqa: PLC0415
+
+    try:
+        offered = pki.load_cert_pem(ca_pem)
+        held = pki.load_certs_pem(bundle_pem)
+    except PKIError as exc:
+        return {"ca_refused": f"the CA certificate the leader signed with: {exc}"}
+    if offered in held:
+        return {}
+    pinned = [c for c in held if ca_pin and pki.spki_pin(c) == ca_pin]
+    if not pinned:
+        return {"ca_refused": "the node's CA bundle holds no certificate of the pinned CA key"}
+    latest = max(pinned, key=lambda c: c.not_valid_after_utc)
+    if (why := pki.renewed_ca_problem(offered, latest, ca_pin)) is not None:
+        return {"ca_refused": f"the CA certificate the leader signed with: {why}"}
+    joined = bundle_pem if bundle_pem.endswith(b"\n") else bundle_pem + b"\n"
+    return {"bundle": _b64(joined + pki.cert_to_pem(offered))}
 
 
 def seal(request: dict[str, Any]) -> dict[str, Any]:

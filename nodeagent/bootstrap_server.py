@@ -69,7 +69,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, NamedTuple, Protocol, Self
 
 from nodeagent import bootstrap_crypto
 from nodeagent.failure_log import FailureLog
@@ -94,7 +94,22 @@ class Withdrawal(StrEnum):
     # is free, but the admin may have meant this PC
 
 
-SignFn = Callable[[bytes], Awaitable[bytes]]
+class Signed(NamedTuple):
+    """What the leader answered a signing with: the certificate, and the CA certificate it was
+    issued under (PEM; empty from an older leader). A ``sign`` may answer the certificate
+    alone (bytes): as with an empty CA certificate."""
+
+    certificate_pem: bytes
+    ca_certificate_pem: bytes = b""
+
+
+SignFn = Callable[[bytes], Awaitable[bytes | Signed]]
+
+
+def _as_signed(answer: bytes | Signed) -> Signed:
+    return answer if isinstance(answer, Signed) else Signed(answer)
+
+
 WithdrawFn = Callable[[bytes], Awaitable[Withdrawal]]
 Clock = Callable[[], float]
 WallClock = Callable[[], dt.datetime]
@@ -361,6 +376,7 @@ class BootstrapService:
         key_shared_with: tuple[int, int] | None = None,
         crypto: Crypto,
         finish_deadline: float = FINISH_DEADLINE,
+        ca_pin: str = "",
     ) -> None:
         if not server_url.startswith("https://") or not server_url.endswith("/"):
             raise ValueError(f"server_url must be https://HOST:PORT/APP/, got {server_url!r}")
@@ -374,6 +390,11 @@ class BootstrapService:
         self.server_url = server_url
         self.node_name = node_name
         self.sign = sign
+        # The CA key the agent pinned (its agent.toml's ``ca_pin``): a renewed CA certificate
+        # the leader signs with (``Signed``) is added to the bundle a workstation is handed
+        # only if it is a renewal of this key's certificate in the bundle (``_checked``); ""
+        # adds none.
+        self.ca_pin = ca_pin
         self.withdraw = withdraw  # None: nothing is withdrawn (as with an older leader)
         self.crypto = crypto
         self.finish_deadline = finish_deadline
@@ -673,10 +694,13 @@ class BootstrapService:
                 )
             self.guard.succeeded(ex.source, ex.workstation)
             try:
-                signed, cn, key_pin = await self._enrol(request, ex, finish)
+                enrolled, cn, key_pin = await self._enrol(request, ex, finish)
             except WorkerFailed:  # the password was right: nothing counted, try again later
                 raise _busy() from None
-            sealed = await self._signed_delivery(request, ex, signed, cn, key_pin, deadline)
+            signed, ca_pem = enrolled
+            sealed = await self._signed_delivery(
+                request, ex, signed, cn, key_pin, deadline, ca_pem=ca_pem
+            )
         except Refused as exc:
             if exc.code is not proto.ErrorCode.WRONG_PASSWORD:
                 log.warning(
@@ -694,8 +718,11 @@ class BootstrapService:
         cn: str,
         key_pin: str,
         deadline: float,
+        *,
+        ca_pem: bytes = b"",
     ) -> str:
-        """The payload for the workstation with the certificate the leader ``signed``, checked
+        """The payload for the workstation with the certificate the leader ``signed`` (and the
+        CA certificate it was issued under, ``ca_pem``: see ``_checked``), checked
         and sealed (by the worker; each op tried twice: ``_signed_crypto``) by ``deadline``
         (the loop's clock: ``FINISH_DEADLINE`` after the request came, while the workstation
         still waits). If that fails, or takes longer, the leader has recorded a certificate
@@ -709,7 +736,8 @@ class BootstrapService:
             if asyncio.get_running_loop().time() >= deadline:
                 raise TimeoutError  # signed that late: a sound child is not killed for nothing
             async with asyncio.timeout_at(deadline):
-                return await self._deliver(ex, await self._checked(request, signed, cn, key_pin))
+                checked, bundle = await self._checked(request, signed, cn, key_pin, ca_pem)
+                return await self._deliver(ex, checked, bundle)
         except asyncio.CancelledError:  # the service stops: the workstation gets nothing
             log.warning("bootstrap.undelivered_stopping", remote=request.remote, cn=cn)
             self._at_stop(self._withdrawn_at_stop(request, cn, signed))
@@ -783,11 +811,15 @@ class BootstrapService:
             log.warning("bootstrap.undelivered_withdrawn", remote=request.remote, cn=cn)
         return withdrawn or Withdrawal.HELD
 
-    async def _deliver(self, ex: Exchange, cert_pem: bytes) -> str:
-        """The payload for the workstation, sealed to it (by the worker)."""
+    async def _deliver(self, ex: Exchange, cert_pem: bytes, bundle: bytes) -> str:
+        """The payload for the workstation, sealed to it (by the worker): ``bundle`` is the CA
+        bundle it is handed (``_checked``). The seal (AES-256-GCM under the exchange's key,
+        over its transcript) covers the whole payload, so the workstation takes that bundle,
+        a renewed CA certificate added to it included, as confirmed by the password; the
+        hello's (unsealed, in the transcript) stays the staged file."""
         assert ex.keys is not None
         payload = proto.Payload(
-            ca_bundle_pem=self.ca_bundle_pem,
+            ca_bundle_pem=bundle,
             certificate_pem=cert_pem,
             node=self.node_name,
             server_url=self.server_url,
@@ -817,9 +849,10 @@ class BootstrapService:
 
     async def _enrol(
         self, request: Request, ex: Exchange, finish: proto.FinishRequest
-    ) -> tuple[bytes, str, str]:
+    ) -> tuple[Signed, str, str]:
         """The workstation's CSR opened and checked, and signed by the leader: the certificate
-        (PEM, not yet checked), the name and the CSR key's pin."""
+        and the CA certificate it was issued under (PEM, not yet checked), the name and the
+        CSR key's pin."""
         assert ex.keys is not None
         opened = {
             "key": proto.b64(ex.keys.seal_to[proto.Side.NODE]),
@@ -858,10 +891,10 @@ class BootstrapService:
             raise Refused(
                 502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
-        return signed, cn, key_pin
+        return _as_signed(signed), cn, key_pin
 
     async def _signing_stopped(
-        self, request: Request, cn: str, signing: asyncio.Future[bytes]
+        self, request: Request, cn: str, signing: asyncio.Future[bytes | Signed]
     ) -> None:
         """(Stop-time work: ``_at_stop``.) The service stops (its request cancelled) while the
         leader signs: the leader may record a certificate for ``cn`` that no one will receive,
@@ -883,13 +916,30 @@ class BootstrapService:
             raise
         except Exception:  # not signed (the leader said no, or could not be asked)
             return
-        await self._withdrawn_at_stop(request, cn, signed)
+        await self._withdrawn_at_stop(request, cn, _as_signed(signed).certificate_pem)
 
-    async def _checked(self, request: Request, signed: bytes, cn: str, key_pin: str) -> bytes:
+    async def _checked(
+        self, request: Request, signed: bytes, cn: str, key_pin: str, ca_pem: bytes = b""
+    ) -> tuple[bytes, bytes]:
         """The certificate the leader ``signed``, checked (by the worker) to be for the CSR's
-        key: its PEM."""
+        key: its PEM, and the CA bundle to hand the workstation with it.
+
+        That bundle is the staged one, with ``ca_pem`` (the CA certificate the leader issued
+        under) added if it is not in it and the worker finds it a renewal with the same key
+        of the pinned key's certificate in it (``pki.renewed_ca_problem``, the agent's own
+        check of a renewed CA: review s48rev1 H1). So a workstation set up between ``tlsroll
+        ca renew`` and its node's rotate-cert rollout trusts CA1' as well as CA1, and works
+        past CA1's end with its 397-day certificate. One that is refused is said in the log
+        (``bootstrap.ca_refused``) and the staged bundle handed out, as before."""
+        facts: dict[str, str] = {"pem": proto.b64(signed)}
+        if ca_pem and self.ca_pin:
+            facts |= {
+                "ca_pem": proto.b64(ca_pem),
+                "bundle": proto.b64(self.ca_bundle_pem),
+                "ca_pin": self.ca_pin,
+            }
         try:
-            cert = await self._signed_crypto("cert_facts", {"pem": proto.b64(signed)})
+            cert = await self._signed_crypto("cert_facts", facts)
         except proto.BootstrapError:  # what the leader returned does not parse
             log.error("bootstrap.sign_failed", remote=request.remote, error="PKIError")
             raise Refused(
@@ -904,7 +954,10 @@ class BootstrapService:
             cn=cn,
             fingerprint=str(cert.get("fingerprint")),
         )
-        return _worker_bytes(cert, "pem")
+        if isinstance(refused := cert.get("ca_refused"), str):
+            log.warning("bootstrap.ca_refused", remote=request.remote, reason=refused[:300])
+        bundle = _worker_bytes(cert, "bundle") if cert.get("bundle") else self.ca_bundle_pem
+        return _worker_bytes(cert, "pem"), bundle
 
     async def _blinds_of(self, secret: proto.NodePassword) -> dict[str, str]:
         """The SPAKE2 blinding points of ``secret`` ({"blind", "unblind"}, base64), asked of the

@@ -46,7 +46,7 @@ from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 if TYPE_CHECKING:
-    from nodeagent.bootstrap_server import BootstrapService, Guard, Withdrawal
+    from nodeagent.bootstrap_server import BootstrapService, Guard, Signed, Withdrawal
 
 log = logs.get_logger(__name__)
 
@@ -179,8 +179,13 @@ class BootstrapHost:
         options = [("grpc.ssl_target_name_override", host)]
         return grpc.aio.secure_channel(target, creds, options=options)
 
-    async def sign(self, csr_pem: bytes) -> bytes:
-        """The leader signs the workstation's CSR (the service has checked its key confirmation)."""
+    async def sign(self, csr_pem: bytes) -> Signed:
+        """The leader signs the workstation's CSR (the service has checked its key confirmation):
+        the certificate, and the CA certificate it was issued under (empty from an older
+        leader), which the service hands the workstation too if it is a renewal of the staged
+        one (``BootstrapService._checked``)."""
+        from nodeagent.bootstrap_server import Signed  # noqa: PLC0415 (imported by now)
+
         async with self._channel() as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
             try:
@@ -191,7 +196,7 @@ class BootstrapHost:
                 raise SignRefused(
                     f"the leader did not sign: {exc.details()}", refused=exc.code() in REFUSALS
                 ) from None
-        return reply.certificate_pem
+        return Signed(bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem))
 
     async def withdraw(self, cert_pem: bytes) -> Withdrawal:
         """The leader withdraws the workstation certificate ``cert_pem`` it just signed, which
@@ -435,6 +440,7 @@ class BootstrapHost:
                 counted=self._counted,
                 key_shared_with=shared,
                 crypto=self.crypto,
+                ca_pin=self.cfg.ca_pin,
             )
         except ValueError as exc:  # (a CA file without a certificate, say)
             raise ValueError(f"{exc} ({live['ca_file']}, {verifier_file})") from None

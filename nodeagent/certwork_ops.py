@@ -197,20 +197,10 @@ def renew_csr(request: dict[str, Any]) -> str:
 
 def renewed_ca_refused(offered: Any, held: Any, ca_pin: str) -> str | None:
     """Why the CA certificate the leader sent with a renewal is not taken as the node's
-    ``DATA/ca.pem`` (None: taken). Taken only if it is a CA certificate, for the key the node
-    pinned (``ca_pin``), self-signed, with the subject of the one held (the leaves' issuer),
-    and ending later than it: a renewal with the same key (``tlsroll ca renew``)."""
-    if not pki.is_ca(offered):
-        return "it is not a CA certificate"
-    if not ca_pin or pki.spki_pin(offered) != ca_pin:
-        return "its key is not the CA key this node pinned ([leader].ca_pin)"
-    if not pki.issued_by(offered, offered):
-        return "it is not self-signed by the pinned key"
-    if offered.subject != held.subject:
-        return "its subject is not the one of the CA certificate this node holds"
-    if offered.not_valid_after_utc <= held.not_valid_after_utc:
-        return "it ends no later than the CA certificate this node holds"
-    return None
+    ``DATA/ca.pem`` (None: taken): the check every side makes of a renewal with the same key
+    (``pki.renewed_ca_problem``: the pinned key, self-signed, the held one's subject,
+    signature algorithm and extensions, a sound validity that ends later)."""
+    return pki.renewed_ca_problem(offered, held, ca_pin)
 
 
 def renew_install(request: dict[str, Any]) -> dict[str, Any]:

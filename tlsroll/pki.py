@@ -162,6 +162,75 @@ def is_ca(cert: x509.Certificate) -> bool:
     return bc.ca
 
 
+# How far ahead a renewed CA certificate may start (a leader's clock a little ahead), and how
+# much longer than ``CA_VALIDITY_DAYS`` from now it may run (``renewed_ca_problem``).
+RENEWED_CA_START_SLACK = dt.timedelta(minutes=5)
+RENEWED_CA_END_SLACK = dt.timedelta(days=1)
+
+
+def _extensions(cert: x509.Certificate) -> list[tuple[str, bool, bytes]]:
+    """``cert``'s extensions as (OID, critical, DER value), sorted: what two certificates
+    must share to be a renewal of one another."""
+    return sorted((ext.oid.dotted_string, ext.critical, _der(ext)) for ext in cert.extensions)
+
+
+def _der(ext: x509.Extension[x509.ExtensionType]) -> bytes:
+    try:
+        return ext.value.public_bytes()
+    except (NotImplementedError, ValueError):  # (a type cryptography cannot encode again)
+        return repr(ext.value).encode()
+
+
+def renewed_ca_problem(
+    offered: x509.Certificate, held: x509.Certificate, pin: str, now: dt.datetime | None = None
+) -> str | None:
+    """Why ``offered`` is not a renewal with the same key (``tlsroll ca renew``) of the CA
+    certificate ``held``, for the key ``pin`` names (None: it is). One check for every side
+    that takes it: the agent (its ``DATA/ca.pem``), the node's bootstrap service (the bundle it
+    hands a workstation) and the leader (``CertificateAuthority.adopt``).
+
+    A renewal is a self-signed CA certificate for the pinned key with ``held``'s subject,
+    signature algorithm and extensions, all of them, byte for byte (``basicConstraints`` with
+    its ``pathLenConstraint``, ``keyUsage``, ``nameConstraints`` if any, the key identifier;
+    none that this library does not know marked critical), that starts no later than
+    ``RENEWED_CA_START_SLACK`` from ``now`` (a trust anchor not yet valid cuts the node off)
+    and ends after ``held`` and no later than ``CA_VALIDITY_DAYS`` (and a day) from ``now``.
+    Only the holder of the CA key can make one; this keeps a leader's bug or a wrong clock
+    from making a trust anchor that is weaker, or that nothing verifies."""
+    now = now or utcnow()
+    if not is_ca(offered):
+        return "it is not a CA certificate"
+    if not pin or spki_pin(offered) != pin:
+        return "its key is not the CA key this node pinned ([leader].ca_pin)"
+    if not issued_by(offered, offered):
+        return "it is not self-signed by the pinned key"
+    if offered.subject != held.subject:
+        return "its subject is not the one of the CA certificate this node holds"
+    if offered.signature_algorithm_oid != held.signature_algorithm_oid:
+        return "its signature algorithm is not the one of the CA certificate this node holds"
+    unknown = [
+        ext.oid.dotted_string
+        for ext in offered.extensions
+        if ext.critical and isinstance(ext.value, x509.UnrecognizedExtension)
+    ]
+    if unknown:
+        return f"it has a critical extension this node does not know ({', '.join(unknown)})"
+    if _extensions(offered) != _extensions(held):
+        return (
+            "its extensions (basic constraints, key usage, name constraints, key identifier) "
+            "are not those of the CA certificate this node holds"
+        )
+    if offered.not_valid_before_utc > now + RENEWED_CA_START_SLACK:
+        return f"it starts in the future ({offered.not_valid_before_utc:%Y-%m-%d %H:%M} UTC)"
+    if offered.not_valid_after_utc <= held.not_valid_after_utc:
+        return "it ends no later than the CA certificate this node holds"
+    if offered.not_valid_after_utc > now + dt.timedelta(days=CA_VALIDITY_DAYS) + (
+        RENEWED_CA_END_SLACK
+    ):
+        return f"it ends more than {CA_VALIDITY_DAYS} days from now"
+    return None
+
+
 def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
@@ -397,33 +466,46 @@ class CertificateAuthority:
     def renewed_cert(self, now: dt.datetime | None = None) -> x509.Certificate:
         """The CA certificate renewed with the same key (docs/ca-renewal.md, "renewal with the
         same key"): its subject (and issuer), key and extensions as they are (the key
-        identifier, ``pathLenConstraint`` 0), a new serial, valid ``CA_VALIDITY_DAYS`` from
-        ``now``. Its pin and trust domain are this one's, and every leaf this CA issued
-        chains to it unchanged (same issuer name, same key)."""
+        identifier, ``pathLenConstraint`` 0), a new serial, valid from this one's start (or
+        ``now`` less ``BACKDATE`` if earlier) to ``CA_VALIDITY_DAYS`` from ``now``. Its pin
+        and trust domain are this one's, and every leaf this CA issued chains to it unchanged
+        (same issuer name, same key)."""
         now = now or utcnow()
+        # It starts when this one did, or an hour ago if that is earlier: never after now,
+        # even by a leader's clock that is ahead (an agent refuses a CA certificate that
+        # starts in the future, and a trust anchor not yet valid verifies nothing).
+        start = min(self.cert.not_valid_before_utc, now - BACKDATE)
+        # It ends later than this one, even renewed again within the same second (X.509
+        # times are whole seconds): an agent takes only a later end.
+        end = max(
+            now + dt.timedelta(days=CA_VALIDITY_DAYS),
+            self.cert.not_valid_after_utc + dt.timedelta(seconds=1),
+        )
         builder = (
             x509.CertificateBuilder()
             .subject_name(self.cert.subject)
             .issuer_name(self.cert.subject)
             .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + dt.timedelta(days=CA_VALIDITY_DAYS))
+            .not_valid_before(start)
+            .not_valid_after(end)
         )
         for extension in self.cert.extensions:
             builder = builder.add_extension(extension.value, critical=extension.critical)
         return builder.sign(self.key, hashes.SHA256())
 
-    def adopt(self, cert: x509.Certificate) -> None:
+    def adopt(self, cert: x509.Certificate, now: dt.datetime | None = None) -> None:
         """Use ``cert`` as this CA's certificate from now on (a renewal of it, as
-        ``renewed_cert`` makes): refused unless it is a self-signed CA certificate for this
-        CA's key and subject, so that its pin and trust domain stay what they were."""
+        ``renewed_cert`` makes): refused unless it is one by the check the agents make
+        (``renewed_ca_problem``: a self-signed CA certificate for this CA's key with its
+        subject and extensions, a later end), so that its pin and trust domain stay what they
+        were and the agents take it."""
         if not is_ca(cert):
             raise PKIError(PKIReason.NOT_CA)
         if not key_matches(cert, self.key):
             raise PKIError(PKIReason.KEY_MISMATCH, "CA")
-        if cert.subject != self.cert.subject or not issued_by(cert, cert):
-            raise PKIError(PKIReason.UNTRUSTED, "the renewed CA certificate")
+        if (why := renewed_ca_problem(cert, self.cert, spki_pin(self.cert), now)) is not None:
+            raise PKIError(PKIReason.UNTRUSTED, f"the renewed CA certificate: {why}")
         self.cert = cert
 
     def issue(

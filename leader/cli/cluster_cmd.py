@@ -155,13 +155,19 @@ def ca_show(leader: Leader, as_json: bool) -> None:
 
 @ca.command("renew")
 @click.option("--yes", is_flag=True, help="Do it without asking.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Renew it even while more than 9 years of it remain (refused without).",
+)
 @pass_leader
-def ca_renew(leader: Leader, yes: bool) -> None:
+def ca_renew(leader: Leader, yes: bool, force: bool) -> None:
     """Renew the CA certificate with the same key: its subject, key and pin kept, a new serial,
     valid 10 years from now. Every certificate it issued stays valid and chains to it; the
     leader uses it at once (no restart). Agents take it with their next certificate renewal;
     then run `tlsroll rollout start --change rotate-cert` (managed servers) and `tlsroll
-    client test-connection` on every workstation. Refused while a rollout has not ended.
+    client test-connection` on every workstation. Refused while a rollout has not ended, and
+    while more than 9 years of it remain (its last year is when to renew it) unless --force.
     Audited. See docs/ca-renewal.md."""
     from leader.cli.draw import residual  # noqa: PLC0415 - lazy, as the command groups are
 
@@ -174,7 +180,7 @@ def ca_renew(leader: Leader, yes: bool) -> None:
             "not renewed",
         )
     with leader.admin() as admin:
-        reply = leader.call(admin.RenewCA, admin_pb2.RenewCARequest())
+        reply = leader.call(admin.RenewCA, admin_pb2.RenewCARequest(force=force))
     out.print(
         f"renewed the CA certificate: expires {fmt_time(reply, 'not_after')} "
         f"({residual(reply.residual_seconds)}), pin {reply.spki_pin} (unchanged)"

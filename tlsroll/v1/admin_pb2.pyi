@@ -1492,12 +1492,19 @@ Global___GetCARequest: _TypeAlias = GetCARequest  # noqa: Y015
 class RenewCARequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    FORCE_FIELD_NUMBER: _builtins.int
+    force: _builtins.bool
+    """Renew it even while more than 9 years of the CA certificate remain (FAILED_PRECONDITION
+    without: a renewal is for the CA's last year).
+    """
     def __init__(
         self,
+        *,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

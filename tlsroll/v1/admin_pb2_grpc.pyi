@@ -62,8 +62,10 @@ class AdminStub:
     key and extensions kept, a new serial, valid 10 years from now; its pin and trust domain
     stay, and every certificate it issued chains to it unchanged. The leader writes it (the
     previous one kept beside it), uses it at once and audits it; agents get it with their next
-    certificate renewal, managed servers and workstations with a rotate-cert rollout.
-    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+    certificate renewal, managed servers with a rotate-cert rollout, workstations at their
+    next test-connection.
+    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate),
+    and while more than 9 years of it remain, unless `force`.
     The CA as GetCA shows it after the renewal.
     """
     CheckExpiration: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]
@@ -151,8 +153,10 @@ class AdminAsyncStub(AdminStub):
     key and extensions kept, a new serial, valid 10 years from now; its pin and trust domain
     stay, and every certificate it issued chains to it unchanged. The leader writes it (the
     previous one kept beside it), uses it at once and audits it; agents get it with their next
-    certificate renewal, managed servers and workstations with a rotate-cert rollout.
-    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+    certificate renewal, managed servers with a rotate-cert rollout, workstations at their
+    next test-connection.
+    FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate),
+    and while more than 9 years of it remain, unless `force`.
     The CA as GetCA shows it after the renewal.
     """
     CheckExpiration: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]  # type: ignore[assignment]
@@ -303,8 +307,10 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         key and extensions kept, a new serial, valid 10 years from now; its pin and trust domain
         stay, and every certificate it issued chains to it unchanged. The leader writes it (the
         previous one kept beside it), uses it at once and audits it; agents get it with their next
-        certificate renewal, managed servers and workstations with a rotate-cert rollout.
-        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate).
+        certificate renewal, managed servers with a rotate-cert rollout, workstations at their
+        next test-connection.
+        FAILED_PRECONDITION while a rollout has not ended (its stages carry the CA certificate),
+        and while more than 9 years of it remain, unless `force`.
         The CA as GetCA shows it after the renewal.
         """
 

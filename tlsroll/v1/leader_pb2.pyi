@@ -98,15 +98,24 @@ class SignWorkstationResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
+    ca_certificate_pem: _builtins.bytes
+    """The CA certificate the leader issued it with (PEM): after `tlsroll ca renew` a renewal of
+    the one the node's managed server has staged (same key, a later end), which the node's
+    bootstrap service adds to the CA bundle it hands the workstation if its own check of a
+    renewal takes it (the key the agent pinned, self-signed, the same extensions), so that the
+    workstation trusts the cluster past the old certificate's end. Empty from an older leader.
+    """
     def __init__(
         self,
         *,
         certificate_pem: _builtins.bytes = ...,
+        ca_certificate_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
