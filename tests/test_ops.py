@@ -543,7 +543,9 @@ def test_a_join_again_keeps_the_data_dir_unless_the_join_command_names_one(
     assert ran.stdout == (
         "join: kept [server] (driver systemd), [agent] bootstrap_port, data_dir, log_level of "
         f"the agent.toml that was there; [agent] data_dir stays {data} (the join command named "
-        f"none: --agent-data-dir); all of it is in {kept}\n"
+        f"none: --agent-data-dir); the agent's unit lets it write /var/lib/tlsroll-agent only: "
+        f"add ReadWritePaths={data} with `systemctl edit tlsroll-agent` if it has none; all of it "
+        f"is in {kept}\n"
     ), ran.stdout
     loaded = AgentConfig.load(config)
     assert loaded.data_dir == data and loaded.bootstrap_port == 9543
@@ -556,6 +558,17 @@ def test_a_join_again_keeps_the_data_dir_unless_the_join_command_names_one(
     assert ran.returncode == 0, ran.stderr
     assert f"; [agent] data_dir is now {other} (it was {data}: --agent-data-dir)" in ran.stdout
     assert AgentConfig.load(config).data_dir == other
+
+    # A relative data_dir (which the agent refuses, exit 2) is not kept: the default, said
+    # (review s48rev4 L4).
+    config.write_text(OLD_AGENT_TOML.format(pin="0" * 64, data="relative/data"))
+    ran = run_join(join_script_for(cluster, "node7", etc, None), path)
+    assert ran.returncode == 0, ran.stderr
+    assert (
+        "; [agent] data_dir is now /var/lib/tlsroll-agent (it was relative/data, not an "
+        "absolute path); all of it is in"
+    ) in ran.stdout, ran.stdout
+    assert AgentConfig.load(config).data_dir == Path("/var/lib/tlsroll-agent")
 
     # A node with no agent.toml yet: the default.
     fresh = tmp_path / "fresh-etc"

@@ -33,7 +33,11 @@ JOINED = ("node", "leader")
 JOINED_AGENT_KEYS = ("data_dir",)
 """The ``[agent]`` keys the join sets; the old table's other keys are kept."""
 KEEP_DATA_DIR = "--keep-data-dir"
-"""The merge's third argument when the join command named no data dir: the old one stays."""
+"""The merge's third argument when the join command named no data dir: the old one stays (an
+absolute path only: the agent refuses a relative one, review s48rev4 L4)."""
+UNIT_DATA_DIR = "/var/lib/tlsroll-agent"
+"""The data dir the agent's unit lets it write (``StateDirectory=``; tlsroll.defaults'
+AGENT_DATA_DIR: this file imports nothing of tlsroll); another needs a drop-in."""
 VIA_LINK = "--via-link"
 """``--via-link LINK TARGET``: the agent.toml there is a symbolic link: one to a file that does
 not read as TOML is refused (another file of the system's named by mistake was replaced,
@@ -84,7 +88,8 @@ def _table(name: str, table: Mapping[str, object]) -> str:
 def joined_agent_keys(old_agent: Mapping[str, object], keep_data_dir: bool) -> tuple[str, ...]:
     """The ``[agent]`` keys the join's config sets over the old one's: ``data_dir`` not when
     the join command named none and the old config has one."""
-    if keep_data_dir and "data_dir" in old_agent:
+    kept = old_agent.get("data_dir")
+    if keep_data_dir and isinstance(kept, str) and kept.startswith("/"):
         return tuple(k for k in JOINED_AGENT_KEYS if k != "data_dir")
     return JOINED_AGENT_KEYS
 
@@ -159,6 +164,13 @@ def what_was_kept(
     was, now = agent.get("data_dir"), new.get("agent", {}).get("data_dir")
     if "data_dir" not in joined_keys and was != now:
         said += f"; [agent] data_dir stays {was} (the join command named none: --agent-data-dir)"
+        if isinstance(was, str) and was.rstrip("/") != UNIT_DATA_DIR:
+            said += (
+                f"; the agent's unit lets it write {UNIT_DATA_DIR} only: add "
+                f"ReadWritePaths={was} with `systemctl edit tlsroll-agent` if it has none"
+            )
+    elif was is not None and was != now and keep_data_dir:
+        said += f"; [agent] data_dir is now {now} (it was {was}, not an absolute path)"
     elif was is not None and was != now:
         said += f"; [agent] data_dir is now {now} (it was {was}: --agent-data-dir)"
     return f"{said}; all of it is in {kept_copy}"
