@@ -48,6 +48,7 @@ from leader.viewer.grants import Grants, LoginRefused
 from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
 from leader.viewer.snapshot import CertStatus, Reader, Snapshot
 from leader.wire import CHANGE, NODE_STATE
+from tests import leader_rig
 from tests.conftest import none_fresh
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
@@ -291,6 +292,8 @@ def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: S
     run_rollout(schema, "r1", Change.ENABLE_TLS)
     run_rollout(schema, "r2", Change.ENABLE_TLS, fail="a")
     ca = pki.CertificateAuthority.create(now=NOW)
+    for n, name in enumerate("ab", start=2):  # (enrolled: only their served ones are listed)
+        leader_rig._enrol(store, ca, name, f"10.0.0.{n}", NOW)
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [("ca", ca.cert)], fresh=none_fresh)
     snap = reader.read()
     assert snap.selected is not None and snap.selected["id"] == "r2"
