@@ -1711,6 +1711,10 @@ class Store(LeaderStore):
                     far = now + dt.timedelta(days=3650)
                     _record_cert(db, serial, "other", "", "", "", now, far)
                 serials = [] if known is not None and known["revoked_at"] else [serial]
+                # A node's agent certificate on record: the one before it, which the leader
+                # still accepts right after a renewal, goes with it (else it renewed the
+                # node back into a fresh, unrevoked certificate: review s48 lost machine).
+                serials += _accepted_before(db, serials)
             else:
                 raise Malformed(
                     f"{shown(name_or_serial)} is neither a workstation name (ws-…) nor a serial"
@@ -2154,11 +2158,11 @@ def check_caller_in(
         raise Superseded(rpc.not_enrolled(name))
     if fingerprint not in {row["cert_fingerprint"], row["prev_cert_fingerprint"]} - {""}:
         raise Superseded(f"certificate is not the one on record for node {name!r}")
-    revoked = db.execute(
-        "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
-        (serial.lstrip("0") or "0",),
-    ).fetchone()
-    if revoked is not None:
+    if _revoked(db, serial.lstrip("0") or "0"):
+        raise Superseded(rpc.revoked_node(name))
+    # The one before a revoked certificate on record (a store written before ``Store.revoke``
+    # revoked both): the node is cut off, so the one before may not renew it back either.
+    if fingerprint != row["cert_fingerprint"] and _revoked(db, row["cert_serial"]):
         raise Superseded(rpc.revoked_node(name))
     return row
 
@@ -2389,6 +2393,23 @@ def _agent_serials(db: sqlite3.Connection, row: sqlite3.Row) -> list[str]:
             )
         ]
     return [s for s in dict.fromkeys(serials) if not _revoked(db, s)]
+
+
+def _accepted_before(db: sqlite3.Connection, serials: Sequence[str]) -> list[str]:
+    """Of the nodes whose agent's certificate on record is among ``serials`` (being revoked),
+    the certificate the leader still accepts from before its renewal (``_agent_serials``), not
+    revoked: revoking the one on record must cut the agent off, and the one before could
+    renew it back into a fresh certificate (until the agent has used the new one, or for good
+    on a machine that never got the renewal's answer: a stolen one kept off)."""
+    found: list[str] = []
+    for serial in serials:
+        for row in db.execute(
+            "SELECT * FROM nodes WHERE cert_serial = ? AND removed_at IS NULL"
+            " AND prev_cert_fingerprint != ''",
+            (serial,),
+        ).fetchall():
+            found += [s for s in _agent_serials(db, row) if s not in serials and s not in found]
+    return found
 
 
 def _record_node_cert(

@@ -532,10 +532,57 @@ def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left
         key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
     )  # fmt: skip
     assert store.agent_serials("b") == [renewed.serial, first.serial]
-    store.revoke(renewed.serial, reason="stolen", now=t0, actor="admin")
-    assert store.agent_serials("b") == [first.serial]
-    store.revoke(first.serial, reason="stolen", now=t0, actor="admin")
+    # Revoking the one before alone leaves the one on record (the machine may hold it).
+    assert store.revoke(first.serial, reason="old", now=t0, actor="admin") == [first.serial]
+    assert store.agent_serials("b") == [renewed.serial]
+
+
+def test_revoking_the_agent_certificate_on_record_revokes_the_one_before_it_too(
+    tmp_path: Path,
+) -> None:
+    """Review s48 (a machine lost while phase 1 awaits finalize), item 2: `ca revoke` of the
+    serial on record right after a renewal left the one before it (still accepted until the
+    agent uses the new one) able to renew the node back into a fresh certificate. Now both
+    are revoked at once; and in a store written before (the one before left unrevoked), the
+    one before of a node whose certificate on record is revoked renews nothing either."""
+    from leader.store import NodeCert, Store, Superseded
+
+    t0 = dt.datetime(2026, 11, 1, tzinfo=UTC)
+    serials = itertools.count(0x100)
+
+    def cert(pin: str) -> NodeCert:
+        n = next(serials)
+        return NodeCert(pin, f"sha256:fp{n:x}", f"{n:x}", t0 + dt.timedelta(days=30))
+
+    store = Store(tmp_path / "leader.sqlite3")
+    store.add_token(
+        "t1", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=t0,
+        actor="admin", node_name="b", addresses=("10.1.1.2",),
+    )  # fmt: skip
+    first = store.enrol(
+        token_id="t1", secret="s" * 26, name="b", addresses=("10.1.1.2",), dns_names=(),
+        agent_version="t", agent_port=9442, key_pin="sha256:A", issue=lambda: cert("sha256:A"),
+        now=t0,
+    )  # fmt: skip
+    row = store.get_node("b")
+    renewed = store.renew_node_certificate(
+        "b", presented=row.cert_fingerprint, presented_serial=row.cert_serial,
+        key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
+    )  # fmt: skip
+    revoked = store.revoke(renewed.serial, reason="stolen", now=t0, actor="admin")
+    assert revoked == [renewed.serial, first.serial]
     assert store.agent_serials("b") == [] == store.agent_serials("nobody")
+    assert store.is_revoked(first.serial) and store.get_node("b").cert_revoked
+
+    # A store of the release before: the one on record revoked, the one before not.
+    with store._db.tx() as db:
+        db.execute("UPDATE certificates SET revoked_at = NULL WHERE serial = ?", (first.serial,))
+    with pytest.raises(Superseded, match="revoked"):
+        store.renew_node_certificate(
+            "b", presented=first.fingerprint, presented_serial=first.serial,
+            key_pin="sha256:C", issue=lambda: cert("sha256:C"), now=t0 + dt.timedelta(days=11),
+        )  # fmt: skip
+    assert store.get_node("b").cert_serial == renewed.serial
 
 
 def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it() -> None:
