@@ -103,46 +103,43 @@ def in_rollout_text(
     (review s47rev1 L5): ``tlsroll ca revoke`` of its agent's certificates cuts it off at once,
     the rollout held or not (``serials``: those the leader accepts from the node's agent, not
     revoked (``Store.agent_serials``); None: not known here, so the text says where to find
-    them); ``nodes remove`` once the rollout has ended."""
-    if state == RolloutState.AWAITING_FINALIZE.value:
-        first = (
-            f"its nodes serve http and https: close http with `tlsroll rollout finalize "
-            f"{rollout_id}`, or go back to http with `tlsroll rollout rollback {rollout_id}`, "
-            "first"
-        )
-    else:
-        first = "let it end (or `tlsroll rollout abort`) first"
-    if serials is None:
-        cut = (
-            "cut it off now with `tlsroll ca revoke SERIAL`, its agent's certificate's serial "
-            f"(the agent row of {name} in `tlsroll certs check-expiration`): the leader refuses "
-            "its agent from then on"
-        )
-    elif serials:
-        cut = "cut it off now with " + " and ".join(
-            f"`tlsroll ca revoke {serial}`" for serial in serials
-        )
-        cut += (
-            f" (its agent's certificate{'s' if len(serials) > 1 else ''}, as `tlsroll certs "
-            "check-expiration` lists it): the leader refuses its agent from then on"
-        )
-    else:
-        cut = "its agent's certificate is revoked already: the leader refuses its agent"
-    then = "`tlsroll nodes remove` it (its served certificate is revoked then) once the rollout"
+    them); then a finalize leaves it out (``rollout_core.LEFT_OUT``); ``nodes remove`` once the
+    rollout has ended, which revokes its served certificate (revoking the agent's leaves that
+    one valid: the agent's is what calls the leader)."""
     waiting = state == RolloutState.AWAITING_FINALIZE.value
     if waiting:
-        then += (
-            " has ended (finalize refuses a node that is offline; `tlsroll rollout rollback "
-            f"{rollout_id}` goes back without it, leaving it as it is)"
+        first = (
+            f": `tlsroll rollout finalize {rollout_id}` (close http) or `tlsroll rollout "
+            f"rollback {rollout_id}` first"
         )
     else:
-        then += " has ended"
+        first = "; let it end (or `tlsroll rollout abort`) first"
+    if serials is None:
+        cut = (
+            "cut its agent off now with `tlsroll ca revoke SERIAL`, its agent's serial (its "
+            "agent row in `tlsroll certs check-expiration`)"
+        )
+    elif serials:
+        cut = "cut its agent off now with " + " and ".join(
+            f"`tlsroll ca revoke {serial}`" for serial in serials
+        )
+        cut += " (as `tlsroll certs check-expiration` lists it)"
+    else:
+        cut = "its agent's certificate is revoked already: its agent is cut off"
+    # Measured against the CLI's one line (``tlsroll.echo.LINE_LIMIT``, 1000 characters):
+    # with two serials, a long rollout id and two addresses it stays well within.
+    then = (
+        "; finalize then leaves it out (it stays on http and https), rollback goes back without it"
+        if waiting
+        else ""
+    )
     return (
-        f"node {name!r} is in rollout {rollout_id}, which is {state}; {first}. If its agent's "
+        f"node {name!r} is in rollout {rollout_id}, which is {state}{first}. If its agent's "
         f"certificate has ended, it needs no removal: `{token_command(name, addresses, dns_names)}`"
-        ", the token to its agent (its join_token_file), then restart the agent there "
-        "(systemctl restart tlsroll-agent): it enrols its own key again. If the machine is lost "
-        f"or stolen, {cut}, while the rollout {'waits' if waiting else 'goes on'}; {then}"
+        ", the token to its agent (its join_token_file), then systemctl restart tlsroll-agent "
+        f"there: it enrols its own key again. If the machine is lost or stolen, {cut}, while "
+        f"the rollout {'waits' if waiting else 'goes on'}{then}; once the rollout has ended, "
+        "`tlsroll nodes remove` it, which revokes its server's certificate (8443) too"
     )
 
 
