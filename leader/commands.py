@@ -42,6 +42,8 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
     left_as_is,
+    left_out,
+    left_out_reason,
 )
 from leader.schema_store import (
     AlreadyRetried,
@@ -456,6 +458,12 @@ class Commands:
         # an agent just upgraded has said so by then).
         listed = await asyncio.to_thread(self.store.list_nodes)
         agents = {n.name: (n.agent_version, n.agent_features) for n in listed}
+        # A finalize leaves out a node whose agent is cut off (``rollout_core.LEFT_OUT``).
+        out = (
+            {n.name: left_out_reason(n.name) for n in listed if n.cert_revoked}
+            if request.change is Change.FINALIZE
+            else None
+        )
         try:
             rollout, records = planner.plan_rollout(
                 rollout_id=rollout_id or new_rollout_id(self.clock()),
@@ -474,11 +482,16 @@ class Commands:
                 agents=agents,
                 own_certificates=request.own_certs is not None,
                 finalizes=request.finalizes,
+                left_out=out,
             )
         except planner.NothingToDo:
             if undone is not None:
                 raise undone from None
             raise
+        except planner.NodesOffline as offline:
+            if request.change is not Change.FINALIZE:
+                raise
+            raise await self._offline_refusal(offline.names) from None
         certificates: tuple[byo.Accepted, ...] = ()
         if request.own_certs is not None:
             certificates = await self._check_own_certs(request, records, seen or {})
@@ -631,6 +644,7 @@ class Commands:
         await asyncio.to_thread(self._refuse_if_retried, old.id)
         finished = (NodeState.DONE, NodeState.DUAL)
         left = tuple(r.name for r in row.records if r.state not in finished)
+        cut = await self._cut_off(left) if old.change is Change.FINALIZE else frozenset()
         # A transitional phase 1 carries the nodes it left dual (those that still are, as
         # their agents report) into the retry, whose finalize then covers them.
         dual_from = ""
@@ -647,7 +661,9 @@ class Commands:
         if old.change is Change.FINALIZE and not row.meta.when_quiet:
             # As finalize would: a retry cannot tell whether the original was --force.
             try:
-                await self._refuse_while_on_http(row.meta.finalizes, left)
+                await self._refuse_while_on_http(
+                    row.meta.finalizes, [n for n in left if n not in cut]
+                )
             except StillOnHttp as refused:
                 refused.args = (
                     f"{refused}. A retry does not know whether rollout {old.id} was forced;"
@@ -682,13 +698,22 @@ class Commands:
         """Phase 2 of the transitional rollout awaiting finalize (named, else the one
         awaiting): a linked finalize rollout over the nodes phase 1 left dual. Refused
         (``StillOnHttp``) while workstations were seen on http there lately, unless ``force``;
-        with ``when_quiet`` the engine starts each node once it has been quiet that long."""
+        with ``when_quiet`` the engine starts each node once it has been quiet that long.
+
+        A node whose agent is cut off (its certificate on record revoked: a machine lost or
+        stolen) is left out (``rollout_core.LEFT_OUT``): no rollout can step it until it is
+        removed, which its rollout's hold refuses. Any other node offline refuses the finalize,
+        however forced (``NodesOffline`` from the plan, with the way to cut a lost machine off:
+        ``_offline_refusal``; a plain finalize first finds its client report stale): a node is
+        never left half-way by a guess."""
         row = await asyncio.to_thread(self._awaiting, rollout_id)
         names = planner.finalize_scope(row.rollout, row.records)
         if not names:
             raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")
-        if not force and not when_quiet:
-            await self._refuse_while_on_http(row.rollout.id, names)
+        cut = await self._cut_off(names)
+        keep = [n for n in names if n not in cut]
+        if keep and not force and not when_quiet:
+            await self._refuse_while_on_http(row.rollout.id, keep)
         old = row.rollout
         request = RolloutRequest(
             change=Change.FINALIZE,
@@ -707,9 +732,27 @@ class Commands:
             finalizes=old.id,
             forced=force,
             when_quiet=when_quiet or None,
+            left_out=[r.name for r in started.records if left_out(r.reason)] or None,
             actor=actor,
         )
         return started
+
+    async def _cut_off(self, names: Sequence[str]) -> frozenset[str]:
+        """Of ``names``, the nodes whose agent is cut off: its certificate on record revoked
+        (``Node.cert_revoked``; the one before it goes with it: ``Store.revoke``). The leader
+        refuses that agent, and its key cannot enrol again, until the node is removed."""
+        wanted = frozenset(names)
+        nodes = await asyncio.to_thread(self.store.list_nodes)
+        return frozenset(n.name for n in nodes if n.name in wanted and n.cert_revoked)
+
+    async def _offline_refusal(self, names: Sequence[str]) -> planner.NodesOffline:
+        """A finalize's refusal of the offline nodes ``names``, naming for each (up to
+        ``planner.MAX_NAMED``) the `tlsroll ca revoke` that would cut it off if it is lost."""
+        serials = {
+            n: await asyncio.to_thread(self.store.agent_serials, n)
+            for n in names[: planner.MAX_NAMED]
+        }
+        return planner.NodesOffline(names, Change.FINALIZE, serials)
 
     async def _refuse_while_on_http(self, rollout_id: str, names: Sequence[str]) -> None:
         """``StillOnHttp`` if workstations were seen on http on ``names`` lately, or if who is

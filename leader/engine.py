@@ -82,8 +82,10 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Step,
+    finalized_note,
     halt_way_out,
     left_as_is,
+    left_out,
     taken_back_note,
 )
 from leader.schema_store import (
@@ -402,6 +404,9 @@ class Engine:
                     if r.name in dual and r.state is NodeState.SKIPPED and left_as_is(r.reason)
                 }
                 reason = taken_back_note(follower.rollout.id, left)
+            elif out := [r.name for r in follower.records if left_out(r.reason)]:
+                # Finalized without the nodes whose agents are cut off: they stay dual.
+                reason = finalized_note(follower.rollout.id, out)
             try:
                 await dbthread.run(
                     self.schema.save_states,

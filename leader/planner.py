@@ -168,9 +168,43 @@ def _some(items: Sequence[str], noun: str = "") -> str:
 
 
 class NodesOffline(PlanError):
-    def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(f"offline: {_some(names)} (bring the agent up or leave it out)")
+    """Nodes in scope whose agents are offline: a rollout never leaves one half-way. A start
+    may leave it out of its scope (--nodes). A finalize has no scope of its own: it leaves out
+    only a node whose agent is cut off (``rollout_core.LEFT_OUT``), so its refusal gives the
+    way to that for a machine lost or stolen: ``tlsroll ca revoke`` of its agent's
+    certificates (``serials``: each node's, ``Store.agent_serials``; None: not known here)."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        change: Change | None = None,
+        serials: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        if change is Change.FINALIZE:
+            how = (
+                f"bring the agent up, or if the machine is lost or stolen: "
+                f"{_revoke_commands(names, serials)}, then finalize leaves it out (it stays on "
+                f"http and https; `tlsroll nodes remove {names[0] if len(names) == 1 else 'NAME'}`"
+                " once the rollout has ended revokes its server's certificate)"
+            )
+        else:
+            how = "bring the agent up, or leave it out: --nodes"
+        super().__init__(f"offline: {_some(names)} ({how})")
         self.names = tuple(names)
+
+
+def _revoke_commands(names: Sequence[str], serials: Mapping[str, Sequence[str]] | None) -> str:
+    """The `tlsroll ca revoke` that cut the agents of ``names`` off (``NodesOffline``)."""
+    if serials is None or len(names) > MAX_NAMED or not all(serials.get(n) for n in names):
+        return (
+            "`tlsroll ca revoke SERIAL` with its agent's serial (`tlsroll certs check-expiration`)"
+        )
+    one = len(names) == 1
+    said = [
+        " and ".join(f"`tlsroll ca revoke {s}`" for s in serials[n]) + ("" if one else f" ({n})")
+        for n in names
+    ]
+    return _some(said)
 
 
 class NeedsAdmin(PlanError):
@@ -409,6 +443,7 @@ def plan_rollout(
     agents: Mapping[str, tuple[str, Collection[str]]] | None = None,
     own_certificates: bool = False,
     finalizes: str = "",
+    left_out: Mapping[str, str] | None = None,
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -436,6 +471,10 @@ def plan_rollout(
     ``target_digest`` (``still_dual``) starts ``dual``, as phase 1 left it, not ``skipped``:
     the retry's finalize must close http there too, or the node would serve http for good
     (the halted rollout is never finalized, and a new one would skip the node).
+
+    ``left_out`` (a finalize): nodes of the scope whose agents are cut off, with their reasons
+    (``rollout_core.left_out_reason``): ``skipped`` with it, neither asked nor in the way, and
+    the rollout may leave out every node it has (it then completes at once, ending phase 1).
     """
     if scope.kind is ScopeKind.LOCAL:
         names: Sequence[str] = (leader,)
@@ -448,7 +487,8 @@ def plan_rollout(
         raise UnknownNodes(unknown)
     if not names:
         raise EmptyScope()
-    offline = sorted(name for name in names if not enrolled[name])
+    out = {n: why for n, why in (left_out or {}).items() if n in names}
+    offline = sorted(name for name in names if not enrolled[name] and name not in out)
     # The way back is the emergency path: a node whose agent is off, or cannot say what it
     # runs, is left as is (named, with what to do), not in the way of the others (review
     # s45rt1 H1: one switched-off machine refused `rollout rollback` for every node).
@@ -456,11 +496,11 @@ def plan_rollout(
     if offline and change is Change.DISABLE_TLS:
         left = {name: LEFT_OFFLINE for name in offline}
     elif offline:
-        raise NodesOffline(offline)
+        raise NodesOffline(offline, change)
     done: dict[str, str] = {}
     dual: dict[str, str] = {}
     if observed is not None:
-        asked = [n for n in names if n not in left]
+        asked = [n for n in names if n not in left and n not in out]
         admin = {n: observed[n].needs_admin for n in asked if observed[n].needs_admin}
         unreachable = {
             n: observed[n].error
@@ -509,6 +549,8 @@ def plan_rollout(
     )
 
     def record(name: str) -> NodeRecord:
+        if name in out:
+            return NodeRecord(name, NodeState.SKIPPED, out[name])
         if name in left:
             return NodeRecord(name, NodeState.SKIPPED, left[name])
         if name in done:

@@ -372,6 +372,44 @@ def taken_back_note(follower_id: str, left: Mapping[str, str]) -> str:
     return "; ".join([note, *(f"{n} {LEFT_DUAL}: {left_way_on(left[n])}" for n in sorted(left))])
 
 
+LEFT_OUT = "left out"
+"""How the reason of a node a finalize left out begins (``left_out_reason``): phase 1 made it
+dual and its agent is cut off (its certificate on record revoked: ``tlsroll ca revoke``, a
+machine lost or stolen), so no rollout can ever step it again until it is removed; the others
+close http, it stays as it is (review s48: a lost machine held phase 1 for good, and the only
+way on took every PC back to http). A node merely offline is never left out: finalize refuses
+it (``planner.NodesOffline``), as the seed never leaves a node half-way silently."""
+
+
+def left_out_reason(name: str) -> str:
+    """The reason of node ``name``, left out of a finalize as its agent is cut off."""
+    return (
+        f"{LEFT_OUT}: its agent is cut off (its certificate revoked: a machine lost or stolen); "
+        f"it stays on http and https, its server's certificate valid until `tlsroll nodes "
+        f"remove {name}` (once the rollout has ended) revokes it"
+    )
+
+
+def left_out(reason: str) -> bool:
+    """Whether a skipped node's ``reason`` says a finalize left it out (``left_out_reason``)."""
+    return reason.startswith(f"{LEFT_OUT}: ")
+
+
+def finalized_note(follower_id: str, left: Iterable[str]) -> str:
+    """The note of a phase 1 its finalize ``follower_id`` finalized; ``left``: the nodes that
+    finalize left out (still dual, their agents cut off)."""
+    note = f"{RolloutEvent.FINALIZED.value} by rollout {follower_id}"
+    return "; ".join(
+        [
+            note,
+            *(
+                f"{n} {LEFT_DUAL}: left out, its agent cut off (revoked); tlsroll nodes remove {n}"
+                for n in sorted(left)
+            ),
+        ]
+    )
+
+
 def halt_way_out(rollout: Rollout, failed: Iterable[str]) -> str:
     """The end of a halted rollout's note: ``way_out``, and for the way back (disable-tls), what
     to do with a node that failed it, which would fail a retry again (review s45rev9 M2)."""

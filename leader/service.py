@@ -1387,6 +1387,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # fresh one, nor go on calling: the node has to enrol again.
         if self.state.store.is_revoked(caller.serial):
             raise unauthenticated(rpc.revoked_node(name))
+        # The one before a revoked certificate on record: the node is cut off (``check_caller_in``).
+        if caller.fingerprint != node.cert_fingerprint and node.cert_revoked:
+            raise unauthenticated(rpc.revoked_node(name))
 
     async def _caller_cert(self, context: Ctx) -> Caller:
         """The enrolled node calling, and its certificate (``_identify``, ``_check_on_record``)."""

@@ -109,46 +109,43 @@ def in_rollout_text(
     (review s47rev1 L5): ``tlsroll ca revoke`` of its agent's certificates cuts it off at once,
     the rollout held or not (``serials``: those the leader accepts from the node's agent, not
     revoked (``Store.agent_serials``); None: not known here, so the text says where to find
-    them); ``nodes remove`` once the rollout has ended."""
-    if state == RolloutState.AWAITING_FINALIZE.value:
-        first = (
-            f"its nodes serve http and https: close http with `tlsroll rollout finalize "
-            f"{rollout_id}`, or go back to http with `tlsroll rollout rollback {rollout_id}`, "
-            "first"
-        )
-    else:
-        first = "let it end (or `tlsroll rollout abort`) first"
-    if serials is None:
-        cut = (
-            "cut it off now with `tlsroll ca revoke SERIAL`, its agent's certificate's serial "
-            f"(the agent row of {name} in `tlsroll certs check-expiration`): the leader refuses "
-            "its agent from then on"
-        )
-    elif serials:
-        cut = "cut it off now with " + " and ".join(
-            f"`tlsroll ca revoke {serial}`" for serial in serials
-        )
-        cut += (
-            f" (its agent's certificate{'s' if len(serials) > 1 else ''}, as `tlsroll certs "
-            "check-expiration` lists it): the leader refuses its agent from then on"
-        )
-    else:
-        cut = "its agent's certificate is revoked already: the leader refuses its agent"
-    then = "`tlsroll nodes remove` it (its served certificate is revoked then) once the rollout"
+    them); then a finalize leaves it out (``rollout_core.LEFT_OUT``); ``nodes remove`` once the
+    rollout has ended, which revokes its served certificate (revoking the agent's leaves that
+    one valid: the agent's is what calls the leader)."""
     waiting = state == RolloutState.AWAITING_FINALIZE.value
     if waiting:
-        then += (
-            " has ended (finalize refuses a node that is offline; `tlsroll rollout rollback "
-            f"{rollout_id}` goes back without it, leaving it as it is)"
+        first = (
+            f": `tlsroll rollout finalize {rollout_id}` (close http) or `tlsroll rollout "
+            f"rollback {rollout_id}` first"
         )
     else:
-        then += " has ended"
+        first = "; let it end (or `tlsroll rollout abort`) first"
+    if serials is None:
+        cut = (
+            "cut its agent off now with `tlsroll ca revoke SERIAL`, its agent's serial (its "
+            "agent row in `tlsroll certs check-expiration`)"
+        )
+    elif serials:
+        cut = "cut its agent off now with " + " and ".join(
+            f"`tlsroll ca revoke {serial}`" for serial in serials
+        )
+        cut += " (as `tlsroll certs check-expiration` lists it)"
+    else:
+        cut = "its agent's certificate is revoked already: its agent is cut off"
+    # Measured against the CLI's one line (``tlsroll.echo.LINE_LIMIT``, 1000 characters):
+    # with two serials, a long rollout id and two addresses it stays well within.
+    then = (
+        "; finalize then leaves it out (it stays on http and https), rollback goes back without it"
+        if waiting
+        else ""
+    )
     return (
-        f"node {name!r} is in rollout {rollout_id}, which is {state}; {first}. If its agent's "
+        f"node {name!r} is in rollout {rollout_id}, which is {state}{first}. If its agent's "
         f"certificate has ended, it needs no removal: `{token_command(name, addresses, dns_names)}`"
-        ", the token to its agent (its join_token_file), then restart the agent there "
-        "(systemctl restart tlsroll-agent): it enrols its own key again. If the machine is lost "
-        f"or stolen, {cut}, while the rollout {'waits' if waiting else 'goes on'}; {then}"
+        ", the token to its agent (its join_token_file), then systemctl restart tlsroll-agent "
+        f"there: it enrols its own key again. If the machine is lost or stolen, {cut}, while "
+        f"the rollout {'waits' if waiting else 'goes on'}{then}; once the rollout has ended, "
+        "`tlsroll nodes remove` it, which revokes its server's certificate (8443) too"
     )
 
 
@@ -1751,6 +1748,10 @@ class Store(LeaderStore):
                     far = now + dt.timedelta(days=3650)
                     _record_cert(db, serial, "other", "", "", "", now, far)
                 serials = [] if known is not None and known["revoked_at"] else [serial]
+                # A node's agent certificate on record: the one before it, which the leader
+                # still accepts right after a renewal, goes with it (else it renewed the
+                # node back into a fresh, unrevoked certificate: review s48 lost machine).
+                serials += _accepted_before(db, serials)
             else:
                 raise Malformed(
                     f"{shown(name_or_serial)} is neither a workstation name (ws-…) nor a serial"
@@ -2241,11 +2242,11 @@ def check_caller_in(
         raise Superseded(rpc.not_enrolled(name))
     if fingerprint not in {row["cert_fingerprint"], row["prev_cert_fingerprint"]} - {""}:
         raise Superseded(f"certificate is not the one on record for node {name!r}")
-    revoked = db.execute(
-        "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
-        (serial.lstrip("0") or "0",),
-    ).fetchone()
-    if revoked is not None:
+    if _revoked(db, serial.lstrip("0") or "0"):
+        raise Superseded(rpc.revoked_node(name))
+    # The one before a revoked certificate on record (a store written before ``Store.revoke``
+    # revoked both): the node is cut off, so the one before may not renew it back either.
+    if fingerprint != row["cert_fingerprint"] and _revoked(db, row["cert_serial"]):
         raise Superseded(rpc.revoked_node(name))
     return row
 
@@ -2476,6 +2477,23 @@ def _agent_serials(db: sqlite3.Connection, row: sqlite3.Row) -> list[str]:
             )
         ]
     return [s for s in dict.fromkeys(serials) if not _revoked(db, s)]
+
+
+def _accepted_before(db: sqlite3.Connection, serials: Sequence[str]) -> list[str]:
+    """Of the nodes whose agent's certificate on record is among ``serials`` (being revoked),
+    the certificate the leader still accepts from before its renewal (``_agent_serials``), not
+    revoked: revoking the one on record must cut the agent off, and the one before could
+    renew it back into a fresh certificate (until the agent has used the new one, or for good
+    on a machine that never got the renewal's answer: a stolen one kept off)."""
+    found: list[str] = []
+    for serial in serials:
+        for row in db.execute(
+            "SELECT * FROM nodes WHERE cert_serial = ? AND removed_at IS NULL"
+            " AND prev_cert_fingerprint != ''",
+            (serial,),
+        ).fetchall():
+            found += [s for s in _agent_serials(db, row) if s not in serials and s not in found]
+    return found
 
 
 def _record_node_cert(

@@ -589,6 +589,45 @@ def test_offline_nodes_in_scope_are_named() -> None:
     assert plan(Scope.of_nodes(["node1"])) == ("node1",)  # node3 is not in this scope
 
 
+def test_a_finalize_leaves_out_only_the_nodes_whose_agents_are_cut_off() -> None:
+    """Review s48 (a machine lost while phase 1 awaits finalize): a finalize leaves out the
+    nodes it is given as cut off (``left_out``: skipped, with the reason, never asked); any
+    other node offline refuses it, naming the way to cut a lost machine off. Left out every
+    node, it completes at once (phase 1 then ends)."""
+    from leader.rollout_core import LEFT_OUT, left_out_reason
+
+    def finalize(
+        left: dict[str, str], online: dict[str, bool]
+    ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+        return plan_rollout(
+            rollout_id="f1", change=Change.FINALIZE, scope=Scope.of_nodes(["a", "b"]),
+            enrolled=online, leader="a", epoch=2, left_out=left,
+        )  # fmt: skip
+
+    with pytest.raises(NodesOffline) as held:
+        finalize({}, {"a": True, "b": False})
+    said = str(held.value)
+    assert said.startswith("offline: b (bring the agent up, or if the machine is lost or stolen:")
+    assert "then finalize leaves it out" in said and "`tlsroll nodes remove b`" in said
+    assert "`tlsroll ca revoke SERIAL`" in said  # (serials not known here)
+    named = NodesOffline(["b"], Change.FINALIZE, {"b": ["1a", "2b"]})
+    assert "`tlsroll ca revoke 1a` and `tlsroll ca revoke 2b`, then finalize" in str(named)
+    # another change's refusal: leave it out of the scope
+    assert str(NodesOffline(["b"])) == "offline: b (bring the agent up, or leave it out: --nodes)"
+
+    rollout, records = finalize({"b": left_out_reason("b")}, {"a": True, "b": False})
+    by = {r.name: r for r in records}
+    assert by["a"].state is NodeState.PENDING
+    assert by["b"].state is NodeState.SKIPPED and by["b"].reason.startswith(f"{LEFT_OUT}: ")
+    assert "`tlsroll nodes remove b`" in by["b"].reason
+
+    every = {n: left_out_reason(n) for n in ("a", "b")}
+    rollout, records = finalize(every, {"a": False, "b": False})
+    assert all(r.state is NodeState.SKIPPED for r in records)
+    started = rollout.with_event(RolloutEvent.START)
+    assert next_actions(started, records).rollout_events == (RolloutEvent.NODES_SETTLED,)
+
+
 def test_an_empty_cluster_cannot_be_planned() -> None:
     with pytest.raises(EmptyScope):
         plan(Scope.cluster(), {})

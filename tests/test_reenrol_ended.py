@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import time
 import types
 from collections.abc import Callable
@@ -372,15 +373,17 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
 
 
 @pytest.mark.timeout(600)
-def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_by_the_serial_the_refusal_gives(
+def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_and_finalize_leaves_it_out(
     tmp_path: Path,
 ) -> None:
-    """Review s47rev1 L5: a machine lost or stolen while a transitional phase 1 waits. `nodes
-    remove` stays refused; its refusal said nothing of `tlsroll ca revoke`, which the rollout
-    does not block. Now it gives the command with the agent's serial; run, it cuts the agent
-    off at once while the rollout waits. What the product does next (checked here, as it is):
-    finalize refuses the node while it is offline (finalize has no scope to leave it out);
-    rollback takes the others back to http and leaves it as it is; then `nodes remove` works."""
+    """Review s47rev1 L5, then s48 (a machine lost or stolen while a transitional phase 1
+    waits). A node merely offline still holds finalize, however forced: its refusal gives the
+    `tlsroll ca revoke` of its agent's serial for a machine that is lost. Once revoked (its
+    agent cut off), finalize leaves it out: the other nodes close http, the lost node is
+    recorded as left out (still dual), phase 1 completes, and `nodes remove` then works.
+    Before: finalize stayed refused ("offline: node2 (bring the agent up or leave it out)",
+    with no way to leave it out), and the only way on, a rollback, took every node back to
+    http."""
     with cluster_of(tmp_path, 2) as (cluster, nodes):
         node1, node2 = nodes
         agent = node2.agent
@@ -395,6 +398,8 @@ def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_by_the_serial_t
         assert "lost or stolen" in refusal, refusal
         (revoke,) = re.findall(r"`(tlsroll ca revoke [^`]*)`", refusal)
         assert revoke == f"tlsroll ca revoke {serial}", refusal
+        assert "finalize then leaves it out (it stays on http and https)" in refusal, refusal
+        assert "`tlsroll nodes remove` it, which revokes its server's certificate" in refusal
         # where the serial is found, as the text says: check-expiration's agent row of node2
         assert "tlsroll certs check-expiration" in refusal
         check = cluster.cli("certs", "check-expiration", "--json")
@@ -405,10 +410,26 @@ def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_by_the_serial_t
         }
         assert listed == {serial}
 
+        # The machine is gone (its agent silent), nothing revoked yet: finalize, plain or
+        # forced, is refused (plain: by node2's client report, fresh or stale by then),
+        # naming the way to cut it off; nothing starts.
+        agent.send_signal(signal.SIGSTOP)
+        wait_until(lambda: not cluster.list_nodes()["node2"].online, 30, "node2 offline")
+        plain = cluster.cli("rollout", "finalize", phase1, "--yes", timeout=LONG)
+        assert plain.returncode != 0 and "node2" in plain.stderr, plain.stderr
+        for how in (("--force",), ("--when-quiet", "30m")):
+            held = cluster.cli("rollout", "finalize", phase1, "--yes", *how, timeout=LONG)
+            said = " ".join(held.stderr.split())
+            assert held.returncode != 0, how
+            assert "offline: node2 (bring the agent up, or if the machine is lost" in said, said
+            assert f"`tlsroll ca revoke {serial}`, then finalize leaves it out" in said, said
+            assert "leave it out)" not in said  # (the old words: no way to)
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        assert newest(cluster)["id"] == phase1
+
         done = cluster.cli(*shlex.split(revoke)[1:])
         assert done.returncode == 0, done.stderr
         # The leader refuses the agent from then on, while the rollout waits.
-        wait_until(lambda: not cluster.list_nodes()["node2"].online, 30, "node2 offline")
         with (
             cluster.control_channel(
                 agent.cert_file.read_bytes(), agent.key_file.read_bytes()
@@ -426,24 +447,35 @@ def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_by_the_serial_t
         assert "its agent's certificate is revoked already" in again, again
         assert "ca revoke" not in again
 
-        # Finalize refuses the node while it is offline, even forced (no scope to leave it
-        # out): phase 1 waits on, both nodes dual.
-        forced = cluster.cli("rollout", "finalize", phase1, "--yes", "--force", timeout=LONG)
-        assert forced.returncode != 0 and "offline: node2" in forced.stderr, forced.stderr
-        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
-        # Rollback takes node1 back to http and leaves node2 as it is; then it can be removed.
-        back = cluster.cli("rollout", "rollback", phase1, "--yes", timeout=LONG)
-        assert back.returncode == 0, back.stderr
-        undo = newest(cluster)["id"]
-        wait_state(cluster, undo, ("completed",), "the rollback")
-        assert {n["name"]: n["state"] for n in newest(cluster)["nodes"]} == {
-            "node1": "done",
-            "node2": "skipped",
-        }
-        assert list(live(node1).schemes) == ["http"]
-        wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
+        # Finalize (plain: node1's clients are known) closes http on node1 and leaves node2
+        # out; phase 1 completes, noting it.
+        final = cluster.cli("rollout", "finalize", phase1, "--yes", "--wait", timeout=LONG)
+        assert final.returncode == 0, final.stderr
+        assert "started on node1;" in final.stdout, final.stdout
+        assert "node2: left out: its agent is cut off" in final.stdout, final.stdout
+        phase2 = newest(cluster)
+        assert phase2["finalizes"] == phase1 and phase2["state"] == "completed"
+        states = {n["name"]: (n["state"], n.get("reason", "")) for n in phase2["nodes"]}
+        assert states["node1"][0] == "done"
+        assert states["node2"][0] == "skipped" and states["node2"][1].startswith("left out: ")
+        assert list(live(node1).schemes) == ["https"]
+        first = wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
+        assert f"finalized by rollout {phase2['id']}" in first["reason"]
+        assert "node2 left dual: left out, its agent cut off" in first["reason"], first["reason"]
+        status = cluster.cli("rollout", "status", phase1)
+        assert status.returncode == 0, status.stderr
+        assert f"rollout {phase1} completed without node2: left out" in " ".join(
+            status.stderr.split()
+        )
+
         removed = cluster.cli("nodes", "remove", "node2", "--yes")
         assert removed.returncode == 0, removed.stderr
+        served = [
+            r
+            for r in cluster.store_table("certificates")
+            if r["node"] == "node2" and r["kind"] == "server"
+        ]
+        assert served and all(r["revoked_at"] for r in served), served
         assert cluster.find_secrets(cluster.logs_text()) == []
 
 
@@ -499,7 +531,10 @@ def test_the_refusal_of_a_removal_names_finalize_or_rollback_for_a_waiting_rollo
     assert "while the rollout goes on" in both
     done = in_rollout_text("b", "r7", "awaiting_finalize", serials=[])
     assert "revoked already" in done and "ca revoke" not in done
-    assert "`tlsroll rollout rollback r7` goes back without it" in done
+    assert "finalize then leaves it out" in done and "rollback goes back without it" in done
+    assert "finalize then leaves it out" not in running  # (a running rollout is let end)
+    # the served certificate (8443) stays valid until the node is removed: said (review s48)
+    assert "`tlsroll nodes remove` it, which revokes its server's certificate (8443)" in done
 
 
 def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left_accepted(
@@ -534,10 +569,57 @@ def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left
         key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
     )  # fmt: skip
     assert store.agent_serials("b") == [renewed.serial, first.serial]
-    store.revoke(renewed.serial, reason="stolen", now=t0, actor="admin")
-    assert store.agent_serials("b") == [first.serial]
-    store.revoke(first.serial, reason="stolen", now=t0, actor="admin")
+    # Revoking the one before alone leaves the one on record (the machine may hold it).
+    assert store.revoke(first.serial, reason="old", now=t0, actor="admin") == [first.serial]
+    assert store.agent_serials("b") == [renewed.serial]
+
+
+def test_revoking_the_agent_certificate_on_record_revokes_the_one_before_it_too(
+    tmp_path: Path,
+) -> None:
+    """Review s48 (a machine lost while phase 1 awaits finalize), item 2: `ca revoke` of the
+    serial on record right after a renewal left the one before it (still accepted until the
+    agent uses the new one) able to renew the node back into a fresh certificate. Now both
+    are revoked at once; and in a store written before (the one before left unrevoked), the
+    one before of a node whose certificate on record is revoked renews nothing either."""
+    from leader.store import NodeCert, Store, Superseded
+
+    t0 = dt.datetime(2026, 11, 1, tzinfo=UTC)
+    serials = itertools.count(0x100)
+
+    def cert(pin: str) -> NodeCert:
+        n = next(serials)
+        return NodeCert(pin, f"sha256:fp{n:x}", f"{n:x}", t0 + dt.timedelta(days=30))
+
+    store = Store(tmp_path / "leader.sqlite3")
+    store.add_token(
+        "t1", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=t0,
+        actor="admin", node_name="b", addresses=("10.1.1.2",),
+    )  # fmt: skip
+    first = store.enrol(
+        token_id="t1", secret="s" * 26, name="b", addresses=("10.1.1.2",), dns_names=(),
+        agent_version="t", agent_port=9442, key_pin="sha256:A", issue=lambda: cert("sha256:A"),
+        now=t0,
+    )  # fmt: skip
+    row = store.get_node("b")
+    renewed = store.renew_node_certificate(
+        "b", presented=row.cert_fingerprint, presented_serial=row.cert_serial,
+        key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
+    )  # fmt: skip
+    revoked = store.revoke(renewed.serial, reason="stolen", now=t0, actor="admin")
+    assert revoked == [renewed.serial, first.serial]
     assert store.agent_serials("b") == [] == store.agent_serials("nobody")
+    assert store.is_revoked(first.serial) and store.get_node("b").cert_revoked
+
+    # A store of the release before: the one on record revoked, the one before not.
+    with store._db.tx() as db:
+        db.execute("UPDATE certificates SET revoked_at = NULL WHERE serial = ?", (first.serial,))
+    with pytest.raises(Superseded, match="revoked"):
+        store.renew_node_certificate(
+            "b", presented=first.fingerprint, presented_serial=first.serial,
+            key_pin="sha256:C", issue=lambda: cert("sha256:C"), now=t0 + dt.timedelta(days=11),
+        )  # fmt: skip
+    assert store.get_node("b").cert_serial == renewed.serial
 
 
 def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it() -> None:

@@ -1124,6 +1124,60 @@ def test_a_certificate_revoked_by_serial_cannot_renew_itself(cluster: Cluster) -
     assert _row(cluster, "node8")["cert_serial"] == serial
 
 
+def test_revoking_the_certificate_a_renewal_put_on_record_cuts_off_the_one_before_too(
+    cluster: Cluster,
+) -> None:
+    """A machine lost or stolen right after its agent renewed: the leader still accepts the
+    certificate before the renewal until the agent has used the new one (for good on a
+    machine that never got the renewal's answer). `tlsroll ca revoke` of the serial on record
+    (the one `certs check-expiration` lists) left that one able to call and renew, and the
+    renewal put a fresh, unrevoked certificate on record: the machine was back. Now the one
+    before is revoked with it (both named), and neither renews nor calls."""
+    from tests.cluster import enrol, enrol_request
+
+    address = next_loopback()
+    key = pki.generate_key()
+    token = cluster.create_token("node9", address)
+    reply = enrol(cluster, enrol_request(token, "node9", address, key=key))
+    old = (reply.certificate_pem, pki.key_to_pem(key))
+    old_serial = f"{pki.load_cert_pem(reply.certificate_pem).serial_number:x}"
+
+    def renew(creds: tuple[bytes, bytes]) -> leader_pb2.RenewNodeCertificateResponse:
+        csr = csr_pem(pki.generate_key(), "node9", [address])
+        with cluster.control_channel(*creds) as channel:
+            answer: leader_pb2.RenewNodeCertificateResponse = leader_pb2_grpc.LeaderStub(
+                channel
+            ).RenewNodeCertificate(leader_pb2.RenewNodeCertificateRequest(csr_pem=csr), timeout=10)
+        return answer
+
+    # A renewal whose new certificate the machine never used (its answer lost, say).
+    renewed = renew(old)
+    new_serial = f"{pki.load_cert_pem(renewed.certificate_pem).serial_number:x}"
+    assert _row(cluster, "node9")["cert_serial"] == new_serial
+    listed = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
+    assert {
+        c["serial"]
+        for c in listed["certificates"]
+        if c["kind"] == "agent" and c.get("subject") == "node9"
+    } == {new_serial}
+
+    done = cluster.cli("ca", "revoke", new_serial)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(grpc.RpcError) as refused:
+        renew(old)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "revoked" in (refused.value.details() or "")
+    assert done.stdout.strip() == f"revoked {new_serial}, {old_serial}"
+    revoked = {r["serial"] for r in cluster.store_table("certificates") if r.get("revoked_at")}
+    assert {new_serial, old_serial} <= revoked
+    with cluster.control_channel(*old) as channel, pytest.raises(grpc.RpcError) as called:
+        leader_pb2_grpc.LeaderStub(channel).Heartbeat(
+            leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10
+        )
+    assert called.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _row(cluster, "node9")["cert_serial"] == new_serial  # nothing renewed
+
+
 def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> None:
     """The leader's own certificate, within 30 days of its end, is issued again (same key) when
     the leader starts; agents go on with it (they check its identity, not the certificate)."""

@@ -655,11 +655,11 @@ def test_a_node_is_not_removed_if_a_rollout_started_after_the_admins_check(
         "node 'a' is in rollout r1, which is running; let it end (or `tlsroll rollout abort`)"
         " first. If its agent's certificate has ended, it needs no removal: `tlsroll token"
         " create --node a --address 10.1.1.1`, the token to its agent (its join_token_file),"
-        " then restart the agent there (systemctl restart tlsroll-agent): it enrols its own key"
-        " again. If the machine is lost or stolen, cut it off now with `tlsroll ca revoke 1`"
-        " (its agent's certificate, as `tlsroll certs check-expiration` lists it): the leader"
-        " refuses its agent from then on, while the rollout goes on; `tlsroll nodes remove` it"
-        " (its served certificate is revoked then) once the rollout has ended"
+        " then systemctl restart tlsroll-agent there: it enrols its own key again. If the"
+        " machine is lost or stolen, cut its agent off now with `tlsroll ca revoke 1` (as"
+        " `tlsroll certs check-expiration` lists it), while the rollout goes on; once the"
+        " rollout has ended, `tlsroll nodes remove` it, which revokes its server's certificate"
+        " (8443) too"
     )
     assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
     assert store.get_node("a").removed_at is None

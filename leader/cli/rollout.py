@@ -57,6 +57,7 @@ from leader.rollout_core import (
     Strategy,
     blocked_too_old,
     left_as_is,
+    left_out,
     left_way_on,
     not_on_https_refusal,
 )
@@ -681,12 +682,17 @@ def rollout_finalize(
     )
     with leader.admin() as admin:
         view = leader.call(admin.FinalizeRollout, request)
+    # The nodes whose agents are cut off (a machine lost or stolen) are left out, named apart.
+    out_of_it = [n for n in view.nodes if left_out(n.reason)]
+    going = [n.name for n in view.nodes if n not in out_of_it]
     out.print(
         f"rollout {view.id} (finalize of {view.finalizes}) started on "
-        f"{', '.join(n.name for n in view.nodes)}"
-        + (f"; each node waits until quiet for {when_quiet}" if quiet else "")
+        f"{', '.join(going) or 'no node'}"
+        + (f"; each node waits until quiet for {when_quiet}" if quiet and going else "")
         + "; follow it with: tlsroll schema show --watch"
     )
+    for n in out_of_it:
+        out.print(f"  {n.name}: {n.reason}")
     if wait:
         wait_for_end(leader, view.id)
 
@@ -802,6 +808,21 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
         click.echo(
             f"tlsroll: rollout {r.id} left {', '.join(left)} as is (not known to be on http: "
             f"see the reason above); {then}",
+            err=True,
+        )
+    cut = [n.name for n in r.nodes if left_out(n.reason)]
+    if ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value and (
+        cut or f" {LEFT_DUAL}: " in r.reason
+    ):
+        # A finalize that left out nodes whose agents are cut off, or the phase 1 it ended:
+        # not every node is https-only (they stay dual until removed).
+        dual = [p.split(f" {LEFT_DUAL}: ")[0] for p in r.reason.split("; ") if LEFT_DUAL in p]
+        which = cut or dual
+        click.echo(
+            f"tlsroll: rollout {r.id} completed without {', '.join(which)}: left out, its agent"
+            " cut off (revoked); it still serves http and https; once the rollout has ended,"
+            f" tlsroll nodes remove {which[0] if len(which) == 1 else 'NAME'} revokes its"
+            " server's certificate",
             err=True,
         )
     if ROLLOUT_STATE.text(r.state) == AWAITING:
