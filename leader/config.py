@@ -157,6 +157,7 @@ def _check_admin_socket(s: Section, config: LeaderConfig) -> None:
     s47rtin L4)."""
     path = config.admin_socket
     if len(str(path).encode()) <= MAX_SOCKET_PATH:
+        _check_socket_dir(s, path, config.layout.admin_socket.parent)
         return
     if s.has("admin_socket"):
         raise s.error("admin_socket", f"{path}: longer than {MAX_SOCKET_PATH} bytes")
@@ -165,6 +166,27 @@ def _check_admin_socket(s: Section, config: LeaderConfig) -> None:
         f"the admin socket in it, {path}, is longer than {MAX_SOCKET_PATH} bytes; set "
         "admin_socket to a shorter path",
     )
+
+
+def _check_socket_dir(s: Section, path: Path, run_dir: Path) -> None:
+    """The leader narrows the admin socket's directory to 0750 (group = admins) only where it
+    is its own (``DATA/run``, or one it makes); another that exists keeps its mode, and one
+    others may write to is refused: a leader with ``admin_socket = "/tmp/tlsroll.sock"``
+    made /tmp 0750, every other user locked out of it, and others could plant a socket there
+    (review s48: found by CI)."""
+    parent = path.parent
+    if not s.has("admin_socket") or parent == run_dir:
+        return
+    try:
+        mode = parent.stat().st_mode
+    except OSError:
+        return  # made at the start, 0750 (or the bind says what is wrong)
+    if mode & 0o002:
+        raise s.error(
+            "admin_socket",
+            f"{path}: its directory {parent} is writable by others: give the socket a "
+            "directory of its own (the default is DATA/run/admin.sock)",
+        )
 
 
 def _check_names(s: Section, config: LeaderConfig) -> None:

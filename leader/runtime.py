@@ -501,8 +501,13 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]
     )
     sock = cfg.admin_socket
+    # Its directory narrowed to 0750 (group = admins) where it is the leader's own: DATA/run,
+    # or one it makes; another keeps its mode (leader.config refuses one others may write to:
+    # /tmp was made 0750).
+    made = sock.parent == cfg.layout.admin_socket.parent or not sock.parent.exists()
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    os.chmod(sock.parent, 0o750)  # noqa: S103 - group = admins
+    if made:
+        os.chmod(sock.parent, 0o750)  # noqa: S103 - group = admins
     if sock.exists():
         if _answers(sock):
             raise TerminalError(f"another tlsroll-leader is running on {sock}")

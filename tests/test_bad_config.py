@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,26 @@ def test_the_leader_names_the_key_of_a_config_that_cannot_work(
     line = _leader_refuses(cluster, {key: value})
     assert f"config error: {cluster.config_path}: [leader].{key}: " in line, line
     assert problem in line, line
+
+
+def test_an_admin_socket_in_a_directory_others_may_write_to_is_refused_its_mode_kept(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The leader made the admin socket's directory 0750 whatever it was: a leader.toml with
+    ``admin_socket = "/tmp/tlsroll.sock"`` made /tmp 0750, every other user locked out of it
+    (found by CI: a run's /tmp went 0750). A directory others may write to (here a sticky
+    1777 one, as /tmp is) is refused, exit 2, its mode kept."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    try:
+        line = _leader_refuses(cluster, {"admin_socket": shared / "tlsroll.sock"})
+    finally:
+        mode = stat.S_IMODE(shared.stat().st_mode)
+        shared.chmod(0o1777)
+    assert mode == 0o1777, oct(mode)
+    assert f"config error: {cluster.config_path}: [leader].admin_socket: " in line, line
+    assert f"its directory {shared} is writable by others" in line, line
 
 
 def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(
