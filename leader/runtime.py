@@ -20,7 +20,6 @@ import os
 import socket
 import sqlite3
 import stat
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -624,20 +623,22 @@ def main(argv: list[str] | None = None) -> int:
         state = load_state(cfg, config=ns.config)
         asyncio.run(serve(cfg, state))
     except SchemaTooNew as exc:
-        print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-leader", exc)
         return EXIT_STORE_TOO_NEW
     except TlsrollError as exc:
-        print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-leader", exc)
         if needs_a_person(exc):
             return EXIT_STORE_DAMAGED
         # NotRegularFile: a file to read (a key) is a directory or a FIFO, for a person to fix
         return EXIT_CONFIG if isinstance(exc, ConfigError | NotDamaged | NotRegularFile) else 1
     except OSError as exc:
-        print(f"tlsroll-leader: {os_error_text(exc)}", file=sys.stderr)
+        daemon.say("tlsroll-leader", f"{os_error_text(exc)}")
         return 1
     except sqlite3.Error as exc:
-        print(f"tlsroll-leader: store {cfg.layout.store}: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-leader", f"store {cfg.layout.store}: {exc}")
         return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
+    except Exception as exc:  # one line, never a traceback (review s48rev3 M1)
+        return daemon.internal_error("tlsroll-leader", exc, debug=ns.log_level == "debug")
     return 0
 
 
@@ -650,10 +651,10 @@ def _backup(config: Path, dest: Path) -> int:
         cfg = LeaderConfig.load(config)
         manifest = backup.make_backup(config, cfg.layout, dest)
     except TlsrollError as exc:
-        print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-leader", exc)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
     except OSError as exc:
-        print(f"tlsroll-leader: backup: {os_error_text(exc)}", file=sys.stderr)
+        daemon.say("tlsroll-leader", f"backup: {os_error_text(exc)}")
         return 1
     print(backup.summary(dest, manifest))
     return 0

@@ -33,6 +33,7 @@ from tlsroll.defaults import (
     HEARTBEAT_INTERVAL,
     JOIN_PORT,
 )
+from tlsroll.echo import shown
 from tlsroll.names import Names, node_name_problem, parse_pin  # no X.509 (issue 15)
 
 
@@ -104,7 +105,7 @@ class AgentConfig:
         # the agent's failed only at the bind.
         if not Path(agent.text("data_dir")).expanduser().is_absolute():
             raise agent.error(
-                "data_dir", f"{agent.text('data_dir')!r} is not an absolute path; give one"
+                "data_dir", f"{shown(agent.text('data_dir'))} is not an absolute path; give one"
             )
         if config.bootstrap_port == config.port:
             raise agent.error(

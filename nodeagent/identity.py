@@ -42,7 +42,15 @@ from nodeagent.nodefiles import install_renewed as install_renewed  # noqa: PLC0
 from nodeagent.nodefiles import paths as paths  # noqa: PLC0414
 from nodeagent.nodefiles import pending_paths as pending_paths  # noqa: PLC0414
 from tlsroll import __version__, logs, spiffe, tls
-from tlsroll.errors import PKIError, PKIReason, TerminalError, TlsrollError, TransientError
+from tlsroll.echo import shown_path
+from tlsroll.errors import (
+    ConfigError,
+    PKIError,
+    PKIReason,
+    TerminalError,
+    TlsrollError,
+    TransientError,
+)
 from tlsroll.fsutil import PUBLIC, check_private_file, fsync_dir, make_private_dir, write_atomic
 from tlsroll.names import utcnow
 
@@ -205,21 +213,31 @@ def _hostport(address: str, port: int) -> str:
 
 
 def read_token(cfg: AgentConfig) -> str:
+    """The join token, from the config or the file it names. The file's path is said with
+    ``shown_path``: a token written into ``join_token_file`` itself (for ``join_token``) is
+    never repeated, and such a file, missing, is a config error (exit 2, as README says of a
+    file the config names), not a failure the unit restarts on (review s48rev3 M2)."""
     if cfg.join_token:
         return cfg.join_token
     if cfg.join_token_file:
+        where = shown_path(cfg.join_token_file)
         try:
             check_private_file(cfg.join_token_file)
             token = cfg.join_token_file.read_text().strip()
-        except OSError as exc:
-            raise TerminalError(f"cannot read {cfg.join_token_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:  # the message named a byte and not the file (audit s34 L3)
-            raise TerminalError(
-                f"{cfg.join_token_file} is not UTF-8 text; it must hold the join token"
+        except FileNotFoundError:
+            raise ConfigError(
+                cfg.path,
+                "[leader].join_token_file",
+                f"{where}: no such file; it must hold the join token (a token goes in the "
+                "file, or in join_token)",
             ) from None
+        except OSError as exc:
+            raise TerminalError(f"cannot read {where}: {exc.strerror}") from None
+        except UnicodeDecodeError:  # the message named a byte and not the file (audit s34 L3)
+            raise TerminalError(f"{where} is not UTF-8 text; it must hold the join token") from None
         if token:
             return token
-        raise TerminalError(f"{cfg.join_token_file} is empty; it must hold the join token")
+        raise TerminalError(f"{where} is empty; it must hold the join token")
     raise TerminalError(
         f"{cfg.path}: [leader].join_token: missing; this node is not enrolled yet and needs "
         "a join token (on the leader: tlsroll token create --node NAME --address IP)"

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import sqlite3
-import sys
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -500,21 +499,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, NotDamaged, JournalContradicted, NotRegularFile) as exc:
         # NotRegularFile: a file to read (join_token_file, a key) is a directory or a FIFO,
         # for a person to fix (review s47rtin L4)
-        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-agent", exc)
         return EXIT_CONFIG
     except SchemaTooNew as exc:
-        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-agent", exc)
         return EXIT_STORE_TOO_NEW
     except CertificateExpired as exc:
-        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-agent", exc)
         return EXIT_CERT_EXPIRED
     except TlsrollError as exc:
-        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-agent", exc)
         return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
     except OSError as exc:
-        print(f"tlsroll-agent: {os_error_text(exc)}", file=sys.stderr)
+        daemon.say("tlsroll-agent", f"{os_error_text(exc)}")
         return 1
     except sqlite3.Error as exc:  # a damaged journal: say which file, never a traceback
-        print(f"tlsroll-agent: journal {journal_path(cfg)}: {exc}", file=sys.stderr)
+        daemon.say("tlsroll-agent", f"journal {journal_path(cfg)}: {exc}")
         return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
+    except Exception as exc:  # one line, never a traceback (review s48rev3 M1)
+        return daemon.internal_error("tlsroll-agent", exc, debug=ns.log_level == "debug")
     return 0

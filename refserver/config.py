@@ -36,6 +36,7 @@ from typing import Any
 
 from tlsroll import clients, password
 from tlsroll.config import ConfigFile, Section
+from tlsroll.echo import shown
 from tlsroll.errors import NotRegularFile, UnsafePermissions
 from tlsroll.fsutil import check_private_file, file_kind
 from tlsroll.tls import server_context
@@ -114,7 +115,9 @@ def load(path: Path) -> Loaded:
     address: str = s.ip("address")
     app_path: str = s.text("app_path")
     if not _APP_PATH.fullmatch(app_path):
-        raise s.error("app_path", f"{app_path!r} must start and end with '/', e.g. '/praxis_live/'")
+        raise s.error(
+            "app_path", f"{shown(app_path)} must start and end with '/', e.g. '/praxis_live/'"
+        )
     listen = _listen(s)
     http_port: int = s.port("http_port", 8080)
     https_port: int = s.port("https_port", 8443)
@@ -167,7 +170,7 @@ def _listen(s: Section) -> tuple[str, ...]:
         raise s.error("listen", 'needs at least one of "http", "https"')
     for i, v in enumerate(values):
         if v not in SCHEMES:
-            raise s.error(f"listen[{i}]", f'{v!r} is not "http" or "https"')
+            raise s.error(f"listen[{i}]", f'{shown(v)} is not "http" or "https"')
     if len(set(values)) != len(values):
         raise s.error("listen", "names a scheme twice")
     return tuple(sc for sc in SCHEMES if sc in values)

@@ -786,19 +786,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = refserver_config.load(args.config)
     except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        daemon.say(PROG, exc)
         return 2
+    except Exception as exc:  # one line, never a traceback (review s48rev3 M1)
+        return daemon.internal_error(PROG, exc)
     logs.configure()
     try:
         return asyncio.run(serve(loaded))
     except StartupError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        daemon.say(PROG, f"error: {exc}")
         return 1
     except OSError as exc:  # anything the start-up checks above did not foresee
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        daemon.say(PROG, f"error: {' '.join(str(exc).split())}")
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C during the graceful stop
         return 130
+    except Exception as exc:  # one line, never a traceback (review s48rev3 M1)
+        return daemon.internal_error(PROG, exc)
 
 
 def run() -> NoReturn:

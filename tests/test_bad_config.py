@@ -9,6 +9,7 @@ import base64
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -415,3 +416,144 @@ def test_init_refuses_a_ca_passphrase_shorter_than_12_characters(tmp_path: Path)
         passphrase.write_text("ä" * 12 + "\n")
         result = fresh.cli(*args)
         assert result.returncode == 0, result.stderr
+
+
+# --- review s48rev3 M1, M2: a NUL in a config, a token in the wrong key, the daemons' catch-all -
+
+TOKEN = "k3x9qa.mfrgg2lbmfrgg2lbmfrgg2lbmf"  # a join token's shape (leader.tokens)
+TOKEN_SECRET = TOKEN.split(".", 1)[1]
+
+
+def _refserver_config(root: Path, **server: object) -> Path:
+    settings: dict[str, object] = {
+        "address": "127.0.0.9",
+        "app_path": "/praxis_live/",
+        "listen": ["http"],
+        "data_dir": root / "data",
+        "admin_socket": root / "a.sock",
+    }
+    settings.update(server)
+    return write_toml(root / "refserver.toml", {"server": settings})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("data_dir", "/x\x00y"), ("admin_socket", "/tmp/a\x00b"), ("ca_passphrase_file", "/a\x00")],
+)
+def test_a_nul_in_the_leaders_config_is_a_config_error_naming_the_key(
+    cluster: Cluster, key: str, value: str
+) -> None:
+    line = _leader_refuses(cluster, {key: value})
+    assert (
+        f"config error: {cluster.config_path}: [leader].{key}: holds a control character (\\x00)"
+    ) in line, line
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("agent", "data_dir", "/x\x00y"),
+        ("leader", "join_token_file", "/a\x00b"),
+        ("node", "name", "n9\x1b[2J"),
+    ],
+)
+def test_a_control_character_in_an_agent_config_is_a_config_error_naming_the_key(
+    cluster: Cluster, tmp_path: Path, table: str, key: str, value: str
+) -> None:
+    tables = cluster.agent_config("n9", "127.0.0.9", None, tmp_path)
+    tables[table][key] = value
+    config = write_toml(tmp_path / "agent.toml", tables)
+    result = run_daemon("tlsroll-agent", "nodeagent.daemon", config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert f"config error: {config}: [{table}].{key}: holds a control character (" in line, line
+    assert "\x1b" not in result.stderr
+
+
+def test_a_nul_in_the_refservers_config_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    config = _refserver_config(tmp_path, data_dir="/x\x00y")
+    result = run_daemon("tlsroll-refserver", "refserver.daemon", config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-refserver")
+    assert f"config error: {config}: [server].data_dir: holds a control character (\\x00)" in line
+
+
+def test_a_join_token_written_as_the_join_token_file_is_a_config_error_not_repeated(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The likely slip ``join_token_file = "<id>.<secret>"`` (for ``join_token``): exit 2, which
+    its unit does not restart on, and the token never printed (stderr is the journal)."""
+    tables = cluster.agent_config("n9", "127.0.0.9", None, tmp_path)
+    tables["leader"].update(join_token=None, join_token_file=TOKEN)
+    config = write_toml(tmp_path / "agent.toml", tables)
+    result = run_daemon("tlsroll-agent", "nodeagent.daemon", config)
+    assert TOKEN_SECRET not in result.stderr + result.stdout
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert f"config error: {config}: [leader].join_token_file: " in line, line
+    assert "(id k3x9qa; its secret not shown)" in line and "no such file" in line, line
+
+
+@pytest.mark.parametrize(("table", "key"), [("agent", "log_level"), ("node", "addresses")])
+def test_a_token_pasted_into_another_agent_key_is_not_repeated(
+    cluster: Cluster, tmp_path: Path, table: str, key: str
+) -> None:
+    tables = cluster.agent_config("n9", "127.0.0.9", None, tmp_path)
+    tables[table][key] = [TOKEN] if key == "addresses" else TOKEN
+    config = write_toml(tmp_path / "agent.toml", tables)
+    result = run_daemon("tlsroll-agent", "nodeagent.daemon", config)
+    assert TOKEN_SECRET not in result.stderr + result.stdout
+    assert result.returncode == 2, result.stderr
+    assert f"[{table}].{key}" in one_line_error(result.stderr, "tlsroll-agent")
+
+
+@pytest.mark.parametrize("key", ["log_level", "maintenance_timezone", "address"])
+def test_a_token_pasted_into_a_leader_key_is_not_repeated(cluster: Cluster, key: str) -> None:
+    line = _leader_refuses(cluster, {key: TOKEN})
+    assert TOKEN_SECRET not in line and f"[leader].{key}" in line, line
+
+
+# What each daemon's main calls first that can fail: made to fail as nothing foreseen does.
+_UNFORESEEN = {
+    "tlsroll-leader": ("leader.runtime", "LeaderConfig.load"),
+    "tlsroll-agent": ("nodeagent.runtime", "AgentConfig.load"),
+    "tlsroll-refserver": ("refserver.server", "refserver_config.load"),
+}
+
+
+@pytest.mark.parametrize("prog", sorted(_UNFORESEEN))
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_error_nobody_foresaw_in_a_daemon_is_one_line_with_its_type_only(
+    tmp_path: Path, prog: str, debug: bool
+) -> None:
+    module, attr = _UNFORESEEN[prog]
+    owner, _, name = attr.rpartition(".")
+    script = (
+        "import sys, importlib\n"
+        f"m = importlib.import_module({module!r})\n"
+        "def boom(*a, **k):\n"
+        f"    raise RuntimeError('bug holding {TOKEN}')\n"
+        f"setattr(getattr(m, {owner!r}), {name!r}, boom)\n"
+        f"sys.argv[0] = {prog!r}\n"
+        "sys.exit(m.main(['--config', sys.argv[1]]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TLSROLL_DEBUG"}
+    if debug:
+        env["TLSROLL_DEBUG"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "any.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"{prog}: internal error: RuntimeError; run it again with "), last
+    if debug:
+        assert "Traceback" in result.stderr
+    else:
+        assert one_line_error(result.stderr, prog) == last
+        assert TOKEN_SECRET not in result.stderr + result.stdout

@@ -113,9 +113,9 @@ ECHOING = [
     (("ca", "revoke", "{}"), 2),
     (("workstations", "revoke", "{}"), 2),
     (("viewer", "revoke", "{}"), 1),
-    (("rollout", "pause", "{}"), 1),
-    (("rollout", "rollback", "{}", "--yes"), 1),
-    (("notify", "--rollout", "{}"), 1),
+    (("rollout", "pause", "{}"), 2),  # no rollout id's shape (review s48rev3 L4)
+    (("rollout", "rollback", "{}", "--yes"), 2),
+    (("notify", "--rollout", "{}"), 2),
     (("plan", "--nodes", "{}"), 1),
     (("notify", "--timezone", "{}", "--remaining"), 2),
     (("notify", "--when", "{}"), 2),
@@ -227,6 +227,69 @@ def test_token_revoke_takes_a_whole_token_but_refuses_another_secret(cluster: Cl
     assert LINK_SECRET not in result.stderr
 
 
+# --- review s48rev3 M3: a name that merely holds a piece shaped like a secret is a name ---------
+
+# Real names of practices: a 6-character label, then one of 26 letters (a join token's shape
+# inside it), or six groups of 4 (a generated password's).
+NAMES_WITH_A_SECRETS_SHAPE = [
+    "backup.hausarztpraxisdrschmidtbon.de",
+    "server.zahnarztpraxisdrweberkoeln.de",
+    "praxis-dr-mueller.empfang.haus-raum-dach-west-sued-berg.de",
+]
+
+
+@pytest.mark.parametrize("name", NAMES_WITH_A_SECRETS_SHAPE)
+def test_a_dns_name_holding_a_secrets_shape_is_taken_as_a_name(name: str) -> None:
+    assert echo.secret_kind(name) is not None  # (hidden inside free text, as before)
+    assert echo.whole_secret_kind(name) is None
+
+
+def test_token_create_takes_long_practice_dns_and_node_names(cluster: Cluster) -> None:
+    address = next_loopback()
+    args = ["token", "create", "--node", "praxis-dr-schmidt-bonn-backup", "--address", address]
+    for name in NAMES_WITH_A_SECRETS_SHAPE:
+        args += ["--dns", name]
+    result = cluster.cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "praxis-dr-schmidt-bonn-backup" in cluster.cli("token", "list").stdout
+
+
+@pytest.mark.parametrize("kind", sorted(SECRETS))
+@pytest.mark.parametrize("option", ["--node", "--dns"])
+def test_a_whole_secret_given_as_a_name_is_still_refused(
+    cluster: Cluster, kind: str, option: str
+) -> None:
+    value = SECRETS[kind]
+    for given in (value, f"  {value}\n"):
+        args = ["token", "create", "--node", "n", "--address", "127.1.2.3", option, given]
+        result = cluster.cli(*args)
+        line = error_line(result, 2)
+        assert "this looks like a" in line, line
+        assert _hidden(value) not in result.stderr + result.stdout
+
+
+# --- review s48rev3 L1: an argument that is not UTF-8 is a usage error -----------------------
+
+LATIN1 = "M\udcfcller"  # b"M\xfcller" (Latin-1) as Python holds it
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("viewer", "grant", "--name", LATIN1),
+        ("nodes", "remove", LATIN1, "--yes"),
+        ("token", "create", "--node", "n", "--address", "127.1.2.3", "--description", LATIN1),
+        ("plan", "--nodes", LATIN1),
+    ],
+    ids=" ".join,
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    cluster: Cluster, args: tuple[str, ...]
+) -> None:
+    line = error_line(cluster.cli(*args, input=""), 2)
+    assert "is not UTF-8 text" in line, line
+
+
 # --- L6: one rule for exit codes -------------------------------------------------------------
 
 
@@ -241,6 +304,17 @@ def test_token_revoke_takes_a_whole_token_but_refuses_another_secret(cluster: Cl
         (("workstations", "revoke", ""), 2, "neither a workstation name"),
         (("workstations", "revoke", "00"), 2, "not a serial this CA can have issued"),
         (("workstations", "revoke", "zz"), 2, "neither a workstation name"),
+        (("workstations", "revoke", "ws-BAD NAME"), 2, "is not a workstation name"),
+        # a malformed rollout id: usage (2) for every command that takes one (review s48rev3 L4)
+        (("rollout", "status", "bad id!"), 2, "not a rollout id"),
+        (("rollout", "pause", "bad id!"), 2, "not a rollout id"),
+        (("rollout", "resume", "bad id!"), 2, "not a rollout id"),
+        (("rollout", "abort", "bad id!"), 2, "not a rollout id"),
+        (("rollout", "finalize", "bad id!", "--yes"), 2, "not a rollout id"),
+        (("rollout", "rollback", "bad id!", "--yes"), 2, "not a rollout id"),
+        (("rollout", "retry", "bad id!"), 2, "not a rollout id"),
+        (("notify", "--rollout", "bad id!"), 2, "not a rollout id"),
+        (("schema", "show", "--rollout", "bad id!"), 2, "not a rollout id"),
         # well-formed, but nothing has it: a failure (1)
         (("ca", "revoke", "5eed"), 1, "no certificate with serial 5eed is on record"),
         (("workstations", "revoke", "ws-nosuch"), 1, "no unrevoked certificate matches"),

@@ -739,8 +739,8 @@ def test_where_watch_and_wait_stop_is_where_the_core_says_nothing_more_happens()
 
 
 def test_schema_show_checks_a_rollout_id_as_the_leader_does() -> None:
-    """``schema_cmd`` checks ``--rollout`` itself (audit s34 L2) without importing the view."""
-    from leader.cli.schema_cmd import ROLLOUT_ID
+    """The CLI checks a rollout id itself (audit s34 L2) without importing the view."""
+    from leader.cli.base import ROLLOUT_ID
     from leader.schema_view import ROLLOUT_ID as LEADERS
 
     assert ROLLOUT_ID.pattern == LEADERS.pattern

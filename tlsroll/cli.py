@@ -169,6 +169,15 @@ def _run(argv: list[str] | None) -> int:
     """Run the command; every error is one line on stderr (``tlsroll.echo``: no control
     character acts on the terminal, no input is repeated at length, no secret at all), and an
     error nobody foresaw too, exit 1, unless ``TLSROLL_DEBUG=1`` asks for its traceback."""
+    bad = _not_utf8(sys.argv[1:] if argv is None else argv)
+    if bad:
+        # Python holds such bytes as surrogates, which nothing can send or store (protobuf
+        # refused them as an internal error: review s48rev3 L1). Not repeated: it is no text.
+        _error(
+            f"argument {bad} is not UTF-8 text (a terminal set to another encoding, such as "
+            "Latin-1?); give names, paths and values in UTF-8"
+        )
+        return 2
     try:
         code = cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
     except click.UsageError as exc:
@@ -205,6 +214,16 @@ def _run(argv: list[str] | None) -> int:
         )
         return 1
     return code if isinstance(code, int) else 0  # a command's ctx.exit(code), else 0
+
+
+def _not_utf8(args: list[str]) -> int:
+    """The position (from 1) of the first argument that is not UTF-8 text, else 0."""
+    for position, arg in enumerate(args, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return position
+    return 0
 
 
 def _error(message: str) -> None:

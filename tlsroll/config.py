@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
+from tlsroll.echo import shown
 from tlsroll.errors import ConfigError, raise_if_local
 from tlsroll.fsutil import file_kind, owner_fix
 
@@ -37,6 +38,9 @@ _MISSING: Any = object()
 
 # A config file is a few KiB; what is larger is not one (and is not read whole).
 MAX_CONFIG_BYTES = 1024 * 1024
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""A control character (C0, DEL, C1): what no text value of a config holds."""
 
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
@@ -134,10 +138,22 @@ class Section:
             sub.finish()
 
     def text(self, key: str, default: Any = _MISSING) -> Any:
+        """A string: not empty, and without a control character (a NUL, a newline, an escape):
+        no path, name, address or command word of a config holds one, and a NUL made every
+        daemon end with a traceback (review s48rev3 M1). The value is not repeated."""
         value = self._get(key, str, default)
-        if key in self.data and not value:
-            raise self.error(key, "must not be empty")
+        if key in self.data:
+            if not value:
+                raise self.error(key, "must not be empty")
+            self._no_control(key, value)
         return value
+
+    def _no_control(self, key: str, value: str) -> None:
+        bad = _CONTROL.search(value)
+        if bad is not None:
+            raise self.error(
+                key, f"holds a control character ({repr(bad.group(0))[1:-1]}); remove it"
+            )
 
     def integer(self, key: str, default: Any = _MISSING, *, lo: int = 0, hi: int = 2**31) -> Any:
         value = self._get(key, int, default)
@@ -178,7 +194,7 @@ class Section:
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
-            raise self.error(key, f"{value!r} is not an IP address") from None
+            raise self.error(key, f"{shown(value)} is not an IP address") from None
 
     def path(self, key: str, default: Any = _MISSING) -> Any:
         """A path; relative paths are taken relative to the config file's directory."""

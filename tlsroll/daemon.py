@@ -1,4 +1,5 @@
-"""What every tlsroll daemon does the same way: signals, graceful stop, sd_notify."""
+"""What every tlsroll daemon does the same way: signals, graceful stop, sd_notify, its last
+word on stderr (``say``, ``internal_error``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,37 @@ import asyncio
 import os
 import signal
 import socket
+import sys
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
-from tlsroll import nocore
+from tlsroll import echo, nocore
+
+DEBUG_ENV = "TLSROLL_DEBUG"
+"""Set to 1 (or the daemon at log level debug), an error nobody foresaw is followed by its
+traceback on stderr, as ``tlsroll``'s own ``TLSROLL_DEBUG`` does."""
+
+
+def say(prog: str, message: object) -> None:
+    """A daemon's error, on stderr (the journal, at every restart): every part shaped like a
+    secret scrubbed (a join token pasted into ``join_token_file``, into ``log_level``: review
+    s48rev3 M2), no control character that acts on a terminal."""
+    print(f"{prog}: {echo.safe_lines(str(message))}", file=sys.stderr)
+
+
+def internal_error(prog: str, exc: BaseException, *, debug: bool = False) -> int:
+    """A daemon's catch-all (review s48rev3 M1): one line naming the error's type only (its
+    message may hold anything, a secret read among it), exit 1; its traceback first with
+    ``debug`` or ``TLSROLL_DEBUG=1``."""
+    if debug or os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exception(exc, file=sys.stderr)
+    say(
+        prog,
+        f"internal error: {type(exc).__name__}; run it again with {DEBUG_ENV}=1 (or at log "
+        "level debug) for the traceback, and report it",
+    )
+    return 1
 
 
 def sd_notify(state: str) -> bool:

@@ -62,9 +62,39 @@ _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
 def secret_kind(text: str) -> str | None:
     """What ``text`` holds that looks like one of tlsroll's secrets, said without it ("a join
     token (id abc123; its secret not shown)", "a generated auth password (not shown)"), or
-    None. Searched anywhere in it: a login link holds its secret after ``/login/``."""
+    None. Searched anywhere in it (a login link holds its secret after ``/login/``): for
+    hiding a secret inside free text (``scrub``, ``shown``); ``whole_secret_kind`` is for
+    refusing an argument."""
     for pattern, kind in _SHAPES:
         match = pattern.search(text)
+        if match is not None:
+            return _described(kind, match)
+    return None
+
+
+_WHOLE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(rf"({_TOKEN_ID})\.{_TOKEN_SECRET}"), "a join token"),
+    (
+        # the secret alone, or a login link: anything up to ``/login/``, then the secret
+        re.compile(rf"(?:\S*/login/)?(?=[{_URLSAFE}]*[A-Z])[{_URLSAFE}]{{43}}/?"),
+        "a viewer login link or its secret",
+    ),
+    (
+        re.compile(rf"{_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}"),
+        "a generated auth password",
+    ),
+)
+
+
+def whole_secret_kind(text: str) -> str | None:
+    """What ``text`` is, if the whole of it (around spaces) has the exact shape of one of
+    tlsroll's secrets (a join token, a login link or its secret, a generated password), said
+    without it; else None. For refusing an argument pasted where a name belongs: unlike
+    ``secret_kind``, a DNS name or node name that merely holds a piece shaped like a token
+    (``backup.hausarztpraxisdrschmidtbon.de``) is no secret (review s48rev3 M3)."""
+    stripped = text.strip()
+    for pattern, kind in _WHOLE:
+        match = pattern.fullmatch(stripped)
         if match is not None:
             return _described(kind, match)
     return None

@@ -32,7 +32,7 @@ from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
-from tlsroll.echo import secret_kind, shown, shown_path
+from tlsroll.echo import shown, shown_path, whole_secret_kind
 from tlsroll.errors import TerminalError
 
 if TYPE_CHECKING:
@@ -576,8 +576,10 @@ def parse_duration(text: str) -> int:
 def not_a_secret(value: str, wanted: str) -> None:
     """A usage error (exit 2) if ``value``, given where ``wanted`` belongs ("the node's name"),
     looks like one of tlsroll's secrets (a join token, a login link, a generated password:
-    ``tlsroll.echo``), saying what it looks like and never repeating it (review s47rtin L8)."""
-    kind = secret_kind(value)
+    ``tlsroll.echo``), saying what it looks like and never repeating it (review s47rtin L8).
+    The whole of ``value`` must have a secret's shape: a DNS name that merely holds a piece
+    shaped like one is a name (review s48rev3 M3)."""
+    kind = whole_secret_kind(value)
     if kind is not None:
         raise click.UsageError(f"this looks like {kind}; give {wanted}")
 
@@ -593,6 +595,7 @@ def refuse_unfit_serial(name_or_serial: str, *, serial_only: bool = False) -> No
     (reached through other code: ``STOPS``) would record the last, and from then on fail to
     sign every revocation list: every heartbeat refused, every node offline."""
     from leader.store import serial_fits  # noqa: PLC0415 - for the revoke commands alone
+    from tlsroll.clients import WORKSTATION_CN  # noqa: PLC0415 - likewise
 
     not_a_secret(
         name_or_serial,
@@ -615,15 +618,29 @@ def refuse_unfit_serial(name_or_serial: str, *, serial_only: bool = False) -> No
         raise click.UsageError(
             f"{shown(name_or_serial)} is neither a workstation name (ws-…) nor a serial (hex)"
         )
+    elif not WORKSTATION_CN.fullmatch(key):
+        raise click.UsageError(
+            f"{shown(name_or_serial)} is not a workstation name: ws- and then letters, digits "
+            "and '-' (tlsroll workstations list)"
+        )
 
 
 ROLLOUT_WANTED = "a rollout's id (tlsroll schema show lists them)"
+ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""``leader.schema_view.ROLLOUT_ID``, written here so as not to import the leader's view (a
+test keeps the two equal)."""
 
 
 def rollout_id_param(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
-    """A click callback for a rollout id argument or option: ``not_a_secret``."""
+    """A click callback for a rollout id argument or option: ``not_a_secret``, then a usage
+    error (exit 2) for what has no rollout id's shape, for every command alike (review
+    s48rev3 L4: the leader answered "no rollout", exit 1, for most)."""
     if value:
         not_a_secret(value, ROLLOUT_WANTED)
+        # The leader says the same, but a long one made the request too big for its JSON
+        # reader, which answered that instead (audit s34 L2).
+        if not ROLLOUT_ID.fullmatch(value):
+            raise click.BadParameter("not a rollout id (1-64 letters, digits, '.', '_' or '-')")
     return value
 
 
