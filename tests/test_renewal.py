@@ -1137,13 +1137,13 @@ def test_revoking_the_certificate_a_renewal_put_on_record_cuts_off_the_one_befor
 
     address = next_loopback()
     key = pki.generate_key()
-    token = cluster.create_token("node9", address)
-    reply = enrol(cluster, enrol_request(token, "node9", address, key=key))
+    token = cluster.create_token("lost9", address)
+    reply = enrol(cluster, enrol_request(token, "lost9", address, key=key))
     old = (reply.certificate_pem, pki.key_to_pem(key))
     old_serial = f"{pki.load_cert_pem(reply.certificate_pem).serial_number:x}"
 
     def renew(creds: tuple[bytes, bytes]) -> leader_pb2.RenewNodeCertificateResponse:
-        csr = csr_pem(pki.generate_key(), "node9", [address])
+        csr = csr_pem(pki.generate_key(), "lost9", [address])
         with cluster.control_channel(*creds) as channel:
             answer: leader_pb2.RenewNodeCertificateResponse = leader_pb2_grpc.LeaderStub(
                 channel
@@ -1153,12 +1153,12 @@ def test_revoking_the_certificate_a_renewal_put_on_record_cuts_off_the_one_befor
     # A renewal whose new certificate the machine never used (its answer lost, say).
     renewed = renew(old)
     new_serial = f"{pki.load_cert_pem(renewed.certificate_pem).serial_number:x}"
-    assert _row(cluster, "node9")["cert_serial"] == new_serial
+    assert _row(cluster, "lost9")["cert_serial"] == new_serial
     listed = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
     assert {
         c["serial"]
         for c in listed["certificates"]
-        if c["kind"] == "agent" and c.get("subject") == "node9"
+        if c["kind"] == "agent" and c.get("subject") == "lost9"
     } == {new_serial}
 
     done = cluster.cli("ca", "revoke", new_serial)
@@ -1175,7 +1175,7 @@ def test_revoking_the_certificate_a_renewal_put_on_record_cuts_off_the_one_befor
             leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10
         )
     assert called.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert _row(cluster, "node9")["cert_serial"] == new_serial  # nothing renewed
+    assert _row(cluster, "lost9")["cert_serial"] == new_serial  # nothing renewed
 
 
 def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> None:
