@@ -342,14 +342,19 @@ class ExpiryWatch:
         if renewed is None or renewed.serial != f"{ca.serial_number:x}":
             return None
         at = renewed.at
-        agents = sorted(
-            n.name for n in self.store.list_nodes() if (n.cert_renewed_at or n.enrolled_at) < at
-        )
-        issued = {c.fingerprint: c.issued_at for c in certs if c.kind == "server"}
+        nodes = self.store.list_nodes()
+        agents = sorted(n.name for n in nodes if (n.cert_renewed_at or n.enrolled_at) < at)
+        # Of enrolled nodes only, and not a certificate revoked since: a removed node's (its
+        # served certificate revoked with it) stayed named until the old CA ended, a line no
+        # rollout could clear (review s48rev5 M1).
+        enrolled = {n.name for n in nodes}
+        issued = {
+            c.fingerprint: c.issued_at for c in certs if c.kind == "server" and c.revoked_at is None
+        }
         servers = sorted(
             name
             for name, (fingerprint, _end) in self.schema.served_certificates().items()
-            if fingerprint in issued and issued[fingerprint] < at
+            if name in enrolled and fingerprint in issued and issued[fingerprint] < at
         )
         newest: dict[str, IssuedCert] = {}
         for c in certs:

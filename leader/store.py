@@ -1431,13 +1431,13 @@ class Store(LeaderStore):
         return cert
 
     def agent_serials(self, name: str) -> list[str]:
-        """The serials of the certificates the leader accepts now from node ``name``'s agent
-        (``_agent_serials``); none for a node not enrolled."""
+        """The serials to revoke (``tlsroll ca revoke``) to cut node ``name``'s agent off
+        (``_serials_to_revoke``); none for a node not enrolled, or one cut off already."""
         with self._db.read() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
-            return [] if row is None else _agent_serials(db, row)
+            return [] if row is None else _serials_to_revoke(db, row)
 
     def remove_node(self, name: str, *, now: dt.datetime, actor: str) -> tuple[Node, list[str]]:
         """Remove node ``name``: revoke every certificate issued to or for it, free its names
@@ -1456,7 +1456,9 @@ class Store(LeaderStore):
             busy = db.execute(_HELD, (name, *_TERMINAL)).fetchone()
             if busy is not None:
                 names = (json.loads(row["addresses"]), json.loads(row["dns_names"]))
-                raise InRollout(name, busy["id"], busy["state"], *names, _agent_serials(db, row))
+                raise InRollout(
+                    name, busy["id"], busy["state"], *names, _serials_to_revoke(db, row)
+                )
             serials = [
                 r["serial"]
                 for r in db.execute(
@@ -2477,6 +2479,16 @@ def _agent_serials(db: sqlite3.Connection, row: sqlite3.Row) -> list[str]:
             )
         ]
     return [s for s in dict.fromkeys(serials) if not _revoked(db, s)]
+
+
+def _serials_to_revoke(db: sqlite3.Connection, row: sqlite3.Row) -> list[str]:
+    """Of ``_agent_serials``, what `tlsroll ca revoke` needs to cut node ``row``'s agent off:
+    the one on record, whose revocation takes the one before it too (``_accepted_before``), or,
+    that one revoked already (a store written before that), what is left. Naming both had the
+    second command fail after the first took both, which reads as a failed revocation in an
+    emergency (review s48rev5 L1)."""
+    serials = _agent_serials(db, row)
+    return serials[:1] if serials and serials[0] == row["cert_serial"] else serials
 
 
 def _accepted_before(db: sqlite3.Connection, serials: Sequence[str]) -> list[str]:

@@ -159,7 +159,7 @@ def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
 
 
 def _host(journal: Journal, port: int = 0) -> BootstrapHost:
-    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=port)
+    cfg: Any = SimpleNamespace(node_name="node-a", ca_pin="sha256:" + "0" * 64, bootstrap_port=port)
     return BootstrapHost(
         cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=InProcessCrypto()
     )
@@ -622,7 +622,9 @@ async def test_tries_while_the_port_is_held_start_no_crypto_worker(
     squatter = socket.socket()
     squatter.bind((address, 0))
     squatter.listen()
-    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=squatter.getsockname()[1])
+    cfg: Any = SimpleNamespace(
+        node_name="node-a", ca_pin="sha256:" + "0" * 64, bootstrap_port=squatter.getsockname()[1]
+    )
     host = BootstrapHost(cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=worker)
     try:
         await host.sync()
@@ -837,7 +839,7 @@ async def test_a_ca_bundle_with_a_certificate_that_is_no_ca_starts_no_crypto_wor
         return await ask(op, request)
 
     monkeypatch.setattr(worker, "call", call)
-    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=0)
+    cfg: Any = SimpleNamespace(node_name="node-a", ca_pin="sha256:" + "0" * 64, bootstrap_port=0)
     host = BootstrapHost(cast(AgentConfig, cfg), cast(Identity, None), journal, crypto=worker)
     leaf = cert.cert_file.read_bytes()
     try:

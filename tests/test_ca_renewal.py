@@ -763,3 +763,49 @@ def test_check_expiration_names_who_still_holds_only_the_old_ca_certificate(
     finally:
         node.close()
         cluster.close()
+
+
+@pytest.mark.timeout(500)
+def test_a_node_removed_after_the_renewal_is_not_named_as_holding_the_old_ca(
+    tmp_path: Path,
+) -> None:
+    """The `ca previous` line took its servers from every served certificate, removed nodes'
+    (revoked with them) too: a node removed after `ca renew` (a machine lost, left out of a
+    finalize, then removed) stayed named until the old CA ended, a warning no rollout could
+    clear (review s48rev5 M1). Enrolled nodes' unrevoked certificates only."""
+    a1, a2 = next_loopback(), next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", a1, heartbeat_interval=1)
+    node1 = Node(cluster, "node1", a1, tmp_path / "n0")
+    node2 = Node(cluster, "node2", a2, tmp_path / "n1")
+    try:
+        cluster.init("--node-name", "node1")
+        ending_in(cluster, 20)
+        cluster.start_leader()
+        node1.start()
+        node2.start()
+        cluster.wait_for_nodes_online(["node1", "node2"])
+        pw = password_file(tmp_path, "pw", "renewal-password-for-the-practice")
+        enable = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert enable.returncode == 0, (enable.stdout, enable.stderr)
+        assert cluster.cli("ca", "renew", "--yes").returncode == 0
+        _code, certs = expiration(cluster)
+        assert "node2" in certs["ca/previous"]["advice"]
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, (removed.stdout, removed.stderr)
+        rotate = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--change", "rotate-cert"),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+        _code, certs = expiration(cluster)
+        previous = certs.get("ca/previous")
+        assert previous is None or "node2" not in previous["advice"], previous
+    finally:
+        node1.close()
+        node2.close()
+        cluster.close()
