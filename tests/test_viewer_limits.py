@@ -287,8 +287,14 @@ def test_events_for_an_unknown_rollout_is_404_and_streams_are_capped(lone: Clust
         streams.pop(0).close()  # a page closed: its place is free (once the stream sees it)
 
         def another() -> bool:
-            streams.append(tls_connect(lone, sources[-1]))
-            return stream_opens(streams[-1], sessions[-1])
+            # (a refused try's connection closed: kept open, the tries of a wait longer than
+            # the stream's next look at its closed page met the listener's per-source cap)
+            conn = tls_connect(lone, sources[-1])
+            if stream_opens(conn, sessions[-1]):
+                streams.append(conn)
+                return True
+            conn.close()
+            return False
 
         wait_until(another, timeout=BOUND, what="a stream once another has closed")
     finally:
