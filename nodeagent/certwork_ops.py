@@ -195,14 +195,6 @@ def renew_csr(request: dict[str, Any]) -> str:
     return _text(pki.csr_to_pem(pki.make_csr(key, names_of(request))))
 
 
-def renewed_ca_refused(offered: Any, held: Any, ca_pin: str) -> str | None:
-    """Why the CA certificate the leader sent with a renewal is not taken as the node's
-    ``DATA/ca.pem`` (None: taken): the check every side makes of a renewal with the same key
-    (``pki.renewed_ca_problem``: the pinned key, self-signed, the held one's subject,
-    signature algorithm and extensions, a sound validity that ends later)."""
-    return pki.renewed_ca_problem(offered, held, ca_pin)
-
-
 def renew_install(request: dict[str, Any]) -> dict[str, Any]:
     """The leader's renewed certificate checked (issued by the node's CA for the pending key
     with exactly the node's names, carrying this node's identity) and moved into place with
@@ -211,7 +203,8 @@ def renew_install(request: dict[str, Any]) -> dict[str, Any]:
 
     The CA certificate the leader sent with it (``ca_certificate_pem``, after ``tlsroll ca
     renew``), if it is not the one held: written as ``DATA/ca.pem`` (one rename) before the
-    certificate is moved into place when ``renewed_ca_refused`` finds nothing against it
+    certificate is moved into place when ``pki.renewed_ca_problem`` (the check every side
+    makes of a renewal with the same key) finds nothing against it
     (``ca_not_after``: its end), else left (``ca_refused``: why; the renewal goes on, under
     the CA certificate held). Missing or empty (an older leader, an older agent): neither."""
     data_dir = Path(request["data_dir"])
@@ -231,7 +224,7 @@ def renew_install(request: dict[str, Any]) -> dict[str, Any]:
             about_ca["ca_refused"] = f"the CA certificate sent with it: {exc}"
         else:
             if offered != ca:
-                refused = renewed_ca_refused(offered, ca, str(request.get("ca_pin", "")))
+                refused = pki.renewed_ca_problem(offered, ca, str(request.get("ca_pin", "")))
                 if refused is None:
                     pki.write_cert(ca_file, offered)
                     about_ca["ca_not_after"] = offered.not_valid_after_utc.isoformat()

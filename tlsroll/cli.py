@@ -37,7 +37,7 @@ from pathlib import Path
 import click
 
 from tlsroll import __version__, echo, nocore
-from tlsroll.defaults import DEFAULT_DATA_DIR
+from tlsroll.defaults import DEBUG_ENV, DEFAULT_DATA_DIR
 from tlsroll.errors import TlsrollError
 
 LAZY = {"client": "workstation.cli:client"}
@@ -159,10 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     if _Program.quick_exit:
         _exit_now(code)
     return code
-
-
-DEBUG_ENV = "TLSROLL_DEBUG"
-"""Set to 1, an error nobody foresaw ends with Python's traceback instead of one line."""
 
 
 def _run(argv: list[str] | None) -> int:

@@ -13,10 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tlsroll import echo, nocore
-
-DEBUG_ENV = "TLSROLL_DEBUG"
-"""Set to 1 (or the daemon at log level debug), an error nobody foresaw is followed by its
-traceback on stderr, as ``tlsroll``'s own ``TLSROLL_DEBUG`` does."""
+from tlsroll.defaults import DEBUG_ENV
 
 
 def say(prog: str, message: object) -> None:

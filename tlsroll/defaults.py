@@ -14,4 +14,5 @@ HEARTBEAT_INTERVAL = 5
 # Seconds: the longest scope freeze lease (leader.toml scope_freeze_lease at most; an agent
 # grants no longer, so a lease it cannot read has surely run out after this long).
 MAX_FREEZE_LEASE = 86400
+DEBUG_ENV = "TLSROLL_DEBUG"  # =1: an error nobody foresaw shows its traceback (CLI, daemons)
 DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")  # the leader's data directory

@@ -29,9 +29,10 @@ from __future__ import annotations
 import functools
 import re
 
+from tlsroll.peertext import ELLIPSIS
+
 LIMIT = 80
 """Characters of an input a message repeats (``shown``); a longer one is cut with ``…``."""
-ELLIPSIS = "…"
 
 _TOKEN_ID = "[a-z0-9]{6}"  # noqa: S105 - leader.tokens: ID_ALPHABET, ID_LEN
 _TOKEN_SECRET = "[a-z2-7]{26}"  # noqa: S105 - leader.tokens: SECRET_ALPHABET (base32), SECRET_LEN
