@@ -192,8 +192,9 @@ def runs_to_end(handler: H) -> H:
     deadline); cancelled after its commit, ``StartRollout`` never logged ``rollout.started``
     nor kept a ``--cert-dir`` rollout's keys for its stages, which then failed (audit s39race
     M3). The handler runs as a task of its own, shielded; a caller that went away is answered
-    by nobody, and what the command did is logged (``admin.finished_without_caller``) and
-    shown where it always is (``tlsroll rollout status``, ``schema show``). Below
+    by nobody; the leader logs that it went away (``admin.caller_gone``) and, once the command
+    ends, what it did (``admin.finished_without_caller``), which is also shown where it always
+    is (``tlsroll rollout status``, ``schema show``). Below
     ``map_errors``: the errors it maps are the task's."""
 
     @functools.wraps(handler)
@@ -203,6 +204,7 @@ def runs_to_end(handler: H) -> H:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             if not task.done():
+                log.info("admin.caller_gone", method=handler.__name__)
                 carried: set[asyncio.Task[Any]] = self.carried_on
                 carried.add(task)
                 task.add_done_callback(carried.discard)

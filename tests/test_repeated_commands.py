@@ -355,6 +355,17 @@ def test_a_real_start_whose_caller_gave_up_still_starts_and_its_stages_find_the_
                 with pytest.raises(grpc.RpcError) as gave_up:
                     stub.StartRollout(request, timeout=3)
             assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            # The store stays held until the leader has seen its caller go: released at once,
+            # the start could end before gRPC cancelled its handler (a loaded machine), and
+            # nothing would have carried on without its caller (the CI flake of ci48e).
+            wait_until(
+                lambda: any(
+                    e.get("event") == "admin.caller_gone" and e.get("method") == "StartRollout"
+                    for e in cluster.leader.log_events()
+                ),
+                30,
+                "the leader saw its caller go",
+            )
         finally:
             held.execute("ROLLBACK")
             held.close()
