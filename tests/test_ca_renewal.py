@@ -948,3 +948,97 @@ def test_the_store_keeps_every_renewal_and_the_one_a_release_before_recorded(
     assert [r.serial for r in store.ca_renewals()][-2:] == [detail["serial"], "bb02"]
     store.close()
 
+
+# --- a renewal cut short between its commit and its rename --------------------------------------
+
+
+class _Killed:
+    """A renewal whose leader is killed once its transaction has committed: its ``ca.pem.new``
+    is never renamed, nor removed."""
+
+    def __init__(self, renewal: ca_renewal.Renewal) -> None:
+        self.detail = renewal.detail
+
+    def put_in_place(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(200)
+def test_a_renewal_killed_between_its_commit_and_its_rename_is_put_in_place_at_the_start(
+    tmp_path: Path,
+) -> None:
+    """A leader killed after the renewal's transaction committed (audited, recorded) and
+    before ``ca.pem.new`` was renamed removed that file at its next start: the CA in use was
+    not the one the store and the audit trail said, and the advice was to renew again
+    (review s48rev5 L5). The rename is finished (the replaced certificate kept as the
+    renewal keeps it), and said; the leader serves and issues with it. One the store does not
+    record (killed before the commit) is removed, as before."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    try:
+        cluster.init("--node-name", "node1")
+        old = ending_in(cluster, 20)
+        cluster.start_leader()
+        cluster.stop_leader()
+        layout = Layout(cluster.data_dir)
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+        )
+        store = Store(layout.store)
+        now = pki.utcnow()
+        try:
+            detail = store.renew_ca(
+                lambda: _Killed(ca_renewal.prepare(layout, ca, now)), now=now, actor="admin:test"
+            )
+        finally:
+            store.close()
+        left = ca_renewal.new_path(layout)
+        new = pki.read_cert(left)
+        assert detail["serial"] == f"{new.serial_number:x}"
+        assert pki.read_cert(cluster.ca_cert_path) == old
+
+        cluster.start_leader()
+        assert not left.exists()
+        assert pki.read_cert(cluster.ca_cert_path) == new
+        assert pki.read_cert(ca_renewal.kept_path(layout, old)) == old
+        assert "ca.renewal_finished" in cluster.logs_text()
+        assert "ca.renewal_leftover_removed" not in cluster.logs_text()
+        shown = json.loads(cluster.cli("ca", "show", "--json").stdout)
+        assert shown["fingerprint"] == pki.fingerprint(new)
+        chain = pki.load_certs_pem(cluster.tls_cert_path.read_bytes())
+        assert chain[1] == new  # the leader's chain carries it, as after a renewal's hooks
+        assert fetch_chain(address, JOIN_PORT)[1:] == [new]
+    finally:
+        cluster.close()
+
+
+def test_a_leftover_is_put_in_place_only_if_its_renewal_replaced_the_certificate_in_use(
+    tmp_path: Path,
+) -> None:
+    """``leftover``: a ``ca.pem.new`` the store records, but whose renewal replaced another
+    certificate than ``ca.pem`` (a backup's, restored), or one it does not record, is removed
+    and ``ca.pem`` kept; one it records for ``ca.pem`` is put in place and adopted."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    old = ca.cert
+    pki.write_cert(layout.ca_cert, old)
+    store = Store(layout.store)
+    now = pki.utcnow()
+    store.renew_ca(lambda: _Killed(ca_renewal.prepare(layout, ca, now)), now=now, actor="t")
+    new = pki.read_cert(ca_renewal.new_path(layout))
+    recorded = store.ca_renewals()
+    store.close()
+    other = pki.CertificateAuthority(same_key(old, ca.key, old.not_valid_before_utc, now), ca.key)
+    assert not ca_renewal.leftover(layout, other, recorded, now)  # not its renewal's
+    assert not ca_renewal.new_path(layout).exists() and pki.read_cert(layout.ca_cert) == old
+    pki.write_cert(ca_renewal.new_path(layout), new)
+    assert not ca_renewal.leftover(layout, ca, [], now)  # not recorded
+    assert not ca_renewal.new_path(layout).exists() and pki.read_cert(layout.ca_cert) == old
+    pki.write_cert(ca_renewal.new_path(layout), new)
+    assert ca_renewal.leftover(layout, ca, recorded, now)
+    assert pki.read_cert(layout.ca_cert) == new == ca.cert
+    assert not ca_renewal.new_path(layout).exists()
