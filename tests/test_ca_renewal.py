@@ -16,6 +16,7 @@ not the product's), and the leader's certificate issued again under it (cut to t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import functools
@@ -37,13 +38,16 @@ from leader.expiry import held_at, renewals_to
 from leader.layout import Layout, read_passphrase, write_leader_cert
 from leader.schema_store import SchemaStore
 from leader.store import RolloutHoldsCA, Store
-from nodeagent import bootstrap_crypto, certwork_ops
-from nodeagent.identity import fetch_chain
+from nodeagent import bootstrap_crypto, certwork_ops, renewal
+from nodeagent.config import AgentConfig
+from nodeagent.identity import Identity, fetch_chain, paths
+from nodeagent.renewal import Renewer
 from tests.cluster import AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
 from tests.test_level_based import password_file
+from tests.test_renewal import FlakyLink, _agent_config, _enrolled
 from tests.test_rotation import served
 from tests.test_schema_store import new_rollout
 from tlsroll import bootstrap_protocol, pki, spiffe, tls
@@ -1042,3 +1046,52 @@ def test_a_leftover_is_put_in_place_only_if_its_renewal_replaced_the_certificate
     assert ca_renewal.leftover(layout, ca, recorded, now)
     assert pki.read_cert(layout.ca_cert) == new == ca.cert
     assert not ca_renewal.new_path(layout).exists()
+
+
+# --- a renewed CA certificate refused is reported, not only logged ------------------------------
+
+
+class _OfferingLink(FlakyLink):
+    """A leader link that signs the CSR and offers ``offered`` as the CA certificate in use."""
+
+    def __init__(self, ca: pki.CertificateAuthority, cfg: AgentConfig, offered: bytes) -> None:
+        super().__init__(ca, cfg, fail=0)
+        self.offered = offered
+
+    async def renew(self, csr: bytes) -> tuple[bytes, bytes]:
+        cert, _ = await super().renew(csr)
+        return cert, self.offered
+
+
+def test_an_agent_that_refuses_the_renewed_ca_certificate_reports_it_until_it_takes_one(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """An agent that refused a renewed CA certificate (``pki.renewed_ca_problem``: here its
+    clock two days behind the leader's, so CA1' ends more than 10 years from its now) said so
+    in its own log only, and `ca previous` stopped naming it once its certificate was renewed
+    (review s48rev5 L4): nothing told the admin that it still trusted CA1 alone. Its
+    heartbeat reports it as its renewal failing (`tlsroll nodes`, the schema), with the
+    reason, from the first refusal on, until a renewal's CA certificate is taken."""
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    identity = Identity.of(
+        key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
+    )
+    ahead = test_ca.renewed_cert(pki.utcnow() + 2 * DAY)  # by the leader's clock, 2 days on
+    link = _OfferingLink(test_ca, cfg, pki.cert_to_pem(ahead))
+    now = [pki.utcnow()]
+    renewer = Renewer(cfg, identity, link, clock=lambda: now[0])
+    asyncio.run(renewer.renew())
+    assert renewer.status.failing_since == now[0], renewer.status
+    assert renewer.status.error.startswith(renewal.CA_REFUSED), renewer.status.error
+    assert "days from now" in renewer.status.error, renewer.status.error
+    assert len(renewer.status.error) <= renewal.MAX_ERROR
+    assert (cfg.data_dir / "ca.pem").read_bytes() == test_ca.cert_pem  # kept
+    first = now[0]
+    now[0] += DAY
+    asyncio.run(renewer.renew())  # refused again: failing since the first refusal
+    assert renewer.status.failing_since == first, renewer.status
+    link.offered = pki.cert_to_pem(test_ca.renewed_cert(pki.utcnow()))
+    asyncio.run(renewer.renew())  # taken
+    assert renewer.status.failing_since is None and renewer.status.error == "", renewer.status
+    assert (cfg.data_dir / "ca.pem").read_bytes() == link.offered
