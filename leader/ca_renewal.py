@@ -16,20 +16,23 @@ serial, never overwritten) and the new one written as ``DATA/ca/ca.pem.new`` (06
 certificate). Only once the transaction has committed (``put_in_place``) is ``ca.pem.new``
 renamed over ``ca.pem`` and the new certificate adopted (``ca.adopt``): a transaction that
 fails (the audit refused, a full disk at the COMMIT) leaves ``ca.pem`` and the leader's CA
-as they were, and ``ca.pem.new`` is removed (``discard``; one left by a kill is removed at
-the leader's next start, ``leftover``). The key is left as it is. Adopted, every part of the
-leader holds the same ``CertificateAuthority``, so its leaves are no longer cut to the old
-end, the expiry watch sees the new end, a rollout stages the new certificate, and
-``RenewNodeCertificate`` and ``SignWorkstationCertificate`` hand it to the agents.
+as they were, and ``ca.pem.new`` is removed (``discard``). One left by a kill is put in
+place at the leader's next start if the store recorded its renewal (killed between the
+commit and the rename), else removed (``leftover``). The key is left as it is. Adopted,
+every part of the leader holds the same ``CertificateAuthority``, so its leaves are no
+longer cut to the old end, the expiry watch sees the new end, a rollout stages the new
+certificate, and ``RenewNodeCertificate`` and ``SignWorkstationCertificate`` hand it to the
+agents.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -37,6 +40,9 @@ from leader.layout import Layout
 from tlsroll import logs, pki
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PUBLIC, write_atomic
+
+if TYPE_CHECKING:
+    from leader.store import CARenewed
 
 log = logs.get_logger(__name__)
 
@@ -128,25 +134,62 @@ def prepare(
     return Renewal(layout, ca, new, now, {k: v for k, v in detail.items() if v is not None})
 
 
-def leftover(layout: Layout) -> None:
-    """At the leader's start: a ``ca.pem.new`` that a renewal left (the leader killed between
-    its write and the rename) is removed, and said: ``ca.pem`` is the certificate in use (if
-    the audit trail has that renewal, it committed and the rename did not happen: run
-    ``tlsroll ca renew`` again)."""
+def leftover(
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    recorded: Sequence[CARenewed],
+    now: dt.datetime,
+) -> bool:
+    """At the leader's start, a ``ca.pem.new`` that a renewal left (the leader killed between
+    its write and the rename). If the store records that renewal (``recorded``,
+    ``Store.ca_renewals``: its serial and fingerprint, and the certificate it replaced is
+    ``ca``'s) it committed and only the rename was not made: it is made now, as the renewal
+    would have (the replaced certificate kept beside it, ``kept_path``; ``ca`` adopts it),
+    and True (review s48rev5 L5: it was removed, and the CA in use was not the one the store
+    and the audit trail said). Else (killed before the commit, or a file that is not that
+    renewal's) it is removed, and said: ``ca.pem`` is the certificate in use."""
     path = new_path(layout)
     try:
         left = pki.read_cert(path)
     except FileNotFoundError:
-        return
+        return False
     except Exception as exc:  # (damaged: removed all the same)
         log.warning("ca.renewal_leftover_removed", path=str(path), error=str(exc)[:200])
-    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return False
+    serial = f"{left.serial_number:x}"
+    old = ca.cert
+    committed = any(
+        r.serial == serial
+        and r.fingerprint == pki.fingerprint(left)
+        and r.previous_serial == f"{old.serial_number:x}"
+        for r in recorded
+    )
+    why = pki.renewed_ca_problem(left, old, pki.spki_pin(old), now) if committed else None
+    if committed and why is None:
+        kept = kept_path(layout, old)
+        if not kept.exists():  # (the renewal wrote it before its commit)
+            write_atomic(kept, pki.cert_to_pem(old), PUBLIC)
+        Renewal(layout, ca, left, now, {}).put_in_place()
         log.warning(
-            "ca.renewal_leftover_removed",
-            path=str(path),
-            serial=f"{left.serial_number:x}",
-            hint="a `tlsroll ca renew` was cut short; the CA certificate in use is ca.pem "
-            "(tlsroll ca show): renew again if it is not the renewed one",
+            "ca.renewal_finished",
+            path=str(layout.ca_cert),
+            serial=serial,
+            previous_serial=f"{old.serial_number:x}",
+            previous_kept=str(kept),
+            detail="a `tlsroll ca renew` that had committed was cut short before its "
+            "certificate was put in place: put in place now",
         )
+        return True
+    log.warning(
+        "ca.renewal_leftover_removed",
+        path=str(path),
+        serial=serial,
+        **({"error": why} if why else {}),
+        hint="a `tlsroll ca renew` was cut short before its commit; the CA certificate in "
+        "use is ca.pem (tlsroll ca show): renew again if it is not the renewed one",
+    )
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+    return False

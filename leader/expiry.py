@@ -52,7 +52,7 @@ from cryptography import x509
 
 from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
-from leader.store import IssuedCert, Node, Store, token_command
+from leader.store import CARenewed, IssuedCert, Node, Store, token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
 
@@ -93,10 +93,12 @@ CHAIN_ENDS_FIRST = (
     "under one that outlives them), then tlsroll rollout start --change rotate-cert --nodes "
     "{node} --cert-dir DIR"
 )
-# The CA certificate a `tlsroll ca renew` replaced, while some still hold it alone (``holders``).
+# A CA certificate a `tlsroll ca renew` replaced, while some still hold it alone (``holders``):
+# one line for each such certificate (after a second renewal, the first one's too).
 PREVIOUS_CA = (
-    "the CA certificate before `tlsroll ca renew` ends then, and these were handed it and not "
-    "the renewed one since; each stops trusting the cluster at that end: {holders}"
+    "the CA certificate {serial} that `tlsroll ca renew` replaced ends {end:%Y-%m-%d}, and "
+    "these were handed it and not a renewed one since; each stops trusting the cluster at "
+    "that end: {holders}"
 )
 PREVIOUS_HOLDERS = {
     "agent": "agents not renewed since (they take it with their next certificate renewal, "
@@ -124,8 +126,8 @@ class Expiry:
     # A server certificate of the practice's own whose chain ends first: the chain's
     # certificate that does (its subject); ``not_after`` is then its end.
     chain: str = ""
-    # The CA certificate a renewal replaced (kind ``ca``, subject ``previous``): who was
-    # handed it and not the renewed one since, by kind (``PREVIOUS_HOLDERS``).
+    # A CA certificate a renewal replaced (kind ``ca``, subject ``previous``): who was
+    # handed it and not a renewed one since, by kind (``PREVIOUS_HOLDERS``).
     holders: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
@@ -140,9 +142,11 @@ class Expiry:
             return CHAIN_ENDS_FIRST.format(chain=self.chain, node=self.subject)
         if self.holders:
             return PREVIOUS_CA.format(
+                serial=self.serial[:8],
+                end=self.not_after,
                 holders="; ".join(
                     f"{PREVIOUS_HOLDERS[kind]}: {', '.join(names)}" for kind, names in self.holders
-                )
+                ),
             )
         if self.ends_with_ca and self.kind != "ca":
             return ENDS_WITH_CA
@@ -202,6 +206,31 @@ def watched_workstations(
         for c in mine
         if c.not_after > now or (c.not_after == newest[c.subject] and now - c.not_after < horizon)
     ]
+
+
+def renewals_to(renewals: Sequence[CARenewed], ca: x509.Certificate) -> list[CARenewed]:
+    """Of ``renewals`` (``Store.ca_renewals``), those that led to ``ca``, oldest first: the one
+    that made it, the one that made the certificate that one replaced, and so on. One whose
+    certificate was never put in place (``CARenewalNotInPlace``: the next renewal replaced
+    the same certificate again) is not among them. ``[]``: ``ca`` is no renewal's (none was
+    made, or a backup from before them was restored)."""
+    made = {r.serial: r for r in renewals}
+    chain: list[CARenewed] = []
+    serial = f"{ca.serial_number:x}"
+    while serial in made and all(r.serial != serial for r in chain):
+        chain.append(made[serial])
+        serial = made[serial].previous_serial
+    return chain[::-1]
+
+
+def held_at(chain: Sequence[CARenewed], issued_at: dt.datetime) -> int | None:
+    """Which CA certificate a peer handed the one in use at ``issued_at`` holds, given the
+    renewals that led to the one in use now (``renewals_to``): ``i``, the one ``chain[i]``
+    replaced (the first renewal made after that time); None: the one in use now."""
+    for i, renewal in enumerate(chain):
+        if issued_at < renewal.at:
+            return i
+    return None
 
 
 def agent_horizon(node: Node, lifetime: dt.timedelta) -> dt.timedelta:
@@ -322,28 +351,35 @@ class ExpiryWatch:
             Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
             for c in watched_workstations(certs, now, self.horizon)
         ]
-        if (previous := self._previous_ca(ca, certs, now)) is not None:
-            found.append(previous)
+        found += self._previous_cas(ca, certs, now)
         return sorted(_marked(found, ca), key=lambda e: (e.not_after, e.kind, e.subject))
 
-    def _previous_ca(
+    def _previous_cas(
         self, ca: x509.Certificate, certs: Sequence[IssuedCert], now: dt.datetime
-    ) -> Expiry | None:
-        """The CA certificate the last ``tlsroll ca renew`` replaced (review s48rev1 M2), as
-        long as some were handed it and not the renewed one since: agents whose certificate
-        was last issued before the renewal (a renewal's answer, or the join, carries the
-        CA certificate in use), nodes that serve a certificate staged before it (the stage
-        sent the CA certificate in use as the server's client CA) and workstations whose
-        newest certificate, not ended, was issued before it (the bootstrap handed them the
-        bundle of then). None if the CA in use is not that renewal's, or no one is left.
-        What it cannot see: an agent that refused the renewed certificate, or of a release
+    ) -> list[Expiry]:
+        """The CA certificates the ``tlsroll ca renew``s that led to ``ca`` replaced (review
+        s48rev1 M2), each as long as some were handed it and not a renewed one since (review
+        s48rev5 M2: the last renewal's alone, so after a second one nobody was warned of who
+        still held the first one's). Each holder is judged by the CA certificate in use when
+        it was last issued (``held_at``): agents by when their certificate was last issued (a
+        renewal's answer, or the join, carries the CA certificate in use), nodes by their
+        served certificate (the stage sent the CA certificate in use as the server's client
+        CA) and workstations by their newest certificate, not ended (the bootstrap handed
+        them the bundle of then). ``[]`` if no renewal led to ``ca``, or no one is left.
+        What it cannot see: an agent that refused a renewed certificate, or of a release
         that does not take it; a node's certificate from --cert-dir (not the CA's)."""
-        renewed = self.store.last_ca_renewal()
-        if renewed is None or renewed.serial != f"{ca.serial_number:x}":
-            return None
-        at = renewed.at
+        chain = renewals_to(self.store.ca_renewals(), ca)
+        if not chain:
+            return []
         nodes = self.store.list_nodes()
-        agents = sorted(n.name for n in nodes if (n.cert_renewed_at or n.enrolled_at) < at)
+        held: dict[int, dict[str, list[str]]] = {}
+
+        def name(kind: str, who: str, issued_at: dt.datetime) -> None:
+            if (era := held_at(chain, issued_at)) is not None:
+                held.setdefault(era, {}).setdefault(kind, []).append(who)
+
+        for n in nodes:
+            name("agent", n.name, n.cert_renewed_at or n.enrolled_at)
         # Of enrolled nodes only, and not a certificate revoked since: a removed node's (its
         # served certificate revoked with it) stayed named until the old CA ended, a line no
         # rollout could clear (review s48rev5 M1).
@@ -351,40 +387,37 @@ class ExpiryWatch:
         issued = {
             c.fingerprint: c.issued_at for c in certs if c.kind == "server" and c.revoked_at is None
         }
-        servers = sorted(
-            name
-            for name, (fingerprint, _end) in self.schema.served_certificates().items()
-            if name in enrolled and fingerprint in issued and issued[fingerprint] < at
-        )
+        for node, (fingerprint, _end) in self.schema.served_certificates().items():
+            if node in enrolled and fingerprint in issued:
+                name("server", node, issued[fingerprint])
         newest: dict[str, IssuedCert] = {}
         for c in certs:
             if c.kind != "workstation" or c.revoked_at is not None:
                 continue
             if c.subject not in newest or c.issued_at > newest[c.subject].issued_at:
                 newest[c.subject] = c
-        workstations = sorted(
-            s for s, c in newest.items() if c.issued_at < at and c.not_after > now
-        )
-        holders = tuple(
-            (kind, tuple(names))
-            for kind, names in (
-                ("agent", agents),
-                ("server", servers),
-                ("workstation", workstations),
+        for subject, c in newest.items():
+            if c.not_after > now:
+                name("workstation", subject, c.issued_at)
+        found = []
+        for era, kinds in sorted(held.items()):
+            replaced = chain[era]
+            found.append(
+                Expiry(
+                    "ca",
+                    "previous",
+                    replaced.previous_serial,
+                    replaced.previous_fingerprint,
+                    replaced.previous_not_after,
+                    CA_HORIZON,
+                    holders=tuple(
+                        (kind, tuple(sorted(kinds[kind])))
+                        for kind in PREVIOUS_HOLDERS
+                        if kind in kinds
+                    ),
+                )
             )
-            if names
-        )
-        if not holders:
-            return None
-        return Expiry(
-            "ca",
-            "previous",
-            renewed.previous_serial,
-            renewed.previous_fingerprint,
-            renewed.previous_not_after,
-            CA_HORIZON,
-            holders=holders,
-        )
+        return found
 
     def warnings(self) -> list[Expiry]:
         now = self.clock()

@@ -110,6 +110,19 @@ def write_leader_cert(
     write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
 
 
+def rechain_leader_cert(layout: Layout, ca: pki.CertificateAuthority) -> bool:
+    """``DATA/tls/leader.pem`` written again as its leaf and the CA certificate in use, unless
+    it is that already (``tlsroll ca renew`` replaced the CA certificate: the same key, so
+    the leaf chains to the new one unchanged); True if it was written."""
+    from tlsroll import pki  # noqa: PLC0415 - see the imports
+
+    chain = pki.load_certs_pem(Path(layout.tls_cert).read_bytes())
+    if chain[1:] == [ca.cert]:
+        return False
+    write_atomic(layout.tls_cert, pki.cert_to_pem(chain[0]) + ca.cert_pem)
+    return True
+
+
 # The leader's own certificates (``leader.pem``, ``viewer.pem``) are issued again by the leader,
 # at its start and with every check of the expiry watch, once they end within
 # ``own_renew_before``: at least this, ...

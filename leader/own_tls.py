@@ -24,9 +24,8 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from leader.layout import DEFAULT_WARNING, Layout, ensure_leader_identity
+from leader.layout import DEFAULT_WARNING, Layout, ensure_leader_identity, rechain_leader_cert
 from tlsroll import logs, pki
-from tlsroll.fsutil import write_atomic
 
 log = logs.get_logger(__name__)
 
@@ -107,10 +106,8 @@ class OwnTls:
 
     def _rechain(self) -> bytes:
         """``DATA/tls/leader.pem`` written again as its leaf and the CA certificate in use."""
-        leaf = pki.load_certs_pem(Path(self.layout.tls_cert).read_bytes())[0]
-        chain = pki.cert_to_pem(leaf) + self.ca.cert_pem
-        write_atomic(self.layout.tls_cert, chain)
-        return chain
+        rechain_leader_cert(self.layout, self.ca)
+        return Path(self.layout.tls_cert).read_bytes()
 
     async def renew_if_due(self) -> bool:
         """Issue the certificate again if it is due, and serve it; True if it did."""

@@ -37,10 +37,12 @@ from leader.engine import Engine
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
+    Layout,
     check_secret_dirs,
     ensure_leader_identity,
     passphrase_source,
     read_passphrase,
+    rechain_leader_cert,
     upgrade_ca_key,
 )
 from leader.observe import observe
@@ -185,6 +187,27 @@ def _read_passphrase(cfg: LeaderConfig, source: Path, *, credential: bool) -> by
         raise ConfigError(cfg.path, "[leader].ca_passphrase_file", str(exc)) from None
 
 
+def _start_on(
+    cfg: LeaderConfig, layout: Layout, ca: pki.CertificateAuthority, store: Store
+) -> pki.Names:
+    """What the leader's start does with its CA once its store is open: a ``tlsroll ca renew``
+    cut short (its ``ca.pem.new``) put in place if the store recorded it, else removed
+    (``ca_renewal.leftover``); the leader's certificate chained with the CA certificate in
+    use (``rechain_leader_cert``: a leader killed before its renewal's hooks served the old
+    one until its certificate was issued again), and given its identity and names, or
+    issued again if due (``ensure_leader_identity``). Returns the leader's names."""
+    now = dt.datetime.now(dt.UTC)
+    ca_renewal.leftover(layout, ca, store.ca_renewals(), now)
+    if rechain_leader_cert(layout, ca):
+        log.info("leader.certificate_rechained", ca_serial=f"{ca.cert.serial_number:x}")
+    names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
+    if ensure_leader_identity(
+        layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
+    ):
+        log.info("leader.certificate_reissued", reason="identity or names changed, or due")
+    return names
+
+
 def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     layout = cfg.layout
     check_secret_dirs(layout)
@@ -193,7 +216,6 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     for secret in (layout.ca_key, layout.tls_key):
         check_private_file(secret)
     passphrase = _read_passphrase(cfg, source, credential=credential)
-    ca_renewal.leftover(layout)  # (a `tlsroll ca renew` cut short: its ca.pem.new)
     ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
@@ -208,16 +230,16 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
             kdf_before=weak,
             kdf_now=str(keywrap.kdf_of(layout.ca_key.read_bytes())),
         )
-    names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
-    if ensure_leader_identity(
-        layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
-    ):
-        log.info("leader.certificate_reissued", reason="identity or names changed, or due")
     # Lost state stops the leader; it never starts empty instead, unless the admin says so
     # (``reinitialise``, a one-shot of its own).
     check_store(layout.store, recover=recovery_command(config or layout.config))
     store = Store(layout.store)
     mark_store(layout.store)
+    try:
+        names = _start_on(cfg, layout, ca, store)
+    except BaseException:
+        store.close()
+        raise
     if (restored := store.restore_began(dt.datetime.now(dt.UTC))) is not None:
         made, until = restored
         log.warning(

@@ -179,14 +179,15 @@ class CARenewal(Protocol):
 
 @dataclass(frozen=True)
 class CARenewed:
-    """The last ``tlsroll ca renew``: when, the serial of the certificate it made, and the
-    certificate it replaced (its serial, fingerprint and end)."""
+    """One ``tlsroll ca renew``: when, the certificate it made (its serial and fingerprint),
+    and the certificate it replaced (its serial, fingerprint and end)."""
 
     at: dt.datetime
     serial: str
     previous_serial: str
     previous_fingerprint: str
     previous_not_after: dt.datetime
+    fingerprint: str = ""
 
 
 class CARenewalNotInPlace(TerminalError):
@@ -2167,11 +2168,19 @@ class Store(LeaderStore):
                     raise RolloutHoldsCA(live["id"], live["state"])
                 renewal = prepare()
                 self._audit(db, now, actor, "ca.renewed", "ca", **renewal.detail)
-                # When, and of what: who was handed the certificate before it since is
-                # still to get the renewed one (``leader.expiry``: ``last_ca_renewal``).
+                # When, and of what: who was handed a certificate before it since is
+                # still to get the renewed one (``leader.expiry``: ``ca_renewals``). Every
+                # renewal is kept (review s48rev5 M2: the last one alone forgot who still
+                # held the certificate before an earlier one), and the last one also as
+                # ``ca_renewed``, the row of the releases before, which they read.
+                entry = {"at": to_text(now), **renewal.detail}
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('ca_renewals', ?)",
+                    (json.dumps([*_ca_renewal_rows(db), entry]),),
+                )
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('ca_renewed', ?)",
-                    (json.dumps({"at": to_text(now), **renewal.detail}),),
+                    (json.dumps(entry),),
                 )
                 self._db.after_commit(put)
         except BaseException:
@@ -2183,23 +2192,32 @@ class Store(LeaderStore):
             raise CARenewalNotInPlace(str(failed[0]))
         return renewal.detail
 
-    def last_ca_renewal(self) -> CARenewed | None:
-        """The last ``tlsroll ca renew`` (``renew_ca``), None if there was none."""
+    def ca_renewals(self) -> list[CARenewed]:
+        """Every ``tlsroll ca renew`` (``renew_ca``), in the order they were made (``[]``: none).
+        A store of a release that kept the last one alone (``ca_renewed``) has that one; one
+        made there by such a release after this one's (a downgrade) comes last."""
         with self._db.read() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'ca_renewed'").fetchone()
-        if row is None:
-            return None
-        detail = json.loads(row["value"])
-        at = from_text(detail["at"])
-        if at is None:
-            return None
-        return CARenewed(
-            at=at,
-            serial=str(detail.get("serial", "")),
-            previous_serial=str(detail.get("previous_serial", "")),
-            previous_fingerprint=str(detail.get("previous_fingerprint", "")),
-            previous_not_after=dt.datetime.fromisoformat(detail["previous_not_after"]),
-        )
+            rows = _ca_renewal_rows(db)
+        found = []
+        for detail in rows:
+            try:
+                at = from_text(detail["at"])
+                previous_end = dt.datetime.fromisoformat(detail["previous_not_after"])
+            except (KeyError, TypeError, ValueError):  # (not one this code wrote)
+                continue
+            if at is None:
+                continue
+            found.append(
+                CARenewed(
+                    at=at,
+                    serial=str(detail.get("serial", "")),
+                    previous_serial=str(detail.get("previous_serial", "")),
+                    previous_fingerprint=str(detail.get("previous_fingerprint", "")),
+                    previous_not_after=previous_end,
+                    fingerprint=str(detail.get("fingerprint", "")),
+                )
+            )
+        return found
 
     # --- audit --------------------------------------------------------------------------------
 
@@ -2251,6 +2269,27 @@ def check_caller_in(
     if fingerprint != row["cert_fingerprint"] and _revoked(db, row["cert_serial"]):
         raise Superseded(rpc.revoked_node(name))
     return row
+
+
+def _ca_renewal_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The renewals of the CA certificate as ``renew_ca`` recorded them, oldest first: the
+    list (``ca_renewals``), and the last one (``ca_renewed``: all a release before it kept,
+    and what such a release writes) after it unless it is in it already. The list is written
+    from this at the next renewal, so a store of an earlier release keeps its renewal."""
+    values = {
+        r["key"]: r["value"]
+        for r in db.execute(
+            "SELECT key, value FROM meta WHERE key IN ('ca_renewals', 'ca_renewed')"
+        )
+    }
+    rows = [r for r in json.loads(values.get("ca_renewals", "[]")) if isinstance(r, dict)]
+    if (last := values.get("ca_renewed")) is not None:
+        last_row = json.loads(last)
+        if isinstance(last_row, dict) and all(
+            r.get("serial") != last_row.get("serial") for r in rows
+        ):
+            rows.append(last_row)
+    return rows
 
 
 def _meta(db: sqlite3.Connection, key: str, default: int) -> int:

@@ -16,7 +16,9 @@ that is added back), not from NotBefore: a one-minute certificate (tests) is the
 18-24 s, not at once. The jitter is drawn anew at every start; a certificate already past its
 point is renewed at start. A failed renewal is tried again after a backoff
 (``tlsroll.backoff.Policy``: 2 s, doubling, at most 5 minutes and never past the end); the
-heartbeat reports since when it fails and why (``tlsroll nodes``, the schema).
+heartbeat reports since when it fails and why (``tlsroll nodes``, the schema). So it does,
+after a renewal, while the CA certificate the leader's answers carry (a ``tlsroll ca renew``'s)
+is refused (``CA_REFUSED``): the node trusts the one it had alone, until that one's end.
 
 **A clock ahead.** After a renewal, the next is not tried before ``RENEW_AGAIN_AFTER`` (a
 tenth) of the new certificate's life has passed in elapsed time (``elapsed``: not moved by the
@@ -83,6 +85,12 @@ EXPIRED = (
     "certificate expired by the node's clock: check that clock first (if it is ahead, correct "
     "it: the agent goes on by itself); if it is right, enrol the node again (a new join token, "
     "no nodes remove)"
+)
+# What the heartbeat reports after a renewal whose CA certificate (a `tlsroll ca renew`'s) the
+# node refused (``pki.renewed_ca_problem``), until one takes it: its certificate renewed, the
+# node still trusts the CA certificate it had alone, and stops trusting the cluster at its end.
+CA_REFUSED = (
+    "the renewed CA certificate was refused (this node keeps the one it had, until its end): "
 )
 EXPIRED_RECHECK = 60.0  # seconds between looks at a certificate the node's clock says has ended
 # After a renewal, elapsed time before the next is tried, as a fraction of the new life.
@@ -242,6 +250,8 @@ class Renewer:
         self.last_failure: dt.datetime | None = None
         self.expired = False
         self._before_expired: tuple[dt.datetime | None, str] = (None, "")
+        # Since when the renewals' CA certificate is refused (``CA_REFUSED``); None: it is not.
+        self.ca_refused_since: dt.datetime | None = None
         self._schedule()
 
     def _schedule(self) -> None:
@@ -391,6 +401,14 @@ class Renewer:
         self.failures = 0
         self.last_failure = None
         self.status = Status()
+        if renewed.get("ca_refused"):
+            # Reported as a renewal failing (``tlsroll nodes``, the schema) until a renewal's
+            # CA certificate is taken: else only this node's log said it (review s48rev5 L4).
+            self.ca_refused_since = self.ca_refused_since or self.clock()
+            self.status.failing_since = self.ca_refused_since
+            self.status.error = (CA_REFUSED + str(renewed["ca_refused"]))[:MAX_ERROR]
+        else:
+            self.ca_refused_since = None
         self._schedule()
         self._hold_after_renewal()
         log.info(

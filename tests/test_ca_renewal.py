@@ -16,6 +16,7 @@ not the product's), and the leader's certificate issued again under it (cut to t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import functools
@@ -33,21 +34,25 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from leader import ca_renewal
+from leader.expiry import held_at, renewals_to
 from leader.layout import Layout, read_passphrase, write_leader_cert
 from leader.schema_store import SchemaStore
 from leader.store import RolloutHoldsCA, Store
-from nodeagent import bootstrap_crypto, certwork_ops
-from nodeagent.identity import fetch_chain
+from nodeagent import bootstrap_crypto, certwork_ops, renewal
+from nodeagent.config import AgentConfig
+from nodeagent.identity import Identity, fetch_chain, paths
+from nodeagent.renewal import Renewer
 from tests.cluster import AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
 from tests.test_level_based import password_file
+from tests.test_renewal import FlakyLink, _agent_config, _enrolled
 from tests.test_rotation import served
 from tests.test_schema_store import new_rollout
 from tlsroll import bootstrap_protocol, pki, spiffe, tls
 from tlsroll.defaults import JOIN_PORT, VIEWER_PORT
-from tlsroll.errors import PKIError
+from tlsroll.errors import PKIError, TerminalError
 
 DAY = dt.timedelta(days=1)
 LONG = 120.0
@@ -809,3 +814,284 @@ def test_a_node_removed_after_the_renewal_is_not_named_as_holding_the_old_ca(
         node1.close()
         node2.close()
         cluster.close()
+
+
+# --- every renewal kept: a second one leaves the first one's holders named ----------------------
+
+
+def previous_lines(cluster: AdminTokenCluster) -> tuple[int, dict[str, dict[str, Any]]]:
+    """`certs check-expiration --json`'s exit code, and its ``ca previous`` lines by serial."""
+    check = cluster.cli("certs", "check-expiration", "--json")
+    lines = [
+        c
+        for c in json.loads(check.stdout)["certificates"]
+        if c["kind"] == "ca" and c.get("subject") == "previous"
+    ]
+    return check.returncode, {c["serial"]: c for c in lines}
+
+
+@pytest.mark.timeout(400)
+def test_a_second_renewal_leaves_who_holds_the_first_ones_certificate_named(
+    tmp_path: Path,
+) -> None:
+    """The store kept the last renewal alone (meta ``ca_renewed``): after a second `ca renew`
+    (--force), an agent enrolled before the first one, which still trusts CA1 alone and stops
+    at its end, was named as a holder of CA1' (10 years left, no warning), and CA1's end was
+    warned of nowhere (review s48rev5 M2). Every renewal is kept, and each holder is judged
+    by the CA certificate in use when it was last issued: one line per replaced certificate
+    that someone still holds, saying its end."""
+    addresses = [next_loopback() for _ in range(3)]
+    cluster = AdminTokenCluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        old = ending_in(cluster, 20)
+        cluster.start_leader()
+        nodes[0].start()  # enrolled under CA1
+        cluster.wait_for_nodes_online(["node1"])
+        first = cluster.cli("ca", "renew", "--yes")
+        assert first.returncode == 0, (first.stdout, first.stderr)
+        once = pki.read_cert(cluster.ca_cert_path)
+        nodes[1].start()  # enrolled under CA1'
+        cluster.wait_for_nodes_online(["node1", "node2"])
+        forced = cluster.cli("ca", "renew", "--yes", "--force")
+        assert forced.returncode == 0, (forced.stdout, forced.stderr)
+        nodes[2].start()  # enrolled under CA1'', the one in use
+        cluster.wait_for_nodes_online(["node1", "node2", "node3"])
+
+        code, lines = previous_lines(cluster)
+        ca1 = lines.get(f"{old.serial_number:x}")
+        assert ca1 is not None, lines  # CA1, which node1 still trusts alone, ends in 20 days
+        assert code == 1 and ca1["warning"], ca1
+        assert ca1["not_after"].startswith(f"{old.not_valid_after_utc:%Y-%m-%d}")
+        assert f"{old.not_valid_after_utc:%Y-%m-%d}" in ca1["advice"], ca1["advice"]
+        assert "agents not renewed since" in ca1["advice"], ca1["advice"]
+        assert ca1["advice"].endswith(": node1"), ca1["advice"]
+        ca1_once = lines.get(f"{once.serial_number:x}")  # node2's, 10 years: listed, no warning
+        assert ca1_once is not None and not ca1_once.get("warning"), ca1_once
+        assert sorted(lines) == sorted([f"{old.serial_number:x}", f"{once.serial_number:x}"])
+        assert all("node3" not in c.get("advice", "") for c in lines.values()), lines
+        text = cluster.cli("certs", "check-expiration")
+        assert text.returncode == 1 and "node1" in text.stdout, (text.stdout, text.stderr)
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
+
+
+def _renewal_row(serial: str, previous: str, at: str) -> dict[str, str]:
+    """A row of meta ``ca_renewed`` as the release before wrote it (``{"at": …, **detail}``)."""
+    return {
+        "at": at,
+        "pin": "sha256/x",
+        "serial": serial,
+        "fingerprint": f"sha256:{serial}",
+        "not_after": "2036-12-01T00:00:00+00:00",
+        "previous_serial": previous,
+        "previous_fingerprint": f"sha256:{previous}",
+        "previous_not_after": "2026-12-24T00:00:00+00:00",
+        "previous_kept": "/nowhere",
+    }
+
+
+def test_the_store_keeps_every_renewal_and_the_one_a_release_before_recorded(
+    tmp_path: Path,
+) -> None:
+    """The single ``ca_renewed`` row of a store from before is kept as the first renewal, the
+    next ones after it; ``ca_renewed`` still holds the last (what a release before reads), and
+    one such a release records after a downgrade comes last. The renewals that led to the
+    CA certificate in use skip one never put in place (``CARenewalNotInPlace``)."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    old = ca.cert
+    pki.write_cert(layout.ca_cert, old)
+    store = Store(layout.store)
+    raw = sqlite3.connect(layout.store)
+    legacy = _renewal_row("aa01", "9999", "2026-01-01T00:00:00+00:00")
+    raw.execute("INSERT INTO meta (key, value) VALUES ('ca_renewed', ?)", (json.dumps(legacy),))
+    raw.commit()
+    assert [r.serial for r in store.ca_renewals()] == ["aa01"]
+
+    # One committed, never put in place (the next renewal replaces CA1 again), then one that is.
+    def not_in_place() -> ca_renewal.Renewal:
+        renewal = ca_renewal.prepare(layout, ca, pki.utcnow())
+
+        def fail() -> None:
+            raise OSError("rename refused")
+
+        renewal.put_in_place = fail  # type: ignore[method-assign]
+        return renewal
+
+    with pytest.raises(TerminalError, match="could not be put in place"):
+        store.renew_ca(not_in_place, now=pki.utcnow(), actor="admin:test")
+    assert ca.cert == old
+    detail = store.renew_ca(
+        functools.partial(ca_renewal.prepare, layout, ca, pki.utcnow()),
+        now=pki.utcnow(),
+        actor="admin:test",
+    )
+    renewals = store.ca_renewals()
+    assert len(renewals) == 3 and renewals[0].serial == "aa01", renewals
+    assert renewals[2].serial == detail["serial"] == f"{ca.cert.serial_number:x}"
+    assert renewals[2].fingerprint == pki.fingerprint(ca.cert)
+    (last,) = raw.execute("SELECT value FROM meta WHERE key = 'ca_renewed'").fetchone()
+    assert json.loads(last)["serial"] == detail["serial"]
+    chain = renewals_to(renewals, ca.cert)
+    assert [r.serial for r in chain] == [detail["serial"]], chain  # not the one not in place
+    assert chain[0].previous_serial == f"{old.serial_number:x}"
+    assert held_at(chain, chain[0].at - DAY) == 0 and held_at(chain, chain[0].at) is None
+
+    # A release before, after a downgrade, wrote its own renewal over ca_renewed alone.
+    raw.execute(
+        "UPDATE meta SET value = ? WHERE key = 'ca_renewed'",
+        (json.dumps(_renewal_row("bb02", detail["serial"], "2027-01-01T00:00:00+00:00")),),
+    )
+    raw.commit()
+    raw.close()
+    assert [r.serial for r in store.ca_renewals()][-2:] == [detail["serial"], "bb02"]
+    store.close()
+
+
+# --- a renewal cut short between its commit and its rename --------------------------------------
+
+
+class _Killed:
+    """A renewal whose leader is killed once its transaction has committed: its ``ca.pem.new``
+    is never renamed, nor removed."""
+
+    def __init__(self, renewal: ca_renewal.Renewal) -> None:
+        self.detail = renewal.detail
+
+    def put_in_place(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(200)
+def test_a_renewal_killed_between_its_commit_and_its_rename_is_put_in_place_at_the_start(
+    tmp_path: Path,
+) -> None:
+    """A leader killed after the renewal's transaction committed (audited, recorded) and
+    before ``ca.pem.new`` was renamed removed that file at its next start: the CA in use was
+    not the one the store and the audit trail said, and the advice was to renew again
+    (review s48rev5 L5). The rename is finished (the replaced certificate kept as the
+    renewal keeps it), and said; the leader serves and issues with it. One the store does not
+    record (killed before the commit) is removed, as before."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    try:
+        cluster.init("--node-name", "node1")
+        old = ending_in(cluster, 20)
+        cluster.start_leader()
+        cluster.stop_leader()
+        layout = Layout(cluster.data_dir)
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+        )
+        store = Store(layout.store)
+        now = pki.utcnow()
+        try:
+            detail = store.renew_ca(
+                lambda: _Killed(ca_renewal.prepare(layout, ca, now)), now=now, actor="admin:test"
+            )
+        finally:
+            store.close()
+        left = ca_renewal.new_path(layout)
+        new = pki.read_cert(left)
+        assert detail["serial"] == f"{new.serial_number:x}"
+        assert pki.read_cert(cluster.ca_cert_path) == old
+
+        cluster.start_leader()
+        assert not left.exists()
+        assert pki.read_cert(cluster.ca_cert_path) == new
+        assert pki.read_cert(ca_renewal.kept_path(layout, old)) == old
+        assert "ca.renewal_finished" in cluster.logs_text()
+        assert "ca.renewal_leftover_removed" not in cluster.logs_text()
+        shown = json.loads(cluster.cli("ca", "show", "--json").stdout)
+        assert shown["fingerprint"] == pki.fingerprint(new)
+        chain = pki.load_certs_pem(cluster.tls_cert_path.read_bytes())
+        assert chain[1] == new  # the leader's chain carries it, as after a renewal's hooks
+        assert fetch_chain(address, JOIN_PORT)[1:] == [new]
+    finally:
+        cluster.close()
+
+
+def test_a_leftover_is_put_in_place_only_if_its_renewal_replaced_the_certificate_in_use(
+    tmp_path: Path,
+) -> None:
+    """``leftover``: a ``ca.pem.new`` the store records, but whose renewal replaced another
+    certificate than ``ca.pem`` (a backup's, restored), or one it does not record, is removed
+    and ``ca.pem`` kept; one it records for ``ca.pem`` is put in place and adopted."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    old = ca.cert
+    pki.write_cert(layout.ca_cert, old)
+    store = Store(layout.store)
+    now = pki.utcnow()
+    store.renew_ca(lambda: _Killed(ca_renewal.prepare(layout, ca, now)), now=now, actor="t")
+    new = pki.read_cert(ca_renewal.new_path(layout))
+    recorded = store.ca_renewals()
+    store.close()
+    other = pki.CertificateAuthority(same_key(old, ca.key, old.not_valid_before_utc, now), ca.key)
+    assert not ca_renewal.leftover(layout, other, recorded, now)  # not its renewal's
+    assert not ca_renewal.new_path(layout).exists() and pki.read_cert(layout.ca_cert) == old
+    pki.write_cert(ca_renewal.new_path(layout), new)
+    assert not ca_renewal.leftover(layout, ca, [], now)  # not recorded
+    assert not ca_renewal.new_path(layout).exists() and pki.read_cert(layout.ca_cert) == old
+    pki.write_cert(ca_renewal.new_path(layout), new)
+    assert ca_renewal.leftover(layout, ca, recorded, now)
+    assert pki.read_cert(layout.ca_cert) == new == ca.cert
+    assert not ca_renewal.new_path(layout).exists()
+
+
+# --- a renewed CA certificate refused is reported, not only logged ------------------------------
+
+
+class _OfferingLink(FlakyLink):
+    """A leader link that signs the CSR and offers ``offered`` as the CA certificate in use."""
+
+    def __init__(self, ca: pki.CertificateAuthority, cfg: AgentConfig, offered: bytes) -> None:
+        super().__init__(ca, cfg, fail=0)
+        self.offered = offered
+
+    async def renew(self, csr: bytes) -> tuple[bytes, bytes]:
+        cert, _ = await super().renew(csr)
+        return cert, self.offered
+
+
+def test_an_agent_that_refuses_the_renewed_ca_certificate_reports_it_until_it_takes_one(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """An agent that refused a renewed CA certificate (``pki.renewed_ca_problem``: here its
+    clock two days behind the leader's, so CA1' ends more than 10 years from its now) said so
+    in its own log only, and `ca previous` stopped naming it once its certificate was renewed
+    (review s48rev5 L4): nothing told the admin that it still trusted CA1 alone. Its
+    heartbeat reports it as its renewal failing (`tlsroll nodes`, the schema), with the
+    reason, from the first refusal on, until a renewal's CA certificate is taken."""
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    identity = Identity.of(
+        key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
+    )
+    ahead = test_ca.renewed_cert(pki.utcnow() + 2 * DAY)  # by the leader's clock, 2 days on
+    link = _OfferingLink(test_ca, cfg, pki.cert_to_pem(ahead))
+    now = [pki.utcnow()]
+    renewer = Renewer(cfg, identity, link, clock=lambda: now[0])
+    asyncio.run(renewer.renew())
+    assert renewer.status.failing_since == now[0], renewer.status
+    assert renewer.status.error.startswith(renewal.CA_REFUSED), renewer.status.error
+    assert "days from now" in renewer.status.error, renewer.status.error
+    assert len(renewer.status.error) <= renewal.MAX_ERROR
+    assert (cfg.data_dir / "ca.pem").read_bytes() == test_ca.cert_pem  # kept
+    first = now[0]
+    now[0] += DAY
+    asyncio.run(renewer.renew())  # refused again: failing since the first refusal
+    assert renewer.status.failing_since == first, renewer.status
+    link.offered = pki.cert_to_pem(test_ca.renewed_cert(pki.utcnow()))
+    asyncio.run(renewer.renew())  # taken
+    assert renewer.status.failing_since is None and renewer.status.error == "", renewer.status
+    assert (cfg.data_dir / "ca.pem").read_bytes() == link.offered

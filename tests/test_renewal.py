@@ -130,7 +130,7 @@ def test_a_node_off_for_more_than_half_of_the_life_still_renews_and_is_warned_be
             cert_renewed_at=T0 + left - own_life,
         )
         store = SimpleNamespace(
-            list_nodes=lambda: [node], list_certificates=lambda: [], last_ca_renewal=lambda: None
+            list_nodes=lambda: [node], list_certificates=lambda: [], ca_renewals=lambda: []
         )
         schema = SimpleNamespace(served_certificates=dict, own_chain_ends=dict)
         watch = ExpiryWatch(store, schema, ca.cert, list, lambda: T0, agent_lifetime=setting)  # type: ignore[arg-type]
