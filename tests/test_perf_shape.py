@@ -133,6 +133,8 @@ def test_the_running_agent_holds_no_terminal_ui_nor_cli_libraries(
     assert "nodeagent" in tops and "grpc" in tops  # it did run
     assert tops & NOT_IN_AGENT == set()
     assert tops & OTHER_ROLES == set()
+    # Nor greenlet, which structlog imports whenever it is installed (``tlsroll.lean``).
+    assert "greenlet" not in tops
 
 
 @contextlib.contextmanager
