@@ -11,7 +11,6 @@ Four listeners, each with the service for its level of trust:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import functools
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from leader import ca_renewal
 from leader.admin_service import AdminService, Endpoints
 from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
@@ -193,7 +191,10 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     for secret in (layout.ca_key, layout.tls_key):
         check_private_file(secret)
     passphrase = _read_passphrase(cfg, source, credential=credential)
-    ca_renewal.leftover(layout)  # (a `tlsroll ca renew` cut short: its ca.pem.new)
+    if layout.ca_cert_new.exists():  # a `tlsroll ca renew` cut short: its ca.pem.new
+        from leader import ca_renewal  # noqa: PLC0415 - that rare start's only (issue 15)
+
+        ca_renewal.leftover(layout)
     ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
@@ -582,7 +583,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tlsroll-leader", description="tlsroll leader daemon")
+    parser = daemon.arguments("tlsroll-leader", "tlsroll leader daemon")
     parser.add_argument("--config", type=Path, required=True, help="leader.toml (see tlsroll init)")
     parser.add_argument("--version", action="version", version=f"tlsroll-leader {__version__}")
     parser.add_argument(
