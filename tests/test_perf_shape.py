@@ -5,6 +5,7 @@ The figures themselves come from ``bench/`` (``make bench-rollout``, ``make benc
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -52,7 +53,7 @@ from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import Node as NodeSide
 from tests.refserver_helper import RefServer, write_toml
-from tlsroll import dbthread, httpcheck, pki, probe, tls
+from tlsroll import daemon, dbthread, httpcheck, pki, probe, tls
 from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
 from tlsroll.errors import TransientError
 from tlsroll.httpcheck import port_open
@@ -322,6 +323,22 @@ def test_a_started_leader_holds_no_module_it_needs_only_on_a_rare_path(
     tops = {m.split(".")[0] for m in modules}
     assert tops & NOT_IN_IDLE_LEADER == set()
     assert "leader.ca_renewal" not in modules
+
+
+@pytest.mark.parametrize("columns", ["50", "120", "", "junk"])
+def test_a_daemon_s_help_is_folded_as_argparse_folds_it_without_shutil(
+    monkeypatch: pytest.MonkeyPatch, columns: str
+) -> None:
+    """``tlsroll.daemon.arguments`` reads the terminal's width without shutil (above), and its
+    help is what argparse's own formatter makes of the same width (``COLUMNS``, else the
+    terminal, else 80)."""
+    monkeypatch.setenv("COLUMNS", columns)
+    words = "a help text long enough to be folded at any width a terminal has " * 3
+    ours = daemon.arguments("tlsroll-x", "a daemon")
+    stock = argparse.ArgumentParser(prog="tlsroll-x", description="a daemon")
+    for parser in (ours, stock):
+        parser.add_argument("--config", required=True, help=words)
+    assert ours.format_help() == stock.format_help()
 
 
 def _refserver_script() -> str:
