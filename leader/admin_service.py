@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from leader import agent_features, byo, ca_renewal
+from leader import agent_features, byo
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
@@ -803,6 +803,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         active = await asyncio.to_thread(self.schema.active)
         if active is not None:
             raise RolloutHoldsCA(active.rollout.id, active.rollout.state.value)
+        # Imported here, on the loop (an import in a worker thread can deadlock on 3.11's
+        # import locks): a leader whose CA is never renewed does not hold it (issue 15).
+        from leader import ca_renewal  # noqa: PLC0415
+
         layout, ca, now = self.layout, self.state.ca, self.state.clock()
         detail = await asyncio.to_thread(
             self.state.store.renew_ca,

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from leader import agent_features
 from leader.store import Node, Store
@@ -356,17 +355,21 @@ class AgentClient:
         machinery (an ``AsyncRetrying``, its strategies and attempt state) cost the leader's
         CPU on every call to an agent, about six per node, for retries that are rare; a
         transient first failure is handed to it as its first attempt, so that the tries and
-        the waits between them are tenacity's as before (4 tries, 0.2, 0.4, 0.8 s apart)."""
+        the waits between them are tenacity's as before (4 tries, 0.2, 0.4, 0.8 s apart).
+        tenacity itself (about 0.4 MiB) is imported only then: a leader whose calls all
+        answered never holds it (issue 15)."""
         self.in_flight += 1
         try:
             try:
                 return await self._once(method, request)
             except TransientError as exc:
                 first: TransientError | None = exc
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(TransientError),
-                wait=wait_exponential(multiplier=0.2, max=2),
-                stop=stop_after_attempt(4),
+            import tenacity  # noqa: PLC0415 - only once a call failed (see the docstring)
+
+            async for attempt in tenacity.AsyncRetrying(
+                retry=tenacity.retry_if_exception_type(TransientError),
+                wait=tenacity.wait_exponential(multiplier=0.2, max=2),
+                stop=tenacity.stop_after_attempt(4),
                 reraise=True,
             ):
                 with attempt:

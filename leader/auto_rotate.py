@@ -33,7 +33,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
-from zoneinfo import ZoneInfo
+from typing import TYPE_CHECKING
 
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
@@ -53,6 +53,9 @@ from leader.zones import host_is_utc
 from tlsroll import logs
 from tlsroll.errors import TlsrollError
 from tlsroll.v1 import schema_pb2
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo  # loaded by leader.zones.load_zone only
 
 log = logs.get_logger(__name__)
 

@@ -62,7 +62,7 @@ def kept_path(layout: Layout, old: x509.Certificate) -> Path:
 
 def new_path(layout: Layout) -> Path:
     """Where the renewed certificate waits for its transaction's commit."""
-    return layout.ca_cert.with_name("ca.pem.new")
+    return layout.ca_cert_new
 
 
 class TooEarly(TerminalError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from zoneinfo import ZoneInfo
+from typing import TYPE_CHECKING
 
 from leader.layout import Layout, leader_names_problem
 from leader.maintenance import Window, WindowError, parse_window
@@ -15,6 +15,9 @@ from leader.zones import load_zone
 from tlsroll import logs, pki
 from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, MAX_FREEZE_LEASE, VIEWER_PORT
+
+if TYPE_CHECKING:
+    from zoneinfo import ZoneInfo  # loaded by load_zone only (leader.zones)
 
 AGENT_CERT_LIFETIME = 30 * 86400  # seconds; see LeaderConfig.agent_cert_lifetime
 SERVER_CERT_LIFETIME = pki.LEAF_VALIDITY_DAYS * 86400  # seconds; under Apple's 398 days

@@ -62,6 +62,12 @@ class Layout:
         return self.data_dir / "ca" / "ca.pem"
 
     @property
+    def ca_cert_new(self) -> Path:
+        """Where a renewed CA certificate waits for its transaction's commit
+        (``leader.ca_renewal``)."""
+        return self.data_dir / "ca" / "ca.pem.new"
+
+    @property
     def ca_key(self) -> Path:
         return self.data_dir / "ca" / "ca.key"
 

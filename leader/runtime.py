@@ -11,7 +11,6 @@ Four listeners, each with the service for its level of trust:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import functools
@@ -25,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from leader import ca_renewal
 from leader.admin_service import AdminService, Endpoints
 from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
@@ -196,8 +194,10 @@ def _start_on(
     use (``rechain_leader_cert``: a leader killed before its renewal's hooks served the old
     one until its certificate was issued again), and given its identity and names, or
     issued again if due (``ensure_leader_identity``). Returns the leader's names."""
-    now = dt.datetime.now(dt.UTC)
-    ca_renewal.leftover(layout, ca, store.ca_renewals(), now)
+    if layout.ca_cert_new.exists():  # a `tlsroll ca renew` cut short: its ca.pem.new
+        from leader import ca_renewal  # noqa: PLC0415 - that rare start's only (issue 15)
+
+        ca_renewal.leftover(layout, ca, store.ca_renewals(), dt.datetime.now(dt.UTC))
     if rechain_leader_cert(layout, ca):
         log.info("leader.certificate_rechained", ca_serial=f"{ca.cert.serial_number:x}")
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
@@ -604,7 +604,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tlsroll-leader", description="tlsroll leader daemon")
+    parser = daemon.arguments("tlsroll-leader", "tlsroll leader daemon")
     parser.add_argument("--config", type=Path, required=True, help="leader.toml (see tlsroll init)")
     parser.add_argument("--version", action="version", version=f"tlsroll-leader {__version__}")
     parser.add_argument(

@@ -5,14 +5,21 @@ maintenance window without it is the host's local time, and ``host_is_utc`` tell
 to warn when that is UTC (servers commonly run on UTC; a German practice's "04:00-06:00" is
 then 06:00-08:00 in summer). ``tlsroll notify`` shows its times in the practice's zone
 (``local_zone_name`` when neither ``--timezone`` nor ``maintenance_timezone`` names one).
+
+``zoneinfo`` is imported by ``load_zone`` only: on import it reads Python's build settings
+(``sysconfig``, for its TZPATH), about 0.75 MiB the leader kept for months though most
+practices set no ``maintenance_timezone`` (issue 15).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import zoneinfo
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import zoneinfo
 
 UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"}
 UTC_NAMES |= {"GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "Etc/Greenwich"}
@@ -32,6 +39,8 @@ def load_zone(name: str) -> zoneinfo.ZoneInfo:
     names no practice's zone (``NOT_ZONES``, ``NOT_ZONE_DIRS``)."""
     if name in NOT_ZONES or name.split("/", 1)[0] in NOT_ZONE_DIRS:
         raise ValueError(f"{name!r} is not an IANA time zone name; use one such as Europe/Berlin")
+    import zoneinfo  # noqa: PLC0415 - only with a zone to load (see the docstring)
+
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a dir

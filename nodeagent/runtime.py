@@ -12,7 +12,6 @@ the service manager starts it again and the journal resumes the transaction.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -450,7 +449,7 @@ def journal_path(cfg: AgentConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tlsroll-agent", description="tlsroll node agent")
+    parser = daemon.arguments("tlsroll-agent", "tlsroll node agent")
     parser.add_argument("--config", type=Path, required=True, help="agent.toml")
     parser.add_argument("--version", action="version", version=f"tlsroll-agent {__version__}")
     parser.add_argument(

@@ -5,6 +5,7 @@ The figures themselves come from ``bench/`` (``make bench-rollout``, ``make benc
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -28,9 +29,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import grpc
 import pytest
+import tenacity
 from tenacity import AsyncRetrying
 
-from leader import GRPC_EXPERIMENTS, agent_client
+from leader import GRPC_EXPERIMENTS
 from leader.agent_client import AgentClient, AgentPool, StepFailed
 from leader.observe import OBSERVE_AT_ONCE, observe
 from leader.planner import NodesOffline, Unreachable
@@ -51,7 +53,7 @@ from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import Node as NodeSide
 from tests.refserver_helper import RefServer, write_toml
-from tlsroll import dbthread, httpcheck, pki, probe, tls
+from tlsroll import daemon, dbthread, httpcheck, pki, probe, tls
 from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
 from tlsroll.errors import TransientError
 from tlsroll.httpcheck import port_open
@@ -133,6 +135,8 @@ def test_the_running_agent_holds_no_terminal_ui_nor_cli_libraries(
     assert "nodeagent" in tops and "grpc" in tops  # it did run
     assert tops & NOT_IN_AGENT == set()
     assert tops & OTHER_ROLES == set()
+    # Nor greenlet, which structlog imports whenever it is installed (``tlsroll.lean``).
+    assert "greenlet" not in tops
 
 
 @contextlib.contextmanager
@@ -263,6 +267,78 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "nodeagent.bootstrap_server" in modules  # it did serve
     assert {m for m in modules if m.split(".")[0] == "aiohttp"} == set()
     assert "h11" in modules
+
+
+# Runs the real leader daemon (``leader.daemon.main``, as the tlsroll-leader script does) and,
+# once the file named by its second argument exists (the test saw it answer), writes the modules
+# the process holds to the first and stops it (SIGTERM). Only the standard library's os,
+# signal, sys, threading and time are imported besides the daemon.
+LEADER_HARNESS = """
+import os, signal, sys, threading, time
+out, go = sys.argv[1], sys.argv[2]
+
+def watch():
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the viewer's listener, the expiry watch's first check
+    loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
+    with open(out, "w") as f:
+        f.write("\\n".join(loaded))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=watch, daemon=True).start()
+from leader.daemon import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+# What a running leader needs only on a rare path, if ever, and so imports only there (issue 15):
+# zoneinfo (with sysconfig, which it reads for TZPATH) for a configured maintenance_timezone,
+# tenacity for a call to an agent tried again or a rollout command that met the engine's write,
+# shutil (with bz2 and lzma), which argparse's help formatter imports for the terminal's width,
+# greenlet, which structlog imports for a deprecated context the daemons never use.
+NOT_IN_IDLE_LEADER = {"zoneinfo", "sysconfig", "tenacity", "shutil", "bz2", "lzma", "greenlet"}
+
+
+def test_a_started_leader_holds_no_module_it_needs_only_on_a_rare_path(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: the leader's RSS at 500 simulated nodes grew past its 120 MiB goal, about 1.5
+    MiB of it modules a started leader holds for months and needs on rare paths only
+    (``NOT_IN_IDLE_LEADER``). A real leader, started from ``tlsroll init``'s config with its
+    viewer on, answering its health check, holds none of them."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        assert cluster.leader_config().get("viewer_port", 1) != 0  # its viewer is on
+        out, go = tmp_path / "modules.txt", tmp_path / "go"
+        config = ["--config", str(cluster.config_path)]
+        cluster.leader.argv = [sys.executable, "-c", LEADER_HARNESS, str(out), str(go), *config]
+        cluster.start_leader()
+        go.touch()
+        proc = cluster.leader.proc
+        assert proc is not None
+        assert proc.wait(timeout=60) == 0, cluster.leader.log_text()[-3000:]
+        modules = out.read_text().split()
+    assert "leader.runtime" in modules and "leader.viewer.server" in modules  # it did run
+    tops = {m.split(".")[0] for m in modules}
+    assert tops & NOT_IN_IDLE_LEADER == set()
+    assert "leader.ca_renewal" not in modules
+
+
+@pytest.mark.parametrize("columns", ["50", "120", "", "junk"])
+def test_a_daemon_s_help_is_folded_as_argparse_folds_it_without_shutil(
+    monkeypatch: pytest.MonkeyPatch, columns: str
+) -> None:
+    """``tlsroll.daemon.arguments`` reads the terminal's width without shutil (above), and its
+    help is what argparse's own formatter makes of the same width (``COLUMNS``, else the
+    terminal, else 80)."""
+    monkeypatch.setenv("COLUMNS", columns)
+    words = "a help text long enough to be folded at any width a terminal has " * 3
+    ours = daemon.arguments("tlsroll-x", "a daemon")
+    stock = argparse.ArgumentParser(prog="tlsroll-x", description="a daemon")
+    for parser in (ours, stock):
+        parser.add_argument("--config", required=True, help=words)
+    assert ours.format_help() == stock.format_help()
 
 
 def _refserver_script() -> str:
@@ -1620,7 +1696,7 @@ async def test_a_call_to_an_agent_that_answers_builds_no_retry_machinery(
     async def no_wait(seconds: float) -> None:  # tenacity's waits, recorded
         waits.append(seconds)
 
-    monkeypatch.setattr(agent_client, "AsyncRetrying", Counting)
+    monkeypatch.setattr(tenacity, "AsyncRetrying", Counting)  # imported by the retry only
     monkeypatch.setattr(asyncio, "sleep", no_wait)
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
     client = AgentClient(NodeRows("127.0.0.1").get_node("n1"), creds, "tlsroll-test")

@@ -16,8 +16,10 @@ import os
 import sys
 from collections.abc import Iterator
 
-NOT_IN_DAEMONS = ("rich",)
-"""Packages a daemon never needs; pygments comes only through rich."""
+NOT_IN_DAEMONS = ("rich", "greenlet")
+"""Packages a daemon never needs; pygments comes only through rich. structlog's deprecated
+``threadlocal`` (imported by its ``__init__``) imports greenlet whenever it is installed (a
+browser test tool brings it) for a context the daemons never use: about 0.14 MiB each."""
 
 
 def keep_out(names: tuple[str, ...] = NOT_IN_DAEMONS) -> None:
