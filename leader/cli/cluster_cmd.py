@@ -19,6 +19,7 @@ from leader.cli.base import (
     ask_first,
     emit_json,
     fmt_time,
+    free_text_param,
     not_a_secret,
     out,
     parse_duration,
@@ -197,7 +198,12 @@ SERIAL_DIGITS = 32  # fewer hex digits than a serial of this CA has (``ca revoke
 
 @ca.command("revoke")
 @click.argument("serial")
-@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.option(
+    "--reason",
+    default="",
+    callback=free_text_param,
+    help="Why (kept in the audit trail; no secret: refused).",
+)
 @click.option(
     "--unknown",
     is_flag=True,
@@ -264,7 +270,12 @@ def token() -> None:
     help="Kept for scripts: 1 only. A token enrols its node once: the node's enrolment "
     "supersedes every token made for it, a second use included.",
 )
-@click.option("--description", default="", help="A note for `token list`.")
+@click.option(
+    "--description",
+    default="",
+    callback=free_text_param,
+    help="A note for `token list` (no secret: refused).",
+)
 @click.option(
     "--print-join-command",
     is_flag=True,
