@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import grpc
 import pytest
 
@@ -28,6 +29,7 @@ from tlsroll.cli import main
 from tlsroll.password import generate_password
 from tlsroll.rpc import RpcStatusError
 from tlsroll.v1 import admin_pb2
+from workstation.connection import check_url
 
 TOKEN = str(JoinToken.generate())
 TOKEN_ID = TOKEN.split(".", maxsplit=1)[0]
@@ -200,4 +202,40 @@ def test_notes_naming_dns_names_are_stored_and_listed(cluster: Cluster) -> None:
     granted = cluster.cli("viewer", "grant", "--name", DNS_NOTES[1])
     assert granted.returncode == 0, granted.stderr
     assert DNS_NOTES[1] in cluster.cli("viewer", "list").stdout
+
+
+# --- client test-connection given a login link -----------------------------------------------
+
+
+def test_check_url_refuses_a_login_link_without_its_secret() -> None:
+    for url in (LINK, f"https://leader.example:9444/login/{LINK_SECRET}/"):
+        with pytest.raises(click.BadParameter) as refused:
+            check_url(url)
+        message = refused.value.format_message()
+        assert "a viewer login link or its secret (not shown)" in message, message
+        assert LINK_SECRET not in message
+    server = check_url("https://backup.hausarztpraxisdrschmidtbon.de:8443/praxis_live/")
+    assert server.host == "backup.hausarztpraxisdrschmidtbon.de"
+
+
+def test_test_connection_never_prints_a_login_links_secret(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    link = f"https://{cluster.address}:9444/login/{LINK_SECRET}"
+    result = cluster.cli(
+        "client",
+        "test-connection",
+        link,
+        "--yes",
+        "--no-enrol",
+        "--ca-pin",
+        cluster.ca_pin(),
+        env={"HOME": str(tmp_path), "TLSROLL_CLIENT_DIR": str(tmp_path / "client")},
+        input="",
+    )
+    assert LINK_SECRET not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll")
+    assert "a viewer login link or its secret (not shown)" in line, line
+    assert not (tmp_path / "client" / "settings.json").exists()
 
