@@ -18,7 +18,7 @@ import click
 import grpc
 import pytest
 
-from leader import admin_service
+from leader import admin_service, layout
 from leader.store import Store
 from leader.tokens import JoinToken
 from leader.viewer.grants import Grants
@@ -26,6 +26,7 @@ from tests.cluster import Cluster, one_line_error
 from tests.conftest import next_loopback
 from tlsroll import echo
 from tlsroll.cli import main
+from tlsroll.errors import TerminalError
 from tlsroll.password import generate_password
 from tlsroll.rpc import RpcStatusError
 from tlsroll.v1 import admin_pb2
@@ -238,4 +239,24 @@ def test_test_connection_never_prints_a_login_links_secret(
     line = one_line_error(result.stderr, "tlsroll")
     assert "a viewer login link or its secret (not shown)" in line, line
     assert not (tmp_path / "client" / "settings.json").exists()
+
+
+# --- init --data-dir with a control character ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\x1b[2Jb", "a\tb", "a\x7fb", "a\x85b"])
+def test_init_refuses_a_data_dir_with_a_control_character(tmp_path: Path, bad: str) -> None:
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        where = tmp_path / "here"
+        where.mkdir()
+        result = c.cli("init", "--data-dir", str(where / bad), "--address", c.address)
+        assert result.returncode == 2, result.stderr
+        line = one_line_error(result.stderr, "tlsroll")
+        assert "--data-dir" in line and "control character" in line, line
+        assert "\x1b" not in result.stderr
+        assert list(where.iterdir()) == []  # nothing made
+        # and init itself, for any caller (a TerminalError before anything is made)
+        with pytest.raises(TerminalError, match="holds a control character"):
+            layout.init(where / bad, c.address)
+        assert list(where.iterdir()) == []
 

@@ -27,7 +27,7 @@ from leader.cli.base import (
     refuse_unfit_serial,
     to_dict,
 )
-from tlsroll.config import dump_toml
+from tlsroll.config import control_character, dump_toml
 from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
 from tlsroll.v1 import admin_pb2
 
@@ -64,6 +64,13 @@ def init(
 
     if not data_dir.strip():
         raise click.BadParameter("must not be empty", param_hint="--data-dir")
+    # leader.toml names it, and no text value of a config holds a control character: the
+    # leader made there could never start (review s48rev3). Before anything is made.
+    if (bad := control_character(str(Path(data_dir).absolute()))) is not None:
+        raise click.BadParameter(
+            f"holds a control character ({bad}); choose a directory without",
+            param_hint="--data-dir",
+        )
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise click.BadParameter(problem, param_hint="--node-name")
     # The rules ``token create`` applies to a node's names (audit s34 M1;
