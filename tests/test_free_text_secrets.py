@@ -260,3 +260,15 @@ def test_init_refuses_a_data_dir_with_a_control_character(tmp_path: Path, bad: s
             layout.init(where / bad, c.address)
         assert list(where.iterdir()) == []
 
+
+# --- rollout retry --yes ----------------------------------------------------------------------
+
+
+def test_rollout_retry_takes_yes_off_a_terminal(cluster: Cluster) -> None:
+    """Retry asks nothing (it prints the change's warnings as `rollout start --yes` does): off a
+    terminal, with --yes or without, it goes to the leader (which has no rollout to retry)."""
+    for args in (("rollout", "retry", "--yes"), ("rollout", "retry")):
+        result = cluster.cli(*args, input="")
+        line = one_line_error(result.stderr, "tlsroll")
+        assert result.returncode == 1, line
+        assert "No such option" not in line and "not a terminal" not in line, line
