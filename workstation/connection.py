@@ -285,9 +285,9 @@ def check_url(text: str) -> ServerURL:
             f"{shown(text)} is not a server address; use {example}", param_hint="URL"
         )
     if (kind := secret_inside(parts.path)) is not None:
-        # A viewer login link (https://LEADER:9444/login/SECRET) given for the server's: it
-        # was printed back in every line that names the address, and written to the
-        # settings (review s48rev3). Said as what it looks like, never repeated.
+        # A viewer login link (https://LEADER:9444/login/SECRET) given for the server's: its
+        # secret was printed in every line that names the address (review s48rev3), and an
+        # address that answered is written to the settings. Said as what it looks like.
         raise click.BadParameter(
             f"the address holds what looks like {kind}: no server address does (a viewer "
             f"login link is opened in a browser); use {example}",
