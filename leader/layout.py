@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME, VIEWER_PORT
+from tlsroll.echo import shown_path
 from tlsroll.errors import TerminalError, UnsafePermissions
 from tlsroll.fsutil import (
     PRIVATE,
@@ -314,8 +315,16 @@ def init(
 ) -> Layout:
     """Create a new cluster: CA, the leader's certificate, config. Refuses to overwrite."""
     from tlsroll import pki  # noqa: PLC0415 - see the imports
+    from tlsroll.config import control_character  # noqa: PLC0415 - likewise
 
     layout = Layout(Path(data_dir).resolve())
+    if (bad := control_character(str(layout.data_dir))) is not None:
+        # leader.toml names it, and no text value of a config holds one (tlsroll.config):
+        # the leader made here could never start.
+        raise TerminalError(
+            f"the data directory {shown_path(layout.data_dir)} holds a control character "
+            f"({bad}); choose one without"
+        )
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise TerminalError(problem)
     # (What an init running now leaves is told apart from what an interrupted one left only

@@ -378,7 +378,7 @@ def schema_message(
                 subject=r["subject"],
                 node=r["node"],
                 revoked_at=timestamp(from_text(r["revoked_at"])),
-                reason=r["revoke_reason"],
+                reason=echo.hide_inside(r["revoke_reason"]),
                 not_after=timestamp(from_text(r["not_after"])),
             )
             for r in revoked

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
 from tlsroll import clocks, logs, rpc
-from tlsroll.echo import shown
+from tlsroll.echo import hide_inside, shown
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
@@ -1617,7 +1617,7 @@ class Store(LeaderStore):
                 " WHERE kind = 'workstation' AND node = ? AND fingerprint = ?",
                 (node, fingerprint),
             ).fetchone()
-        return str(row["revoke_reason"] or "") if row is not None else ""
+        return hide_inside(str(row["revoke_reason"] or "")) if row is not None else ""
 
     def withdraw_workstation(
         self,
@@ -2648,14 +2648,14 @@ def _cert(row: sqlite3.Row) -> IssuedCert:
         issued_at=dt.datetime.fromisoformat(row["issued_at"]),
         not_after=dt.datetime.fromisoformat(row["not_after"]),
         revoked_at=from_text(row["revoked_at"]),
-        revoke_reason=row["revoke_reason"],
+        revoke_reason=hide_inside(row["revoke_reason"]),
     )
 
 
 def _token(row: sqlite3.Row) -> Token:
     return Token(
         id=row["id"],
-        description=row["description"],
+        description=hide_inside(row["description"]),
         created_at=dt.datetime.fromisoformat(row["created_at"]),
         expires_at=dt.datetime.fromisoformat(row["expires_at"]),
         uses_allowed=row["uses_allowed"],

@@ -42,6 +42,15 @@ MAX_CONFIG_BYTES = 1024 * 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 """A control character (C0, DEL, C1): what no text value of a config holds."""
 
+
+def control_character(text: str) -> str | None:
+    """The first control character of ``text`` (C0, DEL, C1), escaped (``\\n``), or None: what
+    no text value of a config holds (``Section.text``), a path ``init`` writes into one
+    included."""
+    bad = _CONTROL.search(text)
+    return None if bad is None else repr(bad.group(0))[1:-1]
+
+
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
 
@@ -149,11 +158,9 @@ class Section:
         return value
 
     def _no_control(self, key: str, value: str) -> None:
-        bad = _CONTROL.search(value)
+        bad = control_character(value)
         if bad is not None:
-            raise self.error(
-                key, f"holds a control character ({repr(bad.group(0))[1:-1]}); remove it"
-            )
+            raise self.error(key, f"holds a control character ({bad}); remove it")
 
     def integer(self, key: str, default: Any = _MISSING, *, lo: int = 0, hi: int = 2**31) -> Any:
         value = self._get(key, int, default)

@@ -19,6 +19,10 @@ logs. The shapes, kept in step with their makers by tests/test_cli_echo.py:
   ids, CA passphrases and bootstrap exchanges;
 - a generated auth password (``tlsroll.password.generate_password``: 6 groups of 4).
 
+Free text an administrator gives for the leader to store and list again (a token's
+description, a viewer grant's name, a revocation's reason) must hold none of them
+(``free_text_problem``): the CLI and the leader's Admin service refuse it.
+
 ``scrub`` replaces any such shape inside a whole message: the CLI's last word on every error
 (``tlsroll.cli``), whatever raised it. This module imports the standard library only: the CLI's
 entry point loads it for every command.
@@ -99,6 +103,70 @@ def whole_secret_kind(text: str) -> str | None:
         if match is not None:
             return _described(kind, match)
     return None
+
+
+# The shapes of ``_SHAPES`` as a piece of free text holds a secret (``secret_inside``): a join
+# token's or a generated password's shape that is one label of a longer dotted name
+# (``backup.hausarztpraxisdrschmidtbon.de``, ``praxis.haus-raum-dach-west-sued-berg.de``) is part
+# of a DNS name, which a note may well name (review s48rev3 M3); a sentence's full stop after a
+# secret still ends it.
+_NOT_A_LABEL_AFTER = r"(?![a-z0-9-]|\.[a-z0-9])"
+_INSIDE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (
+        re.compile(rf"(?<![a-z0-9.-])({_TOKEN_ID})\.{_TOKEN_SECRET}{_NOT_A_LABEL_AFTER}"),
+        "a join token",
+    ),
+    _SHAPES[1],
+    (
+        re.compile(
+            rf"(?<![0-9a-z.-]){_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}"
+            rf"{_NOT_A_LABEL_AFTER}"
+        ),
+        "a generated auth password",
+    ),
+)
+
+
+_SHORTEST_SECRET = 29
+"""A generated password's length, the shortest of the three (a join token 33, a link's 43)."""
+
+
+def secret_inside(text: str) -> str | None:
+    """What a piece of ``text`` looks like, if one has the shape of one of tlsroll's secrets
+    standing on its own (not one label of a DNS name), said without it; else None. For
+    refusing free text that is stored and listed again (``free_text_problem``)."""
+    for pattern, kind in _INSIDE:
+        match = pattern.search(text)
+        if match is not None:
+            return _described(kind, match)
+    return None
+
+
+def hide_inside(text: str) -> str:
+    """``text`` with every piece ``secret_inside`` finds replaced by what it looks like: free
+    text a leader of before session 49 stored (a note, a name, a reason) as it is read back
+    and listed, whatever it held."""
+    if len(text) < _SHORTEST_SECRET:  # most: a reason such as "superseded", no note at all
+        return text
+    for pattern, kind in _INSIDE:
+        if pattern.search(text):
+            text = pattern.sub(functools.partial(_placeholder, kind), text)
+    return text
+
+
+def free_text_problem(text: str, what: str) -> str | None:
+    """Why ``text``, given as ``what`` (a note, a name, a reason the leader stores and lists
+    again: "the token's description"), is refused, or None: it holds what looks like one of
+    tlsroll's secrets (review s48rev3: a join token pasted into ``--description`` was listed
+    by every ``token list``). The admin CLI refuses it before sending (a usage error) and the
+    leader's Admin service again (INVALID_ARGUMENT, nothing stored), in these words."""
+    kind = secret_inside(text)
+    if kind is None:
+        return None
+    return (
+        f"{what} holds what looks like {kind}; it is stored and listed again, and a secret "
+        "must not be: leave it out"
+    )
 
 
 def _described(kind: str, match: re.Match[str]) -> str:

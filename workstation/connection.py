@@ -125,7 +125,7 @@ from tlsroll import bootstrap_csr, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
-from tlsroll.echo import shown
+from tlsroll.echo import secret_inside, shown
 from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import (
     PRIVATE,
@@ -283,6 +283,15 @@ def check_url(text: str) -> ServerURL:
     if scheme not in ("http", "https") or not hostname:
         raise click.BadParameter(
             f"{shown(text)} is not a server address; use {example}", param_hint="URL"
+        )
+    if (kind := secret_inside(parts.path)) is not None:
+        # A viewer login link (https://LEADER:9444/login/SECRET) given for the server's: its
+        # secret was printed in every line that names the address (review s48rev3), and an
+        # address that answered is written to the settings. Said as what it looks like.
+        raise click.BadParameter(
+            f"the address holds what looks like {kind}: no server address does (a viewer "
+            f"login link is opened in a browser); use {example}",
+            param_hint="URL",
         )
     if parts.username is not None or parts.password is not None:
         raise click.BadParameter("the address must not contain a user name", param_hint="URL")

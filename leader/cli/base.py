@@ -32,7 +32,7 @@ from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
-from tlsroll.echo import shown, shown_path, whole_secret_kind
+from tlsroll.echo import free_text_problem, shown, shown_path, whole_secret_kind
 from tlsroll.errors import TerminalError
 
 if TYPE_CHECKING:
@@ -582,6 +582,17 @@ def not_a_secret(value: str, wanted: str) -> None:
     kind = whole_secret_kind(value)
     if kind is not None:
         raise click.UsageError(f"this looks like {kind}; give {wanted}")
+
+
+def free_text_param(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A click callback for a free-text option the leader stores and lists again (``token
+    create --description``, ``viewer grant --name``, ``ca revoke --reason``): a usage error
+    (exit 2), before anything is sent, if it holds what looks like one of tlsroll's secrets,
+    not repeated (``tlsroll.echo.free_text_problem``; the leader refuses it too)."""
+    problem = free_text_problem(value or "", param.opts[0])
+    if problem is not None:
+        raise click.UsageError(problem)
+    return value
 
 
 _HEX_SERIAL = re.compile(r"[0-9a-f]{1,40}")

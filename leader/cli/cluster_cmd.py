@@ -19,6 +19,7 @@ from leader.cli.base import (
     ask_first,
     emit_json,
     fmt_time,
+    free_text_param,
     not_a_secret,
     out,
     parse_duration,
@@ -26,7 +27,7 @@ from leader.cli.base import (
     refuse_unfit_serial,
     to_dict,
 )
-from tlsroll.config import dump_toml
+from tlsroll.config import control_character, dump_toml
 from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
 from tlsroll.v1 import admin_pb2
 
@@ -63,6 +64,13 @@ def init(
 
     if not data_dir.strip():
         raise click.BadParameter("must not be empty", param_hint="--data-dir")
+    # leader.toml names it, and no text value of a config holds a control character: the
+    # leader made there could never start (review s48rev3). Before anything is made.
+    if (bad := control_character(str(Path(data_dir).absolute()))) is not None:
+        raise click.BadParameter(
+            f"holds a control character ({bad}); choose a directory without",
+            param_hint="--data-dir",
+        )
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise click.BadParameter(problem, param_hint="--node-name")
     # The rules ``token create`` applies to a node's names (audit s34 M1;
@@ -197,7 +205,12 @@ SERIAL_DIGITS = 32  # fewer hex digits than a serial of this CA has (``ca revoke
 
 @ca.command("revoke")
 @click.argument("serial")
-@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.option(
+    "--reason",
+    default="",
+    callback=free_text_param,
+    help="Why (kept in the audit trail; no secret: refused).",
+)
 @click.option(
     "--unknown",
     is_flag=True,
@@ -264,7 +277,12 @@ def token() -> None:
     help="Kept for scripts: 1 only. A token enrols its node once: the node's enrolment "
     "supersedes every token made for it, a second use included.",
 )
-@click.option("--description", default="", help="A note for `token list`.")
+@click.option(
+    "--description",
+    default="",
+    callback=free_text_param,
+    help="A note for `token list` (no secret: refused).",
+)
 @click.option(
     "--print-join-command",
     is_flag=True,

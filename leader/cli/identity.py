@@ -21,6 +21,7 @@ from leader.cli.base import (
     emit_json,
     fail,
     fmt_time,
+    free_text_param,
     not_a_secret,
     out,
     pass_leader,
@@ -235,7 +236,12 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
 
 @workstations.command("revoke")
 @click.argument("name_or_serial")
-@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.option(
+    "--reason",
+    default="",
+    callback=free_text_param,
+    help="Why (kept in the audit trail; no secret: refused).",
+)
 @pass_leader
 def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> None:
     """Revoke every certificate of workstation NAME (ws-…), or one certificate by SERIAL (hex,

@@ -555,11 +555,20 @@ def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None
     is_flag=True,
     help="Wait until the new rollout ends; the exit code is its outcome.",
 )
+@click.option(
+    "--yes",
+    "_yes",
+    is_flag=True,
+    help="Accepted as by `rollout start`: retry never asks (it starts again what was confirmed"
+    " once, with the same change).",
+)
 @pass_leader
-def rollout_retry(leader: Leader, rollout_id: str, wait: bool) -> None:
+def rollout_retry(leader: Leader, rollout_id: str, wait: bool, _yes: bool) -> None:
     """Try a halted or aborted rollout (default: the newest) again: its nodes that did not end
     `done` are planned again from what they run now and started as a new rollout, with the
-    same change, options and password."""
+    same change, options and password. It does not ask (it prints the change's warnings, as
+    `rollout start --yes` does); --yes is taken, so that a script may give it to every
+    command that starts a rollout (review s48rev3)."""
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
     started(view, warnings=change_warnings(view))  # as `rollout start --yes` gives them

@@ -16,6 +16,7 @@ from leader.cli.base import (
     Leader,
     emit_json,
     fmt_time,
+    free_text_param,
     not_a_secret,
     out,
     parse_duration,
@@ -32,7 +33,12 @@ def viewer() -> None:
 
 
 @viewer.command("grant")
-@click.option("--name", default="", help="Who it is for (shown in `viewer list`).")
+@click.option(
+    "--name",
+    default="",
+    callback=free_text_param,
+    help="Who it is for (shown in `viewer list`; no secret: refused).",
+)
 @click.option(
     "--ttl",
     default="8h",

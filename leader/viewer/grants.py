@@ -28,7 +28,7 @@ from leader.states import GrantState
 from leader.store import NotFound
 from leader.tokens import ID_ALPHABET, ID_LEN
 from tlsroll import peertext
-from tlsroll.echo import shown
+from tlsroll.echo import hide_inside, shown
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import from_text, to_text
 
@@ -196,7 +196,7 @@ def _refuse_unless_unused(grant: Grant, now: dt.datetime) -> None:
 def _grant(row: sqlite3.Row) -> Grant:
     return Grant(
         id=row["id"],
-        name=row["name"],
+        name=hide_inside(row["name"]),
         created_at=dt.datetime.fromisoformat(row["created_at"]),
         expires_at=dt.datetime.fromisoformat(row["expires_at"]),
         created_by=row["created_by"],
