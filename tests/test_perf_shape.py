@@ -1058,8 +1058,8 @@ def test_the_schema_s_client_views_look_at_each_client_a_few_times_at_any_size(
     """Each node's clients in the schema (``schema show``, ``/api/v1/schema``, the viewer's
     page) were found by a pass over every node's clients, twice: a view of N nodes read N
     times as many clients, 500 nodes a million looks (under yappi, ~0.1 s of the leader's CPU
-    per view at 500 simulated nodes). Now they are grouped by node once: as many looks per client at 100 nodes as
-    at 10."""
+    per view at 500 simulated nodes). Now they are grouped by node once: as many looks per
+    client at 100 nodes as at 10."""
     few = client_looks_per_client(monkeypatch, 10)
     many = client_looks_per_client(monkeypatch, 100)
     assert many == few, (few, many)  # the old code: 17.5 and 152.5
