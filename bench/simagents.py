@@ -1048,6 +1048,7 @@ def one_run(
     plans: int = 0,
     restart_leader: bool = False,
     viewers: int = 0,
+    aftermath: bool = False,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -1194,7 +1195,26 @@ def one_run(
             during = time.monotonic() - t0
             _, rollout_m1, connections, _, _ = worker_readings(procs)
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
-            view = get_schema(channel, view.id)
+            if not aftermath:
+                view = get_schema(channel, view.id)
+        if aftermath:
+            # Every agent's next beat after the end (the messages the rollout caused: its new
+            # epoch, its new scheme) has come: read again, the idle window's rate taken off.
+            # (After the rollout's window: its profiles and context switches end with it.)
+            time.sleep(interval + 1.0)
+            tail = Reading.of(pid)
+            _, tail_m1, _, _, _ = worker_readings(procs)
+            whole = time.monotonic() - t0
+            idle_rate = (l1 - l0) / idle  # the leader's CPU per second in the idle window
+            print(
+                f"rollout and its aftermath ({whole:.1f} s), {n} nodes: leader CPU per node "
+                f"{(tail.cpu - before.cpu) / n * 1000:.1f} ms, net of the idle window's rate "
+                f"{(tail.cpu - before.cpu - idle_rate * whole) / n * 1000:.1f} ms; heartbeat "
+                f"messages per node {(tail_m1 - rollout_m0) / n:.2f}",
+                flush=True,
+            )
+            with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+                view = get_schema(channel, view.id)
         if watchers is not None:
             if snapshots is not None:  # the page still open: what it holds, apart from after
                 snapshots.take()
@@ -1205,6 +1225,12 @@ def one_run(
             f"rollout, {n} nodes: agents' heartbeat messages per node "
             f"{(rollout_m1 - rollout_m0) / n:.2f} ({(rollout_m1 - rollout_m0) / during:.1f}/s)"
         )
+        per_thread = ", ".join(
+            f"{name} {cpu / n * 1000:.2f}" for name, cpu in switches.cpu_by_name().items()
+        )
+        print(f"rollout, {n} nodes: CPU ms per node by thread: {per_thread}")
+        woke = ", ".join(f"{name} {c / n:.1f}" for name, (_, c) in switches.by_name().items())
+        print(f"rollout, {n} nodes: context switches per node by thread: {woke}")
         first = settled_step(1, "enable-tls", view, before, after, n, pid, inside, sent0, sent1)
         series = [first]
         # --rollouts K: more rollouts against the same leader and agents, the way back and
@@ -1520,6 +1546,14 @@ def main(argv: list[str] | None = None) -> int:
         help="this many live web viewer pages (one session, GET /events) open through the "
         "rollout: what each was sent, and GET / after it (bench.viewer)",
     )
+    parser.add_argument(
+        "--aftermath",
+        action="store_true",
+        help="also read the leader's CPU one heartbeat interval after the rollout ended (the "
+        "agents' messages it caused, their new epoch and scheme, come at their next beat: a "
+        "short rollout's fall after its end), net of the idle window's rate (the settled RSS "
+        "is then read that much later)",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
@@ -1574,6 +1608,7 @@ def main(argv: list[str] | None = None) -> int:
                 plans=ns.plans,
                 restart_leader=ns.restart_leader,
                 viewers=ns.viewers,
+                aftermath=ns.aftermath,
             )
         finally:
             if not ns.keep:

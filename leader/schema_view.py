@@ -292,6 +292,14 @@ def fresh_reports(
     return frozenset(infos).difference(report_problems(store, infos, now, stale_after))
 
 
+def _by_node(clients: Iterable[Client]) -> dict[str, list[Client]]:
+    """``clients`` by node, each node's in their order."""
+    found: dict[str, list[Client]] = {}
+    for c in clients:
+        found.setdefault(c.node, []).append(c)
+    return found
+
+
 def node_clients_views(
     clients: Sequence[Client],
     infos: Mapping[str, ClientsInfo],
@@ -302,7 +310,10 @@ def node_clients_views(
     """Per node that reported, which clients are on which scheme, by node name; ``fresh``:
     see ``still_on_http_now``; ``reported``: ``Reported`` (a report stored before the leader
     started, not repeated to it since: ``awaiting_report``)."""
-    left = still_on_http_now(clients, infos, now, fresh)
+    # Each node's clients, grouped in one pass (in their order): a pass over every client for
+    # each node made a view of N nodes cost N times their clients (issue 15).
+    seen = _by_node(clients)
+    still = _by_node(still_on_http_now(clients, infos, now, fresh))
     views = []
     for node in sorted(infos):
         info = infos[node]
@@ -310,12 +321,12 @@ def node_clients_views(
             schema_pb2.NodeClientsView(
                 node=node,
                 clients=types_pb2.ClientsView(
-                    clients=[client_view(c) for c in clients if c.node == node],
+                    clients=[client_view(c) for c in seen.get(node, ())],
                     window_seconds=info.window_seconds,
                     source=info.source,
                     problem=info.problem,
                 ),
-                still_on_http=[client_view(c) for c in left if c.node == node],
+                still_on_http=[client_view(c) for c in still.get(node, ())],
                 reported_at=timestamp(info.reported_at),
                 last_http_at=timestamp(info.last_http_at),
                 awaiting_report=not reported(node),
