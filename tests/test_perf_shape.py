@@ -33,7 +33,7 @@ import pytest
 import tenacity
 from tenacity import AsyncRetrying
 
-from leader import GRPC_EXPERIMENTS
+from leader import GRPC_EXPERIMENTS, agent_client
 from leader.agent_client import AgentClient, AgentPool, StepFailed
 from leader.observe import OBSERVE_AT_ONCE, observe
 from leader.planner import NodesOffline, Unreachable
