@@ -363,3 +363,28 @@ def test_check_url_takes_a_path_shaped_like_a_link_secret() -> None:
             check_url(url)
         assert LINK_SECRET2 not in refused.value.format_message()
 
+
+def test_the_leader_refuses_a_secret_as_a_tokens_names(cluster: Cluster) -> None:
+    """Review s49sec2 L3: a client other than the CLI (whose not_a_secret refuses them) had a
+    secret-shaped node name or DNS name stored, and listed."""
+    before = cluster.store_rows(STORED)
+    address = next_loopback()
+    requests = [
+        admin_pb2.CreateTokenRequest(node_name=TOKEN, addresses=[address]),
+        admin_pb2.CreateTokenRequest(node_name=PASSWORD.upper(), addresses=[address]),
+        admin_pb2.CreateTokenRequest(
+            node_name="nx", addresses=[address], dns_names=["nx.example", LINK_SECRET]
+        ),
+        admin_pb2.CreateTokenRequest(node_name="nx", addresses=[address], dns_names=[LINK]),
+    ]
+    with cluster.admin() as admin:
+        for request in requests:
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.CreateToken(request, timeout=10)
+            details = refused.value.details() or ""
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert "looks like a" in details, details
+            for value in SECRETS.values():
+                assert hidden(value) not in details and hidden(value).upper() not in details
+    assert cluster.store_rows(STORED) == before
+
