@@ -388,3 +388,36 @@ def test_the_leader_refuses_a_secret_as_a_tokens_names(cluster: Cluster) -> None
                 assert hidden(value) not in details and hidden(value).upper() not in details
     assert cluster.store_rows(STORED) == before
 
+
+def test_init_refuses_a_data_dir_that_is_no_utf8(tmp_path: Path) -> None:
+    """Review s49sec2 L4: a relative --data-dir under a working directory with a byte of
+    another encoding: init made the CA, then failed writing leader.toml (blamed on
+    --address), and a re-run called the directory interrupted."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from tests.cluster import child_env, command  # noqa: PLC0415
+
+    where = os.fsencode(tmp_path) + b"/Praxis-M\xfcller"
+    os.mkdir(where)
+    address = next_loopback()
+    env = child_env()  # its PYTHONPATH as from this directory (the child's is another)
+    env["PYTHONPATH"] = os.pathsep.join(
+        str(Path(p).absolute()) for p in env["PYTHONPATH"].split(os.pathsep) if p
+    )
+    result = subprocess.run(
+        [*command("tlsroll", "tlsroll"), "init", "--data-dir", "data", "--address", address],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll")
+    assert "--data-dir" in line and "UTF-8" in line, line
+    assert os.listdir(where) == []
+    with pytest.raises(TerminalError, match="UTF-8"):
+        layout.init(Path(os.fsdecode(where)) / "data", address)
+    assert os.listdir(where) == []
