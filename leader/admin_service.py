@@ -65,7 +65,7 @@ from leader.wire import (
 )
 from tlsroll import logs, password, peertext, pki, spiffe
 from tlsroll.backoff import Backoff, Policy, retry_after
-from tlsroll.echo import free_text_problem, shown
+from tlsroll.echo import free_text_problem, shown, whole_secret_kind
 from tlsroll.errors import TlsrollError
 from tlsroll.rpc import RpcStatusError, failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
@@ -580,6 +580,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 " ask for 1, and make a new token to enrol the node again"
             )
         description = free_text(request.description, "the token's description", 200)
+        for name in (request.node_name, *request.dns_names):
+            # the names are stored and listed (token list, nodes); a secret pasted as one is
+            # refused for every caller, as the CLI's not_a_secret does (review s49sec2 L3)
+            if (kind := whole_secret_kind(name)) is not None:
+                raise invalid(
+                    f"a node name or DNS name looks like {kind}; give the node's name and "
+                    "its DNS names"
+                )
         names = claimed_names(request.node_name, request.addresses, request.dns_names)
         token = JoinToken.generate()
         info = await asyncio.to_thread(

@@ -305,6 +305,16 @@ def leader_names_problem(address: str, dns_names: tuple[str, ...]) -> str | None
 MIN_CA_PASSPHRASE = 12
 
 
+def utf8(path: str) -> bool:
+    """Whether ``path`` encodes to UTF-8: a file name's byte that is not (a working directory
+    made under another encoding) comes back from the OS as a lone surrogate."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def init(
     data_dir: Path,
     address: str,
@@ -318,6 +328,13 @@ def init(
     from tlsroll.config import control_character  # noqa: PLC0415 - likewise
 
     layout = Layout(Path(data_dir).resolve())
+    if not utf8(str(layout.data_dir)):
+        # leader.toml (UTF-8) names it: init would make the CA and fail writing the config,
+        # and a re-run call it interrupted (review s49sec2 L4). Before anything is made.
+        raise TerminalError(
+            f"the data directory {shown_path(layout.data_dir)} is no UTF-8 text (a byte of "
+            "another encoding in its path); choose one that is"
+        )
     if (bad := control_character(str(layout.data_dir))) is not None:
         # leader.toml names it, and no text value of a config holds one (tlsroll.config):
         # the leader made here could never start.

@@ -272,3 +272,152 @@ def test_rollout_retry_takes_yes_off_a_terminal(cluster: Cluster) -> None:
         line = one_line_error(result.stderr, "tlsroll")
         assert result.returncode == 1, line
         assert "No such option" not in line and "not a terminal" not in line, line
+
+
+# --- review s49sec2 ------------------------------------------------------------------------------
+
+# Secrets of a fixed, valid shape holding a digit (as all but 1 in 200 of those made do: the
+# exemption for names joined by "." or "-" takes only pieces without one).
+TOKEN2 = "ab12cd.abcdefghij234567klmnopqrst"
+PASSWORD2 = "ab2c-de3f-gh4j-km5n-pq6r-st7u"
+LINK_SECRET2 = "Zq3_xV9-kLm2Np4Rs6Tu8Wy0Ab1Cd5Ef7Gh9Jk2Mn4P"
+SAFELINK = (
+    "https://eur01.safelinks.protection.outlook.com/?url=https%3A%2F%2Fleader%3A9444%2Flogin"
+    f"%2F{LINK_SECRET2}&data=05%7C02"
+)
+HIDDEN_NOTES = {
+    "link url-encoded": (SAFELINK, LINK_SECRET2),
+    "link url-encoded lower case": (SAFELINK.replace("%2F", "%2f"), LINK_SECRET2),
+    "link url-encoded twice": (SAFELINK.replace("%", "%25"), LINK_SECRET2),
+    "token upper case": (f"token {TOKEN2.upper()}", TOKEN2.upper().split(".")[1]),
+    "password upper case": (f"pw {PASSWORD2.upper()}", PASSWORD2.upper()),
+    "token after a hyphen": (f"join-{TOKEN2}", TOKEN2.split(".")[1]),
+    "token after dots": (f"siehe...{TOKEN2}", TOKEN2.split(".")[1]),
+    "token before .text": (f"{TOKEN2}.neu", TOKEN2.split(".")[1]),
+    "token before -text": (f"{TOKEN2}-alt", TOKEN2.split(".")[1]),
+    "password after a hyphen": (f"pw-{PASSWORD2}", PASSWORD2),
+    "password before .text": (f"{PASSWORD2}.neu", PASSWORD2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_NOTES))
+def test_a_secret_encoded_upper_case_or_joined_is_found(name: str) -> None:
+    """Review s49sec2 M1: each was stored and listed in full."""
+    note, secret = HIDDEN_NOTES[name]
+    problem = echo.free_text_problem(note, "--description")
+    assert problem is not None, note
+    assert secret not in problem and secret.lower() not in problem.lower()
+    listed = echo.hide_inside(note)
+    assert secret not in listed and "not shown" in listed, listed
+    with pytest.raises(RpcStatusError) as refused:
+        admin_service.free_text(note, "the grant's name", 200)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    # the CLI's last word on an error hides it too (one rule for both)
+    assert secret not in echo.scrub(note)
+
+
+def _digests() -> list[str]:
+    """SSH key fingerprints and HPKP-style pins of 200 digests: base64 of 256 bits, as a link's
+    secret is, a quarter of them holding '-' or '_'-free runs of 43."""
+    import base64  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+
+    found = []
+    for i in range(200):
+        b64 = base64.b64encode(hashlib.sha256(f"key {i}".encode()).digest()).decode()
+        found += [f"host key SHA256:{b64.rstrip('=')}", f'pin-sha256="{b64}"']
+        found.append(f"sha256:{b64.rstrip('=')}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "note",
+    [
+        "Empfang-Praxis-Dr-Mueller-Bonn-Arbeitsplatz",
+        "PC Empfang_Praxis_Dr_Mueller_Bonn_Arbeitsplatz (neu)",
+        "server https://10.0.0.5:8443/Praxisverwaltung_DrMueller_Bonn_Live_DB2026/",
+    ],
+)
+def test_names_and_paths_shaped_like_a_link_secret_are_taken(note: str) -> None:
+    """Review s49sec2 L2: refused as "a viewer login link"."""
+    assert echo.free_text_problem(note, "the grant's name") is None
+    assert echo.hide_inside(note) == note
+
+
+def test_digests_are_not_taken_for_a_login_link() -> None:
+    refused = [d for d in _digests() if echo.free_text_problem(d, "--description") is not None]
+    assert refused == []
+
+
+def test_a_bare_login_secret_is_still_refused() -> None:
+    for note in (LINK_SECRET2, f"secret: {LINK_SECRET2}", f"({LINK_SECRET2})", f"/login/{LINK_SECRET2}"):
+        assert echo.free_text_problem(note, "--description") is not None, note
+
+
+def test_check_url_takes_a_path_shaped_like_a_link_secret() -> None:
+    """Review s49sec2 L2: only a /login/ path is a login link."""
+    server = check_url("https://10.0.0.5:8443/Praxisverwaltung_DrMueller_Bonn_Live_DB2026/")
+    assert server.host == "10.0.0.5"
+    for url in (f"https://l:9444/login/{LINK_SECRET2}", f"https://l:9444/login%2F{LINK_SECRET2}"):
+        with pytest.raises(click.BadParameter) as refused:
+            check_url(url)
+        assert LINK_SECRET2 not in refused.value.format_message()
+
+
+def test_the_leader_refuses_a_secret_as_a_tokens_names(cluster: Cluster) -> None:
+    """Review s49sec2 L3: a client other than the CLI (whose not_a_secret refuses them) had a
+    secret-shaped node name or DNS name stored, and listed."""
+    before = cluster.store_rows(STORED)
+    address = next_loopback()
+    requests = [
+        admin_pb2.CreateTokenRequest(node_name=TOKEN, addresses=[address]),
+        admin_pb2.CreateTokenRequest(node_name=PASSWORD.upper(), addresses=[address]),
+        admin_pb2.CreateTokenRequest(
+            node_name="nx", addresses=[address], dns_names=["nx.example", LINK_SECRET]
+        ),
+        admin_pb2.CreateTokenRequest(node_name="nx", addresses=[address], dns_names=[LINK]),
+    ]
+    with cluster.admin() as admin:
+        for request in requests:
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.CreateToken(request, timeout=10)
+            details = refused.value.details() or ""
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+            assert "looks like a" in details, details
+            for value in SECRETS.values():
+                assert hidden(value) not in details and hidden(value).upper() not in details
+    assert cluster.store_rows(STORED) == before
+
+
+def test_init_refuses_a_data_dir_that_is_no_utf8(tmp_path: Path) -> None:
+    """Review s49sec2 L4: a relative --data-dir under a working directory with a byte of
+    another encoding: init made the CA, then failed writing leader.toml (blamed on
+    --address), and a re-run called the directory interrupted."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from tests.cluster import child_env, command  # noqa: PLC0415
+
+    where = os.fsencode(tmp_path) + b"/Praxis-M\xfcller"
+    os.mkdir(where)
+    address = next_loopback()
+    env = child_env()  # its PYTHONPATH as from this directory (the child's is another)
+    env["PYTHONPATH"] = os.pathsep.join(
+        str(Path(p).absolute()) for p in env["PYTHONPATH"].split(os.pathsep) if p
+    )
+    result = subprocess.run(
+        [*command("tlsroll", "tlsroll"), "init", "--data-dir", "data", "--address", address],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll")
+    assert "--data-dir" in line and "UTF-8" in line, line
+    assert os.listdir(where) == []
+    with pytest.raises(TerminalError, match="UTF-8"):
+        layout.init(Path(os.fsdecode(where)) / "data", address)
+    assert os.listdir(where) == []

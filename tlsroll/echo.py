@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Iterator
+from urllib.parse import unquote
 
 from tlsroll.peertext import ELLIPSIS
 
@@ -43,25 +45,42 @@ _TOKEN_SECRET = "[a-z2-7]{26}"  # noqa: S105 - leader.tokens: SECRET_ALPHABET (b
 _URLSAFE = "A-Za-z0-9_-"
 _PASSWORD_CHAR = "[2-9a-hjkmnp-z]"  # noqa: S105 - tlsroll.password.ALPHABET
 
+# Where a shape may start: not inside a longer run of its own characters, or right after a
+# percent-encoded character (``%2Flogin%2F<secret>``, ``%3D<token>``: a link pasted as the
+# ``url=`` of another, its ``F`` or ``D`` no part of the secret).
+_ENCODED = "(?<=%[0-9A-Fa-f][0-9A-Fa-f])"
+
 _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (
-        re.compile(rf"(?<![a-z0-9])({_TOKEN_ID})\.{_TOKEN_SECRET}(?![a-z0-9])"),
+        # either case: a token typed or shown upper case is the same token (``.lower()``)
+        re.compile(
+            rf"(?:{_ENCODED}|(?<![a-z0-9]))({_TOKEN_ID})\.{_TOKEN_SECRET}(?![a-z0-9])",
+            re.IGNORECASE,
+        ),
         "a join token",
     ),
     (
         # 43 characters of base64url: 256 random bits (``secrets.token_urlsafe(32)``). Such a
         # string holds an upper-case letter but with a chance of 2**-32 or so; requiring one
         # keeps node names, DNS names and hex digests (lower case) from looking like it.
-        re.compile(rf"(?<![{_URLSAFE}])(?=[{_URLSAFE}]*[A-Z])[{_URLSAFE}]{{43}}(?![{_URLSAFE}])"),
+        re.compile(
+            rf"(?:{_ENCODED}|(?<![{_URLSAFE}]))(?=[{_URLSAFE}]*[A-Z])[{_URLSAFE}]{{43}}"
+            rf"(?![{_URLSAFE}])"
+        ),
         "a viewer login link or its secret",
     ),
     (
         re.compile(
-            rf"(?<![0-9a-z-]){_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}(?![0-9a-z-])"
+            rf"(?:{_ENCODED}|(?<![0-9a-z])){_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}"
+            r"(?![0-9a-z])",
+            re.IGNORECASE,
         ),
         "a generated auth password",
     ),
 )
+"""The shapes of tlsroll's secrets wherever they stand (``scrub``, ``shown``: hiding errs on
+the safe side); ``secret_inside`` takes the same matches, less those that stand as part of a
+name (``_stands_alone``)."""
 
 
 def secret_kind(text: str) -> str | None:
@@ -70,22 +89,23 @@ def secret_kind(text: str) -> str | None:
     None. Searched anywhere in it (a login link holds its secret after ``/login/``): for
     hiding a secret inside free text (``scrub``, ``shown``); ``whole_secret_kind`` is for
     refusing an argument."""
-    for pattern, kind in _SHAPES:
-        match = pattern.search(text)
-        if match is not None:
-            return _described(kind, match)
+    for candidate in _decodings(text):
+        for pattern, kind in _SHAPES:
+            match = pattern.search(candidate)
+            if match is not None:
+                return _described(kind, match)
     return None
 
 
 _WHOLE: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(rf"({_TOKEN_ID})\.{_TOKEN_SECRET}"), "a join token"),
+    (re.compile(rf"({_TOKEN_ID})\.{_TOKEN_SECRET}", re.IGNORECASE), "a join token"),
     (
         # the secret alone, or a login link: anything up to ``/login/``, then the secret
         re.compile(rf"(?:\S*/login/)?(?=[{_URLSAFE}]*[A-Z])[{_URLSAFE}]{{43}}/?"),
         "a viewer login link or its secret",
     ),
     (
-        re.compile(rf"{_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}"),
+        re.compile(rf"{_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}", re.IGNORECASE),
         "a generated auth password",
     ),
 )
@@ -105,39 +125,91 @@ def whole_secret_kind(text: str) -> str | None:
     return None
 
 
-# The shapes of ``_SHAPES`` as a piece of free text holds a secret (``secret_inside``): a join
-# token's or a generated password's shape that is one label of a longer dotted name
-# (``backup.hausarztpraxisdrschmidtbon.de``, ``praxis.haus-raum-dach-west-sued-berg.de``) is part
-# of a DNS name, which a note may well name (review s48rev3 M3); a sentence's full stop after a
-# secret still ends it.
-_NOT_A_LABEL_AFTER = r"(?![a-z0-9-]|\.[a-z0-9])"
-_INSIDE: tuple[tuple[re.Pattern[str], str], ...] = (
-    (
-        re.compile(rf"(?<![a-z0-9.-])({_TOKEN_ID})\.{_TOKEN_SECRET}{_NOT_A_LABEL_AFTER}"),
-        "a join token",
-    ),
-    _SHAPES[1],
-    (
-        re.compile(
-            rf"(?<![0-9a-z.-]){_PASSWORD_CHAR}{{4}}(?:-{_PASSWORD_CHAR}{{4}}){{5}}"
-            rf"{_NOT_A_LABEL_AFTER}"
-        ),
-        "a generated auth password",
-    ),
-)
+# A piece of free text with one of ``_SHAPES`` holds a secret (``secret_inside``) unless it
+# stands as part of a name, which a note may well name (review s48rev3 M3, s49sec2 L2):
+# - a join token's or a generated password's shape joined by ``.`` or ``-`` to more of a name
+#   (``backup.hausarztpraxisdrschmidtbon.de``, ``praxis.haus-raum-dach-west-sued-berg.de``)
+#   without a digit: the random secret holds one but with a chance of 1 in 200 (a token's 26
+#   of base32) or 1 in 1000 (a password's 24), a word hardly ever; so ``join-<token>``,
+#   ``<token>.neu``, ``pw-<password>`` are secrets;
+# - a login link's secret's shape (43 of base64url) that neither follows ``/login/`` (or
+#   ``%2Flogin%2F``) nor stands as a word of its own holding a digit, an upper-case and a
+#   lower-case letter (a secret holds all three but with a chance of 1 in 1000): a path
+#   segment (``/Praxisverwaltung_DrMueller_Bonn_Live_DB2026/``), a hyphenated name without
+#   a digit (``Empfang-Praxis-Dr-Mueller-Bonn-Arbeitsplatz``), a base64 digest
+#   (``SHA256:<43>``, ``pin-sha256="<43>="``).
+# What percent-encoding hides is looked for too: the text decoded (``unquote``), a few times.
+_JOINED_BEFORE = re.compile(r"[a-z0-9][.-]\Z", re.IGNORECASE)
+_JOINED_AFTER = re.compile(r"[.-][a-z0-9]", re.IGNORECASE)
+_DIGIT = re.compile(r"[0-9]")
+_AFTER_LOGIN = re.compile(r"(?:/|%2f)login(?:/|%2f)\Z", re.IGNORECASE)
+_WORD_BEFORE = re.compile(r"(?:\A|[\s\"'(<\[{=:,;])\Z")
+_DIGEST_BEFORE = re.compile(r"sha256:\Z", re.IGNORECASE)
+_WORD_AFTER = re.compile(r"(?:\Z|[\s\"'.,;:!?)>\]}&])")
+_WORD_CASES = (re.compile(r"[0-9]"), re.compile(r"[A-Z]"), re.compile(r"[a-z]"))
+_DECODINGS = 3
+"""How often percent-encoded text is decoded again (``%252F``: twice) before it is taken."""
+
+
+def _stands_alone(kind: str, match: re.Match[str]) -> bool:
+    """Whether a match of ``_SHAPES`` in its text is a secret, not part of a name."""
+    text, start, end = match.string, match.start(), match.end()
+    piece = match.group(0)
+    if kind == "a viewer login link or its secret":
+        if _AFTER_LOGIN.search(text, max(0, start - 11), start):
+            return True
+        return (
+            _WORD_BEFORE.search(text, max(0, start - 1), start) is not None
+            and _DIGEST_BEFORE.search(text, max(0, start - 7), start) is None
+            and _WORD_AFTER.match(text, end) is not None
+            and all(case.search(piece) for case in _WORD_CASES)
+        )
+    joined = (
+        _JOINED_BEFORE.search(text, max(0, start - 2), start) is not None
+        or _JOINED_AFTER.match(text, end) is not None
+    )
+    if kind == "a join token":
+        piece = piece.split(".", 1)[1]
+    return not joined or _DIGIT.search(piece) is not None
+
+
+def _secrets_in(text: str) -> Iterator[tuple[str, re.Match[str]]]:
+    for pattern, kind in _SHAPES:
+        for match in pattern.finditer(text):
+            if _stands_alone(kind, match):
+                yield kind, match
+
+
+def _hidden(kind: str, match: re.Match[str]) -> str:
+    return _placeholder(kind, match) if _stands_alone(kind, match) else match.group(0)
 
 
 _SHORTEST_SECRET = 29
 """A generated password's length, the shortest of the three (a join token 33, a link's 43)."""
 
 
+def _decodings(text: str) -> Iterator[str]:
+    """``text``, then as percent-decoding makes it, while that changes it (bounded)."""
+    yield text
+    for _ in range(_DECODINGS):
+        if "%" not in text:
+            return
+        decoded = unquote(text)
+        if decoded == text:
+            return
+        text = decoded
+        yield text
+
+
 def secret_inside(text: str) -> str | None:
     """What a piece of ``text`` looks like, if one has the shape of one of tlsroll's secrets
-    standing on its own (not one label of a DNS name), said without it; else None. For
-    refusing free text that is stored and listed again (``free_text_problem``)."""
-    for pattern, kind in _INSIDE:
-        match = pattern.search(text)
-        if match is not None:
+    standing on its own (not part of a name), in ``text`` or in it percent-decoded, said
+    without it; else None. For refusing free text that is stored and listed again
+    (``free_text_problem``)."""
+    if len(text) < _SHORTEST_SECRET:
+        return None
+    for candidate in _decodings(text):
+        for kind, match in _secrets_in(candidate):
             return _described(kind, match)
     return None
 
@@ -145,12 +217,27 @@ def secret_inside(text: str) -> str | None:
 def hide_inside(text: str) -> str:
     """``text`` with every piece ``secret_inside`` finds replaced by what it looks like: free
     text a leader of before session 49 stored (a note, a name, a reason) as it is read back
-    and listed, whatever it held."""
+    and listed, whatever it held. A secret only percent-encoding hides is hidden in the text
+    decoded."""
     if len(text) < _SHORTEST_SECRET:  # most: a reason such as "superseded", no note at all
         return text
-    for pattern, kind in _INSIDE:
-        if pattern.search(text):
-            text = pattern.sub(functools.partial(_placeholder, kind), text)
+    return _hide(text, _hidden, secret_inside)
+
+
+def _hide(
+    text: str,
+    hidden: Callable[[str, re.Match[str]], str],
+    found: Callable[[str], str | None],
+) -> str:
+    """``text`` with each match of ``_SHAPES`` replaced by ``hidden``; while ``found`` finds a
+    secret still (one percent-encoding hid), the text decoded, a few times."""
+    for _ in range(_DECODINGS + 1):
+        for pattern, kind in _SHAPES:
+            if pattern.search(text):
+                text = pattern.sub(functools.partial(hidden, kind), text)
+        if found(text) is None:
+            return text
+        text = unquote(text)
     return text
 
 
@@ -181,11 +268,9 @@ def _placeholder(kind: str, match: re.Match[str]) -> str:
 
 def scrub(message: str) -> str:
     """``message`` with every part shaped like one of tlsroll's secrets replaced by what it
-    looks like (``<a join token (id abc123; its secret not shown)>``)."""
-    for pattern, kind in _SHAPES:
-        if pattern.search(message):
-            message = pattern.sub(functools.partial(_placeholder, kind), message)
-    return message
+    looks like (``<a join token (id abc123; its secret not shown)>``): ``hide_inside``'s
+    shapes wherever they stand, percent-encoded ones too."""
+    return _hide(message, _placeholder, secret_kind)
 
 
 def shown(value: object, limit: int = LIMIT) -> str:

@@ -66,7 +66,18 @@ def init(
         raise click.BadParameter("must not be empty", param_hint="--data-dir")
     # leader.toml names it, and no text value of a config holds a control character: the
     # leader made there could never start (review s48rev3). Before anything is made.
-    if (bad := control_character(str(Path(data_dir).absolute()))) is not None:
+    absolute = str(Path(data_dir).absolute())
+    try:
+        absolute.encode("utf-8")
+    except UnicodeEncodeError:
+        # leader.toml (UTF-8) names it: init would make the CA, then fail writing it, and a
+        # re-run call the directory interrupted (review s49sec2 L4). Before anything is made.
+        raise click.BadParameter(
+            "its path is no UTF-8 text (a byte of another encoding, here or in the working "
+            "directory); choose a directory whose path is",
+            param_hint="--data-dir",
+        ) from None
+    if (bad := control_character(absolute)) is not None:
         raise click.BadParameter(
             f"holds a control character ({bad}); choose a directory without",
             param_hint="--data-dir",
