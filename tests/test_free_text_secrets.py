@@ -319,8 +319,8 @@ def test_a_secret_encoded_upper_case_or_joined_is_found(name: str) -> None:
 def _digests() -> list[str]:
     """SSH key fingerprints and HPKP-style pins of 200 digests: base64 of 256 bits, as a link's
     secret is, a quarter of them holding '-' or '_'-free runs of 43."""
-    import base64  # noqa: PLC0415
-    import hashlib  # noqa: PLC0415
+    import base64
+    import hashlib
 
     found = []
     for i in range(200):
@@ -350,7 +350,12 @@ def test_digests_are_not_taken_for_a_login_link() -> None:
 
 
 def test_a_bare_login_secret_is_still_refused() -> None:
-    for note in (LINK_SECRET2, f"secret: {LINK_SECRET2}", f"({LINK_SECRET2})", f"/login/{LINK_SECRET2}"):
+    for note in (
+        LINK_SECRET2,
+        f"secret: {LINK_SECRET2}",
+        f"({LINK_SECRET2})",
+        f"/login/{LINK_SECRET2}",
+    ):
         assert echo.free_text_problem(note, "--description") is not None, note
 
 
@@ -393,10 +398,10 @@ def test_init_refuses_a_data_dir_that_is_no_utf8(tmp_path: Path) -> None:
     """Review s49sec2 L4: a relative --data-dir under a working directory with a byte of
     another encoding: init made the CA, then failed writing leader.toml (blamed on
     --address), and a re-run called the directory interrupted."""
-    import os  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
+    import os
+    import subprocess
 
-    from tests.cluster import child_env, command  # noqa: PLC0415
+    from tests.cluster import child_env, command
 
     where = os.fsencode(tmp_path) + b"/Praxis-M\xfcller"
     os.mkdir(where)
