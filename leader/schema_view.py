@@ -360,9 +360,9 @@ def schema_message(
     failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
     ``node_problems``: ``LeaderState.node_problems``; ``login_failures``: the nodes whose server
     counts wrong client passwords (``LeaderState.login_failures``); ``fresh``: the nodes whose
-    client report
-    speaks for now (``fresh_reports``; who is still on http: ``still_on_http_now``);
-    ``reported``: ``Reported`` (each node that waits for it says so: ``awaits_report``)."""
+    client report speaks for now (``fresh_reports``; who is still on http:
+    ``still_on_http_now``); ``reported``: ``Reported`` (each node that waits for it says so:
+    ``awaits_report``)."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now, fresh))
     return schema_pb2.Schema(
