@@ -469,6 +469,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     if viewer is not None:
         viewer.reader.auto_rotate = rotator.status.view
         viewer.reader.node_problems = state.node_problems
+        viewer.reader.login_failures = state.login_failures
         viewer.reader.clock_offset = state.clocks.offset
         viewer.reader.store_trouble = lambda: health.trouble
         viewer.reader.live_server = lambda name: state.live_servers.get(name, "")
@@ -513,6 +514,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         rotator.status.view,
         node_problems=state.node_problems,
         store_trouble=lambda: health.trouble,
+        login_failures=state.login_failures,
         fresh=state.fresh_reports,
         reported=state.store.report_since_start,
     )

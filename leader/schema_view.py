@@ -38,7 +38,7 @@ from leader.schema_store import (
     RolloutRow,
     SchemaStore,
 )
-from leader.states import NodeProblemRow
+from leader.states import LoginFailuresRow, NodeProblemRow
 from leader.wire import (
     CHANGE,
     FREEZE,
@@ -360,6 +360,7 @@ def schema_message(
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
     node_problems: Sequence[NodeProblemRow] = (),
+    login_failures: Sequence[LoginFailuresRow] = (),
     *,
     fresh: Collection[str],
     reported: Reported,
@@ -368,9 +369,11 @@ def schema_message(
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
-    ``node_problems``: ``LeaderState.node_problems``; ``fresh``: the nodes whose client report
-    speaks for now (``fresh_reports``; who is still on http: ``still_on_http_now``);
-    ``reported``: ``Reported`` (each node that waits for it says so: ``awaits_report``)."""
+    ``node_problems``: ``LeaderState.node_problems``; ``login_failures``: the nodes whose server
+    counts wrong client passwords (``LeaderState.login_failures``); ``fresh``: the nodes whose
+    client report speaks for now (``fresh_reports``; who is still on http:
+    ``still_on_http_now``); ``reported``: ``Reported`` (each node that waits for it says so:
+    ``awaits_report``)."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now, fresh))
     return schema_pb2.Schema(
@@ -415,6 +418,17 @@ def schema_message(
         ],
         auto_rotate=auto_rotate,
         node_problems=[problem_view(p) for p in node_problems],
+        server_login_failures=[login_failures_view(f) for f in login_failures],
+    )
+
+
+def login_failures_view(row: LoginFailuresRow) -> schema_pb2.ServerLoginFailuresView:
+    """A node's wrong client passwords as the schema carries them."""
+    return schema_pb2.ServerLoginFailuresView(
+        node=row.node,
+        count=min(row.failures, 2**32 - 1),
+        last_at=timestamp(row.last_at),
+        reported_at=timestamp(row.reported_at),
     )
 
 
@@ -444,11 +458,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         *,
         fresh: FreshReports,
         reported: Reported,
+        login_failures: Callable[[], Sequence[LoginFailuresRow]] | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
         problem with now (``leader.service.LeaderState.node_problems``); ``store_trouble``:
         why the store's writes fail and since when, while they do (``Engine.store_trouble``);
+        ``login_failures``: the nodes whose server counts wrong client passwords
+        (``leader.service.LeaderState.login_failures``);
         ``fresh``: the nodes whose client report speaks for now
         (``leader.service.LeaderState.fresh_reports``); ``reported``: ``Reported``. Both
         required (review s44rev6 L3): without them this said nobody's report was fresh and
@@ -456,6 +473,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         self.fresh = fresh
         self.reported = reported
         self.node_problems = node_problems
+        self.login_failures = login_failures
         self.store_trouble = store_trouble
         self.schema = schema
         self.clock = clock
@@ -556,6 +574,8 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             return rows, total, parts
         if self.node_problems is not None:
             parts["node_problems"] = self.node_problems()
+        if self.login_failures is not None:
+            parts["login_failures"] = self.login_failures()
         parts["failures"] = self.schema.bootstrap_failures()
         parts["removed"] = self.schema.removed_nodes()
         parts["revoked"] = self.schema.revoked_certificates(now)

@@ -63,7 +63,7 @@ from leader.schema_store import (
     write_clients,
 )
 from leader.schema_view import fresh_reports
-from leader.states import NodeProblemKind, NodeProblemRow
+from leader.states import LoginFailuresRow, NodeProblemKind, NodeProblemRow
 from leader.store import (
     EpochFixed,
     InRollout,
@@ -224,6 +224,9 @@ class LeaderState:
     # node -> since when, and why, its heartbeats say its bootstrap service should run but did
     # not start (``LiveServer.bootstrap_problem``, cleaned): a node problem (``node_problems``).
     bootstrap_down: dict[str, tuple[dt.datetime, str]] = field(default_factory=dict)
+    # node -> the wrong passwords at its server's own login since that server started, by its
+    # heartbeats (``LiveServer.login_failures``): only nodes with some (``login_failures``).
+    server_login_failures: dict[str, LoginFailuresRow] = field(default_factory=dict)
     # node -> two agents seen using its identity (``LeaderService._look_for_twins``), while
     # it holds: the node is neither planned nor switched (``node_problem``).
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
@@ -312,7 +315,12 @@ class LeaderState:
         if len(self.removed) >= MAX_CALLERS:
             self.removed.clear()  # (a removal is an admin's act: never as a rule)
         self.removed[node] = self.removals
-        for entries in (self.live_servers, self.needs_admin_since, self.bootstrap_down):
+        for entries in (
+            self.live_servers,
+            self.needs_admin_since,
+            self.bootstrap_down,
+            self.server_login_failures,
+        ):
             entries.pop(node, None)
         self.twin_agents.pop(node, None)
         self.clocks.drop(node)
@@ -322,6 +330,11 @@ class LeaderState:
     def removed_since(self, node: str, removals: int) -> bool:
         """Whether ``node`` was removed after ``removals`` (``removals`` as it was then)."""
         return self.removed.get(node, 0) > removals
+
+    def login_failures(self) -> list[LoginFailuresRow]:
+        """(Any thread.) The nodes whose server counts wrong client passwords since it started
+        (``ServerLoginFailuresView``), by name."""
+        return sorted(list(self.server_login_failures.values()))
 
     def node_problems(self) -> list[NodeProblemRow]:
         """(Any thread.) Every node's ``node_problem`` now, every node whose clock differs
@@ -1595,6 +1608,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self.state.needs_admin_since.pop(name, None)
         if request.HasField("server"):  # (without it, nothing said: audit s43rev1)
             self._bootstrap_problem(name, request, now)
+            self._login_failures(name, request.server, now)
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
@@ -1716,6 +1730,27 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if before is None:
             log.warning("node.bootstrap_down", node=name, detail=why)
         self.state.bootstrap_down[name] = (before[0] if before else now, why)
+
+    def _login_failures(self, name: str, server: leader_pb2.LiveServer, now: dt.datetime) -> None:
+        """What the heartbeat says of the wrong passwords at the node's server's own login (the
+        client password) since it started: kept while there are some (``login_failures``), and
+        logged as they grow (one line a heartbeat at most), so that the admin sees someone
+        guessing it. Only from a healthy server's status: a server that is down says nothing
+        of them (what was shown stays); one that started again counts from 0, which clears."""
+        if not server.healthy or server.driver == "none":
+            return
+        count = server.login_failures
+        if count <= 0:
+            self.state.server_login_failures.pop(name, None)
+            return
+        last = None
+        if server.HasField("last_login_failure_at"):
+            with contextlib.suppress(ValueError, OverflowError):
+                last = server.last_login_failure_at.ToDatetime(tzinfo=dt.UTC)
+        before = self.state.server_login_failures.get(name)
+        if before is None or before.failures != count:
+            log.warning("node.server_login_failures", node=name, count=count)
+        self.state.server_login_failures[name] = LoginFailuresRow(name, count, last, now)
 
     def _record_clients(
         self,

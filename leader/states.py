@@ -1,7 +1,8 @@
 """Closed sets the wire names that live outside the pure core: a node's health at
 ``tlsroll nodes --check`` (``leader.node_check``), a viewer grant's state
 (``leader.viewer.grants``) and which problem the leader sees with a node now (``NodeProblemRow``:
-``leader.service.LeaderState.node_problems``).
+``leader.service.LeaderState.node_problems``), and the rows it keeps of the wrong passwords at
+the nodes' servers (``LoginFailuresRow``).
 
 They are defined here, apart from the code that decides them, because ``leader.wire`` needs
 them for its codecs and every admin command imports ``leader.wire``: naming them must not
@@ -53,3 +54,15 @@ class NodeProblemRow(NamedTuple):
     kind: NodeProblemKind = NodeProblemKind.TWIN_AGENTS
     clock_offset: float | None = None
     leader_clock: bool = False
+
+
+class LoginFailuresRow(NamedTuple):
+    """A node whose managed server counts wrong passwords at its own login (the client
+    password) since it started, by its agent's latest heartbeat with the server's status
+    (``ServerLoginFailuresView``): how many, when the latest was (the node's clock; None if the
+    server does not say), and when the leader heard it."""
+
+    node: str
+    failures: int
+    last_at: dt.datetime | None
+    reported_at: dt.datetime

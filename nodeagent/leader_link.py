@@ -195,15 +195,20 @@ def _ts(when: dt.datetime | None) -> Timestamp | None:
 def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
     """What a heartbeat says about the managed server: the status view, less the certificate
     and verifier, with who the server has seen lately (the driver caches that list, so a
-    heartbeat does not run a command or read a log each time)."""
-    return leader_pb2.LiveServer(
+    heartbeat does not run a command or read a log each time), and the wrong passwords at its
+    own login since it started (the admin sees someone guessing the client password)."""
+    live = leader_pb2.LiveServer(
         driver=view.driver,
         healthy=view.healthy,
         frozen=view.frozen,
         schemes=list(view.schemes),
         detail=view.detail[:200],
         clients=view.clients,
+        login_failures=view.login_failures,
     )
+    if view.HasField("last_login_failure_at"):
+        live.last_login_failure_at.CopyFrom(view.last_login_failure_at)
+    return live
 
 
 Beats = grpc.aio.StreamStreamCall[leader_pb2.HeartbeatRequest, leader_pb2.HeartbeatResponse]

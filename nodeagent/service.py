@@ -91,6 +91,24 @@ WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least
 log = logs.get_logger(__name__)
 
 
+def login_failures(status: dict[str, Any]) -> tuple[int, dt.datetime | None]:
+    """Wrong passwords at the managed server's own login (the client password) since it
+    started, and when the latest was (UTC), as its status says: the reference server's
+    ``login_failures`` and ``last_login_failure``. (0, None) from a server that does not say,
+    or says something else than a count (a time it gives that is not one is left out)."""
+    count = status.get("login_failures")
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        return 0, None
+    last = None
+    raw = status.get("last_login_failure")
+    if isinstance(raw, str):
+        with contextlib.suppress(ValueError, OverflowError):
+            when = dt.datetime.fromisoformat(raw)
+            if when.tzinfo is not None:
+                last = when.astimezone(dt.UTC)
+    return min(count, 2**32 - 1), last
+
+
 def first_certificate(pem: bytes) -> bytes:
     """The first certificate of a PEM file (a served chain), in the canonical PEM layout;
     ValueError if there is none. Plain text work (the ``ssl`` module's PEM helpers): every
@@ -362,7 +380,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 configured_schemes=list(facts.schemes) if facts is not None else [],
             )
         cert_pem, digest = await asyncio.to_thread(self._live_files)
-        return agent_pb2.ServerView(
+        failures, last_failure = login_failures(status)
+        view = agent_pb2.ServerView(
             driver=driver.name,
             healthy=True,
             frozen=bool(status.get("frozen")),
@@ -371,7 +390,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             cert_pem=cert_pem,
             verifier_digest=digest,
             clients=await self._clients(driver),
+            login_failures=failures,
         )
+        if last_failure is not None:
+            view.last_login_failure_at.FromDatetime(last_failure)
+        return view
 
     @staticmethod
     async def _clients(driver: Driver) -> types_pb2.ClientsView:

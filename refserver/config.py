@@ -19,6 +19,8 @@
     clients_max = 1024              # clients kept at most (the least recently seen goes first)
     login_ceiling = 200             # wrong passwords a day for the whole server (any source);
                                     # past that every /login waits (1..100000)
+    login_queue_seconds = 30        # a login held back only by checks still running waits
+                                    # for them this long at most (1..600), then 429
 
 Relative paths are taken relative to the config file's directory. Unknown keys are errors
 (a typo must not silently fall back to a default).
@@ -43,6 +45,8 @@ from tlsroll.tls import server_context
 
 SCHEMES = ("http", "https")
 LOGIN_CEILING = 200  # wrong passwords a day for the whole server (the bootstrap service's)
+LOGIN_QUEUE_SECONDS = 30  # how long a login waits at most for the checks before it
+MAX_LOGIN_QUEUE_SECONDS = 600
 KEYS = frozenset(
     {
         "address",
@@ -60,6 +64,7 @@ KEYS = frozenset(
         "clients_window",
         "clients_max",
         "login_ceiling",
+        "login_queue_seconds",
     }
 )
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -85,6 +90,7 @@ class RefServerConfig:
     clients_window: int = clients.WINDOW_SECONDS
     clients_max: int = clients.MAX_ENTRIES
     login_ceiling: int = LOGIN_CEILING
+    login_queue_seconds: int = LOGIN_QUEUE_SECONDS
 
     @property
     def app_name(self) -> str:
@@ -140,6 +146,9 @@ def load(path: Path) -> Loaded:
     )
     clients_max: int = s.integer("clients_max", clients.MAX_ENTRIES, lo=1, hi=100_000)
     login_ceiling: int = s.integer("login_ceiling", LOGIN_CEILING, lo=1, hi=100_000)
+    login_queue_seconds: int = s.integer(
+        "login_queue_seconds", LOGIN_QUEUE_SECONDS, lo=1, hi=MAX_LOGIN_QUEUE_SECONDS
+    )
 
     config = RefServerConfig(
         path=cfg.path,
@@ -158,6 +167,7 @@ def load(path: Path) -> Loaded:
         clients_window=clients_window,
         clients_max=clients_max,
         login_ceiling=login_ceiling,
+        login_queue_seconds=login_queue_seconds,
     )
     ctx = _ssl_context(s, config) if "https" in listen else None
     verifier = _verifier(s, verifier_file) if verifier_file is not None else None

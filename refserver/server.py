@@ -21,8 +21,9 @@ Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is
                              each guess is counted before it is checked, so guesses sent
                              together cannot all pass one allowance; a login over the
                              allowance only while such checks run waits for them (16 per
-                             address, 30 s at most): right passwords sent together (a
-                             terminal server's users at eight) all get in
+                             address and 64 in all at most, each ``login_queue_seconds``,
+                             30 s, at most; one more is refused at once): right passwords
+                             sent together (a terminal server's users at eight) all get in
 
 Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/the service user):
 
@@ -40,7 +41,12 @@ Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/t
                                  "config", "requests": {"http": n, "https": n} (every request
                                  since start, health probes included), "clients": distinct peer
                                  addresses per scheme since start, "auth_configured",
-                                 "cert_sha256" (the served cert, or null), "client_ca",
+                                 "login_failures" (wrong passwords since start),
+                                 "last_login_failure" (when the latest was, ISO 8601 UTC, or
+                                 null), "login_refused" (429s since start), "login_checking"
+                                 and "login_waiting" (checks running, logins waiting for
+                                 them, now), "cert_sha256" (the served cert, or null),
+                                 "client_ca",
                                  "require_client_cert", "server", "version", "started_at"}
 
 The freeze is persisted in the entry store (one commit; ``refserver.store``) before it is
@@ -105,11 +111,10 @@ LOGIN_CEILING_WINDOW = 86_400.0  # [server].login_ceiling wrong passwords in thi
 # A login that the limits refuse only because of checks still running (counted before they are
 # checked: they may turn out right and be taken back) waits for them instead: a terminal server
 # whose users log in together at eight o'clock, all with the right password, from one address.
-# At most this many wait per source, and in all, each at most LOGIN_QUEUE_SECONDS; the rest are
-# refused (429) as before.
+# At most this many wait per source, and in all, each at most [server].login_queue_seconds (30 s
+# by default: ``refserver.config``); the rest are refused (429) as before.
 LOGIN_QUEUE_PER_SOURCE = 16
 LOGIN_QUEUE_TOTAL = 64
-LOGIN_QUEUE_SECONDS = 30.0
 MAX_TRACKED_CLIENTS = 10_000
 SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
 
@@ -225,6 +230,7 @@ class RefServer:
         self._login_waiting: dict[str, int] = {}
         self._login_done = asyncio.Condition()
         self.login_failures = 0  # wrong passwords since start (the status's)
+        self.last_login_failure: str | None = None  # when the latest was (ISO 8601, UTC)
         self.login_refused = 0  # logins refused by the limits since start (429)
         self.clock: Callable[[], float] = time.monotonic
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refserver-writer")
@@ -417,6 +423,7 @@ class RefServer:
         log.info("login.checked", accepted=ok, scheme=self._scheme(request), remote=request.remote)
         if not ok:
             self.login_failures += 1
+            self.last_login_failure = now_iso()
             return web.json_response(
                 {"ok": False, "error": "wrong_password", "message": "The password is wrong."},
                 status=401,
@@ -429,10 +436,11 @@ class RefServer:
     async def _login_allowed(self, source: str) -> tuple[float, float]:
         """(seconds ``source`` must wait before a check, now). A wait that checks still running
         may take back (this source's, or any source's for the ceiling) is waited out here, up to
-        ``LOGIN_QUEUE_SECONDS``, by at most ``LOGIN_QUEUE_PER_SOURCE`` logins of a source and
-        ``LOGIN_QUEUE_TOTAL`` in all. Guesses sent together still get no more checks than the
-        allowance: a waiting one goes on only once the checks before it are over and the limits
-        allow it; wrong ones leave the wait in place and it is refused."""
+        ``[server].login_queue_seconds``, by at most ``LOGIN_QUEUE_PER_SOURCE`` logins of a
+        source and ``LOGIN_QUEUE_TOTAL`` in all (one more is refused at once). Guesses sent
+        together still get no more checks than the allowance: a waiting one goes on only once
+        the checks before it are over and the limits allow it; wrong ones leave the wait in
+        place and it is refused."""
         now = self.clock()
         wait = self._login_wait(source, now)
         if wait <= 0 or not self._login_pending(source, now):
@@ -443,7 +451,7 @@ class RefServer:
         ):
             return wait, now
         self._login_waiting[source] = waiting + 1
-        deadline = now + LOGIN_QUEUE_SECONDS
+        deadline = now + self.config.login_queue_seconds
         try:
             async with self._login_done:
                 while True:
@@ -560,7 +568,10 @@ class RefServer:
                 "clients": {scheme: len(seen) for scheme, seen in self.clients.items()},
                 "auth_configured": self.verifier is not None,
                 "login_failures": self.login_failures,
+                "last_login_failure": self.last_login_failure,
                 "login_refused": self.login_refused,
+                "login_checking": sum(self._login_checking.values()),
+                "login_waiting": sum(self._login_waiting.values()),
                 "cert_sha256": self.cert_sha256,
                 "client_ca": c.client_ca_file is not None,
                 "require_client_cert": c.require_client_cert,

@@ -513,6 +513,31 @@ def test_refserver_config_refuses_unknown_keys_and_tables(tmp_path: Path) -> Non
         load(path)
 
 
+def test_refserver_login_queue_seconds_defaults_to_30_and_is_bounded(tmp_path: Path) -> None:
+    """How long a login waits for the checks before it (``refserver.server``'s login queue):
+    30 s unless the config says otherwise; 1 to 600 whole seconds."""
+    from refserver.config import load
+
+    path = refserver_config(tmp_path)
+    text = path.read_text()
+    assert load(path).config.login_queue_seconds == 30
+    path.write_text(text + "login_queue_seconds = 2\n")
+    assert load(path).config.login_queue_seconds == 2
+    for bad, why in (
+        ("0", "must be between 1 and 600, got 0"),
+        ("601", "must be between 1 and 600, got 601"),
+    ):
+        path.write_text(text + f"login_queue_seconds = {bad}\n")
+        with pytest.raises(
+            ConfigError, match=_escape(f"config error: {path}: [server].login_queue_seconds: {why}")
+        ):
+            load(path)
+    for bad in ('"30"', "1.5", "true"):
+        path.write_text(text + f"login_queue_seconds = {bad}\n")
+        with pytest.raises(ConfigError, match="login_queue_seconds"):
+            load(path)
+
+
 # --- writing TOML -----------------------------------------------------------------------------
 
 

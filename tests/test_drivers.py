@@ -50,6 +50,7 @@ from nodeagent.drivers import (
 )
 from nodeagent.journal import Journal
 from nodeagent.leader_link import live_server
+from nodeagent.service import login_failures
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
@@ -1523,6 +1524,12 @@ def test_a_heartbeat_carries_the_clients_of_the_status_view() -> None:
     assert list(live.schemes) == ["http", "https"]
     assert live.clients == view.clients
     assert live.clients.clients[0].workstation == "ws-empfang"
+    assert live.login_failures == 0 and not live.HasField("last_login_failure_at")
+    view.login_failures = 7
+    view.last_login_failure_at.FromDatetime(NOW)
+    live = live_server(view)
+    assert live.login_failures == 7
+    assert live.last_login_failure_at.ToDatetime(tzinfo=dt.UTC) == NOW
 
 
 async def test_a_slow_clients_command_runs_once_whoever_gives_up_waiting(tmp_path: Path) -> None:
@@ -1735,3 +1742,36 @@ def test_journal_checked_refuses_a_reference_config_naming_a_verifier_not_live(
         assert plans.live_contradiction(with_none, driver) is None
     finally:
         with_none.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({"login_failures": 3, "last_login_failure": "2026-12-04T22:50:01.250+00:00"}, 3),
+        ({"login_failures": 3, "last_login_failure": None}, 3),
+        ({"login_failures": 3, "last_login_failure": "yesterday"}, 3),
+        ({"login_failures": 3, "last_login_failure": "2026-12-04T22:50:01"}, 3),  # no zone
+        ({"login_failures": 2**40}, 2**32 - 1),
+        ({"login_failures": 0, "last_login_failure": "2026-12-04T22:50:01+00:00"}, 0),
+        ({"login_failures": -1}, 0),
+        ({"login_failures": True}, 0),
+        ({"login_failures": "3"}, 0),
+        ({}, 0),
+    ],
+)
+def test_the_wrong_client_passwords_are_read_from_the_servers_status(
+    status: dict[str, Any], expected: int
+) -> None:
+    """What the agent carries to the leader of a server's ``login_failures`` (the reference
+    server's count since it started) and ``last_login_failure``: a count or 0, never an error,
+    and the time only where it is one with a zone."""
+    count, last = login_failures(status)
+    assert count == expected
+    well_formed = status.get("last_login_failure") in (
+        "2026-12-04T22:50:01.250+00:00",
+        "2026-12-04T22:50:01+00:00",
+    )
+    if expected and well_formed:
+        assert last == dt.datetime(2026, 12, 4, 22, 50, 1, 250_000, tzinfo=dt.UTC)
+    else:
+        assert last is None

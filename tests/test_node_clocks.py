@@ -65,7 +65,7 @@ from leader.skew import (
     shown_seconds,
     signed_seconds,
 )
-from leader.states import NodeProblemKind
+from leader.states import LoginFailuresRow, NodeProblemKind
 from leader.viewer import metrics, pages
 from leader.viewer.i18n import Words
 from leader.viewer.snapshot import Reader
@@ -428,6 +428,55 @@ async def test_an_agent_that_has_not_tried_its_bootstrap_service_yet_leaves_the_
         problem_now[0] = ""
         await link.beat()
         assert rig.state.node_problems() == []
+
+
+async def test_the_wrong_client_passwords_a_heartbeat_carries_are_kept_while_there_are_some(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Carried finding (refserver login failures not in the schema): the agent's heartbeat
+    carries the wrong passwords at its server's own login since that server started, and when
+    the latest was; the leader keeps them while there are some (``LeaderState.login_failures``,
+    what the schema and the viewer show), logs them as they change, keeps them while the
+    server is down (its status says nothing then), clears them when a healthy server counts
+    none (it started again), and drops them with a removed node."""
+    view = [agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view[0]
+
+    def counting(count: int) -> agent_pb2.ServerView:
+        said = agent_pb2.ServerView(
+            driver="reference", healthy=True, schemes=["https"], login_failures=count
+        )
+        said.last_login_failure_at.FromDatetime(T - dt.timedelta(minutes=1))
+        return said
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _offset):
+        link.server_view = server_view
+        with structlog.testing.capture_logs() as events:
+            await link.beat()
+            assert rig.state.login_failures() == []
+            view[0] = counting(4)
+            await link.beat()
+            assert rig.state.login_failures() == [
+                LoginFailuresRow("hb1", 4, T - dt.timedelta(minutes=1), T)
+            ]
+            rig.clock[0] += dt.timedelta(seconds=5)
+            await link.beat()  # the same count: heard again, not logged again
+            assert [r.reported_at for r in rig.state.login_failures()] == [rig.clock[0]]
+            view[0] = agent_pb2.ServerView(driver="reference", healthy=False, detail="refused")
+            await link.beat()
+            assert [r.failures for r in rig.state.login_failures()] == [4]
+            view[0] = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["https"])
+            await link.beat()
+            assert rig.state.login_failures() == []
+        warned = [e for e in events if e["event"] == "node.server_login_failures"]
+        assert [(e["node"], e["count"]) for e in warned] == [("hb1", 4)], warned
+        view[0] = counting(2)
+        await link.beat()
+        assert [r.failures for r in rig.state.login_failures()] == [2]
+        rig.state.forget_node("hb1")
+        assert rig.state.login_failures() == []
 
 
 async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem_back(

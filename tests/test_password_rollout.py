@@ -759,3 +759,50 @@ def test_a_removed_node_takes_no_password_and_says_it_was_removed(tmp_path: Path
         assert PW1 not in w.cluster.logs_text() + "".join(w.outputs)
     finally:
         w.close()
+
+
+def test_wrong_client_passwords_at_a_server_show_in_the_schema_per_node(tmp_path: Path) -> None:
+    """Carried finding: the wrong passwords at a node's reference server's /login (the client
+    password) were counted in its /admin/status only: the admin could not see someone guessing
+    it. Now (real leader, agent and reference server) its agent carries the count and the time
+    of the latest in its heartbeats, and ``schema show`` (--json and text) shows them per node,
+    with what they may mean, only while there are some; a right password counts none."""
+    w = World(tmp_path, nodes=1)
+    try:
+        w.start()
+        node = w.nodes[0]
+        pw = secret_file(tmp_path / "pw", PW1)
+        assert w.run_rollout("--password-file", str(pw))["state"] == "completed"
+        ca_pem = w.cluster.ca_pem
+        assert login(node, PW1, ca_pem) == 200
+        assert node.admin_status()["login_failures"] == 0
+        assert w.poll()["server_login_failures"] == []
+        shown = w.cli("schema", "show")
+        assert shown.returncode == 0 and "wrong client password" not in shown.stdout
+
+        started = dt.datetime.now(dt.UTC)
+        for guess in ("guess-one-x7", "guess-two-x7", "guess-three-x7"):
+            assert login(node, guess, ca_pem) == 401
+        assert node.admin_status()["login_failures"] == 3
+
+        def rows() -> list[dict[str, Any]]:
+            return [f for f in w.poll()["server_login_failures"] if f["node"] == node.name]
+
+        wait_until(lambda: [f["count"] for f in rows()] == [3], 30, "the schema to show them")
+        (row,) = rows()
+        last = dt.datetime.fromisoformat(row["last_at"])
+        assert started - dt.timedelta(seconds=5) <= last <= dt.datetime.now(dt.UTC), row
+        assert dt.datetime.fromisoformat(row["reported_at"]) >= last - dt.timedelta(seconds=5)
+        data = w.schema()  # the command's own --json
+        assert [(f["node"], f["count"]) for f in data["server_login_failures"]] == [(node.name, 3)]
+        shown = w.cli("schema", "show")
+        assert shown.returncode == 0, shown.stderr
+        text = " ".join(shown.stdout.split())
+        assert "wrong client passwords at the servers" in text, shown.stdout
+        assert "3 wrong client passwords since the server started" in text, shown.stdout
+        assert "someone may be guessing it" in text, shown.stdout
+        assert "node.server_login_failures" in w.cluster.leader.event_names()
+        for said in w.outputs:
+            assert PW1 not in said and "guess-one-x7" not in said
+    finally:
+        w.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import http.client
 import json
@@ -929,6 +930,104 @@ def test_the_whole_server_has_a_ceiling_of_wrong_passwords(
     status = server.status()
     assert status["login_failures"] == 3 and status["login_refused"] == 1
     assert secret not in server.log()
+
+
+# One check of this verifier takes seconds (the production cost times 64: r=32, p=16; about 7 s
+# and 128 MiB on the 2-CPU test machine, where 65 logins line up behind it in 0.3 s).
+# No password matches it (its hash is random): made without running scrypt.
+SLOW_CHECK = {"n": 2**15, "r": 32, "p": 16}
+
+
+def slow_verifier(path: Path) -> Path:
+    verifier = password.validate_verifier(
+        {
+            "alg": "scrypt",
+            **SLOW_CHECK,
+            "salt": base64.b64encode(os.urandom(password.SALT_BYTES)).decode(),
+            "hash": base64.b64encode(os.urandom(password.HASH_BYTES)).decode(),
+        }
+    )
+    write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
+    return path
+
+
+def login_queue(server: RefServer) -> tuple[int, int]:
+    """(checks running, logins waiting for them) now, as the admin status says."""
+    status = server.status()
+    return status["login_checking"], status["login_waiting"]
+
+
+def assert_refused_at_once(resp: Response, took: float) -> None:
+    assert resp.status == 429, resp.body
+    assert resp.json()["error"] == "rate_limited"
+    assert int(resp.headers["retry-after"]) >= 1
+    assert took < 3.0, took  # not after waiting (30 s)
+
+
+def test_the_login_queue_holds_16_per_source_and_64_in_all(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """A login held back only by checks still running waits for them (the tests above), but
+    no more than 16 of one source and 64 in all wait: one more is refused at once, 429 and
+    Retry-After as for any login the limits refuse. ``login_ceiling = 1``: while the one wrong
+    password is being checked, every other login, from any address, is held back by it alone;
+    once it is over (wrong), the ceiling is full and every waiting login is refused."""
+    verifier_file = slow_verifier(tmp_path / "auth.json")
+    server, ctx = https_login_server(
+        make_server, loopback, issue_cert, verifier_file, login_ceiling=1
+    )
+    sources = [loopback() for _ in range(5)]
+
+    def refused_now(source: str) -> None:
+        started = time.monotonic()
+        resp = login_from(server, ctx, "one-too-many", source)
+        assert_refused_at_once(resp, time.monotonic() - started)
+
+    with ThreadPoolExecutor(70) as pool:
+        checked = pool.submit(login_from, server, ctx, "guess", loopback())
+        wait_for(lambda: login_queue(server) == (1, 0), what="the first check")
+        waiting = [pool.submit(login_from, server, ctx, f"a{i}", sources[0]) for i in range(16)]
+        wait_for(lambda: login_queue(server) == (1, 16), what="16 logins waiting")
+        refused_now(sources[0])  # the 17th of one source
+        waiting += [
+            pool.submit(login_from, server, ctx, f"{n}{i}", source)
+            for n, source in enumerate(sources[1:4])
+            for i in range(16)
+        ]
+        wait_for(lambda: login_queue(server) == (1, 64), what="64 logins waiting")
+        refused_now(sources[4])  # the 65th in all, from a source with none waiting
+        assert not checked.done(), "the check ended before the queue was full: too fast here"
+        assert login_queue(server) == (1, 64)
+        assert checked.result(timeout=60).status == 401
+        assert [f.result(timeout=60).status for f in waiting] == [429] * 64
+    status = server.status()
+    assert status["login_failures"] == 1 and status["login_refused"] == 66
+    assert (status["login_checking"], status["login_waiting"]) == (0, 0)
+
+
+def test_a_waiting_login_gives_up_after_login_queue_seconds(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """A login waiting for checks before it waits ``login_queue_seconds`` at most (30 by
+    default; 1 here), then is refused (429), while the check it waited for still runs."""
+    verifier_file = slow_verifier(tmp_path / "auth.json")
+    server, ctx = https_login_server(
+        make_server, loopback, issue_cert, verifier_file, login_ceiling=1, login_queue_seconds=1
+    )
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(login_from, server, ctx, "guess", loopback())
+        wait_for(lambda: login_queue(server) == (1, 0), what="the first check")
+        started = time.monotonic()
+        gave_up = login_from(server, ctx, "another", loopback())
+        took = time.monotonic() - started
+        assert gave_up.status == 429 and gave_up.json()["error"] == "rate_limited"
+        assert int(gave_up.headers["retry-after"]) >= 1
+        assert 0.9 <= took < 4.0, took
+        assert not checked.done(), "the check ended before the wait's bound: too fast here"
+        assert login_queue(server) == (1, 0)
+        assert checked.result(timeout=60).status == 401
+    status = server.status()
+    assert status["login_failures"] == 1 and status["login_refused"] == 1
 
 
 def test_login_without_verifier_is_a_clear_409(make_server: MakeServer) -> None:

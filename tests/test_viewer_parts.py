@@ -39,7 +39,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import SchemaViewService, schema_message
-from leader.states import GrantState
+from leader.states import GrantState, LoginFailuresRow
 from leader.store import NodeCert, NotFound, Store
 from leader.viewer import app as viewer_app
 from leader.viewer import certificate, metrics, pages, snapshot
@@ -541,6 +541,52 @@ def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Sto
     for lang, title in (("de", "Fehlgeschlagene Anmeldungen"), ("en", "Failed workstation")):
         html = pages.schema_content(snap, Words.of(lang), page)
         assert title in html and "ws-empfang" in html and "<td>7</td>" in html
+
+
+def test_wrong_client_passwords_at_a_server_are_on_the_page_and_in_the_metrics_when_some(
+    store: Store,
+) -> None:
+    """Carried finding (the leader's schema did not show them): the wrong passwords at a
+    node's server's own login since it started (``LeaderState.login_failures``, from the
+    agents' heartbeats) are on the page, with a hint, per node, and in the metrics; a page
+    with none has no such section."""
+    reader = Reader(store, SchemaStore(store.db), lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    rows = [
+        LoginFailuresRow("a", 1, None, NOW),
+        LoginFailuresRow("b", 12, NOW - dt.timedelta(minutes=2), NOW),
+    ]
+    reader.login_failures = list
+    for lang in LANGS:
+        html = pages.schema_content(reader.read(), Words.of(lang), page)
+        assert 'id="login-failures"' not in html
+    reader.login_failures = lambda: rows
+    snap = reader.read(times=True)
+    for lang, title, one, many in (
+        (
+            "de",
+            "Falsche Client-Passwörter",
+            "1 falsches Client-Passwort seit dem Start des Servers",
+            "12 falsche Client-Passwörter seit dem Start des Servers",
+        ),
+        (
+            "en",
+            "Wrong client passwords",
+            "1 wrong client password since the server started",
+            "12 wrong client passwords since the server started",
+        ),
+    ):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        (section,) = re.findall(r'<section id="login-failures".*?</section>', html, re.S)
+        assert title in section and one in section and many in section
+        assert 'data-node="a" data-count="1"' in section
+        assert 'data-node="b" data-count="12"' in section
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render(snap).decode())}
+    samples = families["tlsroll_server_login_failures"].samples
+    assert sorted((s.labels["node"], s.value) for s in samples) == [("a", 1), ("b", 12)]
+    shown = wire.to_dict(snap.schema)["server_login_failures"]
+    assert shown[0] == {"node": "a", "count": 1, "reported_at": "2026-11-30T09:00:00Z"}
+    assert shown[1]["last_at"] == "2026-11-30T08:58:00Z"
 
 
 # --- the live stream ------------------------------------------------------------------------------

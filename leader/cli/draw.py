@@ -265,6 +265,34 @@ def render_failures(failures: Sequence[View]) -> Block:
     return Block(head, table)
 
 
+LOGIN_FAILURES_HINT = (
+    "wrong passwords at the server's own login (the client password), counted since that server "
+    "started: a few are typing errors; many, or more and more, mean someone may be guessing it "
+    "(the server slows guessers down, per address and in all)"
+)
+
+
+def login_failures_words(count: int) -> str:
+    """``N wrong client password(s) since the server started``: what the schema and the viewer
+    say of a node's ``ServerLoginFailuresView``."""
+    return f"{count} wrong client password{'' if count == 1 else 's'} since the server started"
+
+
+def render_login_failures(rows: Sequence[View]) -> Block:
+    """The nodes whose managed server counts wrong passwords at its own login (only nodes with
+    some), with what they may mean."""
+    table = Table("node", "wrong client passwords", "latest", "reported")
+    for f in rows:
+        table.add_row(
+            f.get("node", ""),
+            login_failures_words(int(f.get("count", 0))),
+            fmt_time(f, "last_at"),
+            fmt_time(f, "reported_at"),
+        )
+    head = Styled("wrong client passwords at the servers", "bold yellow")
+    return Block(head, table, LOGIN_FAILURES_HINT)
+
+
 def render_node_problems(problems: Sequence[View]) -> Block:
     """The nodes the leader sees a problem with now (two agents use one node's identity: held,
     neither planned nor switched; its clock differs from the leader's), each with what to do

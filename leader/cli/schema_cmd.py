@@ -72,6 +72,7 @@ def schema_show(
         render_certificate_health,
         render_clients,
         render_failures,
+        render_login_failures,
         render_node_problems,
         render_revocations,
         render_rollout,
@@ -92,6 +93,8 @@ def schema_show(
         parts.append(f"{older} older rollout(s) not shown: tlsroll schema show --all")
     if data.get("bootstrap_failures"):
         parts.append(render_failures(data["bootstrap_failures"]))
+    if data.get("server_login_failures"):
+        parts.append(render_login_failures(data["server_login_failures"]))
     if data.get("removed_nodes") or data.get("revoked_certificates"):
         parts.append(render_revocations(data))
     if (health := render_certificate_health(data)) is not None:

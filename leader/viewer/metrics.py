@@ -29,6 +29,8 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
                                                      ends first
     tlsroll_password_change_pending{node}            1: a new password waits for change-password
     tlsroll_bootstrap_failures{node,source}          wrong passwords on 9443, last 30 days
+    tlsroll_server_login_failures{node}              wrong client passwords at the node's
+                                                     server since it started (nodes with some)
 """
 
 from __future__ import annotations
@@ -154,4 +156,13 @@ def render(snap: Snapshot) -> bytes:
     )
     for f in snap.schema.bootstrap_failures:
         failures.labels(f.node, f.source).set(f.count)
+
+    guessed = Gauge(
+        "tlsroll_server_login_failures",
+        "Wrong client passwords at a node's server's own login since the server started.",
+        ["node"],
+        registry=registry,
+    )
+    for g in snap.schema.server_login_failures:
+        guessed.labels(g.node).set(g.count)
     return generate_latest(registry)

@@ -39,7 +39,7 @@ from leader.schema_view import (
     node_view,
     schema_message,
 )
-from leader.states import NodeProblemRow
+from leader.states import LoginFailuresRow, NodeProblemRow
 from leader.store import NodesMade, Store
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
@@ -252,6 +252,9 @@ class Reader:
         # its clock differs: ``leader.service.LeaderState.node_problems``), and each node's
         # clock offset (``leader.node_clocks.NodeClocks.offset``), set by the daemon likewise.
         self.node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None
+        # The nodes whose server counts wrong client passwords since it started
+        # (``leader.service.LeaderState.login_failures``), set likewise.
+        self.login_failures: Callable[[], Sequence[LoginFailuresRow]] | None = None
         self.clock_offset: Callable[[str], float | None] | None = None
         # Why the store's writes fail and since when, while they do
         # (``leader.store_health.StoreHealth.trouble``): a page shows it as `rollout status`
@@ -324,6 +327,7 @@ class Reader:
                 self._nodes = fresh
         now = self.clock()
         problems = self.node_problems() if self.node_problems is not None else ()
+        guessed = self.login_failures() if self.login_failures is not None else ()
         with self._lock:
             views = self._views
         made: Made = {}
@@ -338,6 +342,7 @@ class Reader:
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
             node_problems=problems,
+            login_failures=guessed,
             fresh=self.fresh(infos, now),
             reported=self.store.report_since_start,
         )

@@ -239,6 +239,8 @@ class ServerView(_message.Message):
     VERIFIER_DIGEST_FIELD_NUMBER: _builtins.int
     CLIENTS_FIELD_NUMBER: _builtins.int
     CONFIGURED_SCHEMES_FIELD_NUMBER: _builtins.int
+    LOGIN_FAILURES_FIELD_NUMBER: _builtins.int
+    LAST_LOGIN_FAILURE_AT_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
@@ -249,6 +251,11 @@ class ServerView(_message.Message):
     the live auth password verifier (empty if none; never the verifier itself).
     """
     verifier_digest: _builtins.str
+    login_failures: _builtins.int
+    """Wrong passwords at the server's own login (the reference server's /login: the client
+    password) since it started, as its status says: someone may be guessing the client
+    password. 0 from a server that does not count them, and from an agent of an earlier release.
+    """
     @_builtins.property
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"http", "https" or both: what the server listens on now."""
@@ -270,6 +277,10 @@ class ServerView(_message.Message):
         change waits for a healthy server. Empty otherwise, and from an agent of an earlier release.
         """
 
+    @_builtins.property
+    def last_login_failure_at(self) -> _timestamp_pb2.Timestamp:
+        """When the latest of those was (the node's clock); unset if none, or the server does not say."""
+
     def __init__(
         self,
         *,
@@ -283,10 +294,12 @@ class ServerView(_message.Message):
         verifier_digest: _builtins.str = ...,
         clients: _types_pb2.ClientsView | None = ...,
         configured_schemes: _abc.Iterable[_builtins.str] | None = ...,
+        login_failures: _builtins.int = ...,
+        last_login_failure_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "last_login_failure_at", b"last_login_failure_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_pem", b"cert_pem", "clients", b"clients", "configured_schemes", b"configured_schemes", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes", "urls", b"urls", "verifier_digest", b"verifier_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_pem", b"cert_pem", "clients", b"clients", "configured_schemes", b"configured_schemes", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "last_login_failure_at", b"last_login_failure_at", "login_failures", b"login_failures", "schemes", b"schemes", "urls", b"urls", "verifier_digest", b"verifier_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -410,6 +410,8 @@ class LiveServer(_message.Message):
     CLIENTS_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_PROBLEM_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_PENDING_FIELD_NUMBER: _builtins.int
+    LOGIN_FAILURES_FIELD_NUMBER: _builtins.int
+    LAST_LOGIN_FAILURE_AT_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
@@ -427,6 +429,11 @@ class LiveServer(_message.Message):
     restart made the node's problem go and come back, with a new "since": s43). An older agent
     never sets it: its empty bootstrap_problem is "no problem", as before.
     """
+    login_failures: _builtins.int
+    """ServerView's: wrong passwords at the server's own login (the client password) since it
+    started, and when the latest was (the node's clock). Set only while the server is healthy
+    (its status read); 0 and unset from an agent of an earlier release.
+    """
     @_builtins.property
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"http", "https" or both."""
@@ -435,6 +442,8 @@ class LiveServer(_message.Message):
     def clients(self) -> _types_pb2.ClientsView:
         """Which workstations the server has seen on which scheme lately (who is still on http)."""
 
+    @_builtins.property
+    def last_login_failure_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -446,10 +455,12 @@ class LiveServer(_message.Message):
         clients: _types_pb2.ClientsView | None = ...,
         bootstrap_problem: _builtins.str = ...,
         bootstrap_pending: _builtins.bool = ...,
+        login_failures: _builtins.int = ...,
+        last_login_failure_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "last_login_failure_at", b"last_login_failure_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_pending", b"bootstrap_pending", "bootstrap_problem", b"bootstrap_problem", "clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_pending", b"bootstrap_pending", "bootstrap_problem", b"bootstrap_problem", "clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "last_login_failure_at", b"last_login_failure_at", "login_failures", b"login_failures", "schemes", b"schemes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -434,6 +434,7 @@ class Schema(_message.Message):
     TOTAL_ROLLOUTS_FIELD_NUMBER: _builtins.int
     NODE_PROBLEMS_FIELD_NUMBER: _builtins.int
     STORE_TROUBLE_FIELD_NUMBER: _builtins.int
+    SERVER_LOGIN_FAILURES_FIELD_NUMBER: _builtins.int
     total_rollouts: _builtins.int
     """How many rollouts are stored, when `limit` left some out (else 0)."""
     @_builtins.property
@@ -490,6 +491,14 @@ class Schema(_message.Message):
         then waits, and this says why.
         """
 
+    @_builtins.property
+    def server_login_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerLoginFailuresView]:
+        """Nodes whose managed server counts wrong passwords at its own login (the client password)
+        since it started, by their agents' heartbeats: someone may be guessing it. Only nodes with
+        at least one, by name. Not stored: a leader that starts again shows them as the agents
+        report; a server that starts again counts from 0 (and its node goes from here).
+        """
+
     def __init__(
         self,
         *,
@@ -505,14 +514,50 @@ class Schema(_message.Message):
         total_rollouts: _builtins.int = ...,
         node_problems: _abc.Iterable[Global___NodeProblemView] | None = ...,
         store_trouble: Global___StoreTroubleView | None = ...,
+        server_login_failures: _abc.Iterable[Global___ServerLoginFailuresView] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "store_trouble", b"store_trouble"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "server_login_failures", b"server_login_failures", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class ServerLoginFailuresView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    count: _builtins.int
+    """Wrong passwords since the server started."""
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp:
+        """When the latest was (the node's clock); unset if the server does not say."""
+
+    @_builtins.property
+    def reported_at(self) -> _timestamp_pb2.Timestamp:
+        """When the leader heard it last (a heartbeat with the server's status)."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        count: _builtins.int = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+        reported_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_at", b"last_at", "reported_at", b"reported_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "last_at", b"last_at", "node", b"node", "reported_at", b"reported_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerLoginFailuresView: _TypeAlias = ServerLoginFailuresView  # noqa: Y015
 
 @_typing.final
 class StoreTroubleView(_message.Message):
