@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from leader import byo
+from leader import byo, runtime
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
 from tests.cluster import Cluster, command, one_line_error
 from tests.conftest import next_loopback
@@ -179,6 +179,49 @@ def test_a_ca_passphrase_file_that_is_missing_or_no_file_is_a_config_error(
     line = _leader_refuses(cluster, {"ca_passphrase_file": str(path)})
     assert f"config error: {cluster.config_path}: [leader].ca_passphrase_file: " in line, line
     assert str(path) in line and what in line, line
+
+
+WRONG_PASSPHRASE = "not-the-ca-passphrase-7q2m"
+
+
+@pytest.mark.parametrize("kind", ["mode-0644", "wrong", "empty"])
+def test_a_ca_passphrase_the_leader_cannot_start_with_is_a_config_error(
+    cluster: Cluster, tmp_path: Path, kind: str
+) -> None:
+    """Review s48rev3: a passphrase file others can read (the right passphrase in it), or a
+    wrong passphrase, ended the leader with exit 1, and systemd started it again every 5 s
+    for ever. The admin's configuration to fix: exit 2 (the config's code, which the unit's
+    RestartPreventExitStatus= spares: test_deploy), one line naming the key and what is
+    wrong, never the passphrase; nothing started, nothing issued."""
+    right = cluster.passphrase_path.read_text().strip()
+    path = tmp_path / "passphrase"
+    path.touch(0o600)
+    if kind == "mode-0644":
+        path.write_text(right + "\n")
+        path.chmod(0o644)
+        what = f"{path} is accessible by others (mode 0644); run: chmod 600 {path}"
+    elif kind == "wrong":
+        path.write_text(WRONG_PASSPHRASE + "\n")
+        what = (
+            f"the CA passphrase does not open the CA key {cluster.ca_key_path}: a wrong "
+            "passphrase, or a damaged key file"
+        )
+    else:
+        what = f"{path} is empty; it must hold the CA passphrase"
+    original = cluster.config_path.read_bytes()
+    cert = cluster.tls_cert_path.read_bytes()
+    try:
+        cluster.write_leader_config({"ca_passphrase_file": str(path)})
+        code, output = cluster.leader.run_to_exit(timeout=30)
+    finally:
+        cluster.config_path.write_bytes(original)
+    assert code == 2 == runtime.EXIT_CONFIG, output
+    line = one_line_error(output, "tlsroll-leader")
+    key = "[leader].ca_passphrase_file"
+    assert line == f"tlsroll-leader: config error: {cluster.config_path}: {key}: {what}", line
+    assert right not in output and WRONG_PASSPHRASE not in output
+    assert cluster.tls_cert_path.read_bytes() == cert
+    assert not cluster.admin_socket.exists()
 
 
 def test_a_metrics_token_file_that_is_a_directory_is_a_config_error(
