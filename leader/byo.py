@@ -8,14 +8,17 @@ node instead. The directory's layout::
                         CA certificate is allowed, e.g. a root and an intermediate)
     DIR/<node>.crt      the node's certificate first, then any intermediate CA certificates
     DIR/<node>.key      its private key (PEM, unencrypted), mode 0600 or 0400
-    anything else       ignored, as are files of nodes outside the rollout's scope
+    anything else       ignored, as are files of nodes outside the rollout's scope (even
+                        ones that cannot be read: a rollout does not need them)
 
 Everything is checked for every node the rollout would touch before any node is: a rollout
 with one problem is refused whole, with one line per problem (``Problem``: node, file, what
 is wrong, what to do). ``validate`` is pure (``cryptography`` only; never ``openssl``), given
 what the leader knows of each node (``Expected``: its enrolled names, the certificate it
 serves now) and the clock. ``read_cert_dir`` is the one function here that touches files; the
-CLI runs it.
+CLI runs it, and sends what it read to the leader, which alone knows which nodes the rollout
+touches: a file that is there and cannot be read is sent as empty, with why
+(``Material.unreadable``), and reported by ``validate`` if its node is touched.
 
 A key file that group or others can read is refused, not merely warned about: the key is
 what makes the certificate worth anything, and a node's own keys are 0600 too.
@@ -32,7 +35,7 @@ import datetime as dt
 import ipaddress
 import os
 import stat
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +48,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from tlsroll import pki
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import file_kind
+from tlsroll.peertext import clean
 
 CA_FILE = "ca.crt"
 CERT_SUFFIX = ".crt"
@@ -96,8 +100,10 @@ class NodeMaterial:
 @dataclass(frozen=True)
 class Material:
     """The whole directory: the practice CA and each node's files; ``unreadable``: the files
-    that are there but could not be read (file name: why), which the CLI reports itself
-    (``read_problems``): the leader gets them as empty."""
+    that are there but could not be read (file name: why), read as empty: ``validate``
+    reports them, for ``ca.crt`` and the nodes the rollout touches, in place of "missing"
+    (review s47rtin L3); those of other nodes it ignores, as it ignores their other files
+    (review s48rev3: a cluster-wide plan was refused for a file of a node it did not touch)."""
 
     ca_pem: bytes
     nodes: Mapping[str, NodeMaterial]
@@ -191,25 +197,26 @@ def read_cert_dir(directory: Path) -> Material:
     return Material(ca_pem, nodes, unreadable)
 
 
-def read_problems(material: Material, nodes: Collection[str] = ()) -> list[Problem]:
-    """A problem per file of the directory that is there and could not be read
-    (``Material.unreadable``): ``ca.crt``, and the files of ``nodes`` (all nodes' if empty:
-    the CLI does not know which nodes a cluster-wide rollout touches). The CLI refuses with
-    them before it asks the leader, which would see such a file as missing."""
-    problems = []
-    for name, why in sorted(material.unreadable.items()):
-        node = "" if name == CA_FILE else name.removesuffix(CERT_SUFFIX).removesuffix(KEY_SUFFIX)
-        if node and nodes and node not in nodes:
-            continue
-        what = (
-            "the practice CA's certificate (PEM)"
-            if not node
-            else f"{node}'s private key"
-            if name.endswith(KEY_SUFFIX)
-            else f"{node}'s certificate (PEM)"
-        )
-        problems.append(Problem(node, name, why, f"put {what} in DIR/{name} as a readable file"))
-    return problems
+MAX_WHY = 200
+"""Characters of a reason a file could not be read, as the leader repeats it (it comes over
+the admin socket: the CLI's words, ``_read``'s, a few dozen characters)."""
+
+
+def unreadable_problem(material: Material, node: str, name: str) -> Problem | None:
+    """The problem of ``name`` (``ca.crt``, or ``node``'s ``.crt`` or ``.key``) if it is there
+    and could not be read (``Material.unreadable``): why, and what to do; None if it was
+    read, or is missing."""
+    why = material.unreadable.get(name)
+    if why is None:
+        return None
+    what = (
+        "the practice CA's certificate (PEM)"
+        if not node
+        else f"{node}'s private key"
+        if name.endswith(KEY_SUFFIX)
+        else f"{node}'s certificate (PEM)"
+    )
+    return Problem(node, name, clean(why, MAX_WHY), f"put {what} in DIR/{name} as a readable file")
 
 
 # --- checks (pure) --------------------------------------------------------------------------
@@ -222,9 +229,14 @@ def _load_certs(data: bytes) -> list[x509.Certificate] | None:
         return None
 
 
-def ca_problems(ca_pem: bytes, now: dt.datetime, horizon: dt.timedelta) -> list[Problem]:
-    """The practice CA file: present, CA certificates, valid now and beyond the horizon."""
+def ca_problems(
+    ca_pem: bytes, now: dt.datetime, horizon: dt.timedelta, unreadable: Problem | None = None
+) -> list[Problem]:
+    """The practice CA file: present, CA certificates, valid now and beyond the horizon;
+    ``unreadable``: it is there and could not be read (``unreadable_problem``)."""
     fix = f"put the practice CA's certificate (PEM) in DIR/{CA_FILE}"
+    if unreadable is not None:
+        return [unreadable]
     if not ca_pem.strip():
         return [Problem("", CA_FILE, "missing or empty", fix)]
     certs = _load_certs(ca_pem)
@@ -391,17 +403,25 @@ def node_problems(
     horizon: dt.timedelta,
     *,
     rotate: bool = False,
+    unreadable: Mapping[str, Problem] | None = None,
 ) -> list[Problem]:
-    """Every problem of one node's certificate and key (see the module docstring)."""
+    """Every problem of one node's certificate and key (see the module docstring);
+    ``unreadable``: its files that are there and could not be read (file name: problem),
+    said in place of "missing"."""
     crt, keyf = f"{node}{CERT_SUFFIX}", f"{node}{KEY_SUFFIX}"
+    cant = unreadable or {}
     problems: list[Problem] = []
     chain_pem = item.chain_pem if item is not None else b""
     key_pem = item.key_pem if item is not None else b""
-    if not chain_pem.strip():
+    if crt in cant:
+        problems.append(cant[crt])
+    elif not chain_pem.strip():
         problems.append(
             Problem(node, crt, "missing", f"put {node}'s certificate (PEM) in DIR/{crt}")
         )
-    if not key_pem.strip():
+    if keyf in cant:
+        problems.append(cant[keyf])
+    elif not key_pem.strip():
         problems.append(Problem(node, keyf, "missing", f"put {node}'s private key in DIR/{keyf}"))
     mode = item.key_mode if item is not None else None
     if key_pem.strip() and mode is not None and mode & 0o077:
@@ -528,12 +548,25 @@ def validate(
     rotate: bool = False,
 ) -> list[Problem]:
     """Every problem of the directory for the nodes in ``expected`` (those the rollout would
-    touch); files of other nodes are ignored. Empty: every node's certificate can be used."""
-    problems = ca_problems(material.ca_pem, now, horizon)
+    touch); files of other nodes are ignored, whether or not they could be read. Empty: every
+    node's certificate can be used."""
+    problems = ca_problems(material.ca_pem, now, horizon, unreadable_problem(material, "", CA_FILE))
     anchors = [c for c in (_load_certs(material.ca_pem) or []) if pki.is_ca(c)]
     for node in sorted(expected):
+        cant = {
+            name: p
+            for suffix in (CERT_SUFFIX, KEY_SUFFIX)
+            if (p := unreadable_problem(material, node, name := f"{node}{suffix}")) is not None
+        }
         problems += node_problems(
-            material.nodes.get(node), node, expected[node], anchors, now, horizon, rotate=rotate
+            material.nodes.get(node),
+            node,
+            expected[node],
+            anchors,
+            now,
+            horizon,
+            rotate=rotate,
+            unreadable=cant,
         )
     return problems
 

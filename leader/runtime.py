@@ -35,6 +35,7 @@ from leader.engine import Engine
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
+    CREDENTIAL,
     Layout,
     check_secret_dirs,
     ensure_leader_identity,
@@ -63,6 +64,8 @@ from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import (
     ConfigError,
     NotRegularFile,
+    PKIError,
+    PKIReason,
     TerminalError,
     TlsrollError,
     UnsafePermissions,
@@ -174,15 +177,44 @@ def _passphrase_source(cfg: LeaderConfig) -> Path:
         raise ConfigError(cfg.path, "[leader].ca_passphrase_file", str(exc)) from None
 
 
+def _passphrase_error(cfg: LeaderConfig, credential: bool, problem: str) -> ConfigError:
+    """A CA passphrase the leader cannot start with is the admin's configuration to fix, the
+    file's (``[leader].ca_passphrase_file``) or the unit's credential (``ca-passphrase``): a
+    ConfigError, exit 2, which systemd does not restart (review s48rev3: a file others could
+    read, or a wrong passphrase, exited 1 and was started again every 5 s for ever)."""
+    if credential:
+        return ConfigError(f"systemd credential {CREDENTIAL}", None, problem)
+    return ConfigError(cfg.path, "[leader].ca_passphrase_file", problem)
+
+
 def _read_passphrase(cfg: LeaderConfig, source: Path, *, credential: bool) -> bytes:
-    """``layout.read_passphrase``; a ``ca_passphrase_file`` that is not a regular file (a
-    directory was told "chmod 600", a FIFO hung the start) is a config error too."""
+    """``layout.read_passphrase``; a passphrase file or credential that is not a regular file
+    (a directory was told "chmod 600", a FIFO hung the start), that others can read, that is
+    not ours, empty or that we may not read is a config error (``_passphrase_error``)."""
     try:
         return read_passphrase(source, credential=credential)
-    except NotRegularFile as exc:
-        if credential:
+    except TerminalError as exc:  # UnsafePermissions, NotRegularFile, empty
+        raise _passphrase_error(cfg, credential, str(exc)) from None
+    except PermissionError as exc:  # (a directory on its way we may not enter)
+        raise _passphrase_error(cfg, credential, os_error_text(exc)) from None
+
+
+def _load_ca(cfg: LeaderConfig, passphrase: bytes, *, credential: bool) -> pki.CertificateAuthority:
+    """The CA; a passphrase that does not open its key is a config error (one line, never the
+    passphrase): a wrong one, or a key written without one (or damaged: it cannot be told)."""
+    layout = cfg.layout
+    try:
+        return pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
+    except PKIError as exc:
+        if exc.reason is not PKIReason.BAD_PASSPHRASE:
             raise
-        raise ConfigError(cfg.path, "[leader].ca_passphrase_file", str(exc)) from None
+        why = f" ({exc.detail})" if exc.detail else ""
+        raise _passphrase_error(
+            cfg,
+            credential,
+            f"the CA passphrase does not open the CA key {layout.ca_key}{why}: a wrong "
+            "passphrase, or a damaged key file",
+        ) from None
 
 
 def _start_on(
@@ -216,7 +248,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     for secret in (layout.ca_key, layout.tls_key):
         check_private_file(secret)
     passphrase = _read_passphrase(cfg, source, credential=credential)
-    ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
+    ca = _load_ca(cfg, passphrase, credential=credential)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
         log.warning(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -397,6 +398,55 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
     )
     for line in secret_lines(wrong_key, key2, key1):
         assert line not in logs + plan.stdout + plan.stderr + start.stdout + start.stderr
+
+
+@pytest.mark.timeout(240)  # bringing up two nodes takes a minute on a busy machine
+def test_a_file_the_rollout_does_not_need_does_not_refuse_it_and_one_it_needs_does(
+    two: tuple[Cluster, list[Node]], tmp_path: Path
+) -> None:
+    """Review s48rev3: a file that cannot be read, of a node no cluster-wide rollout touches
+    (node3: no node of this cluster, its files left in the directory), refused the plan: the
+    CLI, which cannot tell the nodes a rollout touches, refused every such file. The leader
+    judges them with the rest: the plan passes. One of a node it touches (node2's key, a FIFO)
+    refuses plan and start with why, not "missing"; outside ``--nodes node1`` it is not
+    needed either. Nothing is recorded."""
+    cluster, (node1, node2) = two
+    practice = make_ca("Praxis CA")
+    issued = {n.name: real_leaf(practice, n) for n in (node1, node2)}
+    d = write_dir(
+        tmp_path / "certs", practice, {name: (pem(c), k) for name, (c, k) in issued.items()}
+    )
+    (d / "node3.crt").mkdir()
+    os.mkfifo(d / "node3.key", 0o600)
+    plan = cluster.cli("plan", "--scope", "cluster", "--cert-dir", str(d))
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "Certificates from --cert-dir (every check passed):" in plan.stdout
+    assert "node3" not in plan.stdout + plan.stderr
+
+    (d / "node2.key").unlink()
+    os.mkfifo(d / "node2.key", 0o600)
+    refusals = (
+        cluster.cli("plan", "--scope", "cluster", "--cert-dir", str(d)),
+        cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--cert-dir", str(d),
+            "--password-file", str(password_file(tmp_path)), "--yes",
+        ),
+    )  # fmt: skip
+    for result in refusals:
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = [ln.strip() for ln in result.stderr.splitlines()]
+        assert (
+            "the certificates from --cert-dir are refused (1 problem); no node was changed:"
+            in lines[0]
+        ), result.stderr
+        assert lines[1:] == [
+            "node2: node2.key: is not a regular file (a FIFO); put node2's private key in "
+            "DIR/node2.key as a readable file"
+        ], result.stderr
+    only1 = cluster.cli("plan", "--scope", "nodes", "--nodes", "node1", "--cert-dir", str(d))
+    assert only1.returncode == 0, only1.stdout + only1.stderr
+    assert "node2" not in only1.stderr
+    assert newest(cluster) is None  # no rollout recorded
 
 
 @pytest.mark.timeout(360)  # two rollouts and two workstation enrolments (~80 s alone)

@@ -237,7 +237,7 @@ def test_certificates_the_leader_ignored_are_not_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
 ) -> None:
     started = older_leader(monkeypatch)
-    monkeypatch.setattr(rollout_cmd, "cert_dir_message", lambda _d, _nodes: admin_pb2.CertDir())
+    monkeypatch.setattr(rollout_cmd, "cert_dir_message", lambda _d: admin_pb2.CertDir())
     result = start(tlsroll, tmp_path, "--cert-dir", str(tmp_path))
     assert not started, f"started with the leader's own keys: {(result.stdout, result.stderr)}"
     assert result.exit_code == 1
@@ -248,7 +248,7 @@ def test_a_plan_that_echoes_the_request_is_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
 ) -> None:
     started = older_leader(monkeypatch, certificates=True)
-    monkeypatch.setattr(rollout_cmd, "cert_dir_message", lambda _d, _nodes: admin_pb2.CertDir())
+    monkeypatch.setattr(rollout_cmd, "cert_dir_message", lambda _d: admin_pb2.CertDir())
     result = start(tlsroll, tmp_path, "--cert-dir", str(tmp_path))
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert len(started) == 1

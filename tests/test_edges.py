@@ -311,9 +311,11 @@ def test_leader_refuses_a_passphrase_file_another_user_owns(idle: Cluster) -> No
     nobody = pwd.getpwnam("nobody")
     os.chown(idle.passphrase_path, nobody.pw_uid, nobody.pw_gid)
     try:
-        line = refused_start(idle.leader, "tlsroll-leader")
+        # the config's to fix: exit 2, not restarted by systemd (review s48rev3: it was 1)
+        line = refused_start(idle.leader, "tlsroll-leader", code=2)
     finally:
         os.chown(idle.passphrase_path, 0, 0)
+    assert "[leader].ca_passphrase_file: " in line, line
     assert str(idle.passphrase_path) in line and "owned by nobody" in line
     assert "chown" in line
 

@@ -164,6 +164,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     with_pw = ok(world.cli("notify", "--include-password", "--password-file", str(pw1)))
     assert with_pw.splitlines()[0].startswith("WARNUNG") and with_pw.count(PW1) == 1
     typed_password_rule(world)
+    piped_password_is_not_read(world)
     pw2 = secret_file(tmp_path / "pw2", PW2)
     wrong = world.cli("notify", "--include-password", "--password-file", str(pw2))
     assert "not the password the notice's nodes run (version 1)" in usage_error(wrong, 1)
@@ -471,6 +472,30 @@ def typed_password_rule(world: World) -> None:
         assert "; no notice printed" in errors[0], errors[0]
         assert "WARNUNG" not in term.screen and PW1 not in term.screen, term.screen
         assert "Traceback" not in term.screen
+
+
+def piped_password_is_not_read(world: World) -> None:
+    """Review s48rev3: off a terminal the password prompt read the password from the pipe
+    (with no terminal to turn the echo off, getpass reads stdin), or waited for it on one
+    held open. Asked on a terminal only (``tlsroll.cli.terminal_only``): exit 2 at once, one
+    line naming --password-file, nothing read, no notice printed."""
+    result = subprocess.run(
+        [*command("tlsroll", "tlsroll"), "notify", "--include-password"],
+        input=PW1 + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env({"TLSROLL_DATA_DIR": str(world.cluster.data_dir)}),
+        start_new_session=True,  # no controlling terminal to fall back on
+        check=False,
+    )
+    world.outputs += [result.stdout, result.stderr]
+    line = usage_error(result)
+    assert line.startswith(
+        "tlsroll: error: not a terminal: add --password-file FILE (the password to include, "
+        "mode 0600)"
+    ), line
+    assert "Password to include" not in result.stderr and PW1 not in result.stderr
 
 
 BAD_INPUT = [

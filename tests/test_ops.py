@@ -195,8 +195,22 @@ def test_a_credential_others_can_read_is_refused_and_a_left_file_is_warned_about
     creds, secret = move_passphrase_to_credentials(cluster, 0o444)
     twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
     code, output = twin.run_to_exit(env={"CREDENTIALS_DIRECTORY": str(creds)})
-    assert code == 1
-    assert "accessible by others" in one_line_error(output, "tlsroll-leader")
+    # The unit's to fix, not started again by systemd (review s48rev3: it was exit 1)
+    assert code == 2
+    line = one_line_error(output, "tlsroll-leader")
+    assert line.startswith("tlsroll-leader: config error: systemd credential ca-passphrase: ")
+    assert "accessible by others" in line, line
+    # A wrong passphrase in it: the same (one line, the passphrase in no output)
+    (creds / "ca-passphrase").chmod(0o600)
+    (creds / "ca-passphrase").write_text("not-the-ca-passphrase-7q2m")
+    (creds / "ca-passphrase").chmod(0o400)
+    code, output = twin.run_to_exit(env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert code == 2
+    line = one_line_error(output, "tlsroll-leader")
+    assert "systemd credential ca-passphrase: the CA passphrase does not open the CA key" in line
+    assert "not-the-ca-passphrase-7q2m" not in output and secret not in output
+    (creds / "ca-passphrase").chmod(0o600)
+    (creds / "ca-passphrase").write_text(secret)
 
     # systemd ≥ 254 leaves the file root's with an ACL for the service's user: 0440 shows.
     (creds / "ca-passphrase").chmod(0o440)

@@ -780,10 +780,12 @@ def _has_uid(uid: int) -> bool:
     return True
 
 
-def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
+def on_terminal(
+    argv: list[str], answer: str | None, timeout: float = 60, *, port: str | None = None
+) -> tuple[int, str]:
     """``tlsroll ARGV`` on a pseudo-terminal that is its controlling terminal (the password
-    prompt reads it with no echo); ``answer`` typed at the password prompt. The exit code and
-    the screen."""
+    prompt reads it with no echo); ``answer`` typed at the password prompt (None: none is
+    expected), ``port`` at the port prompt. The exit code and the screen."""
     master, slave = pty.openpty()
     # The new session's leader takes the pty as its terminal, then becomes tlsroll (no
     # preexec_fn: the test's event loop runs in another thread).
@@ -800,7 +802,7 @@ def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int,
         start_new_session=True,
     )
     os.close(slave)
-    screen, typed = b"", False
+    screen, typed, port_typed = b"", answer is None, port is None
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -810,8 +812,11 @@ def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int,
                     screen += os.read(master, 65536)
                 except OSError:  # EIO: the program closed the terminal
                     break
+            if not port_typed and b"Bootstrap port (" in screen:
+                os.write(master, (port or "").encode() + b"\n")
+                port_typed = True
             if not typed and b"not shown as you type" in screen:
-                os.write(master, answer.encode() + b"\n")
+                os.write(master, (answer or "").encode() + b"\n")
                 typed = True
         code = proc.wait(max(deadline - time.monotonic(), 1))
         with suppress(OSError):
@@ -822,7 +827,7 @@ def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int,
             proc.kill()
             proc.wait(10)
         os.close(master)
-    assert typed, screen
+    assert typed and port_typed, screen
     return code, screen.decode(errors="replace")
 
 
@@ -888,18 +893,21 @@ async def test_ca_pin_with_password_and_the_port_prompt(
 ) -> None:
     node = nodes["tls"]
     pin = pki.spki_pin(test_ca.cert)
+    argv = ["client", "test-connection", node.url, "--ca-pin", pin, "--name", "pc-test"]
+    argv += ["--password-file", password_file(PASSWORD), "--timeout", "5"]
+    argv += ["--settings-dir", str(tmp_path / "settings")]
     async with bootstrap_on(node, test_ca):
-        run = await run_cli(
-            node.url, "--ca-pin", pin, "--password-file", password_file(PASSWORD), stdin="\n"
-        )
-    assert run.code == 0, run.err
+        # (asked on a terminal only: test_the_port_and_password_prompts_off_a_terminal_…)
+        code, screen = await asyncio.to_thread(on_terminal, argv, None, port="")
+    assert code == 0, screen
+    text = " ".join(screen.split())  # (the terminal folds long lines)
     # The seed's hint with the prompt: it can usually just be confirmed (audit s38 L1).
     assert (
         "Bootstrap port (Enter = 9443; change it only if you were told to, when 9443 is taken "
         "by another program):"
-    ) in run.out
-    assert "(and the password exchange confirmed)" in run.out
-    assert "compare" not in run.out  # the pin given is checked
+    ) in text
+    assert "(and the password exchange confirmed)" in text
+    assert "compare" not in text  # the pin given is checked
     assert settings_of(tmp_path)["client_fingerprint"].startswith("sha256:")
 
 
@@ -1028,8 +1036,84 @@ async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any)
         "--json`, bootstrap_port), and the port: the one your notice names (at the port "
         "prompt, or --bootstrap-port)"
     ), run.error
-    run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, stdin="9444\n")
+    run = await run_cli(
+        node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, "--bootstrap-port", "9444"
+    )
     assert run.code == 8 and "bootstrap port 9444" in run.error
+
+
+def off_a_terminal(argv: list[str], piped: str, *, hold: bool = False) -> tuple[int, str, str]:
+    """``tlsroll ARGV`` as a script runs it: stdin a pipe that says ``piped``, then ends (or,
+    ``hold``, stays open: nothing more comes), no controlling terminal (a new session: no
+    /dev/tty to fall back on). Exit code, stdout, stderr; at most 60 s (a prompt that reads
+    the pipe waits for ever on one held open)."""
+    with subprocess.Popen(
+        [*command("tlsroll", "tlsroll"), *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        start_new_session=True,
+    ) as proc:
+        try:
+            if not hold:
+                out, err = proc.communicate(piped.encode(), timeout=60)
+            else:
+                assert proc.stdin is not None and proc.stdout is not None
+                assert proc.stderr is not None
+                proc.stdin.write(piped.encode())
+                proc.stdin.flush()
+                try:
+                    proc.wait(60)  # (its few lines of output fit the pipes)
+                except subprocess.TimeoutExpired:
+                    raise AssertionError("still waiting on a pipe held open after 60 s") from None
+                out, err = proc.stdout.read(), proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def test_the_port_and_password_prompts_off_a_terminal_name_the_option_to_pass(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    tmp_path: Path,
+    password_file: Callable[[str], str],
+) -> None:
+    """Review s48rev3: the port prompt read a piped answer (``echo 9444 |``) without a word,
+    and waited for ever on a pipe that said nothing. Asked on a terminal only, as every
+    question of the CLI (``tlsroll.cli.terminal_only``): off one, exit 2 at once, one line
+    naming the option to pass, the prompt not shown, nothing read from the pipe, nothing
+    written; the password prompt the same (it named its option in other words)."""
+    node = nodes["tls"]
+    settings = tmp_path / "settings"
+    base = ["client", "test-connection", node.url, "--name", "pc-test", "--timeout", "5"]
+    base += ["--settings-dir", str(settings)]
+    port_line = (
+        "tlsroll: error: not a terminal: add --bootstrap-port PORT (the one your notice "
+        "names), or --yes for 9443"
+    )
+    enrol = [*base, "--password-file", password_file(PASSWORD)]
+    for argv, piped, hold in (
+        (enrol, "9444\n", False),  # read, it was port 9444 (exit 8: closed)
+        (enrol, "", True),  # read, it waited for ever
+        ([*base, "--no-enrol", "--ca-pin", pki.spki_pin(test_ca.cert)], "\n", False),
+    ):
+        code, out, err = await asyncio.to_thread(off_a_terminal, argv, piped, hold=hold)
+        assert code == 2, (out, err)
+        assert len(err.splitlines()) == 1 and err.startswith(port_line), err
+        assert "Bootstrap port (" not in out + err
+        assert not settings.exists()
+    password_line = (
+        "tlsroll: error: not a terminal: add --password-file FILE (the password, the file's "
+        "only line, mode 0600)"
+    )
+    async with bootstrap_on(node, test_ca):
+        code, out, err = await asyncio.to_thread(off_a_terminal, [*base, "--yes"], PASSWORD + "\n")
+        assert code == 2, (out, err)
+        assert len(err.splitlines()) == 1 and err.startswith(password_line), err
+        assert PASSWORD not in out + err and not settings.exists()
 
 
 def test_a_bootstrap_port_that_does_not_answer_names_a_firewall() -> None:

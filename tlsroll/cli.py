@@ -83,6 +83,17 @@ def quick_exit() -> None:
     _Program.quick_exit = True
 
 
+def terminal_only(add: str) -> None:
+    """The rule of every question a command asks (``leader.cli.base.ask_first``, the password
+    and port prompts): it is asked on a terminal only. With stdin not one (a script, a pipe,
+    cron) nothing is read from it, not even ``echo y |`` or a piped answer, and nothing waits
+    for it: a usage error (exit 2), "not a terminal: ``add``", which names the option that
+    gives the answer instead (review s48rev3: the port and notify's password prompts read a
+    pipe, or hung on one)."""
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"not a terminal: {add}")
+
+
 def _exit_now(code: int) -> None:
     """End the process with ``code`` without the interpreter's teardown; back to the normal
     exit if the output cannot be flushed (a closed pipe), so that its error is as before."""

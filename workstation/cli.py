@@ -6,12 +6,12 @@ no gRPC, no rich.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from tlsroll.bootstrap_protocol import FINISH_DEADLINE, MIN_EXCHANGE_WAIT
+from tlsroll.cli import terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.password import PasswordFileError, read_password_file
 from workstation.connection import (
@@ -149,7 +149,9 @@ def _password_from(path: Path) -> str:
 
 
 def _ask_port(default: int) -> int:
-    """The seed's port prompt, with its hint: it can usually just be confirmed."""
+    """The seed's port prompt, with its hint: it can usually just be confirmed. On a terminal
+    only (``terminal_only``): off one, exit 2 naming --bootstrap-port and --yes."""
+    terminal_only(f"add --bootstrap-port PORT (the one your notice names), or --yes for {default}")
     port: int = click.prompt(
         f"Bootstrap port (Enter = {default}; change it only if you were told to, when "
         f"{default} is taken by another program)",
@@ -161,8 +163,7 @@ def _ask_port(default: int) -> int:
 
 
 def _ask_password() -> str:
-    if not sys.stdin.isatty():
-        raise click.UsageError("no terminal to ask for the password: use --password-file")
+    terminal_only("add --password-file FILE (the password, the file's only line, mode 0600)")
     secret: str = click.prompt(
         "Authentication password (the one the practice IT set; not shown as you type)",
         hide_input=True,

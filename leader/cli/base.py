@@ -30,7 +30,7 @@ import click
 
 from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
-from tlsroll.cli import Target
+from tlsroll.cli import Target, terminal_only
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.echo import free_text_problem, shown, shown_path, whole_secret_kind
 from tlsroll.errors import TerminalError
@@ -89,8 +89,7 @@ def ask_first(without_terminal: str, question: str, declined: str) -> None:
     asks only on a terminal; with stdin not one, a usage error (exit 2: "not a terminal:
     add --yes …", ``without_terminal``) before anything is asked or done; "no" at the prompt
     (or Enter) ends it with exit 1 (``declined``: "not removed"), nothing changed."""
-    if not sys.stdin.isatty():
-        raise click.UsageError(f"not a terminal: {without_terminal}")
+    terminal_only(without_terminal)
     if not click.confirm(question, default=False):
         raise CLIError(declined)
 

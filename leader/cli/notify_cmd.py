@@ -51,6 +51,7 @@ from leader.rollout_core import (
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
+from tlsroll.cli import terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.echo import shown
 from tlsroll.v1 import admin_pb2, schema_pb2
@@ -699,7 +700,9 @@ def notify(
 def _typed_password() -> str:
     """The password typed at the prompt, held to the rule a password file and a workstation's
     prompt are held to (``password.password_problem``): one that nobody could type at a
-    workstation is refused here (exit 2, nothing printed), not written into the notice."""
+    workstation is refused here (exit 2, nothing printed), not written into the notice. On a
+    terminal only (``terminal_only``): off one, exit 2 naming --password-file, nothing read."""
+    terminal_only("add --password-file FILE (the password to include, mode 0600)")
     secret: str = click.prompt("Password to include", hide_input=True, err=True)
     if (why := password.password_problem(secret)) is not None:
         raise click.UsageError(f"the password entered {why}; no notice printed")

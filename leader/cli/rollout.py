@@ -165,18 +165,18 @@ def rollout_request(
     )
 
 
-def cert_dir_message(directory: Path, nodes: Sequence[str] = ()) -> admin_pb2.CertDir:
+def cert_dir_message(directory: Path) -> admin_pb2.CertDir:
     """``--cert-dir`` for the leader (``leader.byo``: the layout). The keys go over the admin
     socket to the leader, which keeps them in memory only until each node has its own. A file
-    there that cannot be read (of ``nodes``, all if none) is refused here with why: the
-    leader would see it as missing (review s47rtin L3)."""
+    there that cannot be read goes as empty, with why (``unreadable``): the leader, which
+    alone knows the nodes the rollout touches, reports it if it is needed, and ignores it if
+    not (review s48rev3: the CLI refused a cluster-wide plan for a file of a node outside it;
+    before, s47rtin L3, the leader said "missing")."""
     try:
         material = byo.read_cert_dir(directory)
     except OSError as exc:
         raise CLIError(f"--cert-dir {directory}: cannot read it ({exc.strerror or exc})") from None
-    if problems := byo.read_problems(material, nodes):
-        raise byo.Refused(problems)
-    message = admin_pb2.CertDir(ca_pem=material.ca_pem)
+    message = admin_pb2.CertDir(ca_pem=material.ca_pem, unreadable=material.unreadable)
     for item in material.nodes.values():
         node = message.nodes.add(
             node=item.node, chain_pem=item.chain_pem, private_key_pem=item.key_pem
@@ -214,7 +214,7 @@ def plan(
     node (its agent's preflight checks found problems: a port taken, …)."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
-        request.cert_dir.CopyFrom(cert_dir_message(cert_dir, request.nodes))
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
     # Exit 1 when a start of this plan is refused now (a rollout has not ended: brief s39pw)
@@ -395,7 +395,7 @@ def rollout_start(
     if cert_dir is not None:
         if change not in ("enable-tls", "rotate-cert"):
             raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
-        request.cert_dir.CopyFrom(cert_dir_message(cert_dir, request.nodes))
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     if password_version is not None and change != "change-password":

@@ -561,21 +561,51 @@ class CertDir(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class UnreadableEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CA_PEM_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    UNREADABLE_FIELD_NUMBER: _builtins.int
     ca_pem: _builtins.bytes
     """DIR/ca.crt: the practice CA that signed the node certificates (PEM, one or more)."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCertificate]: ...
+    @_builtins.property
+    def unreadable(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The files that are there and could not be read (file name, e.g. "node2.key" or "ca.crt":
+        why, e.g. "is not a regular file (a FIFO)"), sent as empty above. The leader reports them
+        for ca.crt and for the nodes the rollout touches, in place of "missing"; files of other
+        nodes are not needed and do not refuse it.
+        """
+
     def __init__(
         self,
         *,
         ca_pem: _builtins.bytes = ...,
         nodes: _abc.Iterable[Global___NodeCertificate] | None = ...,
+        unreadable: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "nodes", b"nodes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "nodes", b"nodes", "unreadable", b"unreadable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
