@@ -1161,6 +1161,7 @@ def one_run(
         watchers = open_viewers(cluster, root, n, viewers) if viewers else None
         _, rollout_m0 = worker_counts(procs)
         before = Reading.of(pid)
+        before_fine = fine_cpu_seconds(pid)  # (--aftermath's: against the idle rate's counter)
         sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
@@ -1202,14 +1203,14 @@ def one_run(
             # epoch, its new scheme) has come: read again, the idle window's rate taken off.
             # (After the rollout's window: its profiles and context switches end with it.)
             time.sleep(interval + 1.0)
-            tail = Reading.of(pid)
+            tail_cpu = fine_cpu_seconds(pid) - before_fine  # the idle rate's counter, to the ns
             _, tail_m1, _, _, _ = worker_readings(procs)
             whole = time.monotonic() - t0
             idle_rate = (l1 - l0) / idle  # the leader's CPU per second in the idle window
             print(
                 f"rollout and its aftermath ({whole:.1f} s), {n} nodes: leader CPU per node "
-                f"{(tail.cpu - before.cpu) / n * 1000:.1f} ms, net of the idle window's rate "
-                f"{(tail.cpu - before.cpu - idle_rate * whole) / n * 1000:.1f} ms; heartbeat "
+                f"{tail_cpu / n * 1000:.1f} ms, net of the idle window's rate "
+                f"{(tail_cpu - idle_rate * whole) / n * 1000:.1f} ms; heartbeat "
                 f"messages per node {(tail_m1 - rollout_m0) / n:.2f}",
                 flush=True,
             )

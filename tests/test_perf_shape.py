@@ -1352,10 +1352,28 @@ async def test_the_dial_slots_let_waiters_in_in_order_and_pass_over_the_cancelle
     await asyncio.sleep(0)
     tasks["d"].cancel()
     await asyncio.gather(*tasks.values(), return_exceptions=True)
-    assert order[:2] == ["a", "b"] and set(order[2:]) == {"e", "f"}, order
+    assert order == ["a", "b", "e", "f"], order
     assert tasks["c"].cancelled() and tasks["d"].cancelled()
     async with asyncio.timeout(5), slots, slots:  # both slots free again (none lost)
         pass
+
+    # More waiters than slots, none cancelled, each leaving in turn: in the order they came.
+    one = agent_client.Slots(1)
+    came: list[int] = []
+    leave = [asyncio.Event() for _ in range(5)]
+
+    async def turn(i: int) -> None:
+        async with one:
+            came.append(i)
+            await leave[i].wait()
+
+    waiting = [asyncio.ensure_future(turn(i)) for i in range(5)]
+    for i in range(5):
+        await asyncio.sleep(0)
+        leave[i].set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(*waiting)
+    assert came == [0, 1, 2, 3, 4], came
 
 
 async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write(
