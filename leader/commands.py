@@ -741,9 +741,7 @@ class Commands:
         """Of ``names``, the nodes whose agent is cut off: its certificate on record revoked
         (``Node.cert_revoked``; the one before it goes with it: ``Store.revoke``). The leader
         refuses that agent, and its key cannot enrol again, until the node is removed."""
-        wanted = frozenset(names)
-        nodes = await asyncio.to_thread(self.store.list_nodes)
-        return frozenset(n.name for n in nodes if n.name in wanted and n.cert_revoked)
+        return frozenset(names) & await asyncio.to_thread(self.store.cut_off_nodes)
 
     async def _offline_refusal(self, names: Sequence[str]) -> planner.NodesOffline:
         """A finalize's refusal of the offline nodes ``names``, naming for each (up to

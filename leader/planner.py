@@ -97,6 +97,7 @@ from leader.rollout_core import (
     blocked_too_old,
     down_on_http,
     down_on_https,
+    left_out_reason,
     left_unknown,
     left_way_on,
     needs_https_first,
@@ -475,6 +476,7 @@ def plan_rollout(
     ``left_out`` (a finalize): nodes of the scope whose agents are cut off, with their reasons
     (``rollout_core.left_out_reason``): ``skipped`` with it, neither asked nor in the way, and
     the rollout may leave out every node it has (it then completes at once, ending phase 1).
+
     """
     if scope.kind is ScopeKind.LOCAL:
         names: Sequence[str] = (leader,)
@@ -686,6 +688,7 @@ def next_actions(
     census: Census | None = None,
     lapsed: Collection[str] = frozenset(),
     unsent: Collection[str] = frozenset(),
+    cut_off: Collection[str] = frozenset(),
 ) -> Plan:
     """Decide what happens now; safe to call any number of times (it only reads).
 
@@ -702,7 +705,13 @@ def next_actions(
     ``unsent`` (``--freeze scope``): ``switching`` nodes whose Switch the engine holds for such
     a node and whose agent has no switch of this rollout (a leader restarted meanwhile:
     ``Engine._gated_switch``): a halt or an abort skips them (``skip_unsent``), as it skips
-    a staged node; never while the rollout runs or pauses."""
+    a staged node; never while the rollout runs or pauses.
+    ``cut_off`` (a finalize): nodes whose agents are cut off (their certificates on record
+    revoked: a machine lost or stolen). A pending one is ``skipped`` with the left-out reason
+    (``rollout_core.left_out_reason``), as a finalize started after the revocation leaves it
+    out (``plan_rollout``'s ``left_out``); the others go on. Before, a node revoked while a
+    ``--when-quiet`` finalize held it stayed pending for good (its client report stale) and
+    the rollout never ended (review s48rev5 M3)."""
     if census is None:
         records: Sequence[NodeRecord] = _in_order(rollout, nodes)
         census = Census.of(records)
@@ -730,6 +739,10 @@ def next_actions(
     def emit(at: int, event: NodeEvent, reason: str | None = None) -> None:
         node_events.append(NodeEventAction(name(at), event, reason))
         tally.move(at, node_transition(tally.state(at), event, f"node {name(at)}"))
+
+    if cut_off and rollout.change is Change.FINALIZE:
+        for at in [at for at in tally.at(NodeState.PENDING) if name(at) in cut_off]:
+            emit(at, NodeEvent.SKIP, left_out_reason(name(at)))
 
     if state in DRAINING_ROLLOUT_STATES:
         why = "rollout aborted" if state is RolloutState.ABORTING else "rollout halted"
