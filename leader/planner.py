@@ -97,6 +97,7 @@ from leader.rollout_core import (
     blocked_too_old,
     down_on_http,
     down_on_https,
+    left_cut_off,
     left_out_reason,
     left_unknown,
     left_way_on,
@@ -445,6 +446,7 @@ def plan_rollout(
     own_certificates: bool = False,
     finalizes: str = "",
     left_out: Mapping[str, str] | None = None,
+    cut_off: Collection[str] = frozenset(),
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -477,6 +479,10 @@ def plan_rollout(
     (``rollout_core.left_out_reason``): ``skipped`` with it, neither asked nor in the way, and
     the rollout may leave out every node it has (it then completes at once, ending phase 1).
 
+    ``cut_off``: the enrolled nodes whose agents are cut off (their certificates on record
+    revoked: a machine lost or stolen), offline for good. The way back leaves one as is
+    saying so and what to do instead (``left_cut_off``: `tlsroll nodes remove`), not "again
+    once its agent is back" (``LEFT_OFFLINE``), which it never is (s48lost).
     """
     if scope.kind is ScopeKind.LOCAL:
         names: Sequence[str] = (leader,)
@@ -496,7 +502,7 @@ def plan_rollout(
     # s45rt1 H1: one switched-off machine refused `rollout rollback` for every node).
     left: dict[str, str] = {}
     if offline and change is Change.DISABLE_TLS:
-        left = {name: LEFT_OFFLINE for name in offline}
+        left = {n: left_cut_off(n) if n in cut_off else LEFT_OFFLINE for n in offline}
     elif offline:
         raise NodesOffline(offline, change)
     done: dict[str, str] = {}

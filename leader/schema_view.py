@@ -28,6 +28,7 @@ from leader.rollout_core import (
     RolloutState,
     before_after,
     left_as_is,
+    left_out_reason,
     still_on_http,
 )
 from leader.schema_store import (
@@ -140,6 +141,30 @@ def left_as_is_nodes(records: Iterable[NodeRecord]) -> list[str]:
     one is not back on http everywhere: ``RolloutView.left_as_is``, which `schema show` and the
     viewer show beside the state (review s45rev9 L3)."""
     return [r.name for r in records if r.state is NodeState.SKIPPED and left_as_is(r.reason)]
+
+
+def finalize_preview(
+    finalizes: str, names: Sequence[str], cut_off: Collection[str], when_quiet: int = 0
+) -> schema_pb2.RolloutView:
+    """A finalize of rollout ``finalizes`` as it would start over ``names`` (the nodes phase
+    1 left dual), before its agents are asked: each of ``cut_off`` (agents cut off) skipped
+    with the left-out reason, the others pending (``FinalizeRolloutRequest.check_only``: the
+    CLI's confirmation names the nodes it leaves out)."""
+    out = [n for n in names if n in cut_off]
+    return schema_pb2.RolloutView(
+        change=CHANGE.wire(Change.FINALIZE),
+        state=ROLLOUT_STATE.wire(RolloutState.PLANNED),
+        finalizes=finalizes,
+        when_quiet_seconds=when_quiet,
+        nodes=[
+            schema_pb2.NodeView(
+                name=n,
+                state=NODE_STATE.wire(NodeState.SKIPPED if n in out else NodeState.PENDING),
+                reason=left_out_reason(n) if n in out else "",
+            )
+            for n in names
+        ],
+    )
 
 
 def node_view(

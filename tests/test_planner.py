@@ -670,6 +670,37 @@ def test_a_running_finalize_leaves_out_a_pending_node_cut_off_meanwhile() -> Non
     assert next_actions(started, plain, cut_off={"b"}).nodes_with_event(NodeEvent.SKIP) == ()
 
 
+def test_the_way_back_leaves_a_cut_off_node_as_is_saying_to_remove_it() -> None:
+    """s48lost: the way back left a node whose agent is cut off (revoked: a machine lost) as
+    is saying "run tlsroll rollout rollback again once its agent is back"; it never comes
+    back. Its reason, what to do (``left_way_on``, phase 1's note) and a refusal with no
+    node to take back say `tlsroll nodes remove` instead; a node merely offline as before."""
+    from leader.rollout_core import LEFT_AS_IS, left_cut_off, left_way_on, taken_back_note
+
+    def back(online: dict[str, bool]) -> tuple[NodeRecord, ...]:
+        return plan_rollout(
+            rollout_id="d1", change=Change.DISABLE_TLS, scope=Scope.of_nodes(list(online)),
+            enrolled=online, leader="a", epoch=2, cut_off={"b"},
+        )[1]  # fmt: skip
+
+    by = {r.name: r for r in back({"a": True, "b": False, "c": False})}
+    assert by["a"].state is NodeState.PENDING
+    assert (by["b"].state, by["b"].reason) == (NodeState.SKIPPED, left_cut_off("b"))
+    assert by["c"].reason == LEFT_OFFLINE
+    said = by["b"].reason
+    assert left_as_is(said) and f"{LEFT_AS_IS}: " in said
+    assert "never comes back" in said and "`tlsroll nodes remove b`" in said
+    assert "once its agent is back" not in said
+    way_on = left_way_on(said)
+    assert way_on.startswith("its agent's certificate is revoked") and "nodes remove b" in way_on
+    note = taken_back_note("d1", {"b": said, "c": LEFT_OFFLINE})
+    assert f"b left dual: {way_on}" in note and "c left dual: run tlsroll rollout" in note
+    with pytest.raises(NoneReachable) as none:
+        back({"b": False})
+    assert "b (cut off)" in str(none.value) and "nodes remove b" in str(none.value)
+    assert "once it is back" not in str(none.value)
+
+
 def test_an_empty_cluster_cannot_be_planned() -> None:
     with pytest.raises(EmptyScope):
         plan(Scope.cluster(), {})

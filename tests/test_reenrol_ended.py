@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import itertools
 import json
 import os
 import re
 import shlex
 import signal
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -34,7 +36,7 @@ import pytest
 from cryptography import x509
 
 from leader.expiry import ADVICE, Expiry
-from leader.rollout_core import left_out_reason
+from leader.rollout_core import left_cut_off, left_out_reason
 from leader.store import in_rollout_text
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
@@ -380,9 +382,35 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
         assert cluster.find_secrets(cluster.logs_text()) == []
 
 
+class _Terminal(io.StringIO):
+    """Standard input on a terminal, holding what the admin types."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _asked(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cluster: Cluster,
+    *args: str,
+    answer: str = "n\n",
+) -> tuple[int, str, str]:
+    """``tlsroll ARGS`` in this process, on a terminal where the admin types ``answer``: its
+    exit code, stdout and stderr."""
+    from tlsroll.cli import main
+
+    monkeypatch.setattr(sys, "stdin", _Terminal(answer))
+    capsys.readouterr()
+    code = main(["--socket", str(cluster.admin_socket), *args])
+    said = capsys.readouterr()
+    monkeypatch.undo()
+    return code, said.out, said.err
+
+
 @pytest.mark.timeout(600)
 def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_and_finalize_leaves_it_out(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Review s47rev1 L5, then s48 (a machine lost or stolen while a transitional phase 1
     waits). A node merely offline still holds finalize, however forced: its refusal gives the
@@ -454,6 +482,15 @@ def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_and_finalize_le
         again = " ".join(cluster.cli("nodes", "remove", "node2", "--yes").stderr.split())
         assert "its agent's certificate is revoked already" in again, again
         assert "ca revoke" not in again
+
+        # Asked first (no --yes, on a terminal), the question names the nodes it closes http
+        # on and the one it leaves out, with why (s48lost: it named none); "no" starts nothing.
+        code, asked, err = _asked(monkeypatch, capsys, cluster, "rollout", "finalize", phase1)
+        assert code == 1 and "not started" in err, (code, asked, err)
+        assert f"Finalize {phase1}: close http (8080) on node1, node by node now" in asked, asked
+        assert "  Left out: node2: left out: its agent is cut off" in asked, asked
+        assert "Close http now?" in asked, asked
+        assert newest(cluster)["id"] == phase1
 
         # Finalize (plain: node1's clients are known) closes http on node1 and leaves node2
         # out; phase 1 completes, noting it.
@@ -549,6 +586,45 @@ def test_a_node_revoked_while_finalize_when_quiet_holds_it_is_left_out(tmp_path:
         removed = cluster.cli("nodes", "remove", "node2", "--yes")
         assert removed.returncode == 0, removed.stderr
         assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.timeout(600)
+def test_a_rollback_leaves_a_cut_off_node_as_is_saying_to_remove_it(tmp_path: Path) -> None:
+    """s48lost: the way back from a phase 1 with node2's agent cut off (revoked: a machine
+    lost) left node2 as is saying "run tlsroll rollout rollback again once its agent is back",
+    which it never is. Now its reason, the outcome's line and phase 1's note say it never
+    comes back, and `tlsroll nodes remove node2` (which then works)."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, node2 = nodes
+        agent = node2.agent
+        assert agent is not None
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        done = cluster.cli("ca", "revoke", f"{agent.cert().serial_number:x}")
+        assert done.returncode == 0, done.stderr
+        back = cluster.cli("rollout", "rollback", "--yes", timeout=LONG)
+        assert back.returncode == 0, back.stderr
+        said = left_cut_off("node2")
+        assert f"  node2: {said}" in back.stdout.splitlines(), back.stdout
+        assert "once its agent is back" not in back.stdout
+        way_back = newest(cluster)
+        way_back = wait_state(cluster, way_back["id"], WAITED, "the way back")
+        assert way_back["state"] == "completed", way_back
+        states = {n["name"]: (n["state"], n.get("reason", "")) for n in way_back["nodes"]}
+        assert states == {"node1": ("done", ""), "node2": ("skipped", said)}, states
+        assert way_back["left_as_is"] == ["node2"]
+        assert list(live(node1).schemes) == ["http"]
+        status = cluster.cli("rollout", "status", way_back["id"])
+        assert status.returncode == 0, status.stderr
+        line = " ".join(status.stderr.split())
+        assert "once its agent is back" not in line, line
+        assert "it never comes back; `tlsroll nodes remove node2`" in line, line
+        first = wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
+        assert "node2 left dual: its agent's certificate is revoked" in first["reason"], first
+        assert "`tlsroll nodes remove node2`" in first["reason"], first
+        assert "once its agent is back" not in first["reason"]
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
 
 
 def _node_row(cluster: Cluster, name: str) -> dict[str, Any]:
