@@ -28,6 +28,7 @@ from leader.rollout_core import (
     RolloutState,
     before_after,
     left_as_is,
+    left_out,
     left_out_reason,
     still_on_http,
 )
@@ -132,6 +133,7 @@ def rollout_view(
         when_quiet_seconds=meta.when_quiet,
         auth_version=meta.auth_version,
         left_as_is=left_as_is_nodes(row.records) if isinstance(row, RolloutRow) else (),
+        left_out=left_out_nodes(row.records) if isinstance(row, RolloutRow) else (),
     )
 
 
@@ -141,6 +143,14 @@ def left_as_is_nodes(records: Iterable[NodeRecord]) -> list[str]:
     one is not back on http everywhere: ``RolloutView.left_as_is``, which `schema show` and the
     viewer show beside the state (review s45rev9 L3)."""
     return [r.name for r in records if r.state is NodeState.SKIPPED and left_as_is(r.reason)]
+
+
+def left_out_nodes(records: Iterable[NodeRecord]) -> list[str]:
+    """The nodes of a rollout (its ``records``) that its finalize left out: skipped, their
+    agents cut off (``rollout_core.left_out``). A completed finalize with one did not close
+    http everywhere: ``RolloutView.left_out``, which `schema show` and the viewer show beside
+    the state, as they show a way back's ``left_as_is`` (review s48rev5 L3)."""
+    return [r.name for r in records if r.state is NodeState.SKIPPED and left_out(r.reason)]
 
 
 def finalize_preview(
@@ -164,6 +174,7 @@ def finalize_preview(
             )
             for n in names
         ],
+        left_out=out,
     )
 
 
