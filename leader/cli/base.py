@@ -84,13 +84,20 @@ def fail(message: str) -> NoReturn:
     raise CLIError(message)
 
 
+def can_ask(without_terminal: str) -> None:
+    """``ask_first``'s usage error when stdin is not a terminal, for a command that asks the
+    leader something before its question (what it would do): checked first, so that no
+    leader is asked and the error is the same (exit 2)."""
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"not a terminal: {without_terminal}")
+
+
 def ask_first(without_terminal: str, question: str, declined: str) -> None:
     """The one rule of a command that asks before it changes something, unless ``--yes``: it
     asks only on a terminal; with stdin not one, a usage error (exit 2: "not a terminal:
     add --yes …", ``without_terminal``) before anything is asked or done; "no" at the prompt
     (or Enter) ends it with exit 1 (``declined``: "not removed"), nothing changed."""
-    if not sys.stdin.isatty():
-        raise click.UsageError(f"not a terminal: {without_terminal}")
+    can_ask(without_terminal)
     if not click.confirm(question, default=False):
         raise CLIError(declined)
 

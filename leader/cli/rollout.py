@@ -24,6 +24,7 @@ from leader.cli.base import (
     CLIError,
     Leader,
     ask_first,
+    can_ask,
     emit_json,
     fetch_schema,
     out,
@@ -664,6 +665,8 @@ def rollout_finalize(
     if force and quiet:
         raise click.UsageError("--force and --when-quiet exclude each other")
     leader.require_same_code()  # before what happens is shown and confirmed (review s35 L1)
+    if not yes:  # (before the leader is asked what it would do)
+        can_ask(FINALIZE_ASK)
     request = admin_pb2.FinalizeRolloutRequest(
         rollout_id=rollout_id, force=force, when_quiet_seconds=quiet
     )
@@ -710,7 +713,10 @@ def _confirm_finalize(plan: schema_pb2.RolloutView, when_quiet: str) -> None:
     for n in cut:
         out.print(f"  Left out: {n.name}: {n.reason}")
     out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
-    ask_first("add --yes to finalize without asking", "Close http now?", "not started")
+    ask_first(FINALIZE_ASK, "Close http now?", "not started")
+
+
+FINALIZE_ASK = "add --yes to finalize without asking"
 
 
 def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:
