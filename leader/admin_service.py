@@ -47,7 +47,7 @@ from leader.schema_store import (
     SchemaStore,
     StagedAuth,
 )
-from leader.schema_view import rollout_view, still_on_http_now
+from leader.schema_view import finalize_preview, rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
 from leader.store import Node, RolloutHoldsCA, in_rollout_text
 from leader.tokens import JoinToken
@@ -447,6 +447,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             raise invalid("--when-quiet is at most 30 days")
         if request.when_quiet_seconds and request.force:
             raise invalid("--force and --when-quiet exclude each other")
+        if request.check_only:  # what the CLI's confirmation shows: nothing starts
+            old, names, cut = await self.commands.finalize_scope(request.rollout_id)
+            return finalize_preview(old.rollout.id, names, cut, request.when_quiet_seconds)
         row = await self.commands.finalize(
             request.rollout_id,
             _actor(context),

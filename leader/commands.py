@@ -457,11 +457,11 @@ class Commands:
         # an agent just upgraded has said so by then).
         listed = await asyncio.to_thread(self.store.list_nodes)
         agents = {n.name: (n.agent_version, n.agent_features) for n in listed}
-        # A finalize leaves out a node whose agent is cut off (``rollout_core.LEFT_OUT``).
+        # A finalize leaves out a node whose agent is cut off (``rollout_core.LEFT_OUT``); the
+        # way back leaves it as is, saying it never comes back (``left_cut_off``).
+        cut_off = frozenset(n.name for n in listed if n.cert_revoked)
         out = (
-            {n.name: left_out_reason(n.name) for n in listed if n.cert_revoked}
-            if request.change is Change.FINALIZE
-            else None
+            {n: left_out_reason(n) for n in cut_off} if request.change is Change.FINALIZE else None
         )
         try:
             rollout, records = planner.plan_rollout(
@@ -482,6 +482,7 @@ class Commands:
                 own_certificates=request.own_certs is not None,
                 finalizes=request.finalizes,
                 left_out=out,
+                cut_off=cut_off,
             )
         except planner.NothingToDo:
             if undone is not None:
@@ -705,11 +706,7 @@ class Commands:
         however forced (``NodesOffline`` from the plan, with the way to cut a lost machine off:
         ``_offline_refusal``; a plain finalize first finds its client report stale): a node is
         never left half-way by a guess."""
-        row = await asyncio.to_thread(self._awaiting, rollout_id)
-        names = planner.finalize_scope(row.rollout, row.records)
-        if not names:
-            raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")
-        cut = await self._cut_off(names)
+        row, names, cut = await self.finalize_scope(rollout_id)
         keep = [n for n in names if n not in cut]
         if keep and not force and not when_quiet:
             await self._refuse_while_on_http(row.rollout.id, keep)
@@ -736,13 +733,24 @@ class Commands:
         )
         return started
 
+    async def finalize_scope(
+        self, rollout_id: str
+    ) -> tuple[RolloutRow, tuple[str, ...], frozenset[str]]:
+        """The transitional rollout awaiting finalize (named, else the one awaiting), the
+        nodes its finalize takes (those phase 1 left dual, in its order) and, of them, those
+        the finalize leaves out (``_cut_off``). ``NotAwaitingFinalize`` as ``finalize``
+        refuses; nothing is asked of an agent (the CLI's confirmation: ``check_only``)."""
+        row = await asyncio.to_thread(self._awaiting, rollout_id)
+        names = planner.finalize_scope(row.rollout, row.records)
+        if not names:
+            raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")
+        return row, names, await self._cut_off(names)
+
     async def _cut_off(self, names: Sequence[str]) -> frozenset[str]:
         """Of ``names``, the nodes whose agent is cut off: its certificate on record revoked
         (``Node.cert_revoked``; the one before it goes with it: ``Store.revoke``). The leader
         refuses that agent, and its key cannot enrol again, until the node is removed."""
-        wanted = frozenset(names)
-        nodes = await asyncio.to_thread(self.store.list_nodes)
-        return frozenset(n.name for n in nodes if n.name in wanted and n.cert_revoked)
+        return frozenset(names) & await asyncio.to_thread(self.store.cut_off_nodes)
 
     async def _offline_refusal(self, names: Sequence[str]) -> planner.NodesOffline:
         """A finalize's refusal of the offline nodes ``names``, naming for each (up to

@@ -73,6 +73,7 @@ from leader.rollout_core import (
     STEP_FOR_STATE,
     TERMINAL_ROLLOUT_STATES,
     WAITING_ROLLOUT_STATES,
+    Change,
     FreezeMode,
     NodeEvent,
     NodeRecord,
@@ -182,6 +183,9 @@ class Engine:
         # (rollout id, node) that --when-quiet holds until the node's first client report
         # since the leader started (logged once each while it waits: ``_held_for_quiet``).
         self.report_waits: set[tuple[str, str]] = set()
+        # A finalize's nodes whose agents are cut off, as the last pass read them
+        # (``_cut_off``): the plan a step's outcome makes leaves them out too (``_plan_next``).
+        self.cut_off: frozenset[str] = frozenset()
         self.schema = schema
         self.ca = ca
         self.agents = agents
@@ -321,6 +325,7 @@ class Engine:
             self._live_seen = True
         await self._record_node_auth(row)
         await self._revoke_superseded(row)
+        cut_off = await self._cut_off(row)  # (before the quiet gate, which passes them by)
         held = await self._held_for_quiet(row)
         lapsed = self._lapsed(row)
         plan = planner.next_actions(
@@ -331,6 +336,7 @@ class Engine:
             census=row.census,  # kept with the row: the pass reads only the nodes it names
             lapsed=lapsed,
             unsent=self._unsent(row),
+            cut_off=cut_off,
         )
         before = row
         rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
@@ -421,11 +427,28 @@ class Engine:
                 continue
             log.info("rollout.state_changed", rollout_id=row.rollout.id, state=event.value)
 
+    async def _cut_off(self, row: RolloutRow) -> frozenset[str]:
+        """A finalize with pending nodes: the nodes whose agents are cut off (their
+        certificates on record revoked: ``Store.cut_off_nodes``), read at each pass. The plan
+        leaves such a pending node out (``next_actions``' ``cut_off``), as a finalize started
+        after the revocation does: one revoked while ``--when-quiet`` held it stayed pending
+        for good (review s48rev5 M3)."""
+        if row.rollout.change is not Change.FINALIZE or not row.census.at(NodeState.PENDING):
+            self.cut_off = frozenset()
+        else:
+            self.cut_off = await dbthread.run(self.store.cut_off_nodes)
+        return self.cut_off
+
     async def _held_for_quiet(self, row: RolloutRow) -> frozenset[str]:
-        """``finalize --when-quiet``: the pending nodes that have had http clients lately."""
+        """``finalize --when-quiet``: the pending nodes that have had http clients lately;
+        not those cut off, which this pass leaves out (``cut_off``, read just before:
+        ``_cut_off``)."""
         if not row.meta.when_quiet:
             return frozenset()
-        pending = [r.name for r in row.records if r.state is NodeState.PENDING]
+        cut_off = self.cut_off
+        pending = [
+            r.name for r in row.records if r.state is NodeState.PENDING and r.name not in cut_off
+        ]
         if not pending:
             return frozenset()
         # One read: a node's summary and its sightings from the same report (``clients_report``).
@@ -1115,6 +1138,7 @@ class Engine:
                 census=after.census,
                 lapsed=self._lapsed(after),
                 unsent=self._unsent(after),
+                cut_off=self.cut_off,  # (as the last pass read them: at most a pass old)
             )
         except Exception:  # the loop's pass meets it again, and logs it
             return (), []

@@ -97,6 +97,8 @@ from leader.rollout_core import (
     blocked_too_old,
     down_on_http,
     down_on_https,
+    left_cut_off,
+    left_out_reason,
     left_unknown,
     left_way_on,
     needs_https_first,
@@ -444,6 +446,7 @@ def plan_rollout(
     own_certificates: bool = False,
     finalizes: str = "",
     left_out: Mapping[str, str] | None = None,
+    cut_off: Collection[str] = frozenset(),
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -475,6 +478,11 @@ def plan_rollout(
     ``left_out`` (a finalize): nodes of the scope whose agents are cut off, with their reasons
     (``rollout_core.left_out_reason``): ``skipped`` with it, neither asked nor in the way, and
     the rollout may leave out every node it has (it then completes at once, ending phase 1).
+
+    ``cut_off``: the enrolled nodes whose agents are cut off (their certificates on record
+    revoked: a machine lost or stolen), offline for good. The way back leaves one as is
+    saying so and what to do instead (``left_cut_off``: `tlsroll nodes remove`), not "again
+    once its agent is back" (``LEFT_OFFLINE``), which it never is (s48lost).
     """
     if scope.kind is ScopeKind.LOCAL:
         names: Sequence[str] = (leader,)
@@ -494,7 +502,7 @@ def plan_rollout(
     # s45rt1 H1: one switched-off machine refused `rollout rollback` for every node).
     left: dict[str, str] = {}
     if offline and change is Change.DISABLE_TLS:
-        left = {name: LEFT_OFFLINE for name in offline}
+        left = {n: left_cut_off(n) if n in cut_off else LEFT_OFFLINE for n in offline}
     elif offline:
         raise NodesOffline(offline, change)
     done: dict[str, str] = {}
@@ -686,6 +694,7 @@ def next_actions(
     census: Census | None = None,
     lapsed: Collection[str] = frozenset(),
     unsent: Collection[str] = frozenset(),
+    cut_off: Collection[str] = frozenset(),
 ) -> Plan:
     """Decide what happens now; safe to call any number of times (it only reads).
 
@@ -702,7 +711,13 @@ def next_actions(
     ``unsent`` (``--freeze scope``): ``switching`` nodes whose Switch the engine holds for such
     a node and whose agent has no switch of this rollout (a leader restarted meanwhile:
     ``Engine._gated_switch``): a halt or an abort skips them (``skip_unsent``), as it skips
-    a staged node; never while the rollout runs or pauses."""
+    a staged node; never while the rollout runs or pauses.
+    ``cut_off`` (a finalize): nodes whose agents are cut off (their certificates on record
+    revoked: a machine lost or stolen). A pending one is ``skipped`` with the left-out reason
+    (``rollout_core.left_out_reason``), as a finalize started after the revocation leaves it
+    out (``plan_rollout``'s ``left_out``); the others go on. Before, a node revoked while a
+    ``--when-quiet`` finalize held it stayed pending for good (its client report stale) and
+    the rollout never ended (review s48rev5 M3)."""
     if census is None:
         records: Sequence[NodeRecord] = _in_order(rollout, nodes)
         census = Census.of(records)
@@ -730,6 +745,10 @@ def next_actions(
     def emit(at: int, event: NodeEvent, reason: str | None = None) -> None:
         node_events.append(NodeEventAction(name(at), event, reason))
         tally.move(at, node_transition(tally.state(at), event, f"node {name(at)}"))
+
+    if cut_off and rollout.change is Change.FINALIZE:
+        for at in [at for at in tally.at(NodeState.PENDING) if name(at) in cut_off]:
+            emit(at, NodeEvent.SKIP, left_out_reason(name(at)))
 
     if state in DRAINING_ROLLOUT_STATES:
         why = "rollout aborted" if state is RolloutState.ABORTING else "rollout halted"

@@ -344,9 +344,29 @@ SERVER_DOWN = "the managed server: "
 (``leader.observe.observation``)."""
 
 
+CUT_OFF = "cut off: "
+"""How the reason of a node the way back left as is as its agent is cut off begins
+(``left_cut_off``)."""
+
+
+def left_cut_off(name: str) -> str:
+    """The reason of node ``name``, left as is by the way back (disable-tls) as its agent is
+    cut off (its certificate on record revoked: ``tlsroll ca revoke``, a machine lost or
+    stolen). Not ``LEFT_OFFLINE``'s "again once its agent is back": it never comes back; its
+    removal is the way on (session 48, s48lost)."""
+    return (
+        f"{CUT_OFF}{LEFT_AS_IS}: its agent's certificate is revoked (a machine lost or stolen):"
+        f" it never comes back; `tlsroll nodes remove {name}` (once the rollout has ended)"
+        " revokes its server's certificate"
+    )
+
+
 def left_way_on(reason: str) -> str:
     """What to do about a node the way back left as is, by its ``reason`` (``LEFT_OFFLINE``,
-    ``left_unknown``): wait for an agent only where the agent is off (review s45rev9 L1)."""
+    ``left_unknown``, ``left_cut_off``): wait for an agent only where the agent is off and
+    may come back (review s45rev9 L1; a cut-off one never does: s48lost)."""
+    if reason.startswith(f"{CUT_OFF}{LEFT_AS_IS}: "):
+        return reason.removeprefix(f"{CUT_OFF}{LEFT_AS_IS}: ")
     if reason.startswith("offline: "):
         return "run tlsroll rollout rollback once its agent is back"
     if reason.startswith(NEEDS_ADMIN):

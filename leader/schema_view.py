@@ -28,6 +28,8 @@ from leader.rollout_core import (
     RolloutState,
     before_after,
     left_as_is,
+    left_out,
+    left_out_reason,
     still_on_http,
 )
 from leader.schema_store import (
@@ -131,6 +133,7 @@ def rollout_view(
         when_quiet_seconds=meta.when_quiet,
         auth_version=meta.auth_version,
         left_as_is=left_as_is_nodes(row.records) if isinstance(row, RolloutRow) else (),
+        left_out=left_out_nodes(row.records) if isinstance(row, RolloutRow) else (),
     )
 
 
@@ -140,6 +143,39 @@ def left_as_is_nodes(records: Iterable[NodeRecord]) -> list[str]:
     one is not back on http everywhere: ``RolloutView.left_as_is``, which `schema show` and the
     viewer show beside the state (review s45rev9 L3)."""
     return [r.name for r in records if r.state is NodeState.SKIPPED and left_as_is(r.reason)]
+
+
+def left_out_nodes(records: Iterable[NodeRecord]) -> list[str]:
+    """The nodes of a rollout (its ``records``) that its finalize left out: skipped, their
+    agents cut off (``rollout_core.left_out``). A completed finalize with one did not close
+    http everywhere: ``RolloutView.left_out``, which `schema show` and the viewer show beside
+    the state, as they show a way back's ``left_as_is`` (review s48rev5 L3)."""
+    return [r.name for r in records if r.state is NodeState.SKIPPED and left_out(r.reason)]
+
+
+def finalize_preview(
+    finalizes: str, names: Sequence[str], cut_off: Collection[str], when_quiet: int = 0
+) -> schema_pb2.RolloutView:
+    """A finalize of rollout ``finalizes`` as it would start over ``names`` (the nodes phase
+    1 left dual), before its agents are asked: each of ``cut_off`` (agents cut off) skipped
+    with the left-out reason, the others pending (``FinalizeRolloutRequest.check_only``: the
+    CLI's confirmation names the nodes it leaves out)."""
+    out = [n for n in names if n in cut_off]
+    return schema_pb2.RolloutView(
+        change=CHANGE.wire(Change.FINALIZE),
+        state=ROLLOUT_STATE.wire(RolloutState.PLANNED),
+        finalizes=finalizes,
+        when_quiet_seconds=when_quiet,
+        nodes=[
+            schema_pb2.NodeView(
+                name=n,
+                state=NODE_STATE.wire(NodeState.SKIPPED if n in out else NodeState.PENDING),
+                reason=left_out_reason(n) if n in out else "",
+            )
+            for n in names
+        ],
+        left_out=out,
+    )
 
 
 def node_view(

@@ -967,6 +967,9 @@ class Snapshot:
     # from a backup, if one was; and when that backup was made.
     relearn_until: dt.datetime | None = None
     restored_from: dt.datetime | None = None
+    # The nodes whose certificate on record is revoked (``Store.cut_off_nodes``): every
+    # certificate of theirs is refused, the one before it too (``check_caller_in``'s rule).
+    cut_off: frozenset[str] = frozenset()
 
     def relearns(self, name: str, now: dt.datetime) -> bool:
         """Whether a refused caller of node ``name`` may be re-learned (``Store.relearn``):
@@ -986,7 +989,10 @@ class Snapshot:
             return rpc.not_enrolled(name)
         if caller.fingerprint not in accepted:
             return f"certificate is not the one on record for node {name!r}"
-        if caller.serial in self.revoked:
+        # The one before a revoked certificate on record (a store written before
+        # ``Store.revoke`` revoked both) renews nothing, and calls no more either: the node
+        # is cut off (review s48rev5 L2: its heartbeats still passed).
+        if caller.serial in self.revoked or name in self.cut_off:
             return rpc.revoked_node(name)
         return None
 
@@ -1480,6 +1486,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             live=self.schema.live_ids(),
             relearn_until=store.relearn_until(),
             restored_from=store.restored_from(),
+            cut_off=store.cut_off_nodes(),
         )
 
     def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:

@@ -1431,6 +1431,18 @@ class Store(LeaderStore):
             )
         return cert
 
+    def cut_off_nodes(self) -> frozenset[str]:
+        """The enrolled nodes whose agent is cut off: its certificate on record is revoked
+        (``Node.cert_revoked``; `tlsroll ca revoke`, a machine lost or stolen). The leader
+        refuses every certificate of such a node, the one before too (``check_caller_in``);
+        a finalize leaves it out (``rollout_core.LEFT_OUT``). Usually none: one short read."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT n.name FROM nodes n JOIN certificates c ON c.serial = n.cert_serial"
+                " WHERE n.removed_at IS NULL AND c.revoked_at IS NOT NULL"
+            ).fetchall()
+        return frozenset(r["name"] for r in rows)
+
     def agent_serials(self, name: str) -> list[str]:
         """The serials to revoke (``tlsroll ca revoke``) to cut node ``name``'s agent off
         (``_serials_to_revoke``); none for a node not enrolled, or one cut off already."""

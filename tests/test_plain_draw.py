@@ -17,7 +17,14 @@ from leader import planner
 from leader.cli.base import to_dict
 from leader.cli.draw import render_rollout
 from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
-from leader.rollout_core import Change, NodeState, RolloutState, Scope, left_unknown
+from leader.rollout_core import (
+    Change,
+    NodeState,
+    RolloutState,
+    Scope,
+    left_out_reason,
+    left_unknown,
+)
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow
 from leader.schema_view import rollout_view, schema_json, schema_message
 from tlsroll.v1 import schema_pb2, types_pb2
@@ -204,3 +211,48 @@ def test_a_way_back_that_left_nodes_as_is_says_so_beside_completed() -> None:
     assert list(rollout_view(back).left_as_is) == []
     head = render_rollout(to_dict(rollout_view(back))).lines(400, color=False)[0]
     assert head.startswith("rollout r9  completed  change"), head
+
+
+def left_out_finalize(out: tuple[str, ...] = ("node2",)) -> RolloutRow:
+    """A finalize that completed over node1 and node3 and left ``out`` out (agents cut off)."""
+    rollout, records = planner.plan_rollout(
+        rollout_id="f9",
+        change=Change.FINALIZE,
+        scope=Scope.of_nodes(["node1", "node2", "node3"]),
+        enrolled={"node1": True, "node2": "node2" not in out, "node3": True},
+        leader="node1",
+        epoch=1,
+        finalizes="t9",
+        left_out={n: left_out_reason(n) for n in out},
+    )
+    ended = tuple(r if r.state is NodeState.SKIPPED else replace(r, state=NodeState.DONE)
+                  for r in records)  # fmt: skip
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="node1")
+    return RolloutRow(
+        replace(rollout, state=RolloutState.COMPLETED),
+        meta,
+        tuple((r, NodeDetail()) for r in ended),
+    )
+
+
+def test_a_finalize_that_left_nodes_out_says_so_beside_completed() -> None:
+    """Review s48rev5 L3: a finalize that left out a node whose agent is cut off (still on
+    http and https) read as plain "completed" in `schema show`, only the node's reason said
+    it. As for a way back's nodes left as is: the view names them (``left_out``), the JSON
+    of `schema show --json` carries them, and the heading says so beside the state."""
+    row = left_out_finalize()
+    view = rollout_view(row)
+    assert list(view.left_out) == ["node2"] and list(view.left_as_is) == []
+    message = schema_message([row], set(), NOW, fresh=frozenset(), reported=lambda _n: True)
+    data = json.loads(schema_json(message))["rollouts"][0]  # what `schema show --json` prints
+    assert data["state"] == "completed" and data["left_out"] == ["node2"]
+    lines = render_rollout(data).lines(400, color=False)
+    assert lines[0].startswith("rollout f9  completed, 1 node left out: node2  change"), lines
+    (node2,) = [line for line in lines if "│ node2 " in line]
+    assert "left out: its agent is cut off" in node2
+    two = render_rollout(to_dict(rollout_view(left_out_finalize(("node2", "node3")))))
+    head = two.lines(400, color=False)[0]
+    assert head.startswith("rollout f9  completed, 2 nodes left out: node2, node3  change")
+    none = render_rollout(to_dict(rollout_view(left_out_finalize(())))).lines(400, color=False)
+    assert none[0].startswith("rollout f9  completed  change"), none[0]
+    assert "left out" not in "\n".join(none)

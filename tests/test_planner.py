@@ -628,6 +628,79 @@ def test_a_finalize_leaves_out_only_the_nodes_whose_agents_are_cut_off() -> None
     assert next_actions(started, records).rollout_events == (RolloutEvent.NODES_SETTLED,)
 
 
+def test_a_running_finalize_leaves_out_a_pending_node_cut_off_meanwhile() -> None:
+    """Review s48rev5 M3: a node revoked while a finalize ran (``--when-quiet`` holding it)
+    stayed pending for good. ``next_actions`` skips a pending node given as cut off with the
+    left-out reason, as a finalize started after the revocation does; the others go on, and
+    a node in flight is not touched. Another change leaves no node out."""
+    from leader.rollout_core import left_out_reason
+
+    rollout, records = plan_rollout(
+        rollout_id="f1", change=Change.FINALIZE, scope=Scope.of_nodes(["a", "b", "c"]),
+        enrolled={"a": True, "b": True, "c": True}, leader="a", epoch=2,
+    )  # fmt: skip
+    running = rollout.with_event(RolloutEvent.START)
+    held = frozenset({"b", "c"})  # --when-quiet: not quiet yet
+    plan_ = next_actions(running, records, held, cut_off={"b"})
+    assert [(a.node, a.event, a.reason) for a in plan_.node_events] == [
+        ("b", NodeEvent.SKIP, left_out_reason("b")),
+        ("a", NodeEvent.START, None),
+    ]
+    after, moved = apply_plan(running, records, plan_)
+    assert {r.name: r.state for r in moved}["b"] is NodeState.SKIPPED
+    # Again (nothing pending is cut off any more): nothing more of b.
+    again = next_actions(after, moved, held, cut_off={"b"})
+    assert "b" not in again.nodes_with_events
+    # A node in flight is left to its step; a paused finalize leaves its cut-off node out too.
+    flying = tuple(replace(r, state=NodeState.PREFLIGHT) if r.name == "b" else r for r in records)
+    assert "b" not in next_actions(running, flying, held, cut_off={"b"}).nodes_with_events
+    paused = running.with_event(RolloutEvent.PAUSE)
+    skipped = next_actions(paused, records, held, cut_off={"b"}).nodes_with_event(NodeEvent.SKIP)
+    assert skipped == ("b",)
+    # Left out the last pending one, with the others done: the finalize completes.
+    rest = tuple(r if r.name == "b" else replace(r, state=NodeState.DONE) for r in records)
+    last = next_actions(running, rest, cut_off={"b"})
+    assert last.rollout_events == (RolloutEvent.NODES_SETTLED,)
+    # Not a finalize: nothing is left out (its refusals and steps say what happens).
+    enable, plain = plan_rollout(
+        rollout_id="e1", change=Change.ENABLE_TLS, scope=Scope.of_nodes(["a", "b"]),
+        enrolled={"a": True, "b": True}, leader="a", epoch=3,
+    )  # fmt: skip
+    started = enable.with_event(RolloutEvent.START)
+    assert next_actions(started, plain, cut_off={"b"}).nodes_with_event(NodeEvent.SKIP) == ()
+
+
+def test_the_way_back_leaves_a_cut_off_node_as_is_saying_to_remove_it() -> None:
+    """s48lost: the way back left a node whose agent is cut off (revoked: a machine lost) as
+    is saying "run tlsroll rollout rollback again once its agent is back"; it never comes
+    back. Its reason, what to do (``left_way_on``, phase 1's note) and a refusal with no
+    node to take back say `tlsroll nodes remove` instead; a node merely offline as before."""
+    from leader.rollout_core import LEFT_AS_IS, left_cut_off, left_way_on, taken_back_note
+
+    def back(online: dict[str, bool]) -> tuple[NodeRecord, ...]:
+        return plan_rollout(
+            rollout_id="d1", change=Change.DISABLE_TLS, scope=Scope.of_nodes(list(online)),
+            enrolled=online, leader="a", epoch=2, cut_off={"b"},
+        )[1]  # fmt: skip
+
+    by = {r.name: r for r in back({"a": True, "b": False, "c": False})}
+    assert by["a"].state is NodeState.PENDING
+    assert (by["b"].state, by["b"].reason) == (NodeState.SKIPPED, left_cut_off("b"))
+    assert by["c"].reason == LEFT_OFFLINE
+    said = by["b"].reason
+    assert left_as_is(said) and f"{LEFT_AS_IS}: " in said
+    assert "never comes back" in said and "`tlsroll nodes remove b`" in said
+    assert "once its agent is back" not in said
+    way_on = left_way_on(said)
+    assert way_on.startswith("its agent's certificate is revoked") and "nodes remove b" in way_on
+    note = taken_back_note("d1", {"b": said, "c": LEFT_OFFLINE})
+    assert f"b left dual: {way_on}" in note and "c left dual: run tlsroll rollout" in note
+    with pytest.raises(NoneReachable) as none:
+        back({"b": False})
+    assert "b (cut off)" in str(none.value) and "nodes remove b" in str(none.value)
+    assert "once it is back" not in str(none.value)
+
+
 def test_an_empty_cluster_cannot_be_planned() -> None:
     with pytest.raises(EmptyScope):
         plan(Scope.cluster(), {})

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import io
 import itertools
 import json
 import os
 import re
 import shlex
 import signal
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -29,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 import pytest
+from cryptography import x509
 
 from leader.expiry import ADVICE, Expiry
+from leader.rollout_core import left_cut_off, left_out_reason
 from leader.store import in_rollout_text
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
@@ -44,11 +49,15 @@ from tests.refserver_helper import write_toml
 from tests.test_level_based import live
 from tests.test_transitional import (
     LONG,
+    WAITED,
+    Workstation,
     look,
     newest,
+    on_http_named,
     rollout,
     start_transitional,
     wait_state,
+    wait_states,
     when,
 )
 from tlsroll import fsutil, pki
@@ -56,6 +65,7 @@ from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 UTC = dt.UTC
 LIFETIME = 60  # seconds: the agents' certificates (the least leader.toml takes)
+DAY = dt.timedelta(days=1)
 
 
 def _sleep_until(when: dt.datetime) -> None:
@@ -372,9 +382,35 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
         assert cluster.find_secrets(cluster.logs_text()) == []
 
 
+class _Terminal(io.StringIO):
+    """Standard input on a terminal, holding what the admin types."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _asked(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cluster: Cluster,
+    *args: str,
+    answer: str = "n\n",
+) -> tuple[int, str, str]:
+    """``tlsroll ARGS`` in this process, on a terminal where the admin types ``answer``: its
+    exit code, stdout and stderr."""
+    from tlsroll.cli import main
+
+    monkeypatch.setattr(sys, "stdin", _Terminal(answer))
+    capsys.readouterr()
+    code = main(["--socket", str(cluster.admin_socket), *args])
+    said = capsys.readouterr()
+    monkeypatch.undo()
+    return code, said.out, said.err
+
+
 @pytest.mark.timeout(600)
 def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_and_finalize_leaves_it_out(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Review s47rev1 L5, then s48 (a machine lost or stolen while a transitional phase 1
     waits). A node merely offline still holds finalize, however forced: its refusal gives the
@@ -447,6 +483,15 @@ def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_and_finalize_le
         assert "its agent's certificate is revoked already" in again, again
         assert "ca revoke" not in again
 
+        # Asked first (no --yes, on a terminal), the question names the nodes it closes http
+        # on and the one it leaves out, with why (s48lost: it named none); "no" starts nothing.
+        code, asked, err = _asked(monkeypatch, capsys, cluster, "rollout", "finalize", phase1)
+        assert code == 1 and "not started" in err, (code, asked, err)
+        assert f"Finalize {phase1}: close http (8080) on node1, node by node now" in asked, asked
+        assert "  Left out: node2: left out: its agent is cut off" in asked, asked
+        assert "Close http now?" in asked, asked
+        assert newest(cluster)["id"] == phase1
+
         # Finalize (plain: node1's clients are known) closes http on node1 and leaves node2
         # out; phase 1 completes, noting it.
         final = cluster.cli("rollout", "finalize", phase1, "--yes", "--wait", timeout=LONG)
@@ -477,6 +522,109 @@ def test_a_machine_lost_while_phase_1_awaits_finalize_is_cut_off_and_finalize_le
         ]
         assert served and all(r["revoked_at"] for r in served), served
         assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.timeout(600)
+def test_a_node_revoked_while_finalize_when_quiet_holds_it_is_left_out(tmp_path: Path) -> None:
+    """Review s48rev5 M3: node2 revoked (its machine lost) while a running `finalize
+    --when-quiet` held it (a workstation on http there) stayed pending with no reason, its
+    client report stale for good, and the finalize ran for ever. Now the engine's next pass
+    leaves it out, as a finalize started after the revocation does: skipped with the
+    left-out reason; node1 is finalized, the finalize completes and phase 1 with it, naming
+    node2 left dual; `nodes remove node2` then works."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, node2 = nodes
+        agent = node2.agent
+        assert agent is not None
+        stayer = Workstation("node2-stayer", node2, next_loopback(), cluster.ca_pem).start()
+        try:
+            phase1 = start_transitional(cluster, tmp_path, "--wait")
+            assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+            wait_until(
+                lambda: on_http_named(cluster, "node2") == [stayer.source],
+                60,
+                "node2's workstation reported on http",
+                interval=0.5,
+            )
+            started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", "1s", "--yes")
+            assert started.returncode == 0, started.stderr
+            final_id = newest(cluster)["id"]
+            assert rollout(cluster, final_id)["finalizes"] == phase1
+            # node1 is quiet and finalized; node2 waits for its workstation to leave http.
+            wait_states(
+                cluster, final_id, {"node1": "done", "node2": "pending"}, 120, "node1 finalized"
+            )
+            serial = f"{agent.cert().serial_number:x}"
+            done = cluster.cli("ca", "revoke", serial)
+            assert done.returncode == 0, done.stderr
+            wait_until(
+                lambda: rollout(cluster, final_id)["state"] in WAITED,
+                60,
+                "the finalize to end without node2",
+                interval=0.5,
+            )
+            final = rollout(cluster, final_id)
+        finally:
+            stayer.close()
+        assert final["state"] == "completed", final
+        states = {n["name"]: (n["state"], n.get("reason", "")) for n in final["nodes"]}
+        assert states["node1"][0] == "done"
+        assert states["node2"] == ("skipped", left_out_reason("node2")), states
+        assert list(live(node1).schemes) == ["https"]
+        assert sorted(live(node2).schemes) == ["http", "https"]  # left as it was: dual
+        first = wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
+        assert f"finalized by rollout {final_id}" in first["reason"]
+        assert "node2 left dual: left out, its agent cut off" in first["reason"], first["reason"]
+        skipped = [
+            e.get("reason")
+            for e in cluster.leader.log_events()
+            if e.get("event") == "node.event"
+            and (e.get("rollout_id"), e.get("node"), e.get("node_event"))
+            == (final_id, "node2", "skip")
+        ]
+        assert skipped == [left_out_reason("node2")], skipped
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.timeout(600)
+def test_a_rollback_leaves_a_cut_off_node_as_is_saying_to_remove_it(tmp_path: Path) -> None:
+    """s48lost: the way back from a phase 1 with node2's agent cut off (revoked: a machine
+    lost) left node2 as is saying "run tlsroll rollout rollback again once its agent is back",
+    which it never is. Now its reason, the outcome's line and phase 1's note say it never
+    comes back, and `tlsroll nodes remove node2` (which then works)."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, node2 = nodes
+        agent = node2.agent
+        assert agent is not None
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        done = cluster.cli("ca", "revoke", f"{agent.cert().serial_number:x}")
+        assert done.returncode == 0, done.stderr
+        back = cluster.cli("rollout", "rollback", "--yes", timeout=LONG)
+        assert back.returncode == 0, back.stderr
+        said = left_cut_off("node2")
+        assert f"  node2: {said}" in back.stdout.splitlines(), back.stdout
+        assert "once its agent is back" not in back.stdout
+        way_back = newest(cluster)
+        way_back = wait_state(cluster, way_back["id"], WAITED, "the way back")
+        assert way_back["state"] == "completed", way_back
+        states = {n["name"]: (n["state"], n.get("reason", "")) for n in way_back["nodes"]}
+        assert states == {"node1": ("done", ""), "node2": ("skipped", said)}, states
+        assert way_back["left_as_is"] == ["node2"]
+        assert list(live(node1).schemes) == ["http"]
+        status = cluster.cli("rollout", "status", way_back["id"])
+        assert status.returncode == 0, status.stderr
+        line = " ".join(status.stderr.split())
+        assert "once its agent is back" not in line, line
+        assert "it never comes back; `tlsroll nodes remove node2`" in line, line
+        first = wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
+        assert "node2 left dual: its agent's certificate is revoked" in first["reason"], first
+        assert "`tlsroll nodes remove node2`" in first["reason"], first
+        assert "once its agent is back" not in first["reason"]
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
 
 
 def _node_row(cluster: Cluster, name: str) -> dict[str, Any]:
@@ -622,6 +770,55 @@ def test_revoking_the_agent_certificate_on_record_revokes_the_one_before_it_too(
             key_pin="sha256:C", issue=lambda: cert("sha256:C"), now=t0 + dt.timedelta(days=11),
         )  # fmt: skip
     assert store.get_node("b").cert_serial == renewed.serial
+
+
+async def test_the_one_before_a_revoked_certificate_on_record_heartbeats_no_more(
+    tmp_path: Path,
+) -> None:
+    """Review s48rev5 L2: in a store written before `ca revoke` revoked both (the certificate
+    on record revoked, the one before it not), that one before renewed nothing any more but
+    its heartbeats still passed the snapshot's check (``Snapshot.refusal``): the cut-off node
+    looked online. Now the snapshot refuses every certificate of a node whose certificate on
+    record is revoked, as the renewal's check does; over real gRPC too."""
+    from leader.service import Caller
+    from leader.store import NodeCert
+    from tests.leader_rig import leader_with_a_node
+
+    rig = leader_with_a_node(tmp_path, next_loopback(), next_loopback())
+    store, clock, svc = rig.store, rig.clock, rig.service
+    await rig.server.start()
+    try:
+        before = x509.load_pem_x509_certificate(rig.node_files[1])
+        caller = Caller(
+            "hb1", pki.fingerprint(before), f"{before.serial_number:x}", pki.spki_pin(before)
+        )
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            await stub.Heartbeat(leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10)
+            # Renewed (the agent has not used the new one yet: the one before is accepted),
+            # then the one on record revoked alone, as a store of the release before left it.
+            renewed = store.renew_node_certificate(
+                "hb1", presented=caller.fingerprint, presented_serial=caller.serial,
+                key_pin="sha256:B",
+                issue=lambda: NodeCert("sha256:B", "sha256:fp-new", "5eed", clock[0] + DAY),
+                now=clock[0],
+            )  # fmt: skip
+            assert svc._read_snapshot().refusal(caller) is None  # still accepted, as it was
+            assert store.revoke(renewed.serial, reason="stolen", now=clock[0], actor="test")
+            with store.db.tx() as db:
+                db.execute(
+                    "UPDATE certificates SET revoked_at = NULL WHERE serial = ?", (caller.serial,)
+                )
+            assert not store.is_revoked(caller.serial) and store.get_node("hb1").cert_revoked
+            said = svc._read_snapshot().refusal(caller)
+            assert said is not None and "revoked" in said, said
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Heartbeat(leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (refused.value.details() or "")
+        assert store.cut_off_nodes() == {"hb1"}
+    finally:
+        await rig.close()
 
 
 def test_check_expiration_advises_enrolling_an_agent_again_without_removing_it() -> None:

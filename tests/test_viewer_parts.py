@@ -36,6 +36,7 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Scope,
+    left_out_reason,
 )
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import SchemaViewService, schema_message
@@ -1383,6 +1384,66 @@ def test_a_server_sent_event_keeps_every_line_of_its_data() -> None:
 def live_of(servers: dict[str, str], name: str) -> str:
     """A ``Reader.live_server``: each node's server as its latest heartbeat said it."""
     return servers.get(name, "")
+
+
+def test_a_finalize_that_left_a_node_out_says_so_on_the_page_and_in_the_api(
+    store: Store,
+) -> None:
+    """Review s48rev5 L3: a finalize that left out node b (its agent cut off: it still
+    serves http and https) showed plain "completed" on the page; only b's reason said it.
+    As for a way back's nodes left as is: the heading says beside the state which node it
+    left out, in both languages, and the API names it."""
+    schema = SchemaStore(store.db)
+    rollout, records = planner.plan_rollout(
+        rollout_id="fin1",
+        change=Change.FINALIZE,
+        scope=Scope.of_nodes(["a", "b"]),
+        enrolled={"a": True, "b": False},
+        leader="a",
+        epoch=schema.next_epoch(),
+        finalizes="t1",
+        left_out={"b": left_out_reason("b")},
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    row = schema.create(rollout.with_event(RolloutEvent.START), records, meta, NOW)
+    for event in (
+        NodeEvent.START,
+        NodeEvent.PREFLIGHT_PASSED,
+        NodeEvent.STAGE_SKIPPED,
+        NodeEvent.SWITCH,
+        NodeEvent.SWITCH_DONE,
+        NodeEvent.CONFIRM_DONE,
+    ):
+        moved = [r.with_event(event) if r.name == "a" else r for r in row.records]
+        row = schema.save_states(row, row.rollout, moved, NOW, "engine")
+    done = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+    schema.save_states(row, done, row.records, NOW, "engine")
+
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    (api,) = reader.read(every=True).data["rollouts"]  # /api/v1/schema
+    assert (api["state"], api["left_out"], api["left_as_is"]) == ("completed", ["b"], [])
+    page = reader.read(clients=False, page=True)
+    assert page.left_out == ("b",) and reader.read().left_out == ("b",)
+    assert page.left_as_is == ()
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, beside in (
+        ("de", "abgeschlossen, 1 Knoten ausgelassen: b"),
+        ("en", "completed, 1 node left out: b"),
+    ):
+        html = pages.schema_content(page, Words.of(lang), context)
+        (heading,) = re.findall(r'<h2 id="rollout-h">(.*?)</h2>', html, re.S)
+        assert 'class="badge state-left_out"' in heading, heading
+        text = " ".join(unescape(re.sub(r"<[^>]+>", "", heading)).split())
+        assert text.endswith(beside), text
+        (b_row,) = re.findall(r'<tr id="node-b".*?</tr>', html, re.S)
+        assert left_out_reason("b") in unescape(b_row)
+    # A finalize that left none out says nothing of it.
+    run_rollout(schema, "fin2", Change.FINALIZE)
+    later = reader.read(page=True, clients=False)
+    assert later.selected is not None and later.selected["id"] == "fin2"
+    assert later.left_out == () and later.selected["left_out"] == []
+    html = pages.schema_content(later, Words.of("en"), context)
+    assert "left out" not in html and "state-left_out" not in html
 
 
 def always(value: bool, _heard: object) -> bool:

@@ -119,14 +119,23 @@ def left_as_is(names: Sequence[str]) -> str:
     return f"{len(names)} node{'' if len(names) == 1 else 's'} left as is: {', '.join(names)}"
 
 
+def left_out(names: Sequence[str]) -> str:
+    """``1 node left out: node2``: the nodes a finalize left out, their agents cut off (the
+    schema's ``left_out``); each one's reason says what to do."""
+    return f"{len(names)} node{'' if len(names) == 1 else 's'} left out: {', '.join(names)}"
+
+
 def _state_left(r: View) -> Styled:
     """The rollout's state; for a way back that left nodes as is, with them beside it
     (``completed, 1 node left as is: node3``): it did not put every node on http (review
-    s45rev9 L3)."""
+    s45rev9 L3); for a finalize that left nodes out, likewise (``completed, 1 node left out:
+    node2``): it did not close http everywhere (review s48rev5 L3)."""
     left = r.get("left_as_is") or []
-    if not left:
+    cut = r.get("left_out") or []
+    if not left and not cut:
         return _styled(r["state"])
-    return Styled(f"{r['state']}, {left_as_is(left)}", "bold yellow")
+    marks = ([left_as_is(left)] if left else []) + ([left_out(cut)] if cut else [])
+    return Styled(", ".join([r["state"], *marks]), "bold yellow")
 
 
 def render_rollout(r: View) -> Block:

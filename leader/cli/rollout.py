@@ -70,6 +70,7 @@ from leader.wire import (
     SCOPE_KIND,
     STRATEGY,
 )
+from tlsroll.cli import terminal_only
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
@@ -673,23 +674,20 @@ def rollout_finalize(
     if force and quiet:
         raise click.UsageError("--force and --when-quiet exclude each other")
     leader.require_same_code()  # before what happens is shown and confirmed (review s35 L1)
-    if not yes:
-        how = (
-            f"each node once no http client was seen on it for {when_quiet}"
-            if quiet
-            else "node by node now"
-        )
-        out.print(
-            f"Finalize {rollout_id or 'the rollout awaiting finalize'}: close http (8080), "
-            f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
-            "https live, unfreeze; else back to http+https)."
-        )
-        out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
-        ask_first("add --yes to finalize without asking", "Close http now?", "not started")
+    if not yes:  # (before the leader is asked what it would do)
+        terminal_only(FINALIZE_ASK)
     request = admin_pb2.FinalizeRolloutRequest(
         rollout_id=rollout_id, force=force, when_quiet_seconds=quiet
     )
     with leader.admin() as admin:
+        if not yes:
+            # What it would start on, and which nodes it leaves out (agents cut off: s48lost),
+            # as the leader has them; nothing starts.
+            check = admin_pb2.FinalizeRolloutRequest()
+            check.CopyFrom(request)
+            check.check_only = True
+            plan = leader.call(admin.FinalizeRollout, check)
+            _confirm_finalize(plan, (when_quiet or "") if quiet else "")
         view = leader.call(admin.FinalizeRollout, request)
     # The nodes whose agents are cut off (a machine lost or stolen) are left out, named apart.
     out_of_it = [n for n in view.nodes if left_out(n.reason)]
@@ -704,6 +702,30 @@ def rollout_finalize(
         out.print(f"  {n.name}: {n.reason}")
     if wait:
         wait_for_end(leader, view.id)
+
+
+def _confirm_finalize(plan: schema_pb2.RolloutView, when_quiet: str) -> None:
+    """Show what the finalize ``plan`` (``check_only``) does, naming the nodes it closes http
+    on and those it leaves out with why (their agents cut off), and ask."""
+    how = (
+        f"each node once no http client was seen on it for {when_quiet}"
+        if when_quiet
+        else "node by node now"
+    )
+    cut = [n for n in plan.nodes if left_out(n.reason)]
+    going = [n.name for n in plan.nodes if n not in cut]
+    out.print(
+        f"Finalize {plan.finalizes}: close http (8080) on {', '.join(going) or 'no node'}, "
+        f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
+        "https live, unfreeze; else back to http+https)."
+    )
+    for n in cut:
+        out.print(f"  Left out: {n.name}: {n.reason}")
+    out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
+    ask_first(FINALIZE_ASK, "Close http now?", "not started")
+
+
+FINALIZE_ASK = "add --yes to finalize without asking"
 
 
 def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:

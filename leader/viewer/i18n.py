@@ -67,6 +67,10 @@ _DE: dict[str, str] = {
     # state, and above (each node's reason, in English, says what to do)
     "left_as_is_one": "{count} Knoten unverändert gelassen: {nodes}",
     "left_as_is_many": "{count} Knoten unverändert gelassen: {nodes}",
+    # a finalize that left nodes out, their agents cut off (``RolloutView.left_out``): beside
+    # its state (each node's reason, in English, says what to do)
+    "left_out_one": "{count} Knoten ausgelassen: {nodes}",
+    "left_out_many": "{count} Knoten ausgelassen: {nodes}",
     "left_as_is_alert": "Der Rückweg ist nicht vollständig. Unverändert gelassen und seither "
     "nicht auf http gesehen: {nodes}. Was zu tun ist, steht beim Knoten unter „Grund“. Bitte "
     "die Praxis-IT verständigen.",
@@ -215,6 +219,8 @@ _EN: dict[str, str] = {
     "state. Please call the practice IT.",
     "left_as_is_one": "{count} node left as is: {nodes}",
     "left_as_is_many": "{count} nodes left as is: {nodes}",
+    "left_out_one": "{count} node left out: {nodes}",
+    "left_out_many": "{count} nodes left out: {nodes}",
     "left_as_is_alert": "The way back is not complete. Left as is and not seen on http since: "
     "{nodes}. What to do is in the node's reason below. Please call the practice IT.",
     "store_trouble": "The leader cannot write its store since {since}; no rollout moves "

@@ -36,6 +36,7 @@ from leader.schema_view import (
     Made,
     awaits_report,
     left_as_is_nodes,
+    left_out_nodes,
     node_view,
     schema_message,
 )
@@ -200,6 +201,15 @@ class Snapshot:
         if self.selected is None:
             return ()
         return tuple(self.selected.get("left_as_is", ()))
+
+    @property
+    def left_out(self) -> tuple[str, ...]:
+        """The selected rollout's nodes its finalize left out, their agents cut off: they
+        still serve http and https; each one's reason says what to do
+        (``RolloutView.left_out``)."""
+        if self.selected is None:
+            return ()
+        return tuple(self.selected.get("left_out", ()))
 
     @property
     def still_left(self) -> tuple[str, ...]:
@@ -539,6 +549,7 @@ class Reader:
             item["nodes"] = nodes
             # (made of a head without its nodes, the view names none: ``rollout_view``)
             item["left_as_is"] = left_as_is_nodes(row.records)
+            item["left_out"] = left_out_nodes(row.records)
             self._keep(self._page_nodes, row.rollout.id, fresh)
         return data
 

@@ -532,6 +532,7 @@ class FinalizeRolloutRequest(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
     WHEN_QUIET_SECONDS_FIELD_NUMBER: _builtins.int
+    CHECK_ONLY_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     """The transitional rollout awaiting finalize (default: the one awaiting)."""
     force: _builtins.bool
@@ -540,16 +541,24 @@ class FinalizeRolloutRequest(_message.Message):
     """> 0: each node is finalized by the leader once no http client was seen on it for this
     many seconds (kept across leader restarts); at most 30 days.
     """
+    check_only: _builtins.bool
+    """Start nothing: the finalize as it would start, without asking its agents (what the CLI's
+    confirmation shows): `finalizes` and `nodes` only, the nodes phase 1 left dual in its
+    order, each one whose agent is cut off (its certificate revoked) `skipped` with the
+    left-out reason, the others pending. The refusals that come before the agents are asked
+    (not awaiting finalize, no node left dual) come as they would.
+    """
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
         force: _builtins.bool = ...,
         when_quiet_seconds: _builtins.int = ...,
+        check_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "rollout_id", b"rollout_id", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_only", b"check_only", "force", b"force", "rollout_id", b"rollout_id", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -254,6 +254,7 @@ class RolloutView(_message.Message):
     WHEN_QUIET_SECONDS_FIELD_NUMBER: _builtins.int
     AUTH_VERSION_FIELD_NUMBER: _builtins.int
     LEFT_AS_IS_FIELD_NUMBER: _builtins.int
+    LEFT_OUT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     change: _types_pb2.Change.ValueType
     scope: _types_pb2.ScopeKind.ValueType
@@ -293,6 +294,13 @@ class RolloutView(_message.Message):
         without its nodes.
         """
 
+    @_builtins.property
+    def left_out(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """finalize: the nodes this finalize left out (skipped: their agents cut off, their
+        certificates revoked; they still serve http and https until removed), from the node
+        records; each one's reason says what to do. Empty in a rollout listed without its nodes.
+        """
+
     def __init__(
         self,
         *,
@@ -317,10 +325,11 @@ class RolloutView(_message.Message):
         when_quiet_seconds: _builtins.int = ...,
         auth_version: _builtins.int = ...,
         left_as_is: _abc.Iterable[_builtins.str] | None = ...,
+        left_out: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "left_as_is", b"left_as_is", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "left_as_is", b"left_as_is", "left_out", b"left_out", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
