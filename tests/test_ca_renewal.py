@@ -1095,3 +1095,48 @@ def test_an_agent_that_refuses_the_renewed_ca_certificate_reports_it_until_it_ta
     asyncio.run(renewer.renew())  # taken
     assert renewer.status.failing_since is None and renewer.status.error == "", renewer.status
     assert (cfg.data_dir / "ca.pem").read_bytes() == link.offered
+
+
+def test_an_agent_restarted_after_refusing_the_renewed_ca_certificate_still_reports_it(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """The refusal was kept in memory only (review s49 M): a new Renewer over the same data
+    dir (the agent restarted) reported nothing, while DATA/ca.pem was still CA1 and `ca
+    previous` no longer named the node. It is kept in DATA/ca.refused (since when, why, the
+    CA held), reported after a restart, and forgotten once a renewal's CA certificate is
+    taken; a record about another DATA/ca.pem (written since) or unreadable is dropped."""
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    ca_file = paths(cfg.data_dir)[2]
+
+    def identity() -> Identity:
+        return Identity.of(key_file, cert_file, ca_file, pki.read_cert(cert_file), test_ca.cert)
+
+    ahead = test_ca.renewed_cert(pki.utcnow() + 2 * DAY)
+    link = _OfferingLink(test_ca, cfg, pki.cert_to_pem(ahead))
+    first = pki.utcnow().replace(microsecond=0)
+    asyncio.run(Renewer(cfg, identity(), link, clock=lambda: first).renew())
+    later = first + DAY
+    restarted = Renewer(cfg, identity(), link, clock=lambda: later)
+    assert restarted.status.failing_since == first, restarted.status
+    assert restarted.status.error.startswith(renewal.CA_REFUSED), restarted.status.error
+    assert "days from now" in restarted.status.error
+    assert ca_file.read_bytes() == test_ca.cert_pem
+    asyncio.run(restarted.renew())  # refused again: since the first refusal still
+    assert Renewer(cfg, identity(), link).status.failing_since == first
+    # Taken: forgotten, and not reported after a restart.
+    link.offered = pki.cert_to_pem(test_ca.renewed_cert(pki.utcnow()))
+    asyncio.run(Renewer(cfg, identity(), link).renew())
+    assert not (cfg.data_dir / "ca.refused").exists()
+    assert Renewer(cfg, identity(), link).status.failing_since is None
+    # A record about another DATA/ca.pem than the one held, or unreadable: dropped.
+    link.offered = pki.cert_to_pem(test_ca.renewed_cert(pki.utcnow() + 2 * DAY))
+    asyncio.run(Renewer(cfg, identity(), link).renew())
+    assert (cfg.data_dir / "ca.refused").exists()
+    ca_file.write_bytes(test_ca.cert_pem)  # another CA certificate written (an enrolment)
+    assert Renewer(cfg, identity(), link).status.failing_since is None
+    assert not (cfg.data_dir / "ca.refused").exists()
+    (cfg.data_dir / "ca.refused").write_bytes(b"5\n")
+    status = Renewer(cfg, identity(), link).status
+    assert status.failing_since is None and status.error == "", status
+    assert not (cfg.data_dir / "ca.refused").exists()
