@@ -1140,3 +1140,35 @@ def test_an_agent_restarted_after_refusing_the_renewed_ca_certificate_still_repo
     status = Renewer(cfg, identity(), link).status
     assert status.failing_since is None and status.error == "", status
     assert not (cfg.data_dir / "ca.refused").exists()
+
+
+def test_a_committed_leftover_this_clock_refuses_is_moved_aside_not_removed(
+    tmp_path: Path,
+) -> None:
+    """A committed renewal's ``ca.pem.new`` that the start's ``renewed_ca_problem`` refused
+    (the leader's clock more than a day behind) was deleted, logged as cut short before its
+    commit, while the store and the audit recorded it: the only copy was gone (review s49
+    L1). It is moved aside (``ca.pem.refused-SERIAL``), ``ca.pem`` stays in use; moved back
+    once the clock is right, the next start puts it in place."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    old = ca.cert
+    pki.write_cert(layout.ca_cert, old)
+    store = Store(layout.store)
+    now = pki.utcnow()
+    store.renew_ca(lambda: _Killed(ca_renewal.prepare(layout, ca, now)), now=now, actor="t")
+    new = pki.read_cert(ca_renewal.new_path(layout))
+    recorded = store.ca_renewals()
+    store.close()
+    behind = now - 2 * DAY
+    assert not ca_renewal.leftover(layout, ca, recorded, behind)
+    aside = layout.ca_cert.with_name(f"ca.pem.refused-{new.serial_number:x}")
+    assert aside.exists()
+    assert ca_renewal.refused_path(layout, new) == aside
+    assert pki.read_cert(aside) == new  # kept
+    assert not ca_renewal.new_path(layout).exists()
+    assert pki.read_cert(layout.ca_cert) == old == ca.cert
+    aside.rename(ca_renewal.new_path(layout))  # the clock corrected: moved back, restarted
+    assert ca_renewal.leftover(layout, ca, recorded, now)
+    assert pki.read_cert(layout.ca_cert) == new == ca.cert
