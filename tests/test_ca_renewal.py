@@ -1172,3 +1172,44 @@ def test_a_committed_leftover_this_clock_refuses_is_moved_aside_not_removed(
     aside.rename(ca_renewal.new_path(layout))  # the clock corrected: moved back, restarted
     assert ca_renewal.leftover(layout, ca, recorded, now)
     assert pki.read_cert(layout.ca_cert) == new == ca.cert
+
+
+@pytest.mark.parametrize(
+    ("renewals", "renewed"),
+    [
+        ("5", None),
+        ("null", "null"),
+        ("{}", "5"),
+        ("not json", '"x"'),
+        ('[5, null, {"at": 5, "previous_not_after": 7}]', '{"at": 5}'),
+        ('[{"at": "2026-01-01T00:00:00", "previous_not_after": "2026-02-01T00:00:00"}]', None),
+    ],
+)
+def test_ca_renewal_records_of_the_wrong_shape_are_skipped_never_raised(
+    tmp_path: Path, renewals: str, renewed: str | None
+) -> None:
+    """A ``ca_renewals`` / ``ca_renewed`` meta value of the wrong shape (5, null, a
+    non-string or naive ``at``) raised TypeError from ``Store.ca_renewals``: the leader's
+    start (with a ``ca.pem.new``) exited "internal error", and ``certs check-expiration``
+    failed (review s49 L2). Such values and rows are skipped; a renewal made after them is
+    recorded and read."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    pki.write_cert(layout.ca_cert, ca.cert)
+    store = Store(layout.store)
+    try:
+        raw = sqlite3.connect(layout.store)
+        meta = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+        raw.execute(meta, ("ca_renewals", renewals))
+        if renewed is not None:
+            raw.execute(meta, ("ca_renewed", renewed))
+        raw.execute(meta, ("ca_renewed", 5) if renewed == "5" else ("x", 0))  # not even text
+        raw.commit()
+        raw.close()
+        assert store.ca_renewals() == []
+        now = pki.utcnow()
+        store.renew_ca(functools.partial(ca_renewal.prepare, layout, ca, now), now=now, actor="t")
+        assert [r.serial for r in store.ca_renewals()] == [f"{ca.cert.serial_number:x}"]
+    finally:
+        store.close()
