@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -1213,3 +1214,43 @@ def test_ca_renewal_records_of_the_wrong_shape_are_skipped_never_raised(
         assert [r.serial for r in store.ca_renewals()] == [f"{ca.cert.serial_number:x}"]
     finally:
         store.close()
+
+
+@pytest.mark.timeout(400)
+def test_holders_of_a_certificate_older_than_the_recorded_renewals_are_warned(
+    tmp_path: Path,
+) -> None:
+    """A gap in the record (a release that kept the last renewal alone made two): every
+    holder issued before it was credited with the first recorded renewal's replaced
+    certificate, which ends ~10 years on, so an agent that trusts the real CA1 alone was
+    never warned (review s49 L3). One issued before that certificate was made holds an
+    earlier one, not recorded: named, and warned about, saying so."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, tmp_path / "n0")
+    try:
+        cluster.init("--node-name", "node1")
+        ending_in(cluster, 20)
+        cluster.start_leader()
+        node.start()  # enrolled under CA1
+        cluster.wait_for_nodes_online(["node1"])
+        time.sleep(1.5)  # a CA certificate's times are whole seconds: not the same one
+        first = cluster.cli("ca", "renew", "--yes")
+        assert first.returncode == 0, (first.stdout, first.stderr)
+        once = pki.read_cert(cluster.ca_cert_path)
+        forced = cluster.cli("ca", "renew", "--yes", "--force")
+        assert forced.returncode == 0, (forced.stdout, forced.stderr)
+        # What a release that kept the last renewal alone left: ``ca_renewed`` only.
+        raw = sqlite3.connect(Layout(cluster.data_dir).store)
+        raw.execute("DELETE FROM meta WHERE key = 'ca_renewals'")
+        raw.commit()
+        raw.close()
+        code, lines = previous_lines(cluster)
+        line = lines.get(f"{once.serial_number:x}")
+        assert line is not None, lines
+        assert code == 1 and line["warning"], line
+        assert line["advice"].startswith("a CA certificate earlier than"), line["advice"]
+        assert line["advice"].endswith(": node1"), line["advice"]
+    finally:
+        node.close()
+        cluster.close()
