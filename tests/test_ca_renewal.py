@@ -43,7 +43,7 @@ from nodeagent import bootstrap_crypto, certwork_ops, renewal
 from nodeagent.config import AgentConfig
 from nodeagent.identity import Identity, fetch_chain, paths
 from nodeagent.renewal import Renewer
-from tests.cluster import AdminTokenCluster, wait_until
+from tests.cluster import AdminTokenCluster, Daemon, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
@@ -1253,4 +1253,39 @@ def test_holders_of_a_certificate_older_than_the_recorded_renewals_are_warned(
         assert line["advice"].endswith(": node1"), line["advice"]
     finally:
         node.close()
+        cluster.close()
+
+
+@pytest.mark.timeout(200)
+def test_a_second_leader_on_the_same_data_changes_nothing_before_it_refuses(
+    tmp_path: Path,
+) -> None:
+    """A second tlsroll-leader started by hand while one runs went through ``load_state``
+    (a ``ca.pem.new`` put in place or removed, the certificate rechained) before serve's
+    "another tlsroll-leader is running": between a running renewal's commit and its rename
+    it made the rename itself (review s49 L4). It refuses first, in one line, and touches
+    nothing: a ``ca.pem.new`` planted meanwhile stays."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        layout = Layout(cluster.data_dir)
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+        )
+        planted = pki.cert_to_pem(ca.renewed_cert())  # as a renewal between commit and rename
+        ca_renewal.new_path(layout).write_bytes(planted)
+        before = {p: p.read_bytes() for p in (cluster.ca_cert_path, cluster.tls_cert_path)}
+        twin = Daemon("twin", cluster.leader.argv, tmp_path / "twin.log", lambda: False)
+        code, output = twin.run_to_exit()
+        assert code == 1, output
+        assert ca_renewal.new_path(layout).exists(), output
+        assert ca_renewal.new_path(layout).read_bytes() == planted
+        assert {p: p.read_bytes() for p in before} == before
+        line = one_line_error(output, "tlsroll-leader")
+        assert "another tlsroll-leader is running" in line, line
+        assert cluster.leader.running
+        ca_renewal.new_path(layout).unlink()
+    finally:
         cluster.close()
