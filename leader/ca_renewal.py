@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from cryptography import x509
 from leader.layout import Layout
 from tlsroll import logs, pki
 from tlsroll.errors import TerminalError
-from tlsroll.fsutil import PUBLIC, write_atomic
+from tlsroll.fsutil import PUBLIC, fsync_dir, write_atomic
 
 if TYPE_CHECKING:
     from leader.store import CARenewed
@@ -58,6 +59,11 @@ def kept_path(layout: Layout, old: x509.Certificate) -> Path:
     both)."""
     serial = f"{old.serial_number:x}"[:8]
     return layout.ca_cert.with_name(f"ca.pem.until-{old.not_valid_after_utc:%Y-%m-%d}-{serial}")
+
+
+def refused_path(layout: Layout, renewed: x509.Certificate) -> Path:
+    """Where a committed renewal's ``ca.pem.new`` that this start refused is moved aside."""
+    return layout.ca_cert.with_name(f"ca.pem.refused-{renewed.serial_number:x}")
 
 
 def new_path(layout: Layout) -> Path:
@@ -146,8 +152,12 @@ def leftover(
     ``ca``'s) it committed and only the rename was not made: it is made now, as the renewal
     would have (the replaced certificate kept beside it, ``kept_path``; ``ca`` adopts it),
     and True (review s48rev5 L5: it was removed, and the CA in use was not the one the store
-    and the audit trail said). Else (killed before the commit, or a file that is not that
-    renewal's) it is removed, and said: ``ca.pem`` is the certificate in use."""
+    and the audit trail said). One it records that this clock refuses
+    (``pki.renewed_ca_problem``: the clock more than a day behind the renewal's) is moved
+    aside to ``refused_path`` (the only copy of a renewal the store and the audit record)
+    and said, with how to put it in place once the clock is right. Else (killed before the
+    commit, or a file that is not that renewal's) it is removed, and said: ``ca.pem`` is the
+    certificate in use."""
     path = new_path(layout)
     try:
         left = pki.read_cert(path)
@@ -182,6 +192,23 @@ def leftover(
             "certificate was put in place: put in place now",
         )
         return True
+    if committed:
+        # The store and the audit record it: it is the only copy, so it is kept, not removed
+        # (its start is ahead of this clock by more than a day: the clock is behind).
+        aside = refused_path(layout, left)
+        os.replace(path, aside)
+        fsync_dir(aside.parent)
+        log.error(
+            "ca.renewal_refused_at_start",
+            path=str(aside),
+            serial=serial,
+            error=why,
+            hint=f"a `tlsroll ca renew` that had committed was cut short before its certificate "
+            f"was put in place, and this clock refuses it: correct the clock, then `mv {aside} "
+            f"{path}` and restart the leader (it is put in place then); ca.pem stays in use "
+            "meanwhile",
+        )
+        return False
     log.warning(
         "ca.renewal_leftover_removed",
         path=str(path),

@@ -100,6 +100,15 @@ PREVIOUS_CA = (
     "these were handed it and not a renewed one since; each stops trusting the cluster at "
     "that end: {holders}"
 )
+# Holders issued before the first recorded renewal's replaced certificate was made (a gap in
+# the record: a release that kept the last renewal alone made two or more): they hold an
+# earlier one, not recorded, whose serial and end are unknown (``earliest_recorded``).
+EARLIER_CA = (
+    "a CA certificate earlier than {serial}, replaced by a `tlsroll ca renew` that the store "
+    "does not record (a release that kept the last renewal alone made it), so its end is "
+    "unknown (by {end:%Y-%m-%d} unless that renewal was forced), and these were handed it "
+    "and not a renewed one since; each stops trusting the cluster at that end: {holders}"
+)
 PREVIOUS_HOLDERS = {
     "agent": "agents not renewed since (they take it with their next certificate renewal, "
     "within 40 % of their certificate's life; `tlsroll nodes`)",
@@ -129,6 +138,10 @@ class Expiry:
     # A CA certificate a renewal replaced (kind ``ca``, subject ``previous``): who was
     # handed it and not a renewed one since, by kind (``PREVIOUS_HOLDERS``).
     holders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Of such holders: the certificate they hold is earlier than the first recorded renewal's
+    # (``earliest_recorded``): ``serial`` is the first recorded replaced certificate's, and
+    # ``not_after`` the latest its unknown end can be, unless a forced renewal replaced it.
+    earlier: bool = False
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -141,7 +154,7 @@ class Expiry:
         if self.chain:
             return CHAIN_ENDS_FIRST.format(chain=self.chain, node=self.subject)
         if self.holders:
-            return PREVIOUS_CA.format(
+            return (EARLIER_CA if self.earlier else PREVIOUS_CA).format(
                 serial=self.serial[:8],
                 end=self.not_after,
                 holders="; ".join(
@@ -231,6 +244,16 @@ def held_at(chain: Sequence[CARenewed], issued_at: dt.datetime) -> int | None:
         if issued_at < renewal.at:
             return i
     return None
+
+
+def earliest_recorded(chain: Sequence[CARenewed]) -> dt.datetime:
+    """When the certificate the first recorded renewal replaced (``chain[0]``'s previous) was
+    made: every CA certificate, the first (``tlsroll init``) and each renewal's, ends
+    ``pki.CA_VALIDITY_DAYS`` after it was made (its start says nothing: a renewal keeps the
+    first one's). A holder issued before it holds an earlier certificate, of a renewal not
+    recorded (review s49 L3: it was taken for ``chain[0]``'s previous, which ends years
+    later, and its holders were never warned)."""
+    return chain[0].previous_not_after - dt.timedelta(days=pki.CA_VALIDITY_DAYS)
 
 
 def agent_horizon(node: Node, lifetime: dt.timedelta) -> dt.timedelta:
@@ -365,7 +388,9 @@ class ExpiryWatch:
         renewal's answer, or the join, carries the CA certificate in use), nodes by their
         served certificate (the stage sent the CA certificate in use as the server's client
         CA) and workstations by their newest certificate, not ended (the bootstrap handed
-        them the bundle of then). ``[]`` if no renewal led to ``ca``, or no one is left.
+        them the bundle of then); one issued before the first recorded renewal's replaced
+        certificate was made holds an earlier one, not recorded (``earliest_recorded``,
+        ``EARLIER_CA``): always warned. ``[]`` if no renewal led to ``ca``, or no one is left.
         What it cannot see: an agent that refused a renewed certificate, or of a release
         that does not take it; a node's certificate from --cert-dir (not the CA's)."""
         chain = renewals_to(self.store.ca_renewals(), ca)
@@ -373,9 +398,11 @@ class ExpiryWatch:
             return []
         nodes = self.store.list_nodes()
         held: dict[int, dict[str, list[str]]] = {}
+        earliest = earliest_recorded(chain)
 
         def name(kind: str, who: str, issued_at: dt.datetime) -> None:
-            if (era := held_at(chain, issued_at)) is not None:
+            era = -1 if issued_at < earliest else held_at(chain, issued_at)
+            if era is not None:
                 held.setdefault(era, {}).setdefault(kind, []).append(who)
 
         for n in nodes:
@@ -401,7 +428,24 @@ class ExpiryWatch:
                 name("workstation", subject, c.issued_at)
         found = []
         for era, kinds in sorted(held.items()):
-            replaced = chain[era]
+            replaced = chain[max(era, 0)]
+            holders = tuple(
+                (kind, tuple(sorted(kinds[kind]))) for kind in PREVIOUS_HOLDERS if kind in kinds
+            )
+            if era < 0:  # an earlier certificate, not recorded: always warned about
+                found.append(
+                    Expiry(
+                        "ca",
+                        "previous",
+                        replaced.previous_serial,
+                        "",
+                        earliest + CA_HORIZON,
+                        dt.timedelta(days=pki.CA_VALIDITY_DAYS * 2),
+                        holders=holders,
+                        earlier=True,
+                    )
+                )
+                continue
             found.append(
                 Expiry(
                     "ca",
@@ -410,11 +454,7 @@ class ExpiryWatch:
                     replaced.previous_fingerprint,
                     replaced.previous_not_after,
                     CA_HORIZON,
-                    holders=tuple(
-                        (kind, tuple(sorted(kinds[kind])))
-                        for kind in PREVIOUS_HOLDERS
-                        if kind in kinds
-                    ),
+                    holders=holders,
                 )
             )
         return found

@@ -136,6 +136,12 @@ def _answers(sock: Path) -> bool:
     return True
 
 
+def refuse_if_running(cfg: LeaderConfig) -> None:
+    """A leader answering on the admin socket: this one stops, having changed nothing."""
+    if cfg.admin_socket.exists() and _answers(cfg.admin_socket):
+        raise TerminalError(f"another tlsroll-leader is running on {cfg.admin_socket}")
+
+
 def recovery_command(config: Path) -> str:
     """The one-shot that begins an empty store in place of a lost one, as the admin types it
     (on a server installed by install.sh: as the leader's user, whose files the store and its
@@ -242,6 +248,10 @@ def _start_on(
 
 def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     layout = cfg.layout
+    # Before anything is touched: a second leader on the same data (started by hand while one
+    # runs) made the start's changes (a renewal's ca.pem.new put in place, the key upgraded,
+    # the certificate rechained) before serve's check refused it (review s49 L4).
+    refuse_if_running(cfg)
     check_secret_dirs(layout)
     source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
@@ -564,7 +574,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     if made:
         os.chmod(sock.parent, 0o750)  # noqa: S103 - group = admins
     if sock.exists():
-        if _answers(sock):
+        if _answers(sock):  # (one started since ``load_state``'s look: ``refuse_if_running``)
             raise TerminalError(f"another tlsroll-leader is running on {sock}")
         sock.unlink()  # a stale socket from a crash; the directory is ours
     bind(admin, relay.backend, None)

@@ -2213,11 +2213,13 @@ class Store(LeaderStore):
         found = []
         for detail in rows:
             try:
-                at = from_text(detail["at"])
+                at = dt.datetime.fromisoformat(detail["at"])
                 previous_end = dt.datetime.fromisoformat(detail["previous_not_after"])
             except (KeyError, TypeError, ValueError):  # (not one this code wrote)
+                _skipped_ca_renewal("ca_renewals row", detail)
                 continue
-            if at is None:
+            if at.tzinfo is None or previous_end.tzinfo is None:
+                _skipped_ca_renewal("ca_renewals row", detail)
                 continue
             found.append(
                 CARenewed(
@@ -2294,14 +2296,55 @@ def _ca_renewal_rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
             "SELECT key, value FROM meta WHERE key IN ('ca_renewals', 'ca_renewed')"
         )
     }
-    rows = [r for r in json.loads(values.get("ca_renewals", "[]")) if isinstance(r, dict)]
-    if (last := values.get("ca_renewed")) is not None:
-        last_row = json.loads(last)
-        if isinstance(last_row, dict) and all(
-            r.get("serial") != last_row.get("serial") for r in rows
-        ):
+    listed = _meta_json(values, "ca_renewals")
+    if not isinstance(listed, list):
+        _skipped_ca_renewal("ca_renewals", listed)
+        listed = []
+    rows = []
+    for row in listed:
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            _skipped_ca_renewal("ca_renewals", row)
+    last_row = _meta_json(values, "ca_renewed")
+    if isinstance(last_row, dict):
+        if all(r.get("serial") != last_row.get("serial") for r in rows):
             rows.append(last_row)
+    else:
+        _skipped_ca_renewal("ca_renewed", last_row)
     return rows
+
+
+_MISSING = object()  # a meta key not there (``_meta_json``)
+_CA_RENEWALS_SKIPPED: set[str] = set()  # said once per process (``_skipped_ca_renewal``)
+
+
+def _meta_json(values: dict[str, Any], key: str) -> Any:
+    """A meta value written as JSON (``_MISSING``: none; a value that is not JSON comes back
+    as itself, for the caller to skip as one of the wrong shape)."""
+    if key not in values:
+        return _MISSING
+    value = values[key]
+    try:
+        return json.loads(value) if isinstance(value, str | bytes) else value
+    except ValueError:
+        return value
+
+
+def _skipped_ca_renewal(key: str, value: Any) -> None:
+    """A ``ca_renewals`` / ``ca_renewed`` value or row of the wrong shape (not one this code
+    wrote: a hand edit, a damaged store): skipped, never raised (the leader's start and
+    ``certs check-expiration`` read them), and said once per process and key."""
+    if value is _MISSING or key in _CA_RENEWALS_SKIPPED:
+        return
+    _CA_RENEWALS_SKIPPED.add(key)
+    log.warning(
+        "store.ca_renewal_skipped",
+        key=key,
+        value_type=type(value).__name__,
+        detail="a CA renewal record of the wrong shape is skipped: who still holds the "
+        "certificate it replaced is not warned about",
+    )
 
 
 def _meta(db: sqlite3.Connection, key: str, default: int) -> int:

@@ -9,16 +9,21 @@ does that work: ``identity.Identity``).
 
     DATA/node.key   0600      DATA/node.pem   the node certificate      DATA/ca.pem  the CA
     DATA/node.key.new, DATA/node.pem.new     a renewal's, until it moves them into place
+    DATA/ca.refused   a renewed CA certificate this node refused: since when, why, and the
+                      DATA/ca.pem it kept (``refused_ca``), until a renewal's CA is taken
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
-from tlsroll.fsutil import fsync_dir
+from tlsroll.fsutil import fsync_dir, write_atomic
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -54,6 +59,59 @@ def pending_paths(data_dir: Path) -> tuple[Path, Path]:
     """Where a renewal keeps the new key and certificate until it moves them into place."""
     key_file, cert_file, _ = paths(data_dir)
     return key_file.with_name(key_file.name + ".new"), cert_file.with_name(cert_file.name + ".new")
+
+
+def refused_ca_path(data_dir: Path) -> Path:
+    return data_dir / "ca.refused"
+
+
+def _held_ca(data_dir: Path) -> str:
+    try:
+        return hashlib.sha256(paths(data_dir)[2].read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def refused_ca(data_dir: Path) -> tuple[dt.datetime, str] | None:
+    """Since when, and why, this node refuses the renewed CA certificate its leader sends
+    (``DATA/ca.refused``, ``write_refused_ca``): kept across restarts, so that the heartbeat
+    reports it again (review s49 M). None: none recorded, or the record is not about the
+    ``DATA/ca.pem`` held now (another was written since: an enrolment, a crash between a
+    renewal's CA write and its forgetting the record), or unreadable (then forgotten)."""
+    path = refused_ca_path(data_dir)
+    try:
+        record = json.loads(path.read_bytes())
+        since = dt.datetime.fromisoformat(record["since"])
+        reason = record["reason"]
+        held = record["ca_sha256"]
+        if since.tzinfo is None or not isinstance(reason, str) or not isinstance(held, str):
+            raise ValueError(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError):
+        forget_refused_ca(data_dir)
+        return None
+    if held != _held_ca(data_dir):
+        forget_refused_ca(data_dir)
+        return None
+    return since, reason
+
+
+def write_refused_ca(data_dir: Path, since: dt.datetime, reason: str) -> None:
+    """Record (one rename) that the renewed CA certificate is refused since ``since``."""
+    record = {"since": since.isoformat(), "reason": reason, "ca_sha256": _held_ca(data_dir)}
+    write_atomic(refused_ca_path(data_dir), json.dumps(record).encode("utf-8") + b"\n")
+
+
+def forget_refused_ca(data_dir: Path) -> None:
+    """A renewal's CA certificate taken (or the one held is the leader's): no refusal."""
+    try:
+        os.unlink(refused_ca_path(data_dir))
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # read again at the next start: stale records are dropped there (``refused_ca``)
+    fsync_dir(data_dir)
 
 
 def check_issued(

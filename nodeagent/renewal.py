@@ -65,6 +65,7 @@ from typing import Protocol
 
 import grpc
 
+from nodeagent import nodefiles
 from nodeagent.certwork import names_request
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess, Worker
@@ -251,7 +252,13 @@ class Renewer:
         self.expired = False
         self._before_expired: tuple[dt.datetime | None, str] = (None, "")
         # Since when the renewals' CA certificate is refused (``CA_REFUSED``); None: it is not.
+        # Kept in ``DATA/ca.refused`` (``nodefiles.refused_ca``): reported again after a
+        # restart, when nothing else would say it until the next renewal (review s49 M).
         self.ca_refused_since: dt.datetime | None = None
+        if (refused := nodefiles.refused_ca(cfg.data_dir)) is not None:
+            self.ca_refused_since, reason = refused
+            self.status.failing_since = self.ca_refused_since
+            self.status.error = (CA_REFUSED + reason)[:MAX_ERROR]
         self._schedule()
 
     def _schedule(self) -> None:
@@ -407,8 +414,15 @@ class Renewer:
             self.ca_refused_since = self.ca_refused_since or self.clock()
             self.status.failing_since = self.ca_refused_since
             self.status.error = (CA_REFUSED + str(renewed["ca_refused"]))[:MAX_ERROR]
+            try:
+                nodefiles.write_refused_ca(
+                    cfg.data_dir, self.ca_refused_since, str(renewed["ca_refused"])
+                )
+            except OSError as exc:  # reported while running still; not after a restart
+                log.warning("renewal.ca_refused_not_kept", error=f"{exc.strerror}: {exc.filename}")
         else:
             self.ca_refused_since = None
+            nodefiles.forget_refused_ca(cfg.data_dir)
         self._schedule()
         self._hold_after_renewal()
         log.info(

@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from nodeagent import bootstrap_crypto, certwork_ops, renewal
 from nodeagent.config import AgentConfig
 from nodeagent.identity import Identity, fetch_chain, paths
 from nodeagent.renewal import Renewer
-from tests.cluster import AdminTokenCluster, wait_until
+from tests.cluster import AdminTokenCluster, Daemon, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
@@ -1095,3 +1096,196 @@ def test_an_agent_that_refuses_the_renewed_ca_certificate_reports_it_until_it_ta
     asyncio.run(renewer.renew())  # taken
     assert renewer.status.failing_since is None and renewer.status.error == "", renewer.status
     assert (cfg.data_dir / "ca.pem").read_bytes() == link.offered
+
+
+def test_an_agent_restarted_after_refusing_the_renewed_ca_certificate_still_reports_it(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """The refusal was kept in memory only (review s49 M): a new Renewer over the same data
+    dir (the agent restarted) reported nothing, while DATA/ca.pem was still CA1 and `ca
+    previous` no longer named the node. It is kept in DATA/ca.refused (since when, why, the
+    CA held), reported after a restart, and forgotten once a renewal's CA certificate is
+    taken; a record about another DATA/ca.pem (written since) or unreadable is dropped."""
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    ca_file = paths(cfg.data_dir)[2]
+
+    def identity() -> Identity:
+        return Identity.of(key_file, cert_file, ca_file, pki.read_cert(cert_file), test_ca.cert)
+
+    ahead = test_ca.renewed_cert(pki.utcnow() + 2 * DAY)
+    link = _OfferingLink(test_ca, cfg, pki.cert_to_pem(ahead))
+    first = pki.utcnow().replace(microsecond=0)
+    asyncio.run(Renewer(cfg, identity(), link, clock=lambda: first).renew())
+    later = first + DAY
+    restarted = Renewer(cfg, identity(), link, clock=lambda: later)
+    assert restarted.status.failing_since == first, restarted.status
+    assert restarted.status.error.startswith(renewal.CA_REFUSED), restarted.status.error
+    assert "days from now" in restarted.status.error
+    assert ca_file.read_bytes() == test_ca.cert_pem
+    asyncio.run(restarted.renew())  # refused again: since the first refusal still
+    assert Renewer(cfg, identity(), link).status.failing_since == first
+    # Taken: forgotten, and not reported after a restart.
+    link.offered = pki.cert_to_pem(test_ca.renewed_cert(pki.utcnow()))
+    asyncio.run(Renewer(cfg, identity(), link).renew())
+    assert not (cfg.data_dir / "ca.refused").exists()
+    assert Renewer(cfg, identity(), link).status.failing_since is None
+    # A record about another DATA/ca.pem than the one held, or unreadable: dropped.
+    link.offered = pki.cert_to_pem(test_ca.renewed_cert(pki.utcnow() + 2 * DAY))
+    asyncio.run(Renewer(cfg, identity(), link).renew())
+    assert (cfg.data_dir / "ca.refused").exists()
+    ca_file.write_bytes(test_ca.cert_pem)  # another CA certificate written (an enrolment)
+    assert Renewer(cfg, identity(), link).status.failing_since is None
+    assert not (cfg.data_dir / "ca.refused").exists()
+    (cfg.data_dir / "ca.refused").write_bytes(b"5\n")
+    status = Renewer(cfg, identity(), link).status
+    assert status.failing_since is None and status.error == "", status
+    assert not (cfg.data_dir / "ca.refused").exists()
+
+
+def test_a_committed_leftover_this_clock_refuses_is_moved_aside_not_removed(
+    tmp_path: Path,
+) -> None:
+    """A committed renewal's ``ca.pem.new`` that the start's ``renewed_ca_problem`` refused
+    (the leader's clock more than a day behind) was deleted, logged as cut short before its
+    commit, while the store and the audit recorded it: the only copy was gone (review s49
+    L1). It is moved aside (``ca.pem.refused-SERIAL``), ``ca.pem`` stays in use; moved back
+    once the clock is right, the next start puts it in place."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    old = ca.cert
+    pki.write_cert(layout.ca_cert, old)
+    store = Store(layout.store)
+    now = pki.utcnow()
+    store.renew_ca(lambda: _Killed(ca_renewal.prepare(layout, ca, now)), now=now, actor="t")
+    new = pki.read_cert(ca_renewal.new_path(layout))
+    recorded = store.ca_renewals()
+    store.close()
+    behind = now - 2 * DAY
+    assert not ca_renewal.leftover(layout, ca, recorded, behind)
+    aside = layout.ca_cert.with_name(f"ca.pem.refused-{new.serial_number:x}")
+    assert aside.exists()
+    assert ca_renewal.refused_path(layout, new) == aside
+    assert pki.read_cert(aside) == new  # kept
+    assert not ca_renewal.new_path(layout).exists()
+    assert pki.read_cert(layout.ca_cert) == old == ca.cert
+    aside.rename(ca_renewal.new_path(layout))  # the clock corrected: moved back, restarted
+    assert ca_renewal.leftover(layout, ca, recorded, now)
+    assert pki.read_cert(layout.ca_cert) == new == ca.cert
+
+
+@pytest.mark.parametrize(
+    ("renewals", "renewed"),
+    [
+        ("5", None),
+        ("null", "null"),
+        ("{}", "5"),
+        ("not json", '"x"'),
+        ('[5, null, {"at": 5, "previous_not_after": 7}]', '{"at": 5}'),
+        ('[{"at": "2026-01-01T00:00:00", "previous_not_after": "2026-02-01T00:00:00"}]', None),
+    ],
+)
+def test_ca_renewal_records_of_the_wrong_shape_are_skipped_never_raised(
+    tmp_path: Path, renewals: str, renewed: str | None
+) -> None:
+    """A ``ca_renewals`` / ``ca_renewed`` meta value of the wrong shape (5, null, a
+    non-string or naive ``at``) raised TypeError from ``Store.ca_renewals``: the leader's
+    start (with a ``ca.pem.new``) exited "internal error", and ``certs check-expiration``
+    failed (review s49 L2). Such values and rows are skipped; a renewal made after them is
+    recorded and read."""
+    layout = Layout(tmp_path)
+    (tmp_path / "ca").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() + 20 * DAY - pki.CA_VALIDITY_DAYS * DAY)
+    pki.write_cert(layout.ca_cert, ca.cert)
+    store = Store(layout.store)
+    try:
+        raw = sqlite3.connect(layout.store)
+        meta = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+        raw.execute(meta, ("ca_renewals", renewals))
+        if renewed is not None:
+            raw.execute(meta, ("ca_renewed", renewed))
+        raw.execute(meta, ("ca_renewed", 5) if renewed == "5" else ("x", 0))  # not even text
+        raw.commit()
+        raw.close()
+        assert store.ca_renewals() == []
+        now = pki.utcnow()
+        store.renew_ca(functools.partial(ca_renewal.prepare, layout, ca, now), now=now, actor="t")
+        assert [r.serial for r in store.ca_renewals()] == [f"{ca.cert.serial_number:x}"]
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(400)
+def test_holders_of_a_certificate_older_than_the_recorded_renewals_are_warned(
+    tmp_path: Path,
+) -> None:
+    """A gap in the record (a release that kept the last renewal alone made two): every
+    holder issued before it was credited with the first recorded renewal's replaced
+    certificate, which ends ~10 years on, so an agent that trusts the real CA1 alone was
+    never warned (review s49 L3). One issued before that certificate was made holds an
+    earlier one, not recorded: named, and warned about, saying so."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, tmp_path / "n0")
+    try:
+        cluster.init("--node-name", "node1")
+        ending_in(cluster, 20)
+        cluster.start_leader()
+        node.start()  # enrolled under CA1
+        cluster.wait_for_nodes_online(["node1"])
+        time.sleep(1.5)  # a CA certificate's times are whole seconds: not the same one
+        first = cluster.cli("ca", "renew", "--yes")
+        assert first.returncode == 0, (first.stdout, first.stderr)
+        once = pki.read_cert(cluster.ca_cert_path)
+        forced = cluster.cli("ca", "renew", "--yes", "--force")
+        assert forced.returncode == 0, (forced.stdout, forced.stderr)
+        # What a release that kept the last renewal alone left: ``ca_renewed`` only.
+        raw = sqlite3.connect(Layout(cluster.data_dir).store)
+        raw.execute("DELETE FROM meta WHERE key = 'ca_renewals'")
+        raw.commit()
+        raw.close()
+        code, lines = previous_lines(cluster)
+        line = lines.get(f"{once.serial_number:x}")
+        assert line is not None, lines
+        assert code == 1 and line["warning"], line
+        assert line["advice"].startswith("a CA certificate earlier than"), line["advice"]
+        assert line["advice"].endswith(": node1"), line["advice"]
+    finally:
+        node.close()
+        cluster.close()
+
+
+@pytest.mark.timeout(200)
+def test_a_second_leader_on_the_same_data_changes_nothing_before_it_refuses(
+    tmp_path: Path,
+) -> None:
+    """A second tlsroll-leader started by hand while one runs went through ``load_state``
+    (a ``ca.pem.new`` put in place or removed, the certificate rechained) before serve's
+    "another tlsroll-leader is running": between a running renewal's commit and its rename
+    it made the rename itself (review s49 L4). It refuses first, in one line, and touches
+    nothing: a ``ca.pem.new`` planted meanwhile stays."""
+    address = next_loopback()
+    cluster = AdminTokenCluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        layout = Layout(cluster.data_dir)
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+        )
+        planted = pki.cert_to_pem(ca.renewed_cert())  # as a renewal between commit and rename
+        ca_renewal.new_path(layout).write_bytes(planted)
+        before = {p: p.read_bytes() for p in (cluster.ca_cert_path, cluster.tls_cert_path)}
+        twin = Daemon("twin", cluster.leader.argv, tmp_path / "twin.log", lambda: False)
+        code, output = twin.run_to_exit()
+        assert code == 1, output
+        assert ca_renewal.new_path(layout).exists(), output
+        assert ca_renewal.new_path(layout).read_bytes() == planted
+        assert {p: p.read_bytes() for p in before} == before
+        line = one_line_error(output, "tlsroll-leader")
+        assert "another tlsroll-leader is running" in line, line
+        assert cluster.leader.running
+        ca_renewal.new_path(layout).unlink()
+    finally:
+        cluster.close()

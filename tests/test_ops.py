@@ -277,8 +277,12 @@ def test_log_level_in_the_config_and_on_the_command_line(cluster: Cluster) -> No
 
 def test_a_second_leader_or_agent_on_a_taken_port_prints_one_line(cluster: Cluster) -> None:
     cluster.start_leader()
-    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
-    code, output = twin.run_to_exit()
+    # A leader of another data dir on the same address (one of the same data dir is refused
+    # before, by its admin socket: test_daemons).
+    with Cluster(cluster.root / "other", cluster.address) as other:
+        other.init()
+        twin = Daemon("twin", other.leader.argv, cluster.root / "twin.log", lambda: False)
+        code, output = twin.run_to_exit()
     assert code == 1
     # Not even a line of gRPC's C core (``E1130 … add_port.cc``) before it.
     assert output.strip().splitlines() == [
