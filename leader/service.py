@@ -1749,12 +1749,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         client password) since it started: kept while there are some (``login_failures``), and
         logged as they grow (one line a heartbeat at most), so that the admin sees someone
         guessing it. Only from a healthy server's status: a server that is down says nothing
-        of them (what was shown stays); one that started again counts from 0, which clears.
-        The latest one's time is on the leader's clock (``shift``: ``clock_shift``, as the
-        node's client sightings) and never later than ``now`` (a far-future one was kept as
-        sent, and the viewer east of UTC answered 500: review of s49carry, M); one that is no
-        time is unknown."""
-        if not server.healthy or server.driver == "none":
+        of them (what was shown stays); one that started again counts from 0, which clears,
+        as an agent that manages no server any more (driver "none": it kept the old server's
+        row until the node was removed; review of s49carry, L). The latest one's time is on
+        the leader's clock (``shift``: ``clock_shift``, as the node's client sightings) and
+        never later than ``now`` (a far-future one was kept as sent, and the viewer east of
+        UTC answered 500: review of s49carry, M); one that is no time is unknown."""
+        if server.driver == "none":
+            self.state.server_login_failures.pop(name, None)
+            return
+        if not server.healthy:
             return
         count = server.login_failures
         if count <= 0:

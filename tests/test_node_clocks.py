@@ -518,6 +518,35 @@ async def test_the_latest_wrong_client_password_is_on_the_leaders_clock_and_neve
         assert [r.last_at for r in rig.state.login_failures()] == [None]
 
 
+async def test_wrong_client_passwords_go_when_the_agent_manages_no_server_any_more(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s49carry (L): an agent switched from driver ``reference`` to ``none`` (its
+    status: driver "none", not healthy, as ``nodeagent.service`` says it) kept the old
+    server's row until the node was removed. With no managed server there is no such count:
+    the row goes."""
+    said = agent_pb2.ServerView(
+        driver="reference", healthy=True, schemes=["https"], login_failures=3
+    )
+    view = [said]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view[0]
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _skew):
+        link.server_view = server_view
+        await link.beat()
+        assert [r.failures for r in rig.state.login_failures()] == [3]
+        view[0] = agent_pb2.ServerView(driver="none", detail="no managed server configured")
+        await link.beat()
+        assert rig.state.login_failures() == []
+        view[0] = said
+        await link.beat()
+        view[0] = agent_pb2.ServerView(driver="none", healthy=True)
+        await link.beat()
+        assert rig.state.login_failures() == []
+
+
 async def test_a_heartbeat_under_way_as_its_node_is_removed_adds_no_node_problem_back(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
