@@ -1615,7 +1615,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self.state.needs_admin_since.pop(name, None)
         if request.HasField("server"):  # (without it, nothing said: audit s43rev1)
             self._bootstrap_problem(name, request, now)
-            self._login_failures(name, request.server, now)
+            self._login_failures(name, request.server, now, clock_shift(request, now))
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
@@ -1738,13 +1738,27 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.bootstrap_down", node=name, detail=why)
         self.state.bootstrap_down[name] = (before[0] if before else now, why)
 
-    def _login_failures(self, name: str, server: leader_pb2.LiveServer, now: dt.datetime) -> None:
+    def _login_failures(
+        self,
+        name: str,
+        server: leader_pb2.LiveServer,
+        now: dt.datetime,
+        shift: dt.timedelta = dt.timedelta(0),
+    ) -> None:
         """What the heartbeat says of the wrong passwords at the node's server's own login (the
         client password) since it started: kept while there are some (``login_failures``), and
         logged as they grow (one line a heartbeat at most), so that the admin sees someone
         guessing it. Only from a healthy server's status: a server that is down says nothing
-        of them (what was shown stays); one that started again counts from 0, which clears."""
-        if not server.healthy or server.driver == "none":
+        of them (what was shown stays); one that started again counts from 0, which clears,
+        as an agent that manages no server any more (driver "none": it kept the old server's
+        row until the node was removed; review of s49carry, L). The latest one's time is on
+        the leader's clock (``shift``: ``clock_shift``, as the node's client sightings) and
+        never later than ``now`` (a far-future one was kept as sent, and the viewer east of
+        UTC answered 500: review of s49carry, M); one that is no time is unknown."""
+        if server.driver == "none":
+            self.state.server_login_failures.pop(name, None)
+            return
+        if not server.healthy:
             return
         count = server.login_failures
         if count <= 0:
@@ -1753,7 +1767,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         last = None
         if server.HasField("last_login_failure_at"):
             with contextlib.suppress(ValueError, OverflowError):
-                last = server.last_login_failure_at.ToDatetime(tzinfo=dt.UTC)
+                sent = server.last_login_failure_at.ToDatetime(tzinfo=dt.UTC)
+                last = min(sent, now - shift) + shift
         before = self.state.server_login_failures.get(name)
         if before is None or before.failures != count:
             log.warning("node.server_login_failures", node=name, count=count)

@@ -115,6 +115,7 @@ LOGIN_CEILING_WINDOW = 86_400.0  # [server].login_ceiling wrong passwords in thi
 # by default: ``refserver.config``); the rest are refused (429) as before.
 LOGIN_QUEUE_PER_SOURCE = 16
 LOGIN_QUEUE_TOTAL = 64
+LOGIN_QUEUE_LOOK = 1.0  # seconds a waiting login goes at most without looking at its client
 MAX_TRACKED_CLIENTS = 10_000
 SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
 
@@ -185,6 +186,12 @@ def served_fingerprint(cert_file: Path) -> str:
     from tlsroll import pki  # noqa: PLC0415 - only for what the standard library cannot read
 
     return pki.fingerprint(pki.read_cert(cert_file))
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether ``request``'s client closed its connection (no answer can reach it)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _error(status: int, error: str, message: str, **extra: Any) -> web.Response:
@@ -387,7 +394,12 @@ class RefServer:
         if not isinstance(secret, str) or not secret:
             return _error(400, "bad_request", 'body needs "password": a non-empty string')
         source = source_key(request.remote)
-        wait, now = await self._login_allowed(source)
+        wait, now = await self._login_allowed(source, request)
+        if _gone(request):
+            # Waited in the queue and left (aiohttp does not cancel the handler): no answer
+            # reaches it, and no scrypt check is run for it.
+            log.info("login.client_gone", remote=request.remote)
+            return _error(408, "client_gone", "The client closed the connection.")
         if wait > 0:
             self.login_refused += 1
             log.warning("login.rate_limited", remote=request.remote, retry_after=retry_after(wait))
@@ -433,14 +445,16 @@ class RefServer:
     def _login_wait(self, source: str, now: float) -> float:
         return max(self._login_failures.wait(source, now), self._login_ceiling.wait(now))
 
-    async def _login_allowed(self, source: str) -> tuple[float, float]:
+    async def _login_allowed(self, source: str, request: web.Request) -> tuple[float, float]:
         """(seconds ``source`` must wait before a check, now). A wait that checks still running
         may take back (this source's, or any source's for the ceiling) is waited out here, up to
         ``[server].login_queue_seconds``, by at most ``LOGIN_QUEUE_PER_SOURCE`` logins of a
         source and ``LOGIN_QUEUE_TOTAL`` in all (one more is refused at once). Guesses sent
         together still get no more checks than the allowance: a waiting one goes on only once
         the checks before it are over and the limits allow it; wrong ones leave the wait in
-        place and it is refused."""
+        place and it is refused. A login whose client went away (``_gone``: aiohttp 3.14 does
+        not cancel its handler) leaves the queue within ``LOGIN_QUEUE_LOOK`` seconds: it kept
+        its place until the checks before it were over (review of s49carry, L)."""
         now = self.clock()
         wait = self._login_wait(source, now)
         if wait <= 0 or not self._login_pending(source, now):
@@ -459,8 +473,12 @@ class RefServer:
                     wait = self._login_wait(source, now)
                     if wait <= 0 or not self._login_pending(source, now) or now >= deadline:
                         return wait, now
+                    if _gone(request):
+                        return wait, now
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._login_done.wait(), deadline - now)
+                        await asyncio.wait_for(
+                            self._login_done.wait(), min(deadline - now, LOGIN_QUEUE_LOOK)
+                        )
         finally:
             left = self._login_waiting[source] - 1
             if left:

@@ -41,6 +41,7 @@ from typing import Any, cast
 import grpc
 import pytest
 import structlog.testing
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
 from leader import service as service_module
@@ -476,6 +477,73 @@ async def test_the_wrong_client_passwords_a_heartbeat_carries_are_kept_while_the
         await link.beat()
         assert [r.failures for r in rig.state.login_failures()] == [2]
         rig.state.forget_node("hb1")
+        assert rig.state.login_failures() == []
+
+
+async def test_the_latest_wrong_client_password_is_on_the_leaders_clock_and_never_ahead(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s49carry (M): the node's ``last_login_failure_at`` was kept as sent, a
+    far-future one (9999-12-31T23:59:59Z) too, which the viewer of a leader east of UTC could
+    not show (500). It is on the leader's clock as the node's client sightings are
+    (``clock_shift``: a node clock behind is made up) and never later than the leader's now;
+    a time that is no time is unknown."""
+    view = [agent_pb2.ServerView()]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view[0]
+
+    def counting(last: Timestamp) -> agent_pb2.ServerView:
+        said = agent_pb2.ServerView(
+            driver="reference", healthy=True, schemes=["https"], login_failures=3
+        )
+        said.last_login_failure_at.CopyFrom(last)
+        return said
+
+    far = Timestamp()
+    far.FromDatetime(dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC))
+    earlier = Timestamp()
+    earlier.FromDatetime(T - dt.timedelta(minutes=1))
+    async with leader_and_link(tmp_path, loopback) as (rig, link, skew):
+        link.server_view = server_view
+        view[0] = counting(far)
+        await link.beat()
+        assert [r.last_at for r in rig.state.login_failures()] == [T]
+        skew[0] = -30.0  # the node's clock 30 s behind the leader's
+        view[0] = counting(earlier)
+        await link.beat()
+        assert [r.last_at for r in rig.state.login_failures()] == [T - dt.timedelta(seconds=30)]
+        view[0] = counting(Timestamp(seconds=2**62))
+        await link.beat()
+        assert [r.last_at for r in rig.state.login_failures()] == [None]
+
+
+async def test_wrong_client_passwords_go_when_the_agent_manages_no_server_any_more(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s49carry (L): an agent switched from driver ``reference`` to ``none`` (its
+    status: driver "none", not healthy, as ``nodeagent.service`` says it) kept the old
+    server's row until the node was removed. With no managed server there is no such count:
+    the row goes."""
+    said = agent_pb2.ServerView(
+        driver="reference", healthy=True, schemes=["https"], login_failures=3
+    )
+    view = [said]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view[0]
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _skew):
+        link.server_view = server_view
+        await link.beat()
+        assert [r.failures for r in rig.state.login_failures()] == [3]
+        view[0] = agent_pb2.ServerView(driver="none", detail="no managed server configured")
+        await link.beat()
+        assert rig.state.login_failures() == []
+        view[0] = said
+        await link.beat()
+        view[0] = agent_pb2.ServerView(driver="none", healthy=True)
+        await link.beat()
         assert rig.state.login_failures() == []
 
 

@@ -1030,6 +1030,56 @@ def test_a_waiting_login_gives_up_after_login_queue_seconds(
     assert status["login_failures"] == 1 and status["login_refused"] == 1
 
 
+def login_sent(
+    server: RefServer, context: ssl.SSLContext, secret: str, source: str
+) -> httpcheck.HTTPSConnection:
+    """A login POSTed on https from ``source``, its answer not read (the caller closes it)."""
+    conn = httpcheck.HTTPSConnection(
+        server.address,
+        server.port("https"),
+        timeout=30,
+        context=context,
+        source_address=(source, 0),
+    )
+    body = json.dumps({"password": secret}).encode()
+    conn.request(
+        "POST", f"{server.app_path}login", body=body, headers={"Content-Type": "application/json"}
+    )
+    return conn
+
+
+def test_a_login_whose_client_went_away_gives_up_its_place_in_the_queue(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Review of s49carry (L): aiohttp does not cancel a handler whose client went away, and a
+    waiting login kept its place until the checks before it were over (or 30 s): 16 clients
+    that sent a login and left filled their address's queue, and the next login from it was
+    refused at once. A waiting login looks at its connection at least once a second and
+    leaves the queue when it is gone (counted neither refused nor checked); the next one
+    waits as the queue allows."""
+    verifier_file = slow_verifier(tmp_path / "auth.json")
+    server, ctx = https_login_server(
+        make_server, loopback, issue_cert, verifier_file, login_ceiling=1
+    )
+    source = loopback()
+    with ThreadPoolExecutor(2) as pool:
+        checked = pool.submit(login_from, server, ctx, "guess", loopback())
+        wait_for(lambda: login_queue(server) == (1, 0), what="the first check")
+        gone = [login_sent(server, ctx, f"a{i}", source) for i in range(16)]
+        wait_for(lambda: login_queue(server) == (1, 16), what="16 logins waiting")
+        for conn in gone:
+            conn.close()
+        wait_for(lambda: login_queue(server) == (1, 0), timeout=3.0, what="the gone ones leaving")
+        assert not checked.done(), "the check ended before the gone ones left: too fast here"
+        later = pool.submit(login_from, server, ctx, "another", source)
+        wait_for(lambda: login_queue(server) == (1, 1), timeout=3.0, what="the next one waiting")
+        assert checked.result(timeout=60).status == 401
+        assert later.result(timeout=60).status == 429  # one wrong password: the ceiling is full
+    status = server.status()
+    assert status["login_failures"] == 1 and status["login_refused"] == 1
+    assert (status["login_checking"], status["login_waiting"]) == (0, 0)
+
+
 def test_login_without_verifier_is_a_clear_409(make_server: MakeServer) -> None:
     server = make_server()
     server.start()

@@ -590,6 +590,47 @@ def test_wrong_client_passwords_at_a_server_are_on_the_page_and_in_the_metrics_w
     assert shown[1]["last_at"] == "2026-11-30T08:58:00Z"
 
 
+@pytest.mark.parametrize(
+    ("zone", "far"),
+    [
+        ("Europe/Berlin", dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)),
+        ("America/New_York", dt.datetime(1, 1, 1, tzinfo=dt.UTC)),
+    ],
+)
+def test_a_time_beyond_the_local_calendar_is_shown_as_none_not_a_500(
+    store: Store, monkeypatch: pytest.MonkeyPatch, zone: str, far: dt.datetime
+) -> None:
+    """Review of s49carry (M): a time at the calendar's edge (a node's ``last_login_failure_at``
+    of 9999-12-31T23:59:59Z, kept by the leader of an older release or read back from a
+    schema) has no local time on a leader east of UTC (or year 1 west of it):
+    ``astimezone`` raised OverflowError and the schema page answered 500. ``Words.when`` and
+    ``Words.window`` show it as "none"."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        for lang in LANGS:
+            w = Words.of(lang)
+            assert w.when(far) == w.when(far.isoformat()) == w("none")
+            assert w.window(far.isoformat(), NOW.isoformat(), 5) == w(
+                "window", start=w("none"), end=w.when(NOW), seconds=w.seconds(5)
+            )
+            assert w.window(NOW.isoformat(), far.isoformat(), 5) == w(
+                "window", start=w.when(NOW), end=w("none"), seconds=w.seconds(5)
+            )
+            assert w.when(NOW) != w("none")
+        reader = Reader(
+            store, SchemaStore(store.db), lambda: NOW, lambda _: True, [], fresh=none_fresh
+        )
+        reader.login_failures = lambda: [LoginFailuresRow("a", 3, far, NOW)]
+        page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+        for lang in LANGS:
+            html = pages.schema_content(reader.read(times=True), Words.of(lang), page)
+            assert 'data-node="a" data-count="3"' in html
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 # --- the live stream ------------------------------------------------------------------------------
 
 

@@ -390,6 +390,20 @@ def pick_lang(query: str | None, cookie: str | None) -> str:
     return DEFAULT_LANG
 
 
+def _local(value: dt.datetime | str | None) -> dt.datetime | None:
+    """``value`` (a time or its ISO text) in the leader's local zone; None for none, for text
+    that is no time, and for a time the local calendar cannot hold (9999-12-31T23:59:59Z east
+    of UTC, year 1 west of it: ``astimezone`` raises OverflowError; a page with a node's
+    far-future report answered 500: review of s49carry, M)."""
+    if not value:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+        return when.astimezone()
+    except (OverflowError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Words:
     lang: str
@@ -410,11 +424,10 @@ class Words:
         return CHANGES[self.lang].get(value, value)
 
     def when(self, value: dt.datetime | str | None) -> str:
-        """A time in the leader's local zone, as people in this language write it."""
-        if not value:
-            return self("none")
-        when = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
-        return when.astimezone().strftime(self("date"))
+        """A time in the leader's local zone, as people in this language write it; "none" for
+        none, and for one that has no local time (``_local``)."""
+        when = _local(value)
+        return when.strftime(self("date")) if when else self("none")
 
     def number(self, value: float | str, digits: int = 1) -> str:
         """``value`` in this language's digits; one that is not a finite number (JSON gives
@@ -446,12 +459,13 @@ class Words:
         if not end:
             return self("window_open", start=self.when(start))
         a, b = dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end)
-        same_day = a.astimezone().date() == b.astimezone().date()
+        local_a, local_b = _local(a), _local(b)
+        same_day = local_a and local_b and local_a.date() == local_b.date()
         if seconds is None:
             seconds = max((b - a).total_seconds(), 0.0)
         return self(
             "window",
             start=self.when(a),
-            end=b.astimezone().strftime(self("time")) if same_day else self.when(b),
+            end=local_b.strftime(self("time")) if local_b and same_day else self.when(b),
             seconds=self.seconds(seconds),
         )
