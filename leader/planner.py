@@ -751,7 +751,7 @@ def next_actions(
         # Every node not yet at its switch (pending, or prepared: the set an abort skips),
         # not only a pending one: a staged node would go on to switch against the revoked
         # agent, and on a machine gone the finalize would never end (review rev49fin).
-        for at in [at for at in tally.among(_ABORT_SKIPS) if name(at) in cut_off]:
+        for at in [at for at in tally.among(BEFORE_SWITCH) if name(at) in cut_off]:
             emit(at, NodeEvent.SKIP, left_out_reason(name(at)))
 
     if state in DRAINING_ROLLOUT_STATES:
@@ -1088,6 +1088,9 @@ def plan_moves(
 # stage in flight is abandoned: it changes nothing live); a halt lets those steps finish.
 _HALT_SKIPS = frozenset({NodeState.PENDING, NodeState.STAGED})
 _ABORT_SKIPS = _HALT_SKIPS | {NodeState.PREFLIGHT, NodeState.STAGING}
+# The nodes not yet at their switch: a running finalize leaves such a node out once its agent
+# is cut off (``next_actions``' ``cut_off``; the engine reads the cut-off nodes while any is).
+BEFORE_SWITCH = _ABORT_SKIPS
 _LIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED} | DRAINING_ROLLOUT_STATES)
 
 
