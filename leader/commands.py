@@ -706,7 +706,7 @@ class Commands:
         however forced (``NodesOffline`` from the plan, with the way to cut a lost machine off:
         ``_offline_refusal``; a plain finalize first finds its client report stale): a node is
         never left half-way by a guess."""
-        row, names, cut = await self._finalize_checked(rollout_id, force, when_quiet)
+        row, names, _cut = await self._finalize_checked(rollout_id, force, when_quiet)
         old = row.rollout
         request = RolloutRequest(
             change=Change.FINALIZE,

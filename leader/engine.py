@@ -434,9 +434,7 @@ class Engine:
         out (``next_actions``' ``cut_off``), as a finalize started after the revocation does:
         one revoked while ``--when-quiet`` held it stayed pending for good (review s48rev5 M3);
         one staged went on to switch against the revoked agent (review rev49fin)."""
-        if row.rollout.change is not Change.FINALIZE or not row.census.count(
-            planner.BEFORE_SWITCH
-        ):
+        if row.rollout.change is not Change.FINALIZE or not row.census.count(planner.BEFORE_SWITCH):
             self.cut_off = frozenset()
         else:
             self.cut_off = await dbthread.run(self.store.cut_off_nodes)

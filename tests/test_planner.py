@@ -693,7 +693,7 @@ def test_a_running_finalize_leaves_out_a_cut_off_node_prepared_ahead() -> None:
             b_events = [(a.event, a.reason) for a in plan_.node_events if a.node == "b"]
             assert b_events == [(NodeEvent.SKIP, left_out_reason("b"))], (state, ahead)
             assert "b" not in {s.node for s in plan_.steps}, (state, ahead)
-            after, moved = apply_plan(running, nodes, plan_)
+            _after, moved = apply_plan(running, nodes, plan_)
             assert {r.name: r.state for r in moved}["b"] is NodeState.SKIPPED
 
 

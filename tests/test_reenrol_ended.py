@@ -900,8 +900,8 @@ def test_a_finalize_that_leaves_every_node_out_says_it_only_ends_phase_1(
     workstations still on http, which lose nothing. It says the finalize closes http on no
     node and ends phase 1 leaving them dual, without that warning."""
     from leader.cli import rollout as cli_rollout
-    from leader.plan_texts import FINALIZE_WARNINGS
     from leader.cli.base import CLIError
+    from leader.plan_texts import FINALIZE_WARNINGS
     from leader.schema_view import finalize_preview
 
     monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
