@@ -448,7 +448,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if request.when_quiet_seconds and request.force:
             raise invalid("--force and --when-quiet exclude each other")
         if request.check_only:  # what the CLI's confirmation shows: nothing starts
-            old, names, cut = await self.commands.finalize_scope(request.rollout_id)
+            old, names, cut = await self.commands.finalize_check(
+                request.rollout_id, force=request.force, when_quiet=request.when_quiet_seconds
+            )
             return finalize_preview(old.rollout.id, names, cut, request.when_quiet_seconds)
         row = await self.commands.finalize(
             request.rollout_id,

@@ -706,10 +706,7 @@ class Commands:
         however forced (``NodesOffline`` from the plan, with the way to cut a lost machine off:
         ``_offline_refusal``; a plain finalize first finds its client report stale): a node is
         never left half-way by a guess."""
-        row, names, cut = await self.finalize_scope(rollout_id)
-        keep = [n for n in names if n not in cut]
-        if keep and not force and not when_quiet:
-            await self._refuse_while_on_http(row.rollout.id, keep)
+        row, names, _cut = await self._finalize_checked(rollout_id, force, when_quiet)
         old = row.rollout
         request = RolloutRequest(
             change=Change.FINALIZE,
@@ -732,6 +729,29 @@ class Commands:
             actor=actor,
         )
         return started
+
+    async def finalize_check(
+        self, rollout_id: str, *, force: bool = False, when_quiet: int = 0
+    ) -> tuple[RolloutRow, tuple[str, ...], frozenset[str]]:
+        """What ``finalize`` would take (``finalize_scope``), refused as ``finalize`` refuses
+        before it asks an agent: workstations on http (``StillOnHttp``, a plain finalize) and
+        another rollout under way (``RolloutBusy``). Reads only (the CLI's confirmation:
+        ``check_only``); before, those refusals came only after the admin said yes (review
+        rev49fin)."""
+        checked = await self._finalize_checked(rollout_id, force, when_quiet)
+        await asyncio.to_thread(self.schema.refuse_if_busy, checked[0].rollout.id)
+        return checked
+
+    async def _finalize_checked(
+        self, rollout_id: str, force: bool, when_quiet: int
+    ) -> tuple[RolloutRow, tuple[str, ...], frozenset[str]]:
+        """``finalize_scope``, and ``StillOnHttp`` for a plain finalize (not ``force``, not
+        ``when_quiet``) while workstations were seen on http on the nodes it closes."""
+        row, names, cut = await self.finalize_scope(rollout_id)
+        keep = [n for n in names if n not in cut]
+        if keep and not force and not when_quiet:
+            await self._refuse_while_on_http(row.rollout.id, keep)
+        return row, names, cut
 
     async def finalize_scope(
         self, rollout_id: str

@@ -428,12 +428,13 @@ class Engine:
             log.info("rollout.state_changed", rollout_id=row.rollout.id, state=event.value)
 
     async def _cut_off(self, row: RolloutRow) -> frozenset[str]:
-        """A finalize with pending nodes: the nodes whose agents are cut off (their
-        certificates on record revoked: ``Store.cut_off_nodes``), read at each pass. The plan
-        leaves such a pending node out (``next_actions``' ``cut_off``), as a finalize started
-        after the revocation does: one revoked while ``--when-quiet`` held it stayed pending
-        for good (review s48rev5 M3)."""
-        if row.rollout.change is not Change.FINALIZE or not row.census.at(NodeState.PENDING):
+        """A finalize with nodes not yet at their switch (``planner.BEFORE_SWITCH``: pending
+        or prepared ahead): the nodes whose agents are cut off (their certificates on record
+        revoked: ``Store.cut_off_nodes``), read at each pass. The plan leaves such a node
+        out (``next_actions``' ``cut_off``), as a finalize started after the revocation does:
+        one revoked while ``--when-quiet`` held it stayed pending for good (review s48rev5 M3);
+        one staged went on to switch against the revoked agent (review rev49fin)."""
+        if row.rollout.change is not Change.FINALIZE or not row.census.count(planner.BEFORE_SWITCH):
             self.cut_off = frozenset()
         else:
             self.cut_off = await dbthread.run(self.store.cut_off_nodes)

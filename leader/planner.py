@@ -713,7 +713,8 @@ def next_actions(
     ``Engine._gated_switch``): a halt or an abort skips them (``skip_unsent``), as it skips
     a staged node; never while the rollout runs or pauses.
     ``cut_off`` (a finalize): nodes whose agents are cut off (their certificates on record
-    revoked: a machine lost or stolen). A pending one is ``skipped`` with the left-out reason
+    revoked: a machine lost or stolen). One not yet at its switch (pending, preflight,
+    staging or staged: what an abort skips) is ``skipped`` with the left-out reason
     (``rollout_core.left_out_reason``), as a finalize started after the revocation leaves it
     out (``plan_rollout``'s ``left_out``); the others go on. Before, a node revoked while a
     ``--when-quiet`` finalize held it stayed pending for good (its client report stale) and
@@ -747,7 +748,10 @@ def next_actions(
         tally.move(at, node_transition(tally.state(at), event, f"node {name(at)}"))
 
     if cut_off and rollout.change is Change.FINALIZE:
-        for at in [at for at in tally.at(NodeState.PENDING) if name(at) in cut_off]:
+        # Every node not yet at its switch (pending, or prepared: the set an abort skips),
+        # not only a pending one: a staged node would go on to switch against the revoked
+        # agent, and on a machine gone the finalize would never end (review rev49fin).
+        for at in [at for at in tally.among(BEFORE_SWITCH) if name(at) in cut_off]:
             emit(at, NodeEvent.SKIP, left_out_reason(name(at)))
 
     if state in DRAINING_ROLLOUT_STATES:
@@ -1084,6 +1088,9 @@ def plan_moves(
 # stage in flight is abandoned: it changes nothing live); a halt lets those steps finish.
 _HALT_SKIPS = frozenset({NodeState.PENDING, NodeState.STAGED})
 _ABORT_SKIPS = _HALT_SKIPS | {NodeState.PREFLIGHT, NodeState.STAGING}
+# The nodes not yet at their switch: a running finalize leaves such a node out once its agent
+# is cut off (``next_actions``' ``cut_off``; the engine reads the cut-off nodes while any is).
+BEFORE_SWITCH = _ABORT_SKIPS
 _LIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED} | DRAINING_ROLLOUT_STATES)
 
 

@@ -507,6 +507,9 @@ class Store(LeaderStore):
         # and the pool read the node in a worker thread at almost every step.
         self.nodes_generation = 0
         self._unfit_logged: set[str] = set()  # serials ``_fitting`` left out and logged
+        # ``cut_off_nodes``: the revocation list's number and ``nodes_generation`` it was read
+        # at, and what it was.
+        self._cut_off_kept: tuple[int, int, frozenset[str]] | None = None
 
     def _nodes_write(self) -> _NodesWrite:
         """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
@@ -1435,13 +1438,26 @@ class Store(LeaderStore):
         """The enrolled nodes whose agent is cut off: its certificate on record is revoked
         (``Node.cert_revoked``; `tlsroll ca revoke`, a machine lost or stolen). The leader
         refuses every certificate of such a node, the one before too (``check_caller_in``);
-        a finalize leaves it out (``rollout_core.LEFT_OUT``). Usually none: one short read."""
+        a finalize leaves it out (``rollout_core.LEFT_OUT``).
+
+        Read at every engine pass of a finalize and in every heartbeat snapshot: kept, and
+        looked for again only once the set may have changed. A certificate revoked and a node
+        removed both move the revocation list's number on (``_bump_crl``); an enrolment,
+        renewal or re-learning moves ``nodes_generation``. Otherwise one point read of the
+        number, not a scan of every node (review rev49fin)."""
+        nodes_generation = self.nodes_generation  # before reading: a write meanwhile, again
         with self._db.read() as db:
+            number = _meta(db, "crl_number", 0)
+            kept = self._cut_off_kept
+            if kept is not None and kept[:2] == (number, nodes_generation):
+                return kept[2]
             rows = db.execute(
                 "SELECT n.name FROM nodes n JOIN certificates c ON c.serial = n.cert_serial"
                 " WHERE n.removed_at IS NULL AND c.revoked_at IS NOT NULL"
             ).fetchall()
-        return frozenset(r["name"] for r in rows)
+        names = frozenset(r["name"] for r in rows)
+        self._cut_off_kept = (number, nodes_generation, names)
+        return names
 
     def agent_serials(self, name: str) -> list[str]:
         """The serials to revoke (``tlsroll ca revoke``) to cut node ``name``'s agent off

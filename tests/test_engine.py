@@ -3246,3 +3246,37 @@ async def test_when_quiet_holds_a_node_whose_report_may_have_left_an_http_client
         assert "cannot be told" in infos[node].problem, infos[node]
     finally:
         leader.store.close()
+
+
+async def test_a_finalize_reads_the_cut_off_nodes_while_one_is_prepared_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev49fin: the engine read the cut-off nodes (``Store.cut_off_nodes``) only while
+    a finalize had pending nodes, so a cut-off node prepared ahead (staged: the next node,
+    ``prepare_ahead``) with none pending behind it went on to its switch against the revoked
+    agent. They are read while any node is not yet at its switch; not once every node is."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    names = sorted(NODES)[:2]
+    try:
+        leader.store.cut_off_nodes = lambda: frozenset({names[1]})  # type: ignore[method-assign]
+        for state, read in (
+            (NodeState.PREFLIGHT, True),
+            (NodeState.STAGING, True),
+            (NodeState.STAGED, True),
+            (NodeState.SWITCHING, False),
+            (NodeState.DONE, False),
+        ):
+            records = (
+                NodeRecord(name=names[0], state=NodeState.DONE),
+                NodeRecord(name=names[1], state=state),
+            )
+            row = SimpleNamespace(
+                rollout=SimpleNamespace(id="f1", change=Change.FINALIZE),
+                census=planner.Census.of(records),
+                records=records,
+            )
+            got = await leader.engine._cut_off(cast(RolloutRow, row))
+            assert got == ({names[1]} if read else set()), state
+    finally:
+        leader.store.close()

@@ -102,6 +102,37 @@ def test_a_node_whose_client_report_is_stale_refuses_plain_finalize(tmp_path: Pa
     assert [r.rollout.id for r in schema.awaiting()] == ["t1"]  # nothing started
 
 
+def test_finalize_s_check_only_refuses_as_the_finalize_would_before_the_admin_says_yes(
+    tmp_path: Path,
+) -> None:
+    """Review rev49fin: the CLI's confirmation (``check_only``: ``Commands.finalize_check``)
+    previewed only ``finalize_scope``'s refusals; a plain finalize's still-on-http refusal
+    and another rollout under way came only after the admin said yes. Both come from the
+    check now, which starts nothing."""
+    from leader.schema_store import RolloutBusy
+
+    schema, commands = cluster(tmp_path)
+    with pytest.raises(StillOnHttp, match=r"b: cannot tell who is on http"):
+        asyncio.run(commands.finalize_check("t1"))
+    row, names, cut = asyncio.run(commands.finalize_check("t1", force=True))
+    assert (row.rollout.id, set(names), cut) == ("t1", {"a", "b"}, frozenset())
+    assert set(asyncio.run(commands.finalize_check("t1", when_quiet=60))[1]) == {"a", "b"}
+    # Another rollout under way (here a finalize of t1 already running): refused too.
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="f1",
+        change=Change.FINALIZE,
+        scope=Scope.of_nodes(["a", "b"]),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a", finalizes="t1")
+    schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+    with pytest.raises(RolloutBusy):
+        asyncio.run(commands.finalize_check("t1", force=True))
+    assert [r.rollout.id for r in schema.awaiting()] == ["t1"]  # nothing started by a check
+
+
 def test_a_retry_of_a_finalize_refuses_as_finalize_does(tmp_path: Path) -> None:
     schema, commands = cluster(tmp_path)
     rollout, nodes = planner.plan_rollout(

@@ -2119,3 +2119,51 @@ def test_the_reference_server_loads_no_ca_bundle_for_aiohttps_client(
     )
     facts = json.loads(said.stdout)
     assert facts == {"aiohttp": [0, 0], "env": [str(bundle), None], "after": 1, "rich": False}
+
+
+def test_the_cut_off_nodes_are_looked_for_again_only_once_a_revocation_or_removal_moved_on(
+    tmp_path: Path,
+) -> None:
+    """Review rev49fin: ``Store.cut_off_nodes`` (read at each engine pass of a finalize and in
+    every heartbeat snapshot) scanned every enrolled node each time. The set changes only
+    with a revocation or a removal (both move the revocation list's number on) or a node's
+    certificate on record changing (``nodes_generation``): it is looked for again only then.
+    Counted in statements, not timed."""
+    from leader.store import NodeCert, _record_node_cert
+
+    store = Store(tmp_path / "leader.sqlite3")
+    now = dt.datetime.now(dt.UTC)
+    with store.db.tx() as db:
+        for i in range(20):
+            serial = f"{i + 1:x}abc"
+            db.execute(
+                "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
+                " key_pin, cert_fingerprint, cert_serial, cert_not_after, enrolled_at)"
+                " VALUES (?, ?, '[]', '1', 9000, ?, ?, ?, ?, ?)",
+                (f"n{i}", json.dumps([f"127.0.4.{i + 1}"]), f"pin{i}", f"fp{i}", serial,
+                 now.isoformat(), now.isoformat()),
+            )  # fmt: skip
+            cert = NodeCert(f"pin{i}", f"fp{i}", serial, now + dt.timedelta(days=30))
+            _record_node_cert(db, f"n{i}", cert, now, None)
+    trace = StoreTrace(on=True)
+    with store.db.read() as conn:
+        conn.set_trace_callback(trace.statement)
+
+    def scans() -> int:
+        return sum("JOIN certificates" in s for s in trace.statements)
+
+    try:
+        assert store.cut_off_nodes() == frozenset()
+        assert scans() == 1
+        for _ in range(50):  # passes and snapshots: nothing revoked or removed meanwhile
+            assert store.cut_off_nodes() == frozenset()
+        assert scans() == 1
+        store.revoke("3abc", reason="lost", now=now, actor="admin")  # n2's agent cut off
+        assert store.cut_off_nodes() == {"n2"}
+        assert store.cut_off_nodes() == {"n2"}
+        assert scans() == 2
+        store.remove_node("n2", now=now, actor="admin")  # removed: no longer enrolled
+        assert store.cut_off_nodes() == frozenset()
+        assert scans() == 3
+    finally:
+        store.close()

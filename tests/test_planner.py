@@ -651,8 +651,8 @@ def test_a_running_finalize_leaves_out_a_pending_node_cut_off_meanwhile() -> Non
     # Again (nothing pending is cut off any more): nothing more of b.
     again = next_actions(after, moved, held, cut_off={"b"})
     assert "b" not in again.nodes_with_events
-    # A node in flight is left to its step; a paused finalize leaves its cut-off node out too.
-    flying = tuple(replace(r, state=NodeState.PREFLIGHT) if r.name == "b" else r for r in records)
+    # A node switching is left to its switch; a paused finalize leaves its cut-off node out too.
+    flying = tuple(replace(r, state=NodeState.SWITCHING) if r.name == "b" else r for r in records)
     assert "b" not in next_actions(running, flying, held, cut_off={"b"}).nodes_with_events
     paused = running.with_event(RolloutEvent.PAUSE)
     skipped = next_actions(paused, records, held, cut_off={"b"}).nodes_with_event(NodeEvent.SKIP)
@@ -668,6 +668,33 @@ def test_a_running_finalize_leaves_out_a_pending_node_cut_off_meanwhile() -> Non
     )  # fmt: skip
     started = enable.with_event(RolloutEvent.START)
     assert next_actions(started, plain, cut_off={"b"}).nodes_with_event(NodeEvent.SKIP) == ()
+
+
+def test_a_running_finalize_leaves_out_a_cut_off_node_prepared_ahead() -> None:
+    """Review rev49fin: only a pending cut-off node was left out; one in preflight, staging or
+    staged (``prepare_ahead``: the next node is usually staged) went on to its switch against
+    the revoked agent. Every node not yet at its switch (the set an abort skips) is skipped
+    with the left-out reason, and no switch or step is planned for it."""
+    from leader.rollout_core import left_out_reason
+
+    rollout, records = plan_rollout(
+        rollout_id="f1", change=Change.FINALIZE, scope=Scope.of_nodes(["a", "b", "c"]),
+        enrolled={"a": True, "b": True, "c": True}, leader="a", epoch=2,
+    )  # fmt: skip
+    running = rollout.with_event(RolloutEvent.START)
+    for state in (NodeState.PREFLIGHT, NodeState.STAGING, NodeState.STAGED):
+        nodes = tuple(
+            replace(r, state=NodeState.DONE) if r.name == "a"
+            else replace(r, state=state) if r.name == "b" else r
+            for r in records
+        )  # fmt: skip
+        for ahead in (0, 1):
+            plan_ = next_actions(running, nodes, prepare_ahead=ahead, cut_off={"b"})
+            b_events = [(a.event, a.reason) for a in plan_.node_events if a.node == "b"]
+            assert b_events == [(NodeEvent.SKIP, left_out_reason("b"))], (state, ahead)
+            assert "b" not in {s.node for s in plan_.steps}, (state, ahead)
+            _after, moved = apply_plan(running, nodes, plan_)
+            assert {r.name: r.state for r in moved}["b"] is NodeState.SKIPPED
 
 
 def test_the_way_back_leaves_a_cut_off_node_as_is_saying_to_remove_it() -> None:

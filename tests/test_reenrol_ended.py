@@ -890,3 +890,26 @@ def test_an_ended_certificate_whose_enrolment_finds_no_leader_is_restarted_by_it
         agent_runtime.EXIT_CERT_EXPIRED if isinstance(raised.value, CertificateExpired) else 1
     )
     assert exit_code == code, said
+
+
+def test_a_finalize_that_leaves_every_node_out_says_it_only_ends_phase_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review rev49fin: with every node left out (their agents cut off) the confirmation said
+    "close http (8080) on no node, node by node now (each: freeze writes…)" and warned of
+    workstations still on http, which lose nothing. It says the finalize closes http on no
+    node and ends phase 1 leaving them dual, without that warning."""
+    from leader.cli import rollout as cli_rollout
+    from leader.cli.base import CLIError
+    from leader.plan_texts import FINALIZE_WARNINGS
+    from leader.schema_view import finalize_preview
+
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
+    plan = finalize_preview("t1", ("node1", "node2"), {"node1", "node2"})
+    with pytest.raises(CLIError):
+        cli_rollout._confirm_finalize(plan, "")
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Finalize t1: closes http on no node; it ends phase 1 leaving 2 nodes dual" in said
+    assert "node by node" not in said and "freeze writes" not in said, said
+    assert FINALIZE_WARNINGS[-1] not in said, said
+    assert "Left out: node1: left out: its agent is cut off" in said, said

@@ -714,15 +714,23 @@ def _confirm_finalize(plan: schema_pb2.RolloutView, when_quiet: str) -> None:
     )
     cut = [n for n in plan.nodes if left_out(n.reason)]
     going = [n.name for n in plan.nodes if n not in cut]
-    out.print(
-        f"Finalize {plan.finalizes}: close http (8080) on {', '.join(going) or 'no node'}, "
-        f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
-        "https live, unfreeze; else back to http+https)."
-    )
+    if not going:  # every node left out: nothing closes, no workstation loses anything
+        dual = f"{len(cut)} node{'s' if len(cut) != 1 else ''}"
+        out.print(
+            f"Finalize {plan.finalizes}: closes http on no node; it ends phase 1 leaving "
+            f"{dual} dual (on http and https)."
+        )
+    else:
+        out.print(
+            f"Finalize {plan.finalizes}: close http (8080) on {', '.join(going)}, "
+            f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
+            "https live, unfreeze; else back to http+https)."
+        )
     for n in cut:
         out.print(f"  Left out: {n.name}: {n.reason}")
-    out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
-    ask_first(FINALIZE_ASK, "Close http now?", "not started")
+    if going:
+        out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
+    ask_first(FINALIZE_ASK, "Close http now?" if going else "Finalize now?", "not started")
 
 
 FINALIZE_ASK = "add --yes to finalize without asking"
