@@ -548,6 +548,29 @@ def test_bad_input_is_a_usage_error_with_the_leader_down(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_include_password_off_a_terminal_is_refused_before_the_leader_is_asked(
+    tmp_path: Path,
+) -> None:
+    """Review s49cli L3: `notify --include-password </dev/null` with the leader down said "no
+    admin socket" (exit 1): the prompt's refusal came only after the leader's answers. The
+    question it would ask is refused first: exit 2 naming --password-file, nothing created."""
+    data_dir, sock = tmp_path / "data", tmp_path / "none.sock"
+    for args in (["--include-password"], ["--include-password", "--rollout", "r1"]):
+        result = subprocess.run(
+            [*command("tlsroll", "tlsroll"), "--socket", str(sock), "notify", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=child_env({"TLSROLL_DATA_DIR": str(data_dir)}),
+            check=False,
+        )
+        line = usage_error(result)
+        assert line.startswith("tlsroll: error: not a terminal: add --password-file FILE"), line
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_remaining_with_no_report_yet_says_so_in_words(tmp_path: Path) -> None:
     """Review s45rt2 L6: with no agent's report yet, `notify --remaining` named a node "*"
     ("*: nicht feststellbar"). Now it says in words that no node can tell yet."""

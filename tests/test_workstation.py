@@ -1116,6 +1116,31 @@ async def test_the_port_and_password_prompts_off_a_terminal_name_the_option_to_p
         assert PASSWORD not in out + err and not settings.exists()
 
 
+def test_off_a_terminal_a_question_the_run_would_ask_is_refused_before_any_connection(
+    tmp_path: Path,
+) -> None:
+    """Review s49cli L3: `client test-connection URL </dev/null` against a closed port exited
+    5 (connection refused): the port and password prompts' refusals came only once the server
+    had answered. They come first now: exit 2 naming the option, nothing written."""
+    settings = tmp_path / "settings"
+    url = f"https://{next_loopback()}:8443/praxis_live/"
+    base = ["client", "test-connection", url, "--name", "pc-test", "--timeout", "5"]
+    base += ["--settings-dir", str(settings)]
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    for argv, says in (
+        ([*base, "--password-file", str(secret)], "add --bootstrap-port PORT"),
+        ([*base, "--bootstrap-port", "9443"], "add --password-file FILE"),
+        ([*base, "--yes"], "add --password-file FILE"),
+    ):
+        code, out, err = off_a_terminal(argv, "")
+        assert code == 2, (out, err)
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"tlsroll: error: not a terminal: {says}"), err
+        assert not settings.exists()
+
+
 def test_a_bootstrap_port_that_does_not_answer_names_a_firewall() -> None:
     """No answer at all (a port a firewall drops: not made on loopback) is not "refused": it
     names the firewall, then the agent and the port."""
