@@ -120,7 +120,11 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     )
     assert "geplant" in text and "keine neuen Einträge" in text
     # no node runs a password yet: the rollout's start sets it (said before it is asked for)
-    first = world.cli("notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--include-password")
+    early = secret_file(tmp_path / "pw-early", PW1)  # (off a terminal: the file, s49cli L3)
+    first = world.cli(
+        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--include-password", "--password-file",
+        str(early),
+    )  # fmt: skip
     assert "enable-tls sets its password when it starts" in usage_error(first)
     for node in world.nodes:
         assert f"{node.name}: neu https://{node.address}:8443/…" in text

@@ -61,6 +61,7 @@ from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
+from workstation import cli as workstation_cli
 from workstation import connection as workstation
 from workstation import settings_files
 from workstation.connection import Exit
@@ -221,6 +222,15 @@ def run_cli(
         return result
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI run in-process as a person runs it, at a terminal: the run's own errors (a
+    closed port, an http address) come before the questions it would ask, which off one are
+    refused up front (``workstation.cli``, s49cli L3); the off-terminal tests run it in a
+    process of its own, as a script does (``off_a_terminal``)."""
+    monkeypatch.setattr(workstation_cli, "terminal_only", lambda _add: None)
 
 
 @pytest.fixture
@@ -2427,7 +2437,7 @@ async def test_a_kept_set_that_cannot_be_removed_names_itself_and_the_way_out(
             assert pair_in(d / REPLACED) == w  # (still there to keep)
             http = f"http://{node.address}:8080{APP}"
             for _ in range(2):  # each later run, the same
-                code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+                code, out, err = await as_nobody(http, *args)  # (off a terminal: the file)
                 assert (code, out) == (1, ""), err
                 assert err.strip() == (
                     f"tlsroll: error: cannot finish the settings an interrupted run left in "
@@ -2437,7 +2447,7 @@ async def test_a_kept_set_that_cannot_be_removed_names_itself_and_the_way_out(
                 ), err
             assert pair_in(d / REPLACED) == w
             os.rename(d / REPLACED, root / "kept-before")  # what the admin does
-            code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+            code, out, err = await as_nobody(http, *args)
         assert code == 3, err
         assert f"settings  an interrupted run's new settings completed in {d}" in out, out
         assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-other"
