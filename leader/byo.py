@@ -168,7 +168,7 @@ def read_cert_dir(directory: Path) -> Material:
     """The files of ``directory`` (layout: module docstring). A missing file is read as
     empty, and ``validate`` reports it if its node is in scope; one that is there and cannot
     be read (permission denied, not a regular file, too large) is read as empty too and
-    named in ``Material.unreadable`` with why (``read_problems``); OSError only if the
+    named in ``Material.unreadable`` with why (``unreadable_problem``); OSError only if the
     directory itself cannot be listed."""
     directory = Path(directory)
     names = sorted(p.name for p in directory.iterdir())
@@ -452,7 +452,9 @@ def node_problems(
     # a link (an old intermediate before its renewal refused a good directory once it ended
     # within the horizon: review s48).
     chain = _longest_path(leaf, intermediates, anchors)
-    if chain is None:
+    # No CA certificate to check against (ca.crt unreadable, empty, holding none or no CA):
+    # ca.crt's problem says so once, not "not signed by the CA" for each node (s49cli L5).
+    if chain is None and anchors:
         problems.append(
             Problem(
                 node,

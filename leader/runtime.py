@@ -205,22 +205,79 @@ def _read_passphrase(cfg: LeaderConfig, source: Path, *, credential: bool) -> by
         raise _passphrase_error(cfg, credential, os_error_text(exc)) from None
 
 
-def _load_ca(cfg: LeaderConfig, passphrase: bytes, *, credential: bool) -> pki.CertificateAuthority:
-    """The CA; a passphrase that does not open its key is a config error (one line, never the
-    passphrase): a wrong one, or a key written without one (or damaged: it cannot be told)."""
+# Where ``install.sh ca-credential`` has the unit's ExecStartPre= copy the decrypted credential
+# (``ca_passphrase_file`` then names it): a wrong passphrase there is the credential's.
+CREDENTIAL_COPY_DIR = Path("/run/tlsroll")
+
+
+def wrong_passphrase(layout: Layout, source: Path) -> str:
+    """What a passphrase that does not open the CA key says: the file it was read from, the
+    key, and, for the copy of ``install.sh ca-credential``'s credential, how to make it again
+    (review s49cli L4: a line that named only ``[leader].ca_passphrase_file``)."""
+    problem = (
+        f"the CA passphrase in {source} does not open the CA key {layout.ca_key}: a wrong "
+        "passphrase, or a damaged key file"
+    )
+    if Path(source).parent == CREDENTIAL_COPY_DIR:
+        problem += (
+            f" ({source} is systemd's copy of the credential install.sh ca-credential made: "
+            "to make it again, put the passphrase in a file (0600, the leader's user's), set "
+            "ca_passphrase_file to it and run install.sh ca-credential)"
+        )
+    return problem
+
+
+def ca_file_error(what: str, problem: str) -> ConfigError:
+    """A CA file or the leader's key the leader cannot start with (unreadable by its content,
+    of a key type it does not take, a key that is not the certificate's, a certificate that is
+    no CA, a key others can read or that is no regular file): a person's to fix, restarting
+    changes nothing, so a config error, exit 2, which systemd does not restart (review s49cli
+    M1, M2: some exited 1 and were started again every 5 s for ever). One line naming the
+    file."""
+    return ConfigError(what, None, problem)
+
+
+def _check_private_files(layout: Layout) -> None:
+    """``check_private_file`` of the CA key and the leader's TLS key, a refusal a config
+    error (``ca_file_error``), as the passphrase file's is."""
+    for what, secret in (("CA key", layout.ca_key), ("leader TLS key", layout.tls_key)):
+        try:
+            check_private_file(secret)
+        except (UnsafePermissions, NotRegularFile) as exc:
+            raise ca_file_error(what, str(exc)) from None
+
+
+def _load_ca(
+    cfg: LeaderConfig, passphrase: bytes, *, source: Path, credential: bool
+) -> pki.CertificateAuthority:
+    """The CA. Every error loading it is a config error (exit 2) in one line naming the file
+    (never the passphrase): a passphrase that does not open its key (a wrong one, or a key
+    written without one, or damaged: it cannot be told) the passphrase's
+    (``_passphrase_error``, naming the file it was read from); a certificate or key that is
+    not PEM, a key of a type the CA does not take or that is not the certificate's, a
+    certificate that is no CA, the file's (``ca_file_error``). Before, only a wrong passphrase
+    was: an empty or garbled key exited 1 and was started again for ever (review s49cli M1)."""
     layout = cfg.layout
     try:
-        return pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
+        cert = pki.read_cert(layout.ca_cert)
+    except PKIError as exc:
+        raise ca_file_error("CA certificate", f"{layout.ca_cert}: {exc}") from None
+    try:
+        key = pki.read_key(layout.ca_key, passphrase)
+    except (UnsafePermissions, NotRegularFile) as exc:
+        raise ca_file_error("CA key", str(exc)) from None
     except PKIError as exc:
         if exc.reason is not PKIReason.BAD_PASSPHRASE:
-            raise
+            raise ca_file_error("CA key", f"{layout.ca_key}: {exc}") from None
         why = f" ({exc.detail})" if exc.detail else ""
-        raise _passphrase_error(
-            cfg,
-            credential,
-            f"the CA passphrase does not open the CA key {layout.ca_key}{why}: a wrong "
-            "passphrase, or a damaged key file",
-        ) from None
+        raise _passphrase_error(cfg, credential, wrong_passphrase(layout, source) + why) from None
+    try:
+        return pki.CertificateAuthority(cert, key)
+    except PKIError as exc:
+        if exc.reason is PKIReason.KEY_MISMATCH:
+            problem = f"{layout.ca_key} is not the key of the CA certificate {layout.ca_cert}"
+            raise ca_file_error("CA key", problem) from None
+        raise ca_file_error("CA certificate", f"{layout.ca_cert}: {exc}") from None
 
 
 def _start_on(
@@ -255,10 +312,9 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     check_secret_dirs(layout)
     source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
-    for secret in (layout.ca_key, layout.tls_key):
-        check_private_file(secret)
+    _check_private_files(layout)
     passphrase = _read_passphrase(cfg, source, credential=credential)
-    ca = _load_ca(cfg, passphrase, credential=credential)
+    ca = _load_ca(cfg, passphrase, source=source, credential=credential)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
         log.warning(

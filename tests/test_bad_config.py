@@ -11,13 +11,14 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from leader import byo, runtime
+from leader.layout import Layout
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
 from tests.cluster import Cluster, command, one_line_error
 from tests.conftest import next_loopback
@@ -203,8 +204,8 @@ def test_a_ca_passphrase_the_leader_cannot_start_with_is_a_config_error(
     elif kind == "wrong":
         path.write_text(WRONG_PASSPHRASE + "\n")
         what = (
-            f"the CA passphrase does not open the CA key {cluster.ca_key_path}: a wrong "
-            "passphrase, or a damaged key file"
+            f"the CA passphrase in {path} does not open the CA key {cluster.ca_key_path}: a "
+            "wrong passphrase, or a damaged key file"
         )
     else:
         what = f"{path} is empty; it must hold the CA passphrase"
@@ -222,6 +223,74 @@ def test_a_ca_passphrase_the_leader_cannot_start_with_is_a_config_error(
     assert right not in output and WRONG_PASSPHRASE not in output
     assert cluster.tls_cert_path.read_bytes() == cert
     assert not cluster.admin_socket.exists()
+
+
+def _flip(data: bytes) -> bytes:
+    """A byte of the key's base64 body changed (another base64 letter)."""
+    at = len(data) // 2
+    return data[:at] + (b"A" if data[at : at + 1] != b"A" else b"B") + data[at + 1 :]
+
+
+CA_DAMAGE: dict[str, tuple[str, Callable[[Cluster], bytes]]] = {
+    "key-empty": ("ca_key", lambda c: b""),
+    "key-zeros": ("ca_key", lambda c: bytes(4096)),
+    "key-garbage": ("ca_key", lambda c: b"not a key at all\n" * 20),
+    "key-flipped": ("ca_key", lambda c: _flip(c.ca_key_path.read_bytes())),
+    "key-truncated": ("ca_key", lambda c: c.ca_key_path.read_bytes()[:200]),
+    "key-of-another-ca": (
+        "ca_key",
+        lambda c: pki.key_to_pem(
+            pki.generate_key(), c.passphrase_path.read_text().strip().encode()
+        ),
+    ),
+    "cert-garbage": ("ca_cert", lambda c: b"-----BEGIN CERTIFICATE-----\nxx\n"),
+    "cert-empty": ("ca_cert", lambda c: b""),
+    "cert-no-ca": ("ca_cert", lambda c: c.tls_cert_path.read_bytes()),
+}
+
+
+@pytest.mark.parametrize("kind", list(CA_DAMAGE))
+def test_a_ca_the_leader_cannot_load_is_a_config_error_naming_the_file(
+    cluster: Cluster, kind: str
+) -> None:
+    """Review s49cli M1: a damaged ca.key exited 2 or 1 depending on the damage (a flipped
+    byte: "wrong passphrase", 2; empty, zeros or garbage: "not a PEM certificate or key", 1,
+    naming no file, and systemd started it again every 5 s; another key: 1). Every error
+    loading the CA is a person's to fix: exit 2, one line naming the file, nothing changed."""
+    which, damage = CA_DAMAGE[kind]
+    path = cluster.ca_key_path if which == "ca_key" else cluster.ca_cert_path
+    original = path.read_bytes()
+    cert = cluster.tls_cert_path.read_bytes()
+    bad = damage(cluster)
+    try:
+        path.write_bytes(bad)
+        code, output = cluster.leader.run_to_exit(timeout=30)
+        assert path.read_bytes() == bad  # not rewritten (the key's re-encryption)
+    finally:
+        path.write_bytes(original)
+    assert code == 2 == runtime.EXIT_CONFIG, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert line.startswith("tlsroll-leader: config error: "), line
+    assert str(path) in line, line
+    assert cluster.passphrase_path.read_text().strip() not in output
+    assert cluster.tls_cert_path.read_bytes() == cert
+    assert not cluster.admin_socket.exists()
+
+
+def test_a_wrong_passphrase_in_the_credentials_copy_says_how_to_make_it_again(
+    tmp_path: Path,
+) -> None:
+    """Review s49cli L4: with install.sh ca-credential's setup (the unit's ExecStartPre=
+    copies the credential to /run/tlsroll/ca-passphrase, which ca_passphrase_file names), a
+    wrong passphrase named only [leader].ca_passphrase_file: the path read, and how to make
+    the credential again."""
+    layout = Layout(tmp_path)
+    copy = runtime.CREDENTIAL_COPY_DIR / "ca-passphrase"
+    said = runtime.wrong_passphrase(layout, copy)
+    assert f"the CA passphrase in {copy} does not open the CA key {layout.ca_key}" in said
+    assert "install.sh ca-credential" in said and "ca_passphrase_file" in said
+    other = runtime.wrong_passphrase(layout, tmp_path / "pass")
+    assert str(tmp_path / "pass") in other and "install.sh" not in other
 
 
 def test_a_metrics_token_file_that_is_a_directory_is_a_config_error(

@@ -223,6 +223,29 @@ def test_missing_files_and_bad_ca(ca: Issuer) -> None:
     assert problems[0].startswith("ca: ca.crt: CN=node is not a CA certificate")
 
 
+def test_a_ca_file_with_a_problem_is_said_once_not_for_each_node(ca: Issuer) -> None:
+    """Review s49cli L5: an unreadable ca.crt also gave "nX.crt: not signed by the CA in
+    ca.crt" for each node. With no CA certificate to check a chain against (ca.crt unreadable,
+    empty, holding none or no CA), only ca.crt's problem is said, the nodes' other checks
+    kept."""
+    cert, key = leaf(ca, [IP], [DNS])
+    nodes = {"node1": byo.NodeMaterial("node1", pem(cert), key_pem(key), 0o600)}
+    cases = [
+        byo.Material(b"", nodes, {"ca.crt": "is not a regular file (a FIFO)"}),
+        byo.Material(b"", nodes),
+        byo.Material(b"junk", nodes),
+        byo.Material(pem(cert), nodes),  # a leaf: no CA
+    ]
+    for material in cases:
+        problems = byo.validate(
+            material, {"node1": byo.Expected(NAMES, "")}, now=NOW, horizon=HORIZON
+        )
+        said = [str(p) for p in problems]
+        assert said and all(p.startswith("ca: ca.crt: ") for p in said), said
+    other, _ = leaf(make_ca("Some other CA"), [IP], [DNS])  # a CA there: still checked
+    assert any("not signed by the CA" in p for p in check(ca.pem, pem(other), key))
+
+
 def test_every_problem_is_reported_and_no_key_material_in_them(ca: Issuer) -> None:
     other = make_ca("Some other CA")
     cert, _key = leaf(other, [IP], days=500, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])

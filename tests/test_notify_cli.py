@@ -120,7 +120,11 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     )
     assert "geplant" in text and "keine neuen Einträge" in text
     # no node runs a password yet: the rollout's start sets it (said before it is asked for)
-    first = world.cli("notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--include-password")
+    early = secret_file(tmp_path / "pw-early", PW1)  # (off a terminal: the file, s49cli L3)
+    first = world.cli(
+        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--include-password", "--password-file",
+        str(early),
+    )  # fmt: skip
     assert "enable-tls sets its password when it starts" in usage_error(first)
     for node in world.nodes:
         assert f"{node.name}: neu https://{node.address}:8443/…" in text
@@ -546,6 +550,29 @@ def test_bad_input_is_a_usage_error_with_the_leader_down(
     line = usage_error(result)
     assert says in line and "admin socket" not in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_include_password_off_a_terminal_is_refused_before_the_leader_is_asked(
+    tmp_path: Path,
+) -> None:
+    """Review s49cli L3: `notify --include-password </dev/null` with the leader down said "no
+    admin socket" (exit 1): the prompt's refusal came only after the leader's answers. The
+    question it would ask is refused first: exit 2 naming --password-file, nothing created."""
+    data_dir, sock = tmp_path / "data", tmp_path / "none.sock"
+    for args in (["--include-password"], ["--include-password", "--rollout", "r1"]):
+        result = subprocess.run(
+            [*command("tlsroll", "tlsroll"), "--socket", str(sock), "notify", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=child_env({"TLSROLL_DATA_DIR": str(data_dir)}),
+            check=False,
+        )
+        line = usage_error(result)
+        assert line.startswith("tlsroll: error: not a terminal: add --password-file FILE"), line
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_remaining_with_no_report_yet_says_so_in_words(tmp_path: Path) -> None:

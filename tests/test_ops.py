@@ -207,7 +207,8 @@ def test_a_credential_others_can_read_is_refused_and_a_left_file_is_warned_about
     code, output = twin.run_to_exit(env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert code == 2
     line = one_line_error(output, "tlsroll-leader")
-    assert "systemd credential ca-passphrase: the CA passphrase does not open the CA key" in line
+    said = f"systemd credential ca-passphrase: the CA passphrase in {creds / 'ca-passphrase'} "
+    assert said + "does not open the CA key" in line, line
     assert "not-the-ca-passphrase-7q2m" not in output and secret not in output
     (creds / "ca-passphrase").chmod(0o600)
     (creds / "ca-passphrase").write_text(secret)

@@ -61,6 +61,7 @@ from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
+from workstation import cli as workstation_cli
 from workstation import connection as workstation
 from workstation import settings_files
 from workstation.connection import Exit
@@ -221,6 +222,15 @@ def run_cli(
         return result
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def at_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI run in-process as a person runs it, at a terminal: the run's own errors (a
+    closed port, an http address) come before the questions it would ask, which off one are
+    refused up front (``workstation.cli``, s49cli L3); the off-terminal tests run it in a
+    process of its own, as a script does (``off_a_terminal``)."""
+    monkeypatch.setattr(workstation_cli, "terminal_only", lambda _add: None)
 
 
 @pytest.fixture
@@ -1114,6 +1124,31 @@ async def test_the_port_and_password_prompts_off_a_terminal_name_the_option_to_p
         assert code == 2, (out, err)
         assert len(err.splitlines()) == 1 and err.startswith(password_line), err
         assert PASSWORD not in out + err and not settings.exists()
+
+
+def test_off_a_terminal_a_question_the_run_would_ask_is_refused_before_any_connection(
+    tmp_path: Path,
+) -> None:
+    """Review s49cli L3: `client test-connection URL </dev/null` against a closed port exited
+    5 (connection refused): the port and password prompts' refusals came only once the server
+    had answered. They come first now: exit 2 naming the option, nothing written."""
+    settings = tmp_path / "settings"
+    url = f"https://{next_loopback()}:8443/praxis_live/"
+    base = ["client", "test-connection", url, "--name", "pc-test", "--timeout", "5"]
+    base += ["--settings-dir", str(settings)]
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    secret.chmod(0o600)
+    for argv, says in (
+        ([*base, "--password-file", str(secret)], "add --bootstrap-port PORT"),
+        ([*base, "--bootstrap-port", "9443"], "add --password-file FILE"),
+        ([*base, "--yes"], "add --password-file FILE"),
+    ):
+        code, out, err = off_a_terminal(argv, "")
+        assert code == 2, (out, err)
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"tlsroll: error: not a terminal: {says}"), err
+        assert not settings.exists()
 
 
 def test_a_bootstrap_port_that_does_not_answer_names_a_firewall() -> None:
@@ -2402,7 +2437,7 @@ async def test_a_kept_set_that_cannot_be_removed_names_itself_and_the_way_out(
             assert pair_in(d / REPLACED) == w  # (still there to keep)
             http = f"http://{node.address}:8080{APP}"
             for _ in range(2):  # each later run, the same
-                code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+                code, out, err = await as_nobody(http, *args)  # (off a terminal: the file)
                 assert (code, out) == (1, ""), err
                 assert err.strip() == (
                     f"tlsroll: error: cannot finish the settings an interrupted run left in "
@@ -2412,7 +2447,7 @@ async def test_a_kept_set_that_cannot_be_removed_names_itself_and_the_way_out(
                 ), err
             assert pair_in(d / REPLACED) == w
             os.rename(d / REPLACED, root / "kept-before")  # what the admin does
-            code, out, err = await as_nobody(http, "--yes", "--settings-dir", str(d))
+            code, out, err = await as_nobody(http, *args)
         assert code == 3, err
         assert f"settings  an interrupted run's new settings completed in {d}" in out, out
         assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-other"

@@ -106,6 +106,12 @@ def test_connection(
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")
     secret = _password_from(password_file) if password_file is not None else None
+    # Off a terminal, a question the run would ask is refused before anything is done or any
+    # connection made (s49cli L3: a closed port exited 5 before the port prompt's exit 2).
+    if bootstrap_port is None and not assume_yes:
+        terminal_only(_ADD_PORT)
+    if not no_enrol and secret is None:
+        terminal_only(_ADD_PASSWORD)
     options = Options(
         url=url,
         settings_dir=settings_dir,
@@ -148,10 +154,14 @@ def _password_from(path: Path) -> str:
         raise click.BadParameter(str(exc), param_hint="--password-file") from None
 
 
+_ADD_PORT = f"add --bootstrap-port PORT (the one your notice names), or --yes for {BOOTSTRAP_PORT}"
+_ADD_PASSWORD = "add --password-file FILE (the password, the file's only line, mode 0600)"  # noqa: S105
+
+
 def _ask_port(default: int) -> int:
     """The seed's port prompt, with its hint: it can usually just be confirmed. On a terminal
     only (``terminal_only``): off one, exit 2 naming --bootstrap-port and --yes."""
-    terminal_only(f"add --bootstrap-port PORT (the one your notice names), or --yes for {default}")
+    terminal_only(_ADD_PORT)
     port: int = click.prompt(
         f"Bootstrap port (Enter = {default}; change it only if you were told to, when "
         f"{default} is taken by another program)",
@@ -163,7 +173,7 @@ def _ask_port(default: int) -> int:
 
 
 def _ask_password() -> str:
-    terminal_only("add --password-file FILE (the password, the file's only line, mode 0600)")
+    terminal_only(_ADD_PASSWORD)
     secret: str = click.prompt(
         "Authentication password (the one the practice IT set; not shown as you type)",
         hide_input=True,

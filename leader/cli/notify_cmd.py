@@ -576,6 +576,8 @@ def notify(
     from_file = read_password_file(password_file) if password_file is not None else None
     if include_password and change in ("rotate-cert", "disable-tls"):
         raise click.UsageError(f"a {change} notice has no password to give")
+    if include_password and from_file is None:  # off a terminal: before the leader (s49cli L3)
+        terminal_only(_ASK_PASSWORD)
     # The schema first when the zone may be the leader's maintenance_timezone.
     first = fetch_schema(leader) if tz_name is None else None
     zone = practice_zone(tz_name, lang, first.auto_rotate.timezone if first else "")
@@ -697,12 +699,15 @@ def notify(
     _remind(include_password)
 
 
+_ASK_PASSWORD = "add --password-file FILE (the password to include, mode 0600)"  # noqa: S105
+
+
 def _typed_password() -> str:
     """The password typed at the prompt, held to the rule a password file and a workstation's
     prompt are held to (``password.password_problem``): one that nobody could type at a
     workstation is refused here (exit 2, nothing printed), not written into the notice. On a
     terminal only (``terminal_only``): off one, exit 2 naming --password-file, nothing read."""
-    terminal_only("add --password-file FILE (the password to include, mode 0600)")
+    terminal_only(_ASK_PASSWORD)
     secret: str = click.prompt("Password to include", hide_input=True, err=True)
     if (why := password.password_problem(secret)) is not None:
         raise click.UsageError(f"the password entered {why}; no notice printed")
