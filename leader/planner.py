@@ -748,6 +748,10 @@ def next_actions(
         tally.move(at, node_transition(tally.state(at), event, f"node {name(at)}"))
 
     if cut_off and rollout.change is Change.FINALIZE:
+        # A cut-off node's scope freeze can be neither confirmed nor lifted by the leader (its
+        # agent lifts it when the lease ends): its lapse holds no switch of the others, which
+        # would wait for it for good (review rev49late).
+        lapsed = [n for n in lapsed if n not in cut_off]
         # Every node not yet at its switch (pending, or prepared: the set an abort skips),
         # not only a pending one: a staged node would go on to switch against the revoked
         # agent, and on a machine gone the finalize would never end (review rev49fin).

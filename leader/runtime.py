@@ -138,7 +138,11 @@ def _answers(sock: Path) -> bool:
 
 def refuse_if_running(cfg: LeaderConfig) -> None:
     """A leader answering on the admin socket: this one stops, having changed nothing."""
-    if cfg.admin_socket.exists() and _answers(cfg.admin_socket):
+    try:
+        there = cfg.admin_socket.exists()
+    except OSError:  # (a directory we may not search: check_secret_dirs says it next)
+        return
+    if there and _answers(cfg.admin_socket):
         raise TerminalError(f"another tlsroll-leader is running on {cfg.admin_socket}")
 
 

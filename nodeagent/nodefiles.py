@@ -15,6 +15,7 @@ does that work: ``identity.Identity``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -111,7 +112,8 @@ def forget_refused_ca(data_dir: Path) -> None:
         return
     except OSError:
         return  # read again at the next start: stale records are dropped there (``refused_ca``)
-    fsync_dir(data_dir)
+    with contextlib.suppress(OSError):  # (gone; a lost rename is read again, as above)
+        fsync_dir(data_dir)
 
 
 def check_issued(

@@ -697,6 +697,31 @@ def test_a_running_finalize_leaves_out_a_cut_off_node_prepared_ahead() -> None:
             assert {r.name: r.state for r in moved}["b"] is NodeState.SKIPPED
 
 
+def test_a_cut_off_node_whose_scope_freeze_lapsed_holds_no_switch_of_a_finalize() -> None:
+    """Review rev49late: under ``--freeze scope`` a finalize's nodes are all frozen before the
+    first switch; a lost machine's freeze cannot be renewed, so it lapses, and a lapsed node
+    held every other staged node's switch: the finalize stood still for good, and `nodes
+    remove` stayed refused. A cut-off node's lapse holds nothing; the others switch."""
+    rollout, records = plan_rollout(
+        rollout_id="f1", change=Change.FINALIZE, scope=Scope.of_nodes(["a", "b", "c"]),
+        enrolled={"a": True, "b": True, "c": True}, leader="a", epoch=2,
+        freeze=FreezeMode.SCOPE,
+    )  # fmt: skip
+    running = rollout.with_event(RolloutEvent.START)
+    nodes = tuple(replace(r, state=NodeState.STAGED, scope_frozen=True) for r in records)
+    first = next_actions(running, nodes, prepare_ahead=1, cut_off={"b"}, lapsed={"b"})
+    after, moved = apply_plan(running, nodes, first)
+    assert {r.name: r.state for r in moved}["b"] is NodeState.SKIPPED
+    again = next_actions(after, moved, prepare_ahead=1, cut_off={"b"}, lapsed={"b"})
+    switched = [
+        a.node for a in (*first.node_events, *again.node_events) if a.event is NodeEvent.SWITCH
+    ]
+    assert switched and "b" not in switched, (first, again)
+    # A lapsed node that is not cut off still holds them (review 2 of session 32, F1).
+    held = next_actions(running, nodes, prepare_ahead=1, lapsed={"b"})
+    assert not [a for a in held.node_events if a.event is NodeEvent.SWITCH], held
+
+
 def test_the_way_back_leaves_a_cut_off_node_as_is_saying_to_remove_it() -> None:
     """s48lost: the way back left a node whose agent is cut off (revoked: a machine lost) as
     is saying "run tlsroll rollout rollback again once its agent is back"; it never comes
