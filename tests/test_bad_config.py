@@ -673,20 +673,6 @@ def _enrolled_agent(cluster: Cluster, name: str) -> Agent:
     return agent
 
 
-def test_an_agent_key_others_can_read_is_a_config_error(cluster: Cluster) -> None:
-    """Exit 2 (its unit does not restart on it; it exited 1, started again for ever), one line
-    naming the key and the fix; the key's content never shown."""
-    agent = _enrolled_agent(cluster, "k1")
-    key_file = agent.data_dir / "node.key"
-    key_file.chmod(0o644)
-    code, output = agent.run_to_exit(timeout=30)
-    assert code == 2, output
-    line = one_line_error(output, "tlsroll-agent")
-    assert f"config error: node key: {key_file} is accessible by others (mode 0644)" in line
-    assert f"run: chmod 600 {key_file}" in line, line
-    assert "PRIVATE KEY" not in output
-
-
 def test_an_agent_join_token_file_others_can_read_is_a_config_error(
     cluster: Cluster, tmp_path: Path
 ) -> None:
