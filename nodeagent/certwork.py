@@ -42,6 +42,7 @@ from nodeagent.identity import (
     CertificateExpired,
     EnrolmentDeferred,
     Identity,
+    check_key_file,
     expired_message,
     paths,
     pending_paths,
@@ -59,7 +60,7 @@ from tlsroll.errors import (
     TransientError,
     raise_if_local,
 )
-from tlsroll.fsutil import PRIVATE, check_private_file, write_atomic
+from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.names import Names, utcnow
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     if not any(p.exists() for p in pending_paths(cfg.data_dir)):
         remembered = _remembered(cfg)
         if remembered is not None:
-            check_private_file(remembered.key_file)
+            check_key_file(remembered.key_file)
             now = now or utcnow()
             if now >= remembered.not_after:
                 raise CertificateExpired(expired_message(cfg, remembered.not_after, now))

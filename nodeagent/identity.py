@@ -50,6 +50,7 @@ from tlsroll.errors import (
     TerminalError,
     TlsrollError,
     TransientError,
+    UnsafePermissions,
 )
 from tlsroll.fsutil import PUBLIC, check_private_file, fsync_dir, make_private_dir, write_atomic
 from tlsroll.names import utcnow
@@ -167,12 +168,21 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     if cfg.data_dir.exists():
         finish_pending(cfg.data_dir)
     if key_file.exists():
-        check_private_file(key_file)
+        check_key_file(key_file)
     if not (key_file.exists() and cert_file.exists() and ca_file.exists()):
         return None
-    key = pki.read_key(key_file)
-    cert = pki.read_cert(cert_file)
-    ca = pki.read_cert(ca_file)
+    try:
+        key = pki.read_key(key_file)
+    except PKIError as exc:
+        raise damaged_file(cfg, key_file, exc) from None
+    try:
+        cert = pki.read_cert(cert_file)
+    except PKIError as exc:
+        raise damaged_file(cfg, cert_file, exc) from None
+    try:
+        ca = pki.read_cert(ca_file)
+    except PKIError as exc:
+        raise damaged_file(cfg, ca_file, exc) from None
     if pki.spki_pin(ca) != cfg.ca_pin:
         raise PKIError(PKIReason.PIN_MISMATCH, f"{ca_file} is not the CA of [leader].ca_pin")
     check_issued(cert, key, ca, cfg.names)
@@ -187,6 +197,46 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     if now >= cert.not_valid_after_utc:
         raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc, now))
     return Identity.of(key_file, cert_file, ca_file, cert, ca)
+
+
+def check_key_file(key_file: Path) -> None:
+    """``check_private_file`` of the node's key, a key others can read or that is not ours a
+    config error (exit 2, which the unit does not restart: restarting changes nothing; before,
+    it exited 1 and was started again every few seconds for ever). Its line names the file and
+    the fix (``chmod 600 FILE``)."""
+    try:
+        check_private_file(key_file)
+    except UnsafePermissions as exc:
+        raise ConfigError("node key", None, str(exc)) from None
+
+
+def damaged_file(cfg: AgentConfig, path: Path, exc: PKIError) -> ConfigError:
+    """The node's key, certificate or CA file that cannot be read by its content (damaged, a
+    key of a type not taken or under a passphrase): a config error (exit 2), one line naming
+    the file and the way back: move it aside and enrol again (its certificate or CA: with a
+    token made for the node, its key enrolled again; its key: a new key, once the node is
+    removed on the leader, as for a revoked key)."""
+    key_file, cert_file, _ = paths(cfg.data_dir)
+    where = (
+        f"the token to {cfg.join_token_file}"
+        if cfg.join_token_file is not None
+        else f"the token to this agent ([leader].join_token_file in {cfg.path})"
+    )
+    token = f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`"
+    if path == key_file:
+        what = "node key"
+        way = (
+            f"move it aside (`mv {path} {path}.damaged`), on the leader `tlsroll nodes remove "
+            f"{cfg.node_name}` (it revokes the node's certificates, its served one too) and "
+            f"{token}, {where}, then start the agent again: it makes a new key and enrols it"
+        )
+    else:
+        what = "node certificate" if path == cert_file else "CA certificate"
+        way = (
+            f"move it aside (`mv {path} {path}.damaged`), on the leader {token}, {where}, then "
+            f"start the agent again: it enrols {key_file} again"
+        )
+    return ConfigError(what, None, f"{path}: {exc}; {way}")
 
 
 def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Certificate]:
@@ -224,6 +274,9 @@ def read_token(cfg: AgentConfig) -> str:
         try:
             check_private_file(cfg.join_token_file)
             token = cfg.join_token_file.read_text().strip()
+        except UnsafePermissions as exc:  # exit 2, not restarted for ever (as the key's)
+            problem = str(exc).replace(str(cfg.join_token_file), where)
+            raise ConfigError(cfg.path, "[leader].join_token_file", problem) from None
         except FileNotFoundError:
             raise ConfigError(
                 cfg.path,

@@ -20,7 +20,7 @@ import pytest
 from leader import byo, runtime
 from leader.layout import Layout
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
-from tests.cluster import Cluster, command, one_line_error
+from tests.cluster import Agent, Cluster, command, one_line_error
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import write_toml
@@ -657,3 +657,54 @@ def test_an_error_nobody_foresaw_in_a_daemon_is_one_line_with_its_type_only(
     else:
         assert one_line_error(result.stderr, prog) == last
         assert TOKEN_SECRET not in result.stderr + result.stdout
+
+
+# --- s49agentexit: the agent's key readable by others, a token file too, a damaged identity ---
+
+
+def _enrolled_agent(cluster: Cluster, name: str) -> Agent:
+    """An agent that enrolled (its identity in its data dir), stopped, as is the leader."""
+    cluster.start_leader()
+    try:
+        agent = cluster.add_agent(name, next_loopback())
+        assert agent.stop() == 0
+    finally:
+        cluster.stop_leader()
+    return agent
+
+
+def test_an_agent_join_token_file_others_can_read_is_a_config_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o644)
+    tables = cluster.agent_config("n9", "127.0.0.9", None, tmp_path)
+    tables["leader"].update(join_token=None, join_token_file=token)
+    config = write_toml(tmp_path / "agent.toml", tables)
+    result = run_daemon("tlsroll-agent", "nodeagent.daemon", config)
+    assert TOKEN_SECRET not in result.stderr + result.stdout
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert f"config error: {config}: [leader].join_token_file: {token} is accessible" in line
+    assert f"run: chmod 600 {token}" in line, line
+
+
+@pytest.mark.parametrize("damaged", ["node.key", "node.pem", "ca.pem"])
+def test_a_damaged_agent_identity_file_is_a_config_error_naming_it(
+    cluster: Cluster, damaged: str
+) -> None:
+    """A key, certificate or CA file that is not PEM: exit 2 with one line naming the file and
+    the way back (move it aside, enrol again), never a traceback nor the key."""
+    name = {"node.key": "dkey", "node.pem": "dcert", "ca.pem": "dca"}[damaged]
+    agent = _enrolled_agent(cluster, name)
+    path = agent.data_dir / damaged
+    path.write_bytes(b"-----BEGIN garbage-----\n")
+    code, output = agent.run_to_exit(timeout=30)
+    assert code == 2, output
+    line = one_line_error(output, "tlsroll-agent")
+    assert f": {path}: " in line, line
+    assert f"mv {path} {path}.damaged" in line, line
+    assert f"tlsroll token create --node {name} --address" in line, line
+    assert (f"tlsroll nodes remove {name}" in line) == (damaged == "node.key"), line
+    assert "PRIVATE KEY" not in output

@@ -37,7 +37,6 @@ from tlsroll.errors import (
     PKIReason,
     TerminalError,
     TransientError,
-    UnsafePermissions,
 )
 
 
@@ -71,9 +70,10 @@ def test_a_failed_check_is_the_same_error_with_the_same_message(
     assert str(child.value) == str(here.value)
     pki.write_cert(paths(cfg.data_dir)[2], test_ca.cert)
     os.chmod(key_file, 0o644)
-    with pytest.raises(UnsafePermissions) as unsafe:
+    with pytest.raises(ConfigError) as unsafe:  # exit 2: the admin's to fix (s49agentexit)
         certwork.load_identity(cfg)
-    assert "chmod 600" in str(unsafe.value)
+    assert f"node key: {key_file} is accessible by others" in str(unsafe.value)
+    assert f"chmod 600 {key_file}" in str(unsafe.value)
 
 
 def test_a_revocation_list_is_read_and_checked_in_a_child(
@@ -148,7 +148,7 @@ def test_a_restart_with_the_files_a_child_checked_needs_no_child(
     with pytest.raises(CertificateExpired):
         certwork.load_identity(cfg, now=checked.not_after + dt.timedelta(seconds=1))
     os.chmod(key_file, 0o644)
-    with pytest.raises(UnsafePermissions):
+    with pytest.raises(ConfigError, match="chmod 600"):
         certwork.load_identity(cfg)
     os.chmod(key_file, 0o600)
     # Another certificate (for another key): the memo no longer matches, a child checks.
