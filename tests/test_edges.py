@@ -358,7 +358,8 @@ def test_agent_refuses_a_join_token_file_another_user_owns(idle: Cluster) -> Non
     os.chown(token_file, nobody.pw_uid, nobody.pw_gid)
     idle.start_leader()
     try:
-        line = refused_start(agent, "tlsroll-agent")
+        # a config error (exit 2, not restarted), as the file's mode (s49agentexit)
+        line = refused_start(agent, "tlsroll-agent", code=2)
     finally:
         idle.stop_leader()
     assert str(token_file) in line and "owned by nobody" in line

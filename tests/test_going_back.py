@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,13 @@ def test_a_stale_epoch_after_going_back_on_the_leader_names_the_way_out(
     assert "stale epoch" in why, refused
     assert "see `tlsroll epoch show`" in why
     assert "`tlsroll epoch advance`, then start a new rollout" in why
+    # The node's highest epoch reaches the store with a heartbeat's record (the group commit,
+    # about a second): on a fast machine `epoch show` could come first (ci49c).
+    deadline = time.monotonic() + 15
     shown = cluster.cli("epoch", "show")
+    while shown.returncode != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        shown = cluster.cli("epoch", "show")
     assert shown.returncode == 1, shown.stdout + shown.stderr
     advanced = cluster.cli("epoch", "advance", "--yes")
     assert advanced.returncode == 0, advanced.stderr
