@@ -305,16 +305,6 @@ def leader_names_problem(address: str, dns_names: tuple[str, ...]) -> str | None
 MIN_CA_PASSPHRASE = 12
 
 
-def utf8(path: str) -> bool:
-    """Whether ``path`` encodes to UTF-8: a file name's byte that is not (a working directory
-    made under another encoding) comes back from the OS as a lone surrogate."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def init(
     data_dir: Path,
     address: str,
@@ -325,7 +315,7 @@ def init(
 ) -> Layout:
     """Create a new cluster: CA, the leader's certificate, config. Refuses to overwrite."""
     from tlsroll import pki  # noqa: PLC0415 - see the imports
-    from tlsroll.config import control_character  # noqa: PLC0415 - likewise
+    from tlsroll.config import control_character, utf8  # noqa: PLC0415 - likewise
 
     layout = Layout(Path(data_dir).resolve())
     if not utf8(str(layout.data_dir)):

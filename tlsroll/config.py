@@ -51,6 +51,17 @@ def control_character(text: str) -> str | None:
     return None if bad is None else repr(bad.group(0))[1:-1]
 
 
+def utf8(path: str) -> bool:
+    """Whether ``path`` encodes to UTF-8 (a config file is UTF-8): a file name's byte that is
+    not (a working directory made under another encoding) comes back from the OS as a lone
+    surrogate."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
 

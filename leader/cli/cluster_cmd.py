@@ -27,7 +27,7 @@ from leader.cli.base import (
     refuse_unfit_serial,
     to_dict,
 )
-from tlsroll.config import control_character, dump_toml
+from tlsroll.config import control_character, dump_toml, utf8
 from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
 from tlsroll.v1 import admin_pb2
 
@@ -67,16 +67,14 @@ def init(
     # leader.toml names it, and no text value of a config holds a control character: the
     # leader made there could never start (review s48rev3). Before anything is made.
     absolute = str(Path(data_dir).absolute())
-    try:
-        absolute.encode("utf-8")
-    except UnicodeEncodeError:
+    if not utf8(absolute):
         # leader.toml (UTF-8) names it: init would make the CA, then fail writing it, and a
         # re-run call the directory interrupted (review s49sec2 L4). Before anything is made.
         raise click.BadParameter(
             "its path is no UTF-8 text (a byte of another encoding, here or in the working "
             "directory); choose a directory whose path is",
             param_hint="--data-dir",
-        ) from None
+        )
     if (bad := control_character(absolute)) is not None:
         raise click.BadParameter(
             f"holds a control character ({bad}); choose a directory without",
