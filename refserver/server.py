@@ -57,8 +57,11 @@ Exit codes: 0 after SIGTERM/SIGINT (in-flight requests finish first), 2 for a co
 
 Test-only knob: the environment variable ``TLSROLL_REFSERVER_TEST_WRITE_DELAY`` (seconds, a
 float) makes every accepted write wait that long *after* it counts as in flight and *before*
-it commits, so tests can freeze or stop the server with a write in flight. Never set it in
-production; the server logs a warning when it is set.
+it commits, so tests can freeze or stop the server with a write in flight. A second one,
+``TLSROLL_REFSERVER_TEST_START_DELAY``, makes a start wait that long between its public
+listeners answering and its admin socket (so before READY=1): a switch then takes at least that
+long, with the restarted server frozen (503) throughout, so a test on a fast machine can watch
+a switch under way. Never set either in production; the server logs a warning when one is set.
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ from tlsroll.fsutil import socket_dir_problem, write_atomic
 
 PROG = "tlsroll-refserver"
 WRITE_DELAY_ENV = "TLSROLL_REFSERVER_TEST_WRITE_DELAY"
+START_DELAY_ENV = "TLSROLL_REFSERVER_TEST_START_DELAY"
 PID_NAME = "refserver.pid"
 LOCK_NAME = "refserver.lock"
 RETRY_AFTER_SECONDS = 30
@@ -624,16 +628,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _write_delay() -> float:
-    raw = os.environ.get(WRITE_DELAY_ENV, "").strip()
+def _test_delay(env: str) -> float:
+    """Seconds of a test-only delay (``WRITE_DELAY_ENV``, ``START_DELAY_ENV``); 0 when unset."""
+    raw = os.environ.get(env, "").strip()
     if not raw:
         return 0.0
     try:
         value = float(raw)
     except ValueError:
-        raise StartupError(f"{WRITE_DELAY_ENV}={raw!r} is not a number of seconds") from None
-    if not 0 <= value <= 600:
-        raise StartupError(f"{WRITE_DELAY_ENV} must be from 0 to 600 seconds")
+        raise StartupError(f"{env}={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 600:  # also refuses nan
+        raise StartupError(f"{env} must be from 0 to 600 seconds")
     return value
 
 
@@ -698,7 +703,8 @@ async def serve(loaded: refserver_config.Loaded) -> int:
     """Run until SIGTERM/SIGINT; return the exit code."""
     stop = daemon.stop_event()
     c = loaded.config
-    write_delay = _write_delay()
+    write_delay = _test_delay(WRITE_DELAY_ENV)
+    start_delay = _test_delay(START_DELAY_ENV)
     try:
         c.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -746,6 +752,11 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             await runner.setup()
             runners.append(runner)
         await _start_public(server, loaded.ssl_context, public)
+        if start_delay:
+            log.warning("test_hook.start_delay", seconds=start_delay, env=START_DELAY_ENV)
+            with contextlib.suppress(TimeoutError):  # a stop asked meanwhile ends it
+                async with asyncio.timeout(start_delay):
+                    await stop.wait()
         # The admin socket comes last: once it answers, every public listener is up.
         try:
             c.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -25,10 +26,15 @@ import pytest
 import structlog
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from refserver.server import SHUTDOWN_TIMEOUT, SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from refserver.server import (
+    SHUTDOWN_TIMEOUT,
+    START_DELAY_ENV,
+    SWITCHING_MESSAGE,
+    WRITE_DELAY_ENV,
+)
 from refserver.server import _HttpLog as server_http_log
 from tests.conftest import IssuedCert, count_thread_hops
-from tests.refserver_helper import RefServer, Response, peer_certificate
+from tests.refserver_helper import RefServer, Response, peer_certificate, unix_request
 from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki, probe
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -562,6 +568,41 @@ def test_drain_timeout_reports_what_is_still_in_flight(make_server: MakeServer) 
     # which is exactly what the agent's "watermark unchanged" check is there to notice.
     assert written.status == 201
     assert server.status()["watermark"] == 1
+
+
+def test_start_delay_holds_the_admin_socket_with_the_public_listeners_up_and_frozen(
+    make_server: MakeServer,
+) -> None:
+    """The test knob a switch is slowed with: a frozen server's start answers 503 on its
+    public port and keeps its admin socket (the agent's sign of readiness) shut that long."""
+    server = make_server()
+    server.start()
+    server.freeze()
+    server.stop()
+    server.env[START_DELAY_ENV] = "1.5"
+    started = time.monotonic()
+    server.spawn()
+    refused = None
+    while time.monotonic() - started < 1.0 and refused is None:
+        with contextlib.suppress(OSError):
+            refused = post(server, {"early": True})
+        time.sleep(0.02)
+    assert refused is not None and refused.status == 503, refused
+    with pytest.raises(OSError):
+        unix_request(server.admin_socket, "GET", "/admin/status", timeout=1.0)
+    status = server.wait_ready()
+    assert time.monotonic() - started >= 1.5
+    assert status["frozen"] is True
+    assert [e for e in server.log_events() if e.get("event") == "test_hook.start_delay"]
+
+
+def test_a_start_delay_that_is_no_number_of_seconds_stops_the_start(
+    make_server: MakeServer,
+) -> None:
+    server = make_server(env={START_DELAY_ENV: "soon"})
+    code, err = server.run_to_exit()
+    assert code == 1, err
+    assert f"{START_DELAY_ENV}='soon' is not a number of seconds" in err
 
 
 def test_sigterm_lets_the_write_in_flight_finish(make_server: MakeServer) -> None:

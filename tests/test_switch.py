@@ -27,7 +27,7 @@ import grpc
 import pytest
 
 from nodeagent.transaction import CRASH_ENV
-from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from refserver.server import START_DELAY_ENV, SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests import procs
 from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
@@ -615,9 +615,11 @@ class Writer:
 
 
 def test_every_acknowledged_write_survives_the_switch(make_node: NodeFactory) -> None:
-    # Slow writes (also on the server the agent restarts) keep writes in flight at the freeze.
+    # Slow writes (also on the server the agent restarts) keep writes in flight at the freeze;
+    # the restarted server (the agent's child) answers 503 for half a second before it says it
+    # is ready, so the writers meet the freeze even where a restart takes 160 ms (ci49c).
     delay = {WRITE_DELAY_ENV: "0.1"}
-    node = make_node(env=delay, server_env=delay)
+    node = make_node(env={**delay, START_DELAY_ENV: "0.5"}, server_env=delay)
     staged = node.stage("writes")
     stop = threading.Event()
     writers = [Writer(node, stop) for _ in range(3)]

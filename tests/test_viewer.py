@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
+from refserver.server import START_DELAY_ENV
 from tests import test_rollout
 from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
@@ -453,6 +454,9 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 "a1",
                 "a2",
                 "z9",
+                # each switch of a1 and a2 lasts a second or more, so the page (at most two
+                # updates a second) sees them under way where a restart takes 160 ms (ci49d)
+                agent_env={name: {START_DELAY_ENV: "1"} for name in ("a1", "a2")},
                 server={"z9": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
             )
         yield setup
