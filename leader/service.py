@@ -224,9 +224,14 @@ class LeaderState:
     # node -> since when, and why, its heartbeats say its bootstrap service should run but did
     # not start (``LiveServer.bootstrap_problem``, cleaned): a node problem (``node_problems``).
     bootstrap_down: dict[str, tuple[dt.datetime, str]] = field(default_factory=dict)
-    # node -> the wrong passwords at its server's own login since that server started, by its
-    # heartbeats (``LiveServer.login_failures``): only nodes with some (``login_failures``).
+    # node -> the wrong passwords at its server's own login (the server keeps the count across
+    # its restarts), by its heartbeats (``LiveServer.login_failures``): only nodes with some
+    # (``login_failures``).
     server_login_failures: dict[str, LoginFailuresRow] = field(default_factory=dict)
+    # node -> the count last logged for it (0 once it went) and when (the leader's clock): a
+    # changed count is logged at most once per node and heartbeat interval
+    # (``LeaderService._login_failures``), whatever the agent sends.
+    login_failures_logged: dict[str, tuple[int, dt.datetime]] = field(default_factory=dict)
     # node -> two agents seen using its identity (``LeaderService._look_for_twins``), while
     # it holds: the node is neither planned nor switched (``node_problem``).
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
@@ -320,6 +325,7 @@ class LeaderState:
             self.needs_admin_since,
             self.bootstrap_down,
             self.server_login_failures,
+            self.login_failures_logged,
         ):
             entries.pop(node, None)
         self.twin_agents.pop(node, None)
@@ -332,8 +338,8 @@ class LeaderState:
         return self.removed.get(node, 0) > removals
 
     def login_failures(self) -> list[LoginFailuresRow]:
-        """(Any thread.) The nodes whose server counts wrong client passwords since it started
-        (``ServerLoginFailuresView``), by name."""
+        """(Any thread.) The nodes whose server counts wrong client passwords, kept across its
+        restarts (``ServerLoginFailuresView``), by name."""
         return sorted(list(self.server_login_failures.values()))
 
     def node_problems(self) -> list[NodeProblemRow]:
@@ -1746,33 +1752,57 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         shift: dt.timedelta = dt.timedelta(0),
     ) -> None:
         """What the heartbeat says of the wrong passwords at the node's server's own login (the
-        client password) since it started: kept while there are some (``login_failures``), and
-        logged as they grow (one line a heartbeat at most), so that the admin sees someone
-        guessing it. Only from a healthy server's status: a server that is down says nothing
-        of them (what was shown stays); one that started again counts from 0, which clears,
-        as an agent that manages no server any more (driver "none": it kept the old server's
+        client password; the reference server keeps the count across its restarts: review of
+        s49, 1): kept while there are some (``login_failures``), and logged as they change, so
+        that the admin sees someone guessing it: at most one line per node and heartbeat
+        interval (``_log_login_failures``: an agent that alternates counts, or a guess each
+        message, makes no more). Only from a healthy server's status: a server that is down
+        says nothing of them (what was shown stays); one that counts none (a new data dir)
+        clears, as an agent that manages no server any more (driver "none": it kept the old server's
         row until the node was removed; review of s49carry, L). The latest one's time is on
         the leader's clock (``shift``: ``clock_shift``, as the node's client sightings) and
         never later than ``now`` (a far-future one was kept as sent, and the viewer east of
         UTC answered 500: review of s49carry, M); one that is no time is unknown."""
         if server.driver == "none":
-            self.state.server_login_failures.pop(name, None)
+            self._no_login_failures(name)
             return
         if not server.healthy:
             return
         count = server.login_failures
         if count <= 0:
-            self.state.server_login_failures.pop(name, None)
+            self._no_login_failures(name)
             return
         last = None
         if server.HasField("last_login_failure_at"):
             with contextlib.suppress(ValueError, OverflowError):
                 sent = server.last_login_failure_at.ToDatetime(tzinfo=dt.UTC)
                 last = min(sent, now - shift) + shift
-        before = self.state.server_login_failures.get(name)
-        if before is None or before.failures != count:
-            log.warning("node.server_login_failures", node=name, count=count)
+        self._log_login_failures(name, count, now)
         self.state.server_login_failures[name] = LoginFailuresRow(name, count, last, now)
+
+    def _no_login_failures(self, name: str) -> None:
+        """The node's server counts none (any more): its row goes; the next count it has is
+        news to log, within the bound of the line before (``_log_login_failures``)."""
+        self.state.server_login_failures.pop(name, None)
+        logged = self.state.login_failures_logged.get(name)
+        if logged is not None and logged[0]:
+            self.state.login_failures_logged[name] = (0, logged[1])
+
+    def _log_login_failures(self, name: str, count: int, now: dt.datetime) -> None:
+        """Log ``count`` if it differs from the one last logged for the node, unless that was
+        less than a heartbeat interval ago (by the leader's clock; one that went back counts as
+        long ago). A count held back is logged with the first message after the interval that
+        still differs: an agent sends its count at its renewal bound at the latest
+        (``nodeagent.leader_link.report_key``), so the last one is logged too."""
+        logged = self.state.login_failures_logged.get(name)
+        if logged is not None:
+            said, at = logged
+            if said == count:
+                return
+            if at <= now < at + dt.timedelta(seconds=self.state.heartbeat_interval):
+                return
+        log.warning("node.server_login_failures", node=name, count=count)
+        self.state.login_failures_logged[name] = (count, now)
 
     def _record_clients(
         self,

@@ -58,9 +58,9 @@ class NodeProblemRow(NamedTuple):
 
 class LoginFailuresRow(NamedTuple):
     """A node whose managed server counts wrong passwords at its own login (the client
-    password) since it started, by its agent's latest heartbeat with the server's status
-    (``ServerLoginFailuresView``): how many, when the latest was (the node's clock; None if the
-    server does not say), and when the leader heard it."""
+    password; kept across its restarts), by its agent's latest heartbeat with the server's
+    status (``ServerLoginFailuresView``): how many, when the latest was (the node's clock; None
+    if the server does not say), and when the leader heard it."""
 
     node: str
     failures: int

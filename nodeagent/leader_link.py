@@ -14,7 +14,8 @@ revocation list (both go to ``nodeagent.trust``).
 Heartbeats go over one long-lived ``Leader.Heartbeats`` stream (a unary call costs the leader
 several times the CPU of a message on an open stream). The agent builds its report every
 interval but sends it only when it says something new (``report_key``: not the times and counts
-that move with every request a workstation makes) or the leader's renewal bound
+that move with every request a workstation makes, nor the count of wrong passwords at the
+managed server's login as it grows: a guessing client) or the leader's renewal bound
 (``renew_seconds`` in its reply) would pass before the next one: between messages the
 connection's keepalive tells the leader the agent is alive, and each message costs the leader
 about a millisecond. A reader task takes the leader's answers and its news (a new epoch or
@@ -196,7 +197,8 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
     """What a heartbeat says about the managed server: the status view, less the certificate
     and verifier, with who the server has seen lately (the driver caches that list, so a
     heartbeat does not run a command or read a log each time), and the wrong passwords at its
-    own login since it started (the admin sees someone guessing the client password)."""
+    own login (the count the server keeps across its restarts: the admin sees someone guessing
+    the client password)."""
     live = leader_pb2.LiveServer(
         driver=view.driver,
         healthy=view.healthy,
@@ -231,7 +233,12 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     number. Nor the stages no transaction began (``unswitched_stages``): a rollout's key and
     its switch each changed them, a message more per node and rollout; the leader hears of a
     stage left behind at the bound at the latest, which is soon enough for files that stayed
-    for good before."""
+    for good before. Nor how many wrong passwords the managed server has counted at its login
+    and when the latest was, only whether there are any: someone guessing the client password
+    made a message each beat (and a leader log line each), a guessing client drove the agent's
+    traffic to the leader (review of s49, 2). The first is news at once; the count as it grows
+    goes with the next message, at the bound at the latest (every message carries the count
+    now, so the last one is never lost)."""
     key = leader_pb2.HeartbeatRequest()
     key.CopyFrom(request)
     key.ClearField("sent_at")
@@ -243,6 +250,10 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     # ``leader.service.LeaderService._look_at_stages``): a stage made or switched would
     # otherwise cost a message per node and rollout.
     key.ClearField("unswitched_stages")
+    # Whether the server counts wrong passwords, not how many nor when the latest was.
+    if key.HasField("server"):
+        key.server.login_failures = min(key.server.login_failures, 1)
+        key.server.ClearField("last_login_failure_at")
     # Who used http again after first using https (``tlsroll.wire.back_on_http``): the times
     # go, but a client's going back to http is news, once per revert, not per request.
     back = sorted(wire.back_on_http(key.server.clients.clients))

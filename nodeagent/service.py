@@ -92,9 +92,9 @@ log = logs.get_logger(__name__)
 
 
 def login_failures(status: dict[str, Any]) -> tuple[int, dt.datetime | None]:
-    """Wrong passwords at the managed server's own login (the client password) since it
-    started, and when the latest was (UTC), as its status says: the reference server's
-    ``login_failures`` and ``last_login_failure``. (0, None) from a server that does not say,
+    """Wrong passwords at the managed server's own login (the client password), and when the
+    latest was (UTC), as its status says: the reference server's ``login_failures`` (kept
+    across its restarts) and ``last_login_failure``. (0, None) from a server that does not say,
     or says something else than a count (a time it gives that is not one is left out)."""
     count = status.get("login_failures")
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0:

@@ -41,9 +41,11 @@ Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/t
                                  "config", "requests": {"http": n, "https": n} (every request
                                  since start, health probes included), "clients": distinct peer
                                  addresses per scheme since start, "auth_configured",
-                                 "login_failures" (wrong passwords since start),
-                                 "last_login_failure" (when the latest was, ISO 8601 UTC, or
-                                 null), "login_refused" (429s since start), "login_checking"
+                                 "login_failures" (wrong passwords, kept in the store
+                                 across restarts: ``refserver.store``), "first_login_failure"
+                                 and "last_login_failure" (when the first and the latest were,
+                                 ISO 8601 UTC, or null), "login_refused" (429s since start),
+                                 "login_checking"
                                  and "login_waiting" (checks running, logins waiting for
                                  them, now), "cert_sha256" (the served cert, or null),
                                  "client_ca",
@@ -89,7 +91,7 @@ from typing import Any, NoReturn, TypeVar
 from aiohttp import web
 
 from refserver import config as refserver_config
-from refserver.store import FreezeState, Store, now_iso
+from refserver.store import FreezeState, LoginFailures, Store, now_iso
 from tlsroll import __version__, clients, daemon, httplog, logs, password
 from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
@@ -121,6 +123,12 @@ LOGIN_QUEUE_PER_SOURCE = 16
 LOGIN_QUEUE_TOTAL = 64
 LOGIN_QUEUE_LOOK = 1.0  # seconds a waiting login goes at most without looking at its client
 MAX_TRACKED_CLIENTS = 10_000
+# The count of wrong passwords is saved in the store (it survives restarts: every switch and
+# every change-password rollout is one) at once after a quiet time, then at most once per this
+# many seconds while more come, and once more as the server stops: a flood of guesses (the
+# limits let up to LOGIN_CONCURRENCY checks run at once, from any number of sources) is one
+# commit a second, not one per guess. A crash loses at most this long's worth of the count.
+LOGIN_FAILURES_SAVE_SECONDS = 1.0
 SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
 
 _ENTRY_ID = re.compile(r"[0-9a-f]{32}")
@@ -212,6 +220,7 @@ class RefServer:
         state: FreezeState,
         *,
         write_delay: float = 0.0,
+        failures: LoginFailures | None = None,
     ) -> None:
         self.config = loaded.config
         self.verifier = loaded.verifier
@@ -240,8 +249,17 @@ class RefServer:
         self._login_checking: dict[str, int] = {}
         self._login_waiting: dict[str, int] = {}
         self._login_done = asyncio.Condition()
-        self.login_failures = 0  # wrong passwords since start (the status's)
-        self.last_login_failure: str | None = None  # when the latest was (ISO 8601, UTC)
+        # Wrong passwords since the count began (kept in the store across restarts), when the
+        # first and the latest were (ISO 8601, UTC): the status's. Saved by ``_save_failures``
+        # (``LOGIN_FAILURES_SAVE_SECONDS``); ``_failures_saved`` is what the store holds.
+        failures = failures or LoginFailures()
+        self.login_failures = failures.count
+        self.first_login_failure = failures.first_at
+        self.last_login_failure = failures.last_at
+        self._failures_saved = failures
+        self._failures_saving: asyncio.Task[None] | None = None
+        self._failures_save_failed = False
+        self.failures_save_seconds = LOGIN_FAILURES_SAVE_SECONDS
         self.login_refused = 0  # logins refused by the limits since start (429)
         self.clock: Callable[[], float] = time.monotonic
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refserver-writer")
@@ -438,13 +456,61 @@ class RefServer:
                 self._login_done.notify_all()
         log.info("login.checked", accepted=ok, scheme=self._scheme(request), remote=request.remote)
         if not ok:
-            self.login_failures += 1
-            self.last_login_failure = now_iso()
+            self._login_failed()
             return web.json_response(
                 {"ok": False, "error": "wrong_password", "message": "The password is wrong."},
                 status=401,
             )
         return web.json_response({"ok": True})
+
+    def _failures(self) -> LoginFailures:
+        return LoginFailures(self.login_failures, self.first_login_failure, self.last_login_failure)
+
+    def _login_failed(self) -> None:
+        """Count a wrong password, and have the count saved (``_save_failures``)."""
+        self.login_failures += 1
+        self.last_login_failure = now_iso()
+        if self.first_login_failure is None:
+            self.first_login_failure = self.last_login_failure
+        if self._failures_saving is None or self._failures_saving.done():
+            self._failures_saving = asyncio.ensure_future(self._save_failures())
+
+    async def _save_failures(self) -> None:
+        """Save the count while it differs from what the store holds: at once, then at most
+        once per ``failures_save_seconds`` (one commit for every failure meanwhile). A save
+        that fails (a read-only or full disk) is logged once until one works again, and tried
+        again at the next failure and as the server stops; the count in memory (the
+        status's) goes on."""
+        while (now := self._failures()) != self._failures_saved:
+            await self.save_failures_now(now)
+            await asyncio.sleep(self.failures_save_seconds)
+            if self._failures_save_failed:
+                return
+
+    async def save_failures_now(self, failures: LoginFailures | None = None) -> None:
+        """Save ``failures`` (default: the count now) unless the store holds it already; the
+        last save as the server stops, and ``_save_failures``'s."""
+        failures = failures or self._failures()
+        if failures == self._failures_saved:
+            return
+        try:
+            await self._write(self.store.save_login_failures, failures)
+        except (OSError, sqlite3.Error) as exc:
+            if not self._failures_save_failed:
+                log.error("login_failures.not_saved", error=_one_line(exc))
+            self._failures_save_failed = True
+            return
+        self._failures_saved = failures
+        self._failures_save_failed = False
+
+    async def stop_saving_failures(self) -> None:
+        """As the server stops: the saving task ends, and the count now is saved."""
+        task = self._failures_saving
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.save_failures_now()
 
     def _login_wait(self, source: str, now: float) -> float:
         return max(self._login_failures.wait(source, now), self._login_ceiling.wait(now))
@@ -590,6 +656,7 @@ class RefServer:
                 "clients": {scheme: len(seen) for scheme, seen in self.clients.items()},
                 "auth_configured": self.verifier is not None,
                 "login_failures": self.login_failures,
+                "first_login_failure": self.first_login_failure,
                 "last_login_failure": self.last_login_failure,
                 "login_refused": self.login_refused,
                 "login_checking": sum(self._login_checking.values()),
@@ -640,6 +707,12 @@ def _test_delay(env: str) -> float:
     if not 0 <= value <= 600:  # also refuses nan
         raise StartupError(f"{env} must be from 0 to 600 seconds")
     return value
+
+
+def _load_state(store: Store) -> tuple[FreezeState, LoginFailures]:
+    """What the store keeps across restarts: the freeze flag and the count of wrong passwords
+    (one worker-thread call: the start is inside every switch's freeze window)."""
+    return store.load_freeze(), store.load_login_failures()
 
 
 def _lock_data_dir(data_dir: Path) -> int:
@@ -726,14 +799,14 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             raise StartupError(f"cannot write {pid_file}: {exc.strerror or exc}") from None
         try:
             store = await asyncio.to_thread(Store, c.data_dir)
-            state = await asyncio.to_thread(store.load_freeze)
+            state, failures = await asyncio.to_thread(_load_state, store)
         except Exception as exc:
             raise StartupError(f"cannot open the entry store: {_one_line(exc)}") from None
         if state.problem:
             log.error("state.unreadable", problem=state.problem)
         if store.read_only:
             log.error("store.read_only", path=str(store.path))
-        server = RefServer(loaded, store, state, write_delay=write_delay)
+        server = RefServer(loaded, store, state, write_delay=write_delay, failures=failures)
         public = web.AppRunner(
             server.public_app(),
             access_log=None,
@@ -801,6 +874,8 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             if socket_bound:
                 c.admin_socket.unlink()
         if server is not None:
+            # The count of wrong passwords as it is now (the saving task waits between saves).
+            await server.stop_saving_failures()
             server.close()
         if store is not None:
             store.close()

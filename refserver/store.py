@@ -1,4 +1,5 @@
-"""The reference server's durable state: the entries and the freeze flag, in one SQLite file.
+"""The reference server's durable state: the entries, the freeze flag and the count of wrong
+passwords at its login, in one SQLite file.
 
 ``entries.sqlite3`` is in WAL mode with ``synchronous=FULL``: a commit returns only after the
 WAL is fsync'ed, so an acknowledged entry, and a freeze or unfreeze answered, survive a crash or
@@ -7,6 +8,14 @@ power loss. ``seq`` is an AUTOINCREMENT key, so it only grows and is never reuse
 points in time. The freeze flag is one row of table ``freeze``: saving it is one commit (one
 WAL fsync). It used to be ``state.json`` (written atomically: two fsyncs and a rename, twice per
 switch); a ``state.json`` left by an older release is taken over at start-up, then removed.
+
+The wrong passwords at the server's ``/login`` (the client password) are one row of table
+``login_failures``: how many, when the first and the latest were. The count goes on across
+restarts (every switch and every change-password rollout restarts the server: the moment
+someone guessing it matters most); it starts at 0 with a new data dir, or with the first
+start of this release on an older one (migration 3 adds the table and no row: an older
+release may run on the file, counting nothing, ``IGNORABLE``). The server saves it at most
+once a second (``refserver.server.LOGIN_FAILURES_SAVE_SECONDS``), not one commit per guess.
 
 All methods are blocking and thread-safe: the server calls them from worker threads, except
 ``watermark`` (one indexed read, which WAL lets no writer block: on its event loop). Writes are
@@ -56,11 +65,26 @@ CREATE TABLE freeze (
 )
 """
 
+# Migration 3: the wrong passwords at the login, kept across restarts (s50). No row until the
+# first one: a file without it counts none.
+_V3 = """
+CREATE TABLE login_failures (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    count    INTEGER NOT NULL CHECK (count >= 0),
+    first_at TEXT,
+    last_at  TEXT
+)
+"""
+
 # The schema of entries.sqlite3: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # issue 15
+    _V3,  # s50: login failures survive restarts
 )
+# Migrations an older release may ignore (``tlsroll.sqlite.migrate``): 3 only adds a table
+# this code copes without a row of (an older server counts its failures in memory only).
+IGNORABLE: frozenset[int] = frozenset({3})
 
 
 def now_iso() -> str:
@@ -85,7 +109,8 @@ class Store:
             self.read_only = True
         self._writer = self._connect_writer()
         try:
-            migrate(self._writer, self.path, MIGRATIONS)  # before WAL: a refused file stays
+            # before WAL: a refused file stays
+            migrate(self._writer, self.path, MIGRATIONS, ignorable=IGNORABLE)
             mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL (got {mode})")
@@ -174,6 +199,26 @@ class Store:
         frozen, since = (False, None) if row is None else (bool(row[0]), row[1])
         return FreezeState(frozen, since, old.problem if old is not None else None)
 
+    def save_login_failures(self, failures: LoginFailures) -> None:
+        """Persist the count of wrong passwords at the login (one commit; the server calls it
+        at most once a second: ``refserver.server.LOGIN_FAILURES_SAVE_SECONDS``)."""
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO login_failures (id, count, first_at, last_at) "
+                "VALUES (1, ?, ?, ?)",
+                (failures.count, failures.first_at, failures.last_at),
+            )
+
+    def load_login_failures(self) -> LoginFailures:
+        """The persisted count (0 if none was ever saved)."""
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT count, first_at, last_at FROM login_failures WHERE id = 1"
+            ).fetchone()
+        if row is None:
+            return LoginFailures()
+        return LoginFailures(int(row[0]), _text(row[1]), _text(row[2]))
+
     def get(self, entry_id: str) -> dict[str, Any] | None:
         with self._reader() as conn:
             row = conn.execute(
@@ -216,6 +261,21 @@ class FreezeState:
     frozen: bool
     since: str | None = None
     problem: str | None = None  # set when a legacy state.json was unreadable (then frozen)
+
+
+@dataclass(frozen=True)
+class LoginFailures:
+    """Wrong passwords at the server's login (the client password) since the count began (a new
+    data dir, or this release's first start on an older one): how many, when the first and the
+    latest were (ISO 8601, UTC; None before the first)."""
+
+    count: int = 0
+    first_at: str | None = None
+    last_at: str | None = None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _read_state_json(path: Path) -> FreezeState | None:

@@ -272,6 +272,41 @@ def test_the_refserver_entries_of_0_1_0_are_taken_over(tmp_path: Path) -> None:
     assert user_version(path) == current_version("refserver", tmp_path)
 
 
+def test_a_refserver_file_of_the_release_before_keeps_its_entries_and_counts_failures(
+    tmp_path: Path,
+) -> None:
+    """Review of s49 (1): migration 3 adds the count of wrong passwords at the login to an
+    existing entry store (schema 2: the release before) without loss: its entries and its
+    freeze stay, the count begins at 0 and is kept from then on. It only adds a table, so a
+    release without it may run on the file (``IGNORABLE``)."""
+    path = refserver_db(tmp_path / "ref")
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for script in refstore.MIGRATIONS[:2]:
+            assert isinstance(script, str)
+            conn.execute(script)
+        conn.execute("INSERT INTO entries (id, body, created_at) VALUES ('a1', '{}', 't')")
+        conn.execute("INSERT INTO freeze (id, frozen, since) VALUES (1, 1, 's')")
+        conn.execute("PRAGMA user_version = 2")
+    finally:
+        conn.close()
+    store = refstore.Store(path.parent)
+    try:
+        assert store.watermark() == 1
+        assert store.load_freeze() == refstore.FreezeState(True, "s")
+        assert store.load_login_failures() == refstore.LoginFailures(0, None, None)
+        store.save_login_failures(refstore.LoginFailures(3, "f", "l"))
+    finally:
+        store.close()
+    assert user_version(path) == 3
+    store = refstore.Store(path.parent)
+    try:
+        assert store.load_login_failures() == refstore.LoginFailures(3, "f", "l")
+    finally:
+        store.close()
+    assert {3} == refstore.IGNORABLE
+
+
 # --- the copy kept before a migration (upgrade audit F5) ---------------------------------------
 
 

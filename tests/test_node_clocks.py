@@ -480,6 +480,101 @@ async def test_the_wrong_client_passwords_a_heartbeat_carries_are_kept_while_the
         assert rig.state.login_failures() == []
 
 
+def guessed(count: int) -> agent_pb2.ServerView:
+    """A healthy reference server's view that counts ``count`` wrong client passwords."""
+    said = agent_pb2.ServerView(
+        driver="reference", healthy=True, schemes=["https"], login_failures=count
+    )
+    if count:
+        said.last_login_failure_at.FromDatetime(T - dt.timedelta(seconds=count))
+    return said
+
+
+async def test_a_guessing_client_makes_no_message_each_beat_and_its_last_count_still_comes(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s49 (2): each wrong password at the node's server changed the heartbeat's
+    report, so every beat was a message to the leader (and a log line there): a client
+    guessing the password drove the agent's traffic. That there are some is news at once; the
+    count as it grows goes with the next message, at the renewal bound at the latest (here:
+    the bound made to pass), so the last count is never lost."""
+    monkeypatch.setattr(service_module, "renew_seconds", lambda _interval: 600)
+    view = [guessed(0)]
+    messages: list[leader_pb2.HeartbeatRequest] = []
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view[0]
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _skew):
+        real = rig.service._heartbeat
+
+        async def counting(*args: Any) -> Any:
+            messages.append(args[1])
+            return await real(*args)
+
+        monkeypatch.setattr(rig.service, "_heartbeat", counting)
+        link.server_view = server_view
+        with structlog.testing.capture_logs() as events:
+            await link.beat()  # the stream opens, in renewal mode
+            assert link._stream is not None and link._stream.renew == 600
+            view[0] = guessed(1)
+            await link.beat(quiet=True)  # the first: news
+            await until(lambda: len(messages) == 2, "the first wrong password")
+            assert [r.failures for r in rig.state.login_failures()] == [1]
+            for count in range(2, 7):
+                view[0] = guessed(count)
+                await link.beat(quiet=True)
+            rig.clock[0] += dt.timedelta(seconds=rig.state.heartbeat_interval)
+            assert link._sent is not None
+            link._sent = (link._sent[0], link._sent[1] - 600)  # the renewal bound comes
+            await link.beat(quiet=True)
+            # The stream keeps its order: a message a quiet beat sent came before this one.
+            await until(lambda: messages[-1].server.login_failures == 6, "the message at the bound")
+        assert [m.server.login_failures for m in messages] == [0, 1, 6]
+        assert [r.failures for r in rig.state.login_failures()] == [6]
+    warned = [e["count"] for e in events if e["event"] == "node.server_login_failures"]
+    assert warned == [1, 6], warned
+
+
+async def test_the_leader_logs_a_nodes_changing_count_once_an_interval_at_most(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s49 (2, 3): the leader logged each changed count, so an agent (a lying one
+    too, alternating counts) made a line each message. Now a changed count is logged at most
+    once per node and heartbeat interval (the leader's clock); what it shows follows every
+    message; a count held back is logged with the next message after the interval."""
+    view = [guessed(0)]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view[0]
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _skew):
+        link.server_view = server_view
+        interval = dt.timedelta(seconds=rig.state.heartbeat_interval)
+
+        async def say(count: int) -> None:
+            view[0] = guessed(count)
+            await link.beat()
+            assert [r.failures for r in rig.state.login_failures()] == ([count] if count else [])
+
+        with structlog.testing.capture_logs() as events:
+            for count in (4, 5, 4, 5, 0, 5):
+                await say(count)
+            rig.clock[0] += interval
+            await say(5)  # held back before: logged now
+            await say(4)
+            rig.clock[0] += interval
+            await say(4)
+            await say(0)
+            await say(3)
+            rig.clock[0] -= 3 * interval  # the leader's clock went back: no bound then
+            await say(2)
+        warned = [e["count"] for e in events if e["event"] == "node.server_login_failures"]
+        assert warned == [4, 5, 4, 2], warned
+        rig.state.forget_node("hb1")
+        assert "hb1" not in rig.state.login_failures_logged
+
+
 async def test_the_latest_wrong_client_password_is_on_the_leaders_clock_and_never_ahead(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:

@@ -26,12 +26,15 @@ import pytest
 import structlog
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from refserver import config as refserver_config
+from refserver import store as refstore
 from refserver.server import (
     SHUTDOWN_TIMEOUT,
     START_DELAY_ENV,
     SWITCHING_MESSAGE,
     WRITE_DELAY_ENV,
 )
+from refserver.server import RefServer as Server
 from refserver.server import _HttpLog as server_http_log
 from tests.conftest import IssuedCert, count_thread_hops
 from tests.refserver_helper import RefServer, Response, peer_certificate, unix_request
@@ -971,6 +974,117 @@ def test_the_whole_server_has_a_ceiling_of_wrong_passwords(
     status = server.status()
     assert status["login_failures"] == 3 and status["login_refused"] == 1
     assert secret not in server.log()
+
+
+def stored_login_failures(data_dir: Path) -> tuple[int, str | None, str | None] | None:
+    """The login_failures row of the server's store (read-only beside it), None if none."""
+    conn = sqlite3.connect(f"file:{data_dir / 'entries.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT count, first_at, last_at FROM login_failures WHERE id = 1"
+        ).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def test_the_count_of_wrong_passwords_survives_restarts_and_crashes(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Review of s49 (1): the count of wrong passwords began at 0 with every start of the
+    server, and every switch and every change-password rollout (the natural answer to someone
+    guessing) restarts it: the evidence went at the moment it mattered. It is kept in the store
+    now, with when the first and the latest were: across a stop, a crash (once saved), and a
+    new password (a change-password rollout does not reset it)."""
+    secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
+    status = server.status()
+    assert (status["login_failures"], status["first_login_failure"]) == (0, None)
+    for _ in range(2):
+        assert login_from(server, ctx, "not-" + secret).status == 401
+    before = server.status()
+    assert before["login_failures"] == 2
+    first, last = before["first_login_failure"], before["last_login_failure"]
+    assert first is not None and last is not None and first <= last
+
+    server.restart()
+    status = server.status()
+    assert (
+        status["login_failures"],
+        status["first_login_failure"],
+        status["last_login_failure"],
+    ) == (2, first, last)
+
+    # A new password (what a change-password rollout does): still counted on.
+    new_secret = password.generate_password()
+    write_verifier(verifier_file, new_secret)
+    server.restart()
+    assert login_from(server, ctx, secret).status == 401
+    assert login_from(server, ctx, new_secret).status == 200
+    status = server.status()
+    assert status["login_failures"] == 3 and status["first_login_failure"] == first
+    assert status["last_login_failure"] >= last
+
+    # A crash: what was saved (at once after a quiet time) is what the next start counts on.
+    wait_for(lambda: (stored_login_failures(server.data_dir) or (0,))[0] == 3, 10, "the save")
+    server.kill()
+    server.start()
+    assert server.status()["login_failures"] == 3
+    assert secret not in server.log() and new_secret not in server.log()
+
+
+async def test_a_flood_of_wrong_passwords_is_no_flood_of_commits(tmp_path: Path) -> None:
+    """Review of s49 (1): the count is saved at once after a quiet time, then at most once
+    per ``failures_save_seconds`` while more come (here an hour: none in this test), and the
+    last count as the server stops; never one commit per guess."""
+    store = refstore.Store(tmp_path)
+    saved: list[refstore.LoginFailures] = []
+    save = store.save_login_failures
+
+    def counted(failures: refstore.LoginFailures) -> None:
+        save(failures)
+        saved.append(failures)
+
+    store.save_login_failures = counted  # type: ignore[method-assign]
+    config = refserver_config.RefServerConfig(
+        path=tmp_path / "refserver.toml",
+        address="127.0.0.1",
+        app_path="/app/",
+        listen=("http",),
+        http_port=8080,
+        https_port=8443,
+        cert_file=None,
+        key_file=None,
+        client_ca_file=None,
+        require_client_cert=False,
+        data_dir=tmp_path,
+        admin_socket=tmp_path / "admin.sock",
+        auth_verifier_file=None,
+    )
+    server = Server(refserver_config.Loaded(config, None, None), store, refstore.FreezeState(False))
+    try:
+        server.failures_save_seconds = 3600.0
+        server._login_failed()
+        for _ in range(200):
+            if saved:
+                break
+            await asyncio.sleep(0.01)
+        assert [f.count for f in saved] == [1]
+        for _ in range(99):
+            server._login_failed()
+            await asyncio.sleep(0)
+        assert [f.count for f in saved] == [1]
+        await server.stop_saving_failures()
+        assert [f.count for f in saved] == [1, 100]
+        assert store.load_login_failures() == refstore.LoginFailures(
+            100, server.first_login_failure, server.last_login_failure
+        )
+        await server.stop_saving_failures()  # nothing new: no commit
+        assert len(saved) == 2
+    finally:
+        server.close()
+        store.close()
 
 
 # One check of this verifier takes seconds (the production cost times 64: r=32, p=16; about 7 s

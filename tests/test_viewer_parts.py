@@ -567,14 +567,14 @@ def test_wrong_client_passwords_at_a_server_are_on_the_page_and_in_the_metrics_w
         (
             "de",
             "Falsche Client-Passwörter",
-            "1 falsches Client-Passwort seit dem Start des Servers",
-            "12 falsche Client-Passwörter seit dem Start des Servers",
+            "1 falsches Client-Passwort bisher",
+            "12 falsche Client-Passwörter bisher",
         ),
         (
             "en",
             "Wrong client passwords",
-            "1 wrong client password since the server started",
-            "12 wrong client passwords since the server started",
+            "1 wrong client password so far",
+            "12 wrong client passwords so far",
         ),
     ):
         html = pages.schema_content(snap, Words.of(lang), page)

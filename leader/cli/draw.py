@@ -275,16 +275,17 @@ def render_failures(failures: Sequence[View]) -> Block:
 
 
 LOGIN_FAILURES_HINT = (
-    "wrong passwords at the server's own login (the client password), counted since that server "
-    "started: a few are typing errors; many, or more and more, mean someone may be guessing it "
-    "(the server slows guessers down, per address and in all)"
+    "wrong passwords at the server's own login (the client password), counted by the server "
+    "across its restarts and new passwords: a few are typing errors; many, or more and more "
+    "(see the latest), mean someone may be guessing it (the server slows guessers down, per "
+    "address and in all)"
 )
 
 
 def login_failures_words(count: int) -> str:
-    """``N wrong client password(s) since the server started``: what the schema and the viewer
-    say of a node's ``ServerLoginFailuresView``."""
-    return f"{count} wrong client password{'' if count == 1 else 's'} since the server started"
+    """``N wrong client password(s) so far`` (the server's count, kept across its restarts):
+    what the schema and the viewer say of a node's ``ServerLoginFailuresView``."""
+    return f"{count} wrong client password{'' if count == 1 else 's'} so far"
 
 
 def render_login_failures(rows: Sequence[View]) -> Block:

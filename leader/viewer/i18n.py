@@ -131,10 +131,11 @@ _DE: dict[str, str] = {
     "failure_last": "Zuletzt",
     "login_failures": "Falsche Client-Passwörter an den Servern",
     "login_failures_hint": "Falsche Passwörter an der Anmeldung des Servers selbst (das "
-    "Client-Passwort), gezählt seit dem Start des Servers: wenige sind Tippfehler; viele, oder "
-    "immer mehr, können ein Rateversuch sein (der Server bremst ihn, je Adresse und insgesamt).",
-    "login_failures_count": "{count} falsche Client-Passwörter seit dem Start des Servers",
-    "login_failures_one": "1 falsches Client-Passwort seit dem Start des Servers",
+    "Client-Passwort), vom Server gezählt, über seine Neustarts und neue Passwörter hinweg: "
+    "wenige sind Tippfehler; viele, oder immer mehr (siehe die letzte), können ein Rateversuch "
+    "sein (der Server bremst ihn, je Adresse und insgesamt).",
+    "login_failures_count": "{count} falsche Client-Passwörter bisher",
+    "login_failures_one": "1 falsches Client-Passwort bisher",
     "certs": "Zertifikate, die bald ablaufen",
     "certs_none": "Kein Zertifikat läuft bald ab (bei Server- und Arbeitsplatz-Zertifikaten "
     "warnt der Leader {days} Tage vor dem Ende, bei der CA ein Jahr).",
@@ -274,10 +275,11 @@ _EN: dict[str, str] = {
     "failure_count": "Count",
     "login_failures": "Wrong client passwords at the servers",
     "login_failures_hint": "Wrong passwords at the server's own login (the client password), "
-    "counted since the server started: a few are typing errors; many, or more and more, may be "
-    "someone guessing it (the server slows guessers down, per address and in all).",
-    "login_failures_count": "{count} wrong client passwords since the server started",
-    "login_failures_one": "1 wrong client password since the server started",
+    "counted by the server across its restarts and new passwords: a few are typing errors; "
+    "many, or more and more (see the latest), may be someone guessing it (the server slows "
+    "guessers down, per address and in all).",
+    "login_failures_count": "{count} wrong client passwords so far",
+    "login_failures_one": "1 wrong client password so far",
     "failure_last": "Last",
     "certs": "Certificates near expiry",
     "certs_none": "No certificate is near its end (the leader warns {days} days ahead of a "

@@ -30,7 +30,8 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
     tlsroll_password_change_pending{node}            1: a new password waits for change-password
     tlsroll_bootstrap_failures{node,source}          wrong passwords on 9443, last 30 days
     tlsroll_server_login_failures{node}              wrong client passwords at the node's
-                                                     server since it started (nodes with some)
+                                                     server, kept across its restarts (nodes
+                                                     with some)
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def render(snap: Snapshot) -> bytes:
 
     guessed = Gauge(
         "tlsroll_server_login_failures",
-        "Wrong client passwords at a node's server's own login since the server started.",
+        "Wrong client passwords at a node's server's own login (kept across its restarts).",
         ["node"],
         registry=registry,
     )

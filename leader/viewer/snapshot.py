@@ -262,7 +262,7 @@ class Reader:
         # its clock differs: ``leader.service.LeaderState.node_problems``), and each node's
         # clock offset (``leader.node_clocks.NodeClocks.offset``), set by the daemon likewise.
         self.node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None
-        # The nodes whose server counts wrong client passwords since it started
+        # The nodes whose server counts wrong client passwords (across its restarts)
         # (``leader.service.LeaderState.login_failures``), set likewise.
         self.login_failures: Callable[[], Sequence[LoginFailuresRow]] | None = None
         self.clock_offset: Callable[[str], float | None] | None = None

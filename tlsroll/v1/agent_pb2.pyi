@@ -253,8 +253,9 @@ class ServerView(_message.Message):
     verifier_digest: _builtins.str
     login_failures: _builtins.int
     """Wrong passwords at the server's own login (the reference server's /login: the client
-    password) since it started, as its status says: someone may be guessing the client
-    password. 0 from a server that does not count them, and from an agent of an earlier release.
+    password) as its status says (the reference server keeps the count across its restarts and
+    new passwords): someone may be guessing the client password. 0 from a server that does not
+    count them, and from an agent of an earlier release.
     """
     @_builtins.property
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

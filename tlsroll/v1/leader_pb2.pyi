@@ -430,9 +430,11 @@ class LiveServer(_message.Message):
     never sets it: its empty bootstrap_problem is "no problem", as before.
     """
     login_failures: _builtins.int
-    """ServerView's: wrong passwords at the server's own login (the client password) since it
-    started, and when the latest was (the node's clock). Set only while the server is healthy
-    (its status read); 0 and unset from an agent of an earlier release.
+    """ServerView's: wrong passwords at the server's own login (the client password; kept across
+    its restarts), and when the latest was (the node's clock). Set only while the server is
+    healthy (its status read); 0 and unset from an agent of an earlier release. Not news on its
+    own as it grows (only its first is): it goes with the next message, at the renewal bound at
+    the latest (``nodeagent.leader_link.report_key``).
     """
     @_builtins.property
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

@@ -503,9 +503,9 @@ class Schema(_message.Message):
     @_builtins.property
     def server_login_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServerLoginFailuresView]:
         """Nodes whose managed server counts wrong passwords at its own login (the client password)
-        since it started, by their agents' heartbeats: someone may be guessing it. Only nodes with
-        at least one, by name. Not stored: a leader that starts again shows them as the agents
-        report; a server that starts again counts from 0 (and its node goes from here).
+        (the server's count, kept across its restarts and new passwords), by their agents'
+        heartbeats: someone may be guessing it. Only nodes with at least one, by name. Not stored
+        by the leader: one that starts again shows them as the agents report.
         """
 
     def __init__(
@@ -543,7 +543,7 @@ class ServerLoginFailuresView(_message.Message):
     REPORTED_AT_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     count: _builtins.int
-    """Wrong passwords since the server started."""
+    """Wrong passwords the server counted (kept across its restarts and new passwords)."""
     @_builtins.property
     def last_at(self) -> _timestamp_pb2.Timestamp:
         """When the latest was (the node's clock); unset if the server does not say."""
