@@ -19,6 +19,14 @@ leader takes the key it has on record for the node with a token made for the nod
 enrolment, with no
 ``tlsroll nodes remove`` (which revokes the node's certificates, its served one too: it is for a
 lost or stolen machine).
+
+What only the admin can put right exits 2 (a ``ConfigError``, which the unit does not restart)
+with one line naming the file and the way on: a key others can read (``check_key_file``), a
+file that is damaged (``damaged_file``), a certificate not of the node's key, not issued by the
+pinned CA or for other names than ``[node]`` (``not_this_nodes``), a CA file not of
+``[leader].ca_pin`` (``not_the_pinned_ca``: a wrong pin or a replaced file, never answered by
+enrolling again). The files are judged before anything reads or moves them
+(``check_identity_files``).
 """
 
 from __future__ import annotations
@@ -252,8 +260,9 @@ def damaged_file(cfg: AgentConfig, path: Path, exc: PKIError) -> ConfigError:
         what = "node key"
         way = (
             f"move it aside (`mv {path} {path}.damaged`), on the leader `tlsroll nodes remove "
-            f"{cfg.node_name}` (it revokes the node's certificates, its served one too) and "
-            f"{token}, {where}, then start the agent again: it makes a new key and enrols it"
+            f"{cfg.node_name}` if `tlsroll nodes` lists it (it revokes the node's "
+            f"certificates, its served one too) and {token}, {where}, then start the agent "
+            "again: it makes a new key and enrols it"
         )
     else:
         what = "node certificate" if path == cert_file else "CA certificate"
@@ -429,7 +438,11 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     pending = pending_paths(cfg.data_dir)[0]
     if key_file.exists():  # a key from an earlier, interrupted attempt: keep the identity
-        key = pki.read_key(key_file)
+        check_key_file(key_file)
+        try:
+            key = pki.read_key(key_file)
+        except PKIError as exc:  # exit 2 with the way on, as at the check (``load_identity``)
+            raise damaged_file(cfg, key_file, exc) from None
     else:
         key = pki.generate_key()
         pki.write_key(key_file, key)

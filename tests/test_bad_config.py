@@ -712,6 +712,20 @@ def test_a_damaged_agent_identity_file_is_a_config_error_naming_it(
     assert "PRIVATE KEY" not in output
 
 
+def test_a_damaged_agent_key_with_no_certificate_is_a_config_error(cluster: Cluster) -> None:
+    """A damaged key where the node has no certificate (an enrolment cut short, or node.pem
+    moved aside): exit 2 naming the key and the way on, as with its certificate there (it
+    exited 1: the enrolment read the key and failed on it, restarted for ever)."""
+    agent = _enrolled_agent(cluster, "dkey2")
+    agent.cert_file.unlink()
+    key = agent.key_file
+    key.write_bytes(b"-----BEGIN garbage-----\n")
+    line = _refused(agent)
+    assert f"config error: node key: {key}: " in line, line
+    assert f"mv {key} {key}.damaged" in line, line
+    assert "tlsroll nodes remove dkey2" in line, line
+
+
 # --- s50agent: an identity whose files do not go together, or not with the config: exit 2 ---
 
 
