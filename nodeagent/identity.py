@@ -23,7 +23,8 @@ lost or stolen machine).
 What only the admin can put right exits 2 (a ``ConfigError``, which the unit does not restart)
 with one line naming the file and the way on: a key others can read (``check_key_file``), a
 file that is damaged (``damaged_file``), a certificate not of the node's key, not issued by the
-pinned CA or for other names than ``[node]`` (``not_this_nodes``), a CA file not of
+pinned CA, for other names than ``[node]`` or without the node's cluster identity
+(``not_this_nodes``), a CA file not of
 ``[leader].ca_pin`` (``not_the_pinned_ca``: a wrong pin or a replaced file, never answered by
 enrolling again). The files are judged before anything reads or moves them
 (``check_identity_files``).
@@ -206,12 +207,7 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     except PKIError as exc:
         raise not_this_nodes(cfg, exc, pki.names_of(cert)) from None
     if spiffe.of(cert) != spiffe.node(spiffe.trust_domain(ca), cfg.node_name):
-        raise TerminalError(
-            f"{cert_file} carries no cluster identity for node {cfg.node_name!r} (issued by an "
-            "older tlsroll): enrol again — on the leader `tlsroll nodes remove "
-            f"{cfg.node_name}` and `tlsroll token create --node {cfg.node_name} --address …`, "
-            f"then move {cert_file} aside and give this agent the new token"
-        )
+        raise not_this_nodes(cfg, None, pki.names_of(cert))
     now = now or utcnow()
     if now >= cert.not_valid_after_utc:
         raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc, now))
@@ -304,18 +300,28 @@ def not_the_pinned_ca(cfg: AgentConfig, pin: str) -> ConfigError:
     )
 
 
-def not_this_nodes(cfg: AgentConfig, exc: PKIError, names: Names) -> ConfigError:
-    """``DATA/node.pem`` that is not this node's by the checks of ``check_issued``: not of
-    ``DATA/node.key``, not issued by the CA in ``DATA/ca.pem`` (the pinned one: checked first),
-    or for other names than ``[node]``. A config error (exit 2: restarting changes nothing),
-    one line naming the files and the way on: the certificate moved aside and the node's key
-    enrolled again with a token made for the node (the leader takes the key it has on record
-    with a token made after the enrolment, no ``nodes remove``); for names, first whether
-    ``[node]`` is what changed."""
+def not_this_nodes(cfg: AgentConfig, exc: PKIError | None, names: Names) -> ConfigError:
+    """``DATA/node.pem`` that is not this node's by the checks of ``check_issued`` (``exc``):
+    not of ``DATA/node.key``, not issued by the CA in ``DATA/ca.pem`` (the pinned one: checked
+    first), or for other names than ``[node]``; or (``exc`` None) without the node's cluster
+    identity (issued by an older tlsroll: its line said to ``nodes remove`` the node, which
+    revokes its served certificate too, and is not needed). A config error (exit 2:
+    restarting changes nothing), one line naming the files and the way on: the certificate
+    moved aside and the node's key enrolled again with a token made for the node (the leader
+    takes the key it has on record with a token made after the enrolment, no ``nodes
+    remove``); for names, first whether ``[node]`` is what changed."""
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     token, where = _token_way(cfg)
     aside = f"`mv {cert_file} {cert_file}.mismatch`"
     again = f"it enrols {key_file} again"
+    if exc is None:
+        return ConfigError(
+            "node certificate",
+            None,
+            f"{cert_file} carries no cluster identity for node {cfg.node_name!r} (issued by an "
+            f"older tlsroll); move it aside ({aside}), on the leader {token}, {where}, then "
+            f"start the agent again: {again}",
+        )
     if exc.reason is PKIReason.NAME_MISMATCH:
         return ConfigError(
             cfg.path,

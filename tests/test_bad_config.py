@@ -24,7 +24,7 @@ from leader.layout import Layout
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
 from tests.cluster import Agent, Cluster, command, one_line_error
 from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, cluster_ca
 from tests.refserver_helper import write_toml
 from tlsroll import password, pki
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
@@ -849,6 +849,41 @@ def test_the_way_on_from_a_damaged_agent_certificate_brings_the_node_back(
         cluster.wait_for_nodes_online(["eback"], timeout=30)
         assert pki.spki_pin(agent.cert()) == key_pin  # its own key, enrolled again
         assert Path(moved.group(2)).read_bytes().startswith(b"-----BEGIN CERTIFICATE-----\nd")
+        assert agent.stop() == 0
+    finally:
+        agent.close()
+        cluster.stop_leader()
+
+
+def test_an_agent_certificate_with_no_cluster_identity_is_enrolled_again_without_removal(
+    cluster: Cluster,
+) -> None:
+    """A node certificate of the cluster's CA without the node's cluster identity (issued by an
+    older tlsroll): exit 2 (it was 1, restarted for ever) and the way on, which is the node's
+    key enrolled again with a new token: no `tlsroll nodes remove` (its line said so, which
+    revokes the node's certificates, its served one too). Followed, the node is back."""
+    agent = _enrolled_agent(cluster, "nospiffe", token_file=True)
+    key_pin = pki.spki_pin(agent.cert())
+    key = pki.read_key(agent.key_file)
+    names = pki.names_of(agent.cert())
+    pki.write_cert(agent.cert_file, cluster_ca(cluster).issue(key.public_key(), names))
+    line = _refused(agent)
+    cert = agent.cert_file
+    assert f"config error: node certificate: {cert} carries no cluster identity for node " in line
+    assert "nodes remove" not in line, line
+    moved = re.search(r"`mv (\S+) (\S+)`", line)
+    create = re.search(r"`(tlsroll token create [^`]*)`", line)
+    assert moved is not None and create is not None, line
+    assert moved.group(1) == str(cert), line
+    Path(moved.group(1)).rename(moved.group(2))
+    cluster.start_leader()
+    try:
+        made = cluster.cli(*shlex.split(create.group(1))[1:])
+        assert made.returncode == 0, made.stderr
+        Path(str(agent.config["leader"]["join_token_file"])).write_text(made.stdout)
+        agent.start()
+        cluster.wait_for_nodes_online(["nospiffe"], timeout=30)
+        assert pki.spki_pin(agent.cert()) == key_pin
         assert agent.stop() == 0
     finally:
         agent.close()
