@@ -42,7 +42,7 @@ from nodeagent.identity import (
     CertificateExpired,
     EnrolmentDeferred,
     Identity,
-    check_key_file,
+    check_identity_files,
     expired_message,
     paths,
     pending_paths,
@@ -93,13 +93,14 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     answer), nor when the files and the config are byte for byte those a child last checked
     (``MEMO``) with the same code (this tlsroll's version, ``IDENTITY_CHECKS``): the checks
     depend on nothing else, except the certificate's end (compared here with ``now``) and the
-    key file's permissions (checked here again)."""
+    files' kinds and the keys' permissions (``identity.check_identity_files``, here first:
+    before the memo's digest reads the files)."""
     if not any(p.exists() for p in (*paths(cfg.data_dir), *pending_paths(cfg.data_dir))):
         return None
+    check_identity_files(cfg)  # before the memo's digest reads them (a FIFO: for ever)
     if not any(p.exists() for p in pending_paths(cfg.data_dir)):
         remembered = _remembered(cfg)
         if remembered is not None:
-            check_key_file(remembered.key_file)
             now = now or utcnow()
             if now >= remembered.not_after:
                 raise CertificateExpired(expired_message(cfg, remembered.not_after, now))

@@ -19,6 +19,15 @@ leader takes the key it has on record for the node with a token made for the nod
 enrolment, with no
 ``tlsroll nodes remove`` (which revokes the node's certificates, its served one too: it is for a
 lost or stolen machine).
+
+What only the admin can put right exits 2 (a ``ConfigError``, which the unit does not restart)
+with one line naming the file and the way on: a key others can read (``check_key_file``), a
+file that is damaged (``damaged_file``), a certificate not of the node's key, not issued by the
+pinned CA, for other names than ``[node]`` or without the node's cluster identity
+(``not_this_nodes``), a CA file not of
+``[leader].ca_pin`` (``not_the_pinned_ca``: a wrong pin or a replaced file, never answered by
+enrolling again). The files are judged before anything reads or moves them
+(``check_identity_files``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import _ssl
 import datetime as dt
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +55,7 @@ from tlsroll import __version__, logs, spiffe, tls
 from tlsroll.echo import shown_path
 from tlsroll.errors import (
     ConfigError,
+    NotRegularFile,
     PKIError,
     PKIReason,
     TerminalError,
@@ -52,8 +63,15 @@ from tlsroll.errors import (
     TransientError,
     UnsafePermissions,
 )
-from tlsroll.fsutil import PUBLIC, check_private_file, fsync_dir, make_private_dir, write_atomic
-from tlsroll.names import utcnow
+from tlsroll.fsutil import (
+    PUBLIC,
+    check_private_file,
+    file_kind,
+    fsync_dir,
+    make_private_dir,
+    write_atomic,
+)
+from tlsroll.names import Names, utcnow
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -165,10 +183,9 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
 
     key_file, cert_file, ca_file = paths(cfg.data_dir)
+    check_identity_files(cfg)  # before anything reads a key or moves a file (finish_pending)
     if cfg.data_dir.exists():
         finish_pending(cfg.data_dir)
-    if key_file.exists():
-        check_key_file(key_file)
     if not (key_file.exists() and cert_file.exists() and ca_file.exists()):
         return None
     try:
@@ -184,19 +201,36 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     except PKIError as exc:
         raise damaged_file(cfg, ca_file, exc) from None
     if pki.spki_pin(ca) != cfg.ca_pin:
-        raise PKIError(PKIReason.PIN_MISMATCH, f"{ca_file} is not the CA of [leader].ca_pin")
-    check_issued(cert, key, ca, cfg.names)
+        raise not_the_pinned_ca(cfg, pki.spki_pin(ca))
+    try:
+        check_issued(cert, key, ca, cfg.names)
+    except PKIError as exc:
+        raise not_this_nodes(cfg, exc, pki.names_of(cert)) from None
     if spiffe.of(cert) != spiffe.node(spiffe.trust_domain(ca), cfg.node_name):
-        raise TerminalError(
-            f"{cert_file} carries no cluster identity for node {cfg.node_name!r} (issued by an "
-            "older tlsroll): enrol again — on the leader `tlsroll nodes remove "
-            f"{cfg.node_name}` and `tlsroll token create --node {cfg.node_name} --address …`, "
-            f"then move {cert_file} aside and give this agent the new token"
-        )
+        raise not_this_nodes(cfg, None, pki.names_of(cert))
     now = now or utcnow()
     if now >= cert.not_valid_after_utc:
         raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc, now))
     return Identity.of(key_file, cert_file, ca_file, cert, ca)
+
+
+def check_identity_files(cfg: AgentConfig) -> None:
+    """Judge the node's files before anything reads them: its key and a renewal's
+    (``check_key_file``: not a regular file, not ours or readable by others), its certificate
+    and CA (a regular file: a FIFO would be read for ever). Both a person's to fix (exit 2).
+    Before ``finish_pending`` (which reads the keys and moves files) and the memo's digest
+    (``certwork``, which reads them all): a refusal reads nothing and changes nothing."""
+    key_file, cert_file, ca_file = paths(cfg.data_dir)
+    for secret in (key_file, pending_paths(cfg.data_dir)[0]):
+        if secret.exists():
+            check_key_file(secret)
+    for public in (cert_file, ca_file, pending_paths(cfg.data_dir)[1]):
+        try:
+            st = os.stat(public)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{public} is not a regular file ({file_kind(st.st_mode)})")
 
 
 def check_key_file(key_file: Path) -> None:
@@ -217,18 +251,14 @@ def damaged_file(cfg: AgentConfig, path: Path, exc: PKIError) -> ConfigError:
     token made for the node, its key enrolled again; its key: a new key, once the node is
     removed on the leader, as for a revoked key)."""
     key_file, cert_file, _ = paths(cfg.data_dir)
-    where = (
-        f"the token to {cfg.join_token_file}"
-        if cfg.join_token_file is not None
-        else f"the token to this agent ([leader].join_token_file in {cfg.path})"
-    )
-    token = f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`"
+    token, where = _token_way(cfg)
     if path == key_file:
         what = "node key"
         way = (
             f"move it aside (`mv {path} {path}.damaged`), on the leader `tlsroll nodes remove "
-            f"{cfg.node_name}` (it revokes the node's certificates, its served one too) and "
-            f"{token}, {where}, then start the agent again: it makes a new key and enrols it"
+            f"{cfg.node_name}` if `tlsroll nodes` lists it (it revokes the node's "
+            f"certificates, its served one too) and {token}, {where}, then start the agent "
+            "again: it makes a new key and enrols it"
         )
     else:
         what = "node certificate" if path == cert_file else "CA certificate"
@@ -237,6 +267,85 @@ def damaged_file(cfg: AgentConfig, path: Path, exc: PKIError) -> ConfigError:
             f"start the agent again: it enrols {key_file} again"
         )
     return ConfigError(what, None, f"{path}: {exc}; {way}")
+
+
+def _token_way(cfg: AgentConfig) -> tuple[str, str]:
+    """The ``tlsroll token create`` for this node (quoted) and where its token goes."""
+    where = (
+        f"write the token to {shown_path(cfg.join_token_file)}"
+        if cfg.join_token_file is not None
+        else f"give the token to this agent ([leader].join_token_file in {cfg.path})"
+    )
+    return f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`", where
+
+
+def _said_names(names: Names) -> str:
+    return f"node {names.common_name!r} with {', '.join((*names.ips, *names.dns)) or 'no names'}"
+
+
+def not_the_pinned_ca(cfg: AgentConfig, pin: str) -> ConfigError:
+    """``DATA/ca.pem`` whose key is not ``[leader].ca_pin``'s: a config error (exit 2), never
+    answered by enrolling again. Either the pin is wrong (typed wrong, another cluster's) or
+    the file was replaced, perhaps by someone who wants the node to trust their CA: the line
+    says both and how to tell them apart (the leader's ``tlsroll ca show``), and not to take
+    the file's pin nor enrol again to get past it (either would trust what it holds)."""
+    ca_file = paths(cfg.data_dir)[2]
+    return ConfigError(
+        cfg.path,
+        "[leader].ca_pin",
+        f"{ca_file} holds a CA whose key's pin is {pin}, not this pin: either this pin is "
+        "wrong (compare it with the pin `tlsroll ca show` prints on the leader) or "
+        f"{ca_file} was replaced, perhaps by an attacker — find out which before anything "
+        "else; do not copy that file's pin here nor enrol the node again to get past it",
+    )
+
+
+def not_this_nodes(cfg: AgentConfig, exc: PKIError | None, names: Names) -> ConfigError:
+    """``DATA/node.pem`` that is not this node's by the checks of ``check_issued`` (``exc``):
+    not of ``DATA/node.key``, not issued by the CA in ``DATA/ca.pem`` (the pinned one: checked
+    first), or for other names than ``[node]``; or (``exc`` None) without the node's cluster
+    identity (issued by an older tlsroll: its line said to ``nodes remove`` the node, which
+    revokes its served certificate too, and is not needed). A config error (exit 2:
+    restarting changes nothing), one line naming the files and the way on: the certificate
+    moved aside and the node's key enrolled again with a token made for the node (the leader
+    takes the key it has on record with a token made after the enrolment, no ``nodes
+    remove``); for names, first whether ``[node]`` is what changed."""
+    key_file, cert_file, ca_file = paths(cfg.data_dir)
+    token, where = _token_way(cfg)
+    aside = f"`mv {cert_file} {cert_file}.mismatch`"
+    again = f"it enrols {key_file} again"
+    if exc is None:
+        return ConfigError(
+            "node certificate",
+            None,
+            f"{cert_file} carries no cluster identity for node {cfg.node_name!r} (issued by an "
+            f"older tlsroll); move it aside ({aside}), on the leader {token}, {where}, then "
+            f"start the agent again: {again}",
+        )
+    if exc.reason is PKIReason.NAME_MISMATCH:
+        return ConfigError(
+            cfg.path,
+            "[node]",
+            f"{cert_file} is for {_said_names(names)}; [node] says {_said_names(cfg.names)}: "
+            "if [node] is wrong, put [node] back as the certificate has it and start the agent "
+            f"again; if the node's names changed, on the leader {token}, {where}, move the "
+            f"certificate aside ({aside}) and start the agent again: {again} with these names",
+        )
+    if exc.reason is PKIReason.KEY_MISMATCH:
+        problem = (
+            f"{cert_file} is not the certificate of {key_file} (one of them replaced, or "
+            "restored from another copy): if the node's own key was replaced, put it back; "
+            f"else move the certificate aside ({aside}), on the leader {token}, {where}, then "
+            f"start the agent again: {again} (if the leader says the node is enrolled with "
+            "another key, this key is not the node's: its line says the way on)"
+        )
+    else:
+        problem = (
+            f"{cert_file} was not issued by the CA in {ca_file} (the CA of [leader].ca_pin): "
+            f"another CA's or cluster's certificate; move it aside ({aside}), on the leader "
+            f"{token}, {where}, then start the agent again: {again}"
+        )
+    return ConfigError("node certificate", None, problem)
 
 
 def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Certificate]:
@@ -335,7 +444,11 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     pending = pending_paths(cfg.data_dir)[0]
     if key_file.exists():  # a key from an earlier, interrupted attempt: keep the identity
-        key = pki.read_key(key_file)
+        check_key_file(key_file)
+        try:
+            key = pki.read_key(key_file)
+        except PKIError as exc:  # exit 2 with the way on, as at the check (``load_identity``)
+            raise damaged_file(cfg, key_file, exc) from None
     else:
         key = pki.generate_key()
         pki.write_key(key_file, key)

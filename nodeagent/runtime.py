@@ -64,7 +64,10 @@ from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 # Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
-# a config or usage error (argparse's, a --reinitialise refused), a journal written by a newer
+# a config or usage error (argparse's, a --reinitialise refused; the node's files the admin must
+# put right: a key or join_token_file others can read, a key, certificate or CA file damaged or
+# not going together or with the config, ``identity.damaged_file``, ``not_this_nodes``,
+# ``not_the_pinned_ca``), a journal written by a newer
 # tlsroll (a package rolled back), and a journal that is lost, damaged or unreadable (restore
 # it from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among them a
 # journal that cannot be opened now (a full disk: StoreUnavailable), which systemd starts

@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from leader.layout import Layout
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
 from tests.cluster import Agent, Cluster, command, one_line_error
 from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, cluster_ca
 from tests.refserver_helper import write_toml
 from tlsroll import password, pki
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
@@ -662,11 +664,11 @@ def test_an_error_nobody_foresaw_in_a_daemon_is_one_line_with_its_type_only(
 # --- s49agentexit: the agent's key readable by others, a token file too, a damaged identity ---
 
 
-def _enrolled_agent(cluster: Cluster, name: str) -> Agent:
+def _enrolled_agent(cluster: Cluster, name: str, *, token_file: bool = False) -> Agent:
     """An agent that enrolled (its identity in its data dir), stopped, as is the leader."""
     cluster.start_leader()
     try:
-        agent = cluster.add_agent(name, next_loopback())
+        agent = cluster.add_agent(name, next_loopback(), token_file=token_file)
         assert agent.stop() == 0
     finally:
         cluster.stop_leader()
@@ -708,3 +710,181 @@ def test_a_damaged_agent_identity_file_is_a_config_error_naming_it(
     assert f"tlsroll token create --node {name} --address" in line, line
     assert (f"tlsroll nodes remove {name}" in line) == (damaged == "node.key"), line
     assert "PRIVATE KEY" not in output
+
+
+def test_a_damaged_agent_key_with_no_certificate_is_a_config_error(cluster: Cluster) -> None:
+    """A damaged key where the node has no certificate (an enrolment cut short, or node.pem
+    moved aside): exit 2 naming the key and the way on, as with its certificate there (it
+    exited 1: the enrolment read the key and failed on it, restarted for ever)."""
+    agent = _enrolled_agent(cluster, "dkey2")
+    agent.cert_file.unlink()
+    key = agent.key_file
+    key.write_bytes(b"-----BEGIN garbage-----\n")
+    line = _refused(agent)
+    assert f"config error: node key: {key}: " in line, line
+    assert f"mv {key} {key}.damaged" in line, line
+    assert "tlsroll nodes remove dkey2" in line, line
+
+
+# --- s50agent: an identity whose files do not go together, or not with the config: exit 2 ---
+
+
+def _refused(agent: Agent) -> str:
+    """The agent's one line, exit 2 (its unit does not restart it: restarting changes nothing;
+    these exited 1 and were started again every few seconds for ever)."""
+    code, output = agent.run_to_exit(timeout=30)
+    assert code == 2, output
+    assert "PRIVATE KEY" not in output
+    return one_line_error(output, "tlsroll-agent")
+
+
+def test_an_agent_certificate_not_of_its_key_is_a_config_error(cluster: Cluster) -> None:
+    """node.pem is not node.key's (one replaced, or restored from another copy): the key back
+    if there is one, else node.pem aside and the key enrolled again with a new token."""
+    agent = _enrolled_agent(cluster, "mkey")
+    pki.write_key(agent.key_file, pki.generate_key())
+    line = _refused(agent)
+    cert, key = agent.cert_file, agent.key_file
+    assert f"config error: node certificate: {cert} is not the certificate of {key}" in line
+    assert "put it back" in line, line
+    assert f"mv {cert} {cert}.mismatch" in line, line
+    assert f"tlsroll token create --node mkey --address {agent.address}" in line, line
+    assert f"it enrols {key} again" in line, line
+
+
+def test_an_agent_certificate_of_another_ca_is_a_config_error(cluster: Cluster) -> None:
+    """node.pem not issued by the CA in ca.pem (which is the pinned one): another CA's
+    certificate, moved aside, the node's key enrolled again."""
+    agent = _enrolled_agent(cluster, "mca")
+    other = pki.CertificateAuthority.create("another CA")
+    key = pki.read_key(agent.key_file)
+    pki.write_cert(agent.cert_file, other.issue(key.public_key(), pki.names_of(agent.cert())))
+    line = _refused(agent)
+    cert = agent.cert_file
+    assert f"config error: node certificate: {cert} was not issued by the CA in " in line
+    assert str(agent.ca_file) in line, line
+    assert f"mv {cert} {cert}.mismatch" in line, line
+    assert f"tlsroll token create --node mca --address {agent.address}" in line, line
+    assert "nodes remove" not in line, line
+
+
+def test_agent_names_not_those_of_its_certificate_are_a_config_error(cluster: Cluster) -> None:
+    """[node] changed after the enrolment: put it back, or enrol again with the new names (a
+    token for them; the certificate aside). The second way, followed, enrols the node's key
+    again with its new address."""
+    agent = _enrolled_agent(cluster, "mnames", token_file=True)
+    key_pin = pki.spki_pin(agent.cert())
+    old, new = agent.address, next_loopback()
+    agent.write_config({"node": {"addresses": [new]}})
+    line = _refused(agent)
+    cert = agent.cert_file
+    assert f"config error: {agent.config_path}: [node]: {cert} is for node " in line, line
+    assert f"{cert} is for node 'mnames' with {old}; [node] says node 'mnames' with {new}" in line
+    assert "put [node] back as the certificate has it" in line, line
+    create = re.search(r"`(tlsroll token create [^`]*)`", line)
+    assert (
+        create is not None
+        and create.group(1) == f"tlsroll token create --node mnames --address {new}"
+    ), line
+    assert f"mv {cert} {cert}.mismatch" in line, line
+    cert.rename(f"{cert}.mismatch")
+    cluster.start_leader()
+    agent.address = new  # where its port is now
+    try:
+        made = cluster.cli(*shlex.split(create.group(1))[1:])
+        assert made.returncode == 0, made.stderr
+        Path(str(agent.config["leader"]["join_token_file"])).write_text(made.stdout)
+        agent.start()
+        nodes = cluster.wait_for_nodes_online(["mnames"], timeout=30)
+        assert list(nodes["mnames"].addresses) == [new]
+        assert pki.spki_pin(agent.cert()) == key_pin
+        assert agent.stop() == 0
+    finally:
+        agent.close()
+        cluster.stop_leader()
+
+
+def test_an_agent_ca_file_not_of_its_pin_is_a_config_error_not_a_reenrolment(
+    cluster: Cluster,
+) -> None:
+    """ca.pem whose key is not [leader].ca_pin's: a wrong pin, or a file replaced (perhaps by
+    an attacker): the line says both, names the leader's `tlsroll ca show` to compare with,
+    and never sends the admin to enrol the node again (that would take whatever CA now
+    answers, or hide the replacement)."""
+    agent = _enrolled_agent(cluster, "mpin")
+    other = pki.CertificateAuthority.create("another CA")
+    pki.write_cert(agent.ca_file, other.cert)
+    line = _refused(agent)
+    ca = agent.ca_file
+    assert f"config error: {agent.config_path}: [leader].ca_pin: {ca} holds a CA" in line
+    assert pki.spki_pin(other.cert) in line, line
+    assert "tlsroll ca show" in line and "attacker" in line, line
+    assert "token create" not in line and "mv " not in line, line
+
+
+def test_the_way_on_from_a_damaged_agent_certificate_brings_the_node_back(
+    cluster: Cluster,
+) -> None:
+    """End to end, as an admin reads it: a damaged node.pem stops the agent (exit 2) with one
+    line; doing what it says (the `mv`, the `tlsroll token create` it prints, the token
+    written to the file it names, the agent started again) enrols the node's own key again,
+    and the node is online."""
+    agent = _enrolled_agent(cluster, "eback", token_file=True)
+    key_pin = pki.spki_pin(agent.cert())
+    token_file = Path(str(agent.config["leader"]["join_token_file"]))
+    agent.cert_file.write_bytes(b"-----BEGIN CERTIFICATE-----\ndamaged\n")
+    line = _refused(agent)
+    moved = re.search(r"`mv (\S+) (\S+)`", line)
+    create = re.search(r"`(tlsroll token create [^`]*)`", line)
+    assert moved is not None and create is not None, line
+    assert moved.group(1) == str(agent.cert_file), line
+    assert f"write the token to {token_file}" in line, line
+    Path(moved.group(1)).rename(moved.group(2))
+    cluster.start_leader()
+    try:
+        made = cluster.cli(*shlex.split(create.group(1))[1:])
+        assert made.returncode == 0, made.stderr
+        token_file.write_text(made.stdout.strip() + "\n")
+        agent.start()
+        cluster.wait_for_nodes_online(["eback"], timeout=30)
+        assert pki.spki_pin(agent.cert()) == key_pin  # its own key, enrolled again
+        assert Path(moved.group(2)).read_bytes().startswith(b"-----BEGIN CERTIFICATE-----\nd")
+        assert agent.stop() == 0
+    finally:
+        agent.close()
+        cluster.stop_leader()
+
+
+def test_an_agent_certificate_with_no_cluster_identity_is_enrolled_again_without_removal(
+    cluster: Cluster,
+) -> None:
+    """A node certificate of the cluster's CA without the node's cluster identity (issued by an
+    older tlsroll): exit 2 (it was 1, restarted for ever) and the way on, which is the node's
+    key enrolled again with a new token: no `tlsroll nodes remove` (its line said so, which
+    revokes the node's certificates, its served one too). Followed, the node is back."""
+    agent = _enrolled_agent(cluster, "nospiffe", token_file=True)
+    key_pin = pki.spki_pin(agent.cert())
+    key = pki.read_key(agent.key_file)
+    names = pki.names_of(agent.cert())
+    pki.write_cert(agent.cert_file, cluster_ca(cluster).issue(key.public_key(), names))
+    line = _refused(agent)
+    cert = agent.cert_file
+    assert f"config error: node certificate: {cert} carries no cluster identity for node " in line
+    assert "nodes remove" not in line, line
+    moved = re.search(r"`mv (\S+) (\S+)`", line)
+    create = re.search(r"`(tlsroll token create [^`]*)`", line)
+    assert moved is not None and create is not None, line
+    assert moved.group(1) == str(cert), line
+    Path(moved.group(1)).rename(moved.group(2))
+    cluster.start_leader()
+    try:
+        made = cluster.cli(*shlex.split(create.group(1))[1:])
+        assert made.returncode == 0, made.stderr
+        Path(str(agent.config["leader"]["join_token_file"])).write_text(made.stdout)
+        agent.start()
+        cluster.wait_for_nodes_online(["nospiffe"], timeout=30)
+        assert pki.spki_pin(agent.cert()) == key_pin
+        assert agent.stop() == 0
+    finally:
+        agent.close()
+        cluster.stop_leader()

@@ -34,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from nodeagent import runtime
+from nodeagent import certwork, runtime
 from tests.cluster import (
     Agent,
     Cluster,
@@ -350,6 +350,63 @@ def test_agent_refuses_a_key_file_readable_by_others(three: Cluster) -> None:
         assert three.find_secrets(output) == []
     finally:
         node2.key_file.chmod(0o600)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
+@pytest.mark.parametrize("which", ["node.key", "node.key.new"])
+def test_agent_refuses_a_readable_key_before_it_completes_a_renewal(
+    three: Cluster, which: str
+) -> None:
+    """A renewal a crash cut short (node.pem.new waiting) and a key others can read: exit 2
+    naming the key, as without the renewal (it exited 1: the renewal's completion read the
+    key first and failed on it), and nothing moved or deleted before the exit."""
+    node2 = three.agents["node2"]
+    assert node2.stop() == 0
+    new_cert = node2.data_dir / "node.pem.new"
+    new_key = node2.data_dir / "node.key.new"
+    key = node2.data_dir / which
+    files = [node2.key_file, node2.cert_file, new_cert]
+    try:
+        new_cert.write_bytes(node2.cert_file.read_bytes())
+        if which == "node.key.new":
+            pki.write_key(new_key, pki.generate_key())
+            files.append(new_key)
+        before = {f: f.read_bytes() for f in files}
+        key.chmod(0o644)
+        code, output = node2.run_to_exit()
+        assert code == 2, output
+        line = one_line_error(output, "tlsroll-agent")
+        assert f"node key: {key} is accessible by others" in line, line
+        assert f"chmod 600 {key}" in line, line
+        assert {f: f.read_bytes() for f in files} == before
+        assert three.find_secrets(output) == []
+    finally:
+        node2.key_file.chmod(0o600)
+        new_cert.unlink(missing_ok=True)
+        new_key.unlink(missing_ok=True)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
+def test_agent_refuses_a_key_that_is_a_fifo_without_reading_it(three: Cluster) -> None:
+    """node.key made a FIFO, the memo of the last check there: exit 2 (not a regular file),
+    not a start that hangs for ever reading it (the memo's digest read the key before its
+    checks)."""
+    node2 = three.agents["node2"]
+    assert node2.stop() == 0
+    assert (node2.data_dir / certwork.MEMO).exists()
+    aside = node2.data_dir / "node.key.aside"
+    node2.key_file.rename(aside)
+    try:
+        os.mkfifo(node2.key_file, 0o600)
+        code, output = node2.run_to_exit(timeout=30)
+        assert code == 2, output
+        line = one_line_error(output, "tlsroll-agent")
+        assert f"{node2.key_file} is not a regular file (a FIFO)" in line, line
+    finally:
+        node2.key_file.unlink(missing_ok=True)
+        aside.rename(node2.key_file)
         node2.start()
     three.wait_for_nodes_online(["node2"], timeout=15)
 
