@@ -48,6 +48,7 @@ import compileall
 import contextlib
 import datetime as dt
 import itertools
+import json
 import shutil
 import signal
 import sqlite3
@@ -232,6 +233,7 @@ class Run:
     gaps: list[float] = field(default_factory=list)  # a node's confirm end → the next's switch
     parts: dict[str, float] = field(default_factory=dict)  # overhead per node, by where it went
     steps: dict[str, list[float]] = field(default_factory=dict)  # a switch, step by step
+    phases: dict[str, list[float]] = field(default_factory=dict)  # finer, from the logs
 
     @property
     def overhead(self) -> float:
@@ -373,6 +375,7 @@ def one_run(
             gaps=switch_gaps(view),
             parts=overhead_parts(view),
             steps=switch_steps(view, nodes),
+            phases=switch_phases(view, nodes, cluster.leader.log_path),
         )
     finally:
         for node in nodes:
@@ -511,6 +514,93 @@ def switch_steps(view: schema_pb2.RolloutView, nodes: Sequence[Node]) -> dict[st
     return split
 
 
+def _log_times(path: Path, events: Sequence[str], **match: str) -> dict[str, list[float]]:
+    """The times (epoch seconds) at which a daemon's JSON log says each of ``events``, in the
+    log's order, of the lines whose fields equal ``match``."""
+    times: dict[str, list[float]] = {e: [] for e in events}
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                entry = json.loads(line)
+                if entry["event"] in times and all(entry.get(k) == v for k, v in match.items()):
+                    stamp = entry["timestamp"].replace("Z", "+00:00")
+                    times[entry["event"]].append(dt.datetime.fromisoformat(stamp).timestamp())
+    return times
+
+
+# The switch's finer phases (``switch_phases``): (name, from mark, to mark). The journal's marks
+# ("j:") are stamped as each record's write begins, so a record's own commit (its fsync) falls
+# in the phase after its mark; "a:" the agent's log, "old:"/"new:" the reference server's logs
+# (the server the switch stops and the one it starts), "leader:" the leader's log.
+SWITCH_PHASES = (
+    ("leader → agent (leader's record, the call, the agent's check)", "leader:start", "j:create"),
+    ("create's record (its commit)", "j:create", "a:txn.started"),
+    ("freeze call (the server's drain and its record)", "a:txn.started", "old:writes.frozen"),
+    ("freeze answer → frozen record", "old:writes.frozen", "j:frozen"),
+    ("frozen record + config rename", "j:frozen", "j:config_written"),
+    ("config_written record", "j:config_written", "a:config_written"),
+    ("→ the old server stopping", "a:config_written", "old:server.stopping"),
+    ("the old server's stop", "old:server.stopping", "old:server.stopped"),
+    ("the new server's start", "old:server.stopped", "new:server.started"),
+    ("its READY=1 → restarted record", "new:server.started", "j:restarted"),
+    ("verify", "j:restarted", "j:verified"),
+    ("verified record + unfreeze call", "j:verified", "new:writes.unfrozen"),
+    ("unfreeze answer → completed record", "new:writes.unfrozen", "j:completed"),
+    ("completed record → the leader's outcome", "j:completed", "leader:switch"),
+)
+
+
+def switch_phases(
+    view: schema_pb2.RolloutView, nodes: Sequence[Node], leader_log: Path
+) -> dict[str, list[float]]:
+    """Each node's switch, phase by phase (seconds; ``SWITCH_PHASES``), from the journals and
+    the daemons' logs, read after the rollout (one machine, one clock: it costs the rollout
+    nothing). A phase whose marks are missing is left out for that node."""
+    split: dict[str, list[float]] = {}
+    by_name = {n.name: n for n in nodes}
+    for v in view.nodes:
+        node = by_name.get(v.name)
+        switch = next((st for st in v.steps if st.step == "switch"), None)
+        if node is None or node.agent is None or switch is None:
+            continue
+        marks: dict[str, float] = {
+            "leader:start": switch.started_at.ToDatetime(tzinfo=dt.UTC).timestamp()
+        }
+        with contextlib.closing(
+            sqlite3.connect(f"file:{node.journal_path}?mode=ro", uri=True)
+        ) as db:
+            for phase, at in db.execute(
+                "SELECT step, at FROM events WHERE rollout_id = ? AND kind = 'switch' "
+                "AND what = 'end' ORDER BY seq",
+                (view.id,),
+            ):
+                marks.setdefault(f"j:{phase}", dt.datetime.fromisoformat(at).timestamp())
+        agent = _log_times(node.agent.log_path, ("txn.started",), rollout_id=view.id, kind="switch")
+        steps = _log_times(
+            node.agent.log_path, ("txn.step",), rollout_id=view.id, phase="config_written"
+        )
+        old = _log_times(
+            node.root / "server" / "refserver.log",
+            ("writes.frozen", "server.stopping", "server.stopped"),
+        )
+        new = _log_times(
+            node.journal_path.parent / "refserver.log", ("server.started", "writes.unfrozen")
+        )
+        leader = _log_times(leader_log, ("step.finished",), node=v.name, step="switch")
+        found = {
+            "a:txn.started": agent["txn.started"][:1],
+            "a:config_written": steps["txn.step"][:1],
+            "leader:switch": leader["step.finished"][-1:],
+            **{f"old:{k}": t[-1:] for k, t in old.items()},
+            **{f"new:{k}": t[-1:] for k, t in new.items()},
+        }
+        marks |= {k: t[0] for k, t in found.items() if t}
+        for name, a, b in SWITCH_PHASES:
+            if a in marks and b in marks:
+                split.setdefault(name, []).append(marks[b] - marks[a])
+    return split
+
+
 def report(runs: Sequence[Run]) -> None:
     ms = 1000.0
     n = runs[0].nodes
@@ -533,6 +623,13 @@ def report(runs: Sequence[Run]) -> None:
             f"{k} {median([median(s[k]) for s in steps if k in s]) * ms:.0f}" for k in steps[0]
         )
         print(f"    a switch, step by step (ms, median node): {split}")
+    phases = [r.phases for r in runs if r.phases]
+    if phases:
+        print("    a switch, phase by phase (ms; per run the median node, then median (min–max)):")
+        for name, _a, _b in SWITCH_PHASES:
+            per_run = [median(p[name]) for p in phases if p.get(name)]
+            if per_run:
+                print(f"      {name:62s} {summary(per_run, 'ms', ms, 1)}")
     print(
         "  between two switches:     "
         f"{summary([median(r.gaps) for r in runs], 'ms', ms, 0)} (median; confirm end → next "

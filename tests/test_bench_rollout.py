@@ -6,12 +6,15 @@ way to the rollout's first switch), which no installed agent does."""
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from bench import rollout
 
@@ -128,3 +131,24 @@ def test_cpu_by_kind_counts_a_process_begun_inside_a_window_from_zero() -> None:
         "reference server": 30 / os.sysconf("SC_CLK_TCK"),
         "agent": 4 / os.sysconf("SC_CLK_TCK"),
     }
+
+
+def test_the_phase_split_reads_each_event_s_times_from_a_daemon_s_json_log(tmp_path: Path) -> None:
+    """``switch_phases`` reads its marks from the daemons' JSON logs: each event's times in the
+    log's order, only from lines whose fields match, past lines that are not JSON or lack a
+    field; a log that is missing gives none."""
+    log = tmp_path / "agent.log"
+    lines = [
+        '{"event": "txn.started", "kind": "switch", "timestamp": "2026-12-05T01:59:02.117357Z"}',
+        "not json",
+        '{"event": "txn.started", "kind": "rollback", "timestamp": "2026-12-05T01:59:03Z"}',
+        '{"event": "txn.started", "kind": "switch"}',
+        '{"event": "txn.step", "kind": "switch", "timestamp": "2026-12-05T01:59:04.5Z"}',
+        '{"event": "txn.started", "kind": "switch", "timestamp": "2026-12-05T01:59:05Z"}',
+    ]
+    log.write_text("\n".join(lines) + "\n")
+    times = rollout._log_times(log, ("txn.started", "txn.step"), kind="switch")
+    start = dt.datetime(2026, 12, 5, 1, 59, 2, 117357, tzinfo=dt.UTC).timestamp()
+    assert times["txn.started"] == pytest.approx([start, start + 2.882643])
+    assert times["txn.step"] == pytest.approx([start + 2.382643])
+    assert rollout._log_times(tmp_path / "none.log", ("txn.started",)) == {"txn.started": []}
