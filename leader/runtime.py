@@ -264,9 +264,10 @@ START_FILES = (
 """The files every start reads (``Layout``'s names), as its lines call them."""
 
 
-def _check_start_files(layout: Layout) -> None:
+def _check_start_files(layout: Layout, *, viewer: bool) -> None:
     """Before the start changes anything: each file it reads is there, a regular file we may
-    read (``fsutil.open_problem``), the keys ours alone (``check_private_file``), and the
+    read (``fsutil.open_problem``), the keys ours alone (``check_private_file``), the
+    viewer's certificate and key likewise if they are there (and the viewer is on), and the
     store, if there is one, a file we may read and write; else a config error
     (``ca_file_error``, exit 2) in one line naming the file and what to do. Restarting
     changes none of these: they exited 1 (the errno's line, or the store's "cannot be opened
@@ -284,6 +285,22 @@ def _check_start_files(layout: Layout) -> None:
                 check_private_file(path)
             except (UnsafePermissions, NotRegularFile) as exc:
                 raise ca_file_error(what, str(exc)) from None
+    # The viewer's, when it is on: issued again when missing or damaged, but one it may not
+    # read, or a key others may, stopped the leader once it served (exit 1).
+    for what, path in (
+        ("viewer certificate", layout.viewer_cert),
+        ("viewer TLS key", layout.viewer_key),
+    ):
+        if not viewer or not os.path.lexists(path):
+            continue
+        problem = fsutil.open_problem(path)
+        if problem is None and path == layout.viewer_key:
+            try:
+                check_private_file(path)
+            except (UnsafePermissions, NotRegularFile) as exc:
+                problem = str(exc)
+        if problem is not None:
+            raise ca_file_error(what, f"{problem} (or remove it: the leader issues a new one)")
     # A missing store is ``check_store``'s (new, or lost: exit 4); a read-only file system,
     # a lock, a full disk are not a person's alone (``StoreUnavailable``, exit 1).
     if os.path.lexists(layout.store):
@@ -379,7 +396,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     check_secret_dirs(layout)
     source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
-    _check_start_files(layout)
+    _check_start_files(layout, viewer=bool(cfg.viewer_port))
     passphrase = _read_passphrase(cfg, source, credential=credential)
     ca = _load_ca(cfg, passphrase, source=source, credential=credential)
     _check_own_tls(layout)

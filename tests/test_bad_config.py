@@ -489,6 +489,18 @@ START_FILES: dict[str, tuple[str, Callable[[Cluster], Callable[[], None]], bool,
         True,
         "cannot be written by root (uid 0)",
     ),
+    "viewer-key-another-users": (
+        "tls/viewer.key",
+        lambda c: _given(c.data_dir / "tls" / "viewer.key", 0o600, NOBODY),
+        True,
+        "remove it: the leader issues a new one",
+    ),
+    "viewer-cert-unreadable": (
+        "tls/viewer.pem",
+        lambda c: _given(c.data_dir / "tls" / "viewer.pem", 0o000),
+        True,
+        "cannot be read by root (uid 0)",
+    ),
     "config-another-users": (
         "leader.toml",
         lambda c: _given(c.config_path, 0o600, NOBODY),
