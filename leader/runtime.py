@@ -276,9 +276,7 @@ def _check_start_files(layout: Layout, *, viewer: bool) -> None:
     the mount, and leader.toml, in the data dir, would be missing first (exit 2 already)."""
     for what, name in START_FILES:
         path = getattr(layout, name)
-        if (problem := fsutil.open_problem(path)) is not None:
-            if problem.endswith(" is missing"):
-                problem += f"; {RESTORE}"
+        if (problem := fsutil.open_problem(path, missing=f"; {RESTORE}")) is not None:
             raise ca_file_error(what, problem)
         if name in ("ca_key", "tls_key"):
             try:
@@ -291,10 +289,10 @@ def _check_start_files(layout: Layout, *, viewer: bool) -> None:
         ("viewer certificate", layout.viewer_cert),
         ("viewer TLS key", layout.viewer_key),
     ):
-        if not viewer or not os.path.lexists(path):
+        if not viewer:
             continue
-        problem = fsutil.open_problem(path)
-        if problem is None and path == layout.viewer_key:
+        problem = fsutil.open_problem(path, missing=None)
+        if problem is None and path == layout.viewer_key and os.path.exists(path):
             try:
                 check_private_file(path)
             except (UnsafePermissions, NotRegularFile) as exc:
@@ -303,10 +301,8 @@ def _check_start_files(layout: Layout, *, viewer: bool) -> None:
             raise ca_file_error(what, f"{problem} (or remove it: the leader issues a new one)")
     # A missing store is ``check_store``'s (new, or lost: exit 4); a read-only file system,
     # a lock, a full disk are not a person's alone (``StoreUnavailable``, exit 1).
-    if os.path.lexists(layout.store):
-        problem = fsutil.open_problem(layout.store, write=True)
-        if problem is not None and not problem.endswith(" is missing"):
-            raise ca_file_error("store", problem)
+    if (problem := fsutil.open_problem(layout.store, write=True, missing=None)) is not None:
+        raise ca_file_error("store", problem)
 
 
 def _check_own_tls(layout: Layout) -> None:

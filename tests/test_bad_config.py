@@ -548,6 +548,23 @@ def test_a_file_the_leader_cannot_open_or_that_is_missing_is_a_config_error(
     assert cluster.passphrase_path.read_text().strip() not in output
 
 
+def test_a_missing_viewer_key_is_issued_again_not_refused(cluster: Cluster) -> None:
+    """The start's check of the viewer's files (above) leaves a missing one to the viewer,
+    which issues a new certificate and key: the leader starts."""
+    if not cluster.store_path.exists():
+        cluster.start_leader()
+        cluster.stop_leader()
+    key = cluster.data_dir / "tls" / "viewer.key"
+    old = key.read_bytes()
+    key.unlink()
+    cluster.start_leader()
+    try:
+        assert key.exists() and key.read_bytes() != old
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    finally:
+        cluster.stop_leader()
+
+
 def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(
     tmp_path: Path,
 ) -> None:

@@ -309,7 +309,7 @@ def private_dir_problem(path: Path) -> str | None:
 _FIXABLE = (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP)
 
 
-def open_problem(path: Path, *, write: bool = False) -> str | None:
+def open_problem(path: Path, *, write: bool = False, missing: str | None = "") -> str | None:
     """Why this process cannot open the regular file ``path`` to read (``write``: to read and
     write), when a person must fix it, or None: it is missing, a file on its way is no
     directory, it is no regular file, or a permission stops us (its own, said with its owner
@@ -317,14 +317,15 @@ def open_problem(path: Path, *, write: bool = False) -> str | None:
     enter, named). Changes nothing: a stat, then an open (never of anything but a regular
     file) that is closed at once. A daemon asks before its start changes anything, so that
     such a file is its config error (a restart would find it as it is), not an error
-    somewhere later."""
+    somewhere later. ``missing``: what the line of a missing file adds ("; restore it …"),
+    or None if a missing one is no problem here (the caller's own case)."""
     path = Path(path)
     me = os.geteuid()
     try:
         st = os.stat(path)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            return f"{path} is missing"
+            return None if missing is None else f"{path} is missing{missing}"
         if exc.errno == errno.ENOTDIR:
             return f"{_not_a_directory(path)} is not a directory (on the way to {path})"
         if exc.errno == errno.EACCES:
