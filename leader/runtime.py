@@ -171,9 +171,19 @@ def check_data_dir(cfg: LeaderConfig) -> None:
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{where}: no such directory (tlsroll init makes it)"
         ) from None
+    except OSError as exc:  # a directory on its way we may not enter (session 50: exit 1)
+        if (problem := fsutil.open_problem(where)) is None:
+            raise
+        raise ConfigError(cfg.path, "[leader].data_dir", problem) from exc
     if not stat.S_ISDIR(mode):
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{where} is not a directory ({fsutil.file_kind(mode)})"
+        )
+    # The store's -wal and -shm are made beside it, the certificates written again in its
+    # subdirectories: one we may not write was SQLite's "readonly database", exit 1 (s50).
+    if (problem := fsutil.dir_write_problem(where)) is not None:
+        raise ConfigError(
+            cfg.path, "[leader].data_dir", f"{problem} (the leader keeps its store in it)"
         )
 
 
@@ -232,23 +242,89 @@ def wrong_passphrase(layout: Layout, source: Path) -> str:
 
 
 def ca_file_error(what: str, problem: str) -> ConfigError:
-    """A CA file or the leader's key the leader cannot start with (unreadable by its content,
-    of a key type it does not take, a key that is not the certificate's, a certificate that is
-    no CA, a key others can read or that is no regular file): a person's to fix, restarting
-    changes nothing, so a config error, exit 2, which systemd does not restart (review s49cli
-    M1, M2: some exited 1 and were started again every 5 s for ever). One line naming the
-    file."""
+    """A file of the leader's it cannot start with (a CA file, its certificate or key: missing,
+    unreadable by its content or by its permissions, of a key type it does not take, a key
+    that is not the certificate's, a certificate that is no CA, a key others can read or that
+    is no regular file; a store it may not write): a person's to fix, restarting changes
+    nothing, so a config error, exit 2, which systemd does not restart (review s49cli M1, M2,
+    session 50: some exited 1 and were started again every 5 s for ever). One line naming
+    the file."""
     return ConfigError(what, None, problem)
 
 
-def _check_private_files(layout: Layout) -> None:
-    """``check_private_file`` of the CA key and the leader's TLS key, a refusal a config
-    error (``ca_file_error``), as the passphrase file's is."""
-    for what, secret in (("CA key", layout.ca_key), ("leader TLS key", layout.tls_key)):
-        try:
-            check_private_file(secret)
-        except (UnsafePermissions, NotRegularFile) as exc:
-            raise ca_file_error(what, str(exc)) from None
+RESTORE = "restore it from a backup (tlsroll-leader --backup copies it: README 'Backups')"
+"""What to do about a missing or damaged file of the leader's that only a backup holds."""
+
+START_FILES = (
+    ("CA key", "ca_key"),
+    ("CA certificate", "ca_cert"),
+    ("leader TLS key", "tls_key"),
+    ("leader certificate", "tls_cert"),
+)
+"""The files every start reads (``Layout``'s names), as its lines call them."""
+
+
+def _check_start_files(layout: Layout, *, viewer: bool) -> None:
+    """Before the start changes anything: each file it reads is there, a regular file we may
+    read (``fsutil.open_problem``), the keys ours alone (``check_private_file``), the
+    viewer's certificate and key likewise if they are there (and the viewer is on), and the
+    store, if there is one, a file we may read and write; else a config error
+    (``ca_file_error``, exit 2) in one line naming the file and what to do. Restarting
+    changes none of these: they exited 1 (the errno's line, or the store's "cannot be opened
+    now") and systemd started the leader again every 5 s for ever (session 50). A data dir
+    on a disk not mounted yet is no such case: the unit's StateDirectory= orders it after
+    the mount, and leader.toml, in the data dir, would be missing first (exit 2 already)."""
+    for what, name in START_FILES:
+        path = getattr(layout, name)
+        if (problem := fsutil.open_problem(path, missing=f"; {RESTORE}")) is not None:
+            raise ca_file_error(what, problem)
+        if name in ("ca_key", "tls_key"):
+            try:
+                check_private_file(path)
+            except (UnsafePermissions, NotRegularFile) as exc:
+                raise ca_file_error(what, str(exc)) from None
+    # The viewer's, when it is on: issued again when missing or damaged, but one it may not
+    # read, or a key others may, stopped the leader once it served (exit 1).
+    for what, path in (
+        ("viewer certificate", layout.viewer_cert),
+        ("viewer TLS key", layout.viewer_key),
+    ):
+        if not viewer:
+            continue
+        problem = fsutil.open_problem(path, missing=None)
+        if problem is None and path == layout.viewer_key and os.path.exists(path):
+            try:
+                check_private_file(path)
+            except (UnsafePermissions, NotRegularFile) as exc:
+                problem = str(exc)
+        if problem is not None:
+            raise ca_file_error(what, f"{problem} (or remove it: the leader issues a new one)")
+    # A missing store is ``check_store``'s (new, or lost: exit 4); a read-only file system,
+    # a lock, a full disk are not a person's alone (``StoreUnavailable``, exit 1).
+    if (problem := fsutil.open_problem(layout.store, write=True, missing=None)) is not None:
+        raise ca_file_error("store", problem)
+
+
+def _check_own_tls(layout: Layout) -> None:
+    """The leader's certificate and key as the listeners will take them: a chain of PEM
+    certificates, a key (unencrypted) and the key of its leaf; else a config error naming the
+    file (a damaged key was gRPC's "cannot listen on …: in use", exit 1: session 50)."""
+    try:
+        leaf = pki.load_certs_pem(layout.tls_cert.read_bytes())[0]
+    except (PKIError, IndexError) as exc:
+        why = str(exc) or "no certificate in it"
+        raise ca_file_error("leader certificate", f"{layout.tls_cert}: {why}; {RESTORE}") from None
+    try:
+        key = pki.read_key(layout.tls_key)
+    except PKIError as exc:
+        raise ca_file_error("leader TLS key", f"{layout.tls_key}: {exc}; {RESTORE}") from None
+    if not pki.key_matches(leaf, key):
+        raise ca_file_error(
+            "leader TLS key",
+            f"{layout.tls_key} is not the key of the leader's certificate {layout.tls_cert}:"
+            " restore the pair from a backup (tlsroll-leader --backup copies both: README"
+            " 'Backups')",
+        )
 
 
 def _load_ca(
@@ -316,9 +392,10 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     check_secret_dirs(layout)
     source = _passphrase_source(cfg)
     credential = source != cfg.ca_passphrase_file
-    _check_private_files(layout)
+    _check_start_files(layout, viewer=bool(cfg.viewer_port))
     passphrase = _read_passphrase(cfg, source, credential=credential)
     ca = _load_ca(cfg, passphrase, source=source, credential=credential)
+    _check_own_tls(layout)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
         log.warning(

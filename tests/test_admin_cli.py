@@ -507,6 +507,37 @@ def test_cli_without_a_leader_is_one_line_exit_1(tmp_path: Path) -> None:
         assert str(tmp_path / "nowhere") in line
 
 
+def test_cli_with_an_admin_socket_path_that_cannot_be_one_says_which(tmp_path: Path) -> None:
+    """Session 50: a --socket or --data-dir with a file on its way, or a loop of symbolic links,
+    said only the system's words ("Not a directory: …"), not that there is no admin socket
+    there nor what to check. One line naming the socket and the file in the way, exit 1."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for args, where in (
+        (["--socket", str(afile / "admin.sock")], afile / "admin.sock"),
+        (["--data-dir", str(afile)], afile / "run" / "admin.sock"),
+        (["--socket", str(loop)], loop),
+    ):
+        for command_args in (["nodes"], ["schema", "show"]):
+            result = subprocess.run(
+                [*command("tlsroll", "tlsroll"), *args, *command_args],
+                capture_output=True,
+                text=True,
+                timeout=CLI_TIMEOUT,
+                env=child_env(None),
+                check=False,
+            )
+            line = cli_error(result, 1)
+            assert line.startswith(f"tlsroll: error: no admin socket at {where}: "), line
+            assert "--data-dir/--socket" in line, line
+            if loop == where:
+                assert "symbolic links" in line, line
+            else:
+                assert f"{afile} is not a directory" in line, line
+
+
 def test_cli_with_a_crashed_leader_then_a_restart(tmp_path: Path) -> None:
     with Cluster(tmp_path, next_loopback()) as c:
         c.init()

@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -341,6 +342,229 @@ def test_an_admin_socket_in_a_directory_others_may_write_to_is_refused_its_mode_
     assert mode == 0o1777, oct(mode)
     assert f"config error: {cluster.config_path}: [leader].admin_socket: " in line, line
     assert f"its directory {shared} is writable by others" in line, line
+
+
+# --- s50: a file of the leader's it cannot open, or that is missing: exit 2 too ---------------
+
+# Root without the capabilities that let it read and write any file (CAP_DAC_OVERRIDE,
+# CAP_DAC_READ_SEARCH): the files' owners and modes decide, as they do for the leader's user
+# under its unit (tlsroll, CapabilityBoundingSet= empty). Root still owns the interpreter's way.
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root (files of another user's) and setpriv (root without its DAC capabilities)",
+)
+
+
+def _file_state(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every file and directory under ``root``: mode, owner and (files) contents."""
+    found = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        st = path.lstat()
+        data = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        found[str(path.relative_to(root))] = (st.st_mode, st.st_uid, data)
+    return found
+
+
+def _aside(path: Path) -> Callable[[], None]:
+    kept = path.with_name(path.name + ".kept")
+    path.rename(kept)
+
+    def undo() -> None:
+        kept.rename(path)
+
+    return undo
+
+
+def _replaced(path: Path, data: bytes) -> Callable[[], None]:
+    original = path.read_bytes()
+    path.write_bytes(data)
+
+    def undo() -> None:
+        path.write_bytes(original)
+
+    return undo
+
+
+def _given(path: Path, mode: int, uid: int | None = None) -> Callable[[], None]:
+    st = path.stat()
+    if uid is not None:
+        os.chown(path, uid, -1)
+    path.chmod(mode)
+
+    def undo() -> None:
+        os.chown(path, st.st_uid, st.st_gid)
+        path.chmod(stat.S_IMODE(st.st_mode))
+
+    return undo
+
+
+def _in_the_way(path: Path, *, directory: bool) -> Callable[[], None]:
+    back = _aside(path)
+    if directory:
+        path.mkdir(mode=0o700)
+    else:
+        path.write_bytes(b"in the way\n")
+        path.chmod(0o600)
+
+    def undo() -> None:
+        if directory:
+            path.rmdir()
+        else:
+            path.unlink()
+        back()
+
+    return undo
+
+
+NOBODY = 65534  # (nobody; any uid not ours will do)
+# case -> (the file the line names, the damage (returns its undo), run without root's DAC
+# capabilities, words the line holds)
+START_FILES: dict[str, tuple[str, Callable[[Cluster], Callable[[], None]], bool, str]] = {
+    "ca-key-missing": ("ca/ca.key", lambda c: _aside(c.ca_key_path), False, "is missing"),
+    "ca-cert-missing": ("ca/ca.pem", lambda c: _aside(c.ca_cert_path), False, "is missing"),
+    "tls-key-missing": ("tls/leader.key", lambda c: _aside(c.tls_key_path), False, "is missing"),
+    "tls-cert-missing": ("tls/leader.pem", lambda c: _aside(c.tls_cert_path), False, "is missing"),
+    "ca-cert-another-users": (
+        "ca/ca.pem",
+        lambda c: _given(c.ca_cert_path, 0o600, NOBODY),
+        True,
+        "cannot be read by root (uid 0)",
+    ),
+    "ca-dir-not-enterable": (
+        "ca",
+        lambda c: _given(c.ca_key_path.parent, 0o600),
+        True,
+        "may not be entered",
+    ),
+    "tls-cert-another-users": (
+        "tls/leader.pem",
+        lambda c: _given(c.tls_cert_path, 0o600, NOBODY),
+        True,
+        "cannot be read by root (uid 0)",
+    ),
+    "tls-key-unreadable": (
+        "tls/leader.key",
+        lambda c: _given(c.tls_key_path, 0o000),
+        True,
+        "cannot be read by root (uid 0)",
+    ),
+    "ca-cert-a-directory": (
+        "ca/ca.pem",
+        lambda c: _in_the_way(c.ca_cert_path, directory=True),
+        False,
+        "is not a regular file (a directory)",
+    ),
+    "ca-dir-a-file": (
+        "ca",
+        lambda c: _in_the_way(c.ca_key_path.parent, directory=False),
+        False,
+        "is not a directory",
+    ),
+    "tls-cert-garbage": (
+        "tls/leader.pem",
+        lambda c: _replaced(c.tls_cert_path, b"not a certificate\n"),
+        False,
+        "leader certificate",
+    ),
+    "tls-key-garbage": (
+        "tls/leader.key",
+        lambda c: _replaced(c.tls_key_path, b"not a key\n"),
+        False,
+        "leader TLS key",
+    ),
+    "tls-key-of-another-certificate": (
+        "tls/leader.key",
+        lambda c: _replaced(c.tls_key_path, pki.key_to_pem(pki.generate_key())),
+        False,
+        "is not the key of the leader's certificate",
+    ),
+    "store-another-users": (
+        "leader.sqlite3",
+        lambda c: _given(c.store_path, 0o600, NOBODY),
+        True,
+        "cannot be read and written by root (uid 0)",
+    ),
+    "data-dir-read-only": (
+        ".",
+        lambda c: _given(c.data_dir, 0o500),
+        True,
+        "cannot be written by root (uid 0)",
+    ),
+    "viewer-key-another-users": (
+        "tls/viewer.key",
+        lambda c: _given(c.data_dir / "tls" / "viewer.key", 0o600, NOBODY),
+        True,
+        "remove it: the leader issues a new one",
+    ),
+    "viewer-cert-unreadable": (
+        "tls/viewer.pem",
+        lambda c: _given(c.data_dir / "tls" / "viewer.pem", 0o000),
+        True,
+        "cannot be read by root (uid 0)",
+    ),
+    "config-another-users": (
+        "leader.toml",
+        lambda c: _given(c.config_path, 0o600, NOBODY),
+        True,
+        "cannot read",
+    ),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(START_FILES))
+def test_a_file_the_leader_cannot_open_or_that_is_missing_is_a_config_error(
+    cluster: Cluster, case: str
+) -> None:
+    """Session 50: a missing ca.key, ca.pem or leader certificate or key, one the leader may
+    not read (another user's 0600, a directory on its way it may not enter), one of them no
+    regular file or damaged (the leader's key: "cannot listen on …: in use"), a store it may
+    not write and a data dir it may not write exited 1, and systemd started the leader again
+    every 5 s for ever. Restarting changes none of them (a data dir on a disk not mounted yet
+    is systemd's to wait for: StateDirectory= orders the unit after its mount, and then
+    leader.toml, in it, is missing too, exit 2 already): exit 2, one line naming the file
+    and what to do; nothing changed."""
+    name, damage, no_dac, words = START_FILES[case]
+    if not cluster.store_path.exists():  # a leader that ran once: its store and its mark
+        cluster.start_leader()
+        cluster.stop_leader()
+    path = (cluster.data_dir / name).resolve()
+    undo = damage(cluster)
+    argv = list(cluster.leader.argv)
+    try:
+        before = _file_state(cluster.data_dir)
+        if no_dac:
+            cluster.leader.argv = [*NO_DAC, *argv]
+        code, output = cluster.leader.run_to_exit(timeout=30)
+        after = _file_state(cluster.data_dir)
+    finally:
+        cluster.leader.argv = argv
+        undo()
+    assert code == 2 == runtime.EXIT_CONFIG, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert line.startswith("tlsroll-leader: config error: "), line
+    assert str(path) in line and words in line, line
+    assert after == before  # nothing rewritten, made or re-encrypted
+    assert not cluster.admin_socket.exists()
+    assert cluster.passphrase_path.read_text().strip() not in output
+
+
+def test_a_missing_viewer_key_is_issued_again_not_refused(cluster: Cluster) -> None:
+    """The start's check of the viewer's files (above) leaves a missing one to the viewer,
+    which issues a new certificate and key: the leader starts."""
+    if not cluster.store_path.exists():
+        cluster.start_leader()
+        cluster.stop_leader()
+    key = cluster.data_dir / "tls" / "viewer.key"
+    old = key.read_bytes()
+    key.unlink()
+    cluster.start_leader()
+    try:
+        assert key.exists() and key.read_bytes() != old
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    finally:
+        cluster.stop_leader()
 
 
 def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(

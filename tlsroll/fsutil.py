@@ -304,6 +304,118 @@ def private_dir_problem(path: Path) -> str | None:
     return None
 
 
+# What ``open_problem`` says of a file a person must fix; any other error (EIO, EROFS, a full
+# descriptor table) is left to the file's use, which says it as before.
+_FIXABLE = (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP)
+
+
+def open_problem(path: Path, *, write: bool = False, missing: str | None = "") -> str | None:
+    """Why this process cannot open the regular file ``path`` to read (``write``: to read and
+    write), when a person must fix it, or None: it is missing, a file on its way is no
+    directory, it is no regular file, or a permission stops us (its own, said with its owner
+    and mode and the ``chown`` or ``chmod`` that fixes it, or a directory on its way we may not
+    enter, named). Changes nothing: a stat, then an open (never of anything but a regular
+    file) that is closed at once. A daemon asks before its start changes anything, so that
+    such a file is its config error (a restart would find it as it is), not an error
+    somewhere later. ``missing``: what the line of a missing file adds ("; restore it …"),
+    or None if a missing one is no problem here (the caller's own case)."""
+    path = Path(path)
+    me = os.geteuid()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None if missing is None else f"{path} is missing{missing}"
+        if exc.errno == errno.ENOTDIR:
+            return f"{_not_a_directory(path)} is not a directory (on the way to {path})"
+        if exc.errno == errno.EACCES:
+            return _not_entered(path, write)
+        if exc.errno in _FIXABLE:
+            return f"{path}: {exc.strerror or exc}"
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file ({file_kind(st.st_mode)})"
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        os.close(os.open(path, flags))
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM):
+            return None
+        mode = stat.S_IMODE(st.st_mode)
+        said = (
+            f"{path} cannot be {'read and written' if write else 'read'} by {user_label(me)}"
+            f" (owner {user_label(st.st_uid)}, mode {mode:04o})"
+        )
+        if exc.errno == errno.EPERM:  # not its mode: an attribute (chattr +i), a policy
+            return f"{said}: {exc.strerror or exc} (errno {exc.errno}, EPERM)"
+        if st.st_uid != me:
+            return f"{said}; {owner_fix(st.st_uid, path)}"
+        return f"{said}; run: chmod u+{'rw' if write else 'r'} {path}"
+    return None
+
+
+def dir_write_problem(path: Path) -> str | None:
+    """Why this process cannot make and remove files in the directory ``path`` (as SQLite
+    does beside a store: its -wal and -shm), when a person must fix it, or None (also for a
+    read-only file system, which is no permission). Changes nothing."""
+    path = Path(path)
+    if os.access(path, os.W_OK | os.X_OK, effective_ids=True):
+        return None
+    try:
+        st = os.stat(path)
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return None
+    except OSError:
+        return None
+    me = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    said = (
+        f"{path} cannot be written by {user_label(me)} (owner {user_label(st.st_uid)}, "
+        f"mode {mode:04o})"
+    )
+    if st.st_uid != me:
+        return f"{said}; {owner_fix(st.st_uid, path)}"
+    return f"{said}; run: chmod u+rwx {path}"
+
+
+def _not_a_directory(path: Path) -> Path:
+    """The first path on the way to ``path`` that is there and no directory."""
+    full = Path(os.path.abspath(path))
+    for place in reversed(full.parents):
+        try:
+            if not stat.S_ISDIR(os.stat(place).st_mode):
+                return place
+        except OSError:
+            break
+    return full.parent
+
+
+def _not_entered(path: Path, write: bool) -> str:
+    """``path`` cannot be looked at (EACCES): the directory on its way we may not enter."""
+    full = Path(os.path.abspath(path))
+    blocked = full.parent
+    for place in reversed(full.parents):
+        try:
+            os.stat(place)
+        except PermissionError:
+            blocked = place.parent
+            break
+        except OSError:
+            break
+    me = os.geteuid()
+    what = "read and written" if write else "read"
+    try:
+        st = os.stat(blocked)
+    except OSError:
+        return f"{path} cannot be {what} by {user_label(me)}: a directory on its way is closed"
+    mode = stat.S_IMODE(st.st_mode)
+    fix = owner_fix(st.st_uid, blocked) if st.st_uid != me else f"run: chmod u+rwx {blocked}"
+    return (
+        f"{path} cannot be {what} by {user_label(me)}: the directory {blocked} on its way may "
+        f"not be entered (owner {user_label(st.st_uid)}, mode {mode:04o}); {fix}"
+    )
+
+
 def _foreign_link(path: Path, lst: os.stat_result, me: int) -> str | None:
     """What is wrong with ``path`` (``lst``: its ``lstat``) if it is a symbolic link neither
     ``me`` nor root owns (``make_private_dir`` refuses it, ``private_dir_problem`` says so

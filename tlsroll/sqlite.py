@@ -690,7 +690,8 @@ class StoreUnavailable(TransientError):
     again). The message names the file and the error's code, and what to do: free space,
     with the bytes free on its file system, only when that is low (``LOW_SPACE``) or the
     error says the disk is full; never ``--reinitialise``, which is refused for it
-    (``NotDamaged``)."""
+    (``NotDamaged``). (The leader looks at its store's and its data dir's permissions before:
+    one it may not read or write is its config error, exit 2, ``fsutil.open_problem``.)"""
 
     def __init__(self, what: str, path: Path, cause: sqlite3.Error | OSError) -> None:
         reason = error_text(cause)

@@ -12,6 +12,7 @@ use them."""
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import grp
 import importlib
@@ -19,6 +20,7 @@ import json
 import os
 import pwd
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -304,6 +306,20 @@ def permission_hint(sock: Path) -> str:
     )
 
 
+def socket_path_problem(sock: Path, exc: OSError) -> str:
+    """Why ``sock`` cannot be looked at (``exc``, from its stat): the file on its way that is
+    no directory (ENOTDIR, session 50: "Not a directory: …" said neither), else the system's
+    words."""
+    if exc.errno == errno.ENOTDIR:
+        for place in reversed(Path(os.path.abspath(sock)).parents):
+            try:
+                if not stat.S_ISDIR(os.stat(place).st_mode):
+                    return f"{shown_path(place)} is not a directory"
+            except OSError:
+                break
+    return (exc.strerror or type(exc).__name__).lower()
+
+
 class Leader:
     """The admin connection: one place that turns gRPC errors into one-line CLI errors."""
 
@@ -332,6 +348,11 @@ class Leader:
             ) from None
         except PermissionError:
             fail(permission_hint(sock))
+        except OSError as exc:  # a file on its way, a loop of links: no waiting mends it
+            fail(
+                f"no admin socket at {shown_path(sock)}: {socket_path_problem(sock, exc)}"
+                " (see --data-dir/--socket)"
+            )
         if not os.access(sock, os.R_OK | os.W_OK):
             fail(permission_hint(sock))
 
