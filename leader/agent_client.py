@@ -141,6 +141,23 @@ out, which the agent's words do not name (``tlsroll epoch advance`` raises the l
 floor past every epoch a node reports; refused while a rollout has not ended)."""
 
 
+class AgentCutOff(TransientError):
+    """The node's agent is cut off: its certificate on record is revoked (``tlsroll ca
+    revoke``: a machine lost or stolen), so the leader does not dial it (``AgentPool.get``),
+    whatever its address and key. No answer of the agent, so no step's outcome: the engine
+    tries again later, as for an agent away, and meanwhile its plan takes the node out of the
+    rollout (``planner.next_actions``' ``cut_off``); never a reason to fail or roll back
+    another node (s50)."""
+
+
+def cut_off_error(name: str) -> AgentCutOff:
+    """What ``AgentPool.get`` raises for node ``name``, whose agent is cut off."""
+    return AgentCutOff(
+        f"agent {name} is cut off (its certificate revoked: a machine lost or stolen): the"
+        f" leader does not dial it; `tlsroll nodes remove {name}` once no rollout holds it"
+    )
+
+
 class SwitchRefused(StepFailed):
     """The agent refused to begin a switch (``AgentApi.switch_and_watch``): nothing began."""
 
@@ -621,9 +638,10 @@ class AgentPool:
     async def get(self, name: str) -> AgentClient:
         """The node's client. Its address and key are read from the store again only if the
         store has had a write to its nodes since they were read (``Store.nodes_generation``:
-        enrolment, renewal, removal move it; a heartbeat, a certificate issued or revoked do
-        not), so a step's calls cost no worker thread and no query (the leader is its store's
-        only writer)."""
+        enrolment, renewal, removal, an admin's revocation move it; a heartbeat, a certificate
+        issued does not), so a step's calls cost no worker thread and no query (the leader is
+        its store's only writer). ``AgentCutOff`` for a node whose agent is cut off (its
+        certificate on record revoked): never dialled."""
         # A store without the count (a fake in tests) is read every time.
         generation = getattr(self.store, "nodes_generation", None)
         client = self.clients.get(name)
@@ -634,6 +652,16 @@ class AgentPool:
         if generation is not None:
             self._read_at[name] = generation
         client = self.clients.get(name)
+        if node.cert_revoked:
+            # Cut off (``Store.revoke`` moves ``nodes_generation`` on, so a client kept is
+            # read again): it is dialled no more, its channel closed (s50: it was dialled as
+            # long as its address and key were the same).
+            if client is not None:
+                del self.clients[name]
+                self._retire(client)
+                self._open.discard(name)
+                self._idle.pop(name, None)
+            raise cut_off_error(name)
         if client is None or (
             client.node.addresses,
             client.node.agent_port,

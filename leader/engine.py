@@ -71,9 +71,9 @@ from leader.rollout_core import (
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
     STEP_FOR_STATE,
+    TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     WAITING_ROLLOUT_STATES,
-    Change,
     FreezeMode,
     NodeEvent,
     NodeRecord,
@@ -83,6 +83,7 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Step,
+    cut_off_halt,
     finalized_note,
     halt_way_out,
     left_as_is,
@@ -349,6 +350,9 @@ class Engine:
                 ]
                 out = halt_way_out(rollout, [r.name for r in failed_records])
                 reason = f"halted: {'; '.join(failed)}; next: {out}"
+            elif RolloutEvent.NODE_CUT_OFF in plan.rollout_events:
+                cut = [a.node for a in plan.node_events if a.event is NodeEvent.SKIP]
+                reason = cut_off_halt(rollout, [n for n in cut if n in cut_off])
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:
@@ -428,13 +432,17 @@ class Engine:
             log.info("rollout.state_changed", rollout_id=row.rollout.id, state=event.value)
 
     async def _cut_off(self, row: RolloutRow) -> frozenset[str]:
-        """A finalize with nodes not yet at their switch (``planner.BEFORE_SWITCH``: pending
-        or prepared ahead): the nodes whose agents are cut off (their certificates on record
-        revoked: ``Store.cut_off_nodes``), read at each pass. The plan leaves such a node
-        out (``next_actions``' ``cut_off``), as a finalize started after the revocation does:
-        one revoked while ``--when-quiet`` held it stayed pending for good (review s48rev5 M3);
-        one staged went on to switch against the revoked agent (review rev49fin)."""
-        if row.rollout.change is not Change.FINALIZE or not row.census.count(planner.BEFORE_SWITCH):
+        """The nodes whose agents are cut off (their certificates on record revoked:
+        ``Store.cut_off_nodes``, kept until a revocation or an enrolment), read at each pass
+        while a node of the rollout has not ended or its scope freeze holds: the plan leaves
+        such a node out of a finalize, as a finalize started after the revocation does (one
+        revoked while ``--when-quiet`` held it stayed pending for good: review s48rev5 M3;
+        one staged went on to switch against the revoked agent: review rev49fin); any other
+        change steps it no further either (``next_actions``' ``cut_off``: s50), and its scope
+        freeze is not renewed (``_renew_freezes``)."""
+        census = row.census
+        ended = census.count(TERMINAL_NODE_STATES) == census.size
+        if ended and row.rollout.freeze is not FreezeMode.SCOPE:
             self.cut_off = frozenset()
         else:
             self.cut_off = await dbthread.run(self.store.cut_off_nodes)
@@ -564,6 +572,10 @@ class Engine:
             key = (row.rollout.id, rec.name)
             if not rec.scope_frozen or rec.name in unfreezing:
                 continue  # (a stale read must not forget a renewal: only an unfreeze does)
+            if rec.name in self.cut_off:
+                # Its agent is cut off (a machine lost or stolen): never dialled, so never
+                # renewed; its lease runs out on its own (s50: each lease period dialled it).
+                continue
             # A key first seen by this process renews at once: after a leader restart the
             # agents' leases run from the old process's last renewal, not from now.
             # A node whose confirmation no longer counts is frozen again at once (as fast as
@@ -784,6 +796,18 @@ class Engine:
             if now is None or state is None or STEP_FOR_STATE.get(state) is not step.step:
                 return
             row = now
+        if step.step in (Step.FREEZE, Step.UNFREEZE) and step.node in self.cut_off:
+            # Its agent is cut off: never dialled (``AgentPool.get`` refuses it anyway). Its
+            # scope freeze is recorded lifted once its lease surely ran out, as for a machine
+            # that never answers; its reason (why it left the rollout) stays (s50).
+            why = f"agent {step.node} is cut off"
+            if step.step is Step.UNFREEZE and await self._lease_ran_out_saved(
+                rollout.id, step, why
+            ):
+                self.wake.set()
+            else:
+                self.not_before[key] = self.monotonic() + STEP_RETRY_SECONDS
+            return
         bounded = step.step in (Step.PREFLIGHT, Step.STAGE)
         started = (self.monotonic(), self.clock())
         deadline = self.step_deadline * (2 if step.step is Step.STAGE else 1)
@@ -1305,10 +1329,15 @@ class Engine:
             f"unfreeze not confirmed ({why}); its scope freeze lease has run out since, so its "
             "agent, if it runs and ever froze it, has lifted the freeze by itself; check the node"
         )
+        # A node cut off keeps its reason (why it left the rollout, and `nodes remove`): the
+        # leader never dials it, so no unfreeze was ever sent (s50).
+        cut = step.node in self.cut_off
         await self._save_node(
             rollout_id,
             step.node,
-            lambda r: replace(r, scope_frozen=False, freeze_asked=False, reason=note),
+            lambda r: replace(
+                r, scope_frozen=False, freeze_asked=False, reason=r.reason if cut else note
+            ),
         )
         log.warning("freeze.lease_ran_out", rollout_id=rollout_id, node=step.node, reason=why)
         return True

@@ -95,10 +95,12 @@ from leader.rollout_core import (
     Strategy,
     already_done,
     blocked_too_old,
+    cut_off_halts,
+    cut_off_mid_switch,
+    cut_off_reason,
     down_on_http,
     down_on_https,
     left_cut_off,
-    left_out_reason,
     left_unknown,
     left_way_on,
     needs_https_first,
@@ -712,13 +714,17 @@ def next_actions(
     a node and whose agent has no switch of this rollout (a leader restarted meanwhile:
     ``Engine._gated_switch``): a halt or an abort skips them (``skip_unsent``), as it skips
     a staged node; never while the rollout runs or pauses.
-    ``cut_off`` (a finalize): nodes whose agents are cut off (their certificates on record
-    revoked: a machine lost or stolen). One not yet at its switch (pending, preflight,
-    staging or staged: what an abort skips) is ``skipped`` with the left-out reason
-    (``rollout_core.left_out_reason``), as a finalize started after the revocation leaves it
-    out (``plan_rollout``'s ``left_out``); the others go on. Before, a node revoked while a
-    ``--when-quiet`` finalize held it stayed pending for good (its client report stale) and
-    the rollout never ended (review s48rev5 M3)."""
+    ``cut_off``: nodes whose agents are cut off (their certificates on record revoked: a
+    machine lost or stolen), which the leader sends nothing. One not yet at its switch
+    (pending, preflight, staging or staged: what an abort skips) is ``skipped`` with
+    ``rollout_core.cut_off_reason``: a finalize leaves it out (the left-out reason), as a
+    finalize started after the revocation does (``plan_rollout``'s ``left_out``), and the
+    way back leaves it as is (``left_cut_off``), the others going on; any other change halts
+    (``RolloutEvent.NODE_CUT_OFF``), as its start refuses the node (``NodesOffline``): never
+    half-switched silently. One whose switch was sent (switching, confirming) needs attention
+    (``cut_off_mid_switch``: its outcome is not known). None is frozen, nor holds a switch
+    as lapsed. Before, a node revoked while a ``--when-quiet`` finalize held it stayed
+    pending for good (review s48rev5 M3), and any other change stepped it (s50)."""
     if census is None:
         records: Sequence[NodeRecord] = _in_order(rollout, nodes)
         census = Census.of(records)
@@ -747,16 +753,27 @@ def next_actions(
         node_events.append(NodeEventAction(name(at), event, reason))
         tally.move(at, node_transition(tally.state(at), event, f"node {name(at)}"))
 
-    if cut_off and rollout.change is Change.FINALIZE:
+    if cut_off:
         # A cut-off node's scope freeze can be neither confirmed nor lifted by the leader (its
         # agent lifts it when the lease ends): its lapse holds no switch of the others, which
-        # would wait for it for good (review rev49late).
+        # would wait for it for good (review rev49late); nor is it frozen (again).
         lapsed = [n for n in lapsed if n not in cut_off]
         # Every node not yet at its switch (pending, or prepared: the set an abort skips),
         # not only a pending one: a staged node would go on to switch against the revoked
-        # agent, and on a machine gone the finalize would never end (review rev49fin).
+        # agent, and on a machine gone the rollout would never end (review rev49fin). Any
+        # change, not only a finalize (s50): the leader sends a revoked agent no switch.
+        halts = False
         for at in [at for at in tally.among(BEFORE_SWITCH) if name(at) in cut_off]:
-            emit(at, NodeEvent.SKIP, left_out_reason(name(at)))
+            emit(at, NodeEvent.SKIP, cut_off_reason(rollout.change, name(at)))
+            halts = halts or cut_off_halts(rollout.change)
+        # One whose switch was sent: the leader asks it nothing more (what it says cannot be
+        # trusted), so its outcome is not known: it needs attention (s50).
+        for at in [at for at in tally.among(_MID_SWITCH) if name(at) in cut_off]:
+            event = _MID_SWITCH[tally.state(at)]
+            emit(at, event, cut_off_mid_switch(name(at)))
+        if halts and state in (RolloutState.RUNNING, RolloutState.PAUSED):
+            rollout_events.append(RolloutEvent.NODE_CUT_OFF)
+            state = rollout_transition(state, RolloutEvent.NODE_CUT_OFF)
 
     if state in DRAINING_ROLLOUT_STATES:
         why = "rollout aborted" if state is RolloutState.ABORTING else "rollout halted"
@@ -791,6 +808,7 @@ def next_actions(
             for at, r in enumerate(records)
             if (not r.scope_frozen or r.name in lapsed)
             and tally.state(at) not in (NodeState.FAILED, NodeState.SKIPPED)
+            and r.name not in cut_off  # (never asked: its agent is not dialled)
         ]
     # A lapsed node holds the switches whatever its state: a node frozen and then failed is
     # still frozen (and renewed), and a switch counts on it (review 2 of session 32, F1).
@@ -1095,6 +1113,12 @@ _ABORT_SKIPS = _HALT_SKIPS | {NodeState.PREFLIGHT, NodeState.STAGING}
 # The nodes not yet at their switch: a running finalize leaves such a node out once its agent
 # is cut off (``next_actions``' ``cut_off``; the engine reads the cut-off nodes while any is).
 BEFORE_SWITCH = _ABORT_SKIPS
+# A node whose switch was sent (or is being sent) and the event that fails it: a cut-off
+# node's there (``next_actions``' ``cut_off``).
+_MID_SWITCH: Mapping[NodeState, NodeEvent] = {
+    NodeState.SWITCHING: NodeEvent.SWITCH_FAILED,
+    NodeState.CONFIRMING: NodeEvent.CONFIRM_FAILED,
+}
 _LIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED} | DRAINING_ROLLOUT_STATES)
 
 

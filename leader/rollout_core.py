@@ -130,6 +130,7 @@ class RolloutEvent(StrEnum):
     NODES_DUAL = "nodes_dual"  # transitional phase 1 settled with dual nodes
     FINALIZED = "finalized"  # its linked finalize rollout completed
     TAKEN_BACK = "taken_back"  # its linked way back (disable-tls) completed
+    NODE_CUT_OFF = "node_cut_off"  # a node's agent cut off before its switch (``cut_off_halt``)
 
 
 class RolloutAction(StrEnum):
@@ -358,6 +359,62 @@ def left_cut_off(name: str) -> str:
         f"{CUT_OFF}{LEFT_AS_IS}: its agent's certificate is revoked (a machine lost or stolen):"
         f" it never comes back; `tlsroll nodes remove {name}` (once the rollout has ended)"
         " revokes its server's certificate"
+    )
+
+
+def cut_off_reason(change: Change, name: str) -> str:
+    """The reason of node ``name`` skipped before its switch by a rollout of ``change`` as its
+    agent was cut off while the rollout ran (its certificate on record revoked: ``tlsroll ca
+    revoke``, a machine lost or stolen): the leader sends a revoked agent nothing, a switch
+    least of all. A finalize leaves it out (``left_out_reason``) and the way back leaves it
+    as is (``left_cut_off``), as each does for a node cut off before it starts; any other
+    change halts (``RolloutEvent.NODE_CUT_OFF``), as its start refuses such a node
+    (``planner.NodesOffline``): it never goes on leaving a node behind silently (s50)."""
+    if change is Change.FINALIZE:
+        return left_out_reason(name)
+    if change is Change.DISABLE_TLS:
+        return left_cut_off(name)
+    return (
+        f"{CUT_OFF}its agent's certificate was revoked while the rollout ran (a machine lost"
+        f" or stolen): never switched, and the rollout halted; `tlsroll nodes remove {name}`"
+        " (once the rollout has ended) revokes its server's certificate"
+    )
+
+
+def cut_off(reason: str) -> bool:
+    """Whether a node's ``reason`` says its agent is cut off (``left_cut_off``,
+    ``cut_off_reason``, ``cut_off_mid_switch``; a finalize's ``left_out_reason`` too): it
+    never comes back; its removal is the way on."""
+    return reason.startswith(CUT_OFF) or left_out(reason)
+
+
+def cut_off_halts(change: Change) -> bool:
+    """Whether a node of a rollout of ``change`` cut off before its switch halts the rollout
+    (``cut_off_reason``): not a finalize, nor the way back, which go on without it."""
+    return change not in (Change.FINALIZE, Change.DISABLE_TLS)
+
+
+def cut_off_mid_switch(name: str) -> str:
+    """The reason of node ``name`` whose agent was cut off (its certificate revoked) after its
+    switch was sent: the leader asks a revoked agent nothing more, so what it runs is not
+    known; it needs attention, as any switch whose outcome is not known (s50)."""
+    return (
+        f"{CUT_OFF}its agent's certificate was revoked during its switch (a machine lost or"
+        " stolen): the leader asks it nothing more, what it runs is not known; `tlsroll nodes"
+        f" remove {name}` (once the rollout has ended) revokes its server's certificate"
+    )
+
+
+def cut_off_halt(rollout: Rollout, names: Iterable[str]) -> str:
+    """The note of a rollout halted as the agents of ``names`` were cut off before their
+    switches (``RolloutEvent.NODE_CUT_OFF``): what to do next. A retry takes the nodes the
+    rollout left, the cut-off ones too, which its start refuses (offline) and which are not
+    enrolled once removed: a new start leaves them out (--nodes)."""
+    cut = sorted(names)
+    return (
+        f"halted: agent cut off (its certificate revoked) before its switch: {', '.join(cut)};"
+        f" next: `tlsroll nodes remove {cut[0] if len(cut) == 1 else 'NAME'}` for each, then"
+        f" tlsroll rollout start --change {rollout.change.value} --nodes with the nodes left"
     )
 
 
@@ -671,6 +728,7 @@ ROLLOUT_TRANSITIONS: Mapping[RolloutState, Mapping[RolloutEvent, RolloutState]] 
         _RE.PAUSE: _R.PAUSED,
         _RE.ABORT: _R.ABORTING,
         _RE.FAILURE_BUDGET_EXCEEDED: _R.HALTING,
+        _RE.NODE_CUT_OFF: _R.HALTING,
         _RE.NODES_SETTLED: _R.COMPLETED,
         _RE.NODES_DUAL: _R.AWAITING_FINALIZE,
     },
@@ -678,6 +736,7 @@ ROLLOUT_TRANSITIONS: Mapping[RolloutState, Mapping[RolloutEvent, RolloutState]] 
         _RE.RESUME: _R.RUNNING,
         _RE.ABORT: _R.ABORTING,
         _RE.FAILURE_BUDGET_EXCEEDED: _R.HALTING,
+        _RE.NODE_CUT_OFF: _R.HALTING,
         _RE.NODES_SETTLED: _R.COMPLETED,
         _RE.NODES_DUAL: _R.AWAITING_FINALIZE,
     },

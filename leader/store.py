@@ -1791,6 +1791,10 @@ class Store(LeaderStore):
                 raise NotFound(f"no unrevoked certificate matches {shown(name_or_serial)}")
             _revoke_in(db, serials, reason or "revoked by the admin", now)
             self._audit(db, now, actor, "certificate.revoked", key, serials=serials)
+        # A node's agent certificate revoked cuts its agent off: the agent pool reads its
+        # nodes again (``nodes_generation``), and dials that agent no more (s50; rare: a
+        # revocation by the admin).
+        self.nodes_generation += 1
         return serials
 
     def is_revoked(self, serial: str) -> bool:

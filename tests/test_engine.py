@@ -46,7 +46,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from leader import changes, planner
-from leader.agent_client import StepFailed
+from leader.agent_client import StepFailed, cut_off_error
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
     MAX_RETRY_SECONDS,
@@ -59,6 +59,7 @@ from leader.engine import (
 from leader.planner import PlanError
 from leader.rollout_core import (
     IN_FLIGHT_NODE_STATES,
+    TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     Change,
     Client,
@@ -3264,7 +3265,7 @@ async def test_a_finalize_reads_the_cut_off_nodes_while_one_is_prepared_ahead(
             (NodeState.PREFLIGHT, True),
             (NodeState.STAGING, True),
             (NodeState.STAGED, True),
-            (NodeState.SWITCHING, False),
+            (NodeState.SWITCHING, True),  # s50: one mid-switch needs attention
             (NodeState.DONE, False),
         ):
             records = (
@@ -3272,7 +3273,7 @@ async def test_a_finalize_reads_the_cut_off_nodes_while_one_is_prepared_ahead(
                 NodeRecord(name=names[1], state=state),
             )
             row = SimpleNamespace(
-                rollout=SimpleNamespace(id="f1", change=Change.FINALIZE),
+                rollout=SimpleNamespace(id="f1", change=Change.FINALIZE, freeze=FreezeMode.NODE),
                 census=planner.Census.of(records),
                 records=records,
             )
@@ -3280,3 +3281,47 @@ async def test_a_finalize_reads_the_cut_off_nodes_while_one_is_prepared_ahead(
             assert got == ({names[1]} if read else set()), state
     finally:
         leader.store.close()
+
+
+async def test_a_node_cut_off_while_a_scope_frozen_rollout_runs_is_never_asked_again(
+    world: World,
+) -> None:
+    """s50: a node whose agent was cut off (its certificate revoked) while an enable-tls ran
+    under ``--freeze scope`` was switched as if nothing happened, and its freeze lease renewed
+    every third of a lease (a lost machine dialled for good). Now its agent is asked nothing
+    more: not switched, not renewed, not unfrozen (its lease runs out on its own); the
+    rollout halts, charlie skipped with a reason naming `tlsroll nodes remove`, and the
+    rollout's note says what to do. The node switching meanwhile (none here) would go on."""
+    from leader.rollout_core import cut_off_reason
+
+    leader = world.boot(freeze_lease=6)
+    cut: set[str] = set()
+    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    real_get = world.agents.get
+
+    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
+        if name in cut:
+            raise cut_off_error(name)
+        return await real_get(name)
+
+    world.agents.get = get  # type: ignore[method-assign]
+    await leader.start(freeze=FreezeMode.SCOPE)
+    row = await leader.run(lambda r: r.node("bravo")[0].state is N.DONE)
+    charlie = row.node("charlie")[0]
+    assert charlie.scope_frozen and charlie.state not in TERMINAL_NODE_STATES, charlie
+    cut.add("charlie")
+    since = len(world.agents.calls)
+    row = await leader.run()
+    assert row.rollout.state is R.HALTED, row.rollout
+    by = {r.name: r for r in row.records}
+    assert (by["charlie"].state, by["charlie"].reason) == (
+        N.SKIPPED,
+        cut_off_reason(Change.ENABLE_TLS, "charlie"),
+    )
+    assert by["bravo"].state is N.DONE
+    assert by["alpha"].state is N.SKIPPED and by["alpha"].reason == "rollout halted"
+    assert [c for c in world.agents.calls[since:] if c.node == "charlie"] == []
+    assert row.meta.reason.startswith("halted: agent cut off (its certificate revoked)")
+    assert "`tlsroll nodes remove charlie`" in row.meta.reason, row.meta.reason
+    assert not any(r.scope_frozen for r in row.records if r.name != "charlie")
+    await leader.stop()

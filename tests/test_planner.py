@@ -651,9 +651,8 @@ def test_a_running_finalize_leaves_out_a_pending_node_cut_off_meanwhile() -> Non
     # Again (nothing pending is cut off any more): nothing more of b.
     again = next_actions(after, moved, held, cut_off={"b"})
     assert "b" not in again.nodes_with_events
-    # A node switching is left to its switch; a paused finalize leaves its cut-off node out too.
-    flying = tuple(replace(r, state=NodeState.SWITCHING) if r.name == "b" else r for r in records)
-    assert "b" not in next_actions(running, flying, held, cut_off={"b"}).nodes_with_events
+    # (A node switching needs attention: ``test_a_cut_off_node_mid_switch_needs_attention``.)
+    # A paused finalize leaves its cut-off node out too.
     paused = running.with_event(RolloutEvent.PAUSE)
     skipped = next_actions(paused, records, held, cut_off={"b"}).nodes_with_event(NodeEvent.SKIP)
     assert skipped == ("b",)
@@ -661,13 +660,7 @@ def test_a_running_finalize_leaves_out_a_pending_node_cut_off_meanwhile() -> Non
     rest = tuple(r if r.name == "b" else replace(r, state=NodeState.DONE) for r in records)
     last = next_actions(running, rest, cut_off={"b"})
     assert last.rollout_events == (RolloutEvent.NODES_SETTLED,)
-    # Not a finalize: nothing is left out (its refusals and steps say what happens).
-    enable, plain = plan_rollout(
-        rollout_id="e1", change=Change.ENABLE_TLS, scope=Scope.of_nodes(["a", "b"]),
-        enrolled={"a": True, "b": True}, leader="a", epoch=3,
-    )  # fmt: skip
-    started = enable.with_event(RolloutEvent.START)
-    assert next_actions(started, plain, cut_off={"b"}).nodes_with_event(NodeEvent.SKIP) == ()
+    # (Any other change: ``test_a_cut_off_node_is_never_switched_by_any_change``.)
 
 
 def test_a_running_finalize_leaves_out_a_cut_off_node_prepared_ahead() -> None:
@@ -1696,3 +1689,110 @@ def test_the_way_back_says_a_down_server_whose_config_serves_http_has_nothing_to
         {"a": True, "b": True}, {"a": seen("https"), "b": probed}, Change.DISABLE_TLS
     )
     assert planned["b"][0] is NodeState.SKIPPED and left_as_is(planned["b"][1]), planned
+
+
+def _running(
+    change: Change, names: list[str], **kw: object
+) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    rollout, records = plan_rollout(
+        rollout_id="r1", change=change, scope=Scope.of_nodes(names),
+        enrolled=dict.fromkeys(names, True), leader=names[0], epoch=2, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    return rollout.with_event(RolloutEvent.START), records
+
+
+@pytest.mark.parametrize(
+    "change",
+    [Change.ENABLE_TLS, Change.CHANGE_PASSWORD, Change.ROTATE_CERT, Change.DISABLE_TLS],
+)
+def test_a_cut_off_node_is_never_switched_by_any_change(change: Change) -> None:
+    """s50: a node whose agent was cut off (revoked) while a rollout other than a finalize ran
+    went on to its switch against the revoked agent. Now no change steps it: the way back
+    leaves it as is (as it does a node cut off before it starts: ``left_cut_off``) and goes
+    on; any other change halts, the node skipped with a reason naming `tlsroll nodes remove`,
+    as its start refuses a cut-off node (offline): never half-switched silently. Whatever
+    state before its switch it is in, running or paused."""
+    from leader.rollout_core import cut_off_reason, left_cut_off
+
+    running, records = _running(change, ["a", "b", "c"])
+    reason = cut_off_reason(change, "b")
+    if change is Change.DISABLE_TLS:
+        assert reason == left_cut_off("b")
+    else:
+        assert "`tlsroll nodes remove b`" in reason and "halted" in reason, reason
+    halts = change is not Change.DISABLE_TLS
+    for state in (NodeState.PENDING, NodeState.PREFLIGHT, NodeState.STAGING, NodeState.STAGED):
+        nodes = tuple(
+            replace(r, state=NodeState.SWITCHING) if r.name == "a"
+            else replace(r, state=state) if r.name == "b" else r
+            for r in records
+        )  # fmt: skip
+        for rollout in (running, running.with_event(RolloutEvent.PAUSE)):
+            for ahead in (0, 1):
+                plan_ = next_actions(rollout, nodes, prepare_ahead=ahead, cut_off={"b"})
+                b_events = [(a.event, a.reason) for a in plan_.node_events if a.node == "b"]
+                assert b_events == [(NodeEvent.SKIP, reason)], (state, ahead)
+                assert "b" not in {s.node for s in plan_.steps}, (state, ahead)
+                halted = plan_.rollout_events == (RolloutEvent.NODE_CUT_OFF,)
+                assert halted is halts, plan_.rollout_events
+                after, moved = apply_plan(rollout, nodes, plan_)
+                by = {r.name: r for r in moved}
+                assert by["b"].state is NodeState.SKIPPED
+                assert "a" not in plan_.nodes_with_events  # its switch goes on
+                if halts:
+                    assert after.state is RolloutState.HALTING
+                    # c is not started: halted, it is skipped (the halt's own rule)
+                    assert by["c"].state is NodeState.SKIPPED, by["c"]
+                    assert by["c"].reason == "rollout halted", by["c"]
+                else:
+                    assert after.state is rollout.state
+    # Not cut off, the same rollout goes on as ever.
+    plain = next_actions(running, records)
+    assert plain.rollout_events == () and plain.nodes_with_event(NodeEvent.SKIP) == ()
+
+
+@pytest.mark.parametrize("change", [Change.ENABLE_TLS, Change.DISABLE_TLS, Change.FINALIZE])
+def test_a_cut_off_node_mid_switch_needs_attention(change: Change) -> None:
+    """s50: a node whose switch was sent when its agent was cut off: the leader asks the
+    revoked agent nothing more (``AgentPool.get`` refuses to dial it), so its outcome is not
+    known: it needs attention with a reason naming `tlsroll nodes remove`, not "unknown"
+    for good (the rollout never ended and the node could never be removed)."""
+    from leader.rollout_core import cut_off_mid_switch
+
+    running, records = _running(change, ["a", "b"])
+    for state, event in (
+        (NodeState.SWITCHING, NodeEvent.SWITCH_FAILED),
+        (NodeState.CONFIRMING, NodeEvent.CONFIRM_FAILED),
+    ):
+        nodes = tuple(
+            replace(r, state=state) if r.name == "b" else replace(r, state=NodeState.DONE)
+            for r in records
+        )
+        plan_ = next_actions(running, nodes, cut_off={"b"})
+        assert [(a.node, a.event, a.reason) for a in plan_.node_events] == [
+            ("b", event, cut_off_mid_switch("b"))
+        ], state
+        assert "`tlsroll nodes remove b`" in cut_off_mid_switch("b")
+        assert not plan_.steps, plan_.steps
+        _after, moved = apply_plan(running, nodes, plan_)
+        assert {r.name: r.state for r in moved}["b"] is NodeState.NEEDS_ATTENTION
+
+
+def test_a_cut_off_node_is_never_frozen_nor_holds_a_switch() -> None:
+    """s50: under ``--freeze scope`` every node not failed or skipped is frozen before the
+    first switch, a node done too; a cut-off one would be asked (its agent dialled) for good
+    and hold every switch. It is not frozen, and its lapse holds nothing."""
+    running, records = _running(Change.ENABLE_TLS, ["a", "b", "c"], freeze=FreezeMode.SCOPE)
+    nodes = tuple(
+        replace(r, state=NodeState.DONE) if r.name == "b"
+        else replace(r, state=NodeState.STAGED)
+        for r in records
+    )  # fmt: skip
+    plan_ = next_actions(running, nodes, cut_off={"b"})
+    frozen = {s.node for s in plan_.steps if s.step is Step.FREEZE}
+    assert frozen == {"a", "c"}, plan_.steps
+    # Frozen: a and c confirmed, b's lapse (never renewed) holds no switch.
+    nodes = tuple(replace(r, scope_frozen=True) for r in nodes)
+    go = next_actions(running, nodes, cut_off={"b"}, lapsed={"b"})
+    assert set(go.nodes_with_event(NodeEvent.SWITCH)) == {"a", "c"}, go
+    assert not [s for s in go.steps if s.node == "b"], go.steps

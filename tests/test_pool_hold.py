@@ -5,6 +5,7 @@ opens channels for (review 2 of session 30, L3)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from leader.agent_client import AgentPool
+from leader.agent_client import AgentCutOff, AgentPool
 from leader.engine import _in_flight
 from leader.rollout_core import NodeState, Strategy
 from tests.test_engine import make_world, open_store
@@ -223,3 +224,38 @@ async def test_a_pass_holds_the_nodes_in_flight_as_stored_not_as_it_read_them(
     assert holds[-1] == _in_flight(latest), (waited, holds[-3:])
     await engine.settle()
     await leader.stop()
+
+
+async def test_the_pool_dials_no_agent_whose_certificate_is_revoked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s50: the pool dialled a node's agent by its address, port and key only, so an agent cut
+    off (its certificate on record revoked: a machine lost or stolen) was dialled as before,
+    its channel kept open. A revocation moves the store's nodes generation on: the next
+    ``get`` reads the node again, closes the channel and raises ``AgentCutOff`` (transient:
+    no step outcome, no node failed or rolled back for it), naming `tlsroll nodes remove`;
+    ``reach`` (the planning's check) says so too, as the error its callers report."""
+    log = fake_channels(monkeypatch)
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    pool = AgentPool(store, grpc.ssl_channel_credentials(), "example.org")
+    try:
+        client = await pool.get("alpha")
+        _ = client.channel
+        assert log == [line for line in log if line.startswith("open")] and log, log
+        serial = store.get_node("alpha").cert_serial
+        store.revoke(serial, reason="lost", now=dt.datetime.now(dt.UTC), actor="admin")
+        assert store.get_node("alpha").cert_revoked
+        with pytest.raises(AgentCutOff) as refused:
+            await pool.get("alpha")
+        said = str(refused.value)
+        assert "agent alpha is cut off" in said and "`tlsroll nodes remove alpha`" in said, said
+        await asyncio.sleep(0)
+        assert any(line.startswith("close") for line in log), log
+        with pytest.raises(AgentCutOff):
+            await pool.reach("alpha", asyncio.get_running_loop().time() + 5, channel=True)
+        opened = [line for line in log if line.startswith("open")]
+        assert len(opened) == 1, log  # never dialled again
+    finally:
+        await pool.close()
+        store.close()

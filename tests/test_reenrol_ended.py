@@ -36,12 +36,13 @@ import pytest
 from cryptography import x509
 
 from leader.expiry import ADVICE, Expiry
-from leader.rollout_core import left_cut_off, left_out_reason
+from leader.rollout_core import cut_off_reason, left_cut_off, left_out_reason
 from leader.store import in_rollout_text
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
 from nodeagent.identity import ended_path, expired_message, keep_ended, pending_paths
 from nodeagent.identity import enrol as enrol_in_process
+from refserver.server import START_DELAY_ENV
 from tests.cluster import AdminTokenCluster, Cluster, csr_pem, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import cluster_of
@@ -61,7 +62,8 @@ from tests.test_transitional import (
     when,
 )
 from tlsroll import fsutil, pki
-from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+from tlsroll.enums import Change
+from tlsroll.v1 import admin_pb2, leader_pb2, leader_pb2_grpc
 
 UTC = dt.UTC
 LIFETIME = 60  # seconds: the agents' certificates (the least leader.toml takes)
@@ -627,6 +629,88 @@ def test_a_rollback_leaves_a_cut_off_node_as_is_saying_to_remove_it(tmp_path: Pa
         assert removed.returncode == 0, removed.stderr
 
 
+@pytest.mark.timeout(600)
+def test_an_enable_tls_halts_on_a_node_cut_off_before_its_switch(tmp_path: Path) -> None:
+    """s50: node3's agent cut off (revoked: a machine lost) while an enable-tls ran, before
+    node3's switch: the rollout went on and switched node3 against the revoked agent (the
+    leader dialled it as before). Now node3 is never switched: it is skipped with a reason
+    naming `tlsroll nodes remove node3`, the rollout halts (a forward change is never left
+    half-way silently: its start refuses such a node), node2's switch, if under way, ends as
+    it would, node3 still serves plain http, and `nodes remove node3` then works. Each switch is
+    slowed (the restarted server's start delay) and the rollout paused at once, so node3
+    is not at its switch when it is revoked (checked)."""
+    slow = {START_DELAY_ENV: "3"}
+    with cluster_of(tmp_path, 3, env=slow) as (cluster, nodes):
+        _node1, _node2, node3 = nodes  # (the leader's own node, node1, goes last)
+        agent = node3.agent
+        assert agent is not None
+        first = start_transitional(cluster, tmp_path, "--max-parallel", "1")
+        paused = cluster.cli("rollout", "pause", first)
+        assert paused.returncode == 0, paused.stderr
+        before = {n["name"]: n["state"] for n in rollout(cluster, first)["nodes"]}
+        assert before["node3"] in ("pending", "preflight", "staging", "staged"), before
+        done = cluster.cli("ca", "revoke", f"{agent.cert().serial_number:x}")
+        assert done.returncode == 0, done.stderr
+        ended = wait_state(cluster, first, WAITED, "the rollout to halt")
+        assert ended["state"] == "halted", ended
+        states = {n["name"]: (n["state"], n.get("reason", "")) for n in ended["nodes"]}
+        assert states["node3"] == ("skipped", cut_off_reason(Change.ENABLE_TLS, "node3"))
+        assert "`tlsroll nodes remove node3`" in states["node3"][1]
+        assert "`tlsroll nodes remove node3`" in ended["reason"], ended["reason"]
+        # node2: its switch, if under way at the pause, ended as it would; else the halt
+        # skipped it, as node1 (never started)
+        assert states["node2"] in {("dual", ""), ("skipped", "rollout halted")}, states
+        assert states["node1"] == ("skipped", "rollout halted"), states
+        assert list(live(node3).schemes) == ["http"]  # never switched
+        switched = [
+            e
+            for e in cluster.leader.log_events()
+            if e.get("node") == "node3" and e.get("step") == "switch"
+        ]
+        assert switched == [], switched
+        removed = cluster.cli("nodes", "remove", "node3", "--yes")
+        assert removed.returncode == 0, removed.stderr
+
+
+@pytest.mark.timeout(600)
+def test_finalize_check_only_over_the_admin_socket_starts_nothing(tmp_path: Path) -> None:
+    """s50 (check_only was only tested by calling ``Commands.finalize_check``): over the real
+    admin socket, a real leader answers ``FinalizeRolloutRequest.check_only`` with what the
+    finalize would do, node2 (its agent cut off) left out with its reason, node1 pending;
+    nothing starts (phase 1 still awaits its finalize, no newer rollout). A rollout that
+    awaits no finalize is refused as the finalize is, a one-line status and nothing started."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        _node1, node2 = nodes
+        agent = node2.agent
+        assert agent is not None
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        done = cluster.cli("ca", "revoke", f"{agent.cert().serial_number:x}")
+        assert done.returncode == 0, done.stderr
+        with cluster.admin() as admin:
+            for how in ({"force": True}, {"when_quiet_seconds": 60}):
+                request = admin_pb2.FinalizeRolloutRequest(
+                    rollout_id=phase1,
+                    check_only=True,
+                    **how,
+                )
+                plan = admin.FinalizeRollout(request, timeout=30)
+                got = {n.name: (n.state, n.reason) for n in plan.nodes}
+                assert plan.finalizes == phase1 and list(plan.left_out) == ["node2"], plan
+                assert got["node2"][1] == left_out_reason("node2"), got
+                assert got["node1"][1] == "" and got["node2"][0] != got["node1"][0], got
+                assert plan.id == "", plan  # nothing made
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.FinalizeRollout(
+                    admin_pb2.FinalizeRolloutRequest(rollout_id="nope", check_only=True),
+                    timeout=30,
+                )
+        assert refused.value.code() != grpc.StatusCode.UNKNOWN, refused.value
+        assert "\n" not in (refused.value.details() or ""), refused.value.details()
+        assert newest(cluster)["id"] == phase1
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+
+
 def _node_row(cluster: Cluster, name: str) -> dict[str, Any]:
     (row,) = [r for r in cluster.store_table("nodes") if r["name"] == name]
     return row
@@ -913,3 +997,25 @@ def test_a_finalize_that_leaves_every_node_out_says_it_only_ends_phase_1(
     assert "node by node" not in said and "freeze writes" not in said, said
     assert FINALIZE_WARNINGS[-1] not in said, said
     assert "Left out: node1: left out: its agent is cut off" in said, said
+
+
+def test_a_finalize_started_with_every_node_left_out_says_what_happened() -> None:
+    """s50: after "yes" with every node left out (their agents cut off) the finalize said
+    "started on no node; follow it with: tlsroll schema show --watch". It says it closes
+    http on no node and only ends phase 1, leaving the nodes on http and https; a finalize
+    that closes http somewhere says where, as before."""
+    from leader.cli.rollout import finalize_started
+    from leader.schema_view import finalize_preview
+
+    every = finalize_preview("t1", ("node1", "node2"), {"node1", "node2"})
+    every.id = "f1"
+    said = finalize_started(every, "")
+    assert "no node" in said and "started on" not in said and "--watch" not in said, said
+    assert said.startswith("rollout f1 (finalize of t1) closes http on no node: every node is")
+    assert "only ends phase 1, leaving 2 nodes on http and https" in said, said
+    some = finalize_preview("t1", ("node1", "node2"), {"node2"})
+    some.id = "f2"
+    assert finalize_started(some, "30m") == (
+        "rollout f2 (finalize of t1) started on node1; each node waits until quiet for 30m;"
+        " follow it with: tlsroll schema show --watch"
+    )

@@ -36,6 +36,7 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Scope,
+    left_cut_off,
     left_out_reason,
 )
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
@@ -1576,3 +1577,49 @@ def test_a_way_back_that_left_a_node_as_is_says_so_on_the_page_and_in_the_api(
     assert later.left_as_is == () and later.selected["left_as_is"] == []
     html = pages.schema_content(later, Words.of("en"), context)
     assert "left as is" not in html and "data-left-as-is" not in html
+
+
+def test_the_way_back_s_alert_leaves_out_a_node_cut_off(store: Store) -> None:
+    """s50: a way back that left node b as is because its agent is cut off (its certificate
+    revoked: a machine lost or stolen) kept b in the page's "the way back is not complete"
+    alert for good: b never comes back on http, its reason says to remove it. The alert
+    leaves it out (here: no alert); the heading still says b was left as is, and b's row
+    gives its reason. A node merely offline stays in the alert (the test above)."""
+    schema = SchemaStore(store.db)
+    rollout, records = planner.plan_rollout(
+        rollout_id="back1",
+        change=Change.DISABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": False},
+        leader="a",
+        epoch=schema.next_epoch(),
+        cut_off={"b"},
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    row = schema.create(rollout.with_event(RolloutEvent.START), records, meta, NOW)
+    for event in (
+        NodeEvent.START,
+        NodeEvent.PREFLIGHT_PASSED,
+        NodeEvent.STAGE_DONE,
+        NodeEvent.SWITCH,
+        NodeEvent.SWITCH_DONE,
+        NodeEvent.CONFIRM_DONE,
+    ):
+        moved = [r.with_event(event) if r.name == "a" else r for r in row.records]
+        row = schema.save_states(row, row.rollout, moved, NOW, "engine")
+    done = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+    schema.save_states(row, done, row.records, NOW, "engine")
+
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for snap in (reader.read(clients=False, page=True), reader.read()):
+        assert (snap.left_as_is, snap.cut_off, snap.still_left) == (("b",), ("b",), ())
+        for lang in ("de", "en"):
+            html = pages.schema_content(snap, Words.of(lang), context)
+            assert "data-left-as-is" not in html and 'class="alert"' not in html, html
+            (b_row,) = re.findall(r'<tr id="node-b".*?</tr>', html, re.S)
+            assert left_cut_off("b") in unescape(b_row)
+        html = pages.schema_content(snap, Words.of("en"), context)
+        (heading,) = re.findall(r'<h2 id="rollout-h">(.*?)</h2>', html, re.S)
+        text = " ".join(unescape(re.sub(r"<[^>]+>", "", heading)).split())
+        assert text.endswith("completed, 1 node left as is: b"), text

@@ -691,17 +691,30 @@ def rollout_finalize(
         view = leader.call(admin.FinalizeRollout, request)
     # The nodes whose agents are cut off (a machine lost or stolen) are left out, named apart.
     out_of_it = [n for n in view.nodes if left_out(n.reason)]
-    going = [n.name for n in view.nodes if n not in out_of_it]
-    out.print(
-        f"rollout {view.id} (finalize of {view.finalizes}) started on "
-        f"{', '.join(going) or 'no node'}"
-        + (f"; each node waits until quiet for {when_quiet}" if quiet and going else "")
-        + "; follow it with: tlsroll schema show --watch"
-    )
+    out.print(finalize_started(view, (when_quiet or "") if quiet else ""))
     for n in out_of_it:
         out.print(f"  {n.name}: {n.reason}")
     if wait:
         wait_for_end(leader, view.id)
+
+
+def finalize_started(view: schema_pb2.RolloutView, when_quiet: str) -> str:
+    """The line a started finalize ``view`` prints: the nodes it closes http on; with every
+    node left out (their agents cut off), that it closes http on none and only ends phase 1,
+    leaving them on http and https (s50: it said "started on no node; follow it with ...")."""
+    going = [n.name for n in view.nodes if not left_out(n.reason)]
+    if not going:
+        count = len(view.nodes)
+        return (
+            f"rollout {view.id} (finalize of {view.finalizes}) closes http on no node: every"
+            f" node is left out, its agent cut off; it only ends phase 1, leaving {count}"
+            f" node{'s' if count != 1 else ''} on http and https (see: tlsroll schema show)"
+        )
+    return (
+        f"rollout {view.id} (finalize of {view.finalizes}) started on {', '.join(going)}"
+        + (f"; each node waits until quiet for {when_quiet}" if when_quiet else "")
+        + "; follow it with: tlsroll schema show --watch"
+    )
 
 
 def _confirm_finalize(plan: schema_pb2.RolloutView, when_quiet: str) -> None:

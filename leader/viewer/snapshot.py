@@ -29,7 +29,7 @@ from leader.expiry import (
     within,
 )
 from leader.layout import DEFAULT_WARNING
-from leader.rollout_core import NodeRecord, NodeState
+from leader.rollout_core import NodeRecord, NodeState, cut_off
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import (
     FreshReports,
@@ -212,10 +212,29 @@ class Snapshot:
         return tuple(self.selected.get("left_out", ()))
 
     @property
+    def cut_off(self) -> tuple[str, ...]:
+        """The selected rollout's nodes skipped as their agents are cut off (their
+        certificates revoked: a machine lost or stolen; ``rollout_core.cut_off``): each one's
+        reason names `tlsroll nodes remove`."""
+        if self.selected is None:
+            return ()
+        kept = self.selected.get("left_cut_off")
+        if kept is not None:
+            return tuple(kept)
+        return tuple(
+            n["name"]
+            for n in self.selected.get("nodes", ())
+            if n.get("state") == NodeState.SKIPPED.value and cut_off(n.get("reason", ""))
+        )
+
+    @property
     def still_left(self) -> tuple[str, ...]:
-        """``left_as_is`` less the nodes seen on http since: what the page's alert names (the
-        heading keeps what the way back did)."""
-        return tuple(n for n in self.left_as_is if n not in self.on_http_now)
+        """``left_as_is`` less the nodes seen on http since and those cut off: what the
+        page's alert names (the heading keeps what the way back did). A node cut off never
+        comes back on http: its reason says to remove it, and the alert listed it for good
+        (s50)."""
+        gone = self.cut_off
+        return tuple(n for n in self.left_as_is if n not in self.on_http_now and n not in gone)
 
 
 # Where a Reader marks, in ``Database.cache``, that it read the enrolled nodes (``_enrolled``).
@@ -550,6 +569,9 @@ class Reader:
             # (made of a head without its nodes, the view names none: ``rollout_view``)
             item["left_as_is"] = left_as_is_nodes(row.records)
             item["left_out"] = left_out_nodes(row.records)
+            item["left_cut_off"] = [
+                r.name for r in row.records if r.state is NodeState.SKIPPED and cut_off(r.reason)
+            ]
             self._keep(self._page_nodes, row.rollout.id, fresh)
         return data
 
