@@ -288,15 +288,22 @@ def not_the_pinned_ca(cfg: AgentConfig, pin: str) -> ConfigError:
     answered by enrolling again. Either the pin is wrong (typed wrong, another cluster's) or
     the file was replaced, perhaps by someone who wants the node to trust their CA: the line
     says both and how to tell them apart (the leader's ``tlsroll ca show``), and not to take
-    the file's pin nor enrol again to get past it (either would trust what it holds)."""
-    ca_file = paths(cfg.data_dir)[2]
+    the file's pin. A third case is no attack: the node joined another cluster (the join
+    script writes the new pin and keeps the data dir, review rev50a M1): its three identity
+    files are the old cluster's and go aside together, the agent then enrolling with its
+    token. For a replaced file, the leader's CA (``ca show --json``'s ``certificate_pem``)
+    goes back in its place."""
+    key, cert, ca_file = paths(cfg.data_dir)[:3]
     return ConfigError(
         cfg.path,
         "[leader].ca_pin",
-        f"{ca_file} holds a CA whose key's pin is {pin}, not this pin: either this pin is "
-        "wrong (compare it with the pin `tlsroll ca show` prints on the leader) or "
-        f"{ca_file} was replaced, perhaps by an attacker — find out which before anything "
-        "else; do not copy that file's pin here nor enrol the node again to get past it",
+        f"{ca_file} holds a CA whose key's pin is {pin}, not this pin: compare this pin with "
+        "the one `tlsroll ca show` prints on the leader; if they differ, this pin is wrong; "
+        "if they match and this node was joined to another cluster, move "
+        f"{key}, {cert} and {ca_file} aside together and start the agent with a join token "
+        "(it enrols again); otherwise the file was replaced, perhaps by an attacker: put the "
+        "leader's CA back (certificate_pem of `tlsroll ca show --json`) and find out how; "
+        "never copy that file's pin here",
     )
 
 

@@ -1033,8 +1033,9 @@ def test_an_agent_ca_file_not_of_its_pin_is_a_config_error_not_a_reenrolment(
 ) -> None:
     """ca.pem whose key is not [leader].ca_pin's: a wrong pin, or a file replaced (perhaps by
     an attacker): the line says both, names the leader's `tlsroll ca show` to compare with,
-    and never sends the admin to enrol the node again (that would take whatever CA now
-    answers, or hide the replacement)."""
+    and never sends the admin to take the file's pin. A node joined to another cluster (the
+    join script writes the new pin, keeps the data dir) is the third case: its three files go
+    aside together (review rev50a M1: the line called it an attack, with no way on)."""
     agent = _enrolled_agent(cluster, "mpin")
     other = pki.CertificateAuthority.create("another CA")
     pki.write_cert(agent.ca_file, other.cert)
@@ -1044,6 +1045,10 @@ def test_an_agent_ca_file_not_of_its_pin_is_a_config_error_not_a_reenrolment(
     assert pki.spki_pin(other.cert) in line, line
     assert "tlsroll ca show" in line and "attacker" in line, line
     assert "token create" not in line and "mv " not in line, line
+    key, cert = agent.ca_file.with_name("node.key"), agent.ca_file.with_name("node.pem")
+    assert f"joined to another cluster, move {key}, {cert} and {ca} aside together" in line
+    assert "certificate_pem of `tlsroll ca show --json`" in line, line
+    assert "never copy that file's pin here" in line, line
 
 
 def test_the_way_on_from_a_damaged_agent_certificate_brings_the_node_back(
