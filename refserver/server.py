@@ -511,6 +511,13 @@ class RefServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.save_failures_now()
+        if (now := self._failures()) != self._failures_saved:
+            # said even when a failing save was said before (review rev50a L3): what is lost
+            log.error(
+                "login_failures.lost_at_stop",
+                count=now.count,
+                saved=self._failures_saved.count,
+            )
 
     def _login_wait(self, source: str, now: float) -> float:
         return max(self._login_failures.wait(source, now), self._login_ceiling.wait(now))

@@ -1087,6 +1087,53 @@ async def test_a_flood_of_wrong_passwords_is_no_flood_of_commits(tmp_path: Path)
         store.close()
 
 
+async def test_a_count_a_failing_store_cannot_keep_is_said_as_the_server_stops(
+    tmp_path: Path,
+) -> None:
+    """Review rev50a L3: with saves already failing (a read-only store: said once), the count
+    the stop could not save went without a word; it is said at the stop, with what the store
+    still holds."""
+    store = refstore.Store(tmp_path)
+
+    def broken(failures: refstore.LoginFailures) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    store.save_login_failures = broken  # type: ignore[method-assign]
+    config = refserver_config.RefServerConfig(
+        path=tmp_path / "refserver.toml",
+        address="127.0.0.1",
+        app_path="/app/",
+        listen=("http",),
+        http_port=8080,
+        https_port=8443,
+        cert_file=None,
+        key_file=None,
+        client_ca_file=None,
+        require_client_cert=False,
+        data_dir=tmp_path,
+        admin_socket=tmp_path / "admin.sock",
+        auth_verifier_file=None,
+    )
+    server = Server(refserver_config.Loaded(config, None, None), store, refstore.FreezeState(False))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            server.failures_save_seconds = 3600.0
+            server._login_failed()
+            for _ in range(200):
+                if server._failures_save_failed:
+                    break
+                await asyncio.sleep(0.01)
+            server._login_failed()
+            await server.stop_saving_failures()
+        events = [e["event"] for e in logs]
+        assert events.count("login_failures.not_saved") == 1, events
+        [lost] = [e for e in logs if e["event"] == "login_failures.lost_at_stop"]
+        assert (lost["count"], lost["saved"]) == (2, 0)
+    finally:
+        server.close()
+        store.close()
+
+
 # One check of this verifier takes seconds (the production cost times 64: r=32, p=16; about 7 s
 # and 128 MiB on the 2-CPU test machine, where 65 logins line up behind it in 0.3 s).
 # No password matches it (its hash is random): made without running scrypt.
