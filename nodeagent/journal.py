@@ -1,6 +1,4 @@
-"""The agent's local journal (SQLite, WAL, synchronous=FULL) of every step it takes. (Two
-records of a switch have no fsync of their own, the one that follows each making it durable:
-``nodeagent.transaction.UNSYNCED``.)
+"""The agent's local journal (SQLite, WAL, synchronous=FULL) of every step it takes.
 
 A step is written *before* it acts (``begin``) and *after* (``end`` or ``error``); a
 transaction's ``phase`` is the last step that finished. After a crash the agent reads the
