@@ -554,9 +554,9 @@ class Journal:
             raise self._error(exc) from exc
 
     @contextmanager
-    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[sqlite3.Connection]:
         try:
-            with self._db.tx(durable=durable) as db:
+            with self._db.tx() as db:
                 yield db
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
@@ -876,16 +876,10 @@ class Journal:
             self._begin(db, txn, begin)
         return txn
 
-    def update(
-        self, txn: Txn, *, begin: str | None = None, durable: bool = True, **changes: Any
-    ) -> Txn:
+    def update(self, txn: Txn, *, begin: str | None = None, **changes: Any) -> Txn:
         """Record what a step changed (``phase`` and what it found; never the plan). ``begin``:
-        the next step, whose ``begin`` event goes in the same write (one write per step).
-        ``durable=False``: without an fsync of its own (``tlsroll.sqlite.Store.tx``), for a
-        phase the runner may find lost after a power cut, and so repeats the step that led
-        to it (which is idempotent), because a durable record follows it soon and before the
-        leader hears of it (``nodeagent.transaction.Runner._record``)."""
-        with self._tx(durable=durable) as db:
+        the next step, whose ``begin`` event goes in the same write (one write per step)."""
+        with self._tx() as db:
             new = self._update(db, txn, changes)
             self._begin(db, new, begin)
             return new

@@ -206,13 +206,6 @@ DOWN_RECHECK = (0.5, 1.0, 1.5)
 # that the server is still frozen first (``_refreeze``). From ``verified`` on only the unfreeze
 # is left.
 REFREEZE = frozenset({Phase.FROZEN, Phase.CONFIG_WRITTEN, Phase.RESTARTED})
-# Phases journalled without an fsync of their own (``Runner._record``, ``Journal.update``), the
-# unfreeze's record (``completed``, durable) making them durable a moment later; inside every
-# freeze window, one fsync fewer each (issue 15). Lost to a power cut, ``verified`` is
-# ``restarted`` again: resumed there, the server is frozen again (``REFREEZE``), verified and
-# unfrozen, as after a crash between the unfreeze and its record. (``frozen`` has none either
-# when the config's write and its record follow in the same hand-off: ``_ahead_of``.)
-UNSYNCED = frozenset({Phase.VERIFIED})
 BACKWARD: dict[Phase, tuple[Action, Phase]] = {
     Phase.ROLLING_BACK: (Action.RESTORE_CONFIG, Phase.RESTORED),
     Phase.RESTORED: (Action.RESTART, Phase.RB_RESTARTED),
@@ -986,7 +979,6 @@ class Runner:
                         phase=after,
                         begin=begun,
                         then=self._ahead_of(txn, plan, after),
-                        durable=after not in UNSYNCED,
                         **changes,
                     )
                 except BaseException:
@@ -1019,7 +1011,6 @@ class Runner:
         txn: Txn,
         *args: Any,
         then: Ahead | None = None,
-        durable: bool = True,
         **changes: Any,
     ) -> Txn:
         """Journal the transaction's new phase (and what the action found) with one of the
@@ -1027,28 +1018,14 @@ class Runner:
         (``tlsroll.dbthread``: one thread, woken alone, not the default executor's). ``then``:
         the next action, when it is blocking work (``_ahead_of``), and its own record, run right
         after the write has committed, in the same hand-off; its error waits in ``_ahead`` for
-        ``_act``, the record it led to in ``_followed`` for the loop.
-
-        ``durable=False`` (``UNSYNCED``, an ``update`` only): the record has no fsync of its
-        own (``Journal.update``); the next durable record's makes it durable. The record before
-        ``then``'s act has none either: ``then``'s own record follows it in the same hand-off,
-        before anything is told (persist before send). Lost to a power cut, such a phase is
-        repeated from the one before it, each step being idempotent (the module docstring).
-        One without ``then`` is not told to the transaction's watchers (the leader's stream):
-        they hear of the next, durable, record."""
+        ``_act``, the record it led to in ``_followed`` for the loop."""
         if then is None:
-            if durable:
-                txn = await dbthread.run(write, txn, *args, **changes)
-            else:
-                txn = await dbthread.run(write, txn, *args, durable=False, **changes)
+            txn = await dbthread.run(write, txn, *args, **changes)
             self._journalled(txn.phase)
-            if durable:
-                self.changes.changed(txn)
+            self.changes.changed(txn)
             await self._held()
             return txn
-        txn, followed, error = await dbthread.run(
-            _write_then, write, then, txn, *args, durable=False, **changes
-        )
+        txn, followed, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
         key = (txn.rollout_id, txn.kind.value)
         self._journalled(txn.phase)
         self.changes.changed(txn)

@@ -52,7 +52,6 @@ from tests.conftest import count_thread_hops
 from tlsroll import dbthread, fsutil, password
 from tlsroll.config import ConfigFile
 from tlsroll.enums import TxnKind, TxnOutcome
-from tlsroll.sqlite import Database
 
 ADDRESS = "192.0.2.10"
 APP = "/praxis_live/"
@@ -616,109 +615,6 @@ async def test_a_crash_at_any_write_resumes_and_acts_once(
         # work done: the source already back in place).
         before, after = ops_at[at - 2], ops_at[at - 1]
         assert ops in (sc.ops, sc.ops[:after] + sc.ops[before:]), (ops, sc.ops)
-    journal.close()
-
-
-class SyncJournal(CrashingJournal):
-    """The journal, noting for each of its writes whether its commit syncs the WAL: SQLite's
-    ``synchronous`` inside the write (2 FULL: an fsync; 1 NORMAL: none of its own)."""
-
-    def __init__(self, path: Path) -> None:
-        self.syncs: list[int] = []
-        super().__init__(path)
-        self.syncs.clear()  # (opening it wrote too)
-
-    @contextlib.contextmanager
-    def _tx(self, **how: Any) -> Iterator[sqlite3.Connection]:
-        with super()._tx(**how) as db:
-            self.syncs.append(int(db.execute("PRAGMA synchronous").fetchone()[0]))
-            yield db
-
-
-def test_a_write_without_its_fsync_is_committed_and_the_next_one_syncs(tmp_path: Path) -> None:
-    """``Database.tx(durable=False)``: that one commit without the WAL's fsync (SQLite's
-    ``synchronous`` NORMAL inside it), committed all the same (another connection reads it);
-    the connection's writes after it sync again, after a write that failed too."""
-    path = tmp_path / "s.sqlite3"
-    db = Database(path, ["CREATE TABLE a (x)"])
-    try:
-        with db.tx(durable=False) as c:
-            assert c.execute("PRAGMA synchronous").fetchone()[0] == 1
-            c.execute("INSERT INTO a VALUES (1)")
-        with db.tx() as c:
-            assert c.execute("PRAGMA synchronous").fetchone()[0] == 2
-        with pytest.raises(sqlite3.OperationalError), db.tx(durable=False) as c:
-            c.execute("INSERT INTO nowhere VALUES (1)")
-        with db.tx() as c:
-            assert c.execute("PRAGMA synchronous").fetchone()[0] == 2
-            c.execute("INSERT INTO a VALUES (2)")
-        with contextlib.closing(sqlite3.connect(path)) as other:
-            assert other.execute("SELECT x FROM a ORDER BY x").fetchall() == [(1,), (2,)]
-    finally:
-        db.close()
-
-
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
-async def test_only_frozen_and_verified_go_without_an_fsync_of_their_own_and_are_told_after_one(
-    name: str, world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Issue 15: inside the freeze window the record of ``frozen`` (the config's write and the
-    record of ``config_written`` follow it in the same hand-off) and of ``verified`` (the
-    unfreeze's record follows it) are committed without an fsync of their own; the next
-    durable record's fsync makes them durable. Every other write syncs, the connection syncs
-    again after them, and the transaction's watchers (the leader's stream) hear of nothing
-    before a durable record came: not of ``verified`` at all (persist before send)."""
-    sc = SCENARIOS[name]
-    w = world(sc)
-    journal = SyncJournal(w.journal_path)
-    told: list[tuple[str, int]] = []  # each phase told, with the writes made by then
-    changed = transaction.TxnChanges.changed
-
-    def telling(self: transaction.TxnChanges, txn: Txn) -> None:
-        told.append((txn.phase.value, len(journal.writes)))
-        changed(self, txn)
-
-    monkeypatch.setattr(transaction.TxnChanges, "changed", telling)
-    await w.run(journal)
-
-    assert tuple(journal.writes) == w.writes and len(journal.syncs) == len(w.writes)
-    unsynced = {
-        label for label, sync in zip(journal.writes, journal.syncs, strict=True) if sync < 2
-    }
-    expected = {"frozen + write_config begin", "verified + unfreeze begin"}
-    assert unsynced == expected & set(w.writes)
-    assert all(sync in (1, 2) for sync in journal.syncs)
-    with journal._read() as db:
-        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
-    for phase, made in told:  # the last write before each telling synced
-        assert journal.syncs[made - 1] == 2, (phase, journal.writes[made - 1])
-    assert "verified" not in [phase for phase, _ in told]
-    w.assert_ended_well(journal)
-    journal.close()
-
-
-async def test_a_verified_lost_to_a_power_cut_after_the_unfreeze_is_verified_again(
-    world: Callable[..., World],
-) -> None:
-    """``verified`` has no fsync of its own: a power cut after the unfreeze (a write taken
-    since) and before the unfreeze's record can lose both records. The agent then resumes at
-    ``restarted``: it freezes the server again and journals the new watermark, verifies against
-    it, and unfreezes; the write taken is kept and the switch completes (``UNSYNCED``)."""
-    sc = SCENARIOS["completes"]
-    w = world(sc)
-    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("verified"))
-    first = CrashingJournal(w.journal_path, at, lost=True)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
-    w.server.frozen = False  # the unfreeze was made (its record and the one before it lost)
-    w.server.watermark += 1  # and a write taken after it
-    pending, journal = await w.resume()
-    assert [t.phase for t in pending] == [Phase.RESTARTED]
-    txn = w.assert_ended_well(journal)
-    assert txn.watermark == w.server.watermark
-    assert w.server.ops == [*sc.ops[:-1], "freeze", "unfreeze"]
-    assert journal.writes[0] == "freeze again"
     journal.close()
 
 

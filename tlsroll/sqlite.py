@@ -1064,24 +1064,13 @@ class Database:
                 )
 
     @contextmanager
-    def tx(self, *, routine: bool = False, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def tx(self, *, routine: bool = False) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: all or nothing, serialised with every other writer.
         ``routine``: a write that changes nothing the heartbeat path keeps in memory (a
         heartbeat's own record, a rollout step's progress); any other moves ``generation`` on
-        (see ``__init__``). ``durable=False``: committed without the WAL's fsync
-        (``synchronous=NORMAL`` for this commit alone): the next durable commit's fsync of the
-        WAL makes it durable too, and until then only a power cut (not a crash of the process)
-        can lose it. For a record whose loss the caller can repeat its way past and that a
-        durable one soon follows (the agent's journal: ``Journal.update``)."""
+        (see ``__init__``)."""
         with self._lock:
-            if not durable:  # set outside a transaction (SQLite ignores it inside one)
-                self._db.execute("PRAGMA synchronous=NORMAL")
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                if not durable:
-                    self._db.execute("PRAGMA synchronous=FULL")
-                raise
+            self._db.execute("BEGIN IMMEDIATE")
             changes = self._db.total_changes  # before anything that can fail (see except)
             self._committed = []
             self._writer = threading.get_ident()
@@ -1116,8 +1105,6 @@ class Database:
                 raise
             finally:
                 self._settle()
-                if not durable:  # every other commit is durable again
-                    self._db.execute("PRAGMA synchronous=FULL")
             self.transactions += 1
             wrote = self._db.total_changes != changes
             self.commits += wrote
