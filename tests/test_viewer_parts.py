@@ -1410,6 +1410,9 @@ def test_both_languages_have_every_text_state_and_change() -> None:
     assert pick_lang("fr", "en") == "en" and pick_lang("xx", "yy") == "de"
     de, en = Words.of("de"), Words.of("en")
     assert de.state("needs_attention") == "braucht Aufmerksamkeit"
+    # needs_attention is also an agent cut off during its switch (s50): no way back ran then,
+    # so the alert does not say it failed (review rev50d L2)
+    assert "gesperrt" in de("attention", nodes="b") and "cut off" in en("attention", nodes="b")
     assert en.change("enable-tls") == "switch to https"
     assert de.seconds(2.25) == "2,2 s" and en.seconds(2.25) == "2.2 s"
     start, end = "2026-11-30T09:00:00+00:00", "2026-11-30T09:00:03.500000+00:00"

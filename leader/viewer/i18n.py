@@ -61,8 +61,10 @@ _DE: dict[str, str] = {
     "restart": "Neustart",
     "cert_expiry": "Zertifikat gültig bis",
     "leader_node": "Leader",
-    "attention": "Braucht Aufmerksamkeit: {nodes}. Der Rückweg ist fehlgeschlagen; der Knoten "
-    "ist in keinem bekannten Zustand. Bitte die Praxis-IT verständigen.",
+    # needs_attention: a way back that failed, or an agent cut off during its switch (s50)
+    "attention": "Braucht Aufmerksamkeit: {nodes}. Der Knoten ist in keinem bekannten Zustand "
+    "(sein Rückweg ist fehlgeschlagen oder sein Agent wurde während der Umstellung gesperrt); "
+    "was zu tun ist, steht bei jedem Knoten. Bitte die Praxis-IT verständigen.",
     # a way back (disable-tls) that left nodes as is (``RolloutView.left_as_is``): beside its
     # state, and above (each node's reason, in English, says what to do)
     "left_as_is_one": "{count} Knoten unverändert gelassen: {nodes}",
@@ -216,8 +218,9 @@ _EN: dict[str, str] = {
     "restart": "Restart",
     "cert_expiry": "Certificate valid until",
     "leader_node": "leader",
-    "attention": "Needs attention: {nodes}. The way back failed; the node is in no known "
-    "state. Please call the practice IT.",
+    "attention": "Needs attention: {nodes}. The node is in no known state (its way back "
+    "failed, or its agent was cut off during its switch); each node's reason says what to do. "
+    "Please call the practice IT.",
     "left_as_is_one": "{count} node left as is: {nodes}",
     "left_as_is_many": "{count} nodes left as is: {nodes}",
     "left_out_one": "{count} node left out: {nodes}",
