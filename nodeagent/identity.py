@@ -185,7 +185,10 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     check_identity_files(cfg)  # before anything reads a key or moves a file (finish_pending)
     if cfg.data_dir.exists():
-        finish_pending(cfg.data_dir)
+        try:
+            finish_pending(cfg.data_dir)
+        except PKIError as exc:  # node.key damaged while a renewal's certificate waits
+            raise damaged_file(cfg, key_file, exc) from None
     if not (key_file.exists() and cert_file.exists() and ca_file.exists()):
         return None
     try:
@@ -745,7 +748,10 @@ def revoked_key_advice(cfg: AgentConfig) -> str:
 
 def finish_pending(data_dir: Path) -> bool:
     """Complete a renewal a crash cut short (see the module docstring); True if a new key is
-    still waiting for its certificate (renew at once)."""
+    still waiting for its certificate (renew at once). A renewal's file that is damaged is
+    discarded (the node's own files stand); the node's key damaged, when it must be read (the
+    renewal's certificate is not of the renewal's key), is a PKIError, raised with nothing
+    moved or removed."""
     from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
 
     key_file, cert_file, _ = paths(data_dir)
@@ -753,16 +759,20 @@ def finish_pending(data_dir: Path) -> bool:
     if new_cert.exists():
         try:
             cert = pki.read_cert(new_cert)
-            if new_key.exists() and pki.key_matches(cert, pki.read_key(new_key)):
+            ours = new_key.exists() and pki.key_matches(cert, pki.read_key(new_key))
+        except PKIError as exc:  # the renewal's own file damaged: the node's files stand
+            log.warning("renewal.pending_discarded", path=str(new_cert), error=str(exc))
+            new_cert.unlink()
+        else:
+            if ours:
                 os.replace(new_key, key_file)
                 os.replace(new_cert, cert_file)
+            # The node's key damaged: raised (PKIError) before anything moves, so that its
+            # refusal (``load_identity``: exit 2) leaves every file as it is.
             elif key_file.exists() and pki.key_matches(cert, pki.read_key(key_file)):
                 os.replace(new_cert, cert_file)  # the key had been moved already
             else:
                 new_cert.unlink()
-        except PKIError as exc:
-            log.warning("renewal.pending_discarded", path=str(new_cert), error=str(exc))
-            new_cert.unlink()
         fsync_dir(data_dir)
         log.info("renewal.completed_after_restart", node_cert=str(cert_file))
     return new_key.exists()

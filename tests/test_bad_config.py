@@ -950,6 +950,29 @@ def test_a_damaged_agent_key_with_no_certificate_is_a_config_error(cluster: Clus
     assert "tlsroll nodes remove dkey2" in line, line
 
 
+def test_a_damaged_agent_key_while_a_renewal_waits_is_refused_with_every_file_kept(
+    cluster: Cluster,
+) -> None:
+    """A damaged node.key while a renewal's node.pem.new waits (its key moved into place
+    already, the crash before the certificate's rename): exit 2 naming the key, and every
+    file as it was (node.pem.new was deleted before the refusal: a state change, and the
+    renewal's certificate lost, before the admin had looked)."""
+    agent = _enrolled_agent(cluster, "dkey3")
+    key = agent.key_file
+    pending = agent.data_dir / "node.pem.new"
+    pending.write_bytes(agent.cert_file.read_bytes())
+    key.write_bytes(b"-----BEGIN garbage-----\n")
+    before = _file_state(agent.data_dir)
+    line = _refused(agent)
+    assert f"config error: node key: {key}: " in line, line
+    assert f"mv {key} {key}.damaged" in line, line
+    assert pending.exists()
+    after = _file_state(agent.data_dir)
+    assert {k: v for k, v in after.items() if k != "agent.log"} == {
+        k: v for k, v in before.items() if k != "agent.log"
+    }
+
+
 # --- s50agent: an identity whose files do not go together, or not with the config: exit 2 ---
 
 
