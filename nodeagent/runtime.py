@@ -69,11 +69,14 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 # a config or usage error (argparse's, a --reinitialise refused; the node's files the admin must
 # put right: a key or join_token_file others can read, a key, certificate or CA file damaged or
 # not going together or with the config, ``identity.damaged_file``, ``not_this_nodes``,
-# ``not_the_pinned_ca``), a journal written by a newer
-# tlsroll (a package rolled back), and a journal that is lost, damaged or unreadable (restore
-# it from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among them a
-# journal that cannot be opened now (a full disk: StoreUnavailable), which systemd starts
-# again until it can.
+# ``not_the_pinned_ca``; at enrolment, a leader whose chain or answer does not hold the CA of
+# ``ca_pin``, ``identity.pin_mismatch``: a wrong pin or a man in the middle; a data dir, journal
+# or agent.lock this agent may not use by its permissions or kind, ``check_data_dir``), a
+# journal written by a newer tlsroll (3: a package rolled back), and a journal that is lost,
+# damaged or unreadable (4: restore it from a backup, or --reinitialise:
+# tlsroll.sqlite.StoreDamaged). 1: the rest, among them a leader not reached at enrolment and a
+# journal that cannot be opened now (a full disk, a read-only file system, a lock another
+# process holds: StoreUnavailable), which systemd starts again until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4

@@ -13,8 +13,12 @@ import datetime as dt
 import json
 import os
 import socket
+import ssl
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,9 @@ from tests.cluster import (
     wait_until,
 )
 from tests.conftest import next_loopback
+from tests.nodeside import cluster_ca
 from tlsroll import pki, spiffe
+from tlsroll.defaults import JOIN_PORT
 from tlsroll.errors import TransientError
 from tlsroll.fsutil import make_private_dir
 from tlsroll.names import Names
@@ -479,12 +485,6 @@ def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
 def _serve_tls(address: str, chain: Sequence[Any], key: Any) -> Callable[[], None]:
     """A TLS server on ``address``'s join port sending ``chain`` (a handshake and nothing
     more, for every connection, until the returned stop is called)."""
-    import ssl
-    import tempfile
-    import threading
-
-    from tlsroll.defaults import JOIN_PORT
-
     with tempfile.TemporaryDirectory() as tmp:
         cert, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
         cert.write_bytes(b"".join(pki.cert_to_pem(c) for c in chain))
@@ -545,7 +545,7 @@ def test_a_chain_with_the_pinned_ca_but_a_server_certificate_it_did_not_issue_is
     assert f"its CA's pin is {cluster.ca_pin()}" in line, line
 
 
-class _OtherCaLeader(enrolment_pb2_grpc.EnrolmentServicer):  # type: ignore[misc]
+class _OtherCaLeader(enrolment_pb2_grpc.EnrolmentServicer):
     """A join port whose TLS certificate is of the cluster CA, answering an enrolment with a
     certificate and CA of another CA."""
 
@@ -554,7 +554,7 @@ class _OtherCaLeader(enrolment_pb2_grpc.EnrolmentServicer):  # type: ignore[misc
 
     def Enrol(self, request: Any, context: Any) -> enrolment_pb2.EnrolResponse:
         csr = pki.load_csr_pem(request.csr_pem)
-        cert = self.other.issue(csr.public_key(), pki.names_of(csr))
+        cert = self.other.issue(pki.check_csr(csr, pki.names_of(csr)), pki.names_of(csr))
         return enrolment_pb2.EnrolResponse(
             certificate_pem=pki.cert_to_pem(cert),
             ca_certificate_pem=pki.cert_to_pem(self.other.cert),
@@ -565,10 +565,6 @@ def test_a_ca_in_the_enrolment_answer_not_of_the_pin_is_exit_2(cluster: Cluster)
     """A join port that proves the pinned CA (its certificate issued by it) and answers the
     enrolment with another CA: exit 2 naming the pin found (it exited 1 "CA does not match
     the pinned key: CA in the enrolment answer", restarted for ever); nothing written."""
-    from concurrent import futures
-
-    from tests.nodeside import cluster_ca
-    from tlsroll.defaults import JOIN_PORT
 
     address = next_loopback()
     ca = cluster_ca(cluster)
