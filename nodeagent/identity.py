@@ -27,7 +27,12 @@ pinned CA, for other names than ``[node]`` or without the node's cluster identit
 (``not_this_nodes``), a CA file not of
 ``[leader].ca_pin`` (``not_the_pinned_ca``: a wrong pin or a replaced file, never answered by
 enrolling again). The files are judged before anything reads or moves them
-(``check_identity_files``).
+(``check_identity_files``; a damaged key while a renewal's certificate waits: ``finish_pending``
+moves nothing). At enrolment, a leader whose TLS chain holds no CA of the pin (or the pinned
+CA with a server certificate it did not issue, or the pin of a certificate that is no CA), or
+whose answer carries another CA, is one too (``pin_mismatch``: a wrong pin or a man in the
+middle; a restart would dial it again every few seconds): its line gives the pin found and
+the one configured; a leader not reached stays a TransientError (retried, then exit 1).
 """
 
 from __future__ import annotations
