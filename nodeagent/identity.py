@@ -27,7 +27,12 @@ pinned CA, for other names than ``[node]`` or without the node's cluster identit
 (``not_this_nodes``), a CA file not of
 ``[leader].ca_pin`` (``not_the_pinned_ca``: a wrong pin or a replaced file, never answered by
 enrolling again). The files are judged before anything reads or moves them
-(``check_identity_files``).
+(``check_identity_files``; a damaged key while a renewal's certificate waits: ``finish_pending``
+moves nothing). At enrolment, a leader whose TLS chain holds no CA of the pin (or the pinned
+CA with a server certificate it did not issue, or the pin of a certificate that is no CA), or
+whose answer carries another CA, is one too (``pin_mismatch``: a wrong pin or a man in the
+middle; a restart would dial it again every few seconds): its line gives the pin found and
+the one configured; a leader not reached stays a TransientError (retried, then exit 1).
 """
 
 from __future__ import annotations
@@ -185,7 +190,10 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     check_identity_files(cfg)  # before anything reads a key or moves a file (finish_pending)
     if cfg.data_dir.exists():
-        finish_pending(cfg.data_dir)
+        try:
+            finish_pending(cfg.data_dir)
+        except PKIError as exc:  # node.key damaged while a renewal's certificate waits
+            raise damaged_file(cfg, key_file, exc) from None
     if not (key_file.exists() and cert_file.exists() and ca_file.exists()):
         return None
     try:
@@ -372,6 +380,61 @@ def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Cert
     return [x509.load_der_x509_certificate(c.public_bytes(_ssl.ENCODING_DER)) for c in chain]
 
 
+PIN_ADVICE = (
+    "compare with `tlsroll ca show` on the leader; do not change the pin to this value unless "
+    "it matches"
+)
+"""What a pin found where the configured one was expected says to do (a restart does not heal
+a wrong pin nor a man in the middle: exit 2, and the agent dials that endpoint no more)."""
+
+
+def pin_mismatch(cfg: AgentConfig, found: str) -> ConfigError:
+    """``[leader].ca_pin`` not the pin of the CA the leader showed at enrolment (``found``
+    says what was found, with its pin): a config error (exit 2: restarted, the agent would dial
+    a possibly hostile endpoint every few seconds for ever). Either the pin is wrong or
+    something other than the cluster's leader answers (a man in the middle): the line gives
+    both pins and the way to tell them apart (``PIN_ADVICE``). Never the join token."""
+    return ConfigError(
+        cfg.path,
+        "[leader].ca_pin",
+        f"{found}; configured: {cfg.ca_pin}: either this pin is wrong or something other than "
+        f"the cluster's leader answers there (a man in the middle): {PIN_ADVICE}",
+    )
+
+
+def pinned_ca(cfg: AgentConfig, chain: list[x509.Certificate], target: str) -> x509.Certificate:
+    """``pki.find_pinned_ca`` of the chain the leader's join port sent (``target``), its
+    refusal a config error (``pin_mismatch``, exit 2) that says the pins found: no CA of
+    ``[leader].ca_pin`` in it, the pin of a certificate that is no CA, or a server certificate
+    the pinned CA did not issue. The join token was not sent (it goes only over a channel
+    verified against the pinned CA)."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
+    try:
+        return pki.find_pinned_ca(chain, cfg.ca_pin)
+    except PKIError as exc:
+        cas = [pki.spki_pin(c) for c in chain if pki.is_ca(c)]
+        sent = (
+            f"its CA's pin is {', '.join(cas)}"
+            if cas
+            else f"it sent no CA certificate ({len(chain)} certificate(s), the first's pin "
+            f"{pki.spki_pin(chain[0]) if chain else 'none'})"
+        )
+        if exc.reason is PKIReason.NOT_CA:
+            found = (
+                f"the leader at {target} sent a certificate of this pin that is no CA (the "
+                f"pin of a leader's own key, not of the cluster CA's?); {sent}"
+            )
+        elif exc.reason is PKIReason.UNTRUSTED:
+            found = (
+                f"the leader at {target} sent this pin's CA with a server certificate that CA "
+                f"did not issue ({sent})"
+            )
+        else:
+            found = f"the leader at {target} sent no CA of this pin: {sent}"
+        raise pin_mismatch(cfg, f"{found}; the join token was not sent") from None
+
+
 def _hostport(address: str, port: int) -> str:
     from tlsroll.rpc import hostport  # noqa: PLC0415 - see ``enrol``
 
@@ -450,23 +513,25 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     make_private_dir(cfg.data_dir)
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     pending = pending_paths(cfg.data_dir)[0]
+    key: pki.PrivateKey | None = None
     if key_file.exists():  # a key from an earlier, interrupted attempt: keep the identity
         check_key_file(key_file)
         try:
             key = pki.read_key(key_file)
         except PKIError as exc:  # exit 2 with the way on, as at the check (``load_identity``)
             raise damaged_file(cfg, key_file, exc) from None
-    else:
+    target = hostport(cfg.leader_address, cfg.join_port)
+    # The pin first, before a key is made: a refusal (exit 2) leaves the node's files as
+    # they were, and the token never leaves the node.
+    chain = fetch_chain(cfg.leader_address, cfg.join_port, timeout)
+    ca = pinned_ca(cfg, chain, target)
+    if key is None:
         key = pki.generate_key()
         pki.write_key(key_file, key)
         # A renewal's key left by the node's earlier identity (its node.key moved aside, as
         # for a revoked key): never offered, nor renewed, in the new one's name.
         pending.unlink(missing_ok=True)
-
-    chain = fetch_chain(cfg.leader_address, cfg.join_port, timeout)
-    ca = pki.find_pinned_ca(chain, cfg.ca_pin)
     creds = grpc.ssl_channel_credentials(root_certificates=pki.cert_to_pem(ca))
-    target = hostport(cfg.leader_address, cfg.join_port)
     # The target name is the leader's internal name: only the leader's certificate has it, so
     # a node's certificate served on the leader's address cannot take the join token.
     leader_host = spiffe.leader_host(spiffe.trust_domain(ca))
@@ -518,7 +583,12 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     cert = pki.load_cert_pem(reply.certificate_pem)
     got_ca = pki.load_cert_pem(reply.ca_certificate_pem)
     if pki.spki_pin(got_ca) != cfg.ca_pin:
-        raise PKIError(PKIReason.PIN_MISMATCH, "CA in the enrolment answer")
+        raise pin_mismatch(
+            cfg,
+            f"the leader at {target} answered the enrolment with a CA whose key's pin is "
+            f"{pki.spki_pin(got_ca)}, though its TLS certificate is of this pin's CA (a leader "
+            "whose CA was replaced, or not the cluster's leader); nothing was written",
+        )
     check_issued(cert, key, got_ca, cfg.names)
     pki.write_cert(ca_file, got_ca)
     kept = keep_ended(cfg.data_dir)
@@ -690,7 +760,10 @@ def revoked_key_advice(cfg: AgentConfig) -> str:
 
 def finish_pending(data_dir: Path) -> bool:
     """Complete a renewal a crash cut short (see the module docstring); True if a new key is
-    still waiting for its certificate (renew at once)."""
+    still waiting for its certificate (renew at once). A renewal's file that is damaged is
+    discarded (the node's own files stand); the node's key damaged, when it must be read (the
+    renewal's certificate is not of the renewal's key), is a PKIError, raised with nothing
+    moved or removed."""
     from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
 
     key_file, cert_file, _ = paths(data_dir)
@@ -698,16 +771,20 @@ def finish_pending(data_dir: Path) -> bool:
     if new_cert.exists():
         try:
             cert = pki.read_cert(new_cert)
-            if new_key.exists() and pki.key_matches(cert, pki.read_key(new_key)):
+            ours = new_key.exists() and pki.key_matches(cert, pki.read_key(new_key))
+        except PKIError as exc:  # the renewal's own file damaged: the node's files stand
+            log.warning("renewal.pending_discarded", path=str(new_cert), error=str(exc))
+            new_cert.unlink()
+        else:
+            if ours:
                 os.replace(new_key, key_file)
                 os.replace(new_cert, cert_file)
+            # The node's key damaged: raised (PKIError) before anything moves, so that its
+            # refusal (``load_identity``: exit 2) leaves every file as it is.
             elif key_file.exists() and pki.key_matches(cert, pki.read_key(key_file)):
                 os.replace(new_cert, cert_file)  # the key had been moved already
             else:
                 new_cert.unlink()
-        except PKIError as exc:
-            log.warning("renewal.pending_discarded", path=str(new_cert), error=str(exc))
-            new_cert.unlink()
         fsync_dir(data_dir)
         log.info("renewal.completed_after_restart", node_cert=str(cert_file))
     return new_key.exists()

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sqlite3
+import stat
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from tlsroll.errors import (
     TerminalError,
     TlsrollError,
     TransientError,
+    UnsafePermissions,
     os_error_text,
 )
 from tlsroll.fsutil import make_private_dir
@@ -67,11 +69,14 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 # a config or usage error (argparse's, a --reinitialise refused; the node's files the admin must
 # put right: a key or join_token_file others can read, a key, certificate or CA file damaged or
 # not going together or with the config, ``identity.damaged_file``, ``not_this_nodes``,
-# ``not_the_pinned_ca``), a journal written by a newer
-# tlsroll (a package rolled back), and a journal that is lost, damaged or unreadable (restore
-# it from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among them a
-# journal that cannot be opened now (a full disk: StoreUnavailable), which systemd starts
-# again until it can.
+# ``not_the_pinned_ca``; at enrolment, a leader whose chain or answer does not hold the CA of
+# ``ca_pin``, ``identity.pin_mismatch``: a wrong pin or a man in the middle; a data dir, journal
+# or agent.lock this agent may not use by its permissions or kind, ``check_data_dir``), a
+# journal written by a newer tlsroll (3: a package rolled back), and a journal that is lost,
+# damaged or unreadable (4: restore it from a backup, or --reinitialise:
+# tlsroll.sqlite.StoreDamaged). 1: the rest, among them a leader not reached at enrolment and a
+# journal that cannot be opened now (a full disk, a read-only file system, a lock another
+# process holds: StoreUnavailable), which systemd starts again until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
@@ -251,7 +256,7 @@ def _open_journal(
         if cfg.server is not None
         else None
     )
-    make_private_dir(cfg.data_dir)
+    check_data_dir(cfg)
     held.enter_context(agent_lock(cfg))  # until ``held`` closes: the agent's or one-shot's end
     # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
     enrolled = any(p.exists() for p in paths(cfg.data_dir))
@@ -260,6 +265,50 @@ def _open_journal(
         journal_path(cfg), expected=enrolled, reinitialise=reinitialise, recover=recover
     )
     return journal, driver
+
+
+def check_data_dir(cfg: AgentConfig) -> None:
+    """The data dir made or taken over (``make_private_dir``), and it and the files the
+    journal's start opens (``agent.lock``, the journal and its -wal and -shm) judged first: one
+    this agent may not use by its permissions or kind (a data dir of another user's, one on a
+    way it may not enter, a file where it or the journal should be; a journal of another
+    user's, mode 000, a directory in its place) is a config error (exit 2) naming the file and
+    the ``chown``/``chmod`` that fixes it (``fsutil.open_problem``, ``dir_write_problem``, as the
+    leader's start: review s50; they exited 1, the journal's "cannot be opened now", and were
+    started again every few seconds for ever). What can clear by itself stays exit 1: a
+    read-only file system, a lock another process holds, a full disk (``StoreUnavailable``).
+    Nothing is changed before a refusal but a missing data dir's making."""
+    where = cfg.data_dir
+    try:
+        mode = os.stat(where).st_mode
+    except FileNotFoundError:
+        mode = None  # made below, with its parents
+    except OSError as exc:  # a directory on its way we may not enter, or a file on it
+        if (problem := fsutil.open_problem(where)) is None:
+            raise
+        raise ConfigError(cfg.path, "[agent].data_dir", problem) from exc
+    if mode is not None and not stat.S_ISDIR(mode):
+        kind = "a file" if stat.S_ISREG(mode) else fsutil.file_kind(mode)
+        raise ConfigError(cfg.path, "[agent].data_dir", f"{where} is not a directory ({kind})")
+    try:
+        make_private_dir(where)
+    except UnsafePermissions as exc:  # another user's directory, or a link of theirs
+        raise ConfigError(cfg.path, "[agent].data_dir", str(exc)) from None
+    except PermissionError as exc:  # a missing one, in a directory we may not write
+        raise ConfigError(cfg.path, "[agent].data_dir", os_error_text(exc)) from None
+    if (problem := fsutil.dir_write_problem(where)) is not None:
+        raise ConfigError(
+            cfg.path, "[agent].data_dir", f"{problem} (the agent keeps its journal in it)"
+        )
+    journal = journal_path(cfg)
+    for what, path in (
+        ("agent lock", where / LOCK_NAME),
+        ("journal", journal),
+        ("journal", Path(f"{journal}-wal")),
+        ("journal", Path(f"{journal}-shm")),
+    ):
+        if (problem := fsutil.open_problem(path, write=True, missing=None)) is not None:
+            raise ConfigError(what, None, problem)
 
 
 async def _journal_checked(journal: Journal, driver: Driver | None) -> str:

@@ -950,6 +950,29 @@ def test_a_damaged_agent_key_with_no_certificate_is_a_config_error(cluster: Clus
     assert "tlsroll nodes remove dkey2" in line, line
 
 
+def test_a_damaged_agent_key_while_a_renewal_waits_is_refused_with_every_file_kept(
+    cluster: Cluster,
+) -> None:
+    """A damaged node.key while a renewal's node.pem.new waits (its key moved into place
+    already, the crash before the certificate's rename): exit 2 naming the key, and every
+    file as it was (node.pem.new was deleted before the refusal: a state change, and the
+    renewal's certificate lost, before the admin had looked)."""
+    agent = _enrolled_agent(cluster, "dkey3")
+    key = agent.key_file
+    pending = agent.data_dir / "node.pem.new"
+    pending.write_bytes(agent.cert_file.read_bytes())
+    key.write_bytes(b"-----BEGIN garbage-----\n")
+    before = _file_state(agent.data_dir)
+    line = _refused(agent)
+    assert f"config error: node key: {key}: " in line, line
+    assert f"mv {key} {key}.damaged" in line, line
+    assert pending.exists()
+    after = _file_state(agent.data_dir)
+    assert {k: v for k, v in after.items() if k != "agent.log"} == {
+        k: v for k, v in before.items() if k != "agent.log"
+    }
+
+
 # --- s50agent: an identity whose files do not go together, or not with the config: exit 2 ---
 
 
@@ -1117,3 +1140,109 @@ def test_an_agent_certificate_with_no_cluster_identity_is_enrolled_again_without
     finally:
         agent.close()
         cluster.stop_leader()
+
+
+# --- s50agent2: the agent's data dir and journal it may not use: exit 2 naming the fix ---
+
+_AGENTS: dict[str, Agent] = {}
+
+
+def _stopped_agent(cluster: Cluster) -> Agent:
+    """One enrolled agent (stopped) for the cases below, each putting its damage back."""
+    if "files" not in _AGENTS:
+        _AGENTS["files"] = _enrolled_agent(cluster, "agentfiles")
+    return _AGENTS["files"]
+
+
+# case -> (the file the line names, relative to the data dir, the damage (returns its undo),
+# run without root's DAC capabilities, words the line holds)
+AGENT_FILES: dict[str, tuple[str, Callable[[Path], Callable[[], None]], bool, str]] = {
+    "journal-another-users": (
+        "journal.sqlite3",
+        lambda d: _given(d / "journal.sqlite3", 0o600, NOBODY),
+        True,
+        "cannot be read and written by root (uid 0) (owner nobody (uid 65534), mode 0600); "
+        "run: chown root ",
+    ),
+    "journal-mode-000": (
+        "journal.sqlite3",
+        lambda d: _given(d / "journal.sqlite3", 0o000),
+        True,
+        "cannot be read and written by root (uid 0) (owner root (uid 0), mode 0000); "
+        "run: chmod u+rw ",
+    ),
+    "journal-a-directory": (
+        "journal.sqlite3",
+        lambda d: _in_the_way(d / "journal.sqlite3", directory=True),
+        False,
+        "is not a regular file (a directory)",
+    ),
+    "journal-wal-another-users": (
+        "journal.sqlite3-wal",
+        lambda d: _new_file(d / "journal.sqlite3-wal", NOBODY),
+        True,
+        "run: chown root ",
+    ),
+    "lock-another-users": (
+        "agent.lock",
+        lambda d: _given(d / "agent.lock", 0o600, NOBODY),
+        True,
+        "cannot be read and written by root (uid 0)",
+    ),
+    "data-dir-another-users": (
+        ".",
+        lambda d: _given(d, 0o700, NOBODY),
+        False,
+        "is owned by nobody (uid 65534), not by root (uid 0) who runs this; run: chown root ",
+    ),
+    "data-dir-a-file": (
+        ".",
+        lambda d: _in_the_way(d, directory=False),
+        False,
+        "is not a directory (a file)",
+    ),
+}
+
+
+def _new_file(path: Path, uid: int) -> Callable[[], None]:
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    os.chown(path, uid, -1)
+    return path.unlink
+
+
+def _state_or_file(path: Path) -> object:
+    return _file_state(path) if path.is_dir() else path.read_bytes()
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(AGENT_FILES))
+def test_an_agent_data_dir_or_journal_it_may_not_use_is_a_config_error(
+    cluster: Cluster, case: str
+) -> None:
+    """Session 50 (the leader's equivalent is above): the agent's journal of another user's,
+    mode 000 or a directory in its place, its -wal or lock of another user's, a data dir of
+    another user's or a file in its place exited 1 (the journal's "cannot be opened now", or
+    the errno's line) and systemd started the agent again every few seconds for ever. Exit 2,
+    one line naming the file and the chown/chmod; nothing changed. (A read-only file system,
+    a held lock, a full disk stay exit 1: test_recovery's full-disk test.)"""
+    agent = _stopped_agent(cluster)
+    name, damage, no_dac, words = AGENT_FILES[case]
+    path = (agent.data_dir / name).resolve()
+    undo = damage(agent.data_dir)
+    argv = list(agent.argv)
+    try:
+        before = _state_or_file(agent.data_dir)
+        if no_dac:
+            agent.argv = [*NO_DAC, *argv]
+        code, output = agent.run_to_exit(timeout=30)
+        after = _state_or_file(agent.data_dir)
+    finally:
+        agent.argv = argv
+        undo()
+    assert code == 2, output
+    line = one_line_error(output, "tlsroll-agent")
+    assert line.startswith("tlsroll-agent: config error: "), line
+    assert str(path) in line and words in line, line
+    assert after == before  # nothing made, moved or chmod-ed
+    assert "PRIVATE KEY" not in output

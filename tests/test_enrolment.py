@@ -8,12 +8,17 @@ agent process to show what the administrator sees.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
+import ssl
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +41,19 @@ from tests.cluster import (
     wait_until,
 )
 from tests.conftest import next_loopback
+from tests.nodeside import cluster_ca
 from tlsroll import pki, spiffe
+from tlsroll.defaults import JOIN_PORT
 from tlsroll.errors import TransientError
 from tlsroll.fsutil import make_private_dir
-from tlsroll.v1 import admin_pb2, enrolment_pb2, leader_pb2, leader_pb2_grpc
+from tlsroll.names import Names
+from tlsroll.v1 import (
+    admin_pb2,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+)
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
@@ -427,7 +441,32 @@ def test_an_agent_whose_enrolment_answer_was_lost_enrols_again_with_its_key(
     assert cluster.find_secrets(cluster.logs_text()) == []
 
 
+def _pin_refused(agent: Agent, cluster: Cluster, *, found: str) -> str:
+    """The agent's run to its exit 2 (a config error: restarted, it would dial that endpoint
+    every few seconds for ever), its one line naming [leader].ca_pin, the pin found and the
+    one configured, and the way to tell them apart; never the join token; no node file."""
+    token = str(agent.config["leader"]["join_token"])
+    code, output = agent.run_to_exit()
+    assert code == 2 == runtime.EXIT_CONFIG, output
+    line = one_line_error(output, "tlsroll-agent")
+    assert line.startswith(f"tlsroll-agent: config error: {agent.config_path}: [leader].ca_pin: ")
+    assert found in line, line
+    assert f"configured: {agent.config['leader']['ca_pin']}" in line, line
+    assert (
+        "compare with `tlsroll ca show` on the leader; do not change the pin to this value "
+        "unless it matches"
+    ) in line, line
+    assert token not in output and token.rsplit(".", maxsplit=1)[-1] not in output
+    assert cluster.find_secrets(output) == []
+    assert not agent.key_file.exists() and not agent.cert_file.exists()
+    return line
+
+
 def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
+    """A pin not of the leader's CA (typed wrong, another cluster's, or a man in the middle):
+    exit 2 with the pin the leader's chain holds beside the configured one (it exited 1 "CA
+    does not match the pinned key", and its unit dialled that endpoint again every 2 s for
+    ever); the token never left the agent, no key made."""
     other = pki.CertificateAuthority.create("impostor")
     agent = cluster.add_agent(
         "pinned",
@@ -437,12 +476,159 @@ def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
     )
     token = str(agent.config["leader"]["join_token"])
     before = cluster.store_rows()
-    code, output = agent.run_to_exit()
-    assert code == 1
-    assert "CA does not match the pinned key" in one_line_error(output, "tlsroll-agent")
+    line = _pin_refused(agent, cluster, found=f"its CA's pin is {cluster.ca_pin()}")
+    assert f"the leader at {cluster.address}:" in line, line
     assert cluster.store_rows() == before
     assert token_info(cluster, token).uses_left == 1  # the token never left the agent
+
+
+def _serve_tls(address: str, chain: Sequence[Any], key: Any) -> Callable[[], None]:
+    """A TLS server on ``address``'s join port sending ``chain`` (a handshake and nothing
+    more, for every connection, until the returned stop is called)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+        cert.write_bytes(b"".join(pki.cert_to_pem(c) for c in chain))
+        key_file.write_bytes(pki.key_to_pem(key))
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key_file)
+    ctx.set_alpn_protocols(["h2"])
+    listener = socket.create_server((address, JOIN_PORT))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.settimeout(2)
+                    with contextlib.suppress(OSError):
+                        tls.recv(1)
+            except OSError:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def close() -> None:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+    return close
+
+
+def test_a_chain_with_the_pinned_ca_but_a_server_certificate_it_did_not_issue_is_exit_2(
+    cluster: Cluster,
+) -> None:
+    """Something sends the cluster CA's certificate (public) with a server certificate of its
+    own: the pin is in the chain, but it did not issue the server's certificate (a man in the
+    middle). Exit 2, the line saying so; it exited 1 and was started again for ever."""
+    address = next_loopback()
+    other = pki.CertificateAuthority.create("middle")
+    key = pki.generate_key()
+    leaf = other.issue(key.public_key(), Names.of("leader", ips=[address]))
+    real_ca = pki.read_cert(cluster.ca_cert_path)
+    close = _serve_tls(address, [leaf, real_ca], key)
+    try:
+        agent = cluster.add_agent(
+            "middled", next_loopback(), extra_config={"leader": {"address": address}}, start=False
+        )
+        line = _pin_refused(agent, cluster, found="with a server certificate that CA did not issue")
+    finally:
+        close()
+    assert f"its CA's pin is {cluster.ca_pin()}" in line, line
+
+
+class _OtherCaLeader(enrolment_pb2_grpc.EnrolmentServicer):
+    """A join port whose TLS certificate is of the cluster CA, answering an enrolment with a
+    certificate and CA of another CA."""
+
+    def __init__(self, other: pki.CertificateAuthority) -> None:
+        self.other = other
+
+    def Enrol(self, request: Any, context: Any) -> enrolment_pb2.EnrolResponse:
+        csr = pki.load_csr_pem(request.csr_pem)
+        cert = self.other.issue(pki.check_csr(csr, pki.names_of(csr)), pki.names_of(csr))
+        return enrolment_pb2.EnrolResponse(
+            certificate_pem=pki.cert_to_pem(cert),
+            ca_certificate_pem=pki.cert_to_pem(self.other.cert),
+        )
+
+
+def test_a_ca_in_the_enrolment_answer_not_of_the_pin_is_exit_2(cluster: Cluster) -> None:
+    """A join port that proves the pinned CA (its certificate issued by it) and answers the
+    enrolment with another CA: exit 2 naming the pin found (it exited 1 "CA does not match
+    the pinned key: CA in the enrolment answer", restarted for ever); nothing written."""
+
+    address = next_loopback()
+    ca = cluster_ca(cluster)
+    key = pki.generate_key()
+    td = spiffe.trust_domain(ca.cert)
+    leaf = ca.issue(
+        key.public_key(), Names.of("leader", ips=[address]), internal_dns=[spiffe.leader_host(td)]
+    )
+    other = pki.CertificateAuthority.create("other answer")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    enrolment_pb2_grpc.add_EnrolmentServicer_to_server(_OtherCaLeader(other), server)
+    creds = grpc.ssl_server_credentials(
+        [(pki.key_to_pem(key), pki.cert_to_pem(leaf) + pki.cert_to_pem(ca.cert))]
+    )
+    server.add_secure_port(f"{address}:{JOIN_PORT}", creds)
+    server.start()
+    try:
+        agent = cluster.add_agent(
+            "other-answer",
+            next_loopback(),
+            extra_config={"leader": {"address": address}},
+            start=False,
+        )
+        key_file = agent.key_file
+        line = _pin_refused_after_key(agent, cluster, found=pki.spki_pin(other.cert))
+    finally:
+        server.stop(None)
+    assert "answered the enrolment with a CA whose key's pin is" in line, line
+    assert not key_file.with_name("ca.pem").exists()
+
+
+def _pin_refused_after_key(agent: Agent, cluster: Cluster, *, found: str) -> str:
+    """``_pin_refused`` for a refusal after the enrolment was sent (its key made)."""
+    token = str(agent.config["leader"]["join_token"])
+    code, output = agent.run_to_exit()
+    assert code == 2 == runtime.EXIT_CONFIG, output
+    line = one_line_error(output, "tlsroll-agent")
+    assert line.startswith(f"tlsroll-agent: config error: {agent.config_path}: [leader].ca_pin: ")
+    assert found in line and f"configured: {agent.config['leader']['ca_pin']}" in line, line
+    assert "compare with `tlsroll ca show` on the leader" in line, line
+    assert token.rsplit(".", maxsplit=1)[-1] not in output
     assert not agent.cert_file.exists()
+    return line
+
+
+def test_an_agent_whose_leader_is_not_up_yet_keeps_trying_and_enrols(tmp_path: Path) -> None:
+    """The other side of the pin's exit 2: a leader not up yet at enrolment (nothing listens
+    on its join port) is no refusal: the agent keeps trying (exit 1 only past its patience,
+    and its unit starts it again), and enrols once the leader is up."""
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        token = c.create_token("early", address := next_loopback())
+        c.stop_leader()
+        agent = c.add_agent("early", address, token=token, start=False)
+        agent.spawn()
+        end = time.monotonic() + 3
+        children = certwork_children(agent, lambda: time.monotonic() > end, timeout=10)
+        assert agent.running, agent.log_text()
+        assert len(children) >= 2, agent.log_text()  # tried again, and again
+        c.start_leader()
+        agent.wait_ready(60)
+        c.wait_for_nodes_online(["early"], timeout=60)
+        assert agent.stop() == 0
 
 
 def certwork_children(agent: Agent, until: Callable[[], bool], timeout: float) -> set[int]:
