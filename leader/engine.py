@@ -709,9 +709,11 @@ class Engine:
 
     def _unsent(self, row: RolloutRow) -> frozenset[str]:
         """The plan's ``unsent``: ``row``'s switching nodes whose agent has no switch of the
-        draining rollout, held at the step's gate (``_gated_switch``)."""
+        draining rollout, held at the step's gate (``_gated_switch``); while it runs too, the
+        nodes cut off (``_cut_off``): never sent one, they are skipped as nodes before their
+        switches, not failed (review of s50 L1)."""
         rid = row.rollout.id
-        cut_off = self.cut_off  # one cut off is skipped whatever the rollout's state (L1)
+        cut_off = self.cut_off
         return frozenset(
             name
             for (r, name), drains in self.unsent.items()
