@@ -344,11 +344,11 @@ class Engine:
         if plan.rollout_events or moved:  # moved: by an event, or a scope freeze asked
             reason = None
             if RolloutEvent.FAILURE_BUDGET_EXCEEDED in plan.rollout_events:
-                failed_records = [row.nodes[at][0] for at in _positions(row, FAILED_NODE_STATES)]
+                failed_records = _failed_after(row, moved)
                 failed = [
                     f"{r.name} {r.state.value}: {r.reason}" for r in failed_records if r.reason
                 ]
-                out = halt_way_out(rollout, [r.name for r in failed_records])
+                out = halt_way_out(rollout, [r.name for r in failed_records], cut_off)
                 reason = f"halted: {'; '.join(failed)}; next: {out}"
             elif RolloutEvent.NODE_CUT_OFF in plan.rollout_events:
                 cut = [a.node for a in plan.node_events if a.event is NodeEvent.SKIP]
@@ -609,8 +609,13 @@ class Engine:
             now = self.monotonic()
             # A frozen node's freeze unconfirmed: _renew_freezes is freezing it again, and no
             # new Switch goes out meanwhile (``_gated_switch``).
+            # Not a cut-off node's: never renewed, its freeze lapses for good and held every
+            # switch of the others (review of s50 H2; the plan leaves it out too).
+            cut_off = self.cut_off
             gated = any(
-                r.scope_frozen and now >= self.confirmed.get((row.rollout.id, r.name), 0.0)
+                r.scope_frozen
+                and now >= self.confirmed.get((row.rollout.id, r.name), 0.0)
+                and r.name not in cut_off
                 for r in row.records
             )
             if gated and unsent is False and not self._draining(row):
@@ -704,9 +709,16 @@ class Engine:
 
     def _unsent(self, row: RolloutRow) -> frozenset[str]:
         """The plan's ``unsent``: ``row``'s switching nodes whose agent has no switch of the
-        draining rollout, held at the step's gate (``_gated_switch``)."""
+        draining rollout, held at the step's gate (``_gated_switch``); while it runs too, the
+        nodes cut off (``_cut_off``): never sent one, they are skipped as nodes before their
+        switches, not failed (review of s50 L1)."""
         rid = row.rollout.id
-        return frozenset(name for (r, name), drains in self.unsent.items() if r == rid and drains)
+        cut_off = self.cut_off
+        return frozenset(
+            name
+            for (r, name), drains in self.unsent.items()
+            if r == rid and (drains or name in cut_off)
+        )
 
     def _forget(self, key: StepKey, task: asyncio.Task[None]) -> None:
         """A step task ended: drop it (every step of every rollout was kept for the leader's
@@ -1243,7 +1255,10 @@ class Engine:
     def _lapsed(self, row: RolloutRow) -> frozenset[str]:
         """``--freeze scope``: the nodes recorded frozen whose freeze this process cannot
         count on now (``_confirmed_until`` passed, or no confirmation seen since its start):
-        the plan switches no node while there is one (``planner.next_actions``). A little
+        the plan switches no node while there is one (``planner.next_actions``). Not a node
+        cut off (``_cut_off``): never renewed, its freeze lapses for good, and the switches
+        of the others (``_ensure_step``), their notes (``_note_waiting``) waited for it
+        (review of s50 H2). A little
         early (a tick, or a sixth of the lease if shorter: a confirmation of a short lease
         counts for two thirds of it, renewed every third): a confirmation that runs out
         between the plan and its steps must not leave a node ``switching`` that the step's
@@ -1251,11 +1266,13 @@ class Engine:
         if row.rollout.freeze is not FreezeMode.SCOPE:
             return frozenset()
         early = min(TICK_SECONDS, self.freeze_lease / 6)
-        now, rid = self.monotonic() + early, row.rollout.id
+        now, rid, cut_off = self.monotonic() + early, row.rollout.id, self.cut_off
         return frozenset(
             r.name
             for r in row.records
-            if r.scope_frozen and now >= self.confirmed.get((rid, r.name), 0.0)
+            if r.scope_frozen
+            and now >= self.confirmed.get((rid, r.name), 0.0)
+            and r.name not in cut_off
         )
 
     async def _note_waiting(self, row: RolloutRow, lapsed: frozenset[str]) -> None:
@@ -1486,6 +1503,19 @@ def _in_flight(row: RolloutRow) -> frozenset[str]:
     """The names of ``row``'s nodes in flight (from its census)."""
     census = row.census
     return frozenset(row.nodes[at][0].name for s in IN_FLIGHT_NODE_STATES for at in census.at(s))
+
+
+def _failed_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> list[NodeRecord]:
+    """The failed records (``FAILED_NODE_STATES``) of ``row`` once ``moved`` is saved, in the
+    rollout's order: a node the plan fails halts the rollout in the same pass (a cut-off one
+    mid-switch), and the halt's note names it (review of s50 H1)."""
+    failed = {r.name: r for r in (row.nodes[at][0] for at in _positions(row, FAILED_NODE_STATES))}
+    for r in moved:
+        if r.state in FAILED_NODE_STATES:
+            failed[r.name] = r
+        else:
+            failed.pop(r.name, None)
+    return sorted(failed.values(), key=lambda r: row.position(r.name))
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:

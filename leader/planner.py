@@ -713,7 +713,7 @@ def next_actions(
     ``unsent`` (``--freeze scope``): ``switching`` nodes whose Switch the engine holds for such
     a node and whose agent has no switch of this rollout (a leader restarted meanwhile:
     ``Engine._gated_switch``): a halt or an abort skips them (``skip_unsent``), as it skips
-    a staged node; never while the rollout runs or pauses.
+    a staged node; never while the rollout runs or pauses, unless cut off (below).
     ``cut_off``: nodes whose agents are cut off (their certificates on record revoked: a
     machine lost or stolen), which the leader sends nothing. One not yet at its switch
     (pending, preflight, staging or staged: what an abort skips) is ``skipped`` with
@@ -721,10 +721,12 @@ def next_actions(
     finalize started after the revocation does (``plan_rollout``'s ``left_out``), and the
     way back leaves it as is (``left_cut_off``), the others going on; any other change halts
     (``RolloutEvent.NODE_CUT_OFF``), as its start refuses the node (``NodesOffline``): never
-    half-switched silently. One whose switch was sent (switching, confirming) needs attention
-    (``cut_off_mid_switch``: its outcome is not known). None is frozen, nor holds a switch
-    as lapsed. Before, a node revoked while a ``--when-quiet`` finalize held it stayed
-    pending for good (review s48rev5 M3), and any other change stepped it (s50)."""
+    half-switched silently. One ``switching`` whose Switch was never sent (``unsent``) is such
+    a node too (``skip_unsent``). One whose switch was sent (switching, confirming) needs
+    attention (``cut_off_mid_switch``: its outcome is not known), a failure counted against
+    the budget in the same pass. None is frozen, nor holds a switch as lapsed. Before, a
+    node revoked while a ``--when-quiet`` finalize held it stayed pending for good (review
+    s48rev5 M3), and any other change stepped it (s50)."""
     if census is None:
         records: Sequence[NodeRecord] = _in_order(rollout, nodes)
         census = Census.of(records)
@@ -766,6 +768,12 @@ def next_actions(
         for at in [at for at in tally.among(BEFORE_SWITCH) if name(at) in cut_off]:
             emit(at, NodeEvent.SKIP, cut_off_reason(rollout.change, name(at)))
             halts = halts or cut_off_halts(rollout.change)
+        # A switching one whose Switch was held at the scope freeze's gate and never sent
+        # (``unsent``) is a node before its switch too: skipped, not failed (review of s50 L1).
+        for at in [at for at in tally.at(NodeState.SWITCHING) if name(at) in cut_off]:
+            if name(at) in unsent:
+                emit(at, NodeEvent.SKIP_UNSENT, cut_off_reason(rollout.change, name(at)))
+                halts = halts or cut_off_halts(rollout.change)
         # One whose switch was sent: the leader asks it nothing more (what it says cannot be
         # trusted), so its outcome is not known: it needs attention (s50).
         for at in [at for at in tally.among(_MID_SWITCH) if name(at) in cut_off]:
@@ -774,6 +782,15 @@ def next_actions(
         if halts and state in (RolloutState.RUNNING, RolloutState.PAUSED):
             rollout_events.append(RolloutEvent.NODE_CUT_OFF)
             state = rollout_transition(state, RolloutEvent.NODE_CUT_OFF)
+        # A node failed just now counts against the budget in this same pass, as a failure
+        # counted above: before, the rollout completed (or awaited its finalize) over a node
+        # needing attention, the budget never applied (review of s50 H1).
+        failures = tally.count(FAILED_NODE_STATES)
+        if state in (RolloutState.RUNNING, RolloutState.PAUSED) and (
+            failures > rollout.failure_budget
+        ):
+            rollout_events.append(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
+            state = rollout_transition(state, RolloutEvent.FAILURE_BUDGET_EXCEEDED)
 
     if state in DRAINING_ROLLOUT_STATES:
         why = "rollout aborted" if state is RolloutState.ABORTING else "rollout halted"

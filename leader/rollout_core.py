@@ -28,8 +28,12 @@ orders, through these states::
     pending/staged ─skip→ skipped                    (rollout halting or aborting)
     preflight/staging ─skip→ skipped                 (rollout aborting: nothing was changed)
     staging ─stage_skipped→ staged                   (the change stages no certificate)
-    switching ─skip_unsent→ skipped                  (rollout halting or aborting, and the
-                                                      agent has no switch of it: never sent)
+    switching ─skip_unsent→ skipped                  (rollout halting or aborting, or the
+                                                      node cut off, and the agent has no
+                                                      switch of it: never sent)
+    pending…staged ─skip→ skipped                    (its agent cut off: ``cut_off_reason``)
+    switching ─switch_failed→ needs_attention        (its agent cut off after its switch was
+    confirming ─confirm_failed→ needs_attention       sent: ``cut_off_mid_switch``)
 
 Two kinds of node state:
 
@@ -38,9 +42,14 @@ Two kinds of node state:
   abort and the scope freeze are enforced. It also emits ``stage_skipped`` for a change that
   stages no certificate (``CHANGES``), so no stage step runs for it, and ``skip_unsent`` for a
   ``switching`` node of a draining rollout whose Switch the engine held and its agent never got
-  (``planner.next_actions``' ``unsent``: a leader restarted while a scope freeze lapsed).
+  (``planner.next_actions``' ``unsent``: a leader restarted while a scope freeze lapsed), or
+  of any rollout once its agent is cut off. A node whose agent is cut off (its certificate
+  revoked: ``planner.next_actions``' ``cut_off``) is stepped by the planner alone: ``skip``
+  before its switch, and the result events ``switch_failed`` / ``confirm_failed`` after
+  it (its outcome is not known: the leader asks the revoked agent nothing more).
 * *working* states (``preflight``, ``staging``, ``switching``, ``confirming``): exactly one step
-  (``STEP_FOR_STATE``) runs; its outcome comes back from the engine as a *result* event.
+  (``STEP_FOR_STATE``) runs; its outcome comes back from the engine as a *result* event,
+  except for a node cut off (above).
 
 ``staging`` is not in the issue's list of states; it exists so that every working state has
 exactly one step, and a leader that restarts knows which step to run again (steps are
@@ -57,6 +66,8 @@ The rollout itself::
     planned ─start→ running ⇄ paused                          (pause / resume)
     planned/running/paused ─abort→ aborting ─nodes_settled→ aborted
     running/paused ─failure_budget_exceeded→ halting ─nodes_settled→ halted
+    running/paused ─node_cut_off→ halting            (an agent cut off before its switch;
+                                                      not a finalize nor the way back)
     running/paused ─nodes_settled→ completed
 
 ``aborting`` and ``halting`` are explicit draining states: no node starts, no node begins a
@@ -65,9 +76,9 @@ still preflighting or staging (which changes nothing live on the node) are skipp
 an abort, so an abort never waits for an agent that does not answer; on a halt they finish
 that step and are then skipped at the ``staged`` gate. ``pause`` only stops new nodes from
 starting; nodes in flight go all the way to a terminal state. Admin events are ``start``,
-``pause``, ``resume``, ``abort``; ``failure_budget_exceeded``, ``nodes_settled`` and
-``nodes_dual`` are emitted only by the planner, ``finalized`` and ``taken_back`` only by the
-engine (``leader.planner.awaiting_verdict``).
+``pause``, ``resume``, ``abort``; ``failure_budget_exceeded``, ``node_cut_off``,
+``nodes_settled`` and ``nodes_dual`` are emitted only by the planner, ``finalized`` and
+``taken_back`` only by the engine (``leader.planner.awaiting_verdict``).
 
 The transitional strategy (issue 12)
 ------------------------------------
@@ -104,7 +115,7 @@ https-only except through ``finalize``).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -487,18 +498,33 @@ def finalized_note(follower_id: str, left: Iterable[str]) -> str:
     )
 
 
-def halt_way_out(rollout: Rollout, failed: Iterable[str]) -> str:
+def halt_way_out(
+    rollout: Rollout, failed: Iterable[str], cut_off: Collection[str] = frozenset()
+) -> str:
     """The end of a halted rollout's note: ``way_out``, and for the way back (disable-tls), what
-    to do with a node that failed it, which would fail a retry again (review s45rev9 M2)."""
+    to do with a node that failed it, which would fail a retry again (review s45rev9 M2). One
+    of ``cut_off`` (its agent's certificate revoked: a machine lost or stolen) has no agent
+    to stop nor anything to fix: its removal is the way on (review of s50 M2), and the next
+    way back leaves it as is (``left_cut_off``)."""
     if rollout.change is not Change.DISABLE_TLS:
         return way_out(rollout)
-    names = list(failed)
-    its, it = ("its", "it") if len(names) <= 1 else ("each one's", "that node")
-    return (
-        f"{', '.join(names) or 'the failed node'}: stop {its} agent (systemctl stop "
-        f"tlsroll-agent on {it}) so that the next way back leaves {it} as is, or fix what "
-        f"failed {it} (a port held: free it); then tlsroll rollout rollback again"
-    )
+    names = [n for n in failed if n not in cut_off]
+    lost = sorted(n for n in failed if n in cut_off)
+    parts = []
+    if names or not lost:
+        its, it = ("its", "it") if len(names) <= 1 else ("each one's", "that node")
+        parts.append(
+            f"{', '.join(names) or 'the failed node'}: stop {its} agent (systemctl stop "
+            f"tlsroll-agent on {it}) so that the next way back leaves {it} as is, or fix what "
+            f"failed {it} (a port held: free it)"
+        )
+    if lost:
+        each = "" if len(lost) == 1 else " for each"
+        parts.append(
+            f"{', '.join(lost)}: agent cut off (its certificate revoked), it never comes back:"
+            f" `tlsroll nodes remove {lost[0] if len(lost) == 1 else 'NAME'}`{each}"
+        )
+    return "; ".join(parts) + "; then tlsroll rollout rollback again"
 
 
 def down_on_https(change: Change, seen: NodeObservation) -> bool:

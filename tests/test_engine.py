@@ -54,6 +54,7 @@ from leader.engine import (
     STEP_RETRY_SECONDS,
     TICK_SECONDS,
     UNKNOWN,
+    WAITS_FOR_FREEZE,
     Engine,
 )
 from leader.planner import PlanError
@@ -3325,3 +3326,123 @@ async def test_a_node_cut_off_while_a_scope_frozen_rollout_runs_is_never_asked_a
     assert "`tlsroll nodes remove charlie`" in row.meta.reason, row.meta.reason
     assert not any(r.scope_frozen for r in row.records if r.name != "charlie")
     await leader.stop()
+
+
+async def test_a_cut_off_frozen_node_holds_no_switch_of_the_others_and_is_never_renewed(
+    world: World,
+) -> None:
+    """Review of s50 H2 and L4: under ``--freeze scope`` a node cut off (its agent's certificate
+    revoked) after it was done and frozen is never renewed, so its freeze lapses; the switch's
+    gate (``_ensure_step``), ``_lapsed`` and ``_note_waiting`` still counted it: the next
+    node waited "for the scope freeze of bravo" for good, the others kept frozen. Now they
+    leave it out and the rollout completes; the node's agent is never dialled, and no freeze
+    step (a renewal) of it ever runs (not even one ``_run_step`` then turns away)."""
+    leader = world.boot(freeze_lease=6)
+    cut: set[str] = set()
+    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    real_get = world.agents.get
+    dialled: list[str] = []
+
+    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
+        if name in cut:
+            dialled.append(name)
+            raise cut_off_error(name)
+        return await real_get(name)
+
+    world.agents.get = get  # type: ignore[method-assign]
+    engine = leader.engine
+    real_run_step = engine._run_step
+    ran: list[Step] = []
+
+    def run_step(row: RolloutRow, step: planner.StepAction, **kw: Any) -> Any:
+        if step.node in cut:
+            ran.append(step.step)
+        return real_run_step(row, step, **kw)
+
+    engine._run_step = run_step  # type: ignore[method-assign]
+    await leader.start(freeze=FreezeMode.SCOPE)
+    row = await leader.run(lambda r: r.node("bravo")[0].state is N.DONE)
+    assert row.node("bravo")[0].scope_frozen, row.node("bravo")
+    assert row.node("charlie")[0].state not in TERMINAL_NODE_STATES
+    cut.add("bravo")
+    world.clock.advance(10)  # bravo's confirmation surely lapsed (lease 6 s)
+    row = await leader.run(passes=300)
+    assert row.rollout.state is R.COMPLETED, (row.rollout, row.records)
+    assert states(row) == {"alpha": N.DONE, "bravo": N.DONE, "charlie": N.DONE}
+    assert not any(r.reason.startswith(WAITS_FOR_FREEZE) for r in row.records), row.records
+    assert not any(r.scope_frozen for r in row.records), row.records
+    assert dialled == [], dialled
+    assert Step.FREEZE not in ran, ran
+    await leader.stop()
+
+
+@pytest.mark.parametrize("lost", ["bravo", "alpha"])  # the first node, the last
+@pytest.mark.parametrize("change", [Change.ENABLE_TLS, Change.DISABLE_TLS])
+async def test_a_node_cut_off_mid_switch_halts_the_rollout_over_its_budget(
+    world: World, change: Change, lost: str
+) -> None:
+    """Review of s50 H1 and M2: a node whose agent was cut off (its certificate revoked) once
+    its switch was sent needs attention, and the budget (0) was counted before the plan
+    failed it: the last node's rollout completed all the same, and the next node started in
+    that pass. Now it halts in that pass, its note naming the node; for the way back, with
+    `tlsroll nodes remove` as the way on for the node (not "stop its agent", pointless for
+    a machine lost or stolen)."""
+    from leader.rollout_core import cut_off_mid_switch
+
+    leader = world.boot()
+    if change is Change.DISABLE_TLS:
+        await leader.start()
+        assert states(await leader.run()) == ALL_DONE
+    cut: set[str] = set()
+    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    real_get = world.agents.get
+
+    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
+        if name in cut:
+            raise cut_off_error(name)
+        return await real_get(name)
+
+    async def revoke() -> None:
+        cut.add(lost)
+
+    world.agents.get = get  # type: ignore[method-assign]
+    # Revoked as the outcome before its switch is saved (its stage's; the way back stages
+    # nothing: its preflight's): that write moves it on into its switch (as the last pass
+    # read the cut-off nodes), which its agent then never answers.
+    before = N.STAGED if change is Change.ENABLE_TLS else N.STAGING
+    leader.schema.cue = Cue(when=lambda records: node(records, lost).state is before, action=revoke)
+    await leader.start(change)
+    row = await leader.run()
+    assert cut == {lost}  # (the cue ran)
+    assert row.rollout.state is R.HALTED, row.rollout
+    by = {r.name: r for r in row.records}
+    assert (by[lost].state, by[lost].reason) == (N.NEEDS_ATTENTION, cut_off_mid_switch(lost))
+    after = ORDER[ORDER.index(lost) + 1 :]
+    assert {n: by[n].state for n in after} == dict.fromkeys(after, N.SKIPPED)
+    note = row.meta.reason
+    assert note.startswith(f"halted: {lost} needs_attention: {cut_off_mid_switch(lost)}"), note
+    if change is Change.DISABLE_TLS:
+        assert note.endswith(
+            f"next: {lost}: agent cut off (its certificate revoked), it never comes back: "
+            f"`tlsroll nodes remove {lost}`; then tlsroll rollout rollback again"
+        ), note
+        assert "stop its agent" not in note, note
+    await leader.stop()
+
+
+async def test_a_cut_off_switch_held_at_the_gate_is_unsent_while_the_rollout_runs(
+    world: World,
+) -> None:
+    """Review of s50 L1: a switch held at the scope freeze's gate whose agent has none
+    (``_gated_switch``) is left out of the plan's ``unsent`` while the rollout runs (it
+    waits); once its agent is cut off it never gets it, so it is named (and skipped)."""
+    leader = world.boot()
+    engine = leader.engine
+    row = cast(RolloutRow, SimpleNamespace(rollout=SimpleNamespace(id="r1")))
+    engine.unsent[("r1", "bravo")] = False  # held while running
+    engine.unsent[("r1", "charlie")] = False
+    engine.unsent[("r2", "alpha")] = True  # another rollout's
+    assert engine._unsent(row) == frozenset()
+    engine.cut_off = frozenset({"bravo", "alpha"})
+    assert engine._unsent(row) == {"bravo"}
+    leader.store.close()

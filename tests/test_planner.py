@@ -1774,8 +1774,68 @@ def test_a_cut_off_node_mid_switch_needs_attention(change: Change) -> None:
         ], state
         assert "`tlsroll nodes remove b`" in cut_off_mid_switch("b")
         assert not plan_.steps, plan_.steps
-        _after, moved = apply_plan(running, nodes, plan_)
+        # Review of s50 H1: the failure counts against the budget (0) in the same pass, as
+        # any failure does: the rollout halts, it does not complete.
+        assert plan_.rollout_events == (
+            RolloutEvent.FAILURE_BUDGET_EXCEEDED,
+            RolloutEvent.NODES_SETTLED,
+        ), (state, plan_.rollout_events)
+        after, moved = apply_plan(running, nodes, plan_)
         assert {r.name: r.state for r in moved}["b"] is NodeState.NEEDS_ATTENTION
+        assert after.state is RolloutState.HALTED, after
+        # Within the budget, the rollout completes as with any failure.
+        tolerant = replace(running, failure_budget=1)
+        plan_ = next_actions(tolerant, nodes, cut_off={"b"})
+        assert plan_.rollout_events == (RolloutEvent.NODES_SETTLED,), plan_.rollout_events
+        assert apply_plan(tolerant, nodes, plan_)[0].state is RolloutState.COMPLETED
+
+
+def test_a_cut_off_node_mid_switch_of_a_transitional_phase_1_halts_it() -> None:
+    """Review of s50 H1: a transitional phase 1 whose last node is cut off mid-switch, the
+    others dual, went on to ``awaiting_finalize`` (``nodes_dual``), the failure passed
+    silently: it halts, as any failure over the budget halts it."""
+    running, records = _running(Change.ENABLE_TLS, ["a", "b"], strategy=Strategy.TRANSITIONAL)
+    for state in (NodeState.SWITCHING, NodeState.CONFIRMING):
+        nodes = tuple(
+            replace(r, state=state) if r.name == "b" else replace(r, state=NodeState.DUAL)
+            for r in records
+        )
+        plan_ = next_actions(running, nodes, cut_off={"b"})
+        assert plan_.rollout_events == (
+            RolloutEvent.FAILURE_BUDGET_EXCEEDED,
+            RolloutEvent.NODES_SETTLED,
+        ), (state, plan_.rollout_events)
+        after, _moved = apply_plan(running, nodes, plan_)
+        assert after.state is RolloutState.HALTED, after
+
+
+@pytest.mark.parametrize("change", [Change.ENABLE_TLS, Change.DISABLE_TLS, Change.FINALIZE])
+@pytest.mark.parametrize("rollout_state", [RolloutState.RUNNING, RolloutState.HALTING])
+def test_a_cut_off_node_whose_switch_was_never_sent_is_skipped_not_failed(
+    change: Change, rollout_state: RolloutState
+) -> None:
+    """Review of s50 L1: a switching node whose Switch the engine held at the scope freeze's
+    gate and never sent (``unsent``), then cut off, was marked needs attention ("revoked
+    during its switch"): nothing was sent, so it is a node before its switch, skipped with
+    ``cut_off_reason`` as a staged one is (the change halting as for a staged one)."""
+    from leader.rollout_core import cut_off_halts, cut_off_reason
+
+    running, records = _running(change, ["a", "b", "c"], freeze=FreezeMode.SCOPE)
+    rollout = replace(running, state=rollout_state)
+    nodes = tuple(
+        replace(r, state=NodeState.SWITCHING) if r.name == "b"
+        else replace(r, state=NodeState.DONE) if r.name == "a"
+        else r
+        for r in records
+    )  # fmt: skip
+    plan_ = next_actions(rollout, nodes, cut_off={"b"}, unsent={"b"})
+    b_events = [(a.event, a.reason) for a in plan_.node_events if a.node == "b"]
+    assert b_events == [(NodeEvent.SKIP_UNSENT, cut_off_reason(change, "b"))], b_events
+    halts = cut_off_halts(change) and rollout_state is RolloutState.RUNNING
+    assert (RolloutEvent.NODE_CUT_OFF in plan_.rollout_events) is halts, plan_.rollout_events
+    assert RolloutEvent.FAILURE_BUDGET_EXCEEDED not in plan_.rollout_events
+    _after, moved = apply_plan(rollout, nodes, plan_)
+    assert {r.name: r.state for r in moved}["b"] is NodeState.SKIPPED
 
 
 def test_a_cut_off_node_is_never_frozen_nor_holds_a_switch() -> None:

@@ -346,3 +346,23 @@ def test_a_halted_way_back_names_the_way_out_for_each_failed_node() -> None:
     )
     switch = a_rollout(R.HALTING)
     assert halt_way_out(switch, ["a"]) == way_out(switch)
+
+
+def test_a_halted_way_back_says_to_remove_a_cut_off_node_not_to_stop_its_agent() -> None:
+    """Review of s50 M2: a node of the way back cut off mid-switch (needs attention) halts it;
+    the note said to stop its agent or fix it and roll back again, pointless for a machine
+    lost or stolen: its removal is the way on. The others keep their advice."""
+    back = replace(a_rollout(R.HALTING), change=Change.DISABLE_TLS)
+    assert halt_way_out(back, ["b"], frozenset({"b"})) == (
+        "b: agent cut off (its certificate revoked), it never comes back: "
+        "`tlsroll nodes remove b`; then tlsroll rollout rollback again"
+    )
+    mixed = halt_way_out(back, ["a", "b", "c"], frozenset({"b", "c"}))
+    assert mixed == (
+        "a: stop its agent (systemctl stop tlsroll-agent on it) so that the next way back "
+        "leaves it as is, or fix what failed it (a port held: free it); b, c: agent cut off "
+        "(its certificate revoked), it never comes back: `tlsroll nodes remove NAME` for "
+        "each; then tlsroll rollout rollback again"
+    )
+    switch = a_rollout(R.HALTING)
+    assert halt_way_out(switch, ["b"], frozenset({"b"})) == way_out(switch)
