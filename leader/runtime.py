@@ -220,13 +220,11 @@ def not_yet_there(layout: Layout) -> str | None:
             return None
         return None
     try:
-        unmounted = os.stat(where).st_dev == os.stat(where.parent).st_dev
+        same_fs = os.stat(where).st_dev == os.stat(where.parent).st_dev  # a mountpoint of nothing?
     except OSError:
-        unmounted = False
+        same_fs = False
     on = (
-        f" and is on the file system of {where.parent}"
-        if unmounted and where != where.parent
-        else ""
+        f" and is on the file system of {where.parent}" if same_fs and where != where.parent else ""
     )
     return (
         f"the data dir {where} holds none of the leader's files (ca/, tls/, leader.sqlite3){on}:"
