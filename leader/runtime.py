@@ -172,19 +172,65 @@ def check_data_dir(cfg: LeaderConfig) -> None:
             cfg.path, "[leader].data_dir", f"{where}: no such directory (tlsroll init makes it)"
         ) from None
     except OSError as exc:  # a directory on its way we may not enter (session 50: exit 1)
-        if (problem := fsutil.open_problem(where)) is None:
+        if (problem := fsutil.open_problem(where, own=where)) is None:
             raise
         raise ConfigError(cfg.path, "[leader].data_dir", problem) from exc
     if not stat.S_ISDIR(mode):
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{where} is not a directory ({fsutil.file_kind(mode)})"
         )
+    if (problem := not_yet_there(cfg.layout)) is not None:
+        raise TerminalError(problem)  # exit 1: the service manager starts it again
     # The store's -wal and -shm are made beside it, the certificates written again in its
     # subdirectories: one we may not write was SQLite's "readonly database", exit 1 (s50).
     if (problem := fsutil.dir_write_problem(where)) is not None:
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{problem} (the leader keeps its store in it)"
         )
+
+
+# What a leader's data dir holds once ``tlsroll init`` ran there (``leader.layout``), the
+# store and its mark once the leader ran: a data dir with none of them is no leader's yet.
+LEADER_ENTRIES = (
+    "ca",
+    "tls",
+    "secrets",
+    "run",
+    "leader.toml",
+    "leader.sqlite3",
+    "leader.sqlite3.created",
+)
+
+
+def not_yet_there(layout: Layout) -> str | None:
+    """What a data dir holding none of the leader's files (``LEADER_ENTRIES``) is: an empty
+    mountpoint whose disk is not mounted yet (``data_dir`` outside the unit's
+    StateDirectory=, on a disk of its own: a mountpoint of nothing is on its parent's file
+    system), or a directory ``tlsroll init`` has not set up. Restarting heals the first, so it
+    is no config error (exit 1, never "restore ca.key from a backup" nor a chown of the bare
+    mountpoint: review of s50lead M1). None if any of them is there, or if the directory
+    cannot be searched (then nothing can be told: the checks that follow say why)."""
+    where = layout.data_dir
+    for name in LEADER_ENTRIES:
+        try:
+            os.lstat(where / name)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        return None
+    try:
+        same_fs = os.stat(where).st_dev == os.stat(where.parent).st_dev  # a mountpoint of nothing?
+    except OSError:
+        same_fs = False
+    on = (
+        f" and is on the file system of {where.parent}" if same_fs and where != where.parent else ""
+    )
+    return (
+        f"the data dir {where} holds none of the leader's files (ca/, tls/, leader.sqlite3){on}:"
+        " is its disk not mounted yet, or tlsroll init not run there? (exit 1: its"
+        " service manager starts it again)"
+    )
 
 
 def _passphrase_source(cfg: LeaderConfig) -> Path:
@@ -272,11 +318,13 @@ def _check_start_files(layout: Layout, *, viewer: bool) -> None:
     (``ca_file_error``, exit 2) in one line naming the file and what to do. Restarting
     changes none of these: they exited 1 (the errno's line, or the store's "cannot be opened
     now") and systemd started the leader again every 5 s for ever (session 50). A data dir
-    on a disk not mounted yet is no such case: the unit's StateDirectory= orders it after
-    the mount, and leader.toml, in the data dir, would be missing first (exit 2 already)."""
+    on a disk not mounted yet is no such case: it holds none of the leader's files, and
+    ``check_data_dir`` said so before (exit 1, ``not_yet_there``). A directory on the way
+    above the data dir is not the leader's: it is opened (``chmod o+x``), never chowned."""
     for what, name in START_FILES:
         path = getattr(layout, name)
-        if (problem := fsutil.open_problem(path, missing=f"; {RESTORE}")) is not None:
+        problem = fsutil.open_problem(path, missing=f"; {RESTORE}", own=layout.data_dir)
+        if problem is not None:
             raise ca_file_error(what, problem)
         if name in ("ca_key", "tls_key"):
             try:
@@ -291,7 +339,7 @@ def _check_start_files(layout: Layout, *, viewer: bool) -> None:
     ):
         if not viewer:
             continue
-        problem = fsutil.open_problem(path, missing=None)
+        problem = fsutil.open_problem(path, missing=None, own=layout.data_dir)
         if problem is None and path == layout.viewer_key and os.path.exists(path):
             try:
                 check_private_file(path)
@@ -300,9 +348,18 @@ def _check_start_files(layout: Layout, *, viewer: bool) -> None:
         if problem is not None:
             raise ca_file_error(what, f"{problem} (or remove it: the leader issues a new one)")
     # A missing store is ``check_store``'s (new, or lost: exit 4); a read-only file system,
-    # a lock, a full disk are not a person's alone (``StoreUnavailable``, exit 1).
-    if (problem := fsutil.open_problem(layout.store, write=True, missing=None)) is not None:
-        raise ca_file_error("store", problem)
+    # a lock, a full disk are not a person's alone (``StoreUnavailable``, exit 1). Its -wal
+    # and -shm, when there, SQLite opens to write as well: root's 0644 (root ran sqlite3 on
+    # the stopped leader's store) was "readonly database", exit 1 for ever (review of s50lead
+    # L1). (None of them is open yet: ``open_problem``'s close would drop SQLite's locks.)
+    for path in (layout.store, *(layout.store.with_name(layout.store.name + s) for s in WAL)):
+        problem = fsutil.open_problem(path, write=True, missing=None, own=layout.data_dir)
+        if problem is not None:
+            raise ca_file_error("store", problem)
+
+
+WAL = ("-wal", "-shm")
+"""The files SQLite keeps beside the store in WAL mode."""
 
 
 def _check_own_tls(layout: Layout) -> None:

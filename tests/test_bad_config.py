@@ -23,11 +23,11 @@ import pytest
 from leader import byo, runtime
 from leader.layout import Layout
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
-from tests.cluster import Agent, Cluster, command, one_line_error
+from tests.cluster import Agent, Cluster, child_env, command, one_line_error
 from tests.conftest import next_loopback
 from tests.nodeside import Node, cluster_ca
 from tests.refserver_helper import write_toml
-from tlsroll import password, pki
+from tlsroll import fsutil, password, pki
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import admin_pb2, types_pb2
 
@@ -417,6 +417,14 @@ def _in_the_way(path: Path, *, directory: bool) -> Callable[[], None]:
     return undo
 
 
+def _planted(path: Path, mode: int, uid: int) -> Callable[[], None]:
+    """An empty file at ``path`` (none there), of ``uid``'s with ``mode``."""
+    path.touch(mode=mode, exist_ok=False)
+    os.chown(path, uid, -1)
+    path.chmod(mode)
+    return path.unlink
+
+
 NOBODY = 65534  # (nobody; any uid not ours will do)
 # case -> (the file the line names, the damage (returns its undo), run without root's DAC
 # capabilities, words the line holds)
@@ -509,6 +517,19 @@ START_FILES: dict[str, tuple[str, Callable[[Cluster], Callable[[], None]], bool,
         True,
         "cannot read",
     ),
+    # (review of s50lead L1: root ran sqlite3 on the stopped leader's store; were exit 1)
+    "store-wal-another-users": (
+        "leader.sqlite3-wal",
+        lambda c: _planted(c.data_dir / "leader.sqlite3-wal", 0o644, NOBODY),
+        True,
+        "cannot be read and written by root (uid 0)",
+    ),
+    "store-shm-another-users": (
+        "leader.sqlite3-shm",
+        lambda c: _planted(c.data_dir / "leader.sqlite3-shm", 0o644, NOBODY),
+        True,
+        "cannot be read and written by root (uid 0)",
+    ),
 }
 
 
@@ -522,9 +543,8 @@ def test_a_file_the_leader_cannot_open_or_that_is_missing_is_a_config_error(
     regular file or damaged (the leader's key: "cannot listen on …: in use"), a store it may
     not write and a data dir it may not write exited 1, and systemd started the leader again
     every 5 s for ever. Restarting changes none of them (a data dir on a disk not mounted yet
-    is systemd's to wait for: StateDirectory= orders the unit after its mount, and then
-    leader.toml, in it, is missing too, exit 2 already): exit 2, one line naming the file
-    and what to do; nothing changed."""
+    holds none of the leader's files: exit 1, below): exit 2, one line naming the file and
+    what to do; nothing changed. The store's -wal and -shm likewise (review of s50lead L1)."""
     name, damage, no_dac, words = START_FILES[case]
     if not cluster.store_path.exists():  # a leader that ran once: its store and its mark
         cluster.start_leader()
@@ -565,6 +585,133 @@ def test_a_missing_viewer_key_is_issued_again_not_refused(cluster: Cluster) -> N
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     finally:
         cluster.stop_leader()
+
+
+def _elsewhere(cluster: Cluster, tmp_path: Path, data_dir: Path) -> list[str]:
+    """The leader's command with a config of its own in ``tmp_path`` (a copy of the cluster's)
+    naming ``data_dir``: a data dir outside the unit's StateDirectory= (on a disk of its own)."""
+    config = write_toml(
+        tmp_path / "leader.toml", {"leader": {**cluster.leader_config(), "data_dir": data_dir}}
+    )
+    return [*command("tlsroll-leader", "leader.daemon"), "--config", str(config)]
+
+
+# case -> (what the data dir holds, its owner, run without root's DAC capabilities)
+EMPTY_DATA_DIRS: dict[str, tuple[tuple[str, ...], int, bool]] = {
+    "as-root": ((), 0, False),
+    "as-the-services-user": ((), NOBODY, True),  # (one it may not write: was "chown")
+    "a-file-systems-lost+found-only": (("lost+found",), 0, False),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(EMPTY_DATA_DIRS))
+def test_an_empty_data_dir_is_not_mounted_yet_or_not_initialised_and_restartable(
+    cluster: Cluster, tmp_path: Path, case: str
+) -> None:
+    """Review of s50lead M1: a data dir outside systemd's StateDirectory= (``data_dir`` on a
+    disk of its own) is an empty mountpoint until its disk is mounted. Exit 2 (never started
+    again) with "ca.key is missing; restore it from a backup" as root, or "chown" of the bare
+    mountpoint as the service's user, stopped the leader for good and gave harmful advice:
+    a data dir holding none of the leader's files says so, exit 1 (systemd starts it again,
+    mounted by then), and changes nothing."""
+    held, owner, no_dac = EMPTY_DATA_DIRS[case]
+    data = tmp_path / "mnt" / "data"
+    data.mkdir(parents=True, mode=0o755)
+    for name in held:
+        (data / name).mkdir(mode=0o700)
+    os.chown(data, owner, -1)
+    data.chmod(0o755)
+    argv = _elsewhere(cluster, tmp_path, data)
+    result = subprocess.run(
+        [*(NO_DAC if no_dac else []), *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=child_env(),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert f"{data} holds none of the leader's files" in line, line
+    assert "not mounted yet" in line and "tlsroll init" in line, line
+    assert not line.startswith("tlsroll-leader: config error") and "restore" not in line, line
+    assert "chown" not in line and "runuser" not in line, line
+    assert sorted(os.listdir(data)) == sorted(held)  # nothing made
+    assert data.stat().st_uid == owner
+
+
+# case -> the closed directory's group, the fix the line gives
+CLOSED_ON_THE_WAY = {"of-another-group": (NOBODY, "chmod o+x"), "of-our-group": (0, "chmod g+x")}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(CLOSED_ON_THE_WAY))
+def test_a_closed_directory_on_the_data_dirs_way_is_opened_never_given_away(
+    cluster: Cluster, tmp_path: Path, case: str
+) -> None:
+    """Review of s50lead M2: a directory on the data dir's way the leader may not enter (a
+    system directory of another user's, 0700) was to be chowned to the leader's user (or the
+    leader run as its owner): a directory on the way needs only search permission, never a
+    new owner. Exit 2, naming it and the chmod that opens it; nothing changed."""
+    group, fix = CLOSED_ON_THE_WAY[case]
+    closed = tmp_path / "srv"
+    data = closed / "tlsroll"
+    data.mkdir(parents=True, mode=0o750)
+    os.chown(closed, NOBODY, group)
+    closed.chmod(0o700)
+    argv = _elsewhere(cluster, tmp_path, data)
+    result = subprocess.run(
+        [*NO_DAC, *argv], capture_output=True, text=True, timeout=30, check=False, env=child_env()
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 == runtime.EXIT_CONFIG, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert f"the directory {closed} on its way may not be entered" in line, line
+    assert f"{fix} {closed}" in line, line
+    assert "chown" not in line and "runuser" not in line and "run it as" not in line, line
+    st = closed.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, group, 0o700)
+
+
+def test_a_writable_directory_access_denies_is_not_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s50lead L2: under a seccomp filter that answers faccessat2 with EPERM (an
+    older systemd's SystemCallErrorNumber=EPERM, glibc 2.33 or later) access() says no to a
+    directory we may write, and the leader stopped for good with a line contradicting
+    itself. Where the owner and mode say we may, no problem is reported."""
+    tmp_path.chmod(0o700)  # ours
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)
+    assert fsutil.dir_write_problem(tmp_path) is None
+
+
+def test_a_fifo_swapped_in_after_the_look_does_not_hang_the_check(tmp_path: Path) -> None:
+    """Review of s50lead L3: ``open_problem`` opened what it had stat-ed without O_NONBLOCK:
+    a FIFO swapped in between the two hung the leader's start. Here the stat sees a regular
+    file (the one before the swap), the open a FIFO without a writer: said, not waited on.
+    (The child's timeout only ends a hang.)"""
+    fifo = tmp_path / "ca.pem"
+    os.mkfifo(fifo, 0o600)
+    regular = tmp_path / "before-the-swap"
+    regular.write_bytes(b"")
+    script = (
+        "import os, sys\n"
+        "from tlsroll import fsutil\n"
+        "real = os.stat\n"
+        "os.stat = lambda p, *a, **k: real(sys.argv[2] if str(p) == sys.argv[1] else p, *a, **k)\n"
+        "print(fsutil.open_problem(sys.argv[1]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(fifo), str(regular)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.strip() == f"{fifo} is not a regular file (a FIFO)", result.stdout
 
 
 def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(

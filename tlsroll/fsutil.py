@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import itertools
 import os
 import pwd
@@ -309,7 +310,9 @@ def private_dir_problem(path: Path) -> str | None:
 _FIXABLE = (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP)
 
 
-def open_problem(path: Path, *, write: bool = False, missing: str | None = "") -> str | None:
+def open_problem(
+    path: Path, *, write: bool = False, missing: str | None = "", own: Path | None = None
+) -> str | None:
     """Why this process cannot open the regular file ``path`` to read (``write``: to read and
     write), when a person must fix it, or None: it is missing, a file on its way is no
     directory, it is no regular file, or a permission stops us (its own, said with its owner
@@ -318,7 +321,16 @@ def open_problem(path: Path, *, write: bool = False, missing: str | None = "") -
     file) that is closed at once. A daemon asks before its start changes anything, so that
     such a file is its config error (a restart would find it as it is), not an error
     somewhere later. ``missing``: what the line of a missing file adds ("; restore it …"),
-    or None if a missing one is no problem here (the caller's own case)."""
+    or None if a missing one is no problem here (the caller's own case). ``own``: the
+    directory of the caller's own (its data dir): a directory on the way at or below it is
+    given back (``chown``, or ``chmod u+rwx``); one above it (``/srv``, a home directory) is
+    another's, and only needs to let us pass (``chmod o+x``, or g+x): never chowned to us.
+
+    The open is non-blocking (a FIFO swapped in after the stat does not hang the caller) and
+    what it opened is looked at again (``fstat``): never anything but a regular file. It
+    follows symbolic links, as the file's use does. Never call it on a file this process
+    holds open with SQLite (a store, its -wal or -shm): the close of another descriptor of
+    the file drops every POSIX lock the process holds on it (SQLite's locks)."""
     path = Path(path)
     me = os.geteuid()
     try:
@@ -329,15 +341,15 @@ def open_problem(path: Path, *, write: bool = False, missing: str | None = "") -
         if exc.errno == errno.ENOTDIR:
             return f"{_not_a_directory(path)} is not a directory (on the way to {path})"
         if exc.errno == errno.EACCES:
-            return _not_entered(path, write)
+            return _not_entered(path, write, own)
         if exc.errno in _FIXABLE:
             return f"{path}: {exc.strerror or exc}"
         return None
     if not stat.S_ISREG(st.st_mode):
         return f"{path} is not a regular file ({file_kind(st.st_mode)})"
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOCTTY | os.O_CLOEXEC
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        os.close(os.open(path, flags))
+        fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM):
             return None
@@ -351,13 +363,22 @@ def open_problem(path: Path, *, write: bool = False, missing: str | None = "") -
         if st.st_uid != me:
             return f"{said}; {owner_fix(st.st_uid, path)}"
         return f"{said}; run: chmod u+{'rw' if write else 'r'} {path}"
+    try:
+        opened = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(opened):  # swapped in after the stat
+        return f"{path} is not a regular file ({file_kind(opened)})"
     return None
 
 
 def dir_write_problem(path: Path) -> str | None:
     """Why this process cannot make and remove files in the directory ``path`` (as SQLite
     does beside a store: its -wal and -shm), when a person must fix it, or None (also for a
-    read-only file system, which is no permission). Changes nothing."""
+    read-only file system, which is no permission). Changes nothing. access() is not taken
+    alone: under a seccomp filter that answers faccessat2 with EPERM (an older systemd's
+    SystemCallErrorNumber=EPERM, glibc 2.33 or later) it says no to any directory; only
+    where the owner and mode say no as well is it a problem (else the use will say)."""
     path = Path(path)
     if os.access(path, os.W_OK | os.X_OK, effective_ids=True):
         return None
@@ -366,6 +387,8 @@ def dir_write_problem(path: Path) -> str | None:
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             return None
     except OSError:
+        return None
+    if _mode_allows(st, 0o3):  # (w and x) access() was kept from answering
         return None
     me = os.geteuid()
     mode = stat.S_IMODE(st.st_mode)
@@ -390,8 +413,71 @@ def _not_a_directory(path: Path) -> Path:
     return full.parent
 
 
-def _not_entered(path: Path, write: bool) -> str:
-    """``path`` cannot be looked at (EACCES): the directory on its way we may not enter."""
+def _mode_allows(st: os.stat_result, bits: int) -> bool:
+    """Do the owner, group and mode in ``st`` give this process ``bits`` (0o4 read, 0o2
+    write, 0o1 search), as the kernel decides without ACLs? Root with CAP_DAC_OVERRIDE may
+    (search: any directory)."""
+    if os.geteuid() == 0 and _has_dac_override():
+        return True
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid():
+        granted = mode >> 6
+    elif st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        granted = mode >> 3
+    else:
+        granted = mode
+    return granted & bits == bits
+
+
+CAP_DAC_OVERRIDE = 1
+
+
+def _has_dac_override() -> bool:
+    """Does this process hold CAP_DAC_OVERRIDE (``/proc/self/status``'s CapEff)? Taken as
+    held where that cannot be read (then root's is as it always was)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_DAC_OVERRIDE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def _within(place: Path, own: Path | None) -> bool:
+    """Is ``place`` ``own`` or below it?"""
+    if own is None:
+        return False
+    own = Path(os.path.abspath(own))
+    return place == own or own in place.parents
+
+
+def _search_fix(st: os.stat_result, directory: Path) -> str:
+    """How to let this process pass through ``directory`` (``st``), which is not its own:
+    search permission only (x), for us, our group, or everyone; never a new owner (a system
+    directory, another user's home)."""
+    if st.st_uid == os.geteuid():
+        return f"run: chmod u+x {directory}"
+    if st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        return f"run: chmod g+x {directory}"
+    group = _group_name(os.getegid())
+    return (
+        f"run: chmod o+x {directory} (or, for group {group} alone: chgrp {group} {directory}"
+        f" && chmod g+x {directory})"
+    )
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _not_entered(path: Path, write: bool, own: Path | None = None) -> str:
+    """``path`` cannot be looked at (EACCES): the directory on its way we may not enter, and
+    how to open it (``open_problem``'s ``own``)."""
     full = Path(os.path.abspath(path))
     blocked = full.parent
     for place in reversed(full.parents):
@@ -409,7 +495,12 @@ def _not_entered(path: Path, write: bool) -> str:
     except OSError:
         return f"{path} cannot be {what} by {user_label(me)}: a directory on its way is closed"
     mode = stat.S_IMODE(st.st_mode)
-    fix = owner_fix(st.st_uid, blocked) if st.st_uid != me else f"run: chmod u+rwx {blocked}"
+    if not _within(blocked, own):
+        fix = _search_fix(st, blocked)
+    elif st.st_uid != me:
+        fix = owner_fix(st.st_uid, blocked)
+    else:
+        fix = f"run: chmod u+rwx {blocked}"
     return (
         f"{path} cannot be {what} by {user_label(me)}: the directory {blocked} on its way may "
         f"not be entered (owner {user_label(st.st_uid)}, mode {mode:04o}); {fix}"
