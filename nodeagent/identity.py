@@ -587,7 +587,8 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
             cfg,
             f"the leader at {target} answered the enrolment with a CA whose key's pin is "
             f"{pki.spki_pin(got_ca)}, though its TLS certificate is of this pin's CA (a leader "
-            "whose CA was replaced, or not the cluster's leader); nothing was written",
+            "whose CA was replaced, or not the cluster's leader); neither its certificate nor "
+            "its CA was written (the node's key stays, the token is spent: make a new one)",
         )
     check_issued(cert, key, got_ca, cfg.names)
     pki.write_cert(ca_file, got_ca)

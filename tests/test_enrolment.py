@@ -593,7 +593,11 @@ def test_a_ca_in_the_enrolment_answer_not_of_the_pin_is_exit_2(cluster: Cluster)
     finally:
         server.stop(None)
     assert "answered the enrolment with a CA whose key's pin is" in line, line
+    # what was and was not written, said as it is (review rev50e: it said "nothing was written")
+    assert "neither its certificate nor its CA was written" in line, line
+    assert key_file.exists() and "the token is spent" in line, line
     assert not key_file.with_name("ca.pem").exists()
+    assert not key_file.with_name("node.pem").exists()
 
 
 def _pin_refused_after_key(agent: Agent, cluster: Cluster, *, found: str) -> str:
