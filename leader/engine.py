@@ -351,7 +351,9 @@ class Engine:
                 out = halt_way_out(rollout, [r.name for r in failed_records], cut_off)
                 reason = f"halted: {'; '.join(failed)}; next: {out}"
             elif RolloutEvent.NODE_CUT_OFF in plan.rollout_events:
-                cut = [a.node for a in plan.node_events if a.event is NodeEvent.SKIP]
+                # skip_unsent too: a switch held at the scope freeze's gate, never sent (rev50e)
+                skips = (NodeEvent.SKIP, NodeEvent.SKIP_UNSENT)
+                cut = [a.node for a in plan.node_events if a.event in skips]
                 reason = cut_off_halt(rollout, [n for n in cut if n in cut_off])
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
