@@ -673,6 +673,52 @@ def test_an_enable_tls_halts_on_a_node_cut_off_before_its_switch(tmp_path: Path)
 
 
 @pytest.mark.timeout(600)
+def test_a_retry_after_a_cut_off_halt_leaves_out_the_node_once_removed(tmp_path: Path) -> None:
+    """s50retry: an enable-tls (transitional phase 1) halted as node3's agent was cut off
+    before its switch. `rollout retry` took node3 again: refused "offline" while it is
+    enrolled, "not enrolled" once removed as the halt advised, so the admin had to start the
+    change again with --nodes. Now the halt says remove, then retry; the retry before the
+    removal is refused in one line saying `tlsroll nodes remove node3` first (nothing
+    started), and after it the retry runs on node1 and node2 only, its output naming node3
+    left out, and phase 1 ends awaiting its finalize, node3 never switched."""
+    slow = {START_DELAY_ENV: "3"}
+    with cluster_of(tmp_path, 3, env=slow) as (cluster, nodes):
+        _node1, _node2, node3 = nodes
+        agent = node3.agent
+        assert agent is not None
+        first = start_transitional(cluster, tmp_path, "--max-parallel", "1")
+        paused = cluster.cli("rollout", "pause", first)
+        assert paused.returncode == 0, paused.stderr
+        before = {n["name"]: n["state"] for n in rollout(cluster, first)["nodes"]}
+        assert before["node3"] in ("pending", "preflight", "staging", "staged"), before
+        done = cluster.cli("ca", "revoke", f"{agent.cert().serial_number:x}")
+        assert done.returncode == 0, done.stderr
+        ended = wait_state(cluster, first, WAITED, "the rollout to halt")
+        assert ended["state"] == "halted", ended
+        assert f"then tlsroll rollout retry {first}" in ended["reason"], ended["reason"]
+        refused = cluster.cli("rollout", "retry", first)
+        line = one_line_error(refused.stderr, "tlsroll")
+        assert refused.returncode == 1, line
+        assert "run `tlsroll nodes remove node3` first" in line, line
+        assert "offline" not in line, line
+        assert newest(cluster)["id"] == first  # nothing started
+        removed = cluster.cli("nodes", "remove", "node3", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        retried = cluster.cli("rollout", "retry", timeout=LONG)  # (the newest: first)
+        assert retried.returncode == 0, retried.stderr
+        assert "  node3 left out: removed since (tlsroll nodes remove)" in retried.stdout, (
+            retried.stdout
+        )
+        second = newest(cluster)["id"]
+        assert second != first
+        phase1 = wait_state(cluster, second, WAITED, "the retry to end phase 1")
+        assert phase1["state"] == "awaiting_finalize", phase1
+        assert sorted(n["name"] for n in phase1["nodes"]) == ["node1", "node2"], phase1
+        assert {n["state"] for n in phase1["nodes"]} == {"dual"}, phase1
+        assert list(live(node3).schemes) == ["http"]  # never switched
+
+
+@pytest.mark.timeout(600)
 def test_finalize_check_only_over_the_admin_socket_starts_nothing(tmp_path: Path) -> None:
     """s50 (check_only was only tested by calling ``Commands.finalize_check``): over the real
     admin socket, a real leader answers ``FinalizeRolloutRequest.check_only`` with what the

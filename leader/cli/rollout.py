@@ -71,6 +71,7 @@ from leader.wire import (
     STRATEGY,
 )
 from tlsroll.cli import terminal_only
+from tlsroll.errors import TerminalError
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
@@ -573,8 +574,36 @@ def rollout_retry(leader: Leader, rollout_id: str, wait: bool, _yes: bool) -> No
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
     started(view, warnings=change_warnings(view))  # as `rollout start --yes` gives them
+    for name in removed_since(retried(leader, rollout_id, view.id), view):
+        out.print(f"  {name} left out: removed since (tlsroll nodes remove)")
     if wait:
         wait_for_end(leader, view.id)
+
+
+def retried(leader: Leader, rollout_id: str, new_id: str) -> schema_pb2.RolloutView | None:
+    """The rollout that `rollout retry` retried (``rollout_id``; default: the newest before
+    the retry ``new_id``, the one the leader takes), as the schema shows it now; None if it
+    cannot be told (the retry has started: that is no failure)."""
+    try:
+        if rollout_id:
+            rollouts = list(fetch_schema(leader, rollout_id, rollouts_only=True).rollouts)
+        else:
+            newest = list(fetch_schema(leader, limit=2, rollouts_only=True).rollouts)
+            rollouts = newest[1:] if newest and newest[0].id == new_id else []
+    except (click.ClickException, TerminalError, OSError):
+        return None
+    return rollouts[0] if rollouts else None
+
+
+def removed_since(old: schema_pb2.RolloutView | None, new: schema_pb2.RolloutView) -> list[str]:
+    """The nodes the retried rollout ``old`` left unfinished that its retry ``new`` leaves
+    out: removed since (`tlsroll nodes remove`, as a halt for an agent cut off advises), which
+    the leader drops from a retry (``Commands.retry``; s50retry)."""
+    if old is None:
+        return []
+    taken = {n.name for n in new.nodes}
+    done = NODE_STATE.wire(NodeState.DONE)
+    return [n.name for n in old.nodes if n.state != done and n.name not in taken]
 
 
 def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
