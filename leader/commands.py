@@ -275,7 +275,19 @@ class Commands:
         undoes = {r.rollout.id: r.meta.undoes for r in rows}
         if request.undo_rollout_id:
             target, _switched = planner.undo_target(candidates, request.undo_rollout_id, undoes)
-            return replace(request, scope=Scope.of_nodes(target.order)), target.id, None
+            # A node removed since (`tlsroll nodes remove`: its server's certificate revoked,
+            # the leader knows it no more) is left out, as a retry leaves it out; it was
+            # refused "not enrolled", so no way back of that rollout could start (s50retry).
+            enrolled = {n.name for n in await asyncio.to_thread(self.store.list_nodes)}
+            kept = tuple(n for n in target.order if n in enrolled)
+            if not kept:
+                raise planner.PlanError(
+                    f"nothing to take back: the nodes of rollout {target.id} were removed since"
+                    f" ({planner.some_names(sorted(target.order))}); see: tlsroll schema show"
+                )
+            if removed := [n for n in target.order if n not in enrolled]:
+                log.info("rollout.undo_left_out", rollout_id=target.id, removed=removed)
+            return replace(request, scope=Scope.of_nodes(kept)), target.id, None
         try:
             target, _switched = planner.undo_target(candidates, None, undoes)
         except planner.AlreadyUndone as exc:

@@ -47,7 +47,7 @@ from tests.cluster import AdminTokenCluster, Cluster, csr_pem, one_line_error, w
 from tests.conftest import next_loopback
 from tests.nodeside import cluster_of
 from tests.refserver_helper import write_toml
-from tests.test_level_based import live
+from tests.test_level_based import live, password_file
 from tests.test_transitional import (
     LONG,
     WAITED,
@@ -716,6 +716,34 @@ def test_a_retry_after_a_cut_off_halt_leaves_out_the_node_once_removed(tmp_path:
         assert sorted(n["name"] for n in phase1["nodes"]) == ["node1", "node2"], phase1
         assert {n["state"] for n in phase1["nodes"]} == {"dual"}, phase1
         assert list(live(node3).schemes) == ["http"]  # never switched
+
+
+@pytest.mark.timeout(600)
+def test_the_way_back_of_a_named_rollout_leaves_out_a_node_removed_since(tmp_path: Path) -> None:
+    """s50retry: `rollout rollback R` takes R's nodes back; one removed since (`nodes
+    remove`, as a cut-off node's reason advises) refused it, "not enrolled: node2", so no way
+    back of R could start. Now node2 is left out, the output naming it, and node1 goes back."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, _node2 = nodes
+        secret = password_file(tmp_path, "pw", "way-back-password-for-the-practice")
+        started = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(secret)),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert started.returncode == 0, (started.stdout, started.stderr)
+        enabled = newest(cluster)["id"]
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        back = cluster.cli("rollout", "rollback", enabled, "--yes", "--max-parallel", "1")
+        assert back.returncode == 0, back.stderr
+        assert "  node2 left out: removed since (tlsroll nodes remove)" in back.stdout, back.stdout
+        way_back = newest(cluster)
+        assert way_back["id"] != enabled and way_back["undoes"] == enabled, way_back
+        assert [n["name"] for n in way_back["nodes"]] == ["node1"], way_back
+        ended = wait_state(cluster, way_back["id"], WAITED, "the way back to end")
+        assert ended["state"] == "completed", ended
+        assert list(live(node1).schemes) == ["http"]
 
 
 @pytest.mark.timeout(600)
