@@ -278,14 +278,14 @@ class Commands:
             # A node removed since (`tlsroll nodes remove`: its server's certificate revoked,
             # the leader knows it no more) is left out, as a retry leaves it out; it was
             # refused "not enrolled", so no way back of that rollout could start (s50retry).
-            enrolled = {n.name for n in await asyncio.to_thread(self.store.list_nodes)}
-            kept = tuple(n for n in target.order if n in enrolled)
+            gone = await self._removed()
+            kept = tuple(n for n in target.order if n not in gone)
             if not kept:
                 raise planner.PlanError(
                     f"nothing to take back: the nodes of rollout {target.id} were removed since"
                     f" ({planner.some_names(sorted(target.order))}); see: tlsroll schema show"
                 )
-            if removed := [n for n in target.order if n not in enrolled]:
+            if removed := [n for n in target.order if n in gone]:
                 log.info("rollout.undo_left_out", rollout_id=target.id, removed=removed)
             return replace(request, scope=Scope.of_nodes(kept)), target.id, None
         try:
@@ -719,11 +719,11 @@ class Commands:
         is dropped from the retry (its CLI names it, ``leader.cli.rollout.removed_since``),
         not refused as "not enrolled" (s50retry: the advice followed left no retry). None
         left: ``NotRetriable``, naming them."""
-        enrolled = {n.name for n in await asyncio.to_thread(self.store.list_nodes)}
-        removed = [n for n in left if n not in enrolled]
+        gone = await self._removed()
+        removed = [n for n in left if n in gone]
         if not removed:
             return tuple(left)
-        kept = tuple(n for n in left if n in enrolled)
+        kept = tuple(n for n in left if n not in gone)
         if not kept:
             raise NotRetriable(
                 f"nothing left to retry: the nodes rollout {old.id} left were removed since"
@@ -731,6 +731,12 @@ class Commands:
             )
         log.info("rollout.retry_left_out", rollout_id=old.id, removed=removed)
         return kept
+
+    async def _removed(self) -> frozenset[str]:
+        """The nodes removed (`tlsroll nodes remove`) and not enrolled again since: a name
+        never enrolled is none of them (the plan refuses it, "not enrolled")."""
+        nodes = await asyncio.to_thread(self.store.list_nodes, include_removed=True)
+        return frozenset(n.name for n in nodes if n.removed_at is not None)
 
     def _refuse_if_retried(self, rollout_id: str) -> None:
         by = self.schema.retried_by(rollout_id)

@@ -75,6 +75,8 @@ from tlsroll.errors import TerminalError
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
+REMOVED_SINCE = "left out: removed since (tlsroll nodes remove)"
+"""After a node's name: a retry or a way back of a named rollout left it out (s50retry)."""
 SKIPPED = NodeState.SKIPPED.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
@@ -492,7 +494,10 @@ def started(
     password_in_use: int = 0,
     warnings: Sequence[str] = (),
     planned: admin_pb2.PlanResponse | None = None,
+    removed: Sequence[str] = (),
 ) -> None:
+    """What a started rollout prints; ``removed``: the nodes a retry left out, removed since
+    (``removed_since``)."""
     skipped = [n for n in view.nodes if n.reason.startswith("already done")]
     out.print(
         f"rollout {view.id} started (epoch {view.epoch}); order: "
@@ -500,6 +505,8 @@ def started(
     )
     for n in skipped:
         out.print(f"  {n.name}: {n.reason}")
+    for name in removed:
+        out.print(f"  {name} {REMOVED_SINCE}")
     if password_in_use:
         out.print(f"  the nodes get the auth password already in use (version {password_in_use})")
     if planned is not None:
@@ -568,14 +575,14 @@ def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None
 def rollout_retry(leader: Leader, rollout_id: str, wait: bool, _yes: bool) -> None:
     """Try a halted or aborted rollout (default: the newest) again: its nodes that did not end
     `done` are planned again from what they run now and started as a new rollout, with the
-    same change, options and password. It does not ask (it prints the change's warnings, as
+    same change, options and password; a node removed since (`tlsroll nodes remove`) is left
+    out, and named. It does not ask (it prints the change's warnings, as
     `rollout start --yes` does); --yes is taken, so that a script may give it to every
     command that starts a rollout (review s48rev3)."""
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
-    started(view, warnings=change_warnings(view))  # as `rollout start --yes` gives them
-    for name in removed_since(retried(leader, rollout_id, view.id), view.nodes):
-        out.print(f"  {name} left out: removed since (tlsroll nodes remove)")
+    removed = removed_since(retried(leader, rollout_id, view.id), view.nodes)
+    started(view, warnings=change_warnings(view), removed=removed)  # (warnings: as --yes)
     if wait:
         wait_for_end(leader, view.id)
 
@@ -689,7 +696,7 @@ def going_back(nodes: Sequence[schema_pb2.NodeView], how: str, removed: Sequence
         on_http = n.reason.startswith("already done") and not left_as_is(n.reason)
         out.print(f"  {n.name}: {'already on http' if on_http else n.reason}")
     for name in removed:
-        out.print(f"  {name} left out: removed since (tlsroll nodes remove)")
+        out.print(f"  {name} {REMOVED_SINCE}")
     out.print("  ! Every workstation must go back to the old http address afterwards.")
 
 
