@@ -40,6 +40,7 @@ from leader.rollout_core import (
     Scope,
     ScopeKind,
     Strategy,
+    cut_off_halts,
     left_as_is,
     left_out,
     left_out_reason,
@@ -274,7 +275,19 @@ class Commands:
         undoes = {r.rollout.id: r.meta.undoes for r in rows}
         if request.undo_rollout_id:
             target, _switched = planner.undo_target(candidates, request.undo_rollout_id, undoes)
-            return replace(request, scope=Scope.of_nodes(target.order)), target.id, None
+            # A node removed since (`tlsroll nodes remove`: its server's certificate revoked,
+            # the leader knows it no more) is left out, as a retry leaves it out; it was
+            # refused "not enrolled", so no way back of that rollout could start (s50retry).
+            gone = await self._removed()
+            kept = tuple(n for n in target.order if n not in gone)
+            if not kept:
+                raise planner.PlanError(
+                    f"nothing to take back: the nodes of rollout {target.id} were removed since"
+                    f" ({planner.some_names(sorted(target.order))}); see: tlsroll schema show"
+                )
+            if removed := [n for n in target.order if n in gone]:
+                log.info("rollout.undo_left_out", rollout_id=target.id, removed=removed)
+            return replace(request, scope=Scope.of_nodes(kept)), target.id, None
         try:
             target, _switched = planner.undo_target(candidates, None, undoes)
         except planner.AlreadyUndone as exc:
@@ -644,7 +657,6 @@ class Commands:
         await asyncio.to_thread(self._refuse_if_retried, old.id)
         finished = (NodeState.DONE, NodeState.DUAL)
         left = tuple(r.name for r in row.records if r.state not in finished)
-        cut = await self._cut_off(left) if old.change is Change.FINALIZE else frozenset()
         # A transitional phase 1 carries the nodes it left dual (those that still are, as
         # their agents report) into the retry, whose finalize then covers them.
         dual_from = ""
@@ -652,6 +664,20 @@ class Commands:
         if transitional and self.observe is not None:
             dual_from = old.id
             left = tuple(r.name for r in row.records if r.state is NodeState.DUAL or r.name in left)
+        left = await self._still_enrolled(old, left)
+        cut = await self._cut_off(left)
+        if cut and cut_off_halts(old.change):
+            # Its start would refuse the node as offline (the leader refuses its agent), which
+            # no retry changes; the halt said what does (s50retry).
+            name = sorted(cut)[0] if len(cut) == 1 else "NAME"
+            raise NotRetriable(
+                f"rollout {old.id} left {planner.some_names(sorted(cut))}, whose agent"
+                f"{' is' if len(cut) == 1 else 's are'} cut off (certificate revoked): run"
+                f" `tlsroll nodes remove {name}` first{'' if len(cut) == 1 else ' for each'},"
+                f" then tlsroll rollout retry {old.id}"
+            )
+        if old.change is not Change.FINALIZE:
+            cut = frozenset()
         if await asyncio.to_thread(self.schema.own_ca, old.id) is not None:
             raise NotRetriable(
                 f"rollout {old.id} used certificates from --cert-dir, whose keys the leader "
@@ -686,6 +712,31 @@ class Commands:
             dual_from=dual_from,
         )
         return await self.start(request, actor)
+
+    async def _still_enrolled(self, old: Rollout, left: Sequence[str]) -> tuple[str, ...]:
+        """Of the nodes ``left`` that a retry of ``old`` would take, those still enrolled: a
+        node removed since (`tlsroll nodes remove`, as the halt of a node cut off advises)
+        is dropped from the retry (its CLI names it, ``leader.cli.rollout.removed_since``),
+        not refused as "not enrolled" (s50retry: the advice followed left no retry). None
+        left: ``NotRetriable``, naming them."""
+        gone = await self._removed()
+        removed = [n for n in left if n in gone]
+        if not removed:
+            return tuple(left)
+        kept = tuple(n for n in left if n not in gone)
+        if not kept:
+            raise NotRetriable(
+                f"nothing left to retry: the nodes rollout {old.id} left were removed since"
+                f" ({planner.some_names(removed)}); see: tlsroll schema show"
+            )
+        log.info("rollout.retry_left_out", rollout_id=old.id, removed=removed)
+        return kept
+
+    async def _removed(self) -> frozenset[str]:
+        """The nodes removed (`tlsroll nodes remove`) and not enrolled again since: a name
+        never enrolled is none of them (the plan refuses it, "not enrolled")."""
+        nodes = await asyncio.to_thread(self.store.list_nodes, include_removed=True)
+        return frozenset(n.name for n in nodes if n.removed_at is not None)
 
     def _refuse_if_retried(self, rollout_id: str) -> None:
         by = self.schema.retried_by(rollout_id)

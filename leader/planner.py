@@ -165,6 +165,11 @@ MAX_NAMED = 10
 outgrew gRPC's 16 KiB limit for status details, and the admin saw "Stream removed")."""
 
 
+def some_names(items: Sequence[str]) -> str:
+    """``items`` joined, the first ``MAX_NAMED`` named and the rest counted."""
+    return _some(items)
+
+
 def _some(items: Sequence[str], noun: str = "") -> str:
     shown = ", ".join(items[:MAX_NAMED])
     more = len(items) - MAX_NAMED

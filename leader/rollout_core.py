@@ -418,14 +418,15 @@ def cut_off_mid_switch(name: str) -> str:
 
 def cut_off_halt(rollout: Rollout, names: Iterable[str]) -> str:
     """The note of a rollout halted as the agents of ``names`` were cut off before their
-    switches (``RolloutEvent.NODE_CUT_OFF``): what to do next. A retry takes the nodes the
-    rollout left, the cut-off ones too, which its start refuses (offline) and which are not
-    enrolled once removed: a new start leaves them out (--nodes)."""
+    switches (``RolloutEvent.NODE_CUT_OFF``): what to do next. A retry refuses a node still
+    cut off (saying `nodes remove`) and leaves out one removed since (``Commands.retry``:
+    s50retry; before, it took them, and its start refused them, offline or not enrolled)."""
     cut = sorted(names)
+    one = len(cut) == 1
     return (
         f"halted: agent cut off (its certificate revoked) before its switch: {', '.join(cut)};"
-        f" next: `tlsroll nodes remove {cut[0] if len(cut) == 1 else 'NAME'}` for each, then"
-        f" tlsroll rollout start --change {rollout.change.value} --nodes with the nodes left"
+        f" next: `tlsroll nodes remove {cut[0] if one else 'NAME'}`{'' if one else ' for each'},"
+        f" then tlsroll rollout retry {rollout.id} (it leaves out the nodes removed)"
     )
 
 

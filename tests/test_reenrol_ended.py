@@ -47,7 +47,7 @@ from tests.cluster import AdminTokenCluster, Cluster, csr_pem, one_line_error, w
 from tests.conftest import next_loopback
 from tests.nodeside import cluster_of
 from tests.refserver_helper import write_toml
-from tests.test_level_based import live
+from tests.test_level_based import live, password_file
 from tests.test_transitional import (
     LONG,
     WAITED,
@@ -670,6 +670,80 @@ def test_an_enable_tls_halts_on_a_node_cut_off_before_its_switch(tmp_path: Path)
         assert switched == [], switched
         removed = cluster.cli("nodes", "remove", "node3", "--yes")
         assert removed.returncode == 0, removed.stderr
+
+
+@pytest.mark.timeout(600)
+def test_a_retry_after_a_cut_off_halt_leaves_out_the_node_once_removed(tmp_path: Path) -> None:
+    """s50retry: an enable-tls (transitional phase 1) halted as node3's agent was cut off
+    before its switch. `rollout retry` took node3 again: refused "offline" while it is
+    enrolled, "not enrolled" once removed as the halt advised, so the admin had to start the
+    change again with --nodes. Now the halt says remove, then retry; the retry before the
+    removal is refused in one line saying `tlsroll nodes remove node3` first (nothing
+    started), and after it the retry runs on node1 and node2 only, its output naming node3
+    left out, and phase 1 ends awaiting its finalize, node3 never switched."""
+    slow = {START_DELAY_ENV: "3"}
+    with cluster_of(tmp_path, 3, env=slow) as (cluster, nodes):
+        _node1, _node2, node3 = nodes
+        agent = node3.agent
+        assert agent is not None
+        first = start_transitional(cluster, tmp_path, "--max-parallel", "1")
+        paused = cluster.cli("rollout", "pause", first)
+        assert paused.returncode == 0, paused.stderr
+        before = {n["name"]: n["state"] for n in rollout(cluster, first)["nodes"]}
+        assert before["node3"] in ("pending", "preflight", "staging", "staged"), before
+        done = cluster.cli("ca", "revoke", f"{agent.cert().serial_number:x}")
+        assert done.returncode == 0, done.stderr
+        ended = wait_state(cluster, first, WAITED, "the rollout to halt")
+        assert ended["state"] == "halted", ended
+        assert f"then tlsroll rollout retry {first}" in ended["reason"], ended["reason"]
+        refused = cluster.cli("rollout", "retry", first)
+        line = one_line_error(refused.stderr, "tlsroll")
+        assert refused.returncode == 1, line
+        assert "run `tlsroll nodes remove node3` first" in line, line
+        assert "offline" not in line, line
+        assert newest(cluster)["id"] == first  # nothing started
+        removed = cluster.cli("nodes", "remove", "node3", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        retried = cluster.cli("rollout", "retry", timeout=LONG)  # (the newest: first)
+        assert retried.returncode == 0, retried.stderr
+        assert "  node3 left out: removed since (tlsroll nodes remove)" in retried.stdout, (
+            retried.stdout
+        )
+        second = newest(cluster)["id"]
+        assert second != first
+        phase1 = wait_state(cluster, second, WAITED, "the retry to end phase 1")
+        assert phase1["state"] == "awaiting_finalize", phase1
+        assert sorted(n["name"] for n in phase1["nodes"]) == ["node1", "node2"], phase1
+        assert {n["state"] for n in phase1["nodes"]} == {"dual"}, phase1
+        assert list(live(node3).schemes) == ["http"]  # never switched
+
+
+@pytest.mark.timeout(600)
+def test_the_way_back_of_a_named_rollout_leaves_out_a_node_removed_since(tmp_path: Path) -> None:
+    """s50retry: `rollout rollback R` takes R's nodes back; one removed since (`nodes
+    remove`, as a cut-off node's reason advises) refused it, "not enrolled: node2", so no way
+    back of R could start. Now node2 is left out, the output naming it, and node1 goes back."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, _node2 = nodes
+        secret = password_file(tmp_path, "pw", "way-back-password-for-the-practice")
+        started = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(secret)),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert started.returncode == 0, (started.stdout, started.stderr)
+        enabled = newest(cluster)["id"]
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        back = cluster.cli("rollout", "rollback", enabled, "--yes", "--max-parallel", "1")
+        assert back.returncode == 0, back.stderr
+        assert "  node2 left out: removed since (tlsroll nodes remove)" in back.stdout, back.stdout
+        way_back = newest(cluster)
+        assert way_back["id"] != enabled and way_back["undoes"] == enabled, way_back
+        assert [n["name"] for n in way_back["nodes"]] == ["node1"], way_back
+        ended = wait_state(cluster, way_back["id"], WAITED, "the way back to end")
+        assert ended["state"] == "completed", ended
+        assert list(live(node1).schemes) == ["http"]
 
 
 @pytest.mark.timeout(600)

@@ -71,9 +71,12 @@ from leader.wire import (
     STRATEGY,
 )
 from tlsroll.cli import terminal_only
+from tlsroll.errors import TerminalError
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
+REMOVED_SINCE = "left out: removed since (tlsroll nodes remove)"
+"""After a node's name: a retry or a way back of a named rollout left it out (s50retry)."""
 SKIPPED = NodeState.SKIPPED.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
@@ -491,7 +494,10 @@ def started(
     password_in_use: int = 0,
     warnings: Sequence[str] = (),
     planned: admin_pb2.PlanResponse | None = None,
+    removed: Sequence[str] = (),
 ) -> None:
+    """What a started rollout prints; ``removed``: the nodes a retry left out, removed since
+    (``removed_since``)."""
     skipped = [n for n in view.nodes if n.reason.startswith("already done")]
     out.print(
         f"rollout {view.id} started (epoch {view.epoch}); order: "
@@ -499,6 +505,8 @@ def started(
     )
     for n in skipped:
         out.print(f"  {n.name}: {n.reason}")
+    for name in removed:
+        out.print(f"  {name} {REMOVED_SINCE}")
     if password_in_use:
         out.print(f"  the nodes get the auth password already in use (version {password_in_use})")
     if planned is not None:
@@ -567,14 +575,46 @@ def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None
 def rollout_retry(leader: Leader, rollout_id: str, wait: bool, _yes: bool) -> None:
     """Try a halted or aborted rollout (default: the newest) again: its nodes that did not end
     `done` are planned again from what they run now and started as a new rollout, with the
-    same change, options and password. It does not ask (it prints the change's warnings, as
+    same change, options and password; a node removed since (`tlsroll nodes remove`) is left
+    out, and named. It does not ask (it prints the change's warnings, as
     `rollout start --yes` does); --yes is taken, so that a script may give it to every
     command that starts a rollout (review s48rev3)."""
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
-    started(view, warnings=change_warnings(view))  # as `rollout start --yes` gives them
+    removed = removed_since(retried(leader, rollout_id, view.id), view.nodes)
+    started(view, warnings=change_warnings(view), removed=removed)  # (warnings: as --yes)
     if wait:
         wait_for_end(leader, view.id)
+
+
+def retried(leader: Leader, rollout_id: str, new_id: str) -> schema_pb2.RolloutView | None:
+    """The rollout that `rollout retry` retried (``rollout_id``; default: the newest before
+    the retry ``new_id``, the one the leader takes), as the schema shows it now; None if it
+    cannot be told (the retry has started: that is no failure)."""
+    if rollout_id:
+        return target(leader, rollout_id)
+    try:
+        newest = list(fetch_schema(leader, limit=2, rollouts_only=True).rollouts)
+    except (click.ClickException, TerminalError, OSError):
+        return None
+    return newest[1] if len(newest) == 2 and newest[0].id == new_id else None
+
+
+def removed_since(
+    old: schema_pb2.RolloutView | None,
+    new: Sequence[schema_pb2.NodeView],
+    *,
+    done_too: bool = False,
+) -> list[str]:
+    """The nodes of rollout ``old`` (those it left unfinished; ``done_too``: every one) that a
+    rollout of ``new``'s nodes made from it leaves out: removed since (`tlsroll nodes remove`,
+    as a halt for an agent cut off advises), which the leader drops from a retry and from the
+    way back of a named rollout (``Commands.retry``, ``Commands._resolve``; s50retry)."""
+    if old is None:
+        return []
+    taken = {n.name for n in new}
+    done = NODE_STATE.wire(NodeState.DONE)
+    return [n.name for n in old.nodes if (done_too or n.state != done) and n.name not in taken]
 
 
 def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
@@ -614,10 +654,13 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     leader.require_same_code()  # before the plan is shown and confirmed (as rollout start)
     with leader.admin() as admin:
         planned = leader.call(admin.PlanRollout, request)
+        # The named rollout's nodes removed since, which the way back leaves out (s50retry).
+        removed = removed_since(target(leader, rollout_id), planned.rollout.nodes, done_too=True)
         if not yes:
             going_back(
                 planned.rollout.nodes,
                 " (each: freeze writes, restore the http config, restart, verify, unfreeze).",
+                removed,
             )
             ask_first("add --yes to go back without asking", "Go back to http now?", "not started")
         view = leader.call(admin.StartRollout, request)
@@ -627,18 +670,33 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
         "follow it with: tlsroll schema show --watch"
     )
     if yes:  # (the plan was not shown: which nodes go back, and what the workstations must do)
-        going_back(view.nodes, ".")
+        going_back(view.nodes, ".", removed)
 
 
-def going_back(nodes: Sequence[schema_pb2.NodeView], how: str) -> None:
+def target(leader: Leader, rollout_id: str) -> schema_pb2.RolloutView | None:
+    """Rollout ``rollout_id`` as the schema shows it (None: none named, or it cannot be
+    read: only the names of the nodes removed since depend on it)."""
+    if not rollout_id:
+        return None
+    try:
+        rollouts = list(fetch_schema(leader, rollout_id, rollouts_only=True).rollouts)
+    except (click.ClickException, TerminalError, OSError):
+        return None
+    return rollouts[0] if rollouts else None
+
+
+def going_back(nodes: Sequence[schema_pb2.NodeView], how: str, removed: Sequence[str] = ()) -> None:
     """Which nodes the way back puts on http (only those: review s45rt1 L1), then each other
-    node with why it is not among them ("already on http", "offline: left as is: …")."""
+    node with why it is not among them ("already on http", "offline: left as is: …"), and
+    the nodes of the rollout it takes back ``removed`` since, left out (s50retry)."""
     skipped = [n for n in nodes if NODE_STATE.text(n.state) == SKIPPED]
     going = ", ".join(n.name for n in nodes if n not in skipped)
     out.print(f"Back to http: {going}{how}")
     for n in skipped:
         on_http = n.reason.startswith("already done") and not left_as_is(n.reason)
         out.print(f"  {n.name}: {'already on http' if on_http else n.reason}")
+    for name in removed:
+        out.print(f"  {name} {REMOVED_SINCE}")
     out.print("  ! Every workstation must go back to the old http address afterwards.")
 
 
