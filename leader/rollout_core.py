@@ -507,8 +507,19 @@ def halt_way_out(
     of ``cut_off`` (its agent's certificate revoked: a machine lost or stolen) has no agent
     to stop nor anything to fix: its removal is the way on (review of s50 M2), and the next
     way back leaves it as is (``left_cut_off``)."""
+    failed = list(failed)  # read twice below (review rev50e L)
     if rollout.change is not Change.DISABLE_TLS:
-        return way_out(rollout)
+        lost = sorted(n for n in failed if n in cut_off)
+        if not lost or rollout.change is Change.FINALIZE:  # a finalize's retry leaves it out
+            return way_out(rollout)
+        # its retry refuses a node still cut off (``Commands.retry``), and leaves it out once
+        # removed: say so before the retry (review rev50e M2)
+        which = lost[0] if len(lost) == 1 else "NAME"
+        each = "" if len(lost) == 1 else " for each"
+        return (
+            f"{', '.join(lost)}: agent cut off (its certificate revoked): `tlsroll nodes remove "
+            f"{which}`{each}, then {way_out(rollout)}"
+        )
     names = [n for n in failed if n not in cut_off]
     lost = sorted(n for n in failed if n in cut_off)
     parts = []

@@ -364,5 +364,17 @@ def test_a_halted_way_back_says_to_remove_a_cut_off_node_not_to_stop_its_agent()
         "(its certificate revoked), it never comes back: `tlsroll nodes remove NAME` for "
         "each; then tlsroll rollout rollback again"
     )
+    # Any other change (review rev50e M2): its retry refuses a node still cut off, so the
+    # removal comes first; a finalize's retry leaves the node out by itself.
     switch = a_rollout(R.HALTING)
-    assert halt_way_out(switch, ["b"], frozenset({"b"})) == way_out(switch)
+    assert switch.change is Change.ENABLE_TLS
+    assert halt_way_out(switch, ["b"], frozenset({"b"})) == (
+        f"b: agent cut off (its certificate revoked): `tlsroll nodes remove b`, then "
+        f"{way_out(switch)}"
+    )
+    assert halt_way_out(switch, ["a"], frozenset({"b"})) == way_out(switch)
+    assert halt_way_out(switch, iter(["b", "c"]), frozenset({"b", "c"})).startswith(
+        "b, c: agent cut off (its certificate revoked): `tlsroll nodes remove NAME` for each"
+    )
+    final = replace(switch, change=Change.FINALIZE)
+    assert halt_way_out(final, ["b"], frozenset({"b"})) == way_out(final)
