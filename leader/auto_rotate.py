@@ -20,7 +20,9 @@ refusal is logged once and kept for the schema (``status``) until something chan
 Nodes whose agent says they need the admin (``needs_admin``: a journal put back mid-switch;
 their agents refuse every switch, and the planner refuses a plan with them) are left out of
 what is due, and named in the check's reason: before, one such node blocked every rotation,
-and the other nodes' certificates could expire over it (review s41rev3).
+and the other nodes' certificates could expire over it (review s41rev3). So are the nodes
+whose agent is cut off (``cut_off``: its certificate revoked, a machine lost or stolen; the
+start refuses it as offline until `tlsroll nodes remove`), named with that way on (s50).
 
 Never two at once: the checks run one after the other (a lock as well), ``decide`` waits while
 any rollout is active, and the schema store refuses a second active rollout in the same
@@ -128,13 +130,17 @@ class AutoRotator:
         local_clock: Callable[[], dt.datetime] = local_now,
         utc_host: Callable[[], bool] = host_is_utc,
         needs_admin: Callable[[], Collection[str]] = frozenset,
+        cut_off: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         """``zone``: the window's (``maintenance_timezone``); None: the host's local time.
         ``local_clock``: now, aware in any zone (it is read on ``zone``'s wall clock), or
         without a ``zone`` as the window's wall clock itself (naive: the host's).
         ``needs_admin``: the nodes that need the admin now (any thread; the leader's node
-        problems of that kind), left out of every rotation."""
+        problems of that kind), left out of every rotation. ``cut_off``: the nodes whose agent
+        is cut off (``Store.cut_off_nodes``: it reads the store, so in a thread), left out
+        too."""
         self.needs_admin = needs_admin
+        self.cut_off = cut_off
         self.watch = watch
         self.schema = schema
         self.commands = commands
@@ -189,8 +195,10 @@ class AutoRotator:
         # A node that needs the admin is left out: its agent refuses, the planner refuses a
         # plan with it, and the others' certificates must not expire over it.
         held = set(self.needs_admin())
-        left_out = sorted({e.subject for e in servers if e.subject in held})
-        servers = [e for e in servers if e.subject not in held]
+        lost = set(await asyncio.to_thread(self.cut_off)) if servers else set()
+        left_out = sorted({e.subject for e in servers if e.subject in held - lost})
+        cut = sorted({e.subject for e in servers if e.subject in lost})
+        servers = [e for e in servers if e.subject not in held | lost]
         due = [e.subject for e in servers]
         # No record of the cluster CA issuing it: the practice's own (--cert-dir) certificate.
         foreign = [e.subject for e in servers if not e.serial]
@@ -218,10 +226,18 @@ class AutoRotator:
         )
         if decision.verdict is Verdict.START:
             decision = await self._start(decision)
+        said = []
         if left_out:
-            said = f"left out, needing the admin (`tlsroll nodes`): {', '.join(left_out)}"
+            said.append(f"left out, needing the admin (`tlsroll nodes`): {', '.join(left_out)}")
+        if cut:
+            said.append(
+                f"left out, agent cut off (certificate revoked; `tlsroll nodes remove`): "
+                f"{', '.join(cut)}"
+            )
+        if said:
+            reason = "; ".join(said)
             decision = replace(
-                decision, reason=f"{decision.reason}; {said}" if decision.reason else said
+                decision, reason=f"{decision.reason}; {reason}" if decision.reason else reason
             )
         self._record(decision, local)
         return decision

@@ -698,6 +698,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         needs_admin=lambda: [
             p.node for p in state.node_problems() if p.kind is NodeProblemKind.NEEDS_ADMIN
         ],
+        cut_off=state.store.cut_off_nodes,
     )
     rotator.announce()  # a window read in UTC only because the host runs on UTC
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window

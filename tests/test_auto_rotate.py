@@ -498,6 +498,7 @@ def _rotator(
     window: str = "Sat 02:00-05:00",
     zone: ZoneInfo | None = None,
     needs_admin: frozenset[str] = frozenset(),
+    cut_off: frozenset[str] = frozenset(),
 ) -> Any:
     from types import SimpleNamespace
 
@@ -521,6 +522,7 @@ def _rotator(
         zone=zone,
         local_clock=lambda: local(when),
         needs_admin=lambda: needs_admin,
+        cut_off=lambda: cut_off,
     )
 
 
@@ -619,6 +621,33 @@ def test_a_node_that_needs_the_admin_is_left_out_of_the_automatic_rotation() -> 
     decision = asyncio.run(only.check())
     assert decision.verdict.value == "nothing-due", decision
     assert "left out, needing the admin (`tlsroll nodes`): n2" in only.status.view().reason
+
+
+def test_a_node_whose_agent_is_cut_off_is_left_out_of_the_automatic_rotation() -> None:
+    """s50: a node whose agent is cut off (its certificate revoked, a machine lost) is refused
+    by the start as offline until `tlsroll nodes remove`: in every window it blocked the
+    rotation of the others, whose certificates could expire over it. Now it is left out of
+    what is due and named with the way on; the others are rotated."""
+    import asyncio
+
+    schema = FakeSchema()
+    commands = RefusingNeedsAdmin(schema, "n2")  # refused if n2 is in the plan, as the start
+    rotator = _rotator(
+        schema,
+        commands,
+        ["n1", "n2", "n3"],
+        "2026-12-05 03:00",
+        needs_admin=frozenset({"n3"}),
+        cut_off=frozenset({"n2"}),
+    )
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "started", decision
+    ((request, _actor),) = commands.started
+    assert set(request.scope.names) == {"n1"}
+    assert rotator.status.view().reason == (
+        "rollout r1; left out, needing the admin (`tlsroll nodes`): n3; left out, agent cut "
+        "off (certificate revoked; `tlsroll nodes remove`): n2"
+    )
 
 
 def test_the_rotator_tells_the_admin_to_finalize_a_waiting_transitional_rollout() -> None:
