@@ -188,7 +188,23 @@ class NodesOffline(PlanError):
         names: Sequence[str],
         change: Change | None = None,
         serials: Mapping[str, Sequence[str]] | None = None,
+        cut_off: Collection[str] = (),
     ) -> None:
+        lost = [n for n in names if n in cut_off]
+        if lost and change is not Change.FINALIZE:
+            # offline for good: "bring the agent up" cannot be done (s50)
+            up = [n for n in names if n not in cut_off]
+            which = lost[0] if len(lost) == 1 else "NAME"
+            each = "" if len(lost) == 1 else " for each"
+            said = (
+                f"agent cut off (certificate revoked): {_some(lost)}: "
+                f"`tlsroll nodes remove {which}`{each}"
+            )
+            if up:
+                said = f"offline: {_some(up)} (bring the agent up); {said}"
+            super().__init__(f"{said}; or leave them out: --nodes")
+            self.names = tuple(names)
+            return
         if change is Change.FINALIZE:
             how = (
                 f"bring the agent up, or if the machine is lost or stolen: "
@@ -511,7 +527,7 @@ def plan_rollout(
     if offline and change is Change.DISABLE_TLS:
         left = {n: left_cut_off(n) if n in cut_off else LEFT_OFFLINE for n in offline}
     elif offline:
-        raise NodesOffline(offline, change)
+        raise NodesOffline(offline, change, cut_off=cut_off)
     done: dict[str, str] = {}
     dual: dict[str, str] = {}
     if observed is not None:

@@ -614,6 +614,18 @@ def test_a_finalize_leaves_out_only_the_nodes_whose_agents_are_cut_off() -> None
     assert "`tlsroll ca revoke 1a` and `tlsroll ca revoke 2b`, then finalize" in str(named)
     # another change's refusal: leave it out of the scope
     assert str(NodesOffline(["b"])) == "offline: b (bring the agent up, or leave it out: --nodes)"
+    # ... but one whose agent is cut off never comes up: its removal is the way on (s50)
+    with pytest.raises(NodesOffline) as lost:
+        plan_rollout(
+            rollout_id="e1", change=Change.ENABLE_TLS, scope=Scope.of_nodes(["a", "b", "c"]),
+            enrolled={"a": True, "b": False, "c": False}, leader="a", epoch=2,
+            cut_off=frozenset({"b"}),
+        )  # fmt: skip
+    assert str(lost.value) == (
+        "offline: c (bring the agent up); agent cut off (certificate revoked): b: `tlsroll "
+        "nodes remove b`; or leave them out: --nodes"
+    )
+    assert lost.value.names == ("b", "c")
 
     rollout, records = finalize({"b": left_out_reason("b")}, {"a": True, "b": False})
     by = {r.name: r for r in records}
