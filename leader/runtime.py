@@ -233,6 +233,27 @@ def not_yet_there(layout: Layout) -> str | None:
     )
 
 
+def config_not_yet_there(config: Path) -> str | None:
+    """The shipped unit's case of ``not_yet_there``: its config (``leader.toml``, which ``tlsroll
+    init`` writes into the data dir) is missing and the directory meant to hold it is empty
+    (``lost+found`` aside): an empty mountpoint whose disk is not mounted yet, or init not run.
+    Exit 1, started again (review rev50f M1: "no such file" was a config error, exit 2, the
+    leader stopped for good once the disk came). None when the file or anything beside it is
+    there, or the directory cannot be listed (the config's own error then says why)."""
+    if os.path.lexists(config):
+        return None
+    try:
+        beside = [e for e in os.listdir(config.parent) if e != "lost+found"]
+    except OSError:
+        return None
+    if beside:
+        return None
+    return (
+        f"the config {config} is missing and {config.parent} is empty: is its disk not mounted"
+        " yet, or tlsroll init not run there? (exit 1: its service manager starts it again)"
+    )
+
+
 def _passphrase_source(cfg: LeaderConfig) -> Path:
     """``layout.passphrase_source``; a ``ca_passphrase_file`` that is missing (with no
     credential) is the config's to fix: ConfigError, exit 2, which systemd does not restart
@@ -872,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.backup is not None:
         return _backup(ns.config, ns.backup)
     try:
+        if (empty := config_not_yet_there(ns.config)) is not None:
+            raise TerminalError(empty)
         cfg = LeaderConfig.load(ns.config)
         check_data_dir(cfg)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))

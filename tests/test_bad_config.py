@@ -643,6 +643,45 @@ def test_an_empty_data_dir_is_not_mounted_yet_or_not_initialised_and_restartable
     assert data.stat().st_uid == owner
 
 
+@pytest.mark.parametrize("beside", [(), ("lost+found",), ("leader.sqlite3",)])
+def test_a_config_missing_from_an_empty_directory_is_a_disk_not_mounted_yet(
+    tmp_path: Path, beside: tuple[str, ...]
+) -> None:
+    """Review rev50f M1: the shipped unit reads `/var/lib/tlsroll/leader.toml`, which `tlsroll
+    init` writes into the data dir; on a disk not mounted yet (a data dir outside the unit's
+    StateDirectory=) the config is missing first, and "no such file" was a config error (exit
+    2): the leader stayed stopped once the disk came. A missing config in an empty directory
+    says what it likely is, exit 1 (started again); one beside the leader's files stays a
+    config error."""
+    data = tmp_path / "mnt"
+    data.mkdir()
+    for name in beside:
+        (data / name).mkdir()
+    config = data / "leader.toml"
+    result = subprocess.run(
+        [*command("tlsroll-leader", "leader.daemon"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=child_env(),
+    )
+    output = result.stdout + result.stderr
+    line = one_line_error(output, "tlsroll-leader")
+    if beside == ("leader.sqlite3",):
+        assert result.returncode == 2, output
+        assert line == f"tlsroll-leader: config error: {config}: no such file", line
+    else:
+        assert result.returncode == 1, output
+        assert line == (
+            f"tlsroll-leader: the config {config} is missing and {data} is empty: is its disk "
+            "not mounted yet, or tlsroll init not run there? (exit 1: its service manager "
+            "starts it again)"
+        ), line
+    assert sorted(os.listdir(data)) == sorted(beside)  # nothing made
+
+
 # case -> the closed directory's group, the fix the line gives
 CLOSED_ON_THE_WAY = {"of-another-group": (NOBODY, "chmod o+x"), "of-our-group": (0, "chmod g+x")}
 
