@@ -446,6 +446,8 @@ class Engine:
         ended = census.count(TERMINAL_NODE_STATES) == census.size
         if ended and row.rollout.freeze is not FreezeMode.SCOPE:
             self.cut_off = frozenset()
+        elif (kept := self.store.cut_off_kept()) is not None:
+            self.cut_off = kept  # nothing changed it: no hand-off to the store's thread (s50)
         else:
             self.cut_off = await dbthread.run(self.store.cut_off_nodes)
         return self.cut_off

@@ -508,8 +508,8 @@ class Store(LeaderStore):
         self.nodes_generation = 0
         self._unfit_logged: set[str] = set()  # serials ``_fitting`` left out and logged
         # ``cut_off_nodes``: the revocation list's number and ``nodes_generation`` it was read
-        # at, and what it was.
-        self._cut_off_kept: tuple[int, int, frozenset[str]] | None = None
+        # at, what it was, and ``Database.generation`` then (``cut_off_kept``).
+        self._cut_off_kept: tuple[int, int, frozenset[str], int] | None = None
 
     def _nodes_write(self) -> _NodesWrite:
         """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
@@ -1447,17 +1447,34 @@ class Store(LeaderStore):
         number, not a scan of every node (review rev49fin)."""
         nodes_generation = self.nodes_generation  # before reading: a write meanwhile, again
         with self._db.read() as db:
+            generation = self._db.generation  # under the lock: no commit moves it meanwhile
             number = _meta(db, "crl_number", 0)
             kept = self._cut_off_kept
             if kept is not None and kept[:2] == (number, nodes_generation):
+                self._cut_off_kept = (*kept[:3], generation)
                 return kept[2]
             rows = db.execute(
                 "SELECT n.name FROM nodes n JOIN certificates c ON c.serial = n.cert_serial"
                 " WHERE n.removed_at IS NULL AND c.revoked_at IS NOT NULL"
             ).fetchall()
         names = frozenset(r["name"] for r in rows)
-        self._cut_off_kept = (number, nodes_generation, names)
+        self._cut_off_kept = (number, nodes_generation, names, generation)
         return names
+
+    def cut_off_kept(self) -> frozenset[str] | None:
+        """What ``cut_off_nodes`` last read, if nothing that could change it was committed
+        since, else None (then read it: ``cut_off_nodes``, in the store's thread). For the
+        event loop (the engine, at every pass of every live rollout since s50): no lock, no
+        query. A revocation (``revoke``) and a removal (``remove_node``) are writes that move
+        ``Database.generation`` (not ``routine``: a rollout's progress and a heartbeat's
+        record are, and leave it); an enrolment or renewal moves ``nodes_generation``. Either
+        moves after its commit: read before, what was kept is what a read just before that
+        commit would have found. Writes by another process to the leader's store while it
+        runs are not watched (there are none: the CLI goes through the admin socket)."""
+        kept = self._cut_off_kept
+        if kept is None or kept[1] != self.nodes_generation or kept[3] != self._db.generation:
+            return None
+        return kept[2]
 
     def agent_serials(self, name: str) -> list[str]:
         """The serials to revoke (``tlsroll ca revoke``) to cut node ``name``'s agent off

@@ -2165,5 +2165,26 @@ def test_the_cut_off_nodes_are_looked_for_again_only_once_a_revocation_or_remova
         store.remove_node("n2", now=now, actor="admin")  # removed: no longer enrolled
         assert store.cut_off_nodes() == frozenset()
         assert scans() == 3
+
+        # ``cut_off_kept``, the engine's read on the event loop at every pass (s50): no query
+        # at all until a write that may change the set (a revocation, a removal: not routine;
+        # an enrolment or renewal: nodes_generation); then None, and the store is read again.
+        count = len(trace.statements)
+        for _ in range(50):
+            assert store.cut_off_kept() == frozenset()
+        assert len(trace.statements) == count
+        with store.db.tx(routine=True) as db:  # a rollout's progress, a heartbeat's record
+            db.execute("UPDATE nodes SET agent_version = '2' WHERE name = 'n5'")
+        count = len(trace.statements)
+        assert store.cut_off_kept() == frozenset()
+        assert len(trace.statements) == count
+        store.revoke("5abc", reason="lost", now=now, actor="admin")  # n4's agent cut off
+        assert store.cut_off_kept() is None
+        assert store.cut_off_nodes() == {"n4"} and store.cut_off_kept() == {"n4"}
+        store.nodes_generation += 1  # an enrolment, a renewal
+        assert store.cut_off_kept() is None
+        assert store.cut_off_nodes() == {"n4"} and store.cut_off_kept() == {"n4"}
+        store.remove_node("n4", now=now, actor="admin")
+        assert store.cut_off_kept() is None and store.cut_off_nodes() == frozenset()
     finally:
         store.close()
