@@ -1034,19 +1034,9 @@ def test_the_count_of_wrong_passwords_survives_restarts_and_crashes(
     assert secret not in server.log() and new_secret not in server.log()
 
 
-async def test_a_flood_of_wrong_passwords_is_no_flood_of_commits(tmp_path: Path) -> None:
-    """Review of s49 (1): the count is saved at once after a quiet time, then at most once
-    per ``failures_save_seconds`` while more come (here an hour: none in this test), and the
-    last count as the server stops; never one commit per guess."""
-    store = refstore.Store(tmp_path)
-    saved: list[refstore.LoginFailures] = []
-    save = store.save_login_failures
-
-    def counted(failures: refstore.LoginFailures) -> None:
-        save(failures)
-        saved.append(failures)
-
-    store.save_login_failures = counted  # type: ignore[method-assign]
+def _in_process(tmp_path: Path, store: refstore.Store) -> Server:
+    """A server object in this process (no listener started) on ``store``, for what it does
+    with its count of wrong passwords."""
     config = refserver_config.RefServerConfig(
         path=tmp_path / "refserver.toml",
         address="127.0.0.1",
@@ -1062,7 +1052,23 @@ async def test_a_flood_of_wrong_passwords_is_no_flood_of_commits(tmp_path: Path)
         admin_socket=tmp_path / "admin.sock",
         auth_verifier_file=None,
     )
-    server = Server(refserver_config.Loaded(config, None, None), store, refstore.FreezeState(False))
+    return Server(refserver_config.Loaded(config, None, None), store, refstore.FreezeState(False))
+
+
+async def test_a_flood_of_wrong_passwords_is_no_flood_of_commits(tmp_path: Path) -> None:
+    """Review of s49 (1): the count is saved at once after a quiet time, then at most once
+    per ``failures_save_seconds`` while more come (here an hour: none in this test), and the
+    last count as the server stops; never one commit per guess."""
+    store = refstore.Store(tmp_path)
+    saved: list[refstore.LoginFailures] = []
+    save = store.save_login_failures
+
+    def counted(failures: refstore.LoginFailures) -> None:
+        save(failures)
+        saved.append(failures)
+
+    store.save_login_failures = counted  # type: ignore[method-assign]
+    server = _in_process(tmp_path, store)
     try:
         server.failures_save_seconds = 3600.0
         server._login_failed()
@@ -1099,22 +1105,7 @@ async def test_a_count_a_failing_store_cannot_keep_is_said_as_the_server_stops(
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
     store.save_login_failures = broken  # type: ignore[method-assign]
-    config = refserver_config.RefServerConfig(
-        path=tmp_path / "refserver.toml",
-        address="127.0.0.1",
-        app_path="/app/",
-        listen=("http",),
-        http_port=8080,
-        https_port=8443,
-        cert_file=None,
-        key_file=None,
-        client_ca_file=None,
-        require_client_cert=False,
-        data_dir=tmp_path,
-        admin_socket=tmp_path / "admin.sock",
-        auth_verifier_file=None,
-    )
-    server = Server(refserver_config.Loaded(config, None, None), store, refstore.FreezeState(False))
+    server = _in_process(tmp_path, store)
     try:
         with structlog.testing.capture_logs() as logs:
             server.failures_save_seconds = 3600.0
