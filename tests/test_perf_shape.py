@@ -2180,10 +2180,10 @@ def test_the_cut_off_nodes_are_looked_for_again_only_once_a_revocation_or_remova
         assert len(trace.statements) == count
         store.revoke("5abc", reason="lost", now=now, actor="admin")  # n4's agent cut off
         assert store.cut_off_kept() is None
-        assert store.cut_off_nodes() == {"n4"} and store.cut_off_kept() == {"n4"}
+        assert store.cut_off_nodes() == {"n4"} and store.cut_off_kept() == frozenset({"n4"})
         store.nodes_generation += 1  # an enrolment, a renewal
         assert store.cut_off_kept() is None
-        assert store.cut_off_nodes() == {"n4"} and store.cut_off_kept() == {"n4"}
+        assert store.cut_off_nodes() == {"n4"} and store.cut_off_kept() == frozenset({"n4"})
         store.remove_node("n4", now=now, actor="admin")
         assert store.cut_off_kept() is None and store.cut_off_nodes() == frozenset()
     finally:
