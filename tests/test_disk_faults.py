@@ -525,6 +525,7 @@ def test_a_daemons_os_error_without_a_file_is_one_line_with_its_errno(
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
 
     config = tmp_path / "x.toml"
+    config.write_text("")  # there: one missing from an empty directory is said before its load
     monkeypatch.setattr(LeaderConfig, "load", staticmethod(bad_fd))
     assert leader_runtime.main(["--config", str(config)]) == 1
     assert capsys.readouterr().err == "tlsroll-leader: Bad file descriptor (errno 9, EBADF)\n"
