@@ -658,15 +658,7 @@ def test_a_config_missing_from_an_empty_directory_is_a_disk_not_mounted_yet(
     for name in beside:
         (data / name).mkdir()
     config = data / "leader.toml"
-    result = subprocess.run(
-        [*command("tlsroll-leader", "leader.daemon"), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env=child_env(),
-    )
+    result = run_daemon("tlsroll-leader", "leader.daemon", config)
     output = result.stdout + result.stderr
     line = one_line_error(output, "tlsroll-leader")
     if beside == ("leader.sqlite3",):
