@@ -105,6 +105,7 @@ from leader.rollout_core import (
     left_way_on,
     needs_https_first,
     node_transition,
+    nodes_remove,
     not_on_https_refusal,
     rollout_transition,
     still_dual,
@@ -194,12 +195,7 @@ class NodesOffline(PlanError):
         if lost and change is not Change.FINALIZE:
             # offline for good: "bring the agent up" cannot be done (s50)
             up = [n for n in names if n not in cut_off]
-            which = lost[0] if len(lost) == 1 else "NAME"
-            each = "" if len(lost) == 1 else " for each"
-            said = (
-                f"agent cut off (certificate revoked): {_some(lost)}: "
-                f"`tlsroll nodes remove {which}`{each}"
-            )
+            said = f"agent cut off (certificate revoked): {_some(lost)}: {nodes_remove(lost)}"
             if up:
                 said = f"offline: {_some(up)} (bring the agent up); {said}"
             super().__init__(f"{said}; or leave them out: --nodes")

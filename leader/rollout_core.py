@@ -115,7 +115,7 @@ https-only except through ``finalize``).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -416,17 +416,24 @@ def cut_off_mid_switch(name: str) -> str:
     )
 
 
+def nodes_remove(names: Sequence[str]) -> str:
+    """The `tlsroll nodes remove` for the cut-off nodes ``names`` (sorted; one or more), as the
+    notes and refusals say it: the node's own name for one, ``NAME`` "for each" for more."""
+    if len(names) == 1:
+        return f"`tlsroll nodes remove {names[0]}`"
+    return "`tlsroll nodes remove NAME` for each"
+
+
 def cut_off_halt(rollout: Rollout, names: Iterable[str]) -> str:
     """The note of a rollout halted as the agents of ``names`` were cut off before their
     switches (``RolloutEvent.NODE_CUT_OFF``): what to do next. A retry refuses a node still
     cut off (saying `nodes remove`) and leaves out one removed since (``Commands.retry``:
     s50retry; before, it took them, and its start refused them, offline or not enrolled)."""
     cut = sorted(names)
-    one = len(cut) == 1
     return (
         f"halted: agent cut off (its certificate revoked) before its switch: {', '.join(cut)};"
-        f" next: `tlsroll nodes remove {cut[0] if one else 'NAME'}`{'' if one else ' for each'},"
-        f" then tlsroll rollout retry {rollout.id} (it leaves out the nodes removed)"
+        f" next: {nodes_remove(cut)}, then tlsroll rollout retry {rollout.id} (it leaves out"
+        " the nodes removed)"
     )
 
 
@@ -514,11 +521,9 @@ def halt_way_out(
             return way_out(rollout)
         # its retry refuses a node still cut off (``Commands.retry``), and leaves it out once
         # removed: say so before the retry (review rev50e M2)
-        which = lost[0] if len(lost) == 1 else "NAME"
-        each = "" if len(lost) == 1 else " for each"
         return (
-            f"{', '.join(lost)}: agent cut off (its certificate revoked): `tlsroll nodes remove "
-            f"{which}`{each}, then {way_out(rollout)}"
+            f"{', '.join(lost)}: agent cut off (its certificate revoked): {nodes_remove(lost)},"
+            f" then {way_out(rollout)}"
         )
     names = [n for n in failed if n not in cut_off]
     lost = sorted(n for n in failed if n in cut_off)
@@ -531,10 +536,9 @@ def halt_way_out(
             f"failed {it} (a port held: free it)"
         )
     if lost:
-        each = "" if len(lost) == 1 else " for each"
         parts.append(
             f"{', '.join(lost)}: agent cut off (its certificate revoked), it never comes back:"
-            f" `tlsroll nodes remove {lost[0] if len(lost) == 1 else 'NAME'}`{each}"
+            f" {nodes_remove(lost)}"
         )
     return "; ".join(parts) + "; then tlsroll rollout rollback again"
 
