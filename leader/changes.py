@@ -394,6 +394,7 @@ class ChangeSteps:
         )
         key = (ctx.rollout.id, ctx.node)
         early: asyncio.Future[str | None] | None = None
+        early_at = ctx.clock()
 
         def verified() -> None:
             """The agent verified the new server: the confirm's outside check begins now,
@@ -402,9 +403,9 @@ class ChangeSteps:
             nothing); the server it sees is the one the switch ends with (an unfreeze changes
             no answer to the check's GET, which the agent's verify got from the frozen server
             too). Not once a Rollback was sent for this switch (``switched_here`` False)."""
-            nonlocal early
+            nonlocal early, early_at
             if early is None and ctx.switched_here.get(key, True):
-                early = self._begin_check(ctx, key)
+                early, early_at = self._begin_check(ctx, key), ctx.clock()
 
         try:
             outcome, reason = await wait_transaction(
@@ -417,10 +418,15 @@ class ChangeSteps:
             raise
         if outcome is TxnOutcome.COMPLETED:
             ctx.switched_here.setdefault(key, True)
-            if ctx.switched_here[key] and (early is None or ctx.checks.get(key) is not early):
+            age = ctx.clock() - early_at  # never below 0 unless the wall clock stepped back
+            fresh = early is not None and ctx.checks.get(key) is early
+            if ctx.switched_here[key] and not (
+                fresh and dt.timedelta(0) <= age <= EARLY_CHECK_FRESH
+            ):
                 # The confirm's outside check begins now if it did not at the verify (a stream
-                # that joined after it, or an agent's state that went by unsent): the
-                # switch's outcome is written meanwhile.
+                # that joined after it, or an agent's state that went by unsent) or began too
+                # long before the switch completed (an unfreeze tried again: what it saw may
+                # be gone): the switch's outcome is written meanwhile.
                 self._begin_check(ctx, key)
         else:
             _drop_begun(ctx, key, early)
@@ -534,6 +540,12 @@ class ChangeSteps:
         )
         assert row is not None
         return row.node(ctx.node)[1]
+
+
+EARLY_CHECK_FRESH = dt.timedelta(seconds=1)
+"""How long before its switch completes an outside check begun at the verify still counts
+for the confirm (``ChangeSteps.switch``): an unfreeze takes milliseconds; one tried again for
+longer leaves a check that may have seen a server gone since, and the check is made again."""
 
 
 def drop_check(check: asyncio.Future[str | None] | None) -> None:

@@ -455,7 +455,11 @@ class FakeAgent:
             started_at=timestamp(started),
             freeze_started_at=timestamp(started),
             restart_seconds=RESTART_SECONDS if done else 0.0,
-            phase=agent_pb2.TRANSACTION_PHASE_VERIFIED if verified else 0,
+            phase=(
+                agent_pb2.TRANSACTION_PHASE_VERIFIED
+                if verified
+                else agent_pb2.TRANSACTION_PHASE_UNSPECIFIED
+            ),
         )
 
 

@@ -721,6 +721,33 @@ async def test_the_outside_check_begins_as_the_agent_verifies_the_new_server(
     await leader.stop()
 
 
+async def test_a_check_begun_at_the_verify_long_before_the_switch_completed_is_made_again(
+    world: World,
+) -> None:
+    """A switch whose verify came long before its completion (its unfreeze tried again for a
+    while): the check begun at the verify may have seen a server gone since, so its confirm
+    does not take it; the check is made again as the switch completes."""
+    for agent in world.agents:
+        agent.txn_seconds = 2.5
+        agent.verified_for = 2.0  # verified 2 s of fake time before the switch completes
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED
+    calls = [(c.node, c.method) for c in world.agents.calls]
+    for name in ORDER:
+        mine = [m for n, m in calls if n == name]
+        last_read = len(mine) - 1 - mine[::-1].index("get_transaction")
+        assert mine.count("outside_check") == 2, (name, mine)
+        assert (
+            mine.index("outside_check")
+            < last_read
+            < len(mine) - 1 - mine[::-1].index("outside_check")
+        ), (name, mine)
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
 async def test_a_check_begun_at_the_verify_is_dropped_when_the_switch_rolls_back(
     world: World,
 ) -> None:
