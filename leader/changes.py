@@ -392,22 +392,53 @@ class ChangeSteps:
             keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
             keep_http=self.keep_http,
         )
+        key = (ctx.rollout.id, ctx.node)
+        early: asyncio.Future[str | None] | None = None
+        early_at = ctx.clock()
+
+        def verified() -> None:
+            """The agent verified the new server: the confirm's outside check begins now,
+            while the agent unfreezes it and journals the switch complete, and the outcome
+            travels and is written here. It only looks at the node (it sends the agent
+            nothing); the server it sees is the one the switch ends with (an unfreeze changes
+            no answer to the check's GET, which the agent's verify got from the frozen server
+            too). Not once a Rollback was sent for this switch (``switched_here`` False)."""
+            nonlocal early, early_at
+            if early is None and ctx.switched_here.get(key, True):
+                early, early_at = self._begin_check(ctx, key), ctx.clock()
+
         try:
             outcome, reason = await wait_transaction(
-                ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request
+                ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request, verified=verified
             )
         except SwitchRefused as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
+        except BaseException:
+            _drop_begun(ctx, key, early)  # the step runs again: its own check, if any
+            raise
         if outcome is TxnOutcome.COMPLETED:
-            key = (ctx.rollout.id, ctx.node)
             ctx.switched_here.setdefault(key, True)
-            if ctx.switched_here[key]:
-                # The confirm's outside check begins now: it only looks at the node (it sends
-                # the agent nothing), and the switch's outcome is written meanwhile.
-                drop_check(ctx.checks.pop(key, None))
-                check = ctx.checks[key] = asyncio.ensure_future(self.outside_problem(ctx))
-                check.add_done_callback(_retrieved)  # its confirm reads it, or nobody
+            age = ctx.clock() - early_at  # never below 0 unless the wall clock stepped back
+            fresh = early is not None and ctx.checks.get(key) is early
+            if ctx.switched_here[key] and not (
+                fresh and dt.timedelta(0) <= age <= EARLY_CHECK_FRESH
+            ):
+                # The confirm's outside check begins now if it did not at the verify (a stream
+                # that joined after it, or an agent's state that went by unsent) or began too
+                # long before the switch completed (an unfreeze tried again: what it saw may
+                # be gone): the switch's outcome is written meanwhile.
+                self._begin_check(ctx, key)
+        else:
+            _drop_begun(ctx, key, early)
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
+
+    def _begin_check(self, ctx: StepContext, key: tuple[str, str]) -> asyncio.Future[str | None]:
+        """Begin the confirm's outside check of the node ahead of its confirm (``confirm``
+        takes it from ``StepContext.checks``), in place of one begun before."""
+        drop_check(ctx.checks.pop(key, None))
+        check = ctx.checks[key] = asyncio.ensure_future(self.outside_problem(ctx))
+        check.add_done_callback(_retrieved)  # its confirm reads it, or nobody
+        return check
 
     async def switch_begun(self, agent: AgentApi, rollout_id: str) -> bool:
         """Whether ``agent`` has this rollout's switch (under way or ended): its NOT_FOUND
@@ -511,10 +542,27 @@ class ChangeSteps:
         return row.node(ctx.node)[1]
 
 
+EARLY_CHECK_FRESH = dt.timedelta(seconds=1)
+"""How long before its switch completes an outside check begun at the verify still counts
+for the confirm (``ChangeSteps.switch``): an unfreeze takes milliseconds; one tried again for
+longer leaves a check that may have seen a server gone since, and the check is made again."""
+
+
 def drop_check(check: asyncio.Future[str | None] | None) -> None:
     """A check begun as a switch ended that no confirm takes: cancelled."""
     if check is not None:
         check.cancel()
+
+
+def _drop_begun(
+    ctx: StepContext, key: tuple[str, str], check: asyncio.Future[str | None] | None
+) -> None:
+    """The check a switch began at its verify, which no confirm takes (the switch did not
+    complete, or its outcome was not read): cancelled, and forgotten if still kept."""
+    if check is not None:
+        if ctx.checks.get(key) is check:
+            del ctx.checks[key]
+        drop_check(check)
 
 
 def _retrieved(check: asyncio.Future[str | None]) -> None:
@@ -629,6 +677,7 @@ async def wait_transaction(
     kind: TxnKind,
     *,
     begin: agent_pb2.SwitchRequest | None = None,
+    verified: Callable[[], None] | None = None,
 ) -> tuple[TxnOutcome, str]:
     """Follow the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
     timings on this rollout's node when they change; return its outcome and reason.
@@ -638,7 +687,9 @@ async def wait_transaction(
     error while reading it says nothing about how it ends, so it is a ``TransientError`` (the
     step runs again; the agent replays the transaction), never an outcome. ``begin``: the
     switch is begun by the same call (``AgentApi.switch_and_watch``); its refusal is
-    ``SwitchRefused``."""
+    ``SwitchRefused``. ``verified``: called when a state says the agent verified the new
+    server (``TRANSACTION_PHASE_VERIFIED``, the last before it unfreezes the server and
+    completes the switch; a stream may skip it)."""
     request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
     recorded: dict[str, Any] | None = None
     unreadable: WireError | None = None  # the last state's outcome, if this leader cannot read it
@@ -692,6 +743,8 @@ async def wait_transaction(
                 unreadable = exc
                 continue
             unreadable = None
+            if verified is not None and txn.phase == agent_pb2.TRANSACTION_PHASE_VERIFIED:
+                verified()
             if outcome is not TxnOutcome.PENDING:
                 await ctx.detail(**details)  # written with the step's outcome
                 return outcome, txn.reason

@@ -137,6 +137,9 @@ class FakeAgent:
     disk_full: int = 0
     outside_problem: str | None = None
     txn_seconds: float = 0.5
+    # The last stretch of a transaction (fake seconds) in which its pending state says the
+    # agent verified the new server (TRANSACTION_PHASE_VERIFIED); 0: no phase is sent.
+    verified_for: float = 0.0
     # An agent of the release before Preflight's ``make_csr``: it ignores the field.
     without_preflight_csr: bool = False
     # A newer agent: its transactions end with this outcome number, one this leader's
@@ -434,8 +437,10 @@ class FakeAgent:
             self.applied["txn_unfreeze"] += 1
 
     def _message(self, txn: FakeTxn) -> agent_pb2.Transaction:
-        done = self.world.clock.monotonic() >= txn.started + self.txn_seconds
+        now = self.world.clock.monotonic()
+        done = now >= txn.started + self.txn_seconds
         outcome = txn.outcome if done else TxnOutcome.PENDING
+        verified = not done and now >= txn.started + self.txn_seconds - self.verified_for
         started = self.world.clock.start + dt.timedelta(seconds=txn.started)
         return agent_pb2.Transaction(
             rollout_id=txn.rollout_id,
@@ -450,6 +455,11 @@ class FakeAgent:
             started_at=timestamp(started),
             freeze_started_at=timestamp(started),
             restart_seconds=RESTART_SECONDS if done else 0.0,
+            phase=(
+                agent_pb2.TRANSACTION_PHASE_VERIFIED
+                if verified
+                else agent_pb2.TRANSACTION_PHASE_UNSPECIFIED
+            ),
         )
 
 

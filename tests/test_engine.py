@@ -695,6 +695,77 @@ async def test_the_outside_check_begins_as_the_switch_ends(
     await leader.stop()
 
 
+async def test_the_outside_check_begins_as_the_agent_verifies_the_new_server(
+    world: World,
+) -> None:
+    """Issue 15: a real agent's stream says the new server verified before the agent
+    unfreezes it and journals the switch complete; the confirm's outside check begins then,
+    so it runs while the unfreeze, the completion's record and its way to the leader do, not
+    after them. One check per node, each begun before the read that brought the switch's
+    outcome; the rollout as before."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4  # one read of the stream (every 0.3 s) sees the verify
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    calls = [(c.node, c.method) for c in world.agents.calls]
+    for name in ORDER:
+        mine = [m for n, m in calls if n == name]
+        last_read = len(mine) - 1 - mine[::-1].index("get_transaction")
+        assert mine.count("outside_check") == 1, (name, mine)  # the confirm did not check again
+        assert mine.index("outside_check") < last_read, (name, mine)
+    assert leader.engine.checks == {}  # each taken by its confirm
+    await leader.stop()
+
+
+async def test_a_check_begun_at_the_verify_long_before_the_switch_completed_is_made_again(
+    world: World,
+) -> None:
+    """A switch whose verify came long before its completion (its unfreeze tried again for a
+    while): the check begun at the verify may have seen a server gone since, so its confirm
+    does not take it; the check is made again as the switch completes."""
+    for agent in world.agents:
+        agent.txn_seconds = 2.5
+        agent.verified_for = 2.0  # verified 2 s of fake time before the switch completes
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED
+    calls = [(c.node, c.method) for c in world.agents.calls]
+    for name in ORDER:
+        mine = [m for n, m in calls if n == name]
+        last_read = len(mine) - 1 - mine[::-1].index("get_transaction")
+        assert mine.count("outside_check") == 2, (name, mine)
+        assert (
+            mine.index("outside_check")
+            < last_read
+            < len(mine) - 1 - mine[::-1].index("outside_check")
+        ), (name, mine)
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+async def test_a_check_begun_at_the_verify_is_dropped_when_the_switch_rolls_back(
+    world: World,
+) -> None:
+    """The check a switch began at its verify is not its confirm's when the switch then rolls
+    back (its unfreeze failed, say): dropped, the node rolled back as before, nothing kept."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+    world.agents["bravo"].switch_outcome = TxnOutcome.ROLLED_BACK
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+    row = await leader.run(passes=400)
+    assert states(row)["bravo"] is N.ROLLED_BACK
+    assert ("bravo", "outside_check") in [(c.node, c.method) for c in world.agents.calls]
+    assert leader.engine.checks == {}  # the dropped check is not kept for a confirm
+    await leader.stop()
+
+
 async def test_a_check_begun_ahead_that_was_cancelled_is_made_again_by_its_confirm(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
