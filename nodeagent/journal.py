@@ -205,6 +205,11 @@ IGNORABLE: frozenset[int] = frozenset()
 journal (``tlsroll.sqlite.migrate``; as ``leader.db.IGNORABLE``). Empty so far: only builds
 from session 40 on read the floor it makes."""
 
+READS_FLOOR_FROM = 7
+"""The lowest journal schema that only builds reading ``readable_by`` wrote
+(``tlsroll.sqlite.migrate``'s ``reads_floor_from``; as ``leader.db.READS_FLOOR_FROM``): that
+code came in at schema 6 (commit 096a57d, session 40), which builds before it wrote too."""
+
 LOSING = (
     "a switch made since loses its way back to http, which only the journal holds: never put"
     " the copy back once a rollout touched this node since the upgrade"
@@ -425,6 +430,7 @@ class Journal:
             ignorable=IGNORABLE,
             mark=mark_copy,
             losing=LOSING,
+            reads_floor_from=READS_FLOOR_FROM,
         )
         self._put_back()
         # ``needs_admin``, kept in memory (the agent's view of its server asks at every

@@ -16,6 +16,10 @@ someone guessing it matters most); it starts at 0 with a new data dir, or with t
 start of this release on an older one (migration 3 adds the table and no row: an older
 release may run on the file, counting nothing, ``IGNORABLE``). The server saves it at most
 once a second (``refserver.server.LOGIN_FAILURES_SAVE_SECONDS``), not one commit per guess.
+A file of schema 2 that cannot be written at start (a read-only file system) is used as it is,
+as the older release did: without the table, the count is kept in memory only
+(``keeps_login_failures``; a save fails with ``LoginFailuresNotKept``), until a start that can
+write the file migrates it.
 
 All methods are blocking and thread-safe: the server calls them from worker threads, except
 ``watermark`` (one indexed read, which WAL lets no writer block: on its event loop). Writes are
@@ -85,6 +89,23 @@ MIGRATIONS: tuple[Migration, ...] = (
 # Migrations an older release may ignore (``tlsroll.sqlite.migrate``): 3 only adds a table
 # this code copes without a row of (an older server counts its failures in memory only).
 IGNORABLE: frozenset[int] = frozenset({3})
+# The schema that has table login_failures.
+LOGIN_FAILURES_SCHEMA = 3
+# The lowest schema of entries.sqlite3 that only builds reading ``readable_by`` wrote
+# (``tlsroll.sqlite.migrate``'s ``reads_floor_from``): schema 2 (the freeze row, 2026-11-30)
+# was written by builds before that code (commit 096a57d, 2026-12-03) too, so the upgrade from
+# 2 to 3 still keeps its copy; a later migration ignorable by a file of schema 3 or above will
+# not need one.
+READS_FLOOR_FROM = 3
+# What the server does on a file it could not migrate (read-only at start): the warning's words.
+WITHOUT_LOGIN_FAILURES = (
+    "the wrong passwords at the login are counted in memory only (not kept across restarts)"
+)
+
+
+class LoginFailuresNotKept(sqlite3.OperationalError):
+    """A save of the count of wrong passwords on a file without its table (not migrated: it
+    could not be written at start)."""
 
 
 def now_iso() -> str:
@@ -109,8 +130,18 @@ class Store:
             self.read_only = True
         self._writer = self._connect_writer()
         try:
-            # before WAL: a refused file stays
-            migrate(self._writer, self.path, MIGRATIONS, ignorable=IGNORABLE)
+            # before WAL: a refused file stays. One that cannot be written is used as it is
+            # if what it lacks is the login_failures table only.
+            self.version = migrate(
+                self._writer,
+                self.path,
+                MIGRATIONS,
+                ignorable=IGNORABLE,
+                reads_floor_from=READS_FLOOR_FROM,
+                read_only_as_is=WITHOUT_LOGIN_FAILURES,
+            )
+            # False on a file of schema 2 used as it is: the count is kept in memory only.
+            self.keeps_login_failures = self.version >= LOGIN_FAILURES_SCHEMA
             mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL (got {mode})")
@@ -201,7 +232,14 @@ class Store:
 
     def save_login_failures(self, failures: LoginFailures) -> None:
         """Persist the count of wrong passwords at the login (one commit; the server calls it
-        at most once a second: ``refserver.server.LOGIN_FAILURES_SAVE_SECONDS``)."""
+        at most once a second: ``refserver.server.LOGIN_FAILURES_SAVE_SECONDS``). On a file
+        without the table (``keeps_login_failures``): ``LoginFailuresNotKept``, nothing tried."""
+        if not self.keeps_login_failures:
+            raise LoginFailuresNotKept(
+                f"{self.path.name} is at schema {self.version}, without table login_failures"
+                " (it could not be written at start, so it was not migrated): the count is kept"
+                " in memory only until a start that can write it"
+            )
         with self._transaction() as cur:
             cur.execute(
                 "INSERT OR REPLACE INTO login_failures (id, count, first_at, last_at) "
@@ -210,7 +248,10 @@ class Store:
             )
 
     def load_login_failures(self) -> LoginFailures:
-        """The persisted count (0 if none was ever saved)."""
+        """The persisted count (0 if none was ever saved, or the file has no table for it:
+        ``keeps_login_failures``)."""
+        if not self.keeps_login_failures:
+            return LoginFailures()
         with self._reader() as conn:
             row = conn.execute(
                 "SELECT count, first_at, last_at FROM login_failures WHERE id = 1"

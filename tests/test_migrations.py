@@ -572,6 +572,112 @@ def test_a_copy_that_cannot_be_made_leaves_the_file_unmigrated(tmp_path: Path) -
 # --- fresh, too new, failing ------------------------------------------------------------------
 
 
+# Each store's module (its MIGRATIONS, IGNORABLE, READS_FLOOR_FROM) and how it is opened.
+def _store_module(kind: str) -> Any:
+    from leader import db as leader_db
+    from nodeagent import journal
+
+    return {"leader": leader_db, "journal": journal, "refserver": refstore}[kind]
+
+
+def _open_store(kind: str, path: Path) -> Closable:
+    from leader import db as leader_db
+
+    if kind == "leader":
+        return leader_db.open_db(path)
+    if kind == "journal":
+        return Journal(path)
+    return refstore.Store(path.parent)
+
+
+LATER_TABLE = "CREATE TABLE later_s51 (x TEXT)"  # a migration an older tlsroll may ignore
+LATER_STEP = "CREATE TABLE later_s51b (x TEXT NOT NULL); INSERT INTO later_s51b VALUES ('y')"
+
+
+@pytest.mark.parametrize(
+    ("kind", "found", "extra", "extra_ignorable", "copied"),
+    [
+        # leader 12 -> 13: 13 is ignorable, and only builds reading readable_by wrote 12
+        ("leader", 12, (), set(), False),
+        # leader 10 -> 13: 11 and 12 may not be ignored
+        ("leader", 10, (), set(), True),
+        # leader 11 -> 13 + an ignorable 14: 12 may not be ignored
+        ("leader", 11, (LATER_TABLE,), {14}, True),
+        # refserver 2 -> 3: builds that did not read readable_by wrote schema 2 too
+        ("refserver", 2, (), set(), True),
+        # refserver 3 -> an ignorable 4: only builds reading readable_by wrote 3
+        ("refserver", 3, (LATER_TABLE,), {4}, False),
+        # refserver 3 -> a 4 that may not be ignored
+        ("refserver", 3, (LATER_STEP,), set(), True),
+        # journal 6 -> an ignorable 7: builds that did not read readable_by wrote 6 too
+        ("journal", 6, (LATER_TABLE,), {7}, True),
+        # journal 7 -> an ignorable 8
+        ("journal", 7, (LATER_STEP, LATER_TABLE), {8}, False),
+    ],
+)
+def test_a_copy_is_kept_unless_the_build_that_wrote_the_file_reads_it_migrated(
+    kind: str,
+    found: int,
+    extra: tuple[str, ...],
+    extra_ignorable: set[int],
+    copied: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review rev50a L1: the copy before a migration (a VACUUM INTO of the whole file; the
+    reference server's start is inside a switch's freeze window) is the way back for the
+    build that wrote the file. It is not needed when every pending migration is one that
+    build may ignore and that build reads ``readable_by`` (the file's schema at least the
+    store's ``READS_FLOOR_FROM``: from git history, the first schema of the store added after
+    that code): that build runs on the migrated file as it is. Otherwise it is kept."""
+    module = _store_module(kind)
+    migrations = (*module.MIGRATIONS, *extra)
+    monkeypatch.setattr(module, "MIGRATIONS", migrations)
+    monkeypatch.setattr(module, "IGNORABLE", frozenset(module.IGNORABLE | extra_ignorable))
+    path = tmp_path / "data" / f"{kind}.sqlite3"
+    if kind == "refserver":
+        path = refserver_db(tmp_path / "data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Database(path, migrations[:found]).close()  # as the build of schema ``found`` left it
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE written_before (x)")  # what the way back must not lose
+    conn.close()
+    with structlog.testing.capture_logs() as logs:
+        _open_store(kind, path).close()  # the upgrade
+    assert user_version(path) == len(migrations)
+    copy = path.with_name(f"{path.name}.before-v{len(migrations)}")
+    events = [e["event"] for e in logs]
+    assert copy.exists() == copied, sorted(p.name for p in path.parent.iterdir())
+    assert ("store.copy_kept" in events) == copied, events
+    assert ("store.copy_skipped" in events) == (not copied), events
+    if copied:
+        assert user_version(copy) == found and "written_before" in tables(copy)
+    else:
+        [skipped] = [e for e in logs if e["event"] == "store.copy_skipped"]
+        assert (skipped["version"], skipped["to"]) == (found, len(migrations))
+        # The build of schema ``found`` reads the migrated file as it is.
+        floor = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            [(readable_by,)] = floor.execute("SELECT readable_by FROM schema_floor").fetchall()
+            assert readable_by <= found
+        finally:
+            floor.close()
+        older = Database(path, migrations[:found], what=kind)
+        assert older.version == len(migrations)
+        older.close()
+
+
+def test_each_store_says_from_which_schema_its_builds_read_the_floor() -> None:
+    """The schema of each store at the commit that taught ``tlsroll.sqlite.migrate`` to read
+    ``readable_by`` (096a57d: leader 10, journal 6, reference server 2) had been written by
+    builds before it too: the first schema after it is the store's ``READS_FLOOR_FROM``."""
+    assert {k: _store_module(k).READS_FLOOR_FROM for k in ("leader", "journal", "refserver")} == {
+        "leader": 11,
+        "journal": 7,
+        "refserver": 3,
+    }
+
+
 def test_a_fresh_database_gets_the_current_version(tmp_path: Path) -> None:
     from leader import db as leader_db
     from nodeagent import journal

@@ -37,11 +37,13 @@ from refserver.server import (
 from refserver.server import RefServer as Server
 from refserver.server import _HttpLog as server_http_log
 from tests.conftest import IssuedCert, count_thread_hops
+from tests.nodeside import read_only
 from tests.refserver_helper import RefServer, Response, peer_certificate, unix_request
 from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki, probe
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
+from tlsroll.sqlite import Database, copy_name
 from tlsroll.tls import client_context
 
 IssueCert = Callable[..., IssuedCert]
@@ -1123,6 +1125,141 @@ async def test_a_count_a_failing_store_cannot_keep_is_said_as_the_server_stops(
     finally:
         server.close()
         store.close()
+
+
+def store_of_the_release_before(data_dir: Path) -> Path:
+    """An entry store as the release before migration 3 (login_failures) left it: schema 2,
+    one entry (id 'e1'), 0600; its path."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / refstore.DB_NAME
+    Database(path, refstore.MIGRATIONS[:2]).close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(
+            "INSERT INTO entries (id, body, created_at) VALUES (?, '{\"text\": \"before\"}', 't')",
+            ("e1" * 16,),
+        )
+    conn.close()
+    return path
+
+
+def schema_of(path: Path) -> int:
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_read_only_store_of_the_release_before_is_used_as_it_is(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Review rev50a L1: a server restarted (by a switch) on a store it cannot write, of the
+    release before migration 3: that release started on it, read-only (the entries served,
+    the count of wrong passwords in memory); this one stopped at the migration it could not
+    write ("cannot open the entry store"). Migration 3 only adds a table the server copes
+    without: the file is used as it is (a warning says what is missing), no copy made, the
+    count kept in memory (its failed save said once), and the first start that can write the
+    file migrates it (with its copy: builds that cannot read ``readable_by`` wrote schema 2)."""
+    secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    address = loopback()
+    cert = issue_cert(address)
+    server = make_server(
+        address=address,
+        listen=["http", "https"],
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+        auth_verifier_file=verifier_file,
+    )
+    ctx = https_context(cert)
+    path = store_of_the_release_before(server.data_dir)
+    copy = copy_name(path, len(refstore.MIGRATIONS))
+    with read_only(path):
+        server.start()
+        got = server.request("GET", f"entries/{'e1' * 16}")
+        assert got.status == 200 and got.json()["body"] == {"text": "before"}
+        for _ in range(2):
+            assert login_from(server, ctx, "not-" + secret).status == 401
+        assert login_from(server, ctx, secret).status == 200
+        assert server.status()["login_failures"] == 2
+        assert login_from(server, ctx, "not-" + secret).status == 401
+        assert server.status()["login_failures"] == 3
+        assert server.stop() == 0
+    events = server.log_events()
+    names = [e["event"] for e in events]
+    [warning] = [e for e in events if e["event"] == "store.not_migrated"]
+    assert warning["level"] == "warning" and (warning["version"], warning["to"]) == (2, 3)
+    assert "counted in memory only" in warning["detail"], warning
+    assert names.count("login_failures.not_saved") == 1, names
+    [lost] = [e for e in events if e["event"] == "login_failures.lost_at_stop"]
+    assert (lost["count"], lost["saved"]) == (3, 0)
+    assert "store.read_only" in names
+    assert schema_of(path) == 2 and not copy.exists()
+    assert not [p for p in path.parent.iterdir() if ".before-v" in p.name]
+
+    server.start()  # writable again: migrated, its copy kept
+    assert schema_of(path) == 3 and schema_of(copy) == 2
+    assert login_from(server, ctx, "not-" + secret).status == 401
+    assert server.status()["login_failures"] == 1  # the count of the read-only run is gone
+    assert server.stop() == 0
+    stored = stored_login_failures(server.data_dir)
+    assert stored is not None and stored[0] == 1
+    assert secret not in server.log()
+
+
+def test_a_read_only_store_that_lacks_more_than_ignorable_is_still_refused(
+    tmp_path: Path,
+) -> None:
+    """Only migrations the server copes without are left out on a read-only store: one of
+    schema 1 (the freeze row missing) is refused as before, unchanged, no copy made."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    path = data_dir / refstore.DB_NAME
+    Database(path, refstore.MIGRATIONS[:1]).close()
+    with read_only(path), pytest.raises(sqlite3.OperationalError, match="readonly"):
+        refstore.Store(data_dir)
+    assert schema_of(path) == 1
+
+
+async def test_the_count_on_a_store_without_its_table_is_kept_in_memory_said_once(
+    tmp_path: Path,
+) -> None:
+    """Review rev50a L1: on a store of schema 2 used as it is (read-only at start), a save of
+    the count of wrong passwords fails without touching the file, is said once, and the
+    saving ends (no retry loop); the count goes on in memory, and is said lost at the stop."""
+    path = store_of_the_release_before(tmp_path / "data")
+    with read_only(path):
+        with structlog.testing.capture_logs() as logs:
+            store = refstore.Store(path.parent)
+        try:
+            assert (store.version, store.keeps_login_failures) == (2, False)
+            assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+                "store.not_migrated"
+            ]
+            assert store.load_login_failures() == refstore.LoginFailures()
+            server = _in_process(path.parent, store)
+            try:
+                with structlog.testing.capture_logs() as logs:
+                    server.failures_save_seconds = 0.0
+                    for _ in range(3):
+                        server._login_failed()
+                        task = server._failures_saving
+                        assert task is not None
+                        await asyncio.wait_for(task, 30)  # ends: no loop
+                    assert server.login_failures == 3
+                    await server.stop_saving_failures()
+                events = [e["event"] for e in logs]
+                assert events.count("login_failures.not_saved") == 1, events
+                [said] = [e for e in logs if e["event"] == "login_failures.not_saved"]
+                assert "without table login_failures" in said["error"], said
+                [lost] = [e for e in logs if e["event"] == "login_failures.lost_at_stop"]
+                assert (lost["count"], lost["saved"]) == (3, 0)
+            finally:
+                server.close()
+        finally:
+            store.close()
+    assert schema_of(path) == 2
 
 
 # One check of this verifier takes seconds (the production cost times 64: r=32, p=16; about 7 s

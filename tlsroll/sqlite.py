@@ -14,7 +14,12 @@ it may go back to), unless that file says this one may read it (``readable_by``:
 migrations are ones an older tlsroll may ignore, the store's ``IGNORABLE``). Before it
 migrates an existing file it keeps a copy as it was (``keep_copy``: ``NAME.before-v<N>``),
 marked as one where its store says how (the leader's copy put back is taken as a restored
-backup), so that a tlsroll rolled back has its store to go back to. Migration 1 is
+backup), so that a tlsroll rolled back has its store to go back to; unless every migration
+pending is one an older tlsroll may ignore and the file's schema is one only builds that read
+``readable_by`` wrote (``reads_floor_from``, per store: ``copy_needed``), as that build reads
+the migrated file as it is. A file that cannot be written whose pending migrations are all
+ignorable is opened as it is where its store copes without them (``read_only_as_is``: the
+reference server). Migration 1 is
 the tables of tlsroll 0.1.0 with ``CREATE … IF NOT EXISTS``, so that a file 0.1.0 wrote is
 taken over as it is.
 
@@ -378,6 +383,43 @@ def floor_of(version: int, ignorable: Collection[int]) -> int:
     return version
 
 
+def _only_ignorable(found: int, known: int, ignorable: Collection[int]) -> bool:
+    """Whether a file at ``found`` has migrations pending, all of them ``ignorable``."""
+    return 0 < found < known and all(n in ignorable for n in range(found + 1, known + 1))
+
+
+def copy_needed(
+    found: int, known: int, ignorable: Collection[int], reads_floor_from: int | None
+) -> bool:
+    """Whether ``migrate`` keeps a copy of a file at ``found`` before migrating it to
+    ``known`` (``keep_copy``, which keeps none of a new, current or newer file). Not if every
+    pending migration is ``ignorable`` and ``found`` is at least ``reads_floor_from`` (only
+    builds that read ``readable_by`` wrote it, so the one that did runs on the migrated file
+    as it is)."""
+    return not (
+        _only_ignorable(found, known, ignorable)
+        and reads_floor_from is not None
+        and found >= reads_floor_from
+    )
+
+
+def _writable(conn: sqlite3.Connection, found: int) -> bool:
+    """Whether the file of ``conn`` (autocommit, outside a transaction) can be written: a
+    write of its ``user_version`` as it is, rolled back. False only for SQLITE_READONLY (a
+    read-only file system, a file SQLite opened read-only); any other error is raised."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(f"PRAGMA user_version={int(found)}")
+    except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_READONLY:
+            raise
+        return False
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    return True
+
+
 def readable_by(conn: sqlite3.Connection, version: int) -> int | None:
     """The file's ``readable_by`` (``migrate``), or None: not recorded, or not one this code
     trusts (the file's ``version`` is then what a tlsroll must know). Only exactly one row
@@ -528,6 +570,8 @@ def migrate(
     mark: Mark | None = None,
     what: str = "store",
     losing: str = "",
+    reads_floor_from: int | None = None,
+    read_only_as_is: str | None = None,
 ) -> int:
     """Bring the file's schema to ``len(migrations)``, all or nothing; return the file's
     version (that, or a newer one read as it is).
@@ -555,12 +599,55 @@ def migrate(
     wrote); any other newer file is refused, unchanged (``SchemaTooNew``, naming the copy it may
     go back to: ``usable_copy``; ``what`` and ``losing`` are its words). Only a tlsroll with
     this code reads ``readable_by``: an older one refuses every newer file.
+
+    ``reads_floor_from``: the lowest schema of the file that only builds reading
+    ``readable_by`` wrote (the first schema of the store added after that code; each store
+    says its own from git history: ``leader.db.READS_FLOOR_FROM``, …). A file at that schema
+    or above whose pending migrations are all ``ignorable`` is migrated without a copy
+    (``copy_needed``): the build that wrote it reads the migrated file as it is, and the copy
+    (a ``VACUUM INTO`` of the whole file) cost its time where it hurts most (the reference
+    server's start is inside a switch's freeze window). None: always copied.
+
+    ``read_only_as_is``: what this code does without the pending migrations (its words for
+    the warning, e.g. "login failures are counted in memory only"). Given, a file whose
+    pending migrations are all ``ignorable`` and that cannot be written (a read-only file
+    system: SQLITE_READONLY) is opened as it is, its version returned (below
+    ``len(migrations)``: the caller copes with what they add missing), with a warning
+    (``store.not_migrated``), no copy made: what the older release that wrote it did. None
+    (and any other file that cannot be written): refused as before.
     """
     if conn.isolation_level is not None or conn.in_transaction:
         raise ValueError("migrate needs an autocommit connection outside a transaction")
     known = len(migrations)
     remove_stale_copies(path)
-    keep_copy(conn, path, known, mark=mark)
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if (
+        read_only_as_is is not None
+        and _only_ignorable(found, known, ignorable)
+        and not _writable(conn, found)
+    ):
+        log.warning(
+            "store.not_migrated",
+            path=str(path),
+            version=found,
+            to=known,
+            detail=f"{path.name} cannot be written (read-only): it is used as it is, at schema"
+            f" {found}, as the older tlsroll that wrote it did; {read_only_as_is} until a start"
+            " that can write it migrates it",
+        )
+        return found
+    if copy_needed(found, known, ignorable, reads_floor_from):
+        keep_copy(conn, path, known, mark=mark)
+    else:
+        log.info(
+            "store.copy_skipped",
+            path=str(path),
+            version=found,
+            to=known,
+            detail=f"no copy kept before this migration: it is one a tlsroll of schema {found}"
+            f" may ignore, and the tlsroll that wrote schema {found} reads the file as it is"
+            " (readable_by)",
+        )
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -914,13 +1001,15 @@ class Database:
         ignorable: Collection[int] = (),
         mark: Mark | None = None,
         losing: str = "",
+        reads_floor_from: int | None = None,
     ) -> None:
         """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``;
         ``created`` writes a new file's first rows in the same transaction). ``cache_kib``:
         the most SQLite's page cache of the connection holds (``PRAGMA cache_size``), if not
         SQLite's default (2000 KiB). A file that cannot be opened now (a full disk, a
         read-only file system: ``unavailable``) is a ``StoreUnavailable`` whose message begins
-        with ``what`` and the path. ``ignorable``, ``mark``, ``losing``: see ``migrate``."""
+        with ``what`` and the path. ``ignorable``, ``mark``, ``losing``, ``reads_floor_from``: see
+        ``migrate``."""
         self.path = Path(path)
         self._lock = threading.Lock()
         # Bumped by every committed write except a routine one (``tx(routine=True)``): a
@@ -967,6 +1056,7 @@ class Database:
                 mark=mark,
                 what=what,
                 losing=losing,
+                reads_floor_from=reads_floor_from,
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
