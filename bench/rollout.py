@@ -528,6 +528,11 @@ def _log_times(path: Path, events: Sequence[str], **match: str) -> dict[str, lis
     return times
 
 
+def _within(times: list[float], begin: float, end: float) -> list[float]:
+    """The last of ``times`` from ``begin`` to ``end``, if any (as a list of at most one)."""
+    return [t for t in times if begin <= t <= end][-1:]
+
+
 # The switch's finer phases (``switch_phases``): (name, from mark, to mark). The journal's marks
 # ("j:") are stamped as each record's write begins, so a record's own commit (its fsync) falls
 # in the phase after its mark; "a:" the agent's log, "old:"/"new:" the reference server's logs
@@ -587,12 +592,22 @@ def switch_phases(
             node.journal_path.parent / "refserver.log", ("server.started", "writes.unfrozen")
         )
         leader = _log_times(leader_log, ("step.finished",), node=v.name, step="switch")
+        # The reference server's log lines name no rollout: its marks count only inside this
+        # switch (from the leader's start of it to its end, a second's slack for the clocks of
+        # the log lines), so that another rollout's restarts of the same server are not taken.
+        begin = marks["leader:start"]
+        end = (
+            switch.ended_at.ToDatetime(tzinfo=dt.UTC).timestamp() + 1.0
+            if switch.HasField("ended_at")
+            else float("inf")
+        )
+
         found = {
             "a:txn.started": agent["txn.started"][:1],
             "a:config_written": steps["txn.step"][:1],
             "leader:switch": leader["step.finished"][-1:],
-            **{f"old:{k}": t[-1:] for k, t in old.items()},
-            **{f"new:{k}": t[-1:] for k, t in new.items()},
+            **{f"old:{k}": _within(t, begin, end) for k, t in old.items()},
+            **{f"new:{k}": _within(t, begin, end) for k, t in new.items()},
         }
         marks |= {k: t[0] for k, t in found.items() if t}
         for name, a, b in SWITCH_PHASES:

@@ -152,3 +152,13 @@ def test_the_phase_split_reads_each_event_s_times_from_a_daemon_s_json_log(tmp_p
     assert times["txn.started"] == pytest.approx([start, start + 2.882643])
     assert times["txn.step"] == pytest.approx([start + 2.382643])
     assert rollout._log_times(tmp_path / "none.log", ("txn.started",)) == {"txn.started": []}
+
+
+def test_the_phase_split_takes_a_reference_server_s_marks_only_inside_the_switch() -> None:
+    """The reference server's log lines name no rollout: ``switch_phases`` takes the last of
+    its marks inside the switch (from its start to its end and a second), not one that another
+    rollout's restart of the same server left later in the log (review rev50b, L5)."""
+    times = [10.0, 12.5, 13.0, 40.0]
+    assert rollout._within(times, 12.0, 14.0) == [13.0]
+    assert rollout._within(times, 20.0, 30.0) == []
+    assert rollout._within(times, 0.0, float("inf")) == [40.0]
