@@ -3446,3 +3446,51 @@ async def test_a_cut_off_switch_held_at_the_gate_is_unsent_while_the_rollout_run
     engine.cut_off = frozenset({"bravo", "alpha"})
     assert engine._unsent(row) == {"bravo"}
     leader.store.close()
+
+
+async def test_a_cut_off_switch_held_at_the_gate_is_named_in_the_halt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev50e M1 (fixed in 19ccf0c with no test of its own): charlie's switch is held
+    at the scope freeze's gate (bravo, frozen, is away: its freeze not confirmed) and its
+    agent never got it; charlie's agent is then cut off. The pass skips charlie as a node
+    before its switch (``skip_unsent``) and halts; the halt's note named no node ("before its
+    switch: ;"): it took the cut-off nodes from the plain skips only. It names charlie, with
+    `tlsroll nodes remove charlie`, and charlie is never sent a switch."""
+    from leader.rollout_core import cut_off_halt, cut_off_reason
+
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    await died_as_charlie_s_switch_went_out(world, lease)
+    world.agents["bravo"].unreachable = 10**6
+    seen = len(world.agents.calls)
+    second = world.boot(freeze_lease=lease)
+    cut: set[str] = set()
+    second.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    row = await second.run(
+        until=lambda r: "scope freeze of bravo" in node(r.records, "charlie").reason, passes=400
+    )
+    assert node(row.records, "charlie").state is N.SWITCHING, states(row)
+    assert second.engine.unsent.get((row.rollout.id, "charlie")) is False  # held, not sent
+    cut.add("charlie")
+    real_get = world.agents.get
+
+    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
+        if name in cut:
+            raise cut_off_error(name)
+        return await real_get(name)
+
+    world.agents.get = get  # type: ignore[method-assign]
+    row = await second.run(until=lambda r: r.rollout.state is not R.RUNNING, passes=20)
+    assert row.rollout.state in (R.HALTING, R.HALTED), row.rollout
+    charlie = node(row.records, "charlie")
+    assert (charlie.state, charlie.reason) == (
+        N.SKIPPED,
+        cut_off_reason(Change.ENABLE_TLS, "charlie"),
+    ), charlie
+    note = row.meta.reason
+    assert note == cut_off_halt(row.rollout, ["charlie"]), note
+    assert "before its switch: charlie; next: `tlsroll nodes remove charlie`" in note, note
+    assert not [c for c in world.agents.calls[seen:] if c.method == "switch"]
+    await second.stop()
+
