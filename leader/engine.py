@@ -83,9 +83,8 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Step,
-    cut_off_halt,
     finalized_note,
-    halt_way_out,
+    halt_note,
     left_as_is,
     left_out,
     taken_back_note,
@@ -139,6 +138,8 @@ StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 # The planner's routine node events: the engine logs them at debug (``reconcile``).
 _GATES = frozenset({NodeEvent.START, NodeEvent.SWITCH})
+# The plan's events that halt a rollout: the pass writes the halt's note (``halt_note``).
+_HALTS = frozenset({RolloutEvent.FAILURE_BUDGET_EXCEEDED, RolloutEvent.NODE_CUT_OFF})
 
 
 def crash_fields(exc: BaseException) -> dict[str, str]:
@@ -343,18 +344,13 @@ class Engine:
         rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
         if plan.rollout_events or moved:  # moved: by an event, or a scope freeze asked
             reason = None
-            if RolloutEvent.FAILURE_BUDGET_EXCEEDED in plan.rollout_events:
-                failed_records = _failed_after(row, moved)
-                failed = [
-                    f"{r.name} {r.state.value}: {r.reason}" for r in failed_records if r.reason
-                ]
-                out = halt_way_out(rollout, [r.name for r in failed_records], cut_off)
-                reason = f"halted: {'; '.join(failed)}; next: {out}"
-            elif RolloutEvent.NODE_CUT_OFF in plan.rollout_events:
-                # skip_unsent too: a switch held at the scope freeze's gate, never sent (rev50e)
+            if _HALTS & set(plan.rollout_events):
+                # The failed nodes and those cut off before their switches, whichever halted
+                # the rollout in this pass: the note names both (review rev50e L). A skip_unsent
+                # too: a switch held at the scope freeze's gate, never sent (rev50e M1).
                 skips = (NodeEvent.SKIP, NodeEvent.SKIP_UNSENT)
-                cut = [a.node for a in plan.node_events if a.event in skips]
-                reason = cut_off_halt(rollout, [n for n in cut if n in cut_off])
+                cut = [a.node for a in plan.node_events if a.event in skips and a.node in cut_off]
+                reason = halt_note(rollout, _failed_after(row, moved), cut, cut_off)
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:

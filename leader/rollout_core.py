@@ -543,6 +543,31 @@ def halt_way_out(
     return "; ".join(parts) + "; then tlsroll rollout rollback again"
 
 
+def halt_note(
+    rollout: Rollout,
+    failed: Sequence[NodeRecord],
+    cut: Iterable[str],
+    cut_off: Collection[str] = frozenset(),
+) -> str:
+    """The note of a rollout the pass halted (``RolloutEvent.FAILURE_BUDGET_EXCEEDED`` or
+    ``NODE_CUT_OFF``), whichever halted it: the nodes ``failed`` (its failed records once the
+    pass's moves are saved) with their states and reasons, the nodes ``cut`` whose agents the
+    pass found cut off before their switches (skipped), and what to do next (``halt_way_out``,
+    with `tlsroll nodes remove` for each node cut off, failed or skipped). A halt named one
+    side only: a cut-off halt not the node failing in its pass (one cut off mid-switch), a
+    failure halt not the node cut off in its pass, whose retry refuses it until it is removed
+    (review rev50e L). Without a failed node: ``cut_off_halt``. A finalize and the way back
+    go on without a node cut off before its switch (``cut_off_halts``): no part of a halt."""
+    lost = sorted(cut) if cut_off_halts(rollout.change) else []
+    if not failed:
+        return cut_off_halt(rollout, lost)
+    said = [f"{r.name} {r.state.value}: {r.reason}" for r in failed if r.reason]
+    if lost:
+        said.append(f"agent cut off (its certificate revoked) before its switch: {', '.join(lost)}")
+    out = halt_way_out(rollout, [*(r.name for r in failed), *lost], {*cut_off, *lost})
+    return f"halted: {'; '.join(said)}; next: {out}"
+
+
 def down_on_https(change: Change, seen: NodeObservation) -> bool:
     """The way back (disable-tls) and node ``seen``, whose managed server is down with a config
     on https (or http and https): the way back restores http and starts the server (the

@@ -3517,3 +3517,120 @@ async def test_a_cut_off_switch_held_at_the_gate_is_unsent_while_the_rollout_run
     engine.cut_off = frozenset({"bravo", "alpha"})
     assert engine._unsent(row) == {"bravo"}
     leader.store.close()
+
+
+async def test_a_cut_off_switch_held_at_the_gate_is_named_in_the_halt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev50e M1 (fixed in 19ccf0c with no test of its own): charlie's switch is held
+    at the scope freeze's gate (bravo, frozen, is away: its freeze not confirmed) and its
+    agent never got it; charlie's agent is then cut off. The pass skips charlie as a node
+    before its switch (``skip_unsent``) and halts; the halt's note named no node ("before its
+    switch: ;"): it took the cut-off nodes from the plain skips only. It names charlie, with
+    `tlsroll nodes remove charlie`, and charlie is never sent a switch."""
+    from leader.rollout_core import cut_off_halt, cut_off_reason
+
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    await died_as_charlie_s_switch_went_out(world, lease)
+    world.agents["bravo"].unreachable = 10**6
+    seen = len(world.agents.calls)
+    second = world.boot(freeze_lease=lease)
+    cut: set[str] = set()
+    second.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    row = await second.run(
+        until=lambda r: "scope freeze of bravo" in node(r.records, "charlie").reason, passes=400
+    )
+    assert node(row.records, "charlie").state is N.SWITCHING, states(row)
+    assert second.engine.unsent.get((row.rollout.id, "charlie")) is False  # held, not sent
+    cut.add("charlie")
+    real_get = world.agents.get
+
+    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
+        if name in cut:
+            raise cut_off_error(name)
+        return await real_get(name)
+
+    world.agents.get = get  # type: ignore[method-assign]
+    row = await second.run(until=lambda r: r.rollout.state is not R.RUNNING, passes=20)
+    assert row.rollout.state in (R.HALTING, R.HALTED), row.rollout
+    charlie = node(row.records, "charlie")
+    assert (charlie.state, charlie.reason) == (
+        N.SKIPPED,
+        cut_off_reason(Change.ENABLE_TLS, "charlie"),
+    ), charlie
+    note = row.meta.reason
+    assert note == cut_off_halt(row.rollout, ["charlie"]), note
+    assert "before its switch: charlie; next: `tlsroll nodes remove charlie`" in note, note
+    assert not [c for c in world.agents.calls[seen:] if c.method == "switch"]
+    await second.stop()
+
+
+@pytest.mark.parametrize("how", ["cut_off_mid_switch", "switch_rolled_back"])
+async def test_a_node_failing_in_the_pass_of_a_cut_off_halt_is_named_beside_it(
+    world: World, how: str
+) -> None:
+    """Review rev50e L: a halt names the nodes that failed and the nodes cut off before their
+    switches, whichever halted the rollout in that pass. bravo fails (its agent cut off during
+    its switch: it needs attention; or its switch rolled back) and charlie, not yet started, is
+    cut off: the pass that skips charlie halts. The note named only one side: charlie alone
+    (a cut-off halt; bravo, needing attention, unnamed) or bravo alone (a failure halt; charlie
+    unnamed, whose retry refuses it until `nodes remove`). It names both now: bravo with its
+    state and reason, charlie as cut off before its switch, and `tlsroll nodes remove` for
+    each cut-off node before the retry."""
+    from leader.rollout_core import cut_off_mid_switch, cut_off_reason
+
+    leader = world.boot()
+    cut: set[str] = set()
+    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    real_get = world.agents.get
+
+    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
+        if name in cut:
+            raise cut_off_error(name)
+        return await real_get(name)
+
+    world.agents.get = get  # type: ignore[method-assign]
+    lost = {"bravo", "charlie"} if how == "cut_off_mid_switch" else {"charlie"}
+    if how == "cut_off_mid_switch":
+        # Revoked as bravo's stage outcome is saved: that write moves bravo into its switch,
+        # which its agent never answers (as the mid-switch test above); charlie is pending.
+        before = N.STAGED
+        failed = (N.NEEDS_ATTENTION, cut_off_mid_switch("bravo"))
+    else:
+        world.agents["bravo"].switch_outcome = TxnOutcome.ROLLED_BACK
+        world.agents["bravo"].switch_reason = "verify: port 8443 closed"
+        before = N.ROLLED_BACK
+
+    async def revoke() -> None:
+        cut.update(lost)
+
+    leader.schema.cue = Cue(
+        when=lambda records: node(records, "bravo").state is before, action=revoke
+    )
+    await leader.start()
+    row = await leader.run(until=lambda r: r.rollout.state is not R.RUNNING)
+    assert cut == lost  # (the cue ran)
+    assert row.rollout.state in (R.HALTING, R.HALTED), row.rollout
+    by = {r.name: r for r in row.records}
+    bravo = by["bravo"]
+    if how == "switch_rolled_back":
+        failed = (N.ROLLED_BACK, bravo.reason)
+        assert bravo.reason, bravo
+    assert (bravo.state, bravo.reason) == failed, bravo
+    assert (by["charlie"].state, by["charlie"].reason) == (
+        N.SKIPPED,
+        cut_off_reason(Change.ENABLE_TLS, "charlie"),
+    )
+    note = row.meta.reason
+    assert note.startswith(f"halted: bravo {bravo.state.value}: {bravo.reason}; "), note
+    assert "agent cut off (its certificate revoked) before its switch: charlie; next: " in note
+    remove = (
+        "`tlsroll nodes remove NAME` for each"
+        if how == "cut_off_mid_switch"
+        else "`tlsroll nodes remove charlie`"
+    )
+    assert f"{remove}, then finish the nodes left: tlsroll rollout retry {row.rollout.id}" in (
+        note
+    ), note
+    await leader.stop()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from leader.cli.rollout import attention_line
 from leader.rollout_core import (
     Change,
     NodeRecord,
@@ -19,6 +20,7 @@ from leader.rollout_core import (
     Rollout,
     RolloutEvent,
     Scope,
+    cut_off_mid_switch,
 )
 from leader.schema_store import RolloutMeta, SchemaStore
 from tests.cluster import Cluster
@@ -81,3 +83,42 @@ def test_a_halted_rollout_without_attention_exits_3(cluster: Cluster) -> None:
         "tlsroll: rollout r-rb halted; to finish the nodes it left: tlsroll rollout retry r-rb"
     )
     assert result.stderr.count("\n") == 1
+
+
+def test_a_node_cut_off_during_its_switch_is_not_fixed_by_hand(cluster: Cluster) -> None:
+    """s51 (found by tests/test_cut_off_live.py): a node whose agent was cut off during its
+    switch (its certificate revoked: a machine lost or stolen) needs attention as its outcome
+    is not known; `rollout status` said of it "neither on the new settings nor back on the old
+    ones; ... fix the server by hand", which no one can on a machine gone: it says its agent
+    was cut off, and `tlsroll nodes remove` as its reason does. Another node needing attention
+    keeps its line, in the same one."""
+    store_rollout(
+        cluster,
+        "r-cut",
+        {"c1": NodeState.DONE, "c2": NodeState.NEEDS_ATTENTION},
+        cut_off_mid_switch("c2"),
+    )
+    cluster.start_leader()
+    result = cluster.cli("rollout", "status")
+    assert result.returncode == 4, (result.stdout, result.stderr)
+    assert result.stderr == (
+        "tlsroll: c2 need(s) attention: its agent was cut off during its switch (certificate"
+        " revoked), what it runs is not known (see the reason above): `tlsroll nodes remove"
+        " c2` once the rollout has ended; to take the other nodes back meanwhile: see the"
+        " rollout's note above\n"
+    ), result.stderr
+
+
+def test_the_attention_line_of_nodes_cut_off_and_of_nodes_to_fix_by_hand() -> None:
+    """Several cut-off nodes, and one to fix by hand beside them: one line, each kind named
+    with its own way on."""
+    line = attention_line(
+        [("a", WHY), ("c", cut_off_mid_switch("c")), ("b", cut_off_mid_switch("b"))]
+    )
+    assert line == (
+        "a need(s) attention: neither on the new settings nor back on the old ones; see the"
+        " reason above, fix the server by hand; c, b need(s) attention: their agents were cut"
+        " off during their switches (certificates revoked), what they run is not known (see"
+        " the reason above): `tlsroll nodes remove NAME` for each once the rollout has ended"
+    )
+    assert "\n" not in line

@@ -34,6 +34,8 @@ from leader.rollout_core import (
     Scope,
     ScopeKind,
     Step,
+    cut_off_halt,
+    halt_note,
     halt_way_out,
     next_command,
     way_out,
@@ -378,3 +380,35 @@ def test_a_halted_way_back_says_to_remove_a_cut_off_node_not_to_stop_its_agent()
     )
     final = replace(switch, change=Change.FINALIZE)
     assert halt_way_out(final, ["b"], frozenset({"b"})) == way_out(final)
+
+
+def test_a_halt_names_the_failed_nodes_and_those_cut_off_before_their_switches() -> None:
+    """Review rev50e L: a pass that halts names the nodes failed and the nodes cut off before
+    their switches, whichever event halted it (one side went unnamed); without a failed node
+    the note is the cut-off halt's; a finalize's or a way back's cut-off node (left out, left
+    as is) is no part of a halt."""
+    switch = a_rollout(R.HALTING)
+    lost = NodeRecord("b", N.NEEDS_ATTENTION, "cut off: during its switch")
+    failed = NodeRecord("a", N.ROLLED_BACK, "verify: port 8443 closed")
+    assert halt_note(switch, [], ["c"], frozenset({"c"})) == cut_off_halt(switch, ["c"])
+    assert halt_note(switch, [failed], ["c"], frozenset({"c"})) == (
+        "halted: a rolled_back: verify: port 8443 closed; agent cut off (its certificate"
+        " revoked) before its switch: c; next: c: agent cut off (its certificate revoked):"
+        f" `tlsroll nodes remove c`, then {way_out(switch)}"
+    )
+    assert halt_note(switch, [failed, lost], ["d", "c"], frozenset({"b", "c", "d"})) == (
+        "halted: a rolled_back: verify: port 8443 closed; b needs_attention: cut off: during"
+        " its switch; agent cut off (its certificate revoked) before its switch: c, d; next:"
+        " b, c, d: agent cut off (its certificate revoked): `tlsroll nodes remove NAME` for"
+        f" each, then {way_out(switch)}"
+    )
+    # No node cut off: the failure halt's note as it was.
+    assert halt_note(switch, [failed], []) == (
+        f"halted: a rolled_back: verify: port 8443 closed; next: {way_out(switch)}"
+    )
+    back = replace(switch, change=Change.DISABLE_TLS)
+    assert halt_note(back, [failed], ["c"], frozenset({"c"})) == (
+        f"halted: a rolled_back: verify: port 8443 closed; next: {halt_way_out(back, ['a'])}"
+    )
+    final = replace(switch, change=Change.FINALIZE)
+    assert "before its switch" not in halt_note(final, [failed], ["c"], frozenset({"c"}))

@@ -56,9 +56,11 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
     blocked_too_old,
+    cut_off,
     left_as_is,
     left_out,
     left_way_on,
+    nodes_remove,
     not_on_https_refusal,
 )
 from leader.wire import (
@@ -838,6 +840,34 @@ for _action in RolloutAction:  # rollout pause | resume | abort [ID]
     _control_command(_action)
 
 
+def attention_line(nodes: Sequence[tuple[str, str]]) -> str:
+    """What `rollout status` says of the nodes (name, reason) that need attention: neither
+    switched nor back, to be fixed by hand; one whose agent was cut off during its switch (a
+    machine lost or stolen: ``rollout_core.cut_off_mid_switch``) is not known to be either,
+    and no one fixes a machine gone: it is removed (it said "fix the server by hand" of it
+    too: s51)."""
+    hand = [name for name, why in nodes if not cut_off(why)]
+    lost = [name for name, why in nodes if cut_off(why)]
+    parts = []
+    if hand:
+        parts.append(
+            f"{', '.join(hand)} need(s) attention: neither on the new settings nor back on the"
+            " old ones; see the reason above, fix the server by hand"
+        )
+    if lost:
+        cut = (
+            "its agent was cut off during its switch (certificate revoked), what it runs"
+            if len(lost) == 1
+            else "their agents were cut off during their switches (certificates revoked), what"
+            " they run"
+        )
+        parts.append(
+            f"{', '.join(lost)} need(s) attention: {cut} is not known (see the reason above):"
+            f" {nodes_remove(sorted(lost))} once the rollout has ended"
+        )
+    return "; ".join(parts)
+
+
 @rollout.command("status")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -865,7 +895,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             "no rollout moves until it can (free space on the leader's disk)",
             err=True,
         )
-    attention = [n.name for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
+    attention = [n for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
     if attention:
         others = (
             "; to take the other nodes back meanwhile: see the rollout's note above"
@@ -874,8 +904,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             else ""
         )
         click.echo(
-            f"tlsroll: {', '.join(attention)} need(s) attention: neither on the new settings nor "
-            f"back on the old ones; see the reason above, fix the server by hand{others}",
+            f"tlsroll: {attention_line([(n.name, n.reason) for n in attention])}{others}",
             err=True,
         )
         click.get_current_context().exit(EXIT_NEEDS_ATTENTION)
