@@ -149,6 +149,7 @@ HEAVY_FIRST = (
     "test_node_clocks",
     "test_stage_news",
     "test_scope_freeze",
+    "test_cut_off_live",
 )
 
 
