@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ class StepContext:
     store: Store
     ca: pki.CertificateAuthority
     clock: Callable[[], dt.datetime]
+    monotonic: Callable[[], float] = time.monotonic  # elapsed time: a check's age
     sleep: Callable[[float], Any] = asyncio.sleep
     vault: byo.Vault | None = None  # ``--cert-dir`` keys (``leader.byo``)
     # What the step learnt about the node: the engine writes it with the step's outcome.
@@ -394,18 +396,20 @@ class ChangeSteps:
         )
         key = (ctx.rollout.id, ctx.node)
         early: asyncio.Future[str | None] | None = None
-        early_at = ctx.clock()
+        early_at = 0.0  # when it began (``ctx.monotonic``)
 
         def verified() -> None:
-            """The agent verified the new server: the confirm's outside check begins now,
-            while the agent unfreezes it and journals the switch complete, and the outcome
-            travels and is written here. It only looks at the node (it sends the agent
-            nothing); the server it sees is the one the switch ends with (an unfreeze changes
-            no answer to the check's GET, which the agent's verify got from the frozen server
-            too). Not once a Rollback was sent for this switch (``switched_here`` False)."""
+            """The agent verified the new server, and its unfreeze changes no answer (the
+            stream's ``unfreeze_keeps_answers``: an admin socket's flag, not an admin's
+            command): the confirm's outside check begins now, while the agent unfreezes the
+            server and journals the switch complete, and the outcome travels and is written
+            here. It only looks at the node (it sends the agent nothing); the server it sees
+            is the one the switch ends with, answering as it will once unfrozen (the agent's
+            verify got the same answers from it). Not once a Rollback was sent for this
+            switch (``switched_here`` False)."""
             nonlocal early, early_at
             if early is None and ctx.switched_here.get(key, True):
-                early, early_at = self._begin_check(ctx, key), ctx.clock()
+                early, early_at = self._begin_check(ctx, key), ctx.monotonic()
 
         try:
             outcome, reason = await wait_transaction(
@@ -418,15 +422,17 @@ class ChangeSteps:
             raise
         if outcome is TxnOutcome.COMPLETED:
             ctx.switched_here.setdefault(key, True)
-            age = ctx.clock() - early_at  # never below 0 unless the wall clock stepped back
-            fresh = early is not None and ctx.checks.get(key) is early
-            if ctx.switched_here[key] and not (
-                fresh and dt.timedelta(0) <= age <= EARLY_CHECK_FRESH
-            ):
+            fresh = (
+                early is not None
+                and ctx.checks.get(key) is early
+                and ctx.monotonic() - early_at <= EARLY_CHECK_FRESH
+            )
+            if ctx.switched_here[key] and not fresh:
                 # The confirm's outside check begins now if it did not at the verify (a stream
-                # that joined after it, or an agent's state that went by unsent) or began too
-                # long before the switch completed (an unfreeze tried again: what it saw may
-                # be gone): the switch's outcome is written meanwhile.
+                # that joined after it, an agent's state that went by unsent, an unfreeze that
+                # may change answers) or began too long before the switch completed (an
+                # unfreeze tried again: what it saw may be gone): the switch's outcome is
+                # written meanwhile.
                 self._begin_check(ctx, key)
         else:
             _drop_begun(ctx, key, early)
@@ -542,7 +548,7 @@ class ChangeSteps:
         return row.node(ctx.node)[1]
 
 
-EARLY_CHECK_FRESH = dt.timedelta(seconds=1)
+EARLY_CHECK_FRESH = 1.0  # seconds, elapsed
 """How long before its switch completes an outside check begun at the verify still counts
 for the confirm (``ChangeSteps.switch``): an unfreeze takes milliseconds; one tried again for
 longer leaves a check that may have seen a server gone since, and the check is made again."""
@@ -689,7 +695,8 @@ async def wait_transaction(
     switch is begun by the same call (``AgentApi.switch_and_watch``); its refusal is
     ``SwitchRefused``. ``verified``: called when a state says the agent verified the new
     server (``TRANSACTION_PHASE_VERIFIED``, the last before it unfreezes the server and
-    completes the switch; a stream may skip it)."""
+    completes the switch; a stream may skip it) and that the unfreeze changes no answer
+    (``unfreeze_keeps_answers``)."""
     request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
     recorded: dict[str, Any] | None = None
     unreadable: WireError | None = None  # the last state's outcome, if this leader cannot read it
@@ -743,7 +750,11 @@ async def wait_transaction(
                 unreadable = exc
                 continue
             unreadable = None
-            if verified is not None and txn.phase == agent_pb2.TRANSACTION_PHASE_VERIFIED:
+            if (
+                verified is not None
+                and txn.phase == agent_pb2.TRANSACTION_PHASE_VERIFIED
+                and txn.unfreeze_keeps_answers
+            ):
                 verified()
             if outcome is not TxnOutcome.PENDING:
                 await ctx.detail(**details)  # written with the step's outcome

@@ -416,12 +416,14 @@ floor this makes, so the migrations before are not listed: every one of them is 
 builds that read it. 13: an index of the audit, which SQLite keeps up to date as an older leader
 writes the audit."""
 
-READS_FLOOR_FROM = 11
+READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote
 (``tlsroll.sqlite.migrate``'s ``reads_floor_from``): that code came in at schema 10 (commit
-096a57d, session 40), and builds before it wrote schema 10 too; 11 came after. A file at 11 or
-above whose pending migrations are all ``IGNORABLE`` is migrated without a copy (its build
-reads the migrated file as it is); one below is copied (``keep_copy``)."""
+096a57d, session 40), builds before it wrote schema 10 too, and so did builds of a side
+branch merged later (s40feat, 8a27936 and 1bb357d: schema 11 without that code; review rev51a
+L2); 12 came after. A file at 12 or above whose pending migrations are all ``IGNORABLE`` is
+migrated without a copy (its build reads the migrated file as it is); one below is copied
+(``keep_copy``)."""
 
 LOSING = (
     "the nodes enrolled, join tokens, revocations and rollouts since; a node whose agent renewed"

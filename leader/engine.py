@@ -1052,6 +1052,7 @@ class Engine:
             store=self.store,
             ca=self.ca,
             clock=self.clock,
+            monotonic=self.monotonic,
             sleep=self.sleep,
             vault=self.vault,
             learnt=learnt,

@@ -223,6 +223,11 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def unfreeze(self) -> None: ...
 
+    # Whether ``unfreeze`` changes no answer an outside check of the server gets (a flag set on
+    # its admin socket): the leader's confirm may then check the server as verified, before
+    # the unfreeze (``Transaction.unfreeze_keeps_answers``). Not for a command the admin wrote.
+    unfreeze_keeps_answers: bool = False
+
     async def health(self) -> str | None:
         """None if the server is healthy, else why not."""
         try:
@@ -433,6 +438,8 @@ class _AdminSocketFreeze:
 
     async def unfreeze(self) -> None:
         await self.admin.call("POST", "/admin/unfreeze")
+
+    unfreeze_keeps_answers = True  # a flag on the admin socket: answers to GETs stay as they are
 
 
 async def _wait_healthy(

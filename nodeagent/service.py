@@ -128,8 +128,11 @@ def require_leader(context: Ctx, trust: LeaderTrust) -> None:
     trust.check_leader(caller)
 
 
-def txn_message(txn: Txn) -> agent_pb2.Transaction:
+def txn_message(txn: Txn, driver: Driver | None = None) -> agent_pb2.Transaction:
+    """The wire message of ``txn``; ``driver``: the node's, which says whether its unfreeze
+    changes no answer (``Transaction.unfreeze_keeps_answers``)."""
     return agent_pb2.Transaction(
+        unfreeze_keeps_answers=driver is not None and driver.unfreeze_keeps_answers,
         rollout_id=txn.rollout_id,
         kind=TXN_KIND.wire(txn.kind),
         epoch=txn.epoch,
@@ -1139,7 +1142,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:
-        return txn_message(await self._switch(request, context))
+        return txn_message(await self._switch(request, context), self.driver)
 
     async def _switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> Txn:
         """Begin the switch (or find it, on a replay): Switch, and WatchTransaction with
@@ -1214,7 +1217,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             )
 
         txn = await self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch, make)
-        return txn_message(txn)
+        return txn_message(txn, self.driver)
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Freeze(
@@ -1290,7 +1293,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         read in between, then the journal's record each time the runner changes it."""
         sent: Txn | None = None
         if begun is not None:
-            yield txn_message(begun)
+            yield txn_message(begun, self.driver)
             sent = begun
             if begun.finished:
                 return
@@ -1304,7 +1307,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             if txn is None:
                 raise not_found(f"no {kind.value} transaction for rollout {rollout_id!r}")
             if txn != sent:
-                yield txn_message(txn)
+                yield txn_message(txn, self.driver)
                 sent = txn
             if txn.finished or changed is None:
                 return
@@ -1324,4 +1327,4 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
         if txn is None:
             raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")
-        return txn_message(txn)
+        return txn_message(txn, self.driver)

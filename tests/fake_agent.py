@@ -140,6 +140,9 @@ class FakeAgent:
     # The last stretch of a transaction (fake seconds) in which its pending state says the
     # agent verified the new server (TRANSACTION_PHASE_VERIFIED); 0: no phase is sent.
     verified_for: float = 0.0
+    # What its states say of its server's unfreeze (``Transaction.unfreeze_keeps_answers``):
+    # the reference and systemd drivers' flag (True), or an exec driver's command (False).
+    unfreeze_keeps_answers: bool = True
     # An agent of the release before Preflight's ``make_csr``: it ignores the field.
     without_preflight_csr: bool = False
     # A newer agent: its transactions end with this outcome number, one this leader's
@@ -455,6 +458,7 @@ class FakeAgent:
             started_at=timestamp(started),
             freeze_started_at=timestamp(started),
             restart_seconds=RESTART_SECONDS if done else 0.0,
+            unfreeze_keeps_answers=self.unfreeze_keeps_answers,
             phase=(
                 agent_pb2.TRANSACTION_PHASE_VERIFIED
                 if verified

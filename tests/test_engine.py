@@ -721,6 +721,104 @@ async def test_the_outside_check_begins_as_the_agent_verifies_the_new_server(
     await leader.stop()
 
 
+async def test_no_check_begins_at_the_verify_where_the_unfreeze_may_change_answers(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev51a M1: an exec driver's unfreeze is a command the admin wrote (a reload, say),
+    which may leave the server other than the agent verified it; its agent's states do not
+    say ``unfreeze_keeps_answers``, and the confirm checks the server once the switch has
+    completed: a server the unfreeze left down is rolled back, not taken for done."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+        agent.unfreeze_keeps_answers = False
+    bravo = world.agents["bravo"]
+    check = world.agents.outside_check
+
+    async def outside(live: str, closed: str, ca: bytes, fingerprint: str = "") -> Any:
+        switch = next((t for (_r, k), t in bravo.txns.items() if k is TxnKind.SWITCH), None)
+        done = switch is not None and world.clock.monotonic() >= switch.started + bravo.txn_seconds
+        if f"//{bravo.address}:" in live and done:
+            await check(live, closed, ca, fingerprint)  # its mark in the calls
+            return f"{live}: refused (the unfreeze command left the server down)"
+        return await check(live, closed, ca, fingerprint)
+
+    monkeypatch.setattr(changes, "outside_check", outside)
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+    row = await leader.run(passes=400)
+    assert states(row)["bravo"] is N.ROLLED_BACK
+    calls = [(c.node, c.method) for c in world.agents.calls]
+    for name in ("alpha", "bravo"):
+        mine = [m for n, m in calls if n == name]
+        switch_done = len(mine) - 1 - mine[::-1].index("get_transaction")
+        if name == "bravo":  # its rollback's reads come after: the switch's last read
+            switch_done = max(
+                i
+                for i, m in enumerate(mine)
+                if m == "get_transaction" and i < mine.index("rollback")
+            )
+        assert mine.index("outside_check") > switch_done, (name, mine)
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+async def test_a_problem_the_check_begun_at_the_verify_finds_rolls_the_node_back(
+    world: World,
+) -> None:
+    """The check begun at the verify is the confirm's: a problem it finds rolls the node back
+    as a confirm's own check would."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+    world.agents["bravo"].outside_problem = "https://bravo: certificate unknown"
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+    row = await leader.run(passes=400)
+    assert states(row)["bravo"] is N.ROLLED_BACK
+    assert world.agents["bravo"].applied["rollback"] == 1
+    bravo = [m for n, m in ((c.node, c.method) for c in world.agents.calls) if n == "bravo"]
+    assert bravo.count("outside_check") == 1  # the check begun at the verify, taken
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+async def test_a_check_begun_at_the_verify_is_dropped_when_the_stream_breaks(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream that breaks after the verify: the step runs again (the agent replays the
+    switch); the check begun on the broken stream is dropped (none is kept while the step
+    waits to run again), the replayed switch's confirm checks for itself, and the rollout
+    ends as ever."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+    charlie = world.agents["charlie"]
+    real = charlie.switch_and_watch
+    calls: list[str] = []
+    kept_at_replay: list[bool] = []
+
+    async def breaking(request: agent_pb2.SwitchRequest) -> Any:
+        calls.append("call")
+        first = len(calls) == 1
+        async for txn in real(request):
+            if not first and len(kept_at_replay) == 0:
+                kept_at_replay.append(any(k[1] == "charlie" for k in leader.engine.checks))
+            yield txn
+            if first and txn.phase == agent_pb2.TRANSACTION_PHASE_VERIFIED:
+                raise TransientError("the stream broke")
+
+    monkeypatch.setattr(charlie, "switch_and_watch", breaking)
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED
+    assert len(calls) == 2
+    assert kept_at_replay == [False]  # the broken stream's check was not kept
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
 async def test_a_check_begun_at_the_verify_long_before_the_switch_completed_is_made_again(
     world: World,
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from leader.agent_client import AgentClient
 from leader.store import _node
+from nodeagent import drivers
 from nodeagent.transaction import CRASH_ENV
 from nodeagent.wire import TXN_PHASE
 from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
@@ -77,6 +78,9 @@ def test_a_switch_is_streamed_step_by_step_and_the_stream_ends_with_it(
     )
     assert messages[-1].outcome == agent_pb2.TRANSACTION_OUTCOME_COMPLETED
     assert messages[-1].restart_seconds > 0
+    # The reference driver's unfreeze is its admin socket's flag: a check of the verified
+    # server stands for one after it (the leader's confirm may begin its check then).
+    assert all(m.unfreeze_keeps_answers for m in messages)
     # A finished transaction: one message, then the end.
     again = watch(node, "r-watch")
     assert len(again) == 1 and again[0].outcome == agent_pb2.TRANSACTION_OUTCOME_COMPLETED
@@ -199,3 +203,14 @@ def test_an_agent_without_the_stream_is_followed_by_asking(
     seen = asyncio.run(scenario())
     assert seen[-1].outcome == agent_pb2.TRANSACTION_OUTCOME_COMPLETED, seen[-1]
     assert all(t.outcome == agent_pb2.TRANSACTION_OUTCOME_PENDING for t in seen[:-1])
+
+
+def test_only_an_admin_socket_s_unfreeze_is_said_to_keep_the_server_s_answers() -> None:
+    """``Transaction.unfreeze_keeps_answers``: the reference and systemd drivers unfreeze by a
+    flag on the server's admin socket, which changes no answer to an outside check; the exec
+    driver runs the admin's command (a reload, say), which may: its transactions never say so,
+    and the leader checks once the switch has completed (review rev51a M1)."""
+    assert drivers.ReferenceDriver.unfreeze_keeps_answers
+    assert drivers.SystemdDriver.unfreeze_keeps_answers
+    assert not drivers.ExecDriver.unfreeze_keeps_answers
+    assert not drivers.Driver.unfreeze_keeps_answers  # a driver must say so itself

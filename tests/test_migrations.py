@@ -667,12 +667,40 @@ def test_a_copy_is_kept_unless_the_build_that_wrote_the_file_reads_it_migrated(
         older.close()
 
 
+def test_a_copy_of_an_earlier_upgrade_is_set_aside_when_this_one_keeps_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev51a L3: a migration that keeps no copy found ``NAME.before-v<N>`` of an
+    earlier upgrade to N (gone back from since) and left it there, to be taken for this
+    upgrade's way back (losing all since). It is kept aside as ``.replaced-TIME`` with a
+    warning, unchanged."""
+    module = _store_module("refserver")
+    migrations = (*module.MIGRATIONS, LATER_TABLE)
+    monkeypatch.setattr(module, "MIGRATIONS", migrations)
+    monkeypatch.setattr(module, "IGNORABLE", frozenset(module.IGNORABLE | {len(migrations)}))
+    path = refserver_db(tmp_path / "data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Database(path, migrations[:3]).close()
+    old = path.with_name(f"{path.name}.before-v{len(migrations)}")
+    old.write_bytes(b"an earlier upgrade's copy")
+    with structlog.testing.capture_logs() as logs:
+        _open_store("refserver", path).close()
+    assert user_version(path) == len(migrations)
+    assert not old.exists()
+    [aside] = [p for p in path.parent.iterdir() if p.name.startswith(f"{old.name}.replaced-")]
+    assert aside.read_bytes() == b"an earlier upgrade's copy"
+    [warned] = [e for e in logs if e["event"] == "store.old_copy_set_aside"]
+    assert warned["kept_as"] == str(aside)
+
+
 def test_each_store_says_from_which_schema_its_builds_read_the_floor() -> None:
     """The schema of each store at the commit that taught ``tlsroll.sqlite.migrate`` to read
     ``readable_by`` (096a57d: leader 10, journal 6, reference server 2) had been written by
-    builds before it too: the first schema after it is the store's ``READS_FLOOR_FROM``."""
+    builds before it too, and the leader's 11 by a side branch's builds without that code
+    (s40feat, merged later: review rev51a L2): the first schema after those is the store's
+    ``READS_FLOOR_FROM``."""
     assert {k: _store_module(k).READS_FLOOR_FROM for k in ("leader", "journal", "refserver")} == {
-        "leader": 11,
+        "leader": 12,
         "journal": 7,
         "refserver": 3,
     }

@@ -356,6 +356,42 @@ def keep_copy(
     return copy
 
 
+def set_aside_old_copy(path: Path, known: int) -> Path | None:
+    """A migration to ``known`` that keeps no copy (``copy_needed``) finds one of that name,
+    ``NAME.before-v<known>``: an earlier upgrade to ``known``, gone back from since. Left there,
+    it would be taken for this upgrade's way back ("Downgrading tlsroll": move it over the
+    store) and lose all since that earlier upgrade; so it is kept aside as
+    ``NAME.before-v<known>.replaced-TIME``, with a warning (review rev51a L3), as ``keep_copy``
+    keeps a copy it must not replace. Return where it went, or None (none there). One that
+    cannot be moved is warned of and left (the migration goes on: it needs no copy)."""
+    copy = copy_name(path, known)
+    if not copy.exists():
+        return None
+    kept = copy.with_name(f"{copy.name}.replaced-{_now().strftime('%Y%m%dT%H%M%SZ')}")
+    try:
+        _move_exclusive(copy, kept)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        log.warning(
+            "store.old_copy_left",
+            path=str(path),
+            copy=str(copy),
+            error=f"{exc.strerror or exc} (errno {exc.errno})",
+            detail=f"{copy.name} is of an earlier upgrade, not of this one (which needs no"
+            f" copy), and could not be moved aside: do not go back with it",
+        )
+        return None
+    log.warning(
+        "store.old_copy_set_aside",
+        path=str(path),
+        copy=str(copy),
+        kept_as=str(kept),
+        detail=f"{copy.name} is of an earlier upgrade, gone back from since; this one needs no"
+        f" copy: it is kept as {kept.name}, not to be taken for this upgrade's way back",
+    )
+    return kept
+
+
 def _newer_copy(copy: Path, path: Path, found: int) -> bool:
     """Whether the copy already at ``copy`` may hold more than ``path`` at ``found`` (its
     schema is higher, or it was written after ``path``: a backup of an older state restored
@@ -648,6 +684,7 @@ def migrate(
             f" may ignore, and the tlsroll that wrote schema {found} reads the file as it is"
             " (readable_by)",
         )
+        set_aside_old_copy(path, known)
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = int(conn.execute("PRAGMA user_version").fetchone()[0])

@@ -730,6 +730,7 @@ class Transaction(_message.Message):
     NEW_URL_FIELD_NUMBER: _builtins.int
     CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
+    UNFREEZE_KEEPS_ANSWERS_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     epoch: _builtins.int
@@ -747,6 +748,13 @@ class Transaction(_message.Message):
     are on the node's wall clock). Set with freeze_ended_at; unset while frozen, and where the
     agent could not measure it (a reboot during the freeze, no such clock, an older agent):
     the leader then takes the two times' difference, never below 0.
+    """
+    unfreeze_keeps_answers: _builtins.bool
+    """The server's unfreeze changes no answer an outside check gets (it is a flag the server's
+    admin socket sets: the reference and systemd drivers; not the exec driver's command), so
+    a check of the server the agent verified (TRANSACTION_PHASE_VERIFIED) stands for one after
+    the unfreeze: the leader's confirm may begin its check then. Unset (an exec driver, an
+    older agent): the leader checks once the switch has completed.
     """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -775,10 +783,11 @@ class Transaction(_message.Message):
         new_url: _builtins.str = ...,
         cert_fingerprint: _builtins.str = ...,
         freeze_seconds: _builtins.float | None = ...,
+        unfreeze_keeps_answers: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "ended_at", b"ended_at", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_fingerprint", b"cert_fingerprint", "ended_at", b"ended_at", "epoch", b"epoch", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "kind", b"kind", "new_url", b"new_url", "old_url", b"old_url", "outcome", b"outcome", "phase", b"phase", "reason", b"reason", "restart_seconds", b"restart_seconds", "rollout_id", b"rollout_id", "started_at", b"started_at", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_fingerprint", b"cert_fingerprint", "ended_at", b"ended_at", "epoch", b"epoch", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "kind", b"kind", "new_url", b"new_url", "old_url", b"old_url", "outcome", b"outcome", "phase", b"phase", "reason", b"reason", "restart_seconds", b"restart_seconds", "rollout_id", b"rollout_id", "started_at", b"started_at", "unfreeze_keeps_answers", b"unfreeze_keeps_answers", "watermark", b"watermark"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
     _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
