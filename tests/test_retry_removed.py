@@ -9,8 +9,10 @@ tests/test_reenrol_ended.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from structlog.testing import capture_logs
 
 from leader import db as leader_db
 from leader import planner
+from leader.cli.base import Leader
 from leader.cli.draw import render_rollout
 from leader.commands import NotRetriable, RolloutRequest
 from leader.rollout_core import Change, Rollout, Scope, cut_off_halt
@@ -28,8 +31,10 @@ from leader.schema_view import rollout_view, schema_json, schema_message
 from leader.service import ERRORS
 from leader.store import Store
 from tests.test_repeated_commands import ADMIN, NOW, rollout, settle
+from tlsroll.cli import main
 from tlsroll.rpc import status_for
 from tlsroll.sqlite import Database
+from tlsroll.v1 import admin_pb2, schema_pb2
 
 
 def remove(store: Store, name: str) -> None:
@@ -319,3 +324,68 @@ def insert_rollout(path: Path, rollout_id: str, *, epoch: int) -> None:
             " VALUES (?, 'alpha', 'failed', '')",
             (rollout_id,),
         )
+
+
+class StandIn:
+    """The Admin service as a leader answers `rollout retry` and `rollout rollback R --yes`:
+    its plan leaves out charlie; its start, resolving the scope again, also bravo (removed
+    between the two). The CLI must print what the start answered."""
+
+    def RetryRollout(self, request: Any, timeout: float = 30) -> Any:
+        view = schema_pb2.RolloutView(id="r2", epoch=2, removed_since=["charlie"])
+        view.nodes.add(name="alpha")
+        return view
+
+    def PlanRollout(self, request: Any, timeout: float = 30) -> Any:
+        view = schema_pb2.RolloutView(removed_since=["charlie"])
+        view.nodes.add(name="alpha")
+        view.nodes.add(name="bravo")
+        return admin_pb2.PlanResponse(rollout=view)
+
+    def StartRollout(self, request: Any, timeout: float = 30) -> Any:
+        view = schema_pb2.RolloutView(id="r3", undoes="e1", removed_since=["bravo", "charlie"])
+        view.nodes.add(name="alpha")
+        return view
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``StandIn`` for the leader; reading the schema back fails the test (review rev50f L3:
+    the CLI named the nodes left out from a read-back that raced another start)."""
+
+    @contextlib.contextmanager
+    def admin(self: Leader) -> Iterator[Any]:
+        yield StandIn()
+
+    def read_back(self: Leader, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"read back from the leader: {args[:1]}")
+
+    monkeypatch.setattr(Leader, "admin", admin)
+    monkeypatch.setattr(Leader, "require_same_code", lambda self: None)
+    monkeypatch.setattr(Leader, "unary", read_back)
+    monkeypatch.setattr(Leader, "unary_json", read_back)
+
+
+def tlsroll(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["--socket", str(tmp_path / "admin.sock"), *args])
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    return code, captured.out
+
+
+@pytest.mark.usefixtures("stand_in")
+def test_the_cli_names_the_nodes_the_start_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rollout retry` and `rollout rollback R --yes` name the nodes left out as the start
+    answered (``RolloutView.removed_since``), not as the schema read back after it, or the
+    plan, said (review rev50f L3)."""
+    code, said = tlsroll(capsys, tmp_path, "rollout", "retry", "r1")
+    assert code == 0, said
+    assert "  charlie left out: removed since (tlsroll nodes remove)" in said.splitlines(), said
+    code, said = tlsroll(capsys, tmp_path, "rollout", "rollback", "e1", "--yes")
+    assert code == 0, said
+    lines = said.splitlines()
+    for name in ("bravo", "charlie"):
+        assert f"  {name} left out: removed since (tlsroll nodes remove)" in lines, said
