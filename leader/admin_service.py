@@ -381,6 +381,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 created_at=self.state.clock(),
                 started_by=_actor(context),
                 leader_node=self.leader_node or "",
+                removed_since=planned.removed_since,
             ),
             tuple((n, NodeDetail()) for n in nodes),
         )

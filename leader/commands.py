@@ -116,6 +116,9 @@ class RolloutRequest:
     dual_from: str = ""
     # enable-tls, rotate-cert: the practice's own certificates (``--cert-dir``; ``leader.byo``).
     own_certs: byo.Material | None = field(default=None, repr=False)
+    # A retry, or the way back of a named rollout: the nodes of that rollout left out as removed
+    # since (set here, ``Commands.retry`` and ``_resolve``; never by the admin's request).
+    removed_since: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ class Planned:
     # The latest auth password version staged, as the plan read it (0: none): the one a
     # change-password start applies (``_start``).
     auth_latest: int = 0
+    # The nodes it leaves out as removed since (``RolloutRequest.removed_since``).
+    removed_since: tuple[str, ...] = ()
 
 
 class StillOnHttp(TerminalError):
@@ -285,9 +290,11 @@ class Commands:
                     f"nothing to take back: the nodes of rollout {target.id} were removed since"
                     f" ({planner.some_names(sorted(target.order))}); see: tlsroll schema show"
                 )
-            if removed := [n for n in target.order if n in gone]:
-                log.info("rollout.undo_left_out", rollout_id=target.id, removed=removed)
-            return replace(request, scope=Scope.of_nodes(kept)), target.id, None
+            removed = tuple(n for n in target.order if n in gone)
+            if removed:
+                log.info("rollout.undo_left_out", rollout_id=target.id, removed=list(removed))
+            scope = Scope.of_nodes(kept)
+            return replace(request, scope=scope, removed_since=removed), target.id, None
         try:
             target, _switched = planner.undo_target(candidates, None, undoes)
         except planner.AlreadyUndone as exc:
@@ -508,7 +515,7 @@ class Commands:
         certificates: tuple[byo.Accepted, ...] = ()
         if request.own_certs is not None:
             certificates = await self._check_own_certs(request, records, seen or {})
-        return Planned(rollout, records, in_use, certificates, latest)
+        return Planned(rollout, records, in_use, certificates, latest, request.removed_since)
 
     async def _check_own_certs(
         self,
@@ -593,6 +600,9 @@ class Commands:
             undoes=undoes,
             finalizes=request.finalizes,
             when_quiet=request.when_quiet,
+            # With the rollout, before any agent is told anything: `schema show`, the start's
+            # answer and the audit name them (review rev50f L4: only a log line did).
+            removed_since=planned.removed_since,
         )
         own = request.own_certs
         row = await asyncio.to_thread(
@@ -637,6 +647,7 @@ class Commands:
             retry_of=request.retry_of or None,
             strategy=rollout.strategy.value,
             finalizes=request.finalizes or None,
+            removed_since=list(planned.removed_since) or None,
         )
         self.wake()
         return row
@@ -664,7 +675,7 @@ class Commands:
         if transitional and self.observe is not None:
             dual_from = old.id
             left = tuple(r.name for r in row.records if r.state is NodeState.DUAL or r.name in left)
-        left = await self._still_enrolled(old, left)
+        left, removed = await self._still_enrolled(old, left)
         cut = await self._cut_off(left)
         if cut and cut_off_halts(old.change):
             # Its start would refuse the node as offline (the leader refuses its agent), which
@@ -710,27 +721,30 @@ class Commands:
             finalizes=row.meta.finalizes,
             when_quiet=row.meta.when_quiet,
             dual_from=dual_from,
+            removed_since=removed,
         )
         return await self.start(request, actor)
 
-    async def _still_enrolled(self, old: Rollout, left: Sequence[str]) -> tuple[str, ...]:
-        """Of the nodes ``left`` that a retry of ``old`` would take, those still enrolled: a
-        node removed since (`tlsroll nodes remove`, as the halt of a node cut off advises)
-        is dropped from the retry (its CLI names it, ``leader.cli.rollout.removed_since``),
-        not refused as "not enrolled" (s50retry: the advice followed left no retry). None
-        left: ``NotRetriable``, naming them."""
+    async def _still_enrolled(
+        self, old: Rollout, left: Sequence[str]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Of the nodes ``left`` that a retry of ``old`` would take, those still enrolled, and
+        those removed since (`tlsroll nodes remove`, as the halt of a node cut off advises):
+        dropped from the retry, not refused as "not enrolled" (s50retry: the advice followed
+        left no retry), and stored with it (``RolloutMeta.removed_since``), which its start's
+        answer names. None left: ``NotRetriable``, naming them."""
         gone = await self._removed()
-        removed = [n for n in left if n in gone]
+        removed = tuple(n for n in left if n in gone)
         if not removed:
-            return tuple(left)
+            return tuple(left), ()
         kept = tuple(n for n in left if n not in gone)
         if not kept:
             raise NotRetriable(
                 f"nothing left to retry: the nodes rollout {old.id} left were removed since"
                 f" ({planner.some_names(removed)}); see: tlsroll schema show"
             )
-        log.info("rollout.retry_left_out", rollout_id=old.id, removed=removed)
-        return kept
+        log.info("rollout.retry_left_out", rollout_id=old.id, removed=list(removed))
+        return kept, removed
 
     async def _removed(self) -> frozenset[str]:
         """The nodes removed (`tlsroll nodes remove`) and not enrolled again since: a name

@@ -373,6 +373,18 @@ _V13 = """
 CREATE INDEX audit_relearned ON audit (subject, at) WHERE kind = 'node.relearned';
 """
 
+# Migration 14: the nodes a retry or a way back of a named rollout left out as removed since
+# (`tlsroll nodes remove`: no longer enrolled, so the new rollout cannot take them; s50retry),
+# stored with the new rollout in the transaction that creates it (review rev50f L4: only the
+# log and the CLI's output named them). A JSON list of names; NULL: none (every rollout before,
+# and those that left none out). Not node records (``rollout_nodes``): a rollout's records are
+# the nodes it holds and steps, each enrolled (``SchemaStore.create`` refuses a removed one),
+# and a removed node is neither. A column that is NULL by default: an older leader may ignore
+# it (``IGNORABLE``); the rollouts it creates leave none out.
+_V14 = """
+ALTER TABLE rollouts ADD COLUMN removed_since TEXT;  -- JSON list of names; NULL: none
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -387,6 +399,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V11,  # the features each node's agent implements
     _V12,  # a token superseded by its node's enrolment
     _V13,  # the audit's re-learnings by node: what superseded a token
+    _V14,  # the nodes a retry or way back left out, removed since
 )
 
 
@@ -407,14 +420,15 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13})
+IGNORABLE: frozenset[int] = frozenset({13, 14})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
 copes with rows an older leader wrote without them. Only builds from session 40 on read the
 floor this makes, so the migrations before are not listed: every one of them is needed by the
 builds that read it. 13: an index of the audit, which SQLite keeps up to date as an older leader
-writes the audit."""
+writes the audit. 14: a column of the rollouts, NULL unless a retry or way back left out nodes
+removed since; a rollout an older leader creates has none."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote

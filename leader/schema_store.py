@@ -79,6 +79,9 @@ class RolloutMeta:
     undoes: str = ""  # disable-tls: the id of the rollout whose switch it takes back
     finalizes: str = ""  # finalize: the transitional rollout whose phase 2 this is
     when_quiet: int = 0  # finalize --when-quiet: seconds without an http client per node
+    # A retry, or the way back of a named rollout: the nodes of the rollout it retries or takes
+    # back that it left out, removed since (`tlsroll nodes remove`; ``leader.db._V14``).
+    removed_since: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -723,7 +726,8 @@ class SchemaStore(LeaderStore):
         ``retry_of``: the rollout this one retries (``rollout retry``), retried once:
         ``AlreadyRetried`` if another retry of it was created, checked here so that two
         retries that crossed cannot both start (audit s39race H3); the link is kept
-        (``retried_by``)."""
+        (``retried_by``). ``meta.removed_since``: the nodes a retry or a way back left out,
+        removed since, kept with the rollout and in its audit row (``leader.db._V14``)."""
         with self._db.tx() as db:
             _refuse_if_busy(db, meta.finalizes or meta.undoes)
             if retry_of:
@@ -778,8 +782,9 @@ class SchemaStore(LeaderStore):
             db.execute(
                 "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
                 " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
-                " started_by, leader_node, auth_version, undoes, finalizes, when_quiet)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " started_by, leader_node, auth_version, undoes, finalizes, when_quiet,"
+                " removed_since)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rollout.id,
                     rollout.change.value,
@@ -800,6 +805,7 @@ class SchemaStore(LeaderStore):
                     meta.undoes,
                     meta.finalizes,
                     meta.when_quiet,
+                    json.dumps(list(meta.removed_since)) if meta.removed_since else None,
                 ),
             )
             self._db.cache.pop(_LIVE, None)
@@ -820,6 +826,7 @@ class SchemaStore(LeaderStore):
                 order=list(rollout.order),
                 epoch=rollout.epoch,
                 state=rollout.state.value,
+                **({"removed_since": list(meta.removed_since)} if meta.removed_since else {}),
             )
         with self._db.read():
             self._db.cache.pop(_key(rollout.id), None)
@@ -1634,6 +1641,7 @@ def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:
         undoes=r["undoes"],
         finalizes=r["finalizes"],
         when_quiet=r["when_quiet"],
+        removed_since=tuple(json.loads(r["removed_since"])) if r["removed_since"] else (),
     )
     return rollout, meta
 

@@ -134,6 +134,7 @@ def rollout_view(
         auth_version=meta.auth_version,
         left_as_is=left_as_is_nodes(row.records) if isinstance(row, RolloutRow) else (),
         left_out=left_out_nodes(row.records) if isinstance(row, RolloutRow) else (),
+        removed_since=meta.removed_since,
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
+from leader.db import MIGRATIONS
 from leader.layout import read_passphrase
 from tests.cluster import (
     AdminTokenCluster,
@@ -422,12 +423,18 @@ def superseded_by(c: Cluster) -> dict[str, str]:
     return {t["id"]: t.get("superseded_by", "") for t in json.loads(listed.stdout)}
 
 
+CURRENT = len(MIGRATIONS)
+"""The store schema of this leader."""
+
+
 def set_back_to_schema_12(dest: Path) -> None:
     """The backup as the leader of store schema 12 made it: migration 13 only adds the audit's
-    index of re-learnings and records the floor that may read the file (``schema_floor``);
-    both go, the schema is set back, the manifest says so."""
+    index of re-learnings and records the floor that may read the file (``schema_floor``),
+    migration 14 a column of the rollouts; all go, the schema is set back, the manifest says
+    so."""
     store = dest / "leader.sqlite3"
     with contextlib.closing(sqlite3.connect(store, isolation_level=None)) as db:
+        db.execute("ALTER TABLE rollouts DROP COLUMN removed_since")
         db.execute("DROP INDEX audit_relearned")
         db.execute("DROP TABLE schema_floor")
         db.execute("PRAGMA user_version=12")
@@ -480,7 +487,7 @@ def test_a_backup_of_store_schema_12_is_migrated_by_the_restored_leader_s_first_
         dest = tmp_path / "backup"
         result = backup(c, dest)
         assert result.returncode == 0, result.stderr
-        assert json.loads((dest / "MANIFEST.json").read_text())["store_schema"] == 13
+        assert json.loads((dest / "MANIFEST.json").read_text())["store_schema"] == CURRENT
         set_back_to_schema_12(dest)
         restored_before = c.leader.event_names().count("store.restored")
         restore(c, dest, passphrase)
@@ -499,10 +506,10 @@ def test_a_backup_of_store_schema_12_is_migrated_by_the_restored_leader_s_first_
         with contextlib.closing(
             sqlite3.connect(f"{c.store_path.as_uri()}?mode=ro", uri=True)
         ) as db:
-            assert db.execute("PRAGMA user_version").fetchone()[0] == 13
+            assert db.execute("PRAGMA user_version").fetchone()[0] == CURRENT
             assert db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'audit_relearned'"
             ).fetchone()
             assert db.execute("SELECT readable_by FROM schema_floor").fetchall() == [(12,)]
-        assert not c.store_path.with_name(f"{c.store_path.name}.before-v13").exists()
+        assert not c.store_path.with_name(f"{c.store_path.name}.before-v{CURRENT}").exists()
         assert superseded_by(c) == before

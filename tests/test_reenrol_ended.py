@@ -711,11 +711,34 @@ def test_a_retry_after_a_cut_off_halt_leaves_out_the_node_once_removed(tmp_path:
         )
         second = newest(cluster)["id"]
         assert second != first
+        left_out_stored(cluster, second, "node3")
         phase1 = wait_state(cluster, second, WAITED, "the retry to end phase 1")
         assert phase1["state"] == "awaiting_finalize", phase1
         assert sorted(n["name"] for n in phase1["nodes"]) == ["node1", "node2"], phase1
         assert {n["state"] for n in phase1["nodes"]} == {"dual"}, phase1
         assert list(live(node3).schemes) == ["http"]  # never switched
+
+
+def left_out_stored(cluster: Cluster, rollout_id: str, name: str) -> None:
+    """Review rev50f L4: the node a retry or a way back left out, removed since, is stored
+    with the new rollout: `schema show --json` names it (``removed_since``), `schema show`
+    says so under the rollout's heading, and the audit row of its creation names it (before,
+    only a log line and the CLI's output did)."""
+    shown = json.loads(cluster.cli("schema", "show", "--rollout", rollout_id, "--json").stdout)
+    (view,) = shown["rollouts"]
+    assert view["removed_since"] == [name], view
+    assert name not in [n["name"] for n in view["nodes"]], view
+    text = cluster.cli("schema", "show", "--rollout", rollout_id)
+    assert text.returncode == 0, text.stderr
+    assert f"left out, removed since (tlsroll nodes remove): {name}" in text.stdout, text.stdout
+    (created,) = [
+        json.loads(r["detail"])
+        for r in cluster.store_table("audit")
+        if r["kind"] == "rollout.created" and r["subject"] == rollout_id
+    ]
+    assert created["removed_since"] == [name], created
+    (row,) = [r for r in cluster.store_table("rollouts") if r["id"] == rollout_id]
+    assert json.loads(row["removed_since"]) == [name], row
 
 
 @pytest.mark.timeout(600)
@@ -741,6 +764,7 @@ def test_the_way_back_of_a_named_rollout_leaves_out_a_node_removed_since(tmp_pat
         way_back = newest(cluster)
         assert way_back["id"] != enabled and way_back["undoes"] == enabled, way_back
         assert [n["name"] for n in way_back["nodes"]] == ["node1"], way_back
+        left_out_stored(cluster, way_back["id"], "node2")
         ended = wait_state(cluster, way_back["id"], WAITED, "the way back to end")
         assert ended["state"] == "completed", ended
         assert list(live(node1).schemes) == ["http"]

@@ -1,29 +1,40 @@
 """`rollout retry` of a rollout that left a node whose agent is cut off (s50retry): the halt
 says `tlsroll nodes remove NODE`; before that is done, the retry is refused saying so (not
 "offline"); once done, the retry leaves the node out (it was refused "not enrolled") and the
-CLI names it. A node merely offline is refused as before. In-process on a real store with
-the engine harness of tests/test_engine.py; the CLI's part on its pure helper. The real
-leader, agents and CLI: tests/test_reenrol_ended.py."""
+CLI names it. A node merely offline is refused as before. The nodes a retry or a way back
+left out are stored with the new rollout (review rev50f L4: ``RolloutMeta.removed_since``,
+store schema 14), in its start's answer and `schema show` (--json too). In-process on a real
+store with the engine harness of tests/test_engine.py. The real leader, agents and CLI:
+tests/test_reenrol_ended.py."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from structlog.testing import capture_logs
 
+from leader import db as leader_db
 from leader import planner
-from leader.cli.rollout import removed_since
+from leader.cli.base import Leader
+from leader.cli.draw import render_rollout
 from leader.commands import NotRetriable, RolloutRequest
-from leader.rollout_core import Change, NodeState, Rollout, Scope, cut_off_halt
-from leader.schema_view import rollout_view
+from leader.rollout_core import Change, Rollout, Scope, cut_off_halt
+from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
+from leader.schema_view import rollout_view, schema_json, schema_message
 from leader.service import ERRORS
 from leader.store import Store
-from leader.wire import NODE_STATE
 from tests.test_repeated_commands import ADMIN, NOW, rollout, settle
+from tlsroll.cli import main
 from tlsroll.rpc import status_for
-from tlsroll.v1 import schema_pb2
+from tlsroll.sqlite import Database
+from tlsroll.v1 import admin_pb2, schema_pb2
 
 
 def remove(store: Store, name: str) -> None:
@@ -70,10 +81,13 @@ async def test_a_retry_refuses_a_node_cut_off_and_leaves_out_one_removed_since(
     assert schema.retried_by("r1") == (retried.rollout.id, "running")
     left = [(e["rollout_id"], e["removed"]) for e in logs if e["event"] == "rollout.retry_left_out"]
     assert left == [("r1", ["charlie"])], logs
-    # What the CLI prints after the retry's start line: the node left out, from the two views.
-    old = schema.get("r1")
-    assert old is not None
-    assert removed_since(rollout_view(old), rollout_view(retried).nodes) == ["charlie"]
+    # Stored with the retry, in the transaction that made it (review rev50f L4): its row, its
+    # audit row, and the start's answer, which the CLI prints (not read back: L3).
+    assert retried.meta.removed_since == ("charlie",), retried.meta
+    again = schema.get(retried.rollout.id)
+    assert again is not None and again.meta.removed_since == ("charlie",)
+    assert list(rollout_view(retried).removed_since) == ["charlie"]
+    assert created_audit(store, retried.rollout.id)["removed_since"] == ["charlie"]
     await leader_.stop()
 
 
@@ -132,26 +146,45 @@ def test_the_halt_for_a_node_cut_off_says_remove_then_retry() -> None:
     assert "for each" in cut_off_halt(head, ["c", "b"])
 
 
-def test_removed_since_names_only_nodes_the_retry_dropped() -> None:
-    """Nodes done in the retried rollout are not named; nor is anything when the retried
-    rollout cannot be read (None)."""
-    old = schema_pb2.RolloutView(id="r1")
-    for name, state in (("a", NodeState.DONE), ("b", NodeState.FAILED), ("c", NodeState.SKIPPED)):
-        old.nodes.add(name=name, state=NODE_STATE.wire(state))
-    new = schema_pb2.RolloutView(id="r2")
-    new.nodes.add(name="b")
-    assert removed_since(old, new.nodes) == ["c"]
-    assert removed_since(old, new.nodes, done_too=True) == ["a", "c"]
-    assert removed_since(None, new.nodes) == []
+def created_audit(store: Store, rollout_id: str) -> dict[str, Any]:
+    """The detail of the audit row that recorded rollout ``rollout_id``'s creation."""
+    with store.db.read() as db:
+        (row,) = db.execute(
+            "SELECT detail FROM audit WHERE kind = 'rollout.created' AND subject = ?",
+            (rollout_id,),
+        ).fetchall()
+    detail: dict[str, Any] = json.loads(row["detail"])
+    return detail
+
+
+async def test_a_retry_that_leaves_none_out_stores_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No node removed: nothing stored (the column NULL, no word in the audit, an empty list
+    in the view)."""
+    from tests.test_engine import make_world
+
+    leader_ = make_world(tmp_path, monkeypatch).boot()
+    schema, commands, store = leader_.schema, leader_.commands, leader_.store
+    settle(schema, rollout(schema, "r1", Change.ROTATE_CERT, ["alpha", "bravo"]), {"bravo"})
+    retried = await commands.retry("r1", ADMIN)
+    assert retried.meta.removed_since == () and not rollout_view(retried).removed_since
+    assert "removed_since" not in created_audit(store, retried.rollout.id)
+    with store.db.read() as db:
+        stored = db.execute(
+            "SELECT removed_since FROM rollouts WHERE id = ?", (retried.rollout.id,)
+        ).fetchone()[0]
+    assert stored is None
+    await leader_.stop()
 
 
 async def test_the_way_back_of_a_named_rollout_leaves_out_its_nodes_removed_since(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`rollout rollback R` takes R's nodes back; one removed since (as a cut-off halt
-    advises) refused the way back as "not enrolled: charlie". It is left out now (logged;
-    the CLI names it, ``removed_since(..., done_too=True)``); with every node of R removed,
-    one line says there is nothing to take back."""
+    advises) refused the way back as "not enrolled: charlie". It is left out now: logged,
+    named by the plan, and stored with the way back as its start left it out (the CLI prints
+    the start's answer)."""
     from tests.test_engine import make_world
 
     leader_ = make_world(tmp_path, monkeypatch).boot()
@@ -165,11 +198,31 @@ async def test_the_way_back_of_a_named_rollout_leaves_out_its_nodes_removed_sinc
     assert sorted(r.name for r in planned.records) == ["alpha", "bravo"], planned.records
     left = [(e["rollout_id"], e["removed"]) for e in logs if e["event"] == "rollout.undo_left_out"]
     assert left == [("e1", ["charlie"])], logs
-    old = schema.get("e1")
-    assert old is not None
-    shown = [schema_pb2.NodeView(name=r.name) for r in planned.records]  # (the plan's)
-    assert removed_since(rollout_view(old), shown, done_too=True) == ["charlie"]
-    for name in ("alpha", "bravo"):
+    # The plan says what it leaves out (what `rollout rollback R` shows before it asks) ...
+    assert planned.removed_since == ("charlie",), planned
+    # ... and the start stores what it left out itself (review rev50f L3, L4): bravo,
+    # removed since the plan, is left out too, and named.
+    remove(store, "bravo")
+    back = await commands.start(request, ADMIN)
+    assert [r.name for r in back.records] == ["alpha"], back.records
+    assert back.meta.removed_since == ("bravo", "charlie"), back.meta
+    assert list(rollout_view(back).removed_since) == ["bravo", "charlie"]
+    assert created_audit(store, back.rollout.id)["removed_since"] == ["bravo", "charlie"]
+    await leader_.stop()
+
+
+async def test_a_way_back_of_every_node_removed_since_starts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every node of R removed, one line says there is nothing to take back."""
+    from tests.test_engine import make_world
+
+    leader_ = make_world(tmp_path, monkeypatch).boot()
+    schema, commands, store = leader_.schema, leader_.commands, leader_.store
+    names = ["alpha", "bravo", "charlie"]
+    settle(schema, rollout(schema, "e1", Change.ENABLE_TLS, names), set(names))
+    request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id="e1")
+    for name in names:
         remove(store, name)
     with pytest.raises(planner.PlanError) as refused:
         await commands.plan(request)
@@ -178,3 +231,161 @@ async def test_the_way_back_of_a_named_rollout_leaves_out_its_nodes_removed_sinc
         " charlie); see: tlsroll schema show"
     )
     await leader_.stop()
+
+
+def test_schema_show_names_the_nodes_a_rollout_left_out_removed_since() -> None:
+    """`schema show --json` carries ``removed_since`` (the JSON the leader's SchemaViewJson
+    answers), and `schema show` says it under the rollout's heading; a rollout that left
+    none out says nothing of it."""
+    row = rollout_row("r2", ("alpha",), removed_since=("charlie", "delta"))
+    message = schema_message([row], set(), NOW, fresh=frozenset(), reported=lambda _n: True)
+    data = json.loads(schema_json(message))["rollouts"][0]  # what `schema show --json` prints
+    assert data["removed_since"] == ["charlie", "delta"], data
+    assert [n["name"] for n in data["nodes"]] == ["alpha"], data
+    lines = render_rollout(data).lines(400, color=False)
+    said = [line for line in lines if "removed since" in line]
+    assert said == ["left out, removed since (tlsroll nodes remove): charlie, delta"], lines
+    plain = rollout_row("r3", ("alpha",))
+    message = schema_message([plain], set(), NOW, fresh=frozenset(), reported=lambda _n: True)
+    data = json.loads(schema_json(message))["rollouts"][0]
+    assert not data.get("removed_since"), data
+    assert "removed since" not in "\n".join(render_rollout(data).lines(400, color=False))
+
+
+def rollout_row(rollout_id: str, names: tuple[str, ...], **meta: Any) -> RolloutRow:
+    """A rotate-cert rollout of ``names`` as planned, with ``meta``."""
+    made, records = planner.plan_rollout(
+        rollout_id=rollout_id,
+        change=Change.ROTATE_CERT,
+        scope=Scope.of_nodes(names),
+        enrolled=dict.fromkeys(names, True),
+        leader=names[0],
+        epoch=1,
+    )
+    return RolloutRow(
+        made,
+        RolloutMeta(created_at=NOW, started_by=ADMIN, leader_node=names[0], **meta),
+        tuple((r, NodeDetail()) for r in records),
+    )
+
+
+BEFORE = 13
+"""The store schema of the release before ``removed_since`` (``leader.db._V14``)."""
+
+
+def test_a_store_of_the_schema_before_opens_with_no_node_left_out(tmp_path: Path) -> None:
+    """A leader file of schema 13 with a rollout: the current leader migrates it (the column
+    added, NULL: the rollout left none out) and reads the rollout as before; a leader of
+    schema 13 may ignore the migration (``IGNORABLE``): it opens the migrated file and
+    writes a rollout without the column, which the current leader reads as leaving none out."""
+    path = tmp_path / "leader.sqlite3"
+    Database(path, leader_db.MIGRATIONS[:BEFORE]).close()  # as the build before left it
+    insert_rollout(path, "r1", epoch=1)
+    schema = SchemaStore(path)
+    try:
+        row = schema.get("r1")
+        assert row is not None and row.meta.removed_since == (), row
+        assert list(rollout_view(row).removed_since) == []
+    finally:
+        schema.close()
+    assert user_version(path) == len(leader_db.MIGRATIONS) == BEFORE + 1
+    assert BEFORE + 1 in leader_db.IGNORABLE
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT removed_since FROM rollouts").fetchall() == [(None,)]
+    older = Database(path, leader_db.MIGRATIONS[:BEFORE], ignorable=leader_db.IGNORABLE - {14})
+    older.close()  # (opened as it is: no SchemaTooNew)
+    insert_rollout(path, "r2", epoch=2)  # as the older leader writes a rollout
+    schema = SchemaStore(path)
+    try:
+        row = schema.get("r2")
+        assert row is not None and row.meta.removed_since == ()
+    finally:
+        schema.close()
+
+
+def user_version(path: Path) -> int:
+    with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def insert_rollout(path: Path, rollout_id: str, *, epoch: int) -> None:
+    """A halted rollout of one node as the leader of schema 13 wrote it (its columns only)."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
+            " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
+            " started_by, leader_node, auth_version, undoes, finalizes, when_quiet)"
+            " VALUES (?, 'rotate-cert', 'nodes', '[\"alpha\"]', '[\"alpha\"]', 'direct', 1, 0,"
+            " 'node', ?, 'halted', ?, ?, 'admin:test', 'alpha', 0, '', '', 0)",
+            (rollout_id, epoch, NOW.isoformat(), NOW.isoformat()),
+        )
+        db.execute(
+            "INSERT INTO rollout_nodes (rollout_id, name, state, reason)"
+            " VALUES (?, 'alpha', 'failed', '')",
+            (rollout_id,),
+        )
+
+
+class StandIn:
+    """The Admin service as a leader answers `rollout retry` and `rollout rollback R --yes`:
+    its plan leaves out charlie; its start, resolving the scope again, also bravo (removed
+    between the two). The CLI must print what the start answered."""
+
+    def RetryRollout(self, request: Any, timeout: float = 30) -> Any:
+        view = schema_pb2.RolloutView(id="r2", epoch=2, removed_since=["charlie"])
+        view.nodes.add(name="alpha")
+        return view
+
+    def PlanRollout(self, request: Any, timeout: float = 30) -> Any:
+        view = schema_pb2.RolloutView(removed_since=["charlie"])
+        view.nodes.add(name="alpha")
+        view.nodes.add(name="bravo")
+        return admin_pb2.PlanResponse(rollout=view)
+
+    def StartRollout(self, request: Any, timeout: float = 30) -> Any:
+        view = schema_pb2.RolloutView(id="r3", undoes="e1", removed_since=["bravo", "charlie"])
+        view.nodes.add(name="alpha")
+        return view
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``StandIn`` for the leader; reading the schema back fails the test (review rev50f L3:
+    the CLI named the nodes left out from a read-back that raced another start)."""
+
+    @contextlib.contextmanager
+    def admin(self: Leader) -> Iterator[Any]:
+        yield StandIn()
+
+    def read_back(self: Leader, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"read back from the leader: {args[:1]}")
+
+    monkeypatch.setattr(Leader, "admin", admin)
+    monkeypatch.setattr(Leader, "require_same_code", lambda self: None)
+    monkeypatch.setattr(Leader, "unary", read_back)
+    monkeypatch.setattr(Leader, "unary_json", read_back)
+
+
+def tlsroll(capsys: pytest.CaptureFixture[str], tmp_path: Path, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["--socket", str(tmp_path / "admin.sock"), *args])
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    return code, captured.out
+
+
+@pytest.mark.usefixtures("stand_in")
+def test_the_cli_names_the_nodes_the_start_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rollout retry` and `rollout rollback R --yes` name the nodes left out as the start
+    answered (``RolloutView.removed_since``), not as the schema read back after it, or the
+    plan, said (review rev50f L3)."""
+    code, said = tlsroll(capsys, tmp_path, "rollout", "retry", "r1")
+    assert code == 0, said
+    assert "  charlie left out: removed since (tlsroll nodes remove)" in said.splitlines(), said
+    code, said = tlsroll(capsys, tmp_path, "rollout", "rollback", "e1", "--yes")
+    assert code == 0, said
+    lines = said.splitlines()
+    for name in ("bravo", "charlie"):
+        assert f"  {name} left out: removed since (tlsroll nodes remove)" in lines, said

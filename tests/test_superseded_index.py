@@ -201,10 +201,10 @@ def test_a_store_of_the_schema_before_migrates_and_answers_alike(
 
     store = Store(path)  # the upgrade
     try:
-        assert user_version(path) == len(leader_db.MIGRATIONS) == BEFORE + 1
+        assert user_version(path) == len(leader_db.MIGRATIONS) > BEFORE
         assert "audit_relearned" in indexes_of_audit(path)
         # No copy: the leader of schema 12 reads the migrated file as it is (rev50a L1).
-        assert not copy_name(path, BEFORE + 1).exists()
+        assert not copy_name(path, len(leader_db.MIGRATIONS)).exists()
         with store.db.read() as db:
             floor = db.execute("SELECT readable_by FROM schema_floor").fetchall()
         assert [tuple(r) for r in floor] == [(BEFORE,)]
@@ -236,7 +236,7 @@ def test_the_older_leader_runs_on_the_migrated_store_and_on_a_backup_of_it(
     copy = tmp_path / "backup" / "leader.sqlite3"
     copy.parent.mkdir()
     backup._copy_store(path, copy, NOW + dt.timedelta(minutes=5))
-    assert user_version(copy) == BEFORE + 1
+    assert user_version(copy) == len(leader_db.MIGRATIONS)
 
     for where in (path, copy):
         with older_leader(monkeypatch), structlog.testing.capture_logs() as logs:
@@ -252,7 +252,7 @@ def test_the_older_leader_runs_on_the_migrated_store_and_on_a_backup_of_it(
                 by_the_older = superseded(old)
             finally:
                 old.close()
-        assert user_version(where) == BEFORE + 1  # left as it was
+        assert user_version(where) == len(leader_db.MIGRATIONS)  # left as it was
         assert ("node3-0", LATER, "re-learning") in by_the_older
 
         store = Store(where)

@@ -125,6 +125,13 @@ def left_out(names: Sequence[str]) -> str:
     return f"{len(names)} node{'' if len(names) == 1 else 's'} left out: {', '.join(names)}"
 
 
+def removed_since(names: Sequence[str]) -> str:
+    """``left out, removed since (tlsroll nodes remove): node3``: the nodes of the rollout a
+    retry or a way back retried or took back that it left out, no longer enrolled (the
+    schema's ``removed_since``, stored with the rollout as it started)."""
+    return f"left out, removed since (tlsroll nodes remove): {', '.join(names)}"
+
+
 def _state_left(r: View) -> Styled:
     """The rollout's state; for a way back that left nodes as is, with them beside it
     (``completed, 1 node left as is: node3``): it did not put every node on http (review
@@ -160,6 +167,7 @@ def render_rollout(r: View) -> Block:
         f"   started {fmt_time(r, 'started_at')}   ended {fmt_time(r, 'ended_at')}"
         + (f"   note: {r['reason']}" if r.get("reason") else "")
     )
+    removed = r.get("removed_since") or []
     table = Table(
         "#",
         "node",
@@ -194,6 +202,8 @@ def render_rollout(r: View) -> Block:
                 )
             ),
         )
+    if removed:
+        return Block(head, times, Styled(removed_since(removed)), table)
     return Block(head, times, table)
 
 

@@ -73,7 +73,6 @@ from leader.wire import (
     STRATEGY,
 )
 from tlsroll.cli import terminal_only
-from tlsroll.errors import TerminalError
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
@@ -499,7 +498,7 @@ def started(
     removed: Sequence[str] = (),
 ) -> None:
     """What a started rollout prints; ``removed``: the nodes a retry left out, removed since
-    (``removed_since``)."""
+    (the start's answer: ``RolloutView.removed_since``)."""
     skipped = [n for n in view.nodes if n.reason.startswith("already done")]
     out.print(
         f"rollout {view.id} started (epoch {view.epoch}); order: "
@@ -583,40 +582,11 @@ def rollout_retry(leader: Leader, rollout_id: str, wait: bool, _yes: bool) -> No
     command that starts a rollout (review s48rev3)."""
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
-    removed = removed_since(retried(leader, rollout_id, view.id), view.nodes)
-    started(view, warnings=change_warnings(view), removed=removed)  # (warnings: as --yes)
+    # The nodes the retry left out as its start answered (stored with it), not read back from
+    # the schema after it: another start meanwhile made that another rollout (review rev50f).
+    started(view, warnings=change_warnings(view), removed=view.removed_since)  # (as --yes)
     if wait:
         wait_for_end(leader, view.id)
-
-
-def retried(leader: Leader, rollout_id: str, new_id: str) -> schema_pb2.RolloutView | None:
-    """The rollout that `rollout retry` retried (``rollout_id``; default: the newest before
-    the retry ``new_id``, the one the leader takes), as the schema shows it now; None if it
-    cannot be told (the retry has started: that is no failure)."""
-    if rollout_id:
-        return target(leader, rollout_id)
-    try:
-        newest = list(fetch_schema(leader, limit=2, rollouts_only=True).rollouts)
-    except (click.ClickException, TerminalError, OSError):
-        return None
-    return newest[1] if len(newest) == 2 and newest[0].id == new_id else None
-
-
-def removed_since(
-    old: schema_pb2.RolloutView | None,
-    new: Sequence[schema_pb2.NodeView],
-    *,
-    done_too: bool = False,
-) -> list[str]:
-    """The nodes of rollout ``old`` (those it left unfinished; ``done_too``: every one) that a
-    rollout of ``new``'s nodes made from it leaves out: removed since (`tlsroll nodes remove`,
-    as a halt for an agent cut off advises), which the leader drops from a retry and from the
-    way back of a named rollout (``Commands.retry``, ``Commands._resolve``; s50retry)."""
-    if old is None:
-        return []
-    taken = {n.name for n in new}
-    done = NODE_STATE.wire(NodeState.DONE)
-    return [n.name for n in old.nodes if (done_too or n.state != done) and n.name not in taken]
 
 
 def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
@@ -656,13 +626,11 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     leader.require_same_code()  # before the plan is shown and confirmed (as rollout start)
     with leader.admin() as admin:
         planned = leader.call(admin.PlanRollout, request)
-        # The named rollout's nodes removed since, which the way back leaves out (s50retry).
-        removed = removed_since(target(leader, rollout_id), planned.rollout.nodes, done_too=True)
-        if not yes:
+        if not yes:  # (the named rollout's nodes removed since, left out: as the plan says)
             going_back(
                 planned.rollout.nodes,
                 " (each: freeze writes, restore the http config, restart, verify, unfreeze).",
-                removed,
+                planned.rollout.removed_since,
             )
             ask_first("add --yes to go back without asking", "Go back to http now?", "not started")
         view = leader.call(admin.StartRollout, request)
@@ -671,20 +639,14 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
         f"rollout {view.id} (disable-tls{undoes}) started; "
         "follow it with: tlsroll schema show --watch"
     )
+    # The nodes the start left out, as it answered (it resolves the scope again: a node
+    # removed since the plan is left out too; review rev50f L3).
+    removed = list(view.removed_since)
     if yes:  # (the plan was not shown: which nodes go back, and what the workstations must do)
         going_back(view.nodes, ".", removed)
-
-
-def target(leader: Leader, rollout_id: str) -> schema_pb2.RolloutView | None:
-    """Rollout ``rollout_id`` as the schema shows it (None: none named, or it cannot be
-    read: only the names of the nodes removed since depend on it)."""
-    if not rollout_id:
-        return None
-    try:
-        rollouts = list(fetch_schema(leader, rollout_id, rollouts_only=True).rollouts)
-    except (click.ClickException, TerminalError, OSError):
-        return None
-    return rollouts[0] if rollouts else None
+    elif removed != list(planned.rollout.removed_since):
+        for name in removed:
+            out.print(f"  {name} {REMOVED_SINCE}")
 
 
 def going_back(nodes: Sequence[schema_pb2.NodeView], how: str, removed: Sequence[str] = ()) -> None:

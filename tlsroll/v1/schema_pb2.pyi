@@ -255,6 +255,7 @@ class RolloutView(_message.Message):
     AUTH_VERSION_FIELD_NUMBER: _builtins.int
     LEFT_AS_IS_FIELD_NUMBER: _builtins.int
     LEFT_OUT_FIELD_NUMBER: _builtins.int
+    REMOVED_SINCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     change: _types_pb2.Change.ValueType
     scope: _types_pb2.ScopeKind.ValueType
@@ -301,6 +302,14 @@ class RolloutView(_message.Message):
         records; each one's reason says what to do. Empty in a rollout listed without its nodes.
         """
 
+    @_builtins.property
+    def removed_since(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A retry, or the way back of a named rollout: the nodes of the rollout it retries or takes
+        back that it left out, removed since (`tlsroll nodes remove`: no longer enrolled), as
+        stored with it when it started. None of its nodes (it has no record of them). Also in a
+        rollout listed without its nodes, and in a plan (what the start would leave out).
+        """
+
     def __init__(
         self,
         *,
@@ -326,10 +335,11 @@ class RolloutView(_message.Message):
         auth_version: _builtins.int = ...,
         left_as_is: _abc.Iterable[_builtins.str] | None = ...,
         left_out: _abc.Iterable[_builtins.str] | None = ...,
+        removed_since: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "left_as_is", b"left_as_is", "left_out", b"left_out", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "left_as_is", b"left_as_is", "left_out", b"left_out", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "removed_since", b"removed_since", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
