@@ -175,16 +175,22 @@ def ensure_leader_identity(
     certificate that names the leader. It is also issued again (same key) when it ends within
     ``own_renew_before`` (given ``warning``, ``expiry_warning_days``) of ``now`` (unless it ends
     with the CA, which no new one would outlive): agents check the leader's identity, not its
-    certificate, so they accept the new one at once."""
+    certificate, so they accept the new one at once. Likewise one the CA did not sign or that
+    is not valid yet at ``now``: agents would refuse it."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
 
     cert = pki.read_cert(layout.tls_cert)
+    now = now or pki.utcnow()
     # One that ends with the CA is not due: a new one would end no later (it is cut to the
     # CA's end), so it would be issued again at every start and every check.
-    near = cert.not_valid_after_utc - (now or pki.utcnow()) < own_renew_before(warning)
+    near = cert.not_valid_after_utc - now < own_renew_before(warning)
     due = near and not pki.ends_with_ca(cert, ca.cert)
+    # One the CA did not sign (a stale file, another CA's: its identity cannot tell, the
+    # trust domain is the CA key's) or not valid yet (issued by a clock that ran ahead):
+    # every agent refused it at the TLS handshake, and only their logs said why (s51).
+    unusable = not pki.issued_by(cert, ca.cert) or cert.not_valid_before_utc > now
     td = ca.trust_domain
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -192,7 +198,7 @@ def ensure_leader_identity(
     except x509.ExtensionNotFound:
         dns = []
     current = spiffe.of(cert) == spiffe.leader(td) and spiffe.leader_host(td) in dns
-    if current and pki.names_of(cert) == names and not due:
+    if current and pki.names_of(cert) == names and not due and not unusable:
         return False
     write_leader_cert(layout, ca, pki.read_key(layout.tls_key), names)
     return True

@@ -457,7 +457,10 @@ def _start_on(
     if ensure_leader_identity(
         layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
     ):
-        log.info("leader.certificate_reissued", reason="identity or names changed, or due")
+        log.info(
+            "leader.certificate_reissued",
+            reason="identity or names changed, not the CA's or not valid yet, or due",
+        )
     return names
 
 
