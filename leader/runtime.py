@@ -163,17 +163,23 @@ def recovery_command(config: Path) -> str:
 
 def check_data_dir(cfg: LeaderConfig) -> None:
     """``data_dir`` names a directory: a config error (exit 2) if not, before anything in it
-    is looked at (a missing one was "ca/ca.key: No such file", exit 1: review s47rtin L4)."""
+    is looked at (a missing one was "ca/ca.key: No such file", exit 1: review s47rtin L4).
+    Missing, closed or not writable below a mount point not mounted now, it is a disk not
+    mounted yet (``not_mounted``): exit 1."""
     where = cfg.layout.data_dir
     try:
         mode = os.stat(where).st_mode
     except FileNotFoundError:
+        if (unmounted := not_mounted("data dir", where)) is not None:
+            raise TerminalError(unmounted) from None
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{where}: no such directory (tlsroll init makes it)"
         ) from None
     except OSError as exc:  # a directory on its way we may not enter (session 50: exit 1)
         if (problem := fsutil.open_problem(where, own=where)) is None:
             raise
+        if (unmounted := not_mounted("data dir", where)) is not None:
+            raise TerminalError(unmounted) from None
         raise ConfigError(cfg.path, "[leader].data_dir", problem) from exc
     if not stat.S_ISDIR(mode):
         raise ConfigError(
@@ -184,6 +190,8 @@ def check_data_dir(cfg: LeaderConfig) -> None:
     # The store's -wal and -shm are made beside it, the certificates written again in its
     # subdirectories: one we may not write was SQLite's "readonly database", exit 1 (s50).
     if (problem := fsutil.dir_write_problem(where)) is not None:
+        if (unmounted := not_mounted("data dir", where)) is not None:
+            raise TerminalError(unmounted)  # (an empty mountpoint, root's 0700: rev50f M2)
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{problem} (the leader keeps its store in it)"
         )
@@ -233,15 +241,34 @@ def not_yet_there(layout: Layout) -> str | None:
     )
 
 
+def not_mounted(what: str, path: Path) -> str | None:
+    """What ``path`` (the data dir, the config: ``what``) is when a directory on its way is a
+    mount point that is not mounted now (``fsutil.unmounted_mount_point``): a disk not mounted
+    yet, exit 1 (the service manager starts the leader again, mounted by then), never the
+    chown, chmod or "no such directory" of the empty mountpoint below it, exit 2, the leader
+    stopped for good (review rev50f M2). None if there is none."""
+    if (found := fsutil.unmounted_mount_point(path)) is None:
+        return None
+    point, named = found
+    way = "is" if Path(os.path.abspath(path)) == point else f"is below {point},"
+    return (
+        f"the {what} {path} {way} a mount point ({named}) that is not mounted now: is its"
+        " disk not mounted yet? (exit 1: its service manager starts it again)"
+    )
+
+
 def config_not_yet_there(config: Path) -> str | None:
     """The shipped unit's case of ``not_yet_there``: its config (``leader.toml``, which ``tlsroll
     init`` writes into the data dir) is missing and the directory meant to hold it is empty
     (``lost+found`` aside): an empty mountpoint whose disk is not mounted yet, or init not run.
     Exit 1, started again (review rev50f M1: "no such file" was a config error, exit 2, the
     leader stopped for good once the disk came). None when the file or anything beside it is
-    there, or the directory cannot be listed (the config's own error then says why)."""
+    there, or the directory cannot be listed (the config's own error then says why), unless
+    a directory on its way is a mount point not mounted now (``not_mounted``: exit 1)."""
     if os.path.lexists(config):
         return None
+    if (unmounted := not_mounted("config", config)) is not None:
+        return unmounted  # (missing, or in a directory we may not enter: rev50f M2)
     try:
         beside = [e for e in os.listdir(config.parent) if e != "lost+found"]
     except OSError:
