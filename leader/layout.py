@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import itertools
 import os
 import stat
 from collections.abc import Iterator, Mapping
@@ -430,6 +431,36 @@ def _refuse_foreign(layout: Layout) -> None:
         )
 
 
+def init_made(layout: Layout) -> tuple[Path, ...]:
+    """The files ``init`` makes before its config, in the order it makes them (after the CA
+    passphrase, unless one was given: ``_make``)."""
+    return (layout.ca_key, layout.ca_cert, layout.tls_key, layout.tls_cert)
+
+
+def interrupted_init(layout: Layout) -> tuple[list[Path], list[Path]] | None:
+    """What an init cut short left in ``layout``'s data dir, told apart from a file lost since
+    (the leader says "restore it from a backup" of that) conservatively: no leader has run
+    there (no store, nor its mark: ``leader.db.mark_store``), init wrote no config there,
+    the directory holds nothing but what an init makes (``INIT_ENTRIES``: else init would
+    refuse it), and of its files (``init_made``) those made are the first ones in init's
+    order and at least one is missing. Returns (made, missing), or None. A leader whose
+    config is elsewhere (the admin's own) reads such a data dir (review rev50f L1)."""
+    ran = (layout.store, layout.store.with_name(layout.store.name + ".created"))
+    try:
+        if any(os.path.lexists(p) for p in (*ran, layout.config)):
+            return None
+        if any(name not in INIT_ENTRIES for name in os.listdir(layout.data_dir)):
+            return None
+        there = [os.path.lexists(p) for p in init_made(layout)]
+    except OSError:  # (nothing can be told: the checks that follow say why)
+        return None
+    made = sum(1 for _ in itertools.takewhile(bool, there))
+    if made == len(there) or any(there[made:]):
+        return None
+    files = init_made(layout)
+    return list(files[:made]), list(files[made:])
+
+
 def _refuse_made(layout: Layout, *, interrupted: bool = True) -> None:
     """Refuse a data directory a leader has run on, or (``interrupted``) an earlier init
     left a CA key in."""
@@ -440,8 +471,7 @@ def _refuse_made(layout: Layout, *, interrupted: bool = True) -> None:
     if interrupted and layout.ca_key.exists():
         # An init cut short before its last write (the config): no leader has run on what it
         # left, but a CA key is never overwritten; the admin removes it.
-        made = (layout.ca_key, layout.ca_cert, layout.tls_key, layout.tls_cert)
-        left = [p for p in made if p.exists()]
+        left = [p for p in init_made(layout) if p.exists()]
         raise TerminalError(
             f"{layout.data_dir}: an earlier `tlsroll init` was interrupted before it wrote"
             f" {layout.config.name} (no leader has run here); remove what it left and run init"

@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import gc
 import os
+import shlex
 import socket
 import sqlite3
 import stat
@@ -39,6 +40,7 @@ from leader.layout import (
     Layout,
     check_secret_dirs,
     ensure_leader_identity,
+    interrupted_init,
     passphrase_source,
     read_passphrase,
     rechain_leader_cert,
@@ -187,6 +189,8 @@ def check_data_dir(cfg: LeaderConfig) -> None:
         )
     if (problem := not_yet_there(cfg.layout)) is not None:
         raise TerminalError(problem)  # exit 1: the service manager starts it again
+    if (cut := interrupted_init(cfg.layout)) is not None:
+        raise init_cut_short(cfg, *cut)  # exit 2: (a config elsewhere: review rev50f L1)
     # The store's -wal and -shm are made beside it, the certificates written again in its
     # subdirectories: one we may not write was SQLite's "readonly database", exit 1 (s50).
     if (problem := fsutil.dir_write_problem(where)) is not None:
@@ -238,6 +242,39 @@ def not_yet_there(layout: Layout) -> str | None:
         f"the data dir {where} holds none of the leader's files (ca/, tls/, leader.sqlite3){on}:"
         " is its disk not mounted yet, or tlsroll init not run there? (exit 1: its"
         " service manager starts it again)"
+    )
+
+
+def init_cut_short(cfg: LeaderConfig, made: list[Path], missing: list[Path]) -> ConfigError:
+    """A data dir an interrupted ``tlsroll init`` left (``layout.interrupted_init``: the
+    files it ``made``, the ones ``missing``), as the leader finds it with a config of its own
+    elsewhere: no backup holds its files, as no leader has run there ("restore it from a
+    backup" was said of them: review rev50f L1); init runs again once what it made is
+    removed (it never overwrites a CA key: ``_refuse_made``). One line naming the first
+    missing file, what was made and the commands, exit 2."""
+    data = cfg.layout.data_dir
+    labels = {getattr(cfg.layout, name): what for what, name in START_FILES}
+    again = ["tlsroll", "init"]
+    again += ["--data-dir", str(data), "--address", cfg.address]
+    for name in cfg.dns_names:
+        again += ["--dns", name]
+    if cfg.node_name is not None:
+        again += ["--node-name", cfg.node_name]
+    given = cfg.ca_passphrase_file
+    # (not systemd's copy of the credential: there only while the unit starts)
+    if given != cfg.layout.default_passphrase_file and given.parent != CREDENTIAL_COPY_DIR:
+        again += ["--ca-passphrase-file", str(given)]
+    command = shlex.join(again)
+    relative = ", ".join(str(p.relative_to(data)) for p in missing)
+    if made:
+        did = f"it made {', '.join(str(p.relative_to(data)) for p in made)}, not {relative}"
+        fix = f"remove what it left and run it again: rm {shlex.join(map(str, made))} && "
+    else:
+        did, fix = f"it made none of {relative}", "run it again: "
+    return ca_file_error(
+        labels[missing[0]],
+        f"{missing[0]} is missing: an earlier `tlsroll init` on {data} was interrupted (no"
+        f" leader has run there; {did}); {fix}{command}",
     )
 
 
