@@ -177,7 +177,7 @@ def ensure_leader_identity(
     ``own_renew_before`` (given ``warning``, ``expiry_warning_days``) of ``now`` (unless it ends
     with the CA, which no new one would outlive): agents check the leader's identity, not its
     certificate, so they accept the new one at once. Likewise one the CA did not sign or that
-    is not valid yet at ``now``: agents would refuse it."""
+    is not valid yet at ``now`` (``pki.not_valid_yet``): agents would refuse it."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
@@ -191,7 +191,7 @@ def ensure_leader_identity(
     # One the CA did not sign (a stale file, another CA's: its identity cannot tell, the
     # trust domain is the CA key's) or not valid yet (issued by a clock that ran ahead):
     # every agent refused it at the TLS handshake, and only their logs said why (s51).
-    unusable = not pki.issued_by(cert, ca.cert) or cert.not_valid_before_utc > now
+    unusable = not pki.issued_by(cert, ca.cert) or pki.not_valid_yet(cert, ca.cert, now)
     td = ca.trust_domain
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -167,7 +167,7 @@ def test_a_viewer_certificate_not_valid_yet_is_issued_again(tmp_path: Path) -> N
     as it was, and refused by every browser until then; issued again, as the leader's own."""
     layout = Layout(tmp_path)
     (tmp_path / "tls").mkdir()
-    ca = pki.CertificateAuthority.create()
+    ca = pki.CertificateAuthority.create(now=NOW - dt.timedelta(days=10))
     ahead = certificate.ensure(layout, ca, "127.0.0.9", (), NOW + dt.timedelta(days=3))
     assert ahead.not_valid_before_utc > NOW
     again = certificate.ensure(layout, ca, "127.0.0.9", (), NOW)

@@ -45,7 +45,7 @@ def _usable(
         not pki.key_matches(cert, key)
         or not pki.issued_by(cert, ca.cert)
         or pki.names_of(cert) != names
-        or cert.not_valid_before_utc > now  # issued by a clock that ran ahead: refused till then
+        or pki.not_valid_yet(cert, ca.cert, now)  # (a clock that ran ahead issued it)
         # Due, unless it ends with the CA: a new one would end no later (``pki.ends_with_ca``).
         or (
             cert.not_valid_after_utc - now < own_renew_before(warning)
