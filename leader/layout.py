@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import itertools
 import os
 import stat
 from collections.abc import Iterator, Mapping
@@ -175,16 +176,22 @@ def ensure_leader_identity(
     certificate that names the leader. It is also issued again (same key) when it ends within
     ``own_renew_before`` (given ``warning``, ``expiry_warning_days``) of ``now`` (unless it ends
     with the CA, which no new one would outlive): agents check the leader's identity, not its
-    certificate, so they accept the new one at once."""
+    certificate, so they accept the new one at once. Likewise one the CA did not sign or that
+    is not valid yet at ``now`` (``pki.not_valid_yet``): agents would refuse it."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
 
     cert = pki.read_cert(layout.tls_cert)
+    now = now or pki.utcnow()
     # One that ends with the CA is not due: a new one would end no later (it is cut to the
     # CA's end), so it would be issued again at every start and every check.
-    near = cert.not_valid_after_utc - (now or pki.utcnow()) < own_renew_before(warning)
+    near = cert.not_valid_after_utc - now < own_renew_before(warning)
     due = near and not pki.ends_with_ca(cert, ca.cert)
+    # One the CA did not sign (a stale file, another CA's: its identity cannot tell, the
+    # trust domain is the CA key's) or not valid yet (issued by a clock that ran ahead):
+    # every agent refused it at the TLS handshake, and only their logs said why (s51).
+    unusable = not pki.issued_by(cert, ca.cert) or pki.not_valid_yet(cert, ca.cert, now)
     td = ca.trust_domain
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -192,7 +199,7 @@ def ensure_leader_identity(
     except x509.ExtensionNotFound:
         dns = []
     current = spiffe.of(cert) == spiffe.leader(td) and spiffe.leader_host(td) in dns
-    if current and pki.names_of(cert) == names and not due:
+    if current and pki.names_of(cert) == names and not due and not unusable:
         return False
     write_leader_cert(layout, ca, pki.read_key(layout.tls_key), names)
     return True
@@ -424,6 +431,36 @@ def _refuse_foreign(layout: Layout) -> None:
         )
 
 
+def init_made(layout: Layout) -> tuple[Path, ...]:
+    """The files ``init`` makes before its config, in the order it makes them (after the CA
+    passphrase, unless one was given: ``_make``)."""
+    return (layout.ca_key, layout.ca_cert, layout.tls_key, layout.tls_cert)
+
+
+def interrupted_init(layout: Layout) -> tuple[list[Path], list[Path]] | None:
+    """What an init cut short left in ``layout``'s data dir, told apart from a file lost since
+    (the leader says "restore it from a backup" of that) conservatively: no leader has run
+    there (no store, nor its mark: ``leader.db.mark_store``), init wrote no config there,
+    the directory holds nothing but what an init makes (``INIT_ENTRIES``: else init would
+    refuse it), and of its files (``init_made``) those made are the first ones in init's
+    order and at least one is missing. Returns (made, missing), or None. A leader whose
+    config is elsewhere (the admin's own) reads such a data dir (review rev50f L1)."""
+    ran = (layout.store, layout.store.with_name(layout.store.name + ".created"))
+    try:
+        if any(os.path.lexists(p) for p in (*ran, layout.config)):
+            return None
+        if any(name not in INIT_ENTRIES for name in os.listdir(layout.data_dir)):
+            return None
+        there = [os.path.lexists(p) for p in init_made(layout)]
+    except OSError:  # (nothing can be told: the checks that follow say why)
+        return None
+    made = sum(1 for _ in itertools.takewhile(bool, there))
+    if made == len(there) or any(there[made:]):
+        return None
+    files = init_made(layout)
+    return list(files[:made]), list(files[made:])
+
+
 def _refuse_made(layout: Layout, *, interrupted: bool = True) -> None:
     """Refuse a data directory a leader has run on, or (``interrupted``) an earlier init
     left a CA key in."""
@@ -434,8 +471,7 @@ def _refuse_made(layout: Layout, *, interrupted: bool = True) -> None:
     if interrupted and layout.ca_key.exists():
         # An init cut short before its last write (the config): no leader has run on what it
         # left, but a CA key is never overwritten; the admin removes it.
-        made = (layout.ca_key, layout.ca_cert, layout.tls_key, layout.tls_cert)
-        left = [p for p in made if p.exists()]
+        left = [p for p in init_made(layout) if p.exists()]
         raise TerminalError(
             f"{layout.data_dir}: an earlier `tlsroll init` was interrupted before it wrote"
             f" {layout.config.name} (no leader has run here); remove what it left and run init"

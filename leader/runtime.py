@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import gc
 import os
+import shlex
 import socket
 import sqlite3
 import stat
@@ -39,6 +40,7 @@ from leader.layout import (
     Layout,
     check_secret_dirs,
     ensure_leader_identity,
+    interrupted_init,
     passphrase_source,
     read_passphrase,
     rechain_leader_cert,
@@ -163,17 +165,23 @@ def recovery_command(config: Path) -> str:
 
 def check_data_dir(cfg: LeaderConfig) -> None:
     """``data_dir`` names a directory: a config error (exit 2) if not, before anything in it
-    is looked at (a missing one was "ca/ca.key: No such file", exit 1: review s47rtin L4)."""
+    is looked at (a missing one was "ca/ca.key: No such file", exit 1: review s47rtin L4).
+    Missing, closed or not writable below a mount point not mounted now, it is a disk not
+    mounted yet (``not_mounted``): exit 1."""
     where = cfg.layout.data_dir
     try:
         mode = os.stat(where).st_mode
     except FileNotFoundError:
+        if (unmounted := not_mounted("data dir", where)) is not None:
+            raise TerminalError(unmounted) from None
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{where}: no such directory (tlsroll init makes it)"
         ) from None
     except OSError as exc:  # a directory on its way we may not enter (session 50: exit 1)
         if (problem := fsutil.open_problem(where, own=where)) is None:
             raise
+        if (unmounted := not_mounted("data dir", where)) is not None:
+            raise TerminalError(unmounted) from None
         raise ConfigError(cfg.path, "[leader].data_dir", problem) from exc
     if not stat.S_ISDIR(mode):
         raise ConfigError(
@@ -181,9 +189,13 @@ def check_data_dir(cfg: LeaderConfig) -> None:
         )
     if (problem := not_yet_there(cfg.layout)) is not None:
         raise TerminalError(problem)  # exit 1: the service manager starts it again
+    if (cut := interrupted_init(cfg.layout)) is not None:
+        raise init_cut_short(cfg, *cut)  # exit 2: (a config elsewhere: review rev50f L1)
     # The store's -wal and -shm are made beside it, the certificates written again in its
     # subdirectories: one we may not write was SQLite's "readonly database", exit 1 (s50).
     if (problem := fsutil.dir_write_problem(where)) is not None:
+        if (unmounted := not_mounted("data dir", where)) is not None:
+            raise TerminalError(unmounted)  # (an empty mountpoint, root's 0700: rev50f M2)
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{problem} (the leader keeps its store in it)"
         )
@@ -233,15 +245,67 @@ def not_yet_there(layout: Layout) -> str | None:
     )
 
 
+def init_cut_short(cfg: LeaderConfig, made: list[Path], missing: list[Path]) -> ConfigError:
+    """A data dir an interrupted ``tlsroll init`` left (``layout.interrupted_init``: the
+    files it ``made``, the ones ``missing``), as the leader finds it with a config of its own
+    elsewhere: no backup holds its files, as no leader has run there ("restore it from a
+    backup" was said of them: review rev50f L1); init runs again once what it made is
+    removed (it never overwrites a CA key: ``_refuse_made``). One line naming the first
+    missing file, what was made and the commands, exit 2."""
+    data = cfg.layout.data_dir
+    labels = {getattr(cfg.layout, name): what for what, name in START_FILES}
+    again = ["tlsroll", "init"]
+    again += ["--data-dir", str(data), "--address", cfg.address]
+    for name in cfg.dns_names:
+        again += ["--dns", name]
+    if cfg.node_name is not None:
+        again += ["--node-name", cfg.node_name]
+    given = cfg.ca_passphrase_file
+    # (not systemd's copy of the credential: there only while the unit starts)
+    if given != cfg.layout.default_passphrase_file and given.parent != CREDENTIAL_COPY_DIR:
+        again += ["--ca-passphrase-file", str(given)]
+    command = shlex.join(again)
+    relative = ", ".join(str(p.relative_to(data)) for p in missing)
+    if made:
+        did = f"it made {', '.join(str(p.relative_to(data)) for p in made)}, not {relative}"
+        fix = f"remove what it left and run it again: rm {shlex.join(map(str, made))} && "
+    else:
+        did, fix = f"it made none of {relative}", "run it again: "
+    return ca_file_error(
+        labels[missing[0]],
+        f"{missing[0]} is missing: an earlier `tlsroll init` on {data} was interrupted (no"
+        f" leader has run there; {did}); {fix}{command}",
+    )
+
+
+def not_mounted(what: str, path: Path) -> str | None:
+    """What ``path`` (the data dir, the config: ``what``) is when a directory on its way is a
+    mount point that is not mounted now (``fsutil.unmounted_mount_point``): a disk not mounted
+    yet, exit 1 (the service manager starts the leader again, mounted by then), never the
+    chown, chmod or "no such directory" of the empty mountpoint below it, exit 2, the leader
+    stopped for good (review rev50f M2). None if there is none."""
+    if (found := fsutil.unmounted_mount_point(path)) is None:
+        return None
+    point, named = found
+    way = "is" if Path(os.path.abspath(path)) == point else f"is below {point},"
+    return (
+        f"the {what} {path} {way} a mount point ({named}) that is not mounted now: is its"
+        " disk not mounted yet? (exit 1: its service manager starts it again)"
+    )
+
+
 def config_not_yet_there(config: Path) -> str | None:
     """The shipped unit's case of ``not_yet_there``: its config (``leader.toml``, which ``tlsroll
     init`` writes into the data dir) is missing and the directory meant to hold it is empty
     (``lost+found`` aside): an empty mountpoint whose disk is not mounted yet, or init not run.
     Exit 1, started again (review rev50f M1: "no such file" was a config error, exit 2, the
     leader stopped for good once the disk came). None when the file or anything beside it is
-    there, or the directory cannot be listed (the config's own error then says why)."""
+    there, or the directory cannot be listed (the config's own error then says why), unless
+    a directory on its way is a mount point not mounted now (``not_mounted``: exit 1)."""
     if os.path.lexists(config):
         return None
+    if (unmounted := not_mounted("config", config)) is not None:
+        return unmounted  # (missing, or in a directory we may not enter: rev50f M2)
     try:
         beside = [e for e in os.listdir(config.parent) if e != "lost+found"]
     except OSError:
@@ -457,7 +521,10 @@ def _start_on(
     if ensure_leader_identity(
         layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
     ):
-        log.info("leader.certificate_reissued", reason="identity or names changed, or due")
+        log.info(
+            "leader.certificate_reissued",
+            reason="identity or names changed, not the CA's or not valid yet, or due",
+        )
     return names
 
 

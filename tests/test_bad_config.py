@@ -707,6 +707,118 @@ def test_a_closed_directory_on_the_data_dirs_way_is_opened_never_given_away(
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, group, 0o700)
 
 
+def _mount_tables(tmp_path: Path, point: Path, *, mounted: bool, unit: bool) -> dict[str, str]:
+    """A child's environment whose mount tables (``fsutil.TEST_MOUNT_ROOT_ENV``) name ``point``
+    as a mount point, in /etc/fstab or (``unit``) in a systemd mount unit of the admin's, and
+    mounted or not: this process's mounts, and ``point`` among them if ``mounted``."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)
+    fstab = "# <file system> <mount point> <type> <options> <dump> <pass>\nUUID=0a1b / ext4 0 1\n"
+    if unit:
+        (root / "etc" / "systemd" / "system" / "srv-data.mount").write_text(
+            f"[Unit]\nDescription=data\n\n[Mount]\nWhat=/dev/vdb1\nWhere={point}\nType=ext4\n"
+        )
+    else:
+        fstab += f"/dev/vdb1 {point} ext4 defaults,nofail 0 2\n"
+    (root / "etc" / "fstab").write_text(fstab)
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if mounted:
+        mounts += f"990 1 253:16 / {point} rw,relatime shared:99 - ext4 /dev/vdb1 rw\n"
+    (root / "proc" / "self" / "mountinfo").write_text(mounts)
+    return child_env({fsutil.TEST_MOUNT_ROOT_ENV: str(root)})
+
+
+# case -> (the mount point's owner and mode, the data dir below it (or "" : the mount point
+# itself), the config in the mount point (else beside the test's), a systemd unit names it)
+UNMOUNTED: dict[str, tuple[int, int, str, bool, bool]] = {
+    "the-data-dir-closed": (NOBODY, 0o700, "", False, False),
+    "the-data-dir-closed-by-a-unit": (NOBODY, 0o700, "", False, True),
+    "above-the-data-dir-closed": (NOBODY, 0o700, "tlsroll", False, False),
+    "above-the-data-dir-open": (0, 0o755, "tlsroll", False, False),
+    "the-config-in-it-closed": (NOBODY, 0o700, "", True, False),
+    "the-config-below-it": (0, 0o755, "tlsroll", True, False),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("mounted", [False, True], ids=["not-mounted", "mounted"])
+@pytest.mark.parametrize("case", list(UNMOUNTED))
+def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
+    cluster: Cluster, tmp_path: Path, case: str, mounted: bool
+) -> None:
+    """Review rev50f M2: an empty mountpoint whose disk is not mounted yet is often root's 0700
+    (or the directory the data dir is made in): the leader's user may not enter it, and was
+    told to chown it, or that the data dir (or the config) is missing, exit 2: stopped for
+    good before the disk came. A directory on the way that /etc/fstab or a systemd mount unit
+    names as a mount point and that is not mounted now says so, exit 1 (systemd starts it
+    again); nothing changed. Mounted (the tables say so: what stops the leader is the
+    directory itself), it stays the config error it was."""
+    owner, mode, below, config_in_it, unit = UNMOUNTED[case]
+    point = tmp_path / "srv" / "data"
+    point.mkdir(parents=True)
+    data = point / below if below else point
+    env = _mount_tables(tmp_path, point, mounted=mounted, unit=unit)
+    argv = _elsewhere(cluster, tmp_path, data)
+    if config_in_it:
+        argv[-1] = str(data / "leader.toml")
+    os.chown(point, owner, -1)
+    point.chmod(mode)
+    result = subprocess.run(
+        [*NO_DAC, *argv], capture_output=True, text=True, timeout=30, check=False, env=env
+    )
+    output = result.stdout + result.stderr
+    line = one_line_error(output, "tlsroll-leader")
+    st = point.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
+    assert os.listdir(point) == []  # nothing made
+    if mounted:
+        assert result.returncode == 2, output
+        assert "not mounted" not in line, line
+        return
+    assert result.returncode == 1, output
+    named = "config" if config_in_it else "data dir"
+    at = data / "leader.toml" if config_in_it else data
+    where = "systemd's srv-data.mount" if unit else "/etc/fstab"
+    way = "is" if at == point else f"is below {point},"
+    assert line == (
+        f"tlsroll-leader: the {named} {at} {way} a mount point ({where}) that is not mounted"
+        " now: is its disk not mounted yet? (exit 1: its service manager starts it again)"
+    ), line
+
+
+def test_mount_points_are_read_as_fstab_and_mountinfo_write_them(tmp_path: Path) -> None:
+    """Their paths' blanks written in octal (``\\040``); comments, swap and what is not a
+    path skipped; the mount point itself or one above it; none when the mounts cannot be
+    read (nothing is told then)."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "fstab").write_text(
+        "#/dev/vdc /srv/old ext4 defaults 0 2\n"
+        "/dev/vdb1 /srv/my\\040disk ext4 defaults 0 2\n"
+        "/dev/vda2 none swap sw 0 0\n"
+        "/dev/vdd /srv/mounted ext4 defaults 0 2\n"
+    )
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    assert fsutil.unmounted_mount_point(Path("/srv/my disk/tlsroll"), env) is None  # unreadable
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "30 22 253:48 / /srv/mounted rw shared:9 - ext4 /dev/vdd rw\n"
+    )
+    found = fsutil.unmounted_mount_point(Path("/srv/my disk/tlsroll"), env)
+    assert found == (Path("/srv/my disk"), "/etc/fstab")
+    assert fsutil.unmounted_mount_point(Path("/srv/my disk"), env) == found
+    assert fsutil.unmounted_mount_point(Path("/srv/mounted/tlsroll"), env) is None
+    assert fsutil.unmounted_mount_point(Path("/srv/old/tlsroll"), env) is None
+    assert fsutil.unmounted_mount_point(Path("/srv"), env) is None
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "31 22 253:17 / /srv/my\\040disk rw shared:9 - ext4 /dev/vdb1 rw\n"
+    )
+    assert fsutil.unmounted_mount_point(Path("/srv/my disk/tlsroll"), env) is None
+
+
 def test_a_writable_directory_access_denies_is_not_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

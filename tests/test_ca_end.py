@@ -251,3 +251,31 @@ def test_a_workstation_certificate_that_ended_stays_listed_as_expired(tmp_path: 
     )
     # Past the horizon after its end, it goes (the PC enrolled again, or is gone).
     assert workstations(end + dt.timedelta(days=31)) == ([("ws-pc2", "d2", False)], [])
+
+
+def test_a_clock_before_the_cas_own_start_issues_no_certificate_for_being_not_valid_yet(
+    tmp_path: Path,
+) -> None:
+    """Session 51: the leader issues its certificate and the viewer's again when they are not
+    valid yet (issued by a clock that ran ahead: every agent refused them). Not when its own
+    clock is before the CA's start, which no clock but a wrong one is (reset at a boot, say):
+    what it would issue then ends before the agents' now, and the certificates it has are
+    the ones they take."""
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() - 10 * DAY)
+    names = pki.Names.of("leader", ["127.0.0.9"])
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    viewer = certificate.ensure(layout, ca, "127.0.0.9", (), pki.utcnow())
+    leader = layout.tls_cert.read_bytes()
+    wrong = ca.cert.not_valid_before_utc - dt.timedelta(days=400)
+    assert not ensure_leader_identity(layout, ca, names, wrong)
+    assert certificate.ensure(layout, ca, "127.0.0.9", (), wrong) == viewer
+    assert layout.tls_cert.read_bytes() == leader
+    # Past the CA's start, one not valid yet is issued again.
+    behind = pki.read_cert(layout.tls_cert).not_valid_before_utc - DAY
+    assert ca.cert.not_valid_before_utc < behind
+    assert ensure_leader_identity(layout, ca, names, behind)
+    assert certificate.ensure(layout, ca, "127.0.0.9", (), behind) != viewer

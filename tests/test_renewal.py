@@ -1223,6 +1223,98 @@ def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> 
     assert leader["fingerprint"] == pki.fingerprint(now)
 
 
+# case -> how the leader.pem put in place is issued (for the leader's key, with its identity
+# and names): by the cluster's CA, ending a year ago / beginning in three days; or by another
+# CA (a stale or wrong file: the trust domain, a hash of the CA's key, cannot tell it)
+STALE_LEADER_CERTS = ("expired", "not-yet-valid", "of-another-ca")
+
+
+def _verified_join_certificate(cluster: Cluster) -> Any:
+    """The leader's certificate on its join port, as a client that trusts only the cluster's
+    CA verifies it (its signature and its validity now, as an agent's TLS does)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    from tlsroll.defaults import JOIN_PORT
+
+    ctx = ssl.create_default_context(cadata=cluster.ca_pem.decode())
+    ctx.check_hostname = False  # the leader is checked by its identity, not its address
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((cluster.address, JOIN_PORT), timeout=5) as raw,
+        ctx.wrap_socket(raw) as conn,
+    ):
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_a_leader_certificate_agents_would_refuse_is_issued_again_at_start(
+    cluster: Cluster,
+) -> None:
+    """Session 51: a leader.pem the cluster's CA did not sign (a stale one, another CA's) or
+    one not valid yet (issued by a leader whose clock ran ahead) was served as it was: every
+    agent refused it at the TLS handshake, and only the agents' logs said why. The leader is
+    the CA and holds its key (leader.key, checked to be the certificate's): at start it issues
+    its certificate again, as it does one that is due or expired, and agents go on with it."""
+    from leader.layout import read_passphrase
+    from tlsroll import spiffe
+    from tlsroll.fsutil import write_atomic
+
+    agent = cluster.add_agent("node12", next_loopback())
+    cluster.wait_for_nodes_online(["node12"])
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    td = ca.trust_domain
+    key = pki.read_key(cluster.tls_key_path)
+    names = pki.names_of(pki.read_cert(cluster.tls_cert_path))
+    now = pki.utcnow()
+    for case in STALE_LEADER_CERTS:
+        issuer, at = ca, now
+        if case == "expired":
+            at = now - dt.timedelta(days=400)
+        elif case == "not-yet-valid":
+            at = now + dt.timedelta(days=3)
+        else:
+            issuer = pki.CertificateAuthority.create()
+        stale = issuer.issue(
+            key.public_key(),
+            names,
+            client=True,
+            identity=spiffe.leader(td),
+            internal_dns=[spiffe.leader_host(td)],
+            lifetime=dt.timedelta(days=200),  # not due (when valid)
+            now=at,
+        )
+        cluster.stop_leader()
+        write_atomic(cluster.tls_cert_path, pki.cert_to_pem(stale) + issuer.cert_pem)
+        reissued = cluster.leader.event_names().count("leader.certificate_reissued")
+        since = dt.datetime.now(UTC)
+        cluster.start_leader()
+        served = _verified_join_certificate(cluster)  # (the old code's: ssl.SSLError)
+        assert served != stale, case
+        assert pki.read_cert(cluster.tls_cert_path) == served, case
+        assert pki.issued_by(served, ca.cert) and pki.key_matches(served, key), case
+        assert served.not_valid_before_utc <= dt.datetime.now(UTC), case
+        assert served.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300), case
+        assert spiffe.of(served) == spiffe.leader(td), case
+        assert cluster.leader.event_names().count("leader.certificate_reissued") == reissued + 1
+
+        def heartbeat(since: dt.datetime = since) -> bool:
+            return cluster.list_nodes()["node12"].last_heartbeat.ToDatetime(tzinfo=UTC) > since
+
+        wait_until(
+            heartbeat,
+            20,
+            f"node12 heartbeats to the leader with its new certificate ({case})",
+            interval=LEADER_POLL,
+        )
+    agent.stop()
+
+
 def _served_with_client_cert(cluster: Cluster, port: int, tmp: Path) -> Any:
     """The certificate the leader presents on ``port`` to a client that shows a certificate
     of the cluster (the leader's own, as any mTLS peer would) and trusts only the CA."""

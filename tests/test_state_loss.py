@@ -39,10 +39,11 @@ from leader.service import LeaderState
 from leader.store import Store
 from nodeagent import runtime as agent_runtime
 from nodeagent.journal import JournalLost, open_journal
-from tests.cluster import Agent, Cluster, Daemon, child_env, one_line_error
+from tests.cluster import Agent, Cluster, Daemon, child_env, command, one_line_error
 from tests.conftest import next_loopback
 from tests.nodeside import fill, tmpfs
-from tlsroll import fsutil, sqlite
+from tests.refserver_helper import write_toml
+from tlsroll import fsutil, pki, sqlite
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import damage
 
@@ -553,6 +554,109 @@ def test_an_init_killed_before_its_config_says_what_to_remove_and_runs_again(
     mark_store(layout.store)
     with pytest.raises(TerminalError, match="already initialised"):
         init(tmp_path / "data", address)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every entry under ``root``: its mode and (a file's) contents."""
+    return {
+        str(p.relative_to(root)): (p.lstat().st_mode, p.read_bytes() if p.is_file() else b"")
+        for p in [root, *sorted(root.rglob("*"))]
+    }
+
+
+# case -> the file init was killed writing (what it made is every file before it, in its order:
+# the passphrase, ca.key, ca.pem, leader.key, leader.pem, then the config)
+INIT_CUTS = ("ca.passphrase", "ca.key", "ca.pem", "leader.key", "leader.pem")
+
+
+@pytest.mark.parametrize("cut", INIT_CUTS)
+def test_an_interrupted_init_with_the_config_elsewhere_says_so_and_how_to_run_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: str
+) -> None:
+    """Review rev50f L1: the leader's config outside its data dir (the admin's own), and
+    `tlsroll init` killed on that data dir before it made every file: the leader said "ca.key
+    (or leader.pem) is missing; restore it from a backup" (or that the CA passphrase file is
+    missing) of files no backup holds, no leader having run there. Now it says init was
+    interrupted, what it made and what not, and how to run it again (the `rm` init itself asks
+    for); exit 2, nothing changed. Done as said, init runs."""
+    address = next_loopback()
+    data = (tmp_path / "data").resolve()
+    real = fsutil.write_atomic
+
+    def write(path: Path, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == cut:
+            raise Killed
+        real(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(layout_mod, "write_atomic", write)
+        m.setattr(pki, "write_atomic", write)
+        with pytest.raises(Killed):
+            init(data, address)
+    layout = Layout(data)
+    (tmp_path / "etc").mkdir()
+    config = write_toml(
+        tmp_path / "etc" / "leader.toml", {"leader": {"address": address, "data_dir": data}}
+    )
+    order = [layout.ca_key, layout.ca_cert, layout.tls_key, layout.tls_cert]
+    made = [p for p in order if p.exists()]
+    missing = order[len(made) :]
+    assert missing and all(not p.exists() for p in missing)
+    before = _tree(data)
+    result = subprocess.run(
+        [*command("tlsroll-leader", "leader.daemon"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert _tree(data) == before  # nothing made, changed or removed
+    label = {"ca.key": "CA key", "ca.pem": "CA certificate", "leader.key": "leader TLS key"}
+    what = label.get(missing[0].name, "leader certificate")
+    rel = [str(p.relative_to(data)) for p in made]
+    did = f"it made {', '.join(rel)}, not" if made else "it made none of"
+    again = f"tlsroll init --data-dir {data} --address {address}"
+    fix = (
+        f"remove what it left and run it again: rm {' '.join(map(str, made))} && {again}"
+        if made
+        else f"run it again: {again}"
+    )
+    assert line == (
+        f"tlsroll-leader: config error: {what}: {missing[0]} is missing: an earlier `tlsroll"
+        f" init` on {data} was interrupted (no leader has run there; {did}"
+        f" {', '.join(str(p.relative_to(data)) for p in missing)}); {fix}"
+    ), line
+    assert "restore" not in line
+    for path in made:  # as the line says
+        path.unlink()
+    assert init(data, address).config.exists()
+
+
+def test_a_file_lost_after_init_is_no_interrupted_init(tmp_path: Path) -> None:
+    """Told apart conservatively: what init makes, made in its order up to a file (the rest
+    missing), no store nor its mark, no config in the data dir, nothing else in it. A CA key
+    missing beside the leader's certificate is no init cut short: restore it."""
+    data = (tmp_path / "data").resolve()
+    init(data, next_loopback())
+    layout = Layout(data)
+    layout.config.unlink()  # (moved elsewhere by the admin)
+    assert layout_mod.interrupted_init(layout) is None  # all made
+    layout.ca_key.unlink()
+    assert layout_mod.interrupted_init(layout) is None  # not init's order
+    layout.tls_cert.unlink()
+    layout.tls_key.unlink()
+    layout.ca_cert.unlink()
+    assert layout_mod.interrupted_init(layout) is not None  # (none made: init cut short)
+    (data / "notes.txt").write_text("the admin's\n")
+    assert layout_mod.interrupted_init(layout) is None  # init would refuse the directory
+    (data / "notes.txt").unlink()
+    mark_store(layout.store)
+    assert layout_mod.interrupted_init(layout) is None  # a leader ran here
 
 
 # --- a full disk is not a lost store (audit s38, H2) --------------------------------------------

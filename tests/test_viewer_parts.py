@@ -162,6 +162,19 @@ def test_the_viewer_certificate_is_issued_once_and_again_when_names_change(
     assert pki.issued_by(certificate.ensure(layout, other_ca, "127.0.0.10", (), NOW), other_ca.cert)
 
 
+def test_a_viewer_certificate_not_valid_yet_is_issued_again(tmp_path: Path) -> None:
+    """Session 51: one issued by a clock that ran ahead (valid from three days on) was served
+    as it was, and refused by every browser until then; issued again, as the leader's own."""
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = pki.CertificateAuthority.create(now=NOW - dt.timedelta(days=10))
+    ahead = certificate.ensure(layout, ca, "127.0.0.9", (), NOW + dt.timedelta(days=3))
+    assert ahead.not_valid_before_utc > NOW
+    again = certificate.ensure(layout, ca, "127.0.0.9", (), NOW)
+    assert again != ahead and again.not_valid_before_utc <= NOW
+    assert certificate.ensure(layout, ca, "127.0.0.9", (), NOW) == again
+
+
 # --- the snapshot --------------------------------------------------------------------------------
 
 

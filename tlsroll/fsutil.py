@@ -8,10 +8,12 @@ import grp
 import itertools
 import os
 import pwd
+import re
 import socket
 import stat
 import struct
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -830,3 +832,85 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     return pid, uid, gid
+
+
+# Where ``unmounted_mount_point`` reads what is to be mounted and what is: the file systems
+# table, systemd's mount units (an admin's, and those its fstab generator made), and this
+# process's mounts.
+FSTAB = Path("/etc/fstab")
+MOUNT_UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/generator"))
+MOUNTINFO = Path("/proc/self/mountinfo")
+TEST_MOUNT_ROOT_ENV = "TLSROLL_TEST_MOUNT_ROOT"
+"""Tests only: a directory the three tables above are read under instead of ``/``
+(``ROOT/etc/fstab``, ``ROOT/proc/self/mountinfo``, ...), so that a test can say which
+directory is a mount point and whether it is mounted without mounting anything. Not a
+setting: set wrong, it only makes a daemon take an unmounted disk for a config error or the
+other way round."""
+
+
+def _unescaped(field: str) -> str:
+    """A path of fstab or mountinfo, whose blanks and backslashes are written in octal
+    (``\\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _read_lines(path: Path) -> list[str] | None:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read().splitlines()
+    except OSError:
+        return None
+
+
+def _mount_points_to_be(root: Path) -> dict[Path, str]:
+    """The mount points /etc/fstab and systemd's mount units (``Where=``) name, each with
+    where it is named."""
+    points: dict[Path, str] = {}
+    fstab = root / FSTAB.relative_to("/")
+    for line in _read_lines(fstab) or []:
+        fields = line.split()
+        if len(fields) >= 2 and not fields[0].startswith("#") and fields[1].startswith("/"):
+            points.setdefault(Path(os.path.normpath(_unescaped(fields[1]))), str(FSTAB))
+    for directory in MOUNT_UNIT_DIRS:
+        try:
+            units = sorted((root / directory.relative_to("/")).glob("*.mount"))
+        except OSError:
+            continue
+        for unit in units:
+            for line in _read_lines(unit) or []:
+                key, _, value = line.strip().partition("=")
+                if key.strip() == "Where" and value.strip().startswith("/"):
+                    place = Path(os.path.normpath(value.strip()))
+                    points.setdefault(place, f"systemd's {unit.name}")
+    return points
+
+
+def unmounted_mount_point(
+    path: Path, environ: Mapping[str, str] = os.environ
+) -> tuple[Path, str] | None:
+    """The directory on ``path``'s way (``path`` itself or one above it, ``/`` aside) that
+    /etc/fstab or a systemd mount unit names as a mount point and that is not mounted now
+    (``/proc/self/mountinfo``), with where it is named; or None, also when what is mounted
+    cannot be read (nothing can be told then). A daemon asks it before it calls a directory
+    it cannot use a person's to fix: until its disk is mounted, a mount point is a directory
+    of the file system below, empty, often root's 0700 (review rev50f M2: "chown" of it, exit
+    2, stopped the leader for good before the disk came)."""
+    root = Path(environ.get(TEST_MOUNT_ROOT_ENV) or "/")
+    to_be = _mount_points_to_be(root)
+    full, real = Path(os.path.abspath(path)), Path(os.path.realpath(path))  # (a link's way too)
+    on_way = dict.fromkeys((full, *full.parents, real, *real.parents))
+    ways = [p for p in on_way if p in to_be and p != p.parent]
+    if not ways:
+        return None
+    lines = _read_lines(root / MOUNTINFO.relative_to("/"))
+    if lines is None:
+        return None
+    mounted = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 5:
+            mounted.add(Path(os.path.normpath(_unescaped(fields[4]))))
+    for place in ways:
+        if place not in mounted:
+            return place, to_be[place]
+    return None

@@ -154,6 +154,15 @@ def ends_with_ca(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return cert.not_valid_after_utc >= ca.not_valid_after_utc
 
 
+def not_valid_yet(cert: x509.Certificate, ca: x509.Certificate, now: dt.datetime) -> bool:
+    """Whether ``cert`` (one of the leader's own, issued by ``ca``) begins after ``now``, so
+    that peers refuse it till then: issued by a clock that ran ahead, to be issued again. Not
+    when ``now`` is before the CA's own start: no clock but a wrong one is (reset at a boot),
+    what it would issue then ends before its peers' now, and the certificate it has is the
+    one they take."""
+    return cert.not_valid_before_utc > now >= ca.not_valid_before_utc
+
+
 def is_ca(cert: x509.Certificate) -> bool:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value

@@ -8,7 +8,7 @@ towards the agents, and a browser-facing listener has no need for that. The daem
 when there is none, when it is due (within ``leader.layout.own_renew_before`` of its end, as
 the leader's own: at least 30 days, and ahead of the watch's warning for a longer
 ``expiry_warning_days``; unless it ends with the CA, which no new one would outlive), when the
-names changed or when it is not from this CA.
+names changed, when it is not from this CA or when it is not valid yet.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def _usable(
         not pki.key_matches(cert, key)
         or not pki.issued_by(cert, ca.cert)
         or pki.names_of(cert) != names
+        or pki.not_valid_yet(cert, ca.cert, now)  # (a clock that ran ahead issued it)
         # Due, unless it ends with the CA: a new one would end no later (``pki.ends_with_ca``).
         or (
             cert.not_valid_after_utc - now < own_renew_before(warning)
