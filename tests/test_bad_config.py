@@ -745,6 +745,56 @@ def test_a_fifo_swapped_in_after_the_look_does_not_hang_the_check(tmp_path: Path
     assert result.stdout.strip() == f"{fifo} is not a regular file (a FIFO)", result.stdout
 
 
+def test_read_regular_reads_a_regular_file_and_never_waits_on_anything_else(
+    tmp_path: Path,
+) -> None:
+    """``fsutil.read_regular``, the agent's reader of the files it finds at start (review
+    rev50a L2: a FIFO read blocked for ever): a regular file's bytes (``limit``: one more at
+    most); a FIFO, directory, socket or device is ``NotRegularFile`` naming its kind, never
+    opened; a FIFO swapped in after its stat (the stat sees the regular file before the swap)
+    is judged on the descriptor, opened without blocking. In a child: its timeout only ends a
+    hang."""
+    regular = tmp_path / "record"
+    regular.write_bytes(b"0123456789")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    sock_path = tmp_path / "sock"
+    script = (
+        "import os, socket, sys\n"
+        "from tlsroll import fsutil\n"
+        "from tlsroll.errors import NotRegularFile\n"
+        "fifo, regular, sock_path, directory = sys.argv[1:]\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sock_path)\n"
+        "print(fsutil.read_regular(regular), fsutil.read_regular(regular, 3))\n"
+        "for path in (fifo, directory, sock_path, '/dev/null'):\n"
+        "    try:\n"
+        "        fsutil.read_regular(path)\n"
+        "    except NotRegularFile as exc:\n"
+        "        print(exc)\n"
+        "real = os.stat\n"
+        "os.stat = lambda p, *a, **k: real(regular if str(p) == fifo else p, *a, **k)\n"
+        "try:\n"
+        "    fsutil.read_regular(fifo)\n"
+        "except NotRegularFile as exc:\n"
+        "    print('swapped:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(fifo), str(regular), str(sock_path), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.splitlines() == [
+        "b'0123456789' b'0123'",
+        f"{fifo} is not a regular file (a FIFO)",
+        f"{tmp_path} is not a regular file (a directory)",
+        f"{sock_path} is not a regular file (a socket)",
+        "/dev/null is not a regular file (a character device)",
+        f"swapped: {fifo} is not a regular file (a FIFO)",
+    ], result.stdout
+
+
 def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(
     tmp_path: Path,
 ) -> None:

@@ -372,6 +372,29 @@ def open_problem(
     return None
 
 
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (a link followed, as ``read_bytes`` does), or
+    ``NotRegularFile`` naming its kind: a FIFO, socket, device or directory is never read (a
+    FIFO without a writer would block its reader for ever, ``/dev/zero`` never end). Judged
+    by ``stat`` before anything is opened (a device or FIFO is never opened), then opened
+    without blocking and judged again on the descriptor (``fstat``: one swapped in after the
+    stat is never read). ``limit``: at most that many bytes and one more are read (the caller
+    can tell a longer file). Any other error is the open's or the read's OSError, as
+    ``read_bytes`` raised it."""
+    path = Path(path)
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    return f.read() if limit is None else f.read(limit + 1)
+        finally:
+            os.close(fd)
+    raise NotRegularFile(f"{path} is not a regular file ({file_kind(mode)})")
+
+
 def dir_write_problem(path: Path) -> str | None:
     """Why this process cannot make and remove files in the directory ``path`` (as SQLite
     does beside a store: its -wal and -shm), when a person must fix it, or None (also for a
