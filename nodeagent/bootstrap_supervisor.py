@@ -42,6 +42,7 @@ from nodeagent.journal import FUTURE_SLACK, Journal
 from tlsroll import logs, password, peertext, spiffe
 from tlsroll.enums import SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
+from tlsroll.fsutil import read_regular
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
@@ -101,7 +102,7 @@ def _ca_bundle(ca_file: str) -> bytes:
     certificate of it says it is no CA (``plans.ca_bundle_problem``): refused here, not by the
     worker's check at ``start``, since each try of the outage started the worker's child for it
     (one a minute)."""
-    pem = Path(ca_file).read_bytes()
+    pem = read_regular(Path(ca_file))  # never a FIFO's endless wait (review rev50a L2)
     if why := plans.ca_bundle_problem(pem):
         raise ValueError(f"{ca_file}: {why}")
     return pem
@@ -415,7 +416,7 @@ class BootstrapHost:
             self.guard.restore(guard_times(self._earlier, time.time(), time.monotonic()))
             self._earlier = []
         verifier_file = live["verifier_file"]
-        verifier_text = await asyncio.to_thread(Path(verifier_file).read_text)
+        verifier_text = (await asyncio.to_thread(read_regular, Path(verifier_file))).decode()
         ca_pem = await asyncio.to_thread(_ca_bundle, live["ca_file"])
         try:
             verifier = password.verifier_from_json(verifier_text)

@@ -53,6 +53,7 @@ from nodeagent.workerrors import answer_for as _answer_for
 from tlsroll import logs
 from tlsroll.errors import (
     ConfigError,
+    NotRegularFile,
     PKIError,
     PKIReason,
     TerminalError,
@@ -60,7 +61,7 @@ from tlsroll.errors import (
     TransientError,
     raise_if_local,
 )
-from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.fsutil import PRIVATE, read_regular, write_atomic
 from tlsroll.names import Names, utcnow
 
 if TYPE_CHECKING:
@@ -128,18 +129,30 @@ def _digest(cfg: AgentConfig) -> str:
     for part in (*code, cfg.ca_pin, cfg.node_name, repr(cfg.names)):
         h.update(part.encode() + b"\0")
     for path in paths(cfg.data_dir):
-        h.update(path.read_bytes() + b"\0")
+        h.update(read_regular(path) + b"\0")  # judged first (``check_identity_files``)
     return h.hexdigest()
 
 
 def _remembered(cfg: AgentConfig) -> Identity | None:
+    """What a child last checked (``MEMO``), if it is about these very files and config.
+    The memo is a cache: one that is no regular file (a FIFO put there, which blocked the
+    start for ever: review rev50a L2) is passed over with a warning, the child checks, and
+    its answer is written over it (``_remember``: the rename replaces anything but a
+    directory, which stays passed over at every start, with ``identity.memo_not_written``)."""
+    path = cfg.data_dir / MEMO
     try:
-        memo = json.loads((cfg.data_dir / MEMO).read_text())
+        memo = json.loads(read_regular(path))
+    except NotRegularFile as exc:
+        log.warning("identity.memo_not_a_file", path=str(path), error=str(exc))
+        return None
+    except (OSError, ValueError):
+        return None  # none or unreadable: the child checks
+    try:
         if memo.get("digest") != _digest(cfg):
             return None
         return _identity(cfg, memo["facts"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # none, unreadable or stale: the child checks
+        return None  # stale: the child checks
 
 
 def _remember(cfg: AgentConfig, identity: Identity) -> Identity:

@@ -22,6 +22,7 @@ from typing import Any
 from nodeagent import nodefiles, sharing
 from tlsroll import pki, spiffe
 from tlsroll.errors import PKIError, PKIReason
+from tlsroll.fsutil import read_regular
 from tlsroll.names import Names
 
 
@@ -211,7 +212,7 @@ def renew_install(request: dict[str, Any]) -> dict[str, Any]:
     new_key = nodefiles.pending_paths(data_dir)[0]
     ca_file = nodefiles.paths(data_dir)[2]
     cert = pki.load_cert_pem(_pem(request, "certificate_pem"))
-    ca = pki.read_cert(ca_file)
+    ca = pki.load_cert_pem(read_regular(ca_file))  # never a FIFO's endless wait (rev50a L2)
     nodefiles.check_issued(cert, pki.read_key(new_key), ca, names_of(request))
     td = spiffe.trust_domain(ca)
     if spiffe.of(cert) != spiffe.node(td, request["node_name"]):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -49,8 +50,20 @@ from nodeagent import clients as client_sources
 from tlsroll import clients, logs
 from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
-from tlsroll.errors import LocalResourceError, TerminalError, UnsafePermissions, raise_if_local
-from tlsroll.fsutil import config_dir_problem, replace_staged, socket_dir_problem, stage_atomic
+from tlsroll.errors import (
+    LocalResourceError,
+    NotRegularFile,
+    TerminalError,
+    UnsafePermissions,
+    raise_if_local,
+)
+from tlsroll.fsutil import (
+    config_dir_problem,
+    read_regular,
+    replace_staged,
+    socket_dir_problem,
+    stage_atomic,
+)
 from tlsroll.httpcheck import port_open
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
@@ -72,6 +85,18 @@ REFSERVER_PID = "refserver.pid"
 REFSERVER_LOCK = "refserver.lock"
 
 log = logs.get_logger(__name__)
+
+
+def read_file(path: Path) -> bytes:
+    """A file of the managed server's the agent reads (its live config, its template, the
+    reference server's pid file): ``fsutil.read_regular`` (a FIFO there is never read: it
+    blocked the reader for ever, review rev50a L2), one that is no regular file an OSError
+    (EINVAL) naming it and its kind, as a directory's read was one (IsADirectoryError): each
+    caller's way with a file it cannot read stays as it was."""
+    try:
+        return read_regular(path)
+    except NotRegularFile as exc:
+        raise OSError(errno.EINVAL, str(exc)) from None
 
 
 class DriverError(TerminalError):
@@ -198,7 +223,7 @@ class Driver(abc.ABC):
                 path.unlink(missing_ok=True)
 
     def read_config(self) -> bytes:
-        return self.config_file.read_bytes()
+        return read_file(self.config_file)
 
     @contextlib.contextmanager
     def reading_once(self) -> Iterator[None]:
@@ -678,9 +703,9 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
     def read_config(self) -> bytes:
         once = vars(self._once)
         if not once.get("active"):
-            return self.config_file.read_bytes()
+            return read_file(self.config_file)
         if "raw" not in once:
-            once["raw"] = self.config_file.read_bytes()
+            once["raw"] = read_file(self.config_file)
         raw: bytes = once["raw"]
         return raw
 
@@ -739,7 +764,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         "not running" left the old server up, and the start after it met its ports in use."""
         path = self.data_dir / REFSERVER_PID
         try:
-            return int(path.read_text().strip())
+            return int(read_file(path).strip())
         except OSError as exc:
             raise_if_local(exc, f"reading {path}")
             return None
@@ -842,7 +867,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         process that is not the server (the file is stale either way)."""
         path = self.data_dir / REFSERVER_PID
         with contextlib.suppress(OSError, ValueError):
-            if int(path.read_text().strip()) == pid:
+            if int(read_file(path).strip()) == pid:
                 path.unlink()
 
     def _spawn(self, notify_socket: str | None = None) -> subprocess.Popen[bytes]:
@@ -918,7 +943,8 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
 
     def _last_log_line(self) -> str:
         try:
-            lines = [ln for ln in self.log_file.read_text(errors="replace").splitlines() if ln]
+            text = read_file(self.log_file).decode(errors="replace")
+            lines = [ln for ln in text.splitlines() if ln]
         except OSError:
             return "no log"
         return lines[-1][-300:] if lines else "no output"
@@ -986,7 +1012,7 @@ class TemplateDriver(Driver):
 
     def render(self, target: Target) -> bytes:
         try:
-            template = string.Template(self.template_file.read_text())
+            template = string.Template(read_file(self.template_file).decode())
         except OSError as exc:
             raise DriverError(
                 f"cannot read template {self.template_file}: {exc.strerror}"

@@ -56,6 +56,7 @@ from nodeagent.nodefiles import check_issued as check_issued  # noqa: PLC0414
 from nodeagent.nodefiles import install_renewed as install_renewed  # noqa: PLC0414
 from nodeagent.nodefiles import paths as paths  # noqa: PLC0414
 from nodeagent.nodefiles import pending_paths as pending_paths  # noqa: PLC0414
+from nodeagent.nodefiles import refused_ca_kind_problem
 from tlsroll import __version__, logs, spiffe, tls
 from tlsroll.echo import shown_path
 from tlsroll.errors import (
@@ -74,6 +75,7 @@ from tlsroll.fsutil import (
     file_kind,
     fsync_dir,
     make_private_dir,
+    read_regular,
     write_atomic,
 )
 from tlsroll.names import Names, utcnow
@@ -171,15 +173,15 @@ class Identity:
 
     @property
     def key_pem(self) -> bytes:
-        return self.key_file.read_bytes()
+        return read_regular(self.key_file)
 
     @property
     def cert_pem(self) -> bytes:
-        return self.cert_file.read_bytes()
+        return read_regular(self.cert_file)
 
     @property
     def ca_pem(self) -> bytes:
-        return self.ca_file.read_bytes()
+        return read_regular(self.ca_file)
 
 
 def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity | None:
@@ -225,9 +227,11 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
 def check_identity_files(cfg: AgentConfig) -> None:
     """Judge the node's files before anything reads them: its key and a renewal's
     (``check_key_file``: not a regular file, not ours or readable by others), its certificate
-    and CA (a regular file: a FIFO would be read for ever). Both a person's to fix (exit 2).
-    Before ``finish_pending`` (which reads the keys and moves files) and the memo's digest
-    (``certwork``, which reads them all): a refusal reads nothing and changes nothing."""
+    and CA (a regular file: a FIFO would be read for ever), and the record of a refused CA
+    certificate (``nodefiles.refused_ca_kind_problem``: read once the agent serves, review
+    rev50a L2). All a person's to fix (exit 2). Before ``finish_pending`` (which reads the
+    keys and moves files) and the memo's digest (``certwork``, which reads them all): a
+    refusal reads nothing and changes nothing."""
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     for secret in (key_file, pending_paths(cfg.data_dir)[0]):
         if secret.exists():
@@ -239,6 +243,8 @@ def check_identity_files(cfg: AgentConfig) -> None:
             continue
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(f"{public} is not a regular file ({file_kind(st.st_mode)})")
+    if (problem := refused_ca_kind_problem(cfg.data_dir)) is not None:
+        raise problem
 
 
 def check_key_file(key_file: Path) -> None:
@@ -452,7 +458,7 @@ def read_token(cfg: AgentConfig) -> str:
         where = shown_path(cfg.join_token_file)
         try:
             check_private_file(cfg.join_token_file)
-            token = cfg.join_token_file.read_text().strip()
+            token = read_regular(cfg.join_token_file).decode().strip()
         except UnsafePermissions as exc:  # exit 2, not restarted for ever (as the key's)
             problem = str(exc).replace(str(cfg.join_token_file), where)
             raise ConfigError(cfg.path, "[leader].join_token_file", problem) from None
@@ -478,12 +484,13 @@ def read_token(cfg: AgentConfig) -> str:
 
 def no_token_in(path: Path) -> bool:
     """Whether the join token file ``path`` holds no token: missing, or empty. A file that
-    cannot be read otherwise (its mode, not UTF-8) is left to ``read_token`` to say so."""
+    cannot be read otherwise (its mode, not UTF-8, no regular file: a FIFO blocked the start
+    for ever, review rev50a L2) is left to ``read_token`` to say so."""
     try:
-        return not path.read_bytes().strip()
+        return not read_regular(path).strip()
     except FileNotFoundError:
         return True
-    except OSError:
+    except (OSError, NotRegularFile):
         return False
 
 

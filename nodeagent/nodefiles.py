@@ -20,11 +20,12 @@ import datetime as dt
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
-from tlsroll.fsutil import fsync_dir, write_atomic
+from tlsroll.errors import NotRegularFile, PKIError, PKIReason, TerminalError, TransientError
+from tlsroll.fsutil import file_kind, fsync_dir, read_regular, write_atomic
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -68,9 +69,34 @@ def refused_ca_path(data_dir: Path) -> Path:
 
 def _held_ca(data_dir: Path) -> str:
     try:
-        return hashlib.sha256(paths(data_dir)[2].read_bytes()).hexdigest()
-    except OSError:
+        return hashlib.sha256(read_regular(paths(data_dir)[2])).hexdigest()
+    except (OSError, NotRegularFile):
         return ""
+
+
+def refused_ca_kind_problem(data_dir: Path) -> NotRegularFile | None:
+    """``DATA/ca.refused`` there and no regular file (a FIFO, socket, device or directory,
+    only root can put one there: the data dir is root's, 0700): the error that says so and
+    what to do, or None. A person's to fix (exit 2), not passed over as the memo is: the
+    record is what reports the refusal after a restart (``refused_ca``), and one the agent
+    could neither read nor replace (a directory) would hide it for good."""
+    path = refused_ca_path(data_dir)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing (or not to be looked at: its read says so)
+    if stat.S_ISREG(mode):
+        return None
+    return _not_a_record(path, mode)
+
+
+def _not_a_record(path: Path, mode: int) -> NotRegularFile:
+    rm = "rm -r" if stat.S_ISDIR(mode) else "rm"
+    return NotRegularFile(
+        f"{path} is not a regular file ({file_kind(mode)}); it is where the agent records a "
+        f"renewed CA certificate it refused: remove it (run: {rm} {path}) and start the agent "
+        "again (a refusal still holding is recorded again at the next renewal)"
+    )
 
 
 def refused_ca(data_dir: Path) -> tuple[dt.datetime, str] | None:
@@ -78,10 +104,12 @@ def refused_ca(data_dir: Path) -> tuple[dt.datetime, str] | None:
     (``DATA/ca.refused``, ``write_refused_ca``): kept across restarts, so that the heartbeat
     reports it again (review s49 M). None: none recorded, or the record is not about the
     ``DATA/ca.pem`` held now (another was written since: an enrolment, a crash between a
-    renewal's CA write and its forgetting the record), or unreadable (then forgotten)."""
+    renewal's CA write and its forgetting the record), or unreadable (then forgotten).
+    ``NotRegularFile`` (``refused_ca_kind_problem``'s) for one that is no regular file: never
+    read (a FIFO blocked the agent's start for ever: review rev50a L2)."""
     path = refused_ca_path(data_dir)
     try:
-        record = json.loads(path.read_bytes())
+        record = json.loads(read_regular(path))
         since = dt.datetime.fromisoformat(record["since"])
         reason = record["reason"]
         held = record["ca_sha256"]
@@ -89,6 +117,8 @@ def refused_ca(data_dir: Path) -> tuple[dt.datetime, str] | None:
             raise ValueError(path)
     except FileNotFoundError:
         return None
+    except NotRegularFile as exc:
+        raise (refused_ca_kind_problem(data_dir) or exc) from None
     except (OSError, ValueError, TypeError, KeyError):
         forget_refused_ca(data_dir)
         return None

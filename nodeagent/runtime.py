@@ -275,9 +275,11 @@ def check_data_dir(cfg: AgentConfig) -> None:
     user's, mode 000, a directory in its place) is a config error (exit 2) naming the file and
     the ``chown``/``chmod`` that fixes it (``fsutil.open_problem``, ``dir_write_problem``, as the
     leader's start: review s50; they exited 1, the journal's "cannot be opened now", and were
-    started again every few seconds for ever). What can clear by itself stays exit 1: a
-    read-only file system, a lock another process holds, a full disk (``StoreUnavailable``).
-    Nothing is changed before a refusal but a missing data dir's making."""
+    started again every few seconds for ever), or the ``chattr -i`` of an immutable one (an
+    attribute, ``fsutil.attribute_problem``: review rev50e). What can clear by itself stays
+    exit 1: a read-only file system, a lock another process holds, a full disk
+    (``StoreUnavailable``). Nothing is changed before a refusal but a missing data dir's
+    making."""
     where = cfg.data_dir
     try:
         mode = os.stat(where).st_mode
@@ -295,7 +297,10 @@ def check_data_dir(cfg: AgentConfig) -> None:
     except UnsafePermissions as exc:  # another user's directory, or a link of theirs
         raise ConfigError(cfg.path, "[agent].data_dir", str(exc)) from None
     except PermissionError as exc:  # a missing one, in a directory we may not write
-        raise ConfigError(cfg.path, "[agent].data_dir", os_error_text(exc)) from None
+        # or an immutable one (its chmod: EPERM, for root too): the attribute said, not the
+        # chmod's bare EPERM (review rev50e)
+        problem = fsutil.dir_write_problem(_nearest_there(where))
+        raise ConfigError(cfg.path, "[agent].data_dir", problem or os_error_text(exc)) from None
     if (problem := fsutil.dir_write_problem(where)) is not None:
         raise ConfigError(
             cfg.path, "[agent].data_dir", f"{problem} (the agent keeps its journal in it)"
@@ -309,6 +314,14 @@ def check_data_dir(cfg: AgentConfig) -> None:
     ):
         if (problem := fsutil.open_problem(path, write=True, missing=None)) is not None:
             raise ConfigError(what, None, problem)
+
+
+def _nearest_there(path: Path) -> Path:
+    """``path``, or the nearest directory above it that is there (where a missing one would
+    be made)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
 
 
 async def _journal_checked(journal: Journal, driver: Driver | None) -> str:

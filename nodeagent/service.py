@@ -52,8 +52,8 @@ from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, pa
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import NEEDS_ADMIN, SERVER_NOT_HEALTHY, Change, TxnKind
-from tlsroll.errors import PKIError, PKIReason
-from tlsroll.fsutil import config_dir_problem
+from tlsroll.errors import NotRegularFile, PKIError, PKIReason
+from tlsroll.fsutil import config_dir_problem, read_regular
 from tlsroll.rpc import (
     RpcStatusError,
     error_status,
@@ -414,12 +414,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         ``live_tls``); empty where there is none or a file cannot be read."""
         live = self.journal.live_tls() or {}
         cert_pem, digest = b"", ""
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, NotRegularFile):
             if live.get("cert_file"):
-                cert_pem = first_certificate(Path(live["cert_file"]).read_bytes())
-        with contextlib.suppress(OSError, ValueError):
+                cert_pem = first_certificate(read_regular(Path(live["cert_file"])))
+        with contextlib.suppress(OSError, ValueError, NotRegularFile):
             if live.get("verifier_file"):
-                digest = password.verifier_digest(Path(live["verifier_file"]).read_bytes())
+                digest = password.verifier_digest(read_regular(Path(live["verifier_file"])))
         return cert_pem, digest
 
     async def watch_freeze_lease(self) -> None:

@@ -101,13 +101,14 @@ from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import (
     LocalResourceError,
+    NotRegularFile,
     TerminalError,
     TransientError,
     is_local_shortage,
     is_out_of_space,
     os_error_text,
 )
-from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.fsutil import PRIVATE, read_regular, write_atomic
 
 if TYPE_CHECKING:  # the journal stores Phase values: it imports this module
     from nodeagent.journal import Journal, Txn
@@ -274,10 +275,10 @@ def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
 
 def _read_or_none(path: Path) -> bytes | None:
     """A file of a transaction of an earlier release (its plan's target or backup), if it is
-    still there."""
+    still there (a regular file: never a FIFO's endless read, review rev50a L2)."""
     try:
-        return path.read_bytes()
-    except OSError:
+        return read_regular(path)
+    except (OSError, NotRegularFile):
         return None
 
 

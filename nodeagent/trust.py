@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from nodeagent import certwork
 from tlsroll import logs, spiffe
 from tlsroll.errors import PKIError, TerminalError, TransientError
-from tlsroll.fsutil import PUBLIC, write_atomic
+from tlsroll.fsutil import PUBLIC, read_regular, write_atomic
 from tlsroll.rpc import Peer
 
 if TYPE_CHECKING:
@@ -80,12 +80,15 @@ class LeaderTrust:
         cls, ca_file: Path, trust_domain: str, data_dir: Path, worker: Worker | None = None
     ) -> LeaderTrust:
         """The trust kept in ``data_dir`` (the revocation list, if one was received; checked
-        by ``worker`` from a worker thread, see ``worker``)."""
+        by ``worker`` from a worker thread, see ``worker``). A list that cannot be used (one
+        that is no regular file too: a FIFO blocked the start for ever, review rev50a L2) is
+        passed over with a warning: the leader sends its list on the first heartbeat stream,
+        written over it (``take_crl``)."""
         trust = cls(ca_file, trust_domain, data_dir / "crl.pem", worker=worker)
         if trust.crl_file.exists():
             try:
                 trust.crl_number, trust.revoked = certwork.load_crl(
-                    trust.crl_file.read_bytes(), ca_file, worker
+                    read_regular(trust.crl_file), ca_file, worker
                 )
             except (PKIError, TerminalError, TransientError) as exc:
                 log.warning("crl.unreadable", path=str(trust.crl_file), error=str(exc))

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import fcntl
 import os
 import re
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -425,6 +427,30 @@ def _planted(path: Path, mode: int, uid: int) -> Callable[[], None]:
     return path.unlink
 
 
+# Linux's FS_IOC_SETFLAGS (_IOW('f', 2, long)): ``chattr`` without the package (root's:
+# CAP_LINUX_IMMUTABLE, on a file system with attributes: ext4, as /tmp is here and in CI).
+_FS_IOC_SETFLAGS = (1 << 30) | (struct.calcsize("l") << 16) | (ord("f") << 8) | 2
+
+
+def _chattr(path: Path, flag: int, *, on: bool) -> None:
+    """``chattr +i`` (``flag`` ``fsutil.FS_IMMUTABLE_FL``, ``on``) or ``-i`` of ``path``."""
+    flags = fsutil.file_attributes(path)
+    assert flags is not None, f"no attributes on {path}'s file system"
+    flags = flags | flag if on else flags & ~flag
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, bytearray(flags.to_bytes(4, sys.byteorder) + bytes(4)))
+    finally:
+        os.close(fd)
+
+
+def _immutable(path: Path) -> Callable[[], None]:
+    """``path`` made immutable (``chattr +i``); its undo: ``chattr -i``."""
+    _chattr(path, fsutil.FS_IMMUTABLE_FL, on=True)
+    assert (fsutil.file_attributes(path) or 0) & fsutil.FS_IMMUTABLE_FL
+    return lambda: _chattr(path, fsutil.FS_IMMUTABLE_FL, on=False)
+
+
 NOBODY = 65534  # (nobody; any uid not ours will do)
 # case -> (the file the line names, the damage (returns its undo), run without root's DAC
 # capabilities, words the line holds)
@@ -498,6 +524,13 @@ START_FILES: dict[str, tuple[str, Callable[[Cluster], Callable[[], None]], bool,
         lambda c: _given(c.data_dir, 0o500),
         True,
         "cannot be written by root (uid 0)",
+    ),
+    # (review rev50e: "run: chmod u+rwx", which changes nothing: an attribute stops it)
+    "data-dir-immutable": (
+        ".",
+        lambda c: _immutable(c.data_dir),
+        False,
+        "not its mode (owner root (uid 0), mode 0750) but an attribute: it is immutable",
     ),
     "viewer-key-another-users": (
         "tls/viewer.key",
@@ -857,6 +890,56 @@ def test_a_fifo_swapped_in_after_the_look_does_not_hang_the_check(tmp_path: Path
     assert result.stdout.strip() == f"{fifo} is not a regular file (a FIFO)", result.stdout
 
 
+def test_read_regular_reads_a_regular_file_and_never_waits_on_anything_else(
+    tmp_path: Path,
+) -> None:
+    """``fsutil.read_regular``, the agent's reader of the files it finds at start (review
+    rev50a L2: a FIFO read blocked for ever): a regular file's bytes (``limit``: one more at
+    most); a FIFO, directory, socket or device is ``NotRegularFile`` naming its kind, never
+    opened; a FIFO swapped in after its stat (the stat sees the regular file before the swap)
+    is judged on the descriptor, opened without blocking. In a child: its timeout only ends a
+    hang."""
+    regular = tmp_path / "record"
+    regular.write_bytes(b"0123456789")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    sock_path = tmp_path / "sock"
+    script = (
+        "import os, socket, sys\n"
+        "from tlsroll import fsutil\n"
+        "from tlsroll.errors import NotRegularFile\n"
+        "fifo, regular, sock_path, directory = sys.argv[1:]\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sock_path)\n"
+        "print(fsutil.read_regular(regular), fsutil.read_regular(regular, 3))\n"
+        "for path in (fifo, directory, sock_path, '/dev/null'):\n"
+        "    try:\n"
+        "        fsutil.read_regular(path)\n"
+        "    except NotRegularFile as exc:\n"
+        "        print(exc)\n"
+        "real = os.stat\n"
+        "os.stat = lambda p, *a, **k: real(regular if str(p) == fifo else p, *a, **k)\n"
+        "try:\n"
+        "    fsutil.read_regular(fifo)\n"
+        "except NotRegularFile as exc:\n"
+        "    print('swapped:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(fifo), str(regular), str(sock_path), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.splitlines() == [
+        "b'0123456789' b'0123'",
+        f"{fifo} is not a regular file (a FIFO)",
+        f"{tmp_path} is not a regular file (a directory)",
+        f"{sock_path} is not a regular file (a socket)",
+        "/dev/null is not a regular file (a character device)",
+        f"swapped: {fifo} is not a regular file (a FIFO)",
+    ], result.stdout
+
+
 def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(
     tmp_path: Path,
 ) -> None:
@@ -924,6 +1007,49 @@ def test_an_agent_config_with_a_relative_data_dir_or_one_port_twice_is_refused(
     line = one_line_error(result.stderr, "tlsroll-agent")
     assert f"config error: {config}: {problem}" in line, line
     assert not (tmp_path / "agent-data").exists()  # nothing made where it was started
+
+
+@pytest.mark.parametrize("which", ["data dir", "journal"])
+def test_an_immutable_agent_data_dir_or_journal_is_said_to_be_an_attribute(
+    cluster: Cluster, tmp_path: Path, which: str
+) -> None:
+    """Review rev50e: a data dir or journal made immutable (``chattr +i``; root can, with
+    CAP_LINUX_IMMUTABLE, and root cannot write it then, nor chmod it): the line said the
+    chmod's bare "Operation not permitted" (the data dir) or the open's (the journal), and
+    the data dir checks advise ``chmod u+rwx`` where its mode says no. Now: not its mode but
+    an attribute, how to see it (``lsattr``) and clear it (``chattr -i``), exit 2. A real
+    attribute on a real file system (the test's tmp dir: ext4 here and in CI)."""
+    data = tmp_path / "agent-data"
+    data.mkdir(mode=0o700)
+    journal = data / "journal.sqlite3"
+    if which == "journal":
+        journal.touch(mode=0o600)
+    target = data if which == "data dir" else journal
+    config = _agent_config(cluster, tmp_path, data_dir=data)
+    undo = _immutable(target)
+    try:
+        result = subprocess.run(
+            [*command("tlsroll-agent", "nodeagent.daemon"), "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        undo()
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    mode = "0700" if which == "data dir" else "0600"
+    look = f"lsattr -d {target}" if which == "data dir" else f"lsattr {target}"
+    assert (
+        f"{target} cannot be changed by root (uid 0): not its mode (owner root (uid 0), mode "
+        f"{mode}) but an attribute: it is immutable (chattr +i, `{look}` shows it); run: "
+        f"chattr -i {target}"
+    ) in line, line
+    assert "chmod" not in line, line
+    made = ["journal.sqlite3"] if which == "journal" else []
+    assert sorted(p.name for p in data.iterdir()) == made  # nothing made
 
 
 # --- L2 (the reference server's files): a FIFO is refused, not waited on ---------------------

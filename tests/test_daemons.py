@@ -411,6 +411,84 @@ def test_agent_refuses_a_key_that_is_a_fifo_without_reading_it(three: Cluster) -
     three.wait_for_nodes_online(["node2"], timeout=15)
 
 
+def _fifo_in_place_of(path: Path) -> Path | None:
+    """``path`` made a FIFO (only root can put one in the data dir); what was there moved
+    aside (returned, None if nothing was), for ``_put_back``."""
+    aside = None
+    if path.exists():
+        aside = path.with_name(path.name + ".aside")
+        path.rename(aside)
+    os.mkfifo(path, 0o600)
+    return aside
+
+
+def _put_back(path: Path, aside: Path | None) -> None:
+    if path.is_dir():
+        path.rmdir()
+    elif path.exists() and not path.is_file():
+        path.unlink()
+    if aside is not None:
+        aside.replace(path)
+
+
+@pytest.mark.parametrize("name", [certwork.MEMO, "crl.pem"])
+def test_agent_passes_over_a_cache_that_is_a_fifo(three: Cluster, name: str) -> None:
+    """Review rev50a L2: the memo of the last identity check, or the revocation list the leader
+    sent, made a FIFO: the start read it and waited for a writer for ever (never ready, never
+    an exit). Both are caches the agent writes itself: now passed over with a warning naming
+    the file, and the agent starts and serves. The memo is written again before the agent is
+    ready (its child's check); the list is when the leader next sends one (``take_crl``)."""
+    node2 = three.agents["node2"]
+    assert node2.stop() == 0
+    path = node2.data_dir / name
+    aside = _fifo_in_place_of(path)
+    try:
+        node2.start(timeout=30)  # before: TimeoutError (killed by wait_ready)
+        event = "identity.memo_not_a_file" if name == certwork.MEMO else "crl.unreadable"
+        said = [e for e in node2.log_events() if e.get("event") == event]
+        assert said, node2.log_text()[-3000:]
+        assert f"{path} is not a regular file (a FIFO)" in said[-1]["error"], said
+        if name == certwork.MEMO:
+            assert stat.S_ISREG(os.stat(path).st_mode)
+        three.wait_for_nodes_online(["node2"], timeout=15)
+    finally:
+        if node2.running:
+            node2.stop()
+        _put_back(path, aside)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_agent_refuses_a_ca_refusal_record_that_is_not_a_file(three: Cluster, kind: str) -> None:
+    """Review rev50a L2: ``DATA/ca.refused`` (the record of a renewed CA certificate the node
+    refused, read at each start) made a FIFO hung the start for ever; a directory was passed
+    over (its unlink failed), and every refusal after it went unrecorded. Not a cache: a config
+    error (exit 2) naming the file and the ``rm`` that fixes it, nothing read or removed, the
+    port never opened."""
+    node2 = three.agents["node2"]
+    assert node2.stop() == 0
+    path = node2.data_dir / "ca.refused"
+    assert not path.exists()
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    else:
+        path.mkdir(0o700)
+    try:
+        code, output = node2.run_to_exit(timeout=30)  # before (FIFO): TimeoutExpired
+        assert code == 2, output
+        line = one_line_error(output, "tlsroll-agent")
+        what = "a FIFO" if kind == "fifo" else "a directory"
+        assert f"{path} is not a regular file ({what})" in line, line
+        assert f"(run: {'rm' if kind == 'fifo' else 'rm -r'} {path})" in line, line
+        assert path.exists() and not path.is_file()
+        assert not port_open(node2.address, node2.port)
+    finally:
+        _put_back(path, None)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
 def test_a_damaged_journal_stops_the_agent_with_one_line(three: Cluster) -> None:
     """Random bytes where the journal was: one line naming the file, exit 4 (needs a person:
     the unit does not restart it), no traceback (a corrupt store used to end the agent with a

@@ -445,6 +445,48 @@ def test_template_renders_http_only_https_only_and_dual(tmp_path: Path) -> None:
     ]
 
 
+def test_a_servers_config_or_template_that_is_a_fifo_is_said_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    """Review rev50a L2 (the files the agent reads, audited): the managed server's live config
+    (read at the agent's start by the stage sweep, and by every switch) and its template made
+    FIFOs were read and waited on for ever. Now each is an OSError naming the file and its kind
+    (as a directory was: each caller's way with an unreadable config stays), the template's a
+    DriverError. In a child: its timeout only ends a hang."""
+    config, template = tmp_path / "nginx.conf", tmp_path / "nginx.conf.tmpl"
+    os.mkfifo(config, 0o600)
+    os.mkfifo(template, 0o600)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from nodeagent.drivers import DriverError, SystemdDriver, Target\n"
+        "from tlsroll.config import Section\n"
+        "config, template, root = sys.argv[1:]\n"
+        "settings = {'config_file': config, 'template': template, 'app_path': '/',\n"
+        "            'unit': 'nginx.service', 'admin_socket': root + '/admin.sock'}\n"
+        "d = SystemdDriver(Section(Path(root) / 'agent.toml', 'server', settings), '10.0.0.5')\n"
+        "try:\n"
+        "    d.read_config()\n"
+        "except OSError as exc:\n"
+        "    print(exc.strerror)\n"
+        "try:\n"
+        "    d.render(Target(('https',), cert_file=Path(root) / 'server.pem'))\n"
+        "except DriverError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(config), str(template), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.splitlines() == [
+        f"{config} is not a regular file (a FIFO)",
+        f"cannot read template {template}: {template} is not a regular file (a FIFO)",
+    ], result.stdout + result.stderr
+
+
 def test_systemd_template_with_an_unknown_placeholder_is_refused(nodes: NodeFactory) -> None:
     node, control, _template = systemd_node(nodes, 'note = "$nonsense"\n')
     config, pid = node.server.config_path.read_bytes(), node.server_pid()
@@ -1604,19 +1646,20 @@ def test_the_reference_driver_reads_its_config_once_within_reading_once(
     driver = reference_driver(tmp_path)
     reads: list[Path] = []
     read_bytes = Path.read_bytes
+    read_file = drivers.read_file  # (the driver's reader of its files: never a FIFO's wait)
     config_read = ConfigFile.read
 
     def counting(path: Path) -> bytes:
         if path == driver.config_file:
             reads.append(path)
-        return read_bytes(path)
+        return read_file(path)
 
     def counting_config(path: Path) -> bytes:  # (the config reader opens the file itself)
         if path == driver.config_file:
             reads.append(path)
         return config_read(path)
 
-    monkeypatch.setattr(Path, "read_bytes", counting)
+    monkeypatch.setattr(drivers, "read_file", counting)
     monkeypatch.setattr(ConfigFile, "read", staticmethod(counting_config))
     target = Target(("https",), tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem")
     with driver.reading_once():

@@ -347,6 +347,18 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
             token_file.chmod(0o600)
         assert "enrol.refused" not in cluster.leader.log_text()
 
+        # The token file a FIFO (only root can put one there): its look for a token read it
+        # and waited for a writer for ever (review rev50a L2); now it is said, never read.
+        token_file.unlink()
+        os.mkfifo(token_file, 0o600)
+        code, output = agent.run_to_exit(timeout=30)
+        assert code == agent_runtime.EXIT_CERT_EXPIRED, output
+        line = one_line_error(output, "tlsroll-agent")
+        assert f"{token_file} is not a regular file (a FIFO)" in line, line
+        token_file.unlink()
+        token_file.write_text("\n")
+        token_file.chmod(0o600)
+
         # The key's certificate revoked, and a new token: the line says how to get a new key.
         assert cluster.cli("ca", "revoke", f"{old.serial_number:x}").returncode == 0
         token_file.write_text(cluster.create_token("node6", address) + "\n")

@@ -1061,6 +1061,10 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         on_the_loop(blocking, f"read {path.name}")
         return read_bytes(path)
 
+    def read_regular(path: Path) -> bytes:  # (a plan's file of an earlier release)
+        on_the_loop(blocking, f"read {path.name}")
+        return fsutil.read_regular(path)
+
     def read_config(path: Path) -> bytes:  # (it opens the file itself, not by read_bytes)
         on_the_loop(blocking, f"read {path.name}")
         return config_read(path)
@@ -1070,6 +1074,7 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         write_atomic(path, data, mode)
 
     monkeypatch.setattr(Path, "read_bytes", read)
+    monkeypatch.setattr(transaction, "read_regular", read_regular)
     monkeypatch.setattr(ConfigFile, "read", staticmethod(read_config))
     monkeypatch.setattr(transaction, "write_atomic", write)
     return blocking

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import itertools
 import os
@@ -361,7 +362,9 @@ def open_problem(
             f" (owner {user_label(st.st_uid)}, mode {mode:04o})"
         )
         if exc.errno == errno.EPERM:  # not its mode: an attribute (chattr +i), a policy
-            return f"{said}: {exc.strerror or exc} (errno {exc.errno}, EPERM)"
+            return attribute_problem(path, st) or (
+                f"{said}: {exc.strerror or exc} (errno {exc.errno}, EPERM)"
+            )
         if st.st_uid != me:
             return f"{said}; {owner_fix(st.st_uid, path)}"
         return f"{said}; run: chmod u+{'rw' if write else 'r'} {path}"
@@ -372,6 +375,76 @@ def open_problem(
     if not stat.S_ISREG(opened):  # swapped in after the stat
         return f"{path} is not a regular file ({file_kind(opened)})"
     return None
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (a link followed, as ``read_bytes`` does), or
+    ``NotRegularFile`` naming its kind: a FIFO, socket, device or directory is never read (a
+    FIFO without a writer would block its reader for ever, ``/dev/zero`` never end). Judged
+    by ``stat`` before anything is opened (a device or FIFO is never opened), then opened
+    without blocking and judged again on the descriptor (``fstat``: one swapped in after the
+    stat is never read). ``limit``: at most that many bytes and one more are read (the caller
+    can tell a longer file). Any other error is the open's or the read's OSError, as
+    ``read_bytes`` raised it."""
+    path = Path(path)
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    return f.read() if limit is None else f.read(limit + 1)
+        finally:
+            os.close(fd)
+    raise NotRegularFile(f"{path} is not a regular file ({file_kind(mode)})")
+
+
+# Linux's file attributes (``chattr``, ``lsattr``; ioctl_iflags(2)): FS_IOC_GETFLAGS is
+# _IOR('f', 1, long); the kernel reads and writes an int at the address all the same.
+_FS_IOC_GETFLAGS = (2 << 30) | (struct.calcsize("l") << 16) | (ord("f") << 8) | 1
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+
+
+def file_attributes(path: Path) -> int | None:
+    """``path``'s Linux file attributes (``FS_*_FL``, as ``lsattr`` shows them), or None where
+    they cannot be read (not Linux, a file system without them, a file we may not open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int.from_bytes(flags[:4], sys.byteorder)
+
+
+def attribute_problem(path: Path, st: os.stat_result) -> str | None:
+    """Why ``path`` (``st``: its stat) cannot be changed whatever its owner and mode say, when
+    it is an attribute (the kernel's EPERM, for root too): it is immutable (``chattr +i``:
+    nothing in a directory so marked can be made, removed or renamed, no file so marked
+    written, and neither chmod-ed) or append-only (``+a``). The line says so and how to see
+    and clear it (``lsattr``, ``chattr -i``, root's: CAP_LINUX_IMMUTABLE); a ``chmod`` would
+    change nothing (review rev50e: "run: chmod u+rwx"). None: neither attribute is set, or
+    the attributes cannot be read."""
+    flags = file_attributes(path)
+    if flags is None or not flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+        return None
+    which, letter = ("immutable", "i") if flags & FS_IMMUTABLE_FL else ("append-only", "a")
+    me = os.geteuid()
+    look = f"lsattr -d {path}" if stat.S_ISDIR(st.st_mode) else f"lsattr {path}"
+    clear = f"chattr -{letter} {path}"
+    return (
+        f"{path} cannot be changed by {user_label(me)}: not its mode (owner "
+        f"{user_label(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}) but an attribute: it "
+        f"is {which} (chattr +{letter}, `{look}` shows it); "
+        f"{'run' if me == 0 else 'as root, run'}: {clear}"
+    )
 
 
 def dir_write_problem(path: Path) -> str | None:
@@ -390,6 +463,8 @@ def dir_write_problem(path: Path) -> str | None:
             return None
     except OSError:
         return None
+    if (attribute := attribute_problem(path, st)) is not None:  # (whatever its mode says)
+        return attribute
     if _mode_allows(st, 0o3):  # (w and x) access() was kept from answering
         return None
     me = os.geteuid()
