@@ -862,6 +862,8 @@ def test_a_writable_directory_access_denies_is_not_reported(
     tmp_path.chmod(0o700)  # ours
     monkeypatch.setattr(os, "access", lambda *_a, **_k: False)
     assert fsutil.dir_write_problem(tmp_path) is None
+    # The workstation's check of the directory it will make (under one that exists) alike.
+    assert fsutil.private_dir_problem(tmp_path / "to-be-made" / "inside") is None
 
 
 def test_a_fifo_swapped_in_after_the_look_does_not_hang_the_check(tmp_path: Path) -> None:

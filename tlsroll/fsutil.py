@@ -303,7 +303,9 @@ def private_dir_problem(path: Path) -> str | None:
             )
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             return f"{path} is on a read-only file system"
-    elif not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+    elif not os.access(existing, os.W_OK | os.X_OK, effective_ids=True) and not _mode_allows(
+        st, 0o3
+    ):  # not access() alone (``dir_write_problem``: a seccomp filter's EPERM says no to all)
         return f"{existing} is not writable by {user_label(me)}"
     return None
 
