@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,12 +90,52 @@ def check() -> list[str]:
         return problems
 
 
+CONTRACT = ROOT / "tlsroll" / "contract.py"
+REVISION_LINE = re.compile(r'^REVISION = "([0-9a-f]*)"$', re.M)
+
+
+def revision() -> str:
+    """``tlsroll.contract.computed()`` of the tree's generated modules, in a fresh process
+    (this one may have imported others)."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from tlsroll import contract; print(contract.computed())"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return out.stdout.strip()
+
+
+def revision_problem() -> str | None:
+    """The contract revision written in ``tlsroll/contract.py`` (what the CLI speaks) if it is
+    not the one computed from the generated modules (what the leader announces): a CLI and a
+    leader of one tree would call each other other code (review rev51c, H1)."""
+    found = REVISION_LINE.search(CONTRACT.read_text())
+    written = found.group(1) if found else None
+    actual = revision()
+    if written != actual:
+        return f"tlsroll/contract.py: REVISION {written!r} is not {actual!r} (run `make proto`)"
+    return None
+
+
+def write_revision() -> None:
+    text = CONTRACT.read_text()
+    new = REVISION_LINE.sub(f'REVISION = "{revision()}"', text, count=1)
+    if new != text:
+        CONTRACT.write_text(new)
+        print("updated tlsroll/contract.py REVISION")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     ns = parser.parse_args()
     if ns.check:
         problems = check()
+        if not problems and (wrong := revision_problem()):
+            problems.append(wrong)
         for line in problems:
             print(f"proto drift: {line}", file=sys.stderr)
         return 1 if problems else 0
@@ -101,6 +143,7 @@ def main() -> int:
         (ROOT / old).unlink()
     for rel in generate(ROOT):
         print(f"generated {rel}")
+    write_revision()
     return 0
 
 
