@@ -274,7 +274,8 @@ def init_cut_short(cfg: LeaderConfig, made: list[Path], missing: list[Path]) -> 
     return ca_file_error(
         labels[missing[0]],
         f"{missing[0]} is missing: an earlier `tlsroll init` on {data} was interrupted (no"
-        f" leader has run there; {did}); {fix}{command}",
+        f" leader has run there; {did}); {fix}{command} (if you are restoring a backup"
+        " there instead, finish restoring it: its files, not a new init)",
     )
 
 

@@ -40,8 +40,11 @@ from leader.store import (
     revoke_superseded_in,
     revoke_undelivered_in,
 )
+from tlsroll import logs
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.sqlite import from_text, to_text
+
+log = logs.get_logger(__name__)
 
 _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
 _ACTIVE = f"state NOT IN ({', '.join('?' * len(_TERMINAL))})"  # a rollout not yet ended
@@ -1641,9 +1644,30 @@ def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:
         undoes=r["undoes"],
         finalizes=r["finalizes"],
         when_quiet=r["when_quiet"],
-        removed_since=tuple(json.loads(r["removed_since"])) if r["removed_since"] else (),
+        removed_since=_removed_since(r["id"], r["removed_since"]),
     )
     return rollout, meta
+
+
+def _removed_since(rollout_id: str, stored: object) -> tuple[str, ...]:
+    """The column ``rollouts.removed_since`` read (a JSON list of node names, or NULL). It only
+    tells what the start left out: a value that is not such a list (a hand-edited store) reads
+    as none, with a warning, never as an error of every read of the rollout (review rev51c L1:
+    one damaged row broke each ``schema show`` and the live rollout's engine passes)."""
+    if stored is None or stored == "":
+        return ()
+    try:
+        names = json.loads(stored) if isinstance(stored, str | bytes) else None
+    except ValueError:
+        names = None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return tuple(names)
+    log.warning(
+        "store.removed_since_unreadable",
+        rollout_id=rollout_id,
+        detail="the rollout's removed_since is not a JSON list of node names: read as none",
+    )
+    return ()
 
 
 def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:

@@ -852,6 +852,32 @@ def test_mount_points_are_read_as_fstab_and_mountinfo_write_them(tmp_path: Path)
     assert fsutil.unmounted_mount_point(Path("/srv/my disk/tlsroll"), env) is None
 
 
+def test_a_mount_point_fstab_spells_through_a_link_is_mounted_on_its_target(
+    tmp_path: Path,
+) -> None:
+    """Review rev51c L4: fstab names the mount point by a path through a symbolic link;
+    mountinfo shows the link's target. Mounted there, it is mounted (it was said not mounted
+    yet, exit 1 for ever, hiding a real config error)."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    target = (tmp_path / "disks" / "data").resolve()
+    target.mkdir(parents=True)
+    link = tmp_path / "srv-data"
+    link.symlink_to(target)
+    (root / "etc" / "fstab").write_text(f"/dev/vdb1 {link} ext4 defaults 0 2\n")
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+    )
+    assert fsutil.unmounted_mount_point(link / "tlsroll", env) == (link, "/etc/fstab")
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        f"31 22 253:17 / {target} rw shared:9 - ext4 /dev/vdb1 rw\n"
+    )
+    assert fsutil.unmounted_mount_point(link / "tlsroll", env) is None
+
+
 def test_a_writable_directory_access_denies_is_not_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from leader import db as leader_db
@@ -299,6 +300,27 @@ def test_a_store_of_the_schema_before_opens_with_no_node_left_out(tmp_path: Path
     try:
         row = schema.get("r2")
         assert row is not None and row.meta.removed_since == ()
+    finally:
+        schema.close()
+
+
+@pytest.mark.parametrize("stored", ["{bad", "5", "[1, 2]", "[null]", '"node3"', '{"a": 1}'])
+def test_a_damaged_removed_since_reads_as_none_with_a_warning(stored: str, tmp_path: Path) -> None:
+    """Review rev51c L1: ``tuple(json.loads(...))`` of a damaged column raised (or made a
+    string's letters into node names) at every read of the rollout: each `schema show` and the
+    live rollout's engine passes failed. It is only what the start left out: read as none,
+    with a warning."""
+    path = tmp_path / "leader.sqlite3"
+    SchemaStore(path).close()
+    insert_rollout(path, "r1", epoch=1)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE rollouts SET removed_since = ?", (stored,))
+    schema = SchemaStore(path)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            row = schema.get("r1")
+        assert row is not None and row.meta.removed_since == ()
+        assert [e["event"] for e in logs] == ["store.removed_since_unreadable"]
     finally:
         schema.close()
 

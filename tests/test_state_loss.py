@@ -629,9 +629,10 @@ def test_an_interrupted_init_with_the_config_elsewhere_says_so_and_how_to_run_it
     assert line == (
         f"tlsroll-leader: config error: {what}: {missing[0]} is missing: an earlier `tlsroll"
         f" init` on {data} was interrupted (no leader has run there; {did}"
-        f" {', '.join(str(p.relative_to(data)) for p in missing)}); {fix}"
+        f" {', '.join(str(p.relative_to(data)) for p in missing)}); {fix} (if you are"
+        " restoring a backup there instead, finish restoring it: its files, not a new init)"
     ), line
-    assert "restore" not in line
+    assert "restore it from a backup" not in line
     for path in made:  # as the line says
         path.unlink()
     assert init(data, address).config.exists()

@@ -988,6 +988,8 @@ def unmounted_mount_point(
         if len(fields) >= 5:
             mounted.add(Path(os.path.normpath(_unescaped(fields[4]))))
     for place in ways:
-        if place not in mounted:
+        # A mount point fstab spells through a symbolic link is mounted on the link's target,
+        # which mountinfo shows (review rev51c L4: a mounted disk was said not mounted).
+        if place not in mounted and Path(os.path.realpath(place)) not in mounted:
             return place, to_be[place]
     return None
