@@ -429,12 +429,18 @@ class Node:
 
 @contextlib.contextmanager
 def cluster_of(
-    root: Path, count: int, *, env: Mapping[str, str] | None = None, **leader: object
+    root: Path,
+    count: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    node_env: Mapping[str, Mapping[str, str]] | None = None,
+    **leader: object,
 ) -> Iterator[tuple[Cluster, list[Node]]]:
     """A leader (``leader``: keys for leader.toml) and ``count`` nodes, node1 on the leader's
     own address, each with its agent and reference server, all online; ``env`` is added to the
-    daemons' environment (a benchmark turns the tests' loop thread check off with it). A node's
-    agent left stopped (SIGSTOP) by a test is continued before it is closed."""
+    daemons' environment (a benchmark turns the tests' loop thread check off with it), and
+    ``node_env`` (by node name) to one node's agent and server alone. A node's agent left
+    stopped (SIGSTOP) by a test is continued before it is closed."""
     addresses = [next_loopback() for _ in range(count)]
     cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
@@ -444,7 +450,8 @@ def cluster_of(
             cluster.write_leader_config(leader)
         cluster.start_leader(env)
         for node in nodes:
-            node.start(env)
+            own = (node_env or {}).get(node.name)
+            node.start({**(env or {}), **own} if own else env)
         cluster.wait_for_nodes_online([n.name for n in nodes])
         yield cluster, nodes
     finally:

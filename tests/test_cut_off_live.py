@@ -30,8 +30,9 @@ from tests.test_transitional import LONG, WAITED, rollout, wait_state
 
 HOLD = 10
 """Seconds the restarted server of a switch waits before it answers (its start delay): a
-switch lasts at least that long after its restart, which leaves the revocation, two CLI
-calls after the switch was seen, time to come while it is under way."""
+switch lasts at least that long after its restart, which leaves the revocation, one CLI call
+after the switch was seen, time to come while it is under way. node2's alone: the others'
+switches (the retry's) are not held."""
 
 LEASE = 10
 """The scope freeze's lease (s), the least leader.toml takes: a cut-off node's freeze, never
@@ -75,8 +76,8 @@ def test_a_node_cut_off_during_its_switch_needs_attention_and_halts_the_rollout(
     remove node2` before the retry. Its retry is refused in one line until node2 is removed;
     then it runs on node3 and node1 alone, naming node2 left out, and completes. Nothing waits
     without a bound: the halt comes while node2's agent still carries its switch on its own."""
-    slow = {START_DELAY_ENV: str(HOLD)}
-    with cluster_of(tmp_path, 3, env=slow) as (cluster, nodes):
+    slow = {"node2": {START_DELAY_ENV: str(HOLD)}}  # node2's switch alone is held open
+    with cluster_of(tmp_path, 3, node_env=slow) as (cluster, nodes):
         node1, node2, node3 = nodes
         agent = node2.agent
         assert agent is not None
@@ -87,18 +88,21 @@ def test_a_node_cut_off_during_its_switch_needs_attention_and_halts_the_rollout(
         )
         assert started.returncode == 0, (started.stdout, started.stderr)
         first = cluster.poll_newest_rollout()["id"]
+        # The rollout holds node2 from its start: its removal is refused, naming the revocation
+        # (asked before its switch, so that the one call left inside the held switch is the
+        # revocation itself: review rev51b L2).
+        removal = cluster.cli("nodes", "remove", "node2", "--yes")
+        line = one_line_error(removal.stderr, "tlsroll")
+        assert removal.returncode == 1, line
+        serial = f"{agent.cert().serial_number:x}"
+        assert f"cut its agent off now with `tlsroll ca revoke {serial}`" in line, line
+        assert state_of(cluster, "node2") != "done"  # (asked while node2 was still to switch)
         wait_until(
             lambda: state_of(cluster, "node2") == "switching",
             120,
             "node2's switch",
             interval=LEADER_POLL,
         )
-
-        removal = cluster.cli("nodes", "remove", "node2", "--yes")
-        line = one_line_error(removal.stderr, "tlsroll")
-        assert removal.returncode == 1, line
-        serial = f"{agent.cert().serial_number:x}"
-        assert f"cut its agent off now with `tlsroll ca revoke {serial}`" in line, line
         revoked = cluster.cli("ca", "revoke", serial)
         assert revoked.returncode == 0, revoked.stderr
 
@@ -202,6 +206,15 @@ def test_a_scope_frozen_node_cut_off_holds_no_switch_of_the_others(tmp_path: Pat
 
         resumed = cluster.cli("rollout", "resume")
         assert resumed.returncode == 0, resumed.stderr
+        # The others switch at once, not held until the leader counts node2's freeze lifted
+        # (its lease and a margin after its last freeze call, about a minute: the rollout's
+        # end waits for that, the switches must not; review rev51b L1).
+        wait_until(
+            lambda: {state_of(cluster, n) for n in ("node1", "node3")} == {"done"},
+            30,
+            "node3 and node1 to switch",
+            interval=LEADER_POLL,
+        )
         wait_until(
             lambda: world.poll()["state"] in WAITED,
             120,
