@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, fsync_dir
 from tlsroll.sqlite import Migration, make_private, migrate
 
@@ -103,9 +104,11 @@ WITHOUT_LOGIN_FAILURES = (
 )
 
 
-class LoginFailuresNotKept(sqlite3.OperationalError):
+class LoginFailuresNotKept(TerminalError, sqlite3.OperationalError):
     """A save of the count of wrong passwords on a file without its table (not migrated: it
-    could not be written at start)."""
+    could not be written at start). Terminal (asking again finds the same file) and a
+    ``sqlite3.OperationalError``, as the save's other failures are (the server's save task
+    logs them alike)."""
 
 
 def now_iso() -> str:
