@@ -53,10 +53,10 @@ from nodeagent.nodefiles import CertificateExpired as CertificateExpired  # noqa
 from nodeagent.nodefiles import EnrolmentDeferred as EnrolmentDeferred  # noqa: PLC0414
 from nodeagent.nodefiles import EnrolmentRefused as EnrolmentRefused  # noqa: PLC0414
 from nodeagent.nodefiles import check_issued as check_issued  # noqa: PLC0414
+from nodeagent.nodefiles import crl_kind_problem, refused_ca_kind_problem
 from nodeagent.nodefiles import install_renewed as install_renewed  # noqa: PLC0414
 from nodeagent.nodefiles import paths as paths  # noqa: PLC0414
 from nodeagent.nodefiles import pending_paths as pending_paths  # noqa: PLC0414
-from nodeagent.nodefiles import refused_ca_kind_problem
 from tlsroll import __version__, logs, spiffe, tls
 from tlsroll.echo import shown_path
 from tlsroll.errors import (
@@ -229,9 +229,10 @@ def check_identity_files(cfg: AgentConfig) -> None:
     (``check_key_file``: not a regular file, not ours or readable by others), its certificate
     and CA (a regular file: a FIFO would be read for ever), and the record of a refused CA
     certificate (``nodefiles.refused_ca_kind_problem``: read once the agent serves, review
-    rev50a L2). All a person's to fix (exit 2). Before ``finish_pending`` (which reads the
-    keys and moves files) and the memo's digest (``certwork``, which reads them all): a
-    refusal reads nothing and changes nothing."""
+    rev50a L2), and the revocation list's place, which the agent writes over (a directory
+    there: ``nodefiles.crl_kind_problem``, review rev51d M1). All a person's to fix (exit 2).
+    Before ``finish_pending`` (which reads the keys and moves files) and the memo's digest
+    (``certwork``, which reads them all): a refusal reads nothing and changes nothing."""
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     for secret in (key_file, pending_paths(cfg.data_dir)[0]):
         if secret.exists():
@@ -243,8 +244,9 @@ def check_identity_files(cfg: AgentConfig) -> None:
             continue
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(f"{public} is not a regular file ({file_kind(st.st_mode)})")
-    if (problem := refused_ca_kind_problem(cfg.data_dir)) is not None:
-        raise problem
+    for kind_problem in (refused_ca_kind_problem, crl_kind_problem):
+        if (problem := kind_problem(cfg.data_dir)) is not None:
+            raise problem
 
 
 def check_key_file(key_file: Path) -> None:

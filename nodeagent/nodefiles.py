@@ -11,6 +11,7 @@ does that work: ``identity.Identity``).
     DATA/node.key.new, DATA/node.pem.new     a renewal's, until it moves them into place
     DATA/ca.refused   a renewed CA certificate this node refused: since when, why, and the
                       DATA/ca.pem it kept (``refused_ca``), until a renewal's CA is taken
+    DATA/crl.pem      the CA's revocation list the leader sent (``nodeagent.trust``)
 """
 
 from __future__ import annotations
@@ -65,6 +66,32 @@ def pending_paths(data_dir: Path) -> tuple[Path, Path]:
 
 def refused_ca_path(data_dir: Path) -> Path:
     return data_dir / "ca.refused"
+
+
+def crl_path(data_dir: Path) -> Path:
+    """Where the agent keeps the CA's revocation list the leader sends (``trust.LeaderTrust``)."""
+    return data_dir / "crl.pem"
+
+
+def crl_kind_problem(data_dir: Path) -> NotRegularFile | None:
+    """``DATA/crl.pem`` a directory: the error that says so and what to do, or None. The list
+    is a file the agent writes over (a rename) each time the leader sends one: one that is no
+    regular file but a directory (a FIFO, socket or device is replaced by the rename) could
+    never be, and the agent would hold no list after each start (review rev51d M1: its
+    heartbeat stream was dropped and opened again once a second for ever). A person's to fix
+    (exit 2, as ``refused_ca_kind_problem``)."""
+    path = crl_path(data_dir)
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None  # missing (or not to be looked at: the list's read and write say so)
+    if not stat.S_ISDIR(mode):
+        return None
+    return NotRegularFile(
+        f"{path} is not a regular file ({file_kind(mode)}); it is where the agent keeps the "
+        f"CA's revocation list the leader sends: remove it (run: rm -r {path}) and start the "
+        "agent again (the leader sends its list again)"
+    )
 
 
 def _held_ca(data_dir: Path) -> str:

@@ -38,11 +38,19 @@ from nodeagent.sharing import write_staged as write_staged  # noqa: PLC0414
 from nodeagent.transaction import Plan, describe
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
-from tlsroll.errors import PKIError, PKIReason, TerminalError, UnsafePermissions, os_error_text
+from tlsroll.errors import (
+    NotRegularFile,
+    PKIError,
+    PKIReason,
+    TerminalError,
+    UnsafePermissions,
+    os_error_text,
+)
 from tlsroll.fsutil import (
     PRIVATE,
     give_file,
     make_private_dir,
+    read_regular,
 )
 
 log = logs.get_logger(__name__)
@@ -373,7 +381,10 @@ def source_of(switch: Txn) -> bytes:
     release) from its backup file."""
     if switch.source_config is not None:
         return switch.source_config
-    return Plan.from_json(switch.plan).backup_file.read_bytes()
+    try:  # as the transaction reads it: never a FIFO's endless read (review rev51d L7)
+        return read_regular(Plan.from_json(switch.plan).backup_file)
+    except NotRegularFile as exc:
+        raise PrepareFailed(f"cannot prepare the transaction: {exc}") from None
 
 
 def drop_unjournalled_verifier(journal: Journal, driver: Driver, rollout_id: str) -> None:

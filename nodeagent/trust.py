@@ -14,7 +14,8 @@
   newer than the agent's; the agent checks its signature (in its crypto worker,
   ``nodeagent.cryptoworker``; without one, in a child of its own: ``nodeagent.certwork``),
   keeps it in ``DATA/crl.pem`` (the managed server can use it for workstation certificates)
-  and refuses a revoked leader certificate at once. A list is valid for 7 days
+  and refuses a revoked leader certificate at once (a list it cannot write is held all the
+  same: ``take_crl``). A list is valid for 7 days
   (``pki.CRL_VALIDITY``), and the leader gives it a new number a day after the last
   (``leader.service.CRL_RENEW_AFTER``): the kept list is within its validity while the agent
   hears from the leader. A list with a lower number than the kept one is never taken.
@@ -35,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nodeagent import certwork
+from nodeagent import certwork, nodefiles
 from tlsroll import logs, spiffe
-from tlsroll.errors import PKIError, TerminalError, TransientError
+from tlsroll.errors import PKIError, TerminalError, TransientError, os_error_text
 from tlsroll.fsutil import PUBLIC, read_regular, write_atomic
 from tlsroll.rpc import Peer
 
@@ -74,6 +75,7 @@ class LeaderTrust:
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _taking: threading.Lock = field(default_factory=threading.Lock)  # ``take_crl`` (threads)
     _older: int = -1  # the last older list refused (``take_crl`` says so once per number)
+    _unkept: bool = False  # a list held that could not be written (said once: ``take_crl``)
 
     @classmethod
     def load(
@@ -83,8 +85,9 @@ class LeaderTrust:
         by ``worker`` from a worker thread, see ``worker``). A list that cannot be used (one
         that is no regular file too: a FIFO blocked the start for ever, review rev50a L2) is
         passed over with a warning: the leader sends its list on the first heartbeat stream,
-        written over it (``take_crl``)."""
-        trust = cls(ca_file, trust_domain, data_dir / "crl.pem", worker=worker)
+        written over it (``take_crl``). A directory there, which no rename can replace, is
+        refused before (``nodefiles.crl_kind_problem``, exit 2)."""
+        trust = cls(ca_file, trust_domain, nodefiles.crl_path(data_dir), worker=worker)
         if trust.crl_file.exists():
             try:
                 trust.crl_number, trust.revoked = certwork.load_crl(
@@ -113,7 +116,8 @@ class LeaderTrust:
         send the same list again on a stream (it would be behind until the next list or
         stream: days, with no revocation and a node certificate renewed every few weeks).
         Only a verdict (not PEM, not signed by the CA this node pinned, or another check that
-        failed for good) refuses the list: the same bytes would be refused again."""
+        failed for good) refuses the list: the same bytes would be refused again. A list taken
+        that cannot be written to ``crl_file`` is held all the same (``crl.not_kept``, once)."""
         try:
             number, revoked = certwork.load_crl(pem, self.ca_file, self.worker)
         except certwork.NoAnswer as exc:
@@ -138,7 +142,22 @@ class LeaderTrust:
                     self._older = number
                     log.warning("crl.older", number=number, held=self.crl_number)
                 return
-            write_atomic(self.crl_file, pem, PUBLIC)
+            # Held even where it cannot be kept on disk (a full disk, a read-only or immutable
+            # data dir, a directory made in its place since the start): raised, it dropped the
+            # heartbeat stream, the leader sent the list again on the next one, and so on
+            # once a second for ever, no list held (review rev51d M1). Said once until a list
+            # is written again (the leader sends no list the agent holds: it reports its
+            # number); the next start has the last list written, and the leader sends its own.
+            try:
+                write_atomic(self.crl_file, pem, PUBLIC)
+            except OSError as exc:
+                if not self._unkept:
+                    self._unkept = True
+                    log.warning("crl.not_kept", path=str(self.crl_file), error=os_error_text(exc))
+            else:
+                if self._unkept:
+                    self._unkept = False
+                    log.info("crl.kept", path=str(self.crl_file))
             self.crl_number, self.revoked = number, revoked
         log.info("crl.updated", number=number, revoked=len(revoked))
 

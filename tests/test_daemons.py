@@ -437,7 +437,8 @@ def test_agent_passes_over_a_cache_that_is_a_fifo(three: Cluster, name: str) -> 
     sent, made a FIFO: the start read it and waited for a writer for ever (never ready, never
     an exit). Both are caches the agent writes itself: now passed over with a warning naming
     the file, and the agent starts and serves. The memo is written again before the agent is
-    ready (its child's check); the list is when the leader next sends one (``take_crl``)."""
+    ready (its child's check); the list is when the leader next sends one (``take_crl``: a
+    revocation makes it send one, review rev51d L4)."""
     node2 = three.agents["node2"]
     assert node2.stop() == 0
     path = node2.data_dir / name
@@ -448,12 +449,89 @@ def test_agent_passes_over_a_cache_that_is_a_fifo(three: Cluster, name: str) -> 
         said = [e for e in node2.log_events() if e.get("event") == event]
         assert said, node2.log_text()[-3000:]
         assert f"{path} is not a regular file (a FIFO)" in said[-1]["error"], said
-        if name == certwork.MEMO:
-            assert stat.S_ISREG(os.stat(path).st_mode)
+        if name != certwork.MEMO:  # the leader sends a list: written over the FIFO
+            revoked = three.cli("ca", "revoke", "--unknown", "5eed51a1")
+            assert revoked.returncode == 0, revoked.stderr
+            wait_until(
+                lambda: stat.S_ISREG(os.stat(path).st_mode), 60, "crl.pem written over the FIFO"
+            )
+        assert stat.S_ISREG(os.stat(path).st_mode)
         three.wait_for_nodes_online(["node2"], timeout=15)
     finally:
         if node2.running:
             node2.stop()
+        _put_back(path, aside)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
+def test_agent_refuses_a_revocation_list_that_is_a_directory(three: Cluster) -> None:
+    """Review rev51d M1: ``DATA/crl.pem`` made a directory was passed over at the start, and
+    each list the leader sent failed to be written over it (a rename cannot replace a
+    directory): the heartbeat stream was dropped and opened again once a second for ever,
+    no list held. The agent writes over it; a directory there is a person's to fix: exit 2
+    naming the file and the ``rm -r`` that fixes it, nothing removed, the port never opened."""
+    node2 = three.agents["node2"]
+    assert node2.stop() == 0
+    path = node2.data_dir / "crl.pem"
+    aside = None
+    if path.exists():
+        aside = path.with_name("crl.pem.aside")
+        path.rename(aside)
+    path.mkdir(0o700)
+    try:
+        code, output = node2.run_to_exit(timeout=30)  # before: it started (TimeoutExpired)
+        assert code == 2, output
+        line = one_line_error(output, "tlsroll-agent")
+        assert f"{path} is not a regular file (a directory)" in line, line
+        assert f"(run: rm -r {path})" in line, line
+        assert path.is_dir()
+        assert not port_open(node2.address, node2.port)
+    finally:
+        _put_back(path, aside)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
+def test_a_revocation_list_that_cannot_be_written_is_held_and_the_stream_kept(
+    three: Cluster,
+) -> None:
+    """Review rev51d M1: a list the leader sent that the agent could not write (here: a
+    directory made in its place while the agent runs) raised out of the heartbeat's reader:
+    the stream was dropped, the leader sent the list again on the next, and so on once a
+    second for ever, no list held. Now the list is held in memory (the agent reports its
+    number: the leader sends it no more), said once (``crl.not_kept``), not per list, and
+    the stream is kept."""
+    node2 = three.agents["node2"]
+    path = node2.data_dir / "crl.pem"
+    aside = None
+    if path.exists():
+        aside = path.with_name("crl.pem.aside")
+        path.rename(aside)
+    path.mkdir(0o700)
+    start = len(node2.log_events())
+
+    def since(event: str) -> list[dict[str, Any]]:
+        return [e for e in node2.log_events()[start:] if e.get("event") == event]
+
+    try:
+        for held, serial in enumerate(("5eed51b1", "5eed51b2")):
+            revoked = three.cli("ca", "revoke", "--unknown", serial)
+            assert revoked.returncode == 0, revoked.stderr
+
+            def taken(held: int = held) -> bool:
+                return len(since("crl.updated")) > held
+
+            wait_until(taken, 60, "the agent holds the new list")
+        not_kept = since("crl.not_kept")
+        assert len(not_kept) == 1, not_kept
+        assert f"{path}" in not_kept[0]["error"], not_kept
+        assert since("heartbeat.reply_not_taken") == [], node2.log_text()[-3000:]
+        numbers = [e["number"] for e in since("crl.updated")]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), numbers
+        assert path.is_dir()
+    finally:
+        node2.stop()
         _put_back(path, aside)
         node2.start()
     three.wait_for_nodes_online(["node2"], timeout=15)

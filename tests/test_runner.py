@@ -1061,10 +1061,6 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         on_the_loop(blocking, f"read {path.name}")
         return read_bytes(path)
 
-    def read_regular(path: Path) -> bytes:  # (a plan's file of an earlier release)
-        on_the_loop(blocking, f"read {path.name}")
-        return fsutil.read_regular(path)
-
     def read_config(path: Path) -> bytes:  # (it opens the file itself, not by read_bytes)
         on_the_loop(blocking, f"read {path.name}")
         return config_read(path)
@@ -1074,7 +1070,6 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         write_atomic(path, data, mode)
 
     monkeypatch.setattr(Path, "read_bytes", read)
-    monkeypatch.setattr(transaction, "read_regular", read_regular)
     monkeypatch.setattr(ConfigFile, "read", staticmethod(read_config))
     monkeypatch.setattr(transaction, "write_atomic", write)
     return blocking
@@ -1731,6 +1726,32 @@ def test_password_and_rollback_plans_need_what_they_change(
     assert not back.new_config_file.exists()
     assert (back.source_schemes, back.target_schemes) == (("https",), ("http",))
     assert (back.live_tls, back.live_before, fingerprint) == (None, plan.live_tls, "")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_rollback_never_reads_a_backup_file_that_is_not_a_regular_file(
+    node: tuple[Journal, FakeDriver, Path], kind: str
+) -> None:
+    """Review rev51d L7: a switch of an earlier release keeps its source in its backup file,
+    which ``source_of`` read with ``read_bytes`` (the transaction reads it with
+    ``read_regular``): a FIFO there hung the Rollback for ever, a link to a device made the
+    rollback's config what the device gave (``/dev/null``: an empty config). Now the plan is
+    refused, naming the file and its kind; nothing is prepared."""
+    journal, driver, txn_dir = node
+    stage(journal, driver, "r1")
+    plan = completed_switch(journal, driver, txn_dir, "files")
+    plan.backup_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(plan.backup_file, 0o600)
+    else:
+        plan.backup_file.symlink_to("/dev/null")
+    what = "a FIFO" if kind == "fifo" else "a character device"
+    with pytest.raises(
+        plans.PrepareFailed, match=re.escape(f"{plan.backup_file} is not a regular file ({what})")
+    ):
+        plans.rollback_plan(journal, driver, txn_dir, "r1")
+    assert not (txn_dir / "r1-rollback.new").exists()
 
 
 # --- the scope freeze: a plan that keeps the node frozen ---------------------------------------

@@ -432,15 +432,18 @@ def attribute_problem(path: Path, st: os.stat_result) -> str | None:
     nothing in a directory so marked can be made, removed or renamed, no file so marked
     written, and neither chmod-ed) or append-only (``+a``). The line says so and how to see
     and clear it (``lsattr``, ``chattr -i``, root's: CAP_LINUX_IMMUTABLE); a ``chmod`` would
-    change nothing (review rev50e: "run: chmod u+rwx"). None: neither attribute is set, or
-    the attributes cannot be read."""
+    change nothing (review rev50e: "run: chmod u+rwx"). The commands name the file itself
+    (``realpath``): on a symbolic link ``chattr`` fails and ``lsattr -d`` shows nothing of its
+    target (review rev51d L1). None: neither attribute is set, or the attributes cannot be
+    read."""
     flags = file_attributes(path)
     if flags is None or not flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
         return None
     which, letter = ("immutable", "i") if flags & FS_IMMUTABLE_FL else ("append-only", "a")
     me = os.geteuid()
-    look = f"lsattr -d {path}" if stat.S_ISDIR(st.st_mode) else f"lsattr {path}"
-    clear = f"chattr -{letter} {path}"
+    real = os.path.realpath(path)
+    look = f"lsattr -d {real}" if stat.S_ISDIR(st.st_mode) else f"lsattr {real}"
+    clear = f"chattr -{letter} {real}"
     return (
         f"{path} cannot be changed by {user_label(me)}: not its mode (owner "
         f"{user_label(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}) but an attribute: it "
@@ -455,10 +458,19 @@ def dir_write_problem(path: Path) -> str | None:
     read-only file system, which is no permission). Changes nothing. access() is not taken
     alone: under a seccomp filter that answers faccessat2 with EPERM (an older systemd's
     SystemCallErrorNumber=EPERM, glibc 2.33 or later) it says no to any directory; only
-    where the owner and mode say no as well is it a problem (else the use will say)."""
+    where the owner and mode say no as well is it a problem (else the use will say). An
+    append-only directory (``chattr +a``) passes access(), but nothing in it can be removed
+    or renamed over (EPERM, for root too): its attribute is read (one ioctl: a daemon's start
+    asks this once) and reported as an immutable one is (review rev51d L2)."""
     path = Path(path)
     if os.access(path, os.W_OK | os.X_OK, effective_ids=True):
-        return None
+        flags = file_attributes(path)
+        if flags is None or not flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+            return None
+        try:
+            return attribute_problem(path, os.stat(path))
+        except OSError:
+            return None
     try:
         st = os.stat(path)
         if os.statvfs(path).f_flag & os.ST_RDONLY:
