@@ -129,7 +129,22 @@ def start_extension(wait: float, told: bool, why: str = "") -> str:
     )
 
 
-async def obtain_identity(cfg: AgentConfig) -> Identity:
+class StoppedWhileEnrolling(Exception):
+    """SIGTERM or SIGINT while the agent waited to try its enrolment again: it stops (exit 0)
+    at once, not after the wait (up to 375 s; systemd's stop timeout is 90 s)."""
+
+
+async def _pause(wait: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``wait`` seconds; ``StoppedWhileEnrolling`` as soon as ``stop`` is set."""
+    if stop is None:
+        await asyncio.sleep(wait)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), wait)
+        raise StoppedWhileEnrolling
+
+
+async def obtain_identity(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identity:
     """The node's identity, checked (or enrolled) in a child process (``certwork``), so that the
     agent itself never holds X.509 code while it serves.
 
@@ -169,7 +184,7 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
         if identity is not None:
             return identity
     try:
-        return await _enrol(cfg)
+        return await _enrol(cfg, stop)
     except TlsrollError as exc:
         if ended is None or isinstance(exc, CertificateExpired):
             raise
@@ -206,10 +221,11 @@ def pin_patience() -> float:
     return min(patience, PIN_PATIENCE)
 
 
-async def _enrol(cfg: AgentConfig) -> Identity:
+async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identity:
     """Enrol (``certwork.enrol``), trying again while it is worth it (``next_enrol_wait``; a
     join port showing no certificate of the pinned key: ``next_pin_wait``, one warning with
-    both pins for each try tried again, and past the patience the pin's refusal, exit 2)."""
+    both pins for each try tried again, and past the patience the pin's refusal, exit 2).
+    ``stop`` set during a wait: ``StoppedWhileEnrolling``."""
     loop = asyncio.get_running_loop()
     began = since = loop.time()
     failures = 0
@@ -244,7 +260,7 @@ async def _enrol(cfg: AgentConfig) -> Identity:
             sd_notify(start_extension(wait, False, PIN_STATUS))
             waited = True
             failures = 0
-            await asyncio.sleep(wait)
+            await _pause(wait, stop)
             since = loop.time()  # something answered: a minute's patience again from here
         except TransientError as exc:
             now = loop.time()
@@ -260,7 +276,7 @@ async def _enrol(cfg: AgentConfig) -> Identity:
                 )
             sd_notify(start_extension(wait, told))
             waited = True
-            await asyncio.sleep(wait)
+            await _pause(wait, stop)
             if told:  # the leader answered: a minute's patience again from here
                 since = loop.time()
 
@@ -444,7 +460,17 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     if driver is not None:
         # Then stage directories nothing can use any more: they hold private keys.
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
-    identity = await obtain_identity(cfg)
+    try:
+        identity = await obtain_identity(cfg, stop)
+    except StoppedWhileEnrolling:
+        sd_notify("STOPPING=1")
+        log.info("agent.stopping", detail="told to stop while waiting to enrol")
+        if runner is not None:
+            await runner.close(txn_grace())
+        await dbthread.barrier()
+        journal.close()
+        log.info("agent.stopped")
+        return
     # The agent's certificate work (and the bootstrap service's PAKE): one child of its own,
     # started at need and stopped when idle, so that the agent never holds ``cryptography``
     # (``nodeagent.cryptoworker``).

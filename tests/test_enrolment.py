@@ -741,6 +741,39 @@ def test_a_default_certificate_past_the_patience_is_exit_2_with_the_pins_line(
     assert token_info(cluster, token).uses_left == 1  # the token never left the agent
 
 
+def test_an_agent_waiting_out_a_default_certificate_stops_at_once_when_told(
+    cluster: Cluster,
+) -> None:
+    """A stop (SIGTERM: ``systemctl stop``, or the restart after the pin is put right) while
+    the agent waits to try the join port again ends it at once, exit 0, not after its wait
+    (30 s here, the first as shipped; later up to 375 s, past systemd's 90 s stop timeout,
+    which would end it with SIGKILL). No key made, the token not sent."""
+    address = next_loopback()
+    default, default_key = _default_certificate()
+    received: list[bytes] = []
+    close = _serve_tls(address, [default], default_key, received)
+    try:
+        agent = cluster.add_agent(
+            "stopped-waiting",
+            next_loopback(),
+            extra_config={"leader": {"address": address}},
+            start=False,
+        )
+        agent.spawn()
+        wait_until(
+            lambda: bool(_pin_warnings(agent.log_text())) or not agent.running, 30, "a first try"
+        )
+        assert agent.running, agent.log_text()
+        (warning,) = _pin_warnings(agent.log_text())
+        assert warning["retry_in"] >= 30, warning
+        assert agent.stop(timeout=20) == 0, agent.log_text()
+    finally:
+        close()
+    assert received == [b""], received
+    assert "agent.stopped" in agent.log_text()
+    assert not agent.key_file.exists() and not agent.cert_file.exists()
+
+
 def _pinned_key_in(
     chain_kind: str, ca: x509.Certificate, address: str
 ) -> tuple[list[x509.Certificate], Any]:
