@@ -42,6 +42,7 @@ from nodeagent.identity import (
     CertificateExpired,
     EnrolmentDeferred,
     Identity,
+    PinNotShown,
     check_identity_files,
     expired_message,
     paths,
@@ -112,7 +113,8 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
 
 def enrol(cfg: AgentConfig) -> Identity:
     """``identity.enrol(cfg)`` in a child (TransientError when it is worth trying again;
-    ``EnrolmentDeferred`` with the wait when the join port asked for one)."""
+    ``EnrolmentDeferred`` with the wait when the join port asked for one; ``PinNotShown`` when
+    its chain holds no certificate of the pinned key, with the refusal it becomes)."""
     request = {"op": "enrol", "config": str(cfg.path), **_logging(cfg)}
     return _remember(cfg, _identity(cfg, _ask(request)))
 
@@ -251,6 +253,9 @@ def _error(err: dict[str, Any]) -> Exception:
         return OSError(err.get("errno") or 0, err.get("strerror") or message, err.get("filename"))
     if kind == "ConfigError":
         return ConfigError(err.get("path", ""), err.get("key"), str(err.get("problem", message)))
+    if kind == "PinNotShown":  # a pin not shown: retried, then its refusal (exit 2)
+        refusal = ConfigError(err.get("path", ""), err.get("key"), str(err.get("problem", message)))
+        return PinNotShown(refusal, tuple(str(p) for p in err.get("pins") or ()))
     if kind == "EnrolmentDeferred":  # the join port's wait, bounded again on this side
         wait = told_wait([("retry-after", str(err.get("retry_after", "")))])
         if wait is not None:

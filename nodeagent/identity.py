@@ -28,11 +28,14 @@ pinned CA, for other names than ``[node]`` or without the node's cluster identit
 ``[leader].ca_pin`` (``not_the_pinned_ca``: a wrong pin or a replaced file, never answered by
 enrolling again). The files are judged before anything reads or moves them
 (``check_identity_files``; a damaged key while a renewal's certificate waits: ``finish_pending``
-moves nothing). At enrolment, a leader whose TLS chain holds no CA of the pin (or the pinned
-CA with a server certificate it did not issue, or the pin of a certificate that is no CA), or
-whose answer carries another CA, is one too (``pin_mismatch``: a wrong pin or a man in the
-middle; a restart would dial it again every few seconds): its line gives the pin found and
-the one configured; a leader not reached stays a TransientError (retried, then exit 1).
+moves nothing). At enrolment, a leader whose TLS chain holds the pinned CA with a server
+certificate it did not issue, or the pin of a certificate that is no CA, or whose answer
+carries another CA, is one too (``pin_mismatch``: a wrong pin or a man in the middle; a
+restart would dial it again every few seconds): its line gives the pin found and the one
+configured. A chain with no certificate of the pinned key at all (a load balancer's default
+certificate while it fails over, or a wrong pin) is tried again for about a quarter of an hour
+(``PinNotShown``, ``next_pin_wait``), then is that exit 2; a leader not reached stays a
+TransientError (retried, then exit 1).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.nodefiles import CertificateExpired as CertificateExpired  # noqa: PLC0414
 from nodeagent.nodefiles import EnrolmentDeferred as EnrolmentDeferred  # noqa: PLC0414
 from nodeagent.nodefiles import EnrolmentRefused as EnrolmentRefused  # noqa: PLC0414
+from nodeagent.nodefiles import PinNotShown as PinNotShown  # noqa: PLC0414
 from nodeagent.nodefiles import check_issued as check_issued  # noqa: PLC0414
 from nodeagent.nodefiles import crl_kind_problem, refused_ca_kind_problem
 from nodeagent.nodefiles import install_renewed as install_renewed  # noqa: PLC0414
@@ -412,10 +416,11 @@ def pin_mismatch(cfg: AgentConfig, found: str) -> ConfigError:
 
 def pinned_ca(cfg: AgentConfig, chain: list[x509.Certificate], target: str) -> x509.Certificate:
     """``pki.find_pinned_ca`` of the chain the leader's join port sent (``target``), its
-    refusal a config error (``pin_mismatch``, exit 2) that says the pins found: no CA of
-    ``[leader].ca_pin`` in it, the pin of a certificate that is no CA, or a server certificate
-    the pinned CA did not issue. The join token was not sent (it goes only over a channel
-    verified against the pinned CA)."""
+    refusal a config error (``pin_mismatch``, exit 2) that says the pins found: the pin of a
+    certificate that is no CA, or a server certificate the pinned CA did not issue; a chain
+    with no certificate of ``[leader].ca_pin``'s key at all is ``PinNotShown`` (a
+    TransientError carrying that refusal: retried for ``PIN_PATIENCE``, then exit 2). The join
+    token was not sent (it goes only over a channel verified against the pinned CA)."""
     from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
 
     try:
@@ -440,7 +445,15 @@ def pinned_ca(cfg: AgentConfig, chain: list[x509.Certificate], target: str) -> x
             )
         else:
             found = f"the leader at {target} sent no CA of this pin: {sent}"
-        raise pin_mismatch(cfg, f"{found}; the join token was not sent") from None
+        refusal = pin_mismatch(cfg, f"{found}; the join token was not sent")
+        if exc.reason is PKIReason.PIN_MISMATCH:
+            # No certificate of the pinned key at all: a balancer's default certificate while
+            # it fails over looks so (review rev50e), as does a wrong pin: tried again for a
+            # while, then this refusal (``PinNotShown``). A certificate of the pinned key that
+            # is no CA, or the pinned CA beside a server certificate it did not issue, is
+            # someone showing this pin's key: no fail-over does that, refused at once.
+            raise PinNotShown(refusal, tuple(pki.spki_pin(c) for c in chain)) from None
+        raise refusal from None
 
 
 def _hostport(address: str, port: int) -> str:
@@ -675,6 +688,31 @@ def next_enrol_wait(
     if elapsed >= ENROL_PATIENCE or told_elapsed >= TOLD_PATIENCE:
         return None
     return min(5.0, 0.2 * 2.0 ** min(failures - 1, 10))
+
+
+# How long an agent goes on trying a join port whose chain holds no certificate of the pinned
+# key (``PinNotShown``: a load balancer's default certificate during a fail-over, or a wrong
+# pin), counted from the first such answer: about a quarter of an hour; tried again after
+# ``PIN_WAITS`` seconds, then every ``PIN_WAIT_EVERY``, each stretched by up to a quarter, the
+# last cut to end at the patience; the try past it stops the agent (exit 2, the pin's line).
+PIN_PATIENCE = 900.0
+PIN_WAITS = (30.0, 60.0, 120.0)
+PIN_WAIT_EVERY = 300.0
+
+
+def next_pin_wait(
+    failures: int, elapsed: float, jitter: float, patience: float = PIN_PATIENCE
+) -> float | None:
+    """Seconds to wait before trying again a join port that showed no certificate of the pinned
+    key ``failures`` times (1 or more) since ``elapsed`` seconds ago, or None to give up (the
+    refusal: exit 2). ``jitter`` in [0, 1] stretches the wait by up to a quarter, so that the
+    nodes behind one balancer do not all come back at once. ``patience`` below
+    ``PIN_PATIENCE`` (tests only: ``runtime.pin_patience``) shortens every wait in proportion."""
+    if elapsed >= patience:
+        return None
+    scale = patience / PIN_PATIENCE
+    base = PIN_WAITS[failures - 1] if 0 < failures <= len(PIN_WAITS) else PIN_WAIT_EVERY
+    return min(base * scale * (1 + 0.25 * jitter), patience - elapsed)
 
 
 def _enrol_error(cfg: AgentConfig, target: str, exc: Any) -> TlsrollError:

@@ -25,7 +25,14 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tlsroll.errors import NotRegularFile, PKIError, PKIReason, TerminalError, TransientError
+from tlsroll.errors import (
+    ConfigError,
+    NotRegularFile,
+    PKIError,
+    PKIReason,
+    TerminalError,
+    TransientError,
+)
 from tlsroll.fsutil import file_kind, fsync_dir, read_regular, write_atomic
 
 if TYPE_CHECKING:
@@ -48,6 +55,20 @@ class EnrolmentDeferred(TransientError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class PinNotShown(TransientError):
+    """The leader's join port sent a chain holding no certificate with the key of
+    ``[leader].ca_pin`` (not the CA, nor any other): what a load balancer's default certificate
+    looks like while it fails over (review rev50e), as well as a wrong pin. Tried again for a
+    while (``identity.next_pin_wait``; the join token is not sent); past that patience the agent
+    stops with ``refusal`` (``identity.pin_mismatch``'s line, exit 2: a wrong pin is a person's
+    to fix). ``pins``: the pins of the certificates the port sent, as it sent them (public)."""
+
+    def __init__(self, refusal: ConfigError, pins: tuple[str, ...]) -> None:
+        super().__init__(refusal.problem)
+        self.refusal = refusal
+        self.pins = pins
 
 
 class CertificateExpired(TerminalError):

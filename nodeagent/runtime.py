@@ -34,11 +34,14 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.drivers import Driver, make_driver
 from nodeagent.identity import (
+    PIN_PATIENCE,
     REVOKED_KEY,
     CertificateExpired,
     EnrolmentDeferred,
     Identity,
+    PinNotShown,
     next_enrol_wait,
+    next_pin_wait,
     no_token_in,
     paths,
     revoked_key_advice,
@@ -70,7 +73,8 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 # put right: a key or join_token_file others can read, a key, certificate or CA file damaged or
 # not going together or with the config, ``identity.damaged_file``, ``not_this_nodes``,
 # ``not_the_pinned_ca``; at enrolment, a leader whose chain or answer does not hold the CA of
-# ``ca_pin``, ``identity.pin_mismatch``: a wrong pin or a man in the middle; a data dir, journal
+# ``ca_pin``, ``identity.pin_mismatch``: a wrong pin or a man in the middle, a chain with no
+# certificate of the pinned key only after ``identity.PIN_PATIENCE``; a data dir, journal
 # or agent.lock this agent may not use by its permissions or kind, ``check_data_dir``), a
 # journal written by a newer tlsroll (3: a package rolled back), and a journal that is lost,
 # damaged or unreadable (4: restore it from a backup, or --reinitialise:
@@ -110,22 +114,37 @@ def now() -> dt.datetime:
 ATTEMPT_MARGIN = certwork.TIMEOUT + 30.0
 
 
-def start_extension(wait: float, told: bool) -> str:
+def start_extension(wait: float, told: bool, why: str = "") -> str:
     """The service-manager message sent before an enrolment wait: the agent is ``READY=1`` only
     once enrolled, and its unit is ``Type=notify`` with systemd's default 90 s start timeout,
     while a wait the join port tells it to take can be 300 s (900 s in all). Without this
     ``EXTEND_TIMEOUT_USEC`` systemd kills the waiting agent, and ``Restart=always`` starts one
     that enrols at once, ignoring the wait. The extension covers the wait and the next attempt
     (it is measured from when systemd receives it, and never shortens the unit's own timeout);
-    ``STATUS=`` says why in ``systemctl status``."""
-    why = "told by the leader's join port to wait" if told else "leader not reachable yet"
+    ``STATUS=`` says why in ``systemctl status`` (``why``, else by ``told``)."""
+    why = why or ("told by the leader's join port to wait" if told else "leader not reachable yet")
     return (
         f"EXTEND_TIMEOUT_USEC={int((wait + ATTEMPT_MARGIN) * 1_000_000)}\n"
         f"STATUS=Enrolment: {why}; retrying in {wait:.0f} s"
     )
 
 
-async def obtain_identity(cfg: AgentConfig) -> Identity:
+class StoppedWhileEnrolling(Exception):
+    """SIGTERM or SIGINT while the agent waited to try its enrolment again: it stops (exit 0)
+    at once, not after the wait (up to 375 s; systemd's stop timeout is 90 s)."""
+
+
+async def _pause(wait: float, stop: asyncio.Event | None) -> None:
+    """Sleep ``wait`` seconds; ``StoppedWhileEnrolling`` as soon as ``stop`` is set."""
+    if stop is None:
+        await asyncio.sleep(wait)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), wait)
+        raise StoppedWhileEnrolling
+
+
+async def obtain_identity(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identity:
     """The node's identity, checked (or enrolled) in a child process (``certwork``), so that the
     agent itself never holds X.509 code while it serves.
 
@@ -165,7 +184,7 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
         if identity is not None:
             return identity
     try:
-        return await _enrol(cfg)
+        return await _enrol(cfg, stop)
     except TlsrollError as exc:
         if ended is None or isinstance(exc, CertificateExpired):
             raise
@@ -180,11 +199,38 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
         raise CertificateExpired(said) from None
 
 
-async def _enrol(cfg: AgentConfig) -> Identity:
-    """Enrol (``certwork.enrol``), trying again while it is worth it (``next_enrol_wait``)."""
+PIN_PATIENCE_ENV = "TLSROLL_TEST_PIN_PATIENCE_SECONDS"
+"""Tests only: seconds in place of ``identity.PIN_PATIENCE`` (how long a join port showing no
+certificate of the pinned key is tried again), every wait shortened in proportion, so that a
+test can show the retries and the exit 2 past them in seconds. Never longer than
+``PIN_PATIENCE``. Not a setting: a wrong pin is a person's to fix, and a default certificate
+for longer than a quarter of an hour is no fail-over."""
+
+PIN_STATUS = "the leader's join port shows no certificate of [leader].ca_pin (a fail-over?)"
+
+
+def pin_patience() -> float:
+    """``PIN_PATIENCE``, or the test hook's (``PIN_PATIENCE_ENV``), a number brought into
+    (0, ``PIN_PATIENCE``]."""
+    try:
+        patience = float(os.environ[PIN_PATIENCE_ENV])
+    except (KeyError, ValueError):
+        return PIN_PATIENCE
+    if math.isnan(patience) or patience <= 0:
+        return PIN_PATIENCE
+    return min(patience, PIN_PATIENCE)
+
+
+async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identity:
+    """Enrol (``certwork.enrol``), trying again while it is worth it (``next_enrol_wait``; a
+    join port showing no certificate of the pinned key: ``next_pin_wait``, one warning with
+    both pins for each try tried again, and past the patience the pin's refusal, exit 2).
+    ``stop`` set during a wait: ``StoppedWhileEnrolling``."""
     loop = asyncio.get_running_loop()
     began = since = loop.time()
     failures = 0
+    pin_began: float | None = None
+    pin_failures = 0
     waited = False
     while True:
         try:
@@ -192,6 +238,30 @@ async def _enrol(cfg: AgentConfig) -> Identity:
             if waited:  # the wait's STATUS= line would otherwise stay in `systemctl status`
                 sd_notify("STATUS=Enrolled; starting")
             return identity
+        except PinNotShown as exc:
+            now = loop.time()
+            pin_began = now if pin_began is None else pin_began
+            pin_failures += 1
+            jitter = random.random()  # noqa: S311 - spreads retries, guards nothing
+            wait = next_pin_wait(pin_failures, now - pin_began, jitter, pin_patience())
+            if wait is None:
+                raise exc.refusal from None
+            log.warning(
+                "agent.enrol_pin_not_shown",
+                leader=hostport(cfg.leader_address, cfg.join_port),
+                pins_sent=list(exc.pins),
+                configured_pin=cfg.ca_pin,
+                retry_in=round(wait, 1),
+                tries=pin_failures,
+                detail="no certificate of [leader].ca_pin's key in the join port's chain (a load "
+                "balancer's default certificate while it fails over, or a wrong pin); the join "
+                "token was not sent",
+            )
+            sd_notify(start_extension(wait, False, PIN_STATUS))
+            waited = True
+            failures = 0
+            await _pause(wait, stop)
+            since = loop.time()  # something answered: a minute's patience again from here
         except TransientError as exc:
             now = loop.time()
             told = isinstance(exc, EnrolmentDeferred)
@@ -206,7 +276,7 @@ async def _enrol(cfg: AgentConfig) -> Identity:
                 )
             sd_notify(start_extension(wait, told))
             waited = True
-            await asyncio.sleep(wait)
+            await _pause(wait, stop)
             if told:  # the leader answered: a minute's patience again from here
                 since = loop.time()
 
@@ -390,7 +460,17 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     if driver is not None:
         # Then stage directories nothing can use any more: they hold private keys.
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
-    identity = await obtain_identity(cfg)
+    try:
+        identity = await obtain_identity(cfg, stop)
+    except StoppedWhileEnrolling:
+        sd_notify("STOPPING=1")
+        log.info("agent.stopping", detail="told to stop while waiting to enrol")
+        if runner is not None:
+            await runner.close(txn_grace())
+        await dbthread.barrier()
+        journal.close()
+        log.info("agent.stopped")
+        return
     # The agent's certificate work (and the bootstrap service's PAKE): one child of its own,
     # started at need and stopped when idle, so that the agent never holds ``cryptography``
     # (``nodeagent.cryptoworker``).

@@ -14,6 +14,7 @@ from nodeagent.nodefiles import (
     CertificateExpired,
     EnrolmentDeferred,
     EnrolmentRefused,
+    PinNotShown,
 )
 from tlsroll.errors import (
     ConfigError,
@@ -61,6 +62,15 @@ def answer_for(exc: Exception) -> dict[str, Any]:
             "path": str(exc.path),
             "key": exc.key,
             "problem": exc.problem,
+            "message": str(exc),
+        }
+    if isinstance(exc, PinNotShown):  # retried, and past the patience its refusal (exit 2)
+        return {
+            "type": "PinNotShown",
+            "path": str(exc.refusal.path),
+            "key": exc.refusal.key,
+            "problem": exc.refusal.problem,
+            "pins": list(exc.pins),
             "message": str(exc),
         }
     if isinstance(exc, EnrolmentDeferred):

@@ -24,6 +24,7 @@ from nodeagent.identity import (
     IDENTITY_CHECKS,
     CertificateExpired,
     EnrolmentDeferred,
+    PinNotShown,
     load_identity,
     paths,
 )
@@ -268,6 +269,22 @@ def test_the_join_ports_wait_crosses_the_childs_boundary() -> None:
     assert isinstance(far, EnrolmentDeferred) and far.retry_after == 300
     lost = certwork._error({"type": "EnrolmentDeferred", "message": "m"})
     assert type(lost) is TerminalError
+
+
+def test_a_pin_not_shown_crosses_the_childs_boundary() -> None:
+    """The enrolment child's ``PinNotShown`` (the join port's chain without a certificate of
+    the pinned key: retried) comes back as one, with the pins it saw and the refusal it
+    becomes past the patience (exit 2), word for word."""
+    refusal = ConfigError(
+        Path("/etc/tlsroll/agent.toml"), "[leader].ca_pin", "found x; configured: y"
+    )
+    back = certwork._error(
+        json.loads(json.dumps(workerrors.answer_for(PinNotShown(refusal, ("sha256:aa",)))))
+    )
+    assert isinstance(back, PinNotShown) and isinstance(back, TransientError)
+    assert back.pins == ("sha256:aa",)
+    assert str(back.refusal) == str(refusal)
+    assert (back.refusal.key, back.refusal.problem) == (refusal.key, refusal.problem)
 
 
 def test_a_revocation_list_the_agent_cannot_check_now_is_raised_not_refused(

@@ -24,10 +24,14 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from leader.layout import read_passphrase
 from nodeagent import certwork, identity, journal, runtime
+from nodeagent.config import AgentConfig
 from nodeagent.identity import EnrolmentDeferred, next_enrol_wait, told_wait
 from tests.cluster import (
     AdminTokenCluster,
@@ -441,12 +445,14 @@ def test_an_agent_whose_enrolment_answer_was_lost_enrols_again_with_its_key(
     assert cluster.find_secrets(cluster.logs_text()) == []
 
 
-def _pin_refused(agent: Agent, cluster: Cluster, *, found: str) -> str:
+def _pin_refused(
+    agent: Agent, cluster: Cluster, *, found: str, env: dict[str, str] | None = None
+) -> str:
     """The agent's run to its exit 2 (a config error: restarted, it would dial that endpoint
     every few seconds for ever), its one line naming [leader].ca_pin, the pin found and the
     one configured, and the way to tell them apart; never the join token; no node file."""
     token = str(agent.config["leader"]["join_token"])
-    code, output = agent.run_to_exit()
+    code, output = agent.run_to_exit(env)
     assert code == 2 == runtime.EXIT_CONFIG, output
     line = one_line_error(output, "tlsroll-agent")
     assert line.startswith(f"tlsroll-agent: config error: {agent.config_path}: [leader].ca_pin: ")
@@ -466,7 +472,9 @@ def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
     """A pin not of the leader's CA (typed wrong, another cluster's, or a man in the middle):
     exit 2 with the pin the leader's chain holds beside the configured one (it exited 1 "CA
     does not match the pinned key", and its unit dialled that endpoint again every 2 s for
-    ever); the token never left the agent, no key made."""
+    ever); the token never left the agent, no key made. A chain with no certificate of the
+    pinned key is tried again first (a balancer's fail-over looks so: a patience of 15
+    minutes, 2 s here), then stops the agent all the same."""
     other = pki.CertificateAuthority.create("impostor")
     agent = cluster.add_agent(
         "pinned",
@@ -476,15 +484,24 @@ def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
     )
     token = str(agent.config["leader"]["join_token"])
     before = cluster.store_rows()
-    line = _pin_refused(agent, cluster, found=f"its CA's pin is {cluster.ca_pin()}")
+    line = _pin_refused(
+        agent,
+        cluster,
+        found=f"its CA's pin is {cluster.ca_pin()}",
+        env={runtime.PIN_PATIENCE_ENV: "2"},
+    )
     assert f"the leader at {cluster.address}:" in line, line
+    assert _pin_warnings(agent.log_text()), agent.log_text()
     assert cluster.store_rows() == before
     assert token_info(cluster, token).uses_left == 1  # the token never left the agent
 
 
-def _serve_tls(address: str, chain: Sequence[Any], key: Any) -> Callable[[], None]:
+def _serve_tls(
+    address: str, chain: Sequence[Any], key: Any, received: list[bytes] | None = None
+) -> Callable[[], None]:
     """A TLS server on ``address``'s join port sending ``chain`` (a handshake and nothing
-    more, for every connection, until the returned stop is called)."""
+    more, for every connection, until the returned stop is called). ``received`` gets, for
+    each connection, what the client sent after the handshake (until it closed)."""
     with tempfile.TemporaryDirectory() as tmp:
         cert, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
         cert.write_bytes(b"".join(pki.cert_to_pem(c) for c in chain))
@@ -504,13 +521,17 @@ def _serve_tls(address: str, chain: Sequence[Any], key: Any) -> Callable[[], Non
                 continue
             except OSError:
                 return
+            data = b""
             try:
                 with ctx.wrap_socket(conn, server_side=True) as tls:
                     tls.settimeout(2)
                     with contextlib.suppress(OSError):
-                        tls.recv(1)
+                        while chunk := tls.recv(65536):
+                            data += chunk
             except OSError:
                 conn.close()
+            if received is not None:
+                received.append(data)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -598,6 +619,223 @@ def test_a_ca_in_the_enrolment_answer_not_of_the_pin_is_exit_2(cluster: Cluster)
     assert key_file.exists() and "the token is spent" in line, line
     assert not key_file.with_name("ca.pem").exists()
     assert not key_file.with_name("node.pem").exists()
+
+
+def _default_certificate() -> tuple[x509.Certificate, Any]:
+    """A load balancer's default certificate and its key: self-signed, no CA, for a name no
+    node dials (what a balancer answers with for a while when it fails over)."""
+    key = pki.generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost.localdomain")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _pin_warnings(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines() if "agent.enrol_pin_not_shown" in line]
+
+
+def _default_shown(target: str, default: x509.Certificate) -> str:
+    """What the pin's line says of a join port that sent only ``default``."""
+    return (
+        f"the leader at {target} sent no CA of this pin: it sent no CA certificate (1 "
+        f"certificate(s), the first's pin {pki.spki_pin(default)}); the join token was not sent"
+    )
+
+
+def test_a_default_certificate_for_a_while_then_the_leader_the_agent_enrols(
+    tmp_path: Path,
+) -> None:
+    """Review rev50e: during a load balancer's fail-over the join port answers for a while
+    with the balancer's default certificate (no certificate of the pinned CA, none with the
+    pinned key), and the agent stopped for good (exit 2, which its unit does not restart). It
+    tries again (shortened here: ``TLSROLL_TEST_PIN_PATIENCE_SECONDS``), one warning with both
+    pins for each try, the join token sent to nothing but the pinned leader, and enrols once
+    the leader answers again."""
+    default, default_key = _default_certificate()
+    received: list[bytes] = []
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        token = c.create_token("failover", address := next_loopback())
+        c.stop_leader()
+        close = _serve_tls(c.address, [default], default_key, received)
+        try:
+            agent = c.add_agent("failover", address, token=token, start=False)
+            agent.spawn({runtime.PIN_PATIENCE_ENV: "60"})  # waits of 2, 4, 8, 20 s ...
+            wait_until(
+                lambda: len(_pin_warnings(agent.log_text())) >= 2 or not agent.running,
+                30,
+                "two tries of the default certificate",
+            )
+            assert agent.running, agent.log_text()
+            tries = len(received)
+        finally:
+            close()
+        c.start_leader()
+        agent.wait_ready(60)
+        c.wait_for_nodes_online(["failover"], timeout=60)
+        assert agent.stop() == 0
+        log = agent.log_text()
+        assert token_info(c, token).uses_left == 0
+        assert c.find_secrets(log) == []
+    warnings = _pin_warnings(log)
+    assert len(warnings) >= 2 and tries >= 2, log
+    assert [w["tries"] for w in warnings] == list(range(1, len(warnings) + 1)), log
+    for w in warnings:
+        assert w["level"] == "warning", w
+        assert w["configured_pin"] == c.ca_pin(), w
+        assert w["pins_sent"] == [pki.spki_pin(default)], w
+        assert 0 < w["retry_in"] <= 60, w
+    # The token went to no connection of the default certificate's: not a byte after the
+    # handshake on any of them (the agent only reads the chain there).
+    assert received and all(data == b"" for data in received), received
+    assert token not in log and token.rsplit(".", maxsplit=1)[-1] not in log
+    assert "config error" not in log, log
+
+
+def test_a_default_certificate_past_the_patience_is_exit_2_with_the_pins_line(
+    cluster: Cluster,
+) -> None:
+    """The other side of the fail-over's patience: a join port that shows no certificate of
+    the pinned key for longer (a wrong pin, or no fail-over at all) still stops the agent for a
+    person, exit 2 with the pin's line as before (here after a patience shortened to 4 s),
+    having tried more than once, each try a warning; the token never sent, no key made."""
+    address = next_loopback()
+    default, default_key = _default_certificate()
+    received: list[bytes] = []
+    close = _serve_tls(address, [default], default_key, received)
+    try:
+        agent = cluster.add_agent(
+            "defaulted", next_loopback(), extra_config={"leader": {"address": address}}, start=False
+        )
+        token = str(agent.config["leader"]["join_token"])
+        line = _pin_refused(
+            agent,
+            cluster,
+            found=_default_shown(f"{address}:{JOIN_PORT}", default),
+            env={runtime.PIN_PATIENCE_ENV: "4"},
+        )
+    finally:
+        close()
+    # Today's line, word for word.
+    cfg = AgentConfig.load(agent.config_path)
+    expected = identity.pin_mismatch(cfg, _default_shown(f"{address}:{JOIN_PORT}", default))
+    assert line == f"tlsroll-agent: {expected}", line
+    log = agent.log_text()
+    warnings = _pin_warnings(log)
+    assert len(warnings) >= 2 and len(received) == len(warnings) + 1, (received, log)
+    for w in warnings:
+        assert (w["configured_pin"], w["pins_sent"]) == (cfg.ca_pin, [pki.spki_pin(default)])
+    assert all(data == b"" for data in received), received
+    assert token_info(cluster, token).uses_left == 1  # the token never left the agent
+
+
+def test_an_agent_waiting_out_a_default_certificate_stops_at_once_when_told(
+    cluster: Cluster,
+) -> None:
+    """A stop (SIGTERM: ``systemctl stop``, or the restart after the pin is put right) while
+    the agent waits to try the join port again ends it at once, exit 0, not after its wait
+    (30 s here, the first as shipped; later up to 375 s, past systemd's 90 s stop timeout,
+    which would end it with SIGKILL). No key made, the token not sent."""
+    address = next_loopback()
+    default, default_key = _default_certificate()
+    received: list[bytes] = []
+    close = _serve_tls(address, [default], default_key, received)
+    try:
+        agent = cluster.add_agent(
+            "stopped-waiting",
+            next_loopback(),
+            extra_config={"leader": {"address": address}},
+            start=False,
+        )
+        agent.spawn()
+        wait_until(
+            lambda: bool(_pin_warnings(agent.log_text())) or not agent.running, 30, "a first try"
+        )
+        assert agent.running, agent.log_text()
+        (warning,) = _pin_warnings(agent.log_text())
+        assert warning["retry_in"] >= 30, warning
+        assert agent.stop(timeout=20) == 0, agent.log_text()
+    finally:
+        close()
+    assert received == [b""], received
+    assert "agent.stopped" in agent.log_text()
+    assert not agent.key_file.exists() and not agent.cert_file.exists()
+
+
+def _pinned_key_in(
+    chain_kind: str, ca: x509.Certificate, address: str
+) -> tuple[list[x509.Certificate], Any]:
+    """A chain holding the pinned CA's key on a certificate that is not the cluster's CA
+    certificate, after a server certificate of another CA's, and the server's key:
+    ``wrong-ca``, a CA certificate another CA issued for that key (the cluster CA's name);
+    ``not-ca``, a leaf certificate for it."""
+    other = pki.CertificateAuthority.create("middle")
+    server_key = pki.generate_key()
+    server = other.issue(server_key.public_key(), Names.of("leader", ips=[address]))
+    ca_key = ca.public_key()
+    assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+    if chain_kind == "not-ca":
+        pinned = other.issue(ca_key, Names.of("pinned", ips=[address]))
+    else:
+        now = dt.datetime.now(dt.UTC)
+        pinned = (
+            x509.CertificateBuilder()
+            .subject_name(ca.subject)
+            .issuer_name(other.cert.subject)
+            .public_key(ca_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(other.key, hashes.SHA256())
+        )
+    return [server, pinned], server_key
+
+
+@pytest.mark.parametrize(
+    ("chain_kind", "found"),
+    [
+        ("wrong-ca", "with a server certificate that CA did not issue"),
+        ("not-ca", "sent a certificate of this pin that is no CA"),
+    ],
+)
+def test_the_pinned_key_on_another_certificate_is_exit_2_at_once(
+    cluster: Cluster, chain_kind: str, found: str
+) -> None:
+    """What no fail-over shows: the pinned CA's key (public) on a certificate that is not the
+    cluster's CA certificate — a CA certificate another CA issued for it, or one that is no
+    CA. Exit 2 at the first try (one connection, no warning of a retry), with the short
+    patience that a default certificate is tried again within; the token never sent."""
+    address = next_loopback()
+    chain, server_key = _pinned_key_in(chain_kind, pki.read_cert(cluster.ca_cert_path), address)
+    received: list[bytes] = []
+    close = _serve_tls(address, chain, server_key, received)
+    try:
+        agent = cluster.add_agent(
+            f"pinned-{chain_kind}",
+            next_loopback(),
+            extra_config={"leader": {"address": address}},
+            start=False,
+        )
+        token = str(agent.config["leader"]["join_token"])
+        _pin_refused(agent, cluster, found=found, env={runtime.PIN_PATIENCE_ENV: "4"})
+    finally:
+        close()
+    assert received == [b""], received  # one try, and nothing sent after its handshake
+    assert _pin_warnings(agent.log_text()) == []
+    assert token_info(cluster, token).uses_left == 1
 
 
 def _pin_refused_after_key(agent: Agent, cluster: Cluster, *, found: str) -> str:
@@ -797,3 +1035,40 @@ def test_the_start_timeout_extension_covers_the_longest_told_wait_and_the_next_a
     )
     assert int(untold["EXTEND_TIMEOUT_USEC"]) >= (5.0 + certwork.TIMEOUT) * 1_000_000
     assert "not reachable" in untold["STATUS"]
+
+
+def test_the_waits_for_a_join_port_showing_no_certificate_of_the_pin() -> None:
+    """``next_pin_wait``: 30 s, 60 s, 120 s, then every 5 minutes, each stretched by up to a
+    quarter, the last cut to end at the patience (15 minutes), and nothing past it; a shorter
+    patience (tests only) shortens every wait in proportion. ``pin_patience`` takes the test
+    hook's only as a number in (0, ``PIN_PATIENCE``]."""
+    waits = [identity.next_pin_wait(n, 0.0, 0.0) for n in (1, 2, 3, 4, 9)]
+    assert waits == [30.0, 60.0, 120.0, 300.0, 300.0]
+    assert identity.next_pin_wait(1, 0.0, 1.0) == 37.5
+    assert identity.next_pin_wait(5, 810.0, 1.0) == 90.0  # cut to end at the patience
+    assert identity.next_pin_wait(6, identity.PIN_PATIENCE, 0.0) is None
+    assert identity.next_pin_wait(2, 0.0, 0.0, patience=9.0) == 0.6
+    assert identity.next_pin_wait(2, 9.0, 0.0, patience=9.0) is None
+    # About a quarter of an hour in all, whatever the jitter.
+    for jitter in (0.0, 1.0):
+        elapsed, tries = 0.0, 1
+        while (wait := identity.next_pin_wait(tries, elapsed, jitter)) is not None:
+            elapsed, tries = elapsed + wait, tries + 1
+        assert elapsed == identity.PIN_PATIENCE and 5 <= tries <= 8, (jitter, tries)
+    env = runtime.PIN_PATIENCE_ENV
+    for value, patience in (
+        (None, 900.0), ("4", 4.0), ("0", 900.0), ("-1", 900.0), ("nan", 900.0),
+        ("soon", 900.0), ("99999", 900.0),
+    ):  # fmt: skip
+        with pytest.MonkeyPatch.context() as mp:
+            if value is None:
+                mp.delenv(env, raising=False)
+            else:
+                mp.setenv(env, value)
+            assert runtime.pin_patience() == patience, value
+    status = dict(
+        line.split("=", 1)
+        for line in runtime.start_extension(30.0, False, runtime.PIN_STATUS).splitlines()
+    )
+    assert status["STATUS"].startswith(f"Enrolment: {runtime.PIN_STATUS}")
+    assert int(status["EXTEND_TIMEOUT_USEC"]) >= (30.0 + certwork.TIMEOUT) * 1_000_000
