@@ -261,7 +261,11 @@ async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identit
             waited = True
             failures = 0
             await _pause(wait, stop)
-            since = loop.time()  # something answered: a minute's patience again from here
+            # Something answered: a minute's patience again from here, and the told waits'
+            # own patience too (the pin's waits are bounded by theirs; review rev51e M1: they
+            # used up the told waits' 15 minutes, and a join port that said "wait" once the
+            # balancer was back made the agent exit 1 and enrol at once after its restart).
+            since = began = loop.time()
         except TransientError as exc:
             now = loop.time()
             told = isinstance(exc, EnrolmentDeferred)

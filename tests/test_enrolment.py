@@ -8,10 +8,12 @@ agent process to show what the administrator sees.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import os
+import random
 import socket
 import ssl
 import tempfile
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -48,7 +51,7 @@ from tests.conftest import next_loopback
 from tests.nodeside import cluster_ca
 from tlsroll import pki, spiffe
 from tlsroll.defaults import JOIN_PORT
-from tlsroll.errors import TransientError
+from tlsroll.errors import ConfigError, TransientError
 from tlsroll.fsutil import make_private_dir
 from tlsroll.names import Names
 from tlsroll.v1 import (
@@ -1072,3 +1075,43 @@ def test_the_waits_for_a_join_port_showing_no_certificate_of_the_pin() -> None:
     )
     assert status["STATUS"].startswith(f"Enrolment: {runtime.PIN_STATUS}")
     assert int(status["EXTEND_TIMEOUT_USEC"]) >= (30.0 + certwork.TIMEOUT) * 1_000_000
+
+
+def test_the_pin_s_waits_leave_the_told_waits_their_own_patience(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review rev51e M1: after a fail-over (four answers without the pinned key, about 10
+    minutes of waits) the join port tells the agent to wait (it is busy with the returning
+    nodes): the agent waits as told, and enrols. Before, the pin's waits counted against the
+    told waits' patience (15 minutes from the first try): the agent gave up at the second
+    "wait" (exit 1), and its restart enrolled at once, told or not. A fake clock and enrolment
+    (the waits' arithmetic; the real agent's waits are in the tests above)."""
+    clock = [0.0]
+    answers = ["pin"] * 4 + ["wait", "wait", "ok"]
+    tries: list[float] = []
+
+    def enrol(_cfg: Any) -> str:
+        tries.append(clock[0])
+        answer = answers.pop(0)
+        if answer == "pin":
+            refusal = ConfigError("/etc/tlsroll/agent.toml", "[leader].ca_pin", "not shown")
+            raise identity.PinNotShown(refusal, ("sha256:default",))
+        if answer == "wait":
+            raise identity.EnrolmentDeferred("the leader is busy", 120)
+        return "enrolled"
+
+    async def pause(wait: float, _stop: Any) -> None:
+        clock[0] += wait
+
+    monkeypatch.setattr(certwork, "enrol", enrol)
+    monkeypatch.setattr(runtime, "_pause", pause)
+    monkeypatch.setattr(runtime, "sd_notify", lambda _m: None)
+    monkeypatch.setattr(random, "random", lambda: 1.0)  # the longest waits
+    cfg = SimpleNamespace(leader_address="127.0.0.1", join_port=9443, ca_pin="sha256:pinned")
+
+    async def main() -> Any:
+        asyncio.get_running_loop().time = lambda: clock[0]  # type: ignore[method-assign]
+        return await runtime._enrol(cfg)  # type: ignore[arg-type]
+
+    assert asyncio.run(main()) == "enrolled"
+    assert answers == [] and len(tries) == 7
