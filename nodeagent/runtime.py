@@ -129,9 +129,11 @@ def start_extension(wait: float, told: bool, why: str = "") -> str:
     )
 
 
-class StoppedWhileEnrolling(Exception):
+class StoppedWhileEnrolling(TerminalError):
     """SIGTERM or SIGINT while the agent waited to try its enrolment again: it stops (exit 0)
-    at once, not after the wait (up to 375 s; systemd's stop timeout is 90 s)."""
+    at once, not after the wait (up to 375 s; systemd's stop timeout is 90 s). Terminal (no
+    try follows it), and never a refusal of the enrolment (``obtain_identity`` passes it on
+    as it is)."""
 
 
 async def _pause(wait: float, stop: asyncio.Event | None) -> None:
@@ -185,6 +187,8 @@ async def obtain_identity(cfg: AgentConfig, stop: asyncio.Event | None = None) -
             return identity
     try:
         return await _enrol(cfg, stop)
+    except StoppedWhileEnrolling:
+        raise
     except TlsrollError as exc:
         if ended is None or isinstance(exc, CertificateExpired):
             raise
