@@ -97,3 +97,19 @@ def test_contract_package_and_services() -> None:
     enrol = enrolment_pb2.DESCRIPTOR.services_by_name["Enrolment"].methods_by_name
     assert set(enrol) == {"Enrol"}
     assert "Heartbeat" in leader_pb2.DESCRIPTOR.services_by_name["Leader"].methods_by_name
+
+
+def test_drift_check_fails_when_the_contract_revision_is_stale(tree_copy: Path) -> None:
+    """Review rev51c H1: a proto change merged without ``tlsroll/contract.py``'s REVISION made
+    every CLI call warn "other code" against a leader of the same build. The check says so,
+    and `make proto` writes it."""
+    for name in ("__init__.py", "contract.py"):
+        shutil.copy(ROOT / "tlsroll" / name, tree_copy / "tlsroll" / name)
+    assert run_check(tree_copy).returncode == 0
+    contract = tree_copy / "tlsroll" / "contract.py"
+    right = contract.read_text()
+    contract.write_text(right.replace('REVISION = "', 'REVISION = "0', 1))
+    result = run_check(tree_copy)
+    assert result.returncode == 1
+    [line] = drift_lines(result)
+    assert line.startswith("proto drift: tlsroll/contract.py: REVISION '0"), line

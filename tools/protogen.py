@@ -91,7 +91,7 @@ def check() -> list[str]:
 
 
 CONTRACT = ROOT / "tlsroll" / "contract.py"
-REVISION_LINE = re.compile(r'^REVISION = "([0-9a-f]*)"$', re.M)
+REVISION_LINE = re.compile(r'^REVISION = "([0-9a-f]*)"(?=\n)', re.M)
 
 
 def revision() -> str:
@@ -111,7 +111,10 @@ def revision() -> str:
 def revision_problem() -> str | None:
     """The contract revision written in ``tlsroll/contract.py`` (what the CLI speaks) if it is
     not the one computed from the generated modules (what the leader announces): a CLI and a
-    leader of one tree would call each other other code (review rev51c, H1)."""
+    leader of one tree would call each other other code (review rev51c, H1). None for a tree
+    without it (the generated package alone)."""
+    if not CONTRACT.exists():
+        return None
     found = REVISION_LINE.search(CONTRACT.read_text())
     written = found.group(1) if found else None
     actual = revision()
@@ -121,6 +124,8 @@ def revision_problem() -> str | None:
 
 
 def write_revision() -> None:
+    if not CONTRACT.exists():
+        return
     text = CONTRACT.read_text()
     new = REVISION_LINE.sub(f'REVISION = "{revision()}"', text, count=1)
     if new != text:
