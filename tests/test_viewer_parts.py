@@ -1444,6 +1444,50 @@ def live_of(servers: dict[str, str], name: str) -> str:
     return servers.get(name, "")
 
 
+def test_a_retry_that_left_out_nodes_removed_since_says_so_on_the_page_and_in_the_api(
+    store: Store,
+) -> None:
+    """A retry (or a way back of a named rollout) that left out nodes removed since (`tlsroll
+    nodes remove`) stores them with itself (``RolloutMeta.removed_since``, s51leftout); they
+    are no rows of its nodes' table, so the page said nothing of them. Its heading says beside
+    the state which nodes it left out and why, in both languages, and the API names them."""
+    schema = SchemaStore(store.db)
+    rollout, records = planner.plan_rollout(
+        rollout_id="re1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.of_nodes(["a"]),
+        enrolled={"a": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+    )
+    meta = RolloutMeta(
+        created_at=NOW, started_by="admin:test", leader_node="a", removed_since=("b", "c")
+    )
+    row = schema.create(rollout.with_event(RolloutEvent.START), records, meta, NOW)
+    drive_rollout(schema, row)  # (a done; the retry completed)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    (api,) = reader.read(every=True).data["rollouts"]  # /api/v1/schema
+    assert api["removed_since"] == ["b", "c"]
+    page = reader.read(clients=False, page=True)
+    assert page.removed_since == ("b", "c") and page.left_out == ()
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, beside in (
+        ("de", "2 Knoten ausgelassen, seither entfernt: b, c"),
+        ("en", "2 nodes left out, removed since: b, c"),
+    ):
+        html = pages.schema_content(page, Words.of(lang), context)
+        (heading,) = re.findall(r'<h2 id="rollout-h">(.*?)</h2>', html, re.S)
+        assert 'data-removed-since="b c"' in heading, heading
+        text = " ".join(unescape(re.sub(r"<[^>]+>", "", heading)).split())
+        assert text.endswith(beside), text
+    # A rollout that left none out says nothing of it.
+    run_rollout(schema, "plain", Change.ENABLE_TLS)
+    later = reader.read(page=True, clients=False)
+    assert later.removed_since == ()
+    html = pages.schema_content(later, Words.of("en"), context)
+    assert "data-removed-since" not in html and "removed since" not in html
+
+
 def test_a_finalize_that_left_a_node_out_says_so_on_the_page_and_in_the_api(
     store: Store,
 ) -> None:

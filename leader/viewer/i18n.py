@@ -73,6 +73,9 @@ _DE: dict[str, str] = {
     # its state (each node's reason, in English, says what to do)
     "left_out_one": "{count} Knoten ausgelassen: {nodes}",
     "left_out_many": "{count} Knoten ausgelassen: {nodes}",
+    # a retry or way back that left out nodes removed since (``RolloutView.removed_since``)
+    "removed_since_one": "{count} Knoten ausgelassen, seither entfernt: {nodes}",
+    "removed_since_many": "{count} Knoten ausgelassen, seither entfernt: {nodes}",
     "left_as_is_alert": "Der Rückweg ist nicht vollständig. Unverändert gelassen und seither "
     "nicht auf http gesehen: {nodes}. Was zu tun ist, steht beim Knoten unter „Grund“. Bitte "
     "die Praxis-IT verständigen.",
@@ -225,6 +228,8 @@ _EN: dict[str, str] = {
     "left_as_is_many": "{count} nodes left as is: {nodes}",
     "left_out_one": "{count} node left out: {nodes}",
     "left_out_many": "{count} nodes left out: {nodes}",
+    "removed_since_one": "{count} node left out, removed since: {nodes}",
+    "removed_since_many": "{count} nodes left out, removed since: {nodes}",
     "left_as_is_alert": "The way back is not complete. Left as is and not seen on http since: "
     "{nodes}. What to do is in the node's reason below. Please call the practice IT.",
     "store_trouble": "The leader cannot write its store since {since}; no rollout moves "

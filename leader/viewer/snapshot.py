@@ -203,6 +203,15 @@ class Snapshot:
         return tuple(self.selected.get("left_as_is", ()))
 
     @property
+    def removed_since(self) -> tuple[str, ...]:
+        """The nodes the selected rollout (a retry, or a way back of a named rollout) left out
+        as removed since (`tlsroll nodes remove`; ``RolloutView.removed_since``): not in its
+        nodes' table, so said beside its state (s51)."""
+        if self.selected is None:
+            return ()
+        return tuple(self.selected.get("removed_since", ()))
+
+    @property
     def left_out(self) -> tuple[str, ...]:
         """The selected rollout's nodes its finalize left out, their agents cut off: they
         still serve http and https; each one's reason says what to do
