@@ -23,11 +23,12 @@ from leader.auto_rotate import AutoRotator
 from leader.expiry import ENDS_WITH_CA, ExpiryWatch
 from leader.layout import OWN_RENEW_CAP, Layout, ensure_leader_identity, write_leader_cert
 from leader.maintenance import parse_window
+from leader.own_tls import OwnTls
 from leader.store import IssuedCert
 from leader.viewer import certificate
 from tests.test_auto_rotate import FakeCommands, FakeSchema, served_store
 from tests.test_viewer_parts import NOW
-from tlsroll import pki
+from tlsroll import pki, spiffe
 from tlsroll.errors import PKIError, PKIReason
 
 DAY = dt.timedelta(days=1)
@@ -279,3 +280,41 @@ def test_a_clock_before_the_cas_own_start_issues_no_certificate_for_being_not_va
     assert ca.cert.not_valid_before_utc < behind
     assert ensure_leader_identity(layout, ca, names, behind)
     assert certificate.ensure(layout, ca, "127.0.0.9", (), behind) != viewer
+
+
+def test_a_leader_certificate_not_valid_yet_or_of_another_ca_is_issued_again_while_it_runs(
+    tmp_path: Path,
+) -> None:
+    """Review rev51c L5: the running leader's check (``OwnTls.renew_if_due``, before each
+    check of the expiry watch) issues again a certificate agents would refuse, as the start
+    does (``ensure_leader_identity``): one not valid yet, one another CA signed. It then serves
+    the new one (its chain, and a version the listeners' fetchers see), same key; a usable one
+    is left as it is."""
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() - 10 * DAY)
+    names = pki.Names.of("leader", ["127.0.0.9"])
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    other = pki.CertificateAuthority.create()
+    for issuer, at in ((ca, pki.utcnow() + 3 * DAY), (other, pki.utcnow())):
+        stale = issuer.issue(  # this cluster's leader identity: only the issuer or time is off
+            key.public_key(),
+            names,
+            client=True,
+            identity=spiffe.leader(ca.trust_domain),
+            internal_dns=[spiffe.leader_host(ca.trust_domain)],
+            lifetime=200 * DAY,
+            now=at,
+        )
+        layout.tls_cert.write_bytes(pki.cert_to_pem(stale) + issuer.cert_pem)
+        own = OwnTls(layout, ca, names)
+        renewed: list[bytes] = []
+        own.on_renewed.append(renewed.append)
+        assert asyncio.run(own.renew_if_due())
+        served = own.cert
+        assert served != stale and pki.issued_by(served, ca.cert)
+        assert served.not_valid_before_utc <= pki.utcnow()
+        assert served.public_key() == key.public_key()
+        assert renewed == [own.chain_pem] and own.chain_pem == layout.tls_cert.read_bytes()
+        assert not asyncio.run(own.renew_if_due())  # usable now: left as it is
