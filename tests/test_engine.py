@@ -3453,6 +3453,26 @@ async def test_a_finalize_reads_the_cut_off_nodes_while_one_is_prepared_ahead(
         leader.store.close()
 
 
+def cut_off_agents(world: World, leader: Leader, dialled: list[str] | None = None) -> set[str]:
+    """A set whose nodes are cut off (their agents' certificates revoked): the store says so
+    (``Store.cut_off_nodes``) and the agents' pool refuses to dial them, as ``AgentPool.get``
+    does (``cut_off_error``; each refusal noted in ``dialled``). Empty at first: a test adds
+    the nodes it cuts off when it wants."""
+    cut: set[str] = set()
+    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    real_get = world.agents.get
+
+    async def get(name: str) -> Any:
+        if name in cut:
+            if dialled is not None:
+                dialled.append(name)
+            raise cut_off_error(name)
+        return await real_get(name)
+
+    world.agents.get = get  # type: ignore[method-assign]
+    return cut
+
+
 async def test_a_node_cut_off_while_a_scope_frozen_rollout_runs_is_never_asked_again(
     world: World,
 ) -> None:
@@ -3465,16 +3485,7 @@ async def test_a_node_cut_off_while_a_scope_frozen_rollout_runs_is_never_asked_a
     from leader.rollout_core import cut_off_reason
 
     leader = world.boot(freeze_lease=6)
-    cut: set[str] = set()
-    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
-    real_get = world.agents.get
-
-    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
-        if name in cut:
-            raise cut_off_error(name)
-        return await real_get(name)
-
-    world.agents.get = get  # type: ignore[method-assign]
+    cut = cut_off_agents(world, leader)
     await leader.start(freeze=FreezeMode.SCOPE)
     row = await leader.run(lambda r: r.node("bravo")[0].state is N.DONE)
     charlie = row.node("charlie")[0]
@@ -3507,18 +3518,8 @@ async def test_a_cut_off_frozen_node_holds_no_switch_of_the_others_and_is_never_
     leave it out and the rollout completes; the node's agent is never dialled, and no freeze
     step (a renewal) of it ever runs (not even one ``_run_step`` then turns away)."""
     leader = world.boot(freeze_lease=6)
-    cut: set[str] = set()
-    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
-    real_get = world.agents.get
     dialled: list[str] = []
-
-    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
-        if name in cut:
-            dialled.append(name)
-            raise cut_off_error(name)
-        return await real_get(name)
-
-    world.agents.get = get  # type: ignore[method-assign]
+    cut = cut_off_agents(world, leader, dialled)
     engine = leader.engine
     real_run_step = engine._run_step
     ran: list[Step] = []
@@ -3562,19 +3563,11 @@ async def test_a_node_cut_off_mid_switch_halts_the_rollout_over_its_budget(
     if change is Change.DISABLE_TLS:
         await leader.start()
         assert states(await leader.run()) == ALL_DONE
-    cut: set[str] = set()
-    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
-    real_get = world.agents.get
-
-    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
-        if name in cut:
-            raise cut_off_error(name)
-        return await real_get(name)
+    cut = cut_off_agents(world, leader)
 
     async def revoke() -> None:
         cut.add(lost)
 
-    world.agents.get = get  # type: ignore[method-assign]
     # Revoked as the outcome before its switch is saved (its stage's; the way back stages
     # nothing: its preflight's): that write moves it on into its switch (as the last pass
     # read the cut-off nodes), which its agent then never answers.
@@ -3634,22 +3627,13 @@ async def test_a_cut_off_switch_held_at_the_gate_is_named_in_the_halt(
     world.agents["bravo"].unreachable = 10**6
     seen = len(world.agents.calls)
     second = world.boot(freeze_lease=lease)
-    cut: set[str] = set()
-    second.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
+    cut = cut_off_agents(world, second)
     row = await second.run(
         until=lambda r: "scope freeze of bravo" in node(r.records, "charlie").reason, passes=400
     )
     assert node(row.records, "charlie").state is N.SWITCHING, states(row)
     assert second.engine.unsent.get((row.rollout.id, "charlie")) is False  # held, not sent
     cut.add("charlie")
-    real_get = world.agents.get
-
-    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
-        if name in cut:
-            raise cut_off_error(name)
-        return await real_get(name)
-
-    world.agents.get = get  # type: ignore[method-assign]
     row = await second.run(until=lambda r: r.rollout.state is not R.RUNNING, passes=20)
     assert row.rollout.state in (R.HALTING, R.HALTED), row.rollout
     charlie = node(row.records, "charlie")
@@ -3679,16 +3663,7 @@ async def test_a_node_failing_in_the_pass_of_a_cut_off_halt_is_named_beside_it(
     from leader.rollout_core import cut_off_mid_switch, cut_off_reason
 
     leader = world.boot()
-    cut: set[str] = set()
-    leader.store.cut_off_nodes = lambda: frozenset(cut)  # type: ignore[method-assign]
-    real_get = world.agents.get
-
-    async def get(name: str) -> Any:  # as ``AgentPool.get``: a cut-off agent is not dialled
-        if name in cut:
-            raise cut_off_error(name)
-        return await real_get(name)
-
-    world.agents.get = get  # type: ignore[method-assign]
+    cut = cut_off_agents(world, leader)
     lost = {"bravo", "charlie"} if how == "cut_off_mid_switch" else {"charlie"}
     if how == "cut_off_mid_switch":
         # Revoked as bravo's stage outcome is saved: that write moves bravo into its switch,
