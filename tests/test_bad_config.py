@@ -938,11 +938,10 @@ def test_read_regular_reads_a_regular_file_and_never_waits_on_anything_else(
     tmp_path: Path,
 ) -> None:
     """``fsutil.read_regular``, the agent's reader of the files it finds at start (review
-    rev50a L2: a FIFO read blocked for ever): a regular file's bytes (``limit``: one more at
-    most); a FIFO, directory, socket or device is ``NotRegularFile`` naming its kind, never
-    opened; a FIFO swapped in after its stat (the stat sees the regular file before the swap)
-    is judged on the descriptor, opened without blocking. In a child: its timeout only ends a
-    hang."""
+    rev50a L2: a FIFO read blocked for ever): a regular file's bytes; a FIFO, directory,
+    socket or device is ``NotRegularFile`` naming its kind, never opened; a FIFO swapped in
+    after its stat (the stat sees the regular file before the swap) is judged on the
+    descriptor, opened without blocking. In a child: its timeout only ends a hang."""
     regular = tmp_path / "record"
     regular.write_bytes(b"0123456789")
     fifo = tmp_path / "fifo"
@@ -954,7 +953,7 @@ def test_read_regular_reads_a_regular_file_and_never_waits_on_anything_else(
         "from tlsroll.errors import NotRegularFile\n"
         "fifo, regular, sock_path, directory = sys.argv[1:]\n"
         "s = socket.socket(socket.AF_UNIX); s.bind(sock_path)\n"
-        "print(fsutil.read_regular(regular), fsutil.read_regular(regular, 3))\n"
+        "print(fsutil.read_regular(regular))\n"
         "for path in (fifo, directory, sock_path, '/dev/null'):\n"
         "    try:\n"
         "        fsutil.read_regular(path)\n"
@@ -975,7 +974,7 @@ def test_read_regular_reads_a_regular_file_and_never_waits_on_anything_else(
         check=True,
     )
     assert result.stdout.splitlines() == [
-        "b'0123456789' b'0123'",
+        "b'0123456789'",
         f"{fifo} is not a regular file (a FIFO)",
         f"{tmp_path} is not a regular file (a directory)",
         f"{sock_path} is not a regular file (a socket)",

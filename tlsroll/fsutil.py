@@ -379,14 +379,13 @@ def open_problem(
     return None
 
 
-def read_regular(path: Path, limit: int | None = None) -> bytes:
+def read_regular(path: Path) -> bytes:
     """The bytes of the regular file ``path`` (a link followed, as ``read_bytes`` does), or
     ``NotRegularFile`` naming its kind: a FIFO, socket, device or directory is never read (a
     FIFO without a writer would block its reader for ever, ``/dev/zero`` never end). Judged
     by ``stat`` before anything is opened (a device or FIFO is never opened), then opened
     without blocking and judged again on the descriptor (``fstat``: one swapped in after the
-    stat is never read). ``limit``: at most that many bytes and one more are read (the caller
-    can tell a longer file). Any other error is the open's or the read's OSError, as
+    stat is never read). Any other error is the open's or the read's OSError, as
     ``read_bytes`` raised it."""
     path = Path(path)
     mode = os.stat(path).st_mode
@@ -396,7 +395,7 @@ def read_regular(path: Path, limit: int | None = None) -> bytes:
             mode = os.fstat(fd).st_mode
             if stat.S_ISREG(mode):
                 with os.fdopen(fd, "rb", closefd=False) as f:
-                    return f.read() if limit is None else f.read(limit + 1)
+                    return f.read()
         finally:
             os.close(fd)
     raise NotRegularFile(f"{path} is not a regular file ({file_kind(mode)})")
