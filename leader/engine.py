@@ -83,6 +83,7 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Step,
+    drained_halt_note,
     finalized_note,
     halt_note,
     left_as_is,
@@ -351,6 +352,13 @@ class Engine:
                 skips = (NodeEvent.SKIP, NodeEvent.SKIP_UNSENT)
                 cut = [a.node for a in plan.node_events if a.event in skips and a.node in cut_off]
                 reason = halt_note(rollout, _failed_after(row, moved), cut, cut_off)
+            elif row.rollout.state is RolloutState.HALTING and any(
+                a.node in cut_off for a in plan.node_events
+            ):
+                # A node in flight as the halt drains, stepped as its agent is cut off since the
+                # halt was decided: the note made then named it not; made again, it does, with
+                # `tlsroll nodes remove` before the retry (review rev51b L4).
+                reason = drained_halt_note(rollout, _ended_after(row, moved), cut_off)
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:
@@ -1162,10 +1170,11 @@ class Engine:
         """Inside the write of a step's outcome (``_save_node``), on the store's thread: the
         node moves the loop's next pass would persist (``reconcile``), from the records as
         that write leaves them, and the steps they begin; ``plans`` gets the plan. Only node
-        moves: a plan that changes the rollout's state (its end, a halt), a rollout held by
-        ``--when-quiet`` (whose gate reads the store) and a planner error are left to the
-        loop, which the step's task wakes when this persists no plan (``_record`` returns
-        False, ``_run_step``)."""
+        moves: a plan that changes the rollout's state (its end, a halt), one that steps a
+        cut-off node of a halting rollout (whose note the loop makes again:
+        ``drained_halt_note``), a rollout held by ``--when-quiet`` (whose gate reads the
+        store) and a planner error are left to the loop, which the step's task wakes when
+        this persists no plan (``_record`` returns False, ``_run_step``)."""
         if after.meta.when_quiet:
             return (), []
         try:
@@ -1182,6 +1191,10 @@ class Engine:
             return (), []
         if plan.rollout_events or not plan.node_events:
             return (), []
+        if after.rollout.state is RolloutState.HALTING and any(
+            a.node in self.cut_off for a in plan.node_events
+        ):
+            return (), []  # the loop's pass writes the halt's note again (``reconcile``)
         _rollout, moved = planner.plan_moves(after.rollout, lambda n: after.node(n)[0], plan)
         plans.append(plan)
         return moved, _begun([after.node(r.name)[0] for r in moved], moved, now)
@@ -1517,6 +1530,16 @@ def _failed_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> list[NodeReco
         else:
             failed.pop(r.name, None)
     return sorted(failed.values(), key=lambda r: row.position(r.name))
+
+
+def _ended_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> list[NodeRecord]:
+    """The failed and skipped records of ``row`` once ``moved`` is saved (with the others
+    ``moved`` holds), in the rollout's order: what a halt's note made again reads
+    (``drained_halt_note``)."""
+    positions = _positions(row, FAILED_NODE_STATES | {NodeState.SKIPPED})
+    ended = {r.name: r for r in (row.nodes[at][0] for at in positions)}
+    ended.update((r.name, r) for r in moved)
+    return sorted(ended.values(), key=lambda r: row.position(r.name))
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:

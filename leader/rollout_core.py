@@ -568,6 +568,27 @@ def halt_note(
     return f"halted: {'; '.join(said)}; next: {out}"
 
 
+def drained_halt_note(
+    rollout: Rollout, records: Iterable[NodeRecord], cut_off: Collection[str] = frozenset()
+) -> str:
+    """The note of a halting rollout once a pass stepped a node whose agent was cut off (its
+    certificate revoked) after the halt was decided, while its switches in flight ended: the
+    halt's note (``halt_note``) made again from ``records`` (the rollout's, in its order, as
+    the pass leaves them; others than the failed and skipped ones are passed by): the nodes
+    failed (one cut off mid-switch among them: ``cut_off_mid_switch``) and those skipped as
+    cut off before their switches (``cut_off_reason``), with `tlsroll nodes remove` for each
+    before the retry. The note the halt made named none cut off later, and its retry refuses
+    them until they are removed (review rev51b L4)."""
+    failed: list[NodeRecord] = []
+    cut: list[str] = []
+    for r in records:
+        if r.state in FAILED_NODE_STATES:
+            failed.append(r)
+        elif r.state is NodeState.SKIPPED and r.reason.startswith(CUT_OFF):
+            cut.append(r.name)
+    return halt_note(rollout, failed, cut, cut_off)
+
+
 def down_on_https(change: Change, seen: NodeObservation) -> bool:
     """The way back (disable-tls) and node ``seen``, whose managed server is down with a config
     on https (or http and https): the way back restores http and starts the server (the

@@ -1793,7 +1793,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         less than a heartbeat interval ago (by the leader's clock; one that went back counts as
         long ago). A count held back is logged with the first message after the interval that
         still differs: an agent sends its count at its renewal bound at the latest
-        (``nodeagent.leader_link.report_key``), so the last one is logged too."""
+        (``nodeagent.leader_link.report_key``), so the last one is logged too; or as its
+        stream ends before that message (``_log_held_login_failures``)."""
         logged = self.state.login_failures_logged.get(name)
         if logged is not None:
             said, at = logged
@@ -1803,6 +1804,21 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 return
         log.warning("node.server_login_failures", node=name, count=count)
         self.state.login_failures_logged[name] = (count, now)
+
+    def _log_held_login_failures(self, name: str) -> None:
+        """A heartbeat stream of node ``name`` ended (``_uncount``): the count it last said
+        that ``_log_login_failures`` held back (the interval's bound) is logged now, as its
+        next message after the interval would have logged it: the agent stopped, or its
+        connection was lost, and that message may never come (review rev50a L4). Once (it is
+        logged then), and not if nothing is held back."""
+        row = self.state.server_login_failures.get(name)
+        if row is None:
+            return
+        logged = self.state.login_failures_logged.get(name)
+        if logged is not None and logged[0] == row.failures:
+            return
+        log.warning("node.server_login_failures", node=name, count=row.failures)
+        self.state.login_failures_logged[name] = (row.failures, self.state.clock())
 
     def _record_clients(
         self,
@@ -2182,12 +2198,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 older.unanswered(StreamReplaced("a newer heartbeat stream of the node opened"))
 
     def _uncount(self, beat: _Beats) -> None:
-        """``beat`` ended. A renewal stream vouched for its node until now: the leader knows
-        the agent alive up to now if it said it closes the stream (``closing``), else only as
-        far as its keepalive proves (``keepalive_seconds``: a vanished agent's connection
-        closes that long after its last PING), unless another of the node's streams still
-        vouches for it. The agent's last stream: its clock is known a renewal deadline more (a
-        reconnect goes on with it; else its agent stopped or vanished: ``leader.node_clocks``)."""
+        """``beat`` ended: a wrong-password count it said and that was held back is logged
+        (``_log_held_login_failures``). A renewal stream vouched for its node until now: the
+        leader knows the agent alive up to now if it said it closes the stream (``closing``),
+        else only as far as its keepalive proves (``keepalive_seconds``: a vanished agent's
+        connection closes that long after its last PING), unless another of the node's
+        streams still vouches for it. The agent's last stream: its clock is known a renewal
+        deadline more (a reconnect goes on with it; else its agent stopped or vanished:
+        ``leader.node_clocks``)."""
+        if beat.name:
+            self._log_held_login_failures(beat.name)
         mine = self._streams.get(beat.name)
         if mine is not None:
             if beat in mine:

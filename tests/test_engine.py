@@ -3707,3 +3707,70 @@ async def test_a_node_failing_in_the_pass_of_a_cut_off_halt_is_named_beside_it(
         note
     ), note
     await leader.stop()
+
+
+@pytest.mark.parametrize("where", ["mid_switch", "before_its_switch"])
+async def test_a_node_cut_off_while_a_halt_drains_is_named_in_the_halts_note(
+    world: World, where: str
+) -> None:
+    """Review rev51b L4: the halt's note is made in the pass that decides the halt. A node in
+    flight then (its switch, or its preflight, ending while the halt drains) whose agent is
+    cut off (its certificate revoked) after it was named by no note: it needs attention (cut
+    off mid-switch) or is skipped (before its switch), and the note said only "retry", which
+    refuses it until `tlsroll nodes remove`. The note now names it, with that way out before
+    the retry, beside the node that halted the rollout. bravo's switch rolls back (budget 0:
+    the halt) while charlie's switch (or preflight) gets no answer, and alpha's preflight
+    (still in flight once charlie has ended); charlie is then cut off. The pass that steps it
+    writes the note again, not a step's outcome (``_plan_next``), and the rollout's end
+    keeps it."""
+    from leader.rollout_core import cut_off_mid_switch, cut_off_reason
+
+    leader = world.boot()
+    cut = cut_off_agents(world, leader)
+    switch_rolls_back(world.agents["bravo"])
+    world.agents["alpha"].unreachable = 10**6
+    if where == "mid_switch":
+        switch_gets_no_answer(world, "charlie")
+        held = N.SWITCHING
+    else:
+        world.agents["charlie"].unreachable = 10**6
+        held = N.PREFLIGHT
+    row = await leader.start(max_parallel=3)
+    row = await leader.run(until=lambda r: r.rollout.state is not R.RUNNING)
+    assert row.rollout.state is R.HALTING, (row.rollout, states(row))
+    assert states(row) == {"bravo": N.ROLLED_BACK, "charlie": held, "alpha": N.PREFLIGHT}
+    assert "charlie" not in row.meta.reason, row.meta.reason  # (the note made at the halt)
+    # A step's outcome written after a pass read charlie cut off, before that pass's own
+    # write: the plan made in that write (``_plan_next``) leaves charlie to the pass, whose
+    # write makes the note again; else charlie moved there, unnamed, and the pass found
+    # nothing to write.
+    leader.engine.cut_off = frozenset({"charlie"})
+    assert leader.engine._plan_next([], world.clock.wall(), row) == ((), [])
+    cut.add("charlie")
+    row = await leader.run(until=lambda r: node(r.records, "charlie").state is not held)
+    assert row.rollout.state is R.HALTING, (row.rollout, states(row))
+    drained = row.meta.reason
+    world.agents["alpha"].unreachable = 0
+    row = await leader.run()
+    assert row.rollout.state is R.HALTED, (row.rollout, states(row))
+    assert node(row.records, "alpha").state is N.SKIPPED
+    assert row.meta.reason == drained
+    charlie = node(row.records, "charlie")
+    if where == "mid_switch":
+        assert (charlie.state, charlie.reason) == (N.NEEDS_ATTENTION, cut_off_mid_switch("charlie"))
+        named = f"charlie needs_attention: {cut_off_mid_switch('charlie')}; "
+    else:
+        assert (charlie.state, charlie.reason) == (
+            N.SKIPPED,
+            cut_off_reason(Change.ENABLE_TLS, "charlie"),
+        )
+        named = "agent cut off (its certificate revoked) before its switch: charlie; "
+    bravo = node(row.records, "bravo")
+    note = row.meta.reason
+    assert note.startswith(f"halted: bravo rolled_back: {bravo.reason}; {named}next: "), note
+    assert note.endswith(
+        "next: charlie: agent cut off (its certificate revoked): `tlsroll nodes remove charlie`,"
+        f" then finish the nodes left: tlsroll rollout retry {row.rollout.id} or go back to"
+        f" http: tlsroll rollout rollback {row.rollout.id}"
+    ), note
+    await leader.stop()

@@ -575,6 +575,56 @@ async def test_the_leader_logs_a_nodes_changing_count_once_an_interval_at_most(
         assert "hb1" not in rig.state.login_failures_logged
 
 
+@pytest.mark.parametrize("end", ["agent_stops", "connection_lost"])
+async def test_a_count_held_back_is_logged_when_the_agents_stream_ends(
+    tmp_path: Path, loopback: Callable[[], str], end: str
+) -> None:
+    """Review rev50a L4: a changed count held back by the once-an-interval bound waited for the
+    node's next message after the interval; an agent that stopped (it closes its stream) or
+    whose connection was lost (the call cancelled) before it sent one left that count never
+    logged. The stream's end logs it, as that message would have (the same event and fields),
+    once: a new stream's message with that count logs nothing more; a stream that ends with
+    nothing held back logs nothing."""
+    view = [guessed(0)]
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view[0]
+
+    def warned(events: list[Any]) -> list[tuple[str, int]]:
+        return [
+            (e["node"], e["count"]) for e in events if e["event"] == "node.server_login_failures"
+        ]
+
+    async def stream_ends() -> None:
+        stream = link._stream
+        assert stream is not None and rig.service._open
+        if end == "agent_stops":
+            await link._finish_stream()  # as ``LeaderLink.close`` does first
+        else:
+            stream.call.cancel()
+            link._stream = None  # (the next beat opens a new one)
+        await until(lambda: not rig.service._open, "the stream's end at the leader")
+
+    async with leader_and_link(tmp_path, loopback) as (rig, link, _skew):
+        link.server_view = server_view
+        with structlog.testing.capture_logs() as events:
+            view[0] = guessed(4)
+            await link.beat()
+            view[0] = guessed(5)
+            await link.beat()  # within the interval: held back
+            assert [r.failures for r in rig.state.login_failures()] == [5]
+            assert warned(events) == [("hb1", 4)]
+            await stream_ends()
+            assert warned(events) == [("hb1", 4), ("hb1", 5)], events
+            # Once: the agent back with the same count, on a new stream, logs nothing more.
+            rig.clock[0] += dt.timedelta(seconds=rig.state.heartbeat_interval)
+            await link.beat()
+            assert warned(events) == [("hb1", 4), ("hb1", 5)]
+            # Nothing held back (the count logged): the end logs nothing.
+            await stream_ends()
+            assert warned(events) == [("hb1", 4), ("hb1", 5)]
+
+
 async def test_the_latest_wrong_client_password_is_on_the_leaders_clock_and_never_ahead(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:

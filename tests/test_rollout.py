@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from leader.engine import UNKNOWN
+from leader.rollout_core import cut_off_mid_switch
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
@@ -502,6 +503,44 @@ def test_controls_while_halting_and_after_halted(setups: Setups) -> None:
     assert snap.node_states() == {"h1": "rolled_back", "h2": "done"}
     for action in ("pause", "resume", "abort"):
         control_refused(s, action, "halted", rid)
+
+
+def test_a_node_cut_off_while_the_halt_drains_is_named_in_the_halts_note(setups: Setups) -> None:
+    """Review rev51b L4, end to end: h1's switch fails (the halt) while h2, switching beside
+    it, is held mid-switch (its agent dies with its server frozen); h2's machine is then lost:
+    its agent's certificate revoked (`tlsroll ca revoke`) while the halt drains. h2 needs
+    attention (its outcome not known), and the halt's note, made when h1 failed, now names h2
+    too, with `tlsroll nodes remove h2` before the retry (it named h1 alone: the retry then
+    refused h2 until it was removed, which no note had said)."""
+    s = setups(
+        "h1",
+        "h2",
+        agent_env={"h2": HOLD_IN_SWITCH},
+        server={"h1": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
+    )
+    agent = s["h2"].agent
+    assert agent is not None
+    serial = f"{agent.cert().serial_number:x}"
+    rid = start(s, "--scope", "cluster", "--max-parallel", "2")
+    wait_agent_died(s["h2"])
+    snap = wait_rollout(s.cluster, "the rollout halting", lambda r: r.state == "halting")
+    assert snap.node_states() == {"h1": "rolled_back", "h2": "switching"}, snap
+    halting = newest_view(s)["reason"]
+    assert halting.startswith("halted: h1 rolled_back: ") and "h2" not in halting, halting
+    revoked = s.cli("ca", "revoke", serial)
+    assert revoked.returncode == 0, revoked.stderr
+    snap = wait_ended(s.cluster)
+    assert snap.state == "halted", snap
+    assert snap.nodes["h2"] == ("needs_attention", cut_off_mid_switch("h2")), snap
+    note = newest_view(s)["reason"]
+    assert note.startswith(
+        f"{halting.split('; next: ')[0]}; h2 needs_attention: {cut_off_mid_switch('h2')}; next: "
+    ), note
+    assert note.endswith(
+        "next: h2: agent cut off (its certificate revoked): `tlsroll nodes remove h2`, then"
+        f" finish the nodes left: tlsroll rollout retry {rid} or go back to http: tlsroll"
+        f" rollout rollback {rid}"
+    ), note
 
 
 # === 5. a node fails: preflight, or the switch itself ============================================

@@ -35,6 +35,9 @@ from leader.rollout_core import (
     ScopeKind,
     Step,
     cut_off_halt,
+    cut_off_mid_switch,
+    cut_off_reason,
+    drained_halt_note,
     halt_note,
     halt_way_out,
     next_command,
@@ -412,3 +415,45 @@ def test_a_halt_names_the_failed_nodes_and_those_cut_off_before_their_switches()
     )
     final = replace(switch, change=Change.FINALIZE)
     assert "before its switch" not in halt_note(final, [failed], ["c"], frozenset({"c"}))
+
+
+def test_a_node_cut_off_while_the_halt_drains_is_named_as_at_the_halt() -> None:
+    """Review rev51b L4: a node cut off (its agent's certificate revoked) after the halt was
+    decided, while the switches in flight end, was named by no note (made at the halt). The
+    note made again from the records names it as a halt names it: failed (cut off mid-switch)
+    or cut off before its switch, beside those the halt named, with `tlsroll nodes remove`
+    before the retry. Other nodes' states (done, skipped by the halt, in flight) say nothing."""
+    switch = a_rollout(R.HALTING)
+    failed = NodeRecord("a", N.ROLLED_BACK, "verify: port 8443 closed")
+    done = NodeRecord("b", N.DONE)
+    halted = NodeRecord("e", N.SKIPPED, "rollout halted")
+    mid = NodeRecord("c", N.NEEDS_ATTENTION, cut_off_mid_switch("c"))
+    before = NodeRecord("d", N.SKIPPED, cut_off_reason(Change.ENABLE_TLS, "d"))
+    going = NodeRecord("f", N.SWITCHING)
+    # Nothing cut off: the halt's note as it was made.
+    assert drained_halt_note(switch, [failed, done, halted, going]) == halt_note(
+        switch, [failed], []
+    )
+    assert drained_halt_note(switch, [failed, done, mid, halted], frozenset({"c"})) == (
+        f"halted: a rolled_back: verify: port 8443 closed; c needs_attention: {mid.reason};"
+        " next: c: agent cut off (its certificate revoked): `tlsroll nodes remove c`, then"
+        f" {way_out(switch)}"
+    )
+    assert drained_halt_note(switch, [failed, before, going], frozenset({"d"})) == (
+        "halted: a rolled_back: verify: port 8443 closed; agent cut off (its certificate"
+        " revoked) before its switch: d; next: d: agent cut off (its certificate revoked):"
+        f" `tlsroll nodes remove d`, then {way_out(switch)}"
+    )
+    # A halt by a cut-off node (no failure), and one more cut off since: both named.
+    earlier = NodeRecord("g", N.SKIPPED, cut_off_reason(Change.ENABLE_TLS, "g"))
+    assert drained_halt_note(switch, [earlier, before], frozenset({"d", "g"})) == (
+        cut_off_halt(switch, ["d", "g"])
+    )
+    # The way back goes on without a node cut off before its switch (left as is): no part
+    # of its halt; one cut off mid-switch is, with its removal as the way on.
+    back = replace(switch, change=Change.DISABLE_TLS)
+    left = NodeRecord("d", N.SKIPPED, cut_off_reason(Change.DISABLE_TLS, "d"))
+    assert drained_halt_note(back, [failed, left, mid], frozenset({"c", "d"})) == halt_note(
+        back, [failed, mid], [], frozenset({"c", "d"})
+    )
+    assert "`tlsroll nodes remove c`" in drained_halt_note(back, [failed, mid], frozenset({"c"}))
