@@ -170,6 +170,11 @@ class StepContext:
     # The node's enrolment as the agent pool last read it (``AgentPool.get`` reads it again
     # after any store write that can change it); None: read it from the store.
     enrolled: Node | None = None
+    # The confirm's event a switch reached too (``ChangeSteps.switch``: its outside check,
+    # begun at the agent's verify, had found nothing wrong when the switch completed): the
+    # engine writes the switch's outcome and the confirm's in one write (``Engine._record``),
+    # and no confirm step runs. Empty: the confirm step follows, as ever.
+    confirmed: list[NodeEvent] = field(default_factory=list)
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
@@ -434,9 +439,35 @@ class ChangeSteps:
                 # unfreeze tried again: what it saw may be gone): the switch's outcome is
                 # written meanwhile.
                 self._begin_check(ctx, key)
+            elif early is not None and ctx.switched_here[key]:
+                await self._confirm_with_switch(ctx, key, early)
         else:
             _drop_begun(ctx, key, early)
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
+
+    @staticmethod
+    async def _confirm_with_switch(
+        ctx: StepContext, key: tuple[str, str], early: asyncio.Future[str | None]
+    ) -> None:
+        """The switch completed with the confirm's outside check begun at the verify and still
+        fresh: if that check ends within ``CONFIRM_WITH_SWITCH`` (it began while the agent
+        unfroze the server and journalled the switch complete, and mostly ends about when the
+        outcome arrives) and found nothing wrong, the confirm is done too
+        (``StepContext.confirmed``): one durable write for both outcomes, and no confirm step
+        (its task, its write, then the next node's switch). A check that found a problem, or
+        has not ended, stays for the confirm step, which rolls the node back or waits for it,
+        as ever: nothing is sent to the agent here, and the switch's outcome is written
+        before the confirm's Rollback is sent."""
+        waited = asyncio.ensure_future(ctx.sleep(CONFIRM_WITH_SWITCH))  # the engine's clock
+        try:
+            await asyncio.wait({early, waited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waited.cancel()
+        if not early.done() or early.cancelled() or early.exception() is not None:
+            return
+        if early.result() is None and ctx.checks.get(key) is early:
+            del ctx.checks[key]
+            ctx.confirmed.append(confirm_success(ctx.rollout))
 
     def _begin_check(self, ctx: StepContext, key: tuple[str, str]) -> asyncio.Future[str | None]:
         """Begin the confirm's outside check of the node ahead of its confirm (``confirm``
@@ -552,6 +583,14 @@ EARLY_CHECK_FRESH = 1.0  # seconds, elapsed
 """How long before its switch completes an outside check begun at the verify still counts
 for the confirm (``ChangeSteps.switch``): an unfreeze takes milliseconds; one tried again for
 longer leaves a check that may have seen a server gone since, and the check is made again."""
+
+
+CONFIRM_WITH_SWITCH = 0.25  # seconds
+"""How long a completed switch waits for the confirm's outside check begun at its verify, to
+write both outcomes at once (``ChangeSteps._confirm_with_switch``): the check mostly ends
+within milliseconds of the outcome's arrival; one that takes longer (a slow server, a busy
+machine) leaves the switch's outcome written alone, and the confirm step waits for the rest
+of it, so that the schema does not show the node switching for the whole check."""
 
 
 def drop_check(check: asyncio.Future[str | None] | None) -> None:

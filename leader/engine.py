@@ -844,13 +844,15 @@ class Engine:
             else:
                 learnt: dict[str, Any] = {}  # what the step learnt: written with its outcome
                 issued: list[Signed] = []  # what it signed: recorded with its outcome
+                confirmed: list[NodeEvent] = []  # a switch's confirm: written with its outcome
+                work = self._step(row, step, learnt, issued, confirmed)
                 if bounded:  # one attempt never outlasts the step's deadline
-                    result = await asyncio.wait_for(self._step(row, step, learnt, issued), deadline)
+                    result = await asyncio.wait_for(work, deadline)
                 else:
-                    result = await self._step(row, step, learnt, issued)
+                    result = await work
                 event, reason = result
                 planned = await self._record(
-                    rollout.id, step, event, reason, started[1], learnt, issued
+                    rollout.id, step, event, reason, started[1], learnt, issued, confirmed
                 )
                 if planned:  # the plan that follows is persisted, its steps begun: no wake
                     self.trouble.pop(key, None)
@@ -1024,6 +1026,7 @@ class Engine:
         step: planner.StepAction,
         learnt: dict[str, Any],
         issued: list[Signed],
+        confirmed: list[NodeEvent],
     ) -> Outcome:
         steps = strategy_for(row.rollout)
         runners: dict[Step, Callable[[StepContext], Awaitable[Outcome]]] = {
@@ -1068,6 +1071,7 @@ class Engine:
             signed=self.signed,
             issued=issued,
             checks=self.checks,
+            confirmed=confirmed,
         )
         return await runners[step.step](ctx)
 
@@ -1093,9 +1097,11 @@ class Engine:
         plan_next: list[planner.Plan] | None = None,
         certs: Sequence[IssuedCert] = (),
         recorded: Callable[[], None] | None = None,
+        also: Sequence[StepTime] = (),
     ) -> RolloutRow:
         """Apply ``change`` to one node record and save it, in one transaction with the
-        step's times (``step``: only if the record changed, unless ``timed_if_unchanged``),
+        step's times (``step``, and ``also``'s, the steps it ended too: only if the record
+        changed, unless ``timed_if_unchanged``),
         the start of the step the node's new state begins, what the step learnt
         (``details`` of the node's stored detail: the fields to write), and the password now
         live on the node if it is now done, and the certificates ``certs`` if the record
@@ -1124,7 +1130,7 @@ class Engine:
                 now = self.clock()
                 steps = _begun([old], [new], now)
                 if step is not None and (new != old or timed_if_unchanged):
-                    steps.insert(0, step)
+                    steps[:0] = [step, *also]
                 learnt = {k: v for k, v in details(detail).items() if getattr(detail, k) != v}
                 if new == old and not steps and not learnt:
                     return row
@@ -1430,6 +1436,7 @@ class Engine:
         started: dt.datetime | None = None,
         learnt: dict[str, Any] | None = None,
         issued: Sequence[Signed] = (),
+        confirmed: Sequence[NodeEvent] = (),
     ) -> bool:
         """The step's result on the node, if the node still waits for it (an abort skips a
         node whose preflight or stage is in flight: that result is dropped), with its times
@@ -1450,10 +1457,17 @@ class Engine:
         and the steps they begin, no change of the rollout's state) and those steps are begun:
         then the loop need not be woken for this outcome (its pass would make the same plan
         again and find nothing to persist or begin); its tick and any other wake still
-        come."""
+        come.
+
+        ``confirmed``: the confirm's event a switch reached too (``StepContext.confirmed``),
+        applied after the switch's in the same write, with the confirm's step times (begun and
+        ended as the switch ended: its check began inside the switch, at the verify), so that
+        the node goes from switching to done (or dual) and the next node's switch is planned
+        in that write; each outcome logged as its step's."""
         dropped: list[bool] = []
         plans: list[planner.Plan] = []
         key = (rollout_id, step.node)
+        also = confirmed if event is NodeEvent.SWITCH_DONE else ()
 
         def recorded() -> None:  # the store's thread: a dict's item set, atomic
             self.signed[key] = issued[-1]
@@ -1464,7 +1478,10 @@ class Engine:
                 return r
             # An answer at last: what was said while the agent was away no longer holds.
             cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
-            return r.with_event(event, cleared)
+            new = r.with_event(event, cleared)
+            for then in also:  # switching -> confirming -> done (or dual)
+                new = new.with_event(then)
+            return new
 
         now = self.clock()
         row = await self._save_node(
@@ -1476,6 +1493,7 @@ class Engine:
             plan_next=plans,
             certs=[s.record for s in issued],
             recorded=recorded if issued else None,
+            also=[StepTime(step.node, Step.CONFIRM.value, now, now)] if also else (),
         )
         if dropped:
             log.info(
@@ -1494,6 +1512,16 @@ class Engine:
             node_event=event.value,
             reason=reason,
         )
+        for then in also:
+            log.info(
+                "step.finished",
+                rollout_id=rollout_id,
+                node=step.node,
+                step=Step.CONFIRM.value,
+                node_event=then.value,
+                reason=None,
+                with_switch=True,
+            )
         # Only while the rollout runs, without scope freezes: a plan of a draining rollout
         # can leave the next pass more to do (a change without a stage: a node it moves to
         # staged is skipped by a halt only at the next pass), and each pass renews the

@@ -721,6 +721,96 @@ async def test_the_outside_check_begins_as_the_agent_verifies_the_new_server(
     await leader.stop()
 
 
+def written_states(
+    monkeypatch: pytest.MonkeyPatch,
+) -> list[tuple[str, NodeState, NodeState]]:
+    """Every node record the store writes, as (node, state before, state written), in order
+    (``SchemaStore.save_states``)."""
+    written: list[tuple[str, NodeState, NodeState]] = []
+    real = SchemaStore.save_states
+
+    def save_states(self: SchemaStore, before: RolloutRow, *args: Any, **kw: Any) -> RolloutRow:
+        written.extend((r.name, before.node(r.name)[0].state, r.state) for r in args[1])
+        return real(self, before, *args, **kw)
+
+    monkeypatch.setattr(SchemaStore, "save_states", save_states)
+    return written
+
+
+async def test_a_switch_whose_check_passed_as_it_ended_is_confirmed_in_the_same_write(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the check begun at the verify has found nothing wrong by the time the switch
+    completes: the switch's outcome and the confirm's are one durable write (each node goes
+    from switching to done; no record of it confirming is ever written), no confirm step runs
+    (its step times are the switch's end), both outcomes are logged as their steps', and the
+    rollout is as before."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+    written = written_states(monkeypatch)
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    with capture_logs() as logs:
+        row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    for name in ORDER:
+        mine = [(was, now) for n, was, now in written if n == name]
+        assert (N.SWITCHING, N.DONE) in mine, (name, mine)
+        assert all(N.CONFIRMING not in pair for pair in mine), (name, mine)
+        steps = row.node(name)[1].steps
+        assert steps["confirm"] == [steps["switch"][1], steps["switch"][1]], (name, steps)
+        finished = [
+            (e["step"], e["node_event"])
+            for e in logs
+            if e["event"] == "step.finished" and e.get("node") == name
+        ]
+        assert finished[-2:] == [("switch", "switch_done"), ("confirm", "confirm_done")]
+    checks = [c.node for c in world.agents.calls if c.method == "outside_check"]
+    assert sorted(checks) == sorted(ORDER)
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+async def test_a_check_still_running_as_the_switch_ends_is_left_to_the_confirm_step(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check begun at the verify has not ended within ``CONFIRM_WITH_SWITCH`` of the
+    switch's completion: the switch's outcome is written alone (the node confirming), and the
+    confirm step takes the check's answer when it comes (one check per node)."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+    check = world.agents.outside_check
+
+    async def slow(live: str, closed: str, ca: bytes, fingerprint: str = "") -> Any:
+        # Longer than the switch's wait (the fake clock's sleep yields once), in real
+        # scheduling: the switch completes first.
+        for _ in range(50):
+            await asyncio.sleep(0)
+        answer = await check(live, closed, ca, fingerprint)
+        for _ in range(50):
+            await asyncio.sleep(0)
+        return answer
+
+    monkeypatch.setattr(changes, "outside_check", slow)
+    written = written_states(monkeypatch)
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    for name in ORDER:
+        mine = [(was, now) for n, was, now in written if n == name]
+        assert (N.SWITCHING, N.CONFIRMING) in mine, (name, mine)
+        assert (N.CONFIRMING, N.DONE) in mine, (name, mine)
+    checks = [c.node for c in world.agents.calls if c.method == "outside_check"]
+    assert sorted(checks) == sorted(ORDER)  # the confirm took the check begun at the verify
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
 async def test_no_check_begins_at_the_verify_where_the_unfreeze_may_change_answers(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
