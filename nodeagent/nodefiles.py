@@ -12,6 +12,10 @@ does that work: ``identity.Identity``).
     DATA/ca.refused   a renewed CA certificate this node refused: since when, why, and the
                       DATA/ca.pem it kept (``refused_ca``), until a renewal's CA is taken
     DATA/crl.pem      the CA's revocation list the leader sent (``nodeagent.trust``)
+    DATA/pin.unseen.json   since when the join port has shown no certificate of the pinned
+                      key, and of which pin and join port (``read_pin_unseen``), until a join
+                      port shows it (``forget_pin_unseen``): the patience's start, kept across
+                      the agent's restarts (``nodeagent.runtime.PinUnseen``)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -63,12 +68,15 @@ class PinNotShown(TransientError):
     looks like while it fails over (review rev50e), as well as a wrong pin. Tried again for a
     while (``identity.next_pin_wait``; the join token is not sent); past that patience the agent
     stops with ``refusal`` (``identity.pin_mismatch``'s line, exit 2: a wrong pin is a person's
-    to fix). ``pins``: the pins of the certificates the port sent, as it sent them (public)."""
+    to fix). ``pins``: the pins of the certificates the port sent, as it sent them (public).
+    ``hint``: what the chain suggests, or "" (``identity.chain_hint``: a certificate of this
+    pin's cluster sent without its CA's); the refusal says it too."""
 
-    def __init__(self, refusal: ConfigError, pins: tuple[str, ...]) -> None:
+    def __init__(self, refusal: ConfigError, pins: tuple[str, ...], hint: str = "") -> None:
         super().__init__(refusal.problem)
         self.refusal = refusal
         self.pins = pins
+        self.hint = hint
 
 
 class CertificateExpired(TerminalError):
@@ -87,6 +95,43 @@ def pending_paths(data_dir: Path) -> tuple[Path, Path]:
 
 def refused_ca_path(data_dir: Path) -> Path:
     return data_dir / "ca.refused"
+
+
+def pin_unseen_path(data_dir: Path) -> Path:
+    return data_dir / "pin.unseen.json"
+
+
+def read_pin_unseen(data_dir: Path) -> tuple[float, str, str] | None:
+    """``DATA/pin.unseen.json``: since when (seconds since the epoch) the join port has shown
+    no certificate of the pinned key, which pin and which join port (``host:port``); None if
+    there is none. A record that cannot be read or is damaged raises (``OSError``,
+    ``NotRegularFile``, ``ValueError``): the caller starts afresh. Nothing in it is secret."""
+    try:
+        record = json.loads(read_regular(pin_unseen_path(data_dir)))
+        since, pin, join = record["since"], record["ca_pin"], record["join"]
+    except FileNotFoundError:
+        return None
+    except (KeyError, TypeError, IndexError, RecursionError) as exc:
+        raise ValueError(f"not such a record ({type(exc).__name__}: {exc})") from None
+    if isinstance(since, bool) or not isinstance(since, (int, float)):
+        raise ValueError(f"since: {since!r} is no number")
+    if not math.isfinite(since) or not isinstance(pin, str) or not isinstance(join, str):
+        raise ValueError("since, ca_pin or join of the wrong kind")
+    return float(since), pin, join
+
+
+def write_pin_unseen(data_dir: Path, since: float, pin: str, join: str) -> None:
+    """Record (one rename) that the join port ``join`` shows no certificate of ``pin`` since
+    ``since`` (seconds since the epoch)."""
+    record = {"since": since, "ca_pin": pin, "join": join}
+    write_atomic(pin_unseen_path(data_dir), json.dumps(record).encode("utf-8") + b"\n")
+
+
+def forget_pin_unseen(data_dir: Path) -> None:
+    """A join port showed the pinned key: the patience's record goes (``read_pin_unseen``).
+    One that cannot go (a directory there) is passed over: it cannot be read either."""
+    with contextlib.suppress(OSError):
+        os.unlink(pin_unseen_path(data_dir))
 
 
 def crl_path(data_dir: Path) -> Path:
