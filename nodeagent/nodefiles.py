@@ -131,7 +131,7 @@ def forget_pin_unseen(data_dir: Path) -> None:
     """A join port showed the pinned key: the patience's record goes (``read_pin_unseen``).
     One that cannot go (a directory there) is passed over: it cannot be read either."""
     with contextlib.suppress(OSError):
-        os.unlink(pin_unseen_path(data_dir))
+        pin_unseen_path(data_dir).unlink()
 
 
 def crl_path(data_dir: Path) -> Path:

@@ -854,6 +854,25 @@ def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) 
     assert token_info(cluster, token).uses_left == 1
 
 
+def test_a_join_port_showing_the_pin_ends_the_patience_s_record(cluster: Cluster) -> None:
+    """The record of the pin's patience goes once a join port shows the pinned key, even if
+    the enrolment then fails (here the leader refuses a token made for another node): a join
+    port without the pin later begins a patience afresh, not one begun an hour ago."""
+    address = next_loopback()
+    agent = cluster.add_agent(
+        "shown", address, token=cluster.create_token("not-shown", next_loopback()), start=False
+    )
+    make_private_dir(agent.data_dir)
+    path = nodefiles.pin_unseen_path(agent.data_dir)
+    join = f"{cluster.address}:{JOIN_PORT}"
+    record = {"since": time.time() - 3600, "ca_pin": cluster.ca_pin(), "join": join}
+    path.write_text(json.dumps(record))
+    code, output = agent.run_to_exit()
+    assert code != 0 and "the leader refused enrolment" in output, output
+    assert not path.exists(), output
+    assert _pin_warnings(output) == []
+
+
 @pytest.mark.parametrize("damage", ["garbage", "directory"])
 def test_a_damaged_pin_record_is_one_warning_and_the_patience_afresh(
     cluster: Cluster, damage: str
