@@ -34,8 +34,11 @@ carries another CA, is one too (``pin_mismatch``: a wrong pin or a man in the mi
 restart would dial it again every few seconds): its line gives the pin found and the one
 configured. A chain with no certificate of the pinned key at all (a load balancer's default
 certificate while it fails over, or a wrong pin) is tried again for about a quarter of an hour
-(``PinNotShown``, ``next_pin_wait``), then is that exit 2; a leader not reached stays a
-TransientError (retried, then exit 1).
+(``PinNotShown``, ``next_pin_wait``; counted from the first such answer across the agent's
+restarts, ``DATA/pin.unseen.json``, until a join port shows the pin: ``enrol`` removes it), then
+is that exit 2, its warnings and line saying so where the chain looks like a proxy's or an
+incomplete one (``chain_hint``); a leader not reached stays a TransientError (retried, then
+exit 1).
 """
 
 from __future__ import annotations

@@ -325,6 +325,8 @@ async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identit
                         leader=unseen.join,
                         since=unseen.since(now, wall),
                         record=str(pin_unseen_path(cfg.data_dir)),
+                        detail="the join port has shown no certificate of [leader].ca_pin's key "
+                        "since then, through this agent's restarts: no more tries",
                     )
                 raise exc.refusal from None
             log.warning(
