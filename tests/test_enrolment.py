@@ -803,10 +803,10 @@ def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) 
     """Review rev51e L1: the quarter of an hour for a join port showing no certificate of the
     pinned key was counted per process, so an agent started again (a reboot, a restart after
     an exit 1: a flaky join port) began it again, and a wrong pin was tried for ever. It is
-    counted from the first such answer, kept in the data dir (``DATA/pin.unseen.json``: when,
-    the pin and the join port, nothing secret): a restart goes on from there, and once that
-    is past (an hour on here, written into the record: no test waits an hour) its first try
-    is the pin's exit 2, one connection and no retry."""
+    counted from the first such answer, kept in the data dir (``DATA/pin.unseen.json``: the
+    seconds waited, since when, the pin and the join port, nothing secret): a restart goes on
+    from there, and once that is past (an hour waited here, written into the record: no test
+    waits an hour) its first try is the pin's exit 2, one connection and no retry."""
     address = next_loopback()
     default, default_key = _default_certificate()
     received: list[bytes] = []
@@ -832,12 +832,13 @@ def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) 
         cfg = AgentConfig.load(agent.config_path)
         assert record == {
             "since": record["since"],
+            "waited": record["waited"],
             "ca_pin": cfg.ca_pin,
             "join": f"{address}:{JOIN_PORT}",
         }
         assert [(w["since"], w["tries"]) for w in firsts] == [(_iso(record["since"]), 1)] * 2
-        # An hour on: past the patience (60 s here), whose start the restart remembers.
-        record["since"] -= 3600
+        # An hour waited: past the patience (60 s here), which the restart remembers.
+        record["waited"] = 3600
         nodefiles.pin_unseen_path(agent.data_dir).write_text(json.dumps(record))
         tries = len(received)
         code, output = agent.run_to_exit(env)
@@ -1318,19 +1319,25 @@ def test_the_pin_s_patience_is_kept_across_restarts_and_begins_afresh_when_it_mu
     assert first.met(100.0, 1000.0) == (1, 0.0)
     assert json.loads(path.read_text()) == {
         "since": 1000.0,
+        "waited": 0.0,
         "ca_pin": "sha256:pinned",
         "join": "127.0.0.1:9443",
     }
     assert first.met(130.0, 5000.0) == (2, 30.0)  # the loop's clock, not the wall's
-    assert _unseen(tmp_path).met(7.0, 1600.0) == (1, 600.0)  # a restart goes on
-    assert _unseen(tmp_path).met(7.0, 900.0) == (1, 0.0)  # a clock set back: afresh
-    assert json.loads(path.read_text())["since"] == 900.0
+    assert json.loads(path.read_text())["waited"] == 30.0
+    assert _unseen(tmp_path).met(7.0, 1600.0) == (1, 30.0)  # a restart goes on
+    # The wall clock moves nothing, set back or forward by a day (NTP after a boot).
+    later = _unseen(tmp_path)
+    assert later.met(7.0, 900.0) == (1, 30.0)
+    assert later.met(17.0, 90_000.0) == (2, 40.0)
+    assert json.loads(path.read_text())["since"] == 1000.0  # the first answer's, for the log
     assert _unseen(tmp_path, pin="sha256:other").met(7.0, 1900.0) == (1, 0.0)
-    assert _unseen(tmp_path, port=443).met(7.0, 2000.0) == (1, 0.0)
-    assert _unseen(tmp_path, port=443).met(9.0, 2050.0) == (1, 50.0)
+    other = _unseen(tmp_path, port=443)
+    assert other.met(7.0, 2000.0) == (1, 0.0)
+    assert other.met(57.0, 2050.0) == (2, 50.0)
     again = _unseen(tmp_path, port=443)
-    assert again.met(10.0, 2100.0) == (1, 100.0)
-    assert again.met(40.0, 2130.0) == (2, 130.0)
+    assert again.met(10.0, 2100.0) == (1, 50.0)
+    assert again.met(40.0, 2130.0) == (2, 80.0)
     nodefiles.forget_pin_unseen(tmp_path)  # a join port showed the pin
     assert again.met(70.0, 2160.0) == (1, 0.0)
     assert json.loads(path.read_text())["since"] == 2160.0
@@ -1346,11 +1353,15 @@ def test_the_pin_s_patience_is_kept_across_restarts_and_begins_afresh_when_it_mu
         b"[]",
         b"7",
         b"[" * 100_000,
-        b'{"since": "yesterday", "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
-        b'{"since": NaN, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
-        b'{"since": true, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
-        b'{"since": 1000, "ca_pin": 7, "join": "127.0.0.1:9443"}',
-        b'{"since": 1000, "ca_pin": "sha256:pinned"}',
+        b'{"since": "yesterday", "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": -5, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": "1h", "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": NaN, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": Infinity, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": true, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": 0, "ca_pin": 7, "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": 0, "ca_pin": "sha256:pinned"}',
         "directory",
     ],
 )
@@ -1375,7 +1386,7 @@ def test_a_pin_record_that_cannot_be_read_is_one_warning_and_a_fresh_start(
         assert events == ["agent.pin_unseen_unreadable", "agent.pin_unseen_not_written"]
     else:
         assert events == ["agent.pin_unseen_unreadable"], logs
-        assert _unseen(tmp_path).met(0.0, 5100.0) == (1, 100.0)  # written anew
+        assert _unseen(tmp_path).met(0.0, 5100.0) == (1, 60.0)  # written anew
 
 
 def test_the_pin_s_waits_leave_the_told_waits_their_own_patience(
