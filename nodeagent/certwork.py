@@ -255,7 +255,8 @@ def _error(err: dict[str, Any]) -> Exception:
         return ConfigError(err.get("path", ""), err.get("key"), str(err.get("problem", message)))
     if kind == "PinNotShown":  # a pin not shown: retried, then its refusal (exit 2)
         refusal = ConfigError(err.get("path", ""), err.get("key"), str(err.get("problem", message)))
-        return PinNotShown(refusal, tuple(str(p) for p in err.get("pins") or ()))
+        pins = tuple(str(p) for p in err.get("pins") or ())
+        return PinNotShown(refusal, pins, str(err.get("hint") or ""))
     if kind == "EnrolmentDeferred":  # the join port's wait, bounded again on this side
         wait = told_wait([("retry-after", str(err.get("retry_after", "")))])
         if wait is not None:

@@ -34,8 +34,11 @@ carries another CA, is one too (``pin_mismatch``: a wrong pin or a man in the mi
 restart would dial it again every few seconds): its line gives the pin found and the one
 configured. A chain with no certificate of the pinned key at all (a load balancer's default
 certificate while it fails over, or a wrong pin) is tried again for about a quarter of an hour
-(``PinNotShown``, ``next_pin_wait``), then is that exit 2; a leader not reached stays a
-TransientError (retried, then exit 1).
+(``PinNotShown``, ``next_pin_wait``; counted from the first such answer across the agent's
+restarts, ``DATA/pin.unseen.json``, until a join port shows the pin: ``enrol`` removes it), then
+is that exit 2, its warnings and line saying so where the chain looks like a proxy's or an
+incomplete one (``chain_hint``); a leader not reached stays a TransientError (retried, then
+exit 1).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from nodeagent.nodefiles import EnrolmentDeferred as EnrolmentDeferred  # noqa: 
 from nodeagent.nodefiles import EnrolmentRefused as EnrolmentRefused  # noqa: PLC0414
 from nodeagent.nodefiles import PinNotShown as PinNotShown  # noqa: PLC0414
 from nodeagent.nodefiles import check_issued as check_issued  # noqa: PLC0414
-from nodeagent.nodefiles import crl_kind_problem, refused_ca_kind_problem
+from nodeagent.nodefiles import crl_kind_problem, forget_pin_unseen, refused_ca_kind_problem
 from nodeagent.nodefiles import install_renewed as install_renewed  # noqa: PLC0414
 from nodeagent.nodefiles import paths as paths  # noqa: PLC0414
 from nodeagent.nodefiles import pending_paths as pending_paths  # noqa: PLC0414
@@ -445,6 +448,8 @@ def pinned_ca(cfg: AgentConfig, chain: list[x509.Certificate], target: str) -> x
             )
         else:
             found = f"the leader at {target} sent no CA of this pin: {sent}"
+        hint = chain_hint(cfg.ca_pin, chain) if exc.reason is PKIReason.PIN_MISMATCH else ""
+        found = f"{found}; {hint}" if hint else found
         refusal = pin_mismatch(cfg, f"{found}; the join token was not sent")
         if exc.reason is PKIReason.PIN_MISMATCH:
             # No certificate of the pinned key at all: a balancer's default certificate while
@@ -452,8 +457,42 @@ def pinned_ca(cfg: AgentConfig, chain: list[x509.Certificate], target: str) -> x
             # while, then this refusal (``PinNotShown``). A certificate of the pinned key that
             # is no CA, or the pinned CA beside a server certificate it did not issue, is
             # someone showing this pin's key: no fail-over does that, refused at once.
-            raise PinNotShown(refusal, tuple(pki.spki_pin(c) for c in chain)) from None
+            raise PinNotShown(refusal, tuple(pki.spki_pin(c) for c in chain), hint) from None
         raise refusal from None
+
+
+PROXY_HINT = (
+    "the port sends a certificate issued by {issuer} without the CA's certificate (a proxy "
+    "that terminates TLS, or an incomplete chain?)"
+)
+
+
+def chain_hint(pin: str, chain: list[x509.Certificate]) -> str:
+    """What a chain holding no certificate of the key ``pin`` suggests (``PROXY_HINT``), or "":
+    its first certificate names this pin's cluster (its cluster identity's trust domain is the
+    pin's, ``spiffe.trust_domain_of_pin``: the leader's certificate, or another the cluster CA
+    issued) and no certificate sent issued it: a proxy that terminates TLS with such a
+    certificate, or a server that does not send its chain (review rev51e L4). A hint and no
+    more: before its enrolment the node knows the CA by its key's pin alone, so whether that
+    CA signed it cannot be checked (nor its issuer's name or key identifier compared with the
+    CA's); the pin's refusal stands. The issuer's name is said as ``peertext.clean`` makes it."""
+    from cryptography import x509  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
+    from tlsroll import peertext, pki  # noqa: PLC0415
+
+    if not chain:
+        return ""
+    leaf = chain[0]
+    try:
+        ours = spiffe.of(leaf)
+        if ours is None or ours.trust_domain != spiffe.trust_domain_of_pin(pin):
+            return ""
+        if any(pki.issued_by(leaf, c) for c in chain):  # its issuer sent (or self-signed)
+            return ""
+        issuer = peertext.clean(leaf.issuer.rfc4514_string(), 120)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return ""  # a certificate whose names cannot be read: no hint
+    return PROXY_HINT.format(issuer=issuer or "an issuer without a name")
 
 
 def _hostport(address: str, port: int) -> str:
@@ -547,6 +586,9 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     # they were, and the token never leaves the node.
     chain = fetch_chain(cfg.leader_address, cfg.join_port, timeout)
     ca = pinned_ca(cfg, chain, target)
+    # The join port showed the pinned key: the patience for one that shows it not starts
+    # afresh next time (``nodeagent.runtime.PinUnseen``; review rev51e L1).
+    forget_pin_unseen(cfg.data_dir)
     if key is None:
         key = pki.generate_key()
         pki.write_key(key_file, key)

@@ -12,6 +12,10 @@ does that work: ``identity.Identity``).
     DATA/ca.refused   a renewed CA certificate this node refused: since when, why, and the
                       DATA/ca.pem it kept (``refused_ca``), until a renewal's CA is taken
     DATA/crl.pem      the CA's revocation list the leader sent (``nodeagent.trust``)
+    DATA/pin.unseen.json   how long the join port has shown no certificate of the pinned key,
+                      and of which pin and join port (``read_pin_unseen``), until a join port
+                      shows it (``forget_pin_unseen``): the patience used, kept across the
+                      agent's restarts (``nodeagent.runtime.PinUnseen``)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -63,12 +68,15 @@ class PinNotShown(TransientError):
     looks like while it fails over (review rev50e), as well as a wrong pin. Tried again for a
     while (``identity.next_pin_wait``; the join token is not sent); past that patience the agent
     stops with ``refusal`` (``identity.pin_mismatch``'s line, exit 2: a wrong pin is a person's
-    to fix). ``pins``: the pins of the certificates the port sent, as it sent them (public)."""
+    to fix). ``pins``: the pins of the certificates the port sent, as it sent them (public).
+    ``hint``: what the chain suggests, or "" (``identity.chain_hint``: a certificate of this
+    pin's cluster sent without its CA's); the refusal says it too."""
 
-    def __init__(self, refusal: ConfigError, pins: tuple[str, ...]) -> None:
+    def __init__(self, refusal: ConfigError, pins: tuple[str, ...], hint: str = "") -> None:
         super().__init__(refusal.problem)
         self.refusal = refusal
         self.pins = pins
+        self.hint = hint
 
 
 class CertificateExpired(TerminalError):
@@ -87,6 +95,49 @@ def pending_paths(data_dir: Path) -> tuple[Path, Path]:
 
 def refused_ca_path(data_dir: Path) -> Path:
     return data_dir / "ca.refused"
+
+
+def pin_unseen_path(data_dir: Path) -> Path:
+    return data_dir / "pin.unseen.json"
+
+
+def read_pin_unseen(data_dir: Path) -> tuple[float, float, str, str] | None:
+    """``DATA/pin.unseen.json``: since when (seconds since the epoch, for the log) the join
+    port has shown no certificate of the pinned key, how many seconds of the patience the
+    agent's processes have waited so far (``waited``: on their own clocks, which a clock set
+    forward or back does not move), which pin and which join port (``host:port``); None if
+    there is none. A record that cannot be read or is damaged raises (``OSError``,
+    ``NotRegularFile``, ``ValueError``): the caller starts afresh. Nothing in it is secret."""
+    try:
+        record = json.loads(read_regular(pin_unseen_path(data_dir)))
+        since, waited = record["since"], record["waited"]
+        pin, join = record["ca_pin"], record["join"]
+    except FileNotFoundError:
+        return None
+    except (KeyError, TypeError, IndexError, RecursionError) as exc:
+        raise ValueError(f"not such a record ({type(exc).__name__}: {exc})") from None
+    for name, value in (("since", since), ("waited", waited)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}: {value!r} is no number")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: {value!r} is no time")
+    if not isinstance(pin, str) or not isinstance(join, str):
+        raise ValueError("ca_pin or join of the wrong kind")
+    return float(since), float(waited), pin, join
+
+
+def write_pin_unseen(data_dir: Path, since: float, waited: float, pin: str, join: str) -> None:
+    """Record (one rename) that the join port ``join`` shows no certificate of ``pin`` since
+    ``since`` (seconds since the epoch), ``waited`` seconds of the patience used."""
+    record = {"since": since, "waited": waited, "ca_pin": pin, "join": join}
+    write_atomic(pin_unseen_path(data_dir), json.dumps(record).encode("utf-8") + b"\n")
+
+
+def forget_pin_unseen(data_dir: Path) -> None:
+    """A join port showed the pinned key: the patience's record goes (``read_pin_unseen``).
+    One that cannot go (a directory there) is passed over: it cannot be read either."""
+    with contextlib.suppress(OSError):
+        pin_unseen_path(data_dir).unlink()
 
 
 def crl_path(data_dir: Path) -> Path:

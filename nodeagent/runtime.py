@@ -22,6 +22,7 @@ import os
 import random
 import sqlite3
 import stat
+import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from nodeagent.identity import (
 )
 from nodeagent.journal import Journal, open_journal
 from nodeagent.leader_link import LeaderLink
+from nodeagent.nodefiles import pin_unseen_path, read_pin_unseen, write_pin_unseen
 from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
@@ -225,6 +227,86 @@ def pin_patience() -> float:
     return min(patience, PIN_PATIENCE)
 
 
+class PinUnseen:
+    """How long the join port has shown no certificate of the pinned key (``PinNotShown``),
+    for ``next_pin_wait``: the patience used, kept across the agent's restarts in
+    ``DATA/pin.unseen.json`` (``nodefiles.read_pin_unseen``) with the pin and join port it is
+    about (review rev51e L1: counted per process, a wrong pin behind a join port that failed
+    otherwise now and then, each time an exit 1 and a restart, was tried for ever). Written at
+    each such answer, as the seconds waited on the agent's own clock (the loop's, monotonic),
+    never as a start on the wall clock: a clock set forward at boot (an agent started before
+    NTP set it, on a machine whose battery-backed clock runs late) would otherwise take hours
+    for the patience used and stop the agent for good at its next start; the time between two
+    processes does not count (a few seconds' restart). Gone once a join port shows the pinned
+    key (the enrolment's child removes it: ``identity.enrol``), and then the patience starts
+    afresh at the next such answer, in this process too. A record of another pin or join port,
+    or one that cannot be read (one warning), starts it afresh; one that cannot be written
+    (one warning) leaves this process's own count."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.data_dir = cfg.data_dir
+        self.pin, self.join = cfg.ca_pin, hostport(cfg.leader_address, cfg.join_port)
+        self.began: float | None = None  # the loop's time, less what earlier processes waited
+        self.first = 0.0  # the wall clock's time of the first such answer (the log's "since")
+        self.kept = False  # our record is on disk (written or read): its going means "shown"
+        self.tries = 0
+
+    def met(self, now: float, wall: float) -> tuple[int, float]:
+        """One more answer without the pinned key, at ``now`` (the loop's clock) and ``wall``
+        (``time.time()``, for the log): the tries and the seconds of patience used."""
+        path = pin_unseen_path(self.data_dir)
+        if self.began is None or (self.kept and not os.path.lexists(path)):
+            self.began, self.tries = now - self._carried(wall), 0
+        self.tries += 1
+        waited = now - self.began
+        if self.kept:
+            self._keep(waited)
+        return self.tries, waited
+
+    def since(self) -> str:
+        """When the patience began, by the wall clock (for the log)."""
+        return dt.datetime.fromtimestamp(self.first, dt.UTC).isoformat(timespec="seconds")
+
+    def _carried(self, wall: float) -> float:
+        """Seconds of patience used before this process met it (the record's), or 0 with the
+        record written afresh."""
+        path = pin_unseen_path(self.data_dir)
+        if self.began is None:  # this process's first: a record of an earlier one's?
+            try:
+                record = read_pin_unseen(self.data_dir)
+            except (OSError, NotRegularFile, ValueError) as exc:
+                record = None
+                log.warning(
+                    "agent.pin_unseen_unreadable",
+                    path=str(path),
+                    error=os_error_text(exc) if isinstance(exc, OSError) else str(exc),
+                    detail="the patience for a join port showing no certificate of "
+                    "[leader].ca_pin starts afresh",
+                )
+            if record is not None:
+                since, waited, pin, join = record
+                if (pin, join) == (self.pin, self.join):
+                    self.kept, self.first = True, since
+                    return waited
+        self.first, self.kept = wall, True
+        self._keep(0.0)
+        return 0.0
+
+    def _keep(self, waited: float) -> None:
+        """Write the record: the patience used so far. One that cannot be written: one
+        warning, and this process's own count from then on."""
+        try:
+            write_pin_unseen(self.data_dir, self.first, waited, self.pin, self.join)
+        except OSError as exc:
+            self.kept = False
+            log.warning(
+                "agent.pin_unseen_not_written",
+                path=str(pin_unseen_path(self.data_dir)),
+                error=os_error_text(exc),
+                detail="this agent's restart starts the patience afresh",
+            )
+
+
 async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identity:
     """Enrol (``certwork.enrol``), trying again while it is worth it (``next_enrol_wait``; a
     join port showing no certificate of the pinned key: ``next_pin_wait``, one warning with
@@ -233,8 +315,7 @@ async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identit
     loop = asyncio.get_running_loop()
     began = since = loop.time()
     failures = 0
-    pin_began: float | None = None
-    pin_failures = 0
+    unseen = PinUnseen(cfg)
     waited = False
     while True:
         try:
@@ -243,20 +324,31 @@ async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identit
                 sd_notify("STATUS=Enrolled; starting")
             return identity
         except PinNotShown as exc:
-            now = loop.time()
-            pin_began = now if pin_began is None else pin_began
-            pin_failures += 1
+            now, wall = loop.time(), time.time()
+            pin_failures, elapsed = unseen.met(now, wall)
             jitter = random.random()  # noqa: S311 - spreads retries, guards nothing
-            wait = next_pin_wait(pin_failures, now - pin_began, jitter, pin_patience())
+            wait = next_pin_wait(pin_failures, elapsed, jitter, pin_patience())
+            said = {"hint": exc.hint} if exc.hint else {}
             if wait is None:
+                if pin_failures == 1:  # a patience used up before this start: say since when
+                    log.warning(
+                        "agent.enrol_pin_patience_over",
+                        leader=unseen.join,
+                        since=unseen.since(),
+                        record=str(pin_unseen_path(cfg.data_dir)),
+                        detail="the join port has shown no certificate of [leader].ca_pin's key "
+                        "since then, through this agent's restarts: no more tries",
+                    )
                 raise exc.refusal from None
             log.warning(
                 "agent.enrol_pin_not_shown",
-                leader=hostport(cfg.leader_address, cfg.join_port),
+                leader=unseen.join,
                 pins_sent=list(exc.pins),
                 configured_pin=cfg.ca_pin,
                 retry_in=round(wait, 1),
                 tries=pin_failures,
+                since=unseen.since(),
+                **said,
                 detail="no certificate of [leader].ca_pin's key in the join port's chain (a load "
                 "balancer's default certificate while it fails over, or a wrong pin); the join "
                 "token was not sent",

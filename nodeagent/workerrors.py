@@ -71,6 +71,7 @@ def answer_for(exc: Exception) -> dict[str, Any]:
             "key": exc.refusal.key,
             "problem": exc.refusal.problem,
             "pins": list(exc.pins),
+            "hint": exc.hint,
             "message": str(exc),
         }
     if isinstance(exc, EnrolmentDeferred):

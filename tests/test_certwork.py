@@ -273,8 +273,8 @@ def test_the_join_ports_wait_crosses_the_childs_boundary() -> None:
 
 def test_a_pin_not_shown_crosses_the_childs_boundary() -> None:
     """The enrolment child's ``PinNotShown`` (the join port's chain without a certificate of
-    the pinned key: retried) comes back as one, with the pins it saw and the refusal it
-    becomes past the patience (exit 2), word for word."""
+    the pinned key: retried) comes back as one, with the pins it saw, its hint and the
+    refusal it becomes past the patience (exit 2), word for word."""
     refusal = ConfigError(
         Path("/etc/tlsroll/agent.toml"), "[leader].ca_pin", "found x; configured: y"
     )
@@ -282,7 +282,10 @@ def test_a_pin_not_shown_crosses_the_childs_boundary() -> None:
         json.loads(json.dumps(workerrors.answer_for(PinNotShown(refusal, ("sha256:aa",)))))
     )
     assert isinstance(back, PinNotShown) and isinstance(back, TransientError)
-    assert back.pins == ("sha256:aa",)
+    assert (back.pins, back.hint) == (("sha256:aa",), "")
+    hinted = PinNotShown(refusal, ("sha256:aa",), "the port sends a certificate issued by CN=x")
+    back = certwork._error(json.loads(json.dumps(workerrors.answer_for(hinted))))
+    assert isinstance(back, PinNotShown) and back.hint == hinted.hint  # review rev51e L4
     assert str(back.refusal) == str(refusal)
     assert (back.refusal.key, back.refusal.problem) == (refusal.key, refusal.problem)
 

@@ -27,13 +27,14 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from leader.layout import read_passphrase
-from nodeagent import certwork, identity, journal, runtime
+from nodeagent import certwork, identity, journal, nodefiles, runtime
 from nodeagent.config import AgentConfig
 from nodeagent.identity import EnrolmentDeferred, next_enrol_wait, told_wait
 from tests.cluster import (
@@ -683,11 +684,17 @@ def test_a_default_certificate_for_a_while_then_the_leader_the_agent_enrols(
             )
             assert agent.running, agent.log_text()
             tries = len(received)
+            # Since when, kept for a restart (review rev51e L1): no secret in it.
+            kept = _unseen_record(agent)
+            assert (kept["ca_pin"], kept["join"]) == (c.ca_pin(), f"{c.address}:{JOIN_PORT}")
+            assert token.rsplit(".", maxsplit=1)[-1] not in json.dumps(kept)
         finally:
             close()
         c.start_leader()
         agent.wait_ready(60)
         c.wait_for_nodes_online(["failover"], timeout=60)
+        # The join port showed the pin: the record is gone (a fail-over later starts afresh).
+        assert not nodefiles.pin_unseen_path(agent.data_dir).exists()
         assert agent.stop() == 0
         log = agent.log_text()
         assert token_info(c, token).uses_left == 0
@@ -775,6 +782,223 @@ def test_an_agent_waiting_out_a_default_certificate_stops_at_once_when_told(
     assert received == [b""], received
     assert "agent.stopped" in agent.log_text()
     assert not agent.key_file.exists() and not agent.cert_file.exists()
+
+
+def _unseen_record(agent: Agent) -> dict[str, Any]:
+    record = json.loads(nodefiles.pin_unseen_path(agent.data_dir).read_text())
+    assert isinstance(record, dict)
+    return record
+
+
+def _warned_past(agent: Agent, seen: int) -> Callable[[], bool]:
+    """Whether the agent logged more than ``seen`` warnings of the pin, or exited."""
+    return lambda: len(_pin_warnings(agent.log_text())) > seen or not agent.running
+
+
+def _iso(since: float) -> str:
+    return dt.datetime.fromtimestamp(since, dt.UTC).isoformat(timespec="seconds")
+
+
+def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) -> None:
+    """Review rev51e L1: the quarter of an hour for a join port showing no certificate of the
+    pinned key was counted per process, so an agent started again (a reboot, a restart after
+    an exit 1: a flaky join port) began it again, and a wrong pin was tried for ever. It is
+    counted from the first such answer, kept in the data dir (``DATA/pin.unseen.json``: the
+    seconds waited, since when, the pin and the join port, nothing secret): a restart goes on
+    from there, and once that is past (an hour waited here, written into the record: no test
+    waits an hour) its first try is the pin's exit 2, one connection and no retry."""
+    address = next_loopback()
+    default, default_key = _default_certificate()
+    received: list[bytes] = []
+    close = _serve_tls(address, [default], default_key, received)
+    env = {runtime.PIN_PATIENCE_ENV: "60"}  # waits of 2, 4, 8, 20 s ...
+    try:
+        agent = cluster.add_agent(
+            "unseen-restarted",
+            next_loopback(),
+            extra_config={"leader": {"address": address}},
+            start=False,
+        )
+        token = str(agent.config["leader"]["join_token"])
+        firsts = []
+        for _run in range(2):
+            seen = len(_pin_warnings(agent.log_text()))
+            agent.spawn(env)
+            wait_until(_warned_past(agent, seen), 30, "a try of the default certificate")
+            assert agent.running, agent.log_text()
+            firsts.append(_pin_warnings(agent.log_text())[seen])
+            assert agent.stop(timeout=20) == 0, agent.log_text()
+        record = _unseen_record(agent)
+        cfg = AgentConfig.load(agent.config_path)
+        assert record == {
+            "since": record["since"],
+            "waited": record["waited"],
+            "ca_pin": cfg.ca_pin,
+            "join": f"{address}:{JOIN_PORT}",
+        }
+        assert [(w["since"], w["tries"]) for w in firsts] == [(_iso(record["since"]), 1)] * 2
+        # An hour waited: past the patience (60 s here), which the restart remembers.
+        record["waited"] = 3600
+        nodefiles.pin_unseen_path(agent.data_dir).write_text(json.dumps(record))
+        tries = len(received)
+        code, output = agent.run_to_exit(env)
+    finally:
+        close()
+    assert code == 2 == runtime.EXIT_CONFIG, output
+    expected = identity.pin_mismatch(cfg, _default_shown(f"{address}:{JOIN_PORT}", default))
+    assert one_line_error(output, "tlsroll-agent") == f"tlsroll-agent: {expected}", output
+    assert len(received) == tries + 1 and all(data == b"" for data in received), received
+    assert _pin_warnings(output) == []  # no retry
+    (over,) = [json.loads(x) for x in output.splitlines() if "enrol_pin_patience_over" in x]
+    assert over["since"] == _iso(record["since"]), over
+    assert token not in agent.log_text() and not agent.key_file.exists()
+    assert token_info(cluster, token).uses_left == 1
+
+
+def test_a_join_port_showing_the_pin_ends_the_patience_s_record(cluster: Cluster) -> None:
+    """The record of the pin's patience goes once a join port shows the pinned key, even if
+    the enrolment then fails (here the leader refuses a token made for another node): a join
+    port without the pin later begins a patience afresh, not one begun an hour ago."""
+    address = next_loopback()
+    agent = cluster.add_agent(
+        "shown", address, token=cluster.create_token("not-shown", next_loopback()), start=False
+    )
+    make_private_dir(agent.data_dir)
+    path = nodefiles.pin_unseen_path(agent.data_dir)
+    join = f"{cluster.address}:{JOIN_PORT}"
+    record = {"since": time.time() - 3600, "ca_pin": cluster.ca_pin(), "join": join}
+    path.write_text(json.dumps(record))
+    code, output = agent.run_to_exit()
+    assert code != 0 and "the leader refused enrolment" in output, output
+    assert not path.exists(), output
+    assert _pin_warnings(output) == []
+
+
+@pytest.mark.parametrize("damage", ["garbage", "directory"])
+def test_a_damaged_pin_record_is_one_warning_and_the_patience_afresh(
+    cluster: Cluster, damage: str
+) -> None:
+    """A record of the pin's patience that cannot be read (damaged, or a directory in its
+    place: neither read nor written) is one warning, never a traceback: the patience starts
+    afresh (tried again, then the pin's exit 2 as ever)."""
+    address = next_loopback()
+    default, default_key = _default_certificate()
+    received: list[bytes] = []
+    close = _serve_tls(address, [default], default_key, received)
+    try:
+        agent = cluster.add_agent(
+            f"unseen-{damage}",
+            next_loopback(),
+            extra_config={"leader": {"address": address}},
+            start=False,
+        )
+        make_private_dir(agent.data_dir)
+        path = nodefiles.pin_unseen_path(agent.data_dir)
+        if damage == "directory":
+            path.mkdir()
+        else:
+            path.write_bytes(b'{"since": 1e3, "ca_pin": ')
+        _pin_refused(
+            agent,
+            cluster,
+            found=_default_shown(f"{address}:{JOIN_PORT}", default),
+            env={runtime.PIN_PATIENCE_ENV: "4"},
+        )
+    finally:
+        close()
+    log = agent.log_text()
+    unreadable = [json.loads(x) for x in log.splitlines() if "agent.pin_unseen_unreadable" in x]
+    assert len(unreadable) == 1 and unreadable[0]["path"] == str(path), log
+    assert len(_pin_warnings(log)) >= 2, log  # tried again: the patience began afresh
+    if damage == "directory":
+        assert path.is_dir()
+        assert sum("agent.pin_unseen_not_written" in x for x in log.splitlines()) == 1, log
+    else:
+        assert _unseen_record(agent)["join"] == f"{address}:{JOIN_PORT}"
+
+
+def test_a_certificate_of_the_cluster_sent_without_its_ca_is_said_so(cluster: Cluster) -> None:
+    """Review rev51e L4: a join port sending a certificate the pinned CA issued (the leader's,
+    as a proxy that terminates TLS with it would, or a server that sends no chain) but not the
+    CA's certificate: the pin is not shown (tried again, then exit 2, the token never sent),
+    and each warning and the exit line say what it looks like, with the issuer's name."""
+    address = next_loopback()
+    ca = cluster_ca(cluster)
+    key = pki.generate_key()
+    td = spiffe.trust_domain(ca.cert)
+    leaf = ca.issue(
+        key.public_key(),
+        Names.of("leader", ips=[address]),
+        identity=spiffe.leader(td),
+        internal_dns=[spiffe.leader_host(td)],
+    )
+    hint = (
+        f"the port sends a certificate issued by {ca.cert.subject.rfc4514_string()} without "
+        "the CA's certificate (a proxy that terminates TLS, or an incomplete chain?)"
+    )
+    received: list[bytes] = []
+    close = _serve_tls(address, [leaf], key, received)
+    try:
+        agent = cluster.add_agent(
+            "proxied", next_loopback(), extra_config={"leader": {"address": address}}, start=False
+        )
+        token = str(agent.config["leader"]["join_token"])
+        line = _pin_refused(agent, cluster, found=hint, env={runtime.PIN_PATIENCE_ENV: "2"})
+    finally:
+        close()
+    assert f"the leader at {address}:{JOIN_PORT} sent no CA of this pin" in line, line
+    warnings = _pin_warnings(agent.log_text())
+    assert warnings and all(w["hint"] == hint for w in warnings), warnings
+    assert received and all(data == b"" for data in received), received
+    assert token_info(cluster, token).uses_left == 1
+
+
+def _self_signed(td: str) -> tuple[x509.Certificate, Any]:
+    key = pki.generate_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leader")])
+    now = dt.datetime.now(dt.UTC)
+    san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe.leader(td).uri)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def test_the_proxy_hint_only_where_the_chain_shows_it() -> None:
+    """``identity.chain_hint``: only a first certificate of the pin's cluster (its identity's
+    trust domain) that no certificate sent issued; not one of another cluster's, not one whose
+    issuer was sent (another CA naming this cluster: no proxy's), not a self-signed one, not
+    a balancer's default certificate, nor an empty chain. The issuer's name made one line."""
+    ca = pki.CertificateAuthority.create("tlsroll multiserver CA")
+    other = pki.CertificateAuthority.create("other\ncluster\x1b[2J")
+    pin, td = pki.spki_pin(ca.cert), spiffe.trust_domain(ca.cert)
+    names = Names.of("leader", ips=["127.0.0.1"])
+
+    def leaf(issuer: pki.CertificateAuthority, domain: str) -> x509.Certificate:
+        return issuer.issue(pki.generate_key().public_key(), names, identity=spiffe.leader(domain))
+
+    ours = leaf(ca, td)
+    assert identity.chain_hint(pin, [ours]) == identity.PROXY_HINT.format(
+        issuer=ca.cert.subject.rfc4514_string()
+    )
+    assert identity.chain_hint(pin, [ours, other.cert]) != ""  # its issuer not among them
+    assert identity.chain_hint(pin, [leaf(other, spiffe.trust_domain(other.cert))]) == ""
+    assert identity.chain_hint(pin, [leaf(other, td), other.cert]) == ""
+    assert identity.chain_hint(pin, [_self_signed(td)[0]]) == ""
+    assert identity.chain_hint(pin, [_default_certificate()[0]]) == ""
+    assert identity.chain_hint(pin, []) == ""
+    said = identity.chain_hint(
+        pki.spki_pin(other.cert), [leaf(other, spiffe.trust_domain(other.cert))]
+    )
+    assert said.startswith("the port sends a certificate issued by ") and said.isprintable(), said
 
 
 def _pinned_key_in(
@@ -1077,8 +1301,96 @@ def test_the_waits_for_a_join_port_showing_no_certificate_of_the_pin() -> None:
     assert int(status["EXTEND_TIMEOUT_USEC"]) >= (30.0 + certwork.TIMEOUT) * 1_000_000
 
 
+def _unseen(data_dir: Path, pin: str = "sha256:pinned", port: int = 9443) -> runtime.PinUnseen:
+    cfg = SimpleNamespace(leader_address="127.0.0.1", join_port=port, ca_pin=pin, data_dir=data_dir)
+    return runtime.PinUnseen(cfg)  # type: ignore[arg-type]
+
+
+def test_the_pin_s_patience_is_kept_across_restarts_and_begins_afresh_when_it_must(
+    tmp_path: Path,
+) -> None:
+    """``runtime.PinUnseen`` (review rev51e L1), on its two clocks (the loop's, monotonic:
+    within a process; the wall clock: across restarts, through ``DATA/pin.unseen.json``). A
+    restart goes on from the record; a record of another pin or join port, one from the
+    future (a clock set back: never a negative wait), or one gone (a join port showed the pin:
+    the enrolment's child removed it) begins the patience afresh, its tries too."""
+    path = nodefiles.pin_unseen_path(tmp_path)
+    first = _unseen(tmp_path)
+    assert first.met(100.0, 1000.0) == (1, 0.0)
+    assert json.loads(path.read_text()) == {
+        "since": 1000.0,
+        "waited": 0.0,
+        "ca_pin": "sha256:pinned",
+        "join": "127.0.0.1:9443",
+    }
+    assert first.met(130.0, 5000.0) == (2, 30.0)  # the loop's clock, not the wall's
+    assert json.loads(path.read_text())["waited"] == 30.0
+    assert _unseen(tmp_path).met(7.0, 1600.0) == (1, 30.0)  # a restart goes on
+    # The wall clock moves nothing, set back or forward by a day (NTP after a boot).
+    later = _unseen(tmp_path)
+    assert later.met(7.0, 900.0) == (1, 30.0)
+    assert later.met(17.0, 90_000.0) == (2, 40.0)
+    assert json.loads(path.read_text())["since"] == 1000.0  # the first answer's, for the log
+    assert _unseen(tmp_path, pin="sha256:other").met(7.0, 1900.0) == (1, 0.0)
+    other = _unseen(tmp_path, port=443)
+    assert other.met(7.0, 2000.0) == (1, 0.0)
+    assert other.met(57.0, 2050.0) == (2, 50.0)
+    again = _unseen(tmp_path, port=443)
+    assert again.met(10.0, 2100.0) == (1, 50.0)
+    assert again.met(40.0, 2130.0) == (2, 80.0)
+    nodefiles.forget_pin_unseen(tmp_path)  # a join port showed the pin
+    assert again.met(70.0, 2160.0) == (1, 0.0)
+    assert json.loads(path.read_text())["since"] == 2160.0
+    assert again.met(80.0, 2170.0) == (2, 10.0)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"",
+        b"{",
+        b"\xff\xfe",
+        b"[]",
+        b"7",
+        b"[" * 100_000,
+        b'{"since": "yesterday", "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": -5, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": "1h", "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": NaN, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": Infinity, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": true, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": 0, "ca_pin": 7, "join": "127.0.0.1:9443"}',
+        b'{"since": 1000, "waited": 0, "ca_pin": "sha256:pinned"}',
+        "directory",
+    ],
+)
+def test_a_pin_record_that_cannot_be_read_is_one_warning_and_a_fresh_start(
+    tmp_path: Path, damage: bytes | str
+) -> None:
+    """A damaged or unreadable record: one warning, the patience afresh, never a traceback;
+    written anew where it can be (else one more warning, and this process's own count)."""
+    path = nodefiles.pin_unseen_path(tmp_path)
+    if damage == "directory":
+        path.mkdir()
+    else:
+        assert isinstance(damage, bytes)
+        path.write_bytes(damage)
+    unseen = _unseen(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        assert unseen.met(100.0, 5000.0) == (1, 0.0)
+        assert unseen.met(130.0, 5030.0) == (2, 30.0)
+        assert unseen.met(160.0, 5060.0) == (3, 60.0)
+    events = [e["event"] for e in logs]
+    if damage == "directory":
+        assert events == ["agent.pin_unseen_unreadable", "agent.pin_unseen_not_written"]
+    else:
+        assert events == ["agent.pin_unseen_unreadable"], logs
+        assert _unseen(tmp_path).met(0.0, 5100.0) == (1, 60.0)  # written anew
+
+
 def test_the_pin_s_waits_leave_the_told_waits_their_own_patience(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Review rev51e M1: after a fail-over (four answers without the pinned key, about 10
     minutes of waits) the join port tells the agent to wait (it is busy with the returning
@@ -1107,7 +1419,9 @@ def test_the_pin_s_waits_leave_the_told_waits_their_own_patience(
     monkeypatch.setattr(runtime, "_pause", pause)
     monkeypatch.setattr(runtime, "sd_notify", lambda _m: None)
     monkeypatch.setattr(random, "random", lambda: 1.0)  # the longest waits
-    cfg = SimpleNamespace(leader_address="127.0.0.1", join_port=9443, ca_pin="sha256:pinned")
+    cfg = SimpleNamespace(
+        leader_address="127.0.0.1", join_port=9443, ca_pin="sha256:pinned", data_dir=tmp_path
+    )
 
     async def main() -> Any:
         asyncio.get_running_loop().time = lambda: clock[0]  # type: ignore[method-assign]
