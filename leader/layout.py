@@ -164,26 +164,41 @@ def own_warn_before(warning: dt.timedelta) -> dt.timedelta:
     return min(warning, own_renew_before(warning) - OWN_RENEW_AHEAD)
 
 
+# Why ``ensure_leader_identity`` issued the leader's certificate again (what it returns).
+REISSUED_FOR_KEY = "not the certificate of leader.key"
+REISSUED_UNUSABLE = "not signed by ca.pem, or not valid yet"
+REISSUED_DUE = "due"
+REISSUED_IDENTITY = "identity or names changed"
+
+
 def ensure_leader_identity(
     layout: Layout,
     ca: pki.CertificateAuthority,
     names: pki.Names,
     now: dt.datetime | None = None,
     warning: dt.timedelta = DEFAULT_WARNING,
-) -> bool:
+    key: pki.PrivateKey | None = None,
+) -> str | None:
     """Give the leader's certificate its cluster identity if it lacks it (one made by tlsroll
-    0.1.0), keeping its key; True if it was issued again. Agents accept commands only from a
-    certificate that names the leader. It is also issued again (same key) when it ends within
-    ``own_renew_before`` (given ``warning``, ``expiry_warning_days``) of ``now`` (unless it ends
-    with the CA, which no new one would outlive): agents check the leader's identity, not its
-    certificate, so they accept the new one at once. Likewise one the CA did not sign or that
-    is not valid yet at ``now`` (``pki.not_valid_yet``): agents would refuse it."""
+    0.1.0), keeping its key; returns why it was issued again (``REISSUED_*``), or None if it
+    was not. Agents accept commands only from a certificate that names the leader. It is also
+    issued again (same key) when it ends within ``own_renew_before`` (given ``warning``,
+    ``expiry_warning_days``) of ``now`` (unless it ends with the CA, which no new one would
+    outlive): agents check the leader's identity, not its certificate, so they accept the new
+    one at once. Likewise one the CA did not sign or that is not valid yet at ``now``
+    (``pki.not_valid_yet``): agents would refuse it. And one that is not the certificate of
+    ``key`` (``leader.key``'s unless given: the running leader's, ``OwnTls``) when the CA
+    issues one for it (``pki.key_kind_problem``) and ``now`` is not before the CA's own start
+    (``reissue_problem``): a leader.pem restored from another backup than leader.key, or a
+    leader.key replaced, was a leader that could not start (session 52)."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
 
     cert = pki.read_cert(layout.tls_cert)
     now = now or pki.utcnow()
+    if key is None:
+        key = pki.read_key(layout.tls_key)
     # One that ends with the CA is not due: a new one would end no later (it is cut to the
     # CA's end), so it would be issued again at every start and every check.
     near = cert.not_valid_after_utc - now < own_renew_before(warning)
@@ -199,10 +214,51 @@ def ensure_leader_identity(
     except x509.ExtensionNotFound:
         dns = []
     current = spiffe.of(cert) == spiffe.leader(td) and spiffe.leader_host(td) in dns
-    if current and pki.names_of(cert) == names and not due and not unusable:
-        return False
-    write_leader_cert(layout, ca, pki.read_key(layout.tls_key), names)
-    return True
+    if not pki.key_matches(cert, key):
+        if reissue_problem(ca, key, now) is not None:
+            # Nothing it can issue: the start refused such a pair (exit 2,
+            # ``leader.runtime._check_own_tls``); the running leader goes on serving its own.
+            return None
+        reason = REISSUED_FOR_KEY
+    elif unusable:
+        reason = REISSUED_UNUSABLE
+    elif due:
+        reason = REISSUED_DUE
+    elif not current or pki.names_of(cert) != names:
+        reason = REISSUED_IDENTITY
+    else:
+        return None
+    write_leader_cert(layout, ca, key, names)
+    return reason
+
+
+def reissue_problem(
+    ca: pki.CertificateAuthority, key: pki.PrivateKey, now: dt.datetime
+) -> str | None:
+    """Why the leader cannot issue its certificate for ``key`` at ``now``, with what to do,
+    or None: a key of a kind the CA issues none for (``pki.key_kind_problem``), a clock before
+    the CA's own start (no clock but a wrong one is: what it issued would end before its
+    peers' now, as ``pki.not_valid_yet`` says), a CA that has ended."""
+    from tlsroll import pki  # noqa: PLC0415 - see the imports
+
+    if (kind := pki.key_kind_problem(key.public_key())) is not None:
+        return (
+            f"it is a key of {kind}, and the CA issues certificates for {pki.ISSUED_KEYS}"
+            " only: restore the pair from a backup"
+        )
+    start, end = ca.cert.not_valid_before_utc, ca.cert.not_valid_after_utc
+    if now < start:
+        return (
+            f"the clock ({now:%Y-%m-%d %H:%M} UTC) is before the CA's own start"
+            f" ({start:%Y-%m-%d %H:%M} UTC), which no right clock is: set it right and start"
+            " the leader again, or restore the pair from a backup"
+        )
+    if now >= end:
+        return (
+            f"the CA ended {end:%Y-%m-%d %H:%M} UTC and issues no more certificates: restore"
+            " the pair from a backup"
+        )
+    return None
 
 
 def check_secret_dirs(layout: Layout) -> None:

@@ -7,7 +7,8 @@
 
 ``renew_if_due`` issues the certificate again (same key) once it ends within
 ``leader.layout.own_renew_before`` (``ensure_leader_identity``, the same rule as at start: ahead
-of the expiry watch's warning, ``warning``)
+of the expiry watch's warning, ``warning``; also one agents would refuse, and a leader.pem put
+in place that is not the certificate of the key served)
 and serves it from then on: gRPC asks each listener's fetcher for the certificate at every new
 handshake, so new connections get the new one and open ones keep theirs, with no restart.
 Agents check the leader's identity (its URI SAN), not its certificate, so they accept it at
@@ -43,6 +44,7 @@ class OwnTls:
         self.ca = ca
         self.names = names
         self.key_pem = layout.tls_key.read_bytes()
+        self._key = pki.load_key_pem(self.key_pem)  # (what it serves with, never reloaded)
         self.chain_pem = layout.tls_cert.read_bytes()
         self._version = 0
         # Called with the new chain (PEM) after a renewal, on the event loop.
@@ -111,10 +113,18 @@ class OwnTls:
 
     async def renew_if_due(self) -> bool:
         """Issue the certificate again if it is due, and serve it; True if it did."""
+        # For the key it serves (not leader.key's file: one replaced by hand is read at the
+        # next start, which issues the certificate again for it then).
         reissued = await asyncio.to_thread(
-            ensure_leader_identity, self.layout, self.ca, self.names, None, self.warning
+            ensure_leader_identity,
+            self.layout,
+            self.ca,
+            self.names,
+            None,
+            self.warning,
+            self._key,
         )
-        if not reissued:  # (a file changed by hand is read at the next start, not here)
+        if reissued is None:  # (a file changed by hand is read at the next start, not here)
             return False
         chain = await asyncio.to_thread(Path(self.layout.tls_cert).read_bytes)
         self.chain_pem = chain  # before the version: a fetcher that sees it reads the new chain
@@ -124,6 +134,7 @@ class OwnTls:
         cert = self.cert
         log.info(
             "leader.certificate_reloaded",
+            reason=reissued,
             serial=f"{cert.serial_number:x}",
             not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
         )

@@ -37,6 +37,7 @@ from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
     CREDENTIAL,
+    REISSUED_FOR_KEY,
     Layout,
     check_secret_dirs,
     ensure_leader_identity,
@@ -44,6 +45,7 @@ from leader.layout import (
     passphrase_source,
     read_passphrase,
     rechain_leader_cert,
+    reissue_problem,
     upgrade_ca_key,
 )
 from leader.observe import observe
@@ -448,10 +450,13 @@ WAL = ("-wal", "-shm")
 """The files SQLite keeps beside the store in WAL mode."""
 
 
-def _check_own_tls(layout: Layout) -> None:
+def _check_own_tls(layout: Layout, ca: pki.CertificateAuthority) -> None:
     """The leader's certificate and key as the listeners will take them: a chain of PEM
-    certificates, a key (unencrypted) and the key of its leaf; else a config error naming the
-    file (a damaged key was gRPC's "cannot listen on …: in use", exit 1: session 50)."""
+    certificates, a key (unencrypted) and the key of its leaf, or a key the start issues its
+    certificate for again (``ensure_leader_identity``, in ``_start_on``: a leader.pem of
+    another backup than leader.key's, or a leader.key replaced, stopped the leader although it
+    holds the CA, session 52); else a config error naming the file (a damaged key was gRPC's
+    "cannot listen on …: in use", exit 1: session 50)."""
     try:
         leaf = pki.load_certs_pem(layout.tls_cert.read_bytes())[0]
     except (PKIError, IndexError) as exc:
@@ -461,12 +466,14 @@ def _check_own_tls(layout: Layout) -> None:
         key = pki.read_key(layout.tls_key)
     except PKIError as exc:
         raise ca_file_error("leader TLS key", f"{layout.tls_key}: {exc}; {RESTORE}") from None
-    if not pki.key_matches(leaf, key):
+    if pki.key_matches(leaf, key):
+        return
+    if (problem := reissue_problem(ca, key, pki.utcnow())) is not None:
         raise ca_file_error(
             "leader TLS key",
-            f"{layout.tls_key} is not the key of the leader's certificate {layout.tls_cert}:"
-            " restore the pair from a backup (tlsroll-leader --backup copies both: README"
-            " 'Backups')",
+            f"{layout.tls_key} is not the key of the leader's certificate {layout.tls_cert},"
+            f" and the leader cannot issue one for it: {problem} (tlsroll-leader --backup"
+            " copies both: README 'Backups')",
         )
 
 
@@ -519,13 +526,24 @@ def _start_on(
     if rechain_leader_cert(layout, ca):
         log.info("leader.certificate_rechained", ca_serial=f"{ca.cert.serial_number:x}")
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
-    if ensure_leader_identity(
+    old = pki.read_cert(layout.tls_cert)
+    why = ensure_leader_identity(
         layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
-    ):
-        log.info(
-            "leader.certificate_reissued",
-            reason="identity or names changed, not the CA's or not valid yet, or due",
+    )
+    if why == REISSUED_FOR_KEY:
+        new = pki.read_cert(layout.tls_cert)
+        log.warning(  # (public facts only: the key's pin, never the key)
+            "leader.certificate_reissued_for_key",
+            path=str(layout.tls_cert),
+            key=str(layout.tls_key),
+            key_pin=pki.spki_pin(new),
+            fingerprint=pki.fingerprint(new),
+            replaced_fingerprint=pki.fingerprint(old),
+            detail="leader.pem was not the certificate of leader.key (a pair restored from"
+            " two backups, or a key replaced): issued again for leader.key",
         )
+    elif why is not None:
+        log.info("leader.certificate_reissued", reason=why)
     return names
 
 
@@ -541,7 +559,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     _check_start_files(layout, viewer=bool(cfg.viewer_port))
     passphrase = _read_passphrase(cfg, source, credential=credential)
     ca = _load_ca(cfg, passphrase, source=source, credential=credential)
-    _check_own_tls(layout)
+    _check_own_tls(layout, ca)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
         log.warning(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from leader import byo, runtime
 from leader.layout import Layout
@@ -523,11 +524,24 @@ START_FILES: dict[str, tuple[str, Callable[[Cluster], Callable[[], None]], bool,
         False,
         "leader TLS key",
     ),
-    "tls-key-of-another-certificate": (
+    # (A key the CA issues for is no config error: the start issues leader.pem again for it,
+    # session 52, test_renewal. One of a kind it issues none for still is.)
+    "tls-key-of-another-certificate-and-kind": (
         "tls/leader.key",
-        lambda c: _replaced(c.tls_key_path, pki.key_to_pem(pki.generate_key())),
+        lambda c: _replaced(
+            c.tls_key_path, pki.key_to_pem(ec.generate_private_key(ec.SECP384R1()))
+        ),
         False,
-        "is not the key of the leader's certificate",
+        "cannot issue one for it: it is a key of ECDSA curve secp384r1",
+    ),
+    "tls-key-of-another-certificate-rsa-1024": (
+        "tls/leader.key",
+        lambda c: _replaced(
+            c.tls_key_path,
+            pki.key_to_pem(rsa.generate_private_key(public_exponent=65537, key_size=1024)),  # noqa: S505
+        ),
+        False,
+        "cannot issue one for it: it is a key of RSA 1024 bits",
     ),
     "store-another-users": (
         "leader.sqlite3",

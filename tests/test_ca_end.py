@@ -18,10 +18,19 @@ from pathlib import Path
 
 import pytest
 import structlog.testing
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from leader import runtime
 from leader.auto_rotate import AutoRotator
 from leader.expiry import ENDS_WITH_CA, ExpiryWatch
-from leader.layout import OWN_RENEW_CAP, Layout, ensure_leader_identity, write_leader_cert
+from leader.layout import (
+    OWN_RENEW_CAP,
+    REISSUED_FOR_KEY,
+    Layout,
+    ensure_leader_identity,
+    reissue_problem,
+    write_leader_cert,
+)
 from leader.maintenance import parse_window
 from leader.own_tls import OwnTls
 from leader.store import IssuedCert
@@ -29,7 +38,7 @@ from leader.viewer import certificate
 from tests.test_auto_rotate import FakeCommands, FakeSchema, served_store
 from tests.test_viewer_parts import NOW
 from tlsroll import pki, spiffe
-from tlsroll.errors import PKIError, PKIReason
+from tlsroll.errors import ConfigError, PKIError, PKIReason
 
 DAY = dt.timedelta(days=1)
 NAMES = pki.Names.of("node1", ["10.0.0.5"])
@@ -148,7 +157,7 @@ def test_the_leader_issues_its_own_certificates_before_the_watch_warns_of_them(
         """Whether the leader would issue it again at a check at ``now`` (files put back)."""
         try:
             if kind == "leader":
-                return ensure_leader_identity(layout, ca, names, now, warning)
+                return ensure_leader_identity(layout, ca, names, now, warning) is not None
             return certificate.ensure(layout, ca, "127.0.0.9", (), now, warning) != first[kind]
         finally:
             for f, data in zip(files, kept, strict=True):
@@ -318,3 +327,114 @@ def test_a_leader_certificate_not_valid_yet_or_of_another_ca_is_issued_again_whi
         assert served.public_key() == key.public_key()
         assert renewed == [own.chain_pem] and own.chain_pem == layout.tls_cert.read_bytes()
         assert not asyncio.run(own.renew_if_due())  # usable now: left as it is
+
+
+def _leader_files(tmp_path: Path) -> tuple[Layout, pki.CertificateAuthority, pki.Names]:
+    """A leader's data dir with its CA (begun ten days ago) and no tls files yet."""
+    (tmp_path / "tls").mkdir()
+    ca = pki.CertificateAuthority.create(now=pki.utcnow() - 10 * DAY)
+    return Layout(tmp_path), ca, pki.Names.of("leader", ["127.0.0.9"])
+
+
+def test_a_leader_pem_that_is_not_the_certificate_of_leader_key_is_issued_again_for_it(
+    tmp_path: Path,
+) -> None:
+    """Session 52: a leader.pem that is not the certificate of leader.key (one restored from
+    another backup than the key, a leader.key replaced) stopped the leader, exit 2, "restore
+    the pair", although it holds the CA and issues its certificate again for its key as on
+    its expiry. Now issued again for leader.key (a key of a kind the CA issues for: ECDSA
+    P-256 or RSA of 2048 bits or more), with its identity and names; a usable one is left."""
+    layout, ca, names = _leader_files(tmp_path)
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, pki.generate_key(), names)  # another key's
+    assert ensure_leader_identity(layout, ca, names) == REISSUED_FOR_KEY
+    cert = pki.read_cert(layout.tls_cert)
+    assert cert.public_key() == key.public_key() and pki.issued_by(cert, ca.cert)
+    assert spiffe.of(cert) == spiffe.leader(ca.trust_domain) and pki.names_of(cert) == names
+    assert pki.load_certs_pem(layout.tls_cert.read_bytes())[1:] == [ca.cert]  # the chain
+    assert ensure_leader_identity(layout, ca, names) is None
+    # leader.key replaced by an RSA key of 2048 bits: issued for it.
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pki.write_key(layout.tls_key, rsa_key)
+    assert ensure_leader_identity(layout, ca, names) == REISSUED_FOR_KEY
+    assert pki.read_cert(layout.tls_cert).public_key() == rsa_key.public_key()
+    assert ensure_leader_identity(layout, ca, names) is None
+
+
+def test_a_leader_key_the_ca_issues_no_certificate_for_now_keeps_its_mismatched_pair(
+    tmp_path: Path,
+) -> None:
+    """What the leader cannot issue for leader.key is no reason to write leader.pem, and its
+    start stops with one line saying why and what to do (exit 2): a key of a kind the CA
+    issues none for, a clock before the CA's own start (``pki.not_valid_yet``'s guard: what
+    it issued would end before the agents' now), a CA that has ended. A key it can issue for
+    passes the start's check (``_check_own_tls``): the start issues the certificate then."""
+    layout, ca, names = _leader_files(tmp_path)
+    write_leader_cert(layout, ca, pki.generate_key(), names)
+    pem = layout.tls_cert.read_bytes()
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    rsa1024 = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+    p256 = pki.generate_key()
+    cases: dict[str, tuple[pki.PrivateKey, dt.datetime | None]] = {
+        "ECDSA curve secp384r1": (p384, None),
+        "RSA 1024 bits": (rsa1024, None),
+        "is before the CA's own start": (p256, ca.cert.not_valid_before_utc - 400 * DAY),
+        "the CA ended": (p256, ca.cert.not_valid_after_utc + DAY),
+    }
+    for words, (key, at) in cases.items():
+        pki.write_key(layout.tls_key, key)
+        assert ensure_leader_identity(layout, ca, names, at) is None, words
+        assert layout.tls_cert.read_bytes() == pem, words
+        problem = reissue_problem(ca, key, at or pki.utcnow())
+        assert problem is not None and words in problem and "restore the pair" in problem
+    assert reissue_problem(ca, p256, pki.utcnow()) is None
+    # The start's check, before anything is changed: the key of another kind is a config
+    # error naming leader.key; a clock before the CA's start likewise (a CA begun tomorrow).
+    pki.write_key(layout.tls_key, p384)
+    with pytest.raises(ConfigError) as refused:
+        runtime._check_own_tls(layout, ca)
+    line = str(refused.value)
+    assert str(layout.tls_key) in line and str(layout.tls_cert) in line
+    assert "ECDSA curve secp384r1" in line and "restore the pair from a backup" in line
+    pki.write_key(layout.tls_key, p256)
+    runtime._check_own_tls(layout, ca)  # (the start issues it again: ``_start_on``)
+    tomorrow = pki.CertificateAuthority.create(now=pki.utcnow() + DAY)
+    write_leader_cert(layout, tomorrow, pki.generate_key(), names)
+    with pytest.raises(ConfigError) as refused:
+        runtime._check_own_tls(layout, tomorrow)
+    assert "before the CA's own start" in str(refused.value)
+    assert "set it right" in str(refused.value)
+
+
+def test_the_running_leader_issues_its_certificate_for_the_key_it_serves(tmp_path: Path) -> None:
+    """Session 52, while the leader runs (``OwnTls.renew_if_due``): a leader.pem put in place
+    that is not the certificate of the key the leader serves is issued again for that key,
+    and served. A leader.key replaced meanwhile is the next start's (the running leader
+    serves the key it read at start): a certificate issued again while it runs is for the
+    key it serves, never one it would serve with the wrong key."""
+    layout, ca, names = _leader_files(tmp_path)
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    own = OwnTls(layout, ca, names)
+    # leader.pem of another key (the pair of another backup, half restored).
+    write_leader_cert(layout, ca, pki.generate_key(), names)
+    assert asyncio.run(own.renew_if_due())
+    assert own.cert.public_key() == key.public_key()
+    assert own.chain_pem == layout.tls_cert.read_bytes()
+    assert not asyncio.run(own.renew_if_due())
+    # leader.key replaced on disk, and leader.pem due: issued again for the served key.
+    pki.write_key(layout.tls_key, pki.generate_key())
+    due = ca.issue(
+        key.public_key(),
+        names,
+        client=True,
+        identity=spiffe.leader(ca.trust_domain),
+        internal_dns=[spiffe.leader_host(ca.trust_domain)],
+        lifetime=10 * DAY,
+    )
+    layout.tls_cert.write_bytes(pki.cert_to_pem(due) + ca.cert_pem)
+    assert asyncio.run(own.renew_if_due())
+    assert own.cert != due and own.cert.public_key() == key.public_key()
+    assert pki.key_matches(own.cert, pki.load_key_pem(own.key_pem))  # what it serves, a pair

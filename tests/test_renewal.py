@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import pytest
 import structlog.testing
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from leader.agent_client import AgentPool
 from leader.store import Node, _node
@@ -1310,6 +1311,86 @@ def test_a_leader_certificate_agents_would_refuse_is_issued_again_at_start(
             heartbeat,
             20,
             f"node12 heartbeats to the leader with its new certificate ({case})",
+            interval=LEADER_POLL,
+        )
+    agent.stop()
+
+
+# case -> how leader.pem and leader.key come apart (the leader stopped): leader.key replaced by
+# a new key (ECDSA P-256, as init makes; RSA of 2048 bits), or leader.pem put back from another
+# backup (this CA's certificate of the leader, for another key)
+MISMATCHED_PAIRS = ("key-replaced-rsa", "pem-of-another-key", "key-replaced")
+
+
+def test_a_leader_pem_that_is_not_the_certificate_of_leader_key_is_issued_again_at_start(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Session 52: a leader.pem that was not the certificate of leader.key stopped the leader
+    (exit 2, "restore the pair from a backup"), although it holds the CA and issues its
+    certificate again for its key when it ends. Now the start issues it for leader.key (with
+    its identity and names, chained with the CA) and says so (leader.certificate_reissued_for_key,
+    no secret in it); the leader serves it on its mutual-TLS control port and its join port,
+    and agents go on with it."""
+    from leader.layout import read_passphrase
+    from nodeagent.identity import fetch_chain
+    from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
+    from tlsroll.fsutil import write_atomic
+
+    agent = cluster.add_agent("node13", next_loopback())
+    cluster.wait_for_nodes_online(["node13"])
+    passphrase = read_passphrase(cluster.passphrase_path)
+    ca = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, passphrase)
+    td = ca.trust_domain
+    names = pki.names_of(pki.read_cert(cluster.tls_cert_path))
+    for case in MISMATCHED_PAIRS:
+        cluster.stop_leader()
+        old = pki.read_cert(cluster.tls_cert_path)
+        if case == "pem-of-another-key":
+            other = ca.issue(
+                pki.generate_key().public_key(),
+                names,
+                client=True,
+                identity=spiffe.leader(td),
+                internal_dns=[spiffe.leader_host(td)],
+            )
+            write_atomic(cluster.tls_cert_path, pki.cert_to_pem(other) + ca.cert_pem)
+            old = other
+        else:
+            new_key: pki.PrivateKey = (
+                rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                if case == "key-replaced-rsa"
+                else pki.generate_key()
+            )
+            pki.write_key(cluster.tls_key_path, new_key)
+        key = pki.read_key(cluster.tls_key_path)
+        assert not pki.key_matches(pki.read_cert(cluster.tls_cert_path), key), case
+        seen = len(cluster.leader.log_events())
+        since = dt.datetime.now(UTC)
+        cluster.start_leader()  # (the old code's: exit 2, "restore the pair")
+        served = _served_with_client_cert(cluster, CONTROL_PORT, tmp_path)
+        assert served.public_key() == key.public_key(), case
+        assert fetch_chain(cluster.address, JOIN_PORT)[0] == served, case
+        assert pki.read_cert(cluster.tls_cert_path) == served, case
+        assert pki.load_certs_pem(cluster.tls_cert_path.read_bytes())[1:] == [ca.cert], case
+        assert pki.issued_by(served, ca.cert) and pki.names_of(served) == names, case
+        assert spiffe.of(served) == spiffe.leader(td), case
+        assert served.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300)
+        events = cluster.leader.log_events()[seen:]
+        (said,) = [e for e in events if e["event"] == "leader.certificate_reissued_for_key"]
+        assert said["key_pin"] == pki.spki_pin(key.public_key()), case
+        assert said["fingerprint"] == pki.fingerprint(served), case
+        assert said["replaced_fingerprint"] == pki.fingerprint(old), case
+        assert "leader.certificate_reissued" not in [e["event"] for e in events], case
+        text = cluster.leader.log_text()
+        assert "PRIVATE KEY" not in text and passphrase.decode() not in text
+
+        def heartbeat(since: dt.datetime = since) -> bool:
+            return cluster.list_nodes()["node13"].last_heartbeat.ToDatetime(tzinfo=UTC) > since
+
+        wait_until(
+            heartbeat,
+            20,
+            f"node13 heartbeats to the leader with its new certificate ({case})",
             interval=LEADER_POLL,
         )
     agent.stop()

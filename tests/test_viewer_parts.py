@@ -175,6 +175,24 @@ def test_a_viewer_certificate_not_valid_yet_is_issued_again(tmp_path: Path) -> N
     assert certificate.ensure(layout, ca, "127.0.0.9", (), NOW) == again
 
 
+def test_a_viewer_certificate_that_is_not_of_viewer_key_is_issued_again_with_its_key(
+    tmp_path: Path,
+) -> None:
+    """Session 52 (the leader's own pair is issued again for leader.key when they do not
+    match): the viewer's pair that does not match (viewer.key replaced, or viewer.pem of
+    another key) never stopped the leader; the viewer's certificate and key are its own, and
+    a new pair is issued, as for one missing or damaged."""
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = pki.CertificateAuthority.create(now=NOW - dt.timedelta(days=10))
+    first = certificate.ensure(layout, ca, "127.0.0.9", (), NOW)
+    pki.write_key(layout.viewer_key, pki.generate_key())
+    again = certificate.ensure(layout, ca, "127.0.0.9", (), NOW)
+    assert again != first and pki.key_matches(again, pki.read_key(layout.viewer_key))
+    assert pki.read_cert(layout.viewer_cert) == again
+    assert certificate.ensure(layout, ca, "127.0.0.9", (), NOW) == again
+
+
 # --- the snapshot --------------------------------------------------------------------------------
 
 

@@ -378,6 +378,21 @@ def load_csr_pem(data: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
+ISSUED_KEYS = "ECDSA P-256 or RSA of 2048 bits or more"
+"""The keys the CA issues certificates for (``key_kind_problem``)."""
+
+
+def key_kind_problem(key: PublicKey) -> str | None:
+    """What kind of key ``key`` is if the CA issues no certificate for it (``ISSUED_KEYS``),
+    else None: "ECDSA curve secp384r1", "RSA 1024 bits"."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            return f"ECDSA curve {key.curve.name}"
+    elif key.key_size < 2048:
+        return f"RSA {key.key_size} bits"
+    return None
+
+
 def check_csr(csr: x509.CertificateSigningRequest, expected: Names) -> PublicKey:
     """Check a CSR against what the node claims; return its public key.
 
@@ -385,14 +400,10 @@ def check_csr(csr: x509.CertificateSigningRequest, expected: Names) -> PublicKey
     SAN must be exactly ``expected``.
     """
     key = csr.public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if not isinstance(key.curve, ec.SECP256R1):
-            raise PKIError(PKIReason.KEY_TYPE, f"ECDSA curve {key.curve.name}")
-    elif isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < 2048:
-            raise PKIError(PKIReason.KEY_TYPE, f"RSA {key.key_size} bits")
-    else:
+    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise PKIError(PKIReason.KEY_TYPE, type(key).__name__)
+    if (kind := key_kind_problem(key)) is not None:
+        raise PKIError(PKIReason.KEY_TYPE, kind)
     try:
         bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
