@@ -93,11 +93,12 @@ if TYPE_CHECKING:
     from leader.viewer.server import Viewer
 
 # Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
-# a config or usage error (argparse's, a --reinitialise refused), a store written by a newer
-# tlsroll (a package rolled back), and a store that is lost, damaged or unreadable (restore it
-# from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among them a
-# store that cannot be opened now (a full disk: StoreUnavailable), which systemd starts again
-# until it can.
+# a config or usage error (argparse's, a --reinitialise refused; a data dir or config on a
+# mount point fstab marks noauto, not mounted), a store written by a newer tlsroll (a package
+# rolled back), and a store that is lost, damaged or unreadable (restore it from a backup, or
+# --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among them a data dir or config on
+# a disk not mounted yet (``fsutil.not_mounted``) and a store that cannot be opened now (a full
+# disk: StoreUnavailable), which systemd starts again until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
@@ -168,14 +169,15 @@ def recovery_command(config: Path) -> str:
 def check_data_dir(cfg: LeaderConfig) -> None:
     """``data_dir`` names a directory: a config error (exit 2) if not, before anything in it
     is looked at (a missing one was "ca/ca.key: No such file", exit 1: review s47rtin L4).
-    Missing, closed or not writable below a mount point not mounted now, it is a disk not
-    mounted yet (``not_mounted``): exit 1."""
+    Missing, closed, not writable or holding none of the leader's files below a mount point
+    not mounted now, it is a disk not mounted yet (``not_mounted``): exit 1; exit 2 for one
+    fstab marks ``noauto``, which nothing but a person mounts."""
     where = cfg.layout.data_dir
     try:
         mode = os.stat(where).st_mode
     except FileNotFoundError:
         if (unmounted := not_mounted("data dir", where)) is not None:
-            raise TerminalError(unmounted) from None
+            raise unmounted from None
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{where}: no such directory (tlsroll init makes it)"
         ) from None
@@ -183,21 +185,22 @@ def check_data_dir(cfg: LeaderConfig) -> None:
         if (problem := fsutil.open_problem(where, own=where)) is None:
             raise
         if (unmounted := not_mounted("data dir", where)) is not None:
-            raise TerminalError(unmounted) from None
+            raise unmounted from None
         raise ConfigError(cfg.path, "[leader].data_dir", problem) from exc
     if not stat.S_ISDIR(mode):
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{where} is not a directory ({fsutil.file_kind(mode)})"
         )
     if (problem := not_yet_there(cfg.layout)) is not None:
-        raise TerminalError(problem)  # exit 1: the service manager starts it again
+        # exit 1: the service manager starts it again; exit 2 if nothing will mount its disk
+        raise not_mounted("data dir", where) or TerminalError(problem)
     if (cut := interrupted_init(cfg.layout)) is not None:
         raise init_cut_short(cfg, *cut)  # exit 2: (a config elsewhere: review rev50f L1)
     # The store's -wal and -shm are made beside it, the certificates written again in its
     # subdirectories: one we may not write was SQLite's "readonly database", exit 1 (s50).
     if (problem := fsutil.dir_write_problem(where)) is not None:
         if (unmounted := not_mounted("data dir", where)) is not None:
-            raise TerminalError(unmounted)  # (an empty mountpoint, root's 0700: rev50f M2)
+            raise unmounted  # (an empty mountpoint, root's 0700: rev50f M2)
         raise ConfigError(
             cfg.path, "[leader].data_dir", f"{problem} (the leader keeps its store in it)"
         )
@@ -281,30 +284,21 @@ def init_cut_short(cfg: LeaderConfig, made: list[Path], missing: list[Path]) -> 
     )
 
 
-def not_mounted(what: str, path: Path) -> str | None:
-    """What ``path`` (the data dir, the config: ``what``) is when a directory on its way is a
-    mount point that is not mounted now (``fsutil.unmounted_mount_point``): a disk not mounted
-    yet, exit 1 (the service manager starts the leader again, mounted by then), never the
-    chown, chmod or "no such directory" of the empty mountpoint below it, exit 2, the leader
-    stopped for good (review rev50f M2). None if there is none."""
-    if (found := fsutil.unmounted_mount_point(path)) is None:
-        return None
-    point, named = found
-    way = "is" if Path(os.path.abspath(path)) == point else f"is below {point},"
-    return (
-        f"the {what} {path} {way} a mount point ({named}) that is not mounted now: is its"
-        " disk not mounted yet? (exit 1: its service manager starts it again)"
-    )
+def not_mounted(what: str, path: Path) -> TerminalError | None:
+    """``fsutil.not_mounted`` of the leader's ``path`` (its data dir, its config: ``what``): a
+    disk not mounted yet, exit 1, or a ``noauto`` one only a person mounts, exit 2."""
+    return fsutil.not_mounted(what, path, "tlsroll-leader")
 
 
-def config_not_yet_there(config: Path) -> str | None:
+def config_not_yet_there(config: Path) -> TerminalError | None:
     """The shipped unit's case of ``not_yet_there``: its config (``leader.toml``, which ``tlsroll
     init`` writes into the data dir) is missing and the directory meant to hold it is empty
     (``lost+found`` aside): an empty mountpoint whose disk is not mounted yet, or init not run.
     Exit 1, started again (review rev50f M1: "no such file" was a config error, exit 2, the
     leader stopped for good once the disk came). None when the file or anything beside it is
     there, or the directory cannot be listed (the config's own error then says why), unless
-    a directory on its way is a mount point not mounted now (``not_mounted``: exit 1)."""
+    a directory on its way is a mount point not mounted now (``not_mounted``: exit 1, or 2
+    for a ``noauto`` one). The error to stop with, or None."""
     if os.path.lexists(config):
         return None
     if (unmounted := not_mounted("config", config)) is not None:
@@ -315,7 +309,7 @@ def config_not_yet_there(config: Path) -> str | None:
         return None
     if beside:
         return None
-    return (
+    return TerminalError(
         f"the config {config} is missing and {config.parent} is empty: is its disk not mounted"
         " yet, or tlsroll init not run there? (exit 1: its service manager starts it again)"
     )
@@ -980,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
         return _backup(ns.config, ns.backup)
     try:
         if (empty := config_not_yet_there(ns.config)) is not None:
-            raise TerminalError(empty)
+            raise empty
         cfg = LeaderConfig.load(ns.config)
         check_data_dir(cfg)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))

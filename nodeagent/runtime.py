@@ -77,12 +77,14 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 # ``not_the_pinned_ca``; at enrolment, a leader whose chain or answer does not hold the CA of
 # ``ca_pin``, ``identity.pin_mismatch``: a wrong pin or a man in the middle, a chain with no
 # certificate of the pinned key only after ``identity.PIN_PATIENCE``; a data dir, journal
-# or agent.lock this agent may not use by its permissions or kind, ``check_data_dir``), a
-# journal written by a newer tlsroll (3: a package rolled back), and a journal that is lost,
-# damaged or unreadable (4: restore it from a backup, or --reinitialise:
-# tlsroll.sqlite.StoreDamaged). 1: the rest, among them a leader not reached at enrolment and a
-# journal that cannot be opened now (a full disk, a read-only file system, a lock another
-# process holds: StoreUnavailable), which systemd starts again until it can.
+# or agent.lock this agent may not use by its permissions or kind, ``check_data_dir``; a data
+# dir or config on a mount point fstab marks noauto, not mounted), a journal written by a newer
+# tlsroll (3: a package rolled back), and a journal that is lost, damaged or unreadable (4:
+# restore it from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among
+# them a leader not reached at enrolment, a data dir or config on a disk not mounted yet
+# (``fsutil.not_mounted``) and a journal that cannot be opened now (a full disk, a read-only
+# file system, a lock another process holds: StoreUnavailable), which systemd starts again
+# until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
@@ -449,7 +451,34 @@ def check_data_dir(cfg: AgentConfig) -> None:
     attribute, ``fsutil.attribute_problem``: review rev50e). What can clear by itself stays
     exit 1: a read-only file system, a lock another process holds, a full disk
     (``StoreUnavailable``). Nothing is changed before a refusal but a missing data dir's
-    making."""
+    making.
+
+    A data dir below a mount point not mounted now (``not_mounted``) is a disk not mounted
+    yet, exit 1, as the leader's: asked before any of those config errors (the empty mount
+    point below, often root's 0700, was told a chown, exit 2: stopped for good), and before a
+    data dir holding no identity is taken for a node not enrolled (it was made or taken over
+    on the file system below the mount point, and the node enrolled there, its identity lost
+    once the disk came). A ``noauto`` one, which nothing but a person mounts: exit 2."""
+    where = cfg.data_dir
+    enrolled = any(os.path.lexists(p) for p in paths(where))  # (False: not seen either)
+    if not enrolled and (unmounted := not_mounted("data dir", where)) is not None:
+        raise unmounted
+    try:
+        _check_data_dir(cfg)
+    except ConfigError:
+        if (unmounted := not_mounted("data dir", where)) is not None:
+            raise unmounted from None
+        raise
+
+
+def not_mounted(what: str, path: Path) -> TerminalError | None:
+    """``fsutil.not_mounted`` of the agent's ``path`` (its data dir, its config: ``what``): a
+    disk not mounted yet, exit 1, or a ``noauto`` one only a person mounts, exit 2."""
+    return fsutil.not_mounted(what, path, "tlsroll-agent")
+
+
+def _check_data_dir(cfg: AgentConfig) -> None:
+    """``check_data_dir``'s checks of the data dir and the journal's files."""
     where = cfg.data_dir
     try:
         mode = os.stat(where).st_mode
@@ -723,6 +752,11 @@ def main(argv: list[str] | None = None) -> int:
     daemon.no_core_dumps()  # before any key or secret is read
     fsutil.runs_as_root()  # its unit's User=root: never told to run as another user
     try:
+        # A config below a mount point not mounted now: missing, or in a directory we may not
+        # enter (the leader's ``config_not_yet_there``), a disk not mounted yet, never "no
+        # such file", exit 2, the agent stopped for good before the disk came.
+        if not os.path.lexists(ns.config) and (unmounted := not_mounted("config", ns.config)):
+            raise unmounted
         cfg = AgentConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
         log.debug(

@@ -30,7 +30,7 @@ from tests.cluster import Agent, Cluster, child_env, command, one_line_error
 from tests.conftest import next_loopback
 from tests.nodeside import Node, cluster_ca
 from tests.refserver_helper import write_toml
-from tlsroll import fsutil, password, pki
+from tlsroll import errors, fsutil, password, pki
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import admin_pb2, types_pb2
 
@@ -774,10 +774,13 @@ def test_a_closed_directory_on_the_data_dirs_way_is_opened_never_given_away(
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, group, 0o700)
 
 
-def _mount_tables(tmp_path: Path, point: Path, *, mounted: bool, unit: bool) -> dict[str, str]:
+def _mount_tables(
+    tmp_path: Path, point: Path, *, mounted: bool, unit: bool, noauto: bool = False
+) -> dict[str, str]:
     """A child's environment whose mount tables (``fsutil.TEST_MOUNT_ROOT_ENV``) name ``point``
-    as a mount point, in /etc/fstab or (``unit``) in a systemd mount unit of the admin's, and
-    mounted or not: this process's mounts, and ``point`` among them if ``mounted``."""
+    as a mount point, in /etc/fstab (with ``noauto`` among its options if ``noauto``) or
+    (``unit``) in a systemd mount unit of the admin's, and mounted or not: this process's
+    mounts, and ``point`` among them if ``mounted``."""
     root = tmp_path / "tables"
     (root / "proc" / "self").mkdir(parents=True)
     (root / "etc" / "systemd" / "system").mkdir(parents=True)
@@ -787,7 +790,7 @@ def _mount_tables(tmp_path: Path, point: Path, *, mounted: bool, unit: bool) -> 
             f"[Unit]\nDescription=data\n\n[Mount]\nWhat=/dev/vdb1\nWhere={point}\nType=ext4\n"
         )
     else:
-        fstab += f"/dev/vdb1 {point} ext4 defaults,nofail 0 2\n"
+        fstab += f"/dev/vdb1 {point} ext4 defaults,{'noauto,' if noauto else ''}nofail 0 2\n"
     (root / "etc" / "fstab").write_text(fstab)
     mounts = Path("/proc/self/mountinfo").read_text()
     if mounted:
@@ -799,6 +802,7 @@ def _mount_tables(tmp_path: Path, point: Path, *, mounted: bool, unit: bool) -> 
 # case -> (the mount point's owner and mode, the data dir below it (or "" : the mount point
 # itself), the config in the mount point (else beside the test's), a systemd unit names it)
 UNMOUNTED: dict[str, tuple[int, int, str, bool, bool]] = {
+    "the-data-dir-open": (0, 0o755, "", False, False),
     "the-data-dir-closed": (NOBODY, 0o700, "", False, False),
     "the-data-dir-closed-by-a-unit": (NOBODY, 0o700, "", False, True),
     "above-the-data-dir-closed": (NOBODY, 0o700, "tlsroll", False, False),
@@ -820,7 +824,9 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
     good before the disk came. A directory on the way that /etc/fstab or a systemd mount unit
     names as a mount point and that is not mounted now says so, exit 1 (systemd starts it
     again); nothing changed. Mounted (the tables say so: what stops the leader is the
-    directory itself), it stays the config error it was."""
+    directory itself), it stays the config error it was. The data dir the mount point itself,
+    open and empty (root's 0755): the mount point is said, not "none of the leader's files"
+    (that line stays for a mounted one, exit 1 as well)."""
     owner, mode, below, config_in_it, unit = UNMOUNTED[case]
     point = tmp_path / "srv" / "data"
     point.mkdir(parents=True)
@@ -839,6 +845,10 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
     st = point.stat()
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
     assert os.listdir(point) == []  # nothing made
+    if mounted and case == "the-data-dir-open":
+        assert result.returncode == 1, output
+        assert f"{data} holds none of the leader's files" in line, line
+        return
     if mounted:
         assert result.returncode == 2, output
         assert "not mounted" not in line, line
@@ -874,7 +884,7 @@ def test_mount_points_are_read_as_fstab_and_mountinfo_write_them(tmp_path: Path)
         "30 22 253:48 / /srv/mounted rw shared:9 - ext4 /dev/vdd rw\n"
     )
     found = fsutil.unmounted_mount_point(Path("/srv/my disk/tlsroll"), env)
-    assert found == (Path("/srv/my disk"), "/etc/fstab")
+    assert found == (Path("/srv/my disk"), "/etc/fstab", False)
     assert fsutil.unmounted_mount_point(Path("/srv/my disk"), env) == found
     assert fsutil.unmounted_mount_point(Path("/srv/mounted/tlsroll"), env) is None
     assert fsutil.unmounted_mount_point(Path("/srv/old/tlsroll"), env) is None
@@ -904,12 +914,211 @@ def test_a_mount_point_fstab_spells_through_a_link_is_mounted_on_its_target(
     (root / "proc" / "self" / "mountinfo").write_text(
         "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
     )
-    assert fsutil.unmounted_mount_point(link / "tlsroll", env) == (link, "/etc/fstab")
+    assert fsutil.unmounted_mount_point(link / "tlsroll", env) == (link, "/etc/fstab", False)
     (root / "proc" / "self" / "mountinfo").write_text(
         "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
         f"31 22 253:17 / {target} rw shared:9 - ext4 /dev/vdb1 rw\n"
     )
     assert fsutil.unmounted_mount_point(link / "tlsroll", env) is None
+
+
+def _agent_elsewhere(cluster: Cluster, tmp_path: Path, data_dir: Path) -> list[str]:
+    """The agent's command with a config of its own in ``tmp_path`` naming ``data_dir``."""
+    config = _agent_config(cluster, tmp_path, data_dir=data_dir)
+    return [*command("tlsroll-agent", "nodeagent.daemon"), "--config", str(config)]
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("case", "mounted"),
+    [
+        *((case, False) for case in UNMOUNTED),
+        # Mounted, an open one is the agent's to take over and enrol in: only the closed ones.
+        *((case, True) for case, (owner, *_) in UNMOUNTED.items() if owner == NOBODY),
+    ],
+)
+def test_a_mount_point_not_mounted_yet_on_the_agents_data_dirs_way_is_restartable(
+    cluster: Cluster, tmp_path: Path, case: str, mounted: bool
+) -> None:
+    """Session 51's open point, the leader's rev50f M2 for the agent: its data dir or config
+    below a mount point /etc/fstab or a systemd mount unit names and that is not mounted now
+    was told chown, or "no such file", exit 2 (stopped for good before the disk came), or,
+    open or missing, made or taken over on the file system below and enrolled there (the
+    node's identity lost once the disk came). The mount point is said, exit 1 (systemd starts
+    it again), nothing made or changed; mounted, it stays the config error it was."""
+    owner, mode, below, config_in_it, unit = UNMOUNTED[case]
+    point = tmp_path / "srv" / "data"
+    point.mkdir(parents=True)
+    data = point / below if below else point
+    env = _mount_tables(tmp_path, point, mounted=mounted, unit=unit)
+    argv = _agent_elsewhere(cluster, tmp_path, data)
+    if config_in_it:
+        argv[-1] = str(data / "agent.toml")
+    os.chown(point, owner, -1)
+    point.chmod(mode)
+    result = subprocess.run(
+        [*NO_DAC, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    output = result.stdout + result.stderr
+    line = one_line_error(output, "tlsroll-agent")
+    st = point.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
+    assert os.listdir(point) == []  # nothing made
+    if mounted:
+        assert result.returncode == 2, output
+        assert "not mounted" not in line, line
+        return
+    assert result.returncode == 1, output
+    named = "config" if config_in_it else "data dir"
+    at = data / "agent.toml" if config_in_it else data
+    where = "systemd's srv-data.mount" if unit else "/etc/fstab"
+    way = "is" if at == point else f"is below {point},"
+    assert line == (
+        f"tlsroll-agent: the {named} {at} {way} a mount point ({where}) that is not mounted"
+        " now: is its disk not mounted yet? (exit 1: its service manager starts it again)"
+    ), line
+
+
+# case -> (the mount point's owner and mode, the data dir below it (or "": the mount point
+# itself), the config below it (else beside the test's))
+NOAUTO: dict[str, tuple[int, int, str, bool]] = {
+    "the-data-dir-open": (0, 0o755, "", False),
+    "the-data-dir-closed": (NOBODY, 0o700, "", False),
+    "the-config-below-it": (0, 0o755, "tlsroll", True),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("case", list(NOAUTO))
+@pytest.mark.parametrize("prog", ["tlsroll-leader", "tlsroll-agent"])
+def test_a_noauto_mount_point_not_mounted_stops_the_daemon_for_a_person(
+    cluster: Cluster, tmp_path: Path, prog: str, case: str
+) -> None:
+    """Session 51's open point: a mount point /etc/fstab marks ``noauto`` is mounted by a
+    person only; not mounted, it was a disk not mounted yet, exit 1, and the service manager
+    started the daemon again for ever. Now exit 2 (not started again), one line naming the
+    mount point, that it is noauto in /etc/fstab and what to do: mount it or remove noauto,
+    then start the daemon again. Nothing made or changed."""
+    owner, mode, below, config_in_it = NOAUTO[case]
+    point = tmp_path / "srv" / "data"
+    point.mkdir(parents=True)
+    data = point / below if below else point
+    env = _mount_tables(tmp_path, point, mounted=False, unit=False, noauto=True)
+    if prog == "tlsroll-leader":
+        argv, config = _elsewhere(cluster, tmp_path, data), data / "leader.toml"
+    else:
+        argv, config = _agent_elsewhere(cluster, tmp_path, data), data / "agent.toml"
+    if config_in_it:
+        argv[-1] = str(config)
+    os.chown(point, owner, -1)
+    point.chmod(mode)
+    result = subprocess.run(
+        [*NO_DAC, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    output = result.stdout + result.stderr
+    line = one_line_error(output, prog)
+    st = point.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
+    assert os.listdir(point) == []  # nothing made
+    assert result.returncode == 2, output
+    named, at = ("config", config) if config_in_it else ("data dir", data)
+    way = "is" if at == point else f"is below {point},"
+    assert line == (
+        f"{prog}: config error: /etc/fstab: the {named} {at} {way} a mount point marked"
+        " noauto there, which is not mounted now and is never mounted at boot: mount it"
+        f" (mount {point}) or remove noauto from its options, then start {prog} again"
+    ), line
+
+
+def test_noauto_is_read_from_an_fstab_lines_options(tmp_path: Path) -> None:
+    """A mount point whose fstab line has ``noauto`` among its options (its 4th field: split at
+    the commas outside double quotes, written in octal as its paths are) is one nothing mounts
+    at boot; ``noauto`` within a quoted value, or a longer word, is not; nor is a line without
+    options, or one an admin's systemd unit overrides (/etc/systemd/system: systemd takes it
+    in place of the unit its fstab generator makes of the line, which has no say)."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    units = root / "etc" / "systemd" / "system"
+    units.mkdir(parents=True)
+    generated = root / "run" / "systemd" / "generator"
+    generated.mkdir(parents=True)
+    (root / "etc" / "fstab").write_text(
+        "/dev/vdb /srv/a ext4 noauto 0 2\n"
+        "/dev/vdc /srv/b ext4 defaults,noauto,nofail 0 2\n"
+        '/dev/vdd /srv/c ext4 context="system_u:object_r:a_t:s0,noauto",rw 0 2\n'
+        "/dev/vde /srv/d ext4 rw\\054noauto 0 2\n"
+        "/dev/vdf /srv/e ext4 noautomatic 0 2\n"
+        "/dev/vdg /srv/f ext4\n"
+        "/dev/vdh /srv/g ext4 noauto 0 2\n"
+        "/dev/vdi /srv/h ext4 noauto 0 2\n"
+    )
+    (units / "srv-g.mount").write_text("[Mount]\nWhat=/dev/vdh\nWhere=/srv/g\n")
+    (generated / "srv-h.mount").write_text("[Mount]\nWhat=/dev/vdi\nWhere=/srv/h\n")
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+    )
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    found = {
+        name: fsutil.unmounted_mount_point(Path(f"/srv/{name}/tlsroll"), env) for name in "abcdefgh"
+    }
+    assert found == {
+        "a": (Path("/srv/a"), "/etc/fstab", True),
+        "b": (Path("/srv/b"), "/etc/fstab", True),
+        "c": (Path("/srv/c"), "/etc/fstab", False),
+        "d": (Path("/srv/d"), "/etc/fstab", True),
+        "e": (Path("/srv/e"), "/etc/fstab", False),
+        "f": (Path("/srv/f"), "/etc/fstab", False),
+        "g": (Path("/srv/g"), "systemd's srv-g.mount", False),
+        "h": (Path("/srv/h"), "/etc/fstab", True),
+    }
+
+
+def test_not_mounted_is_a_restart_or_for_a_noauto_mount_point_a_config_error(
+    tmp_path: Path,
+) -> None:
+    """``fsutil.not_mounted``, both daemons' line: a disk not mounted yet is a TerminalError
+    (exit 1: started again), a ``noauto`` one the fstab's ConfigError (exit 2), its ``mount``
+    command quoted for the shell; None when the mount point is mounted."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "fstab").write_text(
+        "/dev/vdb /srv/my\\040disk ext4 noauto 0 2\n/dev/vdc /srv/auto ext4 defaults 0 2\n"
+    )
+    mountinfo = root / "proc" / "self" / "mountinfo"
+    mountinfo.write_text("22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n")
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    later = fsutil.not_mounted("data dir", Path("/srv/auto"), "tlsroll-agent", env)
+    assert type(later) is errors.TerminalError
+    assert str(later) == (
+        "the data dir /srv/auto is a mount point (/etc/fstab) that is not mounted now: is its"
+        " disk not mounted yet? (exit 1: its service manager starts it again)"
+    )
+    noauto = fsutil.not_mounted("config", Path("/srv/my disk/agent.toml"), "tlsroll-agent", env)
+    assert isinstance(noauto, errors.ConfigError)
+    assert str(noauto) == (
+        "config error: /etc/fstab: the config /srv/my disk/agent.toml is below /srv/my disk, a"
+        " mount point marked noauto there, which is not mounted now and is never mounted at"
+        " boot: mount it (mount '/srv/my disk') or remove noauto from its options, then start"
+        " tlsroll-agent again"
+    )
+    mountinfo.write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        "31 22 253:17 / /srv/my\\040disk rw shared:9 - ext4 /dev/vdb rw\n"
+    )
+    assert fsutil.not_mounted("config", Path("/srv/my disk/agent.toml"), "x", env) is None
 
 
 def test_a_writable_directory_access_denies_is_not_reported(

@@ -10,6 +10,7 @@ import itertools
 import os
 import pwd
 import re
+import shlex
 import socket
 import stat
 import struct
@@ -17,8 +18,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from tlsroll.errors import NotRegularFile, UnsafePermissions
+from tlsroll.errors import ConfigError, NotRegularFile, TerminalError, UnsafePermissions
 
 PRIVATE = 0o600
 PUBLIC = 0o644
@@ -950,15 +952,26 @@ def _read_lines(path: Path) -> list[str] | None:
         return None
 
 
-def _mount_points_to_be(root: Path) -> dict[Path, str]:
+def _fstab_options(field: str) -> list[str]:
+    """The options of an fstab line (its 4th field): unescaped as its paths are, then split at
+    the commas outside double quotes, as libmount reads them (``context="a,b",noauto`` is two
+    options, the second ``noauto``)."""
+    return re.findall(r'(?:"[^"]*"|[^,"])+', _unescaped(field))
+
+
+def _mount_points_to_be(root: Path) -> dict[Path, tuple[str, bool]]:
     """The mount points /etc/fstab and systemd's mount units (``Where=``) name, each with
-    where it is named."""
-    points: dict[Path, str] = {}
+    where it is named and whether nothing mounts it at boot: an fstab line with ``noauto``
+    is mounted by a person only (``mount POINT``), unless an admin's unit takes its place
+    (one in /etc/systemd/system overrides the unit systemd's fstab generator makes of the
+    line, for the same mount point). A unit has no ``noauto``: it is taken as to be mounted."""
+    points: dict[Path, tuple[str, bool]] = {}
     fstab = root / FSTAB.relative_to("/")
     for line in _read_lines(fstab) or []:
         fields = line.split()
         if len(fields) >= 2 and not fields[0].startswith("#") and fields[1].startswith("/"):
-            points.setdefault(Path(os.path.normpath(_unescaped(fields[1]))), str(FSTAB))
+            noauto = len(fields) >= 4 and "noauto" in _fstab_options(fields[3])
+            points.setdefault(Path(os.path.normpath(_unescaped(fields[1]))), (str(FSTAB), noauto))
     for directory in MOUNT_UNIT_DIRS:
         try:
             units = sorted((root / directory.relative_to("/")).glob("*.mount"))
@@ -969,20 +982,32 @@ def _mount_points_to_be(root: Path) -> dict[Path, str]:
                 key, _, value = line.strip().partition("=")
                 if key.strip() == "Where" and value.strip().startswith("/"):
                     place = Path(os.path.normpath(value.strip()))
-                    points.setdefault(place, f"systemd's {unit.name}")
+                    named = (f"systemd's {unit.name}", False)
+                    if directory == MOUNT_UNIT_DIRS[0] and points.get(place, ("", False))[1]:
+                        points[place] = named  # the admin's unit, not fstab's noauto line
+                    points.setdefault(place, named)
     return points
 
 
-def unmounted_mount_point(
-    path: Path, environ: Mapping[str, str] = os.environ
-) -> tuple[Path, str] | None:
+class Unmounted(NamedTuple):
+    """A mount point on a path's way that is not mounted now (``unmounted_mount_point``)."""
+
+    point: Path
+    named: str
+    """Where it is named: ``/etc/fstab``, or ``systemd's NAME.mount``."""
+    noauto: bool
+    """fstab marks it ``noauto``: nothing mounts it but a person."""
+
+
+def unmounted_mount_point(path: Path, environ: Mapping[str, str] = os.environ) -> Unmounted | None:
     """The directory on ``path``'s way (``path`` itself or one above it, ``/`` aside) that
     /etc/fstab or a systemd mount unit names as a mount point and that is not mounted now
-    (``/proc/self/mountinfo``), with where it is named; or None, also when what is mounted
-    cannot be read (nothing can be told then). A daemon asks it before it calls a directory
-    it cannot use a person's to fix: until its disk is mounted, a mount point is a directory
-    of the file system below, empty, often root's 0700 (review rev50f M2: "chown" of it, exit
-    2, stopped the leader for good before the disk came)."""
+    (``/proc/self/mountinfo``), with where it is named and whether fstab marks it ``noauto``
+    (``Unmounted``); or None, also when what is mounted cannot be read (nothing can be told
+    then). A daemon asks it (``not_mounted``) before it calls a directory it cannot use a
+    person's to fix: until its disk is mounted, a mount point is a directory of the file
+    system below, empty, often root's 0700 (review rev50f M2: "chown" of it, exit 2, stopped
+    the leader for good before the disk came)."""
     root = Path(environ.get(TEST_MOUNT_ROOT_ENV) or "/")
     to_be = _mount_points_to_be(root)
     full, real = Path(os.path.abspath(path)), Path(os.path.realpath(path))  # (a link's way too)
@@ -1002,5 +1027,39 @@ def unmounted_mount_point(
         # A mount point fstab spells through a symbolic link is mounted on the link's target,
         # which mountinfo shows (review rev51c L4: a mounted disk was said not mounted).
         if place not in mounted and Path(os.path.realpath(place)) not in mounted:
-            return place, to_be[place]
+            return Unmounted(place, *to_be[place])
     return None
+
+
+def not_mounted(
+    what: str, path: Path, program: str, environ: Mapping[str, str] = os.environ
+) -> TerminalError | None:
+    """What a daemon's ``path`` (its data dir, its config: ``what``) is when a directory on its
+    way is a mount point that is not mounted now (``unmounted_mount_point``), as the error the
+    daemon (``program``) stops with; None if there is none. Both daemons ask it before they
+    call a directory they cannot use a person's to fix, and before they take an empty or
+    missing data dir for one not set up yet (the agent: for a node not enrolled, which it
+    would enrol onto the file system below the mount point).
+
+    A disk not mounted yet: exit 1 (a ``TerminalError``), the service manager starts the
+    daemon again, mounted by then; never the chown, chmod or "no such directory" of the empty
+    mount point below it, exit 2, stopped for good (review rev50f M2). A mount point fstab
+    marks ``noauto`` is mounted by nobody but a person: exit 1 started the daemon again for
+    ever (session 51's open point), so it is the fstab's config error, exit 2, saying how to
+    mount it and that the daemon is then started again by hand."""
+    if (found := unmounted_mount_point(path, environ)) is None:
+        return None
+    point, named, noauto = found
+    way = "is" if Path(os.path.abspath(path)) == point else f"is below {point},"
+    if noauto:
+        return ConfigError(
+            named,
+            None,
+            f"the {what} {path} {way} a mount point marked noauto there, which is not mounted"
+            f" now and is never mounted at boot: mount it (mount {shlex.quote(str(point))}) or"
+            f" remove noauto from its options, then start {program} again",
+        )
+    return TerminalError(
+        f"the {what} {path} {way} a mount point ({named}) that is not mounted now: is its"
+        " disk not mounted yet? (exit 1: its service manager starts it again)"
+    )
