@@ -30,6 +30,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +62,10 @@ from tlsroll.errors import (
     TerminalError,
     TlsrollError,
     TransientError,
+    os_error_text,
     raise_if_local,
 )
-from tlsroll.fsutil import PRIVATE, read_regular, write_atomic
+from tlsroll.fsutil import PRIVATE, read_regular, set_aside, write_atomic
 from tlsroll.names import Names, utcnow
 
 if TYPE_CHECKING:
@@ -140,12 +143,12 @@ def _remembered(cfg: AgentConfig) -> Identity | None:
     The memo is a cache: one that is no regular file (a FIFO put there, which blocked the
     start for ever: review rev50a L2) is passed over with a warning, the child checks, and
     its answer is written over it (``_remember``: the rename replaces anything but a
-    directory, which stays passed over at every start, with ``identity.memo_not_written``)."""
+    directory, which is moved aside first: ``_set_aside``)."""
     path = cfg.data_dir / MEMO
     try:
         memo = json.loads(read_regular(path))
     except NotRegularFile as exc:
-        log.warning("identity.memo_not_a_file", path=str(path), error=str(exc))
+        _set_aside(path, str(exc))
         return None
     except (OSError, ValueError):
         return None  # none or unreadable: the child checks
@@ -157,6 +160,51 @@ def _remembered(cfg: AgentConfig) -> Identity | None:
         return None  # stale: the child checks
 
 
+_MEMOS_SAID: set[Path] = set()  # directories in a memo's place that could not be moved, said
+
+
+def _a_directory(path: Path) -> bool:
+    """True if ``path`` itself (not a link's target) is a directory."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _set_aside(path: Path, error: str) -> None:
+    """The memo ``path``, no regular file (``error`` says what it is), warned of
+    (``identity.memo_not_a_file``). A directory there, which the write of the child's answer
+    cannot replace, was passed over and warned of at every start (session 51's review): it is
+    moved aside (``NAME.not-a-file-TIME``, said as ``kept_as``; nothing in it is lost) so that
+    the memo is written again and the next start says nothing. One that cannot be moved is
+    said once in the agent's run, with the ``rm`` that ends it (its write is not tried).
+    Anything else (a FIFO, a socket) the write replaces."""
+    if not _a_directory(path):
+        log.warning("identity.memo_not_a_file", path=str(path), error=error)
+        return
+    try:
+        kept = set_aside(path, "not-a-file", utcnow().strftime("%Y%m%dT%H%M%SZ"))
+    except OSError as exc:
+        if path in _MEMOS_SAID:
+            return
+        _MEMOS_SAID.add(path)
+        log.warning(
+            "identity.memo_not_a_file",
+            path=str(path),
+            error=error,
+            detail=f"it could not be moved aside ({os_error_text(exc)}); the identity is"
+            f" checked in a child at every start until it is gone: run: rm -r {path}",
+        )
+        return
+    log.warning(
+        "identity.memo_not_a_file",
+        path=str(path),
+        error=error,
+        kept_as=str(kept),
+        detail=f"moved aside as {kept.name}; the memo is written again",
+    )
+
+
 def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
     facts = {
         "not_before": identity.not_before.isoformat(),
@@ -164,9 +212,14 @@ def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
         "trust_domain": identity.trust_domain,
         "certificate": identity.checked_pem.decode("ascii"),
     }
+    path = cfg.data_dir / MEMO
+    if _a_directory(path):  # (an enrolment's: no memo was read before)
+        _set_aside(path, f"{path} is not a regular file (a directory)")
+        if _a_directory(path):
+            return identity  # said, with the ``rm`` that ends it; the write would fail
     try:
         memo = {"digest": _digest(cfg), "facts": facts}
-        write_atomic(cfg.data_dir / MEMO, json.dumps(memo).encode(), PRIVATE)
+        write_atomic(path, json.dumps(memo).encode(), PRIVATE)
     except OSError as exc:  # the next start checks in a child again: nothing lost
         log.warning("identity.memo_not_written", path=str(cfg.data_dir / MEMO), error=str(exc))
     return identity

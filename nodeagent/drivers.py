@@ -651,9 +651,10 @@ def _has_open(pid: int, path: Path) -> bool | None:
 
 def _locked_by_another(path: Path) -> bool:
     """True if some process holds the lock on ``path`` (or the agent cannot tell: it then
-    acts as before this check). Takes the lock for a moment when free."""
+    acts as before this check). Takes the lock for a moment when free. Opened without
+    blocking: a FIFO put in its place never holds the agent."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except OSError as exc:

@@ -698,9 +698,9 @@ def keep_ended(data_dir: Path, now: dt.datetime | None = None) -> Path | None:
 
     cert_file = paths(data_dir)[1]
     try:
-        pem = cert_file.read_bytes()
+        pem = read_regular(cert_file)  # never a FIFO's endless read
         ended = (now or utcnow()) >= pki.load_cert_pem(pem).not_valid_after_utc
-    except (OSError, PKIError, ValueError):
+    except (OSError, PKIError, ValueError, NotRegularFile):
         return None
     if not ended:
         return None

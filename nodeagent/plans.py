@@ -678,10 +678,12 @@ def finalize_plan(
         raise PlanRefused(problem)
     assert live is not None
     cert_file = Path(live["cert_file"])
-    try:
-        fingerprint = pem_fingerprint(cert_file.read_bytes())
+    try:  # never a FIFO's endless read (session 51's review)
+        fingerprint = pem_fingerprint(read_regular(cert_file))
     except PKIError as exc:
         raise PrepareFailed(f"cannot read the live certificate {cert_file}: {exc}") from None
+    except NotRegularFile as exc:
+        raise PrepareFailed(f"cannot read the live certificate: {exc}") from None
     verifier_file = Path(live["verifier_file"]) if live.get("verifier_file") else None
     share_named(driver, _files_of(live))
     new_config = driver.render(

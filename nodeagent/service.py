@@ -246,8 +246,12 @@ def _tls_trusts(ca_pem: bytes) -> None:
 
 
 def _holds(path: Path, data: bytes) -> bool:
-    """True if ``path`` holds ``data`` (blocking)."""
-    return path.read_bytes() == data
+    """True if ``path`` holds ``data`` (blocking); False if it is no regular file (a FIFO put
+    there is never read: ``read_regular``)."""
+    try:
+        return read_regular(path) == data
+    except NotRegularFile:
+        return False
 
 
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):

@@ -93,7 +93,7 @@ from tenacity import (
     wait_incrementing,
 )
 
-from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
+from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig, read_file
 from nodeagent.lease import Leases
 from tlsroll import clocks, dbthread, logs, probe
 from tlsroll.backoff import Policy
@@ -1348,9 +1348,10 @@ class Runner:
         ca_pem = None
         if "https" in plan.target_schemes:
             # Read now, before the freeze; missing or unreadable, the verify reads it (and
-            # says what is wrong) itself.
+            # says what is wrong) itself. Never a FIFO's endless read, which held the store's
+            # thread, and so the whole agent, for ever (session 51's review): ``read_file``.
             with contextlib.suppress(OSError):
-                ca_pem = plan.ca_file.read_bytes()
+                ca_pem = read_file(plan.ca_file)
         staged = self._stage_config(rollout_id, config, "target")
         back = None if source is None else self._stage_config(rollout_id, source, "source")
         return Staged(staged, ca_pem, back)
@@ -1462,7 +1463,7 @@ class Runner:
         # on a repeat after a crash the live file may already be new.
         if not plan.backup_file.exists():
             write_atomic(plan.backup_file, self.driver.read_config(), PRIVATE)
-        self.driver.write_config(plan.new_config_file.read_bytes())
+        self.driver.write_config(read_file(plan.new_config_file))
 
     async def _restart(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         if txn.phase is Phase.RESTORED and txn.restart_needed is False:
@@ -1513,7 +1514,7 @@ class Runner:
                 # must not depend on the staged files.
                 ca_pem = staged_ca
                 if ca_pem is None:
-                    ca_pem = await asyncio.to_thread(plan.ca_file.read_bytes)
+                    ca_pem = await asyncio.to_thread(read_file, plan.ca_file)
                 return await checks.check_https(
                     f.address, f.https_port, f.app_path, ca_pem, fingerprint
                 )
@@ -1651,7 +1652,7 @@ class Runner:
         elif not plan.backup_file.exists():
             return False  # an earlier release's transaction: the target was never written
         else:
-            source = plan.backup_file.read_bytes()
+            source = read_file(plan.backup_file)
         if self.driver.read_config() == source:
             return False
         key = (txn.rollout_id, txn.kind.value)

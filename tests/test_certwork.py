@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 import tlsroll
 from nodeagent import certwork, workerrors
@@ -388,3 +390,51 @@ def test_two_revocation_lists_taken_at_once_leave_the_newer(
     second.join(5)
     assert trust.crl_number == 10 and 4242 in trust.revoked
     assert (tmp_path / "crl.pem").read_bytes() == newer
+
+
+def test_a_memo_that_is_a_directory_is_moved_aside_once_or_said_once_per_run(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 51's review: a directory in the memo's place was warned of at every start
+    (twice: passed over, then not written). It is moved aside (kept, said with where it went)
+    and the memo written; the next check says nothing. One that cannot be moved is said once
+    in a run, with the ``rm -r`` that ends it, and no write is tried."""
+    cfg = _agent_config(tmp_path, test_ca)
+    _enrolled(cfg, test_ca)
+    memo = cfg.data_dir / certwork.MEMO
+    memo.unlink(missing_ok=True)
+    memo.mkdir()
+    (memo / "left").write_text("an admin's")
+    monkeypatch.setattr(certwork, "_MEMOS_SAID", set())
+    with structlog.testing.capture_logs() as logs:
+        assert certwork.load_identity(cfg) is not None
+        assert certwork.load_identity(cfg) is not None  # the next start: from the memo
+    [said] = [e for e in logs if e["event"].startswith("identity.memo")]
+    assert said["event"] == "identity.memo_not_a_file", logs
+    kept = Path(said["kept_as"])
+    assert kept.parent == cfg.data_dir and kept.name.startswith(f"{certwork.MEMO}.not-a-file-")
+    assert (kept / "left").read_text() == "an admin's"
+    assert json.loads(memo.read_bytes())["digest"]
+
+    memo.unlink()
+    memo.mkdir()
+
+    def refused(path: Path, tag: str, stamp: str) -> Path:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(certwork, "set_aside", refused)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):  # a start, and the renewals' checks of the same run
+            assert certwork.load_identity(cfg) is not None
+    [said] = [e for e in logs if e["event"].startswith("identity.memo")]
+    assert said["event"] == "identity.memo_not_a_file", logs
+    assert f"run: rm -r {memo}" in said["detail"], said
+    assert "Operation not permitted" in said["detail"] and "kept_as" not in said
+    assert memo.is_dir()
+    monkeypatch.setattr(certwork, "_MEMOS_SAID", set())  # another run: said again, once
+    with structlog.testing.capture_logs() as logs:
+        certwork.load_identity(cfg)
+        certwork.load_identity(cfg)
+    assert [e["event"] for e in logs if e["event"].startswith("identity.memo")] == [
+        "identity.memo_not_a_file"
+    ]

@@ -12,6 +12,7 @@ import os
 import pty
 import resource
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -461,6 +462,53 @@ def test_agent_passes_over_a_cache_that_is_a_fifo(three: Cluster, name: str) -> 
         if node2.running:
             node2.stop()
         _put_back(path, aside)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
+def test_agent_moves_a_memo_that_is_a_directory_aside_and_says_it_once(three: Cluster) -> None:
+    """Session 51's review: the memo of the last identity check made a directory was passed
+    over and warned of at every start (the write of the child's answer cannot replace a
+    directory). The first start moves it aside (``NAME.not-a-file-TIME``, what it holds kept,
+    said with where it went) and writes the memo; the next start says nothing of it."""
+    node2 = three.agents["node2"]
+    assert node2.stop() == 0
+    path = node2.data_dir / certwork.MEMO
+    aside = path.with_name(path.name + ".aside")
+    path.rename(aside)
+    path.mkdir()
+    (path / "left").write_text("an admin's")
+
+    def said() -> list[dict[str, Any]]:
+        return [e for e in node2.log_events() if e.get("event") == "identity.memo_not_a_file"]
+
+    def unwritten() -> list[dict[str, Any]]:
+        return [e for e in node2.log_events() if e.get("event") == "identity.memo_not_written"]
+
+    before = len(said())
+    try:
+        node2.start(timeout=30)
+        first = said()[before:]
+        assert len(first) == 1, first
+        assert f"{path} is not a regular file (a directory)" in first[0]["error"], first
+        kept = Path(first[0]["kept_as"])
+        assert kept.parent == node2.data_dir, kept
+        assert kept.name.startswith(f"{certwork.MEMO}.not-a-file-"), kept
+        assert (kept / "left").read_text() == "an admin's"
+        assert stat.S_ISREG(os.stat(path).st_mode)  # the memo written again
+        assert node2.stop() == 0
+        node2.start(timeout=30)
+        assert said()[before:] == first  # the second start: not a word of it
+        assert unwritten() == []
+        three.wait_for_nodes_online(["node2"], timeout=15)
+    finally:
+        if node2.running:
+            node2.stop()
+        for left in [path, *node2.data_dir.glob(f"{certwork.MEMO}.not-a-file-*")]:
+            if left.is_dir():
+                shutil.rmtree(left)
+        path.unlink(missing_ok=True)
+        aside.rename(path)
         node2.start()
     three.wait_for_nodes_online(["node2"], timeout=15)
 

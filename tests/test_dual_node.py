@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import signal
 import sqlite3
 import ssl
@@ -250,6 +251,45 @@ def test_finalize_under_the_phase_one_id_is_refused_not_replayed(make_node: Node
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     # The same phase-1 request again is a replay: the recorded outcome, nothing done twice.
     assert switch(node, "t4", Change.ENABLE_TLS, keep_http=True).outcome == "completed"
+
+
+def _release(fifo: Path) -> None:
+    """A reader blocked on ``fifo`` (the agent before review rev52's fix) let go: a writer
+    opened and closed at once gives it an end of file, so that its agent can stop."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_finalize_with_the_live_certificate_a_fifo_is_refused_in_one_line(
+    make_node: NodeFactory,
+) -> None:
+    """Session 51's review: the files the agent reads during a rollout's steps were plain
+    reads. The live certificate a finalize's plan reads (its fingerprint) made a FIFO: the
+    plan read it and waited for a writer for ever, on the agent's store thread (every later
+    call of the agent waited too). Now the finalize is refused (FAILED_PRECONDITION, one line
+    naming the file and what it is), nothing changes on the server, and the agent answers."""
+    node = make_node()
+    fingerprint = go_dual(node, "t6")
+    cert = node.stage_dir("t6") / "server.pem"
+    kept = cert.read_bytes()
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    cert.unlink()
+    os.mkfifo(cert, 0o600)
+    try:
+        err = refused(lambda: switch(node, "t6.finalize", Change.FINALIZE))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+        detail = str(err.details())
+        assert f"{cert} is not a regular file (a FIFO)" in detail, detail
+        assert "\n" not in detail and "Traceback" not in detail
+        assert node.server.config_path.read_bytes() == config and node.server_pid() == pid
+        assert list(status(node).server.schemes) == DUAL  # the agent answers
+    finally:
+        _release(cert)
+        cert.unlink()
+        cert.write_bytes(kept)
+    switch(node, "t6.finalize-2", Change.FINALIZE)
+    assert node.wait_txn("t6.finalize-2").outcome == "completed"
+    assert_https_only(node, fingerprint)
 
 
 # --- verification failing in each phase --------------------------------------------------------

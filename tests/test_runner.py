@@ -1124,7 +1124,7 @@ async def test_verify_reads_the_staged_ca_before_the_freeze(
     journal = CrashingJournal(w.journal_path)
     done = await w.run(journal)  # the fake https probe asserts the CA it gets
     assert w.assert_ended_well(journal) == done
-    assert "read_bytes" not in hops, hops
+    assert "read_file" not in hops, hops
 
 
 async def test_a_resumed_verify_reads_the_ca_in_a_thread(
@@ -1143,7 +1143,38 @@ async def test_a_resumed_verify_reads_the_ca_in_a_thread(
     pending, journal = await w.resume()
     assert len(pending) == 1
     w.assert_ended_well(journal)
-    assert "read_bytes" in hops, hops
+    assert "read_file" in hops, hops
+    journal.close()
+
+
+async def test_a_resumed_verify_whose_ca_is_a_fifo_rolls_back_in_one_line(
+    world: Callable[[Scenario], World],
+) -> None:
+    """Session 51's review: the CA a resumed switch's verify reads itself (``plan.ca_file``)
+    made a FIFO: the read waited for a writer for ever, and the switch never ended (a driver
+    whose server does not read the CA itself, a template's, restarts fine on it). Now the
+    verify fails with one line naming the file and what it is, and the switch rolls back."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith("restarted"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    w.plan.ca_file.unlink()
+    os.mkfifo(w.plan.ca_file, 0o600)
+    try:
+        pending, journal = await asyncio.wait_for(w.resume(), 30)  # before: never
+    finally:
+        with contextlib.suppress(OSError):  # a reader blocked on it (before) let go
+            os.close(os.open(w.plan.ca_file, os.O_WRONLY | os.O_NONBLOCK))
+    assert len(pending) == 1
+    txn = journal.get("r1", sc.kind)
+    assert txn is not None
+    assert txn.outcome is TxnOutcome.ROLLED_BACK, txn.reason
+    assert f"{w.plan.ca_file} is not a regular file (a FIFO)" in txn.reason, txn.reason
+    assert txn.reason.startswith("verify:") and "\n" not in txn.reason, txn.reason
+    assert (w.server.running, w.server.frozen) == (SOURCE, False)
     journal.close()
 
 

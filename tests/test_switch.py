@@ -7,6 +7,7 @@ Every node has its own loopback address with the seed's ports (8080, 8443, 9443)
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import http.client
@@ -794,6 +795,62 @@ def test_an_agent_restarted_between_stage_and_switch_switches_as_before(
     done = node.wait_txn("restart")
     assert done.outcome == "completed", done.reason
     assert_switched(node, staged.fingerprint)
+    assert_no_staged_configs(node)
+
+
+def test_a_staged_ca_made_a_fifo_rolls_the_switch_back_and_the_agent_answers(
+    make_node: NodeFactory,
+) -> None:
+    """Session 51's review: the files the agent reads during a rollout's steps were plain
+    reads. The staged CA made a FIFO after the stage (an agent started again since, so the
+    switch reads it itself): the switch's staging read it and waited for a writer for ever,
+    on the agent's store thread, and every later call waited too (no outcome, no answer). Now
+    the CA is never read (``read_regular``): the server's restart on it fails (it names the
+    FIFO), the switch is rolled back, and the agent answers."""
+    node = make_node()
+    assert node.agent is not None
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    node.stage("fifo")
+    node.agent.stop()
+    node.restart_agent()
+    ca = node.stage_dir("fifo") / "ca.pem"
+    ca.unlink()
+    os.mkfifo(ca, 0o600)
+    try:
+        node.switch("fifo")
+        done = node.wait_txn("fifo", timeout=30)  # before: no answer at all
+        assert done.outcome == "rolled_back", done.reason
+        assert f"{ca} is not a regular file (a FIFO)" in done.reason, done.reason
+        assert "\n" not in done.reason and "Traceback" not in done.reason
+        assert node.server.config_path.read_bytes() == config
+        assert node.server_pid() != pid  # restarted on its config again
+        assert node.admin_status()["listen"] == ["http"]
+        assert node.preflight("after").ok  # the agent answers
+    finally:
+        with contextlib.suppress(OSError):  # a reader blocked on it (before) let go
+            os.close(os.open(ca, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_staged_config_made_a_fifo_is_not_taken_and_the_switch_makes_its_own(
+    make_node: NodeFactory,
+) -> None:
+    """Session 51's review: the switch made ready at the stage is taken only if its staged
+    config still holds what was staged, which was a plain read: the staged file made a FIFO
+    held the agent's store thread (and so the switch, and every later call) for ever. Now
+    the FIFO is never read: the staged switch is not taken, the switch makes its own."""
+    node = make_node()
+    staged = node.stage("fifocfg")
+    [target] = staged_targets(node)
+    target.unlink()
+    os.mkfifo(target, 0o600)
+    try:
+        node.switch("fifocfg")
+        done = node.wait_txn("fifocfg", timeout=30)  # before: no answer at all
+        assert done.outcome == "completed", done.reason
+        assert_switched(node, staged.fingerprint)
+    finally:
+        with contextlib.suppress(OSError):  # a reader blocked on it (before) let go
+            os.close(os.open(target, os.O_WRONLY | os.O_NONBLOCK))
     assert_no_staged_configs(node)
 
 

@@ -403,6 +403,24 @@ def read_regular(path: Path) -> bytes:
     raise NotRegularFile(f"{path} is not a regular file ({file_kind(mode)})")
 
 
+def set_aside(path: Path, tag: str, stamp: str) -> Path:
+    """``path`` (the entry itself: a directory, a link, whatever it is) renamed to
+    ``NAME.TAG-STAMP`` beside it (``NAME.TAG-STAMP.2``, 3, … if that name is taken: never over
+    anything), its directory fsynced; the new name. For something in the place of a file of
+    ours that our write cannot replace (a directory), kept for whoever put it there rather
+    than removed, as ``sqlite.set_aside_old_copy`` keeps a copy. An OSError if it cannot be
+    renamed (or FileExistsError: no free name). Meant for a directory only we write in (a
+    daemon's data dir): a name taken between the look and the rename is not guarded."""
+    path = Path(path)
+    for n in range(1, 100):
+        kept = path.with_name(f"{path.name}.{tag}-{stamp}" + (f".{n}" if n > 1 else ""))
+        if not os.path.lexists(kept):
+            os.rename(path, kept)
+            fsync_dir(path.parent)
+            return kept
+    raise FileExistsError(errno.EEXIST, f"no free name to set it aside as {tag}", str(path))
+
+
 # Linux's file attributes (``chattr``, ``lsattr``; ioctl_iflags(2)): FS_IOC_GETFLAGS is
 # _IOR('f', 1, long); the kernel reads and writes an int at the address all the same.
 _FS_IOC_GETFLAGS = (2 << 30) | (struct.calcsize("l") << 16) | (ord("f") << 8) | 1
