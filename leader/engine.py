@@ -851,6 +851,8 @@ class Engine:
                 else:
                     result = await work
                 event, reason = result
+                if confirmed and not await self._dialled(step.node):
+                    confirmed.clear()  # the confirm step's pass fails it (cut off mid-switch)
                 planned = await self._record(
                     rollout.id, step, event, reason, started[1], learnt, issued, confirmed
                 )
@@ -900,6 +902,20 @@ class Engine:
             return
         self.trouble.pop(key, None)
         self.wake.set()
+
+    async def _dialled(self, name: str) -> bool:
+        """Whether the node's agent may still be dialled now (``AgentPool.get``: a node whose
+        agent was cut off since, its certificate revoked, is not; no query unless the nodes
+        changed), before a switch's confirm is written with its outcome
+        (``StepContext.confirmed``). One cut off while its switch ran is left to the confirm
+        step, which cannot reach it, and the pass that reads the cut-off set fails it, as a
+        node cut off mid-switch (review rev52a M: its write took it to done, the rollout
+        completed, and nobody was told to remove the lost machine)."""
+        try:
+            await self.agents.get(name)
+        except TlsrollError:  # cut off, removed, or the store unread: the confirm step's way
+            return False
+        return True
 
     async def _look_again(self, rollout_id: str) -> RolloutRow | None:
         """The stored rollout as a step about to run sees it (``_run_step``): from memory

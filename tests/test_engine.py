@@ -773,6 +773,36 @@ async def test_a_switch_whose_check_passed_as_it_ended_is_confirmed_in_the_same_
     await leader.stop()
 
 
+async def test_a_node_cut_off_as_its_switch_ends_is_not_confirmed_with_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev52a M: the agent of a node is cut off (its certificate revoked) while its
+    switch runs, and the switch completes with the check begun at the verify passed, before a
+    pass has read the cut-off set: the confirm is not written with the switch (that took the
+    node to done and the rollout completed, nobody told to remove the lost machine); the node
+    is failed as one cut off mid-switch, and the rollout halts."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+    leader = world.boot()
+    cut = cut_off_agents(world, leader)
+    real = world.agents.outside_check
+
+    async def check(live: str, closed: str, ca: bytes, fingerprint: str = "") -> Any:
+        if f"//{world.agents['charlie'].address}:" in live:
+            cut.add("charlie")  # revoked now: the store says so; no pass has read it yet
+        return await real(live, closed, ca, fingerprint)
+
+    monkeypatch.setattr(changes, "outside_check", check)
+    await leader.start(max_parallel=1)
+    row = await leader.run(passes=400)
+    charlie = node(row.records, "charlie")
+    assert charlie.state is N.NEEDS_ATTENTION, (charlie, row.rollout.state)
+    assert row.rollout.state is R.HALTED
+    assert "tlsroll nodes remove charlie" in row.meta.reason, row.meta.reason
+    await leader.stop()
+
+
 async def test_a_check_still_running_as_the_switch_ends_is_left_to_the_confirm_step(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
