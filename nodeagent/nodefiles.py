@@ -101,6 +101,13 @@ def pin_unseen_path(data_dir: Path) -> Path:
     return data_dir / "pin.unseen.json"
 
 
+LATEST_TIME = 253_402_300_799.0
+"""9999-12-31T23:59:59Z in seconds since the epoch: the latest time ``datetime`` shows, so a
+record's ``since`` past it (a damaged or hand-made record) is refused at its read, not met as
+an exception at each try's log line (review rev52b L1: the agent then exited 1 and was started
+again for ever)."""
+
+
 def read_pin_unseen(data_dir: Path) -> tuple[float, float, str, str] | None:
     """``DATA/pin.unseen.json``: since when (seconds since the epoch, for the log) the join
     port has shown no certificate of the pinned key, how many seconds of the patience the
@@ -116,14 +123,20 @@ def read_pin_unseen(data_dir: Path) -> tuple[float, float, str, str] | None:
         return None
     except (KeyError, TypeError, IndexError, RecursionError) as exc:
         raise ValueError(f"not such a record ({type(exc).__name__}: {exc})") from None
+    times = []
     for name, value in (("since", since), ("waited", waited)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}: {value!r} is no number")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: {value!r} is no time")
+            raise ValueError(f"{name}: {str(value)[:40]} is no number")
+        try:
+            number = float(value)  # an integer of 400 digits: OverflowError
+        except OverflowError:
+            number = math.inf
+        if not 0 <= number <= LATEST_TIME:  # (NaN fails too)
+            raise ValueError(f"{name}: {str(value)[:40]} is no time")
+        times.append(number)
     if not isinstance(pin, str) or not isinstance(join, str):
         raise ValueError("ca_pin or join of the wrong kind")
-    return float(since), float(waited), pin, join
+    return times[0], times[1], pin, join
 
 
 def write_pin_unseen(data_dir: Path, since: float, waited: float, pin: str, join: str) -> None:

@@ -309,6 +309,27 @@ class PinUnseen:
             )
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` as a person says it: whole minutes as minutes, else seconds."""
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{seconds:g} s"
+
+
+def patience_used(refusal: ConfigError, record: Path, patience: float) -> ConfigError:
+    """The pin's refusal once its ``patience`` is used up, with where it is counted: a
+    right pin behind a join port that still shows another certificate (a fail-over not over)
+    would be refused again at the agent's next start, at its first try (review rev52b L2)."""
+    return ConfigError(
+        refusal.path,
+        refusal.key,
+        f"{refusal.problem} (the join port showed no certificate of this pin for "
+        f"{_duration(patience)}, counted in {record}: if the pin is right, remove that "
+        "file to give the port that long again)",
+    )
+
+
 async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identity:
     """Enrol (``certwork.enrol``), trying again while it is worth it (``next_enrol_wait``; a
     join port showing no certificate of the pinned key: ``next_pin_wait``, one warning with
@@ -341,7 +362,9 @@ async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identit
                         detail="the join port has shown no certificate of [leader].ca_pin's key "
                         "since then, through this agent's restarts: no more tries",
                     )
-                raise exc.refusal from None
+                raise patience_used(
+                    exc.refusal, pin_unseen_path(cfg.data_dir), pin_patience()
+                ) from None
             log.warning(
                 "agent.enrol_pin_not_shown",
                 leader=unseen.join,

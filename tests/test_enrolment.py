@@ -738,10 +738,14 @@ def test_a_default_certificate_past_the_patience_is_exit_2_with_the_pins_line(
         )
     finally:
         close()
-    # Today's line, word for word.
+    # The pin's line, word for word, and where its patience is counted (review rev52b L2).
     cfg = AgentConfig.load(agent.config_path)
-    expected = identity.pin_mismatch(cfg, _default_shown(f"{address}:{JOIN_PORT}", default))
+    record = nodefiles.pin_unseen_path(agent.data_dir)
+    expected = runtime.patience_used(
+        identity.pin_mismatch(cfg, _default_shown(f"{address}:{JOIN_PORT}", default)), record, 4
+    )
     assert line == f"tlsroll-agent: {expected}", line
+    assert f"for 4 s, counted in {record}: if the pin is right, remove that file" in line
     log = agent.log_text()
     warnings = _pin_warnings(log)
     assert len(warnings) >= 2 and len(received) == len(warnings) + 1, (received, log)
@@ -845,7 +849,11 @@ def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) 
     finally:
         close()
     assert code == 2 == runtime.EXIT_CONFIG, output
-    expected = identity.pin_mismatch(cfg, _default_shown(f"{address}:{JOIN_PORT}", default))
+    expected = runtime.patience_used(
+        identity.pin_mismatch(cfg, _default_shown(f"{address}:{JOIN_PORT}", default)),
+        nodefiles.pin_unseen_path(agent.data_dir),
+        60,
+    )
     assert one_line_error(output, "tlsroll-agent") == f"tlsroll-agent: {expected}", output
     assert len(received) == tries + 1 and all(data == b"" for data in received), received
     assert _pin_warnings(output) == []  # no retry
@@ -858,7 +866,7 @@ def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) 
 def test_a_join_port_showing_the_pin_ends_the_patience_s_record(cluster: Cluster) -> None:
     """The record of the pin's patience goes once a join port shows the pinned key, even if
     the enrolment then fails (here the leader refuses a token made for another node): a join
-    port without the pin later begins a patience afresh, not one begun an hour ago."""
+    port without the pin later begins a patience afresh, not one an hour used up."""
     address = next_loopback()
     agent = cluster.add_agent(
         "shown", address, token=cluster.create_token("not-shown", next_loopback()), start=False
@@ -866,7 +874,10 @@ def test_a_join_port_showing_the_pin_ends_the_patience_s_record(cluster: Cluster
     make_private_dir(agent.data_dir)
     path = nodefiles.pin_unseen_path(agent.data_dir)
     join = f"{cluster.address}:{JOIN_PORT}"
-    record = {"since": time.time() - 3600, "ca_pin": cluster.ca_pin(), "join": join}
+    record = {"since": time.time() - 3600, "waited": 3600, "ca_pin": cluster.ca_pin(), "join": join}
+    assert nodefiles.read_pin_unseen(agent.data_dir) is None  # (none yet: a readable one below)
+    path.write_text(json.dumps(record))
+    assert nodefiles.read_pin_unseen(agent.data_dir) is not None
     path.write_text(json.dumps(record))
     code, output = agent.run_to_exit()
     assert code != 0 and "the leader refused enrolment" in output, output
@@ -1309,11 +1320,11 @@ def _unseen(data_dir: Path, pin: str = "sha256:pinned", port: int = 9443) -> run
 def test_the_pin_s_patience_is_kept_across_restarts_and_begins_afresh_when_it_must(
     tmp_path: Path,
 ) -> None:
-    """``runtime.PinUnseen`` (review rev51e L1), on its two clocks (the loop's, monotonic:
-    within a process; the wall clock: across restarts, through ``DATA/pin.unseen.json``). A
-    restart goes on from the record; a record of another pin or join port, one from the
-    future (a clock set back: never a negative wait), or one gone (a join port showed the pin:
-    the enrolment's child removed it) begins the patience afresh, its tries too."""
+    """``runtime.PinUnseen`` (review rev51e L1): the patience used, on the loop's clock
+    (monotonic) within a process and kept across restarts as the seconds waited
+    (``DATA/pin.unseen.json``), never from the wall clock, set back or forward. A restart goes
+    on from the record; a record of another pin or join port, or one gone (a join port showed
+    the pin: the enrolment's child removed it), begins the patience afresh, its tries too."""
     path = nodefiles.pin_unseen_path(tmp_path)
     first = _unseen(tmp_path)
     assert first.met(100.0, 1000.0) == (1, 0.0)
@@ -1359,6 +1370,10 @@ def test_the_pin_s_patience_is_kept_across_restarts_and_begins_afresh_when_it_mu
         b'{"since": 1000, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
         b'{"since": NaN, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
         b'{"since": 1000, "waited": Infinity, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        # review rev52b L1: numbers no clock shows (an OverflowError, a year past 9999)
+        b'{"since": 1000, "waited": 1' + b"0" * 400 + b', "ca_pin": "sha256:pinned", "join": "x"}',
+        b'{"since": 1e12, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
+        b'{"since": 1e300, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
         b'{"since": true, "waited": 0, "ca_pin": "sha256:pinned", "join": "127.0.0.1:9443"}',
         b'{"since": 1000, "waited": 0, "ca_pin": 7, "join": "127.0.0.1:9443"}',
         b'{"since": 1000, "waited": 0, "ca_pin": "sha256:pinned"}',
