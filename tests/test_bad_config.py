@@ -1063,6 +1063,11 @@ def test_noauto_is_read_from_an_fstab_lines_options(tmp_path: Path) -> None:
         "/dev/vdg /srv/f ext4\n"
         "/dev/vdh /srv/g ext4 noauto 0 2\n"
         "/dev/vdi /srv/h ext4 noauto 0 2\n"
+        # review rev52c: mounted at first access or pulled in by a unit; the last word wins
+        "nas:/x /srv/i nfs noauto,x-systemd.automount,_netdev 0 0\n"
+        "nas:/y /srv/j nfs noauto,x-systemd.wanted-by=multi-user.target 0 0\n"
+        "/dev/vdj /srv/k ext4 noauto,auto 0 2\n"
+        "/dev/vdk /srv/l ext4 auto,noauto 0 2\n"
     )
     (units / "srv-g.mount").write_text("[Mount]\nWhat=/dev/vdh\nWhere=/srv/g\n")
     (generated / "srv-h.mount").write_text("[Mount]\nWhat=/dev/vdi\nWhere=/srv/h\n")
@@ -1071,7 +1076,8 @@ def test_noauto_is_read_from_an_fstab_lines_options(tmp_path: Path) -> None:
     )
     env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
     found = {
-        name: fsutil.unmounted_mount_point(Path(f"/srv/{name}/tlsroll"), env) for name in "abcdefgh"
+        name: fsutil.unmounted_mount_point(Path(f"/srv/{name}/tlsroll"), env)
+        for name in "abcdefghijkl"
     }
     assert found == {
         "a": (Path("/srv/a"), "/etc/fstab", True),
@@ -1082,6 +1088,10 @@ def test_noauto_is_read_from_an_fstab_lines_options(tmp_path: Path) -> None:
         "f": (Path("/srv/f"), "/etc/fstab", False),
         "g": (Path("/srv/g"), "systemd's srv-g.mount", False),
         "h": (Path("/srv/h"), "/etc/fstab", True),
+        "i": (Path("/srv/i"), "/etc/fstab", False),
+        "j": (Path("/srv/j"), "/etc/fstab", False),
+        "k": (Path("/srv/k"), "/etc/fstab", False),
+        "l": (Path("/srv/l"), "/etc/fstab", True),
     }
 
 

@@ -438,3 +438,23 @@ def test_a_memo_that_is_a_directory_is_moved_aside_once_or_said_once_per_run(
     assert [e["event"] for e in logs if e["event"].startswith("identity.memo")] == [
         "identity.memo_not_a_file"
     ]
+
+
+def test_a_set_aside_whose_fsync_fails_is_a_move_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fsutil.set_aside``: the rename made, a failing fsync of the directory after it is no
+    failure to move the thing aside (review rev52c L4: the agent said "could not be moved
+    aside, rm -r PATH" of a path already gone); the names taken are never written over."""
+    from tlsroll import fsutil  # noqa: PLC0415 - this test's only use
+
+    def fails(_path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fsutil, "fsync_dir", fails)
+    memo = tmp_path / "identity.checked.json"
+    memo.mkdir()
+    (tmp_path / "identity.checked.json.not-a-file-T").mkdir()
+    kept = fsutil.set_aside(memo, "not-a-file", "T")
+    assert kept == tmp_path / "identity.checked.json.not-a-file-T.2"
+    assert kept.is_dir() and not memo.exists()

@@ -416,7 +416,11 @@ def set_aside(path: Path, tag: str, stamp: str) -> Path:
         kept = path.with_name(f"{path.name}.{tag}-{stamp}" + (f".{n}" if n > 1 else ""))
         if not os.path.lexists(kept):
             os.rename(path, kept)
-            fsync_dir(path.parent)
+            # Moved: an fsync that fails now (a disk error) is no failure to move it (review
+            # rev52c L4: "could not be moved, rm -r" of what was gone); if the move is lost
+            # in a crash, the next start moves it again.
+            with contextlib.suppress(OSError):
+                fsync_dir(path.parent)
             return kept
     raise FileExistsError(errno.EEXIST, f"no free name to set it aside as {tag}", str(path))
 
@@ -977,6 +981,24 @@ def _fstab_options(field: str) -> list[str]:
     return re.findall(r'(?:"[^"]*"|[^,"])+', _unescaped(field))
 
 
+def _left_to_a_person(options: list[str]) -> bool:
+    """Whether an fstab line's ``options`` leave its mounting to a person: ``noauto``, the
+    last of ``auto`` and ``noauto`` winning, as mount(8) and systemd read them (review rev52c
+    L1), unless systemd mounts it anyway: at its first access (``x-systemd.automount``: the
+    usual ``noauto,x-systemd.automount,_netdev`` of a network share, not mounted yet when a
+    daemon starts before the network: review rev52c M1, it stopped the daemon for good with
+    "remove noauto") or pulled in by a unit (``x-systemd.wanted-by=``, ``required-by=``)."""
+    noauto = False
+    for option in options:
+        if option in ("auto", "noauto"):
+            noauto = option == "noauto"
+        elif option == "x-systemd.automount" or option.startswith(
+            ("x-systemd.wanted-by=", "x-systemd.required-by=")
+        ):
+            return False
+    return noauto
+
+
 def _mount_points_to_be(root: Path) -> dict[Path, tuple[str, bool]]:
     """The mount points /etc/fstab and systemd's mount units (``Where=``) name, each with
     where it is named and whether nothing mounts it at boot: an fstab line with ``noauto``
@@ -988,7 +1010,7 @@ def _mount_points_to_be(root: Path) -> dict[Path, tuple[str, bool]]:
     for line in _read_lines(fstab) or []:
         fields = line.split()
         if len(fields) >= 2 and not fields[0].startswith("#") and fields[1].startswith("/"):
-            noauto = len(fields) >= 4 and "noauto" in _fstab_options(fields[3])
+            noauto = len(fields) >= 4 and _left_to_a_person(_fstab_options(fields[3]))
             points.setdefault(Path(os.path.normpath(_unescaped(fields[1]))), (str(FSTAB), noauto))
     for directory in MOUNT_UNIT_DIRS:
         try:
