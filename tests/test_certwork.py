@@ -32,7 +32,7 @@ from nodeagent.identity import (
 )
 from nodeagent.trust import LeaderTrust
 from tests.test_renewal import _agent_config, _enrolled, _issue
-from tlsroll import pki, spiffe
+from tlsroll import fsutil, pki, spiffe
 from tlsroll.errors import (
     ConfigError,
     LocalResourceError,
@@ -446,7 +446,6 @@ def test_a_set_aside_whose_fsync_fails_is_a_move_made(
     """``fsutil.set_aside``: the rename made, a failing fsync of the directory after it is no
     failure to move the thing aside (review rev52c L4: the agent said "could not be moved
     aside, rm -r PATH" of a path already gone); the names taken are never written over."""
-    from tlsroll import fsutil  # noqa: PLC0415 - this test's only use
 
     def fails(_path: Path) -> None:
         raise OSError(errno.EIO, "Input/output error")
