@@ -860,7 +860,8 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
     way = "is" if at == point else f"is below {point},"
     assert line == (
         f"tlsroll-leader: the {named} {at} {way} a mount point ({where}) that is not mounted"
-        " now: is its disk not mounted yet? (exit 1: its service manager starts it again)"
+        " now: is its disk not mounted yet? (exit 1: a service manager starts the daemon again;"
+        " run by hand, start it again once the disk is mounted)"
     ), line
 
 
@@ -981,7 +982,8 @@ def test_a_mount_point_not_mounted_yet_on_the_agents_data_dirs_way_is_restartabl
     way = "is" if at == point else f"is below {point},"
     assert line == (
         f"tlsroll-agent: the {named} {at} {way} a mount point ({where}) that is not mounted"
-        " now: is its disk not mounted yet? (exit 1: its service manager starts it again)"
+        " now: is its disk not mounted yet? (exit 1: a service manager starts the daemon again;"
+        " run by hand, start it again once the disk is mounted)"
     ), line
 
 
@@ -1114,7 +1116,8 @@ def test_not_mounted_is_a_restart_or_for_a_noauto_mount_point_a_config_error(
     assert type(later) is errors.TerminalError
     assert str(later) == (
         "the data dir /srv/auto is a mount point (/etc/fstab) that is not mounted now: is its"
-        " disk not mounted yet? (exit 1: its service manager starts it again)"
+        " disk not mounted yet? (exit 1: a service manager starts the daemon again; run by"
+        " hand, start it again once the disk is mounted)"
     )
     noauto = fsutil.not_mounted("config", Path("/srv/my disk/agent.toml"), "tlsroll-agent", env)
     assert isinstance(noauto, errors.ConfigError)

@@ -1101,5 +1101,6 @@ def not_mounted(
         )
     return TerminalError(
         f"the {what} {path} {way} a mount point ({named}) that is not mounted now: is its"
-        " disk not mounted yet? (exit 1: its service manager starts it again)"
+        " disk not mounted yet? (exit 1: a service manager starts the daemon again; run by"
+        " hand, start it again once the disk is mounted)"
     )
