@@ -139,6 +139,7 @@ StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 # The planner's routine node events: the engine logs them at debug (``reconcile``).
 _GATES = frozenset({NodeEvent.START, NodeEvent.SWITCH})
+WITH = {"with_switch": True}  # a confirm's ``step.finished`` written with its switch's outcome
 # The plan's events that halt a rollout: the pass writes the halt's note (``halt_note``).
 _HALTS = frozenset({RolloutEvent.FAILURE_BUDGET_EXCEEDED, RolloutEvent.NODE_CUT_OFF})
 
@@ -1520,23 +1521,16 @@ class Engine:
                 node_event=event.value,
             )
             return False
-        log.info(
-            "step.finished",
-            rollout_id=rollout_id,
-            node=step.node,
-            step=step.step.value,
-            node_event=event.value,
-            reason=reason,
-        )
-        for then in also:
+        ended = [(step.step, event, reason, {}), *((Step.CONFIRM, e, None, WITH) for e in also)]
+        for what, outcome, why, more in ended:
             log.info(
                 "step.finished",
                 rollout_id=rollout_id,
                 node=step.node,
-                step=Step.CONFIRM.value,
-                node_event=then.value,
-                reason=None,
-                with_switch=True,
+                step=what.value,
+                node_event=outcome.value,
+                reason=why,
+                **more,
             )
         # Only while the rollout runs, without scope freezes: a plan of a draining rollout
         # can leave the next pass more to do (a change without a stage: a node it moves to
