@@ -854,15 +854,21 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
         assert "not mounted" not in line, line
         return
     assert result.returncode == 1, output
-    named = "config" if config_in_it else "data dir"
     at = data / "leader.toml" if config_in_it else data
+    assert line == _not_mounted_line("tlsroll-leader", at, point, config=config_in_it, unit=unit)
+
+
+def _not_mounted_line(program: str, at: Path, point: Path, *, config: bool, unit: bool) -> str:
+    """A daemon's one line for its data dir or config (``at``) on the mount point ``point``,
+    named by fstab or (``unit``) systemd's srv-data.mount, that is not mounted now."""
+    named = "config" if config else "data dir"
     where = "systemd's srv-data.mount" if unit else "/etc/fstab"
     way = "is" if at == point else f"is below {point},"
-    assert line == (
-        f"tlsroll-leader: the {named} {at} {way} a mount point ({where}) that is not mounted"
-        " now: is its disk not mounted yet? (exit 1: a service manager starts the daemon again;"
-        " run by hand, start it again once the disk is mounted)"
-    ), line
+    return (
+        f"{program}: the {named} {at} {way} a mount point ({where}) that is not mounted now: is"
+        " its disk not mounted yet? (exit 1: a service manager starts the daemon again; run by"
+        " hand, start it again once the disk is mounted)"
+    )
 
 
 def test_mount_points_are_read_as_fstab_and_mountinfo_write_them(tmp_path: Path) -> None:
@@ -976,15 +982,8 @@ def test_a_mount_point_not_mounted_yet_on_the_agents_data_dirs_way_is_restartabl
         assert "not mounted" not in line, line
         return
     assert result.returncode == 1, output
-    named = "config" if config_in_it else "data dir"
     at = data / "agent.toml" if config_in_it else data
-    where = "systemd's srv-data.mount" if unit else "/etc/fstab"
-    way = "is" if at == point else f"is below {point},"
-    assert line == (
-        f"tlsroll-agent: the {named} {at} {way} a mount point ({where}) that is not mounted"
-        " now: is its disk not mounted yet? (exit 1: a service manager starts the daemon again;"
-        " run by hand, start it again once the disk is mounted)"
-    ), line
+    assert line == _not_mounted_line("tlsroll-agent", at, point, config=config_in_it, unit=unit)
 
 
 # case -> (the mount point's owner and mode, the data dir below it (or "": the mount point
