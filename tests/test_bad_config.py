@@ -835,16 +835,7 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
     argv = _elsewhere(cluster, tmp_path, data)
     if config_in_it:
         argv[-1] = str(data / "leader.toml")
-    os.chown(point, owner, -1)
-    point.chmod(mode)
-    result = subprocess.run(
-        [*NO_DAC, *argv], capture_output=True, text=True, timeout=30, check=False, env=env
-    )
-    output = result.stdout + result.stderr
-    line = one_line_error(output, "tlsroll-leader")
-    st = point.stat()
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
-    assert os.listdir(point) == []  # nothing made
+    result, output, line = _run_on(point, owner, mode, argv, env, "tlsroll-leader")
     if mounted and case == "the-data-dir-open":
         assert result.returncode == 1, output
         assert f"{data} holds none of the leader's files" in line, line
@@ -856,6 +847,30 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
     assert result.returncode == 1, output
     at = data / "leader.toml" if config_in_it else data
     assert line == _not_mounted_line("tlsroll-leader", at, point, config=config_in_it, unit=unit)
+
+
+def _run_on(
+    point: Path, owner: int, mode: int, argv: list[str], env: dict[str, str], prog: str
+) -> tuple[subprocess.CompletedProcess[str], str, str]:
+    """Run a daemon's start (``argv``, without the permission bypass: ``NO_DAC``) with the
+    mount point ``point`` given ``owner`` and ``mode`` first: its result, output and one line;
+    the mount point left as it was, nothing made in it."""
+    os.chown(point, owner, -1)
+    point.chmod(mode)
+    result = subprocess.run(
+        [*NO_DAC, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    output = result.stdout + result.stderr
+    st = point.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
+    assert os.listdir(point) == []  # nothing made
+    return result, output, one_line_error(output, prog)
 
 
 def _not_mounted_line(program: str, at: Path, point: Path, *, config: bool, unit: bool) -> str:
@@ -961,22 +976,7 @@ def test_a_mount_point_not_mounted_yet_on_the_agents_data_dirs_way_is_restartabl
     argv = _agent_elsewhere(cluster, tmp_path, data)
     if config_in_it:
         argv[-1] = str(data / "agent.toml")
-    os.chown(point, owner, -1)
-    point.chmod(mode)
-    result = subprocess.run(
-        [*NO_DAC, *argv],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-    output = result.stdout + result.stderr
-    line = one_line_error(output, "tlsroll-agent")
-    st = point.stat()
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
-    assert os.listdir(point) == []  # nothing made
+    result, output, line = _run_on(point, owner, mode, argv, env, "tlsroll-agent")
     if mounted:
         assert result.returncode == 2, output
         assert "not mounted" not in line, line
@@ -1017,22 +1017,7 @@ def test_a_noauto_mount_point_not_mounted_stops_the_daemon_for_a_person(
         argv, config = _agent_elsewhere(cluster, tmp_path, data), data / "agent.toml"
     if config_in_it:
         argv[-1] = str(config)
-    os.chown(point, owner, -1)
-    point.chmod(mode)
-    result = subprocess.run(
-        [*NO_DAC, *argv],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-    output = result.stdout + result.stderr
-    line = one_line_error(output, prog)
-    st = point.stat()
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (owner, mode)
-    assert os.listdir(point) == []  # nothing made
+    result, output, line = _run_on(point, owner, mode, argv, env, prog)
     assert result.returncode == 2, output
     named, at = ("config", config) if config_in_it else ("data dir", data)
     way = "is" if at == point else f"is below {point},"
