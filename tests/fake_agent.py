@@ -314,6 +314,10 @@ class FakeAgent:
             if rollout_id not in self.staged:
                 raise self._refused(f"nothing staged for rollout {rollout_id}; run Stage")
             target = ("https", pki.fingerprint(self.staged[rollout_id]), self.verifier)
+        elif change is Change.FINALIZE:  # http closes on a dual node; https stays as it is
+            if self.scheme != "https":
+                raise self._refused("the server is not dual here; run phase 1 first")
+            target = (self.scheme, self.fingerprint, self.verifier)
         else:
             raise self._refused(f"change {change.value} is not a switch this agent makes")
         txn = self._begin(rollout_id, TxnKind.SWITCH, request.command.epoch, self.switch_outcome)

@@ -841,6 +841,285 @@ async def test_a_check_still_running_as_the_switch_ends_is_left_to_the_confirm_s
     await leader.stop()
 
 
+# --- a switch confirmed in the same write, beside the other paths (issue 15) -----------------
+
+
+def confirm_with_switch(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, NodeState, NodeState]]:
+    """Every agent's stream says the new server verified ahead of the switch's end, so each
+    switch's confirm is written with it (``written_states``: the list returned)."""
+    for agent in world.agents:
+        agent.txn_seconds = 0.9
+        agent.verified_for = 0.4
+    return written_states(monkeypatch)
+
+
+def assert_confirmed_with_switch(
+    written: Sequence[tuple[str, NodeState, NodeState]],
+    names: Sequence[str] = ORDER,
+    end: NodeState = N.DONE,
+) -> None:
+    """Each node in ``names`` went from switching to ``end`` in one write, never confirming."""
+    for name in names:
+        mine = [(was, now) for n, was, now in written if n == name]
+        assert (N.SWITCHING, end) in mine, (name, mine)
+        assert all(N.CONFIRMING not in pair for pair in mine), (name, mine)
+
+
+def during_check_of(
+    world: World, monkeypatch: pytest.MonkeyPatch, name: str, action: Callable[[], Awaitable[Any]]
+) -> None:
+    """``action`` runs once, as the outside check of node ``name`` begun at its verify runs:
+    while its switch is under way."""
+    real = changes.outside_check
+    done: list[bool] = []
+
+    async def check(live: str, closed: str, ca: bytes, fingerprint: str = "") -> Any:
+        if f"//{world.agents[name].address}:" in live and not done:
+            done.append(True)
+            await action()
+        return await real(live, closed, ca, fingerprint)
+
+    monkeypatch.setattr(changes, "outside_check", check)
+
+
+async def test_an_abort_while_a_node_switches_ends_it_done_in_one_write(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Aborted while bravo switches: bravo's switch and its confirm are written at once (done),
+    the rollout ends aborted and the nodes not begun are skipped."""
+    written = confirm_with_switch(world, monkeypatch)
+    leader = world.boot()
+    during_check_of(world, monkeypatch, "bravo", lambda: leader.control(RolloutAction.ABORT))
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.ABORTED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.SKIPPED, "alpha": N.SKIPPED}
+    assert_confirmed_with_switch(written, ["bravo"])
+    assert world.agents["bravo"].applied["switch"] == 1
+    assert world.agents["bravo"].scheme == "https"
+    assert not world.agents.calls_to("charlie", "preflight")
+    assert row.meta.reason == f"abort by {ADMIN}"
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+async def test_a_pause_while_a_node_switches_holds_the_next_until_resumed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused while bravo switches: bravo ends done in one write, charlie does not start while
+    the rollout is paused; resumed, the rollout completes, each node confirmed with its
+    switch."""
+    written = confirm_with_switch(world, monkeypatch)
+    leader = world.boot()
+    during_check_of(world, monkeypatch, "bravo", lambda: leader.control(RolloutAction.PAUSE))
+    await leader.start()
+    row = await leader.run(until=lambda row: node(row.records, "bravo").state is N.DONE)
+    for _ in range(5):
+        row = await leader.one_pass()  # nothing more happens while paused
+    assert row.rollout.state is R.PAUSED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.PENDING, "alpha": N.PENDING}
+    assert_confirmed_with_switch(written, ["bravo"])
+    assert not world.agents.calls_to("charlie", "preflight")
+
+    await leader.control(RolloutAction.RESUME)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert_confirmed_with_switch(written)
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+async def test_a_scope_frozen_rollout_confirms_each_switch_with_it_and_unfreezes_at_the_end(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--freeze scope``: each switch's confirm is written with it, every node stays frozen
+    until the rollout's scope unfreeze, and that unfreeze is sent to each node."""
+    written = confirm_with_switch(world, monkeypatch)
+    leader = world.boot(freeze_lease=6)
+    await leader.start(freeze=FreezeMode.SCOPE)
+    row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert not any(r.scope_frozen for r in row.records)
+    assert_confirmed_with_switch(written)
+    assert_frozen_until_the_scope_unfreeze(world)
+    assert {n: world.agents[n].applied["unfreeze"] for n in ORDER} == dict.fromkeys(ORDER, 1)
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+async def test_a_transitional_rollout_and_its_finalize_confirm_each_switch_with_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phase 1 of a transitional rollout: each node goes from switching to dual in one write;
+    its finalize: from switching to done in one write, and the finalize completes."""
+    from leader.rollout_enums import Strategy
+
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    written = confirm_with_switch(world, monkeypatch)
+    leader = world.boot()
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL,
+        auth_verifier_json=VERIFIER_1,
+    )
+    phase_1 = await leader.commands.start(request, ADMIN)
+    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
+    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    assert_confirmed_with_switch(written, end=N.DUAL)
+
+    for agent in world.agents:  # a fake node knows one scheme: each says it is dual
+        preflight = agent.preflight
+
+        async def dual(
+            request: agent_pb2.PreflightRequest, real: Any = preflight
+        ) -> agent_pb2.PreflightResponse:
+            answer: agent_pb2.PreflightResponse = await real(request)
+            del answer.server.schemes[:]
+            answer.server.schemes.extend(["http", "https"])
+            return answer
+
+        monkeypatch.setattr(agent, "preflight", dual)
+    written.clear()
+    finalize = await leader.commands.finalize(phase_1.rollout.id, ADMIN, force=True)
+    assert finalize.rollout.change is Change.FINALIZE
+    row = await leader.run()
+    assert row.rollout.id == finalize.rollout.id
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert_confirmed_with_switch(written)
+    assert [c.node for c in world.agents.calls if c.method == "switch"] == list(ORDER) * 2
+    assert leader.engine.checks == {}
+    await leader.stop()
+
+
+def recorded_at_the_end(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Any, list[Any]]]:
+    """For each node, what the write that left it done recorded with it
+    (``SchemaStore.save_states``): the password version live on it ("-": none), and the
+    revocations of what it served before (the live fingerprint, how many revoked)."""
+    seen: dict[str, tuple[Any, list[Any]]] = {}
+    real = SchemaStore.save_states
+
+    def save_states(self: SchemaStore, before: RolloutRow, *args: Any, **kw: Any) -> RolloutRow:
+        row = real(self, before, *args, **kw)
+        for r in args[1]:
+            if r.state is N.DONE and before.node(r.name)[0].state is not N.DONE:
+                revoked = [(v.live_fingerprint, len(v.serials)) for v in kw.get("revoke", ())]
+                seen[r.name] = ((kw.get("auth") or {}).get(r.name, "-"), revoked)
+        return row
+
+    monkeypatch.setattr(SchemaStore, "save_states", save_states)
+    return seen
+
+
+@pytest.mark.parametrize("with_switch", [True, False], ids=["with-switch", "own-write"])
+async def test_a_change_password_confirmed_with_its_switch_records_the_password_as_ever(
+    world: World, monkeypatch: pytest.MonkeyPatch, with_switch: bool
+) -> None:
+    """The password version live on each node is recorded by the combined write as by the
+    confirm's own (``own-write``: verified_for 0, the node confirming in between)."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    written = written_states(monkeypatch)
+    at_the_end = recorded_at_the_end(monkeypatch)
+    if with_switch:
+        confirm_with_switch(world, monkeypatch)
+    await leader.start(Change.CHANGE_PASSWORD)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    if with_switch:
+        assert_confirmed_with_switch(written)
+    else:
+        assert all((n, N.SWITCHING, N.CONFIRMING) in written for n in ORDER), written
+    assert at_the_end == {n: (2, []) for n in ORDER}  # in the write that left it done
+    assert {n: world.agents[n].verifier for n in ORDER} == dict.fromkeys(ORDER, VERIFIER_2)
+    assert leader.schema.node_auth() == dict.fromkeys(ORDER, 2)
+    assert leader.schema.pending_password_nodes() == set()
+    await leader.stop()
+
+
+@pytest.mark.parametrize("with_switch", [True, False], ids=["with-switch", "own-write"])
+async def test_a_rotate_cert_confirmed_with_its_switch_revokes_the_superseded_as_ever(
+    world: World, monkeypatch: pytest.MonkeyPatch, with_switch: bool
+) -> None:
+    """The certificate a rotation supersedes is revoked by the combined write as by the
+    confirm's own (``own-write``), and the new one stays valid."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    first = {name: world.agents[name].fingerprint for name in ORDER}
+    written = written_states(monkeypatch)
+    at_the_end = recorded_at_the_end(monkeypatch)
+    if with_switch:
+        confirm_with_switch(world, monkeypatch)
+    await leader.start(Change.ROTATE_CERT)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    if with_switch:
+        assert_confirmed_with_switch(written)
+    else:
+        assert all((n, N.SWITCHING, N.CONFIRMING) in written for n in ORDER), written
+    for record, detail in row.nodes:
+        name = record.name
+        live = world.agents[name].fingerprint
+        assert live == detail.cert_fingerprint and live != first[name], name
+        assert cert_reasons(leader, name) == [(first[name], "superseded"), (live, "")], name
+        assert at_the_end[name] == ("-", [(live, 1)]), name  # in the write that left it done
+    assert leader.schema.node_auth() == dict.fromkeys(ORDER, 1)  # the password stays
+    await leader.stop()
+
+
+@pytest.mark.parametrize("crash_after", [False, True], ids=["before", "after"])
+async def test_a_leader_restarted_at_a_switch_confirmed_with_it_goes_on(
+    world: World, monkeypatch: pytest.MonkeyPatch, crash_after: bool
+) -> None:
+    """The leader dies at the write of charlie's switch and confirm (before it commits, or
+    just after): a restarted leader finishes the rollout, nothing switched twice or rolled
+    back, and the switches after it are confirmed with them too."""
+    written = confirm_with_switch(world, monkeypatch)
+    first = world.boot()
+
+    async def die_at_this_write() -> None:
+        first.schema.crash_at = len(first.schema.writes) + 1
+        first.schema.crash_after = crash_after
+
+    first.schema.cue = Cue(lambda r: node(r, "charlie").state is N.DONE, die_at_this_write)
+    await first.start()
+    with pytest.raises(Crash):
+        await first.run()
+    await first.crash()
+    assert (("charlie", N.SWITCHING, N.DONE) in written) is crash_after
+    kept = SchemaStore(world.path)
+    try:
+        stored = kept.latest()
+    finally:
+        kept.close()
+    assert stored is not None
+    assert node(stored.records, "charlie").state is (N.DONE if crash_after else N.SWITCHING)
+
+    written.clear()
+    second = world.boot()
+    row = await second.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert_confirmed_with_switch(written, ["alpha"])
+    for name in ORDER:
+        agent = world.agents[name]
+        assert (agent.applied["switch"], agent.applied["rollback"]) == (1, 0), name
+        assert agent.scheme == "https", name
+    assert second.schema.node_auth() == dict.fromkeys(ORDER, 1)
+    assert second.engine.checks == {}
+    await second.stop()
+
+
 async def test_no_check_begins_at_the_verify_where_the_unfreeze_may_change_answers(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
