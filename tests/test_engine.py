@@ -555,8 +555,8 @@ async def test_a_node_left_dual_serves_its_certificate_to_the_expiry_watch_and_a
     """Review 2 of session 29, finding 1: ``SchemaStore.served_certificates`` counted only
     nodes that ended ``done``, so the certificate a transitional phase 1 leaves each node
     serving (``dual``) was in no expiry warning, on no page and never auto-rotated. A
-    disable-tls taking the nodes back to http removes them, as before. (The finalize, which
-    the fake agents cannot run, is in tests/test_viewer_parts.py.)"""
+    disable-tls taking the nodes back to http removes them, as before. (The finalize's effect
+    on what is served is in tests/test_viewer_parts.py: the fake agents run its switch only.)"""
     from leader.auto_rotate import AutoRotator
     from leader.expiry import ExpiryWatch
     from leader.maintenance import parse_window
