@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import string
 import subprocess
 import sys
@@ -485,6 +486,33 @@ def test_a_servers_config_or_template_that_is_a_fifo_is_said_not_waited_on(
         f"{config} is not a regular file (a FIFO)",
         f"cannot read template {template}: {template} is not a regular file (a FIFO)",
     ], result.stdout + result.stderr
+
+
+def test_a_servers_lock_file_that_is_a_fifo_is_not_locked_and_never_waited_on(
+    tmp_path: Path,
+) -> None:
+    """Session 52 (review of 1ff7d01): the reference server's lock file, which the agent
+    opens to learn whether a server holds it (``_locked_by_another``, where it may not look
+    into the process), made a FIFO: a plain open waited for a writer for ever. Now it is
+    opened without blocking: nobody holds a lock on it ("not locked"), at once. In a child:
+    its timeout only ends a hang."""
+    lock = tmp_path / "refserver.lock"
+    os.mkfifo(lock, 0o600)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from nodeagent.drivers import _locked_by_another\n"
+        "print(_locked_by_another(Path(sys.argv[1])))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(lock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.splitlines() == ["False"], result.stdout + result.stderr
+    assert stat.S_ISFIFO(os.stat(lock).st_mode)  # left as it was
 
 
 def test_systemd_template_with_an_unknown_placeholder_is_refused(nodes: NodeFactory) -> None:

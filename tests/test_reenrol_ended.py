@@ -15,6 +15,8 @@ The advice texts themselves, where they are pure, are checked at the end.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import datetime as dt
 import io
 import itertools
@@ -1040,6 +1042,26 @@ def test_only_an_ended_certificate_is_kept_aside(
     assert not ended_path(data).exists()
     assert keep_ended(data, cert.not_valid_after_utc) == ended_path(data)
     assert ended_path(data).read_bytes() == (data / "node.pem").read_bytes()
+
+
+def test_a_certificate_made_a_fifo_is_passed_over_not_waited_on(tmp_path: Path) -> None:
+    """Session 52 (review of 1ff7d01): ``keep_ended`` reads the node's certificate before an
+    enrolment again writes over it. Made a FIFO, a plain read waited for a writer for ever
+    (the enrolment never ended). Now it is passed over as an unreadable certificate is:
+    nothing kept, the enrolment goes on. In a thread: a writer opened in the end lets a read
+    blocked on the FIFO go."""
+    data = tmp_path / "data"
+    data.mkdir()
+    cert_file = data / "node.pem"
+    os.mkfifo(cert_file, 0o600)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        kept = pool.submit(keep_ended, data)
+        try:
+            assert kept.result(timeout=30) is None  # before: no result (a FIFO's read)
+        finally:
+            with contextlib.suppress(OSError):  # a reader blocked on it (before) let go
+                os.close(os.open(cert_file, os.O_WRONLY | os.O_NONBLOCK))
+    assert not os.path.lexists(ended_path(data))
 
 
 @pytest.mark.parametrize(

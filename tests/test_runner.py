@@ -33,11 +33,11 @@ import stat
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -1175,6 +1175,93 @@ async def test_a_resumed_verify_whose_ca_is_a_fifo_rolls_back_in_one_line(
     assert f"{w.plan.ca_file} is not a regular file (a FIFO)" in txn.reason, txn.reason
     assert txn.reason.startswith("verify:") and "\n" not in txn.reason, txn.reason
     assert (w.server.running, w.server.frozen) == (SOURCE, False)
+    journal.close()
+
+
+def _release_fifo(fifo: Path) -> None:
+    """A reader blocked on ``fifo`` (a plain read, before) let go: a writer opened and closed
+    at once gives it an end of file, so that the test (and its store thread) can end."""
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+_T = TypeVar("_T")
+
+
+async def _ended_by_itself(run: Coroutine[Any, Any, _T], fifo: Path) -> _T:
+    """``run``'s result, which must end within 30 s by itself (a plain read of ``fifo`` waited
+    for a writer for ever: the FIFO is then let go, so that ``run`` ends and the test fails,
+    rather than cancelled, which waits on the store's thread too)."""
+    task = asyncio.ensure_future(run)
+    try:
+        ended, _ = await asyncio.wait({task}, timeout=30)
+    finally:
+        _release_fifo(fifo)
+    result = await asyncio.wait_for(task, 30)
+    assert ended, f"it waited on the FIFO {fifo}"
+    return result
+
+
+async def _store_thread_answers(journal: Journal) -> None:
+    """The store's thread is free: a journal read on it ends (a FIFO's endless read on it
+    held every later call of the agent)."""
+    assert await asyncio.wait_for(dbthread.run(journal.get, "r1", TxnKind.SWITCH), 10)
+
+
+async def test_an_earlier_releases_target_file_made_a_fifo_rolls_the_switch_back_in_one_line(
+    world: Callable[..., World],
+) -> None:
+    """Session 52 (review of 1ff7d01): a switch of an earlier release keeps its target in its
+    plan's ``new_config_file``, which the config write reads on the store's thread. Made a
+    FIFO, a plain read waited for a writer for ever (the switch never ended, nor any later
+    call). Now the write fails with one line naming the file and what it is, and the switch
+    rolls back to its source."""
+    sc = SCENARIOS["completes"]
+    w = world(sc, "files")
+    w.plan.new_config_file.unlink()
+    os.mkfifo(w.plan.new_config_file, 0o600)
+    journal = CrashingJournal(w.journal_path)
+    done = await _ended_by_itself(w.run(journal), w.plan.new_config_file)  # before: never
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    assert done.reason.startswith("write_config: "), done.reason
+    assert f"{w.plan.new_config_file} is not a regular file (a FIFO)" in done.reason, done.reason
+    assert "\n" not in done.reason and "Traceback" not in done.reason
+    assert (w.server.running, w.server.config, w.server.frozen) == (SOURCE, SOURCE, False)
+    assert "write_config target" not in w.server.ops
+    await _store_thread_answers(journal)
+    journal.close()
+
+
+async def test_an_earlier_releases_backup_file_made_a_fifo_fails_the_way_back_in_one_line(
+    world: Callable[..., World],
+) -> None:
+    """Session 52 (review of 1ff7d01): a switch of an earlier release keeps its source in its
+    plan's ``backup_file``, which the way back (``_put_source``, on the store's thread) reads.
+    Made a FIFO after the config write (the agent stopped there), a plain read waited for a
+    writer for ever: the rollback never ended, nor any later call. Now the restore fails with
+    one line naming the file and what it is (each attempt), and the transaction ends failed
+    (the node needs the admin: its source cannot be read)."""
+    sc = SCENARIOS["restart_fails"]
+    w = world(sc, "files")
+    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith("config_written"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    assert w.plan.backup_file.read_bytes() == SOURCE
+    w.plan.backup_file.unlink()
+    os.mkfifo(w.plan.backup_file, 0o600)
+    pending, journal = await _ended_by_itself(w.resume(), w.plan.backup_file)  # before: never
+    assert len(pending) == 1
+    txn = journal.get("r1", sc.kind)
+    assert txn is not None
+    assert txn.outcome is TxnOutcome.FAILED, txn.reason
+    said = f"; then restore_config: {w.plan.backup_file} is not a regular file (a FIFO)"
+    assert txn.reason.startswith("restart: ") and said in txn.reason, txn.reason
+    assert "\n" not in txn.reason and "Traceback" not in txn.reason
+    assert w.server.config == BROKEN  # nothing was written from the FIFO
+    assert "write_config source" not in w.server.ops
+    await _store_thread_answers(journal)
     journal.close()
 
 
