@@ -317,16 +317,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-def patience_used(refusal: ConfigError, record: Path, patience: float) -> ConfigError:
+def patience_used(refusal: ConfigError, record: Path | None, patience: float) -> ConfigError:
     """The pin's refusal once its ``patience`` is used up, with where it is counted: a
     right pin behind a join port that still shows another certificate (a fail-over not over)
-    would be refused again at the agent's next start, at its first try (review rev52b L2)."""
+    would be refused again at the agent's next start, at its first try (review rev52b L2).
+    ``record`` None: this process could not write it (its own count), and none is named
+    (review rev52d L4)."""
     return ConfigError(
         refusal.path,
         refusal.key,
         f"{refusal.problem} (the join port showed no certificate of this pin for "
-        f"{_duration(patience)}, counted in {record}: if the pin is right, remove that "
-        "file to give the port that long again)",
+        + (
+            f"{_duration(patience)}, counted in {record}: if the pin is right, remove that "
+            "file to give the port that long again)"
+            if record is not None
+            else f"{_duration(patience)} of this agent's run, its record not written)"
+        ),
     )
 
 
@@ -362,9 +368,8 @@ async def _enrol(cfg: AgentConfig, stop: asyncio.Event | None = None) -> Identit
                         detail="the join port has shown no certificate of [leader].ca_pin's key "
                         "since then, through this agent's restarts: no more tries",
                     )
-                raise patience_used(
-                    exc.refusal, pin_unseen_path(cfg.data_dir), pin_patience()
-                ) from None
+                record = pin_unseen_path(cfg.data_dir) if unseen.kept else None
+                raise patience_used(exc.refusal, record, pin_patience()) from None
             log.warning(
                 "agent.enrol_pin_not_shown",
                 leader=unseen.join,

@@ -1054,6 +1054,7 @@ def test_noauto_is_read_from_an_fstab_lines_options(tmp_path: Path) -> None:
         "nas:/y /srv/j nfs noauto,x-systemd.wanted-by=multi-user.target 0 0\n"
         "/dev/vdj /srv/k ext4 noauto,auto 0 2\n"
         "/dev/vdk /srv/l ext4 auto,noauto 0 2\n"
+        "nas:/z /srv/m nfs noauto,comment=systemd.automount 0 0\n"
     )
     (units / "srv-g.mount").write_text("[Mount]\nWhat=/dev/vdh\nWhere=/srv/g\n")
     (generated / "srv-h.mount").write_text("[Mount]\nWhat=/dev/vdi\nWhere=/srv/h\n")
@@ -1063,7 +1064,7 @@ def test_noauto_is_read_from_an_fstab_lines_options(tmp_path: Path) -> None:
     env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
     found = {
         name: fsutil.unmounted_mount_point(Path(f"/srv/{name}/tlsroll"), env)
-        for name in "abcdefghijkl"
+        for name in "abcdefghijklm"
     }
     assert found == {
         "a": (Path("/srv/a"), "/etc/fstab", True),
@@ -1078,6 +1079,7 @@ def test_noauto_is_read_from_an_fstab_lines_options(tmp_path: Path) -> None:
         "j": (Path("/srv/j"), "/etc/fstab", False),
         "k": (Path("/srv/k"), "/etc/fstab", False),
         "l": (Path("/srv/l"), "/etc/fstab", True),
+        "m": (Path("/srv/m"), "/etc/fstab", False),
     }
 
 

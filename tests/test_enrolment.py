@@ -909,7 +909,7 @@ def test_a_damaged_pin_record_is_one_warning_and_the_patience_afresh(
             path.mkdir()
         else:
             path.write_bytes(b'{"since": 1e3, "ca_pin": ')
-        _pin_refused(
+        line = _pin_refused(
             agent,
             cluster,
             found=_default_shown(f"{address}:{JOIN_PORT}", default),
@@ -917,6 +917,10 @@ def test_a_damaged_pin_record_is_one_warning_and_the_patience_afresh(
         )
     finally:
         close()
+    # The record that counts is named, none where it could not be written (review rev52d L4).
+    written = damage != "directory"
+    assert (f"counted in {path}: if the pin is right, remove that file" in line) is written, line
+    assert ("4 s of this agent's run, its record not written" in line) is not written, line
     log = agent.log_text()
     unreadable = [json.loads(x) for x in log.splitlines() if "agent.pin_unseen_unreadable" in x]
     assert len(unreadable) == 1 and unreadable[0]["path"] == str(path), log

@@ -406,7 +406,8 @@ def read_regular(path: Path) -> bytes:
 def set_aside(path: Path, tag: str, stamp: str) -> Path:
     """``path`` (the entry itself: a directory, a link, whatever it is) renamed to
     ``NAME.TAG-STAMP`` beside it (``NAME.TAG-STAMP.2``, 3, … if that name is taken: never over
-    anything), its directory fsynced; the new name. For something in the place of a file of
+    anything), its directory fsynced where it can be (a failing fsync is no failed move); the
+    new name. For something in the place of a file of
     ours that our write cannot replace (a directory), kept for whoever put it there rather
     than removed, as ``sqlite.set_aside_old_copy`` keeps a copy. An OSError if it cannot be
     renamed (or FileExistsError: no free name). Meant for a directory only we write in (a
@@ -983,16 +984,18 @@ def _fstab_options(field: str) -> list[str]:
 
 def _left_to_a_person(options: list[str]) -> bool:
     """Whether an fstab line's ``options`` leave its mounting to a person: ``noauto``, the
-    last of ``auto`` and ``noauto`` winning, as mount(8) and systemd read them (review rev52c
-    L1), unless systemd mounts it anyway: at its first access (``x-systemd.automount``: the
-    usual ``noauto,x-systemd.automount,_netdev`` of a network share, not mounted yet when a
+    last of ``auto`` and ``noauto`` winning, as systemd's fstab generator reads them (review
+    rev52c L1; ``mount -a`` skips a line with any ``noauto``: on a host without systemd,
+    ``noauto,auto`` counts as to be mounted, exit 1), unless systemd mounts it anyway: at its
+    first access (``x-systemd.automount``, or its old spelling ``comment=systemd.automount``:
+    the usual ``noauto,x-systemd.automount,_netdev`` of a network share, not mounted yet when a
     daemon starts before the network: review rev52c M1, it stopped the daemon for good with
     "remove noauto") or pulled in by a unit (``x-systemd.wanted-by=``, ``required-by=``)."""
     noauto = False
     for option in options:
         if option in ("auto", "noauto"):
             noauto = option == "noauto"
-        elif option == "x-systemd.automount" or option.startswith(
+        elif option in ("x-systemd.automount", "comment=systemd.automount") or option.startswith(
             ("x-systemd.wanted-by=", "x-systemd.required-by=")
         ):
             return False
