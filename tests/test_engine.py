@@ -1016,6 +1016,30 @@ def recorded_at_the_end(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Any,
     return seen
 
 
+async def run_confirmed_or_not(
+    world: World,
+    leader: Leader,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Change,
+    with_switch: bool,
+) -> tuple[RolloutRow, dict[str, tuple[Any, list[Any]]]]:
+    """Run ``change`` to completion, each confirm written with its switch (``with_switch``)
+    or on its own (the node confirming in between): the row and ``recorded_at_the_end``'s."""
+    written = written_states(monkeypatch)
+    at_the_end = recorded_at_the_end(monkeypatch)
+    if with_switch:
+        confirm_with_switch(world, monkeypatch)
+    await leader.start(change)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    if with_switch:
+        assert_confirmed_with_switch(written)
+    else:
+        assert all((n, N.SWITCHING, N.CONFIRMING) in written for n in ORDER), written
+    return row, at_the_end
+
+
 @pytest.mark.parametrize("with_switch", [True, False], ids=["with-switch", "own-write"])
 async def test_a_change_password_confirmed_with_its_switch_records_the_password_as_ever(
     world: World, monkeypatch: pytest.MonkeyPatch, with_switch: bool
@@ -1026,18 +1050,9 @@ async def test_a_change_password_confirmed_with_its_switch_records_the_password_
     await leader.start()
     assert states(await leader.run()) == ALL_DONE
     await leader.commands.stage_password(VERIFIER_2, ADMIN)
-    written = written_states(monkeypatch)
-    at_the_end = recorded_at_the_end(monkeypatch)
-    if with_switch:
-        confirm_with_switch(world, monkeypatch)
-    await leader.start(Change.CHANGE_PASSWORD)
-    row = await leader.run()
-    assert row.rollout.state is R.COMPLETED
-    assert states(row) == ALL_DONE
-    if with_switch:
-        assert_confirmed_with_switch(written)
-    else:
-        assert all((n, N.SWITCHING, N.CONFIRMING) in written for n in ORDER), written
+    _row, at_the_end = await run_confirmed_or_not(
+        world, leader, monkeypatch, Change.CHANGE_PASSWORD, with_switch
+    )
     assert at_the_end == {n: (2, []) for n in ORDER}  # in the write that left it done
     assert {n: world.agents[n].verifier for n in ORDER} == dict.fromkeys(ORDER, VERIFIER_2)
     assert leader.schema.node_auth() == dict.fromkeys(ORDER, 2)
@@ -1055,18 +1070,9 @@ async def test_a_rotate_cert_confirmed_with_its_switch_revokes_the_superseded_as
     await leader.start()
     assert states(await leader.run()) == ALL_DONE
     first = {name: world.agents[name].fingerprint for name in ORDER}
-    written = written_states(monkeypatch)
-    at_the_end = recorded_at_the_end(monkeypatch)
-    if with_switch:
-        confirm_with_switch(world, monkeypatch)
-    await leader.start(Change.ROTATE_CERT)
-    row = await leader.run()
-    assert row.rollout.state is R.COMPLETED
-    assert states(row) == ALL_DONE
-    if with_switch:
-        assert_confirmed_with_switch(written)
-    else:
-        assert all((n, N.SWITCHING, N.CONFIRMING) in written for n in ORDER), written
+    row, at_the_end = await run_confirmed_or_not(
+        world, leader, monkeypatch, Change.ROTATE_CERT, with_switch
+    )
     for record, detail in row.nodes:
         name = record.name
         live = world.agents[name].fingerprint
