@@ -625,11 +625,13 @@ def test_a_ca_in_the_enrolment_answer_not_of_the_pin_is_exit_2(cluster: Cluster)
     assert not key_file.with_name("node.pem").exists()
 
 
-def _default_certificate() -> tuple[x509.Certificate, Any]:
-    """A load balancer's default certificate and its key: self-signed, no CA, for a name no
-    node dials (what a balancer answers with for a while when it fails over)."""
+def _self_signed_certificate(
+    common_name: str, days: int, extension: x509.ExtensionType
+) -> tuple[x509.Certificate, Any]:
+    """A self-signed certificate for ``common_name`` (no CA), valid from an hour ago for
+    ``days``, with ``extension``, and its key."""
     key = pki.generate_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost.localdomain")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -638,11 +640,18 @@ def _default_certificate() -> tuple[x509.Certificate, Any]:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(extension, critical=isinstance(extension, x509.BasicConstraints))
         .sign(key, hashes.SHA256())
     )
     return cert, key
+
+
+def _default_certificate() -> tuple[x509.Certificate, Any]:
+    """A load balancer's default certificate and its key: self-signed, no CA, for a name no
+    node dials (what a balancer answers with for a while when it fails over)."""
+    no_ca = x509.BasicConstraints(ca=False, path_length=None)
+    return _self_signed_certificate("localhost.localdomain", 365, no_ca)
 
 
 def _pin_warnings(log: str) -> list[dict[str, Any]]:
@@ -969,22 +978,9 @@ def test_a_certificate_of_the_cluster_sent_without_its_ca_is_said_so(cluster: Cl
 
 
 def _self_signed(td: str) -> tuple[x509.Certificate, Any]:
-    key = pki.generate_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "leader")])
-    now = dt.datetime.now(dt.UTC)
+    """A self-signed certificate naming the leader of trust domain ``td``, and its key."""
     san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe.leader(td).uri)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(san, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
+    return _self_signed_certificate("leader", 1, san)
 
 
 def test_the_proxy_hint_only_where_the_chain_shows_it() -> None:
