@@ -523,6 +523,16 @@ def world(tmp_path: Path) -> Callable[..., World]:
     return lambda scenario, layout="journal": World(tmp_path / f"w{next(made)}", scenario, layout)
 
 
+async def crash_after(w: World, phase: str) -> None:
+    """Run ``w``'s switch until the agent dies right after journalling its first write of
+    ``phase`` (durable), the journal then closed: what a restarted agent finds."""
+    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith(phase))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+
+
 # --- without a crash: each scenario's transcript ----------------------------------------------
 
 
@@ -628,11 +638,7 @@ async def test_a_switch_resumed_after_its_freeze_was_lifted_freezes_again(
     the verify then compares (s33 audit L2). A server that refuses that freeze rolls back."""
     sc = SCENARIOS["completes"]
     w = world(sc)
-    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("frozen"))
-    first = CrashingJournal(w.journal_path, at)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
+    await crash_after(w, "frozen")
     w.server.frozen = False
     w.server.watermark += 1  # a write while the agent was away
     if refused:
@@ -657,11 +663,7 @@ async def crashed_after_frozen(w: World) -> None:
     """Run ``w``'s transaction until the agent is killed right after journalling ``frozen``;
     then its exit lifted the freeze (``_die``), or someone restarted a server whose freeze does
     not outlive it."""
-    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("frozen"))
-    first = CrashingJournal(w.journal_path, at)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
+    await crash_after(w, "frozen")
     w.server.frozen = False
 
 
@@ -1134,11 +1136,7 @@ async def test_a_resumed_verify_reads_the_ca_in_a_thread(
     process: its verify reads the CA itself, in a worker thread, and still trusts it."""
     sc = SCENARIOS["completes"]
     w = world(sc)
-    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith("restarted"))
-    first = CrashingJournal(w.journal_path, at)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
+    await crash_after(w, "restarted")
     hops = count_thread_hops(monkeypatch)
     pending, journal = await w.resume()
     assert len(pending) == 1
@@ -1156,11 +1154,7 @@ async def test_a_resumed_verify_whose_ca_is_a_fifo_rolls_back_in_one_line(
     verify fails with one line naming the file and what it is, and the switch rolls back."""
     sc = SCENARIOS["completes"]
     w = world(sc)
-    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith("restarted"))
-    first = CrashingJournal(w.journal_path, at)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
+    await crash_after(w, "restarted")
     w.plan.ca_file.unlink()
     os.mkfifo(w.plan.ca_file, 0o600)
     try:
@@ -1243,11 +1237,7 @@ async def test_an_earlier_releases_backup_file_made_a_fifo_fails_the_way_back_in
     (the node needs the admin: its source cannot be read)."""
     sc = SCENARIOS["restart_fails"]
     w = world(sc, "files")
-    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith("config_written"))
-    first = CrashingJournal(w.journal_path, at)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
+    await crash_after(w, "config_written")
     assert w.plan.backup_file.read_bytes() == SOURCE
     w.plan.backup_file.unlink()
     os.mkfifo(w.plan.backup_file, 0o600)
@@ -1642,11 +1632,7 @@ async def test_a_switch_resumed_on_its_way_there_stages_its_source_again(
             await super().restart()
 
     w.driver = driver = FillsAtRestart(w.server, config_file)
-    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("config_written"))
-    first = CrashingJournal(w.journal_path, at)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
+    await crash_after(w, "config_written")
     assert [staged.data for staged in driver.stagings] == [BROKEN, SOURCE]
     pending, journal = await w.resume()
     assert [t.rollout_id for t in pending] == ["r1"]
@@ -2655,11 +2641,7 @@ async def test_a_freeze_s_length_spans_an_agent_restart_but_not_a_reboot(
     boot = BootClock()
     w = world(SCENARIOS["completes"])
     timed(w, boot)
-    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("frozen"))
-    first = CrashingJournal(w.journal_path, at)
-    with pytest.raises(Crash):
-        await w.run(first)
-    first.close()
+    await crash_after(w, "frozen")
     w.server.frozen = False  # the agent's exit lifted it
     if same_boot:
         boot.seconds += 7.0
