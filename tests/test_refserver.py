@@ -765,10 +765,12 @@ def https_login_server(
     loopback: Callable[[], str],
     issue_cert: IssueCert,
     verifier_file: Path,
+    *,
+    start: bool = True,
     **settings: Any,
 ) -> tuple[RefServer, ssl.SSLContext]:
-    """A started server on http and https (the dual phase) with the auth password, and a
-    context that trusts its certificate."""
+    """A server on http and https (the dual phase) with the auth password, started unless
+    ``start`` is False, and a context that trusts its certificate."""
     address = loopback()
     cert = issue_cert(address)
     server = make_server(
@@ -779,7 +781,8 @@ def https_login_server(
         auth_verifier_file=verifier_file,
         **settings,
     )
-    server.start()
+    if start:
+        server.start()
     return server, https_context(cert)
 
 
@@ -1163,16 +1166,7 @@ def test_a_read_only_store_of_the_release_before_is_used_as_it_is(
     file migrates it (with its copy: builds that cannot read ``readable_by`` wrote schema 2)."""
     secret = password.generate_password()
     verifier_file = write_verifier(tmp_path / "auth.json", secret)
-    address = loopback()
-    cert = issue_cert(address)
-    server = make_server(
-        address=address,
-        listen=["http", "https"],
-        cert_file=cert.cert_file,
-        key_file=cert.key_file,
-        auth_verifier_file=verifier_file,
-    )
-    ctx = https_context(cert)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file, start=False)
     path = store_of_the_release_before(server.data_dir)
     copy = copy_name(path, len(refstore.MIGRATIONS))
     with read_only(path):
