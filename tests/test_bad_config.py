@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -1009,6 +1010,46 @@ def test_a_mount_point_is_the_same_whichever_way_it_is_spelled(tmp_path: Path) -
     for data in (link / "tlsroll", target / "tlsroll"):
         assert fsutil.unmounted_mount_point(data, env) is None
         assert fsutil.not_mounted("data dir", data, "tlsroll-leader", env) is None
+
+
+def test_a_mounted_share_fstab_names_is_not_looked_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fstab names every mount of the machine, a NAS's share too: one that mountinfo shows
+    mounted is never looked at (a look at a share whose server is down waits for that server,
+    and a daemon's start with it); only its directory is resolved, where the share is spelled
+    through a link. The data dir's own noauto mount point is still found."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    share = (tmp_path / "net" / "share").resolve()
+    share.mkdir(parents=True)
+    linked = tmp_path / "nas"
+    linked.symlink_to(tmp_path / "net")
+    data = (tmp_path / "disks" / "data").resolve()
+    data.mkdir(parents=True)
+    (root / "etc" / "fstab").write_text(
+        f"nas:/share {share} nfs defaults 0 0\n"
+        f"nas:/other {linked / 'share'} nfs defaults 0 0\n"
+        f"/dev/vdb1 {data} ext4 noauto 0 2\n"
+    )
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        f"40 22 0:50 / {share} rw shared:20 - nfs4 nas:/share rw\n"
+    )
+    looked: list[str] = []
+    realpath = os.path.realpath
+
+    def watched(place: Any, *args: Any, **kwargs: Any) -> Any:
+        looked.append(os.fspath(place))
+        return realpath(place, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "realpath", watched)
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    assert fsutil.unmounted_mount_point(data / "tlsroll", env) == (data, "/etc/fstab", True)
+    assert str(share) not in looked
+    assert str(linked / "share") not in looked  # its directory only: mounted once resolved
+    assert str(linked) in looked
 
 
 def _agent_elsewhere(cluster: Cluster, tmp_path: Path, data_dir: Path) -> list[str]:
