@@ -93,11 +93,16 @@ class OwnTls:
             certificate_chain=self.chain_pem,
         )
 
+    def _of_served_key(self, chain: bytes) -> bool:
+        """Whether ``chain``'s leaf is the certificate of the key served (``self._key``)."""
+        return pki.key_matches(pki.load_certs_pem(chain)[0], self._key)
+
     async def ca_renewed(self) -> None:
         """The CA certificate was renewed with the same key (``tlsroll ca renew``): the chain
         served carries the new one (same leaf), the control listener trusts it, and the
         leader dials agents with it (``on_renewed``); then the leader's certificate is issued
-        again if that is due now (one cut to the old certificate's end is, near that end)."""
+        again if that is due now (one cut to the old certificate's end is, near that end), or
+        if leader.pem is not the certificate of the key served (``renew_if_due``)."""
         chain = await asyncio.to_thread(self._rechain)
         self.chain_pem = chain
         self._version += 1
@@ -107,9 +112,13 @@ class OwnTls:
         await self.renew_if_due()
 
     def _rechain(self) -> bytes:
-        """``DATA/tls/leader.pem`` written again as its leaf and the CA certificate in use."""
+        """``DATA/tls/leader.pem`` written again as its leaf and the CA certificate in use;
+        returns the leaf served chained so. The leaf served, not the file's: a leader.pem
+        replaced meanwhile by another key's certificate was served with the leader's key, a
+        chain no peer completed a handshake with, until ``renew_if_due`` issued it again
+        (review rev52b L3)."""
         rechain_leader_cert(self.layout, self.ca)
-        return Path(self.layout.tls_cert).read_bytes()
+        return pki.cert_to_pem(self.cert) + self.ca.cert_pem
 
     async def renew_if_due(self) -> bool:
         """Issue the certificate again if it is due, and serve it; True if it did."""
@@ -127,6 +136,15 @@ class OwnTls:
         if reissued is None:  # (a file changed by hand is read at the next start, not here)
             return False
         chain = await asyncio.to_thread(Path(self.layout.tls_cert).read_bytes)
+        if not self._of_served_key(chain):  # replaced again since it was written
+            log.warning(
+                "leader.certificate_replaced",
+                path=str(self.layout.tls_cert),
+                detail="leader.pem was replaced by the certificate of another key as it was"
+                " issued again: the leader serves the one it served, and issues it again at"
+                " the next check",
+            )
+            return False
         self.chain_pem = chain  # before the version: a fetcher that sees it reads the new chain
         self._version += 1
         for callback in self.on_renewed:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -942,6 +943,113 @@ def test_a_mount_point_fstab_spells_through_a_link_is_mounted_on_its_target(
         f"31 22 253:17 / {target} rw shared:9 - ext4 /dev/vdb1 rw\n"
     )
     assert fsutil.unmounted_mount_point(link / "tlsroll", env) is None
+
+
+def test_a_mount_point_is_the_same_whichever_way_it_is_spelled(tmp_path: Path) -> None:
+    """Review rev52c L2: an fstab ``noauto`` mount point spelled through a symbolic link was
+    one for the data dir spelled through the link (fstab's line: exit 2, left to a person),
+    and, spelled by its real path, the unit systemd's fstab generator made of the line (its
+    ``Where=`` the real path: exit 1, not mounted yet, started again for ever), or none at all
+    without that unit. Mount points are now compared by their real paths on both sides: the
+    fstab's line, named as fstab spells it, whichever way the data dir is written. One that
+    does not exist (not made yet, a dangling link) is compared as spelled, as before."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    generated = root / "run" / "systemd" / "generator"
+    target = (tmp_path / "disks" / "data").resolve()
+    target.mkdir(parents=True)
+    link = tmp_path / "srv-data"
+    link.symlink_to(target)
+    dangling = tmp_path / "srv-gone"
+    dangling.symlink_to(tmp_path / "disks" / "gone")
+    missing = tmp_path / "disks" / "not-made"
+    (root / "etc" / "fstab").write_text(
+        f"/dev/vdb1 {link} ext4 noauto 0 2\n"
+        f"/dev/vdc1 {dangling} ext4 noauto 0 2\n"
+        f"/dev/vdd1 {missing} ext4 defaults 0 2\n"
+    )
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+    )
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    noauto = (link, "/etc/fstab", True)
+    for generator in (False, True):
+        if generator:  # what systemd's fstab generator makes of the line: its real path
+            generated.mkdir(parents=True)
+            (generated / "disks-data.mount").write_text(
+                f"[Mount]\nWhat=/dev/vdb1\nWhere={target}\n"
+            )
+        for data in (link / "tlsroll", target / "tlsroll", link, target):
+            assert fsutil.unmounted_mount_point(data, env) == noauto, (generator, data)
+        for data, way in ((target, "is"), (target / "tlsroll", f"is below {link},")):
+            error = fsutil.not_mounted("data dir", data, "tlsroll-leader", env)
+            assert isinstance(error, errors.ConfigError)
+            assert str(error) == (
+                f"config error: /etc/fstab: the data dir {data} {way} a mount point marked"
+                " noauto there, which is not mounted now and is never mounted at boot: mount it"
+                f" (mount {link}) or remove noauto from its options, then start tlsroll-leader"
+                " again"
+            )
+    # Not there: as spelled (the dangling link by its own path, as before).
+    assert fsutil.unmounted_mount_point(dangling / "tlsroll", env) == (
+        dangling,
+        "/etc/fstab",
+        True,
+    )
+    assert fsutil.unmounted_mount_point(missing / "tlsroll", env) == (
+        missing,
+        "/etc/fstab",
+        False,
+    )
+    # Mounted on the target (mountinfo's real path): mounted, whichever way it is spelled.
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        f"31 22 253:17 / {target} rw shared:9 - ext4 /dev/vdb1 rw\n"
+    )
+    for data in (link / "tlsroll", target / "tlsroll"):
+        assert fsutil.unmounted_mount_point(data, env) is None
+        assert fsutil.not_mounted("data dir", data, "tlsroll-leader", env) is None
+
+
+def test_a_mounted_share_fstab_names_is_not_looked_at(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fstab names every mount of the machine, a NAS's share too: one that mountinfo shows
+    mounted is never looked at (a look at a share whose server is down waits for that server,
+    and a daemon's start with it); only its directory is resolved, where the share is spelled
+    through a link. The data dir's own noauto mount point is still found."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    share = (tmp_path / "net" / "share").resolve()
+    share.mkdir(parents=True)
+    linked = tmp_path / "nas"
+    linked.symlink_to(tmp_path / "net")
+    data = (tmp_path / "disks" / "data").resolve()
+    data.mkdir(parents=True)
+    (root / "etc" / "fstab").write_text(
+        f"nas:/share {share} nfs defaults 0 0\n"
+        f"nas:/other {linked / 'share'} nfs defaults 0 0\n"
+        f"/dev/vdb1 {data} ext4 noauto 0 2\n"
+    )
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        f"40 22 0:50 / {share} rw shared:20 - nfs4 nas:/share rw\n"
+    )
+    looked: list[str] = []
+    realpath = os.path.realpath
+
+    def watched(place: Any, *args: Any, **kwargs: Any) -> Any:
+        looked.append(os.fspath(place))
+        return realpath(place, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "realpath", watched)
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    assert fsutil.unmounted_mount_point(data / "tlsroll", env) == (data, "/etc/fstab", True)
+    assert str(share) not in looked
+    assert str(linked / "share") not in looked  # its directory only: mounted once resolved
+    assert str(linked) in looked
 
 
 def _agent_elsewhere(cluster: Cluster, tmp_path: Path, data_dir: Path) -> list[str]:

@@ -20,7 +20,7 @@ import pytest
 import structlog.testing
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from leader import runtime
+from leader import ca_renewal, own_tls, runtime
 from leader.auto_rotate import AutoRotator
 from leader.expiry import ENDS_WITH_CA, ExpiryWatch
 from leader.layout import (
@@ -438,3 +438,73 @@ def test_the_running_leader_issues_its_certificate_for_the_key_it_serves(tmp_pat
     assert asyncio.run(own.renew_if_due())
     assert own.cert != due and own.cert.public_key() == key.public_key()
     assert pki.key_matches(own.cert, pki.load_key_pem(own.key_pem))  # what it serves, a pair
+
+
+def test_a_ca_renewal_never_serves_a_chain_of_another_key_than_the_leaders(
+    tmp_path: Path,
+) -> None:
+    """Review rev52b L3: ``OwnTls.ca_renewed`` (after `tlsroll ca renew`, same CA key) served
+    leader.pem's leaf, read again from disk, with the new CA certificate, and the key it holds:
+    a leader.pem replaced meanwhile by another key's certificate was a chain no peer could
+    complete a handshake with (every agent, the viewer) until ``renew_if_due``, right after,
+    issued it again. Now the leaf it serves is chained with the new CA certificate; the file
+    is then issued again for the served key as before (session 52), and served. No chain
+    whose leaf is not of the served key is ever served nor handed to ``on_renewed``."""
+    layout, ca, names = _leader_files(tmp_path)
+    (tmp_path / "ca").mkdir()
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    own = OwnTls(layout, ca, names)
+    leaf = own.cert
+    handed: list[bytes] = []
+    own.on_renewed.append(lambda chain: handed.extend((chain, own.chain_pem)))
+    for replaced in (True, False):
+        if replaced:  # leader.pem of another key (a pair half restored from another backup)
+            write_leader_cert(layout, ca, pki.generate_key(), names)
+        ca_renewal.prepare(layout, ca, pki.utcnow(), force=True).put_in_place()
+        asyncio.run(own.ca_renewed())
+        assert handed
+        for chain in handed:
+            certs = pki.load_certs_pem(chain)
+            assert certs[0].public_key() == key.public_key()
+            assert pki.issued_by(certs[0], ca.cert)
+        assert pki.load_certs_pem(own.chain_pem)[1:] == [ca.cert]  # the CA in use
+        assert own.chain_pem == layout.tls_cert.read_bytes()  # issued again, or rechained
+        if replaced:
+            assert own.cert != leaf  # issued again for the served key
+            leaf = own.cert
+        else:  # a leader.pem of the served key: its leaf, rechained, nothing issued
+            assert own.cert == leaf and len(handed) == 2
+        handed.clear()
+
+
+def test_a_leader_pem_replaced_while_it_is_issued_again_is_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``OwnTls.renew_if_due`` served what leader.pem held after it issued it again: one
+    replaced in between by another key's certificate was served with the leader's key. It
+    keeps serving what it served (the next check issues it again), and says so."""
+    layout, ca, names = _leader_files(tmp_path)
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    own = OwnTls(layout, ca, names)
+    before = own.chain_pem
+    handed: list[bytes] = []
+    own.on_renewed.append(handed.append)
+    write_leader_cert(layout, ca, pki.generate_key(), names)  # to be issued again
+
+    def replaced_after(*args: object) -> str | None:
+        why = ensure_leader_identity(*args)  # type: ignore[arg-type]
+        write_leader_cert(layout, ca, pki.generate_key(), names)  # replaced at once
+        return why
+
+    monkeypatch.setattr(own_tls, "ensure_leader_identity", replaced_after)
+    with structlog.testing.capture_logs() as logs:
+        assert not asyncio.run(own.renew_if_due())
+    assert own.chain_pem == before and not handed
+    assert [e["event"] for e in logs] == ["leader.certificate_replaced"]
+    monkeypatch.undo()
+    assert asyncio.run(own.renew_if_due())
+    assert own.cert.public_key() == key.public_key() and handed == [own.chain_pem]

@@ -15,7 +15,7 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -1002,19 +1002,59 @@ def _left_to_a_person(options: list[str]) -> bool:
     return noauto
 
 
-def _mount_points_to_be(root: Path) -> dict[Path, tuple[str, bool]]:
-    """The mount points /etc/fstab and systemd's mount units (``Where=``) name, each with
-    where it is named and whether nothing mounts it at boot: an fstab line with ``noauto``
+class Unmounted(NamedTuple):
+    """A mount point on a path's way that is not mounted now (``unmounted_mount_point``)."""
+
+    point: Path
+    """As it is spelled where it is named."""
+    named: str
+    """Where it is named: ``/etc/fstab``, or ``systemd's NAME.mount``."""
+    noauto: bool
+    """fstab marks it ``noauto``: nothing mounts it but a person."""
+
+
+def _canonical(place: Path, mounted: Set[Path] = frozenset()) -> Path:
+    """How mount points are compared: by their real path (``os.path.realpath``), as systemd's
+    fstab generator writes the ``Where=`` of the unit it makes of an fstab line, and mountinfo
+    shows a mount point; a data dir or a mount point spelled through a symbolic link was one
+    mount point for one spelling and another, or none, for the other (review rev52c L2). One
+    that does not exist (not made yet, a dangling link, or on a way we may not search) is
+    taken as spelled, as before: nothing tells where it will be.
+
+    A place ``mounted`` shows mounted (as spelled, or once its directory is resolved) is not
+    looked at itself: an fstab line names every mount of the machine, and a look at a network
+    share whose server is down (a NAS off for the night, an NFS hard mount) waits for that
+    server, and the daemon's start with it."""
+    if place in mounted:
+        return place
+    try:
+        under = Path(os.path.realpath(place.parent, strict=True)) / place.name
+    except (OSError, ValueError):
+        return place
+    if under in mounted:
+        return under
+    try:
+        return Path(os.path.realpath(place, strict=True))
+    except (OSError, ValueError):
+        return place
+
+
+def _mount_points_to_be(root: Path, mounted: Set[Path]) -> dict[Path, Unmounted]:
+    """The mount points /etc/fstab and systemd's mount units (``Where=``) name, by their
+    real paths (``_canonical``), each as it is spelled there, with where it is named and
+    whether nothing mounts it at boot: an fstab line with ``noauto``
     is mounted by a person only (``mount POINT``), unless an admin's unit takes its place
     (one in /etc/systemd/system overrides the unit systemd's fstab generator makes of the
     line, for the same mount point). A unit has no ``noauto``: it is taken as to be mounted."""
-    points: dict[Path, tuple[str, bool]] = {}
+    points: dict[Path, Unmounted] = {}
     fstab = root / FSTAB.relative_to("/")
     for line in _read_lines(fstab) or []:
         fields = line.split()
         if len(fields) >= 2 and not fields[0].startswith("#") and fields[1].startswith("/"):
             noauto = len(fields) >= 4 and _left_to_a_person(_fstab_options(fields[3]))
-            points.setdefault(Path(os.path.normpath(_unescaped(fields[1]))), (str(FSTAB), noauto))
+            spelled = Path(os.path.normpath(_unescaped(fields[1])))
+            place = _canonical(spelled, mounted)
+            points.setdefault(place, Unmounted(spelled, str(FSTAB), noauto))
     for directory in MOUNT_UNIT_DIRS:
         try:
             units = sorted((root / directory.relative_to("/")).glob("*.mount"))
@@ -1024,22 +1064,13 @@ def _mount_points_to_be(root: Path) -> dict[Path, tuple[str, bool]]:
             for line in _read_lines(unit) or []:
                 key, _, value = line.strip().partition("=")
                 if key.strip() == "Where" and value.strip().startswith("/"):
-                    place = Path(os.path.normpath(value.strip()))
-                    named = (f"systemd's {unit.name}", False)
-                    if directory == MOUNT_UNIT_DIRS[0] and points.get(place, ("", False))[1]:
+                    spelled = Path(os.path.normpath(value.strip()))
+                    place = _canonical(spelled, mounted)
+                    named = Unmounted(spelled, f"systemd's {unit.name}", False)
+                    if directory == MOUNT_UNIT_DIRS[0] and place in points and points[place].noauto:
                         points[place] = named  # the admin's unit, not fstab's noauto line
                     points.setdefault(place, named)
     return points
-
-
-class Unmounted(NamedTuple):
-    """A mount point on a path's way that is not mounted now (``unmounted_mount_point``)."""
-
-    point: Path
-    named: str
-    """Where it is named: ``/etc/fstab``, or ``systemd's NAME.mount``."""
-    noauto: bool
-    """fstab marks it ``noauto``: nothing mounts it but a person."""
 
 
 def unmounted_mount_point(path: Path, environ: Mapping[str, str] = os.environ) -> Unmounted | None:
@@ -1047,17 +1078,13 @@ def unmounted_mount_point(path: Path, environ: Mapping[str, str] = os.environ) -
     /etc/fstab or a systemd mount unit names as a mount point and that is not mounted now
     (``/proc/self/mountinfo``), with where it is named and whether fstab marks it ``noauto``
     (``Unmounted``); or None, also when what is mounted cannot be read (nothing can be told
-    then). A daemon asks it (``not_mounted``) before it calls a directory it cannot use a
-    person's to fix: until its disk is mounted, a mount point is a directory of the file
-    system below, empty, often root's 0700 (review rev50f M2: "chown" of it, exit 2, stopped
-    the leader for good before the disk came)."""
+    then). Mount points and the directories on the way are compared by their real paths
+    (``_canonical``): the same one whichever way fstab, a unit or ``path`` spells it. A
+    daemon asks it (``not_mounted``) before it calls a directory it cannot use a person's to
+    fix: until its disk is mounted, a mount point is a directory of the file system below,
+    empty, often root's 0700 (review rev50f M2: "chown" of it, exit 2, stopped the leader for
+    good before the disk came)."""
     root = Path(environ.get(TEST_MOUNT_ROOT_ENV) or "/")
-    to_be = _mount_points_to_be(root)
-    full, real = Path(os.path.abspath(path)), Path(os.path.realpath(path))  # (a link's way too)
-    on_way = dict.fromkeys((full, *full.parents, real, *real.parents))
-    ways = [p for p in on_way if p in to_be and p != p.parent]
-    if not ways:
-        return None
     lines = _read_lines(root / MOUNTINFO.relative_to("/"))
     if lines is None:
         return None
@@ -1066,11 +1093,16 @@ def unmounted_mount_point(path: Path, environ: Mapping[str, str] = os.environ) -
         fields = line.split()
         if len(fields) >= 5:
             mounted.add(Path(os.path.normpath(_unescaped(fields[4]))))
+    to_be = _mount_points_to_be(root, mounted)
+    full, real = Path(os.path.abspath(path)), Path(os.path.realpath(path))  # (a link's way too)
+    spelled = (full, *full.parents, real, *real.parents)
+    on_way = dict.fromkeys((*spelled, *map(_canonical, spelled)))  # (as ``to_be``'s are)
+    ways = [p for p in on_way if p in to_be and p != p.parent]
     for place in ways:
         # A mount point fstab spells through a symbolic link is mounted on the link's target,
         # which mountinfo shows (review rev51c L4: a mounted disk was said not mounted).
         if place not in mounted and Path(os.path.realpath(place)) not in mounted:
-            return Unmounted(place, *to_be[place])
+            return to_be[place]
     return None
 
 
@@ -1093,7 +1125,9 @@ def not_mounted(
     if (found := unmounted_mount_point(path, environ)) is None:
         return None
     point, named, noauto = found
-    way = "is" if Path(os.path.abspath(path)) == point else f"is below {point},"
+    # (``point`` as fstab or the unit spells it, ``path`` perhaps the other way)
+    itself = _canonical(Path(os.path.abspath(path))) == _canonical(point)
+    way = "is" if itself or Path(os.path.abspath(path)) == point else f"is below {point},"
     if noauto:
         return ConfigError(
             named,
