@@ -83,7 +83,7 @@ from bench.common import (
     task_switches,
     wait_for,
 )
-from bench.profile import Perf, Profile
+from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Agent, Cluster
 from tests.nodeside import Node
 from tests.refserver_helper import RefServer, http_request
@@ -262,6 +262,7 @@ def one_run(
     profile: Path | None = None,
     prepare_ahead: int | None = None,
     restart_cpu: bool = False,
+    yappi: Path | None = None,
 ) -> Run:
     cluster = Cluster(
         root / "cluster", address(0), heartbeat_interval=5, agent_heartbeat_interval=5
@@ -271,7 +272,9 @@ def one_run(
         cluster.init()
         if prepare_ahead is not None:
             cluster.write_leader_config({"prepare_ahead": prepare_ahead})
-        cluster.start_leader(NO_DEBUG)
+        cluster.start_leader(
+            {**NO_DEBUG, **(yappi_env(yappi / f"leader-{root.name}.pstat") if yappi else {})}
+        )
         start_nodes(cluster, nodes)
         baseline = ansible_baseline.run(nodes, root / "ansible") if ansible else None
         sampler = CpuByKind() if restart_cpu else None
@@ -303,6 +306,7 @@ def one_run(
             counting if fsyncs else contextlib.nullcontext(),
             perf if perf is not None else contextlib.nullcontext(),
             spied if spied is not None else contextlib.nullcontext(),
+            Yappi(pid) if yappi is not None else contextlib.nullcontext(),
             grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel,
         ):
             began = time.monotonic()
@@ -794,14 +798,22 @@ def main(argv: list[str] | None = None) -> int:
         "the run's other figures compare with no other run)",
     )
     parser.add_argument(
+        "--yappi",
+        type=Path,
+        help="run the leader with yappi (CPU clock, every thread; pip install yappi) through "
+        "each rollout and keep its stats in this directory (leader-RUN.pstat; read them with "
+        "pstats: CPU time per Python function; the CPU figures then compare with no other run)",
+    )
+    parser.add_argument(
         "--no-bytecode-cache",
         action="store_true",
         help="do not compile the tree's modules before the runs: with PYTHONDONTWRITEBYTECODE "
         "set, each daemon compiles them again at each start and late import",
     )
     ns = parser.parse_args(argv)
-    if ns.profile is not None:
-        ns.profile.mkdir(parents=True, exist_ok=True)
+    for where in (ns.profile, ns.yappi):
+        if where is not None:
+            where.mkdir(parents=True, exist_ok=True)
     if not ns.no_bytecode_cache and not cache_bytecode(Path(__file__).resolve().parents[1]):
         print("some of the tree's modules did not compile", flush=True)
     cached = "compiled at each import" if ns.no_bytecode_cache else "compiled before the runs"
@@ -819,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile=ns.profile,
                 prepare_ahead=ns.prepare_ahead,
                 restart_cpu=ns.restart_cpu,
+                yappi=ns.yappi,
             )
         finally:
             if not ns.keep:
