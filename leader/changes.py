@@ -173,7 +173,8 @@ class StepContext:
     # The confirm's event a switch reached too (``ChangeSteps.switch``: its outside check,
     # begun at the agent's verify, had found nothing wrong when the switch completed): the
     # engine writes the switch's outcome and the confirm's in one write (``Engine._record``),
-    # and no confirm step runs. Empty: the confirm step follows, as ever.
+    # and no confirm step runs; unless that write finds the agent cut off (its certificate
+    # revoked meanwhile): the switch's alone then. Empty: the confirm step follows, as ever.
     confirmed: list[NodeEvent] = field(default_factory=list)
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:

@@ -92,6 +92,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import (
     SERVING_STATES,
+    IfCutOff,
     NodeDetail,
     Revocation,
     RolloutRow,
@@ -852,8 +853,6 @@ class Engine:
                 else:
                     result = await work
                 event, reason = result
-                if confirmed and not await self._dialled(step.node):
-                    confirmed.clear()  # the confirm step's pass fails it (cut off mid-switch)
                 planned = await self._record(
                     rollout.id, step, event, reason, started[1], learnt, issued, confirmed
                 )
@@ -903,20 +902,6 @@ class Engine:
             return
         self.trouble.pop(key, None)
         self.wake.set()
-
-    async def _dialled(self, name: str) -> bool:
-        """Whether the node's agent may still be dialled now (``AgentPool.get``: a node whose
-        agent was cut off since, its certificate revoked, is not; no query unless the nodes
-        changed), before a switch's confirm is written with its outcome
-        (``StepContext.confirmed``). One cut off while its switch ran is left to the confirm
-        step, which cannot reach it, and the pass that reads the cut-off set fails it, as a
-        node cut off mid-switch (review rev52a M: its write took it to done, the rollout
-        completed, and nobody was told to remove the lost machine)."""
-        try:
-            await self.agents.get(name)
-        except TlsrollError:  # cut off, removed, or the store unread: the confirm step's way
-            return False
-        return True
 
     async def _look_again(self, rollout_id: str) -> RolloutRow | None:
         """The stored rollout as a step about to run sees it (``_run_step``): from memory
@@ -1114,11 +1099,12 @@ class Engine:
         plan_next: list[planner.Plan] | None = None,
         certs: Sequence[IssuedCert] = (),
         recorded: Callable[[], None] | None = None,
+        confirm: Sequence[NodeEvent] = (),
         also: Sequence[StepTime] = (),
+        cut: list[bool] | None = None,
     ) -> RolloutRow:
         """Apply ``change`` to one node record and save it, in one transaction with the
-        step's times (``step``, and ``also``'s, the steps it ended too: only if the record
-        changed, unless ``timed_if_unchanged``),
+        step's times (``step``: only if the record changed, unless ``timed_if_unchanged``),
         the start of the step the node's new state begins, what the step learnt
         (``details`` of the node's stored detail: the fields to write), and the password now
         live on the node if it is now done, and the certificates ``certs`` if the record
@@ -1131,7 +1117,16 @@ class Engine:
         leaves them is made in it too (``_plan_next``): a confirm's outcome and the next
         node's switch (persisted before that switch is sent, as ever) are one durable write,
         not two, and the next steps begin without waiting for the loop's pass. The plan, if
-        the write made one, is appended to the list given."""
+        the write made one, is appended to the list given.
+
+        ``confirm``: the events of a switch's confirm, applied after ``change``'s if it changed
+        the record, with ``also``'s step times (the steps it ended too), unless the node's
+        agent is cut off (its certificate revoked): the write decides that in its transaction
+        (``IfCutOff``), and then leaves ``change``'s record alone, as a write without
+        ``confirm`` would (the node confirming: the confirm step, which cannot reach it, and
+        the pass that reads the cut-off nodes fail it as a node cut off mid-switch). The
+        agent pool's word, read before, may be older than a revocation that commits while the
+        write waits for the store (review rev52d L1). ``cut`` gets True if it did."""
         # A plain loop, not tenacity: its machinery cost ~20 µs of CPU per save, four saves
         # per node (issue 15), for a retry that is rare.
         for attempt in range(1, STALE_ATTEMPTS + 1):
@@ -1147,12 +1142,21 @@ class Engine:
                 now = self.clock()
                 steps = _begun([old], [new], now)
                 if step is not None and (new != old or timed_if_unchanged):
-                    steps[:0] = [step, *also]
+                    steps[:0] = [step]
                 learnt = {k: v for k, v in details(detail).items() if getattr(detail, k) != v}
                 if new == old and not steps and not learnt:
                     return row
+                fingerprint = learnt.get("cert_fingerprint")
                 auth = self._auth_now(row, old, new)
-                revoke = self._revoke_now(row, old, new, learnt.get("cert_fingerprint"), detail)
+                revoke = self._revoke_now(row, old, new, fingerprint, detail)
+                if_cut_off = None
+                if confirm and new != old:  # the confirm's too, unless the agent is cut off
+                    if_cut_off = IfCutOff(name, [new], steps, auth, revoke)
+                    new = functools.reduce(NodeRecord.with_event, confirm, new)
+                    timed = [step] if step is not None else []
+                    steps = [*timed, *also, *_begun([old], [new], now)]
+                    auth = self._auth_now(row, old, new)
+                    revoke = self._revoke_now(row, old, new, fingerprint, detail)
                 plans: list[planner.Plan] = []
                 then = None if plan_next is None else functools.partial(self._plan_next, plans, now)
                 row = await dbthread.run(
@@ -1170,7 +1174,12 @@ class Engine:
                     then=then,
                     certs=certs if _records_certs(row, old, new) else (),
                     recorded=recorded,
+                    if_cut_off=if_cut_off,
                 )
+                if if_cut_off is not None and if_cut_off.taken:
+                    auth, revoke = dict(if_cut_off.auth), list(if_cut_off.revoke)
+                    if cut is not None:
+                        cut.append(True)
                 for plan in plans:
                     self._planned(row, plan)
                 if plan_next is not None:
@@ -1480,8 +1489,12 @@ class Engine:
         applied after the switch's in the same write, with the confirm's step times (begun and
         ended as the switch ended: its check began inside the switch, at the verify), so that
         the node goes from switching to done (or dual) and the next node's switch is planned
-        in that write; each outcome logged as its step's."""
+        in that write; each outcome logged as its step's. Unless the node's agent is cut off
+        (its certificate revoked), which the write decides in its own transaction
+        (``_save_node``'s ``confirm``): then the switch's outcome alone is written and logged,
+        the node left confirming for the pass that fails it as a node cut off mid-switch."""
         dropped: list[bool] = []
+        cut: list[bool] = []  # the write found the agent cut off: no confirm written
         plans: list[planner.Plan] = []
         key = (rollout_id, step.node)
         also = confirmed if event is NodeEvent.SWITCH_DONE else ()
@@ -1495,10 +1508,7 @@ class Engine:
                 return r
             # An answer at last: what was said while the agent was away no longer holds.
             cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
-            new = r.with_event(event, cleared)
-            for then in also:  # switching -> confirming -> done (or dual)
-                new = new.with_event(then)
-            return new
+            return r.with_event(event, cleared)  # ``also``: the write applies it (``confirm``)
 
         now = self.clock()
         row = await self._save_node(
@@ -1510,7 +1520,9 @@ class Engine:
             plan_next=plans,
             certs=[s.record for s in issued],
             recorded=recorded if issued else None,
+            confirm=also,  # switching -> confirming -> done (or dual)
             also=[StepTime(step.node, Step.CONFIRM.value, now, now)] if also else (),
+            cut=cut,
         )
         if dropped:
             log.info(
@@ -1521,6 +1533,8 @@ class Engine:
                 node_event=event.value,
             )
             return False
+        if cut:  # switching -> confirming only: the confirm step's and the pass's to fail it
+            also = ()
         ended = [(step.step, event, reason, {}), *((Step.CONFIRM, e, None, WITH) for e in also)]
         for what, outcome, why, more in ended:
             log.info(

@@ -35,6 +35,7 @@ from leader.rollout_core import (
 )
 from leader.store import (
     IssuedCert,
+    cut_off_in,
     record_certificate_in,
     revoke_never_delivered_in,
     revoke_superseded_in,
@@ -294,6 +295,23 @@ class StepTime:
     step: str
     started: dt.datetime | None = None
     ended: dt.datetime | None = None
+
+
+@dataclass
+class IfCutOff:
+    """What a write (``SchemaStore.save_states``) leaves instead of the records, step times,
+    passwords and revocations it is given if node ``node``'s agent is cut off, which the write
+    decides in its own transaction (``leader.store.cut_off_in``): a revocation that commits
+    after the caller last looked, even while the write waits for the store, is seen. A
+    switch's outcome written with its confirm's (``leader.engine``): the switch's alone, for
+    a node cut off mid-switch. ``taken``: set by the write, whether it left these."""
+
+    node: str
+    nodes: Sequence[NodeRecord]
+    steps: Sequence[StepTime] = ()
+    auth: Mapping[str, int | None] = field(default_factory=dict)
+    revoke: Sequence[Revocation] = ()
+    taken: bool = False
 
 
 # Rollouts kept in memory (``SchemaStore.get``), the most recently used: the live one, a
@@ -854,6 +872,7 @@ class SchemaStore(LeaderStore):
         then: Then | None = None,
         certs: Sequence[IssuedCert] = (),
         recorded: Callable[[], None] | None = None,
+        if_cut_off: IfCutOff | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
@@ -876,11 +895,13 @@ class SchemaStore(LeaderStore):
         The stored records are the ones kept in memory (``get``), read from the file only if
         none are. ``then``: given the row as this write leaves it, the node records it moves
         next and the steps they begin (the engine's plan after a step's outcome), written in
-        the same transaction.
+        the same transaction. ``if_cut_off``: what is written instead of ``nodes``, ``steps``,
+        ``auth`` and ``revoke`` if its node's agent is cut off, decided in this transaction
+        (one point read); its ``taken`` says which was.
         """
         for fields in (details or {}).values():
             _check_details(fields)
-        for r in revoke:
+        for r in (*revoke, *(if_cut_off.revoke if if_cut_off is not None else ())):
             r.serials = []
         with self._db.tx(routine=True) as db:  # nothing a heartbeat keeps (but see revoke)
             base = self._db.cache.get(_key(before.rollout.id)) or self._read(db, before.rollout.id)
@@ -890,6 +911,11 @@ class SchemaStore(LeaderStore):
                 or not (base is before or _same_records(base, before, only))
             ):
                 raise StaleRecords(f"rollout {before.rollout.id} changed meanwhile")
+            if if_cut_off is not None:
+                if_cut_off.taken = cut_off_in(db, if_cut_off.node)
+                if if_cut_off.taken:
+                    nodes, steps = if_cut_off.nodes, if_cut_off.steps
+                    auth, revoke = if_cut_off.auth, if_cut_off.revoke
             new_rollout, meta = base.rollout, base.meta
             base_state = base.rollout.state
             if rollout.state != base.rollout.state or reason is not None:

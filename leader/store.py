@@ -1453,10 +1453,7 @@ class Store(LeaderStore):
             if kept is not None and kept[:2] == (number, nodes_generation):
                 self._cut_off_kept = (*kept[:3], generation)
                 return kept[2]
-            rows = db.execute(
-                "SELECT n.name FROM nodes n JOIN certificates c ON c.serial = n.cert_serial"
-                " WHERE n.removed_at IS NULL AND c.revoked_at IS NOT NULL"
-            ).fetchall()
+            rows = db.execute(_CUT_OFF).fetchall()
         names = frozenset(r["name"] for r in rows)
         self._cut_off_kept = (number, nodes_generation, names, generation)
         return names
@@ -2297,6 +2294,23 @@ def relearning(
         LeaderStore._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
 
     return write
+
+
+_CUT_OFF = (
+    "SELECT n.name FROM nodes n JOIN certificates c ON c.serial = n.cert_serial"
+    " WHERE n.removed_at IS NULL AND c.revoked_at IS NOT NULL"
+)
+"""The enrolled nodes whose agent is cut off (``Store.cut_off_nodes``, ``cut_off_in``)."""
+
+
+def cut_off_in(db: sqlite3.Connection, name: str) -> bool:
+    """Inside the caller's transaction: whether node ``name``'s agent is cut off, by
+    ``Store.cut_off_nodes``' rule (enrolled, its certificate on record revoked), as the
+    store has it now: a revocation committed before this transaction began is seen. One point
+    read (the node's row by its name, its certificate by its serial), not a scan: for a
+    write that decides by it (``SchemaStore.save_states``' ``if_cut_off``)."""
+    row = db.execute(f"{_CUT_OFF} AND n.name = ?", (name,)).fetchone()
+    return row is not None
 
 
 def check_caller_in(

@@ -356,6 +356,11 @@ def make_world(directory: Path, mp: pytest.MonkeyPatch, nodes: Mapping[str, str]
     return world
 
 
+def agent_serial(i: int) -> str:
+    """The serial (hex) of the certificate the ``i``-th fake node enrolled with (``enrol``)."""
+    return f"{i + 1:x}"
+
+
 def enrol(world: World) -> None:
     """Every fake node enrolled with the names its agent will claim in preflight."""
     store = open_store(world.path)
@@ -373,7 +378,8 @@ def enrol(world: World) -> None:
             addresses=agent.names.ips,
             dns_names=agent.names.dns,
         )
-    cert = NodeCert("sha256:" + "0" * 64, "sha256:" + "1" * 64, "1", START + dt.timedelta(days=397))
+    pin, fingerprint = "sha256:" + "0" * 64, "sha256:" + "1" * 64
+    until = START + dt.timedelta(days=397)
     for i, agent in enumerate(world.agents):
         store.enrol(
             token_id=f"tok{i:03}",
@@ -384,7 +390,8 @@ def enrol(world: World) -> None:
             agent_version="test",
             agent_port=9442,
             key_pin=f"pin-{agent.name}",
-            issue=lambda: cert,
+            # Each its own serial (``agent_serial``): revoking one cuts off that node alone.
+            issue=functools.partial(NodeCert, pin, fingerprint, agent_serial(i), until),
             now=START,
         )
         # Its agent says what it implements, as a real one's first heartbeat does: a rollout
@@ -725,13 +732,18 @@ def written_states(
     monkeypatch: pytest.MonkeyPatch,
 ) -> list[tuple[str, NodeState, NodeState]]:
     """Every node record the store writes, as (node, state before, state written), in order
-    (``SchemaStore.save_states``)."""
+    (``SchemaStore.save_states``; the records it leaves instead for a node cut off, if it
+    does: ``IfCutOff``)."""
     written: list[tuple[str, NodeState, NodeState]] = []
     real = SchemaStore.save_states
 
     def save_states(self: SchemaStore, before: RolloutRow, *args: Any, **kw: Any) -> RolloutRow:
-        written.extend((r.name, before.node(r.name)[0].state, r.state) for r in args[1])
-        return real(self, before, *args, **kw)
+        instead = kw.get("if_cut_off")
+        try:
+            return real(self, before, *args, **kw)
+        finally:
+            given = instead.nodes if instead is not None and instead.taken else args[1]
+            written.extend((r.name, before.node(r.name)[0].state, r.state) for r in given)
 
     monkeypatch.setattr(SchemaStore, "save_states", save_states)
     return written
@@ -787,10 +799,13 @@ async def test_a_node_cut_off_as_its_switch_ends_is_not_confirmed_with_it(
     leader = world.boot()
     cut = cut_off_agents(world, leader)
     real = world.agents.outside_check
+    serial = agent_serial(list(NODES).index("charlie"))
 
     async def check(live: str, closed: str, ca: bytes, fingerprint: str = "") -> Any:
-        if f"//{world.agents['charlie'].address}:" in live:
-            cut.add("charlie")  # revoked now: the store says so; no pass has read it yet
+        if f"//{world.agents['charlie'].address}:" in live and "charlie" not in cut:
+            # Revoked now: the store says so, the pool refuses it; no pass has read it yet.
+            leader.store.revoke(serial, reason="lost", now=world.clock.wall(), actor=ADMIN)
+            cut.add("charlie")
         return await real(live, closed, ca, fingerprint)
 
     monkeypatch.setattr(changes, "outside_check", check)
@@ -800,6 +815,61 @@ async def test_a_node_cut_off_as_its_switch_ends_is_not_confirmed_with_it(
     assert charlie.state is N.NEEDS_ATTENTION, (charlie, row.rollout.state)
     assert row.rollout.state is R.HALTED
     assert "tlsroll nodes remove charlie" in row.meta.reason, row.meta.reason
+    await leader.stop()
+
+
+async def test_a_node_cut_off_after_it_was_dialled_is_not_confirmed_in_the_write(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev52d L1: the agent pool said charlie's agent may be dialled as its switch
+    completed with the check begun at the verify passed, and `tlsroll ca revoke` of its
+    certificate commits after that, before the write of the switch's and the confirm's
+    outcomes: that write took charlie to done (the pool's answer was older than the
+    revocation) and the rollout completed, nobody told to remove the lost machine. The write
+    itself decides, in its transaction: the switch's outcome only (charlie confirming, no
+    confirm logged), and charlie is failed as a node cut off mid-switch; the rollout halts,
+    its note naming charlie."""
+    from leader.rollout_core import cut_off_mid_switch
+
+    written = confirm_with_switch(world, monkeypatch)
+    leader = world.boot()
+    cut = cut_off_agents(world, leader)
+    serial = agent_serial(list(NODES).index("charlie"))
+
+    async def revoke() -> None:
+        # After the switch step ended (the pool's answer is in), before the write commits.
+        leader.store.revoke(serial, reason="lost", now=world.clock.wall(), actor=ADMIN)
+        cut.add("charlie")  # the fake pool refuses it from now on, as ``AgentPool.get``
+
+    leader.schema.cue = Cue(
+        when=lambda records: node(records, "charlie").state is N.DONE, action=revoke
+    )
+    await leader.start(max_parallel=1)
+    with capture_logs() as logs:
+        row = await leader.run(passes=400)
+    assert cut == {"charlie"}  # (the cue ran)
+    charlie = node(row.records, "charlie")
+    assert (charlie.state, charlie.reason) == (
+        N.NEEDS_ATTENTION,
+        cut_off_mid_switch("charlie"),
+    ), (charlie, row.rollout.state)
+    assert row.rollout.state is R.HALTED, row.rollout
+    assert "tlsroll nodes remove charlie" in row.meta.reason, row.meta.reason
+    assert states(row)["alpha"] is N.SKIPPED, states(row)
+    mine = [(was, now) for n, was, now in written if n == "charlie"]
+    assert (N.SWITCHING, N.CONFIRMING) in mine, mine
+    assert all(N.DONE not in pair for pair in mine), mine
+    committed = [
+        a.detail["new"] for a in leader.audit() if a.kind == "node.state" and a.subject == "charlie"
+    ]
+    assert "done" not in committed, committed
+    assert not [
+        e
+        for e in logs
+        if e["event"] == "step.finished"
+        and e.get("node") == "charlie"
+        and e.get("node_event") == "confirm_done"
+    ]
     await leader.stop()
 
 
