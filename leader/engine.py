@@ -141,6 +141,9 @@ _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 # The planner's routine node events: the engine logs them at debug (``reconcile``).
 _GATES = frozenset({NodeEvent.START, NodeEvent.SWITCH})
 WITH = {"with_switch": True}  # a confirm's ``step.finished`` written with its switch's outcome
+CONFIRMED = frozenset({NodeEvent.CONFIRM_DONE, NodeEvent.CONFIRM_DUAL})
+"""A confirm's outcomes that take its node to done (or dual): written only while its agent is
+not cut off, which the write decides (``Engine._save_node``'s ``confirm``)."""
 # The plan's events that halt a rollout: the pass writes the halt's note (``halt_note``).
 _HALTS = frozenset({RolloutEvent.FAILURE_BUDGET_EXCEEDED, RolloutEvent.NODE_CUT_OFF})
 
@@ -1100,6 +1103,7 @@ class Engine:
         certs: Sequence[IssuedCert] = (),
         recorded: Callable[[], None] | None = None,
         confirm: Sequence[NodeEvent] = (),
+        confirm_only: bool = False,
         also: Sequence[StepTime] = (),
         cut: list[bool] | None = None,
     ) -> RolloutRow:
@@ -1126,7 +1130,11 @@ class Engine:
         ``confirm`` would (the node confirming: the confirm step, which cannot reach it, and
         the pass that reads the cut-off nodes fail it as a node cut off mid-switch). The
         agent pool's word, read before, may be older than a revocation that commits while the
-        write waits for the store (review rev52d L1). ``cut`` gets True if it did."""
+        write waits for the store (review rev52d L1). ``cut`` gets True if it did.
+        ``confirm_only``: ``change`` leaves the record as it is, and ``confirm`` is a confirm
+        step's own outcome (its node confirming), decided the same way: a revocation that
+        commits while the step's outside check runs, after the pass that planned the step read
+        the nodes cut off, leaves the node confirming (review rev53a M2)."""
         # A plain loop, not tenacity: its machinery cost ~20 µs of CPU per save, four saves
         # per node (issue 15), for a retry that is rare.
         for attempt in range(1, STALE_ATTEMPTS + 1):
@@ -1140,25 +1148,28 @@ class Engine:
                 old, detail = row.node(name)
                 new = change(old)
                 now = self.clock()
-                steps = _begun([old], [new], now)
-                if step is not None and (new != old or timed_if_unchanged):
-                    steps[:0] = [step]
                 learnt = {k: v for k, v in details(detail).items() if getattr(detail, k) != v}
-                if new == old and not steps and not learnt:
-                    return row
                 fingerprint = learnt.get("cert_fingerprint")
-                auth = self._auth_now(row, old, new)
-                revoke = self._revoke_now(row, old, new, fingerprint, detail)
                 if_cut_off = None
-                if confirm and new != old:  # the confirm's too, unless the agent is cut off
-                    if_cut_off = IfCutOff(name, [new], steps, auth, revoke)
-                    new = functools.reduce(NodeRecord.with_event, confirm, new)
-                    timed = [step] if step is not None else []
-                    steps = [*timed, *also, *_begun([old], [new], now)]
+                if confirm and (new != old or (confirm_only and old.state is NodeState.CONFIRMING)):
+                    # The confirm's too, unless the write finds the agent cut off: then this.
+                    plain = _times(step, old, new, now, timed_if_unchanged)
                     auth = self._auth_now(row, old, new)
                     revoke = self._revoke_now(row, old, new, fingerprint, detail)
+                    if_cut_off = IfCutOff(name, [new], plain, auth, revoke)
+                    new = functools.reduce(NodeRecord.with_event, confirm, new)
+                ended = also if if_cut_off is not None else ()  # the steps the write ends too
+                steps = _times(step, old, new, now, timed_if_unchanged, ended)
+                if new == old and not steps and not learnt:
+                    return row
+                auth = self._auth_now(row, old, new)
+                revoke = self._revoke_now(row, old, new, fingerprint, detail)
                 plans: list[planner.Plan] = []
-                then = None if plan_next is None else functools.partial(self._plan_next, plans, now)
+                then = (
+                    None
+                    if plan_next is None
+                    else functools.partial(self._plan_next, plans, now, cut=if_cut_off)
+                )
                 row = await dbthread.run(
                     self.schema.save_states,
                     row,
@@ -1197,7 +1208,12 @@ class Engine:
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt raises
 
     def _plan_next(
-        self, plans: list[planner.Plan], now: dt.datetime, after: RolloutRow
+        self,
+        plans: list[planner.Plan],
+        now: dt.datetime,
+        after: RolloutRow,
+        *,
+        cut: IfCutOff | None = None,
     ) -> tuple[Sequence[NodeRecord], list[StepTime]]:
         """Inside the write of a step's outcome (``_save_node``), on the store's thread: the
         node moves the loop's next pass would persist (``reconcile``), from the records as
@@ -1206,8 +1222,10 @@ class Engine:
         cut-off node of a halting rollout (whose note the loop makes again:
         ``drained_halt_note``), a rollout held by ``--when-quiet`` (whose gate reads the
         store) and a planner error are left to the loop, which the step's task wakes when
-        this persists no plan (``_record`` returns False, ``_run_step``)."""
-        if after.meta.when_quiet:
+        this persists no plan (``_record`` returns False, ``_run_step``); so is a write that
+        found its node's agent cut off (``cut``: its plan would not know that node cut off,
+        which the pass reads again: review rev53a L2)."""
+        if after.meta.when_quiet or (cut is not None and cut.taken):
             return (), []
         try:
             plan = planner.next_actions(
@@ -1498,6 +1516,9 @@ class Engine:
         plans: list[planner.Plan] = []
         key = (rollout_id, step.node)
         also = confirmed if event is NodeEvent.SWITCH_DONE else ()
+        # A confirm step's own outcome that takes the node to done (or dual): written only if
+        # the write finds its agent not cut off, as a confirm written with its switch.
+        alone = step.step is Step.CONFIRM and event in CONFIRMED
 
         def recorded() -> None:  # the store's thread: a dict's item set, atomic
             self.signed[key] = issued[-1]
@@ -1508,6 +1529,8 @@ class Engine:
                 return r
             # An answer at last: what was said while the agent was away no longer holds.
             cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
+            if alone:  # the write applies it (``confirm_only``)
+                return r if cleared is None or cleared == r.reason else replace(r, reason=cleared)
             return r.with_event(event, cleared)  # ``also``: the write applies it (``confirm``)
 
         now = self.clock()
@@ -1520,7 +1543,8 @@ class Engine:
             plan_next=plans,
             certs=[s.record for s in issued],
             recorded=recorded if issued else None,
-            confirm=also,  # switching -> confirming -> done (or dual)
+            confirm=(event,) if alone else also,  # switching -> confirming -> done (or dual)
+            confirm_only=alone,
             also=[StepTime(step.node, Step.CONFIRM.value, now, now)] if also else (),
             cut=cut,
         )
@@ -1531,6 +1555,16 @@ class Engine:
                 node=step.node,
                 step=step.step.value,
                 node_event=event.value,
+            )
+            return False
+        if cut and alone:  # left confirming: the pass fails it as a node cut off mid-switch
+            log.info(
+                "step.result_dropped",
+                rollout_id=rollout_id,
+                node=step.node,
+                step=step.step.value,
+                node_event=event.value,
+                reason="its agent is cut off",
             )
             return False
         if cut:  # switching -> confirming only: the confirm step's and the pass's to fail it
@@ -1555,6 +1589,23 @@ class Engine:
             and row.rollout.state is RolloutState.RUNNING
             and row.rollout.freeze is not FreezeMode.SCOPE
         )
+
+
+def _times(
+    step: StepTime | None,
+    old: NodeRecord,
+    new: NodeRecord,
+    now: dt.datetime,
+    timed_if_unchanged: bool,
+    also: Sequence[StepTime] = (),
+) -> list[StepTime]:
+    """The step times a write of ``old`` -> ``new`` records (``Engine._save_node``): the
+    step's (and ``also``'s, the steps it ended too) if the record changed, unless
+    ``timed_if_unchanged``, then the start of the step the new state begins."""
+    steps = _begun([old], [new], now)
+    if step is not None and (new != old or timed_if_unchanged):
+        steps[:0] = [step, *also]
+    return steps
 
 
 def _records_certs(row: RolloutRow, old: NodeRecord, new: NodeRecord) -> bool:

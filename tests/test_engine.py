@@ -870,6 +870,57 @@ async def test_a_node_cut_off_after_it_was_dialled_is_not_confirmed_in_the_write
         and e.get("node") == "charlie"
         and e.get("node_event") == "confirm_done"
     ]
+    assert _auth_rows(leader, "charlie") == []  # no password version live, as for a node done
+    await leader.stop()
+
+
+def _auth_rows(leader: Any, name: str) -> list[dict[str, Any]]:
+    """The password versions the store has as live on node ``name`` (``node_auth``)."""
+    with leader.store.db.read() as db:
+        return [dict(r) for r in db.execute("SELECT * FROM node_auth WHERE name = ?", (name,))]
+
+
+async def test_a_node_cut_off_while_its_confirm_step_ran_is_not_written_done(
+    world: World,
+) -> None:
+    """Review rev53a M2: a confirm step of its own (no check merged with the switch) takes
+    its node to done in its outcome's write; a `tlsroll ca revoke` of charlie's certificate
+    that commits while the step's outside check runs, after the pass that planned the step
+    read the nodes cut off, was written over: charlie done, the rollout completed, nobody
+    told to remove the lost machine. That write decides in its transaction too: charlie left
+    confirming, failed as a node cut off mid-switch, the rollout halted with its note."""
+    from leader.rollout_core import cut_off_mid_switch
+
+    leader = world.boot()
+    cut = cut_off_agents(world, leader)
+    serial = agent_serial(list(NODES).index("charlie"))
+
+    async def revoke() -> None:
+        # The confirm step has run (its check passed), before its outcome's write commits.
+        leader.store.revoke(serial, reason="lost", now=world.clock.wall(), actor=ADMIN)
+        cut.add("charlie")
+
+    leader.schema.cue = Cue(
+        when=lambda records: node(records, "charlie").state is N.DONE, action=revoke
+    )
+    await leader.start(max_parallel=1)
+    with capture_logs() as logs:
+        row = await leader.run(passes=400)
+    assert cut == {"charlie"}  # (the cue ran)
+    assert not [e for e in logs if e.get("with_switch")]  # the confirm step's own write
+    charlie = node(row.records, "charlie")
+    assert (charlie.state, charlie.reason) == (N.NEEDS_ATTENTION, cut_off_mid_switch("charlie"))
+    assert row.rollout.state is R.HALTED, row.rollout
+    assert "tlsroll nodes remove charlie" in row.meta.reason, row.meta.reason
+    committed = [
+        a.detail["new"] for a in leader.audit() if a.kind == "node.state" and a.subject == "charlie"
+    ]
+    assert "done" not in committed, committed
+    assert _auth_rows(leader, "charlie") == []
+    dropped = [e for e in logs if e["event"] == "step.result_dropped" and e["node"] == "charlie"]
+    assert [(e["step"], e["node_event"], e["reason"]) for e in dropped] == [
+        ("confirm", "confirm_done", "its agent is cut off")
+    ]
     await leader.stop()
 
 

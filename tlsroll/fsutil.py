@@ -1021,22 +1021,51 @@ def _canonical(place: Path, mounted: Set[Path] = frozenset()) -> Path:
     that does not exist (not made yet, a dangling link, or on a way we may not search) is
     taken as spelled, as before: nothing tells where it will be.
 
-    A place ``mounted`` shows mounted (as spelled, or once its directory is resolved) is not
-    looked at itself: an fstab line names every mount of the machine, and a look at a network
-    share whose server is down (a NAS off for the night, an NFS hard mount) waits for that
-    server, and the daemon's start with it."""
-    if place in mounted:
-        return place
-    try:
-        under = Path(os.path.realpath(place.parent, strict=True)) / place.name
-    except (OSError, ValueError):
-        return place
-    if under in mounted:
-        return under
-    try:
-        return Path(os.path.realpath(place, strict=True))
-    except (OSError, ValueError):
-        return place
+    With ``mounted`` (what mountinfo shows mounted: an fstab line's or a unit's mount point,
+    which may be any mount of the machine), the way is resolved one name at a time, and
+    nothing at or below a mounted place but ``/`` is looked at: a look at a network share
+    whose server is down (a NAS off for the night, an NFS hard mount) waits for that server,
+    and the daemon's start with it (review rev53a M1: a share spelled through a link, or a
+    mount point below a mounted share, was looked at). What lies below a mounted place is
+    taken as spelled there."""
+    if not mounted:
+        try:
+            return Path(os.path.realpath(place, strict=True))
+        except (OSError, ValueError):
+            return place
+    top = Path("/")
+    resolved, rest, links = top, list(place.parts[1:]), 0
+    while rest:
+        name = rest.pop(0)
+        if name in ("", "."):
+            continue
+        if resolved != top and resolved in mounted:
+            return Path(os.path.normpath(resolved.joinpath(name, *rest)))  # not looked at
+        if name == "..":
+            resolved = resolved.parent
+            continue
+        step = resolved / name
+        if step in mounted:  # a mount point: a directory, not a link
+            resolved = step
+            continue
+        try:
+            if not stat.S_ISLNK(os.lstat(step).st_mode):
+                resolved = step
+                continue
+            links += 1
+            target = Path(os.readlink(step))
+        except (OSError, ValueError):
+            return place
+        if links > _MAX_LINKS:
+            return place
+        if target.is_absolute():
+            resolved, rest = top, [*target.parts[1:], *rest]
+        else:
+            rest = [*target.parts, *rest]
+    return resolved
+
+
+_MAX_LINKS = 40  # symbolic links followed in one path, as Linux's own limit (ELOOP)
 
 
 def _mount_points_to_be(root: Path, mounted: Set[Path]) -> dict[Path, Unmounted]:
