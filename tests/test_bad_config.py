@@ -1058,6 +1058,40 @@ def test_a_mounted_share_fstab_names_is_not_looked_at(
     assert tmp_path / "nas" in looked  # the link itself: on the root file system
 
 
+def test_a_link_below_a_local_partition_is_resolved_for_the_mount_check(tmp_path: Path) -> None:
+    """Review rev53b M: below a mounted local disk (/var on a partition of its own) the way is
+    resolved on, as below /: an fstab ``noauto`` mount point spelled through a link there
+    (/var/lib/tlsroll -> /srv/disks/data) is the same one whichever way the data dir is
+    spelled, with or without the unit systemd's fstab generator makes of it (by its real
+    path): exit 2, left to a person. Stopping at every mount point had made it exit 1 for
+    ever with the unit, and found nothing without it (the empty directory below taken for the
+    data dir)."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    var = (tmp_path / "var").resolve()
+    (var / "lib").mkdir(parents=True)
+    target = (tmp_path / "srv" / "disks" / "data").resolve()
+    target.mkdir(parents=True)
+    link = var / "lib" / "tlsroll"
+    link.symlink_to(target)
+    (root / "etc" / "fstab").write_text(f"/dev/vdb1 {link} ext4 noauto 0 2\n")
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+        f"30 22 253:2 / {var} rw,relatime shared:2 - xfs /dev/vda2 rw\n"
+    )
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    for generator in (False, True):
+        if generator:
+            made = root / "run" / "systemd" / "generator"
+            made.mkdir(parents=True)
+            (made / "srv-disks-data.mount").write_text(f"[Mount]\nWhat=/dev/vdb1\nWhere={target}\n")
+        for data in (link / "tlsroll", target / "tlsroll"):
+            assert fsutil.unmounted_mount_point(data, env) == (link, "/etc/fstab", True), data
+            error = fsutil.not_mounted("data dir", data, "tlsroll-leader", env)
+            assert isinstance(error, errors.ConfigError), (generator, data, error)
+
+
 def _agent_elsewhere(cluster: Cluster, tmp_path: Path, data_dir: Path) -> list[str]:
     """The agent's command with a config of its own in ``tmp_path`` naming ``data_dir``."""
     config = _agent_config(cluster, tmp_path, data_dir=data_dir)

@@ -15,7 +15,7 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Mapping, Set
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -1013,7 +1013,7 @@ class Unmounted(NamedTuple):
     """fstab marks it ``noauto``: nothing mounts it but a person."""
 
 
-def _canonical(place: Path, mounted: Set[Path] = frozenset()) -> Path:
+def _canonical(place: Path, mounted: Mapping[Path, str] | None = None) -> Path:
     """How mount points are compared: by their real path (``os.path.realpath``), as systemd's
     fstab generator writes the ``Where=`` of the unit it makes of an fstab line, and mountinfo
     shows a mount point; a data dir or a mount point spelled through a symbolic link was one
@@ -1021,13 +1021,16 @@ def _canonical(place: Path, mounted: Set[Path] = frozenset()) -> Path:
     that does not exist (not made yet, a dangling link, or on a way we may not search) is
     taken as spelled, as before: nothing tells where it will be.
 
-    With ``mounted`` (what mountinfo shows mounted: an fstab line's or a unit's mount point,
-    which may be any mount of the machine), the way is resolved one name at a time, and
-    nothing at or below a mounted place but ``/`` is looked at: a look at a network share
-    whose server is down (a NAS off for the night, an NFS hard mount) waits for that server,
-    and the daemon's start with it (review rev53a M1: a share spelled through a link, or a
-    mount point below a mounted share, was looked at). What lies below a mounted place is
-    taken as spelled there."""
+    With ``mounted`` (what mountinfo shows mounted, each with its file system's type: an fstab
+    line's or a unit's mount point may be any mount of the machine), the way is resolved one
+    name at a time, a mount point taken as the directory it is, and nothing at or below a
+    mount of a file system that is not a local disk's (``LOCAL_FILE_SYSTEMS``: a network
+    share, FUSE, an automount) is looked at: a look at a share whose server is down (a NAS off
+    for the night, an NFS hard mount) waits for that server, and the daemon's start with it
+    (review rev53a M1: a share spelled through a link, or a mount point below a mounted share,
+    was looked at). What lies below such a mount is taken as spelled there; below a local
+    disk's (/var, /srv on partitions of their own) the way is resolved on (review rev53b M:
+    stopping there too made fstab's spelling and the data dir's differ again)."""
     if not mounted:
         try:
             return Path(os.path.realpath(place, strict=True))
@@ -1039,7 +1042,8 @@ def _canonical(place: Path, mounted: Set[Path] = frozenset()) -> Path:
         name = rest.pop(0)
         if name in ("", "."):
             continue
-        if resolved != top and resolved in mounted:
+        kind = mounted.get(resolved)  # (a mount point's file system's type)
+        if resolved != top and kind is not None and kind not in LOCAL_FILE_SYSTEMS:
             return Path(os.path.normpath(resolved.joinpath(name, *rest)))  # not looked at
         if name == "..":
             resolved = resolved.parent
@@ -1067,8 +1071,19 @@ def _canonical(place: Path, mounted: Set[Path] = frozenset()) -> Path:
 
 _MAX_LINKS = 40  # symbolic links followed in one path, as Linux's own limit (ELOOP)
 
+LOCAL_FILE_SYSTEMS = frozenset(
+    {
+        *("ext2", "ext3", "ext4", "xfs", "btrfs", "bcachefs", "zfs", "f2fs", "jfs", "nilfs2"),
+        *("reiserfs", "vfat", "msdos", "exfat", "ntfs", "ntfs3", "hfsplus", "udf", "iso9660"),
+        *("squashfs", "erofs", "overlay", "tmpfs", "ramfs", "devtmpfs"),
+    }
+)
+"""The file system types (mountinfo's) of a local disk or of memory, which a look at never
+waits for a server (``_canonical``); any other (nfs, cifs, FUSE, autofs, ...) is not looked
+into."""
 
-def _mount_points_to_be(root: Path, mounted: Set[Path]) -> dict[Path, Unmounted]:
+
+def _mount_points_to_be(root: Path, mounted: Mapping[Path, str]) -> dict[Path, Unmounted]:
     """The mount points /etc/fstab and systemd's mount units (``Where=``) name, by their
     real paths (``_canonical``), each as it is spelled there, with where it is named and
     whether nothing mounts it at boot: an fstab line with ``noauto``
@@ -1117,11 +1132,12 @@ def unmounted_mount_point(path: Path, environ: Mapping[str, str] = os.environ) -
     lines = _read_lines(root / MOUNTINFO.relative_to("/"))
     if lines is None:
         return None
-    mounted = set()
+    mounted: dict[Path, str] = {}  # mount point -> its file system's type
     for line in lines:
         fields = line.split()
         if len(fields) >= 5:
-            mounted.add(Path(os.path.normpath(_unescaped(fields[4]))))
+            kind = line.partition(" - ")[2].split()
+            mounted[Path(os.path.normpath(_unescaped(fields[4])))] = kind[0] if kind else ""
     to_be = _mount_points_to_be(root, mounted)
     full, real = Path(os.path.abspath(path)), Path(os.path.realpath(path))  # (a link's way too)
     spelled = (full, *full.parents, real, *real.parents)
