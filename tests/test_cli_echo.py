@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from leader.cli import cluster_cmd
 from leader.rollout_core import RolloutAction
 from leader.tokens import JoinToken
 from leader.wire import ROLLOUT_ACTION
-from tests.cluster import Cluster, one_line_error
+from tests.cluster import Cluster, child_env, one_line_error
 from tests.conftest import next_loopback
-from tlsroll import echo
+from tlsroll import echo, names
 from tlsroll.cli import main
 from tlsroll.password import generate_password
 from tlsroll.v1 import admin_pb2
@@ -114,6 +115,39 @@ def test_shown_is_one_escaped_line_of_at_most_80_characters_and_the_length() -> 
     assert echo.shown(BROKEN) == "'ab\\ncd\\x1b[2J'"
     assert echo.shown(LONG) == "'" + "A" * 79 + "…' (100000 characters)"
     assert echo.shown_path("/tmp/a\nb") == "/tmp/a\\nb"
+
+
+def test_a_refused_name_is_repeated_as_shown_and_echo_imported_by_the_first_refusal() -> None:
+    """Session 53 (issue 15): ``tlsroll.names`` imports ``echo`` (its secrets' shapes compiled
+    as it is imported) at its first refusal, not with itself: the agent's crypto worker's
+    child makes a rollout's first key for names it never refuses. Its refusals repeat the
+    input as ``shown`` does all the same."""
+    code = (
+        "import sys\n"
+        "from tlsroll import names\n"
+        "print('tlsroll.echo' in sys.modules)\n"
+        "assert names.node_name_problem('node9') is None\n"
+        "assert names.dns_problem('node9.example.org') is None\n"
+        "print('tlsroll.echo' in sys.modules)\n"
+        "assert names.node_name_problem('Node9') is not None\n"
+        "print('tlsroll.echo' in sys.modules)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False", "True"]
+    for problem in (names.node_name_problem, names.dns_problem, names.ip_problem):
+        for value in (LONG, BROKEN):
+            assert echo.shown(value) in str(problem(value)), problem
+    for problem in (names.node_name_problem, names.ip_problem):
+        said = str(problem(TOKEN))
+        assert TOKEN not in said
+        assert f"<a join token (id {TOKEN_ID}; its secret not shown)>" in said
 
 
 # --- L5: one line, input cut -------------------------------------------------------------------

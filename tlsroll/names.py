@@ -4,6 +4,11 @@ The rules the CA signs by (``tlsroll.pki``) and the agent's config checks (``nod
 share these; they need no ``cryptography``, so an agent that only reads its config and serves
 does not load it (issue 15: it costs an agent about 10 MiB for months). ``tlsroll.pki``
 re-exports every name here.
+
+``tlsroll.echo`` (which compiles its secrets' shapes as it is imported: about 1.6 ms) is
+imported by the first refusal here (``shown``), not with this module: the agent's crypto
+worker's child imports this on its way to a rollout's first key (issue 15), and refuses no
+name there.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tlsroll import spiffe
-from tlsroll.echo import shown
 
 BACKDATE = dt.timedelta(hours=1)  # a leaf's NotBefore: tolerate clocks that lag the CA's
 NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -31,6 +35,14 @@ DNS_NAME = re.compile(
 )
 # Addresses that name every host, or none: a certificate for them vouches for any machine.
 EVERY_HOST_IPS = frozenset({"127.0.0.1", "::1"})
+
+
+def shown(value: object) -> str:
+    """``tlsroll.echo.shown``: a refused input as the refusal repeats it (see the module's
+    docstring)."""
+    from tlsroll import echo  # noqa: PLC0415 - refusals only
+
+    return echo.shown(value)
 
 
 def node_name_problem(name: str) -> str | None:
