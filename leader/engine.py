@@ -1548,23 +1548,14 @@ class Engine:
             also=[StepTime(step.node, Step.CONFIRM.value, now, now)] if also else (),
             cut=cut,
         )
-        if dropped:
+        if dropped or (cut and alone):  # cut: left confirming, failed by the pass as cut off
             log.info(
                 "step.result_dropped",
                 rollout_id=rollout_id,
                 node=step.node,
                 step=step.step.value,
                 node_event=event.value,
-            )
-            return False
-        if cut and alone:  # left confirming: the pass fails it as a node cut off mid-switch
-            log.info(
-                "step.result_dropped",
-                rollout_id=rollout_id,
-                node=step.node,
-                step=step.step.value,
-                node_event=event.value,
-                reason="its agent is cut off",
+                **({} if dropped else {"reason": "its agent is cut off"}),
             )
             return False
         if cut:  # switching -> confirming only: the confirm step's and the pass's to fail it

@@ -440,6 +440,17 @@ def test_the_running_leader_issues_its_certificate_for_the_key_it_serves(tmp_pat
     assert pki.key_matches(own.cert, pki.load_key_pem(own.key_pem))  # what it serves, a pair
 
 
+def _served(
+    tmp_path: Path,
+) -> tuple[Layout, pki.CertificateAuthority, pki.Names, pki.PrivateKey, OwnTls]:
+    """A leader's files with its key and certificate, and the ``OwnTls`` serving them."""
+    layout, ca, names = _leader_files(tmp_path)
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    return layout, ca, names, key, OwnTls(layout, ca, names)
+
+
 def test_a_ca_renewal_never_serves_a_chain_of_another_key_than_the_leaders(
     tmp_path: Path,
 ) -> None:
@@ -450,12 +461,8 @@ def test_a_ca_renewal_never_serves_a_chain_of_another_key_than_the_leaders(
     issued it again. Now the leaf it serves is chained with the new CA certificate; the file
     is then issued again for the served key as before (session 52), and served. No chain
     whose leaf is not of the served key is ever served nor handed to ``on_renewed``."""
-    layout, ca, names = _leader_files(tmp_path)
     (tmp_path / "ca").mkdir()
-    key = pki.generate_key()
-    pki.write_key(layout.tls_key, key)
-    write_leader_cert(layout, ca, key, names)
-    own = OwnTls(layout, ca, names)
+    layout, ca, names, key, own = _served(tmp_path)
     leaf = own.cert
     handed: list[bytes] = []
     own.on_renewed.append(lambda chain: handed.extend((chain, own.chain_pem)))
@@ -485,11 +492,7 @@ def test_a_leader_pem_replaced_while_it_is_issued_again_is_not_served(
     """``OwnTls.renew_if_due`` served what leader.pem held after it issued it again: one
     replaced in between by another key's certificate was served with the leader's key. It
     keeps serving what it served (the next check issues it again), and says so."""
-    layout, ca, names = _leader_files(tmp_path)
-    key = pki.generate_key()
-    pki.write_key(layout.tls_key, key)
-    write_leader_cert(layout, ca, key, names)
-    own = OwnTls(layout, ca, names)
+    layout, ca, names, key, own = _served(tmp_path)
     before = own.chain_pem
     handed: list[bytes] = []
     own.on_renewed.append(handed.append)

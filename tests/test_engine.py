@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
@@ -832,22 +832,8 @@ async def test_a_node_cut_off_after_it_was_dialled_is_not_confirmed_in_the_write
     from leader.rollout_core import cut_off_mid_switch
 
     written = confirm_with_switch(world, monkeypatch)
-    leader = world.boot()
-    cut = cut_off_agents(world, leader)
-    serial = agent_serial(list(NODES).index("charlie"))
-
-    async def revoke() -> None:
-        # After the switch step ended (the pool's answer is in), before the write commits.
-        leader.store.revoke(serial, reason="lost", now=world.clock.wall(), actor=ADMIN)
-        cut.add("charlie")  # the fake pool refuses it from now on, as ``AgentPool.get``
-
-    leader.schema.cue = Cue(
-        when=lambda records: node(records, "charlie").state is N.DONE, action=revoke
-    )
-    await leader.start(max_parallel=1)
-    with capture_logs() as logs:
-        row = await leader.run(passes=400)
-    assert cut == {"charlie"}  # (the cue ran)
+    # After the switch step ended (the pool's answer is in), before the write commits.
+    leader, row, logs = await revoking_charlie_as_it_is_written_done(world)
     charlie = node(row.records, "charlie")
     assert (charlie.state, charlie.reason) == (
         N.NEEDS_ATTENTION,
@@ -874,7 +860,31 @@ async def test_a_node_cut_off_after_it_was_dialled_is_not_confirmed_in_the_write
     await leader.stop()
 
 
-def _auth_rows(leader: Any, name: str) -> list[dict[str, Any]]:
+async def revoking_charlie_as_it_is_written_done(
+    world: World,
+) -> tuple[Leader, RolloutRow, list[MutableMapping[str, Any]]]:
+    """A rollout (max-parallel 1) in which `tlsroll ca revoke` of charlie's certificate
+    commits just before the write that would take charlie to done: the leader, the rollout
+    as it ended and its log lines."""
+    leader = world.boot()
+    cut = cut_off_agents(world, leader)
+    serial = agent_serial(list(NODES).index("charlie"))
+
+    async def revoke() -> None:
+        leader.store.revoke(serial, reason="lost", now=world.clock.wall(), actor=ADMIN)
+        cut.add("charlie")  # the fake pool refuses it from now on, as ``AgentPool.get``
+
+    leader.schema.cue = Cue(
+        when=lambda records: node(records, "charlie").state is N.DONE, action=revoke
+    )
+    await leader.start(max_parallel=1)
+    with capture_logs() as logs:
+        row = await leader.run(passes=400)
+    assert cut == {"charlie"}  # (the cue ran)
+    return leader, row, logs
+
+
+def _auth_rows(leader: Leader, name: str) -> list[dict[str, Any]]:
     """The password versions the store has as live on node ``name`` (``node_auth``)."""
     with leader.store.db.read() as db:
         return [dict(r) for r in db.execute("SELECT * FROM node_auth WHERE name = ?", (name,))]
@@ -891,22 +901,8 @@ async def test_a_node_cut_off_while_its_confirm_step_ran_is_not_written_done(
     confirming, failed as a node cut off mid-switch, the rollout halted with its note."""
     from leader.rollout_core import cut_off_mid_switch
 
-    leader = world.boot()
-    cut = cut_off_agents(world, leader)
-    serial = agent_serial(list(NODES).index("charlie"))
-
-    async def revoke() -> None:
-        # The confirm step has run (its check passed), before its outcome's write commits.
-        leader.store.revoke(serial, reason="lost", now=world.clock.wall(), actor=ADMIN)
-        cut.add("charlie")
-
-    leader.schema.cue = Cue(
-        when=lambda records: node(records, "charlie").state is N.DONE, action=revoke
-    )
-    await leader.start(max_parallel=1)
-    with capture_logs() as logs:
-        row = await leader.run(passes=400)
-    assert cut == {"charlie"}  # (the cue ran)
+    # The confirm step has run (its check passed), before its outcome's write commits.
+    leader, row, logs = await revoking_charlie_as_it_is_written_done(world)
     assert not [e for e in logs if e.get("with_switch")]  # the confirm step's own write
     charlie = node(row.records, "charlie")
     assert (charlie.state, charlie.reason) == (N.NEEDS_ATTENTION, cut_off_mid_switch("charlie"))
