@@ -47,6 +47,9 @@ class OwnTls:
         self._key = pki.load_key_pem(self.key_pem)  # (what it serves with, never reloaded)
         self.chain_pem = layout.tls_cert.read_bytes()
         self._version = 0
+        # One change of what is served at a time (``ca_renewed``, ``renew_if_due``): each
+        # reads what is served in a worker thread and serves what it made of it after.
+        self._changing = asyncio.Lock()
         # Called with the new chain (PEM) after a renewal, on the event loop.
         self.on_renewed: list[Callable[[bytes], None]] = []
 
@@ -102,14 +105,20 @@ class OwnTls:
         served carries the new one (same leaf), the control listener trusts it, and the
         leader dials agents with it (``on_renewed``); then the leader's certificate is issued
         again if that is due now (one cut to the old certificate's end is, near that end), or
-        if leader.pem is not the certificate of the key served (``renew_if_due``)."""
-        chain = await asyncio.to_thread(self._rechain)
-        self.chain_pem = chain
-        self._version += 1
-        for callback in self.on_renewed:
-            callback(chain)
-        log.info("leader.ca_reloaded", ca_not_after=self.ca.cert.not_valid_after_utc.isoformat())
-        await self.renew_if_due()
+        if leader.pem is not the certificate of the key served (``renew_if_due``). Not beside
+        another change of what is served: a renewal whose certificate was served while this
+        chained the leaf it replaced was undone for good (review rev53c M: the due leaf served
+        until a restart, leader.pem new, nothing warning)."""
+        async with self._changing:
+            chain = await asyncio.to_thread(self._rechain)
+            self.chain_pem = chain
+            self._version += 1
+            for callback in self.on_renewed:
+                callback(chain)
+            log.info(
+                "leader.ca_reloaded", ca_not_after=self.ca.cert.not_valid_after_utc.isoformat()
+            )
+            await self._renew_if_due()
 
     def _rechain(self) -> bytes:
         """``DATA/tls/leader.pem`` written again as its leaf and the CA certificate in use;
@@ -122,6 +131,11 @@ class OwnTls:
 
     async def renew_if_due(self) -> bool:
         """Issue the certificate again if it is due, and serve it; True if it did."""
+        async with self._changing:
+            return await self._renew_if_due()
+
+    async def _renew_if_due(self) -> bool:
+        """``renew_if_due`` under the lock (``ca_renewed`` holds it already)."""
         # For the key it serves (not leader.key's file: one replaced by hand is read at the
         # next start, which issues the certificate again for it then).
         reissued = await asyncio.to_thread(

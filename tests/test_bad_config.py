@@ -1092,6 +1092,35 @@ def test_a_link_below_a_local_partition_is_resolved_for_the_mount_check(tmp_path
             assert isinstance(error, errors.ConfigError), (generator, data, error)
 
 
+def test_a_mount_directory_not_made_yet_behind_a_link_is_one_mount_point(tmp_path: Path) -> None:
+    """Review rev53c L: fstab's ``noauto`` line names /srv/link/data, /srv/link a link to
+    /mnt/disks, whose data directory is made when the disk is mounted. systemd's fstab
+    generator resolves what exists and keeps the rest (its unit's ``Where=`` is
+    /mnt/disks/data); the line was taken whole as spelled, so the unit and the line were two
+    mount points, and a data dir spelled by its real path exited 1 (the unit), started again
+    for ever. Both spellings are now the line's: exit 2, left to a person."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    disks = (tmp_path / "mnt" / "disks").resolve()
+    disks.mkdir(parents=True)
+    link = tmp_path / "srv-link"
+    link.symlink_to(disks)
+    spelled = link / "data"
+    (root / "etc" / "fstab").write_text(f"/dev/vdb1 {spelled} ext4 noauto 0 2\n")
+    made = root / "run" / "systemd" / "generator"
+    made.mkdir(parents=True)
+    (made / "mnt-disks-data.mount").write_text(f"[Mount]\nWhat=/dev/vdb1\nWhere={disks / 'data'}\n")
+    (root / "proc" / "self" / "mountinfo").write_text(
+        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+    )
+    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    for data in (spelled / "tlsroll", disks / "data" / "tlsroll"):
+        assert fsutil.unmounted_mount_point(data, env) == (spelled, "/etc/fstab", True), data
+        error = fsutil.not_mounted("data dir", data, "tlsroll-leader", env)
+        assert isinstance(error, errors.ConfigError), (data, error)
+
+
 def _agent_elsewhere(cluster: Cluster, tmp_path: Path, data_dir: Path) -> list[str]:
     """The agent's command with a config of its own in ``tmp_path`` naming ``data_dir``."""
     config = _agent_config(cluster, tmp_path, data_dir=data_dir)

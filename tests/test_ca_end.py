@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -484,6 +487,64 @@ def test_a_ca_renewal_never_serves_a_chain_of_another_key_than_the_leaders(
         else:  # a leader.pem of the served key: its leaf, rechained, nothing issued
             assert own.cert == leaf and len(handed) == 2
         handed.clear()
+
+
+def test_a_ca_renewal_crossing_a_due_renewal_does_not_serve_the_old_leaf_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev53c M: `tlsroll ca renew` (``ca_renewed``) while the expiry watch's
+    ``renew_if_due`` issued a due leader certificate again: the CA's rechain read the leaf
+    served (the due one) in its worker thread, the renewal then served the new leaf, and the
+    rechain's answer, served after it, put the due leaf back, for good (leader.pem new and not
+    due: nothing issued it again, nothing warned). One change of what is served at a time:
+    the new leaf is served, with the new CA certificate."""
+    (tmp_path / "ca").mkdir()
+    layout, ca, names = _leader_files(tmp_path)
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    due = ca.issue(
+        key.public_key(),
+        names,
+        server=True,
+        client=True,
+        identity=spiffe.leader(ca.trust_domain),
+        internal_dns=[spiffe.leader_host(ca.trust_domain)],
+        lifetime=10 * DAY,
+    )
+    layout.tls_cert.write_bytes(pki.cert_to_pem(due) + ca.cert_pem)
+    own = OwnTls(layout, ca, names)
+    issued, rechained = threading.Event(), threading.Event()
+    rechain = OwnTls._rechain
+
+    def issuing(*args: Any) -> str | None:
+        why = ensure_leader_identity(*args)
+        if why is not None:  # the due certificate issued again: the rechain may cross it now
+            issued.set()
+            rechained.wait(0.5)  # (it does not come while the renewal holds the change)
+        return why
+
+    def rechaining(self: OwnTls) -> bytes:
+        issued.wait(5)
+        try:
+            return rechain(self)
+        finally:
+            rechained.set()
+            for _ in range(50):  # its answer after the renewal's is served, if they crossed
+                if self.cert != due:
+                    break
+                time.sleep(0.01)
+
+    monkeypatch.setattr(own_tls, "ensure_leader_identity", issuing)
+    monkeypatch.setattr(OwnTls, "_rechain", rechaining)
+    ca_renewal.prepare(layout, ca, pki.utcnow(), force=True).put_in_place()
+
+    async def both() -> None:
+        await asyncio.gather(own.renew_if_due(), own.ca_renewed())
+
+    asyncio.run(both())
+    assert own.cert != due  # the new leaf, not the due one
+    assert own.chain_pem == layout.tls_cert.read_bytes()
+    assert pki.load_certs_pem(own.chain_pem)[1:] == [ca.cert]
 
 
 def test_a_leader_pem_replaced_while_it_is_issued_again_is_not_served(

@@ -1017,9 +1017,11 @@ def _canonical(place: Path, mounted: Mapping[Path, str] | None = None) -> Path:
     """How mount points are compared: by their real path (``os.path.realpath``), as systemd's
     fstab generator writes the ``Where=`` of the unit it makes of an fstab line, and mountinfo
     shows a mount point; a data dir or a mount point spelled through a symbolic link was one
-    mount point for one spelling and another, or none, for the other (review rev52c L2). One
-    that does not exist (not made yet, a dangling link, or on a way we may not search) is
-    taken as spelled, as before: nothing tells where it will be.
+    mount point for one spelling and another, or none, for the other (review rev52c L2). Of
+    one that does not exist (not made yet, a dangling link, or on a way we may not search)
+    what exists is resolved and the rest taken as spelled, as systemd's fstab generator does
+    (review rev53c L: a mount directory made at mount time was two mount points, fstab's
+    noauto line and the generator's unit).
 
     With ``mounted`` (what mountinfo shows mounted, each with its file system's type: an fstab
     line's or a unit's mount point may be any mount of the machine), the way is resolved one
@@ -1058,8 +1060,8 @@ def _canonical(place: Path, mounted: Mapping[Path, str] | None = None) -> Path:
                 continue
             links += 1
             target = Path(os.readlink(step))
-        except (OSError, ValueError):
-            return place
+        except (OSError, ValueError):  # not there (yet): the rest as spelled, as systemd does
+            return Path(os.path.normpath(resolved.joinpath(name, *rest)))
         if links > _MAX_LINKS:
             return place
         if target.is_absolute():
