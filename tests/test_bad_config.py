@@ -945,6 +945,20 @@ def test_a_mount_point_fstab_spells_through_a_link_is_mounted_on_its_target(
     assert fsutil.unmounted_mount_point(link / "tlsroll", env) is None
 
 
+ROOT_MOUNTED = "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
+
+
+def _fake_tables(tmp_path: Path, fstab: str, mounts: str = "") -> tuple[Path, dict[str, str]]:
+    """A fake /etc/fstab and /proc/self/mountinfo (``/`` mounted, then ``mounts``) under
+    ``tmp_path/tables``, and the environment that points the mount check at them."""
+    root = tmp_path / "tables"
+    (root / "proc" / "self").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "etc" / "fstab").write_text(fstab)
+    (root / "proc" / "self" / "mountinfo").write_text(ROOT_MOUNTED + mounts)
+    return root, {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+
+
 def test_a_mount_point_is_the_same_whichever_way_it_is_spelled(tmp_path: Path) -> None:
     """Review rev52c L2: an fstab ``noauto`` mount point spelled through a symbolic link was
     one for the data dir spelled through the link (fstab's line: exit 2, left to a person),
@@ -952,11 +966,8 @@ def test_a_mount_point_is_the_same_whichever_way_it_is_spelled(tmp_path: Path) -
     ``Where=`` the real path: exit 1, not mounted yet, started again for ever), or none at all
     without that unit. Mount points are now compared by their real paths on both sides: the
     fstab's line, named as fstab spells it, whichever way the data dir is written. One that
-    does not exist (not made yet, a dangling link) is compared as spelled, as before."""
-    root = tmp_path / "tables"
-    (root / "proc" / "self").mkdir(parents=True)
-    (root / "etc").mkdir()
-    generated = root / "run" / "systemd" / "generator"
+    does not exist (not made yet, a dangling link) is resolved as far as it exists and named
+    as fstab spells it."""
     target = (tmp_path / "disks" / "data").resolve()
     target.mkdir(parents=True)
     link = tmp_path / "srv-data"
@@ -964,15 +975,13 @@ def test_a_mount_point_is_the_same_whichever_way_it_is_spelled(tmp_path: Path) -
     dangling = tmp_path / "srv-gone"
     dangling.symlink_to(tmp_path / "disks" / "gone")
     missing = tmp_path / "disks" / "not-made"
-    (root / "etc" / "fstab").write_text(
+    root, env = _fake_tables(
+        tmp_path,
         f"/dev/vdb1 {link} ext4 noauto 0 2\n"
         f"/dev/vdc1 {dangling} ext4 noauto 0 2\n"
-        f"/dev/vdd1 {missing} ext4 defaults 0 2\n"
+        f"/dev/vdd1 {missing} ext4 defaults 0 2\n",
     )
-    (root / "proc" / "self" / "mountinfo").write_text(
-        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-    )
-    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
+    generated = root / "run" / "systemd" / "generator"
     noauto = (link, "/etc/fstab", True)
     for generator in (False, True):
         if generator:  # what systemd's fstab generator makes of the line: its real path
@@ -991,7 +1000,7 @@ def test_a_mount_point_is_the_same_whichever_way_it_is_spelled(tmp_path: Path) -
                 f" (mount {link}) or remove noauto from its options, then start tlsroll-leader"
                 " again"
             )
-    # Not there: as spelled (the dangling link by its own path, as before).
+    # Not there: named as spelled (the dangling link by its own path).
     assert fsutil.unmounted_mount_point(dangling / "tlsroll", env) == (
         dangling,
         "/etc/fstab",
@@ -1020,23 +1029,18 @@ def test_a_mounted_share_fstab_names_is_not_looked_at(
     waits for that server, and a daemon's start with it: review rev53a M1), whether fstab
     spells the share as it is mounted, through a link, or names a mount point below it; what
     lies below is taken as spelled. The data dir's own noauto mount point is still found."""
-    root = tmp_path / "tables"
-    (root / "proc" / "self").mkdir(parents=True)
-    (root / "etc").mkdir()
     share = (tmp_path / "srv" / "nas").resolve()
     share.mkdir(parents=True)
     (tmp_path / "nas").symlink_to(share)  # as /home -> /srv/home
     data = (tmp_path / "disks" / "data").resolve()
     data.mkdir(parents=True)
-    (root / "etc" / "fstab").write_text(
+    _root, env = _fake_tables(
+        tmp_path,
         f"nas:/share {share} nfs defaults 0 0\n"
         f"nas:/share {tmp_path / 'nas'} nfs defaults 0 0\n"
         f"nas:/sub {share / 'sub'} nfs noauto 0 0\n"
-        f"/dev/vdb1 {data} ext4 noauto 0 2\n"
-    )
-    (root / "proc" / "self" / "mountinfo").write_text(
-        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-        f"40 22 0:50 / {share} rw shared:20 - nfs4 nas:/share rw\n"
+        f"/dev/vdb1 {data} ext4 noauto 0 2\n",
+        f"40 22 0:50 / {share} rw shared:20 - nfs4 nas:/share rw\n",
     )
     looked: list[Path] = []
     lstat, stat_ = os.lstat, os.stat
@@ -1051,7 +1055,6 @@ def test_a_mounted_share_fstab_names_is_not_looked_at(
 
     monkeypatch.setattr(os, "lstat", watched(lstat))
     monkeypatch.setattr(os, "stat", watched(stat_))
-    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
     assert fsutil.unmounted_mount_point(data / "tlsroll", env) == (data, "/etc/fstab", True)
     assert looked, "the test looks at what is looked at"
     assert not [p for p in looked if p == share or share in p.parents]
@@ -1066,21 +1069,17 @@ def test_a_link_below_a_local_partition_is_resolved_for_the_mount_check(tmp_path
     path): exit 2, left to a person. Stopping at every mount point had made it exit 1 for
     ever with the unit, and found nothing without it (the empty directory below taken for the
     data dir)."""
-    root = tmp_path / "tables"
-    (root / "proc" / "self").mkdir(parents=True)
-    (root / "etc").mkdir()
     var = (tmp_path / "var").resolve()
     (var / "lib").mkdir(parents=True)
     target = (tmp_path / "srv" / "disks" / "data").resolve()
     target.mkdir(parents=True)
     link = var / "lib" / "tlsroll"
     link.symlink_to(target)
-    (root / "etc" / "fstab").write_text(f"/dev/vdb1 {link} ext4 noauto 0 2\n")
-    (root / "proc" / "self" / "mountinfo").write_text(
-        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-        f"30 22 253:2 / {var} rw,relatime shared:2 - xfs /dev/vda2 rw\n"
+    root, env = _fake_tables(
+        tmp_path,
+        f"/dev/vdb1 {link} ext4 noauto 0 2\n",
+        f"30 22 253:2 / {var} rw,relatime shared:2 - xfs /dev/vda2 rw\n",
     )
-    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
     for generator in (False, True):
         if generator:
             made = root / "run" / "systemd" / "generator"
@@ -1099,22 +1098,15 @@ def test_a_mount_directory_not_made_yet_behind_a_link_is_one_mount_point(tmp_pat
     /mnt/disks/data); the line was taken whole as spelled, so the unit and the line were two
     mount points, and a data dir spelled by its real path exited 1 (the unit), started again
     for ever. Both spellings are now the line's: exit 2, left to a person."""
-    root = tmp_path / "tables"
-    (root / "proc" / "self").mkdir(parents=True)
-    (root / "etc").mkdir()
     disks = (tmp_path / "mnt" / "disks").resolve()
     disks.mkdir(parents=True)
     link = tmp_path / "srv-link"
     link.symlink_to(disks)
     spelled = link / "data"
-    (root / "etc" / "fstab").write_text(f"/dev/vdb1 {spelled} ext4 noauto 0 2\n")
+    root, env = _fake_tables(tmp_path, f"/dev/vdb1 {spelled} ext4 noauto 0 2\n")
     made = root / "run" / "systemd" / "generator"
     made.mkdir(parents=True)
     (made / "mnt-disks-data.mount").write_text(f"[Mount]\nWhat=/dev/vdb1\nWhere={disks / 'data'}\n")
-    (root / "proc" / "self" / "mountinfo").write_text(
-        "22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
-    )
-    env = {fsutil.TEST_MOUNT_ROOT_ENV: str(root)}
     for data in (spelled / "tlsroll", disks / "data" / "tlsroll"):
         assert fsutil.unmounted_mount_point(data, env) == (spelled, "/etc/fstab", True), data
         error = fsutil.not_mounted("data dir", data, "tlsroll-leader", env)
