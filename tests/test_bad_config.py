@@ -828,15 +828,8 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
     directory itself), it stays the config error it was. The data dir the mount point itself,
     open and empty (root's 0755): the mount point is said, not "none of the leader's files"
     (that line stays for a mounted one, exit 1 as well)."""
-    owner, mode, below, config_in_it, unit = UNMOUNTED[case]
-    point = tmp_path / "srv" / "data"
-    point.mkdir(parents=True)
-    data = point / below if below else point
-    env = _mount_tables(tmp_path, point, mounted=mounted, unit=unit)
-    argv = _elsewhere(cluster, tmp_path, data)
-    if config_in_it:
-        argv[-1] = str(data / "leader.toml")
-    result, output, line = _run_on(point, owner, mode, argv, env, "tlsroll-leader")
+    started = _started_on(cluster, tmp_path, case, mounted, "tlsroll-leader")
+    data, result, output, line, said = started
     if mounted and case == "the-data-dir-open":
         assert result.returncode == 1, output
         assert f"{data} holds none of the leader's files" in line, line
@@ -846,8 +839,29 @@ def test_a_mount_point_not_mounted_yet_on_the_data_dirs_way_is_restartable(
         assert "not mounted" not in line, line
         return
     assert result.returncode == 1, output
-    at = data / "leader.toml" if config_in_it else data
-    assert line == _not_mounted_line("tlsroll-leader", at, point, config=config_in_it, unit=unit)
+    assert line == said
+
+
+def _started_on(
+    cluster: Cluster, tmp_path: Path, case: str, mounted: bool, prog: str
+) -> tuple[Path, subprocess.CompletedProcess[str], str, str, str]:
+    """The daemon ``prog`` started with its data dir (or its config) on ``UNMOUNTED[case]``'s
+    mount point, mounted or not (``_run_on``): its data dir, result, output and one line, and
+    the line a start on the mount point not mounted says (``_not_mounted_line``)."""
+    owner, mode, below, config_in_it, unit = UNMOUNTED[case]
+    point = tmp_path / "srv" / "data"
+    point.mkdir(parents=True)
+    data = point / below if below else point
+    env = _mount_tables(tmp_path, point, mounted=mounted, unit=unit)
+    leader = prog == "tlsroll-leader"
+    argv = (_elsewhere if leader else _agent_elsewhere)(cluster, tmp_path, data)
+    config = data / ("leader.toml" if leader else "agent.toml")
+    if config_in_it:
+        argv[-1] = str(config)
+    result, output, line = _run_on(point, owner, mode, argv, env, prog)
+    at = config if config_in_it else data
+    said = _not_mounted_line(prog, at, point, config=config_in_it, unit=unit)
+    return data, result, output, line, said
 
 
 def _run_on(
@@ -1137,22 +1151,14 @@ def test_a_mount_point_not_mounted_yet_on_the_agents_data_dirs_way_is_restartabl
     open or missing, made or taken over on the file system below and enrolled there (the
     node's identity lost once the disk came). The mount point is said, exit 1 (systemd starts
     it again), nothing made or changed; mounted, it stays the config error it was."""
-    owner, mode, below, config_in_it, unit = UNMOUNTED[case]
-    point = tmp_path / "srv" / "data"
-    point.mkdir(parents=True)
-    data = point / below if below else point
-    env = _mount_tables(tmp_path, point, mounted=mounted, unit=unit)
-    argv = _agent_elsewhere(cluster, tmp_path, data)
-    if config_in_it:
-        argv[-1] = str(data / "agent.toml")
-    result, output, line = _run_on(point, owner, mode, argv, env, "tlsroll-agent")
+    started = _started_on(cluster, tmp_path, case, mounted, "tlsroll-agent")
+    _data, result, output, line, said = started
     if mounted:
         assert result.returncode == 2, output
         assert "not mounted" not in line, line
         return
     assert result.returncode == 1, output
-    at = data / "agent.toml" if config_in_it else data
-    assert line == _not_mounted_line("tlsroll-agent", at, point, config=config_in_it, unit=unit)
+    assert line == said
 
 
 # case -> (the mount point's owner and mode, the data dir below it (or "": the mount point

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import structlog.testing
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from leader import ca_renewal, own_tls, runtime
@@ -310,16 +311,8 @@ def test_a_leader_certificate_not_valid_yet_or_of_another_ca_is_issued_again_whi
     pki.write_key(layout.tls_key, key)
     other = pki.CertificateAuthority.create()
     for issuer, at in ((ca, pki.utcnow() + 3 * DAY), (other, pki.utcnow())):
-        stale = issuer.issue(  # this cluster's leader identity: only the issuer or time is off
-            key.public_key(),
-            names,
-            client=True,
-            identity=spiffe.leader(ca.trust_domain),
-            internal_dns=[spiffe.leader_host(ca.trust_domain)],
-            lifetime=200 * DAY,
-            now=at,
-        )
-        layout.tls_cert.write_bytes(pki.cert_to_pem(stale) + issuer.cert_pem)
+        # This cluster's leader identity: only the issuer or the time is off.
+        stale = _leader_leaf(layout, issuer, key, names, ca.trust_domain, 200 * DAY, now=at)
         own = OwnTls(layout, ca, names)
         renewed: list[bytes] = []
         own.on_renewed.append(renewed.append)
@@ -330,6 +323,32 @@ def test_a_leader_certificate_not_valid_yet_or_of_another_ca_is_issued_again_whi
         assert served.public_key() == key.public_key()
         assert renewed == [own.chain_pem] and own.chain_pem == layout.tls_cert.read_bytes()
         assert not asyncio.run(own.renew_if_due())  # usable now: left as it is
+
+
+def _leader_leaf(
+    layout: Layout,
+    issuer: pki.CertificateAuthority,
+    key: pki.PrivateKey,
+    names: pki.Names,
+    trust_domain: str,
+    lifetime: dt.timedelta,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """A leader certificate (its identity in ``trust_domain``, serving and client use) for
+    ``key`` that ``issuer`` issued ``now`` for ``lifetime``, written as leader.pem with the
+    issuer's certificate (``write_leader_cert``'s, with the time and the issuer the test's)."""
+    leaf = issuer.issue(
+        key.public_key(),
+        names,
+        server=True,
+        client=True,
+        identity=spiffe.leader(trust_domain),
+        internal_dns=[spiffe.leader_host(trust_domain)],
+        lifetime=lifetime,
+        now=now,
+    )
+    layout.tls_cert.write_bytes(pki.cert_to_pem(leaf) + issuer.cert_pem)
+    return leaf
 
 
 def _leader_files(tmp_path: Path) -> tuple[Layout, pki.CertificateAuthority, pki.Names]:
@@ -429,15 +448,7 @@ def test_the_running_leader_issues_its_certificate_for_the_key_it_serves(tmp_pat
     assert not asyncio.run(own.renew_if_due())
     # leader.key replaced on disk, and leader.pem due: issued again for the served key.
     pki.write_key(layout.tls_key, pki.generate_key())
-    due = ca.issue(
-        key.public_key(),
-        names,
-        client=True,
-        identity=spiffe.leader(ca.trust_domain),
-        internal_dns=[spiffe.leader_host(ca.trust_domain)],
-        lifetime=10 * DAY,
-    )
-    layout.tls_cert.write_bytes(pki.cert_to_pem(due) + ca.cert_pem)
+    due = _leader_leaf(layout, ca, key, names, ca.trust_domain, 10 * DAY)
     assert asyncio.run(own.renew_if_due())
     assert own.cert != due and own.cert.public_key() == key.public_key()
     assert pki.key_matches(own.cert, pki.load_key_pem(own.key_pem))  # what it serves, a pair
@@ -502,16 +513,7 @@ def test_a_ca_renewal_crossing_a_due_renewal_does_not_serve_the_old_leaf_again(
     layout, ca, names = _leader_files(tmp_path)
     key = pki.generate_key()
     pki.write_key(layout.tls_key, key)
-    due = ca.issue(
-        key.public_key(),
-        names,
-        server=True,
-        client=True,
-        identity=spiffe.leader(ca.trust_domain),
-        internal_dns=[spiffe.leader_host(ca.trust_domain)],
-        lifetime=10 * DAY,
-    )
-    layout.tls_cert.write_bytes(pki.cert_to_pem(due) + ca.cert_pem)
+    due = _leader_leaf(layout, ca, key, names, ca.trust_domain, 10 * DAY)
     own = OwnTls(layout, ca, names)
     issued, rechained = threading.Event(), threading.Event()
     rechain = OwnTls._rechain

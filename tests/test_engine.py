@@ -567,7 +567,6 @@ async def test_a_node_left_dual_serves_its_certificate_to_the_expiry_watch_and_a
     from leader.auto_rotate import AutoRotator
     from leader.expiry import ExpiryWatch
     from leader.maintenance import parse_window
-    from leader.rollout_enums import Strategy
 
     monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
     leader = world.boot()
@@ -595,15 +594,7 @@ async def test_a_node_left_dual_serves_its_certificate_to_the_expiry_watch_and_a
         warned = {e.subject: e.fingerprint for e in watch.warnings() if e.kind == "server"}
         return served(), warned, (await rotator.check()).nodes
 
-    request = RolloutRequest(
-        Change.ENABLE_TLS,
-        Scope.cluster(),
-        strategy=Strategy.TRANSITIONAL,
-        auth_verifier_json=VERIFIER_1,
-    )
-    phase_1 = await leader.commands.start(request, ADMIN)
-    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
-    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    phase_1, row = await transitional_phase_1(leader)
     live = {name: world.agents[name].fingerprint for name in ORDER}
     assert all(live.values())
     assert await seen() == (live, live, tuple(sorted(ORDER)))
@@ -624,7 +615,6 @@ async def test_a_node_left_dual_revokes_the_certificate_its_new_one_supersedes(
     leaves ``done`` revokes the server certificates issued to it before (superseded); one a
     transitional phase 1 leaves ``dual`` did not, nor its finalize (which stages none), so
     a certificate of an earlier https period stayed valid on record for good."""
-    from leader.rollout_enums import Strategy
 
     monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
     leader = world.boot()
@@ -633,15 +623,7 @@ async def test_a_node_left_dual_revokes_the_certificate_its_new_one_supersedes(
     first = {name: world.agents[name].fingerprint for name in ORDER}
     await leader.start(Change.DISABLE_TLS)
     assert states(await leader.run()) == ALL_DONE
-    request = RolloutRequest(
-        Change.ENABLE_TLS,
-        Scope.cluster(),
-        strategy=Strategy.TRANSITIONAL,
-        auth_verifier_json=VERIFIER_1,
-    )
-    await leader.commands.start(request, ADMIN)
-    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
-    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    await transitional_phase_1(leader)
     for name in ORDER:
         live = world.agents[name].fingerprint
         assert live != first[name]
@@ -726,6 +708,24 @@ async def test_the_outside_check_begins_as_the_agent_verifies_the_new_server(
         assert mine.index("outside_check") < last_read, (name, mine)
     assert leader.engine.checks == {}  # each taken by its confirm
     await leader.stop()
+
+
+async def transitional_phase_1(leader: Leader) -> tuple[RolloutRow, RolloutRow]:
+    """An enable-tls rollout of the transitional strategy started and run to its phase 1's
+    end (every node dual, awaiting `rollout finalize`): the rollout as started, and as it is
+    then."""
+    from leader.rollout_enums import Strategy
+
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL,
+        auth_verifier_json=VERIFIER_1,
+    )
+    phase_1 = await leader.commands.start(request, ADMIN)
+    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
+    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    return phase_1, row
 
 
 def written_states(
@@ -1073,20 +1073,11 @@ async def test_a_transitional_rollout_and_its_finalize_confirm_each_switch_with_
 ) -> None:
     """Phase 1 of a transitional rollout: each node goes from switching to dual in one write;
     its finalize: from switching to done in one write, and the finalize completes."""
-    from leader.rollout_enums import Strategy
 
     monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
     written = confirm_with_switch(world, monkeypatch)
     leader = world.boot()
-    request = RolloutRequest(
-        Change.ENABLE_TLS,
-        Scope.cluster(),
-        strategy=Strategy.TRANSITIONAL,
-        auth_verifier_json=VERIFIER_1,
-    )
-    phase_1 = await leader.commands.start(request, ADMIN)
-    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
-    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    phase_1, row = await transitional_phase_1(leader)
     assert_confirmed_with_switch(written, end=N.DUAL)
 
     for agent in world.agents:  # a fake node knows one scheme: each says it is dual

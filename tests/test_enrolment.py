@@ -723,6 +723,26 @@ def test_a_default_certificate_for_a_while_then_the_leader_the_agent_enrols(
     assert "config error" not in log, log
 
 
+@contextlib.contextmanager
+def _behind_a_default_certificate(
+    cluster: Cluster, name: str
+) -> Iterator[tuple[Agent, str, x509.Certificate, list[bytes]]]:
+    """Agent ``name`` (not started) whose leader address shows a default certificate (a
+    balancer's, ``_default_certificate``) on the join port, not the leader's, while the block
+    runs: the agent, that address, that certificate, and what each connection sent after its
+    handshake (``_serve_tls``)."""
+    address = next_loopback()
+    default, default_key = _default_certificate()
+    received: list[bytes] = []
+    close = _serve_tls(address, [default], default_key, received)
+    try:
+        leader = {"leader": {"address": address}}
+        agent = cluster.add_agent(name, next_loopback(), extra_config=leader, start=False)
+        yield agent, address, default, received
+    finally:
+        close()
+
+
 def test_a_default_certificate_past_the_patience_is_exit_2_with_the_pins_line(
     cluster: Cluster,
 ) -> None:
@@ -730,14 +750,8 @@ def test_a_default_certificate_past_the_patience_is_exit_2_with_the_pins_line(
     the pinned key for longer (a wrong pin, or no fail-over at all) still stops the agent for a
     person, exit 2 with the pin's line as before (here after a patience shortened to 4 s),
     having tried more than once, each try a warning; the token never sent, no key made."""
-    address = next_loopback()
-    default, default_key = _default_certificate()
-    received: list[bytes] = []
-    close = _serve_tls(address, [default], default_key, received)
-    try:
-        agent = cluster.add_agent(
-            "defaulted", next_loopback(), extra_config={"leader": {"address": address}}, start=False
-        )
+    with _behind_a_default_certificate(cluster, "defaulted") as defaulted:
+        agent, address, default, received = defaulted
         token = str(agent.config["leader"]["join_token"])
         line = _pin_refused(
             agent,
@@ -745,8 +759,6 @@ def test_a_default_certificate_past_the_patience_is_exit_2_with_the_pins_line(
             found=_default_shown(f"{address}:{JOIN_PORT}", default),
             env={runtime.PIN_PATIENCE_ENV: "4"},
         )
-    finally:
-        close()
     # The pin's line, word for word, and where its patience is counted (review rev52b L2).
     cfg = AgentConfig.load(agent.config_path)
     record = nodefiles.pin_unseen_path(agent.data_dir)
@@ -771,17 +783,8 @@ def test_an_agent_waiting_out_a_default_certificate_stops_at_once_when_told(
     the agent waits to try the join port again ends it at once, exit 0, not after its wait
     (30 s here, the first as shipped; later up to 375 s, past systemd's 90 s stop timeout,
     which would end it with SIGKILL). No key made, the token not sent."""
-    address = next_loopback()
-    default, default_key = _default_certificate()
-    received: list[bytes] = []
-    close = _serve_tls(address, [default], default_key, received)
-    try:
-        agent = cluster.add_agent(
-            "stopped-waiting",
-            next_loopback(),
-            extra_config={"leader": {"address": address}},
-            start=False,
-        )
+    with _behind_a_default_certificate(cluster, "stopped-waiting") as defaulted:
+        agent, _, _, received = defaulted
         agent.spawn()
         wait_until(
             lambda: bool(_pin_warnings(agent.log_text())) or not agent.running, 30, "a first try"
@@ -790,8 +793,6 @@ def test_an_agent_waiting_out_a_default_certificate_stops_at_once_when_told(
         (warning,) = _pin_warnings(agent.log_text())
         assert warning["retry_in"] >= 30, warning
         assert agent.stop(timeout=20) == 0, agent.log_text()
-    finally:
-        close()
     assert received == [b""], received
     assert "agent.stopped" in agent.log_text()
     assert not agent.key_file.exists() and not agent.cert_file.exists()
@@ -820,18 +821,9 @@ def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) 
     seconds waited, since when, the pin and the join port, nothing secret): a restart goes on
     from there, and once that is past (an hour waited here, written into the record: no test
     waits an hour) its first try is the pin's exit 2, one connection and no retry."""
-    address = next_loopback()
-    default, default_key = _default_certificate()
-    received: list[bytes] = []
-    close = _serve_tls(address, [default], default_key, received)
     env = {runtime.PIN_PATIENCE_ENV: "60"}  # waits of 2, 4, 8, 20 s ...
-    try:
-        agent = cluster.add_agent(
-            "unseen-restarted",
-            next_loopback(),
-            extra_config={"leader": {"address": address}},
-            start=False,
-        )
+    with _behind_a_default_certificate(cluster, "unseen-restarted") as defaulted:
+        agent, address, default, received = defaulted
         token = str(agent.config["leader"]["join_token"])
         firsts = []
         for _run in range(2):
@@ -855,8 +847,6 @@ def test_a_restarted_agent_goes_on_with_the_patience_it_began(cluster: Cluster) 
         nodefiles.pin_unseen_path(agent.data_dir).write_text(json.dumps(record))
         tries = len(received)
         code, output = agent.run_to_exit(env)
-    finally:
-        close()
     assert code == 2 == runtime.EXIT_CONFIG, output
     expected = runtime.patience_used(
         identity.pin_mismatch(cfg, _default_shown(f"{address}:{JOIN_PORT}", default)),
@@ -901,17 +891,8 @@ def test_a_damaged_pin_record_is_one_warning_and_the_patience_afresh(
     """A record of the pin's patience that cannot be read (damaged, or a directory in its
     place: neither read nor written) is one warning, never a traceback: the patience starts
     afresh (tried again, then the pin's exit 2 as ever)."""
-    address = next_loopback()
-    default, default_key = _default_certificate()
-    received: list[bytes] = []
-    close = _serve_tls(address, [default], default_key, received)
-    try:
-        agent = cluster.add_agent(
-            f"unseen-{damage}",
-            next_loopback(),
-            extra_config={"leader": {"address": address}},
-            start=False,
-        )
+    with _behind_a_default_certificate(cluster, f"unseen-{damage}") as defaulted:
+        agent, address, default, _ = defaulted
         make_private_dir(agent.data_dir)
         path = nodefiles.pin_unseen_path(agent.data_dir)
         if damage == "directory":
@@ -924,8 +905,6 @@ def test_a_damaged_pin_record_is_one_warning_and_the_patience_afresh(
             found=_default_shown(f"{address}:{JOIN_PORT}", default),
             env={runtime.PIN_PATIENCE_ENV: "4"},
         )
-    finally:
-        close()
     # The record that counts is named, none where it could not be written (review rev52d L4).
     written = damage != "directory"
     assert (f"counted in {path}: if the pin is right, remove that file" in line) is written, line

@@ -1230,6 +1230,21 @@ def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> 
 STALE_LEADER_CERTS = ("expired", "not-yet-valid", "of-another-ca")
 
 
+def _heard_since(cluster: Cluster, name: str, since: dt.datetime, case: str) -> None:
+    """Wait until node ``name`` heartbeats to the leader after ``since`` (with the leader's new
+    certificate: its agent's stream reconnected to it)."""
+
+    def heard() -> bool:
+        return cluster.list_nodes()[name].last_heartbeat.ToDatetime(tzinfo=UTC) > since
+
+    wait_until(
+        heard,
+        20,
+        f"{name} heartbeats to the leader with its new certificate ({case})",
+        interval=LEADER_POLL,
+    )
+
+
 def _verified_join_certificate(cluster: Cluster) -> Any:
     """The leader's certificate on its join port, as a client that trusts only the cluster's
     CA verifies it (its signature and its validity now, as an agent's TLS does)."""
@@ -1303,16 +1318,7 @@ def test_a_leader_certificate_agents_would_refuse_is_issued_again_at_start(
         assert served.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300), case
         assert spiffe.of(served) == spiffe.leader(td), case
         assert cluster.leader.event_names().count("leader.certificate_reissued") == reissued + 1
-
-        def heartbeat(since: dt.datetime = since) -> bool:
-            return cluster.list_nodes()["node12"].last_heartbeat.ToDatetime(tzinfo=UTC) > since
-
-        wait_until(
-            heartbeat,
-            20,
-            f"node12 heartbeats to the leader with its new certificate ({case})",
-            interval=LEADER_POLL,
-        )
+        _heard_since(cluster, "node12", since, case)
     agent.stop()
 
 
@@ -1383,16 +1389,7 @@ def test_a_leader_pem_that_is_not_the_certificate_of_leader_key_is_issued_again_
         assert "leader.certificate_reissued" not in [e["event"] for e in events], case
         text = cluster.leader.log_text()
         assert "PRIVATE KEY" not in text and passphrase.decode() not in text
-
-        def heartbeat(since: dt.datetime = since) -> bool:
-            return cluster.list_nodes()["node13"].last_heartbeat.ToDatetime(tzinfo=UTC) > since
-
-        wait_until(
-            heartbeat,
-            20,
-            f"node13 heartbeats to the leader with its new certificate ({case})",
-            interval=LEADER_POLL,
-        )
+        _heard_since(cluster, "node13", since, case)
     agent.stop()
 
 
