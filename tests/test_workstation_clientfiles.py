@@ -819,13 +819,18 @@ def test_an_encrypted_client_key_is_refused_not_asked_for_on_the_terminal(tmp_pa
         except subprocess.TimeoutExpired:
             child.kill()
             child.communicate()
-            os.set_blocking(main_fd, False)
-            try:
-                shown = os.read(main_fd, 4096)
-            except OSError:
-                shown = b""
-            pytest.fail(f"the run waited on its terminal: {shown!r}")
+            pytest.fail(f"the run waited on its terminal: {_terminal_shows(main_fd)!r}")
+        shown = _terminal_shows(main_fd)  # (its stderr: what it said if it did not answer)
     finally:
         os.close(terminal_fd)
         os.close(main_fd)
-    assert out.decode().strip() == "refused"
+    assert out.decode().strip() == "refused", (child.returncode, shown)
+
+
+def _terminal_shows(main_fd: int) -> bytes:
+    """What a child wrote on its pseudo-terminal so far (``main_fd``, its other end)."""
+    os.set_blocking(main_fd, False)
+    try:
+        return os.read(main_fd, 4096)
+    except OSError:  # nothing there (EAGAIN), or the terminal hung up (EIO)
+        return b""
