@@ -793,6 +793,8 @@ async def wait_transaction(
             # agent sends none, and the schema takes the times' difference.
             if own_window and txn.HasField("freeze_seconds"):
                 details["freeze_seconds"] = measure("freeze_seconds", txn.freeze_seconds)
+            if txn.phase not in _BEFORE_RESTART:  # (whatever its outcome says: rev54a L3)
+                ctx.restarting()
             try:
                 outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
             except WireError as exc:
@@ -802,8 +804,6 @@ async def wait_transaction(
                 unreadable = exc
                 continue
             unreadable = None
-            if txn.phase not in _BEFORE_RESTART:
-                ctx.restarting()
             if (
                 verified is not None
                 and txn.phase == agent_pb2.TRANSACTION_PHASE_VERIFIED

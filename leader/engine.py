@@ -130,9 +130,13 @@ compares after it. The 1 s tick woke the idle leader each second for nothing (it
 fixed cost with no agent; issue 15). This tick is only a backstop."""
 STEP_RETRY_SECONDS = 2.0
 PREPARE_HOLD_SECONDS = 1.0
-"""The longest a node prepared ahead waits for the switches whose first freeze steps are
-under way (``Engine._prepare_later``): a freeze that drains long requests, a stream that
-says nothing, never hold its preparation longer than this."""
+"""The longest a step preparing a node ahead (its preflight, its stage: each, and each time it
+runs) waits for the switches whose first freeze steps are under way
+(``Engine._prepare_later``): a freeze that drains long requests, a stream that says nothing,
+never hold it longer than this."""
+PREPARE_LOOK_SECONDS = 0.05
+"""While a preparation waits, how often it looks again whether a switch slot came free (a
+confirm's outcome frees one and sets nothing it waits on)."""
 STEP_DEADLINE = 30.0  # seconds without an answer before a preflight fails (a stage: twice)
 UNKNOWN_AFTER = 10.0  # seconds without an answer before a switching node shows "unknown"
 UNKNOWN = "unknown — agent unreachable since"
@@ -682,23 +686,36 @@ class Engine:
         The node cannot switch before one of those switches ends, and its preparation (the
         leader's signing and calls, the node's key) then runs inside their restarts instead
         of lengthening their freeze windows: on a machine shared with the nodes (bench
-        ``rollout``, 10 real nodes: each switch 3-4 ms shorter less its restart, each freeze
-        window about 5 ms shorter), and by the leader's own work where it is not. A
-        preparation that a free slot waits for (a node failed, more slots than switches)
-        is never held."""
+        ``rollout``, 10 real nodes: each switch about 3 ms shorter less its restart, each
+        freeze window about 5 ms shorter), and by the leader's own work where it is not. A
+        preparation that a free slot waits for is never held, nor held on once a slot comes
+        free (a switch that ended, a confirm's outcome: looked at again as the rollout is
+        kept, every ``PREPARE_LOOK_SECONDS``)."""
         rid = row.rollout.id
-        busy = [e for (r, _n, _s), e in self.before_restart.items() if r == rid and not e.is_set()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PREPARE_HOLD_SECONDS
         slots = max(row.rollout.max_parallel, 1)
-        if not busy or len(_positions(row, planner.SWITCH_SLOT)) < slots:
-            return False
-        # Elapsed time on the loop's clock, not the engine's (``sleep``, which a test's fake
-        # clock moves at once for every task): a bound on a wait, never a step's timing.
-        restarts = asyncio.gather(*(e.wait() for e in busy))
-        try:
-            await asyncio.wait({restarts}, timeout=PREPARE_HOLD_SECONDS)
-        finally:
-            restarts.cancel()
-        return True
+        held = False
+        while True:
+            now = self.schema.kept(rid, settled=True) or row
+            busy = [e for (r, _n, _s), e in self.before_restart.items() if r == rid]
+            busy = [e for e in busy if not e.is_set()]
+            left = deadline - loop.time()
+            if not busy or len(_positions(now, planner.SWITCH_SLOT)) < slots or left <= 0:
+                return held
+            held = True
+            # Tasks of their own, each cancelled after (a gather cancelled by a timeout left
+            # an exception nobody read, logged as an error: review rev54a M1).
+            waits = [asyncio.ensure_future(e.wait()) for e in busy]
+            try:
+                await asyncio.wait(
+                    waits,
+                    timeout=min(left, PREPARE_LOOK_SECONDS),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     def _problem_holds(self, key: StepKey) -> bool:
         """A node's switch waits while the leader sees a problem with the node
