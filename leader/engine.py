@@ -689,15 +689,17 @@ class Engine:
         ``rollout``, 10 real nodes: each switch about 3 ms shorter less its restart, each
         freeze window about 5 ms shorter), and by the leader's own work where it is not. A
         preparation that a free slot waits for is never held, nor held on once a slot comes
-        free (a switch that ended, a confirm's outcome: looked at again as the rollout is
-        kept, every ``PREPARE_LOOK_SECONDS``)."""
+        free (a switch that ended, a confirm's outcome: the rollout looked at again every
+        ``PREPARE_LOOK_SECONDS``, from memory as a rule)."""
         rid = row.rollout.id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PREPARE_HOLD_SECONDS
         slots = max(row.rollout.max_parallel, 1)
         held = False
         while True:
-            now = self.schema.kept(rid, settled=True) or row
+            # As the store has it now (kept, or read: a write from another connection, an
+            # admin's, empties what is kept), not as the step's task was given it.
+            now = await self._rollout_now(rid) or row
             busy = [e for (r, _n, _s), e in self.before_restart.items() if r == rid]
             busy = [e for e in busy if not e.is_set()]
             left = deadline - loop.time()
@@ -974,6 +976,11 @@ class Engine:
     async def _look_again(self, rollout_id: str) -> RolloutRow | None:
         """The stored rollout as a step about to run sees it (``_run_step``): from memory
         when it can, not settled. A method of its own so that tests count these reads."""
+        return await self._rollout_now(rollout_id)
+
+    async def _rollout_now(self, rollout_id: str) -> RolloutRow | None:
+        """The stored rollout: from memory when it can, not settled (a write under way is
+        waited for), else read in the store's thread."""
         return self.schema.kept(rollout_id) or await dbthread.run(self.schema.get, rollout_id)
 
     async def _trouble(

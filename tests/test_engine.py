@@ -750,9 +750,21 @@ async def test_a_held_preparation_goes_on_once_a_switch_slot_comes_free(
     monkeypatch.setattr(engine_module, "PREPARE_HOLD_SECONDS", 30.0)
     leader = world.boot(prepare_ahead=1)
     engine = leader.engine
-    switching = [0, 1]  # the positions in a switch slot: both of max_parallel 2
-    monkeypatch.setattr(engine_module, "_positions", lambda _row, _states: list(switching))
-    row = cast(RolloutRow, SimpleNamespace(rollout=SimpleNamespace(id="r-held", max_parallel=2)))
+    rollout = SimpleNamespace(id="r-held", max_parallel=2)
+
+    def with_switching(*positions: int) -> RolloutRow:
+        """A rollout row whose nodes at ``positions`` take a switch slot."""
+        return cast(RolloutRow, SimpleNamespace(rollout=rollout, switching=positions))
+
+    monkeypatch.setattr(engine_module, "_positions", lambda row, _states: list(row.switching))
+    row = with_switching(0, 1)  # as the step's task was given it: both slots taken
+    stored = [row]  # as the store has it now
+
+    async def look_again(rollout_id: str) -> RolloutRow:
+        assert rollout_id == "r-held"
+        return stored[0]
+
+    monkeypatch.setattr(engine, "_rollout_now", look_again)
     slow, quick = asyncio.Event(), asyncio.Event()
     engine.before_restart[("r-held", "bravo", Step.SWITCH)] = slow
     engine.before_restart[("r-held", "charlie", Step.SWITCH)] = quick
@@ -762,7 +774,7 @@ async def test_a_held_preparation_goes_on_once_a_switch_slot_comes_free(
     quick.set()  # its restart begins: its slot is still taken
     await asyncio.sleep(0.1)
     assert not held.done()
-    switching.pop()  # its switch and confirm done: a slot is free
+    stored[0] = with_switching(0)  # its switch and confirm done: a slot is free
     assert await asyncio.wait_for(held, 1.0) is True
     await leader.stop()
 
