@@ -487,12 +487,20 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
             self.changed.notify_all()
 
     async def go(self, rollout_id: str, kind: Any, scheme: str) -> None:
-        """The transaction: freeze, "restart" (``--restart`` s), serve ``scheme``, unfreeze."""
+        """The transaction: freeze, config written, "restart" (``--restart`` s), serve
+        ``scheme``, unfreeze."""
         txn = agent_pb2.Transaction()
         txn.CopyFrom(self.txns[(rollout_id, kind)])
         txn.freeze_started_at.CopyFrom(now_ts())
         txn.phase = agent_pb2.TRANSACTION_PHASE_FROZEN
         await self.set_txn(txn)
+        # As a real agent's journal: the config written, then the restart (the leader holds
+        # the next nodes' preparation until then: ``Engine._prepare_later``).
+        written = agent_pb2.Transaction()
+        written.CopyFrom(txn)
+        written.phase = agent_pb2.TRANSACTION_PHASE_CONFIG_WRITTEN
+        await self.set_txn(written)
+        txn = written
         t0 = time.monotonic()
         await asyncio.sleep(self.world.restart)
         if scheme == "https":

@@ -176,6 +176,11 @@ class StepContext:
     # and no confirm step runs; unless that write finds the agent cut off (its certificate
     # revoked meanwhile): the switch's alone then. Empty: the confirm step follows, as ever.
     confirmed: list[NodeEvent] = field(default_factory=list)
+    # Called as the node's switch (or way back) leaves the first part of its freeze window:
+    # the agent's stream says its config is written (the restart begins), or says no phase
+    # (an agent of an earlier release), or the transaction ended. The engine holds the
+    # preparation of nodes prepared ahead until then (``Engine._prepare_later``).
+    restarting: Callable[[], None] = lambda: None
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
@@ -717,6 +722,13 @@ def switch_event(outcome: TxnOutcome) -> NodeEvent:
     }[outcome]
 
 
+# A switch's phases before its config is written and its server restarted: the part of the
+# freeze window that the leader's and the node's work on another node would lengthen.
+_BEFORE_RESTART = frozenset(
+    {agent_pb2.TRANSACTION_PHASE_STARTED, agent_pb2.TRANSACTION_PHASE_FROZEN}
+)
+
+
 async def wait_transaction(
     ctx: StepContext,
     txn_rollout_id: str,
@@ -781,6 +793,8 @@ async def wait_transaction(
             # agent sends none, and the schema takes the times' difference.
             if own_window and txn.HasField("freeze_seconds"):
                 details["freeze_seconds"] = measure("freeze_seconds", txn.freeze_seconds)
+            if txn.phase not in _BEFORE_RESTART:  # (whatever its outcome says: rev54a L3)
+                ctx.restarting()
             try:
                 outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
             except WireError as exc:

@@ -143,6 +143,10 @@ class FakeAgent:
     # What its states say of its server's unfreeze (``Transaction.unfreeze_keeps_answers``):
     # the reference and systemd drivers' flag (True), or an exec driver's command (False).
     unfreeze_keeps_answers: bool = True
+    # The phases a real agent's states carry while pending (None: none, as an agent of an
+    # earlier release): STARTED, then CONFIG_WRITTEN this many fake seconds after the switch
+    # began (its restart begins), then VERIFIED as ``verified_for`` says.
+    config_written_after: float | None = None
     # An agent of the release before Preflight's ``make_csr``: it ignores the field.
     without_preflight_csr: bool = False
     # A newer agent: its transactions end with this outcome number, one this leader's
@@ -463,12 +467,19 @@ class FakeAgent:
             freeze_started_at=timestamp(started),
             restart_seconds=RESTART_SECONDS if done else 0.0,
             unfreeze_keeps_answers=self.unfreeze_keeps_answers,
-            phase=(
-                agent_pb2.TRANSACTION_PHASE_VERIFIED
-                if verified
-                else agent_pb2.TRANSACTION_PHASE_UNSPECIFIED
-            ),
+            phase=self._phase(txn, now, done=done, verified=verified),
         )
+
+    def _phase(
+        self, txn: FakeTxn, now: float, *, done: bool, verified: bool
+    ) -> agent_pb2.TransactionPhase.ValueType:
+        if verified:
+            return agent_pb2.TRANSACTION_PHASE_VERIFIED
+        if done or self.config_written_after is None:
+            return agent_pb2.TRANSACTION_PHASE_UNSPECIFIED
+        if now >= txn.started + self.config_written_after:
+            return agent_pb2.TRANSACTION_PHASE_CONFIG_WRITTEN
+        return agent_pb2.TRANSACTION_PHASE_STARTED
 
 
 class FakeAgents:

@@ -27,6 +27,7 @@ import base64
 import dataclasses
 import datetime as dt
 import functools
+import gc
 import json
 import random
 import sqlite3
@@ -46,6 +47,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from leader import changes, planner
+from leader import engine as engine_module
 from leader.agent_client import StepFailed, cut_off_error
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
@@ -649,6 +651,156 @@ async def test_pipelining_prepares_the_next_node_while_one_switches(world: World
     # ... and its switch began only after the first node's switch and confirm ended.
     assert calls.index((second, "switch")) > last_of_first
     assert most_in_flight(leader.audit()) == 2
+    await leader.stop()
+
+
+def _call(world: World, node: str, method: str) -> int:
+    """Where the first ``method`` call to ``node`` is in the world's calls."""
+    return next(
+        i for i, c in enumerate(world.agents.calls) if c.node == node and c.method == method
+    )
+
+
+def _restart_seen(world: World, node: str, after: float) -> int:
+    """Where the first read of ``node``'s switch that says its config is written (begun
+    ``after`` fake seconds after its Switch: ``config_written_after``) is in the calls."""
+    calls = world.agents.calls
+    switch = calls[_call(world, node, "switch")]
+    return next(
+        i
+        for i, c in enumerate(calls)
+        if c.node == node and c.method == "get_transaction" and c.at >= switch.at + after
+    )
+
+
+def _slow_stream(agent: FakeAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read of ``agent``'s transactions takes 10 ms of real time too: its switch lasts
+    longer than the steps of another node, as a real restart does (the fake stream's own
+    time is fake: a switch would end before a step of another node that goes through the
+    store)."""
+    fetch = agent.get_transaction
+
+    async def get_transaction(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        await asyncio.sleep(0.01)
+        return await fetch(request)
+
+    monkeypatch.setattr(agent, "get_transaction", get_transaction)
+
+
+async def test_a_node_prepared_ahead_waits_for_the_switch_before_it_to_restart(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: with every switch slot taken, the next node's preflight is sent once the
+    switching node's agent says its config is written (its restart begins), not with the
+    Switch: its preparation then runs inside that restart, not beside the freeze, the create's
+    record and the config's write (on one machine they share its cores). The order, the
+    outcome and the pipelining (each node prepared before its turn) as before."""
+    for agent in world.agents:
+        agent.txn_seconds = 1.5
+        agent.config_written_after = 0.6
+        _slow_stream(agent, monkeypatch)  # a switch outlasts the next node's preparation
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    # The second node is started with the first one's switch (the third node here only after
+    # the first is done: this harness begins the second one's stage at its next pass, after
+    # that switch, so no switch is under way when the third starts).
+    first, second = ORDER[0], ORDER[1]
+    assert _call(world, second, "preflight") > _restart_seen(world, first, 0.6)
+    assert _call(world, second, "preflight") < _call(world, first, "outside_check")
+    assert most_in_flight(leader.audit()) == 2
+    await leader.stop()
+
+
+async def test_a_switch_that_says_nothing_holds_no_preparation_for_long(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold is bounded (``PREPARE_HOLD_SECONDS``, elapsed time): a switch whose stream
+    stays at its start (a freeze draining long requests) lets the next node be prepared
+    while it lasts."""
+    monkeypatch.setattr(engine_module, "PREPARE_HOLD_SECONDS", 0.05)
+    unread: list[str] = []  # what the loop logs as errors: a wait's result nobody read
+    asyncio.get_running_loop().set_exception_handler(lambda _l, c: unread.append(c["message"]))
+    first, second = ORDER[0], ORDER[1]
+    slow = world.agents[first]
+    slow.txn_seconds, slow.config_written_after = 30.0, 29.0
+    _slow_stream(slow, monkeypatch)  # 100 reads, a second of real time at its start
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert states(row) == ALL_DONE
+    switch, preflight = _call(world, first, "switch"), _call(world, second, "preflight")
+    assert switch < preflight < _restart_seen(world, first, 29.0)
+    await leader.stop()
+    gc.collect()
+    await asyncio.sleep(0)
+    assert unread == []  # (review rev54a M1: a gather cancelled by the bound was logged)
+
+
+async def test_a_held_preparation_goes_on_once_a_switch_slot_comes_free(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev54a M2: a preparation held while both switch slots were taken goes on as soon
+    as one comes free (a node's confirm done), though the other switch is still at its start:
+    the rollout waits for it then. Driven by hand (``Engine._prepare_later``): in this harness
+    a pass that would start such a node waits for every step of the pass before, the slow
+    switch's too."""
+    monkeypatch.setattr(engine_module, "PREPARE_HOLD_SECONDS", 30.0)
+    leader = world.boot(prepare_ahead=1)
+    engine = leader.engine
+    rollout = SimpleNamespace(id="r-held", max_parallel=2)
+
+    def with_switching(*positions: int) -> RolloutRow:
+        """A rollout row whose nodes at ``positions`` take a switch slot."""
+        return cast(RolloutRow, SimpleNamespace(rollout=rollout, switching=positions))
+
+    monkeypatch.setattr(engine_module, "_positions", lambda row, _states: list(row.switching))
+    row = with_switching(0, 1)  # as the step's task was given it: both slots taken
+    stored = [row]  # as the store has it now
+
+    async def look_again(rollout_id: str) -> RolloutRow:
+        assert rollout_id == "r-held"
+        return stored[0]
+
+    monkeypatch.setattr(engine, "_rollout_now", look_again)
+    slow, quick = asyncio.Event(), asyncio.Event()
+    engine.before_restart[("r-held", "bravo", Step.SWITCH)] = slow
+    engine.before_restart[("r-held", "charlie", Step.SWITCH)] = quick
+    held = asyncio.ensure_future(engine._prepare_later(row))
+    await asyncio.sleep(0.1)
+    assert not held.done()  # both slots taken, both switches at their start
+    quick.set()  # its restart begins: its slot is still taken
+    await asyncio.sleep(0.1)
+    assert not held.done()
+    stored[0] = with_switching(0)  # its switch and confirm done: a slot is free
+    assert await asyncio.wait_for(held, 1.0) is True
+    await leader.stop()
+
+
+async def test_a_preparation_that_a_free_switch_slot_waits_for_is_not_held(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a switch slot free, the node started for it is prepared at once, though another
+    node's switch is at its start: it is not prepared ahead of anything (it switches as soon
+    as it is staged), and holding it would hold the rollout."""
+    monkeypatch.setattr(engine_module, "PREPARE_HOLD_SECONDS", 30.0)
+    first, quick, third = ORDER
+    slow = world.agents[first]
+    slow.txn_seconds, slow.config_written_after = 30.0, 29.0
+    _slow_stream(slow, monkeypatch)  # its switch at its start for about a second
+    # The quick one's confirm is written with its switch (its stream says it verified), and
+    # the third node starts with it: this harness's next pass would wait for the slow switch.
+    world.agents[quick].txn_seconds, world.agents[quick].verified_for = 0.9, 0.4
+    leader = world.boot(prepare_ahead=0)
+    await leader.start(max_parallel=2)
+    row = await leader.run()
+    assert states(row) == ALL_DONE
+    # The third node started as the quick one's switch ended (a slot free), while the slow
+    # one's agent had not yet said its config was written.
+    assert _call(world, quick, "switch") < _call(world, third, "preflight")
+    assert _call(world, third, "preflight") < _restart_seen(world, first, 29.0)
     await leader.stop()
 
 
