@@ -2053,8 +2053,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     del answer
                 # The stream now waits for its next message, minutes in renewal mode: it must
                 # not keep this snapshot of the whole store alive meanwhile (each write makes a
-                # new one; 500 streams kept up to 500 of them, 12 MiB after a 500-node rollout).
-                del snap
+                # new one; 500 streams kept up to 500 of them, 12 MiB after a 500-node rollout),
+                # nor the message it answered (what the leader keeps of it is kept apart).
+                del snap, request
         except Exception:
             # The leader ended the stream (``_end``: cut, replaced, stalled, stopping) while
             # this handler refused or answered a message: the stream's status is the end's. A

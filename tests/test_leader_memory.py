@@ -86,6 +86,39 @@ async def test_an_open_heartbeat_stream_keeps_no_snapshot_of_the_store_between_m
         await rig.close()
 
 
+async def test_an_open_heartbeat_stream_keeps_no_message_it_answered(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Found by the 500-node benchmark (session 54): each ``Heartbeats`` stream, waiting for
+    its next message (minutes in renewal mode), held the last message it took, with its
+    server's view and client list: about 4.5 KiB of the leader's memory per agent, 2.2 MiB
+    with 500 agents idle. What the leader keeps of a message is kept apart from it."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    marker = "1-kept-or-not"
+
+    def kept() -> list[object]:
+        gc.collect()
+        return [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, leader_pb2.HeartbeatRequest) and o.agent_version == marker
+        ]
+
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+            await stream.write(
+                leader_pb2.HeartbeatRequest(agent_version=marker, agent_port=AGENT_PORT)
+            )
+            assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+            await asyncio.sleep(0.1)  # the stream waits for its next message
+            assert kept() == [], "the open stream still holds the message it answered"
+            await stream.done_writing()
+    finally:
+        await rig.close()
+
+
 def _held(root: object, kind: type, depth: int = 4) -> list[object]:
     """The objects of type ``kind`` that ``root`` holds, up to ``depth`` references away."""
     found: list[object] = []
