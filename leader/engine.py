@@ -697,13 +697,15 @@ class Engine:
         slots = max(row.rollout.max_parallel, 1)
         held = False
         while True:
-            # As the store has it now (kept, or read: a write from another connection, an
-            # admin's, empties what is kept), not as the step's task was given it.
-            now = await self._rollout_now(rid) or row
             busy = [e for (r, _n, _s), e in self.before_restart.items() if r == rid]
             busy = [e for e in busy if not e.is_set()]
             left = deadline - loop.time()
-            if not busy or len(_positions(now, planner.SWITCH_SLOT)) < slots or left <= 0:
+            if not busy or left <= 0:  # (as a rule: no store read for a step that waits not)
+                return held
+            # As the store has it now (kept, or read: a write from another connection, an
+            # admin's, empties what is kept), not as the step's task was given it.
+            now = await self._rollout_now(rid) or row
+            if len(_positions(now, planner.SWITCH_SLOT)) < slots:
                 return held
             held = True
             # Tasks of their own, each cancelled after (a gather cancelled by a timeout left

@@ -779,6 +779,31 @@ async def test_a_held_preparation_goes_on_once_a_switch_slot_comes_free(
     await leader.stop()
 
 
+async def test_a_preparation_with_no_switch_under_way_reads_no_rollout(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold reads the stored rollout only while a switch is at its start: a preparation
+    with none under way (the rollout's first nodes, every node without pipelining) costs no
+    read, which would often go to the store's thread behind the write that began it."""
+    leader = world.boot(prepare_ahead=1)
+    engine = leader.engine
+    reads: list[str] = []
+
+    async def rollout_now(rollout_id: str) -> RolloutRow | None:
+        reads.append(rollout_id)
+        return None
+
+    monkeypatch.setattr(engine, "_rollout_now", rollout_now)
+    row = cast(RolloutRow, SimpleNamespace(rollout=SimpleNamespace(id="r-none", max_parallel=1)))
+    assert await engine._prepare_later(row) is False
+    done = asyncio.Event()
+    done.set()  # a switch past its start
+    engine.before_restart[("r-none", "bravo", Step.SWITCH)] = done
+    assert await engine._prepare_later(row) is False
+    assert reads == []
+    await leader.stop()
+
+
 async def test_a_preparation_that_a_free_switch_slot_waits_for_is_not_held(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
