@@ -686,8 +686,8 @@ class Engine:
         The node cannot switch before one of those switches ends, and its preparation (the
         leader's signing and calls, the node's key) then runs inside their restarts instead
         of lengthening their freeze windows: on a machine shared with the nodes (bench
-        ``rollout``, 10 real nodes: each switch about 3 ms shorter less its restart, each
-        freeze window about 5 ms shorter), and by the leader's own work where it is not. A
+        ``rollout``, 10 real nodes: each switch less its restart 2-5 ms shorter, each freeze
+        window 5-13 ms shorter), and by the leader's own work where it is not. A
         preparation that a free slot waits for is never held, nor held on once a slot comes
         free (a switch that ended, a confirm's outcome: the rollout looked at again every
         ``PREPARE_LOOK_SECONDS``, from memory as a rule)."""
