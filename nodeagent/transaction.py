@@ -155,6 +155,11 @@ TASK_RESTARTS = 3
 TASK_BACKOFF = Policy(free=1, base=1.0, cap=8.0, forget=3600.0)
 EXIT_UNFREEZE_ATTEMPTS = 3  # before the agent exits: a few quick tries, the next start resumes
 LATEST_KEPT = 8  # transactions whose last record ``TxnChanges`` keeps for the watch
+# How much later than its time stamp a file may have been written (``_not_loaded``): the
+# kernel stamps a file with its coarse clock, one tick behind (4 ms at HZ=250, 10 at HZ=100);
+# a file system that keeps whole seconds (ext4 with small inodes, FAT's two) far more.
+FILE_TIME_SLACK = dt.timedelta(milliseconds=50)
+FILE_TIME_SLACK_WHOLE_SECONDS = dt.timedelta(seconds=2)
 
 
 class Phase(StrEnum):
@@ -250,7 +255,15 @@ def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
     (``touch -d``, ``cp -p`` set only the mtime). A clock stepped back between the server's
     start and the write can make a config written after the start look older: accepted (the
     agent's and the server's clock are the node's one clock; a step back across a switch is
-    the admin's to notice)."""
+    the admin's to notice).
+
+    A file's time is its write's time rounded down, by up to a tick of the kernel's coarse
+    clock (measured here: 6 ms) or to the file system's grain (whole seconds on some): a
+    rename a few milliseconds after the start read as before it, and the source was
+    "loaded" (CI of session 54). So the server must have started ``FILE_TIME_SLACK`` after
+    the time stamp, ``FILE_TIME_SLACK_WHOLE_SECONDS`` after one in whole seconds; a real
+    restart starts the server later than that after its config was written (a new process,
+    its imports), and a doubt needs the admin, never a verdict."""
     if status is None:
         return "the server's status cannot be read"
     text = status.get("started_at")
@@ -262,15 +275,22 @@ def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
         return "the server's status does not say when it started"
     try:
         stat = config_file.stat()
-        written = dt.datetime.fromtimestamp(max(stat.st_mtime, stat.st_ctime), dt.UTC)
     except OSError as exc:
         return f"its config file's time cannot be read ({exc.strerror})"
+    stamp = max(stat.st_mtime_ns, stat.st_ctime_ns)
+    written = dt.datetime.fromtimestamp(stamp / 1e9, dt.UTC)
+    whole = stamp % 1_000_000_000 == 0
+    slack = FILE_TIME_SLACK_WHOLE_SECONDS if whole else FILE_TIME_SLACK
+    if started > written + slack:
+        return ""
+    when = f"({started.isoformat(timespec='milliseconds')})"
+    last = f"its config was last written ({written.isoformat(timespec='milliseconds')})"
     if started <= written:
-        return (
-            f"the server started ({started.isoformat(timespec='seconds')}) before its config"
-            f" was last written ({written.isoformat(timespec='seconds')})"
-        )
-    return ""
+        return f"the server started {when} before {last}"
+    return (
+        f"the server started {when} too soon after {last} to tell which it loaded (a file's"
+        f" time may be up to {slack.total_seconds() * 1000:.0f} ms early)"
+    )
 
 
 def _read_or_none(path: Path) -> bytes | None:

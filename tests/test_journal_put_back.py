@@ -15,8 +15,10 @@ Real agents and reference servers, commanded with the leader's certificate (``te
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import pytest
 
 from nodeagent import journal
 from nodeagent.drivers import ReferenceDriver
-from nodeagent.transaction import CRASH_ENV
+from nodeagent.transaction import CRASH_ENV, _not_loaded
 from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
@@ -544,12 +546,42 @@ def test_a_password_put_back_by_rename_but_not_restarted_is_not_recorded_rolled_
         outcome, phase, reason = settled(node, "pb-pw")
         assert (outcome, phase) == ("failed", "failed"), reason
         assert "its target and source answer alike" in reason
-        assert "before its config was last written" in reason
+        # "before" it, or "too soon after" it to tell (the rename may come within a tick of
+        # the kernel's coarse clock after the start: ``test_a_file_time_is_read_with_its_grain``)
+        assert "its config was last written" in reason
         assert node.admin_status()["auth_configured"] is True  # still the new password
         assert_needs_admin(node, "pb-pw", pid, source)
     finally:
         assert node.agent.stop() == 0
         asyncio.run(driver.stop())  # the server this test's driver started, reaped
+
+
+def test_a_file_time_is_read_with_its_grain(tmp_path: Path) -> None:
+    """CI of session 54: the test above once found ``rolled_back``. A file's time is its
+    write's rounded down to the kernel's coarse clock (up to 6 ms early, measured here), and
+    its rename came a few milliseconds after the server's start: read as before it, the
+    source was "loaded". The server must start ``FILE_TIME_SLACK`` after the file's time to
+    have loaded it, ``FILE_TIME_SLACK_WHOLE_SECONDS`` after a time in whole seconds (a file
+    system that keeps no fraction)."""
+    cfg = tmp_path / "server.toml"
+    cfg.write_bytes(b"[server]\n")
+    stat = cfg.stat()
+    stamp = max(stat.st_mtime_ns, stat.st_ctime_ns) / 1e9
+    assert stamp % 1 != 0  # this file system keeps fractions
+
+    def started(at: float) -> dict[str, object]:
+        return {"started_at": dt.datetime.fromtimestamp(at, dt.UTC).isoformat()}
+
+    assert "before its config was last written" in _not_loaded(cfg, started(stamp - 0.001))
+    soon = _not_loaded(cfg, started(stamp + 0.005))
+    assert "too soon after its config was last written" in soon and "50 ms" in soon
+    assert _not_loaded(cfg, started(stamp + 0.2)) == ""
+    # A time in whole seconds (set as the mtime, later than the ctime): up to 2 s early.
+    whole = int(time.time()) + 10
+    os.utime(cfg, ns=(whole * 10**9, whole * 10**9))
+    assert "2000 ms" in _not_loaded(cfg, started(whole + 1.0))
+    assert _not_loaded(cfg, started(whole + 2.5)) == ""
+    assert "does not say when it started" in _not_loaded(cfg, {"started_at": "2026-12-05T10:00"})
 
 
 def test_a_server_whose_status_cannot_be_read_needs_the_admin(
