@@ -150,6 +150,10 @@ class Driver(abc.ABC):
     # group and mode (``plans.Sharing``). The reference driver starts its server as the
     # agent's user: its files stay the agent's.
     own_user = True
+    # Set while a transaction of this agent restarts the server, and set (the event) once that
+    # restart ended (``nodeagent.transaction.Runner._restart``): the heartbeat's view waits for
+    # it (``NodeAgentService.server_view``).
+    restarting: asyncio.Event | None = None
 
     @abc.abstractmethod
     def facts(self) -> ServerFacts:

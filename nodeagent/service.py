@@ -87,6 +87,9 @@ DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
 WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least this often
+# A heartbeat's view waits this long for a restart this agent makes (``server_view``): the
+# beat itself waits SERVER_VIEW_SECONDS (2 s) for the view, status included.
+RESTART_VIEW_WAIT = 1.5
 
 log = logs.get_logger(__name__)
 
@@ -356,7 +359,17 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise failed_precondition(f"{NEEDS_ADMIN}{why}")
 
     async def server_view(self) -> agent_pb2.ServerView:
-        """What the managed server runs now (for the heartbeats)."""
+        """What the managed server runs now (for the heartbeats), once a restart this agent is
+        making has ended (at most ``RESTART_VIEW_WAIT`` seconds): a beat that looked while a
+        switch restarted the server reported it down, and the leader logged
+        ``node.server_down`` and showed it so until the next beat (an interval, 5 s by
+        default), after a switch that went well (CI of session 54). A restart that takes
+        longer is reported as it is: the server does not answer."""
+        restarting = self.driver.restarting if self.driver is not None else None
+        if restarting is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RESTART_VIEW_WAIT):
+                    await restarting.wait()
         return await self._view()
 
     async def _view(self) -> agent_pb2.ServerView:

@@ -1489,7 +1489,13 @@ class Runner:
         if txn.phase is Phase.RESTORED and txn.restart_needed is False:
             return {}
         t0 = time.monotonic()
-        await self.driver.restart()
+        ended = self.driver.restarting = asyncio.Event()
+        try:
+            await self.driver.restart()
+        finally:
+            ended.set()
+            if self.driver.restarting is ended:
+                self.driver.restarting = None
         return {"restart_seconds": round(txn.restart_seconds + time.monotonic() - t0, 3)}
 
     async def _verify(
