@@ -121,8 +121,12 @@ SERVER_OPTIONS: list[tuple[str, int]] = [("grpc.so_reuseport", 0), ("grpc.enable
 # The join and control ports hold one TLS connection per agent for as long as it runs (its
 # heartbeat stream): 500 agents, 500 connections. gRPC's TLS layer keeps a buffer of the largest
 # TLS frame it writes per connection (16 KiB by default); 4 KiB frames cost nothing a heartbeat
-# would notice and take ~6 KiB off each connection (3 MiB of the leader's memory at 500 agents).
-TLS_FRAME_OPTIONS = [("grpc.tsi.max_frame_size", 4096)]
+# would notice and took ~6 KiB off each connection (3 MiB of the leader's memory at 500 agents).
+# 1 KiB frames (gRPC's least) take ~2 KiB more off each: the leader's RSS at the end of a rollout
+# of 500 simulated agents 119.2-119.7 MiB against 120.3-120.6 (4 interleaved runs each way,
+# session 55), its CPU per node and per heartbeat message within the runs' spread (a heartbeat
+# and its answer fit one frame; a longer message is a few frames more).
+TLS_FRAME_OPTIONS = [("grpc.tsi.max_frame_size", 1024)]
 log = logs.get_logger(__name__)
 
 
