@@ -87,7 +87,7 @@ from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
 from tlsroll.clients import used_http_after_https
-from tlsroll.enums import NEEDS_ADMIN, SERVES_PREVIOUS
+from tlsroll.enums import NEEDS_ADMIN, SERVER_RESTARTING, SERVES_PREVIOUS
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     NO_BDP_PROBE,
@@ -476,7 +476,9 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
 def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
     """One line on what a node's managed server runs, from its heartbeat (cleaned: a peer
     wrote it): "http", "https", "http+https", "down: <why>", "needs the admin: <why>" (its
-    journal put back: ``NEEDS_ADMIN``), "none"; "frozen" added."""
+    journal put back: ``NEEDS_ADMIN``), "restarting: <by whom>" (a restart its agent's own
+    switch makes, longer than the beat waited: ``SERVER_RESTARTING``, not "down"), "none";
+    "frozen" added."""
     if not request.HasField("server"):
         return ""
     live = request.server
@@ -484,7 +486,7 @@ def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
         return "none"
     if not live.healthy:
         detail = peertext.clean(live.detail, 200)
-        if detail.startswith(NEEDS_ADMIN):
+        if detail.startswith((NEEDS_ADMIN, SERVER_RESTARTING)):
             return detail  # "needs the admin: <why, what to do>", as the agent said it
         return "down: " + (peertext.clean(live.detail, 120) or "no answer")
     schemes = [s for s in ("http", "https") if s in live.schemes]

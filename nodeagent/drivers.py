@@ -989,10 +989,11 @@ class TemplateDriver(Driver):
     (``2026-12-03T13:40:00+00:00``), as the reference server's does: after a journal is put
     back from a copy made mid-switch, a change-password, a rollback or any switch whose target
     and source answer alike is settled only if the server started after its config was last
-    written (``nodeagent.transaction._not_loaded``); without ``started_at`` every such settle
-    needs the admin. ``facts`` reads the schemes from the ports that answer (nothing else
-    says them), so ``tlsroll-agent --journal-checked`` never takes them from there
-    (``plans.live_contradiction``).
+    written, by the file time's grain and 50 ms more (``nodeagent.transaction._not_loaded``;
+    a ``started_at`` in whole seconds is read as it says, a second early at worst); without
+    ``started_at`` every such settle needs the admin. ``facts`` reads the schemes from the
+    ports that answer (nothing else says them), so ``tlsroll-agent --journal-checked``
+    never takes them from there (``plans.live_contradiction``).
     """
 
     def __init__(self, section: Section, address: str) -> None:

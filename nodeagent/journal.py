@@ -33,7 +33,8 @@ target, ``completed`` (and what is live with it); the source, ``rolled_back``. W
 answer alike from outside (the same schemes, and no certificate to tell them by: a
 change-password, a rollback), the server must also say it started after its config was last
 written (its status's ``started_at``; "last written": the later of the file's mtime and ctime,
-since the way back renames a source staged before the restart into place, review s41rev3 N1):
+since the way back renames a source staged before the restart into place, review s41rev3 N1;
+"after": by the file time's grain and more, ``transaction._not_loaded``):
 a config written and not restarted proves nothing (review s41rev1 H2). A server left frozen,
 with no scope freeze's lease in the journal to bound it, proves nothing either: no transaction
 this journal knows of will lift it (H1); nor does a server whose status cannot be read (asked

@@ -71,6 +71,9 @@ from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 log = logs.get_logger(__name__)
 SERVER_VIEW_SECONDS = 2.0  # a heartbeat does not wait longer for the server's status
+# Of that, how long the view waits for a restart the agent's own switch makes
+# (``NodeAgentService.server_view``): the rest is for the server's status once it ended.
+RESTART_VIEW_WAIT = SERVER_VIEW_SECONDS - 0.5
 # With a leader that has no heartbeat stream, the stream is tried again after this many unary
 # heartbeats (and after the leader was unreachable): an upgrade may have brought it.
 STREAM_RETRY_BEATS = 60

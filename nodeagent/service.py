@@ -34,6 +34,7 @@ from nodeagent.cryptoworker import InProcess, Worker
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Outlook, Staged, Txn
+from nodeagent.leader_link import RESTART_VIEW_WAIT
 from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import (
@@ -51,7 +52,7 @@ from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
-from tlsroll.enums import NEEDS_ADMIN, SERVER_NOT_HEALTHY, Change, TxnKind
+from tlsroll.enums import NEEDS_ADMIN, SERVER_NOT_HEALTHY, SERVER_RESTARTING, Change, TxnKind
 from tlsroll.errors import NotRegularFile, PKIError, PKIReason
 from tlsroll.fsutil import config_dir_problem, read_regular
 from tlsroll.rpc import (
@@ -87,9 +88,6 @@ DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
 WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least this often
-# A heartbeat's view waits this long for a restart this agent makes (``server_view``): the
-# beat itself waits SERVER_VIEW_SECONDS (2 s) for the view, status included.
-RESTART_VIEW_WAIT = 1.5
 
 log = logs.get_logger(__name__)
 
@@ -257,6 +255,18 @@ def _holds(path: Path, data: bytes) -> bool:
         return False
 
 
+async def _restart_ended(driver: Driver) -> bool:
+    """False if a restart the agent's own transaction makes (``Driver.restarting``) is still
+    under way after ``RESTART_VIEW_WAIT`` seconds; True at once if none is."""
+    restarting: asyncio.Event | None = getattr(driver, "restarting", None)
+    if restarting is None:
+        return True
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(RESTART_VIEW_WAIT):
+            await restarting.wait()
+    return restarting.is_set()
+
+
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     def __init__(
         self,
@@ -359,18 +369,34 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise failed_precondition(f"{NEEDS_ADMIN}{why}")
 
     async def server_view(self) -> agent_pb2.ServerView:
-        """What the managed server runs now (for the heartbeats), once a restart this agent is
-        making has ended (at most ``RESTART_VIEW_WAIT`` seconds): a beat that looked while a
-        switch restarted the server reported it down, and the leader logged
-        ``node.server_down`` and showed it so until the next beat (an interval, 5 s by
-        default), after a switch that went well (CI of session 54). A restart that takes
-        longer is reported as it is: the server does not answer."""
-        restarting = self.driver.restarting if self.driver is not None else None
-        if restarting is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(RESTART_VIEW_WAIT):
-                    await restarting.wait()
-        return await self._view()
+        """What the managed server runs now (for the heartbeats), once a restart this agent's
+        own transaction makes has ended (waited for at most ``RESTART_VIEW_WAIT``): a beat
+        that looked while a switch restarted the server reported it down, and the leader
+        logged ``node.server_down`` and showed it so until the next beat (an interval, 5 s by
+        default), after a switch that went well (CI of session 54). A restart still under way
+        then is said as such (``SERVER_RESTARTING``), not as "down"; one that fails is "down"
+        at the next beat. A view that found the server down while such a restart began is
+        made again once it ended (review rev55a L4). ``GetStatus`` and the checks say what
+        is, at once."""
+        driver = self.driver
+        if driver is None:
+            return await self._view()
+        if not await _restart_ended(driver):
+            return self._restarting_view(driver)
+        view = await self._view()
+        if not view.healthy and getattr(driver, "restarting", None) is not None:
+            if not await _restart_ended(driver):
+                return self._restarting_view(driver)
+            view = await self._view()
+        return view
+
+    @staticmethod
+    def _restarting_view(driver: Driver) -> agent_pb2.ServerView:
+        return agent_pb2.ServerView(
+            driver=driver.name,
+            healthy=False,
+            detail=f"{SERVER_RESTARTING}by this node's agent (a switch, or its way back)",
+        )
 
     async def _view(self) -> agent_pb2.ServerView:
         if self.driver is None:

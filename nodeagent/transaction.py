@@ -156,10 +156,12 @@ TASK_BACKOFF = Policy(free=1, base=1.0, cap=8.0, forget=3600.0)
 EXIT_UNFREEZE_ATTEMPTS = 3  # before the agent exits: a few quick tries, the next start resumes
 LATEST_KEPT = 8  # transactions whose last record ``TxnChanges`` keeps for the watch
 # How much later than its time stamp a file may have been written (``_not_loaded``): the
-# kernel stamps a file with its coarse clock, one tick behind (4 ms at HZ=250, 10 at HZ=100);
-# a file system that keeps whole seconds (ext4 with small inodes, FAT's two) far more.
+# kernel stamps a file from its coarse clock, updated at each tick (4 ms at HZ=250): up to
+# 6.1 ms behind the write here (a rename loop, session 55), more on a machine whose timekeeping
+# stalls (a VM). A margin, not a bound; a reference server's restart starts it about 180 ms
+# after its config's write. A file system that keeps whole seconds (ext4 with 128-byte inodes)
+# adds a second to it, one that keeps even seconds (FAT) two (``_file_time_grain``).
 FILE_TIME_SLACK = dt.timedelta(milliseconds=50)
-FILE_TIME_SLACK_WHOLE_SECONDS = dt.timedelta(seconds=2)
 
 
 class Phase(StrEnum):
@@ -258,12 +260,13 @@ def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
     the admin's to notice).
 
     A file's time is its write's time rounded down, by up to a tick of the kernel's coarse
-    clock (measured here: 6 ms) or to the file system's grain (whole seconds on some): a
+    clock (measured here: 6 ms) and to the file system's grain (whole seconds on some): a
     rename a few milliseconds after the start read as before it, and the source was
     "loaded" (CI of session 54). So the server must have started ``FILE_TIME_SLACK`` after
-    the time stamp, ``FILE_TIME_SLACK_WHOLE_SECONDS`` after one in whole seconds; a real
-    restart starts the server later than that after its config was written (a new process,
-    its imports), and a doubt needs the admin, never a verdict."""
+    the time stamp, and a second (two) more after a stamp in whole (even) seconds
+    (``_file_time_grain``). A doubt needs the admin, never a verdict: a reference server's
+    restart starts it about 180 ms after its config's write, within that on a file system
+    of whole seconds, where such a settle thus needs the admin."""
     if status is None:
         return "the server's status cannot be read"
     text = status.get("started_at")
@@ -279,8 +282,7 @@ def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
         return f"its config file's time cannot be read ({exc.strerror})"
     stamp = max(stat.st_mtime_ns, stat.st_ctime_ns)
     written = dt.datetime.fromtimestamp(stamp / 1e9, dt.UTC)
-    whole = stamp % 1_000_000_000 == 0
-    slack = FILE_TIME_SLACK_WHOLE_SECONDS if whole else FILE_TIME_SLACK
+    slack = FILE_TIME_SLACK + _file_time_grain(stamp)
     if started > written + slack:
         return ""
     when = f"({started.isoformat(timespec='milliseconds')})"
@@ -291,6 +293,18 @@ def _not_loaded(config_file: Path, status: dict[str, Any] | None) -> str:
         f"the server started {when} too soon after {last} to tell which it loaded (a file's"
         f" time may be up to {slack.total_seconds() * 1000:.0f} ms early)"
     )
+
+
+def _file_time_grain(stamp_ns: int) -> dt.timedelta:
+    """How much a file system that keeps no fraction may have rounded the time stamp
+    ``stamp_ns`` down: 2 s for one in even seconds (FAT keeps a file's mtime so), 1 s for one in
+    whole seconds, nothing for one with a fraction (one in a billion of a nanosecond file
+    system's stamps is taken for whole seconds: the settle then needs the admin)."""
+    if stamp_ns % 2_000_000_000 == 0:
+        return dt.timedelta(seconds=2)
+    if stamp_ns % 1_000_000_000 == 0:
+        return dt.timedelta(seconds=1)
+    return dt.timedelta(0)
 
 
 def _read_or_none(path: Path) -> bytes | None:

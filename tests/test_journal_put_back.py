@@ -561,7 +561,7 @@ def test_a_file_time_is_read_with_its_grain(tmp_path: Path) -> None:
     write's rounded down to the kernel's coarse clock (up to 6 ms early, measured here), and
     its rename came a few milliseconds after the server's start: read as before it, the
     source was "loaded". The server must start ``FILE_TIME_SLACK`` after the file's time to
-    have loaded it, ``FILE_TIME_SLACK_WHOLE_SECONDS`` after a time in whole seconds (a file
+    have loaded it, and a second (two) more after a time in whole (even) seconds (a file
     system that keeps no fraction)."""
     cfg = tmp_path / "server.toml"
     cfg.write_bytes(b"[server]\n")
@@ -576,11 +576,16 @@ def test_a_file_time_is_read_with_its_grain(tmp_path: Path) -> None:
     soon = _not_loaded(cfg, started(stamp + 0.005))
     assert "too soon after its config was last written" in soon and "50 ms" in soon
     assert _not_loaded(cfg, started(stamp + 0.2)) == ""
-    # A time in whole seconds (set as the mtime, later than the ctime): up to 2 s early.
-    whole = int(time.time()) + 10
-    os.utime(cfg, ns=(whole * 10**9, whole * 10**9))
-    assert "2000 ms" in _not_loaded(cfg, started(whole + 1.0))
-    assert _not_loaded(cfg, started(whole + 2.5)) == ""
+    # A time in whole seconds (set as the mtime, later than the ctime): up to a second early,
+    # two where it is even (FAT's grain).
+    odd = int(time.time()) // 2 * 2 + 11
+    os.utime(cfg, ns=(odd * 10**9, odd * 10**9))
+    assert "1050 ms" in _not_loaded(cfg, started(odd + 1.0))
+    assert _not_loaded(cfg, started(odd + 1.1)) == ""
+    even = odd + 1
+    os.utime(cfg, ns=(even * 10**9, even * 10**9))
+    assert "2050 ms" in _not_loaded(cfg, started(even + 2.0))
+    assert _not_loaded(cfg, started(even + 2.1)) == ""
     assert "does not say when it started" in _not_loaded(cfg, {"started_at": "2026-12-05T10:00"})
 
 

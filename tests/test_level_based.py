@@ -327,24 +327,36 @@ def test_a_server_its_switch_restarts_is_not_reported_down(tmp_path: Path) -> No
     reported it down (its admin socket gone with the old process): the leader logged
     ``node.server_down`` and showed it so until the next beat (an interval: 5 s by default),
     after a switch that went well. A beat now waits for a restart its own agent makes (at most
-    ``RESTART_VIEW_WAIT``). Here the restart takes longer than the heartbeat interval (1 s):
-    the started server waits 1.2 s before its admin socket is up, so a beat looks during it
-    (before, every run found the warning)."""
-    delay = {START_DELAY_ENV: "1.2"}
+    ``RESTART_VIEW_WAIT``, 1.5 s), and says "restarting: ..." if it still runs then. Here the
+    restart takes longer than both (the started server waits 2.7 s before its admin socket is
+    up; the heartbeat interval is 1 s): a beat in its first 1.2 s says "restarting", one after
+    waits and says "https"; none says "down" (before, every run found the warning and no
+    "restarting")."""
+    delay = {START_DELAY_ENV: "2.7"}
     pw = password_file(tmp_path, "pw", "a-password-for-a-slow-restart")
     with cluster_of(tmp_path, 1, node_env={"node1": delay}) as (cluster, _nodes):
         start = cluster.cli(
-            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
-            "--yes",
-            "--wait",
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)), "--yes"
         )
         assert start.returncode == 0, (start.stdout, start.stderr)
-        assert newest(cluster)["state"] == "completed"
+        seen: set[str] = set()
+
+        def restarting_or_down() -> bool:
+            seen.add(str(cluster.list_nodes()["node1"].server))
+            return any(s.startswith(("restarting: ", "down")) for s in seen)
+
+        wait_until(restarting_or_down, 60, "node1's server shown restarting", 0.05)
+        assert not any(s.startswith("down") for s in seen), seen
+        r = wait_ended(cluster, "the switch")
+        assert r["state"] == "completed", r
         wait_until(
             lambda: cluster.list_nodes()["node1"].server == "https", 15, "https", LEADER_POLL
         )
+        assert not any(s.startswith("down") for s in seen), seen
         down = [e for e in cluster.leader.log_events() if e.get("event") == "node.server_down"]
         assert down == [], down
+        nodes = json.loads(cluster.cli("nodes", "--json").stdout)
+        assert [n.get("server") for n in nodes] == ["https"]
         # The switch's restart waited (the server its driver started says so).
         started = cluster.agents["node1"].data_dir / "refserver.log"
         assert "test_hook.start_delay" in started.read_text(errors="replace")

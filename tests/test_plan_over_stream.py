@@ -39,6 +39,7 @@ from leader.schema_store import SchemaStore
 from leader.store import Node as StoredNode
 from leader.store import NotFound, Store
 from nodeagent import leader_link
+from nodeagent import service as service_module
 from nodeagent.drivers import ServerFacts
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
@@ -54,6 +55,7 @@ from tests.test_warm_ahead import ready
 from tlsroll import pki, spiffe
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import AGENT_PORT, HTTPS_PORT
+from tlsroll.enums import SERVER_RESTARTING
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
@@ -868,3 +870,53 @@ async def test_a_first_node_answering_late_whose_channel_fails_keeps_the_reason(
     assert seen["n1"].reachable
     expected = reason if ready else "agent n0: its channel was not ready within 1 s of its answer"
     assert (seen["n0"].reachable, seen["n0"].error) == (False, expected)
+
+
+async def test_a_heartbeats_view_waits_for_the_agents_own_restart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``NodeAgentService.server_view`` (CI of session 54, review rev55a): while a restart the
+    agent's own transaction makes runs (``Driver.restarting``), a heartbeat's view waits for
+    it to end, at most ``RESTART_VIEW_WAIT``, and then looks; past that it says
+    "restarting: ..." without asking the server; a view that found the server down while such
+    a restart began looks again once it ended. (The service's ``_view`` is replaced: what is
+    tested is when it is called; ``tests/test_level_based.py`` has it with real daemons.)"""
+    driver = StubDriver("127.0.0.1", tmp_path / "server.toml")
+    svc = NodeAgentService.__new__(NodeAgentService)
+    svc.driver = driver  # type: ignore[assignment]
+    looked: list[bool] = []
+
+    async def view() -> agent_pb2.ServerView:
+        restarting = getattr(driver, "restarting", None)
+        up = restarting is None or restarting.is_set()
+        looked.append(up)
+        return agent_pb2.ServerView(healthy=up, detail="" if up else "down")
+
+    monkeypatch.setattr(svc, "_view", view)
+    loop = asyncio.get_running_loop()
+
+    # A restart that ends within the wait: one look, after it.
+    driver.restarting = asyncio.Event()  # type: ignore[attr-defined]
+    loop.call_later(0.05, driver.restarting.set)  # type: ignore[attr-defined]
+    assert (await svc.server_view()).healthy and looked == [True]
+
+    # One that outlasts the wait: said as restarting, the server not asked.
+    monkeypatch.setattr(service_module, "RESTART_VIEW_WAIT", 0.05)
+    looked.clear()
+    driver.restarting = asyncio.Event()  # type: ignore[attr-defined]
+    said = await svc.server_view()
+    assert not said.healthy and said.detail.startswith(SERVER_RESTARTING) and looked == []
+
+    # A restart that begins while the view looks: the view found it down, and looks again.
+    monkeypatch.setattr(service_module, "RESTART_VIEW_WAIT", 5.0)
+    driver.restarting = None  # type: ignore[attr-defined]
+    looked.clear()
+
+    async def begins_meanwhile() -> agent_pb2.ServerView:
+        if not looked:
+            driver.restarting = asyncio.Event()  # type: ignore[attr-defined]
+            loop.call_later(0.05, driver.restarting.set)  # type: ignore[attr-defined]
+        return await view()
+
+    monkeypatch.setattr(svc, "_view", begins_meanwhile)
+    assert (await svc.server_view()).healthy and looked == [False, True]

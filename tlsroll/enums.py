@@ -37,6 +37,12 @@ class TxnOutcome(StrEnum):
     FAILED = "failed"  # even the way back failed: the node needs a person
 
 
+SERVER_RESTARTING = "restarting: "
+"""How an agent's heartbeat view of its server (``ServerView.detail``) begins while a restart
+its own transaction makes (a switch, or its way back) runs longer than the beat waits for it
+(``NodeAgentService.server_view``): the leader shows it as it is, not as "down", and logs no
+``node.server_down`` (a restart that fails is "down" at the next beat)."""
+
 NEEDS_ADMIN = "needs the admin: "
 """How an agent's view of its server (``ServerView.detail``), its refusals and its preflight's
 problem begin while its journal, put back from a copy, says the node needs the admin
