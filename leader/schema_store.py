@@ -1789,10 +1789,15 @@ def write_clients(
     # Before the report's own rows go in: a sighting it lists stays, however old its time
     # (the agent's view may be ``clients_refresh`` old, its window is the agent's to judge:
     # ``schema_view.still_on_http_now``); one it no longer lists goes once past the window.
-    db.execute(
-        "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
-        (node, to_text(now - dt.timedelta(seconds=window_seconds))),
-    )
+    # A report with no window (a driver that could not read its clients: "cannot read the
+    # clients", the server down or restarting) says nothing of who went: it removes nothing,
+    # and the window stored stays (review rev55b H1: such a report emptied the node's rows,
+    # and a plain finalize no longer named the workstations seen on http before).
+    if window_seconds > 0:
+        db.execute(
+            "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
+            (node, to_text(now - dt.timedelta(seconds=window_seconds))),
+        )
     db.executemany(
         "INSERT INTO node_clients (node, scheme, address, workstation,"
         " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -1828,7 +1833,8 @@ def write_clients(
     db.execute(
         "INSERT INTO node_clients_info (node, window_seconds, source, problem,"
         " first_report, reported_at, last_http_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT(node) DO UPDATE SET window_seconds = excluded.window_seconds,"
+        " ON CONFLICT(node) DO UPDATE SET window_seconds = CASE"
+        "  WHEN excluded.window_seconds > 0 THEN excluded.window_seconds ELSE window_seconds END,"
         " source = excluded.source, problem = excluded.problem,"
         " reported_at = excluded.reported_at,"
         " last_http_at = CASE WHEN excluded.last_http_at IS NULL THEN last_http_at"

@@ -487,7 +487,9 @@ def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
     if not live.healthy:
         detail = peertext.clean(live.detail, 200)
         if detail.startswith((NEEDS_ADMIN, SERVER_RESTARTING)):
-            return detail  # "needs the admin: <why, what to do>", as the agent said it
+            # "needs the admin: <why, what to do>", "restarting: by this node's agent for N s
+            # ...", as the agent said it
+            return detail
         return "down: " + (peertext.clean(live.detail, 120) or "no answer")
     schemes = [s for s in ("http", "https") if s in live.schemes]
     return "+".join(schemes or ["?"]) + (" frozen" if live.frozen else "")

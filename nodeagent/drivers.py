@@ -151,9 +151,12 @@ class Driver(abc.ABC):
     # agent's user: its files stay the agent's.
     own_user = True
     # Set while a transaction of this agent restarts the server, and set (the event) once that
-    # restart ended (``nodeagent.transaction.Runner._restart``): the heartbeat's view waits for
-    # it (``NodeAgentService.server_view``).
+    # restart ended; how many such restarts began, and when the latest did (time.monotonic())
+    # (``nodeagent.transaction.Runner._restart``): the heartbeat's view waits for it
+    # (``NodeAgentService.server_view``).
     restarting: asyncio.Event | None = None
+    restarts_begun = 0
+    restart_began = 0.0
 
     @abc.abstractmethod
     def facts(self) -> ServerFacts:

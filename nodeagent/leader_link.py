@@ -201,16 +201,19 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
     and verifier, with who the server has seen lately (the driver caches that list, so a
     heartbeat does not run a command or read a log each time), and the wrong passwords at its
     own login (the count the server keeps across its restarts: the admin sees someone guessing
-    the client password)."""
+    the client password); without a client list where the view has none
+    (``NodeAgentService.server_view``'s "restarting")."""
     live = leader_pb2.LiveServer(
         driver=view.driver,
         healthy=view.healthy,
         frozen=view.frozen,
         schemes=list(view.schemes),
         detail=view.detail[:200],
-        clients=view.clients,
         login_failures=view.login_failures,
     )
+    # None said (a restart of the agent's own under way): the leader keeps what it has.
+    if view.HasField("clients"):
+        live.clients.CopyFrom(view.clients)
     if view.HasField("last_login_failure_at"):
         live.last_login_failure_at.CopyFrom(view.last_login_failure_at)
     return live

@@ -88,6 +88,9 @@ DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
 WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least this often
+# A restart of the agent's own is said as "restarting" (not "down") in heartbeats for this long
+# from its beginning (``server_view``); past it, or once it failed, the server as it is.
+RESTARTING_SAID = 30.0
 
 log = logs.get_logger(__name__)
 
@@ -255,16 +258,29 @@ def _holds(path: Path, data: bytes) -> bool:
         return False
 
 
-async def _restart_ended(driver: Driver) -> bool:
+async def _restart_ended(driver: Driver, deadline: float) -> bool:
     """False if a restart the agent's own transaction makes (``Driver.restarting``) is still
-    under way after ``RESTART_VIEW_WAIT`` seconds; True at once if none is."""
+    under way at ``deadline`` (time.monotonic()); True at once if none is."""
     restarting: asyncio.Event | None = getattr(driver, "restarting", None)
     if restarting is None:
         return True
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(RESTART_VIEW_WAIT):
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
             await restarting.wait()
     return restarting.is_set()
+
+
+def _restarting_view(driver: Driver) -> agent_pb2.ServerView | None:
+    """A restart of the agent's own under way, said as such while it is younger than
+    ``RESTARTING_SAID`` seconds (None past that: a restart that hangs shows as the server is)."""
+    ran = time.monotonic() - getattr(driver, "restart_began", 0.0)
+    if ran > RESTARTING_SAID:
+        return None
+    return agent_pb2.ServerView(
+        driver=driver.name,
+        healthy=False,
+        detail=f"{SERVER_RESTARTING}by this node's agent for {ran:.0f} s (a switch, its way back)",
+    )
 
 
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
@@ -370,33 +386,28 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def server_view(self) -> agent_pb2.ServerView:
         """What the managed server runs now (for the heartbeats), once a restart this agent's
-        own transaction makes has ended (waited for at most ``RESTART_VIEW_WAIT``): a beat
-        that looked while a switch restarted the server reported it down, and the leader
+        own transaction makes has ended (waited for at most ``RESTART_VIEW_WAIT`` in all): a
+        beat that looked while a switch restarted the server reported it down, and the leader
         logged ``node.server_down`` and showed it so until the next beat (an interval, 5 s by
         default), after a switch that went well (CI of session 54). A restart still under way
-        then is said as such (``SERVER_RESTARTING``), not as "down"; one that fails is "down"
-        at the next beat. A view that found the server down while such a restart began is
-        made again once it ended (review rev55a L4). ``GetStatus`` and the checks say what
-        is, at once."""
+        then is said as such (``SERVER_RESTARTING``, with no client list: the leader keeps
+        the one it has) for its first ``RESTARTING_SAID`` seconds, not as "down"; past them,
+        or once it failed, the server is shown as it is. A view that found the server down
+        while such a restart began (and perhaps ended) is made again once it ended (reviews
+        rev55a L4, rev55b L3). ``GetStatus`` and the checks say what is, at once."""
         driver = self.driver
         if driver is None:
             return await self._view()
-        if not await _restart_ended(driver):
-            return self._restarting_view(driver)
+        deadline = time.monotonic() + RESTART_VIEW_WAIT
+        if not await _restart_ended(driver, deadline) and (said := _restarting_view(driver)):
+            return said
+        begun = getattr(driver, "restarts_begun", 0)
         view = await self._view()
-        if not view.healthy and getattr(driver, "restarting", None) is not None:
-            if not await _restart_ended(driver):
-                return self._restarting_view(driver)
+        if not view.healthy and getattr(driver, "restarts_begun", 0) != begun:
+            if not await _restart_ended(driver, deadline) and (said := _restarting_view(driver)):
+                return said
             view = await self._view()
         return view
-
-    @staticmethod
-    def _restarting_view(driver: Driver) -> agent_pb2.ServerView:
-        return agent_pb2.ServerView(
-            driver=driver.name,
-            healthy=False,
-            detail=f"{SERVER_RESTARTING}by this node's agent (a switch, or its way back)",
-        )
 
     async def _view(self) -> agent_pb2.ServerView:
         if self.driver is None:

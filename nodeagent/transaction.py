@@ -1504,6 +1504,8 @@ class Runner:
             return {}
         t0 = time.monotonic()
         ended = self.driver.restarting = asyncio.Event()
+        self.driver.restarts_begun += 1
+        self.driver.restart_began = time.monotonic()
         try:
             await self.driver.restart()
         finally:

@@ -57,7 +57,7 @@ from tlsroll.clients import ClientsView
 from tlsroll.defaults import AGENT_PORT, HTTPS_PORT
 from tlsroll.enums import SERVER_RESTARTING
 from tlsroll.errors import TransientError
-from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc, types_pb2
 
 
 @dataclass
@@ -875,48 +875,74 @@ async def test_a_first_node_answering_late_whose_channel_fails_keeps_the_reason(
 async def test_a_heartbeats_view_waits_for_the_agents_own_restart(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """``NodeAgentService.server_view`` (CI of session 54, review rev55a): while a restart the
-    agent's own transaction makes runs (``Driver.restarting``), a heartbeat's view waits for
-    it to end, at most ``RESTART_VIEW_WAIT``, and then looks; past that it says
-    "restarting: ..." without asking the server; a view that found the server down while such
-    a restart began looks again once it ended. (The service's ``_view`` is replaced: what is
-    tested is when it is called; ``tests/test_level_based.py`` has it with real daemons.)"""
+    """``NodeAgentService.server_view`` (CI of session 54, reviews rev55a and rev55b): while a
+    restart the agent's own transaction makes runs (``Driver.restarting``), a heartbeat's view
+    waits for it to end, at most ``RESTART_VIEW_WAIT``, and then looks; past that it says
+    "restarting: ..." without asking the server and with no client list (the leader keeps
+    its own), for the restart's first ``RESTARTING_SAID`` seconds only; a view that found the
+    server down while such a restart began (ended, or not yet) looks again. (The service's
+    ``_view`` is replaced: what is tested is when it is called; ``tests/test_level_based.py``
+    has it with real daemons.)"""
     driver = StubDriver("127.0.0.1", tmp_path / "server.toml")
     svc = NodeAgentService.__new__(NodeAgentService)
     svc.driver = driver  # type: ignore[assignment]
     looked: list[bool] = []
+    loop = asyncio.get_running_loop()
+
+    def restart(ends_in: float | None) -> None:
+        """A restart of the agent's own begins (as ``Runner._restart`` marks it)."""
+        ended = asyncio.Event()
+        d: Any = driver
+        d.restarting = ended
+        d.restarts_begun = getattr(driver, "restarts_begun", 0) + 1
+        d.restart_began = time.monotonic()
+        if ends_in is not None:
+            loop.call_later(ends_in, ended.set)
 
     async def view() -> agent_pb2.ServerView:
         restarting = getattr(driver, "restarting", None)
         up = restarting is None or restarting.is_set()
         looked.append(up)
-        return agent_pb2.ServerView(healthy=up, detail="" if up else "down")
+        return agent_pb2.ServerView(
+            healthy=up, detail="" if up else "down", clients=types_pb2.ClientsView(source="x")
+        )
 
     monkeypatch.setattr(svc, "_view", view)
-    loop = asyncio.get_running_loop()
 
     # A restart that ends within the wait: one look, after it.
-    driver.restarting = asyncio.Event()  # type: ignore[attr-defined]
-    loop.call_later(0.05, driver.restarting.set)  # type: ignore[attr-defined]
+    restart(0.05)
     assert (await svc.server_view()).healthy and looked == [True]
 
-    # One that outlasts the wait: said as restarting, the server not asked.
+    # One that outlasts the wait: said as restarting, the server not asked, no client list.
     monkeypatch.setattr(service_module, "RESTART_VIEW_WAIT", 0.05)
     looked.clear()
-    driver.restarting = asyncio.Event()  # type: ignore[attr-defined]
+    restart(None)
     said = await svc.server_view()
     assert not said.healthy and said.detail.startswith(SERVER_RESTARTING) and looked == []
-
-    # A restart that begins while the view looks: the view found it down, and looks again.
-    monkeypatch.setattr(service_module, "RESTART_VIEW_WAIT", 5.0)
-    driver.restarting = None  # type: ignore[attr-defined]
+    assert not leader_link.live_server(said).HasField("clients")
+    assert leader_link.live_server(await view()).clients.source == "x"  # a view's list goes
+    # ... for its first RESTARTING_SAID seconds: past them, the server as it is.
     looked.clear()
+    monkeypatch.setattr(service_module, "RESTARTING_SAID", 0.0)
+    assert (await svc.server_view()).detail == "down" and looked == [False]
+    monkeypatch.setattr(service_module, "RESTARTING_SAID", 30.0)
 
-    async def begins_meanwhile() -> agent_pb2.ServerView:
-        if not looked:
-            driver.restarting = asyncio.Event()  # type: ignore[attr-defined]
-            loop.call_later(0.05, driver.restarting.set)  # type: ignore[attr-defined]
-        return await view()
+    # A restart that begins while the view looks: found down, looked at again once it ended;
+    # also one that began and ended during the look (review rev55b L3).
+    monkeypatch.setattr(service_module, "RESTART_VIEW_WAIT", 5.0)
+    for ends_in in (0.05, 0.0):
+        driver.restarting = None  # type: ignore[attr-defined]
+        looked.clear()
 
-    monkeypatch.setattr(svc, "_view", begins_meanwhile)
-    assert (await svc.server_view()).healthy and looked == [False, True]
+        async def begins_meanwhile(ends_in: float = ends_in) -> agent_pb2.ServerView:
+            if not looked:
+                restart(ends_in or None)
+                said = await view()
+                if not ends_in:  # it ended before the look came back
+                    driver.restarting.set()  # type: ignore[attr-defined]
+                    driver.restarting = None  # type: ignore[attr-defined]
+                return said
+            return await view()
+
+        monkeypatch.setattr(svc, "_view", begins_meanwhile)
+        assert (await svc.server_view()).healthy and looked == [False, True], ends_in

@@ -486,6 +486,27 @@ def test_clients_reports_are_merged_so_a_server_restart_forgets_no_workstation(
     assert sum(c.last_seen == newer for c in kept) == 200
 
 
+def test_a_clients_report_with_no_window_forgets_no_workstation(tmp_path: Path) -> None:
+    """Review rev55b H1: a report with no window (the agent could not read its server's
+    clients: "cannot read the clients", the server down) removed every stored row of its node
+    (those seen before now minus a window of 0), and a plain finalize no longer named the
+    workstations seen on http. It removes nothing now, and the window stored stays."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    at = dt.datetime(2026, 12, 5, 9, 0, tzinfo=dt.UTC)
+    http = Client("a", "http", "10.0.0.7", "ws-7", at - dt.timedelta(minutes=5), at, 3)
+    store.record_clients("a", [http], window_seconds=3600, source="refserver", problem="", now=at)
+    later = at + dt.timedelta(seconds=30)
+    store.record_clients(
+        "a", [], window_seconds=0, source="", problem="cannot read the clients", now=later
+    )
+    assert store.clients(["a"]) == [http]
+    info = store.clients_info()["a"]
+    assert info.window_seconds == 3600 and info.problem == "cannot read the clients"
+    # judged by the stored window once the report is no longer fresh: still on http
+    assert still_on_http_now(store.clients(["a"]), store.clients_info(), later, frozenset())
+    store.close()
+
+
 def test_a_settled_look_while_a_write_holds_the_store_gives_what_the_last_write_left(
     tmp_path: Path,
 ) -> None:

@@ -1051,7 +1051,8 @@ class NodeInfo(_message.Message):
     renewal_error: _builtins.str
     server: _builtins.str
     """The managed server as the agent's last heartbeat saw it: "http", "https", "http+https",
-    "down: <why>", "frozen" added, "none" without a [server]; "" before any heartbeat.
+    "down: <why>", "needs the admin: <why>", "restarting: <by whom>" (a restart the agent's own
+    switch makes), "frozen" added, "none" without a [server]; "" before any heartbeat.
     """
     clock_offset_seconds: _builtins.float
     """The node's clock less the leader's, in seconds (+: the node is ahead), as its agent's
