@@ -1781,7 +1781,8 @@ def write_clients(
     on http before that must still be named and still refuse a plain finalize. A row the
     report lists takes its times from this report (one message, one clock shift). A row the
     report does not list goes once its ``last_seen`` is older than the agent's window (one
-    it lists stays while it does); at most
+    it lists stays while it does; a report with no window, 0, goes by the window stored
+    and leaves it as it is); at most
     ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text): at
     the cap a client may be left out (``CLIENTS_FULL``)."""
     kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
@@ -1790,14 +1791,20 @@ def write_clients(
     # (the agent's view may be ``clients_refresh`` old, its window is the agent's to judge:
     # ``schema_view.still_on_http_now``); one it no longer lists goes once past the window.
     # A report with no window (a driver that could not read its clients: "cannot read the
-    # clients", the server down or restarting) says nothing of who went: it removes nothing,
-    # and the window stored stays (review rev55b H1: such a report emptied the node's rows,
-    # and a plain finalize no longer named the workstations seen on http before).
-    if window_seconds > 0:
-        db.execute(
-            "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
-            (node, to_text(now - dt.timedelta(seconds=window_seconds))),
-        )
+    # clients", the server down; or one that cannot tell at all) says nothing of who went:
+    # the rows go by the window stored, which stays (review rev55b H1: such a report emptied
+    # the node's rows, and a plain finalize no longer named the workstations seen on http
+    # before; review rev55c M1: kept for good, they counted as on http now for good).
+    window = window_seconds
+    if window <= 0:
+        stored = db.execute(
+            "SELECT window_seconds FROM node_clients_info WHERE node = ?", (node,)
+        ).fetchone()
+        window = max(int(stored[0]), 0) if stored is not None else 0
+    db.execute(
+        "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
+        (node, to_text(now - dt.timedelta(seconds=window))),
+    )
     db.executemany(
         "INSERT INTO node_clients (node, scheme, address, workstation,"
         " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"

@@ -399,9 +399,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if driver is None:
             return await self._view()
         deadline = time.monotonic() + RESTART_VIEW_WAIT
+        begun = getattr(driver, "restarts_begun", 0)  # (before the wait: review rev55c L3)
         if not await _restart_ended(driver, deadline) and (said := _restarting_view(driver)):
             return said
-        begun = getattr(driver, "restarts_begun", 0)
         view = await self._view()
         if not view.healthy and getattr(driver, "restarts_begun", 0) != begun:
             if not await _restart_ended(driver, deadline) and (said := _restarting_view(driver)):

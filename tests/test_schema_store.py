@@ -490,7 +490,7 @@ def test_a_clients_report_with_no_window_forgets_no_workstation(tmp_path: Path) 
     """Review rev55b H1: a report with no window (the agent could not read its server's
     clients: "cannot read the clients", the server down) removed every stored row of its node
     (those seen before now minus a window of 0), and a plain finalize no longer named the
-    workstations seen on http. It removes nothing now, and the window stored stays."""
+    workstations seen on http. The rows go by the window stored now, which stays."""
     store = SchemaStore(tmp_path / "s.sqlite3")
     at = dt.datetime(2026, 12, 5, 9, 0, tzinfo=dt.UTC)
     http = Client("a", "http", "10.0.0.7", "ws-7", at - dt.timedelta(minutes=5), at, 3)
@@ -504,6 +504,12 @@ def test_a_clients_report_with_no_window_forgets_no_workstation(tmp_path: Path) 
     assert info.window_seconds == 3600 and info.problem == "cannot read the clients"
     # judged by the stored window once the report is no longer fresh: still on http
     assert still_on_http_now(store.clients(["a"]), store.clients_info(), later, frozenset())
+    # ... and the rows go by that window, also while such reports keep coming (review rev55c
+    # M1: a driver that can no longer tell, source "", kept them as on http now for good).
+    week = at + dt.timedelta(days=7)
+    store.record_clients("a", [], window_seconds=0, source="", problem="", now=week)
+    assert store.clients(["a"]) == []
+    assert still_on_http_now(store.clients(["a"]), store.clients_info(), week, {"a"}) == []
     store.close()
 
 

@@ -299,7 +299,8 @@ class Reader:
         # does; read in memory (the store it is about may fail to answer), set likewise.
         self.store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None
         # What each node's managed server runs by its latest heartbeat ("http", "https",
-        # "http+https", "down: …"; ``leader.service.server_summary``, kept in
+        # "http+https", "down: …", "needs the admin: …", "restarting: …";
+        # ``leader.service.server_summary``, kept in
         # ``LeaderState.live_servers``), set likewise: a node a way back left as is that is on
         # http since is no longer in the page's alert (``Snapshot.still_left``).
         self.live_server: Callable[[str], str] | None = None

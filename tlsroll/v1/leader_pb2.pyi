@@ -442,7 +442,9 @@ class LiveServer(_message.Message):
 
     @_builtins.property
     def clients(self) -> _types_pb2.ClientsView:
-        """Which workstations the server has seen on which scheme lately (who is still on http)."""
+        """Which workstations the server has seen on which scheme lately (who is still on http);
+        unset: nothing said (a restart of the agent's own under way), the leader keeps what it has.
+        """
 
     @_builtins.property
     def last_login_failure_at(self) -> _timestamp_pb2.Timestamp: ...

@@ -263,7 +263,10 @@ class ClientsView(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
     window_seconds: _builtins.int
-    """The window the list covers, in seconds (a client not seen for longer is dropped)."""
+    """The window the list covers, in seconds (a client not seen for longer is dropped); 0: none
+    (the driver could not read its clients, or cannot tell): the leader then ages what it
+    stored by the window stored with it, and keeps that window.
+    """
     source: _builtins.str
     """Where the list comes from: "refserver", "exec" (the configured command) or "access-log"
     (the systemd driver's configured log); empty when the driver cannot tell.
