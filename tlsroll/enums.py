@@ -40,8 +40,9 @@ class TxnOutcome(StrEnum):
 SERVER_RESTARTING = "restarting: "
 """How an agent's heartbeat view of its server (``ServerView.detail``) begins while a restart
 its own transaction makes (a switch, or its way back) runs longer than the beat waits for it
-(``NodeAgentService.server_view``): the leader shows it as it is, not as "down", and logs no
-``node.server_down`` (a restart that fails is "down" at the next beat)."""
+(``NodeAgentService.server_view``), for its first 30 s: the leader shows it as it is, not as
+"down", and logs no ``node.server_down``. Past those 30 s, or once it has failed (and no other
+restart of the agent's own runs, as its way back's may), the view says what the server does."""
 
 NEEDS_ADMIN = "needs the admin: "
 """How an agent's view of its server (``ServerView.detail``), its refusals and its preflight's
