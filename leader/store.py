@@ -494,6 +494,13 @@ class Store(LeaderStore):
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
         self._queued_writes: list[tuple[str, QueuedWrite]] = []
+        # The heartbeat records a group commit has taken and not yet committed (a copy): what
+        # they say is in neither ``_queued`` nor what a read sees until the commit, and
+        # ``_with_seen`` shows them meanwhile (CI of session 55: the agent pool read a node
+        # in that window, without the features its agent's first heartbeat said, at the
+        # ``nodes_generation`` that heartbeat had moved on, and refused a transitional
+        # rollout's Stage as "too old" until the next nodes write).
+        self._committing: dict[str, _Record] = {}
         # Held across a batch's take and commit (``write_queued``) and across a direct
         # heartbeat write (``heartbeat``): a batch taken before a direct write must not commit
         # after it, which stored the older record over the newer one, and ``_seen`` then kept
@@ -590,6 +597,7 @@ class Store(LeaderStore):
             self._reports_stored.discard(name)
             self._forgets[name] = self._forgets.get(name, 0) + 1
             self._queued.pop(name, None)
+            self._committing.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
 
     def _heard(self, at: dt.datetime) -> float:
@@ -658,7 +666,7 @@ class Store(LeaderStore):
         still queued for it (None: none, or the node is removed)."""
         with self._seen_lock:
             seen = self._seen.get(node.name)
-            record = self._queued.get(node.name)
+            record = self._queued.get(node.name) or self._committing.get(node.name)
             vouched = self._vouched.get(node.name, 0) > 0
         if node.removed_at is not None:
             return node.last_heartbeat, None
@@ -1157,6 +1165,7 @@ class Store(LeaderStore):
             records, self._queued = self._queued, {}
             writes, self._queued_writes = self._queued_writes, []
             forgets = dict(self._forgets)
+            self._committing = dict(records)
         if not records and not writes:
             return 0
         switched = False
@@ -1180,7 +1189,10 @@ class Store(LeaderStore):
                 for name, r in records.items():
                     self._queued.setdefault(name, r)
                 self._queued_writes[:0] = writes
+                self._committing = {}
             raise
+        with self._seen_lock:  # (committed: a read sees them now)
+            self._committing = {}
         if writes:  # (committed: from now on these nodes' stored reports are this leader's)
             with self._seen_lock:  # (not a name forgotten since the batch was taken)
                 self._reports_stored.update(

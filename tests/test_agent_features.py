@@ -13,9 +13,13 @@ no features (``TLSROLL_AGENT_TEST_FEATURES``, a test-only switch of what the age
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -252,6 +256,39 @@ def test_a_heartbeat_with_other_features_has_the_pool_read_the_node_again(tmp_pa
             (stored,) = db.execute("SELECT agent_features FROM nodes WHERE name = 'n1'").fetchone()
         assert json.loads(stored) == list(ALL)
         assert [n.agent_features for n in store.list_nodes()] == [ALL]
+    finally:
+        store.close()
+
+
+def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI of session 55: a transitional rollout started right after its agents' first
+    heartbeats halted, its first Stage refused as "too old for the transitional strategy": the
+    agent pool read the node while the group commit that held those heartbeats was under way
+    (taken from the queue, not yet committed), so without their features, at the
+    ``nodes_generation`` they had moved on, and kept that node. A record being committed is
+    shown as a queued one is (``Store._committing``)."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.1", T0)
+        assert store.queue_heartbeat("n1", "0.2", now=T0, features=ALL)
+        assert store.get_node("n1").agent_features == ALL  # queued: shown
+        seen: list[tuple[str, ...]] = []
+        tx = store.db.tx
+
+        @contextlib.contextmanager
+        def read_first(**kwargs: Any) -> Iterator[sqlite3.Connection]:
+            # A reader that takes the store's lock between the batch's take and its commit.
+            seen.append(store.get_node("n1").agent_features)
+            with tx(**kwargs) as db:
+                yield db
+
+        monkeypatch.setattr(store.db, "tx", read_first)
+        assert store.write_queued() == 1
+        assert seen == [ALL]
+        assert store.get_node("n1").agent_features == ALL  # committed
+        assert store._committing == {}
     finally:
         store.close()
 
