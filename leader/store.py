@@ -455,6 +455,12 @@ class _NodesWrite:
         self.store.nodes_generation += 1
 
 
+READ_AGAIN = 3
+"""How often a node's read is made again while heartbeat writes end between its read of the
+stored row and its look at what memory holds (``Store._written``): a write ends about once a
+second, so a second read all but always settles it, and a third is a bound, not a wait."""
+
+
 class Store(LeaderStore):
     """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
 
@@ -494,13 +500,17 @@ class Store(LeaderStore):
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
         self._queued_writes: list[tuple[str, QueuedWrite]] = []
-        # The heartbeat records a group commit has taken and not yet committed (a copy): what
-        # they say is in neither ``_queued`` nor what a read sees until the commit, and
-        # ``_with_seen`` shows them meanwhile (CI of session 55: the agent pool read a node
-        # in that window, without the features its agent's first heartbeat said, at the
-        # ``nodes_generation`` that heartbeat had moved on, and refused a transitional
-        # rollout's Stage as "too old" until the next nodes write).
-        self._committing: dict[str, _Record] = {}
+        # The heartbeat records a group commit (or a direct write) has taken from ``_queued``
+        # and not yet committed (a copy): what they say is in neither ``_queued`` nor what a
+        # read sees until the commit, and ``_last_heard`` shows them meanwhile; and how many
+        # such writes have ended (``_written``, moved on as they leave ``_being_written``):
+        # a reader that read the stored row before a write ended and looks at memory after
+        # it reads again (``get_node``, ``list_nodes``). CI of session 55: the agent pool read
+        # a node in that window, without the features its agent's first heartbeat said, at
+        # the ``nodes_generation`` that heartbeat had moved on, and refused a transitional
+        # rollout's Stage as "too old" until the next nodes write (review rev55d M1, M2).
+        self._being_written: dict[str, _Record] = {}
+        self._written = 0
         # Held across a batch's take and commit (``write_queued``) and across a direct
         # heartbeat write (``heartbeat``): a batch taken before a direct write must not commit
         # after it, which stored the older record over the newer one, and ``_seen`` then kept
@@ -597,7 +607,7 @@ class Store(LeaderStore):
             self._reports_stored.discard(name)
             self._forgets[name] = self._forgets.get(name, 0) + 1
             self._queued.pop(name, None)
-            self._committing.pop(name, None)
+            self._being_written.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
 
     def _heard(self, at: dt.datetime) -> float:
@@ -666,7 +676,7 @@ class Store(LeaderStore):
         still queued for it (None: none, or the node is removed)."""
         with self._seen_lock:
             seen = self._seen.get(node.name)
-            record = self._queued.get(node.name) or self._committing.get(node.name)
+            record = self._queued.get(node.name) or self._being_written.get(node.name)
             vouched = self._vouched.get(node.name, 0) > 0
         if node.removed_at is not None:
             return node.last_heartbeat, None
@@ -987,9 +997,14 @@ class Store(LeaderStore):
         return token, existing, replay
 
     def list_nodes(self, *, include_removed: bool = False) -> list[Node]:
-        with self._db.read() as db:
-            rows = self.node_rows(db, include_removed=include_removed)
-        return self.nodes_of(rows)
+        for _ in range(READ_AGAIN):
+            written = self._written
+            with self._db.read() as db:
+                rows = self.node_rows(db, include_removed=include_removed)
+            nodes = self.nodes_of(rows)
+            if self._written == written:  # no heartbeat write ended in between (``_written``)
+                break
+        return nodes
 
     @staticmethod
     def node_rows(db: sqlite3.Connection, *, include_removed: bool = False) -> list[sqlite3.Row]:
@@ -1026,11 +1041,18 @@ class Store(LeaderStore):
         return heard
 
     def get_node(self, name: str) -> Node:
-        with self._db.read() as db:
-            row = db.execute(f"{_NODES} WHERE name = ? AND removed_at IS NULL", (name,)).fetchone()
-        if row is None:
-            raise NotFound(f"no enrolled node named {shown(name)}")
-        return self._with_seen(_node(row))
+        for _ in range(READ_AGAIN):
+            written = self._written
+            with self._db.read() as db:
+                row = db.execute(
+                    f"{_NODES} WHERE name = ? AND removed_at IS NULL", (name,)
+                ).fetchone()
+            if row is None:
+                raise NotFound(f"no enrolled node named {shown(name)}")
+            node = self._with_seen(_node(row))
+            if self._written == written:  # no heartbeat write ended in between (``_written``)
+                break
+        return node
 
     def heartbeat(
         self,
@@ -1058,12 +1080,19 @@ class Store(LeaderStore):
         ):
             return
         said = (agent_version, highest_epoch, cert_fingerprint, renewal, features)
+        record = _Record(agent_version, now, highest_epoch, cert_fingerprint, renewal, features)
         with self._commit_lock:  # after any batch already taken, before the next
             with self._seen_lock:
                 self._queued.pop(name, None)  # this write is newer and whole
-            self._write_heartbeat(
-                name, agent_version, now, highest_epoch, cert_fingerprint, renewal, features
-            )
+                self._being_written = {name: record}  # (shown until written: rev55d M2)
+            try:
+                self._write_heartbeat(
+                    name, agent_version, now, highest_epoch, cert_fingerprint, renewal, features
+                )
+            finally:
+                with self._seen_lock:
+                    self._being_written = {}
+                    self._written += 1
             with self._seen_lock:
                 self._features_seen(name, features)
                 self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
@@ -1165,13 +1194,15 @@ class Store(LeaderStore):
             records, self._queued = self._queued, {}
             writes, self._queued_writes = self._queued_writes, []
             forgets = dict(self._forgets)
-            self._committing = dict(records)
+            self._being_written = dict(records)
         if not records and not writes:
             return 0
         switched = False
         try:
             with self._db.tx(routine=True) as db:
                 for name, r in records.items():
+                    if self._forgets.get(name, 0) != forgets.get(name, 0):
+                        continue  # removed (or enrolled again) since it was taken: not its life
                     switched |= self._heartbeat_sql(
                         db,
                         name,
@@ -1187,19 +1218,23 @@ class Store(LeaderStore):
         except BaseException:
             with self._seen_lock:
                 for name, r in records.items():
-                    self._queued.setdefault(name, r)
+                    if self._forgets.get(name, 0) == forgets.get(name, 0):
+                        self._queued.setdefault(name, r)
                 self._queued_writes[:0] = writes
-                self._committing = {}
+                self._being_written = {}
+                self._written += 1
             raise
-        with self._seen_lock:  # (committed: a read sees them now)
-            self._committing = {}
-        if writes:  # (committed: from now on these nodes' stored reports are this leader's)
-            with self._seen_lock:  # (not a name forgotten since the batch was taken)
-                self._reports_stored.update(
-                    name
-                    for name, _write in writes
-                    if self._forgets.get(name, 0) == forgets.get(name, 0)
-                )
+        with self._seen_lock:  # (committed: a read that begins now sees them)
+            self._being_written = {}
+            self._written += 1
+            # From now on these nodes' stored reports are this leader's (not a name forgotten
+            # since the batch was taken); in the same section, so that no reader sees the
+            # report and not that it is this leader's (review rev55d L1).
+            self._reports_stored.update(
+                name
+                for name, _write in writes
+                if self._forgets.get(name, 0) == forgets.get(name, 0)
+            )
         if switched:  # the certificate before is accepted no more: not routine
             self._db.touch()
         return len(records) + len(writes)

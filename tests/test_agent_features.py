@@ -268,7 +268,9 @@ def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
     agent pool read the node while the group commit that held those heartbeats was under way
     (taken from the queue, not yet committed), so without their features, at the
     ``nodes_generation`` they had moved on, and kept that node. A record being committed is
-    shown as a queued one is (``Store._committing``)."""
+    shown as a queued one is (``Store._being_written``); so is one a direct write has taken
+    (review rev55d M2); and a reader that read the stored row before such a write ended and
+    looked at memory after it reads again (``Store._written``, review rev55d M1)."""
     store = Store(tmp_path / "leader.sqlite3")
     try:
         _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.1", T0)
@@ -288,7 +290,42 @@ def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
         assert store.write_queued() == 1
         assert seen == [ALL]
         assert store.get_node("n1").agent_features == ALL  # committed
-        assert store._committing == {}
+        assert store._being_written == {}
+        monkeypatch.setattr(store.db, "tx", tx)
+
+        # A reader whose row was read before a whole batch ended, and its memory looked at after.
+        fewer = ALL[:-1]
+        assert store.queue_heartbeat("n1", "0.3", now=T0 + dt.timedelta(seconds=1), features=fewer)
+        read = store.db.read
+        batches: list[int] = []
+
+        @contextlib.contextmanager
+        def then_a_batch() -> Iterator[sqlite3.Connection]:
+            with read() as db:
+                yield db
+            if not batches:  # once: the lock let go, the batch runs whole before memory is seen
+                batches.append(store.write_queued())
+
+        monkeypatch.setattr(store.db, "read", then_a_batch)
+        assert store.get_node("n1").agent_features == fewer and batches == [1]
+        batches.clear()
+        assert store.queue_heartbeat("n1", "0.4", now=T0 + dt.timedelta(seconds=2), features=ALL)
+        assert [n.agent_features for n in store.list_nodes()] == [ALL] and batches == [1]
+        monkeypatch.setattr(store.db, "read", read)
+
+        # A direct write (something new the group commit does not wait for): shown while written.
+        assert store.queue_heartbeat("n1", "0.5", now=T0 + dt.timedelta(seconds=3), features=fewer)
+        direct = store._write_heartbeat
+        mid: list[tuple[str, ...]] = []
+
+        def read_mid_write(*args: Any) -> None:
+            mid.append(store.get_node("n1").agent_features)
+            direct(*args)
+
+        monkeypatch.setattr(store, "_write_heartbeat", read_mid_write)
+        store.heartbeat("n1", "0.6", now=T0 + dt.timedelta(seconds=4), features=ALL)
+        assert mid == [ALL] and store.get_node("n1").agent_features == ALL
+        assert store._being_written == {}
     finally:
         store.close()
 
