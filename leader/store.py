@@ -1083,17 +1083,26 @@ class Store(LeaderStore):
         record = _Record(agent_version, now, highest_epoch, cert_fingerprint, renewal, features)
         with self._commit_lock:  # after any batch already taken, before the next
             with self._seen_lock:
-                self._queued.pop(name, None)  # this write is newer and whole
+                popped = self._queued.pop(name, None)  # this write is newer and whole
+                forgets = self._forgets.get(name, 0)
                 self._being_written = {name: record}  # (shown until written: rev55d M2)
             try:
                 self._write_heartbeat(
                     name, agent_version, now, highest_epoch, cert_fingerprint, renewal, features
                 )
-            finally:
+            except BaseException:
                 with self._seen_lock:
+                    # What was queued is queued again (as a batch's records are): lost, the
+                    # node showed what its row held until the next write said something new
+                    # (review rev55e M2).
+                    if popped is not None and self._forgets.get(name, 0) == forgets:
+                        self._queued.setdefault(name, popped)
                     self._being_written = {}
                     self._written += 1
+                raise
             with self._seen_lock:
+                self._being_written = {}
+                self._written += 1
                 self._features_seen(name, features)
                 self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
 

@@ -313,8 +313,12 @@ def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
         assert [n.agent_features for n in store.list_nodes()] == [ALL] and batches == [1]
         monkeypatch.setattr(store.db, "read", read)
 
-        # A direct write (something new the group commit does not wait for): shown while written.
+        # A direct write (something new the group commit does not wait for): shown while
+        # written, over a stored row that says otherwise (review rev55e M1).
         assert store.queue_heartbeat("n1", "0.5", now=T0 + dt.timedelta(seconds=3), features=fewer)
+        store.write_queued()
+        assert store.get_node("n1").agent_features == fewer  # the row says fewer
+        assert store.queue_heartbeat("n1", "0.6", now=T0 + dt.timedelta(seconds=4), features=ALL)
         direct = store._write_heartbeat
         mid: list[tuple[str, ...]] = []
 
@@ -323,9 +327,25 @@ def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
             direct(*args)
 
         monkeypatch.setattr(store, "_write_heartbeat", read_mid_write)
-        store.heartbeat("n1", "0.6", now=T0 + dt.timedelta(seconds=4), features=ALL)
+        store.heartbeat("n1", "0.7", now=T0 + dt.timedelta(seconds=5), features=ALL)
         assert mid == [ALL] and store.get_node("n1").agent_features == ALL
         assert store._being_written == {}
+
+        # A direct write that fails: what it took from the queue is queued again (rev55e M2).
+        assert store.queue_heartbeat("n1", "0.8", now=T0 + dt.timedelta(seconds=6), features=fewer)
+        store.write_queued()
+        assert store.queue_heartbeat("n1", "0.9", now=T0 + dt.timedelta(seconds=7), features=ALL)
+
+        def fails(*_args: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(store, "_write_heartbeat", fails)
+        with pytest.raises(OSError):
+            store.heartbeat("n1", "1.0", now=T0 + dt.timedelta(seconds=8), features=ALL)
+        assert store.queued() == 1 and store.get_node("n1").agent_features == ALL
+        monkeypatch.setattr(store, "_write_heartbeat", direct)
+        store.write_queued()
+        assert store.get_node("n1").agent_features == ALL
     finally:
         store.close()
 
