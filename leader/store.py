@@ -1222,8 +1222,15 @@ class Store(LeaderStore):
                         r.renewal,
                         r.features,
                     )
-                for _name, write in writes:
-                    write(db)
+                for name, write in writes:
+                    # Not for a node removed since it was queued (``remove_node`` forgets its
+                    # queued writes only after its own transaction: a batch taken before then
+                    # put the removed node's client rows back, and a node enrolled again under
+                    # the name inherited its workstations: review rev55e L2).
+                    if not db.execute(
+                        "SELECT 1 FROM nodes WHERE name = ? AND removed_at IS NOT NULL", (name,)
+                    ).fetchone():
+                        write(db)
         except BaseException:
             with self._seen_lock:
                 for name, r in records.items():

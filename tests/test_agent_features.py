@@ -30,6 +30,7 @@ from leader.planner import AgentsTooOld, plan_rollout, too_old
 from leader.rollout_core import (
     BLOCKED,
     Change,
+    Client,
     FreezeMode,
     NodeObservation,
     NodeState,
@@ -37,6 +38,7 @@ from leader.rollout_core import (
     Strategy,
     blocked_too_old,
 )
+from leader.schema_store import write_clients
 from leader.service import agent_features_of
 from leader.store import Node, Store
 from tests.cluster import LEADER_POLL, Cluster, wait_until
@@ -346,6 +348,44 @@ def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
         monkeypatch.setattr(store, "_write_heartbeat", direct)
         store.write_queued()
         assert store.get_node("n1").agent_features == ALL
+    finally:
+        store.close()
+
+
+def test_a_client_report_queued_before_a_removal_is_not_written_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev55e L2: a group commit that took a node's client report before `tlsroll nodes
+    remove` and committed after the removal's transaction put the removed node's client rows
+    back (the removal forgets the queued writes only after its transaction), and a node
+    enrolled again under the name inherited the old workstations. The batch writes a report
+    only for a node enrolled as it commits."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.1", T0)
+        seen = Client("n1", "http", "10.0.0.7", "ws-7", T0, T0, 3)
+
+        def report(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, "n1", [seen], window_seconds=600, source="refserver", problem="", now=T0
+            )
+
+        store.queue_write("n1", report)
+        tx = store.db.tx
+
+        @contextlib.contextmanager
+        def removed_meanwhile(**kwargs: Any) -> Iterator[sqlite3.Connection]:
+            monkeypatch.setattr(store.db, "tx", tx)
+            store.remove_node("n1", now=T0, actor="admin:test")  # between the take and commit
+            with tx(**kwargs) as db:
+                yield db
+
+        monkeypatch.setattr(store.db, "tx", removed_meanwhile)
+        store.write_queued()
+        with store.db.read() as db:
+            rows = db.execute("SELECT count(*) FROM node_clients WHERE node = 'n1'").fetchone()
+            info = db.execute("SELECT count(*) FROM node_clients_info WHERE node = 'n1'").fetchone()
+        assert (rows[0], info[0]) == (0, 0)
     finally:
         store.close()
 

@@ -464,14 +464,14 @@ def test_a_removed_node_s_client_report_goes_with_it(tmp_path: Path) -> None:
     assert "  a:" not in remaining()
 
     # b removed while a batch with its report was taken: committed after the removal, the
-    # report is stored again, and not read.
+    # report is not stored again (review rev55e L2; it was stored, and not read).
     def write(db: sqlite3.Connection) -> None:
         http = Client("b", "http", "10.0.0.5", "ws-5", at - dt.timedelta(minutes=1), at, 4)
         write_clients(db, "b", [http], window_seconds=600, source="refserver", problem="", now=at)
 
     store.remove_node("b", now=NOW, actor="admin")
     store.queue_write("b", write)
-    assert store.write_queued() == 1 and stored("b") == 1
+    assert store.write_queued() == 1 and stored("b") == 0
     message = service._answer(schema_pb2.GetSchemaRequest(), None)
     assert [v.node for v in message.node_clients] == ["a"], message.node_clients
     assert remaining() == "No workstation was seen on http lately.\n"
