@@ -455,12 +455,6 @@ class _NodesWrite:
         self.store.nodes_generation += 1
 
 
-READ_AGAIN = 3
-"""How often a node's read is made again while heartbeat writes end between its read of the
-stored row and its look at what memory holds (``Store._written``): a write ends about once a
-second, so a second read all but always settles it, and a third is a bound, not a wait."""
-
-
 class Store(LeaderStore):
     """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
 
@@ -502,15 +496,16 @@ class Store(LeaderStore):
         self._queued_writes: list[tuple[str, QueuedWrite]] = []
         # The heartbeat records a group commit (or a direct write) has taken from ``_queued``
         # and not yet committed (a copy): what they say is in neither ``_queued`` nor what a
-        # read sees until the commit, and ``_last_heard`` shows them meanwhile; and how many
-        # such writes have ended (``_written``, moved on as they leave ``_being_written``):
-        # a reader that read the stored row before a write ended and looks at memory after
-        # it reads again (``get_node``, ``list_nodes``). CI of session 55: the agent pool read
-        # a node in that window, without the features its agent's first heartbeat said, at
-        # the ``nodes_generation`` that heartbeat had moved on, and refused a transitional
-        # rollout's Stage as "too old" until the next nodes write (review rev55d M1, M2).
+        # read sees until the commit, and ``_last_heard`` shows them meanwhile. They leave it
+        # as their transaction commits, under the database's lock (``Database.after_commit``),
+        # and a reader looks at memory inside its read (``get_node``, ``list_nodes``): it sees
+        # either the row before the commit and the record here, or the row after it. CI of
+        # session 55: the agent pool read a node in that window, without the features its
+        # agent's first heartbeat said, at the ``nodes_generation`` that heartbeat had moved
+        # on, and refused a transitional rollout's Stage as "too old" until the next nodes
+        # write (review rev55d M1, M2; a reader that read the row before a write ended and
+        # looked at memory after it read again, at most three times: rev55e L1).
         self._being_written: dict[str, _Record] = {}
-        self._written = 0
         # Held across a batch's take and commit (``write_queued``) and across a direct
         # heartbeat write (``heartbeat``): a batch taken before a direct write must not commit
         # after it, which stored the older record over the newer one, and ``_seen`` then kept
@@ -997,14 +992,8 @@ class Store(LeaderStore):
         return token, existing, replay
 
     def list_nodes(self, *, include_removed: bool = False) -> list[Node]:
-        for _ in range(READ_AGAIN):
-            written = self._written
-            with self._db.read() as db:
-                rows = self.node_rows(db, include_removed=include_removed)
-            nodes = self.nodes_of(rows)
-            if self._written == written:  # no heartbeat write ended in between (``_written``)
-                break
-        return nodes
+        with self._db.read() as db:  # memory looked at inside the read (``_being_written``)
+            return self.nodes_of(self.node_rows(db, include_removed=include_removed))
 
     @staticmethod
     def node_rows(db: sqlite3.Connection, *, include_removed: bool = False) -> list[sqlite3.Row]:
@@ -1014,7 +1003,8 @@ class Store(LeaderStore):
 
     def nodes_of(self, rows: Sequence[sqlite3.Row]) -> list[Node]:
         """The nodes of ``node_rows``' rows, with their heartbeats as ``list_nodes`` gives them
-        (outside the read: what this store keeps in memory has a lock of its own)."""
+        (inside the read that read them: a heartbeat write that commits after it is then
+        still shown from memory, ``_being_written``)."""
         return [self._with_seen(_node(r)) for r in rows]
 
     def heard_of(
@@ -1041,18 +1031,11 @@ class Store(LeaderStore):
         return heard
 
     def get_node(self, name: str) -> Node:
-        for _ in range(READ_AGAIN):
-            written = self._written
-            with self._db.read() as db:
-                row = db.execute(
-                    f"{_NODES} WHERE name = ? AND removed_at IS NULL", (name,)
-                ).fetchone()
+        with self._db.read() as db:  # memory looked at inside the read (``_being_written``)
+            row = db.execute(f"{_NODES} WHERE name = ? AND removed_at IS NULL", (name,)).fetchone()
             if row is None:
                 raise NotFound(f"no enrolled node named {shown(name)}")
-            node = self._with_seen(_node(row))
-            if self._written == written:  # no heartbeat write ended in between (``_written``)
-                break
-        return node
+            return self._with_seen(_node(row))
 
     def heartbeat(
         self,
@@ -1086,10 +1069,18 @@ class Store(LeaderStore):
                 popped = self._queued.pop(name, None)  # this write is newer and whole
                 forgets = self._forgets.get(name, 0)
                 self._being_written = {name: record}  # (shown until written: rev55d M2)
+
+            def written(wrote: bool) -> None:
+                # Committed, under the database's lock: no reader sees the row without this.
+                with self._seen_lock:
+                    self._being_written = {}
+                    if wrote and self._forgets.get(name, 0) == forgets:
+                        self._features_seen(name, features)
+                        heard = self._heard(now)
+                        self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=heard)
+
             try:
-                self._write_heartbeat(
-                    name, agent_version, now, highest_epoch, cert_fingerprint, renewal, features
-                )
+                self._write_heartbeat(name, record, written)
             except BaseException:
                 with self._seen_lock:
                     # What was queued is queued again (as a batch's records are): lost, the
@@ -1098,13 +1089,7 @@ class Store(LeaderStore):
                     if popped is not None and self._forgets.get(name, 0) == forgets:
                         self._queued.setdefault(name, popped)
                     self._being_written = {}
-                    self._written += 1
                 raise
-            with self._seen_lock:
-                self._being_written = {}
-                self._written += 1
-                self._features_seen(name, features)
-                self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
 
     def queue_heartbeat(
         self,
@@ -1206,51 +1191,50 @@ class Store(LeaderStore):
             self._being_written = dict(records)
         if not records and not writes:
             return 0
+
+        def still(name: str) -> bool:
+            """Node ``name`` is not forgotten (removed, enrolled again) since the take."""
+            return self._forgets.get(name, 0) == forgets.get(name, 0)
+
+        def committed() -> None:
+            # Under the database's lock, as the commit is visible (a read that begins now sees
+            # them): no reader sees the rows without the records or the records' end without
+            # the rows. From now on these nodes' stored reports are this leader's (not a name
+            # forgotten since the batch was taken), in the same section, so that no reader sees
+            # the report and not that it is this leader's (review rev55d L1).
+            with self._seen_lock:
+                self._being_written = {}
+                self._reports_stored.update(name for name, _write in writes if still(name))
+
         switched = False
         try:
             with self._db.tx(routine=True) as db:
                 for name, r in records.items():
-                    if self._forgets.get(name, 0) != forgets.get(name, 0):
-                        continue  # removed (or enrolled again) since it was taken: not its life
-                    switched |= self._heartbeat_sql(
-                        db,
-                        name,
-                        r.agent_version,
-                        r.now,
-                        r.highest_epoch,
-                        r.cert_fingerprint,
-                        r.renewal,
-                        r.features,
-                    )
+                    if still(name):  # else removed (or enrolled again) since: not its life
+                        switched |= self._heartbeat_sql(db, name, r)[1]
                 for name, write in writes:
                     # Not for a node removed since it was queued (``remove_node`` forgets its
                     # queued writes only after its own transaction: a batch taken before then
                     # put the removed node's client rows back, and a node enrolled again under
-                    # the name inherited its workstations: review rev55e L2).
-                    if not db.execute(
-                        "SELECT 1 FROM nodes WHERE name = ? AND removed_at IS NOT NULL", (name,)
-                    ).fetchone():
+                    # the name inherited its workstations: review rev55e L2), nor for one
+                    # removed and enrolled again since (its forget count moved: the new
+                    # enrolment's rows are not the old agent's report).
+                    if (
+                        still(name)
+                        and not db.execute(
+                            "SELECT 1 FROM nodes WHERE name = ? AND removed_at IS NOT NULL", (name,)
+                        ).fetchone()
+                    ):
                         write(db)
+                self._db.after_commit(committed)
         except BaseException:
             with self._seen_lock:
                 for name, r in records.items():
-                    if self._forgets.get(name, 0) == forgets.get(name, 0):
+                    if still(name):
                         self._queued.setdefault(name, r)
                 self._queued_writes[:0] = writes
                 self._being_written = {}
-                self._written += 1
             raise
-        with self._seen_lock:  # (committed: a read that begins now sees them)
-            self._being_written = {}
-            self._written += 1
-            # From now on these nodes' stored reports are this leader's (not a name forgotten
-            # since the batch was taken); in the same section, so that no reader sees the
-            # report and not that it is this leader's (review rev55d L1).
-            self._reports_stored.update(
-                name
-                for name, _write in writes
-                if self._forgets.get(name, 0) == forgets.get(name, 0)
-            )
         if switched:  # the certificate before is accepted no more: not routine
             self._db.touch()
         return len(records) + len(writes)
@@ -1365,41 +1349,46 @@ class Store(LeaderStore):
                 seen.seen, seen.heard = at, heard
 
     def _write_heartbeat(
-        self,
-        name: str,
-        agent_version: str,
-        now: dt.datetime,
-        highest_epoch: int,
-        cert_fingerprint: str,
-        renewal: RenewalReport | None,
-        features: tuple[str, ...] = (),
+        self, name: str, record: _Record, then: Callable[[bool], None] = lambda _wrote: None
     ) -> None:
+        """``heartbeat``'s transaction: ``record`` written, ``then(wrote)`` once it has
+        committed, still under the database's lock (``wrote``: the row was the enrolment's
+        that sent it, ``_heartbeat_sql``)."""
         with self._db.tx(routine=True) as db:
-            switched = self._heartbeat_sql(
-                db, name, agent_version, now, highest_epoch, cert_fingerprint, renewal, features
-            )
+            wrote, switched = self._heartbeat_sql(db, name, record)
+            self._db.after_commit(lambda: then(wrote))
         if switched:  # the certificate before is accepted no more: not routine
             self._db.touch()
 
     def _heartbeat_sql(
-        self,
-        db: sqlite3.Connection,
-        name: str,
-        agent_version: str,
-        now: dt.datetime,
-        highest_epoch: int,
-        cert_fingerprint: str,
-        renewal: RenewalReport | None,
-        features: tuple[str, ...] = (),
-    ) -> bool:
-        """A heartbeat record's statements (in the caller's transaction); True if it switched
-        the node to its renewed certificate (the caller moves ``generation`` on)."""
+        self, db: sqlite3.Connection, name: str, record: _Record
+    ) -> tuple[bool, bool]:
+        """A heartbeat record's statements (in the caller's transaction): whether it was
+        written, and whether it switched the node to its renewed certificate (the caller moves
+        ``generation`` on). Written only into the row of the enrolment whose certificate sent
+        it (``cert_fingerprint``: the one on record or the one before it; a record made
+        without one, a test's, into the enrolled row of that name): one taken before the node
+        was removed, or removed and enrolled again, and committed after is not its life
+        (review rev55e L3: a direct write waiting for the lock wrote the old agent's version
+        and features into the new enrolment's row)."""
+        now, cert_fingerprint, renewal = record.now, record.cert_fingerprint, record.renewal
         switched = False
-        db.execute(
+        cur = db.execute(
             "UPDATE nodes SET last_heartbeat = ?, agent_version = ?, agent_features = ?,"
-            " highest_epoch = MAX(highest_epoch, ?) WHERE name = ? AND removed_at IS NULL",
-            (to_text(now), agent_version, json.dumps(list(features)), highest_epoch, name),
+            " highest_epoch = MAX(highest_epoch, ?) WHERE name = ? AND removed_at IS NULL"
+            " AND (? = '' OR ? IN (cert_fingerprint, prev_cert_fingerprint))",
+            (
+                to_text(now),
+                record.agent_version,
+                json.dumps(list(record.features)),
+                record.highest_epoch,
+                name,
+                cert_fingerprint,
+                cert_fingerprint,
+            ),
         )
+        if not cur.rowcount:
+            return False, False
         if renewal is not None:
             db.execute(
                 "UPDATE nodes SET renewal_due_at = ?, renewal_failing_since = ?,"
@@ -1428,7 +1417,7 @@ class Store(LeaderStore):
                     name,
                     cert_fingerprint=cert_fingerprint,
                 )
-        return switched
+        return True, switched
 
     def accepted_certificates(self) -> dict[str, frozenset[str]]:
         """Each enrolled node's certificates (fingerprints) that may call the leader: the one

@@ -17,7 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -271,8 +271,8 @@ def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
     (taken from the queue, not yet committed), so without their features, at the
     ``nodes_generation`` they had moved on, and kept that node. A record being committed is
     shown as a queued one is (``Store._being_written``); so is one a direct write has taken
-    (review rev55d M2); and a reader that read the stored row before such a write ended and
-    looked at memory after it reads again (``Store._written``, review rev55d M1)."""
+    (review rev55d M2); and a reader looks at memory inside its read, so that a write that
+    ends after the row was read is still shown (review rev55d M1)."""
     store = Store(tmp_path / "leader.sqlite3")
     try:
         _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.1", T0)
@@ -386,6 +386,116 @@ def test_a_client_report_queued_before_a_removal_is_not_written_after_it(
             rows = db.execute("SELECT count(*) FROM node_clients WHERE node = 'n1'").fetchone()
             info = db.execute("SELECT count(*) FROM node_clients_info WHERE node = 'n1'").fetchone()
         assert (rows[0], info[0]) == (0, 0)
+    finally:
+        store.close()
+
+
+def test_a_reader_never_misses_writes_that_end_between_its_read_and_its_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev55e L1: a reader that read a node's row before a heartbeat write ended and
+    looked at memory after it read again, at most three times (``READ_AGAIN``), then gave the
+    row it had: with a write ending after every read (records queued back to back), the node
+    showed the features of the write before. A reader now looks at memory inside its read
+    (``Store._being_written`` leaves as the write commits, under the same lock): there is no
+    window to read again."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.1", T0)
+        store.heartbeat("n1", "0.0", now=T0, features=())
+        read = store.db.read
+        said = iter(range(1, 10_000))
+
+        @contextlib.contextmanager
+        def a_write_each_time() -> Iterator[sqlite3.Connection]:
+            i = next(said)  # a heartbeat queued as the read begins, written as it ends
+            store.queue_heartbeat(
+                "n1", f"0.{i}", now=T0 + dt.timedelta(seconds=i), features=ALL[: i % len(ALL)]
+            )
+            with read() as db:
+                yield db
+            store.write_queued()
+
+        monkeypatch.setattr(store.db, "read", a_write_each_time)
+        readers: list[Callable[[], Node]] = [
+            lambda: store.get_node("n1"),
+            lambda: store.list_nodes()[0],
+        ]
+        for reader in readers:
+            shown = reader()
+            monkeypatch.setattr(store.db, "read", read)
+            assert shown.agent_features == store.get_node("n1").agent_features
+            assert shown.agent_version == store.get_node("n1").agent_version
+            monkeypatch.setattr(store.db, "read", a_write_each_time)
+    finally:
+        store.close()
+
+
+def test_a_write_taken_before_a_removal_and_a_new_enrolment_is_not_the_new_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The closing read of session 55 and review rev55e L3: node n1 removed and enrolled
+    again (a new agent, a new certificate) while a write of its old agent waited for the
+    database. The group commit then wrote the old agent's client report into the new
+    enrolment's rows (it skipped only a node removed as it commits), and a direct heartbeat
+    write wrote the old agent's version and features into the new enrolment's row, and its
+    memory of the node. Both now write only what the enrolment that sent it said: a report
+    of a name not forgotten since it was taken, a heartbeat into the row of the certificate
+    that sent it."""
+    ca = pki.CertificateAuthority.create()
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        certs = [_enrol(store, ca, "n1", "127.0.0.1", T0)[1]]
+        seen = Client("n1", "http", "10.0.0.7", "ws-7", T0, T0, 3)
+
+        def report(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, "n1", [seen], window_seconds=600, source="refserver", problem="", now=T0
+            )
+
+        def anew() -> None:
+            store.remove_node("n1", now=T0, actor="admin:test")
+            certs.append(_enrol(store, ca, "n1", "127.0.0.1", T0 + dt.timedelta(seconds=1))[1])
+
+        tx = store.db.tx
+
+        @contextlib.contextmanager
+        def enrolled_anew_meanwhile(**kwargs: Any) -> Iterator[sqlite3.Connection]:
+            monkeypatch.setattr(store.db, "tx", tx)
+            anew()  # between the write's take and its commit
+            with tx(**kwargs) as db:
+                yield db
+
+        # The group commit's client report.
+        store.queue_write("n1", report)
+        monkeypatch.setattr(store.db, "tx", enrolled_anew_meanwhile)
+        store.write_queued()
+        with store.db.read() as db:
+            rows = db.execute("SELECT count(*) FROM node_clients WHERE node = 'n1'").fetchone()
+            info = db.execute("SELECT count(*) FROM node_clients_info WHERE node = 'n1'").fetchone()
+        assert (rows[0], info[0]) == (0, 0)
+
+        # A direct heartbeat write of the agent enrolled now (its certificate accepted as the
+        # heartbeat came), the node removed and enrolled again while it waits.
+        now = certs[-1]
+        new_version = store.get_node("n1").agent_version
+        monkeypatch.setattr(store.db, "tx", enrolled_anew_meanwhile)
+        store.heartbeat(
+            "n1",
+            "9.9-old",
+            now=T0 + dt.timedelta(seconds=2),
+            cert_fingerprint=pki.fingerprint(now),
+            features=ALL[:1],
+        )
+        node = store.get_node("n1")
+        assert node.cert_fingerprint == pki.fingerprint(certs[-1]) != pki.fingerprint(now)
+        assert (node.agent_version, node.agent_features) == (new_version, ())
+        assert node.last_heartbeat is None  # the new agent has not been heard yet
+        # Without the race, the agent of the enrolment on record is written as before.
+        store.heartbeat(
+            "n1", "9.9", now=T0 + dt.timedelta(seconds=3), cert_fingerprint=node.cert_fingerprint
+        )
+        assert store.get_node("n1").agent_version == "9.9"
     finally:
         store.close()
 
