@@ -291,7 +291,7 @@ class LeaderState:
     def online(self, last_heartbeat: dt.datetime | None) -> bool:
         """Whether a node last heard at ``last_heartbeat`` is online now. A time the store
         gives (``Store.get_node``, ``list_nodes``) is on the clock as it runs now, however it
-        stepped since the node was heard (``Store._on_clock_now``)."""
+        stepped since the node was heard (``Store._then_on_clock_now``)."""
         if last_heartbeat is None:
             return False
         silence = self.clock() - last_heartbeat
@@ -1177,7 +1177,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
 
         # Late-bound: a test may give the state other clocks. The store judges a vouched node
         # (``Store.vouch``) alive "now" by the clock, and a node's last heartbeat by both
-        # (``Store._on_clock_now``).
+        # (``Store._then_on_clock_now``).
         def now() -> dt.datetime:
             return state.clock()
 

@@ -18,7 +18,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
@@ -391,7 +391,7 @@ def elapsed() -> float:
 
 STEP_TOLERANCE = dt.timedelta(seconds=1)
 """How far the leader's clock may move against its monotonic clock before a time kept in
-memory counts as measured on a clock since stepped (``Store._on_clock_now``): reading both
+memory counts as measured on a clock since stepped (``Store._then_on_clock_now``): reading both
 clocks takes microseconds; a step an NTP client makes is larger."""
 
 
@@ -418,6 +418,12 @@ class _Record:
     cert_fingerprint: str
     renewal: RenewalReport | None
     features: tuple[str, ...] = ()
+
+
+_Memory = tuple[tuple[dt.datetime, float] | None, "_Record | None", bool]
+"""What memory holds of a node (``Store._memory_locked``): when it was last heard (the time
+by the clock then, and by the monotonic clock), its heartbeat record queued or being written,
+and whether an open stream vouches for it."""
 
 
 class Queued(enum.IntEnum):
@@ -610,9 +616,6 @@ class Store(LeaderStore):
         its age."""
         return self.monotonic() - (self.clock() - at).total_seconds()
 
-    def _on_clock_now(self, seen: _Seen) -> dt.datetime:
-        return self._then_on_clock_now(seen.seen, seen.heard)
-
     def _then_on_clock_now(self, then: dt.datetime, heard: float) -> dt.datetime:
         """When ``seen``'s heartbeat came, by the leader's clock as it runs now: the time
         recorded then, unless the clock stepped since (by more than ``STEP_TOLERANCE``): then
@@ -640,15 +643,34 @@ class Store(LeaderStore):
             return stored
         return now - dt.timedelta(seconds=max(0.0, self.monotonic() - self._opened))
 
-    def _with_seen(self, node: Node) -> Node:
+    def _memory_locked(self, name: str) -> _Memory:
+        """(Under ``_seen_lock``.) What memory holds of node ``name`` for ``_last_heard``: a
+        copy, so that it can be looked at once the lock is let go."""
+        seen = self._seen.get(name)
+        return (
+            (seen.seen, seen.heard) if seen is not None else None,
+            self._queued.get(name) or self._being_written.get(name),
+            self._vouched.get(name, 0) > 0,
+        )
+
+    def _memory(self, names: Iterable[str]) -> list[_Memory]:
+        """``_memory_locked`` of each of ``names``, under one hold of ``_seen_lock``: taken by
+        a reader inside its database read (``get_node``, ``list_nodes``), its rows parsed
+        and the nodes made after the read (holding the database's lock for those, at 500
+        nodes, made every writer wait about 5 ms more: review rev56a L1)."""
+        with self._seen_lock:
+            return [self._memory_locked(name) for name in names]
+
+    def _with_seen(self, node: Node, memory: _Memory | None = None) -> Node:
         """``node`` with its newest heartbeat, stored or not, and what a heartbeat record
         still queued for the group commit says (as if it were written). A node heard since
-        this store opened has it from memory (``_on_clock_now``): on the leader's clock as it
+        this store opened has it from memory (``_then_on_clock_now``): on the leader's clock as it
         runs now, so that everyone who judges it by that clock (``LeaderState.online``, the
         viewer, a plan's offline grace) judges the time since it was heard. Otherwise the
         stored time (after a restart), no later than when this store opened
-        (``_stored_on_clock_now``)."""
-        last, record = self._last_heard(node)
+        (``_stored_on_clock_now``). ``memory``: what ``_memory`` took of it (else looked at
+        now)."""
+        last, record = self._last_heard(node, memory)
         if record is not None:
             renewal = record.renewal
             node = replace(
@@ -666,13 +688,15 @@ class Store(LeaderStore):
             return node
         return replace(node, last_heartbeat=last)
 
-    def _last_heard(self, node: Node) -> tuple[dt.datetime | None, _Record | None]:
+    def _last_heard(
+        self, node: Node, memory: _Memory | None = None
+    ) -> tuple[dt.datetime | None, _Record | None]:
         """When ``node`` was last heard as ``_with_seen`` gives it, and the heartbeat record
         still queued for it (None: none, or the node is removed)."""
-        with self._seen_lock:
-            seen = self._seen.get(node.name)
-            record = self._queued.get(node.name) or self._being_written.get(node.name)
-            vouched = self._vouched.get(node.name, 0) > 0
+        if memory is None:
+            with self._seen_lock:
+                memory = self._memory_locked(node.name)
+        seen, record, vouched = memory
         if node.removed_at is not None:
             return node.last_heartbeat, None
         if seen is None:
@@ -684,7 +708,7 @@ class Store(LeaderStore):
         # one's newer message, still queued, once took it back below that message: the node
         # showed offline until the group commit; a rollout started then was refused.) An open
         # stream that vouches for the node: alive now.
-        return (self.clock() if vouched else self._on_clock_now(seen)), record
+        return (self.clock() if vouched else self._then_on_clock_now(*seen)), record
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -837,7 +861,10 @@ class Store(LeaderStore):
             _check_free(db, name, addresses, dns_names, reserved())
             if replay and existing is not None:
                 return self._enrol_again(db, existing, agent_version, agent_port, issue, now)
-            self._forget_seen(name)  # enrolled anew: no heartbeat yet
+            # Enrolled anew: no heartbeat yet. Once committed (under the lock, before any reader
+            # sees the row): an enrolment that fails (the CA refuses, a full disk) forgets
+            # nothing of a node enrolled (review rev56a, pre-existing).
+            self._db.after_commit(lambda: self._forget_seen(name))
             cert = issue()
             db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,))
             db.execute(
@@ -993,7 +1020,9 @@ class Store(LeaderStore):
 
     def list_nodes(self, *, include_removed: bool = False) -> list[Node]:
         with self._db.read() as db:  # memory looked at inside the read (``_being_written``)
-            return self.nodes_of(self.node_rows(db, include_removed=include_removed))
+            rows = self.node_rows(db, include_removed=include_removed)
+            memory = self._memory(r["name"] for r in rows)
+        return self.nodes_of(rows, memory)
 
     @staticmethod
     def node_rows(db: sqlite3.Connection, *, include_removed: bool = False) -> list[sqlite3.Row]:
@@ -1001,11 +1030,11 @@ class Store(LeaderStore):
         where = "" if include_removed else " WHERE removed_at IS NULL"
         return db.execute(f"{_NODES}{where} ORDER BY name").fetchall()
 
-    def nodes_of(self, rows: Sequence[sqlite3.Row]) -> list[Node]:
-        """The nodes of ``node_rows``' rows, with their heartbeats as ``list_nodes`` gives them
-        (inside the read that read them: a heartbeat write that commits after it is then
-        still shown from memory, ``_being_written``)."""
-        return [self._with_seen(_node(r)) for r in rows]
+    def nodes_of(self, rows: Sequence[sqlite3.Row], memory: Sequence[_Memory]) -> list[Node]:
+        """The nodes of ``node_rows``' rows, with their heartbeats as ``list_nodes`` gives them,
+        by ``memory`` (``_memory`` of the rows' names, taken inside the read that read them: a
+        heartbeat write that commits after it is then still shown, ``_being_written``)."""
+        return [self._with_seen(_node(r), m) for r, m in zip(rows, memory, strict=True)]
 
     def heard_of(
         self, rows: Sequence[sqlite3.Row], made: tuple[NodesMade, NodesMade]
@@ -1035,7 +1064,8 @@ class Store(LeaderStore):
             row = db.execute(f"{_NODES} WHERE name = ? AND removed_at IS NULL", (name,)).fetchone()
             if row is None:
                 raise NotFound(f"no enrolled node named {shown(name)}")
-            return self._with_seen(_node(row))
+            memory = self._memory([name])[0]
+        return self._with_seen(_node(row), memory)
 
     def heartbeat(
         self,
@@ -1070,8 +1100,11 @@ class Store(LeaderStore):
                 forgets = self._forgets.get(name, 0)
                 self._being_written = {name: record}  # (shown until written: rev55d M2)
 
+            committed: list[bool] = []
+
             def written(wrote: bool) -> None:
                 # Committed, under the database's lock: no reader sees the row without this.
+                committed.append(True)
                 with self._seen_lock:
                     self._being_written = {}
                     if wrote and self._forgets.get(name, 0) == forgets:
@@ -1085,8 +1118,13 @@ class Store(LeaderStore):
                 with self._seen_lock:
                     # What was queued is queued again (as a batch's records are): lost, the
                     # node showed what its row held until the next write said something new
-                    # (review rev55e M2).
-                    if popped is not None and self._forgets.get(name, 0) == forgets:
+                    # (review rev55e M2). Not once this write has committed (something after
+                    # its commit failed): the older record would go over it (rev56a L4).
+                    if (
+                        popped is not None
+                        and not committed
+                        and self._forgets.get(name, 0) == forgets
+                    ):
                         self._queued.setdefault(name, popped)
                     self._being_written = {}
                 raise
@@ -1196,7 +1234,10 @@ class Store(LeaderStore):
             """Node ``name`` is not forgotten (removed, enrolled again) since the take."""
             return self._forgets.get(name, 0) == forgets.get(name, 0)
 
+        done: list[bool] = []
+
         def committed() -> None:
+            done.append(True)
             # Under the database's lock, as the commit is visible (a read that begins now sees
             # them): no reader sees the rows without the records or the records' end without
             # the rows. From now on these nodes' stored reports are this leader's (not a name
@@ -1211,6 +1252,9 @@ class Store(LeaderStore):
             with self._db.tx(routine=True) as db:
                 for name, r in records.items():
                     if still(name):  # else removed (or enrolled again) since: not its life
+                        # (Not written, ``_heartbeat_sql``'s first answer, if its certificate
+                        # is no longer the row's: renewed twice since it came; that one is
+                        # refused from then on, and the agent's next message says otherwise.)
                         switched |= self._heartbeat_sql(db, name, r)[1]
                 for name, write in writes:
                     # Not for a node removed since it was queued (``remove_node`` forgets its
@@ -1229,10 +1273,11 @@ class Store(LeaderStore):
                 self._db.after_commit(committed)
         except BaseException:
             with self._seen_lock:
-                for name, r in records.items():
-                    if still(name):
-                        self._queued.setdefault(name, r)
-                self._queued_writes[:0] = writes
+                if not done:  # (committed, and something after it failed: they are stored)
+                    for name, r in records.items():
+                        if still(name):
+                            self._queued.setdefault(name, r)
+                    self._queued_writes[:0] = writes
                 self._being_written = {}
             raise
         if switched:  # the certificate before is accepted no more: not routine
@@ -1284,7 +1329,7 @@ class Store(LeaderStore):
 
     def report_on_clock_now(self, name: str, reported_at: dt.datetime) -> dt.datetime:
         """When node ``name``'s client report stored as of ``reported_at`` came, by the
-        leader's clock as it runs now (as a last heartbeat: ``_on_clock_now``): how fresh a
+        leader's clock as it runs now (as a last heartbeat: ``_then_on_clock_now``): how fresh a
         report is (``planner.stale_reports``, a finalize's refusal) goes by the time since,
         which no step of the clock moves. Before, a report from just before the clock stepped
         back an hour spoke for its node for that hour (clock audit s35, D). A report this

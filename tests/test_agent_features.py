@@ -40,7 +40,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import write_clients
 from leader.service import agent_features_of
-from leader.store import Node, Store
+from leader.store import Node, NodeCert, Store
 from tests.cluster import LEADER_POLL, Cluster, wait_until
 from tests.leader_rig import _enrol
 from tests.nodeside import cluster_of
@@ -496,6 +496,79 @@ def test_a_write_taken_before_a_removal_and_a_new_enrolment_is_not_the_new_nodes
             "n1", "9.9", now=T0 + dt.timedelta(seconds=3), cert_fingerprint=node.cert_fingerprint
         )
         assert store.get_node("n1").agent_version == "9.9"
+    finally:
+        store.close()
+
+
+def test_memory_says_what_the_store_holds_after_a_write_not_made_or_failed_after_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev56a: (L2) a direct heartbeat whose certificate is not the row's is not written,
+    and memory does not take it as heard either; (L4) a direct write or a group commit that
+    fails after its commit (a listener, a ``touch``) does not queue again what it took, which
+    would go over what it stored; (pre-existing) an enrolment that fails (the CA refuses)
+    forgets nothing of the node enrolled under the name."""
+    ca = pki.CertificateAuthority.create()
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        _key, cert = _enrol(store, ca, "n1", "127.0.0.1", T0)
+        # L2: another certificate's heartbeat (no forget between): neither row nor memory.
+        store.heartbeat("n1", "7.7", now=T0, cert_fingerprint="sha256:" + "0" * 64)
+        node = store.get_node("n1")
+        assert (node.agent_version, node.last_heartbeat) == ("1", None)
+
+        # L4, the direct write: what it took from the queue is not queued again.
+        mine = pki.fingerprint(cert)
+        assert store.queue_heartbeat("n1", "2", now=T0, cert_fingerprint=mine, features=())
+        direct = store._write_heartbeat
+
+        def then_fails(*args: Any) -> None:
+            direct(*args)
+            raise OSError(5, "Input/output error")  # after the commit
+
+        monkeypatch.setattr(store, "_write_heartbeat", then_fails)
+        with pytest.raises(OSError):
+            store.heartbeat("n1", "3", now=T0 + dt.timedelta(seconds=1), cert_fingerprint=mine)
+        monkeypatch.setattr(store, "_write_heartbeat", direct)
+        assert store.queued() == 0 and store.get_node("n1").agent_version == "3"
+
+        # L4, the group commit: what it committed is not queued again.
+        later = T0 + dt.timedelta(seconds=2)
+        assert store.queue_heartbeat("n1", "4", now=later, cert_fingerprint=mine, features=ALL)
+        tx = store.db.tx
+
+        @contextlib.contextmanager
+        def fails_after_commit(**kwargs: Any) -> Iterator[sqlite3.Connection]:
+            with tx(**kwargs) as db:
+                yield db
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(store.db, "tx", fails_after_commit)
+        with pytest.raises(OSError):
+            store.write_queued()
+        monkeypatch.setattr(store.db, "tx", tx)
+        assert store.queued() == 0 and store.get_node("n1").agent_version == "4"
+
+        # An enrolment of the name (the same key, a new token) that fails: nothing forgotten
+        # (here: the heartbeat record still queued).
+        assert store.queue_heartbeat(
+            "n1", "5", now=T0 + dt.timedelta(seconds=3), cert_fingerprint=mine, features=()
+        )
+        store.add_token(
+            "t00099", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=T0,
+            actor="test", node_name="n1", addresses=("127.0.0.1",),
+        )  # fmt: skip
+
+        def refused() -> NodeCert:
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError):
+            store.enrol(
+                token_id="t00099", secret="s" * 26, name="n1", addresses=("127.0.0.1",),
+                dns_names=(), agent_version="1", agent_port=9442,
+                key_pin=pki.spki_pin(cert), now=T0, issue=refused,
+            )  # fmt: skip
+        assert store.queued() == 1 and store.get_node("n1").agent_version == "5"
     finally:
         store.close()
 
