@@ -28,6 +28,7 @@ import functools
 import http.client
 import json
 import os
+import shlex
 import shutil
 import signal
 import ssl
@@ -145,7 +146,7 @@ class Cli:
             check=False,
         )
         if show:
-            print(f"$ tlsroll {' '.join(args)}")
+            print(f"$ tlsroll {shlex.join(args)}")  # (quoted: the line can be copied)
             sys.stdout.write(result.stdout)
         if check and result.returncode != 0:
             raise DemoError(f"tlsroll {' '.join(args)} failed: {result.stderr.strip()}")

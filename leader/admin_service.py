@@ -50,7 +50,7 @@ from leader.schema_store import (
 from leader.schema_view import finalize_preview, rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
 from leader.store import Node, RolloutHoldsCA, in_rollout_text
-from leader.tokens import JoinToken
+from leader.tokens import ID_LEN, ID_SHAPE, JoinToken
 from leader.viewer.grants import MAX_NAME as MAX_VIEWER_NAME
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
 from leader.viewer.grants import Grant, Grants
@@ -89,6 +89,15 @@ def trust_bundle(ca: pki.CertificateAuthority) -> list[Any]:
 # Admin.CheckPassword's wrong hashes per caller: 5 free, then 1 s doubling up to a minute (a
 # person mistyping is not held up; a script using the leader to test guesses is).
 CHECK_BACKOFF = Policy(free=5, base=1.0, cap=60.0, forget=3600.0)
+
+
+def _require_id(value: str, what: str, listed_by: str) -> None:
+    """A join token's or viewer grant's id of a shape none can have (``leader.tokens``:
+    ``ID_LEN`` of ``ID_ALPHABET``): INVALID_ARGUMENT (the CLI's exit 2), as a malformed
+    serial is, not NOT_FOUND (exit 1: "the right shape, nothing has it"; session 56's README
+    walk). Not echoed: the shape is the whole message."""
+    if not ID_SHAPE.fullmatch(value):
+        raise invalid(f"a {what}'s id is {ID_LEN} lower-case letters and digits (see: {listed_by})")
 
 
 def _actor(context: Ctx) -> str:
@@ -663,6 +672,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def RevokeToken(
         self, request: admin_pb2.RevokeTokenRequest, context: Ctx
     ) -> admin_pb2.RevokeTokenResponse:
+        _require_id(request.id, "join token", "tlsroll token list")
         info = await asyncio.to_thread(
             self.state.store.revoke_token,
             request.id,
@@ -956,6 +966,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def RevokeViewerGrant(
         self, request: admin_pb2.RevokeViewerGrantRequest, context: Ctx
     ) -> admin_pb2.RevokeViewerGrantResponse:
+        _require_id(request.id, "viewer grant", "tlsroll viewer list")
         now = self.state.clock()
         grant = await asyncio.to_thread(
             self.grants.revoke, request.id, now=now, actor=_actor(context)

@@ -80,10 +80,11 @@ def too_early(ca: x509.Certificate, now: dt.datetime) -> str | None:
     left = ca.not_valid_after_utc - now
     if left <= RENEW_BEFORE:
         return None
+    due = ca.not_valid_after_utc - RENEW_BEFORE
     return (
         f"the CA certificate has {left.days} days left (until "
-        f"{ca.not_valid_after_utc:%Y-%m-%d}): it is renewed in its last "
-        f"{pki.CA_VALIDITY_DAYS - RENEW_BEFORE.days} days; --force renews it now"
+        f"{ca.not_valid_after_utc:%Y-%m-%d}): it is renewed once at most {RENEW_BEFORE.days} "
+        f"days are left (from {due:%Y-%m-%d}); --force renews it now"
     )
 
 

@@ -298,7 +298,8 @@ class Commands:
         try:
             target, _switched = planner.undo_target(candidates, None, undoes)
         except planner.AlreadyUndone as exc:
-            return replace(request, scope=Scope.cluster()), "", exc
+            undone = planner.AlreadyUndone(exc.target, exc.rollout, named=False)
+            return replace(request, scope=Scope.cluster()), "", undone
         return replace(request, scope=Scope.cluster()), target.id, None
 
     async def plan(self, request: RolloutRequest) -> Planned:

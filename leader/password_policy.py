@@ -53,13 +53,12 @@ MAX_CHECKED = 72  # zxcvbn takes no more (it is slow on long input); the first 7
 
 
 def problem(secret: str, user_words: tuple[str, ...] = ()) -> str | None:
-    """Why ``secret`` is too weak (one line), or None if it meets the policy."""
+    """Why ``secret`` is too weak (one line), or None if it meets the policy. The way to a
+    generated one is the command's to add (``leader.cli.password.obtain_password``): each
+    command has its own."""
     text = unicodedata.normalize("NFC", secret)
     if len(text) < MIN_LENGTH:
-        return (
-            f"the password is too short: at least {MIN_LENGTH} characters, it has {len(text)}; "
-            "or use --generate"
-        )
+        return f"the password is too short: at least {MIN_LENGTH} characters, it has {len(text)}"
     if text.lower() in RANKED_DICTIONARIES["passwords"]:
         return "the password is one of the 30,000 most common passwords; choose another"
     result = zxcvbn(text[:MAX_CHECKED], user_inputs=[*PRACTICE_WORDS, *user_words])
@@ -68,7 +67,7 @@ def problem(secret: str, user_words: tuple[str, ...] = ()) -> str | None:
         hint = result["feedback"]["warning"] or "it follows a common pattern"
         return (
             f"the password is too easy to guess (about 10^{_magnitude(guesses)} guesses, at "
-            f"least 10^10 needed): {hint.rstrip('.')}; make it longer or use --generate"
+            f"least 10^10 needed): {hint.rstrip('.')}; make it longer"
         )
     return None
 

@@ -151,14 +151,22 @@ class AlreadyUndone(PlanError):
     """The enable-tls rollout was already taken back by a disable-tls rollout (one per rollout,
     whatever that one's state: a way back that halted is looked at, not started again)."""
 
-    def __init__(self, target: str, by: Rollout) -> None:
-        super().__init__(
-            f"rollout {target} was already taken back by rollout {by.id} ({by.state.value}); "
+    def __init__(self, target: str, by: Rollout, *, named: bool = True) -> None:
+        """``named``: the way back named ``target`` (`rollout rollback ID`): the refusal
+        says the way back without an id, for every node on https now. Not named (`rollout
+        rollback` alone, and no node runs https now): it says that instead of naming the
+        very command refused (session 56's README walk)."""
+        done = f"rollout {target} was already taken back by rollout {by.id} ({by.state.value})"
+        then = (
             "see: tlsroll schema show; to take back every node on https now: tlsroll rollout "
             "rollback"
+            if named
+            else "no node runs https now: nothing to take back; see: tlsroll schema show"
         )
+        super().__init__(f"{done}; {then}")
         self.target = target
         self.by = by.id
+        self.rollout = by
 
 
 MAX_NAMED = 10

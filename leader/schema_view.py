@@ -555,7 +555,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         if trouble is not None:  # (read in memory: the store it is about may fail to answer)
             message.store_trouble.problem, since = trouble
             message.store_trouble.since.FromDatetime(since)
-        if total > len(rows):  # only when some were left out (else as the viewer's API)
+        if not request.rollout_id:  # (one rollout asked for: the others are not counted)
             message.total_rollouts = total
         return message
 

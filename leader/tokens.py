@@ -16,6 +16,8 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # noqa: S105 - base32, 5 bits a char
 ID_LEN = 6
 SECRET_LEN = 26  # 26 * 5 = 130 bits >= 128
+ID_SHAPE = re.compile(f"[{ID_ALPHABET}]{{{ID_LEN}}}")
+"""A join token's or viewer grant's id (``leader.viewer.grants`` makes them alike)."""
 _FORMAT = re.compile(rf"([a-z0-9]{{{ID_LEN}}})\.([a-z2-7]{{{SECRET_LEN}}})")
 
 

@@ -841,7 +841,7 @@ class AdminTokenCluster(Cluster):
         description: str = "",
     ) -> str:
         request = admin_pb2.CreateTokenRequest(
-            ttl_seconds=parse_duration(ttl),
+            ttl_seconds=parse_duration(ttl, "--ttl"),
             uses=uses,
             description=description,
             node_name=node,

@@ -134,7 +134,7 @@ def test_revoke_unknown_token_is_one_line_exit_1(cluster: Cluster) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "says"),
     [
-        (["--ttl", "0s"], 2, "use a number with s, m, h or d"),
+        (["--ttl", "0s"], 2, "Invalid value for --ttl: '0s': give more than 0"),
         (["--ttl", "soon"], 2, "use a number with s, m, h or d"),
         (["--uses", "0"], 2, "--uses"),
         (["--uses", "many"], 2, "--uses"),

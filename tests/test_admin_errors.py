@@ -265,9 +265,9 @@ def test_a_long_value_echoed_in_a_refusal_comes_back_cut_not_as_grpc_s_limit(
     """A refusal echoes the value it refuses; 100,000 characters went over gRPC's 16 KiB
     metadata limit and the admin read "Stream removed (received metadata size exceeds hard
     limit …)" (audit s34 L1). The details are cut to ``MAX_DETAILS``."""
-    result = cluster.cli("token", "revoke", "a" * 100_000)
+    result = cluster.cli("nodes", "remove", "a" * 100_000, "--yes")
     assert result.returncode == 1, result.stderr
-    assert "no join token" in result.stderr and "aaaa" in result.stderr, result.stderr[:300]
+    assert "no enrolled node" in result.stderr and "aaaa" in result.stderr, result.stderr[:300]
     assert "metadata" not in result.stderr and result.stderr.count("\n") == 1
     assert len(result.stderr) < MAX_DETAILS + 100
     assert short_details("x" * 5000) == "x" * (MAX_DETAILS - 1) + "…"

@@ -657,6 +657,22 @@ def test_a_renewal_whose_transaction_fails_changes_nothing(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(300)
+def test_a_renewal_too_early_says_from_when_it_is_renewed() -> None:
+    """The refusal's rule is the one applied (``RENEW_BEFORE``: renewed once at most 3285 days,
+    nine years, are left), with the day that is; it said "renewed in its last 365 days" of a
+    CA renewable from the end of its first year (session 56's README walk, M1)."""
+    ca = pki.CertificateAuthority.create().cert
+    made = ca.not_valid_before_utc
+    said = ca_renewal.too_early(ca, made + dt.timedelta(days=1))
+    due = ca.not_valid_after_utc - ca_renewal.RENEW_BEFORE
+    assert said is not None and "last 365" not in said
+    assert (
+        f"once at most {ca_renewal.RENEW_BEFORE.days} days are left (from {due:%Y-%m-%d})" in said
+    )
+    assert ca_renewal.too_early(ca, due) is None
+    assert ca_renewal.too_early(ca, due - dt.timedelta(seconds=1)) is not None
+
+
 def test_a_second_renewal_is_refused_without_force_and_keeps_every_certificate(
     tmp_path: Path,
 ) -> None:

@@ -154,10 +154,10 @@ def test_a_refused_name_is_repeated_as_shown_and_echo_imported_by_the_first_refu
 
 ECHOING = [
     (("nodes", "remove", "{}", "--yes"), 1),
-    (("token", "revoke", "{}"), 1),
+    (("token", "revoke", "{}"), 2),  # no token id's shape (session 56's README walk)
     (("ca", "revoke", "{}"), 2),
     (("workstations", "revoke", "{}"), 2),
-    (("viewer", "revoke", "{}"), 1),
+    (("viewer", "revoke", "{}"), 2),
     (("rollout", "pause", "{}"), 2),  # no rollout id's shape (review s48rev3 L4)
     (("rollout", "rollback", "{}", "--yes"), 2),
     (("notify", "--rollout", "{}"), 2),
@@ -202,10 +202,6 @@ def test_the_leaders_details_cut_what_they_repeat(cluster: Cluster) -> None:
     with cluster.admin() as admin:
         calls: list[Callable[[], object]] = [
             lambda: admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="B" * 3_000_000), timeout=10),
-            lambda: admin.RevokeToken(admin_pb2.RevokeTokenRequest(id="B" * 100_000), timeout=10),
-            lambda: admin.RevokeViewerGrant(
-                admin_pb2.RevokeViewerGrantRequest(id="B" * 100_000), timeout=10
-            ),
             lambda: admin.ControlRollout(
                 admin_pb2.ControlRolloutRequest(rollout_id="B" * 100_000, action=pause),
                 timeout=10,
@@ -218,6 +214,19 @@ def test_the_leaders_details_cut_what_they_repeat(cluster: Cluster) -> None:
             assert refused.value.code() == grpc.StatusCode.NOT_FOUND, details[:300]
             assert "(3000000 characters)" in details or "(100000 characters)" in details
             assert len(details) < 200, details[:300]
+        # An id of a shape no token or grant has: refused as such, without repeating it.
+        shapeless: list[Callable[[], object]] = [
+            lambda: admin.RevokeToken(admin_pb2.RevokeTokenRequest(id="B" * 100_000), timeout=10),
+            lambda: admin.RevokeViewerGrant(
+                admin_pb2.RevokeViewerGrantRequest(id="B" * 100_000), timeout=10
+            ),
+        ]
+        for call in shapeless:
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            details = refused.value.details() or ""
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details[:300]
+            assert "BBB" not in details and len(details) < 200, details[:300]
 
 
 # --- L8: no secret repeated ------------------------------------------------------------------
@@ -360,6 +369,16 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
         (("rollout", "retry", "bad id!"), 2, "not a rollout id"),
         (("notify", "--rollout", "bad id!"), 2, "not a rollout id"),
         (("schema", "show", "--rollout", "bad id!"), 2, "not a rollout id"),
+        (("token", "revoke", "bad id"), 2, "a join token's id is 6 lower-case letters and digits"),
+        # a duration names its option (it said "Invalid value: '0'")
+        (
+            ("token", "create", "--node", "nx", "--address", "127.1.2.3", "--ttl", "0h"),
+            2,
+            "Invalid value for --ttl: '0h': give more than 0",
+        ),
+        (("viewer", "grant", "--ttl", "0"), 2, "Invalid value for --ttl: '0': use a number"),
+        (("rollout", "finalize", "r1", "--when-quiet", "9x", "--yes"), 2, "for --when-quiet: '9x'"),
+        (("viewer", "revoke", "BADID1"), 2, "a viewer grant's id is 6 lower-case letters"),
         # well-formed, but nothing has it: a failure (1)
         (("ca", "revoke", "5eed"), 1, "no certificate with serial 5eed is on record"),
         (("workstations", "revoke", "ws-nosuch"), 1, "no unrevoked certificate matches"),

@@ -127,6 +127,9 @@ def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
     again = cluster.cli("rollout", "rollback", "--yes")
     assert again.returncode == 1
     assert f"already taken back by rollout {r['id']}" in again.stderr
+    # ... and not the very command refused as the way on (session 56's README walk).
+    assert "no node runs https now: nothing to take back" in again.stderr, again.stderr
+    assert "to take back every node on https now" not in again.stderr
 
 
 def test_a_halted_rollout_is_retried_to_the_end(

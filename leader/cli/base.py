@@ -579,16 +579,23 @@ MAX_DURATION_SECONDS = 2**32 - 1
 command's leader-side limit (7 days for a token or a viewer grant) is the leader's to say."""
 
 
-def parse_duration(text: str) -> int:
+def parse_duration(text: str, option: str) -> int:
     """``30s``, ``15m``, ``8h``, ``2d``: seconds, more than none and at most
-    ``MAX_DURATION_SECONDS`` (a usage error, not protobuf's ValueError: audit s34 M2)."""
+    ``MAX_DURATION_SECONDS`` (a usage error, not protobuf's ValueError: audit s34 M2), naming
+    ``option`` (``--ttl``: it said "Invalid value: '0'" of no option, session 56's README
+    walk)."""
     m = _DURATION.fullmatch(text.strip())
-    if not m or int(m.group(1)) == 0:
-        raise click.BadParameter(f"{shown(text)}: use a number with s, m, h or d, e.g. 1h")
+    if not m:
+        raise click.BadParameter(
+            f"{shown(text)}: use a number with s, m, h or d, e.g. 1h", param_hint=option
+        )
     seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds == 0:
+        raise click.BadParameter(f"{shown(text)}: give more than 0, e.g. 1h", param_hint=option)
     if seconds > MAX_DURATION_SECONDS:
         raise click.BadParameter(
-            f"{shown(text)} is too long: at most {MAX_DURATION_SECONDS // 86400}d"
+            f"{shown(text)} is too long: at most {MAX_DURATION_SECONDS // 86400}d",
+            param_hint=option,
         )
     return seconds
 

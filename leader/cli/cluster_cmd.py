@@ -341,7 +341,7 @@ def token_create(
     # A secret pasted for a name would be signed into a certificate and shown in every list.
     for name in (node_name, *dns_names):
         not_a_secret(name, "the node's name (--node) and its DNS names (--dns)")
-    seconds = parse_duration(ttl)
+    seconds = parse_duration(ttl, "--ttl")
     for option, path in (
         ("--agent-config-dir", agent_config_dir),
         ("--agent-data-dir", agent_data_dir),

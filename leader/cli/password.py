@@ -47,12 +47,15 @@ def obtain_password(
     *,
     leader: Leader | None = None,
     ask_first: Callable[[], object] | None = None,
+    or_else: str = "or use --generate",
 ) -> str:
     """The password from a file, if it meets the policy (``leader.password_policy``; a usage
     error saying why, exit 2, if not), or a new one shown once on the terminal: after
     ``leader.require_same_code()`` (exit 5 through a leader of other code) and ``ask_first``
     (the leader's refusal of what the password is for, e.g. a rollout is active), so that no
-    password is shown that is then not staged (review s35 L1, audit s39 M1)."""
+    password is shown that is then not staged (review s35 L1, audit s39 M1). ``or_else``: the
+    command's own way to a generated password, said after a weak one's reason (`rollout start`
+    has no ``--generate``: session 56's README walk)."""
     # Imported here: the policy's dictionaries (zxcvbn) cost every rollout and schema command
     # 20 ms otherwise (leader.cli.rollout imports this module).
     from leader import password_policy  # noqa: PLC0415
@@ -60,7 +63,7 @@ def obtain_password(
     if password_file is not None:
         secret = read_password_file(password_file)
         if (why := password_policy.problem(secret)) is not None:
-            raise click.BadParameter(why, param_hint="--password-file")
+            raise click.BadParameter(f"{why}; {or_else}", param_hint="--password-file")
         return secret
     if not generate:
         raise click.UsageError("give --password-file FILE or --generate")

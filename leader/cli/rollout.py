@@ -81,6 +81,8 @@ REMOVED_SINCE = "left out: removed since (tlsroll nodes remove)"
 SKIPPED = NodeState.SKIPPED.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
+# A weak --password-file's way out (``obtain_password``): `rollout start` makes one itself.
+GENERATED_INSTEAD = "or leave --password-file out: a password is then generated and shown once"
 
 
 def scope_options(f: Any) -> Any:
@@ -406,7 +408,11 @@ def rollout_start(
     if password_version is not None and change != "change-password":
         raise click.UsageError("--password-version goes with --change change-password")
     # A password file that is unusable or too weak fails before anything is asked or planned.
-    secret = obtain_password(password_file, generate=False) if password_file else None
+    secret = (
+        obtain_password(password_file, generate=False, or_else=GENERATED_INSTEAD)
+        if password_file
+        else None
+    )
     # A leader of other code would plan and start something else (it drops the request
     # fields it does not know): refused before the plan is shown and confirmed.
     leader.require_same_code()
@@ -692,7 +698,7 @@ def rollout_finalize(
     (8080) node by node — freeze, https-only config, restart, verify 8080 closed and https
     live, unfreeze, or back to dual. Refused while workstations were seen on http lately,
     naming them, unless --force or --when-quiet."""
-    quiet = parse_duration(when_quiet) if when_quiet else 0
+    quiet = parse_duration(when_quiet, "--when-quiet") if when_quiet else 0
     if force and quiet:
         raise click.UsageError("--force and --when-quiet exclude each other")
     leader.require_same_code()  # before what happens is shown and confirmed (review s35 L1)

@@ -48,7 +48,7 @@ def viewer() -> None:
 @pass_leader
 def viewer_grant(leader: Leader, name: str, ttl: str) -> None:
     """Print a one-time login link for the web viewer (shown once)."""
-    seconds = parse_duration(ttl)
+    seconds = parse_duration(ttl, "--ttl")
     with leader.admin() as admin:
         reply = leader.call(
             admin.CreateViewerGrant,

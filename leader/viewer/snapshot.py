@@ -385,6 +385,7 @@ class Reader:
             fresh=self.fresh(infos, now),
             reported=self.store.report_since_start,
         )
+        message.total_rollouts = len(rows)  # (every rollout is listed: as `schema show --all`)
         trouble = self.store_trouble() if self.store_trouble is not None else None
         if trouble is not None:
             message.store_trouble.problem, since = trouble
