@@ -165,6 +165,9 @@ case "${address,,}" in
     22[4-9].* | 23[0-9].* | ff*:* | 169.254.* | fe[89ab]?:*)
         usage_error "--address '$address' is not the address of one host" ;;
 esac
+if [ "$role" = uninstall ] && [ "$yes" = yes ] && [ "$purge" = no ]; then
+    usage_error "--yes goes with --purge (uninstall without --purge deletes no data and asks nothing)"
+fi
 if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:]] ]]; then
     usage_error "--server-config-dir must be an absolute path without spaces"
 fi
@@ -407,6 +410,25 @@ fi
 
 # --- uninstall -------------------------------------------------------------------------------
 if [ "$role" = uninstall ]; then
+    # Nothing of tlsroll here (never installed, or uninstalled already): said, not "removed".
+    found=""
+    for path in "$VENV" "$NEW_VENV" "$OLD_VENV" "$DOC_DIR" "$LINK" "$UNIT_DIR/tlsroll-leader.service" "$UNIT_DIR/tlsroll-agent.service"; do
+        if [ -e "$path" ] || [ -L "$path" ]; then found=yes; fi
+    done
+    kept=""
+    for path in "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"; do
+        if [ -e "$path" ]; then kept="${kept:+$kept, }$path"; fi
+    done
+    user=""
+    if getent passwd tlsroll >/dev/null || getent group tlsroll >/dev/null; then user=yes; fi
+    if [ -z "$found" ] && { [ "$purge" = no ] || { [ -z "$kept" ] && [ -z "$user" ]; }; }; then
+        if [ -n "$kept" ] || [ -n "$user" ]; then
+            say "tlsroll is not installed here; nothing removed (kept from before: ${kept:-}${kept:+${user:+, }}${user:+the user tlsroll}; --purge removes them)"
+        else
+            say "tlsroll is not installed here; nothing removed"
+        fi
+        exit 0
+    fi
     check_rollouts ""
     # The leader's data dir holds the cluster CA: without it no node gets a certificate again.
     # The agent's holds its journal: the managed server's config as it was before each switch,
@@ -457,7 +479,11 @@ if [ "$role" = uninstall ]; then
         if getent group tlsroll >/dev/null; then groupdel tlsroll; fi
         say "removed tlsroll, its configuration, its data (the cluster CA) and the user tlsroll"
     else
-        say "removed tlsroll; kept $CONF_DIR, $LEADER_DATA, $AGENT_DATA, unit drop-ins and the user tlsroll (--purge removes them)"
+        if [ -n "$kept" ] || [ -n "$user" ]; then
+            say "removed tlsroll; kept ${kept:-}${kept:+${user:+, }}${user:+the user tlsroll} (--purge removes them)"
+        else
+            say "removed tlsroll"
+        fi
     fi
     if systemd_running; then systemctl daemon-reload; fi
     exit 0

@@ -356,7 +356,9 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
             "224.0.0.1",
         )
     ]
-    for args in [*bad, "leader --address", "uninstall --force", "ca-credential --purge"]:
+    # (`uninstall --yes`: --yes goes with --purge, the usage says so: session 56's README walk)
+    bad += ["leader --address", "uninstall --force", "uninstall --yes", "ca-credential --purge"]
+    for args in bad:
         result = throwaway.run(f"{install} {args}")
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "usage: install.sh leader" in result.stderr, (args, result.stderr)
@@ -444,7 +446,12 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     leader_unit = "/usr/lib/systemd/system/tlsroll-leader.service"
 
     # uninstall: the program goes, config and data (the CA) stay; --purge takes them too.
-    throwaway.ok(f"{install} uninstall")
+    said = throwaway.ok(f"{install} uninstall")
+    kept = "kept /etc/tlsroll, /var/lib/tlsroll, /var/lib/tlsroll-agent"
+    assert f"install.sh: removed tlsroll; {kept}" in said and "the user tlsroll" in said, said
+    # Again: nothing of the program is left to remove, and it says so (not "removed").
+    again = throwaway.ok(f"{install} uninstall")
+    assert "tlsroll is not installed here; nothing removed (kept from before:" in again, again
     gone = "/opt/tlsroll /usr/local/bin/tlsroll /usr/share/doc/tlsroll " + leader_unit
     throwaway.ok(f"for p in {gone} {unit}; do ! test -e $p || {{ echo $p; exit 1; }}; done")
     throwaway.ok(f"test -f /var/lib/tlsroll/ca/ca.pem -a -f /etc/tlsroll/agent.toml -a -f {dropin}")
@@ -455,6 +462,8 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok(f"{install} uninstall --purge --yes")
     throwaway.ok(f"! test -e /var/lib/tlsroll && ! test -e /etc/tlsroll && ! test -e {dropin}")
     throwaway.ok("! getent passwd tlsroll")
+    gone = throwaway.ok(f"{install} uninstall --purge --yes")
+    assert gone.strip() == "install.sh: tlsroll is not installed here; nothing removed", gone
 
 
 FAKE_SYSTEMCTL = """#!/bin/sh
