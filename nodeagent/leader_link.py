@@ -588,6 +588,9 @@ class LeaderLink:
         # Set when the stream ended by itself and the next beat should come after a short
         # pause (``_reconnect``), not an interval after the last (``_stream_ended``).
         self._ended = asyncio.Event()
+        # Set when what the server runs has just changed (``beat_soon``): the next beat comes
+        # now, not an interval after the last.
+        self._soon = asyncio.Event()
         self._reconnect = 0.0
         self._attempt = 0  # streams in a row that ended soon after opening
         # Forgets the stages of rollouts the leader says have ended
@@ -911,12 +914,21 @@ class LeaderLink:
         if self.on_removed is not None:
             self.on_removed(why)
 
+    def beat_soon(self) -> None:
+        """What the managed server runs has just changed (a switch or a way back completed:
+        ``Runner.on_complete``): the next heartbeat, with the server's view, comes now. Before,
+        `tlsroll nodes` showed a node switched to https as on http for up to an interval after
+        its rollout had completed (session 56's README walk)."""
+        self._soon.set()
+
     async def run(self) -> None:
-        """Beat until cancelled: every interval, or sooner when the stream ended by itself
-        (``_stream_ended``). A beat that fails in an unforeseen way is logged and the next
-        one comes as usual: an agent that stopped heartbeating would look offline for good
-        while still serving, and get no revocation lists."""
+        """Beat until cancelled: every interval, sooner when the stream ended by itself
+        (``_stream_ended``), or at once when the server changed (``beat_soon``). A beat that
+        fails in an unforeseen way is logged and the next one comes as usual: an agent that
+        stopped heartbeating would look offline for good while still serving, and get no
+        revocation lists."""
         while True:
+            self._soon.clear()  # (this beat carries what changed before it)
             try:
                 await self.beat(quiet=True)
             except TransientError:  # logged once per outage by beat
@@ -925,7 +937,16 @@ class LeaderLink:
                 log.error("heartbeat.failed", error=f"{type(exc).__name__}: {exc}"[:200])
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
-                    await self._ended.wait()  # the stream ended (now, or during that beat)
+                    ended = asyncio.ensure_future(self._ended.wait())
+                    soon = asyncio.ensure_future(self._soon.wait())
+                    try:
+                        await asyncio.wait({ended, soon}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        ended.cancel()
+                        soon.cancel()
+                    if not self._ended.is_set():
+                        continue  # the server changed: beat now
+                    # The stream ended (now, or during that beat).
                     self._ended.clear()
                     # First the pause (the agents of a restarted leader then also try to
                     # connect at spread times, each from its own point on), then the channel.

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from refserver.server import START_DELAY_ENV
-from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
+from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, one_line_error, wait_until
+from tests.conftest import next_loopback
 from tests.nodeside import Node, cluster_of, port_holder
 from tests.refserver_helper import http_request
 from tlsroll import tls
@@ -361,3 +362,41 @@ def test_a_server_its_switch_restarts_is_not_reported_down(tmp_path: Path) -> No
         # The switch's restart waited (the server its driver started says so).
         started = cluster.agents["node1"].data_dir / "refserver.log"
         assert "test_hook.start_delay" in started.read_text(errors="replace")
+
+
+def test_a_node_switched_shows_its_new_scheme_without_waiting_for_its_next_heartbeat(
+    tmp_path: Path,
+) -> None:
+    """Session 56's README walk: right after `rollout start --wait` said "completed",
+    `tlsroll nodes` still showed the node's server on http, until its next heartbeat (an
+    interval: 5 s by default). The agent beats at once when a switch (or a way back) has
+    completed (``LeaderLink.beat_soon``). Here the agents beat every 30 s: the node must show
+    https within a few seconds of the rollout's end, and http again after the way back (before,
+    both waited for the interval)."""
+    pw = password_file(tmp_path, "pw", "a-password-for-a-prompt-view")
+    cluster = AdminTokenCluster(
+        tmp_path / "cluster", next_loopback(), heartbeat_interval=30, agent_heartbeat_interval=30
+    )
+    node = Node(cluster, "node1", cluster.address, tmp_path / "n1")
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        node.start()
+        cluster.wait_for_nodes_online(["node1"])
+        wait_until(lambda: cluster.list_nodes()["node1"].server == "http", 30, "http", LEADER_POLL)
+        start = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+        )
+        assert start.returncode == 0, (start.stdout, start.stderr)
+        # (Within 10 s of the rollout's end: an interval is 30 s.)
+        wait_until(
+            lambda: cluster.list_nodes()["node1"].server == "https", 10, "https", LEADER_POLL
+        )
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, (back.stdout, back.stderr)
+        assert wait_ended(cluster, "the way back")["state"] == "completed"
+        wait_until(lambda: cluster.list_nodes()["node1"].server == "http", 10, "http", LEADER_POLL)
+    finally:
+        node.close()
+        cluster.close()
