@@ -412,9 +412,11 @@ fi
 if [ "$role" = uninstall ]; then
     # Nothing of tlsroll here (never installed, or uninstalled already): said, not "removed".
     found=""
-    for path in "$VENV" "$NEW_VENV" "$OLD_VENV" "$DOC_DIR" "$LINK" "$UNIT_DIR/tlsroll-leader.service" "$UNIT_DIR/tlsroll-agent.service"; do
+    for path in "$VENV" "$NEW_VENV" "$OLD_VENV" "$DOC_DIR" "$UNIT_DIR/tlsroll-leader.service" "$UNIT_DIR/tlsroll-agent.service"; do
         if [ -e "$path" ] || [ -L "$path" ]; then found=yes; fi
     done
+    # The command's link only if it is ours (one of another program is left, as install does).
+    if [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; then found=yes; fi
     kept=""
     for path in "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"; do
         if [ -e "$path" ]; then kept="${kept:+$kept, }$path"; fi
@@ -471,13 +473,23 @@ if [ "$role" = uninstall ]; then
     if [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; then
         rm -f "$LINK"
     fi
+    # Our units, also without the list of what was installed (an install cut short): else each
+    # uninstall after would find them and say "removed" again.
+    rm -f "$UNIT_DIR/tlsroll-leader.service" "$UNIT_DIR/tlsroll-agent.service"
     rm -rf "$VENV" "$NEW_VENV" "$OLD_VENV" "$DOC_DIR"
     if [ "$purge" = yes ]; then
+        # What was there, said as such (leftovers of an earlier uninstall: no program, no CA).
+        what=""
+        [ -z "$found" ] || what="tlsroll"
+        [ ! -e "$CONF_DIR" ] || what="${what:+$what, }its configuration"
+        [ ! -e "$LEADER_DATA" ] || what="${what:+$what, }the leader's data (the cluster CA)"
+        [ ! -e "$AGENT_DATA" ] || what="${what:+$what, }the agent's data (its journal)"
+        [ -z "$user" ] || what="${what:+$what, }the user tlsroll"
         rm -rf "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$CA_CREDENTIAL" \
             "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"
         if getent passwd tlsroll >/dev/null; then userdel tlsroll; fi
         if getent group tlsroll >/dev/null; then groupdel tlsroll; fi
-        say "removed tlsroll, its configuration, its data (the cluster CA) and the user tlsroll"
+        say "removed ${what:-the unit drop-ins}"
     else
         if [ -n "$kept" ] || [ -n "$user" ]; then
             say "removed tlsroll; kept ${kept:-}${kept:+${user:+, }}${user:+the user tlsroll} (--purge removes them)"

@@ -569,9 +569,14 @@ class SchemaStore(LeaderStore):
         with self._db.read() as db:
             return self.newest_in(db, limit)
 
+    @staticmethod
+    def count_in(db: sqlite3.Connection) -> int:
+        """How many rollouts are stored (inside a read already held)."""
+        return int(db.execute("SELECT count(*) FROM rollouts").fetchone()[0])
+
     def newest_in(self, db: sqlite3.Connection, limit: int) -> tuple[list[RolloutRow], int]:
         """``newest`` inside a read already held (``shown``)."""
-        total = int(db.execute("SELECT count(*) FROM rollouts").fetchone()[0])
+        total = self.count_in(db)
         ids = [
             r["id"]
             for r in db.execute(

@@ -555,8 +555,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         if trouble is not None:  # (read in memory: the store it is about may fail to answer)
             message.store_trouble.problem, since = trouble
             message.store_trouble.since.FromDatetime(since)
-        if not request.rollout_id:  # (one rollout asked for: the others are not counted)
-            message.total_rollouts = total
+        message.total_rollouts = total
         return message
 
     def _read(
@@ -578,7 +577,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
 
             def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow], int]:
                 row = schema.get_in(db, request.rollout_id)
-                return ([row] if row is not None else []), 0
+                return ([row] if row is not None else []), schema.count_in(db)
 
         elif request.limit:
 

@@ -915,10 +915,10 @@ class LeaderLink:
             self.on_removed(why)
 
     def beat_soon(self) -> None:
-        """What the managed server runs has just changed (a switch or a way back completed:
-        ``Runner.on_complete``): the next heartbeat, with the server's view, comes now. Before,
-        `tlsroll nodes` showed a node switched to https as on http for up to an interval after
-        its rollout had completed (session 56's README walk)."""
+        """What the managed server runs may have just changed (a transaction ended, whatever
+        its outcome: ``Runner.on_end``): the next heartbeat, with the server's view, comes now.
+        Before, `tlsroll nodes` showed a node switched to https as on http for up to an
+        interval after its rollout had completed (session 56's README walk)."""
         self._soon.set()
 
     async def run(self) -> None:

@@ -648,13 +648,8 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir, crypto
     )
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
-    if runner is not None:
-
-        async def completed() -> None:
-            await bootstrap.sync()
-            link.beat_soon()  # the leader sees what the server runs now, not an interval later
-
-        runner.on_complete = completed
+    if runner is not None:  # the leader sees what the server runs now, not an interval later
+        runner.on_end = link.beat_soon
     link.clock = now  # its messages' ``sent_at``: the leader compares its clock with it
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(

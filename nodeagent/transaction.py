@@ -547,6 +547,10 @@ class Runner:
         self.monotonic = monotonic  # elapsed time (a suspend counts): the scope freeze's leases
         self.on_complete = on_complete  # told when what is live has changed
         self.on_switch = on_switch  # told when a switch begins (to get ready for its end)
+        # Told when a transaction's task has ended, whatever its outcome (completed, taken
+        # back on the node, failed): the agent's next heartbeat then comes at once
+        # (``LeaderLink.beat_soon``), with what the server runs now.
+        self.on_end: Callable[[], object] | None = None
         self.checks = checks or Checks()
         self.sleep = sleep  # between attempts (tenacity); tests move a fake clock instead
         # The agent's freeze lock, shared with the servicer's Freeze, Unfreeze and lease watch
@@ -600,6 +604,7 @@ class Runner:
         self.changes.note(txn)
         task = asyncio.create_task(self._supervised(txn, begun, staged), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
+        task.add_done_callback(self._ended)
         self.tasks[key] = task
         if begun == Action.FREEZE:
             out = self._under_way[key] = asyncio.get_running_loop().create_future()
@@ -611,6 +616,13 @@ class Runner:
                     out.set_result(None)
 
             task.add_done_callback(ended)
+
+    def _ended(self, _task: asyncio.Task[Txn]) -> None:
+        if self.on_end is not None:
+            try:
+                self.on_end()
+            except Exception as exc:  # the transaction is over; a listener's trouble is not it
+                log.error("txn.on_end_failed", error=describe(exc))
 
     async def under_way(self, txn: Txn) -> None:
         """Return once the freeze call of ``txn``, just begun (``start`` with ``begun``

@@ -464,6 +464,14 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok("! getent passwd tlsroll")
     gone = throwaway.ok(f"{install} uninstall --purge --yes")
     assert gone.strip() == "install.sh: tlsroll is not installed here; nothing removed", gone
+    # Another program's `tlsroll` command is not ours to count or remove; leftovers alone are
+    # named as what they are (review rev56c L1, L2).
+    throwaway.ok("ln -s /usr/bin/true /usr/local/bin/tlsroll && mkdir -p /var/lib/tlsroll-agent")
+    left = throwaway.ok(f"{install} uninstall")
+    assert "tlsroll is not installed here; nothing removed (kept from before: " in left, left
+    left = throwaway.ok(f"{install} uninstall --purge --yes")
+    assert left.strip() == "install.sh: removed the agent's data (its journal)", left
+    throwaway.ok("test -L /usr/local/bin/tlsroll && rm /usr/local/bin/tlsroll")
 
 
 FAKE_SYSTEMCTL = """#!/bin/sh

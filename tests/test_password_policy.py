@@ -60,7 +60,7 @@ def test_generated_passwords_always_pass() -> None:
         (["password", "set"], "; make it longer; or use --generate"),
         (
             ["rollout", "start", "--scope", "cluster", "--yes"],
-            "; make it longer; or leave --password-file out: a password is then generated",
+            "; make it longer; or leave --password-file out on a terminal: a password is then",
         ),
     ],
     ids=["password-set", "rollout-start"],

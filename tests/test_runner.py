@@ -2653,3 +2653,31 @@ async def test_a_freeze_s_length_spans_an_agent_restart_but_not_a_reboot(
     assert txn.freeze_seconds == (7.0 if same_boot else None)
     assert service.txn_message(txn).HasField("freeze_seconds") is same_boot
     journal.close()
+
+
+@pytest.mark.parametrize("name", ["completes", "verify_fails", "way_back_fails"])
+async def test_every_transaction_s_end_is_told_whatever_its_outcome(
+    world: Callable[..., World], name: str
+) -> None:
+    """Review rev56c L5: the agent's heartbeat right after a transaction (``Runner.on_end``,
+    ``LeaderLink.beat_soon``) came only after one that completed; a switch taken back on the
+    node (or whose way back failed) had restarted the server too, and the leader showed what a
+    beat saw mid-switch until the next interval. Told once, at the task's end, for every
+    outcome."""
+    sc = SCENARIOS[name]
+    w = world(sc, "files")
+    journal = CrashingJournal(w.journal_path)
+    await asyncio.to_thread(journal.create, w.txn)
+    runner = w.runner(journal)
+    told: list[TxnOutcome | None] = []
+
+    def ended() -> None:
+        txn = journal.get("r1", sc.kind)
+        told.append(txn.outcome if txn is not None else None)
+
+    runner.on_end = ended
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values())
+    assert told == [sc.outcome]
+    await _store_thread_answers(journal)
+    journal.close()

@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "e0284e528130"
+REVISION = "9c6c7c2dc300"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

@@ -82,7 +82,9 @@ SKIPPED = NodeState.SKIPPED.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
 # A weak --password-file's way out (``obtain_password``): `rollout start` makes one itself.
-GENERATED_INSTEAD = "or leave --password-file out: a password is then generated and shown once"
+GENERATED_INSTEAD = (
+    "or leave --password-file out on a terminal: a password is then generated and shown once"
+)
 
 
 def scope_options(f: Any) -> Any:

@@ -455,9 +455,9 @@ class Schema(_message.Message):
     STORE_TROUBLE_FIELD_NUMBER: _builtins.int
     SERVER_LOGIN_FAILURES_FIELD_NUMBER: _builtins.int
     total_rollouts: _builtins.int
-    """How many rollouts are stored; unset for a request of one rollout (`rollout_id`). (Before
-    session 56: set only when `limit` left some out, else 0, which a reader of `schema show
-    --json` took for "none stored" beside the rollout listed.)
+    """How many rollouts are stored. (Before session 56: set only when `limit` left some out, else
+    0, which a reader of `schema show --json` took for "none stored" beside the rollout
+    listed.)
     """
     @_builtins.property
     def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutView]: ...
@@ -533,18 +533,16 @@ class Schema(_message.Message):
         renewal_failures: _abc.Iterable[Global___RenewalFailureView] | None = ...,
         node_clients: _abc.Iterable[Global___NodeClientsView] | None = ...,
         auto_rotate: Global___AutoRotateView | None = ...,
-        total_rollouts: _builtins.int | None = ...,
+        total_rollouts: _builtins.int = ...,
         node_problems: _abc.Iterable[Global___NodeProblemView] | None = ...,
         store_trouble: Global___StoreTroubleView | None = ...,
         server_login_failures: _abc.Iterable[Global___ServerLoginFailuresView] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_total_rollouts", b"_total_rollouts", "auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "store_trouble", b"store_trouble"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_total_rollouts", b"_total_rollouts", "auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "server_login_failures", b"server_login_failures", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "server_login_failures", b"server_login_failures", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__total_rollouts: _TypeAlias = _typing.Literal["total_rollouts"]  # noqa: Y015
-    _WhichOneofArgType__total_rollouts: _TypeAlias = _typing.Literal["_total_rollouts", b"_total_rollouts"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_rollouts) -> _WhichOneofReturnType__total_rollouts | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
 
