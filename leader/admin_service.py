@@ -97,7 +97,9 @@ def _require_id(value: str, what: str, listed_by: str) -> None:
     serial is, not NOT_FOUND (exit 1: "the right shape, nothing has it"; session 56's README
     walk). Not echoed: the shape is the whole message."""
     if not ID_SHAPE.fullmatch(value):
-        raise invalid(f"a {what}'s id is {ID_LEN} lower-case letters and digits (see: {listed_by})")
+        raise invalid(
+            f"a {what}'s id is {ID_LEN} lower-case letters and digits, as `{listed_by}` lists them"
+        )
 
 
 def _actor(context: Ctx) -> str:

@@ -369,7 +369,12 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
         (("rollout", "retry", "bad id!"), 2, "not a rollout id"),
         (("notify", "--rollout", "bad id!"), 2, "not a rollout id"),
         (("schema", "show", "--rollout", "bad id!"), 2, "not a rollout id"),
-        (("token", "revoke", "bad id"), 2, "a join token's id is 6 lower-case letters and digits"),
+        (
+            ("token", "revoke", "bad id"),
+            2,
+            "a join token's id is 6 lower-case letters and digits, as `tlsroll token list` lists"
+            " them (see: tlsroll token revoke --help)",
+        ),
         # a duration names its option (it said "Invalid value: '0'")
         (
             ("token", "create", "--node", "nx", "--address", "127.1.2.3", "--ttl", "0h"),
