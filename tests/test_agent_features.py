@@ -352,6 +352,14 @@ def test_a_heartbeat_being_committed_is_shown_with_what_it_says(
         store.close()
 
 
+def client_rows(store: Store, node: str) -> tuple[int, int]:
+    """How many client rows, and client report rows, the store holds for ``node``."""
+    with store.db.read() as db:
+        rows = db.execute("SELECT count(*) FROM node_clients WHERE node = ?", (node,)).fetchone()
+        info = db.execute("SELECT count(*) FROM node_clients_info WHERE node = ?", (node,))
+        return rows[0], info.fetchone()[0]
+
+
 def test_a_client_report_queued_before_a_removal_is_not_written_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -382,10 +390,7 @@ def test_a_client_report_queued_before_a_removal_is_not_written_after_it(
 
         monkeypatch.setattr(store.db, "tx", removed_meanwhile)
         store.write_queued()
-        with store.db.read() as db:
-            rows = db.execute("SELECT count(*) FROM node_clients WHERE node = 'n1'").fetchone()
-            info = db.execute("SELECT count(*) FROM node_clients_info WHERE node = 'n1'").fetchone()
-        assert (rows[0], info[0]) == (0, 0)
+        assert client_rows(store, "n1") == (0, 0)
     finally:
         store.close()
 
@@ -470,10 +475,7 @@ def test_a_write_taken_before_a_removal_and_a_new_enrolment_is_not_the_new_nodes
         store.queue_write("n1", report)
         monkeypatch.setattr(store.db, "tx", enrolled_anew_meanwhile)
         store.write_queued()
-        with store.db.read() as db:
-            rows = db.execute("SELECT count(*) FROM node_clients WHERE node = 'n1'").fetchone()
-            info = db.execute("SELECT count(*) FROM node_clients_info WHERE node = 'n1'").fetchone()
-        assert (rows[0], info[0]) == (0, 0)
+        assert client_rows(store, "n1") == (0, 0)
 
         # A direct heartbeat write of the agent enrolled now (its certificate accepted as the
         # heartbeat came), the node removed and enrolled again while it waits.
