@@ -421,11 +421,15 @@ if [ "$role" = uninstall ]; then
     for path in "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"; do
         if [ -e "$path" ]; then kept="${kept:+$kept, }$path"; fi
     done
-    user=""
-    if getent passwd tlsroll >/dev/null || getent group tlsroll >/dev/null; then user=yes; fi
+    user=""  # what of the user is there: "the user tlsroll" (and its group), or its group alone
+    if getent passwd tlsroll >/dev/null; then
+        user="the user tlsroll"
+    elif getent group tlsroll >/dev/null; then
+        user="the group tlsroll"
+    fi
     if [ -z "$found" ] && { [ "$purge" = no ] || { [ -z "$kept" ] && [ -z "$user" ]; }; }; then
         if [ -n "$kept" ] || [ -n "$user" ]; then
-            say "tlsroll is not installed here; nothing removed (kept from before: ${kept:-}${kept:+${user:+, }}${user:+the user tlsroll}; --purge removes them)"
+            say "tlsroll is not installed here; nothing removed (kept from before: ${kept:-}${kept:+${user:+, }}${user}; --purge removes them)"
         else
             say "tlsroll is not installed here; nothing removed"
         fi
@@ -481,10 +485,10 @@ if [ "$role" = uninstall ]; then
         # What was there, said as such (leftovers of an earlier uninstall: no program, no CA).
         what=""
         [ -z "$found" ] || what="tlsroll"
-        [ ! -e "$CONF_DIR" ] || what="${what:+$what, }its configuration"
+        [ ! -e "$CONF_DIR" ] || what="${what:+$what, }the configuration in $CONF_DIR"
         [ ! -e "$LEADER_DATA" ] || what="${what:+$what, }the leader's data (the cluster CA)"
         [ ! -e "$AGENT_DATA" ] || what="${what:+$what, }the agent's data (its journal)"
-        [ -z "$user" ] || what="${what:+$what, }the user tlsroll"
+        [ -z "$user" ] || what="${what:+$what, }$user"
         rm -rf "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$CA_CREDENTIAL" \
             "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"
         if getent passwd tlsroll >/dev/null; then userdel tlsroll; fi
@@ -492,7 +496,7 @@ if [ "$role" = uninstall ]; then
         say "removed ${what:-the unit drop-ins}"
     else
         if [ -n "$kept" ] || [ -n "$user" ]; then
-            say "removed tlsroll; kept ${kept:-}${kept:+${user:+, }}${user:+the user tlsroll} (--purge removes them)"
+            say "removed tlsroll; kept ${kept:-}${kept:+${user:+, }}${user} (--purge removes them)"
         else
             say "removed tlsroll"
         fi

@@ -81,8 +81,10 @@ def too_early(ca: x509.Certificate, now: dt.datetime) -> str | None:
     if left <= RENEW_BEFORE:
         return None
     due = ca.not_valid_after_utc - RENEW_BEFORE
+    days = -(-left // dt.timedelta(days=1))  # begun days (rounded down, the last day before
+    # renewal read "3285 days left: renewed once at most 3285 are left": review rev56d L2)
     return (
-        f"the CA certificate has {left.days} days left (until "
+        f"the CA certificate has {days} days left (until "
         f"{ca.not_valid_after_utc:%Y-%m-%d}): it is renewed once at most {RENEW_BEFORE.days} "
         f"days are left (from {due:%Y-%m-%d}); --force renews it now"
     )

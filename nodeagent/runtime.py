@@ -656,6 +656,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         cfg, identity, journal, driver, runner, now, trust, freeze_lock=freeze_lock, crypto=crypto
     )
     link.server_view = service.server_view
+    service.on_freeze_change = link.beat_soon  # "frozen" shown as it is now, not an interval on
     link.bootstrap_problem = lambda: bootstrap.problem
     link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password
     link.removed_at_start(bootstrap.removed)  # as an earlier run was last told (its journal)

@@ -335,6 +335,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # Told when a node is staged for a switch (the agent imports what the switch's end
         # needs then, while the node's server is not restarting: ``BootstrapHost.warm``).
         self.on_prepare: Callable[[], object] | None = None
+        # Told when the server's freeze has changed by a Freeze, an Unfreeze or the lease
+        # watch's lift (``LeaderLink.beat_soon``: the leader shows "frozen" as it is now).
+        self.on_freeze_change: Callable[[], object] | None = None
         # The switch made ready at the last Stage (``_prepare``); read and written on the
         # store's thread only, under ``_lock``.
         self._prepared: Prepared | None = None
@@ -536,7 +539,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 return None
             await self.driver.unfreeze()
             await asyncio.to_thread(self.journal.set_freeze_lease, None)
+        self._freeze_changed()
         return lease[0]
+
+    def _freeze_changed(self) -> None:
+        if self.on_freeze_change is not None:
+            self.on_freeze_change()
 
     # --- status -------------------------------------------------------------------------------
 
@@ -1289,6 +1297,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             lease = self.leases.grant(rollout_id, seconds, self.clock(), self.monotonic())
             await asyncio.to_thread(self.journal.set_freeze_lease, lease)
             watermark = await self._driver().freeze(DRAIN_TIMEOUT)
+        self._freeze_changed()
         log.info(
             "scope_freeze.on",
             rollout_id=rollout_id,
@@ -1306,6 +1315,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         async with self._freeze_lock:  # not across a Freeze or the lease watch's lift
             await driver.unfreeze()
             await asyncio.to_thread(self.journal.set_freeze_lease, None)
+        self._freeze_changed()
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
 

@@ -671,6 +671,9 @@ def test_a_renewal_too_early_says_from_when_it_is_renewed() -> None:
     )
     assert ca_renewal.too_early(ca, due) is None
     assert ca_renewal.too_early(ca, due - dt.timedelta(seconds=1)) is not None
+    # Hours before that day, "3286 days left", not the 3285 it is renewed at (rev56d L2).
+    eve = str(ca_renewal.too_early(ca, due - dt.timedelta(hours=7)))
+    assert f"has {ca_renewal.RENEW_BEFORE.days + 1} days left" in eve, eve
 
 
 def test_a_second_renewal_is_refused_without_force_and_keeps_every_certificate(

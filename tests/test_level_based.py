@@ -364,39 +364,50 @@ def test_a_server_its_switch_restarts_is_not_reported_down(tmp_path: Path) -> No
         assert "test_hook.start_delay" in started.read_text(errors="replace")
 
 
+@pytest.mark.parametrize("freeze", ["node", "scope"])
 def test_a_node_switched_shows_its_new_scheme_without_waiting_for_its_next_heartbeat(
-    tmp_path: Path,
+    tmp_path: Path, freeze: str
 ) -> None:
     """Session 56's README walk: right after `rollout start --wait` said "completed",
     `tlsroll nodes` still showed the node's server on http, until its next heartbeat (an
-    interval: 5 s by default). The agent beats at once when a switch (or a way back) has
-    completed (``LeaderLink.beat_soon``). Here the agents beat every 30 s: the node must show
-    https within a few seconds of the rollout's end, and http again after the way back (before,
-    both waited for the interval)."""
+    interval: 5 s by default). The agent beats at once when a transaction has ended
+    (``Runner.on_end``, ``LeaderLink.beat_soon``), and, under ``--freeze scope``, when its
+    freeze changed (Freeze, Unfreeze: review rev56d L1, "https frozen" for an interval after the
+    rollout had completed). Here the agents beat every 30 s: the node must show https (not
+    frozen) within a few seconds of the rollout's end, and http again after the way back
+    (before, each waited for the interval)."""
     pw = password_file(tmp_path, "pw", "a-password-for-a-prompt-view")
     cluster = AdminTokenCluster(
         tmp_path / "cluster", next_loopback(), heartbeat_interval=30, agent_heartbeat_interval=30
     )
-    node = Node(cluster, "node1", cluster.address, tmp_path / "n1")
+    nodes = [
+        Node(cluster, "node1", cluster.address, tmp_path / "n1"),
+        Node(cluster, "node2", next_loopback(), tmp_path / "n2"),
+    ]
+
+    def every(server: str) -> bool:
+        shown = cluster.list_nodes()
+        return all(shown[n.name].server == server for n in nodes)
+
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
-        node.start()
-        cluster.wait_for_nodes_online(["node1"])
-        wait_until(lambda: cluster.list_nodes()["node1"].server == "http", 30, "http", LEADER_POLL)
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        wait_until(lambda: every("http"), 30, "http", LEADER_POLL)
         start = cluster.cli(
             *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
-            *("--yes", "--wait"),
+            *("--freeze", freeze, "--yes", "--wait"),
         )
         assert start.returncode == 0, (start.stdout, start.stderr)
         # (Within 10 s of the rollout's end: an interval is 30 s.)
-        wait_until(
-            lambda: cluster.list_nodes()["node1"].server == "https", 10, "https", LEADER_POLL
-        )
+        wait_until(lambda: every("https"), 10, "https, not frozen", LEADER_POLL)
         back = cluster.cli("rollout", "rollback", "--yes")
         assert back.returncode == 0, (back.stdout, back.stderr)
         assert wait_ended(cluster, "the way back")["state"] == "completed"
-        wait_until(lambda: cluster.list_nodes()["node1"].server == "http", 10, "http", LEADER_POLL)
+        wait_until(lambda: every("http"), 10, "http, not frozen", LEADER_POLL)
     finally:
-        node.close()
+        for node in nodes:
+            node.close()
         cluster.close()

@@ -385,7 +385,8 @@ class Reader:
             fresh=self.fresh(infos, now),
             reported=self.store.report_since_start,
         )
-        message.total_rollouts = len(rows)  # (every rollout is listed: as `schema show --all`)
+        if every:  # (every rollout read: as `schema show --all`; a page reads only some)
+            message.total_rollouts = len(rows)
         trouble = self.store_trouble() if self.store_trouble is not None else None
         if trouble is not None:
             message.store_trouble.problem, since = trouble
