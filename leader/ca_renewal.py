@@ -86,7 +86,7 @@ def too_early(ca: x509.Certificate, now: dt.datetime) -> str | None:
     return (
         f"the CA certificate has {days} days left (until "
         f"{ca.not_valid_after_utc:%Y-%m-%d}): it is renewed once at most {RENEW_BEFORE.days} "
-        f"days are left (from {due:%Y-%m-%d}); --force renews it now"
+        f"days are left (from {due:%Y-%m-%d %H:%M} UTC); --force renews it now"
     )
 
 

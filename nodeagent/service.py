@@ -537,14 +537,23 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 return None
             if await asyncio.to_thread(self.journal.unfinished):
                 return None
-            await self.driver.unfreeze()
-            await asyncio.to_thread(self.journal.set_freeze_lease, None)
-        self._freeze_changed()
+            try:
+                await self.driver.unfreeze()
+                await asyncio.to_thread(self.journal.set_freeze_lease, None)
+            finally:
+                self._freeze_changed()
         return lease[0]
 
     def _freeze_changed(self) -> None:
+        """Tell ``on_freeze_change``: after a Freeze, an Unfreeze or a lift, also one that
+        failed part way (a freeze whose drain timed out leaves the server refusing writes: the
+        leader shows what the next beat sees; an unchanged report is not sent). A listener's
+        trouble is logged, never the call's."""
         if self.on_freeze_change is not None:
-            self.on_freeze_change()
+            try:
+                self.on_freeze_change()
+            except Exception as exc:
+                log.error("scope_freeze.on_change_failed", error=describe(exc))
 
     # --- status -------------------------------------------------------------------------------
 
@@ -1296,8 +1305,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # the journal write: a lease the journal may hold is always known to this process.
             lease = self.leases.grant(rollout_id, seconds, self.clock(), self.monotonic())
             await asyncio.to_thread(self.journal.set_freeze_lease, lease)
-            watermark = await self._driver().freeze(DRAIN_TIMEOUT)
-        self._freeze_changed()
+            try:
+                watermark = await self._driver().freeze(DRAIN_TIMEOUT)
+            finally:
+                self._freeze_changed()
         log.info(
             "scope_freeze.on",
             rollout_id=rollout_id,
@@ -1313,9 +1324,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         rollout_id = await self._command(context, request.command)
         driver = self._driver()
         async with self._freeze_lock:  # not across a Freeze or the lease watch's lift
-            await driver.unfreeze()
-            await asyncio.to_thread(self.journal.set_freeze_lease, None)
-        self._freeze_changed()
+            try:
+                await driver.unfreeze()
+                await asyncio.to_thread(self.journal.set_freeze_lease, None)
+            finally:
+                self._freeze_changed()
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
 

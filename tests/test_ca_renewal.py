@@ -666,9 +666,8 @@ def test_a_renewal_too_early_says_from_when_it_is_renewed() -> None:
     said = ca_renewal.too_early(ca, made + dt.timedelta(days=1))
     due = ca.not_valid_after_utc - ca_renewal.RENEW_BEFORE
     assert said is not None and "last 365" not in said
-    assert (
-        f"once at most {ca_renewal.RENEW_BEFORE.days} days are left (from {due:%Y-%m-%d})" in said
-    )
+    left = f"once at most {ca_renewal.RENEW_BEFORE.days} days are left"
+    assert f"{left} (from {due:%Y-%m-%d %H:%M} UTC)" in said, said  # (the hour too: rev56e L6)
     assert ca_renewal.too_early(ca, due) is None
     assert ca_renewal.too_early(ca, due - dt.timedelta(seconds=1)) is not None
     # Hours before that day, "3286 days left", not the 3285 it is renewed at (rev56d L2).

@@ -32,6 +32,7 @@ from nodeagent.lease import BOOT_ID, Boot, Lease, boot_clock
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Action, Phase, Plan, Runner
 from nodeagent.trust import LeaderTrust
+from tests.test_server_user import Aborted, FakeContext
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.v1 import agent_pb2
@@ -698,4 +699,44 @@ async def test_a_suspend_of_the_node_counts_against_the_freeze_lease(
     slept = LEASE + 1.0  # the host slept through the lease
     assert await agent._lift_lapsed_freeze() == "r1"
     assert not server.frozen and journal.freeze_lease() is None
+    journal.close()
+
+
+async def test_every_change_of_a_scope_freeze_is_told_also_one_that_fails(
+    tmp_path: Path,
+) -> None:
+    """Reviews rev56d L1 and rev56e L1, L4, L5: the agent's heartbeat comes at once when a
+    scope freeze begins, is lifted by the leader, or lapses (``on_freeze_change``:
+    ``LeaderLink.beat_soon``), also when the call fails part way (a freeze whose drain timed
+    out leaves the server refusing writes), and a listener that raises fails no call."""
+    clocks = Clocks()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    agent = timed_agent(tmp_path, journal, server, clocks)
+    told: list[bool] = []
+    agent.on_freeze_change = lambda: told.append(server.frozen)
+
+    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    assert told == [True]
+    assert not (await agent.Unfreeze(freeze_request(), cast(Any, None))).frozen
+    assert told == [True, False]
+    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    clocks.pass_(LEASE)
+    assert await agent._lift_lapsed_freeze() == "r1"  # the lease ran out: lifted
+    assert told == [True, False, True, False]
+
+    async def drain_timed_out(_drain_timeout: float) -> int:
+        server.frozen = True  # (as the reference server: frozen, writes still in flight)
+        raise OSError("writes still in flight")
+
+    server.freeze = drain_timed_out  # type: ignore[method-assign, assignment]
+    with pytest.raises(Aborted):
+        await agent.Freeze(freeze_request(), cast(Any, FakeContext()))
+    assert told == [True, False, True, False, True]
+
+    def fails() -> None:
+        raise RuntimeError("listener")
+
+    agent.on_freeze_change = fails
+    assert not (await agent.Unfreeze(freeze_request(), cast(Any, None))).frozen
     journal.close()
