@@ -422,6 +422,15 @@ def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_
             "writes after the end",
         )
         check_writes(cluster, world, [rollout(cluster, phase1), final])
+        # The notice after the finalize (the newest rollout), and phase 1's own since: the
+        # switch has ended, http is closed (session 56's second README walk, H1: an internal
+        # error, and phase 1's notice said the old address still worked).
+        for args in ((), ("--rollout", phase1)):
+            notice = cluster.cli("notify", "--lang", "en", *args)
+            assert notice.returncode == 0, notice.stderr
+            assert "still works" not in notice.stdout and "internal error" not in notice.stderr
+            for node in nodes:
+                assert node.https_url() in notice.stdout, notice.stdout
 
 
 # --- a node failing in each phase goes back to the side it came from --------------------------

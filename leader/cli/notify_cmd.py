@@ -261,6 +261,12 @@ def plan_request(change: Change, scope: str | None, nodes: str | None) -> admin_
     )
 
 
+def _finalized(schema: schema_pb2.Schema, rollout_id: str) -> bool:
+    """A finalize of transitional rollout ``rollout_id`` has completed (its http is closed)."""
+    completed = ROLLOUT_STATE.wire(RolloutState.COMPLETED)
+    return any(r.finalizes == rollout_id and r.state == completed for r in schema.rollouts)
+
+
 def pick_rollout(schema: schema_pb2.Schema, rollout_id: str | None) -> schema_pb2.RolloutView:
     rollouts = list(schema.rollouts)
     if rollout_id:
@@ -627,6 +633,12 @@ def notify(
             if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
         ]
         transitional = STRATEGY.read_optional(r.strategy, "strategy") is Strategy.TRANSITIONAL
+        if the_change is Change.FINALIZE:
+            # Phase 2 closed http on its nodes: for the staff, the switch to https has ended
+            # (it was an internal error: session 56's second README walk, H1).
+            the_change, transitional = Change.ENABLE_TLS, False
+        elif transitional and _finalized(schema, r.id):
+            transitional = False  # its http is closed since: "still works" is no longer true
         if until is not None and not transitional:
             raise click.UsageError(f"--until goes with a transitional rollout; {r.id} is not")
         switched = (NodeState.DONE, NodeState.DUAL)
