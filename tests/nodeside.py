@@ -39,6 +39,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tests import procs
 from tests.cluster import (
+    AGENT_HEARTBEAT_INTERVAL,
     READY_TIMEOUT,
     AdminTokenCluster,
     Agent,
@@ -434,6 +435,8 @@ def cluster_of(
     *,
     env: Mapping[str, str] | None = None,
     node_env: Mapping[str, Mapping[str, str]] | None = None,
+    heartbeat_interval: int = 1,
+    agent_heartbeat_interval: int = AGENT_HEARTBEAT_INTERVAL,
     **leader: object,
 ) -> Iterator[tuple[Cluster, list[Node]]]:
     """A leader (``leader``: keys for leader.toml) and ``count`` nodes, node1 on the leader's
@@ -442,7 +445,12 @@ def cluster_of(
     ``node_env`` (by node name) to one node's agent and server alone. A node's agent left
     stopped (SIGSTOP) by a test is continued before it is closed."""
     addresses = [next_loopback() for _ in range(count)]
-    cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    cluster = AdminTokenCluster(
+        root / "cluster",
+        addresses[0],
+        heartbeat_interval=heartbeat_interval,
+        agent_heartbeat_interval=agent_heartbeat_interval,
+    )
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
     try:
         cluster.init("--node-name", "node1")

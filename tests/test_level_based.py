@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from refserver.server import START_DELAY_ENV
-from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, one_line_error, wait_until
-from tests.conftest import next_loopback
+from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
 from tests.refserver_helper import http_request
 from tlsroll import tls
@@ -377,24 +376,15 @@ def test_a_node_switched_shows_its_new_scheme_without_waiting_for_its_next_heart
     frozen) within a few seconds of the rollout's end, and http again after the way back
     (before, each waited for the interval)."""
     pw = password_file(tmp_path, "pw", "a-password-for-a-prompt-view")
-    cluster = AdminTokenCluster(
-        tmp_path / "cluster", next_loopback(), heartbeat_interval=30, agent_heartbeat_interval=30
-    )
-    nodes = [
-        Node(cluster, "node1", cluster.address, tmp_path / "n1"),
-        Node(cluster, "node2", next_loopback(), tmp_path / "n2"),
-    ]
+    with cluster_of(tmp_path, 2, heartbeat_interval=30, agent_heartbeat_interval=30) as (
+        cluster,
+        nodes,
+    ):
 
-    def every(server: str) -> bool:
-        shown = cluster.list_nodes()
-        return all(shown[n.name].server == server for n in nodes)
+        def every(server: str) -> bool:
+            shown = cluster.list_nodes()
+            return all(shown[n.name].server == server for n in nodes)
 
-    try:
-        cluster.init("--node-name", "node1")
-        cluster.start_leader()
-        for node in nodes:
-            node.start()
-        cluster.wait_for_nodes_online([n.name for n in nodes])
         wait_until(lambda: every("http"), 30, "http", LEADER_POLL)
         start = cluster.cli(
             *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
@@ -407,7 +397,3 @@ def test_a_node_switched_shows_its_new_scheme_without_waiting_for_its_next_heart
         assert back.returncode == 0, (back.stdout, back.stderr)
         assert wait_ended(cluster, "the way back")["state"] == "completed"
         wait_until(lambda: every("http"), 10, "http, not frozen", LEADER_POLL)
-    finally:
-        for node in nodes:
-            node.close()
-        cluster.close()
