@@ -918,9 +918,8 @@ class LeaderLink:
         """What the managed server runs may have just changed (a transaction ended, whatever
         its outcome: ``Runner.on_end``; a scope freeze's Freeze, Unfreeze or lift:
         ``NodeAgentService.on_freeze_change``): the next heartbeat, with the server's view,
-        comes now.
-        Before, `tlsroll nodes` showed a node switched to https as on http for up to an
-        interval after its rollout had completed (session 56's README walk)."""
+        comes now. Before, `tlsroll nodes` showed a node switched to https as on http for up
+        to an interval after its rollout had completed (session 56's README walk)."""
         self._soon.set()
 
     async def run(self) -> None:
