@@ -416,7 +416,8 @@ if [ "$role" = uninstall ]; then
         if [ -e "$path" ] || [ -L "$path" ]; then found=yes; fi
     done
     # The command's link only if it is ours (one of another program is left, as install does).
-    if [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; then found=yes; fi
+    our_link=""
+    if [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; then our_link=yes found=yes; fi
     kept=""
     for path in "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"; do
         if [ -e "$path" ]; then kept="${kept:+$kept, }$path"; fi
@@ -474,9 +475,7 @@ if [ "$role" = uninstall ]; then
             fi
         done <"$MANIFEST"
     fi
-    if [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; then
-        rm -f "$LINK"
-    fi
+    if [ -n "$our_link" ]; then rm -f "$LINK"; fi
     # Our units, also without the list of what was installed (an install cut short): else each
     # uninstall after would find them and say "removed" again.
     rm -f "$UNIT_DIR/tlsroll-leader.service" "$UNIT_DIR/tlsroll-agent.service"

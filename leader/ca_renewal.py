@@ -81,8 +81,9 @@ def too_early(ca: x509.Certificate, now: dt.datetime) -> str | None:
     if left <= RENEW_BEFORE:
         return None
     due = ca.not_valid_after_utc - RENEW_BEFORE
-    days = -(-left // dt.timedelta(days=1))  # begun days (rounded down, the last day before
-    # renewal read "3285 days left: renewed once at most 3285 are left": review rev56d L2)
+    # Begun days: rounded down, the day before it read "3285 days left" of a CA "renewed once
+    # at most 3285 days are left" (review rev56d L2).
+    days = -(-left // dt.timedelta(days=1))
     return (
         f"the CA certificate has {days} days left (until "
         f"{ca.not_valid_after_utc:%Y-%m-%d}): it is renewed once at most {RENEW_BEFORE.days} "

@@ -18,7 +18,7 @@ ID_LEN = 6
 SECRET_LEN = 26  # 26 * 5 = 130 bits >= 128
 ID_SHAPE = re.compile(f"[{ID_ALPHABET}]{{{ID_LEN}}}")
 """A join token's or viewer grant's id (``leader.viewer.grants`` makes them alike)."""
-_FORMAT = re.compile(rf"([a-z0-9]{{{ID_LEN}}})\.([a-z2-7]{{{SECRET_LEN}}})")
+_FORMAT = re.compile(rf"({ID_SHAPE.pattern})\.([a-z2-7]{{{SECRET_LEN}}})")
 
 
 class MalformedToken(TerminalError):
