@@ -361,6 +361,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"{', '.join(kept)} already run(s) https and keep(s) the certificate served "
                 "now; to give them yours: --change rotate-cert --cert-dir DIR"
             )
+        if planned.leaves_practice_ca:
+            names = ", ".join(planned.leaves_practice_ca)
+            warnings.append(
+                f"{names} serve(s) the practice's own certificate (from --cert-dir): this "
+                "rotate-cert gives them the cluster CA's; a workstation set up there with the "
+                "practice CA's pin (--ca-pin) must be set up again (tlsroll notify says so); to "
+                "keep the practice's: --cert-dir DIR"
+            )
+            steps = [
+                "none at a workstation set up with the password alone (it was handed the "
+                "cluster CA too); one set up with the practice CA's pin (--ca-pin) needs the "
+                "client steps again (Test connection, confirm the port, the password, restart)"
+            ]
         if blocked := not_on_https(nodes):
             warnings.append(
                 f"{', '.join(blocked)}: {NOT_ON_HTTPS}; {rollout.change.value} cannot start "
@@ -393,6 +406,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 started_by=_actor(context),
                 leader_node=self.leader_node or "",
                 removed_since=planned.removed_since,
+                own_certificates=request.HasField("cert_dir"),
+                own_ca_pins=tuple((c.node, c.ca_pin) for c in planned.certificates if c.ca_pin),
             ),
             tuple((n, NodeDetail()) for n in nodes),
         )

@@ -122,12 +122,14 @@ class Expected:
 
 @dataclass(frozen=True)
 class Accepted:
-    """A node's certificate that passed every check."""
+    """A node's certificate that passed every check; ``ca_pin``: the SPKI pin of the CA of
+    ``ca.crt`` its chain ends at (``_longest_path``), the one a workstation pins for it."""
 
     node: str
     fingerprint: str
     not_after: dt.datetime
     subject: str
+    ca_pin: str = ""
 
 
 # --- reading the directory (the CLI) ------------------------------------------------------
@@ -650,16 +652,21 @@ def _longest_path(
 
 
 def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:
-    """What ``plan`` shows of certificates that passed ``validate``."""
+    """What ``plan`` shows of certificates that passed ``validate``, and the CA at the top of
+    each one's chain (``Accepted.ca_pin``: the notice gives the workstations that CA's pin;
+    ``pki.chain_top``, as the workstation finds it in the bundle the node hands out)."""
+    anchors = [c for c in _load_certs(material.ca_pem) or [] if pki.is_ca(c)]
     out = []
     for node in sorted(nodes):
-        leaf = pki.load_certs_pem(material.nodes[node].chain_pem)[0]
+        leaf, *extra = pki.load_certs_pem(material.nodes[node].chain_pem)
+        path = _longest_path(leaf, extra, anchors)
         out.append(
             Accepted(
                 node,
                 pki.fingerprint(leaf),
                 leaf.not_valid_after_utc,
                 leaf.subject.rfc4514_string(),
+                pki.spki_pin(pki.chain_top(path[-1], [*anchors, *extra])) if path else "",
             )
         )
     return out

@@ -136,6 +136,10 @@ class Planned:
     auth_latest: int = 0
     # The nodes it leaves out as removed since (``RolloutRequest.removed_since``).
     removed_since: tuple[str, ...] = ()
+    # A rotate-cert without ``--cert-dir``: the nodes it steps that serve a practice's own
+    # certificate now (one a ``--cert-dir`` rollout installed): it gives them the cluster
+    # CA's, and a workstation that pinned the practice CA there must be set up again.
+    leaves_practice_ca: tuple[str, ...] = ()
 
 
 class StillOnHttp(TerminalError):
@@ -449,7 +453,8 @@ class Commands:
                 (d for d, v in digests.items() if v == request.keep_auth_version), "?"
             )
         installed: frozenset[str] = frozenset()
-        if self.observe is not None and request.change is Change.ENABLE_TLS:
+        back_to_cluster = request.change is Change.ROTATE_CERT and request.own_certs is None
+        if self.observe is not None and (request.change is Change.ENABLE_TLS or back_to_cluster):
             installed = frozenset(await asyncio.to_thread(self.schema.own_fingerprints))
 
         def steps(seen: NodeObservation) -> bool:
@@ -465,6 +470,11 @@ class Commands:
             return settled is None  # (a node left dual is the retry's, but never stepped)
 
         online, seen = await self._observe_all(request if starting else None, steps, rollout_id)
+        practice = sorted(
+            name
+            for name, o in (seen or {}).items()
+            if back_to_cluster and o.cert_fingerprint and o.cert_fingerprint in installed
+        )
         if seen and request.change is Change.ENABLE_TLS:
             seen = {name: _own_count(o, installed) for name, o in seen.items()}
         if seen is None and undone is not None:
@@ -516,7 +526,16 @@ class Commands:
         certificates: tuple[byo.Accepted, ...] = ()
         if request.own_certs is not None:
             certificates = await self._check_own_certs(request, records, seen or {})
-        return Planned(rollout, records, in_use, certificates, latest, request.removed_since)
+        stepped = {r.name for r in records if r.state is not NodeState.SKIPPED}
+        return Planned(
+            rollout,
+            records,
+            in_use,
+            certificates,
+            latest,
+            request.removed_since,
+            tuple(n for n in practice if n in stepped),
+        )
 
     async def _check_own_certs(
         self,
@@ -626,6 +645,8 @@ class Commands:
             else None,
             # A rollout is retried once; a retry of its retry may follow (audit s39race H3).
             retry_of=request.retry_of,
+            # ... and the CA each node's certificate chains to: its notice gives that one's pin.
+            own_pins={c.node: c.ca_pin for c in planned.certificates if c.ca_pin} or None,
         )
         if own is not None:  # the keys in memory only, until each node has staged its own
             # ... and only the keys of nodes this rollout stages: not those outside its scope

@@ -86,6 +86,12 @@ class RolloutMeta:
     # A retry, or the way back of a named rollout: the nodes of the rollout it retries or takes
     # back that it left out, removed since (`tlsroll nodes remove`; ``leader.db._V14``).
     removed_since: tuple[str, ...] = ()
+    # enable-tls, rotate-cert: the practice's own certificates (``--cert-dir``: its practice CA
+    # is kept under ``own_ca/<id>``), and per node it gives one, the SPKI pin of the CA that
+    # certificate's chain ends at (``own_pins/<id>``; ``own_ca_pins``). Pins only in a rollout
+    # read whole (``SchemaStore.get``), not in a ``RolloutHead``.
+    own_certificates: bool = False
+    own_ca_pins: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -476,6 +482,14 @@ class SchemaStore(LeaderStore):
         rollout, meta = _head(r)
         by_name = {row["name"]: row for row in rows}
         nodes = tuple(_node(by_name[name]) for name in rollout.order)
+        own = db.execute(
+            "SELECT key, value FROM meta WHERE key IN (?, ?)",
+            (f"{_OWN_CA}{rollout_id}", f"{_OWN_PINS}{rollout_id}"),
+        ).fetchall()
+        if own:
+            found = {str(k).split("/", 1)[0] + "/": str(v) for k, v in own}
+            pins = _own_pins(rollout_id, found.get(_OWN_PINS), found.get(_OWN_CA), nodes)
+            meta = replace(meta, own_certificates=True, own_ca_pins=pins)
         return RolloutRow(rollout, meta, nodes)
 
     def _rows(self, db: sqlite3.Connection, ids: Sequence[str]) -> list[RolloutRow]:
@@ -507,6 +521,10 @@ class SchemaStore(LeaderStore):
     ) -> list[RolloutRow | RolloutHead]:
         """``listed`` inside a read already held (``shown``)."""
         heads = db.execute("SELECT * FROM rollouts ORDER BY epoch DESC").fetchall()
+        own = {
+            str(r[0])[len(_OWN_CA) :]
+            for r in db.execute("SELECT key FROM meta WHERE key LIKE 'own\\_ca/%' ESCAPE '\\'")
+        }
         listed: list[RolloutRow | RolloutHead] = []
         for i, r in enumerate(heads):
             rollout_id = r["id"]
@@ -515,7 +533,10 @@ class SchemaStore(LeaderStore):
                 if row is not None:
                     listed.append(cast(RolloutRow, row))
             else:
-                listed.append(RolloutHead(*_head(r)))
+                rollout, meta = _head(r)
+                if rollout_id in own:
+                    meta = replace(meta, own_certificates=True)
+                listed.append(RolloutHead(rollout, meta))
         return listed
 
     def switch_times(self) -> tuple[list[float], list[float]]:
@@ -727,6 +748,7 @@ class SchemaStore(LeaderStore):
         own_ca: bytes | None = None,
         own_chain_ends: Mapping[str, tuple[str, dt.datetime] | None] | None = None,
         retry_of: str = "",
+        own_pins: Mapping[str, str] | None = None,
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
@@ -747,8 +769,9 @@ class SchemaStore(LeaderStore):
         trusted meanwhile by a running rollout's outside checks, and for good if the leader
         died between the write and its removal (session 32's audit, L2). ``own_chain_ends``:
         its certificates whose chain ends first (``byo.chain_ends``), kept with it
-        (``own_chain_ends``); those of earlier rollouts that no longer decide a served
-        certificate's end are dropped here (``_prune_own_chains``).
+        (``own_chain_ends``), and per node the pin of the CA its certificate's chain ends at
+        (``own_pins``: ``RolloutMeta.own_ca_pins``); the chain ends of earlier rollouts that no
+        longer decide a served certificate's end are dropped here (``_prune_own_chains``).
         ``retry_of``: the rollout this one retries (``rollout retry``), retried once:
         ``AlreadyRetried`` if another retry of it was created, checked here so that two
         retries that crossed cannot both start (audit s39race H3); the link is kept
@@ -785,6 +808,11 @@ class SchemaStore(LeaderStore):
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (f"own_ca/{rollout.id}", own_ca.decode("ascii")),
+                )
+            if own_pins:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (f"{_OWN_PINS}{rollout.id}", json.dumps(dict(sorted(own_pins.items())))),
                 )
             _prune_own_chains(db)
             if own_chain_ends:
@@ -1525,6 +1553,8 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
 
 _RETRIED_BY = "retried_by/"  # meta key prefix: ``retried_by/<rollout id>`` = its retry's id
 _OWN_CHAIN = "own_chain/"  # meta key prefix: ``own_chain/<rollout id>`` = JSON, ``own_chain_ends``
+_OWN_PINS = "own_pins/"  # meta key prefix: ``own_pins/<rollout id>`` = JSON {node: CA pin}
+_OWN_CA = "own_ca/"  # meta key prefix: ``own_ca/<rollout id>`` = the practice CA (PEM)
 
 
 def _served_certificates(db: sqlite3.Connection) -> dict[str, tuple[str, dt.datetime]]:
@@ -1678,6 +1708,46 @@ def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:
         removed_since=_removed_since(r["id"], r["removed_since"]),
     )
     return rollout, meta
+
+
+def _own_pins(
+    rollout_id: str,
+    stored: str | None,
+    own_ca: str | None,
+    nodes: Sequence[tuple[NodeRecord, NodeDetail]],
+) -> tuple[tuple[str, str], ...]:
+    """``RolloutMeta.own_ca_pins`` of a ``--cert-dir`` rollout: as stored (``own_pins/<id>``);
+    a rollout stored before they were (or a value that does not read: a hand-edited store,
+    with a warning) gets the pin of its practice CA's first certificate (``own_ca/<id>``; the
+    one ``pki.chain_to`` takes first) for each node it did not skip."""
+    if stored is not None:
+        try:
+            pins = json.loads(stored)
+        except ValueError:
+            pins = None
+        if isinstance(pins, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in pins.items()
+        ):
+            return tuple(sorted(pins.items()))
+        log.warning(
+            "store.own_pins_unreadable",
+            rollout_id=rollout_id,
+            detail="the rollout's own_pins is not a JSON object of node names and pins: "
+            "taken from its practice CA",
+        )
+    first = ""
+    if own_ca:
+        from tlsroll import pki  # noqa: PLC0415 - cryptography, for a rollout stored before
+        from tlsroll.errors import PKIError  # noqa: PLC0415
+
+        try:
+            first = pki.spki_pin(pki.load_certs_pem(own_ca.encode("ascii"))[0])
+        except (ValueError, IndexError, PKIError):
+            first = ""
+    if not first:
+        return ()
+    touched = (rec.name for rec, _d in nodes if rec.state is not NodeState.SKIPPED)
+    return tuple(sorted((name, first) for name in touched))
 
 
 def _removed_since(rollout_id: str, stored: object) -> tuple[str, ...]:

@@ -93,6 +93,7 @@ def rollout_view(
     password and http count are the same takes its view from there (the viewer's page reads
     a 500-node rollout again after each write of it: issue 15)."""
     r, meta = row.rollout, row.meta
+    pins = dict(meta.own_ca_pins)
     nodes = []
     for rec, d in row.nodes if isinstance(row, RolloutRow) else ():
         shown = (
@@ -108,7 +109,7 @@ def rollout_view(
                 made[1][key] = hit
                 nodes.append(hit[3])
                 continue
-        nodes.append(node_view(rec, d, shown, r.change))
+        nodes.append(node_view(rec, d, shown, r.change, pins.get(rec.name, "")))
         if made is not None:
             made[1][(id(rec), id(d))] = (rec, d, shown, nodes[-1])
     return schema_pb2.RolloutView(
@@ -135,6 +136,7 @@ def rollout_view(
         left_as_is=left_as_is_nodes(row.records) if isinstance(row, RolloutRow) else (),
         left_out=left_out_nodes(row.records) if isinstance(row, RolloutRow) else (),
         removed_since=meta.removed_since,
+        own_certificates=meta.own_certificates,
     )
 
 
@@ -180,12 +182,17 @@ def finalize_preview(
 
 
 def node_view(
-    rec: NodeRecord, d: NodeDetail, shown: tuple[bool, bool, int, bool], change: Change
+    rec: NodeRecord,
+    d: NodeDetail,
+    shown: tuple[bool, bool, int, bool],
+    change: Change,
+    ca_pin: str = "",
 ) -> schema_pb2.NodeView:
     """One node's view: its record, its detail and (whether it is the leader's node, whether
     its password is pending, how many workstations are still on http, whether the leader
     waits for its client report: ``awaits_report``), in a rollout of ``change``: its old and
-    new address are the ones before and after that change (``rollout_core.before_after``)."""
+    new address are the ones before and after that change (``rollout_core.before_after``).
+    ``ca_pin``: the practice CA of the certificate a ``--cert-dir`` rollout gives it."""
     old_url, new_url = before_after(change, d.old_url, d.new_url)
     steps = [
         schema_pb2.StepTimes(
@@ -213,6 +220,7 @@ def node_view(
         password_pending=shown[1],
         still_on_http=shown[2],
         awaiting_report=shown[3],
+        ca_pin=ca_pin,
     )
 
 

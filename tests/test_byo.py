@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -533,16 +534,17 @@ def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
         )  # fmt: skip
         assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
         assert pki.load_certs_pem((settings / "ca.pem").read_bytes())[0] == practice.cert
-        if not pin:  # the pin to compare with the notice's: the cluster CA's (audit s39ws L2)
+        if not pin:  # the pin to compare with the notice's (audit s39ws L2): the CA at the
+            # top of the server certificate's chain, the practice CA (the notice gives it for
+            # such a server: session 56's H2); it said the cluster CA's, which checks nothing
             cluster_pin = pki.spki_pin(pki.load_cert_pem(cluster.ca_pem))
-            assert f"pin       compare {cluster_pin} with the CA pin in your notice" in (
+            practice_pin = pki.spki_pin(practice.cert)
+            assert f"pin       compare {practice_pin} with the CA pin in your notice" in (
                 enrolled.stdout
             ), enrolled.stdout
-            practice_pins = {pki.spki_pin(practice.cert), pki.spki_pin(inter.cert)}
-            assert any(
-                f"note      the server's certificate is from another CA ({practice_pin}, the "
-                "practice's own): the notice's pin does not check it" in enrolled.stdout
-                for practice_pin in practice_pins
+            assert (
+                "note      the server's certificate is from the practice's own CA, not the "
+                f"cluster CA ({cluster_pin})" in enrolled.stdout
             ), enrolled.stdout
 
     # rotate-cert with the certificates already live: refused, one line per node.
@@ -1467,3 +1469,202 @@ async def test_the_chain_ends_kept_do_not_grow_with_each_rollout(
     assert {n: e.fingerprint for n, e in servers.items()} == served
     assert all(e.not_after == practice.cert.not_valid_after_utc for e in servers.values())
     await leader_.stop()
+
+
+# --- what the notices say after --cert-dir rollouts (session 56's README walk, H2) ----------
+
+
+def notice(cluster: Cluster, *args: str) -> str:
+    run = cluster.cli("notify", "--lang", "en", *args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def notice_commands(text: str) -> dict[str, list[str]]:
+    """Per node, the test-connection command the notice gives (its arguments after
+    ``tlsroll``)."""
+    found = {}
+    for line in text.splitlines():
+        name, sep, rest = line.strip().lstrip("-* ").partition(": tlsroll client test-connection ")
+        if sep:
+            found[name] = ["client", "test-connection", *rest.split()]
+    return found
+
+
+def enrol(cluster: Cluster, args: list[str], pw: Path, settings: Path, name: str) -> Any:
+    return cluster.cli(
+        *args, "--password-file", str(pw), "--yes", "--name", name, "--settings-dir",
+        str(settings),
+    )  # fmt: skip
+
+
+def trusts(settings: Path, node: Node) -> bool:
+    """Does a workstation set up into ``settings`` verify what ``node`` serves on 8443 now?"""
+    try:
+        served(node.address, HTTPS_PORT, (settings / "ca.pem").read_bytes())
+    except OSError:  # (ssl.SSLCertVerificationError is one)
+        return False
+    return True
+
+
+@pytest.mark.timeout(300)
+def test_the_notices_after_own_certificate_rollouts_give_the_ca_and_the_steps_that_hold(
+    two: tuple[Cluster, list[Node]], tmp_path: Path
+) -> None:
+    """enable-tls with the practice's own certificates: the notice gives the practice CA's pin,
+    and its command for each node sets a real workstation up (it gave the cluster CA's pin,
+    whose command exits 10: the server's certificate is not from that CA). Then a plain
+    rotate-cert back to the cluster CA: the plan warns, the notice says that a workstation set
+    up with the practice CA's pin must be set up again (true: it no longer trusts the server),
+    one set up with the password alone needs nothing (true too). A rotate-cert to another
+    practice CA: every workstation must be set up again. One with a renewed certificate from
+    the same practice CA: nothing to do."""
+    cluster, (node1, node2) = two
+    pw = password_file(tmp_path)
+    cluster_pin = pki.spki_pin(pki.load_cert_pem(cluster.ca_pem))
+    practice = make_ca("Praxis CA")
+    inter = make_ca("Praxis Issuing CA", parent=practice, path_length=0)
+    practice_pin = pki.spki_pin(practice.cert)
+    issued = {n.name: real_leaf(inter, n) for n in (node1, node2)}
+    chains = {k: (pem(c) + inter.pem, key) for k, (c, key) in issued.items()}
+    d1 = write_dir(tmp_path / "d1", practice, chains)
+
+    # Announced with --cert-dir: the practice CA's pin already.
+    announced = notice(cluster, "--when", "2099-01-05 18:00", "--cert-dir", str(d1))
+    assert practice_pin in announced and cluster_pin not in announced, announced
+
+    start = cluster.cli(
+        "rollout", "start", "--scope", "cluster", "--cert-dir", str(d1), "--password-file",
+        str(pw), "--yes", "--wait", timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    rollout = newest(cluster)
+    assert rollout is not None and rollout["own_certificates"] is True
+    assert {n["name"]: n["ca_pin"] for n in rollout["nodes"]} == {
+        "node1": practice_pin,
+        "node2": practice_pin,
+    }
+
+    text = notice(cluster)
+    assert practice_pin in text and cluster_pin not in text, text
+    commands = notice_commands(text)
+    assert set(commands) == {"node1", "node2"}, text
+    assert commands["node2"][-2:] == ["--ca-pin", practice_pin]
+    pinned = tmp_path / "ws-pinned"
+    ok = enrol(cluster, commands["node2"], pw, pinned, "desk-pinned")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"server    certificate from the CA {practice_pin}" in ok.stdout
+    # What the notice gave before: the cluster CA's pin, which does not check this server.
+    wrong = [*commands["node2"][:-1], cluster_pin]
+    refused = enrol(cluster, wrong, pw, tmp_path / "ws-wrong", "desk-wrong")
+    assert refused.returncode == 10, refused.stdout + refused.stderr
+    assert f"is not from the pinned CA ({cluster_pin})" in refused.stderr
+    # By the password alone: the pin to compare with the notice is the practice CA's.
+    plain = tmp_path / "ws-plain"
+    by_password = enrol(
+        cluster, ["client", "test-connection", node2.https_url()], pw, plain, "desk-plain"
+    )
+    assert by_password.returncode == 0, by_password.stdout + by_password.stderr
+    assert f"pin       compare {practice_pin} with the CA pin in your notice" in by_password.stdout
+
+    # A plain rotate-cert gives node2 the cluster CA's certificate again.
+    plan = cluster.cli("plan", "--change", "rotate-cert", "--scope", "nodes", "--nodes", "node2")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "node2 serve(s) the practice's own certificate (from --cert-dir)" in plan.stdout
+    back = cluster.cli(
+        "rollout", "start", "--change", "rotate-cert", "--scope", "nodes", "--nodes", "node2",
+        "--yes", "--wait", timeout=180,
+    )  # fmt: skip
+    assert back.returncode == 0, back.stdout + back.stderr
+    text = notice(cluster)
+    assert "issued by another certificate authority" in text, text
+    assert "set up with the check value (CA pin) of the practice's own certificate" in text
+    assert "Every workstation set up before" not in text
+    assert commands_pin(text) == [cluster_pin], text
+    assert not trusts(pinned, node2)  # as the notice says: set it up again
+    assert trusts(plain, node2)  # ... and the one set up by the password needs nothing
+
+    # To another practice CA (another key): every workstation must be set up again.
+    other = make_ca("Praxis CA 2027")
+    other_pin = pki.spki_pin(other.cert)
+    leaf2 = real_leaf(other, node2)
+    d2 = write_dir(tmp_path / "d2", other, {"node2": (pem(leaf2[0]), leaf2[1])})
+    moved = cluster.cli(
+        "rollout", "start", "--change", "rotate-cert", "--scope", "nodes", "--nodes", "node2",
+        "--cert-dir", str(d2), "--yes", "--wait", timeout=180,
+    )  # fmt: skip
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    text = notice(cluster)
+    assert "Every workstation set up before the change has to be set up again once" in text
+    assert commands_pin(text) == [other_pin], text
+    assert not trusts(plain, node2)
+
+    # A renewed certificate from that same CA: nothing to do at the workstations.
+    leaf3 = real_leaf(other, node2)
+    d3 = write_dir(tmp_path / "d3", other, {"node2": (pem(leaf3[0]), leaf3[1])})
+    renewed = cluster.cli(
+        "rollout", "start", "--change", "rotate-cert", "--scope", "nodes", "--nodes", "node2",
+        "--cert-dir", str(d3), "--yes", "--wait", timeout=180,
+    )  # fmt: skip
+    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    text = notice(cluster)
+    assert "nothing needs to be done at the workstations" in text, text
+    assert "another certificate authority" not in text
+
+
+def commands_pin(text: str) -> list[str]:
+    """The pins the notice's test-connection commands give."""
+    return re.findall(r"test-connection \S+ --ca-pin (sha256:[0-9a-f]+)", text)
+
+
+def test_the_ca_pins_a_rollout_keeps_and_those_of_one_stored_before_them(tmp_path: Path) -> None:
+    """Each node's CA pin is stored with a ``--cert-dir`` rollout (``own_pins``) and read back
+    with it, also after the store is opened again; a rollout stored before pins were (its
+    practice CA only, ``own_ca``) reads the pin of that CA's first certificate for each node;
+    one whose pins do not read as such (a hand-edited store) too, with a warning, never an
+    error; a rollout without its own certificates has none."""
+    from leader.schema_store import SchemaStore
+    from leader.schema_view import rollout_view
+    from tests.test_schema_store import end, new_rollout
+
+    practice, second = make_ca("Praxis CA"), make_ca("Praxis CA 2")
+    first_pin = pki.spki_pin(practice.cert)
+    path = tmp_path / "leader.sqlite3"
+    schema = SchemaStore(path)
+
+    def create(rollout_id: str, **kwargs: Any) -> None:
+        original = schema.create
+
+        def with_own(*args: Any, **kw: Any) -> Any:
+            return original(*args, **{**kw, **kwargs})
+
+        schema.create = with_own  # type: ignore[method-assign]
+        try:
+            new_rollout(schema, rollout_id)
+        finally:
+            schema.create = original  # type: ignore[method-assign]
+        end(schema)
+
+    both = practice.pem + second.pem
+    create("r1", own_ca=both, own_pins={"a": pki.spki_pin(second.cert), "b": first_pin})
+    create("r2", own_ca=both)  # as a leader before this version stored it
+    create("r3")
+    with schema._db.tx() as db:  # a damaged value, as by hand
+        db.execute("UPDATE meta SET value = '[1]' WHERE key = 'own_pins/r1'")
+    create("r4", own_ca=practice.pem, own_pins={"a": first_pin})
+    schema.close()
+
+    schema = SchemaStore(path)
+    views = {r: rollout_view(schema.get(r)) for r in ("r2", "r3", "r4")}  # type: ignore[arg-type]
+    r1 = schema.get("r1")
+    assert r1 is not None
+    assert dict(r1.meta.own_ca_pins) == {"a": first_pin, "b": first_pin}  # (damaged: fallback)
+    assert views["r4"].own_certificates
+    assert {n.name: n.ca_pin for n in views["r4"].nodes} == {"a": first_pin, "b": ""}
+    assert views["r2"].own_certificates
+    assert {n.name: n.ca_pin for n in views["r2"].nodes} == {"a": first_pin, "b": first_pin}
+    assert not views["r3"].own_certificates
+    assert {n.ca_pin for n in views["r3"].nodes} == {""}
+    listed = {r.rollout.id: r.meta.own_certificates for r in schema.listed()}
+    assert listed == {"r4": True, "r3": False, "r2": True, "r1": True}
+    schema.close()

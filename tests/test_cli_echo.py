@@ -368,6 +368,20 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
         (("rollout", "rollback", "bad id!", "--yes"), 2, "not a rollout id"),
         (("rollout", "retry", "bad id!"), 2, "not a rollout id"),
         (("notify", "--rollout", "bad id!"), 2, "not a rollout id"),
+        (("notify", "--cert-dir", "/"), 2, "--cert-dir goes with --when"),
+        (
+            (
+                "notify",
+                "--when",
+                "2099-12-05 18:00",
+                "--change",
+                "change-password",
+                "--cert-dir",
+                "/",
+            ),
+            2,
+            "--cert-dir goes with --change enable-tls or rotate-cert",
+        ),
         (("schema", "show", "--rollout", "bad id!"), 2, "not a rollout id"),
         (
             ("token", "revoke", "bad id"),

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import os
 import zoneinfo
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,56 @@ for _phase in ("running", "done"):
     )
 CASES["enable-tls.transitional.open"] = (
     info("enable-tls", "done", transitional=True),
+    "text",
+    None,
+)
+
+# A practice's own certificates (``--cert-dir``): session 56's second README walk, H2.
+OWN = "sha256:" + "a7" * 32
+OWN2 = "sha256:" + "5c" * 32
+CASES["enable-tls.done.own-ca"] = (
+    info("enable-tls", "done", nodes=tuple(replace(n, ca_pin=OWN) for n in nodes("enable-tls"))),
+    "text",
+    None,
+)
+CASES["change-password.announced.own-ca-on-one"] = (
+    info(
+        "change-password",
+        "announced",
+        nodes=(NoticeNode(NAMES[0], HTTPS[0], HTTPS[0], ca_pin=OWN), nodes("x")[1]),
+    ),
+    "text",
+    None,
+)
+for _phase in ("announced", "done"):
+    CASES[f"rotate-cert.{_phase}.to-own-ca"] = (
+        info(
+            "rotate-cert",
+            _phase,
+            nodes=tuple(replace(n, ca_pin=OWN2, ca_change="own") for n in nodes("rotate-cert")),
+        ),
+        "text",
+        None,
+    )
+CASES["rotate-cert.done.back-to-cluster-ca"] = (
+    info(
+        "rotate-cert",
+        "done",
+        nodes=tuple(replace(n, ca_change="cluster") for n in nodes("rotate-cert")),
+    ),
+    "text",
+    None,
+)
+CASES["rotate-cert.announced.mixed"] = (
+    info(
+        "rotate-cert",
+        "announced",
+        nodes=(
+            NoticeNode(NAMES[0], HTTPS[0], HTTPS[0], ca_pin=OWN2, ca_change="own"),
+            NoticeNode(NAMES[1], HTTPS[1], HTTPS[1], ca_change="cluster"),
+            NoticeNode("archiv-server", HTTPS[1].replace(".6", ".7"), HTTPS[1].replace(".6", ".7")),
+        ),
+    ),
     "text",
     None,
 )

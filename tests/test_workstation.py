@@ -1269,7 +1269,7 @@ async def test_server_certificate_not_from_the_announced_ca(
     async with bootstrap_on(evil_node, evil):
         run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert run.code == Exit.UNTRUSTED
-    assert "is not from the cluster CA" in run.error
+    assert "is not from a CA the node handed over" in run.error
 
 
 async def test_a_server_not_from_the_cluster_ca_after_the_exchange_says_where_the_pair_is_kept(
@@ -1297,7 +1297,10 @@ async def test_a_server_not_from_the_cluster_ca_after_the_exchange_says_where_th
         run = await run_cli(*args)
     assert run.code == Exit.UNTRUSTED, run.err
     kept = d / KEPT
-    assert "is not from the cluster CA: someone may be in between; do not continue; " in run.error
+    assert (
+        "is not from a CA the node handed over: someone may be in between; do not continue; "
+        in run.error
+    )
     assert run.error.endswith(
         f"the new certificate the node handed over for this PC (ws-empfang) is kept in {kept}: "
         "the next run, with the password, proves this PC's name with it at a node whose CA "

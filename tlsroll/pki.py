@@ -281,6 +281,20 @@ def chain_to(
     return None
 
 
+def chain_top(ca: x509.Certificate, bundle: Sequence[x509.Certificate]) -> x509.Certificate:
+    """The CA at the top of ``ca``'s chain in ``bundle``: ``ca``, or the CA of the bundle that
+    issued it, and so on up (a practice's intermediate up to its root). The CA whose pin a
+    notice gives for a server (the leader's ``byo.Accepted.ca_pin``) and a workstation says
+    to compare with it."""
+    top = ca
+    for _ in range(MAX_CHAIN):
+        up = next((c for c in bundle if c != top and is_ca(c) and issued_by(top, c)), None)
+        if up is None:
+            break
+        top = up
+    return top
+
+
 def san_lacks(cert: x509.Certificate, names: Names) -> list[str] | None:
     """Which of ``names``' addresses and DNS names the certificate's SAN lacks (``IP:…``,
     ``DNS:…``; a DNS name may match a one-label wildcard); None if it has no SAN at all."""

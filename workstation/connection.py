@@ -691,20 +691,25 @@ class TestConnection:
         self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
     ) -> None:
         """The password proves only a node that knows it, and every workstation does: the
-        pin of the cluster CA (the client certificate's issuer, what the notice names) is what
-        tells the cluster from someone else, for the admin to compare (audit s39ws L2; the
-        --ca-pin path compares it itself). A server certificate from another CA (a practice's
-        own, ``--cert-dir``) is said: the notice's pin does not check that one."""
-        cluster = next((c for c in bundle if pki.issued_by(cert, c)), server_ca)
+        pin of the CA the server's certificate comes from (the top of its chain in the
+        bundle) is what tells the cluster's server from someone else, for the admin to compare
+        with the notice, which gives that CA's pin for the server (audit s39ws L2; the --ca-pin
+        path compares it itself). That is the cluster CA, or a practice's own CA for a
+        certificate from ``--cert-dir`` (the notice gives its pin for such a server since
+        session 57; before, the cluster CA's, which did not check the server): said as such,
+        with the cluster CA's pin (``cert``'s issuer) that an older notice gives."""
+        top = pki.chain_top(server_ca, bundle)
         self.ui.say(
-            f"pin       compare {pki.spki_pin(cluster)} with the CA pin in your notice: if they "
+            f"pin       compare {pki.spki_pin(top)} with the CA pin in your notice: if they "
             "differ, this is not your cluster's server (whoever knows the password could "
             "pose as it); then run again with --ca-pin and the notice's pin"
         )
-        if pki.spki_pin(server_ca) != pki.spki_pin(cluster):
+        cluster = next((c for c in bundle if pki.issued_by(cert, c)), top)
+        if pki.spki_pin(top) != pki.spki_pin(cluster):
             self.ui.say(
-                f"note      the server's certificate is from another CA ({pki.spki_pin(server_ca)}"
-                ", the practice's own): the notice's pin does not check it"
+                "note      the server's certificate is from the practice's own CA, not the "
+                f"cluster CA ({pki.spki_pin(cluster)}); a notice printed before the practice's "
+                "certificates were installed gives the cluster CA's pin: ask for a new one"
             )
 
     def say_not_files(self) -> None:
@@ -1241,10 +1246,11 @@ class TestConnection:
         path = pki.chain_to(cert, bundle, trusted)
         issuer = path[-1] if path is not None else None
         if issuer is None:
+            whose = f"the pinned CA ({self.pin})" if self.pin else "a CA the node handed over"
             raise ClientError(
                 Exit.UNTRUSTED,
                 f"the certificate {server.netloc} presented ({pki.fingerprint(cert)}) is not "
-                "from the cluster CA: someone may be in between; do not continue",
+                f"from {whose}: someone may be in between; do not continue",
             )
         try:
             pki.check_valid_now(cert)
@@ -1271,7 +1277,7 @@ class TestConnection:
                     Exit.TLS, f"TLS with {server.netloc} failed: {exc.detail}"
                 ) from None
         self.ui.say(
-            f"server    certificate from the cluster CA ({pki.spki_pin(issuer)}), "
+            f"server    certificate from the CA {pki.spki_pin(pki.chain_top(issuer, bundle))}, "
             f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
         )
         return issuer

@@ -60,6 +60,14 @@ class NoticeNode:
     new_url: str  # e.g. https://192.168.1.5:8443/praxis_live/
     bootstrap_port: int = BOOTSTRAP_PORT
     path_known: bool = True
+    # The SPKI pin of the CA its https certificate comes from after the change, where it is
+    # not the cluster CA's (``NoticeInfo.ca_pin``): a practice's own CA (``--cert-dir``).
+    ca_pin: str = ""
+    # rotate-cert: the certificate comes from another CA than the one before, which a
+    # workstation set up before may not trust: "own" (a practice's own CA it did not serve
+    # before: every such workstation must be set up again), "cluster" (back from a practice's
+    # CA to the cluster CA: one set up with that practice CA's pin must); "" neither.
+    ca_change: Literal["", "own", "cluster"] = ""
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class NoticeInfo:
 
     practice: str  # the practice or cluster label, e.g. "Praxis Dr. Muster"
     nodes: Sequence[NoticeNode]
-    ca_pin: str  # sha256:<hex> of the cluster CA's key (public)
+    ca_pin: str  # sha256:<hex> of the cluster CA's key (public); a node's own: NoticeNode.ca_pin
     # Where staff get the password, completing "Das Authentifizierungspasswort erhalten Sie …"
     # / "You get the authentication password …", e.g. "persönlich bei Frau Beispiel".
     password_source: str
@@ -142,6 +150,37 @@ _DE: dict[str, str] = {
         "Der Server hat ein neues Zertifikat für die verschlüsselte Verbindung erhalten. "
         "Serveradresse und Passwort bleiben gleich; an den Arbeitsplätzen ist nichts zu tun."
     ),
+    "what.rotate-cert.newca.before": (
+        "Der Server erhält ein neues Zertifikat für die verschlüsselte Verbindung, ausgestellt "
+        "von einer anderen Zertifizierungsstelle. Serveradresse und Passwort bleiben gleich."
+    ),
+    "what.rotate-cert.newca.after": (
+        "Der Server hat ein neues Zertifikat für die verschlüsselte Verbindung erhalten, "
+        "ausgestellt von einer anderen Zertifizierungsstelle. Serveradresse und Passwort "
+        "bleiben gleich."
+    ),
+    "newca.own": (
+        "Jeder Arbeitsplatz, der vor dem Wechsel eingerichtet wurde, muss einmal neu "
+        "eingerichtet werden (siehe unten): Bis dahin vertraut er dem neuen Zertifikat nicht "
+        "und erreicht den Server nicht."
+    ),
+    "newca.cluster": (
+        "Ein Arbeitsplatz, der mit dem Prüfwert (CA-Pin) der praxiseigenen "
+        "Zertifizierungsstelle eingerichtet wurde, muss einmal neu eingerichtet werden (siehe "
+        "unten); an den anderen ist nichts zu tun. Meldet ein Arbeitsplatz nach dem Wechsel "
+        "einen Zertifikatsfehler, richten Sie ihn neu ein."
+    ),
+    "newca.own.marked": (
+        "An den mit „neu einrichten“ markierten Servern muss jeder Arbeitsplatz, der vor dem "
+        "Wechsel eingerichtet wurde, einmal neu eingerichtet werden (siehe unten)."
+    ),
+    "newca.cluster.marked": (
+        "An den mit „prüfen“ markierten Servern muss ein Arbeitsplatz, der mit dem Prüfwert "
+        "(CA-Pin) der praxiseigenen Zertifizierungsstelle eingerichtet wurde, einmal neu "
+        "eingerichtet werden (siehe unten)."
+    ),
+    "node.mark.own": "{line} – neu einrichten",
+    "node.mark.cluster": "{line} – prüfen",
     "what.disable-tls.before": (
         "Die Verbindung zwischen den Arbeitsplätzen (Clients) und dem Server wird wieder auf "
         "unverschlüsseltes http zurückgestellt. Dadurch gilt wieder die frühere Serveradresse. "
@@ -243,12 +282,21 @@ _DE: dict[str, str] = {
     "step_restart.disable-tls": (
         "Den Client neu starten. Damit ist die Rückumstellung an diesem Arbeitsplatz abgeschlossen."
     ),
+    "step_restart.rotate-cert": (
+        "Den Client neu starten. Damit ist der Arbeitsplatz neu eingerichtet."
+    ),
     "pin_h": "Prüfwert des Zertifikats (für IT-Kundige)",
     "pin": (
         "Wer das Zertifikat zusätzlich prüfen kann, vergleicht den Schlüssel der "
         "Zertifizierungsstelle mit diesem Prüfwert (CA-Pin). Er ist öffentlich und darf "
         "weitergegeben werden:"
     ),
+    "pin_many": (
+        "Wer das Zertifikat zusätzlich prüfen kann, vergleicht den Schlüssel der "
+        "Zertifizierungsstelle mit dem Prüfwert (CA-Pin) des Servers seines Arbeitsplatzes. Die "
+        "Prüfwerte sind öffentlich und dürfen weitergegeben werden:"
+    ),
+    "pin_node": "{name}: {pin}",
     "pin_cli": "Mit dem Kommandozeilenwerkzeug geht das so: {cmd}",
     "pin_cli_many": (
         "Mit dem Kommandozeilenwerkzeug geht das so (mit dem Befehl für den Server Ihres "
@@ -323,6 +371,35 @@ _EN: dict[str, str] = {
         "The server has received a new certificate for the encrypted connection. Server address "
         "and password stay the same; nothing needs to be done at the workstations."
     ),
+    "what.rotate-cert.newca.before": (
+        "The server will receive a new certificate for the encrypted connection, issued by "
+        "another certificate authority. Server address and password stay the same."
+    ),
+    "what.rotate-cert.newca.after": (
+        "The server has received a new certificate for the encrypted connection, issued by "
+        "another certificate authority. Server address and password stay the same."
+    ),
+    "newca.own": (
+        "Every workstation set up before the change has to be set up again once (see below): "
+        "until then it does not trust the new certificate and cannot reach the server."
+    ),
+    "newca.cluster": (
+        "A workstation that was set up with the check value (CA pin) of the practice's own "
+        "certificate authority has to be set up again once (see below); the others need "
+        "nothing. If a workstation reports a certificate error after the change, set it up "
+        "again."
+    ),
+    "newca.own.marked": (
+        "At the servers marked “set up again”, every workstation set up before the change has "
+        "to be set up again once (see below)."
+    ),
+    "newca.cluster.marked": (
+        "At the servers marked “check”, a workstation that was set up with the check value (CA "
+        "pin) of the practice's own certificate authority has to be set up again once (see "
+        "below)."
+    ),
+    "node.mark.own": "{line} – set up again",
+    "node.mark.cluster": "{line} – check",
     "what.disable-tls.before": (
         "The connection between the workstations (clients) and the server will go back to "
         "unencrypted http. The earlier server address applies again. Every workstation then has "
@@ -413,11 +490,18 @@ _EN: dict[str, str] = {
     "step_restart.disable-tls": (
         "Restart the client. This completes the switch back at this workstation."
     ),
+    "step_restart.rotate-cert": "Restart the client. The workstation is now set up again.",
     "pin_h": "Certificate check value (for IT staff)",
     "pin": (
         "If you can check the certificate yourself, compare the certificate authority's key "
         "with this check value (CA pin). It is public and may be passed on freely:"
     ),
+    "pin_many": (
+        "If you can check the certificate yourself, compare the certificate authority's key "
+        "with the check value (CA pin) of your workstation's server. They are public and may "
+        "be passed on freely:"
+    ),
+    "pin_node": "{name}: {pin}",
     "pin_cli": "With the command-line tool: {cmd}",
     "pin_cli_many": "With the command-line tool (the command for your workstation's server):",
     "pin_cli_node": "{name}: {cmd}",
@@ -609,6 +693,11 @@ def render_notice(
     change = info.change
     when = "after" if info.timing.phase == "done" else "before"
     moves = change in _ADDRESS_CHANGES
+    # rotate-cert to another CA than a node's workstations trust: they need the steps again
+    # (NoticeNode.ca_change), each server marked when not all share one kind of change.
+    changes = {n.ca_change for n in info.nodes} if change == "rotate-cert" else {""}
+    new_ca = changes != {""}
+    marked = new_ca and len(changes) > 1
 
     if password is not None:
         doc.warning(w["warning"])
@@ -623,6 +712,11 @@ def render_notice(
         )
         what = w[f"what.enable-tls.transitional.{when}"]
         doc.para(what + " " + w[f"scope.{info.scope}"], until=_Text(until))
+    elif new_ca:
+        doc.para(w[f"what.rotate-cert.newca.{when}"] + " " + w[f"scope.{info.scope}"])
+        for kind in ("own", "cluster"):
+            if kind in changes:
+                doc.para(w[f"newca.{kind}.marked" if marked else f"newca.{kind}"])
     else:
         doc.para(w[f"what.{change}.{when}"] + " " + w[f"scope.{info.scope}"])
 
@@ -653,6 +747,8 @@ def render_notice(
             }
         else:
             template = w["node.same"]
+            if marked and n.ca_change:
+                template = w[f"node.mark.{n.ca_change}"].format(line=template)
             values = {"name": _Text(n.name), "url": _Code(n.new_url)}
         lines.append((template, values))
     if change == "enable-tls":
@@ -672,7 +768,7 @@ def render_notice(
     if moves and not all(n.path_known for n in info.nodes):
         doc.para(w["path_unknown"])
 
-    if change != "rotate-cert":
+    if change != "rotate-cert" or new_ca:
         steps: list[tuple[str, dict[str, _Value]]] = [(w["step_login"], {})]
         if not all(n.path_known for n in info.nodes):
             steps.append((w["step_menu_path"], {}))
@@ -696,14 +792,24 @@ def render_notice(
             doc.heading(w[f"steps_h.{when}"])
         doc.steps(steps)
 
-    if change in _PASSWORD_MATTERS:
+    if change in _PASSWORD_MATTERS or new_ca:
         doc.heading(w["pin_h"])
-        doc.para(w["pin"])
-        doc.block(info.ca_pin)
         # One command per node (audit s39ws H2: the first node's, copied at a workstation of
-        # another node, gave it that node's address and bootstrap port).
+        # another node, gave it that node's address and bootstrap port), with the pin of the
+        # CA its certificate comes from: a practice's own CA (``--cert-dir``) is not the
+        # cluster's, and a workstation pinning the cluster CA refuses that server (session
+        # 56's second README walk, H2).
         shown = [*info.nodes, *(info.already if change == "enable-tls" else ())]
-        commands = [(n.name, _check_command(n, info.ca_pin)) for n in shown if n.path_known]
+        pins = {n.name: n.ca_pin or info.ca_pin for n in shown}
+        if len(set(pins.values())) == 1:
+            doc.para(w["pin"])
+            doc.block(next(iter(pins.values())))
+        else:
+            doc.para(w["pin_many"])
+            doc.bullets(
+                [(w["pin_node"], {"name": _Text(n), "pin": _Code(p)}) for n, p in pins.items()]
+            )
+        commands = [(n.name, _check_command(n, pins[n.name])) for n in shown if n.path_known]
         if len(commands) == 1:
             doc.para(w["pin_cli"], cmd=_Code(commands[0][1]))
         elif commands:

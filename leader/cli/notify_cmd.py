@@ -17,6 +17,12 @@ on, or ended): the version it applies (``RolloutView.auth_version``), if its nod
 run it (``applied_version``); never one staged since and in effect on no node yet. Not in an
 HTML notice: that is for e-mail.
 
+The CA pin a notice gives for a node, and its ``test-connection --ca-pin`` command, are those
+of the CA the node's https certificate comes from: the cluster CA, or a practice's own CA for
+a certificate a ``--cert-dir`` rollout gave it (``NodeView.ca_pin``; ``--when … --cert-dir
+DIR`` announces such a rollout). A rotate-cert to another CA than the one a node served
+before says that workstations must be set up again (``served_pins``, ``ca_change``).
+
 Nodes of an enable-tls rollout that an earlier one had switched already (a cluster rollout
 after a local one: the plan skips them) are listed too, with their https address, marked
 "already switched": the scope's sentence says the whole multiserver.
@@ -31,7 +37,7 @@ import zoneinfo
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 import click
@@ -216,6 +222,8 @@ def notice_node(
     change: Change,
     known: dict[str, tuple[str, int]],
     address: str,
+    ca_pin: str = "",
+    ca_change: Literal["", "own", "cluster"] = "",
 ) -> NoticeNode:
     """The node's addresses before and after ``change`` (``rollout_core.before_after``, as the
     rollout's rows show them: review s45rev6 L2)."""
@@ -230,7 +238,41 @@ def notice_node(
         http_url = http[0] if http else f"http://{host}:{HTTP_PORT}/…"
         https_url = https[0] if https else f"https://{host}:{HTTPS_PORT}/…"
     old_url, new_url = before_after(change, http_url, https_url)  # as the rollout's rows
-    return NoticeNode(name, old_url, new_url, port, path_known)
+    return NoticeNode(name, old_url, new_url, port, path_known, ca_pin, ca_change)
+
+
+_INSTALLS = (Change.ENABLE_TLS, Change.ROTATE_CERT)  # the changes that give a node a certificate
+
+
+def served_pins(schema: schema_pb2.Schema, start: int = 0) -> dict[str, str | None]:
+    """Per node, the CA of the certificate it serves as the rollouts from ``start`` on
+    (``schema.rollouts``, newest first) left it: the pin of a practice's own CA
+    (``NodeView.ca_pin``), "" the cluster CA's, None none (a way back took https away); a node
+    none of them gave a certificate is not in it."""
+    found: dict[str, str | None] = {}
+    for r in schema.rollouts[start:]:
+        change = CHANGE.read(r.change, "change")
+        for n in r.nodes:
+            if n.name in found:
+                continue
+            state = NODE_STATE.read(n.state, "state")
+            if change in _INSTALLS and state in (NodeState.DONE, NodeState.DUAL):
+                found[n.name] = n.ca_pin
+            elif change is Change.DISABLE_TLS and state is NodeState.DONE:
+                found[n.name] = None
+    return found
+
+
+def ca_change(before: str | None, after: str) -> Literal["", "own", "cluster"]:
+    """What a rotate-cert that gives a node a certificate of CA ``after`` (a practice's own
+    CA's pin, "" the cluster CA) means for the workstations set up while it served one of CA
+    ``before`` (``served_pins``): "own" a CA they were not handed (each must be set up again),
+    "cluster" back to the cluster CA (one that pinned the practice CA must), "" neither."""
+    if after and after != before:
+        return "own"
+    if not after and before:
+        return "cluster"
+    return ""
 
 
 def node_addresses(leader: Leader) -> dict[str, str]:
@@ -239,8 +281,12 @@ def node_addresses(leader: Leader) -> dict[str, str]:
     return {n.name: (n.addresses[0] if n.addresses else n.name) for n in reply.nodes}
 
 
-def plan_request(change: Change, scope: str | None, nodes: str | None) -> admin_pb2.RolloutRequest:
+def plan_request(
+    change: Change, scope: str | None, nodes: str | None, cert_dir: Path | None = None
+) -> admin_pb2.RolloutRequest:
     names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
+    if cert_dir is not None and change not in _INSTALLS:
+        raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
     if change is Change.DISABLE_TLS:
         if scope or names:
             raise click.UsageError(
@@ -253,12 +299,17 @@ def plan_request(change: Change, scope: str | None, nodes: str | None) -> admin_
         scope = "nodes" if names else "cluster"
     if (scope == "nodes") != bool(names):
         raise click.UsageError("--nodes a,b goes with --scope nodes (or without --scope)")
-    return admin_pb2.RolloutRequest(
+    request = admin_pb2.RolloutRequest(
         change=CHANGE.wire(change),
         scope=SCOPE_KIND.wire(ScopeKind(scope)),
         nodes=names,
         freeze=FREEZE.wire(FreezeMode.NODE),
     )
+    if cert_dir is not None:
+        from leader.cli.rollout import cert_dir_message  # noqa: PLC0415 - only for --cert-dir
+
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
+    return request
 
 
 def _finalized(schema: schema_pb2.Schema, rollout_id: str) -> bool:
@@ -478,6 +529,13 @@ def check_password(
 )
 @click.option("--nodes", help="With --when: comma-separated node names (scope 'nodes').")
 @click.option(
+    "--cert-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="With --when, for enable-tls or rotate-cert: the switch will bring the practice's own "
+    "certificates from DIR (as rollout start --cert-dir; checked the same way): the notice "
+    "gives the practice CA's pin.",
+)
+@click.option(
     "--rollout",
     "rollout_id",
     callback=rollout_id_param,
@@ -531,6 +589,7 @@ def notify(
     change: str | None,
     scope: str | None,
     nodes: str | None,
+    cert_dir: Path | None,
     rollout_id: str | None,
     tz_name: str | None,
     practice: str,
@@ -544,7 +603,7 @@ def notify(
     """Print the "Notify practice" message for the staff, before or after a switch; with
     --remaining only the workstations that still need the client steps."""
     if remaining:
-        for name, value in (("--when", when), ("--rollout", rollout_id)):
+        for name, value in (("--when", when), ("--rollout", rollout_id), ("--cert-dir", cert_dir)):
             if value is not None:
                 raise click.UsageError(f"--remaining lists who is still on http; leave out {name}")
         if include_password:
@@ -559,6 +618,7 @@ def notify(
             ("--change", change),
             ("--scope", scope),
             ("--nodes", nodes),
+            ("--cert-dir", cert_dir),
         ):
             if value is not None:
                 raise click.UsageError(f"{name} goes with --when (an announced switch)")
@@ -566,6 +626,8 @@ def notify(
         raise click.UsageError("--rollout names a rollout that exists; --when announces one")
     if when is not None and until is not None:
         raise click.UsageError("--until goes with a transitional rollout, not with --when")
+    if cert_dir is not None and (change or "enable-tls") not in ("enable-tls", "rotate-cert"):
+        raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
     if password_file is not None and not include_password:
         raise click.UsageError("--password-file goes with --include-password")
     if include_password and fmt == "html":
@@ -596,23 +658,45 @@ def notify(
     transitional = False
     planned_password: int | None = None  # an announced switch: the password its plan gives
     applied: Applied | None = None  # a rollout that exists: the password it applies
+    now_pins = served_pins(schema)  # the CA each node's certificate comes from now
     if start is not None:
         the_change = Change(change or "enable-tls")
+        request = plan_request(the_change, scope, nodes, cert_dir)
         with leader.admin() as admin:
-            planned = leader.call(admin.PlanRollout, plan_request(the_change, scope, nodes))
+            planned = leader.call(admin.PlanRollout, request)
         plan = planned.rollout
         planned_password = planned.password_version_in_use
         addresses = node_addresses(leader)
-        names = [
-            n.name for n in plan.nodes if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
+        stepped = [
+            n for n in plan.nodes if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
         ]
-        if not names:
+        if not stepped:
             raise CLIError(f"{the_change.value} would change no node: nothing to announce")
-        notice_nodes = [
-            notice_node(n, the_change, known.get(n, {}), addresses.get(n, n)) for n in names
-        ]
+        notice_nodes = []
+        for n in stepped:
+            # enable-tls and rotate-cert give the node the plan's certificate (a practice's
+            # own: its CA's pin); change-password leaves it the one it serves.
+            pin = n.ca_pin if the_change in _INSTALLS else now_pins.get(n.name) or ""
+            notice_nodes.append(
+                notice_node(
+                    n.name,
+                    the_change,
+                    known.get(n.name, {}),
+                    addresses.get(n.name, n.name),
+                    pin,
+                    ca_change(now_pins.get(n.name), pin)
+                    if the_change is Change.ROTATE_CERT
+                    else "",
+                )
+            )
         already = [
-            notice_node(n.name, the_change, known.get(n.name, {}), addresses.get(n.name, n.name))
+            notice_node(
+                n.name,
+                the_change,
+                known.get(n.name, {}),
+                addresses.get(n.name, n.name),
+                now_pins.get(n.name) or "",
+            )
             for n in switched_before(the_change, plan)
         ]
         # Elapsed time: adding to a time in a zone adds wall-clock time, an hour off (or in the
@@ -650,12 +734,34 @@ def notify(
             )
         before = switched_before(the_change, r)
         addresses = node_addresses(leader) if before or any(not n.new_url for n in shown) else {}
-        notice_nodes = [
-            _recorded_node(n, the_change, known.get(n.name, {}), addresses.get(n.name, n.name))
-            for n in shown
-        ]
+        # The CA each node served before this rollout, and its certificate's CA: the one this
+        # rollout gives it while it runs (a node not done yet), else the one it serves now.
+        index = next(i for i, x in enumerate(schema.rollouts) if x.id == r.id)
+        before_pins = served_pins(schema, index + 1)
+        gives = CHANGE.read(r.change, "change") in _INSTALLS
+        notice_nodes = []
+        for n in shown:
+            pin = n.ca_pin if running and gives else now_pins.get(n.name) or ""
+            notice_nodes.append(
+                _recorded_node(
+                    n,
+                    the_change,
+                    known.get(n.name, {}),
+                    addresses.get(n.name, n.name),
+                    pin,
+                    ca_change(before_pins.get(n.name), n.ca_pin)
+                    if the_change is Change.ROTATE_CERT
+                    else "",
+                )
+            )
         already = [
-            notice_node(n.name, the_change, known.get(n.name, {}), addresses.get(n.name, n.name))
+            notice_node(
+                n.name,
+                the_change,
+                known.get(n.name, {}),
+                addresses.get(n.name, n.name),
+                now_pins.get(n.name) or "",
+            )
             for n in before
         ]
         end = None if running else _dt(r, "ended_at")
@@ -791,7 +897,12 @@ def switched_before(change: Change, rollout: schema_pb2.RolloutView) -> list[sch
 
 
 def _recorded_node(
-    n: schema_pb2.NodeView, change: Change, known: dict[str, tuple[str, int]], address: str
+    n: schema_pb2.NodeView,
+    change: Change,
+    known: dict[str, tuple[str, int]],
+    address: str,
+    ca_pin: str = "",
+    ca_change: Literal["", "own", "cluster"] = "",
 ) -> NoticeNode:
     """The node as the rollout recorded it, before and after ``change`` as ``notice_node``
     decides. The view's ``old_url``/``new_url`` are the node's address before and after the
@@ -800,7 +911,7 @@ def _recorded_node(
     closed)."""
     port = n.bootstrap_port or BOOTSTRAP_PORT
     recorded = {_split(url)[0]: (url, port) for url in (n.old_url, n.new_url) if url}
-    return notice_node(n.name, change, {**known, **recorded}, address)
+    return notice_node(n.name, change, {**known, **recorded}, address, ca_pin, ca_change)
 
 
 def _remind(with_password: bool) -> None:

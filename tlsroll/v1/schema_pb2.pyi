@@ -154,6 +154,7 @@ class NodeView(_message.Message):
     STILL_ON_HTTP_FIELD_NUMBER: _builtins.int
     FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
     AWAITING_REPORT_FIELD_NUMBER: _builtins.int
+    CA_PIN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
@@ -190,6 +191,12 @@ class NodeView(_message.Message):
     ever): who is on http there is not known yet. A finalize waits for it, --when-quiet holds
     the node; seconds once its agent is connected. Only on the nodes of a rollout not ended.
     """
+    ca_pin: _builtins.str
+    """The SPKI pin (sha256:...) of the practice CA the certificate a `--cert-dir` rollout gives
+    the node chains to: the top of its chain in DIR/ca.crt and the node's intermediates, the
+    CA a workstation pins for it. Empty: the rollout gives it the cluster CA's certificate, or
+    none.
+    """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -218,10 +225,11 @@ class NodeView(_message.Message):
         still_on_http: _builtins.int = ...,
         freeze_seconds: _builtins.float | None = ...,
         awaiting_report: _builtins.bool = ...,
+        ca_pin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "awaiting_report", b"awaiting_report", "bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "awaiting_report", b"awaiting_report", "bootstrap_port", b"bootstrap_port", "ca_pin", b"ca_pin", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
     _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
@@ -256,6 +264,7 @@ class RolloutView(_message.Message):
     LEFT_AS_IS_FIELD_NUMBER: _builtins.int
     LEFT_OUT_FIELD_NUMBER: _builtins.int
     REMOVED_SINCE_FIELD_NUMBER: _builtins.int
+    OWN_CERTIFICATES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     change: _types_pb2.Change.ValueType
     scope: _types_pb2.ScopeKind.ValueType
@@ -276,6 +285,11 @@ class RolloutView(_message.Message):
     auth_version: _builtins.int
     """The auth password version this rollout applies to its nodes (enable-tls,
     change-password: the one they run once done); 0: none (rotate-cert, disable-tls).
+    """
+    own_certificates: _builtins.bool
+    """enable-tls, rotate-cert: the practice's own certificates (`--cert-dir`); each node it
+    gives one names that certificate's CA (NodeView.ca_pin). Also in a rollout listed
+    without its nodes.
     """
     @_builtins.property
     def scope_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -336,10 +350,11 @@ class RolloutView(_message.Message):
         left_as_is: _abc.Iterable[_builtins.str] | None = ...,
         left_out: _abc.Iterable[_builtins.str] | None = ...,
         removed_since: _abc.Iterable[_builtins.str] | None = ...,
+        own_certificates: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "left_as_is", b"left_as_is", "left_out", b"left_out", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "removed_since", b"removed_since", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "left_as_is", b"left_as_is", "left_out", b"left_out", "max_parallel", b"max_parallel", "nodes", b"nodes", "own_certificates", b"own_certificates", "reason", b"reason", "removed_since", b"removed_since", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
