@@ -211,7 +211,7 @@ def own_certs(cert_dir: admin_pb2.CertDir) -> byo.Material:
             raise invalid(f"--cert-dir: node {n.node!r}: key_file_mode {mode:o} is not a file mode")
         nodes[n.node] = byo.NodeMaterial(n.node, n.chain_pem, n.private_key_pem, mode)
     # (why a file could not be read: repeated, cleaned and cut, for the nodes it touches only)
-    return byo.Material(cert_dir.ca_pem, nodes, dict(cert_dir.unreadable))
+    return byo.Material(cert_dir.ca_pem, nodes, dict(cert_dir.unreadable), cert_dir.directory)
 
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])

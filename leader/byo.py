@@ -34,9 +34,10 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -65,13 +66,22 @@ class Refused(TerminalError):
     """The certificates from ``--cert-dir`` cannot be used; the message has one line per
     problem. Nothing was changed on any node."""
 
-    def __init__(self, problems: Sequence[Problem]) -> None:
+    def __init__(self, problems: Sequence[Problem], directory: str = "") -> None:
         self.problems = tuple(problems)
-        lines = "\n".join(f"  {p}" for p in self.problems)
+        where = directory.rstrip("/") if _PLAIN_PATH.fullmatch(directory) else ""
+        lines = "\n".join(
+            f"  {replace(p, fix=p.fix.replace('DIR/', f'{where}/')) if where else p}"
+            for p in self.problems
+        )
         super().__init__(
             f"the certificates from --cert-dir are refused ({len(self.problems)} "
             f"problem{'s' if len(self.problems) != 1 else ''}); no node was changed:\n{lines}"
         )
+
+
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./-]{1,200}")
+"""A ``--cert-dir`` path the advice names as it is (``CertDir.directory``; rev56f L2: it said
+``chmod 600 DIR/node1.key``); any other (a space, a quote, a control character) stays ``DIR``."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ class Material:
     ca_pem: bytes
     nodes: Mapping[str, NodeMaterial]
     unreadable: Mapping[str, str] = field(default_factory=dict)
+    directory: str = ""  # as the admin gave it, for the advice (``Refused``)
 
 
 @dataclass(frozen=True)

@@ -565,7 +565,7 @@ class Commands:
             rotate=request.change is Change.ROTATE_CERT,
         )
         if problems:
-            raise byo.Refused(problems)
+            raise byo.Refused(problems, material.directory)
         return tuple(byo.accepted(material, touched))
 
     async def start(self, request: RolloutRequest, actor: str) -> RolloutRow:

@@ -464,7 +464,7 @@ node still serves http and https (review s45rev9 M1)."""
 def taken_back_note(follower_id: str, left: Mapping[str, str]) -> str:
     """The note of a phase 1 its way back ``follower_id`` took back; ``left``: the nodes that
     way back left as is (with their reasons) while phase 1 had made them dual."""
-    note = f"{RolloutEvent.TAKEN_BACK.value} by rollout {follower_id}"
+    note = f"taken back by rollout {follower_id}"
     return "; ".join([note, *(f"{n} {LEFT_DUAL}: {left_way_on(left[n])}" for n in sorted(left))])
 
 

@@ -208,6 +208,21 @@ def test_key_readable_by_others_is_refused(ca: Issuer) -> None:
     assert check(ca.pem, pem(cert), key, key_mode=0o400) == []
 
 
+def test_the_advice_names_the_directory_given_where_it_is_a_plain_path() -> None:
+    """rev56f L2: the advice said ``chmod 600 DIR/node1.key`` whatever the directory; it names
+    the one the admin gave (``CertDir.directory``), unless that is not a plain path (a space,
+    a quote, a control character, which the line would not show as typed): then ``DIR``."""
+    problem = byo.Problem("node1", "node1.key", "can be read by others", "chmod 600 DIR/node1.key")
+    for given, said in (
+        ("/root/praxis-certs/", "chmod 600 /root/praxis-certs/node1.key"),
+        ("certs", "chmod 600 certs/node1.key"),
+        ("/root/praxis certs", "chmod 600 DIR/node1.key"),
+        ("/root/x\n; rm -rf /", "chmod 600 DIR/node1.key"),
+        ("", "chmod 600 DIR/node1.key"),
+    ):
+        assert str(byo.Refused([problem], given)).endswith(said), given
+
+
 def test_missing_files_and_bad_ca(ca: Issuer) -> None:
     cert, key = leaf(ca, [IP], [DNS])
     # The files are those of another node: node1's are missing.
@@ -463,9 +478,9 @@ def test_a_file_the_rollout_does_not_need_does_not_refuse_it_and_one_it_needs_do
             "the certificates from --cert-dir are refused (1 problem); no node was changed:"
             in lines[0]
         ), result.stderr
-        assert lines[1:] == [
+        assert lines[1:] == [  # the directory as given (rev56f L2: "DIR/node2.key")
             "node2: node2.key: is not a regular file (a FIFO); put node2's private key in "
-            "DIR/node2.key as a readable file"
+            f"{d}/node2.key as a readable file"
         ], result.stderr
     only1 = cluster.cli("plan", "--scope", "nodes", "--nodes", "node1", "--cert-dir", str(d))
     assert only1.returncode == 0, only1.stdout + only1.stderr

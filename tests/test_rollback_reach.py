@@ -265,7 +265,7 @@ def test_a_phase_1_taken_back_names_the_node_the_way_back_left_dual(tmp_path: Pa
         )
         note = cluster.schema_json(phase1)["rollouts"][0]["reason"]
         assert note == (
-            f"taken_back by rollout {way_back['id']}; node3 left dual: run tlsroll rollout "
+            f"taken back by rollout {way_back['id']}; node3 left dual: run tlsroll rollout "
             "rollback once its agent is back"
         ), note
         assert node3.server.status()["listen"] == ["http", "https"]  # so it is

@@ -28,6 +28,10 @@ AWAITING = (
     "waiting for its first client report since the leader started (seconds once its agent is"
     " connected; else check: tlsroll nodes, on the node systemctl status tlsroll-agent)"
 )
+QUIET = "waits until no workstation was seen on http there for {seconds}s (--when-quiet)"
+"""A pending node of a running ``finalize --when-quiet``: the engine holds it while http
+clients were seen on it lately (rev56f L1: it showed "pending" without a word why)."""
+_HOLDING = {"running", "paused"}
 """A node the leader has had no client report from since it started (``awaiting_report``):
 who is on http there is not known yet; a finalize waits for it, ``--when-quiet`` holds it.
 What to do if the wait lasts, as a finalize's refusal says it (``schema_view.waiting_for``;
@@ -198,6 +202,12 @@ def render_rollout(r: View) -> Block:
                         n.get("reason"),
                         PENDING if n.get("password_pending") else "",
                         AWAITING if n.get("awaiting_report") else "",
+                        QUIET.format(seconds=r["when_quiet_seconds"])
+                        if r.get("when_quiet_seconds")
+                        and n["state"] == "pending"
+                        and r["state"] in _HOLDING
+                        and not n.get("awaiting_report")
+                        else "",
                     ],
                 )
             ),

@@ -185,7 +185,9 @@ def cert_dir_message(directory: Path) -> admin_pb2.CertDir:
         material = byo.read_cert_dir(directory)
     except OSError as exc:
         raise CLIError(f"--cert-dir {directory}: cannot read it ({exc.strerror or exc})") from None
-    message = admin_pb2.CertDir(ca_pem=material.ca_pem, unreadable=material.unreadable)
+    message = admin_pb2.CertDir(
+        ca_pem=material.ca_pem, unreadable=material.unreadable, directory=str(directory)
+    )
     for item in material.nodes.values():
         node = message.nodes.add(
             node=item.node, chain_pem=item.chain_pem, private_key_pem=item.key_pem

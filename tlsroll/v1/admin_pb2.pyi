@@ -593,8 +593,13 @@ class CertDir(_message.Message):
     CA_PEM_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     UNREADABLE_FIELD_NUMBER: _builtins.int
+    DIRECTORY_FIELD_NUMBER: _builtins.int
     ca_pem: _builtins.bytes
     """DIR/ca.crt: the practice CA that signed the node certificates (PEM, one or more)."""
+    directory: _builtins.str
+    """The directory as the admin gave it (`--cert-dir DIR`), for the advice only: a refusal's
+    "chmod 600 DIR/node1.key" names it where it is a plain path (letters, digits, ._/-).
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCertificate]: ...
     @_builtins.property
@@ -611,10 +616,11 @@ class CertDir(_message.Message):
         ca_pem: _builtins.bytes = ...,
         nodes: _abc.Iterable[Global___NodeCertificate] | None = ...,
         unreadable: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        directory: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "nodes", b"nodes", "unreadable", b"unreadable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "directory", b"directory", "nodes", b"nodes", "unreadable", b"unreadable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
