@@ -663,9 +663,11 @@ def _longest_path(
 
 
 def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:
-    """What ``plan`` shows of certificates that passed ``validate``, and the CA at the top of
-    each one's chain (``Accepted.ca_pin``: the notice gives the workstations that CA's pin;
-    ``pki.chain_top``, as the workstation finds it in the bundle the node hands out)."""
+    """What ``plan`` shows of certificates that passed ``validate``, and the CA of ``ca.crt``
+    each one's chain ends at, taken up to its root where ``ca.crt`` holds that too
+    (``Accepted.ca_pin``, ``_top_in``: the notice gives the workstations that CA's pin; a
+    workstation set up by the password alone lists every CA its server's certificate chains
+    up to, ``pki.cas_above``, to compare it with)."""
     anchors = [c for c in _load_certs(material.ca_pem) or [] if pki.is_ca(c)]
     out = []
     for node in sorted(nodes):
@@ -677,10 +679,38 @@ def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:
                 pki.fingerprint(leaf),
                 leaf.not_valid_after_utc,
                 leaf.subject.rfc4514_string(),
-                pki.spki_pin(pki.chain_top(path[-1], [*anchors, *extra])) if path else "",
+                pki.spki_pin(_top_in(path[-1], anchors)) if path else "",
             )
         )
     return out
+
+
+def _top_in(ca: x509.Certificate, anchors: Sequence[x509.Certificate]) -> x509.Certificate:
+    """``ca`` (one of ``anchors``, the CAs of ``ca.crt``), or the CA of ``anchors`` that issued
+    it, and so on up to a self-signed one: never a CA the practice did not put in ``ca.crt``
+    (rev57a L2: a root's cross-certificate in a node's ``.crt`` led to a third party's root)."""
+    top = ca
+    for _ in range(pki.MAX_CHAIN):
+        if pki.issued_by(top, top):
+            break
+        up = next((c for c in anchors if c != top and pki.issued_by(top, c)), None)
+        if up is None:
+            break
+        top = up
+    return top
+
+
+def bundle_pin(ca_pem: bytes) -> str:
+    """The CA pin of a ``--cert-dir`` rollout stored before each node's was (its ``ca.crt``'s
+    CAs only, ``SchemaStore.own_ca``): of its self-signed CAs the first, else its first CA,
+    taken as ``_top_in`` takes it; "" if none reads. A node's chain is not stored, so with two
+    unrelated roots in ``ca.crt`` this may be the other one's (rev57a M1: the first certificate
+    was taken, an intermediate where ``ca.crt`` listed it before its root)."""
+    cas = [c for c in _load_certs(ca_pem) or [] if pki.is_ca(c)]
+    roots = [c for c in cas if pki.issued_by(c, c)]
+    if roots:
+        return pki.spki_pin(roots[0])
+    return pki.spki_pin(_top_in(cas[0], cas)) if cas else ""
 
 
 # --- the leader's custody of the keys -------------------------------------------------------

@@ -1192,12 +1192,14 @@ class SchemaStore(LeaderStore):
         return ends
 
     def own_fingerprints(self) -> set[str]:
-        """The certificates ``--cert-dir`` rollouts installed (nodes that ended ``done``)."""
+        """The certificates ``--cert-dir`` rollouts installed (nodes that ended ``done``, or
+        ``dual``: a transitional phase 1's, which its finalize, a rollout of its own, leaves
+        serving them; rev57a L1)."""
         with self._db.read() as db:
             rows = db.execute(
                 "SELECT n.cert_fingerprint FROM rollout_nodes n"
                 " JOIN meta m ON m.key = 'own_ca/' || n.rollout_id"
-                " WHERE n.state = 'done' AND n.cert_fingerprint != ''"
+                " WHERE n.state IN ('done', 'dual') AND n.cert_fingerprint != ''"
             ).fetchall()
         return {str(r[0]) for r in rows}
 
@@ -1718,8 +1720,8 @@ def _own_pins(
 ) -> tuple[tuple[str, str], ...]:
     """``RolloutMeta.own_ca_pins`` of a ``--cert-dir`` rollout: as stored (``own_pins/<id>``);
     a rollout stored before they were (or a value that does not read: a hand-edited store,
-    with a warning) gets the pin of its practice CA's first certificate (``own_ca/<id>``; the
-    one ``pki.chain_to`` takes first) for each node it did not skip."""
+    with a warning) gets the pin of its practice CA's root (``own_ca/<id>``,
+    ``byo.bundle_pin``) for each node it did not skip."""
     if stored is not None:
         try:
             pins = json.loads(stored)
@@ -1737,13 +1739,9 @@ def _own_pins(
         )
     first = ""
     if own_ca:
-        from tlsroll import pki  # noqa: PLC0415 - cryptography, for a rollout stored before
-        from tlsroll.errors import PKIError  # noqa: PLC0415
+        from leader import byo  # noqa: PLC0415 - cryptography, for a rollout stored before
 
-        try:
-            first = pki.spki_pin(pki.load_certs_pem(own_ca.encode("ascii"))[0])
-        except (ValueError, IndexError, PKIError):
-            first = ""
+        first = byo.bundle_pin(own_ca.encode("ascii", "replace"))
     if not first:
         return ()
     touched = (rec.name for rec, _d in nodes if rec.state is not NodeState.SKIPPED)

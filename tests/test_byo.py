@@ -554,12 +554,14 @@ def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
             # such a server: session 56's H2); it said the cluster CA's, which checks nothing
             cluster_pin = pki.spki_pin(pki.load_cert_pem(cluster.ca_pem))
             practice_pin = pki.spki_pin(practice.cert)
-            assert f"pin       compare {practice_pin} with the CA pin in your notice" in (
-                enrolled.stdout
-            ), enrolled.stdout
+            (compare,) = [x for x in enrolled.stdout.splitlines() if x.startswith("pin ")]
+            assert compare.startswith("pin       compare one of "), compare
+            assert practice_pin in compare and cluster_pin not in compare, compare
+            assert pki.spki_pin(inter.cert) in compare  # (every CA above the server's)
             assert (
-                "note      the server's certificate is from the practice's own CA, not the "
-                f"cluster CA ({cluster_pin})" in enrolled.stdout
+                "note      the server's certificate is not from the CA that signed this PC's "
+                f"certificate ({cluster_pin}): right if your practice gave the servers its own "
+                "certificates (--cert-dir) and your notice gives its CA's pin" in enrolled.stdout
             ), enrolled.stdout
 
     # rotate-cert with the certificates already live: refused, one line per node.
@@ -1580,7 +1582,8 @@ def test_the_notices_after_own_certificate_rollouts_give_the_ca_and_the_steps_th
         cluster, ["client", "test-connection", node2.https_url()], pw, plain, "desk-plain"
     )
     assert by_password.returncode == 0, by_password.stdout + by_password.stderr
-    assert f"pin       compare {practice_pin} with the CA pin in your notice" in by_password.stdout
+    (compare,) = [x for x in by_password.stdout.splitlines() if x.startswith("pin ")]
+    assert practice_pin in compare and cluster_pin not in compare, compare
 
     # A plain rotate-cert gives node2 the cluster CA's certificate again.
     plan = cluster.cli("plan", "--change", "rotate-cert", "--scope", "nodes", "--nodes", "node2")
@@ -1667,10 +1670,17 @@ def test_the_ca_pins_a_rollout_keeps_and_those_of_one_stored_before_them(tmp_pat
     with schema._db.tx() as db:  # a damaged value, as by hand
         db.execute("UPDATE meta SET value = '[1]' WHERE key = 'own_pins/r1'")
     create("r4", own_ca=practice.pem, own_pins={"a": first_pin})
+    issuing = make_ca("Praxis Issuing CA", parent=practice, path_length=0)
+    create("r5", own_ca=issuing.pem + practice.pem)  # before pins, the intermediate listed first
+    with schema._db.tx() as db:  # r4's node a as a transitional phase 1 leaves it (rev57a L1)
+        db.execute(
+            "UPDATE rollout_nodes SET state = 'dual', cert_fingerprint = 'sha256:dual'"
+            " WHERE rollout_id = 'r4' AND name = 'a'"
+        )
     schema.close()
 
     schema = SchemaStore(path)
-    views = {r: rollout_view(schema.get(r)) for r in ("r2", "r3", "r4")}  # type: ignore[arg-type]
+    views = {r: rollout_view(schema.get(r)) for r in ("r2", "r3", "r4", "r5")}  # type: ignore[arg-type]
     r1 = schema.get("r1")
     assert r1 is not None
     assert dict(r1.meta.own_ca_pins) == {"a": first_pin, "b": first_pin}  # (damaged: fallback)
@@ -1678,8 +1688,70 @@ def test_the_ca_pins_a_rollout_keeps_and_those_of_one_stored_before_them(tmp_pat
     assert {n.name: n.ca_pin for n in views["r4"].nodes} == {"a": first_pin, "b": ""}
     assert views["r2"].own_certificates
     assert {n.name: n.ca_pin for n in views["r2"].nodes} == {"a": first_pin, "b": first_pin}
+    # the root's, not the intermediate's (rev57a M1: the first certificate was taken)
+    assert {n.ca_pin for n in views["r5"].nodes} == {first_pin}
+    assert "sha256:dual" in schema.own_fingerprints()
     assert not views["r3"].own_certificates
     assert {n.ca_pin for n in views["r3"].nodes} == {""}
     listed = {r.rollout.id: r.meta.own_certificates for r in schema.listed()}
-    assert listed == {"r4": True, "r3": False, "r2": True, "r1": True}
+    assert listed == {"r5": True, "r4": True, "r3": False, "r2": True, "r1": True}
     schema.close()
+
+
+def test_the_pin_a_notice_gives_checks_the_server_at_a_workstation_whatever_the_chain() -> None:
+    """rev57a M2, L2, M1: for each shape a practice's certificates can have, the pin the leader
+    stores for a node (``Accepted.ca_pin``) is one a workstation set up by the password alone
+    lists to compare (``pki.cas_above``, over the bundle the node hands out: ``ca.crt``'s CAs,
+    the cluster CA, the ``.crt``'s intermediates), and a workstation given that pin
+    (``--ca-pin``) finds a path to it (``pki.chain_to``, which tries every path: it took the
+    first CA that signed a link, and an intermediate cross-signed by two roots failed the
+    notice's own command). The pin is never a CA the practice did not put in ``ca.crt`` (a
+    root's cross-certificate led to a third party's root), and a rollout stored before pins
+    were (``byo.bundle_pin``, from ``ca.crt`` alone) gets the same one where ``ca.crt`` has a
+    single root, in either order."""
+    cluster = make_ca("tlsroll cluster CA")
+    root = make_ca("Praxis CA")
+    inter = make_ca("Praxis Issuing CA", parent=root, path_length=0)
+    other = make_ca("Praxis CA 2")
+    third = make_ca("Some Trust Services Root")
+    crossed = make_ca("Praxis CA", parent=third, key=root.key)  # the root, signed by a third
+    shared = ec.generate_private_key(ec.SECP256R1())
+    old_root = make_ca("Old Root", days=400)
+    new_root = make_ca("New Root")
+    twin1 = make_ca("Twin Issuing CA", parent=old_root, key=shared, path_length=0)
+    twin2 = make_ca("Twin Issuing CA", parent=new_root, key=shared, path_length=0)
+
+    def node_leaf(ca: Issuer) -> x509.Certificate:
+        return leaf(ca, [IP], [DNS], cn="node1")[0]
+
+    shapes: dict[str, tuple[list[Issuer], list[x509.Certificate], Issuer]] = {
+        "root; intermediate in the .crt": ([root], [node_leaf(inter), inter.cert], root),
+        "intermediate, then root in ca.crt": ([inter, root], [node_leaf(inter)], root),
+        "root, then intermediate in ca.crt": ([root, inter], [node_leaf(inter)], root),
+        "intermediate only in ca.crt": ([inter], [node_leaf(inter), inter.cert, root.cert], inter),
+        "two roots, the second the node's": ([other, root], [node_leaf(root)], root),
+        "a root cross-signed by a third": (
+            [root],
+            [node_leaf(inter), inter.cert, crossed.cert, third.cert],
+            root,
+        ),
+        "an intermediate cross-signed by two roots": (
+            [old_root, new_root],
+            [node_leaf(twin1), twin1.cert, twin2.cert],
+            new_root,  # the path that holds longest (``_longest_path``)
+        ),
+    }
+    for shape, (in_ca_crt, chain, expected) in shapes.items():
+        ca_crt = b"".join(i.pem for i in in_ca_crt)
+        material = byo.Material(
+            ca_crt, {"node1": byo.NodeMaterial("node1", b"".join(map(pem, chain)), b"")}
+        )
+        (accepted,) = byo.accepted(material, ["node1"])
+        assert accepted.ca_pin == pki.spki_pin(expected.cert), shape
+        bundle = [i.cert for i in in_ca_crt] + [cluster.cert] + chain[1:]
+        listed = {pki.spki_pin(c) for c in pki.cas_above(chain[0], bundle)}
+        assert accepted.ca_pin in listed, shape
+        pinned = [c for c in bundle if pki.spki_pin(c) == accepted.ca_pin]
+        assert pki.chain_to(chain[0], bundle, pinned) is not None, shape
+        if sum(pki.issued_by(i.cert, i.cert) for i in in_ca_crt) == 1:
+            assert byo.bundle_pin(ca_crt) == accepted.ca_pin, shape

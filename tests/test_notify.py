@@ -461,3 +461,44 @@ def test_every_change_says_its_addresses_as_its_rows_do() -> None:
         assert rollout_core.before_after(change, http, https) == (old, new), change
         node = notify_cmd.notice_node("a", change, known, "10.0.0.5")
         assert (node.old_url, node.new_url) == (old, new), change
+
+
+def test_the_ca_each_node_serves_is_read_from_the_history() -> None:
+    """``served_pins`` (rev57a): newest first, the rollout that last gave a node a certificate
+    (enable-tls or rotate-cert, the node ``done`` or ``dual``) names its CA; a way back done
+    on it: none (http); a node rolled back, failed or still pending falls through to the one
+    before; a finalize gives nothing (phase 1's certificate stays). ``ca_change``: what a
+    rotate-cert means for the workstations set up before."""
+    from tlsroll.v1 import schema_pb2, types_pb2
+
+    own, own2 = "sha256:" + "a7" * 32, "sha256:" + "5c" * 32
+    done, dual = types_pb2.NODE_STATE_DONE, types_pb2.NODE_STATE_DUAL
+    back, pending = types_pb2.NODE_STATE_ROLLED_BACK, types_pb2.NODE_STATE_PENDING
+
+    def r(
+        change: types_pb2.Change.ValueType,
+        *nodes: tuple[str, types_pb2.NodeState.ValueType, str],
+    ) -> schema_pb2.RolloutView:
+        return schema_pb2.RolloutView(
+            change=change,
+            nodes=[schema_pb2.NodeView(name=n, state=s, ca_pin=p) for n, s, p in nodes],
+        )
+
+    enable, rotate = types_pb2.CHANGE_ENABLE_TLS, types_pb2.CHANGE_ROTATE_CERT
+    history = schema_pb2.Schema(
+        rollouts=[  # newest first
+            r(rotate, ("a", pending, own2), ("b", back, own2)),  # running, and b rolled back
+            r(types_pb2.CHANGE_DISABLE_TLS, ("c", done, "")),
+            r(types_pb2.CHANGE_FINALIZE, ("d", done, "")),
+            r(rotate, ("a", done, ""), ("b", done, own)),
+            r(enable, ("a", done, own), ("c", done, own), ("d", dual, own), ("e", done, "")),
+        ]
+    )
+    assert notify_cmd.served_pins(history) == {"a": "", "b": own, "c": None, "d": own, "e": ""}
+    assert notify_cmd.served_pins(history, 4) == {"a": own, "c": own, "d": own, "e": ""}
+    assert notify_cmd.ca_change("", own) == "own"  # the cluster CA's, then a practice's
+    assert notify_cmd.ca_change(own, own2) == "own"  # another practice CA (another key)
+    assert notify_cmd.ca_change(own, "") == "cluster"
+    assert notify_cmd.ca_change(own, own) == ""  # renewed from the same CA
+    assert notify_cmd.ca_change("", "") == ""
+    assert notify_cmd.ca_change(None, "") == ""

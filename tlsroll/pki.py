@@ -265,34 +265,53 @@ def chain_to(
     intermediates: Sequence[x509.Certificate],
     anchors: Sequence[x509.Certificate],
 ) -> list[x509.Certificate] | None:
-    """The path leaf → intermediate CAs → one of ``anchors`` (each link's issuer name and
+    """A path leaf → intermediate CAs → one of ``anchors`` (each link's issuer name and
     signature checked), or None if there is none (a certificate brought by the practice,
-    ``--cert-dir``, may come with intermediates)."""
-    path, current = [leaf], leaf
-    for _ in range(MAX_CHAIN):
+    ``--cert-dir``, may come with intermediates). Every path is tried, depth first, at most
+    ``MAX_CHAIN`` long: an intermediate cross-signed by two roots leads to each (rev57a M2: the
+    first intermediate that signed a link was taken, and a path through its twin never
+    tried)."""
+
+    def walk(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        current = path[-1]
         for anchor in anchors:
             if issued_by(current, anchor):
                 return [*path, anchor]
-        step = next((c for c in intermediates if c not in path and issued_by(current, c)), None)
-        if step is None or not is_ca(step):
+        if len(path) >= MAX_CHAIN:
             return None
-        path.append(step)
-        current = step
-    return None
+        for step in intermediates:
+            if step not in path and is_ca(step) and issued_by(current, step):
+                found = walk([*path, step])
+                if found is not None:
+                    return found
+        return None
+
+    return walk([leaf])
 
 
-def chain_top(ca: x509.Certificate, bundle: Sequence[x509.Certificate]) -> x509.Certificate:
-    """The CA at the top of ``ca``'s chain in ``bundle``: ``ca``, or the CA of the bundle that
-    issued it, and so on up (a practice's intermediate up to its root). The CA whose pin a
-    notice gives for a server (the leader's ``byo.Accepted.ca_pin``) and a workstation says
-    to compare with it."""
-    top = ca
+def cas_above(cert: x509.Certificate, bundle: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """Every CA of ``bundle`` that ``cert`` chains up to (each link's signature checked, at
+    most ``MAX_CHAIN`` links), nearest first: a server certificate's issuer, its issuer's, up
+    to a root, along every path (a cross-signed CA's both). What a workstation set up by the
+    password alone says to compare with the notice's CA pin: one of them must be the CA the
+    notice names (the leader's ``byo.Accepted.ca_pin``), whatever the practice put in its
+    ``ca.crt``."""
+    found: list[x509.Certificate] = []
+    level = [cert]
     for _ in range(MAX_CHAIN):
-        up = next((c for c in bundle if c != top and is_ca(c) and issued_by(top, c)), None)
-        if up is None:
+        up = [
+            c
+            for c in bundle
+            if c not in found
+            and c not in level
+            and is_ca(c)
+            and any(issued_by(x, c) for x in level)
+        ]
+        if not up:
             break
-        top = up
-    return top
+        found += up
+        level = up
+    return found
 
 
 def san_lacks(cert: x509.Certificate, names: Names) -> list[str] | None:

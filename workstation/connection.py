@@ -604,7 +604,7 @@ class TestConnection:
         except ClientError as exc:
             raise self._said_kept(exc, kept) from None
         if self.pin is None and cert is not None:
-            self.say_pin_to_compare(ca, cert, bundle)
+            self.say_pin_to_compare(server_cert, cert, bundle)
         if node_url != server.url:
             self.ui.say(f"note      the node gives its address as {one_line(node_url)}")
         trusted_pem = b"".join(pki.cert_to_pem(c) for c in trusted)
@@ -688,28 +688,42 @@ class TestConnection:
             return None
 
     def say_pin_to_compare(
-        self, server_ca: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
+        self, server_cert: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
     ) -> None:
         """The password proves only a node that knows it, and every workstation does: the
-        pin of the CA the server's certificate comes from (the top of its chain in the
-        bundle) is what tells the cluster's server from someone else, for the admin to compare
-        with the notice, which gives that CA's pin for the server (audit s39ws L2; the --ca-pin
-        path compares it itself). That is the cluster CA, or a practice's own CA for a
-        certificate from ``--cert-dir`` (the notice gives its pin for such a server since
-        session 57; before, the cluster CA's, which did not check the server): said as such,
-        with the cluster CA's pin (``cert``'s issuer) that an older notice gives."""
-        top = pki.chain_top(server_ca, bundle)
+        pin of the CA the server's certificate comes from is what tells the cluster's server
+        from someone else, for the admin to compare with the notice, which gives that CA's pin
+        for the server (audit s39ws L2; the --ca-pin path compares it itself): the cluster CA,
+        or a practice's own CA for a certificate from ``--cert-dir`` (since session 57; before,
+        the notice gave the cluster CA's, which does not check such a server, and this line
+        said the client certificate's issuer, which someone in between who knows the password
+        gets signed by the real cluster: rev57a M3). Every CA the server's certificate chains
+        up to is said (``pki.cas_above``: an intermediate and its root, a cross-signed CA's
+        roots): the notice's is one of them. Where the server's certificate is not from the CA
+        that signed this PC's certificate, what that may mean is said, and no more (this PC
+        cannot tell a practice's own CA from someone else's)."""
+        above = pki.cas_above(server_cert, bundle)[:_PINS_SHOWN]
+        if not above:  # (check_chain found a path through the bundle: not reached)
+            return
+        pins = [pki.spki_pin(c) for c in above]
+        if len(pins) == 1:
+            which = pins[0]
+        else:
+            which = "one of " + ", ".join(
+                f"{p} ({_subject_text(c)})" for p, c in zip(pins, above, strict=True)
+            )
         self.ui.say(
-            f"pin       compare {pki.spki_pin(top)} with the CA pin in your notice: if they "
-            "differ, this is not your cluster's server (whoever knows the password could "
-            "pose as it); then run again with --ca-pin and the notice's pin"
+            f"pin       compare {which} with the CA pin in your notice: if none matches, this "
+            "is not your cluster's server (whoever knows the password could pose as it); then "
+            "run again with --ca-pin and the notice's pin"
         )
-        cluster = next((c for c in bundle if pki.issued_by(cert, c)), top)
-        if pki.spki_pin(top) != pki.spki_pin(cluster):
+        cluster = next((c for c in bundle if pki.issued_by(cert, c)), None)
+        if cluster is not None and pki.spki_pin(cluster) not in pins:
             self.ui.say(
-                "note      the server's certificate is from the practice's own CA, not the "
-                f"cluster CA ({pki.spki_pin(cluster)}); a notice printed before the practice's "
-                "certificates were installed gives the cluster CA's pin: ask for a new one"
+                "note      the server's certificate is not from the CA that signed this PC's "
+                f"certificate ({pki.spki_pin(cluster)}): right if your practice gave the servers "
+                "its own certificates (--cert-dir) and your notice gives its CA's pin; a notice "
+                "printed before that gives this one: ask for a new notice, do not continue on it"
             )
 
     def say_not_files(self) -> None:
@@ -1247,10 +1261,16 @@ class TestConnection:
         issuer = path[-1] if path is not None else None
         if issuer is None:
             whose = f"the pinned CA ({self.pin})" if self.pin else "a CA the node handed over"
+            since = (
+                " (or the practice gave its servers their own certificates, --cert-dir, after "
+                "your notice was printed: ask for a new one)"
+                if self.pin
+                else ""
+            )
             raise ClientError(
                 Exit.UNTRUSTED,
                 f"the certificate {server.netloc} presented ({pki.fingerprint(cert)}) is not "
-                f"from {whose}: someone may be in between; do not continue",
+                f"from {whose}: someone may be in between; do not continue{since}",
             )
         try:
             pki.check_valid_now(cert)
@@ -1277,7 +1297,7 @@ class TestConnection:
                     Exit.TLS, f"TLS with {server.netloc} failed: {exc.detail}"
                 ) from None
         self.ui.say(
-            f"server    certificate from the CA {pki.spki_pin(pki.chain_top(issuer, bundle))}, "
+            f"server    certificate from the CA {pki.spki_pin(issuer)}, "
             f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
         )
         return issuer
@@ -2023,6 +2043,17 @@ def _login_shell(shell: str) -> bool:
     except OSError:
         return True
     return shell in listed
+
+
+_PINS_SHOWN = 4  # the CAs above a server's certificate that the compare line names, at most
+
+
+def _subject_text(cert: x509.Certificate) -> str:
+    """A CA's name for the compare line: its common name, else its whole subject, cut and
+    made printable (it came from the node: ``one_line``)."""
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    text = str(names[0].value) if names else cert.subject.rfc4514_string()
+    return one_line(text, 60)
 
 
 def proto_pin(text: str | None) -> str | None:

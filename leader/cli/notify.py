@@ -170,17 +170,28 @@ _DE: dict[str, str] = {
         "unten); an den anderen ist nichts zu tun. Meldet ein Arbeitsplatz nach dem Wechsel "
         "einen Zertifikatsfehler, richten Sie ihn neu ein."
     ),
+    "what.rotate-cert.newca.marked.before": (
+        "Die Server erhalten neue Zertifikate für die verschlüsselte Verbindung, die unten "
+        "markierten von einer anderen Zertifizierungsstelle. Serveradresse und Passwort bleiben "
+        "gleich."
+    ),
+    "what.rotate-cert.newca.marked.after": (
+        "Die Server haben neue Zertifikate für die verschlüsselte Verbindung erhalten, die unten "
+        "markierten von einer anderen Zertifizierungsstelle. Serveradresse und Passwort bleiben "
+        "gleich."
+    ),
     "newca.own.marked": (
-        "An den mit „neu einrichten“ markierten Servern muss jeder Arbeitsplatz, der vor dem "
+        "Für die mit „neu einrichten“ markierten Server muss jeder Arbeitsplatz, der vor dem "
         "Wechsel eingerichtet wurde, einmal neu eingerichtet werden (siehe unten)."
     ),
     "newca.cluster.marked": (
-        "An den mit „prüfen“ markierten Servern muss ein Arbeitsplatz, der mit dem Prüfwert "
-        "(CA-Pin) der praxiseigenen Zertifizierungsstelle eingerichtet wurde, einmal neu "
-        "eingerichtet werden (siehe unten)."
+        "Für die mit „neu einrichten, falls mit Prüfwert eingerichtet“ markierten Server muss "
+        "ein Arbeitsplatz, der mit dem Prüfwert (CA-Pin) der praxiseigenen "
+        "Zertifizierungsstelle eingerichtet wurde, einmal neu eingerichtet werden (siehe "
+        "unten); ebenso einer, der nach dem Wechsel einen Zertifikatsfehler meldet."
     ),
     "node.mark.own": "{line} – neu einrichten",
-    "node.mark.cluster": "{line} – prüfen",
+    "node.mark.cluster": "{line} – neu einrichten, falls mit Prüfwert eingerichtet",
     "what.disable-tls.before": (
         "Die Verbindung zwischen den Arbeitsplätzen (Clients) und dem Server wird wieder auf "
         "unverschlüsseltes http zurückgestellt. Dadurch gilt wieder die frühere Serveradresse. "
@@ -389,17 +400,26 @@ _EN: dict[str, str] = {
         "nothing. If a workstation reports a certificate error after the change, set it up "
         "again."
     ),
+    "what.rotate-cert.newca.marked.before": (
+        "The servers will receive new certificates for the encrypted connection, those marked "
+        "below from another certificate authority. Server address and password stay the same."
+    ),
+    "what.rotate-cert.newca.marked.after": (
+        "The servers have received new certificates for the encrypted connection, those marked "
+        "below from another certificate authority. Server address and password stay the same."
+    ),
     "newca.own.marked": (
-        "At the servers marked “set up again”, every workstation set up before the change has "
+        "For the servers marked “set up again”, every workstation set up before the change has "
         "to be set up again once (see below)."
     ),
     "newca.cluster.marked": (
-        "At the servers marked “check”, a workstation that was set up with the check value (CA "
-        "pin) of the practice's own certificate authority has to be set up again once (see "
-        "below)."
+        "For the servers marked “set up again if set up with the check value”, a workstation "
+        "that was set up with the check value (CA pin) of the practice's own certificate "
+        "authority has to be set up again once (see below); so does one that reports a "
+        "certificate error after the change."
     ),
     "node.mark.own": "{line} – set up again",
-    "node.mark.cluster": "{line} – check",
+    "node.mark.cluster": "{line} – set up again if set up with the check value",
     "what.disable-tls.before": (
         "The connection between the workstations (clients) and the server will go back to "
         "unencrypted http. The earlier server address applies again. Every workstation then has "
@@ -713,7 +733,8 @@ def render_notice(
         what = w[f"what.enable-tls.transitional.{when}"]
         doc.para(what + " " + w[f"scope.{info.scope}"], until=_Text(until))
     elif new_ca:
-        doc.para(w[f"what.rotate-cert.newca.{when}"] + " " + w[f"scope.{info.scope}"])
+        lead = f"what.rotate-cert.newca.{'marked.' if marked else ''}{when}"
+        doc.para(w[lead] + " " + w[f"scope.{info.scope}"])
         for kind in ("own", "cluster"):
             if kind in changes:
                 doc.para(w[f"newca.{kind}.marked" if marked else f"newca.{kind}"])
@@ -787,6 +808,9 @@ def render_notice(
         if change == "change-password":
             doc.heading(w[f"steps_h.{when}"])
             doc.para(w[f"password_steps.{when}"])
+            doc.heading(w["steps_h.setup"])
+        elif new_ca and changes != {"own"}:
+            # Not every workstation: those the paragraphs above name (rev57a L3).
             doc.heading(w["steps_h.setup"])
         else:
             doc.heading(w[f"steps_h.{when}"])

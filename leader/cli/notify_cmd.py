@@ -735,13 +735,16 @@ def notify(
         before = switched_before(the_change, r)
         addresses = node_addresses(leader) if before or any(not n.new_url for n in shown) else {}
         # The CA each node served before this rollout, and its certificate's CA: the one this
-        # rollout gives it while it runs (a node not done yet), else the one it serves now.
+        # rollout gives it while it runs (a node not done yet), else the one it serves now; a
+        # rotate-cert's notice is about its change of CA, so its own (rev57a L4: the pin of now
+        # beside the change of then).
         index = next(i for i, x in enumerate(schema.rollouts) if x.id == r.id)
         before_pins = served_pins(schema, index + 1)
         gives = CHANGE.read(r.change, "change") in _INSTALLS
         notice_nodes = []
         for n in shown:
-            pin = n.ca_pin if running and gives else now_pins.get(n.name) or ""
+            own = (running and gives) or the_change is Change.ROTATE_CERT
+            pin = n.ca_pin if own else now_pins.get(n.name) or ""
             notice_nodes.append(
                 _recorded_node(
                     n,
