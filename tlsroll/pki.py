@@ -270,7 +270,9 @@ def chain_to(
     ``--cert-dir``, may come with intermediates). Every path is tried, depth first, at most
     ``MAX_CHAIN`` long: an intermediate cross-signed by two roots leads to each (rev57a M2: the
     first intermediate that signed a link was taken, and a path through its twin never
-    tried)."""
+    tried). Each intermediate is gone up from once (``tried``): a bundle from a node is not
+    trusted, and one of many CAs of one name must not cost a path of each of their orders."""
+    tried: list[x509.Certificate] = []
 
     def walk(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
         current = path[-1]
@@ -280,7 +282,10 @@ def chain_to(
         if len(path) >= MAX_CHAIN:
             return None
         for step in intermediates:
-            if step not in path and is_ca(step) and issued_by(current, step):
+            if step in path or step in tried or not is_ca(step):
+                continue
+            if issued_by(current, step):
+                tried.append(step)
                 found = walk([*path, step])
                 if found is not None:
                     return found
