@@ -591,8 +591,9 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
             detail="a store restored from a backup (or the copy kept before an upgrade, put"
             " back: README 'Downgrading tlsroll'): a node whose agent renewed its "
             "certificate since is taken with it until then; its join tokens with a use left"
-            " are revoked (create new ones); revoke again what was revoked "
-            "since the backup, and check `tlsroll epoch show`",
+            " and its open viewer grants are revoked (create new ones: tlsroll token create,"
+            " tlsroll viewer grant); revoke again what was revoked since the backup, and "
+            "check `tlsroll epoch show`",
         )
     return LeaderState(
         store=store,

@@ -2034,7 +2034,10 @@ class Store(LeaderStore):
         Every join token with a use left is revoked: any of them may have enrolled its node
         since the backup (it is unused again in the copy), and one used so would take the name
         of a node not re-learned yet from whoever held the token (race audit of session 39,
-        L2); the store cannot tell which. A token made after the restore enrols."""
+        L2); the store cannot tell which. A token made after the restore enrols. So is every
+        viewer grant still open (``leader.viewer.grants``): one revoked after the backup is
+        open again in the copy, and nobody knows which after a lost disk (rev57b H1: the
+        revoked link's session got in again); the admin grants anew."""
         with self._db.tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'backup_made_at'").fetchone()
             if row is None:
@@ -2063,6 +2066,18 @@ class Store(LeaderStore):
                 "UPDATE tokens SET revoked_at = ? WHERE id = ?",
                 [(to_text(now), i) for i in revoked],
             )
+            grants = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM viewer_grants WHERE revoked_at IS NULL AND expires_at > ?"
+                    " ORDER BY created_at, id",
+                    (to_text(now),),
+                )
+            ]
+            db.executemany(
+                "UPDATE viewer_grants SET revoked_at = ? WHERE id = ?",
+                [(to_text(now), i) for i in grants],
+            )
             self._audit(
                 db,
                 now,
@@ -2072,6 +2087,7 @@ class Store(LeaderStore):
                 backup_made_at=made,
                 relearn_until=until,
                 revoked_tokens=revoked,
+                revoked_viewer_grants=grants,
             )
         return made, until
 

@@ -419,6 +419,42 @@ def test_a_restore_revokes_the_tokens_a_node_may_have_enrolled_by_since(tmp_path
         assert "n4" in c.list_nodes()
 
 
+def test_a_restore_revokes_the_viewer_grants_one_of_which_may_have_been_revoked_since(
+    tmp_path: Path,
+) -> None:
+    """rev57b H1: a viewer grant revoked after the backup was open again in the restored store,
+    and its session got in (the revocation silently undone; after a lost disk nobody knows
+    which were revoked). The restore revokes every grant still open: the one revoked since and
+    the one never revoked are refused; one granted after the restore opens."""
+    from tests.test_viewer import fetch, grants, link_for, session_for, sign_in
+
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        revoked_since = session_for(c, "revoked since")
+        kept_link = link_for(c, "never revoked")
+        dest = tmp_path / "backup"
+        result = backup(c, dest)
+        assert result.returncode == 0, result.stderr
+        passphrase = c.passphrase_path.read_bytes()
+        gone = c.cli("viewer", "revoke", grants(c)["revoked since"]["id"])
+        assert gone.returncode == 0, gone.stderr
+        assert fetch(c, "/", cookie=revoked_since).status == 401
+        restore(c, dest, passphrase)
+        c.start_leader()
+
+        assert fetch(c, "/", cookie=revoked_since).status == 401  # it was 200 again
+        listed = grants(c)
+        assert {g["state"] for g in listed.values()} == {"revoked"}, listed
+        [restored] = [e for e in c.store_table("audit") if e["kind"] == "store.restored"]
+        assert sorted(json.loads(restored["detail"])["revoked_viewer_grants"]) == sorted(
+            g["id"] for g in listed.values()
+        )
+        opened = fetch(c, "/" + kept_link.split("/", 3)[3] + "/open")
+        assert opened.status != 303, opened
+        assert fetch(c, "/", cookie=sign_in(c, link_for(c, "after"))).status == 200
+
+
 def superseded_by(c: Cluster) -> dict[str, str]:
     """``token list --json``: what superseded each token ("" for none)."""
     listed = c.cli("token", "list", "--json")
