@@ -310,6 +310,30 @@ def test_a_metrics_token_file_that_is_a_directory_is_a_config_error(
     ) in line, line
 
 
+def test_a_metrics_token_file_others_may_read_is_a_config_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """rev57b M3: it exited 1, which the unit restarts every 5 s for ever; a config error
+    exits 2, as the same fault of ca_passphrase_file does."""
+    token = tmp_path / "metrics-token"
+    token.write_text("scrape-token-0123456789abcdef\n")
+    token.chmod(0o644)
+    original = cluster.config_path.read_bytes()
+    try:
+        cluster.write_leader_config({"metrics_token_file": str(token)})
+        code, output = cluster.leader.run_to_exit(timeout=30)
+    finally:
+        cluster.config_path.write_bytes(original)
+    assert code == 2, output
+    line = one_line_error(output, "tlsroll-leader")
+    assert not cluster.admin_socket.exists()
+    assert "scrape-token" not in output
+    assert (
+        f"config error: {cluster.config_path}: [leader].metrics_token_file: {token} is "
+        "accessible by others (mode 0644); run: chmod 600"
+    ) in line, line
+
+
 @pytest.mark.parametrize(
     ("key", "value", "problem"),
     [

@@ -48,7 +48,7 @@ from leader.viewer.grants import Grants
 from leader.viewer.listener import GatedListener, Limits
 from leader.viewer.snapshot import Reader
 from tlsroll import httplog, logs, pki, tls
-from tlsroll.errors import ConfigError, NotRegularFile, TerminalError
+from tlsroll.errors import ConfigError, NotRegularFile, TerminalError, UnsafePermissions
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import hostport
 
@@ -96,7 +96,10 @@ def read_scrape_token(cfg: LeaderConfig) -> str | None:
         raise ConfigError(
             cfg.path, "[leader].metrics_token_file", f"{path}: no such file"
         ) from None
-    except NotRegularFile as exc:  # a directory was told "chmod 600", a FIFO was read for ever
+    except (NotRegularFile, UnsafePermissions) as exc:
+        # A directory was told "chmod 600", a FIFO was read for ever; a file others may read
+        # or another user's is the admin's to fix as well: exit 2, which the unit does not
+        # restart (rev57b M3: exit 1, restarted every 5 s for ever).
         raise ConfigError(cfg.path, "[leader].metrics_token_file", str(exc)) from None
     token = path.read_text().strip()
     if len(token) < 16:
