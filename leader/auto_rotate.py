@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ from leader.maintenance import (
     next_opening,
     seconds_until,
 )
+from leader.planner import NodesOffline
 from leader.rollout_core import Change, RolloutState, Scope
 from leader.schema_store import RolloutRow, SchemaStore
 from leader.zones import host_is_utc
@@ -64,6 +66,12 @@ log = logs.get_logger(__name__)
 ACTOR = "leader (auto_rotate)"
 # How long after the window opens the watch checks again: inside it, whatever the rounding.
 AFTER_OPENING = 1.0  # seconds
+SETTLE_SECONDS = 180.0
+"""After the leader starts, how long a blocked check is tried again soon (``RETRY_BLOCKED``):
+its first check runs as it starts, before the agents have reconnected, and every node is
+offline then (rev57b M4: the rotation then waited for the watch's interval, an hour by
+default, of a window that an upgrade's restart fell into)."""
+RETRY_BLOCKED = 20.0  # seconds
 
 
 def local_now() -> dt.datetime:
@@ -131,6 +139,7 @@ class AutoRotator:
         utc_host: Callable[[], bool] = host_is_utc,
         needs_admin: Callable[[], Collection[str]] = frozenset,
         cut_off: Callable[[], Collection[str]] = frozenset,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``zone``: the window's (``maintenance_timezone``); None: the host's local time.
         ``local_clock``: now, aware in any zone (it is read on ``zone``'s wall clock), or
@@ -138,7 +147,9 @@ class AutoRotator:
         ``needs_admin``: the nodes that need the admin now (any thread; the leader's node
         problems of that kind), left out of every rotation. ``cut_off``: the nodes whose agent
         is cut off (``Store.cut_off_nodes``: it reads the store, so in a thread), left out
-        too."""
+        too. ``monotonic``: elapsed time (``SETTLE_SECONDS`` from this rotator's making)."""
+        self.monotonic = monotonic
+        self._made = monotonic()
         self.needs_admin = needs_admin
         self.cut_off = cut_off
         self.watch = watch
@@ -246,6 +257,15 @@ class AutoRotator:
         request = RolloutRequest(Change.ROTATE_CERT, Scope.of_nodes(decision.nodes))
         try:
             row = await self.commands.start(request, ACTOR)
+        except NodesOffline as exc:
+            # Its own way on: the planner's ("leave it out: --nodes") is an admin's command's
+            # (rev57b L8); the rotator takes every node due, and tries again.
+            return Decision(
+                Verdict.BLOCKED,
+                decision.nodes,
+                f"offline: {', '.join(exc.names)} (bring the agent up: the rotation starts at "
+                "a check in the window once every node due is online)",
+            )
         except TlsrollError as exc:  # refused plan, a rollout begun meanwhile, agents away
             return Decision(Verdict.BLOCKED, decision.nodes, str(exc))
         self.status.rollout_id = row.rollout.id
@@ -263,11 +283,18 @@ class AutoRotator:
         """When the expiry watch should check next for this rotator (its ``wake_hints``): the
         window's next opening, plus ``AFTER_OPENING``, while the last check found server
         certificates due outside the window (once: not again after a check inside it that
-        failed); None otherwise (the watch's own interval). Only
+        failed); ``RETRY_BLOCKED`` after a blocked check in the window in the leader's first
+        ``SETTLE_SECONDS``; None otherwise (the watch's own interval). Only
         the hourly checks looked at the window before, so a window shorter than
         ``expiry_check_interval`` could be missed every week, and the certificates expired."""
         if not self.enabled or self.window is None:
             return None
+        if (
+            self.status.verdict == Verdict.BLOCKED.value
+            and self.monotonic() - self._made < SETTLE_SECONDS
+            and in_window(self.window, self.now())
+        ):
+            return RETRY_BLOCKED  # the agents reconnect to a leader just started
         if self.status.verdict != Verdict.OUTSIDE_WINDOW.value:
             return None
         local = self.now()

@@ -549,6 +549,37 @@ def test_the_rotator_starts_once_even_when_two_checks_cross() -> None:
     assert view.rollout_id == "r1" and view.in_window and not view.next_window
 
 
+def test_a_blocked_check_right_after_the_start_is_tried_again_soon() -> None:
+    """rev57b M4: the leader's first check runs as it starts, before any agent has
+    reconnected: every node offline, blocked, and nothing rotated until the watch's next
+    check, an hour later by default, of a window an upgrade's restart fell into. For the
+    leader's first minutes a blocked check in the window is tried again soon; then, or outside
+    the window, the watch's interval as before."""
+    import asyncio
+
+    from leader.auto_rotate import RETRY_BLOCKED, SETTLE_SECONDS
+
+    schema = FakeSchema()
+    refused = FakeCommands(schema, refuse=("n2",))
+    rotator = _rotator(schema, refused, ["n2"], "2026-12-05 03:00")
+    elapsed = [0.0]
+    rotator.monotonic = lambda: elapsed[0]
+    rotator._made = 0.0
+    assert asyncio.run(rotator.check()).verdict.value == "blocked"
+    assert rotator.wake_in() == RETRY_BLOCKED
+    refused.refuse = ()  # its agent is back
+    assert asyncio.run(rotator.check()).verdict.value == "started"
+    assert rotator.wake_in() is None
+
+    later = _rotator(
+        schema := FakeSchema(), FakeCommands(schema, refuse=("n2",)), ["n2"], "2026-12-05 03:00"
+    )
+    later.monotonic = lambda: SETTLE_SECONDS + 1
+    later._made = 0.0
+    assert asyncio.run(later.check()).verdict.value == "blocked"
+    assert later.wake_in() is None  # a node offline for long: the watch's interval
+
+
 def test_the_rotator_says_why_nothing_starts() -> None:
     import asyncio
 
@@ -557,6 +588,7 @@ def test_the_rotator_says_why_nothing_starts() -> None:
     rotator = _rotator(schema, refused, ["n2"], "2026-12-05 03:00")
     decision = asyncio.run(rotator.check())
     assert decision.verdict.value == "blocked" and "offline: n2" in decision.reason
+    assert "--nodes" not in decision.reason  # an admin's way, not the rotator's (rev57b L8)
     view = rotator.status.view()
     assert view.verdict == "blocked" and "offline: n2" in view.reason
     assert list(view.due_nodes) == ["n2"] and not refused.started
