@@ -153,15 +153,17 @@ def _ca_pin(ca_pem: Path) -> str:
     return pki.spki_pin(pki.load_cert_pem(ca_pem.read_bytes()))
 
 
-def summary(dest: Path, manifest: dict[str, object]) -> str:
-    """What the admin reads after a backup: where, what, and what is not in it."""
+def summary(dest: Path, manifest: dict[str, object], token: Path | None = None) -> str:
+    """What the admin reads after a backup: where, what, and what is not in it (``token``:
+    the config's ``metrics_token_file``, which is not: rev57b L5)."""
     files = manifest["files"]
     assert isinstance(files, dict)
     size = sum(int(f["bytes"]) for f in files.values())
+    also = f", the metrics token file {token} (copy it yourself)" if token is not None else ""
     return (
         f"backup written to {dest} ({len(files)} files, {size} bytes; CA {manifest['ca_pin']}).\n"
-        "Not in it: the CA passphrase (keep it offline; a restored leader needs it) and the "
-        "viewer's certificate (issued again at the next start).\n"
+        "Not in it: the CA passphrase (keep it offline; a restored leader needs it), the "
+        f"viewer's certificate (issued again at the next start){also}.\n"
         "Keep the directory as safe as the leader itself: it holds the CA's (encrypted) key and "
         "the leader's key. To restore: README, 'Backups'."
     )

@@ -135,10 +135,36 @@ class LeaderConfig:
                 "from the day it is issued",
             )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
+        _check_restored_elsewhere(s, config)
         _check_names(s, config)
         _check_ports(s, config)
         _check_admin_socket(s, config)
         return config
+
+
+def _check_restored_elsewhere(s: Section, config: LeaderConfig) -> None:
+    """A ``leader.toml`` beside a store of its own (``leader.sqlite3``) whose ``data_dir`` names
+    another directory: a backup's files put into a new data directory keep the ``data_dir``
+    they were made with, and the leader ran on the old store without a word (rev57b M1)."""
+    here = config.path.resolve().parent
+    there = config.layout.data_dir
+    # (One that does not exist, or may not be looked into, is said so where the data dir is
+    # opened.)
+    try:
+        elsewhere = (
+            there.is_dir()
+            and (here / config.layout.store.name).exists()
+            and here != there.resolve()
+        )
+    except OSError:
+        return
+    if elsewhere:
+        raise s.error(
+            "data_dir",
+            f"{config.layout.data_dir} is not {here}, where this config is beside a store "
+            f"({config.layout.store.name}) of its own (a restored backup keeps the data_dir it "
+            f'was made with): set data_dir = "{here}"',
+        )
 
 
 def _check_ports(s: Section, config: LeaderConfig) -> None:

@@ -974,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
         "certificate into DIR (new or empty; made 0700) and exit; the leader may be running",
     )
     ns = parser.parse_args(argv)
+    if ns.backup is not None and ns.reinitialise:  # (the backup alone ran: rev57b L4)
+        parser.error("--backup and --reinitialise are two things to do: run one, then the other")
     daemon.no_core_dumps()  # before any key or secret is read
     if ns.backup is not None:
         return _backup(ns.config, ns.backup)
@@ -1025,7 +1027,7 @@ def _backup(config: Path, dest: Path) -> int:
     except OSError as exc:
         daemon.say("tlsroll-leader", f"backup: {os_error_text(exc)}")
         return 1
-    print(backup.summary(dest, manifest))
+    print(backup.summary(dest, manifest, token=cfg.metrics_token_file))
     return 0
 
 

@@ -65,6 +65,7 @@ from tlsroll.fsutil import (
     stage_atomic,
 )
 from tlsroll.httpcheck import port_open
+from tlsroll.peertext import clean
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
 CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes the last one
@@ -261,15 +262,26 @@ class Driver(abc.ABC):
     unfreeze_keeps_answers: bool = False
 
     async def health(self) -> str | None:
-        """None if the server is healthy, else why not."""
+        """None if the server is healthy (it answers its status), else why not."""
         try:
             await self.status()
         except DriverError as exc:
             return str(exc)
         return None
 
+    async def status_problem(self) -> str | None:
+        """None if the server's status is one a switch can go by (a write watermark: an
+        integer), else why not; a server that does not answer is ``health``'s. The preflight
+        asks (rev57b M2: exec commands written from the README passed it and failed the
+        first switch, ``watermark`` raising KeyError)."""
+        try:
+            _watermark_of(await self.status())
+        except DriverError as exc:
+            return str(exc)
+        return None
+
     async def watermark(self) -> int:
-        return int((await self.status())["watermark"])
+        return _watermark_of(await self.status())
 
     # --- who the server has seen (issue 12: who is still on http) ----------------------------
 
@@ -452,6 +464,17 @@ class AdminSocketClient:
         if sent < len(request):
             writer.write(request[sent:])
         return reader, writer
+
+
+def _watermark_of(status: Mapping[str, Any]) -> int:
+    """The write watermark of a server's ``status``; DriverError if it says none."""
+    value = status.get("watermark")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DriverError(
+            "the server's status has no write watermark (an integer): "
+            f"{clean(json.dumps(status, default=str), 100)}"
+        )
+    return value
 
 
 class _AdminSocketFreeze:

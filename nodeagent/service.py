@@ -665,7 +665,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # command): a preflight waited for each check in turn, in three worker threads.
         local_checks = asyncio.ensure_future(asyncio.to_thread(self._local_checks, driver))
         try:
-            health = await driver.health()
+            health = await driver.status_problem()  # (none answered: not healthy)
             view = await self._view()
         except BaseException:
             # The checks' own trouble must not hide the server's (review of session 26).

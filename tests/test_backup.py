@@ -455,6 +455,33 @@ def test_a_restore_revokes_the_viewer_grants_one_of_which_may_have_been_revoked_
         assert fetch(c, "/", cookie=sign_in(c, link_for(c, "after"))).status == 200
 
 
+def test_a_backup_names_the_metrics_token_file_it_leaves_out_and_is_no_reinitialise(
+    tmp_path: Path,
+) -> None:
+    """rev57b L5: the summary's "Not in it" left out the config's metrics_token_file, which the
+    README says is not in the backup; L4: ``--backup DIR --reinitialise`` made the backup and
+    ignored the other without a word: a usage error (exit 2), nothing written."""
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        token = tmp_path / "metrics-token"
+        token.write_text("scrape-token-0123456789abcdef\n")
+        token.chmod(0o600)
+        c.write_leader_config({"metrics_token_file": str(token)})
+        c.start_leader()
+        made = backup(c, tmp_path / "backup")
+        assert made.returncode == 0, made.stderr
+        assert f"the metrics token file {token} (copy it yourself)" in made.stdout
+        assert "scrape-token" not in made.stdout + made.stderr
+        both = subprocess.run(
+            [*command("tlsroll-leader", "leader.daemon"), "--config", str(c.config_path),
+             "--backup", str(tmp_path / "again"), "--reinitialise"],
+            capture_output=True, text=True, timeout=BACKUP_TIMEOUT, env=child_env(), check=False,
+        )  # fmt: skip
+        assert both.returncode == 2, both.stdout + both.stderr
+        assert "--backup and --reinitialise are two things to do" in both.stderr
+        assert not (tmp_path / "again").exists()
+
+
 def superseded_by(c: Cluster) -> dict[str, str]:
     """``token list --json``: what superseded each token ("" for none)."""
     listed = c.cli("token", "list", "--json")

@@ -310,6 +310,36 @@ def test_a_metrics_token_file_that_is_a_directory_is_a_config_error(
     ) in line, line
 
 
+def test_a_config_beside_its_own_store_naming_another_data_dir_is_a_config_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """rev57b M1: a backup's files put into a new data directory keep the data_dir they were
+    made with; the leader started on the copy ran on the old store without a word. It is
+    refused (exit 2), the line saying what to set; nothing of either is changed."""
+    if not (cluster.data_dir / "leader.sqlite3").exists():  # (a leader has run on it)
+        cluster.start_leader()
+        cluster.stop_leader()
+    copy = tmp_path / "restored"
+    shutil.copytree(cluster.data_dir, copy, ignore=shutil.ignore_patterns("run", "*.sock"))
+    before = (
+        (copy / "leader.sqlite3").read_bytes(),
+        (cluster.data_dir / "leader.sqlite3").read_bytes(),
+    )
+    result = run_daemon("tlsroll-leader", "leader.daemon", copy / "leader.toml")
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = one_line_error(result.stdout + result.stderr, "tlsroll-leader")
+    assert (
+        f"[leader].data_dir: {cluster.data_dir} is not {copy.resolve()}, where this config is "
+        "beside a store (leader.sqlite3) of its own"
+    ) in line, line
+    assert f'set data_dir = "{copy.resolve()}"' in line
+    after = (
+        (copy / "leader.sqlite3").read_bytes(),
+        (cluster.data_dir / "leader.sqlite3").read_bytes(),
+    )
+    assert after == before
+
+
 def test_a_metrics_token_file_others_may_read_is_a_config_error(
     cluster: Cluster, tmp_path: Path
 ) -> None:

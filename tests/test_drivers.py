@@ -593,6 +593,12 @@ def test_exec_status_without_a_watermark_rolls_back_and_unfreezes(nodes: NodeFac
     frozen: the switch must end rolled back and unfrozen, not stuck frozen."""
     node, _control = exec_node(nodes, timeout=10, status=("status", "--no-watermark"))
     config = node.server.config_path.read_bytes()
+    # The preflight says so first (rev57b M2: it passed, and the first switch failed).
+    pre = node.preflight("ex-nowm-pre")
+    assert not pre.ok
+    assert any(
+        "the server's status has no write watermark (an integer): {" in p for p in pre.problems
+    ), list(pre.problems)
     node.stage("ex-nowm")
     node.switch("ex-nowm")
     done = node.wait_txn("ex-nowm", timeout=30)

@@ -37,7 +37,8 @@ def viewer() -> None:
     "--name",
     default="",
     callback=free_text_param,
-    help="Who it is for (shown in `viewer list`; no secret: refused).",
+    help="Who it is for (shown in `viewer list`; its first 100 characters are kept; no "
+    "secret: refused).",
 )
 @click.option(
     "--ttl",
