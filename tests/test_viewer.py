@@ -260,10 +260,14 @@ def test_revoked_and_expired_sessions_get_the_page_that_says_how_to_get_access(
     grant_id = grants(lone)["to revoke"]["id"]
     result = lone.cli("viewer", "revoke", grant_id)
     assert result.returncode == 0 and grant_id in result.stdout, result.stderr
-    for path in ("/", "/api/v1/schema", "/metrics", "/events"):
+    for path in ("/", "/metrics", "/events"):
         reply = fetch(lone, path, cookie=revoked)
         assert reply.status == 401, path
         assert 'data-reason="session"' in reply.body and HOW_TO_GET_ACCESS in reply.body
+    # A script's API says it in JSON (rev57b L2: the German HTML page).
+    api = fetch(lone, "/api/v1/schema", cookie=revoked)
+    assert api.status == 401 and (api.header("Content-Type") or "").startswith("application/json")
+    assert HOW_TO_GET_ACCESS in json.loads(api.body)["error"]
     assert grants(lone)["to revoke"]["state"] == "revoked"
 
     unopened = grant(lone, "--name", "short, unopened", "--ttl", "2s")  # expires first

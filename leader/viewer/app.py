@@ -296,6 +296,11 @@ class ViewerApp:
     def _denied(self, request: web.Request, reason: str) -> web.Response:
         """401 with the page that says how to get access."""
         headers = {"WWW-Authenticate": 'Bearer realm="tlsroll"'}
+        if request.path.startswith("/api/"):  # a script's: JSON (rev57b L2: the HTML page)
+            return web.json_response(
+                {"error": "no session: get a login link with `tlsroll viewer grant`"},
+                status=401,
+            )
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
         return web.Response(
