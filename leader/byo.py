@@ -79,7 +79,7 @@ class Refused(TerminalError):
         )
 
 
-_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./-]{1,200}")
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_./-]{0,199}")  # (not "-x": an option)
 """A ``--cert-dir`` path the advice names as it is (``CertDir.directory``; rev56f L2: it said
 ``chmod 600 DIR/node1.key``); any other (a space, a quote, a control character) stays ``DIR``."""
 

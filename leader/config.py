@@ -151,10 +151,11 @@ def _check_restored_elsewhere(s: Section, config: LeaderConfig) -> None:
     # (One that does not exist, or may not be looked into, is said so where the data dir is
     # opened.)
     try:
+        # (the same directory by another path, a bind mount or a link, is the same: rev57c L4)
         elsewhere = (
             there.is_dir()
             and (here / config.layout.store.name).exists()
-            and here != there.resolve()
+            and not here.samefile(there)
         )
     except OSError:
         return
@@ -162,8 +163,9 @@ def _check_restored_elsewhere(s: Section, config: LeaderConfig) -> None:
         raise s.error(
             "data_dir",
             f"{config.layout.data_dir} is not {here}, where this config is beside a store "
-            f"({config.layout.store.name}) of its own (a restored backup keeps the data_dir it "
-            f'was made with): set data_dir = "{here}"',
+            f"({config.layout.store.name}) of its own: a restored backup keeps the data_dir it "
+            f'was made with (then set data_dir = "{here}"); a data dir moved elsewhere leaves '
+            f"the old store here (then use the leader.toml in {config.layout.data_dir})",
         )
 
 

@@ -469,12 +469,19 @@ class AdminSocketClient:
 def _watermark_of(status: Mapping[str, Any]) -> int:
     """The write watermark of a server's ``status``; DriverError if it says none."""
     value = status.get("watermark")
-    if isinstance(value, bool) or not isinstance(value, int):
+    # As ``int()`` took it before (rev57c L5): 123, 123.0, "123"; never true/false.
+    try:
+        if isinstance(value, bool) or value is None:
+            raise ValueError
+        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        keys = ", ".join(sorted(clean(k, 40) for k in status)[:10]) or "none"
         raise DriverError(
-            "the server's status has no write watermark (an integer): "
-            f"{clean(json.dumps(status, default=str), 100)}"
+            f"the server's status has no write watermark (an integer; its keys: {keys})"
         )
-    return value
+    return number
 
 
 class _AdminSocketFreeze:

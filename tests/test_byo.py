@@ -560,8 +560,8 @@ def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
             assert pki.spki_pin(inter.cert) in compare  # (every CA above the server's)
             assert (
                 "note      the server's certificate is not from the CA that signed this PC's "
-                f"certificate ({cluster_pin}): right if your practice gave the servers its own "
-                "certificates (--cert-dir) and your notice gives its CA's pin" in enrolled.stdout
+                "certificate: right only if your practice gave its servers their own "
+                "certificates (--cert-dir) and your notice gives that CA's pin" in enrolled.stdout
             ), enrolled.stdout
 
     # rotate-cert with the certificates already live: refused, one line per node.

@@ -597,7 +597,8 @@ def test_exec_status_without_a_watermark_rolls_back_and_unfreezes(nodes: NodeFac
     pre = node.preflight("ex-nowm-pre")
     assert not pre.ok
     assert any(
-        "the server's status has no write watermark (an integer): {" in p for p in pre.problems
+        "the server's status has no write watermark (an integer; its keys: " in p
+        for p in pre.problems
     ), list(pre.problems)
     node.stage("ex-nowm")
     node.switch("ex-nowm")
@@ -1852,3 +1853,26 @@ def test_the_wrong_client_passwords_are_read_from_the_servers_status(
         assert last == dt.datetime(2026, 12, 4, 22, 50, 1, 250_000, tzinfo=dt.UTC)
     else:
         assert last is None
+
+
+def test_the_write_watermark_a_status_may_give() -> None:
+    """rev57b M2 / rev57c L5: as ``int()`` took it before (123, 123.0, "123"); a status with
+    none, or one that is no whole number, is a DriverError that names the status's keys, not
+    its values (they go to the schema and the viewer), never a KeyError."""
+    from nodeagent.drivers import _watermark_of
+
+    for value, number in ((123, 123), (7.0, 7), ("42", 42), (0, 0)):
+        assert _watermark_of({"watermark": value}) == number
+    for status in (
+        {"started_at": "2026-12-03T13:40:00+00:00", "frozen": False},
+        {"watermark": True},
+        {"watermark": 1.5},
+        {"watermark": "many"},
+        {"watermark": None},
+        {"watermark": [1]},
+    ):
+        with pytest.raises(DriverError) as refused:
+            _watermark_of(status)
+        said = str(refused.value)
+        assert said.startswith("the server's status has no write watermark (an integer; its keys:")
+        assert "2026-12-03" not in said and "many" not in said

@@ -310,3 +310,26 @@ def test_the_certificate_code_an_agent_loads_leaves_key_encryption_out() -> None
         check=True,
     )
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_chain_to_finds_a_short_path_through_a_ca_it_first_met_too_deep() -> None:
+    """rev57c L1: an intermediate first met at the end of a path too long to reach an anchor
+    was never tried again, also not from a shorter path that reaches one (a node's bundle, and
+    so a practice's cross-signed CAs, lists them in any order)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.byo_certs import leaf, make_ca
+
+    root = make_ca("R")
+    z = make_ca("Z", parent=root)
+    y = make_ca("Y", parent=z)
+    c = make_ca("C", parent=y)
+    b = make_ca("B", parent=c)
+    shared = ec.generate_private_key(ec.SECP256R1())
+    a = make_ca("LI", parent=b, key=shared)  # the long way: leaf, A, B, C, Y: too deep
+    d = make_ca("LI", parent=y, key=shared)  # the short way: leaf, D, Y, Z, R
+    cert = leaf(a, ["127.0.0.1"])[0]
+    bundle = [a.cert, b.cert, c.cert, d.cert, y.cert, z.cert]
+    path = pki.chain_to(cert, bundle, [root.cert])
+    assert path == [cert, d.cert, y.cert, z.cert, root.cert]
+    assert pki.chain_to(cert, bundle[::-1], [root.cert]) is not None

@@ -2967,3 +2967,51 @@ def test_a_wrong_password_names_what_applies_a_changed_one() -> None:
     text = str(error)
     assert "only with the change-password rollout, which restarts the server" in text, text
     assert "after the server restarts" not in text
+
+
+def test_the_pins_to_compare_are_said_each_once_and_nothing_the_node_named(tmp_path: Path) -> None:
+    """rev57c M1, L3 (a unit of ``say_pin_to_compare``; a real enrolment's lines are in
+    tests/test_byo.py): someone in between who knows the password names its CAs like the
+    notice's pin, and puts the real cluster CA (which signed this PC's certificate, relayed)
+    in the bundle: no name from the node is printed beside a pin, the cluster's pin is not
+    printed at all (it was, in the note, for the admin to find), and the note says to stop
+    unless the practice has its own certificates. Cross-signed twins share a pin and count
+    once (four twins pushed the root off the line). A bundle of more than ``MAX_BUNDLE``
+    certificates is refused before any path is looked for (rev57c L2)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.byo_certs import leaf, make_ca
+
+    cluster = make_ca("tlsroll cluster CA")
+    cluster_pin = pki.spki_pin(cluster.cert)
+    evil = make_ca("sha256:" + cluster_pin[7:60])  # a name that reads like the notice's pin
+    server = leaf(evil, ["127.0.0.1"])[0]
+    client = leaf(cluster, ["127.0.0.1"], cn="ws-pc")[0]  # relayed: the real cluster signed it
+    lines: list[str] = []
+    options = workstation.Options(url="https://127.0.0.1:8443/a/", settings_dir=tmp_path)
+    ui = workstation.UI(say=lines.append, ask_port=lambda p: p, ask_password=lambda: "")
+    test = workstation.TestConnection(options, ui)
+    test.say_pin_to_compare(server, client, [evil.cert, cluster.cert])
+    text = "\n".join(lines)
+    assert cluster_pin not in text and cluster_pin[7:60] not in text, text
+    assert lines[0] == (
+        f"pin       compare {pki.spki_pin(evil.cert)} with the CA pin in your notice: if none "
+        "matches, this is not your cluster's server (whoever knows the password could pose "
+        "as it); then run again with --ca-pin and the notice's pin"
+    )
+    assert lines[1].endswith("if not, this is not your server: stop"), lines
+
+    roots = [make_ca(f"Root {i}") for i in range(5)]
+    shared = ec.generate_private_key(ec.SECP256R1())
+    twins = [make_ca("Issuing", parent=r, key=shared, path_length=0) for r in roots[:4]]
+    lines.clear()
+    practice_leaf = leaf(twins[0], ["127.0.0.1"])[0]
+    test.say_pin_to_compare(practice_leaf, client, [*(t.cert for t in twins), roots[0].cert])
+    (compare,) = [x for x in lines if x.startswith("pin ")]
+    assert compare.count(pki.spki_pin(twins[0].cert)) == 1
+    assert pki.spki_pin(roots[0].cert) in compare, compare
+
+    many = b"".join(make_ca(f"CA {i}").pem for i in range(workstation.MAX_BUNDLE + 1))
+    with pytest.raises(workstation.ClientError) as refused:
+        test._cas(many)
+    assert f"holds {workstation.MAX_BUNDLE + 1} certificates (at most" in refused.value.message

@@ -270,9 +270,12 @@ def chain_to(
     ``--cert-dir``, may come with intermediates). Every path is tried, depth first, at most
     ``MAX_CHAIN`` long: an intermediate cross-signed by two roots leads to each (rev57a M2: the
     first intermediate that signed a link was taken, and a path through its twin never
-    tried). Each intermediate is gone up from once (``tried``): a bundle from a node is not
-    trusted, and one of many CAs of one name must not cost a path of each of their orders."""
-    tried: list[x509.Certificate] = []
+    tried). An intermediate is gone up from again only with more links left than when it was
+    last (``tried``: it found no anchor then, and finds none with as few; rev57c L1: once
+    only, one first met deep in a path was never tried from a shorter one): a bundle from a
+    node is not trusted, and one of many CAs of one name must not cost a path of each of
+    their orders."""
+    tried: dict[int, int] = {}  # id of an intermediate: the most links it was tried with
 
     def walk(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
         current = path[-1]
@@ -281,11 +284,12 @@ def chain_to(
                 return [*path, anchor]
         if len(path) >= MAX_CHAIN:
             return None
+        left = MAX_CHAIN - len(path)
         for step in intermediates:
-            if step in path or step in tried or not is_ca(step):
+            if step in path or tried.get(id(step), -1) >= left or not is_ca(step):
                 continue
             if issued_by(current, step):
-                tried.append(step)
+                tried[id(step)] = left
                 found = walk([*path, step])
                 if found is not None:
                     return found

@@ -702,16 +702,14 @@ class TestConnection:
         roots): the notice's is one of them. Where the server's certificate is not from the CA
         that signed this PC's certificate, what that may mean is said, and no more (this PC
         cannot tell a practice's own CA from someone else's)."""
-        above = pki.cas_above(server_cert, bundle)[:_PINS_SHOWN]
-        if not above:  # (check_chain found a path through the bundle: not reached)
+        # Each pin once (a cross-signed CA's twins share theirs), nearest first; no name
+        # beside them: the node gives the names, and one could read like the notice's pin
+        # (rev57c M1, L3).
+        pins = list(dict.fromkeys(pki.spki_pin(c) for c in pki.cas_above(server_cert, bundle)))
+        if not pins:  # (check_chain found a path through the bundle: not reached)
             return
-        pins = [pki.spki_pin(c) for c in above]
-        if len(pins) == 1:
-            which = pins[0]
-        else:
-            which = "one of " + ", ".join(
-                f"{p} ({_subject_text(c)})" for p, c in zip(pins, above, strict=True)
-            )
+        pins = pins[:_PINS_SHOWN]
+        which = pins[0] if len(pins) == 1 else "one of " + ", ".join(pins)
         self.ui.say(
             f"pin       compare {which} with the CA pin in your notice: if none matches, this "
             "is not your cluster's server (whoever knows the password could pose as it); then "
@@ -721,9 +719,9 @@ class TestConnection:
         if cluster is not None and pki.spki_pin(cluster) not in pins:
             self.ui.say(
                 "note      the server's certificate is not from the CA that signed this PC's "
-                f"certificate ({pki.spki_pin(cluster)}): right if your practice gave the servers "
-                "its own certificates (--cert-dir) and your notice gives its CA's pin; a notice "
-                "printed before that gives this one: ask for a new notice, do not continue on it"
+                "certificate: right only if your practice gave its servers their own "
+                "certificates (--cert-dir) and your notice gives that CA's pin; if not, this is "
+                "not your server: stop"
             )
 
     def say_not_files(self) -> None:
@@ -1244,9 +1242,16 @@ class TestConnection:
     @staticmethod
     def _cas(bundle_pem: bytes) -> list[x509.Certificate]:
         try:
-            return proto.ca_certificates(bundle_pem)
+            cas = proto.ca_certificates(bundle_pem)
         except proto.BootstrapError as exc:
             raise ClientError(Exit.FAILURE, f"bootstrap answer: {exc}") from None
+        if len(cas) > MAX_BUNDLE:  # each path through them costs signature checks (rev57c L2)
+            raise ClientError(
+                Exit.FAILURE,
+                f"bootstrap answer: the CA bundle holds {len(cas)} certificates (at most "
+                f"{MAX_BUNDLE}): not a cluster's; do not continue",
+            )
+        return cas
 
     def check_chain(
         self,
@@ -2046,14 +2051,10 @@ def _login_shell(shell: str) -> bool:
 
 
 _PINS_SHOWN = 4  # the CAs above a server's certificate that the compare line names, at most
-
-
-def _subject_text(cert: x509.Certificate) -> str:
-    """A CA's name for the compare line: its common name, else its whole subject, cut and
-    made printable (it came from the node: ``one_line``)."""
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    text = str(names[0].value) if names else cert.subject.rfc4514_string()
-    return one_line(text, 60)
+MAX_BUNDLE = 32
+"""The most certificates a node's CA bundle may hold (its cluster CA and their renewals, a
+practice's CAs and intermediates: a handful): every path through them costs signature checks,
+and a bundle from someone in between is not trusted (rev57c L2: 400 CAs took seconds)."""
 
 
 def proto_pin(text: str | None) -> str | None:

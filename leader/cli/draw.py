@@ -28,14 +28,14 @@ AWAITING = (
     "waiting for its first client report since the leader started (seconds once its agent is"
     " connected; else check: tlsroll nodes, on the node systemctl status tlsroll-agent)"
 )
-QUIET = "waits until no workstation was seen on http there for {seconds}s (--when-quiet)"
-"""A pending node of a running ``finalize --when-quiet``: the engine holds it while http
-clients were seen on it lately (rev56f L1: it showed "pending" without a word why)."""
-_HOLDING = {"running", "paused"}
 """A node the leader has had no client report from since it started (``awaiting_report``):
 who is on http there is not known yet; a finalize waits for it, ``--when-quiet`` holds it.
 What to do if the wait lasts, as a finalize's refusal says it (``schema_view.waiting_for``;
 review s45rev5 L2), and as the viewer's row says it (``leader.viewer.i18n``)."""
+QUIET = "waits until no workstation was seen on http there for {seconds}s (--when-quiet)"
+"""A pending node of a running ``finalize --when-quiet``: the engine holds it while http
+clients were seen on it lately (rev56f L1: it showed "pending" without a word why)."""
+_HOLDING = {"running", "paused"}
 STATE_STYLE = {
     "needs_attention": "bold reverse red",
     "done": "green",
