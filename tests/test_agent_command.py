@@ -163,6 +163,9 @@ class StillDriver:
     async def health(self) -> str | None:
         return None
 
+    async def status_problem(self) -> str | None:  # (the preflight's: ``Driver``'s)
+        return None
+
     async def status(self) -> dict[str, Any]:
         return {"frozen": False, "watermark": 0}
 

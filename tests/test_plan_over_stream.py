@@ -79,6 +79,9 @@ class StubDriver:
     async def health(self) -> str | None:
         return self.down
 
+    async def status_problem(self) -> str | None:  # (the preflight's: ``Driver``'s)
+        return self.down
+
     async def clients(self) -> ClientsView:
         return ClientsView()
 
@@ -246,7 +249,7 @@ async def test_the_clock_is_compared_as_the_question_comes_not_after_the_checks(
             late[0] += dt.timedelta(seconds=150)
             return None
 
-        monkeypatch.setattr(node.service.driver, "health", slow_health)
+        monkeypatch.setattr(node.service.driver, "status_problem", slow_health)
         ask = rig.service.ask_check if where == "stream" else None
         seen = (await observe(pool, ["hb1"], rig.state.ca.cert, ask=ask))["hb1"]
     assert seen.reachable and seen.problems == (), seen

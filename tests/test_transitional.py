@@ -577,7 +577,7 @@ def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_pat
         for node in nodes:
             assert list(live(node).schemes) == ["http"] and not node.port_open(8443)
         view = wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
-        assert "taken_back by rollout" in view["reason"]
+        assert "taken back by rollout" in view["reason"]
         # Nothing waits any more: a new rollout may start.
         plan = cluster.cli("plan", "--scope", "cluster", "--strategy", "transitional")
         assert plan.returncode == 0, plan.stderr
