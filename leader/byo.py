@@ -255,6 +255,15 @@ def ca_problems(
     certs = _load_certs(ca_pem)
     if not certs:
         return [Problem("", CA_FILE, "holds no PEM certificate", fix)]
+    if len(certs) > pki.MAX_PRACTICE_CAS:  # (the workstations' bundle: ``pki.MAX_BUNDLE``)
+        return [
+            Problem(
+                "",
+                CA_FILE,
+                f"holds {len(certs)} certificates (at most {pki.MAX_PRACTICE_CAS})",
+                "keep the practice CA(s) the node certificates chain to",
+            )
+        ]
     problems = []
     for cert in certs:
         who = cert.subject.rfc4514_string() or "(no subject)"
@@ -460,6 +469,17 @@ def node_problems(
         )
         return problems
     leaf, intermediates = certs[0], certs[1:]
+    if len(intermediates) > pki.MAX_INTERMEDIATES:  # (the workstations' bundle: ``MAX_BUNDLE``)
+        problems.append(
+            Problem(
+                node,
+                crt,
+                f"holds {len(intermediates)} intermediate certificates (at most "
+                f"{pki.MAX_INTERMEDIATES})",
+                "keep the node's certificate and the intermediates of its chain",
+            )
+        )
+        return problems
     fingerprint = pki.fingerprint(leaf)
     # The path clients take, as ``chain_ends`` records it: not the first CA listed that signed
     # a link (an old intermediate before its renewal refused a good directory once it ended

@@ -223,6 +223,26 @@ def test_the_advice_names_the_directory_given_where_it_is_a_plain_path() -> None
         assert str(byo.Refused([problem], given)).endswith(said), given
 
 
+def test_a_ca_file_or_chain_too_long_for_a_workstation_s_bundle_is_refused(ca: Issuer) -> None:
+    """rev57d M1: a ca.crt of 41 CAs passed here and its nodes' bundle was then refused by
+    every workstation (``pki.MAX_BUNDLE``): at most ``MAX_PRACTICE_CAS`` CA certificates in
+    ca.crt and ``MAX_INTERMEDIATES`` intermediates in a node's .crt."""
+    cert, key = leaf(ca, [IP], [DNS], cn="node1")
+    others = b"".join(make_ca(f"Other {i}").pem for i in range(pki.MAX_PRACTICE_CAS))
+    problems = check(ca.pem + others, pem(cert), key)
+    assert problems == [
+        f"ca: ca.crt: holds {pki.MAX_PRACTICE_CAS + 1} certificates (at most "
+        f"{pki.MAX_PRACTICE_CAS}); keep the practice CA(s) the node certificates chain to"
+    ], problems
+    padding = b"".join(make_ca(f"Pad {i}").pem for i in range(pki.MAX_INTERMEDIATES + 1))
+    problems = check(ca.pem, pem(cert) + padding, key)
+    assert problems == [
+        f"node1: node1.crt: holds {pki.MAX_INTERMEDIATES + 1} intermediate certificates (at "
+        f"most {pki.MAX_INTERMEDIATES}); keep the node's certificate and the intermediates of "
+        "its chain"
+    ], problems
+
+
 def test_missing_files_and_bad_ca(ca: Issuer) -> None:
     cert, key = leaf(ca, [IP], [DNS])
     # The files are those of another node: node1's are missing.
@@ -1613,7 +1633,7 @@ def test_the_notices_after_own_certificate_rollouts_give_the_ca_and_the_steps_th
     )  # fmt: skip
     assert moved.returncode == 0, moved.stdout + moved.stderr
     text = notice(cluster)
-    assert "Every workstation set up before the change has to be set up again once" in text
+    assert "Every workstation set up before the change has to be set up again once after" in text
     assert commands_pin(text) == [other_pin], text
     assert not trusts(plain, node2)
 

@@ -268,6 +268,7 @@ def test_revoked_and_expired_sessions_get_the_page_that_says_how_to_get_access(
     api = fetch(lone, "/api/v1/schema", cookie=revoked)
     assert api.status == 401 and (api.header("Content-Type") or "").startswith("application/json")
     assert HOW_TO_GET_ACCESS in json.loads(api.body)["error"]
+    assert json.loads(api.body)["reason"] == "session"
     assert grants(lone)["to revoke"]["state"] == "revoked"
 
     unopened = grant(lone, "--name", "short, unopened", "--ttl", "2s")  # expires first

@@ -258,6 +258,14 @@ def check_valid_now(cert: x509.Certificate, now: dt.datetime | None = None) -> N
 
 
 MAX_CHAIN = 5
+MAX_BUNDLE = 100
+"""The most certificates a node's CA bundle may hold for a workstation (the cluster CA and its
+renewals, a practice's CAs from ``ca.crt``, at most ``MAX_PRACTICE_CAS``, and intermediates):
+every path through them costs signature checks, and a bundle from someone in between is not
+trusted (rev57c L2: 400 CAs took seconds). The leader refuses a ``--cert-dir`` directory that
+would come near it (``leader.byo``; rev57d M1: a bundle of 41 it took was refused here)."""
+MAX_PRACTICE_CAS = 20  # CA certificates in a --cert-dir ca.crt, at most
+MAX_INTERMEDIATES = 8  # intermediates in a --cert-dir node's .crt, at most
 
 
 def chain_to(

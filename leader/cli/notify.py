@@ -160,15 +160,15 @@ _DE: dict[str, str] = {
         "bleiben gleich."
     ),
     "newca.own": (
-        "Jeder Arbeitsplatz, der vor dem Wechsel eingerichtet wurde, muss einmal neu "
-        "eingerichtet werden (siehe unten): Bis dahin vertraut er dem neuen Zertifikat nicht "
-        "und erreicht den Server nicht."
+        "Jeder Arbeitsplatz, der vor dem Wechsel eingerichtet wurde, muss nach dem Wechsel "
+        "einmal neu eingerichtet werden (siehe unten): Bis dahin vertraut er dem neuen "
+        "Zertifikat nicht und erreicht den Server nicht."
     ),
     "newca.cluster": (
         "Ein Arbeitsplatz, der mit dem Prüfwert (CA-Pin) der praxiseigenen "
-        "Zertifizierungsstelle eingerichtet wurde, muss einmal neu eingerichtet werden (siehe "
-        "unten); an den anderen ist nichts zu tun. Meldet ein Arbeitsplatz nach dem Wechsel "
-        "einen Zertifikatsfehler, richten Sie ihn neu ein."
+        "Zertifizierungsstelle eingerichtet wurde, muss nach dem Wechsel einmal neu "
+        "eingerichtet werden (siehe unten); an den anderen ist nichts zu tun. Meldet ein "
+        "Arbeitsplatz nach dem Wechsel einen Zertifikatsfehler, richten Sie ihn neu ein."
     ),
     "what.rotate-cert.newca.marked.before": (
         "Die Server erhalten neue Zertifikate für die verschlüsselte Verbindung, die unten "
@@ -182,13 +182,15 @@ _DE: dict[str, str] = {
     ),
     "newca.own.marked": (
         "Für die mit „neu einrichten“ markierten Server muss jeder Arbeitsplatz, der vor dem "
-        "Wechsel eingerichtet wurde, einmal neu eingerichtet werden (siehe unten)."
+        "Wechsel eingerichtet wurde, nach dem Wechsel einmal neu eingerichtet werden (siehe "
+        "unten)."
     ),
     "newca.cluster.marked": (
         "Für die mit „neu einrichten, falls mit Prüfwert eingerichtet“ markierten Server muss "
         "ein Arbeitsplatz, der mit dem Prüfwert (CA-Pin) der praxiseigenen "
-        "Zertifizierungsstelle eingerichtet wurde, einmal neu eingerichtet werden (siehe "
-        "unten); ebenso einer, der nach dem Wechsel einen Zertifikatsfehler meldet."
+        "Zertifizierungsstelle eingerichtet wurde, nach dem Wechsel einmal neu eingerichtet "
+        "werden (siehe unten); ebenso einer, der nach dem Wechsel einen Zertifikatsfehler "
+        "meldet."
     ),
     "node.mark.own": "{line} – neu einrichten",
     "node.mark.cluster": "{line} – neu einrichten, falls mit Prüfwert eingerichtet",
@@ -391,14 +393,14 @@ _EN: dict[str, str] = {
         "another certificate authority. Server address and password stay the same."
     ),
     "newca.own": (
-        "Every workstation set up before the change has to be set up again once (see below): "
-        "until then it does not trust the new certificate and cannot reach the server."
+        "Every workstation set up before the change has to be set up again once after it (see "
+        "below): until then it does not trust the new certificate and cannot reach the server."
     ),
     "newca.cluster": (
         "A workstation that was set up with the check value (CA pin) of the practice's own "
-        "certificate authority has to be set up again once (see below); the others need "
-        "nothing. If a workstation reports a certificate error after the change, set it up "
-        "again."
+        "certificate authority has to be set up again once after the change (see below); the "
+        "others need nothing. If a workstation reports a certificate error after the change, "
+        "set it up again."
     ),
     "what.rotate-cert.newca.marked.before": (
         "The servers will receive new certificates for the encrypted connection, those marked "
@@ -410,13 +412,13 @@ _EN: dict[str, str] = {
     ),
     "newca.own.marked": (
         "For the servers marked “set up again”, every workstation set up before the change has "
-        "to be set up again once (see below)."
+        "to be set up again once after it (see below)."
     ),
     "newca.cluster.marked": (
         "For the servers marked “set up again if set up with the check value”, a workstation "
         "that was set up with the check value (CA pin) of the practice's own certificate "
-        "authority has to be set up again once (see below); so does one that reports a "
-        "certificate error after the change."
+        "authority has to be set up again once after the change (see below); so does one that "
+        "reports a certificate error then."
     ),
     "node.mark.own": "{line} – set up again",
     "node.mark.cluster": "{line} – set up again if set up with the check value",

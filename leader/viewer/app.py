@@ -298,7 +298,10 @@ class ViewerApp:
         headers = {"WWW-Authenticate": 'Bearer realm="tlsroll"'}
         if request.path.startswith("/api/"):  # a script's: JSON (rev57b L2: the HTML page)
             return web.json_response(
-                {"error": "no session: get a login link with `tlsroll viewer grant`"},
+                {
+                    "error": "no session: get a login link with `tlsroll viewer grant`",
+                    "reason": reason,  # as the page's data-reason: none, session, …
+                },
                 status=401,
             )
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
