@@ -699,18 +699,23 @@ def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:
                 pki.fingerprint(leaf),
                 leaf.not_valid_after_utc,
                 leaf.subject.rfc4514_string(),
-                pki.spki_pin(_top_in(path[-1], anchors)) if path else "",
+                pki.spki_pin(_top_in(path[-1], anchors, len(path) - 1)) if path else "",
             )
         )
     return out
 
 
-def _top_in(ca: x509.Certificate, anchors: Sequence[x509.Certificate]) -> x509.Certificate:
+def _top_in(
+    ca: x509.Certificate, anchors: Sequence[x509.Certificate], depth: int = 1
+) -> x509.Certificate:
     """``ca`` (one of ``anchors``, the CAs of ``ca.crt``), or the CA of ``anchors`` that issued
     it, and so on up to a self-signed one: never a CA the practice did not put in ``ca.crt``
-    (rev57a L2: a root's cross-certificate in a node's ``.crt`` led to a third party's root)."""
+    (rev57a L2: a root's cross-certificate in a node's ``.crt`` led to a third party's root),
+    nor one more than ``pki.MAX_CHAIN`` links above the leaf (``depth``: ``ca``'s; a
+    workstation's path search goes no higher, and the notice's ``--ca-pin`` command would fail:
+    rev57d L3)."""
     top = ca
-    for _ in range(pki.MAX_CHAIN):
+    for _ in range(max(pki.MAX_CHAIN - depth, 0)):
         if pki.issued_by(top, top):
             break
         up = next((c for c in anchors if c != top and pki.issued_by(top, c)), None)
@@ -730,7 +735,7 @@ def bundle_pin(ca_pem: bytes) -> str:
     roots = [c for c in cas if pki.issued_by(c, c)]
     if roots:
         return pki.spki_pin(roots[0])
-    return pki.spki_pin(_top_in(cas[0], cas)) if cas else ""
+    return pki.spki_pin(_top_in(cas[0], cas, 0)) if cas else ""
 
 
 # --- the leader's custody of the keys -------------------------------------------------------

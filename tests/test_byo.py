@@ -1740,6 +1740,10 @@ def test_the_pin_a_notice_gives_checks_the_server_at_a_workstation_whatever_the_
     new_root = make_ca("New Root")
     twin1 = make_ca("Twin Issuing CA", parent=old_root, key=shared, path_length=0)
     twin2 = make_ca("Twin Issuing CA", parent=new_root, key=shared, path_length=0)
+    root2 = make_ca("Deep Root", path_length=None)
+    deep = [make_ca("Deep 1", parent=root2, path_length=None)]
+    for i in range(2, 6):
+        deep.append(make_ca(f"Deep {i}", parent=deep[-1], path_length=None))
 
     def node_leaf(ca: Issuer) -> x509.Certificate:
         return leaf(ca, [IP], [DNS], cn="node1")[0]
@@ -1754,6 +1758,12 @@ def test_the_pin_a_notice_gives_checks_the_server_at_a_workstation_whatever_the_
             [root],
             [node_leaf(inter), inter.cert, crossed.cert, third.cert],
             root,
+        ),
+        # rev57d L3: the root above was six links up, beyond what a workstation follows
+        "a chain as deep as a workstation follows": (
+            [deep[0], root2],
+            [node_leaf(deep[4]), *(d.cert for d in deep[:0:-1])],
+            deep[0],
         ),
         "an intermediate cross-signed by two roots": (
             [old_root, new_root],
@@ -1773,5 +1783,6 @@ def test_the_pin_a_notice_gives_checks_the_server_at_a_workstation_whatever_the_
         assert accepted.ca_pin in listed, shape
         pinned = [c for c in bundle if pki.spki_pin(c) == accepted.ca_pin]
         assert pki.chain_to(chain[0], bundle, pinned) is not None, shape
-        if sum(pki.issued_by(i.cert, i.cert) for i in in_ca_crt) == 1:
+        single_root = sum(pki.issued_by(i.cert, i.cert) for i in in_ca_crt) == 1
+        if single_root and pki.issued_by(expected.cert, expected.cert):
             assert byo.bundle_pin(ca_crt) == accepted.ca_pin, shape
