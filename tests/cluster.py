@@ -151,6 +151,16 @@ def pem_body_lines(pem: bytes) -> list[str]:
 GRPC_CORE_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 
 
+METRICS_TOKEN = "scrape-token-0123456789abcdef"
+
+
+def metrics_token_file(path: Path, mode: int = 0o600) -> Path:
+    """A ``metrics_token_file`` holding ``METRICS_TOKEN``, of ``mode``, at ``path``."""
+    path.write_text(METRICS_TOKEN + "\n")
+    path.chmod(mode)
+    return path
+
+
 def one_line_error(output: str, prog: str, *, allow_grpc_core: bool = False) -> str:
     """The one error line ``prog`` printed; fails on a traceback, on more than one error line,
     if it is not the last line, or if anything before it is not a JSON log event (with

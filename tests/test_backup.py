@@ -32,6 +32,7 @@ from tests.cluster import (
     command,
     enrol,
     enrol_request,
+    metrics_token_file,
     one_line_error,
     secure_channel,
     wait_until,
@@ -463,9 +464,7 @@ def test_a_backup_names_the_metrics_token_file_it_leaves_out_and_is_no_reinitial
     ignored the other without a word: a usage error (exit 2), nothing written."""
     with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
         c.init()
-        token = tmp_path / "metrics-token"
-        token.write_text("scrape-token-0123456789abcdef\n")
-        token.chmod(0o600)
+        token = metrics_token_file(tmp_path / "metrics-token")
         c.write_leader_config({"metrics_token_file": str(token)})
         c.start_leader()
         made = backup(c, tmp_path / "backup")

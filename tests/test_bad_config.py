@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from leader import byo, runtime
 from leader.layout import Layout
 from tests.byo_certs import NOW, leaf, make_ca, pem, write_dir
-from tests.cluster import Agent, Cluster, child_env, command, one_line_error
+from tests.cluster import (
+    Agent,
+    Cluster,
+    child_env,
+    command,
+    metrics_token_file,
+    one_line_error,
+)
 from tests.conftest import next_loopback
 from tests.nodeside import Node, cluster_ca
 from tests.refserver_helper import write_toml
@@ -149,6 +156,17 @@ def test_the_admin_api_refuses_what_the_cli_bounds_and_records_nothing(
 # --- L4: the daemons' start-up: the real cause, the file named, exit 2 for the config's own ---
 
 
+def _run_with(cluster: Cluster, changes: dict[str, object]) -> tuple[int, str]:
+    """Run the leader with ``changes`` to leader.toml until it exits; the file as it was
+    afterwards. Its exit code and output."""
+    original = cluster.config_path.read_bytes()
+    try:
+        cluster.write_leader_config(changes)
+        return cluster.leader.run_to_exit(timeout=30)
+    finally:
+        cluster.config_path.write_bytes(original)
+
+
 def _leader_refuses(cluster: Cluster, changes: dict[str, object]) -> str:
     """Start the leader with ``changes`` to leader.toml: exit 2, one line (returned); its
     certificate not issued again, no admin socket; the file as it was afterwards."""
@@ -216,13 +234,8 @@ def test_a_ca_passphrase_the_leader_cannot_start_with_is_a_config_error(
         )
     else:
         what = f"{path} is empty; it must hold the CA passphrase"
-    original = cluster.config_path.read_bytes()
     cert = cluster.tls_cert_path.read_bytes()
-    try:
-        cluster.write_leader_config({"ca_passphrase_file": str(path)})
-        code, output = cluster.leader.run_to_exit(timeout=30)
-    finally:
-        cluster.config_path.write_bytes(original)
+    code, output = _run_with(cluster, {"ca_passphrase_file": str(path)})
     assert code == 2 == runtime.EXIT_CONFIG, output
     line = one_line_error(output, "tlsroll-leader")
     key = "[leader].ca_passphrase_file"
@@ -345,15 +358,8 @@ def test_a_metrics_token_file_others_may_read_is_a_config_error(
 ) -> None:
     """rev57b M3: it exited 1, which the unit restarts every 5 s for ever; a config error
     exits 2, as the same fault of ca_passphrase_file does."""
-    token = tmp_path / "metrics-token"
-    token.write_text("scrape-token-0123456789abcdef\n")
-    token.chmod(0o644)
-    original = cluster.config_path.read_bytes()
-    try:
-        cluster.write_leader_config({"metrics_token_file": str(token)})
-        code, output = cluster.leader.run_to_exit(timeout=30)
-    finally:
-        cluster.config_path.write_bytes(original)
+    token = metrics_token_file(tmp_path / "metrics-token", 0o644)
+    code, output = _run_with(cluster, {"metrics_token_file": str(token)})
     assert code == 2, output
     line = one_line_error(output, "tlsroll-leader")
     assert not cluster.admin_socket.exists()

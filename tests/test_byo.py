@@ -1625,29 +1625,28 @@ def test_the_notices_after_own_certificate_rollouts_give_the_ca_and_the_steps_th
     # To another practice CA (another key): every workstation must be set up again.
     other = make_ca("Praxis CA 2027")
     other_pin = pki.spki_pin(other.cert)
-    leaf2 = real_leaf(other, node2)
-    d2 = write_dir(tmp_path / "d2", other, {"node2": (pem(leaf2[0]), leaf2[1])})
-    moved = cluster.cli(
-        "rollout", "start", "--change", "rotate-cert", "--scope", "nodes", "--nodes", "node2",
-        "--cert-dir", str(d2), "--yes", "--wait", timeout=180,
-    )  # fmt: skip
-    assert moved.returncode == 0, moved.stdout + moved.stderr
+    rotate_to_own(cluster, node2, other, tmp_path / "d2")
     text = notice(cluster)
     assert "Every workstation set up before the change has to be set up again once after" in text
     assert commands_pin(text) == [other_pin], text
     assert not trusts(plain, node2)
 
     # A renewed certificate from that same CA: nothing to do at the workstations.
-    leaf3 = real_leaf(other, node2)
-    d3 = write_dir(tmp_path / "d3", other, {"node2": (pem(leaf3[0]), leaf3[1])})
-    renewed = cluster.cli(
-        "rollout", "start", "--change", "rotate-cert", "--scope", "nodes", "--nodes", "node2",
-        "--cert-dir", str(d3), "--yes", "--wait", timeout=180,
-    )  # fmt: skip
-    assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+    rotate_to_own(cluster, node2, other, tmp_path / "d3")
     text = notice(cluster)
     assert "nothing needs to be done at the workstations" in text, text
     assert "another certificate authority" not in text
+
+
+def rotate_to_own(cluster: Cluster, node: Node, ca: Issuer, directory: Path) -> None:
+    """A rotate-cert of ``node`` alone to a new certificate of ``ca`` (``--cert-dir``)."""
+    cert, key = real_leaf(ca, node)
+    write_dir(directory, ca, {node.name: (pem(cert), key)})
+    done = cluster.cli(
+        "rollout", "start", "--change", "rotate-cert", "--scope", "nodes", "--nodes", node.name,
+        "--cert-dir", str(directory), "--yes", "--wait", timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def commands_pin(text: str) -> list[str]:

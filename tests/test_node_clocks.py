@@ -73,7 +73,14 @@ from leader.viewer.snapshot import Reader
 from nodeagent.bootstrap_supervisor import UNREAD
 from nodeagent.failure_log import FailureLog
 from nodeagent.leader_link import LeaderLink
-from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
+from tests.cluster import (
+    LEADER_POLL,
+    METRICS_TOKEN,
+    AdminTokenCluster,
+    Cluster,
+    metrics_token_file,
+    wait_until,
+)
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, client_report, ts, until
 from tlsroll.clocks import elapsed
@@ -1071,8 +1078,6 @@ runtime.now = now  # the agent's one clock: its service, renewal and heartbeats 
 sys.exit(runtime.main(sys.argv[1:]))
 """
 
-METRICS_TOKEN = "scrape-token-0123456789abcdef"
-
 
 def scrape(cluster: Cluster) -> bytes:
     """The viewer's ``/metrics`` with the scrape token (only the cluster CA trusted)."""
@@ -1101,9 +1106,7 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
     skew_file.write_text("300")
     with AdminTokenCluster(tmp_path / "c", loopback(), heartbeat_interval=1) as cluster:
         cluster.init()
-        token_file = tmp_path / "metrics-token"
-        token_file.write_text(METRICS_TOKEN + "\n")
-        token_file.chmod(0o600)
+        token_file = metrics_token_file(tmp_path / "metrics-token")
         cluster.write_leader_config({"metrics_token_file": str(token_file)})
         cluster.start_leader()
         agent = cluster.add_agent("n1", loopback(), start=False)

@@ -37,7 +37,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from refserver.server import START_DELAY_ENV
 from tests import test_rollout
-from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, one_line_error, wait_until
+from tests.cluster import (
+    LEADER_POLL,
+    AdminTokenCluster,
+    Cluster,
+    metrics_token_file,
+    one_line_error,
+    wait_until,
+)
 from tests.conftest import next_loopback
 from tests.test_rollout import Setup, Setups, newest, start_cmd, wait_ended, wait_rollout
 from tlsroll import pki
@@ -165,9 +172,7 @@ def lone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     cluster = Cluster(root, next_loopback())
     try:
         cluster.init()
-        token_file = root / "metrics-token"
-        token_file.write_text("scrape-token-0123456789abcdef\n")
-        token_file.chmod(0o600)
+        token_file = metrics_token_file(root / "metrics-token")
         cluster.write_leader_config({"metrics_token_file": str(token_file)})
         cluster.start_leader()
         yield cluster

@@ -689,16 +689,8 @@ def notify(
                     else "",
                 )
             )
-        already = [
-            notice_node(
-                n.name,
-                the_change,
-                known.get(n.name, {}),
-                addresses.get(n.name, n.name),
-                now_pins.get(n.name) or "",
-            )
-            for n in switched_before(the_change, plan)
-        ]
+        before = switched_before(the_change, plan)
+        already = _already(before, the_change, known, addresses, now_pins)
         # Elapsed time: adding to a time in a zone adds wall-clock time, an hour off (or in the
         # hour that does not exist) across a change of daylight saving time.
         end = (start.astimezone(dt.UTC) + span).astimezone(zone) if span else None
@@ -757,16 +749,7 @@ def notify(
                     else "",
                 )
             )
-        already = [
-            notice_node(
-                n.name,
-                the_change,
-                known.get(n.name, {}),
-                addresses.get(n.name, n.name),
-                now_pins.get(n.name) or "",
-            )
-            for n in before
-        ]
+        already = _already(before, the_change, known, addresses, now_pins)
         end = None if running else _dt(r, "ended_at")
         timing = Timing(
             "running" if running else "done",
@@ -896,6 +879,27 @@ def switched_before(change: Change, rollout: schema_pb2.RolloutView) -> list[sch
         for n in rollout.nodes
         if NODE_STATE.read(n.state, "state") is NodeState.SKIPPED
         and n.reason.startswith("already done")
+    ]
+
+
+def _already(
+    nodes: Sequence[schema_pb2.NodeView],
+    change: Change,
+    known: dict[str, dict[str, tuple[str, int]]],
+    addresses: dict[str, str],
+    pins: dict[str, str | None],
+) -> list[NoticeNode]:
+    """The notice's nodes an earlier rollout switched (``switched_before``), each with the pin
+    of the CA it serves a certificate of now (``served_pins``)."""
+    return [
+        notice_node(
+            n.name,
+            change,
+            known.get(n.name, {}),
+            addresses.get(n.name, n.name),
+            pins.get(n.name) or "",
+        )
+        for n in nodes
     ]
 
 
