@@ -2403,8 +2403,10 @@ async def test_the_freeze_call_goes_out_before_the_servicer_logs_and_answers(
     await switching
     await asyncio.gather(*runner.tasks.values())
     assert order[0].startswith("log txn.started") and order[1].startswith("returned")
-    if prepared:  # the server was asked to freeze, and nothing else happened yet
-        assert order[0] == "log txn.started (ops: freeze)"
+    if prepared:  # the server was asked to freeze first (the switch may have gone on since:
+        # its next steps run in the store's thread, which a loaded machine let through before
+        # the loop logged: CI ci57d saw "freeze write_config target")
+        assert order[0].startswith("log txn.started (ops: freeze"), order
     else:  # the staging still held: no freeze call yet
         assert order == ["log txn.started (ops: -)", "returned (ops: -, staged: False)"], order
     final = journal.get("r1", TxnKind.SWITCH)

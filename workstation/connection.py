@@ -563,7 +563,9 @@ class TestConnection:
         port, hello = self.check_bootstrap_port(server)
         # Its CA bundle's size before anything else, the password above all (rev57d M1: a
         # bundle refused after the exchange lost the PC the certificate in place, superseded).
-        self._cas(hello.ca_bundle_pem)
+        # Counted, not parsed: a hello altered on the way is the exchange's to find (its
+        # transcript), and said so.
+        _bundle_size(hello.ca_bundle_pem.count(b"-----BEGIN CERTIFICATE-----"))
         where = _netloc(server.host, port)
         # A wrong CA is reported as such, before the password is asked for.
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
@@ -1248,13 +1250,7 @@ class TestConnection:
             cas = proto.ca_certificates(bundle_pem)
         except proto.BootstrapError as exc:
             raise ClientError(Exit.FAILURE, f"bootstrap answer: {exc}") from None
-        if len(cas) > pki.MAX_BUNDLE:  # each path through them costs checks (rev57c L2)
-            raise ClientError(
-                Exit.UNTRUSTED,
-                f"bootstrap answer: the node's CA bundle holds {len(cas)} certificates, more "
-                f"than the {pki.MAX_BUNDLE} a cluster's may; nothing was set up: ask the "
-                "practice IT",
-            )
+        _bundle_size(len(cas))  # each path through them costs checks (rev57c L2)
         return cas
 
     def check_chain(
@@ -2055,6 +2051,16 @@ def _login_shell(shell: str) -> bool:
 
 
 _PINS_SHOWN = 4  # the CAs above a server's certificate that the compare line names, at most
+
+
+def _bundle_size(count: int) -> None:
+    """A node's CA bundle of ``count`` certificates, more than ``pki.MAX_BUNDLE``: refused."""
+    if count > pki.MAX_BUNDLE:
+        raise ClientError(
+            Exit.UNTRUSTED,
+            f"bootstrap answer: the node's CA bundle holds {count} certificates, more than the "
+            f"{pki.MAX_BUNDLE} a cluster's may; nothing was set up: ask the practice IT",
+        )
 
 
 def proto_pin(text: str | None) -> str | None:
