@@ -3018,3 +3018,30 @@ def test_the_pins_to_compare_are_said_each_once_and_nothing_the_node_named(tmp_p
         test._cas(many)
     assert refused.value.code == Exit.UNTRUSTED
     assert f"holds {pki.MAX_BUNDLE + 1} certificates, more than the" in refused.value.message
+
+
+async def test_a_bundle_too_big_is_refused_before_the_password_is_asked_for(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """rev57d M1: the cap on a node's CA bundle was checked on the sealed bundle, after the
+    exchange: the node had signed a new certificate for this PC (the one in place superseded)
+    and it was thrown away. It is checked on the hello: nothing is sent, no CSR signed, exit 10,
+    the settings untouched."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tests.byo_certs import make_ca
+
+    node = nodes["tls"]
+    shared = ec.generate_private_key(ec.SECP256R1())
+    padding = b"".join(make_ca(f"CA {i}", key=shared).pem for i in range(pki.MAX_BUNDLE))
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + padding)
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == Exit.UNTRUSTED, run.err
+    assert f"holds {pki.MAX_BUNDLE + 1} certificates, more than the" in run.error
+    assert csrs == [] and not (tmp_path / "settings").exists()
