@@ -134,7 +134,8 @@ class Expected:
 @dataclass(frozen=True)
 class Accepted:
     """A node's certificate that passed every check; ``ca_pin``: the SPKI pin of the CA of
-    ``ca.crt`` its chain ends at (``_longest_path``), the one a workstation pins for it."""
+    ``ca.crt`` its chain ends at (``_longest_path``), taken up to its root where ``ca.crt``
+    holds that too (``_top_in``): the one a workstation pins for it."""
 
     node: str
     fingerprint: str

@@ -521,9 +521,12 @@ class SchemaStore(LeaderStore):
     ) -> list[RolloutRow | RolloutHead]:
         """``listed`` inside a read already held (``shown``)."""
         heads = db.execute("SELECT * FROM rollouts ORDER BY epoch DESC").fetchall()
+        # (a range of the key, which the key's index answers; LIKE read every row)
         own = {
             str(r[0])[len(_OWN_CA) :]
-            for r in db.execute("SELECT key FROM meta WHERE key LIKE 'own\\_ca/%' ESCAPE '\\'")
+            for r in db.execute(
+                "SELECT key FROM meta WHERE key >= ? AND key < ?", (_OWN_CA, _OWN_CA[:-1] + "0")
+            )
         }
         listed: list[RolloutRow | RolloutHead] = []
         for i, r in enumerate(heads):

@@ -45,6 +45,7 @@ import click
 from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader, rollout_id_param
 from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice
 from leader.cli.password import read_password_file
+from leader.rollout_core import CHANGES as SPECS
 from leader.rollout_core import (
     Change,
     FreezeMode,
@@ -241,7 +242,9 @@ def notice_node(
     return NoticeNode(name, old_url, new_url, port, path_known, ca_pin, ca_change)
 
 
-_INSTALLS = (Change.ENABLE_TLS, Change.ROTATE_CERT)  # the changes that give a node a certificate
+def _gives_certificate(change: Change) -> bool:
+    """Does ``change`` give its nodes a certificate (enable-tls, rotate-cert)?"""
+    return SPECS[change].stages_certificate
 
 
 def served_pins(schema: schema_pb2.Schema, start: int = 0) -> dict[str, str | None]:
@@ -256,7 +259,7 @@ def served_pins(schema: schema_pb2.Schema, start: int = 0) -> dict[str, str | No
             if n.name in found:
                 continue
             state = NODE_STATE.read(n.state, "state")
-            if change in _INSTALLS and state in (NodeState.DONE, NodeState.DUAL):
+            if _gives_certificate(change) and state in (NodeState.DONE, NodeState.DUAL):
                 found[n.name] = n.ca_pin
             elif change is Change.DISABLE_TLS and state is NodeState.DONE:
                 found[n.name] = None
@@ -285,7 +288,7 @@ def plan_request(
     change: Change, scope: str | None, nodes: str | None, cert_dir: Path | None = None
 ) -> admin_pb2.RolloutRequest:
     names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
-    if cert_dir is not None and change not in _INSTALLS:
+    if cert_dir is not None and not _gives_certificate(change):
         raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
     if change is Change.DISABLE_TLS:
         if scope or names:
@@ -626,7 +629,7 @@ def notify(
         raise click.UsageError("--rollout names a rollout that exists; --when announces one")
     if when is not None and until is not None:
         raise click.UsageError("--until goes with a transitional rollout, not with --when")
-    if cert_dir is not None and (change or "enable-tls") not in ("enable-tls", "rotate-cert"):
+    if cert_dir is not None and not _gives_certificate(Change(change or "enable-tls")):
         raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
     if password_file is not None and not include_password:
         raise click.UsageError("--password-file goes with --include-password")
@@ -676,7 +679,7 @@ def notify(
         for n in stepped:
             # enable-tls and rotate-cert give the node the plan's certificate (a practice's
             # own: its CA's pin); change-password leaves it the one it serves.
-            pin = n.ca_pin if the_change in _INSTALLS else now_pins.get(n.name) or ""
+            pin = n.ca_pin if _gives_certificate(the_change) else now_pins.get(n.name) or ""
             notice_nodes.append(
                 notice_node(
                     n.name,
@@ -732,7 +735,7 @@ def notify(
         # beside the change of then).
         index = next(i for i, x in enumerate(schema.rollouts) if x.id == r.id)
         before_pins = served_pins(schema, index + 1)
-        gives = CHANGE.read(r.change, "change") in _INSTALLS
+        gives = _gives_certificate(CHANGE.read(r.change, "change"))
         notice_nodes = []
         for n in shown:
             own = (running and gives) or the_change is Change.ROTATE_CERT

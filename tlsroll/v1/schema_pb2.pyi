@@ -193,9 +193,9 @@ class NodeView(_message.Message):
     """
     ca_pin: _builtins.str
     """The SPKI pin (sha256:...) of the practice CA the certificate a `--cert-dir` rollout gives
-    the node chains to: the top of its chain in DIR/ca.crt and the node's intermediates, the
-    CA a workstation pins for it. Empty: the rollout gives it the cluster CA's certificate, or
-    none.
+    the node chains to: the CA of DIR/ca.crt its chain ends at, up to its root where ca.crt
+    holds that too; the CA a workstation pins for it. Empty: the rollout gives it the cluster
+    CA's certificate, or none.
     """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
