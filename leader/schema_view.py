@@ -73,7 +73,9 @@ Reported = Callable[[str], bool]
 
 # Node views made before, by (id(record), id(detail)): the record, the detail (held, so that
 # their ids stay theirs), what else the view shows, the view (``rollout_view``'s ``made``).
-Made = dict[tuple[int, int], tuple[Any, Any, tuple[bool, bool, int, bool], schema_pb2.NodeView]]
+Made = dict[
+    tuple[int, int], tuple[Any, Any, tuple[bool, bool, int, bool, bool], schema_pb2.NodeView]
+]
 
 
 def rollout_view(
@@ -96,11 +98,13 @@ def rollout_view(
     pins = dict(meta.own_ca_pins)
     nodes = []
     for rec, d in row.nodes if isinstance(row, RolloutRow) else ():
+        awaiting = reported is not None and awaits_report(r, meta.when_quiet, rec, reported)
         shown = (
             rec.name == meta.leader_node,
             rec.name in (pending or set()),
             (on_http or {}).get(rec.name, 0),
-            reported is not None and awaits_report(r, meta.when_quiet, rec, reported),
+            awaiting,
+            reported is not None and not awaiting and waits_until_quiet(r, meta.when_quiet, rec),
         )
         if made is not None:
             key = (id(rec), id(d))
@@ -184,13 +188,14 @@ def finalize_preview(
 def node_view(
     rec: NodeRecord,
     d: NodeDetail,
-    shown: tuple[bool, bool, int, bool],
+    shown: tuple[bool, bool, int, bool, bool],
     change: Change,
     ca_pin: str = "",
 ) -> schema_pb2.NodeView:
     """One node's view: its record, its detail and (whether it is the leader's node, whether
     its password is pending, how many workstations are still on http, whether the leader
-    waits for its client report: ``awaits_report``), in a rollout of ``change``: its old and
+    waits for its client report: ``awaits_report``, whether it waits for quiet on http:
+    ``waits_until_quiet``), in a rollout of ``change``: its old and
     new address are the ones before and after that change (``rollout_core.before_after``).
     ``ca_pin``: the practice CA of the certificate a ``--cert-dir`` rollout gives it."""
     old_url, new_url = before_after(change, d.old_url, d.new_url)
@@ -220,6 +225,7 @@ def node_view(
         password_pending=shown[1],
         still_on_http=shown[2],
         awaiting_report=shown[3],
+        waits_until_quiet=shown[4],
         ca_pin=ca_pin,
     )
 
@@ -241,6 +247,20 @@ def awaits_report(rollout: Rollout, when_quiet: int, rec: NodeRecord, reported: 
         and rec.state is NodeState.PENDING
     )
     return waits and not reported(rec.name)
+
+
+def waits_until_quiet(rollout: Rollout, when_quiet: int, rec: NodeRecord) -> bool:
+    """Whether node ``rec`` of ``rollout`` (``when_quiet``: its ``RolloutMeta.when_quiet``)
+    is held by ``finalize --when-quiet`` (``NodeView.waits_until_quiet``): pending in such a
+    rollout that runs or is paused; the engine switches it only once no workstation was seen
+    on http there for that long (rev56f L1: ``schema show`` said so, the viewer did not). The
+    caller leaves it out where ``awaits_report`` holds: that wait comes first and says so."""
+    return (
+        rollout.change is Change.FINALIZE
+        and when_quiet > 0
+        and rollout.state in (RolloutState.RUNNING, RolloutState.PAUSED)
+        and rec.state is NodeState.PENDING
+    )
 
 
 def client_view(c: Client) -> types_pb2.ClientSeen:

@@ -341,6 +341,64 @@ def test_the_schema_and_the_viewer_say_which_nodes_wait_for_their_report(tmp_pat
     new.close()
 
 
+def test_the_schema_and_the_viewer_say_which_nodes_a_when_quiet_finalize_holds(
+    tmp_path: Path,
+) -> None:
+    """Session 56's walk (rev56f L1) found a pending node of a running ``finalize --when-quiet``
+    shown as "pending" without a word why; session 57 made ``schema show`` say it, the viewer's
+    row still did not. Both now read ``NodeView.waits_until_quiet`` (the schema, the page's
+    row in both languages): a's report came, so a waits for quiet; b's did not, so b waits for
+    its report (that comes first, and says so); none once the rollout is halted."""
+    from leader.cli.draw import QUIET
+    from leader.viewer import pages
+    from leader.viewer.i18n import Words
+    from tests.test_schema_store import follower
+
+    schema, _commands = cluster(tmp_path)
+    follower(schema, Change.FINALIZE, "t1")  # f1: finalize --when-quiet 600 of t1, a and b
+    store = Store(tmp_path / "leader.sqlite3")  # the leader started again
+    schema = SchemaStore(store.db)
+    report(store, "a", [], NOW - dt.timedelta(seconds=1))  # a's agent reports to this leader
+
+    def fresh(infos: Mapping[str, ClientsInfo], now: dt.datetime) -> frozenset[str]:
+        return fresh_reports(store, infos, now, planner.report_stale_after(HEARTBEAT))
+
+    service = SchemaViewService(schema, lambda: NOW, fresh=fresh, reported=store.report_since_start)
+    reader = Reader(store, schema, lambda: NOW, online, [], fresh=fresh)
+
+    def shown() -> tuple[dict[str, tuple[bool, bool]], dict[str, tuple[bool, bool]], str]:
+        message = service._answer(schema_pb2.GetSchemaRequest(rollout_id="f1"), None)
+        (f1,) = message.rollouts
+        snap = reader.read("f1", page=True, clients=False)
+        (page,) = (r for r in snap.data["rollouts"] if r["id"] == "f1")
+        rows = "".join(
+            pages.Drawn().rows(snap, Words.of(lang)).get("node-a", "") for lang in ("en", "de")
+        )
+        return (
+            {n.name: (n.awaiting_report, n.waits_until_quiet) for n in f1.nodes},
+            {
+                n["name"]: (bool(n.get("awaiting_report")), bool(n.get("waits_until_quiet")))
+                for n in page["nodes"]
+            },
+            rows + "\n".join(render_rollout(wire.to_dict(f1)).lines(400, False)),
+        )
+
+    by_schema, by_page, text = shown()
+    assert by_schema == by_page == {"a": (False, True), "b": (True, False)}, (by_schema, by_page)
+    for words in (QUIET.format(seconds=600), TEXTS["en"]["waits_until_quiet"].format(seconds=600)):
+        assert text.count(words) == 2, text  # a's row in the viewer (en) and in schema show
+    assert TEXTS["de"]["waits_until_quiet"].format(seconds=600) in text, text
+    assert TEXTS["en"]["waits_until_quiet"].format(seconds=600) == QUIET.format(seconds=600)
+    row = schema.get("f1")
+    assert row is not None
+    halted = replace(row.rollout, state=RolloutState.HALTED)
+    schema.save_states(row, halted, row.records, NOW, "engine")
+    by_schema, by_page, text = shown()
+    assert by_schema == by_page == {"a": (False, False), "b": (False, False)}, (by_schema, by_page)
+    assert "--when-quiet" not in text, text
+    store.close()
+
+
 def test_only_a_wait_that_decides_something_marks_a_node(tmp_path: Path) -> None:
     """Review s45rev5 L1: every node of any rollout not ended was marked as waiting for its
     client report (a renewal, a password change, phase 1 while it ran), though only a

@@ -260,8 +260,9 @@ def test_a_finalize_that_left_nodes_out_says_so_beside_completed() -> None:
 
 def test_a_node_a_when_quiet_finalize_holds_says_why() -> None:
     """rev56f L1: a pending node of a running ``finalize --when-quiet`` showed "pending" and
-    nothing else; it says what it waits for. Not once the rollout has ended, nor for a node done
-    or one that waits for its first client report (that says so itself)."""
+    nothing else; it says what it waits for, where the leader marks it
+    (``NodeView.waits_until_quiet``: which nodes it marks, tests/test_finalize_refusal.py), not
+    elsewhere; a node that waits for its first client report says so itself."""
     from leader.cli.draw import AWAITING, QUIET
 
     def text(state: types_pb2.RolloutState.ValueType, *nodes: schema_pb2.NodeView) -> str:
@@ -270,7 +271,9 @@ def test_a_node_a_when_quiet_finalize_holds_says_why() -> None:
         )
         return "\n".join(render_rollout(to_dict(view)).lines(400, color=False))
 
-    held = schema_pb2.NodeView(name="n1", state=types_pb2.NODE_STATE_PENDING)
+    held = schema_pb2.NodeView(
+        name="n1", state=types_pb2.NODE_STATE_PENDING, waits_until_quiet=True
+    )
     done = schema_pb2.NodeView(name="n2", state=types_pb2.NODE_STATE_DONE)
     waiting = schema_pb2.NodeView(
         name="n3", state=types_pb2.NODE_STATE_PENDING, awaiting_report=True
@@ -278,4 +281,5 @@ def test_a_node_a_when_quiet_finalize_holds_says_why() -> None:
     says = QUIET.format(seconds=600)
     running = text(types_pb2.ROLLOUT_STATE_RUNNING, held, done, waiting)
     assert running.count(says) == 1 and AWAITING in running, running
-    assert says not in text(types_pb2.ROLLOUT_STATE_ABORTED, held)
+    held.waits_until_quiet = False
+    assert says not in text(types_pb2.ROLLOUT_STATE_RUNNING, held)

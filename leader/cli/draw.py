@@ -33,9 +33,9 @@ who is on http there is not known yet; a finalize waits for it, ``--when-quiet``
 What to do if the wait lasts, as a finalize's refusal says it (``schema_view.waiting_for``;
 review s45rev5 L2), and as the viewer's row says it (``leader.viewer.i18n``)."""
 QUIET = "waits until no workstation was seen on http there for {seconds}s (--when-quiet)"
-"""A pending node of a running ``finalize --when-quiet``: the engine holds it while http
-clients were seen on it lately (rev56f L1: it showed "pending" without a word why)."""
-_HOLDING = {"running", "paused"}
+"""A pending node of a running ``finalize --when-quiet`` (``NodeView.waits_until_quiet``, which
+the viewer's row shows too): the engine holds it while http clients were seen on it lately
+(rev56f L1: it showed "pending" without a word why)."""
 STATE_STYLE = {
     "needs_attention": "bold reverse red",
     "done": "green",
@@ -202,11 +202,8 @@ def render_rollout(r: View) -> Block:
                         n.get("reason"),
                         PENDING if n.get("password_pending") else "",
                         AWAITING if n.get("awaiting_report") else "",
-                        QUIET.format(seconds=r["when_quiet_seconds"])
-                        if r.get("when_quiet_seconds")
-                        and n["state"] == "pending"
-                        and r["state"] in _HOLDING
-                        and not n.get("awaiting_report")
+                        QUIET.format(seconds=r.get("when_quiet_seconds", 0))
+                        if n.get("waits_until_quiet")
                         else "",
                     ],
                 )

@@ -120,6 +120,10 @@ _DE: dict[str, str] = {
         "sein Agent verbunden ist; sonst prüfen: tlsroll nodes, auf dem Knoten systemctl "
         "status tlsroll-agent)"
     ),
+    "waits_until_quiet": (
+        "wartet, bis dort {seconds} s lang kein Arbeitsplatz mehr über http gesehen wurde "
+        "(--when-quiet)"
+    ),
     "offline": "Knoten offline",
     "all_online": "Alle {count} Knoten melden sich regelmäßig.",
     "no_nodes": "Noch kein Knoten angemeldet.",
@@ -267,6 +271,9 @@ _EN: dict[str, str] = {
         "waiting for its first client report since the leader started (seconds once its "
         "agent is connected; else check: tlsroll nodes, on the node systemctl status "
         "tlsroll-agent)"
+    ),
+    "waits_until_quiet": (
+        "waits until no workstation was seen on http there for {seconds}s (--when-quiet)"
     ),
     "offline": "Nodes offline",
     "all_online": "All {count} nodes report in regularly.",

@@ -112,7 +112,11 @@ class Drawn:
             key = f"node-{n['name']}"
             hit = kept.get(key)
             if hit is None or (hit[0] is not n and hit[0] != n):
-                hit = (n, _narrow(_ENV.get_template("node_row.html").render(n=n, w=w)))
+                # (the rollout's --when-quiet seconds: fixed at its start, as the cache's key)
+                row = _ENV.get_template("node_row.html").render(
+                    n=n, w=w, when_quiet=r.get("when_quiet_seconds", 0)
+                )
+                hit = (n, _narrow(row))
                 self.count += 1
             fresh[key] = hit
             out[key] = hit[1]

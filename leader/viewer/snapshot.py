@@ -39,6 +39,7 @@ from leader.schema_view import (
     left_out_nodes,
     node_view,
     schema_message,
+    waits_until_quiet,
 )
 from leader.states import LoginFailuresRow, NodeProblemRow
 from leader.store import NodesMade, Store
@@ -71,6 +72,7 @@ ROW_FIELDS = frozenset(
         "leader_node",
         "password_pending",
         "awaiting_report",
+        "waits_until_quiet",
     }
 )
 
@@ -80,8 +82,9 @@ class _PageNode(NamedTuple):
 
     record: NodeRecord
     detail: NodeDetail
-    # it is the leader's node; its password is pending; the leader waits for its client report
-    marks: tuple[bool, bool, bool]
+    # it is the leader's node; its password is pending; the leader waits for its client report;
+    # a --when-quiet finalize holds it
+    marks: tuple[bool, bool, bool, bool]
     fields: dict[str, Any]  # its ``ROW_FIELDS``
 
 
@@ -559,10 +562,12 @@ class Reader:
             reported = self.store.report_since_start
             for rec, d in row.nodes:
                 key = (id(rec), id(d))
+                awaiting = awaits_report(row.rollout, row.meta.when_quiet, rec, reported)
                 marks = (
                     rec.name == leader,
                     rec.name in pending,
-                    awaits_report(row.rollout, row.meta.when_quiet, rec, reported),
+                    awaiting,
+                    not awaiting and waits_until_quiet(row.rollout, row.meta.when_quiet, rec),
                 )
                 hit = kept.get(key)
                 if (
@@ -572,7 +577,9 @@ class Reader:
                     or hit.marks != marks
                 ):
                     # (no row draws ``still_on_http``)
-                    view = node_view(rec, d, (marks[0], marks[1], 0, marks[2]), row.rollout.change)
+                    view = node_view(
+                        rec, d, (marks[0], marks[1], 0, marks[2], marks[3]), row.rollout.change
+                    )
                     fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
                     hit = _PageNode(rec, d, marks, fields)
                 fresh[key] = hit

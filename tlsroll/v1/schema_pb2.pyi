@@ -155,6 +155,7 @@ class NodeView(_message.Message):
     FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
     AWAITING_REPORT_FIELD_NUMBER: _builtins.int
     CA_PIN_FIELD_NUMBER: _builtins.int
+    WAITS_UNTIL_QUIET_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
@@ -197,6 +198,12 @@ class NodeView(_message.Message):
     holds that too; the CA a workstation pins for it. Empty: the rollout gives it the cluster
     CA's certificate, or none.
     """
+    waits_until_quiet: _builtins.bool
+    """A pending node of a running or paused `finalize --when-quiet` whose client report came:
+    the engine switches it only once no workstation was seen on http there for the rollout's
+    when_quiet_seconds (awaiting_report says the wait before the report). Only where
+    awaiting_report is shown (the schema, the viewer), never in the admin commands' replies.
+    """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -226,10 +233,11 @@ class NodeView(_message.Message):
         freeze_seconds: _builtins.float | None = ...,
         awaiting_report: _builtins.bool = ...,
         ca_pin: _builtins.str = ...,
+        waits_until_quiet: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "awaiting_report", b"awaiting_report", "bootstrap_port", b"bootstrap_port", "ca_pin", b"ca_pin", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "awaiting_report", b"awaiting_report", "bootstrap_port", b"bootstrap_port", "ca_pin", b"ca_pin", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http", "waits_until_quiet", b"waits_until_quiet"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
     _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
