@@ -185,6 +185,30 @@ def twins_problem(node: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class EarlierCertificate:
+    """An agent keeps calling with an earlier certificate of a node, one a renewal replaced
+    (``LeaderService._refused``): since when the leader sees it, until when it holds
+    (``LeaderState.monotonic``; seen again, it holds longer), the certificate's serial and the
+    caller's connection as gRPC names its peer."""
+
+    since: dt.datetime
+    until: float
+    serial: str
+    peer: str
+
+
+def earlier_problem(node: str, serial: str) -> str:
+    """The node problem an agent refused for an earlier certificate of node ``node`` makes."""
+    return (
+        f"an agent is refused for calling with an earlier certificate of node {node} (serial "
+        f"{serial}), one a renewal replaced: a copy of {node}'s key renewed itself, or the agent "
+        f"runs on an old copy of its data dir; the leader neither plans nor switches {node} "
+        f"until it stops: `tlsroll nodes remove {node}` (it revokes every certificate of "
+        f"{node}) and enrol it again"
+    )
+
+
 def bootstrap_problem(node: str, why: str) -> str:
     """The node problem node ``node``'s agent says of its bootstrap service (``why``, cleaned):
     one that did not start, or (``SERVES_PREVIOUS``) one that serves the settings it last
@@ -235,6 +259,9 @@ class LeaderState:
     # node -> two agents seen using its identity (``LeaderService._look_for_twins``), while
     # it holds: the node is neither planned nor switched (``node_problem``).
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
+    # node -> an agent refused for an earlier certificate of it (``LeaderService._refused``),
+    # while it holds: the node is neither planned nor switched (``node_problem``).
+    earlier_certificates: dict[str, EarlierCertificate] = field(default_factory=dict)
     # node -> its clock against the leader's, from its heartbeats (``leader.node_clocks``).
     clocks: NodeClocks = field(default_factory=NodeClocks)
     # Nodes removed (``forget_node``): how many removals there had been, the node's included;
@@ -305,11 +332,16 @@ class LeaderState:
 
     def node_problem(self, node: str) -> str | None:
         """What keeps node ``node`` from being planned or switched now, in words with what to
-        do (``NodeProblemView``), or None: two agents use its identity (``TwinAgents``)."""
+        do (``NodeProblemView``), or None: two agents use its identity (``TwinAgents``), or
+        an agent calls with an earlier certificate of it (``EarlierCertificate``)."""
+        now = self.monotonic()
         twins = self.twin_agents.get(node)
-        if twins is None or self.monotonic() >= twins.until:
-            return None
-        return twins_problem(node)
+        if twins is not None and now < twins.until:
+            return twins_problem(node)
+        earlier = self.earlier_certificates.get(node)
+        if earlier is not None and now < earlier.until:
+            return earlier_problem(node, earlier.serial)
+        return None
 
     def forget_node(self, node: str) -> None:
         """Node ``node`` was removed (the store says so): its entries here go, so that no node
@@ -329,6 +361,7 @@ class LeaderState:
         ):
             entries.pop(node, None)
         self.twin_agents.pop(node, None)
+        self.earlier_certificates.pop(node, None)
         self.clocks.drop(node)
         for forget in self.on_forget:
             forget(node)
@@ -354,6 +387,16 @@ class LeaderState:
             for node, twins in list(self.twin_agents.items())
             if now < twins.until
         ]
+        problems += (
+            NodeProblemRow(
+                node,
+                earlier_problem(node, earlier.serial),
+                earlier.since,
+                NodeProblemKind.EARLIER_CERTIFICATE,
+            )
+            for node, earlier in list(self.earlier_certificates.items())
+            if now < earlier.until
+        )
         problems += (
             NodeProblemRow(node, f"{node} {summary}", since, NodeProblemKind.NEEDS_ADMIN)
             for node, since in list(self.needs_admin_since.items())
@@ -734,6 +777,10 @@ def heard_stages(request: leader_pb2.HeartbeatRequest) -> frozenset[str]:
 
 QUESTIONS_PER_STREAM = 8
 
+EARLIER_AFTER_BEATS = 3
+"""Heartbeat intervals for which an earlier certificate of a node (one a renewal replaced) is
+refused before the leader takes it for a copy's (``LeaderService._earlier_due``)."""
+
 TWINS_HOLD_BOUNDS = 2
 """Renewal deadlines (``renewal_deadline``: 56 s at 5 s) for which two agents seen using one
 node's identity hold the node (``LeaderState.node_problem``) after they were last seen: two
@@ -998,7 +1045,7 @@ class Snapshot:
         if accepted is None:
             return rpc.not_enrolled(name)
         if caller.fingerprint not in accepted:
-            return f"certificate is not the one on record for node {name!r}"
+            return rpc.not_on_record(name)
         # The one before a revoked certificate on record (a store written before
         # ``Store.revoke`` revoked both) renews nothing, and calls no more either: the node
         # is cut off (review s48rev5 L2: its heartbeats still passed).
@@ -1187,6 +1234,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         state.store.bind_clocks(now, monotonic)
         self.schema = SchemaStore(state.store.db)
         self._callers: dict[bytes, Caller] = {}
+        # (node, fingerprint) -> when a certificate was first refused as not the node's on
+        # record (``LeaderState.monotonic``; inf: it is no earlier one), ``_earlier_due``.
+        self._refused_since: dict[tuple[str, str], float] = {}
         self._snapshot: Snapshot | None = None
         self._reading: asyncio.Future[Snapshot] | None = None
         # node -> what its last stored client report said (``clients_said``), and when.
@@ -1400,10 +1450,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._callers[key] = caller
         return caller
 
-    def _check_on_record(self, caller: Caller) -> None:
+    def _check_on_record(self, caller: Caller, peer: str = "") -> None:
         """(Worker thread.) The very certificate on record for the node, which is not removed
         (so a revoked or superseded certificate is refused), or, right after a renewal and
-        until the agent has used the new one, the one before it; and not revoked by serial."""
+        until the agent has used the new one, the one before it; and not revoked by serial.
+        ``peer``: the caller's connection (``_refused``)."""
         name = caller.name
         try:
             node = self.state.store.get_node(name)
@@ -1411,7 +1462,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             raise unauthenticated(rpc.not_enrolled(name)) from None
         accepted = {node.cert_fingerprint, node.prev_cert_fingerprint} - {""}
         if caller.fingerprint not in accepted:
-            raise unauthenticated(f"certificate is not the one on record for node {name!r}")
+            if self._earlier_due(caller):
+                self._refused(caller, peer)
+            raise unauthenticated(rpc.not_on_record(name))
         # A certificate revoked by serial (`tlsroll ca revoke`) must not renew itself into a
         # fresh one, nor go on calling: the node has to enrol again.
         if self.state.store.is_revoked(caller.serial):
@@ -1423,8 +1476,63 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     async def _caller_cert(self, context: Ctx) -> Caller:
         """The enrolled node calling, and its certificate (``_identify``, ``_check_on_record``)."""
         caller = self._identify(context)
-        await asyncio.to_thread(self._check_on_record, caller)
+        await asyncio.to_thread(self._check_on_record, caller, context.peer())
         return caller
+
+    def _earlier_due(self, caller: Caller) -> bool:
+        """(Any thread.) ``caller`` is refused as not the node's certificate on record: whether
+        the store is to be asked if it is an earlier one of the node (``_refused``). Not at
+        its first refusal, only once such refusals of it went on for ``EARLIER_AFTER_BEATS``
+        heartbeat intervals: an agent's own stream opened before its renewal may send a
+        message or two more after its new certificate was used (and is cut then:
+        ``_cut_refused``), which is no copy; an agent refused for good tries again at each
+        heartbeat. Never again for a certificate found to be no earlier one."""
+        key = (caller.name, caller.fingerprint)
+        now = self.state.monotonic()
+        first = self._refused_since.get(key)
+        if first is None:
+            if len(self._refused_since) >= MAX_CALLERS:
+                self._refused_since.clear()
+            self._refused_since[key] = now
+            return False
+        return now - first >= EARLIER_AFTER_BEATS * self.state.heartbeat_interval
+
+    def _refused(self, caller: Caller, peer: str) -> None:
+        """(Worker thread: a store read.) ``caller`` keeps being refused as not the node's
+        certificate on record (``_earlier_due``): if it is an earlier certificate of the node
+        (``Store.earlier_certificate``: one a renewal replaced), the key it was issued for is
+        in use by an agent that is not the one on record. Either a copy of the node's key
+        renewed itself and cut the node's own agent off, or the node's agent renewed and a
+        copy of its old key calls, or the agent runs on an old copy of its data dir: the
+        leader cannot tell which agent is the node's (review rev58b H1: a copy renewed itself,
+        and the node's own agent was refused in silence). Logged as it begins, a node problem
+        (``EarlierCertificate``: the node is neither planned nor switched) held for
+        ``TWINS_HOLD_BOUNDS`` renewal deadlines from the last refusal."""
+        key = (caller.name, caller.fingerprint)
+        serial = self.state.store.earlier_certificate(caller.name, caller.fingerprint)
+        if serial is None:
+            self._refused_since[key] = math.inf  # never due: no earlier certificate of it
+            return
+        earlier = self.state.earlier_certificates
+        now = self.state.monotonic()
+        until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
+        held = earlier.get(caller.name)
+        shown = peertext.clean(peer, 80)
+        if held is None or now >= held.until:
+            log.warning(
+                "node.earlier_certificate_used", node=caller.name, serial=serial, peer=shown
+            )
+            if len(earlier) >= MAX_CALLERS:
+                earlier.clear()
+            earlier[caller.name] = EarlierCertificate(self.state.clock(), until, serial, shown)
+        else:
+            earlier[caller.name] = replace(held, until=until, serial=serial, peer=shown)
+
+    async def _refusing(self, caller: Caller, context: Ctx, why: str) -> None:
+        """``why`` is about to refuse ``caller`` (a heartbeat, a stream's opening): noted as
+        ``_check_on_record`` notes it, if it says the certificate is not the one on record."""
+        if why == rpc.not_on_record(caller.name) and self._earlier_due(caller):
+            await asyncio.to_thread(self._refused, caller, context.peer())
 
     async def _relearn(self, context: Ctx, request: leader_pb2.HeartbeatRequest) -> bool:
         """After ``--reinitialise``: record an unknown node from the certificate its agent
@@ -1550,9 +1658,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         snap = await self.snapshot()
         if (why := snap.refusal(caller)) is not None:
             if not snap.relearns(caller.name, now) or not await self._relearn(context, request):
+                await self._refusing(caller, context, why)
                 raise unauthenticated(why)
             snap = await self.snapshot()
             if (why := snap.refusal(caller)) is not None:
+                await self._refusing(caller, context, why)
                 raise unauthenticated(why)
         if request.crl_number > snap.crl_number and not self._crl_floor_raised:
             snap = await self._crl_floor(caller.name, request.crl_number, now, snap)
@@ -1959,6 +2069,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # window may still take waits for its message, as before.)
         # (No local for the snapshot: the handler's frame lives as long as the stream.)
         if (why := self._refused_at_open(caller, await self.snapshot())) is not None:
+            await self._refusing(caller, context, why)
             # InternalError: the call ended meanwhile (its client went, the server stops):
             # nothing is left to refuse (``_end``); raised on, it was logged as an error.
             with contextlib.suppress(grpc.aio.InternalError, grpc.aio.UsageError):

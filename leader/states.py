@@ -40,6 +40,10 @@ class NodeProblemKind(StrEnum):
     # Its bootstrap service should run (https with an auth password) but failed to start (its
     # agent says why): workstations cannot enrol there.
     BOOTSTRAP_DOWN = "bootstrap-down"
+    # An agent keeps calling with an earlier certificate of the node, one a renewal replaced:
+    # a copy of its key renewed itself (``LeaderService._refused``). Neither planned nor
+    # switched, as with two agents.
+    EARLIER_CERTIFICATE = "earlier-certificate"
 
 
 class NodeProblemRow(NamedTuple):

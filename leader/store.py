@@ -1477,6 +1477,24 @@ class Store(LeaderStore):
             for r in rows
         }
 
+    def earlier_certificate(self, name: str, fingerprint: str) -> str | None:
+        """The serial of ``fingerprint`` if it is an earlier certificate of enrolled node
+        ``name``: issued to the node by this CA (kind ``node``), recorded before the one on
+        record, not revoked; else None. A refused caller presenting one holds a key the node
+        had, which a renewal replaced (``LeaderService._refused``): a copy of its key renewed
+        itself, or its agent runs on an old copy of its data dir. A certificate this store
+        never recorded (one issued after a backup it was restored from) is none."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT c.serial FROM certificates c JOIN nodes n ON n.name = c.subject"
+                " JOIN certificates cur"
+                " ON cur.kind = 'node' AND cur.fingerprint = n.cert_fingerprint"
+                " WHERE c.kind = 'node' AND c.subject = ? AND c.fingerprint = ?"
+                " AND c.revoked_at IS NULL AND n.removed_at IS NULL AND c.seq < cur.seq",
+                (name, fingerprint),
+            ).fetchone()
+        return str(row["serial"]) if row is not None else None
+
     def renew_node_certificate(
         self,
         name: str,
@@ -2439,7 +2457,7 @@ def check_caller_in(
     if row is None:
         raise Superseded(rpc.not_enrolled(name))
     if fingerprint not in {row["cert_fingerprint"], row["prev_cert_fingerprint"]} - {""}:
-        raise Superseded(f"certificate is not the one on record for node {name!r}")
+        raise Superseded(rpc.not_on_record(name))
     if _revoked(db, serial.lstrip("0") or "0"):
         raise Superseded(rpc.revoked_node(name))
     # The one before a revoked certificate on record (a store written before ``Store.revoke``

@@ -31,8 +31,8 @@ def _then(rig: InProcessLeader, where: str, write: Callable[[Store, dt.datetime]
     if where == "check":
         check = rig.service._check_on_record
 
-        def check_then_write(caller: Caller) -> None:
-            check(caller)
+        def check_then_write(caller: Caller, peer: str = "") -> None:
+            check(caller, peer)
             write(store, rig.clock[0])
 
         rig.service._check_on_record = check_then_write  # type: ignore[method-assign]

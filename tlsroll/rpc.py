@@ -68,6 +68,12 @@ def not_enrolled(name: str) -> str:
     return f"{name!r} {NOT_ENROLLED}"
 
 
+def not_on_record(name: str) -> str:
+    """A node's certificate that is neither the one on record nor, right after a renewal, the
+    one before it (a renewal replaced it)."""
+    return f"certificate is not the one on record for node {name!r}"
+
+
 def revoked_node(name: str) -> str:
     return f"the certificate of node {name!r} {REVOKED_NODE}"
 

@@ -100,6 +100,10 @@ _DE: dict[str, str] = {
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
+    "earlier_certificate": "Ein Agent meldet sich mit einem früheren, durch eine Erneuerung "
+    "ersetzten Zertifikat von Knoten {node} und wird abgewiesen: eine Kopie seines Schlüssels "
+    "ist womöglich in fremden Händen. Der Knoten wird weder geplant noch umgestellt. Bitte die "
+    "Praxis-IT verständigen (Knoten entfernen und neu aufnehmen).",
     "clock_offset": "Die Uhr von Knoten {node} weicht um {seconds} s von der des Leaders ab; "
     "Zertifikate und Umstellungen hängen von ihr ab. Bitte die Praxis-IT verständigen "
     "(Zeitabgleich, NTP).",
@@ -252,6 +256,10 @@ _EN: dict[str, str] = {
     "rollback is not in effect there. Please call the practice IT (check the node's disk).",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
+    "earlier_certificate": "An agent calls with an earlier certificate of node {node}, one a "
+    "renewal replaced, and is refused: a copy of its key may be in other hands. The node is "
+    "neither planned nor switched. Please call the practice IT (remove the node and enrol it "
+    "again).",
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "
     "certificates and switches depend on it. Please call the practice IT (time "
     "synchronisation, NTP).",

@@ -50,6 +50,12 @@ class _NodeProblemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeP
     before this value reports no such problem; a reader before it sees an unknown kind: the
     problem's words say what it is).
     """
+    NODE_PROBLEM_KIND_EARLIER_CERTIFICATE: _NodeProblemKind.ValueType  # 5
+    """An agent keeps calling with an earlier certificate of the node, one a renewal replaced
+    (refused): a copy of the node's key renewed itself, or the agent runs on an old copy of
+    its data dir. The leader neither plans nor switches the node (a leader before this value
+    reports no such problem; a reader before it sees an unknown kind: the words say it).
+    """
 
 class NodeProblemKind(_NodeProblemKind, metaclass=_NodeProblemKindEnumTypeWrapper): ...
 
@@ -72,6 +78,12 @@ NODE_PROBLEM_KIND_BOOTSTRAP_DOWN: NodeProblemKind.ValueType  # 4
 but failed to start (its agent says why): workstations cannot enrol there (a leader
 before this value reports no such problem; a reader before it sees an unknown kind: the
 problem's words say what it is).
+"""
+NODE_PROBLEM_KIND_EARLIER_CERTIFICATE: NodeProblemKind.ValueType  # 5
+"""An agent keeps calling with an earlier certificate of the node, one a renewal replaced
+(refused): a copy of the node's key renewed itself, or the agent runs on an old copy of
+its data dir. The leader neither plans nor switches the node (a leader before this value
+reports no such problem; a reader before it sees an unknown kind: the words say it).
 """
 Global___NodeProblemKind: _TypeAlias = NodeProblemKind  # noqa: Y015
 

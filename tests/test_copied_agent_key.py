@@ -1,0 +1,145 @@
+"""Review rev58b H1: a copy of a node's agent key (a copy of its data dir) renewed itself: the
+leader signed the copy a new certificate, took the copy's heartbeats as the node's, and refused
+the node's own agent ("certificate is not the one on record") without a word; the copy could
+renew again and again, and the node's agent died quietly when its certificate ended. Two agents
+with one identity were noticed only while both were accepted.
+
+Now an agent that keeps calling with an earlier certificate of a node (one a renewal replaced)
+is the node's problem, as two agents are: logged (``node.earlier_certificate_used``), shown by
+``schema show`` and the viewer, and the node is neither planned nor switched until the admin
+removes it (which revokes every certificate of it, the copy's too) and enrols it again. A real
+cluster: leader, agents and reference servers as processes, real mutual TLS; the copy is this
+test, calling the leader with the copied key and certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.cluster import csr_pem, wait_until
+from tests.nodeside import cluster_of
+from tlsroll import pki
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _problems(cluster: object) -> list[dict[str, object]]:
+    shown = cluster.cli("schema", "show", "--json")  # type: ignore[attr-defined]
+    assert shown.returncode == 0, shown.stderr
+    return list(json.loads(shown.stdout).get("node_problems", []))
+
+
+def test_a_copy_of_an_agent_key_that_renewed_itself_is_the_node_s_problem(
+    tmp_path: Path,
+) -> None:
+    with cluster_of(tmp_path, 2) as (cluster, (_node1, node2)):
+        agent = node2.agent
+        assert agent is not None
+        cert, key = agent.cert_file.read_bytes(), agent.key_file.read_bytes()
+        copied_serial = f"{pki.load_cert_pem(cert).serial_number:x}"
+        # The copy renews with a key of its own, and calls with the certificate it got: the
+        # leader now refuses the node's own agent (its certificate is the one before, and the
+        # new one was used).
+        new_key = pki.generate_key()
+        with cluster.control_channel(cert, key) as channel:
+            renewed = leader_pb2_grpc.LeaderStub(channel).RenewNodeCertificate(
+                leader_pb2.RenewNodeCertificateRequest(
+                    csr_pem=csr_pem(new_key, "node2", [node2.address])
+                ),
+                timeout=10,
+            )
+        copy = (renewed.certificate_pem, pki.key_to_pem(new_key))
+        stop = threading.Event()
+        refused: list[str] = []
+
+        def beat() -> None:  # the copy's heartbeats, each second, until the test ends
+            with cluster.control_channel(*copy) as channel:
+                stub = leader_pb2_grpc.LeaderStub(channel)
+                while not stop.wait(1):
+                    try:
+                        stub.Heartbeat(
+                            leader_pb2.HeartbeatRequest(
+                                agent_version="0.9", agent_instance="copy", agent_port=9442
+                            ),
+                            timeout=10,
+                        )
+                    except grpc.RpcError as exc:
+                        refused.append(f"{exc.code().name}: {exc.details()}")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            wait_until(
+                lambda: any(
+                    "earlier certificate of node node2" in str(p.get("problem"))
+                    for p in _problems(cluster)
+                ),
+                60,
+                "node2's problem: an agent calls with an earlier certificate of it",
+            )
+            (problem,) = [p for p in _problems(cluster) if p.get("node") == "node2"]
+            assert problem["kind"] == "earlier-certificate", problem
+            assert f"serial {copied_serial}" in str(problem["problem"]), problem
+            assert "tlsroll nodes remove node2" in str(problem["problem"]), problem
+            said = [
+                e
+                for e in cluster.leader.log_events()
+                if e.get("event") == "node.earlier_certificate_used"
+            ]
+            assert said and said[0]["node"] == "node2" and said[0]["serial"] == copied_serial
+            assert said[0]["level"] == "warning", said[0]
+            # The node's own agent was refused all along: it is what the leader notices.
+            assert "not the one on record" in agent.log_text()
+            # Neither planned nor switched meanwhile: the plan names the problem.
+            plan = cluster.cli("plan", "--scope", "cluster")
+            assert plan.returncode != 0, plan.stdout
+            assert "earlier certificate of node node2" in plan.stdout + plan.stderr, (
+                plan.stdout + plan.stderr
+            )
+            # What the problem says to do ends it: the removal revokes the copy's certificate.
+            removed = cluster.cli("nodes", "remove", "node2", "--yes")
+            assert removed.returncode == 0, removed.stderr
+            wait_until(lambda: any("UNAUTHENTICATED" in r for r in refused), 20, "copy refused")
+            assert not [p for p in _problems(cluster) if p.get("node") == "node2"]
+        finally:
+            stop.set()
+            thread.join(15)
+        assert not any("secret" in r.lower() for r in refused)
+
+
+def test_the_problem_is_on_the_viewer_s_page_in_both_languages(tmp_path: Path) -> None:
+    """The viewer's page warns of it in its own words (what it means, who to call), not the
+    leader's English words as an unknown kind's."""
+    from leader.schema_store import SchemaStore
+    from leader.service import earlier_problem
+    from leader.states import NodeProblemKind, NodeProblemRow
+    from leader.store import Store
+    from leader.viewer import pages
+    from leader.viewer.i18n import Words
+    from leader.viewer.snapshot import Reader
+    from tests.conftest import none_fresh
+
+    store = Store(tmp_path / "leader.sqlite3")
+    now = dt.datetime(2026, 12, 5, 9, 0, tzinfo=dt.UTC)
+    kind = NodeProblemKind.EARLIER_CERTIFICATE
+    problems = [NodeProblemRow("n2", earlier_problem("n2", "1f"), now, kind)]
+    reader = Reader(store, SchemaStore(store.db), lambda: now, lambda _: True, [], fresh=none_fresh)
+    reader.node_problems = lambda: problems
+    snap = reader.read()
+    (shown,) = snap.data["node_problems"]
+    assert shown["kind"] == "earlier-certificate" and "serial 1f" in shown["problem"]
+    page = pages.PageContext("127.0.0.1", "test", now, "/events")
+    for lang, words in (
+        ("de", "früheren, durch eine Erneuerung ersetzten Zertifikat von Knoten n2"),
+        ("en", "An agent calls with an earlier certificate of node n2"),
+    ):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        assert words in html and 'data-problem="earlier-certificate"' in html, html
+    store.close()
