@@ -112,6 +112,7 @@ from leader.rollout_core import (
     wrong_source,
 )
 from tlsroll import echo
+from tlsroll.enums import CONFIG_UNREADABLE
 from tlsroll.errors import TerminalError
 
 
@@ -266,6 +267,8 @@ class Unreachable(PlanError):
                 f"cannot ask the agent of {_some(agents)} what it runs ({what}); "
                 "bring the agent up or leave the node out (--nodes)"
             )
+        unreadable = [n for n in down if errors[n].startswith(SERVER_DOWN + CONFIG_UNREADABLE)]
+        down = [n for n in down if n not in unreadable]
         if down:
             what = _some([f"{n}: {errors[n]}" for n in down], " (tlsroll nodes)")
             its, verb = (
@@ -276,6 +279,14 @@ class Unreachable(PlanError):
             said.append(
                 f"cannot tell what {_some(down)} {verb}: {its} ({what}); "
                 "start the server or leave the node out (--nodes)"
+            )
+        if unreadable:
+            # (review rev58a H1: "bring the agent up" for a config edited by hand)
+            what = _some([f"{n}: {errors[n]}" for n in unreadable], " (tlsroll nodes)")
+            said.append(
+                f"cannot tell what {_some(unreadable)} "
+                f"{'runs' if len(unreadable) == 1 else 'run'}: the managed server's config "
+                f"cannot be read ({what}); fix the file or leave the node out (--nodes)"
             )
         super().__init__("; ".join(said))
         self.names = tuple(names)

@@ -52,8 +52,15 @@ from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
-from tlsroll.enums import NEEDS_ADMIN, SERVER_NOT_HEALTHY, SERVER_RESTARTING, Change, TxnKind
-from tlsroll.errors import NotRegularFile, PKIError, PKIReason
+from tlsroll.enums import (
+    CONFIG_UNREADABLE,
+    NEEDS_ADMIN,
+    SERVER_NOT_HEALTHY,
+    SERVER_RESTARTING,
+    Change,
+    TxnKind,
+)
+from tlsroll.errors import ConfigError, NotRegularFile, PKIError, PKIReason
 from tlsroll.fsutil import config_dir_problem, read_regular
 from tlsroll.rpc import (
     RpcStatusError,
@@ -430,11 +437,20 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         try:
             facts = await asyncio.to_thread(driver.facts)
             status = await driver.status()
-        except (DriverError, OSError) as exc:
+        except (DriverError, OSError, ConfigError) as exc:
+            # A config file that cannot be read (edited by hand: not valid TOML) is said as
+            # such: it failed every heartbeat, and the node, agent and server up, looked
+            # offline, the plan saying to bring its agent up (review rev58a H1).
+            detail = str(exc)
+            if isinstance(exc, ConfigError):
+                detail = (
+                    f"{CONFIG_UNREADABLE}, fix the file (the server may still run on what it "
+                    f"loaded before): {detail}"
+                )
             return agent_pb2.ServerView(
                 driver=driver.name,
                 healthy=False,
-                detail=str(exc),
+                detail=detail,
                 clients=await self._clients(driver),
                 # The server down, its config read: the way back can still take it to http.
                 configured_schemes=list(facts.schemes) if facts is not None else [],
