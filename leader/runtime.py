@@ -76,7 +76,14 @@ from tlsroll.errors import (
     os_error_text,
 )
 from tlsroll.fsutil import check_private_file
-from tlsroll.rpc import add_standard_services, bind, hostport
+from tlsroll.rpc import (
+    CONTROL_CONNECTIONS,
+    JOIN_CONNECTIONS,
+    add_standard_services,
+    bind,
+    connection_cap,
+    hostport,
+)
 from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
 from tlsroll.v1 import (
     admin_pb2,
@@ -710,7 +717,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     join_creds = own.join_credentials()
     control_creds = own.control_credentials()
 
-    join = grpc.aio.server(options=SERVER_OPTIONS + TLS_FRAME_OPTIONS)
+    join = grpc.aio.server(
+        options=SERVER_OPTIONS + TLS_FRAME_OPTIONS + connection_cap(JOIN_CONNECTIONS)
+    )
     enrolment = EnrolmentService(state)
     enrolment.guard = JoinGuard(GuardPolicy(free=cfg.join_free_failures))
     enrolment_pb2_grpc.add_EnrolmentServicer_to_server(enrolment, join)
@@ -719,7 +728,10 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
 
     # Keepalive PINGs tell a live agent from a stopped one between its heartbeat messages.
     control = grpc.aio.server(
-        options=SERVER_OPTIONS + TLS_FRAME_OPTIONS + control_server_options(cfg.heartbeat_interval)
+        options=SERVER_OPTIONS
+        + TLS_FRAME_OPTIONS
+        + control_server_options(cfg.heartbeat_interval)
+        + connection_cap(CONTROL_CONNECTIONS)
     )
     leader_service = LeaderService(state)
     leader_service.batch_seconds = batch_period(os.environ)

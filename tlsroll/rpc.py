@@ -427,8 +427,38 @@ def check_port_free(target: str) -> None:
 # threads switched about a third less per node of a rollout without it). The control port has
 # none either (``leader.service.control_server_options``).
 NO_BDP_PROBE = ("grpc.http2.bdp_probe", 0)
-# The agent's NodeAgent server (the leader's calls): no port sharing, no probe.
-AGENT_SERVER_OPTIONS = [("grpc.so_reuseport", 0), NO_BDP_PROBE]
+
+
+def connection_cap(connections: int) -> list[tuple[str, int]]:
+    """Server options that bound what anyone who can reach a gRPC port holds of the process:
+    at most ``connections`` connections at once (gRPC's core accepts no more until one
+    closes: they wait in the kernel's backlog, holding none of the process's descriptors),
+    and a connection whose TLS handshake has not ended within ``HANDSHAKE_SECONDS`` closed
+    (gRPC's default is 120 s). Without them 400 idle TCP connections from one host, no TLS,
+    no token, filled a leader's descriptors: the admin socket stopped answering, the log
+    filled with "socket.accept() out of system resource" (review rev58b H3). The cap is the
+    server's own (one port's flood leaves the others alone); a flood kept up can still keep
+    others from connecting to that port while it lasts, which only a firewall's per-source
+    limit prevents (README "Security notes")."""
+    return [
+        ("grpc.max_allowed_incoming_connections", connections),
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
+    ]
+
+
+HANDSHAKE_SECONDS = 10.0
+# Connections at once: the leader's join port (enrolments, a few at a time), its control port
+# (each agent holds one, a renewal or the CLI's a second for a moment: issue 15's 500 nodes
+# with room), an agent's NodeAgent port (the leader and `nodes --check`).
+JOIN_CONNECTIONS = 256
+CONTROL_CONNECTIONS = 4096
+AGENT_CONNECTIONS = 64
+# The agent's NodeAgent server (the leader's calls): no port sharing, no probe, a cap.
+AGENT_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    NO_BDP_PROBE,
+    *connection_cap(AGENT_CONNECTIONS),
+]
 
 
 def reconnect_options(max_seconds: float) -> list[tuple[str, int]]:

@@ -1,0 +1,96 @@
+"""Review rev58b H3: the leader's join and control ports and an agent's NodeAgent port took every
+connection anyone opened: 400 idle TCP connections from one host (no TLS, no token) filled a
+leader's descriptors (its limit lowered here as the review did; 16384 in the unit, as reachable
+from one LAN host): `tlsroll nodes` got "the leader did not answer in time", the log filled with
+asyncio's "socket.accept() out of system resource". Each gRPC port now holds at most its cap of
+connections (``tlsroll.rpc.connection_cap``; the rest wait in the kernel's backlog, holding
+none of the process's descriptors), and one that has not finished its TLS handshake within
+``HANDSHAKE_SECONDS`` is closed. A real leader and agent as processes, real mutual TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import cluster_of
+from tests.test_viewer_limits import fd_count, out_of_descriptors
+from tlsroll import rpc
+from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _flood(address: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` TCP connections to ``address:port`` that send nothing, from a few loopback
+    addresses (the kernel's ephemeral ports would do; several sources as a LAN would have)."""
+    sources = [next_loopback() for _ in range(4)]
+    held = []
+    for i in range(count):
+        try:
+            held.append(
+                socket.create_connection(
+                    (address, port), timeout=2, source_address=(sources[i % 4], 0)
+                )
+            )
+        except OSError:
+            break
+    return held
+
+
+def test_a_flood_of_idle_connections_leaves_the_leader_and_the_agent_working(
+    tmp_path: Path,
+) -> None:
+    with cluster_of(tmp_path, 2) as (cluster, (_node1, node2)):
+        pid = cluster.leader.pid
+        logged = len(cluster.leader.log_events())
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        before = fd_count(pid)
+        # Room for one port's cap and some, not for a flood held whole.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (before + rpc.JOIN_CONNECTIONS + 120, hard))
+        held: list[socket.socket] = []
+        try:
+            held += _flood(cluster.address, JOIN_PORT, rpc.JOIN_CONNECTIONS + 200)
+            wait_until(
+                lambda: fd_count(pid) >= before + rpc.JOIN_CONNECTIONS - 8,
+                20,
+                "the leader accepted the join port's cap of connections",
+                interval=0.2,
+            )
+            assert fd_count(pid) <= before + rpc.JOIN_CONNECTIONS + 40, (fd_count(pid), before)
+            nodes = cluster.cli("nodes", "--json")  # the admin socket answers ...
+            assert nodes.returncode == 0, nodes.stderr
+            # ... and the agents' heartbeats (the control port has its own cap) go on.
+            assert all(n["online"] for n in json.loads(nodes.stdout)), nodes.stdout
+            # Silent, they are closed at the handshake deadline (and the next ones accepted).
+            assert node2.agent is not None
+            agent = node2.agent.pid
+            agent_before = fd_count(agent)
+            held += _flood(node2.address, AGENT_PORT, rpc.AGENT_CONNECTIONS + 50)
+            wait_until(
+                lambda: fd_count(agent) >= agent_before + rpc.AGENT_CONNECTIONS - 4,
+                20,
+                "the agent accepted its port's cap of connections",
+                interval=0.2,
+            )
+            assert fd_count(agent) <= agent_before + rpc.AGENT_CONNECTIONS + 16
+            assert not out_of_descriptors(cluster.leader.log_events()[logged:])
+            # Past the handshake deadline the leader can reach the agent again (the flood's
+            # first connections closed, the rest fit, each closed in its turn).
+            wait_until(
+                lambda: cluster.cli("nodes", "--check", "--json").returncode == 0,
+                3 * rpc.HANDSHAKE_SECONDS + 15,
+                "nodes --check answers again",
+                interval=1.0,
+            )
+        finally:
+            for conn in held:
+                conn.close()
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert CONTROL_PORT != JOIN_PORT
