@@ -339,7 +339,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def PlanRollout(
         self, request: admin_pb2.RolloutRequest, context: Ctx
     ) -> admin_pb2.PlanResponse:
-        planned = await self.commands.plan(rollout_request(request))
+        planned = await self.commands.plan(
+            rollout_request(request), refuse_if_busy=request.refuse_if_busy
+        )
         rollout, nodes = planned.rollout, planned.records
         checks, steps, warnings = plan_texts(
             rollout.change, rollout.strategy, rollout.freeze, request.HasField("cert_dir")

@@ -176,6 +176,13 @@ async def test_a_start_retry_or_finalize_beside_a_running_rollout_asks_no_agent(
         await commands.start(RolloutRequest(Change.ROTATE_CERT, Scope.cluster()), ADMIN)
     with pytest.raises(RolloutBusy, match=busy):
         await commands.retry(halted.rollout.id, ADMIN)
+    # `rollout start`'s dry run too (review rev58a M2: it asked every agent first, and with
+    # a node's agent stopped said "cannot ask the agent of node2" after 5 s); `tlsroll plan`
+    # (no ``refuse_if_busy``) still shows its plan, with the warning.
+    request = RolloutRequest(Change.ROTATE_CERT, Scope.cluster())
+    with pytest.raises(RolloutBusy, match=busy):
+        await commands.plan(request, refuse_if_busy=True)
+    assert agents.asked == []
     settle(schema, running, {"alpha"})
     # A transitional phase 1 awaiting finalize, its finalize running: a second finalize.
     phase1 = rollout(schema, "t1", Change.ENABLE_TLS, ["charlie"], strategy=Strategy.TRANSITIONAL)

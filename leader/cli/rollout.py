@@ -421,8 +421,12 @@ def rollout_start(
     # fields it does not know): refused before the plan is shown and confirmed.
     leader.require_same_code()
     with leader.admin() as admin:
-        # The dry run first: a bad scope or an offline node fails before anything is asked.
-        planned = leader.call(admin.PlanRollout, request)
+        # The dry run first: a bad scope or an offline node fails before anything is asked;
+        # a rollout not ended, at once, before any agent is asked (review rev58a M2).
+        dry_run = admin_pb2.RolloutRequest()
+        dry_run.CopyFrom(request)
+        dry_run.refuse_if_busy = True
+        planned = leader.call(admin.PlanRollout, dry_run)
         check_echo(request, planned)
         refuse_not_on_https(planned)  # before anything is asked (the leader refuses it too)
         if planned.busy:  # a rollout has not ended: before a password is made (audit s39 M1)

@@ -472,6 +472,7 @@ class RolloutRequest(_message.Message):
     UNDO_ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     CERT_DIR_FIELD_NUMBER: _builtins.int
+    REFUSE_IF_BUSY_FIELD_NUMBER: _builtins.int
     change: _types_pb2.Change.ValueType
     """Required."""
     scope: _types_pb2.ScopeKind.ValueType
@@ -491,6 +492,12 @@ class RolloutRequest(_message.Message):
     strategy: _types_pb2.Strategy.ValueType
     """enable-tls only: STRATEGY_TRANSITIONAL opens https beside http (phase 1); unspecified or
     STRATEGY_DIRECT: the seed's switch.
+    """
+    refuse_if_busy: _builtins.bool
+    """PlanRollout: refuse at once (FAILED_PRECONDITION, naming it) while a rollout not ended keeps
+    this one from starting, before any agent is asked: `rollout start`'s dry run (its agents,
+    busy switching, made the refusal "cannot ask the agent of NODE": review rev58a M2).
+    `tlsroll plan` leaves it unset: it shows the plan with a warning.
     """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -516,10 +523,11 @@ class RolloutRequest(_message.Message):
         undo_rollout_id: _builtins.str = ...,
         strategy: _types_pb2.Strategy.ValueType = ...,
         cert_dir: Global___CertDir | None = ...,
+        refuse_if_busy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cert_dir", b"cert_dir"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "cert_dir", b"cert_dir", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "cert_dir", b"cert_dir", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "refuse_if_busy", b"refuse_if_busy", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
