@@ -86,7 +86,8 @@ STALE_ATTEMPTS = 5
 
 ALREADY: Mapping[RolloutAction, frozenset[RolloutState]] = {
     RolloutAction.PAUSE: frozenset({RolloutState.PAUSED}),
-    RolloutAction.RESUME: frozenset(),
+    # (resume given twice, or by two admins at once, exited 1: review rev58a L4)
+    RolloutAction.RESUME: frozenset({RolloutState.RUNNING}),
     RolloutAction.ABORT: frozenset({RolloutState.ABORTING, RolloutState.ABORTED}),
 }
 """The states in which an administrator's action is already done (``control``: a no-op)."""
@@ -917,8 +918,9 @@ class Commands:
     async def control(self, rollout_id: str, action: RolloutAction, actor: str) -> RolloutRow:
         """pause | resume | abort the named, else the active, else the latest rollout;
         IllegalTransition (naming state and action, ending with the command to run instead:
-        ``rollout_core.next_command``) if not allowed now. A pause of a paused rollout, an
-        abort of one aborting or aborted, changes nothing and succeeds (``ALREADY``)."""
+        ``rollout_core.next_command``) if not allowed now. A pause of a paused rollout, a
+        resume of a running one, an abort of one aborting or aborted, changes nothing and
+        succeeds (``ALREADY``)."""
         import tenacity  # noqa: PLC0415 - a rare command's (see the module's docstring)
 
         async for attempt in tenacity.AsyncRetrying(
@@ -962,7 +964,7 @@ class Commands:
             else self.schema.active() or self.schema.latest()
         )
         if row is None and rollout_id:
-            raise NoSuchRollout(f"no rollout {shown(rollout_id)} (see: tlsroll schema show)")
+            raise NoSuchRollout(f"no rollout {shown(rollout_id)} (see: tlsroll schema show --all)")
         if row is None:
             raise NoRolloutYet("no rollout yet; start one with: tlsroll rollout start")
         return row

@@ -974,8 +974,6 @@ def next_command(rollout: Rollout, action: RolloutAction) -> str:
         return f"it has ended: start a new one (tlsroll rollout start --scope …){back}"
     if state in DRAINING_ROLLOUT_STATES:
         return "wait until it has ended: tlsroll schema show --watch"
-    if state is RolloutState.RUNNING and action is RolloutAction.RESUME:
-        return "follow it with tlsroll schema show --watch"
     if state is RolloutState.PAUSED and action is RolloutAction.PAUSE:
         return f"carry on with tlsroll rollout resume {rollout.id}"
     return "see: tlsroll schema show"

@@ -621,7 +621,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         shown = schema.shown(rollouts)
         if request.rollout_id and not shown.rows:
             raise not_found(
-                f"no rollout {echo.shown(request.rollout_id)} (see: tlsroll schema show)"
+                f"no rollout {echo.shown(request.rollout_id)} (see: tlsroll schema show --all)"
             )
         rows = cast(list[RolloutRow], shown.rows)
         total = shown.total

@@ -90,7 +90,9 @@ def test_schema_show_ends_without_the_teardown_and_with_all_its_output(
 
         missing = as_the_program("schema", "show", "--rollout", "r-nope", data_dir=data_dir)
         assert missing.returncode == 1 and missing.stdout == ""
-        assert missing.stderr == "tlsroll: error: no rollout 'r-nope' (see: tlsroll schema show)\n"
+        assert missing.stderr == (
+            "tlsroll: error: no rollout 'r-nope' (see: tlsroll schema show --all)\n"
+        )
 
     version = as_the_program("--version")
     assert version.returncode == 0 and "tlsroll" in version.stdout
@@ -147,7 +149,7 @@ def test_the_json_codec_answers_what_get_schema_answers(
             except RpcFailed as exc:
                 assert (exc.code, exc.details) == (
                     "NOT_FOUND",
-                    "no rollout 'r-nope' (see: tlsroll schema show)",
+                    "no rollout 'r-nope' (see: tlsroll schema show --all)",
                 )
             else:
                 raise AssertionError("a missing rollout was answered")

@@ -663,7 +663,7 @@ def test_schema_show_draws_the_newest_rollout_and_all_of_them_with_all(
         missing = cluster.cli("schema", "show", "--rollout", "r-nope")
         assert missing.returncode == 1 and missing.stdout == ""
         assert missing.stderr.strip() == (
-            "tlsroll: error: no rollout 'r-nope' (see: tlsroll schema show)"
+            "tlsroll: error: no rollout 'r-nope' (see: tlsroll schema show --all)"
         )
 
 
