@@ -129,7 +129,9 @@ MAX_TRACKED_CLIENTS = 10_000
 # limits let up to LOGIN_CONCURRENCY checks run at once, from any number of sources) is one
 # commit a second, not one per guess. A crash loses at most this long's worth of the count.
 LOGIN_FAILURES_SAVE_SECONDS = 1.0
-SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
+SWITCHING_MESSAGE = (
+    "The server is switching between http and https; no new entries now. Retry later."
+)
 
 _ENTRY_ID = re.compile(r"[0-9a-f]{32}")
 _STATUS_WORDS = {
