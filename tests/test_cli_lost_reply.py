@@ -28,7 +28,13 @@ import h2.connection
 import h2.events
 import pytest
 
-from leader.cli.base import EXIT_MAY_HAVE_BEEN_DONE, GET_SCHEMA, Leader, MayHaveBeenDone
+from leader.cli.base import (
+    EXIT_MAY_HAVE_BEEN_DONE,
+    GET_SCHEMA,
+    CLIError,
+    Leader,
+    MayHaveBeenDone,
+)
 from leader.cli.unary import RpcFailed, UnaryChannel, _Frames
 from leader.rollout_core import Change, NodeRecord, Rollout, RolloutEvent, Scope
 from leader.schema_store import RolloutMeta, SchemaStore
@@ -132,6 +138,25 @@ def test_a_changing_call_whose_reply_is_lost_after_it_was_sent_may_have_been_don
     assert str(info.value.message).startswith(
         "the leader did not answer in time after the request was sent: it may have been done;"
     )
+
+
+def test_a_leader_that_takes_the_call_and_never_answers_says_what_to_look_at(
+    tmp_path: Path,
+) -> None:
+    """Review rev58a L6: a hung leader (stopped with SIGSTOP: its socket takes the connection,
+    nothing answers) gave "the leader did not answer in time", neither what happened nor what
+    to look at. A read-only call now says where to look (a changing one that was sent says it
+    may have been done, above)."""
+    sock = tmp_path / "admin.sock"
+    with swallowing(sock, close=False):
+        leader = Leader(sock)
+        with pytest.raises(CLIError) as info:
+            leader.raw(GET_SCHEMA, schema_pb2.GetSchemaRequest().SerializeToString(), timeout=0.5)
+        leader.close()
+    assert str(info.value) == (
+        "the leader did not answer in time (is it hung? systemctl status tlsroll-leader, "
+        "journalctl -u tlsroll-leader)"
+    ), info.value
 
 
 def test_a_read_only_call_or_no_leader_at_all_is_cannot_reach(

@@ -390,6 +390,14 @@ class Leader:
             raise click.UsageError(details, click.get_current_context(silent=True))
         if code == "UNIMPLEMENTED":  # grpc's own "Method not found!" says nothing useful
             fail(UNIMPLEMENTED)
+        if code == "DEADLINE_EXCEEDED" and not answered:
+            # A leader that took the connection and says nothing (hung, stopped): what to look
+            # at; a command that changes something and was sent says MayHaveBeenDone instead
+            # (review rev58a L6).
+            fail(
+                f"{details} (is it hung? systemctl status tlsroll-leader, journalctl -u "
+                "tlsroll-leader)"
+            )
         fail(details or f"the leader answered {code}")
 
     # --- which code the leader runs (tlsroll.contract) -----------------------------------------
