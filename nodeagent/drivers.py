@@ -958,9 +958,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         while True:
             await wakeup.wait(min(wait, max(deadline - time.monotonic(), 0.0)))
             if child.poll() is not None:
-                raise DriverError(
-                    f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
-                )
+                raise DriverError(f"{ended_at_start(child.returncode)}: {self._last_log_line()}")
             try:
                 # READY=1 from the started server (``Wakeup.ready``) says its admin socket
                 # answers; otherwise ask it.
@@ -980,12 +978,27 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             wait = min(wait * 2, ceiling)
 
     def _last_log_line(self) -> str:
+        """The server's last log line; one of the reference server's JSON lines as its message
+        (``event``) and the rest as ``key=value``, without its time, level and logger (pasted
+        whole it was hard to read: review rev58a L2)."""
         try:
             text = read_file(self.log_file).decode(errors="replace")
             lines = [ln for ln in text.splitlines() if ln]
         except OSError:
             return "no log"
-        return lines[-1][-300:] if lines else "no output"
+        if not lines:
+            return "no output"
+        last = lines[-1]
+        with contextlib.suppress(ValueError):
+            said = json.loads(last)
+            if isinstance(said, dict) and isinstance(said.get("event"), str):
+                rest = ", ".join(
+                    f"{key}={value}"
+                    for key, value in said.items()
+                    if key not in ("event", "timestamp", "level", "logger")
+                )
+                return (str(said["event"]) + (f" ({rest})" if rest else ""))[:300]
+        return last[-300:]
 
     async def restart(self) -> None:
         await self.stop()
@@ -1000,6 +1013,18 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             return ClientsView(source="refserver", problem=client_sources.one_line(exc))
         window = window or clients.WINDOW_SECONDS
         return ClientsView(tuple(seen[: clients.MAX_REPORTED]), window, "refserver", problem)
+
+
+def ended_at_start(code: int) -> str:
+    """How a managed server that ended while it started ended: its exit code, or the signal
+    that killed it (``subprocess``'s negative code: "code -9" was the admin's to decode)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the server was killed at start ({name})"
+    return f"the server exited at start (code {code})"
 
 
 # --- systemd and exec: config from a template -------------------------------------------------

@@ -1876,3 +1876,26 @@ def test_the_write_watermark_a_status_may_give() -> None:
         said = str(refused.value)
         assert said.startswith("the server's status has no write watermark (an integer; its keys:")
         assert "2026-12-03" not in said and "many" not in said
+
+
+def test_a_server_killed_at_start_says_by_which_signal_and_its_last_line_reads(
+    tmp_path: Path,
+) -> None:
+    """Review rev58a L2: "the server exited at start (code -9): {"seconds": 4.0, …, "event":
+    …}": the signal by name, the reference server's JSON line as its message and the rest."""
+    from types import SimpleNamespace
+
+    from nodeagent.drivers import ReferenceDriver, ended_at_start
+
+    assert ended_at_start(-9) == "the server was killed at start (SIGKILL)"
+    assert ended_at_start(2) == "the server exited at start (code 2)"
+    log = tmp_path / "refserver.log"
+    log.write_text(
+        '{"seconds": 4.0, "event": "test_hook.start_delay", "level": "info", '
+        '"logger": "refserver", "timestamp": "2026-12-05T22:00:00Z"}\n'
+    )
+    last = ReferenceDriver._last_log_line(SimpleNamespace(log_file=log))  # type: ignore[arg-type]
+    assert last == "test_hook.start_delay (seconds=4.0)", last
+    log.write_text("refserver: error: cannot listen on 127.0.0.1:8443: in use\n")
+    last = ReferenceDriver._last_log_line(SimpleNamespace(log_file=log))  # type: ignore[arg-type]
+    assert last == "refserver: error: cannot listen on 127.0.0.1:8443: in use"
