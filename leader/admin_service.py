@@ -339,24 +339,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def PlanRollout(
         self, request: admin_pb2.RolloutRequest, context: Ctx
     ) -> admin_pb2.PlanResponse:
-        planned = await self.commands.plan(
-            rollout_request(request), refuse_if_busy=request.refuse_if_busy
-        )
+        wanted = rollout_request(request)
+        active = await asyncio.to_thread(self.schema.active)
+        busy = ""
+        if active is not None:
+            # (A way back may start beside a transitional rollout awaiting finalize.)
+            waiting = active.rollout.state is RolloutState.AWAITING_FINALIZE
+            if not (waiting and wanted.change is Change.DISABLE_TLS):
+                busy = str(RolloutBusy(active.rollout.id, active.rollout.state.value))
+        if busy and request.refuse_if_busy:
+            # `rollout start`'s dry run: the refusal at once, no agent asked (review rev58a
+            # M2: with a node's agent stopped it said "cannot ask the agent of node2").
+            return admin_pb2.PlanResponse(busy=busy)
+        planned = await self.commands.plan(wanted)
         rollout, nodes = planned.rollout, planned.records
         checks, steps, warnings = plan_texts(
             rollout.change, rollout.strategy, rollout.freeze, request.HasField("cert_dir")
         )
-        active = await asyncio.to_thread(self.schema.active)
-        busy = ""
         if active is not None:
             warnings.append(
                 f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
                 "cannot start until it has ended"
             )
-            # (A way back may start beside a transitional rollout awaiting finalize.)
-            waiting = active.rollout.state is RolloutState.AWAITING_FINALIZE
-            if not (waiting and rollout.change is Change.DISABLE_TLS):
-                busy = str(RolloutBusy(active.rollout.id, active.rollout.state.value))
         kept = [r.name for r in nodes if r.state is NodeState.SKIPPED]
         if request.HasField("cert_dir") and kept:
             warnings.append(

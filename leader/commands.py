@@ -307,13 +307,10 @@ class Commands:
             return replace(request, scope=Scope.cluster()), "", undone
         return replace(request, scope=Scope.cluster()), target.id, None
 
-    async def plan(self, request: RolloutRequest, *, refuse_if_busy: bool = False) -> Planned:
+    async def plan(self, request: RolloutRequest) -> Planned:
         """What a rollout would start with, from what each node runs now; PlanError if the
-        scope cannot be planned (or nothing is left to do). ``refuse_if_busy``: RolloutBusy
-        first, before the agents are asked, as a start refuses (``_start``)."""
-        request, undoes, undone = await self._resolve(request)
-        if refuse_if_busy:
-            await asyncio.to_thread(self.schema.refuse_if_busy, request.finalizes or undoes)
+        scope cannot be planned (or nothing is left to do)."""
+        request, _undoes, undone = await self._resolve(request)
         return await self._plan(request, undone)
 
     async def _online_now(self) -> tuple[dict[str, bool], set[str]]:

@@ -176,13 +176,6 @@ async def test_a_start_retry_or_finalize_beside_a_running_rollout_asks_no_agent(
         await commands.start(RolloutRequest(Change.ROTATE_CERT, Scope.cluster()), ADMIN)
     with pytest.raises(RolloutBusy, match=busy):
         await commands.retry(halted.rollout.id, ADMIN)
-    # `rollout start`'s dry run too (review rev58a M2: it asked every agent first, and with
-    # a node's agent stopped said "cannot ask the agent of node2" after 5 s); `tlsroll plan`
-    # (no ``refuse_if_busy``) still shows its plan, with the warning.
-    request = RolloutRequest(Change.ROTATE_CERT, Scope.cluster())
-    with pytest.raises(RolloutBusy, match=busy):
-        await commands.plan(request, refuse_if_busy=True)
-    assert agents.asked == []
     settle(schema, running, {"alpha"})
     # A transitional phase 1 awaiting finalize, its finalize running: a second finalize.
     phase1 = rollout(schema, "t1", Change.ENABLE_TLS, ["charlie"], strategy=Strategy.TRANSITIONAL)
@@ -195,6 +188,73 @@ async def test_a_start_retry_or_finalize_beside_a_running_rollout_asks_no_agent(
     latest = schema.latest()
     assert latest is not None and latest.rollout.id == "f1"
     await leader_.stop()
+
+
+async def test_rollout_start_s_dry_run_beside_a_running_rollout_asks_no_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review rev58a M2: `rollout start`'s dry run (``PlanRollout``) asked every agent before
+    it said another rollout runs: with a node's agent stopped mid-switch it took 5 s and said
+    "cannot ask the agent of node2 … bring the agent up" (or "nothing to do" for a node a
+    running way back was about to take back). With ``refuse_if_busy`` (what the CLI's start
+    sends) it answers ``busy`` at once, nothing planned; `tlsroll plan` (without) still plans,
+    with the warning; a way back beside a rollout awaiting finalize is not refused."""
+    import types
+
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import rollout_request
+    from leader.commands import Planned
+    from leader.rollout_core import NodeRecord, Rollout
+    from leader.service import LeaderState
+    from tests.fake_agent import START
+    from tests.test_engine import make_world, open_store
+    from tlsroll.v1 import admin_pb2
+    from tlsroll.wire import CHANGE
+
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    planned: list[object] = []
+    rollout = Rollout(
+        id="r3", change=Change.ROTATE_CERT, scope=Scope.cluster(), order=("alpha",), epoch=1
+    )
+
+    async def plan(request: object) -> Planned:
+        planned.append(request)  # what asks the agents
+        return Planned(rollout, (NodeRecord("alpha", NodeState.PENDING),))
+
+    state = [RolloutState.RUNNING]
+    active = types.SimpleNamespace(rollout=types.SimpleNamespace(id="r2", state=None))
+
+    def current() -> object:
+        active.rollout.state = state[0]
+        return active
+
+    service = AdminService(
+        LeaderState(store, world.ca, lambda: START, 1),
+        types.SimpleNamespace(plan=plan),  # type: ignore[arg-type]
+        types.SimpleNamespace(  # type: ignore[arg-type]
+            active=current, clients_report=lambda names: ([], {})
+        ),
+    )
+    request = rollout_request("cluster", None, 1, "node", "rotate-cert")
+    request.refuse_if_busy = True
+    reply = await service.PlanRollout(request, None)  # type: ignore[arg-type]
+    assert reply.busy.startswith("rollout r2 is running; one rollout at a time"), reply.busy
+    assert not reply.HasField("rollout") and planned == []
+    request.refuse_if_busy = False  # `tlsroll plan`: the plan, marked busy
+    reply = await service.PlanRollout(request, None)  # type: ignore[arg-type]
+    assert reply.busy and reply.rollout.id == "r3" and len(planned) == 1
+    assert any("cannot start until it has ended" in w for w in reply.warnings)
+    state[0] = RolloutState.AWAITING_FINALIZE  # a way back beside it is planned
+    back = admin_pb2.RolloutRequest(
+        change=CHANGE.wire(Change.DISABLE_TLS),
+        freeze=request.freeze,
+        max_parallel=1,
+        refuse_if_busy=True,
+    )
+    reply = await service.PlanRollout(back, None)  # type: ignore[arg-type]
+    assert not reply.busy and len(planned) == 2
+    store.close()
 
 
 # --- M3: a command runs to its end when its caller goes away --------------------------------

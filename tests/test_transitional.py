@@ -345,7 +345,8 @@ def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_
             "rollout", "start", "--scope", "cluster", "--change", "rotate-cert", "--yes"
         )
         assert other.returncode == 1
-        assert "tlsroll rollout finalize" in other.stderr and "node1, node2, node3" in other.stderr
+        assert "awaits finalize" in other.stderr and "tlsroll rollout finalize" in other.stderr
+        assert "nothing was started" in other.stderr, other.stderr
 
         # The practice is told it can switch any time until http closes.
         notice = cluster.cli("notify", "--lang", "en", "--until", "2099-12-12 18:00")

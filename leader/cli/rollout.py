@@ -427,10 +427,10 @@ def rollout_start(
         dry_run.CopyFrom(request)
         dry_run.refuse_if_busy = True
         planned = leader.call(admin.PlanRollout, dry_run)
-        check_echo(request, planned)
-        refuse_not_on_https(planned)  # before anything is asked (the leader refuses it too)
         if planned.busy:  # a rollout has not ended: before a password is made (audit s39 M1)
             raise CLIError(f"{planned.busy}; nothing was started")
+        check_echo(request, planned)
+        refuse_not_on_https(planned)  # before anything is asked (the leader refuses it too)
         if password_version is not None and password_version != planned.applies.version:
             raise CLIError(
                 f"password version {password_version} is not the one a change-password "

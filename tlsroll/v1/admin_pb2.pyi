@@ -494,10 +494,10 @@ class RolloutRequest(_message.Message):
     STRATEGY_DIRECT: the seed's switch.
     """
     refuse_if_busy: _builtins.bool
-    """PlanRollout: refuse at once (FAILED_PRECONDITION, naming it) while a rollout not ended keeps
-    this one from starting, before any agent is asked: `rollout start`'s dry run (its agents,
+    """PlanRollout: while a rollout not ended keeps this one from starting, answer at once with
+    `busy` alone (no plan), before any agent is asked: `rollout start`'s dry run (its agents,
     busy switching, made the refusal "cannot ask the agent of NODE": review rev58a M2).
-    `tlsroll plan` leaves it unset: it shows the plan with a warning.
+    `tlsroll plan` leaves it unset: the plan, with `busy` and a warning.
     """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
