@@ -199,13 +199,18 @@ class EarlierCertificate:
 
 
 def earlier_problem(node: str, serial: str) -> str:
-    """The node problem an agent refused for an earlier certificate of node ``node`` makes."""
+    """The node problem an agent refused for an earlier certificate of node ``node`` makes.
+    It does not offer to revoke that serial: where a copy of the key renewed itself, the
+    refused agent is the node's own, and the copy holds the certificate on record (review
+    rev58c H1)."""
     return (
         f"an agent is refused for calling with an earlier certificate of node {node} (serial "
-        f"{serial}), one a renewal replaced: a copy of {node}'s key renewed itself, or the agent "
-        f"runs on an old copy of its data dir; the leader neither plans nor switches {node} "
-        f"until it stops: `tlsroll nodes remove {node}` (it revokes every certificate of "
-        f"{node}) and enrol it again"
+        f"{serial}), one a renewal replaced: a copy of {node}'s key renewed itself and the "
+        f"refused agent may be {node}'s own, or {node} renewed and a copy of its old key calls, "
+        f"or the agent runs on an old copy of its data dir; the leader cannot tell which agent "
+        f"is {node}'s and neither plans nor switches it while such calls go on: `tlsroll nodes "
+        f"remove {node}` (it revokes every certificate of {node}, the copy's too) and enrol it "
+        "again"
     )
 
 
@@ -1234,9 +1239,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         state.store.bind_clocks(now, monotonic)
         self.schema = SchemaStore(state.store.db)
         self._callers: dict[bytes, Caller] = {}
-        # (node, fingerprint) -> when a certificate was first refused as not the node's on
-        # record (``LeaderState.monotonic``; inf: it is no earlier one), ``_earlier_due``.
-        self._refused_since: dict[tuple[str, str], float] = {}
+        # (node, fingerprint) -> since when a certificate has been refused as not the node's
+        # on record, and when last (``LeaderState.monotonic``; inf: it is no earlier one),
+        # ``_earlier_due``.
+        self._refused_since: dict[tuple[str, str], tuple[float, float]] = {}
         self._snapshot: Snapshot | None = None
         self._reading: asyncio.Future[Snapshot] | None = None
         # node -> what its last stored client report said (``clients_said``), and when.
@@ -1486,16 +1492,18 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         heartbeat intervals: an agent's own stream opened before its renewal may send a
         message or two more after its new certificate was used (and is cut then:
         ``_cut_refused``), which is no copy; an agent refused for good tries again at each
-        heartbeat. Never again for a certificate found to be no earlier one."""
+        heartbeat: refusals of it with a gap of more than that span begin the count again.
+        Never again for a certificate found to be no earlier one."""
         key = (caller.name, caller.fingerprint)
         now = self.state.monotonic()
-        first = self._refused_since.get(key)
-        if first is None:
-            if len(self._refused_since) >= MAX_CALLERS:
-                self._refused_since.clear()
-            self._refused_since[key] = now
-            return False
-        return now - first >= EARLIER_AFTER_BEATS * self.state.heartbeat_interval
+        span = EARLIER_AFTER_BEATS * self.state.heartbeat_interval
+        first, last = self._refused_since.get(key, (now, now))
+        if now - last > span:  # not refused all along: the count begins again (rev58c M1)
+            first = now
+        if len(self._refused_since) >= MAX_CALLERS and key not in self._refused_since:
+            self._refused_since.clear()
+        self._refused_since[key] = (first, now if math.isfinite(last) else last)
+        return math.isfinite(last) and now - first >= span
 
     def _refused(self, caller: Caller, peer: str) -> None:
         """(Worker thread: a store read.) ``caller`` keeps being refused as not the node's
@@ -1511,7 +1519,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         key = (caller.name, caller.fingerprint)
         serial = self.state.store.earlier_certificate(caller.name, caller.fingerprint)
         if serial is None:
-            self._refused_since[key] = math.inf  # never due: no earlier certificate of it
+            self._refused_since[key] = (math.inf, math.inf)  # never due: no earlier one
             return
         earlier = self.state.earlier_certificates
         now = self.state.monotonic()

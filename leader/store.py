@@ -1479,18 +1479,22 @@ class Store(LeaderStore):
 
     def earlier_certificate(self, name: str, fingerprint: str) -> str | None:
         """The serial of ``fingerprint`` if it is an earlier certificate of enrolled node
-        ``name``: issued to the node by this CA (kind ``node``), recorded before the one on
-        record, not revoked; else None. A refused caller presenting one holds a key the node
-        had, which a renewal replaced (``LeaderService._refused``): a copy of its key renewed
-        itself, or its agent runs on an old copy of its data dir. A certificate this store
-        never recorded (one issued after a backup it was restored from) is none."""
+        ``name`` in its current enrolment: issued to the node by this CA (kind ``node``) since
+        it was enrolled, recorded before the one on record; else None. A refused caller
+        presenting one holds a key the node had, which a renewal replaced
+        (``LeaderService._refused``). Revoked or not (review rev58c H1: a `ca revoke` of the
+        serial the problem named, the node's own agent's where a copy renewed itself, ended the
+        problem and left the copy the node); one of an enrolment before (the node removed,
+        which revokes every certificate of it, and enrolled again) is none: the removal is
+        what ends the problem. Nor is a certificate this store never recorded (one issued
+        after a backup it was restored from)."""
         with self._db.read() as db:
             row = db.execute(
                 "SELECT c.serial FROM certificates c JOIN nodes n ON n.name = c.subject"
-                " JOIN certificates cur"
-                " ON cur.kind = 'node' AND cur.fingerprint = n.cert_fingerprint"
+                " JOIN certificates cur ON cur.kind = 'node' AND cur.subject = n.name"
+                " AND cur.fingerprint = n.cert_fingerprint"
                 " WHERE c.kind = 'node' AND c.subject = ? AND c.fingerprint = ?"
-                " AND c.revoked_at IS NULL AND n.removed_at IS NULL AND c.seq < cur.seq",
+                " AND n.removed_at IS NULL AND c.issued_at >= n.enrolled_at AND c.seq < cur.seq",
                 (name, fingerprint),
             ).fetchone()
         return str(row["serial"]) if row is not None else None

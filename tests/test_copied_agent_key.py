@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -103,6 +104,13 @@ def test_a_copy_of_an_agent_key_that_renewed_itself_is_the_node_s_problem(
             assert "earlier certificate of node node2" in plan.stdout + plan.stderr, (
                 plan.stdout + plan.stderr
             )
+            # Revoking the serial it names does not end it (review rev58c H1: it did, and the
+            # copy, on record, kept the node): that is the node's own agent's certificate here.
+            revoked = cluster.cli("ca", "revoke", copied_serial)
+            assert revoked.returncode == 0, revoked.stderr
+            time.sleep(20)  # longer than the problem's hold (2 renewal deadlines: 16 s here)
+            (problem,) = [p for p in _problems(cluster) if p.get("node") == "node2"]
+            assert problem["kind"] == "earlier-certificate", problem
             # What the problem says to do ends it: the removal revokes the copy's certificate.
             removed = cluster.cli("nodes", "remove", "node2", "--yes")
             assert removed.returncode == 0, removed.stderr
@@ -143,3 +151,31 @@ def test_the_problem_is_on_the_viewer_s_page_in_both_languages(tmp_path: Path) -
         html = pages.schema_content(snap, Words.of(lang), page)
         assert words in html and 'data-problem="earlier-certificate"' in html, html
     store.close()
+
+
+def test_only_refusals_that_go_on_count_and_a_gap_begins_the_count_again() -> None:
+    """Review rev58c M1: the count was from the first refusal ever of a certificate, so one
+    refusal, and another a week later, made it a copy's at once. Now only refusals with no gap
+    longer than ``EARLIER_AFTER_BEATS`` intervals count (an agent refused for good tries at each
+    heartbeat); a certificate found to be no earlier one is never asked of the store again."""
+    from types import SimpleNamespace
+
+    from leader.service import EARLIER_AFTER_BEATS, Caller, LeaderService
+
+    clock = [1000.0]
+    state = SimpleNamespace(monotonic=lambda: clock[0], heartbeat_interval=5)
+    service = SimpleNamespace(_refused_since={}, state=state)
+    caller = Caller("n2", "sha256:aa", "1f", "sha256:bb")
+
+    def due(at: float) -> bool:
+        clock[0] = at
+        return LeaderService._earlier_due(service, caller)  # type: ignore[arg-type]
+
+    span = EARLIER_AFTER_BEATS * 5
+    assert not due(1000)
+    assert not due(1000 + 7 * 86400)  # a week later: a gap, the count begins again
+    assert not due(1000 + 7 * 86400 + span - 1)
+    assert due(1000 + 7 * 86400 + span)  # refused all along for the span
+    assert not due(1000 + 8 * 86400)  # another gap
+    service._refused_since[("n2", "sha256:aa")] = (float("inf"), float("inf"))  # no earlier one
+    assert not due(1000 + 9 * 86400) and not due(1000 + 9 * 86400 + span)

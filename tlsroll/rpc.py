@@ -431,10 +431,10 @@ NO_BDP_PROBE = ("grpc.http2.bdp_probe", 0)
 
 def connection_cap(connections: int) -> list[tuple[str, int]]:
     """Server options that bound what anyone who can reach a gRPC port holds of the process:
-    at most ``connections`` connections at once (gRPC's core accepts no more until one
-    closes: they wait in the kernel's backlog, holding none of the process's descriptors),
-    and a connection whose TLS handshake has not ended within ``HANDSHAKE_SECONDS`` closed
-    (gRPC's default is 120 s). Without them 400 idle TCP connections from one host, no TLS,
+    at most ``connections`` connections at once (gRPC's core closes one more at once, as it
+    accepts it: a legitimate client meanwhile is refused and tries again), and a connection
+    whose TLS handshake has not ended within ``HANDSHAKE_SECONDS`` closed (gRPC's default is
+    120 s). Without them 400 idle TCP connections from one host, no TLS,
     no token, filled a leader's descriptors: the admin socket stopped answering, the log
     filled with "socket.accept() out of system resource" (review rev58b H3). The cap is the
     server's own (one port's flood leaves the others alone); a flood kept up can still keep
@@ -453,11 +453,17 @@ HANDSHAKE_SECONDS = 10.0
 JOIN_CONNECTIONS = 256
 CONTROL_CONNECTIONS = 4096
 AGENT_CONNECTIONS = 64
-# The agent's NodeAgent server (the leader's calls): no port sharing, no probe, a cap.
+# The agent's NodeAgent server (the leader's calls): no port sharing, no probe, a cap, and a
+# PING every 5 minutes on a connection, so that one whose peer vanished (a host switched off)
+# is closed within them and holds no place of the cap for hours (review rev58c L5).
 AGENT_SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     NO_BDP_PROBE,
     *connection_cap(AGENT_CONNECTIONS),
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 
