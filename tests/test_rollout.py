@@ -243,8 +243,8 @@ def control_refused(setup: Setup, action: str, state: str, rollout_id: str = "")
 
 
 def control_again(setup: Setup, action: str, rollout_id: str, state: str, named: bool) -> None:
-    """A pause or abort given again (audit s39race L1: it exited 1): what it asks for holds,
-    so it succeeds, says the state, and changes nothing."""
+    """A pause, resume or abort given again (audit s39race L1, review rev58a L4: it exited 1):
+    what it asks for holds, so it succeeds, says the state, and changes nothing."""
 
     def rollout_rows() -> tuple[object, ...]:
         """The rollouts and their audit events (the engine may note a node meanwhile)."""
@@ -426,7 +426,8 @@ def test_controls_in_running_paused_aborting_and_aborted(setups: Setups) -> None
         rid, "running", {"p1": ("switching", ""), "p2": ("staged", ""), "p3": ("pending", "")}
     )
 
-    control_refused(s, "resume", "running")
+    # A resume of a running rollout: what it asks for holds (review rev58a L4: it exited 1).
+    control_again(s, "resume", rid, "running", named=False)
     control_ok(s, "pause", rid, "paused")
     control_again(s, "pause", rid, "paused", named=False)
     control_ok(s, "resume", rid, "running")
