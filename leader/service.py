@@ -1517,7 +1517,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         (``EarlierCertificate``: the node is neither planned nor switched) held for
         ``TWINS_HOLD_BOUNDS`` renewal deadlines from the last refusal."""
         key = (caller.name, caller.fingerprint)
-        serial = self.state.store.earlier_certificate(caller.name, caller.fingerprint)
+        try:
+            serial = self.state.store.earlier_certificate(caller.name, caller.fingerprint)
+        except Exception as exc:  # the store cannot be read now: the refusal stands as it is
+            log.warning(
+                "node.earlier_check_failed",
+                node=caller.name,
+                error=f"{type(exc).__name__}: {exc}"[:200],
+            )
+            return
         if serial is None:
             self._refused_since[key] = (math.inf, math.inf)  # never due: no earlier one
             return
