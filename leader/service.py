@@ -189,13 +189,12 @@ def twins_problem(node: str) -> str:
 class EarlierCertificate:
     """An agent keeps calling with an earlier certificate of a node, one a renewal replaced
     (``LeaderService._refused``): since when the leader sees it, until when it holds
-    (``LeaderState.monotonic``; seen again, it holds longer), the certificate's serial and the
-    caller's connection as gRPC names its peer."""
+    (``LeaderState.monotonic``; seen again, it holds longer), and the certificate's serial (the
+    caller's connection is in the log line that said it began)."""
 
     since: dt.datetime
     until: float
     serial: str
-    peer: str
 
 
 def earlier_problem(node: str, serial: str) -> str:
@@ -1533,16 +1532,18 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now = self.state.monotonic()
         until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
         held = earlier.get(caller.name)
-        shown = peertext.clean(peer, 80)
         if held is None or now >= held.until:
             log.warning(
-                "node.earlier_certificate_used", node=caller.name, serial=serial, peer=shown
+                "node.earlier_certificate_used",
+                node=caller.name,
+                serial=serial,
+                peer=peertext.clean(peer, 80),
             )
             if len(earlier) >= MAX_CALLERS:
                 earlier.clear()
-            earlier[caller.name] = EarlierCertificate(self.state.clock(), until, serial, shown)
+            earlier[caller.name] = EarlierCertificate(self.state.clock(), until, serial)
         else:
-            earlier[caller.name] = replace(held, until=until, serial=serial, peer=shown)
+            earlier[caller.name] = replace(held, until=until, serial=serial)
 
     async def _refusing(self, caller: Caller, context: Ctx, why: str) -> None:
         """``why`` is about to refuse ``caller`` (a heartbeat, a stream's opening): noted as
