@@ -205,7 +205,10 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         names = pki.Names.of(self.name, [self.address])
         csr = pki.csr_to_pem(pki.make_csr(self.key, names))
         creds = grpc.ssl_channel_credentials(root_certificates=self.world.ca_pem)
-        async with grpc.aio.secure_channel(self.world.join_target, creds) as channel:
+        options = [("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td))]
+        async with grpc.aio.secure_channel(
+            self.world.join_target, creds, options=options
+        ) as channel:
             reply = await enrolment_pb2_grpc.EnrolmentStub(channel).Enrol(
                 enrolment_pb2.EnrolRequest(
                     token=self.token,
@@ -214,6 +217,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                     addresses=[self.address],
                     agent_version=__version__,
                     agent_port=AGENT_PORT,
+                    names_apart=True,
                 ),
                 timeout=60,
             )

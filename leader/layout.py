@@ -101,9 +101,10 @@ class Layout:
 def write_leader_cert(
     layout: Layout, ca: pki.CertificateAuthority, key: pki.PrivateKey, names: pki.Names
 ) -> None:
-    """Issue the leader's certificate for ``key``: its names, its cluster identity
-    (``spiffe://…/leader``) and its internal name, serving and client use; written as a chain
-    with the CA."""
+    """Issue the leader's certificate for ``key``: its names (apart from the SAN: agents dial
+    the leader by its internal name, and no workstation may take it as a server certificate
+    for the leader's address, ``pki.NAMES_OID``), its cluster identity (``spiffe://…/leader``)
+    and its internal name, serving and client use; written as a chain with the CA."""
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
 
     td = ca.trust_domain
@@ -114,6 +115,7 @@ def write_leader_cert(
         client=True,
         identity=spiffe.leader(td),
         internal_dns=[spiffe.leader_host(td)],
+        names_apart=True,
     )
     write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
 
@@ -190,7 +192,9 @@ def ensure_leader_identity(
     ``key`` (``leader.key``'s unless given: the running leader's, ``OwnTls``) when the CA
     issues one for it (``pki.key_kind_problem``) and ``now`` is not before the CA's own start
     (``reissue_problem``): a leader.pem restored from another backup than leader.key, or a
-    leader.key replaced, was a leader that could not start (session 52)."""
+    leader.key replaced, was a leader that could not start (session 52). And one with its
+    names in the SAN (an earlier release's): a server certificate for the leader's address that
+    the workstations would accept (``pki.NAMES_OID``)."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
@@ -213,7 +217,12 @@ def ensure_leader_identity(
         dns = san.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         dns = []
-    current = spiffe.of(cert) == spiffe.leader(td) and spiffe.leader_host(td) in dns
+    # (One of an earlier release, its names in the SAN, is issued again with them apart.)
+    current = (
+        spiffe.of(cert) == spiffe.leader(td)
+        and spiffe.leader_host(td) in dns
+        and pki.names_apart(cert) is not None
+    )
     if not pki.key_matches(cert, key):
         if reissue_problem(ca, key, now) is not None:
             # Nothing it can issue: the start refused such a pair (exit 2,

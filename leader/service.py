@@ -85,12 +85,13 @@ from leader.store import (
 )
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
+from tlsroll import __version__, bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
 from tlsroll.clients import used_http_after_https
 from tlsroll.enums import NEEDS_ADMIN, SERVER_RESTARTING, SERVES_PREVIOUS
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     NO_BDP_PROBE,
+    failed_precondition,
     invalid,
     map_errors,
     peer_certificate,
@@ -463,6 +464,15 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
         names = claimed_names(request.node_name, request.addresses, request.dns_names)
         if not 1 <= request.agent_port <= 65535:
             raise invalid("agent_port must be 1..65535")
+        if not request.names_apart:
+            # An agent of an earlier release takes only a certificate with the node's names in
+            # its SAN: a server certificate for the node's address that every workstation
+            # would accept (``pki.NAMES_OID``). Refused before the token is used.
+            raise failed_precondition(
+                f"the agent (tlsroll {peertext.clean(request.agent_version, MAX_AGENT_VERSION)})"
+                f" is older than this leader (tlsroll {__version__}): install this release on "
+                "the node, then enrol it; the token stays valid"
+            )
         csr = pki.load_csr_pem(request.csr_pem)
         public_key = pki.check_csr(csr, names)
         key_pin = pki.spki_pin(public_key)
@@ -479,6 +489,7 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 internal_dns=[spiffe.key_host(td, key_pin)],
                 now=self.state.clock(),
                 lifetime=self.state.agent_cert_lifetime,
+                names_apart=True,  # no server certificate for the node's names (pki.NAMES_OID)
             )
             issued.append(cert)
             return NodeCert(
@@ -2671,6 +2682,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         td = self.state.trust_domain
         now = self.state.clock()
         issued: list[Any] = []
+        # The node's names apart from the SAN (``pki.NAMES_OID``) if the agent takes that, or
+        # if the certificate it presents has them so: never back into the SAN, where they would
+        # make a server certificate for the node's address (a copy of the key asking without
+        # the flag).
+        presented = peer_certificate(context)
+        apart = request.names_apart or (
+            presented is not None and pki.names_apart(presented) is not None
+        )
 
         ca_pem: list[bytes] = []
 
@@ -2685,6 +2704,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 internal_dns=[spiffe.key_host(td, key_pin)],
                 now=now,
                 lifetime=self.state.agent_cert_lifetime,
+                names_apart=apart,
             )
             issued.append(new)
             return NodeCert(

@@ -613,6 +613,7 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
                     dns_names=list(cfg.names.dns),
                     agent_version=__version__,
                     agent_port=cfg.port,
+                    names_apart=True,  # ``check_issued`` reads them there (pki.names_of)
                 ),
                 timeout=timeout,
             )

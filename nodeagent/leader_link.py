@@ -788,7 +788,7 @@ class LeaderLink:
         async with self._lock:
             try:
                 reply = await self.stub.RenewNodeCertificate(
-                    leader_pb2.RenewNodeCertificateRequest(csr_pem=csr_pem),
+                    leader_pb2.RenewNodeCertificateRequest(csr_pem=csr_pem, names_apart=True),
                     timeout=max(self.cfg.heartbeat_interval, 15),
                 )
             except grpc.aio.AioRpcError as exc:

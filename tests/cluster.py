@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leader.cli.base import Leader, fetch_schema_json, parse_duration
 from tests.refserver_helper import write_toml
-from tlsroll import __version__, pki
+from tlsroll import __version__, pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.httpcheck import port_open
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, enrolment_pb2, enrolment_pb2_grpc
@@ -124,12 +124,26 @@ def secure_channel(
     ca_pem: bytes,
     cert_pem: bytes | None = None,
     key_pem: bytes | None = None,
+    *,
+    name: str | None = None,
 ) -> grpc.Channel:
-    """A sync channel trusting only ``ca_pem``; with ``cert_pem``/``key_pem``: mutual TLS."""
+    """A sync channel trusting only ``ca_pem``; with ``cert_pem``/``key_pem``: mutual TLS.
+    The server is checked for ``name``: by default the leader's internal name, as agents dial
+    the leader (its certificate names no address a client could take: ``pki.NAMES_OID``); an
+    agent's is ``agent_host``'s."""
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
     )
-    return grpc.secure_channel(target, creds)
+    td = spiffe.trust_domain(pki.load_cert_pem(ca_pem))
+    options = [("grpc.ssl_target_name_override", name or spiffe.leader_host(td))]
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def agent_host(ca_pem: bytes, node_pem: bytes) -> str:
+    """The name the leader dials an agent by (its key's, ``spiffe.key_host``), ``node_pem``
+    its certificate."""
+    td = spiffe.trust_domain(pki.load_cert_pem(ca_pem))
+    return spiffe.key_host(td, pki.spki_pin(pki.load_cert_pem(node_pem)))
 
 
 def health_check(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> int:
@@ -220,6 +234,7 @@ def enrol_request(
         addresses=[address],
         agent_version=__version__,
         agent_port=AGENT_PORT,
+        names_apart=True,
     )
 
 
@@ -409,6 +424,11 @@ class Agent(Daemon):
     def cert(self) -> Any:
         """The node certificate on disk (``cryptography.x509.Certificate``)."""
         return pki.read_cert(self.cert_file)
+
+    @property
+    def tls_name(self) -> str:
+        """The name the leader dials this agent by (its current key's: ``agent_host``)."""
+        return agent_host(self.ca_file.read_bytes(), self.cert_file.read_bytes())
 
     def write_config(self, changes: Mapping[str, Mapping[str, object]]) -> Path:
         """Apply ``{"table": {key: value}}`` (``None`` removes a key) and rewrite the file."""

@@ -229,7 +229,9 @@ class Node:
         """NodeAgent over mTLS with the leader's certificate (or ``credentials``: chain, key)."""
         assert self.agent is not None
         cert, key = credentials or self.cluster.leader_credentials()
-        with secure_channel(self.agent.target, self.cluster.ca_pem, cert, key) as channel:
+        with secure_channel(
+            self.agent.target, self.cluster.ca_pem, cert, key, name=self.agent.tls_name
+        ) as channel:
             yield agent_pb2_grpc.NodeAgentStub(channel)
 
     def command(self, rollout_id: str, epoch: int | None = None) -> agent_pb2.Command:

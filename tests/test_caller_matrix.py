@@ -249,10 +249,11 @@ def test_node_agent(world: tuple[Cluster, dict[str, Creds]], caller: str) -> Non
     cluster, creds = world
     mine = creds["revoked_leader" if caller == "revoked" else caller]
     target = cluster.agents["node1"].target
+    name = cluster.agents["node1"].tls_name
 
     def channel() -> grpc.Channel:
         cert, key = mine if mine is not None else (None, None)
-        return secure_channel(target, cluster.ca_pem, cert, key)
+        return secure_channel(target, cluster.ca_pem, cert, key, name=name)
 
     got = {
         m: call(channel, invoker(agent_pb2_grpc.NodeAgentStub, m, r))

@@ -80,9 +80,9 @@ def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def get_status(
-    target: str, ca_pem: bytes, cert_pem: bytes | None, key_pem: bytes | None
+    agent: Agent, ca_pem: bytes, cert_pem: bytes | None, key_pem: bytes | None
 ) -> agent_pb2.NodeStatus:
-    with secure_channel(target, ca_pem, cert_pem, key_pem) as channel:
+    with secure_channel(agent.target, ca_pem, cert_pem, key_pem, name=agent.tls_name) as channel:
         stub = agent_pb2_grpc.NodeAgentStub(channel)
         reply: agent_pb2.NodeStatus = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
     return reply
@@ -125,9 +125,14 @@ def test_three_agents_enrol_with_one_time_tokens_and_are_online(three: Cluster) 
 
 def _check_leaf(cert: x509.Certificate, ca: x509.Certificate, name: str, address: str) -> None:
     cert.verify_directly_issued_by(ca)
+    # The node's (the leader's) names, apart from the SAN: no TLS client takes the certificate
+    # as serving its address (pki.NAMES_OID), only its internal name (spiffe).
     assert pki.names_of(cert) == pki.Names.of(name, [address])
+    assert pki.names_apart(cert) == ([address], [])
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [address]
+    assert san.get_values_for_type(x509.IPAddress) == []
+    assert [d for d in san.get_values_for_type(x509.DNSName) if not d.endswith(".invalid")] == []
+    assert pki.serves_names(cert) == []
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -193,9 +198,9 @@ def test_node_keys_never_reach_the_leader(three: Cluster) -> None:
 def test_only_the_leader_may_call_node_agent(three: Cluster) -> None:
     node1, node2 = three.agents["node1"], three.agents["node2"]
     with pytest.raises(grpc.RpcError) as info:
-        get_status(node1.target, three.ca_pem, *node_credentials(node2))
+        get_status(node1, three.ca_pem, *node_credentials(node2))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    status = get_status(node1.target, three.ca_pem, *three.leader_credentials())
+    status = get_status(node1, three.ca_pem, *three.leader_credentials())
     assert status.node_name == "node1"
     assert status.agent_version == __version__
     assert status.cert_not_after.ToDatetime(tzinfo=dt.UTC) == node1.cert().not_valid_after_utc
@@ -211,7 +216,7 @@ def test_agent_port_accepts_only_cluster_certificates(
     )
     for cert_pem, key_pem in [(pki.cert_to_pem(forged), pki.key_to_pem(key)), (None, None)]:
         with pytest.raises(grpc.RpcError) as info:
-            get_status(node1.target, three.ca_pem, cert_pem, key_pem)
+            get_status(node1, three.ca_pem, cert_pem, key_pem)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -284,7 +289,8 @@ def _channel(three: Cluster, port: str) -> tuple[grpc.Channel, set[str]]:
         return three.control_channel(*node_credentials(node1)), {"tlsroll.v1.Leader"}
     if port == "agent":
         chain, key = three.leader_credentials()
-        return secure_channel(node1.target, three.ca_pem, chain, key), {"tlsroll.v1.NodeAgent"}
+        channel = secure_channel(node1.target, three.ca_pem, chain, key, name=node1.tls_name)
+        return channel, {"tlsroll.v1.NodeAgent"}
     return grpc.insecure_channel(f"unix:{three.admin_socket}"), {"tlsroll.v1.Admin"}
 
 

@@ -185,6 +185,7 @@ def test_an_ordinary_token_gets_nothing_but_its_own_names(cluster: Cluster) -> N
             dns_names=dns,
             agent_version="x",
             agent_port=9442,
+            names_apart=True,
         )
         code, details = status_of(lambda r=request: enrol(cluster, r))
         assert code in (INVALID_ARGUMENT, UNAUTHENTICATED), (ips[:2], dns[:2], code, details)
@@ -254,6 +255,7 @@ def test_a_node_certificate_cannot_catch_another_agents_join_token(
         addresses=[cluster.address],
         agent_version="x",
         agent_port=9442,
+        names_apart=True,
     )
     code, _ = status_of(lambda: enrol(cluster, request))
     assert code in (UNAUTHENTICATED, ALREADY_EXISTS)
@@ -826,7 +828,11 @@ def test_revoked_leader_certificate_is_refused_by_agents(cluster: Cluster) -> No
 
     def get_status() -> tuple[grpc.StatusCode, str]:
         with secure_channel(
-            agent.target, cluster.ca_pem, pki.cert_to_pem(cert), pki.key_to_pem(key)
+            agent.target,
+            cluster.ca_pem,
+            pki.cert_to_pem(cert),
+            pki.key_to_pem(key),
+            name=agent.tls_name,
         ) as channel:
             stub = agent_pb2_grpc.NodeAgentStub(channel)
             return status_of(lambda: stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10))
@@ -868,7 +874,9 @@ def test_a_leader_identity_beside_another_uri_is_refused_by_agents(cluster: Clus
     agent = cluster.agents["node1"]
 
     def get_status(chain: bytes, key_pem: bytes) -> grpc.StatusCode:
-        with secure_channel(agent.target, cluster.ca_pem, chain, key_pem) as channel:
+        with secure_channel(
+            agent.target, cluster.ca_pem, chain, key_pem, name=agent.tls_name
+        ) as channel:
             stub = agent_pb2_grpc.NodeAgentStub(channel)
             return status_of(lambda: stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10))[0]
 
@@ -888,7 +896,7 @@ def test_a_leader_identity_beside_another_uri_is_refused_by_agents(cluster: Clus
 
 def preflight(cluster: Cluster, agent: Agent, epoch: int) -> tuple[grpc.StatusCode, str]:
     chain, key = cluster.leader_credentials()
-    with secure_channel(agent.target, cluster.ca_pem, chain, key) as channel:
+    with secure_channel(agent.target, cluster.ca_pem, chain, key, name=agent.tls_name) as channel:
         stub = agent_pb2_grpc.NodeAgentStub(channel)
         return status_of(
             lambda: stub.Preflight(

@@ -21,6 +21,7 @@ import pytest
 from leader.join_guard import GuardPolicy, JoinGuard, peer_source
 from tests.cluster import Cluster, enrol, enrol_request
 from tests.conftest import next_loopback
+from tlsroll import pki, spiffe
 from tlsroll.defaults import JOIN_PORT
 from tlsroll.v1 import enrolment_pb2_grpc
 
@@ -228,7 +229,12 @@ def test_a_flood_of_wrong_tokens_is_held_off_and_a_good_token_still_enrols(
 ) -> None:
     attacker = next_loopback()
     relay = Relay(attacker, (cluster.address, JOIN_PORT), attacker)
-    options = [("grpc.ssl_target_name_override", cluster.address)]
+    options = [
+        (
+            "grpc.ssl_target_name_override",
+            spiffe.leader_host(spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))),
+        )
+    ]
     wrong = f"{'a' * 6}.{'b' * 26}"
     codes: list[grpc.StatusCode] = []
     retry_after: list[str] = []
@@ -294,7 +300,12 @@ def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(
     wait, for good (review s48rev4 M1). Wrong secrets still count, from the same source."""
     source = next_loopback()
     relay = Relay(source, (cluster.address, JOIN_PORT), source)
-    options = [("grpc.ssl_target_name_override", cluster.address)]
+    options = [
+        (
+            "grpc.ssl_target_name_override",
+            spiffe.leader_host(spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))),
+        )
+    ]
     spent = join_token(cluster, "spent", source)
     codes: list[grpc.StatusCode] = []
     try:

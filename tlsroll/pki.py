@@ -372,8 +372,16 @@ def san_of(names: Names) -> x509.SubjectAlternativeName:
 
 
 def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
+    """The names ``obj`` is for: its CN, and its IP and DNS names, from the SAN, or for a
+    certificate of a party of the cluster (``issue(..., names_apart=True)``) from
+    ``NAMES_OID``, where no TLS client takes them as names the certificate serves. Never a
+    CSR's extension: a CSR names what it asks for in its SAN."""
     cns = obj.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
+    if isinstance(obj, x509.Certificate):
+        apart = names_apart(obj)
+        if apart is not None:
+            return Names.of(cn, apart[0], apart[1])
     try:
         san = obj.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -387,10 +395,103 @@ def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
     )
 
 
+# --- names kept apart from the SAN -----------------------------------------------------------
+
+NAMES_OID = x509.ObjectIdentifier("2.25.212121164415218904617541206231840272307")
+"""tlsroll's certificate extension (non-critical; an OID under ``2.25``, a UUID's, ITU-T
+X.667) for the names a party of the cluster is enrolled for, kept out of the SAN: a DER
+``GeneralNames`` of its IP addresses and DNS names, the SAN's own syntax.
+
+Why: the workstations trust the cluster CA for the practice servers' certificates, and a TLS
+client takes every IP address and DNS name in a certificate's SAN as one it may serve. A node's
+agent certificate with the node's address in its SAN was a server certificate for that address
+to every practice PC: a copy of an agent's key, or a join token that leaked before it was used,
+let its holder pose as that node's practice server from a position on the path, and no
+workstation reads the revocation list. The agents' and the leader's certificates carry the
+names here instead; their peers dial them by their names under ``.invalid``
+(``tlsroll.spiffe``), which no client of a practice server ever uses. The names stay in the
+certificate so that an agent can check at its start that its certificate is for the node its
+config describes, and so that a leader begun again can learn a node from it
+(``names_of`` reads either place)."""
+
+_MAX_NAMES_DER = 4096  # MAX_IPS + MAX_DNS names of at most 253 characters fit many times over
+
+
+def _der_length(data: bytes, at: int) -> tuple[int, int]:
+    """A DER length at ``data[at]``: (length, where its content begins). ValueError if it is
+    not DER's (short form, or long form of one or two bytes without a leading zero)."""
+    first = data[at]
+    if first < 0x80:
+        return first, at + 1
+    count = first & 0x7F
+    if count not in (1, 2) or at + 1 + count > len(data):
+        raise ValueError("length")
+    length = int.from_bytes(data[at + 1 : at + 1 + count], "big")
+    if length < 0x80 or (count == 2 and length < 0x100):
+        raise ValueError("length not minimal")
+    return length, at + 1 + count
+
+
+def _names_der(names: Names) -> bytes:
+    return x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address(i)) for i in names.ips]
+        + [x509.DNSName(d) for d in names.dns]
+    ).public_bytes()
+
+
+def names_apart(cert: x509.Certificate) -> tuple[list[str], list[str]] | None:
+    """The IP addresses and DNS names in ``cert``'s ``NAMES_OID`` extension; None if it has
+    none. PKIError if the extension is there and not what ``issue`` writes (only iPAddress of
+    4 or 16 bytes and dNSName entries, in one DER SEQUENCE)."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(NAMES_OID).value
+    except x509.ExtensionNotFound:
+        return None
+    data = ext.value if isinstance(ext, x509.UnrecognizedExtension) else b""
+    ips: list[str] = []
+    dns: list[str] = []
+    try:
+        if len(data) > _MAX_NAMES_DER or len(data) < 2 or data[0] != 0x30:
+            raise ValueError("not a SEQUENCE")
+        length, at = _der_length(data, 1)
+        if at + length != len(data):
+            raise ValueError("trailing bytes")
+        while at < len(data):
+            tag = data[at]
+            length, begin = _der_length(data, at + 1)
+            end = begin + length
+            if end > len(data):
+                raise ValueError("truncated")
+            value = data[begin:end]
+            if tag == 0x87 and length in (4, 16):  # [7] iPAddress
+                ips.append(str(ipaddress.ip_address(value)))
+            elif tag == 0x82 and length:  # [2] dNSName (IA5String)
+                dns.append(value.decode("ascii"))
+            else:
+                raise ValueError(f"entry tag {tag:#x}")
+            at = end
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise PKIError(PKIReason.NAME_MISMATCH, f"tlsroll's names extension: {exc}") from None
+    return ips, dns
+
+
+def serves_names(cert: x509.Certificate) -> list[str]:
+    """The IP addresses and DNS names a TLS client would take ``cert`` as serving: its SAN's,
+    but for the cluster's own ``.invalid`` names (``IP:…``, ``DNS:…``)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    internal = "." + spiffe.INTERNAL_TLD
+    return [f"IP:{ip}" for ip in san.get_values_for_type(x509.IPAddress)] + [
+        f"DNS:{d}" for d in san.get_values_for_type(x509.DNSName) if not d.endswith(internal)
+    ]
+
+
 def _san(
-    names: Names, identity: spiffe.Identity | None, internal_dns: Sequence[str]
+    names: Names | None, identity: spiffe.Identity | None, internal_dns: Sequence[str]
 ) -> x509.SubjectAlternativeName:
-    general = list(san_of(names))
+    general = list(san_of(names)) if names is not None else []
     general += [x509.DNSName(d) for d in internal_dns]
     if identity is not None:
         general.append(x509.UniformResourceIdentifier(identity.uri))
@@ -590,11 +691,15 @@ class CertificateAuthority:
         identity: spiffe.Identity | None = None,
         internal_dns: Sequence[str] = (),
         lifetime: dt.timedelta | None = None,
+        names_apart: bool = False,
     ) -> x509.Certificate:
         """Issue a leaf certificate for ``public_key`` carrying exactly ``names``, and with
         ``identity`` its cluster identity (URI SAN) and ``internal_dns`` its names under
         ``.invalid`` (see ``tlsroll.spiffe``). ``lifetime`` (from now; at least a minute, for
-        tests of renewal) replaces ``validity_days``.
+        tests of renewal) replaces ``validity_days``. ``names_apart``: ``names``' addresses
+        and DNS names go into ``NAMES_OID``, not the SAN, whose names are then ``internal_dns``
+        alone: a certificate no client takes as serving the node's names (an agent's, the
+        leader's; it needs ``internal_dns``).
 
         No leaf outlives the CA: one that would is cut to end with it, and a warning is logged
         (``certificate.cut_to_ca_end``); once the CA has ended, nothing is issued (PKIError).
@@ -607,6 +712,8 @@ class CertificateAuthority:
             raise ValueError(f"lifetime must be {MIN_LIFETIME}..{LEAF_VALIDITY_DAYS} days")
         if not (names.ips or names.dns):
             raise ValueError("a certificate needs at least one IP address or DNS name")
+        if names_apart and not internal_dns:
+            raise ValueError("a certificate with its names apart needs an internal name")
         now = now or utcnow()
         not_after = self._clamped(now, lifetime, names)
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
@@ -615,7 +722,7 @@ class CertificateAuthority:
         if not usages:
             raise ValueError("a certificate needs server or client usage")
         ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        return (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.common_name)]))
             .issuer_name(self.cert.subject)
@@ -640,14 +747,20 @@ class CertificateAuthority:
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             # Clients match the IP they dial against the SAN; CN is ignored by modern clients.
-            .add_extension(_san(names, identity, internal_dns), critical=False)
+            .add_extension(
+                _san(None if names_apart else names, identity, internal_dns), critical=False
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
                 critical=False,
             )
-            .sign(self.key, hashes.SHA256())
         )
+        if names_apart:
+            builder = builder.add_extension(
+                x509.UnrecognizedExtension(NAMES_OID, _names_der(names)), critical=False
+            )
+        return builder.sign(self.key, hashes.SHA256())
 
     def _clamped(self, now: dt.datetime, lifetime: dt.timedelta, names: Names) -> dt.datetime:
         """A leaf's end: ``now + lifetime``, or the CA's end if that comes first."""

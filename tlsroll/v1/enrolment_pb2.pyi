@@ -34,6 +34,7 @@ class EnrolRequest(_message.Message):
     DNS_NAMES_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     AGENT_PORT_FIELD_NUMBER: _builtins.int
+    NAMES_APART_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """"<id>.<secret>" as printed by `tlsroll token create`."""
     csr_pem: _builtins.bytes
@@ -43,6 +44,12 @@ class EnrolRequest(_message.Message):
     agent_version: _builtins.str
     agent_port: _builtins.int
     """TCP port of the agent's NodeAgent service on each of `addresses`."""
+    names_apart: _builtins.bool
+    """The agent takes a certificate whose node names are in tlsroll's names extension
+    (`tlsroll.pki.NAMES_OID`), not in its SAN, so that no workstation takes it as a server
+    certificate for the node's address. The leader refuses an enrolment without it (an agent of
+    an earlier release: upgrade it).
+    """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -57,10 +64,11 @@ class EnrolRequest(_message.Message):
         dns_names: _abc.Iterable[_builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
         agent_port: _builtins.int = ...,
+        names_apart: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "csr_pem", b"csr_pem", "dns_names", b"dns_names", "node_name", b"node_name", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "csr_pem", b"csr_pem", "dns_names", b"dns_names", "names_apart", b"names_apart", "node_name", b"node_name", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from tlsroll.v1 import agent_pb2 as tlsroll_dot_v1_dot_agent__pb2
 from tlsroll.v1 import types_pb2 as tlsroll_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tlsroll/v1/leader.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/agent.proto\x1a\x16tlsroll/v1/types.proto\".\n\x1bRenewNodeCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\x82\x01\n\x1cRenewNodeCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\")\n\x16SignWorkstationRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"N\n\x17SignWorkstationResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\"5\n\x1aWithdrawWorkstationRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\"G\n\x1bWithdrawWorkstationResponse\x12\x11\n\twithdrawn\x18\x01 \x01(\x08\x12\x15\n\rrevoke_reason\x18\x02 \x01(\t\"\xe6\x04\n\x10HeartbeatRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x12\x62ootstrap_failures\x18\x03 \x03(\x0b\x32\x1c.tlsroll.v1.BootstrapFailure\x12\x15\n\rhighest_epoch\x18\x04 \x01(\x04\x12\x12\n\ncrl_number\x18\x05 \x01(\x04\x12\x32\n\x0erenewal_due_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x15renewal_failing_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrenewal_error\x18\x08 \x01(\t\x12&\n\x06server\x18\t \x01(\x0b\x32\x16.tlsroll.v1.LiveServer\x12\x12\n\nagent_port\x18\n \x01(\r\x12\x0e\n\x06renews\x18\x0b \x01(\x08\x12\x14\n\x0cwants_answer\x18\x0c \x01(\x08\x12\x0b\n\x03seq\x18\r \x01(\x04\x12\x0f\n\x07\x63losing\x18\x0e \x01(\x08\x12\x16\n\x0e\x61nswers_checks\x18\x0f \x01(\x08\x12-\n\x0c\x63heck_answer\x18\x10 \x01(\x0b\x32\x17.tlsroll.v1.CheckAnswer\x12\x19\n\x11unswitched_stages\x18\x11 \x03(\t\x12\x16\n\x0e\x61gent_instance\x18\x12 \x01(\t\x12\x17\n\x0f\x66\x61ilures_report\x18\x13 \x01(\x04\x12\x10\n\x08\x66\x65\x61tures\x18\x14 \x03(\t\"F\n\rCheckQuestion\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.tlsroll.v1.CheckRequest\"\x98\x01\n\x0b\x43heckAnswer\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x07\x63hecked\x18\x02 \x01(\x0b\x32\x1d.tlsroll.v1.PreflightResponse\x12\x14\n\x0crefused_code\x18\x03 \x01(\r\x12\x0f\n\x07refused\x18\x04 \x01(\t\x12&\n\x06server\x18\x05 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\"\x91\x02\n\nLiveServer\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12(\n\x07\x63lients\x18\x06 \x01(\x0b\x32\x17.tlsroll.v1.ClientsView\x12\x19\n\x11\x62ootstrap_problem\x18\x07 \x01(\t\x12\x19\n\x11\x62ootstrap_pending\x18\x08 \x01(\x08\x12\x16\n\x0elogin_failures\x18\t \x01(\r\x12\x39\n\x15last_login_failure_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x10\x42ootstrapFailure\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0bworkstation\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12+\n\x07last_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe6\x01\n\x11HeartbeatResponse\x12/\n\x0bleader_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x63rl_pem\x18\x04 \x01(\x0c\x12\x15\n\rrenew_seconds\x18\x05 \x01(\r\x12\x0f\n\x07\x61nswers\x18\x06 \x01(\x04\x12(\n\x05\x63heck\x18\x07 \x01(\x0b\x32\x19.tlsroll.v1.CheckQuestion\x12\x14\n\x0c\x65nded_stages\x18\x08 \x03(\t2\xe6\x03\n\x06Leader\x12H\n\tHeartbeat\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse\x12\x65\n\x1aSignWorkstationCertificate\x12\".tlsroll.v1.SignWorkstationRequest\x1a#.tlsroll.v1.SignWorkstationResponse\x12q\n\x1eWithdrawWorkstationCertificate\x12&.tlsroll.v1.WithdrawWorkstationRequest\x1a\'.tlsroll.v1.WithdrawWorkstationResponse\x12i\n\x14RenewNodeCertificate\x12\'.tlsroll.v1.RenewNodeCertificateRequest\x1a(.tlsroll.v1.RenewNodeCertificateResponse\x12M\n\nHeartbeats\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tlsroll/v1/leader.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/agent.proto\x1a\x16tlsroll/v1/types.proto\"C\n\x1bRenewNodeCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x13\n\x0bnames_apart\x18\x02 \x01(\x08\"\x82\x01\n\x1cRenewNodeCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\")\n\x16SignWorkstationRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"N\n\x17SignWorkstationResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x02 \x01(\x0c\"5\n\x1aWithdrawWorkstationRequest\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\"G\n\x1bWithdrawWorkstationResponse\x12\x11\n\twithdrawn\x18\x01 \x01(\x08\x12\x15\n\rrevoke_reason\x18\x02 \x01(\t\"\xe6\x04\n\x10HeartbeatRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x12\x62ootstrap_failures\x18\x03 \x03(\x0b\x32\x1c.tlsroll.v1.BootstrapFailure\x12\x15\n\rhighest_epoch\x18\x04 \x01(\x04\x12\x12\n\ncrl_number\x18\x05 \x01(\x04\x12\x32\n\x0erenewal_due_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x15renewal_failing_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrenewal_error\x18\x08 \x01(\t\x12&\n\x06server\x18\t \x01(\x0b\x32\x16.tlsroll.v1.LiveServer\x12\x12\n\nagent_port\x18\n \x01(\r\x12\x0e\n\x06renews\x18\x0b \x01(\x08\x12\x14\n\x0cwants_answer\x18\x0c \x01(\x08\x12\x0b\n\x03seq\x18\r \x01(\x04\x12\x0f\n\x07\x63losing\x18\x0e \x01(\x08\x12\x16\n\x0e\x61nswers_checks\x18\x0f \x01(\x08\x12-\n\x0c\x63heck_answer\x18\x10 \x01(\x0b\x32\x17.tlsroll.v1.CheckAnswer\x12\x19\n\x11unswitched_stages\x18\x11 \x03(\t\x12\x16\n\x0e\x61gent_instance\x18\x12 \x01(\t\x12\x17\n\x0f\x66\x61ilures_report\x18\x13 \x01(\x04\x12\x10\n\x08\x66\x65\x61tures\x18\x14 \x03(\t\"F\n\rCheckQuestion\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.tlsroll.v1.CheckRequest\"\x98\x01\n\x0b\x43heckAnswer\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x07\x63hecked\x18\x02 \x01(\x0b\x32\x1d.tlsroll.v1.PreflightResponse\x12\x14\n\x0crefused_code\x18\x03 \x01(\r\x12\x0f\n\x07refused\x18\x04 \x01(\t\x12&\n\x06server\x18\x05 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\"\x91\x02\n\nLiveServer\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12(\n\x07\x63lients\x18\x06 \x01(\x0b\x32\x17.tlsroll.v1.ClientsView\x12\x19\n\x11\x62ootstrap_problem\x18\x07 \x01(\t\x12\x19\n\x11\x62ootstrap_pending\x18\x08 \x01(\x08\x12\x16\n\x0elogin_failures\x18\t \x01(\r\x12\x39\n\x15last_login_failure_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"s\n\x10\x42ootstrapFailure\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0bworkstation\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12+\n\x07last_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe6\x01\n\x11HeartbeatResponse\x12/\n\x0bleader_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x63rl_pem\x18\x04 \x01(\x0c\x12\x15\n\rrenew_seconds\x18\x05 \x01(\r\x12\x0f\n\x07\x61nswers\x18\x06 \x01(\x04\x12(\n\x05\x63heck\x18\x07 \x01(\x0b\x32\x19.tlsroll.v1.CheckQuestion\x12\x14\n\x0c\x65nded_stages\x18\x08 \x03(\t2\xe6\x03\n\x06Leader\x12H\n\tHeartbeat\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse\x12\x65\n\x1aSignWorkstationCertificate\x12\".tlsroll.v1.SignWorkstationRequest\x1a#.tlsroll.v1.SignWorkstationResponse\x12q\n\x1eWithdrawWorkstationCertificate\x12&.tlsroll.v1.WithdrawWorkstationRequest\x1a\'.tlsroll.v1.WithdrawWorkstationResponse\x12i\n\x14RenewNodeCertificate\x12\'.tlsroll.v1.RenewNodeCertificateRequest\x1a(.tlsroll.v1.RenewNodeCertificateResponse\x12M\n\nHeartbeats\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlsroll.v1.leader_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RENEWNODECERTIFICATEREQUEST']._serialized_start=120
-  _globals['_RENEWNODECERTIFICATEREQUEST']._serialized_end=166
-  _globals['_RENEWNODECERTIFICATERESPONSE']._serialized_start=169
-  _globals['_RENEWNODECERTIFICATERESPONSE']._serialized_end=299
-  _globals['_SIGNWORKSTATIONREQUEST']._serialized_start=301
-  _globals['_SIGNWORKSTATIONREQUEST']._serialized_end=342
-  _globals['_SIGNWORKSTATIONRESPONSE']._serialized_start=344
-  _globals['_SIGNWORKSTATIONRESPONSE']._serialized_end=422
-  _globals['_WITHDRAWWORKSTATIONREQUEST']._serialized_start=424
-  _globals['_WITHDRAWWORKSTATIONREQUEST']._serialized_end=477
-  _globals['_WITHDRAWWORKSTATIONRESPONSE']._serialized_start=479
-  _globals['_WITHDRAWWORKSTATIONRESPONSE']._serialized_end=550
-  _globals['_HEARTBEATREQUEST']._serialized_start=553
-  _globals['_HEARTBEATREQUEST']._serialized_end=1167
-  _globals['_CHECKQUESTION']._serialized_start=1169
-  _globals['_CHECKQUESTION']._serialized_end=1239
-  _globals['_CHECKANSWER']._serialized_start=1242
-  _globals['_CHECKANSWER']._serialized_end=1394
-  _globals['_LIVESERVER']._serialized_start=1397
-  _globals['_LIVESERVER']._serialized_end=1670
-  _globals['_BOOTSTRAPFAILURE']._serialized_start=1672
-  _globals['_BOOTSTRAPFAILURE']._serialized_end=1787
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1790
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2020
-  _globals['_LEADER']._serialized_start=2023
-  _globals['_LEADER']._serialized_end=2509
+  _globals['_RENEWNODECERTIFICATEREQUEST']._serialized_end=187
+  _globals['_RENEWNODECERTIFICATERESPONSE']._serialized_start=190
+  _globals['_RENEWNODECERTIFICATERESPONSE']._serialized_end=320
+  _globals['_SIGNWORKSTATIONREQUEST']._serialized_start=322
+  _globals['_SIGNWORKSTATIONREQUEST']._serialized_end=363
+  _globals['_SIGNWORKSTATIONRESPONSE']._serialized_start=365
+  _globals['_SIGNWORKSTATIONRESPONSE']._serialized_end=443
+  _globals['_WITHDRAWWORKSTATIONREQUEST']._serialized_start=445
+  _globals['_WITHDRAWWORKSTATIONREQUEST']._serialized_end=498
+  _globals['_WITHDRAWWORKSTATIONRESPONSE']._serialized_start=500
+  _globals['_WITHDRAWWORKSTATIONRESPONSE']._serialized_end=571
+  _globals['_HEARTBEATREQUEST']._serialized_start=574
+  _globals['_HEARTBEATREQUEST']._serialized_end=1188
+  _globals['_CHECKQUESTION']._serialized_start=1190
+  _globals['_CHECKQUESTION']._serialized_end=1260
+  _globals['_CHECKANSWER']._serialized_start=1263
+  _globals['_CHECKANSWER']._serialized_end=1415
+  _globals['_LIVESERVER']._serialized_start=1418
+  _globals['_LIVESERVER']._serialized_end=1691
+  _globals['_BOOTSTRAPFAILURE']._serialized_start=1693
+  _globals['_BOOTSTRAPFAILURE']._serialized_end=1808
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1811
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2041
+  _globals['_LEADER']._serialized_start=2044
+  _globals['_LEADER']._serialized_end=2530
 # @@protoc_insertion_point(module_scope)

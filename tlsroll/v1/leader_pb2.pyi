@@ -30,15 +30,22 @@ class RenewNodeCertificateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CSR_PEM_FIELD_NUMBER: _builtins.int
+    NAMES_APART_FIELD_NUMBER: _builtins.int
     csr_pem: _builtins.bytes
+    names_apart: _builtins.bool
+    """As EnrolRequest.names_apart. Without it (an agent of an earlier release, which refuses any
+    other certificate) the renewal carries the node's names in its SAN, unless the certificate
+    presented has them apart already: a renewal never moves them back.
+    """
     def __init__(
         self,
         *,
         csr_pem: _builtins.bytes = ...,
+        names_apart: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem", "names_apart", b"names_apart"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
