@@ -85,7 +85,7 @@ from leader.store import (
 )
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import __version__, bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
+from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
 from tlsroll.clients import used_http_after_https
 from tlsroll.enums import NEEDS_ADMIN, SERVER_RESTARTING, SERVES_PREVIOUS
 from tlsroll.errors import PKIError
@@ -470,8 +470,8 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
             # would accept (``pki.NAMES_OID``). Refused before the token is used.
             raise failed_precondition(
                 f"the agent (tlsroll {peertext.clean(request.agent_version, MAX_AGENT_VERSION)})"
-                f" is older than this leader (tlsroll {__version__}): install this release on "
-                "the node, then enrol it; the token stays valid"
+                " is older than this leader: install the leader's release on the node, then "
+                "enrol it; the token stays valid"
             )
         csr = pki.load_csr_pem(request.csr_pem)
         public_key = pki.check_csr(csr, names)

@@ -23,12 +23,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 
 from tests.cluster import csr_pem, enrol, enrol_request
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import cluster_of
 from tlsroll import pki, spiffe
+from tlsroll.errors import PKIError
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
@@ -194,3 +198,35 @@ async def test_an_agent_of_an_earlier_release_renews_as_it_can_take_it(tmp_path:
         assert pki.names_of(cert) == pki.Names.of("hb1", [node_address])
     finally:
         await rig.close()
+
+
+def test_the_names_extension_holds_every_kind_of_name_and_nothing_else_is_read() -> None:
+    ca = pki.CertificateAuthority.create()
+    key = pki.generate_key()
+    names = pki.Names.of("node1", ["127.0.1.1", "fd00::7"], ["praxis.example", "*.x.example"])
+    cert = ca.issue(
+        key.public_key(), names, client=True, internal_dns=["k1.node.t.invalid"], names_apart=True
+    )
+    assert pki.names_of(cert) == names
+    assert pki.serves_names(cert) == []  # (its .invalid name is the cluster's own)
+    with pytest.raises(ValueError, match="internal name"):
+        ca.issue(key.public_key(), names, names_apart=True)
+    # An extension not as ``issue`` writes it (no certificate of the cluster CA): one line of
+    # why from ``names_apart``; ``names_of`` reads the SAN's names instead, which a party's
+    # check of its names refuses.
+    for bad in (b"", b"\x30\x03\x87\x01\x01", b"\x30\x05\x82\x03abcX", b"\x30\x81\x05\x82\x03abc"):
+        forged = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1")]))
+            .issuer_name(ca.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+            .not_valid_after(dt.datetime(2027, 1, 1, tzinfo=dt.UTC))
+            .add_extension(x509.UnrecognizedExtension(pki.NAMES_OID, bad), critical=False)
+            .sign(ca.key, hashes.SHA256())
+        )
+        with pytest.raises(PKIError, match="names extension is malformed") as info:
+            pki.names_apart(forged)
+        assert "\n" not in str(info.value)
+        assert pki.names_of(forged) == pki.Names.of("node1")

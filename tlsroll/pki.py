@@ -8,6 +8,7 @@ workstations accept them: every IP and DNS name in the SAN, EKU serverAuth, SHA-
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -375,13 +376,16 @@ def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
     """The names ``obj`` is for: its CN, and its IP and DNS names, from the SAN, or for a
     certificate of a party of the cluster (``issue(..., names_apart=True)``) from
     ``NAMES_OID``, where no TLS client takes them as names the certificate serves. Never a
-    CSR's extension: a CSR names what it asks for in its SAN."""
+    CSR's extension: a CSR names what it asks for in its SAN. An extension that is not what
+    ``issue`` writes (no certificate of the cluster CA) is not read: the SAN's names are the
+    certificate's, and a check of a party's names refuses them."""
     cns = obj.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
     if isinstance(obj, x509.Certificate):
-        apart = names_apart(obj)
-        if apart is not None:
-            return Names.of(cn, apart[0], apart[1])
+        with contextlib.suppress(PKIError):
+            apart = names_apart(obj)
+            if apart is not None:
+                return Names.of(cn, apart[0], apart[1])
     try:
         san = obj.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -471,7 +475,9 @@ def names_apart(cert: x509.Certificate) -> tuple[list[str], list[str]] | None:
                 raise ValueError(f"entry tag {tag:#x}")
             at = end
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise PKIError(PKIReason.NAME_MISMATCH, f"tlsroll's names extension: {exc}") from None
+        raise PKIError(
+            PKIReason.UNTRUSTED, f"tlsroll's names extension is malformed: {exc}"
+        ) from None
     return ips, dns
 
 
