@@ -1527,6 +1527,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         (``EarlierCertificate``: the node is neither planned nor switched) held for
         ``TWINS_HOLD_BOUNDS`` renewal deadlines from the last refusal."""
         key = (caller.name, caller.fingerprint)
+        removals = self.state.removals  # a removal while the store is read: nothing is noted
         try:
             serial = self.state.store.earlier_certificate(caller.name, caller.fingerprint)
         except Exception as exc:  # the store cannot be read now: the refusal stands as it is
@@ -1538,6 +1539,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             return
         if serial is None:
             self._refused_since[key] = (math.inf, math.inf)  # never due: no earlier one
+            return
+        if self.state.removed_since(caller.name, removals):
+            # (``forget_node`` ran after the read: the problem would be shown for a node that
+            # is gone, for two renewal deadlines: review rev58c L2.)
             return
         earlier = self.state.earlier_certificates
         now = self.state.monotonic()

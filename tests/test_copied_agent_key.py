@@ -182,3 +182,37 @@ def test_only_refusals_that_go_on_count_and_a_gap_begins_the_count_again() -> No
     assert not due(1000 + 8 * 86400)  # another gap
     service._refused_since[("n2", "sha256:aa")] = (float("inf"), float("inf"))  # no earlier one
     assert not due(1000 + 9 * 86400) and not due(1000 + 9 * 86400 + span)
+
+
+def test_a_removal_while_the_store_is_read_notes_no_problem() -> None:
+    """Review rev58c L2: the worker thread read the store (an earlier certificate of the node),
+    the admin removed the node meanwhile (``forget_node``), and the thread then noted the
+    problem: shown for a node that is gone, for two renewal deadlines. The real state; the
+    store's answer is the test's, and the removal happens inside the read."""
+    from types import SimpleNamespace
+
+    from leader.service import Caller, LeaderService, LeaderState
+
+    class Store:
+        def __init__(self, state: LeaderState | None = None) -> None:
+            self.state = state
+
+        def earlier_certificate(self, node: str, _fingerprint: str) -> str:
+            if self.state is not None:
+                self.state.forget_node(node)
+            return "1f"
+
+    caller = Caller("n2", "sha256:aa", "1f", "sha256:bb")
+    for removed in (False, True):
+        state = LeaderState(
+            store=Store(),  # type: ignore[arg-type]
+            ca=pki.CertificateAuthority.create(),
+            clock=lambda: dt.datetime(2026, 12, 6, tzinfo=dt.UTC),
+            heartbeat_interval=5,
+        )
+        if removed:
+            state.store.state = state  # type: ignore[attr-defined]
+        service = SimpleNamespace(state=state, _refused_since={})
+        LeaderService._refused(service, caller, "ipv4:127.0.0.9:4000")  # type: ignore[arg-type]
+        assert ("n2" in state.earlier_certificates) is not removed
+        assert (state.node_problem("n2") is None) is removed
