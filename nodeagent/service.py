@@ -443,9 +443,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # offline, the plan saying to bring its agent up (review rev58a H1).
             detail = str(exc)
             if isinstance(exc, ConfigError):
+                # What is wrong before the file's path, and the aside last: a leader keeps
+                # 120 characters of a server down, and a long path cut the error off (review
+                # rev58c L6).
+                where = f"{exc.path}: {exc.key}" if exc.key else f"{exc.path}"
                 detail = (
-                    f"{CONFIG_UNREADABLE}, fix the file (the server may still run on what it "
-                    f"loaded before): {detail}"
+                    f"{CONFIG_UNREADABLE}, fix the file: {exc.problem} (in {where}; the server "
+                    "may still run on what it loaded before)"
                 )
             return agent_pb2.ServerView(
                 driver=driver.name,

@@ -56,11 +56,11 @@ the way back (disable-tls) goes on past it when the server's config is on https 
 switch restores http and starts the server); every other change fails its preflight there."""
 
 CONFIG_UNREADABLE = "its config cannot be read"
-"""How an agent's view of its server (``ServerView.detail``) begins (then ", fix the file", then
-the error, which a leader cuts last) when the server's config file cannot be read (edited by
-hand: not valid TOML, a key of the wrong kind): the server may still run on what it loaded
-before. The leader's plan then says to fix the file, not to bring the agent up or start the
-server (review rev58a H1: every heartbeat failed, and the node looked offline)."""
+"""How an agent's view of its server (``ServerView.detail``) begins (then ", fix the file: ",
+the problem, and the file's path, which a leader may cut) when the server's config file cannot
+be read (edited by hand: not valid TOML, a key of the wrong kind): the server may still run on
+what it loaded before. The leader's plan then says to fix the file, not to bring the agent up
+or start the server (review rev58a H1: every heartbeat failed, and the node looked offline)."""
 
 SERVES_PREVIOUS = "serves its previous settings: "
 """How an agent's bootstrap problem (``LiveServer.bootstrap_problem``) begins when its service
