@@ -385,6 +385,17 @@ _V14 = """
 ALTER TABLE rollouts ADD COLUMN removed_since TEXT;  -- JSON list of names; NULL: none
 """
 
+# Migration 15: whether a node's agent certificate has carried its names apart from the SAN
+# (``tlsroll.pki.NAMES_OID``; review rev58b H2). Set when the leader issues such a certificate
+# (every enrolment from this release on; a renewal the agent asks so), never cleared while the
+# node is enrolled: from then on every renewal of the node keeps them apart, whatever the caller
+# asks, so that a copy of the node's older key cannot renew back into a server certificate for
+# the node's address (review s59 M1). A column with a default: an older leader may ignore it
+# (``IGNORABLE``), and then issues as it did.
+_V15 = """
+ALTER TABLE nodes ADD COLUMN names_apart INTEGER NOT NULL DEFAULT 0;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -400,6 +411,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V12,  # a token superseded by its node's enrolment
     _V13,  # the audit's re-learnings by node: what superseded a token
     _V14,  # the nodes a retry or way back left out, removed since
+    _V15,  # a node's certificates keep its names apart from the SAN
 )
 
 
@@ -420,7 +432,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13, 14})
+IGNORABLE: frozenset[int] = frozenset({13, 14, 15})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
@@ -428,7 +440,8 @@ copes with rows an older leader wrote without them. Only builds from session 40 
 floor this makes, so the migrations before are not listed: every one of them is needed by the
 builds that read it. 13: an index of the audit, which SQLite keeps up to date as an older leader
 writes the audit. 14: a column of the rollouts, NULL unless a retry or way back left out nodes
-removed since; a rollout an older leader creates has none."""
+removed since; a rollout an older leader creates has none. 15: a column of the nodes with a
+default, which an older leader leaves as it is (it issues certificates as it did)."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote

@@ -1598,6 +1598,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             ),
             highest_epoch=min(request.highest_epoch, 2**62),
             now=self.state.clock(),
+            names_apart=pki.names_apart(cert) is not None,
             # NotBefore is backdated by pki.BACKDATE: this is when the CA issued it.
             issued_at=min(cert.not_valid_before_utc + pki.BACKDATE, cert.not_valid_after_utc),
         )
@@ -2692,13 +2693,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # make a server certificate for the node's address (a copy of the key asking without
         # the flag).
         presented = peer_certificate(context)
-        apart = request.names_apart or (
+        asked_apart = request.names_apart or (
             presented is not None and pki.names_apart(presented) is not None
         )
 
         ca_pem: list[bytes] = []
 
-        def issue() -> NodeCert:
+        def issue(apart: bool) -> NodeCert:  # (apart: asked, or the node's since: the store)
             ca_pem.append(self.state.ca.cert_pem)  # the certificate the leaf is issued under
             new = self.state.ca.issue(
                 public_key,
@@ -2727,6 +2728,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             key_pin=key_pin,
             issue=issue,
             now=now,
+            names_apart=asked_apart,
         )
         log.info(
             "node.certificate_renewed",

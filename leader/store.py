@@ -804,8 +804,11 @@ class Store(LeaderStore):
         issue: Callable[[], NodeCert],
         now: dt.datetime,
         reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
+        names_apart: bool = True,
     ) -> NodeCert:
         """Spend one use of a join token and record the node, all in one transaction.
+        ``names_apart``: ``issue`` keeps the node's names apart from the SAN (the join port's
+        always does; ``leader.db._V15``).
 
         The token must name this node and exactly these addresses and DNS names, and none of
         them may be held by the leader (``reserved``) or another node. ``issue`` is called (to
@@ -891,7 +894,10 @@ class Store(LeaderStore):
                     to_text(now),
                 ),
             )
-            db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
+            db.execute(
+                "UPDATE nodes SET token_id = ?, names_apart = ? WHERE name = ?",
+                (token_id, int(names_apart), name),
+            )
             _record_node_cert(db, name, cert, now, self.cap_now())
             superseded = supersede_tokens(db, name, now)
             self._audit(
@@ -1506,8 +1512,9 @@ class Store(LeaderStore):
         presented: str,
         presented_serial: str,
         key_pin: str,
-        issue: Callable[[], NodeCert],
+        issue: Callable[[bool], NodeCert],
         now: dt.datetime,
+        names_apart: bool = False,
     ) -> NodeCert:
         """Record a renewed certificate for node ``name``, which called with the certificate
         whose fingerprint is ``presented`` (serial ``presented_serial``, hex): the one on
@@ -1517,18 +1524,23 @@ class Store(LeaderStore):
         that committed after the handler's own check is seen). ``issue`` signs, inside the
         transaction. The old certificate is not revoked: the leader accepts it no more once
         the agent has used the new one, and it dials the agent by the new key (see
-        ``leader.agent_client``)."""
+        ``leader.agent_client``). ``issue`` is told whether to keep the node's names apart
+        from the SAN (``pki.NAMES_OID``): if ``names_apart`` (the caller asks, or presents such
+        a certificate) or if the node's certificates have had them apart since its enrolment
+        (``leader.db._V15``: never back)."""
         with self._nodes_write(), self._db.tx() as db:
             row = check_caller_in(db, name, presented, presented_serial)
             current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]
             keep = current if presented == current else prev
             counted_at = self.cap_now()
             _check_hourly_certs(db, name, counted_at)
-            cert = issue()
+            apart = names_apart or bool(row["names_apart"])
+            cert = issue(apart)
             db.execute(
                 "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
                 " cert_not_after = ?, cert_renewed_at = ?, prev_cert_fingerprint = ?,"
-                " renewal_failing_since = NULL, renewal_error = '' WHERE name = ?",
+                " renewal_failing_since = NULL, renewal_error = '', names_apart = ?"
+                " WHERE name = ?",
                 (
                     key_pin,
                     cert.fingerprint,
@@ -1536,6 +1548,7 @@ class Store(LeaderStore):
                     to_text(cert.not_after),
                     to_text(now),
                     keep,
+                    int(apart),
                     name,
                 ),
             )
@@ -2124,6 +2137,7 @@ class Store(LeaderStore):
         highest_epoch: int,
         now: dt.datetime,
         issued_at: dt.datetime | None = None,
+        names_apart: bool = False,
     ) -> bool:
         """Record a node the leader no longer knows from the certificate its agent presents
         (the CA issued it: the TLS handshake checked that), while the re-learning window of a
@@ -2188,6 +2202,7 @@ class Store(LeaderStore):
                     reason="renewed after the backup the store was restored from",
                     previous=verdict["cert_serial"],
                 )
+                _apart(db, name, names_apart)
                 return True
             db.execute(
                 "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
@@ -2206,6 +2221,7 @@ class Store(LeaderStore):
                 ),
             )
             self._relearned(db, name, cert, highest_epoch, now, addresses=list(addresses))
+            _apart(db, name, names_apart)
         return True
 
     def _relearned(
@@ -2786,6 +2802,13 @@ def _accepted_before(db: sqlite3.Connection, serials: Sequence[str]) -> list[str
         ).fetchall():
             found += [s for s in _agent_serials(db, row) if s not in serials and s not in found]
     return found
+
+
+def _apart(db: sqlite3.Connection, name: str, names_apart: bool) -> None:
+    """Node ``name``'s certificate (re-learned) keeps its names apart: its renewals will too
+    (``leader.db._V15``; never unset here)."""
+    if names_apart:
+        db.execute("UPDATE nodes SET names_apart = 1 WHERE name = ?", (name,))
 
 
 def _record_node_cert(

@@ -1431,7 +1431,7 @@ async def test_the_pool_reads_a_node_again_after_its_enrolment_changed_not_after
     address = loopback()
     serials = iter(range(1, 100))
 
-    def cert() -> NodeCert:
+    def cert(_apart: bool = False) -> NodeCert:
         n = next(serials)
         return NodeCert(f"sha256:pin{n}", f"sha256:fp{n}", f"{n:x}", now + dt.timedelta(days=30))
 

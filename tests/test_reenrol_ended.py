@@ -912,7 +912,7 @@ def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left
     row = store.get_node("b")
     renewed = store.renew_node_certificate(
         "b", presented=row.cert_fingerprint, presented_serial=row.cert_serial,
-        key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
+        key_pin="sha256:B", issue=lambda _apart: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
     )  # fmt: skip
     assert store.agent_serials("b") == [renewed.serial]
     # Revoking the one before alone leaves the one on record (the machine may hold it).
@@ -950,7 +950,7 @@ def test_revoking_the_agent_certificate_on_record_revokes_the_one_before_it_too(
     row = store.get_node("b")
     renewed = store.renew_node_certificate(
         "b", presented=row.cert_fingerprint, presented_serial=row.cert_serial,
-        key_pin="sha256:B", issue=lambda: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
+        key_pin="sha256:B", issue=lambda _apart: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
     )  # fmt: skip
     revoked = store.revoke(renewed.serial, reason="stolen", now=t0, actor="admin")
     assert revoked == [renewed.serial, first.serial]
@@ -963,7 +963,8 @@ def test_revoking_the_agent_certificate_on_record_revokes_the_one_before_it_too(
     with pytest.raises(Superseded, match="revoked"):
         store.renew_node_certificate(
             "b", presented=first.fingerprint, presented_serial=first.serial,
-            key_pin="sha256:C", issue=lambda: cert("sha256:C"), now=t0 + dt.timedelta(days=11),
+            key_pin="sha256:C", issue=lambda _apart: cert("sha256:C"),
+            now=t0 + dt.timedelta(days=11),
         )  # fmt: skip
     assert store.get_node("b").cert_serial == renewed.serial
 
@@ -996,7 +997,7 @@ async def test_the_one_before_a_revoked_certificate_on_record_heartbeats_no_more
             renewed = store.renew_node_certificate(
                 "hb1", presented=caller.fingerprint, presented_serial=caller.serial,
                 key_pin="sha256:B",
-                issue=lambda: NodeCert("sha256:B", "sha256:fp-new", "5eed", clock[0] + DAY),
+                issue=lambda _apart: NodeCert("sha256:B", "sha256:fp-new", "5eed", clock[0] + DAY),
                 now=clock[0],
             )  # fmt: skip
             assert svc._read_snapshot().refusal(caller) is None  # still accepted, as it was

@@ -942,7 +942,7 @@ def test_the_store_accepts_the_previous_certificate_only_and_bounds_renewals(
     )
     serials = iter(range(1, 1000))
 
-    def cert() -> NodeCert:
+    def cert(_apart: bool = False) -> NodeCert:
         n = next(serials)
         return NodeCert(f"sha256:pin{n}", f"sha256:fp{n}", f"{n:x}", T0 + dt.timedelta(days=30))
 

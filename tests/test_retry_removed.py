@@ -289,7 +289,7 @@ def test_a_store_of_the_schema_before_opens_with_no_node_left_out(tmp_path: Path
         assert list(rollout_view(row).removed_since) == []
     finally:
         schema.close()
-    assert user_version(path) == len(leader_db.MIGRATIONS) == BEFORE + 1
+    assert user_version(path) == len(leader_db.MIGRATIONS) > BEFORE
     assert BEFORE + 1 in leader_db.IGNORABLE
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT removed_since FROM rollouts").fetchall() == [(None,)]

@@ -56,8 +56,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 _serials = itertools.count(1)
 
 
-def issuer(key_pin: str = PIN) -> Callable[[], NodeCert]:
-    def issue() -> NodeCert:
+def issuer(key_pin: str = PIN) -> Callable[..., NodeCert]:
+    def issue(_apart: bool = False) -> NodeCert:
         n = next(_serials)
         return NodeCert(
             key_pin=key_pin, fingerprint=f"fp{n}", serial=f"{n:x}", not_after=NOW + dt.timedelta(1)
