@@ -47,6 +47,7 @@ from leader.layout import (
     rechain_leader_cert,
     reissue_problem,
     upgrade_ca_key,
+    write_leader_cert,
 )
 from leader.observe import observe
 from leader.own_tls import OwnTls
@@ -97,6 +98,8 @@ from tlsroll.v1 import (
 )
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from leader.viewer.server import Viewer
 
 # Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
@@ -532,6 +535,7 @@ def _start_on(
         log.info("leader.certificate_rechained", ca_serial=f"{ca.cert.serial_number:x}")
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     old = pki.read_cert(layout.tls_cert)
+    _new_key_if_names_in_san(layout, ca, names, old)
     why = ensure_leader_identity(
         layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
     )
@@ -550,6 +554,35 @@ def _start_on(
     elif why is not None:
         log.info("leader.certificate_reissued", reason=why)
     return names
+
+
+def _new_key_if_names_in_san(
+    layout: Layout, ca: pki.CertificateAuthority, names: pki.Names, cert: x509.Certificate
+) -> None:
+    """A leader.pem of an earlier release names the leader's address in its SAN: a server
+    certificate for that address that every workstation would accept, served to anyone who
+    connected to the join and control ports, for up to 397 days, and its key is in every
+    backup. It is issued again with the names apart (``pki.NAMES_OID``) for a new key, so that
+    the old certificate's key serves nothing from now on (agents check the leader's identity,
+    not its key; review s59 L1). The key is written first: a start stopped in between finds a
+    leader.pem that is not leader.key's and issues it again (``REISSUED_FOR_KEY``)."""
+    if pki.names_apart(cert) is not None:
+        return
+    key = pki.generate_key()
+    if reissue_problem(ca, key, pki.utcnow()) is not None:
+        return  # (the start's own check says why: ensure_leader_identity)
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    new = pki.read_cert(layout.tls_cert)
+    log.warning(  # (public facts only: the key's pin, never the key)
+        "leader.certificate_reissued_names_apart",
+        path=str(layout.tls_cert),
+        key_pin=pki.spki_pin(new),
+        fingerprint=pki.fingerprint(new),
+        replaced_fingerprint=pki.fingerprint(cert),
+        detail="leader.pem named the leader's address in its SAN (an earlier release's): "
+        "issued again, its names apart, for a new leader.key",
+    )
 
 
 def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import socket
 import ssl
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from leader.layout import read_passphrase
 from tests.cluster import csr_pem, enrol, enrol_request
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
@@ -236,3 +238,44 @@ def test_the_names_extension_holds_every_kind_of_name_and_nothing_else_is_read()
             pki.names_apart(forged)
         assert "\n" not in str(info.value)
         assert pki.names_of(forged) == pki.Names.of("node1")
+
+
+def test_a_leader_certificate_of_an_earlier_release_is_issued_again_for_a_new_key(
+    tmp_path: Path,
+) -> None:
+    """A leader.pem naming the leader's address in its SAN (an earlier release's) was served to
+    anyone at the join and control ports, and its key is in every backup: at the start it is
+    issued again with the names apart, for a new key (review s59 L1), and the agents go on."""
+    with cluster_of(tmp_path, 2) as (cluster, _nodes):
+        cluster.stop_leader()
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path,
+            cluster.ca_key_path,
+            read_passphrase(cluster.passphrase_path),
+        )
+        old_key = pki.read_key(cluster.tls_key_path)
+        td = ca.trust_domain
+        older = ca.issue(  # as write_leader_cert issued it before
+            old_key.public_key(),
+            pki.Names.of("tlsroll-leader", [cluster.address]),
+            client=True,
+            identity=spiffe.leader(td),
+            internal_dns=[spiffe.leader_host(td)],
+        )
+        cluster.tls_cert_path.write_bytes(pki.cert_to_pem(older) + ca.cert_pem)
+        cluster.start_leader()
+        chain = pki.load_certs_pem(cluster.tls_cert_path.read_bytes())
+        assert pki.serves_names(chain[0]) == []
+        assert pki.names_of(chain[0]).ips == (cluster.address,)
+        new_key = pki.read_key(cluster.tls_key_path)
+        assert pki.spki_pin(new_key.public_key()) != pki.spki_pin(old_key.public_key())
+        assert pki.key_matches(chain[0], new_key)
+        assert stat.S_IMODE(cluster.tls_key_path.stat().st_mode) == 0o600
+        said = [
+            e
+            for e in cluster.leader.log_events()
+            if e.get("event") == "leader.certificate_reissued_names_apart"
+        ]
+        assert len(said) == 1 and said[0]["replaced_fingerprint"] == pki.fingerprint(older)
+        cluster.wait_for_nodes_online(["node1", "node2"])
+        assert cluster.find_secrets(cluster.logs_text()) == []

@@ -1042,6 +1042,11 @@ async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
     other_names = Names.of("n2", ["127.0.0.2"])
     renamed = pki.cert_to_pem(test_ca.issue(key.public_key(), other_names, server=True))
     right = pki.cert_to_pem(test_ca.sign_csr(csr, NAMES, server=True, client=False))
+    # One for this key and these names, kept apart from its SAN (an agent's kind: review s59
+    # L5, ``names_of`` reads them there, and it would have served none of them).
+    apart = pki.cert_to_pem(
+        test_ca.issue(key.public_key(), NAMES, internal_dns=["k.node.t.invalid"], names_apart=True)
+    )
     real_trusting = httpcheck.trusting
 
     def refusing(ca_pem: bytes) -> ssl.SSLContext:
@@ -1055,6 +1060,7 @@ async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
             (b"not a certificate", test_ca.cert_pem, "certificate", 0, False),
             (other_key, test_ca.cert_pem, "does not match the staged key", 0, False),
             (renamed, test_ca.cert_pem, "names differ from this node's names", 0, False),
+            (apart, test_ca.cert_pem, "serves none of this node's names", 0, False),
             (right, test_ca.cert_pem, "expired or not yet valid", 3653, False),
             (right, test_ca.cert_pem, "expired or not yet valid", -1, False),
             (right, test_ca.cert_pem, "the TLS library refuses the CA certificate", 0, True),

@@ -376,9 +376,10 @@ def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
     """The names ``obj`` is for: its CN, and its IP and DNS names, from the SAN, or for a
     certificate of a party of the cluster (``issue(..., names_apart=True)``) from
     ``NAMES_OID``, where no TLS client takes them as names the certificate serves. Never a
-    CSR's extension: a CSR names what it asks for in its SAN. An extension that is not what
-    ``issue`` writes (no certificate of the cluster CA) is not read: the SAN's names are the
-    certificate's, and a check of a party's names refuses them."""
+    CSR's extension: a CSR names what it asks for in its SAN. A well-formed extension is read
+    in any certificate (a caller checks who issued it first); a malformed one (no certificate
+    of the cluster CA) is not: the SAN's names are then the certificate's, and a check of a
+    party's names refuses them."""
     cns = obj.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(cns[0].value) if cns else ""
     if isinstance(obj, x509.Certificate):
@@ -418,7 +419,7 @@ certificate so that an agent can check at its start that its certificate is for 
 config describes, and so that a leader begun again can learn a node from it
 (``names_of`` reads either place)."""
 
-_MAX_NAMES_DER = 4096  # MAX_IPS + MAX_DNS names of at most 253 characters fit many times over
+_MAX_NAMES_DER = 4096  # what names_apart reads; MAX_IPS + MAX_DNS of the longest names fit
 
 
 def _der_length(data: bytes, at: int) -> tuple[int, int]:
@@ -445,8 +446,9 @@ def _names_der(names: Names) -> bytes:
 
 def names_apart(cert: x509.Certificate) -> tuple[list[str], list[str]] | None:
     """The IP addresses and DNS names in ``cert``'s ``NAMES_OID`` extension; None if it has
-    none. PKIError if the extension is there and not what ``issue`` writes (only iPAddress of
-    4 or 16 bytes and dNSName entries, in one DER SEQUENCE)."""
+    none. PKIError if the extension is there and not one DER SEQUENCE of iPAddress (4 or 16
+    bytes) and non-empty ASCII dNSName entries (the names themselves are not judged: the
+    caller has checked who issued the certificate, and compares them with what it expects)."""
     try:
         ext = cert.extensions.get_extension_for_oid(NAMES_OID).value
     except x509.ExtensionNotFound:
@@ -719,6 +721,10 @@ class CertificateAuthority:
         if not (names.ips or names.dns):
             raise ValueError("a certificate needs at least one IP address or DNS name")
         if names_apart and not internal_dns:
+            # Not only for its peers to dial it by: with no DNS name in the SAN, a client that
+            # still falls back to the subject's CN (Python's ssl, ``openssl verify
+            # -verify_hostname``) would take the certificate as serving its CN, a node's name
+            # that a practice LAN may well resolve (review s59). A DNS SAN turns that off.
             raise ValueError("a certificate with its names apart needs an internal name")
         now = now or utcnow()
         not_after = self._clamped(now, lifetime, names)

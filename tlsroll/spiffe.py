@@ -1,7 +1,9 @@
 """Who a certificate belongs to: the cluster's identities, in SPIFFE's X.509-SVID layout.
 
 Every certificate the cluster CA issues to a party of the cluster carries exactly one URI SAN
-naming its role, separate from the IP and DNS names that TLS hostname checks use:
+naming its role, separate from the names that TLS hostname checks use (a managed server's IP
+and DNS names; an agent's and the leader's keep theirs apart, ``pki.NAMES_OID``, and are
+dialed by their names under ``.invalid`` below):
 
     spiffe://tlsroll-<16 hex>/leader              the leader
     spiffe://tlsroll-<16 hex>/node/<name>         a node's agent
