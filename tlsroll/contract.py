@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "2f76ba2ab81f"
+REVISION = "6b4c59b29df9"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
