@@ -27,7 +27,7 @@ from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.layout import Layout
 from leader.node_check import check_nodes
-from leader.plan_texts import plan_texts
+from leader.plan_texts import edited_config_line, plan_texts
 from leader.planner import not_on_https, too_old
 from leader.rollout_core import (
     NOT_ON_HTTPS,
@@ -438,6 +438,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         new_password = rollout.change is Change.ENABLE_TLS and not planned.password_in_use
         if staged is not None and new_password and not staged.live_on:
             reply.replaces.CopyFrom(staged_password(staged))
+        reply.edited_configs.extend(edited_config_line(n, c) for n, c in planned.edited_configs)
         for c in planned.certificates:
             reply.certificates.append(
                 f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"

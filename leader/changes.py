@@ -54,7 +54,7 @@ from leader.rollout_core import (
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore, measured_seconds
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
-from tlsroll import dbthread, logs, pki, probe, spiffe
+from tlsroll import dbthread, logs, peertext, pki, probe, spiffe
 from tlsroll.enums import SERVER_NOT_HEALTHY, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
@@ -687,7 +687,12 @@ class DisableTls(ChangeSteps):
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         if outcome is TxnOutcome.ROLLED_BACK:
             return NodeEvent.SWITCH_ROLLED_BACK, f"still on https: {reason}"
-        return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
+        # A completed way back says something only if it kept the server's config, edited
+        # since tlsroll wrote it, beside it (``nodeagent.transaction.kept_reason``): the node's
+        # reason, in `rollout status`, `schema show` and its history (review rev58a H2).
+        done = outcome is TxnOutcome.COMPLETED
+        said = peertext.clean(reason, 500) if reason else ""
+        return switch_event(outcome), ((said or None) if done else reason)
 
     async def confirm(self, ctx: StepContext) -> Outcome:
         problem = await self.outside_problem(ctx)

@@ -141,6 +141,10 @@ class Planned:
     # certificate now (one a ``--cert-dir`` rollout installed): it gives them the cluster
     # CA's, and a workstation that pinned the practice CA there must be set up again.
     leaves_practice_ca: tuple[str, ...] = ()
+    # disable-tls: the nodes it takes back whose server config was edited since tlsroll wrote
+    # it, with that config's path on the node (``NodeObservation.edited_config``): the way back
+    # undoes the edits, keeping the file beside it first.
+    edited_configs: tuple[tuple[str, str], ...] = ()
 
 
 class StillOnHttp(TerminalError):
@@ -528,6 +532,13 @@ class Commands:
         if request.own_certs is not None:
             certificates = await self._check_own_certs(request, records, seen or {})
         stepped = {r.name for r in records if r.state is not NodeState.SKIPPED}
+        edited: tuple[tuple[str, str], ...] = ()
+        if request.change is Change.DISABLE_TLS and seen:
+            edited = tuple(
+                (r.name, seen[r.name].edited_config)
+                for r in records
+                if r.name in stepped and r.name in seen and seen[r.name].edited_config
+            )
         return Planned(
             rollout,
             records,
@@ -536,6 +547,7 @@ class Commands:
             latest,
             request.removed_since,
             tuple(n for n in practice if n in stepped),
+            edited,
         )
 
     async def _check_own_certs(

@@ -352,6 +352,8 @@ async def observe(
         # Check's answer carries the same ServerView as GetStatus (taken as it checks, in
         # every release that has Check): one call per node, not two.
         seen = observation(checked.server, ca)
+        if checked.edited_config:  # (a down server too: the way back takes it back all the same)
+            seen = replace(seen, edited_config=peertext.clean(checked.edited_config, 300))
         if not seen.reachable:
             return seen
         return replace(seen, problems=tuple(checked.problems))

@@ -145,6 +145,20 @@ CLIENT_STEPS = (
 )
 
 
+def edited_config_line(node: str, config: str) -> str:
+    """What the plan of a way back says of a node whose server config (``config``, its path on
+    the node) was edited since tlsroll wrote it (``PlanResponse.edited_configs``): the way back
+    puts back the config from before the switch byte for byte (the one known to run on http),
+    so those edits are undone; the agent keeps the file first (``nodeagent.plans``'s
+    ``KEPT_BEFORE_ROLLBACK``), under the way back's rollout id, which the plan does not know
+    yet (review rev58a H2: the edits were undone without a word)."""
+    return (
+        f"{node}: its server config {config} was edited since tlsroll wrote it; the way back puts"
+        " back the config from before the switch and undoes those edits (the file as it is now"
+        f" is kept as {config}.before-rollback-ROLLOUT_ID)"
+    )
+
+
 def plan_texts(
     change: Change, strategy: Strategy, freeze: FreezeMode, own_certs: bool
 ) -> tuple[list[str], list[str], list[str]]:

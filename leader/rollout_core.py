@@ -758,6 +758,10 @@ class NodeObservation:
     # from the ports that answer, as the systemd and exec drivers find it: a down server whose
     # http port something else holds says nothing of its config (review s46rev3 H1).
     config_read: bool = False
+    # The server's config file (its path on the node) when it was edited since tlsroll wrote
+    # it (``PreflightResponse.edited_config``): the way back undoes those edits, and its plan
+    # says so (review rev58a H2). "" otherwise.
+    edited_config: str = ""
 
 
 def still_dual(seen: NodeObservation, digest: str = "") -> bool:

@@ -63,6 +63,7 @@ from tlsroll.fsutil import (
     replace_staged,
     socket_dir_problem,
     stage_atomic,
+    write_atomic,
 )
 from tlsroll.httpcheck import port_open
 from tlsroll.peertext import clean
@@ -206,6 +207,17 @@ class Driver(abc.ABC):
                     detail="the agent may not chown (CAP_CHOWN): the config it writes is its own",
                 )
         return StagedConfig(data, staged)
+
+    def keep_copy(self, path: Path, data: bytes) -> None:
+        """``data`` (the live config) written to ``path`` beside the config, atomically and on
+        disk (the file and its directory fsynced) before this returns, with the live config's
+        file mode, owner and group: a copy no more readable than the config it keeps (a way
+        back keeps an edited config so, ``Runner._keep_edited``)."""
+        problem = config_dir_problem(self.config_file.parent)
+        if problem:  # another user could swap the directory: nothing is written there
+            raise UnsafePermissions(problem)
+        st = self.config_file.stat()
+        write_atomic(path, data, st.st_mode & 0o777, (st.st_uid, st.st_gid))
 
     def commit_config(self, staged: StagedConfig) -> None:
         """The second half of ``write_config``: the staged file replaces the live config."""

@@ -825,6 +825,16 @@ class Journal:
             ).fetchall()
         return [_txn(r) for r in rows]
 
+    def after(self, txn: Txn) -> list[Txn]:
+        """The transactions begun after ``txn``, in the order they began (one runs at a time:
+        each found the config the one before it left, ``plans.edited_since``)."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT * FROM txns WHERE started_at > ? ORDER BY started_at",
+                (_enc("started_at", txn.started_at),),
+            ).fetchall()
+        return [_txn(r) for r in rows]
+
     def unfinished(self) -> list[Txn]:
         with self._read() as db:
             rows = db.execute(

@@ -832,6 +832,62 @@ def _put_back(journal: Journal) -> str:
     )
 
 
+# The live config a way back replaces, kept beside it when it was edited since tlsroll wrote
+# it (``edited_since``): ``<name>.before-rollback-<rollout id>`` (README "Back to http").
+KEPT_BEFORE_ROLLBACK = ".before-rollback-"
+
+
+def kept_config_path(driver: Driver, rollout_id: str) -> Path:
+    """Where the way back of ``rollout_id`` keeps an edited live config (beside it)."""
+    config = driver.config_file
+    return config.with_name(f"{config.name}{KEPT_BEFORE_ROLLBACK}{rollout_id}")
+
+
+def edited_since(journal: Journal, switch: Txn, live: bytes) -> bool:
+    """Whether ``live`` (the server's config now) holds anything the way back of ``switch``
+    would undo that tlsroll did not write: an edit made by hand since ``switch`` wrote the
+    config (audit rev58a H2: the way back puts back the config from before the switch byte for
+    byte, and undid a ``data_dir`` moved by hand without a word).
+
+    The journal holds every config tlsroll wrote since (each transaction's target and the
+    source it found): each transaction after ``switch`` must have found the config the one
+    before it left (a completed one its target, one rolled back its source), and ``live`` must
+    be what the last one left. An edit that a later change carried over (the reference
+    server's config is rendered from the live one: a rotate-cert keeps every other setting)
+    is found where that change began; the way back undoes it all the same. Where the journal
+    cannot say (a row of an earlier release without its configs, a transaction that failed
+    or is under way) nothing is claimed for that stretch."""
+    left: bytes | None = switch.target_config
+    edited = False
+    for txn in journal.after(switch):
+        found = txn.source_config
+        if left is not None and found is not None and found != left:
+            edited = True
+        if txn.outcome is TxnOutcome.COMPLETED:
+            left = txn.target_config
+        elif txn.outcome is TxnOutcome.ROLLED_BACK:
+            left = found
+        else:
+            left = None
+    return edited or (left is not None and live != left)
+
+
+def edited_config(journal: Journal, driver: Driver, schemes: tuple[str, ...]) -> str:
+    """The live config's path if the way back to http would undo edits made to it since
+    tlsroll wrote it (``edited_since``; blocking), else "": a node that serves no https
+    (``schemes``: what its config says) has no way back, and one never switched from http
+    has nothing to put back. A file that cannot be read is the checks' problem already
+    (``CONFIG_UNREADABLE``), not this."""
+    if "https" not in schemes:
+        return ""
+    try:
+        switch = switch_to_undo(journal, None)
+        live = driver.read_config()
+    except (PlanRefused, OSError):
+        return ""
+    return str(driver.config_file) if edited_since(journal, switch, live) else ""
+
+
 @_keeps_cause
 def rollback_plan(
     journal: Journal,
@@ -845,10 +901,12 @@ def rollback_plan(
     """Undo a completed switch (``switch_to_undo``: rollout ``undoes``, else the one that left
     http): back to what was live before it, through the same safe transaction, keyed by
     ``rollout_id``. ``keep_frozen``: under a scope freeze the node stays frozen after it, as
-    after a switch."""
+    after a switch. A live config edited since tlsroll wrote it (``edited_since``) is kept
+    beside it before it is replaced (``Plan.keep_edited``: ``Runner._keep_edited``)."""
     switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
     done = Plan.from_json(switch.plan)
     old_config = source_of(switch)
+    edited = edited_since(journal, switch, driver.read_config())
     share_named(driver, _files_of(done.live_before))  # what the config going back names
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
     facts = driver.facts()
@@ -863,5 +921,6 @@ def rollback_plan(
         done.live_before,
         journal.live_tls(),
         keep_frozen=keep_frozen,
+        keep_edited=str(kept_config_path(driver, rollout_id)) if edited else "",
     )
     return Built(old_config, plan, "")

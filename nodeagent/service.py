@@ -691,7 +691,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # The checks' own trouble must not hide the server's (review of session 26).
             await asyncio.gather(local_checks, return_exceptions=True)
             raise
-        facts, unread, local = await local_checks
+        facts, unread, local, edited = await local_checks
         problems = [unread] if unread else []  # in the order they were always found
         if (why := self.journal.needs_admin()) is not None:  # first: what to do first
             problems.insert(0, f"{NEEDS_ADMIN}{why}")
@@ -716,24 +716,28 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             old_url=facts.url("http") if facts else "",
             new_url=facts.url("https") if facts else "",
             bootstrap_port=self.cfg.bootstrap_port,
+            edited_config=edited,
         )
 
-    def _local_checks(self, driver: Driver) -> tuple[ServerFacts | None, str, list[str]]:
+    def _local_checks(self, driver: Driver) -> tuple[ServerFacts | None, str, list[str], str]:
         """The checks on this machine (blocking): the server's facts from its config, or why
-        the config could not be read, and the ports taken and the config directory not
-        writable."""
+        the config could not be read, the ports taken and the config directory not writable,
+        and the config's path if it was edited since tlsroll wrote it (``plans.edited_config``:
+        the way back would undo that; the leader's plan of it says so, review rev58a H2)."""
         facts: ServerFacts | None = None
-        unread = ""
+        unread, edited = "", ""
         try:
             facts = driver.facts()
         except (DriverError, OSError) as exc:
             unread = f"cannot read the server's config: {exc}"
+        if facts is not None:  # (on https only: a node on http has no way back to plan)
+            edited = plans.edited_config(self.journal, driver, facts.schemes)
         problems = self._port_problems(facts) if facts is not None else []
         problems += self._writable_problems(driver.config_file.parent)
         unsafe = config_dir_problem(driver.config_file.parent)
         if unsafe:  # a switch would refuse to stage or write there (``plans.refuse_unsafe_dir``)
             problems.append(unsafe)
-        return facts, unread, problems
+        return facts, unread, problems, edited
 
     def _port_problems(self, facts: ServerFacts) -> list[str]:
         problems = []

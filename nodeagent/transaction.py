@@ -316,6 +316,15 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
+def kept_reason(path: Path) -> str:
+    """What a way back that kept the live config, edited since tlsroll wrote it, says of it
+    (its transaction's reason, shown beside the node by the leader)."""
+    return (
+        f"the config as edited since the switch is kept as {path}; the config from before the"
+        " switch is back (make those edits again if they are still wanted)"
+    )
+
+
 def describe(exc: BaseException) -> str:
     """Our own errors say what happened; an OSError its path and errno; anything else (an
     admin's command printing JSON without a field, a journal write, say) also names its type."""
@@ -391,6 +400,10 @@ class Plan:
     # "" for a rollback and for plans journalled before it was recorded): a replay of a
     # different change under the same rollout id is refused, never answered with this one.
     change: str = ""
+    # A way back (rollback) whose live config was edited since tlsroll wrote it
+    # (``plans.edited_since``): where that file is kept before the write replaces it
+    # (``Runner._keep_edited``); "" keeps nothing (a release before it ignores the key).
+    keep_edited: str = ""
 
     def to_json(self) -> dict[str, Any]:
         f = self.facts
@@ -406,6 +419,7 @@ class Plan:
             "live_before": self.live_before,
             "keep_frozen": self.keep_frozen,
             "change": self.change,
+            **({"keep_edited": self.keep_edited} if self.keep_edited else {}),
         }
 
     @classmethod
@@ -423,6 +437,7 @@ class Plan:
             live_before=data.get("live_before"),
             keep_frozen=bool(data.get("keep_frozen", False)),
             change=str(data.get("change", "")),
+            keep_edited=str(data.get("keep_edited", "")),
         )
 
 
@@ -1364,8 +1379,10 @@ class Runner:
         if key in self._ahead:  # run with the record of the phase before (``_ahead_of``)
             raise self._ahead.pop(key)
         staged = self._staged.pop(key, None)
-        await dbthread.run(lambda: self._put_target(txn, plan, _staged_now(staged)))
-        return {}
+        kept = await dbthread.run(lambda: self._put_target(txn, plan, _staged_now(staged)))
+        # The node's outcome says where the edited config is (the leader shows the reason of a
+        # completed way back beside the node: ``leader.changes.DisableTls``).
+        return {"reason": kept_reason(kept)} if kept is not None else {}
 
     def stage(self, txn: Txn) -> Staged | None:
         """Blocking: ``txn``'s target config written and fsynced beside the live one
@@ -1468,7 +1485,8 @@ class Runner:
         the freeze has committed, and the record of ``config_written`` after it (the journal
         still comes before each act; nothing else comes between them). Not when the test hook
         stops the agent at ``phase``, which must come between the record and the write."""
-        if phase is not Phase.FROZEN or self.crash_after == phase:
+        if phase is not Phase.FROZEN or self.crash_after == phase or plan.keep_edited:
+            # (a way back keeping an edited config: its write records why, ``_write_config``)
             return None
         staged = self._staged.pop((txn.rollout_id, txn.kind.value), None)
         after = FORWARD[phase][1]
@@ -1496,7 +1514,32 @@ class Runner:
             self._attempt(action, txn, plan, attempts), name=f"txn-{txn.rollout_id}-{action}"
         )
 
-    def _put_target(self, txn: Txn, plan: Plan, staged: StagedConfig | None = None) -> None:
+    def _put_target(self, txn: Txn, plan: Plan, staged: StagedConfig | None = None) -> Path | None:
+        """The target config live (blocking); first, for a way back whose live config was
+        edited since tlsroll wrote it, that file kept: where (``_keep_edited``), else None."""
+        kept = self._keep_edited(txn, plan)
+        self._replace_config(txn, plan, staged)
+        return kept
+
+    def _keep_edited(self, txn: Txn, plan: Plan) -> Path | None:
+        """A way back whose live config was edited since tlsroll wrote it (``plan.keep_edited``,
+        decided when it began: ``plans.edited_since``): the live file as it is now kept beside
+        it (``Driver.keep_copy``: the config's mode and owner, atomic, on disk before the write
+        that replaces the config; audit rev58a H2: the edits were undone without a trace). A
+        copy that cannot be made fails the write step: the node stays as it was, edits and all.
+        On a repeat after a crash that the write had taken already (the live config is the
+        target), the copy the first attempt made stands. None: nothing to keep."""
+        if not plan.keep_edited:
+            return None
+        path = Path(plan.keep_edited)
+        live = self.driver.read_config()
+        if live == txn.target_config:
+            return path if path.exists() else None
+        self.driver.keep_copy(path, live)
+        log.info("rollback.kept_edited_config", rollout_id=txn.rollout_id, path=str(path))
+        return path
+
+    def _replace_config(self, txn: Txn, plan: Plan, staged: StagedConfig | None) -> None:
         if txn.target_config is not None:  # the journal holds both configs since the create
             if staged is not None and staged.data == txn.target_config:
                 self.driver.commit_config(staged)

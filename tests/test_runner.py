@@ -1773,7 +1773,8 @@ def completed_switch(
     config, plan, _fp = plans.switch_plan(
         journal, driver, txn_dir, "r1", None, keep_frozen=keep_frozen
     )
-    configs: dict[str, Any] = {"target_config": config, "source_config": SOURCE}
+    assert config  # (rendered: what the fake server runs stands for it, TARGET)
+    configs: dict[str, Any] = {"target_config": TARGET, "source_config": SOURCE}
     if layout == "files":  # an earlier release: the backup file, nothing in the row
         txn_dir.mkdir(parents=True, exist_ok=True)
         plan.backup_file.write_bytes(SOURCE)
@@ -1895,6 +1896,110 @@ async def test_a_rollback_plan_with_keep_frozen_leaves_the_server_frozen(
     assert (server.running, server.config, server.frozen) == (SOURCE, SOURCE, True)
     assert server.ops == ["freeze", "write_config source", "restart"]  # no unfreeze
     assert done.freeze_ended_at is None
+    journal.close()
+
+
+EDITED = TARGET + b"queue = 20\n"  # a setting changed by hand since the switch
+
+
+@pytest.mark.parametrize("edit", ["none", "by hand", "carried over", "rolled back"])
+async def test_a_way_back_keeps_the_config_edited_since_tlsroll_wrote_it(
+    tmp_path: Path, edit: str
+) -> None:
+    """Review rev58a H2: the way back puts back the config from before the switch byte for
+    byte, undoing any edit made by hand since. A live config that is no longer what tlsroll
+    wrote (``plans.edited_since``: by hand since the switch; or before a later change that
+    carried the edit over, as the reference server's render keeps every other setting) is kept
+    beside it first, with the config's mode, and the transaction's reason says where. One as
+    tlsroll left it (a later change rolled back puts back what it found) keeps nothing."""
+    config_file = tmp_path / "etc" / "server.toml"
+    config_file.parent.mkdir()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = FakeServer()
+    driver = FileDriver(server, config_file)
+    config_file.chmod(0o640)
+    txn_dir = tmp_path / "txn"
+    stage(journal, driver, "r1")
+    switched = completed_switch(journal, driver, txn_dir, "journal")
+    live = {"none": TARGET, "rolled back": TARGET}.get(edit, EDITED)
+    if edit in ("carried over", "rolled back"):  # a later change (rotate-cert, say) of r2
+        rotate = replace(switched, source_schemes=("https",)).to_json()
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+        carried = EDITED + b"note = 2\n"
+        txn = journal.create(
+            Txn(
+                "r2",
+                TxnKind.SWITCH,
+                2,
+                Phase.VERIFIED,
+                rotate,
+                later,
+                source_config=live,
+                target_config=carried,
+            )
+        )
+        if edit == "carried over":
+            live = carried
+            journal.complete(txn, None, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+        else:
+            journal.update(txn, phase=Phase.ROLLED_BACK, outcome=TxnOutcome.ROLLED_BACK)
+    server.running = server.config = live
+    config_file.write_bytes(live)
+
+    config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "b1", undoes="")
+    kept = config_file.with_name("server.toml.before-rollback-b1")
+    assert back.keep_edited == ("" if edit in ("none", "rolled back") else str(kept))
+    assert Plan.from_json(back.to_json()) == back
+    time = FakeTime()
+    runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
+    rollback = journal.create(
+        Txn(
+            "b1",
+            TxnKind.ROLLBACK,
+            3,
+            Phase.STARTED,
+            back.to_json(),
+            time.clock() + dt.timedelta(seconds=5),
+            target_config=config,
+            source_config=live,
+        )
+    )
+    done = await runner.run(rollback)
+
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert config_file.read_bytes() == SOURCE == server.running
+    if not back.keep_edited:
+        assert not kept.exists() and done.reason == ""
+        return
+    assert kept.read_bytes() == live
+    assert kept.stat().st_mode & 0o777 == 0o640
+    assert done.reason == transaction.kept_reason(kept)
+    journal.close()
+
+
+def test_the_checks_name_an_edited_config_only_on_a_switched_node_that_reads_it(
+    node: tuple[Journal, FakeDriver, Path],
+) -> None:
+    """What the planning question's answer says of the config (``plans.edited_config``): its
+    path when the node serves https and the file is no longer what tlsroll wrote; nothing for a
+    node never switched, one on http, or a config that cannot be read (that is a problem of
+    the checks already, ``CONFIG_UNREADABLE``; nothing more is claimed of it)."""
+    journal, driver, txn_dir = node
+    https = ("https",)
+    driver.server.config = EDITED
+    assert plans.edited_config(journal, driver, https) == ""  # never switched
+    stage(journal, driver, "r1")
+    completed_switch(journal, driver, txn_dir, "journal")
+    assert plans.edited_config(journal, driver, https) == ""  # as the switch wrote it
+    driver.server.config = EDITED
+    assert plans.edited_config(journal, driver, https) == str(driver.config_file)
+    assert plans.edited_config(journal, driver, ("http",)) == ""
+
+    def unreadable() -> bytes:
+        raise PermissionError(errno.EACCES, "Permission denied", str(driver.config_file))
+
+    driver.read_config = unreadable  # type: ignore[method-assign]
+    assert plans.edited_config(journal, driver, https) == ""
     journal.close()
 
 

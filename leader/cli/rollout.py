@@ -645,6 +645,7 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
                 planned.rollout.nodes,
                 " (each: freeze writes, restore the http config, restart, verify, unfreeze).",
                 planned.rollout.removed_since,
+                planned.edited_configs,
             )
             ask_first("add --yes to go back without asking", "Go back to http now?", "not started")
         view = leader.call(admin.StartRollout, request)
@@ -663,10 +664,17 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
             out.print(f"  {name} {REMOVED_SINCE}")
 
 
-def going_back(nodes: Sequence[schema_pb2.NodeView], how: str, removed: Sequence[str] = ()) -> None:
+def going_back(
+    nodes: Sequence[schema_pb2.NodeView],
+    how: str,
+    removed: Sequence[str] = (),
+    edited: Sequence[str] = (),
+) -> None:
     """Which nodes the way back puts on http (only those: review s45rt1 L1), then each other
-    node with why it is not among them ("already on http", "offline: left as is: …"), and
-    the nodes of the rollout it takes back ``removed`` since, left out (s50retry)."""
+    node with why it is not among them ("already on http", "offline: left as is: …"), the
+    nodes of the rollout it takes back ``removed`` since, left out (s50retry), and a line for
+    each node whose server config was ``edited`` since tlsroll wrote it (the plan's
+    ``edited_configs``: the way back undoes those edits; review rev58a H2)."""
     skipped = [n for n in nodes if NODE_STATE.text(n.state) == SKIPPED]
     going = ", ".join(n.name for n in nodes if n not in skipped)
     out.print(f"Back to http: {going}{how}")
@@ -675,6 +683,8 @@ def going_back(nodes: Sequence[schema_pb2.NodeView], how: str, removed: Sequence
         out.print(f"  {n.name}: {'already on http' if on_http else n.reason}")
     for name in removed:
         out.print(f"  {name} {REMOVED_SINCE}")
+    for line in edited:
+        out.print(f"  ! {line}")
     out.print("  ! Every workstation must go back to the old http address afterwards.")
 
 

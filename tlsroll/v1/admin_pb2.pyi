@@ -682,6 +682,7 @@ class PlanResponse(_message.Message):
     APPLIES_FIELD_NUMBER: _builtins.int
     REPLACES_FIELD_NUMBER: _builtins.int
     BUSY_FIELD_NUMBER: _builtins.int
+    EDITED_CONFIGS_FIELD_NUMBER: _builtins.int
     password_version_in_use: _builtins.int
     """enable-tls: the nodes already run this auth password version (and the others get it too),
     so the CLI sends no new password; 0: the rollout needs a new one.
@@ -714,6 +715,13 @@ class PlanResponse(_message.Message):
         version if it is live on no node, which the new password supersedes.
         """
 
+    @_builtins.property
+    def edited_configs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """disable-tls: one line per node it takes back whose server config was edited since tlsroll
+        wrote it (`PreflightResponse.edited_config`): the way back undoes those edits, and where the
+        file as it is now is kept. Empty for any other change.
+        """
+
     def __init__(
         self,
         *,
@@ -726,10 +734,11 @@ class PlanResponse(_message.Message):
         applies: Global___StagedPassword | None = ...,
         replaces: Global___StagedPassword | None = ...,
         busy: _builtins.str = ...,
+        edited_configs: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "replaces", b"replaces", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "busy", b"busy", "certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "password_version_in_use", b"password_version_in_use", "replaces", b"replaces", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "busy", b"busy", "certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "edited_configs", b"edited_configs", "password_version_in_use", b"password_version_in_use", "replaces", b"replaces", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -412,6 +412,7 @@ class PreflightResponse(_message.Message):
     OLD_URL_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_PORT_FIELD_NUMBER: _builtins.int
     CSR_PEM_FIELD_NUMBER: _builtins.int
+    EDITED_CONFIG_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     common_name: _builtins.str
     """The names the node's https certificate must carry."""
@@ -422,6 +423,14 @@ class PreflightResponse(_message.Message):
     csr_pem: _builtins.bytes
     """PreflightRequest.make_csr: the CSR for the rollout's key (empty if not asked, if the
     checks failed, or from an agent of an earlier release).
+    """
+    edited_config: _builtins.str
+    """The managed server's config file (its path), when the node serves https and that file is
+    no longer what tlsroll wrote there (edited by hand since the switch that took the node
+    from http, or since a change after it): the way back to http (disable-tls) puts back the
+    config from before that switch byte for byte, undoing those edits, after keeping the file
+    beside it as `<name>.before-rollback-<rollout id>`. Empty: not edited, not on https, never
+    switched, the config unreadable (a problem of its own), or an agent of an earlier release.
     """
     @_builtins.property
     def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -444,10 +453,11 @@ class PreflightResponse(_message.Message):
         old_url: _builtins.str = ...,
         bootstrap_port: _builtins.int = ...,
         csr_pem: _builtins.bytes = ...,
+        edited_config: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "common_name", b"common_name", "csr_pem", b"csr_pem", "dns_names", b"dns_names", "ip_addresses", b"ip_addresses", "new_url", b"new_url", "ok", b"ok", "old_url", b"old_url", "problems", b"problems", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "common_name", b"common_name", "csr_pem", b"csr_pem", "dns_names", b"dns_names", "edited_config", b"edited_config", "ip_addresses", b"ip_addresses", "new_url", b"new_url", "ok", b"ok", "old_url", b"old_url", "problems", b"problems", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,119 @@
+"""The way back to http (``tlsroll rollout rollback``) and a server config edited by hand since
+the switch (review rev58a H2). The way back puts back the config from before the switch byte
+for byte, the one known to run on http, so the edit is undone: never silently. Its plan names
+each node whose config is no longer what tlsroll wrote, and the agent keeps the edited file
+beside the config (``NAME.before-rollback-ID``) before it replaces it. Real processes
+throughout."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.refserver_helper import http_request
+
+EDITED = "was edited since tlsroll wrote it"
+
+
+def test_the_way_back_says_first_it_undoes_a_config_edited_by_hand_and_keeps_that_file(
+    tmp_path: Path,
+) -> None:
+    addresses = [next_loopback() for _ in range(3)]
+    cluster = AdminTokenCluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        configs = {n.name: n.server.config_path for n in nodes}
+        on_http = {name: path.read_bytes() for name, path in configs.items()}
+
+        def newest() -> dict[str, Any]:
+            data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+            rollout: dict[str, Any] = data["rollouts"][0]
+            return rollout
+
+        def ended() -> bool:
+            return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
+
+        pw = tmp_path / "pw"
+        pw.touch(0o600)
+        pw.write_text("way-back-edits-password\n")
+        start = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
+        )
+        assert start.returncode == 0, start.stderr
+        wait_until(ended, 90, "the switch", interval=LEADER_POLL)
+        switch = newest()
+        assert switch["state"] == "completed", switch
+
+        # node2's config edited by hand since the switch: a harmless setting of the reference
+        # server (how long a login waits for the checks before it, 30 s by default).
+        config = configs["node2"]
+        switched = config.read_bytes()
+        assert "login_queue_seconds" not in tomllib.loads(switched.decode())["server"]
+        edited = switched.replace(b"[server]\n", b"[server]\nlogin_queue_seconds = 20\n", 1)
+        assert edited != switched
+        config.write_bytes(edited)
+        assert tomllib.loads(edited.decode())["server"]["login_queue_seconds"] == 20
+        assert config.stat().st_mode & 0o777 == 0o600  # the switch's mode, kept by the edit
+
+        # The way back's plan, shown before it asks, names node2 in one line, and no other
+        # node (off a terminal it then refuses to ask: nothing started).
+        asked = cluster.cli("rollout", "rollback")
+        assert asked.returncode == 2, asked.stdout + asked.stderr
+        assert "not a terminal" in asked.stderr, asked.stderr
+        said = [line for line in asked.stdout.splitlines() if EDITED in line]
+        assert len(said) == 1, asked.stdout
+        assert said[0].startswith(f"  ! node2: its server config {config} "), asked.stdout
+        assert "undoes those edits" in said[0], asked.stdout
+        assert f"kept as {config}.before-rollback-" in said[0], asked.stdout
+        assert newest()["id"] == switch["id"]  # nothing started
+
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, back.stdout + back.stderr
+        wait_until(ended, 90, "the way back", interval=LEADER_POLL)
+        r = newest()
+        assert r["change"] == "disable-tls" and r["state"] == "completed", r
+        kept = config.with_name(f"{config.name}.before-rollback-{r['id']}")
+
+        # The edited file is kept as it was, as private as the config; the config from before
+        # the switch is back on every node, and each server serves http.
+        assert kept.read_bytes() == edited
+        assert kept.stat().st_mode & 0o777 == config.stat().st_mode & 0o777
+        assert (kept.stat().st_uid, kept.stat().st_gid) == (
+            config.stat().st_uid,
+            config.stat().st_gid,
+        )
+        for node in nodes:
+            assert configs[node.name].read_bytes() == on_http[node.name], node.name
+            assert node.server.status()["listen"] == ["http"]
+            assert http_request("POST", f"{node.http_url()}entries", {"n": 1}).status == 201
+            beside = sorted(p.name for p in node.config_dir.glob("*.before-rollback-*"))
+            assert beside == ([kept.name] if node.name == "node2" else []), beside
+
+        # The node's outcome says where the edited file is; the others say nothing.
+        reasons = {n["name"]: n["reason"] for n in r["nodes"]}
+        assert [n["state"] for n in r["nodes"]] == ["done"] * 3, r
+        assert f"kept as {kept}" in reasons["node2"], reasons
+        assert reasons["node1"] == reasons["node3"] == "", reasons
+        status = cluster.cli("rollout", "status", r["id"])
+        assert status.returncode == 0, status.stderr
+        assert "the config as edited since the" in status.stdout, status.stdout  # (wrapped)
+        # The agent logged it (the path, never the file's content).
+        agent = nodes[1].agent
+        assert agent is not None
+        logged = [ln for ln in agent.log_text().splitlines() if "rollback.kept_edited_config" in ln]
+        assert len(logged) == 1 and str(kept) in logged[0], logged
+        assert "login_queue_seconds" not in agent.log_text()
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
