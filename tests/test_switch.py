@@ -1145,6 +1145,121 @@ def test_an_agent_start_removes_only_stage_directories_nothing_needs(
     assert node.served_fingerprint() == staged
 
 
+def stage_files(node: Node) -> set[str]:
+    """Every file in the node's stage directories, as ``<rollout>/<name>``."""
+    root = node.config_dir / "tlsroll-tls"
+    if not root.exists():
+        return set()
+    return {f"{d.name}/{f.name}" for d in root.iterdir() for f in d.iterdir()}
+
+
+def rotated(node: Node, rollout_id: str) -> str:
+    """A rotate-cert of ``rollout_id`` staged and switched, completed: its fingerprint."""
+    fingerprint = node.stage(rollout_id).fingerprint
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command(rollout_id), change=CHANGE.wire(Change.ROTATE_CERT)
+            ),
+            timeout=60,
+        )
+    txn = node.wait_txn(rollout_id)
+    assert txn.outcome == "completed", txn.reason
+    assert node.served_fingerprint() == fingerprint
+    return fingerprint
+
+
+CERT = ("server.key", "server.pem", "ca.pem")
+REMOVALS = ("stage.removed", "stage.files_removed")
+
+
+def test_a_transaction_s_end_removes_what_no_switch_or_way_back_still_needs(
+    make_node: NodeFactory,
+) -> None:
+    """Review rev58a L11: every stage directory of a switch that ran was kept for good (the
+    journal knows every rollout), each with the private key of a certificate superseded
+    since. Now each transaction's end removes what nothing can need any more: kept are the
+    files live and those the rollback of the newest switch restores (the leader rolls a
+    switch back when its confirm's outside check fails; these rollouts are unknown to the
+    leader, which never says they ended, so that way back stays open). A rotation keeps the
+    live verifier file beside the key it superseded: the key goes, the verifier stays. The
+    way back still open works after the sweep; a rollback of an older switch, whose files
+    went, is refused in one line and changes nothing; the way back to http still works and
+    leaves nothing behind."""
+    node = make_node()
+    assert node.agent is not None
+    secret = "sweep-s3cret"
+    first = node.stage("first").fingerprint
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command("first"),
+                change=CHANGE.wire(Change.ENABLE_TLS),
+                auth_verifier_json=a_verifier_json(secret),
+            ),
+            timeout=60,
+        )
+    assert node.wait_txn("first").outcome == "completed"
+    assert_switched(node, first)
+    every = {*(f"first/{f}" for f in CERT), "first/auth-verifier.json"}
+    assert stage_files(node) == every
+
+    second = rotated(node, "second")
+    # Its way back restores first's files: all kept.
+    every |= {f"second/{f}" for f in CERT}
+    assert stage_files(node) == every
+
+    rotated(node, "third")
+    # First's certificate is superseded twice: its key, certificate and CA go; the verifier
+    # file the live config still names stays. Second's files are third's way back.
+    wanted = {
+        "first/auth-verifier.json",
+        *(f"second/{f}" for f in CERT),
+        *(f"third/{f}" for f in CERT),
+    }
+    wait_until(lambda: stage_files(node) == wanted, 20, "first's superseded key removed")
+
+    # The way back still open: back to second's certificate, from its kept files.
+    node.rollback("third")
+    back = node.wait_txn("third", "rollback")
+    assert back.outcome == "completed", back.reason
+    assert node.served_fingerprint() == second
+    wanted = {"first/auth-verifier.json", *(f"second/{f}" for f in CERT)}
+    wait_until(lambda: stage_files(node) == wanted, 20, "third's rolled-back stage removed")
+
+    # An older switch's way back: its files are gone, so it is refused before anything is
+    # frozen or written.
+    with node.stub() as stub:
+        err = rpc_error(
+            lambda: stub.Rollback(
+                agent_pb2.RollbackRequest(command=node.command("older"), undoes="second"),
+                timeout=60,
+            )
+        )
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err).startswith("the files rollout second's way back restores are gone")
+    assert "\n" not in details_of(err)
+    assert node.served_fingerprint() == second
+    assert node.journal_query("SELECT * FROM txns WHERE rollout_id = 'older'") == []
+
+    # The way back to http (disable-tls) needs no stage file, and leaves none.
+    with node.stub() as stub:
+        stub.Rollback(
+            agent_pb2.RollbackRequest(command=node.command("back"), undoes=""), timeout=60
+        )
+    http = node.wait_txn("back", "rollback")
+    assert http.outcome == "completed", http.reason
+    assert node.admin_status()["listen"] == ["http"]
+    wait_until(lambda: stage_files(node) == set(), 20, "every stage file removed")
+
+    events = node.agent.log_events()
+    removed = [(e["event"], e.get("rollout_id")) for e in events if e["event"] in REMOVALS]
+    assert ("stage.files_removed", "first") in removed
+    assert ("stage.removed", "third") in removed
+    text = node.agent.log_text()
+    assert secret not in text and "PRIVATE KEY" not in text
+
+
 def test_a_node_closed_as_its_driver_starts_a_server_leaves_no_server_running(
     make_node: NodeFactory,
 ) -> None:
