@@ -1619,6 +1619,101 @@ def test_the_start_sweep_leaves_every_directory_tlsroll_did_not_make(tmp_path: P
         assert set(event) <= {"event", "path", "rollout_id", "why", "log_level", "logger_name"}
 
 
+def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """Review rev58a L11, in the journal and the sweep alone: after an enable-tls (with a
+    verifier file) and two rotations, what is needed is what is live (the last rotation's
+    files and the first switch's verifier file) and what the rollback of the newest switch
+    restores (the rotation before it), whose rollout the heartbeat names first; the first
+    switch's key, certificate and CA go, its verifier file stays. The leader saying another
+    rollout ended changes nothing; saying the newest switch's rollout ended closes its way
+    back, and the next sweep removes the rotation before it. A sweep while the agent runs
+    leaves a directory the journal does not know (the start's sweep removes it)."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.drivers import Driver
+    from nodeagent.journal import Journal, Txn
+    from nodeagent.transaction import Phase
+    from tlsroll.enums import TxnKind, TxnOutcome
+
+    root = tmp_path / "conf" / "tlsroll-tls"
+    a_stage(root, "p1", *CERT, "auth-verifier.json")
+    for name in ("r1", "r2", "stray"):
+        a_stage(root, name)
+
+    def files(name: str, verifier: str = "p1") -> dict[str, str]:
+        return {
+            "cert_file": str(root / name / "server.pem"),
+            "key_file": str(root / name / "server.key"),
+            "ca_file": str(root / name / "ca.pem"),
+            "verifier_file": str(root / verifier / "auth-verifier.json"),
+        }
+
+    config = tmp_path / "conf" / "server.toml"
+    config.write_text("".join(f'{k} = "{v}"\n' for k, v in files("r2").items()))
+    driver = cast(Driver, ConfigOnly(config))
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        before: dict[str, str] | None = None
+        for rid in ("p1", "r1", "r2"):
+            journal.record_csr(rid, root / rid / "server.key", b"csr")
+            live = files(rid)
+            txn = journal.create(
+                Txn(
+                    rollout_id=rid,
+                    kind=TxnKind.SWITCH,
+                    epoch=1,
+                    phase=Phase.STARTED,
+                    plan={
+                        "source_schemes": ["https"] if before else ["http"],
+                        "live_tls": live,
+                        "live_before": before,
+                        "ca_file": live["ca_file"],
+                    },
+                    started_at=dt.datetime.now(dt.UTC),
+                    target_config=b"[server]\n",
+                    source_config=b"[server]\n",
+                )
+            )
+            journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+            before = live
+
+        def left() -> set[str]:
+            return {f"{d.name}/{f.name}" for d in root.iterdir() for f in d.iterdir()}
+
+        assert journal.heartbeat_facts()[1] == ["r2"]
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver, at_start=False)
+        wanted = {
+            "p1/auth-verifier.json",
+            *(f"{name}/{f}" for name in ("r1", "r2", "stray") for f in CERT),
+        }
+        assert left() == wanted
+        assert [(e["event"], e["rollout_id"], e["files"]) for e in logs] == [
+            ("stage.files_removed", "p1", sorted(CERT))
+        ]
+
+        assert journal.end_way_back(["another"]) is None
+        assert journal.heartbeat_facts()[1] == ["r2"]
+        assert journal.end_way_back(["r2"]) == "r2"
+        assert journal.heartbeat_facts()[1] == []
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver, at_start=False)
+        assert left() == wanted - {f"r1/{f}" for f in CERT}
+        assert [(e["event"], e["rollout_id"]) for e in logs] == [("stage.removed", "r1")]
+
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver)  # the start's
+        assert left() == {"p1/auth-verifier.json", *(f"r2/{f}" for f in CERT)}
+        assert [(e["event"], e["rollout_id"], e["why"]) for e in logs] == [
+            ("stage.removed", "stray", "unknown to the journal")
+        ]
+    finally:
+        journal.close()
+
+
 def test_the_start_sweep_removes_nothing_if_the_live_config_cannot_be_read(
     tmp_path: Path,
 ) -> None:
