@@ -283,6 +283,34 @@ class Staged:
 
 
 @dataclass(frozen=True)
+class StageNeeds:
+    """What the stage directories beside the live config (``tlsroll-tls/<rollout>/``) are
+    still needed for, read at once (``Journal.stage_needs``; ``plans.needed_stage_files``
+    turns it into directories and files). Everything else there is keys, certificates and
+    verifier files nothing will read again: a superseded certificate's key among them (review
+    rev58a L11: ten rollouts left five directories per node, each with such a key)."""
+
+    # Stages no transaction began yet: their switch may still come (a rollout the leader
+    # says has ended is forgotten: ``forget_stages``).
+    staged: frozenset[str]
+    # Files the server may read now or after a transaction or way back still possible: what
+    # is live; what an unfinished transaction writes or goes back to; what the rollback of
+    # the newest switch restores while its way back is open (``way_back``); both sides of a
+    # transaction that failed (the server may run either, and the admin decides).
+    files: frozenset[str]
+    # The configs such a transaction or way back may still write (what one of them names is
+    # kept too: rows of earlier releases, whose plans may not name every file).
+    configs: tuple[bytes, ...]
+    # The rollout whose switch is the journal's newest transaction and may still be rolled
+    # back by the leader (its confirm's outside check failed), until the leader says the
+    # rollout has ended (``end_way_back``); None if there is none.
+    way_back: str | None
+    # Every rollout with a stage or a transaction: only their directories are swept while
+    # the agent runs (``plans.sweep_stage_dirs``).
+    known: frozenset[str]
+
+
+@dataclass(frozen=True)
 class Outlook:
     """What a transaction's create looks at before its write, read at once
     (``Journal.outlook``): the transaction under its key (a replay), the first unfinished one
@@ -312,6 +340,44 @@ _UNSWITCHED = (
     "SELECT rollout_id FROM staged WHERE rollout_id NOT IN (SELECT rollout_id FROM txns)"
     " ORDER BY rollout_id LIMIT ?"
 )
+# The journal's newest transaction, in the order the journal wrote them (a table of rowids
+# never deleted from: ``rowid`` grows with each insert), not by ``started_at``, which a clock
+# set back would reorder.
+_NEWEST_TXN = "SELECT * FROM txns ORDER BY rowid DESC LIMIT 1"
+_PLAN_FILES = ("cert_file", "key_file", "ca_file", "verifier_file")
+
+
+def _plan_files(plan: dict[str, Any], *which: str) -> set[str]:
+    """The files the settings ``which`` (``live_tls``, ``live_before``) of a transaction's
+    plan (its JSON) name, and with ``ca_file`` the CA its verify trusts."""
+    files: set[str] = set()
+    for key in which:
+        value = plan.get(key)
+        if key == "ca_file" and isinstance(value, str) and value:
+            files.add(value)
+        elif isinstance(value, dict):
+            files |= {str(value[k]) for k in _PLAN_FILES if value.get(k)}
+    return files
+
+
+def _open_way_back(db: sqlite3.Connection) -> sqlite3.Row | None:
+    """The newest transaction if it is a completed switch whose way back is still open: the
+    leader may still roll it back (``Rollback`` of its rollout, after its confirm's outside
+    check failed), which restores what was live before it. Closed by any later transaction
+    (one rollout at a time per cluster: a later one on this node means this one has ended),
+    by its rollback (journalled under its rollout: a Rollback sent again is a replay), and by
+    the leader saying its rollout has ended (``Journal.end_way_back``)."""
+    row: sqlite3.Row | None = db.execute(_NEWEST_TXN).fetchone()
+    if (
+        row is None
+        or row["kind"] != TxnKind.SWITCH.value
+        or row["outcome"] != TxnOutcome.COMPLETED.value
+    ):
+        return None
+    ended = db.execute("SELECT value FROM meta WHERE key = 'way_back_ended'").fetchone()
+    if ended is not None and ended["value"] == row["rollout_id"]:
+        return None
+    return row
 
 
 def _enc(name: str, value: Any) -> Any:
@@ -757,13 +823,94 @@ class Journal:
 
     def heartbeat_facts(self, limit: int = 64) -> tuple[int, list[str]]:
         """What a heartbeat reports from the journal, in one read: the highest epoch seen, and
-        the rollouts (sorted, at most ``limit``) whose stage it keeps with no transaction of
-        theirs begun here (``HeartbeatRequest.unswitched_stages``: the leader says which of
-        them have ended, ``forget_stages``)."""
+        the rollouts (at most ``limit``) whose stage it keeps with no transaction of theirs
+        begun here, sorted, after the rollout whose switch's way back is open
+        (``stage_needs``' ``way_back``), if one is: ``HeartbeatRequest.unswitched_stages``,
+        the leader says which of them have ended (``forget_stages``, ``end_way_back``)."""
         with self._read() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-            rows = db.execute(_UNSWITCHED, (limit,)).fetchall()
-        return (int(row["value"]) if row else 0), [str(r["rollout_id"]) for r in rows]
+            db.execute("BEGIN")
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+                rows = db.execute(_UNSWITCHED, (limit,)).fetchall()
+                open_back = _open_way_back(db)
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        ids = [str(r["rollout_id"]) for r in rows]
+        if open_back is not None and limit > 0:
+            ids = [str(open_back["rollout_id"]), *ids[: limit - 1]]
+        return (int(row["value"]) if row else 0), ids
+
+    def stage_needs(self) -> StageNeeds:
+        """What the stage directories are still needed for (``StageNeeds``), in one read
+        (``plans.sweep_stage_dirs``)."""
+        with self._read() as db:
+            db.execute("BEGIN")
+            try:
+                staged = db.execute(
+                    "SELECT rollout_id FROM staged"
+                    " WHERE rollout_id NOT IN (SELECT rollout_id FROM txns)"
+                ).fetchall()
+                known = db.execute(
+                    "SELECT rollout_id FROM staged UNION SELECT rollout_id FROM txns"
+                ).fetchall()
+                live = db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
+                unfinished = db.execute(
+                    "SELECT plan, target_config, source_config FROM txns WHERE outcome = ?",
+                    (_PENDING,),
+                ).fetchall()
+                newest = db.execute(_NEWEST_TXN).fetchone()
+                open_back = _open_way_back(db)
+                # What `tlsroll rollout rollback` (disable-tls) restores: the source of the
+                # newest switch from http (``plans.switch_to_undo``), an http config as a rule.
+                switches = db.execute(
+                    "SELECT plan, source_config FROM txns WHERE kind = ? AND outcome = ?"
+                    " ORDER BY started_at DESC",
+                    (TxnKind.SWITCH.value, TxnOutcome.COMPLETED.value),
+                ).fetchall()
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        files = _plan_files({"live_tls": _live_tls(live)}, "live_tls")
+        configs: list[bytes] = []
+        for row in unfinished:
+            files |= _plan_files(json.loads(row["plan"]), "live_tls", "live_before", "ca_file")
+            configs += [row["target_config"], row["source_config"]]
+        if newest is not None and newest["outcome"] == TxnOutcome.FAILED.value:
+            files |= _plan_files(json.loads(newest["plan"]), "live_tls", "live_before", "ca_file")
+            configs += [newest["target_config"], newest["source_config"]]
+        if open_back is not None:
+            files |= _plan_files(json.loads(open_back["plan"]), "live_before")
+            configs.append(open_back["source_config"])
+        for row in switches:
+            plan = json.loads(row["plan"])
+            if "https" not in plan.get("source_schemes", ()):
+                files |= _plan_files(plan, "live_before")
+                configs.append(row["source_config"])
+                break
+        return StageNeeds(
+            staged=frozenset(str(r["rollout_id"]) for r in staged),
+            files=frozenset(files),
+            configs=tuple(bytes(c) for c in configs if c is not None),
+            way_back=str(open_back["rollout_id"]) if open_back is not None else None,
+            known=frozenset(str(r["rollout_id"]) for r in known),
+        )
+
+    def end_way_back(self, rollout_ids: Sequence[str]) -> str | None:
+        """The leader says ``rollout_ids`` have ended (``HeartbeatResponse.ended_stages``):
+        if the newest switch's way back is open (``_open_way_back``) and its rollout is among
+        them, it is closed, for good (an ended rollout sends no more commands), and its
+        rollout returned; else None, and nothing is written."""
+        with self._tx() as db:
+            row = _open_way_back(db)
+            if row is None or row["rollout_id"] not in rollout_ids:
+                return None
+            self._set_meta(db, "way_back_ended", str(row["rollout_id"]))
+        return str(row["rollout_id"])
 
     def forget_stages(self, rollout_ids: Sequence[str]) -> list[Staged]:
         """The stages of ``rollout_ids`` (rollouts the leader says have ended) forgotten and
@@ -782,8 +929,9 @@ class Journal:
         return [s for s in map(_staged, over) if s is not None]
 
     def known_rollouts(self) -> set[str]:
-        """Every rollout the journal has a stage or a transaction of: what its stage
-        directory may still be needed for (``plans.sweep_stage_dirs``)."""
+        """Every rollout the journal has a stage or a transaction of
+        (``plans.drop_unjournalled_verifier``: a directory of one is never a switch's that
+        was not journalled)."""
         with self._read() as db:
             rows = db.execute(
                 "SELECT rollout_id FROM staged UNION SELECT rollout_id FROM txns"

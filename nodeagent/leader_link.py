@@ -99,9 +99,10 @@ BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED  # ``CheckAnswer.refused_code``: no ro
 # of the places above no longer than the leader counts the question as waiting
 # (``leader.service.QUESTIONS_PER_STREAM``, freed at that deadline).
 ANSWER_SECONDS = 5.0
-# Stages no transaction began that a heartbeat names at most (``unswitched_stages``); as a
-# rule there is one at most (a rollout's key ends every earlier such stage:
-# ``Journal.record_csr``).
+# Stages no transaction began that a heartbeat names at most (``unswitched_stages``), the
+# rollout whose way back the agent keeps included (``Journal.heartbeat_facts``); as a rule
+# there are two at most (a rollout's key ends every earlier such stage: ``Journal.record_csr``;
+# the newest switch's way back is the only one kept).
 STAGES_REPORTED = 64
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
 from nodeagent.drivers import Driver, DriverError, Target
-from nodeagent.journal import Journal, Staged, Txn
+from nodeagent.journal import Journal, Staged, StageNeeds, Txn
 from nodeagent.sharing import SECRET_FILES as SECRET_FILES  # noqa: PLC0414
 from nodeagent.sharing import Sharing as Sharing  # noqa: PLC0414
 from nodeagent.sharing import _said_group_wide, _said_unkept
@@ -261,19 +261,36 @@ def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -
             _remove_stage(directory, root_st, staged.rollout_id, why)
 
 
-def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:
-    """At the agent's start (blocking): the stage directories no stage or transaction in the
-    journal is for removed. Nothing can use them (a stage the journal does not know is
-    refused: CreateCSR makes a new key), and they hold keys: left by an agent stopped between
-    writing a new key and journalling it, or by a removal cut short. A directory the live
-    config names is kept whatever the journal says (a journal begun again with
-    ``--reinitialise`` knows nothing of the files the server serves); so is everything if
-    the live config cannot be read.
+def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True) -> None:
+    """The stage directories and files nothing needs any more removed (blocking): keys,
+    certificates and verifier files. At the agent's start, and (``at_start`` False) whenever
+    a transaction ends on the node or the leader says the rollout whose way back the agent
+    kept has ended (``NodeAgentService.sweep_stages``, ``forget_ended``; under its command
+    lock, so that no Stage, CreateCSR or plan writes in a directory meanwhile).
 
-    Only tlsroll's own stage directories are ever removed: ``tlsroll-tls`` must be a real
+    Needed (``Journal.stage_needs``, ``needed_stage_files``): a stage no transaction began yet
+    (its switch may still come); the files live now; both sides of an unfinished transaction
+    (what it writes, what its way back restores); what the rollback of the newest switch
+    restores while that way back is open (the leader rolls a switch back when its confirm's
+    outside check fails, until its rollout ends); both sides of a newest transaction that
+    failed (the server may run either); and what the live config, or a config such a
+    transaction or way back may write, names (a journal begun again with ``--reinitialise``
+    knows nothing of the files the server serves). Nothing is removed if the live config
+    cannot be read. The way back to http (``tlsroll rollout rollback``) restores the config
+    from before the first switch, which names no stage file. Everything else is a superseded
+    certificate's key and files (or a stage the journal never recorded: left by an agent
+    stopped between writing a new key and journalling it, or by a removal cut short), which
+    nothing uses again: a stage the journal does not know is refused (CreateCSR makes a new
+    key), and a switch that is no longer the newest is never rolled back (``rollback_plan``
+    refuses it once its files are gone). After the start, a directory the journal does not
+    know is left for the next start (a command's file may be on its way into the journal).
+
+    Only tlsroll's own stage directories are ever touched: ``tlsroll-tls`` must be a real
     directory of the agent's user (not a symbolic link to somewhere else), and a directory in
-    it only goes if it is a stage directory (``_stage_dir_of``). Anything else there is
-    logged (``stage.unknown_dir``, its path) and left as it is."""
+    it only loses files, or goes, if it is a stage directory (``_stage_dir_of``). Anything
+    else there is logged (``stage.unknown_dir``, its path) and left as it is. Each removal is
+    logged (``stage.removed``, ``stage.files_removed``: rollout, path, why; never what the
+    files hold)."""
     root = driver.config_file.parent / STAGES
     root_st = _stage_root(root)
     if root_st is None:
@@ -285,11 +302,51 @@ def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:
         live = driver.read_config()
     except OSError:
         return
-    known = journal.known_rollouts()
+    needs = journal.stage_needs()
+    kept = needed_stage_files(needs, root, names, live)
     for name in names:
-        if name in known or os.fsencode(name) in live:
+        if name not in needs.known and not at_start:
             continue
-        _remove_stage(root / name, root_st, name, "unknown to the journal")
+        why = SUPERSEDED if name in needs.known else "unknown to the journal"
+        if name not in kept:
+            _remove_stage(root / name, root_st, name, why)
+        elif (files := kept[name]) is not None:
+            _prune_stage(root / name, root_st, name, files, why)
+
+
+SUPERSEDED = "superseded: not live, and no switch or way back still possible needs it"
+
+
+def needed_stage_files(
+    needs: StageNeeds, root: Path, names: Iterable[str], live_config: bytes
+) -> dict[str, frozenset[str] | None]:
+    """Which of ``names`` (directories in ``root``, ``tlsroll-tls``) are still needed
+    (``sweep_stage_dirs``), each with the names of the files in it that are, or None if all
+    of it is: a stage not switched yet (``StageNeeds.staged``); the file ``needs`` names; a
+    file the live config or a config ``needs`` holds names (``<rollout>/<file>``, as a
+    stage's path in a config always holds it), and all of a directory such a config names
+    without naming a file of it (a config this agent did not render: nothing of it is
+    guessed). A directory can be needed for one file alone: a rotation keeps the live
+    verifier file where the switch to https put it, beside that switch's key, certificate
+    and CA, which it superseded (they go, the verifier stays)."""
+    whole = set(needs.staged)
+    files: dict[str, set[str]] = {}
+    for named in needs.files:
+        path = Path(named)
+        if path.parent.parent == root:
+            files.setdefault(path.parent.name, set()).add(path.name)
+    for config in (live_config, *needs.configs):
+        for name in names:
+            if os.fsencode(name) not in config:
+                continue
+            said = {f for f in STAGE_FILES if os.fsencode(f"{name}/{f}") in config}
+            if said:
+                files.setdefault(name, set()).update(said)
+            else:
+                whole.add(name)
+    kept: dict[str, frozenset[str] | None] = {n: frozenset(f) for n, f in files.items()}
+    kept.update(dict.fromkeys(whole))
+    return kept
 
 
 # What tlsroll writes in a stage directory: the key (CreateCSR, or --cert-dir's), the
@@ -359,6 +416,49 @@ def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why
         )
         return
     log.info("stage.removed", rollout_id=rollout_id, path=str(directory), why=why)
+
+
+def _prune_stage(
+    directory: Path, root_st: os.stat_result, rollout_id: str, keep: frozenset[str], why: str
+) -> None:
+    """The files of ``directory`` that tlsroll writes there (``STAGE_FILES``) and ``keep``
+    does not hold removed, if it is a stage directory (``_stage_dir_of``; else said and left
+    as ``_remove_stage`` does): the live verifier file stays where it is, the key, certificate
+    and CA a later switch superseded beside it go. Logged once (``stage.files_removed``: the
+    directory and the files' names)."""
+    if not _stage_dir_of(directory, root_st):
+        if os.path.lexists(directory):
+            log.warning("stage.unknown_dir", path=str(directory))
+        return
+    try:
+        present = sorted(os.listdir(directory))
+    except OSError:
+        return
+    removed = []
+    for name in present:
+        if name not in STAGE_FILES or name in keep:
+            continue
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning(
+                "stage.remove_failed",
+                rollout_id=rollout_id,
+                path=str(directory / name),
+                error=os_error_text(exc),
+            )
+            continue
+        removed.append(name)
+    if removed:
+        log.info(
+            "stage.files_removed",
+            rollout_id=rollout_id,
+            path=str(directory),
+            files=removed,
+            why=why,
+        )
 
 
 def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind) -> tuple[Path, Path]:
@@ -902,9 +1002,19 @@ def rollback_plan(
     http): back to what was live before it, through the same safe transaction, keyed by
     ``rollout_id``. ``keep_frozen``: under a scope freeze the node stays frozen after it, as
     after a switch. A live config edited since tlsroll wrote it (``edited_since``) is kept
-    beside it before it is replaced (``Plan.keep_edited``: ``Runner._keep_edited``)."""
+    beside it before it is replaced (``Plan.keep_edited``: ``Runner._keep_edited``). Refused
+    (``PlanRefused``) if a file it would make live again is gone."""
     switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
     done = Plan.from_json(switch.plan)
+    gone = [f for f in _files_of(done.live_before) if not os.path.lexists(f)]
+    if gone:
+        # A switch that is no longer the newest is never rolled back by the leader, and its
+        # way back's files go once a later transaction ends (``sweep_stage_dirs``): a restart
+        # on a config naming them would fail, and the transaction go back again.
+        raise PlanRefused(
+            f"the files rollout {switch.rollout_id}'s way back restores are gone ({gone[0]}:"
+            " removed once a later switch superseded them, or by hand); nothing was changed"
+        )
     old_config = source_of(switch)
     edited = edited_since(journal, switch, driver.read_config())
     share_named(driver, _files_of(done.live_before))  # what the config going back names

@@ -615,7 +615,8 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         # stays frozen or half-switched for longer than it takes the agent to restart.
         await runner.resume_all()
     if driver is not None:
-        # Then stage directories nothing can use any more: they hold private keys.
+        # Then stage directories nothing can use any more: they hold private keys (and after
+        # every transaction's end: ``NodeAgentService.sweep_stages``).
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
     try:
         identity = await obtain_identity(cfg, stop)
@@ -648,14 +649,21 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir, crypto
     )
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
-    if runner is not None:  # the leader sees what the server runs now, not an interval later
-        runner.on_end = link.beat_soon
     link.clock = now  # its messages' ``sent_at``: the leader compares its clock with it
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(
         cfg, identity, journal, driver, runner, now, trust, freeze_lock=freeze_lock, crypto=crypto
     )
     link.server_view = service.server_view
+    if runner is not None:
+
+        def ended() -> None:
+            """A transaction ended: the leader sees what the server runs now, not an interval
+            later; and the stage directories it left unneeded go (a superseded key)."""
+            link.beat_soon()
+            service.sweep_stages()
+
+        runner.on_end = ended
     service.on_freeze_change = link.beat_soon  # "frozen" shown as it is now, not an interval on
     link.bootstrap_problem = lambda: bootstrap.problem
     link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password

@@ -321,6 +321,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.monotonic = monotonic  # elapsed time (a suspend counts): the scope freeze's leases
         self._lock = asyncio.Lock()  # one command at a time changes the journal
         self._csr_work: set[asyncio.Future[bytes]] = set()  # ``_csr``'s, its caller gone or not
+        self._sweeps: set[asyncio.Future[None]] = set()  # ``sweep_stages``' tasks
         # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
         # lease in the journal and the server's freeze change together (``watch_freeze_lease``).
         # The runner's lifts that read the lease first take the same lock (``Runner.freeze_lock``;
@@ -978,10 +979,35 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 await dbthread.run(self._drop_prepared)
 
     def _forget_ended(self, rollout_ids: Sequence[str]) -> set[str]:
-        """``forget_ended``'s journal write and removals (blocking): the rollouts forgotten."""
+        """``forget_ended``'s journal writes and removals (blocking): the rollouts forgotten.
+        One of them may be the rollout of the newest switch, whose way back the agent kept
+        (the heartbeat names it with the stages: ``Journal.heartbeat_facts``): ended, the
+        leader rolls it back no more, and what its rollback would restore goes
+        (``Journal.end_way_back``, ``plans.sweep_stage_dirs``)."""
         over = self.journal.forget_stages(rollout_ids)
         plans.remove_stages(over, "its rollout ended")
+        if self.journal.end_way_back(rollout_ids) is not None and self.driver is not None:
+            plans.sweep_stage_dirs(self.journal, self.driver, at_start=False)
         return {s.rollout_id for s in over}
+
+    def sweep_stages(self) -> None:
+        """A transaction ended on the node (``Runner.on_end``): the stage directories it left
+        unneeded (a superseded certificate's, with its key) removed soon, in a task of its
+        own (``plans.sweep_stage_dirs``), under the command lock, so that no Stage, CreateCSR
+        or switch's plan writes in a directory meanwhile. A failure is logged; the next
+        transaction's end, or the agent's next start, tries again."""
+        if self.driver is None:
+            return
+        task = asyncio.ensure_future(self._sweep_stages(self.driver))
+        self._sweeps.add(task)  # (kept: a task nothing refers to may be collected)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _sweep_stages(self, driver: Driver) -> None:
+        try:
+            async with self._lock:
+                await dbthread.run(plans.sweep_stage_dirs, self.journal, driver, at_start=False)
+        except Exception as exc:
+            log.warning("stage.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     def _own_key(self, driver: Driver, rollout_id: str, key_pem: bytes) -> tuple[Staged, set[str]]:
         """Write the practice's key where CreateCSR would have made one (as CreateCSR's), journalled

@@ -564,7 +564,8 @@ class Runner:
         self.on_switch = on_switch  # told when a switch begins (to get ready for its end)
         # Told when a transaction's task has ended, whatever its outcome (completed, taken
         # back on the node, failed): the agent's next heartbeat then comes at once
-        # (``LeaderLink.beat_soon``), with what the server runs now.
+        # (``LeaderLink.beat_soon``), with what the server runs now, and the stage
+        # directories no longer needed go (``NodeAgentService.sweep_stages``).
         self.on_end: Callable[[], object] | None = None
         self.checks = checks or Checks()
         self.sleep = sleep  # between attempts (tenacity); tests move a fake clock instead

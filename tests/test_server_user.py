@@ -44,7 +44,7 @@ import structlog.testing
 
 from nodeagent import drivers, plans
 from nodeagent.cryptoworker import CryptoWorker
-from nodeagent.journal import Journal, Staged
+from nodeagent.journal import Journal, Staged, StageNeeds
 from nodeagent.service import NodeAgentService
 from nodeagent.trust import LeaderTrust
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
@@ -711,8 +711,8 @@ def test_shared_stage_directories_are_still_recognised_and_removed(tmp_path: Pat
     assert not one.exists()
 
     class Journal:
-        def known_rollouts(self) -> set[str]:
-            return set()
+        def stage_needs(self) -> StageNeeds:
+            return StageNeeds(frozenset(), frozenset(), (), None, frozenset())
 
     class Driver(ConfigOnly):
         def read_config(self) -> bytes:

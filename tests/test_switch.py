@@ -1145,6 +1145,121 @@ def test_an_agent_start_removes_only_stage_directories_nothing_needs(
     assert node.served_fingerprint() == staged
 
 
+def stage_files(node: Node) -> set[str]:
+    """Every file in the node's stage directories, as ``<rollout>/<name>``."""
+    root = node.config_dir / "tlsroll-tls"
+    if not root.exists():
+        return set()
+    return {f"{d.name}/{f.name}" for d in root.iterdir() for f in d.iterdir()}
+
+
+def rotated(node: Node, rollout_id: str) -> str:
+    """A rotate-cert of ``rollout_id`` staged and switched, completed: its fingerprint."""
+    fingerprint = node.stage(rollout_id).fingerprint
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command(rollout_id), change=CHANGE.wire(Change.ROTATE_CERT)
+            ),
+            timeout=60,
+        )
+    txn = node.wait_txn(rollout_id)
+    assert txn.outcome == "completed", txn.reason
+    assert node.served_fingerprint() == fingerprint
+    return fingerprint
+
+
+CERT = ("server.key", "server.pem", "ca.pem")
+REMOVALS = ("stage.removed", "stage.files_removed")
+
+
+def test_a_transaction_s_end_removes_what_no_switch_or_way_back_still_needs(
+    make_node: NodeFactory,
+) -> None:
+    """Review rev58a L11: every stage directory of a switch that ran was kept for good (the
+    journal knows every rollout), each with the private key of a certificate superseded
+    since. Now each transaction's end removes what nothing can need any more: kept are the
+    files live and those the rollback of the newest switch restores (the leader rolls a
+    switch back when its confirm's outside check fails; these rollouts are unknown to the
+    leader, which never says they ended, so that way back stays open). A rotation keeps the
+    live verifier file beside the key it superseded: the key goes, the verifier stays. The
+    way back still open works after the sweep; a rollback of an older switch, whose files
+    went, is refused in one line and changes nothing; the way back to http still works and
+    leaves nothing behind."""
+    node = make_node()
+    assert node.agent is not None
+    secret = "sweep-s3cret"
+    first = node.stage("first").fingerprint
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command("first"),
+                change=CHANGE.wire(Change.ENABLE_TLS),
+                auth_verifier_json=a_verifier_json(secret),
+            ),
+            timeout=60,
+        )
+    assert node.wait_txn("first").outcome == "completed"
+    assert_switched(node, first)
+    every = {*(f"first/{f}" for f in CERT), "first/auth-verifier.json"}
+    assert stage_files(node) == every
+
+    second = rotated(node, "second")
+    # Its way back restores first's files: all kept.
+    every |= {f"second/{f}" for f in CERT}
+    assert stage_files(node) == every
+
+    rotated(node, "third")
+    # First's certificate is superseded twice: its key, certificate and CA go; the verifier
+    # file the live config still names stays. Second's files are third's way back.
+    wanted = {
+        "first/auth-verifier.json",
+        *(f"second/{f}" for f in CERT),
+        *(f"third/{f}" for f in CERT),
+    }
+    wait_until(lambda: stage_files(node) == wanted, 20, "first's superseded key removed")
+
+    # The way back still open: back to second's certificate, from its kept files.
+    node.rollback("third")
+    back = node.wait_txn("third", "rollback")
+    assert back.outcome == "completed", back.reason
+    assert node.served_fingerprint() == second
+    wanted = {"first/auth-verifier.json", *(f"second/{f}" for f in CERT)}
+    wait_until(lambda: stage_files(node) == wanted, 20, "third's rolled-back stage removed")
+
+    # An older switch's way back: its files are gone, so it is refused before anything is
+    # frozen or written.
+    with node.stub() as stub:
+        err = rpc_error(
+            lambda: stub.Rollback(
+                agent_pb2.RollbackRequest(command=node.command("older"), undoes="second"),
+                timeout=60,
+            )
+        )
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err).startswith("the files rollout second's way back restores are gone")
+    assert "\n" not in details_of(err)
+    assert node.served_fingerprint() == second
+    assert node.journal_query("SELECT * FROM txns WHERE rollout_id = 'older'") == []
+
+    # The way back to http (disable-tls) needs no stage file, and leaves none.
+    with node.stub() as stub:
+        stub.Rollback(
+            agent_pb2.RollbackRequest(command=node.command("back"), undoes=""), timeout=60
+        )
+    http = node.wait_txn("back", "rollback")
+    assert http.outcome == "completed", http.reason
+    assert node.admin_status()["listen"] == ["http"]
+    wait_until(lambda: stage_files(node) == set(), 20, "every stage file removed")
+
+    events = node.agent.log_events()
+    removed = [(e["event"], e.get("rollout_id")) for e in events if e["event"] in REMOVALS]
+    assert ("stage.files_removed", "first") in removed
+    assert ("stage.removed", "third") in removed
+    text = node.agent.log_text()
+    assert secret not in text and "PRIVATE KEY" not in text
+
+
 def test_a_node_closed_as_its_driver_starts_a_server_leaves_no_server_running(
     make_node: NodeFactory,
 ) -> None:
@@ -1502,6 +1617,101 @@ def test_the_start_sweep_leaves_every_directory_tlsroll_did_not_make(tmp_path: P
     )
     for event in logs:  # the path only: never what is in the files
         assert set(event) <= {"event", "path", "rollout_id", "why", "log_level", "logger_name"}
+
+
+def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """Review rev58a L11, in the journal and the sweep alone: after an enable-tls (with a
+    verifier file) and two rotations, what is needed is what is live (the last rotation's
+    files and the first switch's verifier file) and what the rollback of the newest switch
+    restores (the rotation before it), whose rollout the heartbeat names first; the first
+    switch's key, certificate and CA go, its verifier file stays. The leader saying another
+    rollout ended changes nothing; saying the newest switch's rollout ended closes its way
+    back, and the next sweep removes the rotation before it. A sweep while the agent runs
+    leaves a directory the journal does not know (the start's sweep removes it)."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.drivers import Driver
+    from nodeagent.journal import Journal, Txn
+    from nodeagent.transaction import Phase
+    from tlsroll.enums import TxnKind, TxnOutcome
+
+    root = tmp_path / "conf" / "tlsroll-tls"
+    a_stage(root, "p1", *CERT, "auth-verifier.json")
+    for name in ("r1", "r2", "stray"):
+        a_stage(root, name)
+
+    def files(name: str, verifier: str = "p1") -> dict[str, str]:
+        return {
+            "cert_file": str(root / name / "server.pem"),
+            "key_file": str(root / name / "server.key"),
+            "ca_file": str(root / name / "ca.pem"),
+            "verifier_file": str(root / verifier / "auth-verifier.json"),
+        }
+
+    config = tmp_path / "conf" / "server.toml"
+    config.write_text("".join(f'{k} = "{v}"\n' for k, v in files("r2").items()))
+    driver = cast(Driver, ConfigOnly(config))
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        before: dict[str, str] | None = None
+        for rid in ("p1", "r1", "r2"):
+            journal.record_csr(rid, root / rid / "server.key", b"csr")
+            live = files(rid)
+            txn = journal.create(
+                Txn(
+                    rollout_id=rid,
+                    kind=TxnKind.SWITCH,
+                    epoch=1,
+                    phase=Phase.STARTED,
+                    plan={
+                        "source_schemes": ["https"] if before else ["http"],
+                        "live_tls": live,
+                        "live_before": before,
+                        "ca_file": live["ca_file"],
+                    },
+                    started_at=dt.datetime.now(dt.UTC),
+                    target_config=b"[server]\n",
+                    source_config=b"[server]\n",
+                )
+            )
+            journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+            before = live
+
+        def left() -> set[str]:
+            return {f"{d.name}/{f.name}" for d in root.iterdir() for f in d.iterdir()}
+
+        assert journal.heartbeat_facts()[1] == ["r2"]
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver, at_start=False)
+        wanted = {
+            "p1/auth-verifier.json",
+            *(f"{name}/{f}" for name in ("r1", "r2", "stray") for f in CERT),
+        }
+        assert left() == wanted
+        assert [(e["event"], e["rollout_id"], e["files"]) for e in logs] == [
+            ("stage.files_removed", "p1", sorted(CERT))
+        ]
+
+        assert journal.end_way_back(["another"]) is None
+        assert journal.heartbeat_facts()[1] == ["r2"]
+        assert journal.end_way_back(["r2"]) == "r2"
+        assert journal.heartbeat_facts()[1] == []
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver, at_start=False)
+        assert left() == wanted - {f"r1/{f}" for f in CERT}
+        assert [(e["event"], e["rollout_id"]) for e in logs] == [("stage.removed", "r1")]
+
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver)  # the start's
+        assert left() == {"p1/auth-verifier.json", *(f"r2/{f}" for f in CERT)}
+        assert [(e["event"], e["rollout_id"], e["why"]) for e in logs] == [
+            ("stage.removed", "stray", "unknown to the journal")
+        ]
+    finally:
+        journal.close()
 
 
 def test_the_start_sweep_removes_nothing_if_the_live_config_cannot_be_read(

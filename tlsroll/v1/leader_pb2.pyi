@@ -283,9 +283,13 @@ class HeartbeatRequest(_message.Message):
         """(Heartbeats stream.) The rollouts whose staged key and certificate this agent holds
         without a transaction of theirs begun on the node (sorted, at most 64): stages that may
         never be switched. The leader answers which of them have ended (`ended_stages`), and the
-        agent removes those. Not a reason for a message of its own: it goes with the next one (at
-        the renewal bound at the latest). A leader that does not know the field ignores it; the
-        agent then removes nothing.
+        agent removes those. First in the list, if there is one (agents from session 59 on): the
+        rollout of the node's newest switch whose way back the agent keeps the files for (what its
+        rollback restores, should the leader's confirm of it fail); once the leader says it has
+        ended, the agent removes what only that way back needed. Not a reason for a message of its
+        own: it goes with the next one (at the renewal bound at the latest). A leader that does
+        not know the field ignores it; the agent then removes nothing, and keeps such a way back
+        until the node's next transaction ends.
         """
 
     @_builtins.property
@@ -553,9 +557,10 @@ class HeartbeatResponse(_message.Message):
         """(Heartbeats stream.) Of the agent's `unswitched_stages`, the rollouts that have ended
         (completed, halted or aborted, which is for good; a rollout this leader does not know is
         not among them). The agent forgets their stages and removes their directories, unless a
-        transaction of the rollout has begun on the node meanwhile. Sent in an answer, or as news
-        when a rollout the agent's stage is for ends; again with each answer while the agent
-        still says it holds them.
+        transaction of the rollout has begun on the node meanwhile; for the rollout whose way back
+        it kept, it removes what only that way back needed. Sent in an answer, or as news when a
+        rollout the agent's stage is for ends; again with each answer while the agent still says
+        it holds them.
         """
 
     def __init__(

@@ -1,0 +1,123 @@
+"""Stage files of superseded certificates (review rev58a L11): a node keeps in
+``tlsroll-tls/<rollout>/`` what each rollout staged (key, certificate, CA, the password's
+verifier file). The agent removed only directories its journal knew nothing of, and the
+journal knows every rollout ever run: after ten rollouts five directories were left per node,
+each with the private key of a certificate superseded (and as a rule revoked) since.
+
+Now a node keeps only what is needed: what is live, what a stage or transaction not finished
+needs, and what the rollback of the newest switch restores until its rollout ends (the leader
+rolls a switch back when its confirm's outside check fails). The rest goes when a transaction
+ends on the node, and when the leader says (``ended_stages``) that the rollout whose way back
+the agent kept has ended. Real leader, agents and reference servers (``cluster_of``)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.cluster import LEADER_POLL, wait_until
+from tests.nodeside import Node, cluster_of
+from tests.test_rollback_reach import password_file, phase_1_awaiting
+from tlsroll import pki
+
+LONG = 240  # seconds a CLI call with --wait may take
+CERT = ("server.key", "server.pem", "ca.pem")
+REMOVALS = ("stage.removed", "stage.files_removed")
+
+
+def stage_files(node: Node) -> set[str]:
+    """Every file in the node's stage directories, as ``<rollout>/<name>``."""
+    root = node.config_dir / "tlsroll-tls"
+    if not root.exists():
+        return set()
+    return {f"{d.name}/{f.name}" for d in root.iterdir() for f in d.iterdir()}
+
+
+def holding(node: Node, files: set[str]) -> Callable[[], bool]:
+    """Whether the node's stage files are ``files`` now (a wait's condition)."""
+    return lambda: stage_files(node) == files
+
+
+def live_files(node: Node) -> list[str]:
+    """The files the node's journal holds live (``live_tls``)."""
+    with sqlite3.connect(node.journal_path) as db:
+        (value,) = db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
+    live: dict[str, str] = json.loads(value)
+    return [v for k, v in live.items() if k.endswith("_file") and v]
+
+
+def test_superseded_stage_files_go_and_the_way_back_still_works(tmp_path: Path) -> None:
+    """A transitional enable-tls (its password's verifier file staged beside its key),
+    finalized, then two rotations: once the last has ended, each node keeps exactly the
+    files its server reads (the last rotation's key, certificate and CA, and the verifier
+    file the first switch put beside its own key); no key of a superseded certificate is
+    left. Each removal is logged, with no secret. The way back to http (``rollout
+    rollback``) still works after the sweep, and leaves no stage file behind."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        phase1 = phase_1_awaiting(cluster, tmp_path)
+        for node in nodes:  # the transitional switch's way back is still open: all kept
+            assert stage_files(node) == {
+                *(f"{phase1}/{f}" for f in CERT),
+                f"{phase1}/auth-verifier.json",
+            }
+        done = cluster.cli(
+            "rollout", "finalize", phase1, "--force", "--yes", "--wait", timeout=LONG
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_until(
+            lambda: cluster.schema_json(phase1)["rollouts"][0]["state"] == "completed",
+            LONG,
+            "phase 1 finalized",
+            LEADER_POLL,
+        )
+        rotations = []
+        for _ in range(2):
+            rotate = cluster.cli(
+                *("rollout", "start", "--change", "rotate-cert", "--scope", "cluster"),
+                *("--yes", "--wait"),
+                timeout=LONG,
+            )
+            assert rotate.returncode == 0, rotate.stdout + rotate.stderr
+            rollout = cluster.newest_rollout()
+            assert rollout["change"] == "rotate-cert" and rollout["state"] == "completed"
+            rotations.append(str(rollout["id"]))
+        last = rotations[-1]
+        wanted = {f"{phase1}/auth-verifier.json", *(f"{last}/{f}" for f in CERT)}
+        for node in nodes:
+            wait_until(holding(node, wanted), 30, f"{node.name} keeping what is live", LEADER_POLL)
+            root = node.config_dir / "tlsroll-tls"
+            assert {Path(f).relative_to(root).as_posix() for f in live_files(node)} == wanted
+            served = pki.load_cert_pem((node.stage_dir(last) / "server.pem").read_bytes())
+            assert node.served_fingerprint() == pki.fingerprint(served)
+            assert node.agent is not None
+            removed = {
+                (e["event"], e.get("rollout_id"))
+                for e in node.agent.log_events()
+                if e["event"] in REMOVALS
+            }
+            assert removed == {
+                ("stage.files_removed", phase1),
+                ("stage.removed", rotations[0]),
+            }, removed
+            text = node.agent.log_text()
+            assert "PRIVATE KEY" not in text
+            assert password_file(tmp_path).read_text().strip() not in text
+
+        # The way back to http still works after the sweep, and leaves nothing staged.
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, back.stdout + back.stderr
+        wait_until(
+            lambda: cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted"),
+            LONG,
+            "the way back",
+            LEADER_POLL,
+        )
+        way_back = cluster.newest_rollout()
+        assert way_back["change"] == "disable-tls" and way_back["undoes"] == phase1
+        assert way_back["state"] == "completed", way_back
+        for node in nodes:
+            assert node.server.status()["listen"] == ["http"]
+            assert node.get("http").status == 200
+            wait_until(holding(node, set()), 30, f"{node.name} keeping no file", LEADER_POLL)
