@@ -618,6 +618,15 @@ class Cluster:
         with grpc.insecure_channel(f"unix:{self.admin_socket}") as channel:
             yield admin_pb2_grpc.AdminStub(channel)
 
+    def agent_tls_name(self, node: str) -> str:
+        """The name the leader dials node ``node``'s agent by (its key on record's:
+        ``spiffe.key_host``); "" while the node is not enrolled."""
+        info = self.list_nodes().get(node)
+        if info is None or not info.key_pin:
+            return ""
+        td = spiffe.trust_domain(pki.load_cert_pem(self.ca_pem))
+        return spiffe.key_host(td, info.key_pin)
+
     def list_nodes(self) -> dict[str, admin_pb2.NodeInfo]:
         with self.admin() as admin:
             reply = admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=10)

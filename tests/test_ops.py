@@ -347,11 +347,13 @@ def any_cluster_identity_may_ask_an_agent_for_its_health(
     }
     assert ca.cert_pem == cluster.ca_pem
     for who, (cert_pem, key_pem) in callers.items():
-        with secure_channel(node1.target, cluster.ca_pem, cert_pem, key_pem) as channel:
+        with secure_channel(
+            node1.target, cluster.ca_pem, cert_pem, key_pem, name=node1.tls_name
+        ) as channel:
             assert health_check(channel) == SERVING, who
             assert health_check(channel, "tlsroll.v1.NodeAgent") == SERVING, who
     with (
-        secure_channel(node1.target, cluster.ca_pem) as channel,
+        secure_channel(node1.target, cluster.ca_pem, name=node1.tls_name) as channel,
         pytest.raises(grpc.RpcError) as info,
     ):
         health_check(channel)  # no client certificate: the handshake refuses it

@@ -208,7 +208,7 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
         # certificate (its identity and revocation) on every call.
         chain, key = cluster.leader_credentials()
         target = f"{address}:{AGENT_PORT}"
-        status = wait_for_status(target, cluster.ca_pem, chain, key)
+        status = wait_for_status(cluster, "lean2", target, chain, key)
         assert status.node_name == "lean2"
         go.touch()
         _, said = agent.communicate(timeout=90)
@@ -413,13 +413,14 @@ def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
             epoch = int(cluster.newest_rollout()["epoch"])
             chain, key = cluster.leader_credentials()
             target = f"{address}:{AGENT_PORT}"
-            wait_for_status(target, cluster.ca_pem, chain, key)
+            wait_for_status(cluster, "lean4", target, chain, key)
             request = agent_pb2.PreflightRequest(
                 command=agent_pb2.Command(rollout_id="r-warm", epoch=epoch),
                 make_csr=make_csr,
             )
             request.leader_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
-            with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+            name = cluster.agent_tls_name("lean4")
+            with secure_channel(target, cluster.ca_pem, chain, key, name=name) as channel:
                 checked = agent_pb2_grpc.NodeAgentStub(channel).Preflight(request, timeout=30)
             assert not checked.ok and "clock" in " ".join(checked.problems)
             assert not checked.csr_pem
@@ -442,18 +443,23 @@ def _password_file(tmp_path: Path) -> Path:
 
 
 def wait_for_status(
-    target: str, ca_pem: bytes, chain: bytes, key: bytes, timeout: float = 60.0
+    cluster: Cluster, node: str, target: str, chain: bytes, key: bytes, timeout: float = 60.0
 ) -> agent_pb2.NodeStatus:
-    """The agent's GetStatus, called with the leader's credentials once it answers."""
+    """Node ``node``'s agent's GetStatus, called with the leader's credentials (and dialed by
+    its key's name, as the leader dials it) once it is enrolled and answers."""
     deadline = time.monotonic() + timeout
     while True:
-        with secure_channel(target, ca_pem, chain, key) as channel:
-            stub = agent_pb2_grpc.NodeAgentStub(channel)
-            try:
-                return stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
+        name = cluster.agent_tls_name(node)
+        if name:
+            with secure_channel(target, cluster.ca_pem, chain, key, name=name) as channel:
+                stub = agent_pb2_grpc.NodeAgentStub(channel)
+                try:
+                    return stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"{node}: not enrolled within {timeout} s")
         time.sleep(0.2)
 
 

@@ -645,7 +645,8 @@ def test_tlsroll_plan_asks_the_real_agents_on_their_streams_and_opens_no_channel
             assert outbound_to(cluster.leader.pid, AGENT_PORT) == 0
             chain, key = cluster.leader_credentials()
             target = f"{node2.address}:{AGENT_PORT}"
-            with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+            name = cluster.agent_tls_name("node2")
+            with secure_channel(target, cluster.ca_pem, chain, key, name=name) as channel:
                 checked = agent_pb2_grpc.NodeAgentStub(channel).Check(
                     agent_pb2.CheckRequest(), timeout=30
                 )

@@ -142,9 +142,10 @@ def test_a_check_that_asks_loads_the_certificate_code_and_one_that_does_not_noth
     with harnessed_agent(tmp_path, loopback, "warm1") as (cluster, address, agent, out, go):
         chain, key = cluster.leader_credentials()
         target = f"{address}:{AGENT_PORT}"
-        wait_for_status(target, cluster.ca_pem, chain, key)
+        wait_for_status(cluster, "warm1", target, chain, key)
         request = agent_pb2.CheckRequest(warm_certificates=warm)
-        with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+        name = cluster.agent_tls_name("warm1")
+        with secure_channel(target, cluster.ca_pem, chain, key, name=name) as channel:
             checked = agent_pb2_grpc.NodeAgentStub(channel).Check(request, timeout=30)
         assert checked.ok, checked.problems  # the same answer either way
         go.touch()
