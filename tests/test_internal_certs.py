@@ -18,7 +18,6 @@ import datetime as dt
 import socket
 import ssl
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.cluster import csr_pem, enrol, enrol_request
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import cluster_of
+from tests.test_httpcheck import NOTHING, tiny_server
 from tlsroll import pki, spiffe
 from tlsroll.errors import PKIError
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -42,33 +42,12 @@ pytestmark = pytest.mark.timeout(240)
 
 @contextlib.contextmanager
 def serving(chain: Path, key: Path, address: str) -> Iterator[int]:
-    """A TLS server on ``address`` (a free port) presenting ``chain`` with ``key``, for one
+    """A TLS server on ``address`` (a free port) presenting ``chain`` with ``key``, one
     handshake at a time, until the block ends; its port."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(chain, key)
-    listener = socket.create_server((address, 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                raw, _ = listener.accept()
-            except TimeoutError:
-                continue
-            raw.settimeout(5)
-            with contextlib.suppress(OSError), context.wrap_socket(raw, server_side=True):
-                pass
-            raw.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
+    with tiny_server(address, NOTHING, context) as port:
+        yield port
 
 
 def handshake(ca_file: Path, address: str, port: int, name: str) -> str:
