@@ -883,13 +883,19 @@ class Journal:
         if newest is not None and newest["outcome"] == TxnOutcome.FAILED.value:
             files |= _plan_files(json.loads(newest["plan"]), "live_tls", "live_before", "ca_file")
             configs += [newest["target_config"], newest["source_config"]]
+        # With what each way back restores, the CA it checks that with: a way back that fails
+        # restores its switch's target and verifies it against the plan's ``ca_file`` (the way
+        # back to http's first switch's CA: review s59 H1, the sweep removed it after a
+        # rotation, and a way back to http that had to go back ended failed, not rolled back).
+        # A CA certificate is public: keeping it costs nothing.
         if open_back is not None:
-            files |= _plan_files(json.loads(open_back["plan"]), "live_before")
+            files |= _plan_files(json.loads(open_back["plan"]), "live_before", "ca_file")
             configs.append(open_back["source_config"])
+        serving_tls = bool(_live_tls(live))  # (on http, no way back to http is to come)
         for row in switches:
             plan = json.loads(row["plan"])
             if "https" not in plan.get("source_schemes", ()):
-                files |= _plan_files(plan, "live_before")
+                files |= _plan_files(plan, "live_before", *(("ca_file",) if serving_tls else ()))
                 configs.append(row["source_config"])
                 break
         return StageNeeds(

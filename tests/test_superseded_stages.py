@@ -84,11 +84,16 @@ def test_superseded_stage_files_go_and_the_way_back_still_works(tmp_path: Path) 
             assert rollout["change"] == "rotate-cert" and rollout["state"] == "completed"
             rotations.append(str(rollout["id"]))
         last = rotations[-1]
-        wanted = {f"{phase1}/auth-verifier.json", *(f"{last}/{f}" for f in CERT)}
+        wanted = {
+            f"{phase1}/auth-verifier.json",
+            f"{phase1}/ca.pem",  # (the way back to http checks a return to https with it)
+            *(f"{last}/{f}" for f in CERT),
+        }
         for node in nodes:
             wait_until(holding(node, wanted), 30, f"{node.name} keeping what is live", LEADER_POLL)
             root = node.config_dir / "tlsroll-tls"
-            assert {Path(f).relative_to(root).as_posix() for f in live_files(node)} == wanted
+            live = {Path(f).relative_to(root).as_posix() for f in live_files(node)}
+            assert live == wanted - {f"{phase1}/ca.pem"}
             served = pki.load_cert_pem((node.stage_dir(last) / "server.pem").read_bytes())
             assert node.served_fingerprint() == pki.fingerprint(served)
             assert node.agent is not None

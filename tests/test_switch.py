@@ -1173,6 +1173,44 @@ CERT = ("server.key", "server.pem", "ca.pem")
 REMOVALS = ("stage.removed", "stage.files_removed")
 
 
+def test_a_way_back_to_http_that_must_go_back_still_checks_https_after_rotations(
+    make_node: NodeFactory,
+) -> None:
+    """Review s59 H1: after two rotations the sweep removed the first switch's CA, which the
+    way back to http checks its return to https with when its own step fails: the node, back
+    on https and serving well, ended failed ("needs attention") instead of rolled back. The
+    way back's restart on http fails here (port 8080 held), so it goes back to https."""
+    node = make_node()
+    node.stage("first")
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command("first"), change=CHANGE.wire(Change.ENABLE_TLS)
+            ),
+            timeout=60,
+        )
+    assert node.wait_txn("first").outcome == "completed"
+    rotated(node, "second")
+    third = rotated(node, "third")
+    wait_until(lambda: "first/server.key" not in stage_files(node), 20, "first's key removed")
+    with port_holder(node.address, 8080) as holder:
+        with node.stub() as stub:
+            stub.Rollback(
+                agent_pb2.RollbackRequest(command=node.command("back"), undoes=""), timeout=60
+            )
+        wait_until(
+            lambda: ("rolling_back", "end") in node.journal_events("back", "rollback"),
+            60,
+            "the way back begun",
+            0.02,
+        )
+        holder.kill()
+        holder.wait()
+    back = node.wait_txn("back", "rollback", timeout=120)
+    assert back.outcome == "rolled_back", back.reason
+    assert node.served_fingerprint() == third
+
+
 def test_a_transaction_s_end_removes_what_no_switch_or_way_back_still_needs(
     make_node: NodeFactory,
 ) -> None:
@@ -1210,10 +1248,12 @@ def test_a_transaction_s_end_removes_what_no_switch_or_way_back_still_needs(
     assert stage_files(node) == every
 
     rotated(node, "third")
-    # First's certificate is superseded twice: its key, certificate and CA go; the verifier
-    # file the live config still names stays. Second's files are third's way back.
+    # First's certificate is superseded twice: its key and certificate go; the verifier file
+    # the live config still names stays, and so does its CA, which the way back to http checks
+    # a failed step's return to https with (review s59 H1). Second's files are third's way back.
     wanted = {
         "first/auth-verifier.json",
+        "first/ca.pem",
         *(f"second/{f}" for f in CERT),
         *(f"third/{f}" for f in CERT),
     }
@@ -1224,7 +1264,7 @@ def test_a_transaction_s_end_removes_what_no_switch_or_way_back_still_needs(
     back = node.wait_txn("third", "rollback")
     assert back.outcome == "completed", back.reason
     assert node.served_fingerprint() == second
-    wanted = {"first/auth-verifier.json", *(f"second/{f}" for f in CERT)}
+    wanted = {"first/auth-verifier.json", "first/ca.pem", *(f"second/{f}" for f in CERT)}
     wait_until(lambda: stage_files(node) == wanted, 20, "third's rolled-back stage removed")
 
     # An older switch's way back: its files are gone, so it is refused before anything is
@@ -1688,11 +1728,12 @@ def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
             plans.sweep_stage_dirs(journal, driver, at_start=False)
         wanted = {
             "p1/auth-verifier.json",
+            "p1/ca.pem",  # (the way back to http checks a return to https with it)
             *(f"{name}/{f}" for name in ("r1", "r2", "stray") for f in CERT),
         }
         assert left() == wanted
         assert [(e["event"], e["rollout_id"], e["files"]) for e in logs] == [
-            ("stage.files_removed", "p1", sorted(CERT))
+            ("stage.files_removed", "p1", ["server.key", "server.pem"])
         ]
 
         assert journal.end_way_back(["another"]) is None
@@ -1706,7 +1747,7 @@ def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
 
         with structlog.testing.capture_logs() as logs:
             plans.sweep_stage_dirs(journal, driver)  # the start's
-        assert left() == {"p1/auth-verifier.json", *(f"r2/{f}" for f in CERT)}
+        assert left() == {"p1/auth-verifier.json", "p1/ca.pem", *(f"r2/{f}" for f in CERT)}
         assert [(e["event"], e["rollout_id"], e["why"]) for e in logs] == [
             ("stage.removed", "stray", "unknown to the journal")
         ]
