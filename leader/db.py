@@ -386,12 +386,13 @@ ALTER TABLE rollouts ADD COLUMN removed_since TEXT;  -- JSON list of names; NULL
 """
 
 # Migration 15: whether a node's agent certificate has carried its names apart from the SAN
-# (``tlsroll.pki.NAMES_OID``; review rev58b H2). Set when the leader issues such a certificate
-# (every enrolment from this release on; a renewal the agent asks so), never cleared while the
-# node is enrolled: from then on every renewal of the node keeps them apart, whatever the caller
-# asks, so that a copy of the node's older key cannot renew back into a server certificate for
-# the node's address (review s59 M1). A column with a default: an older leader may ignore it
-# (``IGNORABLE``), and then issues as it did.
+# (``tlsroll.pki.NAMES_OID``; review rev58b H2). Set when a renewal issues such a certificate
+# (an upgraded agent asks for it; re-learned from one), never cleared: from then on every
+# renewal of the node keeps them apart, whatever the caller asks, so that a copy of the node's
+# older key (its names in the SAN, still accepted as the one before) cannot renew back into a
+# server certificate for the node's address (review s59 M1). An enrolment sets nothing: its
+# certificate has them apart, and a renewal presenting it keeps them so. A column with a
+# default: an older leader may ignore it (``IGNORABLE``), and then issues as it did.
 _V15 = """
 ALTER TABLE nodes ADD COLUMN names_apart INTEGER NOT NULL DEFAULT 0;
 """

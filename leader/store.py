@@ -804,11 +804,8 @@ class Store(LeaderStore):
         issue: Callable[[], NodeCert],
         now: dt.datetime,
         reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
-        names_apart: bool = True,
     ) -> NodeCert:
         """Spend one use of a join token and record the node, all in one transaction.
-        ``names_apart``: ``issue`` keeps the node's names apart from the SAN (the join port's
-        always does; ``leader.db._V15``).
 
         The token must name this node and exactly these addresses and DNS names, and none of
         them may be held by the leader (``reserved``) or another node. ``issue`` is called (to
@@ -894,10 +891,7 @@ class Store(LeaderStore):
                     to_text(now),
                 ),
             )
-            db.execute(
-                "UPDATE nodes SET token_id = ?, names_apart = ? WHERE name = ?",
-                (token_id, int(names_apart), name),
-            )
+            db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
             _record_node_cert(db, name, cert, now, self.cap_now())
             superseded = supersede_tokens(db, name, now)
             self._audit(
@@ -1526,8 +1520,8 @@ class Store(LeaderStore):
         the agent has used the new one, and it dials the agent by the new key (see
         ``leader.agent_client``). ``issue`` is told whether to keep the node's names apart
         from the SAN (``pki.NAMES_OID``): if ``names_apart`` (the caller asks, or presents such
-        a certificate) or if the node's certificates have had them apart since its enrolment
-        (``leader.db._V15``: never back)."""
+        a certificate) or if a renewal of the node did so before (``leader.db._V15``: never
+        back; a node enrolled since has no certificate of the other kind to present)."""
         with self._nodes_write(), self._db.tx() as db:
             row = check_caller_in(db, name, presented, presented_serial)
             current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]

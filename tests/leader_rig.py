@@ -66,7 +66,6 @@ def _enrol(
     store.enrol(
         token_id=token, secret="s" * 26, name=name, addresses=(address,), dns_names=(),
         agent_version="1", agent_port=AGENT_PORT, key_pin=pki.spki_pin(cert), now=now,
-        names_apart=False,  # (its names in the SAN: as an agent of an earlier release's)
         issue=lambda: NodeCert(
             pki.spki_pin(cert), pki.fingerprint(cert),
             f"{cert.serial_number:x}", cert.not_valid_after_utc,

@@ -1208,6 +1208,7 @@ def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> 
         client=True,
         identity=spiffe.leader(td),
         internal_dns=[spiffe.leader_host(td)],
+        names_apart=True,  # (as write_leader_cert issues it)
         lifetime=dt.timedelta(days=10),
     )
     cluster.stop_leader()
@@ -1313,6 +1314,7 @@ def test_a_leader_certificate_agents_would_refuse_is_issued_again_at_start(
             client=True,
             identity=spiffe.leader(td),
             internal_dns=[spiffe.leader_host(td)],
+            names_apart=True,  # (as write_leader_cert issues it)
             lifetime=dt.timedelta(days=200),  # not due (when valid)
             now=at,
         )
@@ -1369,6 +1371,7 @@ def test_a_leader_pem_that_is_not_the_certificate_of_leader_key_is_issued_again_
                 client=True,
                 identity=spiffe.leader(td),
                 internal_dns=[spiffe.leader_host(td)],
+                names_apart=True,  # (as write_leader_cert issues it)
             )
             write_atomic(cluster.tls_cert_path, pki.cert_to_pem(other) + ca.cert_pem)
             old = other
@@ -1456,6 +1459,7 @@ def test_the_leader_certificate_is_renewed_while_the_leader_runs(
         client=True,
         identity=spiffe.leader(td),
         internal_dns=[spiffe.leader_host(td)],
+        names_apart=True,  # (as write_leader_cert issues it)
         lifetime=dt.timedelta(days=10),  # within the 30 days before its end: due
     )
     # What the running leader's next check finds on disk (as if 11 months had passed).
@@ -1517,6 +1521,7 @@ def test_with_a_longer_warning_the_leader_issues_its_certificates_before_it_warn
             client=True,
             identity=spiffe.leader(td),
             internal_dns=[spiffe.leader_host(td)],
+            names_apart=True,  # (as write_leader_cert issues it)
             lifetime=left,
         )
         write_atomic(cluster.tls_cert_path, pki.cert_to_pem(leader) + ca.cert_pem)
