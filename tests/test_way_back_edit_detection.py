@@ -3,22 +3,33 @@
 and its agent keeps the file beside the config before it puts back the config from before
 the switch. Nothing is kept, and nothing said, for a file as tlsroll wrote it; an edit the
 way back undoes is never undone silently. Real journals (SQLite) and real drivers' renders
-throughout."""
+throughout; the agent's planning question is asked of a real ``NodeAgentService``."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from leader.commands import RolloutRequest
+from leader.observe import FirstSteps, observe
+from leader.rollout_core import Change, NodeObservation, Scope
 from nodeagent import plans
 from nodeagent.drivers import Driver, ServerFacts, SystemdDriver, Target
 from nodeagent.journal import Journal, Txn
+from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Phase, Plan
+from nodeagent.trust import LeaderTrust
+from tests.test_engine import ADMIN, make_world
+from tests.test_repeated_commands import rollout, settle
+from tests.test_warm_ahead import Asked
+from tlsroll import pki
 from tlsroll.config import Section
 from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.v1 import agent_pb2
 
 HTTPS = ("https",)
 AT = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
@@ -170,3 +181,128 @@ def test_the_changes_after_the_switch_are_those_journalled_after_it_whatever_the
     assert not edited(journal, driver, b"https 2\n")
     assert edited(journal, driver, b"https 1\n")  # what r2 replaced: not what tlsroll left
     journal.close()
+
+
+class Still(Driver):
+    """A managed server on https that never changes (what the planning question reads)."""
+
+    name = "still"
+
+    def __init__(self, config_file: Path) -> None:
+        self.config_file = config_file
+
+    def facts(self) -> ServerFacts:
+        return ServerFacts("127.0.0.1", "/app/", 8080, 8443, HTTPS)
+
+    def render(self, target: Target) -> bytes:
+        raise AssertionError("the planning question renders nothing")
+
+    async def restart(self) -> None:
+        raise AssertionError("the planning question restarts nothing")
+
+    async def status(self) -> dict[str, Any]:
+        return {"frozen": False, "watermark": 0}
+
+    async def freeze(self, drain_timeout: float) -> int:
+        raise AssertionError("the planning question freezes nothing")
+
+    async def unfreeze(self) -> None:
+        raise AssertionError("the planning question unfreezes nothing")
+
+
+async def test_only_the_way_backs_planning_question_reads_the_journal_for_edits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review L1: every planning question (``Check``) and every preflight read the journal
+    twice and the config for the way back's question, whatever the change, on a journal
+    never pruned. Only a question that asks (``CheckRequest.want_edited_config``: the
+    leader's plan of a way back to http) reads it now; another gets no answer to it."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    driver = Still(tmp_path / "server.toml")
+    journalled(journal, "r1", b"http\n", b"https 1\n", TxnOutcome.COMPLETED, source=("http",))
+    driver.config_file.write_bytes(b"https 1\n# by hand\n")
+    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
+    cfg = type("C", (), {"names": names, "bootstrap_port": 0})()
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    agent = NodeAgentService(
+        cast(Any, cfg),
+        cast(Any, None),
+        journal,
+        driver,
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=trust,
+    )
+    asked: list[str] = []
+    real = plans.edited_config
+
+    def counted(*args: Any) -> str:
+        asked.append("edited_config")
+        return real(*args)
+
+    monkeypatch.setattr(plans, "edited_config", counted)
+    reply = await agent.check(agent_pb2.CheckRequest())
+    assert reply.edited_config == "" and asked == []
+    reply = await agent.check(agent_pb2.CheckRequest(want_edited_config=True))
+    assert reply.edited_config == str(driver.config_file) and asked == ["edited_config"]
+    journal.close()
+
+
+async def test_the_leader_asks_for_edits_only_planning_a_way_back() -> None:
+    """The question goes out only when asked (``observe(..., edits=True)``)."""
+    ca = pki.CertificateAuthority.create()
+    for edits in (False, True):
+        pool = Asked()
+        await observe(pool, ["s1", "s2"], ca.cert, edits=edits)  # type: ignore[arg-type]
+        assert {r.want_edited_config for r in pool.requests.values()} == {edits}
+
+
+class Recorder:
+    """``Commands.observe``: whether each call asked for edited configs; nodes on https,
+    bravo's config edited (said only when asked, as an agent does)."""
+
+    def __init__(self) -> None:
+        self.edits: list[bool] = []
+
+    async def __call__(
+        self,
+        names: Sequence[str],
+        *,
+        warm: Collection[str],
+        first: FirstSteps | None = None,
+        edits: bool = False,
+    ) -> dict[str, NodeObservation]:
+        self.edits.append(edits)
+        return {
+            n: NodeObservation(
+                True,
+                schemes=HTTPS,
+                cert_from_ca=True,
+                edited_config="/etc/praxis/server.toml" if edits and n == "bravo" else "",
+            )
+            for n in names
+        }
+
+
+async def test_only_a_plan_of_the_way_back_asks_the_agents_for_edited_configs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disable-tls plan (shown before the way back asks) asks, and names bravo; its start,
+    which shows no plan (the agent decides what it keeps as its way back begins), and a plan
+    of any other change do not ask."""
+    leader_ = make_world(tmp_path, monkeypatch).boot()
+    names = ["alpha", "bravo", "charlie"]
+    settle(leader_.schema, rollout(leader_.schema, "e1", Change.ENABLE_TLS, names), set(names))
+    recorder = Recorder()
+    commands = leader_.commands
+    commands.observe = recorder
+    try:
+        rotate = await commands.plan(RolloutRequest(Change.ROTATE_CERT, Scope.cluster()))
+        assert rotate.edited_configs == ()
+        back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id="e1")
+        planned = await commands.plan(back)
+        assert planned.edited_configs == (("bravo", "/etc/praxis/server.toml"),)
+        await commands.start(back, ADMIN)
+        assert recorder.edits == [False, True, False]
+    finally:
+        await leader_.stop()
