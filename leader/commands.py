@@ -65,10 +65,17 @@ log = logs.get_logger(__name__)
 class Observe(Protocol):
     """Asks the named nodes' agents what they run (``leader.observe.observe``), telling those
     in ``warm`` to load their certificate code ahead, and opening the channels of the first
-    nodes a start steps (``first``; every node's way in is proved by a TCP connection)."""
+    nodes a start steps (``first``; every node's way in is proved by a TCP connection);
+    ``edits``: asking too whether their server configs were edited since tlsroll wrote them
+    (a plan of the way back to http only)."""
 
     async def __call__(
-        self, names: Sequence[str], *, warm: Collection[str], first: FirstSteps | None
+        self,
+        names: Sequence[str],
+        *,
+        warm: Collection[str],
+        first: FirstSteps | None,
+        edits: bool = False,
     ) -> dict[str, NodeObservation]: ...
 
 
@@ -339,12 +346,16 @@ class Commands:
         request: RolloutRequest | None = None,
         steps: Callable[[NodeObservation], bool] | None = None,
         rollout_id: str = "",
+        *,
+        edits: bool = False,
     ) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
         """Which enrolled nodes are online, and what the online ones run. ``request``: a
         rollout's start (not a plan shown to the admin), whose first nodes' agents load their
         certificate code while the others are asked (``first_to_make_keys``), and whose first
         nodes it steps (``steps``: not skipped) have their channels opened (``first_steps``),
-        reserved for ``rollout_id``."""
+        reserved for ``rollout_id``. ``edits``: the plan of a way back to http, which names
+        the nodes whose server config was edited since tlsroll wrote it (``Planned``'s
+        ``edited_configs``)."""
         online, just = await self._online_now()
         if just:
             # A node whose heartbeat stream just ended (the leader restarted, or ended a
@@ -369,7 +380,7 @@ class Commands:
             if request is not None and steps is not None
             else None
         )
-        seen = await self.observe(up, warm=warm, first=first)
+        seen = await self.observe(up, warm=warm, first=first, edits=edits)
         return online, seen
 
     def _in_order(self, request: RolloutRequest, up: Sequence[str]) -> Sequence[str]:
@@ -474,7 +485,12 @@ class Commands:
             )
             return settled is None  # (a node left dual is the retry's, but never stepped)
 
-        online, seen = await self._observe_all(request if starting else None, steps, rollout_id)
+        # Only the plan shown to the admin names edited configs (the agent decides for itself,
+        # as its way back begins, what it keeps: ``plans.rollback_plan``): a start does not ask.
+        edits = request.change is Change.DISABLE_TLS and not starting
+        online, seen = await self._observe_all(
+            request if starting else None, steps, rollout_id, edits=edits
+        )
         practice = sorted(
             name
             for name, o in (seen or {}).items()

@@ -149,19 +149,22 @@ async def observe(
     ca: x509.Certificate,
     *,
     warm: Collection[str] = frozenset(),
+    edits: bool = False,
     ask: Ask | None = None,
     reach: Reach | None = None,
     first: FirstSteps | None = None,
 ) -> dict[str, NodeObservation]:
     """Ask every named node's agent what it runs; unreachable ones say why. The agents of the
     nodes in ``warm`` are told to load their certificate code ahead of their preflight
-    (``CheckRequest.warm_certificates``). ``ask``: the question goes on the node's heartbeat
-    stream where it can (the module's docstring), else over the agent pool's channel; then
-    ``reach`` proves the leader's way in: a TCP connection, made while the question is out,
-    but for a starting rollout's (``first``) first ``first.count`` nodes in order, dialled once
-    their answers are in; the first nodes it steps (known once their answers and those of the
-    nodes before them are in) have their channels opened instead (the module's
-    docstring)."""
+    (``CheckRequest.warm_certificates``). ``edits``: a plan of the way back to http, which
+    asks each agent whether the server's config was edited since tlsroll wrote it
+    (``CheckRequest.want_edited_config``; ``NodeObservation.edited_config``). ``ask``: the
+    question goes on the node's heartbeat stream where it can (the module's docstring), else
+    over the agent pool's channel; then ``reach`` proves the leader's way in: a TCP
+    connection, made while the question is out, but for a starting rollout's (``first``)
+    first ``first.count`` nodes in order, dialled once their answers are in; the first nodes
+    it steps (known once their answers and those of the nodes before them are in) have their
+    channels opened instead (the module's docstring)."""
     late = NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
 
     gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
@@ -199,7 +202,9 @@ async def observe(
 
     def question(name: str) -> agent_pb2.CheckRequest:
         request = agent_pb2.CheckRequest(
-            max_clock_offset_seconds=MAX_CLOCK_OFFSET, warm_certificates=name in warm
+            max_clock_offset_seconds=MAX_CLOCK_OFFSET,
+            warm_certificates=name in warm,
+            want_edited_config=edits,
         )
         request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         return request

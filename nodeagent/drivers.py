@@ -145,7 +145,10 @@ class Driver(abc.ABC):
     config_file: Path
     # True if ``facts`` and ``render`` read nothing but the live config file (the same bytes
     # there give the same facts and the same render): a switch made when its node was staged
-    # is still right at the switch if the file still holds those bytes.
+    # is still right at the switch if the file still holds those bytes. So too an edit by hand
+    # of the live config is in the next config it renders (a rotate-cert's): the way back's
+    # plan counts an edit a later change found only then (``plans.edited_since``); a driver
+    # rendering from its template wrote that change's config without it.
     config_decides = False
     # True if the server may run as a user of its own, who reads its config as the config's
     # owner or group (systemd's ``User=``): the files a switch names get the config's owner,
@@ -236,10 +239,15 @@ class Driver(abc.ABC):
         """Staged configs an agent process before this one left (it was stopped between a
         staging and its commit): removed (blocking; at the agent's start, before it serves a
         call, so none is this process's own: an agent that always runs as the same PID, PID 1
-        in a container, removes them too)."""
+        in a container, removes them too), and the temporary files of a copy a way back was
+        keeping when it stopped."""
         directory, name = self.config_file.parent, self.config_file.name
         with contextlib.suppress(OSError):
             for path in directory.glob(f".{glob.escape(name)}.staged-*"):
+                path.unlink(missing_ok=True)
+            # So too the temporary file of a copy a way back was keeping (``keep_copy``: the
+            # agent stopped mid-write; the way back, resumed, writes the copy again).
+            for path in directory.glob(f".{glob.escape(name)}.before-rollback-*.tmp-*"):
                 path.unlink(missing_ok=True)
 
     def read_config(self) -> bytes:

@@ -979,15 +979,22 @@ class Journal:
             ).fetchall()
         return [_txn(r) for r in rows]
 
-    def after(self, txn: Txn) -> list[Txn]:
-        """The transactions begun after ``txn``, in the order they began (one runs at a time:
-        each found the config the one before it left, ``plans.edited_since``)."""
+    def configs_after(self, txn: Txn) -> list[tuple[TxnOutcome, bytes | None, bytes | None]]:
+        """Each transaction begun after ``txn`` (one runs at a time: each found the config the
+        one before it left, ``plans.edited_since``): its outcome, the config it found and the
+        one it wrote, in the order the journal wrote them (by ``rowid``, never deleted from:
+        not by ``started_at``, which a clock stepped back puts before ``txn``; review of
+        s59-wayback L4). Those three columns only: the way back's plan reads them, and the
+        journal is never pruned (L1)."""
         with self._read() as db:
             rows = db.execute(
-                "SELECT * FROM txns WHERE started_at > ? ORDER BY started_at",
-                (_enc("started_at", txn.started_at),),
+                "SELECT outcome, source_config, target_config FROM txns WHERE rowid >"
+                " (SELECT rowid FROM txns WHERE rollout_id = ? AND kind = ?) ORDER BY rowid",
+                (txn.rollout_id, TxnKind(txn.kind).value),
             ).fetchall()
-        return [_txn(r) for r in rows]
+        return [
+            (_dec("outcome", r["outcome"]), r["source_config"], r["target_config"]) for r in rows
+        ]
 
     def unfinished(self) -> list[Txn]:
         with self._read() as db:

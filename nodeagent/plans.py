@@ -943,33 +943,51 @@ def kept_config_path(driver: Driver, rollout_id: str) -> Path:
     return config.with_name(f"{config.name}{KEPT_BEFORE_ROLLBACK}{rollout_id}")
 
 
-def edited_since(journal: Journal, switch: Txn, live: bytes) -> bool:
+def edited_since(journal: Journal, switch: Txn, live: bytes, *, carried: bool) -> bool:
     """Whether ``live`` (the server's config now) holds anything the way back of ``switch``
     would undo that tlsroll did not write: an edit made by hand since ``switch`` wrote the
     config (audit rev58a H2: the way back puts back the config from before the switch byte for
     byte, and undid a ``data_dir`` moved by hand without a word).
 
     The journal holds every config tlsroll wrote since (each transaction's target and the
-    source it found): each transaction after ``switch`` must have found the config the one
-    before it left (a completed one its target, one rolled back its source), and ``live`` must
-    be what the last one left. An edit that a later change carried over (the reference
-    server's config is rendered from the live one: a rotate-cert keeps every other setting)
-    is found where that change began; the way back undoes it all the same. Where the journal
-    cannot say (a row of an earlier release without its configs, a transaction that failed
-    or is under way) nothing is claimed for that stretch."""
-    left: bytes | None = switch.target_config
+    source it found): what each transaction after ``switch`` found is checked against the
+    configs the one before it may have left (``_left``), and so is ``live`` against what the
+    last one may have left. ``carried``: the driver renders from the live config
+    (``Driver.config_decides``: the reference server's; a rotate-cert keeps every other
+    setting), so an edit a later change found is in what it wrote, and the way back undoes it
+    all the same. A driver that renders from its template (systemd, exec) wrote a later
+    change's config whole, without the edit it found: that file, as tlsroll wrote it, claims
+    nothing, and no copy is kept of it (review of s59-wayback M1). Where the journal cannot
+    say (a row of an earlier release without its configs) nothing is claimed for that
+    stretch."""
+    clean = _left(TxnOutcome.COMPLETED, switch.source_config, switch.target_config, False)
     edited = False
-    for txn in journal.after(switch):
-        found = txn.source_config
-        if left is not None and found is not None and found != left:
+    for outcome, found, wrote in journal.configs_after(switch):
+        found_edited = clean is not None and found is not None and found not in clean
+        if carried and found_edited:
             edited = True
-        if txn.outcome is TxnOutcome.COMPLETED:
-            left = txn.target_config
-        elif txn.outcome is TxnOutcome.ROLLED_BACK:
-            left = found
-        else:
-            left = None
-    return edited or (left is not None and live != left)
+        clean = _left(outcome, found, wrote, found_edited)
+    return edited or (clean is not None and live not in clean)
+
+
+def _left(
+    outcome: TxnOutcome, found: bytes | None, wrote: bytes | None, found_edited: bool
+) -> tuple[bytes, ...] | None:
+    """The configs a transaction may have left live that hold no edit by hand: a completed
+    one its target, one rolled back what it found (put back), and one that failed or is
+    under way either (a failed one asks the admin to repair the server: a repair by hand is
+    neither, and is an edit the way back would undo; review of s59-wayback M2). What it found
+    counts only if it held no edit itself (``found_edited``). None: the journal cannot say."""
+    configs: tuple[bytes | None, ...]
+    if outcome is TxnOutcome.COMPLETED:
+        configs = (wrote,)
+    elif outcome is TxnOutcome.ROLLED_BACK:
+        configs = (found,)
+    else:
+        configs = (found, wrote)
+    if any(c is None for c in configs):
+        return None
+    return tuple(c for c in configs if c is not None and not (found_edited and c == found))
 
 
 def edited_config(journal: Journal, driver: Driver, schemes: tuple[str, ...]) -> str:
@@ -985,7 +1003,8 @@ def edited_config(journal: Journal, driver: Driver, schemes: tuple[str, ...]) ->
         live = driver.read_config()
     except (PlanRefused, OSError):
         return ""
-    return str(driver.config_file) if edited_since(journal, switch, live) else ""
+    edited = edited_since(journal, switch, live, carried=driver.config_decides)
+    return str(driver.config_file) if edited else ""
 
 
 @_keeps_cause
@@ -1016,7 +1035,7 @@ def rollback_plan(
             " removed once a later switch superseded them, or by hand); nothing was changed"
         )
     old_config = source_of(switch)
-    edited = edited_since(journal, switch, driver.read_config())
+    edited = edited_since(journal, switch, driver.read_config(), carried=driver.config_decides)
     share_named(driver, _files_of(done.live_before))  # what the config going back names
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
     facts = driver.facts()

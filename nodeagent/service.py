@@ -684,7 +684,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # The checks on this machine (one worker thread) while the server is asked for its
         # health and its view (one after the other, as ever: a driver's status may be a
         # command): a preflight waited for each check in turn, in three worker threads.
-        local_checks = asyncio.ensure_future(asyncio.to_thread(self._local_checks, driver))
+        # The way back's question (``plans.edited_config``) only when the leader plans one
+        # (``CheckRequest.want_edited_config``): it reads the journal and the config, and every
+        # other planning question and preflight paid for it (review of s59-wayback L1).
+        edits = isinstance(request, agent_pb2.CheckRequest) and request.want_edited_config
+        local_checks = asyncio.ensure_future(
+            asyncio.to_thread(self._local_checks, driver, edits=edits)
+        )
         try:
             health = await driver.status_problem()  # (none answered: not healthy)
             view = await self._view()
@@ -720,18 +726,21 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             edited_config=edited,
         )
 
-    def _local_checks(self, driver: Driver) -> tuple[ServerFacts | None, str, list[str], str]:
+    def _local_checks(
+        self, driver: Driver, *, edits: bool = False
+    ) -> tuple[ServerFacts | None, str, list[str], str]:
         """The checks on this machine (blocking): the server's facts from its config, or why
         the config could not be read, the ports taken and the config directory not writable,
-        and the config's path if it was edited since tlsroll wrote it (``plans.edited_config``:
-        the way back would undo that; the leader's plan of it says so, review rev58a H2)."""
+        and (``edits``: asked) the config's path if it was edited since tlsroll wrote it
+        (``plans.edited_config``: the way back would undo that; the leader's plan of it says
+        so, review rev58a H2)."""
         facts: ServerFacts | None = None
         unread, edited = "", ""
         try:
             facts = driver.facts()
         except (DriverError, OSError) as exc:
             unread = f"cannot read the server's config: {exc}"
-        if facts is not None:  # (on https only: a node on http has no way back to plan)
+        if edits and facts is not None:  # (on https only: a node on http has no way back)
             edited = plans.edited_config(self.journal, driver, facts.schemes)
         problems = self._port_problems(facts) if facts is not None else []
         problems += self._writable_problems(driver.config_file.parent)

@@ -316,13 +316,29 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
+def kept_note(path: Path) -> str:
+    """Where a way back kept the live config, edited since tlsroll wrote it
+    (``Runner._keep_edited``)."""
+    return f"the config as edited since the switch is kept as {path}"
+
+
 def kept_reason(path: Path) -> str:
     """What a way back that kept the live config, edited since tlsroll wrote it, says of it
     (its transaction's reason, shown beside the node by the leader)."""
     return (
-        f"the config as edited since the switch is kept as {path}; the config from before the"
-        " switch is back (make those edits again if they are still wanted)"
+        f"{kept_note(path)}; the config from before the switch is back (make those edits again"
+        " if they are still wanted)"
     )
+
+
+def _still_kept(txn: Txn, plan: Plan, reason: str) -> str:
+    """A way back that kept the edited config and then failed (its verify, say): its reason
+    still says where that copy is (the failure's reason replaced the one that said it, review
+    of s59-wayback L3), which tlsroll never removes."""
+    if not plan.keep_edited:
+        return reason
+    note = kept_note(Path(plan.keep_edited))
+    return f"{reason} ({note})" if txn.reason.startswith(note) else reason
 
 
 def describe(exc: BaseException) -> str:
@@ -1005,6 +1021,7 @@ class Runner:
                 detail = describe(exc)
                 reason = detail if detail.startswith(f"{action}:") else f"{action}: {detail}"
                 if forward:
+                    reason = _still_kept(txn, plan, reason)
                     log.warning(
                         "txn.rolling_back",
                         rollout_id=txn.rollout_id,

@@ -90,7 +90,12 @@ class Agents:
         self.asked: list[list[str]] = []
 
     async def __call__(
-        self, names: Sequence[str], *, warm: Collection[str], first: FirstSteps | None
+        self,
+        names: Sequence[str],
+        *,
+        warm: Collection[str],
+        first: FirstSteps | None,
+        edits: bool = False,
     ) -> dict[str, NodeObservation]:
         self.asked.append(list(names))
         return {

@@ -1917,6 +1917,10 @@ async def test_a_way_back_keeps_the_config_edited_since_tlsroll_wrote_it(
     journal = Journal(tmp_path / "journal.sqlite3")
     server = FakeServer()
     driver = FileDriver(server, config_file)
+    # The reference server's: a later change's render carries the live config's settings, an
+    # edit found with them (``plans.edited_since``; a template driver's is
+    # tests/test_way_back_edit_detection.py's).
+    driver.config_decides = True
     config_file.chmod(0o640)
     txn_dir = tmp_path / "txn"
     stage(journal, driver, "r1")
@@ -1974,6 +1978,61 @@ async def test_a_way_back_keeps_the_config_edited_since_tlsroll_wrote_it(
     assert kept.read_bytes() == live
     assert kept.stat().st_mode & 0o777 == 0o640
     assert done.reason == transaction.kept_reason(kept)
+    journal.close()
+
+
+@pytest.mark.parametrize("outcome", [TxnOutcome.ROLLED_BACK, TxnOutcome.FAILED])
+async def test_a_way_back_that_kept_the_edited_config_and_failed_still_says_where(
+    tmp_path: Path, outcome: TxnOutcome
+) -> None:
+    """Review of s59-wayback L3: a way back that kept the edited config and then failed (its
+    verify: the server does not answer http) is rolled back, the edited config live again; its
+    reason said only why it failed, not where the copy it made is (tlsroll never removes it);
+    nor did that of one whose own way back failed too (https not verified: no CA file).
+    And the temporary file of a copy the agent was writing when it stopped is removed at its
+    next start, as its staged configs are; the copy itself stays."""
+    config_file = tmp_path / "etc" / "server.toml"
+    config_file.parent.mkdir()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = FakeServer()
+    driver = FileDriver(server, config_file)
+    txn_dir = tmp_path / "txn"
+    stage(journal, driver, "r1")
+    completed_switch(journal, driver, txn_dir, "journal")
+    server.running = server.config = EDITED
+    config_file.write_bytes(EDITED)
+    config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "b1", undoes="")
+    kept = config_file.with_name("server.toml.before-rollback-b1")
+    assert back.keep_edited == str(kept)
+    if outcome is TxnOutcome.ROLLED_BACK:
+        ca = config_file.parent / "tlsroll-tls" / "r1" / "ca.pem"
+        ca.parent.mkdir(parents=True)
+        ca.write_bytes(b"the cluster CA")
+    server.failing = frozenset({"check_http"})
+    time = FakeTime()
+    runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
+    rollback = journal.create(
+        Txn(
+            "b1",
+            TxnKind.ROLLBACK,
+            3,
+            Phase.STARTED,
+            back.to_json(),
+            time.clock() + dt.timedelta(seconds=5),
+            target_config=config,
+            source_config=EDITED,
+        )
+    )
+    done = await runner.run(rollback)
+    assert done.outcome is outcome, done.reason
+    assert config_file.read_bytes() == EDITED == kept.read_bytes()
+    assert done.reason.startswith("verify: "), done.reason
+    assert f"(the config as edited since the switch is kept as {kept})" in done.reason
+
+    stray = config_file.with_name(f".{kept.name}.tmp-4242-{'0' * 16}")
+    stray.write_bytes(EDITED[:5])  # an agent stopped mid-copy
+    driver.discard_stale_staged()
+    assert stray.parent == kept.parent and not stray.exists() and kept.exists()
     journal.close()
 
 

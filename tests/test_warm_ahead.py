@@ -42,7 +42,12 @@ class Recorder:
         self.warmed: list[frozenset[str]] = []
 
     async def __call__(
-        self, names: Sequence[str], *, warm: Collection[str], first: FirstSteps | None = None
+        self,
+        names: Sequence[str],
+        *,
+        warm: Collection[str],
+        first: FirstSteps | None = None,
+        edits: bool = False,
     ) -> dict[str, NodeObservation]:
         self.warmed.append(frozenset(warm))
         return {name: NodeObservation(True, schemes=("http",)) for name in names}

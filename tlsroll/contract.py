@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "7bac4a79fba9"
+REVISION = "8b2b0a98f806"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

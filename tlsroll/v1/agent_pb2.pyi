@@ -337,12 +337,19 @@ class CheckRequest(_message.Message):
     LEADER_TIME_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     WARM_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    WANT_EDITED_CONFIG_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
     warm_certificates: _builtins.bool
     """The leader is starting a rollout that will make a key and CSR on this node among its
     first nodes (`PreflightRequest.make_csr` follows): load the certificate code now, while
     the leader checks the other nodes, so that the preflight does not wait for it. A hint:
     nothing is recorded and the answer is the same. `tlsroll plan` never sets it.
+    """
+    want_edited_config: _builtins.bool
+    """The leader plans the way back to http (disable-tls): answer `PreflightResponse.edited_config`
+    too. Nothing else asks it (reading the journal and the config on every planning question
+    and preflight cost each of them that: review of s59-wayback L1); an agent of an earlier
+    release ignores it.
     """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -352,10 +359,11 @@ class CheckRequest(_message.Message):
         leader_time: _timestamp_pb2.Timestamp | None = ...,
         max_clock_offset_seconds: _builtins.int = ...,
         warm_certificates: _builtins.bool = ...,
+        want_edited_config: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds", "warm_certificates", b"warm_certificates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds", "want_edited_config", b"want_edited_config", "warm_certificates", b"warm_certificates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,8 +437,13 @@ class PreflightResponse(_message.Message):
     no longer what tlsroll wrote there (edited by hand since the switch that took the node
     from http, or since a change after it): the way back to http (disable-tls) puts back the
     config from before that switch byte for byte, undoing those edits, after keeping the file
-    beside it as `<name>.before-rollback-<rollout id>`. Empty: not edited, not on https, never
-    switched, the config unreadable (a problem of its own), or an agent of an earlier release.
+    beside it as `<name>.before-rollback-<rollout id>`. Empty: not asked
+    (`CheckRequest.want_edited_config`; a preflight never answers it), not edited, not on
+    https, never switched, the config unreadable (a problem of its own), or an agent of an
+    earlier release. A server config rendered from a template (systemd, exec drivers) counts as
+    edited only when the file is not what tlsroll last wrote: an edit of the template since the
+    switch is not named (the way back puts back the config rendered before it; the template
+    keeps the edit for the next change that renders it).
     """
     @_builtins.property
     def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
