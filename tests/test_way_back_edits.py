@@ -12,9 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
-from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.cluster import LEADER_POLL, wait_until
+from tests.nodeside import cluster_of
 from tests.refserver_helper import http_request
 
 EDITED = "was edited since tlsroll wrote it"
@@ -23,15 +22,7 @@ EDITED = "was edited since tlsroll wrote it"
 def test_the_way_back_says_first_it_undoes_a_config_edited_by_hand_and_keeps_that_file(
     tmp_path: Path,
 ) -> None:
-    addresses = [next_loopback() for _ in range(3)]
-    cluster = AdminTokenCluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
-    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
-    try:
-        cluster.init("--node-name", "node1")
-        cluster.start_leader()
-        for node in nodes:
-            node.start()
-        cluster.wait_for_nodes_online([n.name for n in nodes])
+    with cluster_of(tmp_path, 3) as (cluster, nodes):
         configs = {n.name: n.server.config_path for n in nodes}
         on_http = {name: path.read_bytes() for name, path in configs.items()}
 
@@ -113,7 +104,3 @@ def test_the_way_back_says_first_it_undoes_a_config_edited_by_hand_and_keeps_tha
         logged = [ln for ln in agent.log_text().splitlines() if "rollback.kept_edited_config" in ln]
         assert len(logged) == 1 and str(kept) in logged[0], logged
         assert "login_queue_seconds" not in agent.log_text()
-    finally:
-        for node in nodes:
-            node.close()
-        cluster.close()
