@@ -580,8 +580,10 @@ def _new_key_if_names_in_san(
         key_pin=pki.spki_pin(new),
         fingerprint=pki.fingerprint(new),
         replaced_fingerprint=pki.fingerprint(cert),
+        replaced_not_after=cert.not_valid_after_utc.isoformat(),
         detail="leader.pem named the leader's address in its SAN (an earlier release's): "
-        "issued again, its names apart, for a new leader.key",
+        "issued again, its names apart, for a new leader.key; backups made before hold the "
+        "old key, whose certificate stays valid to the workstations until replaced_not_after",
     )
 
 

@@ -468,10 +468,11 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
             # An agent of an earlier release takes only a certificate with the node's names in
             # its SAN: a server certificate for the node's address that every workstation
             # would accept (``pki.NAMES_OID``). Refused before the token is used.
+            version = peertext.clean(request.agent_version, MAX_AGENT_VERSION)
             raise failed_precondition(
-                f"the agent (tlsroll {peertext.clean(request.agent_version, MAX_AGENT_VERSION)})"
-                " is older than this leader: install the leader's release on the node, then "
-                "enrol it; the token stays valid"
+                f"the agent{f' (tlsroll {version})' if version else ''} is older than this"
+                " leader: install the leader's release on the node, then enrol it; the token"
+                " stays valid"
             )
         csr = pki.load_csr_pem(request.csr_pem)
         public_key = pki.check_csr(csr, names)

@@ -117,7 +117,7 @@ def _cert_refused(cert: Any, request: dict[str, Any], key: Any) -> str | None:
     or ``now`` missing: not checked (``stage_issuer`` for an older agent)."""
     if key is not None and pki.spki_pin(cert) != pki.spki_pin(key):
         return "the certificate does not match the staged key"
-    if pki.names_apart(cert) is not None:  # (``names_of`` would read them there: review s59)
+    if not pki.serves_names(cert):  # an agent's: ``names_of`` reads them apart (review s59)
         return "the certificate serves none of this node's names (an agent's, not a server's)"
     if "names" in request and pki.names_of(cert) != names_of(request):
         return "the certificate's names differ from this node's names"
