@@ -1859,6 +1859,36 @@ def test_a_rollback_never_reads_a_backup_file_that_is_not_a_regular_file(
     assert not (txn_dir / "r1-rollback.new").exists()
 
 
+async def run_rollback(
+    journal: Journal,
+    driver: Any,
+    server: FakeServer,
+    built: tuple[bytes, Plan],
+    rollout_id: str,
+    epoch: int,
+    source: bytes,
+    deadline: float = 0.0,
+) -> Txn:
+    """The rollback ``plans.rollback_plan`` built (its config and plan), journalled and run to
+    its end by a runner on a fake clock: its transaction as it ended."""
+    config, back = built
+    time = FakeTime()
+    runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
+    rollback = journal.create(
+        Txn(
+            rollout_id,
+            TxnKind.ROLLBACK,
+            epoch,
+            Phase.STARTED,
+            back.to_json(),
+            time.clock() + dt.timedelta(seconds=deadline),
+            target_config=config,
+            source_config=source,
+        )
+    )
+    return await runner.run(rollback)
+
+
 # --- the scope freeze: a plan that keeps the node frozen ---------------------------------------
 
 
@@ -1876,21 +1906,7 @@ async def test_a_rollback_plan_with_keep_frozen_leaves_the_server_frozen(
 
     config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "r1", keep_frozen=True)
     assert back.keep_frozen and Plan.from_json(back.to_json()) == back
-    time = FakeTime()
-    runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
-    rollback = journal.create(
-        Txn(
-            "r1",
-            TxnKind.ROLLBACK,
-            1,
-            Phase.STARTED,
-            back.to_json(),
-            time.clock(),
-            target_config=config,
-            source_config=TARGET,
-        )
-    )
-    done = await runner.run(rollback)
+    done = await run_rollback(journal, driver, server, (config, back), "r1", 1, TARGET)
 
     assert done.outcome is TxnOutcome.COMPLETED, done.reason
     assert (server.running, server.config, server.frozen) == (SOURCE, SOURCE, True)
@@ -1954,21 +1970,7 @@ async def test_a_way_back_keeps_the_config_edited_since_tlsroll_wrote_it(
     kept = config_file.with_name("server.toml.before-rollback-b1")
     assert back.keep_edited == ("" if edit in ("none", "rolled back") else str(kept))
     assert Plan.from_json(back.to_json()) == back
-    time = FakeTime()
-    runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
-    rollback = journal.create(
-        Txn(
-            "b1",
-            TxnKind.ROLLBACK,
-            3,
-            Phase.STARTED,
-            back.to_json(),
-            time.clock() + dt.timedelta(seconds=5),
-            target_config=config,
-            source_config=live,
-        )
-    )
-    done = await runner.run(rollback)
+    done = await run_rollback(journal, driver, server, (config, back), "b1", 3, live, 5)
 
     assert done.outcome is TxnOutcome.COMPLETED, done.reason
     assert config_file.read_bytes() == SOURCE == server.running
@@ -2009,21 +2011,7 @@ async def test_a_way_back_that_kept_the_edited_config_and_failed_still_says_wher
         ca.parent.mkdir(parents=True)
         ca.write_bytes(b"the cluster CA")
     server.failing = frozenset({"check_http"})
-    time = FakeTime()
-    runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
-    rollback = journal.create(
-        Txn(
-            "b1",
-            TxnKind.ROLLBACK,
-            3,
-            Phase.STARTED,
-            back.to_json(),
-            time.clock() + dt.timedelta(seconds=5),
-            target_config=config,
-            source_config=EDITED,
-        )
-    )
-    done = await runner.run(rollback)
+    done = await run_rollback(journal, driver, server, (config, back), "b1", 3, EDITED, 5)
     assert done.outcome is outcome, done.reason
     assert config_file.read_bytes() == EDITED == kept.read_bytes()
     assert done.reason.startswith("verify: "), done.reason
