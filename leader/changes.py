@@ -546,7 +546,14 @@ class ChangeSteps:
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         why = f"outside check failed: {problem or 'confirm failed before a leader restart'}"
         if outcome is TxnOutcome.COMPLETED:
-            return NodeEvent.CONFIRM_ROLLED_BACK, why
+            # The rollback keeps the server's config beside it if it was edited since the
+            # switch wrote it (an admin's edit while the leader was down, say: the same
+            # ``plans.rollback_plan`` as the way back's), and its reason says where
+            # (``nodeagent.transaction.kept_reason``): the node's reason names the copy, as a
+            # way back's does (``DisableTls``; review of s59 L2). A rollback that kept nothing
+            # says nothing.
+            said = peertext.clean(reason, 500) if reason else ""
+            return NodeEvent.CONFIRM_ROLLED_BACK, f"{why}; {said}" if said else why
         return NodeEvent.CONFIRM_FAILED, f"{why}; the rollback failed too: {reason}"
 
     @staticmethod
