@@ -288,9 +288,9 @@ def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True)
     Only tlsroll's own stage directories are ever touched: ``tlsroll-tls`` must be a real
     directory of the agent's user (not a symbolic link to somewhere else), and a directory in
     it only loses files, or goes, if it is a stage directory (``_stage_dir_of``). Anything
-    else there is logged (``stage.unknown_dir``, its path) and left as it is. Each removal is
-    logged (``stage.removed``, ``stage.files_removed``: rollout, path, why; never what the
-    files hold)."""
+    else there is logged (``stage.unknown_dir``, its path; once per directory while the agent
+    runs: ``_say_unknown``) and left as it is. Each removal is logged (``stage.removed``,
+    ``stage.files_removed``: rollout, path, why; never what the files hold)."""
     root = driver.config_file.parent / STAGES
     root_st = _stage_root(root)
     if root_st is None:
@@ -368,9 +368,35 @@ def _stage_root(root: Path) -> os.stat_result | None:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
-            log.warning("stage.unknown_dir", path=str(root))
+            _say_unknown(root, st)
         return None
     return st
+
+
+# The directories said to be none of tlsroll's (``stage.unknown_dir``) while this agent runs,
+# each as it was then (``_unknown_key``): the sweep runs at every transaction's end, and said
+# the same directory again each time (review of s59 L1). One replaced since (another
+# directory, a link, another owner) is said again; the next start says each once more.
+_SAID_UNKNOWN: set[tuple[str, int, int, int, int]] = set()
+
+
+def _unknown_key(path: Path, st: os.stat_result) -> tuple[str, int, int, int, int]:
+    return (str(path), st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), st.st_uid)
+
+
+def _say_unknown(path: Path, st: os.stat_result | None = None) -> None:
+    """``path`` (in or as ``tlsroll-tls``; ``st``: its lstat, if read) logged as none of
+    tlsroll's (``stage.unknown_dir``, its path only), unless already said of it as it is now.
+    Gone meanwhile: nothing to say."""
+    try:
+        st = st if st is not None else os.lstat(path)
+    except OSError:
+        return
+    key = _unknown_key(path, st)
+    if key in _SAID_UNKNOWN:
+        return
+    _SAID_UNKNOWN.add(key)
+    log.warning("stage.unknown_dir", path=str(path))
 
 
 def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
@@ -398,10 +424,9 @@ def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
 
 def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> None:
     """``directory`` removed if it is a stage directory (``_stage_dir_of``), else said
-    (``stage.unknown_dir``, its path only) and left as it is."""
+    (``_say_unknown``) and left as it is."""
     if not _stage_dir_of(directory, root_st):
-        if os.path.lexists(directory):
-            log.warning("stage.unknown_dir", path=str(directory))
+        _say_unknown(directory)
         return
     try:
         shutil.rmtree(directory)
@@ -427,8 +452,7 @@ def _prune_stage(
     and CA a later switch superseded beside it go. Logged once (``stage.files_removed``: the
     directory and the files' names)."""
     if not _stage_dir_of(directory, root_st):
-        if os.path.lexists(directory):
-            log.warning("stage.unknown_dir", path=str(directory))
+        _say_unknown(directory)
         return
     try:
         present = sorted(os.listdir(directory))

@@ -1659,6 +1659,93 @@ def test_the_start_sweep_leaves_every_directory_tlsroll_did_not_make(tmp_path: P
         assert set(event) <= {"event", "path", "rollout_id", "why", "log_level", "logger_name"}
 
 
+def test_a_directory_not_tlsrolls_is_said_once_however_many_sweeps_find_it(
+    tmp_path: Path,
+) -> None:
+    """Review of s59 L1: the sweep runs at every transaction's end, and said the same
+    directory that is none of tlsroll's (``stage.unknown_dir``) each time. It says each once
+    while the agent runs: at the start, and at the first sweep that finds one new (one that
+    appears later, or another put in the place of one said); later sweeps stay quiet about
+    it. Real sweeps over a real directory and journal: three switches ran, ``r3`` is live, the
+    way back of ``r3`` restores ``r2`` (pruned: its key goes once that rollout ends) and ``r1``
+    is superseded (removed), but an admin's notes sit in ``r1`` and ``r2``."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.drivers import Driver
+    from nodeagent.journal import Journal, Txn
+    from nodeagent.transaction import Phase
+    from tlsroll.enums import TxnKind, TxnOutcome
+
+    conf = tmp_path / "conf"
+    root = conf / "tlsroll-tls"
+    r1 = a_stage(root, "r1", *CERT, "notes.txt")
+    r2 = a_stage(root, "r2", *CERT, "notes.txt")
+    a_stage(root, "r3")
+
+    def files(name: str) -> dict[str, str]:
+        keys = ("key_file", "cert_file", "ca_file")
+        return {k: str(root / name / f) for k, f in zip(keys, CERT, strict=True)}
+
+    config = conf / "server.toml"
+    config.write_text("".join(f'{k} = "{v}"\n' for k, v in files("r3").items()))
+    driver = cast(Driver, ConfigOnly(config))
+    journal = Journal(tmp_path / "journal.sqlite3")
+
+    def said(*, at_start: bool = False) -> list[str]:
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver, at_start=at_start)
+        assert all(e["event"] == "stage.unknown_dir" for e in logs), logs
+        return sorted(e["path"] for e in logs)
+
+    try:
+        before: dict[str, str] | None = None
+        for rid in ("r1", "r2", "r3"):
+            journal.record_csr(rid, root / rid / "server.key", b"csr")
+            live = files(rid)
+            txn = journal.create(
+                Txn(
+                    rollout_id=rid,
+                    kind=TxnKind.SWITCH,
+                    epoch=1,
+                    phase=Phase.STARTED,
+                    plan={
+                        "source_schemes": ["https"] if before else ["http"],
+                        "live_tls": live,
+                        "live_before": before,
+                        "ca_file": live["ca_file"],
+                    },
+                    started_at=dt.datetime.now(dt.UTC),
+                    target_config=b"[server]\n",
+                    source_config=b"[server]\n",
+                )
+            )
+            journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+            before = live
+
+        assert said(at_start=True) == [str(r1), str(r2)]
+        assert said() == []  # a transaction's end, and another
+        assert said() == []
+        assert journal.end_way_back(["r3"]) == "r3"  # r2 is superseded too now: still said
+        assert said() == []
+        for path in sorted(r1.iterdir()):  # r1 replaced by another directory of the admin's
+            path.unlink()
+        r1.rmdir()
+        (tmp_path / "elsewhere").mkdir()
+        r1.symlink_to(tmp_path / "elsewhere")
+        assert said() == [str(r1)]
+        assert said() == []
+        assert said(at_start=True) == []  # (the same process: a start's is said once too)
+        # tlsroll-tls itself replaced by a link to another volume: said once, then quiet.
+        root.rename(conf / "moved")
+        root.symlink_to(conf / "moved")
+        assert said() == [str(root)]
+        assert said() == []
+        assert r2.exists() and (root / "r3" / "server.key").exists()
+    finally:
+        journal.close()
+
+
 def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
     tmp_path: Path,
 ) -> None:
