@@ -261,7 +261,7 @@ def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -
             _remove_stage(directory, root_st, staged.rollout_id, why)
 
 
-def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True) -> None:
+def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True) -> bool:
     """The stage directories and files nothing needs any more removed (blocking): keys,
     certificates and verifier files. At the agent's start, and (``at_start`` False) whenever
     a transaction ends on the node or the leader says the rollout whose way back the agent
@@ -290,28 +290,35 @@ def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True)
     it only loses files, or goes, if it is a stage directory (``_stage_dir_of``). Anything
     else there is logged (``stage.unknown_dir``, its path; once per directory while the agent
     runs: ``_say_unknown``) and left as it is. Each removal is logged (``stage.removed``,
-    ``stage.files_removed``: rollout, path, why; never what the files hold)."""
+    ``stage.files_removed``: rollout, path, why; never what the files hold).
+
+    True if it did all it meant to; False if a removal failed (logged,
+    ``stage.remove_failed``), or the stage directory or the live config could not be read:
+    the agent tries again later (``NodeAgentService.sweep_stages``). A directory left because
+    it is not tlsroll's is no failure (trying again changes nothing)."""
     root = driver.config_file.parent / STAGES
     root_st = _stage_root(root)
     if root_st is None:
-        return
+        return True  # none, or none of tlsroll's: trying again changes nothing
     try:
         names = sorted(os.listdir(root))
         if not names:
-            return
+            return True
         live = driver.read_config()
     except OSError:
-        return
+        return False
     needs = journal.stage_needs()
     kept = needed_stage_files(needs, root, names, live)
+    done = True
     for name in names:
         if name not in needs.known and not at_start:
             continue
         why = SUPERSEDED if name in needs.known else "unknown to the journal"
         if name not in kept:
-            _remove_stage(root / name, root_st, name, why)
+            done = _remove_stage(root / name, root_st, name, why) and done
         elif (files := kept[name]) is not None:
-            _prune_stage(root / name, root_st, name, files, why)
+            done = _prune_stage(root / name, root_st, name, files, why) and done
+    return done
 
 
 SUPERSEDED = "superseded: not live, and no switch or way back still possible needs it"
@@ -422,16 +429,16 @@ def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
     return True
 
 
-def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> None:
+def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> bool:
     """``directory`` removed if it is a stage directory (``_stage_dir_of``), else said
-    (``_say_unknown``) and left as it is."""
+    (``_say_unknown``) and left as it is. False if the removal failed (logged)."""
     if not _stage_dir_of(directory, root_st):
         _say_unknown(directory)
-        return
+        return True
     try:
         shutil.rmtree(directory)
     except FileNotFoundError:
-        return
+        return True
     except OSError as exc:
         log.warning(
             "stage.remove_failed",
@@ -439,26 +446,30 @@ def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why
             path=str(directory),
             error=os_error_text(exc),
         )
-        return
+        return False
     log.info("stage.removed", rollout_id=rollout_id, path=str(directory), why=why)
+    return True
 
 
 def _prune_stage(
     directory: Path, root_st: os.stat_result, rollout_id: str, keep: frozenset[str], why: str
-) -> None:
+) -> bool:
     """The files of ``directory`` that tlsroll writes there (``STAGE_FILES``) and ``keep``
     does not hold removed, if it is a stage directory (``_stage_dir_of``; else said and left
     as ``_remove_stage`` does): the live verifier file stays where it is, the key, certificate
     and CA a later switch superseded beside it go. Logged once (``stage.files_removed``: the
-    directory and the files' names)."""
+    directory and the files' names). False if a removal failed (logged)."""
     if not _stage_dir_of(directory, root_st):
         _say_unknown(directory)
-        return
+        return True
     try:
         present = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return True
     except OSError:
-        return
+        return False
     removed = []
+    done = True
     for name in present:
         if name not in STAGE_FILES or name in keep:
             continue
@@ -473,6 +484,7 @@ def _prune_stage(
                 path=str(directory / name),
                 error=os_error_text(exc),
             )
+            done = False
             continue
         removed.append(name)
     if removed:
@@ -483,6 +495,7 @@ def _prune_stage(
             files=removed,
             why=why,
         )
+    return done
 
 
 def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind) -> tuple[Path, Path]:

@@ -98,8 +98,17 @@ WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least
 # A restart of the agent's own is said as "restarting" (not "down") in heartbeats for this long
 # from its beginning (``server_view``); past it, or once it failed, the server as it is.
 RESTARTING_SAID = 30.0
+# A sweep of the stage directories that did not do all it meant to is tried again after this
+# many seconds, twice as long after each failure, at most this many times (``_swept``: 2 s
+# to 256 s, eight and a half minutes in all), then left to the next transaction's end.
+SWEEP_RETRY_FIRST = 2.0
+SWEEP_RETRIES = 8
 
 log = logs.get_logger(__name__)
+
+
+def _sweep_failed(exc: Exception) -> None:
+    log.warning("stage.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
 
 def login_failures(status: dict[str, Any]) -> tuple[int, dt.datetime | None]:
@@ -322,6 +331,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self._lock = asyncio.Lock()  # one command at a time changes the journal
         self._csr_work: set[asyncio.Future[bytes]] = set()  # ``_csr``'s, its caller gone or not
         self._sweeps: set[asyncio.Future[None]] = set()  # ``sweep_stages``' tasks
+        # A sweep that did not do all it meant to, tried again later (``_swept``): the
+        # retries so far, and the timer of the next.
+        self._sweep_retries = 0
+        self._sweep_retry: asyncio.TimerHandle | None = None
         # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
         # lease in the journal and the server's freeze change together (``watch_freeze_lease``).
         # The runner's lifts that read the lease first take the same lock (``Runner.freeze_lock``;
@@ -982,29 +995,35 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if not ids:
             return
         async with self._lock:
-            over = await asyncio.to_thread(self._forget_ended, ids)
+            over, swept = await asyncio.to_thread(self._forget_ended, ids)
             prepared = self._prepared
             if prepared is not None and prepared.rollout_id in over:
                 await dbthread.run(self._drop_prepared)
+        if swept is not None:
+            self._swept(swept)
 
-    def _forget_ended(self, rollout_ids: Sequence[str]) -> set[str]:
-        """``forget_ended``'s journal writes and removals (blocking): the rollouts forgotten.
-        One of them may be the rollout of the newest switch, whose way back the agent kept
-        (the heartbeat names it with the stages: ``Journal.heartbeat_facts``): ended, the
-        leader rolls it back no more, and what its rollback would restore goes
-        (``Journal.end_way_back``, ``plans.sweep_stage_dirs``)."""
+    def _forget_ended(self, rollout_ids: Sequence[str]) -> tuple[set[str], bool | None]:
+        """``forget_ended``'s journal writes and removals (blocking): the rollouts forgotten,
+        and whether a sweep ran and did all it meant to (None: none ran). One of them may be
+        the rollout of the newest switch, whose way back the agent kept (the heartbeat names
+        it with the stages: ``Journal.heartbeat_facts``): ended, the leader rolls it back no
+        more, and what its rollback would restore goes (``Journal.end_way_back``,
+        ``plans.sweep_stage_dirs``). The journal says it once: the heartbeat names that
+        rollout no more, so the leader never says it again, and a sweep that failed here is
+        tried again by the agent itself (``_swept``; review of s59 L5)."""
         over = self.journal.forget_stages(rollout_ids)
         plans.remove_stages(over, "its rollout ended")
+        swept = None
         if self.journal.end_way_back(rollout_ids) is not None and self.driver is not None:
-            plans.sweep_stage_dirs(self.journal, self.driver, at_start=False)
-        return {s.rollout_id for s in over}
+            swept = self._sweep(self.driver)
+        return {s.rollout_id for s in over}, swept
 
     def sweep_stages(self) -> None:
         """A transaction ended on the node (``Runner.on_end``): the stage directories it left
         unneeded (a superseded certificate's, with its key) removed soon, in a task of its
         own (``plans.sweep_stage_dirs``), under the command lock, so that no Stage, CreateCSR
-        or switch's plan writes in a directory meanwhile. A failure is logged; the next
-        transaction's end, or the agent's next start, tries again."""
+        or switch's plan writes in a directory meanwhile. A failure is logged and tried again
+        (``_swept``)."""
         if self.driver is None:
             return
         task = asyncio.ensure_future(self._sweep_stages(self.driver))
@@ -1014,9 +1033,48 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def _sweep_stages(self, driver: Driver) -> None:
         try:
             async with self._lock:
-                await dbthread.run(plans.sweep_stage_dirs, self.journal, driver, at_start=False)
+                done = await dbthread.run(self._sweep, driver)
+        except Exception as exc:  # (the store thread's hand-off itself)
+            _sweep_failed(exc)
+            done = False
+        self._swept(done)
+
+    def _sweep(self, driver: Driver) -> bool:
+        """One sweep while the agent runs (blocking): whether it did all it meant to."""
+        try:
+            return plans.sweep_stage_dirs(self.journal, driver, at_start=False)
         except Exception as exc:
-            log.warning("stage.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            _sweep_failed(exc)
+            return False
+
+    def _swept(self, done: bool) -> None:
+        """A sweep ended (``done``: it did all it meant to). One that did not (a removal that
+        failed, a config it could not read) is tried again after ``SWEEP_RETRY_FIRST``
+        seconds, twice as long after each failure, up to ``SWEEP_RETRIES`` times: the
+        files it did not remove may hold a superseded key, and no other sweep may come for a
+        long time (the next transaction's end, the agent's next start; after the leader said
+        the way back's rollout ended, it never says it again: review of s59 L5). A retry is
+        a sweep as at a transaction's end, in a task of its own under the command lock
+        (``sweep_stages``), never on a command's path. Whatever ended, a retry already
+        waiting is replaced."""
+        if self._sweep_retry is not None:
+            self._sweep_retry.cancel()
+            self._sweep_retry = None
+        if done:
+            self._sweep_retries = 0
+            return
+        if self._sweep_retries >= SWEEP_RETRIES:
+            log.warning(
+                "stage.sweep_given_up",
+                retries=self._sweep_retries,
+                detail="the next transaction's end, or the agent's next start, tries again",
+            )
+            self._sweep_retries = 0
+            return
+        delay = SWEEP_RETRY_FIRST * 2**self._sweep_retries
+        self._sweep_retries += 1
+        log.info("stage.sweep_again", retry=self._sweep_retries, again_in=delay)
+        self._sweep_retry = asyncio.get_running_loop().call_later(delay, self.sweep_stages)
 
     def _own_key(self, driver: Driver, rollout_id: str, key_pem: bytes) -> tuple[Staged, set[str]]:
         """Write the practice's key where CreateCSR would have made one (as CreateCSR's), journalled

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.cluster import LEADER_POLL, wait_until
-from tests.nodeside import Node, cluster_of
+from tests.nodeside import Node, cluster_of, read_only
 from tests.test_rollback_reach import password_file, phase_1_awaiting
 from tlsroll import pki
 
@@ -126,3 +126,60 @@ def test_superseded_stage_files_go_and_the_way_back_still_works(tmp_path: Path) 
             assert node.server.status()["listen"] == ["http"]
             assert node.get("http").status == 200
             wait_until(holding(node, set()), 30, f"{node.name} keeping no file", LEADER_POLL)
+
+
+def test_a_sweep_that_failed_after_the_rollout_ended_is_tried_again(tmp_path: Path) -> None:
+    """Review of s59 L5: when the leader says the rollout of the newest switch has ended, the
+    journal closes that way back once (``Journal.end_way_back``) and the heartbeat names it
+    no more, so the leader never says it again; a sweep that failed then was tried again only
+    at the next transaction's end or the agent's next start, the superseded key left on the
+    node meanwhile. The agent now tries again by itself, after a backoff. The failure is a
+    real one: the first switch's stage directory is a read-only bind mount of itself (root),
+    so that removing its key and certificate fails (EROFS); once the mount is gone, the
+    retry removes them, with no transaction and no restart in between."""
+    with cluster_of(tmp_path, 1) as (cluster, nodes):
+        [node] = nodes
+        agent = node.agent
+        assert agent is not None
+        first = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--yes", "--wait"),
+            *("--password-file", str(password_file(tmp_path))),
+            timeout=LONG,
+        )
+        assert first.returncode == 0, first.stdout + first.stderr
+        switch = str(cluster.newest_rollout()["id"])
+        directory = node.stage_dir(switch)
+        assert (directory / "server.key").exists()
+        with read_only(directory):
+            rotate = cluster.cli(
+                *("rollout", "start", "--change", "rotate-cert", "--scope", "cluster"),
+                *("--yes", "--wait"),
+                timeout=LONG,
+            )
+            assert rotate.returncode == 0, rotate.stdout + rotate.stderr
+            rotation = cluster.newest_rollout()
+            assert rotation["change"] == "rotate-cert" and rotation["state"] == "completed"
+            # The rotation's end: its way back restores the first switch's files, kept. Once
+            # the leader says the rotation ended, they go: refused by the read-only mount.
+            wait_until(
+                lambda: "stage.remove_failed" in agent.event_names(),
+                30,
+                "the sweep after the rollout's end to fail",
+                LEADER_POLL,
+            )
+            assert (directory / "server.key").exists()
+        begun, pid = agent.event_names().count("txn.started"), agent.pid
+        wait_until(lambda: not (directory / "server.key").exists(), 30, "the retry", LEADER_POLL)
+        assert not (directory / "server.pem").exists()
+        assert (directory / "ca.pem").exists()  # (the way back to http checks with it)
+        events = agent.log_events()
+        names = [e["event"] for e in events]
+        assert "stage.sweep_again" in names
+        failed = names.index("stage.remove_failed")
+        assert "stage.files_removed" in names[failed:], names[failed:]
+        removed = [e for e in events if e["event"] == "stage.files_removed"]
+        assert removed[-1]["rollout_id"] == switch, removed
+        assert sorted(removed[-1]["files"]) == ["server.key", "server.pem"], removed
+        assert agent.event_names().count("txn.started") == begun  # no transaction did it
+        assert agent.pid == pid  # nor a start
+        assert "PRIVATE KEY" not in agent.log_text()

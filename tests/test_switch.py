@@ -1541,8 +1541,11 @@ def a_stage(root: Path, name: str, *files: str) -> Path:
     return directory
 
 
-def sweep(tmp_path: Path, *, unreadable: bool = False) -> list[MutableMapping[str, Any]]:
-    """``plans.sweep_stage_dirs`` over ``tmp_path/conf`` with an empty journal: its log."""
+def sweep(
+    tmp_path: Path, *, unreadable: bool = False, done: bool = True
+) -> list[MutableMapping[str, Any]]:
+    """``plans.sweep_stage_dirs`` over ``tmp_path/conf`` with an empty journal: its log
+    (``done``: whether it says it did all it meant to)."""
     import structlog.testing
 
     from nodeagent import plans
@@ -1556,7 +1559,7 @@ def sweep(tmp_path: Path, *, unreadable: bool = False) -> list[MutableMapping[st
     try:
         driver: Any = ConfigOnly(config, unreadable)
         with structlog.testing.capture_logs() as logs:
-            plans.sweep_stage_dirs(journal, cast(Driver, driver))
+            assert plans.sweep_stage_dirs(journal, cast(Driver, driver)) is done
     finally:
         journal.close()
     return logs
@@ -1848,7 +1851,7 @@ def test_the_start_sweep_removes_nothing_if_the_live_config_cannot_be_read(
     """Whether the live config names a directory decides what is kept: unread, nothing is
     removed (a journal begun again knows nothing of the files the server serves)."""
     orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
-    assert sweep(tmp_path, unreadable=True) == []
+    assert sweep(tmp_path, unreadable=True, done=False) == []  # (tried again later)
     assert (orphan / "server.key").exists()
 
 
@@ -1856,7 +1859,8 @@ def test_a_stage_directory_that_cannot_be_removed_is_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A removal that fails (a read-only mount, an immutable file) is logged with its path
-    and errno; the next start tries again."""
+    and errno, and the sweep says it did not do all it meant to: the agent tries again
+    (``NodeAgentService._swept``; tests/test_superseded_stages.py)."""
     import shutil
 
     def refuse(path: object, *args: object, **kwargs: object) -> None:
@@ -1864,7 +1868,7 @@ def test_a_stage_directory_that_cannot_be_removed_is_logged(
 
     monkeypatch.setattr(shutil, "rmtree", refuse)
     orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
-    logs = sweep(tmp_path)
+    logs = sweep(tmp_path, done=False)
     assert orphan.exists()
     assert [(e["event"], e["path"]) for e in logs] == [("stage.remove_failed", str(orphan))]
     assert "Operation not permitted" in logs[0]["error"]
