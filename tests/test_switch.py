@@ -1749,6 +1749,50 @@ def test_a_directory_not_tlsrolls_is_said_once_however_many_sweeps_find_it(
         journal.close()
 
 
+def test_a_directory_said_is_said_again_once_a_sweep_found_it_gone_or_the_agent_starts(
+    tmp_path: Path,
+) -> None:
+    """Review of s60a L1: the directories said to be none of tlsroll's were remembered by
+    path, device, inode, type and owner for as long as the process ran: one removed and
+    made again in its place (a new inode, or the same one back: ext4 hands a freed inode out
+    again) was not always said, the set only grew, and an agent started again in the same
+    process said none again. One a sweep finds gone is forgotten now, and the agent's start
+    (``plans.forget_said``) forgets them all."""
+    from nodeagent import plans
+
+    root = tmp_path / "conf" / "tlsroll-tls"
+    notes = root / "notes"  # (an admin's: a file tlsroll never writes in a stage)
+    notes.mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine\n")
+
+    def said() -> list[str]:
+        return [e["path"] for e in sweep(tmp_path) if e["event"] == "stage.unknown_dir"]
+
+    assert said() == [str(notes)]
+    assert said() == []
+    (notes / "notes.txt").unlink()
+    notes.rmdir()
+    assert said() == []  # gone: forgotten
+    assert not [k for k in plans._SAID_UNKNOWN if k[0].startswith(str(root))]
+    notes.mkdir()  # (may well get the inode back)
+    (notes / "notes.txt").write_text("mine again\n")
+    assert said() == [str(notes)]
+    assert said() == []
+    plans.forget_said()  # the agent's start
+    assert said() == [str(notes)]
+    # tlsroll-tls itself a link, said; tlsroll's again, forgotten; a link again, said again.
+    root.rename(tmp_path / "conf" / "moved")
+    root.symlink_to(tmp_path / "conf" / "moved")
+    assert said() == [str(root)]
+    root.unlink()
+    (tmp_path / "conf" / "moved").rename(root)
+    assert said() == []
+    root.rename(tmp_path / "conf" / "moved")
+    root.symlink_to(tmp_path / "conf" / "moved")
+    assert said() == [str(root)]
+    assert said() == []
+
+
 def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
     tmp_path: Path,
 ) -> None:
@@ -1872,6 +1916,29 @@ def test_a_stage_directory_that_cannot_be_removed_is_logged(
     assert orphan.exists()
     assert [(e["event"], e["path"]) for e in logs] == [("stage.remove_failed", str(orphan))]
     assert "Operation not permitted" in logs[0]["error"]
+
+
+def test_a_stage_directory_that_cannot_be_read_is_a_sweep_not_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60a L2: a stage directory the sweep cannot read (EACCES, EIO) was taken for
+    none of tlsroll's, the sweep counted done and nothing tried again while the agent ran.
+    It is a removal that failed: logged with its path and errno, and the sweep not done (the
+    agent tries again); the directory is left. (The agent runs as root here, which reads any
+    directory: the listing's error is made to come, on that directory only.)"""
+    orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if Path(path) == orphan:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    logs = sweep(tmp_path, done=False)
+    assert (orphan / "server.key").exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.remove_failed", str(orphan))]
+    assert "Permission denied" in logs[0]["error"] and "EACCES" in logs[0]["error"], logs
 
 
 def test_a_later_rollouts_key_removes_only_a_stage_directory(tmp_path: Path) -> None:
