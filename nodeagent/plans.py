@@ -248,7 +248,7 @@ def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -
     (``_stage_dir_of``: named for its rollout under a ``tlsroll-tls`` of the agent's, holding
     only files tlsroll writes there) is touched. Returned: the stages whose directory could
     not be removed (logged), which the agent tries again while it runs
-    (``NodeAgentService.remove_stages``; review of s60a M2): the journal no longer knows
+    (``NodeAgentService._remove_stages``; review of s60a M2): the journal no longer knows
     them, so only its next start's sweep would (``sweep_stage_dirs``)."""
     roots: dict[Path, os.stat_result | None] = {}
     failed: list[Staged] = []

@@ -619,7 +619,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         # every transaction's end: ``NodeAgentService.sweep_stages``). Each directory that is
         # none of tlsroll's is said once more (an agent started again in the same process).
         # One that fails is not tried again by itself: the next transaction's end sweeps the
-        # rollouts the journal knows, the next start everything (README, "what is kept").
+        # rollouts the journal knows, the next start everything (README, "Staged keys on a node").
         plans.forget_said()
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
     try:
