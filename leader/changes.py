@@ -546,7 +546,13 @@ class ChangeSteps:
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         why = f"outside check failed: {problem or 'confirm failed before a leader restart'}"
         if outcome is TxnOutcome.COMPLETED:
-            return NodeEvent.CONFIRM_ROLLED_BACK, why
+            # The rollback keeps the server's config beside it if it was edited since the
+            # switch wrote it (an admin's edit while the leader was down, say: the same
+            # ``plans.rollback_plan`` as the way back's), and its reason says where
+            # (``nodeagent.transaction.kept_reason``): the node's reason names the copy, as a
+            # way back's does (``DisableTls``; review of s59 L2). A rollback that kept nothing
+            # says nothing.
+            return NodeEvent.CONFIRM_ROLLED_BACK, f"{why}; {reason}" if reason else why
         return NodeEvent.CONFIRM_FAILED, f"{why}; the rollback failed too: {reason}"
 
     @staticmethod
@@ -691,8 +697,7 @@ class DisableTls(ChangeSteps):
         # since tlsroll wrote it, beside it (``nodeagent.transaction.kept_reason``): the node's
         # reason, in `rollout status`, `schema show` and its history (review rev58a H2).
         done = outcome is TxnOutcome.COMPLETED
-        said = peertext.clean(reason, 500) if reason else ""
-        return switch_event(outcome), ((said or None) if done else reason)
+        return switch_event(outcome), ((reason or None) if done else reason)
 
     async def confirm(self, ctx: StepContext) -> Outcome:
         problem = await self.outside_problem(ctx)
@@ -734,6 +739,10 @@ _BEFORE_RESTART = frozenset(
 )
 
 
+# The most of an agent's transaction's reason kept in the node's reason (``wait_transaction``).
+REASON_LIMIT = 500
+
+
 async def wait_transaction(
     ctx: StepContext,
     txn_rollout_id: str,
@@ -753,7 +762,9 @@ async def wait_transaction(
     ``SwitchRefused``. ``verified``: called when a state says the agent verified the new
     server (``TRANSACTION_PHASE_VERIFIED``, the last before it unfreezes the server and
     completes the switch; a stream may skip it) and that the unfreeze changes no answer
-    (``unfreeze_keeps_answers``)."""
+    (``unfreeze_keeps_answers``). The reason is the agent's text, cleaned here once for all
+    who put it in the node's reason (``peertext.clean``: no control characters, at most
+    ``REASON_LIMIT``; review of s60a L4)."""
     request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
     recorded: dict[str, Any] | None = None
     unreadable: WireError | None = None  # the last state's outcome, if this leader cannot read it
@@ -817,7 +828,7 @@ async def wait_transaction(
                 verified()
             if outcome is not TxnOutcome.PENDING:
                 await ctx.detail(**details)  # written with the step's outcome
-                return outcome, txn.reason
+                return outcome, peertext.clean(txn.reason, REASON_LIMIT)
             if details != recorded:  # nothing is written when nothing changed
                 # Written now only if what a running switch shows changed (its freeze began,
                 # ``progress``); the restart's duration, which a real agent's stream says a

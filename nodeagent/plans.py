@@ -241,14 +241,17 @@ def _files_of(live: dict[str, str] | None) -> list[str]:
     return [live[k] for k in keys if live and live.get(k)]
 
 
-def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -> None:
+def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -> list[Staged]:
     """The directories of stages the journal has forgotten (``Journal.record_csr``,
     ``Journal.forget_stages``: ``why``, for the log) removed,
     with the key, certificate and verifier file in them (blocking). Only a stage directory
     (``_stage_dir_of``: named for its rollout under a ``tlsroll-tls`` of the agent's, holding
-    only files tlsroll writes there) is touched; one that cannot be removed is logged (the
-    agent's next start tries again: ``sweep_stage_dirs``)."""
+    only files tlsroll writes there) is touched. Returned: the stages whose directory could
+    not be removed (logged), which the agent tries again while it runs
+    (``NodeAgentService._remove_stages``; review of s60a M2): the journal no longer knows
+    them, so only its next start's sweep would (``sweep_stage_dirs``)."""
     roots: dict[Path, os.stat_result | None] = {}
+    failed: list[Staged] = []
     for staged in over:
         directory = staged.key_file.parent
         root = directory.parent
@@ -257,11 +260,12 @@ def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -
         if root not in roots:
             roots[root] = _stage_root(root)
         root_st = roots[root]
-        if root_st is not None:
-            _remove_stage(directory, root_st, staged.rollout_id, why)
+        if root_st is not None and not _remove_stage(directory, root_st, staged.rollout_id, why):
+            failed.append(staged)
+    return failed
 
 
-def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True) -> None:
+def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True) -> bool:
     """The stage directories and files nothing needs any more removed (blocking): keys,
     certificates and verifier files. At the agent's start, and (``at_start`` False) whenever
     a transaction ends on the node or the leader says the rollout whose way back the agent
@@ -288,30 +292,42 @@ def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True)
     Only tlsroll's own stage directories are ever touched: ``tlsroll-tls`` must be a real
     directory of the agent's user (not a symbolic link to somewhere else), and a directory in
     it only loses files, or goes, if it is a stage directory (``_stage_dir_of``). Anything
-    else there is logged (``stage.unknown_dir``, its path) and left as it is. Each removal is
-    logged (``stage.removed``, ``stage.files_removed``: rollout, path, why; never what the
-    files hold)."""
+    else there is logged (``stage.unknown_dir``, its path; once per directory while the agent
+    runs: ``_say_unknown``) and left as it is. Each removal is logged (``stage.removed``,
+    ``stage.files_removed``: rollout, path, why; never what the files hold).
+
+    True if it did all it meant to; False if a removal failed (logged,
+    ``stage.remove_failed``), or the stage directory or the live config could not be read:
+    the agent tries again later (``NodeAgentService.sweep_stages``). A directory left because
+    it is not tlsroll's is no failure (trying again changes nothing)."""
     root = driver.config_file.parent / STAGES
     root_st = _stage_root(root)
     if root_st is None:
-        return
+        _still_there(root, None)
+        return True  # none, or none of tlsroll's: trying again changes nothing
     try:
         names = sorted(os.listdir(root))
-        if not names:
-            return
+    except OSError:
+        return False
+    _still_there(root, names)
+    if not names:
+        return True
+    try:
         live = driver.read_config()
     except OSError:
-        return
+        return False
     needs = journal.stage_needs()
     kept = needed_stage_files(needs, root, names, live)
+    done = True
     for name in names:
         if name not in needs.known and not at_start:
             continue
         why = SUPERSEDED if name in needs.known else "unknown to the journal"
         if name not in kept:
-            _remove_stage(root / name, root_st, name, why)
+            done = _remove_stage(root / name, root_st, name, why) and done
         elif (files := kept[name]) is not None:
-            _prune_stage(root / name, root_st, name, files, why)
+            done = _prune_stage(root / name, root_st, name, files, why) and done
+    return done
 
 
 SUPERSEDED = "superseded: not live, and no switch or way back still possible needs it"
@@ -368,16 +384,71 @@ def _stage_root(root: Path) -> os.stat_result | None:
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
-            log.warning("stage.unknown_dir", path=str(root))
+            _say_unknown(root, st)
         return None
     return st
+
+
+# The directories said to be none of tlsroll's (``stage.unknown_dir``) while this agent runs,
+# each as it was then (``_unknown_key``): the sweep runs at every transaction's end, and said
+# the same directory again each time (review of s59 L1). One a sweep finds gone is forgotten
+# (``_still_there``: the set holds no more than the last listing found), so one put in its
+# place later is said again; so is one replaced by a link, another owner or another inode
+# between two sweeps (one removed and made again between two sweeps may get the same inode
+# back: not said; review of s60a L1). The agent's start forgets them all (``forget_said``):
+# it says each once more.
+_SAID_UNKNOWN: set[tuple[str, int, int, int, int]] = set()
+
+
+def forget_said() -> None:
+    """Every directory said to be none of tlsroll's forgotten (``_SAID_UNKNOWN``): at the
+    agent's start, so that an agent started again in the same process says each again."""
+    _SAID_UNKNOWN.clear()
+
+
+def _still_there(root: Path, names: Iterable[str] | None) -> None:
+    """The said directories that a sweep of ``root`` (``tlsroll-tls``) found gone forgotten:
+    those in it that its listing (``names``) no longer holds, and ``root`` itself once it is
+    tlsroll's again (listed) or gone. Not listed (``names`` None: ``root`` is none of
+    tlsroll's, or not there), what is in it stays as it was said."""
+    under = str(root)
+    if names is None:
+        if not os.path.lexists(root):
+            _SAID_UNKNOWN.difference_update([k for k in _SAID_UNKNOWN if k[0] == under])
+        return
+    there = {str(root / name) for name in names}
+    for key in [k for k in _SAID_UNKNOWN if k[0] == under or os.path.dirname(k[0]) == under]:
+        if key[0] not in there:
+            _SAID_UNKNOWN.discard(key)
+
+
+def _unknown_key(path: Path, st: os.stat_result) -> tuple[str, int, int, int, int]:
+    return (str(path), st.st_dev, st.st_ino, stat.S_IFMT(st.st_mode), st.st_uid)
+
+
+def _say_unknown(path: Path, st: os.stat_result | None = None) -> None:
+    """``path`` (in or as ``tlsroll-tls``; ``st``: its lstat, if read) logged as none of
+    tlsroll's (``stage.unknown_dir``, its path only), unless already said of it as it is now.
+    Gone meanwhile: nothing to say."""
+    try:
+        st = st if st is not None else os.lstat(path)
+    except OSError:
+        return
+    key = _unknown_key(path, st)
+    if key in _SAID_UNKNOWN:
+        return
+    _SAID_UNKNOWN.add(key)
+    log.warning("stage.unknown_dir", path=str(path))
 
 
 def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
     """Whether ``directory`` (in ``tlsroll-tls``, whose lstat is ``root_st``) is one tlsroll
     made: named as a rollout id, by lstat a real directory of the agent's user on the same
     file system (not a mount point), holding only regular files of the names tlsroll writes
-    there (``STAGE_FILES`` and their temporary files)."""
+    there (``STAGE_FILES`` and their temporary files). Gone: not one (nothing to do). One
+    that cannot be read (EACCES, EIO) raises ``OSError``: the caller cannot tell, and counts
+    its sweep not done, so the agent tries again (review of s60a L2: it was taken for none of
+    tlsroll's, and never tried again while the agent ran)."""
     if not ROLLOUT_ID.fullmatch(directory.name):
         return False
     try:
@@ -391,50 +462,69 @@ def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
                     and (entry.name in STAGE_FILES or _STAGE_TEMP.fullmatch(entry.name))
                 ):
                     return False
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):  # gone, or replaced meanwhile
         return False
     return True
 
 
-def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> None:
+def _is_stage_dir(directory: Path, root_st: os.stat_result, rollout_id: str) -> bool | None:
+    """``_stage_dir_of``, or None (logged, ``stage.remove_failed``) if it could not be read."""
+    try:
+        return _stage_dir_of(directory, root_st)
+    except OSError as exc:
+        _remove_failed(rollout_id, directory, exc)
+        return None
+
+
+def _remove_failed(rollout_id: str, path: Path, exc: OSError) -> None:
+    log.warning(
+        "stage.remove_failed", rollout_id=rollout_id, path=str(path), error=os_error_text(exc)
+    )
+
+
+def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> bool:
     """``directory`` removed if it is a stage directory (``_stage_dir_of``), else said
-    (``stage.unknown_dir``, its path only) and left as it is."""
-    if not _stage_dir_of(directory, root_st):
-        if os.path.lexists(directory):
-            log.warning("stage.unknown_dir", path=str(directory))
-        return
+    (``_say_unknown``) and left as it is. False if the removal failed, or the directory could
+    not be read (logged)."""
+    if not (ours := _is_stage_dir(directory, root_st, rollout_id)):
+        if ours is None:
+            return False
+        _say_unknown(directory)
+        return True
     try:
         shutil.rmtree(directory)
     except FileNotFoundError:
-        return
+        return True
     except OSError as exc:
-        log.warning(
-            "stage.remove_failed",
-            rollout_id=rollout_id,
-            path=str(directory),
-            error=os_error_text(exc),
-        )
-        return
+        _remove_failed(rollout_id, directory, exc)
+        return False
     log.info("stage.removed", rollout_id=rollout_id, path=str(directory), why=why)
+    return True
 
 
 def _prune_stage(
     directory: Path, root_st: os.stat_result, rollout_id: str, keep: frozenset[str], why: str
-) -> None:
+) -> bool:
     """The files of ``directory`` that tlsroll writes there (``STAGE_FILES``) and ``keep``
     does not hold removed, if it is a stage directory (``_stage_dir_of``; else said and left
     as ``_remove_stage`` does): the live verifier file stays where it is, the key, certificate
     and CA a later switch superseded beside it go. Logged once (``stage.files_removed``: the
-    directory and the files' names)."""
-    if not _stage_dir_of(directory, root_st):
-        if os.path.lexists(directory):
-            log.warning("stage.unknown_dir", path=str(directory))
-        return
+    directory and the files' names). False if a removal failed, or the directory could not
+    be read (logged)."""
+    if not (ours := _is_stage_dir(directory, root_st, rollout_id)):
+        if ours is None:
+            return False
+        _say_unknown(directory)
+        return True
     try:
         present = sorted(os.listdir(directory))
-    except OSError:
-        return
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        _remove_failed(rollout_id, directory, exc)
+        return False
     removed = []
+    done = True
     for name in present:
         if name not in STAGE_FILES or name in keep:
             continue
@@ -443,12 +533,8 @@ def _prune_stage(
         except FileNotFoundError:
             continue
         except OSError as exc:
-            log.warning(
-                "stage.remove_failed",
-                rollout_id=rollout_id,
-                path=str(directory / name),
-                error=os_error_text(exc),
-            )
+            _remove_failed(rollout_id, directory / name, exc)
+            done = False
             continue
         removed.append(name)
     if removed:
@@ -459,6 +545,7 @@ def _prune_stage(
             files=removed,
             why=why,
         )
+    return done
 
 
 def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind) -> tuple[Path, Path]:

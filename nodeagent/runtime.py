@@ -616,7 +616,11 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
         await runner.resume_all()
     if driver is not None:
         # Then stage directories nothing can use any more: they hold private keys (and after
-        # every transaction's end: ``NodeAgentService.sweep_stages``).
+        # every transaction's end: ``NodeAgentService.sweep_stages``). Each directory that is
+        # none of tlsroll's is said once more (an agent started again in the same process).
+        # One that fails is not tried again by itself: the next transaction's end sweeps the
+        # rollouts the journal knows, the next start everything (README, "Staged keys on a node").
+        plans.forget_said()
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
     try:
         identity = await obtain_identity(cfg, stop)
@@ -718,6 +722,9 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     if runner is not None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
         await runner.close(txn_grace())
+    # No sweep of the stage directories from now on (a transaction's end above may have
+    # started one, a retry may be waiting): none may run once the journal closes.
+    await service.close()
     await bootstrap.close()
     await crypto.close()
     await link.close()

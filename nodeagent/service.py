@@ -98,8 +98,19 @@ WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least
 # A restart of the agent's own is said as "restarting" (not "down") in heartbeats for this long
 # from its beginning (``server_view``); past it, or once it failed, the server as it is.
 RESTARTING_SAID = 30.0
+# A sweep of the stage directories that did not do all it meant to is tried again after this
+# many seconds, twice as long after each failure, at most this many times (``_swept``: 2 s
+# to 256 s, eight and a half minutes in all), then left to the next transaction's end.
+SWEEP_RETRY_FIRST = 2.0
+SWEEP_RETRIES = 8
+# How long the agent's stop waits for a sweep's task to end once cancelled (``close``).
+SWEEP_STOP_SECONDS = 10.0
 
 log = logs.get_logger(__name__)
+
+
+def _sweep_failed(exc: Exception) -> None:
+    log.warning("stage.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
 
 def login_failures(status: dict[str, Any]) -> tuple[int, dt.datetime | None]:
@@ -322,6 +333,14 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self._lock = asyncio.Lock()  # one command at a time changes the journal
         self._csr_work: set[asyncio.Future[bytes]] = set()  # ``_csr``'s, its caller gone or not
         self._sweeps: set[asyncio.Future[None]] = set()  # ``sweep_stages``' tasks
+        # A sweep that did not do all it meant to, tried again later (``_swept``): the
+        # retries so far, and the timer of the next.
+        self._sweep_retries = 0
+        self._sweep_retry: asyncio.TimerHandle | None = None
+        # Stages the journal forgot whose directory could not be removed (``_remove_stages``:
+        # with why), tried again with each sweep while the agent runs; under the command lock.
+        self._unremoved: list[tuple[Staged, str]] = []
+        self._closing = False  # the agent stops: no sweep begins (``close``)
         # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
         # lease in the journal and the server's freeze change together (``watch_freeze_lease``).
         # The runner's lifts that read the lease first take the same lock (``Runner.freeze_lock``;
@@ -814,6 +833,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
                 csr_pem, over = await self._new_key(driver, rollout_id)
+                self._retry_removals()
                 log.info("stage.csr_created", rollout_id=rollout_id)
                 prepared = self._prepared
                 if prepared is not None and prepared.rollout_id in over:
@@ -842,7 +862,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> tuple[bytes, set[str]]:
         """``_new_key``'s journal write and removals (blocking)."""
         over = self.journal.record_csr(rollout_id, key_file, csr_pem)
-        plans.remove_stages(over)
+        self._remove_stages(over)
         return csr_pem, {s.rollout_id for s in over}
 
     @map_errors(ERRORS, full_disk=FULL_DISK)
@@ -955,6 +975,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
             staged, over = await asyncio.to_thread(self._own_key, driver, rollout_id, key_pem)
+            self._retry_removals()
             prepared = self._prepared
             if prepared is not None and prepared.rollout_id in over:
                 # The switch made ready for a stage this one ended: dropped now, as ``_csr``
@@ -982,30 +1003,55 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if not ids:
             return
         async with self._lock:
-            over = await asyncio.to_thread(self._forget_ended, ids)
+            over, swept = await asyncio.to_thread(self._forget_ended, ids)
             prepared = self._prepared
             if prepared is not None and prepared.rollout_id in over:
                 await dbthread.run(self._drop_prepared)
+        if swept is not None:
+            self._swept(swept)
 
-    def _forget_ended(self, rollout_ids: Sequence[str]) -> set[str]:
-        """``forget_ended``'s journal writes and removals (blocking): the rollouts forgotten.
-        One of them may be the rollout of the newest switch, whose way back the agent kept
-        (the heartbeat names it with the stages: ``Journal.heartbeat_facts``): ended, the
-        leader rolls it back no more, and what its rollback would restore goes
-        (``Journal.end_way_back``, ``plans.sweep_stage_dirs``)."""
+    def _forget_ended(self, rollout_ids: Sequence[str]) -> tuple[set[str], bool | None]:
+        """``forget_ended``'s journal writes and removals (blocking): the rollouts forgotten,
+        and whether a sweep ran and did all it meant to (None: none ran). One of them may be
+        the rollout of the newest switch, whose way back the agent kept (the heartbeat names
+        it with the stages: ``Journal.heartbeat_facts``): ended, the leader rolls it back no
+        more, and what its rollback would restore goes (``Journal.end_way_back``,
+        ``plans.sweep_stage_dirs``). The journal says it once: the heartbeat names that
+        rollout no more, so the leader never says it again, and a sweep, or a removal of a
+        forgotten stage's directory, that failed here is tried again by the agent itself
+        (``_swept``; review of s59 L5, of s60a M2)."""
         over = self.journal.forget_stages(rollout_ids)
-        plans.remove_stages(over, "its rollout ended")
+        removed = self._remove_stages(over, "its rollout ended")
+        swept = None
         if self.journal.end_way_back(rollout_ids) is not None and self.driver is not None:
-            plans.sweep_stage_dirs(self.journal, self.driver, at_start=False)
-        return {s.rollout_id for s in over}
+            swept = self._sweep(self.driver, again=False)
+        if not removed:
+            swept = False
+        return {s.rollout_id for s in over}, swept
+
+    def _remove_stages(self, over: Sequence[Staged], why: str = "a later rollout staged") -> bool:
+        """``plans.remove_stages`` (blocking, under the command lock): whether every directory
+        went. The journal has forgotten these stages, so no sweep while the agent runs would
+        find them again (it sweeps the rollouts the journal knows): one whose removal failed
+        is kept here and tried again with each sweep (``_sweep``, after a failure
+        ``_swept``'s retries; review of s60a M2)."""
+        failed = plans.remove_stages(over, why)
+        self._unremoved.extend((staged, why) for staged in failed)
+        return not failed
+
+    def _retry_removals(self) -> None:
+        """A command's removals of stages it ended (``_remove_stages``, CreateCSR's) that
+        failed are tried again after a while (``_swept``), unless a sweep is coming anyway."""
+        if self._unremoved and self._sweep_retry is None and all(t.done() for t in self._sweeps):
+            self._swept(False)
 
     def sweep_stages(self) -> None:
         """A transaction ended on the node (``Runner.on_end``): the stage directories it left
         unneeded (a superseded certificate's, with its key) removed soon, in a task of its
         own (``plans.sweep_stage_dirs``), under the command lock, so that no Stage, CreateCSR
-        or switch's plan writes in a directory meanwhile. A failure is logged; the next
-        transaction's end, or the agent's next start, tries again."""
-        if self.driver is None:
+        or switch's plan writes in a directory meanwhile. A failure is logged and tried again
+        (``_swept``). None once the agent stops (``close``)."""
+        if self.driver is None or self._closing:
             return
         task = asyncio.ensure_future(self._sweep_stages(self.driver))
         self._sweeps.add(task)  # (kept: a task nothing refers to may be collected)
@@ -1014,9 +1060,83 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def _sweep_stages(self, driver: Driver) -> None:
         try:
             async with self._lock:
-                await dbthread.run(plans.sweep_stage_dirs, self.journal, driver, at_start=False)
+                done = await dbthread.run(self._sweep, driver)
+        except Exception as exc:  # (the store thread's hand-off itself)
+            _sweep_failed(exc)
+            done = False
+        self._swept(done)
+
+    def _sweep(self, driver: Driver, *, again: bool = True) -> bool:
+        """One sweep while the agent runs (blocking, under the command lock): whether it did
+        all it meant to. First (``again``) the directories of forgotten stages whose removal
+        failed (``_remove_stages``), unless the journal knows their rollout again (its stage
+        made again: its files are not superseded). Nothing once the agent stops (``close``):
+        a sweep handed to the store's thread before then may run after the journal closed."""
+        if self._closing:
+            return True
+        try:
+            if again and self._unremoved:
+                known = self.journal.stage_needs().known
+                left = [(s, why) for s, why in self._unremoved if s.rollout_id not in known]
+                self._unremoved = [(s, why) for s, why in left if plans.remove_stages([s], why)]
+            done = plans.sweep_stage_dirs(self.journal, driver, at_start=False)
         except Exception as exc:
-            log.warning("stage.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            _sweep_failed(exc)
+            return False
+        return done and not self._unremoved
+
+    def _swept(self, done: bool) -> None:
+        """A sweep ended (``done``: it did all it meant to). One that did not (a removal that
+        failed, a config it could not read) is tried again after ``SWEEP_RETRY_FIRST``
+        seconds, twice as long after each failure, up to ``SWEEP_RETRIES`` times: the
+        files it did not remove may hold a superseded key, and no other sweep may come for a
+        long time (the next transaction's end, the agent's next start; after the leader said
+        the way back's rollout ended, it never says it again: review of s59 L5). A retry is
+        a sweep as at a transaction's end, in a task of its own under the command lock
+        (``sweep_stages``), never on a command's path. Whatever ended, a retry already
+        waiting is replaced; none once the agent stops (``close``)."""
+        if self._sweep_retry is not None:
+            self._sweep_retry.cancel()
+            self._sweep_retry = None
+        if self._closing:
+            return
+        if done:
+            self._sweep_retries = 0
+            return
+        if self._sweep_retries >= SWEEP_RETRIES:
+            log.warning(
+                "stage.sweep_given_up",
+                retries=self._sweep_retries,
+                detail="the next transaction's end, or the agent's next start, tries again",
+            )
+            self._sweep_retries = 0
+            return
+        delay = SWEEP_RETRY_FIRST * 2**self._sweep_retries
+        self._sweep_retries += 1
+        log.info("stage.sweep_again", retry=self._sweep_retries, again_in=delay)
+        self._sweep_retry = asyncio.get_running_loop().call_later(delay, self.sweep_stages)
+
+    async def close(self) -> None:
+        """The agent stops (``runtime._serve``: after the runner closed, whose transactions'
+        ends start sweeps, and before the journal closes): no sweep of the stage directories
+        begins from now on, a retry waiting is cancelled and a sweep's task is stopped
+        (review of s60a M1: a retry fired while the agent stopped, or after the journal
+        closed, and failed there, and was tried again). A sweep the store's thread was
+        already running ends there first (``dbthread.run`` runs what it was handed): waited
+        for, so that nothing of the sweeps writes or logs once this returns. The next start
+        sweeps everything (``plans.sweep_stage_dirs``)."""
+        self._closing = True
+        if self._sweep_retry is not None:
+            self._sweep_retry.cancel()
+            self._sweep_retry = None
+        sweeps = set(self._sweeps)
+        for task in sweeps:
+            task.cancel()
+        if sweeps:
+            _, left = await asyncio.wait(sweeps, timeout=SWEEP_STOP_SECONDS)
+            if left:
+                log.error("agent.task_would_not_stop", task="stage-sweep")
+        await dbthread.barrier()
 
     def _own_key(self, driver: Driver, rollout_id: str, key_pem: bytes) -> tuple[Staged, set[str]]:
         """Write the practice's key where CreateCSR would have made one (as CreateCSR's), journalled
@@ -1028,7 +1148,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         over: list[Staged] = []
         if self.journal.staged(rollout_id) is None:
             over = self.journal.record_csr(rollout_id, key_file, b"")
-            plans.remove_stages(over)
+            self._remove_stages(over)
         staged = self.journal.staged(rollout_id)
         assert staged is not None
         return staged, {s.rollout_id for s in over}

@@ -2045,6 +2045,29 @@ async def test_a_switch_that_does_not_complete_halts_the_rollout(
     await leader.stop()
 
 
+async def test_an_agents_reason_is_cleaned_before_it_is_the_nodes(world: World) -> None:
+    """Review of s60a L4: the reason an agent's transaction ends with is the agent's text, put
+    into the node's reason (``rollout status``, ``schema show``, its history) and the
+    rollout's. It is cleaned where it is read (``wait_transaction``): no control or bidi
+    characters, its white space one space, at most 500 characters (``…`` marks the cut)."""
+    agent = world.agents["charlie"]
+    agent.switch_outcome = TxnOutcome.ROLLED_BACK
+    agent.switch_reason = "the server\x1b[2J did not\ncome back\u202e on https " + "x" * 600
+    leader = world.boot()
+    await leader.start()
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.HALTED
+    reason = node(row.records, "charlie").reason
+    assert reason.startswith("the server[2J did not come back on https xxx"), reason
+    assert len(reason) == 500 and reason.endswith("x…"), reason
+    assert row.meta.reason.startswith(f"halted: charlie rolled_back: {reason[:40]}")
+    shown = row.meta.reason + "".join(r.reason or "" for r in row.records)
+    assert not {"\x1b", "\n", "\u202e"} & set(shown), shown
+    await leader.stop()
+
+
 async def test_an_outcome_only_a_newer_agent_knows_leaves_the_node_needing_attention(
     world: World,
 ) -> None:

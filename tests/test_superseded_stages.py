@@ -12,15 +12,29 @@ the agent kept has ended. Real leader, agents and reference servers (``cluster_o
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
+from typing import Any, cast
 
+import pytest
+import structlog.testing
+
+from nodeagent import service
+from nodeagent.drivers import Driver
+from nodeagent.journal import Journal, Txn
+from nodeagent.service import NodeAgentService
+from nodeagent.transaction import Phase
+from nodeagent.trust import LeaderTrust
 from tests.cluster import LEADER_POLL, wait_until
-from tests.nodeside import Node, cluster_of
+from tests.nodeside import Node, cluster_of, read_only
 from tests.test_rollback_reach import password_file, phase_1_awaiting
+from tests.test_switch import ConfigOnly, a_stage
 from tlsroll import pki
+from tlsroll.enums import TxnKind, TxnOutcome
 
 LONG = 240  # seconds a CLI call with --wait may take
 CERT = ("server.key", "server.pem", "ca.pem")
@@ -126,3 +140,240 @@ def test_superseded_stage_files_go_and_the_way_back_still_works(tmp_path: Path) 
             assert node.server.status()["listen"] == ["http"]
             assert node.get("http").status == 200
             wait_until(holding(node, set()), 30, f"{node.name} keeping no file", LEADER_POLL)
+
+
+def test_a_sweep_that_failed_after_the_rollout_ended_is_tried_again(tmp_path: Path) -> None:
+    """Review of s59 L5: when the leader says the rollout of the newest switch has ended, the
+    journal closes that way back once (``Journal.end_way_back``) and the heartbeat names it
+    no more, so the leader never says it again; a sweep that failed then was tried again only
+    at the next transaction's end or the agent's next start, the superseded key left on the
+    node meanwhile. The agent now tries again by itself, after a backoff. The failure is a
+    real one: the first switch's stage directory is a read-only bind mount of itself (root),
+    so that removing its key and certificate fails (EROFS); once the mount is gone, the
+    retry removes them, with no transaction and no restart in between."""
+    with cluster_of(tmp_path, 1) as (cluster, nodes):
+        [node] = nodes
+        agent = node.agent
+        assert agent is not None
+        first = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--yes", "--wait"),
+            *("--password-file", str(password_file(tmp_path))),
+            timeout=LONG,
+        )
+        assert first.returncode == 0, first.stdout + first.stderr
+        switch = str(cluster.newest_rollout()["id"])
+        directory = node.stage_dir(switch)
+        assert (directory / "server.key").exists()
+        with read_only(directory):
+            rotate = cluster.cli(
+                *("rollout", "start", "--change", "rotate-cert", "--scope", "cluster"),
+                *("--yes", "--wait"),
+                timeout=LONG,
+            )
+            assert rotate.returncode == 0, rotate.stdout + rotate.stderr
+            rotation = cluster.newest_rollout()
+            assert rotation["change"] == "rotate-cert" and rotation["state"] == "completed"
+            # The rotation's end: its way back restores the first switch's files, kept. Once
+            # the leader says the rotation ended, they go: refused by the read-only mount.
+            wait_until(
+                lambda: "stage.remove_failed" in agent.event_names(),
+                30,
+                "the sweep after the rollout's end to fail",
+                LEADER_POLL,
+            )
+            assert (directory / "server.key").exists()
+        begun, pid = agent.event_names().count("txn.started"), agent.pid
+        wait_until(lambda: not (directory / "server.key").exists(), 30, "the retry", LEADER_POLL)
+        assert not (directory / "server.pem").exists()
+        assert (directory / "ca.pem").exists()  # (the way back to http checks with it)
+        events = agent.log_events()
+        names = [e["event"] for e in events]
+        assert "stage.sweep_again" in names
+        failed = names.index("stage.remove_failed")
+        assert "stage.files_removed" in names[failed:], names[failed:]
+        removed = [e for e in events if e["event"] == "stage.files_removed"]
+        assert removed[-1]["rollout_id"] == switch, removed
+        assert sorted(removed[-1]["files"]) == ["server.key", "server.pem"], removed
+        assert agent.event_names().count("txn.started") == begun  # no transaction did it
+        assert agent.pid == pid  # nor a start
+        assert "PRIVATE KEY" not in agent.log_text()
+
+
+# --- the agent's own retries of a sweep, in process (review of s60a) ---------------------------
+# A real ``NodeAgentService`` with a real journal (SQLite) and real stage directories; the
+# failures are real ones (a read-only bind mount of a stage directory: EROFS), and the retries
+# come sooner (``SWEEP_RETRY_FIRST``).
+
+
+def in_process(tmp_path: Path) -> tuple[NodeAgentService, Journal, Path]:
+    """An agent whose journal ran two switches (``r1``, then ``r2``, live) whose rollout has
+    ended: ``r1``'s key and certificate are superseded (a sweep removes them; its CA stays,
+    the first switch's). Returned with the journal and that directory."""
+    conf = tmp_path / "conf"
+    root = conf / "tlsroll-tls"
+    journal = Journal(tmp_path / "journal.sqlite3")
+    before: dict[str, str] | None = None
+    for rid in ("r1", "r2"):
+        a_stage(root, rid)
+        live = {k: str(root / rid / f) for k, f in zip(TLS_KEYS, CERT, strict=True)}
+        journal.record_csr(rid, root / rid / "server.key", b"csr")
+        plan: dict[str, Any] = {"source_schemes": ["https"] if before else ["http"]}
+        plan |= {"live_tls": live, "live_before": before, "ca_file": live["ca_file"]}
+        txn = journal.create(
+            Txn(
+                rollout_id=rid,
+                kind=TxnKind.SWITCH,
+                epoch=1,
+                phase=Phase.STARTED,
+                plan=plan,
+                started_at=dt.datetime.now(dt.UTC),
+                target_config=b"[server]\n",
+                source_config=b"[server]\n",
+            )
+        )
+        journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+        before = live
+    assert journal.end_way_back(["r2"]) == "r2"
+    assert before is not None
+    config = conf / "server.toml"
+    config.write_text("".join(f'{k} = "{v}"\n' for k, v in before.items()))
+    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
+    cfg = type("C", (), {"names": names, "bootstrap_port": 0})()
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    agent = NodeAgentService(
+        cast(Any, cfg),
+        cast(Any, None),
+        journal,
+        cast(Driver, ConfigOnly(config)),
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=trust,
+    )
+    return agent, journal, root / "r1"
+
+
+TLS_KEYS = ("key_file", "cert_file", "ca_file")
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait (on the loop) until ``check()``; an AssertionError naming ``what`` if it never
+    comes (a bound, not a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, f"no {what} within {timeout} s"
+        await asyncio.sleep(0.01)
+
+
+def said(logs: list[MutableMapping[str, Any]], event: str) -> int:
+    return sum(e["event"] == event for e in logs)
+
+
+async def test_the_agents_stop_ends_its_sweeps_and_their_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60a M1: a sweep that failed is tried again after a while (a timer), and
+    nothing cancelled that timer, nor a sweep's task, when the agent stopped: a retry could
+    run while it stopped, or after its journal closed (and fail there, and be tried again).
+    ``NodeAgentService.close`` (the agent's stop, before the journal closes) cancels the
+    retry waiting and the sweep under way, and no sweep begins after it: nothing of theirs
+    runs or logs once it returned, though the failure is gone by then."""
+    monkeypatch.setattr(service, "SWEEP_RETRY_FIRST", 0.5)
+    agent, journal, r1 = in_process(tmp_path)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with read_only(r1):
+                agent.sweep_stages()
+                await until(lambda: said(logs, "stage.sweep_again") > 0, "retry owed")
+                assert said(logs, "stage.remove_failed") >= 1
+                async with agent._lock:  # a sweep under way: it waits for the command lock
+                    agent.sweep_stages()
+                    waiting = [t for t in agent._sweeps if not t.done()]
+                    retry = agent._sweep_retry
+                    assert waiting and retry is not None
+                    at_close = len(logs)
+                    await agent.close()
+                assert retry.cancelled() and agent._sweep_retry is None
+                assert all(t.cancelled() for t in waiting)
+                agent.sweep_stages()  # (a transaction's end, say, after the stop: none)
+                assert not [t for t in agent._sweeps if not t.done()]
+            journal.close()
+            # Longer than the retry the timer held (0.5 s): none comes.
+            await asyncio.sleep(1.0)
+        assert logs[at_close:] == [], logs[at_close:]
+        assert (r1 / "server.key").exists()  # left for the next start
+    finally:
+        journal.close()
+
+
+async def test_a_sweep_that_keeps_failing_is_given_up_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60a L3: the retries' schedule ends. A sweep that fails for good (here a
+    read-only bind mount over the stage directory, for as long as the test) is tried again
+    ``SWEEP_RETRIES`` times, then given up once (``stage.sweep_given_up``) with nothing
+    scheduled after: the next transaction's end, or the agent's next start, tries again."""
+    monkeypatch.setattr(service, "SWEEP_RETRY_FIRST", 0.001)
+    agent, journal, r1 = in_process(tmp_path)
+    try:
+        with structlog.testing.capture_logs() as logs, read_only(r1):
+            agent.sweep_stages()
+            await until(lambda: said(logs, "stage.sweep_given_up") > 0, "giving up")
+            await until(lambda: all(t.done() for t in agent._sweeps), "the last sweep's end")
+            assert agent._sweep_retry is None
+            await asyncio.sleep(0.3)  # (the last retry waited 0.128 s: none comes after)
+            assert agent._sweep_retry is None
+        assert said(logs, "stage.sweep_given_up") == 1
+        assert said(logs, "stage.sweep_again") == service.SWEEP_RETRIES
+        # Each sweep: the key and the certificate (the first switch's CA stays: the way back
+        # to http checks with it).
+        assert said(logs, "stage.remove_failed") == 2 * (service.SWEEP_RETRIES + 1)
+        assert [e["retry"] for e in logs if e["event"] == "stage.sweep_again"] == list(
+            range(1, service.SWEEP_RETRIES + 1)
+        )
+        assert logs[-1]["event"] == "stage.sweep_given_up", logs[-1]
+        assert (r1 / "server.key").exists()
+        # Given up, the count starts again: a later failure gets its retries again.
+        with structlog.testing.capture_logs() as later:
+            with read_only(r1):
+                agent.sweep_stages()
+                await until(lambda: said(later, "stage.sweep_again") > 0, "a retry again")
+            await until(lambda: not (r1 / "server.key").exists(), "the retry's removal")
+        assert next(e["retry"] for e in later if e["event"] == "stage.sweep_again") == 1
+        await agent.close()
+    finally:
+        journal.close()
+
+
+async def test_a_forgotten_stage_whose_removal_failed_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60a M2: the leader says a rollout ended (``forget_ended``): the journal
+    forgets its stages and their directories go (``plans.remove_stages``). One whose removal
+    failed was never tried again while the agent ran, though README says it is: the journal
+    knows it no more, so the sweeps skip it. The agent keeps it and tries again with the
+    sweep's retries. A rollout whose stage is made again meanwhile (the journal knows it again)
+    keeps its directory."""
+    monkeypatch.setattr(service, "SWEEP_RETRY_FIRST", 0.05)
+    agent, journal, _ = in_process(tmp_path)
+    root = tmp_path / "conf" / "tlsroll-tls"
+    gone, again = a_stage(root, "r3"), a_stage(root, "r4")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with read_only(gone), read_only(again):
+                for rid in ("r3", "r4"):  # (a CreateCSR forgets every other unswitched stage)
+                    journal.record_csr(rid, root / rid / "server.key", b"csr")
+                    await agent.forget_ended([rid])
+                failed = {e["path"] for e in logs if e["event"] == "stage.remove_failed"}
+                assert failed == {str(gone), str(again)}, failed
+                assert said(logs, "stage.sweep_again") >= 1
+                # The leader stages r4 again (a key made again: the journal knows it).
+                journal.record_csr("r4", again / "server.key", b"csr again")
+            await until(lambda: not gone.exists(), "the retry's removal")
+            await until(lambda: agent._sweep_retry is None and not agent._unremoved, "the end")
+        removed = [e for e in logs if e["event"] == "stage.removed"]
+        assert [(e["rollout_id"], e["why"]) for e in removed] == [("r3", "its rollout ended")]
+        assert (again / "server.key").exists()
+        await agent.close()
+    finally:
+        journal.close()

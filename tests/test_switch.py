@@ -1541,8 +1541,11 @@ def a_stage(root: Path, name: str, *files: str) -> Path:
     return directory
 
 
-def sweep(tmp_path: Path, *, unreadable: bool = False) -> list[MutableMapping[str, Any]]:
-    """``plans.sweep_stage_dirs`` over ``tmp_path/conf`` with an empty journal: its log."""
+def sweep(
+    tmp_path: Path, *, unreadable: bool = False, done: bool = True
+) -> list[MutableMapping[str, Any]]:
+    """``plans.sweep_stage_dirs`` over ``tmp_path/conf`` with an empty journal: its log
+    (``done``: whether it says it did all it meant to)."""
     import structlog.testing
 
     from nodeagent import plans
@@ -1556,7 +1559,7 @@ def sweep(tmp_path: Path, *, unreadable: bool = False) -> list[MutableMapping[st
     try:
         driver: Any = ConfigOnly(config, unreadable)
         with structlog.testing.capture_logs() as logs:
-            plans.sweep_stage_dirs(journal, cast(Driver, driver))
+            assert plans.sweep_stage_dirs(journal, cast(Driver, driver)) is done
     finally:
         journal.close()
     return logs
@@ -1657,6 +1660,137 @@ def test_the_start_sweep_leaves_every_directory_tlsroll_did_not_make(tmp_path: P
     )
     for event in logs:  # the path only: never what is in the files
         assert set(event) <= {"event", "path", "rollout_id", "why", "log_level", "logger_name"}
+
+
+def test_a_directory_not_tlsrolls_is_said_once_however_many_sweeps_find_it(
+    tmp_path: Path,
+) -> None:
+    """Review of s59 L1: the sweep runs at every transaction's end, and said the same
+    directory that is none of tlsroll's (``stage.unknown_dir``) each time. It says each once
+    while the agent runs: at the start, and at the first sweep that finds one new (one that
+    appears later, or another put in the place of one said); later sweeps stay quiet about
+    it. Real sweeps over a real directory and journal: three switches ran, ``r3`` is live, the
+    way back of ``r3`` restores ``r2`` (pruned: its key goes once that rollout ends) and ``r1``
+    is superseded (removed), but an admin's notes sit in ``r1`` and ``r2``."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.drivers import Driver
+    from nodeagent.journal import Journal, Txn
+    from nodeagent.transaction import Phase
+    from tlsroll.enums import TxnKind, TxnOutcome
+
+    conf = tmp_path / "conf"
+    root = conf / "tlsroll-tls"
+    r1 = a_stage(root, "r1", *CERT, "notes.txt")
+    r2 = a_stage(root, "r2", *CERT, "notes.txt")
+    a_stage(root, "r3")
+
+    def files(name: str) -> dict[str, str]:
+        keys = ("key_file", "cert_file", "ca_file")
+        return {k: str(root / name / f) for k, f in zip(keys, CERT, strict=True)}
+
+    config = conf / "server.toml"
+    config.write_text("".join(f'{k} = "{v}"\n' for k, v in files("r3").items()))
+    driver = cast(Driver, ConfigOnly(config))
+    journal = Journal(tmp_path / "journal.sqlite3")
+
+    def said(*, at_start: bool = False) -> list[str]:
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, driver, at_start=at_start)
+        assert all(e["event"] == "stage.unknown_dir" for e in logs), logs
+        return sorted(e["path"] for e in logs)
+
+    try:
+        before: dict[str, str] | None = None
+        for rid in ("r1", "r2", "r3"):
+            journal.record_csr(rid, root / rid / "server.key", b"csr")
+            live = files(rid)
+            txn = journal.create(
+                Txn(
+                    rollout_id=rid,
+                    kind=TxnKind.SWITCH,
+                    epoch=1,
+                    phase=Phase.STARTED,
+                    plan={
+                        "source_schemes": ["https"] if before else ["http"],
+                        "live_tls": live,
+                        "live_before": before,
+                        "ca_file": live["ca_file"],
+                    },
+                    started_at=dt.datetime.now(dt.UTC),
+                    target_config=b"[server]\n",
+                    source_config=b"[server]\n",
+                )
+            )
+            journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+            before = live
+
+        assert said(at_start=True) == [str(r1), str(r2)]
+        assert said() == []  # a transaction's end, and another
+        assert said() == []
+        assert journal.end_way_back(["r3"]) == "r3"  # r2 is superseded too now: still said
+        assert said() == []
+        for path in sorted(r1.iterdir()):  # r1 replaced by another directory of the admin's
+            path.unlink()
+        r1.rmdir()
+        (tmp_path / "elsewhere").mkdir()
+        r1.symlink_to(tmp_path / "elsewhere")
+        assert said() == [str(r1)]
+        assert said() == []
+        assert said(at_start=True) == []  # (the same process: a start's is said once too)
+        # tlsroll-tls itself replaced by a link to another volume: said once, then quiet.
+        root.rename(conf / "moved")
+        root.symlink_to(conf / "moved")
+        assert said() == [str(root)]
+        assert said() == []
+        assert r2.exists() and (root / "r3" / "server.key").exists()
+    finally:
+        journal.close()
+
+
+def test_a_directory_said_is_said_again_once_a_sweep_found_it_gone_or_the_agent_starts(
+    tmp_path: Path,
+) -> None:
+    """Review of s60a L1: the directories said to be none of tlsroll's were remembered by
+    path, device, inode, type and owner for as long as the process ran: one removed and
+    made again in its place (a new inode, or the same one back: ext4 hands a freed inode out
+    again) was not always said, the set only grew, and an agent started again in the same
+    process said none again. One a sweep finds gone is forgotten now, and the agent's start
+    (``plans.forget_said``) forgets them all."""
+    from nodeagent import plans
+
+    root = tmp_path / "conf" / "tlsroll-tls"
+    notes = root / "notes"  # (an admin's: a file tlsroll never writes in a stage)
+    notes.mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine\n")
+
+    def said() -> list[str]:
+        return [e["path"] for e in sweep(tmp_path) if e["event"] == "stage.unknown_dir"]
+
+    assert said() == [str(notes)]
+    assert said() == []
+    (notes / "notes.txt").unlink()
+    notes.rmdir()
+    assert said() == []  # gone: forgotten
+    assert not [k for k in plans._SAID_UNKNOWN if k[0].startswith(str(root))]
+    notes.mkdir()  # (may well get the inode back)
+    (notes / "notes.txt").write_text("mine again\n")
+    assert said() == [str(notes)]
+    assert said() == []
+    plans.forget_said()  # the agent's start
+    assert said() == [str(notes)]
+    # tlsroll-tls itself a link, said; tlsroll's again, forgotten; a link again, said again.
+    root.rename(tmp_path / "conf" / "moved")
+    root.symlink_to(tmp_path / "conf" / "moved")
+    assert said() == [str(root)]
+    root.unlink()
+    (tmp_path / "conf" / "moved").rename(root)
+    assert said() == []
+    root.rename(tmp_path / "conf" / "moved")
+    root.symlink_to(tmp_path / "conf" / "moved")
+    assert said() == [str(root)]
+    assert said() == []
 
 
 def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
@@ -1761,7 +1895,7 @@ def test_the_start_sweep_removes_nothing_if_the_live_config_cannot_be_read(
     """Whether the live config names a directory decides what is kept: unread, nothing is
     removed (a journal begun again knows nothing of the files the server serves)."""
     orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
-    assert sweep(tmp_path, unreadable=True) == []
+    assert sweep(tmp_path, unreadable=True, done=False) == []  # (tried again later)
     assert (orphan / "server.key").exists()
 
 
@@ -1769,7 +1903,8 @@ def test_a_stage_directory_that_cannot_be_removed_is_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A removal that fails (a read-only mount, an immutable file) is logged with its path
-    and errno; the next start tries again."""
+    and errno, and the sweep says it did not do all it meant to: the agent tries again
+    (``NodeAgentService._swept``; tests/test_superseded_stages.py)."""
     import shutil
 
     def refuse(path: object, *args: object, **kwargs: object) -> None:
@@ -1777,10 +1912,33 @@ def test_a_stage_directory_that_cannot_be_removed_is_logged(
 
     monkeypatch.setattr(shutil, "rmtree", refuse)
     orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
-    logs = sweep(tmp_path)
+    logs = sweep(tmp_path, done=False)
     assert orphan.exists()
     assert [(e["event"], e["path"]) for e in logs] == [("stage.remove_failed", str(orphan))]
     assert "Operation not permitted" in logs[0]["error"]
+
+
+def test_a_stage_directory_that_cannot_be_read_is_a_sweep_not_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60a L2: a stage directory the sweep cannot read (EACCES, EIO) was taken for
+    none of tlsroll's, the sweep counted done and nothing tried again while the agent ran.
+    It is a removal that failed: logged with its path and errno, and the sweep not done (the
+    agent tries again); the directory is left. (The agent runs as root here, which reads any
+    directory: the listing's error is made to come, on that directory only.)"""
+    orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if Path(path) == orphan:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    logs = sweep(tmp_path, done=False)
+    assert (orphan / "server.key").exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.remove_failed", str(orphan))]
+    assert "Permission denied" in logs[0]["error"] and "EACCES" in logs[0]["error"], logs
 
 
 def test_a_later_rollouts_key_removes_only_a_stage_directory(tmp_path: Path) -> None:

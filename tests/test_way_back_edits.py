@@ -8,12 +8,16 @@ throughout."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from nodeagent.transaction import CRASH_ENV
 from tests.cluster import LEADER_POLL, wait_until
 from tests.nodeside import cluster_of
+from tests.procs import alive
 from tests.refserver_helper import http_request
 
 EDITED = "was edited since tlsroll wrote it"
@@ -104,3 +108,71 @@ def test_the_way_back_says_first_it_undoes_a_config_edited_by_hand_and_keeps_tha
         logged = [ln for ln in agent.log_text().splitlines() if "rollback.kept_edited_config" in ln]
         assert len(logged) == 1 and str(kept) in logged[0], logged
         assert "login_queue_seconds" not in agent.log_text()
+
+
+def test_the_leaders_own_rollback_after_a_failed_confirm_names_the_config_it_kept(
+    tmp_path: Path,
+) -> None:
+    """Review of s59 L2: the rollback the leader starts by itself when a switch's confirm
+    fails (not the admin's way back) is the same plan (``plans.rollback_plan``): a config
+    edited since the switch wrote it is kept beside it as ``NAME.before-rollback-ID``. The
+    node's reason said only "outside check failed: …"; it names the copy now, as the way
+    back's does. The edit comes where a real one can: the leader down between the switch
+    and its confirm (its agent died mid-switch and carried the switch on from its journal),
+    an admin edits the config, and the server dies (the confirm's outside check fails)."""
+    with cluster_of(tmp_path, 1, node_env={"node1": {CRASH_ENV: "frozen"}}) as (cluster, nodes):
+        [node] = nodes
+        agent = node.agent
+        assert agent is not None and agent.proc is not None
+        config = node.server.config_path
+        on_http = config.read_bytes()
+        pw = tmp_path / "pw"
+        pw.touch(0o600)
+        pw.write_text("confirm-rollback-password\n")
+        start = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
+        )
+        assert start.returncode == 0, start.stderr
+        agent.proc.wait(90)  # (dies with its server frozen, mid-switch: CRASH_ENV)
+        [txn] = node.journal_query("SELECT rollout_id, kind, phase, outcome FROM txns")
+        assert (txn["kind"], txn["phase"], txn["outcome"]) == ("switch", "frozen", ""), txn
+        rid = txn["rollout_id"]
+
+        # The leader down; the agent started again carries the switch on by itself.
+        cluster.stop_leader()
+        node.restart_agent()
+        wait_until(
+            lambda: node.journal_query("SELECT outcome FROM txns")[0]["outcome"] == "completed",
+            60,
+            "the switch carried on",
+        )
+        switched = config.read_bytes()
+        edited = switched.replace(b"[server]\n", b"[server]\nlogin_queue_seconds = 20\n", 1)
+        assert edited != switched
+        config.write_bytes(edited)
+        pid = node.server_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid) and not node.port_open(8443), 10, "the server killed")
+
+        # The leader back: the confirm's outside check fails, and the leader rolls back.
+        cluster.start_leader()
+        wait_until(
+            lambda: cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted"),
+            90,
+            "the rollout to end",
+            interval=LEADER_POLL,
+        )
+        shown = json.loads(cluster.cli("schema", "show", "--json").stdout)["rollouts"][0]
+        assert shown["id"] == rid and shown["state"] == "halted", shown
+        [row] = shown["nodes"]
+        kept = config.with_name(f"{config.name}.before-rollback-{rid}")
+        assert row["state"] == "rolled_back", row
+        assert row["reason"].startswith("outside check failed: "), row
+        assert f"the config as edited since the switch is kept as {kept}" in row["reason"], row
+        assert kept.read_bytes() == edited
+        assert config.read_bytes() == on_http
+        assert http_request("POST", f"{node.http_url()}entries", {"n": 1}).status == 201
+        status = cluster.cli("rollout", "status", rid)
+        assert "the config as edited since the" in status.stdout, status.stdout  # (wrapped)
+        assert "login_queue_seconds" not in (agent.log_text() + cluster.leader.log_text())
