@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from leader.engine import SILENT
 from refserver.server import START_DELAY_ENV
 from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
@@ -254,6 +256,58 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
     for node in nodes:
         assert live(node).schemes == ["https"]
         writes_work(node, "https", cluster.ca_pem)
+
+
+@pytest.mark.timeout(180)
+def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
+    tmp_path: Path,
+) -> None:
+    """Review of s58/59: an agent stopped (SIGSTOP: alive, its connections open, answering
+    nothing) while a step waits for it left its node "in progress" with an empty reason until
+    the step's calls gave up (30 to 46 s), in `schema show`, `rollout status`, the admin API.
+    The node's reason says now that the agent has not answered since it was last heard, and
+    since when its step waits (``leader.engine.SILENT``); once the agent answers, the rollout
+    goes on to the end and the note is gone. A step deadline longer than the wait here, so
+    that the preflight the agent owes is answered, not failed; without pipelining, so that
+    node2's first step begins after the agent was stopped (as in the test above)."""
+    with cluster_of(tmp_path, 2, step_deadline=120, prepare_ahead=0) as (cluster, nodes):
+        node2 = nodes[1]
+        assert node2.agent is not None
+        pw = password_file(tmp_path, "pw", "silent-agent-password-for-practice")
+
+        def node2_view() -> dict[str, Any]:
+            r = cluster.poll_newest_rollout()
+            view: dict[str, Any] = next(n for n in r["nodes"] if n["name"] == "node2")
+            return view
+
+        start = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
+        )
+        assert start.returncode == 0, start.stderr
+        node2.agent.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: node2_view()["reason"].startswith(SILENT),
+                90,
+                "node2's reason saying its agent is silent",
+                interval=LEADER_POLL,
+            )
+            view = node2_view()
+            assert view["state"] in ("preflight", "staging", "switching", "confirming"), view
+            assert re.fullmatch(
+                rf"{SILENT} \d\d:\d\d:\d\d UTC \(its (preflight|stage|switch|confirm)"
+                r" began at \d\d:\d\d:\d\d UTC and waits for its answer; check it runs: .+\)",
+                view["reason"],
+            ), view
+            shown = cluster.cli("schema", "show")  # as the admin reads it
+            assert shown.returncode == 0, shown.stderr
+            assert SILENT in " ".join(shown.stdout.split()), shown.stdout
+        finally:
+            node2.agent.send_signal(signal.SIGCONT)
+        r = wait_ended(cluster, "the rollout, once node2's agent answers")
+        assert r["state"] == "completed", r
+        assert {n["name"]: (n["state"], n["reason"]) for n in r["nodes"]}["node2"] == ("done", "")
+        assert "step.agent_silent" in cluster.leader.event_names()
 
 
 @pytest.mark.timeout(240)
