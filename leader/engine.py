@@ -25,10 +25,11 @@ only when, and what happens with the result:
   the leader keeps asking, and the next answer replaces it. A scope freeze or unfreeze the
   agent keeps refusing is retried with a growing pause, and its reason shown on the node.
 * A step whose agent falls silent while the step waits for it (a stopped or hung agent, whose
-  connection stays open: no error until the calls' own deadlines, 30 to 46 s) has its node's
-  empty reason say so ("the agent has not answered since …") once the heartbeats show the
-  silence, from ``SILENT_AFTER`` seconds into the step on (``_Silence``); the next answer, or
-  a heartbeat, takes it away.
+  port stays open: no error until the calls' own deadlines, 30 to 46 s, or attempts whose TLS
+  handshakes time out until the step's deadline) has its node's empty reason say so ("the
+  agent has not answered since …") once the heartbeats show the silence, from
+  ``SILENT_AFTER`` seconds into the wait on (``_Silence``); the next answer, or a heartbeat
+  heard while the step waits, takes it away.
 * The strategy's result event (terminal outcomes included: a refused switch, a failed check):
   recorded on the node, with its reason, which the schema shows.
 * Anything else is a bug: logged with its type, and the step runs again at the first pass
@@ -964,9 +965,9 @@ class Engine:
                 issued: list[Signed] = []  # what it signed: recorded with its outcome
                 confirmed: list[NodeEvent] = []  # a switch's confirm: written with its outcome
                 work = self._step(row, step, learnt, issued, confirmed)
-                # Began when the trouble did, if this attempt is one of several.
-                began = self.trouble[key][1] if key in self.trouble else started[1]
-                silence = _Silence(self, rollout.id, step, began) if step.step in _WATCHED else None
+                silence = (
+                    self._silence(rollout.id, step, started) if step.step in _WATCHED else None
+                )
                 try:
                     if bounded:  # one attempt never outlasts the step's deadline
                         result = await asyncio.wait_for(work, deadline)
@@ -1149,6 +1150,21 @@ class Engine:
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
         await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
+
+    def _silence(
+        self, rollout_id: str, step: planner.StepAction, started: tuple[float, dt.datetime]
+    ) -> _Silence:
+        """The watch of ``step``'s agent for an attempt begun at ``started`` (monotonic,
+        wall): its first look ``SILENT_AFTER`` seconds after the step began to wait, which is
+        when the first of its attempts without an answer began (``trouble``): attempts that
+        each fail within seconds (a stopped agent refuses no connection, its TLS handshake
+        times out) are one wait, and the look comes at the start of the first attempt past
+        it."""
+        trouble = self.trouble.get((rollout_id, step.node, step.step))
+        if trouble is None:
+            return _Silence(self, rollout_id, step, started[1], SILENT_AFTER)
+        waited = started[0] - trouble[0]
+        return _Silence(self, rollout_id, step, trouble[1], max(0.0, SILENT_AFTER - waited))
 
     async def _look_for_silence(
         self, rollout_id: str, step: planner.StepAction, began: dt.datetime
@@ -1751,23 +1767,28 @@ class Engine:
 
 class _Silence:
     """The watch of one attempt of a step while it waits for its agent (``Engine._run_step``):
-    a timer, ``SILENT_AFTER`` seconds into the attempt, then every half heartbeat interval,
-    whose look (``Engine._look_for_silence``) puts the agent's silence on the node's record or
-    takes it away. A step answered within ``SILENT_AFTER`` costs the timer alone: nothing is
-    read or written for it (issue 15)."""
+    a timer, ``SILENT_AFTER`` seconds into the wait (``Engine._silence``), then every half
+    heartbeat interval, whose look (``Engine._look_for_silence``) puts the agent's silence on
+    the node's record or takes it away. A step answered within ``SILENT_AFTER`` costs the
+    timer alone: nothing is read or written for it (issue 15)."""
 
     __slots__ = ("began", "engine", "look", "rollout_id", "step", "stopped", "timer")
 
     def __init__(
-        self, engine: Engine, rollout_id: str, step: planner.StepAction, began: dt.datetime
+        self,
+        engine: Engine,
+        rollout_id: str,
+        step: planner.StepAction,
+        began: dt.datetime,
+        after: float,
     ) -> None:
         self.engine = engine
         self.rollout_id = rollout_id
         self.step = step
-        self.began = began
+        self.began = began  # when the step began to wait (``Engine._silence``)
         self.stopped = False
         self.look: asyncio.Task[None] | None = None
-        self.timer = asyncio.get_running_loop().call_later(SILENT_AFTER, self._due)
+        self.timer = asyncio.get_running_loop().call_later(after, self._due)
 
     def _due(self) -> None:
         if not self.stopped:

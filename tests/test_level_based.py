@@ -259,54 +259,71 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("where", ["before-preflight", "mid-switch"])
 def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
-    tmp_path: Path,
+    where: str, tmp_path: Path
 ) -> None:
     """Review of s58/59: an agent stopped (SIGSTOP: alive, its connections open, answering
     nothing) while a step waits for it left its node "in progress" with an empty reason until
-    the step's calls gave up (30 to 46 s), in `schema show`, `rollout status`, the admin API.
-    The node's reason says now that the agent has not answered since it was last heard, and
-    since when its step waits (``leader.engine.SILENT``); once the agent answers, the rollout
-    goes on to the end and the note is gone. A step deadline longer than the wait here, so
-    that the preflight the agent owes is answered, not failed; without pipelining, so that
-    node2's first step begins after the agent was stopped (as in the test above)."""
-    with cluster_of(tmp_path, 2, step_deadline=120, prepare_ahead=0) as (cluster, nodes):
-        node2 = nodes[1]
-        assert node2.agent is not None
+    the step's calls gave up (30 s a preflight's call, 46 s a switch's watch; a preflight
+    whose connection's TLS handshake times out, attempt after attempt, until its step
+    deadline), in `schema show`, `rollout status`, the admin API. The node's reason says now
+    that the agent has not answered since it was last heard, and since when its step waits
+    (``leader.engine.SILENT``); once the agent answers, the rollout goes on to the end and the
+    note is gone.
+
+    The rollout takes node2 first, its switch slowed by its server's start, and the leader's
+    node (node1) last. ``before-preflight``: node1's agent is stopped right after the start,
+    so that its preflight begins with the agent stopped (a step deadline longer than the wait
+    here, so that the preflight is answered, not failed; no pipelining, so that node1 is not
+    prepared while node2 switches). ``mid-switch``: node2's agent is stopped while its switch
+    runs (the server restarting), the leader's watch of the switch open."""
+    slow = {"node2": {START_DELAY_ENV: "3"}}
+    with cluster_of(tmp_path, 2, node_env=slow, step_deadline=120, prepare_ahead=0) as (
+        cluster,
+        nodes,
+    ):
+        stopped = nodes[0] if where == "before-preflight" else nodes[1]
+        name, step = stopped.name, "preflight" if where == "before-preflight" else "switch"
+        assert stopped.agent is not None
         pw = password_file(tmp_path, "pw", "silent-agent-password-for-practice")
 
-        def node2_view() -> dict[str, Any]:
+        def view_of() -> dict[str, Any]:
             r = cluster.poll_newest_rollout()
-            view: dict[str, Any] = next(n for n in r["nodes"] if n["name"] == "node2")
+            view: dict[str, Any] = next(n for n in r["nodes"] if n["name"] == name)
             return view
 
         start = cluster.cli(
             "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
         )
         assert start.returncode == 0, start.stderr
-        node2.agent.send_signal(signal.SIGSTOP)
+        if where == "mid-switch":
+            wait_until(lambda: view_of()["state"] == "switching", 30, "node2 switching")
+        stopped.agent.send_signal(signal.SIGSTOP)
         try:
             wait_until(
-                lambda: node2_view()["reason"].startswith(SILENT),
+                lambda: view_of()["reason"].startswith(SILENT),
                 90,
-                "node2's reason saying its agent is silent",
+                f"{name}'s reason saying its agent is silent",
                 interval=LEADER_POLL,
             )
-            view = node2_view()
-            assert view["state"] in ("preflight", "staging", "switching", "confirming"), view
+            view = view_of()
+            assert view["state"] == ("preflight" if step == "preflight" else "switching"), view
             assert re.fullmatch(
-                rf"{SILENT} \d\d:\d\d:\d\d UTC \(its (preflight|stage|switch|confirm)"
-                r" began at \d\d:\d\d:\d\d UTC and waits for its answer; check it runs: .+\)",
+                rf"{SILENT} \d\d:\d\d:\d\d UTC \(its {step} began at \d\d:\d\d:\d\d UTC"
+                r" and waits for its answer; check it runs: .+\)",
                 view["reason"],
             ), view
-            shown = cluster.cli("schema", "show")  # as the admin reads it
+            shown = cluster.cli("rollout", "status", "--json")  # as the admin reads it
             assert shown.returncode == 0, shown.stderr
-            assert SILENT in " ".join(shown.stdout.split()), shown.stdout
+            said = {n["name"]: n["reason"] for n in json.loads(shown.stdout)["nodes"]}
+            assert said[name].startswith(SILENT), said
         finally:
-            node2.agent.send_signal(signal.SIGCONT)
-        r = wait_ended(cluster, "the rollout, once node2's agent answers")
+            stopped.agent.send_signal(signal.SIGCONT)
+        r = wait_ended(cluster, f"the rollout, once {name}'s agent answers")
         assert r["state"] == "completed", r
-        assert {n["name"]: (n["state"], n["reason"]) for n in r["nodes"]}["node2"] == ("done", "")
+        ended = {n["name"]: (n["state"], n["reason"]) for n in r["nodes"]}
+        assert ended == {"node1": ("done", ""), "node2": ("done", "")}, ended
         assert "step.agent_silent" in cluster.leader.event_names()
 
 
