@@ -1154,16 +1154,26 @@ class Engine:
 
     def _silence(
         self, rollout_id: str, step: planner.StepAction, started: tuple[float, dt.datetime]
-    ) -> _Silence:
+    ) -> _Silence | None:
         """The watch of ``step``'s agent for an attempt begun at ``started`` (monotonic,
         wall): its first look ``SILENT_AFTER`` seconds after the step began to wait, which is
         when the first of its attempts without an answer began (``trouble``): attempts that
         each fail within seconds (a stopped agent refuses no connection, its TLS handshake
         times out) are one wait, and the look comes at the start of the first attempt past
-        it."""
+        it.
+
+        None (no watch) for a switch or confirm that is in trouble already: each of its
+        failed attempts from ``UNKNOWN_AFTER`` seconds on puts "unknown — agent unreachable
+        since …" on the node (``_trouble``), and a look during an attempt that then failed
+        wrote the silence note for that note to replace within a second (a dead agent, its
+        port refusing: two notes in a row, ``step.agent_silent`` logged for nothing; review
+        of s60 L1). Its first attempt, which a stopped agent holds open for up to 46 s, is
+        watched."""
         trouble = self.trouble.get((rollout_id, step.node, step.step))
         if trouble is None:
             return _Silence(self, rollout_id, step, started[1], SILENT_AFTER)
+        if step.step in (Step.SWITCH, Step.CONFIRM):
+            return None
         waited = started[0] - trouble[0]
         return _Silence(self, rollout_id, step, trouble[1], max(0.0, SILENT_AFTER - waited))
 
