@@ -1186,12 +1186,13 @@ class Engine:
         answer on the way), a note of its silence goes. Written only on such a change, and
         only while the node waits for this step; an answer takes the note away too
         (``_record``)."""
-        try:
-            node = await dbthread.run(self.store.get_node, step.node)
-        except NotFound:  # removed meanwhile: the pass deals with it
-            return
+        known, last = self.store.last_heard(step.node)  # from memory when it can (no SQL)
+        if not known:
+            try:
+                last = (await dbthread.run(self.store.get_node, step.node)).last_heartbeat
+            except NotFound:  # removed meanwhile: the pass deals with it
+                return
         now = self.clock()
-        last = node.last_heartbeat
         quiet = dt.timedelta(seconds=SILENT_HEARTBEATS * self.heartbeat_interval)
         silent = last is not None and now - last > quiet
         noted: list[str] = []

@@ -4467,3 +4467,58 @@ async def test_a_node_cut_off_while_a_halt_drains_is_named_in_the_halts_note(
         f" http: tlsroll rollout rollback {row.rollout.id}"
     ), note
     await leader.stop()
+
+
+async def a_step_waiting_on_a_silent_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[World, Leader, RolloutRow, planner.StepAction]:
+    """A rollout whose first node is in preflight (its step task cancelled: the test looks
+    for it), its agent heard by this leader's store once, then silent for three heartbeat
+    intervals."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    leader.store.bind_clocks(world.clock.wall, world.clock.monotonic)
+    await leader.start()
+    engine = leader.engine
+    await engine.reconcile()
+    tasks = list(engine.tasks.values())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    engine.tasks.clear()
+    row = leader.schema.latest()
+    assert row is not None
+    [record] = [r for r in row.records if r.state is NodeState.PREFLIGHT]
+    leader.store.heartbeat(
+        record.name, "test", now=world.clock.wall(), features=features.AGENT_FEATURES
+    )
+    world.clock.advance(3 * engine.heartbeat_interval)
+    return world, leader, row, planner.StepAction(record.name, Step.PREFLIGHT, row.rollout.epoch)
+
+
+async def test_a_look_for_an_agent_s_silence_reads_no_node_from_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60, L3: the look at a waiting step's agent (``_Silence``, every 1-2.5 s per
+    waiting step) read the node from SQLite for one value that memory holds: when the agent
+    was last heard (``Store.last_heard``). It reads no node now, and the note says the time
+    memory has."""
+    world, leader, row, step = await a_step_waiting_on_a_silent_agent(tmp_path, monkeypatch)
+    heard = leader.store.get_node(step.node).last_heartbeat
+    assert heard is not None
+    reads: list[str] = []
+    real_get_node = leader.store.get_node
+
+    def get_node(name: str) -> Any:
+        reads.append(name)
+        return real_get_node(name)
+
+    monkeypatch.setattr(leader.store, "get_node", get_node)
+    began = world.clock.wall()
+    await leader.engine._look_for_silence(row.rollout.id, step, began)
+    assert reads == []
+    latest = leader.schema.latest()
+    assert latest is not None
+    reason = latest.node(step.node)[0].reason
+    assert reason == engine_module.silent_note(Step.PREFLIGHT, heard, began, world.clock.wall())
+
