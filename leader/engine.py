@@ -1810,13 +1810,15 @@ class _Silence:
         try:
             await self.engine._look_for_silence(self.rollout_id, self.step, self.began)
         except Exception as exc:  # only a note: never the step's failure
-            log.warning(
-                "step.silence_look_failed",
-                rollout_id=self.rollout_id,
-                node=self.step.node,
-                step=self.step.step.value,
-                **crash_fields(exc),
-            )
+            fields = {
+                "rollout_id": self.rollout_id,
+                "node": self.step.node,
+                "step": self.step.step.value,
+            }
+            # A store that cannot be written (a full disk): logged there, at most every
+            # ``store_health.LOG_SECONDS``, not at each look (every 1-2.5 s per waiting step).
+            if not self.engine._store_failing(exc, "step.silence_look_failed", **fields):
+                log.warning("step.silence_look_failed", **fields, **crash_fields(exc))
         if not self.stopped:
             again = max(1.0, self.engine.heartbeat_interval / 2)
             self.timer = asyncio.get_running_loop().call_later(again, self._due)

@@ -78,6 +78,7 @@ from leader.rollout_core import (
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.service import ERRORS
 from leader.store import IssuedCert, NodeCert, Store
+from leader.store_health import StoreHealth
 from tests.fake_agent import (
     DISK_FULL_CAUSE,
     RESTART_SECONDS,
@@ -4522,3 +4523,32 @@ async def test_a_look_for_an_agent_s_silence_reads_no_node_from_the_store(
     reason = latest.node(step.node)[0].reason
     assert reason == engine_module.silent_note(Step.PREFLIGHT, heard, began, world.clock.wall())
 
+
+async def test_a_look_for_an_agent_s_silence_on_a_full_store_is_the_store_s_trouble(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60, L2: a look at a waiting step's agent that failed to write its note (a
+    full disk) logged ``step.silence_look_failed`` at each look, every 1-2.5 s per waiting
+    step, for as long as the disk stayed full. It is the store's trouble now
+    (``StoreHealth``: logged once a minute at most, ``during`` the look), as a step's is."""
+    world, leader, row, step = await a_step_waiting_on_a_silent_agent(tmp_path, monkeypatch)
+    engine = leader.engine
+    engine.store_health = StoreHealth(world.clock.wall, world.clock.monotonic)
+
+    async def full_disk(*_: Any) -> None:
+        full = sqlite3.OperationalError("database or disk is full")
+        full.sqlite_errorname = "SQLITE_FULL"  # as SQLite sets it
+        raise full
+
+    monkeypatch.setattr(engine, "_save_node", full_disk)
+    silence = engine_module._Silence(engine, row.rollout.id, step, world.clock.wall(), 3600)
+    with capture_logs() as logs:
+        for _ in range(3):
+            await silence._look()
+            world.clock.advance(2)
+    await silence.stop()
+    events = [e["event"] for e in logs]
+    assert "step.silence_look_failed" not in events, logs
+    [failing] = [e for e in logs if e["event"] == "store.writes_failing"]
+    assert failing["during"] == "step.silence_look_failed" and failing["node"] == step.node
+    assert engine.store_health.trouble is not None
