@@ -152,8 +152,9 @@ heard (``_Silence``), then again every half heartbeat interval (at least a secon
 waits. A stopped agent (SIGSTOP, a hung host) keeps its connection open and answers nothing: a
 preflight's call ends only at its 30 s timeout, a switch's watch after three silent streams
 (46 s), and the node's reason was empty all that while (review of s58/59). A timer per
-attempt of a step; a read of the node only once the step has waited this long, so that a step
-answered sooner costs the timer alone."""
+attempt of a step; a look at when its agent was last heard (from memory: ``Store.last_heard``)
+only once the step has waited this long, so that a step answered sooner costs the timer
+alone."""
 SILENT_HEARTBEATS = 2
 """A step's agent counts as silent once the leader has heard nothing from it (its heartbeats,
 ``Node.last_heartbeat``) for this many heartbeat intervals: a live agent's stream vouches for
