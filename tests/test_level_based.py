@@ -277,8 +277,12 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
     so that its preflight begins with the agent stopped (a step deadline longer than the wait
     here, so that the preflight is answered, not failed; no pipelining, so that node1 is not
     prepared while node2 switches). ``mid-switch``: node2's agent is stopped while its switch
-    runs (the server restarting), the leader's watch of the switch open."""
-    slow = {"node2": {START_DELAY_ENV: "3"}}
+    runs (the server restarting), the leader's watch of the switch open: its server's start
+    slowed to 15 s, so that the stop surely lands while it runs (the note comes from the
+    heartbeats' silence, not from how long the start takes; 3 s left a narrow window on a
+    busy machine: review of s60, L5)."""
+    delay = "15" if where == "mid-switch" else "3"
+    slow = {"node2": {START_DELAY_ENV: delay}}
     with cluster_of(tmp_path, 2, node_env=slow, step_deadline=120, prepare_ahead=0) as (
         cluster,
         nodes,
