@@ -24,6 +24,12 @@ only when, and what happens with the result:
   ``UNKNOWN_AFTER`` seconds its node's reason says "unknown — agent unreachable since …" while
   the leader keeps asking, and the next answer replaces it. A scope freeze or unfreeze the
   agent keeps refusing is retried with a growing pause, and its reason shown on the node.
+* A step whose agent falls silent while the step waits for it (a stopped or hung agent, whose
+  port stays open: no error until the calls' own deadlines, 30 to 46 s, or attempts whose TLS
+  handshakes time out until the step's deadline) has its node's empty reason say so ("the
+  agent has not answered since …") once the heartbeats show the silence, from
+  ``SILENT_AFTER`` seconds into the wait on (``_Silence``); the next answer, or a heartbeat
+  heard while the step waits, takes it away.
 * The strategy's result event (terminal outcomes included: a refused switch, a failed check):
   recorded on the node, with its reason, which the schema shows.
 * Anything else is a bug: logged with its type, and the step runs again at the first pass
@@ -100,8 +106,8 @@ from leader.schema_store import (
     StaleRecords,
     StepTime,
 )
-from leader.schema_view import report_problems, waiting_for
-from leader.store import IssuedCert, Node, Store, elapsed
+from leader.schema_view import CHECK_AGENT, report_problems, waiting_for
+from leader.store import IssuedCert, Node, NotFound, Store, elapsed
 from leader.store_health import StoreHealth
 from tlsroll import dbthread, logs, pki
 from tlsroll.errors import TlsrollError, TransientError
@@ -140,6 +146,22 @@ confirm's outcome frees one and sets nothing it waits on)."""
 STEP_DEADLINE = 30.0  # seconds without an answer before a preflight fails (a stage: twice)
 UNKNOWN_AFTER = 10.0  # seconds without an answer before a switching node shows "unknown"
 UNKNOWN = "unknown — agent unreachable since"
+SILENT_AFTER = 10.0
+"""Seconds a step may wait for its agent before the engine looks whether the agent is still
+heard (``_Silence``), then again every half heartbeat interval (at least a second) while it
+waits. A stopped agent (SIGSTOP, a hung host) keeps its connection open and answers nothing: a
+preflight's call ends only at its 30 s timeout, a switch's watch after three silent streams
+(46 s), and the node's reason was empty all that while (review of s58/59). A timer per
+attempt of a step; a look at when its agent was last heard (from memory: ``Store.last_heard``)
+only once the step has waited this long, so that a step answered sooner costs the timer
+alone."""
+SILENT_HEARTBEATS = 2
+"""A step's agent counts as silent once the leader has heard nothing from it (its heartbeats,
+``Node.last_heartbeat``) for this many heartbeat intervals: a live agent's stream vouches for
+it, or sends every interval. A stopped agent's stream is seen to be silent by its keepalive
+(``leader.service.KEEPALIVE_NOTICE``, 2.5 intervals), and is counted silent from its last
+word on."""
+SILENT = "the agent has not answered since"
 MAX_RETRY_SECONDS = 30.0
 REASON_AFTER_ATTEMPTS = 3  # a freeze refused this often: its reason goes on the node
 STALE_ATTEMPTS = 5
@@ -154,6 +176,29 @@ CONFIRMED = frozenset({NodeEvent.CONFIRM_DONE, NodeEvent.CONFIRM_DUAL})
 not cut off, which the write decides (``Engine._save_node``'s ``confirm``)."""
 # The plan's events that halt a rollout: the pass writes the halt's note (``halt_note``).
 _HALTS = frozenset({RolloutEvent.FAILURE_BUDGET_EXCEEDED, RolloutEvent.NODE_CUT_OFF})
+# The steps whose agent's silence goes on the node (``_Silence``): not a scope freeze's, whose
+# node may be any node of the scope, and whose refusals and silence have a note of their own.
+_WATCHED = frozenset({Step.PREFLIGHT, Step.STAGE, Step.SWITCH, Step.CONFIRM})
+
+
+def _moment(when: dt.datetime, now: dt.datetime) -> str:
+    """``when`` in a node's note: its time of day, with its date if that is not today's."""
+    return f"{when:%H:%M:%S} UTC" if when.date() == now.date() else f"{when:%Y-%m-%d %H:%M:%S} UTC"
+
+
+def silent_note(step: Step, last: dt.datetime, began: dt.datetime, now: dt.datetime) -> str:
+    """A node's note while its ``step``, begun at ``began``, waits for an agent last heard at
+    ``last`` (``_Silence``)."""
+    return (
+        f"{SILENT} {_moment(last, now)} (its {step.value} began at {_moment(began, now)} and"
+        f" waits for its answer; check it runs: {CHECK_AGENT})"
+    )
+
+
+def _answered(reason: str) -> bool:
+    """Whether ``reason`` is a note that an answer of the agent ends (``Engine._record``): its
+    silence, or its being unreachable mid-switch."""
+    return reason.startswith((UNKNOWN, SILENT))
 
 
 def crash_fields(exc: BaseException) -> dict[str, str]:
@@ -196,6 +241,8 @@ class Engine:
         self.problem_held: dict[StepKey, float] = {}
         # --when-quiet holds a node whose latest client report is older than this.
         self.stale_after = planner.report_stale_after(heartbeat_interval)
+        # How long an agent may be unheard before a step that waits for it says so (``_Silence``).
+        self.heartbeat_interval = heartbeat_interval
         # (rollout id, node) that --when-quiet holds until the node's first client report
         # since the leader started (logged once each while it waits: ``_held_for_quiet``).
         self.report_waits: set[tuple[str, str]] = set()
@@ -920,10 +967,17 @@ class Engine:
                 issued: list[Signed] = []  # what it signed: recorded with its outcome
                 confirmed: list[NodeEvent] = []  # a switch's confirm: written with its outcome
                 work = self._step(row, step, learnt, issued, confirmed)
-                if bounded:  # one attempt never outlasts the step's deadline
-                    result = await asyncio.wait_for(work, deadline)
-                else:
-                    result = await work
+                silence = (
+                    self._silence(rollout.id, step, started) if step.step in _WATCHED else None
+                )
+                try:
+                    if bounded:  # one attempt never outlasts the step's deadline
+                        result = await asyncio.wait_for(work, deadline)
+                    else:
+                        result = await work
+                finally:  # its note written, if a look was writing one: the outcome's is later
+                    if silence is not None:
+                        await silence.stop()
                 event, reason = result
                 planned = await self._record(
                     rollout.id, step, event, reason, started[1], learnt, issued, confirmed
@@ -1098,6 +1152,72 @@ class Engine:
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
         await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
+
+    def _silence(
+        self, rollout_id: str, step: planner.StepAction, started: tuple[float, dt.datetime]
+    ) -> _Silence | None:
+        """The watch of ``step``'s agent for an attempt begun at ``started`` (monotonic,
+        wall): its first look ``SILENT_AFTER`` seconds after the step began to wait, which is
+        when the first of its attempts without an answer began (``trouble``): attempts that
+        each fail within seconds (a stopped agent refuses no connection, its TLS handshake
+        times out) are one wait, and the look comes at the start of the first attempt past
+        it.
+
+        None (no watch) for a switch or confirm that is in trouble already: each of its
+        failed attempts from ``UNKNOWN_AFTER`` seconds on puts "unknown — agent unreachable
+        since …" on the node (``_trouble``), and a look during an attempt that then failed
+        wrote the silence note for that note to replace within a second (a dead agent, its
+        port refusing: two notes in a row, ``step.agent_silent`` logged for nothing; review
+        of s60 L1). Its first attempt, which a stopped agent holds open for up to 46 s, is
+        watched."""
+        trouble = self.trouble.get((rollout_id, step.node, step.step))
+        if trouble is None:
+            return _Silence(self, rollout_id, step, started[1], SILENT_AFTER)
+        if step.step in (Step.SWITCH, Step.CONFIRM):
+            return None
+        waited = started[0] - trouble[0]
+        return _Silence(self, rollout_id, step, trouble[1], max(0.0, SILENT_AFTER - waited))
+
+    async def _look_for_silence(
+        self, rollout_id: str, step: planner.StepAction, began: dt.datetime
+    ) -> None:
+        """``step`` (begun at ``began``) still waits for its agent: if the leader has not
+        heard from the agent for ``SILENT_HEARTBEATS`` intervals, the node's reason says so,
+        where it says nothing else (``silent_note``); if it has (the agent is back, its
+        answer on the way), a note of its silence goes. Written only on such a change, and
+        only while the node waits for this step; an answer takes the note away too
+        (``_record``)."""
+        known, last = self.store.last_heard(step.node)  # from memory when it can (no SQL)
+        if not known:
+            try:
+                last = (await dbthread.run(self.store.get_node, step.node)).last_heartbeat
+            except NotFound:  # removed meanwhile: the pass deals with it
+                return
+        now = self.clock()
+        quiet = dt.timedelta(seconds=SILENT_HEARTBEATS * self.heartbeat_interval)
+        silent = last is not None and now - last > quiet
+        noted: list[str] = []
+
+        def change(r: NodeRecord) -> NodeRecord:
+            if STEP_FOR_STATE.get(r.state) is not step.step:
+                return r  # its outcome is written (or an abort skipped it)
+            if silent and not r.reason:
+                assert last is not None
+                noted.append(silent_note(step.step, last, began, now))
+                return replace(r, reason=noted[0])
+            if not silent and r.reason.startswith(SILENT):
+                return replace(r, reason="")
+            return r
+
+        await self._save_node(rollout_id, step.node, change)
+        if noted:
+            log.warning(
+                "step.agent_silent",
+                rollout_id=rollout_id,
+                node=step.node,
+                step=step.step.value,
+                reason=noted[0],
+            )
 
     async def _step(
         self,
@@ -1604,7 +1724,7 @@ class Engine:
                 dropped.append(True)
                 return r
             # An answer at last: what was said while the agent was away no longer holds.
-            cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
+            cleared = "" if reason is None and _answered(r.reason) else reason
             if alone:  # the write applies it (``confirm_only``)
                 return r if cleared is None or cleared == r.reason else replace(r, reason=cleared)
             return r.with_event(event, cleared)  # ``also``: the write applies it (``confirm``)
@@ -1656,6 +1776,61 @@ class Engine:
             and row.rollout.state is RolloutState.RUNNING
             and row.rollout.freeze is not FreezeMode.SCOPE
         )
+
+
+class _Silence:
+    """The watch of one attempt of a step while it waits for its agent (``Engine._run_step``):
+    a timer, ``SILENT_AFTER`` seconds into the wait (``Engine._silence``), then every half
+    heartbeat interval, whose look (``Engine._look_for_silence``) puts the agent's silence on
+    the node's record or takes it away. A step answered within ``SILENT_AFTER`` costs the
+    timer alone: nothing is read or written for it (issue 15)."""
+
+    __slots__ = ("began", "engine", "look", "rollout_id", "step", "stopped", "timer")
+
+    def __init__(
+        self,
+        engine: Engine,
+        rollout_id: str,
+        step: planner.StepAction,
+        began: dt.datetime,
+        after: float,
+    ) -> None:
+        self.engine = engine
+        self.rollout_id = rollout_id
+        self.step = step
+        self.began = began  # when the step began to wait (``Engine._silence``)
+        self.stopped = False
+        self.look: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(after, self._due)
+
+    def _due(self) -> None:
+        if not self.stopped:
+            self.look = asyncio.ensure_future(self._look())
+
+    async def _look(self) -> None:
+        try:
+            await self.engine._look_for_silence(self.rollout_id, self.step, self.began)
+        except Exception as exc:  # only a note: never the step's failure
+            fields = {
+                "rollout_id": self.rollout_id,
+                "node": self.step.node,
+                "step": self.step.step.value,
+            }
+            # A store that cannot be written (a full disk): logged there, at most every
+            # ``store_health.LOG_SECONDS``, not at each look (every 1-2.5 s per waiting step).
+            if not self.engine._store_failing(exc, "step.silence_look_failed", **fields):
+                log.warning("step.silence_look_failed", **fields, **crash_fields(exc))
+        if not self.stopped:
+            again = max(1.0, self.engine.heartbeat_interval / 2)
+            self.timer = asyncio.get_running_loop().call_later(again, self._due)
+
+    async def stop(self) -> None:
+        """The attempt ended: no look after this, and one under way has ended (its write
+        comes before the outcome's, which clears it: ``Engine._record``)."""
+        self.stopped = True
+        self.timer.cancel()
+        if self.look is not None and not self.look.done():
+            await asyncio.wait({self.look})
 
 
 def _times(

@@ -26,6 +26,10 @@ as a failure is, and neither counts nor resets. An agent whose certificate ended
 keys at each start with the token in its file (``node.key``, then a renewal's
 ``node.key.new``): counted, two starts with a spent token put its source past the free
 failures, and the second offer of every later try was told to wait, for good (s48rev4 M1).
+Nor is an agent of an earlier release (``OlderAgent``): it is refused before its token is
+looked at, so it learns nothing of the token and costs no more than a refusal to wait. Counted,
+an old agent retrying as it does put its source past the free failures, and the agent the admin
+then upgraded, as told, was itself told to wait (review L9).
 """
 
 from __future__ import annotations
@@ -81,6 +85,14 @@ class Summary:
     refused: int
     sources: int  # distinct sources among them (at most max_sources are told apart)
     top: tuple[tuple[str, int], ...]  # the busiest sources and their counts
+
+
+class OlderAgent(RpcStatusError):
+    """An enrolment refused because the agent is of an earlier release, decided from the
+    request alone before its token is looked at: no guess (the module's docstring)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 def peer_source(peer: str) -> str:
@@ -206,9 +218,12 @@ def _log_summary(guard: JoinGuard) -> None:
         )
 
 
-def _secret_was_right(exc: BaseException) -> bool:
-    """Whether the store refused the enrolment after the token's secret was right (not a
-    guess: the module's docstring)."""
+def _not_a_guess(exc: BaseException) -> bool:
+    """Whether the enrolment was refused for something other than its token's secret: the
+    store refused it after the secret was right, or the agent is of an earlier release and
+    the token was never looked at (the module's docstring)."""
+    if isinstance(exc, OlderAgent):
+        return True
     return isinstance(exc, (TokenRejected, NameTaken)) and not isinstance(exc, WrongSecret)
 
 
@@ -221,9 +236,9 @@ def _reason(exc: BaseException) -> str:
 def guarded(method: F) -> F:
     """Wrap ``Enrol``: a source in backoff is refused (RESOURCE_EXHAUSTED, ``retry-after`` in
     the trailing metadata and the message) before anything else; every refused enrolment (a
-    wrong token, a bad CSR...) counts as a failure of its source and is logged sampled
-    (``enrol.refused`` for a source's first, then ``enrol.failures_summary``); a success
-    forgets the source."""
+    wrong token, a bad CSR...) counts as a failure of its source, but one that is no guess
+    (``_not_a_guess``), and each is logged sampled (``enrol.refused`` for a source's first,
+    then ``enrol.failures_summary``); a success forgets the source."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
@@ -241,7 +256,7 @@ def guarded(method: F) -> F:
         try:
             result = await method(self, request, context)
         except Exception as exc:
-            if guard.done(source, failed=True, counted=not _secret_was_right(exc)):
+            if guard.done(source, failed=True, counted=not _not_a_guess(exc)):
                 log.warning(
                     "enrol.refused",
                     source=source,

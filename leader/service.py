@@ -91,7 +91,6 @@ from tlsroll.enums import NEEDS_ADMIN, SERVER_RESTARTING, SERVES_PREVIOUS
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     NO_BDP_PROBE,
-    failed_precondition,
     invalid,
     map_errors,
     peer_certificate,
@@ -467,9 +466,10 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
         if not request.names_apart:
             # An agent of an earlier release takes only a certificate with the node's names in
             # its SAN: a server certificate for the node's address that every workstation
-            # would accept (``pki.NAMES_OID``). Refused before the token is used.
+            # would accept (``pki.NAMES_OID``). Refused before the token is used, so not
+            # counted against the source: the agent upgraded as told enrols at once.
             version = peertext.clean(request.agent_version, MAX_AGENT_VERSION)
-            raise failed_precondition(
+            raise join_guard.OlderAgent(
                 f"the agent{f' (tlsroll {version})' if version else ''} is older than this"
                 " leader: install the leader's release on the node, then enrol it; the token"
                 " stays valid"

@@ -710,6 +710,18 @@ class Store(LeaderStore):
         # stream that vouches for the node: alive now.
         return (self.clock() if vouched else self._then_on_clock_now(*seen)), record
 
+    def last_heard(self, name: str) -> tuple[bool, dt.datetime | None]:
+        """When node ``name`` was last heard as ``get_node`` gives it, from memory alone (no
+        read of the database): (True, when) for a node heard since this store opened, else
+        (False, None), and the caller reads the node. A removed node is forgotten in memory
+        (``_forget_seen``): (False, None). The engine looks at a waiting step's agent every
+        1-2.5 s (``leader.engine._Silence``) for this one value (review of s60, L3)."""
+        with self._seen_lock:
+            seen, _record, vouched = self._memory_locked(name)
+        if seen is None:
+            return False, None
+        return True, (self.clock() if vouched else self._then_on_clock_now(*seen))
+
     # --- tokens -------------------------------------------------------------------------------
 
     def add_token(

@@ -78,6 +78,7 @@ from leader.rollout_core import (
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.service import ERRORS
 from leader.store import IssuedCert, NodeCert, Store
+from leader.store_health import StoreHealth
 from tests.fake_agent import (
     DISK_FULL_CAUSE,
     RESTART_SECONDS,
@@ -4490,3 +4491,87 @@ async def test_a_node_cut_off_while_a_halt_drains_is_named_in_the_halts_note(
         f" http: tlsroll rollout rollback {row.rollout.id}"
     ), note
     await leader.stop()
+
+
+async def a_step_waiting_on_a_silent_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[World, Leader, RolloutRow, planner.StepAction]:
+    """A rollout whose first node is in preflight (its step task cancelled: the test looks
+    for it), its agent heard by this leader's store once, then silent for three heartbeat
+    intervals."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    leader.store.bind_clocks(world.clock.wall, world.clock.monotonic)
+    await leader.start()
+    engine = leader.engine
+    await engine.reconcile()
+    tasks = list(engine.tasks.values())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    engine.tasks.clear()
+    row = leader.schema.latest()
+    assert row is not None
+    [record] = [r for r in row.records if r.state is NodeState.PREFLIGHT]
+    leader.store.heartbeat(
+        record.name, "test", now=world.clock.wall(), features=features.AGENT_FEATURES
+    )
+    world.clock.advance(3 * engine.heartbeat_interval)
+    return world, leader, row, planner.StepAction(record.name, Step.PREFLIGHT, row.rollout.epoch)
+
+
+async def test_a_look_for_an_agent_s_silence_reads_no_node_from_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60, L3: the look at a waiting step's agent (``_Silence``, every 1-2.5 s per
+    waiting step) read the node from SQLite for one value that memory holds: when the agent
+    was last heard (``Store.last_heard``). It reads no node now, and the note says the time
+    memory has."""
+    world, leader, row, step = await a_step_waiting_on_a_silent_agent(tmp_path, monkeypatch)
+    heard = leader.store.get_node(step.node).last_heartbeat
+    assert heard is not None
+    reads: list[str] = []
+    real_get_node = leader.store.get_node
+
+    def get_node(name: str) -> Any:
+        reads.append(name)
+        return real_get_node(name)
+
+    monkeypatch.setattr(leader.store, "get_node", get_node)
+    began = world.clock.wall()
+    await leader.engine._look_for_silence(row.rollout.id, step, began)
+    assert reads == []
+    latest = leader.schema.latest()
+    assert latest is not None
+    reason = latest.node(step.node)[0].reason
+    assert reason == engine_module.silent_note(Step.PREFLIGHT, heard, began, world.clock.wall())
+
+
+async def test_a_look_for_an_agent_s_silence_on_a_full_store_is_the_store_s_trouble(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of s60, L2: a look at a waiting step's agent that failed to write its note (a
+    full disk) logged ``step.silence_look_failed`` at each look, every 1-2.5 s per waiting
+    step, for as long as the disk stayed full. It is the store's trouble now
+    (``StoreHealth``: logged once a minute at most, ``during`` the look), as a step's is."""
+    world, leader, row, step = await a_step_waiting_on_a_silent_agent(tmp_path, monkeypatch)
+    engine = leader.engine
+    engine.store_health = StoreHealth(world.clock.wall, world.clock.monotonic)
+
+    async def full_disk(*_: Any) -> None:
+        full = sqlite3.OperationalError("database or disk is full")
+        full.sqlite_errorname = "SQLITE_FULL"  # as SQLite sets it
+        raise full
+
+    monkeypatch.setattr(engine, "_save_node", full_disk)
+    silence = engine_module._Silence(engine, row.rollout.id, step, world.clock.wall(), 3600)
+    with capture_logs() as logs:
+        for _ in range(3):
+            await silence._look()
+            world.clock.advance(2)
+    await silence.stop()
+    events = [e["event"] for e in logs]
+    assert "step.silence_look_failed" not in events, logs
+    [failing] = [e for e in logs if e["event"] == "store.writes_failing"]
+    assert failing["during"] == "step.silence_look_failed" and failing["node"] == step.node
+    assert engine.store_health.trouble is not None

@@ -332,3 +332,52 @@ def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(
             assert guessed[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED, guessed
     finally:
         relay.close()
+
+
+def test_an_older_agent_refused_again_and_again_does_not_hold_off_its_upgrade(
+    cluster: Cluster,
+) -> None:
+    """An agent of an earlier release is refused before its token is looked at ("… is older
+    than this leader …; the token stays valid"), and it tries again as agents do. Counted, its
+    retries put its source past the free failures, and the agent the admin upgraded as told
+    was told to wait by the join port (review L9). Not counted: the upgraded agent enrols from
+    the same source at once with the same token; guesses from that source still count."""
+    source = next_loopback()
+    relay = Relay(source, (cluster.address, JOIN_PORT), source)
+    options = [
+        (
+            "grpc.ssl_target_name_override",
+            spiffe.leader_host(spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))),
+        )
+    ]
+    token = join_token(cluster, "upgraded", source)
+    codes: list[grpc.StatusCode] = []
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cluster.ca_pem)
+        with grpc.secure_channel(relay.address, creds, options=options) as channel:
+            stub = enrolment_pb2_grpc.EnrolmentStub(channel)
+            for _ in range(12):  # more than the free failures (5)
+                older = enrol_request(token, "upgraded", source)
+                older.names_apart = False  # an agent of an earlier release does not send it
+                older.agent_version = "0.9.0"
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Enrol(older, timeout=10)
+                codes.append(info.value.code())
+                assert "older than this leader" in str(info.value.details())
+            assert codes == [grpc.StatusCode.FAILED_PRECONDITION] * 12, codes
+            # The agent upgraded: it enrols at once, from that source, with that token.
+            reply = stub.Enrol(enrol_request(token, "upgraded", source), timeout=10)
+            assert reply.certificate_pem
+            # Guesses from it are still held off after the free failures.
+            wrong = f"{'e' * 6}.{'f' * 26}"
+            guessed: list[grpc.StatusCode] = []
+            for i in range(8):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Enrol(enrol_request(wrong, f"guess{i}", source), timeout=10)
+                guessed.append(info.value.code())
+            assert guessed[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED, guessed
+    finally:
+        relay.close()
+    # The old agent's refusals are logged as refusals are: the first, then a summary.
+    events = cluster.leader.event_names()
+    assert events.count("enrol.refused") == 1, events

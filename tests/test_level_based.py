@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from leader.engine import SILENT
 from refserver.server import START_DELAY_ENV
 from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
@@ -254,6 +256,79 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
     for node in nodes:
         assert live(node).schemes == ["https"]
         writes_work(node, "https", cluster.ca_pem)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("where", ["before-preflight", "mid-switch"])
+def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
+    where: str, tmp_path: Path
+) -> None:
+    """Review of s58/59: an agent stopped (SIGSTOP: alive, its connections open, answering
+    nothing) while a step waits for it left its node "in progress" with an empty reason until
+    the step's calls gave up (30 s a preflight's call, 46 s a switch's watch; a preflight
+    whose connection's TLS handshake times out, attempt after attempt, until its step
+    deadline), in `schema show`, `rollout status`, the admin API. The node's reason says now
+    that the agent has not answered since it was last heard, and since when its step waits
+    (``leader.engine.SILENT``); once the agent answers, the rollout goes on to the end and the
+    note is gone.
+
+    The rollout takes node2 first, its switch slowed by its server's start, and the leader's
+    node (node1) last. ``before-preflight``: node1's agent is stopped right after the start,
+    so that its preflight begins with the agent stopped (a step deadline longer than the wait
+    here, so that the preflight is answered, not failed; no pipelining, so that node1 is not
+    prepared while node2 switches). ``mid-switch``: node2's agent is stopped while its switch
+    runs (the server restarting), the leader's watch of the switch open: its server's start
+    slowed to 15 s, so that the stop surely lands while it runs (the note comes from the
+    heartbeats' silence, not from how long the start takes; 3 s left a narrow window on a
+    busy machine: review of s60, L5)."""
+    delay = "15" if where == "mid-switch" else "3"
+    slow = {"node2": {START_DELAY_ENV: delay}}
+    with cluster_of(tmp_path, 2, node_env=slow, step_deadline=120, prepare_ahead=0) as (
+        cluster,
+        nodes,
+    ):
+        stopped = nodes[0] if where == "before-preflight" else nodes[1]
+        name, step = stopped.name, "preflight" if where == "before-preflight" else "switch"
+        assert stopped.agent is not None
+        pw = password_file(tmp_path, "pw", "silent-agent-password-for-practice")
+
+        def view_of() -> dict[str, Any]:
+            r = cluster.poll_newest_rollout()
+            view: dict[str, Any] = next(n for n in r["nodes"] if n["name"] == name)
+            return view
+
+        start = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
+        )
+        assert start.returncode == 0, start.stderr
+        if where == "mid-switch":
+            wait_until(lambda: view_of()["state"] == "switching", 30, "node2 switching")
+        stopped.agent.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: view_of()["reason"].startswith(SILENT),
+                90,
+                f"{name}'s reason saying its agent is silent",
+                interval=LEADER_POLL,
+            )
+            view = view_of()
+            assert view["state"] == ("preflight" if step == "preflight" else "switching"), view
+            assert re.fullmatch(
+                rf"{SILENT} \d\d:\d\d:\d\d UTC \(its {step} began at \d\d:\d\d:\d\d UTC"
+                r" and waits for its answer; check it runs: .+\)",
+                view["reason"],
+            ), view
+            shown = cluster.cli("rollout", "status", "--json")  # as the admin reads it
+            assert shown.returncode == 0, shown.stderr
+            said = {n["name"]: n["reason"] for n in json.loads(shown.stdout)["nodes"]}
+            assert said[name].startswith(SILENT), said
+        finally:
+            stopped.agent.send_signal(signal.SIGCONT)
+        r = wait_ended(cluster, f"the rollout, once {name}'s agent answers")
+        assert r["state"] == "completed", r
+        ended = {n["name"]: (n["state"], n["reason"]) for n in r["nodes"]}
+        assert ended == {"node1": ("done", ""), "node2": ("done", "")}, ended
+        assert "step.agent_silent" in cluster.leader.event_names()
 
 
 @pytest.mark.timeout(240)

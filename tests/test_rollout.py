@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from leader.engine import UNKNOWN
+from leader.engine import SILENT, UNKNOWN
 from leader.rollout_core import cut_off_mid_switch
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
@@ -403,13 +403,14 @@ def start_refused_for_bad_input_and_with_an_offline_node_at_plan_time(setup: Set
 
 
 def settled(snap: Snapshot | None) -> Snapshot | None:
-    """The snapshot without the engine's note on a node whose agent has been away a while
-    ("unknown — agent unreachable since …", after ``UNKNOWN_AFTER`` seconds): how soon it
-    comes depends on the machine's load, not on what these tests check."""
+    """The snapshot without the engine's notes on a node whose agent has been away a while
+    ("unknown — agent unreachable since …", after ``UNKNOWN_AFTER`` seconds; "the agent has
+    not answered since …", ``SILENT``, while a step's first attempt waits): how soon they
+    come depends on the machine's load, not on what these tests check."""
     if snap is None:
         return None
     nodes = {
-        name: (state, "" if reason.startswith(UNKNOWN) else reason)
+        name: (state, "" if reason.startswith((UNKNOWN, SILENT)) else reason)
         for name, (state, reason) in snap.nodes.items()
     }
     return replace(snap, nodes=nodes)
@@ -473,6 +474,9 @@ def test_controls_in_running_paused_aborting_and_aborted(setups: Setups) -> None
         assert "no active rollout" in line or " is aborted: there is nothing to " in line, line
     for named in (True, False):
         control_again(s, "abort", rid, "aborted", named)
+    # p1's agent died mid-switch (its port refusing): "unknown" alone, never first the silence
+    # note that it replaced within a second (review of s60, L1).
+    assert "step.agent_silent" not in s.cluster.leader.event_names()
 
 
 def test_controls_while_halting_and_after_halted(setups: Setups) -> None:
@@ -504,6 +508,9 @@ def test_controls_while_halting_and_after_halted(setups: Setups) -> None:
     assert snap.node_states() == {"h1": "rolled_back", "h2": "done"}
     for action in ("pause", "resume", "abort"):
         control_refused(s, action, "halted", rid)
+    # h2's agent died mid-switch (its port refusing): "unknown" alone, never first the silence
+    # note that it replaced within a second (review of s60, L1).
+    assert "step.agent_silent" not in s.cluster.leader.event_names()
 
 
 def test_a_node_cut_off_while_the_halt_drains_is_named_in_the_halts_note(setups: Setups) -> None:
