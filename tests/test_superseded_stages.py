@@ -25,16 +25,14 @@ import structlog.testing
 
 from nodeagent import service
 from nodeagent.drivers import Driver
-from nodeagent.journal import Journal, Txn
+from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
-from nodeagent.transaction import Phase
 from nodeagent.trust import LeaderTrust
 from tests.cluster import LEADER_POLL, wait_until
 from tests.nodeside import Node, cluster_of, read_only
 from tests.test_rollback_reach import password_file, phase_1_awaiting
-from tests.test_switch import ConfigOnly, a_stage
+from tests.test_switch import ConfigOnly, a_stage, journal_switches
 from tlsroll import pki
-from tlsroll.enums import TxnKind, TxnOutcome
 
 LONG = 240  # seconds a CLI call with --wait may take
 CERT = ("server.key", "server.pem", "ca.pem")
@@ -212,27 +210,15 @@ def in_process(tmp_path: Path) -> tuple[NodeAgentService, Journal, Path]:
     conf = tmp_path / "conf"
     root = conf / "tlsroll-tls"
     journal = Journal(tmp_path / "journal.sqlite3")
-    before: dict[str, str] | None = None
     for rid in ("r1", "r2"):
         a_stage(root, rid)
-        live = {k: str(root / rid / f) for k, f in zip(TLS_KEYS, CERT, strict=True)}
-        journal.record_csr(rid, root / rid / "server.key", b"csr")
-        plan: dict[str, Any] = {"source_schemes": ["https"] if before else ["http"]}
-        plan |= {"live_tls": live, "live_before": before, "ca_file": live["ca_file"]}
-        txn = journal.create(
-            Txn(
-                rollout_id=rid,
-                kind=TxnKind.SWITCH,
-                epoch=1,
-                phase=Phase.STARTED,
-                plan=plan,
-                started_at=dt.datetime.now(dt.UTC),
-                target_config=b"[server]\n",
-                source_config=b"[server]\n",
-            )
-        )
-        journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
-        before = live
+    before = journal_switches(
+        journal,
+        root,
+        lambda rid: {k: str(root / rid / f) for k, f in zip(TLS_KEYS, CERT, strict=True)},
+        "r1",
+        "r2",
+    )
     assert journal.end_way_back(["r2"]) == "r2"
     assert before is not None
     config = conf / "server.toml"

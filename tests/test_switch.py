@@ -1541,6 +1541,39 @@ def a_stage(root: Path, name: str, *files: str) -> Path:
     return directory
 
 
+def journal_switches(
+    journal: Any, root: Path, live_of: Callable[[str], dict[str, str]], *rollout_ids: str
+) -> dict[str, str] | None:
+    """Journal ``rollout_ids`` as switches that completed one after the other (http to https,
+    then each from the one before), each staged in ``root/ID`` with ``live_of(ID)`` its live
+    files: the live files of the last one."""
+    from nodeagent.journal import Txn
+    from nodeagent.transaction import Phase
+    from tlsroll.enums import TxnKind, TxnOutcome
+
+    before: dict[str, str] | None = None
+    for rid in rollout_ids:
+        journal.record_csr(rid, root / rid / "server.key", b"csr")
+        live = live_of(rid)
+        plan: dict[str, Any] = {"source_schemes": ["https"] if before else ["http"]}
+        plan |= {"live_tls": live, "live_before": before, "ca_file": live["ca_file"]}
+        txn = journal.create(
+            Txn(
+                rollout_id=rid,
+                kind=TxnKind.SWITCH,
+                epoch=1,
+                phase=Phase.STARTED,
+                plan=plan,
+                started_at=dt.datetime.now(dt.UTC),
+                target_config=b"[server]\n",
+                source_config=b"[server]\n",
+            )
+        )
+        journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+        before = live
+    return before
+
+
 def sweep(
     tmp_path: Path, *, unreadable: bool = False, done: bool = True
 ) -> list[MutableMapping[str, Any]]:
@@ -1676,9 +1709,7 @@ def test_a_directory_not_tlsrolls_is_said_once_however_many_sweeps_find_it(
 
     from nodeagent import plans
     from nodeagent.drivers import Driver
-    from nodeagent.journal import Journal, Txn
-    from nodeagent.transaction import Phase
-    from tlsroll.enums import TxnKind, TxnOutcome
+    from nodeagent.journal import Journal
 
     conf = tmp_path / "conf"
     root = conf / "tlsroll-tls"
@@ -1702,29 +1733,7 @@ def test_a_directory_not_tlsrolls_is_said_once_however_many_sweeps_find_it(
         return sorted(e["path"] for e in logs)
 
     try:
-        before: dict[str, str] | None = None
-        for rid in ("r1", "r2", "r3"):
-            journal.record_csr(rid, root / rid / "server.key", b"csr")
-            live = files(rid)
-            txn = journal.create(
-                Txn(
-                    rollout_id=rid,
-                    kind=TxnKind.SWITCH,
-                    epoch=1,
-                    phase=Phase.STARTED,
-                    plan={
-                        "source_schemes": ["https"] if before else ["http"],
-                        "live_tls": live,
-                        "live_before": before,
-                        "ca_file": live["ca_file"],
-                    },
-                    started_at=dt.datetime.now(dt.UTC),
-                    target_config=b"[server]\n",
-                    source_config=b"[server]\n",
-                )
-            )
-            journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
-            before = live
+        journal_switches(journal, root, files, "r1", "r2", "r3")
 
         assert said(at_start=True) == [str(r1), str(r2)]
         assert said() == []  # a transaction's end, and another
@@ -1808,9 +1817,7 @@ def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
 
     from nodeagent import plans
     from nodeagent.drivers import Driver
-    from nodeagent.journal import Journal, Txn
-    from nodeagent.transaction import Phase
-    from tlsroll.enums import TxnKind, TxnOutcome
+    from nodeagent.journal import Journal
 
     root = tmp_path / "conf" / "tlsroll-tls"
     a_stage(root, "p1", *CERT, "auth-verifier.json")
@@ -1830,29 +1837,7 @@ def test_the_journal_says_which_stage_files_are_needed_and_a_sweep_keeps_them(
     driver = cast(Driver, ConfigOnly(config))
     journal = Journal(tmp_path / "journal.sqlite3")
     try:
-        before: dict[str, str] | None = None
-        for rid in ("p1", "r1", "r2"):
-            journal.record_csr(rid, root / rid / "server.key", b"csr")
-            live = files(rid)
-            txn = journal.create(
-                Txn(
-                    rollout_id=rid,
-                    kind=TxnKind.SWITCH,
-                    epoch=1,
-                    phase=Phase.STARTED,
-                    plan={
-                        "source_schemes": ["https"] if before else ["http"],
-                        "live_tls": live,
-                        "live_before": before,
-                        "ca_file": live["ca_file"],
-                    },
-                    started_at=dt.datetime.now(dt.UTC),
-                    target_config=b"[server]\n",
-                    source_config=b"[server]\n",
-                )
-            )
-            journal.complete(txn, live, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
-            before = live
+        journal_switches(journal, root, files, "p1", "r1", "r2")
 
         def left() -> set[str]:
             return {f"{d.name}/{f.name}" for d in root.iterdir() for f in d.iterdir()}
