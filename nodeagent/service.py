@@ -20,10 +20,10 @@ import ssl
 import stat
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -107,6 +107,21 @@ SWEEP_RETRIES = 8
 SWEEP_STOP_SECONDS = 10.0
 
 log = logs.get_logger(__name__)
+
+T = TypeVar("T")
+
+
+async def _to_its_end(work: Awaitable[T]) -> T:
+    """``work`` (a blocking call handed to a thread) awaited under the caller's lock until it
+    has ended, even if the caller is cancelled meanwhile (the agent's stop, ``close``): the
+    thread runs it to its end whatever happens, and the command lock, let go at the cancel,
+    let another command's removals run beside it (review of s60 L1)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 
 def _sweep_failed(exc: Exception) -> None:
@@ -1003,7 +1018,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if not ids:
             return
         async with self._lock:
-            over, swept = await asyncio.to_thread(self._forget_ended, ids)
+            if self._closing:  # the agent stops: the next start sweeps (review of s60 L1)
+                return
+            over, swept = await _to_its_end(asyncio.to_thread(self._forget_ended, ids))
             prepared = self._prepared
             if prepared is not None and prepared.rollout_id in over:
                 await dbthread.run(self._drop_prepared)
@@ -1060,7 +1077,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def _sweep_stages(self, driver: Driver) -> None:
         try:
             async with self._lock:
-                done = await dbthread.run(self._sweep, driver)
+                done = await _to_its_end(dbthread.run(self._sweep, driver))
         except Exception as exc:  # (the store thread's hand-off itself)
             _sweep_failed(exc)
             done = False

@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +33,7 @@ from tests.cluster import LEADER_POLL, wait_until
 from tests.nodeside import Node, cluster_of, read_only
 from tests.test_rollback_reach import password_file, phase_1_awaiting
 from tests.test_switch import ConfigOnly, a_stage, journal_switches
-from tlsroll import pki
+from tlsroll import dbthread, pki
 
 LONG = 240  # seconds a CLI call with --wait may take
 CERT = ("server.key", "server.pem", "ca.pem")
@@ -289,6 +290,40 @@ async def test_the_agents_stop_ends_its_sweeps_and_their_retries(
         assert logs[at_close:] == [], logs[at_close:]
         assert (r1 / "server.key").exists()  # left for the next start
     finally:
+        journal.close()
+
+
+async def test_a_sweep_the_store_thread_runs_keeps_the_command_lock_through_the_stop(
+    tmp_path: Path,
+) -> None:
+    """Review of s60 L1: the agent's stop cancels a sweep's task (``close``), but a sweep the
+    store's thread has begun runs to its end there; the task let go of the command lock at the
+    cancel, and another command's removals (a forget of ended stages, a CreateCSR) could run
+    beside it. The task now holds the lock until the thread's call ended; and a forget of
+    ended stages that comes once the agent stops does nothing (the next start sweeps)."""
+    agent, journal, r1 = in_process(tmp_path)
+    gate = threading.Event()
+    try:
+        # The store's thread busy with something else: the sweep's call waits behind it.
+        ahead = asyncio.ensure_future(dbthread.run(gate.wait, 30))
+        agent.sweep_stages()
+        await until(agent._lock.locked, "the sweep holding the command lock")
+        (task,) = agent._sweeps
+        closing = asyncio.ensure_future(agent.close())
+        await until(lambda: agent._closing, "the stop begun")
+        for _ in range(20):  # the cancel delivered to the sweep's task
+            await asyncio.sleep(0)
+        assert agent._lock.locked() and not task.done()  # until the thread's call ended
+        gate.set()
+        await closing
+        await ahead
+        assert task.cancelled() and not agent._lock.locked()
+        with structlog.testing.capture_logs() as logs:
+            await agent.forget_ended(["r1", "r2"])
+        assert logs == [] and (r1 / "server.key").exists()  # left for the next start
+        assert journal.staged("r1") is not None
+    finally:
+        gate.set()
         journal.close()
 
 
