@@ -215,6 +215,26 @@ class Relay:
         self.server.close()
 
 
+def join_channel(cluster: Cluster, relay: Relay) -> grpc.Channel:
+    """A channel to the join port through ``relay`` (from its source address), checking the
+    leader by its internal name as an agent does."""
+    td = spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))
+    options = [("grpc.ssl_target_name_override", spiffe.leader_host(td))]
+    creds = grpc.ssl_channel_credentials(root_certificates=cluster.ca_pem)
+    return grpc.secure_channel(relay.address, creds, options=options)
+
+
+def guesses_held_off(stub: enrolment_pb2_grpc.EnrolmentStub, source: str) -> None:
+    """Wrong tokens from ``source`` are held off once past the free failures."""
+    wrong = f"{'e' * 6}.{'f' * 26}"
+    guessed: list[grpc.StatusCode] = []
+    for i in range(8):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Enrol(enrol_request(wrong, f"guess{i}", source), timeout=10)
+        guessed.append(info.value.code())
+    assert guessed[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED, guessed
+
+
 @pytest.fixture
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("joinguard"), next_loopback()) as c:
@@ -229,19 +249,12 @@ def test_a_flood_of_wrong_tokens_is_held_off_and_a_good_token_still_enrols(
 ) -> None:
     attacker = next_loopback()
     relay = Relay(attacker, (cluster.address, JOIN_PORT), attacker)
-    options = [
-        (
-            "grpc.ssl_target_name_override",
-            spiffe.leader_host(spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))),
-        )
-    ]
     wrong = f"{'a' * 6}.{'b' * 26}"
     codes: list[grpc.StatusCode] = []
     retry_after: list[str] = []
     started = time.monotonic()
     try:
-        creds = grpc.ssl_channel_credentials(root_certificates=cluster.ca_pem)
-        with grpc.secure_channel(relay.address, creds, options=options) as channel:
+        with join_channel(cluster, relay) as channel:
             stub = enrolment_pb2_grpc.EnrolmentStub(channel)
             for i in range(200):
                 with pytest.raises(grpc.RpcError) as info:
@@ -300,17 +313,10 @@ def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(
     wait, for good (review s48rev4 M1). Wrong secrets still count, from the same source."""
     source = next_loopback()
     relay = Relay(source, (cluster.address, JOIN_PORT), source)
-    options = [
-        (
-            "grpc.ssl_target_name_override",
-            spiffe.leader_host(spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))),
-        )
-    ]
     spent = join_token(cluster, "spent", source)
     codes: list[grpc.StatusCode] = []
     try:
-        creds = grpc.ssl_channel_credentials(root_certificates=cluster.ca_pem)
-        with grpc.secure_channel(relay.address, creds, options=options) as channel:
+        with join_channel(cluster, relay) as channel:
             stub = enrolment_pb2_grpc.EnrolmentStub(channel)
             assert stub.Enrol(enrol_request(spent, "spent", source), timeout=10).certificate_pem
             for _ in range(12):  # the spent token again, each time with another key
@@ -322,14 +328,7 @@ def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(
             address = next_loopback()
             good = join_token(cluster, "good2", address)
             assert stub.Enrol(enrol_request(good, "good2", address), timeout=10).certificate_pem
-            # Guesses from it are still held off after the free failures.
-            wrong = f"{'c' * 6}.{'d' * 26}"
-            guessed: list[grpc.StatusCode] = []
-            for i in range(8):
-                with pytest.raises(grpc.RpcError) as info:
-                    stub.Enrol(enrol_request(wrong, f"guess{i}", source), timeout=10)
-                guessed.append(info.value.code())
-            assert guessed[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED, guessed
+            guesses_held_off(stub, source)  # guesses from it still count
     finally:
         relay.close()
 
@@ -344,17 +343,10 @@ def test_an_older_agent_refused_again_and_again_does_not_hold_off_its_upgrade(
     the same source at once with the same token; guesses from that source still count."""
     source = next_loopback()
     relay = Relay(source, (cluster.address, JOIN_PORT), source)
-    options = [
-        (
-            "grpc.ssl_target_name_override",
-            spiffe.leader_host(spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))),
-        )
-    ]
     token = join_token(cluster, "upgraded", source)
     codes: list[grpc.StatusCode] = []
     try:
-        creds = grpc.ssl_channel_credentials(root_certificates=cluster.ca_pem)
-        with grpc.secure_channel(relay.address, creds, options=options) as channel:
+        with join_channel(cluster, relay) as channel:
             stub = enrolment_pb2_grpc.EnrolmentStub(channel)
             for _ in range(12):  # more than the free failures (5)
                 older = enrol_request(token, "upgraded", source)
@@ -368,14 +360,7 @@ def test_an_older_agent_refused_again_and_again_does_not_hold_off_its_upgrade(
             # The agent upgraded: it enrols at once, from that source, with that token.
             reply = stub.Enrol(enrol_request(token, "upgraded", source), timeout=10)
             assert reply.certificate_pem
-            # Guesses from it are still held off after the free failures.
-            wrong = f"{'e' * 6}.{'f' * 26}"
-            guessed: list[grpc.StatusCode] = []
-            for i in range(8):
-                with pytest.raises(grpc.RpcError) as info:
-                    stub.Enrol(enrol_request(wrong, f"guess{i}", source), timeout=10)
-                guessed.append(info.value.code())
-            assert guessed[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED, guessed
+            guesses_held_off(stub, source)  # guesses from it still count
     finally:
         relay.close()
     # The old agent's refusals are logged as refusals are: the first, then a summary.
