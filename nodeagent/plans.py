@@ -467,13 +467,20 @@ def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
     return True
 
 
-def _is_stage_dir(directory: Path, root_st: os.stat_result, rollout_id: str) -> bool | None:
-    """``_stage_dir_of``, or None (logged, ``stage.remove_failed``) if it could not be read."""
+def _not_ours(directory: Path, root_st: os.stat_result, rollout_id: str) -> bool | None:
+    """None if ``directory`` is a stage directory (``_stage_dir_of``: the caller goes on);
+    else what the caller returns: True if it is none of tlsroll's (said, ``_say_unknown``,
+    and left: nothing to try again), False if it could not be read (logged,
+    ``stage.remove_failed``: tried again)."""
     try:
-        return _stage_dir_of(directory, root_st)
+        ours = _stage_dir_of(directory, root_st)
     except OSError as exc:
         _remove_failed(rollout_id, directory, exc)
+        return False
+    if ours:
         return None
+    _say_unknown(directory)
+    return True
 
 
 def _remove_failed(rollout_id: str, path: Path, exc: OSError) -> None:
@@ -486,11 +493,8 @@ def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why
     """``directory`` removed if it is a stage directory (``_stage_dir_of``), else said
     (``_say_unknown``) and left as it is. False if the removal failed, or the directory could
     not be read (logged)."""
-    if not (ours := _is_stage_dir(directory, root_st, rollout_id)):
-        if ours is None:
-            return False
-        _say_unknown(directory)
-        return True
+    if (done := _not_ours(directory, root_st, rollout_id)) is not None:
+        return done
     try:
         shutil.rmtree(directory)
     except FileNotFoundError:
@@ -511,11 +515,8 @@ def _prune_stage(
     and CA a later switch superseded beside it go. Logged once (``stage.files_removed``: the
     directory and the files' names). False if a removal failed, or the directory could not
     be read (logged)."""
-    if not (ours := _is_stage_dir(directory, root_st, rollout_id)):
-        if ours is None:
-            return False
-        _say_unknown(directory)
-        return True
+    if (done := _not_ours(directory, root_st, rollout_id)) is not None:
+        return done
     try:
         present = sorted(os.listdir(directory))
     except FileNotFoundError:

@@ -3786,6 +3786,22 @@ async def test_a_stop_set_during_a_pass_ends_the_loop_without_waiting_for_a_tick
     await task
 
 
+async def in_preflight(leader: Leader) -> tuple[RolloutRow, NodeRecord]:
+    """The engine's first pass (``reconcile``) with its step tasks then cancelled, so that a
+    test runs the step itself: the newest rollout and its node in preflight."""
+    engine = leader.engine
+    await engine.reconcile()
+    tasks = list(engine.tasks.values())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    engine.tasks.clear()
+    row = leader.schema.latest()
+    assert row is not None
+    [record] = [r for r in row.records if r.state is NodeState.PREFLIGHT]
+    return row, record
+
+
 async def test_a_step_does_not_start_on_what_a_write_under_way_is_changing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -3797,15 +3813,7 @@ async def test_a_step_does_not_start_on_what_a_write_under_way_is_changing(
     leader = world.boot()
     await leader.start()
     engine = leader.engine
-    await engine.reconcile()  # bravo: in preflight, its step task started
-    tasks = list(engine.tasks.values())
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    engine.tasks.clear()
-    row = leader.schema.latest()
-    assert row is not None
-    [record] = [r for r in row.records if r.state is NodeState.PREFLIGHT]
+    row, record = await in_preflight(leader)  # bravo: in preflight, its step task stopped
     step = planner.StepAction(record.name, Step.PREFLIGHT, row.rollout.epoch)
     calls = len(world.agents.calls)
 
@@ -4504,15 +4512,7 @@ async def a_step_waiting_on_a_silent_agent(
     leader.store.bind_clocks(world.clock.wall, world.clock.monotonic)
     await leader.start()
     engine = leader.engine
-    await engine.reconcile()
-    tasks = list(engine.tasks.values())
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    engine.tasks.clear()
-    row = leader.schema.latest()
-    assert row is not None
-    [record] = [r for r in row.records if r.state is NodeState.PREFLIGHT]
+    row, record = await in_preflight(leader)
     leader.store.heartbeat(
         record.name, "test", now=world.clock.wall(), features=features.AGENT_FEATURES
     )

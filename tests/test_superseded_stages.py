@@ -13,7 +13,6 @@ the agent kept has ended. Real leader, agents and reference servers (``cluster_o
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import sqlite3
 import threading
@@ -28,11 +27,11 @@ from nodeagent import service
 from nodeagent.drivers import Driver
 from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
-from nodeagent.trust import LeaderTrust
 from tests.cluster import LEADER_POLL, wait_until
 from tests.nodeside import Node, cluster_of, read_only
 from tests.test_rollback_reach import password_file, phase_1_awaiting
 from tests.test_switch import ConfigOnly, a_stage, journal_switches
+from tests.test_way_back_edit_detection import an_agent
 from tlsroll import dbthread, pki
 
 LONG = 240  # seconds a CLI call with --wait may take
@@ -224,19 +223,7 @@ def in_process(tmp_path: Path) -> tuple[NodeAgentService, Journal, Path]:
     assert before is not None
     config = conf / "server.toml"
     config.write_text("".join(f'{k} = "{v}"\n' for k, v in before.items()))
-    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
-    cfg = type("C", (), {"names": names, "bootstrap_port": 0})()
-    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
-    agent = NodeAgentService(
-        cast(Any, cfg),
-        cast(Any, None),
-        journal,
-        cast(Driver, ConfigOnly(config)),
-        None,
-        lambda: dt.datetime.now(dt.UTC),
-        trust=trust,
-    )
-    return agent, journal, root / "r1"
+    return an_agent(tmp_path, journal, cast(Driver, ConfigOnly(config))), journal, root / "r1"
 
 
 TLS_KEYS = ("key_file", "cert_file", "ca_file")

@@ -35,6 +35,23 @@ HTTPS = ("https",)
 AT = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
 
 
+def an_agent(tmp_path: Path, journal: Journal, driver: Driver) -> NodeAgentService:
+    """The agent's servicer in this process, on ``journal`` and ``driver``, for node ``n1``
+    (no identity, no bootstrap service: the calls the test makes read neither)."""
+    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
+    cfg = type("C", (), {"names": names, "bootstrap_port": 0})()
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    return NodeAgentService(
+        cast(Any, cfg),
+        cast(Any, None),
+        journal,
+        driver,
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=trust,
+    )
+
+
 def plan_json(source: tuple[str, ...], target: tuple[str, ...]) -> dict[str, Any]:
     facts = ServerFacts("127.0.0.1", "/", 8080, 8443, target)
     return Plan(facts, source, target, Path("/n"), Path("/b"), Path("/ca"), "").to_json()
@@ -221,18 +238,7 @@ async def test_only_the_way_backs_planning_question_reads_the_journal_for_edits(
     driver = Still(tmp_path / "server.toml")
     journalled(journal, "r1", b"http\n", b"https 1\n", TxnOutcome.COMPLETED, source=("http",))
     driver.config_file.write_bytes(b"https 1\n# by hand\n")
-    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
-    cfg = type("C", (), {"names": names, "bootstrap_port": 0})()
-    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
-    agent = NodeAgentService(
-        cast(Any, cfg),
-        cast(Any, None),
-        journal,
-        driver,
-        None,
-        lambda: dt.datetime.now(dt.UTC),
-        trust=trust,
-    )
+    agent = an_agent(tmp_path, journal, driver)
     asked: list[str] = []
     real = plans.edited_config
 
