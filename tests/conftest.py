@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -130,29 +131,18 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return hops
 
 
-# The heaviest modules first. pytest-xdist hands tests out in collection order, so a heavy
-# module collected late (test_transitional, test_viewer, test_way_back: near the end of the
-# alphabet) ran on alone after the others had ended: session 39's CI spent its last 7 minutes
-# on its last 9 % of tests. Within a module the order stays as written.
-HEAVY_FIRST = (
-    "test_transitional",
-    "test_deploy",
-    "test_renewal",
-    "test_demo",
-    "test_auto_rotate",
-    "test_fault_matrix",
-    "test_rotation",
-    "test_way_back",
-    "test_viewer",
-    "test_rollout",
-    "test_agent_keepalive",
-    "test_node_clocks",
-    "test_stage_news",
-    "test_scope_freeze",
-    "test_cut_off_live",
-)
+# The longest tests first (tests/durations.json, written by tools/test_durations.py from a run's
+# --durations=0 report). pytest-xdist hands tests out in collection order, so a long test
+# collected late ran on alone after the others had ended: session 61's CI spent its last minutes
+# on one worker finishing tests/test_reenrol_ended.py (three tests of about 65 s) while three
+# idled. Longest first is the greedy schedule for parallel workers: the run ends on short
+# tests. A test the file does not name runs after those it names, in collection order.
+DURATIONS = Path(__file__).with_name("durations.json")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order kept
+    try:
+        seconds: dict[str, float] = json.loads(DURATIONS.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # only the order depends on it
+    items.sort(key=lambda item: -seconds.get(item.nodeid, 0.0))  # stable: ties keep their order

@@ -1,0 +1,80 @@
+"""The order the suite runs in: the longest recorded tests first (tests/conftest.py,
+tools/test_durations.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import conftest
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "test_durations.py"
+
+REPORT = """\
+============================= slowest durations ==============================
+12.50s call     tests/test_b.py::test_slow[one]
+0.40s setup    tests/test_b.py::test_slow[one]
+3.00s call     tests/test_a.py::test_middle
+0.20s call     tests/test_a.py::test_quick
+(12 durations < 0.005s hidden.  Use -vv to show these durations.)
+"""
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_the_tool_records_each_slow_tests_whole_time_longest_first(tmp_path: Path) -> None:
+    log, out = tmp_path / "pytest.log", tmp_path / "durations.json"
+    log.write_text(REPORT)
+    ran = run_tool(str(log), "--out", str(out))
+    assert ran.returncode == 0, ran.stderr
+    recorded = json.loads(out.read_text())
+    assert list(recorded.items()) == [
+        ("tests/test_b.py::test_slow[one]", 12.9),
+        ("tests/test_a.py::test_middle", 3.0),
+    ]
+
+
+def test_the_tool_refuses_a_log_without_durations_or_none_at_all(tmp_path: Path) -> None:
+    log, out = tmp_path / "pytest.log", tmp_path / "durations.json"
+    log.write_text("4 passed in 1.00s\n")
+    ran = run_tool(str(log), "--out", str(out))
+    assert (ran.returncode, ran.stderr) == (1, f"test_durations: no --durations=0 lines in {log}\n")
+    ran = run_tool(str(tmp_path / "absent.log"), "--out", str(out))
+    assert ran.returncode == 1
+    assert ran.stderr.startswith("test_durations: cannot read ") and "Traceback" not in ran.stderr
+    assert not out.exists()
+
+
+class _Item:
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+
+
+def test_collection_puts_the_longest_recorded_first_and_keeps_the_rest_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = tmp_path / "durations.json"
+    recorded.write_text(json.dumps({"t::long": 90.0, "t::medium": 5.0, "t::gone": 99.0}))
+    monkeypatch.setattr(conftest, "DURATIONS", recorded)
+    items = [_Item(n) for n in ("t::a", "t::medium", "t::b", "t::long", "t::c")]
+    conftest.pytest_collection_modifyitems(items)  # type: ignore[arg-type]
+    assert [i.nodeid for i in items] == ["t::long", "t::medium", "t::a", "t::b", "t::c"]
+
+
+def test_the_recorded_file_names_tests_of_this_suite_longest_first() -> None:
+    recorded: dict[str, float] = json.loads(conftest.DURATIONS.read_text())
+    assert recorded, "tests/durations.json is empty: run tools/test_durations.py"
+    assert list(recorded.values()) == sorted(recorded.values(), reverse=True)
+    root = conftest.DURATIONS.parent.parent
+    missing = {n.split("::")[0] for n in recorded} - {
+        str(p.relative_to(root)) for p in root.glob("tests/test_*.py")
+    }
+    assert not missing, f"tests/durations.json names files that are gone: {sorted(missing)}"

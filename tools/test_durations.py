@@ -1,0 +1,61 @@
+"""Record how long each slow test took, for the order pytest-xdist hands tests out in.
+
+    make pytest PYTEST_ARGS="-n 4 --durations=0" | tee pytest.log
+    .venv/bin/python tools/test_durations.py pytest.log      # rewrites tests/durations.json
+
+``tests/conftest.py`` runs the longest recorded tests first (longest processing time first: the
+classic greedy schedule for parallel machines), so that the run ends on short tests instead of
+one worker finishing a long module alone while the others idle. The file only orders tests: a
+test missing from it (new, renamed) runs after the recorded ones, in collection order; an entry
+naming no test is ignored. Refresh it when the slow tests change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "durations.json"
+MIN_SECONDS = 1.0
+"""Shorter tests are left out: their order hardly moves the run's end."""
+LINE = re.compile(r"^(?P<secs>\d+(?:\.\d+)?)s (?:setup|call|teardown)\s+(?P<nodeid>tests/\S+)$")
+
+
+def read(log: Path) -> dict[str, float]:
+    """Each test's setup + call + teardown from a ``--durations=0`` report."""
+    seconds: defaultdict[str, float] = defaultdict(float)
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if match := LINE.match(line.strip()):
+            seconds[match["nodeid"]] += float(match["secs"])
+    return dict(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("log", type=Path, help="pytest output of a run with --durations=0")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    try:
+        seconds = read(args.log)
+    except OSError as exc:
+        print(f"test_durations: cannot read {args.log}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if not seconds:
+        print(f"test_durations: no --durations=0 lines in {args.log}", file=sys.stderr)
+        return 1
+    kept = {
+        nodeid: round(secs, 1)
+        for nodeid, secs in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))
+        if secs >= MIN_SECONDS
+    }
+    args.out.write_text(json.dumps(kept, indent=1) + "\n", encoding="utf-8")
+    print(f"{len(kept)} tests of {len(seconds)} took {MIN_SECONDS:g} s or more: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
