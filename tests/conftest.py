@@ -136,7 +136,10 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # collected late ran on alone after the others had ended: session 61's CI spent its last minutes
 # on one worker finishing tests/test_reenrol_ended.py (three tests of about 65 s) while three
 # idled. Longest first is the greedy schedule for parallel workers: the run ends on short
-# tests. A test the file does not name runs after those it names, in collection order.
+# tests. A test the file does not name runs after those it names, in collection order. The
+# workers take them one at a time as they finish (pyproject.toml: --maxschedchunk=1); xdist's
+# default sends each a contiguous quarter of its share at first, which would give the first
+# worker every long test.
 DURATIONS = Path(__file__).with_name("durations.json")
 
 

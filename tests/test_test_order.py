@@ -78,3 +78,9 @@ def test_the_recorded_file_names_tests_of_this_suite_longest_first() -> None:
         str(p.relative_to(root)) for p in root.glob("tests/test_*.py")
     }
     assert not missing, f"tests/durations.json names files that are gone: {sorted(missing)}"
+
+
+def test_the_workers_take_one_test_at_a_time(request: pytest.FixtureRequest) -> None:
+    """xdist's first hand-out, without it, is a contiguous chunk of the sorted tests per
+    worker: the first worker would get every long one."""
+    assert request.config.getoption("maxschedchunk") == 1
