@@ -471,8 +471,8 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
             version = peertext.clean(request.agent_version, MAX_AGENT_VERSION)
             raise join_guard.OlderAgent(
                 f"the agent{f' (tlsroll {version})' if version else ''} is older than this"
-                " leader: install the leader's release on the node, then enrol it; the token"
-                " stays valid"
+                " leader: install the leader's release on the node, then enrol it (this"
+                " refusal did not use the token)"
             )
         csr = pki.load_csr_pem(request.csr_pem)
         public_key = pki.check_csr(csr, names)

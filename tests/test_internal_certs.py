@@ -110,7 +110,16 @@ def test_a_join_token_gives_no_server_certificate_and_an_older_agent_is_told_to_
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         said = str(info.value.details())
         assert "older than this leader" in said and "\n" not in said, said
+        assert said.endswith("(this refusal did not use the token)"), said
         assert cluster.store_table("tokens") == before  # the token stays as it was
+        # The token is not looked at: an unknown one is refused the same way, and the leader
+        # does not call it valid (it said "the token stays valid" of any token).
+        stranger = enrol_request(f"zzzzzz.{'a' * 26}", "node7", address)  # no such token
+        stranger.names_apart = False
+        with pytest.raises(grpc.RpcError) as info:
+            enrol(cluster, stranger)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "valid" not in str(info.value.details()), info.value.details()
         # The token's holder, however it asks, gets a certificate serving no name of the node.
         reply = enrol(cluster, enrol_request(token, "node7", address, key=key))
         cert = pki.load_cert_pem(reply.certificate_pem)

@@ -337,7 +337,7 @@ def test_an_older_agent_refused_again_and_again_does_not_hold_off_its_upgrade(
     cluster: Cluster,
 ) -> None:
     """An agent of an earlier release is refused before its token is looked at ("… is older
-    than this leader …; the token stays valid"), and it tries again as agents do. Counted, its
+    than this leader …"; the token is not used), and it tries again as agents do. Counted, its
     retries put its source past the free failures, and the agent the admin upgraded as told
     was told to wait by the join port (review L9). Not counted: the upgraded agent enrols from
     the same source at once with the same token; guesses from that source still count."""
