@@ -250,7 +250,7 @@ def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -
     not be removed (logged), which the agent tries again while it runs
     (``NodeAgentService._remove_stages``; review of s60a M2): the journal no longer knows
     them, so only its next start's sweep would (``sweep_stage_dirs``)."""
-    roots: dict[Path, os.stat_result | None] = {}
+    roots: dict[Path, os.stat_result | OSError | None] = {}
     failed: list[Staged] = []
     for staged in over:
         directory = staged.key_file.parent
@@ -258,9 +258,15 @@ def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -
         if directory.name != staged.rollout_id or root.name != STAGES:
             continue
         if root not in roots:
-            roots[root] = _stage_root(root)
+            try:
+                roots[root] = _stage_root(root)
+            except OSError as exc:
+                roots[root] = exc
         root_st = roots[root]
-        if root_st is not None and not _remove_stage(directory, root_st, staged.rollout_id, why):
+        if isinstance(root_st, OSError):
+            _remove_failed(staged.rollout_id, directory, root_st)
+            failed.append(staged)
+        elif root_st is not None and not _remove_stage(directory, root_st, staged.rollout_id, why):
             failed.append(staged)
     return failed
 
@@ -301,7 +307,11 @@ def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True)
     the agent tries again later (``NodeAgentService.sweep_stages``). A directory left because
     it is not tlsroll's is no failure (trying again changes nothing)."""
     root = driver.config_file.parent / STAGES
-    root_st = _stage_root(root)
+    try:
+        root_st = _stage_root(root)
+    except OSError as exc:
+        log.warning("stage.remove_failed", path=str(root), error=os_error_text(exc))
+        return False
     if root_st is None:
         _still_there(root, None)
         return True  # none, or none of tlsroll's: trying again changes nothing
@@ -377,10 +387,13 @@ _STAGE_TEMP = re.compile(
 
 def _stage_root(root: Path) -> os.stat_result | None:
     """``tlsroll-tls``'s lstat if it is a real directory (not a symbolic link) of the agent's
-    user, else None (nothing under it is tlsroll's to remove)."""
+    user, else None (there is none, or nothing under it is tlsroll's to remove). OSError if it
+    cannot be looked at (EACCES: the config's directory not searchable by the agent's user,
+    EIO): what is under it may be tlsroll's, so the caller counts a failed removal, tried
+    again later, not "none of tlsroll's" (review of s60 L)."""
     try:
         st = os.lstat(root)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
@@ -590,7 +603,10 @@ def drop_unjournalled_verifier(journal: Journal, driver: Driver, rollout_id: str
             return
     except OSError:
         return
-    root_st = _stage_root(root)
+    try:
+        root_st = _stage_root(root)
+    except OSError:
+        return  # (the directory was listed just now: a moment's failure; the next start sweeps)
     if root_st is None or rollout_id in journal.known_rollouts():
         return
     try:

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
@@ -385,3 +389,72 @@ async def test_a_forgotten_stage_whose_removal_failed_is_tried_again(
         await agent.close()
     finally:
         journal.close()
+
+
+# A stage directory's parent that the agent's user cannot search: root without the
+# capabilities that let it read any file (as the agent under its unit), in a child process.
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+UNSEARCHABLE = """
+import json, sys
+from pathlib import Path
+from typing import cast
+from nodeagent import plans
+from nodeagent.drivers import Driver
+from nodeagent.journal import Journal
+
+
+class ConfigOnly:  # (tests.test_switch's: importing it would start the tests' gRPC setup)
+    def __init__(self, config_file: Path) -> None:
+        self.config_file = config_file
+
+    def read_config(self) -> bytes:
+        return self.config_file.read_bytes()
+
+
+tmp = Path(sys.argv[1])
+conf = tmp / "conf"
+journal = Journal(tmp / "journal.sqlite3")
+driver = cast(Driver, ConfigOnly(conf / "server.toml"))
+r1 = journal.staged("r1")
+assert r1 is not None
+journal.forget_stages(["r1"])
+conf.chmod(0o600)  # no search permission: lstat of conf/tlsroll-tls fails with EACCES
+try:
+    swept = plans.sweep_stage_dirs(journal, driver, at_start=False)
+    failed = [s.rollout_id for s in plans.remove_stages([r1], "its rollout ended")]
+finally:
+    conf.chmod(0o700)
+    journal.close()
+print(json.dumps({"swept": swept, "failed": failed}))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv (root without its DAC capabilities)",
+)
+def test_a_stage_root_the_agent_cannot_look_at_is_a_failed_removal(
+    tmp_path: Path,
+) -> None:
+    """Review of s60 L: a ``tlsroll-tls`` whose lstat failed for any reason was taken as
+    "none of tlsroll's": the sweep said it did all it meant to and the forgotten stages'
+    removal succeeded, so nothing tried again while the agent ran, the superseded key left on
+    the node. Only a missing one is none now; one the agent cannot look at (EACCES here: its
+    config's directory not searchable by the agent's user) is a failed removal, which the agent
+    tries again (the tests above)."""
+    _agent, journal, r1 = in_process(tmp_path)
+    journal.close()
+    ran = subprocess.run(
+        [*NO_DAC, sys.executable, "-c", UNSEARCHABLE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout.splitlines()[-1])
+    assert result == {"swept": False, "failed": ["r1"]}, result
+    assert "stage.remove_failed" in ran.stdout + ran.stderr
+    assert (r1 / "server.key").exists()  # left for the retry
