@@ -22,14 +22,14 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent.parent / "tests" / "durations.json"
 MIN_SECONDS = 1.0
 """Shorter tests are left out: their order hardly moves the run's end."""
-LINE = re.compile(r"^(?P<secs>\d+(?:\.\d+)?)s (?:setup|call|teardown)\s+(?P<nodeid>tests/\S+)$")
+LINE = re.compile(r"(?P<secs>\d+(?:\.\d+)?)s (?:setup|call|teardown)\s+(?P<nodeid>tests/\S+)")
 
 
 def read(log: Path) -> dict[str, float]:
     """Each test's setup + call + teardown from a ``--durations=0`` report."""
     seconds: defaultdict[str, float] = defaultdict(float)
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        if match := LINE.match(line.strip()):
+        if match := LINE.fullmatch(line.strip()):
             seconds[match["nodeid"]] += float(match["secs"])
     return dict(seconds)
 
