@@ -131,16 +131,23 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return hops
 
 
-# The longest tests first (tests/durations.json, written by tools/test_durations.py from a run's
-# --durations=0 report). pytest-xdist hands tests out in collection order, so a long test
-# collected late ran on alone after the others had ended: session 61's CI spent its last minutes
-# on one worker finishing tests/test_reenrol_ended.py (three tests of about 65 s) while three
-# idled. Longest first is the greedy schedule for parallel workers: the run ends on short
-# tests. A test the file does not name runs after those it names, in collection order. The
-# workers take them one at a time as they finish (pyproject.toml: --maxschedchunk=1); xdist's
-# default sends each a contiguous quarter of its share at first, which would give the first
-# worker every long test.
+# The longest modules first (their tests' times in tests/durations.json, written by
+# tools/test_durations.py from a run's --durations=0 report). pytest-xdist hands tests out in
+# collection order, so a long test collected late ran on alone after the others had ended:
+# session 61's CI spent its last minutes on one worker finishing tests/test_reenrol_ended.py
+# (three tests of about 65 s) while three idled. Longest first is the greedy schedule for
+# parallel workers: the run ends on short tests. A module stays in one piece, in its own order:
+# many share a cluster for the module (a module-scoped fixture), which a worker sets up again
+# each time it comes back to the module from another (sorted test by test, test_renewal's was
+# set up four times on one worker), and the tests sharing one were written in that order. The workers take tests one at a time as they finish (pyproject.toml:
+# --maxschedchunk=1); xdist's default sends each a contiguous quarter of its share at first,
+# which would give the first worker every long test. What the file does not name counts 0 and
+# keeps its collection order.
 DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -148,4 +155,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         seconds: dict[str, float] = json.loads(DURATIONS.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # only the order depends on it
-    items.sort(key=lambda item: -seconds.get(item.nodeid, 0.0))  # stable: ties keep their order
+    per_module: dict[str, float] = {}
+    for nodeid, secs in seconds.items():
+        per_module[_module(nodeid)] = per_module.get(_module(nodeid), 0.0) + secs
+    first_seen = {}
+    for at, item in enumerate(items):
+        first_seen.setdefault(_module(item.nodeid), at)
+
+    def key(item: pytest.Item) -> tuple[float, int]:
+        module = _module(item.nodeid)
+        return (-per_module.get(module, 0.0), first_seen[module])
+
+    items.sort(key=key)  # stable: ties keep their order

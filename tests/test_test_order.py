@@ -58,15 +58,30 @@ class _Item:
         self.nodeid = nodeid
 
 
-def test_collection_puts_the_longest_recorded_first_and_keeps_the_rest_in_order(
+def test_collection_puts_the_longest_modules_first_each_in_one_piece_in_its_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Modules by their recorded total (a 6 s module after a 10 s one, though its longest test
+    is shorter), each in one piece and in its own order (a module-scoped cluster is set up once
+    per worker, its tests written in that order); what the file does not name keeps its place
+    after."""
     recorded = tmp_path / "durations.json"
-    recorded.write_text(json.dumps({"t::long": 90.0, "t::medium": 5.0, "t::gone": 99.0}))
+    recorded.write_text(
+        json.dumps({"b.py::long": 10.0, "a.py::x": 5.0, "a.py::y": 1.0, "gone.py::t": 99.0})
+    )
     monkeypatch.setattr(conftest, "DURATIONS", recorded)
-    items = [_Item(n) for n in ("t::a", "t::medium", "t::b", "t::long", "t::c")]
+    order = ["c.py::one", "a.py::y", "a.py::new", "a.py::x", "c.py::two", "b.py::long", "d.py::t"]
+    items = [_Item(n) for n in order]
     conftest.pytest_collection_modifyitems(items)  # type: ignore[arg-type]
-    assert [i.nodeid for i in items] == ["t::long", "t::medium", "t::a", "t::b", "t::c"]
+    assert [i.nodeid for i in items] == [
+        "b.py::long",
+        "a.py::y",
+        "a.py::new",
+        "a.py::x",
+        "c.py::one",
+        "c.py::two",
+        "d.py::t",
+    ]
 
 
 def test_the_recorded_file_names_tests_of_this_suite_longest_first() -> None:
