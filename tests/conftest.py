@@ -139,10 +139,11 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # parallel workers: the run ends on short tests. A module stays in one piece, in its own order:
 # many share a cluster for the module (a module-scoped fixture), which a worker sets up again
 # each time it comes back to the module from another (sorted test by test, test_renewal's was
-# set up four times on one worker), and the tests sharing one were written in that order. The workers take tests one at a time as they finish (pyproject.toml:
-# --maxschedchunk=1); xdist's default sends each a contiguous quarter of its share at first,
-# which would give the first worker every long test. What the file does not name counts 0 and
-# keeps its collection order.
+# set up four times on one worker), and the tests sharing one were written in that order. The
+# workers take tests one at a time as they finish (pyproject.toml: --maxschedchunk=1); xdist's
+# default sends each a contiguous quarter of its share at first, which would give the first
+# worker every long module. What the file does not name counts 0 and keeps its collection
+# order.
 DURATIONS = Path(__file__).with_name("durations.json")
 
 
