@@ -193,6 +193,9 @@ def test_a_ca_near_its_end_is_renewed_with_its_key_and_reaches_agents_and_server
         agent = node.agent
         assert agent is not None
         wait_until(lambda: agent.ca_file.read_bytes() == pki.cert_to_pem(new), 60, "new ca.pem")
+        # ca.pem is written before the certificate of the same renewal: that one in place (the
+        # agent says so after), the next renewal is one under the new ca.pem.
+        wait_until(lambda: "agent.ca_renewed" in agent.event_names(), 10, "agent.ca_renewed")
         renewed_at = pki.read_cert(agent.cert_file).serial_number
         wait_until(
             lambda: pki.read_cert(agent.cert_file).serial_number != renewed_at,
