@@ -119,7 +119,8 @@ class Workstation:
             self.writes.append(
                 Write(started, dt.datetime.now(dt.UTC), scheme, status, marker, entry)
             )
-            time.sleep(self.pace if status == 201 else 0.05)
+            # (Woken by ``close``: a sleep made each workstation's close wait out its pace.)
+            self.stop.wait(self.pace if status == 201 else 0.05)
 
     def start(self) -> Workstation:
         self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -152,9 +153,11 @@ def two_per_node(cluster: Cluster, nodes: list[Node]) -> Iterator[dict[str, list
     try:
         yield world
     finally:
-        for pair in world.values():
-            for ws in pair:
-                ws.close()
+        everyone = [ws for pair in world.values() for ws in pair]
+        for ws in everyone:  # all told first: their last writes end together
+            ws.stop.set()
+        for ws in everyone:
+            ws.close()
 
 
 def schema(cluster: Cluster) -> dict[str, Any]:
@@ -262,11 +265,21 @@ def check_writes(
     for view in rollouts:
         for name, window in windows(view).items():
             frozen.setdefault(name, []).append(window)
+    # The writes as made so far (the workstations may still be writing), then each node's store
+    # read once after: every acknowledged write among them is stored by then. A read of the
+    # store per write (``Node.stored_with``) took seconds of the test's CPU at the end of a
+    # long test (hundreds of writes, each a scan of every entry).
+    made = {ws.name: list(ws.writes) for pair in world.values() for ws in pair}
+    stored = {
+        name: stored_counts(pair[0].node, {w.marker for ws in pair for w in made[ws.name]})
+        for name, pair in world.items()
+    }
     for pair in world.values():
         for ws in pair:
             assert ws.errors == []
-            assert sum(w.status == 201 for w in ws.writes) > 0, ws.name
-            for w in ws.writes:
+            writes, found = made[ws.name], stored[ws.node.name]
+            assert sum(w.status == 201 for w in writes) > 0, ws.name
+            for w in writes:
                 if w.status == 201:
                     continue
                 assert w.status in (0, 503), (ws.name, w)
@@ -277,10 +290,19 @@ def check_writes(
                     for start, end in frozen.get(ws.node.name, [])
                 ), f"{ws.name}: {w.scheme} write refused outside the node's restart window: {w}"
                 if w.status == 503:
-                    assert ws.node.stored_with(w.marker) == 0, w
-            for w in ws.writes:
+                    assert found[w.marker] == 0, w
+            for w in writes:
                 if w.status == 201:
-                    assert ws.node.stored_with(w.marker) == 1, (ws.name, w)
+                    assert found[w.marker] == 1, (ws.name, w)
+
+
+def stored_counts(node: Node, markers: set[str]) -> dict[str, int]:
+    """How many entries in ``node``'s store have each of ``markers`` in their body, as
+    ``Node.stored_with`` counts them (read from the SQLite file itself), in one read."""
+    db_path = node.server_data_dir / "entries.sqlite3"
+    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db:
+        bodies = [str(row[0]) for row in db.execute("SELECT body FROM entries")]
+    return {m: sum(m in body for body in bodies) for m in markers}
 
 
 LONG = 240  # seconds a CLI call with --wait may take (a rollout over three nodes)
@@ -321,7 +343,9 @@ def on_http_named(cluster: Cluster, node: str) -> list[str]:
 def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_stayed(
     tmp_path: Path,
 ) -> None:
-    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    # Agents that read their server's clients every second (``fresh_reports``): each wait for
+    # the still-on-http list to follow the workstations took up to the default 10 s.
+    with fresh_reports(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         wait_until(
             lambda: all(
                 ws.acked_on("http", dt.datetime.min.replace(tzinfo=dt.UTC)) >= 3
@@ -621,7 +645,8 @@ def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path
 @contextlib.contextmanager
 def fresh_reports(root: Path) -> Iterator[tuple[Cluster, list[Node]]]:
     """Three nodes whose agents read their server's clients afresh every second (the default
-    reuses them for 10 s), so "quiet for 8 s" can be told apart from a busy workstation."""
+    reuses them for 10 s), so "quiet for 8 s" can be told apart from a busy workstation, and
+    the still-on-http list follows a workstation's move within seconds."""
     addresses = [next_loopback() for _ in range(3)]
     cluster = AdminTokenCluster(root / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
