@@ -108,6 +108,10 @@ async def main():
             print("STILL OPEN")
         except grpc.aio.AioRpcError as exc:
             print(f"ENDED {exc.code().name} after {time.monotonic() - started:.1f} s")
+    # Said: the end now. The server's side of the stream, its loopback down, is never told the
+    # stream ended, and gRPC's teardown at exit waited for it about 18 s.
+    sys.stdout.flush()
+    os._exit(0)
 
 asyncio.run(main())
 """
@@ -158,10 +162,11 @@ def test_an_agent_notices_a_vanished_leader_at_its_next_message(mode: str) -> No
 
 # A child process: the leader's real Heartbeats service (``tests.leader_rig``, heartbeat interval
 # 1 s: renewal bound 4 s) on argv[2], node hb1 enrolled on argv[3], the node's files written to
-# argv[1]/node, then "READY" on stdout. SIGUSR1 blocks its event loop for argv[4] seconds (a
-# handler that hangs the loop: its gRPC core's own threads still run).
+# argv[1]/node, then "READY" on stdout. SIGUSR1 blocks its event loop for argv[4] seconds, or
+# with "told" until a line comes on its stdin (a handler that hangs the loop: its gRPC core's
+# own threads still run).
 HUNG_LEADER = r"""
-import asyncio, signal, sys, time
+import asyncio, functools, signal, sys, time
 from pathlib import Path
 from tests.leader_rig import leader_with_a_node
 
@@ -175,7 +180,8 @@ async def main():
     for name, pem in zip(("key.pem", "cert.pem", "ca.pem"), rig.node_files):
         (files / name).write_bytes(pem)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGUSR1, lambda: loop.call_soon(time.sleep, float(block)))
+    hang = sys.stdin.readline if block == "told" else functools.partial(time.sleep, float(block))
+    loop.add_signal_handler(signal.SIGUSR1, lambda: loop.call_soon(hang))
     print("READY", flush=True)
     await asyncio.Event().wait()
 
@@ -187,12 +193,14 @@ asyncio.run(main())
 async def leader_that_hangs(
     tmp_path: Path, loopback: Callable[[], str], block: str
 ) -> AsyncIterator[tuple[subprocess.Popen[str], LeaderLink]]:
-    """``HUNG_LEADER`` in a child process (its loop blocked ``block`` seconds at SIGUSR1) and the
-    agent's real link to it, not yet running; both closed at the end."""
+    """``HUNG_LEADER`` in a child process (its loop blocked ``block`` seconds at SIGUSR1, or
+    with "told" until a line is written to its stdin) and the agent's real link to it, not yet
+    running; both closed at the end."""
     leader_address, node_address = loopback(), loopback()
     child = subprocess.Popen(
         [sys.executable, "-c", HUNG_LEADER, str(tmp_path), leader_address, node_address, block],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -223,8 +231,9 @@ async def leader_that_hangs(
         child.send_signal(signal.SIGCONT)
         child.kill()
         child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
         if link is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(link.close(), 5)
@@ -245,10 +254,11 @@ async def test_an_agent_notices_a_leader_whose_python_stopped_within_its_bound(
     for ``UNHEARD_BOUNDS`` renewal bounds asks for an answer now, and a leader that has said
     nothing a renewal bound later is taken for gone: within about 3 bounds (12 s at this 1 s
     interval; 25 s allowed for a busy machine) the agent logs
-    ``heartbeat.failed`` once and drops the stream; once the leader answers again, a new
-    stream says ``heartbeat.ok``. A real leader service in a child process, the agent's real
-    link here."""
-    async with leader_that_hangs(tmp_path, loopback, "30") as (child, link):
+    ``heartbeat.failed`` once and drops the stream; a blocked loop stays blocked while two
+    more of the agent's beats each open a stream it leaves unanswered (no second
+    ``heartbeat.failed``); once the leader answers again, a new stream says ``heartbeat.ok``.
+    A real leader service in a child process, the agent's real link here."""
+    async with leader_that_hangs(tmp_path, loopback, "told") as (child, link):
         with capture_logs() as logs:
             task = asyncio.create_task(link.run())
             try:
@@ -261,7 +271,20 @@ async def test_an_agent_notices_a_leader_whose_python_stopped_within_its_bound(
                 noticed = time.monotonic() - hung
                 if hang == "stopped":
                     child.send_signal(signal.SIGCONT)
-                # (the blocked loop runs again 30 s after it hung)
+                else:  # (blocked 30 s before, most of it after the notice: now on the test's word)
+                    opened: list[object] = []  # (held: an id could be used again)
+
+                    def third_stream() -> bool:  # the second went unanswered too
+                        now = link._stream
+                        if now is not None and all(s is not now for s in opened):
+                            opened.append(now)
+                        return len(opened) >= 3
+
+                    await until(third_stream, "two more streams the blocked leader left", 30)
+                    assert link.healthy is False
+                    assert child.stdin is not None
+                    child.stdin.write("go on\n")
+                    child.stdin.flush()
                 await until(lambda: link.healthy is True, "heartbeat.ok again", 45)
             finally:
                 task.cancel()

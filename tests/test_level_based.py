@@ -53,6 +53,14 @@ def live(node: Node) -> agent_pb2.ServerView:
     return status.server
 
 
+def read_or_nothing(path: Path) -> str:
+    """The text of ``path``, "" while it does not exist."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def password_file(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.touch(0o600)
@@ -277,13 +285,15 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
     so that its preflight begins with the agent stopped (a step deadline longer than the wait
     here, so that the preflight is answered, not failed; no pipelining, so that node1 is not
     prepared while node2 switches). ``mid-switch``: node2's agent is stopped while its switch
-    runs (the server restarting), the leader's watch of the switch open: its server's start
-    slowed to 15 s, so that the stop surely lands while it runs (the note comes from the
-    heartbeats' silence, not from how long the start takes; 3 s left a narrow window on a
-    busy machine: review of s60, L5). ``before-preflight`` slows node2's start as much: a
-    switch whose agent is alive and waits for its server longer than ``SILENT_AFTER`` gets
-    no note (review of s60, M1: only the stopped node's is ever said)."""
-    slow = {"node2": {START_DELAY_ENV: "15"}}
+    runs (the server restarting: once the started server says it waits), the leader's watch of
+    the switch open: its server's start slowed to 8 s, so that the stop surely lands while it
+    runs (the note comes from the heartbeats' silence, not from how long the start takes: the
+    start has ended when it comes; 3 s from "switching" on left a narrow window on a busy
+    machine: review of s60, L5). ``before-preflight`` slows node2's start to 15 s: a switch
+    whose agent is alive and waits for its server longer than ``SILENT_AFTER`` gets no note
+    (review of s60, M1: only the stopped node's is ever said)."""
+    delay = "15" if where == "before-preflight" else "8"
+    slow = {"node2": {START_DELAY_ENV: delay}}
     with cluster_of(tmp_path, 2, node_env=slow, step_deadline=120, prepare_ahead=0) as (
         cluster,
         nodes,
@@ -304,6 +314,16 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
         assert start.returncode == 0, start.stderr
         if where == "mid-switch":
             wait_until(lambda: view_of()["state"] == "switching", 30, "node2 switching")
+            # Stopped once its switch restarts the server, whose start then takes 8 s: none of
+            # it is left when the agent runs again after the note (stopped at "switching", the
+            # agent stopped before the restart in some runs, and the whole start, 15 s then,
+            # came after the note).
+            started = stopped.agent.data_dir / "refserver.log"
+            wait_until(
+                lambda: "test_hook.start_delay" in read_or_nothing(started),
+                30,
+                "node2's switch starting its server",
+            )
         stopped.agent.send_signal(signal.SIGSTOP)
         try:
             wait_until(
