@@ -19,6 +19,7 @@ REPORT = """\
 12.50s call     tests/test_b.py::test_slow[one]
 0.40s setup    tests/test_b.py::test_slow[one]
 3.00s call     tests/test_a.py::test_middle
+1.50s call     tests/test_c.py::test_blocked[loop blocked]
 0.20s call     tests/test_a.py::test_quick
 (12 durations < 0.005s hidden.  Use -vv to show these durations.)
 """
@@ -39,6 +40,7 @@ def test_the_tool_records_each_slow_tests_whole_time_longest_first(tmp_path: Pat
     assert list(recorded.items()) == [
         ("tests/test_b.py::test_slow[one]", 12.9),
         ("tests/test_a.py::test_middle", 3.0),
+        ("tests/test_c.py::test_blocked[loop blocked]", 1.5),
     ]
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent.parent / "tests" / "durations.json"
 MIN_SECONDS = 1.0
 """Shorter tests are left out: their order hardly moves the run's end."""
-LINE = re.compile(r"(?P<secs>\d+(?:\.\d+)?)s (?:setup|call|teardown)\s+(?P<nodeid>tests/\S+)")
+LINE = re.compile(r"(?P<secs>\d+(?:\.\d+)?)s (?:setup|call|teardown)\s+(?P<nodeid>tests/.+)")
+"""A report's line; the test's id is the rest of it (a parameter's id may hold spaces)."""
 
 
 def read(log: Path) -> dict[str, float]:
