@@ -162,8 +162,8 @@ def test_a_node_cut_off_during_its_switch_needs_attention_and_halts_the_rollout(
         assert rollout(cluster, first)["state"] == "halted"
         # node2's agent carries its switch to its end on its own (the leader is not needed
         # for that): its server ends unfrozen, on https (its switch's outcome, which the
-        # leader no longer asks). Looked at last: the rest of the test runs while its held
-        # start (``HOLD``) still delays it, instead of waiting that out first.
+        # leader no longer asks). Looked at last: its held start (``HOLD``) may still be
+        # delaying it, and the rest of the test need not wait for that first.
         wait_until(lambda: unfrozen_on(node2, "https"), 60, "node2's switch to end on its own")
         assert cluster.find_secrets(cluster.logs_text()) == []
 

@@ -287,8 +287,8 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
     prepared while node2 switches). ``mid-switch``: node2's agent is stopped while its switch
     runs (the server restarting: once the started server says it waits), the leader's watch of
     the switch open: its server's start slowed to 8 s, so that the stop surely lands while it
-    runs (the note comes from the heartbeats' silence, not from how long the start takes: the
-    start has ended when it comes; 3 s from "switching" on left a narrow window on a busy
+    runs (the note comes from the heartbeats' silence, not from how long the start takes:
+    little or none of the start is left when it comes; 3 s from "switching" on left a narrow window on a busy
     machine: review of s60, L5). ``before-preflight`` slows node2's start to 15 s: a switch
     whose agent is alive and waits for its server longer than ``SILENT_AFTER`` gets no note
     (review of s60, M1: only the stopped node's is ever said)."""
@@ -314,10 +314,10 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
         assert start.returncode == 0, start.stderr
         if where == "mid-switch":
             wait_until(lambda: view_of()["state"] == "switching", 30, "node2 switching")
-            # Stopped once its switch restarts the server, whose start then takes 8 s: none of
-            # it is left when the agent runs again after the note (stopped at "switching", the
-            # agent stopped before the restart in some runs, and the whole start, 15 s then,
-            # came after the note).
+            # Stopped once its switch restarts the server, whose start then takes 8 s: little
+            # or none of it is left when the agent runs again after the note (stopped at
+            # "switching", the agent stopped before the restart in some runs, and the whole
+            # start, 15 s then, came after the note).
             started = stopped.agent.data_dir / "refserver.log"
             wait_until(
                 lambda: "test_hook.start_delay" in read_or_nothing(started),

@@ -730,8 +730,10 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
         life1 = cert1.not_valid_after_utc - _issued(cert1)
         wait_until(
             lambda: _row(cluster, "node1")["key_pin"] != start1["key_pin"],
+            # (15 s past the latest point its schedule allows: a bound for a loaded machine,
+            # where an agent's cold crypto worker took up to 8 s to sign, not a timing check)
             max(5.0, (_issued(cert1) + life1 * RENEW_TO - dt.datetime.now(UTC)).total_seconds())
-            + 5,
+            + 15,
             "node1 renews by 40 % of its life",
         )
         renewed_at = dt.datetime.fromisoformat(_row(cluster, "node1")["cert_renewed_at"])
@@ -825,7 +827,7 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
         30,
         "the leader warns about node3's certificate",
     )
-    time.sleep(2 * CHECK_EVERY + 1)  # two more checks of the watch: no second line today
+    time.sleep(5 * CHECK_EVERY)  # five more checks of the watch: no second line today
     warned = [
         e
         for e in cluster.leader.log_events()

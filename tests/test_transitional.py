@@ -658,9 +658,10 @@ def fresh_reports(root: Path) -> Iterator[tuple[Cluster, list[Node]]]:
         cluster.wait_for_nodes_online([n.name for n in nodes])
         yield cluster, nodes
     finally:
-        for node in nodes:
-            node.close()
-        cluster.close()
+        with contextlib.ExitStack() as stack:  # every one closed though one's close raises
+            stack.callback(cluster.close)
+            for node in nodes:
+                stack.callback(node.close)
 
 
 @pytest.mark.timeout(420)
