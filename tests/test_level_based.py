@@ -288,10 +288,10 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
     runs (the server restarting: once the started server says it waits), the leader's watch of
     the switch open: its server's start slowed to 8 s, so that the stop surely lands while it
     runs (the note comes from the heartbeats' silence, not from how long the start takes:
-    little or none of the start is left when it comes; 3 s from "switching" on left a narrow window on a busy
-    machine: review of s60, L5). ``before-preflight`` slows node2's start to 15 s: a switch
-    whose agent is alive and waits for its server longer than ``SILENT_AFTER`` gets no note
-    (review of s60, M1: only the stopped node's is ever said)."""
+    little or none of the start is left when it comes; 3 s from "switching" on left a narrow
+    window on a busy machine: review of s60, L5). ``before-preflight`` slows node2's start to
+    15 s: a switch whose agent is alive and waits for its server longer than ``SILENT_AFTER``
+    gets no note (review of s60, M1: only the stopped node's is ever said)."""
     delay = "15" if where == "before-preflight" else "8"
     slow = {"node2": {START_DELAY_ENV: delay}}
     with cluster_of(tmp_path, 2, node_env=slow, step_deadline=120, prepare_ahead=0) as (
