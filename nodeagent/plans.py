@@ -317,7 +317,8 @@ def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True)
         return True  # none, or none of tlsroll's: trying again changes nothing
     try:
         names = sorted(os.listdir(root))
-    except OSError:
+    except OSError as exc:
+        log.warning("stage.remove_failed", path=str(root), error=os_error_text(exc))
         return False
     _still_there(root, names)
     if not names:

@@ -139,12 +139,22 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # parallel workers: the run ends on short tests. A module stays in one piece, in its own order:
 # many share a cluster for the module (a module-scoped fixture), which a worker sets up again
 # each time it comes back to the module from another (sorted test by test, test_renewal's was
-# set up four times on one worker), and the tests sharing one were written in that order. The
-# workers take tests one at a time as they finish (pyproject.toml: --maxschedchunk=1); xdist's
-# default sends each a contiguous quarter of its share at first, which would give the first
-# worker every long module. What the file does not name counts 0 and keeps its collection
-# order.
+# set up four times on one worker), and the tests sharing one were written in that order (such
+# a cluster is set up on each worker that runs one of the module's tests, up to one per worker).
+# The workers take tests one at a time as they finish (``pytest_configure``: --maxschedchunk=1);
+# xdist's default sends each a contiguous quarter of its share at first, which would give the
+# first worker every long module. What the file does not name counts 0 and keeps its
+# collection order.
 DURATIONS = Path(__file__).with_name("durations.json")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist hands each worker one test at a time as it finishes (two queued), in the
+    order ``pytest_collection_modifyitems`` sorts them, unless the command line says otherwise.
+    Set here, not in pyproject's addopts: ``pytest -p no:xdist`` (a debugger's run) would not
+    know the option."""
+    if config.pluginmanager.hasplugin("xdist") and config.option.maxschedchunk is None:
+        config.option.maxschedchunk = 1
 
 
 def _module(nodeid: str) -> str:
@@ -153,9 +163,13 @@ def _module(nodeid: str) -> str:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     try:
-        seconds: dict[str, float] = json.loads(DURATIONS.read_text(encoding="utf-8"))
+        seconds = json.loads(DURATIONS.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # only the order depends on it
+    if not isinstance(seconds, dict) or not all(
+        isinstance(v, int | float) for v in seconds.values()
+    ):
+        return
     per_module: dict[str, float] = {}
     for nodeid, secs in seconds.items():
         per_module[_module(nodeid)] = per_module.get(_module(nodeid), 0.0) + secs

@@ -396,6 +396,7 @@ async def test_a_forgotten_stage_whose_removal_failed_is_tried_again(
 NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
 UNSEARCHABLE = """
 import json, sys
+import structlog.testing
 from pathlib import Path
 from typing import cast
 from nodeagent import plans
@@ -420,12 +421,13 @@ assert r1 is not None
 journal.forget_stages(["r1"])
 conf.chmod(0o600)  # no search permission: lstat of conf/tlsroll-tls fails with EACCES
 try:
-    swept = plans.sweep_stage_dirs(journal, driver, at_start=False)
-    failed = [s.rollout_id for s in plans.remove_stages([r1], "its rollout ended")]
+    with structlog.testing.capture_logs() as logs:
+        swept = plans.sweep_stage_dirs(journal, driver, at_start=False)
+        failed = [s.rollout_id for s in plans.remove_stages([r1], "its rollout ended")]
 finally:
     conf.chmod(0o700)
     journal.close()
-print(json.dumps({"swept": swept, "failed": failed}))
+print(json.dumps({"swept": swept, "failed": failed, "logs": logs}))
 """
 
 
@@ -455,6 +457,8 @@ def test_a_stage_root_the_agent_cannot_look_at_is_a_failed_removal(
     )
     assert ran.returncode == 0, ran.stderr
     result = json.loads(ran.stdout.splitlines()[-1])
-    assert result == {"swept": False, "failed": ["r1"]}, result
-    assert "stage.remove_failed" in ran.stdout + ran.stderr
+    assert (result["swept"], result["failed"]) == (False, ["r1"]), result
+    said = [e for e in result["logs"] if e["event"] == "stage.remove_failed"]
+    assert [e.get("rollout_id") for e in said] == [None, "r1"], said  # the sweep's, r1's
+    assert all("ermission denied" in e["error"] for e in said), said
     assert (r1 / "server.key").exists()  # left for the retry

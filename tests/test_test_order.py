@@ -44,7 +44,9 @@ def test_the_tool_records_each_slow_tests_whole_time_longest_first(tmp_path: Pat
     ]
 
 
-def test_the_tool_refuses_a_log_without_durations_or_none_at_all(tmp_path: Path) -> None:
+def test_the_tool_refuses_a_log_without_durations_none_at_all_or_an_unwritable_place(
+    tmp_path: Path,
+) -> None:
     log, out = tmp_path / "pytest.log", tmp_path / "durations.json"
     log.write_text("4 passed in 1.00s\n")
     ran = run_tool(str(log), "--out", str(out))
@@ -53,6 +55,11 @@ def test_the_tool_refuses_a_log_without_durations_or_none_at_all(tmp_path: Path)
     assert ran.returncode == 1
     assert ran.stderr.startswith("test_durations: cannot read ") and "Traceback" not in ran.stderr
     assert not out.exists()
+    log.write_text(REPORT)  # a good report, a place it cannot be written
+    ran = run_tool(str(log), "--out", str(tmp_path / "no-such-dir" / "durations.json"))
+    assert ran.returncode == 1
+    assert ran.stderr.startswith("test_durations: cannot write ") and "Traceback" not in ran.stderr
+    assert ran.stderr.count("\n") == 1
 
 
 class _Item:
@@ -99,5 +106,19 @@ def test_the_recorded_file_names_tests_of_this_suite_longest_first() -> None:
 
 def test_the_workers_take_one_test_at_a_time(request: pytest.FixtureRequest) -> None:
     """xdist's first hand-out, without it, is a contiguous chunk of the sorted tests per
-    worker: the first worker would get every long one."""
-    assert request.config.getoption("maxschedchunk") == 1
+    worker: the first worker would get every long one. (``make test`` always loads xdist; a
+    run with ``-p no:xdist`` has no workers and no such option.)"""
+    if request.config.pluginmanager.hasplugin("xdist"):
+        assert request.config.getoption("maxschedchunk") == 1
+
+
+def test_a_durations_file_of_another_shape_leaves_the_order_as_collected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = tmp_path / "durations.json"
+    monkeypatch.setattr(conftest, "DURATIONS", recorded)
+    for text in ("[1, 2]", '{"b.py::t": "long"}', "{", '"text"'):
+        recorded.write_text(text)
+        items = [_Item(n) for n in ("a.py::t", "b.py::t")]
+        conftest.pytest_collection_modifyitems(items)  # type: ignore[arg-type]
+        assert [i.nodeid for i in items] == ["a.py::t", "b.py::t"], text

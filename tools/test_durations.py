@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -53,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         for nodeid, secs in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))
         if secs >= MIN_SECONDS
     }
-    args.out.write_text(json.dumps(kept, indent=1) + "\n", encoding="utf-8")
+    temp = args.out.with_name(f".{args.out.name}.tmp")
+    try:  # whole or not at all: the suite's order reads it
+        temp.write_text(json.dumps(kept, indent=1) + "\n", encoding="utf-8")
+        os.replace(temp, args.out)
+    except OSError as exc:
+        print(f"test_durations: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"{len(kept)} tests of {len(seconds)} took {MIN_SECONDS:g} s or more: {args.out}")
     return 0
 
