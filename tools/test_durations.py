@@ -3,11 +3,11 @@
     make pytest PYTEST_ARGS="-n 4 --durations=0" | tee pytest.log
     .venv/bin/python tools/test_durations.py pytest.log      # rewrites tests/durations.json
 
-``tests/conftest.py`` runs the longest recorded tests first (longest processing time first: the
-classic greedy schedule for parallel machines), so that the run ends on short tests instead of
-one worker finishing a long module alone while the others idle. The file only orders tests: a
-test missing from it (new, renamed) runs after the recorded ones, in collection order; an entry
-naming no test is ignored. Refresh it when the slow tests change.
+``tests/conftest.py`` runs the modules with the most recorded time first, each in one piece
+(longest processing time first: the classic greedy schedule for parallel machines), so that the
+run ends on short tests instead of one worker finishing a long module alone while the others
+idle. The file only orders tests: a module it does not name runs after the recorded ones, in
+collection order; an entry naming no test is ignored. Refresh it when the slow tests change.
 """
 
 from __future__ import annotations
