@@ -309,18 +309,13 @@ def sweep_stage_dirs(journal: Journal, driver: Driver, *, at_start: bool = True)
     root = driver.config_file.parent / STAGES
     try:
         root_st = _stage_root(root)
+        names = None if root_st is None else sorted(os.listdir(root))
     except OSError as exc:
-        log.warning("stage.remove_failed", path=str(root), error=os_error_text(exc))
-        return False
-    if root_st is None:
-        _still_there(root, None)
-        return True  # none, or none of tlsroll's: trying again changes nothing
-    try:
-        names = sorted(os.listdir(root))
-    except OSError as exc:
-        log.warning("stage.remove_failed", path=str(root), error=os_error_text(exc))
+        _remove_failed(None, root, exc)
         return False
     _still_there(root, names)
+    if root_st is None:
+        return True  # none, or none of tlsroll's: trying again changes nothing
     if not names:
         return True
     try:
@@ -497,10 +492,10 @@ def _not_ours(directory: Path, root_st: os.stat_result, rollout_id: str) -> bool
     return True
 
 
-def _remove_failed(rollout_id: str, path: Path, exc: OSError) -> None:
-    log.warning(
-        "stage.remove_failed", rollout_id=rollout_id, path=str(path), error=os_error_text(exc)
-    )
+def _remove_failed(rollout_id: str | None, path: Path, exc: OSError) -> None:
+    """``stage.remove_failed``; ``rollout_id`` None for ``tlsroll-tls`` itself."""
+    ids = {} if rollout_id is None else {"rollout_id": rollout_id}
+    log.warning("stage.remove_failed", **ids, path=str(path), error=os_error_text(exc))
 
 
 def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> bool:

@@ -172,7 +172,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return
     per_module: dict[str, float] = {}
     for nodeid, secs in seconds.items():
-        per_module[_module(nodeid)] = per_module.get(_module(nodeid), 0.0) + secs
+        module = _module(nodeid)
+        per_module[module] = per_module.get(module, 0.0) + secs
     first_seen: dict[str, int] = {}
     for at, item in enumerate(items):
         first_seen.setdefault(_module(item.nodeid), at)

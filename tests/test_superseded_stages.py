@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
 from tests.cluster import LEADER_POLL, wait_until
 from tests.nodeside import Node, cluster_of, read_only
+from tests.test_bad_config import NO_DAC, needs_root
 from tests.test_rollback_reach import password_file, phase_1_awaiting
 from tests.test_switch import ConfigOnly, a_stage, journal_switches
 from tests.test_way_back_edit_detection import an_agent
@@ -392,8 +392,7 @@ async def test_a_forgotten_stage_whose_removal_failed_is_tried_again(
 
 
 # A stage directory's parent that the agent's user cannot search: root without the
-# capabilities that let it read any file (as the agent under its unit), in a child process.
-NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+# capabilities that let it read any file (``NO_DAC``, as the agent under its unit), in a child.
 UNSEARCHABLE = """
 import json, sys
 import structlog.testing
@@ -431,10 +430,7 @@ print(json.dumps({"swept": swept, "failed": failed, "logs": logs}))
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="needs root and setpriv (root without its DAC capabilities)",
-)
+@needs_root
 def test_a_stage_root_the_agent_cannot_look_at_is_a_failed_removal(
     tmp_path: Path,
 ) -> None:

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         temp.write_text(json.dumps(kept, indent=1) + "\n", encoding="utf-8")
         os.replace(temp, args.out)
     except OSError as exc:
+        temp.unlink(missing_ok=True)
         print(f"test_durations: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
         return 1
     print(f"{len(kept)} tests of {len(seconds)} took {MIN_SECONDS:g} s or more: {args.out}")
