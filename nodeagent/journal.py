@@ -57,6 +57,9 @@ transaction the agent completes on the copy: from then on the journal explains i
 A transaction's ``plan`` is fixed when it starts (``update`` refuses to change it); what the
 runner learns on the way (``failed_phase``, ``restart_needed``) has columns of its own. Kind,
 phase and outcome are the enums' values as text (a pending outcome is ``''``, as in 0.1.0).
+Transactions are ordered as the journal wrote them (``rowid``: the table is never deleted
+from), never by their ``started_at``: that is the node's wall clock, and after it was stepped
+back (NTP at boot, a VM restored, an admin's ``date``) a newer transaction has the earlier time.
 """
 
 from __future__ import annotations
@@ -241,7 +244,7 @@ class Txn:
     epoch: int
     phase: Phase
     plan: dict[str, Any]  # transaction.Plan as JSON: fixed when the transaction starts
-    started_at: dt.datetime
+    started_at: dt.datetime  # the node's clock then: shown and reported, never an order
     outcome: TxnOutcome = TxnOutcome.PENDING
     reason: str = ""
     watermark: int | None = None
@@ -342,8 +345,26 @@ _UNSWITCHED = (
 )
 # The journal's newest transaction, in the order the journal wrote them (a table of rowids
 # never deleted from: ``rowid`` grows with each insert), not by ``started_at``, which a clock
-# set back would reorder.
+# set back would reorder. Every query that orders transactions orders them so (reviews s59 L8,
+# s60, s61: the way back to http and the sweep took the newest switch from http by
+# ``started_at``, and after a clock stepped back undid an older one). The copy kept before an
+# upgrade is a ``VACUUM INTO``, which SQLite says may renumber the rowids of a table without an
+# INTEGER PRIMARY KEY, as this one is; it copies the rows in rowid order (3.40 keeps the very
+# rowids), and the order is all the journal reads of them.
 _NEWEST_TXN = "SELECT * FROM txns ORDER BY rowid DESC LIMIT 1"
+# The newest completed switch that took the node from http (its source served no https): the
+# one the way back to http (disable-tls) undoes (``Journal.newest_switch_from_http``), whose
+# files the sweep keeps (``Journal.stage_needs``). Read newest first, in the journal's order,
+# and the first that matches ends the read (the rows are the table's, read backwards, no
+# sort): the journal is never pruned, and no more of it is read than the switches since.
+# A plan without ``source_schemes`` (none is written so) counts as from http, as
+# ``plan.get("source_schemes", ())`` did.
+_NEWEST_FROM_HTTP = (
+    "SELECT {columns} FROM txns WHERE kind = ? AND outcome = ? AND NOT EXISTS"
+    " (SELECT 1 FROM json_each(plan, '$.source_schemes') WHERE value = 'https')"
+    " ORDER BY rowid DESC LIMIT 1"
+)
+_SWITCH_DONE = (TxnKind.SWITCH.value, TxnOutcome.COMPLETED.value)
 _PLAN_FILES = ("cert_file", "key_file", "ca_file", "verifier_file")
 
 
@@ -521,8 +542,7 @@ class Journal:
             held = [
                 [str(r["rollout_id"]), str(r["kind"]), str(r["phase"])]
                 for r in db.execute(
-                    "SELECT rollout_id, kind, phase FROM txns WHERE outcome = ?"
-                    " ORDER BY started_at",
+                    "SELECT rollout_id, kind, phase FROM txns WHERE outcome = ? ORDER BY rowid",
                     (_PENDING,),
                 )
             ]
@@ -865,11 +885,9 @@ class Journal:
                 open_back = _open_way_back(db)
                 # What `tlsroll rollout rollback` (disable-tls) restores: the source of the
                 # newest switch from http (``plans.switch_to_undo``), an http config as a rule.
-                switches = db.execute(
-                    "SELECT plan, source_config FROM txns WHERE kind = ? AND outcome = ?"
-                    " ORDER BY started_at DESC",
-                    (TxnKind.SWITCH.value, TxnOutcome.COMPLETED.value),
-                ).fetchall()
+                from_http = db.execute(
+                    _NEWEST_FROM_HTTP.format(columns="plan, source_config"), _SWITCH_DONE
+                ).fetchone()
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -892,12 +910,10 @@ class Journal:
             files |= _plan_files(json.loads(open_back["plan"]), "live_before", "ca_file")
             configs.append(open_back["source_config"])
         serving_tls = bool(_live_tls(live))  # (on http, no way back to http is to come)
-        for row in switches:
-            plan = json.loads(row["plan"])
-            if "https" not in plan.get("source_schemes", ()):
-                files |= _plan_files(plan, "live_before", *(("ca_file",) if serving_tls else ()))
-                configs.append(row["source_config"])
-                break
+        if from_http is not None:
+            plan = json.loads(from_http["plan"])
+            files |= _plan_files(plan, "live_before", *(("ca_file",) if serving_tls else ()))
+            configs.append(from_http["source_config"])
         return StageNeeds(
             staged=frozenset(str(r["rollout_id"]) for r in staged),
             files=frozenset(files),
@@ -970,14 +986,15 @@ class Journal:
             ).fetchone()
         return _txn(row) if row else None
 
-    def completed(self, kind: str) -> list[Txn]:
-        """The completed transactions of ``kind``, the newest first."""
+    def newest_switch_from_http(self) -> Txn | None:
+        """The newest completed switch that took this node from http to https, in the order
+        the journal wrote them (never by ``started_at``: after a clock stepped back, a newer
+        switch has the earlier time), or None. Reads the switches newest first and stops at
+        that one (``_NEWEST_FROM_HTTP``): the way back to http asks on its path, and every
+        completed switch, configs and all, was read and sorted for it."""
         with self._read() as db:
-            rows = db.execute(
-                "SELECT * FROM txns WHERE kind = ? AND outcome = ? ORDER BY started_at DESC",
-                (TxnKind(kind).value, TxnOutcome.COMPLETED.value),
-            ).fetchall()
-        return [_txn(r) for r in rows]
+            row = db.execute(_NEWEST_FROM_HTTP.format(columns="*"), _SWITCH_DONE).fetchone()
+        return _txn(row) if row is not None else None
 
     def configs_after(self, txn: Txn) -> list[tuple[TxnOutcome, bytes | None, bytes | None]]:
         """Each transaction begun after ``txn`` (one runs at a time: each found the config the
@@ -997,9 +1014,12 @@ class Journal:
         ]
 
     def unfinished(self) -> list[Txn]:
+        """The transactions not ended, in the order they began (the journal's: the runner
+        resumes them in it; one runs at a time, so more than one is a journal of an earlier
+        release, or a copy put back)."""
         with self._read() as db:
             rows = db.execute(
-                "SELECT * FROM txns WHERE outcome = ? ORDER BY started_at", (_PENDING,)
+                "SELECT * FROM txns WHERE outcome = ? ORDER BY rowid", (_PENDING,)
             ).fetchall()
         return [_txn(r) for r in rows]
 
@@ -1013,7 +1033,7 @@ class Journal:
             try:
                 rows = db.execute(
                     "SELECT * FROM txns WHERE outcome = ? OR (rollout_id = ? AND kind = ?)"
-                    " ORDER BY started_at",
+                    " ORDER BY rowid",
                     (_PENDING, *key),
                 ).fetchall()
                 live = db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()

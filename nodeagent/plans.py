@@ -1010,9 +1010,9 @@ def switch_to_undo(journal: Journal, undoes: str | None) -> Txn:
                 + _put_back(journal)
             )
         return switch
-    for switch in journal.completed(TxnKind.SWITCH):
-        if "https" not in Plan.from_json(switch.plan).source_schemes:
-            return switch
+    switch = journal.newest_switch_from_http()
+    if switch is not None:
+        return switch
     raise PlanRefused(
         "this node was never switched from http to https; nothing to go back to"
         + _put_back(journal)
