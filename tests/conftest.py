@@ -132,29 +132,39 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 # The longest modules first (their tests' times in tests/durations.json, written by
-# tools/test_durations.py from a run's --durations=0 report). pytest-xdist hands tests out in
+# tools/test_durations.py from a run's --durations=0 report). pytest-xdist hands work out in
 # collection order, so a long test collected late ran on alone after the others had ended:
 # session 61's CI spent its last minutes on one worker finishing tests/test_reenrol_ended.py
 # (three tests of about 65 s) while three idled. Longest first is the greedy schedule for
-# parallel workers: the run ends on short tests. A module stays in one piece, in its own order:
-# many share a cluster for the module (a module-scoped fixture), which a worker sets up again
-# each time it comes back to the module from another (sorted test by test, test_renewal's was
-# set up four times on one worker), and the tests sharing one were written in that order (such
-# a cluster is set up on each worker that runs one of the module's tests, up to one per worker).
-# The workers take tests one at a time as they finish (``pytest_configure``: --maxschedchunk=1);
-# xdist's default sends each a contiguous quarter of its share at first, which would give the
-# first worker every long module. What the file does not name counts 0 and keeps its
-# collection order.
+# parallel workers: the run ends on short modules. A module stays in one piece, in its own
+# order (the tests sharing a cluster were written in that order), and goes to one worker whole
+# (``pytest_configure``): 35 modules share a cluster or another costly thing for the module (a
+# module-scoped fixture), which every worker that runs one of the module's tests sets up again.
+# Handed out one test at a time (session 61), such setups cost the workers about 330 s of a
+# run against 90 s once each: about a minute of the run's wall time on 4 workers (session 62,
+# simulated from CI runs' --durations=0 reports). The longest module (about 275 s) is still
+# short of a quarter of the run. What the file does not name counts 0 and keeps its collection
+# order: the tool records a module's shorter tests together, or a module of many quick ones
+# (tests/test_runner.py: 286 tests, 14 s) would be handed out last, whole, and end the run on
+# one worker.
 DURATIONS = Path(__file__).with_name("durations.json")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """pytest-xdist hands each worker one test at a time as it finishes (two queued), in the
-    order ``pytest_collection_modifyitems`` sorts them, unless the command line says otherwise.
-    Set here, not in pyproject's addopts: ``pytest -p no:xdist`` (a debugger's run) would not
-    know the option."""
-    if config.pluginmanager.hasplugin("xdist") and config.option.maxschedchunk is None:
-        config.option.maxschedchunk = 1
+    """With workers (``-n N``) and no ``--dist`` on the command line, pytest-xdist hands each
+    worker a whole module (``--dist loadscope``, which would hand out a test class apart: the
+    suite has none) in the order ``pytest_collection_modifyitems`` sorts them
+    (``--no-loadscope-reorder``: xdist would sort the modules by their number of tests), the
+    next one when two tests of its own are left. Set here, not in pyproject's addopts:
+    ``pytest -p no:xdist`` (a debugger's run) would not know the options. ``--dist load``
+    spreads a module's tests over the workers again: ``pytest -n 4 tests/test_x.py`` runs on
+    one worker otherwise."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    # -n N makes it "load" (xdist's pytest_cmdline_main); the first parse holds the command line's
+    if config.option.dist == "load" and config.known_args_namespace.dist == "no":
+        config.option.dist = "loadscope"
+        config.option.loadscopereorder = False
 
 
 def _module(nodeid: str) -> str:

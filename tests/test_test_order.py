@@ -4,6 +4,7 @@ tools/test_durations.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,12 +105,96 @@ def test_the_recorded_file_names_tests_of_this_suite_longest_first() -> None:
     assert not missing, f"tests/durations.json names files that are gone: {sorted(missing)}"
 
 
-def test_the_workers_take_one_test_at_a_time(request: pytest.FixtureRequest) -> None:
-    """xdist's first hand-out, without it, is a contiguous chunk of the sorted tests per
-    worker: the first worker would get every long one. (``make test`` always loads xdist; a
-    run with ``-p no:xdist`` has no workers and no such option.)"""
-    if request.config.pluginmanager.hasplugin("xdist"):
-        assert request.config.getoption("maxschedchunk") == 1
+# A session of its own (``-n 2``) on generated modules, each with a module-scoped fixture: the
+# suite's own hooks (tests/conftest.py) with a durations file of the session's.
+MODULE = """\
+import os
+from pathlib import Path
+
+import pytest
+
+
+def note(what):
+    with Path(os.environ["ORDER_LOG"]).open("a") as log:
+        log.write(f"{{os.environ.get('PYTEST_XDIST_WORKER', 'main')}} {{what}}\\n")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    note("setup {name}")
+    yield
+
+
+@pytest.mark.parametrize("n", range({tests}))
+def test_it(cluster, n):
+    note(f"test {name} {{n}}")
+"""
+CONFTEST = """\
+from pathlib import Path
+
+from tests import conftest
+from tests.conftest import pytest_collection_modifyitems, pytest_configure  # noqa: F401
+
+conftest.DURATIONS = Path(__file__).with_name("durations.json")
+"""
+ROOT = TOOL.parent.parent
+MODULES = {"long": 2, "mid": 3, "short": 6}
+"""Longest recorded first, fewest tests first: xdist's own order (by test count) is the reverse."""
+
+
+def run_session(where: Path, *args: str) -> list[list[str]]:
+    """Run the generated modules in a pytest of their own; what they noted: ``[worker, "setup"
+    or "test", module, (test)]`` in the order it happened."""
+    where.mkdir()
+    (where / "pytest.ini").write_text("[pytest]\n")
+    (where / "conftest.py").write_text(CONFTEST)
+    for name, tests in MODULES.items():
+        (where / f"test_{name}.py").write_text(MODULE.format(name=name, tests=tests))
+    recorded = {"test_long.py::test_it[0]": 9.0, "test_mid.py": 5.0, "test_short.py::test_it[1]": 1}
+    (where / "durations.json").write_text(json.dumps(recorded))
+    log = where / "order.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    ran = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+        cwd=where,
+        env=env | {"PYTHONPATH": str(ROOT), "ORDER_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def test_each_worker_takes_whole_modules_longest_first(tmp_path: Path) -> None:
+    """With workers, a module goes to one worker whole, in its order, so that its module-scoped
+    fixture (a cluster, in the suite) is set up once; the longest recorded is handed out first
+    (xdist would hand out the module of the most tests first). Handed out a test at a time
+    (session 61), two of the three modules ran on both workers, their fixtures set up on
+    each."""
+    noted = run_session(tmp_path / "run", "-n", "2")
+    setups = [(worker, module) for worker, what, module, *_ in noted if what == "setup"]
+    assert sorted(module for _, module in setups) == sorted(MODULES), noted
+    worker_of = {module: worker for worker, module in setups}
+    for name, tests in MODULES.items():
+        ran = [line for line in noted if line[1:3] == ["test", name]]
+        assert [(worker, int(n)) for worker, _, _, n in ran] == [
+            (worker_of[name], n) for n in range(tests)
+        ], noted
+    assert next(m for w, m in setups if w == worker_of["long"]) == "long", noted
+
+
+def test_without_workers_the_modules_still_run_longest_first_each_fixture_once(
+    tmp_path: Path,
+) -> None:
+    """``-n 0`` and ``-p no:xdist`` (a debugger's run): the hooks ask xdist for nothing."""
+    for at, args in enumerate((["-n", "0"], ["-p", "no:xdist"])):
+        noted = run_session(tmp_path / f"run{at}", *args)
+        assert [(w, what, m) for w, what, m, *_ in noted if what == "setup"] == [
+            ("main", "setup", name) for name in MODULES
+        ], args
+        assert len(noted) == len(MODULES) + sum(MODULES.values()), args
 
 
 def test_a_durations_file_of_another_shape_leaves_the_order_as_collected(
