@@ -22,6 +22,9 @@ REPORT = """\
 3.00s call     tests/test_a.py::test_middle
 1.50s call     tests/test_c.py::test_blocked[loop blocked]
 0.20s call     tests/test_a.py::test_quick
+0.60s call     tests/test_d.py::test_one
+0.30s call     tests/test_d.py::test_two
+0.25s setup    tests/test_d.py::test_two
 (12 durations < 0.005s hidden.  Use -vv to show these durations.)
 """
 
@@ -32,7 +35,9 @@ def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_tool_records_each_slow_tests_whole_time_longest_first(tmp_path: Path) -> None:
+def test_the_tool_records_each_slow_tests_whole_time_and_a_modules_short_ones_together(
+    tmp_path: Path,
+) -> None:
     log, out = tmp_path / "pytest.log", tmp_path / "durations.json"
     log.write_text(REPORT)
     ran = run_tool(str(log), "--out", str(out))
@@ -42,6 +47,7 @@ def test_the_tool_records_each_slow_tests_whole_time_longest_first(tmp_path: Pat
         ("tests/test_b.py::test_slow[one]", 12.9),
         ("tests/test_a.py::test_middle", 3.0),
         ("tests/test_c.py::test_blocked[loop blocked]", 1.5),
+        ("tests/test_d.py", 1.1),  # its short tests together: a module of many is not empty
     ]
 
 
@@ -72,19 +78,23 @@ def test_collection_puts_the_longest_modules_first_each_in_one_piece_in_its_orde
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Modules by their recorded total (a 6 s module after a 10 s one, though its longest test
-    is shorter), each in one piece and in its own order (a module-scoped cluster is set up once
-    per worker, its tests written in that order); what the file does not name keeps its place
-    after."""
+    is shorter; an entry naming a module is its shorter tests together), each in one piece and
+    in its own order (one worker takes it whole: a module-scoped cluster set up once, its tests
+    written in that order); what the file does not name keeps its place after."""
     recorded = tmp_path / "durations.json"
     recorded.write_text(
-        json.dumps({"b.py::long": 10.0, "a.py::x": 5.0, "a.py::y": 1.0, "gone.py::t": 99.0})
+        json.dumps(
+            {"b.py::long": 10.0, "e.py": 7.0, "a.py::x": 5.0, "a.py::y": 1.0, "gone.py::t": 99.0}
+        )
     )
     monkeypatch.setattr(conftest, "DURATIONS", recorded)
     order = ["c.py::one", "a.py::y", "a.py::new", "a.py::x", "c.py::two", "b.py::long", "d.py::t"]
-    items = [_Item(n) for n in order]
+    items = [_Item(n) for n in (*order, "e.py::one", "e.py::two")]
     conftest.pytest_collection_modifyitems(items)  # type: ignore[arg-type]
     assert [i.nodeid for i in items] == [
         "b.py::long",
+        "e.py::one",
+        "e.py::two",
         "a.py::y",
         "a.py::new",
         "a.py::x",
