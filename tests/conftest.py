@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,17 +144,22 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # Handed out one test at a time (session 61), such setups cost the workers about 330 s of a
 # run against 90 s once each: about a minute of the run's wall time on 4 workers (session 62,
 # simulated from CI runs' --durations=0 reports). The longest module (about 275 s) is still
-# short of a quarter of the run. What the file does not name counts 0 and keeps its collection
-# order: the tool records a module's shorter tests together, or a module of many quick ones
-# (tests/test_runner.py: 286 tests, 14 s) would be handed out last, whole, and end the run on
-# one worker.
+# short of one worker's share (about 1000 s). What the file does not name counts 0 and keeps
+# its collection order: the tool records a module's shorter tests together, or a module of many
+# quick ones (tests/test_runner.py: 286 tests, 14 s) would be handed out last, whole, and end
+# the run on one worker. A worker that crashes mid-module ends as one failed test
+# (``_whole_modules``).
 DURATIONS = Path(__file__).with_name("durations.json")
 
 
+_WHOLE_MODULES = pytest.StashKey[bool]()
+"""Set by ``pytest_configure`` when this conftest chose the schedule (``-n N``, no ``--dist``)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """With workers (``-n N``) and no ``--dist`` on the command line, pytest-xdist hands each
-    worker a whole module (``--dist loadscope``, which would hand out a test class apart: the
-    suite has none) in the order ``pytest_collection_modifyitems`` sorts them
+    """With workers (``-n N``) and no ``--dist`` (or ``-d``) on the command line, pytest-xdist
+    hands each worker a whole module (``--dist loadscope``; ``pytest_xdist_make_scheduler``
+    makes the scheduler) in the order ``pytest_collection_modifyitems`` sorts them
     (``--no-loadscope-reorder``: xdist would sort the modules by their number of tests), the
     next one when two tests of its own are left. Set here, not in pyproject's addopts:
     ``pytest -p no:xdist`` (a debugger's run) would not know the options. ``--dist load``
@@ -161,10 +167,92 @@ def pytest_configure(config: pytest.Config) -> None:
     one worker otherwise."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
-    # -n N makes it "load" (xdist's pytest_cmdline_main); the first parse holds the command line's
-    if config.option.dist == "load" and config.known_args_namespace.dist == "no":
+    # -n N (or -d) makes it "load" (xdist's pytest_cmdline_main); the first parse holds the
+    # command line's own: -d is --dist load too, but sets distload, not dist
+    given = config.known_args_namespace
+    if config.option.dist == "load" and given.dist == "no" and not given.distload:
         config.option.dist = "loadscope"
         config.option.loadscopereorder = False
+        config.stash[_WHOLE_MODULES] = True
+
+
+@pytest.hookimpl(optionalhook=True)  # optional: not a hook at all under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's loadscope scheduler, made to survive a worker's crash (``_whole_modules``), when
+    ``pytest_configure`` chose it; otherwise xdist's own, as the command line says."""
+    if not config.stash.get(_WHOLE_MODULES, False):
+        return None
+    return _whole_modules(config, log)
+
+
+def _whole_modules(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist 3.8's ``LoadScopeScheduling`` with three things changed.
+
+    A worker that crashed (a test that killed its process, a segfault) hung the run: xdist's
+    ``remove_node`` puts the worker's whole workload back on the queue, the modules it had
+    finished too; one of those handed to the replacement worker is an empty list of tests, which
+    that worker waits on forever, and the test that crashed is still pending, so it runs again
+    on each replacement (pytest-xdist issues #1323 and #1327, PR #1371; 3.8.0 is the newest).
+    Here only the modules with tests left go back, first in the queue (they were handed out
+    earlier: longer), and the test that crashed counts as done: xdist reports it failed, once,
+    as ``--dist load`` does. A worker added in a crashed one's place is looked at twice, as
+    xdist's first hand-out does (its #277): a worker runs a test only once it holds the next one
+    or is told to stop, so a module of one test left it waiting for the end of the run. The
+    third: a module is the part of a test's id before its first ``::``; xdist's split at the
+    last would make
+    ``test_x.py::test_y[https://[::1]:8443/]`` a unit of its own, its module's cluster set up
+    again on another worker.
+
+    It leans on xdist's internals (``workqueue``, ``assigned_work``, ``_reschedule``...): if
+    an xdist to come has not what 3.8 has, the workers take one test at a time as before session
+    62 (``--dist load``, ``--maxschedchunk=1``), each module's cluster set up on every worker
+    that runs one of its tests, rather than a failed or hung run; the run says so."""
+    from xdist.scheduler import LoadScheduling, LoadScopeScheduling  # type: ignore[import-untyped]
+
+    needed = ("_split_scope", "_reschedule", "_pending_of", "remove_node", "schedule", "nodes")
+    if all(hasattr(LoadScopeScheduling, name) for name in needed):
+
+        class WholeModules(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no types
+            def _split_scope(self, nodeid: str) -> str:
+                return _module(nodeid)
+
+            def remove_node(self, node: Any) -> str | None:
+                workload: dict[str, dict[str, bool]] = self.assigned_work.pop(node)
+                left = {unit: tests for unit, tests in workload.items() if not all(tests.values())}
+                if not left:
+                    return None  # a worker that ended as told
+                # it ran its tests in the order they were sent: the first not done killed it
+                first = next(iter(left.values()))
+                crashed = next(nodeid for nodeid, done in first.items() if not done)
+                first[crashed] = True  # reported failed by xdist, not run again
+                for unit, tests in reversed(left.items()):
+                    if not all(tests.values()):
+                        self.workqueue[unit] = tests
+                        self.workqueue.move_to_end(unit, last=False)
+                for other in self.nodes:
+                    self._reschedule(other)
+                return crashed
+
+            def schedule(self) -> None:
+                late = self.collection is not None
+                super().schedule()
+                if late:  # as xdist's first hand-out does (its #277): two modules, or the end
+                    for node in self.nodes:
+                        self._reschedule(node)
+
+        scheduler = WholeModules(config, log)
+        if isinstance(scheduler.workqueue, OrderedDict) and type(scheduler.assigned_work) is dict:
+            return scheduler
+    config.option.dist = "load"
+    if config.option.maxschedchunk is None:
+        config.option.maxschedchunk = 1
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            "tests/conftest.py: pytest-xdist's LoadScopeScheduling is not 3.8's: the workers"
+            " take one test at a time (--dist load)"
+        )
+    return LoadScheduling(config, log)
 
 
 def _module(nodeid: str) -> str:
