@@ -197,11 +197,10 @@ def _whole_modules(config: pytest.Config, log: Any) -> Any:
     earlier: longer), and the test that crashed counts as done: xdist reports it failed, once,
     as ``--dist load`` does. A worker added in a crashed one's place is looked at twice, as
     xdist's first hand-out does (its #277): a worker runs a test only once it holds the next one
-    or is told to stop, so a module of one test left it waiting for the end of the run. The
+    or is told to stop, so a module of one test left it waiting until the queue ran out. The
     third: a module is the part of a test's id before its first ``::``; xdist's split at the
-    last would make
-    ``test_x.py::test_y[https://[::1]:8443/]`` a unit of its own, its module's cluster set up
-    again on another worker.
+    last made ``test_x.py::test_y[https://[::1]:8443/]`` a unit of its own, its module's
+    cluster set up again on another worker.
 
     It leans on xdist's internals (``workqueue``, ``assigned_work``, ``_reschedule``...): if
     an xdist to come has not what 3.8 has, the workers take one test at a time as before session
