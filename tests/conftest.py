@@ -240,7 +240,11 @@ def _whole_modules(config: pytest.Config, log: Any) -> Any:
                         self._reschedule(node)
 
         scheduler = WholeModules(config, log)
-        if isinstance(scheduler.workqueue, OrderedDict) and type(scheduler.assigned_work) is dict:
+        if (
+            isinstance(getattr(scheduler, "workqueue", None), OrderedDict)
+            and type(getattr(scheduler, "assigned_work", None)) is dict
+            and getattr(scheduler, "collection", False) is None  # read by schedule(): none yet
+        ):
             return scheduler
     config.option.dist = "load"
     if config.option.maxschedchunk is None:
