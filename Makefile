@@ -99,9 +99,11 @@ demo: $(STAMP)
 	$(PY) deploy/demo.py
 
 # Every fault × step of tests/test_fault_matrix.py (make test runs one seeded step per fault);
-# TLSROLL_FAULT_SEED=N picks other moments.
+# TLSROLL_FAULT_SEED=N picks other moments. One module, its steps spread over the workers
+# (--dist load: tests/conftest.py would hand the whole module to one worker); only with -n, or
+# PYTEST_ARGS="-p no:xdist" (no workers) would not know the option.
 fault-matrix: $(STAMP)
-	$(VENV)/bin/pytest $(PYTEST_ARGS) -m fault_matrix tests/test_fault_matrix.py
+	$(VENV)/bin/pytest $(PYTEST_ARGS) $(if $(filter -n% --numprocesses%,$(PYTEST_ARGS)),--dist load) -m fault_matrix tests/test_fault_matrix.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,29 +133,129 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 # The longest modules first (their tests' times in tests/durations.json, written by
-# tools/test_durations.py from a run's --durations=0 report). pytest-xdist hands tests out in
+# tools/test_durations.py from a run's --durations=0 report). pytest-xdist hands work out in
 # collection order, so a long test collected late ran on alone after the others had ended:
 # session 61's CI spent its last minutes on one worker finishing tests/test_reenrol_ended.py
 # (three tests of about 65 s) while three idled. Longest first is the greedy schedule for
-# parallel workers: the run ends on short tests. A module stays in one piece, in its own order:
-# many share a cluster for the module (a module-scoped fixture), which a worker sets up again
-# each time it comes back to the module from another (sorted test by test, test_renewal's was
-# set up four times on one worker), and the tests sharing one were written in that order (such
-# a cluster is set up on each worker that runs one of the module's tests, up to one per worker).
-# The workers take tests one at a time as they finish (``pytest_configure``: --maxschedchunk=1);
-# xdist's default sends each a contiguous quarter of its share at first, which would give the
-# first worker every long module. What the file does not name counts 0 and keeps its
-# collection order.
+# parallel workers: the run ends on short modules. A module stays in one piece, in its own
+# order (the tests sharing a cluster were written in that order), and goes to one worker whole
+# (``pytest_configure``): 35 modules share a cluster or another costly thing for the module (a
+# module-scoped fixture), which every worker that runs one of the module's tests sets up again.
+# Handed out one test at a time (session 61), such setups cost the workers about 330 s of a
+# run against 90 s once each: about a minute of the run's wall time on 4 workers (session 62,
+# simulated from CI runs' --durations=0 reports). The longest module (about 275 s) is still
+# short of one worker's share (about 1000 s). What the file does not name counts 0 and keeps
+# its collection order: the tool records a module's shorter tests together, or a module of many
+# quick ones (tests/test_runner.py: 286 tests, 14 s) would be handed out last, whole, and end
+# the run on one worker. A worker that crashes mid-module ends as one failed test
+# (``_whole_modules``).
 DURATIONS = Path(__file__).with_name("durations.json")
 
 
+_WHOLE_MODULES = pytest.StashKey[bool]()
+"""Set by ``pytest_configure`` when this conftest chose the schedule (``-n N``, no ``--dist``)."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """pytest-xdist hands each worker one test at a time as it finishes (two queued), in the
-    order ``pytest_collection_modifyitems`` sorts them, unless the command line says otherwise.
-    Set here, not in pyproject's addopts: ``pytest -p no:xdist`` (a debugger's run) would not
-    know the option."""
-    if config.pluginmanager.hasplugin("xdist") and config.option.maxschedchunk is None:
+    """With workers (``-n N``) and no ``--dist`` (or ``-d``) on the command line, pytest-xdist
+    hands each worker a whole module (``--dist loadscope``; ``pytest_xdist_make_scheduler``
+    makes the scheduler) in the order ``pytest_collection_modifyitems`` sorts them
+    (``--no-loadscope-reorder``: xdist would sort the modules by their number of tests), the
+    next one when two tests of its own are left. Set here, not in pyproject's addopts:
+    ``pytest -p no:xdist`` (a debugger's run) would not know the options. ``--dist load``
+    spreads a module's tests over the workers again: ``pytest -n 4 tests/test_x.py`` runs on
+    one worker otherwise."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    # -n N (or -d) makes it "load" (xdist's pytest_cmdline_main); the first parse holds the
+    # command line's own: -d is --dist load too, but sets distload, not dist
+    given = config.known_args_namespace
+    if config.option.dist == "load" and given.dist == "no" and not given.distload:
+        config.option.dist = "loadscope"
+        config.option.loadscopereorder = False
+        config.stash[_WHOLE_MODULES] = True
+
+
+@pytest.hookimpl(optionalhook=True)  # optional: not a hook at all under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's loadscope scheduler, made to survive a worker's crash (``_whole_modules``), when
+    ``pytest_configure`` chose it; otherwise xdist's own, as the command line says."""
+    if not config.stash.get(_WHOLE_MODULES, False):
+        return None
+    return _whole_modules(config, log)
+
+
+def _whole_modules(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist 3.8's ``LoadScopeScheduling`` with three things changed.
+
+    A worker that crashed (a test that killed its process, a segfault) hung the run: xdist's
+    ``remove_node`` puts the worker's whole workload back on the queue, the modules it had
+    finished too; one of those handed to the replacement worker is an empty list of tests, which
+    that worker waits on forever, and the test that crashed is still pending, so it runs again
+    on each replacement (pytest-xdist issues #1323 and #1327, PR #1371; 3.8.0 is the newest).
+    Here only the modules with tests left go back, first in the queue (they were handed out
+    earlier: longer), and the test that crashed counts as done: xdist reports it failed, once,
+    as ``--dist load`` does. A worker added in a crashed one's place is looked at twice, as
+    xdist's first hand-out does (its #277): a worker runs a test only once it holds the next one
+    or is told to stop, so a module of one test left it waiting until the queue ran out. The
+    third: a module is the part of a test's id before its first ``::``; xdist's split at the
+    last made ``test_x.py::test_y[https://[::1]:8443/]`` a unit of its own, its module's
+    cluster set up again on another worker.
+
+    It leans on xdist's internals (``workqueue``, ``assigned_work``, ``_reschedule``...): if
+    an xdist to come has not what 3.8 has, the workers take one test at a time as before session
+    62 (``--dist load``, ``--maxschedchunk=1``), each module's cluster set up on every worker
+    that runs one of its tests, rather than a failed or hung run; the run says so."""
+    from xdist.scheduler import LoadScheduling, LoadScopeScheduling  # type: ignore[import-untyped]
+
+    needed = ("_split_scope", "_reschedule", "_pending_of", "remove_node", "schedule", "nodes")
+    if all(hasattr(LoadScopeScheduling, name) for name in needed):
+
+        class WholeModules(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no types
+            def _split_scope(self, nodeid: str) -> str:
+                return _module(nodeid)
+
+            def remove_node(self, node: Any) -> str | None:
+                workload: dict[str, dict[str, bool]] = self.assigned_work.pop(node)
+                left = {unit: tests for unit, tests in workload.items() if not all(tests.values())}
+                if not left:
+                    return None  # a worker that ended as told
+                # it ran its tests in the order they were sent: the first not done killed it
+                first = next(iter(left.values()))
+                crashed = next(nodeid for nodeid, done in first.items() if not done)
+                first[crashed] = True  # reported failed by xdist, not run again
+                for unit, tests in reversed(left.items()):
+                    if not all(tests.values()):
+                        self.workqueue[unit] = tests
+                        self.workqueue.move_to_end(unit, last=False)
+                for other in self.nodes:
+                    self._reschedule(other)
+                return crashed
+
+            def schedule(self) -> None:
+                late = self.collection is not None
+                super().schedule()
+                if late:  # as xdist's first hand-out does (its #277): two modules, or the end
+                    for node in self.nodes:
+                        self._reschedule(node)
+
+        scheduler = WholeModules(config, log)
+        if (
+            isinstance(getattr(scheduler, "workqueue", None), OrderedDict)
+            and type(getattr(scheduler, "assigned_work", None)) is dict
+            and getattr(scheduler, "collection", False) is None  # read by schedule(): none yet
+        ):
+            return scheduler
+    config.option.dist = "load"
+    if config.option.maxschedchunk is None:
         config.option.maxschedchunk = 1
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            "tests/conftest.py: pytest-xdist's LoadScopeScheduling is not 3.8's: the workers"
+            " take one test at a time (--dist load)"
+        )
+    return LoadScheduling(config, log)
 
 
 def _module(nodeid: str) -> str:
