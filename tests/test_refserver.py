@@ -39,7 +39,13 @@ from refserver.server import RefServer as Server
 from refserver.server import _HttpLog as server_http_log
 from tests.conftest import IssuedCert, count_thread_hops
 from tests.nodeside import read_only
-from tests.refserver_helper import RefServer, Response, peer_certificate, unix_request
+from tests.refserver_helper import (
+    READY_TIMEOUT,
+    RefServer,
+    Response,
+    peer_certificate,
+    unix_request,
+)
 from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki, probe
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -588,12 +594,18 @@ def test_start_delay_holds_the_admin_socket_with_the_public_listeners_up_and_fro
     server.env[START_DELAY_ENV] = "1.5"
     started = time.monotonic()
     server.spawn()
+    # The delay begins once the public listeners are up, however long the start takes to them
+    # (1.2 to 3.3 s at a load of 12 on the 2-CPU test machine: this looked for 1 s only, and
+    # found none): the first answer there comes within it, whenever that is (some 50 ms from
+    # its start to the admin socket's look below, at that load).
     refused = None
-    while time.monotonic() - started < 1.0 and refused is None:
+    while refused is None:
         with contextlib.suppress(OSError):
             refused = post(server, {"early": True})
+        assert server.running, server.log()
+        assert time.monotonic() - started < READY_TIMEOUT, "no public listener"
         time.sleep(0.02)
-    assert refused is not None and refused.status == 503, refused
+    assert refused.status == 503, refused
     with pytest.raises(OSError):
         unix_request(server.admin_socket, "GET", "/admin/status", timeout=1.0)
     status = server.wait_ready()
@@ -787,6 +799,12 @@ def https_login_server(
     return server, https_context(cert)
 
 
+# How long a login's client waits for its answer at most: a hang's bound, not a measure. A
+# login waits for its scrypt check, or for the checks before it, and ``SLOW_CHECK``'s (below)
+# took 33 s at a load of 11 on the 2-CPU test machine, past the 30 s this was.
+ANSWER_TIMEOUT = 100.0
+
+
 def login_from(
     server: RefServer, context: ssl.SSLContext, secret: str, source: str | None = None
 ) -> Response:
@@ -795,7 +813,7 @@ def login_from(
     conn = httpcheck.HTTPSConnection(
         server.address,
         server.port("https"),
-        timeout=30,
+        timeout=ANSWER_TIMEOUT,
         context=context,
         source_address=(source, 0) if source else None,
     )
@@ -1281,7 +1299,8 @@ async def test_the_count_on_a_store_without_its_table_is_kept_in_memory_said_onc
 
 
 # One check of this verifier takes seconds (the production cost times 64: r=32, p=16; about 7 s
-# and 128 MiB on the 2-CPU test machine, where 65 logins line up behind it in 0.3 s).
+# and 128 MiB on the 2-CPU test machine, where 65 logins line up behind it in 0.3 s; 33 s at a
+# load of 11, and everything around it is as much slower: the clients wait ``ANSWER_TIMEOUT``).
 # No password matches it (its hash is random): made without running scrypt.
 SLOW_CHECK = {"n": 2**15, "r": 32, "p": 16}
 
@@ -1305,11 +1324,16 @@ def login_queue(server: RefServer) -> tuple[int, int]:
     return status["login_checking"], status["login_waiting"]
 
 
+# A login the queue has no room for is refused at once, not after the queue's wait (30 s by
+# default): an answer within half of that wait came before it, however loaded the machine.
+AT_ONCE = refserver_config.LOGIN_QUEUE_SECONDS / 2
+
+
 def assert_refused_at_once(resp: Response, took: float) -> None:
     assert resp.status == 429, resp.body
     assert resp.json()["error"] == "rate_limited"
     assert int(resp.headers["retry-after"]) >= 1
-    assert took < 3.0, took  # not after waiting (30 s)
+    assert took < AT_ONCE, took  # not after waiting (30 s)
 
 
 def test_the_login_queue_holds_16_per_source_and_64_in_all(
@@ -1330,6 +1354,8 @@ def test_the_login_queue_holds_16_per_source_and_64_in_all(
         started = time.monotonic()
         resp = login_from(server, ctx, "one-too-many", source)
         assert_refused_at_once(resp, time.monotonic() - started)
+        # nor once the check was over, as a waiting one would be: it still runs
+        assert login_queue(server)[0] == 1, "refused only once the check was over"
 
     with ThreadPoolExecutor(70) as pool:
         checked = pool.submit(login_from, server, ctx, "guess", loopback())
@@ -1346,8 +1372,8 @@ def test_the_login_queue_holds_16_per_source_and_64_in_all(
         refused_now(sources[4])  # the 65th in all, from a source with none waiting
         assert not checked.done(), "the check ended before the queue was full: too fast here"
         assert login_queue(server) == (1, 64)
-        assert checked.result(timeout=60).status == 401
-        assert [f.result(timeout=60).status for f in waiting] == [429] * 64
+        assert checked.result(timeout=ANSWER_TIMEOUT).status == 401
+        assert [f.result(timeout=ANSWER_TIMEOUT).status for f in waiting] == [429] * 64
     status = server.status()
     assert status["login_failures"] == 1 and status["login_refused"] == 66
     assert (status["login_checking"], status["login_waiting"]) == (0, 0)
@@ -1370,10 +1396,12 @@ def test_a_waiting_login_gives_up_after_login_queue_seconds(
         took = time.monotonic() - started
         assert gave_up.status == 429 and gave_up.json()["error"] == "rate_limited"
         assert int(gave_up.headers["retry-after"]) >= 1
-        assert 0.9 <= took < 4.0, took
+        # Waited its 1 s, and not the default 30 s (``AT_ONCE``: half of that); nor until the
+        # check was over: the server still runs it (a clock bound, 4 s, was broken by a load).
+        assert 0.9 <= took < AT_ONCE, took
         assert not checked.done(), "the check ended before the wait's bound: too fast here"
         assert login_queue(server) == (1, 0)
-        assert checked.result(timeout=60).status == 401
+        assert checked.result(timeout=ANSWER_TIMEOUT).status == 401
     status = server.status()
     assert status["login_failures"] == 1 and status["login_refused"] == 1
 
@@ -1385,7 +1413,7 @@ def login_sent(
     conn = httpcheck.HTTPSConnection(
         server.address,
         server.port("https"),
-        timeout=30,
+        timeout=ANSWER_TIMEOUT,
         context=context,
         source_address=(source, 0),
     )
@@ -1417,12 +1445,15 @@ def test_a_login_whose_client_went_away_gives_up_its_place_in_the_queue(
         wait_for(lambda: login_queue(server) == (1, 16), what="16 logins waiting")
         for conn in gone:
             conn.close()
-        wait_for(lambda: login_queue(server) == (1, 0), timeout=3.0, what="the gone ones leaving")
+        # Within ``LOGIN_QUEUE_LOOK`` (1 s) of the close, not after 30 s; nor once the check was
+        # over: it still runs (the condition's 1).
+        wait_for(lambda: login_queue(server) == (1, 0), AT_ONCE, what="the gone ones leaving")
         assert not checked.done(), "the check ended before the gone ones left: too fast here"
         later = pool.submit(login_from, server, ctx, "another", source)
-        wait_for(lambda: login_queue(server) == (1, 1), timeout=3.0, what="the next one waiting")
-        assert checked.result(timeout=60).status == 401
-        assert later.result(timeout=60).status == 429  # one wrong password: the ceiling is full
+        wait_for(lambda: login_queue(server) == (1, 1), AT_ONCE, what="the next one waiting")
+        assert checked.result(timeout=ANSWER_TIMEOUT).status == 401
+        # one wrong password: the ceiling is full
+        assert later.result(timeout=ANSWER_TIMEOUT).status == 429
     status = server.status()
     assert status["login_failures"] == 1 and status["login_refused"] == 1
     assert (status["login_checking"], status["login_waiting"]) == (0, 0)
