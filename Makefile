@@ -103,7 +103,7 @@ demo: $(STAMP)
 # (--dist load: tests/conftest.py would hand the whole module to one worker); only with -n, or
 # PYTEST_ARGS="-p no:xdist" (no workers) would not know the option.
 fault-matrix: $(STAMP)
-	$(VENV)/bin/pytest $(PYTEST_ARGS) $(if $(filter -n% --numprocesses%,$(PYTEST_ARGS)),--dist load) -m fault_matrix tests/test_fault_matrix.py
+	$(VENV)/bin/pytest $(PYTEST_ARGS) $(if $(filter --dist% -d,$(PYTEST_ARGS)),,$(if $(filter -n% --numprocesses%,$(PYTEST_ARGS)),--dist load)) -m fault_matrix tests/test_fault_matrix.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py

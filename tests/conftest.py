@@ -139,8 +139,9 @@ def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # (three tests of about 65 s) while three idled. Longest first is the greedy schedule for
 # parallel workers: the run ends on short modules. A module stays in one piece, in its own
 # order (the tests sharing a cluster were written in that order), and goes to one worker whole
-# (``pytest_configure``): 35 modules share a cluster or another costly thing for the module (a
-# module-scoped fixture), which every worker that runs one of the module's tests sets up again.
+# (``pytest_configure``): some three dozen modules share a cluster or another costly thing for
+# the module (a module-scoped fixture), which every worker that runs one of the module's tests
+# sets up again.
 # Handed out one test at a time (session 61), such setups cost the workers about 330 s of a
 # run against 90 s once each: about a minute of the run's wall time on 4 workers (session 62,
 # simulated from CI runs' --durations=0 reports). The longest module (about 275 s) is still
@@ -232,6 +233,15 @@ def _whole_modules(config: pytest.Config, log: Any) -> Any:
                     self._reschedule(other)
                 return crashed
 
+            def _reschedule(self, node: Any) -> None:
+                # A worker added in a crashed one's place is in ``assigned_work`` from its
+                # start, but can run nothing until its collection is in: handed a module
+                # before that (another worker crashed meanwhile), xdist failed to look its
+                # tests up, kept the module as that worker's, unsent, and the run hung (review
+                # s62 M1). Its own ``schedule()`` hands it work once it has collected.
+                if node in self.registered_collections:
+                    super()._reschedule(node)
+
             def schedule(self) -> None:
                 late = self.collection is not None
                 super().schedule()
@@ -243,6 +253,7 @@ def _whole_modules(config: pytest.Config, log: Any) -> Any:
         if (
             isinstance(getattr(scheduler, "workqueue", None), OrderedDict)
             and type(getattr(scheduler, "assigned_work", None)) is dict
+            and type(getattr(scheduler, "registered_collections", None)) is dict
             and getattr(scheduler, "collection", False) is None  # read by schedule(): none yet
         ):
             return scheduler

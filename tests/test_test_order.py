@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,7 @@ def test_the_recorded_file_names_tests_of_this_suite_longest_first() -> None:
 # suite's own hooks (tests/conftest.py) with a durations file of the session's.
 MODULE = """\
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -140,7 +142,13 @@ def cluster():
 @pytest.mark.parametrize("n", {params!r})
 def test_it(cluster, n):
     note(f"test {name} {{n}}")
-    if os.environ.get("CRASH_AT") == f"{name} {{n}}":
+    if f"{name} {{n}}" in os.environ.get("CRASH_AT", "").split(","):
+        # held until the file is there, if the test says so (bounded by the session's own)
+        held = os.environ.get("CRASH_HELD_FOR", "") if os.environ.get(
+            "CRASH_HELD"
+        ) == f"{name} {{n}}" else ""
+        while held and not Path(held).exists():
+            time.sleep(0.02)
         os._exit(1)  # the worker dies as a segfault would kill it
 """
 CONFTEST = """\
@@ -167,6 +175,7 @@ def run_session(
     crash_at: str = "",
     returncode: int = 0,
     conftest_extra: str = "",
+    env: Mapping[str, str] | None = None,
 ) -> tuple[list[list[str]], str]:
     """Run the generated modules in a pytest of their own (``crash_at``: "module n", the test
     whose worker dies); what they noted, ``[worker, "setup" or "test", module, (test)]`` in the
@@ -181,11 +190,13 @@ def run_session(
     recorded = {"test_long.py::test_it[0]": 9.0, "test_mid.py": 5.0, "test_short.py::test_it[1]": 1}
     (where / "durations.json").write_text(json.dumps(recorded))
     log = where / "order.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CRASH_"))}
     with subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
         cwd=where,
-        env=env | {"PYTHONPATH": str(ROOT), "ORDER_LOG": str(log), "CRASH_AT": crash_at},
+        env=base
+        | dict(env or {})
+        | {"PYTHONPATH": str(ROOT), "ORDER_LOG": str(log), "CRASH_AT": crash_at},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -239,6 +250,52 @@ def test_a_worker_that_crashes_mid_module_is_one_failed_test_and_the_run_ends(
     assert len(rest) == 1 and crashed not in rest, noted
     assert re.search(r"\b1 failed, 10 passed\b", out), out[-3000:]
     assert out.count("crashed while running 'test_short.py::test_it[2]'") == 1, out[-3000:]
+
+
+def test_a_second_crash_while_a_replacement_worker_collects_is_one_more_failed_test(
+    tmp_path: Path,
+) -> None:
+    """Review s62 M1: a worker that crashes while the one that replaced an earlier crashed
+    worker is still collecting: handed a module before its collection was in (the crash's
+    ``remove_node`` looked at every worker), the replacement never got it sent, and the run
+    hung. Here the first replacement (gw2) holds its collection until the second crash
+    (``mid 1``, held until gw2 has begun) has been heard of; each crashed test is one failed
+    test, every other test runs once."""
+    release = tmp_path / "run" / "gw2-collecting"
+    slow = f"""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which says the collection is in
+def pytest_collection_finish(session):
+    if os.environ.get("PYTEST_XDIST_WORKER") != "gw2":
+        return
+    Path({str(release)!r}).touch()  # the second crash may come now
+    log = Path(os.environ["ORDER_LOG"])
+    deadline = time.monotonic() + 60
+    while "test mid 1" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(2)  # the controller hears of that crash meanwhile
+"""
+    noted, out = run_session(
+        tmp_path / "run",
+        "-n",
+        "2",
+        crash_at="long 1,mid 1",
+        returncode=1,
+        conftest_extra=slow,
+        env={"CRASH_HELD": "mid 1", "CRASH_HELD_FOR": str(release)},
+    )
+    assert release.exists(), out[-3000:]  # the replacement was gw2, and it collected slowly
+    tests = sorted((m, int(n[0])) for _, what, m, *n in noted if what == "test")
+    assert tests == [(m, n) for m in MODULES for n in MODULES[m]], noted  # each once
+    assert re.search(r"\b2 failed, 9 passed\b", out), out[-3000:]
+    for crashed in ("test_long.py::test_it[1]", "test_mid.py::test_it[1]"):
+        assert out.count(f"crashed while running '{crashed}'") == 1, out[-3000:]
 
 
 def test_a_parameter_holding_double_colons_stays_with_its_module(tmp_path: Path) -> None:
