@@ -192,7 +192,7 @@ def run_session(
     log = where / "order.log"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "CRASH_"))}
     with subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rN", *args],
         cwd=where,
         env=base
         | dict(env or {})
