@@ -100,8 +100,8 @@ demo: $(STAMP)
 
 # Every fault × step of tests/test_fault_matrix.py (make test runs one seeded step per fault);
 # TLSROLL_FAULT_SEED=N picks other moments. One module, its steps spread over the workers
-# (--dist load: tests/conftest.py would hand the whole module to one worker); only with -n, or
-# PYTEST_ARGS="-p no:xdist" (no workers) would not know the option.
+# (--dist load: tests/conftest.py would hand the whole module to one worker); only with -n (or
+# PYTEST_ARGS="-p no:xdist", no workers, would not know the option) and no --dist of PYTEST_ARGS.
 fault-matrix: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS) $(if $(filter --dist% -d,$(PYTEST_ARGS)),,$(if $(filter -n% --numprocesses%,$(PYTEST_ARGS)),--dist load)) -m fault_matrix tests/test_fault_matrix.py
 
