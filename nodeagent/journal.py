@@ -356,7 +356,8 @@ _NEWEST_TXN = "SELECT * FROM txns ORDER BY rowid DESC LIMIT 1"
 # one the way back to http (disable-tls) undoes (``Journal.newest_switch_from_http``), whose
 # files the sweep keeps (``Journal.stage_needs``). Read newest first, in the journal's order,
 # and the first that matches ends the read (the rows are the table's, read backwards, no
-# sort): the journal is never pruned, and no more of it is read than the switches since.
+# sort): the journal is never pruned, and no more of it is read than the transactions since
+# that switch (a row each: a rotation's, a way back's).
 # A plan without ``source_schemes`` (none is written so) counts as from http, as
 # ``plan.get("source_schemes", ())`` did.
 _NEWEST_FROM_HTTP = (
