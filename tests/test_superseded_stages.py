@@ -391,6 +391,43 @@ async def test_a_forgotten_stage_whose_removal_failed_is_tried_again(
         journal.close()
 
 
+@needs_root
+async def test_a_stage_a_create_csr_ended_whose_removal_failed_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s60 L2: a CreateCSR forgets every other unswitched stage and removes its
+    directory (``_record_csr``); one whose removal failed is kept (``_unremoved``) and must be
+    tried again (``_retry_removals``), as ``forget_ended``'s are: no transaction ends and no
+    sweep comes on its own while the next rollout only stages. The key itself is not made here
+    (the crypto worker's part: ``_new_key`` journals the CSR as after the worker's answer);
+    the command's path from there is the agent's own, under its lock."""
+    monkeypatch.setattr(service, "SWEEP_RETRY_FIRST", 0.05)
+    agent, journal, _ = in_process(tmp_path)
+    root = tmp_path / "conf" / "tlsroll-tls"
+    older = a_stage(root, "r3")
+    journal.record_csr("r3", older / "server.key", b"csr")
+
+    async def new_key(_: Driver, rollout_id: str) -> tuple[bytes, set[str]]:
+        key_file = a_stage(root, rollout_id) / "server.key"
+        return await asyncio.to_thread(agent._record_csr, rollout_id, key_file, b"csr r4")
+
+    monkeypatch.setattr(agent, "_new_key", new_key)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with read_only(older):
+                assert await agent._csr(cast(Driver, None), "r4") == b"csr r4"
+                failed = [e["path"] for e in logs if e["event"] == "stage.remove_failed"]
+                assert failed == [str(older)], failed
+            await until(lambda: not older.exists(), "the retry's removal of r3's stage")
+            await until(lambda: agent._sweep_retry is None and not agent._unremoved, "the end")
+        removed = [(e["rollout_id"], e["why"]) for e in logs if e["event"] == "stage.removed"]
+        assert removed == [("r3", "a later rollout staged")], removed
+        assert (root / "r4" / "server.key").exists()  # the stage the CreateCSR made stays
+        await agent.close()
+    finally:
+        journal.close()
+
+
 # A stage directory's parent that the agent's user cannot search: root without the
 # capabilities that let it read any file (``NO_DAC``, as the agent under its unit), in a child.
 UNSEARCHABLE = """
