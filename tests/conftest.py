@@ -32,6 +32,9 @@ _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or
 _SLOT = os.environ.get("TLSROLL_TEST_SLOT", "")
 _SEED = int(_SLOT) if _SLOT.isdigit() else int(_RUN[:8], 16) if _RUN else os.getpid()
 _BASE = 100 + _SEED % 25 * 6 + _WORKER % 6
+# A worker that replaces a crashed one (xdist names it gw6, gw7, ... with -n 6) shares the
+# second octet of one still running: its addresses take a third octet of their own.
+_THIRD = _WORKER // 6 * 64
 _counter = itertools.count(1)
 
 
@@ -44,7 +47,7 @@ def none_fresh(_infos: Mapping[str, Any], _now: dt.datetime) -> frozenset[str]:
 
 def next_loopback() -> str:
     n = next(_counter)
-    return f"127.{_BASE}.{n // 250}.{n % 250 + 1}"
+    return f"127.{_BASE}.{_THIRD + n // 250}.{n % 250 + 1}"
 
 
 @pytest.fixture

@@ -352,3 +352,29 @@ def test_a_durations_file_of_another_shape_leaves_the_order_as_collected(
         items = [_Item(n) for n in ("a.py::t", "b.py::t")]
         conftest.pytest_collection_modifyitems(items)  # type: ignore[arg-type]
         assert [i.nodeid for i in items] == ["a.py::t", "b.py::t"], text
+
+
+def test_a_replacement_worker_gets_addresses_no_running_worker_has() -> None:
+    """xdist names a worker that replaces a crashed one gw6, gw7, ... (with ``-n 6``, gw0 to
+    gw5 run): the second octet is the worker's id modulo 6, so gw6 had gw0's very addresses
+    while gw0 still ran its cluster."""
+    code = "from tests import conftest; print(*(conftest.next_loopback() for _ in range(300)))"
+
+    def addresses(worker: str) -> set[str]:
+        env = {**os.environ, "PYTEST_XDIST_WORKER": worker, "TLSROLL_TEST_SLOT": "3"}
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return set(out.stdout.split())
+
+    first, replacement, other = addresses("gw0"), addresses("gw6"), addresses("gw1")
+    assert len(first) == len(replacement) == 300
+    assert not first & replacement
+    assert not first & other
+    assert all(a.startswith("127.") for a in first | replacement)
