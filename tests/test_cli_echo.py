@@ -383,6 +383,22 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
             "--cert-dir goes with --change enable-tls or rotate-cert",
         ),
         (("schema", "show", "--rollout", "bad id!"), 2, "not a rollout id"),
+        # an empty one given: usage (2), never "the active or newest rollout" (review s63 ops
+        # M4: `rollout rollback "$RID" --yes` with RID unset took the whole cluster back)
+        *(
+            ((*command, ""), 2, "an empty rollout id: give one")
+            for command in (
+                ("rollout", "status"),
+                ("rollout", "pause"),
+                ("rollout", "resume"),
+                ("rollout", "abort"),
+                ("rollout", "finalize", "--yes"),
+                ("rollout", "rollback", "--yes"),
+                ("rollout", "retry"),
+                ("notify", "--rollout"),
+                ("schema", "show", "--rollout"),
+            )
+        ),
         (
             ("token", "revoke", "bad id"),
             2,

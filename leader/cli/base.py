@@ -677,10 +677,20 @@ ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 test keeps the two equal)."""
 
 
-def rollout_id_param(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+def rollout_id_param(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     """A click callback for a rollout id argument or option: ``not_a_secret``, then a usage
     error (exit 2) for what has no rollout id's shape, for every command alike (review
-    s48rev3 L4: the leader answered "no rollout", exit 1, for most)."""
+    s48rev3 L4: the leader answered "no rollout", exit 1, for most). An empty one given is
+    refused too: left out, the commands take the active or newest rollout, and
+    ``tlsroll rollout rollback "$RID" --yes`` with ``RID`` unset took the whole cluster back
+    (review s63 ops M4)."""
+    if value == "" and param.name is not None:
+        source = ctx.get_parameter_source(param.name)
+        if source not in (None, click.core.ParameterSource.DEFAULT):
+            raise click.BadParameter(
+                "an empty rollout id: give one (tlsroll schema show lists them), or leave it"
+                " out for the active or newest rollout"
+            )
     if value:
         not_a_secret(value, ROLLOUT_WANTED)
         # The leader says the same, but a long one made the request too big for its JSON
