@@ -298,6 +298,12 @@ def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
         "https://127.000.000.010.:8443/praxis_live/",
         "https://127.1.:8443/praxis_live/",
         "https://0x7f.0.0.1.:8443/praxis_live/",
+        # Review s63 ops M3: the resolver refuses these host names (an empty label, one over 63
+        # characters) with UnicodeError, which the run said as "internal error"
+        "https://praxis..local:8443/praxis_live/",
+        "https://.:8443/praxis_live/",
+        f"https://{'x' * 64}.praxis.local:8443/praxis_live/",
+        "http://praxis..local:8080/praxis_live/",
     ],
 )
 def test_url_usage_errors(url: str) -> None:

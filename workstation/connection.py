@@ -316,6 +316,17 @@ def check_url(text: str) -> ServerURL:
     if not path.endswith("/"):
         path += "/"
     host = _check_numeric_host(hostname, example)
+    try:
+        # As the resolver will (``socket.getaddrinfo`` encodes a host name so): an empty label
+        # (``a..b``, ``.``) or one over 63 characters raised UnicodeError there, "internal
+        # error" (review s63 ops M3).
+        host.encode("idna")
+    except UnicodeError:
+        raise click.BadParameter(
+            f"{shown(text)} is not a server address: {shown(host)} is no host name (an empty"
+            f" part between dots, or one longer than 63 characters); use {example}",
+            param_hint="URL",
+        ) from None
     if scheme == "http" or port == HTTP_PORT:
         raise OldAddress(text.strip(), ServerURL(host, HTTPS_PORT, path))
     if port is None:
