@@ -158,6 +158,12 @@ fi
 if [ -n "$address" ] && ! [[ $address =~ ^[0-9a-fA-F:.]+$ ]]; then
     usage_error "--address '$address' is not an IP address"
 fi
+# An IPv4 address is four numbers 0-255 written plainly, as ``tlsroll init`` takes it (999.1.1.1
+# or 1.2.3 installed, and the init command printed then was refused: review s63 ops L1).
+if [ -n "$address" ] && [[ $address != *:* ]] &&
+    ! [[ $address =~ ^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$ ]]; then
+    usage_error "--address '$address' is not an IPv4 address (four numbers 0-255, e.g. 192.168.1.5)"
+fi
 # What ``tlsroll init`` refuses too (tlsroll/names.py ip_problem): say it before installing.
 case "${address,,}" in
     0.0.0.0 | :: | 127.0.0.1 | ::1 | 255.255.255.255)
@@ -170,6 +176,27 @@ if [ "$role" = uninstall ] && [ "$yes" = yes ] && [ "$purge" = no ]; then
 fi
 if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:]] ]]; then
     usage_error "--server-config-dir must be an absolute path without spaces"
+fi
+if [ -n "$server_config_dir" ]; then
+    # The drop-in makes this directory writable to the root agent (ReadWritePaths=): a system
+    # directory, or tlsroll's own, would lift the sandbox's read-only system (ReadWritePaths=/
+    # lifts all of it; /etc holds shadow, sudoers, the units). Compared as written, without
+    # "//", "/./", ".." or a final "/" (review s63 ops M2).
+    if [[ $server_config_dir =~ (^|/)\.\.?(/|$) || $server_config_dir == *//* ]]; then
+        usage_error "--server-config-dir '$server_config_dir': write the path plainly (no '.', '..' or '//')"
+    fi
+    scd=${server_config_dir%/}
+    case "$scd" in
+        "" | /etc | /usr | /usr/local | /usr/local/etc | /usr/lib | /usr/share | /var | /var/lib | \
+            /var/log | /var/cache | /opt | /srv | /home | /root | /tmp | /var/tmp | /mnt | /media | \
+            /bin | /sbin | /lib | /lib64 | /boot | /boot/* | /dev | /dev/* | /proc | /proc/* | \
+            /sys | /sys/* | /run | /run/* | /root/* | /etc/systemd | /etc/systemd/* | \
+            /usr/lib/systemd | /usr/lib/systemd/* | /etc/sudoers.d | /etc/sudoers.d/* | \
+            /etc/pam.d | /etc/pam.d/* | /etc/ssh | /etc/ssh/* | /etc/cron* | /etc/security | \
+            /etc/security/* | /etc/tlsroll* | /var/lib/tlsroll* | /opt/tlsroll*)
+            usage_error "--server-config-dir '$server_config_dir' is a system directory or tlsroll's own: the agent may write in it; name the managed server's own config directory, e.g. /etc/praxis"
+            ;;
+    esac
 fi
 
 [ "$(id -u)" = 0 ] || die "run me as root (Debian has no sudo by default: su - -c '$0 $role ...')"

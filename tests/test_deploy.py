@@ -354,10 +354,27 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
             "127.0.0.1",
             "::1",
             "224.0.0.1",
+            "999.1.1.1",  # (review s63 ops L1: installed, and the printed init refused it)
+            "1.2.3",
+            "192.168.001.5",
         )
     ]
     # (`uninstall --yes`: --yes goes with --purge, the usage says so: session 56's README walk)
     bad += ["leader --address", "uninstall --force", "uninstall --yes", "ca-credential --purge"]
+    # A server config dir the agent's drop-in would make writable (ReadWritePaths=): a system
+    # directory or tlsroll's own lifts the sandbox's read-only system (review s63 ops M2).
+    bad += [
+        f"agent --server-config-dir {d}"
+        for d in (
+            "/",
+            "/etc",
+            "/etc/",
+            "/usr",
+            "/var/lib/tlsroll",
+            "/etc/tlsroll",
+            "/etc/praxis/..",
+        )
+    ]
     for args in bad:
         result = throwaway.run(f"{install} {args}")
         assert result.returncode == 2, (args, result.stdout, result.stderr)
