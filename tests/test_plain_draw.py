@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
+import sys
 from dataclasses import replace
 
 import pytest
@@ -283,3 +285,153 @@ def test_a_node_a_when_quiet_finalize_holds_says_why() -> None:
     assert running.count(says) == 1 and AWAITING in running, running
     held.waits_until_quiet = False
     assert says not in text(types_pb2.ROLLOUT_STATE_RUNNING, held)
+
+
+# --- `schema show --watch` on a terminal ---------------------------------------------------------
+
+
+class Tty(io.StringIO):
+    """The watch's stdout, taken for a terminal's."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def watched_rollout(state: types_pb2.RolloutState.ValueType, more: int = 0) -> dict[str, object]:
+    """A rotate-cert of na, nb (done) and nc (switching; the third row), with a password
+    staged since (the review's capture), and ``more`` nodes after them: one in seven failed,
+    the others pending; as ``schema show --watch`` reads it (``to_dict`` of the view, as
+    ``fetch_schema_json`` gives it)."""
+    began = dt.datetime(2026, 12, 6, 10, 54, tzinfo=dt.UTC)
+    view = schema_pb2.RolloutView(
+        id="r20261206-105354-bf7a",
+        state=state,
+        change=types_pb2.CHANGE_ROTATE_CERT,
+        scope=types_pb2.SCOPE_KIND_CLUSTER,
+        strategy=types_pb2.STRATEGY_DIRECT,
+        max_parallel=1,
+        freeze=types_pb2.FREEZE_MODE_NODE,
+        epoch=3,
+    )
+    view.created_at.FromDatetime(began)
+    names = ["na", "nb", "nc", *(f"m{k}" for k in range(more))]
+    for i, name in enumerate(names, 1):
+        node = schema_pb2.NodeView(
+            name=name,
+            old_url=f"https://10.0.0.{i}:8443/praxis_live/",
+            new_url=f"https://10.0.0.{i}:8443/praxis_live/",
+            password_pending=True,
+        )
+        if name in ("na", "nb"):
+            node.state = types_pb2.NODE_STATE_DONE
+            node.restart_seconds = 4.0
+            node.freeze_seconds = 4.1
+            node.freeze_started_at.FromDatetime(began)
+            node.freeze_ended_at.FromDatetime(began + dt.timedelta(seconds=4))
+            node.cert_not_after.FromDatetime(began + dt.timedelta(days=365))
+        elif name == "nc":
+            node.state = types_pb2.NODE_STATE_SWITCHING
+            node.freeze_started_at.FromDatetime(began + dt.timedelta(seconds=9))
+        elif i % 7 == 0:
+            node.state = types_pb2.NODE_STATE_FAILED
+            node.reason = "preflight failed: the managed server: connection refused"
+        else:
+            node.state = types_pb2.NODE_STATE_PENDING
+        view.nodes.append(node)
+    return to_dict(view)
+
+
+@pytest.mark.parametrize(("width", "height", "more"), [(80, 24, 0), (200, 50, 0), (80, 24, 60)])
+def test_the_watch_fits_the_terminal_with_the_node_in_flight_on_it(
+    monkeypatch: pytest.MonkeyPatch, width: int, height: int, more: int
+) -> None:
+    """Review s63 M2: `schema show --watch` gave rich's Live the whole table, which Live cut
+    at the screen's foot ("..."): in 80x24 a row folded onto eight lines and two nodes of three
+    fitted; the node switching was not on screen in 49 of the 52 frames of its rollout. The
+    watch (its own code, the leader's answers given here) draws frames that fit the terminal:
+    the heading, the counts per state, the nodes in flight or failed first, the others while
+    they fit, and how many more. Once the rollout ends, the whole table stays."""
+    from leader.cli import schema_cmd
+
+    out = io.StringIO()
+    screen = Console(
+        file=out,
+        force_terminal=True,
+        width=width,
+        height=height,
+        highlight=False,
+        soft_wrap=True,  # as leader.cli.base.console() makes it
+        markup=False,
+        emoji=False,
+    )
+    running = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING, more)
+    ended = watched_rollout(types_pb2.ROLLOUT_STATE_COMPLETED, more)
+    answers = iter([running, ended])
+    shown: list[str] = []
+
+    def fetch(*_args: object, **_kwargs: object) -> dict[str, object]:
+        if out.getvalue() and not shown:  # Live has drawn its first frame, of ``running``
+            shown.append(out.getvalue())
+        return {"rollouts": [next(answers)]}
+
+    monkeypatch.setattr(schema_cmd, "fetch_schema_json", fetch)
+    monkeypatch.setattr(schema_cmd, "console", lambda: screen)
+    stdout = Tty()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", str(width))
+    monkeypatch.setenv("NO_COLOR", "1")
+    schema_cmd.watch_schema(None, "", False, interval=0)  # type: ignore[arg-type]
+    monkeypatch.undo()
+
+    # The first frame: up to the cursor's return for the next one; without the escapes.
+    frame = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown[0].split("\r")[0]).splitlines()
+    nc = [line for line in frame if line.startswith("│ 3 ") and "│ nc " in line]
+    assert len(nc) == 1, "\n".join(["the node switching is not on screen:", *frame])
+    assert "│ switching │" in nc[0], nc
+    assert len(frame) <= height and all(cell_len(line) <= width for line in frame), frame
+    assert all(line.strip() != "..." for line in frame), frame  # what Live puts where it cut
+    rows = [line for line in frame if line.startswith("│ ")]
+    assert frame[1] == (
+        "63 nodes: 9 failed, 1 switching, 51 pending, 2 done"
+        if more
+        else "3 nodes: 1 switching, 2 done"
+    )
+    if more:  # the failed ones right after the switching one, then the others while they fit
+        assert [r.split("│")[3].strip() for r in rows[:10]] == ["switching"] + ["failed"] * 9
+        assert frame[-1].startswith(f"… {63 - len(rows)} more (all: tlsroll schema show --rollout")
+    else:
+        assert len(rows) == 3
+    if width >= 200:  # a wide terminal has room for every column
+        head = next(line for line in frame if line.startswith("┃"))
+        assert "old address" in head and "cert expires" in head and "freeze" in head
+    # Once it ends, the live view goes and the whole table of the rollout stays, uncut.
+    assert stdout.getvalue() == "\n".join(render_rollout(ended).lines(width, False)) + "\n"
+
+
+def test_a_watch_stopped_by_ctrl_c_leaves_the_whole_table_as_last_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The live view goes when the watch ends (its cells and rows are cut to the screen);
+    when it is stopped by Ctrl-C too, the rollout's whole table as last seen stays on the
+    terminal."""
+    from leader.cli import schema_cmd
+
+    screen = Console(file=io.StringIO(), force_terminal=True, width=80, height=24)
+    running = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING)
+    answers: list[dict[str, object]] = [{"rollouts": [running]}]
+
+    def fetch(*_args: object, **_kwargs: object) -> dict[str, object]:
+        if not answers:
+            raise KeyboardInterrupt
+        return answers.pop()
+
+    monkeypatch.setattr(schema_cmd, "fetch_schema_json", fetch)
+    monkeypatch.setattr(schema_cmd, "console", lambda: screen)
+    stdout = Tty()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("NO_COLOR", "1")
+    with pytest.raises(KeyboardInterrupt):  # `schema show` says "stopped watching" then
+        schema_cmd.watch_schema(None, "", False, interval=0)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    assert stdout.getvalue() == "\n".join(render_rollout(running).lines(80, False)) + "\n"

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from leader.cli.plain import Block, Styled, Table
+from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions
 
 View = Mapping[str, Any]
 """A message of the schema as JSON data (``leader.cli.base.to_dict``)."""
@@ -149,7 +152,25 @@ def _state_left(r: View) -> Styled:
     return Styled(", ".join([r["state"], *marks]), "bold yellow")
 
 
-def render_rollout(r: View) -> Block:
+def _reason(r: View, n: View) -> str:
+    """A node's reason column: its reason, then what it waits for."""
+    return "; ".join(
+        filter(
+            None,
+            [
+                n.get("reason"),
+                PENDING if n.get("password_pending") else "",
+                AWAITING if n.get("awaiting_report") else "",
+                QUIET.format(seconds=r.get("when_quiet_seconds", 0))
+                if n.get("waits_until_quiet")
+                else "",
+            ],
+        )
+    )
+
+
+def _head(r: View) -> list[Styled]:
+    """The rollout's heading: its id, its state and its options, on one line."""
     scope_nodes = r.get("scope_nodes", [])
     rest = Styled(
         f"  change {r['change']}  scope {r['scope']}"
@@ -166,6 +187,11 @@ def render_rollout(r: View) -> Block:
         _state_left(r),
         rest,
     ]
+    return head
+
+
+def render_rollout(r: View) -> Block:
+    head = _head(r)
     times = Styled(
         f"created {fmt_time(r, 'created_at')} by {r.get('started_by') or '-'}"
         f"   started {fmt_time(r, 'started_at')}   ended {fmt_time(r, 'ended_at')}"
@@ -195,23 +221,150 @@ def render_rollout(r: View) -> Block:
             _seconds(n["restart_seconds"]) if n.get("restart_seconds") else "-",
             fmt_time(n, "cert_not_after"),
             str(n["still_on_http"]) if n.get("still_on_http") else "-",
-            "; ".join(
-                filter(
-                    None,
-                    [
-                        n.get("reason"),
-                        PENDING if n.get("password_pending") else "",
-                        AWAITING if n.get("awaiting_report") else "",
-                        QUIET.format(seconds=r.get("when_quiet_seconds", 0))
-                        if n.get("waits_until_quiet")
-                        else "",
-                    ],
-                )
-            ),
+            _reason(r, n),
         )
     if removed:
         return Block(head, times, Styled(removed_since(removed)), table)
     return Block(head, times, table)
+
+
+# --- `schema show --watch` on a terminal -------------------------------------------------------
+
+IN_FLIGHT = ("preflight", "staging", "staged", "switching", "confirming")
+TROUBLE = ("needs_attention", "failed", "rolled_back")
+COUNTED = (*TROUBLE, *IN_FLIGHT, "pending", "dual", "done", "skipped")
+"""The order of the states in the live view's line of counts: what wants a look first."""
+LIVE_DROPS = ("cert expires", "old address", "restart", "freeze", "on http")
+"""The live view's columns a narrow terminal goes without, the first first: what the admin
+watches is which node is where, at which address, and why it stopped."""
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` (``clean``) on at most ``width`` columns, ending in "…" where it was cut."""
+    text = clean(text)
+    if cell_len(text) <= width:
+        return text
+    if width < 1:
+        return ""
+    text = text[:width]  # a character takes one column or two: no more are needed
+    while text and cell_len(text) > width - 1:
+        text = text[:-1]
+    return text + "…"
+
+
+def _cut_line(pieces: Sequence[Styled], width: int) -> list[Styled]:
+    """A line of styled pieces on at most ``width`` columns."""
+    out: list[Styled] = []
+    room = width
+    for piece in pieces:
+        text = clean(piece.text)
+        if cell_len(text) > room:
+            out.append(Styled(_cut(text, room), piece.style))
+            break
+        out.append(Styled(text, piece.style))
+        room -= cell_len(text)
+    return out
+
+
+def _counts(nodes: Sequence[View]) -> list[Styled]:
+    """``3 nodes: 1 switching, 1 pending, 1 done``: how many are in each state."""
+    states = [n["state"] for n in nodes]
+    order = [*COUNTED, *sorted(set(states) - set(COUNTED))]  # a state of a newer leader: last
+    counts = [
+        Styled(f"{states.count(s)} {s}", STATE_STYLE.get(s, "")) for s in order if s in states
+    ]
+    line = [Styled(f"{len(nodes)} node{'' if len(nodes) == 1 else 's'}" + (": " if counts else ""))]
+    for i, count in enumerate(counts):
+        line += [Styled(", ")] if i else []
+        line.append(count)
+    return line
+
+
+def _live_table(r: View, rows: Sequence[tuple[int, View]], width: int) -> Table:
+    """The nodes' table of the live view, one line per node, no wider than ``width``: without
+    the columns of ``LIVE_DROPS`` it has no room for, the widest cells cut ("…")."""
+    freeze = f"freeze ({freeze_clock(r)})"
+    columns: dict[str, list[Styled]] = {
+        "#": [Styled(str(i)) for i, _ in rows],
+        "node": [
+            Styled(n["name"] + (" (leader)" if n.get("leader_node") else "")) for _, n in rows
+        ],
+        "state": [_styled(n["state"]) for _, n in rows],
+        "old address": [Styled(n.get("old_url") or "-") for _, n in rows],
+        "new address": [Styled(n.get("new_url") or "-") for _, n in rows],
+        freeze: [Styled(freeze_window(n)) for _, n in rows],
+        "restart": [
+            Styled(_seconds(n["restart_seconds"]) if n.get("restart_seconds") else "-")
+            for _, n in rows
+        ],
+        "cert expires": [Styled(fmt_time(n, "cert_not_after")) for _, n in rows],
+        "on http": [
+            Styled(str(n["still_on_http"]) if n.get("still_on_http") else "-") for _, n in rows
+        ],
+        "reason": [Styled(_reason(r, n)) for _, n in rows],
+    }
+    natural = {
+        h: max(cell_len(clean(c.text)) for c in [Styled(h), *cells]) for h, cells in columns.items()
+    }
+    # Only the node's name and the reason are cut to make room; the rest stays whole or goes.
+    least = {h: min(w, {"node": 12, "reason": 10}.get(h, w)) for h, w in natural.items()}
+    drops = [freeze if d == "freeze" else d for d in LIVE_DROPS]
+    while drops and 1 + sum(least[h] + 3 for h in columns) > width:
+        del columns[drops.pop(0)]
+    widths = fit(
+        [natural[h] for h in columns], [least[h] for h in columns], width - 1 - 3 * len(columns)
+    )
+    table = Table(*(_cut(h, w) for h, w in zip(columns, widths, strict=True)))
+    for k in range(len(rows)):
+        table.add_row(
+            *(
+                Styled(_cut(cells[k].text, w), cells[k].style)
+                for cells, w in zip(columns.values(), widths, strict=True)
+            )
+        )
+    return table
+
+
+def render_live(r: View, width: int, height: int) -> Block:
+    """A rollout as ``schema show --watch`` shows it on a terminal of ``width`` columns and
+    ``height`` lines (rich's ``Live`` cut ``render_rollout``'s table at the screen's foot:
+    in 80x24 two nodes of three fitted, the node switching was not among them; review s63
+    M2): the heading, how many nodes are in each state, then one line per node, those in
+    flight, failed, rolled back or needing the admin first, the others while there is room,
+    and how many more there are (``schema show`` shows them all)."""
+    nodes = list(enumerate(r.get("nodes", []), 1))
+    top: list[Part] = [_cut_line(_head(r), width), _cut_line(_counts([n for _, n in nodes]), width)]
+    if r.get("reason"):
+        top.append(_cut_line([Styled(f"note: {r['reason']}")], width))
+    room = height - len(top) - 4  # the table's three rules and its header
+    if len(nodes) > room:
+        room -= 1  # for the line that says how many more
+    first = [(i, n) for i, n in nodes if n["state"] in (*TROUBLE, *IN_FLIGHT)]
+    rest = [(i, n) for i, n in nodes if n["state"] not in (*TROUBLE, *IN_FLIGHT)]
+    shown = (first + rest)[: max(room, 0)]
+    parts = list(top)
+    if shown:
+        parts.append(_live_table(r, shown, width))
+    if len(shown) < len(nodes):
+        more = f"… {len(nodes) - len(shown)} more (all: tlsroll schema show --rollout {r['id']})"
+        parts.append(Styled(_cut(more, width)))
+    return Block(*parts)
+
+
+class LiveRollout:
+    """``render_live`` of a rollout at the size of the terminal it is drawn on, each time it
+    is drawn: what ``schema show --watch`` gives rich's ``Live`` (a resized terminal gets the
+    next frame at its new size)."""
+
+    def __init__(self, r: View) -> None:
+        self.r = r
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Any]:
+        from rich.text import Text  # noqa: PLC0415 - only a terminal watching live
+
+        width, height = options.max_width, options.size.height
+        for line in render_live(self.r, width, height).lines(width, color=True)[:height]:
+            yield Text.from_ansi(line, no_wrap=True, overflow="ellipsis")
 
 
 def render_clients(views: Sequence[View]) -> Block:

@@ -150,8 +150,16 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
             r = newest() or r
     from rich.live import Live  # noqa: PLC0415 - only a terminal watching live needs it
 
-    with Live(render_rollout(r), console=console(), refresh_per_second=4) as live:
-        while r["state"] not in ENDS:
-            time.sleep(interval)
-            r = newest() or r
-            live.update(render_rollout(r))
+    from leader.cli.draw import LiveRollout  # noqa: PLC0415
+
+    # On the screen, a view that fits it (``draw.render_live``: rich's Live cut the whole table
+    # at the screen's foot, review s63 M2); once the watch ends, by itself or by Ctrl-C, that
+    # view goes and the whole table of the rollout as last seen stays, its cells uncut.
+    try:
+        with Live(LiveRollout(r), console=console(), refresh_per_second=4, transient=True) as live:
+            while r["state"] not in ENDS:
+                time.sleep(interval)
+                r = newest() or r
+                live.update(LiveRollout(r))
+    finally:
+        emit(render_rollout(r))
