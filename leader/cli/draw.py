@@ -306,8 +306,12 @@ def _live_table(r: View, rows: Sequence[tuple[int, View]], width: int) -> Table:
     natural = {
         h: max(cell_len(clean(c.text)) for c in [Styled(h), *cells]) for h, cells in columns.items()
     }
-    # Only the node's name and the reason are cut to make room; the rest stays whole or goes.
-    least = {h: min(w, {"node": 12, "reason": 10}.get(h, w)) for h, w in natural.items()}
+    # The columns of ``LIVE_DROPS`` go before the reason is cut below 30 columns or the new
+    # address below 24 (why a node stopped, and where it is, are what the admin watches; a
+    # reason cut to 10 at 80 columns said "confirm f…"); the name is cut to 12 first. If that
+    # is still too wide, the widest cells are cut further, down to 3 columns (``fit``).
+    cuts = {"node": 12, "reason": 30, "new address": 24}
+    least = {h: min(w, cuts.get(h, w)) for h, w in natural.items()}
     drops = [freeze if d == "freeze" else d for d in LIVE_DROPS]
     while drops and 1 + sum(least[h] + 3 for h in columns) > width:
         del columns[drops.pop(0)]
