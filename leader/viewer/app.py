@@ -568,8 +568,7 @@ class ViewerApp:
                 raise LoginRefused("unknown")
             await asyncio.to_thread(self.grants.check, secret, self.clock())
         except LoginRefused as exc:
-            log.info("viewer.login_refused", reason=exc.reason)
-            return self._denied(request, exc.reason)
+            return await self._refused(request, exc)
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
         html = pages.login_page(self._words(request), f"/login/{secret}/open")
@@ -587,8 +586,7 @@ class ViewerApp:
                 raise LoginRefused("unknown")
             grant, session_id = await asyncio.to_thread(self.grants.login, secret, now)
         except LoginRefused as exc:
-            log.info("viewer.login_refused", reason=exc.reason)
-            return self._denied(request, exc.reason)
+            return await self._refused(request, exc)
         log.info("viewer.login_succeeded", grant_id=grant.id, name=grant.name)
         response = web.Response(status=303, headers={"Location": "/"})
         response.set_cookie(
@@ -601,6 +599,19 @@ class ViewerApp:
             samesite="Strict",
         )
         return response
+
+    async def _refused(self, request: web.Request, refused: LoginRefused) -> web.Response:
+        """A link that cannot be used: the 401 page, but for a used one opened again in the
+        browser its use signed in (the cookie's session is the link's grant's, still valid):
+        a redirect to the schema (review s63 L3: a bookmark of the link, the mail's link
+        clicked again, showed that browser "already used" while it was signed in)."""
+        if refused.reason == "used" and refused.grant_id:
+            session_id = request.cookies.get(SESSION_COOKIE, "")
+            held = await self._grant(session_id)
+            if held is not None and held.id == refused.grant_id:
+                return web.Response(status=303, headers={"Location": "/"})
+        log.info("viewer.login_refused", reason=refused.reason)
+        return self._denied(request, refused.reason)
 
     async def static_file(self, request: web.Request) -> web.Response:
         found = self.static.get(request.match_info["name"])
