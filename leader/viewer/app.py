@@ -1,8 +1,9 @@
 """The web viewer: an aiohttp app the leader serves over https on its own port, read-only.
 
     GET /                  the newest rollout: nodes, states, addresses, freeze windows,
-                           timeline; pending password changes; nodes offline; certificates
-                           near expiry; every rollout (newest first)
+                           timeline; the enrolled nodes outside it; pending password
+                           changes; nodes offline; certificates near expiry; who is still on
+                           http; every rollout (newest first)
     GET /rollouts/{id}     the same with that rollout selected
     GET /events            server-sent events: the page's live part (``update``), then on a
                            change only the rows and timelines that changed (``patch``), or
@@ -14,6 +15,8 @@
                            "Anmelden"/"Sign in", to the URL below; spends nothing
     GET /login/{secret}/open
                            spends the link, sets the session cookie and redirects to /
+                           (either, of a used link, in the browser its use signed in:
+                           redirects to /)
     GET /static/{name}     the stylesheet and the script (no session needed)
 
 Safe by construction: only GET and HEAD are served (every other method, on any path, answers
