@@ -1863,8 +1863,20 @@ def _http_clients(db: sqlite3.Connection) -> list[Client]:
 def _clients_info(db: sqlite3.Connection, *, http_only: bool = False) -> dict[str, ClientsInfo]:
     """Each node's report summary; one whose stored clients are at ``MAX_CLIENTS`` has
     ``CLIENTS_FULL`` for its problem, unless its agent named one (``write_clients``).
-    ``http_only``: of the nodes with an http sighting only (``_http_clients``'s)."""
-    where = " AND i.node IN (SELECT node FROM node_clients WHERE scheme = 'http')"
+    ``http_only``: of the nodes with an http sighting only (``_http_clients``'s), their
+    agent's problem as it named it (the page, which reads these, draws none: each node's
+    count of its stored clients was a third of this read)."""
+    if http_only:
+        query = (
+            "SELECT i.*, 0 AS kept FROM node_clients_info i"  # noqa: S608 - constants
+            f" WHERE i.{_NOT_REMOVED}"
+            " AND i.node IN (SELECT node FROM node_clients WHERE scheme = 'http')"
+        )
+    else:
+        query = (
+            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"  # noqa: S608 - a constant
+            f" FROM node_clients_info i WHERE i.{_NOT_REMOVED}"
+        )
     return {
         r["node"]: ClientsInfo(
             node=r["node"],
@@ -1875,10 +1887,7 @@ def _clients_info(db: sqlite3.Connection, *, http_only: bool = False) -> dict[st
             reported_at=dt.datetime.fromisoformat(r["reported_at"]),
             last_http_at=from_text(r["last_http_at"]),
         )
-        for r in db.execute(
-            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"  # noqa: S608 - a constant
-            f" FROM node_clients_info i WHERE i.{_NOT_REMOVED}{where if http_only else ''}"
-        ).fetchall()
+        for r in db.execute(query).fetchall()
     }
 
 
