@@ -117,7 +117,9 @@ class Drawn:
     def __init__(self) -> None:
         self._rows: OrderedDict[tuple[str, str], dict[str, tuple[Any, str]]] = OrderedDict()
         self._details: OrderedDict[tuple[str, str], dict[str, tuple[Any, str]]] = OrderedDict()
-        self.count = 0  # parts drawn (not taken from what was kept)
+        # by (language, section id): what the section showed and its drawing (``sections``)
+        self._sections: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.count = 0  # rows and timelines drawn (not taken from what was kept)
 
     def rows(self, snap: Snapshot, w: Words) -> dict[str, str]:
         """Each node's row of the selected rollout, by element id."""
@@ -164,10 +166,26 @@ class Drawn:
         self._put(self._details, (w.lang, r["id"]), fresh)
         return out
 
+    def sections(self, snap: Snapshot, w: Words) -> dict[str, str]:
+        """The sections that are parts of their own (``SECTIONS``), by element id, each drawn
+        again only when what it shows changed (``_section_shows``): who is still on http may
+        be a thousand workstations at 500 nodes, and the page is drawn after each write."""
+        out = {}
+        for key in SECTIONS:
+            shows = _section_shows(key, snap)
+            hit = self._sections.get((w.lang, key))
+            if hit is None or hit[0] != shows:
+                template = _ENV.get_template(f"{key.replace('-', '_')}.html")
+                hit = (shows, _narrow(template.render(snap=snap, w=w)))
+                self._sections[(w.lang, key)] = hit
+            out[key] = hit[1]
+        return out
+
     def clear(self) -> None:
         """Nothing kept (the last open page closed: ``ViewerApp.events``)."""
         self._rows.clear()
         self._details.clear()
+        self._sections.clear()
 
     @staticmethod
     def _take(
@@ -239,21 +257,32 @@ def _values(snap: Snapshot, w: Words, page: PageContext) -> dict[str, Any]:
     }
 
 
-def _sections(snap: Snapshot, w: Words) -> dict[str, str]:
-    """The sections that are parts of their own (``SECTIONS``), by element id. Drawn at each
-    content: small (the workstations still on http, the nodes outside the selected rollout;
-    a node's row of the rollout is not repeated there)."""
-    return {
-        key: _narrow(_ENV.get_template(f"{key.replace('-', '_')}.html").render(snap=snap, w=w))
-        for key in SECTIONS
-    }
+def _section_shows(key: str, snap: Snapshot) -> Any:
+    """What section ``key`` draws of ``snap`` (``Drawn.sections`` draws it again when that
+    changed): not the heartbeats' ages and times, which change at every read."""
+    if key == "still-on-http":
+        return snap.still_on_http
+    return (
+        bool(snap.nodes),
+        tuple(
+            (
+                n.name,
+                n.addresses,
+                n.server,
+                n.online,
+                snap.on_http_count(n.name),
+                snap.last_rollouts.get(n.name),
+            )
+            for n in snap.other_nodes
+        ),
+    )
 
 
 def schema_page(snap: Snapshot, w: Words, page: PageContext) -> str:
     rows = DRAWN.rows(snap, w)
     details = DRAWN.details(snap, w)
     whole = _ENV.get_template("schema.html").render(_values(snap, w, page))
-    return Content(whole, rows, details, _sections(snap, w)).html()
+    return Content(whole, rows, details, DRAWN.sections(snap, w)).html()
 
 
 def schema_content(snap: Snapshot, w: Words, page: PageContext) -> str:
@@ -266,7 +295,7 @@ def content_parts(snap: Snapshot, w: Words, page: PageContext) -> Content:
     rows = DRAWN.rows(snap, w)
     details = DRAWN.details(snap, w)
     frame = _ENV.get_template("content.html").render(_values(snap, w, page))
-    return Content(frame, rows, details, _sections(snap, w))
+    return Content(frame, rows, details, DRAWN.sections(snap, w))
 
 
 def denied_page(w: Words, reason: str) -> str:
