@@ -718,6 +718,7 @@ class SchemaStore(LeaderStore):
         *,
         clients: bool = True,
         nodes: Callable[[sqlite3.Connection], list[sqlite3.Row]] | None = None,
+        http_clients: bool = False,
     ) -> Shown:
         """What a view of the schema shows together (``schema show``, the viewer), in one read:
         the rollouts ``rollouts`` reads (with ``get_in``, ``newest_in``, ``all_in`` or
@@ -728,11 +729,17 @@ class SchemaStore(LeaderStore):
         from before it (session 32's audit, L3). One read is one moment: every writer of the
         leader's file shares this connection and its lock. The caller takes its ``now`` after
         this: a view's time is never before what it shows (a report newer than ``now`` had a
-        negative age)."""
+        negative age). ``http_clients`` (without ``clients``): of the report only what who is
+        still on http is judged by (``http_clients_report``), the web page's."""
         with self._db.read() as db:
             rows, total = rollouts(db)
             pending = self._pending(db)
-            seen, infos = (_clients(db, None), _clients_info(db)) if clients else ([], {})
+            if clients:
+                seen, infos = _clients(db, None), _clients_info(db)
+            elif http_clients:
+                seen, infos = _http_clients(db), _clients_info(db, http_only=True)
+            else:
+                seen, infos = [], {}
             enrolled = nodes(db) if nodes is not None else []
         return Shown(list(rows), total, pending, seen, infos, enrolled)
 
@@ -1821,9 +1828,55 @@ def _clients(db: sqlite3.Connection, nodes: Sequence[str] | None) -> list[Client
     ]
 
 
-def _clients_info(db: sqlite3.Connection) -> dict[str, ClientsInfo]:
+# A client's key (``Client.key``) in SQL: its workstation name where known, else its address.
+_KEY = "CASE WHEN {t}.workstation != '' THEN {t}.workstation ELSE {t}.address END"
+
+
+def _http_clients(db: sqlite3.Connection) -> list[Client]:
+    """Of the stored report, what ``rollout_core.still_on_http`` judges who is still on http
+    by: the http sightings, and the https ones of the same node and key (whether it switched
+    since). The web page's (``viewer.snapshot.Reader``): every sighting, read after each write
+    while a page is open, was a third of its read at 500 nodes with two workstations each
+    (issue 15); once the practice is on https, the http ones age out and this reads none."""
+    http = _KEY.format(t="h")
+    mine = _KEY.format(t="c")
+    rows = db.execute(
+        f"SELECT c.* FROM node_clients c WHERE c.{_NOT_REMOVED}"  # noqa: S608 - constants
+        " AND (c.scheme = 'http' OR EXISTS (SELECT 1 FROM node_clients h"
+        f" WHERE h.node = c.node AND h.scheme = 'http' AND {http} = {mine}))"
+        " ORDER BY c.last_seen DESC, c.node, c.address"
+    )
+    return [
+        Client(
+            node=r["node"],
+            scheme=r["scheme"],
+            address=r["address"],
+            workstation=r["workstation"],
+            first_seen=dt.datetime.fromisoformat(r["first_seen"]),
+            last_seen=dt.datetime.fromisoformat(r["last_seen"]),
+            requests=r["requests"],
+        )
+        for r in rows.fetchall()
+    ]
+
+
+def _clients_info(db: sqlite3.Connection, *, http_only: bool = False) -> dict[str, ClientsInfo]:
     """Each node's report summary; one whose stored clients are at ``MAX_CLIENTS`` has
-    ``CLIENTS_FULL`` for its problem, unless its agent named one (``write_clients``)."""
+    ``CLIENTS_FULL`` for its problem, unless its agent named one (``write_clients``).
+    ``http_only``: of the nodes with an http sighting only (``_http_clients``'s), their
+    agent's problem as it named it (the page, which reads these, draws none: each node's
+    count of its stored clients was a third of this read)."""
+    if http_only:
+        query = (
+            "SELECT i.*, 0 AS kept FROM node_clients_info i"  # noqa: S608 - constants
+            f" WHERE i.{_NOT_REMOVED}"
+            " AND i.node IN (SELECT node FROM node_clients WHERE scheme = 'http')"
+        )
+    else:
+        query = (
+            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"  # noqa: S608 - a constant
+            f" FROM node_clients_info i WHERE i.{_NOT_REMOVED}"
+        )
     return {
         r["node"]: ClientsInfo(
             node=r["node"],
@@ -1834,10 +1887,7 @@ def _clients_info(db: sqlite3.Connection) -> dict[str, ClientsInfo]:
             reported_at=dt.datetime.fromisoformat(r["reported_at"]),
             last_http_at=from_text(r["last_http_at"]),
         )
-        for r in db.execute(
-            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"  # noqa: S608 - a constant
-            f" FROM node_clients_info i WHERE i.{_NOT_REMOVED}"
-        ).fetchall()
+        for r in db.execute(query).fetchall()
     }
 
 

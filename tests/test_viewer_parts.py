@@ -196,13 +196,16 @@ def test_a_viewer_certificate_that_is_not_of_viewer_key_is_issued_again_with_its
 # --- the snapshot --------------------------------------------------------------------------------
 
 
-def start_rollout(schema: SchemaStore, rollout_id: str, change: Change) -> RolloutRow:
-    """A rollout of nodes a and b as the engine creates it: running, nothing done yet."""
+def start_rollout(
+    schema: SchemaStore, rollout_id: str, change: Change, names: Sequence[str] = ("a", "b")
+) -> RolloutRow:
+    """A rollout of nodes a and b (or ``names``) as the engine creates it: running, nothing
+    done yet."""
     rollout, nodes = planner.plan_rollout(
         rollout_id=rollout_id,
         change=change,
         scope=Scope.cluster(),
-        enrolled={"a": True, "b": True},
+        enrolled=dict.fromkeys(names, True),
         leader="a",
         epoch=schema.next_epoch(),
     )
@@ -1701,3 +1704,94 @@ def test_the_way_back_s_alert_leaves_out_a_node_cut_off(store: Store) -> None:
         (heading,) = re.findall(r'<h2 id="rollout-h">(.*?)</h2>', html, re.S)
         text = " ".join(unescape(re.sub(r"<[^>]+>", "", heading)).split())
         assert text.endswith("completed, 1 node left as is: b"), text
+
+
+def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_node(
+    store: Store,
+) -> None:
+    """Review s63 M1, M3: a page's read (``page``, without the client lists: issue 15) has
+    who is still on http as the whole read and `schema show` have it (its own query reads
+    only the http sightings and the https ones of the same workstations), drawn in its
+    section, counted in each row and per node in the metrics; and every enrolled node not in
+    the selected rollout in the "other nodes" table, with its server's scheme by its
+    heartbeat and the last rollout it was in."""
+    enrol(store, ["a", "b", "c"])
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)  # nodes a and b
+    start_rollout(schema, "r2", Change.ROTATE_CERT, ("a", "c"))
+    seen = NOW - dt.timedelta(minutes=1)
+    later = NOW - dt.timedelta(seconds=10)
+    schema.record_clients(
+        "a",
+        [
+            Client("a", "http", "10.1.0.1", "ws-empfang", seen, later, 5),  # stays on http
+            Client("a", "http", "10.1.0.2", "ws-labor", seen, seen, 2),  # switched
+            Client("a", "https", "10.1.0.2", "ws-labor", later, later, 3),
+            Client("a", "http", "10.1.0.3", "", seen, seen, 1),  # no name: by its address
+            Client("a", "https", "10.1.0.9", "ws-kasse", seen, later, 4),  # https only
+        ],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    schema.record_clients(
+        "c",
+        [Client("c", "http", "10.1.0.4", "ws-c", seen, later, 1)],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    schema.record_clients(
+        "b",
+        [Client("b", "https", "10.1.0.5", "ws-b", seen, later, 1)],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    reader = Reader(
+        store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
+    )
+    servers = {"a": "https", "b": "https", "c": "http"}
+    reader.live_server = lambda name: servers.get(name, "")
+    whole = reader.read(times=True)
+    part = reader.read("r1", clients=False, page=True)
+    expected = [
+        ("a", "10.1.0.1", "ws-empfang"),
+        ("a", "10.1.0.3", ""),
+        ("c", "10.1.0.4", "ws-c"),
+    ]
+    assert [(c.node, c.address, c.workstation) for c in whole.still_on_http] == expected
+    assert part.still_on_http == whole.still_on_http
+    listed = {
+        (v.node, c.address) for v in whole.schema.node_clients for c in v.still_on_http
+    }  # what `schema show` lists
+    assert listed == {(n, a) for n, a, _ in expected}
+    assert not part.schema.node_clients  # no client lists in a page's data
+    assert part.selected is not None and part.selected["id"] == "r1"
+    rows = {n["name"]: n for n in part.selected["nodes"]}
+    assert rows["a"]["still_on_http"] == 2 and not rows["b"].get("still_on_http")
+    assert [n.name for n in part.other_nodes] == ["c"]
+    assert part.last_rollouts == {"c": "r2"}
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, heading, count in (
+        ("de", "Noch auf http", "2 noch auf http"),
+        ("en", "Still on http", "2 still on http"),
+    ):
+        html = pages.schema_content(part, Words.of(lang), context)
+        (section,) = re.findall(r'<section id="still-on-http".*?</section>', html, re.S)
+        assert heading in section and 'data-count="3"' in section
+        assert 'data-node="a" data-address="10.1.0.1" data-workstation="ws-empfang"' in section
+        assert "ws-labor" not in section and "ws-kasse" not in section
+        (row,) = re.findall(r'<tr id="node-a".*?</tr>', html, re.S)
+        assert count in row
+        (others,) = re.findall(r'<section id="other-nodes".*?</section>', html, re.S)
+        assert '<tr data-node="c" data-scheme="http">' in others
+        assert '<a href="/rollouts/r2">r2</a>' in others
+        assert 'data-node="a"' not in others
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render(whole).decode())}
+    gauge = {s.labels["node"]: s.value for s in families["tlsroll_still_on_http"].samples}
+    assert gauge == {"a": 2, "b": 0, "c": 1}
+    assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]

@@ -1,8 +1,9 @@
 """The web viewer: an aiohttp app the leader serves over https on its own port, read-only.
 
     GET /                  the newest rollout: nodes, states, addresses, freeze windows,
-                           timeline; pending password changes; nodes offline; certificates
-                           near expiry; every rollout (newest first)
+                           timeline; the enrolled nodes outside it; pending password
+                           changes; nodes offline; certificates near expiry; who is still on
+                           http; every rollout (newest first)
     GET /rollouts/{id}     the same with that rollout selected
     GET /events            server-sent events: the page's live part (``update``), then on a
                            change only the rows and timelines that changed (``patch``), or
@@ -14,6 +15,8 @@
                            "Anmelden"/"Sign in", to the URL below; spends nothing
     GET /login/{secret}/open
                            spends the link, sets the session cookie and redirects to /
+                           (either, of a used link, in the browser its use signed in:
+                           redirects to /)
     GET /static/{name}     the stylesheet and the script (no session needed)
 
 Safe by construction: only GET and HEAD are served (every other method, on any path, answers
@@ -568,8 +571,7 @@ class ViewerApp:
                 raise LoginRefused("unknown")
             await asyncio.to_thread(self.grants.check, secret, self.clock())
         except LoginRefused as exc:
-            log.info("viewer.login_refused", reason=exc.reason)
-            return self._denied(request, exc.reason)
+            return await self._refused(request, exc)
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
         html = pages.login_page(self._words(request), f"/login/{secret}/open")
@@ -587,8 +589,7 @@ class ViewerApp:
                 raise LoginRefused("unknown")
             grant, session_id = await asyncio.to_thread(self.grants.login, secret, now)
         except LoginRefused as exc:
-            log.info("viewer.login_refused", reason=exc.reason)
-            return self._denied(request, exc.reason)
+            return await self._refused(request, exc)
         log.info("viewer.login_succeeded", grant_id=grant.id, name=grant.name)
         response = web.Response(status=303, headers={"Location": "/"})
         response.set_cookie(
@@ -601,6 +602,19 @@ class ViewerApp:
             samesite="Strict",
         )
         return response
+
+    async def _refused(self, request: web.Request, refused: LoginRefused) -> web.Response:
+        """A link that cannot be used: the 401 page, but for a used one opened again in the
+        browser its use signed in (the cookie's session is the link's grant's, still valid):
+        a redirect to the schema (review s63 L3: a bookmark of the link, the mail's link
+        clicked again, showed that browser "already used" while it was signed in)."""
+        if refused.reason == "used" and refused.grant_id:
+            session_id = request.cookies.get(SESSION_COOKIE, "")
+            held = await self._grant(session_id)
+            if held is not None and held.id == refused.grant_id:
+                return web.Response(status=303, headers={"Location": "/"})
+        log.info("viewer.login_refused", reason=refused.reason)
+        return self._denied(request, refused.reason)
 
     async def static_file(self, request: web.Request) -> web.Response:
         found = self.static.get(request.match_info["name"])

@@ -40,9 +40,12 @@ MAX_NAME = 100
 class LoginRefused(TerminalError):
     """A login link cannot be used; ``reason`` is a GrantState-like word the page explains."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, grant_id: str = "") -> None:
         super().__init__(f"viewer login refused: {reason}")
         self.reason = reason
+        # The link's grant, for one already used ("used"): the browser that holds its
+        # session is sent to the schema (``ViewerApp``), anyone else gets the 401 page.
+        self.grant_id = grant_id
 
 
 def digest(secret: str) -> str:
@@ -188,7 +191,7 @@ class Grants(LeaderStore):
 def _refuse_unless_unused(grant: Grant, now: dt.datetime) -> None:
     state = grant.state(now)
     if state is GrantState.ACTIVE:
-        raise LoginRefused("used")
+        raise LoginRefused("used", grant.id)
     if state is not GrantState.UNUSED:
         raise LoginRefused(state.value)
 

@@ -11,6 +11,9 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
     tlsroll_node_heartbeat_age_seconds{node}         since its last heartbeat
     tlsroll_node_clock_offset_seconds{node}          its clock less the leader's (+: ahead), from
                                                      its heartbeats; absent: not known
+    tlsroll_still_on_http{node}                      workstations still on http there, by its
+                                                     client report (every enrolled node; 0:
+                                                     none), as `schema show` counts them
     tlsroll_freeze_window_seconds                    how long nodes refused writes (each agent's
                                                      measure in elapsed time; from an older
                                                      agent, its wall-clock times' difference,
@@ -36,6 +39,7 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
 from leader.rollout_core import NodeState, RolloutState
@@ -43,6 +47,11 @@ from leader.viewer.snapshot import Snapshot
 from leader.wire import NODE_STATE, ROLLOUT_STATE
 
 SECONDS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+# No ``_created`` samples: a histogram's is when its registry made it, a new one at every scrape
+# (nothing is kept between scrapes), so each scrape said the series began anew (review s63 L2).
+# Process-wide in prometheus_client; the leader uses it for this only.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def render(snap: Snapshot) -> bytes:
@@ -89,7 +98,14 @@ def render(snap: Snapshot) -> bytes:
         ["node"],
         registry=registry,
     )
+    on_http = Gauge(
+        "tlsroll_still_on_http",
+        "Workstations still on http at the node, by its client report (as `schema show`).",
+        ["node"],
+        registry=registry,
+    )
     for node in snap.nodes:
+        on_http.labels(node.name).set(snap.on_http_count(node.name))
         online.labels(node.name).set(int(node.online))
         if node.heartbeat_age is not None:
             age.labels(node.name).set(node.heartbeat_age)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -52,6 +52,13 @@ KEPT_DRAWINGS = 4
 # autoescape makes every "<" of a value "&lt;").
 _ROWS = "<!--rows-->"
 _DETAILS = "<!--timelines-->"
+# The sections that are parts of their own (``Content.sections``), by element id: each is
+# always on the page (empty, it says so), so that a change of it is a patch of it alone.
+SECTIONS = ("still-on-http", "other-nodes")
+
+
+def _section_mark(element_id: str) -> str:
+    return f"<!--section:{element_id}-->"
 
 
 @dataclass(frozen=True)
@@ -59,19 +66,26 @@ class Content:
     """The live part of the page (``content.html``) in parts: ``frame`` is the content with a
     placeholder where the rows go and one where the timelines go; ``rows`` and ``details`` the
     parts by their element id (each one element: a node's row, ``node-NAME``; a timeline,
-    ``tl-rollout``, ``tl-node-NAME``), in the order of the page. Two contents with the same
-    frame and the same ids differ only in their parts, so a page that shows one becomes the
-    other by replacing the parts that differ (``viewer.js``)."""
+    ``tl-rollout``, ``tl-node-NAME``), in the order of the page; ``sections`` the sections
+    that are parts of their own (``SECTIONS``: who is still on http, the other nodes), each
+    where its placeholder is. Two contents with the same frame and the same ids differ only in
+    their parts, so a page that shows one becomes the other by replacing the parts that differ
+    (``viewer.js``): a workstation seen on http, or a node's server switched, is a patch of
+    its section, not the page whole."""
 
     frame: str
     rows: Mapping[str, str]
     details: Mapping[str, str]
+    sections: Mapping[str, str] = field(default_factory=dict)
 
     def html(self) -> str:
         """The content whole."""
-        return self.frame.replace(_ROWS, "\n".join(self.rows.values()), 1).replace(
+        html = self.frame.replace(_ROWS, "\n".join(self.rows.values()), 1).replace(
             _DETAILS, "\n".join(self.details.values()), 1
         )
+        for key, part in self.sections.items():
+            html = html.replace(_section_mark(key), part, 1)
+        return html
 
     def changed(self, before: Content) -> list[tuple[str, str]] | None:
         """The parts that differ from ``before``'s, or None if the frame or the ids differ
@@ -80,11 +94,16 @@ class Content:
             self.frame != before.frame
             or list(self.rows) != list(before.rows)
             or list(self.details) != list(before.details)
+            or list(self.sections) != list(before.sections)
         ):
             return None
         return [
             (key, html)
-            for mine, theirs in ((self.rows, before.rows), (self.details, before.details))
+            for mine, theirs in (
+                (self.rows, before.rows),
+                (self.details, before.details),
+                (self.sections, before.sections),
+            )
             for key, html in mine.items()
             if theirs[key] != html
         ]
@@ -98,7 +117,9 @@ class Drawn:
     def __init__(self) -> None:
         self._rows: OrderedDict[tuple[str, str], dict[str, tuple[Any, str]]] = OrderedDict()
         self._details: OrderedDict[tuple[str, str], dict[str, tuple[Any, str]]] = OrderedDict()
-        self.count = 0  # parts drawn (not taken from what was kept)
+        # by (language, section id): what the section showed and its drawing (``sections``)
+        self._sections: dict[tuple[str, str], tuple[Any, str]] = {}
+        self.count = 0  # rows and timelines drawn (not taken from what was kept)
 
     def rows(self, snap: Snapshot, w: Words) -> dict[str, str]:
         """Each node's row of the selected rollout, by element id."""
@@ -145,10 +166,26 @@ class Drawn:
         self._put(self._details, (w.lang, r["id"]), fresh)
         return out
 
+    def sections(self, snap: Snapshot, w: Words) -> dict[str, str]:
+        """The sections that are parts of their own (``SECTIONS``), by element id, each drawn
+        again only when what it shows changed (``_section_shows``): who is still on http may
+        be a thousand workstations at 500 nodes, and the page is drawn after each write."""
+        out = {}
+        for key in SECTIONS:
+            shows = _section_shows(key, snap)
+            hit = self._sections.get((w.lang, key))
+            if hit is None or hit[0] != shows:
+                template = _ENV.get_template(f"{key.replace('-', '_')}.html")
+                hit = (shows, _narrow(template.render(snap=snap, w=w)))
+                self._sections[(w.lang, key)] = hit
+            out[key] = hit[1]
+        return out
+
     def clear(self) -> None:
         """Nothing kept (the last open page closed: ``ViewerApp.events``)."""
         self._rows.clear()
         self._details.clear()
+        self._sections.clear()
 
     @staticmethod
     def _take(
@@ -210,19 +247,42 @@ def _values(snap: Snapshot, w: Words, page: PageContext) -> dict[str, Any]:
             "other_lang_href": f"?lang={other}",
             "other_lang_words": w("lang_switch"),
         },
-        # where ``Content.html`` puts the rows and timelines drawn (``Drawn``)
+        # where ``Content.html`` puts the rows and timelines drawn (``Drawn``), and the
+        # sections that are parts of their own (``_sections``)
         "rows": [Markup(_ROWS)],  # noqa: S704 - ours
         "details": [Markup(_DETAILS)],  # noqa: S704 - ours
+        "sections": {key: Markup(_section_mark(key)) for key in SECTIONS},  # noqa: S704 - ours
         # ``expiry_warning_days``, as leader.toml has it (the server certificates' horizon)
         "near_days": f"{snap.warning / dt.timedelta(days=1):g}",
     }
+
+
+def _section_shows(key: str, snap: Snapshot) -> Any:
+    """What section ``key`` draws of ``snap`` (``Drawn.sections`` draws it again when that
+    changed): not the heartbeats' ages and times, which change at every read."""
+    if key == "still-on-http":
+        return snap.still_on_http
+    return (
+        bool(snap.nodes),
+        tuple(
+            (
+                n.name,
+                n.addresses,
+                n.server,
+                n.online,
+                snap.on_http_count(n.name),
+                snap.last_rollouts.get(n.name),
+            )
+            for n in snap.other_nodes
+        ),
+    )
 
 
 def schema_page(snap: Snapshot, w: Words, page: PageContext) -> str:
     rows = DRAWN.rows(snap, w)
     details = DRAWN.details(snap, w)
     whole = _ENV.get_template("schema.html").render(_values(snap, w, page))
-    return Content(whole, rows, details).html()
+    return Content(whole, rows, details, DRAWN.sections(snap, w)).html()
 
 
 def schema_content(snap: Snapshot, w: Words, page: PageContext) -> str:
@@ -235,7 +295,7 @@ def content_parts(snap: Snapshot, w: Words, page: PageContext) -> Content:
     rows = DRAWN.rows(snap, w)
     details = DRAWN.details(snap, w)
     frame = _ENV.get_template("content.html").render(_values(snap, w, page))
-    return Content(frame, rows, details)
+    return Content(frame, rows, details, DRAWN.sections(snap, w))
 
 
 def denied_page(w: Words, reason: str) -> str:

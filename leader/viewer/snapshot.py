@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from sys import intern
 from typing import Any, NamedTuple
 
@@ -39,6 +40,7 @@ from leader.schema_view import (
     left_out_nodes,
     node_view,
     schema_message,
+    still_on_http_now,
     waits_until_quiet,
 )
 from leader.states import LoginFailuresRow, NodeProblemRow
@@ -73,6 +75,7 @@ ROW_FIELDS = frozenset(
         "password_pending",
         "awaiting_report",
         "waits_until_quiet",
+        "still_on_http",
     }
 )
 
@@ -83,8 +86,8 @@ class _PageNode(NamedTuple):
     record: NodeRecord
     detail: NodeDetail
     # it is the leader's node; its password is pending; the leader waits for its client report;
-    # a --when-quiet finalize holds it
-    marks: tuple[bool, bool, bool, bool]
+    # a --when-quiet finalize holds it; how many workstations are still on http there
+    marks: tuple[bool, bool, bool, bool, int]
     fields: dict[str, Any]  # its ``ROW_FIELDS``
 
 
@@ -100,6 +103,19 @@ class NodeStatus(NamedTuple):
     # Its clock less the leader's, in seconds, from its heartbeats (``leader.node_clocks``);
     # None: not known.
     clock_offset: float | None = None
+    # What its managed server runs by its latest heartbeat (``Reader.live_server``: "http",
+    # "https", "http+https", "down: …"); "": not known (no heartbeat since the leader started).
+    server: str = ""
+
+
+class OnHttp(NamedTuple):
+    """A workstation still on http at a node (``leader.schema_view.still_on_http_now``): what
+    the page's "still on http" section shows of it, not its counts and first sighting."""
+
+    node: str
+    address: str
+    workstation: str  # "" where unknown
+    last_seen: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -172,6 +188,27 @@ class Snapshot:
     `tlsroll certs check-expiration` warns of, and only that."""
     on_http_now: frozenset[str] = frozenset()
     """Of ``left_as_is``, the nodes seen on http since (``Reader._on_http_now``)."""
+    still_on_http: tuple[OnHttp, ...] = ()
+    """Who is still on http (``leader.schema_view.still_on_http_now``), by node, each node's
+    most recently seen first; as `schema show` lists them (none unless read with ``clients``
+    or ``page``)."""
+    last_rollouts: dict[str, str] = field(default_factory=dict)
+    """Of ``other_nodes``, the last rollout each was in, by node (a page's read only)."""
+
+    @property
+    def other_nodes(self) -> tuple[NodeStatus, ...]:
+        """The enrolled nodes not in the selected rollout (enrolled after it, or left out of
+        its scope): the page's "other nodes" table, so that every node's state is on it."""
+        shown = {n["name"] for n in self.selected["nodes"]} if self.selected is not None else set()
+        return tuple(n for n in self.nodes if n.name not in shown)
+
+    @cached_property
+    def _on_http_counts(self) -> Counter[str]:
+        return Counter(c.node for c in self.still_on_http)
+
+    def on_http_count(self, node: str) -> int:
+        """How many workstations are still on http at ``node`` (``still_on_http``)."""
+        return self._on_http_counts[node]
 
     @property
     def offline(self) -> tuple[NodeStatus, ...]:
@@ -249,8 +286,10 @@ class Snapshot:
         return tuple(n for n in self.left_as_is if n not in self.on_http_now and n not in gone)
 
 
-# Where a Reader marks, in ``Database.cache``, that it read the enrolled nodes (``_enrolled``).
+# Where a Reader marks, in ``Database.cache``, that it read the enrolled nodes (``_enrolled``),
+# and each node's last rollout (``_last_rollouts``).
 _ROWS_READ = ("viewer", "enrolled nodes read")
+_TOUCHED_READ = ("viewer", "last rollouts read")
 
 
 class Reader:
@@ -326,6 +365,8 @@ class Reader:
         self._nodes: NodesMade = {}  # the enrolled nodes the last read made (``heard_of``)
         # The enrolled nodes' rows as last read (``_enrolled``: read under the store's lock).
         self._rows: tuple[int, object, list[sqlite3.Row]] | None = None
+        # The last rollout of each node (``_last_rollouts``), as read at a ``Database.generation``.
+        self._touched: tuple[int, object, dict[str, str]] | None = None
         # The agents' certificates of those rows (``_rows``' list: the same rows, the same).
         self._agents: tuple[list[sqlite3.Row], tuple[CertStatus, ...]] | None = None
 
@@ -358,7 +399,10 @@ class Reader:
         def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow | RolloutHead], int]:
             return (list(schema.all_in(db)) if every else schema.listed_in(db, rollout_id)), 0
 
-        shown = schema.shown(rollouts, clients=clients, nodes=self._enrolled)
+        # (a page reads of the client report only what who is still on http is judged by)
+        shown = schema.shown(
+            rollouts, clients=clients, nodes=self._enrolled, http_clients=page and not clients
+        )
         rows, pending, seen, infos = shown.rows, shown.pending, shown.clients, shown.infos
         with self._lock:
             parsed = self._nodes
@@ -373,19 +417,22 @@ class Reader:
         with self._lock:
             views = self._views
         made: Made = {}
+        reports = self.fresh(infos, now)
+        still = still_on_http_now(seen, infos, now, reports)
         message = schema_message(
             # (a page's read makes no node views: ``_page_data`` makes its nodes' fields)
             [RolloutHead(r.rollout, r.meta) for r in rows] if page else rows,
             pending,
             now,
             self.schema.bootstrap_failures(),
-            clients=seen,
-            infos=infos,
+            # (a page's narrow read: no client lists in its data, which no page draws)
+            clients=seen if clients else (),
+            infos=infos if clients else None,
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
             node_problems=problems,
             login_failures=guessed,
-            fresh=self.fresh(infos, now),
+            fresh=reports,
             reported=self.store.report_since_start,
         )
         if every:  # (every rollout read: as `schema show --all`; a page reads only some)
@@ -395,7 +442,7 @@ class Reader:
             message.store_trouble.problem, since = trouble
             message.store_trouble.since.FromDatetime(since)
         if page:
-            data = self._page_data(message, rows, pending)
+            data = self._page_data(message, rows, pending, Counter(c.node for c in still))
         else:
             if not every:  # (the API's read of every rollout would push out what pages show)
                 with self._lock:
@@ -409,6 +456,7 @@ class Reader:
                 selected = next((r for r in data["rollouts"] if r["id"] == rollout_id), None)
         timeline = self._timeline(selected["id"]) if selected else {}
         offset = self.clock_offset if times else None  # (the pages show none)
+        live = self.live_server
         nodes = tuple(
             NodeStatus(
                 name=n.name,
@@ -419,6 +467,7 @@ class Reader:
                 # clock, another clock than ``now``'s: never a negative age)
                 heartbeat_age=max(0.0, (now - heard).total_seconds()) if heard else None,
                 clock_offset=offset(n.name) if offset is not None else None,
+                server=live(n.name) if live is not None else "",
             )
             for n, heard in enrolled
         )
@@ -439,6 +488,8 @@ class Reader:
             )
             with self._lock:
                 self._agents = (shown.nodes, agents)
+        shown_nodes = {n["name"] for n in selected["nodes"]} if selected is not None else set()
+        others = [n.name for n in nodes if n.name not in shown_nodes]
         return Snapshot(
             now=now,
             schema=message,
@@ -455,7 +506,33 @@ class Reader:
             warning=self.warning,
             switch_times=self.schema.switch_times() if times else None,
             on_http_now=self._on_http_now(selected, nodes),
+            still_on_http=tuple(
+                OnHttp(c.node, c.address, c.workstation, c.last_seen)
+                for c in sorted(still, key=lambda c: c.node)  # (each node's newest first)
+            ),
+            last_rollouts=self._last_rollouts(others) if page and others else {},
         )
+
+    def _last_rollouts(self, names: Sequence[str]) -> dict[str, str]:
+        """The last rollout each of ``names`` was in (by its creation), for the page's other
+        nodes: read again only after a write that moved ``Database.generation`` (a new
+        rollout, an enrolment; not a rollout's steps) or one by another connection, as the
+        enrolled nodes' rows (``_enrolled``)."""
+        cache, generation = self.store.db.cache, self.store.db.generation
+        kept = self._touched
+        if kept is None or kept[0] != generation or cache.get(_TOUCHED_READ) is not kept[1]:
+            with self.store.db.read() as db:
+                found = {
+                    r[0]: r[1]
+                    for r in db.execute(
+                        "SELECT n.name, r.id, max(r.created_at) FROM rollout_nodes n"
+                        " JOIN rollouts r ON r.id = n.rollout_id GROUP BY n.name"
+                    )
+                }
+            mark = object()
+            cache[_TOUCHED_READ] = mark
+            kept = self._touched = (generation, mark, found)
+        return {name: kept[2][name] for name in names if name in kept[2]}
 
     def _on_http_now(
         self, selected: dict[str, Any] | None, nodes: Sequence[NodeStatus]
@@ -542,6 +619,7 @@ class Reader:
         message: schema_pb2.Schema,
         rows: Sequence[RolloutRow | RolloutHead],
         pending: set[str],
+        on_http: Counter[str],
     ) -> dict[str, Any]:
         """A page's ``data``: ``wire.to_dict(message)`` (made of ``rows`` without their
         nodes), each rollout's nodes with their ``ROW_FIELDS``, made again only for a node
@@ -568,6 +646,7 @@ class Reader:
                     rec.name in pending,
                     awaiting,
                     not awaiting and waits_until_quiet(row.rollout, row.meta.when_quiet, rec),
+                    on_http[rec.name],
                 )
                 hit = kept.get(key)
                 if (
@@ -576,9 +655,12 @@ class Reader:
                     or hit.detail is not d
                     or hit.marks != marks
                 ):
-                    # (no row draws ``still_on_http``)
+                    leads, pending_password, awaiting, quiet, on_http_now = marks
                     view = node_view(
-                        rec, d, (marks[0], marks[1], 0, marks[2], marks[3]), row.rollout.change
+                        rec,
+                        d,
+                        (leads, pending_password, on_http_now, awaiting, quiet),
+                        row.rollout.change,
                     )
                     fields = {k: v for k, v in wire.to_dict(view).items() if k in ROW_FIELDS}
                     hit = _PageNode(rec, d, marks, fields)
