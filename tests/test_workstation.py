@@ -1966,6 +1966,45 @@ async def test_a_host_name_that_names_no_pc_is_no_default_name(
     assert "client certificate ws-pc-3 " in named.out
 
 
+@pytest.mark.parametrize(
+    ("name", "instead"),
+    [
+        ("受付", "empfang-1"),  # no letter a name can hold: it was ws-workstation
+        (".", "empfang-1"),
+        ("localhost", "empfang-1"),
+        ("empfang.1", "empfang-1"),  # only what came before the dot: ws-empfang
+        ("e" * 70, "e" * 60),  # cut to 60, unsaid
+    ],
+    ids=["no-letter", "dot-only", "localhost", "dotted", "too-long"],
+)
+async def test_a_name_given_that_would_become_another_is_refused_unsent(
+    name: str,
+    instead: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Review s63 L3: an explicit --name was mapped without a word: ``受付`` and ``.`` became
+    ws-workstation (the name refused for a host name), ``empfang.1`` ws-empfang (maybe
+    another PC's, then taken with --replace), 70 characters cut to 60. Refused, exit 2, with
+    the name to use instead, nothing sent. A host name keeps its first label, as before
+    (``test_a_name_taken_is_said_whole_with_a_longer_name_to_use``)."""
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", name
+        )
+    assert run.code == 2 == int(Exit.USAGE), run.err
+    assert run.error.startswith(f"tlsroll: error: Invalid value for --name: {name!r} "), run.error
+    assert f"use --name {instead}, or another name of letters, digits and hyphens" in run.error
+    assert "nothing was sent" in run.error
+    assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
+    assert not (tmp_path / "settings").exists()
+
+
 async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_next_run(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,

@@ -59,8 +59,9 @@ def client() -> None:
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
 @click.option(
     "--name",
-    help="The workstation's name in its certificate [default: the name it enrolled under "
-    "before, else its host name].",
+    help="The workstation's name in its certificate: one word of letters, digits and "
+    "hyphens, at most 60 (e.g. empfang-1) [default: the name it enrolled under before, else "
+    "its host name].",
 )
 @click.option(
     "--replace",

@@ -75,7 +75,9 @@ Exit codes (every error is one line on stderr; the password is never printed):
         written all the same when the leader revoked the one in place and it fails too;
         aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, no name to enrol under (host name
-        "localhost": --name), a password file that is empty/unreadable or
+        "localhost": --name), a --name that would become another name (``check_name``: a
+        dot, no letter a name can hold, longer than 60), a password file that is
+        empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
         no password may be (white space around it, a control character): refused before
         anything is sent
@@ -121,7 +123,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tlsroll import bootstrap_csr, pki
+from tlsroll import bootstrap_base, bootstrap_csr, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
@@ -352,6 +354,59 @@ def _check_numeric_host(host: str, example: str) -> str:
         ) from None
 
 
+_NAME_EXAMPLE = "empfang-1"
+
+
+def check_name(name: str) -> str:
+    """The certificate name (``ws-…``) of a ``--name``; click.BadParameter (exit 2, nothing
+    sent) where ``workstation_cn`` would make of it another name than the one given, with the
+    one to use instead (review s63 L3: ``受付`` and ``.`` became ws-workstation, the name
+    refused for a host name; ``empfang.1`` ws-empfang, which may be another PC's; 70
+    characters were cut to 60, all unsaid): a name with a dot (only its first part was
+    taken), one that gives a name of no PC in particular (``_NO_NAMES``: no letter or digit a
+    name can hold, or "localhost"), one longer than ``NAME_CHARS``. Case, umlauts and spaces
+    are spelt as a name holds them, as ever (``Empfang 1`` is ws-empfang-1). A host name's
+    name is made as before (its first label, ``_refuse_no_name``)."""
+
+    def refuse(why: str, instead: str) -> click.BadParameter:
+        alternative = proto.workstation_cn(instead)
+        if (
+            alternative in _NO_NAMES
+            or "." in instead
+            or len(bootstrap_base.workstation_label(instead)) > bootstrap_base.NAME_CHARS
+        ):
+            alternative = f"ws-{_NAME_EXAMPLE}"
+        use = alternative.removeprefix("ws-") if not instead.startswith("ws-") else alternative
+        return click.BadParameter(
+            f"{shown(name)} {why}: use --name {use}, or another name of letters, digits and "
+            "hyphens; nothing was sent",
+            param_hint="--name",
+        )
+
+    label = bootstrap_base.workstation_label(name)
+    cn = proto.workstation_cn(name)
+    if not bootstrap_base.workstation_label(name.replace(".", "-")):
+        raise refuse(
+            "holds no letter or digit a certificate name can have (a-z, 0-9 and hyphens)",
+            _NAME_EXAMPLE,
+        )
+    if "." in name:
+        raise refuse(
+            f"has a dot: a name is one word, and only what comes before the dot would be "
+            f"taken ({cn})",
+            name.replace(".", "-"),
+        )
+    if cn in _NO_NAMES:
+        raise refuse(f"names no PC in particular ({cn})", _NAME_EXAMPLE)
+    if len(label) > bootstrap_base.NAME_CHARS:
+        raise refuse(
+            f"makes a name of {len(label)} characters, more than the "
+            f"{bootstrap_base.NAME_CHARS} a certificate name may have",
+            label[: bootstrap_base.NAME_CHARS],
+        )
+    return cn
+
+
 # --- network helpers ----------------------------------------------------------------------------
 
 
@@ -527,7 +582,9 @@ class TestConnection:
         # else the name this PC enrolled under before, else its host name's (``choose_name``,
         # then, once the node's hello is read, ``choose_proof``).
         self.host = socket.gethostname()
-        self.workstation = proto.workstation_cn(options.name or self.host)
+        self.workstation = (
+            proto.workstation_cn(self.host) if options.name is None else check_name(options.name)
+        )
         if not options.enrol and self.pin is None:
             raise click.UsageError(
                 "--no-enrol needs --ca-pin: without the password only a pin can verify the CA"
