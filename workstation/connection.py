@@ -83,12 +83,16 @@ Exit codes (every error is one line on stderr; the password is never printed):
         anything is sent
     3   http instead of https: an http address, or a node still on http (not switched yet, or
         switched back)
-    4   host unreachable (no route, no answer, name not resolved)
+    4   host unreachable (no route, no answer, name not resolved), or the server took the
+        connection but gave no complete answer within --timeout (hung, or trickling it)
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
     7   the app path does not answer (wrong APP path)
     8   bootstrap port closed (9443 or the one given: the node's agent down, a firewall, the
-        wrong port; the message says what to check), or another program answers on it
+        wrong port; the message says what to check), no complete answer from it in time (the
+        exchange's wait, at least ``proto.MIN_EXCHANGE_WAIT``, in the exchange), or another
+        program answers on it (one that closes the connection after the TLS handshake, as a
+        server's port that wants client certificates does, too)
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -102,6 +106,7 @@ import contextlib
 import datetime as dt
 import errno
 import http.client
+import io
 import ipaddress
 import json
 import os
@@ -419,7 +424,9 @@ class NetError(TransientError):
         super().__init__(detail)
         # unreachable | refused: TCP; tls: the handshake failed; verify: the certificate did
         # not verify; dropped: the handshake succeeded, then no http answer came (a server that
-        # wants a client certificate closes the connection, or alerts, at that point)
+        # wants a client certificate closes the connection, or alerts, at that point);
+        # timeout: the handshake succeeded, then no complete answer came within the wait (a
+        # server hung, or one that trickles its answer: review s63 M3, L1)
         self.kind = kind
         self.detail = detail
         self.reason = reason  # the OpenSSL reason, if any
@@ -452,6 +459,53 @@ def _tls_error(exc: ssl.SSLError) -> NetError:
     return NetError("tls", f"{reason or exc}".replace("_", " ").lower(), reason)
 
 
+class _Deadline(io.RawIOBase):
+    """What http.client reads an answer from: the socket, each read waiting no longer than
+    what is left until ``deadline`` (``time.monotonic``), TimeoutError past it. The socket's
+    own timeout bounds one read only: a server that sends a byte a second held a run for
+    ever, whatever ``--timeout`` (review s63 M3). Checked before each read rather than a timer
+    closing the socket from another thread: nothing can act on a descriptor the run has closed
+    and the system handed to another connection."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the answer's deadline has passed")
+        return left
+
+    def readinto(self, buffer: Any) -> int:
+        self.sock.settimeout(self.left())  # (ssl's read keeps to it as a whole, not per record)
+        return self.sock.recv_into(buffer)
+
+
+class _Bounded:
+    """A socket for ``http.client`` whose request and answer, together, keep to one deadline
+    (``_Deadline``); the socket itself is closed by its owner."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.reader = _Deadline(sock, deadline)
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(self.reader.left())
+        self.sock.sendall(data)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        assert mode == "rb"
+        return io.BufferedReader(self.reader)
+
+    def close(self) -> None:
+        pass
+
+
 def request(
     host: str,
     port: int,
@@ -467,9 +521,10 @@ def request(
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
     can tell which workstation is on which scheme (``tlsroll.clients``). ``timeout``: the
-    wait for the answer; ``connect_timeout`` (default ``timeout``): for the connection and
-    the TLS handshake (a host that does not answer fails within it, whatever the wait for
-    an answer: s44rev1 L6)."""
+    wait for the whole answer, from the end of the handshake (one deadline, not one per read:
+    review s63 M3), NetError "timeout" past it; ``connect_timeout`` (default ``timeout``): for
+    the connection and the TLS handshake (a host that does not answer fails within it,
+    whatever the wait for an answer: s44rev1 L6)."""
     connecting = timeout if connect_timeout is None else connect_timeout
     try:  # wrapped before its connect: see tlsroll.tls.connect
         tls = tls_connect(
@@ -486,10 +541,9 @@ def request(
             raise NetError("tls", f"no TLS handshake within {connecting:g} s") from None
         except OSError as exc:
             raise NetError("tls", f"connection closed during the handshake ({exc})") from None
-        tls.settimeout(timeout)
         peer = tls.getpeercert(binary_form=True)
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        conn.sock = tls
+        conn.sock = _Bounded(tls, time.monotonic() + timeout)
         headers = {"Accept": "application/json", "Connection": "close"}
         if workstation:
             headers[WORKSTATION_HEADER] = workstation
@@ -502,19 +556,35 @@ def request(
         except ssl.SSLError as exc:
             err = _tls_error(exc)
             raise NetError("dropped", err.detail, err.reason, peer) from None
+        except TimeoutError:  # (not "closed": the server may still be sending, s63 L1)
+            raise NetError("timeout", _no_answer(timeout), None, peer) from None
         except (http.client.HTTPException, OSError) as exc:
             detail = f"the server closed the connection ({type(exc).__name__})"
             raise NetError("dropped", detail, None, peer) from None
         finally:
             conn.close()
         if len(data) > proto.MAX_ANSWER_BYTES:
-            raise NetError("dropped", "answer too large", None, peer)
+            raise NetError("dropped", _TOO_LARGE, None, peer)
         return Reply(resp.status, data, {k.lower(): v for k, v in resp.getheaders()}, peer)
 
 
+_TOO_LARGE = "answer too large"
+
+
+def _no_answer(timeout: float) -> str:
+    return f"no complete answer within {timeout:g} s"
+
+
 def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
-    """True if ``host:port`` answers an unencrypted http request (a node still on http)."""
-    conn = http.client.HTTPConnection(host, port, timeout=min(timeout, 5.0))
+    """True if ``host:port`` answers an unencrypted http request (a node still on http),
+    within ``timeout`` (at most 5 s) as a whole (``_Bounded``)."""
+    wait = min(timeout, 5.0)
+    try:
+        sock = socket.create_connection((host, port), timeout=wait)
+    except OSError:
+        return False
+    conn = http.client.HTTPConnection(host, port, timeout=wait)
+    conn.sock = _Bounded(sock, time.monotonic() + wait)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         conn.getresponse().read(1024)
@@ -522,6 +592,7 @@ def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
         return False
     finally:
         conn.close()
+        sock.close()
     return True
 
 
@@ -1080,7 +1151,7 @@ class TestConnection:
                 timeout=self.o.timeout,
             )
         except NetError as exc:
-            return exc.kind == "dropped"
+            return exc.kind in ("dropped", "timeout")
         return True
 
     # (b)
@@ -1115,6 +1186,15 @@ class TestConnection:
                 raise ClientError(
                     Exit.UNREACHABLE,
                     f"cannot reach {server.host}: {exc.detail}; check the address and the network",
+                ) from None
+            if exc.kind == "timeout":
+                # (Review s63 L1: it was "no answer without a client certificate ... closed the
+                # connection (TimeoutError)", and the run went on to the password.)
+                raise ClientError(
+                    Exit.UNREACHABLE,
+                    f"{server.netloc} took the connection, but gave {exc.detail}: the server "
+                    "may be hung or overloaded; check it, or run this again with a longer "
+                    "--timeout; nothing was sent",
                 ) from None
             if (
                 exc.kind == "tls"
@@ -1188,6 +1268,14 @@ class TestConnection:
         port of the same host answered: what to check, not only another port (audit s39ws
         M8: a node's bootstrap service down said only that)."""
         other_port = "the port: the one your notice names (at the port prompt, or --bootstrap-port)"
+        if error.kind == "timeout":  # (review s63 M3: it was "TLS ... failed", exit 6)
+            return ClientError(
+                Exit.BOOTSTRAP_PORT,
+                f"bootstrap port {port} on {host} took the connection, but gave {error.detail}: "
+                "the node's tlsroll agent may be hung or overloaded, or another program holds "
+                "the port; check that the agent is running (systemctl status tlsroll-agent, on "
+                f"the node), and {other_port}",
+            )
         if error.kind == "refused":
             return ClientError(
                 Exit.BOOTSTRAP_PORT,
@@ -1235,7 +1323,7 @@ class TestConnection:
                 connect_timeout=self.o.timeout,
             )
         except NetError as exc:
-            if exc.kind in ("refused", "unreachable"):
+            if exc.kind in ("refused", "unreachable", "timeout"):
                 raise self._port_closed(host, port, exc) from None
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
@@ -1249,10 +1337,21 @@ class TestConnection:
                 host, port, "GET", proto.HELLO_PATH, self.context, timeout=self.o.timeout
             )
         except NetError as exc:
-            if exc.kind in ("refused", "unreachable"):
+            if exc.kind in ("refused", "unreachable", "timeout"):
                 raise self._port_closed(host, port, exc) from None
             if exc.kind == "tls" and exc.reason in _NOT_TLS:
                 raise self._not_bootstrap(host, port, "not TLS") from None
+            if exc.kind == "dropped":
+                # A TLS service that closed the connection (or alerted) after a completed
+                # handshake, with no http answer: one that wants a client certificate, as the
+                # managed server's own port may, or tlsroll's gRPC ports 9440-9442; the
+                # bootstrap service wants none (review s63 M2: "TLS ... failed", exit 6).
+                what = (
+                    "an answer too large"
+                    if exc.detail == _TOO_LARGE
+                    else "it closed the connection without an http answer"
+                )
+                raise self._not_bootstrap(host, port, what) from None
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
             ) from None
@@ -1354,7 +1453,9 @@ class TestConnection:
                 raise ClientError(
                     Exit.UNTRUSTED, f"{server.netloc}'s certificate does not verify: {exc.detail}"
                 ) from None
-            if exc.kind != "dropped":  # dropped: verified, but wants a client certificate
+            # dropped: verified, but wants a client certificate; timeout: verified, and the
+            # answer is not what this checks (the new settings' check asks for it)
+            if exc.kind not in ("dropped", "timeout"):
                 raise ClientError(
                     Exit.TLS, f"TLS with {server.netloc} failed: {exc.detail}"
                 ) from None
