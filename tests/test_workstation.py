@@ -1217,6 +1217,161 @@ async def test_another_program_on_the_bootstrap_port_is_found_before_the_passwor
     assert says.format(8443) in tls.error and "HTTP 404" in tls.error, tls.error
 
 
+async def test_a_port_that_wants_a_client_certificate_is_not_the_bootstrap_service(
+    nodes: dict[str, ServerNode],
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s63 M2: the managed server's own port given as the bootstrap port where it
+    wants client certificates (as tlsroll's gRPC ports 9440-9442 do too) completes the
+    handshake, then closes the connection: that was exit 6, "TLS with the bootstrap port ...
+    failed: the server closed the connection". It is another program: exit 8, what to do."""
+    node = nodes["mtls"]
+    run = await run_cli(
+        node.url, "--bootstrap-port", "8443", "--password-file", password_file(PASSWORD)
+    )
+    assert run.code == 8 == int(Exit.BOOTSTRAP_PORT), run.err
+    assert run.error.startswith(
+        f"tlsroll: error: port 8443 on {node.address} answers, but not as the bootstrap "
+        "service (it closed the connection without an http answer; another program?); enter "
+        "the port from your notice"
+    ), run.error
+    assert not (tmp_path / "settings").exists()
+
+
+@asynccontextmanager
+async def slow_tls_on(
+    address: str, port: int, cert: IssuedCert, *, trickle: bool, hello: bytes | None = None
+) -> AsyncIterator[None]:
+    """A TLS server that reads a request and then, ``trickle``, answers a status line and one
+    header byte every half second, never ending, or else says nothing at all: a server that
+    hangs, or one that holds its client by trickling (review s63 M3, L1). With ``hello`` (a
+    node's), it answers a GET of the hello with it, whole. Every connection is closed at the
+    end."""
+    stop = asyncio.Event()
+    serving: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        serving[task] = writer
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if hello is not None and head.startswith(f"GET {proto.HELLO_PATH} ".encode()):
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(hello)}\r\n\r\n".encode()
+                    + hello
+                )
+                await writer.drain()
+            elif trickle:
+                writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                while not stop.is_set() and not writer.is_closing():
+                    writer.write(b"a")
+                    await writer.drain()
+                    await asyncio.sleep(0.5)
+            else:
+                await reader.read()  # until the client gives up
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(
+        serve, address, port, ssl=server_context(cert.cert_file, cert.key_file)
+    )
+    try:
+        yield
+    finally:
+        stop.set()
+        server.close()
+        for writer in serving.values():
+            writer.close()  # (a silent one's read ends)
+        await asyncio.wait_for(asyncio.gather(*serving, return_exceptions=True), 10)
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
+async def test_a_server_that_gives_no_answer_in_time_stops_the_run_before_the_password(
+    trickle: bool,
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Review s63 M3: --timeout bounded each read only, so a server that trickles its answer
+    (a header byte at a time) held the run for ever. L1: a server that says nothing was "no
+    answer without a client certificate ... the server closed the connection
+    (TimeoutError)", and the run went on to the password and enrolled. Both are "no complete
+    answer within N s" now, exit 4, and nothing is sent (the node's bootstrap service runs:
+    no exchange started). No timing asserted: run_cli's 60 s is the bound."""
+    address = next_loopback()
+    cert = issue(test_ca, address, tmp_path / "pki")
+    async with (
+        make_service(cert, address, test_ca),
+        slow_tls_on(address, 8443, cert, trickle=trickle),
+    ):
+        run = await run_cli(
+            f"https://{address}:8443{APP}",
+            "--yes",
+            "--timeout",
+            "2",
+            "--password-file",
+            password_file(PASSWORD),
+        )
+    assert run.code == 4 == int(Exit.UNREACHABLE), run.err
+    assert run.error == (
+        f"tlsroll: error: {address}:8443 took the connection, but gave no complete answer "
+        "within 2 s: the server may be hung or overloaded; check it, or run this again with a "
+        "longer --timeout; nothing was sent"
+    )
+    assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
+    assert not (tmp_path / "settings").exists()
+
+
+async def test_a_bootstrap_port_that_gives_no_answer_in_time_says_so(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s63 M3 at the bootstrap port: a hello trickled held the run for ever, one that
+    never came was "TLS with the bootstrap port ... failed: the server closed the connection
+    (TimeoutError)", exit 6. And in the exchange, whose wait for each answer is at least
+    ``proto.MIN_EXCHANGE_WAIT`` whatever --timeout (the node may take that long to deliver
+    the certificate): a start answer trickled ends within that wait, not --timeout's. Exit 8,
+    what to check."""
+    node = nodes["tls"]
+    says = (
+        f"tlsroll: error: bootstrap port 9443 on {node.address} took the connection, but gave "
+        "no complete answer within {} s: the node's tlsroll agent may be hung or overloaded, "
+        "or another program holds the port; check that the agent is running (systemctl status "
+        "tlsroll-agent, on the node), and the port: the one your notice names"
+    )
+    args = (node.url, "--yes", "--timeout", "2", "--password-file", password_file(PASSWORD))
+    for trickle in (False, True):
+        async with slow_tls_on(node.address, BOOTSTRAP_PORT, node.cert, trickle=trickle):
+            run = await run_cli(*args)
+        assert run.code == 8 == int(Exit.BOOTSTRAP_PORT), run.err
+        assert run.error.startswith(says.format(2)), run.error
+    # The node's real hello, then a start answer that never ends
+    async with (
+        bootstrap_on(node, test_ca, port=9444),
+        aiohttp.ClientSession(timeout=TIMEOUT) as s,
+        s.get(f"https://{node.address}:9444{proto.HELLO_PATH}", ssl=False) as got,
+    ):
+        hello = await got.read()
+    async with slow_tls_on(node.address, BOOTSTRAP_PORT, node.cert, trickle=True, hello=hello):
+        run = await run_cli(*args)
+    assert run.code == 8, run.err
+    assert run.error.startswith(says.format(f"{proto.MIN_EXCHANGE_WAIT:g}")), run.error
+    assert f"the password exchange waits {proto.MIN_EXCHANGE_WAIT:g} s" in run.out
+    assert not (tmp_path / "settings").exists()
+
+
 async def test_sealed_answer_altered_in_transit(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,
@@ -1970,6 +2125,45 @@ async def test_a_host_name_that_names_no_pc_is_no_default_name(
         )
     assert named.code == 0, named.err
     assert "client certificate ws-pc-3 " in named.out
+
+
+@pytest.mark.parametrize(
+    ("name", "instead"),
+    [
+        ("受付", "empfang-1"),  # no letter a name can hold: it was ws-workstation
+        (".", "empfang-1"),
+        ("localhost", "empfang-1"),
+        ("empfang.1", "empfang-1"),  # only what came before the dot: ws-empfang
+        ("e" * 70, "e" * 60),  # cut to 60, unsaid
+    ],
+    ids=["no-letter", "dot-only", "localhost", "dotted", "too-long"],
+)
+async def test_a_name_given_that_would_become_another_is_refused_unsent(
+    name: str,
+    instead: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Review s63 L3: an explicit --name was mapped without a word: ``受付`` and ``.`` became
+    ws-workstation (the name refused for a host name), ``empfang.1`` ws-empfang (maybe
+    another PC's, then taken with --replace), 70 characters cut to 60. Refused, exit 2, with
+    the name to use instead, nothing sent. A host name keeps its first label, as before
+    (``test_a_name_taken_is_said_whole_with_a_longer_name_to_use``)."""
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", name
+        )
+    assert run.code == 2 == int(Exit.USAGE), run.err
+    assert run.error.startswith(f"tlsroll: error: Invalid value for --name: {name!r} "), run.error
+    assert f"use --name {instead}, or another name of letters, digits and hyphens" in run.error
+    assert "nothing was sent" in run.error
+    assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
+    assert not (tmp_path / "settings").exists()
 
 
 async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_next_run(

@@ -63,13 +63,24 @@ def loads_strict(body: bytes) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def workstation_cn(label: str) -> str:
-    """``ws-<label>`` from a host name or any text: lowercase, [a-z0-9-], at most 63 chars."""
+NAME_CHARS = 60  # of the text a workstation name is made of (``workstation_label``)
+
+
+def workstation_label(label: str) -> str:
+    """The text ``workstation_cn`` makes a name of, before it is cut to ``NAME_CHARS``: the
+    first dot-separated part, lowercase, umlauts spelt out, other letters without their
+    accents, anything else a hyphen; "" if nothing is left (the client refuses a ``--name``
+    that would be cut or lose its text, review s63 L3)."""
     text = label.lower().split(".", 1)[0]
     for umlaut, ascii_ in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
         text = text.replace(umlaut, ascii_)
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     text = re.sub(r"[^a-z0-9-]+", "-", text).strip("-")
-    text = re.sub(r"-{2,}", "-", text)[:60].strip("-") or "workstation"
+    return re.sub(r"-{2,}", "-", text)
+
+
+def workstation_cn(label: str) -> str:
+    """``ws-<label>`` from a host name or any text: lowercase, [a-z0-9-], at most 63 chars."""
+    text = workstation_label(label)[:NAME_CHARS].strip("-") or "workstation"
     cn = text if text.startswith("ws-") else f"ws-{text}"
     return cn[:63].rstrip("-")

@@ -59,8 +59,9 @@ def client() -> None:
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
 @click.option(
     "--name",
-    help="The workstation's name in its certificate [default: the name it enrolled under "
-    "before, else its host name].",
+    help="The workstation's name in its certificate: one word of letters, digits and "
+    "hyphens, at most 60 (e.g. empfang-1) [default: the name it enrolled under before, else "
+    "its host name].",
 )
 @click.option(
     "--replace",
@@ -79,9 +80,9 @@ def client() -> None:
     type=click.FloatRange(0.5, 120),
     default=DEFAULT_TIMEOUT,
     show_default=True,
-    help="Seconds to wait for each connection (the password exchange waits at least "
-    f"{MIN_EXCHANGE_WAIT:g} s for its answers: the node may take {FINISH_DEADLINE:g} s to "
-    "deliver the certificate).",
+    help="Seconds to wait for each connection, and for each answer as a whole (the password "
+    f"exchange waits at least {MIN_EXCHANGE_WAIT:g} s for its answers: the node may take "
+    f"{FINISH_DEADLINE:g} s to deliver the certificate).",
 )
 def test_connection(
     url: str,
@@ -98,10 +99,11 @@ def test_connection(
     """Check the new server address URL and set this workstation up for it.
 
     URL is the new address, e.g. https://192.168.1.5:8443/praxis_live/. Exit codes: 0 done,
-    1 failure, 2 usage, 3 http instead of https, 4 host unreachable, 5 connection refused,
-    6 TLS failure, 7 app path not found, 8 bootstrap port closed or not the bootstrap service,
-    9 wrong password, 10 not the cluster's node (CA, pin or the node's proof), 11 enrolment
-    refused or rate-limited (a name another PC holds: --name, or --replace).
+    1 failure, 2 usage, 3 http instead of https, 4 host unreachable or no answer in time,
+    5 connection refused, 6 TLS failure, 7 app path not found, 8 bootstrap port closed, not
+    answering in time or not the bootstrap service, 9 wrong password, 10 not the cluster's
+    node (CA, pin or the node's proof), 11 enrolment refused or rate-limited (a name another
+    PC holds: --name, or --replace).
     """
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")

@@ -75,18 +75,24 @@ Exit codes (every error is one line on stderr; the password is never printed):
         written all the same when the leader revoked the one in place and it fails too;
         aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, no name to enrol under (host name
-        "localhost": --name), a password file that is empty/unreadable or
+        "localhost": --name), a --name that would become another name (``check_name``: a
+        dot, no letter a name can hold, longer than 60), a password file that is
+        empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
         no password may be (white space around it, a control character): refused before
         anything is sent
     3   http instead of https: an http address, or a node still on http (not switched yet, or
         switched back)
-    4   host unreachable (no route, no answer, name not resolved)
+    4   host unreachable (no route, no answer, name not resolved), or the server took the
+        connection but gave no complete answer within --timeout (hung, or trickling it)
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
     7   the app path does not answer (wrong APP path)
     8   bootstrap port closed (9443 or the one given: the node's agent down, a firewall, the
-        wrong port; the message says what to check), or another program answers on it
+        wrong port; the message says what to check), no complete answer from it in time (the
+        exchange's wait, at least ``proto.MIN_EXCHANGE_WAIT``, in the exchange), or another
+        program answers on it (one that closes the connection after the TLS handshake, as a
+        server's port that wants client certificates does, too)
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -100,6 +106,7 @@ import contextlib
 import datetime as dt
 import errno
 import http.client
+import io
 import ipaddress
 import json
 import os
@@ -121,7 +128,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tlsroll import bootstrap_csr, pki
+from tlsroll import bootstrap_base, bootstrap_csr, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
@@ -363,6 +370,59 @@ def _check_numeric_host(host: str, example: str) -> str:
         ) from None
 
 
+_NAME_EXAMPLE = "empfang-1"
+
+
+def check_name(name: str) -> str:
+    """The certificate name (``ws-…``) of a ``--name``; click.BadParameter (exit 2, nothing
+    sent) where ``workstation_cn`` would make of it another name than the one given, with the
+    one to use instead (review s63 L3: ``受付`` and ``.`` became ws-workstation, the name
+    refused for a host name; ``empfang.1`` ws-empfang, which may be another PC's; 70
+    characters were cut to 60, all unsaid): a name with a dot (only its first part was
+    taken), one that gives a name of no PC in particular (``_NO_NAMES``: no letter or digit a
+    name can hold, or "localhost"), one longer than ``NAME_CHARS``. Case, umlauts and spaces
+    are spelt as a name holds them, as ever (``Empfang 1`` is ws-empfang-1). A host name's
+    name is made as before (its first label, ``_refuse_no_name``)."""
+
+    def refuse(why: str, instead: str) -> click.BadParameter:
+        alternative = proto.workstation_cn(instead)
+        if (
+            alternative in _NO_NAMES
+            or "." in instead
+            or len(bootstrap_base.workstation_label(instead)) > bootstrap_base.NAME_CHARS
+        ):
+            alternative = f"ws-{_NAME_EXAMPLE}"
+        use = alternative.removeprefix("ws-") if not instead.startswith("ws-") else alternative
+        return click.BadParameter(
+            f"{shown(name)} {why}: use --name {use}, or another name of letters, digits and "
+            "hyphens; nothing was sent",
+            param_hint="--name",
+        )
+
+    label = bootstrap_base.workstation_label(name)
+    cn = proto.workstation_cn(name)
+    if not bootstrap_base.workstation_label(name.replace(".", "-")):
+        raise refuse(
+            "holds no letter or digit a certificate name can have (a-z, 0-9 and hyphens)",
+            _NAME_EXAMPLE,
+        )
+    if "." in name:
+        raise refuse(
+            f"has a dot: a name is one word, and only what comes before the dot would be "
+            f"taken ({cn})",
+            name.replace(".", "-"),
+        )
+    if cn in _NO_NAMES:
+        raise refuse(f"names no PC in particular ({cn})", _NAME_EXAMPLE)
+    if len(label) > bootstrap_base.NAME_CHARS:
+        raise refuse(
+            f"makes a name of {len(label)} characters, more than the "
+            f"{bootstrap_base.NAME_CHARS} a certificate name may have",
+            label[: bootstrap_base.NAME_CHARS],
+        )
+    return cn
+
+
 # --- network helpers ----------------------------------------------------------------------------
 
 
@@ -375,7 +435,9 @@ class NetError(TransientError):
         super().__init__(detail)
         # unreachable | refused: TCP; tls: the handshake failed; verify: the certificate did
         # not verify; dropped: the handshake succeeded, then no http answer came (a server that
-        # wants a client certificate closes the connection, or alerts, at that point)
+        # wants a client certificate closes the connection, or alerts, at that point);
+        # timeout: the handshake succeeded, then no complete answer came within the wait (a
+        # server hung, or one that trickles its answer: review s63 M3, L1)
         self.kind = kind
         self.detail = detail
         self.reason = reason  # the OpenSSL reason, if any
@@ -408,6 +470,53 @@ def _tls_error(exc: ssl.SSLError) -> NetError:
     return NetError("tls", f"{reason or exc}".replace("_", " ").lower(), reason)
 
 
+class _Deadline(io.RawIOBase):
+    """What http.client reads an answer from: the socket, each read waiting no longer than
+    what is left until ``deadline`` (``time.monotonic``), TimeoutError past it. The socket's
+    own timeout bounds one read only: a server that sends a byte a second held a run for
+    ever, whatever ``--timeout`` (review s63 M3). Checked before each read rather than a timer
+    closing the socket from another thread: nothing can act on a descriptor the run has closed
+    and the system handed to another connection."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the answer's deadline has passed")
+        return left
+
+    def readinto(self, buffer: Any) -> int:
+        self.sock.settimeout(self.left())  # (ssl's read keeps to it as a whole, not per record)
+        return self.sock.recv_into(buffer)
+
+
+class _Bounded:
+    """A socket for ``http.client`` whose request and answer, together, keep to one deadline
+    (``_Deadline``); the socket itself is closed by its owner."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.reader = _Deadline(sock, deadline)
+        self.sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(self.reader.left())
+        self.sock.sendall(data)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        assert mode == "rb"
+        return io.BufferedReader(self.reader)
+
+    def close(self) -> None:
+        pass
+
+
 def request(
     host: str,
     port: int,
@@ -423,9 +532,10 @@ def request(
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
     can tell which workstation is on which scheme (``tlsroll.clients``). ``timeout``: the
-    wait for the answer; ``connect_timeout`` (default ``timeout``): for the connection and
-    the TLS handshake (a host that does not answer fails within it, whatever the wait for
-    an answer: s44rev1 L6)."""
+    wait for the whole answer, from the end of the handshake (one deadline, not one per read:
+    review s63 M3), NetError "timeout" past it; ``connect_timeout`` (default ``timeout``): for
+    the connection and the TLS handshake (a host that does not answer fails within it,
+    whatever the wait for an answer: s44rev1 L6)."""
     connecting = timeout if connect_timeout is None else connect_timeout
     try:  # wrapped before its connect: see tlsroll.tls.connect
         tls = tls_connect(
@@ -442,10 +552,9 @@ def request(
             raise NetError("tls", f"no TLS handshake within {connecting:g} s") from None
         except OSError as exc:
             raise NetError("tls", f"connection closed during the handshake ({exc})") from None
-        tls.settimeout(timeout)
         peer = tls.getpeercert(binary_form=True)
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        conn.sock = tls
+        conn.sock = _Bounded(tls, time.monotonic() + timeout)
         headers = {"Accept": "application/json", "Connection": "close"}
         if workstation:
             headers[WORKSTATION_HEADER] = workstation
@@ -458,19 +567,35 @@ def request(
         except ssl.SSLError as exc:
             err = _tls_error(exc)
             raise NetError("dropped", err.detail, err.reason, peer) from None
+        except TimeoutError:  # (not "closed": the server may still be sending, s63 L1)
+            raise NetError("timeout", _no_answer(timeout), None, peer) from None
         except (http.client.HTTPException, OSError) as exc:
             detail = f"the server closed the connection ({type(exc).__name__})"
             raise NetError("dropped", detail, None, peer) from None
         finally:
             conn.close()
         if len(data) > proto.MAX_ANSWER_BYTES:
-            raise NetError("dropped", "answer too large", None, peer)
+            raise NetError("dropped", _TOO_LARGE, None, peer)
         return Reply(resp.status, data, {k.lower(): v for k, v in resp.getheaders()}, peer)
 
 
+_TOO_LARGE = "answer too large"
+
+
+def _no_answer(timeout: float) -> str:
+    return f"no complete answer within {timeout:g} s"
+
+
 def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
-    """True if ``host:port`` answers an unencrypted http request (a node still on http)."""
-    conn = http.client.HTTPConnection(host, port, timeout=min(timeout, 5.0))
+    """True if ``host:port`` answers an unencrypted http request (a node still on http),
+    within ``timeout`` (at most 5 s) as a whole (``_Bounded``)."""
+    wait = min(timeout, 5.0)
+    try:
+        sock = socket.create_connection((host, port), timeout=wait)
+    except OSError:
+        return False
+    conn = http.client.HTTPConnection(host, port, timeout=wait)
+    conn.sock = _Bounded(sock, time.monotonic() + wait)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         conn.getresponse().read(1024)
@@ -478,6 +603,7 @@ def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
         return False
     finally:
         conn.close()
+        sock.close()
     return True
 
 
@@ -538,7 +664,9 @@ class TestConnection:
         # else the name this PC enrolled under before, else its host name's (``choose_name``,
         # then, once the node's hello is read, ``choose_proof``).
         self.host = socket.gethostname()
-        self.workstation = proto.workstation_cn(options.name or self.host)
+        self.workstation = (
+            proto.workstation_cn(self.host) if options.name is None else check_name(options.name)
+        )
         if not options.enrol and self.pin is None:
             raise click.UsageError(
                 "--no-enrol needs --ca-pin: without the password only a pin can verify the CA"
@@ -1034,7 +1162,7 @@ class TestConnection:
                 timeout=self.o.timeout,
             )
         except NetError as exc:
-            return exc.kind == "dropped"
+            return exc.kind in ("dropped", "timeout")
         return True
 
     # (b)
@@ -1069,6 +1197,15 @@ class TestConnection:
                 raise ClientError(
                     Exit.UNREACHABLE,
                     f"cannot reach {server.host}: {exc.detail}; check the address and the network",
+                ) from None
+            if exc.kind == "timeout":
+                # (Review s63 L1: it was "no answer without a client certificate ... closed the
+                # connection (TimeoutError)", and the run went on to the password.)
+                raise ClientError(
+                    Exit.UNREACHABLE,
+                    f"{server.netloc} took the connection, but gave {exc.detail}: the server "
+                    "may be hung or overloaded; check it, or run this again with a longer "
+                    "--timeout; nothing was sent",
                 ) from None
             if (
                 exc.kind == "tls"
@@ -1142,6 +1279,14 @@ class TestConnection:
         port of the same host answered: what to check, not only another port (audit s39ws
         M8: a node's bootstrap service down said only that)."""
         other_port = "the port: the one your notice names (at the port prompt, or --bootstrap-port)"
+        if error.kind == "timeout":  # (review s63 M3: it was "TLS ... failed", exit 6)
+            return ClientError(
+                Exit.BOOTSTRAP_PORT,
+                f"bootstrap port {port} on {host} took the connection, but gave {error.detail}: "
+                "the node's tlsroll agent may be hung or overloaded, or another program holds "
+                "the port; check that the agent is running (systemctl status tlsroll-agent, on "
+                f"the node), and {other_port}",
+            )
         if error.kind == "refused":
             return ClientError(
                 Exit.BOOTSTRAP_PORT,
@@ -1189,7 +1334,7 @@ class TestConnection:
                 connect_timeout=self.o.timeout,
             )
         except NetError as exc:
-            if exc.kind in ("refused", "unreachable"):
+            if exc.kind in ("refused", "unreachable", "timeout"):
                 raise self._port_closed(host, port, exc) from None
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
@@ -1203,10 +1348,21 @@ class TestConnection:
                 host, port, "GET", proto.HELLO_PATH, self.context, timeout=self.o.timeout
             )
         except NetError as exc:
-            if exc.kind in ("refused", "unreachable"):
+            if exc.kind in ("refused", "unreachable", "timeout"):
                 raise self._port_closed(host, port, exc) from None
             if exc.kind == "tls" and exc.reason in _NOT_TLS:
                 raise self._not_bootstrap(host, port, "not TLS") from None
+            if exc.kind == "dropped":
+                # A TLS service that closed the connection (or alerted) after a completed
+                # handshake, with no http answer: one that wants a client certificate, as the
+                # managed server's own port may, or tlsroll's gRPC ports 9440-9442; the
+                # bootstrap service wants none (review s63 M2: "TLS ... failed", exit 6).
+                what = (
+                    "an answer too large"
+                    if exc.detail == _TOO_LARGE
+                    else "it closed the connection without an http answer"
+                )
+                raise self._not_bootstrap(host, port, what) from None
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
             ) from None
@@ -1308,7 +1464,9 @@ class TestConnection:
                 raise ClientError(
                     Exit.UNTRUSTED, f"{server.netloc}'s certificate does not verify: {exc.detail}"
                 ) from None
-            if exc.kind != "dropped":  # dropped: verified, but wants a client certificate
+            # dropped: verified, but wants a client certificate; timeout: verified, and the
+            # answer is not what this checks (the new settings' check asks for it)
+            if exc.kind not in ("dropped", "timeout"):
                 raise ClientError(
                     Exit.TLS, f"TLS with {server.netloc} failed: {exc.detail}"
                 ) from None
