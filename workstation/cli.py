@@ -101,7 +101,8 @@ def test_connection(
     1 failure, 2 usage, 3 http instead of https, 4 host unreachable, 5 connection refused,
     6 TLS failure, 7 app path not found, 8 bootstrap port closed or not the bootstrap service,
     9 wrong password, 10 not the cluster's node (CA, pin or the node's proof), 11 enrolment
-    refused or rate-limited (a name another PC holds: --name, or --replace).
+    refused or rate-limited (a name another PC holds: --name, or --replace), 130 interrupted
+    (Ctrl-C; once the CSR is sent, held back until the node's answer is kept).
     """
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")
