@@ -19,6 +19,7 @@ import pty
 import pwd
 import select
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -26,7 +27,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ from workstation import cli as workstation_cli
 from workstation import connection as workstation
 from workstation import settings_files
 from workstation.connection import Exit
-from workstation.settings_files import KEPT, MARKER, REPLACED, STAGING
+from workstation.settings_files import KEPT, MARKER, PENDING, REPLACED, STAGING
 
 APP = "/praxis_live/"
 
@@ -451,10 +452,14 @@ def settings_set(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in SETTINGS_SET}
 
 
-def assert_one_set(directory: Path, before: dict[str, bytes], node: ServerNode) -> bool:
-    """The settings dir holds the four files and nothing else, and they are one set: the one
-    ``before``, or a new one whose key, certificate and settings belong together. True if new."""
-    assert sorted(os.listdir(directory)) == sorted(SETTINGS_SET)
+def assert_one_set(
+    directory: Path, before: dict[str, bytes], node: ServerNode, *, pending: bool = False
+) -> bool:
+    """The settings dir holds the four files and nothing else (``pending``: ``PENDING`` may
+    be there too), and they are one set: the one ``before``, or a new one whose key,
+    certificate and settings belong together. True if new."""
+    beside = {PENDING} if pending else set()
+    assert sorted(set(os.listdir(directory)) - beside) == sorted(SETTINGS_SET)
     now = settings_set(directory)
     changed = {name for name in SETTINGS_SET if now[name] != before[name]}
     assert changed in (set(), {"client.key", "client.pem", "settings.json"}), changed
@@ -522,10 +527,12 @@ async def test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new(
             assert nxt.code == 3, nxt.err
             # (The new pair is kept aside as soon as the exchange returns it, s43rev1 M1: a
             # run cut short after that leaves it beside the set before, for the next run.)
+            # (A run cut short between sending its CSR and keeping the answer leaves
+            # PENDING, for its next run to say why the name may be held: s63 M1.)
             if os.path.lexists(d / KEPT):
-                new = assert_one_set_beside_kept(d, before, node)
+                new = assert_one_set_beside_kept(d, before, node, pending=True)
             else:
-                new = assert_one_set(d, before, node)
+                new = assert_one_set(d, before, node, pending=True)
             assert new or not went_on, what
             said = [line for line in nxt.out.splitlines() if "interrupted run" in line]
             if said:
@@ -2334,8 +2341,14 @@ async def test_a_run_cut_short_after_the_exchange_keeps_the_new_certificate(
         monkeypatch.setattr(cls, "_set_in_place_problem", interrupted)
     async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
         run = await run_cli(*args)
-    assert run.code == 1 and "aborted" in run.err, run.err
     kept = d / KEPT
+    # (s63 L2: "tlsroll: aborted", exit 1, and not a word of the state it left)
+    assert run.code == 130 == int(Exit.INTERRUPTED), run.err
+    assert run.error == (
+        f"tlsroll: error: interrupted: enrolled as ws-empfang, the new certificate is kept in "
+        f"{kept}, the settings are not written yet: run this again to finish (it proves this "
+        "PC's name with it: no --replace needed)"
+    )
     new_cert = pki.read_cert(kept / "client.pem")
     assert pki.key_matches(new_cert, pki.read_key(kept / "client.key"))
     assert pki.fingerprint(new_cert) != pki.fingerprint(pki.load_cert_pem(before["client.pem"]))
@@ -2347,6 +2360,290 @@ async def test_a_run_cut_short_after_the_exchange_keeps_the_new_certificate(
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
     assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+
+
+@pytest.mark.parametrize("when", ["before the exchange", "once the settings are written"])
+async def test_a_ctrl_c_says_what_state_the_run_left(
+    when: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review s63 L2: a Ctrl-C outside a prompt said "tlsroll: aborted" (exit 1), whatever
+    the run had done: it says what state it left, exit 130 (as the admin commands)."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+
+    def interrupted(*a: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+
+    replace = settings_files.replace
+
+    def replaced(*a: Any, **kw: Any) -> Any:
+        replace(*a, **kw)
+        raise KeyboardInterrupt
+
+    if when == "before the exchange":
+        monkeypatch.setattr(workstation.TestConnection, "check_bootstrap_port", interrupted)
+    else:
+        monkeypatch.setattr(settings_files, "replace", replaced)
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "empfang"
+        )
+    assert run.code == 130 == int(Exit.INTERRUPTED), run.err
+    if when == "before the exchange":
+        assert run.error == (
+            f"tlsroll: error: interrupted: nothing was enrolled, the settings in {d} are as "
+            "they were"
+        )
+        assert not d.exists()
+    else:
+        assert run.error == (
+            f"tlsroll: error: interrupted: enrolled as ws-empfang; the settings were written "
+            f"to {d}: restart the client to finish"
+        )
+        assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # (nothing kept aside, pending)
+        assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-empfang"
+
+
+def taken_at_this_node(name: str) -> str:
+    """The node's words for the leader's refusal of a name held at this node without proof
+    (``leader.store``, ``NameTaken``)."""
+    return (
+        f"the leader did not sign: workstation name {name} is taken at this node: by this PC "
+        "if its tlsroll is too old to prove it (upgrade it), else by another PC; if this PC "
+        "replaces that one, run again with --replace; else choose another (--name), or the "
+        f"admin frees it (tlsroll workstations revoke {name})"
+    )
+
+
+def holding(ca: pki.CertificateAuthority, csrs: list[bytes]) -> Callable[[bytes], Any]:
+    """``recording(ca, csrs)`` that holds names as the leader does (``issue_workstation``):
+    a name signed before is signed again only with the proof of the certificate that holds
+    it (``bootstrap_csr.Reenrolment``) or with --replace; else refused as taken."""
+    from nodeagent.bootstrap_supervisor import SignRefused
+
+    sign = ca_signer(ca)
+    held: dict[str, str] = {}  # name -> the fingerprint of the certificate that holds it
+
+    async def hold(csr_pem: bytes) -> bytes:
+        csrs.append(csr_pem)
+        name = pki.names_of(x509.load_pem_x509_csr(csr_pem)).common_name
+        claim = claim_of(csr_pem)
+        if name in held and claim.previous != held[name] and not claim.replace:
+            raise SignRefused(taken_at_this_node(name), refused=True)
+        pem = bytes(await sign(csr_pem))
+        held[name] = pki.fingerprint(pki.load_cert_pem(pem))
+        return pem
+
+    return hold
+
+
+@asynccontextmanager
+async def bootstrap_relay(
+    node: ServerNode,
+    ca: pki.CertificateAuthority,
+    answered: Callable[[], Awaitable[bool]],
+    **kw: Any,
+) -> AsyncIterator[None]:
+    """The node's real bootstrap service on 9444 and, on the bootstrap port, a relay in front
+    of it (the node's own certificate) that passes every request and answer on as it is; the
+    node's answer to the finishing request goes on only once ``answered()`` says so (True),
+    else the connection is cut: the node has had the certificate signed, and its answer goes
+    nowhere (a network cut, a run interrupted meanwhile)."""
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as s,
+            s.request(
+                request.method,
+                f"https://{node.address}:9444{request.path_qs}",
+                data=await request.read(),
+                headers={"Content-Type": "application/json"},
+                ssl=False,
+            ) as upstream,
+        ):
+            body, status = await upstream.read(), upstream.status
+        if request.path == proto.FINISH_PATH and not await answered():
+            assert request.transport is not None
+            request.transport.abort()  # (nothing of the answer sent)
+            raise web.HTTPServiceUnavailable  # (goes nowhere: the connection is gone)
+        return web.Response(body=body, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        ctx = server_context(node.cert.cert_file, node.cert.key_file)
+        await web.TCPSite(runner, node.address, BOOTSTRAP_PORT, ssl_context=ctx).start()
+        async with bootstrap_on(node, ca, port=9444, **kw):
+            yield
+    finally:
+        await runner.cleanup()
+
+
+class ChildRun:
+    """``tlsroll client test-connection ARGS`` as a process of its own (so that it gets a
+    real SIGINT, as from Ctrl-C at its terminal), its stdout read line by line as it comes."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = ["client", "test-connection", *args, "--timeout", "5"]
+        self.out: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def interrupt_until(self, line: str) -> None:
+        """SIGINT to it; back once it has said ``line`` or has ended (at most 30 s)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            while line not in self.out and self.proc.returncode is None:
+                await asyncio.sleep(0.05)
+
+    async def run(self) -> tuple[int, str, str]:
+        """Its exit code, stdout and stderr (at most 60 s)."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *command("tlsroll", "tlsroll"),
+            *self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+
+        async def lines(stream: asyncio.StreamReader) -> None:
+            while raw := await stream.readline():
+                self.out.append(raw.decode(errors="replace").rstrip("\n"))
+
+        try:
+            async with asyncio.timeout(60):
+                _, err = await asyncio.gather(lines(self.proc.stdout), self.proc.stderr.read())
+                code = await self.proc.wait()
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.wait()
+        out = "\n".join(self.out)
+        assert secrets_in(out + err.decode()) == [], "a secret leaked into the output"
+        return code, out, err.decode(errors="replace")
+
+
+async def test_ctrl_c_while_the_node_s_answer_is_on_its_way_waits_for_the_pair_to_be_kept(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s63 M1: a Ctrl-C while the node's answer to the finishing request was on its
+    way ended the run at once: the leader had signed the certificate, which nobody held, and
+    the PC's next run was refused the name "by this PC if its tlsroll is too old ..., else by
+    another PC". It is held back until the new pair is kept (one line says so), then acted
+    on (exit 130, the state said); the next run proves the name with that pair."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    child = ChildRun([node.url, "--password-file", pw, "--yes", "--name", "empfang"])
+    child.args += ["--settings-dir", str(d)]
+
+    async def ctrl_c() -> bool:  # the node has answered: Ctrl-C before the answer arrives
+        if child.proc is not None and child.proc.returncode is None:  # (the child's run)
+            await child.interrupt_until(workstation.HeldInterrupt.LINE)
+        return True
+
+    async with bootstrap_relay(node, test_ca, ctrl_c, sign=holding(test_ca, csrs)):
+        code, out, err = await child.run()
+        assert code == 130 == int(Exit.INTERRUPTED), (out, err)
+        assert child.out.count(workstation.HeldInterrupt.LINE) == 1, out
+        kept = d / KEPT
+        assert err == (
+            "tlsroll: error: interrupted: enrolled as ws-empfang, the new certificate is kept in "
+            f"{kept}, the settings are not written yet: run this again to finish (it proves "
+            "this PC's name with it: no --replace needed)\n"
+        )
+        new_cert = pki.read_cert(kept / "client.pem")
+        assert pki.key_matches(new_cert, pki.read_key(kept / "client.key"))
+        assert new_cert.public_key() == x509.load_pem_x509_csr(csrs[-1]).public_key()
+        assert stat.S_IMODE((kept / "client.key").stat().st_mode) == 0o600
+        assert not (d / "client.pem").exists() and not (d / PENDING).exists()
+        # The same PC again: it holds the name, and proves it (no --replace).
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--settings-dir", str(d))
+    assert run.code == 0, run.err
+    assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment(previous=pki.fingerprint(new_cert))
+    assert not (d / KEPT).exists() and not (d / PENDING).exists()
+
+
+@pytest.mark.parametrize("cut", ["connection dropped", "second Ctrl-C"])
+async def test_an_enrolment_cut_short_after_the_node_signed_says_so_when_the_name_is_refused(
+    cut: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s63 M1: a run whose finishing request the node answered, the answer lost (the
+    connection dropped, or the admin pressed Ctrl-C twice), left the name held by a
+    certificate nobody has; its next run was refused the name "by this PC if its tlsroll is
+    too old to prove it (upgrade it), else by another PC": wrong for this PC. The run notes
+    in the settings dir (``PENDING``, 0600) that it sent its CSR, until it keeps the answer;
+    the next run, refused the name at that node, says what happened: --replace."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    leader = holding(test_ca, csrs)  # (one for both services: the leader holds the name)
+    args = [node.url, "--password-file", pw, "--yes", "--name", "empfang", "--settings-dir", str(d)]
+    child = ChildRun(args)
+
+    async def lost() -> bool:
+        if cut == "second Ctrl-C":
+            await child.interrupt_until(workstation.HeldInterrupt.LINE)
+            await child.interrupt_until("(not said)")  # (back once it has ended)
+        return False
+
+    async with bootstrap_relay(node, test_ca, lost, sign=leader):
+        if cut == "second Ctrl-C":
+            code, out, err = await child.run()
+            assert code == 130, (out, err)
+            assert err == (
+                "tlsroll: error: interrupted before the node's answer to the enrolment "
+                "arrived: it may have signed a certificate for ws-empfang all the same, which "
+                "this PC does not have and which holds the name at that node; run this again "
+                "(if the name is refused as taken, it says what to do)\n"
+            )
+        else:
+            run = await run_cli(*args)
+            assert run.code == Exit.TLS, run.err
+            assert run.error.endswith(
+                "; the node may have had a certificate for ws-empfang signed all the same: run "
+                "this again (if the name is refused as taken, it says what to do)"
+            ), run.error
+        assert len(csrs) == 1  # the node had it signed
+    assert not os.path.lexists(d / KEPT) and not os.path.lexists(d / "client.pem")
+    pending = json.loads((d / PENDING).read_text())
+    assert (pending["name"], pending["node"]) == ("ws-empfang", "node-a")
+    assert stat.S_IMODE((d / PENDING).stat().st_mode) == 0o600
+    async with bootstrap_on(node, test_ca, sign=leader):
+        run = await run_cli(*args)
+        assert run.code == 11 == int(Exit.ENROL_REFUSED), run.err
+        assert run.error.startswith(
+            f"tlsroll: error: workstation name ws-empfang is taken at node node-a: an earlier "
+            f"run of this PC ({pending['at']}) was cut short after the node may have signed: "
+            "run again with --replace (it revokes that certificate, which nobody holds; unless "
+            "another PC goes by ws-empfang: then choose another name with --name)"
+        ), run.error
+        assert (d / PENDING).exists()  # (said again until it is settled)
+        run = await run_cli(*args, "--replace")
+    assert run.code == 0, run.err
+    assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment(replace=True)
+    assert not os.path.lexists(d / PENDING)
 
 
 def client_pair(
@@ -2784,13 +3081,15 @@ async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(
     assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-pc-test"
 
 
-def assert_one_set_beside_kept(d: Path, before: dict[str, bytes], node: ServerNode) -> bool:
+def assert_one_set_beside_kept(
+    d: Path, before: dict[str, bytes], node: ServerNode, *, pending: bool = False
+) -> bool:
     """``assert_one_set`` for a settings dir that also holds ``KEPT``."""
     kept = d / KEPT
     hidden = d.parent / "kept-aside"
     os.rename(kept, hidden)
     try:
-        return assert_one_set(d, before, node)
+        return assert_one_set(d, before, node, pending=pending)
     finally:
         os.rename(hidden, kept)
 

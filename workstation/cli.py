@@ -103,7 +103,8 @@ def test_connection(
     5 connection refused, 6 TLS failure, 7 app path not found, 8 bootstrap port closed, not
     answering in time or not the bootstrap service, 9 wrong password, 10 not the cluster's
     node (CA, pin or the node's proof), 11 enrolment refused or rate-limited (a name another
-    PC holds: --name, or --replace).
+    PC holds: --name, or --replace), 130 interrupted (Ctrl-C; once the CSR is sent, held back
+    until the node's answer is kept).
     """
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")

@@ -97,7 +97,13 @@ Exit codes (every error is one line on stderr; the password is never printed):
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
     11  enrolment refused, rate-limited or busy at the node; a name another PC holds
-        (choose another with --name, or --replace if this PC replaces that one)
+        (choose another with --name, or --replace if this PC replaces that one), or one an
+        earlier run of this PC left held when it was cut short after sending its CSR
+        (``settings_files.PENDING``: --replace)
+    130 interrupted (Ctrl-C) outside a prompt: the line says what state it left (nothing
+        done, the new certificate kept aside, or the settings written); Ctrl-C while the
+        node's answer to the CSR is on its way is held back until the new pair is kept (one
+        line says so; a second Ctrl-C gives up, and the name may stay held at that node)
 """
 
 from __future__ import annotations
@@ -112,14 +118,17 @@ import json
 import os
 import pwd
 import re
+import signal
 import socket
 import ssl
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -173,14 +182,18 @@ class Exit(IntEnum):
     WRONG_PASSWORD = 9
     UNTRUSTED = 10
     ENROL_REFUSED = 11
+    INTERRUPTED = 130  # 128 + SIGINT, as a shell says it (and the admin commands: README)
 
 
 class ClientError(click.ClickException, TerminalError):
     """One line for the workstation admin, with its own exit code (see the table above)."""
 
-    def __init__(self, code: Exit, message: str) -> None:
+    def __init__(self, code: Exit, message: str, *, sent: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        # The request went out and its answer did not come (``_call``: no complete answer
+        # within its wait): the node may have acted on it, as on a finish it signed.
+        self.sent = sent
 
     @property
     def exit_code(self) -> int:  # type: ignore[override]
@@ -651,6 +664,62 @@ class Result:
     settings_dir: Path
 
 
+class HeldInterrupt:
+    """Ctrl-C (SIGINT) held back from ``hold()`` to ``release()``: from the finishing request
+    (the CSR) going out until the new pair the node answers with is kept aside
+    (``TestConnection.keep_new_pair``). Given up in between, the run would leave the leader a
+    certificate for this PC's name that nobody holds, and its next run would find the name
+    taken (s63 M1). The first Ctrl-C says so in one line and is acted on once the pair is kept
+    (``release`` raises KeyboardInterrupt then); a second gives up at once. The wait is bounded
+    by the exchange's own (``exchange_wait``): the request's answer comes, or it fails, within
+    it. Only where Python lets a handler be set (the main thread): a run in another thread
+    (the tests' in-process runs) is interrupted as before."""
+
+    LINE = "note      finishing the enrolment; Ctrl-C again to give up (the name may stay held)"
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.came = False  # a Ctrl-C came while held: acted on at ``release``
+        self._before: Any = None
+        self._held = False
+
+    def hold(self) -> None:
+        """Held from now; not where SIGINT is ignored (``nohup``, a shell's background job):
+        it stays so."""
+        if self._held or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return
+        try:
+            self._before = signal.signal(signal.SIGINT, self._interrupt)
+        except ValueError:  # (not the main interpreter)
+            return
+        self._held = True
+
+    def _interrupt(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.came:
+            self._restore()
+            raise KeyboardInterrupt
+        self.came = True
+        self.say(self.LINE)
+
+    def _restore(self) -> None:
+        if self._held:
+            self._held = False
+            # (None: the handler before was not set from Python; the default then)
+            before = signal.SIG_DFL if self._before is None else self._before
+            signal.signal(signal.SIGINT, before)
+
+    def release(self, *, act: bool = True) -> None:
+        """The handler before back in place; then, with ``act``, a Ctrl-C that came while
+        held is acted on (KeyboardInterrupt). Without it (the run failed meanwhile), its
+        error goes on as it is."""
+        self._restore()
+        if act and self.came:
+            self.came = False
+            raise KeyboardInterrupt
+
+
 class TestConnection:
     """The steps (a) to (e); ``run()`` returns a Result or raises ClientError."""
 
@@ -680,8 +749,65 @@ class TestConnection:
         # The certificate in place whose name this PC asks for with no proof: of a CA the
         # node's hello no longer names (``choose_proof``).
         self.unproven: x509.Certificate | None = None
+        # How far the run got, for what a Ctrl-C says (``interrupted``): the finishing
+        # request sent, the new pair kept aside (where), the settings written.
+        self.finish_sent = False
+        self.kept_at: Path | None = None
+        self.new_cert_pem: bytes | None = None  # (the new client certificate, once here)
+        self.written = False
+        self.held = HeldInterrupt(ui.say)
+        # What ``settings_files.PENDING`` said before this run wrote its own (``exchange``),
+        # whether the settings dir was made for it, whether the node answered the request.
+        self.earlier: settings_files.Pending | None = None
+        self.made_dirs: list[Path] = []
+        self.answered = False
 
     def run(self) -> Result:
+        """The steps; a Ctrl-C outside a prompt (where click says "aborted", exit 1) is exit
+        130 with the state it leaves said (s63 L2: "tlsroll: aborted", whatever it left)."""
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self.held.release(act=False)
+            raise ClientError(Exit.INTERRUPTED, self.interrupted()) from None
+
+    def interrupted(self) -> str:
+        """What a Ctrl-C left: the settings written, the new pair kept aside, a finishing
+        request whose answer did not arrive (the name may be held: the next run says so), or
+        nothing done."""
+        d, name = self.o.settings_dir, self.workstation
+        if self.written or self._new_set_in_place():
+            enrolled = f"enrolled as {name}; " if self.kept_at or self.finish_sent else ""
+            return (
+                f"interrupted: {enrolled}the settings were written to {d}: restart the client "
+                "to finish"
+            )
+        if self.kept_at is not None:
+            return (
+                f"interrupted: enrolled as {name}, the new certificate is kept in "
+                f"{self.kept_at}, the settings are not written yet: run this again to finish "
+                "(it proves this PC's name with it: no --replace needed)"
+            )
+        if self.finish_sent:
+            return (
+                "interrupted before the node's answer to the enrolment arrived: it may have "
+                f"signed a certificate for {name} all the same, which this PC does not have and "
+                "which holds the name at that node; run this again (if the name is refused as "
+                "taken, it says what to do)"
+            )
+        return f"interrupted: nothing was enrolled, the settings in {d} are as they were"
+
+    def _new_set_in_place(self) -> bool:
+        """Whether the new client certificate is in place: its set written (a Ctrl-C right
+        after ``settings_files.replace`` returned, before ``written`` was set)."""
+        if self.new_cert_pem is None:
+            return False
+        try:
+            return settings_files.read_file(self.o.settings_dir / "client.pem") == self.new_cert_pem
+        except OSError:
+            return False
+
+    def _run(self) -> Result:
         o = self.o
         self.check_not_root_in_a_users_dir()
         self.finish_settings()
@@ -727,17 +853,27 @@ class TestConnection:
         # certificate (the cluster's, which may not be the one pinned).
         if secret is not None:
             key = pki.generate_key()
-            payload = self.exchange(server.host, port, hello, secret, key)
-            node, node_url = payload.node, payload.server_url
-            bundle = self._cas(payload.ca_bundle_pem)  # sealed: confirmed by the password
-            if pinned is not None:
-                trusted = self._pinned(payload.ca_bundle_pem)
-                how = f"pinned {self.pin} (and the password exchange confirmed)"
-            else:
-                trusted = bundle
-                how = "verified with the password (key exchange confirmed both ways)"
-            cert = self._client_cert(payload, key, bundle, where)
-            kept = self.keep_new_pair(cert, key)
+            try:  # (Ctrl-C held back from the finishing request on: ``HeldInterrupt``)
+                payload = self.exchange(server.host, port, hello, secret, key)
+                node, node_url = payload.node, payload.server_url
+                bundle = self._cas(payload.ca_bundle_pem)  # sealed: confirmed by the password
+                if pinned is not None:
+                    trusted = self._pinned(payload.ca_bundle_pem)
+                    how = f"pinned {self.pin} (and the password exchange confirmed)"
+                else:
+                    trusted = bundle
+                    how = "verified with the password (key exchange confirmed both ways)"
+                cert = self._client_cert(payload, key, bundle, where)
+                self.new_cert_pem = pki.cert_to_pem(cert)
+                kept = self.keep_new_pair(cert, key)
+            except BaseException as exc:
+                self.held.release(act=False)
+                if isinstance(exc, ClientError) and self.answered:
+                    # An answer refused as not the cluster node's (or not for this key and
+                    # name): nothing is held for this PC (nothing was kept or written).
+                    self._unmark_pending()
+                raise
+            self.held.release()  # a Ctrl-C that came meanwhile: now (the pair is kept)
         else:
             assert pinned is not None  # without a password there is always a pin
             trusted, how = pinned, f"pinned {self.pin}"
@@ -823,13 +959,15 @@ class TestConnection:
         d = self.o.settings_dir
         try:
             make_private_dir(d)
-            return settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
+            self.kept_at = settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
         except OSError as exc:
             self.ui.say(
                 f"note      the new certificate could not be kept aside in {d} yet "
                 f"({exc.strerror or exc})"
             )
             return None
+        self._drop_pending()  # (the name is this PC's now: it holds the pair)
+        return self.kept_at
 
     def say_pin_to_compare(
         self, server_cert: x509.Certificate, cert: x509.Certificate, bundle: list[x509.Certificate]
@@ -1335,7 +1473,9 @@ class TestConnection:
             )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable", "timeout"):
-                raise self._port_closed(host, port, exc) from None
+                closed = self._port_closed(host, port, exc)
+                closed.sent = exc.kind == "timeout"  # (after the handshake: the request went)
+                raise closed from None
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
             ) from None
@@ -1519,17 +1659,97 @@ class TestConnection:
                 break
         else:
             raise ClientError(Exit.FAILURE, f"{where}: the exchange expired too soon; try again")
-        reply = self._call(host, port, "POST", proto.FINISH_PATH, finish.to_json(), timeout=wait)
+        self._mark_pending(hello.node)
+        self.held.hold()  # until the pair it answers with is kept (``run``)
+        self.finish_sent = True
+        try:
+            reply = self._call(
+                host, port, "POST", proto.FINISH_PATH, finish.to_json(), timeout=wait
+            )
+        except ClientError as exc:  # (no answer: it may have been signed all the same)
+            if exc.code is Exit.BOOTSTRAP_PORT and not exc.sent:  # (no connection: none sent)
+                self._unmark_pending()
+                raise
+            raise ClientError(
+                exc.code,
+                f"{exc.message}; the node may have had a certificate for {cn} signed all the "
+                "same: run this again (if the name is refused as taken, it says what to do)",
+            ) from None
+        self.answered = reply.status == 200  # (a 5xx: it may have signed, and withdrawn or not)
         error, _ = _error_of(reply)
+        if 400 <= reply.status < 500:  # refused: the node had nothing signed for this run
+            self._unmark_pending()
         if reply.status == 410 and error == proto.ErrorCode.EXCHANGE_EXPIRED:
             raise ClientError(
                 Exit.FAILURE,
                 f"{where}: the exchange expired before the node took it; try again",
             )
         if reply.status != 200:
+            if (held := self._held_by_earlier_run(reply, hello.node)) is not None:
+                raise held
             self._say_unproven(reply)
             raise self._refused(reply, where, self._name_hint(reply))
         return self._payload(reply, keys, where)
+
+    def _mark_pending(self, node: str) -> None:
+        """``settings_files.PENDING`` written before the finishing request goes out, what it
+        said before kept for this run's refusal (``_held_by_earlier_run``). Where it cannot
+        be written (a full disk: keeping the pair fails too, and says so), the run goes on."""
+        d = self.o.settings_dir
+        self.earlier = settings_files.read_pending(d)
+        self.made_dirs = []  # (the settings dir and its parents that were not there)
+        at = d
+        while not os.path.lexists(at) and at != at.parent:
+            self.made_dirs.append(at)
+            at = at.parent
+        try:
+            make_private_dir(d)
+            settings_files.mark_pending(d, self.workstation, node)
+        except OSError:
+            pass
+
+    def _unmark_pending(self) -> None:
+        """The node refused this run's request: it had nothing signed for it, and
+        ``settings_files.PENDING`` says again what it said before (an earlier run cut short
+        still may have left the name held), or goes."""
+        d = self.o.settings_dir
+        with contextlib.suppress(OSError):
+            if self.earlier is None:
+                settings_files.drop_pending(d)
+            else:
+                settings_files.put_pending(d, self.earlier)
+            for made in self.made_dirs:  # (made for it, empty again: a refusal writes nothing)
+                os.rmdir(made)
+
+    def _drop_pending(self) -> None:
+        with contextlib.suppress(OSError):
+            settings_files.drop_pending(self.o.settings_dir)
+
+    def _held_by_earlier_run(self, reply: Reply, node: str) -> ClientError | None:
+        """For the leader's refusal of the name as taken at this node (409), where an
+        earlier run of this PC sent its CSR for that name to this node and was cut short
+        before it kept the answer (``settings_files.PENDING``): the node may have had the
+        certificate signed, which then holds the name, with nobody holding it. The leader's
+        words ("by this PC if its tlsroll is too old ..., else by another PC") are wrong for
+        this PC then (s63 M1); the error says what happened and what to do. None otherwise."""
+        error, message = _error_of(reply)
+        earlier, name = self.earlier, self.workstation
+        if (
+            reply.status != 409
+            or error != proto.ErrorCode.SIGN_FAILED
+            or earlier is None
+            or earlier.name != name
+            or earlier.node != node
+            or f"workstation name {name} is taken at this node" not in message
+        ):
+            return None
+        return ClientError(
+            Exit.ENROL_REFUSED,
+            f"workstation name {name} is taken at node {one_line(node, 63)}: an earlier run of "
+            f"this PC ({one_line(earlier.at, 30)}) was cut short after the node may have "
+            "signed: run again with --replace (it revokes that certificate, which nobody "
+            f"holds; unless another PC goes by {name}: then choose another name with --name)",
+        )
 
     def _say_unproven(self, reply: Reply) -> None:
         """For a name the leader refused as held (409) that this PC asked for with no proof,
@@ -1745,6 +1965,9 @@ class TestConnection:
                 "this again"
             )
             raise NotReplaced(Exit.FAILURE, _replaced_not_kept(d, exc, replaced)) from None
+        self.written = True
+        if client_pem is not None:
+            self._drop_pending()  # (the name is this PC's now: its pair is in place)
         self.ui.say(f"settings  written to {d}")
         if gone:
             self.ui.say(f"note      the client.key in place is replaced, not kept: {_CERT_GONE}")

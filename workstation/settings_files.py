@@ -27,6 +27,15 @@ certificate in place), or an enrolment a run without one (``--no-enrol``) took o
 next enrolment proves with it that it is the same PC (``bootstrap_csr.Reenrolment``); once an
 enrolment is in place it is removed.
 
+``.enrolment-pending`` (``PENDING``, a file, 0600) says that a run sent the node its
+finishing request (the CSR) and has not kept what came back yet: the name asked for, the node
+and when (``mark_pending``). The node may have had the certificate signed, which then holds the
+name at that node, while its answer never arrived (the connection dropped, the run was
+killed): nobody holds that certificate, and the leader refuses the name to this PC's next run
+as taken. The next run, refused so at that node, says then what happened and what to do
+(s63 M1: it said "by this PC if its tlsroll is too old ..., else by another PC"). Removed once
+the new pair is kept (or a refusal says the node signed nothing).
+
 ``.settings-replaced`` (``REPLACED``) holds the set a new enrolment's set replaced (or, of the
 two pairs a run without one takes out of place, ``set_aside``, the older: s45ws; never over
 a set there that may still be valid: s45rev1 M1), when the
@@ -82,6 +91,7 @@ STAGING = ".settings-new"
 KEPT = ".enrolment-kept"  # this PC's client.key and client.pem while not in place (see above)
 REPLACED = ".settings-replaced"  # the set before a new enrolment, if worth keeping (see above)
 REPLACED_NEW = REPLACED + ".new"  # its copy, staged beside STAGING until committed (see above)
+PENDING = ".enrolment-pending"  # a finishing request sent, its answer not kept yet (see above)
 CLIENT = ("client.key", "client.pem")
 MARKER = "commit"  # in STAGING: the names to rename into place, written last
 NAMES = ("client.key", "client.pem", "ca.pem", "settings.json")  # in the order they move
@@ -508,6 +518,63 @@ def _held(
     issued, newer_issued = _issued(cert), _issued(newer_cert)
     later = issued is not None and newer_issued is not None and newer_issued > issued
     return cert if worth(key, cert, newer_cert if later else b"") else None
+
+
+class Pending(NamedTuple):
+    """What ``PENDING`` says: the name a run asked for, of the node it asked (its name, as its
+    hello gives it), and when (ISO 8601, UTC, to the second)."""
+
+    name: str
+    node: str
+    at: str
+
+
+def mark_pending(directory: Path, name: str, node: str) -> None:
+    """Write ``PENDING`` (replacing one there) before the finishing request is sent. Raises
+    OSError."""
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    put_pending(directory, Pending(name, node, at))
+
+
+def put_pending(directory: Path, pending: Pending) -> None:
+    """Write ``pending`` as ``PENDING`` (0600: it names the PC and where it enrols). Raises
+    OSError. Written in place, not through a temporary file: a run cut short meanwhile leaves
+    no file of another name in the settings dir, and one cut short or empty reads as none
+    (``read_pending``), which costs only what it would say. Not fsynced (a note for the next
+    run, not the set). A link there is not followed, a FIFO not waited on (OSError)."""
+    body = {"version": 1, "name": pending.name, "node": pending.node, "at": pending.at}
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(directory / PENDING, flags, PRIVATE)
+    with os.fdopen(fd, "wb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(directory / PENDING))
+        os.fchmod(fd, PRIVATE)
+        os.ftruncate(fd, 0)
+        f.write((json.dumps(body) + "\n").encode())
+
+
+def read_pending(directory: Path) -> Pending | None:
+    """What ``PENDING`` says; None if there is none, or it cannot be read (a link, a FIFO, not
+    ours: never followed or opened) or is not of this shape."""
+    try:
+        body = json.loads(_read_nofollow(directory / PENDING))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(body, dict) or body.get("version") != 1:
+        return None
+    fields = [body.get(key) for key in ("name", "node", "at")]
+    if not all(isinstance(value, str) and value.isprintable() for value in fields):
+        return None
+    name, node, at = (str(value)[:100] for value in fields)
+    return Pending(name, node, at)
+
+
+def drop_pending(directory: Path) -> None:
+    """Remove ``PENDING`` (the file or whatever is there: not followed), if there. Raises
+    OSError."""
+    if os.path.lexists(directory / PENDING):  # (most runs: none)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / PENDING)
 
 
 def read_set(directory: Path) -> dict[str, bytes]:
