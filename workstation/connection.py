@@ -1472,12 +1472,24 @@ class TestConnection:
                 connect_timeout=self.o.timeout,
             )
         except NetError as exc:
-            if exc.kind in ("refused", "unreachable", "timeout"):
-                closed = self._port_closed(host, port, exc)
-                closed.sent = exc.kind == "timeout"  # (after the handshake: the request went)
-                raise closed from None
+            # ``sent``: the handshake was made and the request went (the answer did not come
+            # whole): the node may have acted on it. A refused, unreachable or failed
+            # handshake sent nothing.
+            if exc.kind == "timeout":
+                # The hello answered on this port a moment ago: not the port's advice
+                # (``_port_closed``), the node's (review of s63-w1 L2).
+                raise ClientError(
+                    Exit.BOOTSTRAP_PORT,
+                    f"the bootstrap service at {where} took the request, but gave "
+                    f"{exc.detail}: the node may be overloaded; try again",
+                    sent=True,
+                ) from None
+            if exc.kind in ("refused", "unreachable"):
+                raise self._port_closed(host, port, exc) from None
             raise ClientError(
-                Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
+                Exit.TLS,
+                f"TLS with the bootstrap port {where} failed: {exc.detail}",
+                sent=exc.kind == "dropped",
             ) from None
 
     def fetch_hello(self, host: str, port: int) -> proto.Hello:
@@ -1667,7 +1679,7 @@ class TestConnection:
                 host, port, "POST", proto.FINISH_PATH, finish.to_json(), timeout=wait
             )
         except ClientError as exc:  # (no answer: it may have been signed all the same)
-            if exc.code is Exit.BOOTSTRAP_PORT and not exc.sent:  # (no connection: none sent)
+            if not exc.sent:  # (no connection, or no handshake: nothing was sent)
                 self._unmark_pending()
                 raise
             raise ClientError(
