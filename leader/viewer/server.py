@@ -158,6 +158,7 @@ class Viewer:
                 cfg.dns_names,
                 state.clock(),
                 dt.timedelta(days=cfg.expiry_warning_days),
+                state.store.is_revoked,
             )
 
         cert = ensure()
