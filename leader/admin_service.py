@@ -49,7 +49,7 @@ from leader.schema_store import (
 )
 from leader.schema_view import finalize_preview, rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
-from leader.store import Node, RolloutHoldsCA, in_rollout_text
+from leader.store import Node, OwnCert, RolloutHoldsCA, in_rollout_text
 from leader.tokens import ID_LEN, ID_SHAPE, JoinToken
 from leader.viewer.grants import MAX_NAME as MAX_VIEWER_NAME
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
@@ -300,6 +300,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         # after the other, an awaitable awaited: the leader serves and dials with it, and
         # issues its own certificates again (``leader.runtime``).
         self.ca_renewed: list[Callable[[], object]] = []
+        # Likewise after the leader's or the viewer's own certificate was revoked
+        # (``RevokeCertificate``): the leader issues it again for a new key and serves it.
+        self.own_revoked: list[Callable[[], object]] = []
         # The commands still running whose callers went away (``runs_to_end``).
         self.carried_on: set[asyncio.Task[Any]] = set()
         self.state = state
@@ -811,6 +814,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RevokeCertificateRequest, context: Ctx
     ) -> admin_pb2.RevokeCertificateResponse:
         reason = free_text(request.reason, "the reason", 200)
+        own = await asyncio.to_thread(self._own_certs)
+        renewals = await asyncio.to_thread(self.state.store.ca_renewals)
+        ca_serials = [f"{self.state.ca.cert.serial_number:x}"]
+        ca_serials += [s for r in renewals for s in (r.serial, r.previous_serial) if s]
         serials = await asyncio.to_thread(
             self.state.store.revoke,
             request.name_or_serial,
@@ -818,9 +825,33 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             now=self.state.clock(),
             actor=_actor(context),
             unknown=request.unknown,
+            own=own,
+            ca_serials=ca_serials,
         )
         log.warning("certificate.revoked", serials=serials)
+        if {c.serial for c in own} & set(serials):
+            # The leader's or the viewer's: issued again (a new key) and served at once.
+            for hook in self.own_revoked:
+                try:
+                    result = hook()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:  # revoked all the same; the watch's next check tries
+                    log.error("certificate.revoked_hook_failed", error=str(exc))
         return admin_pb2.RevokeCertificateResponse(revoked_serials=serials)
+
+    def _own_certs(self) -> list[OwnCert]:
+        """The leader's own certificates as the expiry watch lists them (leader, viewer)."""
+        return [
+            OwnCert(
+                kind,
+                f"{cert.serial_number:x}",
+                pki.fingerprint(cert),
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
+            )
+            for kind, cert in self.expiry.own_certs()
+        ]
 
     async def _epochs(self) -> admin_pb2.EpochInfo:
         leader_epoch = await asyncio.to_thread(self.schema.current_epoch)
@@ -940,10 +971,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     residual_seconds=int(e.residual(now).total_seconds()),
                     horizon_seconds=int(e.horizon.total_seconds()),
                     warning=warning,
-                    advice=e.advice if warning else "",
+                    advice=e.advice if warning or e.revoked else "",
+                    revoked=e.revoked,
                 )
             )
-            reply.warning |= warning
+            reply.warning |= warning or e.revoked
         return reply
 
     # --- the web viewer's read-only grants ----------------------------------------------------

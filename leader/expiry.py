@@ -19,7 +19,9 @@ What is watched, and from where (no key is ever read):
   The leader issues them again by itself, ahead of their warning (``leader.layout.
   own_renew_before``): their horizon is ``expiry_warning_days`` cut to come after that
   (``own_warn_before``), so that a warning of one is a renewal that failed, never a month of
-  nothing to do (review s46rt1 L2).
+  nothing to do (review s46rt1 L2). One the admin revoked (``tlsroll ca revoke``) is marked
+  ``revoked``: the leader issues it again at once (``leader.own_tls``, the viewer's
+  ``renew_if_due``), so a revoked one listed is one it could not issue again.
 * ``agent``: each enrolled node's own mTLS certificate as on record. Agents renew it by
   themselves at 30-40 % of its life, so it is warned about once less than half is left: the
   renewal is overdue by a tenth of the life at least (the node is off, or cannot reach the
@@ -75,6 +77,10 @@ ADVICE = {
     "viewer": "the leader should have issued it again by itself (a check of the expiry watch "
     "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
     "the leader, which issues it at its start",
+    "revoked": "it was revoked (`tlsroll ca revoke`), and the leader should have issued it "
+    "again for a new key at once: look for leader.certificate_revoked_not_reissued or "
+    "certificate.revoked_hook_failed in the leader's log, or restart the leader, which issues "
+    "it at its start",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired (the node was offline past its end), check the node's clock, then enrol it "
     "again with its own key, no removal needed (also while a rollout holds it): TOKEN, the "
@@ -142,6 +148,8 @@ class Expiry:
     # (``earliest_recorded``): ``serial`` is the first recorded replaced certificate's, and
     # ``not_after`` the latest its unknown end can be, unless a forced renewal replaced it.
     earlier: bool = False
+    # The leader's or the viewer's, revoked (``ExpiryWatch.check``): still the one on disk.
+    revoked: bool = False
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -151,6 +159,8 @@ class Expiry:
 
     @property
     def advice(self) -> str:
+        if self.revoked:
+            return ADVICE["revoked"]
         if self.chain:
             return CHAIN_ENDS_FIRST.format(chain=self.chain, node=self.subject)
         if self.holders:
@@ -338,7 +348,11 @@ class ExpiryWatch:
         ca = self.ca
         found = [_of("ca", "", ca, horizon_of("ca", self.horizon))]
         found += [
-            _of(kind, "", cert, horizon_of(kind, self.horizon)) for kind, cert in self.own_certs()
+            replace(
+                _of(kind, "", cert, horizon_of(kind, self.horizon)),
+                revoked=self.store.is_revoked(f"{cert.serial_number:x}"),
+            )
+            for kind, cert in self.own_certs()
         ]
         for n in self.store.list_nodes():
             found.append(

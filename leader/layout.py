@@ -171,6 +171,27 @@ REISSUED_FOR_KEY = "not the certificate of leader.key"
 REISSUED_UNUSABLE = "not signed by ca.pem, or not valid yet"
 REISSUED_DUE = "due"
 REISSUED_IDENTITY = "identity or names changed"
+REISSUED_REVOKED = "revoked"
+
+
+def new_leader_key(
+    layout: Layout, ca: pki.CertificateAuthority, names: pki.Names, now: dt.datetime
+) -> pki.PrivateKey | None:
+    """A new ``leader.key`` and its certificate, for a leader certificate that was revoked
+    (``tlsroll ca revoke``): the admin revokes it for a key that leaked, and a certificate
+    for the same key would give that key back all it could do (the leader's certificate is no
+    secret: every handshake shows it). Returns the new key, or None (nothing written) if the
+    CA can issue nothing now (``reissue_problem``). The key is written first: a leader stopped
+    in between finds a leader.pem that is not leader.key's and issues it again for it
+    (``REISSUED_FOR_KEY``), as after ``leader.runtime._new_key_if_names_in_san``."""
+    from tlsroll import pki  # noqa: PLC0415 - see the imports
+
+    key = pki.generate_key()
+    if reissue_problem(ca, key, now) is not None:
+        return None
+    pki.write_key(layout.tls_key, key)
+    write_leader_cert(layout, ca, key, names)
+    return key
 
 
 def ensure_leader_identity(

@@ -13,6 +13,14 @@ and serves it from then on: gRPC asks each listener's fetcher for the certificat
 handshake, so new connections get the new one and open ones keep theirs, with no restart.
 Agents check the leader's identity (its URI SAN), not its certificate, so they accept it at
 once. The credentials the leader dials agents with (``on_renewed`` callbacks) change too.
+
+A certificate the admin revoked (``tlsroll ca revoke`` of its serial; ``revoked`` asks the
+store) is issued again at once, for a new key (``leader.layout.new_leader_key``: it was revoked
+for a key that leaked, and a new certificate of that key would give it all back): the admin
+service calls ``renew_if_due`` right after the revocation, as the expiry watch does with every
+check, and the key and chain served change together. Before, the leader served its revoked
+certificate until it ended (a year), and agents refused every command of it: every rollout
+halted (review s63 ops).
 """
 
 from __future__ import annotations
@@ -25,7 +33,14 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from leader.layout import DEFAULT_WARNING, Layout, ensure_leader_identity, rechain_leader_cert
+from leader.layout import (
+    DEFAULT_WARNING,
+    REISSUED_REVOKED,
+    Layout,
+    ensure_leader_identity,
+    new_leader_key,
+    rechain_leader_cert,
+)
 from tlsroll import logs, pki
 
 log = logs.get_logger(__name__)
@@ -38,14 +53,23 @@ class OwnTls:
         ca: pki.CertificateAuthority,
         names: pki.Names,
         warning: dt.timedelta = DEFAULT_WARNING,
+        revoked: Callable[[str], bool] = lambda _serial: False,
     ) -> None:
+        """``revoked``: whether the certificate of a serial (hex) is revoked (the store's
+        ``is_revoked``), asked in a worker thread."""
         self.layout = layout
         self.warning = warning  # ``expiry_warning_days``
         self.ca = ca
         self.names = names
-        self.key_pem = layout.tls_key.read_bytes()
-        self._key = pki.load_key_pem(self.key_pem)  # (what it serves with, never reloaded)
-        self.chain_pem = layout.tls_cert.read_bytes()
+        self.revoked = revoked
+        key_pem = layout.tls_key.read_bytes()
+        # What it serves with: read again only when it makes a new one (a revoked
+        # certificate's: ``new_leader_key``), never from a file changed by hand.
+        self._key = pki.load_key_pem(key_pem)
+        # The key and chain served, one pair: gRPC's threads read it at a handshake while the
+        # loop may replace both (a new key), and a key read before and a chain after would be
+        # no pair.
+        self._pair = (key_pem, layout.tls_cert.read_bytes())
         self._version = 0
         # One change of what is served at a time (``ca_renewed``, ``renew_if_due``): each
         # reads what is served in a worker thread and serves what it made of it after.
@@ -54,12 +78,29 @@ class OwnTls:
         self.on_renewed: list[Callable[[bytes], None]] = []
 
     @property
+    def key_pem(self) -> bytes:
+        return self._pair[0]
+
+    @property
+    def chain_pem(self) -> bytes:
+        return self._pair[1]
+
+    @property
     def cert(self) -> x509.Certificate:
         return pki.load_certs_pem(self.chain_pem)[0]
 
+    def _serve(self, chain: bytes, key_pem: bytes | None = None) -> None:
+        """Serve ``chain`` (with ``key_pem``, a new key, or the one served) from now on, and
+        dial agents with it (``on_renewed``). The pair before the version: a fetcher that
+        sees the new version reads the new pair."""
+        self._pair = (key_pem or self.key_pem, chain)
+        self._version += 1
+        for callback in self.on_renewed:
+            callback(chain)
+
     def _config(self, client_auth: bool) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
-            [(self.key_pem, self.chain_pem)],
+            [self._pair],
             root_certificates=self.ca.cert_pem if client_auth else None,
         )
 
@@ -90,10 +131,11 @@ class OwnTls:
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """What the leader dials agents with: its certificate as the client's."""
+        key_pem, chain_pem = self._pair
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca.cert_pem,
-            private_key=self.key_pem,
-            certificate_chain=self.chain_pem,
+            private_key=key_pem,
+            certificate_chain=chain_pem,
         )
 
     def _of_served_key(self, chain: bytes) -> bool:
@@ -111,10 +153,7 @@ class OwnTls:
         until a restart, leader.pem new, nothing warning)."""
         async with self._changing:
             chain = await asyncio.to_thread(self._rechain)
-            self.chain_pem = chain
-            self._version += 1
-            for callback in self.on_renewed:
-                callback(chain)
+            self._serve(chain)
             log.info(
                 "leader.ca_reloaded", ca_not_after=self.ca.cert.not_valid_after_utc.isoformat()
             )
@@ -130,12 +169,14 @@ class OwnTls:
         return pki.cert_to_pem(self.cert) + self.ca.cert_pem
 
     async def renew_if_due(self) -> bool:
-        """Issue the certificate again if it is due, and serve it; True if it did."""
+        """Issue the certificate again if it is due or revoked, and serve it; True if it did."""
         async with self._changing:
             return await self._renew_if_due()
 
     async def _renew_if_due(self) -> bool:
         """``renew_if_due`` under the lock (``ca_renewed`` holds it already)."""
+        if await self._renew_if_revoked():
+            return True
         # For the key it serves (not leader.key's file: one replaced by hand is read at the
         # next start, which issues the certificate again for it then).
         reissued = await asyncio.to_thread(
@@ -159,15 +200,47 @@ class OwnTls:
                 " the next check",
             )
             return False
-        self.chain_pem = chain  # before the version: a fetcher that sees it reads the new chain
-        self._version += 1
-        for callback in self.on_renewed:
-            callback(chain)
+        self._serve(chain)
         cert = self.cert
         log.info(
             "leader.certificate_reloaded",
             reason=reissued,
             serial=f"{cert.serial_number:x}",
             not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+        )
+        return True
+
+    async def _renew_if_revoked(self) -> bool:
+        """If the certificate served was revoked: a new key and a certificate for it
+        (``new_leader_key``), served from now on; True if it did. Under the lock."""
+        old = self.cert
+        serial = f"{old.serial_number:x}"
+        if not await asyncio.to_thread(self.revoked, serial):
+            return False
+        key = await asyncio.to_thread(
+            new_leader_key, self.layout, self.ca, self.names, pki.utcnow()
+        )
+        if key is None:  # (the CA has ended, or the clock is before its start)
+            log.error(
+                "leader.certificate_revoked_not_reissued",
+                serial=serial,
+                detail="the leader's certificate is revoked and the CA can issue no new one"
+                " now: agents refuse the leader's commands; see `tlsroll certs"
+                " check-expiration` for the CA",
+            )
+            return False
+        chain = await asyncio.to_thread(Path(self.layout.tls_cert).read_bytes)
+        self._key = key
+        self._serve(chain, pki.key_to_pem(key))
+        cert = self.cert
+        log.warning(  # (public facts only: the key's pin, never the key)
+            "leader.certificate_reissued_revoked",
+            reason=REISSUED_REVOKED,
+            serial=f"{cert.serial_number:x}",
+            replaced_serial=serial,
+            key_pin=pki.spki_pin(cert),
+            not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+            detail="the leader's certificate was revoked: issued again for a new leader.key,"
+            " and served from now on",
         )
         return True

@@ -38,10 +38,12 @@ from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
     CREDENTIAL,
     REISSUED_FOR_KEY,
+    REISSUED_REVOKED,
     Layout,
     check_secret_dirs,
     ensure_leader_identity,
     interrupted_init,
+    new_leader_key,
     passphrase_source,
     read_passphrase,
     rechain_leader_cert,
@@ -535,6 +537,8 @@ def _start_on(
         log.info("leader.certificate_rechained", ca_serial=f"{ca.cert.serial_number:x}")
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     old = pki.read_cert(layout.tls_cert)
+    _new_key_if_revoked(layout, ca, names, old, store)
+    old = pki.read_cert(layout.tls_cert)
     _new_key_if_names_in_san(layout, ca, names, old)
     why = ensure_leader_identity(
         layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
@@ -554,6 +558,42 @@ def _start_on(
     elif why is not None:
         log.info("leader.certificate_reissued", reason=why)
     return names
+
+
+def _new_key_if_revoked(
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    names: pki.Names,
+    cert: x509.Certificate,
+    store: Store,
+) -> None:
+    """A leader.pem the admin revoked (`tlsroll ca revoke`) is issued again for a new key
+    (``new_leader_key``): the running leader does so right after the revocation
+    (``leader.own_tls``); a start does what one stopped before it could left undone. Before,
+    no start issued it again: agents refused every command of the leader until it ended
+    (review s63 ops)."""
+    serial = f"{cert.serial_number:x}"
+    if not store.is_revoked(serial):
+        return
+    if new_leader_key(layout, ca, names, pki.utcnow()) is None:
+        log.error(
+            "leader.certificate_revoked_not_reissued",
+            serial=serial,
+            detail="the leader's certificate is revoked and the CA can issue no new one now:"
+            " agents refuse the leader's commands; see `tlsroll certs check-expiration` for"
+            " the CA",
+        )
+        return
+    new = pki.read_cert(layout.tls_cert)
+    log.warning(  # (public facts only: the key's pin, never the key)
+        "leader.certificate_reissued_revoked",
+        reason=REISSUED_REVOKED,
+        serial=f"{new.serial_number:x}",
+        replaced_serial=serial,
+        key_pin=pki.spki_pin(new),
+        not_after=new.not_valid_after_utc.isoformat(timespec="seconds"),
+        detail="the leader's certificate was revoked: issued again for a new leader.key",
+    )
 
 
 def _new_key_if_names_in_san(
@@ -748,7 +788,13 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     layout = cfg.layout
     names = state.leader_names or pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     # renewed and served while running
-    own = OwnTls(layout, state.ca, names, dt.timedelta(days=cfg.expiry_warning_days))
+    own = OwnTls(
+        layout,
+        state.ca,
+        names,
+        dt.timedelta(days=cfg.expiry_warning_days),
+        revoked=state.store.is_revoked,
+    )
     join_creds = own.join_credentials()
     control_creds = own.control_credentials()
 
@@ -896,6 +942,11 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
             shown.show_own("leader", own.cert)
 
         admin_service.ca_renewed += [viewer.renew_if_due, show_renewed]
+    # `tlsroll ca revoke` of the leader's or the viewer's certificate: issued again (a new
+    # key) and served at once; the one not revoked is left as it is.
+    admin_service.own_revoked.append(own.renew_if_due)
+    if viewer is not None:
+        admin_service.own_revoked.append(viewer.renew_if_due)
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
     schema_view = SchemaViewService(
         schema,

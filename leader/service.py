@@ -65,6 +65,7 @@ from leader.schema_store import (
 from leader.schema_view import fresh_reports
 from leader.states import LoginFailuresRow, NodeProblemKind, NodeProblemRow
 from leader.store import (
+    CAsOwn,
     EpochFixed,
     InRollout,
     IssuedCert,
@@ -146,6 +147,7 @@ ERRORS = {
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Malformed: grpc.StatusCode.INVALID_ARGUMENT,
+    CAsOwn: grpc.StatusCode.INVALID_ARGUMENT,
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TooLate: grpc.StatusCode.FAILED_PRECONDITION,
     Superseded: grpc.StatusCode.UNAUTHENTICATED,

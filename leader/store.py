@@ -73,6 +73,26 @@ class Malformed(TerminalError):
     review s47rtin L6): not "not found", which says the shape was right."""
 
 
+class CAsOwn(TerminalError):
+    """A serial of the cluster CA's own certificate (the one in use, or one a ``tlsroll ca
+    renew`` replaced) given to ``Store.revoke``: INVALID_ARGUMENT, the CLI's usage error.
+    Agents and workstations trust it directly, and the revocation list it signs cannot revoke
+    it: "revoked" would have said done for what changes nothing (review s63 ops)."""
+
+
+@dataclass(frozen=True)
+class OwnCert:
+    """One of the leader's own certificates (``kind`` leader or viewer), as the leader serves
+    it: ``Store.revoke`` finds it by its serial, though none of them is on record (the leader
+    issues them itself, outside the store) until it is revoked."""
+
+    kind: str
+    serial: str  # hex, as ``Store.revoke`` keeps serials (no leading zeros)
+    fingerprint: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
 class TooMany(TerminalError):
     """A node asked for more than it may (workstation certificates per hour)."""
 
@@ -1890,9 +1910,18 @@ class Store(LeaderStore):
         now: dt.datetime,
         actor: str,
         unknown: bool = False,
+        own: Sequence[OwnCert] = (),
+        ca_serials: Iterable[str] = (),
     ) -> list[str]:
         """Revoke the workstation certificates of a name (ws-…), or one certificate by its
         serial (hex). Returns the serials revoked now; NotFound if nothing matched.
+
+        ``own``: the leader's own certificates as it serves them (leader, viewer): one of
+        them is found by its serial and recorded (its kind, its dates) as it is revoked; the
+        leader then issues it again (``leader.own_tls``). ``ca_serials``: the CA's own
+        certificates' serials, refused (``CAsOwn``): before, both needed ``--unknown``, the
+        CA's was "revoked" for nothing, and the leader went on serving its revoked certificate
+        until it ended, every rollout halting (review s63 ops).
 
         A serial the store has no record of is refused (a mistyped or cut-short serial would
         otherwise be "revoked" while the real certificate stays valid: audit s34 H3) unless
@@ -1916,6 +1945,25 @@ class Store(LeaderStore):
                     raise Malformed(
                         f"{shown(name_or_serial)} is not a serial this CA can have issued "
                         "(1 to 2^159-1)"
+                    )
+                if serial in {c.lower().lstrip("0") or "0" for c in ca_serials}:
+                    raise CAsOwn(
+                        f"{serial} is the cluster CA's own certificate: it cannot be revoked"
+                        " (agents and workstations trust it directly); to replace it, `tlsroll"
+                        " ca renew` (README 'Certificates', The CA); for a CA key that is lost"
+                        " or stolen, see docs/ca-renewal.md"
+                    )
+                mine = next((c for c in own if c.serial == serial), None)
+                if mine is not None:  # (recorded once: the next revocation finds it)
+                    _record_cert(
+                        db,
+                        serial,
+                        mine.kind,
+                        mine.kind,
+                        "",
+                        mine.fingerprint,
+                        mine.not_before,
+                        mine.not_after,
                     )
                 known = db.execute(
                     "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)

@@ -27,7 +27,8 @@ def certs() -> None:
 def check_expiration(leader: Leader, as_json: bool) -> None:
     """List every certificate (CA, leader, viewer, each agent's, each node's server
     certificate, each workstation's) with its residual time; exit 1 if any is within its
-    warning horizon (`expiry_warning_days` in leader.toml; agents: half of their life)."""
+    warning horizon (`expiry_warning_days` in leader.toml; agents: half of their life), or if
+    the leader's or the viewer's is revoked (the leader issues those again at once)."""
     from tlsroll.v1 import admin_pb2  # noqa: PLC0415 - only when this command runs
 
     with leader.admin() as admin:
@@ -39,7 +40,9 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
     else:
         table = Table("kind", "subject", "expires", "residual", "warn within", "state", "serial")
         for c in reply.certificates:
-            if c.residual_seconds < 0:
+            if c.revoked:
+                state = Text("REVOKED", style="bold red")
+            elif c.residual_seconds < 0:
                 state = Text("EXPIRED", style="bold red")
             elif c.warning:
                 state = Text("WARNING", style="bold yellow")
@@ -56,8 +59,8 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
             )
         out.print(table)
         for c in reply.certificates:
-            if c.warning and c.advice:
+            if (c.warning or c.revoked) and c.advice:
                 out.print(f"{c.kind} {c.subject or ''}".rstrip() + f": {c.advice}")
     if reply.warning:
-        count = sum(c.warning for c in reply.certificates)
-        fail(f"{count} certificate(s) within their warning horizon or expired")
+        count = sum(c.warning or c.revoked for c in reply.certificates)
+        fail(f"{count} certificate(s) within their warning horizon, expired or revoked")

@@ -230,7 +230,9 @@ SERIAL_DIGITS = 32  # fewer hex digits than a serial of this CA has (``ca revoke
 def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
     """Revoke one certificate the CA issued, by its SERIAL (hex, in full: `tlsroll certs
     check-expiration` lists them). Agents learn of it with their next heartbeat and refuse it
-    from then on. A serial the leader has no record of is refused, unless --unknown. (`tlsroll
+    from then on. A serial the leader has no record of is refused, unless --unknown. The
+    leader's and the viewer's own certificates are found by serial too, and issued again at
+    once for a new key; the CA's own is refused (`tlsroll ca renew` replaces it). (`tlsroll
     nodes remove` and `tlsroll workstations revoke` revoke by name.)"""
     refuse_unfit_serial(serial, serial_only=True)
     with leader.admin() as admin:

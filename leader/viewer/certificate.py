@@ -8,12 +8,15 @@ towards the agents, and a browser-facing listener has no need for that. The daem
 when there is none, when it is due (within ``leader.layout.own_renew_before`` of its end, as
 the leader's own: at least 30 days, and ahead of the watch's warning for a longer
 ``expiry_warning_days``; unless it ends with the CA, which no new one would outlive), when the
-names changed, when it is not from this CA or when it is not valid yet.
+names changed, when it is not from this CA or when it is not valid yet, and (for a new key) when
+the admin revoked it (``tlsroll ca revoke``: the leader calls ``Viewer.renew_if_due`` right
+after; before, it served the revoked one until its end).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 from cryptography import x509
 
@@ -32,6 +35,7 @@ def _usable(
     names: pki.Names,
     now: dt.datetime,
     warning: dt.timedelta,
+    revoked: Callable[[str], bool],
 ) -> x509.Certificate | None:
     """The certificate on disk, if it can be served as it is."""
     if not (layout.viewer_cert.exists() and layout.viewer_key.exists()):
@@ -53,6 +57,13 @@ def _usable(
         )
     ):
         return None
+    if revoked(serial := f"{cert.serial_number:x}"):
+        log.warning(
+            "viewer.certificate_revoked",
+            serial=serial,
+            detail="the viewer's certificate was revoked: issued again for a new key",
+        )
+        return None
     return cert
 
 
@@ -63,11 +74,13 @@ def ensure(
     dns_names: tuple[str, ...],
     now: dt.datetime,
     warning: dt.timedelta = DEFAULT_WARNING,
+    revoked: Callable[[str], bool] = lambda _serial: False,
 ) -> x509.Certificate:
     """The viewer's certificate for ``address`` (and ``dns_names``), issued if needed
-    (``warning``: ``expiry_warning_days``)."""
+    (``warning``: ``expiry_warning_days``; ``revoked``: whether the certificate of a serial,
+    hex, is revoked: the store's ``is_revoked``). A new one always has a new key."""
     names = pki.Names.of(LEADER_NAME, [address], dns_names)
-    cert = _usable(layout, ca, names, now, warning)
+    cert = _usable(layout, ca, names, now, warning, revoked)
     if cert is not None:
         return cert
     key = pki.generate_key()

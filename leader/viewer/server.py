@@ -20,9 +20,10 @@ them (audit s38 M1).
 
 The listener serves on the leader's address only, with the viewer's own certificate from the
 cluster CA (``leader.viewer.certificate``) and the TLS settings every tlsroll listener uses.
-``renew_if_due`` (the daemon calls it with every check of the expiry watch) issues a new
-certificate when the old one is due and loads it into the listener's context: new connections
-get it, open ones keep theirs, no restart.
+``renew_if_due`` (the daemon calls it with every check of the expiry watch, and right after a
+`tlsroll ca revoke` of the viewer's serial) issues a new certificate when the old one is due or
+revoked and loads it into the listener's context: new connections get it, open ones keep
+theirs, no restart.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class Viewer:
                 cfg.dns_names,
                 state.clock(),
                 dt.timedelta(days=cfg.expiry_warning_days),
+                state.store.is_revoked,
             )
 
         cert = ensure()
@@ -200,8 +202,8 @@ class Viewer:
         self.reader.own_renewed(kind, cert)
 
     def renew_if_due(self) -> bool:
-        """Issue and serve a new certificate if the one served is due (see the module's
-        docstring); True if it did. On the event loop: the context is the listener's."""
+        """Issue and serve a new certificate if the one served is due or revoked (see the
+        module's docstring); True if it did. On the event loop: the context is the listener's."""
         if self.ensure is None or self._context is None:
             return False
         cert = self.ensure()

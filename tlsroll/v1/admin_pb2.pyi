@@ -1472,6 +1472,7 @@ class CertificateExpiry(_message.Message):
     HORIZON_SECONDS_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     ADVICE_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """ca | leader | viewer | agent | server | workstation"""
     subject: _builtins.str
@@ -1484,7 +1485,12 @@ class CertificateExpiry(_message.Message):
     """The warning horizon for it, in seconds: within it, `warning` is set."""
     warning: _builtins.bool
     advice: _builtins.str
-    """What to do about it, when `warning` is set."""
+    """What to do about it, when `warning` (or `revoked`) is set."""
+    revoked: _builtins.bool
+    """The leader's or the viewer's own certificate, revoked (`tlsroll ca revoke`) and still
+    the one on disk: the leader could not issue it again (it does at once). The response's
+    `warning` is set.
+    """
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1499,10 +1505,11 @@ class CertificateExpiry(_message.Message):
         horizon_seconds: _builtins.int = ...,
         warning: _builtins.bool = ...,
         advice: _builtins.str = ...,
+        revoked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "fingerprint", b"fingerprint", "horizon_seconds", b"horizon_seconds", "kind", b"kind", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "serial", b"serial", "subject", b"subject", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "fingerprint", b"fingerprint", "horizon_seconds", b"horizon_seconds", "kind", b"kind", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "revoked", b"revoked", "serial", b"serial", "subject", b"subject", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1516,7 +1523,7 @@ class CheckExpirationResponse(_message.Message):
     CHECKED_AT_FIELD_NUMBER: _builtins.int
     WARNING_FIELD_NUMBER: _builtins.int
     warning: _builtins.bool
-    """True when any certificate is within its warning horizon (or expired)."""
+    """True when any certificate is within its warning horizon (or expired), or revoked."""
     @_builtins.property
     def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CertificateExpiry]: ...
     @_builtins.property
