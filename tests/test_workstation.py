@@ -56,7 +56,7 @@ from tests.test_bootstrap import (
     secrets_in,
 )
 from tests.test_workstation_settings import Crash, fault_at
-from tlsroll import bootstrap_csr, cli, fsutil, pki
+from tlsroll import bootstrap_base, bootstrap_csr, cli, fsutil, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -2418,9 +2418,9 @@ async def test_a_ctrl_c_says_what_state_the_run_left(
 
 def taken_at_this_node(name: str) -> str:
     """The node's words for the leader's refusal of a name held at this node without proof
-    (``leader.store``, ``NameTaken``)."""
+    (``leader.store``, ``NameTaken``: its start, ``taken_here``, is what the client reads)."""
     return (
-        f"the leader did not sign: workstation name {name} is taken at this node: by this PC "
+        f"the leader did not sign: {bootstrap_base.taken_here(name)}: by this PC "
         "if its tlsroll is too old to prove it (upgrade it), else by another PC; if this PC "
         "replaces that one, run again with --replace; else choose another (--name), or the "
         f"admin frees it (tlsroll workstations revoke {name})"

@@ -1752,7 +1752,7 @@ class TestConnection:
             or earlier is None
             or earlier.name != name
             or earlier.node != node
-            or f"workstation name {name} is taken at this node" not in message
+            or bootstrap_base.taken_here(name) not in message
         ):
             return None
         return ClientError(
@@ -1782,7 +1782,7 @@ class TestConnection:
                 f"so it cannot prove this PC's name, held at node {one_line(elsewhere[1], 63)}: "
                 "run again with --name (--replace cannot take it)"
             )
-        elif f"{taken} at this node" in message:  # (not too many an hour, say)
+        elif bootstrap_base.taken_here(name) in message:  # (not too many an hour, say)
             self.ui.say(
                 f"note      the certificate in place ({name}) is of a CA the node does not name, "
                 f"so it cannot prove this PC's name: run again with --replace if this PC is "
