@@ -2618,6 +2618,8 @@ async def test_an_enrolment_cut_short_after_the_node_signed_says_so_when_the_nam
         if cut == "second Ctrl-C":
             code, out, err = await child.run()
             assert code == 130, (out, err)
+            # (Held, and said once: the first Ctrl-C did not end the run, review of s63-w2 L2.)
+            assert child.out.count(workstation.HeldInterrupt.LINE) == 1, out
             assert err == (
                 "tlsroll: error: interrupted before the node's answer to the enrolment "
                 "arrived: it may have signed a certificate for ws-empfang all the same, which "
@@ -2645,11 +2647,91 @@ async def test_an_enrolment_cut_short_after_the_node_signed_says_so_when_the_nam
             "run again with --replace (it revokes that certificate, which nobody holds; unless "
             "another PC goes by ws-empfang: then choose another name with --name)"
         ), run.error
-        assert (d / PENDING).exists()  # (said again until it is settled)
+        # (Said again until it is settled: the earlier run's note, as it was: review of
+        # s63-w2 L3.)
+        assert settings_files.read_pending(d) == settings_files.Pending(
+            "ws-empfang", "node-a", pending["at"]
+        )
         run = await run_cli(*args, "--replace")
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment(replace=True)
     assert not os.path.lexists(d / PENDING)
+
+
+async def test_a_note_of_another_node_leaves_the_leader_s_words_and_stays_as_it_was(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review of s63-w2 L3: ``PENDING`` is of this PC's run at *another* node (or of another
+    name); refused the name as taken at this one, the run has nothing of its own to say: the
+    leader's words go out as they are (another PC may hold the name here), and the note is
+    put back as it was, time and all, for that node's refusal."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    leader = holding(test_ca, csrs)
+    args = [node.url, "--password-file", pw, "--yes", "--name", "empfang"]
+    earlier = "2026-01-02T03:04:05+00:00"
+    async with bootstrap_on(node, test_ca, sign=leader):
+        other_pc = await run_cli(*args, "--settings-dir", str(tmp_path / "other-pc"))
+        assert other_pc.code == 0, other_pc.err  # (the name is held at this node now)
+        for note in (
+            settings_files.Pending("ws-empfang", "node-b", earlier),
+            settings_files.Pending("ws-other", "node-a", earlier),
+        ):
+            d.mkdir(mode=0o700, exist_ok=True)
+            settings_files.put_pending(d, note)
+            run = await run_cli(*args, "--settings-dir", str(d))
+            assert run.code == 11 == int(Exit.ENROL_REFUSED), run.err
+            assert run.error.endswith(
+                f"refused enrolment (HTTP 409 sign_failed): {taken_at_this_node('ws-empfang')}"
+            ), run.error
+            assert "earlier run" not in run.error
+            assert settings_files.read_pending(d) == note
+            assert os.listdir(d) == [PENDING]
+    assert len(csrs) == 3
+
+
+@pytest.mark.parametrize("kind", ["tls", "verify"])
+async def test_a_finish_that_never_went_leaves_no_note_and_says_nothing_was_signed(
+    kind: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s63-w2 M1: the finishing request's connection failed in its TLS handshake
+    (none made in time, closed during it, refused): nothing of the request went, yet the run
+    said "the node may have had a certificate ... signed", and kept ``PENDING`` (in a settings
+    dir made for it), with which a later refusal of the name as taken (by another PC) blamed
+    an earlier run of this PC and advised --replace, which revokes the other PC's
+    certificate. It is the TLS error alone now; no note, no settings dir."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    csrs: list[bytes] = []
+    real = workstation.request
+    detail = {"tls": "no TLS handshake within 5 s", "verify": "certificate verify failed"}[kind]
+
+    def failing(host: str, port: int, method: str, path: str, *a: Any, **kw: Any) -> Any:
+        if path == proto.FINISH_PATH:  # (the hello and the start went through)
+            raise workstation.NetError(kind, detail)
+        return real(host, port, method, path, *a, **kw)
+
+    monkeypatch.setattr(workstation, "request", failing)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 6 == int(Exit.TLS), run.err
+    assert run.error == (
+        f"tlsroll: error: TLS with the bootstrap port {node.address}:9443 failed: {detail}"
+    )
+    assert "may have" not in run.err and csrs == []
+    assert not d.exists()  # (no PENDING, nor the settings dir made for it)
 
 
 def client_pair(
