@@ -2734,6 +2734,106 @@ async def test_a_finish_that_never_went_leaves_no_note_and_says_nothing_was_sign
     assert not d.exists()  # (no PENDING, nor the settings dir made for it)
 
 
+@pytest.mark.parametrize("when", ["connecting", "sent"])
+async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
+    when: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s63-w2 L5: a Ctrl-C (the second, where it is held) while the finishing
+    request's connection was still being made said the node may have signed, and left
+    ``PENDING``: nothing had gone. The request counts as sent once its handshake is made
+    (``request``'s ``sending``); given up before, the note goes with the dir made for it, and
+    the line says nothing was enrolled. Given up once it went, both stay as before."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    real = workstation.request
+
+    def interrupted(host: str, port: int, method: str, path: str, *a: Any, **kw: Any) -> Any:
+        if path != proto.FINISH_PATH:
+            return real(host, port, method, path, *a, **kw)
+        if when == "sent":
+            kw["sending"]()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workstation, "request", interrupted)
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "empfang"
+        )
+    assert run.code == 130 == int(Exit.INTERRUPTED), run.err
+    if when == "connecting":
+        assert run.error == (
+            f"tlsroll: error: interrupted: nothing was enrolled, the settings in {d} are as "
+            "they were"
+        )
+        assert not d.exists()
+    else:
+        assert run.error.startswith(
+            "tlsroll: error: interrupted before the node's answer to the enrolment arrived: it "
+            "may have signed a certificate for ws-empfang all the same"
+        ), run.error
+        pending = settings_files.read_pending(d)
+        assert pending is not None and pending[:2] == ("ws-empfang", "node-a")
+
+
+@pytest.mark.parametrize("how", ["second Ctrl-C while keeping", "keeping failed, Ctrl-C held"])
+async def test_a_ctrl_c_after_the_answer_arrived_says_it_came_and_was_not_kept(
+    how: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s63-w2 L1: the node's answer had arrived, and could not be kept (a second
+    Ctrl-C while the pair was being kept aside; or keeping it failed, a full disk, and a
+    Ctrl-C had come meanwhile, acted on then): the line said the answer had not arrived. It
+    says it did, and that the name is held by a certificate this PC does not have; the note
+    stays, for the next run's refusal to say what to do."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    csrs: list[bytes] = []
+
+    def keep(*a: Any, **kw: Any) -> Any:
+        if how == "second Ctrl-C while keeping":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    keep_new_pair = workstation.TestConnection.keep_new_pair
+
+    def ctrl_c_held(self: workstation.TestConnection, *a: Any) -> Any:
+        # (As a first Ctrl-C held while the answer was on its way: the tests' in-process runs
+        # are not held, ``HeldInterrupt``.)
+        self.held.came = True
+        return keep_new_pair(self, *a)
+
+    monkeypatch.setattr(settings_files, "keep", keep)
+    if how != "second Ctrl-C while keeping":
+        monkeypatch.setattr(workstation.TestConnection, "keep_new_pair", ctrl_c_held)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "empfang"
+        )
+    assert run.code == 130 == int(Exit.INTERRUPTED), run.err
+    assert run.error == (
+        "tlsroll: error: interrupted: the node's answer arrived but could not be kept: the "
+        "name ws-empfang is held at that node by a certificate this PC does not have; run "
+        "this again (with --replace if the name is refused as taken)"
+    )
+    if how != "second Ctrl-C while keeping":
+        assert f"note      the new certificate could not be kept aside in {d} yet" in run.out
+    assert len(csrs) == 1
+    pending = settings_files.read_pending(d)
+    assert pending is not None and pending[:2] == ("ws-empfang", "node-a")
+    assert not os.path.lexists(d / KEPT) and not os.path.lexists(d / "client.pem")
+
+
 def client_pair(
     ca: pki.CertificateAuthority, common_name: str, *, expired: bool
 ) -> tuple[bytes, bytes]:
