@@ -2734,6 +2734,19 @@ async def test_a_finish_that_never_went_leaves_no_note_and_says_nothing_was_sign
     assert not d.exists()  # (no PENDING, nor the settings dir made for it)
 
 
+def test_a_ctrl_c_the_run_failed_past_is_forgotten() -> None:
+    """Review of s63-w2 L6: ``release(act=False)`` (the run failed meanwhile, its error goes
+    on) kept the Ctrl-C that came while held, for a later ``release`` to act on."""
+    said: list[str] = []
+    held = workstation.HeldInterrupt(said.append)
+    held.came = True  # (a Ctrl-C while held; the handler itself is the Ctrl-C tests')
+    held.release(act=False)
+    assert not held.came
+    held.hold()
+    held.release()  # (nothing came meanwhile: no KeyboardInterrupt)
+    assert said == []
+
+
 @pytest.mark.parametrize("when", ["connecting", "sent"])
 async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
     when: str,
