@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
-from tlsroll import clocks, logs, rpc
+from tlsroll import bootstrap_base, clocks, logs, rpc
 from tlsroll.echo import hide_inside, shown
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
@@ -1768,7 +1768,7 @@ class Store(LeaderStore):
                     # node's "the leader did not sign: ", and knows no --replace: what it can
                     # do comes first (audit s40ws M2).
                     raise NameTaken(
-                        f"workstation name {workstation} is taken at this node: by this PC if "
+                        f"{bootstrap_base.taken_here(workstation)}: by this PC if "
                         "its tlsroll is too old to prove it (upgrade it), else by another PC; "
                         "if this PC replaces that one, run again with --replace; else choose "
                         f"another (--name), or the admin frees it (tlsroll workstations revoke "

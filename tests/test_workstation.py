@@ -56,7 +56,7 @@ from tests.test_bootstrap import (
     secrets_in,
 )
 from tests.test_workstation_settings import Crash, fault_at
-from tlsroll import bootstrap_csr, cli, fsutil, pki
+from tlsroll import bootstrap_base, bootstrap_csr, cli, fsutil, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -2418,9 +2418,9 @@ async def test_a_ctrl_c_says_what_state_the_run_left(
 
 def taken_at_this_node(name: str) -> str:
     """The node's words for the leader's refusal of a name held at this node without proof
-    (``leader.store``, ``NameTaken``)."""
+    (``leader.store``, ``NameTaken``: its start, ``taken_here``, is what the client reads)."""
     return (
-        f"the leader did not sign: workstation name {name} is taken at this node: by this PC "
+        f"the leader did not sign: {bootstrap_base.taken_here(name)}: by this PC "
         "if its tlsroll is too old to prove it (upgrade it), else by another PC; if this PC "
         "replaces that one, run again with --replace; else choose another (--name), or the "
         f"admin frees it (tlsroll workstations revoke {name})"
@@ -2618,6 +2618,8 @@ async def test_an_enrolment_cut_short_after_the_node_signed_says_so_when_the_nam
         if cut == "second Ctrl-C":
             code, out, err = await child.run()
             assert code == 130, (out, err)
+            # (Held, and said once: the first Ctrl-C did not end the run, review of s63-w2 L2.)
+            assert child.out.count(workstation.HeldInterrupt.LINE) == 1, out
             assert err == (
                 "tlsroll: error: interrupted before the node's answer to the enrolment "
                 "arrived: it may have signed a certificate for ws-empfang all the same, which "
@@ -2645,11 +2647,204 @@ async def test_an_enrolment_cut_short_after_the_node_signed_says_so_when_the_nam
             "run again with --replace (it revokes that certificate, which nobody holds; unless "
             "another PC goes by ws-empfang: then choose another name with --name)"
         ), run.error
-        assert (d / PENDING).exists()  # (said again until it is settled)
+        # (Said again until it is settled: the earlier run's note, as it was: review of
+        # s63-w2 L3.)
+        assert settings_files.read_pending(d) == settings_files.Pending(
+            "ws-empfang", "node-a", pending["at"]
+        )
         run = await run_cli(*args, "--replace")
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment(replace=True)
     assert not os.path.lexists(d / PENDING)
+
+
+async def test_a_note_of_another_node_leaves_the_leader_s_words_and_stays_as_it_was(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review of s63-w2 L3: ``PENDING`` is of this PC's run at *another* node (or of another
+    name); refused the name as taken at this one, the run has nothing of its own to say: the
+    leader's words go out as they are (another PC may hold the name here), and the note is
+    put back as it was, time and all, for that node's refusal."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    leader = holding(test_ca, csrs)
+    args = [node.url, "--password-file", pw, "--yes", "--name", "empfang"]
+    earlier = "2026-01-02T03:04:05+00:00"
+    async with bootstrap_on(node, test_ca, sign=leader):
+        other_pc = await run_cli(*args, "--settings-dir", str(tmp_path / "other-pc"))
+        assert other_pc.code == 0, other_pc.err  # (the name is held at this node now)
+        for note in (
+            settings_files.Pending("ws-empfang", "node-b", earlier),
+            settings_files.Pending("ws-other", "node-a", earlier),
+        ):
+            d.mkdir(mode=0o700, exist_ok=True)
+            settings_files.put_pending(d, note)
+            run = await run_cli(*args, "--settings-dir", str(d))
+            assert run.code == 11 == int(Exit.ENROL_REFUSED), run.err
+            assert run.error.endswith(
+                f"refused enrolment (HTTP 409 sign_failed): {taken_at_this_node('ws-empfang')}"
+            ), run.error
+            assert "earlier run" not in run.error
+            assert settings_files.read_pending(d) == note
+            assert os.listdir(d) == [PENDING]
+    assert len(csrs) == 3
+
+
+@pytest.mark.parametrize("kind", ["tls", "verify"])
+async def test_a_finish_that_never_went_leaves_no_note_and_says_nothing_was_signed(
+    kind: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s63-w2 M1: the finishing request's connection failed in its TLS handshake
+    (none made in time, closed during it, refused): nothing of the request went, yet the run
+    said "the node may have had a certificate ... signed", and kept ``PENDING`` (in a settings
+    dir made for it), with which a later refusal of the name as taken (by another PC) blamed
+    an earlier run of this PC and advised --replace, which revokes the other PC's
+    certificate. It is the TLS error alone now; no note, no settings dir."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    csrs: list[bytes] = []
+    real = workstation.request
+    detail = {"tls": "no TLS handshake within 5 s", "verify": "certificate verify failed"}[kind]
+
+    def failing(host: str, port: int, method: str, path: str, *a: Any, **kw: Any) -> Any:
+        if path == proto.FINISH_PATH:  # (the hello and the start went through)
+            raise workstation.NetError(kind, detail)
+        return real(host, port, method, path, *a, **kw)
+
+    monkeypatch.setattr(workstation, "request", failing)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 6 == int(Exit.TLS), run.err
+    assert run.error == (
+        f"tlsroll: error: TLS with the bootstrap port {node.address}:9443 failed: {detail}"
+    )
+    assert "may have" not in run.err and csrs == []
+    assert not d.exists()  # (no PENDING, nor the settings dir made for it)
+
+
+def test_a_ctrl_c_the_run_failed_past_is_forgotten() -> None:
+    """Review of s63-w2 L6: ``release(act=False)`` (the run failed meanwhile, its error goes
+    on) kept the Ctrl-C that came while held, for a later ``release`` to act on."""
+    said: list[str] = []
+    held = workstation.HeldInterrupt(said.append)
+    held.came = True  # (a Ctrl-C while held; the handler itself is the Ctrl-C tests')
+    held.release(act=False)
+    assert not held.came
+    held.hold()
+    held.release()  # (nothing came meanwhile: no KeyboardInterrupt)
+    assert said == []
+
+
+@pytest.mark.parametrize("when", ["connecting", "sent"])
+async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
+    when: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s63-w2 L5: a Ctrl-C (the second, where it is held) while the finishing
+    request's connection was still being made said the node may have signed, and left
+    ``PENDING``: nothing had gone. The request counts as sent once its handshake is made
+    (``request``'s ``sending``); given up before, the note goes with the dir made for it, and
+    the line says nothing was enrolled. Given up once it went, both stay as before."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    real = workstation.request
+
+    def interrupted(host: str, port: int, method: str, path: str, *a: Any, **kw: Any) -> Any:
+        if path != proto.FINISH_PATH:
+            return real(host, port, method, path, *a, **kw)
+        if when == "sent":
+            kw["sending"]()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workstation, "request", interrupted)
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "empfang"
+        )
+    assert run.code == 130 == int(Exit.INTERRUPTED), run.err
+    if when == "connecting":
+        assert run.error == (
+            f"tlsroll: error: interrupted: nothing was enrolled, the settings in {d} are as "
+            "they were"
+        )
+        assert not d.exists()
+    else:
+        assert run.error.startswith(
+            "tlsroll: error: interrupted before the node's answer to the enrolment arrived: it "
+            "may have signed a certificate for ws-empfang all the same"
+        ), run.error
+        pending = settings_files.read_pending(d)
+        assert pending is not None and pending[:2] == ("ws-empfang", "node-a")
+
+
+@pytest.mark.parametrize("how", ["second Ctrl-C while keeping", "keeping failed, Ctrl-C held"])
+async def test_a_ctrl_c_after_the_answer_arrived_says_it_came_and_was_not_kept(
+    how: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of s63-w2 L1: the node's answer had arrived, and could not be kept (a second
+    Ctrl-C while the pair was being kept aside; or keeping it failed, a full disk, and a
+    Ctrl-C had come meanwhile, acted on then): the line said the answer had not arrived. It
+    says it did, and that the name is held by a certificate this PC does not have; the note
+    stays, for the next run's refusal to say what to do."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    csrs: list[bytes] = []
+
+    def keep(*a: Any, **kw: Any) -> Any:
+        if how == "second Ctrl-C while keeping":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    keep_new_pair = workstation.TestConnection.keep_new_pair
+
+    def ctrl_c_held(self: workstation.TestConnection, *a: Any) -> Any:
+        # (As a first Ctrl-C held while the answer was on its way: the tests' in-process runs
+        # are not held, ``HeldInterrupt``.)
+        self.held.came = True
+        return keep_new_pair(self, *a)
+
+    monkeypatch.setattr(settings_files, "keep", keep)
+    if how != "second Ctrl-C while keeping":
+        monkeypatch.setattr(workstation.TestConnection, "keep_new_pair", ctrl_c_held)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "empfang"
+        )
+    assert run.code == 130 == int(Exit.INTERRUPTED), run.err
+    assert run.error == (
+        "tlsroll: error: interrupted: the node's answer arrived but could not be kept: the "
+        "name ws-empfang is held at that node by a certificate this PC does not have; run "
+        "this again (with --replace if the name is refused as taken)"
+    )
+    if how != "second Ctrl-C while keeping":
+        assert f"note      the new certificate could not be kept aside in {d} yet" in run.out
+    assert len(csrs) == 1
+    pending = settings_files.read_pending(d)
+    assert pending is not None and pending[:2] == ("ws-empfang", "node-a")
+    assert not os.path.lexists(d / KEPT) and not os.path.lexists(d / "client.pem")
 
 
 def client_pair(

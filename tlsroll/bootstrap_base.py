@@ -63,6 +63,15 @@ def loads_strict(body: bytes) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def taken_here(workstation: str) -> str:
+    """The start of the leader's refusal of a name held at the node asked, with no proof
+    (``leader.store``, ``NameTaken``; --replace takes it), which the workstation client reads
+    to tell it from the name held at another node (``workstation.connection``): one text for
+    both, so that a reworded refusal cannot leave the client's reading silently behind
+    (review of s63-w2 L4)."""
+    return f"workstation name {workstation} is taken at this node"
+
+
 NAME_CHARS = 60  # of the text a workstation name is made of (``workstation_label``)
 
 

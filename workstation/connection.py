@@ -100,10 +100,12 @@ Exit codes (every error is one line on stderr; the password is never printed):
         (choose another with --name, or --replace if this PC replaces that one), or one an
         earlier run of this PC left held when it was cut short after sending its CSR
         (``settings_files.PENDING``: --replace)
-    130 interrupted (Ctrl-C) outside a prompt: the line says what state it left (nothing
-        done, the new certificate kept aside, or the settings written); Ctrl-C while the
-        node's answer to the CSR is on its way is held back until the new pair is kept (one
-        line says so; a second Ctrl-C gives up, and the name may stay held at that node)
+    130 interrupted (Ctrl-C) outside a prompt: the line says what state it left: nothing
+        done; the new certificate kept aside; the settings written; the node's answer to the
+        CSR not arrived (it may have signed); or that answer arrived and not kept (the name
+        is held). Ctrl-C while the CSR goes and the node's answer is on its way is held
+        back until the new pair is kept (one line says so; a second Ctrl-C gives up, and the
+        name may stay held at that node)
 """
 
 from __future__ import annotations
@@ -541,6 +543,7 @@ def request(
     timeout: float = DEFAULT_TIMEOUT,
     workstation: str | None = None,
     connect_timeout: float | None = None,
+    sending: Callable[[], None] | None = None,
 ) -> Reply:
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
@@ -548,7 +551,9 @@ def request(
     wait for the whole answer, from the end of the handshake (one deadline, not one per read:
     review s63 M3), NetError "timeout" past it; ``connect_timeout`` (default ``timeout``): for
     the connection and the TLS handshake (a host that does not answer fails within it,
-    whatever the wait for an answer: s44rev1 L6)."""
+    whatever the wait for an answer: s44rev1 L6). ``sending``: called once the handshake is
+    made, as the request is about to go (before that, a failure or a Ctrl-C left the server
+    nothing to act on; from then on it may have: ``TestConnection.exchange``)."""
     connecting = timeout if connect_timeout is None else connect_timeout
     try:  # wrapped before its connect: see tlsroll.tls.connect
         tls = tls_connect(
@@ -573,6 +578,8 @@ def request(
             headers[WORKSTATION_HEADER] = workstation
         if body is not None:
             headers["Content-Type"] = "application/json"
+        if sending is not None:
+            sending()
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
@@ -715,8 +722,8 @@ class HeldInterrupt:
         held is acted on (KeyboardInterrupt). Without it (the run failed meanwhile), its
         error goes on as it is."""
         self._restore()
-        if act and self.came:
-            self.came = False
+        came, self.came = self.came, False  # (never acted on later: review of s63-w2 L6)
+        if act and came:
             raise KeyboardInterrupt
 
 
@@ -760,6 +767,7 @@ class TestConnection:
         # whether the settings dir was made for it, whether the node answered the request.
         self.earlier: settings_files.Pending | None = None
         self.made_dirs: list[Path] = []
+        self.marked = False  # (this run's note written, and not taken back)
         self.answered = False
 
     def run(self) -> Result:
@@ -769,12 +777,14 @@ class TestConnection:
             return self._run()
         except KeyboardInterrupt:
             self.held.release(act=False)
+            if self.marked and not self.finish_sent:  # (given up before the request went)
+                self._unmark_pending()
             raise ClientError(Exit.INTERRUPTED, self.interrupted()) from None
 
     def interrupted(self) -> str:
-        """What a Ctrl-C left: the settings written, the new pair kept aside, a finishing
-        request whose answer did not arrive (the name may be held: the next run says so), or
-        nothing done."""
+        """What a Ctrl-C left: the settings written, the new pair kept aside, the node's answer
+        arrived but not kept (the name held: the next run says so), a finishing request whose
+        answer did not arrive (the name may be held: the next run says so), or nothing done."""
         d, name = self.o.settings_dir, self.workstation
         if self.written or self._new_set_in_place():
             enrolled = f"enrolled as {name}; " if self.kept_at or self.finish_sent else ""
@@ -787,6 +797,14 @@ class TestConnection:
                 f"interrupted: enrolled as {name}, the new certificate is kept in "
                 f"{self.kept_at}, the settings are not written yet: run this again to finish "
                 "(it proves this PC's name with it: no --replace needed)"
+            )
+        if self.answered or self.new_cert_pem is not None:
+            # (A second Ctrl-C while the pair was being kept, or one held while keeping it
+            # failed: review of s63-w2 L1, it said the answer had not arrived.)
+            return (
+                "interrupted: the node's answer arrived but could not be kept: the name "
+                f"{name} is held at that node by a certificate this PC does not have; run "
+                "this again (with --replace if the name is refused as taken)"
             )
         if self.finish_sent:
             return (
@@ -1452,11 +1470,12 @@ class TestConnection:
         body: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        sending: Callable[[], None] | None = None,
     ) -> Reply:
         """One request to the bootstrap port over unverified TLS (the PAKE authenticates),
         waiting ``timeout`` (default: ``--timeout``) for the answer; connecting, ``--timeout``
         whatever ``timeout`` (s44rev1 L6: a node that stopped answering cost the exchange's
-        longer wait on each call)."""
+        longer wait on each call). ``sending``: as ``request``'s."""
         where = _netloc(host, port)
         data = None if body is None else json.dumps(body).encode()
         wait = self.o.timeout if timeout is None else timeout
@@ -1470,6 +1489,7 @@ class TestConnection:
                 body=data,
                 timeout=wait,
                 connect_timeout=self.o.timeout,
+                sending=sending,
             )
         except NetError as exc:
             # ``sent``: the handshake was made and the request went (the answer did not come
@@ -1671,12 +1691,25 @@ class TestConnection:
                 break
         else:
             raise ClientError(Exit.FAILURE, f"{where}: the exchange expired too soon; try again")
-        self._mark_pending(hello.node)
+        # Held before the note is written: a Ctrl-C between the two left it (and maybe a
+        # settings dir made for it) while the run said "nothing was enrolled" (review of
+        # s63-w2 L5). ``finish_sent`` once the request goes, not while connecting: a Ctrl-C
+        # given up on before it went sent nothing (``run`` takes the note back then).
         self.held.hold()  # until the pair it answers with is kept (``run``)
-        self.finish_sent = True
+        self._mark_pending(hello.node)
+
+        def sending() -> None:
+            self.finish_sent = True
+
         try:
             reply = self._call(
-                host, port, "POST", proto.FINISH_PATH, finish.to_json(), timeout=wait
+                host,
+                port,
+                "POST",
+                proto.FINISH_PATH,
+                finish.to_json(),
+                timeout=wait,
+                sending=sending,
             )
         except ClientError as exc:  # (no answer: it may have been signed all the same)
             if not exc.sent:  # (no connection, or no handshake: nothing was sent)
@@ -1714,6 +1747,7 @@ class TestConnection:
         while not os.path.lexists(at) and at != at.parent:
             self.made_dirs.append(at)
             at = at.parent
+        self.marked = True  # (taken back where it cannot be written too: dirs made for it)
         try:
             make_private_dir(d)
             settings_files.mark_pending(d, self.workstation, node)
@@ -1725,6 +1759,7 @@ class TestConnection:
         ``settings_files.PENDING`` says again what it said before (an earlier run cut short
         still may have left the name held), or goes."""
         d = self.o.settings_dir
+        self.marked = False
         with contextlib.suppress(OSError):
             if self.earlier is None:
                 settings_files.drop_pending(d)
@@ -1752,7 +1787,7 @@ class TestConnection:
             or earlier is None
             or earlier.name != name
             or earlier.node != node
-            or f"workstation name {name} is taken at this node" not in message
+            or bootstrap_base.taken_here(name) not in message
         ):
             return None
         return ClientError(
@@ -1782,7 +1817,7 @@ class TestConnection:
                 f"so it cannot prove this PC's name, held at node {one_line(elsewhere[1], 63)}: "
                 "run again with --name (--replace cannot take it)"
             )
-        elif f"{taken} at this node" in message:  # (not too many an hour, say)
+        elif bootstrap_base.taken_here(name) in message:  # (not too many an hour, say)
             self.ui.say(
                 f"note      the certificate in place ({name}) is of a CA the node does not name, "
                 f"so it cannot prove this PC's name: run again with --replace if this PC is "
