@@ -162,6 +162,18 @@ class SwitchRefused(StepFailed):
     """The agent refused to begin a switch (``AgentApi.switch_and_watch``): nothing began."""
 
 
+class NotSent(StepFailed):
+    """The leader itself refused to send a request (``AgentClient._sendable``: the node's
+    agent has not reported a feature the request carries), FAILED_PRECONDITION. The agent said
+    nothing: of a request that begins a transaction (a Switch, the way back's Rollback) it is
+    no word that nothing began, as the step may have sent it before (its node's state is
+    persisted before anything is sent, and a leader restarted since resumes the step): the
+    caller asks the agent, with a request that needs no feature, whether it has the
+    transaction (``AgentClient.switch_and_watch``, ``leader.changes.DisableTls``), and
+    follows it if so (review s63 faults, M1: a begun switch was recorded "refused", the node
+    as it was, while its agent completed it)."""
+
+
 class AgentApi(Protocol):
     """The NodeAgent calls the engine makes (the real client, or a fake in tests)."""
 
@@ -235,10 +247,14 @@ class AgentClient:
         credentials: grpc.ChannelCredentials,
         trust_domain: str,
         on_change: Callable[[AgentClient], None] | None = None,
+        heard: Callable[[str], tuple[str, ...] | None] | None = None,
     ) -> None:
         self.node = node
         self.credentials = credentials
         self.trust_domain = trust_domain
+        # What the node's agent said it implements since this leader started (None: not heard
+        # since; ``Store.features_heard``). Without it (a test's client) the node's own.
+        self.heard = heard
         # The pool hears when a channel opens and when the last call on it ends (its cap).
         self.on_change = on_change
         self._in_flight = 0
@@ -338,22 +354,40 @@ class AgentClient:
         return True
 
     def _sendable(self, request: Any) -> None:
-        """Refuse (``StepFailed``, FAILED_PRECONDITION, nothing sent) a request that carries
+        """Refuse (``NotSent``, FAILED_PRECONDITION, nothing sent) a request that carries
         behaviour the node's agent has not reported it implements
         (``leader.agent_features.request_needs``): it would drop the field unread (proto3)
         and do something else, such as a direct switch for a transitional one. The plan
         blocks such a node and a start refuses it; this holds whatever planned the request
         (a rollout started before the agent was replaced by an older build, say). What the
-        agent implements is what its heartbeats said as the pool read the node (read again
-        when they say otherwise: ``Store.nodes_generation``)."""
+        agent implements is what its heartbeats said since this leader started
+        (``Store.features_heard``, read at each request).
+
+        An agent not heard since this leader started is not judged by what the store holds
+        of it: that is a former leader process's, and a group commit lost with a killed
+        leader left it without the features of the agent's first heartbeat (the row says
+        none, as of an agent of an earlier release). Such a request is a ``TransientError``
+        (nothing sent): the step runs again once the agent's first heartbeat since has said
+        what it implements, within a heartbeat interval of its reconnecting. "Too old" there
+        halted a rollout whose resumed switch the agent had begun (review s63 faults, M1)."""
         node = self.node
-        missing = agent_features.missing_for(request, node.agent_features)
-        if missing:
-            why = agent_features.too_old(node.agent_version, node.agent_features, missing)
-            raise StepFailed(
-                f"{node.name}: {why}; the leader sent it nothing (FAILED_PRECONDITION)",
-                grpc.StatusCode.FAILED_PRECONDITION,
+        heard = self.heard(node.name) if self.heard is not None else node.agent_features
+        reported = node.agent_features if heard is None else heard
+        missing = agent_features.missing_for(request, reported)
+        if not missing:
+            return
+        if heard is None:
+            what = ", ".join(agent_features.too_old_for((), missing))
+            raise TransientError(
+                f"agent {node.name}: not heard since the leader started, and the store holds"
+                f" no word that it implements what this request needs ({what}): waiting for"
+                " its first heartbeat; the leader sent it nothing"
             )
+        why = agent_features.too_old(node.agent_version, reported, missing)
+        raise NotSent(
+            f"{node.name}: {why}; the leader sent it nothing (FAILED_PRECONDITION)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
 
     async def _once(self, method: Method[T], request: Any, timeout: float = CALL_TIMEOUT) -> T:
         """One call: UNAVAILABLE or DEADLINE_EXCEEDED is a TransientError, any other status the
@@ -508,7 +542,13 @@ class AgentClient:
         behind the leader's back; the step runs again, and a second call begins nothing but
         reports what began. An agent of an earlier release ignores ``switch`` (NOT_FOUND: the
         switch has not begun; UNIMPLEMENTED: no stream either): it gets Switch, then the
-        watch, as before."""
+        watch, as before.
+
+        The leader's own refusal to send it (``NotSent``: the agent has not reported what the
+        request carries) is no word of the agent's: an earlier run of the step (before a
+        leader restart) may have begun the switch. The agent is asked whether it has it, with
+        a plain GetTransaction (no feature needed): if so its states are followed, as any
+        switch under way; only if it has none is it ``SwitchRefused``."""
         watch = agent_pb2.GetTransactionRequest(
             rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
         )
@@ -519,6 +559,11 @@ class AgentClient:
         try:
             async for txn in self.watch_transaction(begin):
                 seen = True
+                yield txn
+            return
+        except NotSent as exc:
+            await self._begun_before(watch, exc)
+            async for txn in self.watch_transaction(watch):  # (sendable: it carries nothing)
                 yield txn
             return
         except StepFailed as exc:
@@ -537,6 +582,24 @@ class AgentClient:
             raise SwitchRefused(str(exc), exc.code) from None
         async for txn in self.watch_transaction(watch):
             yield txn
+
+    async def _begun_before(
+        self, request: agent_pb2.GetTransactionRequest, unsent: NotSent
+    ) -> None:
+        """A request that would begin the transaction ``request`` names was not sent
+        (``unsent``): return if the agent has that transaction all the same (begun by an
+        earlier run of the step), else ``SwitchRefused`` with ``unsent``'s reason (nothing
+        began, nor will it). A refusal of the question says nothing of it: a
+        ``TransientError``, as no answer is."""
+        try:
+            await self.get_transaction(request)
+        except StepFailed as exc:
+            if exc.code is grpc.StatusCode.NOT_FOUND:
+                raise SwitchRefused(str(unsent), unsent.code) from None
+            raise TransientError(
+                f"agent {self.node.name}: the transaction may have begun, its state is unknown"
+                f" ({exc})"
+            ) from None
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         self._sendable(request)
@@ -671,7 +734,9 @@ class AgentPool:
                 self._retire(client)
                 self._open.discard(name)  # its channel closes with its grace, uncounted
                 self._idle.pop(name, None)
-            client = AgentClient(node, self.credentials, self.trust_domain, self._trim)
+            # (A store without ``features_heard``, a test's: the client goes by the node's own.)
+            heard = getattr(self.store, "features_heard", None)
+            client = AgentClient(node, self.credentials, self.trust_domain, self._trim, heard)
             self.clients[name] = client
         else:
             client.node = node  # same channel; its names as now enrolled (``StepContext``)

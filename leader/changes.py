@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from leader import byo
-from leader.agent_client import AgentApi, StepFailed, SwitchRefused
+from leader.agent_client import AgentApi, NotSent, StepFailed, SwitchRefused
 from leader.planner import confirm_success
 from leader.rollout_core import (
     CHANGES,
@@ -688,6 +688,14 @@ class DisableTls(ChangeSteps):
                     undoes="",  # the switch from http, not one of this rollout
                 )
             )
+        except NotSent as exc:
+            # The leader's own refusal (its agent has not reported ``rollback.undoes``): no
+            # word that nothing began, as this step may have sent it before a leader restart
+            # (the node is recorded switching first). Its agent says whether it has the way
+            # back (a plain GetTransaction): followed if so (review s63 faults, M1: recorded
+            # "refused" while the agent took the node back to http).
+            if not await self.switch_begun(ctx.agent, ctx.rollout.id):
+                return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
         except StepFailed as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)

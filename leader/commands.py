@@ -44,6 +44,7 @@ from leader.rollout_core import (
     left_as_is,
     left_out,
     left_out_reason,
+    may_take_back,
 )
 from leader.schema_store import (
     AlreadyRetried,
@@ -960,7 +961,8 @@ class Commands:
                 unchanged = row.rollout.state in ALREADY[action]
                 if unchanged:
                     break
-                rollout = row.rollout.with_action(action)
+                switched = may_take_back(r.state for r in row.records)
+                rollout = row.rollout.with_action(action, switched=switched)
                 row = await asyncio.to_thread(
                     self.schema.save_states,
                     row,

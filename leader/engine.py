@@ -77,6 +77,7 @@ from leader.rollout_core import (
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
     STEP_FOR_STATE,
+    TAKEN_BACK_FROM,
     TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     WAITING_ROLLOUT_STATES,
@@ -94,6 +95,7 @@ from leader.rollout_core import (
     halt_note,
     left_as_is,
     left_out,
+    may_take_back,
     taken_back_note,
 )
 from leader.schema_store import (
@@ -414,14 +416,22 @@ class Engine:
                 # too: a switch held at the scope freeze's gate, never sent (rev50e M1).
                 skips = (NodeEvent.SKIP, NodeEvent.SKIP_UNSENT)
                 cut = [a.node for a in plan.node_events if a.event in skips and a.node in cut_off]
-                reason = halt_note(rollout, _failed_after(row, moved), cut, cut_off)
+                switched = _may_take_back_after(row, moved)
+                reason = halt_note(
+                    rollout, _failed_after(row, moved), cut, cut_off, switched=switched
+                )
             elif row.rollout.state is RolloutState.HALTING and any(
                 a.node in cut_off for a in plan.node_events
             ):
                 # A node in flight as the halt drains, stepped as its agent is cut off since the
                 # halt was decided: the note made then named it not; made again, it does, with
                 # `tlsroll nodes remove` before the retry (review rev51b L4).
-                reason = drained_halt_note(rollout, _ended_after(row, moved), cut_off)
+                reason = drained_halt_note(
+                    rollout,
+                    _ended_after(row, moved),
+                    cut_off,
+                    switched=_may_take_back_after(row, moved),
+                )
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:
@@ -1885,6 +1895,16 @@ def _ended_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> list[NodeRecor
     ended = {r.name: r for r in (row.nodes[at][0] for at in positions)}
     ended.update((r.name, r) for r in moved)
     return sorted(ended.values(), key=lambda r: row.position(r.name))
+
+
+def _may_take_back_after(row: RolloutRow, moved: Iterable[NodeRecord]) -> bool:
+    """Whether ``rollout rollback`` would have a node of ``row`` to take back once ``moved``
+    is saved (``may_take_back``): a halt's note offers it only then (review s63 faults, L1)."""
+    states = {
+        r.name: r.state for r in (row.nodes[at][0] for at in _positions(row, TAKEN_BACK_FROM))
+    }
+    states.update((r.name, r.state) for r in moved)
+    return may_take_back(states.values())
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:

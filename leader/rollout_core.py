@@ -507,23 +507,27 @@ def finalized_note(follower_id: str, left: Iterable[str]) -> str:
 
 
 def halt_way_out(
-    rollout: Rollout, failed: Iterable[str], cut_off: Collection[str] = frozenset()
+    rollout: Rollout,
+    failed: Iterable[str],
+    cut_off: Collection[str] = frozenset(),
+    *,
+    switched: bool = True,
 ) -> str:
     """The end of a halted rollout's note: ``way_out``, and for the way back (disable-tls), what
     to do with a node that failed it, which would fail a retry again (review s45rev9 M2). One
     of ``cut_off`` (its agent's certificate revoked: a machine lost or stolen) has no agent
     to stop nor anything to fix: its removal is the way on (review of s50 M2), and the next
-    way back leaves it as is (``left_cut_off``)."""
+    way back leaves it as is (``left_cut_off``). ``switched``: as ``way_out``'s."""
     failed = list(failed)  # read twice below (review rev50e L)
     if rollout.change is not Change.DISABLE_TLS:
         lost = sorted(n for n in failed if n in cut_off)
         if not lost or rollout.change is Change.FINALIZE:  # a finalize's retry leaves it out
-            return way_out(rollout)
+            return way_out(rollout, switched=switched)
         # its retry refuses a node still cut off (``Commands.retry``), and leaves it out once
         # removed: say so before the retry (review rev50e M2)
         return (
             f"{', '.join(lost)}: agent cut off (its certificate revoked): {nodes_remove(lost)},"
-            f" then {way_out(rollout)}"
+            f" then {way_out(rollout, switched=switched)}"
         )
     names = [n for n in failed if n not in cut_off]
     lost = sorted(n for n in failed if n in cut_off)
@@ -548,6 +552,8 @@ def halt_note(
     failed: Sequence[NodeRecord],
     cut: Iterable[str],
     cut_off: Collection[str] = frozenset(),
+    *,
+    switched: bool = True,
 ) -> str:
     """The note of a rollout the pass halted (``RolloutEvent.FAILURE_BUDGET_EXCEEDED`` or
     ``NODE_CUT_OFF``), whichever halted it: the nodes ``failed`` (its failed records once the
@@ -557,19 +563,26 @@ def halt_note(
     side only: a cut-off halt not the node failing in its pass (one cut off mid-switch), a
     failure halt not the node cut off in its pass, whose retry refuses it until it is removed
     (review rev50e L). Without a failed node: ``cut_off_halt``. A finalize and the way back
-    go on without a node cut off before its switch (``cut_off_halts``): no part of a halt."""
+    go on without a node cut off before its switch (``cut_off_halts``): no part of a halt.
+    ``switched``: a node of the rollout is switched, or in its switch (``may_take_back``)."""
     lost = sorted(cut) if cut_off_halts(rollout.change) else []
     if not failed:
         return cut_off_halt(rollout, lost)
     said = [f"{r.name} {r.state.value}: {r.reason}" for r in failed if r.reason]
     if lost:
         said.append(f"agent cut off (its certificate revoked) before its switch: {', '.join(lost)}")
-    out = halt_way_out(rollout, [*(r.name for r in failed), *lost], {*cut_off, *lost})
+    out = halt_way_out(
+        rollout, [*(r.name for r in failed), *lost], {*cut_off, *lost}, switched=switched
+    )
     return f"halted: {'; '.join(said)}; next: {out}"
 
 
 def drained_halt_note(
-    rollout: Rollout, records: Iterable[NodeRecord], cut_off: Collection[str] = frozenset()
+    rollout: Rollout,
+    records: Iterable[NodeRecord],
+    cut_off: Collection[str] = frozenset(),
+    *,
+    switched: bool = True,
 ) -> str:
     """The note of a halting rollout once a pass stepped a node whose agent was cut off (its
     certificate revoked) after the halt was decided, while its switches in flight ended: the
@@ -586,7 +599,7 @@ def drained_halt_note(
             failed.append(r)
         elif r.state is NodeState.SKIPPED and r.reason.startswith(CUT_OFF):
             cut.append(r.name)
-    return halt_note(rollout, failed, cut, cut_off)
+    return halt_note(rollout, failed, cut, cut_off, switched=switched)
 
 
 def down_on_https(change: Change, seen: NodeObservation) -> bool:
@@ -940,11 +953,28 @@ class IllegalTransition(TerminalError):
         self.hint = hint
 
 
-def way_out(rollout: Rollout) -> str:
-    """The commands that go on from a halted or aborted rollout (the end of its reason)."""
+TAKEN_BACK_FROM = frozenset({_N.DONE, _N.DUAL, _N.SWITCHING, _N.CONFIRMING})
+"""The states of a node of an enable-tls rollout that ``tlsroll rollout rollback`` takes back:
+switched (done, or dual), or in its switch still (a halt's note is written as the halt begins,
+and such a node may end done as the halt drains). A rollout with none is refused ("switched
+no node; nothing to undo": ``planner.undo_target``)."""
+
+
+def may_take_back(states: Iterable[NodeState]) -> bool:
+    """Whether ``tlsroll rollout rollback`` has a node to take back of an enable-tls rollout
+    whose nodes are in ``states`` (``TAKEN_BACK_FROM``)."""
+    return any(state in TAKEN_BACK_FROM for state in states)
+
+
+def way_out(rollout: Rollout, *, switched: bool = True) -> str:
+    """The commands that go on from a halted or aborted rollout (the end of its reason).
+    ``switched``: a node of it is switched, or in its switch (``may_take_back``); only then is
+    the way back to http offered: a halted enable-tls that switched no node offered `rollout
+    rollback`, which then refused it, "switched no node; nothing to undo" (review s63 faults,
+    L1)."""
     back = (
         f" or go back to http: tlsroll rollout rollback {rollout.id}"
-        if rollout.change is Change.ENABLE_TLS
+        if rollout.change is Change.ENABLE_TLS and switched
         else ""
     )
     return f"finish the nodes left: tlsroll rollout retry {rollout.id}{back}"
@@ -958,9 +988,10 @@ def refused_action(rollout: Rollout, action: RolloutAction) -> str:
     return f"rollout {rollout.id} is {state}: there is nothing to {action.value}"
 
 
-def next_command(rollout: Rollout, action: RolloutAction) -> str:
+def next_command(rollout: Rollout, action: RolloutAction, *, switched: bool = True) -> str:
     """What to run when ``action`` is not allowed in the rollout's state (one clause, the
-    end of an ``IllegalTransition``); the one place that says it."""
+    end of an ``IllegalTransition``); the one place that says it. ``switched``: a node of the
+    rollout is switched (``may_take_back``): else no way back is offered."""
     state = rollout.state
     if state is RolloutState.AWAITING_FINALIZE:
         return (
@@ -968,11 +999,11 @@ def next_command(rollout: Rollout, action: RolloutAction) -> str:
             f"{rollout.id}, or go back to http with tlsroll rollout rollback {rollout.id}"
         )
     if state in (RolloutState.HALTED, RolloutState.ABORTED):
-        return way_out(rollout)
+        return way_out(rollout, switched=switched)
     if state in TERMINAL_ROLLOUT_STATES:
         back = (
             f" or take it back (tlsroll rollout rollback {rollout.id})"
-            if rollout.change is Change.ENABLE_TLS
+            if rollout.change is Change.ENABLE_TLS and switched
             else ""
         )
         return f"it has ended: start a new one (tlsroll rollout start --scope …){back}"
@@ -1059,13 +1090,13 @@ class Rollout:
         new = rollout_transition(self.state, event, f"rollout {self.id}")
         return replace(self, state=new)
 
-    def with_action(self, action: RolloutAction) -> Rollout:
+    def with_action(self, action: RolloutAction, *, switched: bool = True) -> Rollout:
         """``with_event`` for an administrator's action: a refusal ends with what to run
-        instead (``next_command``)."""
+        instead (``next_command``; ``switched``: as its)."""
         try:
             return self.with_event(action.event)
         except IllegalTransition as exc:
-            hint = next_command(self, action)
+            hint = next_command(self, action, switched=switched)
             said = refused_action(self, action)
             raise IllegalTransition(exc.subject, exc.state, exc.event, hint, said) from None
 

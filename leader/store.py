@@ -742,6 +742,25 @@ class Store(LeaderStore):
             return False, None
         return True, (self.clock() if vouched else self._then_on_clock_now(*seen))
 
+    def features_heard(self, name: str) -> tuple[str, ...] | None:
+        """What node ``name``'s agent said it implements (``Node.agent_features``) in its
+        newest heartbeat since this store opened, from memory alone; None if it has not been
+        heard since. What the store holds of an agent not heard since is a former leader
+        process's, and may be older than the agent: the group commit that held its first
+        heartbeat's features (``write_queued``: up to a batch period) is lost with a killed
+        leader, and the row still says none (review s63 faults, M1). The agent pool sends by
+        this (``leader.agent_client.AgentClient._sendable``)."""
+        with self._seen_lock:
+            record = self._queued.get(name) or self._being_written.get(name)
+            if record is not None:
+                return record.features
+            seen = self._seen.get(name)
+        if seen is None:
+            return None
+        said = seen.said[-1]  # (``heartbeat``'s ``said``: the features last)
+        assert isinstance(said, tuple)
+        return tuple(str(f) for f in said)
+
     # --- tokens -------------------------------------------------------------------------------
 
     def add_token(

@@ -17,7 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from leader import agent_features as af
-from leader.agent_client import AgentClient, StepFailed, SwitchRefused
+from leader.agent_client import AgentClient, NotSent, StepFailed, SwitchRefused
 from leader.planner import AgentsTooOld, plan_rollout, too_old
 from leader.rollout_core import (
     BLOCKED,
@@ -41,11 +41,13 @@ from leader.rollout_core import (
 from leader.schema_store import write_clients
 from leader.service import agent_features_of
 from leader.store import Node, NodeCert, Store
+from refserver.server import START_DELAY_ENV
 from tests.cluster import LEADER_POLL, Cluster, wait_until
 from tests.leader_rig import _enrol
 from tests.nodeside import cluster_of
 from tests.test_level_based import live, password_file
 from tlsroll import features, pki
+from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
 ALL = features.AGENT_FEATURES
@@ -210,6 +212,14 @@ async def test_the_agent_pool_never_sends_what_the_agent_would_drop() -> None:
     dual = agent_pb2.SwitchRequest(
         command=agent_pb2.Command(rollout_id="r1", epoch=1), keep_http=True
     )
+    asked: list[agent_pb2.GetTransactionRequest] = []
+
+    async def has_none(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        """The agent's answer to the question that needs no feature: no such switch."""
+        asked.append(request)
+        raise StepFailed("no switch transaction for rollout r1 (NOT_FOUND)", NOT_FOUND)
+
+    client.get_transaction = has_none  # type: ignore[method-assign]
     with pytest.raises(SwitchRefused) as refused:
         async for _txn in client.switch_and_watch(dual):
             pytest.fail("a state of a switch that must not begin")
@@ -217,6 +227,9 @@ async def test_the_agent_pool_never_sends_what_the_agent_would_drop() -> None:
     assert str(refused.value).startswith(
         "old1: its agent (tlsroll 0.1.9) is too old for the transitional strategy"
     )
+    # Refused only once the agent said it has no such switch (review s63 faults, M1): asked
+    # with a plain GetTransaction, which carries nothing an agent could drop.
+    assert [(r.rollout_id, r.HasField("switch")) for r in asked] == [("r1", False)]
     with pytest.raises(StepFailed, match="too old for the transitional strategy"):
         await client.switch(dual)
     with pytest.raises(StepFailed, match="too old for the transitional strategy"):
@@ -235,6 +248,109 @@ async def test_the_agent_pool_never_sends_what_the_agent_would_drop() -> None:
     able._sendable(dual)  # the check alone: no refusal
     await client.close()
     await able.close()
+
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_switch_the_leader_may_not_send_is_followed_if_its_agent_has_it() -> None:
+    """Review s63 faults, M1: the leader's own refusal to send a Switch is no word that
+    nothing began (a run of the step before a leader restart may have sent it): the agent is
+    asked with a plain GetTransaction, and the switch it has is followed to its outcome with a
+    plain watch (neither carries what the agent lacks). A refusal of that question says
+    nothing either: unknown, the step runs again (``TransientError``), never "refused"."""
+    client = AgentClient(node_of(()), grpc.ssl_channel_credentials(), "td.example")
+    scoped = agent_pb2.SwitchRequest(
+        command=agent_pb2.Command(rollout_id="r1", epoch=1), keep_frozen=True
+    )
+    done = agent_pb2.Transaction(
+        kind=agent_pb2.TRANSACTION_KIND_SWITCH,
+        phase=agent_pb2.TRANSACTION_PHASE_COMPLETED,
+        outcome=agent_pb2.TRANSACTION_OUTCOME_COMPLETED,
+    )
+    watched: list[bool] = []
+
+    async def has_it(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        return done
+
+    async def watch(request: agent_pb2.GetTransactionRequest) -> AsyncIterator[Any]:
+        client._sendable(request)  # (the real one's first act: a begin is refused here)
+        watched.append(request.HasField("switch"))
+        yield done
+
+    client.get_transaction = has_it  # type: ignore[method-assign]
+    client.watch_transaction = watch  # type: ignore[method-assign]
+    states = [t async for t in client.switch_and_watch(scoped)]
+    assert states == [done] and watched == [False]
+
+    async def refuses(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        raise StepFailed("bad caller (PERMISSION_DENIED)", grpc.StatusCode.PERMISSION_DENIED)
+
+    client.get_transaction = refuses  # type: ignore[method-assign]
+    with pytest.raises(TransientError, match="may have begun, its state is unknown"):
+        async for _txn in client.switch_and_watch(scoped):
+            pytest.fail("no state: the question was refused")
+    assert not client.open and client.in_flight == 0
+    await client.close()
+
+
+async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> None:
+    """What the store holds of an agent the leader has not heard since it started is a former
+    leader process's, and may lack the features of the agent's first heartbeat (a group
+    commit lost with a killed leader). A request that needs a feature it lacks is then a
+    ``TransientError``, nothing sent: the step runs again once the agent's first heartbeat has
+    said what it implements. Heard since, that is what counts, whatever the node read says."""
+    heard: dict[str, tuple[str, ...]] = {}
+    client = AgentClient(node_of(()), grpc.ssl_channel_credentials(), "td.example", heard=heard.get)
+    command = agent_pb2.Command(rollout_id="r1", epoch=1)
+    requests: list[Any] = [
+        agent_pb2.SwitchRequest(command=command, keep_frozen=True),
+        agent_pb2.RollbackRequest(command=command, undoes=""),
+        agent_pb2.FreezeRequest(lease_seconds=300),
+        agent_pb2.StageRequest(own_certificate=True),
+    ]
+    for request in requests:
+        with pytest.raises(TransientError, match="not heard since the leader started") as waits:
+            client._sendable(request)
+        assert "waiting for its first heartbeat; the leader sent it nothing" in str(waits.value)
+    with pytest.raises(TransientError, match=r"needs \(--freeze scope\)"):
+        async for _txn in client.switch_and_watch(requests[0]):
+            pytest.fail("nothing is sent")
+    client._sendable(agent_pb2.SwitchRequest(command=command))  # needs nothing: sent
+    heard["old1"] = ALL  # its first heartbeat since
+    for request in requests:
+        client._sendable(request)
+    heard["old1"] = ()  # it said it implements none: too old, whatever was stored
+    with pytest.raises(NotSent, match="too old for --freeze scope"):
+        client._sendable(requests[2])
+    assert not client.open and client.in_flight == 0
+    await client.close()
+
+
+def test_the_store_says_what_an_agent_reported_since_it_opened(tmp_path: Path) -> None:
+    """``Store.features_heard``: None until the agent's first heartbeat since the store
+    opened (what the row holds is an earlier process's), then what the newest said, queued
+    or written; a store opened again has heard nothing."""
+    path = tmp_path / "leader.sqlite3"
+    store = Store(path)
+    try:
+        _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.1", T0)
+        assert store.features_heard("n1") is None
+        store.heartbeat("n1", "0.2", now=T0, features=ALL)
+        assert store.features_heard("n1") == ALL
+        store.queue_heartbeat("n1", "0.1", now=T0 + dt.timedelta(seconds=2), features=())
+        assert store.features_heard("n1") == ()
+        store.write_queued()
+        assert store.features_heard("n1") == ()
+        assert store.features_heard("n2") is None
+    finally:
+        store.close()
+    store = Store(path)
+    try:
+        assert store.get_node("n1").agent_features == ()
+        assert store.features_heard("n1") is None
+    finally:
+        store.close()
 
 
 def test_a_heartbeat_with_other_features_has_the_pool_read_the_node_again(tmp_path: Path) -> None:
@@ -657,3 +773,149 @@ def test_the_agents_report_rides_every_heartbeat_message() -> None:
     assert agent_features_of(leader_pb2.HeartbeatRequest()) == ()
     said = leader_pb2.HeartbeatRequest(features=[*reversed(ALL), "Bad", "z" * 10_000])
     assert agent_features_of(said) == ALL
+
+
+# --- a leader restarted mid-switch, without what the agent reported ---------------------------
+
+
+def lose_features(cluster: Cluster, name: str) -> None:
+    """Node ``name``'s row as a leader killed before its group commit leaves it: none of the
+    features its agent's first heartbeat said (``Store.write_queued``; the row's default)."""
+    with contextlib.closing(sqlite3.connect(cluster.store_path, timeout=10)) as db:
+        db.execute("UPDATE nodes SET agent_features = '[]' WHERE name = ?", (name,))
+        db.commit()
+
+
+def stored_features(cluster: Cluster) -> dict[str, list[str]]:
+    return {r["name"]: json.loads(r["agent_features"]) for r in cluster.store_table("nodes")}
+
+
+def newest_nodes(cluster: Cluster) -> dict[str, tuple[str, str]]:
+    rollout = cluster.poll_newest_rollout()
+    return {n["name"]: (n["state"], n.get("reason", "")) for n in rollout["nodes"]}
+
+
+def ended(cluster: Cluster) -> dict[str, Any]:
+    """The newest rollout once it has ended (the leader may still be starting)."""
+
+    def done() -> bool:
+        try:
+            return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
+        except grpc.RpcError:
+            return False
+
+    wait_until(done, 180, "the rollout to end", interval=LEADER_POLL)
+    return cluster.newest_rollout()
+
+
+def server_certificates(cluster: Cluster) -> list[str]:
+    """The subjects of the server certificates `tlsroll certs check-expiration` watches."""
+    shown = cluster.cli("certs", "check-expiration", "--json")
+    assert "Traceback" not in shown.stderr, shown.stderr
+    return sorted(
+        c["subject"] for c in json.loads(shown.stdout)["certificates"] if c["kind"] == "server"
+    )
+
+
+def txn_phases(node: Any, kind: str) -> list[str]:
+    return [t["phase"] for t in node.journal_query("SELECT phase FROM txns WHERE kind = ?", kind)]
+
+
+@pytest.mark.timeout(300)
+def test_a_switch_resumed_by_a_leader_that_lost_the_agents_features_is_followed(
+    tmp_path: Path,
+) -> None:
+    """Review s63 faults, M1: the leader killed while node3 switches under --freeze scope,
+    and its store without node3's features (the first heartbeat's group commit, up to a
+    second, lost with it). The restarted leader resumed the switch step, refused locally to
+    send the Switch ("too old for --freeze scope ... the leader sent it nothing") and recorded
+    node3 rolled_back, the node as it was, while its agent completed the switch from its
+    journal: the rollout halted, node3 served https with a certificate `certs
+    check-expiration` did not list. Now an agent not heard since the leader started is waited
+    for (its first heartbeat says what it implements): the switch is followed, node3 is done
+    on https, its certificate watched, and the rollout completes."""
+    with cluster_of(
+        tmp_path,
+        3,
+        step_deadline=15,
+        scope_freeze_lease=20,
+        node_env={"node3": {START_DELAY_ENV: "3"}},  # its switch's restart: seconds, not ms
+    ) as (cluster, nodes):
+        node3 = nodes[2]
+        wait_until(
+            lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+            30,
+            "every agent's features stored",
+            interval=LEADER_POLL,
+        )
+        secret = password_file(tmp_path, "pw", "features-lost-password-for-the-practice")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(secret),
+            "--freeze", "scope", "--yes",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        # node3's agent has the switch (its server restarts for 3 s): the leader dies.
+        wait_until(lambda: txn_phases(node3, "switch") != [], 90, "node3's switch", interval=0.05)
+        assert newest_nodes(cluster)["node3"][0] == "switching"
+        cluster.kill_leader()
+        lose_features(cluster, "node3")
+        cluster.start_leader()
+
+        rollout = ended(cluster)
+        nodes_now = {n["name"]: (n["state"], n.get("reason", "")) for n in rollout["nodes"]}
+        assert rollout["state"] == "completed", (rollout["state"], nodes_now)
+        assert nodes_now["node3"][0] == "done", nodes_now
+        assert txn_phases(node3, "switch") == ["completed"]
+        for node in nodes:
+            assert list(live(node).schemes) == ["https"], node.name
+        # node3's live certificate is the one the leader watches.
+        assert server_certificates(cluster) == ["node1", "node2", "node3"]
+
+
+@pytest.mark.timeout(300)
+def test_a_way_back_begun_before_a_restart_is_followed_on_an_agent_that_reports_none(
+    tmp_path: Path,
+) -> None:
+    """The same for the way back (disable-tls), and the model under it: the leader's own
+    refusal to send is no word that nothing began. The leader is killed while node3 goes back
+    to http; meanwhile node3's agent finishes the way back and is replaced by one that reports
+    no features (an older build: it lacks ``rollback.undoes``), and the store has lost what
+    the old one said. The restarted leader waits for its first heartbeat, then may not send
+    the Rollback, so it asks the agent (a plain GetTransaction, which needs nothing) and
+    follows the way back it has: node3 done on http, the rollout completed. It was recorded
+    rolled_back, "going back to http refused", with node3 on http."""
+    with cluster_of(tmp_path, 3, step_deadline=15, node_env={"node3": {START_DELAY_ENV: "3"}}) as (
+        cluster,
+        nodes,
+    ):
+        node3 = nodes[2]
+        assert node3.agent is not None
+        secret = password_file(tmp_path, "pw", "features-lost-password-for-the-practice")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(secret),
+            "--yes", "--wait", timeout=180,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, back.stderr
+        rid = cluster.newest_rollout()["id"]
+        wait_until(
+            lambda: txn_phases(node3, "rollback") != [], 90, "node3's way back", interval=0.05
+        )
+        assert newest_nodes(cluster)["node3"][0] == "switching"
+        cluster.kill_leader()
+        assert node3.wait_txn(rid, "rollback").outcome == "completed"
+        node3.agent.stop()
+        node3.restart_agent({features.TEST_ENV: ""})
+        lose_features(cluster, "node3")
+        cluster.start_leader()
+
+        rollout = ended(cluster)
+        nodes_now = {n["name"]: (n["state"], n.get("reason", "")) for n in rollout["nodes"]}
+        assert rollout["id"] == rid
+        assert rollout["state"] == "completed", (rollout["state"], nodes_now)
+        assert nodes_now["node3"] == ("done", ""), nodes_now
+        assert features_of(cluster, "node3") == []  # (heard: it reports none)
+        for node in nodes:
+            assert list(live(node).schemes) == ["http"], node.name
+        assert server_certificates(cluster) == []

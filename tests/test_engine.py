@@ -2209,6 +2209,30 @@ async def test_a_refused_admin_action_ends_with_the_next_command_to_run(world: W
     await leader.stop()
 
 
+async def test_a_halt_that_switched_no_node_offers_no_way_back(world: World) -> None:
+    """Review s63 faults, L1: a halted enable-tls rollout that switched no node (its first
+    switch rolled back) offered `rollout rollback` in its note and in every refusal of an
+    admin action, which then refused it: "switched no node; nothing to undo". It offers the
+    retry alone; a halt after a node was switched still offers both (above)."""
+    leader = world.boot()
+    switch_rolls_back(world.agents["bravo"])
+    rid = (await leader.start()).rollout.id
+    row = await leader.run()
+    assert row.rollout.state is R.HALTED
+    assert not {N.DONE, N.DUAL} & set(states(row).values()), states(row)
+    assert row.meta.reason.endswith(f"; next: finish the nodes left: tlsroll rollout retry {rid}")
+    for action in RolloutAction:
+        line = await refused(leader, action, rid)
+        assert line == (
+            f"rollout {rid} is halted: there is nothing to {action.value}; finish the nodes "
+            f"left: tlsroll rollout retry {rid}"
+        ), line
+    back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=rid)
+    with pytest.raises(PlanError, match=f"rollout {rid} switched no node; nothing to undo"):
+        await leader.commands.plan(back)
+    await leader.stop()
+
+
 # --- an agent that cannot be reached ----------------------------------------------------------
 
 
@@ -4493,10 +4517,12 @@ async def test_a_node_cut_off_while_a_halt_drains_is_named_in_the_halts_note(
     bravo = node(row.records, "bravo")
     note = row.meta.reason
     assert note.startswith(f"halted: bravo rolled_back: {bravo.reason}; {named}next: "), note
+    # No node switched (bravo rolled back, charlie cut off, alpha skipped): no way back to
+    # http offered, which `rollout rollback` would refuse, "switched no node" (review s63
+    # faults, L1).
     assert note.endswith(
         "next: charlie: agent cut off (its certificate revoked): `tlsroll nodes remove charlie`,"
-        f" then finish the nodes left: tlsroll rollout retry {row.rollout.id} or go back to"
-        f" http: tlsroll rollout rollback {row.rollout.id}"
+        f" then finish the nodes left: tlsroll rollout retry {row.rollout.id}"
     ), note
     await leader.stop()
 

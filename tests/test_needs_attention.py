@@ -30,10 +30,16 @@ NOW = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
 WHY = "outside check failed: https://x: refused; the rollback failed too: restart: no answer"
 
 
-def store_rollout(cluster: Cluster, rid: str, states: dict[str, NodeState], reason: str) -> None:
+def store_rollout(
+    cluster: Cluster,
+    rid: str,
+    states: dict[str, NodeState],
+    reason: str,
+    change: Change = Change.DISABLE_TLS,
+) -> None:
     schema = SchemaStore(cluster.store_path)
     try:
-        rollout = Rollout(rid, Change.DISABLE_TLS, Scope.of_nodes(states), tuple(states), epoch=1)
+        rollout = Rollout(rid, change, Scope.of_nodes(states), tuple(states), epoch=1)
         row = schema.create(
             rollout.with_event(RolloutEvent.START),
             [NodeRecord(n) for n in states],
@@ -83,6 +89,33 @@ def test_a_halted_rollout_without_attention_exits_3(cluster: Cluster) -> None:
         "tlsroll: rollout r-rb halted; to finish the nodes it left: tlsroll rollout retry r-rb"
     )
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("states", "back"),
+    [
+        ({"e1": NodeState.ROLLED_BACK, "e2": NodeState.SKIPPED}, ""),
+        (
+            {"e1": NodeState.DONE, "e2": NodeState.ROLLED_BACK},
+            " (or go back to http: tlsroll rollout rollback)",
+        ),
+    ],
+    ids=["none-switched", "one-switched"],
+)
+def test_a_halted_enable_tls_offers_the_way_back_only_if_it_switched_a_node(
+    cluster: Cluster, states: dict[str, NodeState], back: str
+) -> None:
+    """Review s63 faults, L1: a halted enable-tls rollout that switched no node offered `rollout
+    rollback`, which then refused it ("switched no node; nothing to undo"): the way back is
+    offered only once a node is done (or dual)."""
+    store_rollout(cluster, "r-en", states, "verify: port 8443 closed", Change.ENABLE_TLS)
+    cluster.start_leader()
+    result = cluster.cli("rollout", "status")
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert result.stderr == (
+        f"tlsroll: rollout r-en halted; to finish the nodes it left: tlsroll rollout retry r-en"
+        f"{back}\n"
+    )
 
 
 def test_a_node_cut_off_during_its_switch_is_not_fixed_by_hand(cluster: Cluster) -> None:

@@ -544,10 +544,13 @@ def test_a_node_cut_off_while_the_halt_drains_is_named_in_the_halts_note(setups:
     assert note.startswith(
         f"{halting.split('; next: ')[0]}; h2 needs_attention: {cut_off_mid_switch('h2')}; next: "
     ), note
+    # h2 was in its switch as the halt began (the note then offered the way back), and
+    # ended needing attention: no node switched, and the note made again offers no way back,
+    # which `rollout rollback` would refuse, "switched no node" (review s63 faults, L1).
+    assert "rollout rollback" in halting, halting
     assert note.endswith(
         "next: h2: agent cut off (its certificate revoked): `tlsroll nodes remove h2`, then"
-        f" finish the nodes left: tlsroll rollout retry {rid} or go back to http: tlsroll"
-        f" rollout rollback {rid}"
+        f" finish the nodes left: tlsroll rollout retry {rid}"
     ), note
 
 
@@ -566,11 +569,19 @@ def test_start_refused_with_an_offline_node_then_a_preflight_failure_halts_chang
 
     was = {name: before(node) for name, node in s.nodes.items()}
     with port_holder(s["o1"].address, 8443) as holder:
-        start(s)
+        rid = start(s)
         snap = wait_ended(s.cluster)
         assert snap.state == "halted"
         assert snap.node_states() == {"o1": "failed", "o2": "skipped"}
         view = newest_view(s)
+        # No node switched: the way on is the retry alone; `rollout rollback` would refuse
+        # it, "switched no node; nothing to undo" (review s63 faults, L1).
+        assert view["reason"].endswith(
+            f"; next: finish the nodes left: tlsroll rollout retry {rid}"
+        )
+        status = s.cli("rollout", "status")
+        assert status.returncode == 3, status.stderr
+        assert status.stderr.endswith(f"to finish the nodes it left: tlsroll rollout retry {rid}\n")
         nodes = nodes_of(view)
         reason = nodes["o1"]["reason"]
         assert f"port 8443 (https) on {s['o1'].address} is taken by" in reason, reason

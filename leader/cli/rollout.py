@@ -48,6 +48,7 @@ from leader.rollout_core import (
     BLOCKED,
     BLOCKED_HTTP,
     LEFT_DUAL,
+    TAKEN_BACK_FROM,
     Change,
     FreezeMode,
     NodeState,
@@ -904,9 +905,13 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
         )
         click.get_current_context().exit(EXIT_STOPPED)
     if ROLLOUT_STATE.text(r.state) in (RolloutState.HALTED.value, RolloutState.ABORTED.value):
+        # The way back only if it has a node to take back (``TAKEN_BACK_FROM``): else `rollout
+        # rollback` refuses, "switched no node; nothing to undo" (review s63 faults, L1).
+        switched = {s.value for s in TAKEN_BACK_FROM}
         back = (
             " (or go back to http: tlsroll rollout rollback)"
             if CHANGE.text(r.change) == (Change.ENABLE_TLS.value)
+            and any(NODE_STATE.text(n.state) in switched for n in r.nodes)
             else ""
         )
         if CHANGE.text(r.change) == Change.DISABLE_TLS.value:
