@@ -353,6 +353,7 @@ def test_the_watch_fits_the_terminal_with_the_node_in_flight_on_it(
     they fit, and how many more. Once the rollout ends, the whole table stays."""
     from leader.cli import schema_cmd
 
+    monkeypatch.setenv("TERM", "xterm-256color")  # (before the Console; a dumb one: below)
     out = io.StringIO()
     screen = Console(
         file=out,
@@ -416,6 +417,7 @@ def test_a_watch_stopped_by_ctrl_c_leaves_the_whole_table_as_last_seen(
     terminal."""
     from leader.cli import schema_cmd
 
+    monkeypatch.setenv("TERM", "xterm-256color")  # (before the Console)
     screen = Console(file=io.StringIO(), force_terminal=True, width=80, height=24)
     running = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING)
     answers: list[dict[str, object]] = [{"rollouts": [running]}]
@@ -435,3 +437,37 @@ def test_a_watch_stopped_by_ctrl_c_leaves_the_whole_table_as_last_seen(
         schema_cmd.watch_schema(None, "", False, interval=0)  # type: ignore[arg-type]
     monkeypatch.undo()
     assert stdout.getvalue() == "\n".join(render_rollout(running).lines(80, False)) + "\n"
+
+
+@pytest.mark.parametrize("term", ["dumb", "unknown"])
+def test_a_terminal_that_cannot_move_its_cursor_gets_a_line_per_change(
+    monkeypatch: pytest.MonkeyPatch, term: str
+) -> None:
+    """Review of s63-v2, L5: on a terminal that cannot move its cursor (TERM=dumb: an editor's
+    shell, a serial console) rich's Live draws nothing until it stops: the watch showed
+    nothing while the rollout ran. It gets what a log gets: a line per change, the whole
+    table at the end."""
+    from leader.cli import schema_cmd
+
+    running = watched_rollout(types_pb2.ROLLOUT_STATE_RUNNING)
+    ended = watched_rollout(types_pb2.ROLLOUT_STATE_COMPLETED)
+    answers = iter([running, ended])
+    shown: list[str] = []
+    stdout = Tty()
+
+    def fetch(*_args: object, **_kwargs: object) -> dict[str, object]:
+        shown.append(stdout.getvalue())
+        return {"rollouts": [next(answers)]}
+
+    monkeypatch.setattr(schema_cmd, "fetch_schema_json", fetch)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERM", term)
+    monkeypatch.setenv("NO_COLOR", "1")
+    schema_cmd.watch_schema(None, "", False, interval=0)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    # While it ran (before the second answer was asked for), the switching node's line was out.
+    assert re.search(r"^\d\d:\d\d:\d\d node nc: switching$", shown[-1], re.M), shown
+    assert stdout.getvalue().endswith("\n".join(render_rollout(ended).lines(80, False)) + "\n"), (
+        stdout.getvalue()
+    )

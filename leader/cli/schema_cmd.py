@@ -11,6 +11,7 @@ JSON that ``--json`` prints (``fetch_schema_json``) and draws that. A test in
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 import time
 from typing import Any
@@ -130,7 +131,11 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
     from leader.cli.draw import render_rollout  # noqa: PLC0415 - text only
     from leader.cli.plain import emit  # noqa: PLC0415
 
-    if not sys.stdout.isatty():  # a log, not a screen: one line per change, the table at the end
+    # A log, not a screen: one line per change, the table at the end. A terminal that cannot
+    # move its cursor (TERM=dumb or unknown: an editor's shell, a serial console) too: rich's
+    # Live draws nothing on it until it stops (review of s63-v2, L5).
+    term = os.environ.get("TERM", "").lower()
+    if not sys.stdout.isatty() or term in ("dumb", "unknown"):
         seen: dict[str, str] = {}
 
         def note(what: str, key: str, state: str, reason: str) -> None:
