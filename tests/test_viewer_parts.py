@@ -1315,11 +1315,13 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
             assert len(app._drawn) == 2 and app._events  # the other page's
             assert app._shared and pages.DRAWN._rows and pages.DRAWN._details
             assert reader._page_nodes and reader._timelines
+            assert schema._http_kept is not None  # who is still on http (review s63 v1 M2)
             opened[1].close()
             await until(lambda: not app._streams)
             assert not app._drawn and not app._events
             assert not app._shared and not pages.DRAWN._rows and not pages.DRAWN._details
             assert not reader._page_nodes and not reader._timelines
+            assert schema._http_kept is None
             page = await client.get("/", headers=cookie)  # drawn again, as it was
             assert page.status == 200 and 'data-node="a"' in await page.text()
             closing.set()
@@ -1376,6 +1378,7 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
                 ("details", pages.DRAWN._details),
                 ("page nodes", reader._page_nodes),
                 ("timelines", reader._timelines),
+                ("who is on http", schema._http_kept),
             )
             if what
         ]
@@ -1795,3 +1798,103 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
     gauge = {s.labels["node"]: s.value for s in families["tlsroll_still_on_http"].samples}
     assert gauge == {"a": 2, "b": 0, "c": 1}
     assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
+
+
+def on_http_report(
+    schema: SchemaStore, node: str, workstations: Sequence[str], seen: dt.datetime
+) -> None:
+    """Node ``node``'s client report: each of ``workstations`` on http, last seen at ``seen``
+    (10.2.x.y by its place), the agent's window an hour."""
+    schema.record_clients(
+        node,
+        [
+            Client(node, "http", f"10.2.{i // 200}.{i % 200 + 1}", ws, seen, seen, 1)
+            for i, ws in enumerate(workstations)
+        ],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=seen,
+    )
+
+
+def test_a_page_s_read_of_who_is_on_http_is_kept_until_a_client_report_is_written(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s63 v1 M2: a page's read took who is still on http from SQLite at each read, and
+    a page reads after each write of a rollout; during a transitional phase that is nearly
+    every workstation (500 nodes: a read went from ~5 ms to ~30 ms). Kept now, until a client
+    report is written (``record_clients``, the leader's group commit), a node removed, or
+    another connection writes; judged against the reader's now at every read (a sighting
+    past its window drops out without a read)."""
+    from leader.schema_store import write_clients
+
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b", "c"])
+    row = start_rollout(schema, "r1", Change.ENABLE_TLS)  # nodes a and b
+    on_http_report(schema, "a", ["ws-1"], NOW)
+    on_http_report(schema, "c", ["ws-c"], NOW)
+    clock = [NOW]
+    reader = Reader(store, schema, lambda: clock[0], lambda _: True, [], fresh=none_fresh)
+    reads: list[int] = []
+    real = schema_store._http_clients
+
+    def counted(db: sqlite3.Connection) -> list[Client]:
+        reads.append(1)
+        return real(db)
+
+    monkeypatch.setattr(schema_store, "_http_clients", counted)
+
+    def on_http() -> list[tuple[str, str]]:
+        snap = reader.read(clients=False, page=True)
+        return sorted((c.node, c.workstation) for c in snap.still_on_http)
+
+    assert on_http() == [("a", "ws-1"), ("c", "ws-c")]
+    assert len(reads) == 1
+    for event in (NodeEvent.START, NodeEvent.PREFLIGHT_PASSED):  # a rollout's steps: routine
+        records = [r.with_event(event) if r.name == "b" else r for r in row.records]
+        row = schema.save_states(row, row.rollout, records, NOW, "engine")
+        schema.update_detail("r1", "b", restart_seconds=1.0)
+        assert on_http() == [("a", "ws-1"), ("c", "ws-c")]
+    assert len(reads) == 1, "a rollout's steps read who is on http again"
+
+    schema.record_clients(  # a report by its own transaction
+        "a",
+        [
+            Client("a", "http", "10.2.0.1", "ws-1", NOW, NOW, 1),
+            Client("a", "http", "10.2.0.2", "ws-2", NOW, NOW, 1),
+        ],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2"), ("c", "ws-c")]
+    assert len(reads) == 2
+
+    def queued(db: sqlite3.Connection) -> None:  # as ``LeaderService._record_clients``
+        http = Client("b", "http", "10.2.0.9", "ws-b", NOW, NOW, 1)
+        write_clients(db, "b", [http], window_seconds=3600, source="refserver", problem="", now=NOW)
+
+    store.queue_write("b", queued)
+    assert store.write_queued() == 1  # the group commit (routine)
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2"), ("b", "ws-b"), ("c", "ws-c")]
+    assert len(reads) == 3
+
+    store.remove_node("c", now=NOW, actor="admin:test")  # its report goes with it
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2"), ("b", "ws-b")]
+    assert len(reads) == 4
+
+    other = sqlite3.connect(tmp_path / "leader.sqlite3")  # another connection
+    with other:
+        other.execute("DELETE FROM node_clients WHERE workstation = 'ws-b'")
+    other.close()
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2")]
+    assert len(reads) == 5
+
+    clock[0] = NOW + 2 * HOUR  # past the agents' window: judged against now, without a read
+    assert on_http() == []
+    assert len(reads) == 5
+    fresh = Reader(store, schema, lambda: clock[0], lambda _: True, [], fresh=none_fresh)
+    assert fresh.read(clients=False, page=True).still_on_http == ()
+

@@ -553,10 +553,14 @@ class Reader:
     def forget_pages(self) -> None:
         """What was kept for the pages' next reads: their nodes' fields and every timeline
         (the last open page closed: ``ViewerApp.events``; the next read makes them again).
-        The enrolled nodes' rows stay: every read reads them, the metrics' too."""
+        Who is still on http as a page's read has it goes too
+        (``SchemaStore.forget_http_report``: a thousand workstations during a transitional
+        phase, ~0.7 MiB). The enrolled nodes' rows stay: every read reads them, the metrics'
+        too."""
         with self._lock:
             self._page_nodes.clear()
             self._timelines.clear()
+        self.schema.forget_http_report()
 
     def _enrolled(self, db: sqlite3.Connection) -> list[sqlite3.Row]:
         """(Inside the read: ``SchemaStore.shown``.) The enrolled nodes' rows
