@@ -1898,3 +1898,98 @@ def test_a_page_s_read_of_who_is_on_http_is_kept_until_a_client_report_is_writte
     fresh = Reader(store, schema, lambda: clock[0], lambda _: True, [], fresh=none_fresh)
     assert fresh.read(clients=False, page=True).still_on_http == ()
 
+
+def test_who_is_on_http_is_drawn_again_when_someone_comes_or_goes_or_a_minute_later(
+    store: Store,
+) -> None:
+    """Review s63 v1 M1: each node stores its client report at least every ~30 s, each moving
+    its workstations' last-seen times; the section compared them, to the second, and was
+    drawn again and sent whole at nearly every read (1000 workstations: 176 KiB a patch).
+    A time that moved sends no patch of it now; who comes or goes does at once, and the
+    times shown (to the minute) are drawn again once the minute of now moved."""
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b"])
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    seen = NOW - dt.timedelta(seconds=50)  # 08:59:10
+    on_http_report(schema, "a", ["ws-1", "ws-2"], seen)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    snap = reader.read(clients=False, page=True)
+    w = Words.of("en")
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    pages.DRAWN.clear()
+    before = pages.content_parts(snap, w, context)
+
+    def moved(by: dt.timedelta, now: dt.datetime, *extra: str) -> Snapshot:
+        still = tuple(c._replace(last_seen=c.last_seen + by) for c in snap.still_on_http)
+        added = tuple(snapshot.OnHttp("b", "10.3.0.1", ws, now) for ws in extra)
+        return dataclasses.replace(snap, now=now, still_on_http=still + added)
+
+    # the reports moved the times (one past a minute), now still within its minute: no patch
+    later = moved(dt.timedelta(seconds=55), NOW + dt.timedelta(seconds=40))
+    assert later.still_on_http != snap.still_on_http
+    after = pages.content_parts(later, w, context)
+    assert after.changed(before) == []
+    (section,) = re.findall(r"<td>([^<]*)</td></tr>", before.sections["still-on-http"])[:1]
+    assert section == w.minute(seen) and section != w.when(seen)  # to the minute
+
+    # the minute of now moves on: the times are drawn as they are now
+    minute = moved(dt.timedelta(seconds=55), NOW + dt.timedelta(seconds=60))
+    patch = dict(pages.content_parts(minute, w, context).changed(after) or [])
+    assert list(patch) == ["still-on-http"]
+    assert w.minute(seen + dt.timedelta(seconds=55)) in patch["still-on-http"]
+    assert w.minute(seen) not in patch["still-on-http"]
+    again = pages.content_parts(minute, w, context)
+
+    # someone comes: a patch of the section (and not of the other one), at once
+    came = moved(dt.timedelta(seconds=58), NOW + dt.timedelta(seconds=65), "ws-new")
+    patch = dict(pages.content_parts(came, w, context).changed(again) or [])
+    assert list(patch) == ["still-on-http"]
+    assert 'data-workstation="ws-new"' in patch["still-on-http"]
+    assert patch["still-on-http"].count("<tr data-node=") == 3
+
+
+def test_the_still_on_http_section_lists_the_100_most_recent_and_counts_every_one(
+    store: Store,
+) -> None:
+    """Review s63 v1 M1: the section listed every workstation on http (a thousand at 500
+    nodes, 176 KiB a patch). It lists the 100 most recently seen and says how many more and
+    where all are; its count, each node's row and the metrics count every one."""
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b"])
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    for node in ("a", "b"):  # 130 workstations, each seen a minute after the one before
+        names = [f"ws-{node}-{i:03d}" for i in range(65)]
+        for i, ws in enumerate(names):
+            seen = NOW - dt.timedelta(minutes=(130 - 2 * i - (node == "b")))
+            schema.record_clients(
+                node,
+                [Client(node, "http", f"10.4.{node == 'b':d}.{i + 1}", ws, seen, seen, 1)],
+                window_seconds=0 if i else 3 * 3600,  # (the rows before stay: no window)
+                source="refserver",
+                problem="",
+                now=seen,
+            )
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    part = reader.read(clients=False, page=True)
+    assert len(part.still_on_http) == 130
+    oldest = sorted(part.still_on_http, key=lambda c: c.last_seen)[:30]
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    pages.DRAWN.clear()
+    for lang, more in (("en", "… and 30 more"), ("de", "… und 30 weitere")):
+        html = pages.schema_content(part, Words.of(lang), context)
+        (section,) = re.findall(r'<section id="still-on-http".*?</section>', html, re.S)
+        listed = re.findall(
+            r'<tr data-node="(\w)" data-address="[^"]*" data-workstation="([^"]*)"', section
+        )
+        assert len(listed) == 100
+        assert not {c.workstation for c in oldest} & {ws for _, ws in listed}
+        assert [n for n, _ in listed] == sorted(n for n, _ in listed)  # by node, as before
+        assert 'data-count="130"' in section and 'data-more="30"' in section
+        assert more in unescape(section) and "<code>tlsroll schema show</code>" in section
+        (row,) = re.findall(r'<tr id="node-a".*?</tr>', html, re.S)
+        assert Words.of(lang)("on_http_count", count=65) in row
+    whole = reader.read(times=True)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render(whole).decode())}
+    gauge = {s.labels["node"]: s.value for s in families["tlsroll_still_on_http"].samples}
+    assert gauge == {"a": 65, "b": 65}
+
