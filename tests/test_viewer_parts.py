@@ -1993,3 +1993,36 @@ def test_the_still_on_http_section_lists_the_100_most_recent_and_counts_every_on
     gauge = {s.labels["node"]: s.value for s in families["tlsroll_still_on_http"].samples}
     assert gauge == {"a": 65, "b": 65}
 
+
+def test_the_other_nodes_last_rollout_is_the_newest_and_read_under_the_store_s_lock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s63 v1 L4: two rollouts made in the same second (the same ``created_at``) left
+    SQLite to choose which one an other node showed as its last; it is the newer (by its
+    epoch). L2: what the read keeps was marked in ``Database.cache`` outside the store's lock
+    (a writer copies the cache under it: ``Database._settle``)."""
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b", "c"])
+    for rollout_id in ("r1", "r9"):  # (SQLite chose r1: the first of the group by its key)
+        row = start_rollout(schema, rollout_id, Change.ROTATE_CERT, ("a", "c"))
+        for event in (RolloutEvent.ABORT, RolloutEvent.NODES_SETTLED):  # aborted: ended
+            row = schema.save_states(row, row.rollout.with_event(event), row.records, NOW, "t")
+    start_rollout(schema, "r5", Change.ROTATE_CERT, ("a", "b"))
+    assert {r.rollout.id: r.meta.created_at for r in schema.all()} == dict.fromkeys(
+        ("r1", "r9", "r5"), NOW
+    )
+    locked = store.db._lock.locked
+
+    class Checked(dict[Any, Any]):
+        """``Database.cache``, refusing the viewer's marks outside the store's lock."""
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            assert key != snapshot._TOUCHED_READ or locked(), "marked outside the lock"
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(store.db, "cache", Checked(store.db.cache))
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    snap = reader.read("r5", clients=False, page=True)
+    assert [n.name for n in snap.other_nodes] == ["c"]
+    assert snap.last_rollouts == {"c": "r9"}
+
