@@ -2026,3 +2026,14 @@ def test_the_other_nodes_last_rollout_is_the_newest_and_read_under_the_store_s_l
     assert [n.name for n in snap.other_nodes] == ["c"]
     assert snap.last_rollouts == {"c": "r9"}
 
+
+def test_a_used_link_s_page_links_to_the_schema() -> None:
+    """Review s63 v1 L1: a used link clicked on another site (a webmail) comes without the
+    session cookie (SameSite=Strict), so its browser got "already used" with no way on; the
+    page links to the schema, and that navigation, from the leader's own page, sends it."""
+    for lang, words in (("de", "Zum Schema"), ("en", "To the schema")):
+        w = Words.of(lang)
+        used = pages.denied_page(w, "used")
+        assert f'<a href="/" id="to-schema">{words}</a>' in used
+        for reason in ("none", "session", "unknown", "expired", "revoked"):
+            assert 'id="to-schema"' not in pages.denied_page(w, reason)

@@ -191,6 +191,8 @@ _DE: dict[str, str] = {
     "denied_session": "Ihre Sitzung ist abgelaufen oder wurde widerrufen.",
     "denied_unknown": "Dieser Anmelde-Link ist unbekannt.",
     "denied_used": "Dieser Anmelde-Link wurde bereits verwendet (er gilt nur einmal).",
+    "denied_used_signed_in": "Hat er diesen Browser angemeldet, geht es hier weiter:",
+    "to_schema": "Zum Schema",
     "denied_expired": "Dieser Anmelde-Link ist abgelaufen.",
     "denied_revoked": "Dieser Anmelde-Link wurde widerrufen.",
     "denied_how": "So bekommen Sie Zugang: Bitten Sie die Praxis-IT um einen neuen Anmelde-Link. "
@@ -363,6 +365,8 @@ _EN: dict[str, str] = {
     "denied_session": "Your session has expired or was revoked.",
     "denied_unknown": "This login link is unknown.",
     "denied_used": "This login link has already been used (it works once).",
+    "denied_used_signed_in": "If it signed this browser in, go on here:",
+    "to_schema": "To the schema",
     "denied_expired": "This login link has expired.",
     "denied_revoked": "This login link was revoked.",
     "denied_how": "How to get access: ask the practice IT for a new login link. They make it on "
