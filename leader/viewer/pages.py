@@ -182,7 +182,7 @@ class Drawn:
             hit = self._sections.get((w.lang, key))
             if hit is None or hit[0] != shows:
                 template = _ENV.get_template(f"{key.replace('-', '_')}.html")
-                listed, more = _on_http_listed(snap)
+                listed, more = _on_http_listed(snap) if key == "still-on-http" else ((), 0)
                 hit = (
                     shows,
                     _narrow(template.render(snap=snap, w=w, on_http=listed, on_http_more=more)),

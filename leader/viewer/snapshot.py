@@ -523,9 +523,10 @@ class Reader:
         L4), for the page's other nodes: read again only after a write that moved
         ``Database.generation`` (a new rollout, an enrolment; not a rollout's steps) or one by
         another connection, as the enrolled nodes' rows (``_enrolled``). The generation and
-        ``Database.cache`` are looked at under the store's lock, as the read (review s63 v1
-        L2: looked at before it, a write between the look and the read was kept as read at
-        the generation before it)."""
+        ``Database.cache`` are looked at, and the mark left, under the store's lock, as the
+        read (review s63 v1 L2: the mark was left after the read, outside the lock, where
+        ``Database.cache`` is neither to be read nor written: a writer copies it as it
+        releases the lock, ``Database._settle``)."""
         with self.store.db.read() as db:
             cache, generation = self.store.db.cache, self.store.db.generation
             kept = self._touched
