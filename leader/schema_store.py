@@ -730,18 +730,53 @@ class SchemaStore(LeaderStore):
         leader's file shares this connection and its lock. The caller takes its ``now`` after
         this: a view's time is never before what it shows (a report newer than ``now`` had a
         negative age). ``http_clients`` (without ``clients``): of the report only what who is
-        still on http is judged by (``http_clients_report``), the web page's."""
+        still on http is judged by (``_http_report``: kept between reads), the web page's."""
         with self._db.read() as db:
             rows, total = rollouts(db)
             pending = self._pending(db)
             if clients:
                 seen, infos = _clients(db, None), _clients_info(db)
             elif http_clients:
-                seen, infos = _http_clients(db), _clients_info(db, http_only=True)
+                seen, infos = self._http_report(db)
             else:
                 seen, infos = [], {}
             enrolled = nodes(db) if nodes is not None else []
         return Shown(list(rows), total, pending, seen, infos, enrolled)
+
+    # What ``_http_report`` read last: the generation and count it was read at, its mark in
+    # ``Database.cache`` (gone once another connection wrote or a transaction failed after
+    # writing), the rows and the summaries. None: nothing kept (``forget_http_report``).
+    _http_kept: tuple[tuple[int, int], object, list[Client], dict[str, ClientsInfo]] | None = None
+
+    def _http_report(self, db: sqlite3.Connection) -> tuple[list[Client], dict[str, ClientsInfo]]:
+        """(Inside ``shown``'s read.) ``_http_clients`` and ``_clients_info(http_only=True)``,
+        read again only after a write that may have changed them: a client report written
+        (``CLIENT_WRITES``: ``write_clients`` counts each, the group commit's and
+        ``record_clients``'), a write that moved ``Database.generation`` on (a node removed,
+        its report deleted with it; one enrolled again under its name), or one by another
+        connection or a transaction that failed after writing (either empties
+        ``Database.cache``, where a read leaves its mark). A rollout's steps, many a second,
+        are none of these, nor is a report the leader did not store (the agents' reports that
+        only move their times wait up to ``service.REFRESH_SECONDS`` for their group commit):
+        a page's read after each step took the list again from SQLite, nearly every
+        workstation during a transitional phase (review s63 v1 M2: 1000 workstations on http
+        at 500 nodes, ~7 ms of each read). Nothing here depends on the time: who is still on
+        http is judged against the reader's ``now`` (``schema_view.still_on_http_now``), so
+        the kept rows stay right as time passes. Copies are handed out: a caller may not
+        change what the next read is given."""
+        stamp = (self._db.generation, CLIENT_WRITES.count)
+        kept = self._http_kept
+        if kept is None or kept[0] != stamp or self._db.cache.get(_HTTP_REPORT) is not kept[1]:
+            mark = object()
+            kept = (stamp, mark, _http_clients(db), _clients_info(db, http_only=True))
+            self._db.cache[_HTTP_REPORT] = mark
+            self._http_kept = kept
+        return list(kept[2]), dict(kept[3])
+
+    def forget_http_report(self) -> None:
+        """What ``_http_report`` kept goes (the last open page closed:
+        ``viewer.snapshot.Reader.forget_pages``); the next page's read reads it again."""
+        self._http_kept = None
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -1891,6 +1926,28 @@ def _clients_info(db: sqlite3.Connection, *, http_only: bool = False) -> dict[st
     }
 
 
+class _Writes:
+    """A count of writes (``CLIENT_WRITES``)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+CLIENT_WRITES = _Writes()
+"""How many client reports ``write_clients`` wrote in this process (a transaction that failed
+after it included): what ``SchemaStore._http_report`` keeps is read again once this moved. In
+``write_clients`` itself, so that no way of storing a report (``record_clients``, the leader's
+group commit, whatever comes) can write one without it. One count for every store of the
+process: the leader has one, and a write to another store only has a reader read again. (A
+``sqlite3.Connection``, all ``write_clients`` is given, holds no attribute of its own.) Moved
+under the lock of the ``Database`` written to, as its readers read it."""
+
+# Where ``SchemaStore._http_report`` marks, in ``Database.cache``, that it read.
+_HTTP_REPORT = ("schema", "http clients report")
+
+
 def write_clients(
     db: sqlite3.Connection,
     node: str,
@@ -1910,7 +1967,9 @@ def write_clients(
     it lists stays while it does; a report with no window, 0, goes by the window stored
     and leaves it as it is); at most
     ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text): at
-    the cap a client may be left out (``CLIENTS_FULL``)."""
+    the cap a client may be left out (``CLIENTS_FULL``). Counted (``CLIENT_WRITES``) before
+    anything is written: a reader that kept the report reads it again."""
+    CLIENT_WRITES.count += 1
     kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
     last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
     # Before the report's own rows go in: a sighting it lists stays, however old its time

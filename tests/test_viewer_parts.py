@@ -1315,11 +1315,13 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
             assert len(app._drawn) == 2 and app._events  # the other page's
             assert app._shared and pages.DRAWN._rows and pages.DRAWN._details
             assert reader._page_nodes and reader._timelines
+            assert schema._http_kept is not None  # who is still on http (review s63 v1 M2)
             opened[1].close()
             await until(lambda: not app._streams)
             assert not app._drawn and not app._events
             assert not app._shared and not pages.DRAWN._rows and not pages.DRAWN._details
             assert not reader._page_nodes and not reader._timelines
+            assert schema._http_kept is None
             page = await client.get("/", headers=cookie)  # drawn again, as it was
             assert page.status == 200 and 'data-node="a"' in await page.text()
             closing.set()
@@ -1376,6 +1378,7 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
                 ("details", pages.DRAWN._details),
                 ("page nodes", reader._page_nodes),
                 ("timelines", reader._timelines),
+                ("who is on http", schema._http_kept),
             )
             if what
         ]
@@ -1795,3 +1798,242 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
     gauge = {s.labels["node"]: s.value for s in families["tlsroll_still_on_http"].samples}
     assert gauge == {"a": 2, "b": 0, "c": 1}
     assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
+
+
+def on_http_report(
+    schema: SchemaStore, node: str, workstations: Sequence[str], seen: dt.datetime
+) -> None:
+    """Node ``node``'s client report: each of ``workstations`` on http, last seen at ``seen``
+    (10.2.x.y by its place), the agent's window an hour."""
+    schema.record_clients(
+        node,
+        [
+            Client(node, "http", f"10.2.{i // 200}.{i % 200 + 1}", ws, seen, seen, 1)
+            for i, ws in enumerate(workstations)
+        ],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=seen,
+    )
+
+
+def test_a_page_s_read_of_who_is_on_http_is_kept_until_a_client_report_is_written(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s63 v1 M2: a page's read took who is still on http from SQLite at each read, and
+    a page reads after each write of a rollout; during a transitional phase that is nearly
+    every workstation (500 nodes: a read went from ~5 ms to ~30 ms). Kept now, until a client
+    report is written (``record_clients``, the leader's group commit), a node removed, or
+    another connection writes; judged against the reader's now at every read (a sighting
+    past its window drops out without a read)."""
+    from leader.schema_store import write_clients
+
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b", "c"])
+    row = start_rollout(schema, "r1", Change.ENABLE_TLS)  # nodes a and b
+    on_http_report(schema, "a", ["ws-1"], NOW)
+    on_http_report(schema, "c", ["ws-c"], NOW)
+    clock = [NOW]
+    reader = Reader(store, schema, lambda: clock[0], lambda _: True, [], fresh=none_fresh)
+    reads: list[int] = []
+    real = schema_store._http_clients
+
+    def counted(db: sqlite3.Connection) -> list[Client]:
+        reads.append(1)
+        return real(db)
+
+    monkeypatch.setattr(schema_store, "_http_clients", counted)
+
+    def on_http() -> list[tuple[str, str]]:
+        snap = reader.read(clients=False, page=True)
+        return sorted((c.node, c.workstation) for c in snap.still_on_http)
+
+    assert on_http() == [("a", "ws-1"), ("c", "ws-c")]
+    assert len(reads) == 1
+    for event in (NodeEvent.START, NodeEvent.PREFLIGHT_PASSED):  # a rollout's steps: routine
+        records = [r.with_event(event) if r.name == "b" else r for r in row.records]
+        row = schema.save_states(row, row.rollout, records, NOW, "engine")
+        schema.update_detail("r1", "b", restart_seconds=1.0)
+        assert on_http() == [("a", "ws-1"), ("c", "ws-c")]
+    assert len(reads) == 1, "a rollout's steps read who is on http again"
+
+    schema.record_clients(  # a report by its own transaction
+        "a",
+        [
+            Client("a", "http", "10.2.0.1", "ws-1", NOW, NOW, 1),
+            Client("a", "http", "10.2.0.2", "ws-2", NOW, NOW, 1),
+        ],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2"), ("c", "ws-c")]
+    assert len(reads) == 2
+
+    def queued(db: sqlite3.Connection) -> None:  # as ``LeaderService._record_clients``
+        http = Client("b", "http", "10.2.0.9", "ws-b", NOW, NOW, 1)
+        write_clients(db, "b", [http], window_seconds=3600, source="refserver", problem="", now=NOW)
+
+    store.queue_write("b", queued)
+    assert store.write_queued() == 1  # the group commit (routine)
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2"), ("b", "ws-b"), ("c", "ws-c")]
+    assert len(reads) == 3
+
+    store.remove_node("c", now=NOW, actor="admin:test")  # its report goes with it
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2"), ("b", "ws-b")]
+    assert len(reads) == 4
+
+    other = sqlite3.connect(tmp_path / "leader.sqlite3")  # another connection
+    with other:
+        other.execute("DELETE FROM node_clients WHERE workstation = 'ws-b'")
+    other.close()
+    assert on_http() == [("a", "ws-1"), ("a", "ws-2")]
+    assert len(reads) == 5
+
+    clock[0] = NOW + 2 * HOUR  # past the agents' window: judged against now, without a read
+    assert on_http() == []
+    assert len(reads) == 5
+    fresh = Reader(store, schema, lambda: clock[0], lambda _: True, [], fresh=none_fresh)
+    assert fresh.read(clients=False, page=True).still_on_http == ()
+
+
+def test_who_is_on_http_is_drawn_again_when_someone_comes_or_goes_or_a_minute_later(
+    store: Store,
+) -> None:
+    """Review s63 v1 M1: each node stores its client report at least every ~30 s, each moving
+    its workstations' last-seen times; the section compared them, to the second, and was
+    drawn again and sent whole at nearly every read (1000 workstations: 176 KiB a patch).
+    A time that moved sends no patch of it now; who comes or goes does at once, and the
+    times shown (to the minute) are drawn again once the minute of now moved."""
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b"])
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    seen = NOW - dt.timedelta(seconds=50)  # 08:59:10
+    on_http_report(schema, "a", ["ws-1", "ws-2"], seen)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    snap = reader.read(clients=False, page=True)
+    w = Words.of("en")
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    pages.DRAWN.clear()
+    before = pages.content_parts(snap, w, context)
+
+    def moved(by: dt.timedelta, now: dt.datetime, *extra: str) -> Snapshot:
+        still = tuple(c._replace(last_seen=c.last_seen + by) for c in snap.still_on_http)
+        added = tuple(snapshot.OnHttp("b", "10.3.0.1", ws, now) for ws in extra)
+        return dataclasses.replace(snap, now=now, still_on_http=still + added)
+
+    # the reports moved the times (one past a minute), now still within its minute: no patch
+    later = moved(dt.timedelta(seconds=55), NOW + dt.timedelta(seconds=40))
+    assert later.still_on_http != snap.still_on_http
+    after = pages.content_parts(later, w, context)
+    assert after.changed(before) == []
+    (section,) = re.findall(r"<td>([^<]*)</td></tr>", before.sections["still-on-http"])[:1]
+    assert section == w.minute(seen) and section != w.when(seen)  # to the minute
+
+    # the minute of now moves on: the times are drawn as they are now
+    minute = moved(dt.timedelta(seconds=55), NOW + dt.timedelta(seconds=60))
+    patch = dict(pages.content_parts(minute, w, context).changed(after) or [])
+    assert list(patch) == ["still-on-http"]
+    assert w.minute(seen + dt.timedelta(seconds=55)) in patch["still-on-http"]
+    assert w.minute(seen) not in patch["still-on-http"]
+    again = pages.content_parts(minute, w, context)
+
+    # someone comes: a patch of the section (and not of the other one), at once
+    came = moved(dt.timedelta(seconds=58), NOW + dt.timedelta(seconds=65), "ws-new")
+    patch = dict(pages.content_parts(came, w, context).changed(again) or [])
+    assert list(patch) == ["still-on-http"]
+    assert 'data-workstation="ws-new"' in patch["still-on-http"]
+    assert patch["still-on-http"].count("<tr data-node=") == 3
+
+
+def test_the_still_on_http_section_lists_the_100_most_recent_and_counts_every_one(
+    store: Store,
+) -> None:
+    """Review s63 v1 M1: the section listed every workstation on http (a thousand at 500
+    nodes, 176 KiB a patch). It lists the 100 most recently seen and says how many more and
+    where all are; its count, each node's row and the metrics count every one."""
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b"])
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    for node in ("a", "b"):  # 130 workstations, each seen a minute after the one before
+        names = [f"ws-{node}-{i:03d}" for i in range(65)]
+        for i, ws in enumerate(names):
+            seen = NOW - dt.timedelta(minutes=(130 - 2 * i - (node == "b")))
+            schema.record_clients(
+                node,
+                [Client(node, "http", f"10.4.{node == 'b':d}.{i + 1}", ws, seen, seen, 1)],
+                window_seconds=0 if i else 3 * 3600,  # (the rows before stay: no window)
+                source="refserver",
+                problem="",
+                now=seen,
+            )
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    part = reader.read(clients=False, page=True)
+    assert len(part.still_on_http) == 130
+    oldest = sorted(part.still_on_http, key=lambda c: c.last_seen)[:30]
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    pages.DRAWN.clear()
+    for lang, more in (("en", "… and 30 more"), ("de", "… und 30 weitere")):
+        html = pages.schema_content(part, Words.of(lang), context)
+        (section,) = re.findall(r'<section id="still-on-http".*?</section>', html, re.S)
+        listed = re.findall(
+            r'<tr data-node="(\w)" data-address="[^"]*" data-workstation="([^"]*)"', section
+        )
+        assert len(listed) == 100
+        assert not {c.workstation for c in oldest} & {ws for _, ws in listed}
+        assert [n for n, _ in listed] == sorted(n for n, _ in listed)  # by node, as before
+        assert 'data-count="130"' in section and 'data-more="30"' in section
+        assert more in unescape(section) and "<code>tlsroll schema show</code>" in section
+        (row,) = re.findall(r'<tr id="node-a".*?</tr>', html, re.S)
+        assert Words.of(lang)("on_http_count", count=65) in row
+    whole = reader.read(times=True)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render(whole).decode())}
+    gauge = {s.labels["node"]: s.value for s in families["tlsroll_still_on_http"].samples}
+    assert gauge == {"a": 65, "b": 65}
+
+
+def test_the_other_nodes_last_rollout_is_the_newest_and_read_under_the_store_s_lock(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s63 v1 L4: two rollouts made in the same second (the same ``created_at``) left
+    SQLite to choose which one an other node showed as its last; it is the newer (by its
+    epoch). L2: what the read keeps was marked in ``Database.cache`` outside the store's lock
+    (a writer copies the cache under it: ``Database._settle``)."""
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b", "c"])
+    for rollout_id in ("r1", "r9"):  # (SQLite chose r1: the first of the group by its key)
+        row = start_rollout(schema, rollout_id, Change.ROTATE_CERT, ("a", "c"))
+        for event in (RolloutEvent.ABORT, RolloutEvent.NODES_SETTLED):  # aborted: ended
+            row = schema.save_states(row, row.rollout.with_event(event), row.records, NOW, "t")
+    start_rollout(schema, "r5", Change.ROTATE_CERT, ("a", "b"))
+    assert {r.rollout.id: r.meta.created_at for r in schema.all()} == dict.fromkeys(
+        ("r1", "r9", "r5"), NOW
+    )
+    locked = store.db._lock.locked
+
+    class Checked(dict[Any, Any]):
+        """``Database.cache``, refusing the viewer's marks outside the store's lock."""
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            assert key != snapshot._TOUCHED_READ or locked(), "marked outside the lock"
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(store.db, "cache", Checked(store.db.cache))
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    snap = reader.read("r5", clients=False, page=True)
+    assert [n.name for n in snap.other_nodes] == ["c"]
+    assert snap.last_rollouts == {"c": "r9"}
+
+
+def test_a_used_link_s_page_links_to_the_schema() -> None:
+    """Review s63 v1 L1: a used link clicked on another site (a webmail) comes without the
+    session cookie (SameSite=Strict), so its browser got "already used" with no way on; the
+    page links to the schema, and that navigation, from the leader's own page, sends it."""
+    for lang, words in (("de", "Zum Schema"), ("en", "To the schema")):
+        w = Words.of(lang)
+        used = pages.denied_page(w, "used")
+        assert f'<a href="/" id="to-schema">{words}</a>' in used
+        for reason in ("none", "session", "unknown", "expired", "revoked"):
+            assert 'id="to-schema"' not in pages.denied_page(w, reason)

@@ -346,7 +346,8 @@ class ViewerApp:
             if hit is not None:
                 self._shared.move_to_end(rollout_id)
                 return hit[2]
-            # (the page draws no workstation, and of each node only its row)
+            # (the page draws no node's client list, only who is still on http; and of each
+            # node only its row)
             snap = await self._snapshot(rollout_id, clients=False, page=True)
             if rollout_id is not None and snap.selected is None:
                 return snap  # 404 for it: nothing kept

@@ -172,6 +172,7 @@ _DE: dict[str, str] = {
     "on_http_count": "{count} noch auf http",
     "client_address": "Adresse",
     "last_seen": "Zuletzt gesehen",
+    "still_on_http_more": "… und {count} weitere (die zuletzt gesehenen oben); alle zeigt",
     "other_nodes": "Weitere Knoten",
     "other_nodes_hint": "Angemeldete Knoten außerhalb des gewählten Rollouts (später angemeldet "
     "oder nicht in seinem Umfang), mit dem, was ihr Server laut ihrem letzten Lebenszeichen "
@@ -190,6 +191,8 @@ _DE: dict[str, str] = {
     "denied_session": "Ihre Sitzung ist abgelaufen oder wurde widerrufen.",
     "denied_unknown": "Dieser Anmelde-Link ist unbekannt.",
     "denied_used": "Dieser Anmelde-Link wurde bereits verwendet (er gilt nur einmal).",
+    "denied_used_signed_in": "Hat er diesen Browser angemeldet, geht es hier weiter:",
+    "to_schema": "Zum Schema",
     "denied_expired": "Dieser Anmelde-Link ist abgelaufen.",
     "denied_revoked": "Dieser Anmelde-Link wurde widerrufen.",
     "denied_how": "So bekommen Sie Zugang: Bitten Sie die Praxis-IT um einen neuen Anmelde-Link. "
@@ -200,6 +203,7 @@ _DE: dict[str, str] = {
     "einmal: Mit „Anmelden“ wird er für diesen Browser verbraucht.",
     "login_button": "Anmelden",
     "date": "%d.%m.%Y %H:%M:%S %Z",
+    "date_minute": "%d.%m.%Y %H:%M %Z",
     "time": "%H:%M:%S",
 }
 
@@ -343,6 +347,7 @@ _EN: dict[str, str] = {
     "on_http_count": "{count} still on http",
     "client_address": "Address",
     "last_seen": "Last seen",
+    "still_on_http_more": "… and {count} more (the most recently seen are above); all of them:",
     "other_nodes": "Other nodes",
     "other_nodes_hint": "Enrolled nodes outside the selected rollout (enrolled later, or not "
     "in its scope), with what their server serves by their latest heartbeat.",
@@ -360,6 +365,8 @@ _EN: dict[str, str] = {
     "denied_session": "Your session has expired or was revoked.",
     "denied_unknown": "This login link is unknown.",
     "denied_used": "This login link has already been used (it works once).",
+    "denied_used_signed_in": "If it signed this browser in, go on here:",
+    "to_schema": "To the schema",
     "denied_expired": "This login link has expired.",
     "denied_revoked": "This login link was revoked.",
     "denied_how": "How to get access: ask the practice IT for a new login link. They make it on "
@@ -370,6 +377,7 @@ _EN: dict[str, str] = {
     "“Sign in” uses it up for this browser.",
     "login_button": "Sign in",
     "date": "%Y-%m-%d %H:%M:%S %Z",
+    "date_minute": "%Y-%m-%d %H:%M %Z",
     "time": "%H:%M:%S",
 }
 
@@ -485,6 +493,13 @@ class Words:
         none, and for one that has no local time (``_local``)."""
         when = _local(value)
         return when.strftime(self("date")) if when else self("none")
+
+    def minute(self, value: dt.datetime | str | None) -> str:
+        """``when`` to the minute (cut, not rounded: never a minute later than it was): who
+        is still on http, whose times the page redraws at most once a minute
+        (``pages._section_shows``)."""
+        when = _local(value)
+        return when.strftime(self("date_minute")) if when else self("none")
 
     def number(self, value: float | str, digits: int = 1) -> str:
         """``value`` in this language's digits; one that is not a finite number (JSON gives

@@ -14,6 +14,7 @@ a rollout, for each open page (issue 15); now a write costs the rows it changed.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import jinja2
 from markupsafe import Markup
 
 from leader.viewer.i18n import LANGS, Words
-from leader.viewer.snapshot import Snapshot, Transition
+from leader.viewer.snapshot import OnHttp, Snapshot, Transition
 from tlsroll.enums import SERVES_PREVIOUS
 
 _ENV = jinja2.Environment(
@@ -55,6 +56,11 @@ _DETAILS = "<!--timelines-->"
 # The sections that are parts of their own (``Content.sections``), by element id: each is
 # always on the page (empty, it says so), so that a change of it is a patch of it alone.
 SECTIONS = ("still-on-http", "other-nodes")
+# How many workstations the "still on http" section lists: the most recently seen, in its
+# order; a line says how many more and where all are (`tlsroll schema show`). The count in
+# each node's row, the section's ``data-count`` and the metrics' gauge count every one. At 1000
+# workstations on http the section was 176 KiB a patch, drawn in 16-19 ms (review s63 v1 M1).
+STILL_ON_HTTP_SHOWN = 100
 
 
 def _section_mark(element_id: str) -> str:
@@ -176,7 +182,11 @@ class Drawn:
             hit = self._sections.get((w.lang, key))
             if hit is None or hit[0] != shows:
                 template = _ENV.get_template(f"{key.replace('-', '_')}.html")
-                hit = (shows, _narrow(template.render(snap=snap, w=w)))
+                listed, more = _on_http_listed(snap) if key == "still-on-http" else ((), 0)
+                hit = (
+                    shows,
+                    _narrow(template.render(snap=snap, w=w, on_http=listed, on_http_more=more)),
+                )
                 self._sections[(w.lang, key)] = hit
             out[key] = hit[1]
         return out
@@ -257,11 +267,38 @@ def _values(snap: Snapshot, w: Words, page: PageContext) -> dict[str, Any]:
     }
 
 
+def _on_http_listed(snap: Snapshot) -> tuple[tuple[OnHttp, ...], int]:
+    """Who the "still on http" section lists (the ``STILL_ON_HTTP_SHOWN`` most recently seen,
+    in the snapshot's order: by node, each node's most recent first), and how many it leaves
+    out."""
+    still = snap.still_on_http
+    if len(still) <= STILL_ON_HTTP_SHOWN:
+        return still, 0
+    newest = set(
+        heapq.nlargest(STILL_ON_HTTP_SHOWN, range(len(still)), key=lambda i: still[i].last_seen)
+    )
+    return tuple(c for i, c in enumerate(still) if i in newest), len(still) - STILL_ON_HTTP_SHOWN
+
+
 def _section_shows(key: str, snap: Snapshot) -> Any:
     """What section ``key`` draws of ``snap`` (``Drawn.sections`` draws it again when that
-    changed): not the heartbeats' ages and times, which change at every read."""
+    changed): not the heartbeats' ages and times, which change at every read.
+
+    Who is still on http: who they are, and the minute of ``now``, not their last-seen times
+    (drawn to the minute). Every node stores its client report at least every
+    ``clients_persist`` (~30 s at a 5 s heartbeat), each moving the times of the workstations
+    it lists: at 500 nodes, ~17 reports a second, so compared with its times the section was
+    drawn again, and sent whole, at nearly every read, ~350 KiB/s for each open page for the
+    whole transitional phase (review s63 v1 M1). Compared with each one's minute instead it
+    would still change every second or so (a thousand workstations, each one's minute moving
+    once a minute). So the times shown are those of the section's last drawing: redrawn at
+    once when someone comes or goes, else at most once a minute, when it is a minute or less
+    behind the store; the minute-of-now drawing is sent only if a time it shows moved."""
     if key == "still-on-http":
-        return snap.still_on_http
+        return (
+            snap.now.replace(second=0, microsecond=0),
+            frozenset((c.node, c.address, c.workstation) for c in snap.still_on_http),
+        )
     return (
         bool(snap.nodes),
         tuple(

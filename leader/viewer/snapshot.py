@@ -387,8 +387,11 @@ class Reader:
         open page reads again after each write (issue 15). ``times``: with ``switch_times``
         and each node's ``clock_offset`` (the metrics; the pages show neither).
         ``clients``: with the workstations each node's server saw (``node_clients``, each node's
-        ``still_on_http``); the pages draw neither, and at 500 nodes with two workstations each
-        the report was a third of a read after a write (issue 15). The rollouts, pending
+        ``still_on_http``); the pages draw no client list, and at 500 nodes with two
+        workstations each the report was a third of a read after a write (issue 15): a page's
+        read (``page``) reads only who is still on http (``still_on_http``, its section and
+        each row's count), kept between reads until a client report is written
+        (``SchemaStore._http_report``). The rollouts, pending
         passwords, enrolled nodes and client report are of one read (``SchemaStore.shown``),
         and ``now`` is taken after it: read apart, and ``now`` first, a write between them
         showed parts of two moments, and a report newer than ``now`` (session 32's audit,
@@ -514,24 +517,31 @@ class Reader:
         )
 
     def _last_rollouts(self, names: Sequence[str]) -> dict[str, str]:
-        """The last rollout each of ``names`` was in (by its creation), for the page's other
-        nodes: read again only after a write that moved ``Database.generation`` (a new
-        rollout, an enrolment; not a rollout's steps) or one by another connection, as the
-        enrolled nodes' rows (``_enrolled``)."""
-        cache, generation = self.store.db.cache, self.store.db.generation
-        kept = self._touched
-        if kept is None or kept[0] != generation or cache.get(_TOUCHED_READ) is not kept[1]:
-            with self.store.db.read() as db:
+        """The last rollout each of ``names`` was in (the newest by its epoch: one per
+        rollout, in the order they were made; two made within the same second had the same
+        ``created_at``, and which of them a node showed was SQLite's choice: review s63 v1
+        L4), for the page's other nodes: read again only after a write that moved
+        ``Database.generation`` (a new rollout, an enrolment; not a rollout's steps) or one by
+        another connection, as the enrolled nodes' rows (``_enrolled``). The generation and
+        ``Database.cache`` are looked at, and the mark left, under the store's lock, as the
+        read (review s63 v1 L2: the mark was left after the read, outside the lock, where
+        ``Database.cache`` is neither to be read nor written: a writer copies it as it
+        releases the lock, ``Database._settle``)."""
+        with self.store.db.read() as db:
+            cache, generation = self.store.db.cache, self.store.db.generation
+            kept = self._touched
+            if kept is None or kept[0] != generation or cache.get(_TOUCHED_READ) is not kept[1]:
+                # (SQLite takes a bare column from the row of the max(): the newest epoch's)
                 found = {
                     r[0]: r[1]
                     for r in db.execute(
-                        "SELECT n.name, r.id, max(r.created_at) FROM rollout_nodes n"
+                        "SELECT n.name, r.id, max(r.epoch) FROM rollout_nodes n"
                         " JOIN rollouts r ON r.id = n.rollout_id GROUP BY n.name"
                     )
                 }
-            mark = object()
-            cache[_TOUCHED_READ] = mark
-            kept = self._touched = (generation, mark, found)
+                mark = object()
+                cache[_TOUCHED_READ] = mark
+                kept = self._touched = (generation, mark, found)
         return {name: kept[2][name] for name in names if name in kept[2]}
 
     def _on_http_now(
@@ -553,10 +563,14 @@ class Reader:
     def forget_pages(self) -> None:
         """What was kept for the pages' next reads: their nodes' fields and every timeline
         (the last open page closed: ``ViewerApp.events``; the next read makes them again).
-        The enrolled nodes' rows stay: every read reads them, the metrics' too."""
+        Who is still on http as a page's read has it goes too
+        (``SchemaStore.forget_http_report``: a thousand workstations during a transitional
+        phase, ~0.7 MiB). The enrolled nodes' rows stay: every read reads them, the metrics'
+        too."""
         with self._lock:
             self._page_nodes.clear()
             self._timelines.clear()
+        self.schema.forget_http_report()
 
     def _enrolled(self, db: sqlite3.Connection) -> list[sqlite3.Row]:
         """(Inside the read: ``SchemaStore.shown``.) The enrolled nodes' rows
