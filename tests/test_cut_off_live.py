@@ -118,9 +118,8 @@ def test_a_node_cut_off_during_its_switch_needs_attention_and_halts_the_rollout(
         assert note.startswith(f"halted: node2 needs_attention: {cut_off_mid_switch('node2')}")
         assert note.endswith(
             "; next: node2: agent cut off (its certificate revoked): `tlsroll nodes remove"
-            f" node2`, then finish the nodes left: tlsroll rollout retry {first} or go back to"
-            f" http: tlsroll rollout rollback {first}"
-        ), note
+            f" node2`, then finish the nodes left: tlsroll rollout retry {first}"
+        ), note  # (no way back offered: no node is switched, node2's outcome is not known)
         # The others as they were: never frozen, never switched, taking writes on http.
         for node in (node1, node3):
             assert unfrozen_on(node, "http"), node.server.status()
