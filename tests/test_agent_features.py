@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from leader import agent_features as af
-from leader.agent_client import AgentClient, NotSent, StepFailed, SwitchRefused
+from leader.agent_client import AgentClient, NotHeardYet, NotSent, StepFailed, SwitchRefused
 from leader.planner import AgentsTooOld, plan_rollout, too_old
 from leader.rollout_core import (
     BLOCKED,
@@ -313,7 +313,12 @@ async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> No
         with pytest.raises(TransientError, match="not heard since the leader started") as waits:
             client._sendable(request)
         assert "waiting for its first heartbeat; the leader sent it nothing" in str(waits.value)
-    with pytest.raises(TransientError, match=r"needs \(--freeze scope\)"):
+
+    async def has_none(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        raise StepFailed("no switch transaction for rollout r1 (NOT_FOUND)", NOT_FOUND)
+
+    client.get_transaction = has_none  # type: ignore[method-assign]
+    with pytest.raises(NotHeardYet, match=r"needs \(--freeze scope\)"):
         async for _txn in client.switch_and_watch(requests[0]):
             pytest.fail("nothing is sent")
     client._sendable(agent_pb2.SwitchRequest(command=command))  # needs nothing: sent
@@ -323,6 +328,47 @@ async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> No
     heard["old1"] = ()  # it said it implements none: too old, whatever was stored
     with pytest.raises(NotSent, match="too old for --freeze scope"):
         client._sendable(requests[2])
+    assert not client.open and client.in_flight == 0
+    await client.close()
+
+
+async def test_a_switch_its_agent_has_is_followed_before_its_first_heartbeat() -> None:
+    """Review of s63-f1, L-2: an agent not heard since the leader started (its heartbeats do
+    not reach the leader, say, while the leader reaches it) was waited for before anything
+    was asked, so a resumed switch it had begun, or completed, waited behind a heartbeat
+    that might never come (the rollout, and a scope freeze, without limit). It is asked first
+    with the plain GetTransaction (which needs no feature) and the switch it has is followed;
+    only if it has none does the step wait for the heartbeat (``NotHeardYet``)."""
+    client = AgentClient(
+        node_of(()), grpc.ssl_channel_credentials(), "td.example", heard=lambda name: None
+    )
+    scoped = agent_pb2.SwitchRequest(
+        command=agent_pb2.Command(rollout_id="r1", epoch=1), keep_frozen=True
+    )
+    with pytest.raises(NotHeardYet):
+        client._sendable(scoped)  # (the leader sends it nothing)
+    done = agent_pb2.Transaction(
+        kind=agent_pb2.TRANSACTION_KIND_SWITCH,
+        phase=agent_pb2.TRANSACTION_PHASE_COMPLETED,
+        outcome=agent_pb2.TRANSACTION_OUTCOME_COMPLETED,
+    )
+    asked: list[tuple[str, bool]] = []
+    watched: list[bool] = []
+
+    async def has_it(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        asked.append((request.rollout_id, request.HasField("switch")))
+        return done
+
+    async def watch(request: agent_pb2.GetTransactionRequest) -> AsyncIterator[Any]:
+        client._sendable(request)  # (the real one's first act: a begin is not sent)
+        watched.append(request.HasField("switch"))
+        yield done
+
+    client.get_transaction = has_it  # type: ignore[method-assign]
+    client.watch_transaction = watch  # type: ignore[method-assign]
+    states = [t async for t in client.switch_and_watch(scoped)]
+    assert states == [done]
+    assert asked == [("r1", False)] and watched == [False]
     assert not client.open and client.in_flight == 0
     await client.close()
 
