@@ -184,6 +184,36 @@ def test_a_plan_blocks_a_node_whose_agent_is_too_old_and_a_start_refuses_it() ->
     assert not too_old(direct)
 
 
+def test_a_plan_waits_for_an_agent_not_heard_since_the_leader_started() -> None:
+    """Review of s63-f1, L-3: of an agent the leader has not heard since it started, the plan
+    has only what the store kept (a former process's, which a kill may have left without the
+    agent's first heartbeat): one that lacks a feature there is blocked, to wait for its first
+    heartbeat, not told to upgrade; a start refuses it as it refuses one too old. One whose
+    stored report suffices is planned, as the pool sends to it."""
+    seen = NodeObservation(True, "", ("http",))
+    _rollout, records = plan_rollout(
+        rollout_id="r1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True, "c": True},
+        leader="a",
+        epoch=1,
+        freeze=FreezeMode.SCOPE,
+        observed={"a": seen, "b": seen, "c": seen},
+        agents={"a": ("0.2.0", ALL), "b": ("0.2.0", ()), "c": ("0.1.9", ())},
+        not_heard={"a", "b"},
+    )
+    by_name = {r.name: r for r in records}
+    assert by_name["a"].reason == ""
+    assert by_name["b"].reason == (
+        f"{BLOCKED} its agent (tlsroll 0.2.0) has not been heard since the leader started, and"
+        " the store holds no word that it implements --freeze scope: wait for its first"
+        " heartbeat (an interval or so), then try again"
+    )
+    assert by_name["c"].reason.endswith("is too old for --freeze scope: upgrade it first")
+    assert sorted(too_old(records)) == ["b", "c"]  # a start refuses both
+
+
 # --- the agent pool: never sent --------------------------------------------------------------
 
 
@@ -965,3 +995,67 @@ def test_a_way_back_begun_before_a_restart_is_followed_on_an_agent_that_reports_
         for node in nodes:
             assert list(live(node).schemes) == ["http"], node.name
         assert server_certificates(cluster) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_plan_right_after_a_restart_waits_for_an_agent_not_heard_since(
+    tmp_path: Path,
+) -> None:
+    """Review of s63-f1, L-3: the plan judged an agent by the store's row, a former leader
+    process's, which a kill may have left without what the agent's first heartbeat said
+    (the group commit lost with it). In the first seconds after such a restart, `tlsroll
+    plan` and `rollout start --freeze scope` blocked node3 "too old for --freeze scope:
+    upgrade it first", though its agent is current. Here node3's heartbeats do not reach the
+    leader (its agent's leader port: a closed one) while the leader reaches it, so the
+    window stays open: the plan says it has not been heard since the leader started, to wait
+    for its first heartbeat, never "upgrade it"; the start is refused alike, nothing changed.
+    Once its heartbeat comes, the plan goes by what it says."""
+    # A heartbeat interval of 20 s: node3, silent, is online for a minute after its last.
+    with cluster_of(tmp_path, 3, heartbeat_interval=20) as (cluster, nodes):
+        node3 = nodes[2]
+        agent3 = node3.agent
+        assert agent3 is not None
+        wait_until(
+            lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+            30,
+            "every agent's features stored",
+            interval=LEADER_POLL,
+        )
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": 9}})  # (nothing listens)
+        node3.restart_agent()
+        cluster.kill_leader()
+        lose_features(cluster, "node3")
+        cluster.start_leader()
+
+        plan = cluster.cli("plan", "--scope", "cluster", "--freeze", "scope")
+        said = plan.stdout + plan.stderr
+        assert plan.returncode == 1, said
+        assert "Traceback" not in said
+        assert "upgrade" not in said, said
+        assert "node3" in plan.stderr and "has not been heard since the leader started" in said
+        assert "wait for its first heartbeat" in said, said
+        assert "node1 (" not in plan.stderr and "node2 (" not in plan.stderr, plan.stderr
+
+        secret = password_file(tmp_path, "pw", "not-heard-yet-password-for-the-practice")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(secret),
+            "--freeze", "scope", "--yes",
+        )  # fmt: skip
+        assert started.returncode == 1, started.stdout + started.stderr
+        assert "Traceback" not in started.stderr
+        assert "cannot start: node3 (its agent (tlsroll" in started.stderr, started.stderr
+        assert "wait for its first heartbeat" in started.stderr, started.stderr
+        assert "upgrade it" not in started.stderr, started.stderr
+        assert "nothing was changed" in started.stderr
+        assert cluster.store_table("rollouts") == []
+        for node in nodes:
+            assert list(live(node).schemes) == ["http"], node.name
+
+        # Its heartbeats reach the leader again: what they say is what the plan goes by.
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": None}})
+        node3.start_agent_heard()
+        again = cluster.cli("plan", "--scope", "cluster", "--freeze", "scope")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "heard" not in again.stdout + again.stderr
