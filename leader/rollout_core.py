@@ -591,10 +591,10 @@ def drained_halt_note(
     failed (one cut off mid-switch among them: ``cut_off_mid_switch``) and those skipped as
     cut off before their switches (``cut_off_reason``), with `tlsroll nodes remove` for each
     before the retry. The note the halt made named none cut off later, and its retry refuses
-    them until they are removed (review rev51b L4). Made again, too, in the pass in which the
-    last node of the rollout still in its switch as the halt began ends other than switched:
-    the note made then offered the way back (``switched``), which ``tlsroll rollout rollback``
-    then refused, "switched no node" (review of s63-f1, L-1); this one names that node."""
+    them until they are removed (review rev51b L4). Made again, too, as the halt ends, when
+    the note made as it began offered the way back (a node was still in its switch:
+    ``switched``) and none ended switched: ``tlsroll rollout rollback`` refused it, "switched
+    no node" (review of s63-f1, L-1); this one names that node and offers the retry alone."""
     failed: list[NodeRecord] = []
     cut: list[str] = []
     for r in records:
@@ -961,9 +961,9 @@ TAKEN_BACK_FROM = frozenset({_N.DONE, _N.DUAL, _N.SWITCHING, _N.CONFIRMING})
 rollout rollback``): switched (done, or dual: the nodes the way back takes back,
 ``planner.undo_target``, which refuses a rollout with none: "switched no node; nothing to
 undo"), or in its switch still, which may end done as a halt drains: a halt's note is written
-as the halt begins, and made again by the pass in which the drain leaves no node of the
-rollout in these states (``leader.engine``; review of s63-f1, L-1). Once the rollout has ended
-none is switching or confirming, and these are the nodes taken back."""
+as the halt begins, and made again as the halt ends if the drain left no node of the rollout
+in these states (``leader.engine``; review of s63-f1, L-1). Once the rollout has ended none is
+switching or confirming, and these are the nodes taken back."""
 
 
 def may_take_back(states: Iterable[NodeState]) -> bool:
