@@ -1059,3 +1059,72 @@ def test_a_plan_right_after_a_restart_waits_for_an_agent_not_heard_since(
         again = cluster.cli("plan", "--scope", "cluster", "--freeze", "scope")
         assert again.returncode == 0, again.stdout + again.stderr
         assert "heard" not in again.stdout + again.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_switch_resumed_on_an_agent_not_heard_since_is_followed(tmp_path: Path) -> None:
+    """Review of s63-f1, L-2 and its test gap: the leader killed while node3 switches under
+    --freeze scope, its store without node3's features, and node3's heartbeats no longer
+    reaching the leader (its agent, restarted meanwhile, has a closed port for the leader)
+    while the leader reaches it. The resumed switch step was a wait for a heartbeat that
+    never came ("not heard since the leader started"): the rollout never ended. Its agent is
+    asked with the plain GetTransaction, which needs no feature, and the switch it completed
+    is followed: node3 done on https, its certificate watched, the rollout completed. (Its
+    scope is node2 and node3, node3 last: a further switch would wait, as it should, for
+    node3's scope freeze to be renewed, which needs a feature the store holds no word of;
+    node3's heartbeats are let through once it is done, for the freeze's end.)"""
+    with cluster_of(
+        tmp_path,
+        3,
+        step_deadline=15,
+        scope_freeze_lease=20,
+        heartbeat_interval=20,  # node3, silent, stays online for a minute
+        node_env={"node3": {START_DELAY_ENV: "3"}},  # its switch's restart: seconds, not ms
+    ) as (cluster, nodes):
+        node3 = nodes[2]
+        agent3 = node3.agent
+        assert agent3 is not None
+        wait_until(
+            lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+            30,
+            "every agent's features stored",
+            interval=LEADER_POLL,
+        )
+        secret = password_file(tmp_path, "pw", "not-heard-switch-password-for-the-practice")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "nodes", "--nodes", "node2,node3",
+            "--password-file", str(secret), "--freeze", "scope", "--yes",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        wait_until(lambda: txn_phases(node3, "switch") != [], 90, "node3's switch", interval=0.05)
+        assert newest_nodes(cluster)["node3"][0] == "switching"
+        rid = cluster.newest_rollout()["id"]
+        cluster.kill_leader()
+        assert node3.wait_txn(rid, "switch").outcome == "completed"
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": 9}})  # (nothing listens)
+        node3.restart_agent()
+        lose_features(cluster, "node3")
+        cluster.start_leader()
+
+        # Followed without a word from node3's heartbeats (the store still holds none).
+        wait_until(
+            lambda: newest_nodes(cluster)["node3"][0] == "done",
+            90,
+            "node3 done, its agent not heard",
+            interval=LEADER_POLL,
+        )
+        assert stored_features(cluster)["node3"] == []
+        # Its heartbeats reach the leader again: its agent takes the scope freeze's end
+        # (the unfreeze waits for the leader to announce the epoch: agent-side, not here).
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": None}})
+        node3.start_agent_heard()
+        rollout = ended(cluster)
+        nodes_now = {n["name"]: (n["state"], n.get("reason", "")) for n in rollout["nodes"]}
+        assert rollout["id"] == rid
+        assert rollout["state"] == "completed", (rollout["state"], nodes_now)
+        assert nodes_now["node3"][0] == "done", nodes_now
+        assert txn_phases(node3, "switch") == ["completed"]
+        assert [list(live(node).schemes) for node in nodes] == [["http"], ["https"], ["https"]]
+        assert server_certificates(cluster) == ["node2", "node3"]
