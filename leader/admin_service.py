@@ -388,11 +388,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"{', '.join(blocked)}: {NOT_ON_HTTPS}; {rollout.change.value} cannot start "
                 "while a node in scope is on http only (rollout start refuses it)"
             )
-        if too_old(nodes):
-            warnings.append(
-                f"{rollout.change.value} cannot start while a node's agent is too old for it "
-                "(rollout start refuses it): upgrade tlsroll on that node first"
-            )
+        if aged := too_old(nodes):
+            # An agent not heard since the leader started is waited for, not upgraded: what
+            # the store kept of it may be older than the agent (review of s63-f1, L-3).
+            heard_not = [n for n, why in aged.items() if agent_features.NOT_HEARD in why]
+            if len(heard_not) < len(aged):
+                warnings.append(
+                    f"{rollout.change.value} cannot start while a node's agent is too old for "
+                    "it (rollout start refuses it): upgrade tlsroll on that node first"
+                )
+            if heard_not:
+                warnings.append(
+                    f"{rollout.change.value} cannot start while the leader has not heard a "
+                    "node's agent since it started and the store holds no word that it "
+                    "implements what the change needs (rollout start refuses it): wait for "
+                    "its first heartbeat, then plan again"
+                )
         on_http = await self._on_http(
             [r.name for r in nodes if r.state is not NodeState.SKIPPED], rollout
         )

@@ -174,6 +174,18 @@ class NotSent(StepFailed):
     as it was, while its agent completed it)."""
 
 
+class NotHeardYet(TransientError):
+    """The leader itself did not send a request (``AgentClient._sendable``): it needs a feature
+    the store holds no word of for the node's agent, which the leader has not heard since it
+    started (``Store.features_heard``). A wait, not "too old": the store's row is a former
+    leader process's, and may have lost the agent's first heartbeat with a killed leader
+    (review s63 faults, M1). Of a request that begins a transaction it is no word that nothing
+    began either: ``AgentClient.switch_and_watch`` and ``leader.changes.DisableTls`` ask the
+    agent first (a plain GetTransaction, which needs no feature) and follow a transaction it
+    has; only if it has none do they wait for its heartbeat (review of s63-f1, L-2: a switch
+    the agent had, or had completed, waited behind a heartbeat that might never come)."""
+
+
 class AgentApi(Protocol):
     """The NodeAgent calls the engine makes (the real client, or a fake in tests)."""
 
@@ -369,7 +381,9 @@ class AgentClient:
         none, as of an agent of an earlier release). Such a request is a ``TransientError``
         (nothing sent): the step runs again once the agent's first heartbeat since has said
         what it implements, within a heartbeat interval of its reconnecting. "Too old" there
-        halted a rollout whose resumed switch the agent had begun (review s63 faults, M1)."""
+        halted a rollout whose resumed switch the agent had begun (review s63 faults, M1).
+        That is ``NotHeardYet``: a caller that would begin a transaction asks the agent
+        first whether it has it (``switch_and_watch``)."""
         node = self.node
         heard = self.heard(node.name) if self.heard is not None else node.agent_features
         reported = node.agent_features if heard is None else heard
@@ -377,8 +391,8 @@ class AgentClient:
         if not missing:
             return
         if heard is None:
-            what = ", ".join(agent_features.too_old_for((), missing))
-            raise TransientError(
+            what = ", ".join(agent_features.too_old_for(node.agent_features, missing))
+            raise NotHeardYet(
                 f"agent {node.name}: not heard since the leader started, and the store holds"
                 f" no word that it implements what this request needs ({what}): waiting for"
                 " its first heartbeat; the leader sent it nothing"
@@ -545,10 +559,14 @@ class AgentClient:
         watch, as before.
 
         The leader's own refusal to send it (``NotSent``: the agent has not reported what the
-        request carries) is no word of the agent's: an earlier run of the step (before a
-        leader restart) may have begun the switch. The agent is asked whether it has it, with
-        a plain GetTransaction (no feature needed): if so its states are followed, as any
-        switch under way; only if it has none is it ``SwitchRefused``."""
+        request carries; ``NotHeardYet``: not heard since the leader started, the store holds
+        no word of it) is no word of the agent's: an earlier run of the step (before a leader
+        restart) may have begun the switch. The agent is asked whether it has it, with a plain
+        GetTransaction (no feature needed): if so its states are followed, as any switch under
+        way; only if it has none is it ``SwitchRefused`` (``NotSent``), or the wait for the
+        agent's first heartbeat (``NotHeardYet``, raised again: the step runs again). A switch
+        the agent has is followed so without a heartbeat: one whose heartbeats do not reach
+        the leader while the leader reaches it (review of s63-f1, L-2)."""
         watch = agent_pb2.GetTransactionRequest(
             rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
         )
@@ -561,7 +579,7 @@ class AgentClient:
                 seen = True
                 yield txn
             return
-        except NotSent as exc:
+        except (NotSent, NotHeardYet) as exc:
             await self._begun_before(watch, exc)
             async for txn in self.watch_transaction(watch):  # (sendable: it carries nothing)
                 yield txn
@@ -584,17 +602,20 @@ class AgentClient:
             yield txn
 
     async def _begun_before(
-        self, request: agent_pb2.GetTransactionRequest, unsent: NotSent
+        self, request: agent_pb2.GetTransactionRequest, unsent: NotSent | NotHeardYet
     ) -> None:
         """A request that would begin the transaction ``request`` names was not sent
         (``unsent``): return if the agent has that transaction all the same (begun by an
         earlier run of the step), else ``SwitchRefused`` with ``unsent``'s reason (nothing
-        began, nor will it). A refusal of the question says nothing of it: a
-        ``TransientError``, as no answer is."""
+        began, nor will it), or ``unsent`` itself if it is a ``NotHeardYet`` (the step waits
+        for the agent's first heartbeat, then sends or refuses). A refusal of the question
+        says nothing of it: a ``TransientError``, as no answer is."""
         try:
             await self.get_transaction(request)
         except StepFailed as exc:
             if exc.code is grpc.StatusCode.NOT_FOUND:
+                if isinstance(unsent, NotHeardYet):
+                    raise unsent from None
                 raise SwitchRefused(str(unsent), unsent.code) from None
             raise TransientError(
                 f"agent {self.node.name}: the transaction may have begun, its state is unknown"

@@ -119,6 +119,29 @@ def too_old(version: str, reported: Collection[str], needs: Iterable[str]) -> st
     return f"its agent (tlsroll {shown}) is too old for {', '.join(what)}: upgrade it first"
 
 
+NOT_HEARD = "has not been heard since the leader started"
+"""In the reason of a planned node whose agent the leader has not heard since it started and
+whose stored report lacks a feature the change needs (``not_heard``)."""
+
+
+def not_heard(version: str, reported: Collection[str], needs: Iterable[str]) -> str | None:
+    """``too_old`` for an agent the leader has not heard since it started, whose stored report
+    ``reported`` (a former leader process's) lacks what ``needs`` asks: not "upgrade it", as
+    a killed leader's store may have lost what its first heartbeat said (review of s63-f1,
+    L-3). Its first heartbeat since says what it implements, within an interval or so of its
+    reconnecting. It begins as ``too_old``'s does, so a start refuses the plan alike
+    (``rollout_core.blocked_too_old``)."""
+    what = too_old_for(reported, needs)
+    if not what:
+        return None
+    shown = version or "?"
+    return (
+        f"its agent (tlsroll {shown}) {NOT_HEARD}, and the store holds no word that it"
+        f" implements {', '.join(what)}: wait for its first heartbeat (an interval or so),"
+        " then try again"
+    )
+
+
 def missing_for(request: Any, reported: Collection[str]) -> tuple[str, ...]:
     """The features ``request`` needs that an agent that reported ``reported`` lacks."""
     needs = request_needs(request)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from leader import byo
-from leader.agent_client import AgentApi, NotSent, StepFailed, SwitchRefused
+from leader.agent_client import AgentApi, NotHeardYet, NotSent, StepFailed, SwitchRefused
 from leader.planner import confirm_success
 from leader.rollout_core import (
     CHANGES,
@@ -696,6 +696,13 @@ class DisableTls(ChangeSteps):
             # "refused" while the agent took the node back to http).
             if not await self.switch_begun(ctx.agent, ctx.rollout.id):
                 return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
+        except NotHeardYet:
+            # Not sent either: its agent not heard since the leader started, the store holds
+            # no word of ``rollback.undoes``. The way back it has is followed all the same
+            # (the plain GetTransaction needs nothing); with none the step waits for its
+            # first heartbeat, then sends or refuses (review of s63-f1, L-2).
+            if not await self.switch_begun(ctx.agent, ctx.rollout.id):
+                raise
         except StepFailed as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)

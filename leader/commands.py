@@ -507,9 +507,20 @@ class Commands:
         )
         epoch = await asyncio.to_thread(self.schema.next_epoch)
         # What each agent implements, as its heartbeats say (read after the agents answered:
-        # an agent just upgraded has said so by then).
+        # an agent just upgraded has said so by then): those since this leader started
+        # (``Store.features_heard``), as the agent pool sends by; of an agent not heard since,
+        # what the store kept, a former process's, which a kill may have left without its
+        # first heartbeat's report: the plan says to wait for it, not "upgrade it" (review of
+        # s63-f1, L-3: a start right after a restart refused a current agent "too old").
         listed = await asyncio.to_thread(self.store.list_nodes)
-        agents = {n.name: (n.agent_version, n.agent_features) for n in listed}
+        heard_of = getattr(self.store, "features_heard", None)  # (a test's store: the rows)
+        agents: dict[str, tuple[str, tuple[str, ...]]] = {}
+        not_heard: set[str] = set()
+        for n in listed:
+            said = heard_of(n.name) if heard_of is not None else n.agent_features
+            if said is None:
+                not_heard.add(n.name)
+            agents[n.name] = (n.agent_version, n.agent_features if said is None else said)
         # A finalize leaves out a node whose agent is cut off (``rollout_core.LEFT_OUT``); the
         # way back leaves it as is, saying it never comes back (``left_cut_off``).
         cut_off = frozenset(n.name for n in listed if n.cert_revoked)
@@ -536,6 +547,7 @@ class Commands:
                 finalizes=request.finalizes,
                 left_out=out,
                 cut_off=cut_off,
+                not_heard=not_heard,
             )
         except planner.NothingToDo:
             if undone is not None:

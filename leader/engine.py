@@ -96,6 +96,7 @@ from leader.rollout_core import (
     left_as_is,
     left_out,
     may_take_back,
+    offers_way_back,
     taken_back_note,
 )
 from leader.schema_store import (
@@ -420,12 +421,21 @@ class Engine:
                 reason = halt_note(
                     rollout, _failed_after(row, moved), cut, cut_off, switched=switched
                 )
-            elif row.rollout.state is RolloutState.HALTING and any(
-                a.node in cut_off for a in plan.node_events
+            elif row.rollout.state is RolloutState.HALTING and (
+                any(a.node in cut_off for a in plan.node_events)
+                or (
+                    rollout.state is RolloutState.HALTED
+                    and offers_way_back(rollout, row.meta.reason)
+                    and not _may_take_back_after(row, moved)
+                )
             ):
                 # A node in flight as the halt drains, stepped as its agent is cut off since the
                 # halt was decided: the note made then named it not; made again, it does, with
-                # `tlsroll nodes remove` before the retry (review rev51b L4).
+                # `tlsroll nodes remove` before the retry (review rev51b L4). And a halt whose
+                # note offered the way back as a node was still in its switch, which ended
+                # other than switched (its step's write, before this pass): with none switched
+                # as the halt ends, the note made again offers the retry alone, and names that
+                # node; `rollout rollback` refused it, "switched no node" (review of s63-f1, L-1).
                 reason = drained_halt_note(
                     rollout,
                     _ended_after(row, moved),

@@ -485,6 +485,7 @@ def plan_rollout(
     finalizes: str = "",
     left_out: Mapping[str, str] | None = None,
     cut_off: Collection[str] = frozenset(),
+    not_heard: Collection[str] = frozenset(),
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -505,7 +506,11 @@ def plan_rollout(
     A node the rollout steps whose agent lacks a feature the rollout's requests need
     (``agent_features.rollout_needs``; ``own_certificates``: ``--cert-dir``) is ``blocked: its
     agent (tlsroll V) is too old for …: upgrade it first`` (``too_old``: the start refuses the
-    plan, ``AgentsTooOld``). Missing: not checked.
+    plan, ``AgentsTooOld``). Missing: not checked. ``not_heard``: the nodes whose agents the
+    leader has not heard since it started, for which ``agents`` holds what the store kept (a
+    former leader process's, which a killed leader may have left without the agent's first
+    heartbeat): one that lacks a feature there is blocked saying so, to wait for its first
+    heartbeat (``agent_features.not_heard``), not "upgrade it" (review of s63-f1, L-3).
 
     ``dual_from``: this is a retry of that transitional phase 1 (``rollout retry``). A node
     that still serves http and https with a certificate of this CA and the password of
@@ -607,7 +612,8 @@ def plan_rollout(
         if seen is not None and needs_https_first(change, seen):  # start refuses it
             return NodeRecord(name, reason=BLOCKED_HTTP)
         agent = agents.get(name) if agents is not None else None
-        if agent is not None and (why := agent_features.too_old(*agent, needs)):
+        judge = agent_features.not_heard if name in not_heard else agent_features.too_old
+        if agent is not None and (why := judge(*agent, needs)):
             return NodeRecord(name, reason=f"{BLOCKED} {why}")  # start refuses it
         if seen is not None and seen.problems:  # its preflight will fail: say so up front
             return NodeRecord(name, reason=f"{BLOCKED} {'; '.join(seen.problems)}")

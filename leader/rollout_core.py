@@ -511,7 +511,7 @@ def halt_way_out(
     failed: Iterable[str],
     cut_off: Collection[str] = frozenset(),
     *,
-    switched: bool = True,
+    switched: bool,
 ) -> str:
     """The end of a halted rollout's note: ``way_out``, and for the way back (disable-tls), what
     to do with a node that failed it, which would fail a retry again (review s45rev9 M2). One
@@ -553,7 +553,7 @@ def halt_note(
     cut: Iterable[str],
     cut_off: Collection[str] = frozenset(),
     *,
-    switched: bool = True,
+    switched: bool,
 ) -> str:
     """The note of a rollout the pass halted (``RolloutEvent.FAILURE_BUDGET_EXCEEDED`` or
     ``NODE_CUT_OFF``), whichever halted it: the nodes ``failed`` (its failed records once the
@@ -582,7 +582,7 @@ def drained_halt_note(
     records: Iterable[NodeRecord],
     cut_off: Collection[str] = frozenset(),
     *,
-    switched: bool = True,
+    switched: bool,
 ) -> str:
     """The note of a halting rollout once a pass stepped a node whose agent was cut off (its
     certificate revoked) after the halt was decided, while its switches in flight ended: the
@@ -591,7 +591,10 @@ def drained_halt_note(
     failed (one cut off mid-switch among them: ``cut_off_mid_switch``) and those skipped as
     cut off before their switches (``cut_off_reason``), with `tlsroll nodes remove` for each
     before the retry. The note the halt made named none cut off later, and its retry refuses
-    them until they are removed (review rev51b L4)."""
+    them until they are removed (review rev51b L4). Made again, too, as the halt ends, when
+    the note made as it began offered the way back (a node was still in its switch:
+    ``switched``) and none ended switched: ``tlsroll rollout rollback`` refused it, "switched
+    no node" (review of s63-f1, L-1); this one names that node and offers the retry alone."""
     failed: list[NodeRecord] = []
     cut: list[str] = []
     for r in records:
@@ -954,10 +957,13 @@ class IllegalTransition(TerminalError):
 
 
 TAKEN_BACK_FROM = frozenset({_N.DONE, _N.DUAL, _N.SWITCHING, _N.CONFIRMING})
-"""The states of a node of an enable-tls rollout that ``tlsroll rollout rollback`` takes back:
-switched (done, or dual), or in its switch still (a halt's note is written as the halt begins,
-and such a node may end done as the halt drains). A rollout with none is refused ("switched
-no node; nothing to undo": ``planner.undo_target``)."""
+"""The states of a node of an enable-tls rollout for which a note offers the way back (``tlsroll
+rollout rollback``): switched (done, or dual: the nodes the way back takes back,
+``planner.undo_target``, which refuses a rollout with none: "switched no node; nothing to
+undo"), or in its switch still, which may end done as a halt drains: a halt's note is written
+as the halt begins, and made again as the halt ends if the drain left no node of the rollout
+in these states (``leader.engine``; review of s63-f1, L-1). Once the rollout has ended none is
+switching or confirming, and these are the nodes taken back."""
 
 
 def may_take_back(states: Iterable[NodeState]) -> bool:
@@ -966,18 +972,26 @@ def may_take_back(states: Iterable[NodeState]) -> bool:
     return any(state in TAKEN_BACK_FROM for state in states)
 
 
-def way_out(rollout: Rollout, *, switched: bool = True) -> str:
+def way_out(rollout: Rollout, *, switched: bool) -> str:
     """The commands that go on from a halted or aborted rollout (the end of its reason).
     ``switched``: a node of it is switched, or in its switch (``may_take_back``); only then is
     the way back to http offered: a halted enable-tls that switched no node offered `rollout
     rollback`, which then refused it, "switched no node; nothing to undo" (review s63 faults,
     L1)."""
-    back = (
-        f" or go back to http: tlsroll rollout rollback {rollout.id}"
-        if rollout.change is Change.ENABLE_TLS and switched
-        else ""
-    )
+    back = _way_back(rollout) if rollout.change is Change.ENABLE_TLS and switched else ""
     return f"finish the nodes left: tlsroll rollout retry {rollout.id}{back}"
+
+
+def _way_back(rollout: Rollout) -> str:
+    """How ``way_out`` offers the way back to http, at the end of a note."""
+    return f" or go back to http: tlsroll rollout rollback {rollout.id}"
+
+
+def offers_way_back(rollout: Rollout, note: str) -> bool:
+    """Whether ``note`` (the rollout's stored reason) ends offering the way back to http
+    (``way_out`` with ``switched``): what the halt's note said of a node in its switch as it
+    was made, which the engine makes again if the drain leaves none switched."""
+    return note.endswith(_way_back(rollout))
 
 
 def refused_action(rollout: Rollout, action: RolloutAction) -> str:
@@ -988,7 +1002,7 @@ def refused_action(rollout: Rollout, action: RolloutAction) -> str:
     return f"rollout {rollout.id} is {state}: there is nothing to {action.value}"
 
 
-def next_command(rollout: Rollout, action: RolloutAction, *, switched: bool = True) -> str:
+def next_command(rollout: Rollout, action: RolloutAction, *, switched: bool) -> str:
     """What to run when ``action`` is not allowed in the rollout's state (one clause, the
     end of an ``IllegalTransition``); the one place that says it. ``switched``: a node of the
     rollout is switched (``may_take_back``): else no way back is offered."""
@@ -1090,7 +1104,7 @@ class Rollout:
         new = rollout_transition(self.state, event, f"rollout {self.id}")
         return replace(self, state=new)
 
-    def with_action(self, action: RolloutAction, *, switched: bool = True) -> Rollout:
+    def with_action(self, action: RolloutAction, *, switched: bool) -> Rollout:
         """``with_event`` for an administrator's action: a refusal ends with what to run
         instead (``next_command``; ``switched``: as its)."""
         try:

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from leader import agent_features as af
-from leader.agent_client import AgentClient, NotSent, StepFailed, SwitchRefused
+from leader.agent_client import AgentClient, NotHeardYet, NotSent, StepFailed, SwitchRefused
 from leader.planner import AgentsTooOld, plan_rollout, too_old
 from leader.rollout_core import (
     BLOCKED,
@@ -184,6 +184,36 @@ def test_a_plan_blocks_a_node_whose_agent_is_too_old_and_a_start_refuses_it() ->
     assert not too_old(direct)
 
 
+def test_a_plan_waits_for_an_agent_not_heard_since_the_leader_started() -> None:
+    """Review of s63-f1, L-3: of an agent the leader has not heard since it started, the plan
+    has only what the store kept (a former process's, which a kill may have left without the
+    agent's first heartbeat): one that lacks a feature there is blocked, to wait for its first
+    heartbeat, not told to upgrade; a start refuses it as it refuses one too old. One whose
+    stored report suffices is planned, as the pool sends to it."""
+    seen = NodeObservation(True, "", ("http",))
+    _rollout, records = plan_rollout(
+        rollout_id="r1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True, "c": True},
+        leader="a",
+        epoch=1,
+        freeze=FreezeMode.SCOPE,
+        observed={"a": seen, "b": seen, "c": seen},
+        agents={"a": ("0.2.0", ALL), "b": ("0.2.0", ()), "c": ("0.1.9", ())},
+        not_heard={"a", "b"},
+    )
+    by_name = {r.name: r for r in records}
+    assert by_name["a"].reason == ""
+    assert by_name["b"].reason == (
+        f"{BLOCKED} its agent (tlsroll 0.2.0) has not been heard since the leader started, and"
+        " the store holds no word that it implements --freeze scope: wait for its first"
+        " heartbeat (an interval or so), then try again"
+    )
+    assert by_name["c"].reason.endswith("is too old for --freeze scope: upgrade it first")
+    assert sorted(too_old(records)) == ["b", "c"]  # a start refuses both
+
+
 # --- the agent pool: never sent --------------------------------------------------------------
 
 
@@ -313,7 +343,12 @@ async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> No
         with pytest.raises(TransientError, match="not heard since the leader started") as waits:
             client._sendable(request)
         assert "waiting for its first heartbeat; the leader sent it nothing" in str(waits.value)
-    with pytest.raises(TransientError, match=r"needs \(--freeze scope\)"):
+
+    async def has_none(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        raise StepFailed("no switch transaction for rollout r1 (NOT_FOUND)", NOT_FOUND)
+
+    client.get_transaction = has_none  # type: ignore[method-assign]
+    with pytest.raises(NotHeardYet, match=r"needs \(--freeze scope\)"):
         async for _txn in client.switch_and_watch(requests[0]):
             pytest.fail("nothing is sent")
     client._sendable(agent_pb2.SwitchRequest(command=command))  # needs nothing: sent
@@ -323,6 +358,47 @@ async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> No
     heard["old1"] = ()  # it said it implements none: too old, whatever was stored
     with pytest.raises(NotSent, match="too old for --freeze scope"):
         client._sendable(requests[2])
+    assert not client.open and client.in_flight == 0
+    await client.close()
+
+
+async def test_a_switch_its_agent_has_is_followed_before_its_first_heartbeat() -> None:
+    """Review of s63-f1, L-2: an agent not heard since the leader started (its heartbeats do
+    not reach the leader, say, while the leader reaches it) was waited for before anything
+    was asked, so a resumed switch it had begun, or completed, waited behind a heartbeat
+    that might never come (the rollout, and a scope freeze, without limit). It is asked first
+    with the plain GetTransaction (which needs no feature) and the switch it has is followed;
+    only if it has none does the step wait for the heartbeat (``NotHeardYet``)."""
+    client = AgentClient(
+        node_of(()), grpc.ssl_channel_credentials(), "td.example", heard=lambda name: None
+    )
+    scoped = agent_pb2.SwitchRequest(
+        command=agent_pb2.Command(rollout_id="r1", epoch=1), keep_frozen=True
+    )
+    with pytest.raises(NotHeardYet):
+        client._sendable(scoped)  # (the leader sends it nothing)
+    done = agent_pb2.Transaction(
+        kind=agent_pb2.TRANSACTION_KIND_SWITCH,
+        phase=agent_pb2.TRANSACTION_PHASE_COMPLETED,
+        outcome=agent_pb2.TRANSACTION_OUTCOME_COMPLETED,
+    )
+    asked: list[tuple[str, bool]] = []
+    watched: list[bool] = []
+
+    async def has_it(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        asked.append((request.rollout_id, request.HasField("switch")))
+        return done
+
+    async def watch(request: agent_pb2.GetTransactionRequest) -> AsyncIterator[Any]:
+        client._sendable(request)  # (the real one's first act: a begin is not sent)
+        watched.append(request.HasField("switch"))
+        yield done
+
+    client.get_transaction = has_it  # type: ignore[method-assign]
+    client.watch_transaction = watch  # type: ignore[method-assign]
+    states = [t async for t in client.switch_and_watch(scoped)]
+    assert states == [done]
+    assert asked == [("r1", False)] and watched == [False]
     assert not client.open and client.in_flight == 0
     await client.close()
 
@@ -919,3 +995,136 @@ def test_a_way_back_begun_before_a_restart_is_followed_on_an_agent_that_reports_
         for node in nodes:
             assert list(live(node).schemes) == ["http"], node.name
         assert server_certificates(cluster) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_plan_right_after_a_restart_waits_for_an_agent_not_heard_since(
+    tmp_path: Path,
+) -> None:
+    """Review of s63-f1, L-3: the plan judged an agent by the store's row, a former leader
+    process's, which a kill may have left without what the agent's first heartbeat said
+    (the group commit lost with it). In the first seconds after such a restart, `tlsroll
+    plan` and `rollout start --freeze scope` blocked node3 "too old for --freeze scope:
+    upgrade it first", though its agent is current. Here node3's heartbeats do not reach the
+    leader (its agent's leader port: a closed one) while the leader reaches it, so the
+    window stays open: the plan says it has not been heard since the leader started, to wait
+    for its first heartbeat, never "upgrade it"; the start is refused alike, nothing changed.
+    Once its heartbeat comes, the plan goes by what it says."""
+    # A heartbeat interval of 20 s: node3, silent, is online for a minute after its last.
+    with cluster_of(tmp_path, 3, heartbeat_interval=20) as (cluster, nodes):
+        node3 = nodes[2]
+        agent3 = node3.agent
+        assert agent3 is not None
+        wait_until(
+            lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+            30,
+            "every agent's features stored",
+            interval=LEADER_POLL,
+        )
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": 9}})  # (nothing listens)
+        node3.restart_agent()
+        cluster.kill_leader()
+        lose_features(cluster, "node3")
+        cluster.start_leader()
+
+        plan = cluster.cli("plan", "--scope", "cluster", "--freeze", "scope")
+        said = plan.stdout + plan.stderr
+        assert plan.returncode == 1, said
+        assert "Traceback" not in said
+        assert "upgrade" not in said, said
+        assert "node3" in plan.stderr and "has not been heard since the leader started" in said
+        assert "wait for its first heartbeat" in said, said
+        assert "node1 (" not in plan.stderr and "node2 (" not in plan.stderr, plan.stderr
+
+        secret = password_file(tmp_path, "pw", "not-heard-yet-password-for-the-practice")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(secret),
+            "--freeze", "scope", "--yes",
+        )  # fmt: skip
+        assert started.returncode == 1, started.stdout + started.stderr
+        assert "Traceback" not in started.stderr
+        assert "cannot start: node3 (its agent (tlsroll" in started.stderr, started.stderr
+        assert "wait for its first heartbeat" in started.stderr, started.stderr
+        assert "upgrade it" not in started.stderr, started.stderr
+        assert "nothing was changed" in started.stderr
+        assert cluster.store_table("rollouts") == []
+        for node in nodes:
+            assert list(live(node).schemes) == ["http"], node.name
+
+        # Its heartbeats reach the leader again: what they say is what the plan goes by.
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": None}})
+        node3.start_agent_heard()
+        again = cluster.cli("plan", "--scope", "cluster", "--freeze", "scope")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "heard" not in again.stdout + again.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_switch_resumed_on_an_agent_not_heard_since_is_followed(tmp_path: Path) -> None:
+    """Review of s63-f1, L-2 and its test gap: the leader killed while node3 switches under
+    --freeze scope, its store without node3's features, and node3's heartbeats no longer
+    reaching the leader (its agent, restarted meanwhile, has a closed port for the leader)
+    while the leader reaches it. The resumed switch step was a wait for a heartbeat that
+    never came ("not heard since the leader started"): the rollout never ended. Its agent is
+    asked with the plain GetTransaction, which needs no feature, and the switch it completed
+    is followed: node3 done on https, its certificate watched, the rollout completed. (Its
+    scope is node2 and node3, node3 last: a further switch would wait, as it should, for
+    node3's scope freeze to be renewed, which needs a feature the store holds no word of;
+    node3's heartbeats are let through once it is done, for the freeze's end.)"""
+    with cluster_of(
+        tmp_path,
+        3,
+        step_deadline=15,
+        scope_freeze_lease=20,
+        heartbeat_interval=20,  # node3, silent, stays online for a minute
+        node_env={"node3": {START_DELAY_ENV: "3"}},  # its switch's restart: seconds, not ms
+    ) as (cluster, nodes):
+        node3 = nodes[2]
+        agent3 = node3.agent
+        assert agent3 is not None
+        wait_until(
+            lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+            30,
+            "every agent's features stored",
+            interval=LEADER_POLL,
+        )
+        secret = password_file(tmp_path, "pw", "not-heard-switch-password-for-the-practice")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "nodes", "--nodes", "node2,node3",
+            "--password-file", str(secret), "--freeze", "scope", "--yes",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        wait_until(lambda: txn_phases(node3, "switch") != [], 90, "node3's switch", interval=0.05)
+        assert newest_nodes(cluster)["node3"][0] == "switching"
+        rid = cluster.newest_rollout()["id"]
+        cluster.kill_leader()
+        assert node3.wait_txn(rid, "switch").outcome == "completed"
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": 9}})  # (nothing listens)
+        node3.restart_agent()
+        lose_features(cluster, "node3")
+        cluster.start_leader()
+
+        # Followed without a word from node3's heartbeats (the store still holds none).
+        wait_until(
+            lambda: newest_nodes(cluster)["node3"][0] == "done",
+            90,
+            "node3 done, its agent not heard",
+            interval=LEADER_POLL,
+        )
+        assert stored_features(cluster)["node3"] == []
+        # Its heartbeats reach the leader again: its agent takes the scope freeze's end
+        # (the unfreeze waits for the leader to announce the epoch: agent-side, not here).
+        agent3.stop()
+        agent3.write_config({"leader": {"control_port": None}})
+        node3.start_agent_heard()
+        rollout = ended(cluster)
+        nodes_now = {n["name"]: (n["state"], n.get("reason", "")) for n in rollout["nodes"]}
+        assert rollout["id"] == rid
+        assert rollout["state"] == "completed", (rollout["state"], nodes_now)
+        assert nodes_now["node3"][0] == "done", nodes_now
+        assert txn_phases(node3, "switch") == ["completed"]
+        assert [list(live(node).schemes) for node in nodes] == [["http"], ["https"], ["https"]]
+        assert server_certificates(cluster) == ["node2", "node3"]

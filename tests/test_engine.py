@@ -48,7 +48,7 @@ from structlog.testing import capture_logs
 
 from leader import changes, planner
 from leader import engine as engine_module
-from leader.agent_client import StepFailed, cut_off_error
+from leader.agent_client import NotHeardYet, StepFailed, cut_off_error
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
     MAX_RETRY_SECONDS,
@@ -1981,7 +1981,7 @@ async def test_a_pause_from_another_connection_is_seen_though_the_rollout_is_kep
         try:
             row = other.active()
             assert row is not None
-            paused = row.rollout.with_action(RolloutAction.PAUSE)
+            paused = row.rollout.with_action(RolloutAction.PAUSE, switched=True)
             other.save_states(row, paused, row.records, world.clock.wall(), ADMIN, "paused")
         finally:
             other.close()
@@ -2230,6 +2230,85 @@ async def test_a_halt_that_switched_no_node_offers_no_way_back(world: World) -> 
     back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=rid)
     with pytest.raises(PlanError, match=f"rollout {rid} switched no node; nothing to undo"):
         await leader.commands.plan(back)
+    await leader.stop()
+
+
+async def test_a_halt_whose_drain_leaves_no_node_switched_offers_no_way_back(
+    world: World,
+) -> None:
+    """Review of s63-f1, L-1: the halt's note is made as the halt is decided, with charlie
+    still in its switch, which may end done: it offers `rollout rollback`. Charlie's switch
+    then rolls back too, and the rollout ends halted having switched no node: the note, made
+    again in that pass, names charlie and offers the retry alone (it kept offering the way
+    back, which `rollout rollback` refused, "switched no node")."""
+    leader = world.boot()
+    switch_rolls_back(world.agents["bravo"])
+    world.agents["alpha"].unreachable = 10**6
+    undo = switch_gets_no_answer(world, "charlie")
+    switch_rolls_back(world.agents["charlie"])
+    row = await leader.start(max_parallel=3)
+    rid = row.rollout.id
+    row = await leader.run(until=lambda r: r.rollout.state is not R.RUNNING)
+    assert row.rollout.state is R.HALTING, (row.rollout, states(row))
+    assert states(row)["charlie"] is N.SWITCHING, states(row)
+    assert row.meta.reason.endswith(f"or go back to http: tlsroll rollout rollback {rid}")
+    undo()
+    world.agents["alpha"].unreachable = 0
+    row = await leader.run()
+    assert row.rollout.state is R.HALTED
+    assert not {N.DONE, N.DUAL} & set(states(row).values()), states(row)
+    back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=rid)
+    with pytest.raises(PlanError, match="switched no node"):
+        await leader.commands.plan(back)
+    note = row.meta.reason
+    bravo, charlie = node(row.records, "bravo"), node(row.records, "charlie")
+    assert note == (
+        f"halted: bravo rolled_back: {bravo.reason}; charlie rolled_back: {charlie.reason};"
+        f" next: finish the nodes left: tlsroll rollout retry {rid}"
+    ), note
+    await leader.stop()
+
+
+async def test_a_way_back_its_agent_has_is_followed_before_its_first_heartbeat(
+    world: World,
+) -> None:
+    """Review of s63-f1, L-2 (the way back, ``DisableTls.switch``): an agent not heard since
+    the leader started is sent nothing that needs a feature the store holds no word of
+    (``NotHeardYet``); the step waited for its heartbeat before it asked anything, so a way
+    back it had begun (an earlier run of the step sent it) waited without limit behind a
+    heartbeat that might not come. Its agent is asked first (a plain GetTransaction) and the
+    way back it has is followed to done (bravo); only one that has none waits, and is sent
+    the Rollback once it may be (charlie)."""
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    bravo, charlie = world.agents["bravo"], world.agents["charlie"]
+    bravo_rollback, charlie_rollback = bravo.rollback, charlie.rollback
+    unheard = "agent {}: not heard since the leader started; the leader sent it nothing"
+    sent: list[str] = []
+    waited: list[str] = []
+
+    async def begun_then_not_heard(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        if not sent:  # the step's first run sent it; its agent not heard since
+            sent.append(request.command.rollout_id)
+            await bravo_rollback(request)
+        raise NotHeardYet(unheard.format("bravo"))
+
+    async def not_heard_at_first(request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        if len(waited) < 2:
+            waited.append(request.command.rollout_id)
+            raise NotHeardYet(unheard.format("charlie"))
+        return await charlie_rollback(request)
+
+    bravo.rollback = begun_then_not_heard  # type: ignore[method-assign]
+    charlie.rollback = not_heard_at_first  # type: ignore[method-assign]
+    rid = (await leader.start(Change.DISABLE_TLS)).rollout.id
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED, (row.rollout, states(row), row.meta.reason)
+    assert states(row) == ALL_DONE, states(row)
+    assert {world.agents[n].scheme for n in ORDER} == {"http"}
+    assert sent == [rid] and waited == [rid, rid]
+    assert not any(r.reason for r in row.records), row.records
     await leader.stop()
 
 

@@ -156,11 +156,11 @@ def test_an_admin_action_refused_ends_with_the_command_to_run(
 ) -> None:
     before = replace(a_rollout(state), change=change)
     if action.event in ROLLOUT_TRANSITIONS[state]:
-        assert before.with_action(action) == before.with_event(action.event)
+        assert before.with_action(action, switched=True) == before.with_event(action.event)
         return
     with pytest.raises(IllegalTransition) as caught:
-        before.with_action(action)
-    hint = next_command(before, action)
+        before.with_action(action, switched=True)
+    hint = next_command(before, action, switched=True)
     assert (caught.value.state, caught.value.event, caught.value.hint) == (
         state,
         action.event,
@@ -184,13 +184,13 @@ def test_an_admin_action_refused_ends_with_the_command_to_run(
 
 def test_pause_of_a_completed_rollout_is_said_plainly() -> None:
     with pytest.raises(IllegalTransition) as caught:
-        a_rollout(R.COMPLETED).with_action(RolloutAction.PAUSE)
+        a_rollout(R.COMPLETED).with_action(RolloutAction.PAUSE, switched=True)
     assert str(caught.value) == (
         "rollout r1 is completed: there is nothing to pause; it has ended: start a new one "
         "(tlsroll rollout start --scope …) or take it back (tlsroll rollout rollback r1)"
     )
     with pytest.raises(IllegalTransition) as caught:
-        a_rollout(R.AWAITING_FINALIZE).with_action(RolloutAction.ABORT)
+        a_rollout(R.AWAITING_FINALIZE).with_action(RolloutAction.ABORT, switched=True)
     assert str(caught.value).startswith(
         "rollout r1 is awaiting finalize: there is nothing to abort; its nodes serve http and "
         "https: close http with tlsroll rollout finalize r1"
@@ -256,7 +256,7 @@ def test_a_transitional_rollout_waits_then_is_finalized_or_taken_back() -> None:
     # While it waits, the admin's actions are refused with the two ways on.
     for action in RolloutAction:
         with pytest.raises(IllegalTransition, match=r"rollout finalize r1.*rollout rollback r1"):
-            rollout.with_action(action)
+            rollout.with_action(action, switched=True)
 
 
 def test_a_node_rolled_back_by_the_agent_keeps_the_reason() -> None:
@@ -344,13 +344,13 @@ def test_a_halted_way_back_names_the_way_out_for_each_failed_node() -> None:
     """Review s45rev9 M2: a halted disable-tls names what to do with the nodes that failed it
     (a retry would fail them again); any other change keeps ``way_out``."""
     back = replace(a_rollout(R.HALTING), change=Change.DISABLE_TLS)
-    assert halt_way_out(back, ["a", "b"]) == (
+    assert halt_way_out(back, ["a", "b"], switched=True) == (
         "a, b: stop each one's agent (systemctl stop tlsroll-agent on that node) so that the "
         "next way back leaves that node as is, or fix what failed that node (a port held: free "
         "it); then tlsroll rollout rollback again"
     )
     switch = a_rollout(R.HALTING)
-    assert halt_way_out(switch, ["a"]) == way_out(switch)
+    assert halt_way_out(switch, ["a"], switched=True) == way_out(switch, switched=True)
 
 
 def test_a_halted_way_back_says_to_remove_a_cut_off_node_not_to_stop_its_agent() -> None:
@@ -358,11 +358,11 @@ def test_a_halted_way_back_says_to_remove_a_cut_off_node_not_to_stop_its_agent()
     the note said to stop its agent or fix it and roll back again, pointless for a machine
     lost or stolen: its removal is the way on. The others keep their advice."""
     back = replace(a_rollout(R.HALTING), change=Change.DISABLE_TLS)
-    assert halt_way_out(back, ["b"], frozenset({"b"})) == (
+    assert halt_way_out(back, ["b"], frozenset({"b"}), switched=True) == (
         "b: agent cut off (its certificate revoked), it never comes back: "
         "`tlsroll nodes remove b`; then tlsroll rollout rollback again"
     )
-    mixed = halt_way_out(back, ["a", "b", "c"], frozenset({"b", "c"}))
+    mixed = halt_way_out(back, ["a", "b", "c"], frozenset({"b", "c"}), switched=True)
     assert mixed == (
         "a: stop its agent (systemctl stop tlsroll-agent on it) so that the next way back "
         "leaves it as is, or fix what failed it (a port held: free it); b, c: agent cut off "
@@ -373,16 +373,20 @@ def test_a_halted_way_back_says_to_remove_a_cut_off_node_not_to_stop_its_agent()
     # removal comes first; a finalize's retry leaves the node out by itself.
     switch = a_rollout(R.HALTING)
     assert switch.change is Change.ENABLE_TLS
-    assert halt_way_out(switch, ["b"], frozenset({"b"})) == (
+    assert halt_way_out(switch, ["b"], frozenset({"b"}), switched=True) == (
         f"b: agent cut off (its certificate revoked): `tlsroll nodes remove b`, then "
-        f"{way_out(switch)}"
+        f"{way_out(switch, switched=True)}"
     )
-    assert halt_way_out(switch, ["a"], frozenset({"b"})) == way_out(switch)
-    assert halt_way_out(switch, iter(["b", "c"]), frozenset({"b", "c"})).startswith(
+    assert halt_way_out(switch, ["a"], frozenset({"b"}), switched=True) == way_out(
+        switch, switched=True
+    )
+    assert halt_way_out(switch, iter(["b", "c"]), frozenset({"b", "c"}), switched=True).startswith(
         "b, c: agent cut off (its certificate revoked): `tlsroll nodes remove NAME` for each"
     )
     final = replace(switch, change=Change.FINALIZE)
-    assert halt_way_out(final, ["b"], frozenset({"b"})) == way_out(final)
+    assert halt_way_out(final, ["b"], frozenset({"b"}), switched=True) == way_out(
+        final, switched=True
+    )
 
 
 def test_a_halt_names_the_failed_nodes_and_those_cut_off_before_their_switches() -> None:
@@ -393,28 +397,35 @@ def test_a_halt_names_the_failed_nodes_and_those_cut_off_before_their_switches()
     switch = a_rollout(R.HALTING)
     lost = NodeRecord("b", N.NEEDS_ATTENTION, "cut off: during its switch")
     failed = NodeRecord("a", N.ROLLED_BACK, "verify: port 8443 closed")
-    assert halt_note(switch, [], ["c"], frozenset({"c"})) == cut_off_halt(switch, ["c"])
-    assert halt_note(switch, [failed], ["c"], frozenset({"c"})) == (
+    assert halt_note(switch, [], ["c"], frozenset({"c"}), switched=True) == cut_off_halt(
+        switch, ["c"]
+    )
+    assert halt_note(switch, [failed], ["c"], frozenset({"c"}), switched=True) == (
         "halted: a rolled_back: verify: port 8443 closed; agent cut off (its certificate"
         " revoked) before its switch: c; next: c: agent cut off (its certificate revoked):"
-        f" `tlsroll nodes remove c`, then {way_out(switch)}"
+        f" `tlsroll nodes remove c`, then {way_out(switch, switched=True)}"
     )
-    assert halt_note(switch, [failed, lost], ["d", "c"], frozenset({"b", "c", "d"})) == (
+    assert halt_note(
+        switch, [failed, lost], ["d", "c"], frozenset({"b", "c", "d"}), switched=True
+    ) == (
         "halted: a rolled_back: verify: port 8443 closed; b needs_attention: cut off: during"
         " its switch; agent cut off (its certificate revoked) before its switch: c, d; next:"
         " b, c, d: agent cut off (its certificate revoked): `tlsroll nodes remove NAME` for"
-        f" each, then {way_out(switch)}"
+        f" each, then {way_out(switch, switched=True)}"
     )
     # No node cut off: the failure halt's note as it was.
-    assert halt_note(switch, [failed], []) == (
-        f"halted: a rolled_back: verify: port 8443 closed; next: {way_out(switch)}"
+    assert halt_note(switch, [failed], [], switched=True) == (
+        f"halted: a rolled_back: verify: port 8443 closed; next: {way_out(switch, switched=True)}"
     )
     back = replace(switch, change=Change.DISABLE_TLS)
-    assert halt_note(back, [failed], ["c"], frozenset({"c"})) == (
-        f"halted: a rolled_back: verify: port 8443 closed; next: {halt_way_out(back, ['a'])}"
+    assert halt_note(back, [failed], ["c"], frozenset({"c"}), switched=True) == (
+        "halted: a rolled_back: verify: port 8443 closed; next: "
+        + halt_way_out(back, ["a"], switched=True)
     )
     final = replace(switch, change=Change.FINALIZE)
-    assert "before its switch" not in halt_note(final, [failed], ["c"], frozenset({"c"}))
+    assert "before its switch" not in halt_note(
+        final, [failed], ["c"], frozenset({"c"}), switched=True
+    )
 
 
 def test_a_node_cut_off_while_the_halt_drains_is_named_as_at_the_halt() -> None:
@@ -431,29 +442,33 @@ def test_a_node_cut_off_while_the_halt_drains_is_named_as_at_the_halt() -> None:
     before = NodeRecord("d", N.SKIPPED, cut_off_reason(Change.ENABLE_TLS, "d"))
     going = NodeRecord("f", N.SWITCHING)
     # Nothing cut off: the halt's note as it was made.
-    assert drained_halt_note(switch, [failed, done, halted, going]) == halt_note(
-        switch, [failed], []
+    assert drained_halt_note(switch, [failed, done, halted, going], switched=True) == halt_note(
+        switch, [failed], [], switched=True
     )
-    assert drained_halt_note(switch, [failed, done, mid, halted], frozenset({"c"})) == (
+    assert drained_halt_note(
+        switch, [failed, done, mid, halted], frozenset({"c"}), switched=True
+    ) == (
         f"halted: a rolled_back: verify: port 8443 closed; c needs_attention: {mid.reason};"
         " next: c: agent cut off (its certificate revoked): `tlsroll nodes remove c`, then"
-        f" {way_out(switch)}"
+        f" {way_out(switch, switched=True)}"
     )
-    assert drained_halt_note(switch, [failed, before, going], frozenset({"d"})) == (
+    assert drained_halt_note(switch, [failed, before, going], frozenset({"d"}), switched=True) == (
         "halted: a rolled_back: verify: port 8443 closed; agent cut off (its certificate"
         " revoked) before its switch: d; next: d: agent cut off (its certificate revoked):"
-        f" `tlsroll nodes remove d`, then {way_out(switch)}"
+        f" `tlsroll nodes remove d`, then {way_out(switch, switched=True)}"
     )
     # A halt by a cut-off node (no failure), and one more cut off since: both named.
     earlier = NodeRecord("g", N.SKIPPED, cut_off_reason(Change.ENABLE_TLS, "g"))
-    assert drained_halt_note(switch, [earlier, before], frozenset({"d", "g"})) == (
+    assert drained_halt_note(switch, [earlier, before], frozenset({"d", "g"}), switched=True) == (
         cut_off_halt(switch, ["d", "g"])
     )
     # The way back goes on without a node cut off before its switch (left as is): no part
     # of its halt; one cut off mid-switch is, with its removal as the way on.
     back = replace(switch, change=Change.DISABLE_TLS)
     left = NodeRecord("d", N.SKIPPED, cut_off_reason(Change.DISABLE_TLS, "d"))
-    assert drained_halt_note(back, [failed, left, mid], frozenset({"c", "d"})) == halt_note(
-        back, [failed, mid], [], frozenset({"c", "d"})
+    assert drained_halt_note(
+        back, [failed, left, mid], frozenset({"c", "d"}), switched=True
+    ) == halt_note(back, [failed, mid], [], frozenset({"c", "d"}), switched=True)
+    assert "`tlsroll nodes remove c`" in drained_halt_note(
+        back, [failed, mid], frozenset({"c"}), switched=True
     )
-    assert "`tlsroll nodes remove c`" in drained_halt_note(back, [failed, mid], frozenset({"c"}))

@@ -265,7 +265,11 @@ def test_a_switch_is_taken_back_once_even_when_two_rollbacks_cross(tmp_path: Pat
         row = store.get(rollout_id)
         assert row is not None
         store.save_states(
-            row, row.rollout.with_action(RolloutAction.ABORT), row.records, NOW, "admin"
+            row,
+            row.rollout.with_action(RolloutAction.ABORT, switched=True),
+            row.records,
+            NOW,
+            "admin",
         )
         row = store.get(rollout_id)
         assert row is not None
