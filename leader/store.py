@@ -83,8 +83,9 @@ class CAsOwn(TerminalError):
 @dataclass(frozen=True)
 class OwnCert:
     """One of the leader's own certificates (``kind`` leader or viewer), as the leader serves
-    it: ``Store.revoke`` finds it by its serial, though none of them is on record (the leader
-    issues them itself, outside the store) until it is revoked."""
+    it: ``Store.revoke`` finds it by its serial, and records it as it revokes it if it is not
+    on record (the viewer's never are before; the leader's are as they are issued,
+    ``record_leader_certificate``, but not one of a store restored from an older backup)."""
 
     kind: str
     serial: str  # hex, as ``Store.revoke`` keeps serials (no leading zeros)
@@ -1940,7 +1941,11 @@ class Store(LeaderStore):
         leader then issues it again (``leader.own_tls``). ``ca_serials``: the CA's own
         certificates' serials, refused (``CAsOwn``): before, both needed ``--unknown``, the
         CA's was "revoked" for nothing, and the leader went on serving its revoked certificate
-        until it ended, every rollout halting (review s63 ops).
+        until it ended, every rollout halting (review s63 ops). Revoking the leader's served
+        one revokes every other leader certificate on record not ended as well
+        (``record_leader_certificate``; review of s63-o1 M1). ``workstations_only`` (`tlsroll
+        workstations revoke`): a serial on record of another kind, or an own one, is refused
+        (``NotWorkstation``).
 
         A serial the store has no record of is refused (a mistyped or cut-short serial would
         otherwise be "revoked" while the real certificate stays valid: audit s34 H3) unless
@@ -1998,6 +2003,19 @@ class Store(LeaderStore):
                     far = now + dt.timedelta(days=3650)
                     _record_cert(db, serial, "other", "", "", "", now, far)
                 serials = [] if known is not None and known["revoked_at"] else [serial]
+                if mine is not None and mine.kind == "leader":
+                    # The leader's served one: every other one on record not ended goes with
+                    # it (issued before, or at its start: ``record_leader_certificate``), as
+                    # the agent's certificate before its renewal does with the agent's.
+                    serials += [
+                        r["serial"]
+                        for r in db.execute(
+                            "SELECT serial FROM certificates WHERE kind = 'leader'"
+                            " AND revoked_at IS NULL AND not_after > ? AND serial != ?"
+                            " ORDER BY issued_at",
+                            (to_text(now), serial),
+                        )
+                    ]
                 # A node's agent certificate on record: the one before it, which the leader
                 # still accepts right after a renewal, goes with it (else it renewed the
                 # node back into a fresh, unrevoked certificate: review s48 lost machine).
@@ -2015,6 +2033,33 @@ class Store(LeaderStore):
         # revocation by the admin).
         self.nodes_generation += 1
         return serials
+
+    def record_leader_certificate(self, cert: x509.Certificate) -> bool:
+        """Record a certificate of the leader's own (kind ``leader``), as it is issued (before
+        it is written: ``leader.layout.write_leader_cert``), or the one the leader finds at its
+        start (init's, made before the store, or an earlier release's); once: True if it was
+        not on record. `tlsroll ca revoke` of the one served then revokes every one on record
+        not ended (``revoke``): one the leader served before, with a key a backup may still
+        hold, commands every agent until its end as well as the one served (review of s63-o1
+        M1). The leader issues them outside the store: no cap counts them."""
+        from tlsroll import pki  # noqa: PLC0415 - the store itself does not load cryptography
+
+        serial = f"{cert.serial_number:x}"
+        with self._db.tx() as db:
+            known = db.execute("SELECT 1 FROM certificates WHERE serial = ?", (serial,))
+            if known.fetchone() is not None:
+                return False
+            _record_cert(
+                db,
+                serial,
+                "leader",
+                "leader",
+                "",
+                pki.fingerprint(cert),
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
+            )
+        return True
 
     def is_revoked(self, serial: str) -> bool:
         """Whether the certificate with ``serial`` (hex) is revoked."""
