@@ -80,6 +80,24 @@ class CAsOwn(TerminalError):
     it: "revoked" would have said done for what changes nothing (review s63 ops)."""
 
 
+class NotWorkstation(TerminalError):
+    """A serial of another certificate than a workstation's given to ``Store.revoke`` with
+    ``workstations_only`` (`tlsroll workstations revoke`): INVALID_ARGUMENT, the CLI's usage
+    error. Before, that command revoked any serial, the leader's own included (which the
+    leader then issued again for a new key), and its help and README said workstations
+    (review of s63-o1 L4)."""
+
+
+# What a certificate on record of each kind is, for ``NotWorkstation``'s line.
+KIND_WORDS = {
+    "node": "a node's agent certificate",
+    "server": "a node's server certificate",
+    "leader": "a certificate of the leader's own",
+    "viewer": "the viewer's certificate",
+    "other": "a certificate revoked with --unknown",
+}
+
+
 @dataclass(frozen=True)
 class OwnCert:
     """One of the leader's own certificates (``kind`` leader or viewer), as the leader serves
@@ -1932,6 +1950,7 @@ class Store(LeaderStore):
         unknown: bool = False,
         own: Sequence[OwnCert] = (),
         ca_serials: Iterable[str] = (),
+        workstations_only: bool = False,
     ) -> list[str]:
         """Revoke the workstation certificates of a name (ws-…), or one certificate by its
         serial (hex). Returns the serials revoked now; NotFound if nothing matched.
@@ -1970,7 +1989,10 @@ class Store(LeaderStore):
                         f"{shown(name_or_serial)} is not a serial this CA can have issued "
                         "(1 to 2^159-1)"
                     )
-                if serial in {c.lower().lstrip("0") or "0" for c in ca_serials}:
+                cas = {c.lower().lstrip("0") or "0" for c in ca_serials}
+                if workstations_only:
+                    _refuse_not_workstation(db, serial, own, cas)
+                if serial in cas:
                     raise CAsOwn(
                         f"{serial} is the cluster CA's own certificate: it cannot be revoked"
                         " (agents and workstations trust it directly); to replace it, `tlsroll"
@@ -2981,6 +3003,32 @@ def _record_cert(
             to_text(counted_at),
             rollout_id,
         ),
+    )
+
+
+def _refuse_not_workstation(
+    db: sqlite3.Connection, serial: str, own: Sequence[OwnCert], cas: set[str]
+) -> None:
+    """``NotWorkstation`` unless ``serial`` is a workstation certificate on record, or one
+    not on record at all (``Store.revoke`` says "not on record" of it, as before)."""
+    only = "`tlsroll workstations revoke` revokes workstation certificates only"
+    if serial in cas:
+        raise NotWorkstation(
+            f"{serial} is the cluster CA's own certificate, not a workstation's: {only}, and"
+            " `tlsroll ca revoke` refuses the CA's own (`tlsroll ca renew` replaces it: README"
+            " 'Certificates')"
+        )
+    mine = next((c for c in own if c.serial == serial), None)
+    row = db.execute("SELECT kind FROM certificates WHERE serial = ?", (serial,)).fetchone()
+    if mine is not None:
+        what = f"the {mine.kind}'s own certificate"
+    elif row is not None and row["kind"] != "workstation":
+        what = KIND_WORDS.get(row["kind"], f"a certificate of kind {row['kind']}")
+    else:
+        return
+    raise NotWorkstation(
+        f"{serial} is {what}, not a workstation's: {only}; revoke it with"
+        f" `tlsroll ca revoke {serial}`"
     )
 
 
