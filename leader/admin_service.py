@@ -838,8 +838,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             unknown=request.unknown,
             own=own,
             ca_serials=ca_serials,
+            workstations_only=request.workstations_only,
         )
         log.warning("certificate.revoked", serials=serials)
+        not_reissued: list[str] = []
         if {c.serial for c in own} & set(serials):
             # The leader's or the viewer's: issued again (a new key) and served at once.
             for hook in self.own_revoked:
@@ -849,7 +851,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                         await result
                 except Exception as exc:  # revoked all the same; the watch's next check tries
                     log.error("certificate.revoked_hook_failed", error=str(exc))
-        return admin_pb2.RevokeCertificateResponse(revoked_serials=serials)
+            # Those still revoked: the CLI says so (before, "revoked", exit 0, and only
+            # `certs check-expiration` told: review of s63-o1 L3).
+            now_own = await asyncio.to_thread(self._own_certs)
+            not_reissued = [c.kind for c in now_own if c.serial in serials]
+        return admin_pb2.RevokeCertificateResponse(
+            revoked_serials=serials, not_reissued=not_reissued
+        )
 
     def _own_certs(self) -> list[OwnCert]:
         """The leader's own certificates as the expiry watch lists them (leader, viewer)."""

@@ -78,9 +78,10 @@ ADVICE = {
     "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
     "the leader, which issues it at its start",
     "revoked": "it was revoked (`tlsroll ca revoke`), and the leader should have issued it "
-    "again for a new key at once: look for leader.certificate_revoked_not_reissued or "
-    "certificate.revoked_hook_failed in the leader's log, or restart the leader, which issues "
-    "it at its start",
+    "again for a new key at once: look for leader.certificate_revoked_not_reissued, "
+    "certificate.revoked_hook_failed or (the expiry watch's hourly tries) "
+    "expiry_watch.hook_failed in the leader's log, or restart the leader, which issues it at "
+    "its start",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired (the node was offline past its end), check the node's clock, then enrol it "
     "again with its own key, no removal needed (also while a rollout holds it): TOKEN, the "
@@ -474,12 +475,15 @@ class ExpiryWatch:
         return found
 
     def warnings(self) -> list[Expiry]:
+        """Those within their horizon, and the leader's or the viewer's revoked (which it could
+        not issue again: before, only `certs check-expiration` showed one, and neither the
+        hourly log nor `schema show` said anything; review of s63-o1 L2)."""
         now = self.clock()
-        return [e for e in self.check() if e.warning(now)]
+        return [e for e in self.check() if e.warning(now) or e.revoked]
 
     def log_warnings(self) -> list[Expiry]:
-        """Log each certificate within its horizon, at most once a day each; returns those
-        logged now (blocking)."""
+        """Log each certificate within its horizon, or revoked and served, at most once a day
+        each; returns those logged now (blocking)."""
         now = self.clock()
         logged = []
         for e in self.warnings():
@@ -497,7 +501,9 @@ class ExpiryWatch:
                 "residual_days": round(e.residual(now).total_seconds() / 86400, 1),
                 "advice": e.advice,
             }
-            if e.residual(now) > dt.timedelta(0):
+            if e.revoked:
+                log.warning("certificate.revoked_served", **fields)
+            elif e.residual(now) > dt.timedelta(0):
                 log.warning("certificate.expiring", **fields)
             else:
                 log.warning("certificate.expired", **fields)

@@ -41,7 +41,16 @@ from tlsroll.fsutil import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from cryptography import x509
+
     from tlsroll import pki
+
+    # What records a leader certificate as it is issued, before anything is written (the
+    # store's ``record_leader_certificate``): `tlsroll ca revoke` of the one served revokes
+    # every one on record (``Store.revoke``). A record that fails writes nothing.
+    Record = Callable[[x509.Certificate], object]
 
 # Every admin command reads where the admin socket is (``Layout``); the certificate work below
 # imports cryptography (some 40 ms) in the functions that do it, not with the module.
@@ -99,12 +108,17 @@ class Layout:
 
 
 def write_leader_cert(
-    layout: Layout, ca: pki.CertificateAuthority, key: pki.PrivateKey, names: pki.Names
-) -> None:
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    key: pki.PrivateKey,
+    names: pki.Names,
+    record: Record | None = None,
+) -> x509.Certificate:
     """Issue the leader's certificate for ``key``: its names (apart from the SAN: agents dial
     the leader by its internal name, and no workstation may take it as a server certificate
     for the leader's address, ``pki.NAMES_OID``), its cluster identity (``spiffe://…/leader``)
-    and its internal name, serving and client use; written as a chain with the CA."""
+    and its internal name, serving and client use; recorded (``record``), then written as a
+    chain with the CA. Returns it."""
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
 
     td = ca.trust_domain
@@ -117,7 +131,31 @@ def write_leader_cert(
         internal_dns=[spiffe.leader_host(td)],
         names_apart=True,
     )
+    if record is not None:
+        record(cert)
     write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
+    return cert
+
+
+def write_leader_pair(
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    key: pki.PrivateKey,
+    names: pki.Names,
+    record: Record | None = None,
+) -> x509.Certificate:
+    """``leader.key`` as ``key`` (a new one: 0600 from its first byte, replaced at once) and
+    its certificate (``write_leader_cert``). The certificate is recorded before anything is
+    written, and the key is written first: a leader stopped in between finds a leader.pem that
+    is not leader.key's and issues it again for it (``REISSUED_FOR_KEY``)."""
+    from tlsroll import pki  # noqa: PLC0415 - see the imports
+
+    def first(cert: x509.Certificate) -> None:
+        if record is not None:
+            record(cert)
+        pki.write_key(layout.tls_key, key)
+
+    return write_leader_cert(layout, ca, key, names, first)
 
 
 def rechain_leader_cert(layout: Layout, ca: pki.CertificateAuthority) -> bool:
@@ -174,23 +212,41 @@ REISSUED_IDENTITY = "identity or names changed"
 REISSUED_REVOKED = "revoked"
 
 
+@dataclass(frozen=True)
+class Reissued:
+    """What ``ensure_leader_identity`` issued: why (``REISSUED_*``), the certificate and its
+    key (a new one unless ``reason`` is ``REISSUED_FOR_KEY``: then leader.key's, or the key
+    served), and the certificate it replaced."""
+
+    reason: str
+    cert: x509.Certificate
+    key: pki.PrivateKey
+    replaced: x509.Certificate
+
+    @property
+    def new_key(self) -> bool:
+        return self.reason != REISSUED_FOR_KEY
+
+
 def new_leader_key(
-    layout: Layout, ca: pki.CertificateAuthority, names: pki.Names, now: dt.datetime
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    names: pki.Names,
+    now: dt.datetime,
+    record: Record | None = None,
 ) -> pki.PrivateKey | None:
-    """A new ``leader.key`` and its certificate, for a leader certificate that was revoked
-    (``tlsroll ca revoke``): the admin revokes it for a key that leaked, and a certificate
-    for the same key would give that key back all it could do (the leader's certificate is no
-    secret: every handshake shows it). Returns the new key, or None (nothing written) if the
-    CA can issue nothing now (``reissue_problem``). The key is written first: a leader stopped
-    in between finds a leader.pem that is not leader.key's and issues it again for it
-    (``REISSUED_FOR_KEY``), as after ``leader.runtime._new_key_if_names_in_san``."""
+    """A new ``leader.key`` and its certificate (``write_leader_pair``, recorded with
+    ``record``), for a leader certificate that was revoked (``tlsroll ca revoke``): the admin
+    revokes it for a key that leaked, and a certificate for the same key would give that key
+    back all it could do (the leader's certificate is no secret: every handshake shows it).
+    Returns the new key, or None (nothing written) if the CA can issue nothing now
+    (``reissue_problem``)."""
     from tlsroll import pki  # noqa: PLC0415 - see the imports
 
     key = pki.generate_key()
     if reissue_problem(ca, key, now) is not None:
         return None
-    pki.write_key(layout.tls_key, key)
-    write_leader_cert(layout, ca, key, names)
+    write_leader_pair(layout, ca, key, names, record)
     return key
 
 
@@ -201,21 +257,27 @@ def ensure_leader_identity(
     now: dt.datetime | None = None,
     warning: dt.timedelta = DEFAULT_WARNING,
     key: pki.PrivateKey | None = None,
-) -> str | None:
+    record: Record | None = None,
+) -> Reissued | None:
     """Give the leader's certificate its cluster identity if it lacks it (one made by tlsroll
-    0.1.0), keeping its key; returns why it was issued again (``REISSUED_*``), or None if it
-    was not. Agents accept commands only from a certificate that names the leader. It is also
-    issued again (same key) when it ends within ``own_renew_before`` (given ``warning``,
-    ``expiry_warning_days``) of ``now`` (unless it ends with the CA, which no new one would
-    outlive): agents check the leader's identity, not its certificate, so they accept the new
-    one at once. Likewise one the CA did not sign or that is not valid yet at ``now``
-    (``pki.not_valid_yet``): agents would refuse it. And one that is not the certificate of
-    ``key`` (``leader.key``'s unless given: the running leader's, ``OwnTls``) when the CA
-    issues one for it (``pki.key_kind_problem``) and ``now`` is not before the CA's own start
-    (``reissue_problem``): a leader.pem restored from another backup than leader.key, or a
-    leader.key replaced, was a leader that could not start (session 52). And one with its
-    names in the SAN (an earlier release's): a server certificate for the leader's address that
-    the workstations would accept (``pki.NAMES_OID``)."""
+    0.1.0); returns what it issued again and why (``Reissued``), or None if it did not. Agents
+    accept commands only from a certificate that names the leader. It is also issued again
+    when it ends within ``own_renew_before`` (given ``warning``, ``expiry_warning_days``) of
+    ``now`` (unless it ends with the CA, which no new one would outlive): agents check the
+    leader's identity, not its certificate, so they accept the new one at once. Likewise one
+    the CA did not sign or that is not valid yet at ``now`` (``pki.not_valid_yet``): agents
+    would refuse it. Each of these is issued for a new key (``write_leader_pair``), as the
+    viewer's always is: one issued for the same key left the one it replaced a certificate of
+    that key, valid until its end, which a `tlsroll ca revoke` of the new one did not touch:
+    a key that leaked went on commanding every agent with it (review of s63-o1 M1). And one
+    that is not the certificate of ``key`` (``leader.key``'s unless given: the running
+    leader's, ``OwnTls``) when the CA issues one for it (``pki.key_kind_problem``) and ``now``
+    is not before the CA's own start (``reissue_problem``), for that key: a leader.pem
+    restored from another backup than leader.key, or a leader.key replaced (or just written
+    by ``write_leader_pair``), was a leader that could not start (session 52). And one with its
+    names in the SAN (an earlier release's): a server certificate for the leader's address
+    that the workstations would accept (``pki.NAMES_OID``). Each is recorded with ``record``
+    before anything is written."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
@@ -249,8 +311,9 @@ def ensure_leader_identity(
             # Nothing it can issue: the start refused such a pair (exit 2,
             # ``leader.runtime._check_own_tls``); the running leader goes on serving its own.
             return None
-        reason = REISSUED_FOR_KEY
-    elif unusable:
+        issued = write_leader_cert(layout, ca, key, names, record)
+        return Reissued(REISSUED_FOR_KEY, issued, key, cert)
+    if unusable:
         reason = REISSUED_UNUSABLE
     elif due:
         reason = REISSUED_DUE
@@ -258,8 +321,9 @@ def ensure_leader_identity(
         reason = REISSUED_IDENTITY
     else:
         return None
-    write_leader_cert(layout, ca, key, names)
-    return reason
+    key = pki.generate_key()
+    issued = write_leader_pair(layout, ca, key, names, record)
+    return Reissued(reason, issued, key, cert)
 
 
 def reissue_problem(

@@ -5,14 +5,19 @@
     bind(control, ..., own.control_credentials())  # mutual TLS, the cluster CA
     await own.renew_if_due()                       # with every check of the expiry watch
 
-``renew_if_due`` issues the certificate again (same key) once it ends within
+``renew_if_due`` issues the certificate again, for a new key, once it ends within
 ``leader.layout.own_renew_before`` (``ensure_leader_identity``, the same rule as at start: ahead
-of the expiry watch's warning, ``warning``; also one agents would refuse, and a leader.pem put
-in place that is not the certificate of the key served)
-and serves it from then on: gRPC asks each listener's fetcher for the certificate at every new
-handshake, so new connections get the new one and open ones keep theirs, with no restart.
+of the expiry watch's warning, ``warning``; also one agents would refuse; and a leader.pem put
+in place that is not the certificate of the key served, for that key) and serves the new key
+and certificate from then on: gRPC asks each listener's fetcher for the certificate at every
+new handshake, so new connections get the new one and open ones keep theirs, with no restart.
 Agents check the leader's identity (its URI SAN), not its certificate, so they accept it at
-once. The credentials the leader dials agents with (``on_renewed`` callbacks) change too.
+once. The credentials the leader dials agents with (``on_renewed`` callbacks) change too. Each
+certificate issued is recorded first (``record``: the store's ``record_leader_certificate``),
+so that `tlsroll ca revoke` of the one served revokes those served before as well. Before,
+a renewal kept the key: the certificate it replaced was one of the same key, valid until its
+end, and a revocation of the new one left a key that leaked commanding the agents with it
+(review of s63-o1 M1).
 
 A certificate the admin revoked (``tlsroll ca revoke`` of its serial; ``revoked`` asks the
 store) is issued again at once, for a new key (``leader.layout.new_leader_key``: it was revoked
@@ -54,17 +59,21 @@ class OwnTls:
         names: pki.Names,
         warning: dt.timedelta = DEFAULT_WARNING,
         revoked: Callable[[str], bool] = lambda _serial: False,
+        record: Callable[[x509.Certificate], object] | None = None,
     ) -> None:
         """``revoked``: whether the certificate of a serial (hex) is revoked (the store's
-        ``is_revoked``), asked in a worker thread."""
+        ``is_revoked``); ``record``: what records each certificate issued, before it is
+        written (the store's ``record_leader_certificate``); both called in a worker
+        thread."""
         self.layout = layout
         self.warning = warning  # ``expiry_warning_days``
         self.ca = ca
         self.names = names
         self.revoked = revoked
+        self.record = record
         key_pem = layout.tls_key.read_bytes()
-        # What it serves with: read again only when it makes a new one (a revoked
-        # certificate's: ``new_leader_key``), never from a file changed by hand.
+        # What it serves with: replaced only by one it makes (``new_leader_key``,
+        # ``ensure_leader_identity``), never read from a file changed by hand.
         self._key = pki.load_key_pem(key_pem)
         # The key and chain served, one pair: gRPC's threads read it at a handshake while the
         # loop may replace both (a new key), and a key read before and a chain after would be
@@ -138,10 +147,6 @@ class OwnTls:
             certificate_chain=chain_pem,
         )
 
-    def _of_served_key(self, chain: bytes) -> bool:
-        """Whether ``chain``'s leaf is the certificate of the key served (``self._key``)."""
-        return pki.key_matches(pki.load_certs_pem(chain)[0], self._key)
-
     async def ca_renewed(self) -> None:
         """The CA certificate was renewed with the same key (``tlsroll ca renew``): the chain
         served carries the new one (same leaf), the control listener trusts it, and the
@@ -178,8 +183,9 @@ class OwnTls:
         if await self._renew_if_revoked():
             return True
         # For the key it serves (not leader.key's file: one replaced by hand is read at the
-        # next start, which issues the certificate again for it then).
-        reissued = await asyncio.to_thread(
+        # next start, which issues the certificate again for it then), or a new one.
+        old = self.cert
+        done = await asyncio.to_thread(
             ensure_leader_identity,
             self.layout,
             self.ca,
@@ -187,11 +193,13 @@ class OwnTls:
             None,
             self.warning,
             self._key,
+            self.record,
         )
-        if reissued is None:  # (a file changed by hand is read at the next start, not here)
+        if done is None:  # (a file changed by hand is read at the next start, not here)
             return False
         chain = await asyncio.to_thread(Path(self.layout.tls_cert).read_bytes)
-        if not self._of_served_key(chain):  # replaced again since it was written
+        if not pki.key_matches(pki.load_certs_pem(chain)[0], done.key):
+            # replaced again since it was written
             log.warning(
                 "leader.certificate_replaced",
                 path=str(self.layout.tls_cert),
@@ -200,12 +208,15 @@ class OwnTls:
                 " the next check",
             )
             return False
-        self._serve(chain)
+        self._key = done.key
+        self._serve(chain, pki.key_to_pem(done.key) if done.new_key else None)
         cert = self.cert
         log.info(
             "leader.certificate_reloaded",
-            reason=reissued,
+            reason=done.reason,
             serial=f"{cert.serial_number:x}",
+            replaced_serial=f"{old.serial_number:x}",
+            new_key=done.new_key,
             not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
         )
         return True
@@ -218,7 +229,7 @@ class OwnTls:
         if not await asyncio.to_thread(self.revoked, serial):
             return False
         key = await asyncio.to_thread(
-            new_leader_key, self.layout, self.ca, self.names, pki.utcnow()
+            new_leader_key, self.layout, self.ca, self.names, pki.utcnow(), self.record
         )
         if key is None:  # (the CA has ended, or the clock is before its start)
             log.error(

@@ -49,7 +49,7 @@ from leader.layout import (
     rechain_leader_cert,
     reissue_problem,
     upgrade_ca_key,
-    write_leader_cert,
+    write_leader_pair,
 )
 from leader.observe import observe
 from leader.own_tls import OwnTls
@@ -100,6 +100,8 @@ from tlsroll.v1 import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cryptography import x509
 
     from leader.viewer.server import Viewer
@@ -528,7 +530,9 @@ def _start_on(
     (``ca_renewal.leftover``); the leader's certificate chained with the CA certificate in
     use (``rechain_leader_cert``: a leader killed before its renewal's hooks served the old
     one until its certificate was issued again), and given its identity and names, or
-    issued again if due (``ensure_leader_identity``). Returns the leader's names."""
+    issued again if due (``ensure_leader_identity``). The one it finds is recorded if it is
+    not on record (init's, made before the store; an earlier release's), and each it issues
+    as it issues it (``Store.record_leader_certificate``). Returns the leader's names."""
     if layout.ca_cert_new.exists():  # a `tlsroll ca renew` cut short: its ca.pem.new
         from leader import ca_renewal  # noqa: PLC0415 - that rare start's only (issue 15)
 
@@ -537,26 +541,41 @@ def _start_on(
         log.info("leader.certificate_rechained", ca_serial=f"{ca.cert.serial_number:x}")
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     old = pki.read_cert(layout.tls_cert)
+    record = store.record_leader_certificate
+    if pki.issued_by(old, ca.cert):  # (another CA's is no serial of this one's)
+        record(old)
     _new_key_if_revoked(layout, ca, names, old, store)
     old = pki.read_cert(layout.tls_cert)
-    _new_key_if_names_in_san(layout, ca, names, old)
-    why = ensure_leader_identity(
-        layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days)
+    _new_key_if_names_in_san(layout, ca, names, old, record)
+    old = pki.read_cert(layout.tls_cert)
+    done = ensure_leader_identity(
+        layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days), record=record
     )
-    if why == REISSUED_FOR_KEY:
-        new = pki.read_cert(layout.tls_cert)
+    if done is None:
+        return names
+    new = done.cert
+    if done.reason == REISSUED_FOR_KEY:
         log.warning(  # (public facts only: the key's pin, never the key)
             "leader.certificate_reissued_for_key",
             path=str(layout.tls_cert),
             key=str(layout.tls_key),
+            serial=f"{new.serial_number:x}",
+            replaced_serial=f"{old.serial_number:x}",
             key_pin=pki.spki_pin(new),
             fingerprint=pki.fingerprint(new),
             replaced_fingerprint=pki.fingerprint(old),
             detail="leader.pem was not the certificate of leader.key (a pair restored from"
             " two backups, or a key replaced): issued again for leader.key",
         )
-    elif why is not None:
-        log.info("leader.certificate_reissued", reason=why)
+    else:  # (for a new leader.key: ``ensure_leader_identity``)
+        log.info(
+            "leader.certificate_reissued",
+            reason=done.reason,
+            serial=f"{new.serial_number:x}",
+            replaced_serial=f"{old.serial_number:x}",
+            key_pin=pki.spki_pin(new),
+            not_after=new.not_valid_after_utc.isoformat(timespec="seconds"),
+        )
     return names
 
 
@@ -575,7 +594,7 @@ def _new_key_if_revoked(
     serial = f"{cert.serial_number:x}"
     if not store.is_revoked(serial):
         return
-    if new_leader_key(layout, ca, names, pki.utcnow()) is None:
+    if new_leader_key(layout, ca, names, pki.utcnow(), store.record_leader_certificate) is None:
         log.error(
             "leader.certificate_revoked_not_reissued",
             serial=serial,
@@ -597,26 +616,29 @@ def _new_key_if_revoked(
 
 
 def _new_key_if_names_in_san(
-    layout: Layout, ca: pki.CertificateAuthority, names: pki.Names, cert: x509.Certificate
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    names: pki.Names,
+    cert: x509.Certificate,
+    record: Callable[[x509.Certificate], object],
 ) -> None:
     """A leader.pem of an earlier release names the leader's address in its SAN: a server
     certificate for that address that every workstation would accept, served to anyone who
     connected to the join and control ports, for up to 397 days, and its key is in every
     backup. It is issued again with the names apart (``pki.NAMES_OID``) for a new key, so that
     the old certificate's key serves nothing from now on (agents check the leader's identity,
-    not its key; review s59 L1). The key is written first: a start stopped in between finds a
-    leader.pem that is not leader.key's and issues it again (``REISSUED_FOR_KEY``)."""
+    not its key; review s59 L1). The key is written first (``write_leader_pair``)."""
     if pki.names_apart(cert) is not None:
         return
     key = pki.generate_key()
     if reissue_problem(ca, key, pki.utcnow()) is not None:
         return  # (the start's own check says why: ensure_leader_identity)
-    pki.write_key(layout.tls_key, key)
-    write_leader_cert(layout, ca, key, names)
-    new = pki.read_cert(layout.tls_cert)
+    new = write_leader_pair(layout, ca, key, names, record)
     log.warning(  # (public facts only: the key's pin, never the key)
         "leader.certificate_reissued_names_apart",
         path=str(layout.tls_cert),
+        serial=f"{new.serial_number:x}",
+        replaced_serial=f"{cert.serial_number:x}",
         key_pin=pki.spki_pin(new),
         fingerprint=pki.fingerprint(new),
         replaced_fingerprint=pki.fingerprint(cert),
@@ -794,6 +816,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         names,
         dt.timedelta(days=cfg.expiry_warning_days),
         revoked=state.store.is_revoked,
+        record=state.store.record_leader_certificate,
     )
     join_creds = own.join_credentials()
     control_creds = own.control_credentials()

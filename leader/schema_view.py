@@ -432,8 +432,9 @@ def schema_message(
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
-    ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
-    failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
+    ``expiring``: ``leader.expiry.Expiry`` within their horizon (or revoked);
+    ``renewal_failures``: (node, failing since, reason, its certificate's end); ``made``: see
+    ``rollout_view``;
     ``node_problems``: ``LeaderState.node_problems``; ``login_failures``: the nodes whose server
     counts wrong client passwords (``LeaderState.login_failures``); ``fresh``: the nodes whose
     client report speaks for now (``fresh_reports``; who is still on http:
@@ -469,6 +470,7 @@ def schema_message(
                 serial=e.serial,
                 not_after=timestamp(e.not_after),
                 residual_seconds=int(e.residual(now).total_seconds()),
+                revoked=e.revoked,
             )
             for e in expiring
         ],

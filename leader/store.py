@@ -80,11 +80,30 @@ class CAsOwn(TerminalError):
     it: "revoked" would have said done for what changes nothing (review s63 ops)."""
 
 
+class NotWorkstation(TerminalError):
+    """A serial of another certificate than a workstation's given to ``Store.revoke`` with
+    ``workstations_only`` (`tlsroll workstations revoke`): INVALID_ARGUMENT, the CLI's usage
+    error. Before, that command revoked any serial, the leader's own included (which the
+    leader then issued again for a new key), and its help and README said workstations
+    (review of s63-o1 L4)."""
+
+
+# What a certificate on record of each kind is, for ``NotWorkstation``'s line.
+KIND_WORDS = {
+    "node": "a node's agent certificate",
+    "server": "a node's server certificate",
+    "leader": "a certificate of the leader's own",
+    "viewer": "the viewer's certificate",
+    "other": "a certificate revoked with --unknown",
+}
+
+
 @dataclass(frozen=True)
 class OwnCert:
     """One of the leader's own certificates (``kind`` leader or viewer), as the leader serves
-    it: ``Store.revoke`` finds it by its serial, though none of them is on record (the leader
-    issues them itself, outside the store) until it is revoked."""
+    it: ``Store.revoke`` finds it by its serial, and records it as it revokes it if it is not
+    on record (the viewer's never are before; the leader's are as they are issued,
+    ``record_leader_certificate``, but not one of a store restored from an older backup)."""
 
     kind: str
     serial: str  # hex, as ``Store.revoke`` keeps serials (no leading zeros)
@@ -1931,6 +1950,7 @@ class Store(LeaderStore):
         unknown: bool = False,
         own: Sequence[OwnCert] = (),
         ca_serials: Iterable[str] = (),
+        workstations_only: bool = False,
     ) -> list[str]:
         """Revoke the workstation certificates of a name (ws-…), or one certificate by its
         serial (hex). Returns the serials revoked now; NotFound if nothing matched.
@@ -1940,7 +1960,11 @@ class Store(LeaderStore):
         leader then issues it again (``leader.own_tls``). ``ca_serials``: the CA's own
         certificates' serials, refused (``CAsOwn``): before, both needed ``--unknown``, the
         CA's was "revoked" for nothing, and the leader went on serving its revoked certificate
-        until it ended, every rollout halting (review s63 ops).
+        until it ended, every rollout halting (review s63 ops). Revoking the leader's served
+        one revokes every other leader certificate on record not ended as well
+        (``record_leader_certificate``; review of s63-o1 M1). ``workstations_only`` (`tlsroll
+        workstations revoke`): a serial on record of another kind, or an own one, is refused
+        (``NotWorkstation``).
 
         A serial the store has no record of is refused (a mistyped or cut-short serial would
         otherwise be "revoked" while the real certificate stays valid: audit s34 H3) unless
@@ -1965,7 +1989,10 @@ class Store(LeaderStore):
                         f"{shown(name_or_serial)} is not a serial this CA can have issued "
                         "(1 to 2^159-1)"
                     )
-                if serial in {c.lower().lstrip("0") or "0" for c in ca_serials}:
+                cas = {c.lower().lstrip("0") or "0" for c in ca_serials}
+                if workstations_only:
+                    _refuse_not_workstation(db, serial, own, cas)
+                if serial in cas:
                     raise CAsOwn(
                         f"{serial} is the cluster CA's own certificate: it cannot be revoked"
                         " (agents and workstations trust it directly); to replace it, `tlsroll"
@@ -1998,6 +2025,19 @@ class Store(LeaderStore):
                     far = now + dt.timedelta(days=3650)
                     _record_cert(db, serial, "other", "", "", "", now, far)
                 serials = [] if known is not None and known["revoked_at"] else [serial]
+                if mine is not None and mine.kind == "leader":
+                    # The leader's served one: every other one on record not ended goes with
+                    # it (issued before, or at its start: ``record_leader_certificate``), as
+                    # the agent's certificate before its renewal does with the agent's.
+                    serials += [
+                        r["serial"]
+                        for r in db.execute(
+                            "SELECT serial FROM certificates WHERE kind = 'leader'"
+                            " AND revoked_at IS NULL AND not_after > ? AND serial != ?"
+                            " ORDER BY issued_at",
+                            (to_text(now), serial),
+                        )
+                    ]
                 # A node's agent certificate on record: the one before it, which the leader
                 # still accepts right after a renewal, goes with it (else it renewed the
                 # node back into a fresh, unrevoked certificate: review s48 lost machine).
@@ -2015,6 +2055,33 @@ class Store(LeaderStore):
         # revocation by the admin).
         self.nodes_generation += 1
         return serials
+
+    def record_leader_certificate(self, cert: x509.Certificate) -> bool:
+        """Record a certificate of the leader's own (kind ``leader``), as it is issued (before
+        it is written: ``leader.layout.write_leader_cert``), or the one the leader finds at its
+        start (init's, made before the store, or an earlier release's); once: True if it was
+        not on record. `tlsroll ca revoke` of the one served then revokes every one on record
+        not ended (``revoke``): one the leader served before, with a key a backup may still
+        hold, commands every agent until its end as well as the one served (review of s63-o1
+        M1). The leader issues them outside the store: no cap counts them."""
+        from tlsroll import pki  # noqa: PLC0415 - the store itself does not load cryptography
+
+        serial = f"{cert.serial_number:x}"
+        with self._db.tx() as db:
+            known = db.execute("SELECT 1 FROM certificates WHERE serial = ?", (serial,))
+            if known.fetchone() is not None:
+                return False
+            _record_cert(
+                db,
+                serial,
+                "leader",
+                "leader",
+                "",
+                pki.fingerprint(cert),
+                cert.not_valid_before_utc,
+                cert.not_valid_after_utc,
+            )
+        return True
 
     def is_revoked(self, serial: str) -> bool:
         """Whether the certificate with ``serial`` (hex) is revoked."""
@@ -2936,6 +3003,32 @@ def _record_cert(
             to_text(counted_at),
             rollout_id,
         ),
+    )
+
+
+def _refuse_not_workstation(
+    db: sqlite3.Connection, serial: str, own: Sequence[OwnCert], cas: set[str]
+) -> None:
+    """``NotWorkstation`` unless ``serial`` is a workstation certificate on record, or one
+    not on record at all (``Store.revoke`` says "not on record" of it, as before)."""
+    only = "`tlsroll workstations revoke` revokes workstation certificates only"
+    if serial in cas:
+        raise NotWorkstation(
+            f"{serial} is the cluster CA's own certificate, not a workstation's: {only}, and"
+            " `tlsroll ca revoke` refuses the CA's own (`tlsroll ca renew` replaces it: README"
+            " 'Certificates')"
+        )
+    mine = next((c for c in own if c.serial == serial), None)
+    row = db.execute("SELECT kind FROM certificates WHERE serial = ?", (serial,)).fetchone()
+    if mine is not None:
+        what = f"the {mine.kind}'s own certificate"
+    elif row is not None and row["kind"] != "workstation":
+        what = KIND_WORDS.get(row["kind"], f"a certificate of kind {row['kind']}")
+    else:
+        return
+    raise NotWorkstation(
+        f"{serial} is {what}, not a workstation's: {only}; revoke it with"
+        f" `tlsroll ca revoke {serial}`"
     )
 
 

@@ -31,6 +31,7 @@ from leader.layout import (
     OWN_RENEW_CAP,
     REISSUED_FOR_KEY,
     Layout,
+    Reissued,
     ensure_leader_identity,
     reissue_problem,
     write_leader_cert,
@@ -301,16 +302,16 @@ def test_a_leader_certificate_not_valid_yet_or_of_another_ca_is_issued_again_whi
     """Review rev51c L5: the running leader's check (``OwnTls.renew_if_due``, before each
     check of the expiry watch) issues again a certificate agents would refuse, as the start
     does (``ensure_leader_identity``): one not valid yet, one another CA signed. It then serves
-    the new one (its chain, and a version the listeners' fetchers see), same key; a usable one
-    is left as it is."""
+    the new one (its chain, and a version the listeners' fetchers see), for a new key (review
+    of s63-o1 M1), leader.key's from then on; a usable one is left as it is."""
     layout = Layout(tmp_path)
     (tmp_path / "tls").mkdir()
     ca = pki.CertificateAuthority.create(now=pki.utcnow() - 10 * DAY)
     names = pki.Names.of("leader", ["127.0.0.9"])
-    key = pki.generate_key()
-    pki.write_key(layout.tls_key, key)
     other = pki.CertificateAuthority.create()
     for issuer, at in ((ca, pki.utcnow() + 3 * DAY), (other, pki.utcnow())):
+        key = pki.generate_key()
+        pki.write_key(layout.tls_key, key)
         # This cluster's leader identity: only the issuer or the time is off.
         stale = _leader_leaf(layout, issuer, key, names, ca.trust_domain, 200 * DAY, now=at)
         own = OwnTls(layout, ca, names)
@@ -320,7 +321,9 @@ def test_a_leader_certificate_not_valid_yet_or_of_another_ca_is_issued_again_whi
         served = own.cert
         assert served != stale and pki.issued_by(served, ca.cert)
         assert served.not_valid_before_utc <= pki.utcnow()
-        assert served.public_key() == key.public_key()
+        assert served.public_key() != key.public_key()
+        assert pki.key_matches(served, pki.load_key_pem(own.key_pem))
+        assert own.key_pem == layout.tls_key.read_bytes()
         assert renewed == [own.chain_pem] and own.chain_pem == layout.tls_cert.read_bytes()
         assert not asyncio.run(own.renew_if_due())  # usable now: left as it is
 
@@ -370,7 +373,8 @@ def test_a_leader_pem_that_is_not_the_certificate_of_leader_key_is_issued_again_
     key = pki.generate_key()
     pki.write_key(layout.tls_key, key)
     write_leader_cert(layout, ca, pki.generate_key(), names)  # another key's
-    assert ensure_leader_identity(layout, ca, names) == REISSUED_FOR_KEY
+    done = ensure_leader_identity(layout, ca, names)
+    assert done is not None and done.reason == REISSUED_FOR_KEY and not done.new_key
     cert = pki.read_cert(layout.tls_cert)
     assert cert.public_key() == key.public_key() and pki.issued_by(cert, ca.cert)
     assert spiffe.of(cert) == spiffe.leader(ca.trust_domain) and pki.names_of(cert) == names
@@ -379,7 +383,8 @@ def test_a_leader_pem_that_is_not_the_certificate_of_leader_key_is_issued_again_
     # leader.key replaced by an RSA key of 2048 bits: issued for it.
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pki.write_key(layout.tls_key, rsa_key)
-    assert ensure_leader_identity(layout, ca, names) == REISSUED_FOR_KEY
+    done = ensure_leader_identity(layout, ca, names)
+    assert done is not None and done.reason == REISSUED_FOR_KEY
     assert pki.read_cert(layout.tls_cert).public_key() == rsa_key.public_key()
     assert ensure_leader_identity(layout, ca, names) is None
 
@@ -433,8 +438,9 @@ def test_the_running_leader_issues_its_certificate_for_the_key_it_serves(tmp_pat
     """Session 52, while the leader runs (``OwnTls.renew_if_due``): a leader.pem put in place
     that is not the certificate of the key the leader serves is issued again for that key,
     and served. A leader.key replaced meanwhile is the next start's (the running leader
-    serves the key it read at start): a certificate issued again while it runs is for the
-    key it serves, never one it would serve with the wrong key."""
+    serves the key it read at start): a certificate issued again for a key while it runs is
+    for the key it serves, never one it would serve with the wrong key. A due one is issued
+    for a new key (review of s63-o1 M1), written to leader.key and served with it."""
     layout, ca, names = _leader_files(tmp_path)
     key = pki.generate_key()
     pki.write_key(layout.tls_key, key)
@@ -446,12 +452,18 @@ def test_the_running_leader_issues_its_certificate_for_the_key_it_serves(tmp_pat
     assert own.cert.public_key() == key.public_key()
     assert own.chain_pem == layout.tls_cert.read_bytes()
     assert not asyncio.run(own.renew_if_due())
-    # leader.key replaced on disk, and leader.pem due: issued again for the served key.
-    pki.write_key(layout.tls_key, pki.generate_key())
+    # leader.key replaced on disk, and leader.pem due: issued again for a new key, which
+    # leader.key holds (0600) and the leader serves, never the key replaced nor the old one.
+    replaced = pki.generate_key()
+    pki.write_key(layout.tls_key, replaced)
     due = _leader_leaf(layout, ca, key, names, ca.trust_domain, 10 * DAY)
     assert asyncio.run(own.renew_if_due())
-    assert own.cert != due and own.cert.public_key() == key.public_key()
+    assert own.cert != due
+    assert own.cert.public_key() not in (key.public_key(), replaced.public_key())
     assert pki.key_matches(own.cert, pki.load_key_pem(own.key_pem))  # what it serves, a pair
+    assert own.key_pem == layout.tls_key.read_bytes()
+    assert layout.tls_key.stat().st_mode & 0o777 == 0o600
+    assert own.chain_pem == layout.tls_cert.read_bytes()
 
 
 def _served(
@@ -518,7 +530,7 @@ def test_a_ca_renewal_crossing_a_due_renewal_does_not_serve_the_old_leaf_again(
     issued, rechained = threading.Event(), threading.Event()
     rechain = OwnTls._rechain
 
-    def issuing(*args: Any) -> str | None:
+    def issuing(*args: Any) -> Reissued | None:
         why = ensure_leader_identity(*args)
         if why is not None:  # the due certificate issued again: the rechain may cross it now
             issued.set()
@@ -561,7 +573,7 @@ def test_a_leader_pem_replaced_while_it_is_issued_again_is_not_served(
     own.on_renewed.append(handed.append)
     write_leader_cert(layout, ca, pki.generate_key(), names)  # to be issued again
 
-    def replaced_after(*args: object) -> str | None:
+    def replaced_after(*args: object) -> Reissued | None:
         why = ensure_leader_identity(*args)  # type: ignore[arg-type]
         write_leader_cert(layout, ca, pki.generate_key(), names)  # replaced at once
         return why

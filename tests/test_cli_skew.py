@@ -352,7 +352,9 @@ BRAKE_REQUESTS = {
     "ControlRollout": {"rollout_id", "action"},
     "RevokeToken": {"id"},
     "RevokeViewerGrant": {"id"},
-    "RevokeCertificate": {"name_or_serial", "reason", "unknown"},
+    # workstations_only (4): dropped by an older leader, which revokes a workstation's serial
+    # as asked all the same (and any other serial too, as it always did).
+    "RevokeCertificate": {"name_or_serial", "reason", "unknown", "workstations_only"},
 }
 
 

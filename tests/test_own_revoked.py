@@ -18,15 +18,23 @@ import json
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from nodeagent.identity import fetch_chain
-from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
+from tests.cluster import (
+    AdminTokenCluster,
+    Cluster,
+    one_line_error,
+    secure_channel,
+    wait_until,
+)
 from tests.conftest import next_loopback
 from tests.nodeside import Node, cluster_of, read_only
 from tests.test_level_based import password_file
 from tlsroll import pki
 from tlsroll.defaults import JOIN_PORT, VIEWER_PORT
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 LONG = 180.0
 
@@ -134,7 +142,10 @@ def test_the_cas_own_serial_is_refused_and_nothing_changes(tmp_path: Path) -> No
     """The CA's serial (check-expiration lists it) is refused, with and without --unknown: a
     usage error (exit 2) in one line naming `tlsroll ca renew` and docs/ca-renewal.md; nothing
     is recorded, audited or put on the revocation list. So is the serial of a CA certificate a
-    `tlsroll ca renew` replaced. Before, it needed --unknown and was "revoked" (exit 0)."""
+    `tlsroll ca renew` replaced. Before, it needed --unknown and was "revoked" (exit 0).
+    `tlsroll workstations revoke` refuses it too, and the leader's and the viewer's serials
+    (exit 2, one line naming `tlsroll ca revoke`): before, it revoked the leader's, which was
+    then issued again for a new key (review of s63-o1 L4)."""
     with AdminTokenCluster(tmp_path / "cluster", next_loopback()) as cluster:
         cluster.init()
         cluster.start_leader()
@@ -154,8 +165,25 @@ def test_the_cas_own_serial_is_refused_and_nothing_changes(tmp_path: Path) -> No
                 line = one_line_error(refused.stderr, "tlsroll")
                 assert f"{serial} is the cluster CA's own certificate" in line, line
                 assert "tlsroll ca renew" in line and "docs/ca-renewal.md" in line, line
+        leader, viewer = rows["leader"]["serial"], rows["viewer"]["serial"]
+        key = cluster.tls_key_path.read_bytes()
+        for serial, what in (
+            (current, "the cluster CA's own certificate"),
+            (first, "the cluster CA's own certificate"),
+            (leader, "the leader's own certificate"),
+            (viewer, "the viewer's own certificate"),
+        ):
+            refused = cluster.cli("workstations", "revoke", serial)
+            assert (refused.returncode, refused.stdout) == (2, ""), refused
+            line = one_line_error(refused.stderr, "tlsroll")
+            assert f"{serial} is {what}, not a workstation's" in line, line
+            assert "tlsroll ca revoke" in line, line
         assert cluster.store_rows(("certificates", "meta", "audit")) == before
         assert cluster.ca_pem == ca_pem
+        assert (serial_of(cluster.tls_cert_path), cluster.tls_key_path.read_bytes()) == (
+            leader,
+            key,
+        )
 
 
 @pytest.mark.timeout(300)
@@ -164,17 +192,24 @@ def test_a_revoked_certificate_not_issued_again_shows_revoked_and_the_start_issu
 ) -> None:
     """While the leader cannot write DATA/tls (a read-only mount), revoking its certificate and
     the viewer's issues nothing: `certs check-expiration` shows both `revoked` (exit 1, the
-    advice saying what to look for); the revocation stands. The next start issues both again,
-    for new keys, and logs it."""
+    advice saying what to look for), and so does `schema show` (its certificates within their
+    horizon, review of s63-o1 L2); `ca revoke` says so on stderr (L3); the revocation stands.
+    The next start issues both again, for new keys (leader.key and viewer.key written anew,
+    0600: L1), and logs it."""
     with cluster_of(tmp_path, 1) as (cluster, _nodes):
         code, rows = expiration(cluster)
         assert code == 0, rows
         leader, viewer = rows["leader"]["serial"], rows["viewer"]["serial"]
         viewer_pem = cluster.data_dir / "tls" / "viewer.pem"
+        viewer_key = cluster.data_dir / "tls" / "viewer.key"
+        keys = (cluster.tls_key_path.read_bytes(), viewer_key.read_bytes())
         with read_only(cluster.data_dir / "tls"):
-            for serial in (leader, viewer):
+            for serial, kind in ((leader, "leader"), (viewer, "viewer")):
                 revoked = cluster.cli("ca", "revoke", serial)
-                assert revoked.returncode == 0, revoked
+                assert (revoked.returncode, revoked.stdout.strip()) == (0, f"revoked {serial}")
+                (said,) = revoked.stderr.splitlines()
+                assert said.startswith(f"tlsroll: warning: the {kind}'s certificate is revoked")
+                assert "could not issue it again" in said, said
             assert (serial_of(cluster.tls_cert_path), serial_of(viewer_pem)) == (leader, viewer)
             code, rows = expiration(cluster)
             assert code == 1, rows
@@ -186,12 +221,86 @@ def test_a_revoked_certificate_not_issued_again_shows_revoked_and_the_start_issu
             assert "2 certificate(s) within their warning horizon, expired or revoked" in (
                 table.stderr
             )
+            shown = cluster.cli("schema", "show", "--json")
+            listed = json.loads(shown.stdout)["expiring_certificates"]
+            assert {(c["kind"], c["serial"], c.get("revoked")) for c in listed} == {
+                ("leader", leader, True),
+                ("viewer", viewer, True),
+            }, listed
+            shown = cluster.cli("schema", "show")
+            assert "certificates within their warning horizon or revoked" in shown.stdout
+            assert shown.stdout.count("REVOKED") == 2, shown.stdout
             cluster.stop_leader()
         cluster.start_leader()
         assert serial_of(cluster.tls_cert_path) != leader
         assert serial_of(viewer_pem) != viewer
+        for path, before in zip((cluster.tls_key_path, viewer_key), keys, strict=True):
+            assert path.read_bytes() != before, path  # a new key
+            assert path.stat().st_mode & 0o777 == 0o600, path
         events = {e.get("event"): e for e in cluster.leader.log_events()}
         assert events["leader.certificate_reissued_revoked"]["replaced_serial"] == leader
         assert events["viewer.certificate_revoked"]["serial"] == viewer
         code, rows = expiration(cluster)
         assert code == 0 and not rows["leader"].get("revoked"), rows
+
+
+def _agent_status(node: Any, ca_pem: bytes, chain: bytes, key: bytes) -> grpc.StatusCode:
+    """What ``node``'s agent answers ``GetStatus`` called with ``chain`` and ``key``."""
+    with secure_channel(node.target, ca_pem, chain, key, name=node.tls_name) as channel:
+        try:
+            agent_pb2_grpc.NodeAgentStub(channel).GetStatus(
+                agent_pb2.GetStatusRequest(), timeout=10
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.timeout(300)
+def test_revoking_the_leaders_certificate_revokes_those_it_served_before(tmp_path: Path) -> None:
+    """Review of s63-o1 M1: the leader issued its certificate again with the same key (due,
+    not usable, its names changed), and `tlsroll ca revoke` of the one served revoked that one
+    alone: the one before, of the same key and valid for up to a year, still commanded every
+    agent (a key that leaked kept it all). Now each is issued for a new key (leader.key 0600),
+    every leader certificate is recorded (init's at the first start, each one as it is
+    issued), and revoking the one served revokes every one not ended: an agent refuses the
+    one init issued, with its key, once it holds the revocation list; the leader's new one
+    commands it. The start's issue logs its serial and the one it replaced."""
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        node1 = cluster.add_agent("node1", next_loopback())
+        cluster.wait_for_nodes_online(["node1"])
+        first_chain, first_key = cluster.leader_credentials()
+        first = serial_of(cluster.tls_cert_path)
+        assert _agent_status(node1, cluster.ca_pem, first_chain, first_key) == grpc.StatusCode.OK
+        # Its names changed (a DNS name added): the start issues it again.
+        cluster.stop_leader()
+        cluster.write_leader_config({"dns_names": ["leader-m1.example.test"]})
+        cluster.start_leader()
+        served = serial_of(cluster.tls_cert_path)
+        assert served != first
+        assert cluster.tls_key_path.read_bytes() != first_key  # a new key, 0600
+        assert cluster.tls_key_path.stat().st_mode & 0o777 == 0o600
+        (said,) = [
+            e
+            for e in cluster.leader.log_events()
+            if e.get("event") == "leader.certificate_reissued"
+        ]
+        assert (said["serial"], said["replaced_serial"]) == (served, first), said
+        cluster.wait_for_nodes_online(["node1"])
+        revoked = cluster.cli("ca", "revoke", served, "--reason", "leader key copied")
+        assert revoked.returncode == 0, revoked
+        assert first in revoked.stdout and served in revoked.stdout, revoked.stdout
+        crl, ca = node1.data_dir / "crl.pem", pki.load_cert_pem(cluster.ca_pem)
+        wait_until(
+            lambda: crl.exists() and int(first, 16) in pki.load_crl(crl.read_bytes(), ca)[1],
+            30,
+            "node1's agent has the revocation of the first certificate",
+        )
+        refused = _agent_status(node1, cluster.ca_pem, first_chain, first_key)
+        assert refused == grpc.StatusCode.UNAUTHENTICATED  # (the old code's: OK)
+        wait_until(lambda: serial_of(cluster.tls_cert_path) not in (first, served), 30, "new")
+        chain, key = cluster.leader_credentials()
+        assert key != first_key
+        assert _agent_status(node1, cluster.ca_pem, chain, key) == grpc.StatusCode.OK

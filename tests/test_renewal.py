@@ -1207,8 +1207,10 @@ def test_revoking_the_certificate_a_renewal_put_on_record_cuts_off_the_one_befor
 
 
 def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> None:
-    """The leader's own certificate, within 30 days of its end, is issued again (same key) when
-    the leader starts; agents go on with it (they check its identity, not the certificate)."""
+    """The leader's own certificate, within 30 days of its end, is issued again when the leader
+    starts, for a new key (review of s63-o1 M1: one of the same key left the one it replaced a
+    second certificate of that key); agents go on with it (they check its identity, not the
+    certificate)."""
     from leader.layout import read_passphrase
     from tlsroll.fsutil import write_atomic
 
@@ -1231,7 +1233,8 @@ def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> 
     write_atomic(cluster.tls_cert_path, pki.cert_to_pem(due) + ca.cert_pem)
     cluster.start_leader()
     now = pki.read_cert(cluster.tls_cert_path)
-    assert now != due and pki.key_matches(now, key)
+    assert now != due and not pki.key_matches(now, key)
+    assert pki.key_matches(now, pki.read_key(cluster.tls_key_path))  # (0600: read_key checks)
     assert now.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300)
     assert spiffe.of(now) == spiffe.leader(td)
     assert "leader.certificate_reissued" in cluster.leader.event_names()
@@ -1313,10 +1316,10 @@ def test_a_leader_certificate_agents_would_refuse_is_issued_again_at_start(
         cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
     )
     td = ca.trust_domain
-    key = pki.read_key(cluster.tls_key_path)
     names = pki.names_of(pki.read_cert(cluster.tls_cert_path))
     now = pki.utcnow()
     for case in STALE_LEADER_CERTS:
+        key = pki.read_key(cluster.tls_key_path)  # (each issue is for a new one)
         issuer, at = ca, now
         if case == "expired":
             at = now - dt.timedelta(days=400)
@@ -1342,7 +1345,8 @@ def test_a_leader_certificate_agents_would_refuse_is_issued_again_at_start(
         served = _verified_join_certificate(cluster)  # (the old code's: ssl.SSLError)
         assert served != stale, case
         assert pki.read_cert(cluster.tls_cert_path) == served, case
-        assert pki.issued_by(served, ca.cert) and pki.key_matches(served, key), case
+        assert pki.issued_by(served, ca.cert) and not pki.key_matches(served, key), case
+        assert pki.key_matches(served, pki.read_key(cluster.tls_key_path)), case
         assert served.not_valid_before_utc <= dt.datetime.now(UTC), case
         assert served.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300), case
         assert spiffe.of(served) == spiffe.leader(td), case
@@ -1488,7 +1492,8 @@ def test_the_leader_certificate_is_renewed_while_the_leader_runs(
     now = _served_with_client_cert(cluster, CONTROL_PORT, tmp_path)
     assert cluster.leader.pid == pid and cluster.leader.running  # no restart
     assert now.serial_number not in (before.serial_number, due.serial_number)
-    assert pki.read_cert(cluster.tls_cert_path) == now and pki.key_matches(now, key)
+    assert pki.read_cert(cluster.tls_cert_path) == now and not pki.key_matches(now, key)
+    assert pki.key_matches(now, pki.read_key(cluster.tls_key_path))  # a new key, leader.key's
     assert now.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300)
     assert spiffe.of(now) == spiffe.leader(td)
     assert fetch_chain(cluster.address, JOIN_PORT)[0] == now

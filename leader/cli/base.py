@@ -245,7 +245,9 @@ STOPS = frozenset(
         # session 34's refusals instead: of a serial not on record (it says "revoked" for a
         # mistyped one, as it always did) and of a serial no certificate can have (it would
         # break every revocation list it signs from then on): the CLI refuses that one itself
-        # (``refuse_unfit_serial``).
+        # (``refuse_unfit_serial``). workstations_only (4) came in session 63: a leader from
+        # before drops it and revokes a serial of another kind as well, as it always did; a
+        # workstation's serial is revoked as asked either way.
         "RevokeCertificate",
     }
 )

@@ -243,6 +243,15 @@ def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
             ),
         )
     out.print(f"revoked {', '.join(reply.revoked_serials)}")
+    for kind in reply.not_reissued:
+        click.echo(
+            f"tlsroll: warning: the {kind}'s certificate is revoked and the leader could not"
+            " issue it again now: it serves it revoked (agents refuse the leader's commands"
+            " with it) until it can: see `tlsroll certs check-expiration` and the leader's"
+            " log (leader.certificate_revoked_not_reissued, certificate.revoked_hook_failed);"
+            " its next start issues it again",
+            err=True,
+        )
     digits = short_serial_digits(serial)
     if unknown and digits is not None:
         click.echo(

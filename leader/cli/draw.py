@@ -500,10 +500,14 @@ def render_certificate_health(data: View) -> Block | None:
                 c.get("kind", ""),
                 c.get("subject") or "-",
                 fmt_time(c, "not_after"),
-                residual(int(c.get("residual_seconds", 0))),  # int64: text in JSON
+                residual(int(c.get("residual_seconds", 0)))  # int64: text in JSON
+                + (", REVOKED" if c.get("revoked") else ""),
                 c.get("serial") or "-",
             )
-        parts += [Styled("certificates within their warning horizon", "bold"), table]
+        title = "certificates within their warning horizon"
+        if any(c.get("revoked") for c in data["expiring_certificates"]):
+            title += " or revoked"
+        parts += [Styled(title, "bold"), table]
     if data.get("renewal_failures"):
         table = Table("node", "failing since", "reason", "its certificate ends")
         for f in data["renewal_failures"]:

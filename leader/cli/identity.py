@@ -244,14 +244,17 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
 )
 @pass_leader
 def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> None:
-    """Revoke every certificate of workstation NAME (ws-…), or one certificate by SERIAL (hex,
-    in full, as `workstations list` shows it; one the leader has no record of is refused).
-    Agents learn of it with their next heartbeat."""
+    """Revoke every certificate of workstation NAME (ws-…), or one workstation certificate by
+    SERIAL (hex, in full, as `workstations list` shows it; one the leader has no record of is
+    refused, and so is another kind's: `tlsroll ca revoke SERIAL` revokes those). Agents
+    learn of it with their next heartbeat."""
     refuse_unfit_serial(name_or_serial)
     with leader.admin() as admin:
         reply = leader.call(
             admin.RevokeCertificate,
-            admin_pb2.RevokeCertificateRequest(name_or_serial=name_or_serial, reason=reason),
+            admin_pb2.RevokeCertificateRequest(
+                name_or_serial=name_or_serial, reason=reason, workstations_only=True
+            ),
         )
     out.print(f"revoked {', '.join(reply.revoked_serials)}")
 

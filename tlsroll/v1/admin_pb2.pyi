@@ -1298,6 +1298,7 @@ class RevokeCertificateRequest(_message.Message):
     NAME_OR_SERIAL_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     UNKNOWN_FIELD_NUMBER: _builtins.int
+    WORKSTATIONS_ONLY_FIELD_NUMBER: _builtins.int
     name_or_serial: _builtins.str
     """A workstation name (ws-…): every certificate it holds; or a serial (hex)."""
     reason: _builtins.str
@@ -1305,16 +1306,22 @@ class RevokeCertificateRequest(_message.Message):
     """Also a serial the leader's store has no record of (one this CA issued before the store
     was rebuilt): recorded and revoked. Without it such a serial is refused (NOT_FOUND).
     """
+    workstations_only: _builtins.bool
+    """Workstation certificates only (`tlsroll workstations revoke`): a serial on record of
+    another kind (a node's, the leader's, the viewer's) or the CA's own is refused
+    (INVALID_ARGUMENT), naming `tlsroll ca revoke`. An older leader revokes it all the same.
+    """
     def __init__(
         self,
         *,
         name_or_serial: _builtins.str = ...,
         reason: _builtins.str = ...,
         unknown: _builtins.bool = ...,
+        workstations_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_or_serial", b"name_or_serial", "reason", b"reason", "unknown", b"unknown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_or_serial", b"name_or_serial", "reason", b"reason", "unknown", b"unknown", "workstations_only", b"workstations_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1325,16 +1332,25 @@ class RevokeCertificateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
+    NOT_REISSUED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def not_reissued(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The leader's own certificates revoked ("leader", "viewer") that it could not issue again
+        at once (it goes on serving them revoked until it can: its next start, or the expiry
+        watch's next check); empty when none was, or each was issued again.
+        """
+
     def __init__(
         self,
         *,
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
+        not_reissued: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_serials", b"revoked_serials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_reissued", b"not_reissued", "revoked_serials", b"revoked_serials"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -768,11 +768,16 @@ class ExpiringCertificateView(_message.Message):
     SERIAL_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     RESIDUAL_SECONDS_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """ca | leader | viewer | agent | server | workstation"""
     subject: _builtins.str
     serial: _builtins.str
     residual_seconds: _builtins.int
+    revoked: _builtins.bool
+    """The leader's or the viewer's, revoked (`tlsroll ca revoke`) and not issued again yet:
+    listed whatever its residual time.
+    """
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -783,10 +788,11 @@ class ExpiringCertificateView(_message.Message):
         serial: _builtins.str = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
         residual_seconds: _builtins.int = ...,
+        revoked: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "serial", b"serial", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "revoked", b"revoked", "serial", b"serial", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
