@@ -180,22 +180,41 @@ fi
 if [ -n "$server_config_dir" ]; then
     # The drop-in makes this directory writable to the root agent (ReadWritePaths=): a system
     # directory, or tlsroll's own, would lift the sandbox's read-only system (ReadWritePaths=/
-    # lifts all of it; /etc holds shadow, sudoers, the units). Compared as written, without
-    # "//", "/./", ".." or a final "/" (review s63 ops M2).
+    # lifts all of it; /etc holds shadow, sudoers, the units; /usr/bin, /etc/profile.d or
+    # /etc/apt/apt.conf.d run what is written there as root). Judged by where the path leads
+    # (realpath: /var/run is /run, /lib /usr/lib on a merged /usr), not as written (review s63
+    # ops M2 and the session's closing review). A deny-list: it cannot know every directory
+    # of the system, so README says to name the managed server's own.
     if [[ $server_config_dir =~ (^|/)\.\.?(/|$) || $server_config_dir == *//* ]]; then
         usage_error "--server-config-dir '$server_config_dir': write the path plainly (no '.', '..' or '//')"
     fi
-    scd=${server_config_dir%/}
+    scd=$(realpath -m -- "$server_config_dir" 2>/dev/null) || scd=/
+    refuse_scd() {
+        usage_error "--server-config-dir '$server_config_dir'${1:+ ($1)} is a system directory or tlsroll's own: the agent may write in it; name the managed server's own config directory, e.g. /etc/praxis"
+    }
+    [ "$scd" = "$server_config_dir" ] || [ "$scd" = "${server_config_dir%/}" ] || shown_scd=$scd
     case "$scd" in
-        "" | /etc | /usr | /usr/local | /usr/local/etc | /usr/lib | /usr/share | /var | /var/lib | \
-            /var/log | /var/cache | /opt | /srv | /home | /root | /tmp | /var/tmp | /mnt | /media | \
-            /bin | /sbin | /lib | /lib64 | /boot | /boot/* | /dev | /dev/* | /proc | /proc/* | \
-            /sys | /sys/* | /run | /run/* | /root/* | /etc/systemd | /etc/systemd/* | \
-            /usr/lib/systemd | /usr/lib/systemd/* | /etc/sudoers.d | /etc/sudoers.d/* | \
-            /etc/pam.d | /etc/pam.d/* | /etc/ssh | /etc/ssh/* | /etc/cron* | /etc/security | \
-            /etc/security/* | /etc/tlsroll* | /var/lib/tlsroll* | /opt/tlsroll*)
-            usage_error "--server-config-dir '$server_config_dir' is a system directory or tlsroll's own: the agent may write in it; name the managed server's own config directory, e.g. /etc/praxis"
-            ;;
+        / | /etc | /var | /var/lib | /var/log | /var/cache | /var/tmp | /var/local | /var/opt | \
+            /var/mail | /opt | /srv | /home | /tmp | /mnt | /media)
+            refuse_scd "${shown_scd:-}" ;;
+    esac
+    case "$scd/" in
+        /usr/* | /bin/* | /sbin/* | /lib/* | /lib32/* | /lib64/* | /libx32/* | /boot/* | \
+            /dev/* | /proc/* | /sys/* | /run/* | /var/run/* | /var/spool/* | /var/lib/dpkg/* | \
+            /var/lib/apt/* | /var/lib/systemd/* | /root/* | /etc/tlsroll*/* | \
+            /var/lib/tlsroll*/* | /opt/tlsroll*/*)
+            refuse_scd "${shown_scd:-}" ;;
+        /etc/systemd/* | /etc/sudoers* | /etc/pam.d/* | /etc/ssh/* | /etc/cron* | /etc/anacrontab* | \
+            /etc/security/* | /etc/profile* | /etc/bash* | /etc/environment* | /etc/ld.so.* | \
+            /etc/apt/* | /etc/dpkg/* | /etc/default/* | /etc/init.d/* | /etc/rc*.d/* | \
+            /etc/udev/* | /etc/modprobe.d/* | /etc/modules-load.d/* | /etc/polkit-1/* | \
+            /etc/tmpfiles.d/* | /etc/sysctl.d/* | /etc/sysusers.d/* | /etc/dbus-1/* | \
+            /etc/logrotate.d/* | /etc/rsyslog.d/* | /etc/network/* | /etc/NetworkManager/* | \
+            /etc/apparmor* | /etc/selinux/* | /etc/ssl/* | /etc/ca-certificates* | \
+            /etc/alternatives/* | /etc/xdg/* | /etc/X11/* | /etc/grub.d/* | /etc/kernel/* | \
+            /etc/initramfs-tools/* | /etc/update-motd.d/* | /etc/skel/* | /etc/sudo* | \
+            /etc/passwd* | /etc/shadow* | /etc/group* | /etc/gshadow*)
+            refuse_scd "${shown_scd:-}" ;;
     esac
 fi
 
