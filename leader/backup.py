@@ -39,6 +39,33 @@ MANIFEST = "MANIFEST.json"
 FILES = ("ca/ca.pem", "ca/ca.key", "tls/leader.pem", "tls/leader.key")
 
 
+PAIR = ("tls/leader.pem", "tls/leader.key")
+"""The leader's certificate and key: a renewal writes a new key, then its certificate (since
+session 63 each renewal has a new key), so copies read one after the other while it runs can
+be of two pairs."""
+
+
+def _same_pair(data_dir: Path, dest: Path, pair: tuple[str, str], tries: int = 5) -> None:
+    """The copied certificate is the copied key's (the TLS library loads them as a pair), or
+    both are copied again, up to ``tries`` times (the session's closing review, L4: a backup
+    racing a renewal held the new key with the old certificate; a restore repaired it, but a
+    backup should be what it says)."""
+    import ssl  # noqa: PLC0415 - only here
+
+    cert, key = (dest / rel for rel in pair)
+    for _ in range(tries):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+            return
+        except ssl.SSLError:
+            for rel in pair:  # (both again: a renewal under way has written them since)
+                write_atomic(dest / rel, (data_dir / rel).read_bytes(), PRIVATE)
+    raise BackupError(
+        f"{pair[0]} is not {pair[1]}'s certificate (a renewal writing them? try again; if it"
+        " stays so, restart tlsroll-leader, whose start issues the certificate for its key)"
+    )
+
+
 class BackupError(TerminalError):
     """A backup that could not be made (nothing is left half-made in DIR)."""
 
@@ -66,7 +93,9 @@ def make_backup(config: Path, layout: Layout, dest: Path) -> dict[str, object]:
             make_private_dir(target.parent)
             write_atomic(target, source.read_bytes(), PRIVATE)
             made.append(target)
-            files[rel] = _described(target)
+        _same_pair(layout.data_dir, dest, PAIR)
+        for rel in (config.name, *FILES):
+            files[rel] = _described(dest / rel)
         manifest: dict[str, object] = {
             "made_by": f"tlsroll-leader {__version__}",
             "made_at": made_at.isoformat(timespec="seconds"),

@@ -2067,9 +2067,12 @@ class Store(LeaderStore):
         from tlsroll import pki  # noqa: PLC0415 - the store itself does not load cryptography
 
         serial = f"{cert.serial_number:x}"
+        known = "SELECT 1 FROM certificates WHERE serial = ?"
+        with self._db.read() as db:  # (every start asks: a write only for one not on record)
+            if db.execute(known, (serial,)).fetchone() is not None:
+                return False
         with self._db.tx() as db:
-            known = db.execute("SELECT 1 FROM certificates WHERE serial = ?", (serial,))
-            if known.fetchone() is not None:
+            if db.execute(known, (serial,)).fetchone() is not None:
                 return False
             _record_cert(
                 db,

@@ -34,7 +34,7 @@ _SEED = int(_SLOT) if _SLOT.isdigit() else int(_RUN[:8], 16) if _RUN else os.get
 _BASE = 100 + _SEED % 25 * 6 + _WORKER % 6
 # A worker that replaces a crashed one (xdist names it gw6, gw7, ... with -n 6) shares the
 # second octet of one still running: its addresses take a third octet of their own.
-_THIRD = _WORKER // 6 * 64
+_THIRD = _WORKER // 6 % 4 * 64  # (a fifth generation of replacements shares the first's)
 _counter = itertools.count(1)
 
 
@@ -47,6 +47,7 @@ def none_fresh(_infos: Mapping[str, Any], _now: dt.datetime) -> frozenset[str]:
 
 def next_loopback() -> str:
     n = next(_counter)
+    assert n < 64 * 250, "a worker's loopback addresses ran into the next worker's"
     return f"127.{_BASE}.{_THIRD + n // 250}.{n % 250 + 1}"
 
 

@@ -579,3 +579,29 @@ def test_a_backup_of_store_schema_12_is_migrated_by_the_restored_leader_s_first_
             assert db.execute("SELECT readable_by FROM schema_floor").fetchall() == [(12,)]
         assert not c.store_path.with_name(f"{c.store_path.name}.before-v{CURRENT}").exists()
         assert superseded_by(c) == before
+
+
+def test_a_backup_holds_the_leader_s_certificate_with_its_own_key(tmp_path: Path) -> None:
+    """The session's closing review, L4: since each renewal of the leader's certificate writes
+    a new key, then the certificate, a backup that copied them one after the other while one
+    ran could hold the new key with the old certificate. The backup checks the copied pair
+    (the TLS library loads them together), copies it again while they differ, and refuses one
+    that stays so (a data dir whose files are of two pairs): one line, nothing left."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        c.stop_leader()
+        good = backup(c, tmp_path / "good")
+        assert good.returncode == 0, good.stderr
+        key = c.data_dir / "tls" / "leader.key"
+        kept = key.read_bytes()
+        pki.write_key(key, pki.generate_key())  # another key beside leader.pem
+        try:
+            mixed = tmp_path / "mixed"
+            result = backup(c, mixed)
+            assert result.returncode == 1, result.stdout + result.stderr
+            line = one_line_error(result.stderr, "tlsroll-leader")
+            assert "tls/leader.pem is not tls/leader.key's certificate" in line, line
+            assert not mixed.exists()
+        finally:
+            key.write_bytes(kept)
