@@ -55,7 +55,8 @@ def _same_pair(data_dir: Path, dest: Path, pair: tuple[str, str], tries: int = 5
     cert, key = (dest / rel for rel in pair)
     for _ in range(tries):
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+            # (a password given: an encrypted key is an error here, never a prompt)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
             return
         except ssl.SSLError:
             for rel in pair:  # (both again: a renewal under way has written them since)
