@@ -1843,24 +1843,25 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
 _NOT_REMOVED = "node NOT IN (SELECT name FROM nodes WHERE removed_at IS NOT NULL)"
 
 
+def _client(r: sqlite3.Row) -> Client:
+    """A stored sighting (a row of ``node_clients``)."""
+    return Client(
+        node=r["node"],
+        scheme=r["scheme"],
+        address=r["address"],
+        workstation=r["workstation"],
+        first_seen=dt.datetime.fromisoformat(r["first_seen"]),
+        last_seen=dt.datetime.fromisoformat(r["last_seen"]),
+        requests=r["requests"],
+    )
+
+
 def _clients(db: sqlite3.Connection, nodes: Sequence[str] | None) -> list[Client]:
     rows = db.execute(
         f"SELECT * FROM node_clients WHERE {_NOT_REMOVED}"  # noqa: S608 - a constant
         " ORDER BY last_seen DESC, node, address"
     )
-    return [
-        Client(
-            node=r["node"],
-            scheme=r["scheme"],
-            address=r["address"],
-            workstation=r["workstation"],
-            first_seen=dt.datetime.fromisoformat(r["first_seen"]),
-            last_seen=dt.datetime.fromisoformat(r["last_seen"]),
-            requests=r["requests"],
-        )
-        for r in rows.fetchall()
-        if nodes is None or r["node"] in nodes
-    ]
+    return [_client(r) for r in rows.fetchall() if nodes is None or r["node"] in nodes]
 
 
 # A client's key (``Client.key``) in SQL: its workstation name where known, else its address.
@@ -1881,18 +1882,7 @@ def _http_clients(db: sqlite3.Connection) -> list[Client]:
         f" WHERE h.node = c.node AND h.scheme = 'http' AND {http} = {mine}))"
         " ORDER BY c.last_seen DESC, c.node, c.address"
     )
-    return [
-        Client(
-            node=r["node"],
-            scheme=r["scheme"],
-            address=r["address"],
-            workstation=r["workstation"],
-            first_seen=dt.datetime.fromisoformat(r["first_seen"]),
-            last_seen=dt.datetime.fromisoformat(r["last_seen"]),
-            requests=r["requests"],
-        )
-        for r in rows.fetchall()
-    ]
+    return [_client(r) for r in rows.fetchall()]
 
 
 def _clients_info(db: sqlite3.Connection, *, http_only: bool = False) -> dict[str, ClientsInfo]:
