@@ -51,6 +51,32 @@ from tlsroll import logs, pki
 log = logs.get_logger(__name__)
 
 
+def said_not_reissued(serial: str) -> None:
+    """The log line of a revoked leader certificate the CA could not issue again (the running
+    leader's, ``OwnTls``, and the start's, ``leader.runtime``: one text)."""
+    log.error(
+        "leader.certificate_revoked_not_reissued",
+        serial=serial,
+        detail="the leader's certificate is revoked and the CA can issue no new one now:"
+        " agents refuse the leader's commands; see `tlsroll certs check-expiration` for the CA",
+    )
+
+
+def said_reissued(cert: x509.Certificate, replaced: str, *, served: bool) -> None:
+    """The log line of a revoked leader certificate issued again for a new key (``served``:
+    by the running leader, which serves it at once; else by a start)."""
+    log.warning(  # (public facts only: the key's pin, never the key)
+        "leader.certificate_reissued_revoked",
+        reason=REISSUED_REVOKED,
+        serial=f"{cert.serial_number:x}",
+        replaced_serial=replaced,
+        key_pin=pki.spki_pin(cert),
+        not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+        detail="the leader's certificate was revoked: issued again for a new leader.key"
+        + (", and served from now on" if served else ""),
+    )
+
+
 class OwnTls:
     def __init__(
         self,
@@ -232,26 +258,10 @@ class OwnTls:
             new_leader_key, self.layout, self.ca, self.names, pki.utcnow(), self.record
         )
         if key is None:  # (the CA has ended, or the clock is before its start)
-            log.error(
-                "leader.certificate_revoked_not_reissued",
-                serial=serial,
-                detail="the leader's certificate is revoked and the CA can issue no new one"
-                " now: agents refuse the leader's commands; see `tlsroll certs"
-                " check-expiration` for the CA",
-            )
+            said_not_reissued(serial)
             return False
         chain = await asyncio.to_thread(Path(self.layout.tls_cert).read_bytes)
         self._key = key
         self._serve(chain, pki.key_to_pem(key))
-        cert = self.cert
-        log.warning(  # (public facts only: the key's pin, never the key)
-            "leader.certificate_reissued_revoked",
-            reason=REISSUED_REVOKED,
-            serial=f"{cert.serial_number:x}",
-            replaced_serial=serial,
-            key_pin=pki.spki_pin(cert),
-            not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
-            detail="the leader's certificate was revoked: issued again for a new leader.key,"
-            " and served from now on",
-        )
+        said_reissued(self.cert, serial, served=True)
         return True

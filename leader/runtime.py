@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from leader import own_tls
 from leader.admin_service import AdminService, Endpoints
 from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
@@ -38,7 +39,6 @@ from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
     CREDENTIAL,
     REISSUED_FOR_KEY,
-    REISSUED_REVOKED,
     Layout,
     check_secret_dirs,
     ensure_leader_identity,
@@ -595,24 +595,9 @@ def _new_key_if_revoked(
     if not store.is_revoked(serial):
         return
     if new_leader_key(layout, ca, names, pki.utcnow(), store.record_leader_certificate) is None:
-        log.error(
-            "leader.certificate_revoked_not_reissued",
-            serial=serial,
-            detail="the leader's certificate is revoked and the CA can issue no new one now:"
-            " agents refuse the leader's commands; see `tlsroll certs check-expiration` for"
-            " the CA",
-        )
+        own_tls.said_not_reissued(serial)
         return
-    new = pki.read_cert(layout.tls_cert)
-    log.warning(  # (public facts only: the key's pin, never the key)
-        "leader.certificate_reissued_revoked",
-        reason=REISSUED_REVOKED,
-        serial=f"{new.serial_number:x}",
-        replaced_serial=serial,
-        key_pin=pki.spki_pin(new),
-        not_after=new.not_valid_after_utc.isoformat(timespec="seconds"),
-        detail="the leader's certificate was revoked: issued again for a new leader.key",
-    )
+    own_tls.said_reissued(pki.read_cert(layout.tls_cert), serial, served=False)
 
 
 def _new_key_if_names_in_san(
