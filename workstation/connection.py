@@ -1479,6 +1479,14 @@ class TestConnection:
         where = _netloc(host, port)
         data = None if body is None else json.dumps(body).encode()
         wait = self.o.timeout if timeout is None else timeout
+        went = False  # ``request`` began to send it (its handshake made): ``ClientError.sent``
+
+        def going() -> None:
+            nonlocal went
+            went = True
+            if sending is not None:
+                sending()
+
         try:
             return request(
                 host,
@@ -1489,12 +1497,11 @@ class TestConnection:
                 body=data,
                 timeout=wait,
                 connect_timeout=self.o.timeout,
-                sending=sending,
+                sending=going,
             )
         except NetError as exc:
-            # ``sent``: the handshake was made and the request went (the answer did not come
-            # whole): the node may have acted on it. A refused, unreachable or failed
-            # handshake sent nothing.
+            # ``sent``: the request went (the answer did not come whole): the node may have
+            # acted on it. A refused, unreachable or failed handshake sent nothing.
             if exc.kind == "timeout":
                 # The hello answered on this port a moment ago: not the port's advice
                 # (``_port_closed``), the node's (review of s63-w1 L2).
@@ -1502,14 +1509,14 @@ class TestConnection:
                     Exit.BOOTSTRAP_PORT,
                     f"the bootstrap service at {where} took the request, but gave "
                     f"{exc.detail}: the node may be overloaded; try again",
-                    sent=True,
+                    sent=went,
                 ) from None
             if exc.kind in ("refused", "unreachable"):
                 raise self._port_closed(host, port, exc) from None
             raise ClientError(
                 Exit.TLS,
                 f"TLS with the bootstrap port {where} failed: {exc.detail}",
-                sent=exc.kind == "dropped",
+                sent=went,
             ) from None
 
     def fetch_hello(self, host: str, port: int) -> proto.Hello:
