@@ -75,19 +75,31 @@ def _socket_inodes(pid: str) -> set[str] | None:
 
 
 def _describe(pid: str) -> str:
+    """ "name (pid N, /path/to/executable)": enough for the node's admin to find the process
+    (``ps -p N``). Never its command line: another program's arguments may hold its secrets
+    (``--requirepass …``, ``-Dkeystore.password=…``), and this text goes into the leader's plan,
+    the update schema, the read-only viewer and the logs (review s64 seed L2)."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:  # it exited after we saw the socket: name it by its pid alone
         return f"a process that has just exited (pid {pid})"
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:  # not ours to read (the agent not root), or a kernel thread
+        exe = ""
     # Another user's words, in a reason that goes into one-line errors and the leader's plan
-    # (a newline or an escape sequence in an argument split or coloured them: s44cli).
-    cmdline = peertext.clean(raw.replace(b"\0", b" ").decode("utf-8", "replace"), 120)
-    return f"{peertext.clean(comm, 32)} (pid {pid}: {cmdline})"
+    # (a newline or an escape sequence in a name split or coloured them: s44cli).
+    where = f", {peertext.clean(exe, 120)}" if exe else ""
+    return f"{peertext.clean(comm, 32)} (pid {pid}{where})"
+
+
+def names_pid(description: str, pid: int) -> bool:
+    """Whether ``description`` (of ``holder``) names process ``pid``."""
+    return f"(pid {pid})" in description or f"(pid {pid}," in description
 
 
 def holder(address: str, port: int) -> str | None:
-    """Who listens on ``address:port`` (or on the wildcard): "name (pid N: cmdline)", or None.
+    """Who listens on ``address:port`` (or on the wildcard): "name (pid N, executable)", or None.
 
     This process is looked at first, so that the agent's own listener (the bootstrap service
     on 9443) is named as the agent whatever else shares the socket. Needs to read other

@@ -796,7 +796,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             if ports.port_free(facts.address, port):
                 continue
             who = ports.holder(facts.address, port) or "another process"
-            if any(f"(pid {pid}:" in who for pid in own):
+            if any(ports.names_pid(who, pid) for pid in own):
                 continue
             problems.append(
                 f"port {port} ({what}) on {facts.address} is taken by {who}"

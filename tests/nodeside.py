@@ -480,8 +480,9 @@ def cluster_of(
 
 
 @contextlib.contextmanager
-def port_holder(address: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """Another program (a small python process) listening on ``address:port``."""
+def port_holder(address: str, port: int, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Another program (a small python process) listening on ``address:port``; ``args`` go on
+    its command line after those (it ignores them)."""
     code = (
         "import socket, sys, time\n"
         "s = socket.socket()\n"
@@ -493,7 +494,7 @@ def port_holder(address: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
         "time.sleep(300)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, address, str(port)],
+        [sys.executable, "-c", code, address, str(port), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
