@@ -349,7 +349,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             # (A way back may start beside a transitional rollout awaiting finalize.)
             waiting = active.rollout.state is RolloutState.AWAITING_FINALIZE
             if not (waiting and wanted.change is Change.DISABLE_TLS):
-                busy = str(RolloutBusy(active.rollout.id, active.rollout.state.value))
+                busy = str(
+                    RolloutBusy(
+                        active.rollout.id,
+                        active.rollout.state.value,
+                        active.rollout.change.value,
+                    )
+                )
         if busy and request.refuse_if_busy:
             # `rollout start`'s dry run: the refusal at once, no agent asked (review rev58a
             # M2: with a node's agent stopped it said "cannot ask the agent of node2").

@@ -296,7 +296,10 @@ class Commands:
         candidates = [(r.rollout, r.records) for r in rows]
         undoes = {r.rollout.id: r.meta.undoes for r in rows}
         if request.undo_rollout_id:
-            target, _switched = planner.undo_target(candidates, request.undo_rollout_id, undoes)
+            finalizes = {r.rollout.id: r.meta.finalizes for r in rows if r.meta.finalizes}
+            target, _switched = planner.undo_target(
+                candidates, request.undo_rollout_id, undoes, finalizes
+            )
             # A node removed since (`tlsroll nodes remove`: its server's certificate revoked,
             # the leader knows it no more) is left out, as a retry leaves it out; it was
             # refused "not enrolled", so no way back of that rollout could start (s50retry).

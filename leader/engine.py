@@ -506,11 +506,12 @@ class Engine:
             elif out := [r.name for r in follower.records if left_out(r.reason)]:
                 # Finalized without the nodes whose agents are cut off: they stay dual.
                 reason = finalized_note(follower.rollout.id, out)
+            ended = row.rollout.with_event(event)
             try:
                 await dbthread.run(
                     self.schema.save_states,
                     row,
-                    row.rollout.with_event(event),
+                    ended,
                     row.records,
                     self.clock(),
                     "engine",
@@ -518,7 +519,14 @@ class Engine:
                 )
             except StaleRecords:
                 continue
-            log.info("rollout.state_changed", rollout_id=row.rollout.id, state=event.value)
+            # ``state`` the rollout's state, as every other ``rollout.state_changed`` line says
+            # it (it said "finalized"/"taken_back", which no state is: review s64 trans L7).
+            log.info(
+                "rollout.state_changed",
+                rollout_id=row.rollout.id,
+                state=ended.state.value,
+                cause=event.value,  # (``event`` is structlog's own key)
+            )
 
     async def _cut_off(self, row: RolloutRow) -> frozenset[str]:
         """The nodes whose agents are cut off (their certificates on record revoked:

@@ -998,6 +998,7 @@ def undo_target(
     candidates: Sequence[tuple[Rollout, Sequence[NodeRecord]]],
     rollout_id: str | None,
     undoes: Mapping[str, str],
+    finalizes: Mapping[str, str] | None = None,
 ) -> tuple[Rollout, tuple[str, ...]]:
     """The enable-tls rollout a ``disable-tls`` rollout takes back, and the nodes it switched.
 
@@ -1005,16 +1006,24 @@ def undo_target(
     newest enable-tls rollout is taken. ``undoes`` maps a stored rollout's id to the id of the
     rollout it takes back (``RolloutMeta.undoes``; missing or "" for none). The nodes are those
     it left ``done`` (only they run the https config it made), in its order. PlanError if there
-    is nothing to take back; AlreadyUndone if a disable-tls rollout already took it back.
+    is nothing to take back (a finalize named: the phase 1 it finalizes, from ``finalizes``,
+    is the one to name; review s64 trans L6); AlreadyUndone if a disable-tls rollout already
+    took it back.
     """
     if rollout_id:
         found = [(r, nodes) for r, nodes in candidates if r.id == rollout_id]
         if not found:
             raise UnknownRollout(f"no rollout {echo.shown(rollout_id)} (see: tlsroll schema show)")
         if found[0][0].change is not Change.ENABLE_TLS:
+            phase1 = (finalizes or {}).get(rollout_id, "")
+            way = (
+                f" (its switch is rollout {phase1}'s: tlsroll rollout rollback {phase1})"
+                if phase1
+                else ""
+            )
             raise PlanError(
                 f"rollout {rollout_id} is a {found[0][0].change.value} rollout: only an "
-                "enable-tls rollout is taken back"
+                f"enable-tls rollout is taken back{way}"
             )
         target, records = found[0]
     else:

@@ -1590,12 +1590,12 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
     transitional rollout ``follows`` awaiting finalize (a new rollout that finalizes it or
     takes it back may start beside it)."""
     for busy in db.execute(
-        f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
+        f"SELECT id, state, change FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
         _TERMINAL,
     ).fetchall():
         waiting = busy["state"] == RolloutState.AWAITING_FINALIZE.value
         if not (waiting and follows and busy["id"] == follows):
-            raise RolloutBusy(busy["id"], busy["state"])
+            raise RolloutBusy(busy["id"], busy["state"], busy["change"])
 
 
 _RETRIED_BY = "retried_by/"  # meta key prefix: ``retried_by/<rollout id>`` = its retry's id
@@ -1713,7 +1713,11 @@ class PasswordStagedMeanwhile(TerminalError):
 
 
 class RolloutBusy(TerminalError):
-    def __init__(self, rollout_id: str, state: str) -> None:
+    """Another rollout has not ended; the way on depends on where it is (review s64 trans L4:
+    "wait for it" for a paused rollout, which never ends by waiting, or a finalize that may
+    wait days for quiet workstations)."""
+
+    def __init__(self, rollout_id: str, state: str, change: str = "") -> None:
         if state == RolloutState.AWAITING_FINALIZE.value:
             super().__init__(
                 f"rollout {rollout_id} awaits finalize (its nodes serve http and https); close "
@@ -1721,10 +1725,20 @@ class RolloutBusy(TerminalError):
                 f"(tlsroll rollout rollback {rollout_id})"
             )
             return
-        super().__init__(
-            f"rollout {rollout_id} is {state}; one rollout at a time per cluster "
-            "(wait for it, or: tlsroll rollout abort)"
-        )
+        busy = f"rollout {rollout_id} is {state}; one rollout at a time per cluster"
+        if state == RolloutState.PAUSED.value:
+            way = (
+                f"resume it: tlsroll rollout resume {rollout_id}, or end it: "
+                f"tlsroll rollout abort {rollout_id}"
+            )
+        elif change == Change.FINALIZE.value:
+            way = (
+                "a finalize may wait long for each node's workstations to leave http; "
+                f"end it: tlsroll rollout abort {rollout_id}"
+            )
+        else:
+            way = f"wait for it, or: tlsroll rollout abort {rollout_id}"
+        super().__init__(f"{busy} ({way})")
 
 
 def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:

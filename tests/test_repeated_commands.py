@@ -176,18 +176,40 @@ async def test_a_start_retry_or_finalize_beside_a_running_rollout_asks_no_agent(
     halted = settle(schema, rollout(schema, "r1", Change.ROTATE_CERT, ["bravo"]), set())
     running = rollout(schema, "r2", Change.ROTATE_CERT, ["alpha"])
     assert running.rollout.state is RolloutState.RUNNING
-    busy = r"^rollout r2 is running; one rollout at a time per cluster"
+    busy = (
+        r"^rollout r2 is running; one rollout at a time per cluster "
+        r"\(wait for it, or: tlsroll rollout abort r2\)$"
+    )
     with pytest.raises(RolloutBusy, match=busy):
         await commands.start(RolloutRequest(Change.ROTATE_CERT, Scope.cluster()), ADMIN)
     with pytest.raises(RolloutBusy, match=busy):
         await commands.retry(halted.rollout.id, ADMIN)
+    # Paused, it never ends by waiting: the way on is resume or abort (review s64 trans L4).
+    paused = schema.save_states(
+        running, running.rollout.with_event(RolloutEvent.PAUSE), running.records, NOW, "admin"
+    )
+    with pytest.raises(
+        RolloutBusy,
+        match=r"^rollout r2 is paused; one rollout at a time per cluster \(resume it: "
+        r"tlsroll rollout resume r2, or end it: tlsroll rollout abort r2\)$",
+    ):
+        await commands.start(RolloutRequest(Change.ROTATE_CERT, Scope.cluster()), ADMIN)
+    running = schema.save_states(
+        paused, paused.rollout.with_event(RolloutEvent.RESUME), paused.records, NOW, "admin"
+    )
     settle(schema, running, {"alpha"})
     # A transitional phase 1 awaiting finalize, its finalize running: a second finalize.
     phase1 = rollout(schema, "t1", Change.ENABLE_TLS, ["charlie"], strategy=Strategy.TRANSITIONAL)
     dual = [replace(r, state=NodeState.DUAL) for r in phase1.records]
     schema.save_states(phase1, phase1.rollout.with_event(RolloutEvent.NODES_DUAL), dual, NOW, "e")
     rollout(schema, "f1", Change.FINALIZE, ["charlie"], finalizes="t1")
-    with pytest.raises(RolloutBusy, match=r"^rollout f1 is running; one rollout at a time"):
+    # A finalize may wait days for quiet workstations: "wait for it" is no way on.
+    with pytest.raises(
+        RolloutBusy,
+        match=r"^rollout f1 is running; one rollout at a time per cluster \(a finalize may "
+        r"wait long for each node's workstations to leave http; end it: tlsroll rollout "
+        r"abort f1\)$",
+    ):
         await commands.finalize("t1", ADMIN, force=True)
     assert agents.asked == []
     latest = schema.latest()
@@ -228,7 +250,9 @@ async def test_rollout_start_s_dry_run_beside_a_running_rollout_asks_no_agent(
         return Planned(rollout, (NodeRecord("alpha", NodeState.PENDING),))
 
     state = [RolloutState.RUNNING]
-    active = types.SimpleNamespace(rollout=types.SimpleNamespace(id="r2", state=None))
+    active = types.SimpleNamespace(
+        rollout=types.SimpleNamespace(id="r2", state=None, change=Change.ROTATE_CERT)
+    )
 
     def current() -> object:
         active.rollout.state = state[0]

@@ -440,6 +440,11 @@ def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_
             server = live(node)
             assert list(server.schemes) == ["https"] and not server.frozen
             assert not node.port_open(8080)
+        # The finalize's id given to `rollback`: refused, naming the rollout to give (review
+        # s64 trans L6); nothing started.
+        wrong = cluster.cli("rollout", "rollback", final["id"], "--yes")
+        assert wrong.returncode != 0 and newest(cluster)["id"] == final["id"]
+        assert f"tlsroll rollout rollback {phase1}" in wrong.stderr, wrong.stderr
         ended = dt.datetime.now(dt.UTC)
         wait_until(  # a few more writes after the end, each workstation's on https
             lambda: all(ws.acked_on("https", ended) >= 1 for pair in world.values() for ws in pair),
@@ -603,6 +608,14 @@ def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_pat
             assert list(live(node).schemes) == ["http"] and not node.port_open(8443)
         view = wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
         assert "taken back by rollout" in view["reason"]
+        # The log says the state it ended in, as for every other state change (it said
+        # "taken_back", which no state is: review s64 trans L7).
+        changed = [
+            (e.get("state"), e.get("cause"))
+            for e in cluster.leader.log_events()
+            if e.get("event") == "rollout.state_changed" and e.get("rollout_id") == phase1
+        ]
+        assert changed[-1] == ("aborted", "taken_back"), changed
         # Nothing waits any more: a new rollout may start.
         plan = cluster.cli("plan", "--scope", "cluster", "--strategy", "transitional")
         assert plan.returncode == 0, plan.stderr
