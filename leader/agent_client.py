@@ -395,6 +395,7 @@ class AgentClient:
         ``switch_and_watch``, ``rollback``). "Too old" there halted a rollout whose resumed
         switch the agent had begun (review s63 faults, M1)."""
         node = self.node
+        heard: tuple[str, ...] | None
         if said is not None:
             version, heard = said
         else:
