@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import signal
 import socket
 import sqlite3
 import threading
@@ -1298,3 +1299,50 @@ def test_a_scope_freeze_of_an_agent_not_heard_since_is_renewed_by_asking_it(
             assert txn_phases(node2, "switch") == ["completed"]
             assert txn_phases(node3, "switch") == ["completed"]
             assert [list(live(node).schemes) for node in nodes] == [["http"], ["https"], ["https"]]
+
+
+@pytest.mark.timeout(300)
+def test_nodes_says_an_agent_not_heard_since_the_leader_started_not_too_old(
+    tmp_path: Path,
+) -> None:
+    """Session 64: `tlsroll nodes` gave its verdict from the store's row for an agent the
+    leader had not heard since it started: a killed leader whose store lost node2's features
+    (the first heartbeat's group commit) listed node2's current agent "too old for …" in red
+    until its first heartbeat since, for good if its heartbeats did not reach the leader. It
+    says "not heard since the leader started" instead, with no verdict (``--json``:
+    ``agent_not_heard``, no ``agent_too_old_for``); once heard, what its agent said counts."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node2 = nodes[1]
+        agent2 = node2.agent
+        assert agent2 is not None
+        wait_until(
+            lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+            30,
+            "every agent's features stored",
+            interval=LEADER_POLL,
+        )
+        cluster.kill_leader()
+        agent2.send_signal(signal.SIGSTOP)  # its heartbeats do not reach the restarted leader
+        lose_features(cluster, "node2")
+        cluster.start_leader()
+
+        wide = {"COLUMNS": "400"}  # (one line per node)
+        listed = cluster.cli("nodes", env=wide)
+        assert listed.returncode == 0, listed.stderr
+        row2 = next(line for line in listed.stdout.splitlines() if "node2" in line)
+        assert "not heard since the leader started" in row2, listed.stdout
+        assert "too old" not in listed.stdout, listed.stdout
+        by_name = {n["name"]: n for n in json.loads(cluster.cli("nodes", "--json").stdout)}
+        assert by_name["node2"].get("agent_not_heard") is True
+        assert not by_name["node2"].get("agent_too_old_for")
+        assert not by_name["node1"].get("agent_not_heard")
+
+        agent2.send_signal(signal.SIGCONT)  # heard again: its heartbeat says what it implements
+        wait_until(
+            lambda: not json.loads(cluster.cli("nodes", "--json").stdout)[1].get("agent_not_heard"),
+            60,
+            "node2 heard again",
+            interval=LEADER_POLL,
+        )
+        listed = cluster.cli("nodes", env=wide)
+        assert "not heard" not in listed.stdout and "too old" not in listed.stdout, listed.stdout
