@@ -407,7 +407,8 @@ async def test_a_switch_its_agent_has_is_followed_before_its_first_heartbeat() -
     was asked, so a resumed switch it had begun, or completed, waited behind a heartbeat
     that might never come (the rollout, and a scope freeze, without limit). It is asked first
     with the plain GetTransaction (which needs no feature) and the switch it has is followed;
-    only if it has none does the step wait for the heartbeat (``NotHeardYet``)."""
+    only if it has none is it asked what it implements (``_may_send``: session 64), then sent
+    the switch or refused."""
     client = AgentClient(
         node_of(()), grpc.ssl_channel_credentials(), "td.example", heard=lambda name: None
     )
@@ -1110,8 +1111,10 @@ def test_a_switch_resumed_on_an_agent_not_heard_since_is_followed(tmp_path: Path
     asked with the plain GetTransaction, which needs no feature, and the switch it completed
     is followed: node3 done on https, its certificate watched, the rollout completed. (Its
     scope is node2 and node3, node3 last: a further switch would wait, as it should, for
-    node3's scope freeze to be renewed, which needs a feature the store holds no word of;
-    node3's heartbeats are let through once it is done, for the freeze's end.)"""
+    node3's scope freeze to be renewed, which its restarted agent refuses while it cannot ask
+    the leader for the rollout's epoch; node3's heartbeats are let through once it is done,
+    for the freeze's end. An agent not restarted renews it: see
+    ``test_a_scope_freeze_of_an_agent_not_heard_since_is_renewed_by_asking_it``.)"""
     with cluster_of(
         tmp_path,
         3,
