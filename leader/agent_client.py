@@ -27,8 +27,14 @@ import grpc
 
 from leader import agent_features
 from leader.store import Node, Store
-from tlsroll import dbthread, spiffe
-from tlsroll.errors import LOCAL_ERRNOS, LocalResourceError, TerminalError, TransientError
+from tlsroll import dbthread, features, peertext, spiffe
+from tlsroll.errors import (
+    LOCAL_ERRNOS,
+    LocalResourceError,
+    TerminalError,
+    TlsrollError,
+    TransientError,
+)
 from tlsroll.rpc import DISK_FULL, NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
@@ -91,6 +97,7 @@ FAILED_STATES = frozenset(
 STREAM_SECONDS = 15.0
 STREAM_ATTEMPTS = 3  # streams in a row that bring nothing before it is a TransientError
 POLL_SECONDS = 0.3  # only for an agent without WatchTransaction (UNIMPLEMENTED)
+MAX_VERSION = 64  # characters of a version an agent says (as ``leader.service`` keeps one)
 Method = Callable[["agent_pb2_grpc.NodeAgentAsyncStub"], Callable[..., Awaitable[T]]]
 RECONNECT_SECONDS = 2.0
 
@@ -177,13 +184,16 @@ class NotSent(StepFailed):
 class NotHeardYet(TransientError):
     """The leader itself did not send a request (``AgentClient._sendable``): it needs a feature
     the store holds no word of for the node's agent, which the leader has not heard since it
-    started (``Store.features_heard``). A wait, not "too old": the store's row is a former
-    leader process's, and may have lost the agent's first heartbeat with a killed leader
-    (review s63 faults, M1). Of a request that begins a transaction it is no word that nothing
-    began either: ``AgentClient.switch_and_watch`` and ``leader.changes.DisableTls`` ask the
-    agent first (a plain GetTransaction, which needs no feature) and follow a transaction it
-    has; only if it has none do they wait for its heartbeat (review of s63-f1, L-2: a switch
-    the agent had, or had completed, waited behind a heartbeat that might never come)."""
+    started (``Store.features_heard``), and the agent, asked over its channel what it
+    implements (``AgentClient._may_send``), did not say. Not "too old": the store's row is a
+    former leader process's, and may have lost the agent's first heartbeat with a killed
+    leader (review s63 faults, M1); the step runs again, and asks again. Of a request that
+    begins a transaction it is no word that nothing began either:
+    ``AgentClient.switch_and_watch``, ``AgentClient.rollback`` and
+    ``leader.changes.DisableTls`` ask the agent first (a plain GetTransaction, which needs no
+    feature) and follow a transaction it has (review of s63-f1, L-2: a switch the agent had,
+    or had completed, waited behind a heartbeat that might never come; session 64: so did a
+    scope freeze's renewal, and every switch after it)."""
 
 
 class AgentApi(Protocol):
@@ -365,7 +375,7 @@ class AgentClient:
         self._changed()  # (the pool's count of open channels: one fewer until the next opens)
         return True
 
-    def _sendable(self, request: Any) -> None:
+    def _sendable(self, request: Any, said: tuple[str, tuple[str, ...]] | None = None) -> None:
         """Refuse (``NotSent``, FAILED_PRECONDITION, nothing sent) a request that carries
         behaviour the node's agent has not reported it implements
         (``leader.agent_features.request_needs``): it would drop the field unread (proto3)
@@ -373,19 +383,24 @@ class AgentClient:
         blocks such a node and a start refuses it; this holds whatever planned the request
         (a rollout started before the agent was replaced by an older build, say). What the
         agent implements is what its heartbeats said since this leader started
-        (``Store.features_heard``, read at each request).
+        (``Store.features_heard``, read at each request), or ``said``: its version and
+        features as it answered them itself just now (``_may_send``: GetStatus).
 
         An agent not heard since this leader started is not judged by what the store holds
         of it: that is a former leader process's, and a group commit lost with a killed
         leader left it without the features of the agent's first heartbeat (the row says
-        none, as of an agent of an earlier release). Such a request is a ``TransientError``
-        (nothing sent): the step runs again once the agent's first heartbeat since has said
-        what it implements, within a heartbeat interval of its reconnecting. "Too old" there
-        halted a rollout whose resumed switch the agent had begun (review s63 faults, M1).
-        That is ``NotHeardYet``: a caller that would begin a transaction asks the agent
-        first whether it has it (``switch_and_watch``)."""
+        none, as of an agent of an earlier release). Such a request is a ``NotHeardYet``
+        (a ``TransientError``, nothing sent), which ``_may_send`` answers by asking the agent
+        (a request that begins a transaction asks first whether the agent has it:
+        ``switch_and_watch``, ``rollback``). "Too old" there halted a rollout whose resumed
+        switch the agent had begun (review s63 faults, M1)."""
         node = self.node
-        heard = self.heard(node.name) if self.heard is not None else node.agent_features
+        heard: tuple[str, ...] | None
+        if said is not None:
+            version, heard = said
+        else:
+            version = node.agent_version
+            heard = self.heard(node.name) if self.heard is not None else node.agent_features
         reported = node.agent_features if heard is None else heard
         missing = agent_features.missing_for(request, reported)
         if not missing:
@@ -394,14 +409,40 @@ class AgentClient:
             what = ", ".join(agent_features.too_old_for(node.agent_features, missing))
             raise NotHeardYet(
                 f"agent {node.name}: not heard since the leader started, and the store holds"
-                f" no word that it implements what this request needs ({what}): waiting for"
-                " its first heartbeat; the leader sent it nothing"
+                f" no word that it implements what this request needs ({what})"
             )
-        why = agent_features.too_old(node.agent_version, reported, missing)
+        why = agent_features.too_old(version, reported, missing)
         raise NotSent(
             f"{node.name}: {why}; the leader sent it nothing (FAILED_PRECONDITION)",
             grpc.StatusCode.FAILED_PRECONDITION,
         )
+
+    async def _may_send(self, request: Any) -> None:
+        """``_sendable``; for an agent not heard since this leader started, judged by what it
+        says it implements when asked over this channel (GetStatus, which needs no feature:
+        ``NodeStatus.features``, as in its heartbeats; an agent of an earlier release names
+        none, and is too old, as it is). An agent whose heartbeats do not reach the restarted
+        leader while the leader reaches it (a firewall, its leader address wrong) was waited
+        for without limit: the renewal of its scope freeze needs a feature, so every further
+        switch of the rollout stayed held (session 64). The answer is not kept: each such
+        request asks again, so an agent replaced meanwhile by an older build is not sent what
+        it would drop; once its heartbeats come, they say it. No answer (one try: the agent
+        away, or refusing the question) is ``NotHeardYet``: nothing sent, the step runs
+        again."""
+        try:
+            self._sendable(request)
+            return
+        except NotHeardYet as unheard:
+            waiting = str(unheard)
+        try:
+            status = await self.get_status(agent_pb2.GetStatusRequest())
+        except TlsrollError as exc:
+            raise NotHeardYet(
+                f"{waiting}, and asked over its channel it did not say ({exc}): the leader sent"
+                " it nothing, and asks again as the step runs again"
+            ) from None
+        said = features.reported(status.features)
+        self._sendable(request, (peertext.clean(status.agent_version, MAX_VERSION), said))
 
     async def _once(self, method: Method[T], request: Any, timeout: float = CALL_TIMEOUT) -> T:
         """One call: UNAVAILABLE or DEADLINE_EXCEEDED is a TransientError, any other status the
@@ -480,15 +521,33 @@ class AgentClient:
         return await self._call(lambda s: s.CreateCSR, request)
 
     async def stage(self, request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
-        self._sendable(request)
+        await self._may_send(request)
         return await self._call(lambda s: s.Stage, request)
 
     async def switch(self, request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
-        self._sendable(request)
+        await self._may_send(request)
         return await self._call(lambda s: s.Switch, request)
 
     async def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
-        self._sendable(request)
+        """An agent not heard since this leader started (``NotHeardYet`` of ``_sendable``) is
+        asked first whether it has this rollout's rollback (a plain GetTransaction), which is
+        returned if so, as its Rollback would return it: a restarted agent whose heartbeats do
+        not reach the leader refuses every command (it cannot ask the leader for the
+        command's epoch), but answers that, and a way back begun before a leader restart is
+        followed (review of s63-f1, L-2). With none, what it implements is asked
+        (``_may_send``), and the Rollback sent or refused."""
+        try:
+            self._sendable(request)
+        except NotHeardYet:
+            had = await self._had(
+                agent_pb2.GetTransactionRequest(
+                    rollout_id=request.command.rollout_id,
+                    kind=agent_pb2.TRANSACTION_KIND_ROLLBACK,
+                )
+            )
+            if had is not None:
+                return had
+            await self._may_send(request)
         return await self._call(lambda s: s.Rollback, request)
 
     async def get_transaction(
@@ -563,10 +622,13 @@ class AgentClient:
         no word of it) is no word of the agent's: an earlier run of the step (before a leader
         restart) may have begun the switch. The agent is asked whether it has it, with a plain
         GetTransaction (no feature needed): if so its states are followed, as any switch under
-        way; only if it has none is it ``SwitchRefused`` (``NotSent``), or the wait for the
-        agent's first heartbeat (``NotHeardYet``, raised again: the step runs again). A switch
-        the agent has is followed so without a heartbeat: one whose heartbeats do not reach
-        the leader while the leader reaches it (review of s63-f1, L-2)."""
+        way; only if it has none is it ``SwitchRefused`` (``NotSent``), or, for an agent not
+        heard since (``NotHeardYet``), Switch and the watch, Switch asking the agent first what
+        it implements (``_may_send``; session 64: it waited for a first heartbeat that might
+        never come). A switch the agent has is followed so without a heartbeat: one whose
+        heartbeats do not reach the leader while the leader reaches it (review of s63-f1,
+        L-2); asked first, as a restarted agent that cannot reach the leader refuses every
+        command (it cannot ask for the command's epoch) but answers GetTransaction."""
         watch = agent_pb2.GetTransactionRequest(
             rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
         )
@@ -580,10 +642,13 @@ class AgentClient:
                 yield txn
             return
         except (NotSent, NotHeardYet) as exc:
-            await self._begun_before(watch, exc)
-            async for txn in self.watch_transaction(watch):  # (sendable: it carries nothing)
-                yield txn
-            return
+            if await self._begun_before(watch, exc):
+                async for txn in self.watch_transaction(watch):  # (sendable: it carries nothing)
+                    yield txn
+                return
+            # Not heard since the leader started, and it has no such switch: begun as on an
+            # agent of an earlier release (Switch, then the watch), Switch asking it first
+            # what it implements (``_may_send``).
         except StepFailed as exc:
             if seen:
                 raise
@@ -603,27 +668,35 @@ class AgentClient:
 
     async def _begun_before(
         self, request: agent_pb2.GetTransactionRequest, unsent: NotSent | NotHeardYet
-    ) -> None:
+    ) -> bool:
         """A request that would begin the transaction ``request`` names was not sent
-        (``unsent``): return if the agent has that transaction all the same (begun by an
+        (``unsent``): True if the agent has that transaction all the same (begun by an
         earlier run of the step), else ``SwitchRefused`` with ``unsent``'s reason (nothing
-        began, nor will it), or ``unsent`` itself if it is a ``NotHeardYet`` (the step waits
-        for the agent's first heartbeat, then sends or refuses). A refusal of the question
+        began, nor will it), or False if it is a ``NotHeardYet`` (the caller asks the agent
+        what it implements, then sends or refuses: ``_may_send``). A refusal of the question
         says nothing of it: a ``TransientError``, as no answer is."""
+        if await self._had(request) is not None:
+            return True
+        if isinstance(unsent, NotHeardYet):
+            return False
+        raise SwitchRefused(str(unsent), unsent.code)
+
+    async def _had(self, request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction | None:
+        """The transaction ``request`` names as the agent has it, or None if it has none
+        (NOT_FOUND); a refusal of the question says nothing of it: a ``TransientError``, as no
+        answer is."""
         try:
-            await self.get_transaction(request)
+            return await self.get_transaction(request)
         except StepFailed as exc:
             if exc.code is grpc.StatusCode.NOT_FOUND:
-                if isinstance(unsent, NotHeardYet):
-                    raise unsent from None
-                raise SwitchRefused(str(unsent), unsent.code) from None
+                return None
             raise TransientError(
                 f"agent {self.node.name}: the transaction may have begun, its state is unknown"
                 f" ({exc})"
             ) from None
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
-        self._sendable(request)
+        await self._may_send(request)
         return await self._call(lambda s: s.Freeze, request)
 
     async def unfreeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:

@@ -698,9 +698,10 @@ class DisableTls(ChangeSteps):
                 return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
         except NotHeardYet:
             # Not sent either: its agent not heard since the leader started, the store holds
-            # no word of ``rollback.undoes``. The way back it has is followed all the same
-            # (the plain GetTransaction needs nothing); with none the step waits for its
-            # first heartbeat, then sends or refuses (review of s63-f1, L-2).
+            # no word of ``rollback.undoes``, and asked, it did not say what it implements.
+            # The way back it has is followed all the same (the plain GetTransaction needs
+            # nothing); with none the step runs again, and asks again (review of s63-f1, L-2;
+            # session 64).
             if not await self.switch_begun(ctx.agent, ctx.rollout.id):
                 raise
         except StepFailed as exc:  # refused before it began: the node is as it was

@@ -397,6 +397,21 @@ _V15 = """
 ALTER TABLE nodes ADD COLUMN names_apart INTEGER NOT NULL DEFAULT 0;
 """
 
+# Migration 16: whether a rollout's stored note (``reason``) offers the way back to http
+# (``tlsroll rollout rollback``: ``rollout_core.way_out``), as a fact written with the note
+# (session 64: the engine read it from the note's last words, ``offers_way_back``, to decide
+# whether to make a halt's note again as the halt ends; a change of the words would have kept
+# a note offering a way back that `rollout rollback` refuses). Every note this code writes sets
+# it, 0 or 1. NULL: not known (a rollout written before it, or a note an older leader wrote,
+# which does not know it): the engine then makes the note again if the halt ends with no node
+# to take back, as it would for a note that offered it; made from the records, that note is
+# right whatever the one before said. No row written here (an older leader may ignore it:
+# ``IGNORABLE``); a note such an older leader writes later leaves the column as it was, at
+# worst a note made again as its halt ends, or one not made again, as before session 63.
+_V16 = """
+ALTER TABLE rollouts ADD COLUMN way_back_offered INTEGER;  -- 0, 1; NULL: not known
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -413,6 +428,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V13,  # the audit's re-learnings by node: what superseded a token
     _V14,  # the nodes a retry or way back left out, removed since
     _V15,  # a node's certificates keep its names apart from the SAN
+    _V16,  # whether a rollout's note offers the way back to http
 )
 
 
@@ -433,7 +449,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13, 14, 15})
+IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
@@ -442,7 +458,8 @@ floor this makes, so the migrations before are not listed: every one of them is 
 builds that read it. 13: an index of the audit, which SQLite keeps up to date as an older leader
 writes the audit. 14: a column of the rollouts, NULL unless a retry or way back left out nodes
 removed since; a rollout an older leader creates has none. 15: a column of the nodes with a
-default, which an older leader leaves as it is (it issues certificates as it did)."""
+default, which an older leader leaves as it is (it issues certificates as it did). 16: a column
+of the rollouts, NULL (not known) where an older leader wrote the rollout or left it."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote

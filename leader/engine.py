@@ -93,10 +93,10 @@ from leader.rollout_core import (
     drained_halt_note,
     finalized_note,
     halt_note,
+    halt_offers_way_back,
     left_as_is,
     left_out,
     may_take_back,
-    offers_way_back,
     taken_back_note,
 )
 from leader.schema_store import (
@@ -411,6 +411,7 @@ class Engine:
         rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
         if plan.rollout_events or moved:  # moved: by an event, or a scope freeze asked
             reason = None
+            way_back = False  # (whether ``reason`` offers the way back to http)
             if _HALTS & set(plan.rollout_events):
                 # The failed nodes and those cut off before their switches, whichever halted
                 # the rollout in this pass: the note names both (review rev50e L). A skip_unsent
@@ -418,14 +419,14 @@ class Engine:
                 skips = (NodeEvent.SKIP, NodeEvent.SKIP_UNSENT)
                 cut = [a.node for a in plan.node_events if a.event in skips and a.node in cut_off]
                 switched = _may_take_back_after(row, moved)
-                reason = halt_note(
-                    rollout, _failed_after(row, moved), cut, cut_off, switched=switched
-                )
+                failed = _failed_after(row, moved)
+                reason = halt_note(rollout, failed, cut, cut_off, switched=switched)
+                way_back = halt_offers_way_back(rollout, bool(failed), switched=switched)
             elif row.rollout.state is RolloutState.HALTING and (
                 any(a.node in cut_off for a in plan.node_events)
                 or (
                     rollout.state is RolloutState.HALTED
-                    and offers_way_back(rollout, row.meta.reason)
+                    and row.meta.way_back_offered is not False  # (None: not known)
                     and not _may_take_back_after(row, moved)
                 )
             ):
@@ -436,12 +437,11 @@ class Engine:
                 # other than switched (its step's write, before this pass): with none switched
                 # as the halt ends, the note made again offers the retry alone, and names that
                 # node; `rollout rollback` refused it, "switched no node" (review of s63-f1, L-1).
-                reason = drained_halt_note(
-                    rollout,
-                    _ended_after(row, moved),
-                    cut_off,
-                    switched=_may_take_back_after(row, moved),
-                )
+                ended = _ended_after(row, moved)
+                switched = _may_take_back_after(row, moved)
+                reason = drained_halt_note(rollout, ended, cut_off, switched=switched)
+                any_failed = any(r.state in FAILED_NODE_STATES for r in ended)
+                way_back = halt_offers_way_back(rollout, any_failed, switched=switched)
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:
@@ -453,6 +453,7 @@ class Engine:
                     now,
                     "engine",
                     reason,
+                    way_back=way_back,
                     steps=_begun([row.node(r.name)[0] for r in moved], moved, now),
                 )
             except StaleRecords:

@@ -978,7 +978,7 @@ def way_out(rollout: Rollout, *, switched: bool) -> str:
     the way back to http offered: a halted enable-tls that switched no node offered `rollout
     rollback`, which then refused it, "switched no node; nothing to undo" (review s63 faults,
     L1)."""
-    back = _way_back(rollout) if rollout.change is Change.ENABLE_TLS and switched else ""
+    back = _way_back(rollout) if offers_way_back(rollout, switched=switched) else ""
     return f"finish the nodes left: tlsroll rollout retry {rollout.id}{back}"
 
 
@@ -987,11 +987,20 @@ def _way_back(rollout: Rollout) -> str:
     return f" or go back to http: tlsroll rollout rollback {rollout.id}"
 
 
-def offers_way_back(rollout: Rollout, note: str) -> bool:
-    """Whether ``note`` (the rollout's stored reason) ends offering the way back to http
-    (``way_out`` with ``switched``): what the halt's note said of a node in its switch as it
-    was made, which the engine makes again if the drain leaves none switched."""
-    return note.endswith(_way_back(rollout))
+def offers_way_back(rollout: Rollout, *, switched: bool) -> bool:
+    """Whether ``way_out`` offers the way back to http (``switched`` as its own)."""
+    return rollout.change is Change.ENABLE_TLS and switched
+
+
+def halt_offers_way_back(rollout: Rollout, failed: bool, *, switched: bool) -> bool:
+    """Whether the note ``halt_note`` (or ``drained_halt_note``) makes, with a node ``failed``
+    or none, offers the way back to http: the fact the engine stores with it
+    (``RolloutMeta.way_back_offered``), by which it makes the note again as the halt ends if the
+    drain left no node switched. With a failed node the note ends with ``halt_way_out``'s way
+    on, which is ``way_out``'s but for the way back's (which never offers it); with none, a
+    cut-off halt's (``cut_off_halt``), which offers the retry alone. Session 64: the engine read
+    the fact from the note's last words."""
+    return failed and offers_way_back(rollout, switched=switched)
 
 
 def refused_action(rollout: Rollout, action: RolloutAction) -> str:

@@ -86,6 +86,9 @@ class RolloutMeta:
     # A retry, or the way back of a named rollout: the nodes of the rollout it retries or takes
     # back that it left out, removed since (`tlsroll nodes remove`; ``leader.db._V14``).
     removed_since: tuple[str, ...] = ()
+    # Whether ``reason`` offers the way back to http (``tlsroll rollout rollback``:
+    # ``rollout_core.way_out``), written with it; None: not known (``leader.db._V16``).
+    way_back_offered: bool | None = False
     # enable-tls, rotate-cert: the practice's own certificates (``--cert-dir``: its practice CA
     # is kept under ``own_ca/<id>``), and per node it gives one, the SPKI pin of the CA that
     # certificate's chain ends at (``own_pins/<id>``; ``own_ca_pins``). Pins only in a rollout
@@ -882,8 +885,8 @@ class SchemaStore(LeaderStore):
                 "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
                 " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
                 " started_by, leader_node, auth_version, undoes, finalizes, when_quiet,"
-                " removed_since)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " removed_since, way_back_offered)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
                 (
                     rollout.id,
                     rollout.change.value,
@@ -942,6 +945,7 @@ class SchemaStore(LeaderStore):
         actor: str,
         reason: str | None = None,
         *,
+        way_back: bool = False,
         steps: Sequence[StepTime] = (),
         details: Mapping[str, Mapping[str, Any]] | None = None,
         auth: Mapping[str, int | None] | None = None,
@@ -954,7 +958,8 @@ class SchemaStore(LeaderStore):
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
-        the rollout's state (and ``reason``), the node records in ``nodes`` that differ from
+        the rollout's state (and ``reason``, with ``way_back``: whether it offers the way back
+        to http, ``RolloutMeta.way_back_offered``), the node records in ``nodes`` that differ from
         ``before``'s, step times (``steps``), what steps learnt about nodes (``details``: node
         name → fields as ``update_detail`` takes them) and the password now live on nodes
         (``auth``, as ``set_node_auth``) and the certificates a node now done no longer
@@ -1000,11 +1005,19 @@ class SchemaStore(LeaderStore):
                 ended = now if rollout.state in TERMINAL_ROLLOUT_STATES else None
                 started = now if rollout.state is RolloutState.RUNNING else None
                 self._db.cache.pop(_LIVE, None)
+                offered = None if reason is None else int(way_back)
                 db.execute(
                     "UPDATE rollouts SET state = ?, ended_at = COALESCE(ended_at, ?),"
-                    " started_at = COALESCE(started_at, ?), reason = COALESCE(?, reason)"
-                    " WHERE id = ?",
-                    (rollout.state.value, to_text(ended), to_text(started), reason, rollout.id),
+                    " started_at = COALESCE(started_at, ?), reason = COALESCE(?, reason),"
+                    " way_back_offered = COALESCE(?, way_back_offered) WHERE id = ?",
+                    (
+                        rollout.state.value,
+                        to_text(ended),
+                        to_text(started),
+                        reason,
+                        offered,
+                        rollout.id,
+                    ),
                 )
                 self._audit(
                     db,
@@ -1022,6 +1035,7 @@ class SchemaStore(LeaderStore):
                     started_at=meta.started_at or _stored_time(started),
                     ended_at=meta.ended_at or _stored_time(ended),
                     reason=meta.reason if reason is None else reason,
+                    way_back_offered=meta.way_back_offered if reason is None else way_back,
                 )
             records = {}
             for rec in nodes:
@@ -1767,6 +1781,7 @@ def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:
         finalizes=r["finalizes"],
         when_quiet=r["when_quiet"],
         removed_since=_removed_since(r["id"], r["removed_since"]),
+        way_back_offered=None if r["way_back_offered"] is None else bool(r["way_back_offered"]),
     )
     return rollout, meta
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import signal
+import socket
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ from tests.leader_rig import _enrol
 from tests.nodeside import cluster_of
 from tests.test_level_based import live, password_file
 from tlsroll import features, pki
+from tlsroll.defaults import CONTROL_PORT
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
@@ -324,12 +328,17 @@ async def test_a_switch_the_leader_may_not_send_is_followed_if_its_agent_has_it(
     await client.close()
 
 
-async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> None:
+async def test_an_agent_not_heard_since_the_leader_started_is_asked() -> None:
     """What the store holds of an agent the leader has not heard since it started is a former
     leader process's, and may lack the features of the agent's first heartbeat (a group
-    commit lost with a killed leader). A request that needs a feature it lacks is then a
-    ``TransientError``, nothing sent: the step runs again once the agent's first heartbeat has
-    said what it implements. Heard since, that is what counts, whatever the node read says."""
+    commit lost with a killed leader). A request that needs a feature it lacks is judged by
+    what the agent says when asked over the channel (GetStatus, which needs no feature), each
+    time: it is sent if the agent implements it, refused as too old if it does not, and not
+    sent while the agent does not answer (``NotHeardYet``, a ``TransientError``: the step runs
+    again). Session 64: it waited for a heartbeat that might never come (its heartbeats do
+    not reach the restarted leader, while the leader reaches it), and a scope freeze's renewal
+    held every further switch without limit. Heard since, its heartbeats count, and it is not
+    asked."""
     heard: dict[str, tuple[str, ...]] = {}
     client = AgentClient(node_of(()), grpc.ssl_channel_credentials(), "td.example", heard=heard.get)
     command = agent_pb2.Command(rollout_id="r1", epoch=1)
@@ -339,10 +348,26 @@ async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> No
         agent_pb2.FreezeRequest(lease_seconds=300),
         agent_pb2.StageRequest(own_certificate=True),
     ]
+    answers: list[agent_pb2.NodeStatus | TransientError] = []
+    asked: list[int] = []
+
+    async def get_status(request: agent_pb2.GetStatusRequest, timeout: float = 30) -> Any:
+        asked.append(1)
+        answer = answers[0]
+        if isinstance(answer, TransientError):
+            raise answer
+        return answer
+
+    client.get_status = get_status  # type: ignore[method-assign]
+    answers[:] = [TransientError("agent old1 unreachable (UNAVAILABLE)")]
     for request in requests:
-        with pytest.raises(TransientError, match="not heard since the leader started") as waits:
-            client._sendable(request)
-        assert "waiting for its first heartbeat; the leader sent it nothing" in str(waits.value)
+        with pytest.raises(NotHeardYet, match="not heard since the leader started") as waits:
+            await client._may_send(request)
+        assert str(waits.value).endswith(
+            "asked over its channel it did not say (agent old1 unreachable (UNAVAILABLE)): the"
+            " leader sent it nothing, and asks again as the step runs again"
+        )
+    assert len(asked) == len(requests)  # once per request, not kept
 
     async def has_none(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
         raise StepFailed("no switch transaction for rollout r1 (NOT_FOUND)", NOT_FOUND)
@@ -351,13 +376,27 @@ async def test_an_agent_not_heard_since_the_leader_started_is_waited_for() -> No
     with pytest.raises(NotHeardYet, match=r"needs \(--freeze scope\)"):
         async for _txn in client.switch_and_watch(requests[0]):
             pytest.fail("nothing is sent")
-    client._sendable(agent_pb2.SwitchRequest(command=command))  # needs nothing: sent
-    heard["old1"] = ALL  # its first heartbeat since
+    asked.clear()
+    await client._may_send(agent_pb2.SwitchRequest(command=command))  # needs nothing: sent
+    assert asked == []  # (and not asked)
+    answers[:] = [agent_pb2.NodeStatus(agent_version="0.3.0", features=ALL)]
+    for request in requests:  # it says it implements them: sent
+        await client._may_send(request)
+    assert len(asked) == len(requests)
+    answers[:] = [agent_pb2.NodeStatus(agent_version="0.1.8\x1b[2J", features=[])]
+    with pytest.raises(NotSent, match=r"agent \(tlsroll 0\.1\.8.*\) is too old for --freeze scope"):
+        await client._may_send(requests[2])  # it says it implements none: too old
+    with pytest.raises(SwitchRefused, match="too old for --freeze scope"):
+        async for _txn in client.switch_and_watch(requests[0]):
+            pytest.fail("nothing is sent")
+    asked.clear()
+    heard["old1"] = ALL  # its first heartbeat since: what it says counts, not asked
     for request in requests:
-        client._sendable(request)
+        await client._may_send(request)
     heard["old1"] = ()  # it said it implements none: too old, whatever was stored
     with pytest.raises(NotSent, match="too old for --freeze scope"):
-        client._sendable(requests[2])
+        await client._may_send(requests[2])
+    assert asked == []
     assert not client.open and client.in_flight == 0
     await client.close()
 
@@ -368,7 +407,8 @@ async def test_a_switch_its_agent_has_is_followed_before_its_first_heartbeat() -
     was asked, so a resumed switch it had begun, or completed, waited behind a heartbeat
     that might never come (the rollout, and a scope freeze, without limit). It is asked first
     with the plain GetTransaction (which needs no feature) and the switch it has is followed;
-    only if it has none does the step wait for the heartbeat (``NotHeardYet``)."""
+    only if it has none is it asked what it implements (``_may_send``: session 64), then sent
+    the switch or refused."""
     client = AgentClient(
         node_of(()), grpc.ssl_channel_credentials(), "td.example", heard=lambda name: None
     )
@@ -1071,8 +1111,10 @@ def test_a_switch_resumed_on_an_agent_not_heard_since_is_followed(tmp_path: Path
     asked with the plain GetTransaction, which needs no feature, and the switch it completed
     is followed: node3 done on https, its certificate watched, the rollout completed. (Its
     scope is node2 and node3, node3 last: a further switch would wait, as it should, for
-    node3's scope freeze to be renewed, which needs a feature the store holds no word of;
-    node3's heartbeats are let through once it is done, for the freeze's end.)"""
+    node3's scope freeze to be renewed, which its restarted agent refuses while it cannot ask
+    the leader for the rollout's epoch; node3's heartbeats are let through once it is done,
+    for the freeze's end. An agent not restarted renews it: see
+    ``test_a_scope_freeze_of_an_agent_not_heard_since_is_renewed_by_asking_it``.)"""
     with cluster_of(
         tmp_path,
         3,
@@ -1128,3 +1170,182 @@ def test_a_switch_resumed_on_an_agent_not_heard_since_is_followed(tmp_path: Path
         assert txn_phases(node3, "switch") == ["completed"]
         assert [list(live(node).schemes) for node in nodes] == [["http"], ["https"], ["https"]]
         assert server_certificates(cluster) == ["node2", "node3"]
+
+
+class Relay:
+    """A TCP relay on ``address`` (a free port: ``port``) to ``address:target``, for an agent
+    whose heartbeats are to stop reaching the leader while it keeps running (its announced
+    epochs in memory: a restarted agent refuses every command until it can ask the leader).
+    ``close`` ends it: its connections and its port, so the agent's next connection is
+    refused."""
+
+    def __init__(self, address: str, target: int) -> None:
+        self.target = (address, target)
+        self.listener = socket.create_server((address, 0))
+        self.listener.settimeout(0.2)
+        self.port: int = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                inner, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                outer = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                inner.close()
+                continue
+            with self.lock:
+                if self.closed.is_set():
+                    inner.close()
+                    outer.close()
+                    return
+                self.sockets += [inner, outer]
+            for a, b in ((inner, outer), (outer, inner)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(None)
+        sink.settimeout(None)
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        self.accepting.join(5)
+        with self.lock:
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self.sockets.clear()
+
+
+@contextlib.contextmanager
+def heartbeats_relayed(cluster: Cluster, node: Any) -> Iterator[Relay]:
+    """``node``'s agent restarted to reach the leader's control port through a ``Relay`` (its
+    heartbeats stop reaching the leader once the relay is closed; the leader reaches the
+    agent directly all along); the relay closed at the end."""
+    relay = Relay(cluster.address, CONTROL_PORT)
+    try:
+        node.agent.stop()
+        node.agent.write_config({"leader": {"control_port": relay.port}})
+        node.start_agent_heard()
+        yield relay
+    finally:
+        relay.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_scope_freeze_of_an_agent_not_heard_since_is_renewed_by_asking_it(
+    tmp_path: Path,
+) -> None:
+    """Session 64: under --freeze scope, the leader killed while node2 switches, its store
+    without node2's features, and node2's heartbeats no longer reaching the restarted leader
+    (its agent, still running, dialled the leader through a relay now closed) while the
+    leader reaches it. node2's switch was followed (review of s63-f1, L-2), but its scope
+    freeze's renewal needs a feature (``freeze.lease_seconds``) the leader learnt only from a
+    heartbeat: not sent, node2's freeze never confirmed again, and node3's switch held
+    behind it without limit. The leader asks node2's agent what it implements over the
+    channel it has (GetStatus): the freeze is renewed, node3 switches, and the rollout
+    completes, though node2 is never heard (the store still holds none of its features)."""
+    with cluster_of(
+        tmp_path,
+        3,
+        step_deadline=15,
+        scope_freeze_lease=20,
+        heartbeat_interval=20,  # node2, silent, stays online for a minute
+        node_env={"node2": {START_DELAY_ENV: "3"}},  # its switch's restart: seconds, not ms
+    ) as (cluster, nodes):
+        node2, node3 = nodes[1], nodes[2]
+        with heartbeats_relayed(cluster, node2) as relay:
+            wait_until(
+                lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+                30,
+                "every agent's features stored",
+                interval=LEADER_POLL,
+            )
+            secret = password_file(tmp_path, "pw", "not-heard-freeze-password-for-the-practice")
+            started = cluster.cli(
+                "rollout", "start", "--scope", "nodes", "--nodes", "node2,node3",
+                "--password-file", str(secret), "--freeze", "scope", "--yes",
+            )  # fmt: skip
+            assert started.returncode == 0, started.stderr
+            wait_until(lambda: txn_phases(node2, "switch") != [], 90, "node2's switch", 0.05)
+            assert txn_phases(node3, "switch") == []
+            rid = cluster.newest_rollout()["id"]
+            cluster.kill_leader()
+            relay.close()  # node2's heartbeats: refused from now on
+            lose_features(cluster, "node2")
+            cluster.start_leader()
+
+            rollout = ended(cluster)
+            nodes_now = {n["name"]: (n["state"], n.get("reason", "")) for n in rollout["nodes"]}
+            assert rollout["id"] == rid
+            assert rollout["state"] == "completed", (rollout["state"], nodes_now)
+            assert stored_features(cluster)["node2"] == []  # never heard since the restart
+            assert txn_phases(node2, "switch") == ["completed"]
+            assert txn_phases(node3, "switch") == ["completed"]
+            assert [list(live(node).schemes) for node in nodes] == [["http"], ["https"], ["https"]]
+
+
+@pytest.mark.timeout(300)
+def test_nodes_says_an_agent_not_heard_since_the_leader_started_not_too_old(
+    tmp_path: Path,
+) -> None:
+    """Session 64: `tlsroll nodes` gave its verdict from the store's row for an agent the
+    leader had not heard since it started: a killed leader whose store lost node2's features
+    (the first heartbeat's group commit) listed node2's current agent "too old for …" in red
+    until its first heartbeat since, for good if its heartbeats did not reach the leader. It
+    says "not heard since the leader started" instead, with no verdict (``--json``:
+    ``agent_not_heard``, no ``agent_too_old_for``); once heard, what its agent said counts."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node2 = nodes[1]
+        agent2 = node2.agent
+        assert agent2 is not None
+        wait_until(
+            lambda: all(v == list(ALL) for v in stored_features(cluster).values()),
+            30,
+            "every agent's features stored",
+            interval=LEADER_POLL,
+        )
+        cluster.kill_leader()
+        agent2.send_signal(signal.SIGSTOP)  # its heartbeats do not reach the restarted leader
+        lose_features(cluster, "node2")
+        cluster.start_leader()
+
+        wide = {"COLUMNS": "400"}  # (one line per node)
+        listed = cluster.cli("nodes", env=wide)
+        assert listed.returncode == 0, listed.stderr
+        row2 = next(line for line in listed.stdout.splitlines() if "node2" in line)
+        assert "not heard since the leader started" in row2, listed.stdout
+        assert "too old" not in listed.stdout, listed.stdout
+        by_name = {n["name"]: n for n in json.loads(cluster.cli("nodes", "--json").stdout)}
+        assert by_name["node2"].get("agent_not_heard") is True
+        assert not by_name["node2"].get("agent_too_old_for")
+        assert not by_name["node1"].get("agent_not_heard")
+
+        agent2.send_signal(signal.SIGCONT)  # heard again: its heartbeat says what it implements
+        wait_until(
+            lambda: not json.loads(cluster.cli("nodes", "--json").stdout)[1].get("agent_not_heard"),
+            60,
+            "node2 heard again",
+            interval=LEADER_POLL,
+        )
+        listed = cluster.cli("nodes", env=wide)
+        assert "not heard" not in listed.stdout and "too old" not in listed.stdout, listed.stdout

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -2267,6 +2268,55 @@ async def test_a_halt_whose_drain_leaves_no_node_switched_offers_no_way_back(
         f" next: finish the nodes left: tlsroll rollout retry {rid}"
     ), note
     await leader.stop()
+
+
+@pytest.mark.parametrize(
+    ("stored", "made_again"),
+    [(None, True), (1, True), (0, False)],
+    ids=["not-known", "offered", "not-offered"],
+)
+async def test_whether_a_halt_note_offers_the_way_back_is_stored_with_it(
+    world: World, stored: int | None, made_again: bool
+) -> None:
+    """Session 64: whether the halt's note offers the way back is a fact stored with it
+    (``rollouts.way_back_offered``), not read from the note's last words. The leader dies
+    halting with charlie still in its switch (its note offers `rollout rollback`, and says
+    so); the next leader reads the fact: offered, or not known (a rollout an older leader
+    wrote: NULL), and the note is made again as the halt ends with no node switched; stored
+    as not offered, the note is left as it is, whatever its words."""
+    first = world.boot()
+    switch_rolls_back(world.agents["bravo"])
+    world.agents["alpha"].unreachable = 10**6
+    undo = switch_gets_no_answer(world, "charlie")
+    switch_rolls_back(world.agents["charlie"])
+    row = await first.start(max_parallel=3)
+    rid = row.rollout.id
+    row = await first.run(until=lambda r: r.rollout.state is not R.RUNNING)
+    assert row.rollout.state is R.HALTING, (row.rollout, states(row))
+    offering = row.meta.reason
+    assert offering.endswith(f"or go back to http: tlsroll rollout rollback {rid}")
+    assert row.meta.way_back_offered is True
+    await first.crash()
+    with contextlib.closing(sqlite3.connect(world.path)) as db:
+        assert db.execute("SELECT way_back_offered FROM rollouts").fetchall() == [(1,)]
+        db.execute("UPDATE rollouts SET way_back_offered = ?", (stored,))
+        db.commit()
+    undo()
+    world.agents["alpha"].unreachable = 0
+    second = world.boot()
+    row = await second.run()
+    assert row.rollout.state is R.HALTED
+    assert not {N.DONE, N.DUAL} & set(states(row).values()), states(row)
+    if made_again:
+        assert row.meta.reason == (
+            f"halted: bravo rolled_back: {node(row.records, 'bravo').reason}; charlie"
+            f" rolled_back: {node(row.records, 'charlie').reason}; next: finish the nodes"
+            f" left: tlsroll rollout retry {rid}"
+        ), row.meta.reason
+        assert row.meta.way_back_offered is False
+    else:
+        assert row.meta.reason == offering
+    await second.stop()
 
 
 async def test_a_way_back_its_agent_has_is_followed_before_its_first_heartbeat(

@@ -39,6 +39,7 @@ from leader.rollout_core import (
     cut_off_reason,
     drained_halt_note,
     halt_note,
+    halt_offers_way_back,
     halt_way_out,
     next_command,
     way_out,
@@ -426,6 +427,27 @@ def test_a_halt_names_the_failed_nodes_and_those_cut_off_before_their_switches()
     assert "before its switch" not in halt_note(
         final, [failed], ["c"], frozenset({"c"}), switched=True
     )
+
+
+@pytest.mark.parametrize("change", list(Change))
+@pytest.mark.parametrize("switched", [True, False])
+@pytest.mark.parametrize("cut", [(), ("c",)])
+@pytest.mark.parametrize("failed", [True, False])
+def test_whether_a_halt_note_offers_the_way_back_is_known_without_its_words(
+    change: Change, switched: bool, cut: tuple[str, ...], failed: bool
+) -> None:
+    """Session 64: the fact the engine stores with a halt's note (``halt_offers_way_back``),
+    by which it makes the note again as the halt ends, is what the note says: it offers the
+    way back exactly when it ends offering `tlsroll rollout rollback` (the engine read that
+    from the words)."""
+    rollout = replace(a_rollout(R.HALTING), change=change)
+    records = [NodeRecord("a", N.ROLLED_BACK, "verify: port 8443 closed")] if failed else []
+    if not records and not cut:
+        return  # (a halt names a failed node or one cut off)
+    note = halt_note(rollout, records, cut, frozenset(cut), switched=switched)
+    words = f" or go back to http: tlsroll rollout rollback {rollout.id}"
+    assert halt_offers_way_back(rollout, failed, switched=switched) is note.endswith(words)
+    assert words not in note.removesuffix(words)
 
 
 def test_a_node_cut_off_while_the_halt_drains_is_named_as_at_the_halt() -> None:

@@ -130,10 +130,14 @@ def _clock(n: admin_pb2.NodeInfo) -> Text:
 
 def _agent(n: admin_pb2.NodeInfo) -> Text:
     """The agent's version, and in red what this leader can ask that it is too old for (the
-    leader's own verdict, ``NodeInfo.agent_too_old_for``): a rollout of it blocks there."""
+    leader's own verdict, ``NodeInfo.agent_too_old_for``): a rollout of it blocks there. An
+    agent the leader has not heard since it started (``agent_not_heard``) gets no verdict: the
+    version is the store's, a former leader process's, and may be older than the agent."""
     # Whatever an agent reported, printed without control characters (the leader cleans it
     # too; an older store may still hold raw text).
     version = peertext.clean(n.agent_version, 64)
+    if n.agent_not_heard:
+        return Text(f"{version or '?'}: not heard since the leader started", style="yellow")
     if not n.agent_too_old_for:
         return Text(version)
     return Text(f"{version}: too old for {', '.join(n.agent_too_old_for)}", style="red")
