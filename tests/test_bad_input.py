@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.cluster import Cluster, command, one_line_error
+from tests.cluster import Cluster, child_env, command, one_line_error
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
 from tlsroll import password
@@ -163,6 +164,69 @@ def test_password_set_reads_a_pipe_as_before(cluster: Cluster) -> None:
     finally:
         cluster.stop_leader()
     assert len(cluster.store_rows(("auth_versions",))["auth_versions"]) == len(before) + 1
+
+
+def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The ops review of session 63: ``--password-file`` naming a FIFO nobody writes to waited
+    until Ctrl-C. Every command that reads one (``password set``, ``rollout start``,
+    ``notify``: ``tlsroll.password.read_password_file``) gives up after ``PIPE_WAIT``: exit 2,
+    one line naming the file, and nothing asked of the leader (no password staged, no rollout
+    started). A FIFO whose writer comes (``<(pass show x)``) is read as before."""
+    cluster.start_leader()
+    tables = ("auth_versions", "rollouts", "rollout_nodes")
+    try:
+        before = cluster.store_rows(tables)
+        commands = {
+            "password": ["password", "set"],
+            "rollout": ["rollout", "start", "--change", "enable-tls", "--scope", "cluster"],
+            "notify": ["notify", "--when", "2030-01-02T10:00", "--include-password"],
+        }
+        env = child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)})
+        running = {}
+        for name, args in commands.items():  # side by side: each waits PIPE_WAIT
+            fifo = tmp_path / f"{name}.fifo"
+            os.mkfifo(fifo, 0o600)
+            running[name] = subprocess.Popen(
+                [*command("tlsroll", "tlsroll"), *args, "--password-file", str(fifo)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        for name, process in running.items():
+            try:
+                out, err = process.communicate(timeout=password.PIPE_WAIT + 50)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                pytest.fail(f"{name}: still waiting for the FIFO")
+            assert process.returncode == 2, (name, err)
+            line = one_line_error(err, "tlsroll")
+            fifo = tmp_path / f"{name}.fifo"
+            assert "--password-file" in line and f"nothing came from {fifo} within 10 s" in line
+            assert out == ""
+        assert cluster.store_rows(tables) == before
+
+        # A writer that comes: its password is read and staged.
+        fifo = tmp_path / "written.fifo"
+        os.mkfifo(fifo, 0o600)
+
+        def write() -> None:
+            with fifo.open("w") as f:  # (waits for the command to open it)
+                f.write("kd7q-x2mf-9vhc-3ptw-a8ke-rn5e\n")
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        result = cluster.cli("password", "set", "--password-file", str(fifo))
+        assert result.returncode == 0, result.stderr
+        writer.join(timeout=30)
+    finally:
+        cluster.stop_leader()
+    after = cluster.store_rows(tables)
+    assert len(after["auth_versions"]) == len(before["auth_versions"]) + 1
 
 
 # --- M4: init sets up only a new or empty directory ----------------------------------------------
