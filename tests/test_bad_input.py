@@ -314,6 +314,43 @@ def test_a_config_that_is_not_a_regular_file_is_refused_at_once(
         assert stat.S_ISFIFO(config.lstat().st_mode)
 
 
+@pytest.mark.parametrize(("script", "module"), DAEMONS)
+def test_a_daemons_usage_error_is_one_line_naming_the_argument(
+    tmp_path: Path, script: str, module: str
+) -> None:
+    """The ops review of session 63: a daemon's bad argument was argparse's usage (two or three
+    lines) and then the error, in the journal at every restart; an empty path (``--config
+    ''``) was the current directory, named "." by the error after it. One line on stderr,
+    ``PROG: error: ... (see PROG --help)``, exit 2, as the ``tlsroll`` command's; nothing is
+    read (the config named does not exist)."""
+    config = str(tmp_path / "missing.toml")
+    cases = [
+        (["--config", config, "--bogus"], "unrecognized arguments: --bogus"),
+        ([], "the following arguments are required: --config"),
+        (["--config", ""], "argument --config: must not be empty"),
+    ]
+    if script != "tlsroll-refserver":
+        cases.append(
+            (["--config", config, "--log-level", "loud"], "argument --log-level: invalid choice")
+        )
+    if script == "tlsroll-leader":
+        cases.append((["--config", config, "--backup", ""], "argument --backup: must not be empty"))
+    for args, said in cases:
+        result = subprocess.run(
+            [*command(script, module), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stdout == "" and result.stderr.count("\n") == 1, (args, result.stderr)
+        line = result.stderr.rstrip("\n")
+        assert line.startswith(f"{script}: error: {said}"), (args, line)
+        assert line.endswith(f" (see {script} --help)"), (args, line)
+
+
 def test_a_config_file_larger_than_its_bound_is_refused(tmp_path: Path) -> None:
     config = write_toml(tmp_path / "leader.toml", {"leader": {"address": "127.0.0.2"}})
     with config.open("a") as f:
