@@ -12,13 +12,16 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import grpc
 import pytest
 
+from leader.cli.cluster_cmd import NodePath
 from tests.cluster import Cluster, child_env, command, one_line_error
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
-from tlsroll import password
+from tlsroll import cli, password
+from tlsroll.cli import PathParam
 from tlsroll.v1 import admin_pb2
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
@@ -227,6 +230,68 @@ def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
         cluster.stop_leader()
     after = cluster.store_rows(tables)
     assert len(after["auth_versions"]) == len(before["auth_versions"]) + 1
+
+
+# --- empty paths, and the node's paths a join script names ------------------------------------
+
+WHEN = "2030-01-02T10:00"
+EMPTY_PATHS = [
+    ("--socket", ["--socket", "", "schema", "show"]),
+    ("--data-dir", ["--data-dir", "", "schema", "show"]),
+    ("--data-dir", ["init", "--data-dir", "", "--address", "127.0.0.1"]),
+    ("--ca-passphrase-file", ["init", "--data-dir", "{new}", "--address", "127.0.0.1",
+                              "--ca-passphrase-file", ""]),
+    ("--password-file", ["password", "set", "--password-file", ""]),
+    ("--password-file", ["rollout", "start", "--change", "enable-tls", "--scope", "cluster",
+                         "--password-file", ""]),
+    ("--cert-dir", ["rollout", "start", "--change", "enable-tls", "--scope", "cluster",
+                    "--cert-dir", ""]),
+    ("--password-file", ["notify", "--when", WHEN, "--include-password", "--password-file", ""]),
+    ("--cert-dir", ["notify", "--when", WHEN, "--cert-dir", ""]),
+    ("--agent-config-dir", ["token", "create", "--node", "n1", "--address", "127.0.0.1",
+                            "--print-join-command", "--agent-config-dir", ""]),
+    ("--agent-data-dir", ["token", "create", "--node", "n1", "--address", "127.0.0.1",
+                          "--print-join-command", "--agent-data-dir", ""]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("option", "args"), EMPTY_PATHS)
+def test_an_empty_path_is_a_usage_error_naming_its_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, args: list[str]
+) -> None:
+    """The ops review of session 63: click took an empty path for the current directory, and
+    the error after it named "." (``--socket ''``: no admin socket at .); ``init
+    --data-dir ''`` alone refused it. Every path option: exit 2, one line naming it, before
+    anything is made or asked (the socket leads nowhere: a leader asked would be exit 1)."""
+    new = tmp_path / "new"
+    argv = ["--socket", str(tmp_path / "no-leader.sock")] if args[0] != "--socket" else []
+    argv += [a.replace("{new}", str(new)) for a in args]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: "), err
+    assert f"'{option}': must not be empty" in err, err
+    assert not new.exists()
+
+
+def test_every_path_option_of_the_admin_commands_refuses_an_empty_path() -> None:
+    """The rule is the path types' (``tlsroll.cli.PathParam``, and ``NodePath`` for the node's
+    paths in a join script), not each option's: a path option added later uses one of them."""
+
+    def options(command: click.Command, path: str) -> Iterator[tuple[str, click.Parameter]]:
+        for param in command.params:
+            yield f"{path} {param.name}", param
+        if isinstance(command, click.Group):  # (a lazy one too: looked up by name)
+            ctx = click.Context(command)
+            for name in command.list_commands(ctx):
+                if (sub := command.get_command(ctx, name)) is not None and name != "client":
+                    yield from options(sub, f"{path} {name}")  # (client: the workstation's)
+
+    found = list(options(cli.cli, "tlsroll"))
+    paths = [(where, p) for where, p in found if isinstance(p.type, click.Path | NodePath)]
+    assert len(paths) >= len(EMPTY_PATHS), paths
+    for where, param in paths:
+        assert isinstance(param.type, PathParam | NodePath), where
 
 
 # --- M4: init sets up only a new or empty directory ----------------------------------------------
