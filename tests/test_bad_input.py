@@ -201,7 +201,7 @@ def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
             )
         for name, process in running.items():
             try:
-                out, err = process.communicate(timeout=password.PIPE_WAIT + 50)
+                out, err = process.communicate(timeout=60)  # PIPE_WAIT is 10 s
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.communicate()

@@ -743,24 +743,8 @@ def test_the_nodes_paths_of_a_join_script_are_checked_for_their_form_only(
     no control character, no '..', normalised as the script names it); what is refused
     makes no token."""
     cluster.start_leader()
-    before = cluster.cli("token", "list", "--json")
-    assert before.returncode == 0, before.stderr
     leaders_file = cluster.root / "a-file-on-the-leader"
     leaders_file.write_text("not the node's\n")
-    for option in ("--agent-config-dir", "--agent-data-dir"):
-        for given, said in (
-            ("etc/tlsroll", "must be an absolute path"),
-            ("/etc/tlsroll/../x", "must not hold '..'"),
-        ):
-            made = cluster.cli(
-                "token", "create", "--node", "node8", "--address", next_loopback(),
-                "--print-join-command", option, given,
-            )  # fmt: skip
-            assert made.returncode == 2, made.stdout + made.stderr
-            line = one_line_error(made.stderr, "tlsroll")
-            assert f"'{option}': {said}" in line and made.stdout == "", line
-    assert cluster.cli("token", "list", "--json").stdout == before.stdout
-
     made = cluster.cli(
         "token", "create", "--node", "node8", "--address", next_loopback(),
         "--print-join-command", "--agent-config-dir", str(leaders_file),
@@ -774,6 +758,22 @@ def test_the_nodes_paths_of_a_join_script_are_checked_for_their_form_only(
     assert f"> {leaders_file}/join-token" in made.stdout, made.stdout
     assert 'data_dir = "/srv/agent/data"' in made.stdout, made.stdout
     assert leaders_file.read_text() == "not the node's\n"
+
+    before = cluster.cli("token", "list", "--json")
+    assert before.returncode == 0, before.stderr
+    for option in ("--agent-config-dir", "--agent-data-dir"):
+        for given, said in (
+            ("etc/tlsroll", "must be an absolute path"),
+            ("/etc/tlsroll/../x", "must not hold '..'"),
+        ):
+            made = cluster.cli(
+                "token", "create", "--node", "node9", "--address", next_loopback(),
+                "--print-join-command", option, given,
+            )  # fmt: skip
+            assert made.returncode == 2, made.stdout + made.stderr
+            line = one_line_error(made.stderr, "tlsroll")
+            assert option in line and said in line and made.stdout == "", line
+    assert cluster.cli("token", "list", "--json").stdout == before.stdout
 
 
 def test_a_config_whose_tables_are_not_told_apart_by_line_is_kept_from_its_values() -> None:
