@@ -36,6 +36,7 @@ from tlsroll.fsutil import (
     check_private_dir,
     check_private_file,
     make_private_dir,
+    read_regular,
     user_label,
     write_atomic,
 )
@@ -365,12 +366,15 @@ def check_secret_dirs(layout: Layout) -> None:
 
 def read_passphrase(path: Path, *, credential: bool = False) -> bytes:
     """The CA passphrase from ``path``: a secret file (``check_private_file``) or, with
-    ``credential``, a systemd credential (``check_credential``)."""
+    ``credential``, a systemd credential (``check_credential``). Read as every secret that must
+    be a regular file is (``fsutil.read_regular``): a FIFO swapped in after the check is
+    never opened to wait for a writer (the ops review of session 63: every secret file read
+    without such a wait)."""
     if credential:
         check_credential(path)
     else:
         check_private_file(path)
-    value = Path(path).read_bytes().strip()
+    value = read_regular(path).strip()
     if not value:
         raise TerminalError(f"{path} is empty; it must hold the CA passphrase")
     return value

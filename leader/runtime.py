@@ -1056,7 +1056,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = daemon.arguments("tlsroll-leader", "tlsroll leader daemon")
-    parser.add_argument("--config", type=Path, required=True, help="leader.toml (see tlsroll init)")
+    parser.add_argument(
+        "--config", type=daemon.path_argument, required=True, help="leader.toml (see tlsroll init)"
+    )
     parser.add_argument("--version", action="version", version=f"tlsroll-leader {__version__}")
     parser.add_argument(
         "--log-level",
@@ -1074,7 +1076,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--backup",
-        type=Path,
+        type=daemon.path_argument,
         metavar="DIR",
         help="write a consistent copy of the store, the config, the CA and the leader's own "
         "certificate into DIR (new or empty; made 0700) and exit; the leader may be running",

@@ -770,7 +770,7 @@ def journal_path(cfg: AgentConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = daemon.arguments("tlsroll-agent", "tlsroll node agent")
-    parser.add_argument("--config", type=Path, required=True, help="agent.toml")
+    parser.add_argument("--config", type=daemon.path_argument, required=True, help="agent.toml")
     parser.add_argument("--version", action="version", version=f"tlsroll-agent {__version__}")
     parser.add_argument(
         "--log-level",

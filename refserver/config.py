@@ -40,7 +40,7 @@ from tlsroll import clients, password
 from tlsroll.config import ConfigFile, Section
 from tlsroll.echo import shown
 from tlsroll.errors import NotRegularFile, UnsafePermissions
-from tlsroll.fsutil import check_private_file, file_kind
+from tlsroll.fsutil import check_private_file, file_kind, read_regular
 from tlsroll.tls import server_context
 
 SCHEMES = ("http", "https")
@@ -208,7 +208,11 @@ def _verifier(s: Section, path: Path) -> password.Verifier:
     _readable(s, "auth_verifier_file", path)
     _private(s, "auth_verifier_file", path)
     try:
-        return password.verifier_from_json(path.read_bytes())
+        # (``read_regular``, as every secret of a regular file is read: a FIFO swapped in
+        # after the look above is not opened to wait for a writer)
+        return password.verifier_from_json(read_regular(path))
+    except NotRegularFile as exc:
+        raise s.error("auth_verifier_file", str(exc)) from None
     except ValueError as exc:
         raise s.error("auth_verifier_file", f"{path}: {exc}") from None
 

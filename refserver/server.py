@@ -68,7 +68,6 @@ a switch under way. Never set either in production; the server logs a warning wh
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -900,10 +899,10 @@ async def serve(loaded: refserver_config.Loaded) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="The tlsroll reference application server (demo and tests)."
+    parser = daemon.arguments(PROG, "The tlsroll reference application server (demo and tests).")
+    parser.add_argument(
+        "--config", required=True, type=daemon.path_argument, help="TOML config file"
     )
-    parser.add_argument("--config", required=True, type=Path, help="TOML config file")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     args = parser.parse_args(argv)
     daemon.no_core_dumps()  # before the password's verifier and the key are read

@@ -1444,6 +1444,55 @@ def test_read_regular_reads_a_regular_file_and_never_waits_on_anything_else(
     ], result.stdout
 
 
+def test_a_secret_file_swapped_for_a_fifo_after_its_check_is_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    """The ops review of session 63 (every secret file read without a wait for a writer): the
+    leader's CA passphrase (``layout.read_passphrase``: the start and ``tlsroll init``) and
+    its /metrics token were checked (``check_private_file``: a stat), then opened blocking:
+    a FIFO swapped in between waited for a writer for ever. Read as the agent's secrets are
+    (``fsutil.read_regular``): NotRegularFile, at once. The stat is made to see the regular
+    file (the swap); in a child, whose timeout only ends a hang."""
+    regular = tmp_path / "secret"
+    regular.write_bytes(b"0123456789abcdefghij\n")
+    regular.chmod(0o600)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    script = (
+        "import os, sys, types\n"
+        "from pathlib import Path\n"
+        "from leader import layout\n"
+        "from leader.viewer import server\n"
+        "from tlsroll.errors import TerminalError\n"
+        "fifo, regular = sys.argv[1:]\n"
+        "print(layout.read_passphrase(Path(regular)))\n"
+        "real = os.stat\n"
+        "os.stat = lambda p, *a, **k: real(regular if str(p) == fifo else p, *a, **k)\n"
+        "try:\n"
+        "    layout.read_passphrase(Path(fifo))\n"
+        "except TerminalError as exc:\n"
+        "    print('passphrase:', exc)\n"
+        "cfg = types.SimpleNamespace(metrics_token_file=Path(fifo), path=Path('leader.toml'))\n"
+        "try:\n"
+        "    server.read_scrape_token(cfg)\n"
+        "except TerminalError as exc:\n"
+        "    print('token:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(fifo), str(regular)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout.splitlines() == [
+        "b'0123456789abcdefghij'",
+        f"passphrase: {fifo} is not a regular file (a FIFO)",
+        f"token: config error: leader.toml: [leader].metrics_token_file: {fifo} is not a "
+        "regular file (a FIFO)",
+    ], result.stdout
+
+
 def test_an_admin_socket_made_too_long_by_the_data_dir_names_the_data_dir(
     tmp_path: Path,
 ) -> None:

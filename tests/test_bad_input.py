@@ -8,16 +8,20 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import grpc
 import pytest
 
-from tests.cluster import Cluster, command, one_line_error
+from leader.cli.cluster_cmd import NodePath
+from tests.cluster import Cluster, child_env, command, one_line_error
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
-from tlsroll import password
+from tlsroll import cli, password
+from tlsroll.cli import PathParam
 from tlsroll.v1 import admin_pb2
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
@@ -165,6 +169,131 @@ def test_password_set_reads_a_pipe_as_before(cluster: Cluster) -> None:
     assert len(cluster.store_rows(("auth_versions",))["auth_versions"]) == len(before) + 1
 
 
+def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The ops review of session 63: ``--password-file`` naming a FIFO nobody writes to waited
+    until Ctrl-C. Every command that reads one (``password set``, ``rollout start``,
+    ``notify``: ``tlsroll.password.read_password_file``) gives up after ``PIPE_WAIT``: exit 2,
+    one line naming the file, and nothing asked of the leader (no password staged, no rollout
+    started). A FIFO whose writer comes (``<(pass show x)``) is read as before."""
+    cluster.start_leader()
+    tables = ("auth_versions", "rollouts", "rollout_nodes")
+    try:
+        before = cluster.store_rows(tables)
+        commands = {
+            "password": ["password", "set"],
+            "rollout": ["rollout", "start", "--change", "enable-tls", "--scope", "cluster"],
+            "notify": ["notify", "--when", "2030-01-02T10:00", "--include-password"],
+        }
+        env = child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)})
+        running = {}
+        for name, args in commands.items():  # side by side: each waits PIPE_WAIT
+            fifo = tmp_path / f"{name}.fifo"
+            os.mkfifo(fifo, 0o600)
+            running[name] = subprocess.Popen(
+                [*command("tlsroll", "tlsroll"), *args, "--password-file", str(fifo)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        for name, process in running.items():
+            try:
+                out, err = process.communicate(timeout=60)  # PIPE_WAIT is 10 s
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                pytest.fail(f"{name}: still waiting for the FIFO")
+            assert process.returncode == 2, (name, err)
+            line = one_line_error(err, "tlsroll")
+            fifo = tmp_path / f"{name}.fifo"
+            assert "--password-file" in line and f"nothing came from {fifo} within 10 s" in line
+            assert out == ""
+        assert cluster.store_rows(tables) == before
+
+        # A writer that comes: its password is read and staged.
+        fifo = tmp_path / "written.fifo"
+        os.mkfifo(fifo, 0o600)
+
+        def write() -> None:
+            with fifo.open("w") as f:  # (waits for the command to open it)
+                f.write("kd7q-x2mf-9vhc-3ptw-a8ke-rn5e\n")
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        result = cluster.cli("password", "set", "--password-file", str(fifo))
+        assert result.returncode == 0, result.stderr
+        writer.join(timeout=30)
+    finally:
+        cluster.stop_leader()
+    after = cluster.store_rows(tables)
+    assert len(after["auth_versions"]) == len(before["auth_versions"]) + 1
+
+
+# --- empty paths, and the node's paths a join script names ------------------------------------
+
+WHEN = "2030-01-02T10:00"
+EMPTY_PATHS = [
+    ("--socket", ["--socket", "", "schema", "show"]),
+    ("--data-dir", ["--data-dir", "", "schema", "show"]),
+    ("--data-dir", ["init", "--data-dir", "", "--address", "127.0.0.1"]),
+    ("--ca-passphrase-file", ["init", "--data-dir", "{new}", "--address", "127.0.0.1",
+                              "--ca-passphrase-file", ""]),
+    ("--password-file", ["password", "set", "--password-file", ""]),
+    ("--password-file", ["rollout", "start", "--change", "enable-tls", "--scope", "cluster",
+                         "--password-file", ""]),
+    ("--cert-dir", ["rollout", "start", "--change", "enable-tls", "--scope", "cluster",
+                    "--cert-dir", ""]),
+    ("--password-file", ["notify", "--when", WHEN, "--include-password", "--password-file", ""]),
+    ("--cert-dir", ["notify", "--when", WHEN, "--cert-dir", ""]),
+    ("--agent-config-dir", ["token", "create", "--node", "n1", "--address", "127.0.0.1",
+                            "--print-join-command", "--agent-config-dir", ""]),
+    ("--agent-data-dir", ["token", "create", "--node", "n1", "--address", "127.0.0.1",
+                          "--print-join-command", "--agent-data-dir", ""]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("option", "args"), EMPTY_PATHS)
+def test_an_empty_path_is_a_usage_error_naming_its_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, args: list[str]
+) -> None:
+    """The ops review of session 63: click took an empty path for the current directory, and
+    the error after it named "." (``--socket ''``: no admin socket at .); ``init
+    --data-dir ''`` alone refused it. Every path option: exit 2, one line naming it, before
+    anything is made or asked (the socket leads nowhere: a leader asked would be exit 1)."""
+    new = tmp_path / "new"
+    argv = ["--socket", str(tmp_path / "no-leader.sock")] if args[0] != "--socket" else []
+    argv += [a.replace("{new}", str(new)) for a in args]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: "), err
+    assert f"'{option}': must not be empty" in err, err
+    assert not new.exists()
+
+
+def test_every_path_option_of_the_admin_commands_refuses_an_empty_path() -> None:
+    """The rule is the path types' (``tlsroll.cli.PathParam``, and ``NodePath`` for the node's
+    paths in a join script), not each option's: a path option added later uses one of them."""
+
+    def options(command: click.Command, path: str) -> Iterator[tuple[str, click.Parameter]]:
+        for param in command.params:
+            yield f"{path} {param.name}", param
+        if isinstance(command, click.Group):  # (a lazy one too: looked up by name)
+            ctx = click.Context(command)
+            for name in command.list_commands(ctx):
+                if (sub := command.get_command(ctx, name)) is not None and name != "client":
+                    yield from options(sub, f"{path} {name}")  # (client: the workstation's)
+
+    found = list(options(cli.cli, "tlsroll"))
+    paths = [(where, p) for where, p in found if isinstance(p.type, click.Path | NodePath)]
+    assert len(paths) >= len(EMPTY_PATHS), paths
+    for where, param in paths:
+        assert isinstance(param.type, PathParam | NodePath), where
+
+
 # --- M4: init sets up only a new or empty directory ----------------------------------------------
 
 
@@ -248,6 +377,43 @@ def test_a_config_that_is_not_a_regular_file_is_refused_at_once(
     assert f"config error: {config}: not a regular file ({what})" in line
     if kind == "fifo":
         assert stat.S_ISFIFO(config.lstat().st_mode)
+
+
+@pytest.mark.parametrize(("script", "module"), DAEMONS)
+def test_a_daemons_usage_error_is_one_line_naming_the_argument(
+    tmp_path: Path, script: str, module: str
+) -> None:
+    """The ops review of session 63: a daemon's bad argument was argparse's usage (two or three
+    lines) and then the error, in the journal at every restart; an empty path (``--config
+    ''``) was the current directory, named "." by the error after it. One line on stderr,
+    ``PROG: error: ... (see PROG --help)``, exit 2, as the ``tlsroll`` command's; nothing is
+    read (the config named does not exist)."""
+    config = str(tmp_path / "missing.toml")
+    cases = [
+        (["--config", config, "--bogus"], "unrecognized arguments: --bogus"),
+        ([], "the following arguments are required: --config"),
+        (["--config", ""], "argument --config: must not be empty"),
+    ]
+    if script != "tlsroll-refserver":
+        cases.append(
+            (["--config", config, "--log-level", "loud"], "argument --log-level: invalid choice")
+        )
+    if script == "tlsroll-leader":
+        cases.append((["--config", config, "--backup", ""], "argument --backup: must not be empty"))
+    for args, said in cases:
+        result = subprocess.run(
+            [*command(script, module), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stdout == "" and result.stderr.count("\n") == 1, (args, result.stderr)
+        line = result.stderr.rstrip("\n")
+        assert line.startswith(f"{script}: error: {said}"), (args, line)
+        assert line.endswith(f" (see {script} --help)"), (args, line)
 
 
 def test_a_config_file_larger_than_its_bound_is_refused(tmp_path: Path) -> None:

@@ -734,6 +734,48 @@ def test_a_control_character_in_a_join_path_is_refused_before_a_token_is_made(
     assert cluster.cli("token", "list", "--json").stdout == before.stdout
 
 
+def test_the_nodes_paths_of_a_join_script_are_checked_for_their_form_only(
+    cluster: Cluster,
+) -> None:
+    """The ops review of session 63: --agent-config-dir (and --agent-data-dir) name the node's
+    directories, but click's path type judged them on the leader's file system: a file of the
+    leader's by that name refused the node's directory. Only the form is checked (absolute,
+    no control character, no '..', normalised as the script names it); what is refused
+    makes no token."""
+    cluster.start_leader()
+    leaders_file = cluster.root / "a-file-on-the-leader"
+    leaders_file.write_text("not the node's\n")
+    made = cluster.cli(
+        "token", "create", "--node", "node8", "--address", next_loopback(),
+        "--print-join-command", "--agent-config-dir", str(leaders_file),
+        "--agent-data-dir", "//srv//agent/./data/",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    token = re.search(r"^printf '%s\\n' '?([\w-]+\.[\w-]+)'? > ", made.stdout, re.MULTILINE)
+    assert token, made.stdout
+    cluster.tokens.append(token.group(1))
+    assert f"mkdir -p {leaders_file}\n" in made.stdout, made.stdout
+    assert f"> {leaders_file}/join-token" in made.stdout, made.stdout
+    assert 'data_dir = "/srv/agent/data"' in made.stdout, made.stdout
+    assert leaders_file.read_text() == "not the node's\n"
+
+    before = cluster.cli("token", "list", "--json")
+    assert before.returncode == 0, before.stderr
+    for option in ("--agent-config-dir", "--agent-data-dir"):
+        for given, said in (
+            ("etc/tlsroll", "must be an absolute path"),
+            ("/etc/tlsroll/../x", "must not hold '..'"),
+        ):
+            made = cluster.cli(
+                "token", "create", "--node", "node9", "--address", next_loopback(),
+                "--print-join-command", option, given,
+            )  # fmt: skip
+            assert made.returncode == 2, made.stdout + made.stderr
+            line = one_line_error(made.stderr, "tlsroll")
+            assert option in line and said in line and made.stdout == "", line
+    assert cluster.cli("token", "list", "--json").stdout == before.stdout
+
+
 def test_a_config_whose_tables_are_not_told_apart_by_line_is_kept_from_its_values() -> None:
     """A quoted table name, a "[" at the start of a line in a multi-line string, a sub-table
     after another table: the join's merge writes what it keeps from the values (and checks

@@ -33,6 +33,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,6 +45,29 @@ LAZY = {"client": "workstation.cli:client"}
 """Top-level commands that live outside the admin CLI, as ``module:attribute``."""
 ADMIN = "leader.cli:admin"
 """The group that holds every other top-level command."""
+
+
+def refuse_empty_path(
+    kind: click.ParamType[Any],
+    value: object,
+    param: click.Parameter | None,
+    ctx: click.Context | None,
+) -> None:
+    """A usage error (exit 2, one line naming the option) for an empty path: click took ``''``
+    for the current directory, and its errors then named "." (the ops review of session 63:
+    ``--socket ''``, ``--password-file ''``); an empty value is a slip (a shell variable not
+    set), never a way to name a directory. Any other value is the type's to judge."""
+    if isinstance(value, str | bytes) and not value:
+        kind.fail("must not be empty (a shell variable not set?)", param, ctx)
+
+
+class PathParam(click.Path):
+    """``click.Path``, for every path option of the ``tlsroll`` commands, that refuses an empty
+    path (``refuse_empty_path``) before click looks at it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        refuse_empty_path(self, value, param, ctx)
+        return super().convert(value, param, ctx)
 
 
 @dataclass(frozen=True)
@@ -138,7 +162,7 @@ class LazyGroup(click.Group):
     "--data-dir",
     # readable=False: click would refuse a data dir we may not read with a usage error; the
     # admin command says which group to join when it cannot reach the socket.
-    type=click.Path(path_type=Path, readable=False),
+    type=PathParam(path_type=Path, readable=False),
     envvar="TLSROLL_DATA_DIR",
     default=DEFAULT_DATA_DIR,
     show_default=True,
@@ -146,7 +170,7 @@ class LazyGroup(click.Group):
 )
 @click.option(
     "--socket",
-    type=click.Path(path_type=Path, readable=False),
+    type=PathParam(path_type=Path, readable=False),
     envvar="TLSROLL_SOCKET",
     help="The leader's admin socket [default: DATA_DIR/run/admin.sock].",
 )

@@ -24,7 +24,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Collection, Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 import tomli_w
@@ -365,7 +365,7 @@ def _check_holds_secrets(path: Path, key: str) -> None:
 
 
 def _plain(value: object) -> object:
-    if isinstance(value, Path):
+    if isinstance(value, PurePath):  # (a node's, in a join script, is a PurePosixPath)
         return str(value)
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]

@@ -11,7 +11,8 @@ import socket
 import sys
 import traceback
 from collections.abc import Iterable
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from tlsroll import echo, nocore
 from tlsroll.defaults import DEBUG_ENV
@@ -134,11 +135,29 @@ def _help_formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.HelpFormatter(prog, width=_columns() - 2)  # argparse's own margin
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage error is one line, as the ``tlsroll`` command's: argparse
+    printed its usage (two or three lines) and then the error, in the journal at every restart
+    (the ops review of session 63)."""
+
+    def error(self, message: str) -> NoReturn:
+        say(self.prog, f"error: {echo.one_line(message)} (see {self.prog} --help)")
+        raise SystemExit(2)
+
+
 def arguments(prog: str, description: str) -> argparse.ArgumentParser:
-    """A daemon's command-line parser. argparse's help formatter, made for every argument
-    added, asks ``shutil`` for the terminal's width, and shutil imports bz2 and lzma: about
-    0.3 MiB a daemon kept for months for a help text it never prints (issue 15). This one
-    reads the width as shutil would, from ``os``."""
-    return argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=_help_formatter
-    )
+    """A daemon's command-line parser: a usage error is one line on stderr, exit 2
+    (``_Parser``). argparse's help formatter, made for every argument added, asks ``shutil``
+    for the terminal's width, and shutil imports bz2 and lzma: about 0.3 MiB a daemon kept
+    for months for a help text it never prints (issue 15). This one reads the width as shutil
+    would, from ``os``."""
+    return _Parser(prog=prog, description=description, formatter_class=_help_formatter)
+
+
+def path_argument(text: str) -> Path:
+    """A daemon's path argument (``type=``): an empty one is a usage error naming the option,
+    not the current directory ("." in every error after it: the ops review of session 63), as
+    the ``tlsroll`` command refuses one (``tlsroll.cli.refuse_empty_path``)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (a shell variable not set?)")
+    return Path(text)

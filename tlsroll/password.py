@@ -35,7 +35,9 @@ import json
 import math
 import os
 import secrets
+import select
 import stat
+import time
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +72,15 @@ MAX_P = 16
 
 # A password file holds one line: what is longer is not one, and is not read whole.
 MAX_FILE_BYTES = 4096
+
+# How long a password file that is no regular file (a pipe, ``<(pass show x)``, a FIFO) may
+# take to bring its password and end (``_read_bounded``): a password manager answers within a
+# second once unlocked, and one that asks for its own passphrase first (gpg's pinentry) is
+# answered in a few; a FIFO nobody writes to brings nothing ever, and the command must say so
+# rather than wait until Ctrl-C (the ops review of session 63). Much longer would only keep a
+# script's mistake waiting; nothing is asked of the leader meanwhile (a command reads its
+# password file before it calls the leader), so running it again costs nothing.
+PIPE_WAIT = 10.0
 
 # No 0/o, 1/l/i: nothing that reads or sounds like another character.
 ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
@@ -107,23 +118,58 @@ def read_password_file(path: Path) -> str:
     other file can take its place in between.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        # O_NONBLOCK: a FIFO nobody has opened to write is opened at once (a blocking open
+        # waited for a writer until Ctrl-C: the ops review of session 63); ``_read_bounded``
+        # then waits for what it brings, at most PIPE_WAIT.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise PasswordFileError(f"cannot read {shown_path(path)}: {exc.strerror or exc}") from None
     try:
-        with os.fdopen(fd, "rb") as f:
-            _check_private(path, f.fileno())
-            # Bounded: /dev/zero or an endless pipe was read until memory ran out (review
-            # s47rtin M3); a pipe with a password in it is read as before.
-            data = f.read(MAX_FILE_BYTES + 1)
+        _check_private(path, fd)
+        data = _read_bounded(path, fd)
     except OSError as exc:
         raise PasswordFileError(f"cannot read {shown_path(path)}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_FILE_BYTES:
         raise PasswordFileError(
             f"{shown_path(path)} is longer than {MAX_FILE_BYTES} bytes; a password file holds "
             "one line, the password"
         )
     return password_from_bytes(data, path)
+
+
+def _read_bounded(path: Path, fd: int) -> bytes:
+    """At most ``MAX_FILE_BYTES + 1`` bytes of the file open at ``fd`` (non-blocking), up to
+    its end. Bounded in size: /dev/zero or an endless pipe was read until memory ran out
+    (review s47rtin M3). A regular file is read as it is; anything else (a pipe, ``<(pass
+    show x)``, a FIFO, a terminal as /dev/stdin) is waited on until its writer closes it, at
+    most ``PIPE_WAIT`` in all: a FIFO nobody writes to is a PasswordFileError then, never a
+    wait until Ctrl-C (the ops review of session 63)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_FILE_BYTES + 1)
+    deadline = time.monotonic() + PIPE_WAIT
+    waiter = select.poll()
+    waiter.register(fd, select.POLLIN)
+    data = b""
+    while len(data) <= MAX_FILE_BYTES:
+        left = deadline - time.monotonic()
+        if left <= 0 or not waiter.poll(math.ceil(left * 1000)):
+            got = "nothing came from" if not data else "no end came of"
+            raise PasswordFileError(
+                f"{got} {shown_path(path)} within {PIPE_WAIT:g} s: a FIFO or pipe nobody "
+                "writes to (or closes)? Give a file (0600), or a pipe that ends such as "
+                "<(pass show NAME)"
+            )
+        try:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - len(data))
+        except BlockingIOError:  # (woken, and another reader of the pipe took it)
+            continue
+        if not chunk:  # its last writer closed it (or it never had one: then it is empty)
+            break
+        data += chunk
+    return data
 
 
 def _check_private(path: Path, fd: int) -> None:

@@ -8,7 +8,8 @@ import re
 import shlex
 import shutil
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import click
 from rich.table import Table
@@ -27,18 +28,53 @@ from leader.cli.base import (
     refuse_unfit_serial,
     to_dict,
 )
+from tlsroll.cli import PathParam, refuse_empty_path
 from tlsroll.config import control_character, dump_toml, utf8
 from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
 from tlsroll.v1 import admin_pb2
 
-AGENT_DATA_DIR = Path("/var/lib/tlsroll-agent")
+AGENT_DATA_DIR = PurePosixPath("/var/lib/tlsroll-agent")
 """The agent's data dir in a join script's config when ``--agent-data-dir`` names none."""
+
+
+class NodePath(click.ParamType[PurePosixPath]):
+    """A path on the node a join script runs on (``--agent-config-dir``, ``--agent-data-dir``),
+    not on this machine: only its form is checked here, nothing on this file system (click's
+    Path refused ``/etc/tlsroll`` where the leader had a file of that name, and said nothing of
+    what the node has: the ops review of session 63). Not empty (``refuse_empty_path``),
+    absolute, no control character (it goes into a shell script run as root, in comments and
+    quoted words: a newline would start a line of its own, review s47rtin M2; NUL among
+    them), no ``..`` (the node resolves it through its own links: ``/etc/x/..`` need not be
+    ``/etc``), given back normalised (``//`` and ``.`` and a trailing ``/`` dropped), as the
+    script names it."""
+
+    name = "path"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> PurePosixPath:
+        if isinstance(value, PurePosixPath):
+            return value  # (the default)
+        refuse_empty_path(self, value, param, ctx)
+        text = str(value)
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            self.fail("must not hold control characters", param, ctx)
+        if not text.startswith("/"):
+            self.fail("must be an absolute path (the node's)", param, ctx)
+        if ".." in text.split("/"):
+            self.fail(
+                "must not hold '..': the node resolves it through its own links; give the "
+                "directory itself",
+                param,
+                ctx,
+            )
+        return PurePosixPath("/" + text.lstrip("/"))  # (PurePosixPath keeps a leading //)
 
 
 @click.command()
 @click.option(
     "--data-dir",
-    type=click.Path(),  # a string: click makes '' the current directory as a Path
+    type=PathParam(),  # a string (PathParam refuses '', which click takes for '.')
     required=True,
     help="Where the leader keeps its CA, store and config (created).",
 )
@@ -47,7 +83,7 @@ AGENT_DATA_DIR = Path("/var/lib/tlsroll-agent")
 @click.option("--node-name", help="The name the leader node's own agent enrols with.")
 @click.option(
     "--ca-passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=PathParam(path_type=Path, dir_okay=False, exists=True),
     help="File (0600) holding the passphrase that encrypts the CA key; "
     "default: a new random one in DATA_DIR/secrets/.",
 )
@@ -311,16 +347,17 @@ def token() -> None:
 )
 @click.option(
     "--agent-config-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("/etc/tlsroll"),
+    type=NodePath(),
+    default=PurePosixPath("/etc/tlsroll"),
     show_default=True,
-    help="With --print-join-command: where the script puts agent.toml and join-token.",
+    help="With --print-join-command: where the script puts agent.toml and join-token, on the "
+    "node (an absolute path; checked here for its form only, nothing on this machine).",
 )
 @click.option(
     "--agent-data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=NodePath(),
     default=None,
-    help="With --print-join-command: the agent's data_dir in the config it writes "
+    help="With --print-join-command: the agent's data_dir in the config it writes, on the node "
     f"[default: {AGENT_DATA_DIR}; an agent.toml already there keeps its own unless this is "
     "given].",
 )
@@ -334,8 +371,8 @@ def token_create(
     uses: int,
     description: str,
     print_join_command: bool,
-    agent_config_dir: Path,
-    agent_data_dir: Path | None,
+    agent_config_dir: PurePosixPath,
+    agent_data_dir: PurePosixPath | None,
 ) -> None:
     """Create a join token for one node and print it (shown once; only its hash is kept).
 
@@ -353,18 +390,6 @@ def token_create(
     for name in (node_name, *dns_names):
         not_a_secret(name, "the node's name (--node) and its DNS names (--dns)")
     seconds = parse_duration(ttl, "--ttl")
-    for option, path in (
-        ("--agent-config-dir", agent_config_dir),
-        ("--agent-data-dir", agent_data_dir),
-    ):
-        if path is None:
-            continue
-        if print_join_command and not path.is_absolute():
-            raise click.BadParameter("must be an absolute path", param_hint=option)
-        # It goes into a shell script run as root (in comments and quoted words): a newline or
-        # other control character would start a line of its own (review s47rtin M2).
-        if print_join_command and any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
-            raise click.BadParameter("must not hold control characters", param_hint=option)
     with leader.admin() as admin:
         reply = leader.call(
             admin.CreateToken,
@@ -404,7 +429,7 @@ def one_use(uses: int) -> int:
 
 
 def join_script(
-    reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir: Path | None
+    reply: admin_pb2.CreateTokenResponse, config_dir: PurePosixPath, data_dir: PurePosixPath | None
 ) -> str:
     """A POSIX shell script that writes an agent's config and join token for the node the token
     names, each 0600 (the token in its own file, never in the config). ``data_dir`` None: the

@@ -58,7 +58,7 @@ from leader.rollout_core import (
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
-from tlsroll.cli import terminal_only
+from tlsroll.cli import PathParam, terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.echo import shown
 from tlsroll.v1 import admin_pb2, schema_pb2
@@ -533,7 +533,7 @@ def check_password(
 @click.option("--nodes", help="With --when: comma-separated node names (scope 'nodes').")
 @click.option(
     "--cert-dir",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    type=PathParam(path_type=Path, file_okay=False, exists=True),
     help="With --when, for enable-tls or rotate-cert: the switch will bring the practice's own "
     "certificates from DIR (as rollout start --cert-dir; checked the same way): the notice "
     "gives the practice CA's pin.",
@@ -566,7 +566,7 @@ def check_password(
 )
 @click.option(
     "--password-file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=PathParam(path_type=Path, dir_okay=False),
     help="With --include-password: read it from this file (the file's only line, mode 0600) "
     "instead of asking.",
 )

@@ -19,6 +19,7 @@ import click
 
 from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader
 from tlsroll import password
+from tlsroll.cli import PathParam
 from tlsroll.v1 import admin_pb2
 
 
@@ -151,7 +152,7 @@ def password_group() -> None:
 @password_group.command("set")
 @click.option(
     "--password-file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=PathParam(path_type=Path, dir_okay=False),
     help="Read the new password from this file (the file's only line; mode 0600).",
 )
 @click.option("--generate", is_flag=True, help="Make a new password and show it once.")

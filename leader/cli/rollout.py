@@ -73,7 +73,7 @@ from leader.wire import (
     SCOPE_KIND,
     STRATEGY,
 )
-from tlsroll.cli import terminal_only
+from tlsroll.cli import PathParam, terminal_only
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
@@ -129,7 +129,7 @@ def scope_options(f: Any) -> Any:
     )(f)
     f = click.option(
         "--cert-dir",
-        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        type=PathParam(path_type=Path, file_okay=False, exists=True),
         help="enable-tls, rotate-cert: the practice's own certificates instead of the cluster "
         "CA's: DIR/ca.crt (the practice CA), DIR/<node>.crt (certificate, then intermediates) "
         "and DIR/<node>.key (0600) for every node in scope; all checked before any node is "
@@ -365,7 +365,7 @@ def rollout() -> None:
 @scope_options
 @click.option(
     "--password-file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=PathParam(path_type=Path, dir_okay=False),
     help="enable-tls: the auth password workstations will need (the file's only line); "
     "without it a new one is generated and shown once, unless nodes already use one (then "
     "the others get that one too).",

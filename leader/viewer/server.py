@@ -50,7 +50,7 @@ from leader.viewer.listener import GatedListener, Limits
 from leader.viewer.snapshot import Reader
 from tlsroll import httplog, logs, pki, tls
 from tlsroll.errors import ConfigError, NotRegularFile, TerminalError, UnsafePermissions
-from tlsroll.fsutil import check_private_file
+from tlsroll.fsutil import check_private_file, read_regular
 from tlsroll.rpc import hostport
 
 if TYPE_CHECKING:
@@ -93,6 +93,8 @@ def read_scrape_token(cfg: LeaderConfig) -> str | None:
         return None
     try:
         check_private_file(path)
+        # (``read_regular``: a FIFO swapped in after the check is not waited on either)
+        token = read_regular(path).decode().strip()
     except FileNotFoundError:  # the config's to fix: exit 2 (review s47rtin L4)
         raise ConfigError(
             cfg.path, "[leader].metrics_token_file", f"{path}: no such file"
@@ -102,7 +104,6 @@ def read_scrape_token(cfg: LeaderConfig) -> str | None:
         # or another user's is the admin's to fix as well: exit 2, which the unit does not
         # restart (rev57b M3: exit 1, restarted every 5 s for ever).
         raise ConfigError(cfg.path, "[leader].metrics_token_file", str(exc)) from None
-    token = path.read_text().strip()
     if len(token) < 16:
         raise ConfigError(cfg.path, "[leader].metrics_token_file", f"{path}: under 16 characters")
     return token
