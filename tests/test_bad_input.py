@@ -201,7 +201,7 @@ def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
             )
         for name, process in running.items():
             try:
-                out, err = process.communicate(timeout=60)  # PIPE_WAIT is 10 s
+                out, err = process.communicate(timeout=90)  # PIPE_WAIT is 30 s
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.communicate()
@@ -209,7 +209,7 @@ def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
             assert process.returncode == 2, (name, err)
             line = one_line_error(err, "tlsroll")
             fifo = tmp_path / f"{name}.fifo"
-            assert "--password-file" in line and f"nothing came from {fifo} within 10 s" in line
+            assert "--password-file" in line and f"nothing came from {fifo} within 30 s" in line
             assert out == ""
         assert cluster.store_rows(tables) == before
 

@@ -75,12 +75,13 @@ MAX_FILE_BYTES = 4096
 
 # How long a password file that is no regular file (a pipe, ``<(pass show x)``, a FIFO) may
 # take to bring its password and end (``_read_bounded``): a password manager answers within a
-# second once unlocked, and one that asks for its own passphrase first (gpg's pinentry) is
-# answered in a few; a FIFO nobody writes to brings nothing ever, and the command must say so
-# rather than wait until Ctrl-C (the ops review of session 63). Much longer would only keep a
-# script's mistake waiting; nothing is asked of the leader meanwhile (a command reads its
-# password file before it calls the leader), so running it again costs nothing.
-PIPE_WAIT = 10.0
+# second once unlocked, but one that asks for its own passphrase first (gpg's pinentry) waits
+# for a person to type it, which may take a while (10 s was tight for that); a FIFO nobody
+# writes to brings nothing ever, and the command must say so rather than wait until Ctrl-C
+# (the ops review of session 63). Much longer would only keep a script's mistake waiting;
+# nothing is asked of the leader meanwhile (a command reads its password file before it calls
+# the leader), so running it again costs nothing.
+PIPE_WAIT = 30.0
 
 # No 0/o, 1/l/i: nothing that reads or sounds like another character.
 ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
