@@ -24,6 +24,10 @@ and the other nodes' certificates could expire over it (review s41rev3). So are 
 whose agent is cut off (``cut_off``: its certificate revoked, a machine lost or stolen; the
 start refuses it as offline until `tlsroll nodes remove`), named with that way on (s50).
 
+A served certificate the admin revoked (``Expiry.revoked``) is due whatever its end, and even
+one that ends with the CA: the node goes on serving it until it is rotated (review s64 pki
+M1).
+
 Never two at once: the checks run one after the other (a lock as well), ``decide`` waits while
 any rollout is active, and the schema store refuses a second active rollout in the same
 transaction that would create it.
@@ -202,7 +206,8 @@ class AutoRotator:
         warnings = await asyncio.to_thread(self.watch.warnings)
         # One that ends with the CA is not rotated: a new one would end no later, and the
         # practice's servers would be restarted at every window for nothing until the CA ends.
-        servers = [e for e in warnings if e.kind == "server" and not e.ends_with_ca]
+        # One revoked is: the rotation is what takes it out of service.
+        servers = [e for e in warnings if e.kind == "server" and (e.revoked or not e.ends_with_ca)]
         # A node that needs the admin is left out: its agent refuses, the planner refuses a
         # plan with it, and the others' certificates must not expire over it.
         held = set(self.needs_admin())

@@ -510,10 +510,16 @@ def _rotator(
     watch = SimpleNamespace(
         warnings=lambda: (
             [
-                SimpleNamespace(kind="server", subject=n, serial="1f", ends_with_ca=False)
+                SimpleNamespace(
+                    kind="server", subject=n, serial="1f", ends_with_ca=False, revoked=False
+                )
                 for n in due
             ]
-            + [SimpleNamespace(kind="agent", subject="n9", serial="2f", ends_with_ca=False)]
+            + [
+                SimpleNamespace(
+                    kind="agent", subject="n9", serial="2f", ends_with_ca=False, revoked=False
+                )
+            ]
         )
     )
     return AutoRotator(
@@ -656,6 +662,64 @@ def test_a_node_that_needs_the_admin_is_left_out_of_the_automatic_rotation() -> 
     decision = asyncio.run(only.check())
     assert decision.verdict.value == "nothing-due", decision
     assert "left out, needing the admin (`tlsroll nodes`): n2" in only.status.view().reason
+
+
+def test_a_revoked_server_certificate_is_due_for_the_automatic_rotation(
+    tmp_path: Path,
+) -> None:
+    """Review s64 pki M1: a node's served certificate the admin revoked (`tlsroll ca revoke`)
+    stayed in service, and the expiry watch and the rotator called it fine until its end. The
+    watch lists it revoked, whatever its end, with the rotate-cert of its node as the advice,
+    and the rotator rotates it (the other node's, far from its end, is left as it is), even
+    when it ends with the CA (one near its end then is not rotated)."""
+    import asyncio
+    from dataclasses import replace
+
+    from leader.auto_rotate import AutoRotator
+    from leader.expiry import ExpiryWatch
+    from tests.test_viewer_parts import NOW
+
+    store, schema = served_store(tmp_path)  # a and b serve certificates a1 and b1
+    ca = pki.CertificateAuthority.create()
+    # Warned 10 days ahead: neither of the two (20 days left) is due for its end.
+    watch = ExpiryWatch(store, schema, ca.cert, list, lambda: NOW, warning_days=10)
+    assert [e for e in watch.warnings() if e.kind == "server"] == []
+    store.revoke("a1", reason="key copied", now=NOW, actor="admin")
+    (a,) = [e for e in watch.check() if e.kind == "server" and e.subject == "a"]
+    (b,) = [e for e in watch.check() if e.kind == "server" and e.subject == "b"]
+    assert (a.revoked, b.revoked) == (True, False)
+    assert "tlsroll rollout start --change rotate-cert --nodes a" in a.advice, a.advice
+    assert [e.subject for e in watch.warnings() if e.kind == "server"] == ["a"]
+
+    fakes = FakeSchema()
+    commands = FakeCommands(fakes)
+    rotator = AutoRotator(
+        watch,
+        fakes,  # type: ignore[arg-type]
+        commands,  # type: ignore[arg-type]
+        enabled=True,
+        window=parse_window("Sat 02:00-05:00"),
+        local_clock=lambda: local("2026-12-05 03:00"),
+    )
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "started", decision
+    assert [set(r.scope.names) for r, _ in commands.started] == [{"a"}]
+
+    # One that ends with the CA: a revoked one is rotated all the same.
+    ending = [replace(e, ends_with_ca=True) for e in watch.warnings()]
+    watch.warnings = lambda: ending  # type: ignore[method-assign]
+    again = FakeCommands(fakes := FakeSchema())
+    rotator = AutoRotator(
+        watch,
+        fakes,  # type: ignore[arg-type]
+        again,  # type: ignore[arg-type]
+        enabled=True,
+        window=parse_window("Sat 02:00-05:00"),
+        local_clock=lambda: local("2026-12-05 03:00"),
+    )
+    assert asyncio.run(rotator.check()).verdict.value == "started"
+    assert [set(r.scope.names) for r, _ in again.started] == [{"a"}]
+    store.close()
 
 
 def test_a_node_whose_agent_is_cut_off_is_left_out_of_the_automatic_rotation() -> None:
