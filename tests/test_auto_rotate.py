@@ -664,6 +664,82 @@ def test_a_node_that_needs_the_admin_is_left_out_of_the_automatic_rotation() -> 
     assert "left out, needing the admin (`tlsroll nodes`): n2" in only.status.view().reason
 
 
+class RefusingOffline(FakeCommands):
+    """The planner's refusal of a plan with nodes whose agents are offline: it names every
+    one of them in scope (``planner.NodesOffline``)."""
+
+    def __init__(self, schema: FakeSchema, offline: frozenset[str]) -> None:
+        super().__init__(schema)
+        self.offline = offline
+        self.asked: list[set[str]] = []
+
+    async def start(self, request: Any, actor: str) -> Any:
+        from leader.planner import NodesOffline
+
+        self.asked.append(set(request.scope.names))
+        down = sorted(set(request.scope.names) & self.offline)
+        if down:
+            raise NodesOffline(down)
+        return await super().start(request, actor)
+
+
+def test_a_node_that_is_offline_is_left_out_of_the_automatic_rotation() -> None:
+    """Review s64 pki L1: one node whose agent was offline (a machine switched off for the
+    holidays) blocked the automatic rotation of every other due node, window after window,
+    and their certificates could expire over it. Now, as a node that needs the admin, it is
+    left out and named in the check's reason; the others are rotated, and it is at a later
+    check once its agent is back. In the leader's first minutes (its agents reconnecting) it
+    still blocks, and the check is tried again soon; the first check after them leaves it
+    out."""
+    import asyncio
+
+    from leader.auto_rotate import RETRY_BLOCKED, SETTLE_SECONDS
+
+    schema = FakeSchema()
+    commands = RefusingOffline(schema, frozenset({"n2"}))
+    rotator = _rotator(
+        schema, commands, ["n1", "n2", "n3"], "2026-12-05 03:00", needs_admin=frozenset({"n4"})
+    )
+    elapsed = [SETTLE_SECONDS + 1]
+    rotator.monotonic = lambda: elapsed[0]
+    rotator._made = 0.0
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "started", decision
+    ((request, _actor),) = commands.started
+    assert set(request.scope.names) == {"n1", "n3"}
+    view = rotator.status.view()
+    assert list(view.due_nodes) == ["n1", "n3"]
+    assert view.reason == (
+        "rollout r1; left out, offline: n2 (bring the agent up: it is rotated at a check in "
+        "the window once it is online)"
+    )
+    assert rotator.wake_in() is None
+
+    # Every node due offline: nothing to start, as before.
+    alone = FakeSchema()
+    only = _rotator(alone, RefusingOffline(alone, frozenset({"n2"})), ["n2"], "2026-12-05 03:00")
+    only.monotonic = lambda: SETTLE_SECONDS + 1
+    only._made = 0.0
+    decision = asyncio.run(only.check())
+    assert decision.verdict.value == "blocked" and "offline: n2" in decision.reason, decision
+    assert not only.commands.started
+
+    # Right after the leader's start: the check that finds n2 offline blocks and is tried
+    # again soon (n2's agent may be reconnecting); the first after the settling leaves it out.
+    early = FakeSchema()
+    late = RefusingOffline(early, frozenset({"n2"}))
+    starting = _rotator(early, late, ["n1", "n2"], "2026-12-05 03:00")
+    starting.monotonic = lambda: elapsed[0]
+    starting._made = 0.0
+    elapsed[0] = SETTLE_SECONDS - 5
+    assert asyncio.run(starting.check()).verdict.value == "blocked"
+    elapsed[0] = SETTLE_SECONDS + 10  # the check ended after the settling: one more all the same
+    assert starting.wake_in() == RETRY_BLOCKED
+    assert asyncio.run(starting.check()).verdict.value == "started"
+    ((request, _actor),) = late.started
+    assert set(request.scope.names) == {"n1"}
+
+
 def test_a_revoked_server_certificate_is_due_for_the_automatic_rotation(
     tmp_path: Path,
 ) -> None:
