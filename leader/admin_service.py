@@ -840,7 +840,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ca_serials=ca_serials,
             workstations_only=request.workstations_only,
         )
-        log.warning("certificate.revoked", serials=serials)
+        try:
+            served_by, until = await asyncio.to_thread(self._still_taken, serials)
+        except Exception as exc:  # revoked all the same: the answer must say so
+            log.error("certificate.revoked_still_taken_failed", error=str(exc))
+            served_by, until = [], None
+        if served_by:
+            # Nothing the node runs reads the revocation list: the CLI names the rotation
+            # (before, "revoked", exit 0, and check-expiration said "ok": review s64 pki M1).
+            log.warning("certificate.revoked", serials=serials, served_by=served_by)
+        else:
+            log.warning("certificate.revoked", serials=serials)
         not_reissued: list[str] = []
         if {c.serial for c in own} & set(serials):
             # The leader's or the viewer's: issued again (a new key) and served at once.
@@ -855,11 +865,6 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             # `certs check-expiration` told: review of s63-o1 L3).
             now_own = await asyncio.to_thread(self._own_certs)
             not_reissued = [c.kind for c in now_own if c.serial in serials]
-        served_by, until = await asyncio.to_thread(self._still_taken, serials)
-        if served_by:
-            # Nothing the node runs reads the revocation list: the CLI names the rotation
-            # (before, "revoked", exit 0, and check-expiration said "ok": review s64 pki M1).
-            log.warning("certificate.revoked_served", kind="server", nodes=served_by)
         return admin_pb2.RevokeCertificateResponse(
             revoked_serials=serials,
             not_reissued=not_reissued,

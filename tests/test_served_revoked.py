@@ -75,10 +75,10 @@ def test_a_revoked_server_certificate_is_shown_revoked_until_a_rotation_replaces
             (c["kind"], c["subject"], c["serial"], c.get("revoked"))
             for c in listed.get("expiring_certificates", [])
         ] == [("server", "node2", serial, True)], listed.get("expiring_certificates")
-        events = [
-            e for e in cluster.leader.log_events() if e.get("event") == "certificate.revoked_served"
+        (event,) = [
+            e for e in cluster.leader.log_events() if e.get("event") == "certificate.revoked"
         ]
-        assert events and events[0]["nodes"] == ["node2"], events
+        assert (event["serials"], event["served_by"]) == ([serial], ["node2"]), event
 
         rotate = cluster.cli(
             *("rollout", "start", "--nodes", "node2", "--change", "rotate-cert"),
