@@ -15,7 +15,7 @@ import inspect
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -857,7 +857,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ca_serials=ca_serials,
             workstations_only=request.workstations_only,
         )
-        log.warning("certificate.revoked", serials=serials)
+        try:
+            served_by, until = await asyncio.to_thread(self._still_taken, serials)
+        except Exception as exc:  # revoked all the same: the answer must say so
+            log.error("certificate.revoked_still_taken_failed", error=str(exc))
+            served_by, until = [], None
+        if served_by:
+            # Nothing the node runs reads the revocation list: the CLI names the rotation
+            # (before, "revoked", exit 0, and check-expiration said "ok": review s64 pki M1).
+            log.warning("certificate.revoked", serials=serials, served_by=served_by)
+        else:
+            log.warning("certificate.revoked", serials=serials)
         not_reissued: list[str] = []
         if {c.serial for c in own} & set(serials):
             # The leader's or the viewer's: issued again (a new key) and served at once.
@@ -873,8 +883,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             now_own = await asyncio.to_thread(self._own_certs)
             not_reissued = [c.kind for c in now_own if c.serial in serials]
         return admin_pb2.RevokeCertificateResponse(
-            revoked_serials=serials, not_reissued=not_reissued
+            revoked_serials=serials,
+            not_reissued=not_reissued,
+            served_by=served_by,
+            workstations_until=timestamp(until),
         )
+
+    def _still_taken(self, serials: Sequence[str]) -> tuple[list[str], dt.datetime | None]:
+        """Of certificates just revoked, what still takes them (blocking): the enrolled nodes
+        that serve one of them on 8443 as the expiry watch lists them (``Expiry.revoked``),
+        and the latest end of the workstation certificates among them not ended yet (a
+        managed server that asks for client certificates reads no revocation list either);
+        None if there is none."""
+        revoked = set(serials)
+        served = sorted(
+            {e.subject for e in self.expiry.check() if e.kind == "server" and e.serial in revoked}
+        )
+        now = self.state.clock()
+        ends = [
+            c.not_after
+            for c in self.state.store.list_certificates("workstation")
+            if c.serial in revoked and c.not_after > now
+        ]
+        return served, max(ends, default=None)
 
     def _own_certs(self) -> list[OwnCert]:
         """The leader's own certificates as the expiry watch lists them (leader, viewer)."""

@@ -22,7 +22,17 @@ their agents refuse every switch, and the planner refuses a plan with them) are 
 what is due, and named in the check's reason: before, one such node blocked every rotation,
 and the other nodes' certificates could expire over it (review s41rev3). So are the nodes
 whose agent is cut off (``cut_off``: its certificate revoked, a machine lost or stolen; the
-start refuses it as offline until `tlsroll nodes remove`), named with that way on (s50).
+start refuses it as offline until `tlsroll nodes remove`), named with that way on (s50). And
+so are the nodes the start finds offline: the others are started without them, and they are
+named in the reason; each is rotated at a later check in the window once its agent is back
+(review s64 pki L1: one node switched off blocked the rotation of every other). Only in the
+leader's first ``SETTLE_SECONDS``, when the agents are still reconnecting, does an offline
+node block the start, which is tried again soon (``RETRY_BLOCKED``): left out then, nodes
+that are merely late would wait for the rotation of the others and the watch's next check.
+
+A served certificate the admin revoked (``Expiry.revoked``) is due whatever its end, and even
+one that ends with the CA: the node goes on serving it until it is rotated (review s64 pki
+M1).
 
 Never two at once: the checks run one after the other (a lock as well), ``decide`` waits while
 any rollout is active, and the schema store refuses a second active rollout in the same
@@ -164,8 +174,9 @@ class AutoRotator:
             self.status.warning = utc_window_warning(window)
         self._lock = asyncio.Lock()
         # The local time the last check began, whether or not it got as far as a verdict
-        # (``wake_in``).
+        # (``wake_in``), and the elapsed time then (``_settling``).
         self._began: dt.datetime | None = None
+        self._began_at = self._made
 
     def now(self) -> dt.datetime:
         """Now on the window's wall clock."""
@@ -188,7 +199,13 @@ class AutoRotator:
         records nothing; the watch logs it and checks again at its interval."""
         async with self._lock:
             local = self._began = self.now()
+            self._began_at = self.monotonic()
             return await self._check(local)
+
+    def _settling(self) -> bool:
+        """Whether the last check began in this rotator's first ``SETTLE_SECONDS`` (the
+        leader's start: its agents still reconnecting)."""
+        return self._began_at - self._made < SETTLE_SECONDS
 
     async def _check(self, local: dt.datetime) -> Decision:
         if not self.enabled or self.window is None:
@@ -202,7 +219,8 @@ class AutoRotator:
         warnings = await asyncio.to_thread(self.watch.warnings)
         # One that ends with the CA is not rotated: a new one would end no later, and the
         # practice's servers would be restarted at every window for nothing until the CA ends.
-        servers = [e for e in warnings if e.kind == "server" and not e.ends_with_ca]
+        # One revoked is: the rotation is what takes it out of service.
+        servers = [e for e in warnings if e.kind == "server" and (e.revoked or not e.ends_with_ca)]
         # A node that needs the admin is left out: its agent refuses, the planner refuses a
         # plan with it, and the others' certificates must not expire over it.
         held = set(self.needs_admin())
@@ -254,30 +272,55 @@ class AutoRotator:
         return decision
 
     async def _start(self, decision: Decision) -> Decision:
-        request = RolloutRequest(Change.ROTATE_CERT, Scope.of_nodes(decision.nodes))
-        try:
-            row = await self.commands.start(request, ACTOR)
-        except NodesOffline as exc:
-            # Its own way on: the planner's ("leave it out: --nodes") is an admin's command's
-            # (rev57b L8); the rotator takes every node due, and tries again.
-            return Decision(
-                Verdict.BLOCKED,
-                decision.nodes,
-                f"offline: {', '.join(exc.names)} (bring the agent up: the rotation starts at "
-                "a check in the window once every node due is online)",
-            )
-        except TlsrollError as exc:  # refused plan, a rollout begun meanwhile, agents away
-            return Decision(Verdict.BLOCKED, decision.nodes, str(exc))
+        nodes = decision.nodes
+        offline: list[str] = []
+        while True:
+            request = RolloutRequest(Change.ROTATE_CERT, Scope.of_nodes(nodes))
+            try:
+                row = await self.commands.start(request, ACTOR)
+                break
+            except NodesOffline as exc:
+                # The planner names every node in scope that is offline. They are left out,
+                # as those that need the admin are, and the others started: before, one node
+                # switched off held back every other, whose certificates could expire over it
+                # (review s64 pki L1). Not while the leader settles: its agents are still
+                # reconnecting, and the start is tried again soon (``wake_in``).
+                down = set(exc.names)
+                rest = tuple(n for n in nodes if n not in down)
+                offline = sorted(set(offline) | (down & set(nodes) or down))
+                if self._settling() or not rest or rest == nodes:
+                    # Its own way on: the planner's ("leave it out: --nodes") is an admin's
+                    # command's (rev57b L8); the rotator tries again at its next check.
+                    how = (
+                        "the leader has just started and its agents are reconnecting: tried "
+                        "again shortly, then those still offline are left out"
+                        if self._settling()
+                        else "bring the agent up: it is rotated at a check in the window once "
+                        "it is online"
+                    )
+                    return Decision(
+                        Verdict.BLOCKED, decision.nodes, f"offline: {', '.join(offline)} ({how})"
+                    )
+                nodes = rest  # (each round leaves out one node at least: it ends)
+            except TlsrollError as exc:  # refused plan, a rollout begun meanwhile, agents away
+                return Decision(Verdict.BLOCKED, decision.nodes, str(exc))
         self.status.rollout_id = row.rollout.id
         log.info(
             "auto_rotate.started",
             rollout_id=row.rollout.id,
-            nodes=list(decision.nodes),
+            nodes=list(nodes),
+            offline=offline,
             window=self.status.window,
             timezone=self.status.timezone or "host",
             actor=ACTOR,
         )
-        return Decision(Verdict.STARTED, decision.nodes, f"rollout {row.rollout.id}")
+        reason = f"rollout {row.rollout.id}"
+        if offline:
+            reason += (
+                f"; left out, offline: {', '.join(offline)} (bring the agent up: it is rotated"
+                " at a check in the window once it is online)"
+            )
+        return Decision(Verdict.STARTED, nodes, reason)
 
     def wake_in(self) -> float | None:
         """When the expiry watch should check next for this rotator (its ``wake_hints``): the
@@ -291,10 +334,14 @@ class AutoRotator:
             return None
         if (
             self.status.verdict == Verdict.BLOCKED.value
-            and self.monotonic() - self._made < SETTLE_SECONDS
+            and self._settling()
             and in_window(self.window, self.now())
         ):
-            return RETRY_BLOCKED  # the agents reconnect to a leader just started
+            # The agents reconnect to a leader just started. By when the check began, not
+            # now: the check that the settling ends after is followed by one more, which
+            # leaves out the nodes still offline (a check that ended after the settling
+            # ended waited for the watch's interval).
+            return RETRY_BLOCKED
         if self.status.verdict != Verdict.OUTSIDE_WINDOW.value:
             return None
         local = self.now()

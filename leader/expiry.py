@@ -31,7 +31,11 @@ What is watched, and from where (no key is ever read):
   came after), with its serial from the certificates table. One of the practice's own
   (``--cert-dir``) whose chain (an intermediate, the practice CA) ends before it is watched by
   the chain's end, which its advice names (``SchemaStore.own_chain_ends``): the chain was
-  checked only at the rollout's start (review s46rt1 L4).
+  checked only at the rollout's start (review s46rt1 L4). One the admin revoked (`tlsroll ca
+  revoke` of its serial) is marked ``revoked``, whatever its end: the node goes on serving it,
+  and the practice's clients, which read no revocation list, go on taking it, until a
+  ``rotate-cert`` replaces it (``auto_rotate`` counts it due). Before, it was "ok" everywhere
+  but in the schema's list of revoked certificates (review s64 pki M1).
 * ``workstation``: every workstation certificate that is neither revoked nor expired, and the
   newest of a name that ended less than ``expiry_warning_days`` ago (the PC lost it: "expired").
 
@@ -90,6 +94,11 @@ ADVICE = {
     "machine lost or stolen)",
     "server": "rotate it: tlsroll rollout start --change rotate-cert (a node serving the "
     "practice's own certificate: renew it and add --cert-dir DIR)",
+    # A node's served certificate the admin revoked (``Expiry.revoked``; NODE: its node).
+    "server_revoked": "it was revoked (`tlsroll ca revoke`), and the node still serves it: the "
+    "practice's clients read no revocation list and take it until its end; replace it now: "
+    "tlsroll rollout start --change rotate-cert --nodes NODE (with auto_rotate, the leader "
+    "starts that itself in the maintenance window)",
     "workstation": "run `tlsroll client test-connection` on that workstation again (or, if "
     "the PC is gone: tlsroll workstations revoke NAME)",
 }
@@ -149,7 +158,8 @@ class Expiry:
     # (``earliest_recorded``): ``serial`` is the first recorded replaced certificate's, and
     # ``not_after`` the latest its unknown end can be, unless a forced renewal replaced it.
     earlier: bool = False
-    # The leader's or the viewer's, revoked (``ExpiryWatch.check``): still the one on disk.
+    # Revoked (``ExpiryWatch.check``): the leader's or the viewer's, still the one on disk; a
+    # node's server certificate, still the one it serves as the rollouts recorded it.
     revoked: bool = False
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
@@ -160,6 +170,8 @@ class Expiry:
 
     @property
     def advice(self) -> str:
+        if self.revoked and self.kind == "server":
+            return ADVICE["server_revoked"].replace("NODE", self.subject)
         if self.revoked:
             return ADVICE["revoked"]
         if self.chain:
@@ -369,6 +381,9 @@ class ExpiryWatch:
             )
         certs = self.store.list_certificates()
         serial_of = {c.fingerprint: c.serial for c in certs if c.fingerprint}
+        # A served certificate on the revocation list: only the admin puts one there (a
+        # rotation revokes the certificate a node served before, never the one it serves now).
+        revoked = {c.fingerprint for c in certs if c.fingerprint and c.revoked_at is not None}
         enrolled = {n.name for n in self.store.list_nodes()}
         chains = self.schema.own_chain_ends()
         for name, (fingerprint, not_after) in sorted(self.schema.served_certificates().items()):
@@ -383,6 +398,7 @@ class ExpiryWatch:
                         end,
                         horizon_of("server", self.horizon),
                         chain=chain,
+                        revoked=fingerprint in revoked,
                     )
                 )
         found += [
@@ -475,9 +491,10 @@ class ExpiryWatch:
         return found
 
     def warnings(self) -> list[Expiry]:
-        """Those within their horizon, and the leader's or the viewer's revoked (which it could
-        not issue again: before, only `certs check-expiration` showed one, and neither the
-        hourly log nor `schema show` said anything; review of s63-o1 L2)."""
+        """Those within their horizon, and those revoked and still in use: the leader's or the
+        viewer's (which it could not issue again: before, only `certs check-expiration` showed
+        one, and neither the hourly log nor `schema show` said anything; review of s63-o1 L2),
+        a node's served certificate (review s64 pki M1)."""
         now = self.clock()
         return [e for e in self.check() if e.warning(now) or e.revoked]
 

@@ -510,10 +510,16 @@ def _rotator(
     watch = SimpleNamespace(
         warnings=lambda: (
             [
-                SimpleNamespace(kind="server", subject=n, serial="1f", ends_with_ca=False)
+                SimpleNamespace(
+                    kind="server", subject=n, serial="1f", ends_with_ca=False, revoked=False
+                )
                 for n in due
             ]
-            + [SimpleNamespace(kind="agent", subject="n9", serial="2f", ends_with_ca=False)]
+            + [
+                SimpleNamespace(
+                    kind="agent", subject="n9", serial="2f", ends_with_ca=False, revoked=False
+                )
+            ]
         )
     )
     return AutoRotator(
@@ -656,6 +662,140 @@ def test_a_node_that_needs_the_admin_is_left_out_of_the_automatic_rotation() -> 
     decision = asyncio.run(only.check())
     assert decision.verdict.value == "nothing-due", decision
     assert "left out, needing the admin (`tlsroll nodes`): n2" in only.status.view().reason
+
+
+class RefusingOffline(FakeCommands):
+    """The planner's refusal of a plan with nodes whose agents are offline: it names every
+    one of them in scope (``planner.NodesOffline``)."""
+
+    def __init__(self, schema: FakeSchema, offline: frozenset[str]) -> None:
+        super().__init__(schema)
+        self.offline = offline
+        self.asked: list[set[str]] = []
+
+    async def start(self, request: Any, actor: str) -> Any:
+        from leader.planner import NodesOffline
+
+        self.asked.append(set(request.scope.names))
+        down = sorted(set(request.scope.names) & self.offline)
+        if down:
+            raise NodesOffline(down)
+        return await super().start(request, actor)
+
+
+def test_a_node_that_is_offline_is_left_out_of_the_automatic_rotation() -> None:
+    """Review s64 pki L1: one node whose agent was offline (a machine switched off for the
+    holidays) blocked the automatic rotation of every other due node, window after window,
+    and their certificates could expire over it. Now, as a node that needs the admin, it is
+    left out and named in the check's reason; the others are rotated, and it is at a later
+    check once its agent is back. In the leader's first minutes (its agents reconnecting) it
+    still blocks, and the check is tried again soon; the first check after them leaves it
+    out."""
+    import asyncio
+
+    from leader.auto_rotate import RETRY_BLOCKED, SETTLE_SECONDS
+
+    schema = FakeSchema()
+    commands = RefusingOffline(schema, frozenset({"n2"}))
+    rotator = _rotator(
+        schema, commands, ["n1", "n2", "n3"], "2026-12-05 03:00", needs_admin=frozenset({"n4"})
+    )
+    elapsed = [SETTLE_SECONDS + 1]
+    rotator.monotonic = lambda: elapsed[0]
+    rotator._made = 0.0
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "started", decision
+    ((request, _actor),) = commands.started
+    assert set(request.scope.names) == {"n1", "n3"}
+    view = rotator.status.view()
+    assert list(view.due_nodes) == ["n1", "n3"]
+    assert view.reason == (
+        "rollout r1; left out, offline: n2 (bring the agent up: it is rotated at a check in "
+        "the window once it is online)"
+    )
+    assert rotator.wake_in() is None
+
+    # Every node due offline: nothing to start, as before.
+    alone = FakeSchema()
+    only = _rotator(alone, RefusingOffline(alone, frozenset({"n2"})), ["n2"], "2026-12-05 03:00")
+    only.monotonic = lambda: SETTLE_SECONDS + 1
+    only._made = 0.0
+    decision = asyncio.run(only.check())
+    assert decision.verdict.value == "blocked" and "offline: n2" in decision.reason, decision
+    assert not only.commands.started
+
+    # Right after the leader's start: the check that finds n2 offline blocks and is tried
+    # again soon (n2's agent may be reconnecting); the first after the settling leaves it out.
+    early = FakeSchema()
+    late = RefusingOffline(early, frozenset({"n2"}))
+    starting = _rotator(early, late, ["n1", "n2"], "2026-12-05 03:00")
+    starting.monotonic = lambda: elapsed[0]
+    starting._made = 0.0
+    elapsed[0] = SETTLE_SECONDS - 5
+    assert asyncio.run(starting.check()).verdict.value == "blocked"
+    elapsed[0] = SETTLE_SECONDS + 10  # the check ended after the settling: one more all the same
+    assert starting.wake_in() == RETRY_BLOCKED
+    assert asyncio.run(starting.check()).verdict.value == "started"
+    ((request, _actor),) = late.started
+    assert set(request.scope.names) == {"n1"}
+
+
+def test_a_revoked_server_certificate_is_due_for_the_automatic_rotation(
+    tmp_path: Path,
+) -> None:
+    """Review s64 pki M1: a node's served certificate the admin revoked (`tlsroll ca revoke`)
+    stayed in service, and the expiry watch and the rotator called it fine until its end. The
+    watch lists it revoked, whatever its end, with the rotate-cert of its node as the advice,
+    and the rotator rotates it (the other node's, far from its end, is left as it is), even
+    when it ends with the CA (one near its end then is not rotated)."""
+    import asyncio
+    from dataclasses import replace
+
+    from leader.auto_rotate import AutoRotator
+    from leader.expiry import ExpiryWatch
+    from tests.test_viewer_parts import NOW
+
+    store, schema = served_store(tmp_path)  # a and b serve certificates a1 and b1
+    ca = pki.CertificateAuthority.create()
+    # Warned 10 days ahead: neither of the two (20 days left) is due for its end.
+    watch = ExpiryWatch(store, schema, ca.cert, list, lambda: NOW, warning_days=10)
+    assert [e for e in watch.warnings() if e.kind == "server"] == []
+    store.revoke("a1", reason="key copied", now=NOW, actor="admin")
+    (a,) = [e for e in watch.check() if e.kind == "server" and e.subject == "a"]
+    (b,) = [e for e in watch.check() if e.kind == "server" and e.subject == "b"]
+    assert (a.revoked, b.revoked) == (True, False)
+    assert "tlsroll rollout start --change rotate-cert --nodes a" in a.advice, a.advice
+    assert [e.subject for e in watch.warnings() if e.kind == "server"] == ["a"]
+
+    fakes = FakeSchema()
+    commands = FakeCommands(fakes)
+    rotator = AutoRotator(
+        watch,
+        fakes,  # type: ignore[arg-type]
+        commands,  # type: ignore[arg-type]
+        enabled=True,
+        window=parse_window("Sat 02:00-05:00"),
+        local_clock=lambda: local("2026-12-05 03:00"),
+    )
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "started", decision
+    assert [set(r.scope.names) for r, _ in commands.started] == [{"a"}]
+
+    # One that ends with the CA: a revoked one is rotated all the same.
+    ending = [replace(e, ends_with_ca=True) for e in watch.warnings()]
+    watch.warnings = lambda: ending  # type: ignore[method-assign]
+    again = FakeCommands(fakes := FakeSchema())
+    rotator = AutoRotator(
+        watch,
+        fakes,  # type: ignore[arg-type]
+        again,  # type: ignore[arg-type]
+        enabled=True,
+        window=parse_window("Sat 02:00-05:00"),
+        local_clock=lambda: local("2026-12-05 03:00"),
+    )
+    assert asyncio.run(rotator.check()).verdict.value == "started"
+    assert [set(r.scope.names) for r, _ in again.started] == [{"a"}]
+    store.close()
 
 
 def test_a_node_whose_agent_is_cut_off_is_left_out_of_the_automatic_rotation() -> None:

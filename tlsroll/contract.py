@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "f3ef6088f1e1"
+REVISION = "d7b4338ec943"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

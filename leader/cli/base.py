@@ -632,6 +632,32 @@ def free_text_param(_ctx: click.Context, param: click.Parameter, value: str) -> 
     return value
 
 
+def say_still_taken(reply: Any) -> None:
+    """After a revocation (``RevokeCertificateResponse``): what still takes the certificates
+    revoked, one line each on stderr. Revoking reaches the agents and the leader only: a node
+    that serves one on 8443 goes on serving it, and the practice's clients take it, until a
+    rotate-cert replaces it (``served_by``); a managed server that asks for client
+    certificates reads no revocation list, and takes a workstation's until its end
+    (``workstations_until``). Before, both said "revoked" and no more (review s64 pki M1)."""
+    if reply.served_by:
+        nodes = ",".join(reply.served_by)
+        who = f"node {nodes} still serves" if len(reply.served_by) == 1 else f"nodes {nodes} serve"
+        click.echo(
+            f"tlsroll: warning: {who} the revoked certificate on 8443, and the"
+            " practice's clients, which read no revocation list, take it until it is replaced:"
+            f" tlsroll rollout start --change rotate-cert --nodes {nodes}",
+            err=True,
+        )
+    if reply.HasField("workstations_until"):
+        click.echo(
+            "tlsroll: note: the managed servers read no revocation list: a server that asks for"
+            " client certificates takes the revoked workstation certificate until its end,"
+            f' {fmt_time(reply, "workstations_until")} (README "Revocation" says what else'
+            " to do for a PC lost or stolen)",
+            err=True,
+        )
+
+
 _HEX_SERIAL = re.compile(r"[0-9a-f]{1,40}")
 
 

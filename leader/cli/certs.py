@@ -28,7 +28,8 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
     """List every certificate (CA, leader, viewer, each agent's, each node's server
     certificate, each workstation's) with its residual time; exit 1 if any is within its
     warning horizon (`expiry_warning_days` in leader.toml; agents: half of their life), or if
-    the leader's or the viewer's is revoked (the leader issues those again at once)."""
+    one in use is revoked: the leader's or the viewer's (the leader issues those again at
+    once), or a node's server certificate it still serves (a rotate-cert replaces it)."""
     from tlsroll.v1 import admin_pb2  # noqa: PLC0415 - only when this command runs
 
     with leader.admin() as admin:

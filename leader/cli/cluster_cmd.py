@@ -26,6 +26,7 @@ from leader.cli.base import (
     parse_duration,
     pass_leader,
     refuse_unfit_serial,
+    say_still_taken,
     to_dict,
 )
 from tlsroll.cli import PathParam, refuse_empty_path
@@ -268,7 +269,9 @@ def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
     check-expiration` lists them). Agents learn of it with their next heartbeat and refuse it
     from then on. A serial the leader has no record of is refused, unless --unknown. The
     leader's and the viewer's own certificates are found by serial too, and issued again at
-    once for a new key; the CA's own is refused (`tlsroll ca renew` replaces it). (`tlsroll
+    once for a new key; the CA's own is refused (`tlsroll ca renew` replaces it). A node's
+    server certificate it still serves goes on being served, and taken by the practice's
+    clients, until a rotate-cert replaces it: a warning says so, with the command. (`tlsroll
     nodes remove` and `tlsroll workstations revoke` revoke by name.)"""
     refuse_unfit_serial(serial, serial_only=True)
     with leader.admin() as admin:
@@ -288,6 +291,7 @@ def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
             " its next start issues it again",
             err=True,
         )
+    say_still_taken(reply)
     digits = short_serial_digits(serial)
     if unknown and digits is not None:
         click.echo(

@@ -26,6 +26,7 @@ from leader.cli.base import (
     out,
     pass_leader,
     refuse_unfit_serial,
+    say_still_taken,
     to_dict,
 )
 from leader.layout import Layout
@@ -251,7 +252,8 @@ def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> Non
     """Revoke every certificate of workstation NAME (ws-…), or one workstation certificate by
     SERIAL (hex, in full, as `workstations list` shows it; one the leader has no record of is
     refused, and so is another kind's: `tlsroll ca revoke SERIAL` revokes those). Agents
-    learn of it with their next heartbeat."""
+    learn of it with their next heartbeat; the managed servers read no revocation list, and a
+    server that asks for client certificates takes it until its end (a note gives the date)."""
     refuse_unfit_serial(name_or_serial)
     with leader.admin() as admin:
         reply = leader.call(
@@ -261,6 +263,7 @@ def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> Non
             ),
         )
     out.print(f"revoked {', '.join(reply.revoked_serials)}")
+    say_still_taken(reply)
 
 
 @click.group()

@@ -1341,6 +1341,8 @@ class RevokeCertificateResponse(_message.Message):
 
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
     NOT_REISSUED_FIELD_NUMBER: _builtins.int
+    SERVED_BY_FIELD_NUMBER: _builtins.int
+    WORKSTATIONS_UNTIL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1350,15 +1352,31 @@ class RevokeCertificateResponse(_message.Message):
         watch's next check); empty when none was, or each was issued again.
         """
 
+    @_builtins.property
+    def served_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The enrolled nodes that serve (on 8443, as the rollouts recorded it) a certificate revoked
+        now: the practice's clients read no revocation list, so each goes on being taken until a
+        rotate-cert rollout of the node replaces it (the CLI says so). An older leader: empty.
+        """
+
+    @_builtins.property
+    def workstations_until(self) -> _timestamp_pb2.Timestamp:
+        """The latest end of the workstation certificates revoked now that have not ended: the
+        managed servers read no revocation list, so a server that asks for client certificates
+        takes each until its end (the CLI says so). Unset: none (or an older leader).
+        """
+
     def __init__(
         self,
         *,
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
         not_reissued: _abc.Iterable[_builtins.str] | None = ...,
+        served_by: _abc.Iterable[_builtins.str] | None = ...,
+        workstations_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workstations_until", b"workstations_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_reissued", b"not_reissued", "revoked_serials", b"revoked_serials"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["not_reissued", b"not_reissued", "revoked_serials", b"revoked_serials", "served_by", b"served_by", "workstations_until", b"workstations_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1511,9 +1529,10 @@ class CertificateExpiry(_message.Message):
     advice: _builtins.str
     """What to do about it, when `warning` (or `revoked`) is set."""
     revoked: _builtins.bool
-    """The leader's or the viewer's own certificate, revoked (`tlsroll ca revoke`) and still
-    the one on disk: the leader could not issue it again (it does at once). The response's
-    `warning` is set.
+    """Revoked (`tlsroll ca revoke`) and still in use: the leader's or the viewer's own, still
+    the one on disk (the leader could not issue it again: it does at once), or a node's server
+    certificate it still serves (until a rotate-cert replaces it). The response's `warning` is
+    set.
     """
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...

@@ -775,8 +775,9 @@ class ExpiringCertificateView(_message.Message):
     serial: _builtins.str
     residual_seconds: _builtins.int
     revoked: _builtins.bool
-    """The leader's or the viewer's, revoked (`tlsroll ca revoke`) and not issued again yet:
-    listed whatever its residual time.
+    """Revoked (`tlsroll ca revoke`) and still in use: the leader's or the viewer's, not issued
+    again yet, or a node's server certificate it still serves (until a rotate-cert replaces
+    it); listed whatever its residual time.
     """
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...

@@ -1,0 +1,149 @@
+"""A node's served (8443) certificate and a workstation's revoked (review s64 pki M1), end to
+end: a real leader, agents and reference servers as processes, real mutual TLS, the real CLI
+and a real `tlsroll client test-connection`.
+
+`tlsroll ca revoke` of the serial `certs check-expiration` lists for node2's server
+certificate printed "revoked …" and nothing more; check-expiration went on calling it "ok"
+(exit 0), node2 went on serving it (and the practice's clients, which read no revocation list,
+on taking it), and the automatic rotation left it alone until its end. Now `ca revoke` warns
+on stderr that the node still serves it, with the rotate-cert that replaces it;
+check-expiration shows it `REVOKED` (exit 1) with that command as the advice, `schema show`
+lists it, and `auto_rotate` rotates it in the window. `workstations revoke` says that the
+managed servers read no revocation list, and until when they take the certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import LEADER_POLL, Cluster, wait_until
+from tests.nodeside import cluster_of
+from tests.test_bootstrap_worker import client_test_connection
+from tests.test_level_based import password_file
+from tests.test_own_revoked import expiration
+
+LONG = 180.0
+ROTATE = "tlsroll rollout start --change rotate-cert --nodes node2"
+
+
+def enable_tls(cluster: Cluster, pw: Path) -> None:
+    enable = cluster.cli(
+        *("rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"),
+        "--wait",
+        timeout=LONG,
+    )
+    assert enable.returncode == 0, (enable.stdout, enable.stderr)
+
+
+@pytest.mark.timeout(600)
+def test_a_revoked_server_certificate_is_shown_revoked_until_a_rotation_replaces_it(
+    tmp_path: Path,
+) -> None:
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1, node2 = nodes
+        pw = password_file(tmp_path, "pw", "served-revoked-password-for-the-practice")
+        enable_tls(cluster, pw)
+        code, rows = expiration(cluster)
+        assert code == 0, rows
+        serial, fingerprint = rows["server/node2"]["serial"], rows["server/node2"]["fingerprint"]
+        assert node2.served_fingerprint() == fingerprint
+
+        revoked = cluster.cli("ca", "revoke", serial, "--reason", "server key copied")
+        assert (revoked.returncode, revoked.stdout.strip()) == (0, f"revoked {serial}"), revoked
+        (said,) = revoked.stderr.splitlines()
+        assert said.startswith(
+            "tlsroll: warning: node node2 still serves the revoked certificate on 8443"
+        ), said
+        assert said.endswith(ROTATE), said
+        assert node2.served_fingerprint() == fingerprint  # revoking replaces nothing
+
+        code, rows = expiration(cluster)
+        assert code == 1, rows
+        assert rows["server/node2"]["revoked"] is True, rows["server/node2"]
+        assert ROTATE in rows["server/node2"]["advice"], rows["server/node2"]
+        assert not rows["server/node1"].get("revoked"), rows["server/node1"]
+        table = cluster.cli("certs", "check-expiration")
+        assert table.returncode == 1 and table.stdout.count("REVOKED") == 1, table
+        assert "1 certificate(s) within their warning horizon, expired or revoked" in (table.stderr)
+        listed = json.loads(cluster.cli("schema", "show", "--json").stdout)
+        assert [
+            (c["kind"], c["subject"], c["serial"], c.get("revoked"))
+            for c in listed.get("expiring_certificates", [])
+        ] == [("server", "node2", serial, True)], listed.get("expiring_certificates")
+        (event,) = [
+            e for e in cluster.leader.log_events() if e.get("event") == "certificate.revoked"
+        ]
+        assert (event["serials"], event["served_by"]) == ([serial], ["node2"]), event
+
+        rotate = cluster.cli(
+            *("rollout", "start", "--nodes", "node2", "--change", "rotate-cert"),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+        code, rows = expiration(cluster)
+        assert code == 0, rows
+        assert rows["server/node2"]["serial"] != serial, rows["server/node2"]
+        assert not rows["server/node2"].get("revoked"), rows["server/node2"]
+        assert node2.served_fingerprint() == rows["server/node2"]["fingerprint"] != fingerprint
+
+        # A workstation's: the managed servers read no revocation list; the command says so,
+        # with the date its certificate ends.
+        pc = client_test_connection(node1.https_url(), pw, tmp_path / "empfang")
+        assert pc.returncode == 0, (pc.stdout, pc.stderr)
+        listed_ws = json.loads(cluster.cli("workstations", "list", "--json").stdout)
+        (ws,) = [w for w in listed_ws if w["name"] == "ws-empfang"]
+        end = dt.datetime.strptime(ws["not_after"], "%Y-%m-%dT%H:%M:%SZ")
+        gone = cluster.cli("workstations", "revoke", "ws-empfang")
+        assert (gone.returncode, gone.stdout.strip()) == (0, f"revoked {ws['serial']}"), gone
+        (note,) = gone.stderr.splitlines()
+        assert note.startswith("tlsroll: note: the managed servers read no revocation list"), note
+        assert f"until its end, {end:%Y-%m-%d %H:%M:%S} UTC" in note, note
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.timeout(600)
+def test_auto_rotate_replaces_a_revoked_server_certificate_in_the_window(tmp_path: Path) -> None:
+    """With `auto_rotate` and the window open, the leader rotates a node's served certificate
+    that the admin revoked by itself (nothing else is due: server certificates live 397 days),
+    and leaves the other node's as it is."""
+    with cluster_of(
+        tmp_path,
+        2,
+        auto_rotate=True,
+        maintenance_window="daily 00:00-24:00",
+        expiry_check_interval=1,
+    ) as (cluster, nodes):
+        node1, node2 = nodes
+        enable_tls(cluster, password_file(tmp_path, "pw", "served-revoked-auto-rotate-password"))
+        code, rows = expiration(cluster)
+        assert code == 0, rows
+        serial, kept = rows["server/node2"]["serial"], rows["server/node1"]["serial"]
+        revoked = cluster.cli("ca", "revoke", serial)
+        assert revoked.returncode == 0, revoked
+
+        def rotated() -> dict[str, Any] | None:
+            done = [
+                r
+                for r in cluster.schema_json()["rollouts"]
+                if r["change"] == "rotate-cert" and r["state"] in ("completed", "halted")
+            ]
+            return done[0] if done else None
+
+        wait_until(
+            lambda: rotated() is not None, LONG, "an automatic rotation", interval=LEADER_POLL
+        )
+        r = rotated()
+        assert r is not None and r["state"] == "completed", r
+        assert r["started_by"] == "leader (auto_rotate)"
+        assert [n["name"] for n in r["nodes"]] == ["node2"], r["nodes"]
+        code, rows = expiration(cluster)
+        assert code == 0, rows
+        assert rows["server/node2"]["serial"] != serial and rows["server/node1"]["serial"] == kept
+        assert node2.served_fingerprint() == rows["server/node2"]["fingerprint"]
+        assert node1.served_fingerprint() == rows["server/node1"]["fingerprint"]
