@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "331bf740b8f6"
+REVISION = "f9f3b4c478aa"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
