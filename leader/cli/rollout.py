@@ -328,10 +328,10 @@ def show_plan(reply: admin_pb2.PlanResponse, *, nothing_changed: bool = True) ->
             f"Auth password: the one the nodes already use (version "
             f"{reply.password_version_in_use}); it is not replaced."
         )
-    if reply.password_doubt:  # (a new one is refused; a start may be too)
-        out.print(f"Auth password: {reply.password_doubt}.")
-    elif reply.HasField("replaces"):  # enable-tls brings a new one over a staged one
+    elif reply.HasField("replaces") and not reply.password_doubt:  # a new one over a staged one
         out.print(f"Auth password: a new one; it {replaces_text(reply.replaces)}.")
+    if reply.password_doubt:  # (a new one is refused; where none is known, any start)
+        out.print(f"Auth password: {reply.password_doubt}.")
     if reply.HasField("applies"):
         out.print(f"Auth password: applies password version {applies_text(reply.applies)}.")
     out.print("Checks and steps on each node:")
