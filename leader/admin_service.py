@@ -444,7 +444,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             warnings=warnings,
         )
         if rollout.change is Change.ENABLE_TLS:
-            reply.password_version_in_use = planned.password_in_use
+            reply.password_version_in_use = planned.password_in_use.version
+            # What a start that brings a new password meets (the CLI refuses it before it
+            # generates one or asks); where no password is sure, any start (review s64 M2).
+            reply.password_doubt = planned.password_in_use.doubt(rollout.change, True)
         reply.busy = busy
         staged = (
             await asyncio.to_thread(self.schema.staged_password, planned.auth_latest)
@@ -455,7 +458,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             reply.applies.CopyFrom(staged_password(staged))
         # enable-tls brings a new password unless the nodes run one: it supersedes a staged
         # one that never went live (two admins: audit s39 H4).
-        new_password = rollout.change is Change.ENABLE_TLS and not planned.password_in_use
+        new_password = rollout.change is Change.ENABLE_TLS and not planned.password_in_use.version
         if staged is not None and new_password and not staged.live_on:
             reply.replaces.CopyFrom(staged_password(staged))
         reply.edited_configs.extend(edited_config_line(n, c) for n, c in planned.edited_configs)

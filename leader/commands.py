@@ -133,11 +133,12 @@ class RolloutRequest:
 @dataclass(frozen=True)
 class Planned:
     """What a rollout would start with: its records (nodes already in the desired state are
-    ``skipped``, with the reason) and the auth password version the nodes run now (0: none)."""
+    ``skipped``, with the reason) and the auth password the nodes run now (its version 0:
+    none), as sure as the leader can be of it."""
 
     rollout: Rollout
     records: tuple[NodeRecord, ...]
-    password_in_use: int = 0
+    password_in_use: planner.PasswordInUse = field(default_factory=planner.PasswordInUse)
     # ``--cert-dir``: the node certificates that passed every check.
     certificates: tuple[byo.Accepted, ...] = ()
     # The latest auth password version staged, as the plan read it (0: none): the one a
@@ -504,10 +505,6 @@ class Commands:
             seen = {name: _own_count(o, installed) for name, o in seen.items()}
         if seen is None and undone is not None:
             raise undone  # nothing observed: what was taken back is all there is to go by
-        in_use = max(
-            (digests.get(o.verifier_digest, 0) for o in (seen or {}).values() if o.reachable),
-            default=0,
-        )
         epoch = await asyncio.to_thread(self.schema.next_epoch)
         # What each agent implements, as its heartbeats say (read after the agents answered:
         # an agent just upgraded has said so by then): those since this leader started
@@ -527,6 +524,14 @@ class Commands:
         # A finalize leaves out a node whose agent is cut off (``rollout_core.LEFT_OUT``); the
         # way back leaves it as is, saying it never comes back (``left_cut_off``).
         cut_off = frozenset(n.name for n in listed if n.cert_revoked)
+        # The password in use: what the agents that answer run, and what the store recorded
+        # on the enrolled nodes that did not (a removed node's record is no one's).
+        recorded = await asyncio.to_thread(self.schema.node_auth)
+        in_use = planner.password_in_use(
+            {name: o.verifier_digest for name, o in (seen or {}).items() if o.reachable},
+            digests,
+            {n.name: recorded[n.name] for n in listed if n.name in recorded},
+        )
         out = (
             {n: left_out_reason(n) for n in cut_off} if request.change is Change.FINALIZE else None
         )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from leader.layout import Layout, leader_names_problem
 from leader.maintenance import Window, WindowError, parse_window
+from leader.store import WORKSTATION_CERTS_PER_HOUR
 from leader.zones import load_zone
 from tlsroll import logs, pki
 from tlsroll.config import ConfigFile, Section
@@ -81,6 +82,10 @@ class LeaderConfig:
     # Seconds between two checks of the expiry watch (at most this; agent certificates that
     # live shorter than 10 h are checked more often). Tests set a second.
     expiry_check_interval: int = EXPIRY_CHECK_INTERVAL
+    # Workstation certificates one node's bootstrap service may have signed per hour (a brake
+    # on a stolen agent key; ``leader.store.WORKSTATION_CERTS_PER_HOUR`` says why 100). A
+    # practice with more PCs at one server than that on switch day raises it for the day.
+    workstation_certs_per_hour: int = WORKSTATION_CERTS_PER_HOUR
 
     @classmethod
     def load(cls, path: Path) -> LeaderConfig:
@@ -119,6 +124,9 @@ class LeaderConfig:
             maintenance_timezone=_zone(s),
             expiry_check_interval=s.integer(
                 "expiry_check_interval", EXPIRY_CHECK_INTERVAL, lo=1, hi=86400
+            ),
+            workstation_certs_per_hour=s.integer(
+                "workstation_certs_per_hour", WORKSTATION_CERTS_PER_HOUR, lo=1, hi=10_000
             ),
         )
         if config.auto_rotate and config.maintenance_window is None:

@@ -950,24 +950,94 @@ class AuthDecision:
     version: int
 
 
+@dataclass(frozen=True)
+class PasswordInUse:
+    """The auth password the nodes of the cluster run, as far as the leader can tell
+    (``password_in_use``). What the agents that answer report decides; a node that cannot be
+    asked now still runs what it was last switched to, as the store recorded it: one offline
+    on switch day made "no node runs a password" of a cluster that did, and enable-tls of a
+    new node took a second password, which every workstation set up with the first one fails
+    at (review s64 M2)."""
+
+    version: int = 0  # the version in use (0: none): observed, else as recorded
+    confirmed: bool = False  # a node that answers now runs ``version``
+    # Nodes recorded as running a password that cannot be asked now (offline, or their server
+    # down): what they run is the record's word only.
+    unconfirmed: tuple[str, ...] = ()
+    # Nodes that answer and run a password whose verifier this leader does not hold (its store
+    # restored from a backup older than their last password change): which one is not known.
+    unknown: tuple[str, ...] = ()
+
+    def doubt(self, change: Change, new_password: bool) -> str:
+        """Why a start of ``change`` cannot give its nodes a password that is surely the one
+        in use ("": it can). ``new_password``: the start brings one of its own (a file or a
+        generated one), refused while a node recorded as running one cannot be asked; where
+        nodes run one this leader does not know, any start is refused: the version it would
+        give is not theirs either."""
+        if CHANGES[change].password is not Password.NEW:
+            return ""
+        if self.unknown:
+            return (
+                f"cannot confirm the auth password in use: {_some(list(self.unknown))} "
+                "run one this leader does not know (its store restored from an older "
+                "backup?); give every node a known one first: tlsroll password set, then "
+                "tlsroll rollout start --change change-password"
+            )
+        if new_password and self.unconfirmed and not self.confirmed:
+            return (
+                f"cannot confirm the auth password in use: {_some(list(self.unconfirmed))} "
+                f"offline (recorded on password version {self.version}); start them and try "
+                "again, or leave out --password-file: the nodes switched now get version "
+                f"{self.version}, the one recorded"
+            )
+        return ""
+
+
+def password_in_use(
+    observed: Mapping[str, str],
+    digests: Mapping[str, int],
+    recorded: Mapping[str, int],
+) -> PasswordInUse:
+    """``PasswordInUse`` from ``observed`` (each node whose agent answered now: the digest of
+    the verifier it runs, "" for none), ``digests`` (verifier digest -> version, for every
+    version the store holds) and ``recorded`` (each enrolled node the store recorded as
+    running a password: that version, ``SchemaStore.node_auth``). What a node that answers
+    runs is what it says, whatever the record; the record speaks for the others."""
+    seen = [digests[d] for d in observed.values() if d in digests]
+    unconfirmed = sorted(n for n in recorded if n not in observed)
+    version = max((*seen, *(recorded[n] for n in unconfirmed)), default=0)
+    return PasswordInUse(
+        version=version,
+        confirmed=bool(seen) and version in seen,
+        unconfirmed=tuple(unconfirmed),
+        unknown=tuple(sorted(n for n, d in observed.items() if d and d not in digests)),
+    )
+
+
 def decide_auth(
     change: Change,
     verifier_given: bool,
     latest_version: int,
-    in_use: int = 0,
+    in_use: PasswordInUse | int = 0,
     keep: int = 0,
 ) -> AuthDecision:
     """The password rule of ``change`` (``CHANGES``) applied to a start command; PlanError
     says what is missing or too much.
 
-    ``in_use``: the auth password version that nodes of the cluster run now (0: none). A
-    password is never replaced as a side effect: enable-tls then gives the nodes it switches
-    that same version and refuses a new one. ``keep``: a retried rollout keeps its version."""
+    ``in_use``: the auth password version that nodes of the cluster run now (0: none; a
+    ``PasswordInUse`` says how sure that is). A password is never replaced as a side effect:
+    enable-tls then gives the nodes it switches that same version and refuses a new one, and
+    refuses one while it cannot confirm that none is in use (``PasswordInUse.doubt``).
+    ``keep``: a retried rollout keeps its version."""
     spec = CHANGES[change]
     if not spec.available:
         raise PlanError(f"change {change.value} is not available yet")
     if keep:
         return AuthDecision(add_new=False, version=keep)
+    facts = in_use if isinstance(in_use, PasswordInUse) else PasswordInUse(in_use, bool(in_use))
+    if doubt := facts.doubt(change, new_password=verifier_given or not facts.version):
+        raise PlanError(doubt)
+    in_use = facts.version
     if spec.password is Password.NEW and in_use:
         if verifier_given:
             raise PlanError(

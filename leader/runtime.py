@@ -824,6 +824,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     )
     leader_service = LeaderService(state)
     leader_service.batch_seconds = batch_period(os.environ)
+    leader_service.workstation_certs_per_hour = cfg.workstation_certs_per_hour
     leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)

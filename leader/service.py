@@ -89,7 +89,13 @@ from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
 from tlsroll.clients import used_http_after_https
-from tlsroll.enums import NEEDS_ADMIN, SERVER_RESTARTING, SERVES_PREVIOUS
+from tlsroll.enums import (
+    CAP_SOURCE,
+    NEEDS_ADMIN,
+    RETRY_AFTER_KEY,
+    SERVER_RESTARTING,
+    SERVES_PREVIOUS,
+)
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     NO_BDP_PROBE,
@@ -1292,6 +1298,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._write_due = math.inf
         self._write_sooner = asyncio.Event()
         self.batch_seconds = BATCH_SECONDS
+        # leader.toml's ``workstation_certs_per_hour`` (set by the leader; None: the store's
+        # default, ``WORKSTATION_CERTS_PER_HOUR``).
+        self.workstation_certs_per_hour: int | None = None
         # A store that cannot be written (a full disk): the batch's failure is logged there,
         # once a minute (``leader.store_health``); set by the leader.
         self.store_health: StoreHealth | None = None
@@ -2590,10 +2599,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     ) -> leader_pb2.SignWorkstationResponse:
         """A node's bootstrap service has checked the workstation's password proof and vouches
         for it with its own identity; the leader signs a client-only certificate naming nothing
-        but ``ws-<name>`` and its workstation identity. At most ``WORKSTATION_CERTS_PER_HOUR``
-        per node; a name another PC holds is refused (ALREADY_EXISTS) unless the CSR proves this
-        is that PC or replaces it on purpose (``bootstrap_csr.Reenrolment``, ``Store.
-        issue_workstation``). The answer carries the CA certificate it was issued under."""
+        but ``ws-<name>`` and its workstation identity. At most ``workstation_certs_per_hour``
+        per node (RESOURCE_EXHAUSTED, with when it signs again: ``_over_cap``); a name another
+        PC holds is refused (ALREADY_EXISTS) unless the CSR proves this is that PC or replaces
+        it on purpose (``bootstrap_csr.Reenrolment``, ``Store.issue_workstation``). The answer
+        carries the CA certificate it was issued under."""
         caller = await self._caller_cert(context)
         node = caller.name
         key, cn = bootstrap_csr.check_workstation_csr(request.csr_pem)
@@ -2626,9 +2636,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 presented_serial=caller.serial,
                 previous=claim.previous,
                 replace=claim.replace,
+                per_hour=self.workstation_certs_per_hour,
             )
         except (TooMany, NameTaken) as exc:
             log.warning("workstation.refused", node=node, workstation=cn, reason=str(exc))
+            if isinstance(exc, TooMany):
+                await self._over_cap(context, node, cn, now, exc)
             raise
         log.info("workstation.enrolled", node=node, workstation=cn)
         # With the CA certificate it was issued under: after `tlsroll ca renew`, the node's
@@ -2637,6 +2650,23 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         return leader_pb2.SignWorkstationResponse(
             certificate_pem=pki.cert_to_pem(issued[0]), ca_certificate_pem=ca_pem[-1]
         )
+
+    async def _over_cap(
+        self, context: Ctx, node: str, cn: str, now: dt.datetime, exc: TooMany
+    ) -> None:
+        """A PC refused at ``node`` for its hour's cap (``workstation_certs_per_hour``): kept
+        with the node's bootstrap failures (``CAP_SOURCE``), so that ``schema show`` says why
+        PCs could not enrol there on switch day (only the log said it: review s64 M3), and
+        when it may sign again sent back (``RETRY_AFTER_KEY``: the PC is told when to try)."""
+        row = BootstrapFailureRow(node, CAP_SOURCE, cn, 1, now, now)
+        with contextlib.suppress(Exception):  # the refusal stands whether or not it is kept
+            # (no audit event each: a stolen key asking on is a row's count, and the log's)
+            await asyncio.to_thread(
+                self.schema.record_bootstrap_failures, node, [row], now, audit=False
+            )
+        if exc.retry is not None:
+            seconds = max(1, math.ceil(exc.retry.total_seconds()))
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(seconds)),))
 
     @map_errors(ERRORS)
     async def WithdrawWorkstationCertificate(

@@ -113,7 +113,13 @@ class OwnCert:
 
 
 class TooMany(TerminalError):
-    """A node asked for more than it may (workstation certificates per hour)."""
+    """A node asked for more than it may (workstation certificates per hour). ``retry``: how
+    long until it may again (the hour of the issue that then leaves the count ends), None if
+    not known."""
+
+    def __init__(self, message: str, retry: dt.timedelta | None = None) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 class InRollout(TerminalError):
@@ -266,9 +272,14 @@ class RenewalReport:
     error: str = ""
 
 
-# Workstation certificates a node's bootstrap service may ask for, per hour: a practice has
-# tens of PCs; a node that asks for more is broken or not ours any more.
-WORKSTATION_CERTS_PER_HOUR = 30
+# Workstation certificates a node's bootstrap service may ask for, per hour, unless leader.toml
+# says otherwise (``workstation_certs_per_hour``): a brake on a stolen agent key, which could
+# otherwise mint client certificates without end (each one is recorded, listed and revocable).
+# On switch day every PC of the practice enrols again at its server within the morning: 30 cut
+# off the 31st PC at one server for an hour (review s64 M3). 100 is a large practice's PCs at
+# one server with room for the PCs that enrol twice (a wrong name, a second try), and still
+# bounds a stolen key to 100 an hour.
+WORKSTATION_CERTS_PER_HOUR = 100
 # Certificates of its own a node may renew, per hour: an agent renews once in weeks (tests: every
 # minute or two); one that asks more often is broken or not ours any more.
 NODE_CERTS_PER_HOUR = 30
@@ -1769,12 +1780,13 @@ class Store(LeaderStore):
         presented_serial: str,
         previous: str | None = None,
         replace: bool = False,
+        per_hour: int | None = None,
     ) -> IssuedCert:
         """Record a workstation certificate that node ``node`` asks for, calling with the
         certificate whose fingerprint is ``presented`` (serial ``presented_serial``), all in
         one transaction: the caller may still call (``check_caller_in``: a node removed or a
         certificate revoked after the handler's own check is Superseded), at most
-        ``WORKSTATION_CERTS_PER_HOUR`` per node.
+        ``per_hour`` (default ``WORKSTATION_CERTS_PER_HOUR``) per node (TooMany).
 
         A name that a certificate on record holds (unrevoked, unexpired) is signed again, and
         that certificate revoked ("superseded"), only for the PC that holds it or for one that
@@ -1786,7 +1798,7 @@ class Store(LeaderStore):
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
             counted_at = self.cap_now()
-            _check_hourly_certs(db, node, counted_at, "workstation")
+            _check_hourly_certs(db, node, counted_at, "workstation", per_hour)
             held = db.execute(
                 "SELECT serial, node, fingerprint FROM certificates WHERE kind = 'workstation'"
                 " AND subject = ? AND revoked_at IS NULL AND not_after > ?",
@@ -2808,12 +2820,18 @@ def _revoke_in(
 
 
 def _check_hourly_certs(
-    db: sqlite3.Connection, name: str, at: dt.datetime, kind: str = "node"
+    db: sqlite3.Connection,
+    name: str,
+    at: dt.datetime,
+    kind: str = "node",
+    per_hour: int | None = None,
 ) -> None:
     """Raise TooMany if node ``name`` had its hour's cap of certificates of ``kind`` issued in
     the hour before ``at`` (``Store.cap_now``: counted by elapsed time, not by the wall
     clock): ``NODE_CERTS_PER_HOUR`` of its own (a renewal, an enrolment's replay),
-    ``WORKSTATION_CERTS_PER_HOUR`` for its workstations (its bootstrap service)."""
+    ``per_hour`` (default ``WORKSTATION_CERTS_PER_HOUR``) for its workstations (its bootstrap
+    service), with when the next may be: once the oldest issue that keeps the count at the
+    cap is an hour old (a PC refused on switch day is told when to try again)."""
     since = to_text(at - dt.timedelta(hours=1))
     (recent,) = db.execute(
         "SELECT COUNT(*) FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?",
@@ -2824,10 +2842,23 @@ def _check_hourly_certs(
             f"node {name!r} had {recent} certificates issued in the last hour "
             f"(at most {NODE_CERTS_PER_HOUR})"
         )
-    if kind == "workstation" and recent >= WORKSTATION_CERTS_PER_HOUR:
+    cap = WORKSTATION_CERTS_PER_HOUR if per_hour is None else per_hour
+    if kind == "workstation" and recent >= cap:
+        # (A cap lowered since may leave more than it in the hour: the next is free once the
+        # count is below it again.)
+        row = db.execute(
+            "SELECT counted_at FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?"
+            " ORDER BY counted_at LIMIT 1 OFFSET ?",
+            (kind, name, since, recent - cap),
+        ).fetchone()
+        retry = None
+        if row is not None:
+            free_at = dt.datetime.fromisoformat(row[0]) + dt.timedelta(hours=1)
+            retry = max(free_at - at, dt.timedelta(seconds=1))
         raise TooMany(
             f"node {name!r} asked for {recent} workstation certificates in the last hour "
-            f"(at most {WORKSTATION_CERTS_PER_HOUR})"
+            f"(at most {cap}: workstation_certs_per_hour in leader.toml)",
+            retry,
         )
 
 

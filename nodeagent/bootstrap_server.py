@@ -704,7 +704,11 @@ class BootstrapService:
         except Refused as exc:
             if exc.code is not proto.ErrorCode.WRONG_PASSWORD:
                 log.warning(
-                    "bootstrap.finish_refused", remote=request.remote, reason=exc.code.value
+                    "bootstrap.finish_refused",
+                    remote=request.remote,
+                    reason=exc.code.value,
+                    status=exc.status,
+                    retry_after=None if exc.retry is None else retry_after(exc.retry),
                 )
             return _refusal(exc)
         answer = proto.FinishAnswer(confirm=ex.keys.confirmation(proto.Side.NODE), payload=sealed)
@@ -885,6 +889,9 @@ class BootstrapService:
             # The cluster said no for a reason the workstation's admin can act on (the name is
             # another workstation's): say it, rather than "try later".
             log.warning("bootstrap.sign_refused", remote=request.remote, cn=cn)
+            retry = getattr(exc, "retry", None)
+            if retry is not None:  # this node's hour's cap: 429, and when (review s64 M3)
+                raise Refused(429, proto.ErrorCode.SIGN_FAILED, str(exc), retry=retry) from None
             raise Refused(409, proto.ErrorCode.SIGN_FAILED, str(exc)) from None
         except Exception as exc:  # whatever the CA path raises, the client gets one answer
             log.error("bootstrap.sign_failed", remote=request.remote, error=type(exc).__name__)

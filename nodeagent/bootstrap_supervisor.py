@@ -40,7 +40,7 @@ from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import FUTURE_SLACK, Journal
 from tlsroll import logs, password, peertext, spiffe
-from tlsroll.enums import SERVES_PREVIOUS
+from tlsroll.enums import RETRY_AFTER_KEY, SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import read_regular
 from tlsroll.rpc import hostport
@@ -76,11 +76,28 @@ class Crypto(Protocol):
 
 class SignRefused(TerminalError):
     """The leader did not sign a workstation's certificate; ``refused`` when it said no (a
-    name another workstation holds, too many for this node), not merely could not be asked."""
+    name another workstation holds, too many for this node), not merely could not be asked;
+    ``retry``: the seconds until it signs again, where it said (this node's hourly cap)."""
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, retry: float | None = None) -> None:
         super().__init__(message)
         self.refused = refused
+        self.retry = retry
+
+
+def retry_of(exc: grpc.aio.AioRpcError) -> float | None:
+    """The seconds a leader's refusal says to wait (``RETRY_AFTER_KEY``), None if it says
+    none (another refusal, an older leader) or nothing readable: at most a day."""
+    if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    trailing = exc.trailing_metadata()
+    said: list[object] = []
+    if isinstance(trailing, grpc.aio.Metadata):
+        said = list(trailing.get_all(RETRY_AFTER_KEY))
+    for value in said:
+        if isinstance(value, str) and value.isdigit():
+            return float(min(int(value), 86400))
+    return None
 
 
 # What the leader answers when it will not sign for a reason the workstation can act on.
@@ -195,7 +212,9 @@ class BootstrapHost:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise SignRefused(
-                    f"the leader did not sign: {exc.details()}", refused=exc.code() in REFUSALS
+                    f"the leader did not sign: {exc.details()}",
+                    refused=exc.code() in REFUSALS,
+                    retry=retry_of(exc),
                 ) from None
         return Signed(bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem))
 

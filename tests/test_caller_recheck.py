@@ -20,6 +20,7 @@ from leader.store import Store
 from tests.cluster import csr_pem
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tlsroll import bootstrap_protocol, pki
+from tlsroll.enums import RETRY_AFTER_KEY
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 
@@ -187,8 +188,14 @@ async def test_a_node_s_workstation_certificates_are_capped_per_hour(
                 await sign("ws-c")
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
         assert refused.value.details() == (
-            "node 'hb1' asked for 2 workstation certificates in the last hour (at most 2)"
+            "node 'hb1' asked for 2 workstation certificates in the last hour (at most 2: "
+            "workstation_certs_per_hour in leader.toml)"
         )
+        # When it signs again: the first one's hour over (review s64 M3).
+        trailing = refused.value.trailing_metadata()
+        assert isinstance(trailing, grpc.aio.Metadata), trailing
+        retry = trailing.get_all(RETRY_AFTER_KEY)
+        assert len(retry) == 1 and 0 < int(retry[0]) <= 3600, retry
         subjects = [c.subject for c in rig.store.list_certificates("workstation")]
         assert sorted(subjects) == ["ws-a", "ws-b"]
     finally:

@@ -163,7 +163,7 @@ def test_a_node_s_workstation_cap_goes_by_elapsed_time(store: Store, clocks: Clo
     node = Node(store, clocks)
     for n in range(WORKSTATION_CERTS_PER_HOUR):
         node.workstation(f"ws-{n}")
-    with pytest.raises(TooMany, match=r"asked for 30 workstation certificates in the last hour"):
+    with pytest.raises(TooMany, match=r"asked for 100 workstation certificates in the last hour"):
         node.workstation("ws-next")
     clocks.steps(3 * HOUR)
     with pytest.raises(TooMany):

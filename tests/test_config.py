@@ -240,6 +240,8 @@ def test_leader_config_loads_with_defaults(tmp_path: Path) -> None:
     assert (cfg.control_port, cfg.join_port) == (CONTROL_PORT, JOIN_PORT)
     assert cfg.heartbeat_interval == 5
     assert cfg.node_name is None
+    # A large practice's switch day at one server (30 cut off the 31st PC: review s64 M3).
+    assert cfg.workstation_certs_per_hour == 100
 
 
 @pytest.mark.parametrize(
@@ -267,6 +269,8 @@ def test_leader_config_loads_with_defaults(tmp_path: Path) -> None:
         ("dns_names", ["a\u0000b"], "'a\\x00b' is not a DNS host name"),
         ("dns_names", [f"n{i}.example" for i in range(9)], "the leader holds at most 8 DNS"),
         ("node_name", "A B", "'A B' is not a valid node name"),
+        ("workstation_certs_per_hour", 0, "must be between 1 and 10000, got 0"),
+        ("workstation_certs_per_hour", "100", "expected an integer, got string"),
     ],
 )
 def test_leader_config_errors(tmp_path: Path, key: str, value: object, problem: str) -> None:

@@ -21,6 +21,7 @@ from leader.planner import (
     NodesOffline,
     NoneReachable,
     NothingToDo,
+    PasswordInUse,
     Plan,
     PlanError,
     StepAction,
@@ -35,6 +36,7 @@ from leader.planner import (
     held_for_quiet,
     next_actions,
     order_nodes,
+    password_in_use,
     plan_moves,
     plan_rollout,
     report_stale_after,
@@ -1258,6 +1260,30 @@ def test_a_password_in_use_is_kept_never_replaced() -> None:
         decide_auth(Change.ENABLE_TLS, True, 3, in_use=2)
     assert decide_auth(Change.ENABLE_TLS, True, 0) == AuthDecision(True, 0)
     assert decide_auth(Change.ENABLE_TLS, False, 3, keep=1) == AuthDecision(False, 1)
+
+
+def test_the_password_in_use_comes_from_the_record_of_nodes_not_asked() -> None:
+    """Review s64 M2: a node that cannot be asked still runs what the store recorded on it; a
+    new password is refused while that is all there is to go by, and any start while a node
+    that answers runs one this leader does not know (a store restored from an older backup)."""
+    digests = {"d1": 1, "d2": 2}
+    offline = password_in_use({"c": ""}, digests, {"a": 1, "b": 1})
+    assert offline == PasswordInUse(1, confirmed=False, unconfirmed=("a", "b"))
+    assert decide_auth(Change.ENABLE_TLS, False, 1, offline) == AuthDecision(False, 1)
+    with pytest.raises(PlanError, match=r"cannot confirm .*: a, b offline \(recorded on pass"):
+        decide_auth(Change.ENABLE_TLS, True, 1, offline)
+    # A node that answers decides for itself, whatever the record says.
+    seen = password_in_use({"a": "d2", "b": ""}, digests, {"a": 1, "b": 1, "c": 2})
+    assert seen == PasswordInUse(2, confirmed=True, unconfirmed=("c",))
+    with pytest.raises(PlanError, match="already use auth password version 2"):
+        decide_auth(Change.ENABLE_TLS, True, 2, seen)
+    unknown = password_in_use({"a": "d9", "b": "d1"}, digests, {"a": 1, "b": 1})
+    assert unknown.unknown == ("a",)
+    for with_one in (True, False):
+        with pytest.raises(PlanError, match="a run one this leader does not know"):
+            decide_auth(Change.ENABLE_TLS, with_one, 2, unknown)
+    assert unknown.doubt(Change.CHANGE_PASSWORD, False) == ""  # its way out
+    assert password_in_use({"a": ""}, digests, {}) == PasswordInUse()
 
 
 def test_already_done_per_change() -> None:

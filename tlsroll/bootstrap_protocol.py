@@ -196,7 +196,8 @@ class ErrorCode(StrEnum):
     BAD_CSR = "bad_csr"  # 422
     RATE_LIMITED = "rate_limited"  # 429 + Retry-After: too many failed passwords
     BUSY = "busy"  # 429/503 + Retry-After: too many open exchanges
-    SIGN_FAILED = "sign_failed"  # 502: the password was right, the CA did not sign
+    SIGN_FAILED = "sign_failed"  # 502: the password was right, the CA did not sign (409: it
+    # refused, a name taken; 429 + Retry-After: the node's hour's cap of PCs reached)
     # 503, no Retry-After: the leader refuses this node (removed from the cluster, or its
     # certificate revoked); no password is checked (a client that does not know the code
     # shows its message)

@@ -68,3 +68,15 @@ runs but serves the settings it last read, its journal unread for a minute (a ne
 rollback not in effect: ``nodeagent.bootstrap_supervisor``); the leader tells it from a service
 that did not start by it, and words it so (``leader.service.LeaderState.node_problems``, the
 viewer's page): the contract has one problem kind for both (``bootstrap-down``)."""
+
+CAP_SOURCE = "over the hourly cap"
+"""The ``source`` of a node's bootstrap failures (``schema show``, the viewer, the metrics)
+that counts PCs refused a certificate there, the node's hour's cap of workstation certificates
+signed (``workstation_certs_per_hour`` in leader.toml) reached, not wrong passwords from an
+address: the leader records them itself (``LeaderService.SignWorkstationCertificate``); on
+switch day it says why PCs could not enrol (review s64 M3). No address reads so."""
+
+RETRY_AFTER_KEY = "x-tlsroll-retry-after"
+"""The trailing-metadata key of a leader's RESOURCE_EXHAUSTED refusal to sign a workstation's
+certificate (the node's hourly cap): whole seconds until it signs again. The node's bootstrap
+service answers the PC 429 with them as Retry-After."""

@@ -1905,6 +1905,18 @@ class TestConnection:
                 f"{where} is busy ({one_line(message, NODE_MESSAGE_CHARS)}); "
                 f"try again in {retry} s",
             )
+        if reply.status == 429 and error == proto.ErrorCode.SIGN_FAILED:
+            # The node's hour's cap of PCs (switch day at a large practice): when, by this
+            # PC's clock, is the one thing to know (review s64 M3).
+            after = "later"
+            if retry.isdigit():
+                at = dt.datetime.now().astimezone() + dt.timedelta(seconds=int(retry) + 59)
+                after = f"after {at:%H:%M}"
+            return ClientError(
+                Exit.ENROL_REFUSED,
+                f"{where} has no certificate signed for this PC now "
+                f"({one_line(message, NODE_MESSAGE_CHARS)}); try again {after}",
+            )
         return ClientError(
             Exit.ENROL_REFUSED,
             f"{where} refused enrolment (HTTP {reply.status} {one_line(error, 40)}): "

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from leader.cli.plain import Block, Part, Styled, Table, cell_len, clean, fit
+from tlsroll.enums import CAP_SOURCE
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions
@@ -432,8 +433,9 @@ def render_revocations(data: View) -> Block:
 
 
 def render_failures(failures: Sequence[View]) -> Block:
-    """Failed passwords at the nodes' bootstrap services: a guessing attack shows up here.
-    Peer-supplied strings are printed as plain text (``plain.clean``)."""
+    """Failed passwords at the nodes' bootstrap services: a guessing attack shows up here; and
+    the PCs a node's hourly cap refused (``CAP_SOURCE``). Peer-supplied strings are printed as
+    plain text (``plain.clean``)."""
     table = Table("node", "source address", "workstation", "failures", "first", "last")
     for f in failures:
         table.add_row(
@@ -445,6 +447,12 @@ def render_failures(failures: Sequence[View]) -> Block:
             fmt_time(f, "last_at"),
         )
     head = Styled("failed bootstrap passwords (port 9443)", "bold")
+    if any(f.get("source") == CAP_SOURCE for f in failures):  # (review s64 M3)
+        head = Styled(
+            f"failed bootstrap passwords (port 9443); {CAP_SOURCE}: PCs refused a certificate, "
+            "the node's hour full (workstation_certs_per_hour in leader.toml)",
+            "bold",
+        )
     return Block(head, table)
 
 

@@ -328,8 +328,10 @@ def show_plan(reply: admin_pb2.PlanResponse, *, nothing_changed: bool = True) ->
             f"Auth password: the one the nodes already use (version "
             f"{reply.password_version_in_use}); it is not replaced."
         )
-    elif reply.HasField("replaces"):  # enable-tls brings a new one over a staged one
+    elif reply.HasField("replaces") and not reply.password_doubt:  # a new one over a staged one
         out.print(f"Auth password: a new one; it {replaces_text(reply.replaces)}.")
+    if reply.password_doubt:  # (a new one is refused; where none is known, any start)
+        out.print(f"Auth password: {reply.password_doubt}.")
     if reply.HasField("applies"):
         out.print(f"Auth password: applies password version {applies_text(reply.applies)}.")
     out.print("Checks and steps on each node:")
@@ -439,6 +441,10 @@ def rollout_start(
                 "(only the newest staged version is applied); nothing was started"
             )
         in_use = planned.password_version_in_use
+        # A new password (the file's, or one generated below) while the leader cannot
+        # confirm that none is in use, or any start while nodes run one it does not know.
+        if planned.password_doubt and (secret is not None or not in_use):
+            raise CLIError(f"{planned.password_doubt}; nothing was started")
         if in_use and secret is not None:
             raise CLIError(
                 f"nodes already use auth password version {in_use}; the other nodes get the "

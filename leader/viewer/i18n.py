@@ -137,7 +137,9 @@ _DE: dict[str, str] = {
     "failures": "Fehlgeschlagene Anmeldungen von Arbeitsplätzen",
     "failures_none": "Keine falschen Passwörter an Port 9443 in den letzten 30 Tagen.",
     "failures_hint": "Falsche Passwörter beim Einrichten eines Arbeitsplatzes (Port 9443). "
-    "Viele Versuche von einer Adresse können ein Rateversuch sein.",
+    "Viele Versuche von einer Adresse können ein Rateversuch sein. „over the hourly cap“: "
+    "Arbeitsplätze, die dort kein Zertifikat bekamen, weil die Stunde voll war "
+    "(workstation_certs_per_hour in leader.toml).",
     "failure_source": "Von Adresse",
     "failure_workstation": "Arbeitsplatz",
     "failure_count": "Anzahl",
@@ -313,7 +315,8 @@ _EN: dict[str, str] = {
     "failures": "Failed workstation sign-ins",
     "failures_none": "No wrong passwords on port 9443 in the last 30 days.",
     "failures_hint": "Wrong passwords while setting up a workstation (port 9443). Many from "
-    "one address may be someone guessing.",
+    'one address may be someone guessing. "over the hourly cap": workstations refused a '
+    "certificate there, the node's hour full (workstation_certs_per_hour in leader.toml).",
     "failure_source": "From address",
     "failure_workstation": "Workstation",
     "failure_count": "Count",

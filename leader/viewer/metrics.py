@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from leader.rollout_core import NodeState, RolloutState
 from leader.viewer.snapshot import Snapshot
 from leader.wire import NODE_STATE, ROLLOUT_STATE
+from tlsroll.enums import CAP_SOURCE
 
 SECONDS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
@@ -167,7 +168,8 @@ def render(snap: Snapshot) -> bytes:
 
     failures = Gauge(
         "tlsroll_bootstrap_failures",
-        "Wrong passwords on a node's bootstrap port (9443) from one source, last 30 days.",
+        "Wrong passwords on a node's bootstrap port (9443) from one source, last 30 days "
+        f'(source "{CAP_SOURCE}": workstations refused a certificate, the node\'s hour full).',
         ["node", "source"],
         registry=registry,
     )

@@ -683,6 +683,7 @@ class PlanResponse(_message.Message):
     REPLACES_FIELD_NUMBER: _builtins.int
     BUSY_FIELD_NUMBER: _builtins.int
     EDITED_CONFIGS_FIELD_NUMBER: _builtins.int
+    PASSWORD_DOUBT_FIELD_NUMBER: _builtins.int
     password_version_in_use: _builtins.int
     """enable-tls: the nodes already run this auth password version (and the others get it too),
     so the CLI sends no new password; 0: the rollout needs a new one.
@@ -690,6 +691,12 @@ class PlanResponse(_message.Message):
     busy: _builtins.str
     """A rollout that has not ended: the refusal a start of this plan meets now (one line);
     empty: none. (The CLI refuses before it generates a password or asks.)
+    """
+    password_doubt: _builtins.str
+    """enable-tls: why the auth password in use cannot be confirmed now (one line; empty: it
+    can): nodes recorded as running one cannot be asked (a start that brings a new password is
+    refused with it; without one, the nodes get password_version_in_use, the version
+    recorded), or nodes run one this leader does not know (any start is refused with it).
     """
     @_builtins.property
     def rollout(self) -> _schema_pb2.RolloutView: ...
@@ -735,10 +742,11 @@ class PlanResponse(_message.Message):
         replaces: Global___StagedPassword | None = ...,
         busy: _builtins.str = ...,
         edited_configs: _abc.Iterable[_builtins.str] | None = ...,
+        password_doubt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "replaces", b"replaces", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "busy", b"busy", "certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "edited_configs", b"edited_configs", "password_version_in_use", b"password_version_in_use", "replaces", b"replaces", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "busy", b"busy", "certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "edited_configs", b"edited_configs", "password_doubt", b"password_doubt", "password_version_in_use", b"password_version_in_use", "replaces", b"replaces", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
