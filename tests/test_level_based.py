@@ -92,6 +92,15 @@ def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
     assert digest_a and live(node1).schemes == ["https"]
     pid_before = node1.server_pid()
 
+    # `tlsroll nodes` says the cluster is mixed, and the way to switch the rest (review s64
+    # trans L5: a node enrolled into a cluster on https was told as nothing).
+    listed = cluster.cli("nodes")
+    assert listed.returncode == 0, listed.stderr
+    mixed = " ".join(listed.stdout.split())
+    assert (
+        "a mixed cluster: node2, node3 on http, node1 on https; to switch the rest: tlsroll "
+        "plan --nodes node2,node3, then tlsroll rollout start --nodes node2,node3"
+    ) in mixed, listed.stdout
     # The plan shows node1 as already done and says the password in use is kept.
     plan = cluster.cli("plan", "--scope", "cluster")
     assert plan.returncode == 0, plan.stderr
@@ -119,6 +128,7 @@ def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
         assert view.schemes == ["https"]
         assert view.verifier_digest == digest_a  # one password, A, everywhere
         writes_work(node, "https", cluster.ca_pem)
+    assert "mixed" not in cluster.cli("nodes").stdout  # every node on https
 
     back = cluster.cli("rollout", "rollback", "--yes")
     assert back.returncode == 0, back.stderr

@@ -11,6 +11,8 @@ tlsroll epoch advance --yes             move the leader past every epoch a node 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import click
 from rich.table import Table
 from rich.text import Text
@@ -30,6 +32,7 @@ from leader.cli.base import (
     to_dict,
 )
 from leader.layout import Layout
+from leader.planner import some_names
 from leader.skew import signed_seconds
 from leader.states import Health
 from leader.wire import NODE_HEALTH
@@ -110,6 +113,32 @@ def nodes(
             _renewal(n),
         )
     out.print(table)
+    if mixed := _mixed_schemes(reply.nodes):
+        out.print(Text(mixed, style="yellow"))
+
+
+def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo]) -> str:
+    """A line naming the enrolled nodes whose servers run http only while others run https
+    (a node enrolled into a cluster already switched, or one a local switch left): nothing
+    else says the cluster is mixed, and the staff at those servers' workstations were told of
+    no switch (review s64 trans L5). "" if it is not; by the heartbeats' word (``server``)."""
+    on: dict[str, list[str]] = {"http": [], "https": []}
+    for n in listed:
+        if n.HasField("removed_at"):
+            continue
+        schemes = n.server.removesuffix(" frozen")
+        if schemes in on:
+            on[schemes].append(n.name)
+        elif schemes == "http+https":  # (dual: a transitional phase 1, https already served)
+            on["https"].append(n.name)
+    if not on["http"] or not on["https"]:
+        return ""
+    http = ",".join(sorted(on["http"]))
+    return (
+        f"a mixed cluster: {some_names(sorted(on['http']))} on http, "
+        f"{some_names(sorted(on['https']))} on https; to switch the rest: tlsroll plan "
+        f"--nodes {http}, then tlsroll rollout start --nodes {http}"
+    )
 
 
 def _clock(n: admin_pb2.NodeInfo) -> Text:
