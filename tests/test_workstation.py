@@ -2148,8 +2148,24 @@ async def test_a_host_name_that_names_no_pc_is_no_default_name(
         ("localhost", "empfang-1"),
         ("empfang.1", "empfang-1"),  # only what came before the dot: ws-empfang
         ("e" * 70, "e" * 60),  # cut to 60, unsaid
+        # review s64: hyphens dropped unsaid, a ws- with nothing after it, and a ws- name
+        # over 63 characters (its length counted as the certificate name's, as without ws-)
+        ("ws-", "ws-empfang-1"),  # it was ws-ws
+        ("-x-", "x"),  # it was ws-x
+        ("a--b", "a-b"),
+        ("ws-" + "e" * 61, "ws-" + "e" * 60),
     ],
-    ids=["no-letter", "dot-only", "localhost", "dotted", "too-long"],
+    ids=[
+        "no-letter",
+        "dot-only",
+        "localhost",
+        "dotted",
+        "too-long",
+        "ws-only",
+        "hyphens-around",
+        "hyphens-doubled",
+        "ws-too-long",
+    ],
 )
 async def test_a_name_given_that_would_become_another_is_refused_unsent(
     name: str,
@@ -2177,6 +2193,67 @@ async def test_a_name_given_that_would_become_another_is_refused_unsent(
     assert "nothing was sent" in run.error
     assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
     assert not (tmp_path / "settings").exists()
+
+
+def test_a_name_is_used_as_given_or_refused_with_the_exact_name_to_use() -> None:
+    """Review s64: the --name rule is one rule. A name is its certificate name (``ws-`` before
+    it unless it starts so) or refused, and the name a refusal gives is taken as it is; a
+    length is counted as the certificate name's, with or without the ``ws-`` typed (``ws-``
+    and 58 letters was refused "as 61 characters", and a shorter name offered)."""
+    for name, cn in (
+        ("ws-" + "e" * 58, "ws-" + "e" * 58),
+        ("ws-" + "e" * 60, "ws-" + "e" * 60),
+        ("e" * 60, "ws-" + "e" * 60),
+        ("Empfang 1", "ws-empfang-1"),
+        ("ws-labor", "ws-labor"),
+        ("ws", "ws-ws"),
+    ):
+        assert workstation.check_name(name) == cn, name
+    lengths = {}
+    for name in (
+        "",
+        "-",
+        "ws-",
+        "ws--",
+        "-x-",
+        "a--b",
+        "Zimmer 3 (Ärztin)",
+        "empfang.1",
+        "受付",
+        "ws-" + "e" * 61,
+        "e" * 61,
+        "-" + "e" * 70 + "-",
+        "localhost",
+    ):
+        with pytest.raises(click.BadParameter) as refused:
+            workstation.check_name(name)
+        message = refused.value.message
+        use = message.split(": use --name ", 1)[1].split(", or another name", 1)[0]
+        instead = workstation.check_name(use)  # (taken as it is)
+        assert instead == (use if use.startswith("ws-") else f"ws-{use}"), (name, use)
+        if "characters" in message:
+            lengths[name] = message
+    assert "a certificate name of 64 characters" in lengths["ws-" + "e" * 61]
+    assert "a certificate name of 64 characters" in lengths["e" * 61]
+
+
+async def test_a_name_of_ws_and_58_letters_enrols_as_given(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+) -> None:
+    """Review s64: ``--name ws-`` and 58 letters (a certificate name of 61 characters, within
+    the 63 a name may have) was refused as too long, a shorter name offered; it enrols as
+    given, by the node's real bootstrap service."""
+    node = nodes["tls"]
+    name = "ws-" + "e" * 58
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", name
+        )
+    assert run.code == 0, run.err
+    assert f"client certificate {name} " in run.out, run.out
 
 
 async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_next_run(

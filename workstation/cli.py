@@ -59,9 +59,10 @@ def client() -> None:
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
 @click.option(
     "--name",
-    help="The workstation's name in its certificate: one word of letters, digits and "
-    "hyphens, at most 60 (e.g. empfang-1) [default: the name it enrolled under before, else "
-    "its host name].",
+    help="The workstation's name in its certificate (ws-NAME, or NAME if it starts with "
+    "ws-): one word of letters, digits and hyphens, at most 60 after the ws-, no hyphen at "
+    "an end or two in a row (e.g. empfang-1); used as given or refused, naming the one to use "
+    "[default: the name it enrolled under before, else its host name].",
 )
 @click.option(
     "--replace",

@@ -391,30 +391,33 @@ _NAME_EXAMPLE = "empfang-1"
 def check_name(name: str) -> str:
     """The certificate name (``ws-…``) of a ``--name``; click.BadParameter (exit 2, nothing
     sent) where ``workstation_cn`` would make of it another name than the one given, with the
-    one to use instead (review s63 L3: ``受付`` and ``.`` became ws-workstation, the name
-    refused for a host name; ``empfang.1`` ws-empfang, which may be another PC's; 70
-    characters were cut to 60, all unsaid): a name with a dot (only its first part was
-    taken), one that gives a name of no PC in particular (``_NO_NAMES``: no letter or digit a
-    name can hold, or "localhost"), one longer than ``NAME_CHARS``. Case, umlauts and spaces
-    are spelt as a name holds them, as ever (``Empfang 1`` is ws-empfang-1). A host name's
-    name is made as before (its first label, ``_refuse_no_name``)."""
+    exact one to use instead. One rule (review s64: ``ws-`` became ws-ws, ``-x-`` ws-x, and
+    ``ws-`` with 58 letters was refused as too long): the name, spelt as a name holds it
+    (``bootstrap_base.workstation_spelling``: case, umlauts and spaces, as ever: ``Empfang 1``
+    is ws-empfang-1), with ``ws-`` before it unless it starts so, is the certificate name, or
+    it is refused. Refused: a name with a dot (only its first part was taken: review s63 L3),
+    one that gives a name of no PC in particular (``_NO_NAMES``: no letter or digit a name
+    can hold, or "localhost"), one that makes a certificate name longer than
+    ``bootstrap_base.CN_CHARS`` (counted as that name, whether or not the ``ws-`` was typed),
+    one with nothing after its ``ws-``, and one with a hyphen at an end or two in a row (which
+    were dropped). The name suggested passes this check as it is. A host name's name is made
+    as before (its first label, ``_refuse_no_name``)."""
+    spelt = bootstrap_base.workstation_spelling(name)
+    typed_prefix = spelt.startswith("ws-")
+    as_given = spelt if typed_prefix else f"ws-{spelt}"  # the name it stands for, uncut
 
     def refuse(why: str, instead: str) -> click.BadParameter:
-        alternative = proto.workstation_cn(instead)
-        if (
-            alternative in _NO_NAMES
-            or "." in instead
-            or len(bootstrap_base.workstation_label(instead)) > bootstrap_base.NAME_CHARS
-        ):
-            alternative = f"ws-{_NAME_EXAMPLE}"
-        use = alternative.removeprefix("ws-") if not instead.startswith("ws-") else alternative
+        body = bootstrap_base.workstation_label(instead).removeprefix("ws-")
+        body = body[: bootstrap_base.NAME_CHARS].rstrip("-")
+        prefix = "ws-" if typed_prefix else ""
+        if not body or f"ws-{body}" in _NO_NAMES:
+            body, prefix = _NAME_EXAMPLE, ""
         return click.BadParameter(
-            f"{shown(name)} {why}: use --name {use}, or another name of letters, digits and "
-            "hyphens; nothing was sent",
+            f"{shown(name)} {why}: use --name {prefix}{body}, or another name of letters, "
+            "digits and hyphens; nothing was sent",
             param_hint="--name",
         )
 
-    label = bootstrap_base.workstation_label(name)
     cn = proto.workstation_cn(name)
     if not bootstrap_base.workstation_label(name.replace(".", "-")):
         raise refuse(
@@ -429,11 +432,19 @@ def check_name(name: str) -> str:
         )
     if cn in _NO_NAMES:
         raise refuse(f"names no PC in particular ({cn})", _NAME_EXAMPLE)
-    if len(label) > bootstrap_base.NAME_CHARS:
+    if as_given == "ws-" or (typed_prefix and not spelt.removeprefix("ws-").strip("-")):
+        raise refuse("has no name after its ws-", _NAME_EXAMPLE)
+    if len(as_given) > bootstrap_base.CN_CHARS:
         raise refuse(
-            f"makes a name of {len(label)} characters, more than the "
-            f"{bootstrap_base.NAME_CHARS} a certificate name may have",
-            label[: bootstrap_base.NAME_CHARS],
+            f"makes a certificate name of {len(as_given)} characters (ws- and the name), more "
+            f"than the {bootstrap_base.CN_CHARS} one may have",
+            spelt,
+        )
+    if as_given != cn:
+        raise refuse(
+            f"has a hyphen at its start or end, or two in a row, which a certificate name "
+            f"cannot hold (it would be {cn})",
+            spelt,
         )
     return cn
 
