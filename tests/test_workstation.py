@@ -1167,6 +1167,36 @@ def test_off_a_terminal_a_question_the_run_would_ask_is_refused_before_any_conne
         assert not settings.exists()
 
 
+def test_a_bad_address_is_said_before_the_password_file_is_read_or_a_question_refused(
+    nodes: dict[str, ServerNode], tmp_path: Path
+) -> None:
+    """Review s64: the address was checked only after --password-file was read (a file of
+    the wrong mode: that error, not the address's) and after the questions the run would ask
+    were refused off a terminal ("add --bootstrap-port"). The address comes first: its own
+    error, nothing written; an http address is said as one (exit 3), a run that asks
+    nothing."""
+    settings = tmp_path / "settings"
+    readable = tmp_path / "password"
+    readable.write_text(PASSWORD + "\n")
+    readable.chmod(0o644)  # (refused when read: group and others may read it)
+    no_port = "https://192.0.2.7/praxis_live/"
+    old = f"http://{nodes['http'].address}:8080{APP}"
+    for url, extra, code, says in (
+        (no_port, [], 2, "Invalid value for URL: the address needs the port"),
+        (no_port, ["--password-file", str(readable)], 2, "the address needs the port"),
+        ("https://192.0.2.7:8443/", ["--yes"], 2, "the address needs the app path"),
+        (old, [], 3, f"{old} is an unencrypted address"),
+        (old, ["--password-file", str(readable)], 3, f"{old} is an unencrypted address"),
+    ):
+        argv = ["client", "test-connection", url, "--timeout", "5", *extra]
+        argv += ["--settings-dir", str(settings)]
+        got, out, err = off_a_terminal(argv, "")
+        assert got == code, (url, extra, out, err)
+        assert len(err.splitlines()) == 1 and says in err, (url, extra, err)
+        assert "not a terminal" not in err and "--password-file" not in err, err
+        assert not settings.exists()
+
+
 def test_a_bootstrap_port_that_does_not_answer_names_a_firewall() -> None:
     """No answer at all (a port a firewall drops: not made on loopback) is not "refused": it
     names the firewall, then the agent and the port."""

@@ -127,7 +127,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType
@@ -761,6 +761,7 @@ class TestConnection:
         if options.replace and not options.enrol:
             raise click.UsageError("--replace is for an enrolment; drop --no-enrol")
         self.context = unverified_client_context()
+        self.server: ServerURL | None = None  # (the address checked: ``check_address``)
         # This PC's newest client certificate and key in its settings dir, if of the name it
         # enrols under: they prove that it is the PC that holds the name (``exchange``).
         self.previous: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
@@ -836,14 +837,17 @@ class TestConnection:
         except OSError:
             return False
 
-    def _run(self) -> Result:
-        o = self.o
-        self.check_not_root_in_a_users_dir()
-        self.finish_settings()
-        self.say_not_files()
-        self.choose_name()
+    def check_address(self) -> ServerURL:
+        """The address (``check_url``), checked before anything is asked or read, the
+        settings dir included, and before any other connection (review s64: a bad URL was
+        found only after --password-file was read, or the port was asked for): ClientError
+        or click.BadParameter. An http address is said as the old one only where https
+        answers there (audit s39ws M7), the one connection made for it: such a run asks
+        nothing. Checked once (``server``)."""
+        if self.server is not None:
+            return self.server
         try:
-            server = check_url(o.url)
+            self.server = check_url(self.o.url)
         except OldAddress as exc:
             if self._answers_https(exc.https):
                 raise
@@ -852,6 +856,20 @@ class TestConnection:
                 f"{exc.given} is an unencrypted address, and {exc.https.url} does not answer: "
                 "the node is not switched to https yet, or switched back; nothing to set up now",
             ) from None
+        return self.server
+
+    def given_password(self, secret: str | None) -> None:
+        """The password from --password-file, read once the address is checked
+        (``check_address``: the CLI reads the file after it)."""
+        self.o = replace(self.o, password=secret)
+
+    def _run(self) -> Result:
+        o = self.o
+        server = self.check_address()
+        self.check_not_root_in_a_users_dir()
+        self.finish_settings()
+        self.say_not_files()
+        self.choose_name()
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
         port, hello = self.check_bootstrap_port(server)
