@@ -2998,8 +2998,8 @@ async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
     assert run.code == 130 == int(Exit.INTERRUPTED), run.err
     if when == "connecting":
         assert run.error == (
-            f"tlsroll: error: interrupted: nothing was enrolled, the settings in {d} are as "
-            "they were"
+            "tlsroll: error: interrupted before the enrolment's last request was sent: nothing "
+            f"was sent or enrolled, the settings in {d} are as they were"
         )
         assert not d.exists()
     else:
@@ -3009,6 +3009,96 @@ async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
         ), run.error
         pending = settings_files.read_pending(d)
         assert pending is not None and pending[:2] == ("ws-empfang", "node-a")
+
+
+@asynccontextmanager
+async def finish_connection_held(
+    node: ServerNode, ca: pki.CertificateAuthority, **kw: Any
+) -> AsyncIterator[tuple[asyncio.Event, asyncio.Event]]:
+    """The node's real bootstrap service on 9444 and, on the bootstrap port, a TCP relay to
+    it (the TLS is the client's and the service's) that holds the third connection (the
+    finishing request's, after the hello's and the start's) unanswered, its TLS handshake
+    not made, from when it comes (the first event set) until the second event is set: a
+    slow network while the CSR's connection is being made."""
+    came, go_on = asyncio.Event(), asyncio.Event()
+    seen = 0
+    relays: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []  # (every one closed at the end)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        relays.add(asyncio.current_task())  # type: ignore[arg-type]
+        writers.append(writer)
+        seen += 1
+        if seen == 3:
+            came.set()
+            await go_on.wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection(node.address, 9444)
+        except OSError:
+            writer.close()
+            return
+        writers.append(up_writer)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(relay, node.address, BOOTSTRAP_PORT)
+    try:
+        async with bootstrap_on(node, ca, port=9444, **kw):
+            yield came, go_on
+    finally:
+        go_on.set()
+        server.close()
+        for writer in writers:
+            writer.close()
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        for writer in writers:
+            with suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def test_a_first_ctrl_c_while_the_finishing_request_connects_cancels_it_unsent(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s64: a first Ctrl-C while the finishing request's connection was still being
+    made was held as if the CSR had gone ("finishing the enrolment; Ctrl-C again to give
+    up"), and the request went once connected: the node had a certificate signed after the
+    admin had said stop. Before anything of it is sent, Ctrl-C cancels at once: exit 130,
+    the line says nothing was sent, the node signed nothing, nothing is left on disk."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    csrs: list[bytes] = []
+    child = ChildRun([node.url, "--password-file", password_file(PASSWORD), "--yes"])
+    child.args += ["--name", "empfang", "--settings-dir", str(d)]
+    async with finish_connection_held(node, test_ca, sign=recording(test_ca, csrs)) as (
+        came,
+        go_on,
+    ):
+        running = asyncio.create_task(child.run())
+        await asyncio.wait_for(came.wait(), 60)  # (the CSR's connection is being made)
+        await child.interrupt_until(workstation.HeldInterrupt.LINE)  # (or it has ended)
+        go_on.set()  # (the connection goes on: where the Ctrl-C was held, the CSR goes)
+        code, out, err = await running
+    assert code == 130 == int(Exit.INTERRUPTED), (out, err)
+    assert err == (
+        "tlsroll: error: interrupted before the enrolment's last request was sent: nothing was "
+        f"sent or enrolled, the settings in {d} are as they were\n"
+    )
+    assert workstation.HeldInterrupt.LINE not in child.out
+    assert csrs == []
+    assert not d.exists()
 
 
 @pytest.mark.parametrize("how", ["second Ctrl-C while keeping", "keeping failed, Ctrl-C held"])

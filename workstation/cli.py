@@ -124,17 +124,19 @@ def test_connection(
     ui = UI(say=click.echo, ask_port=_ask_port, ask_password=_ask_password)
     # The arguments first, the address above all (its own checks, ``TestConnection``'s of
     # --name, --ca-pin and the options together), before the password file is read or a
-    # question refused off a terminal (review s64: a bad URL came after them).
+    # question refused off a terminal (review s64: a bad URL came after them). An http
+    # address: the run asks nothing and needs no password (it says so, exit 3).
     connection = TestConnection(options, ui)
-    connection.check_address()
-    secret = _password_from(password_file) if password_file is not None else None
-    # Off a terminal, a question the run would ask is refused before anything is done or any
-    # connection made (s49cli L3: a closed port exited 5 before the port prompt's exit 2).
-    if bootstrap_port is None and not assume_yes:
-        terminal_only(_ADD_PORT)
-    if not no_enrol and secret is None:
-        terminal_only(_ADD_PASSWORD)
-    connection.given_password(secret)
+    if not connection.check_arguments():
+        secret = _password_from(password_file) if password_file is not None else None
+        # Off a terminal, a question the run would ask is refused before anything is done or
+        # any connection made (s49cli L3: a closed port exited 5 before the port prompt's
+        # exit 2).
+        if bootstrap_port is None and not assume_yes:
+            terminal_only(_ADD_PORT)
+        if not no_enrol and secret is None:
+            terminal_only(_ADD_PASSWORD)
+        connection.given_password(secret)
     connection.run()
     click.echo("restart the client to finish")
 

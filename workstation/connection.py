@@ -103,7 +103,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
         earlier run of this PC left held when it was cut short after sending its CSR
         (``settings_files.PENDING``: --replace)
     130 interrupted (Ctrl-C) outside a prompt: the line says what state it left: nothing
-        done; the new certificate kept aside; the settings written; the node's answer to the
+        done; the CSR's connection still being made, nothing sent (cancelled at once: review
+        s64); the new certificate kept aside; the settings written; the node's answer to the
         CSR not arrived (it may have signed); or that answer arrived and not kept (the name
         is held). Ctrl-C while the CSR goes and the node's answer is on its way is held
         back until the new pair is kept (one line says so; a second Ctrl-C gives up, and the
@@ -717,6 +718,10 @@ class HeldInterrupt:
         self.came = False  # a Ctrl-C came while held: acted on at ``release``
         self._before: Any = None
         self._held = False
+        # The request's connection being made (``connecting`` to ``going``): nothing of it
+        # sent, a Ctrl-C cancels at once; before ``going``, nothing is said of finishing.
+        self._cancel = False
+        self._going = False
 
     def hold(self) -> None:
         """Held from now; not where SIGINT is ignored (``nohup``, a shell's background job):
@@ -731,12 +736,29 @@ class HeldInterrupt:
             return
         self._held = True
 
-    def _interrupt(self, _signum: int, _frame: FrameType | None) -> None:
+    def connecting(self) -> None:
+        """From now until ``going``, the request's connection is being made and nothing of
+        it has gone: a Ctrl-C cancels the run at once (KeyboardInterrupt; review s64: the
+        first one was held, and the request went all the same), as does one that came since
+        ``hold`` (while the note was written: ``TestConnection.exchange``)."""
+        self._cancel = True
         if self.came:
+            self.came = False
+            raise KeyboardInterrupt
+
+    def going(self) -> None:
+        """The request goes now (``request``'s ``sending``): a Ctrl-C is held from here."""
+        self._cancel = False
+        self._going = True
+
+    def _interrupt(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._cancel or self.came:
+            self._cancel = False
             self._restore()
             raise KeyboardInterrupt
         self.came = True
-        self.say(self.LINE)
+        if self._going:
+            self.say(self.LINE)
 
     def _restore(self) -> None:
         if self._held:
@@ -750,6 +772,7 @@ class HeldInterrupt:
         held is acted on (KeyboardInterrupt). Without it (the run failed meanwhile), its
         error goes on as it is."""
         self._restore()
+        self._cancel = self._going = False
         came, self.came = self.came, False  # (never acted on later: review of s63-w2 L6)
         if act and came:
             raise KeyboardInterrupt
@@ -778,7 +801,7 @@ class TestConnection:
         if options.replace and not options.enrol:
             raise click.UsageError("--replace is for an enrolment; drop --no-enrol")
         self.context = unverified_client_context()
-        self.server: ServerURL | None = None  # (the address checked: ``check_address``)
+        self.server: ServerURL | None = None  # (the address checked: ``check_arguments``)
         # This PC's newest client certificate and key in its settings dir, if of the name it
         # enrols under: they prove that it is the PC that holds the name (``exchange``).
         self.previous: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
@@ -787,6 +810,7 @@ class TestConnection:
         self.unproven: x509.Certificate | None = None
         # How far the run got, for what a Ctrl-C says (``interrupted``): the finishing
         # request sent, the new pair kept aside (where), the settings written.
+        self.finishing = False  # (the finishing request about to be made: ``exchange``)
         self.finish_sent = False
         self.kept_at: Path | None = None
         self.new_cert_pem: bytes | None = None  # (the new client certificate, once here)
@@ -835,6 +859,11 @@ class TestConnection:
                 f"{name} is held at that node by a certificate this PC does not have; run "
                 "this again (with --replace if the name is refused as taken)"
             )
+        if self.finishing and not self.finish_sent:
+            return (
+                "interrupted before the enrolment's last request was sent: nothing was sent "
+                f"or enrolled, the settings in {d} are as they were"
+            )
         if self.finish_sent:
             return (
                 "interrupted before the node's answer to the enrolment arrived: it may have "
@@ -854,17 +883,26 @@ class TestConnection:
         except OSError:
             return False
 
+    def check_arguments(self) -> bool:
+        """The address on its own (``check_url``), before anything is asked or read, the
+        settings dir included (review s64: a bad URL was found only after --password-file
+        was read, or the port was asked for): click.BadParameter (exit 2; bad input changes
+        nothing). True for an http address: such a run asks nothing and reads no password
+        (``run`` says it, once an interrupted change of the settings is finished, as every
+        run does)."""
+        try:
+            self.server = check_url(self.o.url)
+        except OldAddress:
+            return True
+        return False
+
     def check_address(self) -> ServerURL:
-        """The address (``check_url``), checked before anything is asked or read, the
-        settings dir included, and before any other connection (review s64: a bad URL was
-        found only after --password-file was read, or the port was asked for): ClientError
-        or click.BadParameter. An http address is said as the old one only where https
-        answers there (audit s39ws M7), the one connection made for it: such a run asks
-        nothing. Checked once (``server``)."""
+        """The address checked (``check_arguments``), an http address said as the old one
+        only where https answers there (audit s39ws M7): ClientError (exit 3)."""
         if self.server is not None:
             return self.server
         try:
-            self.server = check_url(self.o.url)
+            return check_url(self.o.url)
         except OldAddress as exc:
             if self._answers_https(exc.https):
                 raise
@@ -873,20 +911,20 @@ class TestConnection:
                 f"{exc.given} is an unencrypted address, and {exc.https.url} does not answer: "
                 "the node is not switched to https yet, or switched back; nothing to set up now",
             ) from None
-        return self.server
 
     def given_password(self, secret: str | None) -> None:
-        """The password from --password-file, read once the address is checked
-        (``check_address``: the CLI reads the file after it)."""
+        """The password from --password-file, read once the arguments are checked
+        (``check_arguments``: the CLI reads the file after them)."""
         self.o = replace(self.o, password=secret)
 
     def _run(self) -> Result:
         o = self.o
-        server = self.check_address()
+        self.check_arguments()
         self.check_not_root_in_a_users_dir()
         self.finish_settings()
         self.say_not_files()
         self.choose_name()
+        server = self.check_address()
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
         port, hello = self.check_bootstrap_port(server)
@@ -1790,13 +1828,17 @@ class TestConnection:
         # Held before the note is written: a Ctrl-C between the two left it (and maybe a
         # settings dir made for it) while the run said "nothing was enrolled" (review of
         # s63-w2 L5). ``finish_sent`` once the request goes, not while connecting: a Ctrl-C
-        # given up on before it went sent nothing (``run`` takes the note back then).
+        # while connecting cancels at once, nothing sent (``HeldInterrupt.connecting``; review
+        # s64: it was held, and the request went), and ``run`` takes the note back.
         self.held.hold()  # until the pair it answers with is kept (``run``)
+        self.finishing = True
         self._mark_pending(hello.node)
 
         def sending() -> None:
+            self.held.going()
             self.finish_sent = True
 
+        self.held.connecting()
         try:
             reply = self._call(
                 host,
