@@ -1887,6 +1887,41 @@ async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> Non
     assert "has no app at /tomedo_live/ (HTTP 404)" in run.error
 
 
+async def test_a_wrong_app_path_is_found_with_the_pair_in_place_before_enrolling(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s64: on a server that wants client certificates, a mistyped app path was found
+    only by the check after enrolment, and the enrolment had the leader revoke the PC's
+    working certificate. With a pair in place (or kept aside), the path is asked with it
+    first: a wrong one is exit 7 before the port or the password, nothing enrolled, the
+    settings as they were (and working); a right one goes on, said so, and enrols."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        before = settings_set(d)
+        wrong = f"https://{node.address}:8443/tomedo_live/"
+        run = await run_cli(wrong, "--password-file", pw, "--yes")
+        assert run.code == 7 == int(Exit.APP), run.err
+        assert run.error == (
+            f"tlsroll: error: {node.address}:8443 has no app at /tomedo_live/ (HTTP 404, asked "
+            f"with this PC's client certificate in {d}): check the app path; nothing was "
+            "enrolled, the settings are as they were"
+        ), run.error
+        assert len(csrs) == 1  # (no exchange: the certificate in place was not superseded)
+        assert not assert_one_set(d, before, node)  # (the same set, and it works)
+        again = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert again.code == 0, again.err
+    assert f"app       {APP} answers (HTTP 200, with this PC's client certificate)" in again.out
+    assert len(csrs) == 2
+
+
 async def test_connection_refused(run_cli: Any) -> None:
     run = await run_cli(f"https://{next_loopback()}:8443{APP}", "--yes")
     assert run.code == 5 == int(Exit.REFUSED)

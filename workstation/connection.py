@@ -87,7 +87,9 @@ Exit codes (every error is one line on stderr; the password is never printed):
         connection but gave no complete answer within --timeout (hung, or trickling it)
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
-    7   the app path does not answer (wrong APP path)
+    7   the app path does not answer (wrong APP path); on a server that wants client
+        certificates, asked with this PC's pair in place (or kept aside) if it has one,
+        before the port and the password: nothing enrolled
     8   bootstrap port closed (9443 or the one given: the node's agent down, a firewall, the
         wrong port; the message says what to check), no complete answer from it in time (the
         exchange's wait, at least ``proto.MIN_EXCHANGE_WAIT``, in the exchange), a connection
@@ -157,7 +159,7 @@ from tlsroll.fsutil import (
     user_label,
 )
 from tlsroll.password import password_problem
-from tlsroll.tls import client_context, unverified_client_context
+from tlsroll.tls import NO_PASS_PHRASE, client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
 
@@ -1480,16 +1482,68 @@ class TestConnection:
 
     def _server_cert_without_answer(self, server: ServerURL, exc: NetError) -> x509.Certificate:
         # The handshake succeeded, then the server closed or alerted without an http answer:
-        # what a server that requires a client certificate does before enrolment. The app is
+        # what a server that requires a client certificate does before enrolment. Asked
+        # again with this PC's pair, if it has one (``_app_with_pair``); else the app is
         # checked again with the new settings at the end.
         assert exc.peer_der is not None
         cert = x509.load_der_x509_certificate(exc.peer_der)
         self.ui.say(f"tls       ok, certificate {pki.fingerprint(cert)} (checked below)")
+        if (asked := self._app_with_pair(server)) is not None:
+            reply, where = asked
+            if reply.status not in (200, 401, 403):
+                raise ClientError(
+                    Exit.APP,
+                    f"{server.netloc} has no app at {server.app_path} (HTTP {reply.status}, "
+                    f"asked with this PC's client certificate in {where}): check the app path; "
+                    "nothing was enrolled, the settings are as they were",
+                )
+            self.ui.say(
+                f"app       {server.app_path} answers (HTTP {reply.status}, with this PC's "
+                "client certificate)"
+            )
+            return cert
         self.ui.say(
             f"app       no answer without a client certificate ({exc.detail}); "
             "checked again after enrolment"
         )
         return cert
+
+    def _app_with_pair(self, server: ServerURL) -> tuple[Reply, Path] | None:
+        """The app path asked with this PC's client key and certificate, where the server
+        answered nothing without one: the pair in place, else the one kept aside
+        (``settings_files.KEPT``), if valid. A mistyped app path was found only after the
+        enrolment, which had the leader revoke this very pair (review s64); with it, before
+        the port or the password. The answer and the dir of the pair; None where there is
+        no such pair or the server does not take it either (another CA's, revoked: only the
+        enrolment's check tells then, as before)."""
+        d = self.o.settings_dir
+        kept = d / settings_files.KEPT
+        for where, pair in ((d, _pair_in_place(d)), (kept, settings_files.kept_pair(d))):
+            if pair is None or not _valid_pairs([pair]):
+                continue
+            context = unverified_client_context()
+            try:
+                with settings_files.held_files(where / "client.pem", where / "client.key") as (
+                    cert_file,
+                    key_file,
+                ):
+                    context.load_cert_chain(cert_file, key_file, password=NO_PASS_PHRASE)
+            except (OSError, ValueError):  # (ssl.SSLError is an OSError)
+                continue
+            try:
+                reply = request(
+                    server.host,
+                    server.port,
+                    "GET",
+                    server.app_path,
+                    context,
+                    timeout=self.o.timeout,
+                    workstation=self.workstation,
+                )
+            except NetError:
+                return None
+            return reply, where
+        return None
 
     @staticmethod
     def _peer_cert(reply: Reply, server: ServerURL) -> x509.Certificate:
