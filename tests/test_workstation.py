@@ -1371,7 +1371,7 @@ async def test_a_bootstrap_port_reset_after_the_handshake_is_passing_try_again(
         run = await run_cli(node.url, "--password-file", pw, "--yes")
     assert run.code == 8 == int(Exit.BOOTSTRAP_PORT), run.err
     assert run.error == (
-        f"tlsroll: error: bootstrap port 9443 on {node.address} took the connection, then reset "
+        f"tlsroll: error: bootstrap port 9443 on {node.address} took the connection, then ended "
         "it before any answer, and the next one failed (connection refused): the node's "
         "tlsroll agent may be restarting; try again in a minute (if it goes on, check that "
         "the agent is running: systemctl status tlsroll-agent, on the node)"
@@ -1381,8 +1381,8 @@ async def test_a_bootstrap_port_reset_after_the_handshake_is_passing_try_again(
         again = await run_cli(node.url, "--password-file", pw, "--yes")
     assert again.code == 0, again.err
     assert (
-        "note      bootstrap port 9443 reset the first connection (its agent restarting?); "
-        "the next one was answered"
+        "note      bootstrap port 9443 ended the first connection with no answer (its agent "
+        "restarting?); the next one was answered"
     ) in again.out.splitlines()
 
 
@@ -2879,8 +2879,7 @@ async def test_an_enrolment_cut_short_after_the_node_signed_says_so_when_the_nam
             )
         else:
             run = await run_cli(*args)
-            # (a reset: the node's passing trouble, as the hello's, review s64; it was exit 6)
-            assert run.code == Exit.BOOTSTRAP_PORT, run.err
+            assert run.code == Exit.TLS, run.err
             assert run.error.endswith(
                 "; the node may have had a certificate for ws-empfang signed all the same: run "
                 "this again (if the name is refused as taken, it says what to do)"

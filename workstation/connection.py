@@ -92,11 +92,11 @@ Exit codes (every error is one line on stderr; the password is never printed):
         before the port and the password: nothing enrolled
     8   bootstrap port closed (9443 or the one given: the node's agent down, a firewall, the
         wrong port; the message says what to check), no complete answer from it in time (the
-        exchange's wait, at least ``proto.MIN_EXCHANGE_WAIT``, in the exchange), a connection
-        it reset after the TLS handshake (the node's agent stopping or restarting: try
-        again; the hello is asked once more first), or another program answers on it (one
-        that closes the connection after the TLS handshake, or resets it each time, as a
-        server's port that wants client certificates does, too)
+        exchange's wait, at least ``proto.MIN_EXCHANGE_WAIT``, in the exchange), the hello's
+        connection ended after the TLS handshake with no answer and the next one refused
+        (the node's agent stopping or restarting: try again), or another program answers on
+        it (one that ends each connection after the TLS handshake, as a server's port that
+        wants client certificates does, too)
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -165,7 +165,7 @@ from workstation import settings_files
 
 DEFAULT_TIMEOUT = proto.CLIENT_WAIT  # (the node's answers are timed to come within it)
 START_ATTEMPTS = 2  # exchanges started when the first is near its expiry before finishing
-RESET_PAUSE = 1.0  # seconds before the hello is asked again after a reset (``fetch_hello``)
+ENDED_PAUSE = 1.0  # seconds before the hello is asked again after no answer (``fetch_hello``)
 EXPIRY_MARGIN = 5.0  # seconds: less than this left, start again instead of confirming
 # Of a node's refusal message: the leader's refusal of a name says what to do in ~260
 # characters (audit s39ws L4: cut at 160, the remedy was lost); the whole line stays < 600.
@@ -462,13 +462,7 @@ class NetError(TransientError):
     """A network failure, sorted by what the admin can do about it."""
 
     def __init__(
-        self,
-        kind: str,
-        detail: str,
-        reason: str | None = None,
-        peer_der: bytes | None = None,
-        *,
-        reset: bool = False,
+        self, kind: str, detail: str, reason: str | None = None, peer_der: bytes | None = None
     ) -> None:
         super().__init__(detail)
         # unreachable | refused: TCP; tls: the handshake failed; verify: the certificate did
@@ -480,11 +474,6 @@ class NetError(TransientError):
         self.detail = detail
         self.reason = reason  # the OpenSSL reason, if any
         self.peer_der = peer_der  # the server's certificate, for kind "dropped"
-        # For kind "dropped": the connection was reset (not closed, not alerted), as by a
-        # service that stops or restarts right after the handshake; a server that wants a
-        # client certificate alerts, and closes, first (its alert is read before the reset:
-        # review s64, the bootstrap service restarting was "another program")
-        self.reset = reset
 
 
 @dataclass(frozen=True)
@@ -617,9 +606,6 @@ def request(
             raise NetError("dropped", err.detail, err.reason, peer) from None
         except TimeoutError:  # (not "closed": the server may still be sending, s63 L1)
             raise NetError("timeout", _no_answer(timeout), None, peer) from None
-        except (ConnectionResetError, BrokenPipeError):
-            detail = "the server reset the connection"
-            raise NetError("dropped", detail, None, peer, reset=True) from None
         except (http.client.HTTPException, OSError) as exc:
             detail = f"the server closed the connection ({type(exc).__name__})"
             raise NetError("dropped", detail, None, peer) from None
@@ -1651,8 +1637,6 @@ class TestConnection:
                 ) from None
             if exc.kind in ("refused", "unreachable"):
                 raise self._port_closed(host, port, exc) from None
-            if exc.kind == "dropped" and exc.reset:  # (as the hello's: ``_reset``)
-                raise self._reset(host, port, sent=went) from None
             raise ClientError(
                 Exit.TLS,
                 f"TLS with the bootstrap port {where} failed: {exc.detail}",
@@ -1662,27 +1646,28 @@ class TestConnection:
     def fetch_hello(self, host: str, port: int) -> proto.Hello:
         """The node's public hello: its name, the password's salt and parameters, its CA.
 
-        A connection reset after its TLS handshake, with no answer, is asked once more after
-        ``RESET_PAUSE`` (review s64: it was "not as the bootstrap service", another program):
-        a node's agent that stops or restarts does that, and then refuses connections for a
-        while (try again) or answers; a port that wants a client certificate (the managed
-        server's, tlsroll's gRPC ports) resets every connection so (its alert lost to the
-        reset: it is not read before), and is another program's, as one that closes it."""
+        A connection ended after its TLS handshake with no answer (closed, or reset: this
+        client cannot tell the two apart, ssl reads both as the end) is asked once more after
+        ``ENDED_PAUSE`` (review s64: a reset was "not as the bootstrap service", another
+        program): a node's agent that stops or restarts ends the connections it holds, and
+        then refuses connections for a while (try again) or answers; a port that wants a
+        client certificate (the managed server's, tlsroll's gRPC ports) ends every one so,
+        and is another program's."""
         try:
             reply = self._get_hello(host, port)
         except NetError as exc:
-            if exc.kind != "dropped" or not exc.reset:
+            if exc.kind != "dropped" or exc.detail == _TOO_LARGE:
                 raise self._hello_failed(host, port, exc) from None
-            time.sleep(RESET_PAUSE)
+            time.sleep(ENDED_PAUSE)
             try:
                 reply = self._get_hello(host, port)
             except NetError as again:
                 if again.kind in ("refused", "unreachable", "timeout"):
-                    raise self._reset(host, port, again.detail) from None
+                    raise self._ended(host, port, again.detail) from None
                 raise self._hello_failed(host, port, again) from None
             self.ui.say(
-                f"note      bootstrap port {port} reset the first connection (its agent "
-                "restarting?); the next one was answered"
+                f"note      bootstrap port {port} ended the first connection with no answer "
+                "(its agent restarting?); the next one was answered"
             )
         if reply.status == 404:
             raise self._too_old(host, port)
@@ -1705,11 +1690,11 @@ class TestConnection:
         if exc.kind == "tls" and exc.reason in _NOT_TLS:
             return self._not_bootstrap(host, port, "not TLS")
         if exc.kind == "dropped":
-            # A TLS service that closed the connection (or alerted, or reset it twice) after
-            # a completed handshake, with no http answer: one that wants a client
-            # certificate, as the managed server's own port may, or tlsroll's gRPC ports
-            # 9440-9442; the bootstrap service wants none (review s63 M2: "TLS ... failed",
-            # exit 6).
+            # A TLS service that closed the connection (or alerted) after a completed
+            # handshake, with no http answer, twice (``fetch_hello``): one that wants a
+            # client certificate, as the managed server's own port may, or tlsroll's gRPC
+            # ports 9440-9442; the bootstrap service wants none (review s63 M2: "TLS ...
+            # failed", exit 6).
             what = (
                 "an answer too large"
                 if exc.detail == _TOO_LARGE
@@ -1721,20 +1706,18 @@ class TestConnection:
         )
 
     @staticmethod
-    def _reset(host: str, port: int, then: str = "", *, sent: bool = False) -> ClientError:
-        """The bootstrap port took the connection and the TLS handshake, then reset it with no
-        answer (and, ``then``, the next connection failed so: the hello's, ``fetch_hello``):
-        what the node's agent does as it stops or restarts, and passing: try again (review
-        s64: it was "not as the bootstrap service", another program; exit 8 all the same, the
+    def _ended(host: str, port: int, then: str) -> ClientError:
+        """The bootstrap port took the hello's connection and its TLS handshake, then ended
+        it with no answer, and the next connection failed ``then`` (``fetch_hello``): what
+        the node's agent does as it stops or restarts, and passing: try again (review s64:
+        it was "not as the bootstrap service", another program; exit 8 all the same, the
         port's code, as for an answer that does not come in time)."""
-        next_one = f", and the next one failed ({then})" if then else ""
         return ClientError(
             Exit.BOOTSTRAP_PORT,
-            f"bootstrap port {port} on {host} took the connection, then reset it before any "
-            f"answer{next_one}: the node's tlsroll agent may be restarting; try again in a "
-            "minute (if it goes on, check that the agent is running: systemctl status "
-            "tlsroll-agent, on the node)",
-            sent=sent,
+            f"bootstrap port {port} on {host} took the connection, then ended it before any "
+            f"answer, and the next one failed ({then}): the node's tlsroll agent may be "
+            "restarting; try again in a minute (if it goes on, check that the agent is "
+            "running: systemctl status tlsroll-agent, on the node)",
         )
 
     @staticmethod
