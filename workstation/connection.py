@@ -76,8 +76,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
         aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, no name to enrol under (host name
         "localhost": --name), a --name that would become another name (``check_name``: a
-        dot, no letter a name can hold, longer than 60), a password file that is
-        empty/unreadable or
+        dot, no letter a name can hold, nothing after its ws-, a hyphen at an end or two in
+        a row, more than 60 after the ws-), a password file that is empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
         no password may be (white space around it, a control character): refused before
         anything is sent
