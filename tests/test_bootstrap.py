@@ -503,6 +503,10 @@ def test_workstation_csr_rules() -> None:
         ("Café", "ws-cafe"),
         ("---", "ws-workstation"),
         ("x" * 80, "ws-" + "x" * 60),
+        # review s64: 60 after a ws- given, as after the one added (it was cut to 60 in all)
+        ("ws-" + "x" * 58, "ws-" + "x" * 58),
+        ("ws-" + "x" * 80, "ws-" + "x" * 60),
+        ("ws-", "ws-ws"),
     ],
 )
 def test_workstation_cn(label: str, cn: str) -> None:

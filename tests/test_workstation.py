@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1167,6 +1168,36 @@ def test_off_a_terminal_a_question_the_run_would_ask_is_refused_before_any_conne
         assert not settings.exists()
 
 
+def test_a_bad_address_is_said_before_the_password_file_is_read_or_a_question_refused(
+    nodes: dict[str, ServerNode], tmp_path: Path
+) -> None:
+    """Review s64: the address was checked only after --password-file was read (a file of
+    the wrong mode: that error, not the address's) and after the questions the run would ask
+    were refused off a terminal ("add --bootstrap-port"). The address comes first: its own
+    error, nothing written; an http address is said as one (exit 3), a run that asks
+    nothing."""
+    settings = tmp_path / "settings"
+    readable = tmp_path / "password"
+    readable.write_text(PASSWORD + "\n")
+    readable.chmod(0o644)  # (refused when read: group and others may read it)
+    no_port = "https://192.0.2.7/praxis_live/"
+    old = f"http://{nodes['http'].address}:8080{APP}"
+    for url, extra, code, says in (
+        (no_port, [], 2, "Invalid value for URL: the address needs the port"),
+        (no_port, ["--password-file", str(readable)], 2, "the address needs the port"),
+        ("https://192.0.2.7:8443/", ["--yes"], 2, "the address needs the app path"),
+        (old, [], 3, f"{old} is an unencrypted address"),
+        (old, ["--password-file", str(readable)], 3, f"{old} is an unencrypted address"),
+    ):
+        argv = ["client", "test-connection", url, "--timeout", "5", *extra]
+        argv += ["--settings-dir", str(settings)]
+        got, out, err = off_a_terminal(argv, "")
+        assert got == code, (url, extra, out, err)
+        assert len(err.splitlines()) == 1 and says in err, (url, extra, err)
+        assert "not a terminal" not in err and "--password-file" not in err, err
+        assert not settings.exists()
+
+
 def test_a_bootstrap_port_that_does_not_answer_names_a_firewall() -> None:
     """No answer at all (a port a firewall drops: not made on loopback) is not "refused": it
     names the firewall, then the agent and the port."""
@@ -1245,6 +1276,114 @@ async def test_a_port_that_wants_a_client_certificate_is_not_the_bootstrap_servi
         "the port from your notice"
     ), run.error
     assert not (tmp_path / "settings").exists()
+
+
+def _reset(transport: Any) -> None:
+    """The connection reset (SO_LINGER 0, then closed), not closed: as by a process that
+    stops with the connection open."""
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+@asynccontextmanager
+async def agent_going_down_on(address: str, port: int, cert: IssuedCert) -> AsyncIterator[None]:
+    """The node's agent stopping (review s64): its bootstrap port completes the TLS
+    handshake of a connection and reads the request, then stops listening and resets that
+    connection with no answer."""
+    stopped = asyncio.Event()
+
+    async def stop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # (the request's first bytes: the handshake is made)
+        server.close()
+        _reset(writer.transport)
+        stopped.set()
+
+    server = await asyncio.start_server(
+        stop, address, port, ssl=server_context(cert.cert_file, cert.key_file)
+    )
+    try:
+        yield
+        assert stopped.is_set()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
+async def bootstrap_restarted(
+    node: ServerNode, ca: pki.CertificateAuthority
+) -> AsyncIterator[None]:
+    """The node's real bootstrap service on 9444 and, on the bootstrap port, a relay in front
+    of it that resets the first connection once its request is read (the agent restarting
+    as it came: review s64) and passes every later one on."""
+    seen = 0
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        nonlocal seen
+        seen += 1
+        if seen == 1:
+            assert request.transport is not None
+            _reset(request.transport)
+            raise web.HTTPServiceUnavailable  # (goes nowhere: the connection is gone)
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as s,
+            s.request(
+                request.method,
+                f"https://{node.address}:9444{request.path_qs}",
+                data=await request.read(),
+                headers={"Content-Type": "application/json"},
+                ssl=False,
+            ) as upstream,
+        ):
+            body, status = await upstream.read(), upstream.status
+        return web.Response(body=body, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        ctx = server_context(node.cert.cert_file, node.cert.key_file)
+        await web.TCPSite(runner, node.address, BOOTSTRAP_PORT, ssl_context=ctx).start()
+        async with bootstrap_on(node, ca, port=9444):
+            yield
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_bootstrap_port_reset_after_the_handshake_is_passing_try_again(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s64: the hello's connection reset right after its TLS handshake (the node's
+    agent stopping or restarting) was "answers, but not as the bootstrap service (...;
+    another program?); enter the port from your notice": the admin looked for another port.
+    Asked once more: an agent down by then is the port's passing trouble (exit 8, as an
+    answer that does not come in time: try again, nothing written), and one back answers:
+    the run enrols, by the node's real bootstrap service."""
+    node = nodes["tls"]
+    pw = password_file(PASSWORD)
+    async with agent_going_down_on(node.address, BOOTSTRAP_PORT, node.cert):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert run.code == 8 == int(Exit.BOOTSTRAP_PORT), run.err
+    assert run.error == (
+        f"tlsroll: error: bootstrap port 9443 on {node.address} took the connection, then ended "
+        "it before any answer, and the next one failed (connection refused): the node's "
+        "tlsroll agent may be restarting; try again in a minute (if it goes on, check that "
+        "the agent is running: systemctl status tlsroll-agent, on the node)"
+    ), run.error
+    assert not (tmp_path / "settings").exists()
+    async with bootstrap_restarted(node, test_ca):
+        again = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert again.code == 0, again.err
+    assert (
+        "note      bootstrap port 9443 ended the first connection with no answer (its agent "
+        "restarting?); the next one was answered"
+    ) in again.out.splitlines()
 
 
 @asynccontextmanager
@@ -1748,6 +1887,41 @@ async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> Non
     assert "has no app at /tomedo_live/ (HTTP 404)" in run.error
 
 
+async def test_a_wrong_app_path_is_found_with_the_pair_in_place_before_enrolling(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s64: on a server that wants client certificates, a mistyped app path was found
+    only by the check after enrolment, and the enrolment had the leader revoke the PC's
+    working certificate. With a pair in place (or kept aside), the path is asked with it
+    first: a wrong one is exit 7 before the port or the password, nothing enrolled, the
+    settings as they were (and working); a right one goes on, said so, and enrols."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        before = settings_set(d)
+        wrong = f"https://{node.address}:8443/tomedo_live/"
+        run = await run_cli(wrong, "--password-file", pw, "--yes")
+        assert run.code == 7 == int(Exit.APP), run.err
+        assert run.error == (
+            f"tlsroll: error: {node.address}:8443 has no app at /tomedo_live/ (HTTP 404, asked "
+            f"with this PC's client certificate in {d}): check the app path; nothing was "
+            "enrolled, the settings are as they were"
+        ), run.error
+        assert len(csrs) == 1  # (no exchange: the certificate in place was not superseded)
+        assert not assert_one_set(d, before, node)  # (the same set, and it works)
+        again = await run_cli(node.url, "--password-file", pw, "--yes")
+    assert again.code == 0, again.err
+    assert f"app       {APP} answers (HTTP 200, with this PC's client certificate)" in again.out
+    assert len(csrs) == 2
+
+
 async def test_connection_refused(run_cli: Any) -> None:
     run = await run_cli(f"https://{next_loopback()}:8443{APP}", "--yes")
     assert run.code == 5 == int(Exit.REFUSED)
@@ -2148,8 +2322,24 @@ async def test_a_host_name_that_names_no_pc_is_no_default_name(
         ("localhost", "empfang-1"),
         ("empfang.1", "empfang-1"),  # only what came before the dot: ws-empfang
         ("e" * 70, "e" * 60),  # cut to 60, unsaid
+        # review s64: hyphens dropped unsaid, a ws- with nothing after it, and a ws- name
+        # over 63 characters (its length counted as the certificate name's, as without ws-)
+        ("ws-", "ws-empfang-1"),  # it was ws-ws
+        ("-x-", "x"),  # it was ws-x
+        ("a--b", "a-b"),
+        ("ws-" + "e" * 61, "ws-" + "e" * 60),
     ],
-    ids=["no-letter", "dot-only", "localhost", "dotted", "too-long"],
+    ids=[
+        "no-letter",
+        "dot-only",
+        "localhost",
+        "dotted",
+        "too-long",
+        "ws-only",
+        "hyphens-around",
+        "hyphens-doubled",
+        "ws-too-long",
+    ],
 )
 async def test_a_name_given_that_would_become_another_is_refused_unsent(
     name: str,
@@ -2177,6 +2367,67 @@ async def test_a_name_given_that_would_become_another_is_refused_unsent(
     assert "nothing was sent" in run.error
     assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
     assert not (tmp_path / "settings").exists()
+
+
+def test_a_name_is_used_as_given_or_refused_with_the_exact_name_to_use() -> None:
+    """Review s64: the --name rule is one rule. A name is its certificate name (``ws-`` before
+    it unless it starts so) or refused, and the name a refusal gives is taken as it is; a
+    length is counted as the certificate name's, with or without the ``ws-`` typed (``ws-``
+    and 58 letters was refused "as 61 characters", and a shorter name offered)."""
+    for name, cn in (
+        ("ws-" + "e" * 58, "ws-" + "e" * 58),
+        ("ws-" + "e" * 60, "ws-" + "e" * 60),
+        ("e" * 60, "ws-" + "e" * 60),
+        ("Empfang 1", "ws-empfang-1"),
+        ("ws-labor", "ws-labor"),
+        ("ws", "ws-ws"),
+    ):
+        assert workstation.check_name(name) == cn, name
+    lengths = {}
+    for name in (
+        "",
+        "-",
+        "ws-",
+        "ws--",
+        "-x-",
+        "a--b",
+        "Zimmer 3 (Ärztin)",
+        "empfang.1",
+        "受付",
+        "ws-" + "e" * 61,
+        "e" * 61,
+        "-" + "e" * 70 + "-",
+        "localhost",
+    ):
+        with pytest.raises(click.BadParameter) as refused:
+            workstation.check_name(name)
+        message = refused.value.message
+        use = message.split(": use --name ", 1)[1].split(", or another name", 1)[0]
+        instead = workstation.check_name(use)  # (taken as it is)
+        assert instead == (use if use.startswith("ws-") else f"ws-{use}"), (name, use)
+        if "characters" in message:
+            lengths[name] = message
+    assert "a certificate name of 64 characters" in lengths["ws-" + "e" * 61]
+    assert "a certificate name of 64 characters" in lengths["e" * 61]
+
+
+async def test_a_name_of_ws_and_58_letters_enrols_as_given(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+) -> None:
+    """Review s64: ``--name ws-`` and 58 letters (a certificate name of 61 characters, within
+    the 63 a name may have) was refused as too long, a shorter name offered; it enrols as
+    given, by the node's real bootstrap service."""
+    node = nodes["tls"]
+    name = "ws-" + "e" * 58
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", name
+        )
+    assert run.code == 0, run.err
+    assert f"client certificate {name} " in run.out, run.out
 
 
 async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_next_run(
@@ -2781,8 +3032,8 @@ async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
     assert run.code == 130 == int(Exit.INTERRUPTED), run.err
     if when == "connecting":
         assert run.error == (
-            f"tlsroll: error: interrupted: nothing was enrolled, the settings in {d} are as "
-            "they were"
+            "tlsroll: error: interrupted before the enrolment's last request was sent: nothing "
+            f"was sent or enrolled, the settings in {d} are as they were"
         )
         assert not d.exists()
     else:
@@ -2792,6 +3043,96 @@ async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
         ), run.error
         pending = settings_files.read_pending(d)
         assert pending is not None and pending[:2] == ("ws-empfang", "node-a")
+
+
+@asynccontextmanager
+async def finish_connection_held(
+    node: ServerNode, ca: pki.CertificateAuthority, **kw: Any
+) -> AsyncIterator[tuple[asyncio.Event, asyncio.Event]]:
+    """The node's real bootstrap service on 9444 and, on the bootstrap port, a TCP relay to
+    it (the TLS is the client's and the service's) that holds the third connection (the
+    finishing request's, after the hello's and the start's) unanswered, its TLS handshake
+    not made, from when it comes (the first event set) until the second event is set: a
+    slow network while the CSR's connection is being made."""
+    came, go_on = asyncio.Event(), asyncio.Event()
+    seen = 0
+    relays: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []  # (every one closed at the end)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        relays.add(asyncio.current_task())  # type: ignore[arg-type]
+        writers.append(writer)
+        seen += 1
+        if seen == 3:
+            came.set()
+            await go_on.wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection(node.address, 9444)
+        except OSError:
+            writer.close()
+            return
+        writers.append(up_writer)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(relay, node.address, BOOTSTRAP_PORT)
+    try:
+        async with bootstrap_on(node, ca, port=9444, **kw):
+            yield came, go_on
+    finally:
+        go_on.set()
+        server.close()
+        for writer in writers:
+            writer.close()
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        for writer in writers:
+            with suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def test_a_first_ctrl_c_while_the_finishing_request_connects_cancels_it_unsent(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Review s64: a first Ctrl-C while the finishing request's connection was still being
+    made was held as if the CSR had gone ("finishing the enrolment; Ctrl-C again to give
+    up"), and the request went once connected: the node had a certificate signed after the
+    admin had said stop. Before anything of it is sent, Ctrl-C cancels at once: exit 130,
+    the line says nothing was sent, the node signed nothing, nothing is left on disk."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    csrs: list[bytes] = []
+    child = ChildRun([node.url, "--password-file", password_file(PASSWORD), "--yes"])
+    child.args += ["--name", "empfang", "--settings-dir", str(d)]
+    async with finish_connection_held(node, test_ca, sign=recording(test_ca, csrs)) as (
+        came,
+        go_on,
+    ):
+        running = asyncio.create_task(child.run())
+        await asyncio.wait_for(came.wait(), 60)  # (the CSR's connection is being made)
+        await child.interrupt_until(workstation.HeldInterrupt.LINE)  # (or it has ended)
+        go_on.set()  # (the connection goes on: where the Ctrl-C was held, the CSR goes)
+        code, out, err = await running
+    assert code == 130 == int(Exit.INTERRUPTED), (out, err)
+    assert err == (
+        "tlsroll: error: interrupted before the enrolment's last request was sent: nothing was "
+        f"sent or enrolled, the settings in {d} are as they were\n"
+    )
+    assert workstation.HeldInterrupt.LINE not in child.out
+    assert csrs == []
+    assert not d.exists()
 
 
 @pytest.mark.parametrize("how", ["second Ctrl-C while keeping", "keeping failed, Ctrl-C held"])

@@ -72,24 +72,37 @@ def taken_here(workstation: str) -> str:
     return f"workstation name {workstation} is taken at this node"
 
 
-NAME_CHARS = 60  # of the text a workstation name is made of (``workstation_label``)
+NAME_CHARS = 60  # of the text a workstation name is made of, after its ws- (``workstation_cn``)
+CN_CHARS = len("ws-") + NAME_CHARS  # of a workstation name (``WORKSTATION_CN``)
+
+
+def workstation_spelling(text: str) -> str:
+    """``text`` spelt as a workstation name holds it, and nothing more: lowercase, umlauts
+    spelt out, other letters without their accents, each run of anything else a hyphen. No
+    hyphen dropped or merged, no dot part dropped: the client compares it with the name made
+    of it (``workstation_cn``) to tell a ``--name`` used as given from one that would become
+    another (review s64: ``-x-`` became ws-x, unsaid)."""
+    text = text.lower()
+    for umlaut, ascii_ in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
+        text = text.replace(umlaut, ascii_)
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^a-z0-9-]+", "-", text)
 
 
 def workstation_label(label: str) -> str:
     """The text ``workstation_cn`` makes a name of, before it is cut to ``NAME_CHARS``: the
-    first dot-separated part, lowercase, umlauts spelt out, other letters without their
-    accents, anything else a hyphen; "" if nothing is left (the client refuses a ``--name``
-    that would be cut or lose its text, review s63 L3)."""
-    text = label.lower().split(".", 1)[0]
-    for umlaut, ascii_ in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
-        text = text.replace(umlaut, ascii_)
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    text = re.sub(r"[^a-z0-9-]+", "-", text).strip("-")
+    first dot-separated part, spelt (``workstation_spelling``), without hyphens at its ends
+    or two in a row; "" if nothing is left (the client refuses a ``--name`` that would be
+    cut or lose its text, review s63 L3)."""
+    text = workstation_spelling(label.split(".", 1)[0]).strip("-")
     return re.sub(r"-{2,}", "-", text)
 
 
 def workstation_cn(label: str) -> str:
-    """``ws-<label>`` from a host name or any text: lowercase, [a-z0-9-], at most 63 chars."""
-    text = workstation_label(label)[:NAME_CHARS].strip("-") or "workstation"
-    cn = text if text.startswith("ws-") else f"ws-{text}"
-    return cn[:63].rstrip("-")
+    """``ws-<label>`` from a host name or any text: lowercase, [a-z0-9-], at most 63 chars.
+    A label that starts with ``ws-`` is the name itself: ``NAME_CHARS`` counts what follows
+    its ``ws-``, as for any other label (review s64: ``ws-`` and 58 letters, a name of 61
+    characters, was cut to 60)."""
+    body = workstation_label(label)
+    body = body.removeprefix("ws-")[:NAME_CHARS].strip("-") or "workstation"
+    return f"ws-{body}"

@@ -59,9 +59,10 @@ def client() -> None:
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
 @click.option(
     "--name",
-    help="The workstation's name in its certificate: one word of letters, digits and "
-    "hyphens, at most 60 (e.g. empfang-1) [default: the name it enrolled under before, else "
-    "its host name].",
+    help="The workstation's name in its certificate (ws-NAME, or NAME if it starts with "
+    "ws-): one word of letters, digits and hyphens, at most 60 after the ws-, no hyphen at "
+    "an end or two in a row (e.g. empfang-1); used as given or refused, naming the one to use "
+    "[default: the name it enrolled under before, else its host name].",
 )
 @click.option(
     "--replace",
@@ -101,25 +102,18 @@ def test_connection(
     URL is the new address, e.g. https://192.168.1.5:8443/praxis_live/. Exit codes: 0 done,
     1 failure, 2 usage, 3 http instead of https, 4 host unreachable or no answer in time,
     5 connection refused, 6 TLS failure, 7 app path not found, 8 bootstrap port closed, not
-    answering in time or not the bootstrap service, 9 wrong password, 10 not the cluster's
+    answering in time, ending the connection with no answer (its agent restarting: try
+    again) or not the bootstrap service, 9 wrong password, 10 not the cluster's
     node (CA, pin or the node's proof), 11 enrolment refused or rate-limited (a name another
     PC holds: --name, or --replace), 130 interrupted (Ctrl-C; once the CSR is sent, held back
     until the node's answer is kept).
     """
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")
-    secret = _password_from(password_file) if password_file is not None else None
-    # Off a terminal, a question the run would ask is refused before anything is done or any
-    # connection made (s49cli L3: a closed port exited 5 before the port prompt's exit 2).
-    if bootstrap_port is None and not assume_yes:
-        terminal_only(_ADD_PORT)
-    if not no_enrol and secret is None:
-        terminal_only(_ADD_PASSWORD)
     options = Options(
         url=url,
         settings_dir=settings_dir,
         bootstrap_port=bootstrap_port,
-        password=secret,
         ca_pin=ca_pin,
         assume_yes=assume_yes,
         enrol=not no_enrol,
@@ -128,7 +122,22 @@ def test_connection(
         replace=replace,
     )
     ui = UI(say=click.echo, ask_port=_ask_port, ask_password=_ask_password)
-    TestConnection(options, ui).run()
+    # The arguments first, the address above all (its own checks, ``TestConnection``'s of
+    # --name, --ca-pin and the options together), before the password file is read or a
+    # question refused off a terminal (review s64: a bad URL came after them). An http
+    # address: the run asks nothing and needs no password (it says so, exit 3).
+    connection = TestConnection(options, ui)
+    if not connection.check_arguments():
+        secret = _password_from(password_file) if password_file is not None else None
+        # Off a terminal, a question the run would ask is refused before anything is done or
+        # any connection made (s49cli L3: a closed port exited 5 before the port prompt's
+        # exit 2).
+        if bootstrap_port is None and not assume_yes:
+            terminal_only(_ADD_PORT)
+        if not no_enrol and secret is None:
+            terminal_only(_ADD_PASSWORD)
+        connection.given_password(secret)
+    connection.run()
     click.echo("restart the client to finish")
 
 

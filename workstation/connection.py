@@ -76,8 +76,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
         aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, no name to enrol under (host name
         "localhost": --name), a --name that would become another name (``check_name``: a
-        dot, no letter a name can hold, longer than 60), a password file that is
-        empty/unreadable or
+        dot, no letter a name can hold, nothing after its ws-, a hyphen at an end or two in
+        a row, more than 60 after the ws-), a password file that is empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
         no password may be (white space around it, a control character): refused before
         anything is sent
@@ -87,12 +87,16 @@ Exit codes (every error is one line on stderr; the password is never printed):
         connection but gave no complete answer within --timeout (hung, or trickling it)
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
-    7   the app path does not answer (wrong APP path)
+    7   the app path does not answer (wrong APP path); on a server that wants client
+        certificates, asked with this PC's pair in place (or kept aside) if it has one,
+        before the port and the password: nothing enrolled
     8   bootstrap port closed (9443 or the one given: the node's agent down, a firewall, the
         wrong port; the message says what to check), no complete answer from it in time (the
-        exchange's wait, at least ``proto.MIN_EXCHANGE_WAIT``, in the exchange), or another
-        program answers on it (one that closes the connection after the TLS handshake, as a
-        server's port that wants client certificates does, too)
+        exchange's wait, at least ``proto.MIN_EXCHANGE_WAIT``, in the exchange), the hello's
+        connection ended after the TLS handshake with no answer and the next one refused
+        (the node's agent stopping or restarting: try again), or another program answers on
+        it (one that ends each connection after the TLS handshake, as a server's port that
+        wants client certificates does, too)
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -101,7 +105,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
         earlier run of this PC left held when it was cut short after sending its CSR
         (``settings_files.PENDING``: --replace)
     130 interrupted (Ctrl-C) outside a prompt: the line says what state it left: nothing
-        done; the new certificate kept aside; the settings written; the node's answer to the
+        done; the CSR's connection still being made, nothing sent (cancelled at once: review
+        s64); the new certificate kept aside; the settings written; the node's answer to the
         CSR not arrived (it may have signed); or that answer arrived and not kept (the name
         is held). Ctrl-C while the CSR goes and the node's answer is on its way is held
         back until the new pair is kept (one line says so; a second Ctrl-C gives up, and the
@@ -127,7 +132,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from pathlib import Path
 from types import FrameType
@@ -154,12 +159,13 @@ from tlsroll.fsutil import (
     user_label,
 )
 from tlsroll.password import password_problem
-from tlsroll.tls import client_context, unverified_client_context
+from tlsroll.tls import NO_PASS_PHRASE, client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
 
 DEFAULT_TIMEOUT = proto.CLIENT_WAIT  # (the node's answers are timed to come within it)
 START_ATTEMPTS = 2  # exchanges started when the first is near its expiry before finishing
+ENDED_PAUSE = 1.0  # seconds before the hello is asked again after no answer (``fetch_hello``)
 EXPIRY_MARGIN = 5.0  # seconds: less than this left, start again instead of confirming
 # Of a node's refusal message: the leader's refusal of a name says what to do in ~260
 # characters (audit s39ws L4: cut at 160, the remedy was lost); the whole line stays < 600.
@@ -391,30 +397,33 @@ _NAME_EXAMPLE = "empfang-1"
 def check_name(name: str) -> str:
     """The certificate name (``ws-…``) of a ``--name``; click.BadParameter (exit 2, nothing
     sent) where ``workstation_cn`` would make of it another name than the one given, with the
-    one to use instead (review s63 L3: ``受付`` and ``.`` became ws-workstation, the name
-    refused for a host name; ``empfang.1`` ws-empfang, which may be another PC's; 70
-    characters were cut to 60, all unsaid): a name with a dot (only its first part was
-    taken), one that gives a name of no PC in particular (``_NO_NAMES``: no letter or digit a
-    name can hold, or "localhost"), one longer than ``NAME_CHARS``. Case, umlauts and spaces
-    are spelt as a name holds them, as ever (``Empfang 1`` is ws-empfang-1). A host name's
-    name is made as before (its first label, ``_refuse_no_name``)."""
+    exact one to use instead. One rule (review s64: ``ws-`` became ws-ws, ``-x-`` ws-x, and
+    ``ws-`` with 58 letters was refused as too long): the name, spelt as a name holds it
+    (``bootstrap_base.workstation_spelling``: case, umlauts and spaces, as ever: ``Empfang 1``
+    is ws-empfang-1), with ``ws-`` before it unless it starts so, is the certificate name, or
+    it is refused. Refused: a name with a dot (only its first part was taken: review s63 L3),
+    one that gives a name of no PC in particular (``_NO_NAMES``: no letter or digit a name
+    can hold, or "localhost"), one that makes a certificate name longer than
+    ``bootstrap_base.CN_CHARS`` (counted as that name, whether or not the ``ws-`` was typed),
+    one with nothing after its ``ws-``, and one with a hyphen at an end or two in a row (which
+    were dropped). The name suggested passes this check as it is. A host name's name is made
+    as before (its first label, ``_refuse_no_name``)."""
+    spelt = bootstrap_base.workstation_spelling(name)
+    typed_prefix = spelt.startswith("ws-")
+    as_given = spelt if typed_prefix else f"ws-{spelt}"  # the name it stands for, uncut
 
     def refuse(why: str, instead: str) -> click.BadParameter:
-        alternative = proto.workstation_cn(instead)
-        if (
-            alternative in _NO_NAMES
-            or "." in instead
-            or len(bootstrap_base.workstation_label(instead)) > bootstrap_base.NAME_CHARS
-        ):
-            alternative = f"ws-{_NAME_EXAMPLE}"
-        use = alternative.removeprefix("ws-") if not instead.startswith("ws-") else alternative
+        body = bootstrap_base.workstation_label(instead).removeprefix("ws-")
+        body = body[: bootstrap_base.NAME_CHARS].rstrip("-")
+        prefix = "ws-" if typed_prefix else ""
+        if not body or f"ws-{body}" in _NO_NAMES:
+            body, prefix = _NAME_EXAMPLE, ""
         return click.BadParameter(
-            f"{shown(name)} {why}: use --name {use}, or another name of letters, digits and "
-            "hyphens; nothing was sent",
+            f"{shown(name)} {why}: use --name {prefix}{body}, or another name of letters, "
+            "digits and hyphens; nothing was sent",
             param_hint="--name",
         )
 
-    label = bootstrap_base.workstation_label(name)
     cn = proto.workstation_cn(name)
     if not bootstrap_base.workstation_label(name.replace(".", "-")):
         raise refuse(
@@ -429,11 +438,19 @@ def check_name(name: str) -> str:
         )
     if cn in _NO_NAMES:
         raise refuse(f"names no PC in particular ({cn})", _NAME_EXAMPLE)
-    if len(label) > bootstrap_base.NAME_CHARS:
+    if as_given == "ws-" or (typed_prefix and not spelt.removeprefix("ws-").strip("-")):
+        raise refuse("has no name after its ws-", _NAME_EXAMPLE)
+    if len(as_given) > bootstrap_base.CN_CHARS:
         raise refuse(
-            f"makes a name of {len(label)} characters, more than the "
-            f"{bootstrap_base.NAME_CHARS} a certificate name may have",
-            label[: bootstrap_base.NAME_CHARS],
+            f"makes a certificate name of {len(as_given)} characters (ws- and the name), more "
+            f"than the {bootstrap_base.CN_CHARS} one may have",
+            spelt,
+        )
+    if as_given != cn:
+        raise refuse(
+            f"has a hyphen at its start or end, or two in a row, which a certificate name "
+            f"cannot hold (it would be {cn})",
+            spelt,
         )
     return cn
 
@@ -689,6 +706,10 @@ class HeldInterrupt:
         self.came = False  # a Ctrl-C came while held: acted on at ``release``
         self._before: Any = None
         self._held = False
+        # The request's connection being made (``connecting`` to ``going``): nothing of it
+        # sent, a Ctrl-C cancels at once; before ``going``, nothing is said of finishing.
+        self._cancel = False
+        self._going = False
 
     def hold(self) -> None:
         """Held from now; not where SIGINT is ignored (``nohup``, a shell's background job):
@@ -703,12 +724,29 @@ class HeldInterrupt:
             return
         self._held = True
 
-    def _interrupt(self, _signum: int, _frame: FrameType | None) -> None:
+    def connecting(self) -> None:
+        """From now until ``going``, the request's connection is being made and nothing of
+        it has gone: a Ctrl-C cancels the run at once (KeyboardInterrupt; review s64: the
+        first one was held, and the request went all the same), as does one that came since
+        ``hold`` (while the note was written: ``TestConnection.exchange``)."""
+        self._cancel = True
         if self.came:
+            self.came = False
+            raise KeyboardInterrupt
+
+    def going(self) -> None:
+        """The request goes now (``request``'s ``sending``): a Ctrl-C is held from here."""
+        self._cancel = False
+        self._going = True
+
+    def _interrupt(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._cancel or self.came:
+            self._cancel = False
             self._restore()
             raise KeyboardInterrupt
         self.came = True
-        self.say(self.LINE)
+        if self._going:
+            self.say(self.LINE)
 
     def _restore(self) -> None:
         if self._held:
@@ -722,6 +760,7 @@ class HeldInterrupt:
         held is acted on (KeyboardInterrupt). Without it (the run failed meanwhile), its
         error goes on as it is."""
         self._restore()
+        self._cancel = self._going = False
         came, self.came = self.came, False  # (never acted on later: review of s63-w2 L6)
         if act and came:
             raise KeyboardInterrupt
@@ -750,6 +789,7 @@ class TestConnection:
         if options.replace and not options.enrol:
             raise click.UsageError("--replace is for an enrolment; drop --no-enrol")
         self.context = unverified_client_context()
+        self.server: ServerURL | None = None  # (the address checked: ``check_arguments``)
         # This PC's newest client certificate and key in its settings dir, if of the name it
         # enrols under: they prove that it is the PC that holds the name (``exchange``).
         self.previous: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
@@ -758,6 +798,7 @@ class TestConnection:
         self.unproven: x509.Certificate | None = None
         # How far the run got, for what a Ctrl-C says (``interrupted``): the finishing
         # request sent, the new pair kept aside (where), the settings written.
+        self.finishing = False  # (the finishing request about to be made: ``exchange``)
         self.finish_sent = False
         self.kept_at: Path | None = None
         self.new_cert_pem: bytes | None = None  # (the new client certificate, once here)
@@ -806,6 +847,11 @@ class TestConnection:
                 f"{name} is held at that node by a certificate this PC does not have; run "
                 "this again (with --replace if the name is refused as taken)"
             )
+        if self.finishing and not self.finish_sent:
+            return (
+                "interrupted before the enrolment's last request was sent: nothing was sent "
+                f"or enrolled, the settings in {d} are as they were"
+            )
         if self.finish_sent:
             return (
                 "interrupted before the node's answer to the enrolment arrived: it may have "
@@ -825,14 +871,26 @@ class TestConnection:
         except OSError:
             return False
 
-    def _run(self) -> Result:
-        o = self.o
-        self.check_not_root_in_a_users_dir()
-        self.finish_settings()
-        self.say_not_files()
-        self.choose_name()
+    def check_arguments(self) -> bool:
+        """The address on its own (``check_url``), before anything is asked or read, the
+        settings dir included (review s64: a bad URL was found only after --password-file
+        was read, or the port was asked for): click.BadParameter (exit 2; bad input changes
+        nothing). True for an http address: such a run asks nothing and reads no password
+        (``run`` says it, once an interrupted change of the settings is finished, as every
+        run does)."""
         try:
-            server = check_url(o.url)
+            self.server = check_url(self.o.url)
+        except OldAddress:
+            return True
+        return False
+
+    def check_address(self) -> ServerURL:
+        """The address checked (``check_arguments``), an http address said as the old one
+        only where https answers there (audit s39ws M7): ClientError (exit 3)."""
+        if self.server is not None:
+            return self.server
+        try:
+            return check_url(self.o.url)
         except OldAddress as exc:
             if self._answers_https(exc.https):
                 raise
@@ -841,6 +899,20 @@ class TestConnection:
                 f"{exc.given} is an unencrypted address, and {exc.https.url} does not answer: "
                 "the node is not switched to https yet, or switched back; nothing to set up now",
             ) from None
+
+    def given_password(self, secret: str | None) -> None:
+        """The password from --password-file, read once the arguments are checked
+        (``check_arguments``: the CLI reads the file after them)."""
+        self.o = replace(self.o, password=secret)
+
+    def _run(self) -> Result:
+        o = self.o
+        self.check_arguments()
+        self.check_not_root_in_a_users_dir()
+        self.finish_settings()
+        self.say_not_files()
+        self.choose_name()
+        server = self.check_address()
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
         port, hello = self.check_bootstrap_port(server)
@@ -1396,16 +1468,68 @@ class TestConnection:
 
     def _server_cert_without_answer(self, server: ServerURL, exc: NetError) -> x509.Certificate:
         # The handshake succeeded, then the server closed or alerted without an http answer:
-        # what a server that requires a client certificate does before enrolment. The app is
+        # what a server that requires a client certificate does before enrolment. Asked
+        # again with this PC's pair, if it has one (``_app_with_pair``); else the app is
         # checked again with the new settings at the end.
         assert exc.peer_der is not None
         cert = x509.load_der_x509_certificate(exc.peer_der)
         self.ui.say(f"tls       ok, certificate {pki.fingerprint(cert)} (checked below)")
+        if (asked := self._app_with_pair(server)) is not None:
+            reply, where = asked
+            if reply.status not in (200, 401, 403):
+                raise ClientError(
+                    Exit.APP,
+                    f"{server.netloc} has no app at {server.app_path} (HTTP {reply.status}, "
+                    f"asked with this PC's client certificate in {where}): check the app path; "
+                    "nothing was enrolled, the settings are as they were",
+                )
+            self.ui.say(
+                f"app       {server.app_path} answers (HTTP {reply.status}, with this PC's "
+                "client certificate)"
+            )
+            return cert
         self.ui.say(
             f"app       no answer without a client certificate ({exc.detail}); "
             "checked again after enrolment"
         )
         return cert
+
+    def _app_with_pair(self, server: ServerURL) -> tuple[Reply, Path] | None:
+        """The app path asked with this PC's client key and certificate, where the server
+        answered nothing without one: the pair in place, else the one kept aside
+        (``settings_files.KEPT``), if valid. A mistyped app path was found only after the
+        enrolment, which had the leader revoke this very pair (review s64); with it, before
+        the port or the password. The answer and the dir of the pair; None where there is
+        no such pair or the server does not take it either (another CA's, revoked: only the
+        enrolment's check tells then, as before)."""
+        d = self.o.settings_dir
+        kept = d / settings_files.KEPT
+        for where, pair in ((d, _pair_in_place(d)), (kept, settings_files.kept_pair(d))):
+            if pair is None or not _valid_pairs([pair]):
+                continue
+            context = unverified_client_context()
+            try:
+                with settings_files.held_files(where / "client.pem", where / "client.key") as (
+                    cert_file,
+                    key_file,
+                ):
+                    context.load_cert_chain(cert_file, key_file, password=NO_PASS_PHRASE)
+            except (OSError, ValueError):  # (ssl.SSLError is an OSError)
+                continue
+            try:
+                reply = request(
+                    server.host,
+                    server.port,
+                    "GET",
+                    server.app_path,
+                    context,
+                    timeout=self.o.timeout,
+                    workstation=self.workstation,
+                )
+            except NetError:
+                return None
+            return reply, where
+        return None
 
     @staticmethod
     def _peer_cert(reply: Reply, server: ServerURL) -> x509.Certificate:
@@ -1520,31 +1644,31 @@ class TestConnection:
             ) from None
 
     def fetch_hello(self, host: str, port: int) -> proto.Hello:
-        """The node's public hello: its name, the password's salt and parameters, its CA."""
-        where = _netloc(host, port)
+        """The node's public hello: its name, the password's salt and parameters, its CA.
+
+        A connection ended after its TLS handshake with no answer (closed, or reset: this
+        client cannot tell the two apart, ssl reads both as the end) is asked once more after
+        ``ENDED_PAUSE`` (review s64: a reset was "not as the bootstrap service", another
+        program): a node's agent that stops or restarts ends the connections it holds, and
+        then refuses connections for a while (try again) or answers; a port that wants a
+        client certificate (the managed server's, tlsroll's gRPC ports) ends every one so,
+        and is another program's."""
         try:
-            reply = request(
-                host, port, "GET", proto.HELLO_PATH, self.context, timeout=self.o.timeout
-            )
+            reply = self._get_hello(host, port)
         except NetError as exc:
-            if exc.kind in ("refused", "unreachable", "timeout"):
-                raise self._port_closed(host, port, exc) from None
-            if exc.kind == "tls" and exc.reason in _NOT_TLS:
-                raise self._not_bootstrap(host, port, "not TLS") from None
-            if exc.kind == "dropped":
-                # A TLS service that closed the connection (or alerted) after a completed
-                # handshake, with no http answer: one that wants a client certificate, as the
-                # managed server's own port may, or tlsroll's gRPC ports 9440-9442; the
-                # bootstrap service wants none (review s63 M2: "TLS ... failed", exit 6).
-                what = (
-                    "an answer too large"
-                    if exc.detail == _TOO_LARGE
-                    else "it closed the connection without an http answer"
-                )
-                raise self._not_bootstrap(host, port, what) from None
-            raise ClientError(
-                Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
-            ) from None
+            if exc.kind != "dropped" or exc.detail == _TOO_LARGE:
+                raise self._hello_failed(host, port, exc) from None
+            time.sleep(ENDED_PAUSE)
+            try:
+                reply = self._get_hello(host, port)
+            except NetError as again:
+                if again.kind in ("refused", "unreachable", "timeout"):
+                    raise self._ended(host, port, again.detail) from None
+                raise self._hello_failed(host, port, again) from None
+            self.ui.say(
+                f"note      bootstrap port {port} ended the first connection with no answer "
+                "(its agent restarting?); the next one was answered"
+            )
         if reply.status == 404:
             raise self._too_old(host, port)
         if reply.status != 200:
@@ -1553,8 +1677,48 @@ class TestConnection:
             return proto.parse_hello(reply.body)
         except proto.BootstrapError as exc:
             if exc.reason is proto.BootstrapReason.VERSION or _versioned(reply.body):
-                raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
+                raise ClientError(Exit.FAILURE, f"{_netloc(host, port)}: {exc}") from None
             raise self._not_bootstrap(host, port, "no bootstrap hello") from None
+
+    def _get_hello(self, host: str, port: int) -> Reply:
+        return request(host, port, "GET", proto.HELLO_PATH, self.context, timeout=self.o.timeout)
+
+    def _hello_failed(self, host: str, port: int, exc: NetError) -> ClientError:
+        """The error for the hello's request that failed so (``fetch_hello``)."""
+        if exc.kind in ("refused", "unreachable", "timeout"):
+            return self._port_closed(host, port, exc)
+        if exc.kind == "tls" and exc.reason in _NOT_TLS:
+            return self._not_bootstrap(host, port, "not TLS")
+        if exc.kind == "dropped":
+            # A TLS service that closed the connection (or alerted) after a completed
+            # handshake, with no http answer, twice (``fetch_hello``): one that wants a
+            # client certificate, as the managed server's own port may, or tlsroll's gRPC
+            # ports 9440-9442; the bootstrap service wants none (review s63 M2: "TLS ...
+            # failed", exit 6).
+            what = (
+                "an answer too large"
+                if exc.detail == _TOO_LARGE
+                else "it closed the connection without an http answer"
+            )
+            return self._not_bootstrap(host, port, what)
+        return ClientError(
+            Exit.TLS, f"TLS with the bootstrap port {_netloc(host, port)} failed: {exc.detail}"
+        )
+
+    @staticmethod
+    def _ended(host: str, port: int, then: str) -> ClientError:
+        """The bootstrap port took the hello's connection and its TLS handshake, then ended
+        it with no answer, and the next connection failed ``then`` (``fetch_hello``): what
+        the node's agent does as it stops or restarts, and passing: try again (review s64:
+        it was "not as the bootstrap service", another program; exit 8 all the same, the
+        port's code, as for an answer that does not come in time)."""
+        return ClientError(
+            Exit.BOOTSTRAP_PORT,
+            f"bootstrap port {port} on {host} took the connection, then ended it before any "
+            f"answer, and the next one failed ({then}): the node's tlsroll agent may be "
+            "restarting; try again in a minute (if it goes on, check that the agent is "
+            "running: systemctl status tlsroll-agent, on the node)",
+        )
 
     @staticmethod
     def _not_bootstrap(host: str, port: int, detail: str) -> ClientError:
@@ -1701,13 +1865,17 @@ class TestConnection:
         # Held before the note is written: a Ctrl-C between the two left it (and maybe a
         # settings dir made for it) while the run said "nothing was enrolled" (review of
         # s63-w2 L5). ``finish_sent`` once the request goes, not while connecting: a Ctrl-C
-        # given up on before it went sent nothing (``run`` takes the note back then).
+        # while connecting cancels at once, nothing sent (``HeldInterrupt.connecting``; review
+        # s64: it was held, and the request went), and ``run`` takes the note back.
         self.held.hold()  # until the pair it answers with is kept (``run``)
+        self.finishing = True
         self._mark_pending(hello.node)
 
         def sending() -> None:
+            self.held.going()
             self.finish_sent = True
 
+        self.held.connecting()
         try:
             reply = self._call(
                 host,
