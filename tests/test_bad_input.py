@@ -252,6 +252,11 @@ EMPTY_PATHS = [
                             "--print-join-command", "--agent-config-dir", ""]),
     ("--agent-data-dir", ["token", "create", "--node", "n1", "--address", "127.0.0.1",
                           "--print-join-command", "--agent-data-dir", ""]),
+    # The workstation's own (the ops helper of session 64: click made '' the current directory)
+    ("--password-file", ["client", "test-connection", "https://127.0.0.1:8443/praxis_live/",
+                         "--password-file", ""]),
+    ("--settings-dir", ["client", "test-connection", "https://127.0.0.1:8443/praxis_live/",
+                        "--settings-dir", ""]),
 ]  # fmt: skip
 
 
@@ -274,7 +279,7 @@ def test_an_empty_path_is_a_usage_error_naming_its_option(
     assert not new.exists()
 
 
-def test_every_path_option_of_the_admin_commands_refuses_an_empty_path() -> None:
+def test_every_path_option_of_the_commands_refuses_an_empty_path() -> None:
     """The rule is the path types' (``tlsroll.cli.PathParam``, and ``NodePath`` for the node's
     paths in a join script), not each option's: a path option added later uses one of them."""
 
@@ -284,8 +289,8 @@ def test_every_path_option_of_the_admin_commands_refuses_an_empty_path() -> None
         if isinstance(command, click.Group):  # (a lazy one too: looked up by name)
             ctx = click.Context(command)
             for name in command.list_commands(ctx):
-                if (sub := command.get_command(ctx, name)) is not None and name != "client":
-                    yield from options(sub, f"{path} {name}")  # (client: the workstation's)
+                if (sub := command.get_command(ctx, name)) is not None:
+                    yield from options(sub, f"{path} {name}")  # (client: the workstation's too)
 
     found = list(options(cli.cli, "tlsroll"))
     paths = [(where, p) for where, p in found if isinstance(p.type, click.Path | NodePath)]

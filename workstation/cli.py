@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from tlsroll.bootstrap_protocol import FINISH_DEADLINE, MIN_EXCHANGE_WAIT
-from tlsroll.cli import terminal_only
+from tlsroll.cli import PathParam, terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.password import PasswordFileError, read_password_file
 from workstation.connection import (
@@ -37,7 +37,7 @@ def client() -> None:
 )
 @click.option(
     "--password-file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=PathParam(path_type=Path, dir_okay=False),
     help="Read the auth password from this file (the file's only line; mode 0600) instead of "
     "asking (for scripts).",
 )
@@ -49,7 +49,7 @@ def client() -> None:
 )
 @click.option(
     "--settings-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=PathParam(path_type=Path, file_okay=False),
     callback=lambda _ctx, _param, value: _plain_dir(value),
     envvar="TLSROLL_CLIENT_DIR",
     default=default_settings_dir,
