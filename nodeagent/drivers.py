@@ -60,6 +60,7 @@ from tlsroll.errors import (
 )
 from tlsroll.fsutil import (
     config_dir_problem,
+    config_link_problem,
     read_regular,
     replace_staged,
     socket_dir_problem,
@@ -195,6 +196,7 @@ class Driver(abc.ABC):
         problem = config_dir_problem(self.config_file.parent)
         if problem:  # another user could swap the directory: nothing is written there
             raise UnsafePermissions(problem)
+        self._refuse_link()
         mode, owner = 0o600, None
         if self.config_file.exists():
             st = self.config_file.stat()
@@ -228,7 +230,15 @@ class Driver(abc.ABC):
         if staged.file is None:
             self.write_config(staged.data)
         else:
+            self._refuse_link()  # (one made since the staging: the rename would replace it)
             replace_staged(staged.file, self.config_file)
+
+    def _refuse_link(self) -> None:
+        """``UnsafePermissions`` if the live config is a symbolic link (``config_link_problem``:
+        a rename would replace the link by our file)."""
+        problem = config_link_problem(self.config_file)
+        if problem:
+            raise UnsafePermissions(problem)
 
     def discard_staged(self, staged: StagedConfig) -> None:
         """A staged config that will not be committed: its file removed."""
