@@ -497,8 +497,9 @@ class AdminSocketClient:
         return reader, writer
 
 
-def _watermark_of(status: Mapping[str, Any]) -> int:
-    """The write watermark of a server's ``status``; DriverError if it says none."""
+def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
+    """The write watermark of a server's ``status`` (or its freeze ``answer``); DriverError if
+    it says none."""
     value = status.get("watermark")
     # As ``int()`` took it before (rev57c L5): 123, 123.0, "123"; never true/false.
     try:
@@ -510,7 +511,7 @@ def _watermark_of(status: Mapping[str, Any]) -> int:
     if number is None:
         keys = ", ".join(sorted(clean(k, 40) for k in status)[:10]) or "none"
         raise DriverError(
-            f"the server's status has no write watermark (an integer; its keys: {keys})"
+            f"the server's {answer} has no write watermark (an integer; its keys: {keys})"
         )
     return number
 
@@ -527,7 +528,9 @@ class _AdminSocketFreeze:
         )
         if not data.get("drained", False):
             raise DriverError(f"writes still in flight after {drain_timeout:g}s: {data}")
-        return int(data["watermark"])
+        # Checked as a status's is (review s64 L1): an answer without one (or with true, "7x")
+        # raised KeyError or ValueError, and the step's reason was the bare key or int()'s text.
+        return _watermark_of(data, "freeze answer")
 
     async def unfreeze(self) -> None:
         await self.admin.call("POST", "/admin/unfreeze")
@@ -811,7 +814,11 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         for key, value in _reference_files(target):
             if value is not None:
                 server[key] = str(value)
-        return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
+        return dump_toml(
+            tables,
+            "managed by tlsroll-agent; the previous version is kept in the agent's journal:\n"
+            "`tlsroll rollout rollback` puts it back",
+        ).encode()
 
     def says(self, target: Target) -> bool:
         """As ``Driver.says``, by the parsed TOML: a comment or a layout does not count. A

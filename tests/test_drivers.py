@@ -2097,6 +2097,62 @@ def test_the_write_watermark_a_status_may_give() -> None:
         assert "2026-12-03" not in said and "many" not in said
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"drained": True},
+        {"drained": True, "watermark": None},
+        {"drained": True, "watermark": True},
+        {"drained": True, "watermark": "7x"},
+        {"drained": True, "watermark": 7},
+    ],
+    ids=["none", "null", "true", "not-a-number", "seven"],
+)
+async def test_a_freeze_answer_is_checked_for_its_watermark_as_a_status_is(
+    tmp_path: Path, answer: dict[str, Any]
+) -> None:
+    """Review s64 L1: the admin socket's freeze answer went through ``int()`` unchecked: one
+    without a watermark was a KeyError (the step's reason the bare key's name), "7x" int()'s
+    own text, and true passed as watermark 1. Now it is read as a status's is
+    (``_watermark_of``): a DriverError in one line naming the answer's keys (the freeze
+    step rolls back)."""
+    body = json.dumps(answer).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    freezer = drivers._AdminSocketFreeze()
+    freezer.admin = drivers.AdminSocketClient(path, timeout=5)
+    try:
+        if answer.get("watermark") == 7:
+            assert await freezer.freeze(10) == 7
+            return
+        with pytest.raises(DriverError) as refused:
+            await freezer.freeze(10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    keys = ", ".join(sorted(answer))
+    assert str(refused.value) == (
+        f"the server's freeze answer has no write watermark (an integer; its keys: {keys})"
+    )
+
+
+def test_the_reference_config_says_where_the_previous_one_is_kept(tmp_path: Path) -> None:
+    """Review s64 L2: the header of a config the agent writes said "the previous version is
+    kept", not where: an admin looked for a backup file beside it."""
+    rendered = reference_driver(tmp_path).render(Target(("https",))).decode()
+    assert rendered.startswith(
+        "# managed by tlsroll-agent; the previous version is kept in the agent's journal:\n"
+        "# `tlsroll rollout rollback` puts it back\n"
+    )
+
+
 def test_a_server_killed_at_start_says_by_which_signal_and_its_last_line_reads(
     tmp_path: Path,
 ) -> None:
