@@ -29,12 +29,13 @@ import string
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import h11
 from tenacity import (
@@ -59,6 +60,7 @@ from tlsroll.errors import (
 )
 from tlsroll.fsutil import (
     config_dir_problem,
+    config_link_problem,
     read_regular,
     replace_staged,
     socket_dir_problem,
@@ -194,6 +196,7 @@ class Driver(abc.ABC):
         problem = config_dir_problem(self.config_file.parent)
         if problem:  # another user could swap the directory: nothing is written there
             raise UnsafePermissions(problem)
+        self._refuse_link()
         mode, owner = 0o600, None
         if self.config_file.exists():
             st = self.config_file.stat()
@@ -227,7 +230,15 @@ class Driver(abc.ABC):
         if staged.file is None:
             self.write_config(staged.data)
         else:
+            self._refuse_link()  # (one made since the staging: the rename would replace it)
             replace_staged(staged.file, self.config_file)
+
+    def _refuse_link(self) -> None:
+        """``UnsafePermissions`` if the live config is a symbolic link (``config_link_problem``:
+        a rename would replace the link by our file)."""
+        problem = config_link_problem(self.config_file)
+        if problem:
+            raise UnsafePermissions(problem)
 
     def discard_staged(self, staged: StagedConfig) -> None:
         """A staged config that will not be committed: its file removed."""
@@ -486,8 +497,9 @@ class AdminSocketClient:
         return reader, writer
 
 
-def _watermark_of(status: Mapping[str, Any]) -> int:
-    """The write watermark of a server's ``status``; DriverError if it says none."""
+def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
+    """The write watermark of a server's ``status`` (or its freeze ``answer``); DriverError if
+    it says none."""
     value = status.get("watermark")
     # As ``int()`` took it before (rev57c L5): 123, 123.0, "123"; never true/false.
     try:
@@ -499,7 +511,7 @@ def _watermark_of(status: Mapping[str, Any]) -> int:
     if number is None:
         keys = ", ".join(sorted(clean(k, 40) for k in status)[:10]) or "none"
         raise DriverError(
-            f"the server's status has no write watermark (an integer; its keys: {keys})"
+            f"the server's {answer} has no write watermark (an integer; its keys: {keys})"
         )
     return number
 
@@ -516,7 +528,9 @@ class _AdminSocketFreeze:
         )
         if not data.get("drained", False):
             raise DriverError(f"writes still in flight after {drain_timeout:g}s: {data}")
-        return int(data["watermark"])
+        # Checked as a status's is (review s64 L1): an answer without one (or with true, "7x")
+        # raised KeyError or ValueError, and the step's reason was the bare key or int()'s text.
+        return _watermark_of(data, "freeze answer")
 
     async def unfreeze(self) -> None:
         await self.admin.call("POST", "/admin/unfreeze")
@@ -800,7 +814,11 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         for key, value in _reference_files(target):
             if value is not None:
                 server[key] = str(value)
-        return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
+        return dump_toml(
+            tables,
+            "managed by tlsroll-agent; the previous version is kept in the agent's journal:\n"
+            "`tlsroll rollout rollback` puts it back",
+        ).encode()
 
     def says(self, target: Target) -> bool:
         """As ``Driver.says``, by the parsed TOML: a comment or a layout does not count. A
@@ -1143,26 +1161,84 @@ def _scheme_switches(schemes: Sequence[str]) -> dict[str, str]:
     return values
 
 
+MAX_COMMAND_OUTPUT = 1024 * 1024  # what is read of a command's stdout (a status's JSON)
+COMMAND_ERROR_TAIL = 4096  # what is read of the end of its stderr, for the error's last line
+
+
 async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
+    """Run a command of the admin's (an exec driver's operation, ``systemctl restart``) and
+    return its stdout (at most ``MAX_COMMAND_OUTPUT`` bytes); DriverError (one line) if it
+    cannot run, fails or does not exit within ``timeout`` seconds.
+
+    Bounded by the command's own exit and nothing else (review s64 H1, H2, M1). Its output
+    goes to temporary files, not pipes: a server a ``restart`` starts in the background
+    (``nohup server &``, a vendor's ctl script) keeps the command's stdout, and with a pipe
+    the agent waited for that server's end, not the command's (a restart that worked failed
+    at its timeout, and a timeout's step lasted as long as such a child lived), then left the
+    pipe unread until the server blocked writing its log (or, the pipe closed, killed it by
+    SIGPIPE). A file takes whatever it writes and blocks nobody. The command runs in a
+    session of its own, and all of it (a ``sh -c`` wrapper and the tool it runs) is killed
+    when it times out and when the caller gives up on it: the heartbeat waits 2 s for a
+    status, and a hung ``status`` left one process and two pipes behind at every beat; a
+    wrapper's tool, killed only in its wrapper, froze the server after the way back had
+    unfrozen it. What a command that exited left running is not ours to kill (a restart's
+    server): README, the exec driver."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-    except OSError as exc:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise_if_local(exc, f"{what}: running {argv[0]}")
+                raise DriverError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
+            try:
+                async with asyncio.timeout(timeout):
+                    code = await proc.wait()
+            except TimeoutError:
+                _kill_command(proc)
+                # (a command stuck in the kernel, on a hung NFS mount, may outlive SIGKILL:
+                # the step ends all the same; the event loop's child watcher reaps it later)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(KILL_WAIT):
+                        await proc.wait()
+                raise DriverError(f"{what}: {argv[0]} did not finish within {timeout:g}s") from None
+            except BaseException:  # cancelled: no command is left behind
+                _kill_command(proc)
+                raise
+            printed = os.pread(out.fileno(), MAX_COMMAND_OUTPUT, 0)
+            if code != 0:
+                said = _last_line(err) or _last_line(out)
+                raise DriverError(
+                    f"{what}: {argv[0]} exited {code}" + (f": {said}" if said else "")
+                )
+    except OSError as exc:  # the temporary files: this machine short of room or descriptors
         raise_if_local(exc, f"{what}: running {argv[0]}")
-        raise DriverError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise DriverError(f"{what}: {argv[0]} did not finish within {timeout:g}s") from None
-    if proc.returncode != 0:
-        detail = (err or out).decode(errors="replace").strip().splitlines()
-        raise DriverError(
-            f"{what}: {argv[0]} exited {proc.returncode}: {detail[-1] if detail else ''}"
-        )
-    return out.decode(errors="replace")
+        raise DriverError(f"{what}: cannot run {argv[0]}: {exc.strerror or exc}") from None
+    return printed.decode(errors="replace")
+
+
+def _last_line(file: IO[bytes]) -> str:
+    """The last line a command wrote to ``file`` (in its last ``COMMAND_ERROR_TAIL`` bytes),
+    cleaned for an error's one line."""
+    size = os.fstat(file.fileno()).st_size
+    tail = os.pread(file.fileno(), COMMAND_ERROR_TAIL, max(0, size - COMMAND_ERROR_TAIL))
+    lines = tail.decode(errors="replace").strip().splitlines()
+    return clean(lines[-1]) if lines else ""
+
+
+def _kill_command(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL to a command's whole session (``start_new_session``: its process group): the
+    command and whatever it started that is still in the group."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # one that moved to a group of its own
+            proc.kill()
 
 
 class SystemdDriver(_AdminSocketFreeze, TemplateDriver):

@@ -32,7 +32,7 @@ from nodeagent.drivers import Driver, DriverError, Target
 from nodeagent.journal import Journal, Staged, StageNeeds, Txn
 from nodeagent.sharing import SECRET_FILES as SECRET_FILES  # noqa: PLC0414
 from nodeagent.sharing import Sharing as Sharing  # noqa: PLC0414
-from nodeagent.sharing import _said_group_wide, _said_unkept
+from nodeagent.sharing import _said_group_wide, _said_unkept, refuse_linked_config
 from nodeagent.sharing import refuse_unsafe_dir as refuse_unsafe_dir  # noqa: PLC0414
 from nodeagent.sharing import write_staged as write_staged  # noqa: PLC0414
 from nodeagent.transaction import Plan, describe
@@ -144,8 +144,10 @@ def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
     the agent (the reference driver) has nothing to catch up with: nothing is touched. Every
     plan asks this first: a config directory another user could swap (``refuse_unsafe_dir``)
     refuses the switch (``UnsafePermissions``), whatever the driver: the agent would write
-    the config there."""
+    the config there; so does a config that is a symbolic link (``refuse_linked_config``:
+    the agent would replace the link by a file)."""
     refuse_unsafe_dir(driver.config_file.parent)
+    refuse_linked_config(driver.config_file)
     if not driver.own_user:
         return
     share = sharing(driver)

@@ -61,7 +61,7 @@ from tlsroll.enums import (
     TxnKind,
 )
 from tlsroll.errors import ConfigError, NotRegularFile, PKIError, PKIReason
-from tlsroll.fsutil import config_dir_problem, read_regular
+from tlsroll.fsutil import config_dir_problem, config_link_problem, read_regular
 from tlsroll.rpc import (
     RpcStatusError,
     error_status,
@@ -781,6 +781,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         unsafe = config_dir_problem(driver.config_file.parent)
         if unsafe:  # a switch would refuse to stage or write there (``plans.refuse_unsafe_dir``)
             problems.append(unsafe)
+        linked = config_link_problem(driver.config_file)
+        if linked:  # a switch would refuse it too (``plans.refuse_linked_config``)
+            problems.append(linked)
         return facts, unread, problems, edited
 
     def _port_problems(self, facts: ServerFacts) -> list[str]:
@@ -1257,8 +1260,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         written at the stage included):
         the live config (read, not parsed), what the journal says is live, the staged
         certificate, the live config's mode and owner (an admin's chmod since: review of
-        session 28, L4), the config's directory still safe (``config_dir_problem``) and the
-        staged file's content. Else None (the switch makes its own;
+        session 28, L4), the config's directory still safe (``config_dir_problem``), the
+        config no symbolic link (``config_link_problem``) and the staged file's content. Else
+        None (the switch makes its own;
         the create drops the prepared one, after its own hand-off). ``seen``: the journal as
         the create read it, in the same hand-off (``Journal.outlook``)."""
         prepared = self._prepared
@@ -1277,6 +1281,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 and _owner_and_mode(driver.config_file) == prepared.owner_and_mode
                 # a directory another user may swap since: the switch's own plan refuses it
                 and config_dir_problem(driver.config_file.parent) is None
+                and config_link_problem(driver.config_file) is None
                 and seen.live_tls == prepared.live_tls
                 and seen.staged == prepared.staged
                 and all(

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from tlsroll import leanlog
 from tlsroll.errors import UnsafePermissions
-from tlsroll.fsutil import PRIVATE, PUBLIC, config_dir_problem, user_label, write_atomic
+from tlsroll.fsutil import (
+    PRIVATE,
+    PUBLIC,
+    config_dir_problem,
+    config_link_problem,
+    user_label,
+    write_atomic,
+)
 
 log = leanlog.get_logger(__name__)
 
@@ -65,6 +72,15 @@ def refuse_unsafe_dir(directory: Path) -> None:
     config's, or one the agent made under it) is one another user could swap
     (``config_dir_problem``): nothing is staged, shared or written there then."""
     problem = config_dir_problem(directory)
+    if problem:
+        raise UnsafePermissions(problem)
+
+
+def refuse_linked_config(config_file: Path) -> None:
+    """``UnsafePermissions`` (the message says which path to name instead) if the server's
+    config ``config_file`` is a symbolic link (``config_link_problem``): the agent would
+    replace the link by a file of its own."""
+    problem = config_link_problem(config_file)
     if problem:
         raise UnsafePermissions(problem)
 

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -301,9 +302,13 @@ def systemd_node(nodes: NodeFactory, template_extra: str = "") -> tuple[Node, Co
 
 
 def exec_node(
-    nodes: NodeFactory, timeout: int, status: tuple[str, ...] = ("status",)
+    nodes: NodeFactory,
+    timeout: int,
+    status: tuple[str, ...] = ("status",),
+    freeze: Callable[[Path], list[str]] | None = None,
 ) -> tuple[Node, Control]:
-    """A node whose agent runs the exec driver with the control script as its commands."""
+    """A node whose agent runs the exec driver with the control script as its commands
+    (``freeze``: the freeze command, given the script's path)."""
     node = nodes.new()
     control = write_control(node)
     template = write_template(node)
@@ -312,6 +317,8 @@ def exec_node(
         for op in ("restart", "status", "freeze", "unfreeze")
     }
     commands["status"] = [sys.executable, str(control.script), *status]
+    if freeze is not None:
+        commands["freeze"] = freeze(control.script)
     node.start(
         extra_config={"server.commands": commands},
         driver="exec",
@@ -606,6 +613,218 @@ def test_exec_status_without_a_watermark_rolls_back_and_unfreezes(nodes: NodeFac
     assert done.outcome == "rolled_back", done.reason
     assert done.reason.startswith("verify:") and "watermark" in done.reason, done.reason
     assert_back_on_http(node, config)
+
+
+def patch_control(control: Control, before: str, added: str) -> None:
+    """``added`` put into the control script before ``before`` (a line of its ``main`` or
+    ``restart``); written whole (renamed into place): the agent may be running it."""
+    text = control.script.read_text()
+    patched = text.replace(before, added + before, 1)
+    assert patched != text
+    tmp = control.script.with_suffix(".tmp")
+    tmp.write_text(patched)
+    tmp.chmod(0o755)
+    os.replace(tmp, control.script)
+
+
+def test_a_status_command_that_hangs_is_killed_when_the_heartbeat_gives_up(
+    nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s64 H1: each heartbeat asks the server's status and gives up after 2 s; the
+    exec driver's hung ``status`` command (the server's admin port stuck, a hung mount) was
+    left running, with two pipes of the agent's, one more at every beat until the agent ran
+    out of processes or descriptors. Now the beat that gives up on it kills it."""
+    _node, control = exec_node(nodes, timeout=60)
+    hang, hung = tmp_path / "hang-status", tmp_path / "hung"
+    hung.mkdir()
+    patch_control(
+        control,
+        '    elif argv == ["status"]:\n',
+        f'    elif argv == ["status"] and Path({str(hang)!r}).exists():\n'
+        f"        Path({str(hung)!r}, str(os.getpid())).touch()\n"
+        "        time.sleep(3600)\n",
+    )
+    hang.touch()
+    try:
+        wait_until(lambda: len(list(hung.iterdir())) >= 2, 60, "two heartbeats' hung statuses")
+        hang.unlink()
+        for pid in sorted(int(p.name) for p in hung.iterdir()):
+            wait_until(lambda: not alive(pid), 20, f"hung status {pid} to be killed")  # noqa: B023
+    finally:
+        hang.unlink(missing_ok=True)
+        for entry in hung.iterdir():
+            if alive(int(entry.name)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
+def test_a_freeze_command_that_timed_out_leaves_no_tool_to_freeze_the_server_later(
+    nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s64 H2: a ``freeze`` command that is a wrapper (``sh -c``, a script calling a
+    tool) outlives its timeout; the agent killed the wrapper only, rolled back and unfroze
+    the server, and the tool went on and froze it again, for ever (nothing unfreezes a
+    server the agent believes unfrozen). Now the whole command is killed at its timeout."""
+    tool_pid = tmp_path / "tool.pid"
+    node, control = exec_node(
+        nodes,
+        timeout=2,
+        freeze=lambda script: [
+            "sh",
+            "-c",
+            f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} freeze-slow"
+            " >/dev/null 2>&1; true",
+        ],
+    )
+    patch_control(
+        control,
+        '    elif argv == ["freeze"]:\n',
+        '    elif argv == ["freeze-slow"]:  # longer than 10 s + [server] timeout\n'
+        f"        Path({str(tool_pid)!r}).write_text(str(os.getpid()))\n"
+        "        time.sleep(20)\n"
+        '        admin("POST", "/admin/freeze", {"drain_timeout": 10})\n'
+        '        log_call(["freeze-slow froze"])\n',
+    )
+    config = node.server.config_path.read_bytes()
+    node.stage("ex-orphan")
+    node.switch("ex-orphan")
+    try:
+        done = node.wait_txn("ex-orphan", timeout=60)
+        assert done.outcome == "rolled_back", done.reason
+        assert done.reason == "freeze: sh did not finish within 12s", done.reason
+        pid = int(tool_pid.read_text())
+        wait_until(lambda: not alive(pid), 40, "the freeze tool to end")
+        assert "freeze-slow froze" not in control.calls_made()
+        assert_back_on_http(node, config)  # and not frozen
+    finally:
+        kill_recorded(tool_pid)
+
+
+def test_an_exec_restart_that_leaves_the_server_on_its_stdout_completes(
+    nodes: NodeFactory,
+) -> None:
+    """Review s64 M1: a ``restart`` command that starts the server in the background without
+    redirecting its output (``nohup server &``, many vendors' ctl scripts) exits at once, and
+    the server keeps the command's stdout: the agent waited for that stdout's end, counted
+    the restart that worked as hung and rolled back. Now the command's exit ends the step."""
+    node, control = exec_node(nodes, timeout=6)
+    text = control.script.read_text()
+    patched = text.replace("            stdout=log,\n            stderr=log,\n", "")
+    assert patched != text
+    control.script.write_text(patched)
+    staged = node.stage("ex-bg")
+    node.switch("ex-bg")
+    done = node.wait_txn("ex-bg", timeout=60)
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert control.restarts() == 1
+
+
+# --- the admin's commands (``drivers._run``), in process (review s64 H1, H2, M1) --------------
+
+
+def kill_recorded(*pid_files: Path) -> None:
+    """SIGKILL the processes a test's commands recorded in ``pid_files`` that still run."""
+    for pid_file in pid_files:
+        text = pid_file.read_text() if pid_file.exists() else ""
+        for pid in (int(word) for word in text.split()):
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["tool-quiet", "tool-on-stdout"])
+async def test_a_command_that_times_out_is_killed_with_the_tool_it_runs(
+    tmp_path: Path, quiet: bool
+) -> None:
+    """H2: a ``freeze`` command that is a wrapper (``sh -c``, a script calling a tool) and
+    outlives its timeout. The agent killed the wrapper only: the tool went on and froze the
+    server after the way back had unfrozen it (tool-quiet: its output elsewhere), and one that
+    kept the wrapper's stdout held the step until it ended, whatever the timeout
+    (tool-on-stdout). Now the whole command is killed when its timeout ends."""
+    pid_file, acted = tmp_path / "tool.pid", tmp_path / "tool-froze"
+    tool = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        f"time.sleep(6); open({str(acted)!r}, 'w').close()"
+    )
+    wrapper = f"{shlex.quote(sys.executable)} -c {shlex.quote(tool)}"
+    wrapper += " >/dev/null 2>&1; true" if quiet else "; true"
+    try:
+        with pytest.raises(DriverError, match=r"^freeze: sh did not finish within 2s$"):
+            await drivers._run(["sh", "-c", wrapper], 2, "freeze")
+        if pid_file.exists():  # (else the tool was killed before it began: as good)
+            tool_pid = int(pid_file.read_text())
+            wait_until(lambda: not alive(tool_pid), 10, "the tool to be killed")
+        assert not acted.exists()  # before: it acted, after the step had given up
+    finally:
+        kill_recorded(pid_file)
+
+
+async def test_a_command_its_caller_gives_up_on_is_killed_with_what_it_started(
+    tmp_path: Path,
+) -> None:
+    """H1: the heartbeat waits 2 s for the server's status and cancels the wait then. A
+    ``status`` command that hangs (the server's admin port stuck, a hung NFS mount) was
+    killed only at its own timeout, never at a cancel: every heartbeat left one more behind,
+    with two pipes of the agent's. Now a cancel kills the command and what it started."""
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $! >> {pids}; echo $$ >> {pids}; wait"
+    run = asyncio.create_task(drivers._run(["sh", "-c", script], 60, "status"))
+    try:
+        for _ in range(500):  # until both are running (10 s at most)
+            if pids.exists() and len(pids.read_text().split()) == 2:
+                break
+            await asyncio.sleep(0.02)
+        started = [int(word) for word in pids.read_text().split()]
+        assert len(started) == 2 and all(alive(pid) for pid in started)
+        run.cancel()  # what the heartbeat's asyncio.timeout does
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        for pid in started:
+            wait_until(lambda: not alive(pid), 10, f"pid {pid} to be killed")  # noqa: B023
+    finally:
+        run.cancel()
+        kill_recorded(pids)
+
+
+async def test_a_command_that_leaves_a_child_on_its_output_returns_when_it_exits(
+    tmp_path: Path,
+) -> None:
+    """M1: a ``restart`` that starts the server in the background without redirecting its
+    output (``nohup server &``, vendor ctl scripts) exits at once, and the server keeps the
+    command's stdout. The agent waited for that stdout's end, the server's: a restart that
+    worked failed at its timeout; and the server, its log unread, then blocked writing it.
+    Now the command's exit ends the step, and the server writes on, read by nobody."""
+    pid_file, go, wrote = tmp_path / "server.pid", tmp_path / "go", tmp_path / "wrote"
+    server = (
+        f"import os, sys, time, pathlib; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)\n"
+        "for _ in range(64): sys.stdout.write('x' * 16383 + '\\n'); sys.stdout.flush()\n"
+        f"open({str(wrote)!r}, 'w').close(); time.sleep(300)"
+    )
+    script = f"{shlex.quote(sys.executable)} -c {shlex.quote(server)} & echo restarted"
+    try:
+        out = await drivers._run(["sh", "-c", script], 10, "restart")
+        assert out == "restarted\n"
+        go.touch()  # 1 MiB of log on the restart's stdout, after the agent is done with it
+        wait_until(wrote.exists, 30, "the server to write its log")
+        assert alive(int(pid_file.read_text()))  # neither blocked nor killed (SIGPIPE)
+    finally:
+        kill_recorded(pid_file)
+
+
+async def test_a_command_that_fails_says_its_last_line(tmp_path: Path) -> None:
+    """Its last line on stderr (else stdout), read from the end of its output, cleaned (it
+    goes into the step's reason, the schema and the viewer)."""
+    lots = "printf 'a lot\\n%.0s' $(seq 5000)"
+    script = f"{lots}; echo first >&2; printf 'the \\033[31mend\\n' >&2; exit 3"
+    with pytest.raises(DriverError) as failed:
+        await drivers._run(["sh", "-c", script], 10, "unfreeze")
+    assert str(failed.value) == "unfreeze: sh exited 3: the [31mend"
+    with pytest.raises(DriverError, match=r"^restart: sh exited 1: a lot$"):
+        await drivers._run(["sh", "-c", f"{lots}; exit 1"], 10, "restart")
+    with pytest.raises(DriverError, match=r"^status: false exited 1$"):
+        await drivers._run(["false"], 10, "status")
 
 
 # --- polling a starting server (tenacity), in process -----------------------------------------
@@ -1876,6 +2095,62 @@ def test_the_write_watermark_a_status_may_give() -> None:
         said = str(refused.value)
         assert said.startswith("the server's status has no write watermark (an integer; its keys:")
         assert "2026-12-03" not in said and "many" not in said
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"drained": True},
+        {"drained": True, "watermark": None},
+        {"drained": True, "watermark": True},
+        {"drained": True, "watermark": "7x"},
+        {"drained": True, "watermark": 7},
+    ],
+    ids=["none", "null", "true", "not-a-number", "seven"],
+)
+async def test_a_freeze_answer_is_checked_for_its_watermark_as_a_status_is(
+    tmp_path: Path, answer: dict[str, Any]
+) -> None:
+    """Review s64 L1: the admin socket's freeze answer went through ``int()`` unchecked: one
+    without a watermark was a KeyError (the step's reason the bare key's name), "7x" int()'s
+    own text, and true passed as watermark 1. Now it is read as a status's is
+    (``_watermark_of``): a DriverError in one line naming the answer's keys (the freeze
+    step rolls back)."""
+    body = json.dumps(answer).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    freezer = drivers._AdminSocketFreeze()
+    freezer.admin = drivers.AdminSocketClient(path, timeout=5)
+    try:
+        if answer.get("watermark") == 7:
+            assert await freezer.freeze(10) == 7
+            return
+        with pytest.raises(DriverError) as refused:
+            await freezer.freeze(10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    keys = ", ".join(sorted(answer))
+    assert str(refused.value) == (
+        f"the server's freeze answer has no write watermark (an integer; its keys: {keys})"
+    )
+
+
+def test_the_reference_config_says_where_the_previous_one_is_kept(tmp_path: Path) -> None:
+    """Review s64 L2: the header of a config the agent writes said "the previous version is
+    kept", not where: an admin looked for a backup file beside it."""
+    rendered = reference_driver(tmp_path).render(Target(("https",))).decode()
+    assert rendered.startswith(
+        "# managed by tlsroll-agent; the previous version is kept in the agent's journal:\n"
+        "# `tlsroll rollout rollback` puts it back\n"
+    )
 
 
 def test_a_server_killed_at_start_says_by_which_signal_and_its_last_line_reads(

@@ -1419,6 +1419,59 @@ def test_a_stage_refuses_a_symlinked_stage_directory_and_a_shared_tlsroll_tls(
     assert (root / "r10" / "server.key").is_file()
 
 
+def test_a_config_file_that_is_a_symbolic_link_is_refused_never_replaced(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s64 M2: the server's config a symbolic link (a config kept under /srv and
+    linked into /etc, as config management often does). The switch renamed its new config
+    over the path, which replaces the link itself: the link became a regular file, the file
+    it pointed to kept the old config (the next run of the config management puts the link
+    back, undoing the switch), and nothing said so. Now the preflight says it in one line,
+    with the path to name instead, and the stage and the switch refuse it: nothing changed."""
+    node = make_node()
+    config = node.server.config_path
+    original = config.read_bytes()
+    mode = stat.S_IMODE(config.stat().st_mode)
+    real_dir = tmp_path / "srv-conf"
+    real_dir.mkdir(mode=0o700)
+    real = real_dir / config.name
+    said = (
+        f"config_file {config} is a symbolic link to {real}: set config_file = {real} "
+        f"(and allow its dir: install.sh agent --server-config-dir {real_dir})"
+    )
+
+    def linked() -> None:
+        real.write_bytes(original)
+        real.chmod(mode)
+        config.unlink()
+        config.symlink_to(real)
+
+    def nothing_changed() -> None:
+        assert config.is_symlink() and os.readlink(config) == str(real)
+        assert real.read_bytes() == original
+        status = node.admin_status()
+        assert status["listen"] == ["http"] and status["frozen"] is False
+
+    linked()
+    pre = node.preflight("lnk-pre")
+    assert not pre.ok and said in list(pre.problems), list(pre.problems)
+    err = rpc_error(lambda: node.stage("lnk-stage"))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err) == said
+    nothing_changed()
+
+    # Linked after the stage (a run of the config management since): the switch refuses.
+    config.unlink()
+    config.write_bytes(original)
+    config.chmod(mode)
+    node.stage("lnk")
+    linked()
+    err = rpc_error(lambda: node.switch("lnk"))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert details_of(err) == said
+    nothing_changed()
+
+
 def test_make_private_dir_strict_never_follows_a_link_and_checks_the_parent(
     tmp_path: Path,
 ) -> None:

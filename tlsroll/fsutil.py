@@ -934,6 +934,27 @@ def config_dir_problem(directory: Path) -> str | None:
     )
 
 
+def config_link_problem(config_file: Path) -> str | None:
+    """Why the agent may not write the server's config ``config_file``, or None: it is a
+    symbolic link (a config kept under /srv and linked into /etc, as config management often
+    does). A new config is renamed over the path, and a rename replaces the link itself: the
+    link became a regular file, the server read what the agent wrote while the file it
+    pointed to kept the old config, and the next run of the config management put the link
+    back, undoing the switch (review s64 M2). Followed instead, the agent would write in a
+    directory it was never told of (nor allowed, under its unit's ReadWritePaths=). The
+    answer says which path to name."""
+    try:
+        if not os.path.islink(config_file):
+            return None
+        target = Path(os.path.realpath(config_file))
+    except OSError:  # (islink says False for what it cannot look at; realpath never fails)
+        return None
+    return (
+        f"config_file {config_file} is a symbolic link to {target}: set config_file = "
+        f"{target} (and allow its dir: install.sh agent --server-config-dir {target.parent})"
+    )
+
+
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
