@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,50 +61,58 @@ def one_line(text: object, limit: int = clients.MAX_PROBLEM) -> str:
 # --- exec ---------------------------------------------------------------------------------------
 
 
-async def _drain(stream: asyncio.StreamReader | None, limit: int) -> bytes:
-    """Read a stream to its end, keeping at most ``limit + 1`` bytes (the rest is discarded,
-    so a chatty command cannot fill our memory or block on a full pipe)."""
-    kept = bytearray()
-    if stream is None:
-        return b""
-    while chunk := await stream.read(65536):
-        if len(kept) <= limit:
-            kept += chunk[: limit + 1 - len(kept)]
-    return bytes(kept)
+KILL_WAIT = 5.0  # after SIGKILL: how long its end is waited for (a bound, not a pause)
 
 
 async def run_bounded(argv: Sequence[str], timeout: float, limit: int) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout up to ``limit + 1`` bytes, stderr up to 4 KiB); RuntimeError (one
-    line) if it cannot run or does not finish within ``timeout`` seconds (it is killed)."""
+    """(exit code, stdout up to ``limit + 1`` bytes, stderr up to its last 4 KiB); RuntimeError
+    (one line) if it cannot run or does not finish within ``timeout`` seconds (it is killed).
+
+    Bounded by the command's own exit, its output in temporary files, not pipes, as the exec
+    driver's operations (``drivers._run``): with pipes, a child that left the command's session
+    (setsid, a daemon forking away) and kept them open held the agent's clients refresh, after
+    the timeout's kill, for as long as it lived (the exec helper of session 64)."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-    except OSError as exc:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise RuntimeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+            try:
+                async with asyncio.timeout(timeout):
+                    code = await proc.wait()
+            except TimeoutError:
+                _kill(proc)
+                with contextlib.suppress(TimeoutError):  # (one stuck in the kernel: reaped later)
+                    async with asyncio.timeout(KILL_WAIT):
+                        await proc.wait()
+                raise RuntimeError(f"{argv[0]} did not finish within {timeout:g}s") from None
+            except BaseException:  # cancelled (the agent stops): no command is left behind
+                _kill(proc)
+                raise
+            printed = os.pread(out.fileno(), limit + 1, 0)
+            size = os.fstat(err.fileno()).st_size
+            said = os.pread(err.fileno(), ERROR_TAIL, max(0, size - ERROR_TAIL))
+    except OSError as exc:  # the temporary files: this machine short of room or descriptors
         raise RuntimeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    try:
-        async with asyncio.timeout(timeout):
-            out, err, code = await asyncio.gather(
-                _drain(proc.stdout, limit), _drain(proc.stderr, 4096), proc.wait()
-            )
-    except TimeoutError:
-        _kill(proc)
-        await proc.wait()
-        raise RuntimeError(f"{argv[0]} did not finish within {timeout:g}s") from None
-    except BaseException:  # cancelled (the agent stops): no command is left behind
-        _kill(proc)
-        raise
-    return code, out, err
+    return code, printed, said
+
+
+ERROR_TAIL = 4096  # the end of what a command wrote to stderr, for its error's last line
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):  # its own session: children go too
             os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # one that moved to a group of its own
+            proc.kill()
 
 
 async def exec_clients(argv: Sequence[str], timeout: float, window: int) -> ClientsView:

@@ -1733,6 +1733,31 @@ async def test_exec_clients_command_gone_wrong_is_a_problem(
     assert view.source == "exec" and len(view.problem) <= 200 and "\n" not in view.problem
 
 
+async def test_exec_clients_command_whose_child_escapes_its_kill_is_not_waited_on(
+    tmp_path: Path,
+) -> None:
+    """The exec helper of session 64: a ``clients`` command timed out was killed with its
+    session, then waited on until its output closed; a child of it that left the session
+    (``setsid``, a daemon forking away) and kept the output open held the agent's clients
+    refresh for as long as it lived. Its report comes within the timeout and a bounded wait."""
+    pid_file = tmp_path / "escaped.pid"
+    script = (
+        "import os, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(40)'],"
+        " start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(30)\n"
+    )
+    driver = exec_driver(tmp_path, script, clients_timeout=1)
+    try:
+        async with asyncio.timeout(15):  # (a bound for the test: 1 s, then at most KILL_WAIT)
+            view = await driver.read_clients()
+    finally:
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert "did not finish within 1s" in view.problem, view.problem
+
+
 async def test_exec_clients_at_the_edges_of_the_wire_still_make_a_report(tmp_path: Path) -> None:
     """A count beyond uint64 once made building the agent's report raise, which ended its
     heartbeats for good (the node looked offline while serving); a date at the calendar's edge
