@@ -58,7 +58,7 @@ from cryptography import x509
 
 from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
-from leader.store import CARenewed, IssuedCert, Node, Store, token_command
+from leader.store import NODE_REMOVED, CARenewed, IssuedCert, Node, Store, token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
 
@@ -95,8 +95,9 @@ ADVICE = {
     "server": "rotate it: tlsroll rollout start --change rotate-cert (a node serving the "
     "practice's own certificate: renew it and add --cert-dir DIR)",
     # A node's served certificate the admin revoked (``Expiry.revoked``; NODE: its node).
-    "server_revoked": "it was revoked (`tlsroll ca revoke`), and the node still serves it: the "
-    "practice's clients read no revocation list and take it until its end; replace it now: "
+    "server_revoked": "it was revoked, and the node still serves it as far as the leader "
+    "knows: the practice's clients read no revocation list and take it until its end; replace "
+    "it now: "
     "tlsroll rollout start --change rotate-cert --nodes NODE (with auto_rotate, the leader "
     "starts that itself in the maintenance window)",
     "workstation": "run `tlsroll client test-connection` on that workstation again (or, if "
@@ -355,6 +356,26 @@ class ExpiryWatch:
         """The CA certificate in use now."""
         return self._ca if isinstance(self._ca, x509.Certificate) else self._ca()
 
+    def served(
+        self, certs: Sequence[IssuedCert] | None = None
+    ) -> dict[str, tuple[str, dt.datetime]]:
+        """Per node, the certificate it serves on 8443 as the rollouts recorded it
+        (``SchemaStore.served_certificates``), less those `tlsroll nodes remove` revoked
+        (``NODE_REMOVED``): such a record is a removed machine's, and a node enrolled again
+        under its name serves nothing the leader recorded until a rollout switches it; it
+        was shown as serving a revoked certificate, and auto_rotate tried to rotate a node on
+        http at every check (the review of s64-rev, M1). ``certs``: the store's certificates,
+        if read already. Blocking."""
+        listed = self.store.list_certificates("server") if certs is None else certs
+        gone = {
+            c.fingerprint for c in listed if c.kind == "server" and c.revoke_reason == NODE_REMOVED
+        }
+        return {
+            name: served
+            for name, served in self.schema.served_certificates().items()
+            if served[0] not in gone
+        }
+
     def check(self) -> list[Expiry]:
         """Every watched certificate, soonest end first (blocking)."""
         now = self.clock()
@@ -386,7 +407,7 @@ class ExpiryWatch:
         revoked = {c.fingerprint for c in certs if c.fingerprint and c.revoked_at is not None}
         enrolled = {n.name for n in self.store.list_nodes()}
         chains = self.schema.own_chain_ends()
-        for name, (fingerprint, not_after) in sorted(self.schema.served_certificates().items()):
+        for name, (fingerprint, not_after) in sorted(self.served(certs).items()):
             if name in enrolled:
                 end, chain = served_end(not_after, chains.get(fingerprint))
                 found.append(
@@ -445,7 +466,7 @@ class ExpiryWatch:
         issued = {
             c.fingerprint: c.issued_at for c in certs if c.kind == "server" and c.revoked_at is None
         }
-        for node, (fingerprint, _end) in self.schema.served_certificates().items():
+        for node, (fingerprint, _end) in self.served(certs).items():
             if node in enrolled and fingerprint in issued:
                 name("server", node, issued[fingerprint])
         newest: dict[str, IssuedCert] = {}

@@ -348,6 +348,12 @@ class Node:
     agent_features: tuple[str, ...] = ()
 
 
+# The revocation reason of the certificates `tlsroll nodes remove` revokes (``remove_node``): a
+# served certificate revoked so is the removed machine's, not that of a node enrolled again
+# under its name (``leader.expiry.ExpiryWatch.served``).
+NODE_REMOVED = "node removed"
+
+
 @dataclass(frozen=True)
 class IssuedCert:
     """A certificate the CA issued, as the store records it."""
@@ -1731,7 +1737,7 @@ class Store(LeaderStore):
                 serials.append(row["cert_serial"])
             db.executemany(
                 "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-                [(to_text(now), "node removed", s) for s in serials],
+                [(to_text(now), NODE_REMOVED, s) for s in serials],
             )
             db.execute("UPDATE nodes SET removed_at = ? WHERE name = ?", (to_text(now), name))
             db.execute(

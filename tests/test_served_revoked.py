@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cluster import LEADER_POLL, Cluster, wait_until
-from tests.nodeside import cluster_of
+from tests.nodeside import Node, cluster_of
+from tests.test_auto_rotate import auto_view, checked_at
 from tests.test_bootstrap_worker import client_test_connection
 from tests.test_level_based import password_file
 from tests.test_own_revoked import expiration
@@ -147,3 +149,47 @@ def test_auto_rotate_replaces_a_revoked_server_certificate_in_the_window(tmp_pat
         assert rows["server/node2"]["serial"] != serial and rows["server/node1"]["serial"] == kept
         assert node2.served_fingerprint() == rows["server/node2"]["fingerprint"]
         assert node1.served_fingerprint() == rows["server/node1"]["fingerprint"]
+
+
+@pytest.mark.timeout(600)
+def test_a_machine_removed_and_replaced_under_its_name_serves_nothing_revoked(
+    tmp_path: Path,
+) -> None:
+    """The review of s64-rev (M1): `tlsroll nodes remove` revokes the certificate the node
+    served, and the rollout's record of it stayed the node's: a new machine enrolled under
+    the name, its server on http, was shown serving a revoked certificate ("it was revoked
+    … the node still serves it", exit 1), and auto_rotate found it due at every check and
+    had its rotate-cert start refused ("not on https"), holding back any other node due.
+    The removed machine's record is no node's now."""
+    with cluster_of(
+        tmp_path,
+        2,
+        auto_rotate=True,
+        maintenance_window="daily 00:00-24:00",
+        expiry_check_interval=1,
+    ) as (cluster, nodes):
+        node2 = nodes[1]
+        enable_tls(cluster, password_file(tmp_path, "pw", "served-revoked-replaced-machine"))
+        node2.close()
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, removed.stderr
+        del cluster.agents["node2"]
+        shutil.rmtree(cluster.root / "agents" / "node2")
+        fresh = Node(cluster, "node2", node2.address, tmp_path / "node2-replaced")
+        nodes.append(fresh)
+        fresh.start()  # (its reference server on http, a new token, a new agent key)
+        cluster.wait_for_nodes_online(["node1", "node2"])
+        joined = dt.datetime.now(dt.UTC)
+        code, rows = expiration(cluster)
+        assert code == 0, rows
+        assert "server/node2" not in rows and not rows["server/node1"]["revoked"], rows
+        # auto_rotate's next check after the join finds nothing due.
+        wait_until(
+            lambda: checked_at(cluster, polled=True) > joined,
+            LONG,
+            "auto_rotate's check after the join",
+            interval=LEADER_POLL,
+        )
+        view = auto_view(cluster)
+        assert view["verdict"] == "nothing-due", view
+        assert not [r for r in cluster.schema_json()["rollouts"] if r["change"] == "rotate-cert"]
