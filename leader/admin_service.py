@@ -50,6 +50,7 @@ from leader.schema_store import (
 from leader.schema_view import finalize_preview, rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
 from leader.store import Node, OwnCert, RolloutHoldsCA, in_rollout_text
+from leader.store_health import StoreHealth
 from leader.tokens import ID_LEN, ID_SHAPE, JoinToken
 from leader.viewer.grants import MAX_NAME as MAX_VIEWER_NAME
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
@@ -324,6 +325,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         # (audit s45rt3 L3); the monotonic clock, ``check_clock``, a test may move.
         self._check_failures = Backoff(CHECK_BACKOFF)
         self.check_clock: Callable[[], float] = time.monotonic
+        # Why the store cannot be written, kept from a failed command's error as from the
+        # engine's (``tlsroll.rpc.map_errors``); set by the leader.
+        self.store_health: StoreHealth | None = None
 
     async def finish_carried_on(self, timeout: float) -> None:
         """At the leader's stop, after its servers: let the commands whose callers went away

@@ -929,6 +929,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         agent_credentials=agent_credentials,
         layout=layout,
     )
+    admin_service.store_health = health
     admin_pb2_grpc.add_AdminServicer_to_server(admin_service, admin)
 
     def redial(_chain: bytes) -> None:

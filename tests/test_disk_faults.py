@@ -353,8 +353,15 @@ def test_an_admin_command_on_a_leader_whose_disk_is_full_says_so_in_one_line(
             result = cluster.cli(
                 "token", "create", "--node", "n9", "--address", "127.0.0.9", "--ttl", "1h"
             )
+            # `rollout status` says it with no rollout stored too (README: it tells the store's
+            # trouble; it said only "no rollout yet": review s64 store L2).
+            status = cluster.cli("rollout", "status")
         finally:
             filler.unlink()
+        assert status.returncode == 1, status.stderr
+        trouble, last = status.stderr.splitlines()
+        assert trouble.startswith("tlsroll: the leader cannot write its store since 20"), trouble
+        assert "SQLITE_FULL" in trouble and "no rollout yet" in last, status.stderr
         assert result.returncode == 1, result.stderr
         line = one_line_error(result.stderr, "tlsroll")
         assert line == (

@@ -134,11 +134,24 @@ def map_errors(
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                _tell_store_health(self, exc, method.__name__)
                 await _abort_for(exc, full, method.__name__, context, full_disk)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def _tell_store_health(servicer: object, exc: BaseException, name: str) -> None:
+    """A servicer's store that cannot be written (a full disk) kept as the leader's store
+    trouble (its ``store_health``: ``leader.store_health.StoreHealth``, if it has one), as the
+    engine's and the heartbeats' failures are: `rollout status` tells it with no rollout
+    stored too (it said only "no rollout yet" while every admin write failed: review s64
+    store L2). The servicer's own error reply is unchanged."""
+    health = getattr(servicer, "store_health", None)
+    failed = getattr(health, "failed", None)
+    if callable(failed):
+        failed(exc, f"rpc.{name}")
 
 
 def map_stream_errors(

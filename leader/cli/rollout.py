@@ -861,6 +861,18 @@ def attention_line(nodes: Sequence[tuple[str, str]]) -> str:
     return "; ".join(parts)
 
 
+def _say_store_trouble(schema: schema_pb2.Schema) -> None:
+    """One line on stderr if the leader cannot write its store (``store_trouble``)."""
+    if schema.HasField("store_trouble"):
+        trouble = schema.store_trouble
+        since = trouble.since.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        click.echo(
+            f"tlsroll: the leader cannot write its store since {since}: {trouble.problem}; "
+            "no rollout moves until it can (free space on the leader's disk)",
+            err=True,
+        )
+
+
 @rollout.command("status")
 @click.argument("rollout_id", required=False, default="", callback=rollout_id_param)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -874,20 +886,16 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     """
     schema = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
     if not schema.rollouts:
+        # (the store's trouble first: README says `rollout status` tells it, rollout or none;
+        # review s64 store L2)
+        _say_store_trouble(schema)
         raise CLIError("no rollout yet; start one with: tlsroll rollout start --scope …")
     r = schema.rollouts[0]
     if as_json:
         emit_json(to_dict(r))
     else:
         out.print(render_rollout(to_dict(r)))
-    if schema.HasField("store_trouble"):
-        trouble = schema.store_trouble
-        since = trouble.since.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        click.echo(
-            f"tlsroll: the leader cannot write its store since {since}: {trouble.problem}; "
-            "no rollout moves until it can (free space on the leader's disk)",
-            err=True,
-        )
+    _say_store_trouble(schema)
     attention = [n for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
     if attention:
         others = (

@@ -104,6 +104,10 @@ def read_scrape_token(cfg: LeaderConfig) -> str | None:
         # or another user's is the admin's to fix as well: exit 2, which the unit does not
         # restart (rev57b M3: exit 1, restarted every 5 s for ever).
         raise ConfigError(cfg.path, "[leader].metrics_token_file", str(exc)) from None
+    except UnicodeDecodeError:  # (a key or a binary file named by mistake: no traceback)
+        raise ConfigError(
+            cfg.path, "[leader].metrics_token_file", f"{path}: not UTF-8 text"
+        ) from None
     if len(token) < 16:
         raise ConfigError(cfg.path, "[leader].metrics_token_file", f"{path}: under 16 characters")
     return token
