@@ -323,6 +323,20 @@ def test_a_metrics_token_file_that_is_a_directory_is_a_config_error(
     ) in line, line
 
 
+def test_a_metrics_token_file_that_is_not_text_is_a_config_error(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The review of s64-ops (L5): a binary file named by mistake (a key in DER) was a
+    traceback ("internal error: UnicodeDecodeError"); it is a config error, exit 2."""
+    token = tmp_path / "metrics-token.der"
+    token.write_bytes(b"\x30\x82\xff\xfe" * 8)
+    token.chmod(0o600)
+    line = _leader_refuses(cluster, {"metrics_token_file": str(token)})
+    assert (
+        f"config error: {cluster.config_path}: [leader].metrics_token_file: {token}: not UTF-8 text"
+    ) in line, line
+
+
 def test_a_config_beside_its_own_store_naming_another_data_dir_is_a_config_error(
     cluster: Cluster, tmp_path: Path
 ) -> None:
