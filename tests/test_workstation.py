@@ -17,6 +17,7 @@ import json
 import os
 import pty
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -4199,3 +4200,23 @@ async def test_a_finish_whose_answer_does_not_come_in_time_may_have_been_signed(
     assert run.code == 0, run.err
     assert bootstrap_csr.reenrolment_of(csrs[-1]) == bootstrap_csr.Reenrolment(replace=True)
     assert not os.path.lexists(d / PENDING)
+
+
+@pytest.mark.parametrize("retry", ["²", "99999999999999999999", "-5", "", "1e3"])
+def test_a_retry_after_that_is_no_small_whole_number_is_said_as_later(retry: str) -> None:
+    """The review b2 of session 64 (L2): a node over its hour's cap of PCs answers 429 with
+    Retry-After; "²" (a digit to ``isdigit``, from a latin-1 byte on the way) or a number past
+    what a date holds ended the run with "internal error". The refusal is said all the same,
+    its time as "later"."""
+    body = json.dumps({"error": proto.ErrorCode.SIGN_FAILED, "message": "over the cap"})
+    reply = workstation.Reply(429, body.encode(), {"retry-after": retry}, None)
+    refused = workstation.TestConnection._refused(reply, "node1")
+    assert refused.code == workstation.Exit.ENROL_REFUSED
+    assert refused.message.endswith("; try again later"), refused.message
+
+
+def test_a_retry_after_of_whole_seconds_is_said_as_a_time() -> None:
+    body = json.dumps({"error": proto.ErrorCode.SIGN_FAILED, "message": "over the cap"})
+    reply = workstation.Reply(429, body.encode(), {"retry-after": "120"}, None)
+    said = workstation.TestConnection._refused(reply, "node1").message
+    assert re.search(r"; try again after \d\d:\d\d$", said), said

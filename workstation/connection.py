@@ -2077,7 +2077,9 @@ class TestConnection:
             # The node's hour's cap of PCs (switch day at a large practice): when, by this
             # PC's clock, is the one thing to know (review s64 M3).
             after = "later"
-            if retry.isdigit():
+            # (ASCII digits, at most a day's: "²" is a digit to isdigit, and a huge number
+            # overflowed the date; either was "internal error": review b2 of s64, L2)
+            if re.fullmatch(r"[0-9]{1,5}", retry) and int(retry) <= 86400:
                 at = dt.datetime.now().astimezone() + dt.timedelta(seconds=int(retry) + 59)
                 after = f"after {at:%H:%M}"
             return ClientError(
