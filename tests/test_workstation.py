@@ -22,12 +22,14 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, suppress
@@ -4220,3 +4222,81 @@ def test_a_retry_after_of_whole_seconds_is_said_as_a_time() -> None:
     reply = workstation.Reply(429, body.encode(), {"retry-after": "120"}, None)
     said = workstation.TestConnection._refused(reply, "node1").message
     assert re.search(r"; try again after \d\d:\d\d$", said), said
+
+
+def test_the_pair_in_place_is_shown_only_to_a_server_of_the_trusted_ca(tmp_path: Path) -> None:
+    """The review b2 of session 64 (L1): the app path asked with the PC's pair before enrolling
+    showed its client certificate to whatever the typed address reached, before that server
+    was checked (and in clear, had it chosen TLS 1.2), then told "has no app at …" of a
+    stranger's server. A real TLS server here with a CA of its own, which wants a client
+    certificate and answers 404: it is never given the pair; the run goes on the old way (the
+    app checked again after enrolment), and the certificate is judged later as before."""
+    from cryptography import x509 as x509_
+
+    from tlsroll.bootstrap_csr import workstation_names
+
+    address = next_loopback()
+    cluster = pki.CertificateAuthority.create("cluster CA")
+    stranger = pki.CertificateAuthority.create("stranger CA")
+    d = tmp_path / "settings"
+    d.mkdir(mode=0o700)
+    key = pki.generate_key()
+    cert = cluster.issue(
+        key.public_key(), workstation_names("ws-empfang"), server=False, client=True
+    )
+    (d / "client.key").write_bytes(pki.key_to_pem(key))
+    (d / "client.key").chmod(0o600)
+    (d / "client.pem").write_bytes(pki.cert_to_pem(cert))
+    (d / "ca.pem").write_bytes(cluster.cert_pem)
+    server_key = pki.generate_key()
+    server_cert = stranger.issue(
+        server_key.public_key(), pki.Names.of("stranger", ips=[address]), server=True
+    )
+    (tmp_path / "s.pem").write_bytes(pki.cert_to_pem(server_cert))
+    (tmp_path / "s.key").write_bytes(pki.key_to_pem(server_key))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "s.pem", tmp_path / "s.key")
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_verify_locations(cadata=cluster.cert_pem.decode())  # (public: on every PC)
+    shown: list[str | None] = []
+    listener = socket.create_server((address, 8443))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(raw, server_side=True) as conn:
+                    der = conn.getpeercert(binary_form=True)
+                    if der is None:
+                        shown.append(None)
+                        continue  # (closed at once: as a server wanting a certificate does)
+                    shown.append(x509_.load_der_x509_certificate(der).subject.rfc4514_string())
+                    conn.settimeout(5)
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            except OSError:
+                raw.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    said: list[str] = []
+    ui = workstation.UI(say=said.append, ask_port=lambda p: p, ask_password=lambda: "x")
+    url = f"https://{address}:8443/praxis_live/"
+    run = workstation.TestConnection(
+        workstation.Options(url=url, settings_dir=d, timeout=5, assume_yes=True), ui
+    )
+    try:
+        run.check_server(workstation.check_url(url))
+    finally:
+        stop.set()
+        server.join(10)
+        listener.close()
+    assert shown and all(s is None for s in shown), shown  # never given the PC's certificate
+    assert any("checked again after enrolment" in line for line in said), said

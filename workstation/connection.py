@@ -1501,14 +1501,20 @@ class TestConnection:
         enrolment, which had the leader revoke this very pair (review s64); with it, before
         the port or the password. The answer and the dir of the pair; None where there is
         no such pair or the server does not take it either (another CA's, revoked: only the
-        enrolment's check tells then, as before)."""
+        enrolment's check tells then, as before).
+
+        The pair is shown only to a server that proves itself with the CA this pair's
+        settings trust (its ``ca.pem``), over TLS 1.3, where a client certificate travels
+        encrypted: not to whatever the typed address reaches, nor in clear under TLS 1.2
+        (review b2 of s64, L1); a server that cannot is None here (the old way)."""
         d = self.o.settings_dir
         kept = d / settings_files.KEPT
         for where, pair in ((d, _pair_in_place(d)), (kept, settings_files.kept_pair(d))):
             if pair is None or not _valid_pairs([pair]):
                 continue
-            context = unverified_client_context()
             try:
+                context = client_context((where / "ca.pem").read_bytes())
+                context.minimum_version = ssl.TLSVersion.TLSv1_3
                 with settings_files.held_files(where / "client.pem", where / "client.key") as (
                     cert_file,
                     key_file,
