@@ -3036,7 +3036,7 @@ async def test_a_ctrl_c_before_the_finishing_request_went_takes_its_note_back(
     if when == "connecting":
         assert run.error == (
             "tlsroll: error: interrupted before the enrolment's last request was sent: nothing "
-            f"was sent or enrolled, the settings in {d} are as they were"
+            f"was enrolled, the settings in {d} are as they were"
         )
         assert not d.exists()
     else:
@@ -3131,7 +3131,7 @@ async def test_a_first_ctrl_c_while_the_finishing_request_connects_cancels_it_un
     assert code == 130 == int(Exit.INTERRUPTED), (out, err)
     assert err == (
         "tlsroll: error: interrupted before the enrolment's last request was sent: nothing was "
-        f"sent or enrolled, the settings in {d} are as they were\n"
+        f"enrolled, the settings in {d} are as they were\n"
     )
     assert workstation.HeldInterrupt.LINE not in child.out
     assert csrs == []
