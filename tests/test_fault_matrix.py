@@ -250,10 +250,9 @@ def run_scenario(fault: str, step: str, mode: str, root: Path) -> None:
                 # mode; then the way back again for the nodes still on https, which must end
                 # them on http.
                 no_attention(cluster, rollouts[0])
-                for node in nodes:
-                    scheme_of(node)
-                rollouts.append(start(cluster, "rollback"))
-                assert wait_ended(cluster, rollouts[1], 100) == "completed", rollouts
+                if "https" in [scheme_of(node) for node in nodes]:
+                    rollouts.append(start(cluster, "rollback"))
+                    assert wait_ended(cluster, rollouts[1], 100) == "completed", rollouts
             time.sleep(1.5)  # writes after the end, on whatever each node runs
         finally:
             stop.set()
@@ -262,8 +261,6 @@ def run_scenario(fault: str, step: str, mode: str, root: Path) -> None:
         assert [e for w in writers for e in w.errors] == []
         for rollout_id in rollouts:
             no_attention(cluster, rollout_id)
-        if mode == "back":
-            assert rollout_state(cluster, rollouts[-1]) == "completed", rollouts
         for node, writer in zip(nodes, writers, strict=True):
             scheme = scheme_of(node)
             if mode == "back":
