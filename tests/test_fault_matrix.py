@@ -3,7 +3,13 @@
 Each scenario kills (SIGKILL) the leader, node2's agent or node2's managed server, or stops
 node2's agent (SIGSTOP, then SIGCONT), when node2 reaches a step of its switch (preflight,
 staging, switching, confirming), after a seeded random delay; a killed daemon is started again
-as its service manager would. Whatever the rollout's outcome, every node must end fully on
+as its service manager would. ``leader-lost`` kills the leader before its group commit of
+node2's agent features (what a kill within a second of an agent's first report after its
+enrolment or upgrade leaves: the row's default, as ``tests/test_agent_features.py``'s
+``lose_features`` writes it while the leader is down): the restarted leader knows what the agent
+implements only once it hears it again, which session 63's bug needed and a plain kill never
+gives (its leader refused to send the switch it had begun, "too old", and recorded the node as
+it was). Whatever the rollout's outcome, every node must end fully on
 https or fully on http (its ports saying the same from outside), not frozen, its server
 answering, and every write it acknowledged still there. Nothing goes through a test hook of
 the product.
@@ -22,9 +28,10 @@ way back, which the matrix did not run then.
            server's fault halted is run again once, as README's "Back to http" says
            (``rollout rollback`` without ID), and that one must complete.
 
-In every mode a restart of the leader fails no node: the rollout completes.
+In every mode a restart of the leader (with its last commit or without) fails no node: the
+rollout completes.
 
-The whole matrix (4 faults × 4 steps × 3 modes) is marked ``fault_matrix`` and runs with
+The whole matrix (5 faults × 4 steps × 3 modes) is marked ``fault_matrix`` and runs with
 ``make fault-matrix``; ``make test`` runs one seeded step per fault (``SAMPLE``), the modes
 rotated over the faults by the seed, so that each mode runs in every ``make test``.
 """
@@ -46,11 +53,12 @@ import pytest
 from leader.wire import NODE_STATE, ROLLOUT_STATE
 from tests.cluster import Cluster, wait_until
 from tests.nodeside import Node, alive, cluster_of
+from tests.test_agent_features import lose_features
 from tests.test_switch import Writer
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
 
-FAULTS = ("leader", "agent", "server", "agent-stop")
+FAULTS = ("leader", "agent", "server", "agent-stop", "leader-lost")
 STEPS = ("preflight", "staging", "switching", "confirming")
 MODES = ("node", "scope", "back")
 # "staged" (prepared, waiting for its switch slot) comes between: a fault meant for the stage
@@ -61,7 +69,7 @@ SEED = int(os.environ.get("TLSROLL_FAULT_SEED", "1616"))
 SAMPLE = [
     (fault, random.Random(SEED + i).choice(STEPS), MODES[(SEED + i) % len(MODES)])
     for i, fault in enumerate(FAULTS)
-]  # one step per fault, the same on every run with the same seed; 4 faults cover the 3 modes
+]  # one step per fault, the same on every run with the same seed; 5 faults cover the 3 modes
 MATRIX = [(f, s, m) for f in FAULTS for s in STEPS for m in MODES if (f, s, m) not in SAMPLE]
 LEASE = 20  # scope_freeze_lease (s): a stopped agent (3-8 s) stays within a third of it
 # Above the sum of a scenario's bounded waits (the way back's twice), which say what they waited
@@ -125,8 +133,10 @@ def wait_ended(cluster: Cluster, rollout_id: str, timeout: float) -> str:
 
 def inject(fault: str, cluster: Cluster, node: Node, rng: random.Random) -> None:
     assert node.agent is not None
-    if fault == "leader":
+    if fault in ("leader", "leader-lost"):
         cluster.kill_leader()
+        if fault == "leader-lost":
+            lose_features(cluster, node.name)
         time.sleep(0.5)
         cluster.start_leader()
     elif fault == "agent":
@@ -247,7 +257,7 @@ def run_scenario(fault: str, step: str, mode: str, root: Path) -> None:
             # A frozen node that never answers its unfreeze is counted unfrozen only a lease
             # and a minute after its last freeze call (README, --freeze scope).
             ended = wait_ended(cluster, rollouts[0], 100 + (LEASE + 60) * (mode == "scope"))
-            if fault == "leader":
+            if fault in ("leader", "leader-lost"):
                 # The restarted leader takes the step up again and follows it to its end
                 # (README, "When it fails"): a leader's restart fails no node, in any mode (a
                 # way back "refused" by a leader that restarted: session 63).
