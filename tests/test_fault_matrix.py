@@ -9,10 +9,9 @@ enrolment or upgrade leaves: the row's default, as ``tests/test_agent_features.p
 ``lose_features`` writes it while the leader is down): the restarted leader knows what the agent
 implements only once it hears it again, which session 63's bug needed and a plain kill never
 gives (its leader refused to send the switch it had begun, "too old", and recorded the node as
-it was). Whatever the rollout's outcome, every node must end fully on
-https or fully on http (its ports saying the same from outside), not frozen, its server
-answering, and every write it acknowledged still there. Nothing goes through a test hook of
-the product.
+it was). Whatever the rollout's outcome, every node must end fully on https or fully on http
+(its ports saying the same from outside), not frozen, its server answering, and every write it
+acknowledged still there. Nothing goes through a test hook of the product.
 
 In three modes (``MODES``), as a bug lives where the faults are not: a begun switch recorded
 "refused" after a leader restart (session 63) showed only under ``--freeze scope`` and on the
@@ -121,14 +120,16 @@ def start(cluster: Cluster, *args: str) -> str:
 
 
 def wait_ended(cluster: Cluster, rollout_id: str, timeout: float) -> str:
-    """Wait for the rollout's end (bounded); its state."""
-    wait_until(
-        lambda: rollout_state(cluster, rollout_id) in ENDED,
-        timeout,
-        f"the end of rollout {rollout_id}",
-        interval=0.5,
-    )
-    return rollout_state(cluster, rollout_id)
+    """Wait for the rollout's end (bounded); its state, as the look that saw it ended (a
+    look after it might meet the admin socket busy)."""
+    seen: list[str] = []
+
+    def ended() -> bool:
+        seen[:] = [rollout_state(cluster, rollout_id)]
+        return seen[0] in ENDED
+
+    wait_until(ended, timeout, f"the end of rollout {rollout_id}", interval=0.5)
+    return seen[0]
 
 
 def inject(fault: str, cluster: Cluster, node: Node, rng: random.Random) -> None:
