@@ -525,12 +525,18 @@ class Commands:
         # way back leaves it as is, saying it never comes back (``left_cut_off``).
         cut_off = frozenset(n.name for n in listed if n.cert_revoked)
         # The password in use: what the agents that answer run, and what the store recorded
-        # on the enrolled nodes that did not (a removed node's record is no one's).
+        # on the enrolled nodes that did not (a removed node's record is no one's, nor is a
+        # cut-off one's: its agent never answers again, and "start them" was no way on for a
+        # machine lost or stolen: review b2 of s64, L4a).
         recorded = await asyncio.to_thread(self.schema.node_auth)
         in_use = planner.password_in_use(
             {name: o.verifier_digest for name, o in (seen or {}).items() if o.reachable},
             digests,
-            {n.name: recorded[n.name] for n in listed if n.name in recorded},
+            {
+                n.name: recorded[n.name]
+                for n in listed
+                if n.name in recorded and n.name not in cut_off
+            },
         )
         out = (
             {n: left_out_reason(n) for n in cut_off} if request.change is Change.FINALIZE else None

@@ -6,6 +6,7 @@ reference servers on loopback addresses, the real CLI."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.cluster import one_line_error
@@ -52,6 +53,19 @@ def test_a_new_password_is_refused_while_the_nodes_on_one_are_offline(tmp_path: 
         assert plan.returncode == 0, plan.stdout + plan.stderr
         assert "the one the nodes already use (version 1)" in plan.stdout, plan.stdout
         assert "cannot confirm the auth password in use: node1, node2" in plan.stdout
+
+        # node2's machine lost: its agent cut off (its certificate revoked). Its record no
+        # longer speaks for the password in use ("start them" is no way on for it: review b2
+        # of s64, L4a); node1's still does.
+        listed = json.loads(w.cli("nodes", "--json").stdout)
+        (serial,) = [n["cert_serial"] for n in listed if n["name"] == "node2"]
+        assert w.cli("ca", "revoke", serial).returncode == 0
+        again = w.cli(
+            "rollout", "start", "--nodes", "node3", "--password-file", str(pw2), "--yes",
+        )  # fmt: skip
+        assert again.returncode == 1, again.stdout + again.stderr
+        line = one_line_error(again.stderr, "tlsroll")
+        assert "cannot confirm the auth password in use: node1 offline" in line, line
 
         # Without a password of its own the start gives node3 password 1: a workstation set up
         # with it connects there.
