@@ -76,7 +76,7 @@ from leader.rollout_core import (
     Scope,
     Step,
 )
-from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
+from leader.schema_store import RolloutRow, SchemaStore, StaleRecords, write_clients
 from leader.service import ERRORS
 from leader.store import IssuedCert, NodeCert, Store
 from leader.store_health import StoreHealth
@@ -4293,6 +4293,47 @@ async def test_when_quiet_holds_a_node_whose_report_may_have_left_an_http_client
         assert held == {node}  # the stayer wrote on http 5 s ago: not quiet
         _clients, infos = leader.schema.clients_report([node])
         assert "cannot be told" in infos[node].problem, infos[node]
+    finally:
+        leader.store.close()
+
+
+async def test_when_quiet_counts_quiet_time_from_a_nodes_first_report_not_a_day_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finalize --when-quiet 1h`` of a node whose agent first reported 3 minutes ago, with
+    nothing seen on http since: not quiet for an hour as far as anyone knows. The engine took
+    the start of its agent's first reported window (the reference server says a day) as the
+    start of its quiet, though the reference server has watched only since it started, and
+    finalized at once a node known for seconds, right after a workstation wrote on http there
+    (review s64 M). A node whose agent has reported for two hours is quiet enough."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    now = world.clock.wall()
+    new, old = sorted(NODES)[:2]
+    ago = dt.timedelta
+
+    def report(node: str, at: dt.datetime) -> None:
+        seen = [Client(node, "https", "10.9.0.1", "mover", at - ago(seconds=30), at)]
+
+        def write(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, node, seen, window_seconds=86400, source="refserver", problem="", now=at
+            )
+
+        leader.store.queue_write(node, write)
+        leader.store.write_queued()  # as the heartbeat's group commit: a report to this leader
+
+    report(new, now - ago(minutes=3))
+    report(old, now - ago(hours=2))
+    for node in (new, old):
+        report(node, now)
+    records = tuple(NodeRecord(name=n, state=NodeState.PENDING) for n in (new, old))
+    row = SimpleNamespace(
+        rollout=SimpleNamespace(id="q1"), meta=SimpleNamespace(when_quiet=3600), records=records
+    )
+    try:
+        held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
+        assert held == {new}  # known for 3 minutes: not an hour of quiet yet
     finally:
         leader.store.close()
 
