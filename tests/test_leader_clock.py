@@ -551,7 +551,11 @@ async def test_when_quiet_holds_a_node_whose_report_came_before_a_step_back(
                 records=(pending,),
             ),
         )
-        _passes(rig, mono, dt.timedelta(seconds=10))
+        # Quiet for the 70 s since its first report (quiet time counts from there: review
+        # s64 M), and a report that says so came just now.
+        _passes(rig, mono, dt.timedelta(seconds=70))
+        rig.service._record_clients("hb1", _report(rig.clock[0]), rig.clock[0])
+        await rig.service.write_queued()
         assert await engine._held_for_quiet(row) == frozenset()  # quiet, its report fresh
         rig.clock[0] -= HOUR
         _passes(rig, mono, dt.timedelta(minutes=30))
