@@ -112,6 +112,7 @@ from leader.rollout_core import (
     wrong_source,
 )
 from tlsroll import echo
+from tlsroll.clients import NOT_QUIET
 from tlsroll.enums import CONFIG_UNREADABLE
 from tlsroll.errors import TerminalError
 
@@ -852,7 +853,9 @@ def next_actions(
             return
         ready = (at for at in tally.at(NodeState.PENDING) if name(at) not in held)
         for at in list(itertools.islice(ready, free)):
-            emit(at, NodeEvent.START)
+            # A node an agent's fresh look held (``SWITCH_HELD``) starts again without that
+            # reason: it said why the node waited, not how it ends.
+            emit(at, NodeEvent.START, "" if records[at].reason.startswith(NOT_QUIET) else None)
 
     if state is RolloutState.RUNNING and prepare_ahead <= 0:
         start(rollout.max_parallel)

@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "d7b4338ec943"
+REVISION = "dc6b8d19e08d"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
