@@ -89,11 +89,12 @@ from tests.fake_agent import (
     FakeClock,
 )
 from tlsroll import dbthread, features, pki
+from tlsroll.clients import ClientSeen, ClientsView
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
-from tlsroll.wire import TXN_KIND
+from tlsroll.wire import TXN_KIND, clients_message
 
 T = TypeVar("T")
 N, R = NodeState, RolloutState
@@ -4336,6 +4337,90 @@ async def test_when_quiet_counts_quiet_time_from_a_nodes_first_report_not_a_day_
         assert held == {new}  # known for 3 minutes: not an hour of quiet yet
     finally:
         leader.store.close()
+
+
+async def test_a_when_quiet_switch_its_agent_refuses_puts_the_node_back_with_the_sighting(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finalize --when-quiet``: the gate lets a node start by the view its agent reported,
+    which the agent reuses for ``clients_refresh``; just before the switch the agent reads its
+    server's clients afresh, sees a workstation on http 3 s ago and refuses (nothing began).
+    The node goes back to pending with the agent's reason, not ``rolled_back`` (which halted
+    the finalize), and the sighting the agent read is stored with the refusal: the gate holds
+    the node by it, pass after pass, while the others are finalized (review s64 M)."""
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader = world.boot()
+    phase_1, _row = await transitional_phase_1(leader)
+    for agent in world.agents:  # a fake node knows one scheme: each says it is dual
+        preflight = agent.preflight
+
+        async def dual(
+            request: agent_pb2.PreflightRequest, real: Any = preflight
+        ) -> agent_pb2.PreflightResponse:
+            answer: agent_pb2.PreflightResponse = await real(request)
+            del answer.server.schemes[:]
+            answer.server.schemes.extend(["http", "https"])
+            return answer
+
+        monkeypatch.setattr(agent, "preflight", dual)
+    now = world.clock.wall()
+    ago = dt.timedelta
+
+    def report(node: str, at: dt.datetime) -> None:
+        seen = [Client(node, "https", "10.9.0.1", "ws-mover", at - ago(seconds=30), at)]
+
+        def write(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, node, seen, window_seconds=86400, source="refserver", problem="", now=at
+            )
+
+        leader.store.queue_write(node, write)
+        leader.store.write_queued()
+
+    for node in ORDER:  # each known for two hours, nobody on http as far as its reports show
+        report(node, now - ago(hours=2))
+        report(node, now)
+    held = ORDER[0]
+    agent = world.agents[held]
+    why = "not quiet: ws-front (10.9.0.2) was seen on http 3s ago, within --when-quiet 600s"
+    agent.refuse["switch"] = why
+    status = agent.get_status
+    sighted = world.clock.wall() - ago(seconds=3)
+
+    async def fresh(request: agent_pb2.GetStatusRequest, timeout: float = 30.0) -> Any:
+        answer: agent_pb2.NodeStatus = await status(request, timeout)
+        answer.server.clients.CopyFrom(
+            clients_message(
+                ClientsView(
+                    (ClientSeen("http", "10.9.0.2", "ws-front", sighted, sighted, 1),),
+                    86400,
+                    "refserver",
+                )
+            )
+        )
+        return answer
+
+    monkeypatch.setattr(agent, "get_status", fresh)
+    finalize = await leader.commands.finalize(phase_1.rollout.id, ADMIN, when_quiet=600)
+
+    def others_done(row: RolloutRow) -> bool:
+        return row.rollout.id == finalize.rollout.id and all(
+            states(row)[n] is N.DONE for n in ORDER[1:]
+        )
+
+    row = await leader.run(others_done)
+    for _ in range(5):  # the gate holds it by the stored sighting
+        row = await leader.one_pass()
+    record = row.node(held)[0]
+    assert record.state is N.PENDING and record.reason.startswith(why), record
+    assert row.rollout.state is R.RUNNING
+    asked = [
+        c for c in world.agents.calls_to(held, "switch") if c.rollout_id == finalize.rollout.id
+    ]
+    assert [c.answer for c in asked] == ["refused"]  # once: the gate holds it since
+    _clients, infos = leader.schema.clients_report([held])
+    assert infos[held].last_http_at == sighted
+    await leader.stop()
 
 
 async def test_a_finalize_reads_the_cut_off_nodes_while_one_is_prepared_ahead(
