@@ -43,6 +43,7 @@ from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, until
 from tlsroll import pki
 from tlsroll.rpc import timestamp
+from tlsroll.sqlite import to_text
 from tlsroll.v1 import types_pb2
 
 T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
@@ -601,6 +602,10 @@ async def test_a_report_that_waits_for_its_commit_keeps_the_stored_one_fresh(
     rig, mono = _stepping(tmp_path, loopback)
     try:
         schema, commands = await _awaiting_finalize(rig, loopback())  # both reported at T
+        # Both first reported an hour before: what this test judges is a report's age, not the
+        # quiet time, which counts from a node's first report (review s64 M).
+        with rig.store.db.tx() as db:
+            db.execute("UPDATE node_clients_info SET first_report = ?", (to_text(T - HOUR),))
         engine = Engine(
             rig.store,
             schema,
