@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -51,10 +52,18 @@ from leader.rollout_core import (
     live_and_closed,
     wrong_source,
 )
-from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore, measured_seconds
+from leader.schema_store import (
+    NodeDetail,
+    RolloutMeta,
+    SchemaStore,
+    measured_seconds,
+    write_clients,
+)
+from leader.service import client_rows
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, peertext, pki, probe, spiffe
+from tlsroll.clients import NOT_QUIET
 from tlsroll.enums import SERVER_NOT_HEALTHY, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
@@ -405,6 +414,8 @@ class ChangeSteps:
             keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
             keep_http=self.keep_http,
         )
+        if self.change is Change.FINALIZE and ctx.meta.when_quiet:
+            request.quiet_seconds = ctx.meta.when_quiet  # the agent's own look, afresh
         key = (ctx.rollout.id, ctx.node)
         early: asyncio.Future[str | None] | None = None
         early_at = 0.0  # when it began (``ctx.monotonic``)
@@ -427,6 +438,12 @@ class ChangeSteps:
                 ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request, verified=verified
             )
         except SwitchRefused as exc:  # refused before it began: the node is as it was
+            if request.quiet_seconds and NOT_QUIET in str(exc):
+                # Not quiet by the agent's fresh look: the node goes back to wait at the gate,
+                # with the sighting stored (``_store_sighting``), which holds it there.
+                await _store_sighting(ctx)
+                why = str(exc)[str(exc).index(NOT_QUIET) :]
+                return NodeEvent.SWITCH_HELD, peertext.clean(why, REASON_LIMIT)
             return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
         except BaseException:
             _drop_begun(ctx, key, early)  # the step runs again: its own check, if any
@@ -757,6 +774,39 @@ _BEFORE_RESTART = frozenset(
 
 # The most of an agent's transaction's reason kept in the node's reason (``wait_transaction``).
 REASON_LIMIT = 500
+
+
+async def _store_sighting(ctx: StepContext) -> None:
+    """Store what the node's server has seen, as its agent just read it afresh to refuse a
+    ``finalize --when-quiet`` switch (``SwitchRequest.quiet_seconds``): the sighting that
+    refused it, stored now, not at the agent's next report of its clients, and merged into
+    what is stored as a heartbeat's report is (``schema_store.write_clients``). It holds the
+    node at the quiet gate, and shows on the node's clients (``still on http``, ``notify
+    --remaining``). A failure to read or store it is logged: the node waits all the same (a
+    refused switch changes nothing), and the agent's heartbeats send the same view."""
+    try:
+        status = await ctx.agent.get_status(agent_pb2.GetStatusRequest())
+        view = status.server.clients
+        now = ctx.clock()
+        rows = client_rows(ctx.node, view, now)
+        source = peertext.clean(view.source, 20)
+        problem = peertext.clean(view.problem, 200)
+        window = min(view.window_seconds, 366 * 86400)
+
+        def write(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, ctx.node, rows, window_seconds=window, source=source, problem=problem, now=now
+            )
+
+        ctx.store.queue_write(ctx.node, write)
+        await dbthread.run(ctx.store.write_queued)
+    except Exception as exc:  # the node waits anyway; the heartbeats bring the same view
+        log.warning(
+            "switch.sighting_not_stored",
+            rollout_id=ctx.rollout.id,
+            node=ctx.node,
+            error=peertext.clean(str(exc), REASON_LIMIT),
+        )
 
 
 async def wait_transaction(

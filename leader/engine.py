@@ -562,11 +562,13 @@ class Engine:
             return frozenset()
         # One read: a node's summary and its sightings from the same report (``clients_report``).
         clients, infos = await dbthread.run(self.schema.clients_report, pending)
-        known = {
-            n: i.first_report - dt.timedelta(seconds=i.window_seconds)
-            for n, i in infos.items()
-            if i.source and not i.problem
-        }
+        # Quiet time counts from the node's first report, when the leader could first know:
+        # not from the start of the window that report claimed. A window says how long a
+        # sighting is kept, not how long the server has watched (the reference server keeps
+        # its clients in memory, since its start): counted from a day before, a node known
+        # for seconds was finalized at once by `--when-quiet 1h`, right after a workstation
+        # wrote on http there (review s64 M).
+        known = {n: i.first_report for n, i in infos.items() if i.source and not i.problem}
         # How fresh each node's latest report is known to be: its newest sighting of anyone,
         # or its arrival less what an agent may have cached (REPORT_LAG), the later of both.
         as_of = {n: i.reported_at - REPORT_LAG for n, i in infos.items()}

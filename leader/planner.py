@@ -112,6 +112,7 @@ from leader.rollout_core import (
     wrong_source,
 )
 from tlsroll import echo
+from tlsroll.clients import NOT_QUIET
 from tlsroll.enums import CONFIG_UNREADABLE
 from tlsroll.errors import TerminalError
 
@@ -852,7 +853,9 @@ def next_actions(
             return
         ready = (at for at in tally.at(NodeState.PENDING) if name(at) not in held)
         for at in list(itertools.islice(ready, free)):
-            emit(at, NodeEvent.START)
+            # A node an agent's fresh look held (``SWITCH_HELD``) starts again without that
+            # reason: it said why the node waited, not how it ends.
+            emit(at, NodeEvent.START, "" if records[at].reason.startswith(NOT_QUIET) else None)
 
     if state is RolloutState.RUNNING and prepare_ahead <= 0:
         start(rollout.max_parallel)
@@ -1189,8 +1192,10 @@ def held_for_quiet(
 ) -> frozenset[str]:
     """``--when-quiet``: the pending nodes that may not start yet. A node starts once no http
     client was seen on it for ``quiet``, *as far as its reports show*: from its ``last_http``
-    sighting (or, if none was ever seen, from ``known_since``: the start of its agent's first
-    reported window) to ``as_of`` (how recent its latest report is known to be). Time for
+    sighting (or, if none was ever seen, from ``known_since``: its agent's first report, when
+    the leader could first know; not the start of the window that report claims, which says
+    how long a sighting is kept, not how long the server has watched: review s64 M) to
+    ``as_of`` (how recent its latest report is known to be). Time for
     which no report speaks (the agent silent, the leader restarting) never counts as quiet. A
     node whose clients cannot be told (no report, a report naming a problem, or only a
     ``stale`` one: ``stale_reports``) waits."""

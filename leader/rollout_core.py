@@ -171,6 +171,9 @@ class NodeEvent(StrEnum):
     SWITCH_DONE = "switch_done"
     SWITCH_ROLLED_BACK = "switch_rolled_back"
     SWITCH_FAILED = "switch_failed"
+    # finalize --when-quiet: the agent, reading its server's clients afresh just before the
+    # switch, saw http within the quiet time; nothing began, the node waits at the gate again.
+    SWITCH_HELD = "switch_held"
     CONFIRM_DONE = "confirm_done"
     CONFIRM_DUAL = "confirm_dual"  # transitional phase 1: both schemes answer from outside
     CONFIRM_ROLLED_BACK = "confirm_rolled_back"
@@ -876,6 +879,7 @@ NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
         _NE.SWITCH_ROLLED_BACK: _N.ROLLED_BACK,
         _NE.SWITCH_FAILED: _N.NEEDS_ATTENTION,
         _NE.SKIP_UNSENT: _N.SKIPPED,
+        _NE.SWITCH_HELD: _N.PENDING,
     },
     _N.CONFIRMING: {
         _NE.CONFIRM_DONE: _N.DONE,

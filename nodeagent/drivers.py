@@ -72,6 +72,7 @@ from tlsroll.peertext import clean
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
 CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes the last one
+CLIENTS_FRESH_WAIT = 30.0  # seconds a when-quiet switch waits for its fresh view (``clients_now``)
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 KILL_WAIT = 5.0  # after SIGKILL: the process is gone within this (a bound, not a pause)
@@ -344,6 +345,26 @@ class Driver(abc.ABC):
                 return cached[1]
             return ClientsView(
                 problem="still reading who the server has seen (slow command or log)"
+            )
+
+    async def clients_now(self) -> ClientsView:
+        """Who the server has seen, read afresh: not the view ``clients`` reuses for
+        ``clients_ttl``, nor a read begun before this call (a request just made may be in
+        neither). ``finalize --when-quiet`` asks just before a switch that closes http (review
+        s64 M: a workstation that wrote on http in the cached view's last seconds was
+        invisible, and the switch's restart wiped the reference server's memory of it). The
+        view it reads is cached, so the heartbeats report what it saw. A read that does not
+        end within ``CLIENTS_FRESH_WAIT`` seconds is a view with a problem (it cannot tell)."""
+        # A task of its own, which ``clients`` waits for too: the heartbeats' next view is
+        # this one, not an older read's that ends after it.
+        task = asyncio.create_task(self._refresh_clients(), name=f"{self.name}-clients-now")
+        self._clients_task = task
+        try:
+            async with asyncio.timeout(CLIENTS_FRESH_WAIT):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            return ClientsView(
+                problem=f"reading who the server has seen took over {CLIENTS_FRESH_WAIT:g}s"
             )
 
     async def _refresh_clients(self) -> ClientsView:

@@ -50,7 +50,7 @@ from nodeagent.transaction import (
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, clocks, dbthread, features, httpcheck, logs, password
-from tlsroll.clients import ClientsView
+from tlsroll.clients import ClientsView, quiet_refusal
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import (
     CONFIG_UNREADABLE,
@@ -1432,6 +1432,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise invalid(f"change {change.value} is not a switch this agent makes")
         if request.keep_http and change is not Change.ENABLE_TLS:
             raise invalid("keep_http is for enable-tls only (transitional phase 1)")
+        if request.quiet_seconds and change is not Change.FINALIZE:
+            raise invalid("quiet_seconds is for finalize only (rollout finalize --when-quiet)")
+        if request.quiet_seconds:
+            await self._refuse_unless_quiet(rollout_id, request.quiet_seconds)
         verifier = self._verifier(
             request.auth_verifier_json, required=change is Change.CHANGE_PASSWORD
         )
@@ -1457,6 +1461,24 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         return await self._begin(
             rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted, ready=ready
         )
+
+    async def _refuse_unless_quiet(self, rollout_id: str, quiet_seconds: int) -> None:
+        """``finalize --when-quiet``: refuse the switch (FAILED_PRECONDITION, nothing begun)
+        if the server, asked afresh just before the switch's freeze, saw a client on http
+        within ``quiet_seconds`` or cannot tell (``clients.quiet_refusal``). The leader's gate
+        judged from the view the agent reported, which it reuses for ``clients_refresh``
+        seconds: a workstation that wrote on http in those seconds was not in it, and the
+        switch's restart wiped the reference server's memory of it before any report (review
+        s64 M). The view read here is the driver's cached one from now on, which GetStatus and
+        the heartbeats send: the leader stores the sighting. A switch already begun (a replay:
+        the leader asks again) is not judged again: it is under way."""
+        if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
+            return
+        view = await self._driver().clients_now()
+        why = quiet_refusal(view, dt.datetime.now(dt.UTC), quiet_seconds)
+        if why is not None:
+            log.info("switch.not_quiet", rollout_id=rollout_id, reason=why)
+            raise failed_precondition(why)
 
     @staticmethod
     def _verifier(text: str, *, required: bool) -> dict[str, Any] | None:

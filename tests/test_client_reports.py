@@ -25,11 +25,12 @@ from typing import Any
 
 import pytest
 
-from leader import service
+from leader import planner, service
 from leader.cli.draw import AWAITING
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
+from tests.test_level_based import live
 from tests.test_transitional import (
     LONG,
     SCHEMA_POLL,
@@ -47,13 +48,15 @@ WAITS = AWAITING  # what a node's row says (and, in English, the viewer's)
 
 
 @contextlib.contextmanager
-def one_node(root: Path, clients_refresh: int = 10) -> Iterator[tuple[Cluster, Node]]:
+def one_node(
+    root: Path, clients_refresh: int = 10, window: int = WINDOW
+) -> Iterator[tuple[Cluster, Node]]:
     """A leader (1 s heartbeats) and node1 on its address, whose reference server reports
-    the workstations it saw within ``WINDOW``; its agent reuses its view of them for
+    the workstations it saw within ``window`` seconds; its agent reuses its view of them for
     ``clients_refresh`` seconds (the agent's default: 10)."""
     address = next_loopback()
     cluster = AdminTokenCluster(root / "cluster", address, heartbeat_interval=1)
-    node = Node(cluster, "node1", address, root / "n0", clients_window=WINDOW)
+    node = Node(cluster, "node1", address, root / "n0", clients_window=window)
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
@@ -398,3 +401,94 @@ def test_a_workstation_that_alternates_http_and_https_counts_on_http(tmp_path: P
         assert f"node1: {ws.source}" in refused.stderr, refused.stderr
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
         assert on_http_named(cluster, "node1") == [ws.source]
+
+
+# --- finalize --when-quiet: quiet since the leader could know, judged afresh (review s64 M) ------
+
+
+def final_node1(cluster: Cluster, final_id: str) -> dict[str, Any]:
+    """node1's row in the finalize ``final_id``."""
+    found: dict[str, Any] = next(
+        n for n in rollout(cluster, final_id)["nodes"] if n["name"] == "node1"
+    )
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_when_quiet_does_not_take_the_day_before_a_nodes_first_report_for_quiet(
+    tmp_path: Path,
+) -> None:
+    """The review's walk: a workstation writes on http (201), and within seconds `finalize
+    --when-quiet 1h` closed 8080: the leader counted quiet time from a day (the reference
+    server's window) before the node's first report, though the server has watched only since
+    it started; the finalize's restart wiped the server's memory of the write before the agent
+    reported it, and "still on http" and `notify --remaining` never showed it. Now node1 waits:
+    the leader has known it for seconds, not an hour; the agent reports the workstation. The
+    reference server's default window (a day), as the review ran it."""
+    with one_node(tmp_path, window=24 * 3600) as (cluster, node):
+        phase1 = phase_1(cluster, tmp_path)
+        ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
+        visit(ws)
+        started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", "1h", "--yes")
+        assert started.returncode == 0, started.stderr
+        final_id = newest(cluster)["id"]
+        assert rollout(cluster, final_id)["when_quiet_seconds"] == 3600
+        wait_until(
+            lambda: on_http_named(cluster, "node1") == [ws.source],
+            60,
+            "the workstation reported on http",
+            interval=SCHEMA_POLL,
+        )
+        for _ in range(5):  # a few of the engine's passes (1 s heartbeats) see it so
+            assert final_node1(cluster, final_id)["state"] == "pending"
+            assert node.port_open(8080)
+            time.sleep(1)
+        remaining = cluster.cli("notify", "--remaining")
+        assert remaining.returncode == 0 and ws.source in remaining.stdout, remaining
+
+
+@pytest.mark.timeout(300)
+def test_when_quiet_refuses_a_switch_if_the_agent_sees_http_afresh_and_stores_the_sighting(
+    tmp_path: Path,
+) -> None:
+    """The gate judges by the view the agent reported, which it reuses for
+    ``clients_refresh`` (an hour here: the lag made long enough to look at; 10 s by default).
+    node1 has been known long enough and its reports show no http, so the gate lets it start;
+    a workstation wrote on http just before, which no report shows. Just before the switch's
+    freeze the agent reads its server's clients afresh, sees the write and refuses: node1
+    goes back to pending with the reason, 8080 stays open, and the sighting is stored (the
+    schema's still-on-http list). It finalized before, and the restart wiped the write."""
+    quiet = 20
+    with one_node(tmp_path, clients_refresh=3600) as (cluster, node):
+        phase1 = phase_1(cluster, tmp_path)
+
+        def known_long_enough() -> bool:
+            # The gate's quiet time: from the node's first report to its latest, less what an
+            # agent may have cached (``planner.REPORT_LAG``), a margin on top.
+            rows = [r for r in cluster.store_table("node_clients_info") if r["node"] == "node1"]
+            if not rows:
+                return False
+            first = dt.datetime.fromisoformat(rows[0]["first_report"])
+            latest = dt.datetime.fromisoformat(rows[0]["reported_at"])
+            spoken = latest - first - planner.REPORT_LAG
+            return spoken > dt.timedelta(seconds=quiet + 3)
+
+        wait_until(known_long_enough, 120, "node1 known for the quiet time", interval=1)
+        assert on_http_named(cluster, "node1") == []
+        ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
+        visit(ws)  # the agent's view, read an hour ago at most, leaves it out
+        started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", f"{quiet}s", "--yes")
+        assert started.returncode == 0, started.stderr
+        final_id = newest(cluster)["id"]
+        wait_until(
+            lambda: "not quiet:" in final_node1(cluster, final_id).get("reason", ""),
+            60,
+            "the agent's refusal on node1",
+            interval=SCHEMA_POLL,
+        )
+        row = final_node1(cluster, final_id)
+        assert row["state"] == "pending", row
+        assert ws.source in row["reason"] and f"--when-quiet {quiet}s" in row["reason"], row
+        assert node.port_open(8080)
+        assert on_http_named(cluster, "node1") == [ws.source]  # stored with the refusal
+        assert sorted(live(node).schemes) == ["http", "https"]

@@ -58,7 +58,7 @@ from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
 from tests.refserver_helper import RefServer
 from tlsroll import daemon
-from tlsroll.clients import ClientSeen, ClientsView
+from tlsroll.clients import ClientSeen, ClientsView, quiet_refusal
 from tlsroll.config import ConfigFile, Section
 from tlsroll.enums import Change
 from tlsroll.errors import ConfigError, LocalResourceError
@@ -1877,6 +1877,36 @@ async def test_a_slow_clients_command_runs_once_whoever_gives_up_waiting(tmp_pat
     assert view.source == "exec" and len(view.clients) == 2
     assert (await driver.clients()) == view  # cached now
     assert runs.read_text() == "run\n"
+
+
+async def test_a_when_quiet_switch_reads_the_clients_afresh_and_judges_them(
+    tmp_path: Path,
+) -> None:
+    """``finalize --when-quiet`` (review s64 M): just before the switch the agent asks its
+    server afresh (``clients_now``): the command runs again though a view is cached, and that
+    view is the one the heartbeats send next. ``quiet_refusal`` refuses the switch for an
+    http client seen within the quiet time, or for a view that cannot tell."""
+    runs = tmp_path / "runs"
+    script = f"open({str(runs)!r}, 'a').write('run\\n'); print({json.dumps(json.dumps(GOOD))})"
+    driver = exec_driver(tmp_path, script)
+    first = await driver.clients_now()
+    fresh = await driver.clients_now()
+    assert runs.read_text() == "run\nrun\n"  # not the cached view
+    assert fresh == first and fresh.source == "exec" and len(fresh.clients) == 2
+    assert (await driver.clients()) == fresh  # cached: what the heartbeats send
+    assert runs.read_text() == "run\nrun\n"
+    assert quiet_refusal(fresh, NOW, 120) == (
+        "not quiet: ws-empfang (192.168.1.20) was seen on http 60s ago, within --when-quiet"
+        " 120s; http stays open"
+    )
+    assert quiet_refusal(fresh, NOW, 59) is None  # the https client does not count
+    broken = ClientsView(source="exec", problem="clients: x exited 1")
+    assert quiet_refusal(broken, NOW, 60) == (
+        "not quiet: who is on http cannot be told: clients: x exited 1"
+    )
+    assert quiet_refusal(ClientsView(), NOW, 60) == (
+        "not quiet: who is on http cannot be told: the server's driver cannot tell who it has seen"
+    )
 
 
 async def test_the_admin_client_sends_its_request_before_its_first_wait() -> None:

@@ -76,7 +76,7 @@ from leader.rollout_core import (
     Scope,
     Step,
 )
-from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
+from leader.schema_store import RolloutRow, SchemaStore, StaleRecords, write_clients
 from leader.service import ERRORS
 from leader.store import IssuedCert, NodeCert, Store
 from leader.store_health import StoreHealth
@@ -89,11 +89,12 @@ from tests.fake_agent import (
     FakeClock,
 )
 from tlsroll import dbthread, features, pki
+from tlsroll.clients import ClientSeen, ClientsView
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
-from tlsroll.wire import TXN_KIND
+from tlsroll.wire import TXN_KIND, clients_message
 
 T = TypeVar("T")
 N, R = NodeState, RolloutState
@@ -4295,6 +4296,131 @@ async def test_when_quiet_holds_a_node_whose_report_may_have_left_an_http_client
         assert "cannot be told" in infos[node].problem, infos[node]
     finally:
         leader.store.close()
+
+
+async def test_when_quiet_counts_quiet_time_from_a_nodes_first_report_not_a_day_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finalize --when-quiet 1h`` of a node whose agent first reported 3 minutes ago, with
+    nothing seen on http since: not quiet for an hour as far as anyone knows. The engine took
+    the start of its agent's first reported window (the reference server says a day) as the
+    start of its quiet, though the reference server has watched only since it started, and
+    finalized at once a node known for seconds, right after a workstation wrote on http there
+    (review s64 M). A node whose agent has reported for two hours is quiet enough."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    now = world.clock.wall()
+    new, old = sorted(NODES)[:2]
+    ago = dt.timedelta
+
+    def report(node: str, at: dt.datetime) -> None:
+        seen = [Client(node, "https", "10.9.0.1", "mover", at - ago(seconds=30), at)]
+
+        def write(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, node, seen, window_seconds=86400, source="refserver", problem="", now=at
+            )
+
+        leader.store.queue_write(node, write)
+        leader.store.write_queued()  # as the heartbeat's group commit: a report to this leader
+
+    report(new, now - ago(minutes=3))
+    report(old, now - ago(hours=2))
+    for node in (new, old):
+        report(node, now)
+    records = tuple(NodeRecord(name=n, state=NodeState.PENDING) for n in (new, old))
+    row = SimpleNamespace(
+        rollout=SimpleNamespace(id="q1"), meta=SimpleNamespace(when_quiet=3600), records=records
+    )
+    try:
+        held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
+        assert held == {new}  # known for 3 minutes: not an hour of quiet yet
+    finally:
+        leader.store.close()
+
+
+async def test_a_when_quiet_switch_its_agent_refuses_puts_the_node_back_with_the_sighting(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finalize --when-quiet``: the gate lets a node start by the view its agent reported,
+    which the agent reuses for ``clients_refresh``; just before the switch the agent reads its
+    server's clients afresh, sees a workstation on http 3 s ago and refuses (nothing began).
+    The node goes back to pending with the agent's reason, not ``rolled_back`` (which halted
+    the finalize), and the sighting the agent read is stored with the refusal: the gate holds
+    the node by it, pass after pass, while the others are finalized (review s64 M)."""
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader = world.boot()
+    phase_1, _row = await transitional_phase_1(leader)
+    for agent in world.agents:  # a fake node knows one scheme: each says it is dual
+        preflight = agent.preflight
+
+        async def dual(
+            request: agent_pb2.PreflightRequest, real: Any = preflight
+        ) -> agent_pb2.PreflightResponse:
+            answer: agent_pb2.PreflightResponse = await real(request)
+            del answer.server.schemes[:]
+            answer.server.schemes.extend(["http", "https"])
+            return answer
+
+        monkeypatch.setattr(agent, "preflight", dual)
+    now = world.clock.wall()
+    ago = dt.timedelta
+
+    def report(node: str, at: dt.datetime) -> None:
+        seen = [Client(node, "https", "10.9.0.1", "ws-mover", at - ago(seconds=30), at)]
+
+        def write(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, node, seen, window_seconds=86400, source="refserver", problem="", now=at
+            )
+
+        leader.store.queue_write(node, write)
+        leader.store.write_queued()
+
+    for node in ORDER:  # each known for two hours, nobody on http as far as its reports show
+        report(node, now - ago(hours=2))
+        report(node, now)
+    held = ORDER[0]
+    agent = world.agents[held]
+    why = "not quiet: ws-front (10.9.0.2) was seen on http 3s ago, within --when-quiet 600s"
+    agent.refuse["switch"] = why
+    status = agent.get_status
+    sighted = world.clock.wall() - ago(seconds=3)
+
+    async def fresh(request: agent_pb2.GetStatusRequest, timeout: float = 30.0) -> Any:
+        answer: agent_pb2.NodeStatus = await status(request, timeout)
+        answer.server.clients.CopyFrom(
+            clients_message(
+                ClientsView(
+                    (ClientSeen("http", "10.9.0.2", "ws-front", sighted, sighted, 1),),
+                    86400,
+                    "refserver",
+                )
+            )
+        )
+        return answer
+
+    monkeypatch.setattr(agent, "get_status", fresh)
+    finalize = await leader.commands.finalize(phase_1.rollout.id, ADMIN, when_quiet=600)
+
+    def others_done(row: RolloutRow) -> bool:
+        return row.rollout.id == finalize.rollout.id and all(
+            states(row)[n] is N.DONE for n in ORDER[1:]
+        )
+
+    row = await leader.run(others_done)
+    for _ in range(5):  # the gate holds it by the stored sighting
+        row = await leader.one_pass()
+    record = row.node(held)[0]
+    assert record.state is N.PENDING and record.reason.startswith(why), record
+    assert row.rollout.state is R.RUNNING
+    asked = [
+        c for c in world.agents.calls_to(held, "switch") if c.rollout_id == finalize.rollout.id
+    ]
+    assert [c.answer for c in asked] == ["refused"]  # once: the gate holds it since
+    _clients, infos = leader.schema.clients_report([held])
+    assert infos[held].last_http_at == sighted
+    await leader.stop()
 
 
 async def test_a_finalize_reads_the_cut_off_nodes_while_one_is_prepared_ahead(

@@ -43,6 +43,7 @@ from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, until
 from tlsroll import pki
 from tlsroll.rpc import timestamp
+from tlsroll.sqlite import to_text
 from tlsroll.v1 import types_pb2
 
 T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
@@ -551,7 +552,11 @@ async def test_when_quiet_holds_a_node_whose_report_came_before_a_step_back(
                 records=(pending,),
             ),
         )
-        _passes(rig, mono, dt.timedelta(seconds=10))
+        # Quiet for the 70 s since its first report (quiet time counts from there: review
+        # s64 M), and a report that says so came just now.
+        _passes(rig, mono, dt.timedelta(seconds=70))
+        rig.service._record_clients("hb1", _report(rig.clock[0]), rig.clock[0])
+        await rig.service.write_queued()
         assert await engine._held_for_quiet(row) == frozenset()  # quiet, its report fresh
         rig.clock[0] -= HOUR
         _passes(rig, mono, dt.timedelta(minutes=30))
@@ -597,6 +602,10 @@ async def test_a_report_that_waits_for_its_commit_keeps_the_stored_one_fresh(
     rig, mono = _stepping(tmp_path, loopback)
     try:
         schema, commands = await _awaiting_finalize(rig, loopback())  # both reported at T
+        # Both first reported an hour before: what this test judges is a report's age, not the
+        # quiet time, which counts from a node's first report (review s64 M).
+        with rig.store.db.tx() as db:
+            db.execute("UPDATE node_clients_info SET first_report = ?", (to_text(T - HOUR),))
         engine = Engine(
             rig.store,
             schema,

@@ -243,6 +243,33 @@ def from_json(data: object) -> tuple[list[ClientSeen], int | None, str]:
     return clients, window, problem[:MAX_PROBLEM]
 
 
+NOT_QUIET = "not quiet:"
+"""How an agent's refusal of a ``finalize --when-quiet`` switch begins (``quiet_refusal``): the
+leader tells it from any other refusal by these words, and puts the node back to wait."""
+
+
+def quiet_refusal(view: ClientsView, now: dt.datetime, quiet_seconds: int) -> str | None:
+    """Why a switch that closes http must not begin now under ``--when-quiet quiet_seconds``,
+    read from ``view`` (the server's clients, read afresh): a client seen on http within that
+    time (the most recent), or a view that cannot tell who was (no source, or a problem): the
+    gate's rule (``leader.planner.held_for_quiet``), applied where the sightings are, just
+    before the freeze. None: quiet."""
+    if not view.source or view.problem:
+        why = view.problem or "the server's driver cannot tell who it has seen"
+        return f"{NOT_QUIET} who is on http cannot be told: {why}"[:MAX_PROBLEM]
+    horizon = now - dt.timedelta(seconds=quiet_seconds)
+    http = [c for c in view.clients if c.scheme == "http" and c.last_seen >= horizon]
+    if not http:
+        return None
+    last = max(http, key=lambda c: c.last_seen)
+    who = f"{last.workstation} ({last.address})" if last.workstation else last.address
+    ago = max(0, int((now - last.last_seen).total_seconds()))
+    return (
+        f"{NOT_QUIET} {who} was seen on http {ago}s ago, within --when-quiet {quiet_seconds}s;"
+        " http stays open"
+    )
+
+
 def used_http_after_https(
     seen: Iterable[tuple[str, str, tuple[int, int], tuple[int, int]]],
 ) -> frozenset[str]:

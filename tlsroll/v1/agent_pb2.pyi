@@ -625,6 +625,7 @@ class SwitchRequest(_message.Message):
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     KEEP_FROZEN_FIELD_NUMBER: _builtins.int
     KEEP_HTTP_FIELD_NUMBER: _builtins.int
+    QUIET_SECONDS_FIELD_NUMBER: _builtins.int
     change: _types_pb2.Change.ValueType
     """CHANGE_ENABLE_TLS (the seed's switch; with keep_http, transitional phase 1),
     CHANGE_CHANGE_PASSWORD (same config, new verifier), CHANGE_ROTATE_CERT (the staged
@@ -643,6 +644,14 @@ class SwitchRequest(_message.Message):
     """Transitional phase 1 (CHANGE_ENABLE_TLS only): the target serves https on 8443 and keeps
     http on 8080, so the node ends dual. Unset: the seed's direct switch (http closes).
     """
+    quiet_seconds: _builtins.int
+    """`rollout finalize --when-quiet` (CHANGE_FINALIZE only): before it begins the switch (and
+    its freeze) the agent reads its server's clients afresh, not the view it reuses for its
+    heartbeats, and refuses the switch (FAILED_PRECONDITION, nothing begun, the message
+    beginning "not quiet:") if a client was seen on http within this many seconds, or if who
+    was cannot be told. Its server's clients are then the view GetStatus sends. 0: no such
+    check (a plain finalize); an agent of an earlier release drops it unread and switches.
+    """
     @_builtins.property
     def command(self) -> Global___Command: ...
     def __init__(
@@ -653,10 +662,11 @@ class SwitchRequest(_message.Message):
         auth_verifier_json: _builtins.str = ...,
         keep_frozen: _builtins.bool = ...,
         keep_http: _builtins.bool = ...,
+        quiet_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "command", b"command", "keep_frozen", b"keep_frozen", "keep_http", b"keep_http"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "command", b"command", "keep_frozen", b"keep_frozen", "keep_http", b"keep_http", "quiet_seconds", b"quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
