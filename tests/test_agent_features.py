@@ -1328,6 +1328,13 @@ def test_nodes_says_an_agent_not_heard_since_the_leader_started_not_too_old(
         agent2.send_signal(signal.SIGSTOP)  # its heartbeats do not reach the restarted leader
         lose_features(cluster, "node2")
         cluster.start_leader()
+        # node1's first heartbeat to the restarted leader (it may take a beat to come)
+        wait_until(
+            lambda: not json.loads(cluster.cli("nodes", "--json").stdout)[0].get("agent_not_heard"),
+            60,
+            "node1 heard by the restarted leader",
+            interval=LEADER_POLL,
+        )
 
         wide = {"COLUMNS": "400"}  # (one line per node)
         listed = cluster.cli("nodes", env=wide)
