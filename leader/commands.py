@@ -154,6 +154,9 @@ class Planned:
     # it, with that config's path on the node (``NodeObservation.edited_config``): the way back
     # undoes the edits, keeping the file beside it first.
     edited_configs: tuple[tuple[str, str], ...] = ()
+    # Per node that answered: its http and https address and its bootstrap port as its agent's
+    # check gave them (``NodeObservation``): the plan's rows show them.
+    addresses: Mapping[str, tuple[str, str, int]] = field(default_factory=dict)
 
 
 class StillOnHttp(TerminalError):
@@ -585,6 +588,11 @@ class Commands:
             request.removed_since,
             tuple(n for n in practice if n in stepped),
             edited,
+            {
+                name: (o.http_url, o.https_url, o.bootstrap_port)
+                for name, o in (seen or {}).items()
+                if o.http_url or o.https_url
+            },
         )
 
     async def _check_own_certs(
