@@ -321,6 +321,71 @@ def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_be
             assert PW1 not in out and PW2 not in out
 
 
+def test_a_notice_about_some_servers_of_several_names_the_others_and_the_agents_addresses(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Session 64's review M1: after a local rollout (and announcing one of named nodes) the
+    notice told every workstation to move to the one server switched; now only those that use
+    its old address act, and the others' servers are named as keeping theirs. M2: a node
+    never switched was announced with the seed's bootstrap port and "…" for its app path,
+    though its agent (``[agent] bootstrap_port = 9543``) answered the plan with both."""
+    world = World(tmp_path_factory.mktemp("notify-part"), nodes=3)
+    try:
+        world.cluster.init("--node-name", "node1")
+        world.cluster.start_leader()
+        node1, node2, node3 = world.nodes
+        node1.start()
+        node2.start()
+        node3.start(extra_config={"agent": {"bootstrap_port": 9543}})
+        world.cluster.wait_for_nodes_online([n.name for n in world.nodes])
+        when = f"{ahead():%Y-%m-%d %H:%M}"
+        http3 = f"http://{node3.address}:8080/praxis_live/"
+        https3 = f"https://{node3.address}:8443/praxis_live/"
+
+        # announced, before any rollout: node3 as its agent answered the plan
+        text = ok(world.cli("notify", "--when", when, "--nodes", "node3"))
+        assert f"node3: neu {https3} (bisher {http3}), Port für die Einrichtung: 9543" in text, text
+        assert "Port 9543 einfach bestätigen" in text and "Port 9443" not in text
+        assert "Jeder Arbeitsplatz" not in text
+        assert f"Nur Arbeitsplätze, die {http3} nutzen, müssen danach" in text
+        assert "Die Server node1 und node2 behalten ihre Adressen" in text
+        assert "An den übrigen Arbeitsplätzen kann normal weitergearbeitet werden." in text
+        english = ok(world.cli("notify", "--lang", "en", "--when", when, "--nodes", "node3"))
+        assert f"node3: new {https3} (currently {http3}), port for the set-up: 9543" in english
+        assert "Every workstation" not in english
+        assert "The servers node1 and node2 keep their addresses" in english
+        assert world.schema()["rollouts"] == []  # announcing stored nothing
+
+        # the leader node alone: only the workstations that use its old address switch
+        pw = secret_file(tmp_path / "pw", PW1)
+        rollout(world, "--scope", "local", "--password-file", str(pw))
+        http1 = f"http://{node1.address}:8080/praxis_live/"
+        https1 = f"https://{node1.address}:8443/praxis_live/"
+        text = ok(world.cli("notify"))
+        assert "Jeder Arbeitsplatz" not in text, text
+        assert f"Nur Arbeitsplätze, die {http1} nutzen, müssen jetzt einmal" in text
+        assert "Betroffen ist ein einzelner Server." in text
+        assert "Die Server node2 und node3 behalten ihre Adressen" in text
+        assert f"node2: http://{node2.address}:8080/" in text and "(bleibt unverändert)" in text
+        assert "Was ist jetzt an den betroffenen Arbeitsplätzen zu tun?" in text
+        assert (
+            f"Steht dort {http1}, diese Adresse durch {https1} ersetzen; sonst ist an diesem "
+            "Arbeitsplatz nichts zu tun." in text
+        )
+        english = ok(world.cli("notify", "--lang", "en"))
+        assert "Every workstation" not in english, english
+        assert f"Only workstations that use {http1} now have to be switched" in english
+        assert "The servers node2 and node3 keep their addresses" in english
+        assert f"If it shows {http1}, replace it with {https1}; if not" in english
+
+        # node3 announced after it: node1 is on https now, node2 still on http
+        text = ok(world.cli("notify", "--lang", "en", "--when", when, "--nodes", "node3"))
+        assert f"node1: {https1} (unchanged)" in text
+        assert "port for the set-up: 9543" in text and "port 9443" not in text
+    finally:
+        world.close()
+
+
 PW3 = "third-password-8vn2-r5jt"
 
 

@@ -225,6 +225,47 @@ CASES["rotate-cert.announced.mixed"] = (
     None,
 )
 
+# Some servers of several (scope local or nodes): the workstations of the others keep their
+# address, and only those that use an old one switch (session 64's review M1).
+OTHERS = (
+    NoticeNode("labor-server", HTTP[1], HTTP[1]),
+    NoticeNode("archiv-server", "http://192.168.1.7:8080/…", "", path_known=False),
+)
+for _phase in ("announced", "running", "done"):
+    CASES[f"enable-tls.{_phase}.local"] = (
+        info("enable-tls", _phase, nodes=nodes("enable-tls")[:1], others=OTHERS, scope="local"),
+        "text",
+        None,
+    )
+CASES["enable-tls.announced.nodes"] = (
+    info(
+        "enable-tls",
+        "announced",
+        nodes=(
+            NoticeNode(
+                "archiv-server",
+                "http://192.168.1.7:8080/…",
+                "https://192.168.1.7:8443/…",
+                path_known=False,
+            ),
+        ),
+        others=(NoticeNode(NAMES[0], HTTPS[0], HTTPS[0]), NoticeNode(NAMES[1], HTTP[1], HTTP[1])),
+        scope="nodes",
+    ),
+    "text",
+    None,
+)
+CASES["enable-tls.done.nodes"] = (
+    info(
+        "enable-tls",
+        "done",
+        others=(NoticeNode("archiv-server", "http://192.168.1.7:8080/…", "", path_known=False),),
+        scope="nodes",
+    ),
+    "text",
+    None,
+)
+
 
 def golden(case: str, lang: str) -> Path:
     return DATA / f"{case}.{lang}.{EXT[CASES[case][1]]}"

@@ -279,9 +279,43 @@ def ca_change(before: str | None, after: str) -> Literal["", "own", "cluster"]:
 
 
 def node_addresses(leader: Leader) -> dict[str, str]:
+    return {name: address for name, (address, _) in enrolled(leader).items()}
+
+
+def enrolled(leader: Leader) -> dict[str, tuple[str, str]]:
+    """Per enrolled node, its first address and its server as its last heartbeat said
+    (``NodeInfo.server``: "http", "https", "http+https", …)."""
     with leader.admin() as admin:
         reply = leader.call(admin.ListNodes, admin_pb2.ListNodesRequest())
-    return {n.name: (n.addresses[0] if n.addresses else n.name) for n in reply.nodes}
+    return {n.name: (n.addresses[0] if n.addresses else n.name, n.server) for n in reply.nodes}
+
+
+def outside(
+    leader: Leader,
+    kind: ScopeKind | None,
+    inside: Sequence[str],
+    known: dict[str, dict[str, tuple[str, int]]],
+) -> list[NoticeNode]:
+    """An enable-tls of scope local or nodes: the enrolled nodes not in it, each with its
+    address now (``NoticeInfo.others``): the one of the scheme it serves (https only: its
+    https address, else its http one) as last recorded, else its enrolled address with the
+    seed's port (the path unknown, "…")."""
+    if kind not in (ScopeKind.LOCAL, ScopeKind.NODES):
+        return []
+    found = []
+    for name, (address, server) in sorted(enrolled(leader).items()):
+        if name in inside:
+            continue
+        schemes = set(server.split("+")) if server in ("http", "https", "http+https") else set()
+        scheme = "https" if schemes == {"https"} else "http"
+        url = known.get(name, {}).get(scheme)
+        if url is None:
+            host = f"[{address}]" if ":" in address else address
+            port = HTTPS_PORT if scheme == "https" else HTTP_PORT
+            found.append(NoticeNode(name, f"{scheme}://{host}:{port}/…", "", path_known=False))
+        else:
+            found.append(NoticeNode(name, url[0], url[0], url[1]))
+    return found
 
 
 def plan_request(
@@ -680,9 +714,13 @@ def notify(
             # enable-tls and rotate-cert give the node the plan's certificate (a practice's
             # own: its CA's pin); change-password leaves it the one it serves.
             pin = n.ca_pin if _gives_certificate(the_change) else now_pins.get(n.name) or ""
+            # The plan's row carries the addresses and bootstrap port the node's agent
+            # answered its check with (session 64's review M2: a node never switched was
+            # announced with the seed's port and "…" though its agent knew both); those of an
+            # agent that did not answer come from the records, else the seed's.
             notice_nodes.append(
-                notice_node(
-                    n.name,
+                _recorded_node(
+                    n,
                     the_change,
                     known.get(n.name, {}),
                     addresses.get(n.name, n.name),
@@ -699,6 +737,7 @@ def notify(
         end = (start.astimezone(dt.UTC) + span).astimezone(zone) if span else None
         timing = Timing("announced", start, end)
         kind = SCOPE_KIND.read_optional(plan.scope, "scope")
+        in_plan = [n.name for n in plan.nodes]
     else:
         r = pick_rollout(schema, rollout_id)
         the_change = CHANGE.read(r.change, "change")
@@ -760,6 +799,7 @@ def notify(
             end.astimezone(zone) if end else None,
         )
         kind = SCOPE_KIND.read_optional(r.scope, "scope")
+        in_plan = [n.name for n in r.nodes]
         applied = Applied(
             r.id,
             r.auth_version,
@@ -797,6 +837,7 @@ def notify(
         scope=kind.value if kind is not None else "cluster",
         unchanged=unchanged,
         already=already,
+        others=outside(leader, kind, in_plan, known) if the_change is Change.ENABLE_TLS else (),
         transitional=transitional,
         until=when_in_zone(naive_until, until, zone, now, "--until")
         if naive_until and until
