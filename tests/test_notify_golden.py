@@ -266,6 +266,28 @@ CASES["enable-tls.done.nodes"] = (
     None,
 )
 
+# A transitional rollout whose finalize closed http on one node and not yet on the other:
+# running (a --when-quiet one may wait days for quiet there), and aborted part way
+# (session 64's review M2').
+_CLOSED = (replace(nodes("enable-tls")[0], closed=at(7, 3, 12)), nodes("enable-tls")[1])
+CASES["finalize.running"] = (
+    info(
+        "enable-tls",
+        "done",
+        nodes=_CLOSED,
+        transitional=True,
+        until=at(12, 18, 0),
+        closing=True,
+    ),
+    "text",
+    None,
+)
+CASES["finalize.partly"] = (
+    info("enable-tls", "done", nodes=_CLOSED, transitional=True),
+    "text",
+    None,
+)
+
 
 def golden(case: str, lang: str) -> Path:
     return DATA / f"{case}.{lang}.{EXT[CASES[case][1]]}"

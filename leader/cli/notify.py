@@ -68,6 +68,9 @@ class NoticeNode:
     # before: every such workstation must be set up again), "cluster" (back from a practice's
     # CA to the cluster CA: one set up with that practice CA's pin must); "" neither.
     ca_change: Literal["", "own", "cluster"] = ""
+    # A transitional rollout's node whose http a finalize (phase 2) has closed: since when
+    # (aware). None: its http still works (``NoticeInfo.until``).
+    closed: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ class NoticeInfo:
     extra: Sequence[str] = field(default_factory=tuple)  # further notes, one paragraph each
     transitional: bool = False  # enable-tls keeping http until finalize (strategy transitional)
     until: dt.datetime | None = None  # transitional: when http is planned to close
+    # transitional: its finalize is closing http one server after another (running, paused,
+    # a --when-quiet one waiting for quiet on a node): each restarts briefly in its turn.
+    closing: bool = False
     # enable-tls of scope local or nodes: the enrolled nodes outside it, ``old_url`` (and
     # ``new_url``) their address now. The message then says that only the workstations using
     # the old address of a node in it switch, and that these keep theirs (session 64's review
@@ -243,6 +249,20 @@ _DE: dict[str, str] = {
     ),
     "or": "oder",
     "and": "und",
+    "closed.one": (
+        "Beim Server {names} ist die bisherige Adresse jedoch bereits geschlossen: "
+        "Arbeitsplätze, die ihn noch darüber nutzen, erreichen ihn erst wieder, wenn sie "
+        "umgestellt sind."
+    ),
+    "closed.many": (
+        "Bei den Servern {names} sind die bisherigen Adressen jedoch bereits geschlossen: "
+        "Arbeitsplätze, die sie noch darüber nutzen, erreichen sie erst wieder, wenn sie "
+        "umgestellt sind."
+    ),
+    "closing": (
+        "Die bisherigen Adressen werden jetzt nacheinander geschlossen; dabei wird jeder Server "
+        "kurz neu gestartet, wenn er an der Reihe ist."
+    ),
     "until.when": "spätestens bis {when}",
     "until.open": "bis die Praxis-IT die alte Adresse schließt (Sie erfahren es vorher)",
     "scope.cluster": "Betroffen ist der gesamte Multiserver-Verbund.",
@@ -281,6 +301,7 @@ _DE: dict[str, str] = {
     "node.new.before": "{name}: neu {new} (bisher {old})",
     "node.new.after": "{name}: neu {new} (vorher {old})",
     "node.new.transitional": "{name}: neu {new} (vorerst geht auch noch {old})",
+    "node.new.closed": "{name}: neu {new} ({old} ist seit {when} geschlossen)",
     "node.port": "{line}, Port für die Einrichtung: {port}",
     "node.already": "{name}: {new} (bereits umgestellt)",
     "node.other": "{name}: {url} (bleibt unverändert)",
@@ -512,6 +533,18 @@ _EN: dict[str, str] = {
     ),
     "or": "or",
     "and": "and",
+    "closed.one": (
+        "On the server {names}, however, the old address is closed already: workstations that "
+        "still use it there reach the server again only once they are switched."
+    ),
+    "closed.many": (
+        "On the servers {names}, however, the old addresses are closed already: workstations "
+        "that still use them there reach their server again only once they are switched."
+    ),
+    "closing": (
+        "The old addresses are now being closed one server after another; each server restarts "
+        "briefly when its turn comes."
+    ),
     "until.when": "until {when} at the latest",
     "until.open": "until the practice IT closes the old address (you will be told beforehand)",
     "scope.cluster": "This affects the whole multiserver.",
@@ -546,6 +579,7 @@ _EN: dict[str, str] = {
     "node.new.before": "{name}: new {new} (currently {old})",
     "node.new.after": "{name}: new {new} (previously {old})",
     "node.new.transitional": "{name}: new {new} (for now {old} still works too)",
+    "node.new.closed": "{name}: new {new} ({old} closed since {when})",
     "node.port": "{line}, port for the set-up: {port}",
     "node.already": "{name}: {new} (already switched)",
     "node.other": "{name}: {url} (unchanged)",
@@ -832,6 +866,10 @@ def render_notice(
         )
         what = w[f"what.enable-tls.transitional.{when}"]
         doc.para(what + " " + w[f"scope.{info.scope}"], until=_Text(until))
+        closed = [n.name for n in info.nodes if n.closed is not None]
+        if closed:
+            many = "many" if len(closed) > 1 else "one"
+            doc.para(w[f"closed.{many}"], names=_Text(_listed(closed, w["and"])))
     elif part:
         doc.para(
             w[f"what.enable-tls.part.{when}"].format(old=olds[0]) + " " + w[f"scope.{info.scope}"],
@@ -848,11 +886,12 @@ def render_notice(
     if part:
         many = "many" if len(info.others) > 1 else "one"
         names = [n.name for n in info.others]
-        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {w['and']} {names[-1]}"
-        doc.para(w[f"others.{many}"], others=_Text(listed))
+        doc.para(w[f"others.{many}"], others=_Text(_listed(names, w["and"])))
 
     doc.heading(w["when_h"])
     doc.para(when_text(info, lang))
+    if info.closing and info.transitional:
+        doc.para(w["closing"])
     if info.timing.phase != "done":
         restart = w["restart.many"] if len(info.nodes) > 1 else w["restart.one"]
         if part:
@@ -872,6 +911,8 @@ def render_notice(
         if moves:
             both = info.transitional and change == "enable-tls"
             template = w["node.new.transitional" if both else f"node.new.{when}"]
+            if both and n.closed is not None:
+                template = w["node.new.closed"]
             if port_shown:
                 template = w["node.port"].format(line=template, port="{port}")
             values: dict[str, _Value] = {
@@ -880,6 +921,8 @@ def render_notice(
                 "old": _Code(n.old_url),
                 "port": _Text(str(n.bootstrap_port)),
             }
+            if n.closed is not None:
+                values["when"] = _Text(_full_time(n.closed, lang))
         else:
             template = w["node.same"]
             if marked and n.ca_change:
@@ -976,6 +1019,11 @@ def render_notice(
     for note in info.extra:
         doc.para("{note}", note=_Text(note))
     return doc.render(lang)
+
+
+def _listed(names: Sequence[str], word: str) -> str:
+    """``names`` as "A, B und C"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
 
 
 def _either(urls: Sequence[str], word: str) -> tuple[str, dict[str, _Value]]:

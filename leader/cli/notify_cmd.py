@@ -35,7 +35,7 @@ import re
 import sys
 import zoneinfo
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
@@ -349,10 +349,37 @@ def plan_request(
     return request
 
 
-def _finalized(schema: schema_pb2.Schema, rollout_id: str) -> bool:
-    """A finalize of transitional rollout ``rollout_id`` has completed (its http is closed)."""
+def _finalized_by(schema: schema_pb2.Schema, rollout_id: str) -> str:
+    """The finalize of transitional rollout ``rollout_id`` that completed (its http is closed
+    on every node), "" none."""
     completed = ROLLOUT_STATE.wire(RolloutState.COMPLETED)
-    return any(r.finalizes == rollout_id and r.state == completed for r in schema.rollouts)
+    return next(
+        (r.id for r in schema.rollouts if r.finalizes == rollout_id and r.state == completed), ""
+    )
+
+
+def _closed_by_finalize(
+    schema: schema_pb2.Schema, rollout_id: str
+) -> tuple[dict[str, dt.datetime], bool]:
+    """Transitional rollout ``rollout_id`` awaiting finalize: its nodes whose http a finalize
+    of it has closed (done in it: running, paused, or ended part way), each with when (its
+    last step's end, else the finalize's start), and whether one is closing http now
+    (running or paused: each server restarts in its turn)."""
+    closed: dict[str, dt.datetime] = {}
+    closing = False
+    for r in schema.rollouts:
+        if r.finalizes != rollout_id or CHANGE.read(r.change, "change") is not Change.FINALIZE:
+            continue
+        state = ROLLOUT_STATE.read(r.state, "state")
+        closing = closing or state in (RolloutState.RUNNING, RolloutState.PAUSED)
+        for n in r.nodes:
+            if NODE_STATE.read(n.state, "state") is not NodeState.DONE or n.name in closed:
+                continue
+            ends = [s.ended_at.ToDatetime(tzinfo=dt.UTC) for s in n.steps if s.HasField("ended_at")]
+            when = max(ends, default=None) or _dt(r, "started_at") or _dt(r, "created_at")
+            if when is not None:
+                closed[n.name] = when
+    return closed, closing
 
 
 def pick_rollout(schema: schema_pb2.Schema, rollout_id: str | None) -> schema_pb2.RolloutView:
@@ -693,6 +720,7 @@ def notify(
     known = known_urls(schema)
     unchanged: list[str] = []
     transitional = False
+    closing = False  # a finalize of the transitional rollout is closing http now
     planned_password: int | None = None  # an announced switch: the password its plan gives
     applied: Applied | None = None  # a rollout that exists: the password it applies
     now_pins = served_pins(schema)  # the CA each node's certificate comes from now
@@ -740,6 +768,15 @@ def notify(
         in_plan = [n.name for n in plan.nodes]
     else:
         r = pick_rollout(schema, rollout_id)
+        if (
+            CHANGE.read(r.change, "change") is Change.FINALIZE
+            and ROLLOUT_STATE.read(r.state, "state") is not RolloutState.COMPLETED
+        ):
+            # A finalize running, paused (a --when-quiet one may wait days for quiet on a
+            # node), or ended part way: its phase 1 is what the staff live with, http closed
+            # on the nodes it is done with and open on the others (session 64's review M2':
+            # "make no new entries until it is complete", and --until refused).
+            r = next((x for x in schema.rollouts if x.id == r.finalizes), r)
         the_change = CHANGE.read(r.change, "change")
         state = ROLLOUT_STATE.read(r.state, "state")
         started = _dt(r, "started_at") or _dt(r, "created_at")
@@ -755,10 +792,16 @@ def notify(
             # Phase 2 closed http on its nodes: for the staff, the switch to https has ended
             # (it was an internal error: session 56's second README walk, H1).
             the_change, transitional = Change.ENABLE_TLS, False
-        elif transitional and _finalized(schema, r.id):
+        elif transitional and (done_by := _finalized_by(schema, r.id)):
+            if until is not None:
+                raise click.UsageError(
+                    f"--until goes with a transitional rollout awaiting finalize; {r.id}'s http "
+                    f"was closed by finalize {done_by}"
+                )
             transitional = False  # its http is closed since: "still works" is no longer true
         if until is not None and not transitional:
             raise click.UsageError(f"--until goes with a transitional rollout; {r.id} is not")
+        closed, closing = _closed_by_finalize(schema, r.id) if transitional else ({}, False)
         switched = (NodeState.DONE, NodeState.DUAL)
         shown = [n for n, s in records if running or s in switched]
         unchanged = [] if running else [n.name for n, s in records if s in _NOT_SWITCHED]
@@ -779,18 +822,19 @@ def notify(
         for n in shown:
             own = (running and gives) or the_change is Change.ROTATE_CERT
             pin = n.ca_pin if own else now_pins.get(n.name) or ""
-            notice_nodes.append(
-                _recorded_node(
-                    n,
-                    the_change,
-                    known.get(n.name, {}),
-                    addresses.get(n.name, n.name),
-                    pin,
-                    ca_change(before_pins.get(n.name), n.ca_pin)
-                    if the_change is Change.ROTATE_CERT
-                    else "",
-                )
+            node = _recorded_node(
+                n,
+                the_change,
+                known.get(n.name, {}),
+                addresses.get(n.name, n.name),
+                pin,
+                ca_change(before_pins.get(n.name), n.ca_pin)
+                if the_change is Change.ROTATE_CERT
+                else "",
             )
+            if n.name in closed:
+                node = replace(node, closed=closed[n.name].astimezone(zone))
+            notice_nodes.append(node)
         already = _already(before, the_change, known, addresses, now_pins)
         end = None if running else _dt(r, "ended_at")
         timing = Timing(
@@ -842,6 +886,7 @@ def notify(
         until=when_in_zone(naive_until, until, zone, now, "--until")
         if naive_until and until
         else None,
+        closing=closing,
     )
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)
