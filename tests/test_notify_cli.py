@@ -126,9 +126,9 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         str(early),
     )  # fmt: skip
     assert "enable-tls sets its password when it starts" in usage_error(first)
-    for node in world.nodes:
-        assert f"{node.name}: neu https://{node.address}:8443/…" in text
-    assert "Nur der Anfang der Adresse ändert sich" in text
+    for node in world.nodes:  # as its agent answered the plan (session 64's review M2)
+        assert f"{node.name}: neu https://{node.address}:8443/praxis_live/ (bisher http" in text
+    assert "Nur der Anfang der Adresse ändert sich" not in text
     assert world.schema()["rollouts"] == []  # announcing stored nothing
 
     # the leader on UTC, a German notice: Europe/Berlin; an English one keeps the leader's zone
