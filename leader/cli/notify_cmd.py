@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import click
 
 from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader, rollout_id_param
-from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice
+from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice, zone_text
 from leader.cli.password import read_password_file
 from leader.rollout_core import CHANGES as SPECS
 from leader.rollout_core import (
@@ -911,6 +911,9 @@ _REMAINING = {
     "de": {
         "head": "Arbeitsplätze, die noch http nutzen (sie brauchen die Schritte, bevor http "
         "geschlossen wird):",
+        "head.none_waiting": "Arbeitsplätze, die zuletzt über http gesehen wurden (kein "
+        "Übergangs-Rollout wartet auf finalize):",
+        "cut": "{row} – abgeschnitten: http ist seit {when} geschlossen",
         "none": "Kein Arbeitsplatz wurde zuletzt über http gesehen.",
         "row": "  {node}: {address}{ws}, zuletzt {last}",
         "unknown": "  {node}: nicht feststellbar ({why})",
@@ -920,6 +923,9 @@ _REMAINING = {
     },
     "en": {
         "head": "Workstations still on http (each needs the client steps before http closes):",
+        "head.none_waiting": "Workstations seen on http lately (no transitional rollout awaits "
+        "finalize):",
+        "cut": "{row} – cut off: http closed at {when}",
         "none": "No workstation was seen on http lately.",
         "row": "  {node}: {address}{ws}, last seen {last}",
         "unknown": "  {node}: cannot tell ({why})",
@@ -934,18 +940,24 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
     """Who still needs the client steps, per node, from what the agents last reported (the
     leader's ``still_on_http``), in the practice's time zone; nodes that cannot tell, named."""
     t = _REMAINING[lang]
+    closed = _http_closed(schema)
     rows = []
     for view in schema.node_clients:
         for c in view.still_on_http:
             last = c.last_seen.ToDatetime(tzinfo=dt.UTC).astimezone(zone)
-            rows.append(
-                t["row"].format(
-                    node=view.node,
-                    address=c.address,
-                    ws=f" ({c.workstation})" if c.workstation else "",
-                    last=f"{last:%Y-%m-%d %H:%M:%S %Z}",
-                )
+            row = t["row"].format(
+                node=view.node,
+                address=c.address,
+                ws=f" ({c.workstation})" if c.workstation else "",
+                last=_stamp(last, lang),  # (the notice's zone names: MEZ in German, L2')
             )
+            if view.node in closed:
+                # Its http is closed (finalize, a direct switch): that workstation has lost the
+                # server, not "needs the steps before http closes" (session 64's review L1').
+                row = t["cut"].format(
+                    row=row, when=_stamp(closed[view.node].astimezone(zone), lang)
+                )
+            rows.append(row)
         if view.clients.problem or not view.clients.source:
             why = view.clients.problem or t["never"]
             rows.append(t["unknown"].format(node=view.node, why=why))
@@ -955,7 +967,39 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
         rows.append(t["nobody"])  # said in words, not as a node named "*" (s45rt2 L6)
     if not rows:
         return t["none"] + "\n"
-    return "\n".join([t["head"], *rows]) + "\n"
+    awaiting = ROLLOUT_STATE.wire(RolloutState.AWAITING_FINALIZE)
+    waiting = any(r.state == awaiting for r in schema.rollouts)
+    return "\n".join([t["head" if waiting else "head.none_waiting"], *rows]) + "\n"
+
+
+def _stamp(when: dt.datetime, lang: str) -> str:
+    """``2026-12-07 03:12:00 MEZ``: the zone's abbreviation as the notice writes it."""
+    return f"{when:%Y-%m-%d %H:%M:%S} {zone_text(when, lang)}"
+
+
+def _http_closed(schema: schema_pb2.Schema) -> dict[str, dt.datetime]:
+    """The nodes whose http the rollouts (newest first) last closed (an enable-tls or a
+    finalize done there, not since taken back to dual or http), with when: a workstation still
+    seen on http there has lost the server."""
+    found: dict[str, dt.datetime | None] = {}
+    for r in schema.rollouts:
+        change = CHANGE.read(r.change, "change")
+        for n in r.nodes:
+            if n.name in found:
+                continue
+            state = NODE_STATE.read(n.state, "state")
+            if state is NodeState.DUAL or (
+                change is Change.DISABLE_TLS and state is NodeState.DONE
+            ):
+                found[n.name] = None  # http open (again)
+            elif change in (Change.ENABLE_TLS, Change.FINALIZE) and state is NodeState.DONE:
+                ends = [
+                    s.ended_at.ToDatetime(tzinfo=dt.UTC) for s in n.steps if s.HasField("ended_at")
+                ]
+                found[n.name] = (
+                    max(ends, default=None) or _dt(r, "ended_at") or _dt(r, "started_at")
+                )
+    return {name: when for name, when in found.items() if when is not None}
 
 
 def switched_before(change: Change, rollout: schema_pb2.RolloutView) -> list[schema_pb2.NodeView]:
