@@ -959,6 +959,15 @@ class Commands:
         latest = self.schema.latest()
         if latest is None:
             raise NoRolloutYet("no rollout yet; start one with: tlsroll rollout start")
+        if latest.rollout.change is Change.FINALIZE:
+            # Not "finalize (direct): only a transitional rollout is finalized": the newest is
+            # a finalize itself (session 64's review L3').
+            done = latest.rollout.state is RolloutState.COMPLETED
+            what = "finalized" if done else f"({latest.rollout.state.value}) was the finalize of"
+            raise planner.NotAwaitingFinalize(
+                f"nothing awaits finalize: {latest.rollout.id} {what} {latest.meta.finalizes}; "
+                "see: tlsroll schema show"
+            )
         return latest  # finalize_scope says why it cannot be finalized
 
     async def stage_password(self, verifier_json: str, actor: str) -> tuple[int, set[str]]:

@@ -85,7 +85,8 @@ def an_announced_end_is_its_duration_after_the_start_across_a_dst_change(
     (3 real hours for --duration 2h) or in the hour that does not exist (02:30 MEZ). Runs
     before the rollout of the test below: an announced enable-tls needs nodes on http."""
     when = f"{next_last_sunday(month):%Y-%m-%d} 01:30"
-    args = ["notify", "--when", when, "--duration", duration, "--timezone", "Europe/Berlin"]
+    args = ["notify", "--when", when, "--scope", "cluster", "--duration", duration]
+    args += ["--timezone", "Europe/Berlin"]
     assert says in ok(world.cli(*args))
 
 
@@ -108,6 +109,8 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
             "notify",
             "--when",
             f"{when:%Y-%m-%d %H:%M}",
+            "--scope",
+            "cluster",
             "--duration",
             "30m",
             "--timezone",
@@ -122,7 +125,8 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     # no node runs a password yet: the rollout's start sets it (said before it is asked for)
     early = secret_file(tmp_path / "pw-early", PW1)  # (off a terminal: the file, s49cli L3)
     first = world.cli(
-        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--include-password", "--password-file",
+        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--scope", "cluster", "--include-password",
+        "--password-file",
         str(early),
     )  # fmt: skip
     assert "enable-tls sets its password when it starts" in usage_error(first)
@@ -132,7 +136,9 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     assert world.schema()["rollouts"] == []  # announcing stored nothing
 
     # the leader on UTC, a German notice: Europe/Berlin; an English one keeps the leader's zone
-    utc = world.cluster.cli("notify", "--when", f"{when:%Y-%m-%d %H:%M}", env={"TZ": "UTC"})
+    utc = world.cluster.cli(
+        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--scope", "cluster", env={"TZ": "UTC"}
+    )
     assert f"um 18:00 Uhr ({zone})" in ok(utc)
     ny = world.cluster.cli(
         "notify",
@@ -140,6 +146,8 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         "en",
         "--when",
         f"{when:%Y-%m-%d %H:%M}",
+        "--scope",
+        "cluster",
         env={"TZ": "America/New_York"},
     )
     assert "(EST)" in ok(ny) or "(EDT)" in ny.stdout
@@ -184,6 +192,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     # --- a new password staged: announce the change; the superseded password is refused now
     assert world.cli("password", "set", "--password-file", str(pw2)).returncode == 0
     args = ["notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--change", "change-password"]
+    args += ["--scope", "cluster"]
     text = ok(world.cli(*args))
     assert text.startswith("Neues Authentifizierungspasswort")
     assert "Der Passwortwechsel beginnt am" in text and "Die Serveradresse bleibt gleich." in text
@@ -269,7 +278,16 @@ def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_be
     # Announced, the cluster's switch: node1 already switched; node2 gets node1's password
     when = f"{ahead():%Y-%m-%d %H:%M}"
     text = ok(
-        world.cli("notify", "--when", when, "--include-password", "--password-file", str(pw1))
+        world.cli(
+            "notify",
+            "--when",
+            when,
+            "--scope",
+            "cluster",
+            "--include-password",
+            "--password-file",
+            str(pw1),
+        )
     )
     assert f"node1: {https1} (bereits umgestellt)" in text
     assert f"node2: neu https://{node2.address}:8443/" in text
@@ -302,7 +320,8 @@ def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_be
     joined = world.test_connection(node2.https_url(), pw1, tmp_path / "ws1")
     assert joined.returncode == 0, joined.stderr
     # A change-password notice gives the staged one
-    args = ["notify", "--when", when, "--change", "change-password", "--include-password"]
+    args = ["notify", "--when", when, "--scope", "cluster", "--change", "change-password"]
+    args += ["--include-password"]
     assert ok(world.cli(*args, "--password-file", str(pw2))).count(PW2) == 1
     assert "not the staged password" in usage_error(
         world.cli(*args, "--password-file", str(pw1)), 1

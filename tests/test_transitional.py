@@ -649,6 +649,15 @@ def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path
         wait_state(cluster, phase1, ("completed",), "phase 1 finalized after the restart")
         for node in nodes:
             assert list(live(node).schemes) == ["https"]
+        # Session 64's review L3': said of the finalize "only a transitional rollout is
+        # finalized", and of phase 1's notice --until "… is not" transitional.
+        again = cluster.cli("rollout", "finalize", "--yes")
+        assert again.returncode == 1, again.stderr
+        assert f"nothing awaits finalize: {final['id']} finalized {phase1}" in again.stderr
+        until = f"{dt.datetime.now() + dt.timedelta(days=5):%Y-%m-%d} 18:00"
+        told = cluster.cli("notify", "--rollout", phase1, "--until", until)
+        assert told.returncode == 2, told.stderr
+        assert f"{phase1}'s http was closed by finalize {final['id']}" in told.stderr
         check_writes(cluster, world, [rollout(cluster, phase1), final])
 
 

@@ -333,7 +333,11 @@ def plan_request(
             change=CHANGE.wire(change), freeze=FREEZE.wire(FreezeMode.NODE)
         )
     if scope is None:
-        scope = "nodes" if names else "cluster"
+        if not names:
+            # As `plan` and `rollout start` (the seed's dialog asks which): an announcement to
+            # the whole practice is said, not assumed (session 64's review L1).
+            raise click.UsageError("give --scope local|cluster or --nodes a,b")
+        scope = "nodes"
     if (scope == "nodes") != bool(names):
         raise click.UsageError("--nodes a,b goes with --scope nodes (or without --scope)")
     request = admin_pb2.RolloutRequest(
@@ -589,7 +593,7 @@ def check_password(
 @click.option(
     "--scope",
     type=click.Choice(["local", "cluster", "nodes"]),
-    help="With --when: which nodes [default: cluster].",
+    help="With --when: which nodes (or --nodes; one of them is needed, but for disable-tls).",
 )
 @click.option("--nodes", help="With --when: comma-separated node names (scope 'nodes').")
 @click.option(
