@@ -103,6 +103,16 @@ def _require_id(value: str, what: str, listed_by: str) -> None:
         )
 
 
+def _planned_detail(urls: tuple[str, str, int] | None) -> NodeDetail:
+    """A plan's row detail: the node's http and https address and bootstrap port (``urls``,
+    from its agent's check), as a rollout's preflight records them; none if it did not
+    answer."""
+    if urls is None:
+        return NodeDetail()
+    http_url, https_url, port = urls
+    return NodeDetail(old_url=http_url, new_url=https_url, bootstrap_port=port)
+
+
 def _actor(context: Ctx) -> str:
     """Who is calling, for the audit trail: the user the kernel saw connect to the admin socket
     (``leader.admin_socket``), never a name the client sends."""
@@ -439,7 +449,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 own_certificates=request.HasField("cert_dir"),
                 own_ca_pins=tuple((c.node, c.ca_pin) for c in planned.certificates if c.ca_pin),
             ),
-            tuple((n, NodeDetail()) for n in nodes),
+            # Each node's addresses as its agent's check gave them (session 64's review M2:
+            # `notify --when` announced a node never switched with the seed's port and "…").
+            tuple((n, _planned_detail(planned.addresses.get(n.name))) for n in nodes),
         )
         reply = admin_pb2.PlanResponse(
             rollout=rollout_view(row, on_http=on_http),

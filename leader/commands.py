@@ -154,6 +154,9 @@ class Planned:
     # it, with that config's path on the node (``NodeObservation.edited_config``): the way back
     # undoes the edits, keeping the file beside it first.
     edited_configs: tuple[tuple[str, str], ...] = ()
+    # Per node that answered: its http and https address and its bootstrap port as its agent's
+    # check gave them (``NodeObservation``): the plan's rows show them.
+    addresses: Mapping[str, tuple[str, str, int]] = field(default_factory=dict)
 
 
 class StillOnHttp(TerminalError):
@@ -591,6 +594,11 @@ class Commands:
             request.removed_since,
             tuple(n for n in practice if n in stepped),
             edited,
+            {
+                name: (o.http_url, o.https_url, o.bootstrap_port)
+                for name, o in (seen or {}).items()
+                if o.http_url or o.https_url
+            },
         )
 
     async def _check_own_certs(
@@ -957,6 +965,15 @@ class Commands:
         latest = self.schema.latest()
         if latest is None:
             raise NoRolloutYet("no rollout yet; start one with: tlsroll rollout start")
+        if latest.rollout.change is Change.FINALIZE:
+            # Not "finalize (direct): only a transitional rollout is finalized": the newest is
+            # a finalize itself (session 64's review L3').
+            done = latest.rollout.state is RolloutState.COMPLETED
+            what = "finalized" if done else f"({latest.rollout.state.value}) was the finalize of"
+            raise planner.NotAwaitingFinalize(
+                f"nothing awaits finalize: {latest.rollout.id} {what} {latest.meta.finalizes}; "
+                "see: tlsroll schema show"
+            )
         return latest  # finalize_scope says why it cannot be finalized
 
     async def stage_password(self, verifier_json: str, actor: str) -> tuple[int, set[str]]:

@@ -356,7 +356,12 @@ async def observe(
     def seen_checked(checked: agent_pb2.PreflightResponse) -> NodeObservation:
         # Check's answer carries the same ServerView as GetStatus (taken as it checks, in
         # every release that has Check): one call per node, not two.
-        seen = observation(checked.server, ca)
+        seen = replace(
+            observation(checked.server, ca),
+            http_url=peertext.clean(checked.old_url, 300),
+            https_url=peertext.clean(checked.new_url, 300),
+            bootstrap_port=checked.bootstrap_port,
+        )
         if checked.edited_config:  # (a down server too: the way back takes it back all the same)
             seen = replace(seen, edited_config=peertext.clean(checked.edited_config, 300))
         if not seen.reachable:

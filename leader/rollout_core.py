@@ -781,6 +781,12 @@ class NodeObservation:
     # it (``PreflightResponse.edited_config``): the way back undoes those edits, and its plan
     # says so (review rev58a H2). "" otherwise.
     edited_config: str = ""
+    # Where its clients find the server on http and on https, and its bootstrap port, as the
+    # agent's check answered (``PreflightResponse``; "" and 0 from a GetStatus): a plan's rows
+    # carry them, and ``tlsroll notify --when`` announces a node never switched with them.
+    http_url: str = ""
+    https_url: str = ""
+    bootstrap_port: int = 0
 
 
 def still_dual(seen: NodeObservation, digest: str = "") -> bool:

@@ -234,6 +234,29 @@ def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
 
 # --- empty paths, and the node's paths a join script names ------------------------------------
 
+
+def test_a_switch_without_a_scope_is_a_usage_error_storing_nothing(cluster: Cluster) -> None:
+    """Session 64's review L1: `plan` and `rollout start` refused a switch without a scope,
+    but `notify --when` announced one of the whole cluster: the seed's dialog asks which, and
+    so do all three now (exit 2, one line), with no rollout stored."""
+    cluster.start_leader()
+    try:
+        for args in (
+            ["plan"],
+            ["rollout", "start", "--yes"],
+            ["notify", "--when", "2099-01-02 10:00"],
+            ["notify", "--when", "2099-01-02 10:00", "--change", "rotate-cert"],
+        ):
+            result = cluster.cli(*args)
+            assert result.returncode == 2, (args, result.stdout, result.stderr)
+            assert result.stdout == ""
+            line = one_line_error(result.stderr, "tlsroll")
+            assert "give --scope local|cluster or --nodes a,b" in line, (args, line)
+        assert cluster.schema_json(limit=0).get("rollouts", []) == []
+    finally:
+        cluster.stop_leader()
+
+
 WHEN = "2030-01-02T10:00"
 EMPTY_PATHS = [
     ("--socket", ["--socket", "", "schema", "show"]),

@@ -1567,7 +1567,9 @@ def test_the_notices_after_own_certificate_rollouts_give_the_ca_and_the_steps_th
     d1 = write_dir(tmp_path / "d1", practice, chains)
 
     # Announced with --cert-dir: the practice CA's pin already.
-    announced = notice(cluster, "--when", "2099-01-05 18:00", "--cert-dir", str(d1))
+    announced = notice(
+        cluster, "--when", "2099-01-05 18:00", "--scope", "cluster", "--cert-dir", str(d1)
+    )
     assert practice_pin in announced and cluster_pin not in announced, announced
 
     start = cluster.cli(

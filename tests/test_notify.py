@@ -502,3 +502,84 @@ def test_the_ca_each_node_serves_is_read_from_the_history() -> None:
     assert notify_cmd.ca_change(own, own) == ""  # renewed from the same CA
     assert notify_cmd.ca_change("", "") == ""
     assert notify_cmd.ca_change(None, "") == ""
+
+
+def test_remaining_marks_nodes_whose_http_is_closed_and_says_the_zone_as_the_notice() -> None:
+    """Session 64's review L1': `notify --remaining` said "before http closes" of a node whose
+    http a finalize had closed, and counted its workstations as still to switch; now such a
+    node's rows say the workstation is cut off since then, and with no phase 1 awaiting
+    finalize the header does not speak of http closing. L2': the German list said "CET"."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from tlsroll.v1 import schema_pb2, types_pb2
+
+    def ts(when: dt.datetime) -> Timestamp:
+        stamp = Timestamp()
+        stamp.FromDatetime(when)
+        return stamp
+
+    seen = dt.datetime(2026, 12, 7, 9, 30, tzinfo=dt.UTC)
+    closed_at = dt.datetime(2026, 12, 7, 2, 12, tzinfo=dt.UTC)
+    done, dual = types_pb2.NODE_STATE_DONE, types_pb2.NODE_STATE_DUAL
+    phase1 = schema_pb2.RolloutView(
+        id="p1",
+        change=types_pb2.CHANGE_ENABLE_TLS,
+        strategy=types_pb2.STRATEGY_TRANSITIONAL,
+        state=types_pb2.ROLLOUT_STATE_AWAITING_FINALIZE,
+        nodes=[
+            schema_pb2.NodeView(name="node1", state=dual),
+            schema_pb2.NodeView(name="node2", state=dual),
+        ],
+    )
+    final = schema_pb2.RolloutView(
+        id="f1",
+        change=types_pb2.CHANGE_FINALIZE,
+        finalizes="p1",
+        state=types_pb2.ROLLOUT_STATE_ABORTED,
+        nodes=[
+            schema_pb2.NodeView(
+                name="node2",
+                state=done,
+                steps=[schema_pb2.StepTimes(step="switch", ended_at=ts(closed_at))],
+            ),
+            schema_pb2.NodeView(name="node1", state=types_pb2.NODE_STATE_PENDING),
+        ],
+    )
+    clients = [
+        schema_pb2.NodeClientsView(
+            node=name,
+            clients=types_pb2.ClientsView(source="reference"),
+            still_on_http=[types_pb2.ClientSeen(scheme="http", address=addr, last_seen=ts(seen))],
+        )
+        for name, addr in (("node1", "10.0.0.21"), ("node2", "10.0.0.22"))
+    ]
+    schema = schema_pb2.Schema(rollouts=[final, phase1], node_clients=clients)
+    german = notify_cmd.remaining_text(schema, "de", BERLIN).splitlines()
+    assert german == [
+        "Arbeitsplätze, die noch http nutzen (sie brauchen die Schritte, bevor http geschlossen "
+        "wird):",
+        "  node1: 10.0.0.21, zuletzt 2026-12-07 10:30:00 MEZ",
+        "  node2: 10.0.0.22, zuletzt 2026-12-07 10:30:00 MEZ – abgeschnitten: http ist seit "
+        "2026-12-07 03:12:00 MEZ geschlossen",
+    ], german
+    # phase 1 finalized since: nothing awaits finalize, and both are cut off
+    phase1.state = types_pb2.ROLLOUT_STATE_COMPLETED
+    later = schema_pb2.RolloutView(
+        id="f2",
+        change=types_pb2.CHANGE_FINALIZE,
+        finalizes="p1",
+        state=types_pb2.ROLLOUT_STATE_COMPLETED,
+        nodes=[schema_pb2.NodeView(name="node1", state=done)],
+        ended_at=ts(closed_at + dt.timedelta(hours=1)),
+    )
+    schema = schema_pb2.Schema(rollouts=[later, final, phase1], node_clients=clients)
+    english = notify_cmd.remaining_text(schema, "en", BERLIN).splitlines()
+    assert english[0] == (
+        "Workstations seen on http lately (no transitional rollout awaits finalize):"
+    )
+    assert english[1:] == [
+        "  node1: 10.0.0.21, last seen 2026-12-07 10:30:00 CET – cut off: http closed at "
+        "2026-12-07 04:12:00 CET",
+        "  node2: 10.0.0.22, last seen 2026-12-07 10:30:00 CET – cut off: http closed at "
+        "2026-12-07 03:12:00 CET",
+    ], english

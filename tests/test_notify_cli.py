@@ -85,7 +85,8 @@ def an_announced_end_is_its_duration_after_the_start_across_a_dst_change(
     (3 real hours for --duration 2h) or in the hour that does not exist (02:30 MEZ). Runs
     before the rollout of the test below: an announced enable-tls needs nodes on http."""
     when = f"{next_last_sunday(month):%Y-%m-%d} 01:30"
-    args = ["notify", "--when", when, "--duration", duration, "--timezone", "Europe/Berlin"]
+    args = ["notify", "--when", when, "--scope", "cluster", "--duration", duration]
+    args += ["--timezone", "Europe/Berlin"]
     assert says in ok(world.cli(*args))
 
 
@@ -108,6 +109,8 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
             "notify",
             "--when",
             f"{when:%Y-%m-%d %H:%M}",
+            "--scope",
+            "cluster",
             "--duration",
             "30m",
             "--timezone",
@@ -122,17 +125,20 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     # no node runs a password yet: the rollout's start sets it (said before it is asked for)
     early = secret_file(tmp_path / "pw-early", PW1)  # (off a terminal: the file, s49cli L3)
     first = world.cli(
-        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--include-password", "--password-file",
+        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--scope", "cluster", "--include-password",
+        "--password-file",
         str(early),
     )  # fmt: skip
     assert "enable-tls sets its password when it starts" in usage_error(first)
-    for node in world.nodes:
-        assert f"{node.name}: neu https://{node.address}:8443/…" in text
-    assert "Nur der Anfang der Adresse ändert sich" in text
+    for node in world.nodes:  # as its agent answered the plan (session 64's review M2)
+        assert f"{node.name}: neu https://{node.address}:8443/praxis_live/ (bisher http" in text
+    assert "Nur der Anfang der Adresse ändert sich" not in text
     assert world.schema()["rollouts"] == []  # announcing stored nothing
 
     # the leader on UTC, a German notice: Europe/Berlin; an English one keeps the leader's zone
-    utc = world.cluster.cli("notify", "--when", f"{when:%Y-%m-%d %H:%M}", env={"TZ": "UTC"})
+    utc = world.cluster.cli(
+        "notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--scope", "cluster", env={"TZ": "UTC"}
+    )
     assert f"um 18:00 Uhr ({zone})" in ok(utc)
     ny = world.cluster.cli(
         "notify",
@@ -140,6 +146,8 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         "en",
         "--when",
         f"{when:%Y-%m-%d %H:%M}",
+        "--scope",
+        "cluster",
         env={"TZ": "America/New_York"},
     )
     assert "(EST)" in ok(ny) or "(EDT)" in ny.stdout
@@ -184,6 +192,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     # --- a new password staged: announce the change; the superseded password is refused now
     assert world.cli("password", "set", "--password-file", str(pw2)).returncode == 0
     args = ["notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--change", "change-password"]
+    args += ["--scope", "cluster"]
     text = ok(world.cli(*args))
     assert text.startswith("Neues Authentifizierungspasswort")
     assert "Der Passwortwechsel beginnt am" in text and "Die Serveradresse bleibt gleich." in text
@@ -269,7 +278,16 @@ def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_be
     # Announced, the cluster's switch: node1 already switched; node2 gets node1's password
     when = f"{ahead():%Y-%m-%d %H:%M}"
     text = ok(
-        world.cli("notify", "--when", when, "--include-password", "--password-file", str(pw1))
+        world.cli(
+            "notify",
+            "--when",
+            when,
+            "--scope",
+            "cluster",
+            "--include-password",
+            "--password-file",
+            str(pw1),
+        )
     )
     assert f"node1: {https1} (bereits umgestellt)" in text
     assert f"node2: neu https://{node2.address}:8443/" in text
@@ -302,7 +320,8 @@ def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_be
     joined = world.test_connection(node2.https_url(), pw1, tmp_path / "ws1")
     assert joined.returncode == 0, joined.stderr
     # A change-password notice gives the staged one
-    args = ["notify", "--when", when, "--change", "change-password", "--include-password"]
+    args = ["notify", "--when", when, "--scope", "cluster", "--change", "change-password"]
+    args += ["--include-password"]
     assert ok(world.cli(*args, "--password-file", str(pw2))).count(PW2) == 1
     assert "not the staged password" in usage_error(
         world.cli(*args, "--password-file", str(pw1)), 1
@@ -319,6 +338,71 @@ def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_be
     for out in world.outputs:  # no password anywhere but in the notices that asked for it
         if "WARNUNG" not in out and "WARNING" not in out:
             assert PW1 not in out and PW2 not in out
+
+
+def test_a_notice_about_some_servers_of_several_names_the_others_and_the_agents_addresses(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Session 64's review M1: after a local rollout (and announcing one of named nodes) the
+    notice told every workstation to move to the one server switched; now only those that use
+    its old address act, and the others' servers are named as keeping theirs. M2: a node
+    never switched was announced with the seed's bootstrap port and "…" for its app path,
+    though its agent (``[agent] bootstrap_port = 9543``) answered the plan with both."""
+    world = World(tmp_path_factory.mktemp("notify-part"), nodes=3)
+    try:
+        world.cluster.init("--node-name", "node1")
+        world.cluster.start_leader()
+        node1, node2, node3 = world.nodes
+        node1.start()
+        node2.start()
+        node3.start(extra_config={"agent": {"bootstrap_port": 9543}})
+        world.cluster.wait_for_nodes_online([n.name for n in world.nodes])
+        when = f"{ahead():%Y-%m-%d %H:%M}"
+        http3 = f"http://{node3.address}:8080/praxis_live/"
+        https3 = f"https://{node3.address}:8443/praxis_live/"
+
+        # announced, before any rollout: node3 as its agent answered the plan
+        text = ok(world.cli("notify", "--when", when, "--nodes", "node3"))
+        assert f"node3: neu {https3} (bisher {http3}), Port für die Einrichtung: 9543" in text, text
+        assert "Port 9543 einfach bestätigen" in text and "Port 9443" not in text
+        assert "Jeder Arbeitsplatz" not in text
+        assert f"Nur Arbeitsplätze, die {http3} nutzen, müssen danach" in text
+        assert "Die Server node1 und node2 behalten ihre Adressen" in text
+        assert "An den übrigen Arbeitsplätzen kann normal weitergearbeitet werden." in text
+        english = ok(world.cli("notify", "--lang", "en", "--when", when, "--nodes", "node3"))
+        assert f"node3: new {https3} (currently {http3}), port for the set-up: 9543" in english
+        assert "Every workstation" not in english
+        assert "The servers node1 and node2 keep their addresses" in english
+        assert world.schema()["rollouts"] == []  # announcing stored nothing
+
+        # the leader node alone: only the workstations that use its old address switch
+        pw = secret_file(tmp_path / "pw", PW1)
+        rollout(world, "--scope", "local", "--password-file", str(pw))
+        http1 = f"http://{node1.address}:8080/praxis_live/"
+        https1 = f"https://{node1.address}:8443/praxis_live/"
+        text = ok(world.cli("notify"))
+        assert "Jeder Arbeitsplatz" not in text, text
+        assert f"Nur Arbeitsplätze, die {http1} nutzen, müssen jetzt einmal" in text
+        assert "Betroffen ist ein einzelner Server." in text
+        assert "Die Server node2 und node3 behalten ihre Adressen" in text
+        assert f"node2: http://{node2.address}:8080/" in text and "(bleibt unverändert)" in text
+        assert "Was ist jetzt an den betroffenen Arbeitsplätzen zu tun?" in text
+        assert (
+            f"Steht dort {http1}, diese Adresse durch {https1} ersetzen; sonst ist an diesem "
+            "Arbeitsplatz nichts zu tun." in text
+        )
+        english = ok(world.cli("notify", "--lang", "en"))
+        assert "Every workstation" not in english, english
+        assert f"Only workstations that use {http1} now have to be switched" in english
+        assert "The servers node2 and node3 keep their addresses" in english
+        assert f"If it shows {http1}, replace it with {https1}; if not" in english
+
+        # node3 announced after it: node1 is on https now, node2 still on http
+        text = ok(world.cli("notify", "--lang", "en", "--when", when, "--nodes", "node3"))
+        assert f"node1: {https1} (unchanged)" in text
+        assert "port for the set-up: 9543" in text and "port 9443" not in text
+    finally:
+        world.close()
 
 
 PW3 = "third-password-8vn2-r5jt"

@@ -225,6 +225,69 @@ CASES["rotate-cert.announced.mixed"] = (
     None,
 )
 
+# Some servers of several (scope local or nodes): the workstations of the others keep their
+# address, and only those that use an old one switch (session 64's review M1).
+OTHERS = (
+    NoticeNode("labor-server", HTTP[1], HTTP[1]),
+    NoticeNode("archiv-server", "http://192.168.1.7:8080/…", "", path_known=False),
+)
+for _phase in ("announced", "running", "done"):
+    CASES[f"enable-tls.{_phase}.local"] = (
+        info("enable-tls", _phase, nodes=nodes("enable-tls")[:1], others=OTHERS, scope="local"),
+        "text",
+        None,
+    )
+CASES["enable-tls.announced.nodes"] = (
+    info(
+        "enable-tls",
+        "announced",
+        nodes=(
+            NoticeNode(
+                "archiv-server",
+                "http://192.168.1.7:8080/…",
+                "https://192.168.1.7:8443/…",
+                path_known=False,
+            ),
+        ),
+        others=(NoticeNode(NAMES[0], HTTPS[0], HTTPS[0]), NoticeNode(NAMES[1], HTTP[1], HTTP[1])),
+        scope="nodes",
+    ),
+    "text",
+    None,
+)
+CASES["enable-tls.done.nodes"] = (
+    info(
+        "enable-tls",
+        "done",
+        others=(NoticeNode("archiv-server", "http://192.168.1.7:8080/…", "", path_known=False),),
+        scope="nodes",
+    ),
+    "text",
+    None,
+)
+
+# A transitional rollout whose finalize closed http on one node and not yet on the other:
+# running (a --when-quiet one may wait days for quiet there), and aborted part way
+# (session 64's review M2').
+_CLOSED = (replace(nodes("enable-tls")[0], closed=at(7, 3, 12)), nodes("enable-tls")[1])
+CASES["finalize.running"] = (
+    info(
+        "enable-tls",
+        "done",
+        nodes=_CLOSED,
+        transitional=True,
+        until=at(12, 18, 0),
+        closing=True,
+    ),
+    "text",
+    None,
+)
+CASES["finalize.partly"] = (
+    info("enable-tls", "done", nodes=_CLOSED, transitional=True),
+    "text",
+    None,
+)
+
 
 def golden(case: str, lang: str) -> Path:
     return DATA / f"{case}.{lang}.{EXT[CASES[case][1]]}"

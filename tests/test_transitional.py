@@ -649,6 +649,15 @@ def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path
         wait_state(cluster, phase1, ("completed",), "phase 1 finalized after the restart")
         for node in nodes:
             assert list(live(node).schemes) == ["https"]
+        # Session 64's review L3': said of the finalize "only a transitional rollout is
+        # finalized", and of phase 1's notice --until "… is not" transitional.
+        again = cluster.cli("rollout", "finalize", "--yes")
+        assert again.returncode == 1, again.stderr
+        assert f"nothing awaits finalize: {final['id']} finalized {phase1}" in again.stderr
+        until = f"{dt.datetime.now() + dt.timedelta(days=5):%Y-%m-%d} 18:00"
+        told = cluster.cli("notify", "--rollout", phase1, "--until", until)
+        assert told.returncode == 2, told.stderr
+        assert f"{phase1}'s http was closed by finalize {final['id']}" in told.stderr
         check_writes(cluster, world, [rollout(cluster, phase1), final])
 
 
@@ -727,3 +736,60 @@ def test_finalize_when_quiet_closes_each_node_once_its_http_clients_are_gone(
         for node in nodes:
             assert list(live(node).schemes) == ["https"]
         check_writes(cluster, world, [rollout(cluster, phase1), final])
+
+
+@pytest.mark.timeout(420)
+def test_the_notice_during_a_partial_when_quiet_finalize_is_about_phase_1_node_by_node(
+    tmp_path: Path,
+) -> None:
+    """Session 64's review M2': with node2 finalized and the others waiting for quiet (a
+    --when-quiet finalize may wait days by design), `notify` said "still in progress … make no
+    new entries until it is complete", refused --until ("not transitional"), `notify --rollout
+    PHASE1` said node2's http "still works too" though 8080 was closed there, and `rollout
+    status PHASE1` said every node serves http and https."""
+    with fresh_reports(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        for pair in world.values():
+            pair[0].scheme = "https"
+        world["node2"][1].scheme = "https"
+        stayers = {n: world[n][1].source for n in ("node1", "node3")}
+        wait_until(
+            lambda: all(on_http_named(cluster, n) == [a] for n, a in stayers.items()),
+            30,
+            "the stayers reported on http",
+            interval=SCHEMA_POLL,
+        )
+        started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", "8s", "--yes")
+        assert started.returncode == 0, started.stderr
+        final_id = newest(cluster)["id"]
+        wait_states(
+            cluster,
+            final_id,
+            {"node1": "pending", "node2": "done", "node3": "pending"},
+            120,
+            "node2 finalized by itself",
+        )
+        assert not nodes[1].port_open(8080)
+        http1 = f"http://{nodes[0].address}:8080/"
+        http2 = f"http://{nodes[1].address}:8080/"
+        until = f"{dt.datetime.now() + dt.timedelta(days=5):%Y-%m-%d} 18:00"
+        for args in ((), ("--until", until), ("--rollout", phase1, "--until", until)):
+            shown = cluster.cli("notify", "--lang", "en", *args)
+            assert shown.returncode == 0, shown.stderr
+            text = shown.stdout
+            assert "no new entries" not in text and "in progress" not in text, text
+            assert "each server restarts briefly when its turn comes" in text
+            assert f"({http2}" in text and "closed since" in text
+            assert f"(for now {http1}" in text and "still works too" in text
+            assert "On the server node2, however, the old address is closed already" in text
+            if "--until" in args:
+                assert "at the latest" in text
+        german = cluster.cli("notify")
+        assert german.returncode == 0, german.stderr
+        assert "keine neuen Einträge" not in german.stdout
+        assert f"({http2}" in german.stdout and "geschlossen)" in german.stdout
+        status = cluster.cli("rollout", "status", phase1)
+        assert "node2 serve(s) https only (http closed by its finalize)" in status.stderr
+        assert "node1, node3 http and https" in status.stderr
+        assert "its nodes serve http and https" not in status.stderr

@@ -68,6 +68,9 @@ class NoticeNode:
     # before: every such workstation must be set up again), "cluster" (back from a practice's
     # CA to the cluster CA: one set up with that practice CA's pin must); "" neither.
     ca_change: Literal["", "own", "cluster"] = ""
+    # A transitional rollout's node whose http a finalize (phase 2) has closed: since when
+    # (aware). None: its http still works (``NoticeInfo.until``).
+    closed: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,14 @@ class NoticeInfo:
     extra: Sequence[str] = field(default_factory=tuple)  # further notes, one paragraph each
     transitional: bool = False  # enable-tls keeping http until finalize (strategy transitional)
     until: dt.datetime | None = None  # transitional: when http is planned to close
+    # transitional: its finalize is closing http one server after another (running, paused,
+    # a --when-quiet one waiting for quiet on a node): each restarts briefly in its turn.
+    closing: bool = False
+    # enable-tls of scope local or nodes: the enrolled nodes outside it, ``old_url`` (and
+    # ``new_url``) their address now. The message then says that only the workstations using
+    # the old address of a node in it switch, and that these keep theirs (session 64's review
+    # M1: "every workstation" sent the whole practice to the one server switched).
+    others: Sequence[NoticeNode] = ()
 
 
 # --- wording ------------------------------------------------------------------------------------
@@ -216,6 +227,42 @@ _DE: dict[str, str] = {
         "Sie können jeden Arbeitsplatz jederzeit umstellen, {until}. Danach gilt nur noch die "
         "neue Adresse; ein Arbeitsplatz, der dann noch die alte nutzt, erreicht den Server nicht."
     ),
+    "what.enable-tls.part.before": (
+        "Zum Schutz der Patientendaten wird die Verbindung zwischen den Arbeitsplätzen (Clients) "
+        "und dem Server verschlüsselt (https, SSL/TLS). Dadurch ändert sich die Serveradresse. "
+        "Nur Arbeitsplätze, die {old} nutzen, müssen danach einmal auf die neue Adresse "
+        "umgestellt werden."
+    ),
+    "what.enable-tls.part.after": (
+        "Zum Schutz der Patientendaten ist die Verbindung zwischen den Arbeitsplätzen (Clients) "
+        "und dem Server jetzt verschlüsselt (https, SSL/TLS). Dadurch hat sich die Serveradresse "
+        "geändert. Nur Arbeitsplätze, die {old} nutzen, müssen jetzt einmal auf die neue Adresse "
+        "umgestellt werden."
+    ),
+    "others.one": (
+        "Der Server {others} behält seine Adresse; an Arbeitsplätzen, die ihn nutzen, ist "
+        "nichts zu tun."
+    ),
+    "others.many": (
+        "Die Server {others} behalten ihre Adressen; an Arbeitsplätzen, die sie nutzen, ist "
+        "nichts zu tun."
+    ),
+    "or": "oder",
+    "and": "und",
+    "closed.one": (
+        "Beim Server {names} ist die bisherige Adresse jedoch bereits geschlossen: "
+        "Arbeitsplätze, die ihn noch darüber nutzen, erreichen ihn erst wieder, wenn sie "
+        "umgestellt sind."
+    ),
+    "closed.many": (
+        "Bei den Servern {names} sind die bisherigen Adressen jedoch bereits geschlossen: "
+        "Arbeitsplätze, die sie noch darüber nutzen, erreichen sie erst wieder, wenn sie "
+        "umgestellt sind."
+    ),
+    "closing": (
+        "Die bisherigen Adressen werden jetzt nacheinander geschlossen; dabei wird jeder Server "
+        "kurz neu gestartet, wenn er an der Reihe ist."
+    ),
     "until.when": "spätestens bis {when}",
     "until.open": "bis die Praxis-IT die alte Adresse schließt (Sie erfahren es vorher)",
     "scope.cluster": "Betroffen ist der gesamte Multiserver-Verbund.",
@@ -238,6 +285,15 @@ _DE: dict[str, str] = {
         "Einträge vor."
     ),
     "entries.running": "Bitte nehmen Sie bis zum Abschluss keine neuen Einträge vor.",
+    "entries.announced.part": (
+        "Bitte schließen Sie an den betroffenen Arbeitsplätzen Ihre Eingaben vorher ab und "
+        "nehmen Sie dort in dieser Zeit keine neuen Einträge vor."
+    ),
+    "entries.running.part": (
+        "Bitte nehmen Sie an den betroffenen Arbeitsplätzen bis zum Abschluss keine neuen "
+        "Einträge vor."
+    ),
+    "entries.others": "An den übrigen Arbeitsplätzen kann normal weitergearbeitet werden.",
     "unchanged.one": "Für den Server {names} gilt vorerst weiter die bisherige Adresse.",
     "unchanged.many": "Für die Server {names} gilt vorerst weiter die bisherige Adresse.",
     "nodes_h.address": "Neue Serveradressen",
@@ -245,8 +301,10 @@ _DE: dict[str, str] = {
     "node.new.before": "{name}: neu {new} (bisher {old})",
     "node.new.after": "{name}: neu {new} (vorher {old})",
     "node.new.transitional": "{name}: neu {new} (vorerst geht auch noch {old})",
+    "node.new.closed": "{name}: neu {new} ({old} ist seit {when} geschlossen)",
     "node.port": "{line}, Port für die Einrichtung: {port}",
     "node.already": "{name}: {new} (bereits umgestellt)",
+    "node.other": "{name}: {url} (bleibt unverändert)",
     "node.same": "{name}: {url}",
     "path_unknown": (
         "Nur der Anfang der Adresse ändert sich; was nach der Portnummer folgt, bleibt gleich."
@@ -254,6 +312,8 @@ _DE: dict[str, str] = {
     "steps_h.before": "Was ist danach an jedem Arbeitsplatz zu tun?",
     "steps_h.after": "Was ist jetzt an jedem Arbeitsplatz zu tun?",
     "steps_h.setup": "So richten Sie einen Arbeitsplatz (neu) ein",
+    "steps_h.part.before": "Was ist danach an den betroffenen Arbeitsplätzen zu tun?",
+    "steps_h.part.after": "Was ist jetzt an den betroffenen Arbeitsplätzen zu tun?",
     "password_steps.before": (
         "An bereits eingerichteten Arbeitsplätzen ist in der Regel nichts zu tun. Fragt ein "
         "Arbeitsplatz nach dem Neustart des Servers nach dem Passwort oder wird er neu "
@@ -277,6 +337,20 @@ _DE: dict[str, str] = {
     "step_menu_path": (
         "In der Menüleiste „Admin → Serveradresse ändern“ öffnen und den Anfang der Adresse "
         "wie in der Liste oben ändern."
+    ),
+    "step_menu_one.part": (
+        "In der Menüleiste „Admin → Serveradresse ändern“ öffnen. Steht dort {old}, diese "
+        "Adresse durch {url} ersetzen; sonst ist an diesem Arbeitsplatz nichts zu tun."
+    ),
+    "step_menu_many.part": (
+        "In der Menüleiste „Admin → Serveradresse ändern“ öffnen. Steht dort eine der "
+        "bisherigen Adressen aus der Liste oben, die neue Adresse dieses Servers eintragen; "
+        "sonst ist an diesem Arbeitsplatz nichts zu tun."
+    ),
+    "step_menu_path.part": (
+        "In der Menüleiste „Admin → Serveradresse ändern“ öffnen. Beginnt die Adresse dort wie "
+        "eine der bisherigen in der Liste oben, ihren Anfang wie dort angegeben ändern; sonst "
+        "ist an diesem Arbeitsplatz nichts zu tun."
     ),
     "step_test": "Auf „Verbindung testen“ klicken.",
     "step_port_default": (
@@ -443,6 +517,34 @@ _EN: dict[str, str] = {
         "workstation any time {until}. After that only the new address works; a workstation "
         "still on the old one will not reach the server."
     ),
+    "what.enable-tls.part.before": (
+        "To protect patient data, the connection between the workstations (clients) and the "
+        "server will be encrypted (https, SSL/TLS). This changes the server address. Only "
+        "workstations that use {old} then have to be switched to the new address once."
+    ),
+    "what.enable-tls.part.after": (
+        "To protect patient data, the connection between the workstations (clients) and the "
+        "server is now encrypted (https, SSL/TLS). This has changed the server address. Only "
+        "workstations that use {old} now have to be switched to the new address once."
+    ),
+    "others.one": "The server {others} keeps its address; workstations that use it need nothing.",
+    "others.many": (
+        "The servers {others} keep their addresses; workstations that use them need nothing."
+    ),
+    "or": "or",
+    "and": "and",
+    "closed.one": (
+        "On the server {names}, however, the old address is closed already: workstations that "
+        "still use it there reach the server again only once they are switched."
+    ),
+    "closed.many": (
+        "On the servers {names}, however, the old addresses are closed already: workstations "
+        "that still use them there reach their server again only once they are switched."
+    ),
+    "closing": (
+        "The old addresses are now being closed one server after another; each server restarts "
+        "briefly when its turn comes."
+    ),
     "until.when": "until {when} at the latest",
     "until.open": "until the practice IT closes the old address (you will be told beforehand)",
     "scope.cluster": "This affects the whole multiserver.",
@@ -462,6 +564,14 @@ _EN: dict[str, str] = {
         "Please finish your entries beforehand and make no new entries during this time."
     ),
     "entries.running": "Please make no new entries until it is complete.",
+    "entries.announced.part": (
+        "At the workstations concerned, please finish your entries beforehand and make no new "
+        "entries during this time."
+    ),
+    "entries.running.part": (
+        "At the workstations concerned, please make no new entries until it is complete."
+    ),
+    "entries.others": "The other workstations can go on working as usual.",
     "unchanged.one": "The server {names} keeps its current address for now.",
     "unchanged.many": "The servers {names} keep their current address for now.",
     "nodes_h.address": "New server addresses",
@@ -469,8 +579,10 @@ _EN: dict[str, str] = {
     "node.new.before": "{name}: new {new} (currently {old})",
     "node.new.after": "{name}: new {new} (previously {old})",
     "node.new.transitional": "{name}: new {new} (for now {old} still works too)",
+    "node.new.closed": "{name}: new {new} ({old} closed since {when})",
     "node.port": "{line}, port for the set-up: {port}",
     "node.already": "{name}: {new} (already switched)",
+    "node.other": "{name}: {url} (unchanged)",
     "node.same": "{name}: {url}",
     "path_unknown": (
         "Only the beginning of the address changes; whatever follows the port number stays "
@@ -479,6 +591,8 @@ _EN: dict[str, str] = {
     "steps_h.before": "What to do at each workstation afterwards",
     "steps_h.after": "What to do at each workstation now",
     "steps_h.setup": "How to set up a workstation (again)",
+    "steps_h.part.before": "What to do afterwards at each workstation concerned",
+    "steps_h.part.after": "What to do now at each workstation concerned",
     "password_steps.before": (
         "Workstations already set up usually need nothing. If a workstation asks for the "
         "password after its server has restarted, or is set up again, enter the new password."
@@ -500,6 +614,20 @@ _EN: dict[str, str] = {
     "step_menu_path": (
         "In the menu bar open “Admin → Change server address” and change the beginning of the "
         "address as in the list above."
+    ),
+    "step_menu_one.part": (
+        "In the menu bar open “Admin → Change server address”. If it shows {old}, replace it "
+        "with {url}; if not, this workstation needs nothing."
+    ),
+    "step_menu_many.part": (
+        "In the menu bar open “Admin → Change server address”. If it shows one of the old "
+        "addresses in the list above, enter that server's new address; if not, this "
+        "workstation needs nothing."
+    ),
+    "step_menu_path.part": (
+        "In the menu bar open “Admin → Change server address”. If the address there begins "
+        "like one of the old ones in the list above, change its beginning as shown there; if "
+        "not, this workstation needs nothing."
     ),
     "step_test": "Click “Test connection”.",
     "step_port_default": (
@@ -720,6 +848,10 @@ def render_notice(
     changes = {n.ca_change for n in info.nodes} if change == "rotate-cert" else {""}
     new_ca = changes != {""}
     marked = new_ca and len(changes) > 1
+    # A switch of some servers of several (scope local or nodes): the workstations of the
+    # others keep their address, and only those that use an old one of these act.
+    part = change == "enable-tls" and bool(info.others)
+    olds = _either([n.old_url for n in info.nodes], w["or"]) if part else ("", {})
 
     if password is not None:
         doc.warning(w["warning"])
@@ -734,6 +866,15 @@ def render_notice(
         )
         what = w[f"what.enable-tls.transitional.{when}"]
         doc.para(what + " " + w[f"scope.{info.scope}"], until=_Text(until))
+        closed = [n.name for n in info.nodes if n.closed is not None]
+        if closed:
+            many = "many" if len(closed) > 1 else "one"
+            doc.para(w[f"closed.{many}"], names=_Text(_listed(closed, w["and"])))
+    elif part:
+        doc.para(
+            w[f"what.enable-tls.part.{when}"].format(old=olds[0]) + " " + w[f"scope.{info.scope}"],
+            **olds[1],
+        )
     elif new_ca:
         lead = f"what.rotate-cert.newca.{'marked.' if marked else ''}{when}"
         doc.para(w[lead] + " " + w[f"scope.{info.scope}"])
@@ -742,12 +883,22 @@ def render_notice(
                 doc.para(w[f"newca.{kind}.marked" if marked else f"newca.{kind}"])
     else:
         doc.para(w[f"what.{change}.{when}"] + " " + w[f"scope.{info.scope}"])
+    if part:
+        many = "many" if len(info.others) > 1 else "one"
+        names = [n.name for n in info.others]
+        doc.para(w[f"others.{many}"], others=_Text(_listed(names, w["and"])))
 
     doc.heading(w["when_h"])
     doc.para(when_text(info, lang))
+    if info.closing and info.transitional:
+        doc.para(w["closing"])
     if info.timing.phase != "done":
         restart = w["restart.many"] if len(info.nodes) > 1 else w["restart.one"]
-        doc.para(restart + " " + w[f"entries.{info.timing.phase}"])
+        if part:
+            entries = w[f"entries.{info.timing.phase}.part"] + " " + w["entries.others"]
+        else:
+            entries = w[f"entries.{info.timing.phase}"]
+        doc.para(restart + " " + entries)
     elif info.unchanged:
         many = "many" if len(info.unchanged) > 1 else "one"
         doc.para(w[f"unchanged.{many}"], names=_Text(", ".join(info.unchanged)))
@@ -760,6 +911,8 @@ def render_notice(
         if moves:
             both = info.transitional and change == "enable-tls"
             template = w["node.new.transitional" if both else f"node.new.{when}"]
+            if both and n.closed is not None:
+                template = w["node.new.closed"]
             if port_shown:
                 template = w["node.port"].format(line=template, port="{port}")
             values: dict[str, _Value] = {
@@ -768,6 +921,8 @@ def render_notice(
                 "old": _Code(n.old_url),
                 "port": _Text(str(n.bootstrap_port)),
             }
+            if n.closed is not None:
+                values["when"] = _Text(_full_time(n.closed, lang))
         else:
             template = w["node.same"]
             if marked and n.ca_change:
@@ -787,18 +942,24 @@ def render_notice(
                     },
                 )
             )
+    if part:
+        for n in info.others:
+            lines.append((w["node.other"], {"name": _Text(n.name), "url": _Code(n.old_url)}))
     doc.bullets(lines)
     if moves and not all(n.path_known for n in info.nodes):
         doc.para(w["path_unknown"])
 
     if change != "rotate-cert" or new_ca:
         steps: list[tuple[str, dict[str, _Value]]] = [(w["step_login"], {})]
+        # (``part``: the step says which workstations go on, the others stop there.)
+        suffix = ".part" if part else ""
         if not all(n.path_known for n in info.nodes):
-            steps.append((w["step_menu_path"], {}))
+            steps.append((w["step_menu_path" + suffix], {}))
         elif len(info.nodes) == 1:
-            steps.append((w["step_menu_one"], {"url": _Code(info.nodes[0].new_url)}))
+            values = {"url": _Code(info.nodes[0].new_url), "old": _Code(info.nodes[0].old_url)}
+            steps.append((w["step_menu_one" + suffix], values))
         else:
-            steps.append((w["step_menu_many" if moves else "step_menu_same"], {}))
+            steps.append((w["step_menu_many" + suffix if moves else "step_menu_same"], {}))
         steps.append((w["step_test"], {}))
         if change != "disable-tls":
             if len(ports) == 1:
@@ -815,7 +976,7 @@ def render_notice(
             # Not every workstation: those the paragraphs above name (rev57a L3).
             doc.heading(w["steps_h.setup"])
         else:
-            doc.heading(w[f"steps_h.{when}"])
+            doc.heading(w[f"steps_h.{'part.' if part else ''}{when}"])
         doc.steps(steps)
 
     if change in _PASSWORD_MATTERS or new_ca:
@@ -858,6 +1019,18 @@ def render_notice(
     for note in info.extra:
         doc.para("{note}", note=_Text(note))
     return doc.render(lang)
+
+
+def _listed(names: Sequence[str], word: str) -> str:
+    """``names`` as "A, B und C"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
+
+
+def _either(urls: Sequence[str], word: str) -> tuple[str, dict[str, _Value]]:
+    """A template naming ``urls`` as alternatives ("A, B oder C"), and its values."""
+    names = [f"{{old{i}}}" for i in range(len(urls))]
+    text = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {word} {names[-1]}"
+    return text, {f"old{i}": _Code(u) for i, u in enumerate(urls)}
 
 
 def _check_command(node: NoticeNode, ca_pin: str) -> str:

@@ -35,7 +35,7 @@ import re
 import sys
 import zoneinfo
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import click
 
 from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader, rollout_id_param
-from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice
+from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice, zone_text
 from leader.cli.password import read_password_file
 from leader.rollout_core import CHANGES as SPECS
 from leader.rollout_core import (
@@ -279,9 +279,43 @@ def ca_change(before: str | None, after: str) -> Literal["", "own", "cluster"]:
 
 
 def node_addresses(leader: Leader) -> dict[str, str]:
+    return {name: address for name, (address, _) in enrolled(leader).items()}
+
+
+def enrolled(leader: Leader) -> dict[str, tuple[str, str]]:
+    """Per enrolled node, its first address and its server as its last heartbeat said
+    (``NodeInfo.server``: "http", "https", "http+https", …)."""
     with leader.admin() as admin:
         reply = leader.call(admin.ListNodes, admin_pb2.ListNodesRequest())
-    return {n.name: (n.addresses[0] if n.addresses else n.name) for n in reply.nodes}
+    return {n.name: (n.addresses[0] if n.addresses else n.name, n.server) for n in reply.nodes}
+
+
+def outside(
+    leader: Leader,
+    kind: ScopeKind | None,
+    inside: Sequence[str],
+    known: dict[str, dict[str, tuple[str, int]]],
+) -> list[NoticeNode]:
+    """An enable-tls of scope local or nodes: the enrolled nodes not in it, each with its
+    address now (``NoticeInfo.others``): the one of the scheme it serves (https only: its
+    https address, else its http one) as last recorded, else its enrolled address with the
+    seed's port (the path unknown, "…")."""
+    if kind not in (ScopeKind.LOCAL, ScopeKind.NODES):
+        return []
+    found = []
+    for name, (address, server) in sorted(enrolled(leader).items()):
+        if name in inside:
+            continue
+        schemes = set(server.split("+")) if server in ("http", "https", "http+https") else set()
+        scheme = "https" if schemes == {"https"} else "http"
+        url = known.get(name, {}).get(scheme)
+        if url is None:
+            host = f"[{address}]" if ":" in address else address
+            port = HTTPS_PORT if scheme == "https" else HTTP_PORT
+            found.append(NoticeNode(name, f"{scheme}://{host}:{port}/…", "", path_known=False))
+        else:
+            found.append(NoticeNode(name, url[0], url[0], url[1]))
+    return found
 
 
 def plan_request(
@@ -299,7 +333,11 @@ def plan_request(
             change=CHANGE.wire(change), freeze=FREEZE.wire(FreezeMode.NODE)
         )
     if scope is None:
-        scope = "nodes" if names else "cluster"
+        if not names:
+            # As `plan` and `rollout start` (the seed's dialog asks which): an announcement to
+            # the whole practice is said, not assumed (session 64's review L1).
+            raise click.UsageError("give --scope local|cluster or --nodes a,b")
+        scope = "nodes"
     if (scope == "nodes") != bool(names):
         raise click.UsageError("--nodes a,b goes with --scope nodes (or without --scope)")
     request = admin_pb2.RolloutRequest(
@@ -315,10 +353,37 @@ def plan_request(
     return request
 
 
-def _finalized(schema: schema_pb2.Schema, rollout_id: str) -> bool:
-    """A finalize of transitional rollout ``rollout_id`` has completed (its http is closed)."""
+def _finalized_by(schema: schema_pb2.Schema, rollout_id: str) -> str:
+    """The finalize of transitional rollout ``rollout_id`` that completed (its http is closed
+    on every node), "" none."""
     completed = ROLLOUT_STATE.wire(RolloutState.COMPLETED)
-    return any(r.finalizes == rollout_id and r.state == completed for r in schema.rollouts)
+    return next(
+        (r.id for r in schema.rollouts if r.finalizes == rollout_id and r.state == completed), ""
+    )
+
+
+def _closed_by_finalize(
+    schema: schema_pb2.Schema, rollout_id: str
+) -> tuple[dict[str, dt.datetime], bool]:
+    """Transitional rollout ``rollout_id`` awaiting finalize: its nodes whose http a finalize
+    of it has closed (done in it: running, paused, or ended part way), each with when (its
+    last step's end, else the finalize's start), and whether one is closing http now
+    (running or paused: each server restarts in its turn)."""
+    closed: dict[str, dt.datetime] = {}
+    closing = False
+    for r in schema.rollouts:
+        if r.finalizes != rollout_id or CHANGE.read(r.change, "change") is not Change.FINALIZE:
+            continue
+        state = ROLLOUT_STATE.read(r.state, "state")
+        closing = closing or state in (RolloutState.RUNNING, RolloutState.PAUSED)
+        for n in r.nodes:
+            if NODE_STATE.read(n.state, "state") is not NodeState.DONE or n.name in closed:
+                continue
+            ends = [s.ended_at.ToDatetime(tzinfo=dt.UTC) for s in n.steps if s.HasField("ended_at")]
+            when = max(ends, default=None) or _dt(r, "started_at") or _dt(r, "created_at")
+            if when is not None:
+                closed[n.name] = when
+    return closed, closing
 
 
 def pick_rollout(schema: schema_pb2.Schema, rollout_id: str | None) -> schema_pb2.RolloutView:
@@ -528,7 +593,7 @@ def check_password(
 @click.option(
     "--scope",
     type=click.Choice(["local", "cluster", "nodes"]),
-    help="With --when: which nodes [default: cluster].",
+    help="With --when: which nodes (or --nodes; one of them is needed, but for disable-tls).",
 )
 @click.option("--nodes", help="With --when: comma-separated node names (scope 'nodes').")
 @click.option(
@@ -659,6 +724,7 @@ def notify(
     known = known_urls(schema)
     unchanged: list[str] = []
     transitional = False
+    closing = False  # a finalize of the transitional rollout is closing http now
     planned_password: int | None = None  # an announced switch: the password its plan gives
     applied: Applied | None = None  # a rollout that exists: the password it applies
     now_pins = served_pins(schema)  # the CA each node's certificate comes from now
@@ -680,9 +746,13 @@ def notify(
             # enable-tls and rotate-cert give the node the plan's certificate (a practice's
             # own: its CA's pin); change-password leaves it the one it serves.
             pin = n.ca_pin if _gives_certificate(the_change) else now_pins.get(n.name) or ""
+            # The plan's row carries the addresses and bootstrap port the node's agent
+            # answered its check with (session 64's review M2: a node never switched was
+            # announced with the seed's port and "…" though its agent knew both); those of an
+            # agent that did not answer come from the records, else the seed's.
             notice_nodes.append(
-                notice_node(
-                    n.name,
+                _recorded_node(
+                    n,
                     the_change,
                     known.get(n.name, {}),
                     addresses.get(n.name, n.name),
@@ -699,8 +769,18 @@ def notify(
         end = (start.astimezone(dt.UTC) + span).astimezone(zone) if span else None
         timing = Timing("announced", start, end)
         kind = SCOPE_KIND.read_optional(plan.scope, "scope")
+        in_plan = [n.name for n in plan.nodes]
     else:
         r = pick_rollout(schema, rollout_id)
+        if (
+            CHANGE.read(r.change, "change") is Change.FINALIZE
+            and ROLLOUT_STATE.read(r.state, "state") is not RolloutState.COMPLETED
+        ):
+            # A finalize running, paused (a --when-quiet one may wait days for quiet on a
+            # node), or ended part way: its phase 1 is what the staff live with, http closed
+            # on the nodes it is done with and open on the others (session 64's review M2':
+            # "make no new entries until it is complete", and --until refused).
+            r = next((x for x in schema.rollouts if x.id == r.finalizes), r)
         the_change = CHANGE.read(r.change, "change")
         state = ROLLOUT_STATE.read(r.state, "state")
         started = _dt(r, "started_at") or _dt(r, "created_at")
@@ -716,10 +796,16 @@ def notify(
             # Phase 2 closed http on its nodes: for the staff, the switch to https has ended
             # (it was an internal error: session 56's second README walk, H1).
             the_change, transitional = Change.ENABLE_TLS, False
-        elif transitional and _finalized(schema, r.id):
+        elif transitional and (done_by := _finalized_by(schema, r.id)):
+            if until is not None:
+                raise click.UsageError(
+                    f"--until goes with a transitional rollout awaiting finalize; {r.id}'s http "
+                    f"was closed by finalize {done_by}"
+                )
             transitional = False  # its http is closed since: "still works" is no longer true
         if until is not None and not transitional:
             raise click.UsageError(f"--until goes with a transitional rollout; {r.id} is not")
+        closed, closing = _closed_by_finalize(schema, r.id) if transitional else ({}, False)
         switched = (NodeState.DONE, NodeState.DUAL)
         shown = [n for n, s in records if running or s in switched]
         unchanged = [] if running else [n.name for n, s in records if s in _NOT_SWITCHED]
@@ -740,18 +826,19 @@ def notify(
         for n in shown:
             own = (running and gives) or the_change is Change.ROTATE_CERT
             pin = n.ca_pin if own else now_pins.get(n.name) or ""
-            notice_nodes.append(
-                _recorded_node(
-                    n,
-                    the_change,
-                    known.get(n.name, {}),
-                    addresses.get(n.name, n.name),
-                    pin,
-                    ca_change(before_pins.get(n.name), n.ca_pin)
-                    if the_change is Change.ROTATE_CERT
-                    else "",
-                )
+            node = _recorded_node(
+                n,
+                the_change,
+                known.get(n.name, {}),
+                addresses.get(n.name, n.name),
+                pin,
+                ca_change(before_pins.get(n.name), n.ca_pin)
+                if the_change is Change.ROTATE_CERT
+                else "",
             )
+            if n.name in closed:
+                node = replace(node, closed=closed[n.name].astimezone(zone))
+            notice_nodes.append(node)
         already = _already(before, the_change, known, addresses, now_pins)
         end = None if running else _dt(r, "ended_at")
         timing = Timing(
@@ -760,6 +847,7 @@ def notify(
             end.astimezone(zone) if end else None,
         )
         kind = SCOPE_KIND.read_optional(r.scope, "scope")
+        in_plan = [n.name for n in r.nodes]
         applied = Applied(
             r.id,
             r.auth_version,
@@ -797,10 +885,12 @@ def notify(
         scope=kind.value if kind is not None else "cluster",
         unchanged=unchanged,
         already=already,
+        others=outside(leader, kind, in_plan, known) if the_change is Change.ENABLE_TLS else (),
         transitional=transitional,
         until=when_in_zone(naive_until, until, zone, now, "--until")
         if naive_until and until
         else None,
+        closing=closing,
     )
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)
@@ -825,6 +915,9 @@ _REMAINING = {
     "de": {
         "head": "Arbeitsplätze, die noch http nutzen (sie brauchen die Schritte, bevor http "
         "geschlossen wird):",
+        "head.none_waiting": "Arbeitsplätze, die zuletzt über http gesehen wurden (kein "
+        "Übergangs-Rollout wartet auf finalize):",
+        "cut": "{row} – abgeschnitten: http ist seit {when} geschlossen",
         "none": "Kein Arbeitsplatz wurde zuletzt über http gesehen.",
         "row": "  {node}: {address}{ws}, zuletzt {last}",
         "unknown": "  {node}: nicht feststellbar ({why})",
@@ -834,6 +927,9 @@ _REMAINING = {
     },
     "en": {
         "head": "Workstations still on http (each needs the client steps before http closes):",
+        "head.none_waiting": "Workstations seen on http lately (no transitional rollout awaits "
+        "finalize):",
+        "cut": "{row} – cut off: http closed at {when}",
         "none": "No workstation was seen on http lately.",
         "row": "  {node}: {address}{ws}, last seen {last}",
         "unknown": "  {node}: cannot tell ({why})",
@@ -848,18 +944,24 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
     """Who still needs the client steps, per node, from what the agents last reported (the
     leader's ``still_on_http``), in the practice's time zone; nodes that cannot tell, named."""
     t = _REMAINING[lang]
+    closed = _http_closed(schema)
     rows = []
     for view in schema.node_clients:
         for c in view.still_on_http:
             last = c.last_seen.ToDatetime(tzinfo=dt.UTC).astimezone(zone)
-            rows.append(
-                t["row"].format(
-                    node=view.node,
-                    address=c.address,
-                    ws=f" ({c.workstation})" if c.workstation else "",
-                    last=f"{last:%Y-%m-%d %H:%M:%S %Z}",
-                )
+            row = t["row"].format(
+                node=view.node,
+                address=c.address,
+                ws=f" ({c.workstation})" if c.workstation else "",
+                last=_stamp(last, lang),  # (the notice's zone names: MEZ in German, L2')
             )
+            if view.node in closed:
+                # Its http is closed (finalize, a direct switch): that workstation has lost the
+                # server, not "needs the steps before http closes" (session 64's review L1').
+                row = t["cut"].format(
+                    row=row, when=_stamp(closed[view.node].astimezone(zone), lang)
+                )
+            rows.append(row)
         if view.clients.problem or not view.clients.source:
             why = view.clients.problem or t["never"]
             rows.append(t["unknown"].format(node=view.node, why=why))
@@ -869,7 +971,39 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
         rows.append(t["nobody"])  # said in words, not as a node named "*" (s45rt2 L6)
     if not rows:
         return t["none"] + "\n"
-    return "\n".join([t["head"], *rows]) + "\n"
+    awaiting = ROLLOUT_STATE.wire(RolloutState.AWAITING_FINALIZE)
+    waiting = any(r.state == awaiting for r in schema.rollouts)
+    return "\n".join([t["head" if waiting else "head.none_waiting"], *rows]) + "\n"
+
+
+def _stamp(when: dt.datetime, lang: str) -> str:
+    """``2026-12-07 03:12:00 MEZ``: the zone's abbreviation as the notice writes it."""
+    return f"{when:%Y-%m-%d %H:%M:%S} {zone_text(when, lang)}"
+
+
+def _http_closed(schema: schema_pb2.Schema) -> dict[str, dt.datetime]:
+    """The nodes whose http the rollouts (newest first) last closed (an enable-tls or a
+    finalize done there, not since taken back to dual or http), with when: a workstation still
+    seen on http there has lost the server."""
+    found: dict[str, dt.datetime | None] = {}
+    for r in schema.rollouts:
+        change = CHANGE.read(r.change, "change")
+        for n in r.nodes:
+            if n.name in found:
+                continue
+            state = NODE_STATE.read(n.state, "state")
+            if state is NodeState.DUAL or (
+                change is Change.DISABLE_TLS and state is NodeState.DONE
+            ):
+                found[n.name] = None  # http open (again)
+            elif change in (Change.ENABLE_TLS, Change.FINALIZE) and state is NodeState.DONE:
+                ends = [
+                    s.ended_at.ToDatetime(tzinfo=dt.UTC) for s in n.steps if s.HasField("ended_at")
+                ]
+                found[n.name] = (
+                    max(ends, default=None) or _dt(r, "ended_at") or _dt(r, "started_at")
+                )
+    return {name: when for name, when in found.items() if when is not None}
 
 
 def switched_before(change: Change, rollout: schema_pb2.RolloutView) -> list[schema_pb2.NodeView]:

@@ -970,8 +970,29 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             err=True,
         )
     if ROLLOUT_STATE.text(r.state) == AWAITING:
+        # A finalize of it that runs, waits for quiet (--when-quiet: days, by design) or ended
+        # part way has closed http on the nodes it is done with (session 64's review M2': this
+        # said every node serves both).
+        closed = sorted(
+            {
+                n.name
+                for f in fetch_schema(leader, rollouts_only=True).rollouts
+                if f.finalizes == r.id
+                for n in f.nodes
+                if NODE_STATE.text(n.state) == NodeState.DONE.value
+            }
+        )
+        dual = [n.name for n in r.nodes if NODE_STATE.text(n.state) == NodeState.DUAL.value]
+        dual = sorted(name for name in dual if name not in closed)
+        if closed:
+            serve = (
+                f"{', '.join(closed)} serve(s) https only (http closed by its finalize), "
+                f"{', '.join(dual) or 'no node'} http and https"
+            )
+        else:
+            serve = "its nodes serve http and https"
         click.echo(
-            f"tlsroll: rollout {r.id} awaits finalize: its nodes serve http and https; who is "
-            f"still on http: tlsroll schema show; then: tlsroll rollout finalize {r.id}",
+            f"tlsroll: rollout {r.id} awaits finalize: {serve}; who is still on http: tlsroll "
+            f"schema show; then: tlsroll rollout finalize {r.id}",
             err=True,
         )
