@@ -493,7 +493,8 @@ def test_a_removed_node_s_client_report_goes_with_it(tmp_path: Path) -> None:
     assert "  a: 10.0.0.5 (ws-5)" in both and "  b: 10.0.0.5 (ws-5)" in both, both
     store.remove_node("a", now=NOW, actor="admin")
     assert remaining() == (
-        "Workstations still on http (each needs the client steps before http closes):\n"
+        # (no transitional rollout awaits finalize here: the header says so, session 64)
+        "Workstations seen on http lately (no transitional rollout awaits finalize):\n"
         f"  b: 10.0.0.5 (ws-5), last seen {at:%Y-%m-%d %H:%M:%S} UTC\n"
     )
     message = service._answer(schema_pb2.GetSchemaRequest(), None)
