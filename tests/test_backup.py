@@ -495,10 +495,11 @@ CURRENT = len(MIGRATIONS)
 def set_back_to_schema_12(dest: Path) -> None:
     """The backup as the leader of store schema 12 made it: migration 13 only adds the audit's
     index of re-learnings and records the floor that may read the file (``schema_floor``),
-    migration 14 a column of the rollouts, 15 one of the nodes; all go, the schema is set back,
-    the manifest says so."""
+    migration 14 a column of the rollouts, 15 one of the nodes, 16 another of the rollouts;
+    all go, the schema is set back, the manifest says so."""
     store = dest / "leader.sqlite3"
     with contextlib.closing(sqlite3.connect(store, isolation_level=None)) as db:
+        db.execute("ALTER TABLE rollouts DROP COLUMN way_back_offered")
         db.execute("ALTER TABLE rollouts DROP COLUMN removed_since")
         db.execute("ALTER TABLE nodes DROP COLUMN names_apart")
         db.execute("DROP INDEX audit_relearned")
