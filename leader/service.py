@@ -989,6 +989,13 @@ def batch_period(environ: Mapping[str, str]) -> float:
     return value if 0 < value <= 86400 else BATCH_SECONDS
 
 
+def crl_patience(heartbeat_interval: int) -> float:
+    """Seconds the leader waits for an agent's revocation list it asked for
+    (``LeaderService._crl_held``) before it sends the agent its own list regardless: the agent
+    sends it at once, with its next message; four intervals, a minute at least."""
+    return max(60.0, 4.0 * heartbeat_interval)
+
+
 LEARNED_SHOWN = 20
 """How many of the serials learned from an agent's revocation list ``crl.learned`` names (the
 audit's ``crl.learned`` holds them all)."""
@@ -1330,6 +1337,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._crl_wanted: set[int] = set()
         self._crl_learned: set[int] = set()
         self._crl_unsent: set[tuple[str, int]] = set()
+        # (node, number) -> when the leader first asked that node's agent for that list
+        # (``LeaderState.monotonic``): one that has not sent it within ``crl_patience`` gets
+        # the leader's list (``_crl_held``), never none for good.
+        self._crl_asked: dict[tuple[str, int], float] = {}
         # node -> (the day, its bootstrap failure reports audited that day), at most
         # ``FAILURE_AUDITS_A_DAY`` (``_failures_audited``).
         self._failure_audits: dict[str, tuple[dt.date, int]] = {}
@@ -1895,10 +1906,20 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             snap = await self._learn_crl(node, held, bytes(request.held_crl_pem), now, snap)
         if not self._crl_unlearned(held, snap) or (node, held) in self._crl_unsent:
             return snap, False
-        if features.HELD_CRL in agent_features_of(request):
-            return snap, True
-        self._crl_not_sent(node, held, "its agent is of an earlier release: it cannot send it")
-        return snap, False
+        if features.HELD_CRL not in agent_features_of(request):
+            why = "its agent is of an earlier release: it cannot send it"
+            self._crl_not_sent(node, held, why)
+            return snap, False
+        if len(self._crl_asked) >= MAX_CALLERS:
+            self._crl_asked.clear()
+        since = self._crl_asked.setdefault((node, held), self.state.monotonic())
+        patience = crl_patience(self.state.heartbeat_interval)
+        if self.state.monotonic() - since > patience:
+            # (a list too large to send, an agent that names the feature but fails: without a
+            # list, the agent would miss every revocation from now on)
+            self._crl_not_sent(node, held, f"it did not send it within {patience:.0f} s")
+            return snap, False
+        return snap, True
 
     def _crl_not_sent(self, node: str, held: int, why: str) -> None:
         """The list numbered ``held`` that ``node``'s agent holds cannot be learned from it
@@ -1954,6 +1975,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._crl_learned.clear()
         self._crl_learned.add(held)
         self._crl_wanted.discard(held)
+        self._crl_asked.pop((node, held), None)
         (log.warning if fresh else log.info)(
             "crl.learned",
             node=node,

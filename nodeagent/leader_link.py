@@ -103,6 +103,12 @@ ANSWER_SECONDS = 5.0
 # rollout whose way back the agent keeps included (``Journal.heartbeat_facts``); as a rule
 # there are two at most (a rollout's key ends every earlier such stage: ``Journal.record_csr``;
 # the newest switch's way back is the only one kept).
+HELD_CRL_MAX = 768 * 1024
+"""The largest revocation list (PEM) the agent sends a leader that asks for it (``wants_crl``):
+the leader takes messages of at most 1 MiB (``leader.service.MAX_AGENT_MESSAGE``), and the rest
+of a heartbeat may take up to 200 KiB. A larger one is not sent (said once per ask): the
+leader then sends its own list after its patience (``leader.service.crl_patience``)."""
+
 STAGES_REPORTED = 64
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
@@ -843,6 +849,10 @@ class LeaderLink:
             crl_number, crl_pem = self.trust.held()
             # Asked for (``_take``): sent with this message (again with the next if it fails).
             held = crl_pem if self._crl_wanted else b""
+            if len(held) > HELD_CRL_MAX:
+                # The leader sends its own once it has waited long enough for this one.
+                log.warning("crl.held_too_large", size=len(held), limit=HELD_CRL_MAX)
+                held, self._crl_wanted = b"", False
             request = leader_pb2.HeartbeatRequest(
                 agent_version=__version__,
                 features=features.this_agent(),
