@@ -1957,7 +1957,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if number != held:
             self._crl_not_sent(node, held, f"the list it sent is numbered {number}, not {held}")
             return snap
-        restored = snap.crl_restored is not None and snap.crl_restored[0] < held
+        restored = snap.restored_from is not None
         reason = (
             f"revoked before the restore (on node {node}'s list {held})"
             if restored

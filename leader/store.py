@@ -2347,9 +2347,10 @@ class Store(LeaderStore):
 
     def restored_crl_range(self) -> tuple[int, int] | None:
         """The numbers of the revocation lists the CA issued after the backup this store was
-        restored from and before the restore (``restore_began``), both bounds excluded; None:
-        not restored (or by a release before this one). An agent that holds a list numbered
-        within holds revocations this store may lack (``learn_revoked``)."""
+        restored from and before the restore (``restore_began``), or before a store begun
+        again (``relearning``: every list before), both bounds excluded; None: neither (or
+        by a release before this one). An agent that holds a list numbered within holds
+        revocations this store may lack (``learn_revoked``)."""
         with self._db.read() as db:
             above = db.execute("SELECT value FROM meta WHERE key = 'crl_restored_above'").fetchone()
             below = db.execute("SELECT value FROM meta WHERE key = 'crl_restored_below'").fetchone()
@@ -2714,6 +2715,15 @@ def relearning(
             " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (to_text(until),),
         )
+        # Every list the CA issued before is one this store has not seen (its revocations
+        # are learned from the agents that hold one: ``Store.learn_revoked``); those it issues
+        # are numbered from the clock's now on (``_bump_crl``).
+        for key, number in (("crl_restored_above", 0), ("crl_restored_below", crl_time(now))):
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, str(number)),
+            )
         LeaderStore._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
 
     return write

@@ -691,9 +691,8 @@ def test_a_restore_keeps_what_was_revoked_since_the_backup_and_serves_a_new_lead
             lambda: crl_held(n1, c.ca_pem)[0] > number_before, 30, "n1 takes the leader's list"
         )
         assert wanted <= crl_held(n1, c.ca_pem)[1]
-        assert not any(e.get("event") == "crl.not_learned" for e in c.leader.log_events()), (
-            "n1's agent names the feature"
-        )
+        unlearned = [e for e in c.leader.log_events() if e.get("event") == "crl.not_learned"]
+        assert not unlearned, "n1's agent names the feature"
         # The copied key commands nothing; the new one does; n2's certificate stays refused.
         assert agent_status(n1, c.ca_pem, copied_chain, copied_key) == (
             grpc.StatusCode.UNAUTHENTICATED
@@ -702,6 +701,36 @@ def test_a_restore_keeps_what_was_revoked_since_the_backup_and_serves_a_new_lead
         assert agent_status(n1, c.ca_pem, chain, key) == grpc.StatusCode.OK
         n2_key = pki.read_key(n2.key_file)
         assert heartbeat_code(c, n2.cert(), n2_key, n2.port) == grpc.StatusCode.UNAUTHENTICATED
+
+        # A list this CA did not sign, for a number of that span, records nothing: refused and
+        # said (crl.not_learned), and the agent gets the leader's list instead.
+        [above] = [r["value"] for r in c.store_table("meta") if r["key"] == "crl_restored_above"]
+        number = int(above) + 1
+        forged = pki.crl_to_pem(
+            pki.build_crl(
+                pki.CertificateAuthority.create("not this cluster's CA"),
+                number,
+                [("5eed", dt.datetime.now(dt.UTC))],
+            )
+        )
+        n1_cert, n1_key = pki.cert_to_pem(n1.cert()), pki.key_to_pem(pki.read_key(n1.key_file))
+        with secure_channel(c.control_target, c.ca_pem, n1_cert, n1_key) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            request = leader_pb2.HeartbeatRequest(
+                agent_version="t",
+                agent_port=n1.port,
+                crl_number=number,
+                features=[features.HELD_CRL],
+            )
+            asked = stub.Heartbeat(request, timeout=10)
+            assert asked.wants_crl and not asked.crl_pem
+            request.held_crl_pem = forged
+            answered = stub.Heartbeat(request, timeout=10)
+            assert not answered.wants_crl and answered.crl_pem
+        assert "5eed" not in revoked_in_store()
+        [said] = [e for e in c.leader.log_events() if e.get("event") == "crl.not_learned"]
+        assert (said["node"], said["held"]) == ("n1", number), said
+        assert "the list it sent is refused" in said["why"], said
 
 
 @pytest.mark.timeout(300)
