@@ -1065,8 +1065,8 @@ class Snapshot:
     # certificate of theirs is refused, the one before it too (``check_caller_in``'s rule).
     cut_off: frozenset[str] = frozenset()
     # The numbers of the lists issued after the backup the store was restored from and before
-    # the restore, both excluded (``Store.restored_crl_range``): an agent holding one holds
-    # revocations the store may lack (``LeaderService._crl_unlearned``).
+    # the restore (or before a store begun again), both excluded (``Store.restored_crl_range``):
+    # an agent holding one holds revocations the store may lack (``_crl_unlearned``).
     crl_restored: tuple[int, int] | None = None
 
     def relearns(self, name: str, now: dt.datetime) -> bool:
@@ -1875,8 +1875,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     def _crl_unlearned(self, held: int, snap: Snapshot) -> bool:
         """Whether a list numbered ``held`` (an agent's) may hold revocations the store lacks:
         one issued after the backup the store was restored from and before the restore
-        (``Snapshot.crl_restored``), or one above the store's own number (a store restored by
-        an earlier release, or begun again: ``--reinitialise``), not learned yet by this
+        or before a store begun again (``Snapshot.crl_restored``), or one above the store's own
+        number (a store restored or begun again by an earlier release), not learned yet by this
         process. Once asked for, until learned: another agent's list learned meanwhile moves
         the store's number past it, and the list would otherwise go out unlearned."""
         if held <= 0 or held in self._crl_learned:
