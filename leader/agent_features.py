@@ -29,6 +29,9 @@ WHAT: Mapping[str, str] = {
     features.ROLLBACK_KEEP_FROZEN: "--freeze scope",
     features.FREEZE_LEASE: "--freeze scope",
     features.OWN_CERTIFICATE: "--cert-dir",
+    # Needed by no rollout: a leader restored from a backup learns what was revoked since from
+    # the agents' lists, and an agent that cannot send its own has it replaced.
+    features.HELD_CRL: "keeping revocations through a leader's restore",
 }
 """What each feature is needed for, in the words of the command line (a node's "too old for
 …"). Every feature the leader may need has its words here."""

@@ -63,7 +63,7 @@ from leader.service import (
     control_server_options,
 )
 from leader.states import NodeProblemKind
-from leader.store import Store, relearning
+from leader.store import Restored, Store, relearning
 from leader.store_health import StoreHealth
 from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
@@ -524,7 +524,7 @@ def _load_ca(
 
 def _start_on(
     cfg: LeaderConfig, layout: Layout, ca: pki.CertificateAuthority, store: Store
-) -> pki.Names:
+) -> tuple[pki.Names, Restored | None]:
     """What the leader's start does with its CA once its store is open: a ``tlsroll ca renew``
     cut short (its ``ca.pem.new``) put in place if the store recorded it, else removed
     (``ca_renewal.leftover``); the leader's certificate chained with the CA certificate in
@@ -532,7 +532,11 @@ def _start_on(
     one until its certificate was issued again), and given its identity and names, or
     issued again if due (``ensure_leader_identity``). The one it finds is recorded if it is
     not on record (init's, made before the store; an earlier release's), and each it issues
-    as it issues it (``Store.record_leader_certificate``). Returns the leader's names."""
+    as it issues it (``Store.record_leader_certificate``). On a store restored from a backup,
+    its first start (``Store.restore_began``) revokes every leader certificate on record, the
+    one found included (the backup holds its key: a copy of it), so that it is issued again
+    for a new key below (``_new_key_if_revoked``). Returns the leader's names, and what the
+    restore did (None: no backup's copy, or not its first start)."""
     if layout.ca_cert_new.exists():  # a `tlsroll ca renew` cut short: its ca.pem.new
         from leader import ca_renewal  # noqa: PLC0415 - that rare start's only (issue 15)
 
@@ -544,6 +548,9 @@ def _start_on(
     record = store.record_leader_certificate
     if pki.issued_by(old, ca.cert):  # (another CA's is no serial of this one's)
         record(old)
+    # After the one found is recorded, before it is issued again if revoked: in one write, the
+    # restore begun and the key revoked (a start killed after it issues it again the next time).
+    restored = store.restore_began(dt.datetime.now(dt.UTC))
     _new_key_if_revoked(layout, ca, names, old, store)
     old = pki.read_cert(layout.tls_cert)
     _new_key_if_names_in_san(layout, ca, names, old, record)
@@ -552,7 +559,7 @@ def _start_on(
         layout, ca, names, warning=dt.timedelta(days=cfg.expiry_warning_days), record=record
     )
     if done is None:
-        return names
+        return names, restored
     new = done.cert
     if done.reason == REISSUED_FOR_KEY:
         log.warning(  # (public facts only: the key's pin, never the key)
@@ -576,7 +583,7 @@ def _start_on(
             key_pin=pki.spki_pin(new),
             not_after=new.not_valid_after_utc.isoformat(timespec="seconds"),
         )
-    return names
+    return names, restored
 
 
 def _new_key_if_revoked(
@@ -666,23 +673,25 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     store = Store(layout.store)
     mark_store(layout.store)
     try:
-        names = _start_on(cfg, layout, ca, store)
+        names, restored = _start_on(cfg, layout, ca, store)
     except BaseException:
         store.close()
         raise
-    if (restored := store.restore_began(dt.datetime.now(dt.UTC))) is not None:
-        made, until = restored
+    if restored is not None:
         log.warning(
             "store.restored",
             path=str(layout.store),
-            backup_made_at=made.isoformat(timespec="seconds"),
-            relearn_until=until.isoformat(timespec="seconds"),
+            backup_made_at=restored.made.isoformat(timespec="seconds"),
+            relearn_until=restored.relearn_until.isoformat(timespec="seconds"),
+            revoked_leader_serials=list(restored.leader_serials),
             detail="a store restored from a backup (or the copy kept before an upgrade, put"
             " back: README 'Downgrading tlsroll'): a node whose agent renewed its "
             "certificate since is taken with it until then; its join tokens with a use left"
             " and its open viewer grants are revoked (create new ones: tlsroll token create,"
-            " tlsroll viewer grant); revoke again what was revoked since the backup, and "
-            "check `tlsroll epoch show`",
+            " tlsroll viewer grant); the leader's certificates are revoked (the backup holds"
+            " their key) and it serves a new key; what the agents' revocation lists hold that"
+            " the store lacks is learned from them (crl.learned); remove again the nodes"
+            " removed since, and check `tlsroll epoch show`",
         )
     return LeaderState(
         store=store,

@@ -989,6 +989,17 @@ def batch_period(environ: Mapping[str, str]) -> float:
     return value if 0 < value <= 86400 else BATCH_SECONDS
 
 
+def crl_patience(heartbeat_interval: int) -> float:
+    """Seconds the leader waits for an agent's revocation list it asked for
+    (``LeaderService._crl_held``) before it sends the agent its own list regardless: the agent
+    sends it at once, with its next message; four intervals, a minute at least."""
+    return max(60.0, 4.0 * heartbeat_interval)
+
+
+LEARNED_SHOWN = 20
+"""How many of the serials learned from an agent's revocation list ``crl.learned`` names (the
+audit's ``crl.learned`` holds them all)."""
+
 CRL_NEWS_SECONDS = 10.0
 """The renewal watch sends the agents a revocation list that only superseded certificates made
 newer (a rollout's nodes given new ones: each node's revokes its old one as it is done) at
@@ -1053,6 +1064,10 @@ class Snapshot:
     # The nodes whose certificate on record is revoked (``Store.cut_off_nodes``): every
     # certificate of theirs is refused, the one before it too (``check_caller_in``'s rule).
     cut_off: frozenset[str] = frozenset()
+    # The numbers of the lists issued after the backup the store was restored from and before
+    # the restore (or before a store begun again), both excluded (``Store.restored_crl_range``):
+    # an agent holding one holds revocations the store may lack (``_crl_unlearned``).
+    crl_restored: tuple[int, int] | None = None
 
     def relearns(self, name: str, now: dt.datetime) -> bool:
         """Whether a refused caller of node ``name`` may be re-learned (``Store.relearn``):
@@ -1156,6 +1171,9 @@ class _Beats:
     # (``LeaderState.monotonic``; the liveness it vouched for is taken back to it).
     last: float | None = None
     crl_number: int = -1  # the revocation list the agent holds, as it said or was sent
+    # The leader asked for the agent's list (``wants_crl``) and sends it none of its own until
+    # it has learned that one (``LeaderService._crl_unlearned``), as of the agent's last message.
+    asking: bool = False
     epoch: int = -1  # the epoch the agent was last told
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
     cut: bool = False  # ended by the leader: its certificate is refused now (``_cut_refused``)
@@ -1214,7 +1232,7 @@ class _Beats:
         stream."""
         if self.epoch != snap.epoch or self.over - self.told:
             return True
-        if self.crl_number == snap.crl_number:
+        if self.asking or self.crl_number == snap.crl_number:
             return False
         return crl_due or snap.crl_urgent > self.crl_number
 
@@ -1223,7 +1241,8 @@ class _Beats:
         async with self.lock:
             await self.context.write(reply)
         self.epoch = snap.epoch
-        self.crl_number = snap.crl_number
+        if not reply.wants_crl:  # (else it was sent no list: it holds its own)
+            self.crl_number = snap.crl_number
         if reply.ended_stages:
             self.told |= frozenset(reply.ended_stages)
 
@@ -1312,6 +1331,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # An agent said it holds a newer revocation list than the store's (``_crl_floor``):
         # the store's number was raised past it, once for the life of this process.
         self._crl_floor_raised = False
+        # Revocation lists an agent holds that the store has not seen (``_crl_unlearned``), by
+        # number: those asked for, those learned (``_learn_crl``); and (node, number) of the
+        # agents that could not send theirs (too old, or a list refused), said once each.
+        self._crl_wanted: set[int] = set()
+        self._crl_learned: set[int] = set()
+        self._crl_unsent: set[tuple[str, int]] = set()
+        # (node, number) -> when the leader first asked that node's agent for that list
+        # (``LeaderState.monotonic``): one that has not sent it within ``crl_patience`` gets
+        # the leader's list (``_crl_held``), never none for good.
+        self._crl_asked: dict[tuple[str, int], float] = {}
         # node -> (the day, its bootstrap failure reports audited that day), at most
         # ``FAILURE_AUDITS_A_DAY`` (``_failures_audited``).
         self._failure_audits: dict[str, tuple[dt.date, int]] = {}
@@ -1653,6 +1682,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             relearn_until=store.relearn_until(),
             restored_from=store.restored_from(),
             cut_off=store.cut_off_nodes(),
+            crl_restored=store.restored_crl_range(),
         )
 
     def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:
@@ -1694,12 +1724,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         context: Ctx,
         renewing: bool = False,
         agent: str = "",
-    ) -> tuple[Snapshot, dt.datetime]:
+    ) -> tuple[Snapshot, dt.datetime, bool]:
         """One heartbeat, from a unary call or a message on a stream: the caller's certificate
         checked (``Snapshot.refusal``; re-learning the node after ``--reinitialise`` as
         ``_relearn`` allows), then recorded, written only what needs writing. The snapshot it
-        was checked against and the time, for the answer (``_response``). ``agent``: which
-        agent sends on the stream (``agent_of``; worked out here for a unary call)."""
+        was checked against, the time, and whether the leader asks for the agent's revocation
+        list (``_crl_held``), for the answer (``_response``). ``agent``: which agent sends on
+        the stream (``agent_of``; worked out here for a unary call)."""
         now = self.state.clock()
         # Before the store is read: a removal of the node after this is seen below.
         removals = self.state.removals
@@ -1712,7 +1743,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             if (why := snap.refusal(caller)) is not None:
                 await self._refusing(caller, context, why)
                 raise unauthenticated(why)
-        if request.crl_number > snap.crl_number and not self._crl_floor_raised:
+        snap, ask = await self._crl_held(caller.name, request, now, snap)
+        if not ask and request.crl_number > snap.crl_number and not self._crl_floor_raised:
             snap = await self._crl_floor(caller.name, request.crl_number, now, snap)
         name = caller.name
         store = self.state.store
@@ -1802,7 +1834,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 if not any(o.agent == agent for o in self._streams.get(name, ())):
                     keep = renewal_deadline(self.state.heartbeat_interval)
             self.state.clocks.heard(name, agent, x, now, keep)
-        return snap, now
+        return snap, now, ask
 
     def _new_failures(
         self, node: str, reports: Sequence[leader_pb2.BootstrapFailure], now: dt.datetime
@@ -1840,6 +1872,120 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             return False
         return True
 
+    def _crl_unlearned(self, held: int, snap: Snapshot) -> bool:
+        """Whether a list numbered ``held`` (an agent's) may hold revocations the store lacks:
+        one issued after the backup the store was restored from and before the restore
+        or before a store begun again (``Snapshot.crl_restored``), or one above the store's own
+        number (a store restored or begun again by an earlier release), not learned yet by this
+        process. Once asked for, until learned: another agent's list learned meanwhile moves
+        the store's number past it, and the list would otherwise go out unlearned."""
+        if held <= 0 or held in self._crl_learned:
+            return False
+        if held in self._crl_wanted:
+            return True
+        span = snap.crl_restored
+        if held > snap.crl_number or (span is not None and span[0] < held < span[1]):
+            if len(self._crl_wanted) >= MAX_CALLERS:  # (bounded: a lying node's numbers)
+                self._crl_wanted.clear()
+            self._crl_wanted.add(held)
+            return True
+        return False
+
+    async def _crl_held(
+        self, node: str, request: leader_pb2.HeartbeatRequest, now: dt.datetime, snap: Snapshot
+    ) -> tuple[Snapshot, bool]:
+        """The revocation list an accepted agent of ``node`` holds, if the store may lack what
+        it revokes (``_crl_unlearned``): learned if the message carries it (``_learn_crl``),
+        else asked for (True: the answer asks, ``wants_crl``, and carries no list of the
+        leader's: the agent would take it and drop its own, the only record left of what was
+        revoked since the backup). An agent too old to send it (it does not name
+        ``features.HELD_CRL``) is not asked: its list is replaced as before, and the leader
+        says so, naming the node, once. The snapshot to answer with."""
+        held = request.crl_number
+        if request.held_crl_pem and self._crl_unlearned(held, snap):
+            snap = await self._learn_crl(node, held, bytes(request.held_crl_pem), now, snap)
+        if not self._crl_unlearned(held, snap) or (node, held) in self._crl_unsent:
+            return snap, False
+        if features.HELD_CRL not in agent_features_of(request):
+            why = "its agent is of an earlier release: it cannot send it"
+            self._crl_not_sent(node, held, why)
+            return snap, False
+        if len(self._crl_asked) >= MAX_CALLERS:
+            self._crl_asked.clear()
+        since = self._crl_asked.setdefault((node, held), self.state.monotonic())
+        patience = crl_patience(self.state.heartbeat_interval)
+        if self.state.monotonic() - since > patience:
+            # (a list too large to send, an agent that names the feature but fails: without a
+            # list, the agent would miss every revocation from now on)
+            self._crl_not_sent(node, held, f"it did not send it within {patience:.0f} s")
+            return snap, False
+        return snap, True
+
+    def _crl_not_sent(self, node: str, held: int, why: str) -> None:
+        """The list numbered ``held`` that ``node``'s agent holds cannot be learned from it
+        (``why``): it gets the leader's list as before, which lacks what only its list held.
+        Said once per node and number."""
+        if len(self._crl_unsent) >= MAX_CALLERS:
+            self._crl_unsent.clear()
+        self._crl_unsent.add((node, held))
+        log.warning(
+            "crl.not_learned",
+            node=node,
+            held=held,
+            why=why,
+            detail="the leader's store may lack revocations this node's list holds (made after"
+            " the backup the store was restored from): the node gets the leader's list, without"
+            " them; revoke again what was revoked since (tlsroll ca revoke --unknown SERIAL)",
+        )
+
+    async def _learn_crl(
+        self, node: str, held: int, pem: bytes, now: dt.datetime, snap: Snapshot
+    ) -> Snapshot:
+        """``node``'s agent sent the list numbered ``held`` it holds (asked for: ``_crl_held``):
+        if this CA signed it (the CA's key and name) and it is that number's, every serial it
+        revokes is recorded as revoked (``Store.learn_revoked``) before any list of the leader
+        goes to the agent, and the number is learned for this process. A list refused says
+        so, once, and the agent gets the leader's list: the same bytes would be refused
+        again. The snapshot to answer with."""
+        try:
+            number, serials = await asyncio.to_thread(
+                pki.load_crl, pem, self.state.ca.cert, issuer=True
+            )
+        except PKIError as exc:
+            self._crl_not_sent(node, held, f"the list it sent is refused: {exc}")
+            return snap
+        if number != held:
+            self._crl_not_sent(node, held, f"the list it sent is numbered {number}, not {held}")
+            return snap
+        restored = snap.restored_from is not None
+        reason = (
+            f"revoked before the restore (on node {node}'s list {held})"
+            if restored
+            else f"revoked before the store was begun again (on node {node}'s list {held})"
+        )
+        fresh = await asyncio.to_thread(
+            self.state.store.learn_revoked,
+            (f"{s:x}" for s in serials),
+            number=held,
+            node=node,
+            now=now,
+            reason=reason,
+        )
+        if len(self._crl_learned) >= MAX_CALLERS:
+            self._crl_learned.clear()
+        self._crl_learned.add(held)
+        self._crl_wanted.discard(held)
+        self._crl_asked.pop((node, held), None)
+        (log.warning if fresh else log.info)(
+            "crl.learned",
+            node=node,
+            number=held,
+            listed=len(serials),
+            revoked=len(fresh),
+            serials=fresh[:LEARNED_SHOWN],
+        )
+        return await self.snapshot() if fresh else snap
+
     async def _crl_floor(self, node: str, held: int, now: dt.datetime, snap: Snapshot) -> Snapshot:
         """An accepted agent holds revocation list number ``held``, above the store's: the
         store was lost (``--reinitialise``) or restored from a backup, and the agents would
@@ -1868,19 +2014,22 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         renews: bool = False,
         answers: int = 0,
         ended: Iterable[str] = (),
+        ask: bool = False,
     ) -> leader_pb2.HeartbeatResponse:
         """A heartbeat's answer: the leader's clock, interval and epoch, and the revocation
         list unless the agent holds ``crl_number`` already; ``answers``: the ``seq`` of the
         message it answers on a stream (0: news sent unasked); ``ended``: the rollouts of the
-        agent's stages that have ended (``_look_at_stages``)."""
+        agent's stages that have ended (``_look_at_stages``); ``ask``: no list, but a request
+        for the agent's own (``_crl_held``)."""
         return leader_pb2.HeartbeatResponse(
             ended_stages=sorted(ended),
             answers=answers,
             leader_time=timestamp(now),
             interval_seconds=self.state.heartbeat_interval,
             epoch=snap.epoch,
-            crl_pem=snap.crl_pem if crl_number != snap.crl_number else b"",
+            crl_pem=snap.crl_pem if crl_number != snap.crl_number and not ask else b"",
             renew_seconds=renew_seconds(self.state.heartbeat_interval) if renews else 0,
+            wants_crl=ask,
         )
 
     def _bootstrap_problem(
@@ -2092,8 +2241,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     async def Heartbeat(
         self, request: leader_pb2.HeartbeatRequest, context: Ctx
     ) -> leader_pb2.HeartbeatResponse:
-        snap, now = await self._heartbeat(self._identify(context), request, context)
-        return self._response(snap, request.crl_number, now)
+        snap, now, ask = await self._heartbeat(self._identify(context), request, context)
+        return self._response(snap, request.crl_number, now, ask=ask)
 
     @map_errors(ERRORS)
     async def Heartbeats(  # type: ignore[override]
@@ -2154,7 +2303,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 if not beat.agent:  # (its first message: its clock's reading is the agent's)
                     beat.agent = agent_of(request, context)
                 # A refusal ends the stream (UNAUTHENTICATED).
-                snap, now = await self._heartbeat(caller, request, context, renewing, beat.agent)
+                snap, now, ask = await self._heartbeat(
+                    caller, request, context, renewing, beat.agent
+                )
+                beat.asking = ask
                 beat.last = self.state.monotonic()
                 beat.answers_checks = request.answers_checks
                 if request.HasField("check_answer"):
@@ -2206,11 +2358,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     not renewing
                     or first
                     or request.wants_answer
+                    or ask
                     or beat.over
                     or beat.news(snap, crl_due)
                 ):
                     answer = self._response(
-                        snap, beat.crl_number, now, renewing, request.seq, beat.over
+                        snap, beat.crl_number, now, renewing, request.seq, beat.over, ask
                     )
                     await beat.send(answer, snap)
                     del answer
@@ -2561,7 +2714,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         time."""
         if beat.pushing is not None and not beat.pushing.done():
             return
-        reply = self._response(snap, beat.crl_number, now, renews=True, ended=beat.over)
+        reply = self._response(
+            snap, beat.crl_number, now, renews=True, ended=beat.over, ask=beat.asking
+        )
         beat.pushing = push = asyncio.ensure_future(beat.send(reply, snap))
         _PUSHES.add(push)
         push.add_done_callback(_pushed)

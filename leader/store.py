@@ -406,6 +406,26 @@ def serial_fits(serial: str) -> bool:
         return False
 
 
+RESTORED_LEADER = "the leader's key is in the backup the store was restored from"
+"""The reason a restore records for every leader certificate it revokes (``Store.restore_began``):
+the backup holds the key it was issued for, and a backup is a copy of that key."""
+UNKNOWN_KEPT = dt.timedelta(days=3650)
+"""How long a certificate the store has no record of is taken to live, recorded as it is
+revoked (``Store.revoke`` with ``unknown``, ``Store.learn_revoked``): its end is not known."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a leader's first start on a store restored from a backup did
+    (``Store.restore_began``)."""
+
+    made: dt.datetime  # when the backup was made
+    relearn_until: dt.datetime  # the end of the re-learning window
+    # The leader certificates it revoked (every one on record not ended: the key served, a
+    # backup's, is taken for copied).
+    leader_serials: tuple[str, ...] = ()
+
+
 class Revocations(NamedTuple):
     """The revocation list as the store keeps it (``Store.revocations``)."""
 
@@ -2040,8 +2060,7 @@ class Store(LeaderStore):
                         " ca revoke --unknown SERIAL`)"
                     )
                 if known is None:
-                    far = now + dt.timedelta(days=3650)
-                    _record_cert(db, serial, "other", "", "", "", now, far)
+                    _record_cert(db, serial, "other", "", "", "", now, now + UNKNOWN_KEPT)
                 serials = [] if known is not None and known["revoked_at"] else [serial]
                 if mine is not None and mine.kind == "leader":
                     # The leader's served one: every other one on record not ended goes with
@@ -2218,14 +2237,29 @@ class Store(LeaderStore):
             row = db.execute("SELECT value FROM meta WHERE key = 'restored_backup_at'").fetchone()
         return None if row is None else dt.datetime.fromisoformat(row["value"])
 
-    def restore_began(self, now: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+    def restore_began(self, now: dt.datetime) -> Restored | None:
         """A store that is a backup's copy (``leader.backup`` wrote ``backup_made_at`` into
         the copy, never into the live store), opened by a leader for the first time: what
         happened since the backup is not in it, and a node whose agent renewed its
         certificate since would be refused for good (its certificate is not the one on
         record). So a restore opens a re-learning window of ``RELEARN_WINDOW`` in which such
         a node's newer certificate is taken (``relearn``). Once: the mark becomes
-        ``restored_backup_at``. Returns (the backup's time, the window's end), or None.
+        ``restored_backup_at``. Returns what it did (``Restored``), or None: no backup's copy.
+
+        Every leader certificate on record that has not ended is revoked (``RESTORED_LEADER``):
+        the backup holds the key the leader serves, and a backup is a copy of it, kept where
+        the leader's own files are not; the leader then issues its certificate again for a new
+        key (``leader.runtime._new_key_if_revoked``). One revoked after the backup (its key
+        thought stolen) is revoked again so, whatever the agents hold. Before, the restored
+        leader served the backup's key and certificate, revoked since or not, and its next
+        list (numbered past the agents') made every agent take that key's commands again
+        (review s64 H).
+
+        The numbers of the lists the CA issued after the backup and before this restore are
+        kept (``restored_crl_range``): an agent that holds one of them holds revocations this
+        store lacks, and the leader learns them from it before it sends it a list of its own
+        (``learn_revoked``, ``leader.service``). The store's number moves past the clock's now
+        (``_bump_crl``): the lists it issues from here on are numbered above that range.
 
         Every join token with a use left is revoked: any of them may have enrolled its node
         since the backup (it is unused again in the copy), and one used so would take the name
@@ -2251,6 +2285,26 @@ class Store(LeaderStore):
                     (key, to_text(value)),
                 )
             db.execute("DELETE FROM meta WHERE key = 'backup_made_at'")
+            leader_serials = [
+                r["serial"]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE kind = 'leader' AND revoked_at IS NULL"
+                    " AND not_after > ? ORDER BY issued_at",
+                    (to_text(now),),
+                )
+            ]
+            above = _meta(db, "crl_number", 0)
+            if leader_serials:
+                _revoke_in(db, leader_serials, RESTORED_LEADER, now)
+            else:
+                _bump_crl(db, now)  # (the range's end: every list from here on is above it)
+            below = _meta(db, "crl_number", 0)
+            for key, number in (("crl_restored_above", above), ("crl_restored_below", below)):
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, str(number)),
+                )
             revoked = [
                 r["id"]
                 for r in db.execute(
@@ -2284,8 +2338,66 @@ class Store(LeaderStore):
                 relearn_until=until,
                 revoked_tokens=revoked,
                 revoked_viewer_grants=grants,
+                revoked_leader_certificates=leader_serials,
+                crl_restored_between=[above, below],
             )
-        return made, until
+        # (A leader certificate revoked: the agent pool reads its nodes again, as ``revoke``.)
+        self.nodes_generation += 1
+        return Restored(made, until, tuple(leader_serials))
+
+    def restored_crl_range(self) -> tuple[int, int] | None:
+        """The numbers of the revocation lists the CA issued after the backup this store was
+        restored from and before the restore (``restore_began``), or before a store begun
+        again (``relearning``: every list before), both bounds excluded; None: neither (or
+        by a release before this one). An agent that holds a list numbered within holds
+        revocations this store may lack (``learn_revoked``)."""
+        with self._db.read() as db:
+            above = db.execute("SELECT value FROM meta WHERE key = 'crl_restored_above'").fetchone()
+            below = db.execute("SELECT value FROM meta WHERE key = 'crl_restored_below'").fetchone()
+        if above is None or below is None:
+            return None
+        return int(above["value"]), int(below["value"])
+
+    def learn_revoked(
+        self, serials: Iterable[str], *, number: int, node: str, now: dt.datetime, reason: str
+    ) -> list[str]:
+        """Record as revoked (``reason``) the serials (hex) of a revocation list the CA signed,
+        numbered ``number``, that the agent of ``node`` held and this store does not hold
+        (it was restored from a backup made before, or lost: ``leader.service`` checked the
+        list's signature). A serial the store has no record of is recorded as an "other"
+        certificate (as ``revoke`` with ``unknown``): one issued after the backup. With each
+        node's agent certificate so revoked, the one the leader accepts from before its
+        renewal (``_accepted_before``). Then the list's number moves on, urgently, as for any
+        revocation: the leader's next list holds them, and goes to every agent. Returns the
+        serials revoked now (none: no write). A list is what the CA revoked: nothing in it is
+        ever taken back, so an old list sent again adds nothing that was not revoked once."""
+        wanted = sorted({k for k in (s.lower().lstrip("0") for s in serials) if serial_fits(k)})
+        if not wanted:
+            return []
+        query = "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL"
+        with self._db.read() as db:  # (every agent that holds the list sends it: read first)
+            if all(db.execute(query, (serial,)).fetchone() is not None for serial in wanted):
+                return []
+        with self._db.tx() as db:
+            fresh: list[str] = []
+            for serial in wanted:
+                row = db.execute(
+                    "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)
+                ).fetchone()
+                if row is None:
+                    _record_cert(db, serial, "other", "", "", "", now, now + UNKNOWN_KEPT)
+                elif row["revoked_at"]:
+                    continue
+                fresh.append(serial)
+            fresh += _accepted_before(db, fresh)
+            if not fresh:
+                return []
+            _revoke_in(db, fresh, reason, now)
+            self._audit(
+                db, now, f"node:{node}", "crl.learned", "leader", number=number, serials=fresh
+            )
+        self.nodes_generation += 1
+        return fresh
 
     def relearn(
         self,
@@ -2603,6 +2715,15 @@ def relearning(
             " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (to_text(until),),
         )
+        # Every list the CA issued before is one this store has not seen (its revocations
+        # are learned from the agents that hold one: ``Store.learn_revoked``); those it issues
+        # are numbered from the clock's now on (``_bump_crl``).
+        for key, number in (("crl_restored_above", 0), ("crl_restored_below", crl_time(now))):
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, str(number)),
+            )
         LeaderStore._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
 
     return write

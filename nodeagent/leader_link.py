@@ -103,6 +103,12 @@ ANSWER_SECONDS = 5.0
 # rollout whose way back the agent keeps included (``Journal.heartbeat_facts``); as a rule
 # there are two at most (a rollout's key ends every earlier such stage: ``Journal.record_csr``;
 # the newest switch's way back is the only one kept).
+HELD_CRL_MAX = 768 * 1024
+"""The largest revocation list (PEM) the agent sends a leader that asks for it (``wants_crl``):
+the leader takes messages of at most 1 MiB (``leader.service.MAX_AGENT_MESSAGE``), and the rest
+of a heartbeat may take up to 200 KiB. A larger one is not sent (said once per ask): the
+leader then sends its own list after its patience (``leader.service.crl_patience``)."""
+
 STAGES_REPORTED = 64
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
@@ -253,6 +259,7 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     key.ClearField("renews")
     key.ClearField("wants_answer")
     key.ClearField("crl_number")
+    key.ClearField("held_crl_pem")  # (the leader asked for it: sent then, whatever else changed)
     # Goes with the next message, at the bound at the latest (the leader's answer:
     # ``leader.service.LeaderService._look_at_stages``): a stage made or switched would
     # otherwise cost a message per node and rollout.
@@ -441,6 +448,7 @@ class _Stream:
                 if self.last is not None:
                     message.CopyFrom(self.last)
                 message.ClearField("bootstrap_failures")
+                message.ClearField("held_crl_pem")  # (the leader has it, or asks again)
                 message.wants_answer = message.closing = False
                 if now is not None:
                     message.crl_number, message.highest_epoch = now
@@ -522,6 +530,7 @@ class _Stream:
                     # The failures a message carries are added to the leader's counts (those
                     # since the last report): the copy must not count the last message's again.
                     goodbye.ClearField("bootstrap_failures")
+                    goodbye.ClearField("held_crl_pem")
                     goodbye.wants_answer, goodbye.closing = False, True
 
                 async with asyncio.timeout(patience):
@@ -599,6 +608,10 @@ class LeaderLink:
         # agent says it holds none.
         self.stages_ended: Callable[[Sequence[str]], Awaitable[None]] | None = None
         self._ended_stages: set[str] = set()  # told, not yet forgotten (``_forget``)
+        # The leader asked for the revocation list this agent holds (``wants_crl``): the next
+        # message carries it, and goes now (``_take``). A leader restored from a backup sends
+        # no list of its own until it has recorded what this one revokes.
+        self._crl_wanted = False
         self._forgetting: asyncio.Future[None] | None = None
 
     def _connect(
@@ -673,6 +686,9 @@ class LeaderLink:
                 self._forgetting = asyncio.ensure_future(self._forget(self.stages_ended))
         if reply.crl_pem:
             await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
+        if reply.wants_crl and not self._crl_wanted:
+            self._crl_wanted = True
+            self.beat_soon()
 
     async def _forget(self, forget: Callable[[Sequence[str]], Awaitable[None]]) -> None:
         """Forget the stages the leader said have ended, until none is left to (more may come
@@ -830,12 +846,20 @@ class LeaderLink:
             highest, unswitched = await asyncio.to_thread(
                 self.journal.heartbeat_facts, STAGES_REPORTED
             )
+            crl_number, crl_pem = self.trust.held()
+            # Asked for (``_take``): sent with this message (again with the next if it fails).
+            held = crl_pem if self._crl_wanted else b""
+            if len(held) > HELD_CRL_MAX:
+                # The leader sends its own once it has waited long enough for this one.
+                log.warning("crl.held_too_large", size=len(held), limit=HELD_CRL_MAX)
+                held, self._crl_wanted = b"", False
             request = leader_pb2.HeartbeatRequest(
                 agent_version=__version__,
                 features=features.this_agent(),
                 bootstrap_failures=failure_messages(report),
                 highest_epoch=highest,
-                crl_number=self.trust.crl_number,
+                crl_number=crl_number,
+                held_crl_pem=held,
                 agent_port=self.cfg.port,
                 answers_checks=self.answer_check is not None,
                 # Only where someone removes what the leader says has ended.
@@ -864,16 +888,20 @@ class LeaderLink:
                             request.server.bootstrap_pending = True
                         else:
                             request.server.bootstrap_problem = said[:200]
-            if quiet and self._quiet(request):
+            if quiet and not held and self._quiet(request):
                 return
             # Stamped as it goes, not before the journal and the server's status were read
             # (up to SERVER_VIEW_SECONDS): the leader reads the node's clock from it, and the
             # time in between would count as the node being behind (``leader.node_clocks``).
             request.sent_at.FromDatetime(self.clock())
+            if held:  # (before the answer: one that asks again sets it again)
+                self._crl_wanted = False
             try:
                 # The epoch asked for now (not quiet), or failures the leader must have taken.
-                await self._exchange(request, answer=not quiet or bool(report))
+                await self._exchange(request, answer=not quiet or bool(report) or bool(held))
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                if held:
+                    self._crl_wanted = True  # the next message carries it
                 if isinstance(exc, grpc.aio.AioRpcError):
                     code, detail = exc.code().name, str(exc.details())
                     if not self.streaming and exc.code() == grpc.StatusCode.UNAVAILABLE:

@@ -67,6 +67,9 @@ class LeaderTrust:
     crl_file: Path
     crl_number: int = 0
     revoked: frozenset[int] = frozenset()
+    # The list held, as the leader sent it (PEM): what the agent sends a leader that asks for
+    # it (``held``; a leader restored from a backup learns what was revoked since from it).
+    crl_pem: bytes = b""
     announced_epoch: int = 0
     refresh: Callable[[], Awaitable[None]] | None = None
     # Who checks a list (``certwork.load_crl``): the agent's crypto worker, from a worker
@@ -90,9 +93,9 @@ class LeaderTrust:
         trust = cls(ca_file, trust_domain, nodefiles.crl_path(data_dir), worker=worker)
         if trust.crl_file.exists():
             try:
-                trust.crl_number, trust.revoked = certwork.load_crl(
-                    read_regular(trust.crl_file), ca_file, worker
-                )
+                pem = read_regular(trust.crl_file)
+                trust.crl_number, trust.revoked = certwork.load_crl(pem, ca_file, worker)
+                trust.crl_pem = pem
             except (PKIError, TerminalError, TransientError) as exc:
                 log.warning("crl.unreadable", path=str(trust.crl_file), error=str(exc))
         return trust
@@ -158,8 +161,14 @@ class LeaderTrust:
                 if self._unkept:
                     self._unkept = False
                     log.info("crl.kept", path=str(self.crl_file))
-            self.crl_number, self.revoked = number, revoked
+            self.crl_number, self.revoked, self.crl_pem = number, revoked, pem
         log.info("crl.updated", number=number, revoked=len(revoked))
+
+    def held(self) -> tuple[int, bytes]:
+        """The number of the list held and the list (PEM; empty: none), one pair: a list taken
+        meanwhile (another thread) changes both together."""
+        with self._taking:
+            return self.crl_number, self.crl_pem
 
     def announce(self, epoch: int) -> None:
         self.announced_epoch = max(self.announced_epoch, epoch)

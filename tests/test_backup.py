@@ -38,8 +38,8 @@ from tests.cluster import (
     wait_until,
 )
 from tests.conftest import next_loopback
-from tlsroll import pki, spiffe
-from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+from tlsroll import features, pki, spiffe
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 BACKUP_TIMEOUT = 60
 
@@ -606,3 +606,169 @@ def test_a_backup_holds_the_leader_s_certificate_with_its_own_key(tmp_path: Path
             assert not mixed.exists()
         finally:
             key.write_bytes(kept)
+
+
+def crl_held(agent: Any, ca_pem: bytes) -> tuple[int, frozenset[int]]:
+    """The number and serials of the revocation list ``agent`` keeps (0 and none: no list)."""
+    path = agent.data_dir / "crl.pem"
+    if not path.exists():
+        return 0, frozenset()
+    return pki.load_crl(path.read_bytes(), pki.load_cert_pem(ca_pem))
+
+
+def agent_status(agent: Any, ca_pem: bytes, chain: bytes, key: bytes) -> grpc.StatusCode:
+    """What ``agent`` answers ``GetStatus`` called with ``chain`` and ``key``."""
+    with secure_channel(agent.target, ca_pem, chain, key, name=agent.tls_name) as channel:
+        try:
+            agent_pb2_grpc.NodeAgentStub(channel).GetStatus(
+                agent_pb2.GetStatusRequest(), timeout=10
+            )
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.timeout(300)
+def test_a_restore_keeps_what_was_revoked_since_the_backup_and_serves_a_new_leader_key(
+    tmp_path: Path,
+) -> None:
+    """Review s64 (H): a restore quietly un-revoked what was revoked after its backup, at every
+    agent. The restored leader served the backup's leader.pem and leader.key, revoked since;
+    the agents said they held a list numbered above the store's, the leader raised its number
+    past theirs (``crl.floor_raised``) and sent a list built from the backup's store, which
+    lacked the revocations: every agent took it within seconds, dropping the only record of
+    them, and obeyed the revoked key again (and a node's revoked certificate came back). Now
+    the restore revokes every leader certificate on record (the backup holds the key) and the
+    start serves a new key; and the leader asks an agent whose list was issued after the
+    backup for it (``wants_crl``), records what it revokes, and only then sends its own."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        n1 = c.add_agent("n1", next_loopback())
+        n2 = c.add_agent("n2", next_loopback())
+        c.wait_for_nodes_online(["n1", "n2"])
+        dest = tmp_path / "backup"
+        made = backup(c, dest)
+        assert made.returncode == 0, made.stderr
+        passphrase = c.passphrase_path.read_bytes()
+        copied_chain, copied_key = c.leader_credentials()  # the backup's, served now
+        served = f"{pki.read_cert(c.tls_cert_path).serial_number:x}"
+        stolen = f"{n2.cert().serial_number:x}"  # n2's machine, lost after the backup
+        for serial in (served, stolen):
+            revoked = c.cli("ca", "revoke", serial, "--reason", "copied")
+            assert revoked.returncode == 0, (revoked.stdout, revoked.stderr)
+        wanted = {int(served, 16), int(stolen, 16)}
+        wait_until(
+            lambda: wanted <= crl_held(n1, c.ca_pem)[1], 30, "n1's list holds both revocations"
+        )
+        number_before, _ = crl_held(n1, c.ca_pem)
+        refused = agent_status(n1, c.ca_pem, copied_chain, copied_key)
+        assert refused == grpc.StatusCode.UNAUTHENTICATED
+
+        restore(c, dest, passphrase)
+        c.start_leader()
+
+        # A new key, and none of the backup's certificates is served.
+        now_served = f"{pki.read_cert(c.tls_cert_path).serial_number:x}"
+        assert now_served != served
+        assert c.tls_key_path.read_bytes() != copied_key
+        assert c.tls_key_path.stat().st_mode & 0o777 == 0o600
+        [restored] = [e for e in c.leader.log_events() if e.get("event") == "store.restored"]
+        assert served in restored["revoked_leader_serials"], restored
+
+        # The store learns n1's list before it sends n1 one of its own.
+        def revoked_in_store() -> dict[str, str]:
+            rows = c.store_table("certificates")
+            return {r["serial"]: r["revoke_reason"] for r in rows if r["revoked_at"]}
+
+        wait_until(lambda: stolen in revoked_in_store(), 30, "n2's revocation learned")
+        reasons = revoked_in_store()
+        assert served in reasons, reasons
+        assert "revoked before the restore" in reasons[stolen], reasons[stolen]
+        learned = [e for e in c.store_table("audit") if e["kind"] == "crl.learned"]
+        assert any(stolen in json.loads(e["detail"])["serials"] for e in learned), learned
+        # n1 takes the restored leader's list (a higher number), which still names both.
+        wait_until(
+            lambda: crl_held(n1, c.ca_pem)[0] > number_before, 30, "n1 takes the leader's list"
+        )
+        assert wanted <= crl_held(n1, c.ca_pem)[1]
+        unlearned = [e for e in c.leader.log_events() if e.get("event") == "crl.not_learned"]
+        assert not unlearned, "n1's agent names the feature"
+        # The copied key commands nothing; the new one does; n2's certificate stays refused.
+        assert agent_status(n1, c.ca_pem, copied_chain, copied_key) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        chain, key = c.leader_credentials()
+        assert agent_status(n1, c.ca_pem, chain, key) == grpc.StatusCode.OK
+        n2_key = pki.read_key(n2.key_file)
+        assert heartbeat_code(c, n2.cert(), n2_key, n2.port) == grpc.StatusCode.UNAUTHENTICATED
+
+        # A list this CA did not sign, for a number of that span, records nothing: refused and
+        # said (crl.not_learned), and the agent gets the leader's list instead.
+        [above] = [r["value"] for r in c.store_table("meta") if r["key"] == "crl_restored_above"]
+        number = int(above) + 1
+        forged = pki.crl_to_pem(
+            pki.build_crl(
+                pki.CertificateAuthority.create("not this cluster's CA"),
+                number,
+                [("5eed", dt.datetime.now(dt.UTC))],
+            )
+        )
+        n1_cert, n1_key = pki.cert_to_pem(n1.cert()), pki.key_to_pem(pki.read_key(n1.key_file))
+        with secure_channel(c.control_target, c.ca_pem, n1_cert, n1_key) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            request = leader_pb2.HeartbeatRequest(
+                agent_version="t",
+                agent_port=n1.port,
+                crl_number=number,
+                features=[features.HELD_CRL],
+            )
+            asked = stub.Heartbeat(request, timeout=10)
+            assert asked.wants_crl and not asked.crl_pem
+            request.held_crl_pem = forged
+            answered = stub.Heartbeat(request, timeout=10)
+            assert not answered.wants_crl and answered.crl_pem
+        assert "5eed" not in revoked_in_store()
+        [said] = [e for e in c.leader.log_events() if e.get("event") == "crl.not_learned"]
+        assert (said["node"], said["held"]) == ("n1", number), said
+        assert "the list it sent is refused" in said["why"], said
+
+
+@pytest.mark.timeout(300)
+def test_an_older_agent_whose_list_the_restored_leader_cannot_learn_is_named(
+    tmp_path: Path,
+) -> None:
+    """The same restore with an agent of an earlier release (it names no feature): the leader
+    cannot ask it for its list. It says so, naming the node (``crl.not_learned``), and the
+    agent gets the leader's list as before; the backup's leader key is revoked all the same
+    (the restore's own revocation), so the agent refuses it."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        n1 = c.add_agent("n1", next_loopback(), env={features.TEST_ENV: ""})
+        c.wait_for_nodes_online(["n1"])
+        dest = tmp_path / "backup"
+        made = backup(c, dest)
+        assert made.returncode == 0, made.stderr
+        passphrase = c.passphrase_path.read_bytes()
+        copied_chain, copied_key = c.leader_credentials()
+        served = f"{pki.read_cert(c.tls_cert_path).serial_number:x}"
+        assert c.cli("ca", "revoke", served).returncode == 0
+        wait_until(lambda: int(served, 16) in crl_held(n1, c.ca_pem)[1], 30, "n1 holds it")
+        number_before, _ = crl_held(n1, c.ca_pem)
+
+        restore(c, dest, passphrase)
+        c.start_leader()
+
+        wait_until(
+            lambda: any(e.get("event") == "crl.not_learned" for e in c.leader.log_events()),
+            30,
+            "the leader names the node it cannot learn from",
+        )
+        [said] = [e for e in c.leader.log_events() if e.get("event") == "crl.not_learned"]
+        assert (said["node"], said["held"]) == ("n1", number_before), said
+        wait_until(lambda: crl_held(n1, c.ca_pem)[0] > number_before, 30, "n1 takes the list")
+        assert int(served, 16) in crl_held(n1, c.ca_pem)[1]
+        assert agent_status(n1, c.ca_pem, copied_chain, copied_key) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )

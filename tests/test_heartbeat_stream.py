@@ -2319,7 +2319,10 @@ async def test_after_a_lost_store_the_agents_take_the_new_store_s_revocation_lis
     (``revoke``: the admin's revocation after the loss is above any number before it), and
     an agent that says it holds a higher number than the store's makes the leader raise its
     number past it at once (not ``revoke``: nothing revoked since the loss). The agent says
-    when it refuses an older list, once per number."""
+    when it refuses an older list, once per number. Review s64 (H): before it raises it, the
+    leader asks the agent for its list (``wants_crl``; the agent sends it with its next
+    message) and records what it revokes, so the new list still holds it (not ``revoke``:
+    "aa"); its number then passes the agent's without a raise."""
     leader_address, node_address = loopback(), loopback()
     rig = leader_with_a_node(tmp_path, leader_address, node_address)
     await rig.server.start()
@@ -2338,13 +2341,17 @@ async def test_after_a_lost_store_the_agents_take_the_new_store_s_revocation_lis
                 "bb", reason="", now=rig.clock[0], actor="test", unknown=True
             ) == ["bb"]
         await link.beat()
+        if not revoke:  # asked for its list (57, above the store's): it goes with this beat
+            await link.beat()
         await until(lambda: trust.crl_number > 57, "the new store's list taken")
         await link.beat()
         assert trust.crl_number == rig.store.revocations().number
         assert (0xBB in trust.revoked) is revoke
+        assert (0xAA in trust.revoked) is not revoke  # learned from the agent's list 57
         with rig.store.db.read() as db:
             raised = db.execute("SELECT 1 FROM audit WHERE kind = 'crl.floor_raised'").fetchall()
-        assert len(raised) == (0 if revoke else 1)
+            learned = db.execute("SELECT 1 FROM audit WHERE kind = 'crl.learned'").fetchall()
+        assert (len(raised), len(learned)) == (0, 0 if revoke else 1)
     finally:
         await link.close()
         journal.close()

@@ -43,6 +43,12 @@ OWN_CERTIFICATE = "stage.own_certificate"
 """``StageRequest.own_certificate`` and ``private_key_pem``: the practice's own certificate
 and key (``--cert-dir``), not one signed from the agent's CSR."""
 
+HELD_CRL = "heartbeat.wants_crl"
+"""``HeartbeatResponse.wants_crl``: the agent sends the revocation list it holds
+(``HeartbeatRequest.held_crl_pem``) when the leader asks, and the leader sends it no list of its
+own until it has recorded that one's revocations (a leader restored from a backup). An agent
+that does not name it is never asked: its list is replaced by the leader's, as before."""
+
 AGENT_FEATURES: tuple[str, ...] = tuple(
     sorted(
         (
@@ -52,6 +58,7 @@ AGENT_FEATURES: tuple[str, ...] = tuple(
             ROLLBACK_KEEP_FROZEN,
             FREEZE_LEASE,
             OWN_CERTIFICATE,
+            HELD_CRL,
         )
     )
 )

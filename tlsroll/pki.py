@@ -873,12 +873,18 @@ def crl_to_pem(crl: x509.CertificateRevocationList) -> bytes:
     return crl.public_bytes(serialization.Encoding.PEM)
 
 
-def load_crl(data: bytes, ca: x509.Certificate) -> tuple[int, frozenset[int]]:
-    """A revocation list signed by ``ca``: its number and its revoked serials."""
+def load_crl(
+    data: bytes, ca: x509.Certificate, *, issuer: bool = False
+) -> tuple[int, frozenset[int]]:
+    """A revocation list signed by ``ca``: its number and its revoked serials. ``issuer``: its
+    issuer must be ``ca``'s subject as well (the leader, taking an agent's list: a list of
+    another CA that happens to share the key is none of this one's)."""
     try:
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise PKIError(PKIReason.BAD_PEM, "revocation list") from exc
+    if issuer and crl.issuer != ca.subject:
+        raise PKIError(PKIReason.UNTRUSTED, "revocation list of another issuer")
     public = ca.public_key()
     if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not (
         crl.is_signature_valid(public)

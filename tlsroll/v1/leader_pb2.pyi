@@ -198,6 +198,7 @@ class HeartbeatRequest(_message.Message):
     AGENT_INSTANCE_FIELD_NUMBER: _builtins.int
     FAILURES_REPORT_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
+    HELD_CRL_PEM_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -248,6 +249,14 @@ class HeartbeatRequest(_message.Message):
     report the leader did not answer (the stream broke after the leader took it) is sent
     again unchanged, with its number, and a leader that took that report already does not
     add it again; failures since go in the next report. 0: unnumbered (an older agent).
+    """
+    held_crl_pem: _builtins.bytes
+    """The revocation list the agent holds (PEM, as the leader sent it: `crl_number`'s), in the
+    message that answers the leader's `HeartbeatResponse.wants_crl`; empty otherwise. The
+    leader checks that the CA signed it, records what it revokes, and only then sends the
+    agent a list of its own: a leader whose store was restored from a backup (or lost) learns
+    what was revoked since, instead of replacing the agents' lists with one that lacks it. A
+    leader that does not know the field ignores it.
     """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -326,10 +335,11 @@ class HeartbeatRequest(_message.Message):
         agent_instance: _builtins.str = ...,
         failures_report: _builtins.int = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
+        held_crl_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_answer", b"check_answer", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "failures_report", b"failures_report", "features", b"features", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "failures_report", b"failures_report", "features", b"features", "held_crl_pem", b"held_crl_pem", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,6 +536,7 @@ class HeartbeatResponse(_message.Message):
     ANSWERS_FIELD_NUMBER: _builtins.int
     CHECK_FIELD_NUMBER: _builtins.int
     ENDED_STAGES_FIELD_NUMBER: _builtins.int
+    WANTS_CRL_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
     """How often the leader expects a heartbeat; a node silent for three intervals is offline."""
     epoch: _builtins.int
@@ -542,6 +553,14 @@ class HeartbeatResponse(_message.Message):
     answers: _builtins.int
     """(Heartbeats stream.) The `seq` of the message this answers; 0: news sent unasked (or an
     older leader, which echoes nothing: the agent then takes any reply as the answer).
+    """
+    wants_crl: _builtins.bool
+    """The leader asks for the revocation list the agent holds (`HeartbeatRequest.held_crl_pem`,
+    in the agent's next message, sent at once): its number (`crl_number`) is one the leader's
+    store has not seen (a list issued after the backup the store was restored from, or above
+    the store's own number), and the leader sends no list of its own (no `crl_pem`) until it has
+    recorded what that one revokes. Sent only to an agent that names the feature
+    `heartbeat.wants_crl`; an older agent's list is replaced as before (the leader logs it).
     """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -574,10 +593,11 @@ class HeartbeatResponse(_message.Message):
         answers: _builtins.int = ...,
         check: Global___CheckQuestion | None = ...,
         ended_stages: _abc.Iterable[_builtins.str] | None = ...,
+        wants_crl: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "check", b"check", "crl_pem", b"crl_pem", "ended_stages", b"ended_stages", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "check", b"check", "crl_pem", b"crl_pem", "ended_stages", b"ended_stages", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds", "wants_crl", b"wants_crl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
