@@ -29,6 +29,7 @@ WHAT: Mapping[str, str] = {
     features.ROLLBACK_KEEP_FROZEN: "--freeze scope",
     features.FREEZE_LEASE: "--freeze scope",
     features.OWN_CERTIFICATE: "--cert-dir",
+    features.SWITCH_QUIET: "finalize --when-quiet",
     # Needed by no rollout: a leader restored from a backup learns what was revoked since from
     # the agents' lists, and an agent that cannot send its own has it replaced.
     features.HELD_CRL: "keeping revocations through a leader's restore",
@@ -59,14 +60,21 @@ EVERYTHING = frozenset(WHAT)
 
 
 def rollout_needs(
-    change: Change, strategy: Strategy, freeze: FreezeMode, own_certificates: bool
+    change: Change,
+    strategy: Strategy,
+    freeze: FreezeMode,
+    own_certificates: bool,
+    when_quiet: bool = False,
 ) -> frozenset[str]:
-    """The features a rollout of ``change`` so run needs of every agent it steps."""
+    """The features a rollout of ``change`` so run needs of every agent it steps
+    (``when_quiet``: a ``finalize --when-quiet``, whose Switch carries ``quiet_seconds``)."""
     needs = set(BY_CHANGE.get((change, strategy), ())) | BY_CHANGE.get((change, None), set())
     if freeze is FreezeMode.SCOPE:
         needs |= SCOPE_FREEZE
     if own_certificates:
         needs |= OWN_CERTIFICATES
+    if when_quiet and change is Change.FINALIZE:
+        needs.add(features.SWITCH_QUIET)
     return frozenset(needs)
 
 
@@ -82,6 +90,8 @@ def request_needs(request: Any) -> frozenset[str]:
             needs.add(features.KEEP_HTTP)
         if request.keep_frozen:
             needs.add(features.SWITCH_KEEP_FROZEN)
+        if request.quiet_seconds:
+            needs.add(features.SWITCH_QUIET)
     elif kind == "RollbackRequest":
         if request.HasField("undoes"):
             needs.add(features.ROLLBACK_UNDOES)

@@ -565,6 +565,7 @@ class Commands:
                 left_out=out,
                 cut_off=cut_off,
                 not_heard=not_heard,
+                when_quiet=bool(request.when_quiet),
             )
         except planner.NothingToDo:
             if undone is not None:

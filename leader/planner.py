@@ -487,6 +487,7 @@ def plan_rollout(
     left_out: Mapping[str, str] | None = None,
     cut_off: Collection[str] = frozenset(),
     not_heard: Collection[str] = frozenset(),
+    when_quiet: bool = False,
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -587,7 +588,7 @@ def plan_rollout(
     elif left and len(left) == len(names):  # nothing asked (no agents): only they are known
         raise NoneReachable(change, left, {})
     order = order_nodes(names, leader)
-    needs = agent_features.rollout_needs(change, strategy, freeze, own_certificates)
+    needs = agent_features.rollout_needs(change, strategy, freeze, own_certificates, when_quiet)
     rollout = Rollout(
         id=rollout_id,
         change=change,

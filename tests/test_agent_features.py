@@ -130,6 +130,21 @@ def test_what_a_request_needs_by_what_it_carries() -> None:
     begin = agent_pb2.GetTransactionRequest(switch=switch)
     assert af.request_needs(begin) == af.request_needs(switch)
     assert af.request_needs(agent_pb2.CheckRequest(warm_certificates=True)) == set()
+    # A --when-quiet finalize's switch: an agent that dropped quiet_seconds unread switched on
+    # the leader's view alone (review b3 of s64, M2)
+    quiet = agent_pb2.SwitchRequest(quiet_seconds=600)
+    assert af.request_needs(quiet) == {features.SWITCH_QUIET}
+
+
+def test_a_when_quiet_finalize_needs_its_agents_to_look_afresh() -> None:
+    """Review b3 of s64 (M2): the plan of a `finalize --when-quiet` blocks an agent that does
+    not name ``switch.quiet_seconds`` as too old for it, as every other field that carries
+    behaviour does; a plain finalize needs nothing."""
+    assert af.rollout_needs(Change.FINALIZE, Strategy.DIRECT, FreezeMode.NODE, False, True) == {
+        features.SWITCH_QUIET
+    }
+    assert af.rollout_needs(Change.FINALIZE, Strategy.DIRECT, FreezeMode.NODE, False) == set()
+    assert af.too_old_for([], {features.SWITCH_QUIET}) == ("finalize --when-quiet",)
 
 
 def test_too_old_says_which_version_for_what_and_what_to_do() -> None:

@@ -43,6 +43,11 @@ OWN_CERTIFICATE = "stage.own_certificate"
 """``StageRequest.own_certificate`` and ``private_key_pem``: the practice's own certificate
 and key (``--cert-dir``), not one signed from the agent's CSR."""
 
+SWITCH_QUIET = "switch.quiet_seconds"
+"""``SwitchRequest.quiet_seconds``: a ``finalize --when-quiet`` switch, refused by the agent if
+its server saw http within that long by its own look, afresh (an agent that dropped it unread
+switched on the leader's view alone, up to its cache's age late: review b3 of s64, M2)."""
+
 HELD_CRL = "heartbeat.wants_crl"
 """``HeartbeatResponse.wants_crl``: the agent sends the revocation list it holds
 (``HeartbeatRequest.held_crl_pem``) when the leader asks, and the leader sends it no list of its
@@ -59,6 +64,7 @@ AGENT_FEATURES: tuple[str, ...] = tuple(
             FREEZE_LEASE,
             OWN_CERTIFICATE,
             HELD_CRL,
+            SWITCH_QUIET,
         )
     )
 )

@@ -650,7 +650,8 @@ class SwitchRequest(_message.Message):
     heartbeats, and refuses the switch (FAILED_PRECONDITION, nothing begun, the message
     beginning "not quiet:") if a client was seen on http within this many seconds, or if who
     was cannot be told. Its server's clients are then the view GetStatus sends. 0: no such
-    check (a plain finalize); an agent of an earlier release drops it unread and switches.
+    check (a plain finalize). An agent that does not name the feature switch.quiet_seconds
+    is never sent it: a --when-quiet finalize is refused for it as "too old".
     """
     @_builtins.property
     def command(self) -> Global___Command: ...
