@@ -95,6 +95,11 @@ async def run_bounded(argv: Sequence[str], timeout: float, limit: int) -> tuple[
                 raise RuntimeError(f"{argv[0]} did not finish within {timeout:g}s") from None
             except BaseException:  # cancelled (the agent stops): no command is left behind
                 _kill(proc)
+                # ... and it is reaped (bounded) before its temporary files close: a process
+                # object dropped while it ran warned, unreaped, at the loop's end
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(KILL_WAIT):
+                        await asyncio.shield(proc.wait())
                 raise
             printed = os.pread(out.fileno(), limit + 1, 0)
             size = os.fstat(err.fileno()).st_size

@@ -72,7 +72,12 @@ from tlsroll.peertext import clean
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
 CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes the last one
-CLIENTS_FRESH_WAIT = 30.0  # seconds a when-quiet switch waits for its fresh view (``clients_now``)
+# Seconds a when-quiet switch waits for its fresh view (``clients_now``): well below the
+# leader's wait for a switch's first answer (``leader.agent_client.STREAM_SECONDS``, 15 s), so
+# that "cannot tell" reaches it as the agent's refusal; 30 s never did: the leader gave up at
+# 15 s, took it for an agent unreachable mid-switch and asked again for ever (review b3 of
+# s64, M1). A read slower than this (a ``clients`` command near its own timeout) refuses.
+CLIENTS_FRESH_WAIT = 10.0
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 KILL_WAIT = 5.0  # after SIGKILL: the process is gone within this (a bound, not a pause)

@@ -1909,6 +1909,32 @@ async def test_a_when_quiet_switch_reads_the_clients_afresh_and_judges_them(
     )
 
 
+async def test_a_when_quiet_switch_s_slow_fresh_look_refuses_before_the_leader_gives_up(
+    tmp_path: Path,
+) -> None:
+    """Review b3 of s64 (M1): the fresh look waited 30 s, the leader's first wait for a
+    switch's answer is 15 s: a slow ``clients`` command (one allowed up to 120 s) had the
+    leader take the agent for unreachable mid-switch and ask again for ever, the node shown
+    "switching", nothing ever refused. The look gives up first and says it cannot tell."""
+    from leader.agent_client import STREAM_SECONDS
+    from nodeagent.drivers import CLIENTS_FRESH_WAIT
+
+    assert CLIENTS_FRESH_WAIT < STREAM_SECONDS - 3  # (room for the switch's own first steps)
+    driver = exec_driver(tmp_path, "import time; time.sleep(40)", clients_timeout=60)
+    began = time.monotonic()
+    try:
+        view = await driver.clients_now()
+    finally:  # (the read goes on for the heartbeats: this test ends it, killing the command)
+        if (reading := driver._clients_task) is not None:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
+    assert time.monotonic() - began < STREAM_SECONDS  # (a bound: the leader's wait)
+    refusal = quiet_refusal(view, NOW, 60)
+    assert refusal is not None and refusal.startswith("not quiet: who is on http cannot be told")
+    assert f"took over {CLIENTS_FRESH_WAIT:g}s" in refusal, refusal
+
+
 async def test_the_admin_client_sends_its_request_before_its_first_wait() -> None:
     """Issue 15: a switch's freeze call is the first thing on the loop once the switch has
     begun (``Runner.under_way``) only if the call is out before its task first yields: the
