@@ -1189,6 +1189,7 @@ def _scheme_switches(schemes: Sequence[str]) -> dict[str, str]:
 
 MAX_COMMAND_OUTPUT = 1024 * 1024  # what is read of a command's stdout (a status's JSON)
 COMMAND_ERROR_TAIL = 4096  # what is read of the end of its stderr, for the error's last line
+COMMAND_ERROR_LINE = 1000  # characters of that line kept
 
 
 async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
@@ -1250,11 +1251,12 @@ async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
 
 def _last_line(file: IO[bytes]) -> str:
     """The last line a command wrote to ``file`` (in its last ``COMMAND_ERROR_TAIL`` bytes),
-    cleaned for an error's one line."""
+    cleaned for an error's one line, whole as far as ``COMMAND_ERROR_LINE`` (systemctl's
+    "Job for … failed: <the server's own config error>" says what to fix at its end)."""
     size = os.fstat(file.fileno()).st_size
     tail = os.pread(file.fileno(), COMMAND_ERROR_TAIL, max(0, size - COMMAND_ERROR_TAIL))
     lines = tail.decode(errors="replace").strip().splitlines()
-    return clean(lines[-1]) if lines else ""
+    return clean(lines[-1], COMMAND_ERROR_LINE) if lines else ""
 
 
 def _kill_command(proc: asyncio.subprocess.Process) -> None:

@@ -761,8 +761,11 @@ def test_a_csr_whose_own_names_cannot_be_read_is_refused_as_invalid(
 
 
 def test_a_node_cannot_mint_workstation_certificates_without_limit(tmp_path: Path) -> None:
+    """The cap is leader.toml's ``workstation_certs_per_hour`` (100 by default, session 64):
+    set to 30 here, as the fixed cap was."""
     with AdminTokenCluster(tmp_path, next_loopback()) as c:
         c.init()
+        c.write_leader_config({"workstation_certs_per_hour": 30})
         c.start_leader()
         agent = c.add_agent("minter", next_loopback())
         codes = [sign_workstation(c, agent, f"ws-pc{i}")[0] for i in range(31)]

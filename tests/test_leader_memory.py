@@ -609,9 +609,14 @@ async def test_a_disable_tls_start_reads_the_rollout_it_takes_back_not_every_one
     world = make_world(tmp_path, monkeypatch)
     leader = world.boot()
     ids = []
-    for change in [Change.ENABLE_TLS, Change.DISABLE_TLS, Change.ENABLE_TLS, Change.ENABLE_TLS]:
+    for change in [Change.ENABLE_TLS, Change.DISABLE_TLS, Change.ENABLE_TLS]:
         ids.append((await leader.start(change)).rollout.id)
         assert (await leader.run()).rollout.state is RolloutState.COMPLETED
+    # (the fourth with the password in use: a new one is refused while the nodes recorded on
+    # one are not observed, as this world's agents are not: session 64)
+    again = RolloutRequest(Change.ENABLE_TLS, Scope.cluster())
+    ids.append((await leader.commands.start(again, ADMIN)).rollout.id)
+    assert (await leader.run()).rollout.state is RolloutState.COMPLETED
     built = rows_built(monkeypatch)
     leader.schema._db.cache.clear()  # nothing kept: every row it looks at is built
     for undo in (None, ids[2]):
