@@ -559,7 +559,7 @@ def test_remaining_marks_nodes_whose_http_is_closed_and_says_the_zone_as_the_not
         "Arbeitsplätze, die noch http nutzen (sie brauchen die Schritte, bevor http geschlossen "
         "wird):",
         "  node1: 10.0.0.21, zuletzt 2026-12-07 10:30:00 MEZ",
-        "  node2: 10.0.0.22, zuletzt 2026-12-07 10:30:00 MEZ – abgeschnitten: http ist seit "
+        "  node2: 10.0.0.22, zuletzt 2026-12-07 10:30:00 MEZ – ohne Verbindung: http ist seit "
         "2026-12-07 03:12:00 MEZ geschlossen",
     ], german
     # phase 1 finalized since: nothing awaits finalize, and both are cut off

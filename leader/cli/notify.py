@@ -344,7 +344,7 @@ _DE: dict[str, str] = {
     ),
     "step_menu_many.part": (
         "In der Menüleiste „Admin → Serveradresse ändern“ öffnen. Steht dort eine der "
-        "bisherigen Adressen aus der Liste oben, die neue Adresse dieses Servers eintragen; "
+        "oben mit „bisher“ genannten Adressen, die neue Adresse dieses Servers eintragen; "
         "sonst ist an diesem Arbeitsplatz nichts zu tun."
     ),
     "step_menu_path.part": (
@@ -527,9 +527,13 @@ _EN: dict[str, str] = {
         "server is now encrypted (https, SSL/TLS). This has changed the server address. Only "
         "workstations that use {old} now have to be switched to the new address once."
     ),
-    "others.one": "The server {others} keeps its address; workstations that use it need nothing.",
+    "others.one": (
+        "The server {others} keeps its address; nothing needs to be done at workstations that "
+        "use it."
+    ),
     "others.many": (
-        "The servers {others} keep their addresses; workstations that use them need nothing."
+        "The servers {others} keep their addresses; nothing needs to be done at workstations "
+        "that use them."
     ),
     "or": "or",
     "and": "and",

@@ -917,7 +917,7 @@ _REMAINING = {
         "geschlossen wird):",
         "head.none_waiting": "Arbeitsplätze, die zuletzt über http gesehen wurden (kein "
         "Übergangs-Rollout wartet auf finalize):",
-        "cut": "{row} – abgeschnitten: http ist seit {when} geschlossen",
+        "cut": "{row} – ohne Verbindung: http ist seit {when} geschlossen",
         "none": "Kein Arbeitsplatz wurde zuletzt über http gesehen.",
         "row": "  {node}: {address}{ws}, zuletzt {last}",
         "unknown": "  {node}: nicht feststellbar ({why})",
