@@ -583,3 +583,27 @@ def test_remaining_marks_nodes_whose_http_is_closed_and_says_the_zone_as_the_not
         "  node2: 10.0.0.22, last seen 2026-12-07 10:30:00 CET – cut off: http closed at "
         "2026-12-07 03:12:00 CET",
     ], english
+
+
+@pytest.mark.parametrize(("state", "closing"), [("running", True), ("paused", False)])
+def test_a_paused_finalize_is_not_told_as_closing_http_now(state: str, closing: bool) -> None:
+    """Review b3 of session 64 (L3): the notice during a finalize said the old addresses "are
+    closed one after another now" of a paused one too, which closes nothing, maybe for days.
+    The node it closed before its pause stays named as closed."""
+    from leader.rollout_core import NodeState, RolloutState
+    from leader.wire import CHANGE, NODE_STATE, ROLLOUT_STATE
+    from tlsroll.v1 import schema_pb2
+
+    finalize = schema_pb2.RolloutView(
+        id="f1",
+        change=CHANGE.wire(Change.FINALIZE),
+        state=ROLLOUT_STATE.wire(RolloutState(state)),
+        finalizes="t1",
+    )
+    finalize.started_at.FromDatetime(dt.datetime(2026, 12, 7, 9, 0))
+    finalize.nodes.add(name="node1", state=NODE_STATE.wire(NodeState.DONE))
+    finalize.nodes.add(name="node2", state=NODE_STATE.wire(NodeState.PENDING))
+    closed, now_closing = notify_cmd._closed_by_finalize(
+        schema_pb2.Schema(rollouts=[finalize]), "t1"
+    )
+    assert list(closed) == ["node1"] and now_closing is closing

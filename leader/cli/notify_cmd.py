@@ -368,14 +368,15 @@ def _closed_by_finalize(
     """Transitional rollout ``rollout_id`` awaiting finalize: its nodes whose http a finalize
     of it has closed (done in it: running, paused, or ended part way), each with when (its
     last step's end, else the finalize's start), and whether one is closing http now
-    (running or paused: each server restarts in its turn)."""
+    (running: each server restarts in its turn; a paused one closes nothing, maybe for days,
+    and was told as closing: review b3 of s64, L3)."""
     closed: dict[str, dt.datetime] = {}
     closing = False
     for r in schema.rollouts:
         if r.finalizes != rollout_id or CHANGE.read(r.change, "change") is not Change.FINALIZE:
             continue
         state = ROLLOUT_STATE.read(r.state, "state")
-        closing = closing or state in (RolloutState.RUNNING, RolloutState.PAUSED)
+        closing = closing or state is RolloutState.RUNNING
         for n in r.nodes:
             if NODE_STATE.read(n.state, "state") is not NodeState.DONE or n.name in closed:
                 continue
