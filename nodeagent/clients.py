@@ -28,8 +28,9 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from tlsroll import clients
+from tlsroll import clients, peertext
 from tlsroll.clients import ClientLog, ClientsView
 from tlsroll.config import Section
 
@@ -62,16 +63,49 @@ def one_line(text: object, limit: int = clients.MAX_PROBLEM) -> str:
 
 
 KILL_WAIT = 5.0  # after SIGKILL: how long its end is waited for (a bound, not a pause)
+ERROR_TAIL = 4096  # what is read of the end of a command's stderr, for its error's last line
+ERROR_LINE = 1000  # characters of that line kept
 
 
-async def run_bounded(argv: Sequence[str], timeout: float, limit: int) -> tuple[int, bytes, bytes]:
-    """(exit code, stdout up to ``limit + 1`` bytes, stderr up to its last 4 KiB); RuntimeError
-    (one line) if it cannot run or does not finish within ``timeout`` seconds (it is killed).
+@dataclass(frozen=True)
+class Ran:
+    """What a command of the admin's did (``run_command``): its exit code, its stdout up to
+    the limit asked (one byte more, to tell it was over), and the last line it wrote to
+    stderr (else stdout), cleaned for an error's one line."""
 
-    Bounded by the command's own exit, its output in temporary files, not pipes, as the exec
-    driver's operations (``drivers._run``): with pipes, a child that left the command's session
-    (setsid, a daemon forking away) and kept them open held the agent's clients refresh, after
-    the timeout's kill, for as long as it lived (the exec helper of session 64)."""
+    code: int
+    out: bytes
+    said: str
+
+
+class CommandFailed(Exception):
+    """A command that could not run (``cause``: the OSError, this machine's shortage maybe)
+    or did not exit within its time; the message is one line without the caller's words."""
+
+    def __init__(self, message: str, cause: OSError | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+async def run_command(argv: Sequence[str], timeout: float, limit: int) -> Ran:
+    """Run a command of the admin's (an exec driver's operation or ``clients`` command,
+    ``systemctl restart``): ``Ran``, or CommandFailed if it cannot run or does not exit
+    within ``timeout`` seconds. One runner for both (duplicates of session 64).
+
+    Bounded by the command's own exit and nothing else (review s64 H1, H2, M1). Its output
+    goes to temporary files, not pipes: a server a ``restart`` starts in the background
+    (``nohup server &``, a vendor's ctl script) keeps the command's stdout, and with a pipe
+    the agent waited for that server's end, not the command's (a restart that worked failed
+    at its timeout, and a timeout's step lasted as long as such a child lived), then left the
+    pipe unread until the server blocked writing its log (or, the pipe closed, killed it by
+    SIGPIPE); a ``clients`` command's child that left its session held the clients refresh. A
+    file takes whatever it writes and blocks nobody. The command runs in a session of its own,
+    and all of it (a ``sh -c`` wrapper and the tool it runs) is killed when it times out and
+    when the caller gives up on it: the heartbeat waits 2 s for a status, and a hung
+    ``status`` left one process and two pipes behind at every beat; a wrapper's tool, killed
+    only in its wrapper, froze the server after the way back had unfrozen it. What a command
+    that exited left running is not ours to kill (a restart's server): README, the exec
+    driver."""
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
@@ -83,16 +117,18 @@ async def run_bounded(argv: Sequence[str], timeout: float, limit: int) -> tuple[
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise RuntimeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+                raise CommandFailed(f"cannot run {argv[0]}: {exc.strerror or exc}", exc) from None
             try:
                 async with asyncio.timeout(timeout):
                     code = await proc.wait()
             except TimeoutError:
                 _kill(proc)
-                with contextlib.suppress(TimeoutError):  # (one stuck in the kernel: reaped later)
+                # (a command stuck in the kernel, on a hung NFS mount, may outlive SIGKILL: the
+                # step ends all the same; the event loop's child watcher reaps it later)
+                with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(KILL_WAIT):
                         await proc.wait()
-                raise RuntimeError(f"{argv[0]} did not finish within {timeout:g}s") from None
+                raise CommandFailed(f"{argv[0]} did not finish within {timeout:g}s") from None
             except BaseException:  # cancelled (the agent stops): no command is left behind
                 _kill(proc)
                 # ... and it is reaped (bounded) before its temporary files close: a process
@@ -102,19 +138,27 @@ async def run_bounded(argv: Sequence[str], timeout: float, limit: int) -> tuple[
                         await asyncio.shield(proc.wait())
                 raise
             printed = os.pread(out.fileno(), limit + 1, 0)
-            size = os.fstat(err.fileno()).st_size
-            said = os.pread(err.fileno(), ERROR_TAIL, max(0, size - ERROR_TAIL))
+            said = (_last_line(err) or _last_line(out)) if code != 0 else ""
     except OSError as exc:  # the temporary files: this machine short of room or descriptors
-        raise RuntimeError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    return code, printed, said
+        raise CommandFailed(f"cannot run {argv[0]}: {exc.strerror or exc}", exc) from None
+    return Ran(code, printed, said)
 
 
-ERROR_TAIL = 4096  # the end of what a command wrote to stderr, for its error's last line
+def _last_line(file: IO[bytes]) -> str:
+    """The last line a command wrote to ``file`` (in its last ``ERROR_TAIL`` bytes), cleaned
+    for an error's one line, whole as far as ``ERROR_LINE`` (systemctl's "Job for … failed:
+    <the server's own config error>" says what to fix at its end)."""
+    size = os.fstat(file.fileno()).st_size
+    tail = os.pread(file.fileno(), ERROR_TAIL, max(0, size - ERROR_TAIL))
+    lines = tail.decode(errors="replace").strip().splitlines()
+    return peertext.clean(lines[-1], ERROR_LINE) if lines else ""
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL to a command's whole session (``start_new_session``: its process group): the
+    command and whatever it started that is still in the group."""
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):  # its own session: children go too
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):  # one that moved to a group of its own
             proc.kill()
@@ -124,14 +168,14 @@ async def exec_clients(argv: Sequence[str], timeout: float, window: int) -> Clie
     """Run the admin's ``clients`` command and read its JSON (``tlsroll.clients``)."""
     now = dt.datetime.now(dt.UTC)
     try:
-        code, out, err = await run_bounded(argv, timeout, MAX_OUTPUT_BYTES)
-    except RuntimeError as exc:
+        ran = await run_command(argv, timeout, MAX_OUTPUT_BYTES)
+    except CommandFailed as exc:
         return ClientsView(
             window_seconds=window, source="exec", problem=one_line(f"clients: {exc}")
         )
+    code, out = ran.code, ran.out
     if code != 0:
-        last = (err or out).decode(errors="replace").strip().splitlines()
-        why = f"clients: {argv[0]} exited {code}" + (f": {last[-1]}" if last else "")
+        why = f"clients: {argv[0]} exited {code}" + (f": {ran.said}" if ran.said else "")
         return ClientsView(window_seconds=window, source="exec", problem=one_line(why))
     if len(out) > MAX_OUTPUT_BYTES:
         why = f"clients: {argv[0]} printed more than {MAX_OUTPUT_BYTES // 1024} KiB"

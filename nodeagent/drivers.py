@@ -29,13 +29,12 @@ import string
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import h11
 from tenacity import (
@@ -1188,85 +1187,24 @@ def _scheme_switches(schemes: Sequence[str]) -> dict[str, str]:
 
 
 MAX_COMMAND_OUTPUT = 1024 * 1024  # what is read of a command's stdout (a status's JSON)
-COMMAND_ERROR_TAIL = 4096  # what is read of the end of its stderr, for the error's last line
-COMMAND_ERROR_LINE = 1000  # characters of that line kept
 
 
 async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
     """Run a command of the admin's (an exec driver's operation, ``systemctl restart``) and
     return its stdout (at most ``MAX_COMMAND_OUTPUT`` bytes); DriverError (one line) if it
-    cannot run, fails or does not exit within ``timeout`` seconds.
-
-    Bounded by the command's own exit and nothing else (review s64 H1, H2, M1). Its output
-    goes to temporary files, not pipes: a server a ``restart`` starts in the background
-    (``nohup server &``, a vendor's ctl script) keeps the command's stdout, and with a pipe
-    the agent waited for that server's end, not the command's (a restart that worked failed
-    at its timeout, and a timeout's step lasted as long as such a child lived), then left the
-    pipe unread until the server blocked writing its log (or, the pipe closed, killed it by
-    SIGPIPE). A file takes whatever it writes and blocks nobody. The command runs in a
-    session of its own, and all of it (a ``sh -c`` wrapper and the tool it runs) is killed
-    when it times out and when the caller gives up on it: the heartbeat waits 2 s for a
-    status, and a hung ``status`` left one process and two pipes behind at every beat; a
-    wrapper's tool, killed only in its wrapper, froze the server after the way back had
-    unfrozen it. What a command that exited left running is not ours to kill (a restart's
-    server): README, the exec driver."""
+    cannot run, fails or does not exit within ``timeout`` seconds; LocalResourceError for
+    this machine's shortage. How it is run and bounded: ``clients.run_command``."""
     try:
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise_if_local(exc, f"{what}: running {argv[0]}")
-                raise DriverError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
-            try:
-                async with asyncio.timeout(timeout):
-                    code = await proc.wait()
-            except TimeoutError:
-                _kill_command(proc)
-                # (a command stuck in the kernel, on a hung NFS mount, may outlive SIGKILL:
-                # the step ends all the same; the event loop's child watcher reaps it later)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(KILL_WAIT):
-                        await proc.wait()
-                raise DriverError(f"{what}: {argv[0]} did not finish within {timeout:g}s") from None
-            except BaseException:  # cancelled: no command is left behind
-                _kill_command(proc)
-                raise
-            printed = os.pread(out.fileno(), MAX_COMMAND_OUTPUT, 0)
-            if code != 0:
-                said = _last_line(err) or _last_line(out)
-                raise DriverError(
-                    f"{what}: {argv[0]} exited {code}" + (f": {said}" if said else "")
-                )
-    except OSError as exc:  # the temporary files: this machine short of room or descriptors
-        raise_if_local(exc, f"{what}: running {argv[0]}")
-        raise DriverError(f"{what}: cannot run {argv[0]}: {exc.strerror or exc}") from None
-    return printed.decode(errors="replace")
-
-
-def _last_line(file: IO[bytes]) -> str:
-    """The last line a command wrote to ``file`` (in its last ``COMMAND_ERROR_TAIL`` bytes),
-    cleaned for an error's one line, whole as far as ``COMMAND_ERROR_LINE`` (systemctl's
-    "Job for … failed: <the server's own config error>" says what to fix at its end)."""
-    size = os.fstat(file.fileno()).st_size
-    tail = os.pread(file.fileno(), COMMAND_ERROR_TAIL, max(0, size - COMMAND_ERROR_TAIL))
-    lines = tail.decode(errors="replace").strip().splitlines()
-    return clean(lines[-1], COMMAND_ERROR_LINE) if lines else ""
-
-
-def _kill_command(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL to a command's whole session (``start_new_session``: its process group): the
-    command and whatever it started that is still in the group."""
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):  # one that moved to a group of its own
-            proc.kill()
+        ran = await client_sources.run_command(argv, timeout, MAX_COMMAND_OUTPUT - 1)
+    except client_sources.CommandFailed as exc:
+        if exc.cause is not None:
+            raise_if_local(exc.cause, f"{what}: running {argv[0]}")
+        raise DriverError(f"{what}: {exc}") from None
+    if ran.code != 0:
+        raise DriverError(
+            f"{what}: {argv[0]} exited {ran.code}" + (f": {ran.said}" if ran.said else "")
+        )
+    return ran.out.decode(errors="replace")
 
 
 class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
