@@ -401,6 +401,15 @@ def test_a_notice_about_some_servers_of_several_names_the_others_and_the_agents_
         text = ok(world.cli("notify", "--lang", "en", "--when", when, "--nodes", "node3"))
         assert f"node1: {https1} (unchanged)" in text
         assert "port for the set-up: 9543" in text and "port 9443" not in text
+        # ... also with node1 not heard (offline, and the leader restarted since): its https
+        # address from the records, not its old http one (review b3 of s64, L5)
+        assert node1.agent is not None
+        node1.agent.stop()
+        world.cluster.stop_leader()
+        world.cluster.start_leader()
+        world.cluster.wait_for_nodes_online(["node2", "node3"])
+        text = ok(world.cli("notify", "--lang", "en", "--when", when, "--nodes", "node3"))
+        assert f"node1: {https1} (unchanged)" in text, text
     finally:
         world.close()
 

@@ -34,7 +34,7 @@ import datetime as dt
 import re
 import sys
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -295,11 +295,15 @@ def outside(
     kind: ScopeKind | None,
     inside: Sequence[str],
     known: dict[str, dict[str, tuple[str, int]]],
+    closed: Collection[str] = (),
 ) -> list[NoticeNode]:
     """An enable-tls of scope local or nodes: the enrolled nodes not in it, each with its
     address now (``NoticeInfo.others``): the one of the scheme it serves (https only: its
     https address, else its http one) as last recorded, else its enrolled address with the
-    seed's port (the path unknown, "…")."""
+    seed's port (the path unknown, "…"). Which it serves: its last heartbeat's word, else
+    (not heard: offline, or the leader restarted since) the records' (``closed``: the nodes
+    whose http the rollouts last closed); an https-only node offline was shown with its old
+    http address as unchanged (review b3 of s64, L5)."""
     if kind not in (ScopeKind.LOCAL, ScopeKind.NODES):
         return []
     found = []
@@ -307,7 +311,8 @@ def outside(
         if name in inside:
             continue
         schemes = set(server.split("+")) if server in ("http", "https", "http+https") else set()
-        scheme = "https" if schemes == {"https"} else "http"
+        https_only = schemes == {"https"} or (not schemes and name in closed)
+        scheme = "https" if https_only else "http"
         url = known.get(name, {}).get(scheme)
         if url is None:
             host = f"[{address}]" if ":" in address else address
@@ -886,7 +891,9 @@ def notify(
         scope=kind.value if kind is not None else "cluster",
         unchanged=unchanged,
         already=already,
-        others=outside(leader, kind, in_plan, known) if the_change is Change.ENABLE_TLS else (),
+        others=outside(leader, kind, in_plan, known, _http_closed(schema))
+        if the_change is Change.ENABLE_TLS
+        else (),
         transitional=transitional,
         until=when_in_zone(naive_until, until, zone, now, "--until")
         if naive_until and until
