@@ -333,3 +333,22 @@ def test_chain_to_finds_a_short_path_through_a_ca_it_first_met_too_deep() -> Non
     path = pki.chain_to(cert, bundle, [root.cert])
     assert path == [cert, d.cert, y.cert, z.cert, root.cert]
     assert pki.chain_to(cert, bundle[::-1], [root.cert]) is not None
+
+
+@pytest.mark.parametrize("signed_by_it", [True, False])
+def test_a_revocation_list_whose_issuer_is_no_name_is_refused_as_one(signed_by_it: bool) -> None:
+    """Review b4 of session 64 (L1): an agent's held list is parsed lazily, and its issuer was
+    read before its signature: a name that is no UTF-8 raised ValueError, an internal error at
+    the leader for every heartbeat that carried it (no signature needed). Refused as a list
+    now, whatever the CA it is checked against."""
+    ca = pki.CertificateAuthority.create("not this ca")
+    der = pki.build_crl(ca, 7, [("5eed", dt.datetime.now(dt.UTC))]).public_bytes(
+        serialization.Encoding.DER
+    )
+    name = b"\x0c" + bytes([len("not this ca")]) + b"not this ca"
+    assert der.count(name) == 1
+    broken = der.replace(name, name[:2] + b"\xff" * len("not this ca"))
+    pem = x509.load_der_x509_crl(broken).public_bytes(serialization.Encoding.PEM)
+    checked_against = ca.cert if signed_by_it else pki.CertificateAuthority.create().cert
+    with pytest.raises(PKIError):
+        pki.load_crl(pem, checked_against, issuer=True)

@@ -883,15 +883,21 @@ def load_crl(
         crl = x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise PKIError(PKIReason.BAD_PEM, "revocation list") from exc
-    if issuer and crl.issuer != ca.subject:
-        raise PKIError(PKIReason.UNTRUSTED, "revocation list of another issuer")
     public = ca.public_key()
-    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not (
-        crl.is_signature_valid(public)
-    ):
-        raise PKIError(PKIReason.UNTRUSTED, "revocation list")
+    # The signature first, then what it signed: a peer's list is parsed lazily, and a field
+    # read before (its issuer) raised ValueError of a name that is no UTF-8, an internal
+    # error at the leader for every message that carried it (review b4 of s64, L1).
     try:
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        number = 0
-    return number, frozenset(r.serial_number for r in crl)
+        if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not (
+            crl.is_signature_valid(public)
+        ):
+            raise PKIError(PKIReason.UNTRUSTED, "revocation list")
+        if issuer and crl.issuer != ca.subject:
+            raise PKIError(PKIReason.UNTRUSTED, "revocation list of another issuer")
+        try:
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except x509.ExtensionNotFound:
+            number = 0
+        return number, frozenset(r.serial_number for r in crl)
+    except ValueError as exc:
+        raise PKIError(PKIReason.BAD_PEM, "revocation list") from exc
