@@ -184,8 +184,10 @@ def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
         commands = {
             "password": ["password", "set"],
             "rollout": ["rollout", "start", "--change", "enable-tls", "--scope", "cluster"],
-            "notify": ["notify", "--when", "2030-01-02T10:00", "--include-password"],
-        }
+            "notify": [
+                "notify", "--when", "2030-01-02T10:00", "--scope", "cluster", "--include-password",
+            ],
+        }  # fmt: skip
         env = child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)})
         running = {}
         for name, args in commands.items():  # side by side: each waits PIPE_WAIT
@@ -255,6 +257,17 @@ def test_a_switch_without_a_scope_is_a_usage_error_storing_nothing(cluster: Clus
         assert cluster.schema_json(limit=0).get("rollouts", []) == []
     finally:
         cluster.stop_leader()
+    # ... before any file is read or the leader asked (the closing review of session 64, M1:
+    # said after the password file, a FIFO nobody writes to waited 30 s, and with the leader
+    # down it was "cannot reach the leader")
+    fifo = cluster.root / "nobody-writes.fifo"
+    os.mkfifo(fifo, 0o600)
+    result = cluster.cli(
+        "notify", "--when", "2099-01-02 10:00", "--include-password", "--password-file", str(fifo)
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = one_line_error(result.stderr, "tlsroll")
+    assert "give --scope local|cluster or --nodes a,b" in line, line
 
 
 WHEN = "2030-01-02T10:00"

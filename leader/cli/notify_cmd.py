@@ -714,6 +714,14 @@ def notify(
     naive_when = when_syntax(when) if when is not None else None
     naive_until = when_syntax(until, "--until") if until is not None else None
     span = parse_duration(duration) if duration is not None else None
+    # The announced switch's scope, nodes and --cert-dir too, before any file is read or the
+    # leader asked (a missing --scope was said after the password file was read and the leader
+    # asked: the closing review of session 64, M1).
+    announced = (
+        plan_request(Change(change or "enable-tls"), scope, nodes, cert_dir)
+        if when is not None
+        else None
+    )
     # The file too (its rules, its mode), before the leader: the password is asked for later.
     from_file = read_password_file(password_file) if password_file is not None else None
     if include_password and change in ("rotate-cert", "disable-tls"):
@@ -736,9 +744,9 @@ def notify(
     now_pins = served_pins(schema)  # the CA each node's certificate comes from now
     if start is not None:
         the_change = Change(change or "enable-tls")
-        request = plan_request(the_change, scope, nodes, cert_dir)
+        assert announced is not None  # (made with the arguments' checks above)
         with leader.admin() as admin:
-            planned = leader.call(admin.PlanRollout, request)
+            planned = leader.call(admin.PlanRollout, announced)
         plan = planned.rollout
         planned_password = planned.password_version_in_use
         addresses = node_addresses(leader)
