@@ -323,6 +323,8 @@ class Driver(abc.ABC):
 
     _clients_cache: tuple[float, ClientsView] | None = None
     _clients_task: asyncio.Task[ClientsView] | None = None
+    _clients_begun = 0  # reads begun, in order (``_refresh_clients``)
+    _clients_cached_by = 0  # which of them the cache holds: a later one's view is never undone
     clients_ttl: float = CLIENTS_TTL  # [server].clients_refresh
 
     async def clients(self) -> ClientsView:
@@ -359,12 +361,16 @@ class Driver(abc.ABC):
         invisible, and the switch's restart wiped the reference server's memory of it). The
         view it reads is cached, so the heartbeats report what it saw. A read that does not
         end within ``CLIENTS_FRESH_WAIT`` seconds is a view with a problem (it cannot tell)."""
-        # A task of its own, which ``clients`` waits for too: the heartbeats' next view is
-        # this one, not an older read's that ends after it.
-        task = asyncio.create_task(self._refresh_clients(), name=f"{self.name}-clients-now")
-        self._clients_task = task
+        # One read at a time (a slow ``clients`` command asked again at every pass piled up:
+        # the closing review of session 64, M2): a read under way is waited for first, within
+        # the same bound, then the fresh one begins. A task of its own, which ``clients`` waits
+        # for too; an older read that ends after it never replaces its view in the cache.
         try:
             async with asyncio.timeout(CLIENTS_FRESH_WAIT):
+                if (running := self._clients_task) is not None and not running.done():
+                    await asyncio.shield(running)
+                task = asyncio.create_task(self._refresh_clients(), name=f"{self.name}-clients-now")
+                self._clients_task = task
                 return await asyncio.shield(task)
         except TimeoutError:
             return ClientsView(
@@ -372,11 +378,15 @@ class Driver(abc.ABC):
             )
 
     async def _refresh_clients(self) -> ClientsView:
+        self._clients_begun += 1
+        mine = self._clients_begun
         try:
             view = await self.read_clients()
         except Exception as exc:  # a driver's trouble is the view's problem, never ours
             view = ClientsView(problem=client_sources.one_line(f"cannot read the clients: {exc}"))
-        self._clients_cache = (time.monotonic(), view)
+        if mine > self._clients_cached_by:
+            self._clients_cache = (time.monotonic(), view)
+            self._clients_cached_by = mine
         return view
 
     async def read_clients(self) -> ClientsView:

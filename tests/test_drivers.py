@@ -1935,6 +1935,26 @@ async def test_a_when_quiet_switch_s_slow_fresh_look_refuses_before_the_leader_g
     assert f"took over {CLIENTS_FRESH_WAIT:g}s" in refusal, refusal
 
 
+async def test_fresh_looks_at_the_clients_run_one_at_a_time(tmp_path: Path) -> None:
+    """The closing review of session 64 (M2): each `--when-quiet` pass began a fresh read
+    though one was under way (a slow ``clients`` command piled up, a dozen at once at its
+    120 s timeout), and an older read that ended after a fresh one put its view in the cache
+    over the fresher. Two looks at once here: the command never runs twice at a time."""
+    runs = tmp_path / "runs"
+    script = (
+        "import time\n"
+        f"open({str(runs)!r}, 'a').write('start\\n')\n"
+        "time.sleep(1)\n"
+        f"open({str(runs)!r}, 'a').write('end\\n')\n"
+        f"print({json.dumps(json.dumps(GOOD))})\n"
+    )
+    driver = exec_driver(tmp_path, script, clients_timeout=10)
+    first, second = await asyncio.gather(driver.clients_now(), driver.clients_now())
+    assert runs.read_text() == "start\nend\nstart\nend\n", runs.read_text()
+    assert first.problem == second.problem == "" and len(second.clients) == 2
+    assert (await driver.clients()) == second  # the cache: the newest read's
+
+
 async def test_the_admin_client_sends_its_request_before_its_first_wait() -> None:
     """Issue 15: a switch's freeze call is the first thing on the loop once the switch has
     begun (``Runner.under_way``) only if the call is out before its task first yields: the
