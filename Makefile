@@ -99,7 +99,8 @@ demo: $(STAMP)
 	$(PY) deploy/demo.py
 
 # Every fault × step × mode of tests/test_fault_matrix.py (make test runs one seeded step per
-# fault, the modes rotated over the faults); TLSROLL_FAULT_SEED=N picks other moments. One module, its steps spread over the workers
+# fault, the modes rotated over the faults); TLSROLL_FAULT_SEED=N picks other moments. One
+# module, its steps spread over the workers
 # (--dist load: tests/conftest.py would hand the whole module to one worker); only with -n (or
 # PYTEST_ARGS="-p no:xdist", no workers, would not know the option) and no --dist of PYTEST_ARGS.
 fault-matrix: $(STAMP)

@@ -79,7 +79,7 @@ CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes th
 CLIENTS_FRESH_WAIT = 10.0
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
-KILL_WAIT = 5.0  # after SIGKILL: the process is gone within this (a bound, not a pause)
+KILL_WAIT = client_sources.KILL_WAIT  # after SIGKILL: the process is gone within this (a bound)
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
 # The reference server is not polled: it says when it is ready (sd_notify's READY=1, sent to a
 # socket of the driver's: ``Wakeup``) and a pidfd says when it exits, so a restart costs the

@@ -137,9 +137,9 @@ def test_what_a_request_needs_by_what_it_carries() -> None:
 
 
 def test_a_when_quiet_finalize_needs_its_agents_to_look_afresh() -> None:
-    """Review b3 of s64 (M2): the plan of a `finalize --when-quiet` blocks an agent that does
-    not name ``switch.quiet_seconds`` as too old for it, as every other field that carries
-    behaviour does; a plain finalize needs nothing."""
+    """Review b3 of s64 (M2): what a `finalize --when-quiet` needs of its agents (the plan
+    blocks one lacking it as too old, as for every field that carries behaviour): the
+    feature ``switch.quiet_seconds``; a plain finalize needs nothing."""
     assert af.rollout_needs(Change.FINALIZE, Strategy.DIRECT, FreezeMode.NODE, False, True) == {
         features.SWITCH_QUIET
     }

@@ -1921,7 +1921,6 @@ async def test_a_when_quiet_switch_s_slow_fresh_look_refuses_before_the_leader_g
 
     assert CLIENTS_FRESH_WAIT < STREAM_SECONDS - 3  # (room for the switch's own first steps)
     driver = exec_driver(tmp_path, "import time; time.sleep(40)", clients_timeout=60)
-    began = time.monotonic()
     try:
         view = await driver.clients_now()
     finally:  # (the read goes on for the heartbeats: this test ends it, killing the command)
@@ -1929,7 +1928,6 @@ async def test_a_when_quiet_switch_s_slow_fresh_look_refuses_before_the_leader_g
             reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reading
-    assert time.monotonic() - began < STREAM_SECONDS  # (a bound: the leader's wait)
     refusal = quiet_refusal(view, NOW, 60)
     assert refusal is not None and refusal.startswith("not quiet: who is on http cannot be told")
     assert f"took over {CLIENTS_FRESH_WAIT:g}s" in refusal, refusal

@@ -51,8 +51,9 @@ switched on the leader's view alone, up to its cache's age late: review b3 of s6
 HELD_CRL = "heartbeat.wants_crl"
 """``HeartbeatResponse.wants_crl``: the agent sends the revocation list it holds
 (``HeartbeatRequest.held_crl_pem``) when the leader asks, and the leader sends it no list of its
-own until it has recorded that one's revocations (a leader restored from a backup). An agent
-that does not name it is never asked: its list is replaced by the leader's, as before."""
+own until it has recorded that one's revocations (a leader restored from a backup), or its
+patience ran out (``crl.not_learned``). An agent that does not name it is never asked: its
+list is replaced by the leader's, as before."""
 
 AGENT_FEATURES: tuple[str, ...] = tuple(
     sorted(

@@ -442,7 +442,8 @@ def rollout_start(
             )
         in_use = planned.password_version_in_use
         # A new password (the file's, or one generated below) while the leader cannot
-        # confirm that none is in use, or any start while nodes run one it does not know.
+        # confirm that none is in use, or a start without one while no version is known in
+        # use; the leader refuses the rest itself (``planner.decide_auth``).
         if planned.password_doubt and (secret is not None or not in_use):
             raise CLIError(f"{planned.password_doubt}; nothing was started")
         if in_use and secret is not None:

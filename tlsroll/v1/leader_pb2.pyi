@@ -254,7 +254,8 @@ class HeartbeatRequest(_message.Message):
     """The revocation list the agent holds (PEM, as the leader sent it: `crl_number`'s), in the
     message that answers the leader's `HeartbeatResponse.wants_crl`; empty otherwise. The
     leader checks that the CA signed it, records what it revokes, and only then sends the
-    agent a list of its own: a leader whose store was restored from a backup (or lost) learns
+    agent a list of its own (or once its patience ran out: the leader logs it): a leader whose
+    store was restored from a backup (or lost) learns
     what was revoked since, instead of replacing the agents' lists with one that lacks it. A
     leader that does not know the field ignores it.
     """
@@ -559,7 +560,8 @@ class HeartbeatResponse(_message.Message):
     in the agent's next message, sent at once): its number (`crl_number`) is one the leader's
     store has not seen (a list issued after the backup the store was restored from, or above
     the store's own number), and the leader sends no list of its own (no `crl_pem`) until it has
-    recorded what that one revokes. Sent only to an agent that names the feature
+    recorded what that one revokes, or its patience ran out (at least 60 s: the agent's list
+    is then replaced, the leader logs it). Sent only to an agent that names the feature
     `heartbeat.wants_crl`; an older agent's list is replaced as before (the leader logs it).
     """
     @_builtins.property
