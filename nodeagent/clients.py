@@ -33,6 +33,7 @@ from typing import IO
 from tlsroll import clients, peertext
 from tlsroll.clients import ClientLog, ClientsView
 from tlsroll.config import Section
+from tlsroll.errors import TransientError
 
 TAIL_BYTES = 4 * 1024 * 1024  # the first look at a log
 MAX_READ_BYTES = 4 * 1024 * 1024  # each later look
@@ -78,7 +79,7 @@ class Ran:
     said: str
 
 
-class CommandFailed(Exception):
+class CommandFailed(TransientError):
     """A command that could not run (``cause``: the OSError, this machine's shortage maybe)
     or did not exit within its time; the message is one line without the caller's words."""
 

@@ -1362,7 +1362,9 @@ def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path:
         text = cluster.cli("schema", "show", env=utc).stdout
         assert "(Europe/Berlin), next opens " + view["next_window"] in text, text
         assert "warning" not in text
-        past = cluster.cli("notify", "--lang", "en", "--when", "2020-01-01 10:00", env=utc)
+        past = cluster.cli(
+            "notify", "--lang", "en", "--when", "2020-01-01 10:00", "--scope", "cluster", env=utc
+        )
         assert past.returncode == 2 and "(Europe/Berlin) lies in the past" in past.stderr, past
         assert "auto_rotate.window_in_utc" not in cluster.leader.event_names()
 
@@ -1384,7 +1386,9 @@ def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path:
             e for e in cluster.leader.log_events() if e.get("event") == "auto_rotate.window_in_utc"
         ]
         assert len(warnings) == 1 and warnings[0]["level"] == "warning", warnings
-        past = cluster.cli("notify", "--lang", "en", "--when", "2020-01-01 10:00", env=utc)
+        past = cluster.cli(
+            "notify", "--lang", "en", "--when", "2020-01-01 10:00", "--scope", "cluster", env=utc
+        )
         assert "(UTC) lies in the past" in past.stderr, past
     finally:
         cluster.close()

@@ -597,12 +597,26 @@ def piped_password_is_not_read(world: World) -> None:
 
 BAD_INPUT = [
     (["--when", "next friday"], "--when"),
-    (["--when", "2020-01-01 10:00"], "past"),
+    (["--when", "2020-01-01 10:00", "--scope", "cluster"], "past"),
     (["--when", "2099-01-01 10:00", "--duration", "soon"], "--duration"),
-    (["--when", "2099-01-01 10:00", "--timezone", "Mars/Olympus"], "--timezone"),
+    (
+        ["--when", "2099-01-01 10:00", "--scope", "cluster", "--timezone", "Mars/Olympus"],
+        "--timezone",
+    ),
     (["--duration", "30m"], "--when"),
     (["--when", "2099-01-01 10:00", "--rollout", "r1"], "--rollout"),
-    (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
+    (
+        [
+            "--when",
+            "2099-01-01 10:00",
+            "--scope",
+            "cluster",
+            "--change",
+            "rotate-cert",
+            "--include-password",
+        ],
+        "no",
+    ),
     (["--format", "pdf"], "pdf"),
     # html is for e-mail programs; the seed: the password is not to go by e-mail
     (["--format", "html", "--include-password"], "--format html is for e-mail"),
@@ -620,7 +634,18 @@ def bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: str) -
     [
         (["--when", "garbage"], "--when"),
         (["--when", "2099-01-01 10:00", "--duration", "99x"], "--duration"),
-        (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
+        (
+            [
+                "--when",
+                "2099-01-01 10:00",
+                "--scope",
+                "cluster",
+                "--change",
+                "rotate-cert",
+                "--include-password",
+            ],
+            "no",
+        ),
         (["--format", "html", "--include-password"], "--format html is for e-mail"),
         (["--until", "garbage"], "--until"),
     ],

@@ -1513,7 +1513,8 @@ class TestConnection:
             if pair is None or not _valid_pairs([pair]):
                 continue
             try:
-                context = client_context((where / "ca.pem").read_bytes())
+                # (a regular file only, as every settings file is read: a FIFO never opened)
+                context = client_context(settings_files.read_file(where / "ca.pem"))
                 context.minimum_version = ssl.TLSVersion.TLSv1_3
                 with settings_files.held_files(where / "client.pem", where / "client.key") as (
                     cert_file,
