@@ -159,7 +159,7 @@ from tlsroll.fsutil import (
     user_label,
 )
 from tlsroll.password import password_problem
-from tlsroll.tls import NO_PASS_PHRASE, client_context, unverified_client_context
+from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
 
@@ -482,6 +482,16 @@ class Reply:
     body: bytes
     headers: dict[str, str]
     peer_der: bytes | None
+
+
+def _set_context(d: Path) -> ssl.SSLContext:
+    """A client context of the settings set in ``d``: trusting its ``ca.pem``, presenting its
+    client key and certificate. Each file read as the practice software reads it, a link
+    followed, a regular file only (a FIFO never opened: s47ws), and held open as checked and
+    handed to ssl so (by name, a FIFO swapped in after the check was opened: s47rev3 L4)."""
+    ca_pem = settings_files.read_file(d / "ca.pem")
+    with settings_files.held_files(d / "client.pem", d / "client.key") as (cert, key):
+        return client_context(ca_pem, cert_file=cert, key_file=key)
 
 
 def _connect_error(exc: OSError, host: str, timeout: float) -> NetError:
@@ -1297,11 +1307,7 @@ class TestConnection:
         try:
             settings = json.loads(settings_files.read_file(d / "settings.json"))
             server = check_url(str(settings["server_url"]))
-            ca_pem = settings_files.read_file(d / "ca.pem")
-            # (held open as checked, and handed to ssl so: by name, a FIFO swapped in after
-            # the check was opened, and the run waited on it: s47rev3 L4)
-            with settings_files.held_files(d / "client.pem", d / "client.key") as (cert, key):
-                context = client_context(ca_pem, cert_file=cert, key_file=key)
+            context = _set_context(d)
         except (OSError, ValueError, TypeError, KeyError, PKIError, ssl.SSLError):
             return "they cannot be read whole"
         except click.ClickException:
@@ -1513,16 +1519,10 @@ class TestConnection:
             if pair is None or not _valid_pairs([pair]):
                 continue
             try:
-                # (a regular file only, as every settings file is read: a FIFO never opened)
-                context = client_context(settings_files.read_file(where / "ca.pem"))
-                context.minimum_version = ssl.TLSVersion.TLSv1_3
-                with settings_files.held_files(where / "client.pem", where / "client.key") as (
-                    cert_file,
-                    key_file,
-                ):
-                    context.load_cert_chain(cert_file, key_file, password=NO_PASS_PHRASE)
+                context = _set_context(where)
             except (OSError, ValueError):  # (ssl.SSLError is an OSError)
                 continue
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
             try:
                 reply = request(
                     server.host,
