@@ -812,7 +812,9 @@ def test_the_notice_after_a_finalize_that_left_a_node_out_tells_phase_1_s_scope(
         agent.stop()
         revoked = cluster.cli("ca", "revoke", serial)
         assert revoked.returncode == 0, revoked.stderr
-        done = cluster.cli("rollout", "finalize", phase1, "--force", "--yes", "--wait", timeout=LONG)
+        done = cluster.cli(
+            "rollout", "finalize", phase1, "--force", "--yes", "--wait", timeout=LONG
+        )
         assert done.returncode == 0, done.stderr
         final = newest(cluster)
         assert final["state"] == "completed" and final["finalizes"] == phase1, final
