@@ -464,6 +464,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             # What a start that brings a new password meets (the CLI refuses it before it
             # generates one or asks); where no password is sure, any start (review s64 M2).
             reply.password_doubt = planned.password_in_use.doubt(rollout.change, True)
+            # ... and whether it refuses a start that brings none too, as ``decide_auth``
+            # does: `plan` exits 1 for it, as for any refusal a start of the plan meets.
+            in_use = planned.password_in_use
+            reply.password_doubt_refuses = bool(in_use.doubt(rollout.change, not in_use.version))
         reply.busy = busy
         staged = (
             await asyncio.to_thread(self.schema.staged_password, planned.auth_latest)

@@ -989,6 +989,11 @@ def batch_period(environ: Mapping[str, str]) -> float:
     return value if 0 < value <= 86400 else BATCH_SECONDS
 
 
+CRL_ASKS_PER_NODE = 4
+"""Lists one node's agent is asked for at a time, each with its own patience
+(``LeaderService._crl_asked``): an honest agent holds one number until it takes a newer list."""
+
+
 def crl_patience(heartbeat_interval: int) -> float:
     """Seconds the leader waits for an agent's revocation list it asked for
     (``LeaderService._crl_held``) before it sends the agent its own list regardless: the agent
@@ -1337,10 +1342,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._crl_wanted: set[int] = set()
         self._crl_learned: set[int] = set()
         self._crl_unsent: set[tuple[str, int]] = set()
-        # (node, number) -> when the leader first asked that node's agent for that list
+        # node -> number -> when the leader first asked that node's agent for that list
         # (``LeaderState.monotonic``): one that has not sent it within ``crl_patience`` gets
-        # the leader's list (``_crl_held``), never none for good.
-        self._crl_asked: dict[tuple[str, int], float] = {}
+        # the leader's list (``_crl_held``), never none for good. Per node, at most
+        # ``CRL_ASKS_PER_NODE`` numbers (its oldest dropped): a node that says another number at
+        # each message bounds only its own (review b4 of s64, L4: one global bound, cleared
+        # when full, let one node start every other agent's patience again, for ever); the
+        # nodes are the accepted ones.
+        self._crl_asked: dict[str, dict[int, float]] = {}
         # node -> (the day, its bootstrap failure reports audited that day), at most
         # ``FAILURE_AUDITS_A_DAY`` (``_failures_audited``).
         self._failure_audits: dict[str, tuple[dt.date, int]] = {}
@@ -1908,34 +1917,55 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             return snap, False
         if features.HELD_CRL not in agent_features_of(request):
             why = "its agent is of an earlier release: it cannot send it"
-            self._crl_not_sent(node, held, why)
+            self._crl_not_sent(node, held, why, snap)
             return snap, False
-        if len(self._crl_asked) >= MAX_CALLERS:
-            self._crl_asked.clear()
-        since = self._crl_asked.setdefault((node, held), self.state.monotonic())
+        asks = self._crl_asked.setdefault(node, {})
+        if held not in asks and len(asks) >= CRL_ASKS_PER_NODE:
+            del asks[next(iter(asks))]  # this node's oldest: no other node's
+        since = asks.setdefault(held, self.state.monotonic())
         patience = crl_patience(self.state.heartbeat_interval)
         if self.state.monotonic() - since > patience:
             # (a list too large to send, an agent that names the feature but fails: without a
             # list, the agent would miss every revocation from now on)
-            self._crl_not_sent(node, held, f"it did not send it within {patience:.0f} s")
+            self._crl_not_sent(node, held, f"it did not send it within {patience:.0f} s", snap)
             return snap, False
         return snap, True
 
-    def _crl_not_sent(self, node: str, held: int, why: str) -> None:
+    def _crl_not_sent(self, node: str, held: int, why: str, snap: Snapshot) -> None:
         """The list numbered ``held`` that ``node``'s agent holds cannot be learned from it
         (``why``): it gets the leader's list as before, which lacks what only its list held.
-        Said once per node and number."""
+        Said once per node and number; that a restore lost revocations only where the store
+        was restored (``Snapshot.restored_from``) or begun again (``crl_restored``): on any
+        other, the number is the node's word alone, above the store's (its clock ahead, or a
+        node that lies: review b4 of s64, L4, a leader never restored warned of a restore)."""
         if len(self._crl_unsent) >= MAX_CALLERS:
             self._crl_unsent.clear()
         self._crl_unsent.add((node, held))
+        if snap.restored_from is not None:
+            lost = "made after the backup the store was restored from"
+        elif snap.crl_restored is not None:
+            lost = "made before the store was begun again (--reinitialise)"
+        else:
+            log.warning(
+                "crl.not_learned",
+                node=node,
+                held=held,
+                why=why,
+                detail=f"node {node}'s agent says it holds revocation list {held}, above the"
+                f" store's {snap.crl_number}, and this store was neither restored from a backup"
+                " nor begun again: the node's clock may be ahead, or its word false; it gets the"
+                " leader's list. Only if an earlier release restored the store: revoke again"
+                " what was revoked after the backup (tlsroll ca revoke --unknown SERIAL)",
+            )
+            return
         log.warning(
             "crl.not_learned",
             node=node,
             held=held,
             why=why,
-            detail="the leader's store may lack revocations this node's list holds (made after"
-            " the backup the store was restored from): the node gets the leader's list, without"
-            " them; revoke again what was revoked since (tlsroll ca revoke --unknown SERIAL)",
+            detail=f"the leader's store may lack revocations this node's list holds ({lost}):"
+            " the node gets the leader's list, without them; revoke again what was revoked"
+            " since (tlsroll ca revoke --unknown SERIAL)",
         )
 
     async def _learn_crl(
@@ -1952,10 +1982,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 pki.load_crl, pem, self.state.ca.cert, issuer=True
             )
         except PKIError as exc:
-            self._crl_not_sent(node, held, f"the list it sent is refused: {exc}")
+            self._crl_not_sent(node, held, f"the list it sent is refused: {exc}", snap)
             return snap
         if number != held:
-            self._crl_not_sent(node, held, f"the list it sent is numbered {number}, not {held}")
+            self._crl_not_sent(
+                node, held, f"the list it sent is numbered {number}, not {held}", snap
+            )
             return snap
         restored = snap.restored_from is not None
         reason = (
@@ -1975,7 +2007,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._crl_learned.clear()
         self._crl_learned.add(held)
         self._crl_wanted.discard(held)
-        self._crl_asked.pop((node, held), None)
+        if (asks := self._crl_asked.get(node)) is not None:
+            asks.pop(held, None)
+            if not asks:
+                del self._crl_asked[node]
         (log.warning if fresh else log.info)(
             "crl.learned",
             node=node,

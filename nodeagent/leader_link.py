@@ -106,8 +106,9 @@ ANSWER_SECONDS = 5.0
 HELD_CRL_MAX = 768 * 1024
 """The largest revocation list (PEM) the agent sends a leader that asks for it (``wants_crl``):
 the leader takes messages of at most 1 MiB (``leader.service.MAX_AGENT_MESSAGE``), and the rest
-of a heartbeat may take up to 200 KiB. A larger one is not sent (said once per ask): the
-leader then sends its own list after its patience (``leader.service.crl_patience``)."""
+of a heartbeat may take up to 200 KiB. A larger one is not sent (said once per list number,
+``crl.held_too_large``): the leader then sends its own list after its patience
+(``leader.service.crl_patience``)."""
 
 STAGES_REPORTED = 64
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
@@ -612,6 +613,10 @@ class LeaderLink:
         # message carries it, and goes now (``_take``). A leader restored from a backup sends
         # no list of its own until it has recorded what this one revokes.
         self._crl_wanted = False
+        # The number of the held list last said too large to send (``HELD_CRL_MAX``): said
+        # once per list, not at each of the leader's asks (each heartbeat until its patience
+        # ends: review b4 of s64, L3).
+        self._crl_too_large = 0
         self._forgetting: asyncio.Future[None] | None = None
 
     def _connect(
@@ -851,7 +856,14 @@ class LeaderLink:
             held = crl_pem if self._crl_wanted else b""
             if len(held) > HELD_CRL_MAX:
                 # The leader sends its own once it has waited long enough for this one.
-                log.warning("crl.held_too_large", size=len(held), limit=HELD_CRL_MAX)
+                if crl_number != self._crl_too_large:
+                    self._crl_too_large = crl_number
+                    log.warning(
+                        "crl.held_too_large",
+                        number=crl_number,
+                        size=len(held),
+                        limit=HELD_CRL_MAX,
+                    )
                 held, self._crl_wanted = b"", False
             request = leader_pb2.HeartbeatRequest(
                 agent_version=__version__,

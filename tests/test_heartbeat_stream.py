@@ -48,6 +48,7 @@ from leader.service import (
     clients_said,
 )
 from leader.store import IssuedCert, Store
+from nodeagent import leader_link
 from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess
 from nodeagent.failure_log import FailureLog
@@ -68,7 +69,7 @@ from tests.cluster import (
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
-from tlsroll import pki, spiffe
+from tlsroll import features, pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
 
@@ -2355,6 +2356,91 @@ async def test_after_a_lost_store_the_agents_take_the_new_store_s_revocation_lis
     finally:
         await link.close()
         journal.close()
+        await rig.close()
+
+
+async def test_a_held_list_too_large_to_send_is_said_once_per_list_not_at_each_ask(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review b4 of s64 (L3): an agent whose list is too large to send (``HELD_CRL_MAX``) said
+    so (``crl.held_too_large``) at each of the leader's asks: every heartbeat until the
+    leader's patience ended, and again after each restart of the leader. Now once per list
+    (its number); a newer list too large is said again. (The bound made small here.)"""
+    monkeypatch.setattr(leader_link, "HELD_CRL_MAX", 64)
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    above = rig.store.revocations().number + 10**6  # the leader asks for it
+    for number in (above, above + 1):  # (each taken: the newer)
+        trust.take_crl(pki.crl_to_pem(pki.build_crl(rig.state.ca, number, [], now=rig.clock[0])))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(4):  # asked, then each beat carries the ask's answer
+                await link.beat()
+            newer = pki.build_crl(rig.state.ca, above + 2, [], now=rig.clock[0])
+            trust.take_crl(pki.crl_to_pem(newer))
+            for _ in range(3):
+                await link.beat()
+        said = [e for e in logs if e["event"] == "crl.held_too_large"]
+        assert len(said) == 2, said  # (it was said at each of the seven beats but the first)
+        assert [e["number"] for e in said] == [above + 1, above + 2], said
+        assert trust.crl_number == above + 2  # nothing taken meanwhile: the leader still asks
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_one_node_s_list_numbers_restart_no_other_node_s_patience_nor_tell_a_restore(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review b4 of s64 (L4): the leader's asks for an agent's list (``_crl_asked``) were one
+    dict for every node, cleared when full; one node saying another number at each message
+    started every other agent's patience (``crl_patience``) again, for ever, and those agents
+    never got the leader's list. And a leader whose store was never restored warned that "the
+    backup the store was restored from" lacked revocations when an agent said a number above
+    the store's (a clock ahead, a node that lies). Now the asks are kept per node, each node's
+    bounded on its own, and the warning names the node's word without a restore. (The global
+    bound made small here: 4096 numbers would take minutes.)"""
+    monkeypatch.setattr(service, "MAX_CALLERS", 8)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    liar = rig.add_node("hb2", loopback())
+    await rig.server.start()
+    held = rig.store.revocations().number + 10**6  # above the store's: asked for
+
+    def beat(number: int) -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1", agent_port=AGENT_PORT, crl_number=number,
+            features=[features.HELD_CRL],
+        )  # fmt: skip
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with (
+                grpc.aio.secure_channel(rig.target, rig.node) as honest,
+                grpc.aio.secure_channel(rig.target, liar) as lying,
+            ):
+                hb1, hb2 = leader_pb2_grpc.LeaderStub(honest), leader_pb2_grpc.LeaderStub(lying)
+                asked = await hb1.Heartbeat(beat(held))
+                assert asked.wants_crl and not asked.crl_pem
+                rig.clock[0] += dt.timedelta(seconds=30)
+                for i in range(1, 11):  # another number at each message
+                    said = await hb2.Heartbeat(beat(held + i))
+                    assert said.wants_crl, i
+                rig.clock[0] += dt.timedelta(seconds=31)  # hb1 asked 61 s ago: patience is 60
+                answer = await hb1.Heartbeat(beat(held))
+                assert not answer.wants_crl and answer.crl_pem
+                again = await hb2.Heartbeat(beat(held + 10))  # its own patience, 31 s
+                assert again.wants_crl and not again.crl_pem
+        [unlearned] = [e for e in logs if e["event"] == "crl.not_learned"]
+        assert (unlearned["node"], unlearned["held"]) == ("hb1", held), unlearned
+        assert "within 60 s" in unlearned["why"], unlearned
+        detail = unlearned["detail"]
+        assert "the backup the store was restored from" not in detail, detail
+        assert "node hb1's agent says it holds revocation list" in detail, detail
+        assert "neither restored from a backup nor begun again" in detail, detail
+    finally:
         await rig.close()
 
 

@@ -140,3 +140,55 @@ def test_a_password_the_restored_store_does_not_know_refuses_enable_tls(tmp_path
         assert PW1 not in said and PW2 not in said and PW3 not in said
     finally:
         w.close()
+
+
+def test_plan_exits_1_when_the_password_in_use_refuses_any_start(tmp_path: Path) -> None:
+    """Session 64's closing notes: `tlsroll plan` exited 0 while its `password_doubt` refused
+    any start of it. The store restored from a backup older than a change-password of node2
+    alone: node1 runs password 1, which the store knows, node2 password 2, which it does not.
+    Any start of enable-tls is refused, also one without a password of its own (as the plan:
+    it brings none), though a version (1) is known in use; `plan` says so as it says any
+    refusal of a start (exit 1, one line on stderr), and the start refuses before it asks.
+    Nodes on a known password that only cannot be asked leave exit 0 (the first test): a
+    start without a password of its own goes ahead there."""
+    w = World(tmp_path, nodes=3)
+    try:
+        w.start()
+        pw1 = secret_file(tmp_path / "pw1", PW1)
+        pw2 = secret_file(tmp_path / "pw2", PW2)
+        first = w.cli(
+            "rollout", "start", "--nodes", "node1,node2", "--password-file", str(pw1), "--yes",
+            "--wait",
+        )  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        made = backup(w.cluster, tmp_path / "backup")
+        assert made.returncode == 0, made.stderr
+        assert w.cli("password", "set", "--password-file", str(pw2)).returncode == 0
+        changed = w.cli(
+            "rollout", "start", "--nodes", "node2", "--change", "change-password", "--yes",
+            "--wait",
+        )  # fmt: skip
+        assert changed.returncode == 0, changed.stderr
+        restore(w.cluster, tmp_path / "backup", w.cluster.passphrase_path.read_bytes())
+        w.cluster.start_leader()
+        w.cluster.wait_for_nodes_online(["node1", "node2", "node3"])
+        before = w.cluster.store_rows(("auth_versions", "rollouts"))
+
+        doubt = "cannot confirm the auth password in use: node2 run one this leader does not know"
+        plan = w.cli("plan", "--nodes", "node3")
+        assert plan.returncode == 1, plan.stdout + plan.stderr
+        assert "the one the nodes already use (version 1)" in plan.stdout, plan.stdout
+        assert doubt in plan.stdout, plan.stdout
+        line = one_line_error(plan.stderr, "tlsroll")
+        assert doubt in line and line.endswith("nothing was changed"), line
+        as_json = w.cli("plan", "--nodes", "node3", "--json")
+        assert as_json.returncode == 1, as_json.stdout + as_json.stderr
+        assert json.loads(as_json.stdout)["password_doubt_refuses"] is True
+        # What the start then does: refused with the same words, before it asks.
+        started = w.cli("rollout", "start", "--nodes", "node3")
+        assert started.returncode == 1, started.stdout + started.stderr
+        line = one_line_error(started.stderr, "tlsroll")
+        assert doubt in line and line.endswith("nothing was started"), line
+        assert w.cluster.store_rows(("auth_versions", "rollouts")) == before
+    finally:
+        w.close()

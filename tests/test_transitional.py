@@ -793,3 +793,38 @@ def test_the_notice_during_a_partial_when_quiet_finalize_is_about_phase_1_node_b
         assert "node2 serve(s) https only (http closed by its finalize)" in status.stderr
         assert "node1, node3 http and https" in status.stderr
         assert "its nodes serve http and https" not in status.stderr
+
+
+@pytest.mark.timeout(420)
+def test_the_notice_after_a_finalize_that_left_a_node_out_tells_phase_1_s_scope(
+    tmp_path: Path,
+) -> None:
+    """Review b3 of session 64 (L4): after a completed finalize the notice (about the switch to
+    https, phases 1 and 2) took the finalize's own scope, the nodes phase 1 left dual, so a
+    cluster-wide switch whose finalize left out a node cut off (a machine lost) was told as one
+    of "the servers listed below". It tells phase 1's scope: the whole multiserver."""
+    with cluster_of(tmp_path, 2) as (cluster, (node1, node2)):
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        agent = node2.agent
+        assert agent is not None
+        serial = f"{agent.cert().serial_number:x}"
+        agent.stop()
+        revoked = cluster.cli("ca", "revoke", serial)
+        assert revoked.returncode == 0, revoked.stderr
+        done = cluster.cli(
+            "rollout", "finalize", phase1, "--force", "--yes", "--wait", timeout=LONG
+        )
+        assert done.returncode == 0, done.stderr
+        final = newest(cluster)
+        assert final["state"] == "completed" and final["finalizes"] == phase1, final
+        states = {n["name"]: n["state"] for n in final["nodes"]}
+        assert states == {"node1": "done", "node2": "skipped"}, final["nodes"]
+        for lang, whole, listed in (
+            ("en", "This affects the whole multiserver.", "servers listed below"),
+            ("de", "Betroffen ist der gesamte Multiserver-Verbund.", "unten genannten Server"),
+        ):
+            shown = cluster.cli("notify", "--lang", lang)
+            assert shown.returncode == 0, shown.stderr
+            assert whole in shown.stdout and listed not in shown.stdout, shown.stdout
+        assert node1.https_url() in shown.stdout

@@ -806,10 +806,15 @@ def notify(
             if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
         ]
         transitional = STRATEGY.read_optional(r.strategy, "strategy") is Strategy.TRANSITIONAL
+        about = r  # the rollout whose scope the notice tells (its nodes and those outside it)
         if the_change is Change.FINALIZE:
             # Phase 2 closed http on its nodes: for the staff, the switch to https has ended
-            # (it was an internal error: session 56's second README walk, H1).
+            # (it was an internal error: session 56's second README walk, H1). That switch is
+            # phase 1's, of phase 1's scope: the finalize's own is the nodes phase 1 left dual,
+            # and a cluster-wide switch whose finalize left out a node cut off (a machine lost)
+            # was told as one of "the servers listed below" (review b3 of s64, L4).
             the_change, transitional = Change.ENABLE_TLS, False
+            about = next((x for x in schema.rollouts if x.id == r.finalizes), r)
         elif transitional and (done_by := _finalized_by(schema, r.id)):
             if until is not None:
                 raise click.UsageError(
@@ -827,7 +832,7 @@ def notify(
             raise CLIError(
                 f"rollout {r.id} ({state.value}) changed no node: nothing to tell the practice"
             )
-        before = switched_before(the_change, r)
+        before = switched_before(the_change, about)
         addresses = node_addresses(leader) if before or any(not n.new_url for n in shown) else {}
         # The CA each node served before this rollout, and its certificate's CA: the one this
         # rollout gives it while it runs (a node not done yet), else the one it serves now; a
@@ -860,8 +865,8 @@ def notify(
             started.astimezone(zone),
             end.astimezone(zone) if end else None,
         )
-        kind = SCOPE_KIND.read_optional(r.scope, "scope")
-        in_plan = [n.name for n in r.nodes]
+        kind = SCOPE_KIND.read_optional(about.scope, "scope")
+        in_plan = [n.name for n in about.nodes]
         applied = Applied(
             r.id,
             r.auth_version,

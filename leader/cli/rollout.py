@@ -221,9 +221,11 @@ def plan(
     already in the wanted state show "already done"), its checks, what clients must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
     any problem refuses the plan. Exit 1, after showing it, if a start would be refused now (a
-    rollout has not ended: one at a time) or a node is "blocked: <why>": a start would be
-    refused (a node on http only for rotate-cert or change-password) or would stop at that
-    node (its agent's preflight checks found problems: a port taken, …)."""
+    rollout has not ended: one at a time; enable-tls while the auth password in use cannot be
+    confirmed, where a start without --password-file is refused too) or a node is "blocked:
+    <why>": a start would be refused (a node on http only for rotate-cert or
+    change-password) or would stop at that node (its agent's preflight checks found
+    problems: a port taken, …)."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
@@ -236,6 +238,8 @@ def plan(
     reasons = []
     if reply.busy:
         reasons.append(f"{reply.busy}; a start of this plan is refused until it has ended")
+    if refused_for_password(reply):  # (a plan brings no password: as a start without one)
+        reasons.append(f"{reply.password_doubt}; a start of this plan is refused")
     if blocked := blocked_text(reply):
         reasons.append(blocked)
     if as_json:
@@ -244,6 +248,17 @@ def plan(
         show_plan(reply, nothing_changed=not reasons)
     if reasons:
         raise CLIError("; ".join(reasons) + "; nothing was changed")
+
+
+def refused_for_password(reply: admin_pb2.PlanResponse) -> bool:
+    """Whether the leader refuses any start of the plan ``reply`` because the auth password in
+    use cannot be confirmed (``password_doubt``): nodes run one it does not know, or none is
+    known in use (a start would make a new one). Not for nodes recorded on one that cannot be
+    asked while a version is known: a start without ``--password-file`` gives them that one
+    (session 64's closing notes: `plan` exited 0 whatever the doubt)."""
+    return bool(reply.password_doubt) and (
+        reply.password_doubt_refuses or not reply.password_version_in_use
+    )
 
 
 def applies_text(staged: admin_pb2.StagedPassword) -> str:
@@ -442,9 +457,11 @@ def rollout_start(
             )
         in_use = planned.password_version_in_use
         # A new password (the file's, or one generated below) while the leader cannot
-        # confirm that none is in use, or a start without one while no version is known in
-        # use; the leader refuses the rest itself (``planner.decide_auth``).
-        if planned.password_doubt and (secret is not None or not in_use):
+        # confirm that none is in use, or a start without one that the doubt refuses too (no
+        # version known in use, or nodes that run one the leader does not know:
+        # ``refused_for_password``, as `plan` exits 1 for it); the leader refuses the rest
+        # itself (``planner.decide_auth``).
+        if planned.password_doubt and (secret is not None or refused_for_password(planned)):
             raise CLIError(f"{planned.password_doubt}; nothing was started")
         if in_use and secret is not None:
             raise CLIError(
