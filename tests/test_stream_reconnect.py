@@ -245,7 +245,7 @@ async def test_a_stopping_leader_refuses_the_new_stream_of_an_agent_it_ended(
         assert first["code"] == "UNAVAILABLE"  # the stream close_streams ended (no write ran)
         # The refusal of the new stream comes as its first message goes: gRPC's asyncio client
         # may then lose the leader's UNAVAILABLE for its own INTERNAL (grpc/grpc#36066), which
-        # the agent says it lost (1 run in 60 alone, and a full CI on a loaded machine: review
+        # the agent says it lost (6 runs in 780 on a loaded machine, and a full CI: review
         # of session 65; the next test forces it). The leader's refusal itself is checked on
         # a stream that writes nothing (below), where nothing races it.
         assert second["code"] in ("UNAVAILABLE", "STATUS_LOST"), second
@@ -270,7 +270,7 @@ async def test_a_refusal_whose_status_grpc_lost_is_said_so_and_taken_as_the_lead
     leader's status: ``heartbeat.stream_ended`` INTERNAL and ``heartbeat.failed`` INTERNAL
     "Internal error from Core", an error of the leader's to whoever reads it. It says now that
     the status was lost, and takes the end as any of the leader's: a new stream after the
-    short pause. The race is rare (1 run in 60 of the test above, alone): here the new
+    short pause. The race is rare (6 runs in 780 of the test above, loaded): here the new
     stream's first write fails as gRPC fails it then. Failed on the old code: INTERNAL."""
     monkeypatch.setattr(leader_link, "LASTED_SECONDS", 0.0)
     rig, link, journal, opened, task = await running_link(tmp_path, loopback, monkeypatch)
