@@ -127,6 +127,30 @@ NOT_AT_ONCE = frozenset(
     }
 )
 
+GRPC_LOST_STATUS = "Internal error from Core"
+"""The details of the INTERNAL status gRPC's asyncio client gives a stream message it could not
+write because the call had ended meanwhile (the leader ended it, or the connection broke): the
+leader's own status is lost, replaced on the call by this one (grpcio 1.85's
+``_StreamRequestMixin._write``: grpc/grpc#36066), and the stream's reader may read it too.
+Seen as a leader refuses a new stream while its first message goes (a stopping leader's
+UNAVAILABLE, on a loaded machine: review of session 65). The leader's own INTERNAL says
+``tlsroll.rpc``'s words, never these."""
+LOST_STATUS = "STATUS_LOST"  # what the log says of such an end, in place of a status code
+LOST_DETAIL = (
+    "the stream ended as a message went (the leader ended it or the connection broke); "
+    "gRPC lost the leader's status"
+)
+
+
+def status_lost(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is gRPC's own INTERNAL for a stream write the call's end cut short
+    (``GRPC_LOST_STATUS``), not a status the leader sent."""
+    return (
+        isinstance(exc, grpc.aio.AioRpcError)
+        and exc.code() == grpc.StatusCode.INTERNAL
+        and exc.details() == GRPC_LOST_STATUS
+    )
+
 
 def wants_answer(heard: float, now: float, interval: float, renew: float) -> bool:
     """Whether a renewal-mode message sent at ``now`` asks for an answer, the leader's last
@@ -353,6 +377,9 @@ class _Stream:
         # with ``code``), unless the agent closed it first (``dropped``): ``ended`` is told.
         self.broke = False
         self.code: grpc.StatusCode | None = None
+        # gRPC lost the leader's status of the end (``status_lost``): the leader ended the
+        # stream, with what is not known; taken as a leader gone (not ``NOT_AT_ONCE``).
+        self.lost = False
         self.dropped = False
         self.noted = False  # the link has taken note of the end (``LeaderLink._stream_ended``)
         self._on_end = ended
@@ -372,6 +399,10 @@ class _Stream:
                 if not isinstance(reply, leader_pb2.HeartbeatResponse):
                     self.ended = TimeoutError("the leader ended the heartbeat stream")
                     self.code, self.broke = await self.call.code(), True
+                    self.lost = (
+                        self.code == grpc.StatusCode.INTERNAL
+                        and await self.call.details() == GRPC_LOST_STATUS
+                    )
                     return
                 self.heard = asyncio.get_running_loop().time()
                 if reply.HasField("check"):  # a question: neither an answer nor news
@@ -386,7 +417,7 @@ class _Stream:
                 self._wake()
         except grpc.aio.AioRpcError as exc:
             self.ended = exc
-            self.code, self.broke = exc.code(), True
+            self.code, self.broke, self.lost = exc.code(), True, status_lost(exc)
         except Exception as exc:  # a response it could not take: the stream is dropped
             # Replaced at once, as one the leader ended (``_on_end``): the stream reads no
             # more, and news sent on it would be lost until the next beat (an interval; the
@@ -677,7 +708,13 @@ class LeaderLink:
             return
         self._reconnect = pause
         self._ended.set()
-        code = stream.code.name if stream.code is not None else "NOT_TAKEN"  # (a reply)
+        code = (
+            LOST_STATUS
+            if stream.lost
+            else stream.code.name
+            if stream.code is not None
+            else "NOT_TAKEN"  # (a reply it could not take)
+        )
         log.info("heartbeat.stream_ended", leader=self.target, code=code, again_in=round(pause, 3))
 
     async def _take(self, reply: leader_pb2.HeartbeatResponse) -> None:
@@ -781,8 +818,17 @@ class LeaderLink:
             # The stream is broken: the next heartbeat opens a new one (soon, if it ended by
             # itself: whichever of this and its reader sees the end first tells the link).
             status = await _status(stream)
+            if (
+                status_lost(ended)
+                and isinstance(stream.ended, grpc.aio.AioRpcError)
+                and not status_lost(stream.ended)
+            ):
+                # gRPC lost the leader's status for the write, but the reader read it first
+                # (``_status``): that one is the end's (a refusal is told as one).
+                ended = stream.ended
             if isinstance(ended, grpc.aio.AioRpcError) and not stream.broke:
                 stream.code, stream.broke = ended.code(), True
+                stream.lost = status_lost(ended)
             self._stream_ended(stream)
             self._drop_stream()
             if status != grpc.StatusCode.UNIMPLEMENTED:
@@ -793,6 +839,11 @@ class LeaderLink:
                     if rpc.node_removed(status, details):  # (the send saw the end first)
                         self._said_removed(details)
                 why = f"ended: {status.name}" if status is not None else "no reply in time"
+                if stream.lost or (
+                    status == grpc.StatusCode.INTERNAL
+                    and await stream.call.details() == GRPC_LOST_STATUS
+                ):
+                    why = f"ended: {LOST_STATUS}"  # (not an INTERNAL of the leader's)
                 raise TimeoutError(f"the heartbeat stream {why}") from None
             self.streaming = False
             self._unary_beats = 0
@@ -914,7 +965,12 @@ class LeaderLink:
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 if held:
                     self._crl_wanted = True  # the next message carries it
-                if isinstance(exc, grpc.aio.AioRpcError):
+                if status_lost(exc):
+                    # Not an error of the leader's (its INTERNAL says to see its log): gRPC's
+                    # client lost the leader's end of the stream (``GRPC_LOST_STATUS``), as a
+                    # refusal came while the message went. Told as such, and taken as any end.
+                    code, detail = LOST_STATUS, LOST_DETAIL
+                elif isinstance(exc, grpc.aio.AioRpcError):
                     code, detail = exc.code().name, str(exc.details())
                     if not self.streaming and exc.code() == grpc.StatusCode.UNAVAILABLE:
                         self.streaming = True  # the leader may come back upgraded: try again

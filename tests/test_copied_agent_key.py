@@ -97,8 +97,9 @@ def test_a_copy_of_an_agent_key_that_renewed_itself_is_the_node_s_problem(
             assert said and said[0]["node"] == "node2" and said[0]["serial"] == copied_serial
             assert said[0]["level"] == "warning", said[0]
             # The node's own agent was refused all along: it is what the leader notices (its
-            # log says so once per outage: UNAUTHENTICATED with the leader's words, or, its
-            # stream cut by the leader under load, gRPC's "Internal error from Core").
+            # log says so once per outage: UNAUTHENTICATED with the leader's words, or, the
+            # refusal come as its message went under load, STATUS_LOST: gRPC's client lost the
+            # leader's status, ``nodeagent.leader_link.GRPC_LOST_STATUS``).
             assert "heartbeat.failed" in agent.log_text()
             # Neither planned nor switched meanwhile: the plan names the problem.
             plan = cluster.cli("plan", "--scope", "cluster")

@@ -36,6 +36,7 @@ from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.test_heartbeat_stream import agent_events, agent_link
+from tlsroll import rpc
 
 INTERVAL = 600  # in process: the agent's next scheduled heartbeat is 10 minutes away
 
@@ -73,7 +74,9 @@ async def test_streams_that_keep_ending_soon_fall_back_to_the_usual_heartbeat(
 
     def at_once(age: float, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> bool:
         link._ended.clear()
-        ended: Any = SimpleNamespace(broke=True, noted=False, opened=loop.time() - age, code=code)
+        ended: Any = SimpleNamespace(
+            broke=True, noted=False, opened=loop.time() - age, code=code, lost=False
+        )
         link._stream_ended(ended)
         assert ended.noted
         return link._ended.is_set()
@@ -89,7 +92,7 @@ async def test_streams_that_keep_ending_soon_fall_back_to_the_usual_heartbeat(
         assert at_once(3600, grpc.StatusCode.OK)  # the leader ended the call without a status
         for code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED):
             assert not at_once(3600, code)
-        closed: Any = SimpleNamespace(broke=False, noted=False, opened=0.0, code=None)
+        closed: Any = SimpleNamespace(broke=False, noted=False, opened=0.0, code=None, lost=False)
         link._ended.clear()
         link._stream_ended(closed)  # the agent's own close (``_Stream.dropped``): nothing
         assert not link._ended.is_set()
@@ -223,23 +226,101 @@ async def test_a_stopping_leader_refuses_the_new_stream_of_an_agent_it_ended(
     """Review of session 25: ``close_streams`` ends the streams open as the leader stops, and
     their agents open new ones within a second. Taken, such a stream was never ended, and the
     server's graceful stop waited its grace period (10 s) for it. A stopping leader refuses
-    them (UNAVAILABLE). Failed on the old code: the new stream was taken and counted."""
+    them (UNAVAILABLE), and the agent takes that as the leader going away: a new stream after
+    the short pause. Failed on the old code: the new stream was taken and counted."""
     monkeypatch.setattr(leader_link, "LASTED_SECONDS", 0.0)
     rig, link, journal, opened, task = await running_link(tmp_path, loopback, monkeypatch)
     try:
         with structlog.testing.capture_logs() as events:
 
-            def ends() -> list[str]:
-                return [e["code"] for e in events if e["event"] == "heartbeat.stream_ended"]
+            def ends() -> list[Any]:
+                return [e for e in events if e["event"] == "heartbeat.stream_ended"]
 
             assert rig.service.close_streams() == 1
             async with asyncio.timeout(30):  # the test's bound: the agent's pause is under 1 s
                 while len(opened) < 2 and len(ends()) < 2:  # the first end, then the next
                     await asyncio.sleep(0.02)
         assert opened == ["hb1"], "a stopping leader took a new stream"
-        assert ends()[:2] == ["UNAVAILABLE", "UNAVAILABLE"]
+        first, second = ends()[:2]
+        assert first["code"] == "UNAVAILABLE"  # the stream close_streams ended (no write ran)
+        # The refusal of the new stream comes as its first message goes: gRPC's asyncio client
+        # may then lose the leader's UNAVAILABLE for its own INTERNAL (grpc/grpc#36066), which
+        # the agent says it lost (6 runs in 780 on a loaded machine, and a full CI: review
+        # of session 65; the next test forces it). The leader's refusal itself is checked on
+        # a stream that writes nothing (below), where nothing races it.
+        assert second["code"] in ("UNAVAILABLE", "STATUS_LOST"), second
+        assert 0 <= second["again_in"] <= 1.0  # a leader gone: the short pause again
+        refused = link.stub.Heartbeats()  # type: ignore[call-arg]
+        assert await refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert await refused.details() == "the leader is stopping"
+        assert opened == ["hb1"]
         assert not rig.service._open
         assert rig.service._watch is None
+    finally:
+        await stop(rig, link, journal, task)
+
+
+async def test_a_refusal_whose_status_grpc_lost_is_said_so_and_taken_as_the_leader_gone(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 65 (a full CI on a loaded machine): a stopping leader refused the
+    agent's new stream as its first message went, and gRPC's asyncio client gave the write its
+    own INTERNAL "Internal error from Core" over the leader's UNAVAILABLE, which it lost
+    (grpc/grpc#36066; the stream's reader may read it too). The agent logged it as the
+    leader's status: ``heartbeat.stream_ended`` INTERNAL and ``heartbeat.failed`` INTERNAL
+    "Internal error from Core", an error of the leader's to whoever reads it. It says now that
+    the status was lost, and takes the end as any of the leader's: a new stream after the
+    short pause. The race is rare (6 runs in 780 of the test above, loaded): here the new
+    stream's first write fails as gRPC fails it then. Failed on the old code: INTERNAL."""
+    monkeypatch.setattr(leader_link, "LASTED_SECONDS", 0.0)
+    rig, link, journal, opened, task = await running_link(tmp_path, loopback, monkeypatch)
+    write = leader_link._Stream._write
+    failed: list[int] = []
+
+    async def losing(stream: Any, request: Any, fill: Any = None) -> int:
+        if not failed:  # the new stream's first message (the first stream's went before)
+            failed.append(1)
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details="Internal error from Core",  # gRPC's words (``_StreamRequestMixin``)
+                debug_error_string='Failed "execute_batch": (SendMessageOperation,)',
+            )
+        return await write(stream, request, fill)
+
+    monkeypatch.setattr(leader_link._Stream, "_write", losing)
+    try:
+        with structlog.testing.capture_logs() as events:
+
+            def ends() -> list[Any]:
+                return [e for e in events if e["event"] == "heartbeat.stream_ended"]
+
+            assert rig.service.close_streams() == 1
+            async with asyncio.timeout(30):  # the test's bound: the pauses are under 3 s
+                while len(opened) < 2 and len(ends()) < 3:  # the lost one, then the next
+                    await asyncio.sleep(0.02)
+        assert failed and opened == ["hb1"]
+        assert [e["code"] for e in ends()[:2]] == ["UNAVAILABLE", "STATUS_LOST"]
+        assert 0 <= ends()[1]["again_in"] <= 1.0  # taken as the leader gone: the short pause
+        assert ends()[2]["code"] in ("UNAVAILABLE", "STATUS_LOST")  # and it came back
+        (said,) = [e for e in events if e["event"] == "heartbeat.failed"]
+        assert said["code"] == "STATUS_LOST", said
+        assert said["detail"] == (
+            "the stream ended as a message went (the leader ended it or the connection "
+            "broke); gRPC lost the leader's status"
+        )
+        assert "Internal error from Core" not in str(events)
+        # The leader's own INTERNAL (an error not the project's: ``tlsroll.rpc``) is its own.
+        assert not leader_link.status_lost(
+            grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                details=rpc.error_status(RuntimeError("a bug"), {}, "Heartbeats")[1],
+                debug_error_string="",
+            )
+        )
     finally:
         await stop(rig, link, journal, task)
 
