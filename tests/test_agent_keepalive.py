@@ -304,9 +304,9 @@ async def test_a_leader_slow_for_a_moment_keeps_its_streams(
     every agent reconnecting onto a leader already slow). Now the answer is not waited for; only
     a leader that says nothing for a renewal bound after it is taken for gone. A real leader
     service in a child process (at a 1 s interval: a renewal bound of 4 s) whose loop is
-    blocked from just before each of two such messages until 1.5 s after it was sent (its
-    answer held longer than an interval, for under 3 s in all): not one
-    ``heartbeat.failed``, and each answer heard once the loop runs again. (It blocked the loop
+    blocked from half a second before each of two such messages is due until 1.5 s after it
+    was sent (its answer held longer than an interval): not one ``heartbeat.failed``, the one
+    stream throughout, and each answer heard once the loop runs again. (It blocked the loop
     1.5 s of every 3 s for 30 s before session 65, which such a message met only by chance.)"""
     async with leader_that_hangs(tmp_path, loopback, "told") as (child, link):
         assert child.stdin is not None
@@ -338,13 +338,16 @@ async def test_a_leader_slow_for_a_moment_keeps_its_streams(
                     dropped = [e for e in logs if e["event"] == "heartbeat.failed"]
                     assert link._stream is stream, dropped  # (the link waited for the answer)
                     sent = stream.probe_at
+                    assert sent is not None
+
+                    def answered(sent: float = sent) -> bool:
+                        return stream.heard >= sent
+
                     await asyncio.sleep(1.5)  # its answer held: longer than an interval
                     assert link._stream is stream and link.healthy is True
                     stdin.write("go on\n")
                     stdin.flush()
-                    await until(
-                        lambda sent=sent: stream.heard >= sent, f"the answer to message {n + 1}", 5
-                    )
+                    await until(answered, f"the answer to message {n + 1}", 5)
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
