@@ -217,18 +217,22 @@ def test_a_password_file_nobody_writes_to_is_one_line_after_its_bound(
                 text=True,
                 env=env,
             )
-        for name, process in running.items():
-            try:
-                out, err = process.communicate(timeout=60)  # PIPE_WAIT is 3 s here
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.communicate()
-                pytest.fail(f"{name}: still waiting for the FIFO")
-            assert process.returncode == 2, (name, err)
-            line = one_line_error(err, "tlsroll")
-            fifo = tmp_path / f"{name}.fifo"
-            assert "--password-file" in line and f"nothing came from {fifo} within 3 s" in line
-            assert out == ""
+        try:
+            for name, process in running.items():
+                try:
+                    out, err = process.communicate(timeout=60)  # PIPE_WAIT is 3 s here
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"{name}: still waiting for the FIFO")
+                assert process.returncode == 2, (name, err)
+                line = one_line_error(err, "tlsroll")
+                fifo = tmp_path / f"{name}.fifo"
+                assert "--password-file" in line and f"nothing came from {fifo} within 3 s" in line
+                assert out == ""
+        finally:  # every command still waiting, not only the first (they outlived a failure)
+            for process in running.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
         assert cluster.store_rows(tables) == before
 
         # A writer that comes: its password is read and staged.
