@@ -56,7 +56,7 @@ import datetime as dt
 import functools
 import itertools
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -158,6 +158,25 @@ preflight's call ends only at its 30 s timeout, a switch's watch after three sil
 attempt of a step; a look at when its agent was last heard (from memory: ``Store.last_heard``)
 only once the step has waited this long, so that a step answered sooner costs the timer
 alone."""
+TEST_SILENT_AFTER_ENV = "TLSROLL_TEST_SILENT_AFTER_SECONDS"
+"""Tests only: a leader daemon's ``SILENT_AFTER`` (seconds, over 0, never longer than
+``SILENT_AFTER``: ``silent_after``), so that a test of a stopped agent's note waits seconds for
+it, not ten, and a test that a live agent's slow switch gets none can slow it by seconds only.
+Not a setting: only how soon a note comes changes (what makes it, the agent's silence for
+``SILENT_HEARTBEATS`` intervals, does not), and an administrator has no reason to pay the
+look of every step that waits a few seconds."""
+
+
+def silent_after(environ: Mapping[str, str]) -> float:
+    """``SILENT_AFTER``, or the test hook's (``TEST_SILENT_AFTER_ENV``) if it holds a number in
+    (0, ``SILENT_AFTER``]."""
+    try:
+        value = float(environ.get(TEST_SILENT_AFTER_ENV, ""))
+    except ValueError:
+        return SILENT_AFTER
+    return value if 0 < value <= SILENT_AFTER else SILENT_AFTER
+
+
 SILENT_HEARTBEATS = 2
 """A step's agent counts as silent once the leader has heard nothing from it (its heartbeats,
 ``Node.last_heartbeat``) for this many heartbeat intervals: a live agent's stream vouches for
@@ -218,6 +237,10 @@ class Engine:
     # A store that cannot be written (a full disk): why and since when, logged once a minute
     # (``leader.store_health``); set by the leader.
     store_health: StoreHealth | None = None
+    # When a step that waits for its agent first looks whether the agent is heard
+    # (``_Silence``): ``SILENT_AFTER``, shorter only in a test (the leader sets it:
+    # ``silent_after``).
+    silent_after: float = SILENT_AFTER
 
     def __init__(
         self,
@@ -1203,11 +1226,11 @@ class Engine:
         watched."""
         trouble = self.trouble.get((rollout_id, step.node, step.step))
         if trouble is None:
-            return _Silence(self, rollout_id, step, started[1], SILENT_AFTER)
+            return _Silence(self, rollout_id, step, started[1], self.silent_after)
         if step.step in (Step.SWITCH, Step.CONFIRM):
             return None
         waited = started[0] - trouble[0]
-        return _Silence(self, rollout_id, step, trouble[1], max(0.0, SILENT_AFTER - waited))
+        return _Silence(self, rollout_id, step, trouble[1], max(0.0, self.silent_after - waited))
 
     async def _look_for_silence(
         self, rollout_id: str, step: planner.StepAction, began: dt.datetime

@@ -33,7 +33,7 @@ from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.db import RELEARN_WINDOW, check_store, mark_store
-from leader.engine import Engine
+from leader.engine import Engine, silent_after
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
@@ -864,6 +864,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         node_problem=state.node_problem,
     )
     engine.store_health = health
+    engine.silent_after = silent_after(os.environ)
     commands = Commands(
         state.store,
         schema,

@@ -303,24 +303,55 @@ async def test_a_leader_slow_for_a_moment_keeps_its_streams(
     an interval had healthy streams dropped (``heartbeat.failed``, the node briefly offline,
     every agent reconnecting onto a leader already slow). Now the answer is not waited for; only
     a leader that says nothing for a renewal bound after it is taken for gone. A real leader
-    service in a child process whose loop is blocked 1.5 s of every 3 s (at a 1 s interval),
-    for 30 s: not one ``heartbeat.failed``."""
-    async with leader_that_hangs(tmp_path, loopback, "1.5") as (child, link):
+    service in a child process (at a 1 s interval: a renewal bound of 4 s) whose loop is
+    blocked from half a second before each of two such messages is due until 1.5 s after it
+    was sent (its answer held longer than an interval): not one ``heartbeat.failed``, the one
+    stream throughout, and each answer heard once the loop runs again. (It blocked the loop
+    1.5 s of every 3 s for 30 s before session 65, which such a message met only by chance.)"""
+    async with leader_that_hangs(tmp_path, loopback, "told") as (child, link):
+        assert child.stdin is not None
+        stdin = child.stdin
+        loop = asyncio.get_running_loop()
         with capture_logs() as logs:
             task = asyncio.create_task(link.run())
             try:
                 await until(lambda: link.healthy is True, "heartbeat.ok")
                 await asyncio.sleep(2)  # the stream in renewal mode
-                probes = 0
-                for _ in range(10):  # the loop blocked 1.5 s of every 3 s, 30 s in all
+                stream = link._stream
+                assert stream is not None and stream.renew == 4
+                for n in range(2):
+                    # Half a second before the link may send the message that asks (at its
+                    # first beat from then on, within an interval), the leader's loop blocks.
+                    await until(
+                        lambda: leader_link.wants_answer(
+                            stream.heard, loop.time() + 0.5, 1, stream.renew
+                        ),
+                        f"message {n + 1} that asks to hear from the leader due",
+                        15,
+                    )
                     child.send_signal(signal.SIGUSR1)
-                    await asyncio.sleep(3)
-                    stream = link._stream
-                    probes += getattr(stream, "probe_at", None) is not None
+                    await until(
+                        lambda: stream.probe_at is not None or link._stream is not stream,
+                        f"message {n + 1} sent",
+                        5,
+                    )
+                    dropped = [e for e in logs if e["event"] == "heartbeat.failed"]
+                    assert link._stream is stream, dropped  # (the link waited for the answer)
+                    sent = stream.probe_at
+                    assert sent is not None
+
+                    def answered(sent: float = sent) -> bool:
+                        return stream.heard >= sent
+
+                    await asyncio.sleep(1.5)  # its answer held: longer than an interval
+                    assert link._stream is stream and link.healthy is True
+                    stdin.write("go on\n")
+                    stdin.flush()
+                    await until(answered, f"the answer to message {n + 1}", 5)
             finally:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         failed = [e for e in logs if e["event"] == "heartbeat.failed"]
         assert failed == [], failed
-        assert probes > 0, "no message asked to hear from the leader: the test proves nothing"
+        assert link._stream is stream  # the one stream throughout

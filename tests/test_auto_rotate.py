@@ -301,10 +301,13 @@ def test_decide() -> None:
 # --- a real cluster ---------------------------------------------------------------------------
 
 LIFETIME = 300  # seconds a server certificate lives here
-# Due 20 s after it is issued (30 before session 61): an automatic rotation takes 1-1.5 s here,
-# and the next one must not begin before the test looked from outside (a rotation restarts the
-# servers the test connects to once; due at 10 s, it came within about 8 s of the check).
-HORIZON_DAYS = 280 / 86400
+# Due 5 s after it is issued (20 before session 65, 30 before session 61: the test waited for
+# it). The next automatic rotation must not begin before the test looked from outside (a
+# rotation restarts the servers the test connects to once; due at 10 s, it came within about
+# 8 s of the check): the leader that opens the window issues certificates living twice as long
+# (``ROTATED_LIFETIME``), due only 305 s after they are issued.
+HORIZON_DAYS = 295 / 86400
+ROTATED_LIFETIME = 2 * LIFETIME
 
 
 def schema_json(cluster: Cluster) -> dict[str, Any]:
@@ -335,11 +338,12 @@ def closed_window(now: dt.datetime) -> str:
 
 @pytest.mark.timeout(600)
 def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) -> None:
-    """Server certificates living 5 minutes, due 20 s after they are issued, the expiry watch
+    """Server certificates living 5 minutes, due 5 s after they are issued, the expiry watch
     checking every second. Outside the window: the schema says the nodes are due and why nothing
     starts, check after check, and no rollout starts. The admin opens the window (config,
-    leader restart): a rotate-cert rollout of the due nodes starts by itself, audited as the
-    leader's, and completes; each node serves a new certificate from outside."""
+    leader restart; the new certificates live 10 minutes, so that none is due again here): a
+    rotate-cert rollout of the due nodes starts by itself, audited as the leader's, and
+    completes; each node serves a new certificate from outside."""
     from tests.nodeside import Node
     from tests.test_level_based import password_file
 
@@ -397,7 +401,9 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
 
         # (a) The admin opens the window: the leader rotates the due certificates by itself.
         cluster.stop_leader()
-        cluster.write_leader_config({"maintenance_window": "daily 00:00-24:00"})
+        cluster.write_leader_config(
+            {"maintenance_window": "daily 00:00-24:00", "server_cert_lifetime": ROTATED_LIFETIME}
+        )
         cluster.start_leader()
 
         def rotated(polled: bool = False) -> dict[str, Any] | None:
@@ -424,10 +430,11 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
             entry = next(n for n in r["nodes"] if n["name"] == node.name)
             assert entry["state"] == "done"
             assert entry["cert_fingerprint"] != first[node.name]
-        # From outside (Python's ssl, trusting only the cluster CA): the new certificates, or
-        # newer ones still if a later automatic rotation has already begun.
+        # From outside (Python's ssl, trusting only the cluster CA): the new certificates (no
+        # later automatic rotation: they are not due for 305 s, ``ROTATED_LIFETIME``).
         for node in nodes:
-            assert node.served_fingerprint() != first[node.name]
+            entry = next(n for n in r["nodes"] if n["name"] == node.name)
+            assert node.served_fingerprint() == entry["cert_fingerprint"] != first[node.name]
         events = cluster.leader.log_events()
         started = [e for e in events if e.get("event") == "auto_rotate.started"]
         assert started and started[0]["rollout_id"] == r["id"]

@@ -4801,6 +4801,17 @@ async def a_step_waiting_on_a_silent_agent(
     return world, leader, row, planner.StepAction(record.name, Step.PREFLIGHT, row.rollout.epoch)
 
 
+def test_the_test_only_silent_after_only_shortens_the_first_look() -> None:
+    """``TEST_SILENT_AFTER_ENV`` brings a test leader's first look at a waiting step's agent
+    sooner; anything else there, a longer wait included, leaves it at ``SILENT_AFTER``."""
+    env, after = engine_module.TEST_SILENT_AFTER_ENV, engine_module.SILENT_AFTER
+    assert engine_module.silent_after({}) == after == 10.0
+    assert engine_module.silent_after({env: "3"}) == 3.0
+    assert engine_module.silent_after({env: "10"}) == after
+    for bad in ("", "soon", "0", "-1", "nan", "inf", "10.5", "3600"):
+        assert engine_module.silent_after({env: bad}) == after, bad
+
+
 async def test_a_look_for_an_agent_s_silence_reads_no_node_from_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

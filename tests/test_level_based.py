@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from leader.engine import SILENT
+from leader.engine import SILENT, TEST_SILENT_AFTER_ENV
 from refserver.server import START_DELAY_ENV
 from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
@@ -288,7 +288,9 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
     deadline), in `schema show`, `rollout status`, the admin API. The node's reason says now
     that the agent has not answered since it was last heard, and since when its step waits
     (``leader.engine.SILENT``); once the agent answers, the rollout goes on to the end and the
-    note is gone.
+    note is gone. The leader looks for the silence 3 s into a step's wait here, not
+    ``SILENT_AFTER`` (10 s; ``TEST_SILENT_AFTER_ENV``): what makes the note, two silent
+    heartbeat intervals, is the same.
 
     The rollout takes node2 first, its switch slowed by its server's start, and the leader's
     node (node1) last. ``before-preflight``: node1's agent is stopped right after the start,
@@ -300,11 +302,13 @@ def test_a_step_whose_agent_falls_silent_says_so_on_its_node_until_it_answers(
     runs (the note comes from the heartbeats' silence, not from how long the start takes:
     little or none of the start is left when it comes; 3 s from "switching" on left a narrow
     window on a busy machine: review of s60, L5). ``before-preflight`` slows node2's start to
-    15 s: a switch whose agent is alive and waits for its server longer than ``SILENT_AFTER``
-    gets no note (review of s60, M1: only the stopped node's is ever said)."""
-    delay = "15" if where == "before-preflight" else "8"
+    7 s: a switch whose agent is alive and waits for its server longer than the leader's
+    first look (3 s here), and looks again each second, gets no note (review of s60, M1: only
+    the stopped node's is ever said)."""
+    delay = "7" if where == "before-preflight" else "8"
     slow = {"node2": {START_DELAY_ENV: delay}}
-    with cluster_of(tmp_path, 2, node_env=slow, step_deadline=120, prepare_ahead=0) as (
+    soon = {TEST_SILENT_AFTER_ENV: "3"}  # (the leader's; the agents' and servers' ignore it)
+    with cluster_of(tmp_path, 2, env=soon, node_env=slow, step_deadline=120, prepare_ahead=0) as (
         cluster,
         nodes,
     ):

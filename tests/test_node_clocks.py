@@ -1675,16 +1675,17 @@ async def test_a_clone_behind_beside_an_agent_in_step_is_the_node_s_problem(
 def test_a_real_agent_that_reconnects_keeps_its_clock_problem_through_the_gap(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
-    """Review of s36, F3, with a real leader daemon and a real agent daemon 300 s ahead (2 s
-    interval): the agent's process stopped (SIGSTOP) until the leader ended its silent stream
-    and showed the node offline, then let go on: it reconnects with a new stream (the same
-    agent). While it was away, the node's clock still differs (it was forgotten at the
-    stream's end before); once back, the node problem keeps its first since, and the leader
-    logged ``node.clock_differs`` once (before: a new since and a second line at the new
-    stream's second message, which its clock moved to 310 s ahead tells apart)."""
+    """Review of s36, F3, with a real leader daemon and a real agent daemon 300 s ahead (1 s
+    interval; 2 s before session 65, which doubled each wait): the agent's process stopped
+    (SIGSTOP) until the leader ended its silent stream and showed the node offline, then let go
+    on: it reconnects with a new stream (the same agent). While it was away, the node's clock
+    still differs (it was forgotten at the stream's end before); once back, the node problem
+    keeps its first since, and the leader logged ``node.clock_differs`` once (before: a new
+    since and a second line at the new stream's second message, which its clock moved to 310 s
+    ahead tells apart)."""
     skew_file = tmp_path / "skew"
     skew_file.write_text("300")
-    with AdminTokenCluster(tmp_path / "c", loopback(), heartbeat_interval=2) as cluster:
+    with AdminTokenCluster(tmp_path / "c", loopback(), heartbeat_interval=1) as cluster:
         cluster.init()
         cluster.start_leader()
         agent = cluster.add_agent("n1", loopback(), start=False)
