@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,12 +216,14 @@ def test_an_agent_that_stops_answering_neither_wedges_abort_nor_the_rollout(
     tmp_path: Path,
 ) -> None:
     """Issue 16 #3 with a real agent stopped (SIGSTOP) after the start: an abort settles at
-    once (the node in preflight or stage is skipped, nothing on it was touched), well within the
-    step deadline (20 s here); a retry while the agent is away is refused naming it, and
+    once (the node in preflight or stage is skipped, nothing on it was touched), neither waiting
+    for the agent (stopped until the test's end) nor for the step deadline (300 s here: an abort
+    that waited for it would outlast ``wait_ended``'s bound of 120 s, no time measured); a
+    retry while the agent is away is refused naming it, and
     once it answers again the retry finishes the rollout. Without pipelining (``prepare_ahead``
     0): with it, node3 is prepared while node2 switches, often before the test can stop its
     agent, and then hangs in its switch, which an abort rightly waits for."""
-    with cluster_of(tmp_path, 3, step_deadline=20, prepare_ahead=0) as (cluster, nodes):
+    with cluster_of(tmp_path, 3, step_deadline=300, prepare_ahead=0) as (cluster, nodes):
         stopped_agent(cluster, nodes, tmp_path)
 
 
@@ -247,12 +248,10 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
             60,
             "node3 hanging in preflight, node2 done",
         )
-        aborted_at = time.monotonic()
         abort = cluster.cli("rollout", "abort")
         assert abort.returncode == 0, abort.stderr
         r = wait_ended(cluster, "the abort")
         assert r["state"] == "aborted"
-        assert time.monotonic() - aborted_at < 10  # not the agent's 20 s, nor its return
         states = {n["name"]: n["state"] for n in r["nodes"]}
         assert states == {"node2": "done", "node3": "skipped", "node1": "skipped"}
 
