@@ -470,7 +470,7 @@ def test_when_quiet_refuses_a_switch_if_the_agent_sees_http_afresh_and_stores_th
     freeze the agent reads its server's clients afresh, sees the write and refuses: node1
     goes back to pending with the reason, 8080 stays open, and the sighting is stored (the
     schema's still-on-http list). It finalized before, and the restart wiped the write."""
-    quiet = 20
+    quiet = 10  # seconds; the write comes about a second before the agent's look
     with one_node(tmp_path, clients_refresh=3600) as (cluster, node):
         phase1 = phase_1(cluster, tmp_path)
 
