@@ -387,7 +387,15 @@ def set_up(work: Path, addresses: list[str], procs: Procs, cli: Cli) -> Path:
                         "join_token_file": str(token_file),
                     },
                     "agent": {"data_dir": str(node / "agent"), "heartbeat_interval": 1},
-                    "server": {"driver": "reference", "config_file": str(server_cfg)},
+                    # The agent reads its server's clients afresh every second (10 s by
+                    # default), as it heartbeats: who is still on http follows the
+                    # workstations' moves within seconds, not the two waits of up to 10 s
+                    # each that the transitional run spent on them.
+                    "server": {
+                        "driver": "reference",
+                        "config_file": str(server_cfg),
+                        "clients_refresh": 1,
+                    },
                 }
             )
         )

@@ -63,13 +63,17 @@ it commits, so tests can freeze or stop the server with a write in flight. A sec
 ``TLSROLL_REFSERVER_TEST_START_DELAY``, makes a start wait that long between its public
 listeners answering and its admin socket (so before READY=1): a switch then takes at least that
 long, with the restarted server frozen (503) throughout, so a test on a fast machine can watch
-a switch under way. Never set either in production; the server logs a warning when one is set.
+a switch under way. A third, ``TLSROLL_REFSERVER_TEST_CLIENTS_WINDOW`` (whole seconds, 1 to
+59), takes the place of ``clients_window`` below its least (60 s), so that a test can watch a
+sighting fall out of the window in seconds, not a minute. Never set any of them in production;
+the server logs a warning when one is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
@@ -99,6 +103,7 @@ from tlsroll.fsutil import socket_dir_problem, write_atomic
 PROG = "tlsroll-refserver"
 WRITE_DELAY_ENV = "TLSROLL_REFSERVER_TEST_WRITE_DELAY"
 START_DELAY_ENV = "TLSROLL_REFSERVER_TEST_START_DELAY"
+CLIENTS_WINDOW_ENV = "TLSROLL_REFSERVER_TEST_CLIENTS_WINDOW"
 PID_NAME = "refserver.pid"
 LOCK_NAME = "refserver.lock"
 RETRY_AFTER_SECONDS = 30
@@ -717,6 +722,23 @@ def _test_delay(env: str) -> float:
     return value
 
 
+def _test_clients_window(env: str) -> int:
+    """Seconds of the test-only clients window (``CLIENTS_WINDOW_ENV``); 0 when unset. Only
+    below the config's least: a longer window is the config's to set."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StartupError(f"{env}={raw!r} is not a whole number of seconds") from None
+    if not 1 <= value < refserver_config.MIN_CLIENTS_WINDOW:
+        raise StartupError(
+            f"{env} must be from 1 to {refserver_config.MIN_CLIENTS_WINDOW - 1} seconds"
+        )
+    return value
+
+
 def _load_state(store: Store) -> tuple[FreezeState, LoginFailures]:
     """What the store keeps across restarts: the freeze flag and the count of wrong passwords
     (one worker-thread call: the start is inside every switch's freeze window)."""
@@ -786,6 +808,9 @@ async def serve(loaded: refserver_config.Loaded) -> int:
     c = loaded.config
     write_delay = _test_delay(WRITE_DELAY_ENV)
     start_delay = _test_delay(START_DELAY_ENV)
+    if clients_window := _test_clients_window(CLIENTS_WINDOW_ENV):
+        c = dataclasses.replace(c, clients_window=clients_window)
+        loaded = dataclasses.replace(loaded, config=c)
     try:
         c.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -852,6 +877,8 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         socket_bound = True
         if write_delay:
             log.warning("test_hook.write_delay", seconds=write_delay, env=WRITE_DELAY_ENV)
+        if clients_window:
+            log.warning("test_hook.clients_window", seconds=clients_window, env=CLIENTS_WINDOW_ENV)
         log.info(
             "server.started",
             pid=os.getpid(),

@@ -27,6 +27,7 @@ import pytest
 
 from leader import planner, service
 from leader.cli.draw import AWAITING
+from refserver.server import CLIENTS_WINDOW_ENV
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
@@ -44,6 +45,11 @@ from tests.test_transitional import (
 from tests.test_viewer import fetch, session_for
 
 WINDOW = 60  # seconds: the reference server's clients_window (its least)
+SHORT_WINDOW = 15
+"""Seconds: the reference server's clients window below its least (its test knob,
+``CLIENTS_WINDOW_ENV``) where a test waits for a sighting to fall out of it: a minute's wait
+was most of such a test. Long beside an agent's restart, which must read the sighting within
+it."""
 WAITS = AWAITING  # what a node's row says (and, in English, the viewer's)
 
 
@@ -53,14 +59,19 @@ def one_node(
 ) -> Iterator[tuple[Cluster, Node]]:
     """A leader (1 s heartbeats) and node1 on its address, whose reference server reports
     the workstations it saw within ``window`` seconds; its agent reuses its view of them for
-    ``clients_refresh`` seconds (the agent's default: 10)."""
+    ``clients_refresh`` seconds (the agent's default: 10). A window below the config's least
+    (60 s) is set by the server's test knob, for the server the test starts and each one its
+    agent starts (a switch's restart)."""
     address = next_loopback()
     cluster = AdminTokenCluster(root / "cluster", address, heartbeat_interval=1)
-    node = Node(cluster, "node1", address, root / "n0", clients_window=window)
+    short = {CLIENTS_WINDOW_ENV: str(window)} if window < WINDOW else None
+    node = Node(
+        cluster, "node1", address, root / "n0", server_env=short, clients_window=max(window, WINDOW)
+    )
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
-        node.start(clients_refresh=clients_refresh)
+        node.start(short, clients_refresh=clients_refresh)
         cluster.wait_for_nodes_online(["node1"])
         yield cluster, node
     finally:
@@ -108,10 +119,10 @@ def test_a_workstation_the_latest_report_lists_counts_on_http_past_its_stored_ti
     """The agent reuses its view of its server's clients for ``clients_refresh`` (an hour
     here: the lag made long enough to look at; the leader's stored copy lags the same way
     for up to ~29 s at a 5 s interval, as a sighting that moves only ``last_seen`` is no
-    news). Past the window since the workstation's stored sighting, the agent's every
-    report still lists it: it is still on http for the schema, ``notify --remaining`` and a
-    finalize, until a report leaves it out."""
-    with one_node(tmp_path, clients_refresh=3600) as (cluster, node):
+    news). Past the window (``SHORT_WINDOW``) since the workstation's stored sighting, the
+    agent's every report still lists it: it is still on http for the schema, ``notify
+    --remaining`` and a finalize, until a report leaves it out."""
+    with one_node(tmp_path, clients_refresh=3600, window=SHORT_WINDOW) as (cluster, node):
         phase1 = phase_1(cluster, tmp_path)
         ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
         seen = visit(ws)
@@ -123,9 +134,10 @@ def test_a_workstation_the_latest_report_lists_counts_on_http_past_its_stored_ti
             interval=SCHEMA_POLL,
         )
         # Past the window since it was seen, and a report stored since then.
-        time.sleep(max(0.0, (seen - dt.datetime.now(dt.UTC)).total_seconds() + WINDOW + 2))
+        time.sleep(max(0.0, (seen - dt.datetime.now(dt.UTC)).total_seconds() + SHORT_WINDOW + 2))
+        assert node1_clients(cluster)["clients"]["window_seconds"] == SHORT_WINDOW  # the knob
         wait_until(
-            lambda: reported_at(cluster) > seen + dt.timedelta(seconds=WINDOW + 1),
+            lambda: reported_at(cluster) > seen + dt.timedelta(seconds=SHORT_WINDOW + 1),
             40,
             "a report stored past the window",
             interval=SCHEMA_POLL,
@@ -458,7 +470,7 @@ def test_when_quiet_refuses_a_switch_if_the_agent_sees_http_afresh_and_stores_th
     freeze the agent reads its server's clients afresh, sees the write and refuses: node1
     goes back to pending with the reason, 8080 stays open, and the sighting is stored (the
     schema's still-on-http list). It finalized before, and the restart wiped the write."""
-    quiet = 20
+    quiet = 10  # seconds; the write comes about a second before the agent's look
     with one_node(tmp_path, clients_refresh=3600) as (cluster, node):
         phase1 = phase_1(cluster, tmp_path)
 

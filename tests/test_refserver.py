@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from refserver import config as refserver_config
 from refserver import store as refstore
 from refserver.server import (
+    CLIENTS_WINDOW_ENV,
     SHUTDOWN_TIMEOUT,
     START_DELAY_ENV,
     SWITCHING_MESSAGE,
@@ -621,6 +622,28 @@ def test_a_start_delay_that_is_no_number_of_seconds_stops_the_start(
     code, err = server.run_to_exit()
     assert code == 1, err
     assert f"{START_DELAY_ENV}='soon' is not a number of seconds" in err
+
+
+def test_the_clients_window_test_knob_goes_below_the_least_and_no_further(
+    make_server: MakeServer,
+) -> None:
+    """``CLIENTS_WINDOW_ENV`` sets the clients window below the config's least (60 s), so a
+    test watches a sighting leave it in seconds: the server reports it and logs a warning.
+    A window it cannot set (60 s or more is the config's; none or nonsense) stops the start
+    in one line."""
+    for raw, said in (
+        ("60", f"{CLIENTS_WINDOW_ENV} must be from 1 to 59 seconds"),
+        ("0", f"{CLIENTS_WINDOW_ENV} must be from 1 to 59 seconds"),
+        ("1.5", f"{CLIENTS_WINDOW_ENV}='1.5' is not a whole number of seconds"),
+    ):
+        refused = make_server(env={CLIENTS_WINDOW_ENV: raw})
+        code, err = refused.run_to_exit()
+        assert code == 1 and said in err and len(err.strip().splitlines()) == 1, err
+    server = make_server(env={CLIENTS_WINDOW_ENV: "15"})
+    server.start()
+    assert clients_seen(server)["window_seconds"] == 15
+    (warned,) = [e for e in server.log_events() if e.get("event") == "test_hook.clients_window"]
+    assert warned["seconds"] == 15 and warned["level"] == "warning", warned
 
 
 def test_sigterm_lets_the_write_in_flight_finish(make_server: MakeServer) -> None:
