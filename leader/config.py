@@ -5,6 +5,7 @@ One table, ``[leader]``; an unknown key or table is an error naming it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,12 +22,34 @@ if TYPE_CHECKING:
     from zoneinfo import ZoneInfo  # loaded by load_zone only (leader.zones)
 
 AGENT_CERT_LIFETIME = 30 * 86400  # seconds; see LeaderConfig.agent_cert_lifetime
+TEST_AGENT_CERT_ENV = "TLSROLL_TEST_AGENT_CERT_SECONDS"
+"""Tests only: seconds an agent's certificate lives in place of ``agent_cert_lifetime``
+(``agent_cert_seconds``: at least ``MIN_TEST_AGENT_CERT``, never longer than the setting), so
+that a test sees an agent certificate renewed, or ended while its agent is off, in seconds:
+the setting's least, a minute, made each such test wait most of a minute (a CI run of 20
+minutes waited some five of them). Not a setting: below a minute an agent renews every few
+seconds, and a node restarted, or a leader, has seconds to be back before a certificate
+ends."""
+MIN_TEST_AGENT_CERT = int(pki.MIN_LIFETIME.total_seconds())  # the shortest leaf pki issues
 SERVER_CERT_LIFETIME = pki.LEAF_VALIDITY_DAYS * 86400  # seconds; under Apple's 398 days
 EXPIRY_CHECK_INTERVAL = 3600  # seconds
 # Seconds: the shortest scope_freeze_lease. The engine renews a node's lease at a third of it,
 # on its 1 s tick, and a renewal is a Freeze call that may be retried (0.2, 0.4, 0.8 s apart):
 # a lease of 2 s, the minimum before, ran out before a late renewal landed.
 MIN_FREEZE_LEASE = 10
+
+
+def agent_cert_seconds(setting: int, environ: Mapping[str, str]) -> int:
+    """How long the leader makes an agent's certificate live: ``setting``
+    (``agent_cert_lifetime``), or the test hook's (``TEST_AGENT_CERT_ENV``) if it holds a whole
+    number of seconds from ``MIN_TEST_AGENT_CERT`` to ``setting``."""
+    try:
+        seconds = int(environ.get(TEST_AGENT_CERT_ENV, ""))
+    except ValueError:
+        return setting
+    return seconds if MIN_TEST_AGENT_CERT <= seconds <= setting else setting
+
+
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
 

@@ -31,7 +31,7 @@ from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
 from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
-from leader.config import LeaderConfig
+from leader.config import LeaderConfig, agent_cert_seconds
 from leader.db import RELEARN_WINDOW, check_store, mark_store
 from leader.engine import Engine, silent_after
 from leader.expiry import ExpiryWatch, own_certificates
@@ -700,7 +700,9 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
         heartbeat_interval=cfg.heartbeat_interval,
         leader_names=names,
         leader_node=cfg.node_name,
-        agent_cert_lifetime=dt.timedelta(seconds=cfg.agent_cert_lifetime),
+        agent_cert_lifetime=dt.timedelta(
+            seconds=agent_cert_seconds(cfg.agent_cert_lifetime, os.environ)
+        ),
     )
 
 

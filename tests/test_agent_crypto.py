@@ -3,10 +3,11 @@ library, and its Python modules) for months: the certificate work of a switch, a
 a revocation list imported it into the agent, where it stayed until the agent restarted. That
 work is now its crypto worker's (``nodeagent.cryptoworker``), a child that is gone once idle.
 
-A real leader and a real agent managing a real reference server, the agent's certificates one
-minute long (the least leader.toml takes: renewed at 18-24 s, and every 18-24 s after, through
-the rollout too, as in tests/test_reenrol_ended.py), its worker's idle time short; the agent's
-memory map is read while it runs, as ``bench.rollout`` reads its RSS."""
+A real leader and a real agent managing a real reference server, the agent's certificates 20 s
+long (``AGENT_CERT``, the leader's test hook ``TLSROLL_TEST_AGENT_CERT_SECONDS`` under the
+minute leader.toml takes: renewed at 6-8 s, and every 6-8 s after, through the rollout too, as
+in tests/test_reenrol_ended.py), its worker's idle time short; the agent's memory map is read
+while it runs, as ``bench.rollout`` reads its RSS."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from leader.config import TEST_AGENT_CERT_ENV
 from tests.cluster import Cluster, child_env, wait_until
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll.defaults import BOOTSTRAP_PORT
+
+# Seconds the agent's certificates live (``leader.config.TEST_AGENT_CERT_ENV``; leader.toml's
+# ``agent_cert_lifetime`` a minute): a renewal is seconds away.
+AGENT_CERT = 20
 
 # The worker's idle time in these agents (seconds): each wait for it to stop is this long, and
 # nothing here needs a worker kept between calls (its ops are stateless).
@@ -117,7 +123,7 @@ def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
     with Cluster(tmp_path / "cluster", loopback()) as cluster:
         cluster.init()
         cluster.write_leader_config({"agent_cert_lifetime": 60})
-        cluster.start_leader()
+        cluster.start_leader({TEST_AGENT_CERT_ENV: str(AGENT_CERT)})
         address = loopback()
         server = RefServer(tmp_path / "server", address)
         server.start()
@@ -130,7 +136,7 @@ def test_a_renewed_revoked_and_switched_agent_holds_no_cryptography(
                 revoked = cluster.cli("ca", "revoke", "--unknown", "5eec")
                 assert revoked.returncode == 0, revoked.stderr
                 wait_until(lambda: said(log, "crl.updated"), 60, "the agent takes the list")
-                # ... and a renewal, at 30-40 % of the certificate's minute.
+                # ... and a renewal, at 30-40 % of the certificate's life.
                 wait_until(lambda: said(log, "agent.certificate_renewed"), 90, "the agent renews")
                 wait_until(lambda: not workers_of(agent.pid), 60, "the worker stops when idle")
                 assert not holds_cryptography(agent.pid), "the renewal or the list loaded it"

@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from leader import ca_renewal
+from leader.config import TEST_AGENT_CERT_ENV
 from leader.expiry import held_at, renewals_to
 from leader.layout import Layout, read_passphrase, write_leader_cert
 from leader.schema_store import SchemaStore
@@ -57,6 +58,9 @@ from tlsroll.errors import PKIError, TerminalError
 
 DAY = dt.timedelta(days=1)
 LONG = 120.0
+# Seconds an agent's certificate lives where a test watches it renew (the leader's test hook,
+# ``leader.config.TEST_AGENT_CERT_ENV``).
+AGENT_CERT = 30
 
 
 def same_key(
@@ -126,9 +130,10 @@ def test_a_ca_near_its_end_is_renewed_with_its_key_and_reaches_agents_and_server
         cluster.init("--node-name", "node1")
         old = ending_in(cluster, 20)
         key_before = cluster.ca_key_path.read_bytes()
-        # Agents renew every 18-24 s (30-40 % of a minute): the test sees them take the CA.
+        # Agents renew every 9-12 s (30-40 % of ``AGENT_CERT``; the setting a minute, the least
+        # it takes): the test sees them take the CA.
         cluster.write_leader_config({"agent_cert_lifetime": 60})
-        cluster.start_leader()
+        cluster.start_leader({TEST_AGENT_CERT_ENV: str(AGENT_CERT)})
         node.start()
         cluster.wait_for_nodes_online(["node1"])
         pw = password_file(tmp_path, "pw", "renewal-password-for-the-practice")
@@ -219,8 +224,14 @@ def test_a_ca_near_its_end_is_renewed_with_its_key_and_reaches_agents_and_server
         after = served(node)
         assert after != before and after.not_valid_after_utc > old.not_valid_after_utc + DAY
 
-        # Nothing is warned about any more.
-        code, certs = expiration(cluster)
+        # Nothing is warned about any more (an agent's certificate may be for a few seconds of
+        # a busy machine, its renewal late past half of its ``AGENT_CERT``: looked at again).
+        checks = [expiration(cluster)]
+        deadline = time.monotonic() + 30
+        while checks[-1][0] != 0 and time.monotonic() < deadline:
+            time.sleep(1)
+            checks.append(expiration(cluster))
+        code, certs = checks[-1]
         assert code == 0, {k: c for k, c in certs.items() if c.get("warning")}
         assert certs["ca"]["not_after"].startswith(f"{new.not_valid_after_utc:%Y-%m-%d}")
 

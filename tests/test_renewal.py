@@ -2,26 +2,31 @@
 
 The pure parts (the jittered schedule, the retry decision, finishing a renewal a crash cut
 short) run with an injected clock and draw. The rest is one real cluster (leader and agents as
-processes, real mutual TLS) whose agent certificates live ``LIFETIME`` seconds
-(``agent_cert_lifetime`` in leader.toml), so that renewals happen while the test watches:
+processes, real mutual TLS) whose agent certificates live ``LIFETIME`` seconds (the leader's
+test hook ``TLSROLL_TEST_AGENT_CERT_SECONDS``, under ``agent_cert_lifetime`` in leader.toml, a
+minute, the least it takes), so that renewals happen while the test watches:
 
-* node2 is stopped at once and started again past 90 % of its certificate's life: it renews at
-  start;
-* node3 is stopped at once and started again after its certificate ended: one line saying how
-  to enrol it again, and the expiry watch reports it (exit code, schema, one log line);
 * node4's renewal is cut short after the leader signed (the answer never reached the agent)
   and before the agent had its certificate: it finishes the renewal at its next start;
+* node2 is stopped at once and started again past its renewal window (at half of its
+  certificate's life): it renews at start (that it still does with under a tenth of the life
+  left, where it was started when agents renewed at 70-90 %, is the renewer's decision:
+  ``test_next_step_waits_renews_backs_off_and_gives_up_at_the_end``);
+* node3 is stopped at once and started again after its certificate ended: one line saying how
+  to enrol it again, and the expiry watch reports it (exit code, schema, one log line);
 * node1, enrolled last, runs throughout: it renews at 30-40 % of its life, keeps answering a
   command stream on a connection opened before, the leader reaches it by its new key (through
   ``AgentPool``), and its heartbeats go on with the new certificate.
 
-The test lasts as long as node3's certificate lives. ``LIFETIME`` is no shorter because of a
-busy machine (a load of 10 on two cores): an agent then took up to 8 s from its start to its
-renewal, and node2 has 9 % of the life for that; four agents took 30 s to enrol, and node2
-and node3 must not be past half of their life (warned about) at the first check. node1 is
-enrolled once the others are set up, so that its renewal point (36-48 s on) leaves the set-up
-of its stream room, and what is checked of its new certificate is checked right after its
-renewal, the next one as far away.
+The test lasts as long as node3's certificate lives. What a busy machine (a load of 10 on
+two cores) needs room for is kept from it: an agent then took up to 8 s from its start to its
+renewal, and node2 is restarted at half of its life (later if node1's part runs late: still
+12 s left at 70 %); four agents took 30 s to enrol, and node2 and node3 must not be past half
+of their life (warned about) at the first check, so they are enrolled after node4's renewal,
+right before node1, and the check runs on node1's stream; node1's renewal point (12-16 s on)
+leaves the set-up of its stream room, and what is checked of its new certificate is checked
+right after its renewal, the next one as far away. (Their certificates lived 120 s, node2
+restarted at 91 % of it, which left node2 10.8 s and the test two minutes.)
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,7 @@ import structlog.testing
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from leader.agent_client import AgentPool
+from leader.config import TEST_AGENT_CERT_ENV
 from leader.store import Node, _node
 from nodeagent import renewal
 from nodeagent import runtime as agent_runtime
@@ -58,9 +64,11 @@ from nodeagent.renewal import (
 )
 from tests.cluster import (
     LEADER_POLL,
+    READY_TIMEOUT,
     AdminTokenCluster,
     Agent,
     Cluster,
+    Daemon,
     csr_pem,
     one_line_error,
     wait_until,
@@ -71,7 +79,9 @@ from tlsroll import pki, spiffe
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
-LIFETIME = 120  # seconds: renewal at 36-48 s; node2's start has 10.8 s (see the docstring)
+LIFETIME = 40  # seconds: renewal at 12-16 s; node3 ends 40 s in (see the docstring)
+NODE2_RESTART = 0.5  # of node2's life: past its renewal window (RENEW_TO), 20 s still left
+MINUTE = 60  # seconds: agent_cert_lifetime, the least leader.toml takes
 CHECK_EVERY = 1  # seconds: the expiry watch's interval (``expiry_check_interval``)
 WARNED = {"certificate.expiring", "certificate.expired"}  # the leader's log, once a day each
 UTC = dt.UTC
@@ -172,12 +182,29 @@ def test_next_step_waits_renews_backs_off_and_gives_up_at_the_end() -> None:
     capped = next_step(near_end, due, end, failures=30, last_failure=near_end)
     assert capped.seconds <= 30
     assert next_step(end, due, end).expired
+    # started again past 90 % of the life, its renewal point long past: it renews, not ends
+    # (the cluster below restarts node2 at half of its life, which lives 40 s there)
+    assert next_step(T0 + (end - T0) * 0.91, due, end).renew
     # held after a renewal (elapsed seconds): due by the clock, it waits for the hold
     held = next_step(due, due, end, hold=5.0)
     assert not held.renew and 0 < held.seconds <= 5.0
     assert next_step(due, due, end, hold=0.0).renew
     assert next_step(T0, due, end, hold=5.0).seconds == early.seconds  # due later anyway
     assert next_step(end + dt.timedelta(days=1), due, end, failures=3, last_failure=end).expired
+
+
+def test_the_test_only_agent_certificate_life_only_shortens_the_setting() -> None:
+    """``TEST_AGENT_CERT_ENV`` makes a test leader's agent certificates live seconds (see
+    tests/test_reenrol_ended.py); anything but a whole number from ``MIN_TEST_AGENT_CERT`` to
+    the setting leaves ``agent_cert_lifetime`` as it is: it never lengthens a life."""
+    from leader.config import MIN_TEST_AGENT_CERT, TEST_AGENT_CERT_ENV, agent_cert_seconds
+
+    assert agent_cert_seconds(60, {}) == 60
+    assert agent_cert_seconds(60, {TEST_AGENT_CERT_ENV: "30"}) == 30
+    assert agent_cert_seconds(60, {TEST_AGENT_CERT_ENV: str(MIN_TEST_AGENT_CERT)}) == 10
+    assert agent_cert_seconds(60, {TEST_AGENT_CERT_ENV: "60"}) == 60
+    for bad in ("", "soon", "0", "-30", "9", "61", "86400", "2.5", "nan", "inf"):
+        assert agent_cert_seconds(60, {TEST_AGENT_CERT_ENV: bad}) == 60, bad
 
 
 # --- files of a renewal cut short ---------------------------------------------------------------
@@ -587,13 +614,21 @@ async def _until(what: Callable[[], object], why: str) -> None:
 # --- a real cluster -----------------------------------------------------------------------------
 
 
+class ShortLived(AdminTokenCluster):
+    """The module's cluster: its leader, each time it starts, makes agent certificates that
+    live ``LIFETIME`` seconds (``TEST_AGENT_CERT_ENV``)."""
+
+    def start_leader(
+        self, env: Mapping[str, str] | None = None, timeout: float = READY_TIMEOUT
+    ) -> Daemon:
+        return super().start_leader({TEST_AGENT_CERT_ENV: str(LIFETIME), **(env or {})}, timeout)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with AdminTokenCluster(tmp_path_factory.mktemp("renewal"), next_loopback()) as c:
+    with ShortLived(tmp_path_factory.mktemp("renewal"), next_loopback()) as c:
         c.init()
-        c.write_leader_config(
-            {"agent_cert_lifetime": LIFETIME, "expiry_check_interval": CHECK_EVERY}
-        )
+        c.write_leader_config({"agent_cert_lifetime": MINUTE, "expiry_check_interval": CHECK_EVERY})
         c.start_leader()
         yield c
 
@@ -637,14 +672,9 @@ class RowStore:
 
 @pytest.mark.timeout(360)
 def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
-    node2 = cluster.add_agent("node2", next_loopback())
-    node3 = cluster.add_agent("node3", next_loopback())
-    node4 = cluster.add_agent("node4", next_loopback())
-    cluster.wait_for_nodes_online(["node2", "node3", "node4"])
-    node2.stop()
-    node3.stop()
-
     # node4: the leader signs a renewal whose answer never reaches the agent (it stops first).
+    node4 = cluster.add_agent("node4", next_loopback())
+    cluster.wait_for_nodes_online(["node4"])
     start4 = _row(cluster, "node4")
     node4.stop()
     new_key = pki.generate_key()
@@ -676,20 +706,15 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     assert pki.spki_pin(node4.cert()) == pki.spki_pin(new_key.public_key())
     assert _status(cluster, node4, _row(cluster, "node4")["key_pin"]).node_name == "node4"
 
-    # node1 last: its renewal point (30-40 % of its life) comes after what is set up here.
+    # node2 and node3 enrolled and stopped at once; node1 last: its renewal point (30-40 % of
+    # its life) comes after what is set up here.
+    node2 = cluster.add_agent("node2", next_loopback())
+    node3 = cluster.add_agent("node3", next_loopback())
+    cluster.wait_for_nodes_online(["node2", "node3"])
+    node2.stop()
+    node3.stop()
     node1 = cluster.add_agent("node1", next_loopback())
     cluster.wait_for_nodes_online(["node1", "node4"])
-
-    # Before anything is near its end: every certificate listed, exit 0.
-    check = cluster.cli("certs", "check-expiration", "--json")
-    assert check.returncode == 0, check.stderr
-    report = json.loads(check.stdout)
-    kinds = {(c["kind"], c.get("subject", "")) for c in report["certificates"]}
-    assert {("ca", ""), ("leader", ""), ("viewer", "")} <= kinds
-    assert {("agent", f"node{i}") for i in range(1, 5)} <= kinds
-    assert not report.get("warning", False)
-    text = cluster.cli("certs", "check-expiration")
-    assert text.returncode == 0 and "node1" in text.stdout and "ok" in text.stdout
 
     # node1: a command stream on a connection opened before the renewal, until after it.
     start1 = _row(cluster, "node1")
@@ -726,6 +751,18 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
             == "node1"
         )
 
+        # Before anything is near its end: every certificate listed, exit 0 (checked with
+        # node1's stream running: the check's two commands take none of its room).
+        check = cluster.cli("certs", "check-expiration", "--json")
+        assert check.returncode == 0, check.stderr
+        report = json.loads(check.stdout)
+        kinds = {(c["kind"], c.get("subject", "")) for c in report["certificates"]}
+        assert {("ca", ""), ("leader", ""), ("viewer", "")} <= kinds
+        assert {("agent", f"node{i}") for i in range(1, 5)} <= kinds
+        assert not report.get("warning", False)
+        text = cluster.cli("certs", "check-expiration")
+        assert text.returncode == 0 and "node1" in text.stdout and "ok" in text.stdout
+
         # node1 renews at its jittered point.
         life1 = cert1.not_valid_after_utc - _issued(cert1)
         wait_until(
@@ -743,7 +780,12 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
             15,
             "node1 heartbeats with its new certificate",
         )
-        time.sleep(3)  # a few more commands on the old connection
+        more = answered[0] + 3
+        wait_until(  # a few more commands on the old connection
+            lambda: answered[0] >= more or bool(stream_errors),
+            15,
+            "three more commands answered on the connection opened before the renewal",
+        )
         done.set()
         streamer.join(10)
         after = loop.run_until_complete(pool.get("node1"))
@@ -773,15 +815,16 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     listed = json.loads(cluster.cli("nodes", "--json").stdout)
     (n1,) = [n for n in listed if n["name"] == "node1"]
     # (the one on record: node1 may have renewed again meanwhile on a loaded machine, its
-    # certificate living two minutes here)
+    # certificate living 40 s here)
     on_record = {row1["cert_serial"], _row(cluster, "node1")["cert_serial"]}
     assert n1["cert_serial"] in on_record and "cert_renewed_at" in n1
     assert "renewal_due_at" in n1 and "renewal_failing_since" not in n1
 
-    # node2: restart past 90 % of its life: due, so it renews at start.
+    # node2: restart past its renewal window (and past half of its life, where the leader
+    # warns): due, so it renews at start.
     cert2 = node2.cert()
     life2 = cert2.not_valid_after_utc - _issued(cert2)
-    _sleep_until(_issued(cert2) + life2 * 0.91)
+    _sleep_until(_issued(cert2) + life2 * NODE2_RESTART)
     serial2 = _row(cluster, "node2")["cert_serial"]
     node2.start()
     wait_until(

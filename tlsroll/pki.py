@@ -48,7 +48,9 @@ utcnow = _names.utcnow
 
 LEAF_VALIDITY_DAYS = 397  # under Apple's 398 (public CAs) and 825 (private CAs)
 CA_VALIDITY_DAYS = 3650
-MIN_LIFETIME = dt.timedelta(minutes=1)  # the shortest leaf (tests of renewal use it)
+# The shortest leaf: a test leader's agent certificate (``leader.config.TEST_AGENT_CERT_ENV``);
+# a setting takes a minute at least (``agent_cert_lifetime``, ``server_cert_lifetime``).
+MIN_LIFETIME = dt.timedelta(seconds=10)
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -703,8 +705,8 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """Issue a leaf certificate for ``public_key`` carrying exactly ``names``, and with
         ``identity`` its cluster identity (URI SAN) and ``internal_dns`` its names under
-        ``.invalid`` (see ``tlsroll.spiffe``). ``lifetime`` (from now; at least a minute, for
-        tests of renewal) replaces ``validity_days``. ``names_apart``: ``names``' addresses
+        ``.invalid`` (see ``tlsroll.spiffe``). ``lifetime`` (from now; at least ``MIN_LIFETIME``,
+        for tests of renewal) replaces ``validity_days``. ``names_apart``: ``names``' addresses
         and DNS names go into ``NAMES_OID``, not the SAN, whose names are then ``internal_dns``
         alone: a certificate no client takes as serving the node's names (an agent's, the
         leader's; it needs ``internal_dns``).
