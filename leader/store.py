@@ -3178,15 +3178,26 @@ def lineage_in(db: sqlite3.Connection, serials: Sequence[str]) -> dict[str, str]
     seen = set(serials)
     found: dict[str, str] = {}
     todo = list(dict.fromkeys(serials))
-    while todo:
-        step: dict[str, str] = {}
-        for parent in todo:
+    while todo:  # (one level of the tree a round: a query each, not one per certificate)
+        listed = json.dumps(todo)
+        step: dict[str, str] = {
+            row["serial"]: row["issued_from"]
             for row in db.execute(
-                "SELECT serial FROM certificates WHERE issued_from = ? ORDER BY seq",
-                (parent,),
-            ):
-                step.setdefault(row["serial"], parent)
-        for pair in _accepted_before(db, todo):
+                "SELECT serial, issued_from FROM certificates"
+                " WHERE issued_from IN (SELECT value FROM json_each(?)) ORDER BY seq",
+                (listed,),
+            )
+        }
+        on_record = [
+            row["cert_serial"]
+            for row in db.execute(
+                "SELECT cert_serial FROM nodes WHERE removed_at IS NULL"
+                " AND prev_cert_fingerprint != ''"
+                " AND cert_serial IN (SELECT value FROM json_each(?))",
+                (listed,),
+            )
+        ]
+        for pair in _accepted_before(db, on_record):
             step.setdefault(pair, "")
         todo = [serial for serial in step if serial not in seen]
         seen.update(todo)
