@@ -19,6 +19,7 @@ import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,7 +247,7 @@ def test_removing_a_node_revokes_what_its_certificates_were_issued_for(store: St
     assert not store.is_revoked(other.serial)
 
 
-def audit(store: Store) -> list[dict[str, object]]:
+def audit(store: Store) -> list[dict[str, Any]]:
     with store.db.read() as db:
         rows = db.execute("SELECT kind, subject, detail FROM audit ORDER BY seq").fetchall()
     return [
