@@ -416,8 +416,10 @@ ALTER TABLE rollouts ADD COLUMN way_back_offered INTEGER;  -- 0, 1; NULL: not kn
 # on whose strength the CA issued it: the one an agent renewed with (``Store.
 # renew_node_certificate``: the one presented, on record or the one before it), or the node
 # certificate a node's bootstrap service asked with for a workstation's
-# (``Store.issue_workstation``). NULL: none, or not known (an enrolment or its replay, which a
-# join token allows; a node re-learned after a restore, whose renewal this store never saw; a
+# (``Store.issue_workstation``), or, for a certificate of a key the node had (an enrolment's
+# replay, a node enrolled again with its key on record), that key's certificate on record.
+# NULL: none, or not known (an enrolment of a new key, which a join token allows; a node
+# re-learned after a restore, whose renewal this store never saw; a
 # rollout's server certificate, which the leader issues of its own accord; a certificate
 # recorded before this migration, or by an older leader). A revocation that ends a key's trust
 # then takes what was issued from it (``leader.store.lineage_in``; review s64 b4 H: a copy of

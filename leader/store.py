@@ -999,7 +999,17 @@ class Store(LeaderStore):
                 ),
             )
             db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
-            _record_node_cert(db, name, cert, now, self.cap_now())
+            # A node enrolled again with its key on record (its certificate ended): the new
+            # certificate is of that key, so a revocation of the one before (the key copied)
+            # takes it too (``lineage_in``).
+            _record_node_cert(
+                db,
+                name,
+                cert,
+                now,
+                self.cap_now(),
+                issued_from=None if existing is None else existing["cert_serial"],
+            )
             superseded = supersede_tokens(db, name, now)
             self._audit(
                 db,
@@ -1071,7 +1081,8 @@ class Store(LeaderStore):
                 name,
             ),
         )
-        _record_node_cert(db, name, cert, now, counted_at)
+        # (Of the same key as the first: a revocation of that one takes it too, ``lineage_in``.)
+        _record_node_cert(db, name, cert, now, counted_at, issued_from=node["cert_serial"])
         self._audit(
             db,
             now,
@@ -3149,14 +3160,16 @@ def lineage_in(db: sqlite3.Connection, serials: Sequence[str]) -> dict[str, str]
     of that key, who may not be its owner. Returns each such serial with the one it was issued
     from ("" for the one before a node's certificate on record: below).
 
-    The rule (review s64 b4 H). Two ways a key brings a certificate to life: a renewal with it
-    (``Store.renew_node_certificate``: the new certificate, for a new key) and a workstation
-    certificate its node's bootstrap service asks for with it (``Store.issue_workstation``);
-    each is recorded with the certificate it was issued from (``issued_from``,
-    ``leader.db._V17``). So, to a fixed point: every certificate issued from one taken, revoked
-    or not (a renewal of a renewal: a chain; one revoked before is passed through, not revoked
-    again), and the one before a node's certificate on record that is taken
-    (``_accepted_before``: the leader still accepts it, and it would renew the node back).
+    The rule (review s64 b4 H). The ways a key brings a certificate to life: a renewal with it
+    (``Store.renew_node_certificate``: the new certificate, for a new key), a workstation
+    certificate its node's bootstrap service asks for with it (``Store.issue_workstation``),
+    and a certificate of the same key (an enrolment's replay, a node enrolled again with its
+    key on record: ``Store.enrol``); each is recorded with the certificate it was issued from
+    (``issued_from``, ``leader.db._V17``). So, to a fixed point: every certificate issued
+    from one taken, revoked or not (a renewal of a renewal: a chain; one revoked before is
+    passed through, not revoked again), and the one before a node's certificate on record
+    that is taken (``_accepted_before``: the leader still accepts it, and it would renew the
+    node back).
 
     For the revocations that end a key's trust: `tlsroll ca revoke` (``Store.revoke``; the
     admin's reason is not parsed: a key revoked is a key not trusted), `tlsroll nodes remove`
@@ -3172,9 +3185,9 @@ def lineage_in(db: sqlite3.Connection, serials: Sequence[str]) -> dict[str, str]
     on a list was revoked by one of the three above, never by a normal renewal: its renewed
     successor is taken rightly, and an honest node's renewal whose predecessor nobody revoked
     is left alone. A certificate with no recorded parent (issued before schema 17, by an older
-    leader, by an enrolment, or re-learned after a restore) is taken by nothing but its own
-    revocation or its node's removal. The pairs map to "" (revoked for the same reason, as
-    before: the one before is the same node's, of the same key's life)."""
+    leader, by an enrolment of a new key, or re-learned after a restore) is taken by nothing
+    but its own revocation or its node's removal. The pairs map to "" (revoked for the same
+    reason, as before: the one before is the same node's, of the same key's life)."""
     seen = set(serials)
     found: dict[str, str] = {}
     todo = list(dict.fromkeys(serials))

@@ -234,6 +234,47 @@ def test_a_replacement_s_revocation_and_a_renewal_take_nothing(store: Store) -> 
     assert store.cut_off_nodes() == {"node2"}
 
 
+def test_a_certificate_of_the_same_key_goes_with_the_one_before(store: Store) -> None:
+    """A node enrolled again with its key on record (its certificate ended while it was off),
+    and a replay of that enrolment (its answer lost): both new certificates are of the key of
+    the first, so `ca revoke` of the first (the key found copied) takes them too, and the
+    node is cut off. Before, the first alone was revoked: the key went on as the node."""
+    c1 = enrol(store, "node1", "127.0.0.9")
+    store.heartbeat("node1", "v", now=NOW, cert_fingerprint=c1.fingerprint)
+    store.add_token(
+        "t-again",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node1",
+        addresses=("127.0.0.9",),
+    )
+    again = {
+        "token_id": "t-again",
+        "secret": SECRET,
+        "name": "node1",
+        "addresses": ("127.0.0.9",),
+        "dns_names": (),
+        "agent_version": "v",
+        "agent_port": 9444,
+        "key_pin": "pin-node1-0",
+        "issue": issuer("pin-node1-0"),
+    }
+    later = NOW + dt.timedelta(minutes=5)
+    c2 = store.enrol(**again, now=later)
+    c3 = store.enrol(**again, now=later + dt.timedelta(minutes=1))  # the replay
+    assert [e["kind"] for e in audit(store)][-2:] == ["node.enrolled", "node.enrolment_replayed"]
+    assert set(store.revoke(c1.serial, reason="", now=later, actor="admin")) == {
+        c1.serial,
+        c2.serial,
+        c3.serial,
+    }
+    assert store.cut_off_nodes() == {"node1"}
+
+
 def test_removing_a_node_revokes_what_its_certificates_were_issued_for(store: Store) -> None:
     """`nodes remove` revokes every certificate of the node, as before (what was issued from
     them is the node's too), and nothing of another node."""
