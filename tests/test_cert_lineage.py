@@ -252,7 +252,7 @@ def test_a_certificate_of_the_same_key_goes_with_the_one_before(store: Store) ->
         node_name="node1",
         addresses=("127.0.0.9",),
     )
-    again = {
+    again: dict[str, Any] = {
         "token_id": "t-again",
         "secret": SECRET,
         "name": "node1",
