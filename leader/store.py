@@ -3235,8 +3235,9 @@ def _record_node_cert(
     issued_from: str | None = None,
 ) -> None:
     """Record node ``name``'s own certificate (an enrolment, its replay, a renewal, a relearn),
-    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``), a
-    renewal's ``issued_from`` the certificate it presented."""
+    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``);
+    ``issued_from``: a renewal's certificate presented, or the one before of the same key (a
+    replay, an enrolment of the key on record), ``leader.db._V17``."""
     _record_cert(
         db,
         cert.serial,
