@@ -412,6 +412,28 @@ _V16 = """
 ALTER TABLE rollouts ADD COLUMN way_back_offered INTEGER;  -- 0, 1; NULL: not known
 """
 
+# Migration 17: each certificate's parent (``issued_from``): the serial (hex) of the certificate
+# on whose strength the CA issued it: the one an agent renewed with (``Store.
+# renew_node_certificate``: the one presented, on record or the one before it), or the node
+# certificate a node's bootstrap service asked with for a workstation's
+# (``Store.issue_workstation``), or, for a certificate of a key the node had (an enrolment's
+# replay, a node enrolled again with its key on record), that key's certificate on record.
+# NULL: none, or not known (an enrolment of a new key, which a join token allows; a node
+# re-learned after a restore, whose renewal this store never saw; a
+# rollout's server certificate, which the leader issues of its own accord; a certificate
+# recorded before this migration, or by an older leader). A revocation that ends a key's trust
+# then takes what was issued from it (``leader.store.lineage_in``; review s64 b4 H: a copy of
+# an agent key revoked after a backup renewed at the restored leader before the agents' lists
+# were learned, and the renewed certificate outlived the learning). No row written (an older
+# leader may ignore it: ``IGNORABLE``): the certificates such a leader issues have none, and
+# revoking theirs revokes only what it did before. The index is partial (most certificates,
+# the servers', have none) and on the plain column, which an older leader's writes keep.
+_V17 = """
+ALTER TABLE certificates ADD COLUMN issued_from TEXT;  -- serial (hex); NULL: none, not known
+CREATE INDEX certificates_issued_from ON certificates (issued_from)
+ WHERE issued_from IS NOT NULL;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -429,6 +451,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V14,  # the nodes a retry or way back left out, removed since
     _V15,  # a node's certificates keep its names apart from the SAN
     _V16,  # whether a rollout's note offers the way back to http
+    _V17,  # each certificate's parent: what it was issued on the strength of
 )
 
 
@@ -449,7 +472,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16})
+IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
@@ -459,7 +482,9 @@ builds that read it. 13: an index of the audit, which SQLite keeps up to date as
 writes the audit. 14: a column of the rollouts, NULL unless a retry or way back left out nodes
 removed since; a rollout an older leader creates has none. 15: a column of the nodes with a
 default, which an older leader leaves as it is (it issues certificates as it did). 16: a column
-of the rollouts, NULL (not known) where an older leader wrote the rollout or left it."""
+of the rollouts, NULL (not known) where an older leader wrote the rollout or left it. 17: a
+column of the certificates, NULL (not known) on those an older leader records, and its index
+(partial, on the plain column), which SQLite keeps as that leader writes."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote

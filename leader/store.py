@@ -18,7 +18,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
@@ -999,7 +999,17 @@ class Store(LeaderStore):
                 ),
             )
             db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
-            _record_node_cert(db, name, cert, now, self.cap_now())
+            # A node enrolled again with its key on record (its certificate ended): the new
+            # certificate is of that key, so a revocation of the one before (the key copied)
+            # takes it too (``lineage_in``).
+            _record_node_cert(
+                db,
+                name,
+                cert,
+                now,
+                self.cap_now(),
+                issued_from=None if existing is None else existing["cert_serial"],
+            )
             superseded = supersede_tokens(db, name, now)
             self._audit(
                 db,
@@ -1071,7 +1081,8 @@ class Store(LeaderStore):
                 name,
             ),
         )
-        _record_node_cert(db, name, cert, now, counted_at)
+        # (Of the same key as the first: a revocation of that one takes it too, ``lineage_in``.)
+        _record_node_cert(db, name, cert, now, counted_at, issued_from=node["cert_serial"])
         self._audit(
             db,
             now,
@@ -1625,9 +1636,12 @@ class Store(LeaderStore):
         that committed after the handler's own check is seen). ``issue`` signs, inside the
         transaction. The old certificate is not revoked: the leader accepts it no more once
         the agent has used the new one, and it dials the agent by the new key (see
-        ``leader.agent_client``). ``issue`` is told whether to keep the node's names apart
-        from the SAN (``pki.NAMES_OID``): if ``names_apart`` (the caller asks, or presents such
-        a certificate) or if a renewal of the node did so before (``leader.db._V15``: never
+        ``leader.agent_client``). The new one is recorded as issued from the one presented
+        (``issued_from``): a revocation of that one, or of one it was issued from, takes it
+        too (``lineage_in``), whenever it comes (a list learned after a restore, say).
+        ``issue`` is told whether to keep the node's names apart from the SAN
+        (``pki.NAMES_OID``): if ``names_apart`` (the caller asks, or presents such a
+        certificate) or if a renewal of the node did so before (``leader.db._V15``: never
         back; a node enrolled since has no certificate of the other kind to present)."""
         with self._nodes_write(), self._db.tx() as db:
             row = check_caller_in(db, name, presented, presented_serial)
@@ -1653,7 +1667,7 @@ class Store(LeaderStore):
                     name,
                 ),
             )
-            _record_node_cert(db, name, cert, now, counted_at)
+            _record_node_cert(db, name, cert, now, counted_at, issued_from=presented_serial)
             self._audit(
                 db,
                 now,
@@ -1755,6 +1769,10 @@ class Store(LeaderStore):
                     dt.datetime.fromisoformat(row["cert_not_after"]),
                 )
                 serials.append(row["cert_serial"])
+            # (What was issued from them is the node's too, recorded for it: ``lineage_in``
+            # finds nothing more today; the rule is the same for every revocation that ends a
+            # key's trust.)
+            serials += lineage_in(db, serials)
             db.executemany(
                 "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
                 [(to_text(now), NODE_REMOVED, s) for s in serials],
@@ -1820,7 +1838,12 @@ class Store(LeaderStore):
         of the certificate whose key signed the new one, is that certificate (the same PC
         enrolling again, at any node); or ``replace`` and the name is this node's (a new PC for
         an old one). Anything else is refused (NameTaken): two PCs of the same host name no
-        longer take the name from each other in turn (audit s39ws M2)."""
+        longer take the name from each other in turn (audit s39ws M2).
+
+        It is recorded as issued from the node's certificate presented (``issued_from``), on
+        whose strength it was signed: a revocation of that one takes it too (``lineage_in``).
+        Not from the certificate it supersedes: that one's revocation is the re-enrolment's
+        own, and must not take the new one."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
             counted_at = self.cap_now()
@@ -1869,6 +1892,7 @@ class Store(LeaderStore):
                 cert.issued_at,
                 cert.not_after,
                 counted_at=counted_at,
+                issued_from=presented_serial,
             )
             self._audit(
                 db,
@@ -2010,7 +2034,12 @@ class Store(LeaderStore):
         certificate this CA issued that the store does not know (a store rebuilt by
         ``--reinitialise``). A serial no certificate of this CA can have (0, or 2**159 and
         above: ``SERIAL_LIMIT``) is always refused: it could not go into the revocation list
-        (audit s34 H1)."""
+        (audit s34 H1).
+
+        Every certificate issued on the strength of one revoked here is revoked with it, and so
+        on down (``lineage_in``: a node certificate's renewals and the workstation certificates
+        its node asked for with it; the one before a node's certificate on record), each named
+        in the answer; their reason says which one they were issued from."""
         key = name_or_serial.strip().lower()
         with self._db.tx() as db:
             if key.startswith("ws-"):
@@ -2075,17 +2104,20 @@ class Store(LeaderStore):
                             (to_text(now), serial),
                         )
                     ]
-                # A node's agent certificate on record: the one before it, which the leader
-                # still accepts right after a renewal, goes with it (else it renewed the
-                # node back into a fresh, unrevoked certificate: review s48 lost machine).
-                serials += _accepted_before(db, serials)
             else:
                 raise Malformed(
                     f"{shown(name_or_serial)} is neither a workstation name (ws-…) nor a serial"
                 )
             if not serials:
                 raise NotFound(f"no unrevoked certificate matches {shown(name_or_serial)}")
-            _revoke_in(db, serials, reason or "revoked by the admin", now)
+            # What was issued on the strength of them goes with them (``lineage_in``): a
+            # node's agent certificate's renewals and the workstation certificates its node
+            # asked for with it, and, of one on record, the one before it, which the leader
+            # still accepts right after a renewal (else it renewed the node back into a fresh,
+            # unrevoked certificate: review s48 lost machine).
+            lineage = lineage_in(db, serials)
+            serials += lineage
+            _revoke_in(db, serials, reason or "revoked by the admin", now, lineage=lineage)
             self._audit(db, now, actor, "certificate.revoked", key, serials=serials)
         # A node's agent certificate revoked cuts its agent off: the agent pool reads its
         # nodes again (``nodes_generation``), and dials that agent no more (s50; rare: a
@@ -2365,9 +2397,12 @@ class Store(LeaderStore):
         numbered ``number``, that the agent of ``node`` held and this store does not hold
         (it was restored from a backup made before, or lost: ``leader.service`` checked the
         list's signature). A serial the store has no record of is recorded as an "other"
-        certificate (as ``revoke`` with ``unknown``): one issued after the backup. With each
-        node's agent certificate so revoked, the one the leader accepts from before its
-        renewal (``_accepted_before``). Then the list's number moves on, urgently, as for any
+        certificate (as ``revoke`` with ``unknown``): one issued after the backup. With them,
+        what was issued on their strength (``lineage_in``): a certificate renewed from one of
+        them at this leader before the list was learned (a copy of a key revoked after the
+        backup, quicker than the agents: review s64 b4 H), the workstation certificates its
+        node asked for with it, and the one the leader accepts from before a node's renewal
+        (``_accepted_before``). Then the list's number moves on, urgently, as for any
         revocation: the leader's next list holds them, and goes to every agent. Returns the
         serials revoked now (none: no write). A list is what the CA revoked: nothing in it is
         ever taken back, so an old list sent again adds nothing that was not revoked once."""
@@ -2389,12 +2424,20 @@ class Store(LeaderStore):
                 elif row["revoked_at"]:
                     continue
                 fresh.append(serial)
-            fresh += _accepted_before(db, fresh)
             if not fresh:
                 return []
-            _revoke_in(db, fresh, reason, now)
+            lineage = lineage_in(db, fresh)
+            fresh += lineage
+            _revoke_in(db, fresh, reason, now, lineage=lineage)
             self._audit(
-                db, now, f"node:{node}", "crl.learned", "leader", number=number, serials=fresh
+                db,
+                now,
+                f"node:{node}",
+                "crl.learned",
+                "leader",
+                number=number,
+                serials=fresh,
+                issued_from={s: p for s, p in lineage.items() if p},
             )
         self.nodes_generation += 1
         return fresh
@@ -2936,12 +2979,18 @@ def _revoke_in(
     now: dt.datetime,
     *,
     urgent: bool = True,
+    lineage: Mapping[str, str] | None = None,
 ) -> None:
     """Inside the caller's write: ``serials`` revoked ``now`` for ``reason``, and the
-    revocation list's number moved on (``_bump_crl``)."""
+    revocation list's number moved on (``_bump_crl``). ``lineage`` (``lineage_in``): those
+    among them issued from another one revoked (serial -> that one's), whose reason names it."""
+    taken = lineage or {}
     db.executemany(
         "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-        [(to_text(now), reason, s) for s in serials],
+        [
+            (to_text(now), f"issued from {taken[s]}: {reason}" if taken.get(s) else reason, s)
+            for s in serials
+        ],
     )
     _bump_crl(db, now, urgent=urgent)
 
@@ -3105,6 +3154,70 @@ def _accepted_before(db: sqlite3.Connection, serials: Sequence[str]) -> list[str
     return found
 
 
+def lineage_in(db: sqlite3.Connection, serials: Sequence[str]) -> dict[str, str]:
+    """What a revocation of ``serials`` that ends their keys' trust takes with it, not revoked
+    yet: each one's key is taken for lost, so what was issued on its strength is the holder's
+    of that key, who may not be its owner. Returns each such serial with the one it was issued
+    from ("" for the one before a node's certificate on record: below).
+
+    The rule (review s64 b4 H). The ways a key brings a certificate to life: a renewal with it
+    (``Store.renew_node_certificate``: the new certificate, for a new key), a workstation
+    certificate its node's bootstrap service asks for with it (``Store.issue_workstation``),
+    and a certificate of the same key (an enrolment's replay, a node enrolled again with its
+    key on record: ``Store.enrol``); each is recorded with the certificate it was issued from
+    (``issued_from``, ``leader.db._V17``). So, to a fixed point: every certificate issued
+    from one taken, revoked or not (a renewal of a renewal: a chain; one revoked before is
+    passed through, not revoked again), and the one before a node's certificate on record
+    that is taken (``_accepted_before``: the leader still accepts it, and it would renew the
+    node back).
+
+    For the revocations that end a key's trust: `tlsroll ca revoke` (``Store.revoke``; the
+    admin's reason is not parsed: a key revoked is a key not trusted), `tlsroll nodes remove`
+    (``Store.remove_node``: everything of the node anyway) and a list learned after a restore
+    or a lost store (``Store.learn_revoked``: the CA revoked the serial, whatever the reason,
+    and a certificate renewed from it at the restored leader before the list was learned was
+    issued to whoever held a revoked key). Not for those that record a replacement: a server
+    certificate "superseded" by the node's next one or "never delivered", a workstation's
+    "superseded" by its PC's re-enrolment or withdrawn (nothing is issued from those kinds; a
+    re-enrolment's new certificate is recorded as issued from the node's certificate, not the
+    one it supersedes), nor the leader's own (a restore's: nothing is issued from them). A
+    node's renewal revokes nothing (the old certificate ends on its own), so a node certificate
+    on a list was revoked by one of the three above, never by a normal renewal: its renewed
+    successor is taken rightly, and an honest node's renewal whose predecessor nobody revoked
+    is left alone. A certificate with no recorded parent (issued before schema 17, by an older
+    leader, by an enrolment of a new key, or re-learned after a restore) is taken by nothing
+    but its own revocation or its node's removal. The pairs map to "" (revoked for the same
+    reason, as before: the one before is the same node's, of the same key's life)."""
+    seen = set(serials)
+    found: dict[str, str] = {}
+    todo = list(dict.fromkeys(serials))
+    while todo:  # (one level of the tree a round: a query each, not one per certificate)
+        listed = json.dumps(todo)
+        step: dict[str, str] = {
+            row["serial"]: row["issued_from"]
+            for row in db.execute(
+                "SELECT serial, issued_from FROM certificates"
+                " WHERE issued_from IN (SELECT value FROM json_each(?)) ORDER BY seq",
+                (listed,),
+            )
+        }
+        on_record = [
+            row["cert_serial"]
+            for row in db.execute(
+                "SELECT cert_serial FROM nodes WHERE removed_at IS NULL"
+                " AND prev_cert_fingerprint != ''"
+                " AND cert_serial IN (SELECT value FROM json_each(?))",
+                (listed,),
+            )
+        ]
+        for pair in _accepted_before(db, on_record):
+            step.setdefault(pair, "")
+        todo = [serial for serial in step if serial not in seen]
+        seen.update(todo)
+        found.update((serial, step[serial]) for serial in todo if not _revoked(db, serial))
+    return found
+
+
 def _apart(db: sqlite3.Connection, name: str, names_apart: bool) -> None:
     """Node ``name``'s certificate (re-learned) keeps its names apart: its renewals will too
     (``leader.db._V15``; never unset here)."""
@@ -3118,9 +3231,13 @@ def _record_node_cert(
     cert: NodeCert,
     now: dt.datetime,
     counted_at: dt.datetime | None,
+    *,
+    issued_from: str | None = None,
 ) -> None:
     """Record node ``name``'s own certificate (an enrolment, its replay, a renewal, a relearn),
-    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``)."""
+    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``);
+    ``issued_from``: a renewal's certificate presented, or the one before of the same key (a
+    replay, an enrolment of the key on record), ``leader.db._V17``."""
     _record_cert(
         db,
         cert.serial,
@@ -3131,6 +3248,7 @@ def _record_node_cert(
         now,
         cert.not_after,
         counted_at=counted_at,
+        issued_from=issued_from,
     )
 
 
@@ -3146,13 +3264,17 @@ def _record_cert(
     *,
     counted_at: dt.datetime | None = None,
     rollout_id: str = "",
+    issued_from: str | None = None,
 ) -> None:
     """Record a certificate (once: one on record already stays as it is), next in record
     order (``seq``). ``counted_at``: when the hourly caps count it issued (``Store.cap_now``;
-    None: they never do: a kind no cap counts, or one recorded after the fact)."""
+    None: they never do: a kind no cap counts, or one recorded after the fact).
+    ``issued_from``: the serial (hex) of the certificate it was issued on the strength of
+    (``leader.db._V17``, ``lineage_in``); None: none, or not known."""
     db.execute(
         "INSERT OR IGNORE INTO certificates (serial, kind, subject, node, fingerprint,"
-        " issued_at, not_after, counted_at, rollout_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " issued_at, not_after, counted_at, rollout_id, issued_from)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             serial,
             kind,
@@ -3163,6 +3285,7 @@ def _record_cert(
             to_text(not_after),
             to_text(counted_at),
             rollout_id,
+            None if issued_from is None else issued_from.lower().lstrip("0") or "0",
         ),
     )
 

@@ -30,6 +30,7 @@ from tests.cluster import (
     Cluster,
     child_env,
     command,
+    csr_pem,
     enrol,
     enrol_request,
     metrics_token_file,
@@ -38,7 +39,7 @@ from tests.cluster import (
     wait_until,
 )
 from tests.conftest import next_loopback
-from tlsroll import features, pki, spiffe
+from tlsroll import bootstrap_protocol, features, pki, spiffe
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 BACKUP_TIMEOUT = 60
@@ -495,10 +496,13 @@ CURRENT = len(MIGRATIONS)
 def set_back_to_schema_12(dest: Path) -> None:
     """The backup as the leader of store schema 12 made it: migration 13 only adds the audit's
     index of re-learnings and records the floor that may read the file (``schema_floor``),
-    migration 14 a column of the rollouts, 15 one of the nodes, 16 another of the rollouts;
-    all go, the schema is set back, the manifest says so."""
+    migration 14 a column of the rollouts, 15 one of the nodes, 16 another of the rollouts,
+    17 one of the certificates with its index; all go, the schema is set back, the manifest
+    says so."""
     store = dest / "leader.sqlite3"
     with contextlib.closing(sqlite3.connect(store, isolation_level=None)) as db:
+        db.execute("DROP INDEX certificates_issued_from")
+        db.execute("ALTER TABLE certificates DROP COLUMN issued_from")
         db.execute("ALTER TABLE rollouts DROP COLUMN way_back_offered")
         db.execute("ALTER TABLE rollouts DROP COLUMN removed_since")
         db.execute("ALTER TABLE nodes DROP COLUMN names_apart")
@@ -772,3 +776,75 @@ def test_an_older_agent_whose_list_the_restored_leader_cannot_learn_is_named(
         assert agent_status(n1, c.ca_pem, copied_chain, copied_key) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
+
+
+@pytest.mark.timeout(300)
+def test_a_copied_agent_key_revoked_after_the_backup_that_renews_first_is_cut_off_by_the_learning(
+    tmp_path: Path,
+) -> None:
+    """Review s64 b4 (H): n2's machine is lost after the backup (its key copied) and its
+    certificate revoked (`ca revoke`). The leader is restored; before any agent's list is
+    learned (n1, the one agent left, is off for a moment: a reboot), the copy renews with n2's
+    revoked certificate, which the restored store does not know for revoked, and asks for a
+    workstation certificate with it. Once n1 is back, its list is learned, and with the listed
+    serial go the certificate renewed from it and the workstation's (``Store.learn_revoked``,
+    ``lineage_in``): the renewed one's next call is refused, and the lists the agents get hold
+    both. Before, the renewed certificate outlived the learning: the copy was node n2 for
+    good."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        n1 = c.add_agent("n1", next_loopback())
+        n2 = c.add_agent("n2", next_loopback())
+        c.wait_for_nodes_online(["n1", "n2"])
+        dest = tmp_path / "backup"
+        made = backup(c, dest)
+        assert made.returncode == 0, made.stderr
+        passphrase = c.passphrase_path.read_bytes()
+        stolen_chain, stolen_key = n2.cert_file.read_bytes(), n2.key_file.read_bytes()
+        stolen = f"{n2.cert().serial_number:x}"
+        n2.stop()  # the machine is gone, its key copied
+        revoked = c.cli("ca", "revoke", stolen, "--reason", "machine stolen")
+        assert revoked.returncode == 0, (revoked.stdout, revoked.stderr)
+        wait_until(lambda: int(stolen, 16) in crl_held(n1, c.ca_pem)[1], 30, "n1 holds it")
+        n1.stop()
+
+        restore(c, dest, passphrase)
+        c.start_leader()
+
+        # The copy, first: its revoked certificate renews, and signs a workstation's.
+        new_key = pki.generate_key()
+        ws_key = pki.generate_key()
+        ws_csr = pki.make_csr(ws_key, bootstrap_protocol.workstation_names("ws-dieb"))
+        with secure_channel(c.control_target, c.ca_pem, stolen_chain, stolen_key) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            renewed = stub.RenewNodeCertificate(
+                leader_pb2.RenewNodeCertificateRequest(
+                    csr_pem=csr_pem(new_key, "n2", [n2.address]), names_apart=True
+                ),
+                timeout=10,
+            )
+            ws_cert = pki.load_cert_pem(
+                stub.SignWorkstationCertificate(
+                    leader_pb2.SignWorkstationRequest(csr_pem=pki.csr_to_pem(ws_csr)), timeout=10
+                ).certificate_pem
+            )
+        fresh = pki.load_cert_pem(renewed.certificate_pem)
+        assert heartbeat_code(c, fresh, new_key, n2.port) == grpc.StatusCode.OK
+        renewed_serial, ws_serial = f"{fresh.serial_number:x}", f"{ws_cert.serial_number:x}"
+
+        n1.start()
+
+        def revoked_in_store() -> dict[str, str]:
+            rows = c.store_table("certificates")
+            return {r["serial"]: r["revoke_reason"] for r in rows if r["revoked_at"]}
+
+        wait_until(lambda: stolen in revoked_in_store(), 60, "n1's list learned")
+        reasons = revoked_in_store()
+        assert reasons[renewed_serial].startswith(f"issued from {stolen}: revoked before the")
+        assert reasons[ws_serial].startswith(f"issued from {stolen}: revoked before the")
+        assert heartbeat_code(c, fresh, new_key, n2.port) == grpc.StatusCode.UNAUTHENTICATED
+        [learned] = [e for e in c.leader.log_events() if e.get("event") == "crl.learned"]
+        assert {stolen, renewed_serial, ws_serial} <= set(learned["serials"]), learned
+        wanted = {int(s, 16) for s in (stolen, renewed_serial, ws_serial)}
+        wait_until(lambda: wanted <= crl_held(n1, c.ca_pem)[1], 30, "n1's list holds all three")

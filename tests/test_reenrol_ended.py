@@ -898,7 +898,8 @@ def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left
     accepts the one before it, which can renew again: revoking the one on record alone would
     leave a stolen machine a way back. The refusal names the one on record, whose revocation
     takes the one before too (review s48rev5 L1: naming both, the second `ca revoke` failed
-    after the first took both); the one before only where it is all that is left."""
+    after the first took both); the one before only where it is all that is left. Revoking
+    the one before takes the one renewed from it (session 65)."""
     from leader.store import NodeCert, Store
 
     t0 = dt.datetime(2026, 11, 1, tzinfo=UTC)
@@ -925,9 +926,15 @@ def test_the_serials_to_revoke_for_a_lost_machine_include_the_one_a_renewal_left
         key_pin="sha256:B", issue=lambda _apart: cert("sha256:B"), now=t0 + dt.timedelta(days=10),
     )  # fmt: skip
     assert store.agent_serials("b") == [renewed.serial]
-    # Revoking the one before alone leaves the one on record (the machine may hold it).
-    assert store.revoke(first.serial, reason="old", now=t0, actor="admin") == [first.serial]
-    assert store.agent_serials("b") == [renewed.serial]
+    # Revoking the one before takes the one on record with it: renewed from it, maybe by
+    # whoever held the revoked key (session 65, review s64 b4 H: ``lineage_in``). Before, it
+    # was left (the machine may hold it), and a copy that renewed first stayed the node.
+    assert store.revoke(first.serial, reason="old", now=t0, actor="admin") == [
+        first.serial,
+        renewed.serial,
+    ]
+    assert store.agent_serials("b") == []
+    assert store.cut_off_nodes() == {"b"}
 
 
 def test_revoking_the_agent_certificate_on_record_revokes_the_one_before_it_too(
