@@ -412,6 +412,19 @@ _V16 = """
 ALTER TABLE rollouts ADD COLUMN way_back_offered INTEGER;  -- 0, 1; NULL: not known
 """
 
+# Migration 17: the key of each node certificate recorded from now on (its SPKI pin, as
+# ``nodes.key_pin``), so that no enrolment takes again a key whose certificate was revoked
+# (review rev-enrol H1, session 65: ``Store._key_refused``; the store kept only the key of each
+# node's row, and after `nodes remove` a new token enrolled the removed node's key again). ''
+# for the other kinds, and for a node certificate recorded before (its key is not known: a
+# certificate is not kept, only its fingerprint) or by an older leader. The index is partial:
+# only node certificates are looked up by their key (a query with ``kind = 'node'`` as a
+# literal). No row written: an older leader may ignore it (``IGNORABLE``).
+_V17 = """
+ALTER TABLE certificates ADD COLUMN key_pin TEXT NOT NULL DEFAULT '';
+CREATE INDEX certificates_key_pin ON certificates (key_pin) WHERE kind = 'node';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -429,6 +442,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V14,  # the nodes a retry or way back left out, removed since
     _V15,  # a node's certificates keep its names apart from the SAN
     _V16,  # whether a rollout's note offers the way back to http
+    _V17,  # the key of each node certificate: a revoked one's key never enrols again
 )
 
 
@@ -449,7 +463,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16})
+IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
@@ -459,7 +473,9 @@ builds that read it. 13: an index of the audit, which SQLite keeps up to date as
 writes the audit. 14: a column of the rollouts, NULL unless a retry or way back left out nodes
 removed since; a rollout an older leader creates has none. 15: a column of the nodes with a
 default, which an older leader leaves as it is (it issues certificates as it did). 16: a column
-of the rollouts, NULL (not known) where an older leader wrote the rollout or left it."""
+of the rollouts, NULL (not known) where an older leader wrote the rollout or left it. 17: a
+column of the certificates with a default ('': the key not known, as for every certificate
+recorded before it) and a partial index on it, which SQLite keeps as an older leader writes."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote

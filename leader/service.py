@@ -191,7 +191,8 @@ def twins_problem(node: str) -> str:
         f"two agents use node {node}'s identity (its key on a cloned machine, or a second "
         f"agent started by hand): the leader neither plans nor switches {node} until one of "
         f"them stops; stop the one that is not {node}'s, and if the key may have been copied "
-        f"where it should not be, `tlsroll nodes remove {node}` and enrol it again"
+        f"where it should not be, `tlsroll nodes remove {node}` and enrol it again with a new "
+        f"key (on {node} `mv DATA/node.key DATA/node.key.removed`, then a new token)"
     )
 
 
@@ -219,7 +220,8 @@ def earlier_problem(node: str, serial: str) -> str:
         f"or the agent runs on an old copy of its data dir; the leader cannot tell which agent "
         f"is {node}'s and neither plans nor switches it while such calls go on: `tlsroll nodes "
         f"remove {node}` (it revokes every certificate of {node}, the copy's too) and enrol it "
-        "again"
+        f"again with a new key (on {node} `mv DATA/node.key DATA/node.key.removed`, then a new "
+        "token)"
     )
 
 

@@ -927,7 +927,10 @@ class Store(LeaderStore):
 
         The key of a node whose certificate the admin revoked (``tlsroll ca revoke``) is
         refused by any token: ``nodes remove`` and a new key is the way back (a new key alone
-        is NameTaken while the node is on record).
+        is NameTaken while the node is on record). So is, under any name, a key any revoked
+        node certificate carries, the key of a removed node, and the key of another node on
+        record (``_key_refused``, review rev-enrol H1: a copied key got back in by a new
+        token after ``nodes remove``, or at once by a token for another name).
 
         An enrolment supersedes every token of the node with a use left, its own included
         (``supersede_tokens``): a token made before it never enrols the node again, whatever
@@ -962,9 +965,11 @@ class Store(LeaderStore):
                 # Same key (not NameTaken): whoever holds a copied key and a token with a use
                 # left must not undo `ca revoke` (review 1 of s34, M2).
                 raise TokenRejected(
-                    f"this key's certificate was revoked (tlsroll ca revoke): enrol the node "
-                    f"with a new key, once it is removed: tlsroll nodes remove {name}"
+                    f"this key's certificate was revoked (tlsroll ca revoke): {NEW_KEY}, "
+                    f"once it is removed: tlsroll nodes remove {name}"
                 )
+            if refused := _key_refused(db, name, key_pin):
+                raise TokenRejected(refused)
             _check_free(db, name, addresses, dns_names, reserved())
             if replay and existing is not None:
                 return self._enrol_again(db, existing, agent_version, agent_port, issue, now)
@@ -1753,6 +1758,7 @@ class Store(LeaderStore):
                     row["cert_fingerprint"],
                     from_text(row["enrolled_at"]) or now,
                     dt.datetime.fromisoformat(row["cert_not_after"]),
+                    key_pin=row["key_pin"],
                 )
                 serials.append(row["cert_serial"])
             db.executemany(
@@ -3120,7 +3126,9 @@ def _record_node_cert(
     counted_at: dt.datetime | None,
 ) -> None:
     """Record node ``name``'s own certificate (an enrolment, its replay, a renewal, a relearn),
-    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``)."""
+    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``), with its
+    key's pin: once the certificate is revoked, no enrolment takes that key again
+    (``_key_refused``)."""
     _record_cert(
         db,
         cert.serial,
@@ -3131,6 +3139,7 @@ def _record_node_cert(
         now,
         cert.not_after,
         counted_at=counted_at,
+        key_pin=cert.key_pin,
     )
 
 
@@ -3146,10 +3155,12 @@ def _record_cert(
     *,
     counted_at: dt.datetime | None = None,
     rollout_id: str = "",
+    key_pin: str = "",
 ) -> None:
     """Record a certificate (once: one on record already stays as it is), next in record
     order (``seq``). ``counted_at``: when the hourly caps count it issued (``Store.cap_now``;
-    None: they never do: a kind no cap counts, or one recorded after the fact)."""
+    None: they never do: a kind no cap counts, or one recorded after the fact). ``key_pin``:
+    a node certificate's key (``_record_node_cert``); '' for the other kinds."""
     db.execute(
         "INSERT OR IGNORE INTO certificates (serial, kind, subject, node, fingerprint,"
         " issued_at, not_after, counted_at, rollout_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -3164,6 +3175,16 @@ def _record_cert(
             to_text(counted_at),
             rollout_id,
         ),
+    )
+    if key_pin:
+        _record_key_pin(db, serial, key_pin)
+
+
+def _record_key_pin(db: sqlite3.Connection, serial: str, key_pin: str) -> None:
+    """The key of the node certificate ``serial`` just recorded (schema 17), unless one is on
+    record already (a certificate is recorded once)."""
+    db.execute(
+        "UPDATE certificates SET key_pin = ? WHERE serial = ? AND key_pin = ''", (key_pin, serial)
     )
 
 
@@ -3197,6 +3218,66 @@ def _revoked(db: sqlite3.Connection, serial: str) -> bool:
     """Whether the certificate ``serial`` on record was revoked (one not on record was not)."""
     row = db.execute("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)).fetchone()
     return row is not None and row["revoked_at"] is not None
+
+
+NEW_KEY = "enrol the node with a new key"
+"""What every refusal of a key (``_key_refused``, and the key of a node whose certificate was
+revoked) says; the agent adds the file to move aside (``nodeagent.identity.refused_key_advice``).
+"""
+
+_NEW_KEY_HOW = (
+    f"{NEW_KEY}: on the node move DATA/node.key aside and start its agent again (this refusal "
+    "did not use the join token)"
+)
+
+
+def _key_refused(db: sqlite3.Connection, name: str, key_pin: str) -> str | None:
+    """Why node ``name``'s enrolment with the key of pin ``key_pin`` is refused, one line safe to
+    send to the caller (it holds a join token: the names are no secret to it), or None.
+
+    Refused (review rev-enrol H1: after ``nodes remove`` a new token enrolled the node's old key
+    again, and the copy of it called as the node again; a token for another name enrolled a
+    revoked key at once): the key of a removed node (``nodes remove`` revoked its certificates:
+    the key is taken for copied), any key a revoked node certificate carries (``ca revoke``: a
+    key thought stolen; a renewal revokes nothing, so the key a renewal replaced is not refused
+    for that), and the key of another node on record (a copy of its key enrolled as a second
+    node). A certificate's key is in its row from schema 17 on (``leader.db._V17``); one
+    recorded before has none there, and its key is found only while a node's row holds it. The
+    key of ``name``'s own row on record is ``enrol``'s to judge (the same key again: a replay,
+    or a certificate that ended; its own certificate revoked: refused there)."""
+    row = db.execute(
+        "SELECT name, removed_at FROM nodes WHERE key_pin = ?"
+        " AND (name != ? OR removed_at IS NOT NULL)"
+        " ORDER BY removed_at IS NOT NULL DESC, name LIMIT 1",
+        (key_pin, name),
+    ).fetchone()
+    if row is not None and row["removed_at"] is not None:
+        when = dt.datetime.fromisoformat(row["removed_at"]).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"this key was node {row['name']!r}'s, removed {when} (its certificates revoked): "
+            f"{_NEW_KEY_HOW}"
+        )
+    # (``kind = 'node'`` as a literal: SQLite uses the partial index of schema 17 only so.)
+    revoked = db.execute(
+        "SELECT serial, node FROM certificates WHERE kind = 'node' AND key_pin = ?"
+        " AND revoked_at IS NOT NULL ORDER BY seq LIMIT 1",
+        (key_pin,),
+    ).fetchone()
+    if revoked is None and row is not None:
+        # Another node's certificate on record, revoked, recorded before schema 17.
+        revoked = db.execute(
+            "SELECT c.serial, c.node FROM nodes n JOIN certificates c ON c.serial = n.cert_serial"
+            " WHERE n.name = ? AND c.revoked_at IS NOT NULL",
+            (row["name"],),
+        ).fetchone()
+    if revoked is not None:
+        return (
+            f"a certificate of this key (node {revoked['node']!r}, serial {revoked['serial']}) "
+            f"was revoked: {_NEW_KEY_HOW}"
+        )
+    if row is not None:
+        return f"this key is node {row['name']!r}'s, enrolled (a copy of its key?): {_NEW_KEY_HOW}"
+    return None
 
 
 def _check_free(

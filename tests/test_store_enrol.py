@@ -270,8 +270,9 @@ def test_a_lost_answer_to_a_re_enrolment_of_a_node_that_renewed_is_replayed(stor
 def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store) -> None:
     """The admin revokes a node's certificate (a copied key and token); a token with a use
     left (``--uses 2``, or any other token of the node) must not sign that key again, replay
-    or not: a new key, or `nodes remove` first, is the way back (review 1 of s34, M2). (t2
-    is made after the enrolment: one made before it is superseded by it, refused for that.)"""
+    or not: `nodes remove` and a new key is the way back (review 1 of s34, M2; the revoked key
+    never again, review rev-enrol H1). (t2 is made after the enrolment: one made before it is
+    superseded by it, refused for that.)"""
     first = enrol(store)
     add_t2(store)
     store.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
@@ -281,7 +282,7 @@ def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store)
     assert rows(store) == before
     assert node_row(store)["cert_serial"] == first.serial
     # Another key by that token is the name's other key (NameTaken, as before); once the
-    # admin removed the node, a new token enrols it anew.
+    # admin removed the node, a new token enrols it anew, with a new key only.
     with pytest.raises(NameTaken):
         enrol(store, token_id="t2", key_pin="ANOTHER-KEY", now=NOW + dt.timedelta(minutes=1))
     store.remove_node("node1", now=NOW + dt.timedelta(minutes=2), actor="admin")
@@ -296,7 +297,11 @@ def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store)
         node_name="node1",
         addresses=(ADDRESS,),
     )
-    again = enrol(store, token_id="t3", now=NOW + dt.timedelta(minutes=3))
+    before = rows(store)
+    with pytest.raises(TokenRejected, match="enrol the node with a new key"):
+        enrol(store, token_id="t3", now=NOW + dt.timedelta(minutes=3))
+    assert rows(store) == before
+    again = enrol(store, token_id="t3", key_pin="ANOTHER-KEY", now=NOW + dt.timedelta(minutes=3))
     assert node_row(store)["cert_serial"] == again.serial
 
 
