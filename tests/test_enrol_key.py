@@ -250,3 +250,28 @@ def test_the_removal_s_token_command_names_the_node_s_dns_names(cluster: Cluster
     said = " ".join(_remove(cluster, "node7").stdout.split())
     assert f"tlsroll token create --node node7 --address {address} --dns {dns}," in said, said
 
+
+def test_an_ipv4_address_written_as_ipv6_is_refused_in_one_line(cluster: Cluster) -> None:
+    """Review rev-enrol L1: ``::ffff:a.b.c.d`` (and the old ``::a.b.c.d``) passed the name rules
+    as a name of its own: a token, and a certificate, for the mapped form of an address another
+    node or the leader holds, or of 127.0.0.1. Refused wherever an address is given, saying the
+    IPv4 form to give; nothing is made."""
+    held = next_loopback()
+    enrol(cluster, enrol_request(cluster.create_token("na", held), "na", held))
+    tokens = cluster.store_table("tokens")
+    for address in (f"::ffff:{held}", f"::ffff:{cluster.address}", "::ffff:127.0.0.1", f"::{held}"):
+        made = cluster.cli("token", "create", "--node", "nb", "--address", address)
+        assert made.returncode != 0, made.stdout
+        line = " ".join(made.stderr.split())
+        assert f"'{address}' is the IPv4 address" in line and "written as IPv6" in line, line
+        assert "Traceback" not in made.stderr and made.stderr.count("\n") == 1, made.stderr
+    # An enrolment naming one, by a token for its IPv4 form: refused before the token is used.
+    fresh = next_loopback()
+    token = cluster.create_token("nc", fresh)
+    with pytest.raises(grpc.RpcError) as info:
+        enrol(cluster, enrol_request(token, "nc", f"::ffff:{fresh}"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert f"give it as {fresh}" in (info.value.details() or "")
+    assert len(cluster.store_table("tokens")) == len(tokens) + 1  # only nc's token
+    enrol(cluster, enrol_request(token, "nc", fresh))  # its use was not spent
+
