@@ -536,6 +536,15 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 peer=context.peer(),
             )
             raise
+        except TooMany as exc:
+            # A replay over the node's certificates per hour: the agent is told when to try
+            # again, as by the join guard (``retry-after``; review rev-enrol L3: without it, the
+            # agent took the RESOURCE_EXHAUSTED for gRPC's own, a request too large, and
+            # stopped saying to check its join token).
+            if exc.retry is not None:
+                seconds = max(1, math.ceil(exc.retry.total_seconds()))
+                context.set_trailing_metadata((("retry-after", str(seconds)),))
+            raise
         log.info(
             "enrol.accepted", node=names.common_name, token_id=token.id, addresses=list(names.ips)
         )

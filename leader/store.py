@@ -2964,35 +2964,43 @@ def _check_hourly_certs(
     clock): ``NODE_CERTS_PER_HOUR`` of its own (a renewal, an enrolment's replay),
     ``per_hour`` (default ``WORKSTATION_CERTS_PER_HOUR``) for its workstations (its bootstrap
     service), with when the next may be: once the oldest issue that keeps the count at the
-    cap is an hour old (a PC refused on switch day is told when to try again)."""
+    cap is an hour old (a PC refused on switch day is told when to try again; so is an agent
+    whose enrolment's replay is refused, review rev-enrol L3)."""
     since = to_text(at - dt.timedelta(hours=1))
     (recent,) = db.execute(
         "SELECT COUNT(*) FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?",
         (kind, name, since),
     ).fetchone()
-    if kind == "node" and recent >= NODE_CERTS_PER_HOUR:
+    if kind == "node":
+        cap = NODE_CERTS_PER_HOUR
+    elif kind == "workstation":
+        cap = WORKSTATION_CERTS_PER_HOUR if per_hour is None else per_hour
+    else:
+        return
+    if recent < cap:
+        return
+    # (A cap lowered since may leave more than it in the hour: the next is free once the
+    # count is below it again.)
+    row = db.execute(
+        "SELECT counted_at FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?"
+        " ORDER BY counted_at LIMIT 1 OFFSET ?",
+        (kind, name, since, recent - cap),
+    ).fetchone()
+    retry = None
+    if row is not None:
+        free_at = dt.datetime.fromisoformat(row[0]) + dt.timedelta(hours=1)
+        retry = max(free_at - at, dt.timedelta(seconds=1))
+    if kind == "node":
         raise TooMany(
             f"node {name!r} had {recent} certificates issued in the last hour "
-            f"(at most {NODE_CERTS_PER_HOUR})"
-        )
-    cap = WORKSTATION_CERTS_PER_HOUR if per_hour is None else per_hour
-    if kind == "workstation" and recent >= cap:
-        # (A cap lowered since may leave more than it in the hour: the next is free once the
-        # count is below it again.)
-        row = db.execute(
-            "SELECT counted_at FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?"
-            " ORDER BY counted_at LIMIT 1 OFFSET ?",
-            (kind, name, since, recent - cap),
-        ).fetchone()
-        retry = None
-        if row is not None:
-            free_at = dt.datetime.fromisoformat(row[0]) + dt.timedelta(hours=1)
-            retry = max(free_at - at, dt.timedelta(seconds=1))
-        raise TooMany(
-            f"node {name!r} asked for {recent} workstation certificates in the last hour "
-            f"(at most {cap}: workstation_certs_per_hour in leader.toml)",
+            f"(at most {NODE_CERTS_PER_HOUR})",
             retry,
         )
+    raise TooMany(
+        f"node {name!r} asked for {recent} workstation certificates in the last hour "
+        f"(at most {cap}: workstation_certs_per_hour in leader.toml)",
+        retry,
+    )
 
 
 def crl_time(now: dt.datetime) -> int:

@@ -19,6 +19,7 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -275,3 +276,24 @@ def test_an_ipv4_address_written_as_ipv6_is_refused_in_one_line(cluster: Cluster
     assert len(cluster.store_table("tokens")) == len(tokens) + 1  # only nc's token
     enrol(cluster, enrol_request(token, "nc", fresh))  # its use was not spent
 
+
+def test_a_replay_over_the_hourly_cap_says_when_to_try_again(cluster: Cluster) -> None:
+    """Review rev-enrol L3: an enrolment replayed (its answer lost) past the node's certificates
+    per hour was RESOURCE_EXHAUSTED with no ``retry-after``, which the agent takes for gRPC's
+    own (a request too large: it stopped, saying to check its join token). Now the join port
+    says when the hour's cap frees, as its guard does, and the agent waits that long."""
+    from leader.store import NODE_CERTS_PER_HOUR
+    from nodeagent.identity import LONGEST_TOLD_WAIT, told_wait
+
+    address = next_loopback()
+    request = enrol_request(cluster.create_token("busy", address), "busy", address)
+    for _ in range(NODE_CERTS_PER_HOUR):  # the enrolment, then its replays (never heard from)
+        enrol(cluster, request)
+    with pytest.raises(grpc.RpcError) as info:
+        enrol(cluster, request)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert "certificates issued in the last hour" in (info.value.details() or "")
+    trailers: Any = info.value.trailing_metadata()
+    said = [v for k, v in trailers or () if k == "retry-after"]
+    assert len(said) == 1 and 1 <= int(said[0]) <= 3600, said
+    assert told_wait(trailers) == min(int(said[0]), LONGEST_TOLD_WAIT)
