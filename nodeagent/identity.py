@@ -851,9 +851,8 @@ def refused_key_advice(cfg: AgentConfig, said: str) -> str:
         return revoked_key_advice(cfg)
     key_file = paths(cfg.data_dir)[0]
     return (
-        f"the leader refuses this key for good; to enrol the node with a new key, here `mv "
-        f"{key_file} {key_file}.refused` and start the agent again: it makes a new key and "
-        "enrols it with the same join token (a refusal does not use it)"
+        f"here that is `mv {key_file} {key_file}.refused`, then start the agent again: it makes "
+        "a new key and enrols it with the same join token (the leader refuses this key for good)"
     )
 
 
