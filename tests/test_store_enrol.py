@@ -651,3 +651,43 @@ def test_the_migration_supersedes_the_tokens_made_before_an_enrolment(tmp_path: 
         s.close()
     enrolled = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
     assert superseded == {"t0": enrolled, "t1": None, "tx": enrolled, "t9": None, "t8": None}
+
+
+def test_a_revoked_key_is_found_by_the_index_of_the_certificates_keys(store: Store) -> None:
+    """Review rev-enrol H1: every node certificate is recorded with its key (schema 17), and an
+    enrolment looks a key up among the revoked ones by the partial index on it, never by a scan
+    of the certificates (a server certificate per node per rollout: the table grows)."""
+    first = enrol(store)  # node1, by t1, with PIN
+    store.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
+    with store.db.read() as db:
+        (recorded,) = db.execute("SELECT key_pin FROM certificates WHERE kind = 'node'").fetchall()
+    assert recorded["key_pin"] == PIN
+    store.add_token(
+        "t2",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node2",
+        addresses=("127.0.0.10",),
+    )
+    before = rows(store)
+    other = {"token_id": "t2", "name": "node2", "addresses": ("127.0.0.10",)}
+    with (
+        statements(store) as ran,
+        pytest.raises(
+            TokenRejected,
+            match=rf"^a certificate of this key \(node 'node1', serial {first.serial}\) was"
+            r" revoked: enrol the node with a new key",
+        ),
+    ):
+        enrol(store, now=NOW + dt.timedelta(minutes=1), **other)
+    assert rows(store) == before
+    looked = [sql for sql in ran if "key_pin = " in sql and "FROM certificates" in sql]
+    assert len(looked) == 1, ran
+    with store.db.read() as db:
+        plan = " | ".join(r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {looked[0]}"))
+    assert "USING INDEX certificates_key_pin" in plan, plan
+    enrol(store, key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=1), **other)
