@@ -674,7 +674,7 @@ def test_a_revoked_key_is_found_by_the_index_of_the_certificates_keys(store: Sto
         addresses=("127.0.0.10",),
     )
     before = rows(store)
-    other = {"token_id": "t2", "name": "node2", "addresses": ("127.0.0.10",)}
+    other: dict[str, Any] = {"token_id": "t2", "name": "node2", "addresses": ("127.0.0.10",)}
     with (
         statements(store) as ran,
         pytest.raises(
