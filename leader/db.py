@@ -434,6 +434,19 @@ CREATE INDEX certificates_issued_from ON certificates (issued_from)
  WHERE issued_from IS NOT NULL;
 """
 
+# Migration 18: the key of each node certificate recorded from now on (its SPKI pin, as
+# ``nodes.key_pin``), so that no enrolment takes again a key whose certificate was revoked
+# (review rev-enrol H1, session 65: ``Store._key_refused``; the store kept only the key of each
+# node's row, and after `nodes remove` a new token enrolled the removed node's key again). ''
+# for the other kinds, and for a node certificate recorded before (its key is not known: a
+# certificate is not kept, only its fingerprint) or by an older leader. The index is partial:
+# only node certificates are looked up by their key (a query with ``kind = 'node'`` as a
+# literal). No row written: an older leader may ignore it (``IGNORABLE``).
+_V18 = """
+ALTER TABLE certificates ADD COLUMN key_pin TEXT NOT NULL DEFAULT '';
+CREATE INDEX certificates_key_pin ON certificates (key_pin) WHERE kind = 'node';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -452,6 +465,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V15,  # a node's certificates keep its names apart from the SAN
     _V16,  # whether a rollout's note offers the way back to http
     _V17,  # each certificate's parent: what it was issued on the strength of
+    _V18,  # the key of each node certificate: a revoked one's key never enrols again
 )
 
 
@@ -472,7 +486,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17})
+IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17, 18})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
@@ -484,7 +498,9 @@ removed since; a rollout an older leader creates has none. 15: a column of the n
 default, which an older leader leaves as it is (it issues certificates as it did). 16: a column
 of the rollouts, NULL (not known) where an older leader wrote the rollout or left it. 17: a
 column of the certificates, NULL (not known) on those an older leader records, and its index
-(partial, on the plain column), which SQLite keeps as that leader writes."""
+(partial, on the plain column), which SQLite keeps as that leader writes. 18: a
+column of the certificates with a default ('': the key not known, as for every certificate
+recorded before it) and a partial index on it, which SQLite keeps as an older leader writes."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote

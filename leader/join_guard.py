@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from leader.store import NameTaken, TokenRejected, WrongSecret
+from leader.store import NameTaken, TokenRejected, TooMany, WrongSecret
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import logs, peertext
 from tlsroll.backoff import Backoff, Policy, source_key
@@ -224,7 +224,7 @@ def _not_a_guess(exc: BaseException) -> bool:
     the token was never looked at (the module's docstring)."""
     if isinstance(exc, OlderAgent):
         return True
-    return isinstance(exc, (TokenRejected, NameTaken)) and not isinstance(exc, WrongSecret)
+    return isinstance(exc, (TokenRejected, NameTaken, TooMany)) and not isinstance(exc, WrongSecret)
 
 
 def _reason(exc: BaseException) -> str:

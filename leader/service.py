@@ -191,7 +191,8 @@ def twins_problem(node: str) -> str:
         f"two agents use node {node}'s identity (its key on a cloned machine, or a second "
         f"agent started by hand): the leader neither plans nor switches {node} until one of "
         f"them stops; stop the one that is not {node}'s, and if the key may have been copied "
-        f"where it should not be, `tlsroll nodes remove {node}` and enrol it again"
+        f"where it should not be, `tlsroll nodes remove {node}` and enrol it again with a new "
+        f"key (on {node} `mv DATA/node.key DATA/node.key.removed`, then a new token)"
     )
 
 
@@ -219,7 +220,8 @@ def earlier_problem(node: str, serial: str) -> str:
         f"or the agent runs on an old copy of its data dir; the leader cannot tell which agent "
         f"is {node}'s and neither plans nor switches it while such calls go on: `tlsroll nodes "
         f"remove {node}` (it revokes every certificate of {node}, the copy's too) and enrol it "
-        "again"
+        f"again with a new key (on {node} `mv DATA/node.key DATA/node.key.removed`, then a new "
+        "token)"
     )
 
 
@@ -533,6 +535,15 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 reason=str(exc),
                 peer=context.peer(),
             )
+            raise
+        except TooMany as exc:
+            # A replay over the node's certificates per hour: the agent is told when to try
+            # again, as by the join guard (``retry-after``; review rev-enrol L3: without it, the
+            # agent took the RESOURCE_EXHAUSTED for gRPC's own, a request too large, and
+            # stopped saying to check its join token).
+            if exc.retry is not None:
+                seconds = max(1, math.ceil(exc.retry.total_seconds()))
+                context.set_trailing_metadata((("retry-after", str(seconds)),))
             raise
         log.info(
             "enrol.accepted", node=names.common_name, token_id=token.id, addresses=list(names.ips)

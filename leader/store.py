@@ -927,7 +927,10 @@ class Store(LeaderStore):
 
         The key of a node whose certificate the admin revoked (``tlsroll ca revoke``) is
         refused by any token: ``nodes remove`` and a new key is the way back (a new key alone
-        is NameTaken while the node is on record).
+        is NameTaken while the node is on record). So is, under any name, a key any revoked
+        node certificate carries, the key of a removed node, and the key of another node on
+        record (``_key_refused``, review rev-enrol H1: a copied key got back in by a new
+        token after ``nodes remove``, or at once by a token for another name).
 
         An enrolment supersedes every token of the node with a use left, its own included
         (``supersede_tokens``): a token made before it never enrols the node again, whatever
@@ -962,9 +965,11 @@ class Store(LeaderStore):
                 # Same key (not NameTaken): whoever holds a copied key and a token with a use
                 # left must not undo `ca revoke` (review 1 of s34, M2).
                 raise TokenRejected(
-                    f"this key's certificate was revoked (tlsroll ca revoke): enrol the node "
-                    f"with a new key, once it is removed: tlsroll nodes remove {name}"
+                    f"this key's certificate was revoked (tlsroll ca revoke): {NEW_KEY}, "
+                    f"once it is removed: tlsroll nodes remove {name}"
                 )
+            if refused := _key_refused(db, name, key_pin):
+                raise TokenRejected(refused)
             _check_free(db, name, addresses, dns_names, reserved())
             if replay and existing is not None:
                 return self._enrol_again(db, existing, agent_version, agent_port, issue, now)
@@ -1767,6 +1772,7 @@ class Store(LeaderStore):
                     row["cert_fingerprint"],
                     from_text(row["enrolled_at"]) or now,
                     dt.datetime.fromisoformat(row["cert_not_after"]),
+                    key_pin=row["key_pin"],
                 )
                 serials.append(row["cert_serial"])
             # (What was issued from them is the node's too, recorded for it: ``lineage_in``
@@ -3007,35 +3013,43 @@ def _check_hourly_certs(
     clock): ``NODE_CERTS_PER_HOUR`` of its own (a renewal, an enrolment's replay),
     ``per_hour`` (default ``WORKSTATION_CERTS_PER_HOUR``) for its workstations (its bootstrap
     service), with when the next may be: once the oldest issue that keeps the count at the
-    cap is an hour old (a PC refused on switch day is told when to try again)."""
+    cap is an hour old (a PC refused on switch day is told when to try again; so is an agent
+    whose enrolment's replay is refused, review rev-enrol L3)."""
     since = to_text(at - dt.timedelta(hours=1))
     (recent,) = db.execute(
         "SELECT COUNT(*) FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?",
         (kind, name, since),
     ).fetchone()
-    if kind == "node" and recent >= NODE_CERTS_PER_HOUR:
+    if kind == "node":
+        cap = NODE_CERTS_PER_HOUR
+    elif kind == "workstation":
+        cap = WORKSTATION_CERTS_PER_HOUR if per_hour is None else per_hour
+    else:
+        return
+    if recent < cap:
+        return
+    # (A cap lowered since may leave more than it in the hour: the next is free once the
+    # count is below it again.)
+    row = db.execute(
+        "SELECT counted_at FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?"
+        " ORDER BY counted_at LIMIT 1 OFFSET ?",
+        (kind, name, since, recent - cap),
+    ).fetchone()
+    retry = None
+    if row is not None:
+        free_at = dt.datetime.fromisoformat(row[0]) + dt.timedelta(hours=1)
+        retry = max(free_at - at, dt.timedelta(seconds=1))
+    if kind == "node":
         raise TooMany(
             f"node {name!r} had {recent} certificates issued in the last hour "
-            f"(at most {NODE_CERTS_PER_HOUR})"
-        )
-    cap = WORKSTATION_CERTS_PER_HOUR if per_hour is None else per_hour
-    if kind == "workstation" and recent >= cap:
-        # (A cap lowered since may leave more than it in the hour: the next is free once the
-        # count is below it again.)
-        row = db.execute(
-            "SELECT counted_at FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?"
-            " ORDER BY counted_at LIMIT 1 OFFSET ?",
-            (kind, name, since, recent - cap),
-        ).fetchone()
-        retry = None
-        if row is not None:
-            free_at = dt.datetime.fromisoformat(row[0]) + dt.timedelta(hours=1)
-            retry = max(free_at - at, dt.timedelta(seconds=1))
-        raise TooMany(
-            f"node {name!r} asked for {recent} workstation certificates in the last hour "
-            f"(at most {cap}: workstation_certs_per_hour in leader.toml)",
+            f"(at most {NODE_CERTS_PER_HOUR})",
             retry,
         )
+    raise TooMany(
+        f"node {name!r} asked for {recent} workstation certificates in the last hour "
+        f"(at most {cap}: workstation_certs_per_hour in leader.toml)",
+        retry,
+    )
 
 
 def crl_time(now: dt.datetime) -> int:
@@ -3235,9 +3249,10 @@ def _record_node_cert(
     issued_from: str | None = None,
 ) -> None:
     """Record node ``name``'s own certificate (an enrolment, its replay, a renewal, a relearn),
-    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``);
-    ``issued_from``: a renewal's certificate presented, or the one before of the same key (a
-    replay, an enrolment of the key on record), ``leader.db._V17``."""
+    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``), with its
+    key's pin: once the certificate is revoked, no enrolment takes that key again
+    (``_key_refused``); ``issued_from``: a renewal's certificate presented, or the one before of
+    the same key (a replay, an enrolment of the key on record), ``leader.db._V17``."""
     _record_cert(
         db,
         cert.serial,
@@ -3249,6 +3264,7 @@ def _record_node_cert(
         cert.not_after,
         counted_at=counted_at,
         issued_from=issued_from,
+        key_pin=cert.key_pin,
     )
 
 
@@ -3265,12 +3281,14 @@ def _record_cert(
     counted_at: dt.datetime | None = None,
     rollout_id: str = "",
     issued_from: str | None = None,
+    key_pin: str = "",
 ) -> None:
     """Record a certificate (once: one on record already stays as it is), next in record
     order (``seq``). ``counted_at``: when the hourly caps count it issued (``Store.cap_now``;
     None: they never do: a kind no cap counts, or one recorded after the fact).
     ``issued_from``: the serial (hex) of the certificate it was issued on the strength of
-    (``leader.db._V17``, ``lineage_in``); None: none, or not known."""
+    (``leader.db._V17``, ``lineage_in``); None: none, or not known. ``key_pin``: a node
+    certificate's key (``_record_node_cert``, ``leader.db._V18``); '' for the other kinds."""
     db.execute(
         "INSERT OR IGNORE INTO certificates (serial, kind, subject, node, fingerprint,"
         " issued_at, not_after, counted_at, rollout_id, issued_from)"
@@ -3287,6 +3305,16 @@ def _record_cert(
             rollout_id,
             None if issued_from is None else issued_from.lower().lstrip("0") or "0",
         ),
+    )
+    if key_pin:
+        _record_key_pin(db, serial, key_pin)
+
+
+def _record_key_pin(db: sqlite3.Connection, serial: str, key_pin: str) -> None:
+    """The key of the node certificate ``serial`` just recorded (schema 18), unless one is on
+    record already (a certificate is recorded once)."""
+    db.execute(
+        "UPDATE certificates SET key_pin = ? WHERE serial = ? AND key_pin = ''", (key_pin, serial)
     )
 
 
@@ -3320,6 +3348,66 @@ def _revoked(db: sqlite3.Connection, serial: str) -> bool:
     """Whether the certificate ``serial`` on record was revoked (one not on record was not)."""
     row = db.execute("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)).fetchone()
     return row is not None and row["revoked_at"] is not None
+
+
+NEW_KEY = "enrol the node with a new key"
+"""What every refusal of a key (``_key_refused``, and the key of a node whose certificate was
+revoked) says; the agent adds the file to move aside (``nodeagent.identity.refused_key_advice``).
+"""
+
+_NEW_KEY_HOW = (
+    f"{NEW_KEY}: on the node move DATA/node.key aside and start its agent again (this refusal "
+    "did not use the join token)"
+)
+
+
+def _key_refused(db: sqlite3.Connection, name: str, key_pin: str) -> str | None:
+    """Why node ``name``'s enrolment with the key of pin ``key_pin`` is refused, one line safe to
+    send to the caller (it holds a join token: the names are no secret to it), or None.
+
+    Refused (review rev-enrol H1: after ``nodes remove`` a new token enrolled the node's old key
+    again, and the copy of it called as the node again; a token for another name enrolled a
+    revoked key at once): the key of a removed node (``nodes remove`` revoked its certificates:
+    the key is taken for copied), any key a revoked node certificate carries (``ca revoke``: a
+    key thought stolen; a renewal revokes nothing, so the key a renewal replaced is not refused
+    for that), and the key of another node on record (a copy of its key enrolled as a second
+    node). A certificate's key is in its row from schema 18 on (``leader.db._V18``); one
+    recorded before has none there, and its key is found only while a node's row holds it. The
+    key of ``name``'s own row on record is ``enrol``'s to judge (the same key again: a replay,
+    or a certificate that ended; its own certificate revoked: refused there)."""
+    row = db.execute(
+        "SELECT name, removed_at FROM nodes WHERE key_pin = ?"
+        " AND (name != ? OR removed_at IS NOT NULL)"
+        " ORDER BY removed_at IS NOT NULL DESC, name LIMIT 1",
+        (key_pin, name),
+    ).fetchone()
+    if row is not None and row["removed_at"] is not None:
+        when = dt.datetime.fromisoformat(row["removed_at"]).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"this key was node {row['name']!r}'s, removed {when} (its certificates revoked): "
+            f"{_NEW_KEY_HOW}"
+        )
+    # (``kind = 'node'`` as a literal: SQLite uses the partial index of schema 18 only so.)
+    revoked = db.execute(
+        "SELECT serial, node FROM certificates WHERE kind = 'node' AND key_pin = ?"
+        " AND revoked_at IS NOT NULL ORDER BY seq LIMIT 1",
+        (key_pin,),
+    ).fetchone()
+    if revoked is None and row is not None:
+        # Another node's certificate on record, revoked, recorded before schema 18.
+        revoked = db.execute(
+            "SELECT c.serial, c.node FROM nodes n JOIN certificates c ON c.serial = n.cert_serial"
+            " WHERE n.name = ? AND c.revoked_at IS NOT NULL",
+            (row["name"],),
+        ).fetchone()
+    if revoked is not None:
+        return (
+            f"a certificate of this key (node {revoked['node']!r}, serial {revoked['serial']}) "
+            f"was revoked: {_NEW_KEY_HOW}"
+        )
+    if row is not None:
+        return f"this key is node {row['name']!r}'s, enrolled (a copy of its key?): {_NEW_KEY_HOW}"
+    return None
 
 
 def _check_free(

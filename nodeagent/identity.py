@@ -626,7 +626,7 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
             first = _enrol_error(cfg, target, exc)
             other = _pending_key(pending) if isinstance(first, EnrolmentRefused) else None
             if other is None:
-                raise first from None
+                raise _with_advice(cfg, first) from None
             log.warning(
                 "agent.enrolling_with_renewal_key",
                 refused=str(first),
@@ -641,8 +641,9 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
                 if not isinstance(second, EnrolmentRefused):
                     raise second from None
                 also = "" if str(second) == str(first) else f": {second}"
-                raise EnrolmentRefused(
-                    f"{first}; {pending} (a renewal's key) was refused too{also}"
+                raise _with_advice(
+                    cfg,
+                    EnrolmentRefused(f"{first}; {pending} (a renewal's key) was refused too{also}"),
                 ) from None
             key, renewal_key = other, True
     cert = pki.load_cert_pem(reply.certificate_pem)
@@ -672,6 +673,15 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
         **({"key_from": str(pending)} if renewal_key else {}),
     )
     return Identity.of(key_file, cert_file, ca_file, cert, got_ca)
+
+
+def _with_advice(cfg: AgentConfig, refused: TlsrollError) -> TlsrollError:
+    """``refused`` with the way to a new key after it if the leader refused the node's key for
+    good (``NEW_KEY``: at a first enrolment and at an enrolment again alike), else as it is."""
+    said = str(refused)
+    if not isinstance(refused, EnrolmentRefused) or NEW_KEY not in said:
+        return refused
+    return EnrolmentRefused(f"{said}; {refused_key_advice(cfg, said)}")
 
 
 def _pending_key(path: Path) -> pki.PrivateKey | None:
@@ -821,15 +831,36 @@ def reenrol_advice(cfg: AgentConfig, *, running: bool = False) -> str:
     )
 
 
-REVOKED_KEY = "certificate was revoked"
-"""What the leader's refusal of a key whose certificate the admin revoked says
-(``leader.store.Store.enrol``)."""
+NEW_KEY = "enrol the node with a new key"
+"""What every refusal of the node's key by the leader says (``leader.store.NEW_KEY``): a key
+whose certificate was revoked (``tlsroll ca revoke``, ``tlsroll nodes remove``), or another
+node's. The leader refuses it for good, under any name and by any token."""
+
+REMOVE_FIRST = "tlsroll nodes remove"
+"""What such a refusal says when the node is still on record with that key (its certificate
+revoked by ``tlsroll ca revoke``): removed first, which spends its tokens."""
+
+
+def refused_key_advice(cfg: AgentConfig, said: str) -> str:
+    """The way on after the leader refused the node's key (``said`` holds ``NEW_KEY``): with a
+    new key, which the agent makes itself at its next start once ``DATA/node.key`` is moved
+    aside. Not made here without being told: the key is the node's identity, and the admin
+    decides that the node, and not a copy of it, is the one to come back (review rev-enrol
+    H1). The node still on record (``REMOVE_FIRST`` in ``said``): ``revoked_key_advice``."""
+    if REMOVE_FIRST in said:
+        return revoked_key_advice(cfg)
+    key_file = paths(cfg.data_dir)[0]
+    return (
+        f"here that is `mv {key_file} {key_file}.refused`, then start the agent again: it makes "
+        "a new key and enrols it with the same join token (the leader refuses this key for good)"
+    )
 
 
 def revoked_key_advice(cfg: AgentConfig) -> str:
-    """How a node whose key's certificate was revoked (``tlsroll ca revoke``: a key thought
-    stolen) enrols again: with a new key, which the leader takes once the node is removed
-    (while the node is on record, it takes only the key on record, and not that one)."""
+    """How a node on record whose key's certificate was revoked (``tlsroll ca revoke``: a key
+    thought stolen) enrols again: with a new key, which the leader takes once the node is
+    removed (while the node is on record, it takes only the key on record; that key it never
+    takes again, under any name)."""
     key_file = paths(cfg.data_dir)[0]
     where = (
         f"the token to {cfg.join_token_file}"
@@ -837,12 +868,11 @@ def revoked_key_advice(cfg: AgentConfig) -> str:
         else f"the token to this agent ([leader].join_token_file in {cfg.path})"
     )
     return (
-        "the leader refuses this key while the node is on record; to enrol the node with a new "
-        f"key (the revoked one thought stolen) — here `mv {key_file} {key_file}.revoked` first, "
-        f"on the leader `tlsroll nodes remove {cfg.node_name}` (it revokes the node's "
-        "certificates, its served one too) and "
-        f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where}, then start "
-        "the agent again: it makes a new key and enrols it"
+        "the leader refuses this key for good; to enrol the node with a new key (the revoked "
+        f"one thought stolen) — here `mv {key_file} {key_file}.revoked` first, on the leader "
+        f"`tlsroll nodes remove {cfg.node_name}` (it revokes the node's certificates, its "
+        f"served one too) and `{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, "
+        f"{where}, then start the agent again: it makes a new key and enrols it"
     )
 
 

@@ -36,7 +36,6 @@ from nodeagent.cryptoworker import CryptoWorker
 from nodeagent.drivers import Driver, make_driver
 from nodeagent.identity import (
     PIN_PATIENCE,
-    REVOKED_KEY,
     CertificateExpired,
     EnrolmentDeferred,
     Identity,
@@ -45,7 +44,6 @@ from nodeagent.identity import (
     next_pin_wait,
     no_token_in,
     paths,
-    revoked_key_advice,
 )
 from nodeagent.journal import Journal, open_journal
 from nodeagent.leader_link import LeaderLink
@@ -196,9 +194,8 @@ async def obtain_identity(cfg: AgentConfig, stop: asyncio.Event | None = None) -
     except TlsrollError as exc:
         if ended is None or isinstance(exc, CertificateExpired):
             raise
+        # (A refusal of the key itself carries the way to a new key: ``identity.enrol``.)
         said = f"{ended} (this agent tried to enrol again with the join token it has: {exc})"
-        if REVOKED_KEY in str(exc):
-            said = f"{said}; {revoked_key_advice(cfg)}"
         if isinstance(exc, TransientError):
             # The leader not reached (its host off, as the node was): exit 1, which the unit
             # restarts on, so the node comes back once the leader does, as a first enrolment

@@ -66,6 +66,7 @@ def run_daemon(script: str, module: str, config: Path) -> subprocess.CompletedPr
         ("address", "0.0.0.0", "is not the address of one host"),  # noqa: S104 - refused
         ("address", "255.255.255.255", "names every host"),
         ("address", "127.0.0.1", "names every host"),
+        ("address", "::ffff:10.0.0.5", "written as IPv6: give it as 10.0.0.5"),  # rev-enrol L1
         ("node_name", "BAD NAME", "is not a valid node name"),
         ("node_name", "BAD NAME\u0000", "holds a control character"),  # (tlsroll.config: any value)
         ("node_name", "tlsroll-leader", "is reserved"),

@@ -347,10 +347,10 @@ def test_a_removed_node_waits_for_no_report_and_enrolled_again_reports_anew(
         assert "node2: " not in text.stdout and "waiting for" not in text.stdout, text.stdout
         assert reported() == ["node1"]
 
-        # Enrolled again under its name (a token of the admin's, the certificate of before
-        # moved aside): its agent's first report is stored and speaks for it.
+        # Enrolled again under its name (a token of the admin's, the key of before moved
+        # aside: README): its agent's first report is stored and speaks for it.
         token = Cluster.create_token(cluster, "node2", address2)
-        agent2.cert_file.rename(agent2.cert_file.with_name("node.pem.removed"))
+        agent2.key_file.rename(agent2.key_file.with_name("node.key.removed"))
         agent2.write_config({"leader": {"join_token": token}})
         agent2.start()
         cluster.wait_for_nodes_online(["node2"])

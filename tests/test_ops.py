@@ -544,6 +544,30 @@ def test_a_join_again_keeps_the_server_table_and_agent_settings_and_every_earlie
     ]
 
 
+def test_a_join_token_file_left_there_never_holds_the_new_token_readable_by_others(
+    cluster: Cluster,
+) -> None:
+    """Review rev-enrol L4: the script wrote the token into a join-token already there and
+    only then made it 0600: one left 0644 (by hand, an earlier install, a link) held the new
+    secret readable by others meanwhile. Now the token goes into a file of its own, 0600 from
+    its making, renamed over the one there: the old file (seen here through a second name)
+    never holds it, and the new one is 0600."""
+    cluster.start_leader()
+    etc = cluster.root / "node-etc"
+    etc.mkdir()
+    token_file, watch = etc / "join-token", cluster.root / "old-join-token"
+    token_file.write_text("an old token\n")
+    token_file.chmod(0o644)
+    os.link(token_file, watch)  # the old file, by a name the script does not know
+    script = join_script_for(cluster, "node6", etc, cluster.root / "node-data")
+    ran = run_join(script, "/usr/bin:/bin")
+    assert ran.returncode == 0, ran.stderr
+    assert watch.read_text() == "an old token\n"  # never written into
+    assert token_file.read_text().strip() == cluster.tokens[-1]
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert not list(etc.glob("join-token.*")), list(etc.iterdir())  # no temporary file left
+
+
 def test_a_join_again_keeps_the_data_dir_unless_the_join_command_names_one(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -755,7 +779,7 @@ def test_the_nodes_paths_of_a_join_script_are_checked_for_their_form_only(
     assert token, made.stdout
     cluster.tokens.append(token.group(1))
     assert f"mkdir -p {leaders_file}\n" in made.stdout, made.stdout
-    assert f"> {leaders_file}/join-token" in made.stdout, made.stdout
+    assert f'mv -f "$tok" {leaders_file}/join-token ' in made.stdout, made.stdout
     assert 'data_dir = "/srv/agent/data"' in made.stdout, made.stdout
     assert leaders_file.read_text() == "not the node's\n"
 

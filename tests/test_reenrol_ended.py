@@ -378,9 +378,7 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
         assert code == agent_runtime.EXIT_CERT_EXPIRED
         line = one_line_error(output, "tlsroll-agent")
         assert "certificate was revoked" in line, line
-        steps = re.findall(
-            r"`([^`]*)`", line[line.index("the leader refuses this key while the node is") :]
-        )
+        steps = re.findall(r"`([^`]*)`", line[line.index("the leader refuses this key for good") :])
         assert steps == [  # the key moved aside first (review s48rev4 L3)
             f"mv {agent.key_file} {agent.key_file}.revoked",
             "tlsroll nodes remove node6",

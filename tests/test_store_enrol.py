@@ -270,8 +270,9 @@ def test_a_lost_answer_to_a_re_enrolment_of_a_node_that_renewed_is_replayed(stor
 def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store) -> None:
     """The admin revokes a node's certificate (a copied key and token); a token with a use
     left (``--uses 2``, or any other token of the node) must not sign that key again, replay
-    or not: a new key, or `nodes remove` first, is the way back (review 1 of s34, M2). (t2
-    is made after the enrolment: one made before it is superseded by it, refused for that.)"""
+    or not: `nodes remove` and a new key is the way back (review 1 of s34, M2; the revoked key
+    never again, review rev-enrol H1). (t2 is made after the enrolment: one made before it is
+    superseded by it, refused for that.)"""
     first = enrol(store)
     add_t2(store)
     store.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
@@ -281,7 +282,7 @@ def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store)
     assert rows(store) == before
     assert node_row(store)["cert_serial"] == first.serial
     # Another key by that token is the name's other key (NameTaken, as before); once the
-    # admin removed the node, a new token enrols it anew.
+    # admin removed the node, a new token enrols it anew, with a new key only.
     with pytest.raises(NameTaken):
         enrol(store, token_id="t2", key_pin="ANOTHER-KEY", now=NOW + dt.timedelta(minutes=1))
     store.remove_node("node1", now=NOW + dt.timedelta(minutes=2), actor="admin")
@@ -296,7 +297,11 @@ def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store)
         node_name="node1",
         addresses=(ADDRESS,),
     )
-    again = enrol(store, token_id="t3", now=NOW + dt.timedelta(minutes=3))
+    before = rows(store)
+    with pytest.raises(TokenRejected, match="enrol the node with a new key"):
+        enrol(store, token_id="t3", now=NOW + dt.timedelta(minutes=3))
+    assert rows(store) == before
+    again = enrol(store, token_id="t3", key_pin="ANOTHER-KEY", now=NOW + dt.timedelta(minutes=3))
     assert node_row(store)["cert_serial"] == again.serial
 
 
@@ -646,3 +651,43 @@ def test_the_migration_supersedes_the_tokens_made_before_an_enrolment(tmp_path: 
         s.close()
     enrolled = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
     assert superseded == {"t0": enrolled, "t1": None, "tx": enrolled, "t9": None, "t8": None}
+
+
+def test_a_revoked_key_is_found_by_the_index_of_the_certificates_keys(store: Store) -> None:
+    """Review rev-enrol H1: every node certificate is recorded with its key (schema 18), and an
+    enrolment looks a key up among the revoked ones by the partial index on it, never by a scan
+    of the certificates (a server certificate per node per rollout: the table grows)."""
+    first = enrol(store)  # node1, by t1, with PIN
+    store.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
+    with store.db.read() as db:
+        (recorded,) = db.execute("SELECT key_pin FROM certificates WHERE kind = 'node'").fetchall()
+    assert recorded["key_pin"] == PIN
+    store.add_token(
+        "t2",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node2",
+        addresses=("127.0.0.10",),
+    )
+    before = rows(store)
+    other: dict[str, Any] = {"token_id": "t2", "name": "node2", "addresses": ("127.0.0.10",)}
+    with (
+        statements(store) as ran,
+        pytest.raises(
+            TokenRejected,
+            match=rf"^a certificate of this key \(node 'node1', serial {first.serial}\) was"
+            r" revoked: enrol the node with a new key",
+        ),
+    ):
+        enrol(store, now=NOW + dt.timedelta(minutes=1), **other)
+    assert rows(store) == before
+    looked = [sql for sql in ran if "key_pin = " in sql and "FROM certificates" in sql]
+    assert len(looked) == 1, ran
+    with store.db.read() as db:
+        plan = " | ".join(r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {looked[0]}"))
+    assert "USING INDEX certificates_key_pin" in plan, plan
+    enrol(store, key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=1), **other)

@@ -24,6 +24,7 @@ import structlog
 
 from leader import backup
 from leader import db as leader_db
+from leader import store as leader_store
 from leader.store import Store, TokenRejected, superseded_text
 from tests.test_store_enrol import (
     NOW,
@@ -54,10 +55,13 @@ def indexes_of_audit(path: Path) -> set[str]:
 
 @contextlib.contextmanager
 def older_leader(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The leader of the schema before: its migrations, none an older one may ignore."""
+    """The leader of the schema before: its migrations, none an older one may ignore; it
+    neither recorded a node certificate's key nor refused a key for one (schema 18, s65)."""
     with monkeypatch.context() as m:
         m.setattr(leader_db, "MIGRATIONS", leader_db.MIGRATIONS[:BEFORE])
         m.setattr(leader_db, "IGNORABLE", frozenset())
+        m.setattr(leader_store, "_record_key_pin", lambda *_: None)
+        m.setattr(leader_store, "_key_refused", lambda *_: None)
         yield
 
 

@@ -135,8 +135,9 @@ def test_an_agent_given_a_superseded_token_exits_with_one_line(cluster: Cluster)
 
 
 def test_a_token_made_after_the_enrolment_enrols_the_node_again(cluster: Cluster) -> None:
-    """README: a node enrolled again (`nodes remove`, `token create`, DATA/node.pem moved
-    aside, the new token given): the new token enrols it; the tokens before stay refused."""
+    """README: a node enrolled again (`nodes remove`, `token create`, DATA/node.key moved
+    aside, the new token given): the new token enrols it, with a new key (the removed node's is
+    never enrolled again, review rev-enrol H1); the tokens before stay refused."""
     address = next_loopback()
     lost = cluster.create_token("node3", address)
     agent = cluster.add_agent("node3", address, token=cluster.create_token("node3", address))
@@ -145,10 +146,12 @@ def test_a_token_made_after_the_enrolment_enrols_the_node_again(cluster: Cluster
     removed = cluster.cli("nodes", "remove", "node3", "--yes")
     assert removed.returncode == 0, removed.stderr
     again = cluster.create_token("node3", address)
-    shutil.move(agent.cert_file, agent.cert_file.with_name("node.pem.old"))
+    old_pin = pki.spki_pin(agent.cert())
+    shutil.move(agent.key_file, agent.key_file.with_name("node.key.removed"))
     agent.write_config({"leader": {"join_token": again}})
     agent.start()
     cluster.wait_for_nodes_online(["node3"])
+    assert pki.spki_pin(agent.cert()) != old_pin
     (node,) = [n for n in cluster.store_table("nodes") if n["name"] == "node3"]
     assert node["token_id"] == again.split(".", 1)[0]
     assert node["cert_fingerprint"] == pki.fingerprint(agent.cert())

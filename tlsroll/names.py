@@ -68,6 +68,23 @@ def ip_problem(text: str) -> str | None:
         return f"{ip} is not the address of one host"
     if str(ip) in EVERY_HOST_IPS or ip == ipaddress.IPv4Address("255.255.255.255"):
         return f"{ip} names every host, not this one"
+    if (v4 := ipv4_inside(ip)) is not None:
+        return f"{shown(text)} is the IPv4 address {v4} written as IPv6: give it as {v4}"
+    return None
+
+
+def ipv4_inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one only spells (IPv4-mapped ``::ffff:a.b.c.d``, or the old
+    IPv4-compatible ``::a.b.c.d``), or None. Never a name of its own (review rev-enrol L1):
+    as text it passed every check that compares names (an address the leader or another node
+    holds, 127.0.0.1), yet a client that compares addresses as Go's ``net.IP.Equal`` does
+    takes ``::ffff:10.0.0.5`` for 10.0.0.5. ``::`` and ``::1`` are IPv6's own."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if int(ip) >> 32 == 0 and int(ip) > 1:
+        return ipaddress.IPv4Address(int(ip))
     return None
 
 

@@ -223,12 +223,20 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
             "certificates are revoked.",
             "not removed",
         )
+    from leader.store import token_command  # noqa: PLC0415 - for this command alone
+
     with leader.admin() as admin:
         reply = leader.call(admin.RemoveNode, admin_pb2.RemoveNodeRequest(name=name))
+    node = reply.node
+    # With a new key: the leader never enrols the removed node's key again, under any name
+    # (review rev-enrol H1: a copy of it was the node again). With its DNS names too: a token
+    # enrols only a node asking for exactly its names (review rev-enrol L2).
     out.print(
-        f"removed node {reply.node.name}; revoked {len(reply.revoked_serials)} certificate(s). "
-        f"To enrol it again: tlsroll token create --node {reply.node.name} "
-        + " ".join(f"--address {a}" for a in reply.node.addresses)
+        f"removed node {node.name}; revoked {len(reply.revoked_serials)} certificate(s). "
+        f"To enrol it again, with a new key (its old one is refused from now on): on "
+        f"{node.name} mv DATA/node.key DATA/node.key.removed (DATA: the agent's data dir), "
+        f"{token_command(node.name, tuple(node.addresses), tuple(node.dns_names))}, the "
+        "token to its agent's join_token_file, start the agent (it makes a new key)"
     )
     # Its agent refuses workstation passwords once the leader refuses it (its next heartbeat),
     # but the machine still holds the password's verifier, which is as good as the password.
