@@ -3289,10 +3289,9 @@ def _record_cert(
     ``issued_from``: the serial (hex) of the certificate it was issued on the strength of
     (``leader.db._V17``, ``lineage_in``); None: none, or not known. ``key_pin``: a node
     certificate's key (``_record_node_cert``, ``leader.db._V18``); '' for the other kinds."""
-    db.execute(
+    recorded = db.execute(
         "INSERT OR IGNORE INTO certificates (serial, kind, subject, node, fingerprint,"
-        " issued_at, not_after, counted_at, rollout_id, issued_from)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " issued_at, not_after, counted_at, rollout_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             serial,
             kind,
@@ -3303,11 +3302,23 @@ def _record_cert(
             to_text(not_after),
             to_text(counted_at),
             rollout_id,
-            None if issued_from is None else issued_from.lower().lstrip("0") or "0",
         ),
-    )
+    ).rowcount
+    if recorded and issued_from is not None:
+        _record_issued_from(db, serial, issued_from)
     if key_pin:
         _record_key_pin(db, serial, key_pin)
+
+
+def _record_issued_from(db: sqlite3.Connection, serial: str, issued_from: str) -> None:
+    """The parent of the certificate ``serial`` just recorded (schema 17), in the serials' one
+    form (lower-case hex, no leading zeros). A statement of its own, as ``_record_key_pin``:
+    the certificates' insert stays the one a leader of the schemas before writes (the tests'
+    older leaders run it on a file without the column)."""
+    db.execute(
+        "UPDATE certificates SET issued_from = ? WHERE serial = ?",
+        (issued_from.lower().lstrip("0") or "0", serial),
+    )
 
 
 def _record_key_pin(db: sqlite3.Connection, serial: str, key_pin: str) -> None:

@@ -56,10 +56,12 @@ def indexes_of_audit(path: Path) -> set[str]:
 @contextlib.contextmanager
 def older_leader(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The leader of the schema before: its migrations, none an older one may ignore; it
-    neither recorded a node certificate's key nor refused a key for one (schema 18, s65)."""
+    recorded neither a certificate's parent (schema 17) nor a node certificate's key, nor
+    refused a key for one (schema 18, s65)."""
     with monkeypatch.context() as m:
         m.setattr(leader_db, "MIGRATIONS", leader_db.MIGRATIONS[:BEFORE])
         m.setattr(leader_db, "IGNORABLE", frozenset())
+        m.setattr(leader_store, "_record_issued_from", lambda *_: None)
         m.setattr(leader_store, "_record_key_pin", lambda *_: None)
         m.setattr(leader_store, "_key_refused", lambda *_: None)
         yield
