@@ -827,7 +827,8 @@ def reenrol_advice(cfg: AgentConfig, *, running: bool = False) -> str:
         "enrol it again with its own key, no `tlsroll nodes remove` needed — on the leader "
         f"`{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, {where} and {start}: "
         f"it enrols {paths(cfg.data_dir)[0]} again and keeps the ended certificate as "
-        f"{ended_path(cfg.data_dir)}"
+        f"{ended_path(cfg.data_dir)} (if its certificate was revoked, the leader refuses that "
+        "key and says how to enrol a new one)"
     )
 
 
@@ -851,7 +852,7 @@ def refused_key_advice(cfg: AgentConfig, said: str) -> str:
         return revoked_key_advice(cfg)
     key_file = paths(cfg.data_dir)[0]
     return (
-        f"here that is `mv {key_file} {key_file}.refused`, then start the agent again: it makes "
+        f"here that is `mv {key_file} {key_file}.removed`, then start the agent again: it makes "
         "a new key and enrols it with the same join token (the leader refuses this key for good)"
     )
 
@@ -869,7 +870,7 @@ def revoked_key_advice(cfg: AgentConfig) -> str:
     )
     return (
         "the leader refuses this key for good; to enrol the node with a new key (the revoked "
-        f"one thought stolen) — here `mv {key_file} {key_file}.revoked` first, on the leader "
+        f"one thought stolen) — here `mv {key_file} {key_file}.removed` first, on the leader "
         f"`tlsroll nodes remove {cfg.node_name}` (it revokes the node's certificates, its "
         f"served one too) and `{token_command(cfg.node_name, cfg.addresses, cfg.dns_names)}`, "
         f"{where}, then start the agent again: it makes a new key and enrols it"

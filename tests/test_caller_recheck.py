@@ -64,7 +64,11 @@ def _serials(store: Store) -> list[str]:
 @pytest.mark.parametrize(
     ("meanwhile", "message"),
     [
-        (_revoke, "the certificate of node 'hb1' is revoked; enrol it again"),
+        (
+            _revoke,
+            "the certificate of node 'hb1' is revoked; enrol it again with a new key, once"
+            " removed (tlsroll nodes remove hb1)",
+        ),
         (_remove, "'hb1' is not an enrolled node (removed?)"),
     ],
 )
@@ -105,7 +109,11 @@ async def test_a_renewal_is_refused_if_the_certificate_was_revoked_or_the_node_r
 @pytest.mark.parametrize(
     ("meanwhile", "message"),
     [
-        (_revoke, "the certificate of node 'hb1' is revoked; enrol it again"),
+        (
+            _revoke,
+            "the certificate of node 'hb1' is revoked; enrol it again with a new key, once"
+            " removed (tlsroll nodes remove hb1)",
+        ),
         (_remove, "'hb1' is not an enrolled node (removed?)"),
     ],
 )

@@ -211,14 +211,14 @@ def test_a_node_removed_for_a_copied_key_comes_back_with_a_new_key_only(tmp_path
             if "enrol the node with a new key" in line and "refused" in line
         ]
         assert len(lines) == 1, output[-3000:]
-        assert f"mv {agent.key_file} {agent.key_file}.refused" in lines[0], lines[0]
+        assert f"mv {agent.key_file} {agent.key_file}.removed" in lines[0], lines[0]
         assert "Traceback" not in output, output[-3000:]
         assert _nodes(cluster) == {"node2": "removed"}
         # The removal's own words said so too (the leader does not know the node's paths).
         said = " ".join(removed.stdout.split())
         assert "with a new key" in said and "mv DATA/node.key DATA/node.key.removed" in said, said
         # As it says: the key moved aside, the agent started again with the same token.
-        os.rename(agent.key_file, f"{agent.key_file}.refused")
+        os.rename(agent.key_file, f"{agent.key_file}.removed")
         agent.start()
         cluster.wait_for_nodes_online(["node2"])
         new_cert = _served_certificate(agent.target)

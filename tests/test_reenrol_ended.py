@@ -380,7 +380,7 @@ def test_an_ended_certificate_without_a_token_or_with_a_revoked_key_says_what_to
         assert "certificate was revoked" in line, line
         steps = re.findall(r"`([^`]*)`", line[line.index("the leader refuses this key for good") :])
         assert steps == [  # the key moved aside first (review s48rev4 L3)
-            f"mv {agent.key_file} {agent.key_file}.revoked",
+            f"mv {agent.key_file} {agent.key_file}.removed",
             "tlsroll nodes remove node6",
             f"tlsroll token create --node node6 --address {address}",
         ], line

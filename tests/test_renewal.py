@@ -671,6 +671,18 @@ class RowStore:
 
 
 @pytest.mark.timeout(360)
+def test_the_test_hook_in_effect_is_said_at_the_leader_s_start(cluster: Cluster) -> None:
+    """Closing review s65, L3: the module's leader runs with ``TEST_AGENT_CERT_ENV``; a hook
+    left in a production unit's environment (agent certificates of seconds, renewed into the
+    hourly cap, then ended) is said in the log at each start, not guessed at."""
+    said = [e for e in cluster.leader.log_events() if e["event"] == "leader.test_hook"]
+    assert said, "no leader.test_hook"
+    assert {(e["hook"], e["value"], e["level"]) for e in said} == {
+        (TEST_AGENT_CERT_ENV, LIFETIME, "warning")
+    }, said
+    assert "for tests only" in said[0]["detail"]
+
+
 def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     # node4: the leader signs a renewal whose answer never reaches the agent (it stops first).
     node4 = cluster.add_agent("node4", next_loopback())

@@ -75,7 +75,13 @@ def not_on_record(name: str) -> str:
 
 
 def revoked_node(name: str) -> str:
-    return f"the certificate of node {name!r} {REVOKED_NODE}"
+    """The refusal of a node whose certificate was revoked (``REVOKED_NODE``, the words agents
+    match), and how it comes back: a revoked certificate's key enrols under no token (review
+    rev-enrol H1), so with a new key, once the node is removed (closing review s65, L2)."""
+    return (
+        f"the certificate of node {name!r} {REVOKED_NODE} with a new key, once removed "
+        f"(tlsroll nodes remove {name})"
+    )
 
 
 def node_removed(code: grpc.StatusCode | None, details: str | None) -> bool:
