@@ -441,7 +441,10 @@ CREATE INDEX certificates_issued_from ON certificates (issued_from)
 # for the other kinds, and for a node certificate recorded before (its key is not known: a
 # certificate is not kept, only its fingerprint) or by an older leader. The index is partial:
 # only node certificates are looked up by their key (a query with ``kind = 'node'`` as a
-# literal). No row written: an older leader may ignore it (``IGNORABLE``).
+# literal). No row written: an older leader may ignore it (``IGNORABLE``). The certificates on
+# record get their node rows' keys at the leader's start instead (``Store.stamp_row_keys``; a
+# backfill here would write rows, which an ignorable migration must not: ``tlsroll.sqlite.
+# migrate`` refuses it), which also fills those an older leader records on the migrated file.
 _V18 = """
 ALTER TABLE certificates ADD COLUMN key_pin TEXT NOT NULL DEFAULT '';
 CREATE INDEX certificates_key_pin ON certificates (key_pin) WHERE kind = 'node';

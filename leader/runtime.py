@@ -673,6 +673,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     store = Store(layout.store)
     mark_store(layout.store)
     try:
+        store.stamp_row_keys()  # (keys of certificates recorded before schema 18)
         names, restored = _start_on(cfg, layout, ca, store)
     except BaseException:
         store.close()

@@ -978,6 +978,9 @@ class Store(LeaderStore):
             # nothing of a node enrolled (review rev56a, pre-existing).
             self._db.after_commit(lambda: self._forget_seen(name))
             cert = issue()
+            # A removed row's key goes on record with its certificate before the row takes the
+            # new one: it stays refused (``_key_refused``) once the row no longer holds it.
+            _stamp_row_keys(db, name)
             db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,))
             db.execute(
                 "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
@@ -1656,6 +1659,9 @@ class Store(LeaderStore):
             _check_hourly_certs(db, name, counted_at)
             apart = names_apart or bool(row["names_apart"])
             cert = issue(apart)
+            # The key the renewal replaces, on record with its certificate: a `ca revoke` of
+            # that one later keeps it from enrolling (review s65 whole, M2).
+            _stamp_row_keys(db, name)
             db.execute(
                 "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
                 " cert_not_after = ?, cert_renewed_at = ?, prev_cert_fingerprint = ?,"
@@ -1775,6 +1781,10 @@ class Store(LeaderStore):
                     key_pin=row["key_pin"],
                 )
                 serials.append(row["cert_serial"])
+            # Its key on record with its certificate (one recorded before schema 18 had none),
+            # not only in the row, which a new enrolment under the name overwrites (review s65
+            # whole, M1: the removed key then enrolled under another name).
+            _stamp_row_keys(db, name)
             # (What was issued from them is the node's too, recorded for it: ``lineage_in``
             # finds nothing more today; the rule is the same for every revocation that ends a
             # key's trust.)
@@ -2123,6 +2133,9 @@ class Store(LeaderStore):
             # unrevoked certificate: review s48 lost machine).
             lineage = lineage_in(db, serials)
             serials += lineage
+            # A node's certificate on record revoked: its key with it (``_key_refused`` finds
+            # it there after the node's row takes another; the rows' only, ``_stamp_row_keys``).
+            _stamp_row_keys(db)
             _revoke_in(db, serials, reason or "revoked by the admin", now, lineage=lineage)
             self._audit(db, now, actor, "certificate.revoked", key, serials=serials)
         # A node's agent certificate revoked cuts its agent off: the agent pool reads its
@@ -2130,6 +2143,25 @@ class Store(LeaderStore):
         # revocation by the admin).
         self.nodes_generation += 1
         return serials
+
+    def stamp_row_keys(self) -> int:
+        """At the leader's start: the key of every node's row onto its certificate on record
+        where that has none (``_stamp_row_keys``): one recorded before schema 18, or by an older
+        leader since (it ran on the migrated file: ``leader.db.IGNORABLE``). Not in migration
+        18: a migration an older leader may ignore writes no row, and an older leader's
+        certificates are filled only here. Idempotent; a write only if one lacks it. Returns
+        how many were filled."""
+        lacking = (
+            "SELECT 1 FROM certificates c JOIN nodes n ON n.cert_serial = c.serial"
+            " WHERE c.kind = 'node' AND c.key_pin = '' AND n.key_pin != '' LIMIT 1"
+        )
+        with self._db.read() as db:
+            if db.execute(lacking).fetchone() is None:
+                return 0
+        with self._db.tx() as db:
+            before = db.total_changes
+            _stamp_row_keys(db)
+            return db.total_changes - before
 
     def record_leader_certificate(self, cert: x509.Certificate) -> bool:
         """Record a certificate of the leader's own (kind ``leader``), as it is issued (before
@@ -2501,6 +2533,7 @@ class Store(LeaderStore):
             # (Forgotten only now, for a caller taken: review of s38, L6.)
             self._forget_seen(name)
             if isinstance(verdict, sqlite3.Row):
+                _stamp_row_keys(db, name)  # (the key it replaces: as a renewal, ``renew_…``)
                 db.execute(
                     "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
                     " cert_not_after = ?, cert_renewed_at = ?, prev_cert_fingerprint = '',"
@@ -3321,6 +3354,25 @@ def _record_issued_from(db: sqlite3.Connection, serial: str, issued_from: str) -
     )
 
 
+def _stamp_row_keys(db: sqlite3.Connection, name: str | None = None) -> None:
+    """The key of node ``name``'s row (None: of every node's row, removed ones too) onto the
+    certificate the row names, where that has none on record (``_record_key_pin``: one
+    recorded before schema 18, or by an older leader on the migrated store). Called wherever
+    a row's key is about to be replaced (a renewal, a re-learning, an enrolment of a removed
+    name) or its trust ends (``remove_node``, ``revoke``), and at the leader's start
+    (``Store.stamp_row_keys``): the row was the only place that key was, and once it held
+    another, a removed or revoked key enrolled again under another name (review s65 whole,
+    M1, M2). A certificate is of one key: what the row says of its own is a fact, never
+    changed."""
+    db.execute(
+        "UPDATE certificates SET key_pin = (SELECT n.key_pin FROM nodes n"
+        " WHERE n.cert_serial = certificates.serial)"
+        " WHERE kind = 'node' AND key_pin = '' AND serial IN (SELECT n.cert_serial FROM nodes n"
+        " WHERE n.key_pin != '' AND (?1 IS NULL OR n.name = ?1))",
+        (name,),
+    )
+
+
 def _record_key_pin(db: sqlite3.Connection, serial: str, key_pin: str) -> None:
     """The key of the node certificate ``serial`` just recorded (schema 18), unless one is on
     record already (a certificate is recorded once)."""
@@ -3383,7 +3435,8 @@ def _key_refused(db: sqlite3.Connection, name: str, key_pin: str) -> str | None:
     key thought stolen; a renewal revokes nothing, so the key a renewal replaced is not refused
     for that), and the key of another node on record (a copy of its key enrolled as a second
     node). A certificate's key is in its row from schema 18 on (``leader.db._V18``); one
-    recorded before has none there, and its key is found only while a node's row holds it. The
+    recorded before (or by an older leader since) gets its node row's key at the leader's
+    start and before that key leaves the row (``_stamp_row_keys``). The
     key of ``name``'s own row on record is ``enrol``'s to judge (the same key again: a replay,
     or a certificate that ended; its own certificate revoked: refused there)."""
     row = db.execute(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -133,7 +134,8 @@ def test_a_key_a_renewal_replaced_is_refused_once_its_certificate_is_revoked(
     cluster: Cluster,
 ) -> None:
     """The node's row holds only its key now: its enrolment's key is found through the record
-    of the certificates issued (the audit), and refused once removal revoked that one."""
+    of the certificates issued (each node certificate's key, ``certificates.key_pin``), and
+    refused once removal revoked that one."""
     address = next_loopback()
     first = pki.generate_key()
     reply = enrol(
@@ -155,6 +157,77 @@ def test_a_key_a_renewal_replaced_is_refused_once_its_certificate_is_revoked(
         cluster, enrol_request(cluster.create_token("n3", other), "n3", other, key=first)
     )
     assert "revoked" in said or "removed" in said, said
+
+
+def _as_before_schema_18(cluster: Cluster, *, restart: bool) -> None:
+    """Every node certificate on record without its key, as one recorded before schema 18 or
+    by an older leader on the migrated store (``leader.db.IGNORABLE``). ``restart``: written
+    with the leader stopped, whose start then fills in each one a node's row names
+    (``Store.stamp_row_keys``); else under the running leader, so that only the writes' own
+    stamps (``_stamp_row_keys``) are tested."""
+    if restart:
+        cluster.stop_leader()
+    with sqlite3.connect(cluster.store_path, timeout=10) as db:
+        db.execute("UPDATE certificates SET key_pin = '' WHERE kind = 'node'")
+    db.close()
+    if restart:
+        cluster.start_leader()
+    else:
+        cluster.notice_store_written()
+
+
+@pytest.mark.parametrize("restart", [True, False], ids=["started-since", "running"])
+def test_a_removed_key_whose_certificate_had_no_key_stays_refused_after_its_name_enrols(
+    cluster: Cluster, restart: bool
+) -> None:
+    """Review s65 whole, M1: the key of a node whose certificate was recorded with none, removed
+    and enrolled again under its name with a new key (as `nodes remove` says), enrolled under
+    another name: the enrolment overwrote the removed row's key, the only place it was."""
+    address = next_loopback()
+    old = pki.generate_key()
+    enrol(cluster, enrol_request(cluster.create_token("gone", address), "gone", address, key=old))
+    _as_before_schema_18(cluster, restart=restart)
+    _remove(cluster, "gone")
+    other = next_loopback()
+    _refused(cluster, enrol_request(cluster.create_token("fresh", other), "fresh", other, key=old))
+    enrol(cluster, enrol_request(cluster.create_token("gone", address), "gone", address))
+    said = _refused(
+        cluster, enrol_request(cluster.create_token("thief", other), "thief", other, key=old)
+    )
+    assert "revoked" in said, said
+    assert _nodes(cluster) == {"gone": "enrolled"}
+
+
+@pytest.mark.parametrize("restart", [True, False], ids=["started-since", "running"])
+def test_a_revoked_key_a_renewal_replaced_stays_refused_though_recorded_without_it(
+    cluster: Cluster, restart: bool
+) -> None:
+    """Review s65 whole, M2: a node enrolled before schema 18 (its certificate's key not in its
+    row) renews after the upgrade; the admin revokes the earlier certificate (its key copied).
+    The renewal had replaced the row's key, recorded nowhere: a token for another name enrolled
+    it."""
+    address = next_loopback()
+    first = pki.generate_key()
+    reply = enrol(
+        cluster, enrol_request(cluster.create_token("n1", address), "n1", address, key=first)
+    )
+    serial = f"{pki.load_cert_pem(reply.certificate_pem).serial_number:x}"
+    _as_before_schema_18(cluster, restart=restart)
+    with cluster.control_channel(reply.certificate_pem, pki.key_to_pem(first)) as channel:
+        leader_pb2_grpc.LeaderStub(channel).RenewNodeCertificate(
+            leader_pb2.RenewNodeCertificateRequest(
+                csr_pem=csr_pem(pki.generate_key(), "n1", [address])
+            ),
+            timeout=10,
+        )
+    done = cluster.cli("ca", "revoke", serial)
+    assert done.returncode == 0, done.stderr
+    other = next_loopback()
+    said = _refused(
+        cluster, enrol_request(cluster.create_token("n2", other), "n2", other, key=first)
+    )
+    assert serial in said, said
+    assert _nodes(cluster) == {"n1": "enrolled"}
 
 
 def _served_certificate(target: str) -> bytes:

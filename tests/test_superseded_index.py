@@ -56,13 +56,14 @@ def indexes_of_audit(path: Path) -> set[str]:
 @contextlib.contextmanager
 def older_leader(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The leader of the schema before: its migrations, none an older one may ignore; it
-    recorded neither a certificate's parent (schema 17) nor a node certificate's key, nor
-    refused a key for one (schema 18, s65)."""
+    recorded neither a certificate's parent (schema 17) nor a node certificate's key (nor a
+    node row's onto its certificate), nor refused a key for one (schema 18, s65)."""
     with monkeypatch.context() as m:
         m.setattr(leader_db, "MIGRATIONS", leader_db.MIGRATIONS[:BEFORE])
         m.setattr(leader_db, "IGNORABLE", frozenset())
         m.setattr(leader_store, "_record_issued_from", lambda *_: None)
         m.setattr(leader_store, "_record_key_pin", lambda *_: None)
+        m.setattr(leader_store, "_stamp_row_keys", lambda *_: None)
         m.setattr(leader_store, "_key_refused", lambda *_: None)
         yield
 
