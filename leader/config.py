@@ -5,10 +5,10 @@ One table, ``[leader]``; an unknown key or table is an error naming it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from leader.layout import Layout, leader_names_problem
 from leader.maintenance import Window, WindowError, parse_window
@@ -39,15 +39,29 @@ EXPIRY_CHECK_INTERVAL = 3600  # seconds
 MIN_FREEZE_LEASE = 10
 
 
+N = TypeVar("N", int, float)
+
+
+def hook_number(environ: Mapping[str, str], env: str, default: N, ok: Callable[[N], bool]) -> N:
+    """A leader daemon's test-only hook (``TLSROLL_TEST_*``): the number ``env`` holds, of
+    ``default``'s kind, if ``ok`` takes it, else ``default`` (unset, not a number, NaN, out of
+    bounds: a hook set wrong is as none, never a reason not to start). Each hook's bounds only
+    ever bring a wait or a life closer than its setting's; ``leader.runtime`` says one in
+    effect (``leader.test_hook``)."""
+    try:
+        value = type(default)(environ.get(env, ""))
+    except ValueError:
+        return default
+    return value if ok(value) else default
+
+
 def agent_cert_seconds(setting: int, environ: Mapping[str, str]) -> int:
     """How long the leader makes an agent's certificate live: ``setting``
     (``agent_cert_lifetime``), or the test hook's (``TEST_AGENT_CERT_ENV``) if it holds a whole
     number of seconds from ``MIN_TEST_AGENT_CERT`` to ``setting``."""
-    try:
-        seconds = int(environ.get(TEST_AGENT_CERT_ENV, ""))
-    except ValueError:
-        return setting
-    return seconds if MIN_TEST_AGENT_CERT <= seconds <= setting else setting
+    return hook_number(
+        environ, TEST_AGENT_CERT_ENV, setting, lambda s: MIN_TEST_AGENT_CERT <= s <= setting
+    )
 
 
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.

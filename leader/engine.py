@@ -71,6 +71,7 @@ from leader.changes import (
     rollout_facts,
     strategy_for,
 )
+from leader.config import hook_number
 from leader.rollout_core import (
     CHANGES,
     DRAINING_ROLLOUT_STATES,
@@ -170,11 +171,9 @@ look of every step that waits a few seconds."""
 def silent_after(environ: Mapping[str, str]) -> float:
     """``SILENT_AFTER``, or the test hook's (``TEST_SILENT_AFTER_ENV``) if it holds a number in
     (0, ``SILENT_AFTER``]."""
-    try:
-        value = float(environ.get(TEST_SILENT_AFTER_ENV, ""))
-    except ValueError:
-        return SILENT_AFTER
-    return value if 0 < value <= SILENT_AFTER else SILENT_AFTER
+    return hook_number(
+        environ, TEST_SILENT_AFTER_ENV, SILENT_AFTER, lambda v: 0 < v <= SILENT_AFTER
+    )
 
 
 SILENT_HEARTBEATS = 2

@@ -56,6 +56,8 @@ from leader.own_tls import OwnTls
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService, add_json_to_server
 from leader.service import (
+    BATCH_SECONDS,
+    TEST_BATCH_ENV,
     EnrolmentService,
     LeaderService,
     LeaderState,
@@ -849,6 +851,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     )
     leader_service = LeaderService(state)
     leader_service.batch_seconds = batch_period(os.environ)
+    if leader_service.batch_seconds != BATCH_SECONDS:
+        _test_hook(TEST_BATCH_ENV, leader_service.batch_seconds)
     leader_service.workstation_certs_per_hour = cfg.workstation_certs_per_hour
     leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])

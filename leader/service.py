@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
+from leader.config import hook_number
 from leader.node_clocks import NodeClocks, clock_problem
 from leader.observe import NodeProblem, StreamEnded
 from leader.planner import (
@@ -993,11 +994,7 @@ for fewer writes."""
 def batch_period(environ: Mapping[str, str]) -> float:
     """The group-commit period: ``TEST_BATCH_ENV`` if it holds a usable number, else
     ``BATCH_SECONDS``."""
-    try:
-        value = float(environ.get(TEST_BATCH_ENV, ""))
-    except ValueError:
-        return BATCH_SECONDS
-    return value if 0 < value <= 86400 else BATCH_SECONDS
+    return hook_number(environ, TEST_BATCH_ENV, BATCH_SECONDS, lambda v: 0 < v <= 86400)
 
 
 CRL_ASKS_PER_NODE = 4

@@ -188,6 +188,9 @@ def test_a_restarted_leader_waits_for_the_agents_first_report_and_judges_by_it(
         ws = Workstation("ws", node, next_loopback(), cluster.ca_pem)
         visit(ws)
         cluster.start_leader({service.TEST_BATCH_ENV: "3600"})
+        # (the hook in effect is said: one left in a production unit is seen in the log)
+        hooks = [e for e in cluster.leader.log_events() if e["event"] == "leader.test_hook"]
+        assert [(e["hook"], e["value"]) for e in hooks] == [(service.TEST_BATCH_ENV, 3600.0)]
         cluster.wait_for_nodes_online(["node1"])
         refused = cluster.cli("rollout", "finalize", phase1, "--yes")
         assert refused.returncode == 1, refused.stdout
@@ -247,6 +250,9 @@ def test_a_restarted_leader_says_on_each_node_that_it_waits_for_its_report(
         assert not rollout(cluster, phase1)["nodes"][0].get("awaiting_report")
         cluster.kill_leader()
         cluster.start_leader({service.TEST_BATCH_ENV: "3600"})
+        # (the hook in effect is said: one left in a production unit is seen in the log)
+        hooks = [e for e in cluster.leader.log_events() if e["event"] == "leader.test_hook"]
+        assert [(e["hook"], e["value"]) for e in hooks] == [(service.TEST_BATCH_ENV, 3600.0)]
         cluster.wait_for_nodes_online(["node1"])
 
         shown = cluster.cli("schema", "show", "--all", "--json")
