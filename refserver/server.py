@@ -9,7 +9,9 @@ Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is
     GET  APP                 {"app": "praxis_live", "server": "tlsroll-refserver", "version": ...}
     GET  APP health          {"status": "ok", "scheme": "http"|"https", "frozen": bool}
     POST APP entries         JSON object -> 201 {"id": "<uuid hex>", "seq": n}, after the commit;
-                             400 bad JSON; 503 + Retry-After while frozen
+                             400 bad JSON (strict JSON: no NaN, Infinity or 1e999, no
+                             lone surrogate, not nested too deeply; as every body the
+                             server reads); 503 + Retry-After while frozen
     GET  APP entries/{id}    200 {"id", "seq", "body", "created_at"} or 404
     POST APP login           {"password": "..."} -> 200 {"ok": true} | 401 | 409 (none configured)
                              | 403 "https_required" on http (the body is not read: the
@@ -303,13 +305,7 @@ class RefServer:
         raw = await request.read()
         if allow_empty and not raw.strip():
             return {}
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _BadRequest(f"body is not valid JSON: {' '.join(str(exc).split())}") from None
-        if not isinstance(data, dict):
-            raise _BadRequest("body must be a JSON object")
-        return data
+        return _json_object(raw)
 
     # --- public app ---------------------------------------------------------------------------
 
@@ -367,12 +363,7 @@ class RefServer:
         # commit this write counts as in flight, and a freeze waits for it.
         if self.frozen:
             return self._frozen_response()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, "bad_request", f"body is not valid JSON: {_one_line(exc)}")
-        if not isinstance(body, dict):
-            return _error(400, "bad_request", "body must be a JSON object")
+        body = _json_object(raw)
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -683,6 +674,40 @@ class RefServer:
 
 class _BadRequest(TerminalError):
     pass
+
+
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if abs(value) == float("inf"):  # 1e999: the grammar of a JSON number has no NaN
+        raise ValueError("a number too large for a float")
+    return value
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body ``raw`` as a JSON object, else ``_BadRequest`` (a 400, one line): strictly
+    JSON, as every answer is, with nothing the store cannot keep or give back as JSON. Before,
+    an object nested too deeply (a ``RecursionError``) or a string with a lone surrogate
+    (``"\\ud800"``, which SQLite cannot store as text) was a 500 with a traceback in the log,
+    and ``NaN``, ``Infinity`` or ``1e999`` were stored and given back as no JSON at all (review
+    s66 M1, L2)."""
+    try:
+        data = json.loads(raw, parse_constant=_not_a_number, parse_float=_finite)
+        json.dumps(data, ensure_ascii=False).encode()
+    except RecursionError:
+        raise _BadRequest("body is not valid JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise _BadRequest(
+            "body is not valid JSON: a string in it is not Unicode text (a lone surrogate)"
+        ) from None
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise _BadRequest(f"body is not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise _BadRequest("body must be a JSON object")
+    return data
 
 
 @web.middleware

@@ -162,6 +162,42 @@ def test_write_and_read_over_http(make_server: MakeServer) -> None:
     assert events[0] == "server.started" and events[-1] == "server.stopped"
 
 
+NESTED = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+NO_JSON_BODIES = {
+    "a lone surrogate": b'{"a": "\\ud800"}',
+    "a lone surrogate in a key": b'{"\\udfff": 1}',
+    "a lone surrogate's bytes": b'{"a": "\xed\xa0\x80"}',
+    "nested too deeply": NESTED,
+    "NaN": b'{"a": NaN}',
+    "Infinity": b'{"a": [-Infinity]}',
+    "a float too large": b'{"a": 1e999}',
+}
+
+
+def test_a_body_that_is_not_strictly_json_is_a_one_line_400(make_server: MakeServer) -> None:
+    """Review s66 M1, L2: an entry nested too deeply (a RecursionError) or with a lone
+    surrogate in a string (SQLite cannot store it as text) was a 500 with a traceback in the
+    log, and NaN, Infinity or 1e999 were stored and given back as no JSON at all. Each is a
+    400 now, one line, nothing stored; the admin socket's freeze decodes its body alike."""
+    server = make_server()
+    server.start()
+    for name, raw in NO_JSON_BODIES.items():
+        resp = post(server, raw)
+        assert resp.status == 400, (name, resp.status, resp.body)
+        answer = resp.json()
+        assert answer["error"] == "bad_request", name
+        assert answer["message"].startswith("body is not valid JSON: "), (name, answer)
+        assert len(answer["message"]) < 120 and "\n" not in answer["message"], (name, answer)
+    for raw in (NESTED, b'{"drain_timeout": NaN}', b'{"drain_timeout": 1, "x": "\\ud800"}'):
+        resp = unix_request(server.admin_socket, "POST", "/admin/freeze", raw)
+        assert resp.status == 400 and resp.json()["error"] == "bad_request", resp
+    assert post(server, {"a": 1.5, "b": "\u00e9\U0001f600"}).status == 201
+    status = server.status()
+    assert status["watermark"] == 1 and status["frozen"] is False
+    log = server.log()
+    assert "Traceback" not in log and "request.failed" not in log
+
+
 class FsyncCountingServer(RefServer):
     """A reference server whose process writes, for each ``os.fsync`` call it makes, the path
     of the file or directory synced to ``fsynced`` (a line each)."""
