@@ -755,6 +755,27 @@ def test_second_server_on_the_same_data_dir_or_port_is_refused(make_server: Make
     assert first.status()["pid"] == first.pid  # the first one is unharmed
 
 
+def test_a_live_admin_socket_is_not_taken_over(make_server: MakeServer) -> None:
+    """Review s66 M2: a second server given a live one's admin_socket (its own data_dir and
+    address) removed that socket and bound its own, so that the agent froze and asked the
+    wrong server, and either's stop removed the other's. It exits 1 in one line now; and a
+    server's stop leaves a socket file that is not the one it bound."""
+    first = make_server()
+    first.start()
+    second = make_server(admin_socket=first.admin_socket)
+    code, err = second.run_to_exit()
+    assert code == 1 and "Traceback" not in err, err
+    assert f"another server answers on admin_socket {first.admin_socket}" in err, err
+    status = unix_request(first.admin_socket, "GET", "/admin/status").json()
+    assert status["pid"] == first.pid and status["address"] == first.address
+    first.admin_socket.rename(first.admin_socket.with_name("moved.sock"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(first.admin_socket))
+        put = os.lstat(first.admin_socket).st_ino
+        assert first.stop() == 0
+        assert os.lstat(first.admin_socket).st_ino == put
+
+
 CONFIG_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("missing-address", {"address": None}, "[server].address: missing"),
     ("bad-address", {"address": "localhost"}, "[server].address: 'localhost' is not an IP"),
