@@ -839,6 +839,35 @@ def test_key_readable_by_others_is_refused(
     assert "chmod 600" in err and not port_open(address, 8443)
 
 
+def test_a_certificate_and_key_the_wrong_way_round_are_said_so(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    """Review s66 L4: the ssl module's word for a certificate and a key given the wrong way
+    round was "[SSL] PEM lib (_ssl.c:3905)". The line says which file holds what."""
+    address = loopback()
+    cert = issue_cert(address)
+    cert.cert_file.chmod(0o600)
+    server = make_server(
+        address=address, listen=["https"], cert_file=cert.key_file, key_file=cert.cert_file
+    )
+    assert_config_error(
+        server,
+        f"[server].cert_file: {cert.key_file} holds a private key, not a certificate "
+        "(cert_file and key_file given the wrong way round?)",
+    )
+    server.write_config(cert_file=cert.cert_file)
+    assert_config_error(
+        server, f"[server].key_file: {cert.cert_file} holds a certificate, not a private key"
+    )
+    server.write_config(key_file=cert.ca_file)  # neither, nor a PEM file at all
+    cert.ca_file.write_bytes(b"not PEM")
+    cert.ca_file.chmod(0o600)
+    assert_config_error(server, f"[server].key_file: {cert.ca_file} holds no PEM private key")
+    server.write_config(key_file=cert.key_file)
+    server.start()
+    assert not port_open(address, 8080) and port_open(address, 8443)
+
+
 def test_bad_verifier_file_is_refused(make_server: MakeServer, tmp_path: Path) -> None:
     bad = tmp_path / "verifier.json"
     write_atomic(bad, b'{"alg": "scrypt"}', PRIVATE)
