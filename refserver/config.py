@@ -205,7 +205,40 @@ def _ssl_context(s: Section, c: RefServerConfig) -> ssl.SSLContext:
             c.cert_file, c.key_file, c.client_ca_file, require_client=c.require_client_cert
         )
     except (ssl.SSLError, OSError, ValueError) as exc:
+        if labelled := _pem_problem(c.cert_file, c.key_file):
+            raise s.error(*labelled) from None
         raise s.error("cert_file", f"cannot load certificate/key/CA: {_one_line(exc)}") from None
+
+
+def _pem_problem(cert_file: Path, key_file: Path) -> tuple[str, str] | None:
+    """(the key, what is wrong) when the certificate or key file that failed to load holds no
+    PEM block of its kind, by their labels only (nothing of the files is quoted): the ssl
+    module's own word for a certificate and a key given the wrong way round is "[SSL] PEM lib
+    (_ssl.c:3905)" (review s66 L4). None when the labels are right. (Compiled here, on a
+    failed start only: the start is inside every switch's freeze window.)"""
+    # The labels OpenSSL takes: "CERTIFICATE", "TRUSTED CERTIFICATE", "X509 CERTIFICATE"; and
+    # "PRIVATE KEY", "RSA PRIVATE KEY", "ENCRYPTED PRIVATE KEY", ...
+    kinds = {
+        "certificate": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*CERTIFICATE-----"),
+        "private key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+    }
+    for key, path, kind, other in (
+        ("cert_file", cert_file, "certificate", "private key"),
+        ("key_file", key_file, "private key", "certificate"),
+    ):
+        try:
+            text = read_regular(path)
+        except (OSError, NotRegularFile):
+            continue
+        if kinds[kind].search(text) is not None:
+            continue
+        if kinds[other].search(text) is None:
+            return key, f"{path} holds no PEM {kind}"
+        return key, (
+            f"{path} holds a {other}, not a {kind} "
+            "(cert_file and key_file given the wrong way round?)"
+        )
+    return None
 
 
 def _verifier(s: Section, path: Path) -> password.Verifier:

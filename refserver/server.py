@@ -9,7 +9,9 @@ Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is
     GET  APP                 {"app": "praxis_live", "server": "tlsroll-refserver", "version": ...}
     GET  APP health          {"status": "ok", "scheme": "http"|"https", "frozen": bool}
     POST APP entries         JSON object -> 201 {"id": "<uuid hex>", "seq": n}, after the commit;
-                             400 bad JSON; 503 + Retry-After while frozen
+                             400 bad JSON (strict JSON: no NaN, Infinity or 1e999, no
+                             lone surrogate, not nested too deeply; as every body the
+                             server reads); 503 + Retry-After while frozen
     GET  APP entries/{id}    200 {"id", "seq", "body", "created_at"} or 404
     POST APP login           {"password": "..."} -> 200 {"ok": true} | 401 | 409 (none configured)
                              | 403 "https_required" on http (the body is not read: the
@@ -55,7 +57,8 @@ The freeze is persisted in the entry store (one commit; ``refserver.store``) bef
 answered, and survives restarts and crashes until unfreeze.
 
 Exit codes: 0 after SIGTERM/SIGINT (in-flight requests finish first), 2 for a config error
-(one line on stderr), 1 when start-up fails otherwise (port taken, data_dir locked, ...).
+(one line on stderr), 1 when start-up fails otherwise (port taken, data_dir locked, another
+server answering on the admin_socket, ...).
 
 Test-only knob: the environment variable ``TLSROLL_REFSERVER_TEST_WRITE_DELAY`` (seconds, a
 float) makes every accepted write wait that long *after* it counts as in flight and *before*
@@ -114,6 +117,7 @@ SHUTDOWN_TIMEOUT = 10.0  # graceful stop: wait this long for in-flight writes (a
 # stop is not held up by connections that carry no request (200 of them stretched a restart,
 # and the freeze around it, from 0.5 s to 11 s).
 CLOSE_CONNECTIONS_SECONDS = 0.5
+ADMIN_SOCKET_CHECK_SECONDS = 2.0  # at start: does a server answer on the admin socket there?
 LOGIN_CONCURRENCY = 4  # scrypt costs 32 MiB and ~0.1 s of CPU per check
 # The same backoff per source address as the bootstrap service's (nodeagent.bootstrap_server).
 LOGIN_BACKOFF = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
@@ -303,13 +307,7 @@ class RefServer:
         raw = await request.read()
         if allow_empty and not raw.strip():
             return {}
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _BadRequest(f"body is not valid JSON: {' '.join(str(exc).split())}") from None
-        if not isinstance(data, dict):
-            raise _BadRequest("body must be a JSON object")
-        return data
+        return _json_object(raw)
 
     # --- public app ---------------------------------------------------------------------------
 
@@ -367,12 +365,7 @@ class RefServer:
         # commit this write counts as in flight, and a freeze waits for it.
         if self.frozen:
             return self._frozen_response()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, "bad_request", f"body is not valid JSON: {_one_line(exc)}")
-        if not isinstance(body, dict):
-            return _error(400, "bad_request", "body must be a JSON object")
+        body = _json_object(raw)
         self.in_flight += 1
         self._idle.clear()
         try:
@@ -685,6 +678,40 @@ class _BadRequest(TerminalError):
     pass
 
 
+def _not_a_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if abs(value) == float("inf"):  # 1e999: the grammar of a JSON number has no NaN
+        raise ValueError("a number too large for a float")
+    return value
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body ``raw`` as a JSON object, else ``_BadRequest`` (a 400, one line): strictly
+    JSON, as every answer is, with nothing the store cannot keep or give back as JSON. Before,
+    an object nested too deeply (a ``RecursionError``) or a string with a lone surrogate
+    (``"\\ud800"``, which SQLite cannot store as text) was a 500 with a traceback in the log,
+    and ``NaN``, ``Infinity`` or ``1e999`` were stored and given back as no JSON at all (review
+    s66 M1, L2)."""
+    try:
+        data = json.loads(raw, parse_constant=_not_a_number, parse_float=_finite)
+        json.dumps(data, ensure_ascii=False).encode()
+    except RecursionError:
+        raise _BadRequest("body is not valid JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise _BadRequest(
+            "body is not valid JSON: a string in it is not Unicode text (a lone surrogate)"
+        ) from None
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise _BadRequest(f"body is not valid JSON: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise _BadRequest("body must be a JSON object")
+    return data
+
+
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error answer is JSON: ``{"error": word, "message": text}``."""
@@ -762,15 +789,43 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def _remove_stale_socket(path: Path) -> None:
-    """Remove the socket a killed predecessor left behind (never any other kind of file)."""
+async def _remove_stale_socket(path: Path) -> None:
+    """Remove the socket a killed predecessor left behind (never any other kind of file), and
+    only if nobody listens on it: a second server given the same admin_socket (its own
+    data_dir, its own address) took a live one's socket over, so that the agent froze and
+    asked the wrong server, and either's stop removed the other's (review s66 M2)."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise StartupError(f"admin_socket {path} exists and is not a socket")
-    path.unlink()
+    try:
+        async with asyncio.timeout(ADMIN_SOCKET_CHECK_SECONDS):
+            _reader, writer = await asyncio.open_unix_connection(str(path))
+    except ConnectionRefusedError:  # a socket file nobody listens on: stale
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # TimeoutError included: a listener whose backlog is full
+        raise StartupError(
+            f"admin_socket {path} cannot be taken: {exc.strerror or type(exc).__name__}"
+        ) from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    raise StartupError(f"another server answers on admin_socket {path}")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the socket file at ``path``, or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
 async def _start_public(server: RefServer, ssl_context: Any, public: web.AppRunner) -> None:
@@ -820,7 +875,8 @@ async def serve(loaded: refserver_config.Loaded) -> int:
     store: Store | None = None
     server: RefServer | None = None
     runners: list[web.AppRunner] = []
-    socket_bound = started = False
+    started = False
+    bound: tuple[int, int] | None = None  # the admin socket file this server bound
     try:
         try:
             # Replaced whole (a reader never sees half of it), not fsynced: a pid names a
@@ -872,9 +928,9 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         # freeze a fake): refuse a directory that is not ours alone.
         if problem := socket_dir_problem(c.admin_socket.parent):
             raise StartupError(f"admin_socket directory: {problem}")
-        _remove_stale_socket(c.admin_socket)
+        await _remove_stale_socket(c.admin_socket)
         await _start_admin(c.admin_socket, admin)
-        socket_bound = True
+        bound = _identity(c.admin_socket)
         if write_delay:
             log.warning("test_hook.write_delay", seconds=write_delay, env=WRITE_DELAY_ENV)
         if clients_window:
@@ -905,8 +961,9 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         # Public first (waits for in-flight requests), the admin socket last.
         for runner in runners:
             await runner.cleanup()
+        # Only the file this server bound: never one another server put in its place.
         with contextlib.suppress(FileNotFoundError):
-            if socket_bound:
+            if bound is not None and _identity(c.admin_socket) == bound:
                 c.admin_socket.unlink()
         if server is not None:
             # The count of wrong passwords as it is now (the saving task waits between saves).

@@ -243,8 +243,25 @@ def test_refserver_refuses_tmp_itself_as_the_socket_directory(tmp_path: Path) ->
         bound = sock.exists()
         sock.unlink(missing_ok=True)
     assert code == 1
-    assert "admin_socket directory" in refserver_error(err)
+    line = refserver_error(err)
+    assert "admin_socket directory" in line and "use a directory of its own" in line
+    assert "chmod" not in line  # review s66 L3: a root server was told to chmod 700 /tmp
     assert not bound
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o2775])
+def test_a_shared_socket_directory_is_not_to_be_chmodded(socket_dirs: Path, mode: int) -> None:
+    """A sticky directory (as /tmp) or one a group shares (setgid, as /var/mail) is not the
+    server's to chmod 700: only "use a directory of its own" is advised (review s66 L3); a
+    directory of the server's own that others may write is still to be chmodded."""
+    shared = socket_dirs / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    problem = socket_dir_problem(shared)
+    assert problem is not None and "use a directory of its own" in problem, problem
+    assert "chmod" not in problem, problem
+    shared.chmod(0o777)
+    assert f"run: chmod 700 {shared}" in str(socket_dir_problem(shared))
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root (CI runs as root)")

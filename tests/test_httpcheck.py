@@ -385,6 +385,57 @@ async def asyncio_check_http(address: str, port: int, path: str) -> str | None:
     return await asyncio.to_thread(http_judge.check_http, address, port, path)
 
 
+async def test_a_flood_of_100_continue_heads_is_parsed_once(
+    loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each "100 Continue" head is handed to http.client's parser once: the heads before it
+    were handed over again at each one, quadratic work on the event loop that no timeout
+    could end (5000 heads held the verify for 15 s: review s66 H1). Counted, not timed: the
+    bytes the parser is given. ``INTERIM_MAX`` of them still pass; one more is refused."""
+    address = loopback()
+    heads = b"HTTP/1.1 100 Continue\r\n\r\n" * probe.INTERIM_MAX
+    parsed = [0]
+    real = probe._Head.__init__
+
+    def counting(self: probe._Head, data: bytes) -> None:
+        parsed[0] += len(data)
+        real(self, data)
+
+    monkeypatch.setattr(probe._Head, "__init__", counting)
+    with tiny_server(address, heads + OK_CLOSE) as port:
+        assert await probe.check_http(address, port, APP) is None
+    assert parsed[0] <= 4 * len(heads + OK_CLOSE), parsed[0]
+    one_more = b"HTTP/1.1 100 Continue\r\n\r\n" + heads + OK_CLOSE
+    with tiny_server(address, one_more) as port:
+        problem = await probe.check_http(address, port, APP)
+    assert problem is not None
+    assert f"more than {probe.INTERIM_MAX} heads of 100 Continue" in problem, problem
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        CHUNKED + b"2\r\nok\r\n0\r\n" + (b"X: " + b"y" * 60000 + b"\r\n") * 20 + b"\r\n",
+        CHUNKED + (b"1;" + b"e" * 60000 + b"\r\nx\r\n") * 20 + b"0\r\n\r\n",
+    ],
+    ids=["a long trailer", "long chunk extensions"],
+)
+async def test_every_byte_of_a_chunked_answer_counts_towards_its_limit(
+    loopback: Callable[[], str], answer: bytes
+) -> None:
+    """The chunks' size lines (with their extensions) and the trailer count towards
+    ``ANSWER_MAX`` as the chunks do: an endless trailer was read until the timeout (800 MiB in
+    5 s) and said only that it timed out (review s66 L1). Here a trailer, or extensions, of
+    1.2 MB around a body of a few bytes."""
+    address = loopback()
+    with tiny_server(address, answer) as port:
+        problem = await probe.check_http(address, port, APP)
+    assert problem is not None and f"more than {probe.ANSWER_MAX} bytes" in problem, problem
+
+
 async def test_a_probes_connection_whose_close_hangs_is_aborted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -162,6 +162,42 @@ def test_write_and_read_over_http(make_server: MakeServer) -> None:
     assert events[0] == "server.started" and events[-1] == "server.stopped"
 
 
+NESTED = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+NO_JSON_BODIES = {
+    "a lone surrogate": b'{"a": "\\ud800"}',
+    "a lone surrogate in a key": b'{"\\udfff": 1}',
+    "a lone surrogate's bytes": b'{"a": "\xed\xa0\x80"}',
+    "nested too deeply": NESTED,
+    "NaN": b'{"a": NaN}',
+    "Infinity": b'{"a": [-Infinity]}',
+    "a float too large": b'{"a": 1e999}',
+}
+
+
+def test_a_body_that_is_not_strictly_json_is_a_one_line_400(make_server: MakeServer) -> None:
+    """Review s66 M1, L2: an entry nested too deeply (a RecursionError) or with a lone
+    surrogate in a string (SQLite cannot store it as text) was a 500 with a traceback in the
+    log, and NaN, Infinity or 1e999 were stored and given back as no JSON at all. Each is a
+    400 now, one line, nothing stored; the admin socket's freeze decodes its body alike."""
+    server = make_server()
+    server.start()
+    for name, raw in NO_JSON_BODIES.items():
+        resp = post(server, raw)
+        assert resp.status == 400, (name, resp.status, resp.body)
+        answer = resp.json()
+        assert answer["error"] == "bad_request", name
+        assert answer["message"].startswith("body is not valid JSON: "), (name, answer)
+        assert len(answer["message"]) < 120 and "\n" not in answer["message"], (name, answer)
+    for raw in (NESTED, b'{"drain_timeout": NaN}', b'{"drain_timeout": 1, "x": "\\ud800"}'):
+        resp = unix_request(server.admin_socket, "POST", "/admin/freeze", raw)
+        assert resp.status == 400 and resp.json()["error"] == "bad_request", resp
+    assert post(server, {"a": 1.5, "b": "\u00e9\U0001f600"}).status == 201
+    status = server.status()
+    assert status["watermark"] == 1 and status["frozen"] is False
+    log = server.log()
+    assert "Traceback" not in log and "request.failed" not in log
+
+
 class FsyncCountingServer(RefServer):
     """A reference server whose process writes, for each ``os.fsync`` call it makes, the path
     of the file or directory synced to ``fsynced`` (a line each)."""
@@ -719,6 +755,27 @@ def test_second_server_on_the_same_data_dir_or_port_is_refused(make_server: Make
     assert first.status()["pid"] == first.pid  # the first one is unharmed
 
 
+def test_a_live_admin_socket_is_not_taken_over(make_server: MakeServer) -> None:
+    """Review s66 M2: a second server given a live one's admin_socket (its own data_dir and
+    address) removed that socket and bound its own, so that the agent froze and asked the
+    wrong server, and either's stop removed the other's. It exits 1 in one line now; and a
+    server's stop leaves a socket file that is not the one it bound."""
+    first = make_server()
+    first.start()
+    second = make_server(admin_socket=first.admin_socket)
+    code, err = second.run_to_exit()
+    assert code == 1 and "Traceback" not in err, err
+    assert f"another server answers on admin_socket {first.admin_socket}" in err, err
+    status = unix_request(first.admin_socket, "GET", "/admin/status").json()
+    assert status["pid"] == first.pid and status["address"] == first.address
+    first.admin_socket.rename(first.admin_socket.with_name("moved.sock"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(first.admin_socket))
+        put = os.lstat(first.admin_socket).st_ino
+        assert first.stop() == 0
+        assert os.lstat(first.admin_socket).st_ino == put
+
+
 CONFIG_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("missing-address", {"address": None}, "[server].address: missing"),
     ("bad-address", {"address": "localhost"}, "[server].address: 'localhost' is not an IP"),
@@ -780,6 +837,35 @@ def test_key_readable_by_others_is_refused(
     assert_config_error(server, "[server].key_file:")
     _, err = server.run_to_exit()
     assert "chmod 600" in err and not port_open(address, 8443)
+
+
+def test_a_certificate_and_key_the_wrong_way_round_are_said_so(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    """Review s66 L4: the ssl module's word for a certificate and a key given the wrong way
+    round was "[SSL] PEM lib (_ssl.c:3905)". The line says which file holds what."""
+    address = loopback()
+    cert = issue_cert(address)
+    cert.cert_file.chmod(0o600)
+    server = make_server(
+        address=address, listen=["https"], cert_file=cert.key_file, key_file=cert.cert_file
+    )
+    assert_config_error(
+        server,
+        f"[server].cert_file: {cert.key_file} holds a private key, not a certificate "
+        "(cert_file and key_file given the wrong way round?)",
+    )
+    server.write_config(cert_file=cert.cert_file)
+    assert_config_error(
+        server, f"[server].key_file: {cert.cert_file} holds a certificate, not a private key"
+    )
+    server.write_config(key_file=cert.ca_file)  # neither, nor a PEM file at all
+    cert.ca_file.write_bytes(b"not PEM")
+    cert.ca_file.chmod(0o600)
+    assert_config_error(server, f"[server].key_file: {cert.ca_file} holds no PEM private key")
+    server.write_config(key_file=cert.key_file)
+    server.start()
+    assert not port_open(address, 8080) and port_open(address, 8443)
 
 
 def test_bad_verifier_file_is_refused(make_server: MakeServer, tmp_path: Path) -> None:

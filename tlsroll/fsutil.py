@@ -863,12 +863,20 @@ def socket_dir_problem(directory: Path, owner: int | None = None) -> str | None:
             "the server; use a directory of its own (e.g. under the data_dir)"
         )
     if st.st_mode & 0o022:
-        return (
-            f"{real} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod 700 {real}, or use a directory of its own"
-        )
+        writable = f"{real} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        if _shared_dir(real, st):
+            return f"{writable}; use a directory of its own (e.g. under the data_dir)"
+        return f"{writable}; run: chmod 700 {real}, or use a directory of its own"
     above = _above_problem(real, me)
     return above[1] if above else None
+
+
+def _shared_dir(real: Path, st: os.stat_result) -> bool:
+    """Whether ``real`` (resolved) is a directory others share by design: a sticky one (such as
+    /tmp), one whose group shares it (setgid, such as /var/mail), or one of the system's, at
+    most two levels below / (/var/tmp, /dev/shm): "chmod 700" would break the system's use of
+    it (review s66 L3: a server as root with its socket in /tmp was told to chmod 700 /tmp)."""
+    return bool(st.st_mode & (stat.S_ISVTX | stat.S_ISGID)) or len(real.parts) <= 3
 
 
 def _links_problem(given: Path, me: int) -> str | None:
