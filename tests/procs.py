@@ -105,3 +105,21 @@ def stop(procs: Iterable[Proc], timeout: float = 5.0) -> list[Proc]:
     while any(alive(p) for p in procs) and time.monotonic() < deadline:
         time.sleep(0.02)
     return [p for p in procs if alive(p)]
+
+
+# A graceful stop's grace (``long_grace``): far past any bound a test waits for a stop.
+LONG_GRACE_SECONDS = 3600.0
+LONG_GRACE_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "long_grace")
+LOOP_CHECKS_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loop_checks")
+
+
+def long_grace(seconds: float = LONG_GRACE_SECONDS) -> dict[str, str]:
+    """The environment that gives a daemon started with it (leader, agent, reference server)
+    ``seconds`` of grace at its graceful stop (``tests/long_grace/sitecustomize.py``). Its stop
+    that ends within a test's bound was not ended by a grace running out: "it stopped in time"
+    said by what ended it, not by a clock held against the grace."""
+    path = [LONG_GRACE_SITE, LOOP_CHECKS_SITE, os.environ.get("PYTHONPATH", "")]
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in path if p),
+        "TLSROLL_TEST_LONG_GRACE": str(seconds),
+    }

@@ -625,7 +625,8 @@ def full_leader_rollout(root: Path, tmp_path: Path) -> None:
                 "heartbeat.batch_failed",
             }
             # the first, then at most one a minute whoever fails (the engine's steps, the
-            # heartbeats' batches), not one of each per tick
+            # heartbeats' batches), not one of each per tick (a bound that grows with the time
+            # the disk was full: a slow machine loosens it)
             assert len(failing) <= 1 + full_for // 60, failing
             recovered = [e for e in events if e.get("event") == "store.writes_recovered"]
             assert len(recovered) == 1, recovered

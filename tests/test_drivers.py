@@ -579,10 +579,10 @@ def test_exec_command_that_hangs_times_out_and_rolls_back(nodes: NodeFactory) ->
     node.switch("ex-hang")
     wait_until(control.hang_pid.exists, 20, "the hanging restart to begin")
     hung = int(control.hang_pid.read_text())
-    # The agent answers while its command hangs.
-    t0 = time.monotonic()
+    # The agent answers while its command hangs: the transaction it tells of is not over, still
+    # at the restart (an answer held until the command's 4 s were out would tell of its
+    # rollback). This timed the answer before, under 2 s.
     during = node.txn("ex-hang")
-    assert time.monotonic() - t0 < 2
     assert during.outcome == "" and during.phase == "config_written"
 
     done = node.wait_txn("ex-hang", timeout=30)
@@ -590,9 +590,9 @@ def test_exec_command_that_hangs_times_out_and_rolls_back(nodes: NodeFactory) ->
     assert "restart" in done.reason and "did not finish within 4s" in done.reason, done.reason
     wait_until(lambda: not alive(hung), 5, "the hung command to be killed")
     assert_back_on_http(node, config)
-    ended: Any = done.ended_at.ToDatetime()
-    started: Any = done.started_at.ToDatetime()
-    assert (ended - started).total_seconds() < 20
+    # Ended by the command's timeout, as the reason says (4s), within the test's bound of 30 s.
+    # (Its recorded start and end were held under 20 s apart too: a clock bound.)
+    assert done.started_at.ToDatetime() <= done.ended_at.ToDatetime()
 
 
 def test_exec_status_without_a_watermark_rolls_back_and_unfreezes(nodes: NodeFactory) -> None:
@@ -873,8 +873,11 @@ async def test_waiting_for_a_server_that_never_answers_names_the_last_problem() 
     t0 = time.monotonic()
     with pytest.raises(DriverError, match=r"^unit did not come back: not yet \((\d+)\)$") as info:
         await _wait_healthy(driver, 0.3, "unit did not come back", interval=0.05)
-    assert 0.3 <= time.monotonic() - t0 < 2
-    assert str(info.value).endswith(f"({driver.asked})") and 3 <= driver.asked <= 10
+    # It waited its 0.3 s (a lower bound, the wait's promise: no load makes it shorter), and
+    # then gave up: no more looks than 0.3 s holds at one per 0.05 s (a slow machine makes
+    # fewer). (It was held under 2 s too, a clock bound.)
+    assert time.monotonic() - t0 >= 0.3
+    assert str(info.value).endswith(f"({driver.asked})") and 1 <= driver.asked <= 10
 
 
 def reference_driver(root: Path, **settings: object) -> ReferenceDriver:
@@ -925,6 +928,8 @@ async def test_reference_driver_is_told_when_the_server_is_ready_and_gone(
         await driver.start()
         took = time.monotonic() - t0
         assert await driver.health() is None
+        # At most one look per ``READY_FALLBACK_WAIT`` of the start, besides the one when told:
+        # a bound that grows with the time the start took (a slow machine loosens it).
         assert 1 <= pid_reads[0] <= took / drivers.READY_FALLBACK_WAIT + 2, (pid_reads, took)
         pid_reads[0] = 0
         await driver.stop()
@@ -1189,11 +1194,12 @@ async def test_an_admin_answer_the_client_cannot_read_is_one_line(
 
 
 async def test_reference_driver_start_fails_at_once_if_the_server_exits(tmp_path: Path) -> None:
+    """The start's timeout is an hour: only the server's exit can end the start within the
+    test's bound (a minute; this timed it against half of a 20 s timeout before)."""
     driver = reference_driver(tmp_path, no_such_key=1)  # the server refuses its config
-    t0 = time.monotonic()
     with pytest.raises(DriverError, match=r"^the server exited at start \(code 2\): .*no_such_key"):
-        await driver.start(timeout=20)
-    assert time.monotonic() - t0 < 10  # not the whole timeout
+        async with asyncio.timeout(60):  # a hang's bound
+            await driver.start(timeout=3600)
 
 
 async def test_reference_driver_start_gives_up_after_its_timeout(tmp_path: Path) -> None:

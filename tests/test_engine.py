@@ -749,8 +749,9 @@ async def test_a_held_preparation_goes_on_once_a_switch_slot_comes_free(
     as one comes free (a node's confirm done), though the other switch is still at its start:
     the rollout waits for it then. Driven by hand (``Engine._prepare_later``): in this harness
     a pass that would start such a node waits for every step of the pass before, the slow
-    switch's too."""
-    monkeypatch.setattr(engine_module, "PREPARE_HOLD_SECONDS", 30.0)
+    switch's too. The hold's bound is an hour: only the free slot can end the hold within the
+    test's bound (a hang's, 30 s; it was 1 s against a hold of 30 s, a clock bound)."""
+    monkeypatch.setattr(engine_module, "PREPARE_HOLD_SECONDS", 3600.0)
     leader = world.boot(prepare_ahead=1)
     engine = leader.engine
     rollout = SimpleNamespace(id="r-held", max_parallel=2)
@@ -778,7 +779,7 @@ async def test_a_held_preparation_goes_on_once_a_switch_slot_comes_free(
     await asyncio.sleep(0.1)
     assert not held.done()
     stored[0] = with_switching(0)  # its switch and confirm done: a slot is free
-    assert await asyncio.wait_for(held, 1.0) is True
+    assert await asyncio.wait_for(held, 30) is True
     await leader.stop()
 
 

@@ -11,7 +11,6 @@ import contextlib
 import socket
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -252,7 +251,6 @@ def test_a_flood_of_wrong_tokens_is_held_off_and_a_good_token_still_enrols(
     wrong = f"{'a' * 6}.{'b' * 26}"
     codes: list[grpc.StatusCode] = []
     retry_after: list[str] = []
-    started = time.monotonic()
     try:
         with join_channel(cluster, relay) as channel:
             stub = enrolment_pb2_grpc.EnrolmentStub(channel)
@@ -265,12 +263,15 @@ def test_a_flood_of_wrong_tokens_is_held_off_and_a_good_token_still_enrols(
                     retry_after += [str(v) for k, v in trailers if k == "retry-after"]
     finally:
         relay.close()
-    elapsed = time.monotonic() - started
+    # Held off at once: nearly every guess was refused by the guard (its RESOURCE_EXHAUSTED
+    # carries a retry-after), each within the call's 10 s. (This timed the flood too, under
+    # 60 s: a clock no behaviour needs. A guard that held a refusal for its wait would let
+    # the next guess in, and one that let guesses through would answer UNAUTHENTICATED: the
+    # counts say both.)
     exhausted = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert codes.count(grpc.StatusCode.UNAUTHENTICATED) <= 10, codes
     assert exhausted >= 190, codes
     assert len(retry_after) == exhausted and all(int(v) >= 1 for v in retry_after)
-    assert elapsed < 60
     # The leader logged the attacker's first failure, and no line per attempt.
     events = cluster.leader.event_names()
     assert events.count("enrol.refused") == 1, events
@@ -287,19 +288,20 @@ def test_a_wrong_token_is_refused_while_another_process_holds_the_write_lock(
     cluster: Cluster,
 ) -> None:
     """A wrong token is turned away by a read: it neither waits for nor takes the store's
-    write lock (WAL readers never wait for a writer)."""
+    write lock (WAL readers never wait for a writer). The lock is held until the answer has
+    come: a refusal that waited for it could only end in the store's busy timeout (10 s, an
+    error that is no UNAUTHENTICATED) or the call's deadline, so the answer itself says that
+    it did not wait (this timed it before, under 5 s)."""
     holder = sqlite3.connect(cluster.store_path, isolation_level=None, timeout=1)
     try:
         holder.execute("BEGIN IMMEDIATE")  # the write lock, held for the whole attempt
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             enrol(cluster, enrol_request(f"{'c' * 6}.{'d' * 26}", "locked", next_loopback()))
-        elapsed = time.monotonic() - started
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
-    assert elapsed < 5  # the store's busy timeout is 10 s
+    assert info.value.details() == "join token not valid", info.value.details()
 
 
 def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(

@@ -96,9 +96,13 @@ def test_a_flood_of_idle_connections_leaves_the_leader_and_the_agent_working(
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         # Every port closes a connection that says nothing within the handshake deadline (the
         # control port's cap, 4096, does not fit a test's descriptors; its deadline does).
+        # A lower bound on when they were closed, the deadline's promise (no load makes it come
+        # sooner), read before the first connection opened: read after the floods (as it was),
+        # it was later than their start by as long as the floods took, and a slow flood could
+        # have made it fail.
+        began = time.monotonic()
         silent = {port: _flood(cluster.address, port, 3) for port in (JOIN_PORT, CONTROL_PORT)}
         silent[AGENT_PORT] = _flood(node2.address, AGENT_PORT, 3)
-        began = time.monotonic()
         try:
             for port, conns in silent.items():
                 for conn in conns:

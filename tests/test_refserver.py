@@ -31,7 +31,6 @@ from refserver import config as refserver_config
 from refserver import store as refstore
 from refserver.server import (
     CLIENTS_WINDOW_ENV,
-    SHUTDOWN_TIMEOUT,
     START_DELAY_ENV,
     SWITCHING_MESSAGE,
     WRITE_DELAY_ENV,
@@ -40,6 +39,7 @@ from refserver.server import RefServer as Server
 from refserver.server import _HttpLog as server_http_log
 from tests.conftest import IssuedCert, count_thread_hops
 from tests.nodeside import read_only
+from tests.procs import long_grace
 from tests.refserver_helper import (
     READY_TIMEOUT,
     RefServer,
@@ -646,6 +646,7 @@ def test_start_delay_holds_the_admin_socket_with_the_public_listeners_up_and_fro
     with pytest.raises(OSError):
         unix_request(server.admin_socket, "GET", "/admin/status", timeout=1.0)
     status = server.wait_ready()
+    # The delay was kept (a lower bound, the knob's promise: no load makes it shorter).
     assert time.monotonic() - started >= 1.5
     assert status["frozen"] is True
     assert [e for e in server.log_events() if e.get("event") == "test_hook.start_delay"]
@@ -700,8 +701,11 @@ def test_sigterm_lets_the_write_in_flight_finish(make_server: MakeServer) -> Non
 def test_idle_and_half_open_connections_do_not_hold_up_a_stop(make_server: MakeServer) -> None:
     """Issue 16 #6: 200 half-open connections on 8080 stretched a restart (and the freeze
     around it) from 0.5 s to ~11 s: a stop waited for them. It waits for writes in flight
-    only; a connection that carries no request is closed at once."""
-    server = make_server()
+    only; a connection that carries no request is closed at once. The server's wait for its
+    writes is an hour here (``long_grace``): a stop that waited on these connections for it
+    would not end within ``STOP_TIMEOUT`` (this timed the stop against half of the 10 s
+    before, which a loaded machine could break)."""
+    server = make_server(env=long_grace())
     server.start()
     held = []
     try:
@@ -713,13 +717,12 @@ def test_idle_and_half_open_connections_do_not_hold_up_a_stop(make_server: MakeS
             )
             held.append(sock)
         wait_for(lambda: post(server, {"still": "up"}).status == 201, what="server answers")
-        t0 = time.monotonic()
-        assert server.stop() == 0
-        stopped = time.monotonic() - t0
+        assert server.stop() == 0  # within STOP_TIMEOUT, far short of the writes' wait
     finally:
         for sock in held:
             sock.close()
-    assert stopped < SHUTDOWN_TIMEOUT / 2, f"the stop took {stopped:.1f} s"
+    (stopping,) = [e for e in server.log_events() if e.get("event") == "server.stopping"]
+    assert stopping["in_flight"] == 0, stopping  # none of them counted as a write
 
 
 # --- durability and start-up ----------------------------------------------------------------------
@@ -1433,16 +1436,10 @@ def login_queue(server: RefServer) -> tuple[int, int]:
     return status["login_checking"], status["login_waiting"]
 
 
-# A login the queue has no room for is refused at once, not after the queue's wait (30 s by
-# default): an answer within half of that wait came before it, however loaded the machine.
-AT_ONCE = refserver_config.LOGIN_QUEUE_SECONDS / 2
-
-
-def assert_refused_at_once(resp: Response, took: float) -> None:
+def assert_rate_limited(resp: Response) -> None:
     assert resp.status == 429, resp.body
     assert resp.json()["error"] == "rate_limited"
     assert int(resp.headers["retry-after"]) >= 1
-    assert took < AT_ONCE, took  # not after waiting (30 s)
 
 
 def test_the_login_queue_holds_16_per_source_and_64_in_all(
@@ -1452,18 +1449,26 @@ def test_the_login_queue_holds_16_per_source_and_64_in_all(
     no more than 16 of one source and 64 in all wait: one more is refused at once, 429 and
     Retry-After as for any login the limits refuse. ``login_ceiling = 1``: while the one wrong
     password is being checked, every other login, from any address, is held back by it alone;
-    once it is over (wrong), the ceiling is full and every waiting login is refused."""
+    once it is over (wrong), the ceiling is full and every waiting login is refused.
+
+    "At once" is what ended the wait, not a clock: the queue's wait is as long as it may be
+    (``MAX_LOGIN_QUEUE_SECONDS``, past the client's ``ANSWER_TIMEOUT``), so a login that
+    waited could only be answered once the check was over, and the check still runs when the
+    refusal has come. (Timed before: under 15 s, half the default wait.)"""
     verifier_file = slow_verifier(tmp_path / "auth.json")
     server, ctx = https_login_server(
-        make_server, loopback, issue_cert, verifier_file, login_ceiling=1
+        make_server,
+        loopback,
+        issue_cert,
+        verifier_file,
+        login_ceiling=1,
+        login_queue_seconds=refserver_config.MAX_LOGIN_QUEUE_SECONDS,
     )
     sources = [loopback() for _ in range(5)]
 
     def refused_now(source: str) -> None:
-        started = time.monotonic()
-        resp = login_from(server, ctx, "one-too-many", source)
-        assert_refused_at_once(resp, time.monotonic() - started)
-        # nor once the check was over, as a waiting one would be: it still runs
+        assert_rate_limited(login_from(server, ctx, "one-too-many", source))
+        # not after a wait, which only the check's end could have ended: it still runs
         assert login_queue(server)[0] == 1, "refused only once the check was over"
 
     with ThreadPoolExecutor(70) as pool:
@@ -1505,9 +1510,11 @@ def test_a_waiting_login_gives_up_after_login_queue_seconds(
         took = time.monotonic() - started
         assert gave_up.status == 429 and gave_up.json()["error"] == "rate_limited"
         assert int(gave_up.headers["retry-after"]) >= 1
-        # Waited its 1 s, and not the default 30 s (``AT_ONCE``: half of that); nor until the
-        # check was over: the server still runs it (a clock bound, 4 s, was broken by a load).
-        assert 0.9 <= took < AT_ONCE, took
+        # Waited its 1 s (a lower bound, the server's promise: no load makes a wait shorter),
+        # and not until the check was over: the server still runs it. (It was held against
+        # half the default 30 s too, a clock bound, as 4 s was before a load broke it; a
+        # wait of the default would outlast the check, about 7 s, and end with it.)
+        assert took >= 0.9, took
         assert not checked.done(), "the check ended before the wait's bound: too fast here"
         assert login_queue(server) == (1, 0)
         assert checked.result(timeout=ANSWER_TIMEOUT).status == 401
@@ -1541,10 +1548,17 @@ def test_a_login_whose_client_went_away_gives_up_its_place_in_the_queue(
     that sent a login and left filled their address's queue, and the next login from it was
     refused at once. A waiting login looks at its connection at least once a second and
     leaves the queue when it is gone (counted neither refused nor checked); the next one
-    waits as the queue allows."""
+    waits as the queue allows. The queue's wait is as long as it may be here
+    (``MAX_LOGIN_QUEUE_SECONDS``): only the look at the connection can end it while the
+    check runs (a clock bound, half the default 30 s, said so before)."""
     verifier_file = slow_verifier(tmp_path / "auth.json")
     server, ctx = https_login_server(
-        make_server, loopback, issue_cert, verifier_file, login_ceiling=1
+        make_server,
+        loopback,
+        issue_cert,
+        verifier_file,
+        login_ceiling=1,
+        login_queue_seconds=refserver_config.MAX_LOGIN_QUEUE_SECONDS,
     )
     source = loopback()
     with ThreadPoolExecutor(2) as pool:
@@ -1554,12 +1568,13 @@ def test_a_login_whose_client_went_away_gives_up_its_place_in_the_queue(
         wait_for(lambda: login_queue(server) == (1, 16), what="16 logins waiting")
         for conn in gone:
             conn.close()
-        # Within ``LOGIN_QUEUE_LOOK`` (1 s) of the close, not after 30 s; nor once the check was
-        # over: it still runs (the condition's 1).
-        wait_for(lambda: login_queue(server) == (1, 0), AT_ONCE, what="the gone ones leaving")
+        # Left by the look at their connections, not at the end of their wait (far off) nor
+        # once the check was over: it still runs (the condition's 1). The bound is a hang's.
+        left = "the gone ones leaving"
+        wait_for(lambda: login_queue(server) == (1, 0), ANSWER_TIMEOUT, what=left)
         assert not checked.done(), "the check ended before the gone ones left: too fast here"
         later = pool.submit(login_from, server, ctx, "another", source)
-        wait_for(lambda: login_queue(server) == (1, 1), AT_ONCE, what="the next one waiting")
+        wait_for(lambda: login_queue(server) == (1, 1), ANSWER_TIMEOUT, what="the next one waiting")
         assert checked.result(timeout=ANSWER_TIMEOUT).status == 401
         # one wrong password: the ceiling is full
         assert later.result(timeout=ANSWER_TIMEOUT).status == 429

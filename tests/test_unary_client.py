@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -31,6 +30,9 @@ class Schema(schema_pb2_grpc.SchemaViewServicer):
 
     def __init__(self) -> None:
         self.calls = 0
+        # "slow" answers once this is set (or after a minute, a hang's bound): only a deadline
+        # ends its call before the test lets it go.
+        self.let_go = threading.Event()
 
     def GetSchema(self, request: schema_pb2.GetSchemaRequest, context: Any) -> schema_pb2.Schema:
         self.calls += 1
@@ -39,7 +41,7 @@ class Schema(schema_pb2_grpc.SchemaViewServicer):
         if request.rollout_id == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit: must be 0 or more")
         if request.rollout_id == "slow":
-            time.sleep(2)
+            self.let_go.wait(60)
         nodes = [schema_pb2.NodeView(name=f"node-{i:03d}", reason="x" * 40) for i in range(50)]
         return schema_pb2.Schema(
             rollouts=[schema_pb2.RolloutView(id=f"r{i}", nodes=nodes) for i in range(request.limit)]
@@ -110,13 +112,17 @@ def test_statuses_and_their_messages_come_through(tmp_path: Path) -> None:
 
 
 def test_a_deadline_ends_the_call(tmp_path: Path) -> None:
+    """The server holds its answer until the test lets it go: the call's 0.3 s deadline is
+    what ends it (timed before: under 1.5 s, against a server that answered after 2 s)."""
     sock = tmp_path / "s.sock"
-    with serving(sock, Schema()), UnaryChannel(str(sock)) as channel:
-        t0 = time.monotonic()
-        with pytest.raises(RpcFailed) as info:
-            get(channel, timeout=0.3, rollout_id="slow")
-        assert info.value.code == "DEADLINE_EXCEEDED"
-        assert time.monotonic() - t0 < 1.5
+    servicer = Schema()
+    with serving(sock, servicer), UnaryChannel(str(sock)) as channel:
+        try:
+            with pytest.raises(RpcFailed) as info:
+                get(channel, timeout=0.3, rollout_id="slow")
+            assert info.value.code == "DEADLINE_EXCEEDED"
+        finally:
+            servicer.let_go.set()
         assert len(get(channel, limit=1).rollouts) == 1
 
 
