@@ -19,21 +19,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import re
 import signal
+import struct
 import subprocess
-import tempfile
+import termios
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-from tlsroll import clients, peertext
+from tlsroll import clients, logs, peertext
 from tlsroll.clients import ClientLog, ClientsView
 from tlsroll.config import Section
 from tlsroll.errors import TransientError
+
+log = logs.get_logger(__name__)
 
 TAIL_BYTES = 4 * 1024 * 1024  # the first look at a log
 MAX_READ_BYTES = 4 * 1024 * 1024  # each later look
@@ -93,65 +97,202 @@ async def run_command(argv: Sequence[str], timeout: float, limit: int) -> Ran:
     ``systemctl restart``): ``Ran``, or CommandFailed if it cannot run or does not exit
     within ``timeout`` seconds. One runner for both (duplicates of session 64).
 
-    Bounded by the command's own exit and nothing else (review s64 H1, H2, M1). Its output
-    goes to temporary files, not pipes: a server a ``restart`` starts in the background
-    (``nohup server &``, a vendor's ctl script) keeps the command's stdout, and with a pipe
-    the agent waited for that server's end, not the command's (a restart that worked failed
-    at its timeout, and a timeout's step lasted as long as such a child lived), then left the
-    pipe unread until the server blocked writing its log (or, the pipe closed, killed it by
-    SIGPIPE); a ``clients`` command's child that left its session held the clients refresh. A
-    file takes whatever it writes and blocks nobody. The command runs in a session of its own,
+    Bounded by the command's own exit and nothing else (review s64 H1, H2, M1). A server a
+    ``restart`` starts in the background (``nohup server &``, a vendor's ctl script) keeps the
+    command's stdout and stderr: the agent must neither wait for their end (it waited for that
+    server's end, not the command's: a restart that worked failed at its timeout) nor leave
+    them unread (the server blocked writing its log) nor close them (SIGPIPE killed it). So
+    each is a pipe the agent reads as the command writes (``_Output``), keeping the first
+    ``limit`` + 1 bytes of stdout and the last ``ERROR_TAIL`` of each; once the command has
+    exited, what is left in it is read, and a pipe still held by such a server is read on and
+    thrown away by a thread of its own until the server lets go of it (``_Output.release``).
+    They were temporary files, deleted at once: a server left writing on them filled the disk
+    unseen, its file in no directory (review s66). The command runs in a session of its own,
     and all of it (a ``sh -c`` wrapper and the tool it runs) is killed when it times out and
     when the caller gives up on it: the heartbeat waits 2 s for a status, and a hung
     ``status`` left one process and two pipes behind at every beat; a wrapper's tool, killed
     only in its wrapper, froze the server after the way back had unfrozen it. What a command
     that exited left running is not ours to kill (a restart's server): README, the exec
     driver."""
+    loop = asyncio.get_running_loop()
+    outputs: list[_Output] = []
     try:
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise CommandFailed(f"cannot run {argv[0]}: {exc.strerror or exc}", exc) from None
-            try:
-                async with asyncio.timeout(timeout):
-                    code = await proc.wait()
-            except TimeoutError:
-                _kill(proc)
-                # (a command stuck in the kernel, on a hung NFS mount, may outlive SIGKILL: the
-                # step ends all the same; the event loop's child watcher reaps it later)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(KILL_WAIT):
-                        await proc.wait()
-                raise CommandFailed(f"{argv[0]} did not finish within {timeout:g}s") from None
-            except BaseException:  # cancelled (the agent stops): no command is left behind
-                _kill(proc)
-                # ... and it is reaped (bounded) before its temporary files close: a process
-                # object dropped while it ran warned, unreaped, at the loop's end
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    async with asyncio.timeout(KILL_WAIT):
-                        await asyncio.shield(proc.wait())
-                raise
-            printed = os.pread(out.fileno(), limit + 1, 0)
-            said = (_last_line(err) or _last_line(out)) if code != 0 else ""
-    except OSError as exc:  # the temporary files: this machine short of room or descriptors
+        outputs.append(out := _Output(loop, limit + 1))
+        outputs.append(err := _Output(loop, 0))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out.write_fd,
+                stderr=err.write_fd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise CommandFailed(f"cannot run {argv[0]}: {exc.strerror or exc}", exc) from None
+        finally:
+            for output in outputs:  # the command's own now: its end (or its children's) is EOF
+                output.close_write()
+        try:
+            async with asyncio.timeout(timeout):
+                code = await proc.wait()
+        except TimeoutError:
+            _kill(proc)
+            # (a command stuck in the kernel, on a hung NFS mount, may outlive SIGKILL: the
+            # step ends all the same; the event loop's child watcher reaps it later)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KILL_WAIT):
+                    await proc.wait()
+            raise CommandFailed(f"{argv[0]} did not finish within {timeout:g}s") from None
+        except BaseException:  # cancelled (the agent stops): no command is left behind
+            _kill(proc)
+            # ... and it is reaped (bounded) before its pipes close: a process object dropped
+            # while it ran warned, unreaped, at the loop's end
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(KILL_WAIT):
+                    await asyncio.shield(proc.wait())
+            raise
+        # All it wrote before it exited is in the pipes: read what the loop has not yet.
+        out.read_now()
+        err.read_now()
+        printed = bytes(out.head)
+        said = (_last_line(err.tail) or _last_line(out.tail)) if code != 0 else ""
+    except OSError as exc:  # the pipes: this machine short of descriptors
         raise CommandFailed(f"cannot run {argv[0]}: {exc.strerror or exc}", exc) from None
+    finally:
+        for output in outputs:
+            output.release()
     return Ran(code, printed, said)
 
 
-def _last_line(file: IO[bytes]) -> str:
-    """The last line a command wrote to ``file`` (in its last ``ERROR_TAIL`` bytes), cleaned
+CHUNK = 64 * 1024  # one read of a command's pipe
+MAX_LEFT_WRITING = 32
+"""Pipes of commands that exited, still held by what they left running, read on and thrown
+away (``_Output.release``), each by a thread: past this many at once, a further one is closed
+(its writer gets EPIPE, or SIGPIPE), with a warning: a ``status`` that leaves a process
+behind at each heartbeat is the admin's to mend, not a thread a beat for ever."""
+_left_writing = 0
+_left_lock = threading.Lock()
+
+
+class _Output:
+    """One of a command's outputs: a pipe whose write end the command gets, its read end read
+    on the event loop as the command writes (never full, so never blocking it), keeping the
+    first ``keep`` bytes (``head``) and the last ``ERROR_TAIL`` (``tail``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, keep: int) -> None:
+        self.loop = loop
+        self.keep = keep
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.ended = False
+        read_fd, self.write_fd = os.pipe()  # (close-on-exec: no other command gets them)
+        self.read_fd: int | None = read_fd
+        os.set_blocking(read_fd, False)
+        loop.add_reader(read_fd, self._read_some)
+
+    def close_write(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def _read_some(self, most: int = CHUNK) -> int:
+        """One read of at most ``most`` bytes of what is in the pipe: how many were read, 0
+        when nothing is there now or it ended (every writer let go of it: ``ended``)."""
+        if self.ended or self.read_fd is None:
+            return 0
+        try:
+            chunk = os.read(self.read_fd, most)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.ended = True
+            self.loop.remove_reader(self.read_fd)
+            return 0
+        if (room := self.keep - len(self.head)) > 0:
+            self.head += chunk[:room]
+        self.tail += chunk
+        del self.tail[:-ERROR_TAIL]
+        return len(chunk)
+
+    def read_now(self) -> None:
+        """What is in the pipe now (once the command has exited, all it wrote is there), and
+        whether that is its end; bounded by what is there now (``FIONREAD``), whatever a
+        process the command left running goes on writing."""
+        if self.ended or self.read_fd is None:
+            return
+        left = _in_pipe(self.read_fd)
+        while left > 0 and (got := self._read_some(min(left, CHUNK))):
+            left -= got
+        self._read_some()  # its end, if every writer let go of it (or what came meanwhile)
+
+    def release(self) -> None:
+        """Done with it: closed if it ended (or the command never ran); else something the
+        command left running still holds it (a restart's server on its stdout), and it is read
+        on and thrown away by a thread until that lets go: neither blocked nor killed by
+        SIGPIPE, and nothing kept (``MAX_LEFT_WRITING``)."""
+        global _left_writing  # noqa: PLW0603 - one count for the whole agent
+        self.close_write()
+        self.read_now()  # (a command killed with everything it started: its end is there)
+        fd, self.read_fd = self.read_fd, None
+        if fd is None:
+            return
+        if self.ended:
+            os.close(fd)
+            return
+        self.loop.remove_reader(fd)
+        with _left_lock:
+            room = _left_writing < MAX_LEFT_WRITING
+            if room:
+                _left_writing += 1
+        if room:
+            try:
+                os.set_blocking(fd, True)
+                threading.Thread(
+                    target=_discard, args=(fd,), name="command-output", daemon=True
+                ).start()
+                return
+            except (OSError, RuntimeError):  # no thread to be had: as past the bound
+                with _left_lock:
+                    _left_writing -= 1
+        os.close(fd)
+        log.warning(
+            "exec.output_closed",
+            detail="a command left a process writing on its output, and more than "
+            f"{MAX_LEFT_WRITING} such outputs are read already: this one is closed (its writer "
+            "gets EPIPE or SIGPIPE); redirect the output of what the command starts",
+        )
+
+
+def _in_pipe(fd: int) -> int:
+    """How many bytes wait in the pipe ``fd`` (0 if that cannot be told)."""
+    try:
+        said = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return max(0, int(struct.unpack("i", said)[0]))
+
+
+def _discard(fd: int) -> None:
+    """Read ``fd`` to its end and throw it away (``_Output.release``)."""
+    global _left_writing  # noqa: PLW0603 - one count for the whole agent
+    try:
+        while os.read(fd, CHUNK):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+        with _left_lock:
+            _left_writing -= 1
+
+
+def _last_line(tail: bytes | bytearray) -> str:
+    """The last line of a command's output's ``tail`` (its last ``ERROR_TAIL`` bytes), cleaned
     for an error's one line, whole as far as ``ERROR_LINE`` (systemctl's "Job for … failed:
     <the server's own config error>" says what to fix at its end)."""
-    size = os.fstat(file.fileno()).st_size
-    tail = os.pread(file.fileno(), ERROR_TAIL, max(0, size - ERROR_TAIL))
-    lines = tail.decode(errors="replace").strip().splitlines()
+    lines = bytes(tail).decode(errors="replace").strip().splitlines()
     return peertext.clean(lines[-1], ERROR_LINE) if lines else ""
 
 

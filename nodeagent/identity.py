@@ -96,8 +96,14 @@ if TYPE_CHECKING:
 log = logs.get_logger(__name__)
 
 # grpc.StatusCode names worth trying again; everything else is the leader saying no, except a
-# RESOURCE_EXHAUSTED that carries the join port's ``retry-after`` (``told_wait``).
+# RESOURCE_EXHAUSTED that carries the join port's ``retry-after`` (``told_wait``) and the
+# leader failing to answer (``LEADER_FAILED``).
 TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+# A call the leader did not decide but failed at (a bug of its: INTERNAL, UNKNOWN; a call cut
+# off: ABORTED, CANCELLED, DATA_LOSS): no verdict on this node's token, key or names, so no
+# refusal (``EnrolmentRefused``: exit 6, which the unit does not restart) but exit 1, which
+# it does: the leader mended, the restarted agent enrols.
+LEADER_FAILED = {"INTERNAL", "UNKNOWN", "ABORTED", "CANCELLED", "DATA_LOSS"}
 
 # The revision of this module's checks of the node's files (``load_identity``, ``check_issued``
 # and what they call): bump it with any change of what they accept, so that the memo of an
@@ -770,10 +776,17 @@ def next_pin_wait(
 
 def _enrol_error(cfg: AgentConfig, target: str, exc: Any) -> TlsrollError:
     """What a failed ``Enrol`` call means for the agent: try again soon (TRANSIENT), wait
-    as the join port said (``EnrolmentDeferred``), or stop with one line (``EnrolmentRefused``)."""
+    as the join port said (``EnrolmentDeferred``), stop with one line and be started again (the
+    leader failed: ``LEADER_FAILED``, exit 1), or stop with one line for a person to act
+    (``EnrolmentRefused``: a new token, a new key, the names or the agent's release)."""
     code, detail = exc.code(), " ".join(str(exc.details() or "").split())[:300]
     if code.name in TRANSIENT:
         return TransientError(f"enrolment at {target}: {detail or code.name}")
+    if code.name in LEADER_FAILED:
+        return TerminalError(
+            f"the leader at {target} failed to answer the enrolment: {detail or 'no detail'} "
+            f"({code.name}); its log says why"
+        )
     if code.name == "RESOURCE_EXHAUSTED":
         wait = told_wait(exc.trailing_metadata())
         if wait is not None:

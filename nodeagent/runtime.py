@@ -38,6 +38,7 @@ from nodeagent.identity import (
     PIN_PATIENCE,
     CertificateExpired,
     EnrolmentDeferred,
+    EnrolmentRefused,
     Identity,
     PinNotShown,
     next_enrol_wait,
@@ -77,9 +78,10 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 # certificate of the pinned key only after ``identity.PIN_PATIENCE``; a data dir, journal
 # or agent.lock this agent may not use by its permissions or kind, ``check_data_dir``; a data
 # dir or config on a mount point fstab marks noauto, not mounted), a journal written by a newer
-# tlsroll (3: a package rolled back), and a journal that is lost, damaged or unreadable (4:
-# restore it from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among
-# them a leader not reached at enrolment, a data dir or config on a disk not mounted yet
+# tlsroll (3: a package rolled back), a journal that is lost, damaged or unreadable (4:
+# restore it from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged), the certificate
+# ended (5) and an enrolment the leader refused (6). 1: the rest, among them a leader not
+# reached at enrolment or failing to answer it, a data dir or config on a disk not mounted yet
 # (``fsutil.not_mounted``) and a journal that cannot be opened now (a full disk, a read-only
 # file system, a lock another process holds: StoreUnavailable), which systemd starts again
 # until it can.
@@ -91,6 +93,15 @@ EXIT_CERT_EXPIRED = 5
 correct, or an enrolment again, both a person's; its line says which and says to start the
 agent again. Restarted every few seconds it logged that line some 30,000 times a day (review
 s46rt1 L3)."""
+EXIT_ENROLMENT_REFUSED = 6
+"""The leader refused the node's enrolment (``EnrolmentRefused``: a join token unknown, wrong,
+used up, expired or superseded, or for other names; the node's key refused for good; its
+names taken; the agent older than the leader; a request too large): the same request is
+refused again, so a new token, key, config or release is a person's to give; its line says
+which. Restarted every two seconds (``Restart=always``) the agent asked again for ever, each
+attempt a child process, and each refusal counted against its source by the join port (review
+s66). A leader not reached, or one that failed to answer (``identity.LEADER_FAILED``), is no
+refusal: exit 1, started again."""
 
 GRACE_SECONDS = 10.0
 # A switch running when the agent is told to stop is given this long to end (well inside the
@@ -828,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
     except CertificateExpired as exc:
         daemon.say("tlsroll-agent", exc)
         return EXIT_CERT_EXPIRED
+    except EnrolmentRefused as exc:
+        daemon.say("tlsroll-agent", exc)
+        return EXIT_ENROLMENT_REFUSED
     except TlsrollError as exc:
         daemon.say("tlsroll-agent", exc)
         return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1

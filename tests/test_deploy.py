@@ -99,7 +99,9 @@ def test_unit_does_not_restart_on_what_only_a_person_can_fix(unit: str) -> None:
     """From the upgrade audit (F10): a config error, a store of a newer tlsroll and (brief
     s39small) a lost, damaged or unreadable store end the daemon with their own exit codes,
     and the unit does not start it again every few seconds (RestartPreventExitStatus= holds
-    whatever Restart= says); a store that only cannot be opened now exits 1: restarted."""
+    whatever Restart= says); a store that only cannot be opened now exits 1: restarted. The
+    agent's also (review s46rt1 L3) its certificate ended by its clock, and (review s66) an
+    enrolment the leader refused: a token spent or wrong, a key refused (test_enrolment)."""
     from leader import runtime as leader_runtime
     from nodeagent import runtime as agent_runtime
 
@@ -109,9 +111,9 @@ def test_unit_does_not_restart_on_what_only_a_person_can_fix(unit: str) -> None:
         line.split("=", 1)[1] for line in lines if line.startswith("RestartPreventExitStatus=")
     ]
     person = {daemon.EXIT_CONFIG, daemon.EXIT_STORE_TOO_NEW, daemon.EXIT_STORE_DAMAGED}
-    if unit == "tlsroll-agent.service":  # its certificate ended by its clock (review s46rt1 L3)
-        person.add(agent_runtime.EXIT_CERT_EXPIRED)
-    expected = {"2", "3", "4", "5"} if unit == "tlsroll-agent.service" else {"2", "3", "4"}
+    if unit == "tlsroll-agent.service":
+        person |= {agent_runtime.EXIT_CERT_EXPIRED, agent_runtime.EXIT_ENROLMENT_REFUSED}
+    expected = {"2", "3", "4", "5", "6"} if unit == "tlsroll-agent.service" else {"2", "3", "4"}
     assert set(prevent.split()) == {str(code) for code in person} == expected
     assert 1 not in person  # 1: worth a restart
 

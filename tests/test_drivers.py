@@ -813,6 +813,94 @@ async def test_a_command_that_leaves_a_child_on_its_output_returns_when_it_exits
         kill_recorded(pid_file)
 
 
+def _pipe_of(pid: int, fd: int) -> str:
+    """What a process's descriptor ``fd`` is (``pipe:[INODE]``, a file's path)."""
+    return os.readlink(f"/proc/{pid}/fd/{fd}")
+
+
+def _agent_holds(target: str) -> bool:
+    """Whether this process (the agent here) has a descriptor on ``target``."""
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return True
+    return False
+
+
+async def test_a_server_left_writing_on_a_commands_output_takes_no_disk(tmp_path: Path) -> None:
+    """Review s66: a ``restart`` that leaves the server writing on its stdout and stderr
+    (``nohup server &``) had them go to the agent's temporary files, deleted at once: the
+    server's log filled the disk, in no directory (unseen by ``du``, and freed only when the
+    server ended). Now they are pipes the agent reads on and throws away: the server writes
+    8 MiB on each, neither blocked nor killed by SIGPIPE, and nothing it writes is stored;
+    once it ends, the agent lets go of them (no descriptor of its left)."""
+    pid_file, go, wrote = tmp_path / "server.pid", tmp_path / "go", tmp_path / "wrote"
+    server = (
+        f"import os, sys, time, pathlib; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)\n"
+        "for _ in range(512):\n"
+        "    sys.stdout.write('x' * 16383 + '\\n'); sys.stdout.flush()\n"
+        "    sys.stderr.write('y' * 16383 + '\\n'); sys.stderr.flush()\n"
+        f"open({str(wrote)!r}, 'w').close(); time.sleep(300)"
+    )
+    script = f"{shlex.quote(sys.executable)} -c {shlex.quote(server)} & echo restarted"
+    try:
+        out = await drivers._run(["sh", "-c", script], 10, "restart")
+        assert out == "restarted\n"
+        wait_until(pid_file.exists, 10, "the server to start")
+        pid = int(pid_file.read_text())
+        go.touch()  # 16 MiB of log, after the agent is done with the restart
+        wait_until(wrote.exists, 60, "the server to write its log")
+        assert alive(pid)  # neither blocked nor killed (SIGPIPE)
+        held = []
+        for fd in (1, 2):
+            what = os.stat(f"/proc/{pid}/fd/{fd}")
+            # Before: a deleted regular file of 8 MiB each ("/tmp/#123 (deleted)").
+            assert stat.S_ISFIFO(what.st_mode), (fd, _pipe_of(pid, fd))
+            assert what.st_blocks == 0, (fd, what.st_blocks)
+            held.append(_pipe_of(pid, fd))
+        assert all(_agent_holds(pipe) for pipe in held)  # read on, by the agent
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not any(map(_agent_holds, held)), 10, "the agent to let go")
+    finally:
+        kill_recorded(pid_file)
+
+
+async def test_outputs_left_held_past_the_bound_are_closed_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent reads on at most ``MAX_LEFT_WRITING`` outputs that commands left held (a
+    thread each): past that, a further one is closed with a warning, its writer told EPIPE,
+    not read by one more thread for ever (a ``status`` that leaves a process at each beat)."""
+    monkeypatch.setattr(client_sources, "MAX_LEFT_WRITING", 1)
+    pids = tmp_path / "pids"
+    writer = (
+        "import os, sys, time\n"
+        "run = sys.argv[1]\n"
+        f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "time.sleep(0.5)\n"
+        "try:\n"
+        "    while True: sys.stdout.write('z' * 4096); sys.stdout.flush(); time.sleep(0.01)\n"
+        "except BrokenPipeError:\n"
+        f"    open({str(tmp_path)!r} + f'/epipe-{{run}}', 'w').close()\n"
+    )
+    try:
+        with capture_logs() as logs:
+            for run in (1, 2):
+                # (stderr away from the start: a child forked before its redirect held it)
+                script = (
+                    f"exec 2>/dev/null; {shlex.quote(sys.executable)} -c {shlex.quote(writer)}"
+                    f" {run} & echo ok"
+                )
+                assert await drivers._run(["sh", "-c", script], 10, "status") == "ok\n"
+        wait_until((tmp_path / "epipe-2").exists, 10, "the second writer's EPIPE")
+        assert not (tmp_path / "epipe-1").exists()  # read on
+        assert [e["event"] for e in logs] == ["exec.output_closed"], logs
+    finally:
+        wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, 10, "writers")
+        kill_recorded(pids)
+
+
 async def test_a_command_that_fails_says_its_last_line(tmp_path: Path) -> None:
     """Its last line on stderr (else stdout), read from the end of its output, cleaned (it
     goes into the step's reason, the schema and the viewer)."""

@@ -26,6 +26,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from nodeagent.runtime import EXIT_ENROLMENT_REFUSED
 from tests.cluster import AdminTokenCluster, Cluster, csr_pem, enrol, enrol_request
 from tests.conftest import next_loopback
 from tlsroll import __version__, pki
@@ -277,7 +278,8 @@ def test_a_node_removed_for_a_copied_key_comes_back_with_a_new_key_only(tmp_path
         token_file = Path(str(agent.config["leader"]["join_token_file"]))
         token_file.write_text(cluster.create_token("node2", address) + "\n")
         code, output = agent.run_to_exit(timeout=60)
-        assert code != 0, output
+        # The key refused for good: not restarted into the same refusal (s66).
+        assert code == EXIT_ENROLMENT_REFUSED, output
         lines = [
             line
             for line in output.splitlines()

@@ -52,7 +52,7 @@ from tests.conftest import next_loopback
 from tests.nodeside import cluster_ca
 from tlsroll import pki, spiffe
 from tlsroll.defaults import JOIN_PORT
-from tlsroll.errors import ConfigError, TransientError
+from tlsroll.errors import ConfigError, TerminalError, TransientError
 from tlsroll.fsutil import make_private_dir
 from tlsroll.names import Names
 from tlsroll.v1 import (
@@ -408,17 +408,92 @@ def test_plaintext_is_refused_on_the_leader_ports(cluster: Cluster, port: str) -
 
 
 def test_agent_with_a_used_token_exits_with_one_line(cluster: Cluster) -> None:
+    """A refusal the same request meets again: exit 6, which the agent's unit does not restart
+    on (``RestartPreventExitStatus=``, test_deploy); it exited 1 and was started every two
+    seconds into the same refusal, each counted against its source by the join port (s66)."""
     address = next_loopback()
     token = cluster.create_token("latecomer", address)
     enrol(cluster, enrol_request(token, "latecomer", address))
     agent = cluster.add_agent("latecomer", address, token=token, start=False)
     before = cluster.store_rows()
     code, output = agent.run_to_exit()
-    assert code == 1
+    assert code == 6 == runtime.EXIT_ENROLMENT_REFUSED, output
     line = one_line_error(output, "tlsroll-agent")
     assert "refused" in line and "used up" in line and "UNAUTHENTICATED" in line
     assert cluster.store_rows() == before
     assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def test_agent_with_a_wrong_token_secret_is_not_started_again_into_the_refusal(
+    cluster: Cluster,
+) -> None:
+    """Review s66: a token whose secret is wrong (mistyped, cut short in a paste) is refused
+    at every attempt: exit 6 (``EXIT_ENROLMENT_REFUSED``, in the unit's
+    RestartPreventExitStatus=), one line, nothing spent or written; it exited 1 and systemd
+    started the agent into the same refusal every two seconds."""
+    address = next_loopback()
+    token = cluster.create_token("mistyped", address)
+    token_id, secret = token.split(".")
+    wrong = f"{token_id}.{secret[:-1]}{'a' if secret[-1] != 'a' else 'b'}"
+    agent = cluster.add_agent("mistyped", address, token=wrong, start=False)
+    before = cluster.store_rows()
+    code, output = agent.run_to_exit()
+    assert code == runtime.EXIT_ENROLMENT_REFUSED, output
+    line = one_line_error(output, "tlsroll-agent")
+    assert "the leader refused enrolment" in line and "UNAUTHENTICATED" in line, line
+    assert "Traceback" not in output
+    assert cluster.store_rows() == before
+    assert token_info(cluster, token).uses_left == 1
+    assert not agent.cert_file.exists()
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+class _Failed(grpc.RpcError):
+    """A failed call as grpc raises it: a code, details and trailers."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "", trailers: Any = ()) -> None:
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Any:
+        return self._trailers
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "retry"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "retry"),
+        (grpc.StatusCode.UNAUTHENTICATED, "refused"),
+        (grpc.StatusCode.ALREADY_EXISTS, "refused"),
+        (grpc.StatusCode.FAILED_PRECONDITION, "refused"),
+        (grpc.StatusCode.INVALID_ARGUMENT, "refused"),
+        (grpc.StatusCode.PERMISSION_DENIED, "refused"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "refused"),  # no retry-after: no wait cures it
+        (grpc.StatusCode.INTERNAL, "restart"),
+        (grpc.StatusCode.UNKNOWN, "restart"),
+        (grpc.StatusCode.ABORTED, "restart"),
+        (grpc.StatusCode.CANCELLED, "restart"),
+    ],
+)
+def test_only_the_leader_s_verdict_is_a_refusal_that_stops_the_agent(
+    code: grpc.StatusCode, kind: str, tmp_path: Path
+) -> None:
+    """Review s66: a refusal (exit 6) is not started again by the unit, so it must be the
+    leader's verdict on what the node sent, never the leader failing to answer (a bug of its:
+    INTERNAL, UNKNOWN; a call cut off): that stops the agent with exit 1, which the unit
+    restarts, as a leader not reached is tried again."""
+    cfg: Any = SimpleNamespace(path=tmp_path / "agent.toml")  # what a refusal's line names
+    error = identity._enrol_error(cfg, "127.0.0.1:9", _Failed(code, "said"))
+    assert isinstance(error, TransientError) == (kind == "retry"), error
+    assert isinstance(error, identity.EnrolmentRefused) == (kind == "refused"), error
+    if kind == "restart":
+        assert isinstance(error, TerminalError) and "failed to answer" in str(error), error
 
 
 def test_an_agent_whose_enrolment_answer_was_lost_enrols_again_with_its_key(
@@ -1218,7 +1293,7 @@ def test_a_resource_exhausted_without_retry_after_stops_the_agent_with_one_line(
     agent.spawn()
     children = certwork_children(agent, lambda _: False, timeout=45)
     assert agent.proc is not None
-    assert agent.proc.wait(10) == 1
+    assert agent.proc.wait(10) == runtime.EXIT_ENROLMENT_REFUSED  # not restarted (s66)
     line = one_line_error(agent.log_text(), "tlsroll-agent")
     assert "refused enrolment" in line and "RESOURCE_EXHAUSTED without a retry-after" in line
     assert str(agent.config_path) in line and "x" * 100 not in line

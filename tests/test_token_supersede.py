@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from nodeagent.runtime import EXIT_ENROLMENT_REFUSED
 from tests.cluster import AdminTokenCluster, Cluster, enrol, enrol_request, one_line_error
 from tests.conftest import next_loopback
 from tlsroll import pki
@@ -128,7 +129,7 @@ def test_an_agent_given_a_superseded_token_exits_with_one_line(cluster: Cluster)
     agent.write_config({"node": {"name": "late2"}})
     before = cluster.store_rows(ignore=HEARTBEAT_WRITES)
     code, output = agent.run_to_exit()
-    assert code == 1
+    assert code == EXIT_ENROLMENT_REFUSED, output  # not restarted into it (s66)
     line = one_line_error(output, "tlsroll-agent")
     assert "superseded by late2's enrolment at" in line and "UNAUTHENTICATED" in line
     assert cluster.store_rows(ignore=HEARTBEAT_WRITES) == before
@@ -172,7 +173,7 @@ def test_a_token_made_after_the_enrolment_re_enrols_the_same_key(cluster: Cluste
     shutil.move(agent.cert_file, agent.cert_file.with_name("node.pem.old"))
     agent.write_config({"leader": {"join_token": lost}})
     code, output = agent.run_to_exit()
-    assert code == 1
+    assert code == EXIT_ENROLMENT_REFUSED, output
     assert "superseded by node4's enrolment at" in one_line_error(output, "tlsroll-agent")
     again = cluster.create_token("node4", address)
     agent.write_config({"leader": {"join_token": again}})

@@ -17,6 +17,8 @@ from tlsroll.password import PasswordFileError, read_password_file
 from workstation.connection import (
     DEFAULT_TIMEOUT,
     UI,
+    ClientError,
+    Exit,
     Options,
     TestConnection,
     default_settings_dir,
@@ -127,16 +129,22 @@ def test_connection(
     # question refused off a terminal (review s64: a bad URL came after them). An http
     # address: the run asks nothing and needs no password (it says so, exit 3).
     connection = TestConnection(options, ui)
-    if not connection.check_arguments():
-        secret = _password_from(password_file) if password_file is not None else None
-        # Off a terminal, a question the run would ask is refused before anything is done or
-        # any connection made (s49cli L3: a closed port exited 5 before the port prompt's
-        # exit 2).
-        if bootstrap_port is None and not assume_yes:
-            terminal_only(_ADD_PORT)
-        if not no_enrol and secret is None:
-            terminal_only(_ADD_PASSWORD)
-        connection.given_password(secret)
+    try:
+        if not connection.check_arguments():
+            secret = _password_from(password_file) if password_file is not None else None
+            # Off a terminal, a question the run would ask is refused before anything is done
+            # or any connection made (s49cli L3: a closed port exited 5 before the port
+            # prompt's exit 2).
+            if bootstrap_port is None and not assume_yes:
+                terminal_only(_ADD_PORT)
+            if not no_enrol and secret is None:
+                terminal_only(_ADD_PASSWORD)
+            connection.given_password(secret)
+    except KeyboardInterrupt:
+        # Ctrl-C before the run (a --password-file that is a pipe or /dev/stdin, waited on):
+        # exit 130 and the run's one line, as from within it (``TestConnection.run``), not
+        # click's "aborted", exit 1, after an empty line (review s66).
+        raise ClientError(Exit.INTERRUPTED, connection.interrupted()) from None
     connection.run()
     click.echo("restart the client to finish")
 

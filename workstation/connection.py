@@ -1644,6 +1644,19 @@ class TestConnection:
                 ) from None
             if exc.kind in ("refused", "unreachable"):
                 raise self._port_closed(host, port, exc) from None
+            if exc.kind == "dropped" and exc.detail != _TOO_LARGE:
+                # Ended after its handshake with no answer (closed, or reset): what the node's
+                # agent stopping or restarting does, as for the hello (``fetch_hello``), the
+                # hello having been answered on this port a moment ago; passing: exit 8, try
+                # again (review s64: it was "TLS ... failed", exit 6).
+                raise ClientError(
+                    Exit.BOOTSTRAP_PORT,
+                    f"the bootstrap service at {where} ended the connection with no answer "
+                    f"({exc.detail}): the node's tlsroll agent may be restarting; try again in "
+                    "a minute (if it goes on, check that the agent is running: systemctl "
+                    "status tlsroll-agent, on the node)",
+                    sent=went,
+                ) from None
             raise ClientError(
                 Exit.TLS,
                 f"TLS with the bootstrap port {where} failed: {exc.detail}",
