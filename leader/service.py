@@ -70,6 +70,7 @@ from leader.store import (
     EpochFixed,
     InRollout,
     IssuedCert,
+    KeyRefused,
     Malformed,
     NameTaken,
     Node,
@@ -150,6 +151,7 @@ ERRORS = {
     PasswordStagedMeanwhile: grpc.StatusCode.FAILED_PRECONDITION,
     IllegalTransition: grpc.StatusCode.FAILED_PRECONDITION,
     TokenRejected: grpc.StatusCode.UNAUTHENTICATED,
+    KeyRefused: grpc.StatusCode.UNAUTHENTICATED,  # (as an enrolment's refusal of the key)
     MalformedToken: grpc.StatusCode.INVALID_ARGUMENT,
     PKIError: grpc.StatusCode.INVALID_ARGUMENT,
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
@@ -1350,6 +1352,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._crl_wanted: set[int] = set()
         self._crl_learned: set[int] = set()
         self._crl_unsent: set[tuple[str, int]] = set()
+        # (node, certificate fingerprint) whose re-learning was refused for its key
+        # (``Store.relearn``'s KeyRefused): logged once each (``_relearn``).
+        self._key_refusals: set[tuple[str, str]] = set()
         # node -> number -> when the leader first asked that node's agent for that list
         # (``LeaderState.monotonic``): one that has not sent it within ``crl_patience`` gets
         # the leader's list (``_crl_held``), never none for good. Per node, at most
@@ -1644,24 +1649,35 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         names = pki.names_of(cert)
         if names.common_name != identity.name or not names.ips:
             return False
-        learned = await asyncio.to_thread(
-            self.state.store.relearn,
-            name=identity.name,
-            names=(names.ips, names.dns),
-            agent_port=request.agent_port,
-            key_pin=pki.spki_pin(cert),
-            cert=NodeCert(
+        try:
+            learned = await asyncio.to_thread(
+                self.state.store.relearn,
+                name=identity.name,
+                names=(names.ips, names.dns),
+                agent_port=request.agent_port,
                 key_pin=pki.spki_pin(cert),
-                fingerprint=pki.fingerprint(cert),
-                serial=f"{cert.serial_number:x}",
-                not_after=cert.not_valid_after_utc,
-            ),
-            highest_epoch=min(request.highest_epoch, 2**62),
-            now=self.state.clock(),
-            names_apart=pki.names_apart(cert) is not None,
-            # NotBefore is backdated by pki.BACKDATE: this is when the CA issued it.
-            issued_at=min(cert.not_valid_before_utc + pki.BACKDATE, cert.not_valid_after_utc),
-        )
+                cert=NodeCert(
+                    key_pin=pki.spki_pin(cert),
+                    fingerprint=pki.fingerprint(cert),
+                    serial=f"{cert.serial_number:x}",
+                    not_after=cert.not_valid_after_utc,
+                ),
+                highest_epoch=min(request.highest_epoch, 2**62),
+                now=self.state.clock(),
+                names_apart=pki.names_apart(cert) is not None,
+                # NotBefore is backdated by pki.BACKDATE: this is when the CA issued it.
+                issued_at=min(cert.not_valid_before_utc + pki.BACKDATE, cert.not_valid_after_utc),
+            )
+        except KeyRefused as exc:
+            # Its own line to the agent (UNAUTHENTICATED, as an enrolment's refusal of the key),
+            # and to the admin once for each certificate: the agent tries again at every beat.
+            said = (identity.name, pki.fingerprint(cert))
+            if said not in self._key_refusals:
+                if len(self._key_refusals) >= MAX_CALLERS:  # (a log's repeats only)
+                    self._key_refusals.clear()
+                self._key_refusals.add(said)
+                log.warning("node.relearn_refused", node=identity.name, reason=str(exc))
+            raise unauthenticated(str(exc)) from None
         if learned:
             log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
         return learned

@@ -691,3 +691,54 @@ def test_a_revoked_key_is_found_by_the_index_of_the_certificates_keys(store: Sto
         plan = " | ".join(r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {looked[0]}"))
     assert "USING INDEX certificates_key_pin" in plan, plan
     enrol(store, key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=1), **other)
+
+
+def test_a_certificate_whose_key_no_enrolment_takes_is_not_relearned(store: Store) -> None:
+    """Review s65 follow-up: ``relearn`` took any certificate the CA issued, whatever the store
+    knew of its key since (a restore keeps what the backup knew): the key of a removed node, or
+    of another node on record, came back as a node of its own. Refused now as an enrolment
+    refuses it (``_key_refused``), one line, and nothing written; a certificate the store
+    would not learn anyway keeps the refusal it had (False: its caller's own words)."""
+    from leader.store import KeyRefused
+
+    enrol(store)  # node1, PIN
+    relearn_node(store, "node2", "127.0.0.12")  # (opens the window; node2's key is its own)
+    before = rows(store)
+    with pytest.raises(KeyRefused) as refused:
+        store.relearn(
+            name="node3",
+            names=(("127.0.0.13",), ()),
+            agent_port=9444,
+            key_pin=PIN,
+            cert=issuer(PIN)(),
+            highest_epoch=0,
+            now=NOW,
+        )
+    said = str(refused.value)
+    assert "this key is node 'node1''s, enrolled" in said and "\n" not in said, said
+    assert "enrol the node with a new key" in said and "new join token" in said, said
+    assert rows(store) == before
+    store.remove_node("node1", now=NOW, actor="admin")
+    before = rows(store)
+    with pytest.raises(KeyRefused, match="this key was node 'node1''s, removed"):
+        store.relearn(
+            name="node3",
+            names=(("127.0.0.13",), ()),
+            agent_port=9444,
+            key_pin=PIN,
+            cert=issuer(PIN)(),
+            highest_epoch=0,
+            now=NOW,
+        )
+    assert rows(store) == before
+    # A name the store would not learn anyway (removed): refused as before, no KeyRefused.
+    assert not store.relearn(
+        name="node1",
+        names=((ADDRESS,), ()),
+        agent_port=9444,
+        key_pin=PIN,
+        cert=issuer(PIN)(),
+        highest_epoch=0,
+        now=NOW,
+    )
+    assert rows(store) == before
