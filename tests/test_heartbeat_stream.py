@@ -2444,6 +2444,67 @@ async def test_one_node_s_list_numbers_restart_no_other_node_s_patience_nor_tell
         await rig.close()
 
 
+async def test_one_node_s_list_numbers_push_out_no_other_node_s_wanted_list(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 66 (the rest of review b4 of s64, L4): the numbers of the lists the leader wants
+    of agents (``_crl_wanted``) and of those an agent could not send (``_crl_unsent``) were one
+    set each for every node, cleared when full. One node saying another number at each message
+    pushed an honest agent's wanted number out; once the store's number passed it (any
+    revocation), that agent's list was no longer taken for one the store may lack: it was not
+    learned, and what only it revoked stayed valid. Now each node's numbers are its own,
+    bounded by themselves (``CRL_ASKS_PER_NODE``), and go with the node when it is removed.
+    (The global bound made small here: 4096 numbers would take minutes.)"""
+    monkeypatch.setattr(service, "MAX_CALLERS", 8)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    liar = rig.add_node("hb2", loopback())
+    await rig.server.start()
+    held = rig.store.revocations().number + 1  # above the store's: wanted
+    lost = pki.build_crl(rig.state.ca, held, [("aa", rig.clock[0])], now=rig.clock[0])
+
+    def beat(number: int, pem: bytes = b"") -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1", agent_port=AGENT_PORT, crl_number=number,
+            features=[features.HELD_CRL], held_crl_pem=pem,
+        )  # fmt: skip
+
+    def revoked(serial: str) -> bool:
+        with rig.store.db.read() as db:
+            row = db.execute(
+                "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+        return row is not None and row["revoked_at"] is not None
+
+    try:
+        async with (
+            grpc.aio.secure_channel(rig.target, rig.node) as honest,
+            grpc.aio.secure_channel(rig.target, liar) as lying,
+        ):
+            hb1, hb2 = leader_pb2_grpc.LeaderStub(honest), leader_pb2_grpc.LeaderStub(lying)
+            asked = await hb1.Heartbeat(beat(held))
+            assert asked.wants_crl and not asked.crl_pem
+            for i in range(1, 11):  # another number at each message, and a list refused
+                said = await hb2.Heartbeat(beat(2**62 + i, b"not a list"))
+                assert not said.wants_crl, i
+            # The store's number passes the one hb1 holds (hb2's word raised it already:
+            # ``_crl_floor``; any revocation moves it too).
+            assert rig.store.revoke(
+                "bb", reason="", now=rig.clock[0], actor="test", unknown=True
+            ) == ["bb"]  # fmt: skip
+            assert rig.store.revocations().number > held
+            answer = await hb1.Heartbeat(beat(held, pki.crl_to_pem(lost)))
+            assert revoked("aa"), "hb1's list was not learned"
+            assert not answer.wants_crl and answer.crl_pem
+        # A removed node's numbers go with it.
+        assert "hb2" in rig.service._crl_unsent
+        rig.store.remove_node("hb2", now=rig.clock[0], actor="test")
+        rig.state.forget_node("hb2")
+        assert "hb2" not in rig.service._crl_unsent
+        assert "hb2" not in rig.service._crl_wanted and "hb2" not in rig.service._crl_asked
+    finally:
+        await rig.close()
+
+
 async def test_an_agent_s_list_number_raises_the_store_s_once_and_no_further_than_the_clock(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
