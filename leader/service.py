@@ -317,6 +317,16 @@ class LeaderState:
             return (), ()
         return names.ips, names.dns
 
+    def ca_serials(self) -> list[str]:
+        """(Worker thread: it reads the store.) The serials of the cluster CA's own
+        certificates: the one in use and every one a ``tlsroll ca renew`` replaced or made.
+        No revocation list this CA signs can revoke one (agents and workstations trust it
+        directly): ``ca revoke`` refuses them (``Store.revoke``), and a list learned from an
+        agent names them for nothing (``Store.learn_revoked`` skips them)."""
+        serials = [f"{self.ca.cert.serial_number:x}"]
+        renewals = self.store.ca_renewals()
+        return serials + [s for r in renewals for s in (r.serial, r.previous_serial) if s]
+
     def crl_of(
         self,
         number: int,
@@ -2037,6 +2047,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             if restored
             else f"revoked before the store was begun again (on node {node}'s list {held})"
         )
+        ca_serials = await asyncio.to_thread(self.state.ca_serials)
         fresh = await asyncio.to_thread(
             self.state.store.learn_revoked,
             (f"{s:x}" for s in serials),
@@ -2044,6 +2055,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             node=node,
             now=now,
             reason=reason,
+            ca_serials=ca_serials,
         )
         if len(self._crl_learned) >= MAX_CALLERS:
             self._crl_learned.clear()

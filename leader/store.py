@@ -2443,7 +2443,14 @@ class Store(LeaderStore):
         return int(above["value"]), int(below["value"])
 
     def learn_revoked(
-        self, serials: Iterable[str], *, number: int, node: str, now: dt.datetime, reason: str
+        self,
+        serials: Iterable[str],
+        *,
+        number: int,
+        node: str,
+        now: dt.datetime,
+        reason: str,
+        ca_serials: Iterable[str] = (),
     ) -> list[str]:
         """Record as revoked (``reason``) the serials (hex) of a revocation list the CA signed,
         numbered ``number``, that the agent of ``node`` held and this store does not hold
@@ -2457,8 +2464,28 @@ class Store(LeaderStore):
         (``_accepted_before``). Then the list's number moves on, urgently, as for any
         revocation: the leader's next list holds them, and goes to every agent. Returns the
         serials revoked now (none: no write). A list is what the CA revoked: nothing in it is
-        ever taken back, so an old list sent again adds nothing that was not revoked once."""
-        wanted = sorted({k for k in (s.lower().lstrip("0") for s in serials) if serial_fits(k)})
+        ever taken back, so an old list sent again adds nothing that was not revoked once.
+
+        A serial of the CA's own certificates (``ca_serials``: ``LeaderState.ca_serials``) is
+        skipped, logged (``crl.serial_skipped``) each time a list naming it is learned (once
+        per list and leader process: ``leader.service`` learns a number once): the list
+        cannot revoke its own issuer, and ``revoke`` refuses it (``CAsOwn``); only a release
+        before s63, which "revoked" it for nothing, put it in a list. Recorded, it was an
+        "other" certificate revoked under the CA's serial, named again in every list after.
+        The leader's and the viewer's own certificates are learned as any other: the CA did
+        revoke them (``ca revoke`` takes them), and the leader issues itself a new one
+        (``leader.own_tls``)."""
+        listed = {k for k in (s.lower().lstrip("0") for s in serials) if serial_fits(k)}
+        cas = {c.lower().lstrip("0") or "0" for c in ca_serials}
+        for serial in sorted(listed & cas):
+            log.warning(
+                "crl.serial_skipped",
+                serial=serial,
+                why="the cluster CA's own certificate: no revocation list can revoke it",
+                node=node,
+                number=number,
+            )
+        wanted = sorted(listed - cas)
         if not wanted:
             return []
         query = "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL"

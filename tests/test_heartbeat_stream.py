@@ -2505,6 +2505,57 @@ async def test_one_node_s_list_numbers_push_out_no_other_node_s_wanted_list(
         await rig.close()
 
 
+async def test_a_learned_list_naming_the_ca_s_own_certificate_revokes_the_rest_not_it(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 66: a list learned from an agent (``Store.learn_revoked``) recorded every serial
+    it named, the cluster CA's own certificate's too (a release before s63 "revoked" it for
+    nothing, and put it in its lists): an "other" certificate revoked under the CA's serial,
+    named in every list the leader signed after. A list cannot revoke its own issuer, and
+    ``ca revoke`` refuses the CA's serial: learning skips it now, and says so in one log line
+    naming the node and the list; the rest of the list is learned."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    held = rig.store.revocations().number + 1  # above the store's: wanted
+    ca_serial = rig.state.ca.cert.serial_number
+    lost = pki.build_crl(
+        rig.state.ca, held, [(f"{ca_serial:x}", rig.clock[0]), ("aa", rig.clock[0])],
+        now=rig.clock[0],
+    )  # fmt: skip
+
+    def beat(pem: bytes = b"") -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1", agent_port=AGENT_PORT, crl_number=held,
+            features=[features.HELD_CRL], held_crl_pem=pem,
+        )  # fmt: skip
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+                stub = leader_pb2_grpc.LeaderStub(channel)
+                assert (await stub.Heartbeat(beat())).wants_crl
+                answer = await stub.Heartbeat(beat(pki.crl_to_pem(lost)))
+        with rig.store.db.read() as db:
+            recorded = {
+                r["serial"]: r["revoked_at"] is not None
+                for r in db.execute("SELECT serial, revoked_at FROM certificates")
+            }
+        assert recorded.get("aa") is True, recorded
+        assert f"{ca_serial:x}" not in recorded, recorded
+        number, serials = pki.load_crl(answer.crl_pem, rig.state.ca.cert)
+        assert number > held and 0xAA in serials and ca_serial not in serials
+        skipped = [e for e in logs if e["event"] == "crl.serial_skipped"]
+        assert len(skipped) == 1, skipped
+        assert (skipped[0]["serial"], skipped[0]["node"], skipped[0]["number"]) == (
+            f"{ca_serial:x}",
+            "hb1",
+            held,
+        ), skipped
+        assert "the cluster CA's own certificate" in skipped[0]["why"], skipped
+    finally:
+        await rig.close()
+
+
 async def test_an_agent_s_list_number_raises_the_store_s_once_and_no_further_than_the_clock(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
