@@ -230,6 +230,29 @@ def _as_before_schema_18(cluster: Cluster, *, restart: bool) -> None:
         cluster.notice_store_written()
 
 
+def test_the_leader_s_start_says_how_many_certificates_got_their_key(cluster: Cluster) -> None:
+    """Session 66: the leader's start fills in the key of each node certificate recorded
+    without one (``Store.stamp_row_keys``), silently: one info line says how many now
+    (``store.keys_stamped``), none when there were none."""
+    for name in ("n1", "n2"):
+        address = next_loopback()
+        enrol(cluster, enrol_request(cluster.create_token(name, address), name, address))
+
+    def said() -> list[int]:
+        return [
+            e["certificates"]
+            for e in cluster.leader.log_events()
+            if e.get("event") == "store.keys_stamped"
+        ]
+
+    assert said() == []
+    _as_before_schema_18(cluster, restart=True)
+    assert said() == [2]
+    cluster.stop_leader()
+    cluster.start_leader()
+    assert said() == [2]  # (nothing lacked its key: no line)
+
+
 @pytest.mark.parametrize("restart", [True, False], ids=["started-since", "running"])
 def test_a_removed_key_whose_certificate_had_no_key_stays_refused_after_its_name_enrols(
     cluster: Cluster, restart: bool
