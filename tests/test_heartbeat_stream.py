@@ -2556,6 +2556,50 @@ async def test_a_learned_list_naming_the_ca_s_own_certificate_revokes_the_rest_n
         await rig.close()
 
 
+async def test_a_certificate_of_another_node_s_key_is_not_relearned_and_says_why(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 66: within a re-learning window (a store begun again or restored) the leader
+    learned any node certificate the CA issued, whatever the store knew of its key: a
+    certificate for a new name with the key of node hb1, on record, became a node of its
+    own. Refused now as an enrolment of that key is (``_key_refused``): UNAUTHENTICATED, its
+    one line (the node whose key it is, the way to a new key), nothing written, and one log
+    line however often the agent calls (``node.relearn_refused``)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    with rig.store.db.tx() as db:  # (the window ``--reinitialise`` opens)
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)",
+            ((rig.clock[0] + dt.timedelta(hours=24)).isoformat(),),
+        )
+    await rig.server.start()
+    ca, key = rig.state.ca, pki.load_key_pem(rig.node_files[0])
+    cert = ca.issue(
+        key.public_key(), pki.Names.of("hb9", [loopback()]), server=True, client=True,
+        identity=spiffe.node(ca.trust_domain, "hb9"),
+        internal_dns=[spiffe.key_host(ca.trust_domain, pki.spki_pin(key.public_key()))],
+    )  # fmt: skip
+    copy = grpc.ssl_channel_credentials(ca.cert_pem, rig.node_files[0], pki.cert_to_pem(cert))
+    nodes = rig.store.list_nodes()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with grpc.aio.secure_channel(rig.target, copy) as channel:
+                stub = leader_pb2_grpc.LeaderStub(channel)
+                for _ in range(2):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.Heartbeat(
+                            leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+                        )
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    said = refused.value.details() or ""
+                    assert "this key is node 'hb1''s, enrolled" in said, said
+                    assert "enrol the node with a new key" in said and "\n" not in said, said
+        assert rig.store.list_nodes() == nodes
+        logged = [e for e in logs if e["event"] == "node.relearn_refused"]
+        assert [e["node"] for e in logged] == ["hb9"], logged
+    finally:
+        await rig.close()
+
+
 async def test_an_agent_s_list_number_raises_the_store_s_once_and_no_further_than_the_clock(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
