@@ -866,9 +866,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.RevokeCertificateResponse:
         reason = free_text(request.reason, "the reason", 200)
         own = await asyncio.to_thread(self._own_certs)
-        renewals = await asyncio.to_thread(self.state.store.ca_renewals)
-        ca_serials = [f"{self.state.ca.cert.serial_number:x}"]
-        ca_serials += [s for r in renewals for s in (r.serial, r.previous_serial) if s]
+        ca_serials = await asyncio.to_thread(self.state.ca_serials)
         serials = await asyncio.to_thread(
             self.state.store.revoke,
             request.name_or_serial,

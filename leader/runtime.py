@@ -675,7 +675,14 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     store = Store(layout.store)
     mark_store(layout.store)
     try:
-        store.stamp_row_keys()  # (keys of certificates recorded before schema 18)
+        if stamped := store.stamp_row_keys():  # (keys of certificates recorded before 18)
+            log.info(
+                "store.keys_stamped",
+                certificates=stamped,
+                detail="node certificates recorded without their key (before store schema 18,"
+                " or by an older leader since) got their node's key on record: a revoked or"
+                " removed one is refused at enrolment from now on",
+            )
         names, restored = _start_on(cfg, layout, ca, store)
     except BaseException:
         store.close()

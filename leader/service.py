@@ -19,7 +19,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -70,6 +70,7 @@ from leader.store import (
     EpochFixed,
     InRollout,
     IssuedCert,
+    KeyRefused,
     Malformed,
     NameTaken,
     Node,
@@ -150,6 +151,7 @@ ERRORS = {
     PasswordStagedMeanwhile: grpc.StatusCode.FAILED_PRECONDITION,
     IllegalTransition: grpc.StatusCode.FAILED_PRECONDITION,
     TokenRejected: grpc.StatusCode.UNAUTHENTICATED,
+    KeyRefused: grpc.StatusCode.UNAUTHENTICATED,  # (as an enrolment's refusal of the key)
     MalformedToken: grpc.StatusCode.INVALID_ARGUMENT,
     PKIError: grpc.StatusCode.INVALID_ARGUMENT,
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
@@ -314,6 +316,16 @@ class LeaderState:
         if names is None or node == self.leader_node:
             return (), ()
         return names.ips, names.dns
+
+    def ca_serials(self) -> list[str]:
+        """(Worker thread: it reads the store.) The serials of the cluster CA's own
+        certificates: the one in use and every one a ``tlsroll ca renew`` replaced or made.
+        No revocation list this CA signs can revoke one (agents and workstations trust it
+        directly): ``ca revoke`` refuses them (``Store.revoke``), and a list learned from an
+        agent names them for nothing (``Store.learn_revoked`` skips them)."""
+        serials = [f"{self.ca.cert.serial_number:x}"]
+        renewals = self.store.ca_renewals()
+        return serials + [s for r in renewals for s in (r.serial, r.previous_serial) if s]
 
     def crl_of(
         self,
@@ -999,7 +1011,18 @@ def batch_period(environ: Mapping[str, str]) -> float:
 
 CRL_ASKS_PER_NODE = 4
 """Lists one node's agent is asked for at a time, each with its own patience
-(``LeaderService._crl_asked``): an honest agent holds one number until it takes a newer list."""
+(``LeaderService._crl_asked``), and numbers it is wanted for or could not send (``_crl_wanted``,
+``_crl_unsent``): an honest agent holds one number until it takes a newer list."""
+
+_T = TypeVar("_T")
+
+
+def _bounded_add(numbers: dict[int, _T], number: int, value: _T) -> None:
+    """``number`` into one node's ``numbers`` (``LeaderService._crl_wanted`` and its kin), at
+    most ``CRL_ASKS_PER_NODE`` of them: that node's oldest dropped, never another node's."""
+    if number not in numbers and len(numbers) >= CRL_ASKS_PER_NODE:
+        del numbers[next(iter(numbers))]
+    numbers[number] = value
 
 
 def crl_patience(heartbeat_interval: int) -> float:
@@ -1345,11 +1368,20 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # the store's number was raised past it, once for the life of this process.
         self._crl_floor_raised = False
         # Revocation lists an agent holds that the store has not seen (``_crl_unlearned``), by
-        # number: those asked for, those learned (``_learn_crl``); and (node, number) of the
-        # agents that could not send theirs (too old, or a list refused), said once each.
-        self._crl_wanted: set[int] = set()
+        # number: those wanted of each node, and those learned (``_learn_crl``: from any node,
+        # only lists the CA signed); and of each node the numbers its agent could not send
+        # (too old, or a list refused), said once each. Each node's by itself, at most
+        # ``CRL_ASKS_PER_NODE`` (its oldest dropped), its entries gone with it (``_forget``):
+        # one global bound, cleared when full, let one node that says another number at each
+        # message push an honest agent's wanted number out, and once the store's number passed
+        # it, that agent's list went unlearned (the leader's replaced it, and what only it
+        # revoked was lost).
+        self._crl_wanted: dict[str, dict[int, None]] = {}
         self._crl_learned: set[int] = set()
-        self._crl_unsent: set[tuple[str, int]] = set()
+        self._crl_unsent: dict[str, dict[int, None]] = {}
+        # (node, certificate fingerprint) whose re-learning was refused for its key
+        # (``Store.relearn``'s KeyRefused): logged once each (``_relearn``).
+        self._key_refusals: set[tuple[str, str]] = set()
         # node -> number -> when the leader first asked that node's agent for that list
         # (``LeaderState.monotonic``): one that has not sent it within ``crl_patience`` gets
         # the leader's list (``_crl_held``), never none for good. Per node, at most
@@ -1381,6 +1413,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._failure_audits,
             self._failures_said,
             self._failure_reports,
+            self._crl_wanted,
+            self._crl_unsent,
+            self._crl_asked,
         ):
             entries.pop(node, None)
 
@@ -1644,24 +1679,35 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         names = pki.names_of(cert)
         if names.common_name != identity.name or not names.ips:
             return False
-        learned = await asyncio.to_thread(
-            self.state.store.relearn,
-            name=identity.name,
-            names=(names.ips, names.dns),
-            agent_port=request.agent_port,
-            key_pin=pki.spki_pin(cert),
-            cert=NodeCert(
+        try:
+            learned = await asyncio.to_thread(
+                self.state.store.relearn,
+                name=identity.name,
+                names=(names.ips, names.dns),
+                agent_port=request.agent_port,
                 key_pin=pki.spki_pin(cert),
-                fingerprint=pki.fingerprint(cert),
-                serial=f"{cert.serial_number:x}",
-                not_after=cert.not_valid_after_utc,
-            ),
-            highest_epoch=min(request.highest_epoch, 2**62),
-            now=self.state.clock(),
-            names_apart=pki.names_apart(cert) is not None,
-            # NotBefore is backdated by pki.BACKDATE: this is when the CA issued it.
-            issued_at=min(cert.not_valid_before_utc + pki.BACKDATE, cert.not_valid_after_utc),
-        )
+                cert=NodeCert(
+                    key_pin=pki.spki_pin(cert),
+                    fingerprint=pki.fingerprint(cert),
+                    serial=f"{cert.serial_number:x}",
+                    not_after=cert.not_valid_after_utc,
+                ),
+                highest_epoch=min(request.highest_epoch, 2**62),
+                now=self.state.clock(),
+                names_apart=pki.names_apart(cert) is not None,
+                # NotBefore is backdated by pki.BACKDATE: this is when the CA issued it.
+                issued_at=min(cert.not_valid_before_utc + pki.BACKDATE, cert.not_valid_after_utc),
+            )
+        except KeyRefused as exc:
+            # Its own line to the agent (UNAUTHENTICATED, as an enrolment's refusal of the key),
+            # and to the admin once for each certificate: the agent tries again at every beat.
+            said = (identity.name, pki.fingerprint(cert))
+            if said not in self._key_refusals:
+                if len(self._key_refusals) >= MAX_CALLERS:  # (a log's repeats only)
+                    self._key_refusals.clear()
+                self._key_refusals.add(said)
+                log.warning("node.relearn_refused", node=identity.name, reason=str(exc))
+            raise unauthenticated(str(exc)) from None
         if learned:
             log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
         return learned
@@ -1889,22 +1935,22 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             return False
         return True
 
-    def _crl_unlearned(self, held: int, snap: Snapshot) -> bool:
-        """Whether a list numbered ``held`` (an agent's) may hold revocations the store lacks:
-        one issued after the backup the store was restored from and before the restore
+    def _crl_unlearned(self, node: str, held: int, snap: Snapshot) -> bool:
+        """Whether a list numbered ``held`` (``node``'s agent's) may hold revocations the store
+        lacks: one issued after the backup the store was restored from and before the restore
         or before a store begun again (``Snapshot.crl_restored``), or one above the store's own
         number (a store restored or begun again by an earlier release), not learned yet by this
-        process. Once asked for, until learned: another agent's list learned meanwhile moves
-        the store's number past it, and the list would otherwise go out unlearned."""
+        process. Once wanted of the node, until learned: another agent's list learned meanwhile
+        moves the store's number past it, and the list would otherwise go out unlearned. The
+        node's wanted numbers are its own (``_crl_wanted``): another node's cannot push one
+        out."""
         if held <= 0 or held in self._crl_learned:
             return False
-        if held in self._crl_wanted:
+        if held in self._crl_wanted.get(node, ()):
             return True
         span = snap.crl_restored
         if held > snap.crl_number or (span is not None and span[0] < held < span[1]):
-            if len(self._crl_wanted) >= MAX_CALLERS:  # (bounded: a lying node's numbers)
-                self._crl_wanted.clear()
-            self._crl_wanted.add(held)
+            _bounded_add(self._crl_wanted.setdefault(node, {}), held, None)
             return True
         return False
 
@@ -1919,18 +1965,18 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         ``features.HELD_CRL``) is not asked: its list is replaced as before, and the leader
         says so, naming the node, once. The snapshot to answer with."""
         held = request.crl_number
-        if request.held_crl_pem and self._crl_unlearned(held, snap):
+        if request.held_crl_pem and self._crl_unlearned(node, held, snap):
             snap = await self._learn_crl(node, held, bytes(request.held_crl_pem), now, snap)
-        if not self._crl_unlearned(held, snap) or (node, held) in self._crl_unsent:
+        if not self._crl_unlearned(node, held, snap) or held in self._crl_unsent.get(node, ()):
             return snap, False
         if features.HELD_CRL not in agent_features_of(request):
             why = "its agent is of an earlier release: it cannot send it"
             self._crl_not_sent(node, held, why, snap)
             return snap, False
         asks = self._crl_asked.setdefault(node, {})
-        if held not in asks and len(asks) >= CRL_ASKS_PER_NODE:
-            del asks[next(iter(asks))]  # this node's oldest: no other node's
-        since = asks.setdefault(held, self.state.monotonic())
+        if held not in asks:
+            _bounded_add(asks, held, self.state.monotonic())
+        since = asks[held]
         patience = crl_patience(self.state.heartbeat_interval)
         if self.state.monotonic() - since > patience:
             # (a list too large to send, an agent that names the feature but fails: without a
@@ -1946,9 +1992,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         was restored (``Snapshot.restored_from``) or begun again (``crl_restored``): on any
         other, the number is the node's word alone, above the store's (its clock ahead, or a
         node that lies: review b4 of s64, L4, a leader never restored warned of a restore)."""
-        if len(self._crl_unsent) >= MAX_CALLERS:
-            self._crl_unsent.clear()
-        self._crl_unsent.add((node, held))
+        _bounded_add(self._crl_unsent.setdefault(node, {}), held, None)
         if snap.restored_from is not None:
             lost = "made after the backup the store was restored from"
         elif snap.crl_restored is not None:
@@ -2003,6 +2047,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             if restored
             else f"revoked before the store was begun again (on node {node}'s list {held})"
         )
+        ca_serials = await asyncio.to_thread(self.state.ca_serials)
         fresh = await asyncio.to_thread(
             self.state.store.learn_revoked,
             (f"{s:x}" for s in serials),
@@ -2010,15 +2055,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             node=node,
             now=now,
             reason=reason,
+            ca_serials=ca_serials,
         )
         if len(self._crl_learned) >= MAX_CALLERS:
             self._crl_learned.clear()
         self._crl_learned.add(held)
-        self._crl_wanted.discard(held)
-        if (asks := self._crl_asked.get(node)) is not None:
-            asks.pop(held, None)
-            if not asks:
-                del self._crl_asked[node]
+        for numbers in (self._crl_wanted, self._crl_asked):
+            if (mine := numbers.get(node)) is not None:
+                mine.pop(held, None)  # (another node's are never looked at: learned)
+                if not mine:
+                    del numbers[node]
         (log.warning if fresh else log.info)(
             "crl.learned",
             node=node,

@@ -60,6 +60,13 @@ class WrongSecret(TokenRejected):
     comes after a right secret."""
 
 
+class KeyRefused(TerminalError):
+    """A key the leader takes under no name (``_key_refused``) asked for by a node that is on
+    record: a renewal onto it (the CSR proves its caller holds it), or a re-learning of a
+    certificate of it. The message is safe to send to the caller (one line: the node whose key
+    it is, and the way on, with a new key)."""
+
+
 class NameTaken(TerminalError):
     pass
 
@@ -1650,9 +1657,16 @@ class Store(LeaderStore):
         ``issue`` is told whether to keep the node's names apart from the SAN
         (``pki.NAMES_OID``): if ``names_apart`` (the caller asks, or presents such a
         certificate) or if a renewal of the node did so before (``leader.db._V15``: never
-        back; a node enrolled since has no certificate of the other kind to present)."""
+        back; a node enrolled since has no certificate of the other kind to present).
+        KeyRefused if the new key is one no enrolment takes (``_key_refused``), nothing
+        signed."""
         with self._nodes_write(), self._db.tx() as db:
             row = check_caller_in(db, name, presented, presented_serial)
+            # A key no enrolment takes, no renewal takes either: a node holding the private half
+            # of a revoked key, a removed node's or another node's on record, would be that key
+            # again under its own name (the CSR proves it holds it, nothing more).
+            if refused := _key_refused(db, name, key_pin, how=_RENEW_KEY_HOW):
+                raise KeyRefused(refused)
             current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]
             keep = current if presented == current else prev
             counted_at = self.cap_now()
@@ -2429,7 +2443,14 @@ class Store(LeaderStore):
         return int(above["value"]), int(below["value"])
 
     def learn_revoked(
-        self, serials: Iterable[str], *, number: int, node: str, now: dt.datetime, reason: str
+        self,
+        serials: Iterable[str],
+        *,
+        number: int,
+        node: str,
+        now: dt.datetime,
+        reason: str,
+        ca_serials: Iterable[str] = (),
     ) -> list[str]:
         """Record as revoked (``reason``) the serials (hex) of a revocation list the CA signed,
         numbered ``number``, that the agent of ``node`` held and this store does not hold
@@ -2443,8 +2464,28 @@ class Store(LeaderStore):
         (``_accepted_before``). Then the list's number moves on, urgently, as for any
         revocation: the leader's next list holds them, and goes to every agent. Returns the
         serials revoked now (none: no write). A list is what the CA revoked: nothing in it is
-        ever taken back, so an old list sent again adds nothing that was not revoked once."""
-        wanted = sorted({k for k in (s.lower().lstrip("0") for s in serials) if serial_fits(k)})
+        ever taken back, so an old list sent again adds nothing that was not revoked once.
+
+        A serial of the CA's own certificates (``ca_serials``: ``LeaderState.ca_serials``) is
+        skipped, logged (``crl.serial_skipped``) each time a list naming it is learned (once
+        per list and leader process: ``leader.service`` learns a number once): the list
+        cannot revoke its own issuer, and ``revoke`` refuses it (``CAsOwn``); only a release
+        before s63, which "revoked" it for nothing, put it in a list. Recorded, it was an
+        "other" certificate revoked under the CA's serial, named again in every list after.
+        The leader's and the viewer's own certificates are learned as any other: the CA did
+        revoke them (``ca revoke`` takes them), and the leader issues itself a new one
+        (``leader.own_tls``)."""
+        listed = {k for k in (s.lower().lstrip("0") for s in serials) if serial_fits(k)}
+        cas = {c.lower().lstrip("0") or "0" for c in ca_serials}
+        for serial in sorted(listed & cas):
+            log.warning(
+                "crl.serial_skipped",
+                serial=serial,
+                why="the cluster CA's own certificate: no revocation list can revoke it",
+                node=node,
+                number=number,
+            )
+        wanted = sorted(listed - cas)
         if not wanted:
             return []
         query = "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL"
@@ -2499,10 +2540,24 @@ class Store(LeaderStore):
         raises the floor. In a store restored from a backup (``restore_began``), a node it
         knows is taken with a newer certificate than the one on record when that one was
         issued (``issued_at``) after the backup was made, for the same names, and is not
-        revoked: its agent renewed it since. False if refused (the caller refuses the agent)."""
+        revoked: its agent renewed it since. False if refused (the caller refuses the agent);
+        KeyRefused, saying why, if it would be taken but its key is one no enrolment takes
+        (``_key_refused``: a certificate the CA issued before the key was revoked, removed or
+        found another node's), nothing written."""
         addresses, dns_names = names
 
         def refused(db: sqlite3.Connection) -> bool | sqlite3.Row:
+            verdict = refused_as_caller(db)
+            # The CA issued the certificate, but the store may refuse its key (what the backup
+            # knew: a key revoked, removed, another node's): a key no enrolment takes is not
+            # learned either (KeyRefused, its one line to the agent). Only a certificate it
+            # would learn: any other keeps the refusal it had (a revoked node's words, which
+            # its agent matches: ``rpc.node_removed``).
+            if verdict is not True and (why := _key_refused(db, name, key_pin, how=_RELEARN_HOW)):
+                raise KeyRefused(why)
+            return verdict
+
+        def refused_as_caller(db: sqlite3.Connection) -> bool | sqlite3.Row:
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
             if row is None or now > dt.datetime.fromisoformat(row["value"]):
                 return True
@@ -3422,11 +3477,25 @@ _NEW_KEY_HOW = (
     f"{NEW_KEY}: on the node move DATA/node.key aside and start its agent again (this refusal "
     "did not use the join token)"
 )
+_RENEW_KEY_HOW = (
+    "renew with a new key: on the node move DATA/node.key.new aside (the agent's next renewal "
+    "makes a new one)"
+)  # (the key a renewal asks for waits there: ``nodeagent.renewal``)
+_RELEARN_HOW = (
+    f"{NEW_KEY}: on the node move DATA/node.key and DATA/node.pem aside and start its agent "
+    "again with a new join token"
+)  # (a re-learned node's key is its only one: no certificate of another to renew with)
 
 
-def _key_refused(db: sqlite3.Connection, name: str, key_pin: str) -> str | None:
+def _key_refused(
+    db: sqlite3.Connection, name: str, key_pin: str, *, how: str = _NEW_KEY_HOW
+) -> str | None:
     """Why node ``name``'s enrolment with the key of pin ``key_pin`` is refused, one line safe to
-    send to the caller (it holds a join token: the names are no secret to it), or None.
+    send to the caller (it holds a join token: the names are no secret to it), or None; ``how``:
+    the way on that ends it (an enrolment's; a renewal's and a re-learning's say theirs). The
+    same rule for every way a key gets onto a node's row: an enrolment, a renewal
+    (``renew_node_certificate``: the node's caller holds the key's private half, a copy) and a
+    re-learning (``relearn``).
 
     Refused (review rev-enrol H1: after ``nodes remove`` a new token enrolled the node's old key
     again, and the copy of it called as the node again; a token for another name enrolled a
@@ -3448,8 +3517,7 @@ def _key_refused(db: sqlite3.Connection, name: str, key_pin: str) -> str | None:
     if row is not None and row["removed_at"] is not None:
         when = dt.datetime.fromisoformat(row["removed_at"]).strftime("%Y-%m-%d %H:%M:%S UTC")
         return (
-            f"this key was node {row['name']!r}'s, removed {when} (its certificates revoked): "
-            f"{_NEW_KEY_HOW}"
+            f"this key was node {row['name']!r}'s, removed {when} (its certificates revoked): {how}"
         )
     # (``kind = 'node'`` as a literal: SQLite uses the partial index of schema 18 only so.)
     revoked = db.execute(
@@ -3467,10 +3535,10 @@ def _key_refused(db: sqlite3.Connection, name: str, key_pin: str) -> str | None:
     if revoked is not None:
         return (
             f"a certificate of this key (node {revoked['node']!r}, serial {revoked['serial']}) "
-            f"was revoked: {_NEW_KEY_HOW}"
+            f"was revoked: {how}"
         )
     if row is not None:
-        return f"this key is node {row['name']!r}'s, enrolled (a copy of its key?): {_NEW_KEY_HOW}"
+        return f"this key is node {row['name']!r}'s, enrolled (a copy of its key?): {how}"
     return None
 
 

@@ -295,3 +295,31 @@ def audit(store: Store) -> list[dict[str, Any]]:
         {"kind": r["kind"], "subject": r["subject"], "detail": json.loads(r["detail"])}
         for r in rows
     ]
+
+
+def test_a_learned_list_skips_the_ca_s_own_serials_and_takes_the_leader_s(store: Store) -> None:
+    """Session 66: ``learn_revoked`` recorded the cluster CA's own serials as "other"
+    certificates revoked (a release before s63 put them in its lists): no list can revoke its
+    issuer, and ``revoke`` refuses them (``CAsOwn``). Skipped now, the one in use and one a
+    `ca renew` replaced alike (``ca_serials``: ``LeaderState.ca_serials``); a serial of the
+    leader's own certificate is learned as any other (the CA revoked it: the leader issues
+    itself a new one, ``leader.own_tls``), and so is the rest of the list."""
+    from leader.store import _record_cert
+
+    c1 = enrol(store, "node1", "127.0.0.9")
+    with store.db.tx() as db:
+        _record_cert(db, "1ead", "leader", "leader", "", "fp-leader", NOW, NOW + dt.timedelta(9))
+    cas = ["0ca1", "ca0"]  # (as the CA's serial may be written: leading zeros are not a serial's)
+    reason = "revoked before the restore (on node node1's list 7)"
+    fresh = store.learn_revoked(
+        ["ca1", "ca0", "1ead", c1.serial], number=7, node="node1", now=NOW, reason=reason,
+        ca_serials=cas,
+    )  # fmt: skip
+    assert set(fresh) == {"1ead", c1.serial}
+    assert set(revoked(store)) == {"1ead", c1.serial}
+    with store.db.read() as db:
+        on_record = {r["serial"] for r in db.execute("SELECT serial FROM certificates")}
+    assert not on_record & {"ca1", "ca0"}, on_record
+    # A list naming only the CA's: nothing written.
+    assert store.learn_revoked(["ca1"], number=8, node="node1", now=NOW, reason=reason,
+                               ca_serials=cas) == []  # fmt: skip

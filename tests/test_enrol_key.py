@@ -160,6 +160,60 @@ def test_a_key_a_renewal_replaced_is_refused_once_its_certificate_is_revoked(
     assert "revoked" in said or "removed" in said, said
 
 
+def _renewal_refused(cluster: Cluster, cert: bytes, key: pki.PrivateKey, csr: bytes) -> str:
+    """The leader's one line refusing the renewal ``csr`` by the node of ``cert``."""
+    with (
+        cluster.control_channel(cert, pki.key_to_pem(key)) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        leader_pb2_grpc.LeaderStub(channel).RenewNodeCertificate(
+            leader_pb2.RenewNodeCertificateRequest(csr_pem=csr), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+    said = info.value.details() or ""
+    assert "\n" not in said and "Traceback" not in said, said
+    assert "renew with a new key" in said and "DATA/node.key.new" in said, said
+    return said
+
+
+def test_a_renewal_onto_a_key_no_enrolment_takes_is_refused(cluster: Cluster) -> None:
+    """Review s65 follow-up: a renewal asked for any key its CSR proves the caller holds, and
+    the leader signed it for the node: a node holding a copy of another node's key, of a
+    removed node's, or of a revoked one, became that key under its own name, which no token
+    enrols. Refused as an enrolment refuses it (``_key_refused``: the same reasons,
+    UNAUTHENTICATED), with a renewal's way on; nothing signed, the node's row as it was, and a
+    new key renews."""
+    keys = {name: pki.generate_key() for name in ("live", "gone", "cut", "nb")}
+    certs: dict[str, bytes] = {}
+    for name, key in keys.items():
+        address = next_loopback()
+        certs[name] = enrol(
+            cluster, enrol_request(cluster.create_token(name, address), name, address, key=key)
+        ).certificate_pem
+    nb_address = address
+    _remove(cluster, "gone")
+    serial = f"{pki.load_cert_pem(certs['cut']).serial_number:x}"
+    done = cluster.cli("ca", "revoke", serial)
+    assert done.returncode == 0, done.stderr
+    before = (cluster.store_table("nodes"), cluster.store_table("certificates"))
+    for other, words in (
+        ("live", "this key is node 'live''s, enrolled"),
+        ("gone", "this key was node 'gone''s, removed"),
+        ("cut", f"node 'cut', serial {serial}) was revoked"),
+    ):
+        csr = csr_pem(keys[other], "nb", [nb_address])
+        said = _renewal_refused(cluster, certs["nb"], keys["nb"], csr)
+        assert words in said, said
+    assert (cluster.store_table("nodes"), cluster.store_table("certificates")) == before
+    with cluster.control_channel(certs["nb"], pki.key_to_pem(keys["nb"])) as channel:
+        leader_pb2_grpc.LeaderStub(channel).RenewNodeCertificate(
+            leader_pb2.RenewNodeCertificateRequest(
+                csr_pem=csr_pem(pki.generate_key(), "nb", [nb_address])
+            ),
+            timeout=10,
+        )
+
+
 def _as_before_schema_18(cluster: Cluster, *, restart: bool) -> None:
     """Every node certificate on record without its key, as one recorded before schema 18 or
     by an older leader on the migrated store (``leader.db.IGNORABLE``). ``restart``: written
@@ -175,6 +229,29 @@ def _as_before_schema_18(cluster: Cluster, *, restart: bool) -> None:
         cluster.start_leader()
     else:
         cluster.notice_store_written()
+
+
+def test_the_leader_s_start_says_how_many_certificates_got_their_key(cluster: Cluster) -> None:
+    """Session 66: the leader's start fills in the key of each node certificate recorded
+    without one (``Store.stamp_row_keys``), silently: one info line says how many now
+    (``store.keys_stamped``), none when there were none."""
+    for name in ("n1", "n2"):
+        address = next_loopback()
+        enrol(cluster, enrol_request(cluster.create_token(name, address), name, address))
+
+    def said() -> list[int]:
+        return [
+            e["certificates"]
+            for e in cluster.leader.log_events()
+            if e.get("event") == "store.keys_stamped"
+        ]
+
+    assert said() == []
+    _as_before_schema_18(cluster, restart=True)
+    assert said() == [2]
+    cluster.stop_leader()
+    cluster.start_leader()
+    assert said() == [2]  # (nothing lacked its key: no line)
 
 
 @pytest.mark.parametrize("restart", [True, False], ids=["started-since", "running"])

@@ -2444,6 +2444,162 @@ async def test_one_node_s_list_numbers_restart_no_other_node_s_patience_nor_tell
         await rig.close()
 
 
+async def test_one_node_s_list_numbers_push_out_no_other_node_s_wanted_list(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 66 (the rest of review b4 of s64, L4): the numbers of the lists the leader wants
+    of agents (``_crl_wanted``) and of those an agent could not send (``_crl_unsent``) were one
+    set each for every node, cleared when full. One node saying another number at each message
+    pushed an honest agent's wanted number out; once the store's number passed it (any
+    revocation), that agent's list was no longer taken for one the store may lack: it was not
+    learned, and what only it revoked stayed valid. Now each node's numbers are its own,
+    bounded by themselves (``CRL_ASKS_PER_NODE``), and go with the node when it is removed.
+    (The global bound made small here: 4096 numbers would take minutes.)"""
+    monkeypatch.setattr(service, "MAX_CALLERS", 8)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    liar = rig.add_node("hb2", loopback())
+    await rig.server.start()
+    held = rig.store.revocations().number + 1  # above the store's: wanted
+    lost = pki.build_crl(rig.state.ca, held, [("aa", rig.clock[0])], now=rig.clock[0])
+
+    def beat(number: int, pem: bytes = b"") -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1", agent_port=AGENT_PORT, crl_number=number,
+            features=[features.HELD_CRL], held_crl_pem=pem,
+        )  # fmt: skip
+
+    def revoked(serial: str) -> bool:
+        with rig.store.db.read() as db:
+            row = db.execute(
+                "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+        return row is not None and row["revoked_at"] is not None
+
+    try:
+        async with (
+            grpc.aio.secure_channel(rig.target, rig.node) as honest,
+            grpc.aio.secure_channel(rig.target, liar) as lying,
+        ):
+            hb1, hb2 = leader_pb2_grpc.LeaderStub(honest), leader_pb2_grpc.LeaderStub(lying)
+            asked = await hb1.Heartbeat(beat(held))
+            assert asked.wants_crl and not asked.crl_pem
+            for i in range(1, 11):  # another number at each message, and a list refused
+                said = await hb2.Heartbeat(beat(2**62 + i, b"not a list"))
+                assert not said.wants_crl, i
+            # The store's number passes the one hb1 holds (hb2's word raised it already:
+            # ``_crl_floor``; any revocation moves it too).
+            assert rig.store.revoke(
+                "bb", reason="", now=rig.clock[0], actor="test", unknown=True
+            ) == ["bb"]  # fmt: skip
+            assert rig.store.revocations().number > held
+            answer = await hb1.Heartbeat(beat(held, pki.crl_to_pem(lost)))
+            assert revoked("aa"), "hb1's list was not learned"
+            assert not answer.wants_crl and answer.crl_pem
+        # A removed node's numbers go with it.
+        assert "hb2" in rig.service._crl_unsent
+        rig.store.remove_node("hb2", now=rig.clock[0], actor="test")
+        rig.state.forget_node("hb2")
+        assert "hb2" not in rig.service._crl_unsent
+        assert "hb2" not in rig.service._crl_wanted and "hb2" not in rig.service._crl_asked
+    finally:
+        await rig.close()
+
+
+async def test_a_learned_list_naming_the_ca_s_own_certificate_revokes_the_rest_not_it(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 66: a list learned from an agent (``Store.learn_revoked``) recorded every serial
+    it named, the cluster CA's own certificate's too (a release before s63 "revoked" it for
+    nothing, and put it in its lists): an "other" certificate revoked under the CA's serial,
+    named in every list the leader signed after. A list cannot revoke its own issuer, and
+    ``ca revoke`` refuses the CA's serial: learning skips it now, and says so in one log line
+    naming the node and the list; the rest of the list is learned."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    held = rig.store.revocations().number + 1  # above the store's: wanted
+    ca_serial = rig.state.ca.cert.serial_number
+    lost = pki.build_crl(
+        rig.state.ca, held, [(f"{ca_serial:x}", rig.clock[0]), ("aa", rig.clock[0])],
+        now=rig.clock[0],
+    )  # fmt: skip
+
+    def beat(pem: bytes = b"") -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1", agent_port=AGENT_PORT, crl_number=held,
+            features=[features.HELD_CRL], held_crl_pem=pem,
+        )  # fmt: skip
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+                stub = leader_pb2_grpc.LeaderStub(channel)
+                assert (await stub.Heartbeat(beat())).wants_crl
+                answer = await stub.Heartbeat(beat(pki.crl_to_pem(lost)))
+        with rig.store.db.read() as db:
+            recorded = {
+                r["serial"]: r["revoked_at"] is not None
+                for r in db.execute("SELECT serial, revoked_at FROM certificates")
+            }
+        assert recorded.get("aa") is True, recorded
+        assert f"{ca_serial:x}" not in recorded, recorded
+        number, serials = pki.load_crl(answer.crl_pem, rig.state.ca.cert)
+        assert number > held and 0xAA in serials and ca_serial not in serials
+        skipped = [e for e in logs if e["event"] == "crl.serial_skipped"]
+        assert len(skipped) == 1, skipped
+        assert (skipped[0]["serial"], skipped[0]["node"], skipped[0]["number"]) == (
+            f"{ca_serial:x}",
+            "hb1",
+            held,
+        ), skipped
+        assert "the cluster CA's own certificate" in skipped[0]["why"], skipped
+    finally:
+        await rig.close()
+
+
+async def test_a_certificate_of_another_node_s_key_is_not_relearned_and_says_why(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 66: within a re-learning window (a store begun again or restored) the leader
+    learned any node certificate the CA issued, whatever the store knew of its key: a
+    certificate for a new name with the key of node hb1, on record, became a node of its
+    own. Refused now as an enrolment of that key is (``_key_refused``): UNAUTHENTICATED, its
+    one line (the node whose key it is, the way to a new key), nothing written, and one log
+    line however often the agent calls (``node.relearn_refused``)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    with rig.store.db.tx() as db:  # (the window ``--reinitialise`` opens)
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)",
+            ((rig.clock[0] + dt.timedelta(hours=24)).isoformat(),),
+        )
+    await rig.server.start()
+    ca, key = rig.state.ca, pki.load_key_pem(rig.node_files[0])
+    cert = ca.issue(
+        key.public_key(), pki.Names.of("hb9", [loopback()]), server=True, client=True,
+        identity=spiffe.node(ca.trust_domain, "hb9"),
+        internal_dns=[spiffe.key_host(ca.trust_domain, pki.spki_pin(key.public_key()))],
+    )  # fmt: skip
+    copy = grpc.ssl_channel_credentials(ca.cert_pem, rig.node_files[0], pki.cert_to_pem(cert))
+    nodes = rig.store.list_nodes()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with grpc.aio.secure_channel(rig.target, copy) as channel:
+                stub = leader_pb2_grpc.LeaderStub(channel)
+                for _ in range(2):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.Heartbeat(
+                            leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+                        )
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    said = refused.value.details() or ""
+                    assert "this key is node 'hb1''s, enrolled" in said, said
+                    assert "enrol the node with a new key" in said and "\n" not in said, said
+        assert rig.store.list_nodes() == nodes
+        logged = [e for e in logs if e["event"] == "node.relearn_refused"]
+        assert [e["node"] for e in logged] == ["hb9"], logged
+    finally:
+        await rig.close()
+
+
 async def test_an_agent_s_list_number_raises_the_store_s_once_and_no_further_than_the_clock(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:

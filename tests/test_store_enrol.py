@@ -691,3 +691,101 @@ def test_a_revoked_key_is_found_by_the_index_of_the_certificates_keys(store: Sto
         plan = " | ".join(r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {looked[0]}"))
     assert "USING INDEX certificates_key_pin" in plan, plan
     enrol(store, key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=1), **other)
+
+
+def test_a_certificate_whose_key_no_enrolment_takes_is_not_relearned(store: Store) -> None:
+    """Review s65 follow-up: ``relearn`` took any certificate the CA issued, whatever the store
+    knew of its key since (a restore keeps what the backup knew): the key of a removed node, or
+    of another node on record, came back as a node of its own. Refused now as an enrolment
+    refuses it (``_key_refused``), one line, and nothing written; a certificate the store
+    would not learn anyway keeps the refusal it had (False: its caller's own words)."""
+    from leader.store import KeyRefused
+
+    enrol(store)  # node1, PIN
+    relearn_node(store, "node2", "127.0.0.12")  # (opens the window; node2's key is its own)
+    before = rows(store)
+    with pytest.raises(KeyRefused) as refused:
+        store.relearn(
+            name="node3",
+            names=(("127.0.0.13",), ()),
+            agent_port=9444,
+            key_pin=PIN,
+            cert=issuer(PIN)(),
+            highest_epoch=0,
+            now=NOW,
+        )
+    said = str(refused.value)
+    assert "this key is node 'node1''s, enrolled" in said and "\n" not in said, said
+    assert "enrol the node with a new key" in said and "new join token" in said, said
+    assert rows(store) == before
+    store.remove_node("node1", now=NOW, actor="admin")
+    before = rows(store)
+    with pytest.raises(KeyRefused, match="this key was node 'node1''s, removed"):
+        store.relearn(
+            name="node3",
+            names=(("127.0.0.13",), ()),
+            agent_port=9444,
+            key_pin=PIN,
+            cert=issuer(PIN)(),
+            highest_epoch=0,
+            now=NOW,
+        )
+    assert rows(store) == before
+    # A name the store would not learn anyway (removed): refused as before, no KeyRefused.
+    assert not store.relearn(
+        name="node1",
+        names=((ADDRESS,), ()),
+        agent_port=9444,
+        key_pin=PIN,
+        cert=issuer(PIN)(),
+        highest_epoch=0,
+        now=NOW,
+    )
+    assert rows(store) == before
+
+
+def test_a_relearning_puts_the_key_it_replaces_on_record_with_its_certificate(
+    store: Store,
+) -> None:
+    """Review s65 whole (M2) at a re-learning (``relearn``'s ``_stamp_row_keys``): node1 was
+    enrolled before schema 18 (its certificate on record without its key); the store is
+    restored from a backup made since, and its agent, renewed after the backup, is re-learned
+    with a new key. The row's key was the only place the old key was: once the admin revokes
+    the old certificate (its key copied), a token for another name must not enroll that key."""
+    first = enrol(store)  # node1, PIN
+    with store.db.tx() as db:
+        db.execute("UPDATE certificates SET key_pin = '' WHERE kind = 'node'")
+        for key, value in (
+            ("relearn_until", NOW + dt.timedelta(hours=24)),
+            ("restored_backup_at", NOW + dt.timedelta(minutes=1)),
+            ("restored_at", NOW + dt.timedelta(minutes=2)),
+        ):
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, to_text(value)))
+    later = NOW + dt.timedelta(minutes=3)
+    assert store.relearn(
+        name="node1",
+        names=((ADDRESS,), ()),
+        agent_port=9444,
+        key_pin="RENEWED-KEY",
+        cert=issuer("RENEWED-KEY")(),
+        highest_epoch=0,
+        now=later,
+        issued_at=NOW + dt.timedelta(seconds=90),
+    )
+    assert node_row(store)["key_pin"] == "RENEWED-KEY"
+    assert store.revoke(first.serial, reason="key copied", now=later, actor="admin") == [
+        first.serial
+    ]
+    store.add_token(
+        "t2",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=later,
+        actor="admin",
+        node_name="node2",
+        addresses=("127.0.0.20",),
+    )
+    with pytest.raises(TokenRejected, match=f"serial {first.serial}\\) was revoked"):
+        enrol(store, token_id="t2", name="node2", addresses=("127.0.0.20",), now=later)

@@ -64,7 +64,7 @@ def older_leader(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         m.setattr(leader_store, "_record_issued_from", lambda *_: None)
         m.setattr(leader_store, "_record_key_pin", lambda *_: None)
         m.setattr(leader_store, "_stamp_row_keys", lambda *_: None)
-        m.setattr(leader_store, "_key_refused", lambda *_: None)
+        m.setattr(leader_store, "_key_refused", lambda *_, **__: None)
         yield
 
 
