@@ -58,7 +58,8 @@ from cryptography import x509
 
 from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
-from leader.store import NODE_REMOVED, CARenewed, IssuedCert, Node, Store, token_command
+from leader.store import NODE_REMOVED, CARenewed, IssuedCert, Node, Store
+from leader.store_rules import token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
 
@@ -147,7 +148,7 @@ class Expiry:
     # Its end is the CA's (or later): a new one would end no later, so it is not renewed or
     # rotated for being near its end (``pki.ends_with_ca``); the CA's own entry says what to do.
     ends_with_ca: bool = False
-    # An agent's: the `tlsroll token create` for its node's names (``store.token_command``).
+    # An agent's: the `tlsroll token create` for its node's names (``store_rules.token_command``).
     token: str = ""
     # A server certificate of the practice's own whose chain ends first: the chain's
     # certificate that does (its subject); ``not_after`` is then its end.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
+from leader.store_rules import serial_fits, token_command
 from tlsroll import bootstrap_base, clocks, logs, rpc
 from tlsroll.echo import hide_inside, shown
 from tlsroll.errors import TerminalError
@@ -199,12 +200,6 @@ def in_rollout_text(
         f"the rollout {'waits' if waiting else 'goes on'}{then}; once the rollout has ended, "
         "`tlsroll nodes remove` it, which revokes its server's certificate (8443) too"
     )
-
-
-def token_command(name: str, addresses: Sequence[str] = (), dns_names: Sequence[str] = ()) -> str:
-    """The `tlsroll token create` that lets node ``name`` enrol again under its names."""
-    words = [f"--address {a}" for a in addresses] + [f"--dns {d}" for d in dns_names]
-    return " ".join([f"tlsroll token create --node {name}", *(words or ["--address IP"])])
 
 
 class RolloutHoldsCA(TerminalError):
@@ -400,19 +395,6 @@ RESTORE_SLACK = dt.timedelta(seconds=5)
 issued (``Store._renewed_since_backup``)."""
 """How long a revoked certificate stays on the revocation list after it expired: a server
 whose clock is behind the leader's still takes it as unexpired that long (review s28 L2)."""
-# A serial a revocation list can hold: positive, below 2**159 (RFC 5280 caps serials at 20
-# octets; cryptography, which signs the list, at 159 bits, as its random serials are).
-SERIAL_LIMIT = 2**159
-
-
-def serial_fits(serial: str) -> bool:
-    """Whether ``serial`` (hex) is one a certificate of this CA can have (``SERIAL_LIMIT``)."""
-    try:
-        return 0 < int(serial, 16) < SERIAL_LIMIT
-    except ValueError:
-        return False
-
-
 RESTORED_LEADER = "the leader's key is in the backup the store was restored from"
 """The reason a restore records for every leader certificate it revokes (``Store.restore_began``):
 the backup holds the key it was issued for, and a backup is a copy of that key."""
@@ -2063,8 +2045,8 @@ class Store(LeaderStore):
         ``unknown``: then it is recorded as an "other" certificate and revoked, for a
         certificate this CA issued that the store does not know (a store rebuilt by
         ``--reinitialise``). A serial no certificate of this CA can have (0, or 2**159 and
-        above: ``SERIAL_LIMIT``) is always refused: it could not go into the revocation list
-        (audit s34 H1).
+        above: ``store_rules.SERIAL_LIMIT``) is always refused: it could not go into the
+        revocation list (audit s34 H1).
 
         Every certificate issued on the strength of one revoked here is revoked with it, and so
         on down (``lineage_in``: a node certificate's renewals and the workstation certificates

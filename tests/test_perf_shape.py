@@ -709,8 +709,9 @@ NOT_IN_SCHEMA_SHOW_LEADER = {
 }  # fmt: skip
 
 
-def imported_by(cluster: Cluster, out: Path, *args: str) -> tuple[str, set[str]]:
-    """What ``tlsroll ARGS`` printed, and the modules the process had imported by its end."""
+def imported_by(cluster: Cluster, out: Path, *args: str, code: int = 0) -> tuple[str, set[str]]:
+    """What ``tlsroll ARGS`` printed (stdout, or stderr with a ``code`` other than 0), and the
+    modules the process had imported by its end; it must exit with ``code``."""
     done = subprocess.run(
         [sys.executable, "-c", CLI_HARNESS, str(out), *args],
         capture_output=True,
@@ -719,8 +720,8 @@ def imported_by(cluster: Cluster, out: Path, *args: str) -> tuple[str, set[str]]
         env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
         check=False,
     )
-    assert done.returncode == 0, done.stderr
-    return done.stdout, set(out.read_text().split())
+    assert done.returncode == code, (done.stdout, done.stderr)
+    return done.stdout if code == 0 else done.stderr, set(out.read_text().split())
 
 
 def test_schema_show_imports_what_it_draws_with_and_nothing_else(
@@ -774,6 +775,96 @@ def test_admin_commands_import_neither_grpcio_nor_the_certificate_code(
             assert tops & {"grpc", "cryptography"} == set(), (args, tops & {"grpc", "cryptography"})
         listed = imported_by(cluster, tmp_path / "again.txt", "token", "list", "--json")[0]
         assert [t["node_name"] for t in json.loads(listed)] == ["n1"]  # the create did reach it
+
+
+# What no command below imports, heavy and needed elsewhere only: the certificate code
+# (cryptography: `init`, `rollout --cert-dir`), the planner, the notice's templates and the
+# password policy, the workstation's code, the leader's store (with SQLite, structlog and gRPC's
+# helpers); nor rich (25 ms for its tables), as none of them draws a table.
+NOT_IN_COMMON_COMMANDS = {
+    "cryptography", "jinja2", "zxcvbn", "workstation", "rich", "grpc", "sqlite3", "structlog",
+}  # fmt: skip
+NOT_IN_COMMON_COMMANDS_LEADER = {
+    "leader.byo", "leader.planner", "leader.cli.join_merge", "leader.store", "leader.db",
+}  # fmt: skip
+
+
+def test_the_common_admin_commands_and_help_import_only_what_they_run(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """The test suite runs the CLI as a program about a thousand times (session 65's process
+    accounting: 0.17 s of CPU each); `tlsroll --help` imported every command's module to list
+    them (the workstation's connection code, cryptography, jinja2, rich, the planner: 0.24 s of
+    CPU), every `rollout` command and `plan` the certificate code of ``--cert-dir``
+    (``leader.byo``, some 60 ms) and the planner, `token create` and `ca revoke` rich's tables
+    and the join script's parts, `ca revoke` and `nodes remove` the leader's whole store for
+    two of its rules. Each imports what it runs now (figures: docs/performance.md, session
+    66)."""
+    node_address = loopback()
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        store_finished_rollout(cluster, "r-lean", 1)
+        cluster.start_leader()
+        ran: dict[tuple[str, ...], set[str]] = {}
+
+        def run(*args: str, code: int = 0) -> str:
+            name = "-".join(args).replace("/", "_")[:80]
+            said, ran[args] = imported_by(cluster, tmp_path / f"{name}.txt", *args, code=code)
+            return said
+
+        listed = run("--help")
+        assert "notify " in listed and "client " in listed and "workstations " in listed
+        assert "rollout " in listed and "Start and steer the switch to https." in listed
+        assert "abort " in run("rollout", "--help")  # the group's own commands, as listed
+        created = run("token", "create", "--node", "n1", "--address", node_address)
+        assert created.count(".") == 1 and "\n" not in created.strip()  # <id>.<secret>
+        assert json.loads(run("nodes", "--json")) == []
+        assert json.loads(run("rollout", "status", "--json"))["id"] == "r-lean"
+        refused = run("rollout", "start", "--scope", "cluster", "--yes", code=1)
+        assert refused == "tlsroll: error: no enrolled node in scope: enrol a node first\n"
+        assert run("plan", "--scope", "cluster", code=1) == refused
+        unknown = run("ca", "revoke", "0abc", code=1)
+        assert unknown.startswith("tlsroll: error: no certificate with serial abc is on record")
+        removed = run("nodes", "remove", "ghost", "--yes", code=1)
+        assert removed.startswith("tlsroll: error: ") and "ghost" in removed
+    for args, seen in ran.items():
+        tops = {m.split(".")[0] for m in seen}
+        assert tops & NOT_IN_COMMON_COMMANDS == set(), (args, tops & NOT_IN_COMMON_COMMANDS)
+        assert seen & NOT_IN_COMMON_COMMANDS_LEADER == set(), (args, seen)
+    # `--help` lists the commands by their summaries: none of their modules, no message
+    listing = ran[("--help",)]
+    assert {m for m in listing if m.startswith(("leader.cli.", "tlsroll.v1", "h2"))} == set()
+    # the commands that print no Admin data need none of its codecs
+    created_with = ran[("token", "create", "--node", "n1", "--address", node_address)]
+    assert "tlsroll.v1.admin_pb2" in created_with and "leader.wire" not in created_with
+
+
+def test_help_lists_every_command_by_its_own_first_sentence() -> None:
+    """`tlsroll --help` lists each command by the summary given where it is registered
+    (``Lazy.summary``), not by its help, which it no longer imports: each listing is the one
+    click makes of the commands themselves, at any width (1000: no summary shortened, so
+    each is its command's first sentence in full)."""
+    import click
+
+    from leader.cli import admin
+    from tlsroll.cli import Summarized, cli
+
+    for group in (cli, admin):
+        assert isinstance(group, Summarized)
+        ctx = click.Context(group, info_name="tlsroll")
+        names = group.list_commands(ctx)
+        commands: dict[str, click.Command] = {}
+        for name in names:
+            command = group.get_command(ctx, name)
+            assert isinstance(command, click.Command), name
+            commands[name] = command
+        eager = click.Group("tlsroll", commands=commands)  # click's own, from the commands
+        for width in (40, 60, 80, 120, 200, 1000):
+            lazy, own = click.HelpFormatter(width=width), click.HelpFormatter(width=width)
+            group.format_commands(ctx, lazy)
+            eager.format_commands(ctx, own)
+            assert lazy.getvalue() == own.getvalue(), width
+        assert all(group.summary(ctx, name) for name in names)
 
 
 # Run with nothing else imported: which enums of the schema's messages have no codec once

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import shlex
-import shutil
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
-from rich.table import Table
 
-from leader.cli import join_merge
 from leader.cli.base import (
     Leader,
     ask_first,
@@ -33,6 +29,10 @@ from tlsroll.cli import PathParam, refuse_empty_path
 from tlsroll.config import control_character, dump_toml, utf8
 from tlsroll.defaults import CONTROL_PORT, DEFAULT_DATA_DIR, JOIN_PORT
 from tlsroll.v1 import admin_pb2
+
+# What one command of these needs is imported by it: rich's tables (some 25 ms) by `token list`,
+# the join script's parts (``leader.cli.join_merge``, shlex) by `token create`'s script, shutil
+# by `init`; `token create`, `ca revoke` and the rest run without them (session 66).
 
 AGENT_DATA_DIR = PurePosixPath("/var/lib/tlsroll-agent")
 """The agent's data dir in a join script's config when ``--agent-data-dir`` names none."""
@@ -163,6 +163,9 @@ def start_lines(data_dir: Path, config: Path) -> list[str]:
             f"  first, to take the CA passphrase out of {data_dir}: install.sh ca-credential"
             " (as root)",
         ]
+    import shlex  # noqa: PLC0415 - see the imports
+    import shutil  # noqa: PLC0415
+
     beside = Path(sys.executable).parent / "tlsroll-leader"
     daemon = str(beside) if beside.exists() else shutil.which("tlsroll-leader") or "tlsroll-leader"
     return [f"start the leader:  {shlex.quote(daemon)} --config {shlex.quote(str(config))}"]
@@ -461,6 +464,10 @@ def join_script(
         },
         f"tlsroll agent {info.node_name} (written by `tlsroll token create --print-join-command`)",
     )
+    import shlex  # noqa: PLC0415 - see the imports
+
+    from leader.cli import join_merge  # noqa: PLC0415
+
     marker, merge = "TLSROLL_AGENT_TOML", "TLSROLL_JOIN_MERGE"
     q = shlex.quote
     conf, new = q(str(config_file)), q(f"{config_file}.join")
@@ -556,6 +563,8 @@ def join_script(
 
 def join_merge_source() -> str:
     """The text of ``leader.cli.join_merge``, which the join script runs with the node's Python."""
+    from leader.cli import join_merge  # noqa: PLC0415 - see the imports
+
     return Path(join_merge.__file__).read_text(encoding="utf-8")
 
 
@@ -569,6 +578,8 @@ def token_list(leader: Leader, as_json: bool) -> None:
     if as_json:
         emit_json([to_dict(t) for t in reply.tokens])
         return
+    from rich.table import Table  # noqa: PLC0415 - see the imports
+
     table = Table("id", "node", "uses left", "expires", "state", "description")
     now = dt.datetime.now(dt.UTC)
     for t in reply.tokens:

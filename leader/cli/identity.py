@@ -12,10 +12,9 @@ tlsroll epoch advance --yes             move the leader past every epoch a node 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
-from rich.text import Text
 
 from leader.cli.base import (
     Leader,
@@ -32,7 +31,6 @@ from leader.cli.base import (
     to_dict,
 )
 from leader.layout import Layout
-from leader.planner import some_names
 from leader.skew import signed_seconds
 from leader.states import Health
 from leader.wire import NODE_HEALTH
@@ -42,6 +40,13 @@ from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.echo import shown
 from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.v1 import admin_pb2
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+# rich's tables and texts (some 25 ms of imports) are imported where a table is drawn, and the
+# planner (``some_names``) where a mixed cluster is named: `nodes --json`, `nodes remove`,
+# `workstations revoke` and `epoch advance` never draw one (session 66).
 
 # What the server column shows in red: a server down, or a node that needs the admin.
 _ALARMING = ("down", NEEDS_ADMIN)
@@ -85,6 +90,9 @@ def nodes(
     if as_json:
         emit_json([to_dict(n) for n in reply.nodes])
         return
+    from rich.table import Table  # noqa: PLC0415 - see above
+    from rich.text import Text  # noqa: PLC0415
+
     table = Table(
         "node",
         "addresses",
@@ -133,6 +141,8 @@ def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo]) -> str:
             on["https"].append(n.name)
     if not on["http"] or not on["https"]:
         return ""
+    from leader.planner import some_names  # noqa: PLC0415 - see above
+
     http = ",".join(sorted(on["http"]))
     return (
         f"a mixed cluster: {some_names(sorted(on['http']))} on http, "
@@ -148,6 +158,8 @@ def _clock(n: admin_pb2.NodeInfo) -> Text:
     where the leader says it is the likelier one at fault (``clock_leader``: its own verdict,
     as on its node problem; this command works out nothing of its own, and a leader before the
     field blames no leader clock: review of s37, L7)."""
+    from rich.text import Text  # noqa: PLC0415 - see above
+
     if not n.HasField("clock_offset_seconds"):
         return Text("-")
     offset = f"{signed_seconds(n.clock_offset_seconds)} s"
@@ -163,6 +175,8 @@ def _agent(n: admin_pb2.NodeInfo) -> Text:
     leader's own verdict, ``NodeInfo.agent_too_old_for``): a rollout of it blocks there. An
     agent the leader has not heard since it started (``agent_not_heard``) gets no verdict: the
     version is the store's, a former leader process's, and may be older than the agent."""
+    from rich.text import Text  # noqa: PLC0415 - see above
+
     # Whatever an agent reported, printed without control characters (the leader cleans it
     # too; an older store may still hold raw text).
     version = peertext.clean(n.agent_version, 64)
@@ -175,6 +189,8 @@ def _agent(n: admin_pb2.NodeInfo) -> Text:
 
 def _renewal(n: admin_pb2.NodeInfo) -> Text:
     """The agent's certificate renewal: failing (since when, why), or when it is due."""
+    from rich.text import Text  # noqa: PLC0415 - see above
+
     if n.HasField("renewal_failing_since"):
         reason = peertext.clean(n.renewal_error, 200)
         since = fmt_time(n, "renewal_failing_since")
@@ -192,6 +208,9 @@ def _check_nodes(ctx: click.Context, leader: Leader, as_json: bool, timeout: int
     if as_json:
         emit_json([to_dict(n) for n in reply.nodes])
     else:
+        from rich.table import Table  # noqa: PLC0415 - see above
+        from rich.text import Text  # noqa: PLC0415
+
         table = Table("node", "agent", "health", "detail")
         for n in reply.nodes:
             health = NODE_HEALTH.read(n.health, "health")
@@ -223,7 +242,7 @@ def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
             "certificates are revoked.",
             "not removed",
         )
-    from leader.store import token_command  # noqa: PLC0415 - for this command alone
+    from leader.store_rules import token_command  # noqa: PLC0415 - for this command alone
 
     with leader.admin() as admin:
         reply = leader.call(admin.RemoveNode, admin_pb2.RemoveNodeRequest(name=name))
@@ -263,6 +282,9 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
     if as_json:
         emit_json([to_dict(w) for w in reply.workstations])
         return
+    from rich.table import Table  # noqa: PLC0415 - see above
+    from rich.text import Text  # noqa: PLC0415
+
     table = Table("workstation", "node", "issued", "expires", "state", "serial")
     for w in reply.workstations:
         state = (
@@ -309,6 +331,9 @@ def epoch() -> None:
 
 
 def _print_epochs(info: admin_pb2.EpochInfo) -> None:
+    from rich.table import Table  # noqa: PLC0415 - see above
+    from rich.text import Text  # noqa: PLC0415
+
     out.print(f"leader epoch {info.leader_epoch}")
     table = Table("node", "highest epoch seen")
     for n in info.nodes:

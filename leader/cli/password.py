@@ -18,7 +18,6 @@ from pathlib import Path
 import click
 
 from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader
-from tlsroll import password
 from tlsroll.cli import PathParam
 from tlsroll.v1 import admin_pb2
 
@@ -27,6 +26,10 @@ def read_password_file(path: Path) -> str:
     """The password in ``path`` (``tlsroll.password.read_password_file``'s rule, the
     workstation's too: among others, a regular file group or others may read or write is
     refused); a usage error naming --password-file (exit 2) if the file is not usable."""
+    # ``tlsroll.password`` (with hashlib's OpenSSL, secrets) is imported where a password is
+    # read, made or hashed, not by every `rollout` command that imports this module (session 66).
+    from tlsroll import password  # noqa: PLC0415
+
     try:
         return password.read_password_file(path)
     except password.PasswordFileError as exc:
@@ -73,6 +76,8 @@ def obtain_password(
         leader.require_same_code()
     if ask_first is not None:
         ask_first()
+    from tlsroll import password  # noqa: PLC0415 - see read_password_file
+
     value = password.generate_password()
     out.print("")
     out.print("  The new authentication password (shown once, never again; write it down):")
@@ -141,6 +146,8 @@ def replaces_text(staged: admin_pb2.StagedPassword) -> str:
 
 def verifier_json(secret: str) -> str:
     """The salted scrypt verifier of ``secret``: all that leaves the CLI."""
+    from tlsroll import password  # noqa: PLC0415 - see read_password_file
+
     return password.verifier_to_json(password.make_verifier(secret)).strip()
 
 

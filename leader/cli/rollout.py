@@ -18,7 +18,6 @@ from typing import Any
 
 import click
 
-from leader import byo
 from leader.cli.base import (
     EXIT_INTERRUPTED,
     CLIError,
@@ -43,7 +42,6 @@ from leader.cli.password import (
 )
 from leader.cli.schema_cmd import AWAITING, ENDS, TERMINAL
 from leader.plan_texts import FINALIZE_WARNINGS, plan_texts
-from leader.planner import MAX_NAMED
 from leader.rollout_core import (
     BLOCKED,
     BLOCKED_HTTP,
@@ -181,7 +179,12 @@ def cert_dir_message(directory: Path) -> admin_pb2.CertDir:
     there that cannot be read goes as empty, with why (``unreadable``): the leader, which
     alone knows the nodes the rollout touches, reports it if it is needed, and ignores it if
     not (review s48rev3: the CLI refused a cluster-wide plan for a file of a node outside it;
-    before, s47rtin L3, the leader said "missing")."""
+    before, s47rtin L3, the leader said "missing").
+
+    ``leader.byo`` reads certificates with cryptography: some 60 ms of imports that only
+    ``--cert-dir`` needs, not every ``rollout`` command and ``plan`` (session 66)."""
+    from leader import byo  # noqa: PLC0415
+
     try:
         material = byo.read_cert_dir(directory)
     except OSError as exc:
@@ -274,6 +277,8 @@ def blocked_text(reply: admin_pb2.PlanResponse) -> str:
     blocked = [n for n in reply.rollout.nodes if n.reason.startswith(BLOCKED)]
     if not blocked:
         return ""
+    from leader.planner import MAX_NAMED  # noqa: PLC0415 - the planner, for a refusal only
+
     named = [f"{n.name} ({n.reason.removeprefix(BLOCKED).strip()})" for n in blocked]
     more = len(named) - MAX_NAMED
     shown = ", ".join(named[:MAX_NAMED]) + (f" and {more} more (listed above)" if more > 0 else "")
@@ -294,6 +299,8 @@ def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
         raise CLIError(not_on_https_refusal(change, ", ".join(blocked), len(blocked)))
     old = [n for n in reply.rollout.nodes if blocked_too_old(n.reason)]
     if old:  # the leader refuses it too (``planner.AgentsTooOld``)
+        from leader.planner import MAX_NAMED  # noqa: PLC0415 - the planner, for a refusal only
+
         change = CHANGE.text(reply.rollout.change)
         named = [f"{n.name} ({n.reason.removeprefix(BLOCKED).strip()})" for n in old]
         more = len(named) - MAX_NAMED
