@@ -1,5 +1,4 @@
-"""What a daemon keeps out of its process (imports only the standard library's import
-machinery, so it can run first).
+"""What a daemon keeps out of its process (imports nothing itself, so it can run first).
 
 The daemons log JSON lines (``tlsroll.logs``) and never draw on a terminal, but structlog
 imports rich whenever it is installed (for pretty tracebacks in its console renderer), and rich
@@ -18,10 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
-import importlib.util
 import os
-import re
 import sys
 from collections.abc import Iterator
 
@@ -64,7 +60,7 @@ def without_system_cas() -> Iterator[None]:
                 os.environ[name] = value
 
 
-AIOHTTP_VERSION = re.compile(r'^__version__ = "([^"\\]+)"$', re.MULTILINE)
+AIOHTTP_VERSION = r'(?m)^__version__ = "([^"\\]+)"$'
 """The version line of ``aiohttp/__init__.py`` (its first line in every 3.x release)."""
 
 
@@ -84,6 +80,8 @@ def import_aiohttp_web() -> None:
     before: never a start that fails for it. A process that holds aiohttp already keeps it.
     Imports nothing else of aiohttp's (so may run before structlog, ``keep_out``): the caller
     imports its server after it."""
+    import importlib  # noqa: PLC0415 - a server's start only (the lean crypto worker imports lean)
+
     if "aiohttp" not in sys.modules:
         with contextlib.suppress(ImportError, AttributeError):
             _import_web_alone()
@@ -94,11 +92,14 @@ def import_aiohttp_web() -> None:
 
 
 def _import_web_alone() -> None:
+    import importlib.util  # noqa: PLC0415 - as in import_aiohttp_web
+    import re  # noqa: PLC0415 - as in import_aiohttp_web
+
     spec = importlib.util.find_spec("aiohttp")
     if spec is None or spec.origin is None or spec.submodule_search_locations is None:
         raise ImportError("aiohttp is not a package here")
     with open(spec.origin, encoding="utf-8") as f:
-        found = AIOHTTP_VERSION.search(f.read())
+        found = re.search(AIOHTTP_VERSION, f.read())
     if found is None:
         raise ImportError("no __version__ line in aiohttp/__init__.py")
     package = importlib.util.module_from_spec(spec)
