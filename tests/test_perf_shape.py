@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import tomllib
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -2238,17 +2239,23 @@ def test_a_started_reference_server_holds_no_http_client_and_froze_its_imports(
     assert facts["gc"]["frozen"] > 10_000, facts["gc"]  # the imports' objects (about 58,000)
 
 
-# A stand-in package ``aiohttp`` (its ``__init__.py``, its ``web.py``): whether
-# ``import_aiohttp_web`` runs the package's ``__init__`` (imported "whole") or not ("alone").
+# A stand-in package ``aiohttp`` (its ``__init__.py``, its ``web.py``, and what its package and
+# its server are named): whether ``import_aiohttp_web`` runs the package's ``__init__``
+# (imported "whole") or not ("alone").
 STAND_INS = {
     # Its server takes only the version from the package: imported alone, __init__ never runs.
     "alone": ('__version__ = "9.9.9"\nraise RuntimeError("the package ran")\n',
-              "from . import __version__\nNAME = 'web ' + __version__\n"),
+              "from . import __version__\nNAME = 'web ' + __version__\n",
+              None, "web 9.9.9"),
     # Its server takes another name from the package: imported whole.
     "whole, a name": ('__version__ = "9.9.9"\nNAME = "package"\n',
-                      "from . import NAME as PACKAGE\nNAME = 'web of ' + PACKAGE\n"),
+                      "from . import NAME as PACKAGE\nNAME = 'web of ' + PACKAGE\n",
+                      "package", "web of package"),
     # No version line to read: imported whole.
-    "whole, no version": ('NAME = "package"\n', "NAME = 'web'\n"),
+    "whole, no version": ('NAME = "package"\n', "NAME = 'web'\n", "package", "web"),
+    # In a zip (its __init__.py cannot be opened as a file): imported whole.
+    "whole, in a zip": ('__version__ = "9.9.9"\nNAME = "package"\n', "NAME = 'web'\n",
+                        "package", "web"),
 }  # fmt: skip
 
 
@@ -2256,22 +2263,29 @@ STAND_INS = {
 def test_aiohttps_server_is_imported_alone_only_where_it_can_be(tmp_path: Path, case: str) -> None:
     """``tlsroll.lean.import_aiohttp_web`` (the reference server's start, session 66) makes
     the package without running its ``__init__`` only where the server's modules take nothing
-    from it but its version; otherwise (another release of aiohttp) the package is imported
-    whole, as before, and nothing of the attempt is left behind: never a start that fails for
-    it. Seen with a stand-in package ahead of the real one on the path."""
-    package = tmp_path / "aiohttp"
-    package.mkdir()
-    init, web = STAND_INS[case]
-    (package / "__init__.py").write_text(init)
-    (package / "web.py").write_text(web)
+    from it but its version; otherwise (another release of aiohttp, or a package it cannot
+    read) the package is imported whole, as before, and nothing of the attempt is left behind:
+    never a start that fails for it. Seen with a stand-in package ahead of the real one on the
+    path."""
+    init, web, package_name, web_name = STAND_INS[case]
+    if case.endswith("in a zip"):
+        where = tmp_path / "packages.zip"
+        with zipfile.ZipFile(where, "w") as packages:
+            packages.writestr("aiohttp/__init__.py", init)
+            packages.writestr("aiohttp/web.py", web)
+    else:
+        where = tmp_path
+        (where / "aiohttp").mkdir()
+        (where / "aiohttp" / "__init__.py").write_text(init)
+        (where / "aiohttp" / "web.py").write_text(web)
     env = child_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    env["PYTHONPATH"] = os.pathsep.join([str(where), env["PYTHONPATH"]])
     code = (
         "import json, sys\n"
         "from tlsroll import lean\n"
         "lean.import_aiohttp_web()\n"
         "import aiohttp, aiohttp.web\n"
-        "print(json.dumps([getattr(aiohttp, 'NAME', None), aiohttp.web.NAME,\n"
+        "print(json.dumps([getattr(aiohttp, 'NAME', None), aiohttp.web.NAME, aiohttp.__file__,\n"
         "                  sorted(n for n in sys.modules if n.startswith('aiohttp'))]))\n"
     )
     said = subprocess.run(
@@ -2283,14 +2297,10 @@ def test_aiohttps_server_is_imported_alone_only_where_it_can_be(tmp_path: Path, 
         check=False,
     )
     assert said.returncode == 0, said.stderr
-    package_name, web_name, modules = json.loads(said.stdout)
+    package_held, web_held, package_file, modules = json.loads(said.stdout)
+    assert package_file == str(where / "aiohttp" / "__init__.py")  # the stand-in
     assert modules == ["aiohttp", "aiohttp.web"]
-    if case == "alone":
-        assert (package_name, web_name) == (None, "web 9.9.9")
-    elif case == "whole, a name":
-        assert (package_name, web_name) == ("package", "web of package")
-    else:
-        assert (package_name, web_name) == ("package", "web")
+    assert (package_held, web_held) == (package_name, web_name)
 
 
 def test_the_cut_off_nodes_are_looked_for_again_only_once_a_revocation_or_removal_moved_on(

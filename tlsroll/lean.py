@@ -76,14 +76,14 @@ def import_aiohttp_web() -> None:
     server's modules take from it (``__version__``, which ``aiohttp.http`` puts in the
     ``Server`` header), read from that file; ``aiohttp.web`` and what it needs are then
     imported as usual. Where that cannot be done (a release without that version line, or
-    whose server modules take more from the package) the package is imported whole, as
-    before: never a start that fails for it. A process that holds aiohttp already keeps it.
-    Imports nothing else of aiohttp's (so may run before structlog, ``keep_out``): the caller
-    imports its server after it."""
+    whose server modules take more from the package, or a file that cannot be read: a
+    package in a zip) the package is imported whole, as before: never a start that fails for
+    it. A process that holds aiohttp already keeps it. Imports nothing else of aiohttp's (so
+    may run before structlog, ``keep_out``): the caller imports its server after it."""
     import importlib  # noqa: PLC0415 - a server's start only (the lean crypto worker imports lean)
 
     if "aiohttp" not in sys.modules:
-        with contextlib.suppress(ImportError, AttributeError):
+        with contextlib.suppress(ImportError, AttributeError, OSError):
             _import_web_alone()
             return
         for name in [n for n in sys.modules if n == "aiohttp" or n.startswith("aiohttp.")]:
@@ -98,7 +98,7 @@ def _import_web_alone() -> None:
     spec = importlib.util.find_spec("aiohttp")
     if spec is None or spec.origin is None or spec.submodule_search_locations is None:
         raise ImportError("aiohttp is not a package here")
-    with open(spec.origin, encoding="utf-8") as f:
+    with open(spec.origin, encoding="utf-8", errors="replace") as f:
         found = re.search(AIOHTTP_VERSION, f.read())
     if found is None:
         raise ImportError("no __version__ line in aiohttp/__init__.py")
