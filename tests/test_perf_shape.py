@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import tomllib
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -2186,11 +2187,18 @@ def test_the_in_process_tests_run_the_listener_the_leader_ships() -> None:
 REFSERVER_LOAD = """
 import json, os, ssl, sys
 from refserver import daemon
+from tlsroll import lean
+if sys.argv[1] == "whole":  # a release of aiohttp whose server cannot be imported alone
+    lean.AIOHTTP_VERSION = "(?!)"
 daemon.load()
-import aiohttp.connector as connector
+client = "aiohttp.connector" in sys.modules
+if client:
+    import aiohttp.connector as connector
 print(json.dumps({
+    "client": client,
     "aiohttp": [c.cert_store_stats()["x509"] for c in
-                (connector._SSL_CONTEXT_VERIFIED, connector._SSL_CONTEXT_UNVERIFIED)],
+                (connector._SSL_CONTEXT_VERIFIED, connector._SSL_CONTEXT_UNVERIFIED)]
+               if client else None,
     "env": [os.environ.get(n) for n in ("SSL_CERT_FILE", "SSL_CERT_DIR")],
     "after": ssl.create_default_context().cert_store_stats()["x509"],
     "rich": "rich" in sys.modules and sys.modules["rich"] is not None,
@@ -2198,22 +2206,26 @@ print(json.dumps({
 """
 
 
+@pytest.mark.parametrize("aiohttp", ["alone", "whole"])
 def test_the_reference_server_loads_no_ca_bundle_for_aiohttps_client(
-    tmp_path: Path, test_ca: pki.CertificateAuthority
+    tmp_path: Path, test_ca: pki.CertificateAuthority, aiohttp: str
 ) -> None:
     """Session 42: every start of the reference server (each switch's restart, inside its
     freeze window) loaded the system's CA bundle twice as it imported aiohttp, whose client
     makes two default TLS contexts at import (about 0.17 s of CPU of its 0.6), for a client the
-    server never uses. Its start (``refserver.daemon.load``, as ``main`` does) now makes them
-    with no certificates, and puts the environment back, so that a context made after it
-    loads the default store as before. The default store here is a bundle of one certificate
-    named by ``SSL_CERT_FILE``, so that the test does not depend on the machine's."""
+    server never uses. Its start (``refserver.daemon.load``, as ``main`` does) imports
+    aiohttp's server without that client since session 66 (``tlsroll.lean.import_aiohttp_web``:
+    no contexts made at all); where aiohttp must be imported whole (``aiohttp="whole"``) the
+    client's contexts are made with no certificates. Either way the environment is put back,
+    so that a context made after it loads the default store as before. The default store here
+    is a bundle of one certificate named by ``SSL_CERT_FILE``, so that the test does not depend
+    on the machine's."""
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(test_ca.cert_pem)
     env = child_env() | {"SSL_CERT_FILE": str(bundle)}
     env.pop("SSL_CERT_DIR", None)
     said = subprocess.run(
-        [sys.executable, "-P", "-c", REFSERVER_LOAD],
+        [sys.executable, "-P", "-c", REFSERVER_LOAD, aiohttp],
         env=env,
         capture_output=True,
         text=True,
@@ -2221,7 +2233,165 @@ def test_the_reference_server_loads_no_ca_bundle_for_aiohttps_client(
         check=True,
     )
     facts = json.loads(said.stdout)
-    assert facts == {"aiohttp": [0, 0], "env": [str(bundle), None], "after": 1, "rich": False}
+    whole = aiohttp == "whole"
+    assert facts == {
+        "client": whole,
+        "aiohttp": [0, 0] if whole else None,
+        "env": [str(bundle), None],
+        "after": 1,
+        "rich": False,
+    }
+
+
+# Starts the reference server as ``python -P -m refserver`` does (``refserver/__main__.py`` run
+# as ``__main__``) and, once the file named by its second argument exists (the test saw it
+# serve), writes what the process holds to the first: its modules, and its garbage collector
+# (on or not, how many objects it froze). The test stops it (SIGTERM). Only the standard library
+# is imported besides the server.
+REFSERVER_HELD = """
+import gc, json, os, runpy, sys, threading, time
+out, go = sys.argv[1], sys.argv[2]
+
+def watch():
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    held = {
+        "modules": sorted(name for name, module in list(sys.modules.items()) if module),
+        "gc": {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()},
+    }
+    with open(out + ".part", "w") as f:
+        json.dump(held, f)
+    os.rename(out + ".part", out)
+
+threading.Thread(target=watch, daemon=True).start()
+sys.argv = ["refserver", *sys.argv[3:]]
+runpy.run_module("refserver", run_name="__main__", alter_sys=True)
+"""
+
+# aiohttp's client: sessions, the connector (and its default TLS contexts), the cookie jar,
+# tracing, the resolver and happy eyeballs.
+AIOHTTP_CLIENT = {
+    "aiohttp.client",
+    "aiohttp.client_reqrep",
+    "aiohttp.connector",
+    "aiohttp.cookiejar",
+    "aiohttp.tracing",
+    "aiohttp.resolver",
+    "aiohappyeyeballs",
+}
+
+
+class _HeldRefServer(RefServer):
+    """A reference server started through ``REFSERVER_HELD``, which writes to ``held``."""
+
+    def __init__(self, root: Path, address: str, held: Path, go: Path) -> None:
+        super().__init__(root, address)
+        self.held, self.go = held, go
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-P", "-c", REFSERVER_HELD, str(self.held), str(self.go),
+                "--config", str(self.config_path)]  # fmt: skip
+
+
+def test_a_started_reference_server_holds_no_http_client_and_froze_its_imports(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 66, issue 15: the reference server starts at every switch, inside its freeze
+    window, and its start was about 0.18 s of CPU, nearly all of it imports. ``import
+    aiohttp.web`` ran ``aiohttp/__init__.py``, which imports the whole client (15-20 ms of
+    CPU) for a server that makes no client connection; and the garbage collector ran about 90
+    collections during the imports, which freed nothing (about 11 ms). A started server
+    (``python -P -m refserver``, as the agent's reference driver starts it) now holds none of
+    aiohttp's client (``tlsroll.lean.import_aiohttp_web``), and its collector, on, left its
+    imports frozen out of every collection (``tlsroll.lean.importing``). It serves as before,
+    with aiohttp's own ``Server`` header (the version taken from aiohttp's ``__init__``)."""
+    import aiohttp.http  # the whole package, as this test process has it
+
+    held, go = tmp_path / "held.json", tmp_path / "go"
+    server = _HeldRefServer(tmp_path / "server", loopback(), held, go)
+    try:
+        server.start()
+        index = server.request("GET", "")
+        assert index.status == 200 and index.json()["server"] == "tlsroll-refserver"
+        assert index.header("Server") == aiohttp.http.SERVER_SOFTWARE
+        entry = server.request("POST", "entries", {"x": 1})
+        assert entry.status == 201, entry.body
+        go.touch()
+        wait_until(held.exists, 30, "the reference server's modules")
+        assert server.stop() == 0
+    finally:
+        server.close()
+    facts = json.loads(held.read_text())
+    modules = set(facts["modules"])
+    assert {"refserver.server", "aiohttp.web"} <= modules  # it did serve
+    assert modules & AIOHTTP_CLIENT == set()
+    assert facts["gc"]["enabled"] is True
+    assert facts["gc"]["frozen"] > 10_000, facts["gc"]  # the imports' objects (about 58,000)
+
+
+# A stand-in package ``aiohttp`` (its ``__init__.py``, its ``web.py``, and what its package and
+# its server are named): whether ``import_aiohttp_web`` runs the package's ``__init__``
+# (imported "whole") or not ("alone").
+STAND_INS = {
+    # Its server takes only the version from the package: imported alone, __init__ never runs.
+    "alone": ('__version__ = "9.9.9"\nraise RuntimeError("the package ran")\n',
+              "from . import __version__\nNAME = 'web ' + __version__\n",
+              None, "web 9.9.9"),
+    # Its server takes another name from the package: imported whole.
+    "whole, a name": ('__version__ = "9.9.9"\nNAME = "package"\n',
+                      "from . import NAME as PACKAGE\nNAME = 'web of ' + PACKAGE\n",
+                      "package", "web of package"),
+    # No version line to read: imported whole.
+    "whole, no version": ('NAME = "package"\n', "NAME = 'web'\n", "package", "web"),
+    # In a zip (its __init__.py cannot be opened as a file): imported whole.
+    "whole, in a zip": ('__version__ = "9.9.9"\nNAME = "package"\n', "NAME = 'web'\n",
+                        "package", "web"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", STAND_INS)
+def test_aiohttps_server_is_imported_alone_only_where_it_can_be(tmp_path: Path, case: str) -> None:
+    """``tlsroll.lean.import_aiohttp_web`` (the reference server's start, session 66) makes
+    the package without running its ``__init__`` only where the server's modules take nothing
+    from it but its version; otherwise (another release of aiohttp, or a package it cannot
+    read) the package is imported whole, as before, and nothing of the attempt is left behind:
+    never a start that fails for it. Seen with a stand-in package ahead of the real one on the
+    path."""
+    init, web, package_name, web_name = STAND_INS[case]
+    if case.endswith("in a zip"):
+        where = tmp_path / "packages.zip"
+        with zipfile.ZipFile(where, "w") as packages:
+            packages.writestr("aiohttp/__init__.py", init)
+            packages.writestr("aiohttp/web.py", web)
+    else:
+        where = tmp_path
+        (where / "aiohttp").mkdir()
+        (where / "aiohttp" / "__init__.py").write_text(init)
+        (where / "aiohttp" / "web.py").write_text(web)
+    env = child_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(where), env["PYTHONPATH"]])
+    code = (
+        "import json, sys\n"
+        "from tlsroll import lean\n"
+        "lean.import_aiohttp_web()\n"
+        "import aiohttp, aiohttp.web\n"
+        "print(json.dumps([getattr(aiohttp, 'NAME', None), aiohttp.web.NAME, aiohttp.__file__,\n"
+        "                  sorted(n for n in sys.modules if n.startswith('aiohttp'))]))\n"
+    )
+    said = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert said.returncode == 0, said.stderr
+    package_held, web_held, package_file, modules = json.loads(said.stdout)
+    assert package_file == str(where / "aiohttp" / "__init__.py")  # the stand-in
+    assert modules == ["aiohttp", "aiohttp.web"]
+    assert (package_held, web_held) == (package_name, web_name)
 
 
 def test_the_cut_off_nodes_are_looked_for_again_only_once_a_revocation_or_removal_moved_on(
