@@ -56,6 +56,7 @@ from leader.schema_store import (
     AlreadyRetried,
     AlreadyTakenBack,
     BootstrapFailureRow,
+    CapRefusals,
     ClientsInfo,
     PasswordStagedMeanwhile,
     RolloutBusy,
@@ -2855,13 +2856,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         """A PC refused at ``node`` for its hour's cap (``workstation_certs_per_hour``): kept
         with the node's bootstrap failures (``CAP_SOURCE``), so that ``schema show`` says why
         PCs could not enrol there on switch day (only the log said it: review s64 M3), and
-        when it may sign again sent back (``RETRY_AFTER_KEY``: the PC is told when to try)."""
-        row = BootstrapFailureRow(node, CAP_SOURCE, cn, 1, now, now)
-        with contextlib.suppress(Exception):  # the refusal stands whether or not it is kept
-            # (no audit event each: a stolen key asking on is a row's count, and the log's)
-            await asyncio.to_thread(
-                self.schema.record_bootstrap_failures, node, [row], now, audit=False
-            )
+        when it may sign again sent back (``RETRY_AFTER_KEY``: the PC is told when to try).
+        Counted in memory and written by the group commit (``Store.queue_count``): a stolen
+        agent key asking on made the leader commit once per call, and a failed write (a full
+        disk) was dropped unheard; the group commit's failure is the store's health's, as the
+        heartbeats' is (review b2 of s64, L4b). The refusal stands whether or not it is kept;
+        no audit event each: a stolen key asking on is a row's count, and the log's."""
+        refused = CapRefusals(BootstrapFailureRow(node, CAP_SOURCE, cn, 1, now, now))
+        self.state.store.queue_count(node, refused)
+        self._start_writer(self.batch_seconds)
         if exc.retry is not None:
             seconds = max(1, math.ceil(exc.retry.total_seconds()))
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(seconds)),))
