@@ -620,8 +620,15 @@ def _when(stamp: Timestamp, otherwise: dt.datetime) -> dt.datetime:
 
 
 def clock_shift(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> dt.timedelta:
+    """``sent_shift`` of a heartbeat: its ``sent_at``."""
+    return sent_shift(request.sent_at if request.HasField("sent_at") else None, now)
+
+
+def sent_shift(sent_at: Timestamp | None, now: dt.datetime) -> dt.timedelta:
     """How far the sender's clock is behind the leader's, read from the
-    message: when it came (``now``) less when its agent says it sent it (``sent_at``). The
+    message: when it came (``now``) less when its agent says it sent it (``sent_at``: a
+    heartbeat's; a ``NodeStatus``'s ``agent_time``, whose clients a refused ``--when-quiet``
+    switch stores, ``leader.changes._store_sighting``). The
     times of the message's client report are the node's clock's; shifted by this, they are
     the leader's, which ``--when-quiet`` compares them with (clock audit H of session 35: a
     node whose clock is behind by the 100 s the preflight allows looked quiet 100 s early,
@@ -632,9 +639,9 @@ def clock_shift(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> dt.ti
     back would make sightings made before a forward step of the node's clock look older than
     they are. Zero for a message without a time (an older agent) or with one that is no
     time."""
-    if not request.HasField("sent_at"):
+    if sent_at is None:
         return dt.timedelta(0)
-    return max(now - _when(request.sent_at, now), dt.timedelta(0))
+    return max(now - _when(sent_at, now), dt.timedelta(0))
 
 
 def _shifted(stamp: Timestamp, shift: dt.timedelta, otherwise: dt.datetime) -> dt.datetime:
