@@ -59,7 +59,7 @@ from leader.schema_store import (
     measured_seconds,
     write_clients,
 )
-from leader.service import client_rows
+from leader.service import client_rows, sent_shift
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, peertext, pki, probe, spiffe
@@ -783,12 +783,18 @@ async def _store_sighting(ctx: StepContext) -> None:
     what is stored as a heartbeat's report is (``schema_store.write_clients``). It holds the
     node at the quiet gate, and shows on the node's clients (``still on http``, ``notify
     --remaining``). A failure to read or store it is logged: the node waits all the same (a
-    refused switch changes nothing), and the agent's heartbeats send the same view."""
+    refused switch changes nothing), and the agent's heartbeats send the same view. Its
+    times are the node's clock's: on the leader's, shifted by how far the answer's own time
+    (``agent_time``) is behind the leader's, as a heartbeat's report is (``service.
+    clock_shift``); unshifted, a node whose clock was behind by the preflight's 100 s had its
+    sighting stored that much older, and a ``--when-quiet`` shorter than that let the node go
+    at the next pass, to be refused again, pass after pass (review s64 L1)."""
     try:
         status = await ctx.agent.get_status(agent_pb2.GetStatusRequest())
         view = status.server.clients
         now = ctx.clock()
-        rows = client_rows(ctx.node, view, now)
+        sent = status.agent_time if status.HasField("agent_time") else None
+        rows = client_rows(ctx.node, view, now, sent_shift(sent, now))
         source = peertext.clean(view.source, 20)
         problem = peertext.clean(view.problem, 200)
         window = min(view.window_seconds, 366 * 86400)

@@ -506,6 +506,8 @@ class Commands:
         )
         if seen and request.change is Change.ENABLE_TLS:
             seen = {name: _own_count(o, installed) for name, o in seen.items()}
+        if seen:
+            seen = await self._mark_revoked(seen)
         if seen is None and undone is not None:
             raise undone  # nothing observed: what was taken back is all there is to go by
         epoch = await asyncio.to_thread(self.schema.next_epoch)
@@ -601,6 +603,20 @@ class Commands:
                 if o.http_url or o.https_url
             },
         )
+
+    async def _mark_revoked(self, seen: dict[str, NodeObservation]) -> dict[str, NodeObservation]:
+        """``seen`` with ``cert_revoked`` set where the certificate a node serves now is one
+        the admin revoked (``Store.revocations_of``; whatever the reason: it is live, not as
+        recorded): the plan says to replace it where it skips the node as done
+        (``planner.REVOKED_SERVED``); before, enable-tls said "nothing to do"."""
+        served = {o.cert_fingerprint for o in seen.values() if o.cert_fingerprint}
+        if not served:
+            return seen
+        revoked = await asyncio.to_thread(self.store.revocations_of, served)
+        return {
+            name: replace(o, cert_revoked=True) if o.cert_fingerprint in revoked else o
+            for name, o in seen.items()
+        }
 
     async def _check_own_certs(
         self,

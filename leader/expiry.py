@@ -316,6 +316,37 @@ def _marked(found: list[Expiry], ca: x509.Certificate) -> list[Expiry]:
     ]
 
 
+def served_now(
+    store: Store, schema: SchemaStore, certs: Sequence[IssuedCert] | None = None
+) -> dict[str, tuple[str, dt.datetime, bool]]:
+    """Per node, the certificate it serves on 8443 as the rollouts recorded it
+    (``SchemaStore.served_certificates``): (fingerprint, end, revoked), less those `tlsroll
+    nodes remove` revoked (``NODE_REMOVED``): such a record is a removed machine's, and a node
+    enrolled again under its name serves nothing the leader recorded until a rollout switches
+    it; it was shown as serving a revoked certificate, and auto_rotate tried to rotate a node
+    on http at every check (the review of s64-rev, M1). ``revoked``: the admin revoked it
+    (`tlsroll ca revoke`): a rotation revokes the certificate a node served before, never the
+    one it serves now. The watch's, the viewer's and the metrics' (which showed neither
+    rule: the removed machine's as served, and a revoked one as any other). ``certs``: the
+    store's certificates, if read already; else only the revocations of the served ones are
+    read (``Store.revocations_of``: a viewer's read after each write must not parse every
+    certificate ever issued). Blocking."""
+    served = schema.served_certificates()
+    if certs is None:
+        why = store.revocations_of([fingerprint for fingerprint, _ in served.values()])
+    else:
+        why = {
+            c.fingerprint: c.revoke_reason
+            for c in certs
+            if c.kind == "server" and c.fingerprint and c.revoked_at is not None
+        }
+    return {
+        name: (fingerprint, end, fingerprint in why)
+        for name, (fingerprint, end) in served.items()
+        if why.get(fingerprint) != NODE_REMOVED
+    }
+
+
 class ExpiryWatch:
     def __init__(
         self,
@@ -360,21 +391,11 @@ class ExpiryWatch:
     def served(
         self, certs: Sequence[IssuedCert] | None = None
     ) -> dict[str, tuple[str, dt.datetime]]:
-        """Per node, the certificate it serves on 8443 as the rollouts recorded it
-        (``SchemaStore.served_certificates``), less those `tlsroll nodes remove` revoked
-        (``NODE_REMOVED``): such a record is a removed machine's, and a node enrolled again
-        under its name serves nothing the leader recorded until a rollout switches it; it
-        was shown as serving a revoked certificate, and auto_rotate tried to rotate a node on
-        http at every check (the review of s64-rev, M1). ``certs``: the store's certificates,
-        if read already. Blocking."""
-        listed = self.store.list_certificates("server") if certs is None else certs
-        gone = {
-            c.fingerprint for c in listed if c.kind == "server" and c.revoke_reason == NODE_REMOVED
-        }
+        """Per node, the certificate it serves on 8443 (``served_now``): (fingerprint, end).
+        ``certs``: the store's certificates, if read already. Blocking."""
         return {
-            name: served
-            for name, served in self.schema.served_certificates().items()
-            if served[0] not in gone
+            name: (fingerprint, end)
+            for name, (fingerprint, end, _) in served_now(self.store, self.schema, certs).items()
         }
 
     def check(self) -> list[Expiry]:
@@ -403,12 +424,10 @@ class ExpiryWatch:
             )
         certs = self.store.list_certificates()
         serial_of = {c.fingerprint: c.serial for c in certs if c.fingerprint}
-        # A served certificate on the revocation list: only the admin puts one there (a
-        # rotation revokes the certificate a node served before, never the one it serves now).
-        revoked = {c.fingerprint for c in certs if c.fingerprint and c.revoked_at is not None}
         enrolled = {n.name for n in self.store.list_nodes()}
         chains = self.schema.own_chain_ends()
-        for name, (fingerprint, not_after) in sorted(self.served(certs).items()):
+        served = served_now(self.store, self.schema, certs)
+        for name, (fingerprint, not_after, revoked) in sorted(served.items()):
             if name in enrolled:
                 end, chain = served_end(not_after, chains.get(fingerprint))
                 found.append(
@@ -420,7 +439,7 @@ class ExpiryWatch:
                         end,
                         horizon_of("server", self.horizon),
                         chain=chain,
-                        revoked=fingerprint in revoked,
+                        revoked=revoked,
                     )
                 )
         found += [

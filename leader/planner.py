@@ -380,19 +380,46 @@ class NothingToUndo(PlanError):
     """No enable-tls rollout to take back, or it switched no node (FAILED_PRECONDITION)."""
 
 
+REVOKED_SERVED = (
+    "the certificate served is revoked (tlsroll ca revoke), and clients, which read no "
+    "revocation list, take it until its end: replace it now: {command}"
+)
+"""What a node skipped as done says if it serves a certificate the admin revoked
+(``NodeObservation.cert_revoked``): enable-tls leaves a node on https alone, so "nothing to
+do" hid it (the expiry watch, the viewer and the metrics flag it; ``auto_rotate`` rotates
+it in the window)."""
+
+
+def rotate_command(names: Sequence[str]) -> str:
+    """The rotate-cert that replaces the served certificates of ``names``."""
+    shown = ",".join(names[:MAX_NAMED]) if len(names) <= MAX_NAMED else "NAMES"
+    return f"tlsroll rollout start --change rotate-cert --nodes {shown}"
+
+
+def revoked_served(names: Sequence[str]) -> str:
+    """``REVOKED_SERVED`` for ``names``."""
+    return REVOKED_SERVED.format(command=rotate_command(names))
+
+
 class NothingToDo(PlanError):
     """Every node in scope already runs what the change wants."""
 
-    def __init__(self, change: Change, done: Mapping[str, str]) -> None:
+    def __init__(
+        self, change: Change, done: Mapping[str, str], revoked: Sequence[str] = ()
+    ) -> None:
         names = ", ".join(sorted(done))
         # A down server whose config serves http runs nothing: its words, not "runs" (review
         # s46rev3 L1).
         down = sorted(name for name, why in done.items() if why == DOWN_ON_HTTP)
         said = f"; {', '.join(down)}: {DOWN_ON_HTTP}" if down else ""
+        # ... and one that serves a revoked certificate is not left to look fine.
+        if revoked:
+            said += f"; {_some(sorted(revoked))}: {revoked_served(sorted(revoked))}"
         super().__init__(
             f"nothing to do: every node in scope ({names}) already runs what {change.value} "
             f"wants{said} (see: tlsroll nodes, tlsroll schema show)"
         )
+        self.revoked = tuple(sorted(revoked))
 
 
 class InconsistentRecords(TerminalError):
@@ -569,6 +596,7 @@ def plan_rollout(
         elif unreachable:
             raise Unreachable(unreachable)
         wrong: dict[str, str] = {}
+        revoked: list[str] = []  # skipped as done, serving a revoked certificate
         for name in asked:
             if name in left:
                 continue
@@ -576,13 +604,16 @@ def plan_rollout(
                 change, observed[name], target_digest, strategy, dual_from
             ):
                 state, reason = settled
+                if state is NodeState.SKIPPED and observed[name].cert_revoked:
+                    revoked.append(name)
+                    reason = f"{reason}; {revoked_served([name])}"
                 (dual if state is NodeState.DUAL else done)[name] = reason
             elif why := wrong_source(change, observed[name], strategy, finalizes):
                 wrong[name] = why
         if wrong:
             raise WrongSource(change, wrong)
         if len(done) == len(names):
-            raise NothingToDo(change, done)
+            raise NothingToDo(change, done, revoked)
         if len(done) + len(left) == len(names):
             raise NoneReachable(change, left, done)
     elif left and len(left) == len(names):  # nothing asked (no agents): only they are known

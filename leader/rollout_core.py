@@ -767,6 +767,10 @@ class NodeObservation:
     verifier_digest: str = ""  # SHA-256 of the live auth password verifier ("" if none)
     problems: tuple[str, ...] = ()  # what the agent's read-only preflight checks found
     cert_fingerprint: str = ""  # ``sha256:…`` of the certificate served on https ("" if none)
+    # That certificate is one the admin revoked (`tlsroll ca revoke`): set by the plan from the
+    # store (``leader.commands.Commands._plan``), not by the agent. The node is no less done
+    # for enable-tls, but its skip says to replace it (``planner.REVOKED_SERVED``).
+    cert_revoked: bool = False
     # "needs the admin: <why, what to do>" (``tlsroll.enums.NEEDS_ADMIN``): the agent said so
     # (its journal put back from a copy made mid-switch); reachable is False then.
     needs_admin: str = ""

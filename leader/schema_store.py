@@ -169,6 +169,69 @@ MAX_FAILURE_ROWS = 256
 MAX_FAILURE_TOTAL = 1_000_000_000
 
 
+def _record_failures_in(
+    db: sqlite3.Connection,
+    node: str,
+    failures: Sequence[BootstrapFailureRow],
+    now: dt.datetime,
+) -> None:
+    """``SchemaStore.record_bootstrap_failures``'s rows, in the caller's transaction."""
+    for f in failures:
+        db.execute(
+            "INSERT INTO bootstrap_failures"
+            " (node, source, workstation, count, first_at, last_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(node, source) DO UPDATE SET"
+            " workstation = excluded.workstation,"
+            " count = MIN(count + excluded.count, ?),"
+            " last_at = MAX(last_at, excluded.last_at)",
+            (
+                node,
+                f.source,
+                f.workstation,
+                f.count,
+                to_text(f.last_at),
+                to_text(f.last_at),
+                MAX_FAILURE_TOTAL,
+            ),
+        )
+    if failures:
+        db.execute(
+            "DELETE FROM bootstrap_failures WHERE node = ? AND source NOT IN (SELECT"
+            " source FROM bootstrap_failures WHERE node = ?"
+            " ORDER BY last_at DESC, source LIMIT ?)",
+            (node, node, MAX_FAILURE_ROWS),
+        )
+    db.execute(
+        "DELETE FROM bootstrap_failures WHERE last_at < ?",
+        (to_text(now - FAILURES_KEPT),),
+    )
+
+
+@dataclass(frozen=True)
+class CapRefusals:
+    """PCs refused a certificate at a node for its hour's cap (``row``: source ``CAP_SOURCE``,
+    the last one's workstation), counted in memory until the group commit adds them to the
+    node's bootstrap failures (``Store.queue_count``). Before, each refusal was a transaction
+    of its own, an fsync per call a stolen agent key could make the leader do, and a failure
+    to write it (a full disk) was dropped without the store's health hearing of it."""
+
+    row: BootstrapFailureRow
+
+    @property
+    def key(self) -> str:
+        return self.row.source
+
+    def merged(self, later: CapRefusals) -> CapRefusals:
+        count = min(self.row.count + later.row.count, MAX_FAILURE_TOTAL)
+        return CapRefusals(
+            replace(later.row, count=count, first_at=min(self.row.first_at, later.row.first_at))
+        )
+
+    def write(self, db: sqlite3.Connection) -> None:
+        _record_failures_in(db, self.row.node, [self.row], self.row.last_at)
+
+
 @dataclass(frozen=True)
 class ClientsInfo:
     """How a node's agent last reported its clients (``ClientsView`` without the list)."""
@@ -1370,32 +1433,7 @@ class SchemaStore(LeaderStore):
         drop rows quiet for longer than ``FAILURES_KEPT``. ``audit``: with its audit event (the
         caller bounds how many a node gets: ``LeaderService._failures_audited``)."""
         with self._db.tx(routine=True) as db:
-            for f in failures:
-                db.execute(
-                    "INSERT INTO bootstrap_failures"
-                    " (node, source, workstation, count, first_at, last_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT(node, source) DO UPDATE SET"
-                    " workstation = excluded.workstation,"
-                    " count = MIN(count + excluded.count, ?),"
-                    " last_at = MAX(last_at, excluded.last_at)",
-                    (
-                        node,
-                        f.source,
-                        f.workstation,
-                        f.count,
-                        to_text(f.last_at),
-                        to_text(f.last_at),
-                        MAX_FAILURE_TOTAL,
-                    ),
-                )
-            if failures:
-                db.execute(
-                    "DELETE FROM bootstrap_failures WHERE node = ? AND source NOT IN (SELECT"
-                    " source FROM bootstrap_failures WHERE node = ?"
-                    " ORDER BY last_at DESC, source LIMIT ?)",
-                    (node, node, MAX_FAILURE_ROWS),
-                )
+            _record_failures_in(db, node, failures, now)
             if failures and audit:
                 self._audit(
                     db,
@@ -1406,10 +1444,6 @@ class SchemaStore(LeaderStore):
                     sources=len(failures),
                     count=sum(f.count for f in failures),
                 )
-            db.execute(
-                "DELETE FROM bootstrap_failures WHERE last_at < ?",
-                (to_text(now - FAILURES_KEPT),),
-            )
 
     def bootstrap_failures(self, limit: int = FAILURES_SHOWN) -> list[BootstrapFailureRow]:
         """The most recent first."""

@@ -56,6 +56,7 @@ from leader.schema_store import (
     AlreadyRetried,
     AlreadyTakenBack,
     BootstrapFailureRow,
+    CapRefusals,
     ClientsInfo,
     PasswordStagedMeanwhile,
     RolloutBusy,
@@ -631,8 +632,15 @@ def _when(stamp: Timestamp, otherwise: dt.datetime) -> dt.datetime:
 
 
 def clock_shift(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> dt.timedelta:
+    """``sent_shift`` of a heartbeat: its ``sent_at``."""
+    return sent_shift(request.sent_at if request.HasField("sent_at") else None, now)
+
+
+def sent_shift(sent_at: Timestamp | None, now: dt.datetime) -> dt.timedelta:
     """How far the sender's clock is behind the leader's, read from the
-    message: when it came (``now``) less when its agent says it sent it (``sent_at``). The
+    message: when it came (``now``) less when its agent says it sent it (``sent_at``: a
+    heartbeat's; a ``NodeStatus``'s ``agent_time``, whose clients a refused ``--when-quiet``
+    switch stores, ``leader.changes._store_sighting``). The
     times of the message's client report are the node's clock's; shifted by this, they are
     the leader's, which ``--when-quiet`` compares them with (clock audit H of session 35: a
     node whose clock is behind by the 100 s the preflight allows looked quiet 100 s early,
@@ -643,9 +651,9 @@ def clock_shift(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> dt.ti
     back would make sightings made before a forward step of the node's clock look older than
     they are. Zero for a message without a time (an older agent) or with one that is no
     time."""
-    if not request.HasField("sent_at"):
+    if sent_at is None:
         return dt.timedelta(0)
-    return max(now - _when(request.sent_at, now), dt.timedelta(0))
+    return max(now - _when(sent_at, now), dt.timedelta(0))
 
 
 def _shifted(stamp: Timestamp, shift: dt.timedelta, otherwise: dt.datetime) -> dt.datetime:
@@ -2901,13 +2909,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         """A PC refused at ``node`` for its hour's cap (``workstation_certs_per_hour``): kept
         with the node's bootstrap failures (``CAP_SOURCE``), so that ``schema show`` says why
         PCs could not enrol there on switch day (only the log said it: review s64 M3), and
-        when it may sign again sent back (``RETRY_AFTER_KEY``: the PC is told when to try)."""
-        row = BootstrapFailureRow(node, CAP_SOURCE, cn, 1, now, now)
-        with contextlib.suppress(Exception):  # the refusal stands whether or not it is kept
-            # (no audit event each: a stolen key asking on is a row's count, and the log's)
-            await asyncio.to_thread(
-                self.schema.record_bootstrap_failures, node, [row], now, audit=False
-            )
+        when it may sign again sent back (``RETRY_AFTER_KEY``: the PC is told when to try).
+        Counted in memory and written by the group commit (``Store.queue_count``): a stolen
+        agent key asking on made the leader commit once per call, and a failed write (a full
+        disk) was dropped unheard; the group commit's failure is the store's health's, as the
+        heartbeats' is (review b2 of s64, L4b). The refusal stands whether or not it is kept;
+        no audit event each: a stolen key asking on is a row's count, and the log's."""
+        refused = CapRefusals(BootstrapFailureRow(node, CAP_SOURCE, cn, 1, now, now))
+        self.state.store.queue_count(node, refused)
+        self._start_writer(self.batch_seconds)
         if exc.retry is not None:
             seconds = max(1, math.ceil(exc.retry.total_seconds()))
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(seconds)),))

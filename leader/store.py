@@ -18,10 +18,10 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self, TypeVar
 
 from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
@@ -513,6 +513,22 @@ QueuedWrite = Callable[[sqlite3.Connection], None]
 inside that transaction (``Store.queue_write``)."""
 
 
+class QueuedCount(Protocol):
+    """A count of a node's for the group commit (``Store.queue_count``): those of one node and
+    ``key`` are added up in memory (``merged``) until one commit writes their sum."""
+
+    @property
+    def key(self) -> str: ...
+
+    def merged(self, later: Self) -> Self:
+        """This count and ``later``, one of the same node and key counted after it, as one."""
+        ...
+
+    def write(self, db: sqlite3.Connection) -> None:
+        """Add it to the store (inside the group commit's transaction)."""
+        ...
+
+
 class _NodesWrite:
     """``Store._nodes_write``: moves ``Store.nodes_generation`` on as the block ends."""
 
@@ -565,6 +581,8 @@ class Store(LeaderStore):
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
         self._queued_writes: list[tuple[str, QueuedWrite]] = []
+        # ... and counts added up until then (``queue_count``), by (node, key).
+        self._queued_counts: dict[tuple[str, str], QueuedCount] = {}
         # The heartbeat records a group commit (or a direct write) has taken from ``_queued``
         # and not yet committed (a copy): what they say is in neither ``_queued`` nor what a
         # read sees until the commit, and ``_last_heard`` shows them meanwhile. They leave it
@@ -593,6 +611,8 @@ class Store(LeaderStore):
         # ``cut_off_nodes``: the revocation list's number and ``nodes_generation`` it was read
         # at, what it was, and ``Database.generation`` then (``cut_off_kept``).
         self._cut_off_kept: tuple[int, int, frozenset[str], int] | None = None
+        # What ``revocations_of`` last read: (``Database.generation``, fingerprints, found).
+        self._revocations_kept: tuple[int, frozenset[str], dict[str, str]] | None = None
 
     def _nodes_write(self) -> _NodesWrite:
         """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
@@ -675,6 +695,7 @@ class Store(LeaderStore):
             self._queued.pop(name, None)
             self._being_written.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
+            self._queued_counts = {k: c for k, c in self._queued_counts.items() if k[0] != name}
 
     def _heard(self, at: dt.datetime) -> float:
         """``at``, a time by ``clock`` (now, or a moment ago), by ``monotonic``: converted by
@@ -1308,10 +1329,22 @@ class Store(LeaderStore):
             if len(self._queued_writes) > MAX_QUEUED_WRITES:
                 del self._queued_writes[: len(self._queued_writes) - MAX_QUEUED_WRITES]
 
+    def queue_count(self, name: str, count: QueuedCount) -> None:
+        """Add ``count`` (node ``name``'s: PCs refused a certificate over its hour's cap,
+        ``schema_store.CapRefusals``) to what the next group commit writes: added up in memory
+        with those of the node and its key counted since the last commit, so that a flood of
+        them (an agent key stolen, asking on) costs the store no write each, and a commit that
+        fails (a full disk: the group commit tells the store's health) keeps them added up for
+        the next one. Bounded: one per node and key."""
+        with self._seen_lock:
+            key = (name, count.key)
+            before = self._queued_counts.get(key)
+            self._queued_counts[key] = count if before is None else before.merged(count)
+
     def queued(self) -> int:
         """How many writes wait for the group commit."""
         with self._seen_lock:
-            return len(self._queued) + len(self._queued_writes)
+            return len(self._queued) + len(self._queued_writes) + len(self._queued_counts)
 
     def write_queued(self) -> int:
         """The group commit (worker thread): every queued heartbeat record and client report,
@@ -1330,8 +1363,11 @@ class Store(LeaderStore):
         makes the stored one older, which the planner reads as less known, never as quieter
         (``planner.report_stale_after``). Nothing of a rollout (steps, outcomes, plans,
         "persist before send") and nothing of security (a certificate switch, revocation,
-        bootstrap failures) is ever queued here. If the transaction fails, what it held is
-        queued again (a newer record of the same node wins) and the next call retries."""
+        the wrong passwords the agents report) is ever queued here. The counts of PCs the
+        leader refused over a node's hourly cap are (``queue_count``): the refusals stand
+        whatever is stored, the log has each, and a crash loses at most that last second of
+        the count shown. If the transaction fails, what it held is queued again (a newer
+        record of the same node wins; counts are added up) and the next call retries."""
         with self._commit_lock:  # a direct heartbeat write waits for this batch, whole
             return self._write_batch()
 
@@ -1340,14 +1376,22 @@ class Store(LeaderStore):
         with self._seen_lock:
             records, self._queued = self._queued, {}
             writes, self._queued_writes = self._queued_writes, []
+            counts, self._queued_counts = self._queued_counts, {}
             forgets = dict(self._forgets)
             self._being_written = dict(records)
-        if not records and not writes:
+        if not records and not writes and not counts:
             return 0
 
         def still(name: str) -> bool:
             """Node ``name`` is not forgotten (removed, enrolled again) since the take."""
             return self._forgets.get(name, 0) == forgets.get(name, 0)
+
+        def removed(db: sqlite3.Connection, name: str) -> bool:
+            """Node ``name`` is removed, as this transaction reads it."""
+            found = db.execute(
+                "SELECT 1 FROM nodes WHERE name = ? AND removed_at IS NOT NULL", (name,)
+            ).fetchone()
+            return found is not None
 
         done: list[bool] = []
 
@@ -1378,13 +1422,11 @@ class Store(LeaderStore):
                     # the name inherited its workstations: review rev55e L2), nor for one
                     # removed and enrolled again since (its forget count moved: the new
                     # enrolment's rows are not the old agent's report).
-                    if (
-                        still(name)
-                        and not db.execute(
-                            "SELECT 1 FROM nodes WHERE name = ? AND removed_at IS NOT NULL", (name,)
-                        ).fetchone()
-                    ):
+                    if still(name) and not removed(db, name):
                         write(db)
+                for (name, _key), count in counts.items():
+                    if still(name) and not removed(db, name):  # (as a queued write)
+                        count.write(db)
                 self._db.after_commit(committed)
         except BaseException:
             with self._seen_lock:
@@ -1393,11 +1435,17 @@ class Store(LeaderStore):
                         if still(name):
                             self._queued.setdefault(name, r)
                     self._queued_writes[:0] = writes
+                    for key, count in counts.items():  # counted before those counted since
+                        if still(key[0]):
+                            since = self._queued_counts.get(key)
+                            self._queued_counts[key] = (
+                                count if since is None else count.merged(since)
+                            )
                 self._being_written = {}
             raise
         if switched:  # the certificate before is accepted no more: not routine
             self._db.touch()
-        return len(records) + len(writes)
+        return len(records) + len(writes) + len(counts)
 
     def note_heartbeat(
         self,
@@ -2001,6 +2049,32 @@ class Store(LeaderStore):
                     (kind,),
                 ).fetchall()
         return [_cert(r) for r in rows]
+
+    def revocations_of(self, fingerprints: Collection[str]) -> dict[str, str]:
+        """Of the server certificates with ``fingerprints``, those revoked: fingerprint ->
+        the reason (``leader.expiry.served_now``: what the nodes serve, read by the viewer
+        after each write, and by a plan). Kept, and read again only for other fingerprints or
+        after a write that is not ``routine`` (a revocation, a removal: ``Database.
+        generation``): the query reads every server certificate ever issued (some 3 ms at
+        500 nodes rotated ten times), and a rollout's progress, after each step of which an
+        open page reads, is routine."""
+        wanted = frozenset(fingerprints)
+        if not wanted:
+            return {}
+        with self._db.read() as db:
+            generation = self._db.generation  # under the lock: no commit moves it meanwhile
+            kept = self._revocations_kept
+            if kept is not None and kept[:2] == (generation, wanted):
+                return dict(kept[2])
+            rows = db.execute(
+                "SELECT fingerprint, revoke_reason FROM certificates"
+                " WHERE kind = 'server' AND revoked_at IS NOT NULL"
+                " AND fingerprint IN (SELECT value FROM json_each(?))",
+                (json.dumps(sorted(wanted)),),
+            ).fetchall()
+        found = {str(r["fingerprint"]): str(r["revoke_reason"] or "") for r in rows}
+        self._revocations_kept = (generation, wanted, found)
+        return dict(found)
 
     def workstation_certificates(self, ending_after: dt.datetime) -> list[IssuedCert]:
         """The workstation certificates not revoked that end after ``ending_after``: what the

@@ -4340,15 +4340,23 @@ async def test_when_quiet_counts_quiet_time_from_a_nodes_first_report_not_a_day_
         leader.store.close()
 
 
+@pytest.mark.parametrize(("behind", "quiet"), [(0, 600), (100, 60)])
 async def test_a_when_quiet_switch_its_agent_refuses_puts_the_node_back_with_the_sighting(
-    world: World, monkeypatch: pytest.MonkeyPatch
+    world: World, monkeypatch: pytest.MonkeyPatch, behind: int, quiet: int
 ) -> None:
     """``finalize --when-quiet``: the gate lets a node start by the view its agent reported,
     which the agent reuses for ``clients_refresh``; just before the switch the agent reads its
     server's clients afresh, sees a workstation on http 3 s ago and refuses (nothing began).
     The node goes back to pending with the agent's reason, not ``rolled_back`` (which halted
     the finalize), and the sighting the agent read is stored with the refusal: the gate holds
-    the node by it, pass after pass, while the others are finalized (review s64 M)."""
+    the node by it, pass after pass, while the others are finalized (review s64 M).
+
+    ``behind``: the node's clock is that many seconds behind the leader's (the preflight
+    allows up to 100), its answer's time (``NodeStatus.agent_time``) and the sighting's on
+    it. The sighting is stored on the leader's clock, as a heartbeat's report is
+    (``service.clock_shift``): it was stored that much older (review s64 L1), and under a
+    ``--when-quiet`` shorter than that the gate let the node go again at the next pass, to
+    be refused again."""
     monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
     leader = world.boot()
     phase_1, _row = await transitional_phase_1(leader)
@@ -4383,17 +4391,21 @@ async def test_a_when_quiet_switch_its_agent_refuses_puts_the_node_back_with_the
         report(node, now)
     held = ORDER[0]
     agent = world.agents[held]
-    why = "not quiet: ws-front (10.9.0.2) was seen on http 3s ago, within --when-quiet 600s"
+    why = f"not quiet: ws-front (10.9.0.2) was seen on http 3s ago, within --when-quiet {quiet}s"
     agent.refuse["switch"] = why
     status = agent.get_status
     sighted = world.clock.wall() - ago(seconds=3)
+    off = ago(seconds=behind)  # the node's clock less the leader's, negated
 
     async def fresh(request: agent_pb2.GetStatusRequest, timeout: float = 30.0) -> Any:
         answer: agent_pb2.NodeStatus = await status(request, timeout)
+        if behind:  # (an agent that sends no time: as before)
+            answer.agent_time.FromDatetime(world.clock.wall() - off)
+        seen = sighted - off
         answer.server.clients.CopyFrom(
             clients_message(
                 ClientsView(
-                    (ClientSeen("http", "10.9.0.2", "ws-front", sighted, sighted, 1),),
+                    (ClientSeen("http", "10.9.0.2", "ws-front", seen, seen, 1),),
                     86400,
                     "refserver",
                 )
@@ -4402,7 +4414,7 @@ async def test_a_when_quiet_switch_its_agent_refuses_puts_the_node_back_with_the
         return answer
 
     monkeypatch.setattr(agent, "get_status", fresh)
-    finalize = await leader.commands.finalize(phase_1.rollout.id, ADMIN, when_quiet=600)
+    finalize = await leader.commands.finalize(phase_1.rollout.id, ADMIN, when_quiet=quiet)
 
     def others_done(row: RolloutRow) -> bool:
         return row.rollout.id == finalize.rollout.id and all(

@@ -1139,6 +1139,48 @@ def test_nodes_already_in_the_wanted_state_start_skipped_with_the_reason() -> No
     assert plan.nodes_with_event(NE.START) == ("a",)
 
 
+def test_a_node_skipped_as_done_that_serves_a_revoked_certificate_is_told_to_rotate() -> None:
+    """Review s66: a node on https whose certificate the admin revoked (the plan marks it from
+    the store: ``NodeObservation.cert_revoked``) is as done for enable-tls, but its skip says
+    to replace the certificate, with the rotate-cert for it; and where every node is done, the
+    refusal names it with that command, not "nothing to do" alone."""
+    revoked = replace(seen("https"), cert_revoked=True)
+    _, nodes = plan_rollout(
+        rollout_id="r2",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled=dict.fromkeys(["a", "b", "c"], True),
+        leader="c",
+        epoch=4,
+        observed={"a": seen("http"), "b": revoked, "c": seen("https")},
+    )
+    states = {n.name: (n.state, n.reason) for n in nodes}
+    assert states["a"] == (N.PENDING, "")
+    assert states["b"][0] is N.SKIPPED
+    assert states["b"][1] == (
+        "already done: on https with a certificate of this CA; the certificate served is "
+        "revoked (tlsroll ca revoke), and clients, which read no revocation list, take it until "
+        "its end: replace it now: tlsroll rollout start --change rotate-cert --nodes b"
+    )
+    assert states["c"] == (N.SKIPPED, "already done: on https with a certificate of this CA")
+    with pytest.raises(NothingToDo) as refused:
+        plan_rollout(
+            rollout_id="r3",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled=dict.fromkeys(["b", "c", "d"], True),
+            leader="c",
+            epoch=4,
+            observed={"b": revoked, "c": seen("https"), "d": revoked},
+        )
+    assert str(refused.value) == (
+        "nothing to do: every node in scope (b, c, d) already runs what enable-tls wants; b, d: "
+        "the certificate served is revoked (tlsroll ca revoke), and clients, which read no "
+        "revocation list, take it until its end: replace it now: tlsroll rollout start "
+        "--change rotate-cert --nodes b,d (see: tlsroll nodes, tlsroll schema show)"
+    )
+
+
 @pytest.mark.parametrize("dual_from", ["", "r1"])
 def test_a_retry_of_phase_1_starts_the_nodes_still_dual_with_its_password_dual(
     dual_from: str,

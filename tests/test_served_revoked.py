@@ -16,18 +16,28 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import LEADER_POLL, Cluster, wait_until
+from tests.cluster import (
+    LEADER_POLL,
+    METRICS_TOKEN,
+    Cluster,
+    metrics_token_file,
+    one_line_error,
+    wait_until,
+)
 from tests.nodeside import Node, cluster_of
 from tests.test_auto_rotate import auto_view, checked_at
 from tests.test_bootstrap_worker import client_test_connection
 from tests.test_level_based import password_file
 from tests.test_own_revoked import expiration
+from tests.test_viewer import fetch, session_for
 
 LONG = 180.0
 ROTATE = "tlsroll rollout start --change rotate-cert --nodes node2"
@@ -107,6 +117,78 @@ def test_a_revoked_server_certificate_is_shown_revoked_until_a_rotation_replaces
         assert note.startswith("tlsroll: note: the managed servers read no revocation list"), note
         assert f"until its end, {end:%Y-%m-%d %H:%M:%S} UTC" in note, note
         assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def revoked_gauge(cluster: Cluster) -> dict[str, float]:
+    """``tlsroll_certificate_revoked`` of the viewer's /metrics (the scrape token): by node."""
+    scraped = fetch(cluster, "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert scraped.status == 200, scraped
+    return {
+        s.labels["subject"]: s.value
+        for f in text_string_to_metric_families(scraped.body)
+        if f.name == "tlsroll_certificate_revoked"
+        for s in f.samples
+        if s.labels["kind"] == "server"
+    }
+
+
+def revoked_rows(cluster: Cluster, session: str) -> list[str]:
+    """The rows of the viewer page's certificate list flagged revoked (their subjects)."""
+    page = fetch(cluster, "/?lang=en", cookie=session)
+    assert page.status == 200, page
+    section = page.body[page.body.index('<section id="certificates"') :]
+    section = section[: section.index("</section>")]
+    rows = re.findall(r'<tr data-kind="server" data-revoked="true">.*?</tr>', section, re.S)
+    assert all("revoked, still served: replace it with rotate-cert" in r for r in rows), rows
+    return [re.sub(r"<[^>]+>", "|", r).split("|")[4] for r in rows]
+
+
+@pytest.mark.timeout(600)
+def test_a_revoked_served_certificate_is_in_the_plan_on_the_page_and_in_the_metrics(
+    tmp_path: Path,
+) -> None:
+    """Review s66 (leader-side Lows): after `tlsroll ca revoke` of the certificate node2
+    serves, `tlsroll plan` of enable-tls said "nothing to do" and no more, and the web viewer
+    and /metrics showed the certificate as any other until its end (check-expiration alone
+    said REVOKED). Now the plan's refusal names node2 and the rotate-cert that replaces it,
+    the page lists it flagged revoked (its end a year off), and
+    ``tlsroll_certificate_revoked`` is 1 for it, 0 for node1's; the rotation clears both."""
+    token = metrics_token_file(tmp_path / "metrics-token")
+    with cluster_of(tmp_path, 2, metrics_token_file=str(token)) as (cluster, nodes):
+        pw = password_file(tmp_path, "pw", "served-revoked-plan-page-metrics")
+        enable_tls(cluster, pw)
+        session = session_for(cluster, "revoked")
+        assert revoked_gauge(cluster) == {"node1": 0, "node2": 0}
+        assert revoked_rows(cluster, session) == []
+        code, rows = expiration(cluster)
+        assert code == 0, rows
+        revoked = cluster.cli("ca", "revoke", rows["server/node2"]["serial"])
+        assert revoked.returncode == 0, revoked
+
+        plan = cluster.cli("plan", "--scope", "cluster", "--change", "enable-tls")
+        assert plan.returncode != 0, (plan.stdout, plan.stderr)
+        said = one_line_error(plan.stderr, "tlsroll")
+        assert "nothing to do: every node in scope (node1, node2)" in said, said
+        assert "; node2: the certificate served is revoked (tlsroll ca revoke)" in said, said
+        assert f"replace it now: {ROTATE} (see:" in said, said
+        assert "node1:" not in said, said
+
+        assert revoked_gauge(cluster) == {"node1": 0, "node2": 1}
+        assert revoked_rows(cluster, session) == ["node2"]
+
+        rotate = cluster.cli(
+            *("rollout", "start", "--nodes", "node2", "--change", "rotate-cert"),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+        assert revoked_gauge(cluster) == {"node1": 0, "node2": 0}
+        assert revoked_rows(cluster, session) == []
+        again = cluster.cli("plan", "--scope", "cluster", "--change", "enable-tls")
+        assert again.returncode != 0 and "revoked" not in again.stderr, again.stderr
+        assert (
+            nodes[1].served_fingerprint() == expiration(cluster)[1]["server/node2"]["fingerprint"]
+        )
 
 
 @pytest.mark.timeout(600)

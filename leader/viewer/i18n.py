@@ -159,6 +159,8 @@ _DE: dict[str, str] = {
     "cert_subject": "Für",
     "cert_days": "Tage übrig",
     "expired": "abgelaufen",
+    # A served certificate the admin revoked: replace it now (`tlsroll ca revoke`'s warning).
+    "cert_revoked": "widerrufen, noch im Einsatz: mit rotate-cert ersetzen",
     "cert_ca": "Zertifizierungsstelle (CA)",
     "cert_leader": "Leader (Steuerung)",
     "cert_viewer": "diese Webansicht",
@@ -336,6 +338,7 @@ _EN: dict[str, str] = {
     "cert_subject": "For",
     "cert_days": "Days left",
     "expired": "expired",
+    "cert_revoked": "revoked, still served: replace it with rotate-cert",
     "cert_ca": "certificate authority (CA)",
     "cert_leader": "leader (control)",
     "cert_viewer": "this web viewer",

@@ -30,6 +30,13 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
                                                      certificate's own end; ``chain``: the
                                                      subject of the chain's certificate that
                                                      ends first
+    tlsroll_certificate_revoked{kind,subject,fingerprint}
+                                                     each node's served (8443) certificate: 1
+                                                     if the admin revoked it (`tlsroll ca
+                                                     revoke`) and the node still serves it as
+                                                     the rollouts recorded it (the practice's
+                                                     clients read no revocation list: replace
+                                                     it, rotate-cert), else 0
     tlsroll_password_change_pending{node}            1: a new password waits for change-password
     tlsroll_bootstrap_failures{node,source}          wrong passwords on 9443, last 30 days
     tlsroll_server_login_failures{node}              wrong client passwords at the node's
@@ -156,6 +163,21 @@ def render(snap: Snapshot) -> bytes:
             own_expiry.labels(cert.kind, cert.subject, cert.fingerprint, cert.chain).set(
                 cert.not_after.timestamp()
             )
+
+    # A revoked served certificate's end is still when clients stop taking it (they read no
+    # revocation list), so the expiry gauge stays as it is; this one is what an alert on "replace
+    # it now" reads (before, the metrics showed no revocation at all).
+    revoked = Gauge(
+        "tlsroll_certificate_revoked",
+        "1 if the certificate a node serves on 8443 was revoked (tlsroll ca revoke) and the node "
+        "still serves it: its clients take it until its end; replace it (rotate-cert). 0: not "
+        "revoked.",
+        ["kind", "subject", "fingerprint"],
+        registry=registry,
+    )
+    for cert in snap.certificates:
+        if cert.kind == "server":
+            revoked.labels(cert.kind, cert.subject, cert.fingerprint).set(int(cert.revoked))
 
     pending = Gauge(
         "tlsroll_password_change_pending",

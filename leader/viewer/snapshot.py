@@ -26,6 +26,7 @@ from leader.expiry import (
     agent_horizon,
     horizon_of,
     served_end,
+    served_now,
     watched_workstations,
     within,
 )
@@ -138,6 +139,12 @@ class CertStatus:
     # (``leader.expiry.served_end``), which the page shows and the horizon counts from.
     chain: str = ""
     chain_end: dt.datetime | None = None
+    # A node's served certificate the admin revoked (`tlsroll ca revoke`), still the one it
+    # serves as the rollouts recorded it (``leader.expiry.served_now``): listed near its end
+    # whatever its end, as the expiry watch warns of it (``Expiry.revoked``), and flagged on
+    # the page and in the metrics (``tlsroll_certificate_revoked``); before, it was shown as
+    # any other until its end (the practice's clients, which read no revocation list, take it).
+    revoked: bool = False
 
     @property
     def end(self) -> dt.datetime:
@@ -223,8 +230,11 @@ class Snapshot:
     @property
     def near_expiry(self) -> tuple[CertStatus, ...]:
         """The certificates the expiry watch warns of (``leader.expiry.within``), by the end
-        clients go by (``CertStatus.end``)."""
-        return tuple(c for c in self.certificates if within(c.end, self.horizon(c), self.now))
+        clients go by (``CertStatus.end``), and those revoked and still served, whatever their
+        end (``CertStatus.revoked``: as `certs check-expiration` lists them)."""
+        return tuple(
+            c for c in self.certificates if c.revoked or within(c.end, self.horizon(c), self.now)
+        )
 
     @property
     def attention(self) -> tuple[str, ...]:
@@ -727,13 +737,17 @@ class Reader:
         stored rollout's nodes (``SchemaStore.served_certificates``), with its chain's end
         where that comes first (``SchemaStore.own_chain_ends``), as the expiry watch has it:
         of the ``enrolled`` nodes only (a removed node's stayed listed for good, later as
-        expired, review s48rev2 M1)."""
+        expired, review s48rev2 M1), not one `tlsroll nodes remove` revoked (the removed
+        machine's, not that of a node enrolled again under its name), and each marked if the
+        admin revoked it (``leader.expiry.served_now``: the watch's rule)."""
         served = {
-            name: end for name, end in self.schema.served_certificates().items() if name in enrolled
+            name: end
+            for name, end in served_now(self.store, self.schema).items()
+            if name in enrolled
         }
         chains = self.schema.own_chain_ends() if served else {}
         found = []
-        for name, (fingerprint, not_after) in sorted(served.items()):
+        for name, (fingerprint, not_after, revoked) in sorted(served.items()):
             end, chain = served_end(not_after, chains.get(fingerprint))
             found.append(
                 CertStatus(
@@ -743,6 +757,7 @@ class Reader:
                     not_after,
                     chain=chain,
                     chain_end=end if chain else None,
+                    revoked=revoked,
                 )
             )
         return tuple(found)
