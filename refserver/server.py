@@ -438,6 +438,11 @@ class RefServer:
         secret = body.get("password")
         if not isinstance(secret, str) or not secret:
             return _error(400, "bad_request", 'body needs "password": a non-empty string')
+        if not password.is_utf8(secret):
+            # A JSON escape of half a surrogate pair, no text: refused as the malformed request it
+            # is, before it is counted (it failed in the hash: a 500 and a traceback, review s66
+            # pw L1).
+            return _error(400, "bad_request", '"password" is not UTF-8 text (a lone surrogate)')
         source = source_key(request.remote)
         wait, now = await self._login_allowed(source, request)
         if _gone(request):

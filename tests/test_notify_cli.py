@@ -553,15 +553,21 @@ def typed_password_rule(world: World) -> None:
     `password set` and the workstation's prompt apply (s39wsfix leftover: it was not): one
     with white space around it, or an invisible character, is refused in one line, exit 2,
     and no notice is printed; the password itself is never shown."""
-    cases = [
+    cases: list[tuple[str | bytes, str]] = [
         (f" {PW1}", "the password entered starts or ends with white space"),
         (f"{PW1}\u200b", "the password entered has an invisible or control character (U+200B)"),
+        # review s66 pw L1: a terminal set to Latin-1 ("ä" is 0xE4) was "internal error"
+        (
+            PW1.encode() + b"\xe4",
+            "the password entered is not UTF-8 text (a terminal set to another encoding, such as"
+            " Latin-1?)",
+        ),
     ]
     for typed, says in cases:
         term = Terminal(world.cluster, "notify", "--include-password")
         try:
             term.read_until("Password to include")
-            term.type(typed + "\n")
+            os.write(term.master, (typed if isinstance(typed, bytes) else typed.encode()) + b"\n")
             code = term.finish()
         finally:
             term.close()

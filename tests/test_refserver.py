@@ -1086,6 +1086,26 @@ def test_the_ceiling_goes_on_across_restarts(
     assert secret not in server.log()
 
 
+def test_a_password_that_is_no_text_is_a_bad_request_not_counted(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Review s66 pw L1: a /login body whose password holds a lone surrogate (``"\\ud800"``,
+    valid JSON, no text) failed in the scrypt hash: a 500 "internal", an exception with its
+    traceback logged at error level, and the guess counted. A 400 ``bad_request`` now, before
+    it is counted."""
+    secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
+    refused = login_from(server, ctx, secret + "\ud800")  # json.dumps escapes it: \ud800
+    assert refused.status == 400, (refused.status, refused.body)
+    assert refused.json()["error"] == "bad_request", refused.json()
+    status = server.status()
+    assert (status["login_failures"], status["login_refused"]) == (0, 0)
+    assert login_from(server, ctx, secret).status == 200
+    log = server.log()
+    assert "request.failed" not in log and "Traceback" not in log and secret not in log
+
+
 def stored_login_failures(data_dir: Path) -> tuple[int, str | None, str | None] | None:
     """The login_failures row of the server's store (read-only beside it), None if none."""
     conn = sqlite3.connect(f"file:{data_dir / 'entries.sqlite3'}?mode=ro", uri=True)

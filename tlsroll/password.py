@@ -225,12 +225,32 @@ def password_from_bytes(data: bytes, path: Path | str) -> str:
     return text
 
 
+# ``password_problem``'s words for a password that is no UTF-8 text, and the prompts' for one
+# their terminal could not decode (getpass reads a controlling terminal strictly).
+NOT_UTF8 = "is not UTF-8 text (a terminal set to another encoding, such as Latin-1?)"
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8, as every password is before it is hashed: not
+    when it holds a lone surrogate (category Cs), Python's stand-in for a byte read that was not
+    UTF-8 (a terminal set to Latin-1, read with ``surrogateescape``) or what a JSON ``\\ud800``
+    decodes to. Such a password failed only in the hash (review s66 pw L1: "internal error:
+    UnicodeEncodeError" at the workstation, a 500 at the reference server's login)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def password_problem(text: str) -> str | None:
     """Why ``text`` (a password without its file's line end, or one typed) is no password a
     workstation could type, as the end of a sentence about it; None if it could be one. The
     file reader's rule, so that ``password set`` and a workstation refuse the same."""
     if not text:
         return "is empty"
+    if not is_utf8(text):  # (before anything repeats a character of it)
+        return NOT_UTF8
     if not text.strip():
         return "is empty (white space only)"
     if text != text.strip():

@@ -953,7 +953,12 @@ def _typed_password() -> str:
     workstation is refused here (exit 2, nothing printed), not written into the notice. On a
     terminal only (``terminal_only``): off one, exit 2 naming --password-file, nothing read."""
     terminal_only(_ASK_PASSWORD)
-    secret: str = click.prompt("Password to include", hide_input=True, err=True)
+    try:
+        secret: str = click.prompt("Password to include", hide_input=True, err=True)
+    except UnicodeDecodeError:  # a terminal of another encoding, read strictly (s66 pw L1)
+        raise click.UsageError(
+            f"the password entered {password.NOT_UTF8}; no notice printed"
+        ) from None
     if (why := password.password_problem(secret)) is not None:
         raise click.UsageError(f"the password entered {why}; no notice printed")
     return secret
