@@ -435,10 +435,10 @@ def _dec(name: str, value: Any) -> Any:
     return value
 
 
-# A failed bootstrap password's time more than ``FUTURE_SLACK`` ahead of the agent's clock cannot
-# be right (it was counted while the clock was ahead): it no longer counts
-# (``record_bootstrap_failure``, ``nodeagent.bootstrap_supervisor.guard_times``); the reference
-# server's ceiling drops such times alike (``tlsroll.backoff.on_clock``).
+# A failed bootstrap password's time more than ``FUTURE_SLACK`` (``tlsroll.backoff``'s, the
+# reference server's ceiling's too) ahead of the agent's clock cannot be right (it was counted
+# while the clock was ahead): it no longer counts (``record_bootstrap_failure``,
+# ``nodeagent.bootstrap_supervisor.guard_times``).
 
 
 class JournalError(TerminalError):

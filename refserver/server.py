@@ -271,9 +271,12 @@ class RefServer:
         # switch, a change-password rollout, a reboot, gave a guesser a fresh day's allowance):
         # the wrong passwords' wall-clock times, kept with the count, back on the clock of the
         # limits; one dated more than ``FUTURE_SLACK`` ahead (counted while the clock was ahead)
-        # is dropped, as the agent's bootstrap service does.
+        # is dropped, as the agent's bootstrap service does, and so are those out of the day
+        # (an older release ran on the file meanwhile: it keeps none) and past the ceiling.
         wall, mono = time.time(), time.monotonic()
-        self._ceiling_times = [at for at in failures.ceiling if at <= wall + FUTURE_SLACK]
+        self._ceiling_times = [
+            at for at in failures.ceiling if wall - LOGIN_CEILING_WINDOW < at <= wall + FUTURE_SLACK
+        ][-self.config.login_ceiling :]
         for at in on_clock(self._ceiling_times, wall, mono):
             self._login_ceiling.failed(at)
         self.login_failures = failures.count

@@ -243,11 +243,8 @@ def test_a_verifier_no_workstation_accepts_is_not_staged(tmp_path: Path) -> None
                 ({"hash": long_hash}, "dklen=64"),
             ):
                 verifier = json.dumps({**base, **changes})
-                got, details = code_of(
-                    lambda v=verifier: admin.SetPassword(
-                        admin_pb2.SetPasswordRequest(auth_verifier_json=v), timeout=10
-                    )
-                )
+                bad = admin_pb2.SetPasswordRequest(auth_verifier_json=verifier)
+                got, details = code_of(partial(admin.SetPassword, bad, timeout=10))
                 assert got == Code.INVALID_ARGUMENT, (changes, got, details)
                 assert says in details and "no workstation would accept it" in details, details
             staged = admin.SetPassword(
