@@ -235,10 +235,15 @@ def _own_count(seen: NodeObservation, installed: Collection[str]) -> NodeObserva
 
 
 def _check_verifier(verifier_json: str) -> None:
+    """A verifier the leader may stage (INVALID_ARGUMENT if not): valid, and one whose
+    parameters every workstation computes (review s66 pw L2: p=2 passed, and once applied
+    every workstation refused every node's hello)."""
     try:
-        password.verifier_from_json(verifier_json)
+        verifier = password.verifier_from_json(verifier_json)
     except ValueError as exc:
         raise planner.PlanError(f"bad password verifier: {exc}") from None
+    if why := password.workstation_problem(verifier):
+        raise planner.PlanError(f"bad password verifier: {why}: no workstation would accept it")
 
 
 class Commands:

@@ -38,8 +38,8 @@ from nodeagent.config import AgentConfig
 from nodeagent.cryptoworker import InProcess
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
-from nodeagent.journal import FUTURE_SLACK, Journal
-from tlsroll import logs, password, peertext, spiffe
+from nodeagent.journal import Journal
+from tlsroll import backoff, logs, password, peertext, spiffe
 from tlsroll.enums import RETRY_AFTER_KEY, SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import read_regular
@@ -110,7 +110,7 @@ def guard_times(earlier: list[float], wall: float, mono: float) -> list[float]:
     clock. A time up to ``FUTURE_SLACK`` ahead counts as now; one further ahead was counted
     while the clock was ahead and is dropped: it would impose the day's ceiling again at every
     restart until the clock passes it (s34 review L3)."""
-    return [mono - max(0.0, wall - at) for at in earlier if at <= wall + FUTURE_SLACK]
+    return backoff.on_clock(earlier, wall, mono)
 
 
 def _ca_bundle(ca_file: str) -> bytes:

@@ -77,6 +77,7 @@ from nodeagent.failure_log import FailureCount
 from nodeagent.lease import Boot, Lease
 from nodeagent.transaction import Phase
 from tlsroll import logs
+from tlsroll.backoff import FUTURE_SLACK
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import (
@@ -434,10 +435,10 @@ def _dec(name: str, value: Any) -> Any:
     return value
 
 
-# A failed bootstrap password's time more than this ahead of the agent's clock cannot be right
-# (it was counted while the clock was ahead): it no longer counts (``record_bootstrap_failure``,
+# A failed bootstrap password's time more than ``FUTURE_SLACK`` (``tlsroll.backoff``'s, the
+# reference server's ceiling's too) ahead of the agent's clock cannot be right (it was counted
+# while the clock was ahead): it no longer counts (``record_bootstrap_failure``,
 # ``nodeagent.bootstrap_supervisor.guard_times``).
-FUTURE_SLACK = 60.0
 
 
 class JournalError(TerminalError):

@@ -99,7 +99,15 @@ from aiohttp import web
 from refserver import config as refserver_config
 from refserver.store import FreezeState, LoginFailures, Store, now_iso
 from tlsroll import __version__, clients, daemon, httplog, logs, password
-from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
+from tlsroll.backoff import (
+    FUTURE_SLACK,
+    Backoff,
+    Ceiling,
+    Policy,
+    on_clock,
+    retry_after,
+    source_key,
+)
 from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import socket_dir_problem, write_atomic
 
@@ -263,6 +271,18 @@ class RefServer:
         # first and the latest were (ISO 8601, UTC): the status's. Saved by ``_save_failures``
         # (``LOGIN_FAILURES_SAVE_SECONDS``); ``_failures_saved`` is what the store holds.
         failures = failures or LoginFailures()
+        # The ceiling goes on from where the last run left it (review s66 M1: each restart, a
+        # switch, a change-password rollout, a reboot, gave a guesser a fresh day's allowance):
+        # the wrong passwords' wall-clock times, kept with the count, back on the clock of the
+        # limits; one dated more than ``FUTURE_SLACK`` ahead (counted while the clock was ahead)
+        # is dropped, as the agent's bootstrap service does, and so are those out of the day
+        # (an older release ran on the file meanwhile: it keeps none) and past the ceiling.
+        wall, mono = time.time(), time.monotonic()
+        self._ceiling_times = [
+            at for at in failures.ceiling if wall - LOGIN_CEILING_WINDOW < at <= wall + FUTURE_SLACK
+        ][-self.config.login_ceiling :]
+        for at in on_clock(self._ceiling_times, wall, mono):
+            self._login_ceiling.failed(at)
         self.login_failures = failures.count
         self.first_login_failure = failures.first_at
         self.last_login_failure = failures.last_at
@@ -414,6 +434,11 @@ class RefServer:
         secret = body.get("password")
         if not isinstance(secret, str) or not secret:
             return _error(400, "bad_request", 'body needs "password": a non-empty string')
+        if not password.is_utf8(secret):
+            # A JSON escape of half a surrogate pair, no text: refused as the malformed request it
+            # is, before it is counted (it failed in the hash: a 500 and a traceback, review s66
+            # pw L1).
+            return _error(400, "bad_request", '"password" is not UTF-8 text (a lone surrogate)')
         source = source_key(request.remote)
         wait, now = await self._login_allowed(source, request)
         if _gone(request):
@@ -463,10 +488,24 @@ class RefServer:
         return web.json_response({"ok": True})
 
     def _failures(self) -> LoginFailures:
-        return LoginFailures(self.login_failures, self.first_login_failure, self.last_login_failure)
+        return LoginFailures(
+            self.login_failures,
+            self.first_login_failure,
+            self.last_login_failure,
+            tuple(self._ceiling_times),
+        )
 
     def _login_failed(self) -> None:
-        """Count a wrong password, and have the count saved (``_save_failures``)."""
+        """Count a wrong password, and have the count saved (``_save_failures``), with the
+        times that count against the ceiling: the ``login_ceiling`` newest of the day (older
+        ones no longer decide anything), none dated ahead of the clock by more than
+        ``FUTURE_SLACK``."""
+        at = time.time()
+        times = [
+            t for t in self._ceiling_times if at - LOGIN_CEILING_WINDOW < t <= at + FUTURE_SLACK
+        ]
+        times.append(at)
+        self._ceiling_times = times[-self.config.login_ceiling :]
         self.login_failures += 1
         self.last_login_failure = now_iso()
         if self.first_login_failure is None:

@@ -21,6 +21,14 @@ as the older release did: without the table, the count is kept in memory only
 (``keeps_login_failures``; a save fails with ``LoginFailuresNotKept``), until a start that can
 write the file migrates it.
 
+The times of the wrong passwords that still count against the server's daily ceiling
+(``login_ceiling``) are the rows of table ``login_ceiling`` (Unix seconds; at most the ceiling's
+number, none older than a day), saved with the count: the ceiling went on from where it was
+across a restart (review s66 M1: every switch, change-password rollout and reboot gave a guesser
+a fresh day's allowance), as the agent's journal keeps its bootstrap service's. Migration 4
+adds the table and no row; an older release ignores it (``IGNORABLE``), and a file opened as it
+is at schema 3 keeps them in memory only.
+
 All methods are blocking and thread-safe: the server calls them from worker threads, except
 ``watermark`` (one indexed read, which WAL lets no writer block: on its event loop). Writes are
 serialised by one lock on one connection; reads use a small pool of read-only connections, so
@@ -81,17 +89,25 @@ CREATE TABLE login_failures (
 )
 """
 
+# Migration 4: the times of the wrong passwords that count against the daily ceiling (s66). No
+# row until the first one: a file without them has a ceiling with nothing used.
+_V4 = """
+CREATE TABLE login_ceiling (at REAL NOT NULL)
+"""
+
 # The schema of entries.sqlite3: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # issue 15
     _V3,  # s50: login failures survive restarts
+    _V4,  # s66: and the ceiling they count against
 )
-# Migrations an older release may ignore (``tlsroll.sqlite.migrate``): 3 only adds a table
-# this code copes without a row of (an older server counts its failures in memory only).
-IGNORABLE: frozenset[int] = frozenset({3})
-# The schema that has table login_failures.
+# Migrations an older release may ignore (``tlsroll.sqlite.migrate``): 3 and 4 only add tables
+# this code copes without rows of (an older server counts its failures in memory only).
+IGNORABLE: frozenset[int] = frozenset({3, 4})
+# The schema that has table login_failures, and the one that has table login_ceiling.
 LOGIN_FAILURES_SCHEMA = 3
+LOGIN_CEILING_SCHEMA = 4
 # The lowest schema of entries.sqlite3 that only builds reading ``readable_by`` wrote
 # (``tlsroll.sqlite.migrate``'s ``reads_floor_from``): schema 2 (the freeze row, 2026-11-30)
 # was written by builds before that code (commit 096a57d, 2026-12-03) too, so the upgrade from
@@ -234,7 +250,8 @@ class Store:
         return FreezeState(frozen, since, old.problem if old is not None else None)
 
     def save_login_failures(self, failures: LoginFailures) -> None:
-        """Persist the count of wrong passwords at the login (one commit; the server calls it
+        """Persist the count of wrong passwords at the login, and the ceiling's times with it
+        (on a file of schema 3, opened as it is, not those) (one commit; the server calls it
         at most once a second: ``refserver.server.LOGIN_FAILURES_SAVE_SECONDS``). On a file
         without the table (``keeps_login_failures``): ``LoginFailuresNotKept``, nothing tried."""
         if not self.keeps_login_failures:
@@ -249,19 +266,30 @@ class Store:
                 "VALUES (1, ?, ?, ?)",
                 (failures.count, failures.first_at, failures.last_at),
             )
+            if self.version >= LOGIN_CEILING_SCHEMA:
+                # All of them: at most the ceiling's number (200 by default), once a second.
+                cur.execute("DELETE FROM login_ceiling")
+                cur.executemany(
+                    "INSERT INTO login_ceiling (at) VALUES (?)", [(at,) for at in failures.ceiling]
+                )
 
     def load_login_failures(self) -> LoginFailures:
         """The persisted count (0 if none was ever saved, or the file has no table for it:
-        ``keeps_login_failures``)."""
+        ``keeps_login_failures``) and the ceiling's times (none on a file of schema 3)."""
         if not self.keeps_login_failures:
             return LoginFailures()
         with self._reader() as conn:
             row = conn.execute(
                 "SELECT count, first_at, last_at FROM login_failures WHERE id = 1"
             ).fetchone()
+            ceiling: tuple[float, ...] = ()
+            if self.version >= LOGIN_CEILING_SCHEMA:
+                ceiling = tuple(
+                    float(r[0]) for r in conn.execute("SELECT at FROM login_ceiling ORDER BY at")
+                )
         if row is None:
-            return LoginFailures()
-        return LoginFailures(int(row[0]), _text(row[1]), _text(row[2]))
+            return LoginFailures(ceiling=ceiling)
+        return LoginFailures(int(row[0]), _text(row[1]), _text(row[2]), ceiling)
 
     def get(self, entry_id: str) -> dict[str, Any] | None:
         with self._reader() as conn:
@@ -311,11 +339,13 @@ class FreezeState:
 class LoginFailures:
     """Wrong passwords at the server's login (the client password) since the count began (a new
     data dir, or this release's first start on an older one): how many, when the first and the
-    latest were (ISO 8601, UTC; None before the first)."""
+    latest were (ISO 8601, UTC; None before the first); and when those that still count against
+    the daily ceiling were (Unix seconds, oldest first)."""
 
     count: int = 0
     first_at: str | None = None
     last_at: str | None = None
+    ceiling: tuple[float, ...] = ()
 
 
 def _text(value: object) -> str | None:

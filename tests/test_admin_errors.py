@@ -14,7 +14,9 @@ need an active rollout.
 from __future__ import annotations
 
 import ast
+import base64
 import importlib
+import json
 import pkgutil
 import threading
 from collections.abc import Callable, Iterator
@@ -219,6 +221,36 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
         bad = admin_pb2.SetPasswordRequest(auth_verifier_json="not json")
         assert code_of(lambda: admin.SetPassword(bad, timeout=10))[0] == Code.INVALID_ARGUMENT
     node.close()
+
+
+def test_a_verifier_no_workstation_accepts_is_not_staged(tmp_path: Path) -> None:
+    """Review s66 pw L2: the leader staged any verifier a verifier file may hold (scrypt n up
+    to 2**20, r 32, p 16, a hash of 64 bytes), while a workstation computes no more than
+    tlsroll's own parameters (``tlsroll.password.kdf_problem``): one with p=2 was staged, a
+    change-password rollout applied it and completed, and every workstation then refused
+    every node's hello. Refused (INVALID_ARGUMENT), nothing staged; the tests' cheaper n=2**14
+    is one workstations accept."""
+    base = dict(password.make_verifier("correct horse battery staple", **password.TEST_PARAMS))
+    long_hash = base64.b64encode(bytes(64)).decode()
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        with c.admin() as admin:
+            for changes, says in (
+                ({"p": 2}, "p=2"),
+                ({"n": 2**16}, "n=65536"),
+                ({"r": 16}, "r=16"),
+                ({"hash": long_hash}, "dklen=64"),
+            ):
+                verifier = json.dumps({**base, **changes})
+                bad = admin_pb2.SetPasswordRequest(auth_verifier_json=verifier)
+                got, details = code_of(partial(admin.SetPassword, bad, timeout=10))
+                assert got == Code.INVALID_ARGUMENT, (changes, got, details)
+                assert says in details and "no workstation would accept it" in details, details
+            staged = admin.SetPassword(
+                admin_pb2.SetPasswordRequest(auth_verifier_json=json.dumps(base)), timeout=10
+            )
+            assert staged.version == 1  # the first: none of those was staged
 
 
 def test_control_and_busy_error_paths(cluster: Cluster) -> None:

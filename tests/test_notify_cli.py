@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import os
 import subprocess
 import zoneinfo
 from collections.abc import Iterator
@@ -175,6 +176,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     # the password: only the one the nodes run
     with_pw = ok(world.cli("notify", "--include-password", "--password-file", str(pw1)))
     assert with_pw.splitlines()[0].startswith("WARNUNG") and with_pw.count(PW1) == 1
+    notice_into_a_private_file(world, pw1, tmp_path)
     typed_password_rule(world)
     piped_password_is_not_read(world)
     pw2 = secret_file(tmp_path / "pw2", PW2)
@@ -551,15 +553,21 @@ def typed_password_rule(world: World) -> None:
     `password set` and the workstation's prompt apply (s39wsfix leftover: it was not): one
     with white space around it, or an invisible character, is refused in one line, exit 2,
     and no notice is printed; the password itself is never shown."""
-    cases = [
+    cases: list[tuple[str | bytes, str]] = [
         (f" {PW1}", "the password entered starts or ends with white space"),
         (f"{PW1}\u200b", "the password entered has an invisible or control character (U+200B)"),
+        # review s66 pw L1: a terminal set to Latin-1 ("ä" is 0xE4) was "internal error"
+        (
+            PW1.encode() + b"\xe4",
+            "the password entered is not UTF-8 text (a terminal set to another encoding, such as"
+            " Latin-1?)",
+        ),
     ]
     for typed, says in cases:
         term = Terminal(world.cluster, "notify", "--include-password")
         try:
             term.read_until("Password to include")
-            term.type(typed + "\n")
+            os.write(term.master, (typed if isinstance(typed, bytes) else typed.encode()) + b"\n")
             code = term.finish()
         finally:
             term.close()
@@ -569,6 +577,68 @@ def typed_password_rule(world: World) -> None:
         assert "; no notice printed" in errors[0], errors[0]
         assert "WARNUNG" not in term.screen and PW1 not in term.screen, term.screen
         assert "Traceback" not in term.screen
+
+
+def notice_into(path: Path, mode: int, args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """``tlsroll ARGS > path`` (``path`` made with ``mode`` first): the exit code and stderr."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.fchmod(fd, mode)  # whatever the umask
+    try:
+        result = subprocess.run(
+            [*command("tlsroll", "tlsroll"), *args],
+            stdout=fd,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=child_env(env),
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    return result.returncode, result.stderr
+
+
+def notice_into_a_private_file(world: World, pw1: Path, tmp_path: Path) -> None:
+    """Review s66 pw M2: the notice with the password goes into a file only one of mode 0600
+    (``> notice.txt`` under umask 022 made it 0644, the password readable by all)."""
+    env = {"TLSROLL_DATA_DIR": str(world.cluster.data_dir)}
+    args = ["notify", "--include-password", "--password-file", str(pw1)]
+    code, err = notice_into(tmp_path / "shared.txt", 0o644, args, env)
+    assert code == 2 and "is readable by others (mode 0644)" in one_line_error(err, "tlsroll")
+    assert (tmp_path / "shared.txt").read_bytes() == b"", "the password went into a 0644 file"
+    code, err = notice_into(tmp_path / "private.txt", 0o600, args, env)
+    assert code == 0, err
+    assert (tmp_path / "private.txt").read_text().count(PW1) == 1
+
+
+def test_a_notice_with_the_password_goes_into_no_file_others_may_read(tmp_path: Path) -> None:
+    """Review s66 pw M2: ``notify --include-password > notice.txt`` wrote the password into a
+    file of mode 0644 (umask 022), while the file it was read from must be 0600. Refused
+    before the password file is read or the leader asked (here: none, and no such file): exit
+    2, one line naming the file and its mode, nothing written."""
+    data_dir, sock = tmp_path / "data", tmp_path / "none.sock"
+    out = tmp_path / "notice.txt"
+    code, err = notice_into(
+        out,
+        0o644,
+        [
+            "--socket",
+            str(sock),
+            "notify",
+            "--include-password",
+            "--password-file",
+            str(tmp_path / "missing"),
+        ],
+        {"TLSROLL_DATA_DIR": str(data_dir)},
+    )
+    assert code == 2, err
+    line = one_line_error(err, "tlsroll")
+    assert line.startswith(
+        f"tlsroll: error: stdout {out} is readable by others (mode 0644); the notice holds the"
+        " password: chmod 600 it or use umask 077"
+    ), line
+    assert out.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notice.txt"]
 
 
 def piped_password_is_not_read(world: World) -> None:

@@ -246,6 +246,17 @@ def test_password_file_refused(tmp_path: Path, content: bytes, problem: str) -> 
     assert "\n" not in str(info.value) and "s3c" not in str(info.value)
 
 
+def test_a_typed_password_that_is_no_text_is_refused_by_the_rule() -> None:
+    """Review s66 pw L1: a byte typed that is not UTF-8, read off a terminal with
+    ``surrogateescape`` (a lone surrogate: Cs), passed the rule and failed in the hash
+    (UnicodeEncodeError: "internal error"). The rule refuses it, and says nothing of it."""
+    assert password.password_problem("s3cr\udce9t-with-more-words") == (
+        "is not UTF-8 text (a terminal set to another encoding, such as Latin-1?)"
+    )
+    assert not password.is_utf8("\ud800") and password.is_utf8("s3crét")
+    assert password.password_problem("s3crét-with-more-words") is None
+
+
 def test_password_file_unreadable(tmp_path: Path) -> None:
     with pytest.raises(PasswordFileError, match=re.escape("No such file or directory")):
         read_password_file(tmp_path / "missing")

@@ -1135,6 +1135,66 @@ def test_the_whole_server_has_a_ceiling_of_wrong_passwords(
     assert secret not in server.log()
 
 
+def test_the_ceiling_goes_on_across_restarts(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Review s66 M1: the ceiling began empty at every start of the server, and every switch,
+    change-password rollout and reboot restarts it: a guesser got a fresh ``login_ceiling``
+    with each. The wrong passwords' times are kept with the count and counted again at start;
+    one dated more than a minute ahead of the clock (counted while it was ahead) no longer is,
+    and is dropped from the store with the next save."""
+    secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    server, ctx = https_login_server(
+        make_server, loopback, issue_cert, verifier_file, login_ceiling=3
+    )
+    for _ in range(3):
+        assert login_from(server, ctx, "not-" + secret, loopback()).status == 401
+    assert login_from(server, ctx, "not-" + secret, loopback()).status == 429
+    server.restart()
+    refused = login_from(server, ctx, secret, loopback())
+    assert refused.status == 429, "a restart gave a fresh day's allowance"
+    assert int(refused.headers["retry-after"]) > 80_000  # until the first leaves the day
+    assert server.status()["login_failures"] == 3
+
+    server.stop()  # the times all put an hour ahead, as if the clock was then
+    db = sqlite3.connect(server.data_dir / "entries.sqlite3")
+    with db:
+        db.execute("UPDATE login_ceiling SET at = at + 3600")
+    db.close()
+    server.start()
+    assert login_from(server, ctx, "not-" + secret, loopback()).status == 401
+    assert login_from(server, ctx, secret, loopback()).status == 200
+    wait_for(lambda: (stored_login_failures(server.data_dir) or (0,))[0] == 4, 10, "the save")
+    db = sqlite3.connect(f"file:{server.data_dir / 'entries.sqlite3'}?mode=ro", uri=True)
+    try:
+        [(kept,)] = db.execute("SELECT at FROM login_ceiling").fetchall()
+    finally:
+        db.close()
+    assert kept <= time.time()  # the new one; those an hour ahead are gone
+    assert secret not in server.log()
+
+
+def test_a_password_that_is_no_text_is_a_bad_request_not_counted(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert, tmp_path: Path
+) -> None:
+    """Review s66 pw L1: a /login body whose password holds a lone surrogate (``"\\ud800"``,
+    valid JSON, no text) failed in the scrypt hash: a 500 "internal", an exception with its
+    traceback logged at error level, and the guess counted. A 400 ``bad_request`` now, before
+    it is counted."""
+    secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", secret)
+    server, ctx = https_login_server(make_server, loopback, issue_cert, verifier_file)
+    refused = login_from(server, ctx, secret + "\ud800")  # json.dumps escapes it: \ud800
+    assert refused.status == 400, (refused.status, refused.body)
+    assert refused.json()["error"] == "bad_request", refused.json()
+    status = server.status()
+    assert (status["login_failures"], status["login_refused"]) == (0, 0)
+    assert login_from(server, ctx, secret).status == 200
+    log = server.log()
+    assert "request.failed" not in log and "Traceback" not in log and secret not in log
+
+
 def stored_login_failures(data_dir: Path) -> tuple[int, str | None, str | None] | None:
     """The login_failures row of the server's store (read-only beside it), None if none."""
     conn = sqlite3.connect(f"file:{data_dir / 'entries.sqlite3'}?mode=ro", uri=True)
@@ -1243,8 +1303,9 @@ async def test_a_flood_of_wrong_passwords_is_no_flood_of_commits(tmp_path: Path)
         await server.stop_saving_failures()
         assert [f.count for f in saved] == [1, 100]
         assert store.load_login_failures() == refstore.LoginFailures(
-            100, server.first_login_failure, server.last_login_failure
+            100, server.first_login_failure, server.last_login_failure, server._failures().ceiling
         )
+        assert len(server._failures().ceiling) == 100  # with the ceiling's times (s66 M1)
         await server.stop_saving_failures()  # nothing new: no commit
         assert len(saved) == 2
     finally:
@@ -1337,7 +1398,10 @@ def test_a_read_only_store_of_the_release_before_is_used_as_it_is(
     events = server.log_events()
     names = [e["event"] for e in events]
     [warning] = [e for e in events if e["event"] == "store.not_migrated"]
-    assert warning["level"] == "warning" and (warning["version"], warning["to"]) == (2, 3)
+    assert warning["level"] == "warning" and (warning["version"], warning["to"]) == (
+        2,
+        len(refstore.MIGRATIONS),
+    )
     assert "counted in memory only" in warning["detail"], warning
     assert names.count("login_failures.not_saved") == 1, names
     [lost] = [e for e in events if e["event"] == "login_failures.lost_at_stop"]
@@ -1347,7 +1411,7 @@ def test_a_read_only_store_of_the_release_before_is_used_as_it_is(
     assert not [p for p in path.parent.iterdir() if ".before-v" in p.name]
 
     server.start()  # writable again: migrated, its copy kept
-    assert schema_of(path) == 3 and schema_of(copy) == 2
+    assert schema_of(path) == len(refstore.MIGRATIONS) and schema_of(copy) == 2
     assert login_from(server, ctx, "not-" + secret).status == 401
     assert server.status()["login_failures"] == 1  # the count of the read-only run is gone
     assert server.stop() == 0

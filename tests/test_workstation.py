@@ -817,11 +817,17 @@ def _has_uid(uid: int) -> bool:
 
 
 def on_terminal(
-    argv: list[str], answer: str | None, timeout: float = 60, *, port: str | None = None
+    argv: list[str],
+    answer: str | bytes | None,
+    timeout: float = 60,
+    *,
+    port: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """``tlsroll ARGV`` on a pseudo-terminal that is its controlling terminal (the password
     prompt reads it with no echo); ``answer`` typed at the password prompt (None: none is
-    expected), ``port`` at the port prompt. The exit code and the screen."""
+    expected; bytes: as they are, not UTF-8 encoded), ``port`` at the port prompt. The exit
+    code and the screen."""
     master, slave = pty.openpty()
     # The new session's leader takes the pty as its terminal, then becomes tlsroll (no
     # preexec_fn: the test's event loop runs in another thread).
@@ -834,7 +840,7 @@ def on_terminal(
         stdin=slave,
         stdout=slave,
         stderr=slave,
-        env=child_env(),
+        env=child_env(env),
         start_new_session=True,
     )
     os.close(slave)
@@ -852,7 +858,8 @@ def on_terminal(
                 os.write(master, (port or "").encode() + b"\n")
                 port_typed = True
             if not typed and b"not shown as you type" in screen:
-                os.write(master, (answer or "").encode() + b"\n")
+                typing = answer if isinstance(answer, bytes) else (answer or "").encode()
+                os.write(master, typing + b"\n")
                 typed = True
         code = proc.wait(max(deadline - time.monotonic(), 1))
         with suppress(OSError):
@@ -894,6 +901,35 @@ async def test_a_typed_password_with_white_space_around_it_is_refused_unsent(
         code, screen = await asyncio.to_thread(on_terminal, argv, PASSWORD)
     assert code == 0, screen
     assert "restart the client to finish" in screen and PASSWORD not in screen
+
+
+async def test_a_typed_password_that_is_not_utf8_is_refused_unsent(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Review s66 pw L1: a password typed on a terminal set to another encoding (Latin-1's
+    "ä" is the byte 0xE4, no UTF-8) was "internal error: UnicodeDecodeError", exit 1 (the
+    prompt reads its terminal strictly; off one, read as a lone surrogate, it failed in the
+    hash: UnicodeEncodeError). Refused at the prompt in one line, exit 2, nothing sent."""
+    node = nodes["tls"]
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--settings-dir", str(tmp_path / "settings")]
+    async with bootstrap_on(node, test_ca):
+        code, screen = await asyncio.to_thread(on_terminal, argv, PASSWORD.encode() + b"\xe4")
+        assert code == 2 == int(Exit.USAGE), screen
+        assert "Traceback" not in screen and "internal error" not in screen, screen
+        # (on the prompt's line: the read ended without the line end)
+        (line,) = [x[x.index("tlsroll: error") :] for x in screen.splitlines() if "tlsroll: " in x]
+        assert (
+            "the password entered is not UTF-8 text (a terminal set to another encoding, such as"
+            " Latin-1?)" in line
+        ), line
+        assert "nothing was sent" in line and PASSWORD not in screen
+        assert not (tmp_path / "settings").exists()
+    events = [e["event"] for e in logs]
+    assert "bootstrap.exchange_started" not in events
 
 
 async def test_ca_pin_without_password(

@@ -10,7 +10,9 @@ next attempt. A key with no failure for ``forget`` seconds starts over; ``reset`
 does too. At most ``max_keys`` keys are kept (the longest quiet is dropped first).
 
 ``Ceiling``: at most ``limit`` failures within ``window`` seconds, whoever makes them; past
-that every attempt waits until the oldest failure leaves the window.
+that every attempt waits until the oldest failure leaves the window. Its failures are kept
+across restarts by their wall-clock times (the agent's journal, the reference server's store):
+``on_clock`` puts them back on the monotonic clock.
 """
 
 from __future__ import annotations
@@ -123,6 +125,19 @@ class Ceiling:
         which turned out right); nothing if it has left the window or was pushed out."""
         with contextlib.suppress(ValueError):
             self._times.remove(at)
+
+
+# A kept failure's time more than this ahead of the wall clock cannot be right (it was counted
+# while the clock was ahead): it no longer counts, or it would impose the ceiling again at every
+# restart until the clock passes it (s34 review L3).
+FUTURE_SLACK = 60.0
+
+
+def on_clock(earlier: list[float], wall: float, mono: float) -> list[float]:
+    """Failure times an earlier run kept (Unix seconds, oldest first) on a monotonic clock
+    (``mono`` its now, ``wall`` the wall clock's), from their age by the wall clock: one up to
+    ``FUTURE_SLACK`` ahead counts as now, one further ahead is dropped."""
+    return [mono - max(0.0, wall - at) for at in earlier if at <= wall + FUTURE_SLACK]
 
 
 def retry_after(seconds: float) -> int:

@@ -165,11 +165,13 @@ MAX_REQUEST_BYTES = 64 << 10  # the service refuses larger requests (413)
 # What a client will spend on the KDF of a hello it cannot verify yet: no more than tlsroll
 # itself asks of the verifiers it makes (``tlsroll.password``: n = 2**15, r = 8, p = 1, 32 MiB,
 # a 32-byte hash). A fake node must not be able to make a workstation spend more.
-MAX_N = password.DEFAULT_N
-MAX_R = password.DEFAULT_R
-MAX_P = password.DEFAULT_P
-MIN_DKLEN = 16
-MAX_DKLEN = password.HASH_BYTES
+# The bounds are ``tlsroll.password``'s (``CLIENT_MAX_*``, ``kdf_problem``): the leader stages
+# no verifier beyond them (review s66 pw L2).
+MAX_N = password.CLIENT_MAX_N
+MAX_R = password.CLIENT_MAX_R
+MAX_P = password.CLIENT_MAX_P
+MIN_DKLEN = password.CLIENT_MIN_HASH
+MAX_DKLEN = password.CLIENT_MAX_HASH
 EXCHANGE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 PAKE_MESSAGE_BYTES = 33  # one side byte and one Ed25519 point
@@ -298,12 +300,8 @@ class KDF:
             raise BootstrapError(BootstrapReason.BAD_KDF, "n, r, p and dklen must be integers")
         if n < password.MIN_N or n & (n - 1) or r < 1 or p < 1 or dklen < MIN_DKLEN:
             raise BootstrapError(BootstrapReason.BAD_KDF, f"n={n} r={r} p={p} dklen={dklen}")
-        if n > MAX_N or r > MAX_R or p > MAX_P or dklen > MAX_DKLEN:
-            raise BootstrapError(
-                BootstrapReason.BAD_KDF,
-                f"n={n} r={r} p={p} dklen={dklen} is more than tlsroll uses "
-                f"(n<={MAX_N} r<={MAX_R} p<={MAX_P} dklen<={MAX_DKLEN}): not a tlsroll node",
-            )
+        if why := password.kdf_problem(n, r, p, dklen):
+            raise BootstrapError(BootstrapReason.BAD_KDF, f"{why}: not a tlsroll node")
         try:
             salt = unb64(data["salt"], "salt")
         except BootstrapError as exc:

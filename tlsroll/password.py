@@ -70,6 +70,15 @@ MAX_N = 2**20
 MAX_R = 32
 MAX_P = 16
 
+# What a workstation computes at most for the hello of a node it cannot verify yet (the
+# parameters tlsroll makes verifiers with: ``tlsroll.bootstrap_protocol.KDF.from_json`` refuses
+# more), and the hash lengths it takes; ``workstation_problem`` holds a verifier to them.
+CLIENT_MAX_N = DEFAULT_N
+CLIENT_MAX_R = DEFAULT_R
+CLIENT_MAX_P = DEFAULT_P
+CLIENT_MIN_HASH = 16
+CLIENT_MAX_HASH = HASH_BYTES
+
 # A password file holds one line: what is longer is not one, and is not read whole.
 MAX_FILE_BYTES = 4096
 
@@ -225,12 +234,32 @@ def password_from_bytes(data: bytes, path: Path | str) -> str:
     return text
 
 
+# ``password_problem``'s words for a password that is no UTF-8 text, and the prompts' for one
+# their terminal could not decode (getpass reads a controlling terminal strictly).
+NOT_UTF8 = "is not UTF-8 text (a terminal set to another encoding, such as Latin-1?)"
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8, as every password is before it is hashed: not
+    when it holds a lone surrogate (category Cs), Python's stand-in for a byte read that was not
+    UTF-8 (a terminal set to Latin-1, read with ``surrogateescape``) or what a JSON ``\\ud800``
+    decodes to. Such a password failed only in the hash (review s66 pw L1: "internal error:
+    UnicodeEncodeError" at the workstation, a 500 at the reference server's login)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def password_problem(text: str) -> str | None:
     """Why ``text`` (a password without its file's line end, or one typed) is no password a
     workstation could type, as the end of a sentence about it; None if it could be one. The
     file reader's rule, so that ``password set`` and a workstation refuse the same."""
     if not text:
         return "is empty"
+    if not is_utf8(text):  # (before anything repeats a character of it)
+        return NOT_UTF8
     if not text.strip():
         return "is empty (white space only)"
     if text != text.strip():
@@ -359,6 +388,31 @@ def validate_verifier(data: object) -> Verifier:
     if not 16 <= len(digest) <= 64:
         raise ValueError(f"verifier hash must be 16 to 64 bytes, got {len(digest)}")
     return Verifier(alg=ALG, n=n, r=r, p=p, salt=data["salt"], hash=data["hash"])
+
+
+def kdf_problem(n: int, r: int, p: int, dklen: int) -> str | None:
+    """Why a workstation will not compute scrypt with ``n``, ``r``, ``p`` to ``dklen`` bytes
+    (more than ``CLIENT_MAX_*``: the cost a fake node could make it spend), or None. The one
+    rule of both sides: the workstation's (``KDF.from_json``) and the leader's for the
+    verifiers it stages (``workstation_problem``)."""
+    if n > CLIENT_MAX_N or r > CLIENT_MAX_R or p > CLIENT_MAX_P or dklen > CLIENT_MAX_HASH:
+        return (
+            f"n={n} r={r} p={p} dklen={dklen} is more than tlsroll uses (n<={CLIENT_MAX_N}"
+            f" r<={CLIENT_MAX_R} p<={CLIENT_MAX_P} dklen<={CLIENT_MAX_HASH})"
+        )
+    return None
+
+
+def workstation_problem(verifier: Verifier) -> str | None:
+    """Why no workstation would accept a hello with ``verifier``'s parameters (a valid
+    verifier: ``validate_verifier``; its own bounds are a verifier file's, wider), or None.
+    The leader stages no such verifier (review s66 pw L2: one with p=2 was staged, applied by
+    a change-password rollout that completed, and then every workstation refused every node's
+    hello)."""
+    dklen = len(base64.b64decode(verifier["hash"]))
+    if dklen < CLIENT_MIN_HASH:  # (validate_verifier's least is 16 as well)
+        return f"a hash of {dklen} bytes is less than a workstation takes ({CLIENT_MIN_HASH})"
+    return kdf_problem(verifier["n"], verifier["r"], verifier["p"], dklen)
 
 
 def _check_params(n: int, r: int, p: int) -> None:

@@ -13,7 +13,7 @@ import click
 from tlsroll.bootstrap_protocol import FINISH_DEADLINE, MIN_EXCHANGE_WAIT
 from tlsroll.cli import PathParam, terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
-from tlsroll.password import PasswordFileError, read_password_file
+from tlsroll.password import NOT_UTF8, PasswordFileError, read_password_file
 from workstation.connection import (
     DEFAULT_TIMEOUT,
     UI,
@@ -194,8 +194,16 @@ def _ask_port(default: int) -> int:
 
 def _ask_password() -> str:
     terminal_only(_ADD_PASSWORD)
-    secret: str = click.prompt(
-        "Authentication password (the one the practice IT set; not shown as you type)",
-        hide_input=True,
-    )
+    try:
+        secret: str = click.prompt(
+            "Authentication password (the one the practice IT set; not shown as you type)",
+            hide_input=True,
+        )
+    except UnicodeDecodeError:
+        # A terminal set to another encoding (Latin-1's "ä" is no UTF-8): getpass decodes the
+        # terminal strictly, and it was "internal error" (review s66 pw L1). Off the terminal
+        # it reads the byte as a lone surrogate: ``password_problem`` says the same of that.
+        raise ClientError(
+            Exit.USAGE, f"the password entered {NOT_UTF8}; nothing was sent"
+        ) from None
     return secret
