@@ -50,7 +50,7 @@ from tests.cluster import (
     wait_until,
 )
 from tests.conftest import next_loopback
-from tests.procs import long_grace
+from tests.procs import LONG_GRACE_SECONDS, long_grace
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll import __version__, pki
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
@@ -690,10 +690,22 @@ def stop_within_grace(daemon: Any, sig: signal.Signals = signal.SIGTERM) -> None
     grace periods an hour), so a stop that ends within the test's bound (``STOP_TIMEOUT``) ended
     because no call, stream or task held it, not because a grace ran out. (Timed against the
     10 s grace before, "stopped in under 10 s": a loaded machine could fail that, and a stop
-    that waited out its 5 s tail grace passed it.) Nor did a task outlive its patience."""
+    that waited out its 5 s tail grace passed it.) Nor did a task outlive its patience.
+
+    The stretch is checked to have reached the daemon: its ``*.stopping`` event says the grace
+    it stops with, an hour. Without it, a hook that stopped matching the daemon's command line
+    left the 10 s grace in place and every stop still passed: this check lost its power
+    unseen (review rvb L4)."""
     assert daemon.stop(sig, timeout=STOP_TIMEOUT) == 0
-    names = daemon.event_names()
+    events = daemon.log_events()
+    names = [e.get("event") for e in events]
     assert "agent.task_would_not_stop" not in names, names
+    graces = [
+        e["grace_seconds"]
+        for e in events
+        if str(e.get("event")).endswith(".stopping") and "grace_seconds" in e
+    ]
+    assert graces == [LONG_GRACE_SECONDS], graces
 
 
 def assert_json_lines(text: str) -> list[dict[str, Any]]:

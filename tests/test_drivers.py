@@ -591,8 +591,8 @@ def test_exec_command_that_hangs_times_out_and_rolls_back(nodes: NodeFactory) ->
     wait_until(lambda: not alive(hung), 5, "the hung command to be killed")
     assert_back_on_http(node, config)
     # Ended by the command's timeout, as the reason says (4s), within the test's bound of 30 s.
-    # (Its recorded start and end were held under 20 s apart too: a clock bound.)
-    assert done.started_at.ToDatetime() <= done.ended_at.ToDatetime()
+    # (Its recorded start and end were held under 20 s apart once, a clock bound; then that
+    # the start came before the end, which could hardly fail: the reason is the check.)
 
 
 def test_exec_status_without_a_watermark_rolls_back_and_unfreezes(nodes: NodeFactory) -> None:

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.cluster import Cluster, Daemon, child_env, one_line_error
 from tests.conftest import next_loopback
 from tests.refserver_helper import RefServer
-from tlsroll.fsutil import peer_credentials, socket_dir_problem
+from tlsroll.fsutil import SHARED_SYSTEM_DIRS, _shared_dir, peer_credentials, socket_dir_problem
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
 # Public by design: certificates, the leader's config (paths and ports, no secret), the socket
@@ -262,6 +262,36 @@ def test_a_shared_socket_directory_is_not_to_be_chmodded(socket_dirs: Path, mode
     assert "chmod" not in problem, problem
     shared.chmod(0o777)
     assert f"run: chmod 700 {shared}" in str(socket_dir_problem(shared))
+
+
+def test_a_servers_own_directory_two_levels_below_root_is_still_to_be_chmodded() -> None:
+    """Only the system's shared directories are spared the chmod advice: a directory of the
+    server's own two levels below / (/run/tlsroll, /srv/refserver) that others may write was
+    taken for the system's, for its depth alone, and not advised the chmod that fixes it
+    (review rvb L2)."""
+    own = Path(f"/run/trs-edges-{os.getpid()}-{secrets.token_hex(4)}")
+    own.mkdir(mode=0o700)
+    try:
+        own.chmod(0o777)
+        problem = socket_dir_problem(own)
+    finally:
+        own.rmdir()
+    assert f"run: chmod 700 {own}" in str(problem), problem
+
+
+def test_the_systems_shared_directories_are_known_by_name(socket_dirs: Path) -> None:
+    """The system's shared directories (/, a directory right below it, /var/tmp, /dev/shm,
+    /run...) are spared the chmod advice even where their mode is neither sticky nor setgid;
+    a directory of the server's own below them is not (review rvb L2). Judged on the stat of
+    a directory writable by all, neither sticky nor setgid."""
+    plain = socket_dirs / "plain"
+    plain.mkdir()
+    plain.chmod(0o777)
+    st = os.stat(plain)
+    for shared in [Path("/"), Path("/home"), Path("/var"), *SHARED_SYSTEM_DIRS]:
+        assert _shared_dir(shared, st), shared
+    for own in ("/run/tlsroll", "/srv/refserver", "/var/lib/tlsroll", "/tmp/tlsroll"):
+        assert not _shared_dir(Path(own), st), own
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root (CI runs as root)")

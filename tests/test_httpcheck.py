@@ -415,6 +415,12 @@ async def test_a_flood_of_100_continue_heads_is_parsed_once(
 CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
+def _chunked(body: bytes, size: int = 0x4000) -> bytes:
+    """``body`` as a chunked answer, in chunks of ``size`` bytes, with no trailer."""
+    parts = (body[i : i + size] for i in range(0, len(body), size))
+    return CHUNKED + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -423,17 +429,41 @@ CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     ],
     ids=["a long trailer", "long chunk extensions"],
 )
-async def test_every_byte_of_a_chunked_answer_counts_towards_its_limit(
+async def test_a_chunked_answers_framing_is_bounded(
     loopback: Callable[[], str], answer: bytes
 ) -> None:
-    """The chunks' size lines (with their extensions) and the trailer count towards
-    ``ANSWER_MAX`` as the chunks do: an endless trailer was read until the timeout (800 MiB in
-    5 s) and said only that it timed out (review s66 L1). Here a trailer, or extensions, of
-    1.2 MB around a body of a few bytes."""
+    """The chunks' size lines (with their extensions), their CRLFs and the trailer are bounded
+    (``FRAMING_MAX``): an endless trailer was read until the timeout (800 MiB in 5 s) and said
+    only that it timed out (review s66 L1). Here a trailer, or extensions, of 1.2 MB around a
+    body of a few bytes."""
     address = loopback()
     with tiny_server(address, answer) as port:
         problem = await probe.check_http(address, port, APP)
-    assert problem is not None and f"more than {probe.ANSWER_MAX} bytes" in problem, problem
+    assert problem is not None, answer[:80]
+    assert f"framing of more than {probe.FRAMING_MAX} bytes" in problem, problem
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["with a length", "in chunks"])
+async def test_a_body_of_answer_max_bytes_passes_in_chunks_as_with_a_length(
+    loopback: Callable[[], str], chunked: bool
+) -> None:
+    """``ANSWER_MAX`` bounds the body alone: a chunked body of exactly ``ANSWER_MAX`` bytes
+    was refused, its size lines and CRLFs counted with it, while the same body with a
+    ``Content-Length`` passed (review rvb L1). One byte more is refused either way."""
+    address = loopback()
+    for size, passes in ((probe.ANSWER_MAX, True), (probe.ANSWER_MAX + 1, False)):
+        body = b"a" * size
+        if chunked:
+            answer = _chunked(body)
+        else:
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (size, body)
+        with tiny_server(address, answer) as port:
+            problem = await probe.check_http(address, port, APP)
+        if passes:
+            assert problem is None, problem
+        else:
+            assert problem is not None, size
+            assert f"body of more than {probe.ANSWER_MAX} bytes" in problem, problem
 
 
 async def test_a_probes_connection_whose_close_hangs_is_aborted(

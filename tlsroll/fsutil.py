@@ -871,12 +871,39 @@ def socket_dir_problem(directory: Path, owner: int | None = None) -> str | None:
     return above[1] if above else None
 
 
+# The system's directories below / that others share by design though they may be neither
+# sticky nor setgid (where they are either, the mode says so already). Named, not "any directory
+# at most two levels below /": that took /run/tlsroll or /srv/refserver, a server's own, for
+# the system's and left out the chmod that fixes it (review rvb L2). Names compared with, never
+# written in (hence the noqa: S108).
+SHARED_SYSTEM_DIRS = frozenset(
+    Path(p)
+    for p in (
+        "/tmp",  # noqa: S108
+        "/var/tmp",  # noqa: S108
+        "/dev/shm",  # noqa: S108
+        "/dev/mqueue",
+        "/run",
+        "/var/run",
+        "/run/lock",
+        "/var/lock",
+        "/run/shm",
+        "/run/user",
+        "/var/mail",
+        "/var/spool/mail",
+    )
+)
+
+
 def _shared_dir(real: Path, st: os.stat_result) -> bool:
     """Whether ``real`` (resolved) is a directory others share by design: a sticky one (such as
-    /tmp), one whose group shares it (setgid, such as /var/mail), or one of the system's, at
-    most two levels below / (/var/tmp, /dev/shm): "chmod 700" would break the system's use of
-    it (review s66 L3: a server as root with its socket in /tmp was told to chmod 700 /tmp)."""
-    return bool(st.st_mode & (stat.S_ISVTX | stat.S_ISGID)) or len(real.parts) <= 3
+    /tmp), one whose group shares it (setgid, such as /var/mail), / or one directly below it
+    (/home, /var), or one of ``SHARED_SYSTEM_DIRS`` (/var/tmp, /dev/shm, /run): "chmod 700"
+    would break the system's use of it (review s66 L3: a server as root with its socket in
+    /tmp was told to chmod 700 /tmp)."""
+    if st.st_mode & (stat.S_ISVTX | stat.S_ISGID):
+        return True
+    return len(real.parts) <= 2 or real in SHARED_SYSTEM_DIRS
 
 
 def _links_problem(given: Path, me: int) -> str | None:

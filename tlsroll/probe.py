@@ -14,7 +14,8 @@ and the leader's confirm never disagree about one server (review of session 27: 
 header lines ``http.client`` and browsers take, such as ``Content-Length : 2``): the answer's
 head is read from the stream up to its blank line (bounded) and handed to ``http.client``'s
 own parser; its body is read as that parser says (a length, chunks, or to the connection's
-end), at most ``ANSWER_MAX`` bytes.
+end), at most ``ANSWER_MAX`` bytes of body; a chunked answer's framing around it (the size
+lines, their extensions and CRLFs, the trailer) at most ``FRAMING_MAX`` bytes besides.
 
 A check gives up after ``timeout`` seconds for the connect (with the TLS handshake), and again
 after ``timeout`` seconds for the whole answer (the request, the head and the body together):
@@ -43,6 +44,10 @@ from tlsroll.httpcheck import PROBE_HEADERS, reason, trusting
 
 ANSWER_MAX = 1 << 20  # bytes: a probe reads at most this much of an answer's body
 HEAD_MAX = 1 << 20  # bytes: and of its head (its status lines and headers, 100 Continue's too)
+# bytes: and of a chunked answer's framing (its size lines with their extensions, the chunks'
+# CRLFs, the trailer), counted apart from the body, so that a body of ANSWER_MAX bytes passes
+# in chunks as with a Content-Length (review rvb L1)
+FRAMING_MAX = 1 << 20
 LINE_MAX = 65536  # bytes in one line of the head, as http.client's _MAXLINE
 HEADERS_MAX = 100  # header lines in one head, as http.client's _MAXHEADERS
 # "100 Continue" heads before the answer's own: a server sends one, if any; http.client skips
@@ -158,38 +163,48 @@ async def _response(reader: asyncio.StreamReader) -> http.client.HTTPResponse:
 
 async def _body(reader: asyncio.StreamReader, response: http.client.HTTPResponse) -> None:
     """Read the answer's body as ``http.client``'s ``read`` does (a short body fails with
-    ``EOFError``), at most ``ANSWER_MAX`` bytes of it: every byte read counts, the chunks'
-    size lines (with their extensions), their CRLFs and the trailer's lines too (an endless
-    trailer, or chunks of one byte with 60 KiB of extensions each, was read until the timeout:
-    800 MiB in 5 s; review s66 L1)."""
-    size = 0
+    ``EOFError``), at most ``ANSWER_MAX`` bytes of it. A chunked answer's framing (the size
+    lines with their extensions, the chunks' CRLFs, the trailer's lines) is bounded too, by
+    ``FRAMING_MAX`` (an endless trailer, or chunks of one byte with 60 KiB of extensions each,
+    was read until the timeout: 800 MiB in 5 s; review s66 L1), but apart from the body: counted
+    with it, a body of exactly ``ANSWER_MAX`` bytes was refused in chunks and passed with a
+    ``Content-Length`` (review rvb L1)."""
+    size = 0  # bytes of the body
+    framing = 0  # bytes of a chunked answer's framing
 
     def count(n: int) -> None:
         nonlocal size
         size += n
         if size > ANSWER_MAX:
-            raise _Answer(f"an answer of more than {ANSWER_MAX} bytes")
+            raise _Answer(f"an answer's body of more than {ANSWER_MAX} bytes")
+
+    def frame(n: int) -> None:
+        nonlocal framing
+        framing += n
+        if framing > FRAMING_MAX:
+            raise _Answer(f"a chunked answer's framing of more than {FRAMING_MAX} bytes")
 
     if response.chunked:
         while True:
             line = await _line(reader)
             if len(line) > LINE_MAX:
                 raise http.client.LineTooLong("chunk size")
-            count(len(line))
+            frame(len(line))
             try:
                 left = int(line.split(b";", 1)[0], 16)
             except ValueError:
                 raise http.client.IncompleteRead(b"") from None
             if left == 0:
                 break
-            count(left + 2)
+            count(left)
             await reader.readexactly(left)
+            frame(2)
             await reader.readexactly(2)  # the chunk's CRLF (http.client does not check it)
         while True:  # the trailer, up to its blank line
             line = await _line(reader)
             if len(line) > LINE_MAX:
                 raise http.client.LineTooLong("trailer line")
-            count(len(line))
+            frame(len(line))
             if line in (b"\r\n", b"\n", b""):
                 return
     elif response.length is not None:
