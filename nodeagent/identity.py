@@ -778,8 +778,9 @@ def next_pin_wait(
 def _enrol_error(cfg: AgentConfig, target: str, exc: Any) -> TlsrollError:
     """What a failed ``Enrol`` call means for the agent: try again soon (TRANSIENT), wait
     as the join port said (``EnrolmentDeferred``), stop with one line and be started again (the
-    leader failed: ``LEADER_FAILED``, ``LeaderFailed``, exit 1), or stop with one line for a person to act
-    (``EnrolmentRefused``: a new token, a new key, the names or the agent's release)."""
+    leader failed: ``LEADER_FAILED``, ``LeaderFailed``, exit 1), or stop with one line for a
+    person to act (``EnrolmentRefused``: a new token, a new key, the names or the agent's
+    release)."""
     code, detail = exc.code(), " ".join(str(exc.details() or "").split())[:300]
     if code.name in TRANSIENT:
         return TransientError(f"enrolment at {target}: {detail or code.name}")
