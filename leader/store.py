@@ -2609,7 +2609,8 @@ class Store(LeaderStore):
             # learned either (KeyRefused, its one line to the agent). Only a certificate it
             # would learn: any other keeps the refusal it had (a revoked node's words, which
             # its agent matches: ``rpc.node_removed``).
-            if verdict is not True and (why := _key_refused(db, name, key_pin, how=_RELEARN_HOW)):
+            how = _RELEARN_HOW if verdict is False else _relearn_known_how(name)
+            if verdict is not True and (why := _key_refused(db, name, key_pin, how=how)):
                 raise KeyRefused(why)
             return verdict
 
@@ -3541,6 +3542,18 @@ _RELEARN_HOW = (
     f"{NEW_KEY}: on the node move DATA/node.key and DATA/node.pem aside and start its agent "
     "again with a new join token"
 )  # (a re-learned node's key is its only one: no certificate of another to renew with)
+
+
+def _relearn_known_how(name: str) -> str:
+    """``_RELEARN_HOW`` for a node the restored store still has on record (its agent renewed
+    since the backup): a new key under its name is refused (``NameTaken``) until the node is
+    removed, so that comes first (review s66 rva L2)."""
+    return (
+        f"{NEW_KEY}: on the leader run `tlsroll nodes remove {name}` first (this store has the "
+        "node on record: an enrolment of a new key under its name is refused until then), then "
+        "on the node move DATA/node.key and DATA/node.pem aside and start its agent again with "
+        "a new join token"
+    )
 
 
 def _key_refused(

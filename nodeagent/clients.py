@@ -27,7 +27,6 @@ import signal
 import struct
 import subprocess
 import termios
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,33 +91,43 @@ class CommandFailed(TransientError):
         self.cause = cause
 
 
-async def run_command(argv: Sequence[str], timeout: float, limit: int) -> Ran:
+async def run_command(argv: Sequence[str], timeout: float, limit: int, kind: str = "") -> Ran:
     """Run a command of the admin's (an exec driver's operation or ``clients`` command,
-    ``systemctl restart``): ``Ran``, or CommandFailed if it cannot run or does not exit
-    within ``timeout`` seconds. One runner for both (duplicates of session 64).
+    ``systemctl restart``; ``kind``: which, for the log): ``Ran``, or CommandFailed if it
+    cannot run or does not exit within ``timeout`` seconds. One runner for both (duplicates of
+    session 64).
 
     Bounded by the command's own exit and nothing else (review s64 H1, H2, M1). A server a
     ``restart`` starts in the background (``nohup server &``, a vendor's ctl script) keeps the
     command's stdout and stderr: the agent must neither wait for their end (it waited for that
     server's end, not the command's: a restart that worked failed at its timeout) nor leave
     them unread (the server blocked writing its log) nor close them (SIGPIPE killed it). So
-    each is a pipe the agent reads as the command writes (``_Output``), keeping the first
-    ``limit`` + 1 bytes of stdout and the last ``ERROR_TAIL`` of each; once the command has
-    exited, what is left in it is read, and a pipe still held by such a server is read on and
-    thrown away by a thread of its own until the server lets go of it (``_Output.release``).
-    They were temporary files, deleted at once: a server left writing on them filled the disk
-    unseen, its file in no directory (review s66). The command runs in a session of its own,
-    and all of it (a ``sh -c`` wrapper and the tool it runs) is killed when it times out and
-    when the caller gives up on it: the heartbeat waits 2 s for a status, and a hung
-    ``status`` left one process and two pipes behind at every beat; a wrapper's tool, killed
-    only in its wrapper, froze the server after the way back had unfrozen it. What a command
-    that exited left running is not ours to kill (a restart's server): README, the exec
-    driver."""
+    each is a pipe the agent reads on the event loop as the command writes (``_Output``),
+    keeping the first ``limit`` + 1 bytes of stdout and the last ``ERROR_TAIL`` of each; once
+    the command has exited, what is left in it is read, and a pipe still held by such a server
+    is read on and thrown away, on the event loop still, until the server lets go of it
+    (``_Output.release``): never closed under it (review s66 rva M2: past a cap of 32 such
+    pipes, which 16 ``status`` commands leaving a helper each filled, a restart's server was
+    killed by SIGPIPE). They were temporary files, deleted at once: a server left writing on
+    them filled the disk unseen, its file in no directory (review s66). The command runs in a
+    session of its own, and all of it (a ``sh -c`` wrapper and the tool it runs) is killed when
+    it times out and when the caller gives up on it: the heartbeat waits 2 s for a status, and
+    a hung ``status`` left one process and two pipes behind at every beat; a wrapper's tool,
+    killed only in its wrapper, froze the server after the way back had unfrozen it. What a
+    command that exited left running is not ours to kill (a restart's server): README, the
+    exec driver."""
+    what = kind or argv[0]
+    if _left_held >= MAX_LEFT_HELD:  # (nothing closed: no new command, said in one line)
+        raise CommandFailed(
+            f"not run: processes earlier commands left running hold {_left_held} of their "
+            "outputs, which the agent reads on (one descriptor each); give what they start an "
+            "output of its own (a systemd unit, >/dev/null)"
+        )
     loop = asyncio.get_running_loop()
     outputs: list[_Output] = []
     try:
-        outputs.append(out := _Output(loop, limit + 1))
-        outputs.append(err := _Output(loop, 0))
+        outputs.append(out := _Output(loop, limit + 1, "stdout"))
+        outputs.append(err := _Output(loop, 0, "stderr"))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -160,35 +169,84 @@ async def run_command(argv: Sequence[str], timeout: float, limit: int) -> Ran:
         raise CommandFailed(f"cannot run {argv[0]}: {exc.strerror or exc}", exc) from None
     finally:
         for output in outputs:
-            output.release()
+            output.release(what)
     return Ran(code, printed, said)
 
 
 CHUNK = 64 * 1024  # one read of a command's pipe
-MAX_LEFT_WRITING = 32
-"""Pipes of commands that exited, still held by what they left running, read on and thrown
-away (``_Output.release``), each by a thread: past this many at once, a further one is closed
-(its writer gets EPIPE, or SIGPIPE), with a warning: a ``status`` that leaves a process
-behind at each heartbeat is the admin's to mend, not a thread a beat for ever."""
-_left_writing = 0
-_left_lock = threading.Lock()
+MAX_LEFT_HELD = 1024
+"""Outputs of commands that exited, still held by what they left running, read on and thrown
+away on the event loop (``_Output.release``): one descriptor each, no thread. None is ever
+closed under its writer (SIGPIPE would kill a restart's server); past this many at once, a
+further command is not run (``CommandFailed``, one line), which keeps the agent's own
+descriptors (``LimitNOFILE=4096`` in its unit) for its journal, the leader and the server.
+A ``status`` that leaves a process behind at each heartbeat is the admin's to mend: said once
+per kind of command (``exec.output_held``) and again as the count doubles from
+``HELD_WARN_FROM`` (``exec.outputs_held``)."""
+HELD_WARN_FROM = 32
+_left_held = 0  # (the event loop's only: counted and read there)
+_held_warn_at = HELD_WARN_FROM
+_kinds_warned: set[str] = set()
+
+
+def _held_one_more(what: str, output: str) -> None:
+    """Count one output more left held by what a ``what`` command started, and say so: once
+    per kind of command, and as the count passes each doubling from ``HELD_WARN_FROM``."""
+    global _left_held, _held_warn_at  # noqa: PLW0603 - one count for the whole agent
+    _left_held += 1
+    if what not in _kinds_warned:
+        _kinds_warned.add(what)
+        log.warning(
+            "exec.output_held",
+            command=what,
+            output=output,
+            detail=f"a process the {what} command started keeps its {output}: the agent reads "
+            "it on and throws it away until that process closes it (one descriptor each); "
+            "give it its own output (a systemd unit, >/dev/null)",
+        )
+    if _left_held >= _held_warn_at:
+        _held_warn_at *= 2
+        log.warning(
+            "exec.outputs_held",
+            held=_left_held,
+            most=MAX_LEFT_HELD,
+            detail="outputs of commands that exited are held by processes they left running; "
+            f"past {MAX_LEFT_HELD} no further command is run: give what they start an output "
+            "of its own (a systemd unit, >/dev/null)",
+        )
+
+
+def _held_one_less() -> None:
+    global _left_held, _held_warn_at  # noqa: PLW0603 - one count for the whole agent
+    _left_held -= 1
+    if _left_held < _held_warn_at // 4 and _held_warn_at > HELD_WARN_FROM:
+        _held_warn_at //= 2  # (said again if it grows again; not at each one up and down)
 
 
 class _Output:
-    """One of a command's outputs: a pipe whose write end the command gets, its read end read
-    on the event loop as the command writes (never full, so never blocking it), keeping the
-    first ``keep`` bytes (``head``) and the last ``ERROR_TAIL`` (``tail``)."""
+    """One of a command's outputs (``name``: stdout, stderr): a pipe whose write end the
+    command gets, its read end read on the event loop as the command writes (never full, so
+    never blocking it), keeping the first ``keep`` bytes (``head``) and the last
+    ``ERROR_TAIL`` (``tail``); once released while still held (``discard``), read and thrown
+    away until its end, then closed."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, keep: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, keep: int, name: str) -> None:
         self.loop = loop
         self.keep = keep
+        self.name = name
         self.head = bytearray()
         self.tail = bytearray()
         self.ended = False
+        self.discard = False
         read_fd, self.write_fd = os.pipe()  # (close-on-exec: no other command gets them)
         self.read_fd: int | None = read_fd
-        os.set_blocking(read_fd, False)
-        loop.add_reader(read_fd, self._read_some)
+        try:
+            os.set_blocking(read_fd, False)
+            loop.add_reader(read_fd, self._read_some)
+        except BaseException:
+            os.close(read_fd)
+            os.close(self.write_fd)
+            raise
 
     def close_write(self) -> None:
         if self.write_fd >= 0:
@@ -197,7 +255,8 @@ class _Output:
 
     def _read_some(self, most: int = CHUNK) -> int:
         """One read of at most ``most`` bytes of what is in the pipe: how many were read, 0
-        when nothing is there now or it ended (every writer let go of it: ``ended``)."""
+        when nothing is there now or it ended (every writer let go of it: ``ended``; a
+        discarded one is closed then)."""
         if self.ended or self.read_fd is None:
             return 0
         try:
@@ -209,7 +268,13 @@ class _Output:
         if not chunk:
             self.ended = True
             self.loop.remove_reader(self.read_fd)
+            if self.discard:
+                os.close(self.read_fd)
+                self.read_fd = None
+                _held_one_less()
             return 0
+        if self.discard:
+            return len(chunk)
         if (room := self.keep - len(self.head)) > 0:
             self.head += chunk[:room]
         self.tail += chunk
@@ -227,42 +292,23 @@ class _Output:
             left -= got
         self._read_some()  # its end, if every writer let go of it (or what came meanwhile)
 
-    def release(self) -> None:
-        """Done with it: closed if it ended (or the command never ran); else something the
-        command left running still holds it (a restart's server on its stdout), and it is read
-        on and thrown away by a thread until that lets go: neither blocked nor killed by
-        SIGPIPE, and nothing kept (``MAX_LEFT_WRITING``)."""
-        global _left_writing  # noqa: PLW0603 - one count for the whole agent
+    def release(self, what: str) -> None:
+        """Done with it (``what``: the command's kind, for the log): closed if it ended (or
+        the command never ran); else something the command left running still holds it (a
+        restart's server on its stdout), and it is read on and thrown away on the event loop
+        until that lets go: neither blocked nor killed by SIGPIPE, and nothing kept
+        (``MAX_LEFT_HELD``)."""
         self.close_write()
         self.read_now()  # (a command killed with everything it started: its end is there)
-        fd, self.read_fd = self.read_fd, None
-        if fd is None:
+        if self.read_fd is None or self.discard:
             return
         if self.ended:
-            os.close(fd)
+            os.close(self.read_fd)
+            self.read_fd = None
             return
-        self.loop.remove_reader(fd)
-        with _left_lock:
-            room = _left_writing < MAX_LEFT_WRITING
-            if room:
-                _left_writing += 1
-        if room:
-            try:
-                os.set_blocking(fd, True)
-                threading.Thread(
-                    target=_discard, args=(fd,), name="command-output", daemon=True
-                ).start()
-                return
-            except (OSError, RuntimeError):  # no thread to be had: as past the bound
-                with _left_lock:
-                    _left_writing -= 1
-        os.close(fd)
-        log.warning(
-            "exec.output_closed",
-            detail="a command left a process writing on its output, and more than "
-            f"{MAX_LEFT_WRITING} such outputs are read already: this one is closed (its writer "
-            "gets EPIPE or SIGPIPE); redirect the output of what the command starts",
-        )
+        self.discard = True  # (its reader stays: from now on it throws away what it reads)
+        self.head, self.tail = bytearray(), bytearray()
+        _held_one_more(what, self.name)
 
 
 def _in_pipe(fd: int) -> int:
@@ -272,20 +318,6 @@ def _in_pipe(fd: int) -> int:
     except OSError:
         return 0
     return max(0, int(struct.unpack("i", said)[0]))
-
-
-def _discard(fd: int) -> None:
-    """Read ``fd`` to its end and throw it away (``_Output.release``)."""
-    global _left_writing  # noqa: PLW0603 - one count for the whole agent
-    try:
-        while os.read(fd, CHUNK):
-            pass
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-        with _left_lock:
-            _left_writing -= 1
 
 
 def _last_line(tail: bytes | bytearray) -> str:
@@ -310,7 +342,7 @@ async def exec_clients(argv: Sequence[str], timeout: float, window: int) -> Clie
     """Run the admin's ``clients`` command and read its JSON (``tlsroll.clients``)."""
     now = dt.datetime.now(dt.UTC)
     try:
-        ran = await run_command(argv, timeout, MAX_OUTPUT_BYTES)
+        ran = await run_command(argv, timeout, MAX_OUTPUT_BYTES, "clients")
     except CommandFailed as exc:
         return ClientsView(
             window_seconds=window, source="exec", problem=one_line(f"clients: {exc}")

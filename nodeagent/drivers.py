@@ -1205,7 +1205,7 @@ async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
     cannot run, fails or does not exit within ``timeout`` seconds; LocalResourceError for
     this machine's shortage. How it is run and bounded: ``clients.run_command``."""
     try:
-        ran = await client_sources.run_command(argv, timeout, MAX_COMMAND_OUTPUT - 1)
+        ran = await client_sources.run_command(argv, timeout, MAX_COMMAND_OUTPUT - 1, what)
     except client_sources.CommandFailed as exc:
         if exc.cause is not None:
             raise_if_local(exc.cause, f"{what}: running {argv[0]}")

@@ -58,6 +58,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.nodefiles import CertificateExpired as CertificateExpired  # noqa: PLC0414
 from nodeagent.nodefiles import EnrolmentDeferred as EnrolmentDeferred  # noqa: PLC0414
 from nodeagent.nodefiles import EnrolmentRefused as EnrolmentRefused  # noqa: PLC0414
+from nodeagent.nodefiles import LeaderFailed as LeaderFailed  # noqa: PLC0414
 from nodeagent.nodefiles import PinNotShown as PinNotShown  # noqa: PLC0414
 from nodeagent.nodefiles import check_issued as check_issued  # noqa: PLC0414
 from nodeagent.nodefiles import crl_kind_problem, forget_pin_unseen, refused_ca_kind_problem
@@ -777,13 +778,14 @@ def next_pin_wait(
 def _enrol_error(cfg: AgentConfig, target: str, exc: Any) -> TlsrollError:
     """What a failed ``Enrol`` call means for the agent: try again soon (TRANSIENT), wait
     as the join port said (``EnrolmentDeferred``), stop with one line and be started again (the
-    leader failed: ``LEADER_FAILED``, exit 1), or stop with one line for a person to act
-    (``EnrolmentRefused``: a new token, a new key, the names or the agent's release)."""
+    leader failed: ``LEADER_FAILED``, ``LeaderFailed``, exit 1), or stop with one line for a
+    person to act (``EnrolmentRefused``: a new token, a new key, the names or the agent's
+    release)."""
     code, detail = exc.code(), " ".join(str(exc.details() or "").split())[:300]
     if code.name in TRANSIENT:
         return TransientError(f"enrolment at {target}: {detail or code.name}")
     if code.name in LEADER_FAILED:
-        return TerminalError(
+        return LeaderFailed(
             f"the leader at {target} failed to answer the enrolment: {detail or 'no detail'} "
             f"({code.name}); its log says why"
         )

@@ -50,6 +50,14 @@ class EnrolmentRefused(TerminalError):
     pass
 
 
+class LeaderFailed(TerminalError):
+    """The leader failed to answer an enrolment (``identity.LEADER_FAILED``: a bug of its, a
+    call cut off): no verdict on this node, so no refusal (exit 6) and, for a certificate that
+    has ended, no ``CertificateExpired`` (exit 5) either: exit 1, which the unit restarts on.
+    A class of its own, not a plain TerminalError, so that ``runtime.obtain_identity`` can tell
+    it from a refusal after it crossed the child's pipe (``workerrors.ERRORS``; review s66)."""
+
+
 class EnrolmentDeferred(TransientError):
     """The join port said "wait and retry" (``leader.join_guard``: its source in backoff, or
     more attempts of its source at once than it takes, as when many nodes behind one address

@@ -40,6 +40,7 @@ from nodeagent.identity import (
     EnrolmentDeferred,
     EnrolmentRefused,
     Identity,
+    LeaderFailed,
     PinNotShown,
     next_enrol_wait,
     next_pin_wait,
@@ -172,7 +173,8 @@ async def obtain_identity(cfg: AgentConfig, stop: asyncio.Event | None = None) -
     certificate's one line (exit 5, which its unit does not restart on) and, after it, what the
     token got (or "no token in FILE" for a join_token_file missing or empty: nothing is tried;
     for a key whose certificate was revoked, the way to a new key); a leader not reached
-    within the enrolment's patience ends it with exit 1, which the unit restarts on."""
+    within the enrolment's patience, or one that failed to answer (``LeaderFailed``), ends it
+    with exit 1, which the unit restarts on."""
     ended: CertificateExpired | None = None
     try:
         identity = await asyncio.to_thread(certwork.load_identity, cfg)
@@ -212,6 +214,11 @@ async def obtain_identity(cfg: AgentConfig, stop: asyncio.Event | None = None) -
             # restarts on, so the node comes back once the leader does, as a first enrolment
             # would (review s47rev1 L2: exit 5 stopped it for good).
             raise TransientError(f"{said}; it tries again at its next start") from None
+        if isinstance(exc, LeaderFailed):
+            # The leader failed to answer (INTERNAL, a call cut off): no verdict on the token,
+            # so exit 1 as well, not 5: once the leader is mended the restarted agent enrols
+            # (review s66 rva M1: only a TransientError was, and this ended it for good).
+            raise LeaderFailed(f"{said}; it tries again at its next start") from None
         raise CertificateExpired(said) from None
 
 

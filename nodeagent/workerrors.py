@@ -14,6 +14,7 @@ from nodeagent.nodefiles import (
     CertificateExpired,
     EnrolmentDeferred,
     EnrolmentRefused,
+    LeaderFailed,
     PinNotShown,
 )
 from tlsroll.errors import (
@@ -39,6 +40,7 @@ ERRORS: dict[str, type[TlsrollError]] = {
         UnsafePermissions,
         NotRegularFile,
         EnrolmentRefused,
+        LeaderFailed,
         CertificateExpired,
     )
 }

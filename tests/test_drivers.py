@@ -787,6 +787,15 @@ async def test_a_command_its_caller_gives_up_on_is_killed_with_what_it_started(
         kill_recorded(pids)
 
 
+async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """``wait_until`` with the event loop running (it reads the commands' outputs)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
 async def test_a_command_that_leaves_a_child_on_its_output_returns_when_it_exits(
     tmp_path: Path,
 ) -> None:
@@ -794,7 +803,8 @@ async def test_a_command_that_leaves_a_child_on_its_output_returns_when_it_exits
     output (``nohup server &``, vendor ctl scripts) exits at once, and the server keeps the
     command's stdout. The agent waited for that stdout's end, the server's: a restart that
     worked failed at its timeout; and the server, its log unread, then blocked writing it.
-    Now the command's exit ends the step, and the server writes on, read by nobody."""
+    Now the command's exit ends the step, and the server writes on, read by the agent's event
+    loop (waited on with it running)."""
     pid_file, go, wrote = tmp_path / "server.pid", tmp_path / "go", tmp_path / "wrote"
     server = (
         f"import os, sys, time, pathlib; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
@@ -807,7 +817,7 @@ async def test_a_command_that_leaves_a_child_on_its_output_returns_when_it_exits
         out = await drivers._run(["sh", "-c", script], 10, "restart")
         assert out == "restarted\n"
         go.touch()  # 1 MiB of log on the restart's stdout, after the agent is done with it
-        wait_until(wrote.exists, 30, "the server to write its log")
+        await _until(wrote.exists, 30, "the server to write its log")
         assert alive(int(pid_file.read_text()))  # neither blocked nor killed (SIGPIPE)
     finally:
         kill_recorded(pid_file)
@@ -833,7 +843,8 @@ async def test_a_server_left_writing_on_a_commands_output_takes_no_disk(tmp_path
     server's log filled the disk, in no directory (unseen by ``du``, and freed only when the
     server ended). Now they are pipes the agent reads on and throws away: the server writes
     8 MiB on each, neither blocked nor killed by SIGPIPE, and nothing it writes is stored;
-    once it ends, the agent lets go of them (no descriptor of its left)."""
+    once it ends, the agent lets go of them (no descriptor of its left). (Waited on with the
+    event loop running: it is what reads them.)"""
     pid_file, go, wrote = tmp_path / "server.pid", tmp_path / "go", tmp_path / "wrote"
     server = (
         f"import os, sys, time, pathlib; open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
@@ -847,10 +858,10 @@ async def test_a_server_left_writing_on_a_commands_output_takes_no_disk(tmp_path
     try:
         out = await drivers._run(["sh", "-c", script], 10, "restart")
         assert out == "restarted\n"
-        wait_until(pid_file.exists, 10, "the server to start")
+        await _until(pid_file.exists, 10, "the server to start")
         pid = int(pid_file.read_text())
         go.touch()  # 16 MiB of log, after the agent is done with the restart
-        wait_until(wrote.exists, 60, "the server to write its log")
+        await _until(wrote.exists, 60, "the server to write its log")
         assert alive(pid)  # neither blocked nor killed (SIGPIPE)
         held = []
         for fd in (1, 2):
@@ -861,44 +872,97 @@ async def test_a_server_left_writing_on_a_commands_output_takes_no_disk(tmp_path
             held.append(_pipe_of(pid, fd))
         assert all(_agent_holds(pipe) for pipe in held)  # read on, by the agent
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not any(map(_agent_holds, held)), 10, "the agent to let go")
+        await _until(lambda: not any(map(_agent_holds, held)), 10, "the agent to let go")
     finally:
         kill_recorded(pid_file)
 
 
-async def test_outputs_left_held_past_the_bound_are_closed_not_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+def left_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of outputs left held, and what was said of them, as at an agent's start
+    (commands of earlier tests may have left some held, on a loop that has ended)."""
+    monkeypatch.setattr(client_sources, "_left_held", 0)
+    monkeypatch.setattr(client_sources, "_held_warn_at", client_sources.HELD_WARN_FROM)
+    monkeypatch.setattr(client_sources, "_kinds_warned", set())
+
+
+@pytest.mark.usefixtures("left_held")
+async def test_a_restarts_server_is_not_killed_however_many_outputs_are_held(
+    tmp_path: Path,
 ) -> None:
-    """The agent reads on at most ``MAX_LEFT_WRITING`` outputs that commands left held (a
-    thread each): past that, a further one is closed with a warning, its writer told EPIPE,
-    not read by one more thread for ever (a ``status`` that leaves a process at each beat)."""
-    monkeypatch.setattr(client_sources, "MAX_LEFT_WRITING", 1)
+    """Review s66 rva M2: the agent read on at most 32 outputs that commands left held (a
+    thread each), shared by every command: 16 ``status`` commands that each left a helper
+    (``sleep &``) filled it, and the next ``restart`` that left its server logging on stdout
+    (``nohup server &``) had its outputs closed at once: the server died of SIGPIPE at its
+    next log line, a restart that worked. Now no held output is ever closed: each is read on
+    the event loop (a descriptor, no thread) and thrown away until its writer lets go. What
+    holds them is said once per kind of command (``exec.output_held``, naming the output) and
+    as their count doubles from 32 (``exec.outputs_held``), not once per output."""
     pids = tmp_path / "pids"
-    writer = (
-        "import os, sys, time\n"
-        "run = sys.argv[1]\n"
-        f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
-        "time.sleep(0.5)\n"
-        "try:\n"
-        "    while True: sys.stdout.write('z' * 4096); sys.stdout.flush(); time.sleep(0.01)\n"
-        "except BrokenPipeError:\n"
-        f"    open({str(tmp_path)!r} + f'/epipe-{{run}}', 'w').close()\n"
+    helper = f"sh -c 'echo $$ >> {shlex.quote(str(pids))}; exec sleep 60' &"
+    server = (
+        f"echo $$ >> {shlex.quote(str(pids))}; trap '' HUP; "
+        "while :; do echo log-line; echo err-line >&2; sleep 0.05; done"
     )
     try:
         with capture_logs() as logs:
-            for run in (1, 2):
-                # (stderr away from the start: a child forked before its redirect held it)
-                script = (
-                    f"exec 2>/dev/null; {shlex.quote(sys.executable)} -c {shlex.quote(writer)}"
-                    f" {run} & echo ok"
-                )
-                assert await drivers._run(["sh", "-c", script], 10, "status") == "ok\n"
-        wait_until((tmp_path / "epipe-2").exists, 10, "the second writer's EPIPE")
-        assert not (tmp_path / "epipe-1").exists()  # read on
-        assert [e["event"] for e in logs] == ["exec.output_closed"], logs
+            for _ in range(17):  # 34 outputs held: more than the 32 of before
+                assert await drivers._run(["sh", "-c", helper], 10, "status") == ""
+            script = f"nohup sh -c {shlex.quote(server)} & echo restarted"
+            out = await drivers._run(["sh", "-c", script], 10, "restart")
+            assert out.startswith("restarted\n"), out  # (and the server's first lines, maybe)
+            await _until(lambda: pids.exists() and len(pids.read_text().split()) == 18, 10, "pids")
+            pid = int(pids.read_text().split()[-1])
+            await asyncio.sleep(1)  # about 20 lines on each output after the restart returned
+            assert alive(pid), "the server a restart left running was killed"
+            for fd in (1, 2):
+                assert _agent_holds(_pipe_of(pid, fd)), fd  # read on, not closed
+            assert client_sources._left_held == 36
+        said = [(e["event"], e.get("command"), e.get("output")) for e in logs]
+        assert said == [
+            ("exec.output_held", "status", "stdout"),
+            ("exec.outputs_held", None, None),
+            ("exec.output_held", "restart", "stdout"),
+        ], logs
+        assert "give it its own output" in logs[0]["detail"], logs[0]
     finally:
-        wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 2, 10, "writers")
         kill_recorded(pids)
+    await _until(lambda: client_sources._left_held == 0, 10, "the agent to let go of them")
+
+
+@pytest.mark.usefixtures("left_held")
+async def test_past_the_bound_of_held_outputs_no_command_runs_and_none_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``MAX_LEFT_HELD`` outputs held by what commands left running, a further command is
+    not run (one line saying why; the agent's descriptors are kept for its own work), and the
+    held ones are read on still: none is closed under its writer. Once they are let go of,
+    commands run again."""
+    monkeypatch.setattr(client_sources, "MAX_LEFT_HELD", 2)
+    pids, ran = tmp_path / "pids", tmp_path / "ran"
+    writer = (
+        f"echo $$ >> {shlex.quote(str(pids))}; trap '' HUP; while :; do echo z; sleep 0.05; done"
+    )
+    script = f"exec 2>/dev/null; sh -c {shlex.quote(writer)} & echo ok"
+    try:
+        # (what the writer printed before the command exited is the command's output too)
+        assert (await drivers._run(["sh", "-c", script], 10, "status")).startswith("ok\n")
+        assert client_sources._left_held == 1  # stdout (its stderr went away)
+        assert (await drivers._run(["sh", "-c", script], 10, "status")).startswith("ok\n")
+        with pytest.raises(DriverError) as refused:
+            await drivers._run(["sh", "-c", f"touch {shlex.quote(str(ran))}"], 10, "status")
+        assert str(refused.value).startswith(
+            "status: not run: processes earlier commands left running hold 2 of their outputs"
+        ), refused.value
+        assert not ran.exists()
+        await asyncio.sleep(0.5)
+        first, second = (int(p) for p in pids.read_text().split())
+        assert alive(first) and alive(second)  # read on, neither killed
+    finally:
+        kill_recorded(pids)
+    await _until(lambda: client_sources._left_held == 0, 10, "the agent to let go of them")
+    assert await drivers._run(["sh", "-c", f"touch {shlex.quote(str(ran))}"], 10, "x") == ""
+    assert ran.exists()
 
 
 async def test_a_command_that_fails_says_its_last_line(tmp_path: Path) -> None:

@@ -494,6 +494,14 @@ def test_only_the_leader_s_verdict_is_a_refusal_that_stops_the_agent(
     assert isinstance(error, identity.EnrolmentRefused) == (kind == "refused"), error
     if kind == "restart":
         assert isinstance(error, TerminalError) and "failed to answer" in str(error), error
+    # ... and it is the same class once it crossed the certificate-work child's pipe (review
+    # s66 rva M1: a plain TerminalError, an ended certificate's enrolment again exited 5)
+    from nodeagent import certwork
+    from nodeagent.workerrors import answer_for
+
+    back = certwork._error(answer_for(error))
+    assert type(back) is type(error) and str(back) == str(error), back
+    assert isinstance(back, identity.LeaderFailed) == (kind == "restart"), back
 
 
 def test_an_agent_whose_enrolment_answer_was_lost_enrols_again_with_its_key(

@@ -1082,7 +1082,15 @@ def test_a_certificate_made_a_fifo_is_passed_over_not_waited_on(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     ("failure", "code"),
-    [("unreachable", 1), ("refused", agent_runtime.EXIT_CERT_EXPIRED)],
+    [
+        ("unreachable", 1),
+        ("refused", agent_runtime.EXIT_CERT_EXPIRED),
+        ("INTERNAL", 1),
+        ("UNKNOWN", 1),
+        ("ABORTED", 1),
+        ("CANCELLED", 1),
+        ("DATA_LOSS", 1),
+    ],
 )
 def test_an_ended_certificate_whose_enrolment_finds_no_leader_is_restarted_by_its_unit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str, code: int
@@ -1091,12 +1099,27 @@ def test_an_ended_certificate_whose_enrolment_finds_no_leader_is_restarted_by_it
     certificate ends): the enrolment again with the token found no leader within its patience
     and the agent exited 5, which its unit does not restart on: the node never came back by
     itself once the leader did. Now exit 1 (restarted, as a first enrolment is); a token the
-    leader refuses still exits 5 with the certificate's line. (The certificate check and the
+    leader refuses still exits 5 with the certificate's line. Review s66 rva M1: a leader that
+    failed to answer (``identity.LEADER_FAILED``: its own error, a call cut off) is no refusal
+    either, and exited 5 all the same; it exits 1 too. (The certificate check and the
     enrolment stand in for the child process and the leader: which exit the agent makes of
-    their outcome is what is tested; the real daemon path is in the test above.)"""
-    from nodeagent import certwork
+    their outcome is what is tested, the leader's failure as ``identity._enrol_error`` makes it
+    of the gRPC status and as it comes back over the child's pipe; the real daemon path is in
+    the test above.)"""
+    from nodeagent import certwork, identity
     from nodeagent.identity import CertificateExpired
-    from tlsroll.errors import TerminalError, TransientError
+    from nodeagent.workerrors import answer_for
+    from tlsroll.errors import TerminalError, TlsrollError, TransientError
+
+    class Failed(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode[failure]
+
+        def details(self) -> str:
+            return "Exception calling application: boom"
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
 
     cfg = _config(tmp_path, join_token_file=str(tmp_path / "join-token"))
     (tmp_path / "join-token").write_text("a token\n")  # (one there: it is tried)
@@ -1107,21 +1130,32 @@ def test_an_ended_certificate_whose_enrolment_finds_no_leader_is_restarted_by_it
     def enrol(_cfg: AgentConfig) -> None:
         if failure == "unreachable":
             raise TransientError("the leader at 10.1.1.1:9444 did not answer")
-        raise TerminalError("the join token was refused: already used")
+        if failure == "refused":
+            raise TerminalError("the join token was refused: already used")
+        # as the child answers it and the agent raises it again (certwork._error)
+        raise certwork._error(answer_for(identity._enrol_error(cfg, "10.1.1.1:9444", Failed())))
 
     monkeypatch.setattr(certwork, "load_identity", ended)
     monkeypatch.setattr(certwork, "enrol", enrol)
     monkeypatch.setattr(agent_runtime, "next_enrol_wait", lambda *_a: None)
     import asyncio
 
-    with pytest.raises((TransientError, CertificateExpired)) as raised:
+    with pytest.raises(TlsrollError) as raised:
         asyncio.run(agent_runtime.obtain_identity(cfg))
     said = str(raised.value)
     assert said.startswith("the node's certificate ended on 2026-01-02")
+    # (runtime.main's exits: CertificateExpired 5, EnrolmentRefused 6, any other 1)
     exit_code = (
-        agent_runtime.EXIT_CERT_EXPIRED if isinstance(raised.value, CertificateExpired) else 1
+        agent_runtime.EXIT_CERT_EXPIRED
+        if isinstance(raised.value, CertificateExpired)
+        else agent_runtime.EXIT_ENROLMENT_REFUSED
+        if isinstance(raised.value, identity.EnrolmentRefused)
+        else 1
     )
     assert exit_code == code, said
+    if failure not in ("unreachable", "refused"):
+        assert "failed to answer the enrolment: " in said and f"({failure})" in said, said
+        assert said.endswith("it tries again at its next start"), said
 
 
 def test_a_finalize_that_leaves_every_node_out_says_it_only_ends_phase_1(

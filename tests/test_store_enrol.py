@@ -744,6 +744,82 @@ def test_a_certificate_whose_key_no_enrolment_takes_is_not_relearned(store: Stor
     assert rows(store) == before
 
 
+def test_a_known_node_whose_key_is_refused_at_its_relearning_is_told_to_be_removed_first(
+    store: Store,
+) -> None:
+    """Review s66 rva L2: a node the restored store has on record, renewed since the backup
+    with a key the store refuses (here another node's), was told to move its key aside and
+    enrol with a new token: that enrolment is refused (its name is taken) until the node is
+    removed. The refusal says ``tlsroll nodes remove NAME`` first; a node not on record keeps
+    the advice without it (the test above)."""
+    from leader.store import KeyRefused, NameTaken
+
+    enrol(store)  # node1, PIN
+    store.add_token(
+        "t2",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node2",
+        addresses=("127.0.0.10",),
+    )
+    enrol(store, token_id="t2", name="node2", addresses=("127.0.0.10",), key_pin="NODE2-KEY")
+    with store.db.tx() as db:
+        for key, value in (
+            ("relearn_until", NOW + dt.timedelta(hours=24)),
+            ("restored_backup_at", NOW + dt.timedelta(minutes=1)),
+            ("restored_at", NOW + dt.timedelta(minutes=2)),
+        ):
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, to_text(value)))
+    before = rows(store)
+    with pytest.raises(KeyRefused) as refused:
+        store.relearn(
+            name="node1",
+            names=((ADDRESS,), ()),
+            agent_port=9444,
+            key_pin="NODE2-KEY",
+            cert=issuer("NODE2-KEY")(),
+            highest_epoch=0,
+            now=NOW + dt.timedelta(minutes=3),
+            issued_at=NOW + dt.timedelta(seconds=90),
+        )
+    said = str(refused.value)
+    assert "this key is node 'node2''s" in said and "\n" not in said, said
+    assert "run `tlsroll nodes remove node1` first" in said, said
+    assert said.index("nodes remove") < said.index("new join token"), said
+    assert rows(store) == before
+    # ... as the advice says: a new key under its name is refused while it is on record
+    store.add_token(
+        "t3",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node1",
+        addresses=(ADDRESS,),
+    )
+    with pytest.raises(NameTaken):
+        enrol(store, token_id="t3", key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=4))
+    store.remove_node("node1", now=NOW + dt.timedelta(minutes=5), actor="admin")
+    store.add_token(  # (the removal revoked the node's tokens: a new one, as the advice says)
+        "t4",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW + dt.timedelta(minutes=5),
+        actor="admin",
+        node_name="node1",
+        addresses=(ADDRESS,),
+    )
+    enrol(store, token_id="t4", key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=6))
+
+
 def test_a_relearning_puts_the_key_it_replaces_on_record_with_its_certificate(
     store: Store,
 ) -> None:
