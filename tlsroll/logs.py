@@ -116,9 +116,11 @@ class _Handler(logging.Handler):
 
 _no_locals: Any = (
     structlog.dev.RichTracebackFormatter(show_locals=False)
-    if structlog.dev.rich is not None
+    if getattr(structlog.dev, "rich", None) is not None  # (structlog's own test: rich installed)
     else structlog.dev.plain_traceback
 )
+"""A console's exception renderer: rich's, as structlog's default, but without the frames'
+locals (structlog shows them by default, a secret among them: review s66 logs L1)."""
 
 
 writer: LineWriter | None = None
