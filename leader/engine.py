@@ -197,6 +197,55 @@ CONFIRMED = frozenset({NodeEvent.CONFIRM_DONE, NodeEvent.CONFIRM_DUAL})
 not cut off, which the write decides (``Engine._save_node``'s ``confirm``)."""
 # The plan's events that halt a rollout: the pass writes the halt's note (``halt_note``).
 _HALTS = frozenset({RolloutEvent.FAILURE_BUDGET_EXCEEDED, RolloutEvent.NODE_CUT_OFF})
+# A node's outcome is logged at the level of what it asks of the admin: README ("When it
+# fails") sends them to `journalctl -p warning`, which saw no failure at info (review s66 logs
+# M1). A node failed or rolled back (back where it was, counted against the failure budget):
+# warning; one that needs attention (neither switched nor back: its server to be checked by
+# hand): error.
+_FAILED_EVENTS = frozenset(
+    {
+        NodeEvent.PREFLIGHT_FAILED,
+        NodeEvent.STAGE_FAILED,
+        NodeEvent.SWITCH_ROLLED_BACK,
+        NodeEvent.CONFIRM_ROLLED_BACK,
+    }
+)
+_ATTENTION_EVENTS = frozenset({NodeEvent.SWITCH_FAILED, NodeEvent.CONFIRM_FAILED})
+
+
+def _node_log(event: NodeEvent, otherwise: Any) -> Any:
+    """The log method for a node's ``event``: ``otherwise`` unless it failed the node."""
+    if event in _ATTENTION_EVENTS:
+        return log.error
+    if event in _FAILED_EVENTS:
+        return log.warning
+    return otherwise
+
+
+def _log_state_changed(row: RolloutRow) -> None:
+    """``rollout.state_changed``, as a pass saved it: at info, but a halt (halting, halted)
+    at warning with its note, which names the nodes, why, and the command that goes on
+    (``halt_note``: `tlsroll rollout retry ID`...), and a rollout completed with nodes failed
+    within its failure budget at warning naming them: the log alone tells an admin why and
+    what next, at `journalctl -p warning` (review s66 logs M1)."""
+    rollout = row.rollout
+    fields: dict[str, Any] = {"rollout_id": rollout.id, "state": rollout.state.value}
+    if rollout.state in (RolloutState.HALTING, RolloutState.HALTED):
+        log.warning("rollout.state_changed", **fields, note=row.meta.reason)
+        return
+    failed = [r for r in row.records if r.state in FAILED_NODE_STATES]
+    if rollout.state is RolloutState.COMPLETED and failed:
+        said = "; ".join(f"{r.name} {r.state.value}: {r.reason}" for r in failed)
+        note = (
+            f"completed within its failure budget ({rollout.failure_budget}) without "
+            f"{', '.join(r.name for r in failed)}: {said}; fix what failed them, then a new "
+            "rollout start covers them (tlsroll plan shows it)"
+        )
+        log.warning("rollout.state_changed", **fields, nodes_failed=len(failed), note=note)
+        return
+    log.info("rollout.state_changed", **fields)
+
+
 # The steps whose agent's silence goes on the node (``_Silence``): not a scope freeze's, whose
 # node may be any node of the scope, and whose refusals and silence have a note of their own.
 _WATCHED = frozenset({Step.PREFLIGHT, Step.STAGE, Step.SWITCH, Step.CONFIRM})
@@ -485,7 +534,7 @@ class Engine:
                 # A node's gate into its preflight or its switch is chatter at info: each
                 # step's outcome is logged as it ends (``step.finished``), and an admin reads
                 # where a node is in the schema. A skip (an abort, a failure) is not.
-                emit = log.debug if action.event in _GATES else log.info
+                emit = _node_log(action.event, log.debug if action.event in _GATES else log.info)
                 emit(
                     "node.event",
                     rollout_id=rollout.id,
@@ -494,7 +543,7 @@ class Engine:
                     reason=action.reason,
                 )
             if plan.rollout_events:
-                log.info("rollout.state_changed", rollout_id=rollout.id, state=rollout.state.value)
+                _log_state_changed(row)
         if not waiting:  # its nodes in flight, with those this pass moved in: before their steps
             self._hold(row)
         for step in plan.steps:
@@ -1811,7 +1860,7 @@ class Engine:
             also = ()
         ended = [(step.step, event, reason, {}), *((Step.CONFIRM, e, None, WITH) for e in also)]
         for what, outcome, why, more in ended:
-            log.info(
+            _node_log(outcome, log.info)(
                 "step.finished",
                 rollout_id=rollout_id,
                 node=step.node,

@@ -721,6 +721,26 @@ def assert_json_lines(text: str) -> list[dict[str, Any]]:
     return events
 
 
+FORGED_SNI = 'x\n<3>{"event": "forged.line", "by": "anyone"}'
+"""A server name with a line of its own: a journald line at error, were it written raw."""
+
+
+def sni_hello(address: str, port: int, server_name: str) -> None:
+    """A TLS hello to ``address:port`` naming ``server_name`` (no certificate: what anyone who
+    reaches the port can send), the handshake taken as far as the daemon lets it go."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        contextlib.suppress(OSError),
+        socket.create_connection((address, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        tls.settimeout(2)
+        tls.recv(100)
+
+
 def past_enrolment_waits(sock: socket.socket) -> bytes:
     """The agent's next message to its service manager, past those it sends while its
     enrolment waits (a start-timeout extension and a status line: ``nodeagent.runtime``)."""
@@ -752,6 +772,9 @@ def test_graceful_stop_sd_notify_and_json_logs_even_after_failed_handshakes(
             # gRPC's C core would log each failed TLS handshake on stderr, past structlog:
             # plaintext knocking on every port must leave the leader's and agent's logs pure
             # JSON lines (checked below; a test of its own before, with a cluster of its own).
+            # And a TLS hello whose server name holds a line of the peer's choosing: gRPC's
+            # core logged "No match found for server name: <SNI>" at ERROR, raw, a forged
+            # journald line among it (review s66 logs H1).
             for address, port in (
                 (c.address, JOIN_PORT),
                 (c.address, CONTROL_PORT),
@@ -762,6 +785,7 @@ def test_graceful_stop_sd_notify_and_json_logs_even_after_failed_handshakes(
                     raw.settimeout(2)
                     with contextlib.suppress(OSError):
                         raw.recv(100)
+                sni_hello(address, port, FORGED_SNI)
             c.wait_for_nodes_online(["node1"])  # a later, good call still works
 
             stop_within_grace(agent)
@@ -775,9 +799,11 @@ def test_graceful_stop_sd_notify_and_json_logs_even_after_failed_handshakes(
             assert names.index("leader.stopping") < names.index("leader.stopped")
             assert names[-1] == "leader.stopped"
 
-            # Not a TTY: every line of both logs is a JSON event.
+            # Not a TTY: every line of both logs is a JSON event, none the peer's.
             leader_events = assert_json_lines(c.leader.log_text())
-            assert_json_lines(agent.log_text())
+            agent_events = assert_json_lines(agent.log_text())
+            forged = [e for e in leader_events + agent_events if e["event"] == "forged.line"]
+            assert forged == []
             (started,) = [e for e in leader_events if e["event"] == "leader.started"]
             assert started["ca_pin"] == c.ca_pin()
             assert c.find_secrets(c.logs_text()) == []
@@ -1186,6 +1212,75 @@ log.error("probe.error")
 if sys.argv[1] != "lean":
     logging.getLogger("a.library").warning("a library's record")
 """
+
+
+@pytest.mark.parametrize("daemon", ["leader", "agent"])
+def test_a_daemons_fatal_line_to_journald_is_an_error(tmp_path: Path, daemon: str) -> None:
+    """Review s66 logs M3: the line a daemon stops with (a config refused: exit 2; a store,
+    3/4; an agent's certificate or enrolment, 5/6) is the one README says to read, but it went
+    to journald with no ``<N>`` and was stored at priority 6: `journalctl -p warning`, or an
+    alert on priority, never showed why the daemon will not start. To the journal's stream it
+    carries ``<3>``; the text after it is the line as before."""
+    config = tmp_path / f"{daemon}.toml"
+    config.write_text('[leader]\naddress = "127.0.0.1"\nunknown_key = 1\n')
+    err = tmp_path / "stderr"
+    err.touch()
+    st = err.stat()
+    module = "leader.daemon" if daemon == "leader" else "nodeagent.daemon"
+    with err.open("a") as stderr:
+        code = subprocess.run(
+            [sys.executable, "-m", module, "--config", str(config)],
+            stderr=stderr,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+            timeout=60,
+            check=False,
+        ).returncode
+    assert code == 2
+    (line,) = err.read_text().splitlines()
+    assert line.startswith(f"<3>tlsroll-{daemon}: "), line
+    assert "config error" in line, line
+
+
+STDLIB_EXCEPTION_PROBE = """
+import logging, sys
+from tlsroll import logs
+logs.configure(json=sys.argv[1] == "json")
+
+def handler(join_token):
+    passphrase_local = "LOCAL-PASSPHRASE-VALUE"
+    raise ValueError("MESSAGE-SECRET-VALUE")
+
+try:
+    handler("abcdef.LOCALTOKENVALUE")
+except ValueError:
+    logging.getLogger("grpc._cython.cygrpc").exception("Unexpected error in servicer")
+"""
+
+
+@pytest.mark.parametrize("mode", ["json", "console"])
+def test_a_librarys_exception_is_logged_as_its_type_and_place_only(mode: str) -> None:
+    """Review s66 logs L1: a standard-library record with an exception (grpc's "Unexpected
+    error in servicer", asyncio's "Task exception was never retrieved") bypassed redaction: in
+    JSON its ``exc_info`` held the exception's message and a traceback's repr, on a terminal
+    structlog printed a traceback with every frame's locals. It keeps the exception's type and
+    place (``logs.where``), never its message, traceback or locals."""
+    out = subprocess.run(
+        [sys.executable, "-c", STDLIB_EXCEPTION_PROBE, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    text = out.stderr
+    for secret in ("LOCAL-PASSPHRASE-VALUE", "MESSAGE-SECRET-VALUE", "LOCALTOKENVALUE"):
+        assert secret not in text, text
+    assert "Traceback" not in text and "exc_info" not in text, text
+    (line,) = text.splitlines()
+    assert "Unexpected error in servicer" in line and "ValueError" in line, line
+    assert "in handler" in line, line  # where: the place, a file, a line and a function
+    if mode == "json":
+        event = json.loads(line)
+        assert event["error_type"] == "ValueError" and event["level"] == "error", event
 
 
 @pytest.mark.parametrize("kind", ["structlog", "lean"])

@@ -641,6 +641,41 @@ def test_failed_switch_is_rolled_back_and_halts_the_rollout(setups: Setups) -> N
     assert "verify:" in table.stdout
 
 
+def test_a_failed_node_and_a_halt_are_warnings_naming_node_reason_and_next_step(
+    setups: Setups,
+) -> None:
+    """Review s66 logs M1: a node rolled back and the halt behind it were logged at info only,
+    the halt's line with neither reason nor next command: `journalctl -p warning` (README "When
+    it fails") showed nothing of them. Now a failed node's ``step.finished`` is a warning (one
+    that needs attention an error), a halt's ``rollout.state_changed`` a warning with its note
+    (`tlsroll rollout retry ID`), and a rollout completed within its failure budget without a
+    node a warning naming it."""
+    s = setups("w1", "w2", server={"w1": {"require_client_cert": True, "client_ca_file": "ca.pem"}})
+    pw = str(s.password_file)
+    begin = ("rollout", "start", "--scope", "cluster", "--yes", "--wait")
+    done = s.cli(*begin, "--password-file", pw, "--failure-budget", "1")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    done = s.cli(*begin)  # w1 alone (w2 is done; w2's password): it fails again, and halts
+    assert done.returncode == 3, (done.stdout, done.stderr)
+    events = s.cluster.leader.log_events()
+    loud = [e for e in events if e["level"] in ("warning", "error")]
+    failed = [e for e in loud if e["event"] == "step.finished" and e["node"] == "w1"]
+    assert [e["node_event"] for e in failed] == ["switch_rolled_back"] * 2, failed
+    first, second = (e["rollout_id"] for e in failed)
+    assert first != second
+    assert all(e["level"] == "warning" and "verify" in e["reason"] for e in failed), failed
+    changed = [e for e in loud if e["event"] == "rollout.state_changed"]
+    completed = [e for e in changed if e["rollout_id"] == first]
+    assert [e["state"] for e in completed] == ["completed"], changed
+    assert "without w1" in completed[0]["note"] and "verify" in completed[0]["note"], completed
+    halted = [e for e in changed if e["rollout_id"] == second]
+    assert halted and {e["state"] for e in halted} <= {"halting", "halted"}, changed
+    assert all(f"tlsroll rollout retry {second}" in e["note"] for e in halted), halted
+    assert all("w1" in e["note"] for e in halted), halted
+    # Nothing of w2's (done) above info.
+    assert not [e for e in loud if e.get("node") == "w2"], loud
+
+
 # === 6. the leader dies while a node switches ====================================================
 
 

@@ -14,15 +14,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tlsroll import echo, nocore
+from tlsroll import echo, leanlog, nocore
 from tlsroll.defaults import DEBUG_ENV
 
 
 def say(prog: str, message: object) -> None:
     """A daemon's error, on stderr (the journal, at every restart): every part shaped like a
     secret scrubbed (a join token pasted into ``join_token_file``, into ``log_level``: review
-    s48rev3 M2), no control character that acts on a terminal."""
-    print(f"{prog}: {echo.safe_lines(str(message))}", file=sys.stderr)
+    s48rev3 M2), no control character that acts on a terminal. To journald (``JOURNAL_STREAM``
+    names stderr: under systemd) each line is given priority 3, error: without a ``<N>``
+    journald stored it at 6, and ``journalctl -p warning``, or an alert on priority, never
+    showed why a daemon will not start (review s66 logs M3). The text stays as read."""
+    text = f"{prog}: {echo.safe_lines(str(message))}"
+    if leanlog.to_journal(sys.stderr):
+        text = "\n".join(leanlog.priority_prefix("error") + line for line in text.split("\n"))
+    print(text, file=sys.stderr)
 
 
 def internal_error(prog: str, exc: BaseException, *, debug: bool = False) -> int:

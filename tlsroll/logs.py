@@ -46,6 +46,28 @@ def _name_key(
     return event_dict
 
 
+def _exception_place(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """An exception on a line (``exc_info``, as a library's ``logger.exception`` gives it:
+    grpc's "Unexpected error in servicer", asyncio's "Task exception was never retrieved")
+    kept as its type and place only (``error_type``, ``where``): never its message nor its
+    traceback. Such records came from the standard library past ``redact_secrets`` (a key
+    check, blind to a traceback): in JSON ``exc_info`` held the exception's message and a
+    traceback object's repr, on a terminal structlog's console renderer printed a traceback
+    with every frame's locals, a join token or passphrase among them (review s66 logs L1). A
+    traceback is for a developer: ``TLSROLL_DEBUG=1`` (``daemon.internal_error``)."""
+    info = event_dict.pop("exc_info", None)
+    event_dict.pop("stack_info", None)
+    if info is True:
+        info = sys.exc_info()
+    exc = info[1] if isinstance(info, tuple) else info
+    if isinstance(exc, BaseException):
+        event_dict["error_type"] = type(exc).__name__
+        event_dict["where"] = where(exc)
+    return event_dict
+
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -92,6 +114,15 @@ class _Handler(logging.Handler):
         self.writer.msg(line)
 
 
+_no_locals: Any = (
+    structlog.dev.RichTracebackFormatter(show_locals=False)
+    if getattr(structlog.dev, "rich", None) is not None  # (structlog's own test: rich installed)
+    else structlog.dev.plain_traceback
+)
+"""A console's exception renderer: rich's, as structlog's default, but without the frames'
+locals (structlog shows them by default, a secret among them: review s66 logs L1)."""
+
+
 writer: LineWriter | None = None
 """The ``LineWriter`` of the last ``configure`` (its ``lost_total`` counts dropped lines)."""
 
@@ -107,8 +138,12 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
             json = not sys.stderr.isatty()
         except (OSError, ValueError):
             json = True
+    # (No exception reaches a renderer: ``_exception_place``. Were one to, a console's
+    # traceback shows no frame's locals, where a secret lives.)
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=True, exception_formatter=_no_locals)
     )
     if json and leanlog.to_journal(sys.stderr):
         # journald reads each line's priority from a ``<N>`` before it (``leanlog.SYSLOG_PRIORITY``)
@@ -121,6 +156,7 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _exception_place,
         redact_secrets,
     ]
     stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
