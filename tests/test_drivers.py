@@ -542,6 +542,58 @@ def test_systemd_template_with_an_unknown_placeholder_is_refused(nodes: NodeFact
     assert node.post("http", {"still": "writable"}).status == 201
 
 
+def test_plan_and_start_block_a_node_whose_template_is_missing_or_has_a_bad_placeholder(
+    cluster: Cluster, nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s66 walk M1: the checks never rendered a template driver's template, so
+    `tlsroll plan` said "will switch" for a node whose template was missing (install.sh's
+    example names one nothing ships) and the rollout halted at that node's first switch, after
+    its server certificate was issued. Now the checks render it (nothing written): the plan
+    exits 1 naming each node, the file, the reason and the config key; a start is refused and
+    nothing is issued, staged or changed on either node."""
+    missing, _control, template = systemd_node(nodes)
+    template.unlink()  # (read at a switch only: the agent started with it there)
+    unknown, _exec_control = exec_node(nodes, timeout=20)
+    unknown_template = unknown.root / "refserver.toml.tmpl"
+    with unknown_template.open("a") as f:
+        f.write('note = "$nonsense"\n')
+    before = {
+        n.name: (n.server.config_path.read_bytes(), n.server_pid()) for n in (missing, unknown)
+    }
+    names = f"{missing.name},{unknown.name}"
+    plan = cluster.cli("plan", "--nodes", names)
+    said = plan.stdout + plan.stderr
+    assert plan.returncode == 1, said
+    assert "Traceback" not in said and "will switch" not in said, said
+    assert f"cannot read template {template}: No such file or directory" in said, said
+    assert "placeholder 'nonsense'" in said and str(unknown_template) in said, said
+    assert "fix [server].template in" in said, said
+    for node in (missing, unknown):
+        pre = node.preflight(f"tmpl-{node.name}")
+        assert not pre.ok
+        (problem,) = pre.problems
+        assert "\n" not in problem and "[server].template" in problem, problem
+
+    password = tmp_path / "pw"
+    password.touch(0o600)
+    password.write_text("the-practice-password-for-templates\n")
+    start = cluster.cli(
+        "rollout", "start", "--nodes", names, "--password-file", str(password), "--yes", "--wait"
+    )  # fmt: skip
+    said = start.stdout + start.stderr
+    assert start.returncode == 3 and "Traceback" not in said, said  # (halted)
+    # Stopped at the first node's preflight, which asks for no key when it fails.
+    assert f"halted: {missing.name} failed: cannot read template {template}" in said, said
+    shown = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
+    servers = [c["subject"] for c in shown["certificates"] if c["kind"] == "server"]
+    assert missing.name not in servers and unknown.name not in servers, servers
+    for node in (missing, unknown):
+        assert node.journal_query("SELECT * FROM staged") == []
+        assert node.journal_query("SELECT * FROM txns") == []
+        assert (node.server.config_path.read_bytes(), node.server_pid()) == before[node.name]
+        assert node.get("http").status == 200
+
+
 def test_systemd_config_the_server_cannot_load_is_rolled_back(nodes: NodeFactory) -> None:
     node, control, _template = systemd_node(nodes, "no_such_setting = true\n")
     config = node.server.config_path.read_bytes()
