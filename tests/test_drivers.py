@@ -453,6 +453,33 @@ def test_template_renders_http_only_https_only_and_dual(tmp_path: Path) -> None:
     ]
 
 
+def test_a_template_that_is_not_utf8_is_one_line_at_the_check_and_the_switch(
+    tmp_path: Path,
+) -> None:
+    """Review s66 walk M1: a template that is not UTF-8 text raised UnicodeDecodeError out of
+    ``render`` (no DriverError: no one-line refusal of the switch); now it is one, and the
+    checks' ``render_problem`` says it with the config key to fix. A good template: None."""
+    template = tmp_path / "server.toml.tmpl"
+    template.write_bytes(b'listen = $listen\nname = "Praxis M\xfcller"\n')  # latin-1
+    settings = {
+        "config_file": str(tmp_path / "server.toml"),
+        "template": str(template),
+        "app_path": "/",
+        "unit": "praxis.service",
+        "admin_socket": str(tmp_path / "admin.sock"),
+    }
+    agent_toml = tmp_path / "agent.toml"
+    driver = SystemdDriver(Section(agent_toml, "server", settings), "10.0.0.5")
+    with pytest.raises(DriverError) as info:
+        driver.render(Target(("https",)))
+    assert str(info.value) == f"cannot read template {template}: not UTF-8 text"
+    assert driver.render_problem() == (
+        f"cannot read template {template}: not UTF-8 text; fix [server].template in {agent_toml}"
+    )
+    template.write_text('listen = $listen\ncert = "$cert_file"\n')
+    assert driver.render_problem() is None
+
+
 def test_a_servers_config_or_template_that_is_a_fifo_is_said_not_waited_on(
     tmp_path: Path,
 ) -> None:
