@@ -2150,7 +2150,7 @@ class Store(LeaderStore):
                         f"{serial} is the cluster CA's own certificate: it cannot be revoked"
                         " (agents and workstations trust it directly); to replace it, `tlsroll"
                         " ca renew` (README 'Certificates', The CA); for a CA key that is lost"
-                        " or stolen, see docs/ca-renewal.md"
+                        " or stolen, see /usr/share/doc/tlsroll/docs/ca-renewal.md"
                     )
                 mine = next((c for c in own if c.serial == serial), None)
                 if mine is not None:  # (recorded once: the next revocation finds it)
