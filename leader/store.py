@@ -55,6 +55,17 @@ class TokenRejected(TerminalError):
     """The join token cannot be used; the message is safe to send to the caller."""
 
 
+WAY_TO_JOIN_AGAIN = (
+    "create a new token on the leader, `(umask 077; tlsroll token create --node NAME --address IP"
+    " --print-join-command > join-NAME.sh)`, run it on the node again as root, then"
+    " `systemctl restart tlsroll-agent`"
+)
+"""The way on after a refusal of the join token itself (not valid, expired, used up,
+revoked): the agent ends on it (exit 6, not restarted) and its line said only what was
+refused (review s66 walk L6). After the refusal's own words, which stay: a person or a script
+may look for them. Generic (NAME, IP): a wrong secret must not learn the token's node."""
+
+
 class WrongSecret(TokenRejected):
     """The join token's id is unknown or its secret wrong: a guess (``leader.join_guard``
     counts it against the caller's source). Every other refusal of an enrolment in the store
@@ -1136,18 +1147,18 @@ class Store(LeaderStore):
         # Compare even when the id is unknown, so both cases take the same time.
         expected = row["secret_hash"] if row else hash_secret("x" * 26)
         if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
-            raise WrongSecret("join token not valid")
+            raise WrongSecret(f"join token not valid; {WAY_TO_JOIN_AGAIN}")
         token = _token(row)
         if token.revoked_at is not None:
             raise TokenRejected(_revoked_text(db, token))
         if now >= token.expires_at:
-            raise TokenRejected("join token expired")
+            raise TokenRejected(f"join token expired; {WAY_TO_JOIN_AGAIN}")
         existing = db.execute(
             "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
         ).fetchone()
         replay = self._replay(db, existing, token_id, key_pin)
         if token.uses_left <= 0 and not replay:
-            raise TokenRejected("join token already used up")
+            raise TokenRejected(f"join token already used up; {WAY_TO_JOIN_AGAIN}")
         if token.superseded_at is not None and not replay:
             # (A replay is the enrolment that superseded it, answered again.) What superseded
             # it is read from the audit only here: refusing a token whose secret was right.
@@ -3723,7 +3734,7 @@ def _revoked_text(db: sqlite3.Connection, token: Token) -> str:
             f"join token {token.id} revoked: the leader's store was restored from a backup, and"
             " it may have enrolled its node since; create a new token"
         )
-    return "join token revoked"
+    return f"join token revoked; {WAY_TO_JOIN_AGAIN}"
 
 
 def superseded_text(token: Token) -> str:
