@@ -426,6 +426,15 @@ class Restored:
     leader_serials: tuple[str, ...] = ()
 
 
+class Reserved(NamedTuple):
+    """The leader's own addresses and DNS names, which no other node may hold, and the name of
+    its node (the node on the leader's address), which holds them."""
+
+    ips: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    leader_node: str | None = None
+
+
 class Revocations(NamedTuple):
     """The revocation list as the store keeps it (``Store.revocations``)."""
 
@@ -853,10 +862,10 @@ class Store(LeaderStore):
         node_name: str,
         addresses: tuple[str, ...],
         dns_names: tuple[str, ...] = (),
-        reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
+        reserved: Callable[[], Reserved] = Reserved,
     ) -> Token:
         """Record a token that can enrol node ``node_name`` with exactly these addresses and
-        DNS names. ``reserved`` gives the leader's own (addresses, DNS names); NameTaken if
+        DNS names. ``reserved`` gives the leader's own addresses and DNS names; NameTaken if
         the leader or another node holds one of them."""
         with self._db.tx() as db:
             _check_free(db, node_name, addresses, dns_names, reserved())
@@ -931,7 +940,7 @@ class Store(LeaderStore):
         key_pin: str,
         issue: Callable[[], NodeCert],
         now: dt.datetime,
-        reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
+        reserved: Callable[[], Reserved] = Reserved,
     ) -> NodeCert:
         """Spend one use of a join token and record the node, all in one transaction.
 
@@ -3614,14 +3623,18 @@ def _check_free(
     name: str,
     addresses: tuple[str, ...],
     dns_names: tuple[str, ...],
-    reserved: tuple[tuple[str, ...], tuple[str, ...]],
+    reserved: Reserved,
 ) -> None:
-    """NameTaken if the leader or another (not removed) node holds one of these names."""
-    leader_ips, leader_dns = reserved
-    for held in set(addresses) & set(leader_ips):
-        raise NameTaken(f"address {held} is the leader's")
-    for held in set(dns_names) & set(leader_dns):
-        raise NameTaken(f"DNS name {held} is the leader's")
+    """NameTaken if the leader or another (not removed) node holds one of these names. One of
+    the leader's, asked for under another node name, names the leader's node: most likely the
+    admin meant it (``token create --node`` for the leader's own agent under another name,
+    review s66 walk L7), which said only "address … is the leader's"."""
+    own = reserved.leader_node
+    way = f"; the leader's node is {own}: use --node {own}" if own else ""
+    for held in set(addresses) & set(reserved.ips):
+        raise NameTaken(f"address {held} is the leader's{way}")
+    for held in set(dns_names) & set(reserved.dns):
+        raise NameTaken(f"DNS name {held} is the leader's{way}")
     rows = db.execute(
         "SELECT name, addresses, dns_names FROM nodes WHERE removed_at IS NULL AND name != ?",
         (name,),
