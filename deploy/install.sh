@@ -1015,12 +1015,12 @@ if [ "$role" = leader ]; then
 else
     echo
     echo "next steps:"
-    echo "  # on the leader: the CA pin and a join token for this node"
-    echo "  tlsroll ca show"
-    echo "  tlsroll token create --node NAME --address IP   # add --print-join-command for a script"
-    echo "  # here, as root: the node's name and addresses, the leader's address and ca_pin, the [server]"
+    echo "  # on the leader: a join script for this node (it holds a secret token: made 0600, as README step 7)"
+    echo "  (umask 077; tlsroll token create --node NAME --address IP --print-join-command > join-NAME.sh)"
+    echo "  # here, as root: run it (the node's names, the leader's address and ca_pin, the token), then delete both copies"
+    echo "  sh join-NAME.sh"
+    echo "  # the [server] table for the managed server (a systemd or exec driver's template is yours to write)"
     echo "  editor $CONF_DIR/agent.toml"
-    echo "  editor $CONF_DIR/join-token"
     if [ -z "$server_config_dir" ]; then
         echo "  # the agent may write the managed server's config only under /etc/praxis; elsewhere: install.sh agent --server-config-dir DIR"
     fi

@@ -442,6 +442,13 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
 
     out = throwaway.ok(f"{NO_BYTECODE}{install} agent {python}")
     assert "systemctl enable --now tlsroll-agent" in out
+    # The join script as README step 7 makes it: 0600 from its start, never readable by others
+    # for a moment (it holds a secret token; review s66 walk).
+    steps = [line.strip() for line in out.splitlines()]
+    made = "(umask 077; tlsroll token create --node NAME --address IP --print-join-command"
+    assert f"{made} > join-NAME.sh)" in steps, out
+    assert "sh join-NAME.sh" in steps, out
+    assert not any("--print-join-command" in s and "umask 077" not in s for s in steps), out
     modes = throwaway.ok(
         "stat -c %a /etc/tlsroll/agent.toml /etc/tlsroll/join-token /var/lib/tlsroll-agent"
     )
