@@ -114,6 +114,12 @@ def build(out: Path, python_versions: list[str]) -> Path:
         shutil.copytree(DEPLOY / "systemd", bundle / "systemd")
         shutil.copytree(DEPLOY / "examples", bundle / "examples")
         shutil.copy2(ROOT / "README.md", bundle / "README.md")
+        # The docs the README and the daemons' messages name (docs/ca-renewal.md: what to do
+        # for a CA key lost or stolen), installed beside it: a release carried the README only,
+        # and a message sent the admin to a file no server had (review s66 walk L1).
+        (bundle / "docs").mkdir()
+        for doc in sorted((ROOT / "docs").glob("*.md")):
+            shutil.copy2(doc, bundle / "docs" / doc.name)
         share_files(bundle / "share", work / "completions")
         (bundle / "BUNDLE").write_text(f"version={version}\npythons={tags}\nmachine={machine}\n")
 

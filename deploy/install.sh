@@ -10,7 +10,7 @@
 # checkout (deploy/install.sh) pip fetches the dependencies from PyPI. What it writes:
 #   /opt/tlsroll                      the virtual environment (and installed-files, see below)
 #   /usr/lib/systemd/system/tlsroll-{leader,agent}.service
-#   /usr/share/doc/tlsroll/           README.md and the example agent config
+#   /usr/share/doc/tlsroll/           README.md, docs/*.md and the example agent config
 #   /usr/local/bin/tlsroll            a link to the admin command
 #   /etc/tlsroll/agent.toml           (agent) from the example, only if there is none
 #   /var/lib/tlsroll                  (leader) the data dir, owned by the user tlsroll, 0750
@@ -224,9 +224,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 if [ -d "$here/wheels" ]; then
     bundle=yes # a release bundle from `make dist`: everything is beside this script
     readme=$here/README.md
+    docs=$here/docs
 else
     bundle=no # a checkout: deploy/install.sh
     readme=$here/../README.md
+    docs=$here/../docs
 fi
 units=$here/systemd
 examples=$here/examples
@@ -889,6 +891,10 @@ install_unit() {
 [ -d "$CONF_DIR" ] || install -d -m 0755 "$CONF_DIR"
 install_managed "$readme" "$DOC_DIR/README.md" 0644
 install_managed "$examples/agent.toml" "$DOC_DIR/examples/agent.toml" 0644
+# The docs the README and the daemons' messages name (DOC_DIR/docs/ca-renewal.md, …).
+for doc in "$docs"/*.md; do
+    if [ -f "$doc" ]; then install_managed "$doc" "$DOC_DIR/docs/${doc##*/}" 0644; fi
+done
 if [ -d "$here/share" ]; then # man pages and shell completion, when the bundle has them
     while IFS= read -r -d '' file; do
         install_managed "$file" "/usr/share/${file#"$here/share/"}" 0644
@@ -1009,12 +1015,12 @@ if [ "$role" = leader ]; then
 else
     echo
     echo "next steps:"
-    echo "  # on the leader: the CA pin and a join token for this node"
-    echo "  tlsroll ca show"
-    echo "  tlsroll token create --node NAME --address IP   # add --print-join-command for a script"
-    echo "  # here, as root: the node's name and addresses, the leader's address and ca_pin, the [server]"
+    echo "  # on the leader: a join script for this node (it holds a secret token: made 0600, as README step 7)"
+    echo "  (umask 077; tlsroll token create --node NAME --address IP --print-join-command > join-NAME.sh)"
+    echo "  # here, as root: run it (the node's names, the leader's address and ca_pin, the token), then delete both copies"
+    echo "  sh join-NAME.sh"
+    echo "  # the [server] table for the managed server (a systemd or exec driver's template is yours to write)"
     echo "  editor $CONF_DIR/agent.toml"
-    echo "  editor $CONF_DIR/join-token"
     if [ -z "$server_config_dir" ]; then
         echo "  # the agent may write the managed server's config only under /etc/praxis; elsewhere: install.sh agent --server-config-dir DIR"
     fi

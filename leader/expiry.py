@@ -75,7 +75,8 @@ ADVICE = {
     "(`tlsroll ca renew`; its pin and every certificate stay), let the agents renew their "
     "certificates (within 40 % of their life; they take the renewed CA then), then "
     "`tlsroll rollout start --change rotate-cert` for the managed servers, then "
-    "`tlsroll client test-connection` on every workstation (docs/ca-renewal.md)",
+    "`tlsroll client test-connection` on every workstation "
+    "(/usr/share/doc/tlsroll/docs/ca-renewal.md)",
     "leader": "the leader should have issued it again by itself (a check of the expiry watch "
     "before this warning): look for expiry_watch.hook_failed in the leader's log, or restart "
     "the leader, which issues it at its start",

@@ -37,7 +37,8 @@ ENTRIES_BY_FREEZE = {
 SEED_WARNINGS = (RESTART, RECONNECT_DIRECT)
 CHECKS = (
     "preflight: managed server healthy; ports 8443 and 9443 free on the node; config "
-    "directory writable; clock within 120 s of the leader; certificate names known",
+    "directory writable; a systemd/exec template renders; clock within 120 s of the leader; "
+    "certificate names known",
     "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
     "switch: freeze writes, write new config atomically, restart, verify https with the "
     "staged certificate and 8080 closed, write watermark unchanged, unfreeze; else roll back",
@@ -62,8 +63,8 @@ TRANSITIONAL_WARNINGS = (
 )
 ROTATE_CHECKS = (
     "preflight: the node serves https; managed server healthy; port 9443 free (or the "
-    "agent's); config directory writable; clock within 120 s of the leader; certificate names "
-    "known",
+    "agent's); config directory writable; a systemd/exec template renders; clock within 120 s "
+    "of the leader; certificate names known",
     "stage: a new node key made on the node, CSR signed by the cluster CA, stored inactive",
     "switch: freeze writes, write the config with the new certificate atomically, restart, "
     "verify https with the staged certificate, write watermark unchanged, unfreeze; else roll "
@@ -87,8 +88,8 @@ OWN_ROTATE_CLIENT_STEPS = (
 )
 PASSWORD_CHECKS = (
     "preflight: the node serves https; managed server healthy; port 9443 free (or the "
-    "agent's); config directory writable; clock within 120 s of the leader; certificate names "
-    "known",
+    "agent's); config directory writable; a systemd/exec template renders; clock within 120 s "
+    "of the leader; certificate names known",
     "stage: none (the staged password's verifier goes with the switch; no new certificate)",
     "switch: freeze writes, write the config with the staged password's verifier atomically, "
     "restart, verify https, write watermark unchanged, unfreeze; else roll back to the "
@@ -108,7 +109,7 @@ PASSWORD_CLIENT_STEPS = (
 )
 DISABLE_CHECKS = (
     "preflight: the node serves https; managed server healthy; config directory writable; "
-    "clock within 120 s of the leader",
+    "a systemd/exec template renders; clock within 120 s of the leader",
     "switch: freeze writes, restore the http config the switch replaced, restart, verify http "
     "on 8080, write watermark unchanged, unfreeze",
     "confirm: the leader checks http from outside",

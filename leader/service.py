@@ -80,6 +80,7 @@ from leader.store import (
     NotWorkstation,
     Queued,
     RenewalReport,
+    Reserved,
     RolloutHoldsCA,
     Store,
     Superseded,
@@ -311,12 +312,13 @@ class LeaderState:
     def trust_domain(self) -> str:
         return self.ca.trust_domain
 
-    def reserved_for(self, node: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """The leader's names that node ``node`` may not hold (none for the leader node)."""
+    def reserved_for(self, node: str) -> Reserved:
+        """The leader's names that node ``node`` may not hold (none for the leader node), and
+        the leader node's name."""
         names = self.leader_names
         if names is None or node == self.leader_node:
-            return (), ()
-        return names.ips, names.dns
+            return Reserved()
+        return Reserved(names.ips, names.dns, self.leader_node)
 
     def ca_serials(self) -> list[str]:
         """(Worker thread: it reads the store.) The serials of the cluster CA's own

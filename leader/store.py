@@ -55,6 +55,17 @@ class TokenRejected(TerminalError):
     """The join token cannot be used; the message is safe to send to the caller."""
 
 
+WAY_TO_JOIN_AGAIN = (
+    "create a new token on the leader, `(umask 077; tlsroll token create --node NAME --address IP"
+    " --print-join-command > join-NAME.sh)`, run it on the node again as root, then"
+    " `systemctl restart tlsroll-agent`"
+)
+"""The way on after a refusal of the join token itself (not valid, expired, used up,
+revoked): the agent ends on it (exit 6, not restarted) and its line said only what was
+refused (review s66 walk L6). After the refusal's own words, which stay: a person or a script
+may look for them. Generic (NAME, IP): a wrong secret must not learn the token's node."""
+
+
 class WrongSecret(TokenRejected):
     """The join token's id is unknown or its secret wrong: a guess (``leader.join_guard``
     counts it against the caller's source). Every other refusal of an enrolment in the store
@@ -413,6 +424,15 @@ class Restored:
     # The leader certificates it revoked (every one on record not ended: the key served, a
     # backup's, is taken for copied).
     leader_serials: tuple[str, ...] = ()
+
+
+class Reserved(NamedTuple):
+    """The leader's own addresses and DNS names, which no other node may hold, and the name of
+    its node (the node on the leader's address), which holds them."""
+
+    ips: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    leader_node: str | None = None
 
 
 class Revocations(NamedTuple):
@@ -842,10 +862,10 @@ class Store(LeaderStore):
         node_name: str,
         addresses: tuple[str, ...],
         dns_names: tuple[str, ...] = (),
-        reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
+        reserved: Callable[[], Reserved] = Reserved,
     ) -> Token:
         """Record a token that can enrol node ``node_name`` with exactly these addresses and
-        DNS names. ``reserved`` gives the leader's own (addresses, DNS names); NameTaken if
+        DNS names. ``reserved`` gives the leader's own addresses and DNS names; NameTaken if
         the leader or another node holds one of them."""
         with self._db.tx() as db:
             _check_free(db, node_name, addresses, dns_names, reserved())
@@ -920,7 +940,7 @@ class Store(LeaderStore):
         key_pin: str,
         issue: Callable[[], NodeCert],
         now: dt.datetime,
-        reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
+        reserved: Callable[[], Reserved] = Reserved,
     ) -> NodeCert:
         """Spend one use of a join token and record the node, all in one transaction.
 
@@ -1136,18 +1156,18 @@ class Store(LeaderStore):
         # Compare even when the id is unknown, so both cases take the same time.
         expected = row["secret_hash"] if row else hash_secret("x" * 26)
         if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
-            raise WrongSecret("join token not valid")
+            raise WrongSecret(f"join token not valid; {WAY_TO_JOIN_AGAIN}")
         token = _token(row)
         if token.revoked_at is not None:
             raise TokenRejected(_revoked_text(db, token))
         if now >= token.expires_at:
-            raise TokenRejected("join token expired")
+            raise TokenRejected(f"join token expired; {WAY_TO_JOIN_AGAIN}")
         existing = db.execute(
             "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
         ).fetchone()
         replay = self._replay(db, existing, token_id, key_pin)
         if token.uses_left <= 0 and not replay:
-            raise TokenRejected("join token already used up")
+            raise TokenRejected(f"join token already used up; {WAY_TO_JOIN_AGAIN}")
         if token.superseded_at is not None and not replay:
             # (A replay is the enrolment that superseded it, answered again.) What superseded
             # it is read from the audit only here: refusing a token whose secret was right.
@@ -2150,7 +2170,7 @@ class Store(LeaderStore):
                         f"{serial} is the cluster CA's own certificate: it cannot be revoked"
                         " (agents and workstations trust it directly); to replace it, `tlsroll"
                         " ca renew` (README 'Certificates', The CA); for a CA key that is lost"
-                        " or stolen, see docs/ca-renewal.md"
+                        " or stolen, see /usr/share/doc/tlsroll/docs/ca-renewal.md"
                     )
                 mine = next((c for c in own if c.serial == serial), None)
                 if mine is not None:  # (recorded once: the next revocation finds it)
@@ -3616,14 +3636,18 @@ def _check_free(
     name: str,
     addresses: tuple[str, ...],
     dns_names: tuple[str, ...],
-    reserved: tuple[tuple[str, ...], tuple[str, ...]],
+    reserved: Reserved,
 ) -> None:
-    """NameTaken if the leader or another (not removed) node holds one of these names."""
-    leader_ips, leader_dns = reserved
-    for held in set(addresses) & set(leader_ips):
-        raise NameTaken(f"address {held} is the leader's")
-    for held in set(dns_names) & set(leader_dns):
-        raise NameTaken(f"DNS name {held} is the leader's")
+    """NameTaken if the leader or another (not removed) node holds one of these names. One of
+    the leader's, asked for under another node name, names the leader's node: most likely the
+    admin meant it (``token create --node`` for the leader's own agent under another name,
+    review s66 walk L7), which said only "address … is the leader's"."""
+    own = reserved.leader_node
+    way = f"; the leader's node is {own}: use --node {own}" if own else ""
+    for held in set(addresses) & set(reserved.ips):
+        raise NameTaken(f"address {held} is the leader's{way}")
+    for held in set(dns_names) & set(reserved.dns):
+        raise NameTaken(f"DNS name {held} is the leader's{way}")
     rows = db.execute(
         "SELECT name, addresses, dns_names FROM nodes WHERE removed_at IS NULL AND name != ?",
         (name,),
@@ -3736,7 +3760,7 @@ def _revoked_text(db: sqlite3.Connection, token: Token) -> str:
             f"join token {token.id} revoked: the leader's store was restored from a backup, and"
             " it may have enrolled its node since; create a new token"
         )
-    return "join token revoked"
+    return f"join token revoked; {WAY_TO_JOIN_AGAIN}"
 
 
 def superseded_text(token: Token) -> str:

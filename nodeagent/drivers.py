@@ -178,6 +178,12 @@ class Driver(abc.ABC):
     def render(self, target: Target) -> bytes:
         """The new config for ``target``; raises DriverError if it cannot be made."""
 
+    def render_problem(self) -> str | None:
+        """Why no switch's config could be rendered, or None (blocking; the preflight's and
+        the plan's check). Only a driver that renders from more than the live config (which
+        ``facts`` has read) can fail here: ``TemplateDriver``."""
+        return None
+
     def says(self, target: Target) -> bool:
         """Whether the live config says what ``render(target)`` would (blocking; DriverError,
         OSError). By default byte for byte: a config this driver renders from a template."""
@@ -1147,12 +1153,42 @@ class TemplateDriver(Driver):
         )
         return ServerFacts(self.address, self.app_path, self.http_port, self.https_port, schemes)
 
+    def render_problem(self) -> str | None:
+        """The template read and rendered (nothing written) for an https target with made-up
+        file names and for http (the way back): a template missing (install.sh's example names
+        one nothing ships), unreadable or with a placeholder it does not know blocks the plan
+        and the preflight, where before the first switch found it, after the node's
+        certificate was issued, and the rollout halted there (review s66 walk M1). Which
+        files a target names changes no placeholder's validity, so made-up ones serve."""
+        made_up = Path("/nonexistent/tlsroll-check")
+        targets = (
+            Target(
+                ("https",),
+                made_up / "server.pem",
+                made_up / "server.key",
+                made_up / "ca.pem",
+                made_up / "verifier.json",
+            ),
+            Target(("http",)),
+        )
+        try:
+            for target in targets:
+                self.render(target)
+        except DriverError as exc:
+            return f"{exc}; fix {self.section.key('template')} in {self.section.file}"
+        return None
+
     def render(self, target: Target) -> bytes:
         try:
             template = string.Template(read_file(self.template_file).decode())
         except OSError as exc:
             raise DriverError(
                 f"cannot read template {self.template_file}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            # (a ValueError the switch did not expect: not one line of why)
+            raise DriverError(
+                f"cannot read template {self.template_file}: not UTF-8 text"
             ) from None
         values = {
             "address": self.address,

@@ -517,6 +517,7 @@ def read_token(cfg: AgentConfig) -> str:
         return cfg.join_token
     if cfg.join_token_file:
         where = shown_path(cfg.join_token_file)
+        token: str | None
         try:
             check_private_file(cfg.join_token_file)
             token = read_regular(cfg.join_token_file).decode().strip()
@@ -533,10 +534,17 @@ def read_token(cfg: AgentConfig) -> str:
         except OSError as exc:
             raise TerminalError(f"cannot read {where}: {exc.strerror}") from None
         except UnicodeDecodeError:  # the message named a byte and not the file (audit s34 L3)
-            raise TerminalError(f"{where} is not UTF-8 text; it must hold the join token") from None
+            token = None
         if token:
             return token
-        raise TerminalError(f"{where} is empty; it must hold the join token")
+        # Exit 2, as for a missing file: only a person can fix it, and exit 1 had the unit
+        # start the agent again every 2 s for ever (review s66 walk L2).
+        raise ConfigError(
+            cfg.path,
+            "[leader].join_token_file",
+            f"{where} is {'empty' if token == '' else 'not UTF-8 text'}; it must hold the join "
+            "token (a token goes in the file, or in join_token)",
+        )
     raise TerminalError(
         f"{cfg.path}: [leader].join_token: missing; this node is not enrolled yet and needs "
         "a join token (on the leader: tlsroll token create --node NAME --address IP)"

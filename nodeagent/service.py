@@ -777,6 +777,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if edits and facts is not None:  # (on https only: a node on http has no way back)
             edited = plans.edited_config(self.journal, driver, facts.schemes)
         problems = self._port_problems(facts) if facts is not None else []
+        unrendered = driver.render_problem()
+        if unrendered:  # a switch would refuse it (``plans.switch_plan``: ``driver.render``)
+            problems.append(unrendered)
         problems += self._writable_problems(driver.config_file.parent)
         unsafe = config_dir_problem(driver.config_file.parent)
         if unsafe:  # a switch would refuse to stage or write there (``plans.refuse_unsafe_dir``)

@@ -1547,6 +1547,28 @@ def test_an_agent_join_token_file_that_is_no_file_is_said_so(
     assert "chmod" not in line, line
 
 
+@pytest.mark.parametrize(("content", "said"), [(b" \n", "empty"), (b"\xff\xfe", "not UTF-8 text")])
+def test_an_agent_join_token_file_empty_or_not_utf8_is_a_config_error(
+    cluster: Cluster, tmp_path: Path, content: bytes, said: str
+) -> None:
+    """Review s66 walk L2: a join token file that is empty (install.sh leaves one so until the
+    join script fills it) or not UTF-8 text ended the agent with exit 1, which its unit
+    restarts on: every 2 s for ever. Now exit 2 (a config error, never restarted), one line
+    naming the key and the file, as for a missing file; nothing is written."""
+    token = tmp_path / "token"
+    token.write_bytes(content)
+    token.chmod(0o600)
+    tables = cluster.agent_config("n9", "127.0.0.9", None, tmp_path)
+    tables["leader"].update(join_token=None, join_token_file=token)
+    config = write_toml(tmp_path / "agent.toml", tables)
+    result = run_daemon("tlsroll-agent", "nodeagent.daemon", config)
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert result.returncode == 2, result.stderr
+    assert f"config error: {config}: [leader].join_token_file: {token} is {said}; " in line, line
+    assert "it must hold the join token" in line, line
+    assert not (tmp_path / "data" / "node.key").exists()
+
+
 # --- L9: agent.toml's data_dir and ports ------------------------------------------------------
 
 

@@ -442,6 +442,13 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
 
     out = throwaway.ok(f"{NO_BYTECODE}{install} agent {python}")
     assert "systemctl enable --now tlsroll-agent" in out
+    # The join script as README step 7 makes it: 0600 from its start, never readable by others
+    # for a moment (it holds a secret token; review s66 walk).
+    steps = [line.strip() for line in out.splitlines()]
+    made = "(umask 077; tlsroll token create --node NAME --address IP --print-join-command"
+    assert f"{made} > join-NAME.sh)" in steps, out
+    assert "sh join-NAME.sh" in steps, out
+    assert not any("--print-join-command" in s and "umask 077" not in s for s in steps), out
     modes = throwaway.ok(
         "stat -c %a /etc/tlsroll/agent.toml /etc/tlsroll/join-token /var/lib/tlsroll-agent"
     )
@@ -556,6 +563,39 @@ def set_rollout_state(throwaway: ThrowawayRoot, state: str) -> None:
 
 
 ROLLOUT_ID = "r20261202-110000-test"
+
+
+# Where the README and the daemons' messages send the admin: a doc of the source tree
+# (docs/ca-renewal.md) or its installed path (/usr/share/doc/tlsroll/…).
+DOC_NAMED = re.compile(r"(?<![\w/])docs/[\w.-]+\.md|/usr/share/doc/tlsroll/[\w./-]*[\w-]")
+MESSAGE_SOURCES = ("leader", "nodeagent", "tlsroll", "workstation", "refserver")
+
+
+def test_every_doc_the_readme_or_a_message_names_is_in_the_bundle_and_installed(
+    installed: ThrowawayRoot, bundle: Path
+) -> None:
+    """Review s66 walk L1: the README (the bundle's only doc) and the CA's messages ("for a CA
+    key that is lost or stolen, see docs/ca-renewal.md") named docs no server had: the bundle
+    carried README.md and examples/ only. Every doc they name is in the bundle beside the
+    README and installed in /usr/share/doc/tlsroll (the leader's first install: the docs are
+    installed for either role)."""
+    texts = [(ROOT / "README.md").read_text()]
+    for top in MESSAGE_SOURCES:
+        texts += [p.read_text() for p in sorted((ROOT / top).rglob("*.py"))]
+    named = {m.removeprefix("/usr/share/doc/tlsroll/") for t in texts for m in DOC_NAMED.findall(t)}
+    assert "docs/ca-renewal.md" in named, sorted(named)
+    named.add("examples/agent.toml")  # (the README's deploy/examples/agent.toml)
+    for doc in sorted(named):
+        assert (bundle / doc).is_file(), f"{doc} is not in the bundle"
+    listed = " ".join(shlex.quote(f"/usr/share/doc/tlsroll/{doc}") for doc in sorted(named))
+    shown = installed.ok(f"stat -c '%a %n' {listed}")
+    assert [line.split()[0] for line in shown.splitlines()] == ["644"] * len(named), shown
+    # The installed README's links to them resolve beside it.
+    assert "[docs/ca-renewal.md](docs/ca-renewal.md)" in texts[0]
+    installed.ok(
+        "cmp /usr/share/doc/tlsroll/docs/ca-renewal.md "
+        + shlex.quote(str(bundle / "docs" / "ca-renewal.md"))
+    )
 
 
 @pytest.mark.timeout(400)

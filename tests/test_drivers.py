@@ -453,6 +453,33 @@ def test_template_renders_http_only_https_only_and_dual(tmp_path: Path) -> None:
     ]
 
 
+def test_a_template_that_is_not_utf8_is_one_line_at_the_check_and_the_switch(
+    tmp_path: Path,
+) -> None:
+    """Review s66 walk M1: a template that is not UTF-8 text raised UnicodeDecodeError out of
+    ``render`` (no DriverError: no one-line refusal of the switch); now it is one, and the
+    checks' ``render_problem`` says it with the config key to fix. A good template: None."""
+    template = tmp_path / "server.toml.tmpl"
+    template.write_bytes(b'listen = $listen\nname = "Praxis M\xfcller"\n')  # latin-1
+    settings = {
+        "config_file": str(tmp_path / "server.toml"),
+        "template": str(template),
+        "app_path": "/",
+        "unit": "praxis.service",
+        "admin_socket": str(tmp_path / "admin.sock"),
+    }
+    agent_toml = tmp_path / "agent.toml"
+    driver = SystemdDriver(Section(agent_toml, "server", settings), "10.0.0.5")
+    with pytest.raises(DriverError) as info:
+        driver.render(Target(("https",)))
+    assert str(info.value) == f"cannot read template {template}: not UTF-8 text"
+    assert driver.render_problem() == (
+        f"cannot read template {template}: not UTF-8 text; fix [server].template in {agent_toml}"
+    )
+    template.write_text('listen = $listen\ncert = "$cert_file"\n')
+    assert driver.render_problem() is None
+
+
 def test_a_servers_config_or_template_that_is_a_fifo_is_said_not_waited_on(
     tmp_path: Path,
 ) -> None:
@@ -540,6 +567,58 @@ def test_systemd_template_with_an_unknown_placeholder_is_refused(nodes: NodeFact
     assert control.restarts() == 0
     assert node.admin_status()["frozen"] is False
     assert node.post("http", {"still": "writable"}).status == 201
+
+
+def test_plan_and_start_block_a_node_whose_template_is_missing_or_has_a_bad_placeholder(
+    cluster: Cluster, nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s66 walk M1: the checks never rendered a template driver's template, so
+    `tlsroll plan` said "will switch" for a node whose template was missing (install.sh's
+    example names one nothing ships) and the rollout halted at that node's first switch, after
+    its server certificate was issued. Now the checks render it (nothing written): the plan
+    exits 1 naming each node, the file, the reason and the config key; a start is refused and
+    nothing is issued, staged or changed on either node."""
+    missing, _control, template = systemd_node(nodes)
+    template.unlink()  # (read at a switch only: the agent started with it there)
+    unknown, _exec_control = exec_node(nodes, timeout=20)
+    unknown_template = unknown.root / "refserver.toml.tmpl"
+    with unknown_template.open("a") as f:
+        f.write('note = "$nonsense"\n')
+    before = {
+        n.name: (n.server.config_path.read_bytes(), n.server_pid()) for n in (missing, unknown)
+    }
+    names = f"{missing.name},{unknown.name}"
+    plan = cluster.cli("plan", "--nodes", names)
+    said = plan.stdout + plan.stderr
+    assert plan.returncode == 1, said
+    assert "Traceback" not in said and "will switch" not in said, said
+    assert f"cannot read template {template}: No such file or directory" in said, said
+    assert "placeholder 'nonsense'" in said and str(unknown_template) in said, said
+    assert "fix [server].template in" in said, said
+    for node in (missing, unknown):
+        pre = node.preflight(f"tmpl-{node.name}")
+        assert not pre.ok
+        (problem,) = pre.problems
+        assert "\n" not in problem and "[server].template" in problem, problem
+
+    password = tmp_path / "pw"
+    password.touch(0o600)
+    password.write_text("the-practice-password-for-templates\n")
+    start = cluster.cli(
+        "rollout", "start", "--nodes", names, "--password-file", str(password), "--yes", "--wait"
+    )  # fmt: skip
+    said = start.stdout + start.stderr
+    assert start.returncode == 3 and "Traceback" not in said, said  # (halted)
+    # Stopped at the first node's preflight, which asks for no key when it fails.
+    assert f"halted: {missing.name} failed: cannot read template {template}" in said, said
+    shown = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
+    servers = [c["subject"] for c in shown["certificates"] if c["kind"] == "server"]
+    assert missing.name not in servers and unknown.name not in servers, servers
+    for node in (missing, unknown):
+        assert node.journal_query("SELECT * FROM staged") == []
+        assert node.journal_query("SELECT * FROM txns") == []
+        assert (node.server.config_path.read_bytes(), node.server_pid()) == before[node.name]
+        assert node.get("http").status == 200
 
 
 def test_systemd_config_the_server_cannot_load_is_rolled_back(nodes: NodeFactory) -> None:

@@ -424,6 +424,44 @@ def test_agent_with_a_used_token_exits_with_one_line(cluster: Cluster) -> None:
     assert cluster.find_secrets(cluster.logs_text()) == []
 
 
+@pytest.mark.parametrize("how", ["unknown", "expired", "used up", "revoked"])
+def test_an_agent_refused_its_token_is_told_the_way_on(cluster: Cluster, how: str) -> None:
+    """Review s66 walk L6: an agent whose join token is unknown (a wrong secret), expired, used
+    up or revoked ended (exit 6, not restarted) on "the leader refused enrolment: join token
+    not valid (UNAUTHENTICATED)" and no more: the way on the README gives was the admin's to
+    find. Now the line says it after the refusal's own words (which stay): a new token, its
+    join script run on the node again, the agent restarted. Nothing is spent or written."""
+    address = next_loopback()
+    name = f"way-{how.replace(' ', '-')}"
+    token = cluster.create_token(name, address, ttl="1s" if how == "expired" else "1h")
+    token_id, secret = token.split(".")
+    if how == "unknown":
+        token = f"{token_id}.{secret[:-1]}{'a' if secret[-1] != 'a' else 'b'}"
+    elif how == "expired":
+        expires = token_info(cluster, token).expires_at.ToDatetime(tzinfo=dt.UTC)
+        while dt.datetime.now(dt.UTC) <= expires + dt.timedelta(milliseconds=100):
+            time.sleep(0.1)  # waiting for time itself to pass; bounded by the 1 s TTL
+    elif how == "used up":
+        enrol(cluster, enrol_request(token, name, address))
+    else:
+        assert cluster.cli("token", "revoke", token_id).returncode == 0
+    agent = cluster.add_agent(name, address, token=token, start=False)
+    before = cluster.store_rows()
+    code, output = agent.run_to_exit()
+    assert code == runtime.EXIT_ENROLMENT_REFUSED, output
+    line = one_line_error(output, "tlsroll-agent")
+    words = {"unknown": "not valid", "expired": "expired", "used up": "already used up"}
+    assert f"the leader refused enrolment: join token {words.get(how, how)}; " in line, line
+    assert (
+        "; create a new token on the leader, `(umask 077; tlsroll token create --node NAME " in line
+    )
+    assert "--address IP --print-join-command > join-NAME.sh)`, run it on the node again" in line
+    assert line.endswith(", then `systemctl restart tlsroll-agent` (UNAUTHENTICATED)"), line
+    assert cluster.store_rows() == before
+    assert not agent.cert_file.exists()
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
 def test_agent_with_a_wrong_token_secret_is_not_started_again_into_the_refusal(
     cluster: Cluster,
 ) -> None:

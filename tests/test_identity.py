@@ -155,6 +155,28 @@ def test_token_for_names_held_by_the_leader_or_another_node_is_refused(cluster: 
     assert snapshot(cluster) == before
 
 
+def test_a_token_for_the_leaders_address_under_another_name_names_the_leaders_node(
+    tmp_path: Path,
+) -> None:
+    """Review s66 walk L7: `token create --node X --address <leader IP>` for the leader's own
+    node under another name (the name given to `tlsroll init` forgotten) said only "address …
+    is the leader's". Now the one line names the leader's node and the --node to use, for the
+    leader's DNS name alike; with that name the token is made. Nothing stored before."""
+    with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:
+        c.init("--node-name", "srv1", "--dns", "leader.praxis.test")
+        c.start_leader()
+        before = snapshot(c)
+        for names in (
+            ["--address", c.address],
+            ["--address", next_loopback(), "--dns", "leader.praxis.test"],
+        ):
+            line = cli_fails(c, "token", "create", "--node", "praxis-1", *names)
+            held = c.address if len(names) == 2 else "DNS name leader.praxis.test"
+            assert f"{held} is the leader's; the leader's node is srv1: use --node srv1" in line
+        assert snapshot(c) == before
+        assert c.create_token("srv1", c.address)  # as it said
+
+
 def test_an_ordinary_token_gets_nothing_but_its_own_names(cluster: Cluster) -> None:
     """The audit's requests, each with a valid token bound to node9 at its own address: the
     leader's address, node2's, foreign names, every-host names, 5000 addresses, 60000 DNS

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from leader.join_guard import GuardPolicy, JoinGuard, peer_source
+from leader.store import WAY_TO_JOIN_AGAIN
 from tests.cluster import Cluster, enrol, enrol_request
 from tests.conftest import next_loopback
 from tlsroll import pki, spiffe
@@ -301,7 +302,9 @@ def test_a_wrong_token_is_refused_while_another_process_holds_the_write_lock(
         holder.execute("ROLLBACK")
         holder.close()
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
-    assert info.value.details() == "join token not valid", info.value.details()
+    assert info.value.details() == f"join token not valid; {WAY_TO_JOIN_AGAIN}", (
+        info.value.details()
+    )
 
 
 def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(

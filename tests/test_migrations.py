@@ -307,6 +307,25 @@ def test_a_refserver_file_of_the_release_before_keeps_its_entries_and_counts_fai
     assert {3, 4} == refstore.IGNORABLE
 
 
+def test_the_readme_names_every_migration_an_older_tlsroll_may_ignore() -> None:
+    """Review s66 walk L4: README "Downgrading tlsroll" listed the leader's ignorable
+    migrations as 13 to 17 while ``leader.db.IGNORABLE`` held 18 too (a downgrade reader was
+    told a store of schema 18 would be refused). Its paragraph names each of them, the range a
+    leader of schema 12 or later runs on, and the reference server's newest ignorable one."""
+    from leader import db as leader_db
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("Migrations an older tlsroll may ignore")
+    paragraph = " ".join(readme[start : readme.index("\n\n", start)].split())
+    first, last = min(leader_db.IGNORABLE), max(leader_db.IGNORABLE)
+    assert frozenset(range(first, last + 1)) == leader_db.IGNORABLE  # (what the range says)
+    said = f"a leader of schema {first - 1} or later runs on a store of schema {first} to {last} as"
+    assert said in paragraph, paragraph
+    for version in sorted(leader_db.IGNORABLE - {first}):
+        assert f" {version}, the " in paragraph, (version, paragraph)
+    assert f"reference server's entry store {max(refstore.IGNORABLE)}," in paragraph, paragraph
+
+
 # --- the copy kept before a migration (upgrade audit F5) ---------------------------------------
 
 
