@@ -58,7 +58,7 @@ from cryptography import x509
 
 from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
-from leader.store import NODE_REMOVED, CARenewed, IssuedCert, Node, Store
+from leader.store import CARenewed, IssuedCert, Node, Store
 from leader.store_rules import token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
@@ -320,17 +320,20 @@ def served_now(
     store: Store, schema: SchemaStore, certs: Sequence[IssuedCert] | None = None
 ) -> dict[str, tuple[str, dt.datetime, bool]]:
     """Per node, the certificate it serves on 8443 as the rollouts recorded it
-    (``SchemaStore.served_certificates``): (fingerprint, end, revoked), less those `tlsroll
-    nodes remove` revoked (``NODE_REMOVED``): such a record is a removed machine's, and a node
-    enrolled again under its name serves nothing the leader recorded until a rollout switches
-    it; it was shown as serving a revoked certificate, and auto_rotate tried to rotate a node
-    on http at every check (the review of s64-rev, M1). ``revoked``: the admin revoked it
-    (`tlsroll ca revoke`): a rotation revokes the certificate a node served before, never the
-    one it serves now. The watch's, the viewer's and the metrics' (which showed neither
-    rule: the removed machine's as served, and a revoked one as any other). ``certs``: the
-    store's certificates, if read already; else only the revocations of the served ones are
-    read (``Store.revocations_of``: a viewer's read after each write must not parse every
-    certificate ever issued). Blocking."""
+    (``SchemaStore.served_certificates``): (fingerprint, end, revoked). None recorded before
+    the name's last `tlsroll nodes remove` (``schema_store.before_removal``): such a record is
+    the removed machine's, and a node enrolled again under its name serves nothing the leader
+    recorded until a rollout switches it; it was shown as serving a revoked certificate, and
+    auto_rotate tried to rotate a node on http at every check (the review of s64-rev, M1). By
+    when the name was removed, not by the revocation's reason (review rvc of s66-misc, M1:
+    one the admin revoked before the removal kept the admin's reason, and was shown as the
+    new machine's). ``revoked``: revoked whatever the reason (`tlsroll ca revoke`; a removal
+    after the rollout cannot be: it drops the record): a rotation revokes the certificate a
+    node served before, never the one it serves now. The watch's, the viewer's and the
+    metrics' (which showed neither rule: the removed machine's as served, and a revoked one
+    as any other). ``certs``: the store's certificates, if read already; else only the
+    revocations of the served ones are read (``Store.revocations_of``: a viewer's read after
+    each write must not parse every certificate ever issued). Blocking."""
     served = schema.served_certificates()
     if certs is None:
         why = store.revocations_of([fingerprint for fingerprint, _ in served.values()])
@@ -341,9 +344,7 @@ def served_now(
             if c.kind == "server" and c.fingerprint and c.revoked_at is not None
         }
     return {
-        name: (fingerprint, end, fingerprint in why)
-        for name, (fingerprint, end) in served.items()
-        if why.get(fingerprint) != NODE_REMOVED
+        name: (fingerprint, end, fingerprint in why) for name, (fingerprint, end) in served.items()
     }
 
 

@@ -1851,7 +1851,12 @@ class Store(LeaderStore):
             db.execute("DELETE FROM node_clients WHERE node = ?", (name,))
             db.execute("DELETE FROM node_clients_info WHERE node = ?", (name,))
             _bump_crl(db, now)
-            self._audit(db, now, actor, "node.removed", name, revoked=serials)
+            # The newest rollout's epoch as it is removed: every rollout up to it (each ended:
+            # ``InRollout`` above) switched the machine removed, and what they recorded it
+            # serves is no one's from now on (``leader.schema_store.removals``; the removal is
+            # kept in the audit only: a new enrolment under the name overwrites the row).
+            (epoch,) = db.execute("SELECT COALESCE(MAX(epoch), 0) FROM rollouts").fetchone()
+            self._audit(db, now, actor, "node.removed", name, revoked=serials, epoch=int(epoch))
         self._forget_seen(name)  # after: a heartbeat queued meanwhile is dropped too
         with self._db.read() as db:
             removed = _node(db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone())

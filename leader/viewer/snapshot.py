@@ -737,9 +737,10 @@ class Reader:
         stored rollout's nodes (``SchemaStore.served_certificates``), with its chain's end
         where that comes first (``SchemaStore.own_chain_ends``), as the expiry watch has it:
         of the ``enrolled`` nodes only (a removed node's stayed listed for good, later as
-        expired, review s48rev2 M1), not one `tlsroll nodes remove` revoked (the removed
-        machine's, not that of a node enrolled again under its name), and each marked if the
-        admin revoked it (``leader.expiry.served_now``: the watch's rule)."""
+        expired, review s48rev2 M1), not one recorded before the name's last `tlsroll nodes
+        remove` (the removed machine's, not that of a node enrolled again under its name,
+        whatever it was revoked for), and each marked if it was revoked
+        (``leader.expiry.served_now``: the watch's rule)."""
         served = {
             name: end
             for name, end in served_now(self.store, self.schema).items()
