@@ -190,7 +190,7 @@ def _record_failures_in(
                 f.source,
                 f.workstation,
                 f.count,
-                to_text(f.last_at),
+                to_text(f.first_at),  # (the last one's before: review rvc of s66-misc, L3)
                 to_text(f.last_at),
                 MAX_FAILURE_TOTAL,
             ),
