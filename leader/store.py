@@ -2081,6 +2081,22 @@ class Store(LeaderStore):
         self._revocations_kept = (generation, wanted, found)
         return dict(found)
 
+    def server_certificates_of(self, fingerprints: Collection[str]) -> dict[str, IssuedCert]:
+        """The server certificates on record with ``fingerprints``, by fingerprint: those the
+        nodes' heartbeats say they serve apart from what the rollouts recorded
+        (``leader.expiry.served_now``; rare: a node enrolled again under a removed name still
+        serving its certificate, a rotation under way)."""
+        wanted = sorted(set(fingerprints))
+        if not wanted:
+            return {}
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT * FROM certificates WHERE kind = 'server'"
+                " AND fingerprint IN (SELECT value FROM json_each(?)) ORDER BY issued_at",
+                (json.dumps(wanted),),
+            ).fetchall()
+        return {str(r["fingerprint"]): _cert(r) for r in rows}
+
     def workstation_certificates(self, ending_after: dt.datetime) -> list[IssuedCert]:
         """The workstation certificates not revoked that end after ``ending_after``: what the
         expiry watch's rule (``leader.expiry.watched_workstations``) may list, for the viewer,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +31,7 @@ from tests.test_store_enrol import statements
 from tests.test_superseded_index import audit_plans
 from tests.test_viewer_parts import HOUR, NOW, drive_rollout, enrol, start_rollout
 from tlsroll import pki
+from tlsroll.v1 import agent_pb2
 
 LATER = NOW + dt.timedelta(days=1)
 
@@ -86,13 +88,18 @@ def _enrol_again(store: Store, name: str, now: dt.datetime) -> None:
     )
 
 
-def _views(store: Store, schema: SchemaStore) -> tuple[dict[str, bool], ...]:
+def _views(
+    store: Store, schema: SchemaStore, heard: dict[str, str] | None = None
+) -> tuple[dict[str, bool], ...]:
     """Per node listed, whether it is flagged revoked: as ``served_now`` has it, as the expiry
-    watch (check-expiration, auto_rotate) does, as the viewer's page and the metrics do."""
+    watch (check-expiration, auto_rotate) does, as the viewer's page and the metrics do;
+    ``heard``: what the nodes' heartbeats say they serve (as the daemon wires it)."""
     ca = pki.CertificateAuthority.create(now=NOW).cert
     watch = ExpiryWatch(store, schema, ca, list, lambda: LATER)
+    watch.reported = lambda: heard or {}
     checked = {e.subject: e.revoked for e in watch.check() if e.kind == "server"}
     reader = Reader(store, schema, lambda: LATER, lambda _: True, [("ca", ca)], fresh=none_fresh)
+    reader.served_reported = lambda: heard or {}
     page = {c.subject: c.revoked for c in reader.read().certificates if c.kind == "server"}
     text = metrics.render(reader.read(times=True)).decode()
     gauge = {
@@ -101,7 +108,9 @@ def _views(store: Store, schema: SchemaStore) -> tuple[dict[str, bool], ...]:
         if f.name == "tlsroll_certificate_revoked"
         for s in f.samples
     }
-    listed = {name: revoked for name, (_, _, revoked) in served_now(store, schema).items()}
+    listed = {
+        name: revoked for name, (_, _, revoked) in served_now(store, schema, None, heard).items()
+    }
     return listed, checked, page, gauge
 
 
@@ -158,3 +167,79 @@ def test_the_removals_are_read_through_the_audit_s_index(tmp_path: Path) -> None
     plans = audit_plans(store, ran)
     assert len(plans) == 1, ran
     assert "USING INDEX audit_removed" in plans[0], plans
+
+
+def test_a_machine_enrolled_again_still_serving_its_revoked_certificate_is_flagged_everywhere(
+    tmp_path: Path,
+) -> None:
+    """Review rvc of s66-misc (L2): the same machine enrolled again after `tlsroll nodes
+    remove`, its server still serving the certificate the removal revoked. The plan, which
+    asks the node what it serves, said to replace it; the records' views (the watch behind
+    check-expiration and auto_rotate, the page, the metrics) said nothing (the record is the
+    removed machine's). They go by what the node's heartbeats say it serves now, as the plan
+    does: revoked, in every one. A fingerprint the CA issued for another node, or none on
+    record, changes nothing."""
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    enrol(store, ["a", "b"])
+    _served_by_rollout(store, schema, "p1", Change.ENABLE_TLS, 0xA0)
+    store.remove_node("b", now=LATER, actor="admin:test")  # revokes b's: "node removed"
+    _enrol_again(store, "b", LATER)
+    assert _views(store, schema) == ({"a": False},) * 4  # the records alone: nothing for b
+
+    heard = {"a": "sha256:p1-a", "b": "sha256:p1-b"}  # what the heartbeats say
+    assert _views(store, schema, heard) == ({"a": False, "b": True},) * 4
+    listed = served_now(store, schema, reported=heard)
+    assert listed["b"] == ("sha256:p1-b", NOW + 397 * 24 * HOUR, True)
+
+    # a's fingerprint said by b, or one the leader never issued: the record (none) stands.
+    for said in ("sha256:p1-a", "sha256:" + "7" * 64):
+        assert _views(store, schema, {"b": said}) == ({"a": False},) * 4
+
+
+async def test_what_a_node_serves_goes_with_its_heartbeat_to_the_views(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """The agent's heartbeat says the fingerprint of the certificate its server serves https
+    with (``LiveServer.cert_fingerprint``, as ``pki.fingerprint`` has it), over real mTLS; the
+    leader keeps it (``LeaderState.served_fingerprints``) for the views, and forgets it once
+    the server is on http, or down."""
+    from tests.test_plan_over_stream import world
+
+    async with world(tmp_path, loopback) as (rig, _, node):
+        served = pki.CertificateAuthority.create(now=NOW).cert
+        fingerprint = pki.fingerprint(served)
+        view = agent_pb2.ServerView(
+            driver="reference",
+            healthy=True,
+            schemes=["https"],
+            cert_pem=pki.cert_to_pem(served) + pki.cert_to_pem(served),  # (and its chain)
+        )
+
+        async def server_view() -> agent_pb2.ServerView:
+            return view
+
+        node.link.server_view = server_view
+        await node.link.beat()
+        assert rig.state.served_fingerprints == {"hb1": fingerprint}
+
+        # On record for hb1, and revoked: the watch, given what the heartbeats say, flags it.
+        rig.store.record_certificate(
+            IssuedCert("c0ffee", "server", "hb1", "hb1", fingerprint, NOW, LATER),
+            actor="t",
+            now=NOW,
+        )
+        rig.store.revoke("c0ffee", reason="", now=NOW, actor="admin:test")
+        watch = ExpiryWatch(rig.store, SchemaStore(rig.store.db), served, list, lambda: NOW)
+        assert [e.subject for e in watch.check() if e.kind == "server"] == []
+        watch.reported = lambda: rig.state.served_fingerprints
+        assert [(e.subject, e.revoked) for e in watch.check() if e.kind == "server"] == [
+            ("hb1", True)
+        ]
+
+        view.cert_pem, view.schemes[:] = b"", ["http"]
+        await node.link.beat()
+        assert rig.state.served_fingerprints == {}
+        view.cert_pem, view.schemes[:], view.healthy = pki.cert_to_pem(served), ["https"], False
+        await node.link.beat()
+        assert rig.state.served_fingerprints == {}
