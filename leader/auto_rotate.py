@@ -310,10 +310,11 @@ class AutoRotator:
             except PlanError as exc:
                 # A refusal that names some of the nodes (not on https, ...) is theirs alone:
                 # the others are started without them, as those offline are. One that names
-                # none, or all, is the whole start's.
+                # none, or all, is the whole start's, and so is any while the leader settles
+                # (an agent still reconnecting cannot say what it runs: tried again soon).
                 names = set(getattr(exc, "names", ())) & set(nodes)
                 rest = tuple(n for n in nodes if n not in names)
-                if not names or not rest:
+                if self._settling() or not names or not rest:
                     return Decision(Verdict.BLOCKED, decision.nodes, str(exc))
                 refused.append(f"{', '.join(sorted(names))} ({exc})")
                 nodes = rest  # (each round leaves out one node at least: it ends)

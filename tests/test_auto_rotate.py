@@ -771,12 +771,22 @@ def test_a_node_the_plan_refuses_is_left_out_of_the_automatic_rotation() -> None
     http: a machine enrolled again under a removed node's name, say) had the start of every
     due node refused, and no node was rotated in any window. Now the start leaves out the
     nodes a refusal names, each named with it in the reason, and the others are rotated; a
-    refusal of every node due still starts nothing."""
+    refusal of every node due still starts nothing, and so does one in the leader's first
+    minutes (its agents reconnecting), tried again soon, as for a node offline."""
     import asyncio
+
+    from leader.auto_rotate import SETTLE_SECONDS
 
     schema = FakeSchema()
     commands = RefusingNotOnHttps(schema, frozenset({"n2"}))
     rotator = _rotator(schema, commands, ["n1", "n2", "n3"], "2026-12-05 03:00")
+    elapsed = [SETTLE_SECONDS - 5]  # the leader's first minutes: the whole start's, as before
+    rotator.monotonic = lambda: elapsed[0]
+    rotator._made = 0.0
+    assert asyncio.run(rotator.check()).verdict.value == "blocked"
+    assert not commands.started
+    commands.asked.clear()
+    elapsed[0] = SETTLE_SECONDS + 1
     decision = asyncio.run(rotator.check())
     assert decision.verdict.value == "started", decision
     ((request, _actor),) = commands.started
@@ -788,6 +798,8 @@ def test_a_node_the_plan_refuses_is_left_out_of_the_automatic_rotation() -> None
 
     alone = FakeSchema()
     only = _rotator(alone, RefusingNotOnHttps(alone, frozenset({"n2"})), ["n2"], "2026-12-05 03:00")
+    only.monotonic = lambda: SETTLE_SECONDS + 1
+    only._made = 0.0
     decision = asyncio.run(only.check())
     assert decision.verdict.value == "blocked", decision
     assert not only.commands.started
