@@ -29,6 +29,10 @@ named in the reason; each is rotated at a later check in the window once its age
 leader's first ``SETTLE_SECONDS``, when the agents are still reconnecting, does an offline
 node block the start, which is tried again soon (``RETRY_BLOCKED``): left out then, nodes
 that are merely late would wait for the rotation of the others and the watch's next check.
+A plan refused for some of the nodes only, naming them (``planner.PlanError.names``: one not
+on https, one the plan cannot ask, one whose agent is too old, ...), is started without them,
+each named with the refusal in the reason (review rvc of s66-misc, M1: a node the watch found
+due that is not on https had every start refused, and no node was rotated in any window).
 
 A served certificate the admin revoked (``Expiry.revoked``) is due whatever its end, and even
 one that ends with the CA: the node goes on serving it until it is rotated (review s64 pki
@@ -60,7 +64,7 @@ from leader.maintenance import (
     next_opening,
     seconds_until,
 )
-from leader.planner import NodesOffline
+from leader.planner import NodesOffline, PlanError
 from leader.rollout_core import Change, RolloutState, Scope
 from leader.schema_store import RolloutRow, SchemaStore
 from leader.zones import host_is_utc
@@ -274,6 +278,7 @@ class AutoRotator:
     async def _start(self, decision: Decision) -> Decision:
         nodes = decision.nodes
         offline: list[str] = []
+        refused: list[str] = []  # "names: the plan's refusal", one for each refusal
         while True:
             request = RolloutRequest(Change.ROTATE_CERT, Scope.of_nodes(nodes))
             try:
@@ -302,7 +307,18 @@ class AutoRotator:
                         Verdict.BLOCKED, decision.nodes, f"offline: {', '.join(offline)} ({how})"
                     )
                 nodes = rest  # (each round leaves out one node at least: it ends)
-            except TlsrollError as exc:  # refused plan, a rollout begun meanwhile, agents away
+            except PlanError as exc:
+                # A refusal that names some of the nodes (not on https, ...) is theirs alone:
+                # the others are started without them, as those offline are. One that names
+                # none, or all, is the whole start's, and so is any while the leader settles
+                # (an agent still reconnecting cannot say what it runs: tried again soon).
+                names = set(getattr(exc, "names", ())) & set(nodes)
+                rest = tuple(n for n in nodes if n not in names)
+                if self._settling() or not names or not rest:
+                    return Decision(Verdict.BLOCKED, decision.nodes, str(exc))
+                refused.append(f"{', '.join(sorted(names))} ({exc})")
+                nodes = rest  # (each round leaves out one node at least: it ends)
+            except TlsrollError as exc:  # a rollout begun meanwhile, agents away
                 return Decision(Verdict.BLOCKED, decision.nodes, str(exc))
         self.status.rollout_id = row.rollout.id
         log.info(
@@ -310,6 +326,7 @@ class AutoRotator:
             rollout_id=row.rollout.id,
             nodes=list(nodes),
             offline=offline,
+            refused=refused,
             window=self.status.window,
             timezone=self.status.timezone or "host",
             actor=ACTOR,
@@ -320,6 +337,8 @@ class AutoRotator:
                 f"; left out, offline: {', '.join(offline)} (bring the agent up: it is rotated"
                 " at a check in the window once it is online)"
             )
+        if refused:
+            reason += f"; left out, refused by the plan: {'; '.join(refused)}"
         return Decision(Verdict.STARTED, nodes, reason)
 
     def wake_in(self) -> float | None:

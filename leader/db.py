@@ -450,6 +450,20 @@ ALTER TABLE certificates ADD COLUMN key_pin TEXT NOT NULL DEFAULT '';
 CREATE INDEX certificates_key_pin ON certificates (key_pin) WHERE kind = 'node';
 """
 
+# Migration 19: the audit's removals by node (`tlsroll nodes remove`), read by every view of
+# the certificates nodes serve (``leader.schema_store.removals``; review rvc of s66-misc, M1):
+# a rollout's record of what a node served is the removed machine's if the rollout came before
+# the name's last removal, and a machine enrolled again under the name serves nothing the
+# leader recorded until a rollout switches it. The removal is kept in the audit only (the
+# nodes row a new enrolment overwrites), which is never pruned: a partial index, as migration
+# 13's, so that the expiry watch, the viewer's read after each write and each /metrics scrape
+# do not scan it all. SQLite uses it only for a query whose WHERE holds ``kind =
+# 'node.removed'`` as written here (a literal). No row written, and SQLite keeps it on an older
+# leader's writes too: one an older leader may ignore (``IGNORABLE``).
+_V19 = """
+CREATE INDEX audit_removed ON audit (subject) WHERE kind = 'node.removed';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -469,6 +483,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V16,  # whether a rollout's note offers the way back to http
     _V17,  # each certificate's parent: what it was issued on the strength of
     _V18,  # the key of each node certificate: a revoked one's key never enrols again
+    _V19,  # the audit's removals by node: a removed machine's served certificate is no one's
 )
 
 
@@ -489,7 +504,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17, 18})
+IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17, 18, 19})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
@@ -503,7 +518,9 @@ of the rollouts, NULL (not known) where an older leader wrote the rollout or lef
 column of the certificates, NULL (not known) on those an older leader records, and its index
 (partial, on the plain column), which SQLite keeps as that leader writes. 18: a
 column of the certificates with a default ('': the key not known, as for every certificate
-recorded before it) and a partial index on it, which SQLite keeps as an older leader writes."""
+recorded before it) and a partial index on it, which SQLite keeps as an older leader writes.
+19: a partial index of the audit's removals, which SQLite keeps as an older leader writes (its
+removals carry no epoch: ``leader.schema_store.removals`` goes by their time then)."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote

@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,7 +58,7 @@ from cryptography import x509
 
 from leader.layout import own_warn_before
 from leader.schema_store import SchemaStore
-from leader.store import NODE_REMOVED, CARenewed, IssuedCert, Node, Store
+from leader.store import CARenewed, IssuedCert, Node, Store
 from leader.store_rules import token_command
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
@@ -318,21 +318,50 @@ def _marked(found: list[Expiry], ca: x509.Certificate) -> list[Expiry]:
 
 
 def served_now(
-    store: Store, schema: SchemaStore, certs: Sequence[IssuedCert] | None = None
+    store: Store,
+    schema: SchemaStore,
+    certs: Sequence[IssuedCert] | None = None,
+    reported: Mapping[str, str] | None = None,
 ) -> dict[str, tuple[str, dt.datetime, bool]]:
     """Per node, the certificate it serves on 8443 as the rollouts recorded it
-    (``SchemaStore.served_certificates``): (fingerprint, end, revoked), less those `tlsroll
-    nodes remove` revoked (``NODE_REMOVED``): such a record is a removed machine's, and a node
-    enrolled again under its name serves nothing the leader recorded until a rollout switches
-    it; it was shown as serving a revoked certificate, and auto_rotate tried to rotate a node
-    on http at every check (the review of s64-rev, M1). ``revoked``: the admin revoked it
-    (`tlsroll ca revoke`): a rotation revokes the certificate a node served before, never the
-    one it serves now. The watch's, the viewer's and the metrics' (which showed neither
-    rule: the removed machine's as served, and a revoked one as any other). ``certs``: the
-    store's certificates, if read already; else only the revocations of the served ones are
-    read (``Store.revocations_of``: a viewer's read after each write must not parse every
-    certificate ever issued). Blocking."""
-    served = schema.served_certificates()
+    (``SchemaStore.served_certificates``): (fingerprint, end, revoked). None recorded before
+    the name's last `tlsroll nodes remove` (``schema_store.before_removal``): such a record is
+    the removed machine's, and a node enrolled again under its name serves nothing the leader
+    recorded until a rollout switches it; it was shown as serving a revoked certificate, and
+    auto_rotate tried to rotate a node on http at every check (the review of s64-rev, M1). By
+    when the name was removed, not by the revocation's reason (review rvc of s66-misc, M1:
+    one the admin revoked before the removal kept the admin's reason, and was shown as the
+    new machine's). ``revoked``: revoked whatever the reason (`tlsroll ca revoke`; a removal
+    after the rollout cannot be: it drops the record): a rotation revokes the certificate a
+    node served before, never the one it serves now. The watch's, the viewer's and the
+    metrics' (which showed neither rule: the removed machine's as served, and a revoked one
+    as any other). ``certs``: the store's certificates, if read already; else only the
+    revocations of the served ones are read (``Store.revocations_of``: a viewer's read after
+    each write must not parse every certificate ever issued).
+
+    ``reported``: per node, the certificate its server serves https with as its latest
+    heartbeat said (``LeaderState.served_fingerprints``): where it is another than the record
+    (or there is none) and the CA issued it for that node (a server certificate on record:
+    its end is known), it is what the node serves, as the plan finds it when it asks the node
+    (``Commands._mark_revoked``). So every view says the same of a machine enrolled again
+    after `tlsroll nodes remove` that still serves its certificate the removal revoked: the
+    plan said "replace it", the others nothing (review rvc of s66-misc, L2). Any other (the
+    practice's own, ``--cert-dir``; one of another node) leaves the record as it is.
+    Blocking."""
+    served = dict(schema.served_certificates())
+    heard = {
+        name: fingerprint
+        for name, fingerprint in (reported or {}).items()
+        if fingerprint and fingerprint != served.get(name, ("", None))[0]
+    }
+    if heard:
+        if certs is None:
+            known = store.server_certificates_of(heard.values())
+        else:
+            known = {c.fingerprint: c for c in certs if c.kind == "server" and c.fingerprint}
+        for name, fingerprint in heard.items():
+            if (c := known.get(fingerprint)) is not None and c.node == name:
+                served[name] = (fingerprint, c.not_after)
     if certs is None:
         why = store.revocations_of([fingerprint for fingerprint, _ in served.values()])
     else:
@@ -342,9 +371,7 @@ def served_now(
             if c.kind == "server" and c.fingerprint and c.revoked_at is not None
         }
     return {
-        name: (fingerprint, end, fingerprint in why)
-        for name, (fingerprint, end) in served.items()
-        if why.get(fingerprint) != NODE_REMOVED
+        name: (fingerprint, end, fingerprint in why) for name, (fingerprint, end) in served.items()
     }
 
 
@@ -383,6 +410,9 @@ class ExpiryWatch:
         # waits for the soonest, at most ``every`` (``AutoRotator.wake_in``: the maintenance
         # window's opening, while a server certificate waits for it).
         self.wake_hints: list[Callable[[], float | None]] = []
+        # What each node's heartbeats say its server serves (``served_now``'s ``reported``;
+        # ``LeaderState.served_fingerprints``), set by the daemon; none by default.
+        self.reported: Callable[[], Mapping[str, str]] = dict
 
     @property
     def ca(self) -> x509.Certificate:
@@ -396,7 +426,9 @@ class ExpiryWatch:
         ``certs``: the store's certificates, if read already. Blocking."""
         return {
             name: (fingerprint, end)
-            for name, (fingerprint, end, _) in served_now(self.store, self.schema, certs).items()
+            for name, (fingerprint, end, _) in served_now(
+                self.store, self.schema, certs, self.reported()
+            ).items()
         }
 
     def check(self) -> list[Expiry]:
@@ -427,7 +459,7 @@ class ExpiryWatch:
         serial_of = {c.fingerprint: c.serial for c in certs if c.fingerprint}
         enrolled = {n.name for n in self.store.list_nodes()}
         chains = self.schema.own_chain_ends()
-        served = served_now(self.store, self.schema, certs)
+        served = served_now(self.store, self.schema, certs, self.reported())
         for name, (fingerprint, not_after, revoked) in sorted(served.items()):
             if name in enrolled:
                 end, chain = served_end(not_after, chains.get(fingerprint))

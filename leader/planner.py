@@ -391,9 +391,11 @@ it in the window)."""
 
 
 def rotate_command(names: Sequence[str]) -> str:
-    """The rotate-cert that replaces the served certificates of ``names``."""
-    shown = ",".join(names[:MAX_NAMED]) if len(names) <= MAX_NAMED else "NAMES"
-    return f"tlsroll rollout start --change rotate-cert --nodes {shown}"
+    """The rotate-cert that replaces the served certificates of ``names``: every one named,
+    however many (review rvc of s66-misc, L1: past ``MAX_NAMED`` it said ``--nodes NAMES``, a
+    command that could not be run, while the names before it were cut at ten). A node's name
+    needs no quoting (``tlsroll.names.NODE_NAME``)."""
+    return f"tlsroll rollout start --change rotate-cert --nodes {','.join(names)}"
 
 
 def revoked_served(names: Sequence[str]) -> str:

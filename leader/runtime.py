@@ -948,6 +948,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         cut_off=state.store.cut_off_nodes,
     )
     rotator.announce()  # a window read in UTC only because the host runs on UTC
+    expiry.reported = lambda: dict(state.served_fingerprints)  # as the heartbeats say (a copy)
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
     expiry.wake_hints.append(rotator.wake_in)  # and as it opens, however short it is
     if viewer is not None:
@@ -957,6 +958,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         viewer.reader.clock_offset = state.clocks.offset
         viewer.reader.store_trouble = lambda: health.trouble
         viewer.reader.live_server = lambda name: state.live_servers.get(name, "")
+        # (a copy, made at once: the watch and the page read it in a worker thread while
+        # heartbeats change it on the event loop)
+        viewer.reader.served_reported = lambda: dict(state.served_fingerprints)
     admin_service = AdminService(
         state,
         commands,

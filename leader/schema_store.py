@@ -190,7 +190,7 @@ def _record_failures_in(
                 f.source,
                 f.workstation,
                 f.count,
-                to_text(f.last_at),
+                to_text(f.first_at),  # (the last one's before: review rvc of s66-misc, L3)
                 to_text(f.last_at),
                 MAX_FAILURE_TOTAL,
             ),
@@ -1652,13 +1652,52 @@ _OWN_PINS = "own_pins/"  # meta key prefix: ``own_pins/<rollout id>`` = JSON {no
 _OWN_CA = "own_ca/"  # meta key prefix: ``own_ca/<rollout id>`` = the practice CA (PEM)
 
 
+def removals(db: sqlite3.Connection) -> dict[str, tuple[dt.datetime, int | None]]:
+    """Per name, its last removal (`tlsroll nodes remove`) as the audit keeps it: (when, the
+    newest rollout's epoch then; None from a leader before schema 19, which did not record it).
+    Read through the audit's partial index of removals (migration 19: ``kind`` as a literal;
+    ordered here: an ORDER BY seq has SQLite scan the whole audit in its order instead)."""
+    found: dict[str, tuple[dt.datetime, int | None]] = {}
+    rows = db.execute("SELECT seq, subject, at, detail FROM audit WHERE kind = 'node.removed'")
+    for r in sorted(rows, key=lambda r: int(r["seq"])):
+        epoch = json.loads(r["detail"]).get("epoch")
+        found[r["subject"]] = (
+            dt.datetime.fromisoformat(r["at"]),
+            epoch if isinstance(epoch, int) else None,
+        )
+    return found
+
+
+def before_removal(
+    removal: tuple[dt.datetime, int | None] | None, epoch: int, ended_at: str | None
+) -> bool:
+    """Whether a rollout (its ``epoch``, when it ended) came before the name's last
+    ``removal`` (``removals``): its records are the removed machine's. By the epoch recorded
+    with the removal (every rollout up to it had ended: a removal waits for them), else, for
+    a removal an older leader recorded, by the times."""
+    if removal is None:
+        return False
+    at, removed_epoch = removal
+    if removed_epoch is not None:
+        return epoch <= removed_epoch
+    return ended_at is not None and dt.datetime.fromisoformat(ended_at) <= at
+
+
 def _served_certificates(db: sqlite3.Connection) -> dict[str, tuple[str, dt.datetime]]:
-    """``SchemaStore.served_certificates``, inside a read or a transaction."""
+    """``SchemaStore.served_certificates``, inside a read or a transaction. A record that
+    came before the name's last removal (``before_removal``) is the removed machine's: a
+    machine enrolled again under the name serves nothing the leader recorded until a rollout
+    switches it (review rvc of s66-misc, M1: the removed machine's certificate, which the
+    admin had revoked before removing it, was shown as served by the new one, on http, and
+    auto_rotate tried to rotate it at every check). Every view of what nodes serve reads it
+    so: the expiry watch (check-expiration, auto_rotate), the viewer and the metrics. The
+    newest record is the one that counts: if it came before the removal, so did the older."""
     serving = tuple(c.value for c in SERVES_NEW_CERT)
     states = tuple(s.value for s in SERVING_STATES)
     rows = db.execute(
-        "SELECT name, change, cert_fingerprint, cert_not_after FROM ("  # noqa: S608 - placeholders
-        " SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, row_number()"
+        "SELECT name, change, cert_fingerprint, cert_not_after, epoch, ended_at"  # noqa: S608 - placeholders
+        " FROM (SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, r.epoch, r.ended_at,"
+        " row_number()"
         "  OVER (PARTITION BY n.name ORDER BY r.epoch DESC) AS newest"
         " FROM rollout_nodes n JOIN rollouts r ON r.id = n.rollout_id"
         " WHERE (n.state = ? AND r.change = ?)"
@@ -1668,10 +1707,12 @@ def _served_certificates(db: sqlite3.Connection) -> dict[str, tuple[str, dt.date
         ") WHERE newest = 1",
         (NodeState.DONE.value, Change.DISABLE_TLS.value, *states, *serving),
     ).fetchall()
+    removed = removals(db) if rows else {}
     return {
         r["name"]: (r["cert_fingerprint"], dt.datetime.fromisoformat(r["cert_not_after"]))
         for r in rows
         if r["change"] != Change.DISABLE_TLS.value
+        and not before_removal(removed.get(r["name"]), int(r["epoch"]), r["ended_at"])
     }
 
 

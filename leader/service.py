@@ -15,6 +15,7 @@ import functools
 import hashlib
 import itertools
 import math
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -177,6 +178,9 @@ CLOCK_OFFSET = NodeProblemKind.CLOCK_OFFSET
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MAX_AGENT_VERSION = 64  # characters of the version string an agent reports
 MAX_WITHDRAWN_PEM = 16 * 1024  # a workstation certificate's PEM is some 1.5 KiB
+# A served certificate's fingerprint as a heartbeat says it (``LiveServer.cert_fingerprint``):
+# anything else (an agent's words) is not kept.
+FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,11 @@ class LeaderState:
     leader_node: str | None = None
     # node -> what its managed server runs, as its last heartbeat said (``server_summary``).
     live_servers: dict[str, str] = field(default_factory=dict)
+    # node -> the certificate its server serves https with, as its last heartbeat said
+    # (``LiveServer.cert_fingerprint``; none kept for "" or a node whose agent does not say):
+    # what the views of served certificates go by over the rollouts' records
+    # (``leader.expiry.served_now``; review rvc of s66-misc, L2).
+    served_fingerprints: dict[str, str] = field(default_factory=dict)
     # node -> since when its heartbeats say it needs the admin (``NEEDS_ADMIN``): a node
     # problem (``node_problems``).
     needs_admin_since: dict[str, dt.datetime] = field(default_factory=dict)
@@ -386,6 +395,7 @@ class LeaderState:
         self.removed[node] = self.removals
         for entries in (
             self.live_servers,
+            self.served_fingerprints,
             self.needs_admin_since,
             self.bootstrap_down,
             self.server_login_failures,
@@ -1887,6 +1897,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         else:
             self.state.needs_admin_since.pop(name, None)
         if request.HasField("server"):  # (without it, nothing said: audit s43rev1)
+            if FINGERPRINT.fullmatch(served := request.server.cert_fingerprint):
+                self.state.served_fingerprints[name] = served
+            else:  # (on http, down, an older agent, or no fingerprint: the records say)
+                self.state.served_fingerprints.pop(name, None)
             self._bootstrap_problem(name, request, now)
             self._login_failures(name, request.server, now, clock_shift(request, now))
         # The node's clock against the leader's (``leader.node_clocks``), not from a message

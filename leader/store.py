@@ -1871,7 +1871,12 @@ class Store(LeaderStore):
             db.execute("DELETE FROM node_clients WHERE node = ?", (name,))
             db.execute("DELETE FROM node_clients_info WHERE node = ?", (name,))
             _bump_crl(db, now)
-            self._audit(db, now, actor, "node.removed", name, revoked=serials)
+            # The newest rollout's epoch as it is removed: every rollout up to it (each ended:
+            # ``InRollout`` above) switched the machine removed, and what they recorded it
+            # serves is no one's from now on (``leader.schema_store.removals``; the removal is
+            # kept in the audit only: a new enrolment under the name overwrites the row).
+            (epoch,) = db.execute("SELECT COALESCE(MAX(epoch), 0) FROM rollouts").fetchone()
+            self._audit(db, now, actor, "node.removed", name, revoked=serials, epoch=int(epoch))
         self._forget_seen(name)  # after: a heartbeat queued meanwhile is dropped too
         with self._db.read() as db:
             removed = _node(db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone())
@@ -2095,6 +2100,22 @@ class Store(LeaderStore):
         found = {str(r["fingerprint"]): str(r["revoke_reason"] or "") for r in rows}
         self._revocations_kept = (generation, wanted, found)
         return dict(found)
+
+    def server_certificates_of(self, fingerprints: Collection[str]) -> dict[str, IssuedCert]:
+        """The server certificates on record with ``fingerprints``, by fingerprint: those the
+        nodes' heartbeats say they serve apart from what the rollouts recorded
+        (``leader.expiry.served_now``; rare: a node enrolled again under a removed name still
+        serving its certificate, a rotation under way)."""
+        wanted = sorted(set(fingerprints))
+        if not wanted:
+            return {}
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT * FROM certificates WHERE kind = 'server'"
+                " AND fingerprint IN (SELECT value FROM json_each(?)) ORDER BY issued_at",
+                (json.dumps(wanted),),
+            ).fetchall()
+        return {str(r["fingerprint"]): _cert(r) for r in rows}
 
     def workstation_certificates(self, ending_after: dt.datetime) -> list[IssuedCert]:
         """The workstation certificates not revoked that end after ``ending_after``: what the

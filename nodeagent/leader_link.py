@@ -49,8 +49,12 @@ the renewal's status in each heartbeat; ``use`` reconnects it with the renewed c
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import datetime as dt
+import functools
+import hashlib
 import random
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -234,7 +238,9 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
     heartbeat does not run a command or read a log each time), and the wrong passwords at its
     own login (the count the server keeps across its restarts: the admin sees someone guessing
     the client password); without a client list where the view has none
-    (``NodeAgentService.server_view``'s "restarting")."""
+    (``NodeAgentService.server_view``'s "restarting"). The certificate it serves https with
+    goes as its fingerprint only (``served_fingerprint``): the leader's views of what nodes
+    serve go by it (review rvc of s66-misc, L2)."""
     live = leader_pb2.LiveServer(
         driver=view.driver,
         healthy=view.healthy,
@@ -242,6 +248,7 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
         schemes=list(view.schemes),
         detail=view.detail[:200],
         login_failures=view.login_failures,
+        cert_fingerprint=served_fingerprint(view.cert_pem) if view.healthy else "",
     )
     # None said (a restart of the agent's own under way): the leader keeps what it has.
     if view.HasField("clients"):
@@ -249,6 +256,29 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
     if view.HasField("last_login_failure_at"):
         live.last_login_failure_at.CopyFrom(view.last_login_failure_at)
     return live
+
+
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+_PEM_END = b"-----END CERTIFICATE-----"
+
+
+@functools.lru_cache(maxsize=4)
+def served_fingerprint(cert_pem: bytes) -> str:
+    """``sha256:`` and the hex SHA-256 of the DER of the first certificate of ``cert_pem`` (the
+    server's, before its chain), as ``tlsroll.pki.fingerprint`` has it; "" for none or one
+    that is no PEM. Hashed from the PEM's base64 without a parse of the certificate (every
+    heartbeat reads the server's view; the same few are cached)."""
+    start = cert_pem.find(_PEM_BEGIN)
+    end = cert_pem.find(_PEM_END, start + 1)
+    if start < 0 or end < 0:
+        return ""
+    try:
+        der = base64.b64decode(
+            b"".join(cert_pem[start + len(_PEM_BEGIN) : end].split()), validate=True
+        )
+    except (binascii.Error, ValueError):
+        return ""
+    return "sha256:" + hashlib.sha256(der).hexdigest() if der else ""
 
 
 Beats = grpc.aio.StreamStreamCall[leader_pb2.HeartbeatRequest, leader_pb2.HeartbeatResponse]

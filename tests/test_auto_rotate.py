@@ -747,6 +747,64 @@ def test_a_node_that_is_offline_is_left_out_of_the_automatic_rotation() -> None:
     assert set(request.scope.names) == {"n1"}
 
 
+class RefusingNotOnHttps(FakeCommands):
+    """The start's refusal of a rotate-cert with nodes on http (``planner.NotOnHttps``): it
+    names every one of them in scope."""
+
+    def __init__(self, schema: FakeSchema, on_http: frozenset[str]) -> None:
+        super().__init__(schema)
+        self.on_http = on_http
+        self.asked: list[set[str]] = []
+
+    async def start(self, request: Any, actor: str) -> Any:
+        from leader.planner import NotOnHttps
+        from leader.rollout_core import Change
+
+        self.asked.append(set(request.scope.names))
+        if blocked := sorted(set(request.scope.names) & self.on_http):
+            raise NotOnHttps(Change.ROTATE_CERT, blocked)
+        return await super().start(request, actor)
+
+
+def test_a_node_the_plan_refuses_is_left_out_of_the_automatic_rotation() -> None:
+    """Review rvc of s66-misc (M1): a node the watch found due that the plan refuses (here on
+    http: a machine enrolled again under a removed node's name, say) had the start of every
+    due node refused, and no node was rotated in any window. Now the start leaves out the
+    nodes a refusal names, each named with it in the reason, and the others are rotated; a
+    refusal of every node due still starts nothing, and so does one in the leader's first
+    minutes (its agents reconnecting), tried again soon, as for a node offline."""
+    import asyncio
+
+    from leader.auto_rotate import SETTLE_SECONDS
+
+    schema = FakeSchema()
+    commands = RefusingNotOnHttps(schema, frozenset({"n2"}))
+    rotator = _rotator(schema, commands, ["n1", "n2", "n3"], "2026-12-05 03:00")
+    elapsed = [SETTLE_SECONDS - 5]  # the leader's first minutes: the whole start's, as before
+    rotator.monotonic = lambda: elapsed[0]
+    rotator._made = 0.0
+    assert asyncio.run(rotator.check()).verdict.value == "blocked"
+    assert not commands.started
+    commands.asked.clear()
+    elapsed[0] = SETTLE_SECONDS + 1
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "started", decision
+    ((request, _actor),) = commands.started
+    assert set(request.scope.names) == {"n1", "n3"}
+    assert commands.asked == [{"n1", "n2", "n3"}, {"n1", "n3"}]
+    reason = rotator.status.view().reason
+    assert reason.startswith("rollout r1; left out, refused by the plan: n2 (rotate-cert "), reason
+    assert "n2" in reason.split("refused by the plan: ", 1)[1]
+
+    alone = FakeSchema()
+    only = _rotator(alone, RefusingNotOnHttps(alone, frozenset({"n2"})), ["n2"], "2026-12-05 03:00")
+    only.monotonic = lambda: SETTLE_SECONDS + 1
+    only._made = 0.0
+    decision = asyncio.run(only.check())
+    assert decision.verdict.value == "blocked", decision
+    assert not only.commands.started
+
+
 def test_a_revoked_server_certificate_is_due_for_the_automatic_rotation(
     tmp_path: Path,
 ) -> None:

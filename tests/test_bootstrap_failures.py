@@ -384,6 +384,49 @@ def test_a_node_keeps_its_most_recent_failing_sources_and_bounded_counts(tmp_pat
         store.close()
 
 
+def test_refusals_over_the_cap_added_up_by_the_group_commit_keep_the_first_one_s_time(
+    tmp_path: Path,
+) -> None:
+    """Review rvc of s66-misc (L3): the refusals over a node's hourly cap are added up in
+    memory (``CapRefusals``, the first one's time kept) and written by the group commit, whose
+    insert stored the last one's time as the first's: `schema show` said the refusals began
+    with the last of them. The first one's time is stored; a later batch keeps it."""
+    from leader.schema_store import BootstrapFailureRow, CapRefusals
+    from leader.store import Store
+    from tlsroll.enums import CAP_SOURCE
+
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    try:
+        for minutes in (0, 7, 15):
+            at = NOW + dt.timedelta(minutes=minutes)
+            store.queue_count(
+                "node-a", CapRefusals(BootstrapFailureRow("node-a", CAP_SOURCE, "ws-a", 1, at, at))
+            )
+        store.write_queued()
+        (row,) = schema.bootstrap_failures()
+        assert (row.count, row.first_at, row.last_at) == (
+            3,
+            NOW,
+            NOW + dt.timedelta(minutes=15),
+        ), row
+        later = NOW + dt.timedelta(minutes=40)
+        store.queue_count(
+            "node-a",
+            CapRefusals(BootstrapFailureRow("node-a", CAP_SOURCE, "ws-b", 1, later, later)),
+        )
+        store.write_queued()
+        (row,) = schema.bootstrap_failures()
+        assert (row.count, row.first_at, row.last_at, row.workstation) == (
+            4,
+            NOW,
+            later,
+            "ws-b",
+        ), row
+    finally:
+        store.close()
+
+
 async def test_a_node_s_failure_reports_get_a_bounded_number_of_audit_events_a_day(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ initial plan of a scope, and a property test over random event sequences."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -1179,6 +1180,28 @@ def test_a_node_skipped_as_done_that_serves_a_revoked_certificate_is_told_to_rot
         "revocation list, take it until its end: replace it now: tlsroll rollout start "
         "--change rotate-cert --nodes b,d (see: tlsroll nodes, tlsroll schema show)"
     )
+
+
+def test_the_rotate_cert_said_for_many_nodes_serving_a_revoked_certificate_names_them_all() -> None:
+    """Review rvc of s66-misc (L1): past ten nodes serving a revoked certificate, the refusal
+    cut their names at ten and its command said ``--nodes NAMES``, which cannot be run. The
+    command names every one of them."""
+    names = [f"n{i:02d}" for i in range(12)]
+    with pytest.raises(NothingToDo) as refused:
+        plan_rollout(
+            rollout_id="r",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled=dict.fromkeys(names, True),
+            leader="n00",
+            epoch=4,
+            observed={n: replace(seen("https"), cert_revoked=True) for n in names},
+        )
+    said = str(refused.value)
+    assert "NAMES" not in said, said
+    command = re.search(r"tlsroll rollout start --change rotate-cert --nodes (\S+)", said)
+    assert command is not None, said
+    assert command.group(1).split(",") == names, said
 
 
 @pytest.mark.parametrize("dual_from", ["", "r1"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -234,15 +235,19 @@ def test_auto_rotate_replaces_a_revoked_server_certificate_in_the_window(tmp_pat
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("revoked_first", [False, True], ids=["removed", "revoked-then-removed"])
 def test_a_machine_removed_and_replaced_under_its_name_serves_nothing_revoked(
-    tmp_path: Path,
+    tmp_path: Path, revoked_first: bool
 ) -> None:
     """The review of s64-rev (M1): `tlsroll nodes remove` revokes the certificate the node
     served, and the rollout's record of it stayed the node's: a new machine enrolled under
     the name, its server on http, was shown serving a revoked certificate ("it was revoked
     … the node still serves it", exit 1), and auto_rotate found it due at every check and
     had its rotate-cert start refused ("not on https"), holding back any other node due.
-    The removed machine's record is no node's now."""
+    The removed machine's record is no node's now. ``revoked_first`` (review rvc of
+    s66-misc, M1): the admin revoked it (`tlsroll ca revoke`) before the removal, which left
+    it the admin's reason: it was still shown as the new machine's, revoked, as the record
+    was dropped only for the removal's reason; it goes by when the name was removed now."""
     with cluster_of(
         tmp_path,
         2,
@@ -252,6 +257,10 @@ def test_a_machine_removed_and_replaced_under_its_name_serves_nothing_revoked(
     ) as (cluster, nodes):
         node2 = nodes[1]
         enable_tls(cluster, password_file(tmp_path, "pw", "served-revoked-replaced-machine"))
+        if revoked_first:
+            _code, rows = expiration(cluster)
+            revoked = cluster.cli("ca", "revoke", rows["server/node2"]["serial"])
+            assert revoked.returncode == 0, (revoked.stdout, revoked.stderr)
         node2.close()
         removed = cluster.cli("nodes", "remove", "node2", "--yes")
         assert removed.returncode == 0, removed.stderr
@@ -275,3 +284,59 @@ def test_a_machine_removed_and_replaced_under_its_name_serves_nothing_revoked(
         view = auto_view(cluster)
         assert view["verdict"] == "nothing-due", view
         assert not [r for r in cluster.schema_json()["rollouts"] if r["change"] == "rotate-cert"]
+
+
+@pytest.mark.timeout(600)
+def test_a_machine_enrolled_again_still_serving_its_revoked_certificate_is_flagged_everywhere(
+    tmp_path: Path,
+) -> None:
+    """Review rvc of s66-misc (L2): node2 removed (`tlsroll nodes remove`: its served
+    certificate revoked) and the same machine enrolled again with a new key, as the removal
+    says, its server still serving that certificate. `plan` (which asks the node) said to
+    replace it; check-expiration, the page and /metrics said nothing (the rollout's record is
+    the removed machine's). Now each goes by what node2's heartbeats say it serves: REVOKED
+    (exit 1) with the rotate-cert, flagged on the page, 1 in the gauge; the rotation clears
+    them all."""
+    token = metrics_token_file(tmp_path / "metrics-token")
+    with cluster_of(tmp_path, 2, metrics_token_file=str(token)) as (cluster, nodes):
+        node2 = nodes[1]
+        enable_tls(cluster, password_file(tmp_path, "pw", "served-revoked-enrolled-again"))
+        session = session_for(cluster, "again")
+        served = node2.served_fingerprint()
+        agent = node2.agent
+        assert agent is not None
+        agent.stop()  # (its server goes on serving on https)
+        removed = cluster.cli("nodes", "remove", "node2", "--yes")
+        assert removed.returncode == 0, (removed.stdout, removed.stderr)
+        # As the removal says: a new key, a new token.
+        os.rename(agent.cert_file, f"{agent.cert_file}.removed")
+        os.rename(agent.key_file, f"{agent.key_file}.removed")
+        agent.write_config({"leader": {"join_token": cluster.create_token("node2", node2.address)}})
+        agent.start()
+        cluster.wait_for_nodes_online(["node1", "node2"])
+        assert node2.served_fingerprint() == served
+
+        def flagged() -> bool:
+            row = expiration(cluster)[1].get("server/node2")
+            return row is not None and bool(row["revoked"])
+
+        wait_until(flagged, LONG, "node2's served certificate REVOKED", interval=LEADER_POLL)
+        code, rows = expiration(cluster)
+        assert code == 1 and rows["server/node2"]["fingerprint"] == served, rows
+        assert ROTATE in rows["server/node2"]["advice"], rows["server/node2"]
+        assert revoked_gauge(cluster) == {"node1": 0, "node2": 1}
+        assert revoked_rows(cluster, session) == ["node2"]
+        plan = cluster.cli("plan", "--scope", "cluster", "--change", "enable-tls")
+        assert "node2: the certificate served is revoked" in plan.stderr, plan.stderr
+
+        rotate = cluster.cli(
+            *("rollout", "start", "--nodes", "node2", "--change", "rotate-cert"),
+            *("--yes", "--wait"),
+            timeout=LONG,
+        )
+        assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+        code, rows = expiration(cluster)
+        assert code == 0 and not rows["server/node2"]["revoked"], rows
+        assert rows["server/node2"]["fingerprint"] == node2.served_fingerprint() != served
+        assert revoked_gauge(cluster) == {"node1": 0, "node2": 0}
+        assert revoked_rows(cluster, session) == []

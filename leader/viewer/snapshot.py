@@ -13,7 +13,7 @@ import datetime as dt
 import sqlite3
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from sys import intern
@@ -356,6 +356,10 @@ class Reader:
         # ``LeaderState.live_servers``), set likewise: a node a way back left as is that is on
         # http since is no longer in the page's alert (``Snapshot.still_left``).
         self.live_server: Callable[[str], str] | None = None
+        # What each node's server serves https with by its heartbeats
+        # (``LeaderState.served_fingerprints``; ``leader.expiry.served_now``'s ``reported``),
+        # set likewise: the certificates served as the expiry watch has them.
+        self.served_reported: Callable[[], Mapping[str, str]] | None = None
         self.fresh = fresh
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
         # last): each node's data by its view (``_data``); the timeline as read up to an audit
@@ -737,12 +741,17 @@ class Reader:
         stored rollout's nodes (``SchemaStore.served_certificates``), with its chain's end
         where that comes first (``SchemaStore.own_chain_ends``), as the expiry watch has it:
         of the ``enrolled`` nodes only (a removed node's stayed listed for good, later as
-        expired, review s48rev2 M1), not one `tlsroll nodes remove` revoked (the removed
-        machine's, not that of a node enrolled again under its name), and each marked if the
-        admin revoked it (``leader.expiry.served_now``: the watch's rule)."""
+        expired, review s48rev2 M1), not one recorded before the name's last `tlsroll nodes
+        remove` (the removed machine's, not that of a node enrolled again under its name,
+        whatever it was revoked for), and each marked if it was revoked
+        (``leader.expiry.served_now``: the watch's rule)."""
         served = {
             name: end
-            for name, end in served_now(self.store, self.schema).items()
+            for name, end in served_now(
+                self.store,
+                self.schema,
+                reported=self.served_reported() if self.served_reported is not None else None,
+            ).items()
             if name in enrolled
         }
         chains = self.schema.own_chain_ends() if served else {}
