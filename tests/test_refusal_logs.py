@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from tlsroll.tls import client_context
 FLOOD = 200
 
 
-def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def named(events: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [e for e in events if e["event"] == name]
 
 
@@ -108,7 +108,7 @@ def test_a_flood_of_unknown_viewer_links_writes_a_few_lines(
     address, first, second = loopback(), loopback(), loopback()
     clock = FakeClock()
 
-    async def run() -> list[dict[str, Any]]:
+    async def run() -> list[MutableMapping[str, Any]]:
         at = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
         reader = Reader(
             store, SchemaStore(store.db), lambda: at, lambda _: True, [], fresh=none_fresh
