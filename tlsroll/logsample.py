@@ -64,13 +64,17 @@ class SampledLog:
         self._unlogged: Counter[str] = Counter()
         self._reasons: Counter[str] = Counter()
         self._refused = 0
-        self._last_summary = clock()
+        # The start of the summary's time: the first refusal seen (read from the clock then,
+        # not here: the bootstrap service's tests count its clock's calls).
+        self._last_summary: float | None = None
 
     def first(self, source: str, reason: str) -> bool:
         """True if this refusal of ``source`` is to be logged on its own (its first, or the
         first once its last such line is ``forget`` seconds old); otherwise it is counted for
         the summary."""
         now = self.clock()
+        if self._last_summary is None:
+            self._last_summary = now
         logged_at = self._logged.get(source)
         if logged_at is None or now - logged_at >= self.forget:
             self._logged[source] = now
@@ -87,8 +91,10 @@ class SampledLog:
     def summary(self) -> Summary | None:
         """The summary that is due (something unlogged, the last one ``every`` seconds ago), or
         None; a returned summary is not handed out again."""
+        if not self._refused or self._last_summary is None:
+            return None
         now = self.clock()
-        if not self._refused or now - self._last_summary < self.every:
+        if now - self._last_summary < self.every:
             return None
         made = Summary(
             seconds=now - self._last_summary,
