@@ -80,6 +80,7 @@ from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import check_private_file
+from tlsroll.logsample import SampledLog
 from tlsroll.tls import server_context
 
 
@@ -403,6 +404,8 @@ class BootstrapService:
         self.limits = limits or (guard.limits if guard is not None else Limits())
         self.guard = guard or Guard(self.limits)
         self.failures = failures if failures is not None else FailureLog()
+        # The refused starts' log lines: a source's first, then a summary a minute.
+        self.refusals = SampledLog(clock=clock)
         # Awaited after a failure is counted, before it is answered: the agent keeps it in its
         # journal, so that its restart gives no guesser a fresh ceiling (BootstrapHost).
         self.counted = counted
@@ -609,12 +612,17 @@ class BootstrapService:
             except WorkerFailed:
                 raise _busy() from None
         except Refused as exc:
-            log.warning(
-                "bootstrap.start_refused",
-                remote=request.remote,
-                reason=exc.code.value,
-                retry_after=None if exc.retry is None else retry_after(exc.retry),
-            )
+            # Sampled per source: anybody on the network can send these, as fast as the node
+            # answers (review s66 logs M2; ``tlsroll.logsample``).
+            if self.refusals.first(source, exc.code.value):
+                log.warning(
+                    "bootstrap.start_refused",
+                    remote=request.remote,
+                    reason=exc.code.value,
+                    retry_after=None if exc.retry is None else retry_after(exc.retry),
+                )
+            if (summary := self.refusals.summary()) is not None:
+                log.warning("bootstrap.starts_refused_summary", **summary.fields())
             return _refusal(exc)
         log.info("bootstrap.exchange_started", remote=request.remote, workstation=start.workstation)
         return _answer(answer.to_json())

@@ -614,6 +614,8 @@ def test_failed_switch_is_rolled_back_and_halts_the_rollout(setups: Setups) -> N
     reason = nodes["s1"]["reason"]
     assert reason.startswith("verify: "), reason  # the agent's own check after the restart
     assert "8443" in reason and "ROLLBACK FAILED" not in reason, reason
+    # What it says of the port: not "not an HTTP answer (RemoteDisconnected)" (s66 logs L2).
+    assert "a port that wants client certificates" in reason, reason
     assert nodes["s1"]["freeze_started_at"] and nodes["s1"]["freeze_ended_at"]
     for name in ("s2", "s3"):
         assert nodes[name]["reason"] == "rollout halted"

@@ -11,6 +11,7 @@ on ``fetch_https``/``fetch_http`` (tests/http_judge.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.client
@@ -51,8 +52,41 @@ def trusting(ca_pem: bytes) -> ssl.SSLContext:
     """The client context that trusts only ``ca_pem``, made once per CA: making one costs about
     a millisecond of CPU (OpenSSL's defaults, the cipher list, parsing the CA), which the
     leader paid for every node it confirmed and the agent for every verify. A context is
-    never changed once made, so probes in several threads share it."""
-    return tls.client_context(ca_pem)
+    never changed once made, so probes in several threads share it.
+
+    It notes on each connection whether the server asked for a client certificate
+    (``asked_for_a_certificate``): a probe presents none, and a server that wants one ends the
+    connection after the handshake without an answer (with TLS 1.3), which said only "not an
+    HTTP answer (RemoteDisconnected)" (review s66 logs L2). OpenSSL's message callback is the
+    one way ssl tells a client of the server's CertificateRequest; where this Python has none,
+    only the alert certificate_required says it (``probe``)."""
+    ctx = tls.client_context(ca_pem)
+    with contextlib.suppress(AttributeError, TypeError):  # (a private hook of ssl's)
+        setattr(ctx, "_msg_callback", _note_certificate_request)  # noqa: B010 - not in typeshed
+    return ctx
+
+
+ASKED = "_tlsroll_asked_for_a_certificate"
+"""The attribute ``_note_certificate_request`` sets on a connection's SSLObject or SSLSocket."""
+_HANDSHAKE = 22  # TLS content type
+_CERTIFICATE_REQUEST = 13  # TLS handshake message type
+
+
+def _note_certificate_request(
+    conn: object, direction: str, _version: object, kind: int, message: int, _data: bytes
+) -> None:
+    """ssl's message callback: mark the connection a CertificateRequest came on. Called for each
+    TLS message in the handshake and each record after it; it never raises (an exception here
+    would fail the connection)."""
+    if direction == "read" and kind == _HANDSHAKE and message == _CERTIFICATE_REQUEST:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(conn, ASKED, True)
+
+
+def asked_for_a_certificate(conn: object) -> bool:
+    """Whether the server asked for a client certificate in the handshake of ``conn`` (the
+    SSLObject of an asyncio stream, an SSLSocket) made with a ``trusting`` context."""
+    return getattr(conn, ASKED, False) is True
 
 
 @dataclass(frozen=True)

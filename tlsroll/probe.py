@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import cast
 
 from tlsroll.errors import TerminalError, raise_if_local
-from tlsroll.httpcheck import PROBE_HEADERS, reason, trusting
+from tlsroll.httpcheck import PROBE_HEADERS, asked_for_a_certificate, reason, trusting
 
 ANSWER_MAX = 1 << 20  # bytes: a probe reads at most this much of an answer's body
 HEAD_MAX = 1 << 20  # bytes: and of its head (its status lines and headers, 100 Continue's too)
@@ -252,12 +252,14 @@ async def _check(
     ``look`` at the connection before the request (what is wrong, or None), then GET ``path``:
     None if it answers 200, else what is wrong (``LocalResourceError`` if the checking side
     ran short)."""
+    tls: object = None  # the connection's SSLObject, once its handshake is done
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(
                 address, port, ssl=context, server_hostname=address if context else None
             )
         try:
+            tls = writer.get_extra_info("ssl_object")
             problem = look(writer) if look is not None else None
             if problem is not None:
                 return problem
@@ -266,8 +268,32 @@ async def _check(
             await _close(writer)
     except PROBE_ERRORS as exc:
         raise_if_local(exc, f"checking {url}")
+        if tls is not None and (why := _wants_a_certificate(tls, exc)) is not None:
+            return reason(url, _Answer(why))
         return reason(url, exc)
     return None if status == 200 else f"{url} answered {status}"
+
+
+CERTIFICATE_REQUIRED = "TLSV13_ALERT_CERTIFICATE_REQUIRED"  # OpenSSL's reason for the alert
+_ENDED = (http.client.RemoteDisconnected, ConnectionError, ssl.SSLError)
+
+
+def _wants_a_certificate(tls: object, exc: BaseException) -> str | None:
+    """What to say of a connection that ended with no answer (``exc``) after its handshake, if
+    the server wants a client certificate, which a probe has none of: it asked for one
+    (``httpcheck.asked_for_a_certificate``) or sent TLS 1.3's alert certificate_required. The
+    workstation tool says the same of such a port; it said "not an HTTP answer
+    (RemoteDisconnected)" (review s66 logs L2). None otherwise."""
+    if not isinstance(exc, _ENDED):
+        return None
+    alert = isinstance(exc, ssl.SSLError) and exc.reason == CERTIFICATE_REQUIRED
+    if not (alert or asked_for_a_certificate(tls)):
+        return None
+    how = getattr(exc, "reason", None) or type(exc).__name__
+    return (
+        "no answer without a client certificate: a port that wants client certificates, "
+        f"which this check cannot present ({how})"
+    )
 
 
 async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -> str | None:

@@ -544,6 +544,32 @@ class Unimplemented(TerminalError):
     """The leader does not serve this method (JSON codec): one started before an upgrade."""
 
 
+def private_stdout(holds: str) -> None:
+    """A usage error (exit 2) if stdout is a regular file group or others may read, said
+    before anything is made or asked: ``holds`` says what secret would be written there (a
+    join token, a viewer's login link, the auth password). ``tlsroll token create
+    --print-join-command > join-node2.sh`` under the usual umask 022 left the token in a file
+    of mode 0644 for any local user to enrol the node with first (review s66 logs M4; the
+    notice with the password was the same, review s66 pw M2), while every file the product
+    keeps a secret in is 0600. A terminal, a pipe (a mailer, ssh to the node) or a private file
+    is the admin's to pass on."""
+    try:
+        fd = sys.stdout.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError):  # no file behind it (io.UnsupportedOperation is a ValueError)
+        return
+    if not stat.S_ISREG(mode) or not mode & 0o044:
+        return
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        name = "(a file)"
+    raise click.UsageError(
+        f"stdout {shown_path(name)} is readable by others (mode {stat.S_IMODE(mode):04o});"
+        f" {holds}: chmod 600 it or use umask 077"
+    )
+
+
 def pass_leader(f: Callable[..., T]) -> Callable[..., T]:
     """Pass the admin connection the global options (``tlsroll.cli.Target``) point to."""
 

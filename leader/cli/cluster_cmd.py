@@ -21,6 +21,7 @@ from leader.cli.base import (
     out,
     parse_duration,
     pass_leader,
+    private_stdout,
     refuse_unfit_serial,
     say_still_taken,
     to_dict,
@@ -393,6 +394,11 @@ def token_create(
     --agent-data-dir is given), said in one line; check the [server] table (the managed
     server's driver, see the example agent.toml) and start the agent. An agent.toml that is a
     symbolic link is written where it points (a link to no file is refused)."""
+    # Where the token goes, before it is made: a token printed into a file others may read
+    # would be made and lost to them (review s66 logs M4).
+    private_stdout(
+        "the join script holds the token" if print_join_command else "the token is a secret"
+    )
     # A secret pasted for a name would be signed into a certificate and shown in every list.
     for name in (node_name, *dns_names):
         not_a_secret(name, "the node's name (--node) and its DNS names (--dns)")

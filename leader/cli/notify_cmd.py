@@ -31,9 +31,7 @@ after a local one: the plan skips them) are listed too, with their https address
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import stat
 import sys
 import zoneinfo
 from collections.abc import Collection, Sequence
@@ -44,7 +42,14 @@ from urllib.parse import urlsplit
 
 import click
 
-from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader, rollout_id_param
+from leader.cli.base import (
+    CLIError,
+    Leader,
+    fetch_schema,
+    pass_leader,
+    private_stdout,
+    rollout_id_param,
+)
 from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice, zone_text
 from leader.cli.password import read_password_file
 from leader.rollout_core import CHANGES as SPECS
@@ -62,7 +67,7 @@ from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
 from tlsroll.cli import PathParam, terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
-from tlsroll.echo import shown, shown_path
+from tlsroll.echo import shown
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 if TYPE_CHECKING:
@@ -725,7 +730,7 @@ def notify(
         else None
     )
     if include_password:  # where the notice goes, before the password is read or asked for
-        _private_stdout()
+        private_stdout("the notice holds the password")
     # The file too (its rules, its mode), before the leader: the password is asked for later.
     from_file = read_password_file(password_file) if password_file is not None else None
     if include_password and change in ("rotate-cert", "disable-tls"):
@@ -922,29 +927,6 @@ def notify(
 
 
 _ASK_PASSWORD = "add --password-file FILE (the password to include, mode 0600)"  # noqa: S105
-
-
-def _private_stdout() -> None:
-    """A usage error (exit 2) if stdout is a regular file group or others may read: the notice
-    with the password would be written there (review s66 pw M2: ``notify --include-password >
-    notice.txt`` under the usual umask 022 left the password in a file of mode 0644, while the
-    file it was read from must be 0600). A terminal, a pipe (a printer, a mailer on this host)
-    or a private file is the admin's to pass on."""
-    try:
-        fd = sys.stdout.fileno()
-        mode = os.fstat(fd).st_mode
-    except (OSError, ValueError):  # no file behind it (io.UnsupportedOperation is a ValueError)
-        return
-    if not stat.S_ISREG(mode) or not mode & 0o044:
-        return
-    try:
-        name = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        name = "(a file)"
-    raise click.UsageError(
-        f"stdout {shown_path(name)} is readable by others (mode {stat.S_IMODE(mode):04o});"
-        " the notice holds the password: chmod 600 it or use umask 077"
-    )
 
 
 def _typed_password() -> str:

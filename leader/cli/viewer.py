@@ -20,6 +20,7 @@ from leader.cli.base import (
     out,
     parse_duration,
     pass_leader,
+    private_stdout,
     to_dict,
 )
 from leader.wire import VIEWER_GRANT_STATE
@@ -48,6 +49,9 @@ def viewer() -> None:
 @pass_leader
 def viewer_grant(leader: Leader, name: str, ttl: str) -> None:
     """Print a one-time login link for the web viewer (shown once)."""
+    # Where the link goes, before the grant is made: whoever opens it first is let in (review
+    # s66 logs M4).
+    private_stdout("the login link is a secret")
     seconds = parse_duration(ttl, "--ttl")
     with leader.admin() as admin:
         reply = leader.call(

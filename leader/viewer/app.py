@@ -70,7 +70,9 @@ from leader.viewer.grants import Grant, Grants, LoginRefused
 from leader.viewer.i18n import LANGS, Words, pick_lang
 from leader.viewer.snapshot import Reader, Snapshot
 from tlsroll import logs
+from tlsroll.backoff import source_key
 from tlsroll.echo import shown
+from tlsroll.logsample import SampledLog
 
 if TYPE_CHECKING:
     from leader.viewer import pages
@@ -181,6 +183,7 @@ class ViewerApp:
         address: str,
         scrape_token: str | None,
         closing: asyncio.Event,
+        refusals_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reader = reader
         self.grants = grants
@@ -188,6 +191,8 @@ class ViewerApp:
         self.address = address
         self.scrape_token = scrape_token
         self.closing = closing
+        # The refused logins' log lines: a source's first, then a summary a minute.
+        self.refusals = SampledLog(clock=refusals_clock)
         self._shared: collections.OrderedDict[str | None, tuple[float, int, Snapshot]] = (
             collections.OrderedDict()
         )
@@ -614,7 +619,12 @@ class ViewerApp:
             held = await self._grant(session_id)
             if held is not None and held.id == refused.grant_id:
                 return web.Response(status=303, headers={"Location": "/"})
-        log.info("viewer.login_refused", reason=refused.reason)
+        # Sampled per source, naming it: anybody who reaches the port can ask for links, as
+        # fast as the leader answers (review s66 logs M2; ``tlsroll.logsample``).
+        if self.refusals.first(source_key(request.remote), refused.reason):
+            log.info("viewer.login_refused", remote=request.remote, reason=refused.reason)
+        if (summary := self.refusals.summary()) is not None:
+            log.warning("viewer.logins_refused_summary", **summary.fields())
         return self._denied(request, refused.reason)
 
     async def static_file(self, request: web.Request) -> web.Response:

@@ -1,0 +1,159 @@
+"""Refusals anybody on the network can cause are logged sampled, per source (review s66 logs
+M2): a node's bootstrap port (9443) logged ``bootstrap.start_refused`` for every bad or
+throttled start, and the viewer ``viewer.login_refused`` for every unknown link (without the
+source): 8477 requests in 5 s were 8477 lines, and journald's rate limit then dropped the
+daemons' own lines. Now a source's first refusal is logged on its own, naming it, and the rest
+in one summary a minute (``tlsroll.logsample``, the join port's rule). The services run for
+real (the bootstrap service's https listener, the viewer's aiohttp app on a loopback address),
+the requests come from two loopback sources; the clocks are injected, so the minute passes
+without waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp.test_utils import TestServer
+
+from leader.schema_store import SchemaStore
+from leader.store import Store
+from leader.viewer.app import ViewerApp
+from leader.viewer.grants import Grants
+from leader.viewer.snapshot import Reader
+from tests.conftest import IssuedCert, none_fresh
+from tests.test_bootstrap import FakeClock, make_service, session_from
+from tlsroll import bootstrap_protocol as proto
+from tlsroll import pki
+from tlsroll.logsample import SampledLog
+from tlsroll.tls import client_context
+
+FLOOD = 200
+
+
+def named(events: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in events if e["event"] == name]
+
+
+def test_a_source_s_first_refusal_is_logged_then_one_summary_a_minute() -> None:
+    clock = FakeClock()
+    sampled = SampledLog(clock=clock)
+    assert sampled.first("192.0.2.7", "bad_request")
+    assert not any(sampled.first("192.0.2.7", "rate_limited") for _ in range(FLOOD))
+    assert sampled.first("192.0.2.8", "bad_request")  # another source: its own first line
+    assert sampled.summary() is None  # not a minute yet
+    clock.advance(59.9)
+    assert sampled.summary() is None
+    clock.advance(0.1)
+    summary = sampled.summary()
+    assert summary is not None and summary.fields() == {
+        "seconds": 60,
+        "refused_not_logged": FLOOD,
+        "sources": 1,
+        "top": [f"192.0.2.7: {FLOOD}"],
+        "reasons": {"rate_limited": FLOOD},
+    }
+    assert sampled.summary() is None  # handed out once
+    clock.advance(3600)  # an hour after its line, a source is told apart again
+    assert sampled.first("192.0.2.7", "bad_request")
+
+
+async def test_a_flood_of_bad_starts_on_the_bootstrap_port_writes_a_few_lines(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+) -> None:
+    address, first, second = loopback(), loopback(), loopback()
+    clock = FakeClock()
+    service = make_service(issue_cert(address, "node-a"), address, test_ca, clock=clock)
+    context = client_context(test_ca.cert_pem)
+
+    async def bad_starts(source: str, count: int) -> None:
+        async with session_from(source) as s:
+            for _ in range(count):
+                async with s.post(
+                    f"https://{address}:{service.bound_port}{proto.START_PATH}",
+                    data=b"{}",
+                    ssl=context,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    assert resp.status == 400
+                    await resp.read()
+
+    async with service:
+        with structlog.testing.capture_logs() as events:
+            await bad_starts(first, FLOOD)
+            await bad_starts(second, 3)
+            refused = named(events, "bootstrap.start_refused")
+            assert [e["remote"] for e in refused] == [first, second], refused
+            assert named(events, "bootstrap.starts_refused_summary") == []
+            clock.advance(60)
+            await bad_starts(first, 1)
+        summaries = named(events, "bootstrap.starts_refused_summary")
+    assert len(events) == 3, [e["event"] for e in events]
+    assert len(summaries) == 1 and summaries[0]["refused_not_logged"] == FLOOD + 2
+    assert summaries[0]["top"] == [f"{first}: {FLOOD}", f"{second}: 2"]
+    assert summaries[0]["sources"] == 2 and summaries[0]["reasons"] == {"bad_request": FLOOD + 2}
+
+
+def test_a_flood_of_unknown_viewer_links_writes_a_few_lines(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    store = Store(tmp_path / "leader.sqlite3")
+    address, first, second = loopback(), loopback(), loopback()
+    clock = FakeClock()
+
+    async def run() -> list[MutableMapping[str, Any]]:
+        at = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+        reader = Reader(
+            store, SchemaStore(store.db), lambda: at, lambda _: True, [], fresh=none_fresh
+        )
+        app = ViewerApp(
+            reader=reader,
+            grants=Grants(store.db),
+            clock=lambda: at,
+            address=address,
+            scrape_token=None,
+            closing=asyncio.Event(),
+            refusals_clock=clock,
+        )
+        server = TestServer(app.make(), host=address, port=0)
+        await server.start_server()
+
+        async def unknown_links(source: str, count: int) -> None:
+            connector = aiohttp.TCPConnector(local_addr=(source, 0))
+            async with aiohttp.ClientSession(connector=connector) as s:
+                for _ in range(count):
+                    url = f"http://{address}:{server.port}/login/{secrets.token_urlsafe(32)}"
+                    async with s.get(url, allow_redirects=False) as resp:
+                        assert resp.status == 401
+                        await resp.read()
+
+        try:
+            with structlog.testing.capture_logs() as events:
+                await unknown_links(first, FLOOD)
+                await unknown_links(second, 3)
+                assert [e["remote"] for e in named(events, "viewer.login_refused")] == [
+                    first,
+                    second,
+                ]
+                assert named(events, "viewer.logins_refused_summary") == []
+                clock.advance(60)
+                await unknown_links(first, 1)
+        finally:
+            app.close()
+            await server.close()
+        return events
+
+    events = asyncio.run(run())
+    refused = named(events, "viewer.login_refused")
+    summaries = named(events, "viewer.logins_refused_summary")
+    assert len(refused) == 2 and len(summaries) == 1, [e["event"] for e in events]
+    assert summaries[0]["refused_not_logged"] == FLOOD + 2
+    assert summaries[0]["top"] == [f"{first}: {FLOOD}", f"{second}: 2"]
+    assert summaries[0]["reasons"] == {"unknown": FLOOD + 2}
