@@ -686,6 +686,33 @@ def test_exec_driver_switches_with_the_admins_commands(nodes: NodeFactory) -> No
     assert acts == ["freeze", "restart", "unfreeze"]
 
 
+def test_exec_commands_do_not_inherit_the_agents_own_grpc_verbosity(
+    nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s66 closing L5: the agent sets GRPC_VERBOSITY=NONE for itself (none of gRPC
+    core's lines in its log), and its exec commands inherited it: a restart's `nohup server &`
+    ran without its own gRPC core's lines. The admin's commands run without it now (one the
+    admin set for the agent is passed on: ``nodeagent.command_env``)."""
+    seen = tmp_path / "verbosity"
+    node, control = exec_node(
+        nodes,
+        timeout=20,
+        freeze=lambda script: [
+            "sh",
+            "-c",
+            f'printf %s "${{GRPC_VERBOSITY-unset}}" > {shlex.quote(str(seen))};'
+            f" exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} freeze",
+        ],
+    )
+    staged = node.stage("ex-env")
+    node.switch("ex-env")
+    done = node.wait_txn("ex-env")
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert seen.read_text() == "unset"
+    assert "freeze" in control.calls_made()
+
+
 def test_exec_command_that_hangs_times_out_and_rolls_back(nodes: NodeFactory) -> None:
     node, control = exec_node(nodes, timeout=4)
     config = node.server.config_path.read_bytes()
