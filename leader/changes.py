@@ -244,7 +244,11 @@ class ChangeSteps:
         # The key and CSR for the stage come with the preflight: one call fewer per node.
         make_csr = CHANGES[self.change].stages_certificate and ctx.facts.own_ca is None
         request = agent_pb2.PreflightRequest(
-            command=ctx.command(), max_clock_offset_seconds=MAX_CLOCK_OFFSET, make_csr=make_csr
+            command=ctx.command(),
+            max_clock_offset_seconds=MAX_CLOCK_OFFSET,
+            make_csr=make_csr,
+            # The way back renders no template: the agent leaves that check out.
+            way_back=self.switch_kind is TxnKind.ROLLBACK,
         )
         request.leader_time.FromDatetime(ctx.clock())
         try:

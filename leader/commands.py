@@ -68,7 +68,8 @@ class Observe(Protocol):
     in ``warm`` to load their certificate code ahead, and opening the channels of the first
     nodes a start steps (``first``; every node's way in is proved by a TCP connection);
     ``edits``: asking too whether their server configs were edited since tlsroll wrote them
-    (a plan of the way back to http only)."""
+    (a plan of the way back to http only); ``way_back``: the question is for the way back
+    (a plan or a start), which renders no template, so the agents do not check it."""
 
     async def __call__(
         self,
@@ -77,6 +78,7 @@ class Observe(Protocol):
         warm: Collection[str],
         first: FirstSteps | None,
         edits: bool = False,
+        way_back: bool = False,
     ) -> dict[str, NodeObservation]: ...
 
 
@@ -361,6 +363,7 @@ class Commands:
         rollout_id: str = "",
         *,
         edits: bool = False,
+        way_back: bool = False,
     ) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
         """Which enrolled nodes are online, and what the online ones run. ``request``: a
         rollout's start (not a plan shown to the admin), whose first nodes' agents load their
@@ -368,7 +371,7 @@ class Commands:
         nodes it steps (``steps``: not skipped) have their channels opened (``first_steps``),
         reserved for ``rollout_id``. ``edits``: the plan of a way back to http, which names
         the nodes whose server config was edited since tlsroll wrote it (``Planned``'s
-        ``edited_configs``)."""
+        ``edited_configs``). ``way_back``: a plan or start of the way back (``Observe``)."""
         online, just = await self._online_now()
         if just:
             # A node whose heartbeat stream just ended (the leader restarted, or ended a
@@ -393,7 +396,7 @@ class Commands:
             if request is not None and steps is not None
             else None
         )
-        seen = await self.observe(up, warm=warm, first=first, edits=edits)
+        seen = await self.observe(up, warm=warm, first=first, edits=edits, way_back=way_back)
         return online, seen
 
     def _in_order(self, request: RolloutRequest, up: Sequence[str]) -> Sequence[str]:
@@ -502,7 +505,11 @@ class Commands:
         # as its way back begins, what it keeps: ``plans.rollback_plan``): a start does not ask.
         edits = request.change is Change.DISABLE_TLS and not starting
         online, seen = await self._observe_all(
-            request if starting else None, steps, rollout_id, edits=edits
+            request if starting else None,
+            steps,
+            rollout_id,
+            edits=edits,
+            way_back=request.change is Change.DISABLE_TLS,
         )
         practice = sorted(
             name

@@ -150,6 +150,7 @@ async def observe(
     *,
     warm: Collection[str] = frozenset(),
     edits: bool = False,
+    way_back: bool = False,
     ask: Ask | None = None,
     reach: Reach | None = None,
     first: FirstSteps | None = None,
@@ -158,7 +159,9 @@ async def observe(
     nodes in ``warm`` are told to load their certificate code ahead of their preflight
     (``CheckRequest.warm_certificates``). ``edits``: a plan of the way back to http, which
     asks each agent whether the server's config was edited since tlsroll wrote it
-    (``CheckRequest.want_edited_config``; ``NodeObservation.edited_config``). ``ask``: the
+    (``CheckRequest.want_edited_config``; ``NodeObservation.edited_config``). ``way_back``:
+    a plan or start of the way back, which renders no template (``CheckRequest.way_back``:
+    the agents leave that check out). ``ask``: the
     question goes on the node's heartbeat stream where it can (the module's docstring), else
     over the agent pool's channel; then ``reach`` proves the leader's way in: a TCP
     connection, made while the question is out, but for a starting rollout's (``first``)
@@ -205,6 +208,7 @@ async def observe(
             max_clock_offset_seconds=MAX_CLOCK_OFFSET,
             warm_certificates=name in warm,
             want_edited_config=edits,
+            way_back=way_back,
         )
         request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         return request

@@ -15,4 +15,16 @@ import os
 # as JSON. An explicit GRPC_VERBOSITY (the unit's Environment=, to debug gRPC itself) still
 # wins, and lets a peer's bytes through again (README, "When it fails"). It must be set
 # before grpc is imported, and every nodeagent module is imported through this package first.
+OWN_GRPC_VERBOSITY = "GRPC_VERBOSITY" not in os.environ  # (not the admin's: ``command_env``)
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
+def command_env() -> dict[str, str]:
+    """The environment the admin's commands run in (the exec driver's, the clients source's):
+    the agent's, without the ``GRPC_VERBOSITY`` the agent set for itself above, which a
+    restart's server (``nohup server &``) inherited, losing its own gRPC core's lines (review
+    s66 closing L5). One the admin set (the unit's Environment=) is passed on, as ever."""
+    env = dict(os.environ)
+    if OWN_GRPC_VERBOSITY:
+        env.pop("GRPC_VERBOSITY", None)
+    return env

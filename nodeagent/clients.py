@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nodeagent import command_env
 from tlsroll import clients, logs, peertext
 from tlsroll.clients import ClientLog, ClientsView
 from tlsroll.config import Section
@@ -135,6 +136,7 @@ async def run_command(argv: Sequence[str], timeout: float, limit: int, kind: str
                 stdout=out.write_fd,
                 stderr=err.write_fd,
                 start_new_session=True,
+                env=command_env(),
             )
         except OSError as exc:
             raise CommandFailed(f"cannot run {argv[0]}: {exc.strerror or exc}", exc) from None

@@ -722,8 +722,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # (``CheckRequest.want_edited_config``): it reads the journal and the config, and every
         # other planning question and preflight paid for it (review of s59-wayback L1).
         edits = isinstance(request, agent_pb2.CheckRequest) and request.want_edited_config
+        # The way back restores the kept http config and renders nothing: a template moved or
+        # broken since the switch must not halt it (review s66 closing M1).
         local_checks = asyncio.ensure_future(
-            asyncio.to_thread(self._local_checks, driver, edits=edits)
+            asyncio.to_thread(self._local_checks, driver, edits=edits, renders=not request.way_back)
         )
         try:
             health = await driver.status_problem()  # (none answered: not healthy)
@@ -761,13 +763,14 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         )
 
     def _local_checks(
-        self, driver: Driver, *, edits: bool = False
+        self, driver: Driver, *, edits: bool = False, renders: bool = True
     ) -> tuple[ServerFacts | None, str, list[str], str]:
         """The checks on this machine (blocking): the server's facts from its config, or why
         the config could not be read, the ports taken and the config directory not writable,
         and (``edits``: asked) the config's path if it was edited since tlsroll wrote it
         (``plans.edited_config``: the way back would undo that; the leader's plan of it says
-        so, review rev58a H2)."""
+        so, review rev58a H2). ``renders``: the change renders a config (all but the way back,
+        which puts back the kept one), so a template that does not render is a problem."""
         facts: ServerFacts | None = None
         unread, edited = "", ""
         try:
@@ -777,7 +780,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if edits and facts is not None:  # (on https only: a node on http has no way back)
             edited = plans.edited_config(self.journal, driver, facts.schemes)
         problems = self._port_problems(facts) if facts is not None else []
-        unrendered = driver.render_problem()
+        unrendered = driver.render_problem() if renders else None
         if unrendered:  # a switch would refuse it (``plans.switch_plan``: ``driver.render``)
             problems.append(unrendered)
         problems += self._writable_problems(driver.config_file.parent)

@@ -44,6 +44,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from leader.cli.base import Leader, fetch_schema_json, parse_duration
+from tests import grpc_env
 from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
@@ -87,6 +88,10 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # tables; without them a pipe gets whole lines.
         if k not in {"NOTIFY_SOCKET", "TLSROLL_DATA_DIR", "TLSROLL_SOCKET", "COLUMNS", "LINES"}
     }
+    if grpc_env.SET["GRPC_VERBOSITY"] is None:
+        # What ``nodeagent`` set, imported in this process: a daemon sets its own, as in
+        # production, and tells it from the admin's (``nodeagent.command_env``).
+        env.pop("GRPC_VERBOSITY", None)
     env["PYTHONASYNCIODEBUG"] = ""
     env["TLSROLL_LOOP_CHECKS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LOOP_CHECKS), env.get("PYTHONPATH")) if p)

@@ -7,7 +7,10 @@ leader does not ship. ``tests/conftest.py`` imports this module before anything 
 the leader's package sets the value (an explicit one wins, as in the daemon), gRPC reads it,
 and it is taken off the environment again, so that the daemons the tests start set theirs
 as in production (the agent runs gRPC's default). The leader's ``GRPC_VERBOSITY`` is taken
-off too: gRPC's own lines stay in the tests' output, as before. ``tests/test_perf_shape.py``
+off too, for the daemons the tests start (each package sets its own); but this process's gRPC
+read it as the leader's ``NONE``, so gRPC's own lines are not in the tests' output, as in the
+leader daemon (run the tests with ``GRPC_VERBOSITY=ERROR`` to have them: an explicit value
+wins, and is left in the environment). ``tests/test_perf_shape.py``
 checks that gRPC runs this, and that the installed grpcio knows the name.
 
 In one process, the agent's server that a test runs next to the leader's runs the leader's

@@ -166,6 +166,9 @@ class StillDriver:
     async def status_problem(self) -> str | None:  # (the preflight's: ``Driver``'s)
         return None
 
+    def render_problem(self) -> str | None:  # (the checks' since review s66 walk M1)
+        return None  # renders from no template
+
     async def status(self) -> dict[str, Any]:
         return {"frozen": False, "watermark": 0}
 

@@ -621,6 +621,42 @@ def test_plan_and_start_block_a_node_whose_template_is_missing_or_has_a_bad_plac
         assert node.get("http").status == 200
 
 
+def test_the_way_back_is_not_blocked_by_a_template_it_does_not_render(
+    cluster: Cluster, nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s66 closing M1: the checks rendered a template driver's template for every
+    change, so a template moved after the switch blocked the plan and the preflight of
+    `rollout rollback`, whose way back puts back the kept http config and renders nothing:
+    the safe way back halted. Now the way back's questions say so (``way_back``) and the agent
+    leaves that check out; any other change still checks it (the test above)."""
+    node, _control = exec_node(nodes, timeout=20)
+    password = tmp_path / "pw"
+    password.touch(0o600)
+    password.write_text("the-practice-password-for-templates\n")
+    start = cluster.cli(
+        "rollout", "start", "--nodes", node.name, "--password-file", str(password), "--yes",
+        "--wait", timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    assert node.get("https").status == 200
+    (node.root / "refserver.toml.tmpl").unlink()  # the admin moved it after the switch
+    asked = cluster.cli("rollout", "rollback")  # its plan; not a terminal: nothing started
+    said = asked.stdout + asked.stderr
+    assert asked.returncode == 2 and f"Back to http: {node.name} (" in said, said
+    assert "template" not in said, said
+    back = cluster.cli("rollout", "rollback", "--yes", timeout=120)
+    assert back.returncode == 0, back.stdout + back.stderr
+    wait_until(
+        lambda: cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted"),
+        120,
+        "the way back",
+        interval=0.5,
+    )
+    rollout = cluster.poll_newest_rollout()
+    assert rollout["change"] == "disable-tls" and rollout["state"] == "completed", rollout
+    assert node.get("http").status == 200
+
+
 def test_systemd_config_the_server_cannot_load_is_rolled_back(nodes: NodeFactory) -> None:
     node, control, _template = systemd_node(nodes, "no_such_setting = true\n")
     config = node.server.config_path.read_bytes()
@@ -648,6 +684,33 @@ def test_exec_driver_switches_with_the_admins_commands(nodes: NodeFactory) -> No
     assert_switched(node, staged.fingerprint)
     acts = [c for c in control.calls_made() if c != "status"]
     assert acts == ["freeze", "restart", "unfreeze"]
+
+
+def test_exec_commands_do_not_inherit_the_agents_own_grpc_verbosity(
+    nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Review s66 closing L5: the agent sets GRPC_VERBOSITY=NONE for itself (none of gRPC
+    core's lines in its log), and its exec commands inherited it: a restart's `nohup server &`
+    ran without its own gRPC core's lines. The admin's commands run without it now (one the
+    admin set for the agent is passed on: ``nodeagent.command_env``)."""
+    seen = tmp_path / "verbosity"
+    node, control = exec_node(
+        nodes,
+        timeout=20,
+        freeze=lambda script: [
+            "sh",
+            "-c",
+            f'printf %s "${{GRPC_VERBOSITY-unset}}" > {shlex.quote(str(seen))};'
+            f" exec {shlex.quote(sys.executable)} {shlex.quote(str(script))} freeze",
+        ],
+    )
+    staged = node.stage("ex-env")
+    node.switch("ex-env")
+    done = node.wait_txn("ex-env")
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert seen.read_text() == "unset"
+    assert "freeze" in control.calls_made()
 
 
 def test_exec_command_that_hangs_times_out_and_rolls_back(nodes: NodeFactory) -> None:

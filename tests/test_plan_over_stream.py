@@ -82,6 +82,9 @@ class StubDriver:
     async def status_problem(self) -> str | None:  # (the preflight's: ``Driver``'s)
         return self.down
 
+    def render_problem(self) -> str | None:  # (the checks' since review s66 walk M1)
+        return None  # renders from no template
+
     async def clients(self) -> ClientsView:
         return ClientsView()
 

@@ -96,6 +96,7 @@ class Agents:
         warm: Collection[str],
         first: FirstSteps | None,
         edits: bool = False,
+        way_back: bool = False,
     ) -> dict[str, NodeObservation]:
         self.asked.append(list(names))
         return {

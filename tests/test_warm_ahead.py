@@ -48,6 +48,7 @@ class Recorder:
         warm: Collection[str],
         first: FirstSteps | None = None,
         edits: bool = False,
+        way_back: bool = False,
     ) -> dict[str, NodeObservation]:
         self.warmed.append(frozenset(warm))
         return {name: NodeObservation(True, schemes=("http",)) for name in names}

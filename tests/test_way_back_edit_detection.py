@@ -277,6 +277,7 @@ class Recorder:
         warm: Collection[str],
         first: FirstSteps | None = None,
         edits: bool = False,
+        way_back: bool = False,
     ) -> dict[str, NodeObservation]:
         self.edits.append(edits)
         return {

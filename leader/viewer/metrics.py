@@ -33,10 +33,12 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
     tlsroll_certificate_revoked{kind,subject,fingerprint}
                                                      each node's served (8443) certificate: 1
                                                      if the admin revoked it (`tlsroll ca
-                                                     revoke`) and the node still serves it as
-                                                     the rollouts recorded it (the practice's
-                                                     clients read no revocation list: replace
-                                                     it, rotate-cert), else 0
+                                                     revoke`) and the node still serves it,
+                                                     as its heartbeats report it where they do
+                                                     (``expiry.served_now``'s ``reported``),
+                                                     else as the rollouts recorded it (the
+                                                     practice's clients read no revocation
+                                                     list: replace it, rotate-cert), else 0
     tlsroll_password_change_pending{node}            1: a new password waits for change-password
     tlsroll_bootstrap_failures{node,source}          wrong passwords on 9443, last 30 days
     tlsroll_server_login_failures{node}              wrong client passwords at the node's

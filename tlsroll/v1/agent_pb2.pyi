@@ -338,6 +338,7 @@ class CheckRequest(_message.Message):
     MAX_CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     WARM_CERTIFICATES_FIELD_NUMBER: _builtins.int
     WANT_EDITED_CONFIG_FIELD_NUMBER: _builtins.int
+    WAY_BACK_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
     warm_certificates: _builtins.bool
     """The leader is starting a rollout that will make a key and CSR on this node among its
@@ -351,6 +352,11 @@ class CheckRequest(_message.Message):
     and preflight cost each of them that: review of s59-wayback L1); an agent of an earlier
     release ignores it.
     """
+    way_back: _builtins.bool
+    """The question is for the way back to http (disable-tls: a plan or a start), which restores
+    the kept http config and renders nothing: a template driver's template is not checked
+    (review s66 closing M1). An agent of an earlier release checks it or not, as it did.
+    """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -360,10 +366,11 @@ class CheckRequest(_message.Message):
         max_clock_offset_seconds: _builtins.int = ...,
         warm_certificates: _builtins.bool = ...,
         want_edited_config: _builtins.bool = ...,
+        way_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds", "want_edited_config", b"want_edited_config", "warm_certificates", b"warm_certificates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds", "want_edited_config", b"want_edited_config", "warm_certificates", b"warm_certificates", "way_back", b"way_back"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,6 +384,7 @@ class PreflightRequest(_message.Message):
     LEADER_TIME_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     MAKE_CSR_FIELD_NUMBER: _builtins.int
+    WAY_BACK_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
     make_csr: _builtins.bool
     """If the checks pass, also make the server key and CSR that CreateCSR would (the same
@@ -384,6 +392,8 @@ class PreflightRequest(_message.Message):
     needs no CreateCSR call. Making a key in the rollout's stage directory changes nothing
     live. An agent of an earlier release ignores it (no `csr_pem`): the leader calls CreateCSR.
     """
+    way_back: _builtins.bool
+    """The preflight of the way back to http (disable-tls): as `CheckRequest.way_back`."""
     @_builtins.property
     def command(self) -> Global___Command: ...
     @_builtins.property
@@ -397,10 +407,11 @@ class PreflightRequest(_message.Message):
         leader_time: _timestamp_pb2.Timestamp | None = ...,
         max_clock_offset_seconds: _builtins.int = ...,
         make_csr: _builtins.bool = ...,
+        way_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time", "make_csr", b"make_csr", "max_clock_offset_seconds", b"max_clock_offset_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time", "make_csr", b"make_csr", "max_clock_offset_seconds", b"max_clock_offset_seconds", "way_back", b"way_back"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
