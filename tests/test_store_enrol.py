@@ -160,17 +160,7 @@ def test_a_replay_for_a_removed_node_or_by_a_revoked_or_expired_token_is_refused
 def test_a_replay_by_another_token_spends_its_use(store: Store) -> None:
     """The same key by a second token for the name: a re-enrolment, as before (not free)."""
     enrol(store)
-    store.add_token(
-        "t2",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW,
-        actor="admin",
-        node_name="node1",
-        addresses=(ADDRESS,),
-    )
+    add_token(store, "t2")
     enrol(store, token_id="t2")
     assert store.get_token("t2").uses_left == 0
     assert node_row(store)["token_id"] == "t2"
@@ -190,17 +180,7 @@ def test_replays_count_in_the_certificates_per_hour(store: Store) -> None:
 
 def test_another_key_for_the_name_by_a_fresh_token_is_still_name_taken(store: Store) -> None:
     enrol(store)
-    store.add_token(
-        "t3",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW,
-        actor="admin",
-        node_name="node1",
-        addresses=(ADDRESS,),
-    )
+    add_token(store, "t3")
     before = rows(store)
     with pytest.raises(NameTaken):
         enrol(store, token_id="t3", key_pin="ANOTHER-KEY")
@@ -223,17 +203,7 @@ def test_a_replay_after_the_admin_revoked_the_node_s_certificate_is_refused(stor
 
 
 def add_t2(store: Store) -> None:
-    store.add_token(
-        "t2",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW,
-        actor="admin",
-        node_name="node1",
-        addresses=(ADDRESS,),
-    )
+    add_token(store, "t2")
 
 
 def test_a_lost_answer_to_a_re_enrolment_of_a_node_that_renewed_is_replayed(store: Store) -> None:
@@ -287,17 +257,7 @@ def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store)
     with pytest.raises(NameTaken):
         enrol(store, token_id="t2", key_pin="ANOTHER-KEY", now=NOW + dt.timedelta(minutes=1))
     store.remove_node("node1", now=NOW + dt.timedelta(minutes=2), actor="admin")
-    store.add_token(
-        "t3",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW,
-        actor="admin",
-        node_name="node1",
-        addresses=(ADDRESS,),
-    )
+    add_token(store, "t3")
     before = rows(store)
     with pytest.raises(TokenRejected, match="enrol the node with a new key"):
         enrol(store, token_id="t3", now=NOW + dt.timedelta(minutes=3))
@@ -336,7 +296,15 @@ def test_a_multi_use_token_does_not_re_certify_its_revoked_key(tmp_path: Path) -
 # --- a token made before an enrolment is superseded by it (race audit of session 39, L2) ----------
 
 
-def add_token(store: Store, token_id: str, *, uses: int = 1, now: dt.datetime = NOW) -> None:
+def add_token(
+    store: Store,
+    token_id: str,
+    *,
+    uses: int = 1,
+    now: dt.datetime = NOW,
+    node_name: str = "node1",
+    addresses: tuple[str, ...] = (ADDRESS,),
+) -> None:
     store.add_token(
         token_id,
         SECRET,
@@ -345,8 +313,8 @@ def add_token(store: Store, token_id: str, *, uses: int = 1, now: dt.datetime = 
         description="",
         now=now,
         actor="admin",
-        node_name="node1",
-        addresses=(ADDRESS,),
+        node_name=node_name,
+        addresses=addresses,
     )
 
 
@@ -571,17 +539,7 @@ def test_what_superseded_a_token_is_read_from_the_audit_only_to_say_it(store: St
     enrol(store)  # by t1: supersedes t0 (node1's enrolment)
     for n, name in enumerate(("node2", "node3", "node4"), start=2):
         for k in range(2):
-            store.add_token(
-                f"{name}-{k}",
-                SECRET,
-                ttl=dt.timedelta(hours=1),
-                uses=1,
-                description="",
-                now=NOW,
-                actor="admin",
-                node_name=name,
-                addresses=(f"127.0.0.{10 + n}",),
-            )
+            add_token(store, f"{name}-{k}", node_name=name, addresses=(f"127.0.0.{10 + n}",))
         relearn_node(store, name, f"127.0.0.{10 + n}", now=NOW + dt.timedelta(minutes=n))
     later = NOW + dt.timedelta(minutes=10)
 
@@ -664,17 +622,7 @@ def test_a_revoked_key_is_found_by_the_index_of_the_certificates_keys(store: Sto
     with store.db.read() as db:
         (recorded,) = db.execute("SELECT key_pin FROM certificates WHERE kind = 'node'").fetchall()
     assert recorded["key_pin"] == PIN
-    store.add_token(
-        "t2",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW,
-        actor="admin",
-        node_name="node2",
-        addresses=("127.0.0.10",),
-    )
+    add_token(store, "t2", node_name="node2", addresses=("127.0.0.10",))
     before = rows(store)
     other: dict[str, Any] = {"token_id": "t2", "name": "node2", "addresses": ("127.0.0.10",)}
     with (
@@ -757,17 +705,7 @@ def test_a_known_node_whose_key_is_refused_at_its_relearning_is_told_to_be_remov
     from leader.store import KeyRefused, NameTaken
 
     enrol(store)  # node1, PIN
-    store.add_token(
-        "t2",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW,
-        actor="admin",
-        node_name="node2",
-        addresses=("127.0.0.10",),
-    )
+    add_token(store, "t2", node_name="node2", addresses=("127.0.0.10",))
     enrol(store, token_id="t2", name="node2", addresses=("127.0.0.10",), key_pin="NODE2-KEY")
     with store.db.tx() as db:
         for key, value in (
@@ -794,31 +732,12 @@ def test_a_known_node_whose_key_is_refused_at_its_relearning_is_told_to_be_remov
     assert said.index("nodes remove") < said.index("new join token"), said
     assert rows(store) == before
     # ... as the advice says: a new key under its name is refused while it is on record
-    store.add_token(
-        "t3",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW,
-        actor="admin",
-        node_name="node1",
-        addresses=(ADDRESS,),
-    )
+    add_token(store, "t3")
     with pytest.raises(NameTaken):
         enrol(store, token_id="t3", key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=4))
     store.remove_node("node1", now=NOW + dt.timedelta(minutes=5), actor="admin")
-    store.add_token(  # (the removal revoked the node's tokens: a new one, as the advice says)
-        "t4",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=NOW + dt.timedelta(minutes=5),
-        actor="admin",
-        node_name="node1",
-        addresses=(ADDRESS,),
-    )
+    # (the removal revoked the node's tokens: a new one, as the advice says)
+    add_token(store, "t4", now=NOW + dt.timedelta(minutes=5))
     enrol(store, token_id="t4", key_pin="A-NEW-KEY", now=NOW + dt.timedelta(minutes=6))
 
 
@@ -854,16 +773,6 @@ def test_a_relearning_puts_the_key_it_replaces_on_record_with_its_certificate(
     assert store.revoke(first.serial, reason="key copied", now=later, actor="admin") == [
         first.serial
     ]
-    store.add_token(
-        "t2",
-        SECRET,
-        ttl=dt.timedelta(hours=1),
-        uses=1,
-        description="",
-        now=later,
-        actor="admin",
-        node_name="node2",
-        addresses=("127.0.0.20",),
-    )
+    add_token(store, "t2", now=later, node_name="node2", addresses=("127.0.0.20",))
     with pytest.raises(TokenRejected, match=f"serial {first.serial}\\) was revoked"):
         enrol(store, token_id="t2", name="node2", addresses=("127.0.0.20",), now=later)
