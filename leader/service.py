@@ -2888,6 +2888,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 client=True,
                 now=now,
                 identity=spiffe.workstation(self.state.trust_domain, cn),
+                # PCs set up the same morning end over days (``pki.spread``), not on one.
+                lifetime=pki.spread(dt.timedelta(days=pki.LEAF_VALIDITY_DAYS)),
             )
             issued.append(cert)
             return IssuedCert.of(cert, "workstation", cn, node, now)

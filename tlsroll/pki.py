@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -51,6 +52,25 @@ CA_VALIDITY_DAYS = 3650
 # The shortest leaf: a test leader's agent certificate (``leader.config.TEST_AGENT_CERT_ENV``);
 # a setting takes a minute at least (``agent_cert_lifetime``, ``server_cert_lifetime``).
 MIN_LIFETIME = dt.timedelta(seconds=10)
+# How much shorter than asked a certificate that no renewer of its own replaces may live
+# (``spread``): a node's https certificate (``sign_csr``) and a workstation's.
+SPREAD_FRACTION = 0.05
+SPREAD_MAX = dt.timedelta(days=7)
+SPREAD_FROM = dt.timedelta(days=2)  # a shorter life (tests' settings) is not spread
+
+
+def spread(lifetime: dt.timedelta, draw: float | None = None) -> dt.timedelta:
+    """``lifetime`` less a random part of ``SPREAD_FRACTION`` of it (at most ``SPREAD_MAX``),
+    in whole seconds; ``draw`` in [0, 1] picks it (None: a random one). The certificates one
+    rollout issues (every node's https certificate) or one morning's switch of the practice
+    PCs (their workstation certificates) then end over days, not on one day: an end the
+    warnings did not get replaced in time takes out a node or a PC at a time, not the whole
+    practice at once. A life under ``SPREAD_FROM`` is kept as it is."""
+    if lifetime < SPREAD_FROM:
+        return lifetime
+    room = min(lifetime * SPREAD_FRACTION, SPREAD_MAX)
+    fraction = secrets.SystemRandom().random() if draw is None else min(max(draw, 0.0), 1.0)
+    return dt.timedelta(seconds=int((lifetime - room * fraction).total_seconds()))
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -811,7 +831,9 @@ class CertificateAuthority:
         identity: spiffe.Identity | None = None,
     ) -> x509.Certificate:
         """Check ``csr`` against ``expected`` and issue a certificate for its key, living
-        ``csr_lifetime``."""
+        ``csr_lifetime`` less a random few days (``spread``): a rollout's certificates end
+        over days, not on one."""
+        lifetime = self.csr_lifetime or dt.timedelta(days=LEAF_VALIDITY_DAYS)
         return self.issue(
             check_csr(csr, expected),
             expected,
@@ -819,7 +841,7 @@ class CertificateAuthority:
             client=client,
             now=now,
             identity=identity,
-            lifetime=self.csr_lifetime,
+            lifetime=spread(lifetime),
         )
 
     @property
