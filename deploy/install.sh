@@ -174,8 +174,10 @@ esac
 if [ "$role" = uninstall ] && [ "$yes" = yes ] && [ "$purge" = no ]; then
     usage_error "--yes goes with --purge (uninstall without --purge deletes no data and asks nothing)"
 fi
-if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:]] ]]; then
-    usage_error "--server-config-dir must be an absolute path without spaces"
+# What systemd would read otherwise in the drop-in's ReadWritePaths=: a space splits the path,
+# quotes and '\' are unquoted, '%h' becomes /root and '%x' makes the line void (session 67).
+if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:]\"\'\\%] ]]; then
+    usage_error "--server-config-dir must be an absolute path without spaces, quotes, '\\' or '%'"
 fi
 if [ -n "$server_config_dir" ]; then
     # The drop-in makes this directory writable to the root agent (ReadWritePaths=): a system

@@ -160,8 +160,12 @@ def _copy_store(source: Path, target: Path, made_at: dt.datetime) -> None:
         # says which way only in its words, so both are named.
         raise BackupError(f"copying store {source} into {target.parent}: {exc}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        # With it the copy's side files: SQLite writes the copy through a -wal (the store's
+        # journal mode comes with its pages) or a -journal, and a failure on the way (a full
+        # disk) left them in DIR, which was then not removed (session 67's deploy review).
+        for path in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm", "-journal"))):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _described(path: Path) -> dict[str, object]:

@@ -39,6 +39,7 @@ from tests.cluster import (
     wait_until,
 )
 from tests.conftest import next_loopback
+from tests.nodeside import tmpfs
 from tlsroll import bootstrap_protocol, features, pki, spiffe
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
@@ -159,6 +160,38 @@ def test_a_backup_into_a_used_directory_or_without_a_store_is_refused_and_leaves
         assert result.returncode == 1
         assert "nothing to back up" in one_line_error(result.stderr, "tlsroll-leader")
         assert not fresh.exists()
+
+
+def test_a_backup_onto_a_disk_that_fills_up_leaves_nothing_behind(tmp_path: Path) -> None:
+    """DIR on a file system that fills up while the store is copied (a USB disk or share
+    nearly full): the backup fails in one line and leaves nothing, neither DIR nor the copy's
+    SQLite side files (``.leader.sqlite3.tmp-PID-wal``/``-shm`` were left, hidden, holding
+    store pages; DIR then was not removed and the next backup into it was refused as "not an
+    empty directory": session 67's deploy review). Needs root (a tmpfs), as test_disk_faults."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        with sqlite3.connect(f"file:{c.data_dir / 'leader.sqlite3'}?mode=ro", uri=True) as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+        store = pages * page
+        failed = 0
+        # Room for less than the store up to the store and more: each way the copy can fail.
+        for extra in range(-4096, 48 * 1024, 4096):
+            fs = tmp_path / f"fs{extra + 4096}"
+            with tmpfs(fs, str(store + 16 * 1024 + extra)):
+                dest = fs / "backup"
+                result = backup(c, dest)
+                if result.returncode == 0:
+                    assert (dest / "MANIFEST.json").is_file()
+                    break
+                failed += 1
+                assert result.returncode == 1, result.stderr
+                one_line_error(result.stderr, "tlsroll-leader")
+                assert sorted(p.name for p in fs.iterdir()) == [], (extra, result.stderr)
+        assert failed, "no size made the copy fail: the test tried nothing"
 
 
 def restore(c: Cluster, dest: Path, passphrase: bytes) -> None:

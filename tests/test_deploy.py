@@ -382,6 +382,12 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
             "/lib/systemd/system",
             "/etc/profile.d",
             "/etc/apt/apt.conf.d",
+            # What systemd reads in ReadWritePaths= (session 67): %h became /root, %x voided
+            # the line; quotes and a backslash are unquoted.
+            "/srv/praxis%h",
+            "/srv/praxis%x",
+            "'/srv/pra\"xis'",
+            "/srv/pra\\\\xis",
         )
     ]
     for args in bad:
