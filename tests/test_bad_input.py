@@ -70,6 +70,9 @@ def run_daemon(script: str, module: str, config: Path) -> subprocess.CompletedPr
         ("node_name", "BAD NAME", "is not a valid node name"),
         ("node_name", "BAD NAME\u0000", "holds a control character"),  # (tlsroll.config: any value)
         ("node_name", "tlsroll-leader", "is reserved"),
+        # session 67 (badinput M1): a zone or an address taken for a DNS name
+        ("address", "::1%lo", "a zone (%…) is never part of a certificate's address"),
+        ("dns_names", ["127.0.0.1"], "its last label is all digits"),
     ],
 )
 def test_leader_refuses_names_init_would_refuse_before_its_certificate_changes(
@@ -486,3 +489,82 @@ def test_a_config_file_larger_than_its_bound_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     line = one_line_error(result.stderr, "tlsroll-leader")
     assert f"config error: {config}: larger than 1048576 bytes" in line
+
+
+# --- session 67 (badinput): an address as the CA would not sign it, and a closed stdout ----------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        # ::1 with a zone passed as another address than ::1; its certificate holds ::1
+        ("--address", "::1%lo", "a zone (%…) is never part of a certificate's address"),
+        ("--address", "2001:db8::5%eth0", "a zone (%…) is never part of a certificate's address"),
+        # an address as a DNS name passed every rule addresses have
+        ("--dns", "127.0.0.1", "its last label is all digits"),
+        ("--dns", "{leader}", "its last label is all digits"),
+        ("--dns", "10.9.0.7", "its last label is all digits"),
+        ("--dns", "0", "its last label is all digits"),
+    ],
+)
+def test_token_create_refuses_a_zone_or_an_address_as_a_dns_name(
+    cluster: Cluster, option: str, value: str, problem: str
+) -> None:
+    """Refused by the leader (INVALID_ARGUMENT: exit 2, one line), no token made: the CA signs
+    a node's names by these rules (``tlsroll.names``), enrolment and leader.toml too."""
+    cluster.start_leader()
+    try:
+        before = cluster.store_rows(("tokens",))
+        value = value.replace("{leader}", cluster.address)
+        result = cluster.cli("token", "create", "--node", "n7", "--address", "10.9.0.7",
+                             option, value)  # fmt: skip
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert result.stdout == ""
+        line = one_line_error(result.stderr, "tlsroll")
+        assert problem in line, line
+        assert cluster.store_rows(("tokens",)) == before
+    finally:
+        cluster.stop_leader()
+
+
+def test_a_closed_stdout_is_one_line_exit_1_before_anything_is_done(cluster: Cluster) -> None:
+    """With stdout closed (``>&-``) Python has no sys.stdout: ``schema show`` ended in a
+    traceback (its quick exit's flush), the tables in ``internal error: AttributeError``,
+    ``nodes --json`` wrote nowhere with exit 0; ``token create`` made a token nobody saw."""
+    cluster.start_leader()
+    try:
+        before = cluster.store_rows(("tokens",))
+        for args in (
+            ["schema", "show"],
+            ["nodes"],
+            ["nodes", "--json"],
+            ["token", "list"],
+            ["token", "create", "--node", "n8", "--address", "10.9.0.8"],
+        ):
+            result = subprocess.run(
+                ["sh", "-c", 'exec "$@" >&-', "sh", *command("tlsroll", "tlsroll"), *args],
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+            assert result.returncode == 1, (args, result.stderr)
+            line = one_line_error(result.stderr, "tlsroll")
+            assert "standard output is closed" in line, (args, line)
+        assert cluster.store_rows(("tokens",)) == before
+        # stderr closed: the output as ever, exit 0 (a quick exit's flush of no stderr was 1)
+        result = subprocess.run(
+            ["sh", "-c", 'exec "$@" 2>&-', "sh", *command("tlsroll", "tlsroll"), "schema", "show"],
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0
+        assert "no rollouts yet" in result.stdout
+    finally:
+        cluster.stop_leader()

@@ -59,6 +59,7 @@ LAZY = {
 }
 """Top-level commands that live outside the admin CLI."""
 ADMIN = "leader.cli:admin"
+STDOUT_CLOSED = "standard output is closed"
 """The group that holds every other top-level command."""
 
 
@@ -137,8 +138,9 @@ def _exit_now(code: int) -> None:
     """End the process with ``code`` without the interpreter's teardown; back to the normal
     exit if the output cannot be flushed (a closed pipe), so that its error is as before."""
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # (closed when the program started: ``2>&-``)
+                stream.flush()
     except (OSError, ValueError):
         return
     os._exit(code)
@@ -237,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     program, on ``sys.argv`` (see the module docstring)."""
     if argv is not None:
         return _run(argv)
+    if sys.stdout is None:
+        # Started with stdout closed (``>&-``): Python has no sys.stdout, and a command wrote
+        # nowhere (exit 0), or its table ended as an internal error, a quick exit's flush as a
+        # traceback. Refused before anything is done, as a write to it would fail.
+        _error(f"{STDOUT_CLOSED}: give the command one (> /dev/null to drop what it prints)")
+        return 1
     nocore.no_core_dumps()  # before any command reads a secret (``tlsroll.nocore``)
     _pause_gc()
     try:

@@ -64,6 +64,13 @@ def ip_problem(text: str) -> str | None:
         ip = ipaddress.ip_address(text)
     except ValueError:
         return f"{shown(text)} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        # ``::1%lo`` passed as another address than ``::1`` (its text is not in
+        # EVERY_HOST_IPS), yet its certificate holds ::1: a zone names an interface of one
+        # machine, never part of a host's address.
+        return (
+            f"{shown(text)}: a zone (%…) is never part of a certificate's address; give it without"
+        )
     if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
         return f"{ip} is not the address of one host"
     if str(ip) in EVERY_HOST_IPS or ip == ipaddress.IPv4Address("255.255.255.255"):
@@ -94,6 +101,13 @@ def dns_problem(name: str) -> str | None:
         return f"{shown(name)}: wildcard names are never signed"
     if not DNS_NAME.fullmatch(name):
         return f"{shown(name)} is not a DNS host name (lowercase letters, digits, '-' and '.')"
+    if name.rpartition(".")[2].isdigit():
+        # ``127.0.0.1`` or the leader's address as a DNS name passed every check addresses get
+        # (every host, held by the leader or another node); no top-level domain is all digits.
+        return (
+            f"{shown(name)} is not a DNS host name: its last label is all digits, as an IP "
+            "address's is (an address goes among the addresses)"
+        )
     if name == "localhost" or name.endswith(".localhost"):
         return f"{shown(name)} names every host, not this one"
     if name.endswith("." + spiffe.INTERNAL_TLD):
