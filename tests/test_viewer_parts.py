@@ -1435,6 +1435,104 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
     asyncio.run(watch())
 
 
+def test_requests_for_the_api_and_the_metrics_read_the_store_one_at_a_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s67 M1: ``/api/v1/schema`` reads every stored rollout whole under the store's
+    one lock (~0.1 s at ten 500-node rollouts, growing with each), and each request read for
+    itself: one session's browser or script, a request per connection (16), held the lock
+    the rollout engine and the agents' heartbeats write under nearly all the time. Now such
+    reads run one at a time, and the requests that waited for one take what it read (no
+    write committed since it began); ``/metrics`` likewise."""
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    counted = threading.Lock()
+    inside = most = 0
+    reads: list[str] = []
+    looks = 0  # sessions looked up: one per request, before its handler runs
+    look = grants.session
+
+    def looked(*args: Any) -> Any:
+        nonlocal looks
+        found = look(*args)
+        with counted:
+            looks += 1
+        return found
+
+    monkeypatch.setattr(grants, "session", looked)
+    read = reader.read
+    loop: asyncio.AbstractEventLoop | None = None
+    requests = 6
+
+    def settled() -> None:
+        """(In the read's thread) until every request has reached its handler, its session
+        looked up and the loop past it, or a second read has begun beside this one."""
+        assert loop is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with counted:
+                if inside > 1:
+                    return
+                if looks >= requests:
+                    break
+            time.sleep(0.01)
+        for _ in range(20):  # the loop runs what the last lookups woke
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=10)
+            with counted:
+                if inside > 1:
+                    return
+
+    def reading(*args: Any, **kwargs: Any) -> Snapshot:
+        nonlocal inside, most
+        with counted:
+            inside += 1
+            most = max(most, inside)
+            reads.append("api" if kwargs.get("every") else "metrics")
+            first = len(reads) == 1
+        try:
+            if first:
+                settled()
+            return read(*args, **kwargs)
+        finally:
+            with counted:
+                inside -= 1
+
+    monkeypatch.setattr(reader, "read", reading)
+
+    async def ask() -> None:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+
+            async def get(path: str) -> tuple[int, bytes]:
+                response = await client.get(path, headers=cookie)
+                return response.status, await response.read()
+
+            paths = ["/api/v1/schema", "/metrics"] * (requests // 2)
+            answers = await asyncio.wait_for(asyncio.gather(*(get(p) for p in paths)), 60)
+            app.close()
+        assert [status for status, _ in answers] == [200] * requests
+        api = {body for (_, body), path in zip(answers, paths, strict=True) if path[1] == "a"}
+        assert len(api) == 1 and b'"r1"' in next(iter(api))
+        assert most == 1, f"{most} reads at once"
+        assert sorted(reads) == ["api", "metrics"], reads  # the others took what they read
+
+    asyncio.run(ask())
+
+
 # --- words and frames ----------------------------------------------------------------------------
 
 

@@ -208,6 +208,12 @@ class ViewerApp:
         self.drawn = 0  # contents drawn for the live streams (a test counts them)
         self._streams: collections.Counter[str] = collections.Counter()  # open, per session
         self._reading = asyncio.Lock()
+        # /api/v1/schema's and /metrics' reads: one at a time, and what one read is taken by
+        # the requests that waited for it (``_one_at_a_time``), by endpoint: (the store's
+        # ``commits`` as the read began, the answer's body). Emptied when none waits.
+        self._heavy = asyncio.Lock()
+        self._heavy_read: dict[str, tuple[int, bytes]] = {}
+        self._heavy_waiting = 0
         self._forgetting: asyncio.TimerHandle | None = None  # ``_forget_later``
         self._closed = False  # ``close``: no timer after it (streams end after it)
         # Built on the event loop (the app is made when the first connection arrives).
@@ -549,20 +555,48 @@ class ViewerApp:
             self._events.popitem(last=False)
         return event
 
+    async def _one_at_a_time(self, key: str, make: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The body ``make`` reads and draws, made for one request at a time (review s67 M1):
+        ``/api/v1/schema`` reads every stored rollout whole under the store's one lock (about
+        0.1 s at ten 500-node rollouts, and more with each), which the rollout engine and the
+        agents' heartbeats write under; one session's requests, each on a connection of its
+        own, held it nearly all the time. A request that waited while the body was made
+        takes it if no write committed between that read's start and the request's arrival;
+        nothing is kept once no request waits."""
+        commits = self.reader.store.db.commits
+        self._heavy_waiting += 1
+        try:
+            async with self._heavy:
+                hit = self._heavy_read.get(key)
+                if hit is not None and hit[0] == commits:
+                    return hit[1]
+                began = self.reader.store.db.commits
+                body = await make()
+                self._heavy_read[key] = (began, body)
+                return body
+        finally:
+            self._heavy_waiting -= 1
+            if not self._heavy_waiting:
+                self._heavy_read.clear()
+
     async def api_schema(self, request: web.Request) -> web.Response:
-        snap = await self._snapshot(None, every=True)
-        return web.Response(
-            text=json.dumps(snap.data, indent=2, sort_keys=True) + "\n",
-            content_type="application/json",
-        )
+        async def make() -> bytes:
+            snap = await self._snapshot(None, every=True)
+            return (json.dumps(snap.data, indent=2, sort_keys=True) + "\n").encode()
+
+        body = await self._one_at_a_time("api", make)
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
 
     async def metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST  # noqa: PLC0415 - when first asked for (see the top)
 
         from leader.viewer import metrics  # noqa: PLC0415 - when first asked for (see the top)
 
-        snap = await self._snapshot(None, times=True)
-        body = await asyncio.to_thread(metrics.render, snap)
+        async def make() -> bytes:
+            snap = await self._snapshot(None, times=True)
+            return await asyncio.to_thread(metrics.render, snap)
+
+        body = await self._one_at_a_time("metrics", make)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def login_page(self, request: web.Request) -> web.Response:
