@@ -285,8 +285,10 @@ class ViewerApp:
         if self.scrape_token is None:
             return False
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        # (surrogateescape: a header aiohttp read as other than UTF-8 is a wrong token, not a
+        # 500 and an error line that anybody could have the leader write: review s67 M2)
         return scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode(), self.scrape_token.encode()
+            value.strip().encode("utf-8", "surrogateescape"), self.scrape_token.encode()
         )
 
     @web.middleware
