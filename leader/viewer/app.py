@@ -53,6 +53,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import functools
 import hmac
 import json
 import re
@@ -60,7 +61,7 @@ import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -139,6 +140,7 @@ STATIC = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 GRANT: web.RequestKey[Grant] = web.RequestKey("grant", Grant)
 
 
@@ -212,6 +214,7 @@ class ViewerApp:
         # the requests that waited for it (``_one_at_a_time``), by endpoint: (the store's
         # ``commits`` as the read began, the answer's body). Emptied when none waits.
         self._heavy = asyncio.Lock()
+        self._drawing = asyncio.Lock()  # ``_apart``
         self._heavy_read: dict[str, tuple[int, bytes]] = {}
         self._heavy_waiting = 0
         self._forgetting: asyncio.TimerHandle | None = None  # ``_forget_later``
@@ -401,8 +404,21 @@ class ViewerApp:
             raise web.HTTPNotFound(text=f"no rollout {shown(rollout_id)}\n")
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
-        html = pages.schema_page(snap, self._words(request), self._page(request, rollout_id))
+        words, page = self._words(request), self._page(request, rollout_id)
+        html = await self._apart(functools.partial(pages.schema_page, snap, words, page))
         return web.Response(text=html, content_type="text/html")
+
+    async def _apart(self, draw: Callable[[], T]) -> T:
+        """``draw()`` (a page or a stream's live part, drawn on the event loop), then a round of
+        the loop before the next page's or stream's draw (review s67 L1): requests whose
+        snapshot was shared became ready together and drew one after another in one round, a
+        500-node rollout's page a few hundred ms each (another rollout's, or in the other
+        language: the rows and timelines kept are of four), and the agents' heartbeats and the
+        admin socket waited for all of them (16 requests: 5 s). Now they wait for one."""
+        async with self._drawing:
+            drawn = draw()
+            await asyncio.sleep(0)  # holding the lock: the next draw waits for the next round
+        return drawn
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The live part of the page as server-sent events: sent at once, then again whenever
@@ -494,7 +510,9 @@ class ViewerApp:
                 changed = self.pulse.event  # before the read: see ``Pulse``
                 began = time.monotonic()
                 snap = await self._shared_snapshot(rollout_id)
-                content = self._content(rollout_id, snap, words, page)
+                content = await self._apart(
+                    functools.partial(self._content, rollout_id, snap, words, page)
+                )
                 # A large cluster's page takes longer to read and draw: the gap grows with it,
                 # so that a page open during a rollout takes at most a third of the leader.
                 gap = max(EVENT_GAP, 2 * (time.monotonic() - began))
