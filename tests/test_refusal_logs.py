@@ -19,11 +19,13 @@ from typing import Any
 
 import aiohttp
 import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from leader.schema_store import SchemaStore
 from leader.store import Store
-from leader.viewer.app import ViewerApp
+from leader.viewer import server as viewer_server
+from leader.viewer.app import ViewerApp, handler_factory
 from leader.viewer.grants import Grants
 from leader.viewer.snapshot import Reader
 from tests.conftest import IssuedCert, none_fresh
@@ -157,3 +159,122 @@ def test_a_flood_of_unknown_viewer_links_writes_a_few_lines(
     assert summaries[0]["refused_not_logged"] == FLOOD + 2
     assert summaries[0]["top"] == [f"{first}: {FLOOD}", f"{second}: 2"]
     assert summaries[0]["reasons"] == {"unknown": FLOOD + 2}
+
+
+async def _viewer_served(
+    store: Store, address: str, server_log: viewer_server._HttpLog, scrape_token: str | None
+) -> tuple[ViewerApp, web.AppRunner, asyncio.Server]:
+    """The viewer's app served as the leader serves it (its runner's settings, its request
+    handler, ``server_log``), over plain TCP on ``address``: what is logged is the same."""
+    at = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+    reader = Reader(store, SchemaStore(store.db), lambda: at, lambda _: True, [], fresh=none_fresh)
+    app = ViewerApp(
+        reader=reader,
+        grants=Grants(store.db),
+        clock=lambda: at,
+        address=address,
+        scrape_token=scrape_token,
+        closing=asyncio.Event(),
+    )
+    runner = web.AppRunner(
+        app.make(), access_log=None, logger=server_log, keepalive_timeout=viewer_server.HEAD_SECONDS
+    )
+    await runner.setup()
+    assert runner.server is not None
+    served = await asyncio.get_running_loop().create_server(
+        handler_factory(runner.server), address, 0
+    )
+    return app, runner, served
+
+
+async def _answer(address: str, port: int, source: str, request: bytes) -> bytes:
+    """One raw request on a connection of its own from ``source``: the answer's status line."""
+    reader, writer = await asyncio.open_connection(address, port, local_addr=(source, 0))
+    try:
+        writer.write(request)
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    return answer.split(b"\r\n", 1)[0]
+
+
+def test_a_flood_of_requests_the_viewer_cannot_parse_writes_a_few_lines(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review s67 M3: each request aiohttp could not parse was a ``viewer.bad_request`` line,
+    whoever sent it: any host that reaches port 9444 could have the leader write a line per
+    request (journald's rate limit then drops the leader's own lines). Sampled per source now,
+    as refused logins are."""
+    store = Store(tmp_path / "leader.sqlite3")
+    address, first, second = loopback(), loopback(), loopback()
+    clock = FakeClock()
+    bad = b"GET / HTTP/1.1\r\nHost: viewer\r\nno colon here\r\n\r\n"
+
+    async def run() -> list[MutableMapping[str, Any]]:
+        app, runner, served = await _viewer_served(
+            store, address, viewer_server._HttpLog(clock=clock), None
+        )
+        port = served.sockets[0].getsockname()[1]
+        try:
+            with structlog.testing.capture_logs() as events:
+                for source, count in ((first, FLOOD), (second, 3)):
+                    for _ in range(count):
+                        status = await _answer(address, port, source, bad)
+                        assert status.split(b" ")[1] == b"400", status
+                assert [e["remote"] for e in named(events, "viewer.bad_request")] == [
+                    first,
+                    second,
+                ]
+                clock.advance(60)
+                await _answer(address, port, first, bad)
+        finally:
+            app.close()
+            served.close()
+            await runner.cleanup()
+        return events
+
+    events = asyncio.run(run())
+    summaries = named(events, "viewer.bad_requests_summary")
+    assert len(events) == 3 and len(summaries) == 1, [e["event"] for e in events]
+    assert summaries[0]["refused_not_logged"] == FLOOD + 2
+    assert summaries[0]["top"] == [f"{first}: {FLOOD}", f"{second}: 2"]
+    assert summaries[0]["reasons"] == {"BadHttpMessage": FLOOD + 2}
+
+
+def test_a_scrape_token_that_is_no_utf8_is_refused_not_a_server_error(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review s67 M2: ``Authorization: Bearer`` with bytes that are not UTF-8 (aiohttp keeps
+    them as surrogates) raised ``UnicodeEncodeError`` in the token's check, before any
+    session: a 500 and a ``viewer.request_failed`` error line for every such request, from
+    anybody. A wrong token now: 401, and nothing logged."""
+    store = Store(tmp_path / "leader.sqlite3")
+    address = loopback()
+
+    async def run() -> tuple[list[bytes], list[MutableMapping[str, Any]]]:
+        app, runner, served = await _viewer_served(
+            store, address, viewer_server._HttpLog(), "a-scrape-token-of-32-characters!"
+        )
+        port = served.sockets[0].getsockname()[1]
+        try:
+            with structlog.testing.capture_logs() as events:
+                statuses = [
+                    await _answer(
+                        address,
+                        port,
+                        address,
+                        b"GET /metrics HTTP/1.1\r\nHost: viewer\r\nConnection: close\r\n"
+                        b"Authorization: Bearer " + token + b"\r\n\r\n",
+                    )
+                    for token in (b"\xff\xfe", b"a-scrape-token-of-32-characters\xff")
+                ]
+        finally:
+            app.close()
+            served.close()
+            await runner.cleanup()
+        return statuses, events
+
+    statuses, events = asyncio.run(run())
+    assert [s.split(b" ")[1] for s in statuses] == [b"401", b"401"], statuses
+    assert events == [], events

@@ -1435,6 +1435,180 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
     asyncio.run(watch())
 
 
+def test_requests_for_the_api_and_the_metrics_read_the_store_one_at_a_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s67 M1: ``/api/v1/schema`` reads every stored rollout whole under the store's
+    one lock (~0.1 s at ten 500-node rollouts, growing with each), and each request read for
+    itself: one session's browser or script, a request per connection (16), held the lock
+    the rollout engine and the agents' heartbeats write under nearly all the time. Now such
+    reads run one at a time, and the requests that waited for one take what it read (no
+    write committed since it began); ``/metrics`` likewise."""
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    counted = threading.Lock()
+    inside = most = 0
+    reads: list[str] = []
+    looks = 0  # sessions looked up: one per request, before its handler runs
+    look = grants.session
+
+    def looked(*args: Any) -> Any:
+        nonlocal looks
+        found = look(*args)
+        with counted:
+            looks += 1
+        return found
+
+    monkeypatch.setattr(grants, "session", looked)
+    read = reader.read
+    loop: asyncio.AbstractEventLoop | None = None
+    requests = 6
+
+    def settled() -> None:
+        """(In the read's thread) until every request has reached its handler, its session
+        looked up and the loop past it, or a second read has begun beside this one."""
+        assert loop is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with counted:
+                if inside > 1:
+                    return
+                if looks >= requests:
+                    break
+            time.sleep(0.01)
+        for _ in range(20):  # the loop runs what the last lookups woke
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=10)
+            with counted:
+                if inside > 1:
+                    return
+
+    def reading(*args: Any, **kwargs: Any) -> Snapshot:
+        nonlocal inside, most
+        with counted:
+            inside += 1
+            most = max(most, inside)
+            reads.append("api" if kwargs.get("every") else "metrics")
+            first = len(reads) == 1
+        try:
+            if first:
+                settled()
+            return read(*args, **kwargs)
+        finally:
+            with counted:
+                inside -= 1
+
+    monkeypatch.setattr(reader, "read", reading)
+
+    async def ask() -> None:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+
+            async def get(path: str) -> tuple[int, bytes]:
+                response = await client.get(path, headers=cookie)
+                return response.status, await response.read()
+
+            paths = ["/api/v1/schema", "/metrics"] * (requests // 2)
+            answers = await asyncio.wait_for(asyncio.gather(*(get(p) for p in paths)), 60)
+            app.close()
+        assert [status for status, _ in answers] == [200] * requests
+        api = {body for (_, body), path in zip(answers, paths, strict=True) if path[1] == "a"}
+        assert len(api) == 1 and b'"r1"' in next(iter(api))
+        assert most == 1, f"{most} reads at once"
+        assert sorted(reads) == ["api", "metrics"], reads  # the others took what they read
+
+    asyncio.run(ask())
+
+
+def test_pages_drawn_for_requests_ready_together_are_drawn_a_loop_round_apart(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s67 L1: pages are drawn on the event loop, a 500-node rollout's in a few hundred
+    ms when its rows and timelines are not kept (another rollout's, or in the other language:
+    those of four are kept). Requests whose snapshot was shared became ready in the same round
+    of the loop and drew one after another in it: 16 such requests held the loop, and with it
+    the agents' heartbeats and the admin socket, for 5 s. Now each draw waits for the next
+    round after the one before it, so the loop looks at its sockets between any two."""
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)  # every snapshot shared
+    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    names = [f"n{i:02d}" for i in range(40)]
+    ids = [f"r{k}" for k in range(viewer_app.KEPT_SHARED)]
+    for rollout_id in ids:
+        row = start_rollout(schema, rollout_id, Change.ENABLE_TLS, names)
+        for event in (NodeEvent.START, NodeEvent.PREFLIGHT_FAILED):
+            records = [r.with_event(event) for r in row.records]
+            row = schema.save_states(row, row.rollout, records, NOW, "engine")
+        settled = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+        schema.save_states(row, settled, row.records, NOW, "engine")
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    rounds = 0  # the loop's rounds, counted by a callback that puts itself back each round
+    drawn_in: list[int] = []
+    draw = pages.schema_page
+
+    def counted(*args: Any) -> str:
+        drawn_in.append(rounds)
+        return draw(*args)
+
+    monkeypatch.setattr(pages, "schema_page", counted)
+
+    async def ask() -> None:
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            nonlocal rounds
+            rounds += 1
+            if not done:
+                loop.call_soon(tick)
+
+        done = False
+        tick()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+
+            async def get(path: str) -> int:
+                response = await client.get(path, headers=cookie)
+                await response.read()
+                return response.status
+
+            for rollout_id in ids:  # each snapshot read once, and shared from then on
+                assert await get(f"/rollouts/{rollout_id}") == 200
+            drawn_in.clear()
+            paths = [f"/rollouts/{i}?lang={lang}" for i in ids for lang in LANGS]
+            statuses = await asyncio.wait_for(asyncio.gather(*(get(p) for p in paths)), 120)
+            app.close()
+        done = True
+        assert statuses == [200] * len(paths)
+        assert len(drawn_in) == len(paths)
+        assert len(set(drawn_in)) == len(drawn_in), f"pages drawn in one round: {drawn_in}"
+
+    asyncio.run(ask())
+
+
 # --- words and frames ----------------------------------------------------------------------------
 
 

@@ -51,6 +51,19 @@ def _bad_request(exc: BaseException) -> bool:
     return isinstance(exc, HttpProcessingError)
 
 
+def _remote(record: logging.LogRecord) -> str | None:
+    """The client's address of aiohttp's "Error handling request from %s" line, if it is one."""
+    args = record.args
+    if (
+        str(record.msg).startswith("Error handling request from")
+        and isinstance(args, tuple)
+        and len(args) == 1
+        and isinstance(args[0], str)
+    ):
+        return args[0]
+    return None
+
+
 class ServerLog(logging.Logger):
     """A ``logging.Logger`` that aiohttp's request handler writes to; subclasses log the two
     kinds of line with their own event names (``bad_request``, ``failed``). It has no handler
@@ -65,11 +78,17 @@ class ServerLog(logging.Logger):
             return
         exc = _exception(record.exc_info)
         if exc is not None and _bad_request(exc):
-            self.bad_request(type(exc).__name__)
+            self.refused(type(exc).__name__, _remote(record))
         elif exc is not None:
             self.failed(type(exc).__name__, where(exc))
         else:  # aiohttp's own complaint (a handler without a response): its fixed text
             self.failed("none", str(record.msg).split("%", 1)[0].split(",", 1)[0][:80])
+
+    def refused(self, error_type: str, remote: str | None) -> None:
+        """A request aiohttp could not parse, from ``remote`` (None: not known): the
+        ``bad_request`` line; a listener that anybody reaches samples them instead (the
+        viewer's: ``tlsroll.logsample``)."""
+        self.bad_request(error_type)
 
     def bad_request(self, error_type: str) -> None:
         raise NotImplementedError
