@@ -34,6 +34,7 @@ import datetime as dt
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,8 +50,10 @@ from leader.viewer.grants import Grants
 from leader.viewer.listener import GatedListener, Limits
 from leader.viewer.snapshot import Reader
 from tlsroll import httplog, logs, pki, tls
+from tlsroll.backoff import source_key
 from tlsroll.errors import ConfigError, NotRegularFile, TerminalError, UnsafePermissions
 from tlsroll.fsutil import check_private_file, read_regular
+from tlsroll.logsample import SampledLog
 from tlsroll.rpc import hostport
 
 if TYPE_CHECKING:
@@ -72,10 +75,20 @@ log = logs.get_logger(__name__)
 class _HttpLog(httplog.ServerLog):
     """aiohttp's server log for the viewer: a request it cannot parse is one line with the
     error's type. Its message would hold the start of the line, and an overlong Cookie or
-    Authorization header starts with the session id or the scrape token (audit s34 H2)."""
+    Authorization header starts with the session id or the scrape token (audit s34 H2).
+    Anybody who reaches the port can send such requests as fast as the leader answers: the
+    lines are sampled per source (a source's first, naming it, then
+    ``viewer.bad_requests_summary`` at most once a minute: session 67)."""
 
-    def bad_request(self, error_type: str) -> None:
-        log.warning("viewer.bad_request", error_type=error_type)
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.sampled = SampledLog(clock=clock)
+
+    def bad_request(self, error_type: str, remote: str | None) -> None:
+        if self.sampled.first(source_key(remote), error_type):
+            log.warning("viewer.bad_request", remote=remote, error_type=error_type)
+        if (summary := self.sampled.summary()) is not None:
+            log.warning("viewer.bad_requests_summary", **summary.fields())
 
     def failed(self, error_type: str, where: str) -> None:
         log.error("viewer.request_failed", error_type=error_type, where=where)
