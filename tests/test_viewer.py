@@ -382,7 +382,9 @@ def test_an_overlong_header_line_logs_its_type_and_no_session_or_token(lone: Clu
     def refused() -> list[dict[str, Any]]:
         return [e for e in lone.leader.log_events() if e.get("event") == "viewer.bad_request"]
 
-    wait_until(lambda: len(refused()) >= 2, timeout=10, what="two viewer.bad_request lines")
+    # One line: both came from this host, whose later bad requests go into a summary a minute
+    # (sampled per source: tests/test_sampled_logs.py).
+    wait_until(lambda: len(refused()) >= 1, timeout=10, what="a viewer.bad_request line")
     assert {e["error_type"] for e in refused()} == {"LineTooLong"}
     text = lone.logs_text()
     assert session not in text and "scrape-token-0123456789abcdef" not in text
