@@ -15,7 +15,8 @@ IPv6 /64 (``tlsroll.backoff.source_key``):
 * **Log sampling.** The first failure of a source is logged with its reason; later ones and
   the refusals are counted, and ``summary()`` hands out one summary of them at most every
   ``summary_every`` seconds (the busiest sources named), so a flood writes a bounded number of
-  lines.
+  lines. That is ``tlsroll.logsample.SampledLog``'s rule, which keeps the count here too
+  (its reasons: ``failure``, and ``refused`` for a wait, which is never logged on its own).
 
 ``guarded`` wraps the ``Enrol`` servicer method with all of that (its service has a ``guard``
 attribute). Every refused enrolment counts as a failure, not only a wrong token: a request
@@ -39,7 +40,7 @@ import ipaddress
 import math
 import time
 import urllib.parse
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -51,12 +52,15 @@ from leader.tokens import JoinToken, MalformedToken
 from tlsroll import logs, peertext
 from tlsroll.backoff import Backoff, Policy, source_key
 from tlsroll.errors import TlsrollError
+from tlsroll.logsample import SampledLog
 from tlsroll.rpc import RpcStatusError
 
 log = logs.get_logger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-TOP_SOURCES = 5  # how many sources a summary names
+# The reasons the sampled log counts: a failed attempt, and one refused (told to wait).
+FAILURE = "failure"
+REFUSED = "refused"
 
 
 @dataclass(frozen=True)
@@ -123,11 +127,9 @@ class JoinGuard:
             Policy(free=p.free, base=p.base, cap=p.cap, forget=p.forget), max_keys=p.max_sources
         )
         self._in_flight: Counter[str] = Counter()
-        self._logged: OrderedDict[str, float] = OrderedDict()  # source -> when last logged
-        self._unlogged: Counter[str] = Counter()
-        self._unlogged_failures = 0
-        self._unlogged_refused = 0
-        self._last_summary = clock()
+        self._log = SampledLog(
+            every=p.summary_every, forget=p.forget, max_sources=p.max_sources, clock=clock
+        )
 
     # --- one attempt --------------------------------------------------------------------------
 
@@ -138,8 +140,7 @@ class JoinGuard:
         if wait <= 0 and self._in_flight[source] >= self.policy.max_in_flight:
             wait = self.policy.base
         if wait > 0:
-            self._unlogged_refused += 1
-            self._count_unlogged(source)
+            self._log.count(source, REFUSED)
             return Verdict(False, wait)
         self._in_flight[source] += 1
         return Verdict(True)
@@ -158,45 +159,26 @@ class JoinGuard:
         if not failed:
             self._backoff.reset(source)
             return False
-        now = self.clock()
         if counted:
-            self._backoff.failed(source, now)
-        logged_at = self._logged.get(source)
-        if logged_at is None or now - logged_at >= self.policy.forget:
-            self._logged[source] = now
-            self._logged.move_to_end(source)
-            while len(self._logged) > self.policy.max_sources:
-                self._logged.popitem(last=False)
-            return True
-        self._unlogged_failures += 1
-        self._count_unlogged(source)
-        return False
-
-    def _count_unlogged(self, source: str) -> None:
-        if source in self._unlogged or len(self._unlogged) < self.policy.max_sources:
-            self._unlogged[source] += 1
+            self._backoff.failed(source, self.clock())
+        return self._log.first(source, FAILURE)
 
     # --- the summary --------------------------------------------------------------------------
 
     def summary(self) -> Summary | None:
         """The summary that is due (something unlogged, the last one ``summary_every`` ago),
         or None; a returned summary is not handed out again."""
-        now = self.clock()
-        if not (self._unlogged_failures or self._unlogged_refused):
+        made = self._log.summary()
+        if made is None:
             return None
-        if now - self._last_summary < self.policy.summary_every:
-            return None
-        made = Summary(
-            seconds=now - self._last_summary,
-            failures=self._unlogged_failures,
-            refused=self._unlogged_refused,
-            sources=len(self._unlogged),
-            top=tuple(self._unlogged.most_common(TOP_SOURCES)),
+        reasons = dict(made.reasons)
+        return Summary(
+            seconds=made.seconds,
+            failures=reasons.get(FAILURE, 0),
+            refused=reasons.get(REFUSED, 0),
+            sources=made.sources,
+            top=made.top,
         )
-        self._last_summary = now
-        self._unlogged.clear()
-        self._unlogged_failures = self._unlogged_refused = 0
-        return made
 
 
 def _token_id(text: str) -> str | None:

@@ -404,8 +404,12 @@ class BootstrapService:
         self.limits = limits or (guard.limits if guard is not None else Limits())
         self.guard = guard or Guard(self.limits)
         self.failures = failures if failures is not None else FailureLog()
-        # The refused starts' log lines: a source's first, then a summary a minute.
+        # The refused starts' log lines: a source's first, then a summary a minute. So are
+        # the old clients' requests and the finishes refused before the password is confirmed
+        # (anybody on the network can send them too: review s66 logs M2, session 67).
         self.refusals = SampledLog(clock=clock)
+        self.old_clients = SampledLog(clock=clock)
+        self.finish_refusals = SampledLog(clock=clock)
         # Awaited after a failure is counted, before it is answered: the agent keeps it in its
         # journal, so that its restart gives no guesser a fresh ceiling (BootstrapHost).
         self.counted = counted
@@ -504,7 +508,9 @@ class BootstrapService:
             ("POST", proto.V1_ENROL_PATH): self.old_client,
         }
         limits = HttpLimits(max_body=proto.MAX_REQUEST_BYTES)
-        return JsonHttpsListener(routes, limits, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        return JsonHttpsListener(
+            routes, limits, shutdown_timeout=SHUTDOWN_TIMEOUT, clock=self.clock
+        )
 
     async def start(self) -> None:
         """Listen on https://address:port. ``NotStarted`` naming the cause if the port is held
@@ -593,7 +599,11 @@ class BootstrapService:
         return _answer(self.hello.to_json())
 
     async def old_client(self, request: Request) -> Reply:
-        log.info("bootstrap.old_client", remote=request.remote, path=request.path)
+        # Sampled per source, by path (two fixed ones): anybody may ask (session 67).
+        if self.old_clients.first(source_key(request.remote), request.path):
+            log.info("bootstrap.old_client", remote=request.remote, path=request.path)
+        if (summary := self.old_clients.summary()) is not None:
+            log.info("bootstrap.old_clients_summary", **summary.fields())
         answer = proto.upgrade_answer()
         if request.method in ("GET", "HEAD"):  # what a v1 client reads: its version check
             return _answer(answer)
@@ -673,6 +683,7 @@ class BootstrapService:
         source = source_key(request.remote)
         # (the loop's clock, not ``clock``: it times the worker's calls, as the client's does)
         deadline = asyncio.get_running_loop().time() + self.finish_deadline
+        confirmed = False  # the password: until then anybody may have sent it
         try:
             self._check_removed()
             try:
@@ -700,6 +711,7 @@ class BootstrapService:
                     proto.ErrorCode.WRONG_PASSWORD,
                     "wrong password (a changed password takes effect when the server restarts)",
                 )
+            confirmed = True
             self.guard.succeeded(ex.source, ex.workstation)
             try:
                 enrolled, cn, key_pin = await self._enrol(request, ex, finish)
@@ -710,7 +722,13 @@ class BootstrapService:
                 request, ex, signed, cn, key_pin, deadline, ca_pem=ca_pem
             )
         except Refused as exc:
-            if exc.code is not proto.ErrorCode.WRONG_PASSWORD:
+            # A wrong password has its own line (``_failed``). A refusal before the password is
+            # confirmed (a bad body, an exchange unknown or expired, a source told to wait, the
+            # node removed) anybody may send as fast as the node answers: sampled per source as
+            # the starts are (session 67). One after it is a workstation's that knew it: each.
+            if exc.code is not proto.ErrorCode.WRONG_PASSWORD and (
+                confirmed or self.finish_refusals.first(source, exc.code.value)
+            ):
                 log.warning(
                     "bootstrap.finish_refused",
                     remote=request.remote,
@@ -718,6 +736,8 @@ class BootstrapService:
                     status=exc.status,
                     retry_after=None if exc.retry is None else retry_after(exc.retry),
                 )
+            if not confirmed and (summary := self.finish_refusals.summary()) is not None:
+                log.warning("bootstrap.finishes_refused_summary", **summary.fields())
             return _refusal(exc)
         answer = proto.FinishAnswer(confirm=ex.keys.confirmation(proto.Side.NODE), payload=sealed)
         return _answer(answer.to_json())

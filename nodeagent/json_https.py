@@ -24,6 +24,11 @@ limits a listener open to a practice's network needs:
   handshake as well (its routes belong to the old service, such as the old password's
   verifier, and must never answer once a new one has taken over).
 
+A request that cannot be parsed (400, 431) or whose body is too large (413) is logged sampled
+per source (``https.malformed_request``, ``https.body_too_large`` for a source's first, then
+``https.bad_requests_summary`` at most once a minute: ``tlsroll.logsample``): anybody on the
+network can send them as fast as the node answers (session 67).
+
 A handler that fails unexpectedly gets the client a 500 (``internal``) and one log line with the
 exception's type (no traceback, no body), and its connection is closed.
 
@@ -40,6 +45,7 @@ import email.utils
 import http
 import json
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +54,9 @@ import h11
 
 from tlsroll import logs
 from tlsroll.accept_gate import Accepted, AcceptGate, per_source
+from tlsroll.backoff import source_key
 from tlsroll.errors import TerminalError
+from tlsroll.logsample import SampledLog
 
 log = logs.get_logger(__name__)
 
@@ -104,6 +112,7 @@ class JsonHttpsListener:
         limits: HttpLimits | None = None,
         *,
         shutdown_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.routes = dict(routes)
         for (method, path), handler in routes.items():
@@ -119,6 +128,8 @@ class JsonHttpsListener:
         self._gate = AcceptGate(self.limits.max_connections, on_refused=_refused)
         self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
         self._closing = False
+        # The bad requests' log lines: a source's first, then a summary a minute.
+        self.bad_requests = SampledLog(clock=clock)
 
     async def bind(self, address: str, port: int) -> int:
         """Take ``address:port`` (OSError if another program holds it), not listening yet
@@ -281,13 +292,18 @@ class JsonHttpsListener:
             except TimeoutError:
                 return  # too slow, or idle between requests: close
             except h11.RemoteProtocolError as exc:  # 431 past max_head, else 400
-                log.info("https.malformed_request", remote=remote, status=exc.error_status_hint)
+                status = exc.error_status_hint
+                if self.bad_requests.first(source_key(remote), f"malformed_request_{status}"):
+                    log.info("https.malformed_request", remote=remote, status=status)
+                self._bad_requests_summary()
                 await self._reply(
                     conn, writer, "GET", _error(exc.error_status_hint, "malformed request")
                 )
                 return
             except _TooLarge:
-                log.info("https.body_too_large", remote=remote, limit=self.limits.max_body)
+                if self.bad_requests.first(source_key(remote), "body_too_large"):
+                    log.info("https.body_too_large", remote=remote, limit=self.limits.max_body)
+                self._bad_requests_summary()
                 await self._reply(
                     conn, writer, "POST", _error(413, "request body too large", "too_large")
                 )
@@ -323,6 +339,10 @@ class JsonHttpsListener:
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    def _bad_requests_summary(self) -> None:
+        if (summary := self.bad_requests.summary()) is not None:
+            log.info("https.bad_requests_summary", **summary.fields())
 
     async def _read(
         self,

@@ -167,8 +167,8 @@ class _HttpLog(httplog.ServerLog):
     the start of the line, which may be a browser's cookies for this host (the leader's viewer
     session, if the two share an address) or an Authorization header."""
 
-    def bad_request(self, error_type: str) -> None:
-        log.warning("http.bad_request", error_type=error_type)
+    def bad_request(self, error_type: str, remote: str | None) -> None:
+        log.warning("http.bad_request", remote=remote, error_type=error_type)
 
     def failed(self, error_type: str, where: str) -> None:
         log.error("http.request_failed", error_type=error_type, where=where)

@@ -125,8 +125,8 @@ def test_memory_is_bounded_by_max_sources() -> None:
         fail(g, f"10.0.{i // 250}.{i % 250}")
         g.admit(f"10.0.{i // 250}.{i % 250}")  # refused: counted for the summary
     assert len(g._backoff._counts) <= 50
-    assert len(g._logged) <= 50
-    assert len(g._unlogged) <= 50
+    assert len(g._log._logged) <= 50
+    assert len(g._log._unlogged) <= 50
     assert not g._in_flight
     # The most recent sources are the ones kept.
     assert not g.admit("10.0.19.249").allowed

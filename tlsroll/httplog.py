@@ -8,8 +8,8 @@ the line, so an overlong Cookie or Authorization header put the viewer's session
 to ``web.AppRunner``::
 
     class _HttpLog(httplog.ServerLog):
-        def bad_request(self, error_type: str) -> None:
-            log.warning("viewer.bad_request", error_type=error_type)
+        def bad_request(self, error_type: str, remote: str | None) -> None:
+            log.warning("viewer.bad_request", remote=remote, error_type=error_type)
 
         def failed(self, error_type: str, where: str) -> None:
             log.error("viewer.request_failed", error_type=error_type, where=where)
@@ -17,7 +17,9 @@ to ``web.AppRunner``::
     web.AppRunner(app, access_log=None, logger=_HttpLog())
 
 Only the type and the place (``logs.where``) are logged, never a message or a traceback;
-aiohttp's debug lines (a client that sends no HTTP, a client gone) are dropped.
+aiohttp's debug lines (a client that sends no HTTP, a client gone) are dropped. A bad request
+comes with the client's address (``remote``: aiohttp's record's argument), so that a
+subclass can sample its lines per source (the viewer: ``tlsroll.logsample``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _remote(record: logging.LogRecord) -> str | None:
         and len(args) == 1
         and isinstance(args[0], str)
     ):
-        return args[0]
+        return args[0][:64]
     return None
 
 
@@ -78,19 +80,13 @@ class ServerLog(logging.Logger):
             return
         exc = _exception(record.exc_info)
         if exc is not None and _bad_request(exc):
-            self.refused(type(exc).__name__, _remote(record))
+            self.bad_request(type(exc).__name__, _remote(record))
         elif exc is not None:
             self.failed(type(exc).__name__, where(exc))
         else:  # aiohttp's own complaint (a handler without a response): its fixed text
             self.failed("none", str(record.msg).split("%", 1)[0].split(",", 1)[0][:80])
 
-    def refused(self, error_type: str, remote: str | None) -> None:
-        """A request aiohttp could not parse, from ``remote`` (None: not known): the
-        ``bad_request`` line; a listener that anybody reaches samples them instead (the
-        viewer's: ``tlsroll.logsample``)."""
-        self.bad_request(error_type)
-
-    def bad_request(self, error_type: str) -> None:
+    def bad_request(self, error_type: str, remote: str | None) -> None:
         raise NotImplementedError
 
     def failed(self, error_type: str, where: str) -> None:

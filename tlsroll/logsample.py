@@ -4,8 +4,11 @@ A port that answers before anyone is authenticated (a node's bootstrap port 9443
 login links on 9444) refuses what a stranger sends, and a line per refusal let one client
 write thousands of lines a second (review s66 logs M2: 8477 requests in 5 s, 8477 lines):
 journald's rate limit then dropped the daemon's own lines with them, the ones an admin needs.
-The join port already logged a source's first failure and then one summary a minute
-(``leader.join_guard``); ``SampledLog`` is that rule for the others, with no role's imports.
+The join port already logged a source's first failure and then one summary a minute; that
+rule is ``SampledLog`` now, with no role's imports (``leader.join_guard`` uses it as well).
+Session 67 put the other lines a stranger can cause per request under it too: the bootstrap
+port's old-client paths, its refused finishes (before the password is confirmed) and its
+listener's malformed or oversized requests, and the viewer's requests aiohttp cannot parse.
 
 ``first(source, reason)`` is True for a source's first refusal (again once the line logged
 for it is ``forget`` seconds old): the caller logs that one on its own, naming the source. The
@@ -82,11 +85,21 @@ class SampledLog:
             while len(self._logged) > self.max_sources:
                 self._logged.popitem(last=False)
             return True
+        self._count(source, reason)
+        return False
+
+    def count(self, source: str, reason: str) -> None:
+        """Count a refusal of ``source`` for the summary only, never logged on its own (the
+        join port's answers to wait: ``leader.join_guard``)."""
+        if self._last_summary is None:
+            self._last_summary = self.clock()
+        self._count(source, reason)
+
+    def _count(self, source: str, reason: str) -> None:
         self._refused += 1
         self._reasons[reason] += 1
         if source in self._unlogged or len(self._unlogged) < self.max_sources:
             self._unlogged[source] += 1
-        return False
 
     def summary(self) -> Summary | None:
         """The summary that is due (something unlogged, the last one ``every`` seconds ago), or

@@ -76,22 +76,19 @@ class _HttpLog(httplog.ServerLog):
     """aiohttp's server log for the viewer: a request it cannot parse is one line with the
     error's type. Its message would hold the start of the line, and an overlong Cookie or
     Authorization header starts with the session id or the scrape token (audit s34 H2).
-    Anybody who reaches the port can send such requests, as fast as the leader answers: a
-    source's first is logged, naming it, the rest in one summary a minute (review s67 M3;
-    ``tlsroll.logsample``, as the viewer's refused logins)."""
+    Anybody who reaches the port can send such requests as fast as the leader answers: the
+    lines are sampled per source (a source's first, naming it, then
+    ``viewer.bad_requests_summary`` at most once a minute: session 67)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.sampled = SampledLog(clock=clock)
 
-    def refused(self, error_type: str, remote: str | None) -> None:
+    def bad_request(self, error_type: str, remote: str | None) -> None:
         if self.sampled.first(source_key(remote), error_type):
-            log.warning("viewer.bad_request", error_type=error_type, remote=remote)
+            log.warning("viewer.bad_request", remote=remote, error_type=error_type)
         if (summary := self.sampled.summary()) is not None:
             log.warning("viewer.bad_requests_summary", **summary.fields())
-
-    def bad_request(self, error_type: str) -> None:
-        log.warning("viewer.bad_request", error_type=error_type)
 
     def failed(self, error_type: str, where: str) -> None:
         log.error("viewer.request_failed", error_type=error_type, where=where)
