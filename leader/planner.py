@@ -568,8 +568,9 @@ def plan_rollout(
     it twice; a node whose agent cannot be asked is ``Unreachable``; if no node is left to
     change, ``NothingToDo``. A node on http only under a change that starts from https is
     ``BLOCKED_HTTP`` (``not_on_https``: the start refuses the plan, ``NotOnHttps``); one whose
-    read-only preflight checks found problems is ``blocked: <them>`` (it starts, and fails
-    there unless they are fixed meanwhile).
+    read-only preflight checks found problems is ``blocked: <them>`` (among the first nodes
+    a start steps, the start is refused: ``blocked_at_once``; further on, it starts, and
+    fails there unless they are fixed meanwhile).
 
     ``agents``: each node's agent version and the features it reported (``Node.agent_features``).
     A node the rollout steps whose agent lacks a feature the rollout's requests need

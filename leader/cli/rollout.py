@@ -228,8 +228,8 @@ def plan(
     rollout has not ended: one at a time; enable-tls while the auth password in use cannot be
     confirmed, where a start without --password-file is refused too) or a node is "blocked:
     <why>": a start would be refused (a node on http only for rotate-cert or
-    change-password) or would stop at that node (its agent's preflight checks found
-    problems: a port taken, …)."""
+    change-password; one whose agent's preflight checks found problems, a port taken, …,
+    among the first --max-parallel nodes it steps) or would stop at that node (further on)."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
@@ -292,8 +292,9 @@ def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
     """CLIError (exit 1) if the plan has nodes on http only that its change starts from https
     on (``BLOCKED_HTTP``): the leader refuses to start it (audit s38 M5), so the start says so
     before anything is asked; so are nodes whose agents are too old for it (``blocked_too_old``).
-    A node blocked by its preflight checks is not refused here: the
-    start runs, and stops at that node unless its problems are fixed meanwhile."""
+    A node blocked by its preflight checks is refused by ``refuse_blocked_at_once`` if the
+    start steps it at once; further on, the start runs, and stops at that node unless its
+    problems are fixed meanwhile."""
     blocked = [n.name for n in reply.rollout.nodes if n.reason == BLOCKED_HTTP]
     if blocked:
         change = CHANGE.text(reply.rollout.change)
