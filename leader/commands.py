@@ -94,6 +94,7 @@ class FirstChannels(Protocol):
 
 STALE_ATTEMPTS = 5
 
+
 ALREADY: Mapping[RolloutAction, frozenset[RolloutState]] = {
     RolloutAction.PAUSE: frozenset({RolloutState.PAUSED}),
     # (resume given twice, or by two admins at once, exited 1: review rev58a L4)
@@ -702,6 +703,18 @@ class Commands:
             raise planner.NotOnHttps(request.change, blocked)
         if too_old := planner.too_old(nodes):  # they would drop what the change sends them
             raise planner.AgentsTooOld(request.change, too_old)
+        # A node its preflight checks block among those it steps at once: it would halt there
+        # at once, nothing done (brief s67 engine (a)). Not the way back nor a finalize, which
+        # have no --nodes to leave a node out with: the way back is the emergency path, whose
+        # prompt names the blocked nodes with their reasons.
+        if request.change in planner.AT_ONCE_REFUSED and (
+            at_once := planner.blocked_at_once(
+                [(r.name, r.reason) for r in nodes if r.state is NodeState.PENDING],
+                rollout.max_parallel,
+                rollout.failure_budget,
+            )
+        ):
+            raise planner.BlockedAtOnce(request.change, at_once)
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(

@@ -363,6 +363,44 @@ def too_old(records: Sequence[NodeRecord]) -> dict[str, str]:
     return {r.name: r.reason for r in records if blocked_too_old(r.reason)}
 
 
+class BlockedAtOnce(PlanError):
+    """Nodes the start would preflight at once (its first ``max_parallel`` stepped nodes) that
+    the plan marks ``blocked: <why>`` by their agents' checks, more than the failure budget
+    takes (FAILED_PRECONDITION): the start is refused with the plan's reasons, as one with a
+    node on http only or an agent too old is. Before, it was accepted and halted at once at
+    that preflight, nothing done (a systemd/exec template missing, say: brief s67 engine (a));
+    no fix can come "meanwhile" for a node stepped first."""
+
+    def __init__(self, change: Change, reasons: Mapping[str, str]) -> None:
+        names = list(reasons)
+        what = [f"{n} ({reasons[n].removeprefix(BLOCKED).strip()})" for n in names]
+        one = len(names) == 1
+        super().__init__(
+            f"{change.value} cannot start: its first step would fail at once on {_some(what)}: "
+            f"fix that, or leave {'it' if one else 'them'} out (--nodes); nothing was changed"
+        )
+        self.names = tuple(names)
+
+
+AT_ONCE_REFUSED = frozenset({Change.ENABLE_TLS, Change.ROTATE_CERT, Change.CHANGE_PASSWORD})
+"""The changes whose start is refused when a node it steps at once is blocked by its checks
+(``BlockedAtOnce``): those an admin starts with --nodes, to leave a node out. Not the way back
+(the emergency path, whose prompt names each blocked node with its reasons) nor a finalize."""
+
+
+def blocked_at_once(
+    stepped: Sequence[tuple[str, str]], max_parallel: int, failure_budget: int
+) -> dict[str, str]:
+    """Of ``stepped``, the (name, reason) of each node a plan steps, in its order, those the
+    start would preflight at once (the first ``max_parallel``) that are ``blocked: …``, with
+    their reasons, if there are more of them than ``failure_budget`` allows to fail (the
+    rollout would halt there at once: ``BlockedAtOnce``); else none. A node blocked further on
+    is not refused: it may be fixed while the nodes before it switch (its plan says it)."""
+    first = stepped[: max(max_parallel, 1)]
+    blocked = {name: reason for name, reason in first if reason.startswith(BLOCKED)}
+    return blocked if len(blocked) > failure_budget else {}
+
+
 class NoPasswordStaged(PlanError):
     """A change that applies the staged password, and none is staged (FAILED_PRECONDITION: the
     cluster's state, not the command, is what is missing)."""
@@ -530,8 +568,9 @@ def plan_rollout(
     it twice; a node whose agent cannot be asked is ``Unreachable``; if no node is left to
     change, ``NothingToDo``. A node on http only under a change that starts from https is
     ``BLOCKED_HTTP`` (``not_on_https``: the start refuses the plan, ``NotOnHttps``); one whose
-    read-only preflight checks found problems is ``blocked: <them>`` (it starts, and fails
-    there unless they are fixed meanwhile).
+    read-only preflight checks found problems is ``blocked: <them>`` (among the first nodes
+    a start steps, the start is refused: ``blocked_at_once``; further on, it starts, and
+    fails there unless they are fixed meanwhile).
 
     ``agents``: each node's agent version and the features it reported (``Node.agent_features``).
     A node the rollout steps whose agent lacks a feature the rollout's requests need

@@ -35,6 +35,7 @@ from leader.observe import NodeProblem, StreamEnded
 from leader.planner import (
     AgentsTooOld,
     AlreadyUndone,
+    BlockedAtOnce,
     EmptyScope,
     NeedsAdmin,
     NodesOffline,
@@ -138,6 +139,7 @@ ERRORS = {
     NothingToDo: grpc.StatusCode.FAILED_PRECONDITION,
     NotOnHttps: grpc.StatusCode.FAILED_PRECONDITION,
     AgentsTooOld: grpc.StatusCode.FAILED_PRECONDITION,
+    BlockedAtOnce: grpc.StatusCode.FAILED_PRECONDITION,
     NoPasswordStaged: grpc.StatusCode.FAILED_PRECONDITION,
     NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
     NotRetriable: grpc.StatusCode.FAILED_PRECONDITION,

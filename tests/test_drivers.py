@@ -37,6 +37,8 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from leader.cli.password import verifier_json
+from leader.cli.rollout import rollout_request
 from nodeagent import clients as client_sources
 from nodeagent import drivers, plans
 from nodeagent.drivers import (
@@ -577,7 +579,9 @@ def test_plan_and_start_block_a_node_whose_template_is_missing_or_has_a_bad_plac
     example names one nothing ships) and the rollout halted at that node's first switch, after
     its server certificate was issued. Now the checks render it (nothing written): the plan
     exits 1 naming each node, the file, the reason and the config key; a start is refused and
-    nothing is issued, staged or changed on either node."""
+    nothing is issued, staged or changed on either node. Refused up front with the plan's
+    reason, by the CLI and by the leader (brief s67 engine (a): it was accepted, and halted at
+    once at the first node's preflight, exit 3), as a plan with a node on http only is."""
     missing, _control, template = systemd_node(nodes)
     template.unlink()  # (read at a switch only: the agent started with it there)
     unknown, _exec_control = exec_node(nodes, timeout=20)
@@ -601,6 +605,7 @@ def test_plan_and_start_block_a_node_whose_template_is_missing_or_has_a_bad_plac
         (problem,) = pre.problems
         assert "\n" not in problem and "[server].template" in problem, problem
 
+    newest = [r["id"] for r in cluster.schema_json()["rollouts"]]
     password = tmp_path / "pw"
     password.touch(0o600)
     password.write_text("the-practice-password-for-templates\n")
@@ -608,9 +613,29 @@ def test_plan_and_start_block_a_node_whose_template_is_missing_or_has_a_bad_plac
         "rollout", "start", "--nodes", names, "--password-file", str(password), "--yes", "--wait"
     )  # fmt: skip
     said = start.stdout + start.stderr
-    assert start.returncode == 3 and "Traceback" not in said, said  # (halted)
-    # Stopped at the first node's preflight, which asks for no key when it fails.
-    assert f"halted: {missing.name} failed: cannot read template {template}" in said, said
+    assert start.returncode == 1 and "Traceback" not in said, said
+    (line,) = start.stderr.splitlines()
+    assert line.startswith(
+        f"tlsroll: error: enable-tls cannot start: its first step would fail at once on "
+        f"{missing.name} (cannot read template {template}: No such file or directory; fix "
+        "[server].template in "
+    ), line
+    assert line.endswith("leave it out (--nodes); nothing was changed"), line
+    # The leader refuses it too (a CLI that does not check: an older one, the API), with the
+    # same reason, FAILED_PRECONDITION; --max-parallel 2 takes both nodes at once: both named.
+    request = rollout_request(None, names, 2, "node", "enable-tls")
+    request.auth_verifier_json = verifier_json("the-practice-password-for-templates")
+    with cluster.admin() as admin, pytest.raises(grpc.RpcError) as info:
+        admin.StartRollout(request, timeout=60)
+    code, details = code_and_details(info.value)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert details.startswith(
+        f"enable-tls cannot start: its first step would fail at once on {missing.name} (cannot "
+        f"read template {template}: No such file or directory; fix [server].template in "
+    ), details
+    assert f"{unknown.name} (template {unknown_template}: unknown or bad placeholder" in details
+    assert details.endswith("leave them out (--nodes); nothing was changed"), details
+    assert [r["id"] for r in cluster.schema_json()["rollouts"]] == newest  # none was made
     shown = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
     servers = [c["subject"] for c in shown["certificates"] if c["kind"] == "server"]
     assert missing.name not in servers and unknown.name not in servers, servers
@@ -655,6 +680,41 @@ def test_the_way_back_is_not_blocked_by_a_template_it_does_not_render(
     rollout = cluster.poll_newest_rollout()
     assert rollout["change"] == "disable-tls" and rollout["state"] == "completed", rollout
     assert node.get("http").status == 200
+
+
+def test_the_way_backs_prompt_names_a_blocked_node_with_its_reasons(
+    cluster: Cluster, nodes: NodeFactory, tmp_path: Path
+) -> None:
+    """Brief s67 engine (b): the confirmation of `rollout rollback` named a node its agent's
+    checks block among those going back, without why (`tlsroll plan` gives it), so the admin
+    said yes to a way back that halts there. Now the prompt gives its reason (and so does the
+    list printed after a start with --yes); nothing is started without the answer."""
+    node = nodes.new().start()
+    password = tmp_path / "pw"
+    password.touch(0o600)
+    password.write_text("the-practice-password-for-the-prompt\n")
+    start = cluster.cli(
+        "rollout", "start", "--nodes", node.name, "--password-file", str(password), "--yes",
+        "--wait", timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    switched = cluster.poll_newest_rollout()["id"]
+    config_dir = node.server.config_path.parent
+    mode = stat.S_IMODE(config_dir.stat().st_mode)
+    config_dir.chmod(mode | 0o022)  # writable by group and others: the agent writes no config
+    try:
+        asked = cluster.cli("rollout", "rollback")  # the prompt; not a terminal: not started
+    finally:
+        config_dir.chmod(mode)
+    said = asked.stdout + asked.stderr
+    assert asked.returncode == 2 and "Traceback" not in said, said
+    assert f"Back to http: {node.name} (" in asked.stdout, said
+    blocked = [line for line in asked.stdout.splitlines() if line.startswith(f"  {node.name}: ")]
+    assert len(blocked) == 1, said
+    assert blocked[0].startswith(f"  {node.name}: blocked: config directory: {config_dir} is wr")
+    assert blocked[0].endswith("(the way back halts there unless it is fixed)"), blocked
+    assert cluster.poll_newest_rollout()["id"] == switched  # nothing started
+    assert node.get("https").status == 200
 
 
 def test_systemd_config_the_server_cannot_load_is_rolled_back(nodes: NodeFactory) -> None:

@@ -403,8 +403,10 @@ def test_password_set_is_refused_while_a_rollout_runs(
 
 
 def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) -> None:
-    """9443 held by another program: preflight names it and the node fails untouched; with
-    [agent].bootstrap_port set, that port is used, shown in the schema and the notify text."""
+    """9443 held by another program: the checks name it and the start is refused, the node
+    untouched (it was accepted, and the node failed its preflight at once: brief s67 engine
+    (a)); with [agent].bootstrap_port set, that port is used, shown in the schema and the
+    notify text."""
     w = World(tmp_path, nodes=1)
     squatter = socket.socket()
     try:
@@ -413,11 +415,14 @@ def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) 
         squatter.bind((node.address, 9443))
         squatter.listen()
         pw = secret_file(tmp_path / "pw", PW1)
-        rollout = w.run_rollout("--password-file", str(pw))
-        assert rollout["state"] == "halted"
-        (view,) = rollout["nodes"]
-        assert view["state"] == "failed"
-        assert "9443" in view["reason"] and "bootstrap" in view["reason"]
+        refused = w.cli("rollout", "start", "--scope", "cluster", "--password-file", str(pw))
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr.startswith(
+            f"tlsroll: error: enable-tls cannot start: its first step would fail at once on "
+            f"{node.name} ("
+        ), refused.stderr
+        assert "9443" in refused.stderr and "bootstrap" in refused.stderr, refused.stderr
+        assert w.schema()["rollouts"] == []  # none was made
         assert http_request("GET", node.http_url()).status == 200  # still on http
 
         assert node.agent is not None

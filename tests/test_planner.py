@@ -16,6 +16,7 @@ from leader.planner import (
     SWITCH_SLOT,
     AlreadyUndone,
     AuthDecision,
+    BlockedAtOnce,
     EmptyScope,
     InconsistentRecords,
     NodeEventAction,
@@ -31,6 +32,7 @@ from leader.planner import (
     WrongSource,
     apply_plan,
     awaiting_verdict,
+    blocked_at_once,
     confirm_success,
     decide_auth,
     finalize_scope,
@@ -1962,3 +1964,28 @@ def test_a_cut_off_node_is_never_frozen_nor_holds_a_switch() -> None:
     go = next_actions(running, nodes, cut_off={"b"}, lapsed={"b"})
     assert set(go.nodes_with_event(NodeEvent.SWITCH)) == {"a", "c"}, go
     assert not [s for s in go.steps if s.node == "b"], go.steps
+
+
+def test_a_start_is_refused_only_for_the_blocked_nodes_it_would_preflight_at_once() -> None:
+    """Brief s67 engine (a): a start whose first node its agent's checks block (a template
+    missing) was accepted and halted at once at that preflight. Refused now: a node blocked
+    among the first --max-parallel stepped ones, more of them than the failure budget takes;
+    not one further on, which may be fixed while those before it switch."""
+    ok, port = "", "blocked: port 8443 taken"
+    tmpl = "blocked: cannot read template /t: No such file or directory; fix [server].template"
+    assert blocked_at_once([("a", tmpl), ("b", ok)], 1, 0) == {"a": tmpl}
+    assert blocked_at_once([("a", ok), ("b", tmpl)], 1, 0) == {}  # b: fixed meanwhile, maybe
+    assert blocked_at_once([("a", ok), ("b", tmpl)], 2, 0) == {"b": tmpl}  # both at once
+    assert blocked_at_once([("a", ok), ("b", tmpl)], 0, 0) == {}  # (0 steps one at a time)
+    assert blocked_at_once([("a", tmpl), ("b", ok)], 2, 1) == {}  # the budget takes one
+    assert blocked_at_once([("a", tmpl), ("b", port)], 2, 1) == {"a": tmpl, "b": port}
+    assert blocked_at_once([], 1, 0) == {}
+    one = BlockedAtOnce(Change.ENABLE_TLS, {"a": tmpl})
+    assert str(one) == (
+        "enable-tls cannot start: its first step would fail at once on a (cannot read template"
+        " /t: No such file or directory; fix [server].template): fix that, or leave it out"
+        " (--nodes); nothing was changed"
+    )
+    assert one.names == ("a",) and isinstance(one, PlanError)
+    two = BlockedAtOnce(Change.ROTATE_CERT, {"a": tmpl, "b": port})
+    assert ", b (port 8443 taken): fix that, or leave them out (--nodes)" in str(two)

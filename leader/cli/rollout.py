@@ -78,6 +78,7 @@ NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
 REMOVED_SINCE = "left out: removed since (tlsroll nodes remove)"
 """After a node's name: a retry or a way back of a named rollout left it out (s50retry)."""
 SKIPPED = NodeState.SKIPPED.value
+PENDING = NodeState.PENDING.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
 # A weak --password-file's way out (``obtain_password``): `rollout start` makes one itself.
@@ -227,8 +228,8 @@ def plan(
     rollout has not ended: one at a time; enable-tls while the auth password in use cannot be
     confirmed, where a start without --password-file is refused too) or a node is "blocked:
     <why>": a start would be refused (a node on http only for rotate-cert or
-    change-password) or would stop at that node (its agent's preflight checks found
-    problems: a port taken, …)."""
+    change-password; one whose agent's preflight checks found problems, a port taken, …,
+    among the first --max-parallel nodes it steps) or would stop at that node (further on)."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
@@ -291,8 +292,9 @@ def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
     """CLIError (exit 1) if the plan has nodes on http only that its change starts from https
     on (``BLOCKED_HTTP``): the leader refuses to start it (audit s38 M5), so the start says so
     before anything is asked; so are nodes whose agents are too old for it (``blocked_too_old``).
-    A node blocked by its preflight checks is not refused here: the
-    start runs, and stops at that node unless its problems are fixed meanwhile."""
+    A node blocked by its preflight checks is refused by ``refuse_blocked_at_once`` if the
+    start steps it at once; further on, the start runs, and stops at that node unless its
+    problems are fixed meanwhile."""
     blocked = [n.name for n in reply.rollout.nodes if n.reason == BLOCKED_HTTP]
     if blocked:
         change = CHANGE.text(reply.rollout.change)
@@ -309,6 +311,25 @@ def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
         raise CLIError(
             f"{change} cannot start: {shown} (or leave {them} out: --nodes); nothing was changed"
         )
+
+
+def refuse_blocked_at_once(reply: admin_pb2.PlanResponse) -> None:
+    """CLIError (exit 1) if a node the start would preflight at once (its first
+    --max-parallel stepped nodes) is blocked by its agent's checks, more of them than the
+    failure budget takes (``planner.blocked_at_once``): the start would halt there at once,
+    nothing done, and the leader refuses it (brief s67 engine (a): a template missing was
+    accepted, and halted). Before the plan is shown and the admin asked."""
+    r = reply.rollout
+    stepped = [(n.name, n.reason) for n in r.nodes if NODE_STATE.text(n.state) == PENDING]
+    if not any(why.startswith(BLOCKED) for _, why in stepped[: max(r.max_parallel, 1)]):
+        return
+    from leader import planner  # noqa: PLC0415 - the planner, for a refusal only
+
+    change = Change(CHANGE.text(r.change))
+    if change not in planner.AT_ONCE_REFUSED:
+        return
+    if blocked := planner.blocked_at_once(stepped, r.max_parallel, r.failure_budget):
+        raise CLIError(str(planner.BlockedAtOnce(change, blocked)))
 
 
 # What a node that is neither done already nor blocked will go through, per change (a direct
@@ -456,6 +477,7 @@ def rollout_start(
             raise CLIError(f"{planned.busy}; nothing was started")
         check_echo(request, planned)
         refuse_not_on_https(planned)  # before anything is asked (the leader refuses it too)
+        refuse_blocked_at_once(planned)  # (so does the leader: ``planner.BlockedAtOnce``)
         if password_version is not None and password_version != planned.applies.version:
             raise CLIError(
                 f"password version {password_version} is not the one a change-password "
@@ -710,6 +732,12 @@ def going_back(
     skipped = [n for n in nodes if NODE_STATE.text(n.state) == SKIPPED]
     going = ", ".join(n.name for n in nodes if n not in skipped)
     out.print(f"Back to http: {going}{how}")
+    # A node going back that its agent's checks block, with why (as the plan names it): its
+    # preflight would fail, and the way back halt there (brief s67 engine (b): the prompt
+    # named it among those going back, no more).
+    for n in nodes:
+        if NODE_STATE.text(n.state) != SKIPPED and n.reason.startswith(BLOCKED):
+            out.print(f"  {n.name}: {n.reason} (the way back halts there unless it is fixed)")
     for n in skipped:
         on_http = n.reason.startswith("already done") and not left_as_is(n.reason)
         out.print(f"  {n.name}: {'already on http' if on_http else n.reason}")
