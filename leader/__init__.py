@@ -22,10 +22,13 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 # that polls the completion queue (grpc.aio's poller): a sparse heartbeat message woke gRPC's
 # threads ~12 times. With the listener experiment off, accepted connections are iomgr's, read
 # by the polling thread itself: ~2.5-3 context switches and ~0.16-0.33 ms less server CPU per
-# message (``bench.grpc_floor --modes message``; issue 15). This goes back to gRPC's older,
-# long-stable path for the leader's listening ports only (its channels to agents stay
-# EventEngine clients). An explicit GRPC_EXPERIMENTS still wins. A later grpcio may drop the
+# message (``bench.grpc_floor --modes message``; issue 15). The same for its channels to
+# agents (``event_engine_client`` off, session 67): every reply and every state of a switch's
+# watch that reaches the leader woke the engine's threads 5-6 times (about once now), and
+# the event_engine threads' context switches per node in ``bench.rollout`` about halved.
+# Both go back to gRPC's older, long-stable iomgr path, in the leader only (the agent runs
+# gRPC's defaults). An explicit GRPC_EXPERIMENTS still wins. A later grpcio may drop a
 # switch: gRPC then runs its default (nothing breaks; its "Unknown experiment" line is not
 # written at GRPC_VERBOSITY=NONE); tests/test_perf_shape.py fails then, to have it looked at.
-GRPC_EXPERIMENTS = "-event_engine_listener"
+GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_client"
 os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)

@@ -1,7 +1,7 @@
 """gRPC as the leader daemon ships it, in the test process (review 2 of session 32, F6).
 
 gRPC reads ``GRPC_EXPERIMENTS`` once, as it is imported; the daemon's ``leader`` package sets
-it first (``leader.GRPC_EXPERIMENTS``: gRPC's older listener for the leader's ports). The
+it first (``leader.GRPC_EXPERIMENTS``: gRPC's older listener and client endpoints). The
 tests run the leader's service in this process, and ran gRPC's default listener, which the
 leader does not ship. ``tests/conftest.py`` imports this module before anything imports gRPC:
 the leader's package sets the value (an explicit one wins, as in the daemon), gRPC reads it,
