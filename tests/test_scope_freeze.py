@@ -14,7 +14,7 @@ import pytest
 
 from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, start_nodes
 from tests.refserver_helper import http_request
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
@@ -43,8 +43,7 @@ class ScopeWorld:
         self.cluster.init("--node-name", "node1")
         self.cluster.write_leader_config({"prepare_ahead": 0, **leader_config})
         self.cluster.start_leader()
-        for node in self.nodes:
-            node.start()
+        start_nodes(self.nodes)
         self.cluster.wait_for_nodes_online([n.name for n in self.nodes])
         pw = self.root / "pw"
         pw.touch(0o600)
