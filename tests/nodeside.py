@@ -159,7 +159,7 @@ class Node:
         ``extra_config`` adds tables (e.g. ``"server.commands"``)."""
         if start_server:
             self.server.start()
-        self.add_agent(env, extra_config=extra_config, **server)
+        self.add_agent(env, extra_config=extra_config, server=server)
         return self
 
     def add_agent(
@@ -168,11 +168,16 @@ class Node:
         *,
         extra_config: Mapping[str, Mapping[str, object]] | None = None,
         start: bool = True,
-        **server: object,
+        server: Mapping[str, object] | None = None,
     ) -> Agent:
-        """``start``'s agent (its config and token; with ``start``, run until enrolled)."""
+        """``start``'s agent (its config and token; with ``start``, run until enrolled);
+        ``server``: keys of its ``[server]`` table beside the reference driver's."""
         config: dict[str, Mapping[str, object]] = {
-            "server": {"driver": "reference", "config_file": self.server.config_path, **server}
+            "server": {
+                "driver": "reference",
+                "config_file": self.server.config_path,
+                **(server or {}),
+            }
         }
         config.update(extra_config or {})
         self.agent = self.cluster.add_agent(
@@ -516,7 +521,9 @@ def start_nodes(
     for node in nodes:
         own = (node_env or {}).get(node.name)
         envs.append({**(env or {}), **own} if own else env)
-    agents = [node.add_agent(e, start=False, **server) for node, e in zip(nodes, envs, strict=True)]
+    agents = [
+        node.add_agent(e, start=False, server=server) for node, e in zip(nodes, envs, strict=True)
+    ]
     for agent, e in zip(agents, envs, strict=True):
         agent.spawn(e)
     for agent in agents:
