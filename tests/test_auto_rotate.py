@@ -344,7 +344,7 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
     leader restart; the new certificates live 10 minutes, so that none is due again here): a
     rotate-cert rollout of the due nodes starts by itself, audited as the leader's, and
     completes; each node serves a new certificate from outside."""
-    from tests.nodeside import Node
+    from tests.nodeside import Node, start_nodes
     from tests.test_level_based import password_file
 
     addresses = [next_loopback() for _ in range(2)]
@@ -362,8 +362,7 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
             }
         )
         cluster.start_leader()
-        for node in nodes:
-            node.start()
+        start_nodes(nodes)
         cluster.wait_for_nodes_online([n.name for n in nodes])
         pw = password_file(tmp_path, "pw", "auto-rotate-password-for-practice")
         start = cluster.cli(

@@ -23,7 +23,7 @@ from leader import byo
 from tests.byo_certs import NOW, Issuer, key_pem, leaf, make_ca, pem, write_dir
 from tests.cluster import AdminTokenCluster, Cluster
 from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, start_nodes
 from tests.refserver_helper import http_request, peer_certificate
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import pki, tls
@@ -326,8 +326,7 @@ def two_nodes(root: Path) -> tuple[Cluster, list[Node]]:
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
-        for node in nodes:
-            node.start()
+        start_nodes(nodes)
         cluster.wait_for_nodes_online([n.name for n in nodes])
     except BaseException:
         close(cluster, nodes)

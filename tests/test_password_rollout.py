@@ -23,7 +23,7 @@ import pytest
 from nodeagent.journal import Journal
 from tests.cluster import LEADER_POLL, AdminTokenCluster, one_line_error, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, start_nodes
 from tests.refserver_helper import http_request
 from tlsroll import cli, pki, tls
 from workstation.connection import TestConnection
@@ -55,8 +55,7 @@ class World:
     def start(self) -> World:
         self.cluster.init("--node-name", "node1")
         self.cluster.start_leader()
-        for node in self.nodes:
-            node.start()
+        start_nodes(self.nodes)
         self.cluster.wait_for_nodes_online([n.name for n in self.nodes])
         return self
 

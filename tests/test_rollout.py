@@ -37,7 +37,7 @@ from leader.rollout_core import cut_off_mid_switch
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node, port_holder
+from tests.nodeside import Node, port_holder, start_nodes
 from tlsroll import pki, spiffe
 
 pytestmark = pytest.mark.slow
@@ -85,15 +85,17 @@ class Setups:
         root = self.root / f"c{len(self.clusters)}"
         cluster = AdminTokenCluster(root, next_loopback(), heartbeat_interval=1)
         self.clusters.append(cluster)
-        cluster.init(*(("--node-name", leader_node) if leader_node else ()))
-        cluster.start_leader()
         nodes = {}
         for name in names:
             address = cluster.address if name == leader_node else next_loopback()
             settings: dict[str, Any] = dict((server or {}).get(name, {}))
             node = Node(cluster, name, address, root / name, **settings)
             self.nodes.append(node)
-            nodes[name] = node.start((agent_env or {}).get(name))
+            nodes[name] = node
+            node.server.spawn()  # (it needs no leader: it starts while init and the leader do)
+        cluster.init(*(("--node-name", leader_node) if leader_node else ()))
+        cluster.start_leader()
+        start_nodes(list(nodes.values()), node_env=agent_env)
         cluster.wait_for_nodes_online(names)
         password_file = root / "password"
         password_file.write_text("correct horse battery staple\n")

@@ -36,7 +36,7 @@ from leader.store import IssuedCert, Store, crl_time, revoke_undelivered_in
 from refserver.server import WRITE_DELAY_ENV
 from tests.cluster import AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, start_nodes
 from tests.refserver_helper import peer_certificate
 from tests.test_level_based import password_file
 from tlsroll import pki
@@ -156,8 +156,7 @@ def test_rotating_three_nodes_under_writes_one_fails_verification_and_keeps_its_
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
-        for node in nodes:
-            node.start(env=DELAY)
+        start_nodes(nodes, DELAY)
         cluster.wait_for_nodes_online([n.name for n in nodes])
         pw = password_file(tmp_path, "pw", "rotation-password-for-the-practice")
         enable = cluster.cli(

@@ -34,7 +34,7 @@ import pytest
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node, cluster_of
+from tests.nodeside import Node, cluster_of, start_nodes
 from tests.test_level_based import live, password_file
 from tlsroll import httpcheck, tls
 
@@ -675,8 +675,7 @@ def fresh_reports(root: Path) -> Iterator[tuple[Cluster, list[Node]]]:
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
-        for node in nodes:
-            node.start(clients_refresh=1)
+        start_nodes(nodes, clients_refresh=1)
         cluster.wait_for_nodes_online([n.name for n in nodes])
         yield cluster, nodes
     finally:

@@ -12,7 +12,7 @@ from typing import Any
 
 from tests.cluster import LEADER_POLL, AdminTokenCluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, start_nodes
 from tests.refserver_helper import http_request
 from tests.test_viewer import fetch, session_for
 from tlsroll import tls
@@ -33,8 +33,7 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
     try:
         cluster.init("--node-name", "node1")
         cluster.start_leader()
-        for node in nodes:
-            node.start()
+        start_nodes(nodes)
         cluster.wait_for_nodes_online([n.name for n in nodes])
 
         def newest() -> dict[str, Any]:
