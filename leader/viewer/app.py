@@ -30,8 +30,9 @@ schema pages, whose Content-Security-Policy allows form submissions to the viewe
 every other answer's forbids them), and the policy forbids inline scripts and anything from
 another origin. The sign-out is taken only from the viewer's own pages: besides the
 SameSite=Strict cookie, the browser's ``Sec-Fetch-Site`` must say ``same-origin`` (or,
-without it, ``Origin`` be the viewer's); a POST from another site is 403 and changes nothing. Without a valid session every
-path but the login and the static files answers 401 with a page that says how to get access.
+without it, ``Origin`` be the viewer's); a POST from another site is 403 and changes nothing.
+Without a valid session every path but the login, the static files and the sign-out answers
+401 with a page that says how to get access.
 
 The session cookie (``__Host-tlsroll-viewer``) is HttpOnly, Secure and SameSite=Strict; its
 value is 256 random bits of which the leader keeps only a hash (``leader.viewer.grants``).

@@ -12,10 +12,10 @@
 A grant is single use: its first login binds it to one browser session (the cookie), which
 ends when the grant expires or is revoked, or when that browser signs out: the session is
 the grant's only one and its link is spent, so signing out ends the grant (it shows as
-revoked; the audit says ``viewer_grant.signed_out``) and coming back takes a new grant. The link's secret and the session id have 256 bits
-from ``secrets``; the table keeps only their sha256 (a fast hash is enough at that entropy, as
-for join tokens), and neither is ever logged. Every change writes an audit event in the same
-transaction. Clocks are passed in.
+revoked; the audit says ``viewer_grant.signed_out``) and coming back takes a new grant.
+The link's secret and the session id have 256 bits from ``secrets``; the table keeps only
+their sha256 (a fast hash is enough at that entropy, as for join tokens), and neither is ever
+logged. Every change writes an audit event in the same transaction. Clocks are passed in.
 """
 
 from __future__ import annotations
