@@ -385,9 +385,7 @@ def test_signing_out_ends_the_session_its_copies_and_its_live_streams(lone: Clus
 
     # Again (another tab's button): the same page, nothing more to end, nothing written.
     after = audit_rows(lone)
-    again = fetch(
-        lone, "/logout?lang=en", method="POST", cookie=session, headers={"Origin": own}
-    )
+    again = fetch(lone, "/logout?lang=en", method="POST", cookie=session, headers={"Origin": own})
     assert again.status == 200 and "Signed out" in again.body
     assert "max-age=0" in again.cookies()[SESSION_COOKIE].lower()
     assert audit_rows(lone) == after and len(signed_out()) == 1
