@@ -292,8 +292,9 @@ class ViewerApp:
 
     @web.middleware
     async def _session(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every path but the login and the static files needs a valid session (or, for
-        /metrics, the scrape token)."""
+        """Every path but the login, the static files and the sign-out (which ends a valid
+        session, if it is sent one) needs a valid session (or, for /metrics, the scrape
+        token)."""
         if request.path.startswith(("/login/", "/static/")) or request.path == SIGN_OUT_PATH:
             return await handler(request)  # (the sign-out looks at its session itself)
         if request.path == "/metrics" and self._scrape_token_ok(request):
