@@ -225,7 +225,10 @@ def test_a_login_link_opens_one_strict_session_and_only_once(lone: Cluster) -> N
     page = fetch(lone, "/", cookie=session)
     assert page.status == 200 and "Angemeldet als Dr. Huber" in page.body
     assert page.header("Content-Security-Policy") is not None
-    assert "form-action 'none'" in page.header("Content-Security-Policy")  # type: ignore[operator]
+    # Its one form is the sign-out's, to the viewer itself; no other answer may post a form.
+    assert "form-action 'self'" in page.header("Content-Security-Policy")  # type: ignore[operator]
+    api = fetch(lone, "/api/v1/schema", cookie=session).header("Content-Security-Policy")
+    assert "form-action 'none'" in api  # type: ignore[operator]
     assert page.header("Cache-Control") == "no-store"
     state = grants(lone)["Dr. Huber"]
     assert state["state"] == "active" and state["used_at"]
@@ -289,6 +292,103 @@ def test_revoked_and_expired_sessions_get_the_page_that_says_how_to_get_access(
 
     refused = lone.cli("viewer", "revoke", "nosuch")
     assert refused.returncode == 1 and "no viewer grant" in refused.stderr
+
+
+def open_stream(cluster: Cluster, cookie: str) -> tuple[http.client.HTTPSConnection, Any]:
+    """A page's live stream (/events) with this session, read (raw, as it comes: chunked) up
+    to its first event."""
+    context = client_context(cluster.ca_pem)
+    conn = http.client.HTTPSConnection(cluster.address, VIEWER_PORT, timeout=15, context=context)
+    conn.request("GET", "/events", headers={"Cookie": f"{SESSION_COOKIE}={cookie}"})
+    response = conn.getresponse()
+    assert response.status == 200
+    while not response.fp.readline().startswith(b"event: update"):
+        pass
+    return conn, response
+
+
+def test_signing_out_ends_the_session_its_copies_and_its_live_streams(lone: Cluster) -> None:
+    """Review s67 viewer L2: a session lasted as long as its grant, up to 7 days, and only
+    `tlsroll viewer revoke` on the leader ended it (a shared practice PC)."""
+    session = session_for(lone, "Abmelden")
+    page = fetch(lone, "/", cookie=session)
+    assert 'action="/logout?lang=de"' in page.body and 'method="post"' in page.body
+    grant_id = grants(lone)["Abmelden"]["id"]
+    before = audit_rows(lone)
+
+    # GET and HEAD of the path are 405 and change nothing (a prefetch, a link to it).
+    for method in ("GET", "HEAD", "PUT", "DELETE"):
+        refused = fetch(lone, "/logout", method=method, cookie=session)
+        assert refused.status == 405 and refused.header("Allow") == "POST", method
+    # A POST from another site (besides SameSite=Strict, which keeps the cookie from it), or
+    # from no browser at all: 403, nothing changed.
+    own = f"https://{lone.address}:{VIEWER_PORT}"
+    for headers in (
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+        {"Origin": f"https://{lone.address}:9443", "Sec-Fetch-Site": "same-site"},
+        {"Origin": own, "Sec-Fetch-Site": "cross-site"},
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "same-origin"},
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "none"},
+        {},
+    ):
+        refused = fetch(lone, "/logout", method="POST", cookie=session, headers=headers)
+        assert refused.status == 403, headers
+        assert SESSION_COOKIE not in refused.cookies(), headers
+    assert audit_rows(lone) == before
+    assert fetch(lone, "/", cookie=session).status == 200
+    assert grants(lone)["Abmelden"]["state"] == "active"
+
+    # The button: the browser's form POST (Chromium sends Origin "null" under the pages'
+    # no-referrer policy, and Sec-Fetch-Site).
+    conn, stream = open_stream(lone, session)
+    try:
+        left = fetch(
+            lone,
+            "/logout?lang=de",
+            method="POST",
+            cookie=session,
+            headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"},
+        )
+        assert left.status == 200, left
+        assert 'id="signed-out"' in left.body and "Abgemeldet" in left.body
+        assert HOW_TO_GET_ACCESS in left.body
+        cleared = left.cookies()[SESSION_COOKIE]
+        assert cleared.split(";", 1)[0] in (f"{SESSION_COOKIE}=", f'{SESSION_COOKIE}=""')
+        attributes = {part.strip().lower() for part in cleared.split(";")[1:]}
+        assert {"max-age=0", "path=/", "secure", "httponly", "samesite=strict"} <= attributes
+        assert "form-action 'none'" in (left.header("Content-Security-Policy") or "")
+        # The open live stream of that session says so and ends (its page reloads: 401).
+        rest = b""
+        while (line := stream.fp.readline()) not in (b"", b"0\r\n"):  # (raw: chunked)
+            rest += line
+        assert b"event: unauthorized" in rest and line == b"0\r\n", rest  # its last chunk
+    finally:
+        conn.close()
+
+    # The same cookie (or a copy of it) is refused from now on.
+    for path in ("/", "/events", "/metrics"):
+        reply = fetch(lone, path, cookie=session)
+        assert reply.status == 401 and 'data-reason="session"' in reply.body, path
+    assert fetch(lone, "/api/v1/schema", cookie=session).status == 401
+    assert grants(lone)["Abmelden"]["state"] == "revoked"
+    audit = [(r["actor"], r["kind"], r["subject"]) for r in audit_rows(lone)]
+    assert audit.count((f"viewer:{grant_id}", "viewer_grant.signed_out", grant_id)) == 1
+
+    def signed_out() -> list[dict[str, Any]]:
+        return [e for e in lone.leader.log_events() if e.get("event") == "viewer.signed_out"]
+
+    wait_until(lambda: len(signed_out()) == 1, 10, "viewer.signed_out logged")
+    assert signed_out()[0]["name"] == "Abmelden" and signed_out()[0]["grant_id"] == grant_id
+    assert lone.find_secrets(lone.logs_text(), extra=[session]) == []
+
+    # Again (another tab's button): the same page, nothing more to end, nothing written.
+    after = audit_rows(lone)
+    again = fetch(lone, "/logout?lang=en", method="POST", cookie=session, headers={"Origin": own})
+    assert again.status == 200 and "Signed out" in again.body
+    assert "max-age=0" in again.cookies()[SESSION_COOKIE].lower()
+    assert audit_rows(lone) == after and len(signed_out()) == 1
 
 
 def test_metrics_take_the_scrape_token_or_a_session(lone: Cluster) -> None:
@@ -707,15 +807,17 @@ def test_browser_signs_in_from_a_link_in_a_mail_after_a_preview_spent_nothing(
         elsewhere.close()
 
 
-def test_browser_finds_nothing_that_posts_and_loads_nothing_from_elsewhere(
+def test_browser_finds_nothing_that_posts_but_the_sign_out_and_loads_nothing_from_elsewhere(
     farm: Setup, context: BrowserContext
 ) -> None:
     requested: list[str] = []
     context.on("request", lambda request: requested.append(request.url))
     page = browser_login(context, farm.cluster, "Prüfer")
     origin = base(farm.cluster)
-    assert page.locator("form").count() == 0
-    assert page.locator("button, input, select, textarea").count() == 0
+    [action] = page.locator("form").evaluate_all("(fs) => fs.map((f) => f.action)")
+    assert action == origin + "/logout?lang=de"
+    assert page.locator("button").count() == 1 and page.locator("form button").count() == 1
+    assert page.locator("input, select, textarea").count() == 0
     for href in page.locator("a[href]").evaluate_all("(as) => as.map((a) => a.href)"):
         assert href.startswith(origin + "/"), href
     assert requested and all(url.startswith(origin + "/") for url in requested), requested
@@ -730,6 +832,33 @@ def test_browser_finds_nothing_that_posts_and_loads_nothing_from_elsewhere(
         }"""
     )
     assert statuses == {"POST": 405, "PUT": 405, "DELETE": 405, "PATCH": 405, "GET": 200}
+
+
+def test_browser_signs_out_with_the_button_and_its_other_tab_is_shown_the_door(
+    farm: Setup, context: BrowserContext
+) -> None:
+    """Review s67 viewer L2: no sign-out; a session outlived the browser's closing."""
+    page = browser_login(context, farm.cluster, "Praxis-PC")
+    other = context.new_page()  # a second tab of the same session, live
+    other.goto(base(farm.cluster) + "/?lang=en")
+    other.wait_for_selector("#live.on")
+    [cookie] = [c for c in context.cookies() if c["name"] == SESSION_COOKIE]
+    assert fetch(farm.cluster, "/", cookie=cookie["value"]).status == 200
+
+    page.get_by_role("button", name="Abmelden").click()
+    page.wait_for_selector("#signed-out")
+    assert page.locator("h1").inner_text() == "Abgemeldet"
+    assert HOW_TO_GET_ACCESS in page.locator("#signed-out").inner_text()
+    assert [c for c in context.cookies() if c["name"] == SESSION_COOKIE] == []
+    assert grants(farm.cluster)["Praxis-PC"]["state"] == "revoked"
+    # The other tab's live stream ended: it reloads, and is not signed in any more.
+    other.wait_for_selector("#denied")
+    assert other.locator("#denied .why").get_attribute("data-reason") == "none"
+    # A copy of the cookie is worth nothing now.
+    copied = fetch(farm.cluster, "/", cookie=cookie["value"])
+    assert copied.status == 401 and 'data-reason="session"' in copied.body
+    page.goto(base(farm.cluster) + "/")
+    assert page.locator('#denied .why[data-reason="none"]').count() == 1
 
 
 def test_browser_renders_german_and_english_also_on_a_phone(

@@ -123,6 +123,33 @@ def test_a_grant_opens_once_and_its_session_ends_with_it(store: Store, tmp_path:
     assert [g.id for g in grants.all()] == [made.grant.id, other.grant.id, late.grant.id]
 
 
+def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
+    """The browser's sign-out (review s67 viewer L2): its session's grant ends (revoked), in
+    the audit by the viewer; an unknown, ended or expired session writes nothing."""
+    grants = Grants(store.db)
+    made = grants.create("PC", ttl=HOUR, now=NOW, actor="admin:root")
+    keep = grants.create("other", ttl=HOUR, now=NOW, actor="admin:root")
+    _, session = grants.login(made.secret, NOW)
+    _, kept = grants.login(keep.secret, NOW)
+    ended = grants.sign_out(session, NOW + dt.timedelta(minutes=1))
+    assert ended is not None and ended.id == made.grant.id
+    assert ended.state(NOW + dt.timedelta(minutes=1)) is GrantState.REVOKED
+    assert grants.session(session, NOW + dt.timedelta(minutes=1)) is None
+    assert grants.session(kept, NOW + dt.timedelta(minutes=1)) is not None  # only its own
+    with pytest.raises(LoginRefused):  # its link does not open a new session
+        grants.login(made.secret, NOW + dt.timedelta(minutes=1))
+    commits = store.db.commits
+    for stale in (session, "", "x" * 43):
+        assert grants.sign_out(stale, NOW + dt.timedelta(minutes=2)) is None
+    assert grants.sign_out(kept, NOW + HOUR) is None  # expired: nothing to end
+    assert store.db.commits == commits
+    assert grants.get(keep.grant.id).revoked_at is None
+    with store.db.read() as db:
+        audit = [tuple(r) for r in db.execute("SELECT actor, kind, subject FROM audit")]
+    signed_out = [row for row in audit if row[1] == "viewer_grant.signed_out"]
+    assert signed_out == [(f"viewer:{made.grant.id}", "viewer_grant.signed_out", made.grant.id)]
+
+
 def test_a_grant_name_reaches_terminals_without_escapes(store: Store) -> None:
     """`viewer list` and the log show the name: no control characters, one line, bounded."""
     odd = Grants(store.db).create(

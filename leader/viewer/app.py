@@ -18,12 +18,21 @@
                            (either, of a used link, in the browser its use signed in:
                            redirects to /)
     GET /static/{name}     the stylesheet and the script (no session needed)
+    POST /logout           the schema pages' one button, "Abmelden"/"Sign out": ends the
+                           browser's own session (its grant), clears the cookie and answers
+                           a page that says how to come back
 
-Safe by construction: only GET and HEAD are served (every other method, on any path, answers
-405 before anything else runs); no handler writes anything but the sign-in URL, which spends
-its grant; the pages have links and no forms, and the Content-Security-Policy forbids form
-submissions, inline scripts and anything from another origin. Without a valid session every
-path but the login and the static files answers 401 with a page that says how to get access.
+Safe by construction: only GET and HEAD are served, but for POST of /logout (every other
+method, on any path, and GET or HEAD of /logout, answers 405 before anything else runs); no
+handler writes anything but the sign-in URL, which spends its grant, and the sign-out, which
+ends the session it is sent with; the pages have links and one form (the sign-out's, on the
+schema pages, whose Content-Security-Policy allows form submissions to the viewer itself;
+every other answer's forbids them), and the policy forbids inline scripts and anything from
+another origin. The sign-out is taken only from the viewer's own pages: besides the
+SameSite=Strict cookie, the browser's ``Sec-Fetch-Site`` must say ``same-origin`` (or,
+without it, ``Origin`` be the viewer's); a POST from another site is 403 and changes nothing.
+Without a valid session every path but the login, the static files and the sign-out answers
+401 with a page that says how to get access.
 
 The session cookie (``__Host-tlsroll-viewer``) is HttpOnly, Secure and SameSite=Strict; its
 value is 256 random bits of which the leader keeps only a hash (``leader.viewer.grants``).
@@ -86,6 +95,8 @@ log = logs.get_logger(__name__)
 SESSION_COOKIE = "__Host-tlsroll-viewer"
 LANG_COOKIE = "tlsroll-lang"
 ALLOWED_METHODS = ("GET", "HEAD")
+# The one path that takes another method: the sign-out (POST only, from the viewer's pages).
+SIGN_OUT_PATH = "/logout"
 # A page's live stream looks at the stores when a write to them committed (``Pulse``), and at
 # least this often for what changes with time alone (a node's heartbeat growing old, a session
 # ending, a write by another process) ...
@@ -121,11 +132,14 @@ MAX_STREAMS_PER_SESSION = 8
 # would end the page's EventSource for good, and viewer.js reloads the page then (every 3 s).
 BUSY_RETRY_MS = 30_000
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action {}; frame-ancestors 'none'"
+)
+# The schema pages' policy: their one form, the sign-out, posts to the viewer itself.
+CSP_SIGN_OUT_FORM = _CSP.format("'self'")
 SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
+    "Content-Security-Policy": _CSP.format("'none'"),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
@@ -142,6 +156,8 @@ STATIC = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 GRANT: web.RequestKey[Grant] = web.RequestKey("grant", Grant)
+# Set by the pages that hold the sign-out form: their CSP allows it (``CSP_SIGN_OUT_FORM``).
+SIGN_OUT_FORM: web.RequestKey[bool] = web.RequestKey("sign_out_form", bool)
 
 
 class Pulse:
@@ -249,13 +265,23 @@ class ViewerApp:
         routes.add_get("/login/{secret}", self.login_page)
         routes.add_get("/login/{secret}/open", self.login)
         routes.add_get("/static/{name}", self.static_file)
+        routes.add_post(SIGN_OUT_PATH, self.sign_out)
         return app
 
     # --- what every request goes through ------------------------------------------------------
 
     @web.middleware
     async def _only_get(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Nothing but GET and HEAD, on any path, known or not: nothing here takes input."""
+        """Nothing but GET and HEAD, on any path, known or not: nothing here takes input; but
+        the sign-out, which takes POST only."""
+        if request.path == SIGN_OUT_PATH:
+            if request.method != "POST":
+                return web.Response(
+                    status=405,
+                    text="405: sign out with the button on the viewer's page (POST only)\n",
+                    headers={"Allow": "POST"},
+                )
+            return await handler(request)
         if request.method not in ALLOWED_METHODS:
             return web.Response(
                 status=405,
@@ -266,10 +292,11 @@ class ViewerApp:
 
     @web.middleware
     async def _session(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every path but the login and the static files needs a valid session (or, for
-        /metrics, the scrape token)."""
-        if request.path.startswith(("/login/", "/static/")):
-            return await handler(request)
+        """Every path but the login, the static files and the sign-out (which ends a valid
+        session, if it is sent one) needs a valid session (or, for /metrics, the scrape
+        token)."""
+        if request.path.startswith(("/login/", "/static/")) or request.path == SIGN_OUT_PATH:
+            return await handler(request)  # (the sign-out looks at its session itself)
         if request.path == "/metrics" and self._scrape_token_ok(request):
             return await handler(request)
         session_id = request.cookies.get(SESSION_COOKIE, "")
@@ -308,6 +335,8 @@ class ViewerApp:
     async def _headers(self, request: web.Request, response: web.StreamResponse) -> None:
         for name, value in SECURITY_HEADERS.items():
             response.headers[name] = value
+        if request.get(SIGN_OUT_FORM):
+            response.headers["Content-Security-Policy"] = CSP_SIGN_OUT_FORM
 
     def _words(self, request: web.Request) -> Words:
         return Words.of(pick_lang(request.query.get("lang"), request.cookies.get(LANG_COOKIE)))
@@ -406,6 +435,7 @@ class ViewerApp:
 
         words, page = self._words(request), self._page(request, rollout_id)
         html = await self._apart(functools.partial(pages.schema_page, snap, words, page))
+        request[SIGN_OUT_FORM] = True
         return web.Response(text=html, content_type="text/html")
 
     async def _apart(self, draw: Callable[[], T]) -> T:
@@ -681,6 +711,40 @@ class ViewerApp:
             log.warning("viewer.logins_refused_summary", **summary.fields())
         return self._denied(request, refused.reason)
 
+    async def sign_out(self, request: web.Request) -> web.Response:
+        """The sign-out button (POST only, ``_only_get``): ends the session the cookie names
+        (its grant, ``Grants.sign_out``: a copy of the cookie stops working, and its open
+        live streams end at their next look, woken by the write as after `tlsroll viewer
+        revoke`), clears the cookie and answers the page that says how to come back. Only
+        from the viewer's own pages (``_same_origin``): anything else is 403 and changes
+        nothing. Without a valid session (one tab signed out, then another), nothing to end:
+        the same page and the cookie cleared."""
+        if not _same_origin(request):  # (not logged: anybody could have the leader write)
+            return web.Response(
+                status=403, text="403: sign out with the button on the viewer's own page\n"
+            )
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        if _SECRET.fullmatch(session_id):
+            grant = await asyncio.to_thread(self.grants.sign_out, session_id, self.clock())
+            if grant is not None:
+                log.info("viewer.signed_out", grant_id=grant.id, name=grant.name)
+        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
+
+        response = web.Response(
+            text=pages.signed_out_page(self._words(request)), content_type="text/html"
+        )
+        # As it was set (a __Host- cookie is taken only so, also to clear it), ending now.
+        response.set_cookie(
+            SESSION_COOKIE,
+            "",
+            max_age=0,
+            path="/",
+            secure=True,
+            httponly=True,
+            samesite="Strict",
+        )
+        return response
+
     async def static_file(self, request: web.Request) -> web.Response:
         found = self.static.get(request.match_info["name"])
         if found is None:
@@ -721,6 +785,23 @@ def handler_factory(server: web.Server) -> Callable[[], ViewerRequestHandler]:
     settings = dict(server._kwargs)  # the settings server() would pass (aiohttp's own)
     loop = asyncio.get_running_loop()
     return lambda: ViewerRequestHandler(server, loop=loop, **settings)
+
+
+def _same_origin(request: web.Request) -> bool:
+    """Whether a request comes from the viewer's own pages, by what the browser says (a page
+    of another site cannot set either header): ``Sec-Fetch-Site: same-origin`` (every current
+    browser sends it); without it, ``Origin`` the viewer's own. The pages' ``no-referrer``
+    policy makes a browser send ``Origin: null`` with their form, so that alone is not
+    enough; an ``Origin`` of another site refuses all the same. A request with neither (not a
+    browser's) is refused: the button is the way."""
+    own = f"https://{request.host}"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin not in ("null", own):
+        return False
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site == "same-origin"
+    return origin == own
 
 
 def sse(event: str, data: str) -> bytes:

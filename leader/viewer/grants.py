@@ -7,12 +7,15 @@
     grant, session_id = grants.login(made.secret, now)  # spends it: LoginRefused the next time
     grant = grants.session(session_id, now)      # the grant behind a browser's cookie, or None
     grants.revoke(grant.id, now=now, actor="admin:root")
+    grants.sign_out(session_id, now)             # the browser's own sign-out: ends the grant
 
 A grant is single use: its first login binds it to one browser session (the cookie), which
-ends when the grant expires or is revoked. The link's secret and the session id have 256 bits
-from ``secrets``; the table keeps only their sha256 (a fast hash is enough at that entropy, as
-for join tokens), and neither is ever logged. Every change writes an audit event in the same
-transaction. Clocks are passed in.
+ends when the grant expires or is revoked, or when that browser signs out: the session is
+the grant's only one and its link is spent, so signing out ends the grant (it shows as
+revoked; the audit says ``viewer_grant.signed_out``) and coming back takes a new grant.
+The link's secret and the session id have 256 bits from ``secrets``; the table keeps only
+their sha256 (a fast hash is enough at that entropy, as for join tokens), and neither is ever
+logged. Every change writes an audit event in the same transaction. Clocks are passed in.
 """
 
 from __future__ import annotations
@@ -133,6 +136,34 @@ class Grants(LeaderStore):
                 )
             self._audit(db, now, actor, "viewer_grant.revoked", grant_id)
         return self.get(grant_id)
+
+    def sign_out(self, session_id: str, now: dt.datetime) -> Grant | None:
+        """End the session with this id, by the browser that holds it: its grant is revoked
+        (a copy of the cookie stops working too; the live streams see it at their next look,
+        as after ``revoke``). None, and nothing written, if the session is not valid (unknown,
+        ended before). A grant binds one session and its link works once: nothing could sign
+        in with it again, so there is nothing else to keep."""
+        if not session_id:
+            return None
+        with self._db.read() as db:  # (a stale cookie takes no write lock)
+            known = db.execute(
+                "SELECT 1 FROM viewer_grants WHERE session_hash = ?", (digest(session_id),)
+            ).fetchone()
+        if known is None:
+            return None
+        with self._db.tx() as db:
+            row = db.execute(
+                "SELECT * FROM viewer_grants WHERE session_hash = ?", (digest(session_id),)
+            ).fetchone()
+            if row is None or _grant(row).state(now) is not GrantState.ACTIVE:
+                return None
+            grant = _grant(row)
+            db.execute(
+                "UPDATE viewer_grants SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (to_text(now), grant.id),
+            )
+            self._audit(db, now, f"viewer:{grant.id}", "viewer_grant.signed_out", grant.id)
+        return self.get(grant.id)
 
     def check(self, secret: str, now: dt.datetime) -> Grant:
         """The unused grant behind this link, by a plain read that spends and writes nothing

@@ -206,6 +206,13 @@ _DE: dict[str, str] = {
     "login_intro": "Dieser Link gibt Ihnen Lesezugriff auf das Update-Schema. Er gilt nur "
     "einmal: Mit „Anmelden“ wird er für diesen Browser verbraucht.",
     "login_button": "Anmelden",
+    "sign_out": "Abmelden",
+    "signed_out_title": "Abgemeldet",
+    "signed_out_intro": "Sie haben den Viewer verlassen: Ihre Sitzung ist beendet, in diesem "
+    "Browser und für jeden, der ihr Cookie kopiert hätte.",
+    "signed_out_how": "Zurück geht es nur mit einem neuen Anmelde-Link (Ihr bisheriger galt "
+    "einmal und ist verbraucht): Bitten Sie die Praxis-IT darum. Sie erstellt ihn am "
+    "Leader-Knoten mit",
     "date": "%d.%m.%Y %H:%M:%S %Z",
     "date_minute": "%d.%m.%Y %H:%M %Z",
     "time": "%H:%M:%S",
@@ -382,6 +389,12 @@ _EN: dict[str, str] = {
     "login_intro": "This link gives you read access to the update schema. It works once: "
     "“Sign in” uses it up for this browser.",
     "login_button": "Sign in",
+    "sign_out": "Sign out",
+    "signed_out_title": "Signed out",
+    "signed_out_intro": "You have left the viewer: your session has ended, in this browser and "
+    "for anyone who might have copied its cookie.",
+    "signed_out_how": "To come back you need a new login link (your previous one worked once "
+    "and is spent): ask the practice IT for one. They make it on the leader node with",
     "date": "%Y-%m-%d %H:%M:%S %Z",
     "date_minute": "%Y-%m-%d %H:%M %Z",
     "time": "%H:%M:%S",

@@ -349,3 +349,8 @@ def login_page(w: Words, open_url: str) -> str:
     return _ENV.get_template("login.html").render(
         w=w, open_url=open_url, other_lang=other, other_lang_words=w("lang_switch")
     )
+
+
+def signed_out_page(w: Words) -> str:
+    """The page the sign-out answers: the viewer was left, and how to come back."""
+    return _ENV.get_template("signed_out.html").render(w=w)
