@@ -897,6 +897,16 @@ def build_crl(
     return builder.sign(ca.key, hashes.SHA256())
 
 
+def crl_dates(data: bytes) -> tuple[dt.datetime, dt.datetime | None]:
+    """A revocation list's thisUpdate and nextUpdate (None: it has none), UTC; for a list
+    ``load_crl`` took (``PKIError`` for one that is no list)."""
+    try:
+        crl = x509.load_pem_x509_crl(data)
+        return crl.last_update_utc, crl.next_update_utc
+    except ValueError as exc:
+        raise PKIError(PKIReason.BAD_PEM, "revocation list") from exc
+
+
 def crl_to_pem(crl: x509.CertificateRevocationList) -> bytes:
     return crl.public_bytes(serialization.Encoding.PEM)
 
