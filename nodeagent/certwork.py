@@ -34,6 +34,7 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -225,8 +226,24 @@ def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
     return identity
 
 
-def load_crl(pem: bytes, ca_file: Path, worker: Worker | None = None) -> tuple[int, frozenset[int]]:
-    """``pki.load_crl`` (signed by the CA in ``ca_file``): its number and revoked serials.
+@dataclass(frozen=True)
+class CheckedCrl:
+    """A revocation list the CA signed (``check_crl``): its number, its revoked serials, and
+    its thisUpdate and nextUpdate (None: not said, a worker of an earlier release's answer,
+    or the list has no nextUpdate)."""
+
+    number: int
+    revoked: frozenset[int]
+    this_update: dt.datetime | None = None
+    next_update: dt.datetime | None = None
+
+
+def _when(value: Any) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromisoformat(str(value))
+
+
+def check_crl(pem: bytes, ca_file: Path, worker: Worker | None = None) -> CheckedCrl:
+    """``pki.load_crl`` (signed by the CA in ``ca_file``), with the list's dates.
 
     Checked by the agent's crypto worker (``worker``, from a worker thread of the agent: a
     rotation revokes each node's old certificate, one list per node, sent to every node, and
@@ -237,7 +254,18 @@ def load_crl(pem: bytes, ca_file: Path, worker: Worker | None = None) -> tuple[i
         answer = worker.call_blocking("cert.crl", request)
     else:
         answer = _ask({"op": "crl", **request})
-    return int(answer["number"]), frozenset(int(s) for s in answer["revoked"])
+    return CheckedCrl(
+        int(answer["number"]),
+        frozenset(int(s) for s in answer["revoked"]),
+        _when(answer.get("this_update")),
+        _when(answer.get("next_update")),
+    )
+
+
+def load_crl(pem: bytes, ca_file: Path, worker: Worker | None = None) -> tuple[int, frozenset[int]]:
+    """``check_crl``'s number and revoked serials."""
+    checked = check_crl(pem, ca_file, worker)
+    return checked.number, checked.revoked
 
 
 def names_request(names: Names) -> dict[str, Any]:

@@ -47,14 +47,22 @@ def _reader(value: Any) -> tuple[int, int] | None:
 
 
 def crl(request: dict[str, Any]) -> dict[str, Any]:
-    """A revocation list checked against the CA file: its number and revoked serials."""
+    """A revocation list checked against the CA file: its number and revoked serials, and its
+    thisUpdate and nextUpdate (ISO 8601; ``next_update`` None: it has none), which the agent
+    warns by (``trust.LeaderTrust.stale_check``; an agent of before session 67 ignores them)."""
     ca = pki.read_cert(Path(request["ca_file"]))
     try:
         pem = request["pem"].encode("ascii")
     except UnicodeEncodeError:  # a verdict on the list, as ``pki.load_crl``'s own
         raise PKIError(PKIReason.BAD_PEM, "revocation list (not ASCII)") from None
     number, revoked = pki.load_crl(pem, ca)
-    return {"number": number, "revoked": sorted(revoked)}
+    this_update, next_update = pki.crl_dates(pem)
+    return {
+        "number": number,
+        "revoked": sorted(revoked),
+        "this_update": this_update.isoformat(),
+        "next_update": None if next_update is None else next_update.isoformat(),
+    }
 
 
 def new_key(request: dict[str, Any]) -> str:

@@ -709,6 +709,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     beats = asyncio.create_task(link.run(), name="heartbeats")
     renewals = asyncio.create_task(renewer.run(), name="renewal")
     lease_watch = asyncio.create_task(service.watch_freeze_lease(), name="freeze-lease")
+    stale_watch = asyncio.create_task(trust.watch_stale(now), name="crl-stale")
     log.info(
         "agent.started",
         node=cfg.node_name,
@@ -731,7 +732,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
-    for task in (beats, lease_watch, renewals, starting):
+    for task in (beats, lease_watch, stale_watch, renewals, starting):
         await stop_task(task)
     await server.stop(GRACE_SECONDS)
     if runner is not None:

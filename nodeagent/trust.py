@@ -18,7 +18,10 @@
   same: ``take_crl``). A list is valid for 7 days
   (``pki.CRL_VALIDITY``), and the leader gives it a new number a day after the last
   (``leader.service.CRL_RENEW_AFTER``): the kept list is within its validity while the agent
-  hears from the leader. A list with a lower number than the kept one is never taken.
+  hears from the leader. A list with a lower number than the kept one is never taken. A list
+  held past its nextUpdate (the agent lost the leader, or someone on the path withholds newer
+  lists) is still used, and said: ``crl.stale``, a warning naming its number and age, once
+  and again at most daily while it stays so (``stale_check``; review s67 L1).
 * **Epochs.** Every command carries its rollout's epoch, and the journal refuses one older than
   any it has seen. An epoch *higher* than the leader has announced (in a heartbeat reply, on the
   agent's own connection to the leader's address) is refused too: otherwise one stray command
@@ -30,6 +33,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +50,22 @@ if TYPE_CHECKING:
     from nodeagent.cryptoworker import Worker
 
 log = logs.get_logger(__name__)
+
+
+STALE_REPEAT = dt.timedelta(days=1)
+"""How often ``crl.stale`` is said again while the list held stays past its nextUpdate."""
+STALE_RECHECK = 3600.0
+"""Seconds between two ``stale_check``s at most (a wall clock set meanwhile is seen)."""
+
+
+def _age(delta: dt.timedelta) -> str:
+    """``delta`` as a person says it, to the unit below a day: "8 days", "5 hours"."""
+    seconds = max(0, int(delta.total_seconds()))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} s"
 
 
 class NotTheLeader(TerminalError):
@@ -67,6 +87,9 @@ class LeaderTrust:
     crl_file: Path
     crl_number: int = 0
     revoked: frozenset[int] = frozenset()
+    # The list's thisUpdate and nextUpdate (None: none held, or it has none): ``stale_check``.
+    crl_this_update: dt.datetime | None = None
+    crl_next_update: dt.datetime | None = None
     # The list held, as the leader sent it (PEM): what the agent sends a leader that asks for
     # it (``held``; a leader restored from a backup learns what was revoked since from it).
     crl_pem: bytes = b""
@@ -79,6 +102,7 @@ class LeaderTrust:
     _taking: threading.Lock = field(default_factory=threading.Lock)  # ``take_crl`` (threads)
     _older: int = -1  # the last older list refused (``take_crl`` says so once per number)
     _unkept: bool = False  # a list held that could not be written (said once: ``take_crl``)
+    _stale_said: tuple[int, dt.datetime] | None = None  # ``crl.stale`` last said: number, when
 
     @classmethod
     def load(
@@ -94,8 +118,7 @@ class LeaderTrust:
         if trust.crl_file.exists():
             try:
                 pem = read_regular(trust.crl_file)
-                trust.crl_number, trust.revoked = certwork.load_crl(pem, ca_file, worker)
-                trust.crl_pem = pem
+                trust._hold(certwork.check_crl(pem, ca_file, worker), pem)
             except (PKIError, TerminalError, TransientError) as exc:
                 log.warning("crl.unreadable", path=str(trust.crl_file), error=str(exc))
         return trust
@@ -122,7 +145,7 @@ class LeaderTrust:
         failed for good) refuses the list: the same bytes would be refused again. A list taken
         that cannot be written to ``crl_file`` is held all the same (``crl.not_kept``, once)."""
         try:
-            number, revoked = certwork.load_crl(pem, self.ca_file, self.worker)
+            checked = certwork.check_crl(pem, self.ca_file, self.worker)
         except certwork.NoAnswer as exc:
             log.warning("crl.not_checked", error=str(exc))
             raise TransientError(f"the revocation list could not be checked: {exc}") from None
@@ -136,6 +159,7 @@ class LeaderTrust:
         # and keep under the lock: without it the older could overwrite the newer after both
         # compared (session 32's audit, M5), and a leader certificate it revoked was accepted
         # again until the leader sent the list once more.
+        number = checked.number
         with self._taking:
             if number < self.crl_number:
                 # A leader whose store was lost or restored numbers its lists lower than the
@@ -161,8 +185,50 @@ class LeaderTrust:
                 if self._unkept:
                     self._unkept = False
                     log.info("crl.kept", path=str(self.crl_file))
-            self.crl_number, self.revoked, self.crl_pem = number, revoked, pem
-        log.info("crl.updated", number=number, revoked=len(revoked))
+            self._hold(checked, pem)
+        log.info("crl.updated", number=number, revoked=len(checked.revoked))
+
+    def _hold(self, checked: certwork.CheckedCrl, pem: bytes) -> None:
+        self.crl_number, self.revoked, self.crl_pem = checked.number, checked.revoked, pem
+        self.crl_this_update, self.crl_next_update = checked.this_update, checked.next_update
+
+    def stale_check(self, now: dt.datetime) -> float:
+        """Say (``crl.stale``, a warning) that the list held is past its nextUpdate at ``now``:
+        once, again at most once a ``STALE_REPEAT`` while it stays so, and at once for another
+        such list. The leader gives its list a new number daily and a week of validity, and
+        sends it on every heartbeat stream: a list this old means the agent has not heard the
+        leader for days, or someone on its path withholds newer lists, and a certificate the
+        admin revoked since is still accepted here. The list is still used (no newer one is
+        known). Returns the seconds until the next check (``watch_stale``)."""
+        with self._taking:
+            number, issued, due = self.crl_number, self.crl_this_update, self.crl_next_update
+        if due is None:
+            return STALE_RECHECK
+        if now < due:
+            self._stale_said = None
+            return max(1.0, min(STALE_RECHECK, (due - now).total_seconds()))
+        said = self._stale_said
+        if said is None or said[0] != number or now - said[1] >= STALE_REPEAT:
+            said = self._stale_said = (number, now)
+            age = "" if issued is None else f", issued {_age(now - issued)} ago"
+            log.warning(
+                "crl.stale",
+                number=number,
+                this_update=None if issued is None else issued.isoformat(),
+                next_update=due.isoformat(),
+                overdue_seconds=int((now - due).total_seconds()),
+                detail=f"the revocation list held (number {number}{age}) is past its"
+                f" nextUpdate by {_age(now - due)}: no newer list came from the leader (it is"
+                " unreachable, or someone on the way withholds its lists); a certificate"
+                " revoked since is still accepted",
+            )
+        return max(1.0, min(STALE_RECHECK, (said[1] + STALE_REPEAT - now).total_seconds()))
+
+    async def watch_stale(self, clock: Callable[[], dt.datetime]) -> None:
+        """``stale_check`` for as long as the agent runs (a task of its own)."""
+        while True:
+            wait = self.stale_check(clock())
+            await asyncio.sleep(wait)
 
     def held(self) -> tuple[int, bytes]:
         """The number of the list held and the list (PEM; empty: none), one pair: a list taken

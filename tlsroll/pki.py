@@ -559,7 +559,11 @@ def load_csr_pem(data: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
-ISSUED_KEYS = "ECDSA P-256 or RSA of 2048 bits or more"
+MAX_RSA_BITS = 4096
+"""The largest RSA key the CA signs for: what the public CAs take. A larger one (OpenSSL takes
+up to 16384 bits) costs every TLS peer that verifies with it, at every handshake (review s67
+L4): an outside CSR's (an agent's enrolment or renewal, a rollout's staged key) is refused."""
+ISSUED_KEYS = f"ECDSA P-256 or RSA of 2048 to {MAX_RSA_BITS} bits"
 """The keys the CA issues certificates for (``key_kind_problem``)."""
 
 
@@ -569,7 +573,7 @@ def key_kind_problem(key: PublicKey) -> str | None:
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1):
             return f"ECDSA curve {key.curve.name}"
-    elif key.key_size < 2048:
+    elif not 2048 <= key.key_size <= MAX_RSA_BITS:
         return f"RSA {key.key_size} bits"
     return None
 
@@ -577,14 +581,14 @@ def key_kind_problem(key: PublicKey) -> str | None:
 def check_csr(csr: x509.CertificateSigningRequest, expected: Names) -> PublicKey:
     """Check a CSR against what the node claims; return its public key.
 
-    The key must be ECDSA P-256 or RSA >= 2048, the CSR must not ask for a CA, and its CN and
-    SAN must be exactly ``expected``.
+    The key must be one the CA issues for (``ISSUED_KEYS``), the CSR must not ask for a CA, and
+    its CN and SAN must be exactly ``expected``.
     """
     key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
         raise PKIError(PKIReason.KEY_TYPE, type(key).__name__)
     if (kind := key_kind_problem(key)) is not None:
-        raise PKIError(PKIReason.KEY_TYPE, kind)
+        raise PKIError(PKIReason.KEY_TYPE, f"{kind} (the CA signs {ISSUED_KEYS})")
     try:
         bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
@@ -891,6 +895,16 @@ def build_crl(
             .build()
         )
     return builder.sign(ca.key, hashes.SHA256())
+
+
+def crl_dates(data: bytes) -> tuple[dt.datetime, dt.datetime | None]:
+    """A revocation list's thisUpdate and nextUpdate (None: it has none), UTC; for a list
+    ``load_crl`` took (``PKIError`` for one that is no list)."""
+    try:
+        crl = x509.load_pem_x509_crl(data)
+        return crl.last_update_utc, crl.next_update_utc
+    except ValueError as exc:
+        raise PKIError(PKIReason.BAD_PEM, "revocation list") from exc
 
 
 def crl_to_pem(crl: x509.CertificateRevocationList) -> bytes:
