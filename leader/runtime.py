@@ -65,7 +65,7 @@ from leader.service import (
     control_server_options,
 )
 from leader.states import NodeProblemKind
-from leader.store import Restored, Store, relearning
+from leader.store import Restored, Store, ca_pinned, relearning
 from leader.store_health import StoreHealth
 from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
@@ -692,15 +692,16 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     # Lost state stops the leader; it never starts empty instead, unless the admin says so
     # (``reinitialise``, a one-shot of its own).
     check_store(layout.store, recover=recovery_command(config or layout.config))
-    store = Store(layout.store)
+    store = Store(layout.store, created=ca_pinned(pin))  # (a new one: recorded, unsaid)
     try:
         if (recorded := store.own_ca_pin(pin)) is None:
             log.info(
                 "store.ca_pin_recorded",
                 path=str(layout.store),
                 ca_pin=pin,
-                detail="the CA this store belongs to, recorded (a new store, or one of an"
-                " earlier release): a start with another CA's ca/ is refused from now on",
+                detail="the CA this store belongs to, recorded (a store of an earlier release,"
+                " or begun by --reinitialise): a start with another CA's ca/ is refused from"
+                " now on",
             )
         elif recorded != pin:
             raise another_ca(layout, recorded, pin)

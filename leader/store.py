@@ -2408,7 +2408,8 @@ class Store(LeaderStore):
     def own_ca_pin(self, pin: str) -> str | None:
         """The CA the store belongs to, by the SPKI pin of its key (``pki.spki_pin``, as agents
         pin it), kept in ``meta`` as ``ca_pin``: returns the pin on record, or None when there
-        was none (a new store, or one of a release before), after recording ``pin`` (the CA
+        was none (a store of a release before, or one ``--reinitialise`` began; a new one's
+        first transaction records it: ``ca_pinned``), after recording ``pin`` (the CA
         the leader starts with). One on record that is not ``pin`` is left as it is: the store
         is another CA's (a restore that put back one backup's store and another cluster's
         ``ca/``), and the leader does not start on it (``leader.runtime``). A CA renewed with
@@ -2951,6 +2952,17 @@ class Store(LeaderStore):
     ) -> None:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
+
+
+def ca_pinned(pin: str) -> Callable[[sqlite3.Connection], None]:
+    """A new store of the CA of ``pin``: recorded by the file's first transaction
+    (``Store(path, created=ca_pinned(…))``), as ``Store.own_ca_pin`` records it in one of an
+    earlier release."""
+
+    def write(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO meta (key, value) VALUES ('ca_pin', ?)", (pin,))
+
+    return write
 
 
 def relearning(

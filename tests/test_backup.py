@@ -924,8 +924,9 @@ def test_a_restore_that_mixes_two_clusters_files_is_refused_and_changes_nothing(
     passphrase): the leader started without a word, every node of A offline (their agents
     pin A's CA) and the leader issuing from B's CA. Now the store records its CA's pin at the
     leader's first start, and a start with another CA is refused (exit 2, one line naming both
-    pins and what to do), before anything is changed: the store, the CA key. The same backup's
-    ``ca/`` and ``tls/`` put back, it starts, and A's node is back."""
+    pins and what to do), before anything is changed: the store, the CA key. A's ``ca/`` put
+    back with B's ``tls/`` left, it starts (its certificate issued again from A's CA); the same
+    backup's ``ca/`` and ``tls/`` put back, it starts; and A's node is back each time."""
     with (
         Cluster(tmp_path / "a", next_loopback()) as a,
         Cluster(tmp_path / "b", next_loopback()) as b,
@@ -957,6 +958,22 @@ def test_a_restore_that_mixes_two_clusters_files_is_refused_and_changes_nothing(
         assert "from the same backup as the store" in line, line
         assert {p: p.read_bytes() for p in before} == before
         assert not list(a.data_dir.glob("leader.sqlite3?*")), list(a.data_dir.iterdir())
+
+        # The backup's ca/ put back, B's tls/ left: the leader's certificate of B's CA, which
+        # agents would refuse, is issued again from A's CA at the start (session 51), for a
+        # new key, and n1 is back.
+        for path in (dest / "ca").iterdir():
+            shutil.copy2(path, a.data_dir / "ca" / path.name)
+        a.passphrase_path.write_bytes(passphrase_a)
+        b_leader = b.tls_cert_path.read_bytes()
+        assert a.tls_cert_path.read_bytes() == b_leader
+        a.start_leader()
+        served = pki.read_cert(a.tls_cert_path)
+        assert pki.issued_by(served, pki.read_cert(a.ca_cert_path))
+        assert not pki.key_matches(served, pki.read_key(b.tls_key_path))
+        assert store_ca_pin(a.store_path) == pin_a
+        a.wait_for_nodes_online(["n1"])
+        a.stop_leader()
 
         # The backup's own ca/ and tls/ (and passphrase) put back: it starts, n1 is back.
         restore(a, dest, passphrase_a)
