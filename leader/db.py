@@ -636,6 +636,30 @@ def mark_store(path: Path) -> None:
         )
 
 
+def recorded_ca_pin(path: Path) -> str | None:
+    """The pin of the CA the store at ``path`` belongs to (``Store.own_ca_pin``), read without
+    opening it for writing (nothing migrated, nothing written), or None: none recorded (a new
+    store, a missing one, one of a release before), or none that can be read now (the start
+    opens the store and checks it again then: ``Store.own_ca_pin``)."""
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return None
+    try:
+        if not conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone():
+            return None
+        row = conn.execute("SELECT value FROM meta WHERE key = 'ca_pin'").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return None if row is None else str(row[0])
+
+
 class LeaderStore:
     """What every store of the leader's file shares: the database (``Store(store.db)``,
     ``SchemaStore(store.db)``, ``Grants(store.db)`` share one; a path opens one of its own,

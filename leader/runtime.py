@@ -32,7 +32,7 @@ from leader.agent_client import AgentPool
 from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import TEST_AGENT_CERT_ENV, LeaderConfig, agent_cert_seconds
-from leader.db import RELEARN_WINDOW, check_store, mark_store
+from leader.db import RELEARN_WINDOW, check_store, mark_store, recorded_ca_pin
 from leader.engine import SILENT_AFTER, TEST_SILENT_AFTER_ENV, Engine, silent_after
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
@@ -65,7 +65,7 @@ from leader.service import (
     control_server_options,
 )
 from leader.states import NodeProblemKind
-from leader.store import Restored, Store, relearning
+from leader.store import Restored, Store, ca_pinned, relearning
 from leader.store_health import StoreHealth
 from tlsroll import __version__, daemon, fsutil, heap, keywrap, logs, pki
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
@@ -491,6 +491,21 @@ def _check_own_tls(layout: Layout, ca: pki.CertificateAuthority) -> None:
         )
 
 
+def another_ca(layout: Layout, recorded: str, pin: str) -> ConfigError:
+    """A store of another CA's than the one in ``ca/`` (``Store.own_ca_pin``): a restore that
+    put back the store of one backup and the ``ca/`` and ``tls/`` of another cluster's started
+    without a word, with every node offline (their agents pin the store's CA) and the leader
+    issuing from the other CA (review s67 deploy M1). A config error (exit 2, not restarted),
+    one line naming both pins and what to do; nothing changed."""
+    return ca_file_error(
+        "CA certificate",
+        f"{layout.ca_cert} is the CA of pin {pin}, but the store {layout.store} is of the CA"
+        f" of pin {recorded} (its nodes pin that one): the store and ca/ are of two clusters;"
+        " put back ca/ and tls/ from the same backup as the store (tlsroll-leader --backup"
+        " copies them together: README 'Backups'); nothing was changed",
+    )
+
+
 def _load_ca(
     cfg: LeaderConfig, passphrase: bytes, *, source: Path, credential: bool
 ) -> pki.CertificateAuthority:
@@ -656,6 +671,11 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     passphrase = _read_passphrase(cfg, source, credential=credential)
     ca = _load_ca(cfg, passphrase, source=source, credential=credential)
     _check_own_tls(layout, ca)
+    # Before anything is changed (the CA key's encryption, the store's schema): the store is
+    # this CA's (review s67 deploy M1). Checked again, and recorded, once the store is open.
+    pin = pki.spki_pin(ca.cert)
+    if (recorded := recorded_ca_pin(layout.store)) not in (None, pin):
+        raise another_ca(layout, recorded, pin)
     ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
         log.warning(
@@ -672,7 +692,22 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     # Lost state stops the leader; it never starts empty instead, unless the admin says so
     # (``reinitialise``, a one-shot of its own).
     check_store(layout.store, recover=recovery_command(config or layout.config))
-    store = Store(layout.store)
+    store = Store(layout.store, created=ca_pinned(pin))  # (a new one: recorded, unsaid)
+    try:
+        if (recorded := store.own_ca_pin(pin)) is None:
+            log.info(
+                "store.ca_pin_recorded",
+                path=str(layout.store),
+                ca_pin=pin,
+                detail="the CA this store belongs to, recorded (a store of an earlier release,"
+                " or begun by --reinitialise): a start with another CA's ca/ is refused from"
+                " now on",
+            )
+        elif recorded != pin:
+            raise another_ca(layout, recorded, pin)
+    except BaseException:
+        store.close()
+        raise
     mark_store(layout.store)
     try:
         if stamped := store.stamp_row_keys():  # (keys of certificates recorded before 18)

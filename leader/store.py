@@ -2403,6 +2403,25 @@ class Store(LeaderStore):
                 return raised
         return None
 
+    # --- the CA the store belongs to -----------------------------------------------------------
+
+    def own_ca_pin(self, pin: str) -> str | None:
+        """The CA the store belongs to, by the SPKI pin of its key (``pki.spki_pin``, as agents
+        pin it), kept in ``meta`` as ``ca_pin``: returns the pin on record, or None when there
+        was none (a store of a release before, or one ``--reinitialise`` began; a new one's
+        first transaction records it: ``ca_pinned``), after recording ``pin`` (the CA
+        the leader starts with). One on record that is not ``pin`` is left as it is: the store
+        is another CA's (a restore that put back one backup's store and another cluster's
+        ``ca/``), and the leader does not start on it (``leader.runtime``). A CA renewed with
+        its key (``tlsroll ca renew``) keeps its pin; no command gives the cluster a CA of
+        another key (docs/ca-renewal.md)."""
+        with self._db.tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'ca_pin'").fetchone()
+            if row is not None:
+                return str(row["value"])
+            db.execute("INSERT INTO meta (key, value) VALUES ('ca_pin', ?)", (pin,))
+        return None
+
     # --- re-learning nodes after a lost store --------------------------------------------------
 
     def relearn_until(self) -> dt.datetime | None:
@@ -2933,6 +2952,17 @@ class Store(LeaderStore):
     ) -> None:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
+
+
+def ca_pinned(pin: str) -> Callable[[sqlite3.Connection], None]:
+    """A new store of the CA of ``pin``: recorded by the file's first transaction
+    (``Store(path, created=ca_pinned(…))``), as ``Store.own_ca_pin`` records it in one of an
+    earlier release."""
+
+    def write(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO meta (key, value) VALUES ('ca_pin', ?)", (pin,))
+
+    return write
 
 
 def relearning(

@@ -23,8 +23,9 @@ from typing import Any
 import grpc
 import pytest
 
-from leader.db import MIGRATIONS
+from leader.db import MIGRATIONS, recorded_ca_pin
 from leader.layout import read_passphrase
+from leader.store import Store
 from tests.cluster import (
     AdminTokenCluster,
     Cluster,
@@ -884,3 +885,145 @@ def test_a_copied_agent_key_revoked_after_the_backup_that_renews_first_is_cut_of
         assert {stolen, renewed_serial, ws_serial} <= set(learned["serials"]), learned
         wanted = {int(s, 16) for s in (stolen, renewed_serial, ws_serial)}
         wait_until(lambda: wanted <= crl_held(n1, c.ca_pem)[1], 30, "n1's list holds all three")
+
+
+# --- the store's CA (review s67 deploy M1) -------------------------------------------------------
+
+
+def store_ca_pin(path: Path) -> str | None:
+    """The CA pin the store at ``path`` records (``meta``'s ``ca_pin``), or None."""
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'ca_pin'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_the_store_records_the_first_ca_pin_and_keeps_it(tmp_path: Path) -> None:
+    """``Store.own_ca_pin``: the first pin is recorded, another is answered with the one on
+    record and not written; ``recorded_ca_pin`` reads it without opening the store to write
+    (None for a missing file or one that is no store)."""
+    path = tmp_path / "leader.sqlite3"
+    assert recorded_ca_pin(path) is None
+    store = Store(path)
+    try:
+        assert recorded_ca_pin(path) is None
+        assert store.own_ca_pin("sha256:aa") is None
+        assert store.own_ca_pin("sha256:aa") == "sha256:aa"
+        assert store.own_ca_pin("sha256:bb") == "sha256:aa"
+    finally:
+        store.close()
+    assert recorded_ca_pin(path) == "sha256:aa"
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"not a database" * 100)
+    assert recorded_ca_pin(junk) is None
+
+
+def test_a_restore_that_mixes_two_clusters_files_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A store of cluster A put back with the ``ca/`` and ``tls/`` of cluster B (and B's
+    passphrase): the leader started without a word, every node of A offline (their agents
+    pin A's CA) and the leader issuing from B's CA. Now the store records its CA's pin at the
+    leader's first start, and a start with another CA is refused (exit 2, one line naming both
+    pins and what to do), before anything is changed: the store, the CA key. A's ``ca/`` put
+    back with B's ``tls/`` left, it starts (its certificate issued again from A's CA); the same
+    backup's ``ca/`` and ``tls/`` put back, it starts; and A's node is back each time."""
+    with (
+        Cluster(tmp_path / "a", next_loopback()) as a,
+        Cluster(tmp_path / "b", next_loopback()) as b,
+    ):
+        a.init()
+        a.start_leader()
+        a.add_agent("n1", next_loopback())
+        a.wait_for_nodes_online(["n1"])
+        pin_a = a.ca_pin()
+        assert store_ca_pin(a.store_path) == pin_a  # (recorded at the first start)
+        passphrase_a = a.passphrase_path.read_bytes()
+        dest = tmp_path / "backup"
+        assert backup(a, dest).returncode == 0
+        b.init()  # (another cluster: its own CA, leader certificate and passphrase)
+        pin_b = b.ca_pin()
+        assert pin_b != pin_a
+
+        restore(a, dest, passphrase_a)
+        for sub in ("ca", "tls"):
+            for path in (b.data_dir / sub).iterdir():
+                shutil.copy2(path, a.data_dir / sub / path.name)
+        a.passphrase_path.write_bytes(b.passphrase_path.read_bytes())
+        before = {p: p.read_bytes() for p in (a.store_path, a.ca_key_path, a.tls_cert_path)}
+
+        code, output = a.leader.run_to_exit()
+        assert code == 2, output
+        line = one_line_error(output, "tlsroll-leader")
+        assert pin_a in line and pin_b in line, line
+        assert "from the same backup as the store" in line, line
+        assert {p: p.read_bytes() for p in before} == before
+        assert not list(a.data_dir.glob("leader.sqlite3?*")), list(a.data_dir.iterdir())
+
+        # The backup's ca/ put back, B's tls/ left: the leader's certificate of B's CA, which
+        # agents would refuse, is issued again from A's CA at the start (session 51), for a
+        # new key, and n1 is back.
+        for path in (dest / "ca").iterdir():
+            shutil.copy2(path, a.data_dir / "ca" / path.name)
+        a.passphrase_path.write_bytes(passphrase_a)
+        b_leader = b.tls_cert_path.read_bytes()
+        assert a.tls_cert_path.read_bytes() == b_leader
+        a.start_leader()
+        served = pki.read_cert(a.tls_cert_path)
+        assert pki.issued_by(served, pki.read_cert(a.ca_cert_path))
+        assert not pki.key_matches(served, pki.read_key(b.tls_key_path))
+        assert store_ca_pin(a.store_path) == pin_a
+        a.wait_for_nodes_online(["n1"])
+        a.stop_leader()
+
+        # The backup's own ca/ and tls/ (and passphrase) put back: it starts, n1 is back.
+        restore(a, dest, passphrase_a)
+        a.start_leader()
+        assert a.ca_pin() == pin_a and store_ca_pin(a.store_path) == pin_a
+        a.wait_for_nodes_online(["n1"])
+        assert "store.restored" in a.leader.event_names()
+
+
+def test_a_store_of_an_earlier_release_records_its_ca_at_the_first_start(tmp_path: Path) -> None:
+    """A store without the CA's pin (a release before, or a backup it made) starts as before
+    and records the pin of the CA it starts with; a start with another CA after that is
+    refused. The backup is this leader's with the pin taken out."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        pin = c.ca_pin()
+        passphrase = c.passphrase_path.read_bytes()
+        dest = tmp_path / "backup"
+        assert backup(c, dest).returncode == 0
+        with contextlib.closing(sqlite3.connect(dest / "leader.sqlite3")) as db, db:
+            db.execute("DELETE FROM meta WHERE key = 'ca_pin'")
+        assert store_ca_pin(dest / "leader.sqlite3") is None
+        restore(c, dest, passphrase)
+        c.start_leader()
+        assert store_ca_pin(c.store_path) == pin
+        assert "store.ca_pin_recorded" in c.leader.event_names()
+        assert c.ca_pin() == pin
+
+
+def test_a_ca_renewed_with_its_key_keeps_the_store_s_pin_and_starts(tmp_path: Path) -> None:
+    """``tlsroll ca renew`` makes a new CA certificate for the same key: the pin the store
+    records is the key's (SPKI), not the certificate's, so the leader starts again on it, and
+    on a backup made before the renewal restored with the renewed ``ca/``."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        pin = c.ca_pin()
+        passphrase = c.passphrase_path.read_bytes()
+        dest = tmp_path / "backup"
+        assert backup(c, dest).returncode == 0
+        old = c.ca_pem
+        renew = c.cli("ca", "renew", "--yes", "--force")
+        assert renew.returncode == 0, (renew.stdout, renew.stderr)
+        assert c.ca_pem != old and c.ca_pin() == pin
+        c.stop_leader()
+        c.start_leader()
+        assert store_ca_pin(c.store_path) == pin
+        renewed = c.ca_pem
+        restore(c, dest, passphrase)
+        c.ca_cert_path.write_bytes(renewed)
+        c.start_leader()
+        assert c.ca_pem == renewed and store_ca_pin(c.store_path) == pin
