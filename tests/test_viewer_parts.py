@@ -150,6 +150,65 @@ def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
     assert signed_out == [(f"viewer:{made.grant.id}", "viewer_grant.signed_out", made.grant.id)]
 
 
+def test_the_sign_out_form_s_page_lets_the_browser_send_its_origin(store: Store) -> None:
+    """Review s67 rev1 M1: every page's referrer policy was ``no-referrer``, under which a
+    browser sends ``Origin: null`` with a form's POST; one without ``Sec-Fetch-Site``
+    (Safari before 16.4, Firefox before 90) was then refused the sign-out (403) and stayed
+    signed in. The schema pages, which hold the form, are ``same-origin`` now (header and
+    meta: a browser sends the viewer's origin to the viewer only, and nothing elsewhere);
+    the other pages stay ``no-referrer`` (the login link's holds its secret), and such a
+    browser's POST, by its Origin alone, signs out."""
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("PC", ttl=HOUR, now=NOW, actor="admin:root")
+    link = grants.create("link", ttl=HOUR, now=NOW, actor="admin:root")
+    _, session = grants.login(made.secret, NOW)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    meta = re.compile(r'<meta name="referrer" content="([^"]*)">')
+
+    async def ask() -> dict[str, tuple[int, str | None, list[str]]]:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        seen: dict[str, tuple[int, str | None, list[str]]] = {}
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            own = f"http://{client.host}:{client.port}".replace("http:", "https:")
+            for name, path, headers in (
+                ("schema", "/", cookie),
+                ("rollout", "/rollouts/r1?lang=en", cookie),
+                ("login", f"/login/{link.secret}", {}),
+                ("denied", "/", {}),
+            ):
+                response = await client.get(path, headers=headers)
+                policy = response.headers.get("Referrer-Policy")
+                seen[name] = (response.status, policy, meta.findall(await response.text()))
+            # A browser without Sec-Fetch-Site, its Origin the viewer's (as the schema
+            # page's policy has it send): signed out.
+            response = await client.post(
+                "/logout", headers={**cookie, "Origin": own, "Host": own[len("https://") :]}
+            )
+            policy = response.headers.get("Referrer-Policy")
+            seen["signed_out"] = (response.status, policy, meta.findall(await response.text()))
+            app.close()
+        return seen
+
+    seen = asyncio.run(ask())
+    same, none = ["same-origin"], ["no-referrer"]
+    assert seen["schema"] == (200, "same-origin", same), seen
+    assert seen["rollout"] == (200, "same-origin", same), seen
+    assert seen["login"] == (200, "no-referrer", none), seen
+    assert seen["denied"] == (401, "no-referrer", none), seen
+    assert seen["signed_out"] == (200, "no-referrer", none), seen
+    assert grants.get(made.grant.id).revoked_at is not None
+
+
 def test_a_grant_name_reaches_terminals_without_escapes(store: Store) -> None:
     """`viewer list` and the log show the name: no control characters, one line, bounded."""
     odd = Grants(store.db).create(

@@ -138,6 +138,12 @@ _CSP = (
 )
 # The schema pages' policy: their one form, the sign-out, posts to the viewer itself.
 CSP_SIGN_OUT_FORM = _CSP.format("'self'")
+# Their referrer policy (header and meta): under ``no-referrer`` a browser sends the form's
+# POST with ``Origin: null``, and one without ``Sec-Fetch-Site`` (Safari before 16.4, Firefox
+# before 90) was refused the sign-out; ``same-origin`` sends the viewer's origin to the viewer
+# alone (review s67 rev1 M1). The other pages keep ``no-referrer`` (the login link's URL
+# holds its secret).
+REFERRER_SIGN_OUT_FORM = "same-origin"
 SECURITY_HEADERS = {
     "Content-Security-Policy": _CSP.format("'none'"),
     "X-Content-Type-Options": "nosniff",
@@ -337,6 +343,7 @@ class ViewerApp:
             response.headers[name] = value
         if request.get(SIGN_OUT_FORM):
             response.headers["Content-Security-Policy"] = CSP_SIGN_OUT_FORM
+            response.headers["Referrer-Policy"] = REFERRER_SIGN_OUT_FORM
 
     def _words(self, request: web.Request) -> Words:
         return Words.of(pick_lang(request.query.get("lang"), request.cookies.get(LANG_COOKIE)))
@@ -790,10 +797,11 @@ def handler_factory(server: web.Server) -> Callable[[], ViewerRequestHandler]:
 def _same_origin(request: web.Request) -> bool:
     """Whether a request comes from the viewer's own pages, by what the browser says (a page
     of another site cannot set either header): ``Sec-Fetch-Site: same-origin`` (every current
-    browser sends it); without it, ``Origin`` the viewer's own. The pages' ``no-referrer``
-    policy makes a browser send ``Origin: null`` with their form, so that alone is not
-    enough; an ``Origin`` of another site refuses all the same. A request with neither (not a
-    browser's) is refused: the button is the way."""
+    browser sends it); without it, ``Origin`` the viewer's own (the schema pages' referrer
+    policy, ``same-origin``, has the form sent with it: ``REFERRER_SIGN_OUT_FORM``). ``Origin:
+    null`` (a browser under a ``no-referrer`` policy) is not enough alone; an ``Origin`` of
+    another site refuses all the same. A request with neither (not a browser's) is refused:
+    the button is the way."""
     own = f"https://{request.host}"
     origin = request.headers.get("Origin")
     if origin is not None and origin not in ("null", own):
