@@ -111,6 +111,15 @@ log = logs.get_logger(__name__)
 T = TypeVar("T")
 
 
+def _rollout_id(text: str, field: str = "rollout_id") -> None:
+    """INVALID_ARGUMENT for a rollout id no leader makes, never repeated (a command's, a
+    transaction's looked up, a rollback's ``undoes``: GetTransaction answered NOT_FOUND with
+    whatever it was given, up to 1000 characters, newlines and all: session 67, bad-input
+    sweep of the agent's port)."""
+    if not ROLLOUT_ID.fullmatch(text):
+        raise invalid(f"{field}: 1-64 letters, digits, '.', '_' or '-'")
+
+
 async def _to_its_end(work: Awaitable[T]) -> T:
     """``work`` (a blocking call handed to a thread) awaited under the caller's lock until it
     has ended, even if the caller is cancelled meanwhile (the agent's stop, ``close``): the
@@ -388,8 +397,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def _command(self, context: Ctx, command: agent_pb2.Command) -> str:
         require_leader(context, self.trust)
-        if not ROLLOUT_ID.fullmatch(command.rollout_id):
-            raise invalid("rollout_id: 1-64 letters, digits, '.', '_' or '-'")
+        _rollout_id(command.rollout_id)
         if command.epoch == 0:
             raise invalid("epoch must be set")
         if (
@@ -1502,6 +1510,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.RollbackRequest, context: Ctx
     ) -> agent_pb2.Transaction:
         rollout_id = await self._command(context, request.command)
+        if request.undoes:  # (empty: the newest switch from http)
+            _rollout_id(request.undoes, "undoes")
         self._refuse_if_needs_admin()
         driver = self._driver()
 
@@ -1571,6 +1581,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         With ``switch`` set the switch is begun first, as Switch would (its refusals end the
         stream before any state; a replay begins nothing)."""
         require_leader(context, self.trust)
+        _rollout_id(request.rollout_id)
         kind = TXN_KIND.read(request.kind, "kind")
         begun: Txn | None = None
         if request.HasField("switch"):  # begin it first: one call, not Switch + this
@@ -1629,6 +1640,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.GetTransactionRequest, context: Ctx
     ) -> agent_pb2.Transaction:
         require_leader(context, self.trust)
+        _rollout_id(request.rollout_id)
         kind = TXN_KIND.read(request.kind, "kind")
         txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
         if txn is None:
