@@ -111,6 +111,29 @@ log = logs.get_logger(__name__)
 T = TypeVar("T")
 
 
+def _leader_time(
+    request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest,
+) -> dt.datetime | None:
+    """The leader's time in a Preflight or Check, if it gave one; INVALID_ARGUMENT for one out
+    of protobuf's range (years 1-9999, nanos 0-999999999), before any check: it ended as
+    INTERNAL after them (session 67, bad-input sweep of the agent's port)."""
+    if not request.HasField("leader_time"):
+        return None
+    try:
+        return request.leader_time.ToDatetime(tzinfo=dt.UTC)
+    except (ValueError, OverflowError):
+        raise invalid("leader_time: not a time (years 1 to 9999)") from None
+
+
+def _rollout_id(text: str, field: str = "rollout_id") -> None:
+    """INVALID_ARGUMENT for a rollout id no leader makes, never repeated (a command's, a
+    transaction's looked up, a rollback's ``undoes``: GetTransaction answered NOT_FOUND with
+    whatever it was given, up to 1000 characters, newlines and all: session 67, bad-input
+    sweep of the agent's port)."""
+    if not ROLLOUT_ID.fullmatch(text):
+        raise invalid(f"{field}: 1-64 letters, digits, '.', '_' or '-'")
+
+
 async def _to_its_end(work: Awaitable[T]) -> T:
     """``work`` (a blocking call handed to a thread) awaited under the caller's lock until it
     has ended, even if the caller is cancelled meanwhile (the agent's stop, ``close``): the
@@ -388,8 +411,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def _command(self, context: Ctx, command: agent_pb2.Command) -> str:
         require_leader(context, self.trust)
-        if not ROLLOUT_ID.fullmatch(command.rollout_id):
-            raise invalid("rollout_id: 1-64 letters, digits, '.', '_' or '-'")
+        _rollout_id(command.rollout_id)
         if command.epoch == 0:
             raise invalid("epoch must be set")
         if (
@@ -635,9 +657,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> agent_pb2.PreflightResponse:
         received = self.clock()  # the clock's check: before our own work (clock audit I, s35)
         rollout_id = await self._command(context, request.command)
+        leader_time = _leader_time(request)
         if request.make_csr:
             self._warm_certificates()
-        reply = await self._checks(request, received)
+        reply = await self._checks(request, received, leader_time)
         if request.make_csr and reply.ok:  # the stage then needs no CreateCSR call
             reply.csr_pem = await self._csr(self._driver(), rollout_id)
         return reply
@@ -676,7 +699,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         """``Check``'s work once its caller is known to be the leader: the RPC's, and the
         answer to the same question asked on the agent's heartbeat stream (``answer_check``).
         ``received``: when the question came (now if not given)."""
-        reply = await self._checks(request, received or self.clock())
+        leader_time = _leader_time(request)
+        reply = await self._checks(request, received or self.clock(), leader_time)
         if request.warm_certificates:
             self._warm_certificates()
         return reply
@@ -708,12 +732,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self,
         request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest,
         received: dt.datetime,
+        leader_time: dt.datetime | None,
     ) -> agent_pb2.PreflightResponse:
         """The checks; ``received``: the node's clock when the question came, which the
-        leader's time in it is compared with. Read after the checks, as before, the offset
-        counted their time (the server's health and view: seconds when it is slow) as clock
-        difference, and a node legitimately near the limit failed with "fix NTP" (clock
-        audit I of session 35)."""
+        leader's time in it (``leader_time``, read by ``_leader_time``) is compared with. Read
+        after the checks, as before, the offset counted their time (the server's health and
+        view: seconds when it is slow) as clock difference, and a node legitimately near the
+        limit failed with "fix NTP" (clock audit I of session 35)."""
         driver = self._driver()
         # The checks on this machine (one worker thread) while the server is asked for its
         # health and its view (one after the other, as ever: a driver's status may be a
@@ -741,8 +766,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if health is not None:
             problems.append(f"{SERVER_NOT_HEALTHY}{health}")
         problems += local
-        if request.HasField("leader_time"):
-            offset = (received - request.leader_time.ToDatetime(tzinfo=dt.UTC)).total_seconds()
+        if leader_time is not None:
+            offset = (received - leader_time).total_seconds()
             limit = request.max_clock_offset_seconds or DEFAULT_MAX_CLOCK_OFFSET
             if abs(offset) > limit:
                 problems.append(
@@ -1502,6 +1527,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.RollbackRequest, context: Ctx
     ) -> agent_pb2.Transaction:
         rollout_id = await self._command(context, request.command)
+        if request.undoes:  # (empty: the newest switch from http)
+            _rollout_id(request.undoes, "undoes")
         self._refuse_if_needs_admin()
         driver = self._driver()
 
@@ -1571,6 +1598,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         With ``switch`` set the switch is begun first, as Switch would (its refusals end the
         stream before any state; a replay begins nothing)."""
         require_leader(context, self.trust)
+        _rollout_id(request.rollout_id)
         kind = TXN_KIND.read(request.kind, "kind")
         begun: Txn | None = None
         if request.HasField("switch"):  # begin it first: one call, not Switch + this
@@ -1629,6 +1657,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.GetTransactionRequest, context: Ctx
     ) -> agent_pb2.Transaction:
         require_leader(context, self.trust)
+        _rollout_id(request.rollout_id)
         kind = TXN_KIND.read(request.kind, "kind")
         txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
         if txn is None:

@@ -2312,3 +2312,46 @@ def test_an_agent_data_dir_or_journal_it_may_not_use_is_a_config_error(
     assert str(path) in line and words in line, line
     assert after == before  # nothing made, moved or chmod-ed
     assert "PRIVATE KEY" not in output
+
+
+# --- session 67 (badinput2 L): a config saved with a byte order mark, or not as UTF-8 ---------
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        # Notepad's "UTF-8 with BOM": tomllib's "Invalid statement (at line 1, column 1)"
+        (lambda raw: b"\xef\xbb\xbf" + raw, "starts with a byte order mark"),
+        # Latin-1's é in a comment: "'utf-8' codec can't decode byte 0xe9 in position 18"
+        (lambda raw: b"# caf\xe9\n" * 2 + raw, "not UTF-8 text: byte 0xe9 at line 1"),
+        (lambda raw: raw + b"# \xff\n", "not UTF-8 text: byte 0xff at line {last}"),
+    ],
+    ids=["bom", "latin1", "last-line"],
+)
+@pytest.mark.parametrize("daemon", ["agent", "refserver"])
+def test_a_config_not_saved_as_plain_utf8_says_so_and_where(
+    tmp_path: Path, daemon: str, change: Callable[[bytes], bytes], problem: str
+) -> None:
+    """One line naming the file, what is wrong and where, exit 2 (the exit code of a config
+    error), for each daemon (they read their configs by one function, the leader too)."""
+    if daemon == "refserver":
+        config = _refserver_config(tmp_path)
+        script, module = "tlsroll-refserver", "refserver.daemon"
+    else:
+        config = write_toml(
+            tmp_path / "agent.toml",
+            {
+                "node": {"name": "n9", "addresses": ["127.0.0.9"]},
+                "leader": {"address": "127.0.0.8", "ca_pin": "sha256:" + "a" * 64},
+                "agent": {"data_dir": tmp_path / "data"},
+            },
+        )
+        script, module = "tlsroll-agent", "nodeagent.daemon"
+    raw = config.read_bytes()
+    problem = problem.replace("{last}", str(raw.count(b"\n") + 1))
+    config.write_bytes(change(raw))
+    result = run_daemon(script, module, config)
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, script)
+    assert f"config error: {config}: {problem}" in line, line
+    assert "save it as UTF-8" in line, line

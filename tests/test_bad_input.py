@@ -5,7 +5,9 @@ workstation's commands read a password file by the same function)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -566,5 +568,86 @@ def test_a_closed_stdout_is_one_line_exit_1_before_anything_is_done(cluster: Clu
         )
         assert result.returncode == 0
         assert "no rollouts yet" in result.stdout
+    finally:
+        cluster.stop_leader()
+
+
+# --- session 67 (badinput2 L2 of the first sweep): a secret nobody could be shown ---------------
+
+SECRET_MAKERS = [
+    ["token", "create", "--node", "n9", "--address", "10.9.0.9"],
+    ["token", "create", "--node", "n9", "--address", "10.9.0.9", "--print-join-command"],
+    ["viewer", "grant", "--name", "ops"],
+]
+
+
+@pytest.mark.parametrize("args", SECRET_MAKERS, ids=["token", "join-script", "viewer-grant"])
+def test_a_secret_for_a_full_stdout_is_never_made(cluster: Cluster, args: list[str]) -> None:
+    """``tlsroll token create ... > /dev/full`` exited 1 with "No space left on device" after
+    the token was made and stored: a token (or a login link) nobody ever saw, and nothing said
+    so. Stdout that takes no write is said before anything is made: one line, exit 1."""
+    cluster.start_leader()
+    try:
+        before = cluster.store_rows(("tokens", "viewer_grants"))
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [*command("tlsroll", "tlsroll"), *args],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        assert result.returncode == 1, result.stderr
+        line = one_line_error(result.stderr, "tlsroll")
+        assert "No space left on device" in line, line
+        assert "nothing was made" in line, line
+        assert cluster.store_rows(("tokens", "viewer_grants")) == before
+    finally:
+        cluster.stop_leader()
+
+
+@pytest.mark.parametrize("args", SECRET_MAKERS, ids=["token", "join-script", "viewer-grant"])
+def test_a_secret_whose_printing_fails_is_revoked_and_said_so(
+    cluster: Cluster, args: list[str]
+) -> None:
+    """A pipe whose reader has gone takes a write of nothing (the check before), and fails the
+    secret's: the token or grant was made, so it is revoked at once, and the one line says so
+    and names it (exit 1); none is left that could enrol a node or let a browser in."""
+    cluster.start_leader()
+    try:
+        before = cluster.store_rows(("tokens", "viewer_grants"))
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # nobody reads: the write of the secret fails with EPIPE
+        try:
+            result = subprocess.run(
+                [*command("tlsroll", "tlsroll"), *args],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(write_end)
+        assert result.returncode == 1, result.stderr
+        line = one_line_error(result.stderr, "tlsroll")
+        assert "Broken pipe" in line, line
+        after = cluster.store_rows(("tokens", "viewer_grants"))
+        table = "viewer_grants" if args[0] == "viewer" else "tokens"
+        made = [row for row in after[table] if row not in before[table]]
+        assert len(made) == 1, made
+        assert made[0][0] in line, line  # its id, to look it up
+        assert "revoked" in line, line
+        # revoked: nothing usable was left
+        db = sqlite3.connect(f"{cluster.store_path.as_uri()}?mode=ro", uri=True, timeout=10)
+        with contextlib.closing(db):
+            query = f"SELECT revoked_at FROM {table} WHERE id = ?"  # noqa: S608 - our names
+            (revoked_at,) = db.execute(query, (made[0][0],)).fetchone()
+        assert revoked_at is not None, made
     finally:
         cluster.stop_leader()

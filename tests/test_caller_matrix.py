@@ -306,3 +306,39 @@ def test_enrolment(world: tuple[Cluster, dict[str, Creds]], caller: str) -> None
         ),
     )
     assert got == ENROL_EXPECTED[caller]
+
+
+# Session 67 (badinput2 L): the leader's own identity with a rollout id no leader makes. Every
+# command refused it (INVALID_ARGUMENT, ``_command``); GetTransaction and WatchTransaction looked
+# it up and answered NOT_FOUND with it repeated (up to 1000 characters of it, newlines and all),
+# and Rollback's ``undoes`` went on to the plan, whose refusal held it.
+BAD_IDS = ("a" * 65, "r1\nforged line", "", "-r1")
+
+
+@pytest.mark.parametrize("rollout_id", BAD_IDS, ids=["long", "newline", "empty", "dash"])
+def test_the_agent_refuses_a_rollout_id_no_leader_makes(
+    world: tuple[Cluster, dict[str, Creds]], rollout_id: str
+) -> None:
+    cluster, creds = world
+    cluster.announce_epoch(1)
+    agent = cluster.agents["node1"]
+    cert, key = creds["leader"] or (None, None)
+    switch = agent_pb2.TransactionKind.TRANSACTION_KIND_SWITCH
+    requests: list[tuple[str, Any]] = [
+        ("GetTransaction", agent_pb2.GetTransactionRequest(rollout_id=rollout_id, kind=switch)),
+        ("WatchTransaction", agent_pb2.GetTransactionRequest(rollout_id=rollout_id, kind=switch)),
+    ]
+    if rollout_id:  # (an empty undoes is the way back: the newest switch from http)
+        command = agent_pb2.Command(rollout_id="matrix", epoch=1)
+        requests.append(("Rollback", agent_pb2.RollbackRequest(command=command, undoes=rollout_id)))
+    with secure_channel(agent.target, cluster.ca_pem, cert, key, name=agent.tls_name) as channel:
+        for method, request in requests:
+            with pytest.raises(grpc.RpcError) as caught:
+                invoker(agent_pb2_grpc.NodeAgentStub, method, request)(channel)
+            err = caught.value
+            assert isinstance(err, grpc.Call)
+            assert err.code() == INVALID, (method, err.code(), err.details())
+            details = err.details() or ""
+            assert "\n" not in details, (method, details)
+            assert not rollout_id or rollout_id not in details, (method, details)
+            assert "1-64 letters, digits" in details, (method, details)

@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from nodeagent.transaction import CRASH_ENV
 from refserver.server import START_DELAY_ENV, SWITCHING_MESSAGE, WRITE_DELAY_ENV
@@ -717,6 +718,40 @@ def test_command_with_a_stale_epoch_is_refused_and_changes_nothing(make_node: No
     assert_untouched(node, config, pid)
     # The current epoch is still served.
     assert node.create_csr("epoch-new", epoch=5).startswith(b"-----BEGIN CERTIFICATE REQUEST")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(2**62, 0), (-(2**62), 0), (0, -5), (253402300800, 0)],
+    ids=["far-future", "far-past", "negative-nanos", "year-10000"],
+)
+def test_a_leader_time_that_is_no_time_is_invalid_and_checks_nothing(
+    make_node: NodeFactory, seconds: int, nanos: int
+) -> None:
+    """Session 67 (bad-input sweep 2): a Preflight or Check whose ``leader_time`` is out of
+    protobuf's range ended as INTERNAL ("internal error; see the daemon's log", an error event
+    in it) after the node's checks ran; INVALID_ARGUMENT now, before any, nothing made."""
+    node = make_node()
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    when = Timestamp(seconds=seconds, nanos=nanos)
+    before = len(node.agent.log_text()) if node.agent else 0
+    with node.stub() as stub:
+        for call in (
+            lambda: stub.Preflight(
+                agent_pb2.PreflightRequest(
+                    command=node.command("r-time"), leader_time=when, make_csr=True
+                ),
+                timeout=30,
+            ),
+            lambda: stub.Check(agent_pb2.CheckRequest(leader_time=when), timeout=30),
+        ):
+            err = rpc_error(call)
+            assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT, details_of(err)
+            assert "leader_time" in details_of(err), details_of(err)
+    assert node.journal_query("SELECT * FROM staged") == []
+    assert not node.stage_dir("r-time").exists()
+    assert node.agent is not None and "internal_error" not in node.agent.log_text()[before:]
+    assert_untouched(node, config, pid)
 
 
 # --- 10. a caller that is not the leader -------------------------------------------------------

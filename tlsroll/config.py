@@ -18,6 +18,7 @@ is an error instead of a silent fallback to a default. ``dump_toml`` writes conf
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import os
 import re
@@ -223,6 +224,30 @@ class Section:
         return p if p.is_absolute() else (self.file.parent / p).resolve()
 
 
+def _utf8_text(path: Path, raw: bytes) -> str:
+    """``raw`` as text, or a ConfigError that says what is wrong with it and where, and what to
+    do: a file saved as "UTF-8 with BOM" was "Invalid statement (at line 1, column 1)", one in
+    Latin-1 "'utf-8' codec can't decode byte 0xe9 in position 248" (session 67, bad-input
+    sweep of the configs)."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raise ConfigError(
+            path,
+            None,
+            "starts with a byte order mark (saved as UTF-8 with BOM?): save it as UTF-8"
+            " without one",
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            path,
+            None,
+            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} (another encoding,"
+            " such as Latin-1?): save it as UTF-8",
+        ) from None
+
+
 class ConfigFile:
     def __init__(self, path: Path, data: Mapping[str, Any]) -> None:
         self.path = path
@@ -270,8 +295,8 @@ class ConfigFile:
     def parse(cls, path: Path, raw: bytes) -> ConfigFile:
         """The config ``raw`` (read from ``path``) says (``load``'s second half)."""
         try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            data = tomllib.loads(_utf8_text(path, raw))
+        except tomllib.TOMLDecodeError as exc:
             raise ConfigError(path, None, f"not valid TOML: {exc}") from None
         except RecursionError:  # [[[[…]]]] thousands deep: tomllib's recursion (s47rtin L1)
             raise ConfigError(path, None, "not valid TOML: nested too deeply") from None

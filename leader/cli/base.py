@@ -35,7 +35,7 @@ from leader.layout import Layout
 from tlsroll.cli import Target, terminal_only
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.echo import free_text_problem, shown, shown_path, whole_secret_kind
-from tlsroll.errors import TerminalError
+from tlsroll.errors import TerminalError, TlsrollError
 
 if TYPE_CHECKING:
     from google.protobuf.descriptor import ServiceDescriptor
@@ -552,22 +552,67 @@ def private_stdout(holds: str) -> None:
     of mode 0644 for any local user to enrol the node with first (review s66 logs M4; the
     notice with the password was the same, review s66 pw M2), while every file the product
     keeps a secret in is 0600. A terminal, a pipe (a mailer, ssh to the node) or a private file
-    is the admin's to pass on."""
+    is the admin's to pass on.
+
+    Stdout that takes no write at all (``> /dev/full``, a descriptor opened for reading) is
+    said here too, exit 1: the token was made and stored, then its printing failed, and
+    nothing said so (session 67, bad-input sweep L2). A write that fails only once it carries
+    the secret (a pipe whose reader has gone, a disk that fills) is ``print_secret``'s."""
     try:
         fd = sys.stdout.fileno()
-        mode = os.fstat(fd).st_mode
     except (OSError, ValueError):  # no file behind it (io.UnsupportedOperation is a ValueError)
         return
+    try:
+        os.write(fd, b"")  # /dev/full refuses even this; a pipe and a file take it
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise CLIError(
+            f"stdout {_fd_name(fd)} cannot be written ({exc.strerror or type(exc).__name__});"
+            f" nothing was made ({holds})"
+        ) from None
     if not stat.S_ISREG(mode) or not mode & 0o044:
         return
-    try:
-        name = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        name = "(a file)"
     raise click.UsageError(
-        f"stdout {shown_path(name)} is readable by others (mode {stat.S_IMODE(mode):04o});"
+        f"stdout {_fd_name(fd)} is readable by others (mode {stat.S_IMODE(mode):04o});"
         f" {holds}: chmod 600 it or use umask 077"
     )
+
+
+def _fd_name(fd: int) -> str:
+    try:
+        return shown_path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return "(a file)"
+
+
+def print_secret(text: str, what: str, revoke: Callable[[], None], how: str) -> None:
+    """Print ``text``, which holds the secret of ``what`` (``token ID``, ``viewer grant ID``),
+    just made; if stdout takes it not (a pipe whose reader has gone, a full disk), ``revoke``
+    it and say so in one line, exit 1: a secret nobody was shown is of use to nobody but whoever
+    reads what part of it got out (session 67, bad-input sweep L2: the token stayed, and click
+    ended a broken pipe with exit 1 and not a word). ``how``: the command that revokes it, said
+    if revoking fails. Written straight to the descriptor, so that nothing of it stays in a
+    buffer for the exit to fail on again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # no file behind it (a test's runner): as ever
+        click.echo(text, nl=False)
+        return
+    data = memoryview(text.encode())
+    try:
+        sys.stdout.flush()
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        try:
+            revoke()
+        except TlsrollError as failed:
+            raise CLIError(
+                f"{what} was made but could not be printed ({why}), and revoking it failed"
+                f" ({failed}): revoke it with `{how}`"
+            ) from None
+        raise CLIError(f"{what} could not be printed ({why}): revoked it; make another") from None
 
 
 def pass_leader(f: Callable[..., T]) -> Callable[..., T]:

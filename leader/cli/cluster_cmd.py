@@ -21,6 +21,7 @@ from leader.cli.base import (
     out,
     parse_duration,
     pass_leader,
+    print_secret,
     private_stdout,
     refuse_unfit_serial,
     say_still_taken,
@@ -415,10 +416,18 @@ def token_create(
                 dns_names=dns_names,
             ),
         )
+    token_id = reply.info.id
+
+    def revoke() -> None:
+        with leader.admin() as admin:
+            leader.call(admin.RevokeToken, admin_pb2.RevokeTokenRequest(id=token_id))
+
+    how = f"tlsroll token revoke {token_id}"
     if print_join_command:
-        click.echo(join_script(reply, agent_config_dir, agent_data_dir), nl=False)
+        script = join_script(reply, agent_config_dir, agent_data_dir)
+        print_secret(script, f"token {token_id}", revoke, how)
         return
-    click.echo(reply.token)
+    print_secret(reply.token + "\n", f"token {token_id}", revoke, how)
     if sys.stderr.isatty():
         click.echo(
             f"token {reply.info.id} for node {reply.info.node_name}: enrols it once, expires "

@@ -20,6 +20,7 @@ from leader.cli.base import (
     out,
     parse_duration,
     pass_leader,
+    print_secret,
     private_stdout,
     to_dict,
 )
@@ -58,7 +59,18 @@ def viewer_grant(leader: Leader, name: str, ttl: str) -> None:
             admin.CreateViewerGrant,
             admin_pb2.CreateViewerGrantRequest(name=name, ttl_seconds=seconds),
         )
-    click.echo(reply.login_url)
+    grant_id = reply.info.id
+
+    def revoke() -> None:
+        with leader.admin() as admin:
+            leader.call(admin.RevokeViewerGrant, admin_pb2.RevokeViewerGrantRequest(id=grant_id))
+
+    print_secret(
+        reply.login_url + "\n",
+        f"viewer grant {grant_id}",
+        revoke,
+        f"tlsroll viewer revoke {grant_id}",
+    )
     if sys.stderr.isatty():
         click.echo(
             f"grant {reply.info.id}: one login, read-only, until "
