@@ -5,6 +5,7 @@ One table, ``[leader]``; an unknown key or table is an error naming it.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,20 @@ class LeaderConfig:
                 f"{config.expiry_warning_days:g} days is not shorter than server_cert_lifetime "
                 f"({config.server_cert_lifetime} s): every server certificate would be due "
                 "from the day it is issued",
+            )
+        # A server certificate lives its lifetime less up to 5 % of it (at most 7 days:
+        # ``pki.spread``): a warning within that made a fresh one due from its issue, and
+        # auto_rotate rotate it again at every window (review s67 rev2 M2).
+        shortest = int(
+            pki.spread(dt.timedelta(seconds=config.server_cert_lifetime), 1.0).total_seconds()
+        )
+        if config.expiry_warning_days * 86400 >= shortest:
+            raise s.error(
+                "expiry_warning_days",
+                f"{config.expiry_warning_days:g} days is not shorter than server_cert_lifetime "
+                f"({config.server_cert_lifetime} s) less the up to 5 % (at most 7 days) each "
+                f"server certificate's life is cut by, to spread their ends ({shortest} s left):"
+                " a server certificate could be due from the day it is issued",
             )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
         _check_restored_elsewhere(s, config)

@@ -214,6 +214,14 @@ def leader_toml(tmp_path: Path, **keys: object) -> Path:
             "expiry_warning_days",
             "1 days is not shorter than server_cert_lifetime",
         ),
+        # review s67 rev2 M2: a server certificate lives up to 5 % (at most 7 days) less than
+        # server_cert_lifetime (``pki.spread``): 31 days less up to 1.55, a 30-day warning
+        # made most fresh ones due at once, and auto_rotate rotated them again each window
+        (
+            {"expiry_warning_days": 30, "server_cert_lifetime": 31 * 86400},
+            "expiry_warning_days",
+            "30 days is not shorter than server_cert_lifetime (2678400 s) less the up to 5 %",
+        ),
         ({"server_cert_lifetime": 10}, "server_cert_lifetime", "must be between 60 and"),
         ({"expiry_check_interval": 0}, "expiry_check_interval", "must be between 1 and"),
     ],

@@ -74,7 +74,8 @@ def run_daemon(script: str, module: str, config: Path) -> subprocess.CompletedPr
         ("node_name", "tlsroll-leader", "is reserved"),
         # session 67 (badinput M1): a zone or an address taken for a DNS name
         ("address", "::1%lo", "a zone (%…) is never part of a certificate's address"),
-        ("dns_names", ["127.0.0.1"], "its last label is all digits"),
+        ("dns_names", ["127.0.0.1"], "its last label is a number"),
+        ("dns_names", ["0x7f000001"], "its last label is a number"),  # (review s67 rev2 M1)
     ],
 )
 def test_leader_refuses_names_init_would_refuse_before_its_certificate_changes(
@@ -503,10 +504,11 @@ def test_a_config_file_larger_than_its_bound_is_refused(tmp_path: Path) -> None:
         ("--address", "::1%lo", "a zone (%…) is never part of a certificate's address"),
         ("--address", "2001:db8::5%eth0", "a zone (%…) is never part of a certificate's address"),
         # an address as a DNS name passed every rule addresses have
-        ("--dns", "127.0.0.1", "its last label is all digits"),
-        ("--dns", "{leader}", "its last label is all digits"),
-        ("--dns", "10.9.0.7", "its last label is all digits"),
-        ("--dns", "0", "its last label is all digits"),
+        ("--dns", "127.0.0.1", "its last label is a number"),
+        ("--dns", "{leader}", "its last label is a number"),
+        ("--dns", "10.9.0.7", "its last label is a number"),
+        ("--dns", "0", "its last label is a number"),
+        ("--dns", "0x7f000001", "its last label is a number"),  # (review s67 rev2 M1)
     ],
 )
 def test_token_create_refuses_a_zone_or_an_address_as_a_dns_name(

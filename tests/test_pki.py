@@ -352,3 +352,49 @@ def test_a_revocation_list_whose_issuer_is_no_name_is_refused_as_one(signed_by_i
     checked_against = ca.cert if signed_by_it else pki.CertificateAuthority.create().cert
     with pytest.raises(PKIError):
         pki.load_crl(pem, checked_against, issuer=True)
+
+
+# --- session 67 (review rev2 M1): a DNS name that is an IPv4 address to a resolver --------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    # inet_aton (getaddrinfo) and WHATWG URL parsers read each of these as 127.0.0.1 or
+    # 10.0.0.5: a certificate's DNS name for them vouched for that address to a client that
+    # checks the name as a host name (OpenSSL's, Python's ssl)
+    [
+        "127.0.0.1",
+        "127.1",
+        "2130706433",
+        "0177.0.0.01",
+        "0x7f000001",
+        "0x7f.0x1",
+        "10.0.0.0x5",
+        "host.0x",
+        "0",
+    ],
+)
+def test_a_dns_name_that_is_a_number_address_is_refused(name: str) -> None:
+    problem = pki.dns_problem(name)
+    assert problem is not None and "its last label is a number" in problem, problem
+
+
+@pytest.mark.parametrize(
+    "name",
+    # names a practice uses stay signable: digits inside a label or in other labels, IDNA
+    # (xn--), a label that starts with 0x but is no hex number, single-label host names
+    [
+        "1e100.net",
+        "123.example.com",
+        "host1.example",
+        "xn--bcher-kva.example",
+        "pc-0x12.lan",
+        "0xgateway.example",
+        "node-7",
+        "s1",
+        "a.b.c.d.example.org",
+        "7eleven.example",
+    ],
+)
+def test_a_dns_name_with_digits_elsewhere_is_signed(name: str) -> None:
+    assert pki.dns_problem(name) is None

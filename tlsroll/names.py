@@ -33,6 +33,9 @@ MAX_DNS = 8
 DNS_NAME = re.compile(
     r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
 )
+# A last label that makes a name an IPv4 address to inet_aton and to WHATWG URL parsers: all
+# digits (decimal or octal) or ``0x`` and hex digits. No top-level domain is such a label.
+NUMBER_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 # Addresses that name every host, or none: a certificate for them vouches for any machine.
 EVERY_HOST_IPS = frozenset({"127.0.0.1", "::1"})
 
@@ -101,12 +104,15 @@ def dns_problem(name: str) -> str | None:
         return f"{shown(name)}: wildcard names are never signed"
     if not DNS_NAME.fullmatch(name):
         return f"{shown(name)} is not a DNS host name (lowercase letters, digits, '-' and '.')"
-    if name.rpartition(".")[2].isdigit():
+    if NUMBER_LABEL.fullmatch(name.rpartition(".")[2]):
         # ``127.0.0.1`` or the leader's address as a DNS name passed every check addresses get
         # (every host, held by the leader or another node); no top-level domain is all digits.
+        # Nor ``0x…``: ``0x7f000001`` is 127.0.0.1 to inet_aton (getaddrinfo) and to a
+        # browser's URL parser (WHATWG's "ends in a number"), yet a client that checks it as
+        # a host name took its DNS name (review s67 rev2 M1).
         return (
-            f"{shown(name)} is not a DNS host name: its last label is all digits, as an IP "
-            "address's is (an address goes among the addresses)"
+            f"{shown(name)} is not a DNS host name: its last label is a number (digits, or 0x "
+            "and hex digits), as an IP address's is (an address goes among the addresses)"
         )
     if name == "localhost" or name.endswith(".localhost"):
         return f"{shown(name)} names every host, not this one"
