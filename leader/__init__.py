@@ -26,9 +26,11 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 # agents (``event_engine_client`` off, session 67): every reply and every state of a switch's
 # watch that reaches the leader woke the engine's threads 5-6 times (about once now), and
 # the event_engine threads' context switches per node in ``bench.rollout`` about halved.
-# Both go back to gRPC's older, long-stable iomgr path, in the leader only (the agent runs
-# gRPC's defaults). An explicit GRPC_EXPERIMENTS still wins. A later grpcio may drop a
-# switch: gRPC then runs its default (nothing breaks; its "Unknown experiment" line is not
-# written at GRPC_VERBOSITY=NONE); tests/test_perf_shape.py fails then, to have it looked at.
+# Both go back to gRPC's older, long-stable iomgr path, in the leader and in the `tlsroll`
+# command, which imports this package before grpc too (its channel over the admin socket: the
+# same path; review s67 rev2 L1); the agent runs gRPC's defaults. An explicit
+# GRPC_EXPERIMENTS still wins. A later grpcio may drop a switch: gRPC then runs its default
+# (nothing breaks; its "Unknown experiment" line is not written at GRPC_VERBOSITY=NONE);
+# tests/test_perf_shape.py fails then, to have it looked at.
 GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_client"
 os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
