@@ -233,12 +233,13 @@ class ViewerApp:
         self._streams: collections.Counter[str] = collections.Counter()  # open, per session
         self._reading = asyncio.Lock()
         # /api/v1/schema's and /metrics' reads: one at a time, and what one read is taken by
-        # the requests that waited for it (``_one_at_a_time``), by endpoint: (the store's
-        # ``commits`` as the read began, the answer's body). Emptied when none waits.
+        # the requests that came before it began (``_one_at_a_time``), by endpoint: (how many
+        # requests had come as the read began, the answer's body). Emptied when none waits.
         self._heavy = asyncio.Lock()
         self._drawing = asyncio.Lock()  # ``_apart``
         self._heavy_read: dict[str, tuple[int, bytes]] = {}
         self._heavy_waiting = 0
+        self._heavy_arrivals = 0  # requests for either so far (they count on: an int)
         self._forgetting: asyncio.TimerHandle | None = None  # ``_forget_later``
         self._closed = False  # ``close``: no timer after it (streams end after it)
         # Built on the event loop (the app is made when the first connection arrives).
@@ -617,17 +618,21 @@ class ViewerApp:
         ``/api/v1/schema`` reads every stored rollout whole under the store's one lock (about
         0.1 s at ten 500-node rollouts, and more with each), which the rollout engine and the
         agents' heartbeats write under; one session's requests, each on a connection of its
-        own, held it nearly all the time. A request that waited while the body was made
-        takes it if no write committed between that read's start and the request's arrival;
-        nothing is kept once no request waits."""
-        commits = self.reader.store.db.commits
+        own, held it nearly all the time. A request takes a body made for another only if
+        it arrived before that body's read began (review s67 viewer L2: by the store's
+        ``commits`` alone, one that came after the read took it too, though the leader's
+        state in memory, who is online, the heartbeats' ages, had moved on); else it makes
+        the next, which the requests that came meanwhile take. Nothing is kept once no
+        request waits."""
+        arrived = self._heavy_arrivals  # the requests before this one
+        self._heavy_arrivals += 1
         self._heavy_waiting += 1
         try:
             async with self._heavy:
                 hit = self._heavy_read.get(key)
-                if hit is not None and hit[0] == commits:
+                if hit is not None and arrived < hit[0]:
                     return hit[1]
-                began = self.reader.store.db.commits
+                began = self._heavy_arrivals  # every request so far came before this read
                 body = await make()
                 self._heavy_read[key] = (began, body)
                 return body
