@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import StreamReader
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
@@ -148,6 +149,73 @@ def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
         audit = [tuple(r) for r in db.execute("SELECT actor, kind, subject FROM audit")]
     signed_out = [row for row in audit if row[1] == "viewer_grant.signed_out"]
     assert signed_out == [(f"viewer:{made.grant.id}", "viewer_grant.signed_out", made.grant.id)]
+
+
+def test_the_sign_in_url_linked_from_another_site_is_refused_and_spends_nothing(
+    store: Store,
+) -> None:
+    """Review s67 viewer L1 (login CSRF): a page anywhere could link to the sign-in URL of a
+    link of its own; the navigation, top-level, spent it and replaced the visitor's session
+    cookie (a browser sets a Strict cookie on such a navigation too), so the visitor was in
+    the other's session. Now a request whose ``Sec-Fetch-Site`` says another site
+    (``cross-site``, ``same-site``) is 403: nothing spent, no cookie, one log line per
+    source, and a page with no link back to the sign-in URL (its language switch would be
+    one). The link typed or pasted (``none``), the sign-in page's own (``same-origin``) and a
+    client without the header sign in."""
+    grants = Grants(store.db)
+    theirs = grants.create("Angreifer", ttl=HOUR, now=NOW, actor="admin:root")
+    mine = grants.create("Opfer", ttl=HOUR, now=NOW, actor="admin:root")
+    _, session = grants.login(mine.secret, NOW)
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    fine = {
+        site: grants.create(f"ok {site}", ttl=HOUR, now=NOW, actor="a")
+        for site in ("none", "same-origin", "")
+    }
+
+    async def ask() -> tuple[list[tuple[int, str, str, str]], dict[str, tuple[int, str]]]:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        refused: list[tuple[int, str, str, str]] = []
+        signed: dict[str, tuple[int, str]] = {}
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            for site in ("cross-site", "same-site", "cross-site"):
+                headers = {"Cookie": f"{SESSION_COOKIE}={session}", "Sec-Fetch-Site": site}
+                response = await client.get(
+                    f"/login/{theirs.secret}/open", headers=headers, allow_redirects=False
+                )
+                cookies = ";".join(response.headers.getall("Set-Cookie", []))
+                refused.append((response.status, site, cookies, await response.text()))
+            for site, made in fine.items():
+                headers = {"Sec-Fetch-Site": site} if site else {}
+                response = await client.get(
+                    f"/login/{made.secret}/open", headers=headers, allow_redirects=False
+                )
+                signed[site] = (response.status, response.headers.get("Set-Cookie", ""))
+            app.close()
+        return refused, signed
+
+    with structlog.testing.capture_logs() as logs:
+        refused, signed = asyncio.run(ask())
+    for status, site, cookies, body in refused:
+        assert status == 403 and cookies == "", (site, status, cookies)
+        assert 'data-reason="cross_site"' in body and "Eine andere Website" in body, body
+        assert "href" not in body.split('id="denied"', 1)[1], body  # nothing leads back
+        assert theirs.secret not in body
+    assert grants.get(theirs.grant.id).used_at is None  # not spent
+    assert grants.session(session, NOW) is not None  # the visitor's session is as it was
+    lines = [e for e in logs if e["event"] == "viewer.login_refused"]
+    assert [e["reason"] for e in lines] == ["cross_site"], lines  # sampled per source
+    assert theirs.secret not in repr(logs)
+    for site, (status, cookie) in signed.items():
+        assert status == 303 and cookie.startswith(f"{SESSION_COOKIE}="), (site, status)
+        assert grants.get(fine[site].grant.id).used_at == NOW
 
 
 def test_the_sign_out_form_s_page_lets_the_browser_send_its_origin(store: Store) -> None:
