@@ -17,13 +17,16 @@ dir; the paths are printed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import http.client
+import http.server
 import json
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,14 @@ from typing import Any
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    Playwright,
+    Request,
+    sync_playwright,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from refserver.server import START_DELAY_ENV
@@ -806,6 +816,75 @@ def test_browser_signs_in_from_a_link_in_a_mail_after_a_preview_spent_nothing(
         assert other.locator('#denied .why[data-reason="used"]').count() == 1
     finally:
         elsewhere.close()
+
+
+@contextlib.contextmanager
+def another_site(html: str) -> Iterator[str]:
+    """A page on another origin (a loopback address of its own, plain http) that shows
+    ``html``: its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((next_loopback(), 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        yield f"http://{host!s}:{port}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_browser_refuses_the_sign_in_url_linked_from_another_site_and_spends_nothing(
+    farm: Setup, context: BrowserContext
+) -> None:
+    """Review s67 viewer L1 (login CSRF): a page on any site could link to the sign-in URL of
+    its own unused link; the click spent it and replaced the visitor's session cookie (a
+    top-level navigation sets a Strict cookie too): the visitor was in the other's session.
+    Now the viewer refuses it by what Chromium says (``Sec-Fetch-Site: cross-site``): 403,
+    the link unused, the visitor's session as it was. The admin's way, the link pasted
+    (``none``) and the sign-in page's link (``same-origin``), signs in, as does the sign-in
+    URL pasted."""
+    cluster = farm.cluster
+    opened: list[Request] = []
+    context.on("request", lambda r: opened.append(r) if r.url.endswith("/open") else None)
+    page = browser_login(context, cluster, "Opfer")  # the link pasted, then its page's link
+    [mine] = [c["value"] for c in context.cookies() if c["name"] == SESSION_COOKIE]
+    theirs = link_for(cluster, "Angreifer")
+    with another_site(f'<a href="{theirs}/open">Urlaubsfotos</a>') as url:
+        page.goto(url)
+        with page.expect_response(theirs + "/open") as answer:
+            page.get_by_role("link", name="Urlaubsfotos").click()
+        status = answer.value.status  # (the response's repr would show the link)
+        assert status == 403, status
+    page.wait_for_selector('#denied .why[data-reason="cross_site"]')
+    hrefs = page.locator("a[href]").evaluate_all("(as) => as.map((a) => a.href)")
+    assert not [h for h in hrefs if h.startswith(theirs)], hrefs  # nothing leads back to it
+    assert grants(cluster)["Angreifer"]["state"] == "unused"
+    assert [c["value"] for c in context.cookies() if c["name"] == SESSION_COOKIE] == [mine]
+    page.goto(base(cluster) + "/")
+    assert "Opfer" in page.locator("header").inner_text()
+
+    # The sign-in URL pasted: signs in.
+    pasted = link_for(cluster, "Selbst")
+    page.goto(pasted + "/open")
+    page.wait_for_url(base(cluster) + "/")
+    assert "Selbst" in page.locator("header").inner_text()
+    assert grants(cluster)["Selbst"]["state"] == "active"
+    sites = [r.all_headers().get("sec-fetch-site") for r in opened]
+    assert sites == ["same-origin", "cross-site", "none"], sites
 
 
 def test_browser_finds_nothing_that_posts_but_the_sign_out_and_loads_nothing_from_elsewhere(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import StreamReader
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
@@ -148,6 +149,73 @@ def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
         audit = [tuple(r) for r in db.execute("SELECT actor, kind, subject FROM audit")]
     signed_out = [row for row in audit if row[1] == "viewer_grant.signed_out"]
     assert signed_out == [(f"viewer:{made.grant.id}", "viewer_grant.signed_out", made.grant.id)]
+
+
+def test_the_sign_in_url_linked_from_another_site_is_refused_and_spends_nothing(
+    store: Store,
+) -> None:
+    """Review s67 viewer L1 (login CSRF): a page anywhere could link to the sign-in URL of a
+    link of its own; the navigation, top-level, spent it and replaced the visitor's session
+    cookie (a browser sets a Strict cookie on such a navigation too), so the visitor was in
+    the other's session. Now a request whose ``Sec-Fetch-Site`` says another site
+    (``cross-site``, ``same-site``) is 403: nothing spent, no cookie, one log line per
+    source, and a page with no link back to the sign-in URL (its language switch would be
+    one). The link typed or pasted (``none``), the sign-in page's own (``same-origin``) and a
+    client without the header sign in."""
+    grants = Grants(store.db)
+    theirs = grants.create("Angreifer", ttl=HOUR, now=NOW, actor="admin:root")
+    mine = grants.create("Opfer", ttl=HOUR, now=NOW, actor="admin:root")
+    _, session = grants.login(mine.secret, NOW)
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    fine = {
+        site: grants.create(f"ok {site}", ttl=HOUR, now=NOW, actor="a")
+        for site in ("none", "same-origin", "")
+    }
+
+    async def ask() -> tuple[list[tuple[int, str, str, str]], dict[str, tuple[int, str]]]:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        refused: list[tuple[int, str, str, str]] = []
+        signed: dict[str, tuple[int, str]] = {}
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            for site in ("cross-site", "same-site", "cross-site"):
+                headers = {"Cookie": f"{SESSION_COOKIE}={session}", "Sec-Fetch-Site": site}
+                response = await client.get(
+                    f"/login/{theirs.secret}/open", headers=headers, allow_redirects=False
+                )
+                cookies = ";".join(response.headers.getall("Set-Cookie", []))
+                refused.append((response.status, site, cookies, await response.text()))
+            for site, made in fine.items():
+                headers = {"Sec-Fetch-Site": site} if site else {}
+                response = await client.get(
+                    f"/login/{made.secret}/open", headers=headers, allow_redirects=False
+                )
+                signed[site] = (response.status, response.headers.get("Set-Cookie", ""))
+            app.close()
+        return refused, signed
+
+    with structlog.testing.capture_logs() as logs:
+        refused, signed = asyncio.run(ask())
+    for status, site, cookies, body in refused:
+        assert status == 403 and cookies == "", (site, status, cookies)
+        assert 'data-reason="cross_site"' in body and "Eine andere Website" in body, body
+        assert "href" not in body.split('id="denied"', 1)[1], body  # nothing leads back
+        assert theirs.secret not in body
+    assert grants.get(theirs.grant.id).used_at is None  # not spent
+    assert grants.session(session, NOW) is not None  # the visitor's session is as it was
+    lines = [e for e in logs if e["event"] == "viewer.login_refused"]
+    assert [e["reason"] for e in lines] == ["cross_site"], lines  # sampled per source
+    assert theirs.secret not in repr(logs)
+    for site, (status, cookie) in signed.items():
+        assert status == 303 and cookie.startswith(f"{SESSION_COOKIE}="), (site, status)
+        assert grants.get(fine[site].grant.id).used_at == NOW
 
 
 def test_the_sign_out_form_s_page_lets_the_browser_send_its_origin(store: Store) -> None:
@@ -1528,8 +1596,9 @@ def test_requests_for_the_api_and_the_metrics_read_the_store_one_at_a_time(
     one lock (~0.1 s at ten 500-node rollouts, growing with each), and each request read for
     itself: one session's browser or script, a request per connection (16), held the lock
     the rollout engine and the agents' heartbeats write under nearly all the time. Now such
-    reads run one at a time, and the requests that waited for one take what it read (no
-    write committed since it began); ``/metrics`` likewise."""
+    reads run one at a time, and the requests that came while one ran take what the next
+    one reads (review s67 viewer L2: not what the one under way reads, which began before
+    they came); ``/metrics`` likewise."""
     schema = SchemaStore(store.db)
     grants = Grants(store.db)
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
@@ -1614,7 +1683,79 @@ def test_requests_for_the_api_and_the_metrics_read_the_store_one_at_a_time(
         api = {body for (_, body), path in zip(answers, paths, strict=True) if path[1] == "a"}
         assert len(api) == 1 and b'"r1"' in next(iter(api))
         assert most == 1, f"{most} reads at once"
-        assert sorted(reads) == ["api", "metrics"], reads  # the others took what they read
+        # The first request's read, then one of each for the others (they came during it).
+        assert len(reads) == 3 and sorted(reads[1:]) == ["api", "metrics"], reads
+
+    asyncio.run(ask())
+
+
+def test_a_request_that_came_after_a_read_began_takes_a_read_of_its_own(store: Store) -> None:
+    """Review s67 viewer L2: ``/api/v1/schema`` and ``/metrics`` share a read among the
+    requests that waited for it (``_one_at_a_time``), by the store's ``commits``: a request
+    that came after the read had begun (even after it ended, while others still waited) took
+    it too, though what the read shows of the leader's memory (who is online, heartbeat
+    ages) is not in ``commits``. Now a request takes a read only if it came before that read
+    began; those that came during a read share the next one."""
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    reads: list[int] = []
+    began = [asyncio.Event() for _ in range(4)]
+    done = [asyncio.Event() for _ in range(4)]
+
+    async def make() -> bytes:
+        n = len(reads)
+        reads.append(n)
+        began[n].set()
+        await done[n].wait()
+        return f"read {n}".encode()
+
+    async def ask() -> None:
+        app = ViewerApp(
+            reader=reader,
+            grants=Grants(store.db),
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+
+        def request() -> asyncio.Task[bytes]:
+            return asyncio.create_task(app._one_at_a_time("api", make))
+
+        async def waiting(count: int) -> None:
+            for _ in range(1000):  # (the tasks' first steps: each counts itself in)
+                if app._heavy_waiting == count:
+                    return
+                await asyncio.sleep(0)
+            raise AssertionError(f"{app._heavy_waiting} requests waiting, not {count}")
+
+        first = request()
+        await asyncio.wait_for(began[0].wait(), 10)
+        during = [request(), request()]  # came while read 0 ran
+        await waiting(3)
+        done[0].set()
+        assert await asyncio.wait_for(first, 10) == b"read 0"
+        # One of those two makes the next read; before the fix both took read 0 at once.
+        second = asyncio.create_task(began[1].wait())
+        await asyncio.wait([second, *during], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        finished = [t.result() for t in during if t.done()]
+        assert not finished, f"came after read 0 began, and took {finished}"
+        assert second.done()
+        late = request()  # came while read 1 ran: not read 1's
+        await waiting(3)
+        done[1].set()
+        assert await asyncio.wait_for(asyncio.gather(*during), 10) == [b"read 1"] * 2
+        await asyncio.wait_for(began[2].wait(), 10)
+        after = [request(), request()]  # came while read 2 ran (``late``'s): share read 3
+        await waiting(3)
+        done[2].set()
+        assert await asyncio.wait_for(late, 10) == b"read 2"
+        await asyncio.wait_for(began[3].wait(), 10)
+        done[3].set()
+        assert await asyncio.wait_for(asyncio.gather(*after), 10) == [b"read 3"] * 2
+        assert reads == [0, 1, 2, 3]
+        assert app._heavy_read == {}  # nothing kept once none waits
+        app.close()
 
     asyncio.run(ask())
 

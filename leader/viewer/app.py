@@ -16,7 +16,8 @@
     GET /login/{secret}/open
                            spends the link, sets the session cookie and redirects to /
                            (either, of a used link, in the browser its use signed in:
-                           redirects to /)
+                           redirects to /); from a link on another site: 403, nothing
+                           spent or set
     GET /static/{name}     the stylesheet and the script (no session needed)
     POST /logout           the schema pages' one button, "Abmelden"/"Sign out": ends the
                            browser's own session (its grant), clears the cookie and answers
@@ -46,9 +47,11 @@ gets the 401 page, as the sign-in URL would, so the page tells nothing the sign-
 not), and only a GET of ``/login/{secret}/open``, the page's one link, spends the grant. HEAD
 spends nothing on either. The person's click on that link is a same-site navigation, so the
 SameSite=Strict cookie set by the sign-in URL goes along its redirect to / (the browser test
-clicks the link in a page of another site first). A scanner that also follows the links on
-the page it fetched would still spend the grant; nothing served GET-only can tell it from a
-person.
+clicks the link in a page of another site first). The sign-in URL itself, opened by a link
+on another site (``Sec-Fetch-Site`` neither ``same-origin`` nor ``none``), is 403 and spends
+nothing: else any site could sign a visitor into a session of its own (login CSRF). A scanner
+that also follows the links on the page it fetched would still spend the grant; nothing
+served GET-only can tell it from a person.
 
 Workstation certificates are not accepted as a viewer identity: the bootstrap service gives
 one to every practice PC that knows the shared password, so it says "a PC of this practice",
@@ -132,6 +135,8 @@ MAX_STREAMS_PER_SESSION = 8
 # would end the page's EventSource for good, and viewer.js reloads the page then (every 3 s).
 BUSY_RETRY_MS = 30_000
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
+# The reason of a sign-in URL opened by a link on another site (``_navigated_here``): 403.
+CROSS_SITE = "cross_site"
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; base-uri 'none'; form-action {}; frame-ancestors 'none'"
@@ -233,12 +238,13 @@ class ViewerApp:
         self._streams: collections.Counter[str] = collections.Counter()  # open, per session
         self._reading = asyncio.Lock()
         # /api/v1/schema's and /metrics' reads: one at a time, and what one read is taken by
-        # the requests that waited for it (``_one_at_a_time``), by endpoint: (the store's
-        # ``commits`` as the read began, the answer's body). Emptied when none waits.
+        # the requests that came before it began (``_one_at_a_time``), by endpoint: (how many
+        # requests had come as the read began, the answer's body). Emptied when none waits.
         self._heavy = asyncio.Lock()
         self._drawing = asyncio.Lock()  # ``_apart``
         self._heavy_read: dict[str, tuple[int, bytes]] = {}
         self._heavy_waiting = 0
+        self._heavy_arrivals = 0  # requests for either so far (they count on: an int)
         self._forgetting: asyncio.TimerHandle | None = None  # ``_forget_later``
         self._closed = False  # ``close``: no timer after it (streams end after it)
         # Built on the event loop (the app is made when the first connection arrives).
@@ -617,17 +623,21 @@ class ViewerApp:
         ``/api/v1/schema`` reads every stored rollout whole under the store's one lock (about
         0.1 s at ten 500-node rollouts, and more with each), which the rollout engine and the
         agents' heartbeats write under; one session's requests, each on a connection of its
-        own, held it nearly all the time. A request that waited while the body was made
-        takes it if no write committed between that read's start and the request's arrival;
-        nothing is kept once no request waits."""
-        commits = self.reader.store.db.commits
+        own, held it nearly all the time. A request takes a body made for another only if
+        it arrived before that body's read began (review s67 viewer L2: by the store's
+        ``commits`` alone, one that came after the read took it too, though the leader's
+        state in memory, who is online, the heartbeats' ages, had moved on); else it makes
+        the next, which the requests that came meanwhile take. Nothing is kept once no
+        request waits."""
+        arrived = self._heavy_arrivals  # the requests before this one
+        self._heavy_arrivals += 1
         self._heavy_waiting += 1
         try:
             async with self._heavy:
                 hit = self._heavy_read.get(key)
-                if hit is not None and hit[0] == commits:
+                if hit is not None and arrived < hit[0]:
                     return hit[1]
-                began = self.reader.store.db.commits
+                began = self._heavy_arrivals  # every request so far came before this read
                 body = await make()
                 self._heavy_read[key] = (began, body)
                 return body
@@ -676,9 +686,17 @@ class ViewerApp:
 
     async def login(self, request: web.Request) -> web.Response:
         """The sign-in URL: spend the link, set the session cookie, redirect to / (HEAD spends
-        nothing)."""
+        nothing). Not from a link on another site (``_navigated_here``; review s67 viewer L1:
+        a page anywhere could link a visitor to its own unused link's sign-in URL, and the
+        navigation, top-level, would spend it and replace the visitor's session cookie, a
+        Strict one too): 403, nothing spent or set."""
         if request.method == "HEAD":
             return web.Response(content_type="text/html")
+        if not _navigated_here(request):
+            self._log_refusal(request, CROSS_SITE)
+            response = self._denied(request, CROSS_SITE)
+            response.set_status(403)
+            return response
         secret = request.match_info["secret"]
         now = self.clock()
         try:
@@ -710,13 +728,17 @@ class ViewerApp:
             held = await self._grant(session_id)
             if held is not None and held.id == refused.grant_id:
                 return web.Response(status=303, headers={"Location": "/"})
-        # Sampled per source, naming it: anybody who reaches the port can ask for links, as
-        # fast as the leader answers (review s66 logs M2; ``tlsroll.logsample``).
-        if self.refusals.first(source_key(request.remote), refused.reason):
-            log.info("viewer.login_refused", remote=request.remote, reason=refused.reason)
+        self._log_refusal(request, refused.reason)
+        return self._denied(request, refused.reason)
+
+    def _log_refusal(self, request: web.Request, reason: str) -> None:
+        """A refused login's log line: sampled per source, naming it: anybody who reaches the
+        port can ask for links, as fast as the leader answers (review s66 logs M2;
+        ``tlsroll.logsample``)."""
+        if self.refusals.first(source_key(request.remote), reason):
+            log.info("viewer.login_refused", remote=request.remote, reason=reason)
         if (summary := self.refusals.summary()) is not None:
             log.warning("viewer.logins_refused_summary", **summary.fields())
-        return self._denied(request, refused.reason)
 
     async def sign_out(self, request: web.Request) -> web.Response:
         """The sign-out button (POST only, ``_only_get``): ends the session the cookie names
@@ -792,6 +814,17 @@ def handler_factory(server: web.Server) -> Callable[[], ViewerRequestHandler]:
     settings = dict(server._kwargs)  # the settings server() would pass (aiohttp's own)
     loop = asyncio.get_running_loop()
     return lambda: ViewerRequestHandler(server, loop=loop, **settings)
+
+
+def _navigated_here(request: web.Request) -> bool:
+    """Whether a browser came to the sign-in URL by itself, not by a link on another site:
+    ``Sec-Fetch-Site`` ``same-origin`` (the sign-in page's link) or ``none`` (the link typed
+    or pasted, or opened from a mail or chat program: what Chromium sends for either; the
+    browser test checks both). Another site's link (``cross-site``, or ``same-site``: another
+    port of the same host) is refused. Without the header (a script, a browser from before
+    it), allowed: nothing else tells a navigation's origin (a GET carries no ``Origin``)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    return site is None or site in ("same-origin", "none")
 
 
 def _same_origin(request: web.Request) -> bool:

@@ -199,6 +199,9 @@ _DE: dict[str, str] = {
     "to_schema": "Zum Schema",
     "denied_expired": "Dieser Anmelde-Link ist abgelaufen.",
     "denied_revoked": "Dieser Anmelde-Link wurde widerrufen.",
+    "denied_cross_site": "Eine andere Website hat hierher verlinkt; so meldet der Viewer "
+    "niemanden an (der Link bleibt unbenutzt). Öffnen Sie den Anmelde-Link, den Sie bekommen "
+    "haben, selbst (z. B. in die Adressleiste einfügen).",
     "denied_how": "So bekommen Sie Zugang: Bitten Sie die Praxis-IT um einen neuen Anmelde-Link. "
     "Sie erstellt ihn am Leader-Knoten mit",
     "denied_how_after": "und gibt Ihnen den Link; er gilt einmal und für eine begrenzte Zeit.",
@@ -382,6 +385,9 @@ _EN: dict[str, str] = {
     "to_schema": "To the schema",
     "denied_expired": "This login link has expired.",
     "denied_revoked": "This login link was revoked.",
+    "denied_cross_site": "Another website linked here; the viewer signs nobody in that way "
+    "(the link stays unused). Open the login link you were given yourself (paste it into the "
+    "address bar, for example).",
     "denied_how": "How to get access: ask the practice IT for a new login link. They make it on "
     "the leader node with",
     "denied_how_after": "and give you the link; it works once and for a limited time.",
