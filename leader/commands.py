@@ -714,7 +714,14 @@ class Commands:
                 rollout.failure_budget,
             )
         ):
-            raise planner.BlockedAtOnce(request.change, at_once)
+            raise planner.BlockedAtOnce(
+                request.change,
+                at_once,
+                retry_of=request.retry_of,
+                others=[
+                    r.name for r in nodes if r.state is NodeState.PENDING and r.name not in at_once
+                ],
+            )
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(

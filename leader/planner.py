@@ -371,13 +371,31 @@ class BlockedAtOnce(PlanError):
     that preflight, nothing done (a systemd/exec template missing, say: brief s67 engine (a));
     no fix can come "meanwhile" for a node stepped first."""
 
-    def __init__(self, change: Change, reasons: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        change: Change,
+        reasons: Mapping[str, str],
+        *,
+        retry_of: str = "",
+        others: Sequence[str] = (),
+    ) -> None:
         names = list(reasons)
         what = [f"{n} ({reasons[n].removeprefix(BLOCKED).strip()})" for n in names]
-        one = len(names) == 1
+        them = "it" if len(names) == 1 else "them"
+        if not retry_of:
+            how = f"fix that, or leave {them} out (--nodes)"
+        else:
+            # A retry has no --nodes (brief s67 engine2 (7)): it is run again once fixed, or
+            # the change started anew over the others (``others``: the retry's other nodes).
+            how = f"fix that, then run tlsroll rollout retry {retry_of} again"
+            if others:
+                how += (
+                    f"; or start {change.value} anew without {them}: tlsroll rollout start "
+                    f"--change {change.value} --nodes {','.join(others)}"
+                )
         super().__init__(
             f"{change.value} cannot start: its first step would fail at once on {_some(what)}: "
-            f"fix that, or leave {'it' if one else 'them'} out (--nodes); nothing was changed"
+            f"{how}; nothing was changed"
         )
         self.names = tuple(names)
 

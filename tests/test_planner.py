@@ -1989,3 +1989,14 @@ def test_a_start_is_refused_only_for_the_blocked_nodes_it_would_preflight_at_onc
     assert one.names == ("a",) and isinstance(one, PlanError)
     two = BlockedAtOnce(Change.ROTATE_CERT, {"a": tmpl, "b": port})
     assert ", b (port 8443 taken): fix that, or leave them out (--nodes)" in str(two)
+    # A retry has no --nodes (brief s67 engine2 (7)): run again once fixed, or start anew.
+    again = BlockedAtOnce(Change.ENABLE_TLS, {"a": tmpl}, retry_of="r1", others=["b", "c"])
+    assert str(again).endswith(
+        "[server].template): fix that, then run tlsroll rollout retry r1 again; or start "
+        "enable-tls anew without it: tlsroll rollout start --change enable-tls --nodes b,c; "
+        "nothing was changed"
+    ), again
+    alone = BlockedAtOnce(Change.ROTATE_CERT, {"a": tmpl, "b": port}, retry_of="r1")
+    assert str(alone).endswith(
+        "(port 8443 taken): fix that, then run tlsroll rollout retry r1 again; nothing was changed"
+    ), alone

@@ -603,6 +603,38 @@ def test_start_refused_with_an_offline_node_then_a_preflight_failure_halts_chang
         assert_untouched(node, was[name])
 
 
+def test_a_retry_refused_for_a_node_blocked_at_once_says_what_a_retry_can_do(
+    setups: Setups,
+) -> None:
+    """Brief s67 engine2 (7): a retry whose first node is still blocked by its checks (its
+    port taken) is refused up front (``planner.BlockedAtOnce``), as a start is; its message
+    said "leave it out (--nodes)", an option `rollout retry` does not have. Now it says what
+    the admin can do: fix it and retry again, or start the change anew without the node."""
+    s = setups("b1", "b2", "b3")
+    with port_holder(s["b2"].address, 8443):
+        # b2 is blocked, but not stepped at once: started; b1 switches, b2 halts it.
+        rid = start(s, "--nodes", "b1,b2,b3", "--max-parallel", "1", "--failure-budget", "0")
+        snap = wait_ended(s.cluster)
+        assert snap.state == "halted", snap
+        assert snap.node_states() == {"b1": "done", "b2": "failed", "b3": "skipped"}, snap
+        line = refused(s, ["rollout", "retry", rid])
+        assert line.startswith(
+            "tlsroll: error: enable-tls cannot start: its first step would fail at once on b2 "
+            f"(port 8443 (https) on {s['b2'].address} is taken by"
+        ), line
+        assert "--nodes)" not in line, line  # (retry has no --nodes)
+        assert line.endswith(
+            f"fix that, then run tlsroll rollout retry {rid} again; or start enable-tls anew "
+            "without it: tlsroll rollout start --change enable-tls --nodes b3; "
+            "nothing was changed"
+        ), line
+    # Fixed (the port free): the same retry is taken, and finishes b2.
+    result = s.cli("rollout", "retry", rid, "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    snap = wait_ended(s.cluster)
+    assert (snap.state, snap.node_states()) == ("completed", {"b2": "done", "b3": "done"}), snap
+
+
 def test_failed_switch_is_rolled_back_and_halts_the_rollout(setups: Setups) -> None:
     s = setups(
         "s1",
