@@ -1194,17 +1194,29 @@ def undo_target(
         enabling = [(r, nodes) for r, nodes in candidates if r.change is Change.ENABLE_TLS]
         if not enabling:
             raise NothingToUndo("no enable-tls rollout to take back")
-        target, records = enabling[0]
+        # The newest that switched a node: a newer one that switched none (its node failed its
+        # preflight) refused the whole way back, "switched no node", while an older one's
+        # nodes ran https (brief s67 engine2).
+        target, records = next(
+            ((r, nodes) for r, nodes in enabling if _switched(r, nodes)), enabling[0]
+        )
     for rollout, _ in candidates:
         if rollout.change is Change.DISABLE_TLS and undoes.get(rollout.id) == target.id:
             raise AlreadyUndone(target.id, rollout)
-    by_name = {r.name: r for r in records}
-    switched = tuple(
-        n for n in target.order if by_name[n].state in (NodeState.DONE, NodeState.DUAL)
-    )
+    switched = _switched(target, records)
     if not switched:
         raise NothingToUndo(f"rollout {target.id} switched no node; nothing to undo")
     return target, switched
+
+
+def _switched(rollout: Rollout, records: Sequence[NodeRecord]) -> tuple[str, ...]:
+    """The nodes of the enable-tls ``rollout`` it left switched (done or dual), in its order."""
+    by_name = {r.name: r for r in records}
+    return tuple(
+        n
+        for n in rollout.order
+        if n in by_name and by_name[n].state in (NodeState.DONE, NodeState.DUAL)
+    )
 
 
 def confirm_success(rollout: Rollout) -> NodeEvent:

@@ -1039,6 +1039,20 @@ def test_undo_target_takes_the_newest_enable_tls_and_its_done_nodes() -> None:
     assert (target.id, nodes) == ("r1", ("d",))
 
 
+def test_undo_target_unnamed_passes_over_a_newer_rollout_that_switched_no_node() -> None:
+    """Brief s67 engine2: the newest enable-tls rollout switched no node (its node failed its
+    preflight) and refused the whole way back, "switched no node", with r1's node on https."""
+    newest_first = [
+        _stored("r2", Change.ENABLE_TLS, {"b": NodeState.FAILED}),
+        _stored("r1", Change.ENABLE_TLS, {"a": NodeState.DONE}),
+    ]
+    assert undo_target(newest_first, None, {}) == (newest_first[1][0], ("a",))
+    with pytest.raises(PlanError, match="rollout r2 switched no node"):
+        undo_target(newest_first, "r2", {})  # (named: that one's nodes only)
+    with pytest.raises(PlanError, match="rollout r2 switched no node"):
+        undo_target(newest_first[:1], None, {})
+
+
 @pytest.mark.parametrize(
     ("rollout_id", "words"),
     [
