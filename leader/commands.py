@@ -300,8 +300,9 @@ class Commands:
         Named (``undo_rollout_id``): that rollout's nodes, once per rollout
         (``planner.AlreadyUndone`` names the one that did). Not named: every enrolled node that
         runs https now (the plan skips those on http), whichever rollout switched it; the newest
-        enable-tls rollout is the one recorded as taken back, and its earlier way back is the
-        reason given if nothing is left to do. A retry keeps the scope it is given."""
+        enable-tls rollout that switched a node is the one recorded as taken back, and its
+        earlier way back is the reason given if nothing is left to do. A retry keeps the scope
+        it is given."""
         if request.change is not Change.DISABLE_TLS or request.retry_of:
             return request, request.undoes, None
         rows = await asyncio.to_thread(self.schema.undo_rows, request.undo_rollout_id)
@@ -309,9 +310,15 @@ class Commands:
         undoes = {r.rollout.id: r.meta.undoes for r in rows}
         if request.undo_rollout_id:
             finalizes = {r.rollout.id: r.meta.finalizes for r in rows if r.meta.finalizes}
-            target, _switched = planner.undo_target(
-                candidates, request.undo_rollout_id, undoes, finalizes
-            )
+            try:
+                target, _switched = planner.undo_target(
+                    candidates, request.undo_rollout_id, undoes, finalizes
+                )
+            except planner.NothingToUndo:
+                # A rollout still running, its node mid-switch, "switched no node; nothing
+                # to undo": what refuses the way back is that it runs (brief s67 engine2).
+                await asyncio.to_thread(self.schema.refuse_if_busy)
+                raise
             # A node removed since (`tlsroll nodes remove`: its server's certificate revoked,
             # the leader knows it no more) is left out, as a retry leaves it out; it was
             # refused "not enrolled", so no way back of that rollout could start (s50retry).
@@ -329,6 +336,9 @@ class Commands:
             return replace(request, scope=scope, removed_since=removed), target.id, None
         try:
             target, _switched = planner.undo_target(candidates, None, undoes)
+        except planner.NothingToUndo:
+            await asyncio.to_thread(self.schema.refuse_if_busy)  # (as named, above)
+            raise
         except planner.AlreadyUndone as exc:
             undone = planner.AlreadyUndone(exc.target, exc.rollout, named=False)
             return replace(request, scope=Scope.cluster()), "", undone
@@ -714,7 +724,14 @@ class Commands:
                 rollout.failure_budget,
             )
         ):
-            raise planner.BlockedAtOnce(request.change, at_once)
+            raise planner.BlockedAtOnce(
+                request.change,
+                at_once,
+                retry_of=request.retry_of,
+                others=[
+                    r.name for r in nodes if r.state is NodeState.PENDING and r.name not in at_once
+                ],
+            )
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(

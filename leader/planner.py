@@ -371,13 +371,31 @@ class BlockedAtOnce(PlanError):
     that preflight, nothing done (a systemd/exec template missing, say: brief s67 engine (a));
     no fix can come "meanwhile" for a node stepped first."""
 
-    def __init__(self, change: Change, reasons: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        change: Change,
+        reasons: Mapping[str, str],
+        *,
+        retry_of: str = "",
+        others: Sequence[str] = (),
+    ) -> None:
         names = list(reasons)
         what = [f"{n} ({reasons[n].removeprefix(BLOCKED).strip()})" for n in names]
-        one = len(names) == 1
+        them = "it" if len(names) == 1 else "them"
+        if not retry_of:
+            how = f"fix that, or leave {them} out (--nodes)"
+        else:
+            # A retry has no --nodes (brief s67 engine2 (7)): it is run again once fixed, or
+            # the change started anew over the others (``others``: the retry's other nodes).
+            how = f"fix that, then run tlsroll rollout retry {retry_of} again"
+            if others:
+                how += (
+                    f"; or start {change.value} anew without {them}: tlsroll rollout start "
+                    f"--change {change.value} --nodes {','.join(others)}"
+                )
         super().__init__(
             f"{change.value} cannot start: its first step would fail at once on {_some(what)}: "
-            f"fix that, or leave {'it' if one else 'them'} out (--nodes); nothing was changed"
+            f"{how}; nothing was changed"
         )
         self.names = tuple(names)
 
@@ -1176,17 +1194,29 @@ def undo_target(
         enabling = [(r, nodes) for r, nodes in candidates if r.change is Change.ENABLE_TLS]
         if not enabling:
             raise NothingToUndo("no enable-tls rollout to take back")
-        target, records = enabling[0]
+        # The newest that switched a node: a newer one that switched none (its node failed its
+        # preflight) refused the whole way back, "switched no node", while an older one's
+        # nodes ran https (brief s67 engine2).
+        target, records = next(
+            ((r, nodes) for r, nodes in enabling if _switched(r, nodes)), enabling[0]
+        )
     for rollout, _ in candidates:
         if rollout.change is Change.DISABLE_TLS and undoes.get(rollout.id) == target.id:
             raise AlreadyUndone(target.id, rollout)
-    by_name = {r.name: r for r in records}
-    switched = tuple(
-        n for n in target.order if by_name[n].state in (NodeState.DONE, NodeState.DUAL)
-    )
+    switched = _switched(target, records)
     if not switched:
         raise NothingToUndo(f"rollout {target.id} switched no node; nothing to undo")
     return target, switched
+
+
+def _switched(rollout: Rollout, records: Sequence[NodeRecord]) -> tuple[str, ...]:
+    """The nodes of the enable-tls ``rollout`` it left switched (done or dual), in its order."""
+    by_name = {r.name: r for r in records}
+    return tuple(
+        n
+        for n in rollout.order
+        if n in by_name and by_name[n].state in (NodeState.DONE, NodeState.DUAL)
+    )
 
 
 def confirm_success(rollout: Rollout) -> NodeEvent:

@@ -634,13 +634,23 @@ class SchemaStore(LeaderStore):
         rollout it takes back (``rollout_id``, else the newest enable-tls rollout) and the
         rollouts recorded as taking that one back (``RolloutMeta.undoes``). Not every rollout
         ever stored: each is about 0.9 MiB of objects at 500 nodes, and the history only grows
-        (issue 15). None stored: []."""
+        (issue 15). None stored: []. Not named: the newest enable-tls rollout that switched a
+        node (done or dual), else the newest (a newer one that switched none refused the whole
+        way back, "switched no node", while an older one's nodes ran https: s67 engine2)."""
         with self._db.read() as db:
             if not rollout_id:
-                row = db.execute(
-                    "SELECT id FROM rollouts WHERE change = ? ORDER BY epoch DESC LIMIT 1",
-                    (Change.ENABLE_TLS.value,),
-                ).fetchone()
+                row = (
+                    db.execute(
+                        "SELECT id FROM rollouts AS r WHERE change = ? AND EXISTS (SELECT 1 FROM"
+                        " rollout_nodes AS n WHERE n.rollout_id = r.id AND n.state IN (?, ?))"
+                        " ORDER BY epoch DESC LIMIT 1",
+                        (Change.ENABLE_TLS.value, NodeState.DONE.value, NodeState.DUAL.value),
+                    ).fetchone()
+                    or db.execute(
+                        "SELECT id FROM rollouts WHERE change = ? ORDER BY epoch DESC LIMIT 1",
+                        (Change.ENABLE_TLS.value,),
+                    ).fetchone()
+                )
                 if row is None:
                     return []
                 rollout_id = str(row["id"])

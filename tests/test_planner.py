@@ -1039,6 +1039,20 @@ def test_undo_target_takes_the_newest_enable_tls_and_its_done_nodes() -> None:
     assert (target.id, nodes) == ("r1", ("d",))
 
 
+def test_undo_target_unnamed_passes_over_a_newer_rollout_that_switched_no_node() -> None:
+    """Brief s67 engine2: the newest enable-tls rollout switched no node (its node failed its
+    preflight) and refused the whole way back, "switched no node", with r1's node on https."""
+    newest_first = [
+        _stored("r2", Change.ENABLE_TLS, {"b": NodeState.FAILED}),
+        _stored("r1", Change.ENABLE_TLS, {"a": NodeState.DONE}),
+    ]
+    assert undo_target(newest_first, None, {}) == (newest_first[1][0], ("a",))
+    with pytest.raises(PlanError, match="rollout r2 switched no node"):
+        undo_target(newest_first, "r2", {})  # (named: that one's nodes only)
+    with pytest.raises(PlanError, match="rollout r2 switched no node"):
+        undo_target(newest_first[:1], None, {})
+
+
 @pytest.mark.parametrize(
     ("rollout_id", "words"),
     [
@@ -1989,3 +2003,14 @@ def test_a_start_is_refused_only_for_the_blocked_nodes_it_would_preflight_at_onc
     assert one.names == ("a",) and isinstance(one, PlanError)
     two = BlockedAtOnce(Change.ROTATE_CERT, {"a": tmpl, "b": port})
     assert ", b (port 8443 taken): fix that, or leave them out (--nodes)" in str(two)
+    # A retry has no --nodes (brief s67 engine2 (7)): run again once fixed, or start anew.
+    again = BlockedAtOnce(Change.ENABLE_TLS, {"a": tmpl}, retry_of="r1", others=["b", "c"])
+    assert str(again).endswith(
+        "[server].template): fix that, then run tlsroll rollout retry r1 again; or start "
+        "enable-tls anew without it: tlsroll rollout start --change enable-tls --nodes b,c; "
+        "nothing was changed"
+    ), again
+    alone = BlockedAtOnce(Change.ROTATE_CERT, {"a": tmpl, "b": port}, retry_of="r1")
+    assert str(alone).endswith(
+        "(port 8443 taken): fix that, then run tlsroll rollout retry r1 again; nothing was changed"
+    ), alone

@@ -605,6 +605,73 @@ def test_start_refused_with_an_offline_node_then_a_preflight_failure_halts_chang
         assert_untouched(node, was[name])
 
 
+def test_a_retry_refused_for_a_node_blocked_at_once_says_what_a_retry_can_do(
+    setups: Setups,
+) -> None:
+    """Brief s67 engine2 (7): a retry whose first node is still blocked by its checks (its
+    port taken) is refused up front (``planner.BlockedAtOnce``), as a start is; its message
+    said "leave it out (--nodes)", an option `rollout retry` does not have. Now it says what
+    the admin can do: fix it and retry again, or start the change anew without the node."""
+    s = setups("b1", "b2", "b3")
+    with port_holder(s["b2"].address, 8443):
+        # b2 is blocked, but not stepped at once: started; b1 switches, b2 halts it.
+        rid = start(s, "--nodes", "b1,b2,b3", "--max-parallel", "1", "--failure-budget", "0")
+        snap = wait_ended(s.cluster)
+        assert snap.state == "halted", snap
+        assert snap.node_states() == {"b1": "done", "b2": "failed", "b3": "skipped"}, snap
+        line = refused(s, ["rollout", "retry", rid])
+        assert line.startswith(
+            "tlsroll: error: enable-tls cannot start: its first step would fail at once on b2 "
+            f"(port 8443 (https) on {s['b2'].address} is taken by"
+        ), line
+        assert "--nodes)" not in line, line  # (retry has no --nodes)
+        assert line.endswith(
+            f"fix that, then run tlsroll rollout retry {rid} again; or start enable-tls anew "
+            "without it: tlsroll rollout start --change enable-tls --nodes b3; "
+            "nothing was changed"
+        ), line
+    # Fixed (the port free): the same retry is taken, and finishes b2.
+    result = s.cli("rollout", "retry", rid, "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    snap = wait_ended(s.cluster)
+    assert (snap.state, snap.node_states()) == ("completed", {"b2": "done", "b3": "done"}), snap
+
+
+def test_the_way_back_is_not_refused_for_a_newer_rollout_that_switched_no_node(
+    setups: Setups,
+) -> None:
+    """Brief s67 engine2: `rollout rollback` (no id: every node on https back to http) took the
+    newest enable-tls rollout as the one taken back, and when that one had switched no node
+    (its node failed its preflight) refused the whole way back, "switched no node; nothing to
+    undo", while an older rollout's node ran https. It takes back the newest that switched a
+    node. And a way back of a rollout still running, none of its nodes switched yet, was
+    refused "switched no node; nothing to undo" with a node mid-switch: now the refusal is
+    that the rollout runs, as for any start beside it."""
+    s = setups("w1", "w2", "w3", agent_env={"w2": HOLD_IN_SWITCH})
+    first = start(s, "--nodes", "w1")
+    assert wait_ended(s.cluster).state == "completed"
+    more = ["rollout", "start", "--yes", "--nodes"]  # (the password w1 runs: no file)
+    with port_holder(s["w3"].address, 8443):
+        assert s.cli(*more, "w3", "--failure-budget", "1").returncode == 0
+        snap = wait_ended(s.cluster)
+        assert snap.node_states() == {"w3": "failed"}, snap
+    back = s.cli("rollout", "rollback", "--yes")
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"(disable-tls, undoes {first}) started" in back.stdout, back.stdout
+    snap = wait_ended(s.cluster)
+    assert (snap.state, snap.node_states()["w1"]) == ("completed", "done"), snap
+    assert s["w1"].get("http", "health").status == 200 and not s["w1"].port_open(8443)
+
+    held = start(s, "--nodes", "w2")  # (none on https now: the password from the file)
+    wait_agent_died(s["w2"])  # w2 stays switching: the rollout runs, no node switched yet
+    for args in (["rollout", "rollback", held, "--yes"], ["rollout", "rollback", "--yes"]):
+        line = refused(s, args)
+        assert line.startswith(f"tlsroll: error: rollout {held} is running; "), line
+        assert "switched no node" not in line, line
+    s["w2"].restart_agent()
+    assert wait_ended(s.cluster).state == "completed"
+
+
 def test_failed_switch_is_rolled_back_and_halts_the_rollout(setups: Setups) -> None:
     s = setups(
         "s1",

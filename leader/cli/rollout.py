@@ -693,7 +693,16 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     )
     leader.require_same_code()  # before the plan is shown and confirmed (as rollout start)
     with leader.admin() as admin:
-        planned = leader.call(admin.PlanRollout, request)
+        # A rollout not ended (but a phase 1 awaiting finalize) refuses it at once, no agent
+        # asked, as `rollout start`'s dry run does: it asked every agent first, and an agent
+        # of the running rollout down mid-switch made it "cannot tell what it runs" (s67
+        # engine2).
+        dry_run = admin_pb2.RolloutRequest()
+        dry_run.CopyFrom(request)
+        dry_run.refuse_if_busy = True
+        planned = leader.call(admin.PlanRollout, dry_run)
+        if planned.busy:
+            raise CLIError(f"{planned.busy}; nothing was started")
         if not yes:  # (the named rollout's nodes removed since, left out: as the plan says)
             going_back(
                 planned.rollout.nodes,
