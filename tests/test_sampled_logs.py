@@ -44,8 +44,8 @@ from refserver import server as refserver_server
 from refserver.store import Store as RefStore
 from tests.cluster import Cluster, wait_until
 from tests.conftest import IssuedCert, next_loopback, none_fresh
-from tests.test_bootstrap import TIMEOUT, FakeClock, Node, make_service
 from tests.refserver_helper import RefServer
+from tests.test_bootstrap import TIMEOUT, FakeClock, Node, make_service
 from tests.test_password_rollout import World, secret_file
 from tests.test_refserver import write_verifier
 from tlsroll import bootstrap_protocol as proto
