@@ -175,9 +175,10 @@ if [ "$role" = uninstall ] && [ "$yes" = yes ] && [ "$purge" = no ]; then
     usage_error "--yes goes with --purge (uninstall without --purge deletes no data and asks nothing)"
 fi
 # What systemd would read otherwise in the drop-in's ReadWritePaths=: a space splits the path,
-# quotes and '\' are unquoted, '%h' becomes /root and '%x' makes the line void (session 67).
-if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:]\"\'\\%] ]]; then
-    usage_error "--server-config-dir must be an absolute path without spaces, quotes, '\\' or '%'"
+# quotes and '\' are unquoted, '%h' becomes /root and '%x' makes the line void (session 67);
+# any other control character (\x01, DEL) went into the unit file as it was (review s67 L).
+if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:][:cntrl:]\"\'\\%] ]]; then
+    usage_error "--server-config-dir must be an absolute path without spaces, control characters, quotes, '\\' or '%'"
 fi
 if [ -n "$server_config_dir" ]; then
     # The drop-in makes this directory writable to the root agent (ReadWritePaths=): a system

@@ -446,16 +446,18 @@ def leader_names_problem(address: str, dns_names: tuple[str, ...]) -> str | None
     ``pki.dns_problem``; audit s34 M1). The leader binds its ports to ``address``, and agents
     dial it: 0.0.0.0 opened them on every interface, 127.0.0.1 is every host's own. Other
     loopback addresses (127.0.0.2 and up) stay allowed: tests and the demo run leaders there.
-    DNS names are checked as the certificate holds them (lowercase, no final dot), and there
+    DNS names are checked as the certificate holds them (``names.dns_given``: lowercase, one
+    final dot dropped, as ``token create`` takes a node's), and there
     are at most as many as a node may hold (``names.MAX_DNS``)."""
     from tlsroll import names as pki_names  # noqa: PLC0415 - see the imports
 
     if problem := pki_names.ip_problem(address):
         return problem
-    if len({name.lower().rstrip(".") for name in dns_names}) > pki_names.MAX_DNS:
+    given = [pki_names.dns_given(name) for name in dns_names]
+    if len(set(given)) > pki_names.MAX_DNS:
         return f"the leader holds at most {pki_names.MAX_DNS} DNS names, got {len(dns_names)}"
-    for name in dns_names:
-        if problem := pki_names.dns_problem(name.lower().rstrip(".")):
+    for name in given:
+        if problem := pki_names.dns_problem(name):
             return problem
     return None
 

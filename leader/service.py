@@ -472,7 +472,11 @@ class LeaderState:
 
 def claimed_names(name: str, addresses: Sequence[str], dns_names: Sequence[str]) -> pki.Names:
     """The names a node claims (at token time or enrolment), or INVALID_ARGUMENT: a valid node
-    name, at least one address, few enough names, each naming one host (``pki`` rules)."""
+    name, at least one address, few enough names, each naming one host (``pki`` rules). A DNS
+    name is taken as ``init`` and leader.toml take the leader's (``pki.dns_given``: any case,
+    one final dot), as the agent's config gives it: ``token create --dns Host.Example.com.``
+    was refused (review s67 L)."""
+    dns_names = [pki.dns_given(dns) for dns in dns_names]
     if problem := pki.node_name_problem(name):
         raise invalid(problem)
     if len(addresses) > pki.MAX_IPS or len(dns_names) > pki.MAX_DNS:

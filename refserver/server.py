@@ -110,6 +110,7 @@ from tlsroll.backoff import (
 )
 from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import socket_dir_problem, write_atomic
+from tlsroll.logsample import SampledLog
 
 PROG = "tlsroll-refserver"
 WRITE_DELAY_ENV = "TLSROLL_REFSERVER_TEST_WRITE_DELAY"
@@ -165,10 +166,20 @@ T = TypeVar("T")
 class _HttpLog(httplog.ServerLog):
     """aiohttp's server log: a request it cannot parse is one line with the error's type, not
     the start of the line, which may be a browser's cookies for this host (the leader's viewer
-    session, if the two share an address) or an Authorization header."""
+    session, if the two share an address) or an Authorization header. Anybody who reaches 8080
+    or 8443 can send such requests as fast as the server answers: the lines are sampled per
+    source (a source's first, naming it, then ``http.bad_requests_summary`` at most once a
+    minute, as the viewer's: review s67 L)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.sampled = SampledLog(clock=clock)
 
     def bad_request(self, error_type: str, remote: str | None) -> None:
-        log.warning("http.bad_request", remote=remote, error_type=error_type)
+        if self.sampled.first(source_key(remote), error_type):
+            log.warning("http.bad_request", remote=remote, error_type=error_type)
+        if (summary := self.sampled.summary()) is not None:
+            log.warning("http.bad_requests_summary", **summary.fields())
 
     def failed(self, error_type: str, where: str) -> None:
         log.error("http.request_failed", error_type=error_type, where=where)
@@ -267,6 +278,9 @@ class RefServer:
         self._login_checking: dict[str, int] = {}
         self._login_waiting: dict[str, int] = {}
         self._login_done = asyncio.Condition()
+        # Logins sent over http, refused unread: anybody can send them as fast as the server
+        # answers, so a source's first is logged, then a summary a minute (review s67 L).
+        self._refused_http = SampledLog()
         # Wrong passwords since the count began (kept in the store across restarts), when the
         # first and the latest were (ISO 8601, UTC): the status's. Saved by ``_save_failures``
         # (``LOGIN_FAILURES_SAVE_SECONDS``); ``_failures_saved`` is what the store holds.
@@ -428,7 +442,10 @@ class RefServer:
         if not request.secure:
             # Not even read: the password must not cross the network in clear (in the dual
             # phase the http listener is up as well, with the same verifier behind it).
-            log.warning("login.refused_http", remote=request.remote)
+            if self._refused_http.first(source_key(request.remote), "https_required"):
+                log.warning("login.refused_http", remote=request.remote)
+            if (summary := self._refused_http.summary()) is not None:
+                log.warning("login.refused_http_summary", **summary.fields())
             return _error(403, "https_required", self._https_only_message())
         body = await self._json_body(request)
         secret = body.get("password")

@@ -154,6 +154,37 @@ def test_token_create_bad_values(cluster: Cluster, args: list[str], code: int, s
     assert cluster.store_rows() == before
 
 
+def test_token_create_takes_dns_names_as_init_does(cluster: Cluster) -> None:
+    """Review s67 L: ``init`` took ``--dns Leader.Example.`` as ``leader.example`` (DNS names
+    are case-insensitive; a final dot is the FQDN form) and ``token create`` refused both
+    forms. Now the token holds them as the certificate will (as ``token list`` shows them);
+    two final dots and a non-ASCII letter that lowers to ASCII (the Kelvin sign) are still
+    refused, by both commands, and make nothing."""
+    address = next_loopback()
+    result = cluster.cli(
+        *("token", "create", "--node", "dotted", "--address", address),
+        *("--dns", "Host.Example.com", "--dns", "other.example."),
+    )
+    assert result.returncode == 0, result.stderr
+    m = TOKEN.match(result.stdout.strip())
+    assert m is not None, result.stdout
+    cluster.tokens.append(m.group(0))
+    token_id = m.group(1)
+    assert tokens_json(cluster)[token_id]["dns_names"] == ["host.example.com", "other.example"]
+    cluster.cli("token", "revoke", token_id)
+    for bad in ("two.dots..", "\u212aelvin.example"):
+        before = cluster.store_rows()
+        node = ("--node", "dotted", "--address", next_loopback())
+        line = cli_error(cluster.cli("token", "create", *node, "--dns", bad), 2)
+        assert "is not a DNS host name" in line
+        assert cluster.store_rows() == before
+        with Cluster(cluster.root / f"init-{len(bad)}", next_loopback()) as fresh:
+            args = ["--data-dir", str(fresh.data_dir), "--address", fresh.address, "--dns", bad]
+            line = cli_error(fresh.cli("init", *args), 2)
+            assert "--dns" in line and "is not a DNS host name" in line
+            assert not fresh.data_dir.exists()
+
+
 # --- the CA -----------------------------------------------------------------------------------
 
 

@@ -388,6 +388,10 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
             "/srv/praxis%x",
             "'/srv/pra\"xis'",
             "/srv/pra\\\\xis",
+            # Other control characters passed (review s67 L): systemd got them as they were.
+            "$'/srv/pra\\x01xis'",
+            "$'/srv/pra\\x1bxis'",
+            "$'/srv/pra\\x7fxis'",
         )
     ]
     for args in bad:

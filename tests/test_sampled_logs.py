@@ -39,13 +39,19 @@ from leader.viewer.app import ViewerApp
 from leader.viewer.grants import Grants
 from leader.viewer.server import _HttpLog
 from leader.viewer.snapshot import Reader
+from refserver import config as refserver_config
+from refserver import server as refserver_server
+from refserver.store import Store as RefStore
 from tests.cluster import Cluster, wait_until
 from tests.conftest import IssuedCert, next_loopback, none_fresh
+from tests.refserver_helper import RefServer
 from tests.test_bootstrap import TIMEOUT, FakeClock, Node, make_service
 from tests.test_password_rollout import World, secret_file
+from tests.test_refserver import write_verifier
 from tlsroll import bootstrap_protocol as proto
-from tlsroll import pki
+from tlsroll import password, pki
 from tlsroll.defaults import BOOTSTRAP_PORT, VIEWER_PORT
+from tlsroll.logsample import SampledLog
 
 FLOOD = 100
 
@@ -62,6 +68,14 @@ TOO_LARGE = (
 )
 # A header line over aiohttp's 8190 bytes: its parser refuses it (400, ``LineTooLong``).
 OVERLONG = f"GET / HTTP/1.1\r\nHost: v\r\nX-Pad: {'a' * 9000}\r\nConnection: close\r\n\r\n"
+
+
+# A login sent over http: refused unread (403 https_required) by a reference server with the
+# auth password.
+LOGIN_OVER_HTTP = (
+    "POST /praxis_live/login HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+    "Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+)
 
 
 def named(events: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
@@ -325,3 +339,86 @@ def test_a_real_agent_s_bootstrap_port_flooded_from_one_source_writes_a_line_per
         assert [e for e in agent.event_names() if e == "https.body_too_large"] == []
     finally:
         world.close()
+
+
+# --- the reference server -----------------------------------------------------------------------
+#
+# Review s67 L: its public ports (8080, 8443) wrote a line per request aiohttp cannot parse
+# (``http.bad_request``) and per login sent over http (``login.refused_http``), from anyone.
+
+
+def test_the_reference_server_s_bad_requests_and_http_logins_write_a_line_per_source_then_a_summary(
+    tmp_path: Path,
+) -> None:
+    """The server's public app for real on a loopback address, in process, with its log's and
+    its refusals' clock injected."""
+    config_path, data_dir = tmp_path / "refserver.toml", tmp_path / "data"
+    data_dir.mkdir()
+    verifier = write_verifier(tmp_path / "auth.json", password.generate_password())
+    address, first, second = next_loopback(), next_loopback(), next_loopback()
+    config_path.write_text(
+        f'[server]\naddress = "{address}"\napp_path = "/praxis_live/"\nlisten = ["http"]\n'
+        f'data_dir = "{data_dir}"\nauth_verifier_file = "{verifier}"\n'
+    )
+    store = RefStore(data_dir)
+    server = refserver_server.RefServer(
+        refserver_config.load(config_path), store, store.load_freeze()
+    )
+    clock = FakeClock()
+    server._refused_http = SampledLog(clock=clock)
+
+    async def run() -> list[MutableMapping[str, Any]]:
+        test_server = TestServer(server.public_app(), host=address, port=0)
+        await test_server.start_server(logger=refserver_server._HttpLog(clock))
+        assert test_server.port is not None
+        port = test_server.port
+
+        def send(source: str, count: int) -> None:
+            for _ in range(count):
+                assert b" 400 " in ask(address, port, source, OVERLONG, tls=False)
+                assert b" 403 " in ask(address, port, source, LOGIN_OVER_HTTP, tls=False)
+
+        try:
+            with structlog.testing.capture_logs() as events:
+                await asyncio.to_thread(send, first, FLOOD)
+                await asyncio.to_thread(send, second, 3)
+                assert remotes(events, "http.bad_request") == [first, second]
+                assert remotes(events, "login.refused_http") == [first, second]
+                clock.advance(60)
+                await asyncio.to_thread(send, first, 1)
+        finally:
+            await test_server.close()
+        return events
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        server.close()
+        store.close()
+    assert len(events) == 6, [e["event"] for e in events]
+    for name, reason in (
+        ("http.bad_requests_summary", "LineTooLong"),
+        ("login.refused_http_summary", "https_required"),
+    ):
+        (summary,) = named(events, name)
+        assert summary["refused_not_logged"] == FLOOD + 2
+        assert summary["top"] == [f"{first}: {FLOOD}", f"{second}: 2"]
+        assert summary["reasons"] == {reason: FLOOD + 2}
+
+
+def test_a_real_reference_server_flooded_from_one_source_writes_a_line_per_kind(
+    tmp_path: Path,
+) -> None:
+    verifier = write_verifier(tmp_path / "auth.json", password.generate_password())
+    server = RefServer(tmp_path / "rs", next_loopback(), auth_verifier_file=verifier)
+    try:
+        server.start()
+        stranger, marker = next_loopback(), next_loopback()
+        for request, status in ((OVERLONG, b" 400 "), (LOGIN_OVER_HTTP, b" 403 ")):
+            for source, count in ((stranger, FLOOD), (marker, 1)):
+                for _ in range(count):
+                    assert status in ask(server.address, 8080, source, request, tls=False)
+        for name in ("http.bad_request", "login.refused_http"):
+            assert lines_by_source(server, name, marker) == [stranger, marker], name
+    finally:
+        server.close()

@@ -98,6 +98,15 @@ def ipv4_inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.
     return None
 
 
+def dns_given(name: str) -> str:
+    """A DNS name as an admin gives it (``init --dns``, leader.toml's dns_names, ``token
+    create --dns``), in the form the CA signs and compares (``dns_problem``, ``Names``): DNS
+    names are case-insensitive, so ASCII letters are lowered, and one final dot (the FQDN
+    form) is dropped. Nothing else: ``a..`` keeps a dot and a name not ASCII is left as it is
+    for ``dns_problem`` to refuse (``str.lower`` makes the Kelvin sign a ``k``; review s67)."""
+    return (name.lower() if name.isascii() else name).removesuffix(".")
+
+
 def dns_problem(name: str) -> str | None:
     """Why the CA will not put DNS name ``name`` in a certificate, or None."""
     if "*" in name:

@@ -40,6 +40,7 @@ NODE_NAME = _names.NODE_NAME
 RESERVED_PREFIXES = _names.RESERVED_PREFIXES
 Names = _names.Names
 describe = _names.describe
+dns_given = _names.dns_given
 dns_problem = _names.dns_problem
 ip_problem = _names.ip_problem
 node_name_problem = _names.node_name_problem

@@ -127,7 +127,7 @@ def init(
     if problem := pki.ip_problem(address):
         raise click.BadParameter(problem, param_hint="--address")
     for name in dns_names:
-        if problem := pki.dns_problem(name.lower().rstrip(".")):
+        if problem := pki.dns_problem(pki.dns_given(name)):
             raise click.BadParameter(problem, param_hint="--dns")
     try:
         from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
