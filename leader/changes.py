@@ -71,6 +71,7 @@ from tlsroll.wire import WireError
 
 if TYPE_CHECKING:  # the certificate object only; the steps load it through tlsroll.pki
     from cryptography import x509
+    from google.protobuf.timestamp_pb2 import Timestamp
 
 log = logs.get_logger(__name__)
 
@@ -358,9 +359,12 @@ class ChangeSteps:
                 return await self.stage(ctx)
             return NodeEvent.STAGE_FAILED, str(exc)
         ctx.signed.pop(key, None)
+        # The end of the certificate this leader signed and sent, not the agent's word for it
+        # (``StageResponse.not_after``): one out of protobuf's range made the step crash at
+        # every pass, the node held in staging for good; a far one was stored and shown
+        # (session 67, peers' times).
         await ctx.detail(
-            cert_fingerprint=staged.fingerprint,
-            cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
+            cert_fingerprint=staged.fingerprint, cert_not_after=cert.not_valid_after_utc
         )
         return NodeEvent.STAGE_DONE, None
 
@@ -378,10 +382,12 @@ class ChangeSteps:
                 f"{self.change.value} --nodes {ctx.node} --cert-dir DIR"
             )
         try:
+            chain = byo.chain_pem(item)
+            not_after = pki.load_cert_pem(chain).not_valid_after_utc  # (as ``stage``'s)
             staged = await ctx.agent.stage(
                 agent_pb2.StageRequest(
                     command=ctx.command(),
-                    certificate_pem=byo.chain_pem(item),
+                    certificate_pem=chain,
                     # The cluster CA too: it signs the workstations' client certificates.
                     ca_certificate_pem=own_ca + ctx.ca.cert_pem,
                     private_key_pem=item.key_pem,
@@ -395,10 +401,7 @@ class ChangeSteps:
             return NodeEvent.STAGE_FAILED, str(exc)
         assert ctx.vault is not None
         ctx.vault.drop(ctx.rollout.id, ctx.node)
-        await ctx.detail(
-            cert_fingerprint=staged.fingerprint,
-            cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
-        )
+        await ctx.detail(cert_fingerprint=staged.fingerprint, cert_not_after=not_after)
         return NodeEvent.STAGE_DONE, None
 
     def switch_to_come(self, ctx: StepContext) -> agent_pb2.SwitchToCome:
@@ -779,6 +782,13 @@ _BEFORE_RESTART = frozenset(
 # The most of an agent's transaction's reason kept in the node's reason (``wait_transaction``).
 REASON_LIMIT = 500
 
+NODE_TIME_SPAN = dt.timedelta(days=366)
+"""How far from the leader's clock a time an agent sends of its transaction (its freeze's
+start and end, on the node's wall clock) may be and still be recorded (``wait_transaction``):
+the node's clock is within ``MAX_CLOCK_OFFSET`` at the preflight, and a transaction's states
+are read while it runs, or after a leader's restart; a time beyond is a foreign or broken
+agent's, and taken as not sent."""
+
 
 async def _store_sighting(ctx: StepContext) -> None:
     """Store what the node's server has seen, as its agent just read it afresh to refuse a
@@ -864,6 +874,31 @@ async def wait_transaction(
             )
         return sane
 
+    def when(name: str, stamp: Timestamp) -> dt.datetime | None:
+        """An agent's time (its node's wall clock) if it is a time within
+        ``NODE_TIME_SPAN`` of the leader's, else None: not sent, with a warning as
+        ``measure``'s. One out of protobuf's range crashed the step at every pass, the
+        transaction's end never recorded (the node held switching); a far one (a freeze
+        ending in 9999) was stored, and the window taken from it (session 67, peers' times)."""
+        try:
+            at: dt.datetime | None = stamp.ToDatetime(tzinfo=dt.UTC)
+        except (ValueError, OverflowError):
+            at = None
+        now = ctx.clock()
+        if at is not None and now - NODE_TIME_SPAN <= at <= now + NODE_TIME_SPAN:
+            return at
+        if name not in refused:
+            refused.add(name)
+            log.warning(
+                "transaction.time_refused",
+                rollout_id=ctx.rollout.id,
+                node=ctx.node,
+                transaction=kind.value,
+                field=name,
+                value=f"{stamp.seconds}s {stamp.nanos}ns",
+            )
+        return None
+
     try:
         async for txn in states:
             details: dict[str, Any] = {
@@ -872,14 +907,22 @@ async def wait_transaction(
             # With --freeze scope the node's window is the scope freeze's (the engine records
             # it), not the shorter one of the transaction inside it.
             own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
-            if own_window and txn.HasField("freeze_started_at"):
-                details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            if (
+                own_window
+                and txn.HasField("freeze_started_at")
+                and (began := when("freeze_started_at", txn.freeze_started_at)) is not None
+            ):
+                details["freeze_started_at"] = began
                 # A freeze that begins (a rollback's, after a failed confirm, on the switch's
                 # row) has no end or length yet: not the switch's (review s36 L3).
                 details["freeze_ended_at"] = None
                 details["freeze_seconds"] = None
-            if own_window and txn.HasField("freeze_ended_at"):
-                details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
+            if (
+                own_window
+                and txn.HasField("freeze_ended_at")
+                and (ended := when("freeze_ended_at", txn.freeze_ended_at)) is not None
+            ):
+                details["freeze_ended_at"] = ended
             # The window's length as the agent measured it in elapsed time (the two times are on
             # the node's wall clock, which may step between them: clock audit s35 J); an older
             # agent sends none, and the schema takes the times' difference.

@@ -749,13 +749,20 @@ def client_rows(
 
 
 MAX_RENEWAL_ERROR = 200  # characters of the reason an agent gives for a failed renewal
+RENEWAL_DUE_SPAN = dt.timedelta(days=398)
+"""How far from the leader's clock an agent's ``renewal_due_at`` may be: its certificate
+lives at most 397 days (``agent_cert_lifetime``), is valid while it calls, and its renewal is
+due within it. One beyond is not known (a foreign or broken agent's: "due 9999-12-31" was
+stored and listed; session 67, peers' times)."""
 
 
 def renewal_report(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> RenewalReport:
     """What an agent says about renewing its certificate, made safe to store and print (no
-    failure reported later than ``now``)."""
+    failure reported later than ``now``, no renewal due farther than ``RENEWAL_DUE_SPAN``)."""
     # A time that is no time: the renewal due now, failing since now (never an INTERNAL).
     due = _when(request.renewal_due_at, now) if request.HasField("renewal_due_at") else None
+    if due is not None and not now - RENEWAL_DUE_SPAN <= due <= now + RENEWAL_DUE_SPAN:
+        due = None
     since = None
     if request.HasField("renewal_failing_since"):
         since = min(_when(request.renewal_failing_since, now), now)

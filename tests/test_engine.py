@@ -45,6 +45,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from structlog.testing import capture_logs
 
 from leader import changes, planner
@@ -4880,3 +4881,79 @@ async def test_a_look_for_an_agent_s_silence_on_a_full_store_is_the_store_s_trou
     [failing] = [e for e in logs if e["event"] == "store.writes_failing"]
     assert failing["during"] == "step.silence_look_failed" and failing["node"] == step.node
     assert engine.store_health.trouble is not None
+
+
+NO_TIMES = [(2**62, 0), (0, -1), (253402300799, 0), (-62135596800, 0)]
+"""Timestamps an agent may send that are no time (beyond year 9999, negative nanos) or absurd
+(the last second of 9999, the first of year 1)."""
+
+
+@pytest.mark.parametrize("field", ["freeze_started_at", "freeze_ended_at"])
+@pytest.mark.parametrize(("seconds", "nanos"), NO_TIMES)
+async def test_an_agent_s_freeze_time_that_is_no_time_is_taken_as_not_sent(
+    world: World, monkeypatch: pytest.MonkeyPatch, field: str, seconds: int, nanos: int
+) -> None:
+    """Session 67 (peers' times): a transaction state whose freeze time was out of protobuf's
+    range crashed the step at every pass (``step.crashed``, ValueError), the node held
+    switching for good; one in range but absurd was stored, and the window taken from it. Now
+    a time more than a year from the leader's is not recorded, with one warning per node and
+    field, and the rollout completes."""
+    real = FakeAgent._message
+
+    def absurd(agent: FakeAgent, txn: Any) -> agent_pb2.Transaction:
+        message = real(agent, txn)
+        if message.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+            began = message.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            message.freeze_ended_at.FromDatetime(began + dt.timedelta(seconds=2.5))
+        if field == "freeze_started_at" or message.HasField("freeze_ended_at"):
+            getattr(message, field).CopyFrom(Timestamp(seconds=seconds, nanos=nanos))
+        return message
+
+    monkeypatch.setattr(FakeAgent, "_message", absurd)
+    for agent in world.agents:
+        agent.txn_seconds = 1.0  # read pending more than once
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    with capture_logs() as logs:
+        row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert not [e for e in logs if e["event"] == "step.crashed"]
+    for name in NODES:
+        detail = row.node(name)[1]
+        assert getattr(detail, field) is None, (name, detail)
+        for other in ("freeze_started_at", "freeze_ended_at"):
+            if (at := getattr(detail, other)) is not None:
+                assert abs(at - world.clock.wall()) < dt.timedelta(days=1), (name, detail)
+    refused = Counter(
+        (e["node"], e["field"]) for e in logs if e["event"] == "transaction.time_refused"
+    )
+    assert refused == Counter({(n, field): 1 for n in NODES})
+    await leader.stop()
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), NO_TIMES)
+async def test_the_certificate_s_end_is_the_one_the_leader_signed_not_the_agent_s_word(
+    world: World, monkeypatch: pytest.MonkeyPatch, seconds: int, nanos: int
+) -> None:
+    """Session 67 (peers' times): the leader recorded the ``not_after`` an agent's Stage
+    answered: one out of protobuf's range crashed the stage at every pass (the node held
+    staging for good), a far one was stored and shown. The end recorded is now that of the
+    certificate the leader signed and sent."""
+    real = FakeAgent.stage
+
+    async def absurd(agent: FakeAgent, request: agent_pb2.StageRequest) -> Any:
+        answer = await real(agent, request)
+        answer.not_after.CopyFrom(Timestamp(seconds=seconds, nanos=nanos))
+        return answer
+
+    monkeypatch.setattr(FakeAgent, "stage", absurd)
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    with capture_logs() as logs:
+        row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert not [e for e in logs if e["event"] == "step.crashed"]
+    for agent in world.agents:
+        signed = agent.staged[row.rollout.id].not_valid_after_utc
+        assert row.node(agent.name)[1].cert_not_after == signed, agent.name
+    await leader.stop()

@@ -2751,3 +2751,62 @@ def test_going_back_to_http_is_news_once_not_per_request() -> None:
     # A tie (whole seconds) counts as switched, as the leader judges it (``still_on_http``).
     tie = _clients(("http", 100, 120), ("https", 120, 130))
     assert key(tie) == key(switched) and clients_said(tie) == clients_said(switched)
+
+
+# --- times an agent sends that are no time (session 67, peers' times) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(2**62, 0), (0, -1), (0, 10**9), (253402300799, 999999999), (-62135596800, 0)],
+    ids=["beyond-9999", "negative-nanos", "nanos-a-second", "end-of-9999", "year-1"],
+)
+async def test_a_heartbeat_whose_times_are_no_time_or_absurd_stores_none_of_them(
+    tmp_path: Path, loopback: Callable[[], str], seconds: int, nanos: int
+) -> None:
+    """Session 67 (peers' times): every Timestamp of a heartbeat (its ``sent_at``, the
+    renewal's due and failing times, the clients' first and last sightings, a bootstrap
+    failure's and the server's last login failure's times) out of protobuf's range or absurd
+    (year 9999, year 1) is answered OK, never INTERNAL, and none is stored as sent: nothing
+    later than the leader's now, and a renewal due more than ``RENEWAL_DUE_SPAN`` away is not
+    known (one due in 9999 was stored and listed as said)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.service.batch_seconds = 3600  # the test commits (``write_queued``)
+    await rig.server.start()
+    now = rig.clock[0]
+    bad = Timestamp(seconds=seconds, nanos=nanos)
+    server = client_report(now, 3, "ws-a")
+    for c in server.clients.clients:
+        c.first_seen.CopyFrom(bad)
+        c.last_seen.CopyFrom(bad)
+    server.login_failures = 2
+    server.last_login_failure_at.CopyFrom(bad)
+    request = leader_pb2.HeartbeatRequest(
+        agent_version="1",
+        agent_port=AGENT_PORT,
+        sent_at=bad,
+        renewal_due_at=bad,
+        renewal_failing_since=bad,
+        renewal_error="the leader is away",
+        server=server,
+        bootstrap_failures=[leader_pb2.BootstrapFailure(source="10.0.0.9", count=1, last_at=bad)],
+    )
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+                await leader_pb2_grpc.LeaderStub(channel).Heartbeat(request, timeout=30)
+            await rig.service.write_queued()
+        assert not [e["event"] for e in logs if e["log_level"] == "error"]
+        node = rig.store.get_node("hb1")
+        due = node.renewal_due_at
+        assert due is None or abs(due - now) <= service.RENEWAL_DUE_SPAN, due
+        assert node.renewal_failing_since is not None and node.renewal_failing_since <= now
+        times = [
+            t for c in rig.service.schema.clients(["hb1"]) for t in (c.first_seen, c.last_seen)
+        ]
+        times += [f.last_at for f in rig.service.schema.bootstrap_failures()]
+        login = rig.state.server_login_failures["hb1"].last_at
+        times += [login] if login is not None else []
+        assert times and all(t <= now for t in times), times
+    finally:
+        await rig.close()
