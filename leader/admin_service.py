@@ -469,6 +469,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             in_use = planned.password_in_use
             reply.password_doubt_refuses = bool(in_use.doubt(rollout.change, not in_use.version))
         reply.busy = busy
+        # What the start refuses as nodes it preflights at once are blocked (its first
+        # max_parallel and this leader's prepare_ahead: review s67 rev2 M3): the CLI refuses
+        # with it before it asks or makes a password.
+        if refusal := self.commands.blocked_at_once(rollout, nodes):
+            reply.blocked_at_once = str(refusal)
         staged = (
             await asyncio.to_thread(self.schema.staged_password, planned.auth_latest)
             if planned.auth_latest

@@ -102,6 +102,16 @@ Method = Callable[["agent_pb2_grpc.NodeAgentAsyncStub"], Callable[..., Awaitable
 RECONNECT_SECONDS = 2.0
 
 
+def _txn_text(rollout_id: str, kind: int) -> str:
+    """A transaction as an error names it: "rollout r1's switch" (cleaned: a peer may have
+    written the id)."""
+    what = {
+        agent_pb2.TRANSACTION_KIND_SWITCH: "switch",
+        agent_pb2.TRANSACTION_KIND_ROLLBACK: "rollback",
+    }.get(kind, f"transaction of kind {kind}")  # type: ignore[call-overload]
+    return f"rollout {peertext.clean(rollout_id, 64) or '(none)'}'s {what}"
+
+
 class StepFailed(TerminalError):
     """The agent refused or failed a command; the message (with the status) goes to the schema."""
 
@@ -553,7 +563,25 @@ class AgentClient:
     async def get_transaction(
         self, request: agent_pb2.GetTransactionRequest
     ) -> agent_pb2.Transaction:
-        return await self._call(lambda s: s.GetTransaction, request)
+        """The transaction ``request`` names as the agent has it; an answer about another
+        one is ``StepFailed`` (``_asked_for``)."""
+        txn: agent_pb2.Transaction = await self._call(lambda s: s.GetTransaction, request)
+        return self._asked_for(request, txn)
+
+    def _asked_for(
+        self, request: agent_pb2.GetTransactionRequest, txn: agent_pb2.Transaction
+    ) -> agent_pb2.Transaction:
+        """``txn`` if it is the transaction ``request`` asked about (its rollout and kind; an
+        unset kind is taken), else ``StepFailed`` (no status: neither a refusal nor "none")
+        naming what the agent sent: it says nothing of the one asked about, so no outcome
+        is taken from it, no switch is recorded done or failed, no confirm takes it for a
+        rollback under way (engine review s67 engine3, 2: it was taken as it came)."""
+        if txn.rollout_id == request.rollout_id and txn.kind in (0, request.kind):
+            return txn
+        raise StepFailed(
+            f"agent {self.node.name} answered about {_txn_text(txn.rollout_id, txn.kind)}, "
+            f"not {_txn_text(request.rollout_id, request.kind)}: its answer is ignored"
+        )
 
     async def watch_transaction(
         self, request: agent_pb2.GetTransactionRequest
@@ -578,7 +606,7 @@ class AgentClient:
                     # full pass, after the pool had closed the channel (s28leak).
                     while isinstance(txn := await call.read(), agent_pb2.Transaction):  # or EOF
                         failures = 0
-                        yield txn
+                        yield self._asked_for(request, txn)
                         if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
                             return
                     error = TransientError(f"agent {self.node.name}: the stream ended early")

@@ -442,6 +442,35 @@ class Commands:
         order = self._in_order(request, up)
         return FirstSteps(order, min(count, cap, OBSERVE_AT_ONCE), steps, rollout_id)
 
+    def blocked_at_once(
+        self, rollout: Rollout, nodes: Sequence[NodeRecord], retry_of: str = ""
+    ) -> planner.BlockedAtOnce | None:
+        """The refusal a start of this plan meets if nodes its preflight checks block are among
+        those it preflights at once (its first max_parallel stepped nodes and the engine's
+        ``prepare_ahead`` after them), more than its failure budget takes: it would halt there
+        at once (brief s67 engine (a); review s67 rev2 M3: the prepared-ahead ones). Not the
+        way back nor a finalize, which have no --nodes to leave a node out with: the way back
+        is the emergency path, whose prompt names the blocked nodes with their reasons. The
+        start raises it; a plan says it (``PlanResponse.blocked_at_once``: `rollout start`
+        refuses before it asks)."""
+        if rollout.change not in planner.AT_ONCE_REFUSED:
+            return None
+        stepped = [r for r in nodes if r.state is NodeState.PENDING]
+        at_once = planner.blocked_at_once(
+            [(r.name, r.reason) for r in stepped],
+            rollout.max_parallel,
+            rollout.failure_budget,
+            prepare_ahead=self.prepare_ahead,
+        )
+        if not at_once:
+            return None
+        return planner.BlockedAtOnce(
+            rollout.change,
+            at_once,
+            retry_of=retry_of,
+            others=[r.name for r in stepped if r.name not in at_once],
+        )
+
     def first_to_make_keys(self, request: RolloutRequest, up: Sequence[str]) -> frozenset[str]:
         """The nodes whose agents a starting rollout asks first to make a key and CSR (its
         first ``max_parallel`` in its order), if its change makes them on the nodes (not with
@@ -713,25 +742,8 @@ class Commands:
             raise planner.NotOnHttps(request.change, blocked)
         if too_old := planner.too_old(nodes):  # they would drop what the change sends them
             raise planner.AgentsTooOld(request.change, too_old)
-        # A node its preflight checks block among those it steps at once: it would halt there
-        # at once, nothing done (brief s67 engine (a)). Not the way back nor a finalize, which
-        # have no --nodes to leave a node out with: the way back is the emergency path, whose
-        # prompt names the blocked nodes with their reasons.
-        if request.change in planner.AT_ONCE_REFUSED and (
-            at_once := planner.blocked_at_once(
-                [(r.name, r.reason) for r in nodes if r.state is NodeState.PENDING],
-                rollout.max_parallel,
-                rollout.failure_budget,
-            )
-        ):
-            raise planner.BlockedAtOnce(
-                request.change,
-                at_once,
-                retry_of=request.retry_of,
-                others=[
-                    r.name for r in nodes if r.state is NodeState.PENDING and r.name not in at_once
-                ],
-            )
+        if refusal := self.blocked_at_once(rollout, nodes, request.retry_of):
+            raise refusal
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(

@@ -364,7 +364,8 @@ def too_old(records: Sequence[NodeRecord]) -> dict[str, str]:
 
 
 class BlockedAtOnce(PlanError):
-    """Nodes the start would preflight at once (its first ``max_parallel`` stepped nodes) that
+    """Nodes the start would preflight at once (its first ``max_parallel`` stepped nodes and
+    the ``prepare_ahead`` after them: ``blocked_at_once``) that
     the plan marks ``blocked: <why>`` by their agents' checks, more than the failure budget
     takes (FAILED_PRECONDITION): the start is refused with the plan's reasons, as one with a
     node on http only or an agent too old is. Before, it was accepted and halted at once at
@@ -407,14 +408,22 @@ AT_ONCE_REFUSED = frozenset({Change.ENABLE_TLS, Change.ROTATE_CERT, Change.CHANG
 
 
 def blocked_at_once(
-    stepped: Sequence[tuple[str, str]], max_parallel: int, failure_budget: int
+    stepped: Sequence[tuple[str, str]],
+    max_parallel: int,
+    failure_budget: int,
+    *,
+    prepare_ahead: int,
 ) -> dict[str, str]:
     """Of ``stepped``, the (name, reason) of each node a plan steps, in its order, those the
-    start would preflight at once (the first ``max_parallel``) that are ``blocked: …``, with
-    their reasons, if there are more of them than ``failure_budget`` allows to fail (the
-    rollout would halt there at once: ``BlockedAtOnce``); else none. A node blocked further on
-    is not refused: it may be fixed while the nodes before it switch (its plan says it)."""
-    first = stepped[: max(max_parallel, 1)]
+    start would preflight at once that are ``blocked: …``, with their reasons, if there are
+    more of them than ``failure_budget`` allows to fail (the rollout would halt there at once:
+    ``BlockedAtOnce``); else none. At once: the first ``max_parallel`` and the
+    ``prepare_ahead`` (the leader's, ``next_actions``) after them, which are preflighted in the
+    plan that begins the first switch, seconds after the start (review s67 rev2 M3: with the
+    first max_parallel alone, a blocked second node was accepted and halted the rollout with
+    only the first switched). A node blocked further on is not refused: its preflight comes
+    once a node before it has switched, and it may be fixed by then (its plan says it)."""
+    first = stepped[: max(max_parallel, 1) + max(prepare_ahead, 0)]
     blocked = {name: reason for name, reason in first if reason.startswith(BLOCKED)}
     return blocked if len(blocked) > failure_budget else {}
 
@@ -587,8 +596,9 @@ def plan_rollout(
     change, ``NothingToDo``. A node on http only under a change that starts from https is
     ``BLOCKED_HTTP`` (``not_on_https``: the start refuses the plan, ``NotOnHttps``); one whose
     read-only preflight checks found problems is ``blocked: <them>`` (among the first nodes
-    a start steps, the start is refused: ``blocked_at_once``; further on, it starts, and
-    fails there unless they are fixed meanwhile).
+    a start preflights at once, its first max_parallel + prepare_ahead, the start is refused:
+    ``blocked_at_once``; further on, it starts, and fails there unless they are fixed
+    meanwhile).
 
     ``agents``: each node's agent version and the features it reported (``Node.agent_features``).
     A node the rollout steps whose agent lacks a feature the rollout's requests need

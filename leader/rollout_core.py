@@ -318,8 +318,8 @@ def serves_after(rollout: Rollout, state: NodeState, before: frozenset[str]) -> 
 BLOCKED = "blocked:"
 """How the reason of a planned node begins when its change cannot get past it: on http only
 under a change that starts from https (``BLOCKED_HTTP``: a start is refused), or problems its
-agent's read-only preflight checks found (a start is refused if it steps the node at once,
-``planner.blocked_at_once``; else it would fail there unless they are fixed meanwhile). A
+agent's read-only preflight checks found (a start is refused if it preflights the node at
+once, ``planner.blocked_at_once``; else it would fail there unless they are fixed meanwhile). A
 plan with such a node exits 1 (``tlsroll plan``), whatever the reason."""
 
 NOT_ON_HTTPS = "not on https; run enable-tls first"

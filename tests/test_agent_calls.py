@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from leader.agent_client import AgentClient, AgentPool, SwitchRefused
+from leader.agent_client import AgentClient, AgentPool, StepFailed, SwitchRefused
 from leader.store import Node
 from tlsroll import pki, spiffe
 from tlsroll.defaults import AGENT_PORT
@@ -243,3 +243,56 @@ async def test_an_agent_back_from_a_restart_is_reached_though_its_channel_tried_
     finally:
         await pool.close()
         await server.stop(None)
+
+
+class Elsewhere(agent_pb2_grpc.NodeAgentServicer):
+    """An agent that answers every question about a transaction with ``txn``, whatever was
+    asked: a transaction the leader never sent (another rollout's, or another kind)."""
+
+    def __init__(self, txn: agent_pb2.Transaction) -> None:
+        self.txn = txn
+        self.calls: list[str] = []
+
+    async def GetTransaction(self, request: agent_pb2.GetTransactionRequest, context: Any) -> Any:
+        self.calls.append("GetTransaction")
+        return self.txn
+
+    async def WatchTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Any
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        self.calls.append("WatchTransaction")
+        yield self.txn
+
+
+SWITCH = agent_pb2.TRANSACTION_KIND_SWITCH
+ROLLBACK = agent_pb2.TRANSACTION_KIND_ROLLBACK
+
+
+@pytest.mark.parametrize(
+    ("rollout_id", "kind", "seen"),
+    [("r0", SWITCH, "rollout r0's switch"), ("r1", ROLLBACK, "rollout r1's rollback")],
+)
+async def test_an_answer_about_another_transaction_is_no_outcome(
+    loopback: Callable[[], str], rollout_id: str, kind: int, seen: str
+) -> None:
+    """Engine review (s67 engine3, 2): the leader took whatever transaction the agent sent
+    back as the one it asked about. A completed switch of another rollout (an agent's
+    journal answered by the wrong key, say) ended rollout r1's switch as done, and a
+    rollback's state a confirm's question about a rollback, which then recorded the node
+    rolled back. Now an answer about another transaction is no answer: the step is tried
+    again (``TransientError``, never an outcome), naming what the agent sent."""
+    wrong = agent_pb2.Transaction(rollout_id=rollout_id, kind=kind, outcome=COMPLETED)  # type: ignore[arg-type]
+    agent = Elsewhere(wrong)  # type: ignore[abstract]  # only the calls under test
+    address = loopback()
+    asked = agent_pb2.GetTransactionRequest(rollout_id="r1", kind=SWITCH)
+    switch = agent_pb2.SwitchRequest(command=agent_pb2.Command(rollout_id="r1", epoch=1))
+    async with served(address, agent) as client:
+        states: list[agent_pb2.Transaction] = []
+        with pytest.raises(TransientError, match=seen) as failed:
+            states.extend([t async for t in client.switch_and_watch(switch)])
+        assert states == []
+        assert "not rollout r1's switch" in str(failed.value), failed.value
+        with pytest.raises(StepFailed, match=seen):
+            await client.get_transaction(asked)
+        with pytest.raises(StepFailed, match=seen):
+            _ = [t async for t in client.watch_transaction(asked)]

@@ -156,43 +156,52 @@ def test_a_halted_rollout_is_retried_to_the_end(
 ) -> None:
     """A node whose port 8443 is taken halts the rollout at preflight; once it is free,
     `rollout retry --wait` plans the nodes not done again and exits 0 when they are. The
-    node is node3, stepped second (node1, the leader node, goes last): with node2, stepped
-    first, blocked so, the start is refused up front with the plan's reason (brief s67 engine
-    (a): it was accepted, and halted at once at node2's preflight)."""
+    node is node1, the leader node, stepped last (third). With node2, stepped first, blocked
+    so, the start is refused up front with the plan's reason (brief s67 engine (a): it was
+    accepted, and halted at once at node2's preflight); so it is with node3, stepped second,
+    which the default ``prepare_ahead`` (1) preflights in the plan that begins node2's
+    switch (review s67 rev2 M3: it was accepted, and halted seconds later with only node2
+    switched)."""
     cluster, nodes = three
-    node2, node3 = nodes[1], nodes[2]
+    node1, node2, node3 = nodes
     pw = password_file(tmp_path, "pw", "retry-password-for-the-practice")
     start_args = ("rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes")
-    with port_holder(node2.address, 8443):
-        refused = cluster.cli(*start_args)
-        assert refused.returncode == 1, (refused.stdout, refused.stderr)
-        line = one_line_error(refused.stderr, "tlsroll")
-        assert line.startswith(
-            "tlsroll: error: enable-tls cannot start: its first step would fail at once on "
-            "node2 (port 8443"
-        ), line
-        assert "node1" not in line and "node3" not in line, line
-    assert cluster.schema_json()["rollouts"] == []  # none was made
-    with port_holder(node3.address, 8443):
-        # The plan runs the agents' read-only checks: node3 is shown blocked, and why; and
+    for blocked, others in ((node2, (node1, node3)), (node3, (node1, node2))):
+        with port_holder(blocked.address, 8443):
+            refused = cluster.cli(*start_args)
+            assert refused.returncode == 1, (blocked.name, refused.stdout, refused.stderr)
+            line = one_line_error(refused.stderr, "tlsroll")
+            assert line.startswith(
+                "tlsroll: error: enable-tls cannot start: its first step would fail at once on "
+                f"{blocked.name} (port 8443"
+            ), line
+            assert all(other.name not in line.split(": fix that")[0] for other in others), line
+        assert cluster.schema_json()["rollouts"] == []  # none was made
+        for node in nodes:
+            assert live(node).schemes == ["http"]
+    with port_holder(node1.address, 8443):
+        # The plan runs the agents' read-only checks: node1 is shown blocked, and why; and
         # the plan exits 1 saying so, as for any blocked node (it exited 0: brief s39small).
         plan = cluster.cli("plan", "--scope", "cluster")
         assert plan.returncode == 1, (plan.stdout, plan.stderr)
-        (line,) = [ln for ln in plan.stdout.splitlines() if "node3" in ln]
+        (line,) = [ln for ln in plan.stdout.splitlines() if "node1" in ln]
         assert "blocked: port 8443" in line and "taken by" in line, line
         refusal = plan.stderr.strip()
-        assert refusal.startswith("tlsroll: error: enable-tls is blocked on node3 (port 8443")
-        assert "taken by" in refusal and "node1" not in refusal and "node2" not in refusal
+        assert refusal.startswith("tlsroll: error: enable-tls is blocked on node1 (port 8443")
+        assert "taken by" in refusal and "node2" not in refusal and "node3" not in refusal
         assert refusal.endswith("fix that, or leave it out (--nodes); nothing was changed")
-        first = next(ln for ln in plan.stdout.splitlines() if "node2" in ln)
-        assert first.endswith("will switch"), first
+        for name in ("node2", "node3"):
+            ahead = next(ln for ln in plan.stdout.splitlines() if name in ln)
+            assert ahead.endswith("will switch"), ahead
+        # Stepped third, past max_parallel + prepare_ahead: the start runs, and halts there.
         start = cluster.cli(*start_args, "--wait")
         assert start.returncode == 3, (start.stdout, start.stderr)  # halted
         halted = newest(cluster)
         assert halted["state"] == "halted"
         by_name = {n["name"]: n for n in halted["nodes"]}
-        assert by_name["node3"]["state"] == "failed" and "8443" in by_name["node3"]["reason"]
-    # node2 may have switched before the halt (node3 is prepared ahead, and fails at once).
+        assert by_name["node1"]["state"] == "failed" and "8443" in by_name["node1"]["reason"]
+    assert by_name["node2"]["state"] == "done"  # switched before node1 was preflighted
+    # node3 may have switched before the halt (node1 is prepared ahead, and fails at once).
     for node in nodes:
         switched = by_name[node.name]["state"] == "done"
         writes_work(node, "https" if switched else "http", cluster.ca_pem)

@@ -1983,17 +1983,33 @@ def test_a_cut_off_node_is_never_frozen_nor_holds_a_switch() -> None:
 def test_a_start_is_refused_only_for_the_blocked_nodes_it_would_preflight_at_once() -> None:
     """Brief s67 engine (a): a start whose first node its agent's checks block (a template
     missing) was accepted and halted at once at that preflight. Refused now: a node blocked
-    among the first --max-parallel stepped ones, more of them than the failure budget takes;
-    not one further on, which may be fixed while those before it switch."""
+    among the first --max-parallel stepped ones and the ``prepare_ahead`` after them (review
+    s67 rev2 M3: those are preflighted in the plan that begins the first switch), more of them
+    than the failure budget takes; not one further on, which may be fixed while those before
+    it switch."""
     ok, port = "", "blocked: port 8443 taken"
     tmpl = "blocked: cannot read template /t: No such file or directory; fix [server].template"
-    assert blocked_at_once([("a", tmpl), ("b", ok)], 1, 0) == {"a": tmpl}
-    assert blocked_at_once([("a", ok), ("b", tmpl)], 1, 0) == {}  # b: fixed meanwhile, maybe
-    assert blocked_at_once([("a", ok), ("b", tmpl)], 2, 0) == {"b": tmpl}  # both at once
-    assert blocked_at_once([("a", ok), ("b", tmpl)], 0, 0) == {}  # (0 steps one at a time)
-    assert blocked_at_once([("a", tmpl), ("b", ok)], 2, 1) == {}  # the budget takes one
-    assert blocked_at_once([("a", tmpl), ("b", port)], 2, 1) == {"a": tmpl, "b": port}
-    assert blocked_at_once([], 1, 0) == {}
+
+    def at_once(
+        stepped: list[tuple[str, str]], most: int, budget: int, ahead: int = 0
+    ) -> dict[str, str]:
+        return blocked_at_once(stepped, most, budget, prepare_ahead=ahead)
+
+    assert at_once([("a", tmpl), ("b", ok)], 1, 0) == {"a": tmpl}
+    assert at_once([("a", ok), ("b", tmpl)], 1, 0) == {}  # b: fixed meanwhile, maybe
+    assert at_once([("a", ok), ("b", tmpl)], 2, 0) == {"b": tmpl}  # both at once
+    assert at_once([("a", ok), ("b", tmpl)], 0, 0) == {}  # (0 steps one at a time)
+    assert at_once([("a", tmpl), ("b", ok)], 2, 1) == {}  # the budget takes one
+    assert at_once([("a", tmpl), ("b", port)], 2, 1) == {"a": tmpl, "b": port}
+    assert at_once([], 1, 0) == {}
+    # Prepared ahead (the default 1): b is preflighted while a switches, c once a is done.
+    three = [("a", ok), ("b", tmpl), ("c", port)]
+    assert at_once(three, 1, 0, ahead=1) == {"b": tmpl}
+    assert at_once(three, 0, 0, ahead=1) == {"b": tmpl}
+    assert at_once([("a", ok), ("b", ok), ("c", port)], 1, 0, ahead=1) == {}  # c: later
+    assert at_once(three, 1, 0, ahead=2) == {"b": tmpl, "c": port}
+    assert at_once(three, 1, 1, ahead=2) == {"b": tmpl, "c": port}  # two: past the budget
+    assert at_once(three, 1, 1, ahead=1) == {}  # the budget takes b
     one = BlockedAtOnce(Change.ENABLE_TLS, {"a": tmpl})
     assert str(one) == (
         "enable-tls cannot start: its first step would fail at once on a (cannot read template"

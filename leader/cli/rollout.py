@@ -293,7 +293,7 @@ def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
     on (``BLOCKED_HTTP``): the leader refuses to start it (audit s38 M5), so the start says so
     before anything is asked; so are nodes whose agents are too old for it (``blocked_too_old``).
     A node blocked by its preflight checks is refused by ``refuse_blocked_at_once`` if the
-    start steps it at once; further on, the start runs, and stops at that node unless its
+    start preflights it at once; further on, the start runs, and stops at that node unless its
     problems are fixed meanwhile."""
     blocked = [n.name for n in reply.rollout.nodes if n.reason == BLOCKED_HTTP]
     if blocked:
@@ -314,22 +314,16 @@ def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
 
 
 def refuse_blocked_at_once(reply: admin_pb2.PlanResponse) -> None:
-    """CLIError (exit 1) if a node the start would preflight at once (its first
-    --max-parallel stepped nodes) is blocked by its agent's checks, more of them than the
-    failure budget takes (``planner.blocked_at_once``): the start would halt there at once,
-    nothing done, and the leader refuses it (brief s67 engine (a): a template missing was
-    accepted, and halted). Before the plan is shown and the admin asked."""
-    r = reply.rollout
-    stepped = [(n.name, n.reason) for n in r.nodes if NODE_STATE.text(n.state) == PENDING]
-    if not any(why.startswith(BLOCKED) for _, why in stepped[: max(r.max_parallel, 1)]):
-        return
-    from leader import planner  # noqa: PLC0415 - the planner, for a refusal only
-
-    change = Change(CHANGE.text(r.change))
-    if change not in planner.AT_ONCE_REFUSED:
-        return
-    if blocked := planner.blocked_at_once(stepped, r.max_parallel, r.failure_budget):
-        raise CLIError(str(planner.BlockedAtOnce(change, blocked)))
+    """CLIError (exit 1) if the plan says the start is refused as nodes it would preflight at
+    once (its first --max-parallel stepped nodes and the leader's ``prepare_ahead`` after
+    them) are blocked by their agents' checks, more of them than the failure budget takes
+    (``PlanResponse.blocked_at_once``, the leader's ``planner.BlockedAtOnce``): the start
+    would halt there at once, and the leader refuses it (brief s67 engine (a): a template
+    missing was accepted, and halted; review s67 rev2 M3: so was a blocked second node,
+    preflighted while the first switches). Before the plan is shown and the admin asked. The
+    leader says it: only it knows its ``prepare_ahead``."""
+    if reply.blocked_at_once:
+        raise CLIError(reply.blocked_at_once)
 
 
 # What a node that is neither done already nor blocked will go through, per change (a direct

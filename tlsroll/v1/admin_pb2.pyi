@@ -685,6 +685,7 @@ class PlanResponse(_message.Message):
     EDITED_CONFIGS_FIELD_NUMBER: _builtins.int
     PASSWORD_DOUBT_FIELD_NUMBER: _builtins.int
     PASSWORD_DOUBT_REFUSES_FIELD_NUMBER: _builtins.int
+    BLOCKED_AT_ONCE_FIELD_NUMBER: _builtins.int
     password_version_in_use: _builtins.int
     """enable-tls: the nodes already run this auth password version (and the others get it too),
     so the CLI sends no new password; 0: the rollout needs a new one.
@@ -703,6 +704,12 @@ class PlanResponse(_message.Message):
     """enable-tls: password_doubt refuses a start that brings no password of its own too (nodes
     run one this leader does not know, or none is known in use): any start of this plan is
     refused, and `tlsroll plan` exits 1 for it as for a blocked node.
+    """
+    blocked_at_once: _builtins.str
+    """enable-tls, rotate-cert, change-password: the refusal a start of this plan meets (one
+    line; empty: none) as nodes its agents' checks block are among those it preflights at
+    once, its first max_parallel stepped nodes and the leader's prepare_ahead after them, more
+    than its failure budget takes (the CLI refuses before it generates a password or asks).
     """
     @_builtins.property
     def rollout(self) -> _schema_pb2.RolloutView: ...
@@ -750,10 +757,11 @@ class PlanResponse(_message.Message):
         edited_configs: _abc.Iterable[_builtins.str] | None = ...,
         password_doubt: _builtins.str = ...,
         password_doubt_refuses: _builtins.bool = ...,
+        blocked_at_once: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "replaces", b"replaces", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "busy", b"busy", "certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "edited_configs", b"edited_configs", "password_doubt", b"password_doubt", "password_doubt_refuses", b"password_doubt_refuses", "password_version_in_use", b"password_version_in_use", "replaces", b"replaces", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "blocked_at_once", b"blocked_at_once", "busy", b"busy", "certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "edited_configs", b"edited_configs", "password_doubt", b"password_doubt", "password_doubt_refuses", b"password_doubt_refuses", "password_version_in_use", b"password_version_in_use", "replaces", b"replaces", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
