@@ -925,6 +925,7 @@ class TestConnection:
         server = self.check_address()
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
+        self.check_dates(server, server_cert)
         port, hello = self.check_bootstrap_port(server)
         # Its CA bundle's size before anything else, the password above all (rev57d M1: a
         # bundle refused after the exchange lost the PC the certificate in place, superseded).
@@ -1471,6 +1472,32 @@ class TestConnection:
         else:
             self.ui.say(f"app       {server.app_path} answers (HTTP 200)")
         return cert
+
+    @staticmethod
+    def check_dates(server: ServerURL, cert: x509.Certificate) -> None:
+        """The server's certificate within its dates by this PC's clock, before the password
+        is asked or anything sent (review s67 wsrev M1: found only after the exchange, the
+        password spent and a new certificate signed, said as "valid DATE to DATE", exit 10,
+        with no word of the PC's clock, which on switch day is the likely cause): ClientError
+        (exit 6) naming the PC's time. Its trust is checked later (``check_chain``)."""
+        now = pki.utcnow()
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        clock = f"this PC's clock reads {now:%Y-%m-%d %H:%M} UTC"
+        if now < start:
+            raise ClientError(
+                Exit.TLS,
+                f"{server.netloc}'s certificate is valid only from {start:%Y-%m-%d %H:%M} UTC, "
+                f"and {clock}: set this PC's date and time right (automatic time), then run "
+                "this again; nothing was sent",
+            )
+        if now > end:
+            raise ClientError(
+                Exit.TLS,
+                f"{server.netloc}'s certificate ended on {end:%Y-%m-%d %H:%M} UTC, and {clock}: "
+                "if this PC's date and time are wrong, set them right and run this again; if "
+                "not, the server needs a new certificate (on the leader: tlsroll rollout start "
+                "--change rotate-cert); nothing was sent",
+            )
 
     def _server_cert_without_answer(self, server: ServerURL, exc: NetError) -> x509.Certificate:
         # The handshake succeeded, then the server closed or alerted without an http answer:
