@@ -103,7 +103,8 @@ def test_connection(
 
     URL is the new address, e.g. https://192.168.1.5:8443/praxis_live/. Exit codes: 0 done,
     1 failure, 2 usage, 3 http instead of https, 4 host unreachable or no answer in time,
-    5 connection refused, 6 TLS failure, 7 app path not found, 8 bootstrap port closed, not
+    5 connection refused, 6 TLS failure (also a server certificate out of its dates by this
+    PC's clock), 7 app path not found, 8 bootstrap port closed, not
     answering in time, ending the connection with no answer (its agent restarting: try
     again) or not the bootstrap service, 9 wrong password, 10 not the cluster's
     node (CA, pin or the node's proof), 11 enrolment refused or rate-limited (a name another

@@ -925,6 +925,7 @@ class TestConnection:
         server = self.check_address()
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
+        self.check_dates(server, server_cert)
         port, hello = self.check_bootstrap_port(server)
         # Its CA bundle's size before anything else, the password above all (rev57d M1: a
         # bundle refused after the exchange lost the PC the certificate in place, superseded).
@@ -1281,7 +1282,7 @@ class TestConnection:
         d = self.o.settings_dir
         try:
             cert = pki.load_cert_pem(settings_files.read_file(d / "client.pem"))
-            pki.check_valid_now(cert)
+            _check_not_ended(cert)
             if pki.names_of(cert).common_name != self.workstation:
                 return False
         except (OSError, PKIError, ValueError, TypeError, x509.DuplicateExtension):
@@ -1471,6 +1472,32 @@ class TestConnection:
         else:
             self.ui.say(f"app       {server.app_path} answers (HTTP 200)")
         return cert
+
+    @staticmethod
+    def check_dates(server: ServerURL, cert: x509.Certificate) -> None:
+        """The server's certificate within its dates by this PC's clock, before the password
+        is asked or anything sent (review s67 wsrev M1: found only after the exchange, the
+        password spent and a new certificate signed, said as "valid DATE to DATE", exit 10,
+        with no word of the PC's clock, which on switch day is the likely cause): ClientError
+        (exit 6) naming the PC's time. Its trust is checked later (``check_chain``)."""
+        now = pki.utcnow()
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        clock = f"this PC's clock reads {now:%Y-%m-%d %H:%M} UTC"
+        if now < start:
+            raise ClientError(
+                Exit.TLS,
+                f"{server.netloc}'s certificate is valid only from {start:%Y-%m-%d %H:%M} UTC, "
+                f"and {clock}: set this PC's date and time right (automatic time), then run "
+                "this again; nothing was sent",
+            )
+        if now > end:
+            raise ClientError(
+                Exit.TLS,
+                f"{server.netloc}'s certificate ended on {end:%Y-%m-%d %H:%M} UTC, and {clock}: "
+                "if this PC's date and time are wrong, set them right and run this again; if "
+                "not, the server needs a new certificate (on the leader: tlsroll rollout start "
+                "--change rotate-cert); nothing was sent",
+            )
 
     def _server_cert_without_answer(self, server: ServerURL, exc: NetError) -> x509.Certificate:
         # The handshake succeeded, then the server closed or alerted without an http answer:
@@ -2262,7 +2289,7 @@ class TestConnection:
         None: none did, as the newer pair is not of the cluster's CA)."""
         try:
             cert = pki.load_cert_pem(cert_pem)
-            pki.check_valid_now(cert)
+            _check_not_ended(cert)
             if not pki.key_matches(cert, pki.load_key_pem(key_pem)):
                 return None
             name = one_line(pki.names_of(cert).common_name, 64)
@@ -2654,11 +2681,22 @@ def _pair_in_place(d: Path) -> tuple[bytes, bytes] | None:
         return None
 
 
+def _check_not_ended(cert: x509.Certificate) -> None:
+    """PKIError if this PC's client certificate ``cert`` has ended by this PC's clock. One
+    that starts later by it is this PC's all the same: the leader signed it a moment ago,
+    its clock ahead of this PC's by more than the hour a certificate is backdated (review
+    s67 wsrev M2: such a pair was taken for none, neither naming this PC nor proving its
+    name, and dropped unkept when another name's set replaced it). Its use by the servers
+    goes by their clocks."""
+    pki.check_valid_now(cert, max(pki.utcnow(), cert.not_valid_before_utc))
+
+
 def _valid_pairs(
     pairs: Sequence[tuple[bytes, bytes]],
 ) -> list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]]:
-    """Of pairs of client key and certificate (PEM), those valid now that hold together:
-    an EC key, its certificate, a workstation name. One that cannot be read counts as none."""
+    """Of pairs of client key and certificate (PEM), those not ended (``_check_not_ended``)
+    that hold together: an EC key, its certificate, a workstation name. One that cannot be
+    read counts as none."""
     found: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
     for key_pem, cert_pem in pairs:
         # (Its names and key are read when asked for: a malformed SAN, an extension twice
@@ -2666,7 +2704,7 @@ def _valid_pairs(
         try:
             key = pki.load_key_pem(key_pem)
             cert = pki.load_cert_pem(cert_pem)
-            pki.check_valid_now(cert)
+            _check_not_ended(cert)
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 continue
             holds = pki.key_matches(cert, key) and proto.WORKSTATION_CN.fullmatch(
