@@ -281,6 +281,10 @@ class RefServer:
         # Logins sent over http, refused unread: anybody can send them as fast as the server
         # answers, so a source's first is logged, then a summary a minute (review s67 L).
         self._refused_http = SampledLog()
+        # Logins refused by the limits (429): once a source is told to wait, each login it
+        # sends is refused unchecked, as fast as it sends them; sampled the same way (review
+        # s67 L).
+        self._rate_limited = SampledLog()
         # Wrong passwords since the count began (kept in the store across restarts), when the
         # first and the latest were (ISO 8601, UTC): the status's. Saved by ``_save_failures``
         # (``LOGIN_FAILURES_SAVE_SECONDS``); ``_failures_saved`` is what the store holds.
@@ -465,7 +469,12 @@ class RefServer:
             return _error(408, "client_gone", "The client closed the connection.")
         if wait > 0:
             self.login_refused += 1
-            log.warning("login.rate_limited", remote=request.remote, retry_after=retry_after(wait))
+            if self._rate_limited.first(source, "rate_limited"):
+                log.warning(
+                    "login.rate_limited", remote=request.remote, retry_after=retry_after(wait)
+                )
+            if (summary := self._rate_limited.summary()) is not None:
+                log.warning("login.rate_limited_summary", **summary.fields())
             return web.json_response(
                 {
                     "ok": False,

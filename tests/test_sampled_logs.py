@@ -406,6 +406,79 @@ def test_the_reference_server_s_bad_requests_and_http_logins_write_a_line_per_so
         assert summary["reasons"] == {reason: FLOOD + 2}
 
 
+def login_over_https(secret: str) -> str:
+    body = f'{{"password": "{secret}"}}'
+    return (
+        "POST /praxis_live/login HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+    )
+
+
+def test_the_reference_server_s_logins_refused_by_the_limits_write_a_line_per_source_then_a_summary(
+    tmp_path: Path, issue_cert: Callable[..., IssuedCert]
+) -> None:
+    """Review s67 L: once a source is told to wait (429), each login it sends is refused
+    unchecked, as fast as it sends them, and each was a ``login.rate_limited`` line. The public
+    app for real over TLS on a loopback address, in process, with the refusals' clock
+    injected; ``login_ceiling = 1``: after one wrong password every source is told to wait."""
+    config_path, data_dir = tmp_path / "refserver.toml", tmp_path / "data"
+    data_dir.mkdir()
+    secret = password.generate_password()
+    verifier = write_verifier(tmp_path / "auth.json", secret)
+    address, first, second = next_loopback(), next_loopback(), next_loopback()
+    cert = issue_cert(address)
+    config_path.write_text(
+        f'[server]\naddress = "{address}"\napp_path = "/praxis_live/"\nlisten = ["http"]\n'
+        f'data_dir = "{data_dir}"\nauth_verifier_file = "{verifier}"\nlogin_ceiling = 1\n'
+    )
+    store = RefStore(data_dir)
+    server = refserver_server.RefServer(
+        refserver_config.load(config_path), store, store.load_freeze()
+    )
+    clock = FakeClock()
+    server._rate_limited = SampledLog(clock=clock)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert.cert_file, cert.key_file)
+
+    async def run() -> list[MutableMapping[str, Any]]:
+        test_server = TestServer(server.public_app(), host=address, port=0)
+        await test_server.start_server(ssl=tls)
+        assert test_server.port is not None
+        port = test_server.port
+
+        def send(source: str, count: int) -> None:
+            for _ in range(count):
+                assert b" 429 " in ask(address, port, source, login_over_https(secret))
+
+        try:
+            wrong = login_over_https("not-" + secret)
+            assert b" 401 " in await asyncio.to_thread(ask, address, port, first, wrong)
+            with structlog.testing.capture_logs() as events:
+                await asyncio.to_thread(send, first, FLOOD)
+                await asyncio.to_thread(send, second, 3)
+                assert remotes(events, "login.rate_limited") == [first, second]
+                clock.advance(60)
+                await asyncio.to_thread(send, first, 1)
+        finally:
+            await test_server.close()
+        return events
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        server.close()
+        store.close()
+    assert [e["event"] for e in events] == [
+        "login.rate_limited",
+        "login.rate_limited",
+        "login.rate_limited_summary",
+    ]
+    (summary,) = named(events, "login.rate_limited_summary")
+    assert summary["refused_not_logged"] == FLOOD + 2
+    assert summary["top"] == [f"{first}: {FLOOD}", f"{second}: 2"]
+    assert summary["reasons"] == {"rate_limited": FLOOD + 2}
+
+
 def test_a_real_reference_server_flooded_from_one_source_writes_a_line_per_kind(
     tmp_path: Path,
 ) -> None:

@@ -489,6 +489,50 @@ def assert_one_set(
     return bool(changed)
 
 
+@pytest.mark.parametrize("config_there", [False, True], ids=["no ~/.config", "~/.config"])
+async def test_the_settings_dir_s_parents_tlsroll_makes_are_private(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    config_there: bool,
+) -> None:
+    """Review s67 L: under umask 022 the settings dir was 0700, but ``~/.config/tlsroll`` (and
+    ``~/.config``, when the client made it) were 0755, as the umask made them. Each directory
+    the client makes is 0700 now (XDG's mode for ``~/.config``); one there already is left
+    as it is."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    if config_there:
+        (home / ".config").mkdir()
+        os.chmod(home / ".config", 0o755)  # noqa: S103 (a ~/.config made before, left as it is)
+    d = home / ".config" / "tlsroll" / "client"
+    node = nodes["mtls"]
+    old = os.umask(0o022)
+    try:
+        async with bootstrap_on(node, test_ca):
+            run = await run_cli(
+                node.url,
+                "--password-file",
+                password_file(PASSWORD),
+                "--yes",
+                "--settings-dir",
+                str(d),
+            )
+    finally:
+        os.umask(old)
+    assert run.code == 0, run.err
+    assert (d / "client.key").is_file()
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (d, d.parent, d.parent.parent, home)}
+    assert modes == {
+        d: 0o700,
+        d.parent: 0o700,
+        d.parent.parent: 0o755 if config_there else 0o700,
+        home: 0o755,
+    }
+
+
 @pytest.mark.parametrize("fault", ["enospc", "crash"])
 async def test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new(
     fault: str,

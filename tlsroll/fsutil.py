@@ -163,7 +163,12 @@ def fsync_dir(directory: Path) -> None:
 
 
 def make_private_dir(
-    path: Path, mode: int = 0o700, *, strict: bool = False, group: int | None = None
+    path: Path,
+    mode: int = 0o700,
+    *,
+    strict: bool = False,
+    group: int | None = None,
+    parents_mode: int | None = None,
 ) -> Path:
     """Create ``path`` (and its parents) or take it over: ours, with ``mode``. A directory
     another user owns is refused: whoever owns it can swap what we put there.
@@ -180,9 +185,15 @@ def make_private_dir(
     ``mode`` 0710 say): the directory and its parent get that group, and the parent the same
     mode (taken over as the directory is: ours, never through a link); where the group cannot
     be set (no CAP_CHOWN) a directory keeps ``mode``'s owner bits only, so that never a group
-    other than the one meant passes."""
+    other than the one meant passes.
+
+    ``parents_mode`` (not strict): the mode of each missing parent this makes (one there
+    already is left as it is), not the umask's (a workstation's settings dir: its
+    ``~/.config/tlsroll``, and ``~/.config`` if missing, 0700 as XDG asks, review s67 L)."""
     path = Path(path)
     if not strict:
+        if parents_mode is not None:
+            _make_parents(path.parent, parents_mode)
         path.mkdir(parents=True, exist_ok=True, mode=mode)
         # A link there of another user's is refused, not followed to be chmod-ed: planted
         # after a caller's check (root's in a workstation's settings dir, s43rev3 Low 5).
@@ -205,6 +216,21 @@ def make_private_dir(
         path.mkdir(mode=mode & 0o700)
     _take_over(path, mode, group)
     return path
+
+
+def _make_parents(path: Path, mode: int) -> None:
+    """``path`` and the directories above it that are missing made, each with ``mode``
+    (whatever the umask); those there already are left as they are."""
+    missing: list[Path] = []
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for made in reversed(missing):
+        try:
+            os.mkdir(made, mode)
+        except FileExistsError:
+            continue  # made meanwhile (not by us): left as it is
+        os.chmod(made, mode)
 
 
 def _take_over(path: Path, mode: int, group: int | None) -> None:

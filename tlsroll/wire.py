@@ -17,7 +17,6 @@ default::
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from collections.abc import Iterable
 from enum import StrEnum
@@ -157,28 +156,6 @@ def clients_message(view: ClientsView) -> types_pb2.ClientsView:
         seen.first_seen.FromDatetime(c.first_seen)
         seen.last_seen.FromDatetime(c.last_seen)
     return msg
-
-
-def clients_view(msg: types_pb2.ClientsView) -> ClientsView:
-    """The reverse (the leader's side): timestamps as aware UTC datetimes."""
-    from tlsroll.clients import ClientSeen, ClientsView  # noqa: PLC0415
-
-    return ClientsView(
-        tuple(
-            ClientSeen(
-                c.scheme,
-                c.address,
-                c.workstation,
-                c.first_seen.ToDatetime(tzinfo=dt.UTC),
-                c.last_seen.ToDatetime(tzinfo=dt.UTC),
-                c.requests,
-            )
-            for c in msg.clients
-        ),
-        msg.window_seconds,
-        msg.source,
-        msg.problem,
-    )
 
 
 def back_on_http(clients: Iterable[types_pb2.ClientSeen]) -> frozenset[str]:

@@ -1059,7 +1059,7 @@ class TestConnection:
         again, when the final check fails. Returns where it is kept, None if it is not."""
         d = self.o.settings_dir
         try:
-            make_private_dir(d)
+            make_private_dir(d, parents_mode=0o700)
             self.kept_at = settings_files.keep(d, pki.key_to_pem(key), pki.cert_to_pem(cert))
         except OSError as exc:
             self.ui.say(
@@ -1971,7 +1971,7 @@ class TestConnection:
             at = at.parent
         self.marked = True  # (taken back where it cannot be written too: dirs made for it)
         try:
-            make_private_dir(d)
+            make_private_dir(d, parents_mode=0o700)
             settings_files.mark_pending(d, self.workstation, node)
         except OSError:
             pass
@@ -2220,7 +2220,7 @@ class TestConnection:
         before = settings_files.read_set(d) if client_pem is None else {}
         gone = client_pem is not None and settings_files.cert_gone(d)  # (s47rev3 M1)
         try:
-            make_private_dir(d)
+            make_private_dir(d, parents_mode=0o700)
             kept = settings_files.replace(
                 d, files, check, worth_keeping if client_pem is not None else None
             )
