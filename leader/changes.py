@@ -218,6 +218,18 @@ class StepContext:
         self.learnt.clear()
 
 
+def staged_other(node: str, sent: str, said: str) -> str:
+    """A stage's failure when the agent says it staged another certificate (``said``: its
+    ``StageResponse.fingerprint``, the peer's text) than the one the leader sent (``sent``):
+    the leader recorded the agent's word as what the node would serve (brief s67 budget 2).
+    Nothing is recorded as served; the node is not switched."""
+    return (
+        f"stage: the agent of {node} says it staged the certificate "
+        f"{peertext.clean(said, 80) or '(no fingerprint)'}, not {sent}, the one the leader "
+        "signed and sent; not switched (check that agent: tlsroll nodes --check)"
+    )
+
+
 def server_certificate(
     ctx: StepContext, csr: x509.CertificateSigningRequest, names: pki.Names
 ) -> x509.Certificate:
@@ -359,13 +371,14 @@ class ChangeSteps:
                 return await self.stage(ctx)
             return NodeEvent.STAGE_FAILED, str(exc)
         ctx.signed.pop(key, None)
+        sent = pki.fingerprint(cert)
+        if staged.fingerprint != sent:
+            return NodeEvent.STAGE_FAILED, staged_other(ctx.node, sent, staged.fingerprint)
         # The end of the certificate this leader signed and sent, not the agent's word for it
         # (``StageResponse.not_after``): one out of protobuf's range made the step crash at
         # every pass, the node held in staging for good; a far one was stored and shown
-        # (session 67, peers' times).
-        await ctx.detail(
-            cert_fingerprint=staged.fingerprint, cert_not_after=cert.not_valid_after_utc
-        )
+        # (session 67, peers' times). Its fingerprint too, which the agent's matched.
+        await ctx.detail(cert_fingerprint=sent, cert_not_after=cert.not_valid_after_utc)
         return NodeEvent.STAGE_DONE, None
 
     async def stage_own(self, ctx: StepContext, own_ca: bytes) -> Outcome:
@@ -383,7 +396,8 @@ class ChangeSteps:
             )
         try:
             chain = byo.chain_pem(item)
-            not_after = pki.load_cert_pem(chain).not_valid_after_utc  # (as ``stage``'s)
+            leaf = pki.load_cert_pem(chain)  # the node's own, first in the chain
+            not_after = leaf.not_valid_after_utc  # (as ``stage``'s)
             staged = await ctx.agent.stage(
                 agent_pb2.StageRequest(
                     command=ctx.command(),
@@ -401,7 +415,10 @@ class ChangeSteps:
             return NodeEvent.STAGE_FAILED, str(exc)
         assert ctx.vault is not None
         ctx.vault.drop(ctx.rollout.id, ctx.node)
-        await ctx.detail(cert_fingerprint=staged.fingerprint, cert_not_after=not_after)
+        sent = pki.fingerprint(leaf)
+        if staged.fingerprint != sent:
+            return NodeEvent.STAGE_FAILED, staged_other(ctx.node, sent, staged.fingerprint)
+        await ctx.detail(cert_fingerprint=sent, cert_not_after=not_after)
         return NodeEvent.STAGE_DONE, None
 
     def switch_to_come(self, ctx: StepContext) -> agent_pb2.SwitchToCome:

@@ -91,6 +91,7 @@ from leader.rollout_core import (
     RolloutEvent,
     RolloutState,
     Step,
+    completed_failed_note,
     drained_halt_note,
     finalized_note,
     halt_note,
@@ -235,12 +236,8 @@ def _log_state_changed(row: RolloutRow) -> None:
         return
     failed = [r for r in row.records if r.state in FAILED_NODE_STATES]
     if rollout.state is RolloutState.COMPLETED and failed:
-        said = "; ".join(f"{r.name} {r.state.value}: {r.reason}" for r in failed)
-        note = (
-            f"completed within its failure budget ({rollout.failure_budget}) without "
-            f"{', '.join(r.name for r in failed)}: {said}; fix what failed them, then a new "
-            "rollout start covers them (tlsroll plan shows it)"
-        )
+        outcomes = [(r.name, r.state.value, r.reason) for r in row.records]
+        note = completed_failed_note(rollout.change, rollout.failure_budget, outcomes)
         log.warning("rollout.state_changed", **fields, nodes_failed=len(failed), note=note)
         return
     log.info("rollout.state_changed", **fields)
@@ -513,6 +510,18 @@ class Engine:
                 reason = drained_halt_note(rollout, ended, cut_off, switched=switched)
                 any_failed = any(r.state in FAILED_NODE_STATES for r in ended)
                 way_back = halt_offers_way_back(rollout, any_failed, switched=switched)
+            elif (
+                rollout.state is RolloutState.COMPLETED
+                and row.rollout.state is not RolloutState.COMPLETED
+            ):
+                # Completed with nodes failed within its failure budget: its note says so, as
+                # `rollout status` (exit 7), `--json` and the viewer show it; before, every
+                # node failed and it read "completed", no word of it (brief s67 budget).
+                after = {r.name: r for r in row.records}
+                after.update((r.name, r) for r in moved)
+                outcomes = [(r.name, r.state.value, r.reason) for r in after.values()]
+                note = completed_failed_note(rollout.change, rollout.failure_budget, outcomes)
+                reason = note or None
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:

@@ -551,6 +551,33 @@ def halt_way_out(
     return "; ".join(parts) + "; then tlsroll rollout rollback again"
 
 
+def completed_failed_note(
+    change: Change, failure_budget: int, outcomes: Sequence[tuple[str, str, str]]
+) -> str:
+    """The note of a rollout that completed with nodes failed within its failure budget, ""
+    if none failed; ``outcomes``: each of its nodes' name, state (its value) and reason, in
+    the rollout's order. The leader writes it as the rollout's note (`rollout status`, `--json`,
+    the viewer) and logs it; `rollout status` says it (exit 7). Before, a rollout whose every
+    node failed within its budget ended "completed" with no word of it, exit 0 (brief s67
+    budget)."""
+    failed_states = {s.value for s in FAILED_NODE_STATES}
+    failed = [(n, s, why) for n, s, why in outcomes if s in failed_states]
+    if not failed:
+        return ""
+    done = sum(s in (_N.DONE.value, _N.DUAL.value) for _, s, _ in outcomes)
+    said = "; ".join(f"{n} {s}: {why}" if why else f"{n} {s}" for n, s, why in failed)
+    then = (
+        "tlsroll rollout rollback again"
+        if change is Change.DISABLE_TLS
+        else "a new rollout start covers them (tlsroll plan shows it)"
+    )
+    return (
+        f"completed: {done} of {len(outcomes)} node{'' if len(outcomes) == 1 else 's'} done, "
+        f"{len(failed)} failed (within its failure budget of {failure_budget}): {said}; "
+        f"fix what failed {'it' if len(failed) == 1 else 'them'}, then {then}"
+    )
+
+
 def halt_note(
     rollout: Rollout,
     failed: Sequence[NodeRecord],

@@ -562,6 +562,75 @@ async def test_a_stage_tells_the_agent_the_switch_to_come(
     await leader.stop()
 
 
+@pytest.mark.parametrize("cert_dir", [False, True], ids=["ca-signed", "cert-dir"])
+async def test_a_stage_whose_agent_names_another_certificate_fails_the_node(
+    world: World, monkeypatch: pytest.MonkeyPatch, cert_dir: bool
+) -> None:
+    """Brief s67 budget 2: the leader recorded the fingerprint the agent's StageResponse gave
+    as the certificate the node would serve, though it signed (or, ``--cert-dir``, holds) and
+    sent that certificate itself. An agent that names another one now fails the node's stage,
+    the reason naming both; nothing recorded as served, the node not switched; the others go
+    on (a failure budget of 1) and are recorded with the certificate they were sent."""
+    from leader import byo
+    from tests.byo_certs import key_pem, leaf, make_ca, pem
+
+    leader = world.boot()
+    leader.commands.vault = leader.engine.vault  # as the daemon wires them (--cert-dir)
+    own: byo.Material | None = None
+    if cert_dir:
+        practice = make_ca("Praxis CA", now=START)
+        files = {}
+        for agent in world.agents:
+            ips, dns = list(agent.names.ips), list(agent.names.dns)
+            cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
+            files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+        own = byo.Material(practice.pem, files)
+        check = world.agents.outside_check
+
+        async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
+            return await check(live, closed, world.ca.cert_pem, fingerprint)
+
+        monkeypatch.setattr(changes, "outside_check", outside)
+    other = "sha256:" + "ab" * 32
+    bravo = world.agents["bravo"]
+    sent: list[str] = []
+
+    async def staging(
+        request: agent_pb2.StageRequest,
+        real: Callable[[agent_pb2.StageRequest], Awaitable[agent_pb2.StageResponse]] = bravo.stage,
+    ) -> agent_pb2.StageResponse:
+        sent.append(pki.fingerprint(pki.load_cert_pem(request.certificate_pem)))
+        answer = await real(request)
+        return agent_pb2.StageResponse(fingerprint=other, not_after=answer.not_after)
+
+    monkeypatch.setattr(bravo, "stage", staging)
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        failure_budget=1,
+        auth_verifier_json=VERIFIER_1,
+        own_certs=own,
+    )
+    await leader.commands.start(request, ADMIN)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == {**ALL_DONE, "bravo": N.FAILED}
+    record, detail = row.node("bravo")
+    assert len(sent) == 1 and sent[0] != other
+    assert record.reason == (
+        f"stage: the agent of bravo says it staged the certificate {other}, not {sent[0]}, the"
+        " one the leader signed and sent; not switched (check that agent: tlsroll nodes"
+        " --check)"
+    ), record.reason
+    assert detail.cert_fingerprint == ""  # never recorded as served
+    assert world.agents.calls_to("bravo", "switch") == []
+    assert bravo.scheme == "http"
+    for name in ("charlie", "alpha"):
+        agent = world.agents[name]
+        assert row.node(name)[1].cert_fingerprint == agent.fingerprint != "", name
+    await leader.stop()
+
+
 async def test_a_node_left_dual_serves_its_certificate_to_the_expiry_watch_and_auto_rotate(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -604,6 +604,25 @@ def test_start_refused_with_an_offline_node_then_preflight_failures_change_nothi
         assert f"port 8443 (https) on {s['o2'].address} is taken by" in nodes["o2"]["reason"]
         assert [st["step"] for st in nodes["o1"]["steps"]] == ["preflight"]
         assert [st["step"] for st in nodes["o2"]["steps"]] == ["preflight"]
+        # Completed, but nothing switched: `rollout status` says so plainly and exits 7, not
+        # 0 with no word of it; its note (`--json`, the table, the viewer) says the same
+        # (brief s67 budget).
+        said = (
+            "completed: 0 of 2 nodes done, 2 failed (within its failure budget of 2): o1 failed: "
+            f"port 8443 (https) on {s['o1'].address} is taken by"
+        )
+        assert view["reason"].startswith(said), view["reason"]
+        assert f"; o2 failed: port 8443 (https) on {s['o2'].address} is taken by" in view["reason"]
+        assert view["reason"].endswith(
+            "; fix what failed them, then a new rollout start covers them (tlsroll plan shows it)"
+        ), view["reason"]
+        status = s.cli("rollout", "status", rid)
+        assert status.returncode == 7, (status.stdout, status.stderr)
+        assert status.stderr == f"tlsroll: rollout {rid} {view['reason']}\n", status.stderr
+        assert "completed: 0 of 2 nodes done, 2 failed" in " ".join(status.stdout.split())
+        as_json = s.cli("rollout", "status", rid, "--json")
+        assert as_json.returncode == 7, (as_json.stdout, as_json.stderr)
+        assert json.loads(as_json.stdout)["reason"] == view["reason"]
     for name, node in s.nodes.items():
         assert_untouched(node, was[name])
 
@@ -743,7 +762,11 @@ def test_a_failed_node_and_a_halt_are_warnings_naming_node_reason_and_next_step(
     pw = str(s.password_file)
     begin = ("rollout", "start", "--scope", "cluster", "--yes", "--wait")
     done = s.cli(*begin, "--password-file", pw, "--failure-budget", "1")
-    assert done.returncode == 0, (done.stdout, done.stderr)
+    # Completed without w1: said, exit 7 (brief s67 budget: it was 0, no word of it).
+    assert done.returncode == 7, (done.stdout, done.stderr)
+    assert "completed: 1 of 2 nodes done, 1 failed (within its failure budget of 1): w1" in (
+        done.stderr
+    ), done.stderr
     done = s.cli(*begin)  # w1 alone (w2 is done; w2's password): it fails again, and halts
     assert done.returncode == 3, (done.stdout, done.stderr)
     events = s.cluster.leader.log_events()
@@ -756,7 +779,9 @@ def test_a_failed_node_and_a_halt_are_warnings_naming_node_reason_and_next_step(
     changed = [e for e in loud if e["event"] == "rollout.state_changed"]
     completed = [e for e in changed if e["rollout_id"] == first]
     assert [e["state"] for e in completed] == ["completed"], changed
-    assert "without w1" in completed[0]["note"] and "verify" in completed[0]["note"], completed
+    note = completed[0]["note"]
+    assert "1 failed (within its failure budget of 1): w1 rolled_back: " in note, completed
+    assert "verify" in note, completed
     halted = [e for e in changed if e["rollout_id"] == second]
     assert halted and {e["state"] for e in halted} <= {"halting", "halted"}, changed
     assert all(f"tlsroll rollout retry {second}" in e["note"] for e in halted), halted

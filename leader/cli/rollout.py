@@ -55,6 +55,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
     blocked_too_old,
+    completed_failed_note,
     cut_off,
     left_as_is,
     left_out,
@@ -81,6 +82,7 @@ SKIPPED = NodeState.SKIPPED.value
 PENDING = NodeState.PENDING.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
+EXIT_COMPLETED_FAILED = 7  # rollout status: completed with nodes failed within its budget
 # A weak --password-file's way out (``obtain_password``): `rollout start` makes one itself.
 GENERATED_INSTEAD = (
     "or leave --password-file out on a terminal: a password is then generated and shown once"
@@ -938,7 +940,8 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
 
     Exit codes: 0 running, paused or completed; 3 halted or aborted (every node that did not
     finish is back where it was); 4 a node needs attention (neither switched nor back: see its
-    reason); 1 and 2 as for every command.
+    reason); 7 completed with nodes failed within its failure budget (back where they were:
+    see their reasons); 1 and 2 as for every command.
     """
     schema = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
     if not schema.rollouts:
@@ -1052,3 +1055,12 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             f"schema show; then: tlsroll rollout finalize {r.id}",
             err=True,
         )
+    if ROLLOUT_STATE.text(r.state) == RolloutState.COMPLETED.value:
+        # Completed, but with nodes failed within its failure budget (back where they were):
+        # said, exit 7; before, every node failed read "completed", exit 0 (brief s67 budget).
+        # From the nodes, not the note: a leader of an earlier release wrote none.
+        outcomes = [(n.name, NODE_STATE.text(n.state), n.reason) for n in r.nodes]
+        failed = completed_failed_note(Change(CHANGE.text(r.change)), r.failure_budget, outcomes)
+        if failed:
+            click.echo(f"tlsroll: rollout {r.id} {failed}", err=True)
+            click.get_current_context().exit(EXIT_COMPLETED_FAILED)
