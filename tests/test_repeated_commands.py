@@ -261,7 +261,8 @@ async def test_rollout_start_s_dry_run_beside_a_running_rollout_asks_no_agent(
 
     service = AdminService(
         LeaderState(store, world.ca, lambda: START, 1),
-        types.SimpleNamespace(plan=plan),  # type: ignore[arg-type]
+        # (blocked_at_once: asked by the plan since review s67 rev2 M3; none blocked here)
+        types.SimpleNamespace(plan=plan, blocked_at_once=lambda rollout, nodes: None),  # type: ignore[arg-type]
         types.SimpleNamespace(  # type: ignore[arg-type]
             active=current, clients_report=lambda names: ([], {})
         ),
