@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "c9c6272c0ed7"
+REVISION = "433b4335e4bd"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
