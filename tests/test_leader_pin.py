@@ -21,6 +21,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from nodeagent import leader_link, nodefiles
 from tests.cluster import Cluster, wait_until
 from tests.nodeside import Node, cluster_of
 from tests.test_own_revoked import agent_knows_revoked, serial_of
@@ -162,3 +163,37 @@ def test_a_revoked_leader_certificate_in_the_leaders_place_is_not_obeyed(
         finally:
             server.stop(None)
         assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        "[]",
+        '{"serial": 5, "announces": true}',
+        '{"serial": "0x1f", "announces": true}',
+        '{"serial": " 1f", "announces": true}',
+        '{"serial": "1f"}',
+        '{"serial": "1F", "announces": 1}',
+    ],
+)
+def test_a_damaged_serial_record_is_taken_as_no_serial_known_but_announced(
+    tmp_path: Path, text: str
+) -> None:
+    """A record the agent cannot read is refused by ``read_leader_pin`` (ValueError) and taken
+    by the link as a leader that announced serials, none known: a generic-name link is not
+    trusted until the leader names its serial again (never as an earlier leader's)."""
+    nodefiles.leader_pin_path(tmp_path).write_text(text)
+    with pytest.raises(ValueError):
+        nodefiles.read_leader_pin(tmp_path)
+    assert leader_link._read_pin(tmp_path) == (None, True)
+
+
+def test_the_serial_record_round_trips(tmp_path: Path) -> None:
+    assert nodefiles.read_leader_pin(tmp_path) == (None, False)
+    nodefiles.write_leader_pin(tmp_path, 0x1F00A, True)
+    path = nodefiles.leader_pin_path(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert nodefiles.read_leader_pin(tmp_path) == (0x1F00A, True)
+    nodefiles.write_leader_pin(tmp_path, None, True)
+    assert nodefiles.read_leader_pin(tmp_path) == (None, True)
