@@ -641,10 +641,16 @@ class LeaderLink:
         # the pin failed (the next beat dials the generic name once: ``_want``).
         self._dialed: int | None = None
         self._fallback = False
-        self._ignored_said = False  # ``leader.link_untrusted`` said for this channel
+        # What ``leader.link_untrusted`` said was ignored since the last trusted answer.
+        self._ignored_said: set[str] = set()
+        self._dialed_said: int | None = None  # the last serial ``leader.dialed`` said
+        self._keeping = asyncio.Lock()  # one write of DATA/leader.serial.json at a time
         self._revoked_said = 0  # the last announced serial said revoked
         self.identity = identity
         self.channel, self.stub = self._connect(identity, self._want())
+        if self._dialed is not None:
+            self._dialed_said = self._dialed
+            log.info("leader.dialed", leader=self.target, serial=f"{self._dialed:x}")
         self.healthy: bool | None = None
         # This agent's id on its streams (``HeartbeatRequest.agent_instance``), drawn as it
         # starts: the leader tells two agents with one identity apart by it (a cloned machine).
@@ -725,7 +731,7 @@ class LeaderLink:
             return not self.announces
         return dialed not in self.trust.revoked
 
-    def _learn(self, text: str) -> None:
+    async def _learn(self, text: str) -> None:
         """The serial the leader says it serves (``leader_serial``): kept and dialed from the
         next beat on, unless revoked."""
         if not text:
@@ -747,7 +753,7 @@ class LeaderLink:
         if serial != self.pin or not self.announces:
             previous = self.pin
             self.pin, self.announces = serial, True
-            self._keep_pin()
+            await self._keep_pin()
             log.info(
                 "leader.serial_learned",
                 serial=text,
@@ -756,20 +762,23 @@ class LeaderLink:
         if self._dialed != serial:
             self.beat_soon()  # the next beat dials it (``_redial``)
 
-    def _keep_pin(self) -> None:
+    async def _keep_pin(self) -> None:
         try:
-            nodefiles.write_leader_pin(self.cfg.data_dir, self.pin, self.announces)
+            async with self._keeping:  # (what is held as it is written: the last one wins)
+                await asyncio.to_thread(
+                    nodefiles.write_leader_pin, self.cfg.data_dir, self.pin, self.announces
+                )
         except OSError as exc:  # held all the same; the next start learns it again
             log.warning("leader.serial_not_kept", error=os_error_text(exc))
 
-    def _forget_revoked_pin(self) -> None:
+    async def _forget_revoked_pin(self) -> None:
         """A revocation list revokes the pinned serial: it is forgotten (the leader is issued
         a new certificate; its next answer names it), and the next beat dials again."""
         if self.pin is not None and self.pin in self.trust.revoked:
             log.warning("leader.serial_revoked", serial=f"{self.pin:x}", detail="dialed no more")
             self._revoked_said = self.pin
             self.pin = None
-            self._keep_pin()
+            await self._keep_pin()
             self.beat_soon()
 
     async def _redial(self) -> None:
@@ -781,14 +790,21 @@ class LeaderLink:
         old = self.channel
         await self._finish_stream()
         self.channel, self.stub = self._connect(self.identity, want)
-        log.info("leader.dialed", leader=self.target, serial="" if want is None else f"{want:x}")
+        # Said once per serial: a dial by the generic name after one by the pin failed (the
+        # leader away, or someone on its address) and back to the pin are not news.
+        said = want is not None and want != self._dialed_said
+        if said:
+            self._dialed_said = want
+        (log.info if said else log.debug)(
+            "leader.dialed", leader=self.target, serial="" if want is None else f"{want:x}"
+        )
         await old.close(None)
 
     def _ignored(self, what: str) -> None:
         """An answer on an untrusted channel (``_trusts``) said ``what``: not acted on, said
-        once per channel."""
-        if not self._ignored_said:
-            self._ignored_said = True
+        once until a trusted answer comes."""
+        if what not in self._ignored_said:
+            self._ignored_said.add(what)
             log.warning(
                 "leader.link_untrusted",
                 leader=self.target,
@@ -802,7 +818,7 @@ class LeaderLink:
         self, identity: Identity, serial: int | None = None
     ) -> tuple[grpc.aio.Channel, leader_pb2_grpc.LeaderAsyncStub]:
         td = self.trust.trust_domain
-        self._dialed, self._ignored_said = serial, False
+        self._dialed = serial
         name = spiffe.leader_host(td) if serial is None else spiffe.leader_serial_host(td, serial)
         creds = grpc.ssl_channel_credentials(
             root_certificates=identity.ca_pem,
@@ -876,8 +892,8 @@ class LeaderLink:
         reader does not wait for the agent's commands)."""
         if reply.crl_pem:
             await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
-            self._forget_revoked_pin()
-        self._learn(reply.leader_serial)
+            await self._forget_revoked_pin()
+        await self._learn(reply.leader_serial)
         if not self._trusts(dialed):
             said = [
                 what
@@ -891,6 +907,7 @@ class LeaderLink:
             if said:
                 self._ignored(",".join(said))
             return
+        self._ignored_said.clear()
         self.trust.announce(reply.epoch)
         if reply.ended_stages and self.stages_ended is not None:
             self._ended_stages.update(reply.ended_stages[:STAGES_REPORTED])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -22,8 +22,11 @@ import pytest
 from cryptography import x509
 
 from nodeagent import leader_link, nodefiles
+from nodeagent.trust import EpochNotAnnounced
 from tests.cluster import Cluster, wait_until
+from tests.leader_rig import leader_with_a_node
 from tests.nodeside import Node, cluster_of
+from tests.test_heartbeat_stream import agent_link
 from tests.test_own_revoked import agent_knows_revoked, serial_of
 from tlsroll import pki, rpc, spiffe
 from tlsroll.defaults import CONTROL_PORT
@@ -84,6 +87,15 @@ def test_the_agent_dials_the_leaders_serial_and_follows_a_new_certificate(
         agent_knows_revoked(node, cluster, first)
         agent_pins(node, second)
         cluster.wait_for_nodes_online(["node1"], timeout=30)
+
+        # A restarted agent dials the serial it kept at once, and is heard on that link.
+        before = len(node.agent.log_events())
+        node.agent.stop()
+        node.start_agent_heard()
+        later = node.agent.log_events()[before:]
+        dialed = [e["serial"] for e in later if e.get("event") == "leader.dialed"]
+        assert dialed == [second], later
+        assert "heartbeat.failed" not in [e.get("event") for e in later], later
         assert cluster.find_secrets(cluster.logs_text()) == []
 
 
@@ -197,3 +209,36 @@ def test_the_serial_record_round_trips(tmp_path: Path) -> None:
     assert nodefiles.read_leader_pin(tmp_path) == (0x1F00A, True)
     nodefiles.write_leader_pin(tmp_path, None, True)
     assert nodefiles.read_leader_pin(tmp_path) == (None, True)
+
+
+async def test_an_earlier_leader_is_obeyed_as_before_until_a_leader_named_its_serial(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A leader of an earlier release names no serial: an agent that never heard one takes its
+    epoch by the generic name, as before (the upgrade). An agent that did (``announces``, kept
+    in DATA/leader.serial.json) takes nothing but lists from a generic-name link: the epoch is
+    not announced, and a command of it is refused (no downgrade to an older leader)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.store.advance_epoch(7, now=rig.clock[0], actor="test")
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    (tmp_path / "again").mkdir()
+    link2, trust2, journal2 = agent_link(
+        tmp_path / "again", rig.node_files, leader_address, node_address
+    )
+    link2.announces = True  # as read from its record
+    try:
+        await link.beat()
+        assert trust.announced_epoch == 7
+        assert (link.pin, link.announces) == (None, False)
+        await link2.beat()  # answered: the leader is there
+        assert trust2.announced_epoch == 0
+        with pytest.raises(EpochNotAnnounced):
+            await trust2.admit_epoch(7)
+    finally:
+        await link.close()
+        await link2.close()
+        journal.close()
+        journal2.close()
+        await rig.close()
