@@ -644,6 +644,7 @@ class LeaderLink:
         # What ``leader.link_untrusted`` said was ignored since the last trusted answer.
         self._ignored_said: set[str] = set()
         self._dialed_said: int | None = None  # the last serial ``leader.dialed`` said
+        self._dial_failed_said: int | None = None  # ``leader.serial_dial_failed`` said of it
         self._keeping = asyncio.Lock()  # one write of DATA/leader.serial.json at a time
         self._revoked_said = 0  # the last announced serial said revoked
         self.identity = identity
@@ -1147,7 +1148,7 @@ class LeaderLink:
                 self._crl_wanted = False
             try:
                 # The epoch asked for now (not quiet), or failures the leader must have taken.
-                await self._exchange(request, answer=not quiet or bool(report) or bool(held))
+                await self._exchange_by_pin(request, answer=not quiet or bool(report) or bool(held))
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 if held:
                     self._crl_wanted = True  # the next message carries it
@@ -1179,10 +1180,38 @@ class LeaderLink:
                 self._report = None
             if self._removed and self._trusts(self._dialed):
                 self._said_removed(None)
+            if self._dialed is not None:
+                self._dial_failed_said = None
             if self.healthy is not True:
                 renew = self._stream.renew if self._stream is not None else 0
                 log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
             self.healthy = True
+
+    async def _exchange_by_pin(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
+        """(Under the lock.) ``_exchange``; one on a channel dialed by the pinned serial that
+        could not connect (UNAVAILABLE: the handshake failed, as with a certificate the leader
+        was issued again, after a restore or a revocation; or the leader is away) is made
+        again at once by the generic name, whose answer names the leader's serial now: the
+        next beat dials that (``_learn``, ``_redial``). Waiting for the next beat left the
+        leader without word from the node for an interval more (a restored leader relearns a
+        node's renewed certificate from its first heartbeat)."""
+        try:
+            await self._exchange(request, answer)
+        except grpc.aio.AioRpcError as exc:
+            if self._dialed is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            if self._dial_failed_said != self._dialed:  # once until a beat by it is answered
+                self._dial_failed_said = self._dialed
+                log.info(
+                    "leader.serial_dial_failed",
+                    leader=self.target,
+                    serial=f"{self._dialed:x}",
+                    detail=str(exc.details())[:200],
+                )
+            self._fallback = True
+            await self._redial()
+            request.sent_at.FromDatetime(self.clock())
+            await self._exchange(request, answer)
 
     def removed_at_start(self, why: str | None) -> None:
         """What an earlier run of the agent was last told (``BootstrapHost.removed``, from the
