@@ -119,18 +119,24 @@ def write_leader_cert(
     the leader by its internal name, and no workstation may take it as a server certificate
     for the leader's address, ``pki.NAMES_OID``), its cluster identity (``spiffe://…/leader``)
     and its internal name, serving and client use; recorded (``record``), then written as a
-    chain with the CA. Returns it."""
+    chain with the CA. Returns it. Its serial is drawn first: the certificate also carries
+    it as a name (``spiffe.leader_serial_host``), which agents that learned it dial.
+    """
+    from cryptography import x509  # noqa: PLC0415 - see the imports
+
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
 
     td = ca.trust_domain
+    serial = x509.random_serial_number()
     cert = ca.issue(
         key.public_key(),
         names,
         server=True,
         client=True,
         identity=spiffe.leader(td),
-        internal_dns=[spiffe.leader_host(td)],
+        internal_dns=[spiffe.leader_host(td), spiffe.leader_serial_host(td, serial)],
         names_apart=True,
+        serial=serial,
     )
     if record is not None:
         record(cert)
@@ -277,8 +283,9 @@ def ensure_leader_identity(
     restored from another backup than leader.key, or a leader.key replaced (or just written
     by ``write_leader_pair``), was a leader that could not start (session 52). And one with its
     names in the SAN (an earlier release's): a server certificate for the leader's address
-    that the workstations would accept (``pki.NAMES_OID``). Each is recorded with ``record``
-    before anything is written."""
+    that the workstations would accept (``pki.NAMES_OID``); and one without its serial's name
+    (``spiffe.leader_serial_host``: an earlier release's), which agents dial. Each is recorded
+    with ``record`` before anything is written."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
@@ -301,10 +308,12 @@ def ensure_leader_identity(
         dns = san.get_values_for_type(x509.DNSName)
     except x509.ExtensionNotFound:
         dns = []
-    # (One of an earlier release, its names in the SAN, is issued again with them apart.)
+    # (One of an earlier release, its names in the SAN, is issued again with them apart; one
+    # without its serial's name, ``spiffe.leader_serial_host``, is issued again with it.)
     current = (
         spiffe.of(cert) == spiffe.leader(td)
         and spiffe.leader_host(td) in dns
+        and spiffe.leader_serial_host(td, cert.serial_number) in dns
         and pki.names_apart(cert) is not None
     )
     if not pki.key_matches(cert, key):

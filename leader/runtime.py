@@ -872,6 +872,12 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         revoked=state.store.is_revoked,
         record=state.store.record_leader_certificate,
     )
+
+    def served(chain: bytes) -> None:
+        state.leader_serial = f"{pki.load_certs_pem(chain)[0].serial_number:x}"
+
+    served(own.chain_pem)
+    own.on_renewed.append(served)
     join_creds = own.join_credentials()
     control_creds = own.control_credentials()
 

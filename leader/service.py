@@ -309,6 +309,10 @@ class LeaderState:
     # The clock no step moves, that counts a suspend: how long ago a node was heard
     # (``Store.monotonic``, ``leader.store.elapsed``).
     monotonic: Callable[[], float] = elapsed
+    # The serial (hex) of the certificate the leader serves now (``OwnTls``, set by the
+    # runtime and at each renewal): every heartbeat answer carries it
+    # (``HeartbeatResponse.leader_serial``), and agents dial the name that carries it.
+    leader_serial: str = ""
     _crl: tuple[int, bytes] = (-1, b"")
 
     def __post_init__(self) -> None:
@@ -2156,6 +2160,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             crl_pem=snap.crl_pem if crl_number != snap.crl_number and not ask else b"",
             renew_seconds=renew_seconds(self.state.heartbeat_interval) if renews else 0,
             wants_crl=ask,
+            leader_serial=self.state.leader_serial,
         )
 
     def _bootstrap_problem(

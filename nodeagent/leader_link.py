@@ -58,18 +58,20 @@ import hashlib
 import random
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from nodeagent import nodefiles
 from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureCount, FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, features, logs, rpc, spiffe, wire
-from tlsroll.errors import TerminalError, TransientError
+from tlsroll.errors import NotRegularFile, TerminalError, TransientError, os_error_text
 from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
@@ -206,6 +208,18 @@ def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailu
             )
         )
     return messages
+
+
+def _read_pin(data_dir: Path) -> tuple[int | None, bool]:
+    """``nodefiles.read_leader_pin``; one that cannot be read is taken as a leader that
+    announced serials, none known (said): a generic-name link is then not trusted until the
+    leader names its serial again."""
+    try:
+        return nodefiles.read_leader_pin(data_dir)
+    except (OSError, NotRegularFile, ValueError) as exc:
+        error = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+        log.warning("leader.serial_unreadable", error=error[:200])
+        return None, True
 
 
 class RenewalState(Protocol):
@@ -619,7 +633,25 @@ class LeaderLink:
         self.journal = journal
         self.failures = failures
         self.target = hostport(cfg.leader_address, cfg.control_port)
-        self.channel, self.stub = self._connect(identity)
+        # The serial of the leader's certificate the agent dials by its name, and whether a
+        # leader ever announced one (``HeartbeatResponse.leader_serial``; kept in
+        # ``DATA/leader.serial.json``): see ``_trusts``.
+        self.pin, self.announces = _read_pin(cfg.data_dir)
+        # The serial the channel was dialed by (None: the generic name), and that a dial by
+        # the pin failed (the next beat dials the generic name once: ``_want``).
+        self._dialed: int | None = None
+        self._fallback = False
+        # What ``leader.link_untrusted`` said was ignored since the last trusted answer.
+        self._ignored_said: set[str] = set()
+        self._dialed_said: int | None = None  # the last serial ``leader.dialed`` said
+        self._dial_failed_said: int | None = None  # ``leader.serial_dial_failed`` said of it
+        self._keeping = asyncio.Lock()  # one write of DATA/leader.serial.json at a time
+        self._revoked_said = 0  # the last announced serial said revoked
+        self.identity = identity
+        self.channel, self.stub = self._connect(identity, self._want())
+        if self._dialed is not None:
+            self._dialed_said = self._dialed
+            log.info("leader.dialed", leader=self.target, serial=f"{self._dialed:x}")
         self.healthy: bool | None = None
         # This agent's id on its streams (``HeartbeatRequest.agent_instance``), drawn as it
         # starts: the leader tells two agents with one identity apart by it (a cloned machine).
@@ -680,9 +712,115 @@ class LeaderLink:
         self._crl_too_large = 0
         self._forgetting: asyncio.Future[None] | None = None
 
+    def _want(self) -> int | None:
+        """The serial to dial the leader by: the pin, unless revoked, or a dial by it failed
+        at the last beat (``_fallback``); None: the generic name."""
+        pin = self.pin
+        if pin is None or self._fallback or pin in self.trust.revoked:
+            return None
+        return pin
+
+    def _trusts(self, dialed: int | None) -> bool:
+        """Whether the leader's answers on a channel dialed by ``dialed`` are acted on (an epoch,
+        ended stages, a refusal of the node, a request for the agent's list): dialed by a
+        serial not revoked (only the certificate of that serial passed the handshake), or by
+        the generic name to a leader that never announced a serial (an older one: as
+        before). Else only the revocation lists and the serial are taken (the CA signed the
+        lists; the serial only says which name to dial): a revoked leader certificate, or one
+        of an older leader, answering in the leader's place is not obeyed (review s67 M2)."""
+        if dialed is None:
+            return not self.announces
+        return dialed not in self.trust.revoked
+
+    async def _learn(self, text: str) -> None:
+        """The serial the leader says it serves (``leader_serial``): kept and dialed from the
+        next beat on, unless revoked."""
+        if not text:
+            return
+        try:
+            serial = nodefiles.parse_serial(text)
+        except ValueError as exc:
+            log.warning("leader.serial_refused", error=str(exc))
+            return
+        if serial in self.trust.revoked:
+            if serial != self._revoked_said:
+                self._revoked_said = serial
+                log.warning(
+                    "leader.serial_revoked",
+                    serial=text,
+                    detail="the leader's answer names a revoked certificate: not dialed",
+                )
+            return
+        if serial != self.pin or not self.announces:
+            previous = self.pin
+            self.pin, self.announces = serial, True
+            await self._keep_pin()
+            log.info(
+                "leader.serial_learned",
+                serial=text,
+                previous="" if previous is None else f"{previous:x}",
+            )
+        if self._dialed != serial:
+            self.beat_soon()  # the next beat dials it (``_redial``)
+
+    async def _keep_pin(self) -> None:
+        try:
+            async with self._keeping:  # (what is held as it is written: the last one wins)
+                await asyncio.to_thread(
+                    nodefiles.write_leader_pin, self.cfg.data_dir, self.pin, self.announces
+                )
+        except OSError as exc:  # held all the same; the next start learns it again
+            log.warning("leader.serial_not_kept", error=os_error_text(exc))
+
+    async def _forget_revoked_pin(self) -> None:
+        """A revocation list revokes the pinned serial: it is forgotten (the leader is issued
+        a new certificate; its next answer names it), and the next beat dials again."""
+        if self.pin is not None and self.pin in self.trust.revoked:
+            log.warning("leader.serial_revoked", serial=f"{self.pin:x}", detail="dialed no more")
+            self._revoked_said = self.pin
+            self.pin = None
+            await self._keep_pin()
+            self.beat_soon()
+
+    async def _redial(self) -> None:
+        """(Under the lock.) Dial the leader again when the name to dial changed (``_want``)."""
+        want = self._want()
+        self._fallback = False  # one beat by the generic name, then the pin again
+        if want == self._dialed:
+            return
+        old = self.channel
+        await self._finish_stream()
+        self.channel, self.stub = self._connect(self.identity, want)
+        # Said once per serial: a dial by the generic name after one by the pin failed (the
+        # leader away, or someone on its address) and back to the pin are not news.
+        said = want is not None and want != self._dialed_said
+        if said:
+            self._dialed_said = want
+        (log.info if said else log.debug)(
+            "leader.dialed", leader=self.target, serial="" if want is None else f"{want:x}"
+        )
+        await old.close(None)
+
+    def _ignored(self, what: str) -> None:
+        """An answer on an untrusted channel (``_trusts``) said ``what``: not acted on, said
+        once until a trusted answer comes."""
+        if what not in self._ignored_said:
+            self._ignored_said.add(what)
+            log.warning(
+                "leader.link_untrusted",
+                leader=self.target,
+                ignored=what,
+                detail="the leader was dialed by its generic name and it announced serials "
+                "before: only its revocation lists and serial are taken (a revoked leader "
+                "certificate may be answering); the agent dials the serial again",
+            )
+
     def _connect(
-        self, identity: Identity
+        self, identity: Identity, serial: int | None = None
     ) -> tuple[grpc.aio.Channel, leader_pb2_grpc.LeaderAsyncStub]:
+        td = self.trust.trust_domain
+        self._dialed = serial
+        name = spiffe.leader_host(td) if serial is None else spiffe.leader_serial_host(td, serial)
         creds = grpc.ssl_channel_credentials(
             root_certificates=identity.ca_pem,
             private_key=identity.key_pem,
@@ -692,7 +830,7 @@ class LeaderLink:
             self.target,
             creds,
             options=[
-                ("grpc.ssl_target_name_override", spiffe.leader_host(self.trust.trust_domain)),
+                ("grpc.ssl_target_name_override", name),
                 *leader_channel_options(self.cfg.heartbeat_interval),
                 # A restarted leader hears from this agent within a heartbeat interval.
                 *reconnect_options(self.cfg.heartbeat_interval),
@@ -705,7 +843,8 @@ class LeaderLink:
         async with self._lock:
             old = self.channel
             await self._finish_stream()  # the next heartbeat opens one with the new certificate
-            self.channel, self.stub = self._connect(identity)
+            self.identity = identity
+            self.channel, self.stub = self._connect(identity, self._dialed)
         await old.close(None)
 
     def _drop_stream(self) -> None:
@@ -747,17 +886,34 @@ class LeaderLink:
         )
         log.info("heartbeat.stream_ended", leader=self.target, code=code, again_in=round(pause, 3))
 
-    async def _take(self, reply: leader_pb2.HeartbeatResponse) -> None:
-        """A response from the leader, an answer or news: its epoch and revocation list, and
-        the rollouts it says have ended of the stages the agent holds (forgotten in a task of
-        their own: the reader does not wait for the agent's commands)."""
+    async def _take(self, reply: leader_pb2.HeartbeatResponse, dialed: int | None = None) -> None:
+        """A response from the leader, an answer or news on a channel dialed by ``dialed``
+        (``_trusts``): its revocation list and serial, then its epoch and the rollouts it says
+        have ended of the stages the agent holds (forgotten in a task of their own: the
+        reader does not wait for the agent's commands)."""
+        if reply.crl_pem:
+            await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
+            await self._forget_revoked_pin()
+        await self._learn(reply.leader_serial)
+        if not self._trusts(dialed):
+            said = [
+                what
+                for what, there in (
+                    ("epoch", reply.epoch > self.trust.announced_epoch),
+                    ("ended_stages", bool(reply.ended_stages)),
+                    ("wants_crl", reply.wants_crl),
+                )
+                if there
+            ]
+            if said:
+                self._ignored(",".join(said))
+            return
+        self._ignored_said.clear()
         self.trust.announce(reply.epoch)
         if reply.ended_stages and self.stages_ended is not None:
             self._ended_stages.update(reply.ended_stages[:STAGES_REPORTED])
             if self._forgetting is None or self._forgetting.done():
                 self._forgetting = asyncio.ensure_future(self._forget(self.stages_ended))
-        if reply.crl_pem:
-            await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
         if reply.wants_crl and not self._crl_wanted:
             self._crl_wanted = True
             self.beat_soon()
@@ -808,9 +964,8 @@ class LeaderLink:
                 self._drop_stream()  # it ended since the last message: a new one now
             if self._stream is None:
                 call = self.stub.Heartbeats()  # type: ignore[call-arg]
-                self._stream = _Stream(
-                    call, self._take, self._stream_ended, self.answer_check, self._now
-                )
+                take = functools.partial(self._take, dialed=self._dialed)
+                self._stream = _Stream(call, take, self._stream_ended, self.answer_check, self._now)
                 self._ended.clear()  # an earlier stream's end: this beat is the new one
             stream = self._stream
             request.renews = True
@@ -867,7 +1022,7 @@ class LeaderLink:
                 if status == grpc.StatusCode.UNAUTHENTICATED and stream.call.done():
                     details = await stream.call.details()
                     if rpc.node_removed(status, details):  # (the send saw the end first)
-                        self._said_removed(details)
+                        self._removed_said(details)
                 why = f"ended: {status.name}" if status is not None else "no reply in time"
                 if stream.lost or (
                     status == grpc.StatusCode.INTERNAL
@@ -882,7 +1037,8 @@ class LeaderLink:
         self._unary_beats += 1
         if self._unary_beats >= STREAM_RETRY_BEATS:  # the leader may have been upgraded
             self.streaming = True
-        await self._take(await self.stub.Heartbeat(request, timeout=timeout))
+        dialed = self._dialed
+        await self._take(await self.stub.Heartbeat(request, timeout=timeout), dialed)
 
     async def renew(self, csr_pem: bytes) -> tuple[bytes, bytes]:
         """Ask the leader to renew this agent's certificate; the new certificate and the CA
@@ -928,6 +1084,7 @@ class LeaderLink:
         """One heartbeat; TransientError if the leader did not answer. ``quiet``: not sent
         if the leader need not hear it (``_quiet``: the run loop's beats)."""
         async with self._lock:
+            await self._redial()
             report_id, report = self._failure_report()
             highest, unswitched = await asyncio.to_thread(
                 self.journal.heartbeat_facts, STAGES_REPORTED
@@ -991,7 +1148,7 @@ class LeaderLink:
                 self._crl_wanted = False
             try:
                 # The epoch asked for now (not quiet), or failures the leader must have taken.
-                await self._exchange(request, answer=not quiet or bool(report) or bool(held))
+                await self._exchange_by_pin(request, answer=not quiet or bool(report) or bool(held))
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 if held:
                     self._crl_wanted = True  # the next message carries it
@@ -1009,7 +1166,11 @@ class LeaderLink:
                 if isinstance(exc, grpc.aio.AioRpcError) and rpc.node_removed(
                     exc.code(), exc.details()
                 ):
-                    self._said_removed(detail)
+                    self._removed_said(detail)
+                if self._dialed is not None:
+                    # Maybe the leader's certificate was issued again (another serial): the
+                    # next beat dials the generic name and learns it (``_want``).
+                    self._fallback = True
                 if self.healthy is not False:
                     log.warning("heartbeat.failed", leader=self.target, code=code, detail=detail)
                 self.healthy = False
@@ -1017,17 +1178,53 @@ class LeaderLink:
             if self.failures is not None:
                 self.failures.reported(report)
                 self._report = None
-            if self._removed:
+            if self._removed and self._trusts(self._dialed):
                 self._said_removed(None)
+            if self._dialed is not None:
+                self._dial_failed_said = None
             if self.healthy is not True:
                 renew = self._stream.renew if self._stream is not None else 0
                 log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
             self.healthy = True
 
+    async def _exchange_by_pin(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
+        """(Under the lock.) ``_exchange``; one on a channel dialed by the pinned serial that
+        could not connect (UNAVAILABLE: the handshake failed, as with a certificate the leader
+        was issued again, after a restore or a revocation; or the leader is away) is made
+        again at once by the generic name, whose answer names the leader's serial now: the
+        next beat dials that (``_learn``, ``_redial``). Waiting for the next beat left the
+        leader without word from the node for an interval more (a restored leader relearns a
+        node's renewed certificate from its first heartbeat)."""
+        try:
+            await self._exchange(request, answer)
+        except grpc.aio.AioRpcError as exc:
+            if self._dialed is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            if self._dial_failed_said != self._dialed:  # once until a beat by it is answered
+                self._dial_failed_said = self._dialed
+                log.info(
+                    "leader.serial_dial_failed",
+                    leader=self.target,
+                    serial=f"{self._dialed:x}",
+                    detail=str(exc.details())[:200],
+                )
+            self._fallback = True
+            await self._redial()
+            request.sent_at.FromDatetime(self.clock())
+            await self._exchange(request, answer)
+
     def removed_at_start(self, why: str | None) -> None:
         """What an earlier run of the agent was last told (``BootstrapHost.removed``, from the
         journal): the first heartbeat the leader answers says "accepted again", and clears it."""
         self._removed = why is not None
+
+    def _removed_said(self, why: str) -> None:
+        """The leader refused this node as no longer in the cluster: taken only on a trusted
+        channel (``_trusts``)."""
+        if self._trusts(self._dialed):
+            self._said_removed(why)
+        else:
+            self._ignored("removed")
 
     def _said_removed(self, why: str | None) -> None:
         # Logged once per refusal in this process, also when the refusal came from an earlier

@@ -16,6 +16,9 @@ does that work: ``identity.Identity``).
                       and of which pin and join port (``read_pin_unseen``), until a join port
                       shows it (``forget_pin_unseen``): the patience used, kept across the
                       agent's restarts (``nodeagent.runtime.PinUnseen``)
+    DATA/leader.serial.json   0600  the serial of the leader's certificate the agent dials by
+                      name, and that the leader announces serials (``read_leader_pin``;
+                      ``nodeagent.leader_link``)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +42,7 @@ from tlsroll.errors import (
     TerminalError,
     TransientError,
 )
-from tlsroll.fsutil import file_kind, fsync_dir, read_regular, write_atomic
+from tlsroll.fsutil import PRIVATE, file_kind, fsync_dir, read_regular, write_atomic
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -159,6 +163,42 @@ def forget_pin_unseen(data_dir: Path) -> None:
     One that cannot go (a directory there) is passed over: it cannot be read either."""
     with contextlib.suppress(OSError):
         pin_unseen_path(data_dir).unlink()
+
+
+def leader_pin_path(data_dir: Path) -> Path:
+    return data_dir / "leader.serial.json"
+
+
+def read_leader_pin(data_dir: Path) -> tuple[int | None, bool]:
+    """``DATA/leader.serial.json``: the serial of the leader's certificate the agent dials by
+    its name (``spiffe.leader_serial_host``; None: none known now) and whether a leader ever
+    announced its serial (sticky: from then on a link dialed by the generic name is never
+    trusted, ``nodeagent.leader_link``). (None, False) if there is none. A record that cannot
+    be read or is damaged raises (``OSError``, ``NotRegularFile``, ``ValueError``)."""
+    try:
+        record = json.loads(read_regular(leader_pin_path(data_dir)))
+        serial, announces = record["serial"], record["announces"]
+    except FileNotFoundError:
+        return None, False
+    except (KeyError, TypeError, IndexError, RecursionError) as exc:
+        raise ValueError(f"not such a record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(announces, bool) or not isinstance(serial, str):
+        raise ValueError("serial or announces of the wrong kind")
+    return (parse_serial(serial) if serial else None), announces
+
+
+def parse_serial(text: str) -> int:
+    """A certificate serial as lowercase hex (as ``f"{serial:x}"`` writes it), at most 20 bytes
+    and positive (RFC 5280); ValueError otherwise."""
+    if re.fullmatch(r"[1-9a-f][0-9a-f]{0,39}", text) is None:
+        raise ValueError(f"{text[:48]!r} is no serial in hex")
+    return int(text, 16)
+
+
+def write_leader_pin(data_dir: Path, serial: int | None, announces: bool) -> None:
+    """Record (one rename, 0600) what ``read_leader_pin`` reads."""
+    record = {"serial": "" if serial is None else f"{serial:x}", "announces": announces}
+    write_atomic(leader_pin_path(data_dir), json.dumps(record).encode() + b"\n", PRIVATE)
 
 
 def crl_path(data_dir: Path) -> Path:

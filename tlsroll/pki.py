@@ -727,6 +727,7 @@ class CertificateAuthority:
         internal_dns: Sequence[str] = (),
         lifetime: dt.timedelta | None = None,
         names_apart: bool = False,
+        serial: int | None = None,
     ) -> x509.Certificate:
         """Issue a leaf certificate for ``public_key`` carrying exactly ``names``, and with
         ``identity`` its cluster identity (URI SAN) and ``internal_dns`` its names under
@@ -738,7 +739,9 @@ class CertificateAuthority:
 
         No leaf outlives the CA: one that would is cut to end with it, and a warning is logged
         (``certificate.cut_to_ca_end``); once the CA has ended, nothing is issued (PKIError).
-        ``ends_with_ca`` tells a renewal check that a new certificate would end no later."""
+        ``ends_with_ca`` tells a renewal check that a new certificate would end no later.
+        ``serial``: the serial to give it (one drawn by ``x509.random_serial_number`` that a
+        name in ``internal_dns`` carries: the leader's); a new random one if None."""
         if lifetime is None:
             if not 1 <= validity_days <= LEAF_VALIDITY_DAYS:
                 raise ValueError(f"validity must be 1..{LEAF_VALIDITY_DAYS} days")
@@ -766,7 +769,7 @@ class CertificateAuthority:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.common_name)]))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
-            .serial_number(x509.random_serial_number())  # 159 random bits
+            .serial_number(serial or x509.random_serial_number())  # 159 random bits
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -24,7 +24,10 @@ node's key (``key_host``: ``k<32 hex>.node.<trust domain>.invalid``). The leader
 agent with that name as the TLS target name (gRPC cannot run a check of its own on the
 server's certificate), so the TLS handshake itself proves that the server holds the key the
 leader enrolled, not merely a certificate of the cluster for that IP address. The leader's
-certificate carries ``leader.<trust domain>.invalid`` the same way. The CA never signs a
+certificate carries ``leader.<trust domain>.invalid`` the same way, and beside it
+``s<its serial, hex>.leader.<trust domain>.invalid`` (``leader_serial_host``): an agent that
+knows the serial dials that name, so a revoked leader certificate fails the handshake. The
+CA never signs a
 ``.invalid`` name that a node asks for.
 """
 
@@ -144,3 +147,11 @@ def key_host(td: str, key_pin: str) -> str:
 
 def leader_host(td: str) -> str:
     return f"leader.{td}.{INTERNAL_TLD}"
+
+
+def leader_serial_host(td: str, serial: int) -> str:
+    """The unresolvable DNS name that names one leader certificate by its serial (hex), beside
+    ``leader_host`` in it: an agent that learned the serial of the certificate the leader serves
+    (``HeartbeatResponse.leader_serial``) dials it by this name, and a revoked leader
+    certificate (another serial) fails the handshake (review s67 M2)."""
+    return f"s{serial:x}.{leader_host(td)}"

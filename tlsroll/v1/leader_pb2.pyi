@@ -548,6 +548,7 @@ class HeartbeatResponse(_message.Message):
     CHECK_FIELD_NUMBER: _builtins.int
     ENDED_STAGES_FIELD_NUMBER: _builtins.int
     WANTS_CRL_FIELD_NUMBER: _builtins.int
+    LEADER_SERIAL_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
     """How often the leader expects a heartbeat; a node silent for three intervals is offline."""
     epoch: _builtins.int
@@ -573,6 +574,13 @@ class HeartbeatResponse(_message.Message):
     recorded what that one revokes, or its patience ran out (at least 60 s: the agent's list
     is then replaced, the leader logs it). Sent only to an agent that names the feature
     `heartbeat.wants_crl`; an older agent's list is replaced as before (the leader logs it).
+    """
+    leader_serial: _builtins.str
+    """The serial (lowercase hex) of the certificate the leader serves now. The certificate also
+    carries it as the name `s<serial>.leader.<trust domain>.invalid`: an agent that learned it
+    dials that name, so a revoked leader certificate (another serial) fails the handshake; on a
+    link dialed by the generic name it takes only this and revocation lists (review s67 M2).
+    Empty from an older leader.
     """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -606,10 +614,11 @@ class HeartbeatResponse(_message.Message):
         check: Global___CheckQuestion | None = ...,
         ended_stages: _abc.Iterable[_builtins.str] | None = ...,
         wants_crl: _builtins.bool = ...,
+        leader_serial: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "check", b"check", "crl_pem", b"crl_pem", "ended_stages", b"ended_stages", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds", "wants_crl", b"wants_crl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "check", b"check", "crl_pem", b"crl_pem", "ended_stages", b"ended_stages", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_serial", b"leader_serial", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds", "wants_crl", b"wants_crl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

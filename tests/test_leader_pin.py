@@ -1,0 +1,244 @@
+"""The agent dials the leader by the serial of the certificate it serves (review s67 M2), end
+to end: a real leader, agent and reference server as processes, real mutual TLS.
+
+The agent's outgoing link checked only the CA and the name ``leader.<td>.invalid``: someone
+with a copy of a leader key whose certificate was revoked, and a place on the path, answered
+the agent's heartbeats (epochs, ended stages, the refusal of a removed node). The leader's
+certificate now also carries ``s<serial>.leader.<td>.invalid`` and its heartbeat answers name
+the serial (``leader_serial``); the agent dials that name, and on a link dialed by the generic
+name (a revoked leader certificate passes that handshake) takes only lists and the serial.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from nodeagent import leader_link, nodefiles
+from nodeagent.trust import EpochNotAnnounced
+from tests.cluster import Cluster, wait_until
+from tests.leader_rig import leader_with_a_node
+from tests.nodeside import Node, cluster_of
+from tests.test_heartbeat_stream import agent_link
+from tests.test_own_revoked import agent_knows_revoked, serial_of
+from tlsroll import pki, rpc, spiffe
+from tlsroll.defaults import CONTROL_PORT
+from tlsroll.rpc import hostport
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+
+
+def pinned(node: Node) -> tuple[str, bool] | None:
+    """The agent's DATA/leader.serial.json: the serial it dials and whether it is sticky."""
+    assert node.agent is not None
+    path = node.agent.data_dir / "leader.serial.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record["serial"], record["announces"]
+
+
+def agent_pins(node: Node, serial: str) -> None:
+    """Wait until ``node``'s agent keeps ``serial`` and dials the leader by it."""
+    assert node.agent is not None
+    agent = node.agent
+
+    def dials() -> bool:
+        return pinned(node) == (serial, True) and any(
+            e.get("event") == "leader.dialed" and e.get("serial") == serial
+            for e in agent.log_events()
+        )
+
+    wait_until(dials, 30, f"{node.name}'s agent dials the leader by {serial}")
+
+
+def test_the_agent_dials_the_leaders_serial_and_follows_a_new_certificate(
+    tmp_path: Path,
+) -> None:
+    """The leader's certificate carries its serial's name; the agent learns the serial from a
+    heartbeat answer, keeps it (0600) and dials it. The leader's certificate revoked and
+    issued again: the agent drops the old serial, learns the new one and dials it, and the
+    node stays online."""
+    with cluster_of(tmp_path, 1) as (cluster, nodes):
+        (node,) = nodes
+        assert node.agent is not None
+        first = serial_of(cluster.tls_cert_path)
+        td = spiffe.trust_domain(pki.load_cert_pem(cluster.ca_pem))
+        leaf = pki.load_certs_pem(cluster.tls_cert_path.read_bytes())[0]
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert set(names.get_values_for_type(x509.DNSName)) == {
+            spiffe.leader_host(td),
+            spiffe.leader_serial_host(td, int(first, 16)),
+        }
+        agent_pins(node, first)
+        mode = (node.agent.data_dir / "leader.serial.json").stat().st_mode & 0o777
+        assert mode == 0o600
+
+        revoked = cluster.cli("ca", "revoke", first, "--reason", "leader key copied")
+        assert revoked.returncode == 0, revoked
+        second = serial_of(cluster.tls_cert_path)
+        assert second != first
+        agent_knows_revoked(node, cluster, first)
+        agent_pins(node, second)
+        cluster.wait_for_nodes_online(["node1"], timeout=30)
+
+        # A restarted agent dials the serial it kept at once, and is heard on that link.
+        before = len(node.agent.log_events())
+        node.agent.stop()
+        node.start_agent_heard()
+        later = node.agent.log_events()[before:]
+        dialed = [e["serial"] for e in later if e.get("event") == "leader.dialed"]
+        assert dialed == [second], later
+        assert "heartbeat.failed" not in [e.get("event") for e in later], later
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+class RevokedLeader(leader_pb2_grpc.LeaderServicer):
+    """A leader in the leader's place with a revoked leader certificate: it refuses the node
+    as removed (what an agent obeys by closing its bootstrap service, and says)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def _refuse(self, context: grpc.ServicerContext) -> None:
+        with self.lock:
+            self.calls += 1
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, f"node1 {rpc.NOT_ENROLLED}")
+
+    def Heartbeat(
+        self, request: leader_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> leader_pb2.HeartbeatResponse:
+        self._refuse(context)
+        return leader_pb2.HeartbeatResponse()
+
+    def Heartbeats(
+        self, request_iterator: Iterator[leader_pb2.HeartbeatRequest], context: grpc.ServicerContext
+    ) -> Iterator[leader_pb2.HeartbeatResponse]:
+        next(request_iterator, None)
+        self._refuse(context)
+        yield leader_pb2.HeartbeatResponse()
+
+
+def serve_revoked(cluster: Cluster, chain: bytes, key: bytes) -> tuple[grpc.Server, RevokedLeader]:
+    servicer = RevokedLeader()  # type: ignore[abstract]  # only the heartbeats
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    leader_pb2_grpc.add_LeaderServicer_to_server(servicer, server)
+    creds = grpc.ssl_server_credentials([(key, chain)])
+    server.add_secure_port(hostport(cluster.address, CONTROL_PORT), creds)
+    server.start()
+    return server, servicer
+
+
+@pytest.mark.timeout(300)
+def test_a_revoked_leader_certificate_in_the_leaders_place_is_not_obeyed(
+    tmp_path: Path,
+) -> None:
+    """A copy of the leader's key and certificate, then revoked (the leader issues another):
+    with the leader stopped, a server on its address with the revoked pair refuses the node
+    as removed. The agent's dial by the new serial fails the handshake; by the generic name
+    it passes, and the refusal is not obeyed (no ``agent.removed_from_cluster``): the agent
+    says why (``leader.link_untrusted``). Before, it took the refusal."""
+    with cluster_of(tmp_path, 1) as (cluster, nodes):
+        (node,) = nodes
+        assert node.agent is not None
+        agent = node.agent
+        first = serial_of(cluster.tls_cert_path)
+        chain, key = cluster.leader_credentials()  # the copy
+        agent_pins(node, first)
+        revoked = cluster.cli("ca", "revoke", first, "--reason", "leader key copied")
+        assert revoked.returncode == 0, revoked
+        second = serial_of(cluster.tls_cert_path)
+        agent_knows_revoked(node, cluster, first)
+        agent_pins(node, second)
+
+        cluster.stop_leader()
+        server, servicer = serve_revoked(cluster, chain, key)
+        try:
+
+            def ignored() -> bool:
+                return any(
+                    e.get("event") == "leader.link_untrusted" and e.get("ignored") == "removed"
+                    for e in agent.log_events()
+                )
+
+            wait_until(ignored, 60, "the agent ignores the revoked certificate's refusal")
+            assert servicer.calls >= 1
+            events = agent.event_names()
+            assert "agent.removed_from_cluster" not in events, events
+        finally:
+            server.stop(None)
+        assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        "[]",
+        '{"serial": 5, "announces": true}',
+        '{"serial": "0x1f", "announces": true}',
+        '{"serial": " 1f", "announces": true}',
+        '{"serial": "1f"}',
+        '{"serial": "1F", "announces": 1}',
+    ],
+)
+def test_a_damaged_serial_record_is_taken_as_no_serial_known_but_announced(
+    tmp_path: Path, text: str
+) -> None:
+    """A record the agent cannot read is refused by ``read_leader_pin`` (ValueError) and taken
+    by the link as a leader that announced serials, none known: a generic-name link is not
+    trusted until the leader names its serial again (never as an earlier leader's)."""
+    nodefiles.leader_pin_path(tmp_path).write_text(text)
+    with pytest.raises(ValueError):
+        nodefiles.read_leader_pin(tmp_path)
+    assert leader_link._read_pin(tmp_path) == (None, True)
+
+
+def test_the_serial_record_round_trips(tmp_path: Path) -> None:
+    assert nodefiles.read_leader_pin(tmp_path) == (None, False)
+    nodefiles.write_leader_pin(tmp_path, 0x1F00A, True)
+    path = nodefiles.leader_pin_path(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert nodefiles.read_leader_pin(tmp_path) == (0x1F00A, True)
+    nodefiles.write_leader_pin(tmp_path, None, True)
+    assert nodefiles.read_leader_pin(tmp_path) == (None, True)
+
+
+async def test_an_earlier_leader_is_obeyed_as_before_until_a_leader_named_its_serial(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A leader of an earlier release names no serial: an agent that never heard one takes its
+    epoch by the generic name, as before (the upgrade). An agent that did (``announces``, kept
+    in DATA/leader.serial.json) takes nothing but lists from a generic-name link: the epoch is
+    not announced, and a command of it is refused (no downgrade to an older leader)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.store.advance_epoch(7, now=rig.clock[0], actor="test")
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    (tmp_path / "again").mkdir()
+    link2, trust2, journal2 = agent_link(
+        tmp_path / "again", rig.node_files, leader_address, node_address
+    )
+    link2.announces = True  # as read from its record
+    try:
+        await link.beat()
+        assert trust.announced_epoch == 7
+        assert (link.pin, link.announces) == (None, False)
+        await link2.beat()  # answered: the leader is there
+        assert trust2.announced_epoch == 0
+        with pytest.raises(EpochNotAnnounced):
+            await trust2.admit_epoch(7)
+    finally:
+        await link.close()
+        await link2.close()
+        journal.close()
+        journal2.close()
+        await rig.close()
