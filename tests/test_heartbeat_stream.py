@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import math
 import queue
 import signal
@@ -2254,6 +2255,21 @@ def test_an_agent_falls_back_to_unary_with_an_older_leader_and_returns_to_the_st
         agent = c.add_agent("hb-old", next_loopback())
         c.wait_for_nodes_online(["hb-old"])
         wait_until(lambda: bool(agent_events(agent, "heartbeat.ok")), 10, "the agent beating")
+
+        # The first answer names the leader's serial and the agent dials it anew (session 67):
+        # its first stream ends then, and a stop between the two would find no stream. So wait
+        # for a beat the leader heard after that dial (its last heartbeat is kept in memory).
+        wait_until(lambda: bool(agent_events(agent, "leader.dialed")), 10, "the dial by serial")
+        dialed = dt.datetime.fromisoformat(agent_events(agent, "leader.dialed")[-1]["timestamp"])
+
+        def heard_since_the_dial() -> bool:
+            shown = json.loads(c.cli("nodes", "--json").stdout)
+            nodes = shown["nodes"] if isinstance(shown, dict) else shown
+            (node,) = [n for n in nodes if n["name"] == "hb-old"]
+            last = node.get("last_heartbeat")
+            return bool(last) and dt.datetime.fromisoformat(last) > dialed
+
+        wait_until(heard_since_the_dial, 20, "a heartbeat the leader heard by the serial's link")
         c.stop_leader()
         # The leader ended the agent's stream itself (its graceful stop would otherwise wait
         # out the whole grace period for a stream that never ends).

@@ -176,7 +176,9 @@ async def test_a_warming_check_answers_first_and_loads_afterwards(
     )
     monkeypatch.setattr(service, "require_leader", lambda context, trust: order.append("auth"))
 
-    async def checks(request: object, received: object) -> agent_pb2.PreflightResponse:
+    async def checks(
+        request: object, received: object, leader_time: object
+    ) -> agent_pb2.PreflightResponse:
         order.append("checks")
         return agent_pb2.PreflightResponse(ok=True)
 
