@@ -760,8 +760,11 @@ class LeaderLink:
                 serial=text,
                 previous="" if previous is None else f"{previous:x}",
             )
-        if self._dialed != serial:
-            self.beat_soon()  # the next beat dials it (``_redial``)
+            if self._dialed != serial:
+                self.beat_soon()  # the next beat dials it (``_redial``)
+        # The same serial named again on the generic name's link (a dial by it failed this
+        # beat): the next beat tries it again at its time, not at once: beats hurried so ran
+        # back to back, two dials each, while someone answered there (closing review of s67 L1).
 
     async def _keep_pin(self) -> None:
         try:
@@ -895,13 +898,19 @@ class LeaderLink:
             await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
             await self._forget_revoked_pin()
         await self._learn(reply.leader_serial)
+        # A request for the list the agent holds is answered on any link (closing review of
+        # s67 M2): the list is the CA's, sending it obeys nothing, and a leader rolled back to a
+        # revoked certificate (a VM snapshot) learns from it that its certificate is revoked;
+        # ignored, it would give the agents its own older list after its patience.
+        if reply.wants_crl and not self._crl_wanted:
+            self._crl_wanted = True
+            self.beat_soon()
         if not self._trusts(dialed):
             said = [
                 what
                 for what, there in (
                     ("epoch", reply.epoch > self.trust.announced_epoch),
                     ("ended_stages", bool(reply.ended_stages)),
-                    ("wants_crl", reply.wants_crl),
                 )
                 if there
             ]
@@ -914,9 +923,6 @@ class LeaderLink:
             self._ended_stages.update(reply.ended_stages[:STAGES_REPORTED])
             if self._forgetting is None or self._forgetting.done():
                 self._forgetting = asyncio.ensure_future(self._forget(self.stages_ended))
-        if reply.wants_crl and not self._crl_wanted:
-            self._crl_wanted = True
-            self.beat_soon()
 
     async def _forget(self, forget: Callable[[Sequence[str]], Awaitable[None]]) -> None:
         """Forget the stages the leader said have ended, until none is left to (more may come

@@ -242,3 +242,32 @@ async def test_an_earlier_leader_is_obeyed_as_before_until_a_leader_named_its_se
         journal.close()
         journal2.close()
         await rig.close()
+
+
+async def test_a_generic_link_gets_the_held_list_and_a_known_serial_hurries_no_beat(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Closing review of session 67. M2: an agent that announced-serial leaders taught ignores a
+    generic-name link's epoch and ended stages, but a request for its revocation list is
+    answered there too (the CA's list obeys nothing; a leader rolled back to a revoked
+    certificate learns from it that it is revoked, where ignoring the request let it hand the
+    agents its own older list after its patience). L1: the serial it already holds, named again
+    on that link (the dial by it failed this beat), hurries no beat: beats so hurried ran back to
+    back, two dials each."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    link, _trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        link.pin, link.announces = 0xABC, True
+        await link._take(leader_pb2.HeartbeatResponse(wants_crl=True, epoch=9), None)
+        assert link._crl_wanted  # asked for: the next message carries the list
+        assert link.trust.announced_epoch == 0  # (the epoch still not taken there)
+        link._soon.clear()
+        await link._take(leader_pb2.HeartbeatResponse(leader_serial="abc"), None)
+        assert not link._soon.is_set()  # the same serial: no hurried beat
+        await link._take(leader_pb2.HeartbeatResponse(leader_serial="abd"), None)
+        assert link.pin == 0xABD and link._soon.is_set()  # a new one: dialed at once
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
