@@ -220,8 +220,15 @@ async def test_a_finish_refused_after_the_password_is_confirmed_is_logged_each_t
 # --- the viewer, in process ---------------------------------------------------------------------
 
 
+# (an overlong header line, and a header line with no colon: aiohttp's two kinds of refusal)
+NO_COLON = "GET / HTTP/1.1\r\nHost: viewer\r\nno colon here\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_text", "error_type"), [(OVERLONG, "LineTooLong"), (NO_COLON, "BadHttpMessage")]
+)
 def test_a_flood_of_unparsable_viewer_requests_writes_a_line_per_source_then_a_summary(
-    tmp_path: Path,
+    tmp_path: Path, request_text: str, error_type: str
 ) -> None:
     store = Store(tmp_path / "leader.sqlite3")
     address, first, second = next_loopback(), next_loopback(), next_loopback()
@@ -247,7 +254,7 @@ def test_a_flood_of_unparsable_viewer_requests_writes_a_line_per_source_then_a_s
 
         def bad(source: str, count: int) -> None:
             for _ in range(count):
-                line = ask(address, port, source, OVERLONG, tls=False)
+                line = ask(address, port, source, request_text, tls=False)
                 assert b" 400 " in line, line
 
         try:
@@ -266,10 +273,10 @@ def test_a_flood_of_unparsable_viewer_requests_writes_a_line_per_source_then_a_s
     events = asyncio.run(run())
     summaries = named(events, "viewer.bad_requests_summary")
     assert len(events) == 3 and len(summaries) == 1, [e["event"] for e in events]
-    assert {e["error_type"] for e in named(events, "viewer.bad_request")} == {"LineTooLong"}
+    assert {e["error_type"] for e in named(events, "viewer.bad_request")} == {error_type}
     assert summaries[0]["refused_not_logged"] == FLOOD + 2
     assert summaries[0]["top"] == [f"{first}: {FLOOD}", f"{second}: 2"]
-    assert summaries[0]["reasons"] == {"LineTooLong": FLOOD + 2}
+    assert summaries[0]["reasons"] == {error_type: FLOOD + 2}
 
 
 # --- real daemons -------------------------------------------------------------------------------
