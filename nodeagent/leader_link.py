@@ -785,11 +785,12 @@ class LeaderLink:
             await self._keep_pin()
             self.beat_soon()
 
-    async def _redial(self) -> None:
-        """(Under the lock.) Dial the leader again when the name to dial changed (``_want``)."""
+    async def _redial(self, *, fresh: bool = False) -> None:
+        """(Under the lock.) Dial the leader again when the name to dial changed (``_want``),
+        or ``fresh``: on a new channel all the same (``_exchange_by_pin``)."""
         want = self._want()
         self._fallback = False  # one beat by the generic name, then the pin again
-        if want == self._dialed:
+        if want == self._dialed and not fresh:
             return
         old = self.channel
         await self._finish_stream()
@@ -894,9 +895,14 @@ class LeaderLink:
         (``_trusts``): its revocation list and serial, then its epoch and the rollouts it says
         have ended of the stages the agent holds (forgotten in a task of their own: the
         reader does not wait for the agent's commands)."""
+        # Judged before the serial it names is learned: an agent that never heard one trusts
+        # the generic name's answer that first names one, as it trusted those before (its
+        # epoch was ignored, with a warning, at every agent's first beat of this release).
+        trusted = self._trusts(dialed)
         if reply.crl_pem:
             await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
             await self._forget_revoked_pin()
+            trusted = trusted and self._trusts(dialed)  # (a list that revokes the one dialed)
         await self._learn(reply.leader_serial)
         # A request for the list the agent holds is answered on any link (closing review of
         # s67 M2): the list is the CA's, sending it obeys nothing, and a leader rolled back to a
@@ -905,7 +911,7 @@ class LeaderLink:
         if reply.wants_crl and not self._crl_wanted:
             self._crl_wanted = True
             self.beat_soon()
-        if not self._trusts(dialed):
+        if not trusted:
             said = [
                 what
                 for what, there in (
@@ -916,6 +922,11 @@ class LeaderLink:
             ]
             if said:
                 self._ignored(",".join(said))
+            if reply.leader_serial:
+                # A leader of this release (it names its serial) heard by the generic name: its
+                # epoch is taken once the serial is dialed. One that names none (a leader taken
+                # back to an earlier release; README "Downgrading") is refused as such.
+                self.trust.heard_untrusted(reply.epoch)
             return
         self._ignored_said.clear()
         self.trust.announce(reply.epoch)
@@ -1195,14 +1206,30 @@ class LeaderLink:
 
     async def _exchange_by_pin(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
         """(Under the lock.) ``_exchange``; one on a channel dialed by the pinned serial that
-        could not connect (UNAVAILABLE: the handshake failed, as with a certificate the leader
-        was issued again, after a restore or a revocation; or the leader is away) is made
-        again at once by the generic name, whose answer names the leader's serial now: the
-        next beat dials that (``_learn``, ``_redial``). Waiting for the next beat left the
-        leader without word from the node for an interval more (a restored leader relearns a
-        node's renewed certificate from its first heartbeat)."""
+        could not connect (UNAVAILABLE) is made again at once on a channel dialed by it afresh,
+        and if that fails too, by the generic name, whose answer names the leader's serial now:
+        the next beat dials that (``_learn``, ``_redial``).
+
+        The fresh dial first: a channel that lost the leader waits out gRPC's reconnect backoff
+        (up to an interval) and fails every call at once meanwhile, whatever the leader serves.
+        A leader restarted in that wait was answered by the generic name, where its epoch is not
+        taken: its first command was refused, "epoch never announced", and its rollout halted
+        (project CI of session 67's last HEAD). The generic name then is left to a handshake
+        that fails by the pin now (the leader's certificate issued again, after a restore or a
+        revocation) or a leader still away. Waiting for the next beat left the leader without
+        word from the node for an interval more (a restored leader relearns a node's renewed
+        certificate from its first heartbeat)."""
         try:
             await self._exchange(request, answer)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if self._dialed is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        await self._redial(fresh=True)
+        request.sent_at.FromDatetime(self.clock())
+        try:
+            await self._exchange(request, answer)
+            return
         except grpc.aio.AioRpcError as exc:
             if self._dialed is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
@@ -1214,10 +1241,10 @@ class LeaderLink:
                     serial=f"{self._dialed:x}",
                     detail=str(exc.details())[:200],
                 )
-            self._fallback = True
-            await self._redial()
-            request.sent_at.FromDatetime(self.clock())
-            await self._exchange(request, answer)
+        self._fallback = True
+        await self._redial()
+        request.sent_at.FromDatetime(self.clock())
+        await self._exchange(request, answer)
 
     def removed_at_start(self, why: str | None) -> None:
         """What an earlier run of the agent was last told (``BootstrapHost.removed``, from the

@@ -94,6 +94,10 @@ class LeaderTrust:
     # it (``held``; a leader restored from a backup learns what was revoked since from it).
     crl_pem: bytes = b""
     announced_epoch: int = 0
+    # The highest epoch a leader's answer named on a link the agent does not trust (the
+    # generic name's, ``LeaderLink._trusts``): not announced; a command of it is answered
+    # UNAVAILABLE, not refused, so that the leader asks again (``admit_epoch``).
+    untrusted_epoch: int = 0
     refresh: Callable[[], Awaitable[None]] | None = None
     # Who checks a list (``certwork.load_crl``): the agent's crypto worker, from a worker
     # thread (``take_crl``); None: a child of its own each time.
@@ -239,6 +243,9 @@ class LeaderTrust:
     def announce(self, epoch: int) -> None:
         self.announced_epoch = max(self.announced_epoch, epoch)
 
+    def heard_untrusted(self, epoch: int) -> None:
+        self.untrusted_epoch = max(self.untrusted_epoch, epoch)
+
     async def admit_epoch(self, epoch: int) -> None:
         """Return if the leader has announced ``epoch`` (asking it again if need be)."""
         if epoch <= self.announced_epoch:
@@ -253,6 +260,15 @@ class LeaderTrust:
                             f"epoch {epoch} is not announced yet and the leader cannot be "
                             f"asked: {exc}"
                         ) from None
+        if epoch > self.announced_epoch and epoch <= self.untrusted_epoch:
+            # Named only where the agent takes no epoch (the leader's generic name: a dial by
+            # its serial failed this beat). Not refused: the leader asks again, and the next
+            # heartbeat dials the serial. Nothing is done on it meanwhile.
+            raise TransientError(
+                f"epoch {epoch} was named by the leader only on a link the agent does not "
+                f"trust yet (its generic name; the highest announced is {self.announced_epoch}):"
+                " the next heartbeat dials the leader's serial"
+            )
         if epoch > self.announced_epoch:
             log.warning("epoch.refused", epoch=epoch, announced=self.announced_epoch)
             raise EpochNotAnnounced(

@@ -29,6 +29,7 @@ class InProcessLeader:
     service: LeaderService
     node_files: tuple[bytes, bytes, bytes]  # the node's key, certificate and the CA (PEM)
     leader_files: tuple[bytes, bytes] = (b"", b"")  # the leader's key and certificate (PEM)
+    credentials: grpc.ServerCredentials | None = None  # the control port's (``restart``)
 
     def add_node(self, name: str, address: str) -> grpc.ChannelCredentials:
         """Enrol another node ``name`` on ``address``: its client credentials."""
@@ -36,6 +37,16 @@ class InProcessLeader:
         return grpc.ssl_channel_credentials(
             self.state.ca.cert_pem, pki.key_to_pem(key), pki.cert_to_pem(cert)
         )
+
+    async def restart(self) -> None:
+        """Stop the server (at once) if it runs, and serve the same service on the same port
+        again from a new one (the leader's restart, its store and state kept)."""
+        await self.server.stop(None)
+        assert self.credentials is not None
+        self.server = grpc.aio.server()
+        leader_pb2_grpc.add_LeaderServicer_to_server(self.service, self.server)
+        self.server.add_secure_port(self.target, self.credentials)
+        await self.server.start()
 
     async def close(self) -> None:
         """Stop the service (at once) and close the store."""
@@ -75,20 +86,32 @@ def _enrol(
 
 
 def leader_with_a_node(
-    tmp_path: Path, address: str, node_address: str, name: str = "hb1"
+    tmp_path: Path,
+    address: str,
+    node_address: str,
+    name: str = "hb1",
+    *,
+    serial_name: bool = False,
 ) -> InProcessLeader:
     """A CA, the leader's certificate for ``address``, node ``name`` enrolled on
     ``node_address`` with a certificate of that CA, and the service on ``address``'s control
-    port requiring client certificates of the CA."""
+    port requiring client certificates of the CA. ``serial_name``: the certificate also names
+    its serial (``spiffe.leader_serial_host``) and heartbeat answers announce it, as the
+    leader daemon's do (``leader.layout``); else as an earlier release's."""
     ca = pki.CertificateAuthority.create()
     td = ca.trust_domain
     leader_key = pki.generate_key()
+    serial = x509.random_serial_number()
+    dns = [spiffe.leader_host(td)]
+    if serial_name:
+        dns.append(spiffe.leader_serial_host(td, serial))
     leader_cert = ca.issue(
         leader_key.public_key(),
-        pki.Names.of("tlsroll-leader", [address], [spiffe.leader_host(td)]),
+        pki.Names.of("tlsroll-leader", [address], dns),
         server=True,
         client=True,
         identity=spiffe.leader(td),
+        serial=serial,
     )
     clock = [dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)]
     store = Store(tmp_path / "leader.sqlite3")
@@ -107,21 +130,23 @@ def leader_with_a_node(
         # step of the clock sets ``state.monotonic`` apart).
         monotonic=monotonic,
     )
+    if serial_name:
+        state.leader_serial = f"{serial:x}"
     server = grpc.aio.server()
     service = LeaderService(state)
     leader_pb2_grpc.add_LeaderServicer_to_server(service, server)
     target = f"{address}:{CONTROL_PORT}"
-    server.add_secure_port(
-        target,
-        grpc.ssl_server_credentials(
-            [(pki.key_to_pem(leader_key), pki.cert_to_pem(leader_cert))],
-            root_certificates=ca.cert_pem,
-            require_client_auth=True,
-        ),
+    credentials = grpc.ssl_server_credentials(
+        [(pki.key_to_pem(leader_key), pki.cert_to_pem(leader_cert))],
+        root_certificates=ca.cert_pem,
+        require_client_auth=True,
     )
+    server.add_secure_port(target, credentials)
     node = grpc.ssl_channel_credentials(
         ca.cert_pem, pki.key_to_pem(node_key), pki.cert_to_pem(node_cert)
     )
     files = (pki.key_to_pem(node_key), pki.cert_to_pem(node_cert), ca.cert_pem)
     leader = (pki.key_to_pem(leader_key), pki.cert_to_pem(leader_cert))
-    return InProcessLeader(server, store, state, clock, target, node, service, files, leader)
+    return InProcessLeader(
+        server, store, state, clock, target, node, service, files, leader, credentials
+    )

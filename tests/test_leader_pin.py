@@ -21,15 +21,16 @@ import grpc
 import pytest
 from cryptography import x509
 
-from nodeagent import leader_link, nodefiles
+from nodeagent import leader_link, nodefiles, service
 from nodeagent.trust import EpochNotAnnounced
 from tests.cluster import Cluster, wait_until
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import Node, cluster_of
-from tests.test_heartbeat_stream import agent_link
+from tests.test_heartbeat_stream import agent_link, until
 from tests.test_own_revoked import agent_knows_revoked, serial_of
 from tlsroll import pki, rpc, spiffe
 from tlsroll.defaults import CONTROL_PORT
+from tlsroll.errors import TransientError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
@@ -267,6 +268,96 @@ async def test_a_generic_link_gets_the_held_list_and_a_known_serial_hurries_no_b
         assert not link._soon.is_set()  # the same serial: no hurried beat
         await link._take(leader_pb2.HeartbeatResponse(leader_serial="abd"), None)
         assert link.pin == 0xABD and link._soon.is_set()  # a new one: dialed at once
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+def slow_reconnects(_max_seconds: float) -> list[tuple[str, int]]:
+    """``rpc.reconnect_options`` whose backoff is 20 s from the first failed attempt on."""
+    return [
+        ("grpc.initial_reconnect_backoff_ms", 20_000),
+        ("grpc.min_reconnect_backoff_ms", 20_000),
+        ("grpc.max_reconnect_backoff_ms", 20_000),
+    ]
+
+
+async def test_a_restarted_leaders_first_command_is_taken_though_the_pinned_channel_waited(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Project CI of session 67's last HEAD: the leader killed and started again, its first
+    command (a finalize's preflight, epoch 2) was refused, "epoch 2 was never announced", and the
+    rollout halted. The agent's channel dialed by the leader's serial was waiting out gRPC's
+    reconnect backoff from the leader's absence: the agent's epoch question (a heartbeat now)
+    failed on it at once (UNAVAILABLE, "Connection refused"), went to the generic name, was
+    answered there by the restarted leader, and the epoch, heard on a link the agent does not
+    trust, was refused. A channel waiting out its backoff says nothing of the certificate: the
+    pin is dialed afresh before the generic name."""
+    leader_address, node_address = loopback(), loopback()
+    monkeypatch.setattr(leader_link, "reconnect_options", slow_reconnects)
+    rig = leader_with_a_node(tmp_path, leader_address, node_address, serial_name=True)
+    rig.store.advance_epoch(1, now=rig.clock[0], actor="test")
+    await rig.server.start()
+    link, trust, journal = agent_link(
+        tmp_path, rig.node_files, leader_address, node_address, interval=5
+    )
+    trust.refresh = link.beat  # as the agent's runtime sets it
+    try:
+        await link.beat()  # learns the serial
+        # The first answer to name a serial is trusted as those before it were (its epoch was
+        # ignored, with a warning, at every agent's first beat of the release that pins).
+        assert trust.announced_epoch == 1
+        await link.beat()  # and dials it
+        serial = int(rig.state.leader_serial, 16)
+        assert (link._dialed, link.pin, trust.announced_epoch) == (serial, serial, 1)
+        await rig.server.stop(None)
+        # The leader away: the pinned channel fails to connect and waits out its backoff (the
+        # run loop's ``_leader_reachable``), in TRANSIENT_FAILURE until its next attempt (20 s
+        # here: ``slow_reconnects``; an agent's grows from 0.5 s to its interval).
+        channel = link.channel
+        await until(
+            lambda: channel.get_state(True) == grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+            "the pinned channel failed to reconnect",
+        )
+        rig.store.advance_epoch(2, now=rig.clock[0], actor="test")
+        await rig.restart()
+        await trust.admit_epoch(2)  # the restarted leader's first command
+        assert trust.announced_epoch == 2
+        assert link._dialed == serial  # heard on the pinned link
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_an_epoch_named_by_the_generic_name_of_a_leader_with_a_serial_is_asked_again(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """An epoch a leader that names its serial gave on the generic name's link (the dial by the
+    serial failed that beat) is not taken, but a command of it is answered UNAVAILABLE (the
+    leader asks again; the next heartbeat dials the serial), not refused: the refusal halted
+    the rollout of a leader just restarted. One that names no serial (a leader taken back to
+    an earlier release) is still refused."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        link.pin, link.announces = 0xABC, True
+        await link._take(leader_pb2.HeartbeatResponse(epoch=4), None)
+        with pytest.raises(EpochNotAnnounced):
+            await trust.admit_epoch(4)
+        await link._take(leader_pb2.HeartbeatResponse(epoch=5, leader_serial="abc"), None)
+        assert trust.announced_epoch == 0
+        with pytest.raises(TransientError, match=r"epoch 5 .* not trust yet") as caught:
+            await trust.admit_epoch(5)
+        # What the leader is answered (the agent service's map): it asks again.
+        mapping = {**rpc.BASE_ERRORS, **service.ERRORS}
+        assert rpc.status_for(caught.value, mapping) == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(EpochNotAnnounced):  # never named: refused as before
+            await trust.admit_epoch(6)
+        await link._take(leader_pb2.HeartbeatResponse(epoch=5, leader_serial="abc"), 0xABC)
+        await trust.admit_epoch(5)  # heard on the pinned link: taken
     finally:
         await link.close()
         journal.close()
