@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import http.client
 import json
 import re
 import sqlite3
@@ -2438,3 +2439,99 @@ def test_a_used_link_s_page_links_to_the_schema() -> None:
         assert f'<a href="/" id="to-schema">{words}</a>' in used
         for reason in ("none", "session", "unknown", "expired", "revoked"):
             assert 'id="to-schema"' not in pages.denied_page(w, reason)
+
+
+@pytest.mark.parametrize("path", ["/", "/events"])
+def test_a_slow_draw_leaves_the_loop_to_other_requests_and_draws_one_at_a_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Session 67's closing read: a cold draw (the first after the start, or after what was
+    drawn went: a 500-node page, a few hundred ms) ran on the event loop, and every other
+    request waited for it, the stylesheet and a login link's page too (and the agents'
+    heartbeats and the admin socket). Here the draw waits until those two were answered (at
+    most 20 s: on the loop they could not be, and it went on without them); two pages' draws
+    still run one at a time (review s67 L1)."""
+    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    link = grants.create("another", ttl=HOUR, now=NOW, actor="admin:test").secret
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    name = "schema_page" if path == "/" else "content_parts"
+    draw = getattr(pages, name)
+    drawing, answered = threading.Event(), threading.Event()
+    counted = threading.Lock()
+    inside = most = 0
+    during: list[bool] = []  # each draw: whether the other requests were answered meanwhile
+    others: dict[str, int] = {}
+
+    def slow(*args: Any) -> Any:
+        nonlocal inside, most
+        with counted:
+            inside += 1
+            most = max(most, inside)
+        try:
+            drawing.set()
+            during.append(answered.wait(20))  # (a bound: on the loop nothing answers them)
+            return draw(*args)
+        finally:
+            with counted:
+                inside -= 1
+
+    monkeypatch.setattr(pages, name, slow)
+
+    def ask_others(port: int) -> None:
+        """(A thread of its own) once a draw began: the stylesheet and the link's page."""
+        try:
+            if not drawing.wait(60):
+                return
+            for other in ("/static/viewer.css", f"/login/{link}"):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                try:
+                    conn.request("GET", other)
+                    reply = conn.getresponse()
+                    reply.read()
+                    others[other.split("/")[1]] = reply.status
+                finally:
+                    conn.close()
+        finally:
+            answered.set()
+
+    async def ask() -> None:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            assert client.port is not None
+            helper = threading.Thread(target=ask_others, args=(client.port,), daemon=True)
+            helper.start()
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            if path == "/":
+
+                async def get(lang: str) -> int:
+                    response = await client.get(f"/?lang={lang}", headers=cookie)
+                    await response.read()
+                    return response.status
+
+                statuses = await asyncio.wait_for(asyncio.gather(*map(get, LANGS)), 60)
+                assert statuses == [200] * len(LANGS)
+            else:
+                response = await client.get("/events", headers=cookie)
+                assert response.status == 200
+                update = await asyncio.wait_for(next_update(response.content, bytearray()), 60)
+                assert 'data-rollout="r1"' in update
+                response.close()
+            await asyncio.to_thread(helper.join, 60)
+            app.close()
+
+    asyncio.run(ask())
+    assert others == {"static": 200, "login": 200}
+    assert during and during[0], "the other requests waited for the draw"
+    assert most == 1, f"{most} draws at once"

@@ -69,6 +69,7 @@ import functools
 import hmac
 import json
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -241,7 +242,8 @@ class ViewerApp:
         # the requests that came before it began (``_one_at_a_time``), by endpoint: (how many
         # requests had come as the read began, the answer's body). Emptied when none waits.
         self._heavy = asyncio.Lock()
-        self._drawing = asyncio.Lock()  # ``_apart``
+        self._drawing = asyncio.Lock()  # ``_apart``: the draws' turns, on the loop
+        self._drawing_now = threading.Lock()  # ``_apart``: held by the thread that draws
         self._heavy_read: dict[str, tuple[int, bytes]] = {}
         self._heavy_waiting = 0
         self._heavy_arrivals = 0  # requests for either so far (they count on: an int)
@@ -452,16 +454,24 @@ class ViewerApp:
         return web.Response(text=html, content_type="text/html")
 
     async def _apart(self, draw: Callable[[], T]) -> T:
-        """``draw()`` (a page or a stream's live part, drawn on the event loop), then a round of
-        the loop before the next page's or stream's draw (review s67 L1): requests whose
-        snapshot was shared became ready together and drew one after another in one round, a
-        500-node rollout's page a few hundred ms each (another rollout's, or in the other
-        language: the rows and timelines kept are of four), and the agents' heartbeats and the
-        admin socket waited for all of them (16 requests: 5 s). Now they wait for one."""
+        """``draw()`` (a page or a stream's live part) in a thread, one at a time. A cold draw
+        (nothing kept: the first after the start, another rollout's, the other language, or
+        after the last page closed) of a 500-node rollout's page takes a few hundred ms; drawn
+        on the event loop, it held every other request (the stylesheet, a link's page) and the
+        agents' heartbeats and the admin socket (session 67's closing read), and requests
+        whose snapshot was shared drew one after another in one round (review s67 L1: 16
+        requests, 5 s). One at a time still: the draws share what is kept of earlier ones
+        (``pages.DRAWN``, ``_drawn``), and a page's draw is mostly Python, which one thread
+        runs at a time anyway; ``_forget`` waits while one is under way."""
+
+        def drawn() -> T:
+            # (a draw whose request was cancelled goes on in its thread, the asyncio lock
+            # released: the next waits for it here)
+            with self._drawing_now:
+                return draw()
+
         async with self._drawing:
-            drawn = draw()
-            await asyncio.sleep(0)  # holding the lock: the next draw waits for the next round
-        return drawn
+            return await asyncio.to_thread(drawn)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The live part of the page as server-sent events: sent at once, then again whenever
@@ -494,8 +504,9 @@ class ViewerApp:
             if self._streams[session_id] <= 0:
                 del self._streams[session_id]
             if not self._streams:  # the last page closed: what was read and drawn for it goes
-                self._forget()
-                self._forget_later()  # and what a read under way puts back
+                if not self._drawing.locked():  # (else the draw's thread puts it back after)
+                    self._forget()
+                self._forget_later()  # and what a read or a draw under way puts back
 
     def _forget_later(self) -> None:
         """``_forget`` again ``SHARED_SECONDS`` from now if no stream is open then and no read
@@ -512,7 +523,7 @@ class ViewerApp:
         self._forgetting = None
         if self._streams:  # a page is open: its stream's end forgets
             return
-        if self._reading.locked():
+        if self._reading.locked() or self._drawing.locked():
             self._forget_later()
             return
         self._forget()
@@ -523,10 +534,11 @@ class ViewerApp:
         objects after the page had closed)."""
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
-        self._drawn.clear()
+        with self._drawing_now:  # (free unless a cancelled request's draw is still under way)
+            self._drawn.clear()
+            pages.DRAWN.clear()
         self._events.clear()
         self._shared.clear()
-        pages.DRAWN.clear()
         self.reader.forget_pages()
 
     async def _stream(

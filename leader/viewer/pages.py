@@ -225,7 +225,7 @@ def _narrow(html: str) -> str:
     return html if html.isascii() else html.encode("latin-1", "xmlcharrefreplace").decode("latin-1")
 
 
-# The pages are drawn on the event loop (one thread): one ``Drawn`` for the process.
+# The pages are drawn one at a time (``ViewerApp._apart``): one ``Drawn`` for the process.
 DRAWN = Drawn()
 
 
