@@ -2535,3 +2535,70 @@ def test_a_slow_draw_leaves_the_loop_to_other_requests_and_draws_one_at_a_time(
     assert others == {"static": 200, "login": 200}
     assert during and during[0], "the other requests waited for the draw"
     assert most == 1, f"{most} draws at once"
+
+
+def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoked(
+    store: Store,
+) -> None:
+    """Session 67's closing read: the sign-out ends the session's grant (``revoked_at``), so
+    the link opened again, a copy of the cookie or the API said "revoked", as after `tlsroll
+    viewer revoke`, to a person who had only signed out. Now they say "signed out" and how to
+    come back (a new link); a grant revoked by the admin still says revoked, also one revoked
+    after its session signed out (``COALESCE``: the sign-out ended it first)."""
+    grants = Grants(store.db)
+    left = grants.create("Abgemeldet", ttl=HOUR, now=NOW, actor="admin:root")
+    cut = grants.create("Widerrufen", ttl=HOUR, now=NOW, actor="admin:root")
+    _, left_session = grants.login(left.secret, NOW)
+    _, cut_session = grants.login(cut.secret, NOW)
+    assert grants.sign_out(left_session, NOW) is not None
+    grants.revoke(cut.grant.id, now=NOW, actor="admin:root")
+    grants.revoke(left.grant.id, now=NOW, actor="admin:root")  # after the sign-out
+    for secret, reason in ((left.secret, "signed_out"), (cut.secret, "revoked")):
+        for spend in (grants.check, grants.login):
+            with pytest.raises(LoginRefused) as refused:
+                spend(secret, NOW)
+            assert refused.value.reason == reason, spend
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+
+    async def ask() -> dict[str, tuple[int, str]]:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        seen: dict[str, tuple[int, str]] = {}
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            for who, secret, session in (
+                ("left", left.secret, left_session),
+                ("cut", cut.secret, cut_session),
+            ):
+                for path in (f"/login/{secret}?lang=en", f"/login/{secret}/open?lang=en"):
+                    response = await client.get(path, allow_redirects=False)
+                    seen[f"{who} {path.split('?')[0].endswith('open')}"] = (
+                        response.status,
+                        await response.text(),
+                    )
+                cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+                for path in ("/?lang=en", "/api/v1/schema"):
+                    response = await client.get(path, headers=cookie)
+                    seen[f"{who} {path}"] = (response.status, await response.text())
+            app.close()
+        return seen
+
+    seen = asyncio.run(ask())
+    for key, (status, body) in seen.items():
+        assert status == 401, (key, status)
+        if key.endswith("/api/v1/schema"):
+            want = '"signed_out"' if key.startswith("left") else '"session"'
+            assert want in body, (key, body)
+            continue
+        if key.startswith("left"):
+            assert 'data-reason="signed_out"' in body, (key, body)
+            assert "You signed out" in body and "revoked" not in body, (key, body)
+            assert "tlsroll viewer grant" in body, (key, body)  # how to come back
+        else:
+            assert 'data-reason="signed_out"' not in body and "revoked" in body, (key, body)

@@ -316,7 +316,12 @@ class ViewerApp:
         session_id = request.cookies.get(SESSION_COOKIE, "")
         grant = await self._grant(session_id)
         if grant is None:
-            return self._denied(request, "session" if session_id else "none")
+            if not session_id:
+                return self._denied(request, "none")
+            reason = "session"  # (a copy of a signed-out session's cookie: "signed_out")
+            if _SECRET.fullmatch(session_id):
+                reason = await asyncio.to_thread(self.grants.ended, session_id)
+            return self._denied(request, reason)
         request[GRANT] = grant
         return await handler(request)
 
