@@ -2602,3 +2602,84 @@ def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoke
             assert "tlsroll viewer grant" in body, (key, body)  # how to come back
         else:
             assert 'data-reason="signed_out"' not in body and "revoked" in body, (key, body)
+
+
+def test_a_link_s_page_from_another_site_sets_nothing_and_its_sign_in_keeps_a_session(
+    store: Store,
+) -> None:
+    """Session 67's closing read (login CSRF by the link's own page): the sign-in URL linked
+    from another site is refused (review s67 viewer L1), but the link's page cannot be: a
+    web mail's link to it is a navigation from another site too. So a page anywhere could
+    link a visitor to the page of its own unused link, and the visitor's click on "Sign in"
+    (from the viewer's page: ``same-origin``) replaced the visitor's session with one of the
+    other's. The page itself sets no cookie and spends nothing, from anywhere; its click no
+    longer replaces a valid session of another grant: 409, a page that says to sign out
+    first, nothing spent or set. Without a session (or with one that ended) it signs in, and
+    so does the sign-in URL pasted (``none``, the admin's own way)."""
+    grants = Grants(store.db)
+    theirs = grants.create("Angreifer", ttl=HOUR, now=NOW, actor="admin:root")
+    mine = grants.create("Opfer", ttl=HOUR, now=NOW, actor="admin:root")
+    _, session = grants.login(mine.secret, NOW)
+    ended = grants.create("Vorher", ttl=HOUR, now=NOW, actor="admin:root")
+    _, ended_session = grants.login(ended.secret, NOW)
+    grants.revoke(ended.grant.id, now=NOW, actor="admin:root")
+    fresh = grants.create("Neu", ttl=HOUR, now=NOW, actor="admin:root")
+    pasted = grants.create("Eingefügt", ttl=HOUR, now=NOW, actor="admin:root")
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    cookie = f"{SESSION_COOKIE}={session}"
+
+    async def ask() -> dict[str, tuple[int, str, str]]:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        seen: dict[str, tuple[int, str, str]] = {}
+
+        async def get(key: str, path: str, headers: dict[str, str]) -> None:
+            response = await client.get(path, headers=headers, allow_redirects=False)
+            cookies = ";".join(response.headers.getall("Set-Cookie", []))
+            seen[key] = (response.status, cookies, await response.text())
+
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            for site in ("cross-site", "same-site", "none"):
+                await get(
+                    f"page {site}",
+                    f"/login/{theirs.secret}",
+                    {"Sec-Fetch-Site": site, "Cookie": cookie},
+                )
+            # The page's link, clicked: a valid session of another grant is kept.
+            await get(
+                "click",
+                f"/login/{theirs.secret}/open?lang=en",
+                {"Sec-Fetch-Site": "same-origin", "Cookie": cookie},
+            )
+            await get(
+                "click, session ended",
+                f"/login/{fresh.secret}/open",
+                {"Sec-Fetch-Site": "same-origin", "Cookie": f"{SESSION_COOKIE}={ended_session}"},
+            )
+            await get(
+                "pasted", f"/login/{pasted.secret}/open", {"Sec-Fetch-Site": "none", "Cookie": cookie}
+            )
+            app.close()
+        return seen
+
+    seen = asyncio.run(ask())
+    for site in ("cross-site", "same-site", "none"):
+        status, cookies, body = seen[f"page {site}"]
+        assert status == 200 and SESSION_COOKIE not in cookies and 'id="login"' in body, site
+    status, cookies, body = seen["click"]
+    assert status == 409 and SESSION_COOKIE not in cookies, status  # (no session id shown)
+    assert 'data-reason="signed_in"' in body and "Sign out" in body, body
+    assert 'href="/"' in body  # to the schema it is signed in to
+    assert grants.get(theirs.grant.id).used_at is None  # not spent
+    assert grants.session(session, NOW) is not None  # the visitor's session as it was
+    for key, made in (("click, session ended", fresh), ("pasted", pasted)):
+        status, cookies, _ = seen[key]
+        assert status == 303 and cookies.startswith(f"{SESSION_COOKIE}="), (key, status)
+        assert grants.get(made.grant.id).used_at == NOW, key

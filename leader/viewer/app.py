@@ -138,6 +138,9 @@ BUSY_RETRY_MS = 30_000
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
 # The reason of a sign-in URL opened by a link on another site (``_navigated_here``): 403.
 CROSS_SITE = "cross_site"
+# The reason of a sign-in from a link's page in a browser that holds a valid session of
+# another grant: 409, nothing spent or set (``login``).
+SIGNED_IN = "signed_in"
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; base-uri 'none'; form-action {}; frame-ancestors 'none'"
@@ -706,7 +709,12 @@ class ViewerApp:
         nothing). Not from a link on another site (``_navigated_here``; review s67 viewer L1:
         a page anywhere could link a visitor to its own unused link's sign-in URL, and the
         navigation, top-level, would spend it and replace the visitor's session cookie, a
-        Strict one too): 403, nothing spent or set."""
+        Strict one too): 403, nothing spent or set. From the link's page (``same-origin``)
+        in a browser that holds a valid session of another grant: 409, nothing spent or set
+        (session 67's closing read: that page cannot refuse other sites, a web mail's link
+        is one, so a site could send a visitor to its own link's page, and the click on
+        "Sign in" replaced the visitor's session); the person signs out first. The sign-in
+        URL pasted (``none``) still replaces it: only the person can navigate so."""
         if request.method == "HEAD":
             return web.Response(content_type="text/html")
         if not _navigated_here(request):
@@ -719,6 +727,15 @@ class ViewerApp:
         try:
             if not _SECRET.fullmatch(secret):
                 raise LoginRefused("unknown")
+            if request.headers.get("Sec-Fetch-Site") == "same-origin":
+                held = await self._grant(request.cookies.get(SESSION_COOKIE, ""))
+                if held is not None:
+                    # (its own link, used: ``_refused`` sends it to the schema)
+                    await asyncio.to_thread(self.grants.check, secret, now)
+                    self._log_refusal(request, SIGNED_IN)
+                    response = self._denied(request, SIGNED_IN)
+                    response.set_status(409)
+                    return response
             grant, session_id = await asyncio.to_thread(self.grants.login, secret, now)
         except LoginRefused as exc:
             return await self._refused(request, exc)
