@@ -2664,7 +2664,9 @@ def test_a_link_s_page_from_another_site_sets_nothing_and_its_sign_in_keeps_a_se
                 {"Sec-Fetch-Site": "same-origin", "Cookie": f"{SESSION_COOKIE}={ended_session}"},
             )
             await get(
-                "pasted", f"/login/{pasted.secret}/open", {"Sec-Fetch-Site": "none", "Cookie": cookie}
+                "pasted",
+                f"/login/{pasted.secret}/open",
+                {"Sec-Fetch-Site": "none", "Cookie": cookie},
             )
             app.close()
         return seen

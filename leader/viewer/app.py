@@ -17,7 +17,8 @@
                            spends the link, sets the session cookie and redirects to /
                            (either, of a used link, in the browser its use signed in:
                            redirects to /); from a link on another site: 403, nothing
-                           spent or set
+                           spent or set; from the link's page in a browser that holds a
+                           valid session of another grant: 409, likewise (sign out first)
     GET /static/{name}     the stylesheet and the script (no session needed)
     POST /logout           the schema pages' one button, "Abmelden"/"Sign out": ends the
                            browser's own session (its grant), clears the cookie and answers
@@ -26,12 +27,13 @@
 Safe by construction: only GET and HEAD are served, but for POST of /logout (every other
 method, on any path, and GET or HEAD of /logout, answers 405 before anything else runs); no
 handler writes anything but the sign-in URL, which spends its grant, and the sign-out, which
-ends the session it is sent with; the pages have links and one form (the sign-out's, on the
-schema pages, whose Content-Security-Policy allows form submissions to the viewer itself;
-every other answer's forbids them), and the policy forbids inline scripts and anything from
-another origin. The sign-out is taken only from the viewer's own pages: besides the
-SameSite=Strict cookie, the browser's ``Sec-Fetch-Site`` must say ``same-origin`` (or,
-without it, ``Origin`` be the viewer's); a POST from another site is 403 and changes nothing.
+ends the session it is sent with (its grant's ``revoked_at`` and an audit row); the pages
+have links and one form (the sign-out's, on the schema pages, whose Content-Security-Policy
+allows form submissions to the viewer itself; every other answer's forbids them), and the
+policy forbids inline scripts and anything from another origin. The sign-out is taken only
+from the viewer's own pages: besides the SameSite=Strict cookie, the browser's
+``Sec-Fetch-Site`` must say ``same-origin`` (or, without it, ``Origin`` be the viewer's); a
+POST from another site is 403 and changes nothing.
 Without a valid session every path but the login, the static files and the sign-out answers
 401 with a page that says how to get access.
 
