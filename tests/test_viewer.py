@@ -381,7 +381,7 @@ def test_signing_out_ends_the_session_its_copies_and_its_live_streams(lone: Clus
     # The same cookie (or a copy of it) is refused from now on.
     for path in ("/", "/events", "/metrics"):
         reply = fetch(lone, path, cookie=session)
-        assert reply.status == 401 and 'data-reason="session"' in reply.body, path
+        assert reply.status == 401 and 'data-reason="signed_out"' in reply.body, path
     assert fetch(lone, "/api/v1/schema", cookie=session).status == 401
     assert grants(lone)["Abmelden"]["state"] == "revoked"
     audit = [(r["actor"], r["kind"], r["subject"]) for r in audit_rows(lone)]
@@ -946,7 +946,7 @@ def test_browser_signs_out_with_the_button_and_its_other_tab_is_shown_the_door(
     assert other.locator("#denied .why").get_attribute("data-reason") == "none"
     # A copy of the cookie is worth nothing now.
     copied = fetch(farm.cluster, "/", cookie=cookie["value"])
-    assert copied.status == 401 and 'data-reason="session"' in copied.body
+    assert copied.status == 401 and 'data-reason="signed_out"' in copied.body
     page.goto(base(farm.cluster) + "/")
     assert page.locator('#denied .why[data-reason="none"]').count() == 1
 

@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import http.client
 import json
 import re
 import sqlite3
@@ -2438,3 +2439,249 @@ def test_a_used_link_s_page_links_to_the_schema() -> None:
         assert f'<a href="/" id="to-schema">{words}</a>' in used
         for reason in ("none", "session", "unknown", "expired", "revoked"):
             assert 'id="to-schema"' not in pages.denied_page(w, reason)
+
+
+@pytest.mark.parametrize("path", ["/", "/events"])
+def test_a_slow_draw_leaves_the_loop_to_other_requests_and_draws_one_at_a_time(
+    store: Store, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Session 67's closing read: a cold draw (the first after the start, or after what was
+    drawn went: a 500-node page, a few hundred ms) ran on the event loop, and every other
+    request waited for it, the stylesheet and a login link's page too (and the agents'
+    heartbeats and the admin socket). Here the draw waits until those two were answered (at
+    most 20 s: on the loop they could not be, and it went on without them); two pages' draws
+    still run one at a time (review s67 L1)."""
+    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    link = grants.create("another", ttl=HOUR, now=NOW, actor="admin:test").secret
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    name = "schema_page" if path == "/" else "content_parts"
+    draw = getattr(pages, name)
+    drawing, answered = threading.Event(), threading.Event()
+    counted = threading.Lock()
+    inside = most = 0
+    during: list[bool] = []  # each draw: whether the other requests were answered meanwhile
+    others: dict[str, int] = {}
+
+    def slow(*args: Any) -> Any:
+        nonlocal inside, most
+        with counted:
+            inside += 1
+            most = max(most, inside)
+        try:
+            drawing.set()
+            during.append(answered.wait(20))  # (a bound: on the loop nothing answers them)
+            return draw(*args)
+        finally:
+            with counted:
+                inside -= 1
+
+    monkeypatch.setattr(pages, name, slow)
+
+    def ask_others(port: int) -> None:
+        """(A thread of its own) once a draw began: the stylesheet and the link's page."""
+        try:
+            if not drawing.wait(60):
+                return
+            for other in ("/static/viewer.css", f"/login/{link}"):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                try:
+                    conn.request("GET", other)
+                    reply = conn.getresponse()
+                    reply.read()
+                    others[other.split("/")[1]] = reply.status
+                finally:
+                    conn.close()
+        finally:
+            answered.set()
+
+    async def ask() -> None:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            assert client.port is not None
+            helper = threading.Thread(target=ask_others, args=(client.port,), daemon=True)
+            helper.start()
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            if path == "/":
+
+                async def get(lang: str) -> int:
+                    response = await client.get(f"/?lang={lang}", headers=cookie)
+                    await response.read()
+                    return response.status
+
+                statuses = await asyncio.wait_for(asyncio.gather(*map(get, LANGS)), 60)
+                assert statuses == [200] * len(LANGS)
+            else:
+                response = await client.get("/events", headers=cookie)
+                assert response.status == 200
+                update = await asyncio.wait_for(next_update(response.content, bytearray()), 60)
+                assert 'data-rollout="r1"' in update
+                response.close()
+            await asyncio.to_thread(helper.join, 60)
+            app.close()
+
+    asyncio.run(ask())
+    assert others == {"static": 200, "login": 200}
+    assert during and during[0], "the other requests waited for the draw"
+    assert most == 1, f"{most} draws at once"
+
+
+def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoked(
+    store: Store,
+) -> None:
+    """Session 67's closing read: the sign-out ends the session's grant (``revoked_at``), so
+    the link opened again, a copy of the cookie or the API said "revoked", as after `tlsroll
+    viewer revoke`, to a person who had only signed out. Now they say "signed out" and how to
+    come back (a new link); a grant revoked by the admin still says revoked, also one revoked
+    after its session signed out (``COALESCE``: the sign-out ended it first)."""
+    grants = Grants(store.db)
+    left = grants.create("Abgemeldet", ttl=HOUR, now=NOW, actor="admin:root")
+    cut = grants.create("Widerrufen", ttl=HOUR, now=NOW, actor="admin:root")
+    _, left_session = grants.login(left.secret, NOW)
+    _, cut_session = grants.login(cut.secret, NOW)
+    assert grants.sign_out(left_session, NOW) is not None
+    grants.revoke(cut.grant.id, now=NOW, actor="admin:root")
+    grants.revoke(left.grant.id, now=NOW, actor="admin:root")  # after the sign-out
+    for secret, reason in ((left.secret, "signed_out"), (cut.secret, "revoked")):
+        for spend in (grants.check, grants.login):
+            with pytest.raises(LoginRefused) as refused:
+                spend(secret, NOW)
+            assert refused.value.reason == reason, spend
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+
+    async def ask() -> dict[str, tuple[int, str]]:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        seen: dict[str, tuple[int, str]] = {}
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            for who, secret, session in (
+                ("left", left.secret, left_session),
+                ("cut", cut.secret, cut_session),
+            ):
+                for path in (f"/login/{secret}?lang=en", f"/login/{secret}/open?lang=en"):
+                    response = await client.get(path, allow_redirects=False)
+                    seen[f"{who} {path.split('?')[0].endswith('open')}"] = (
+                        response.status,
+                        await response.text(),
+                    )
+                cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+                for path in ("/?lang=en", "/api/v1/schema"):
+                    response = await client.get(path, headers=cookie)
+                    seen[f"{who} {path}"] = (response.status, await response.text())
+            app.close()
+        return seen
+
+    seen = asyncio.run(ask())
+    for key, (status, body) in seen.items():
+        assert status == 401, (key, status)
+        if key.endswith("/api/v1/schema"):
+            want = '"signed_out"' if key.startswith("left") else '"session"'
+            assert want in body, (key, body)
+            continue
+        if key.startswith("left"):
+            assert 'data-reason="signed_out"' in body, (key, body)
+            assert "You signed out" in body and "revoked" not in body, (key, body)
+            assert "tlsroll viewer grant" in body, (key, body)  # how to come back
+        else:
+            assert 'data-reason="signed_out"' not in body and "revoked" in body, (key, body)
+
+
+def test_a_link_s_page_from_another_site_sets_nothing_and_its_sign_in_keeps_a_session(
+    store: Store,
+) -> None:
+    """Session 67's closing read (login CSRF by the link's own page): the sign-in URL linked
+    from another site is refused (review s67 viewer L1), but the link's page cannot be: a
+    web mail's link to it is a navigation from another site too. So a page anywhere could
+    link a visitor to the page of its own unused link, and the visitor's click on "Sign in"
+    (from the viewer's page: ``same-origin``) replaced the visitor's session with one of the
+    other's. The page itself sets no cookie and spends nothing, from anywhere; its click no
+    longer replaces a valid session of another grant: 409, a page that says to sign out
+    first, nothing spent or set. Without a session (or with one that ended) it signs in, and
+    so does the sign-in URL pasted (``none``, the admin's own way)."""
+    grants = Grants(store.db)
+    theirs = grants.create("Angreifer", ttl=HOUR, now=NOW, actor="admin:root")
+    mine = grants.create("Opfer", ttl=HOUR, now=NOW, actor="admin:root")
+    _, session = grants.login(mine.secret, NOW)
+    ended = grants.create("Vorher", ttl=HOUR, now=NOW, actor="admin:root")
+    _, ended_session = grants.login(ended.secret, NOW)
+    grants.revoke(ended.grant.id, now=NOW, actor="admin:root")
+    fresh = grants.create("Neu", ttl=HOUR, now=NOW, actor="admin:root")
+    pasted = grants.create("Eingefügt", ttl=HOUR, now=NOW, actor="admin:root")
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    cookie = f"{SESSION_COOKIE}={session}"
+
+    async def ask() -> dict[str, tuple[int, str, str]]:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        seen: dict[str, tuple[int, str, str]] = {}
+
+        async def get(key: str, path: str, headers: dict[str, str]) -> None:
+            response = await client.get(path, headers=headers, allow_redirects=False)
+            cookies = ";".join(response.headers.getall("Set-Cookie", []))
+            seen[key] = (response.status, cookies, await response.text())
+
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            for site in ("cross-site", "same-site", "none"):
+                await get(
+                    f"page {site}",
+                    f"/login/{theirs.secret}",
+                    {"Sec-Fetch-Site": site, "Cookie": cookie},
+                )
+            # The page's link, clicked: a valid session of another grant is kept.
+            await get(
+                "click",
+                f"/login/{theirs.secret}/open?lang=en",
+                {"Sec-Fetch-Site": "same-origin", "Cookie": cookie},
+            )
+            await get(
+                "click, session ended",
+                f"/login/{fresh.secret}/open",
+                {"Sec-Fetch-Site": "same-origin", "Cookie": f"{SESSION_COOKIE}={ended_session}"},
+            )
+            await get(
+                "pasted",
+                f"/login/{pasted.secret}/open",
+                {"Sec-Fetch-Site": "none", "Cookie": cookie},
+            )
+            app.close()
+        return seen
+
+    seen = asyncio.run(ask())
+    for site in ("cross-site", "same-site", "none"):
+        status, cookies, body = seen[f"page {site}"]
+        assert status == 200 and SESSION_COOKIE not in cookies and 'id="login"' in body, site
+    status, cookies, body = seen["click"]
+    assert status == 409 and SESSION_COOKIE not in cookies, status  # (no session id shown)
+    assert 'data-reason="signed_in"' in body and "Sign out" in body, body
+    assert 'href="/"' in body  # to the schema it is signed in to
+    assert grants.get(theirs.grant.id).used_at is None  # not spent
+    assert grants.session(session, NOW) is not None  # the visitor's session as it was
+    for key, made in (("click, session ended", fresh), ("pasted", pasted)):
+        status, cookies, _ = seen[key]
+        assert status == 303 and cookies.startswith(f"{SESSION_COOKIE}="), (key, status)
+        assert grants.get(made.grant.id).used_at == NOW, key

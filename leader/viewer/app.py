@@ -17,7 +17,8 @@
                            spends the link, sets the session cookie and redirects to /
                            (either, of a used link, in the browser its use signed in:
                            redirects to /); from a link on another site: 403, nothing
-                           spent or set
+                           spent or set; from the link's page in a browser that holds a
+                           valid session of another grant: 409, likewise (sign out first)
     GET /static/{name}     the stylesheet and the script (no session needed)
     POST /logout           the schema pages' one button, "Abmelden"/"Sign out": ends the
                            browser's own session (its grant), clears the cookie and answers
@@ -26,12 +27,13 @@
 Safe by construction: only GET and HEAD are served, but for POST of /logout (every other
 method, on any path, and GET or HEAD of /logout, answers 405 before anything else runs); no
 handler writes anything but the sign-in URL, which spends its grant, and the sign-out, which
-ends the session it is sent with; the pages have links and one form (the sign-out's, on the
-schema pages, whose Content-Security-Policy allows form submissions to the viewer itself;
-every other answer's forbids them), and the policy forbids inline scripts and anything from
-another origin. The sign-out is taken only from the viewer's own pages: besides the
-SameSite=Strict cookie, the browser's ``Sec-Fetch-Site`` must say ``same-origin`` (or,
-without it, ``Origin`` be the viewer's); a POST from another site is 403 and changes nothing.
+ends the session it is sent with (its grant's ``revoked_at`` and an audit row); the pages
+have links and one form (the sign-out's, on the schema pages, whose Content-Security-Policy
+allows form submissions to the viewer itself; every other answer's forbids them), and the
+policy forbids inline scripts and anything from another origin. The sign-out is taken only
+from the viewer's own pages: besides the SameSite=Strict cookie, the browser's
+``Sec-Fetch-Site`` must say ``same-origin`` (or, without it, ``Origin`` be the viewer's); a
+POST from another site is 403 and changes nothing.
 Without a valid session every path but the login, the static files and the sign-out answers
 401 with a page that says how to get access.
 
@@ -69,6 +71,7 @@ import functools
 import hmac
 import json
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -137,6 +140,9 @@ BUSY_RETRY_MS = 30_000
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
 # The reason of a sign-in URL opened by a link on another site (``_navigated_here``): 403.
 CROSS_SITE = "cross_site"
+# The reason of a sign-in from a link's page in a browser that holds a valid session of
+# another grant: 409, nothing spent or set (``login``).
+SIGNED_IN = "signed_in"
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; base-uri 'none'; form-action {}; frame-ancestors 'none'"
@@ -241,7 +247,8 @@ class ViewerApp:
         # the requests that came before it began (``_one_at_a_time``), by endpoint: (how many
         # requests had come as the read began, the answer's body). Emptied when none waits.
         self._heavy = asyncio.Lock()
-        self._drawing = asyncio.Lock()  # ``_apart``
+        self._drawing = asyncio.Lock()  # ``_apart``: the draws' turns, on the loop
+        self._drawing_now = threading.Lock()  # ``_apart``: held by the thread that draws
         self._heavy_read: dict[str, tuple[int, bytes]] = {}
         self._heavy_waiting = 0
         self._heavy_arrivals = 0  # requests for either so far (they count on: an int)
@@ -314,7 +321,12 @@ class ViewerApp:
         session_id = request.cookies.get(SESSION_COOKIE, "")
         grant = await self._grant(session_id)
         if grant is None:
-            return self._denied(request, "session" if session_id else "none")
+            if not session_id:
+                return self._denied(request, "none")
+            reason = "session"  # (a copy of a signed-out session's cookie: "signed_out")
+            if _SECRET.fullmatch(session_id):
+                reason = await asyncio.to_thread(self.grants.ended, session_id)
+            return self._denied(request, reason)
         request[GRANT] = grant
         return await handler(request)
 
@@ -452,16 +464,24 @@ class ViewerApp:
         return web.Response(text=html, content_type="text/html")
 
     async def _apart(self, draw: Callable[[], T]) -> T:
-        """``draw()`` (a page or a stream's live part, drawn on the event loop), then a round of
-        the loop before the next page's or stream's draw (review s67 L1): requests whose
-        snapshot was shared became ready together and drew one after another in one round, a
-        500-node rollout's page a few hundred ms each (another rollout's, or in the other
-        language: the rows and timelines kept are of four), and the agents' heartbeats and the
-        admin socket waited for all of them (16 requests: 5 s). Now they wait for one."""
+        """``draw()`` (a page or a stream's live part) in a thread, one at a time. A cold draw
+        (nothing kept: the first after the start, another rollout's, the other language, or
+        after the last page closed) of a 500-node rollout's page takes a few hundred ms; drawn
+        on the event loop, it held every other request (the stylesheet, a link's page) and the
+        agents' heartbeats and the admin socket (session 67's closing read), and requests
+        whose snapshot was shared drew one after another in one round (review s67 L1: 16
+        requests, 5 s). One at a time still: the draws share what is kept of earlier ones
+        (``pages.DRAWN``, ``_drawn``), and a page's draw is mostly Python, which one thread
+        runs at a time anyway; ``_forget`` waits while one is under way."""
+
+        def drawn() -> T:
+            # (a draw whose request was cancelled goes on in its thread, the asyncio lock
+            # released: the next waits for it here)
+            with self._drawing_now:
+                return draw()
+
         async with self._drawing:
-            drawn = draw()
-            await asyncio.sleep(0)  # holding the lock: the next draw waits for the next round
-        return drawn
+            return await asyncio.to_thread(drawn)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The live part of the page as server-sent events: sent at once, then again whenever
@@ -494,8 +514,9 @@ class ViewerApp:
             if self._streams[session_id] <= 0:
                 del self._streams[session_id]
             if not self._streams:  # the last page closed: what was read and drawn for it goes
-                self._forget()
-                self._forget_later()  # and what a read under way puts back
+                if not self._drawing.locked():  # (else the draw's thread puts it back after)
+                    self._forget()
+                self._forget_later()  # and what a read or a draw under way puts back
 
     def _forget_later(self) -> None:
         """``_forget`` again ``SHARED_SECONDS`` from now if no stream is open then and no read
@@ -512,7 +533,7 @@ class ViewerApp:
         self._forgetting = None
         if self._streams:  # a page is open: its stream's end forgets
             return
-        if self._reading.locked():
+        if self._reading.locked() or self._drawing.locked():
             self._forget_later()
             return
         self._forget()
@@ -523,10 +544,11 @@ class ViewerApp:
         objects after the page had closed)."""
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
-        self._drawn.clear()
+        with self._drawing_now:  # (free unless a cancelled request's draw is still under way)
+            self._drawn.clear()
+            pages.DRAWN.clear()
         self._events.clear()
         self._shared.clear()
-        pages.DRAWN.clear()
         self.reader.forget_pages()
 
     async def _stream(
@@ -689,7 +711,12 @@ class ViewerApp:
         nothing). Not from a link on another site (``_navigated_here``; review s67 viewer L1:
         a page anywhere could link a visitor to its own unused link's sign-in URL, and the
         navigation, top-level, would spend it and replace the visitor's session cookie, a
-        Strict one too): 403, nothing spent or set."""
+        Strict one too): 403, nothing spent or set. From the link's page (``same-origin``)
+        in a browser that holds a valid session of another grant: 409, nothing spent or set
+        (session 67's closing read: that page cannot refuse other sites, a web mail's link
+        is one, so a site could send a visitor to its own link's page, and the click on
+        "Sign in" replaced the visitor's session); the person signs out first. The sign-in
+        URL pasted (``none``) still replaces it: only the person can navigate so."""
         if request.method == "HEAD":
             return web.Response(content_type="text/html")
         if not _navigated_here(request):
@@ -702,6 +729,15 @@ class ViewerApp:
         try:
             if not _SECRET.fullmatch(secret):
                 raise LoginRefused("unknown")
+            if request.headers.get("Sec-Fetch-Site") == "same-origin":
+                held = await self._grant(request.cookies.get(SESSION_COOKIE, ""))
+                if held is not None:
+                    # (its own link, used: ``_refused`` sends it to the schema)
+                    await asyncio.to_thread(self.grants.check, secret, now)
+                    self._log_refusal(request, SIGNED_IN)
+                    response = self._denied(request, SIGNED_IN)
+                    response.set_status(409)
+                    return response
             grant, session_id = await asyncio.to_thread(self.grants.login, secret, now)
         except LoginRefused as exc:
             return await self._refused(request, exc)

@@ -11,8 +11,10 @@
 
 A grant is single use: its first login binds it to one browser session (the cookie), which
 ends when the grant expires or is revoked, or when that browser signs out: the session is
-the grant's only one and its link is spent, so signing out ends the grant (it shows as
-revoked; the audit says ``viewer_grant.signed_out``) and coming back takes a new grant.
+the grant's only one and its link is spent, so signing out ends the grant (`viewer list`
+shows it revoked; the audit says ``viewer_grant.signed_out``, and the viewer, to its link
+opened again or a copy of its cookie, "signed out": ``LoginRefused("signed_out")``,
+``ended``) and coming back takes a new grant.
 The link's secret and the session id have 256 bits from ``secrets``; the table keeps only
 their sha256 (a fast hash is enough at that entropy, as for join tokens), and neither is ever
 logged. Every change writes an audit event in the same transaction. Clocks are passed in.
@@ -172,10 +174,10 @@ class Grants(LeaderStore):
             row = db.execute(
                 "SELECT * FROM viewer_grants WHERE secret_hash = ?", (digest(secret),)
             ).fetchone()
-        if row is None:
-            raise LoginRefused("unknown")
-        grant = _grant(row)
-        _refuse_unless_unused(grant, now)
+            if row is None:
+                raise LoginRefused("unknown")
+            grant = _grant(row)
+            _refuse_unless_unused(grant, now, db)
         return grant
 
     def login(self, secret: str, now: dt.datetime) -> tuple[Grant, str]:
@@ -197,13 +199,26 @@ class Grants(LeaderStore):
             if row is None:
                 raise LoginRefused("unknown")
             grant = _grant(row)
-            _refuse_unless_unused(grant, now)
+            _refuse_unless_unused(grant, now, db)
             db.execute(
                 "UPDATE viewer_grants SET used_at = ?, session_hash = ? WHERE id = ?",
                 (to_text(now), digest(session_id), grant.id),
             )
             self._audit(db, now, f"viewer:{grant.id}", "viewer_grant.used", grant.id)
         return self.get(grant.id), session_id
+
+    def ended(self, session_id: str) -> str:
+        """Why a session id is not valid (``session`` said None), as the 401 page's reason:
+        ``signed_out`` if its browser signed it out, else ``session`` (unknown, expired,
+        revoked by the admin)."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT id, revoked_at FROM viewer_grants WHERE session_hash = ?",
+                (digest(session_id),),
+            ).fetchone()
+            if row is not None and row["revoked_at"] is not None and _signed_out(db, row["id"]):
+                return "signed_out"
+        return "session"
 
     def session(self, session_id: str, now: dt.datetime) -> Grant | None:
         """The grant a session id belongs to, if the session is still valid."""
@@ -219,12 +234,25 @@ class Grants(LeaderStore):
         return grant if grant.state(now) is GrantState.ACTIVE else None
 
 
-def _refuse_unless_unused(grant: Grant, now: dt.datetime) -> None:
+def _refuse_unless_unused(grant: Grant, now: dt.datetime, db: sqlite3.Connection) -> None:
     state = grant.state(now)
     if state is GrantState.ACTIVE:
         raise LoginRefused("used", grant.id)
+    if state is GrantState.REVOKED and _signed_out(db, grant.id):
+        raise LoginRefused("signed_out")  # not "revoked": the person signed out
     if state is not GrantState.UNUSED:
         raise LoginRefused(state.value)
+
+
+def _signed_out(db: sqlite3.Connection, grant_id: str) -> bool:
+    """Whether a revoked grant ended by its browser's sign-out (the audit says so: the sign-out
+    ends only an active grant, so it came before any `viewer revoke` of it). Asked only of a
+    revoked grant whose link or session someone holds: no index for it."""
+    row = db.execute(
+        "SELECT 1 FROM audit WHERE kind = 'viewer_grant.signed_out' AND subject = ? LIMIT 1",
+        (grant_id,),
+    ).fetchone()
+    return row is not None
 
 
 def _grant(row: sqlite3.Row) -> Grant:

@@ -199,6 +199,11 @@ _DE: dict[str, str] = {
     "to_schema": "Zum Schema",
     "denied_expired": "Dieser Anmelde-Link ist abgelaufen.",
     "denied_revoked": "Dieser Anmelde-Link wurde widerrufen.",
+    "denied_signed_in": "Dieser Browser ist schon angemeldet (mit einem anderen Anmelde-Link). "
+    "Melden Sie sich zuerst auf der Schema-Seite ab („Abmelden“) und öffnen Sie dann diesen "
+    "Link erneut; er bleibt bis dahin unbenutzt.",
+    "denied_signed_out": "Sie haben sich abgemeldet (mit „Abmelden“): Diese Sitzung ist "
+    "beendet, und ihr Anmelde-Link galt nur einmal.",
     "denied_cross_site": "Eine andere Website hat hierher verlinkt; so meldet der Viewer "
     "niemanden an (der Link bleibt unbenutzt). Öffnen Sie den Anmelde-Link, den Sie bekommen "
     "haben, selbst (z. B. in die Adressleiste einfügen).",
@@ -385,6 +390,11 @@ _EN: dict[str, str] = {
     "to_schema": "To the schema",
     "denied_expired": "This login link has expired.",
     "denied_revoked": "This login link was revoked.",
+    "denied_signed_in": "This browser is already signed in (by another login link). Sign out "
+    "on the schema page first (“Sign out”), then open this link again; it stays unused until "
+    "then.",
+    "denied_signed_out": "You signed out (with “Sign out”): this session has ended, and its "
+    "login link worked once.",
     "denied_cross_site": "Another website linked here; the viewer signs nobody in that way "
     "(the link stays unused). Open the login link you were given yourself (paste it into the "
     "address bar, for example).",

@@ -225,7 +225,7 @@ def _narrow(html: str) -> str:
     return html if html.isascii() else html.encode("latin-1", "xmlcharrefreplace").decode("latin-1")
 
 
-# The pages are drawn on the event loop (one thread): one ``Drawn`` for the process.
+# The pages are drawn one at a time (``ViewerApp._apart``): one ``Drawn`` for the process.
 DRAWN = Drawn()
 
 
@@ -336,8 +336,10 @@ def content_parts(snap: Snapshot, w: Words, page: PageContext) -> Content:
 
 
 def denied_page(w: Words, reason: str) -> str:
-    """The 401 page; ``reason``: none | session | unknown | used | expired | revoked; or,
-    answered with 403, cross_site (the sign-in URL from a link on another site)."""
+    """The 401 page; ``reason``: none | session | unknown | used | expired | revoked |
+    signed_out (the session or its link, after its browser signed out); or, answered with
+    403, cross_site (the sign-in URL from a link on another site); with 409, signed_in (a
+    link's sign-in in a browser signed in by another)."""
     other = _other(w.lang)
     return _ENV.get_template("denied.html").render(
         w=w, reason=reason, other_lang=other, other_lang_words=w("lang_switch")
