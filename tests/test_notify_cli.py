@@ -635,7 +635,8 @@ def test_a_notice_with_the_password_goes_into_no_file_others_may_read(tmp_path: 
     line = one_line_error(err, "tlsroll")
     assert line.startswith(
         f"tlsroll: error: stdout {out} is readable by others (mode 0644); the notice holds the"
-        " password: chmod 600 it or use umask 077"
+        " password: chmod 600 it and run the command again (umask 077 makes a new file 0600; one"
+        " that is there keeps its mode)"
     ), line
     assert out.read_bytes() == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notice.txt"]

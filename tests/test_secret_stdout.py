@@ -86,7 +86,8 @@ def test_a_secret_goes_into_no_file_others_may_read(
     line = one_line_error(err, "tlsroll")
     assert line.startswith(
         f"tlsroll: error: stdout {shared} is readable by others (mode {mode:04o}); {holds}:"
-        " chmod 600 it or use umask 077"
+        " chmod 600 it and run the command again (umask 077 makes a new file 0600; one that is"
+        " there keeps its mode)"
     ), line
     assert shared.read_bytes() == b"", "the secret went into a file others may read"
     assert on_record(cluster) == before, "a token or grant was made and lost to the file"

@@ -552,7 +552,9 @@ def private_stdout(holds: str) -> None:
     of mode 0644 for any local user to enrol the node with first (review s66 logs M4; the
     notice with the password was the same, review s66 pw M2), while every file the product
     keeps a secret in is 0600. A terminal, a pipe (a mailer, ssh to the node) or a private file
-    is the admin's to pass on.
+    is the admin's to pass on. The way out names chmod first: `(umask 077; … > FILE)` over a
+    FILE a refused run left (0644) is refused again, and "or use umask 077" sent the admin
+    round (session 68, README walk).
 
     Stdout that takes no write at all (``> /dev/full``, a descriptor opened for reading) is
     said here too, exit 1: the token was made and stored, then its printing failed, and
@@ -574,7 +576,8 @@ def private_stdout(holds: str) -> None:
         return
     raise click.UsageError(
         f"stdout {_fd_name(fd)} is readable by others (mode {stat.S_IMODE(mode):04o});"
-        f" {holds}: chmod 600 it or use umask 077"
+        f" {holds}: chmod 600 it and run the command again (umask 077 makes a new file"
+        " 0600; one that is there keeps its mode)"
     )
 
 

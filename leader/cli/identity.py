@@ -90,6 +90,14 @@ def nodes(
     if as_json:
         emit_json([to_dict(n) for n in reply.nodes])
         return
+    if not reply.nodes:  # an empty table said nothing of the way on (session 68, README walk)
+        out.print(
+            "no nodes enrolled"
+            + ("" if include_removed else " (--all lists removed ones)")
+            + "; enrol one with a join script: tlsroll token create --node NAME --address IP"
+            ' --print-join-command (README, "On real servers", step 7)'
+        )
+        return
     from rich.table import Table  # noqa: PLC0415 - see above
     from rich.text import Text  # noqa: PLC0415
 

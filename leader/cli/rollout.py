@@ -676,11 +676,20 @@ def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
     help="How many nodes go back at the same time.",
 )
 @click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the way back ends; the exit code is its outcome (as `rollout status`).",
+)
 @pass_leader
-def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bool) -> None:
+def rollout_rollback(
+    leader: Leader, rollout_id: str, max_parallel: int, yes: bool, wait: bool
+) -> None:
     """The way back: put every node that runs https now back on http, whichever rollout
     switched it (with ROLLOUT_ID: that enable-tls rollout's nodes only), the same safe way (a
-    new rollout of change disable-tls). Once per rollout."""
+    new rollout of change disable-tls). Once per rollout. --wait as for `rollout start`: a
+    script learns the outcome from the exit code (session 68, README walk: the way back alone
+    of the commands that start a rollout had no --wait)."""
     request = admin_pb2.RolloutRequest(
         change=CHANGE.wire(Change.DISABLE_TLS),
         undo_rollout_id=rollout_id,
@@ -721,6 +730,8 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     elif removed != list(planned.rollout.removed_since):
         for name in removed:
             out.print(f"  {name} {REMOVED_SINCE}")
+    if wait:
+        wait_for_end(leader, view.id)
 
 
 def going_back(
