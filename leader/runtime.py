@@ -32,7 +32,13 @@ from leader.agent_client import AgentPool
 from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import TEST_AGENT_CERT_ENV, LeaderConfig, agent_cert_seconds
-from leader.db import RELEARN_WINDOW, check_store, mark_store, recorded_ca_pin
+from leader.db import (
+    RELEARN_WINDOW,
+    check_store,
+    foreign_wal,
+    mark_store,
+    recorded_ca_pin,
+)
 from leader.engine import SILENT_AFTER, TEST_SILENT_AFTER_ENV, Engine, silent_after
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
@@ -672,6 +678,10 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     passphrase = _read_passphrase(cfg, source, credential=credential)
     ca = _load_ca(cfg, passphrase, source=source, credential=credential)
     _check_own_tls(layout, ca)
+    # Before anything opens the store (the lost-store check does): a backup's copy put back
+    # beside the -wal of the store it replaced is not mixed with it.
+    if (mixed := foreign_wal(layout.store)) is not None:
+        raise ConfigError(layout.store, None, mixed)
     # Lost state stops the leader; it never starts empty instead, unless the admin says so
     # (``reinitialise``, a one-shot of its own). Before the CA pin's check: a damaged store's
     # pin is no word on its cluster, and the admin is told of the damage, not of two clusters
@@ -851,6 +861,8 @@ def repin_ca(cfg: LeaderConfig, confirm: tuple[str, str] | None, *, config: Path
             f" {fsutil.user_label(os.geteuid())} who runs this: run it as the leader's user;"
             f" {fsutil.owner_fix(owner, layout.store)}"
         )
+    if (mixed := foreign_wal(layout.store)) is not None:
+        raise ConfigError(layout.store, None, mixed)
     check_store(layout.store, recover=recovery_command(config))
     try:
         pin = pki.spki_pin(pki.read_cert(layout.ca_cert))

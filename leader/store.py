@@ -2557,6 +2557,11 @@ class Store(LeaderStore):
                 revoked_leader_certificates=leader_serials,
                 crl_restored_between=[above, below],
             )
+        # In the file itself, not only in its -wal: from here on the file alone is no backup's
+        # copy not started yet (``leader.db.foreign_wal``), so that a -wal a start killed
+        # later leaves beside it is taken for its own.
+        with self._db.read() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         # (A leader certificate revoked: the agent pool reads its nodes again, as ``revoke``.)
         self.nodes_generation += 1
         return Restored(made, until, tuple(leader_serials))
