@@ -348,7 +348,17 @@ def _passphrase_source(cfg: LeaderConfig) -> Path:
     try:
         return passphrase_source(cfg.ca_passphrase_file)
     except TerminalError as exc:
-        raise ConfigError(cfg.path, "[leader].ca_passphrase_file", str(exc)) from None
+        problem = str(exc)
+        if Path(cfg.ca_passphrase_file).parent == CREDENTIAL_COPY_DIR:
+            # A config restored from a server where install.sh ca-credential ran, on one
+            # where it did not (restore review, session 68): what the README's restore says.
+            problem += (
+                " (it is where the unit of a server where install.sh ca-credential ran copies"
+                " its credential: on another server, put the passphrase in a file (0600, the"
+                " leader's user's), set ca_passphrase_file to it, start the leader, then run"
+                " install.sh ca-credential)"
+            )
+        raise ConfigError(cfg.path, "[leader].ca_passphrase_file", problem) from None
 
 
 def _passphrase_error(cfg: LeaderConfig, credential: bool, problem: str) -> ConfigError:

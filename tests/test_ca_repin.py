@@ -46,7 +46,8 @@ def test_a_damaged_store_of_another_pin_is_said_as_damaged(tmp_path: Path) -> No
         with copy.open("r+b") as f:  # the audit table's root page zeroed
             f.seek(page * (root - 1))
             f.write(b"\0" * page)
-        assert (damage(copy, expected=True) or "").startswith("damaged"), damage(copy, expected=True)
+        problem = damage(copy, expected=True)
+        assert (problem or "").startswith("damaged"), problem
         assert recorded_ca_pin(copy) == OTHER_PIN  # (what the pin's check reads)
         restore(c, dest, passphrase)
         before = {p: p.read_bytes() for p in (c.store_path, c.ca_key_path)}

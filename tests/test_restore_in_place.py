@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.cluster import Cluster, one_line_error
 from tests.conftest import next_loopback
 from tests.test_backup import backup, token_ids
@@ -60,3 +62,21 @@ def test_a_copy_put_back_beside_another_store_s_wal_is_refused(tmp_path: Path) -
         c.leader.kill()  # (the copy's own -wal, if any, after its first start)
         c.start_leader()
         assert not token_ids(c) & late
+
+
+def test_a_restored_config_naming_the_credential_copy_says_what_to_do(tmp_path: Path) -> None:
+    """A ``leader.toml`` restored from a server where ``install.sh ca-credential`` ran names
+    ``/run/tlsroll/ca-passphrase``, which the unit of a server where it did not never makes:
+    the start said only that the file does not exist (an admin may write it into the tmpfs,
+    gone at the next boot). The line says what the README's restore does (exit 2)."""
+    copy = Path("/run/tlsroll/ca-passphrase")
+    if copy.exists():  # (a leader installed on this machine: not this test's to touch)
+        pytest.skip(f"{copy} exists here")
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.write_leader_config({"ca_passphrase_file": str(copy)})
+        code, output = c.leader.run_to_exit(timeout=EXIT_TIMEOUT)
+        assert code == 2, output
+        line = one_line_error(output, "tlsroll-leader")
+        assert f"{copy} does not exist" in line, line
+        assert "set ca_passphrase_file to it" in line and "install.sh ca-credential" in line, line
