@@ -636,6 +636,43 @@ def mark_store(path: Path) -> None:
         )
 
 
+def foreign_wal(path: Path) -> str | None:
+    """What is wrong when the store at ``path`` is a backup's copy no leader has started yet
+    (``leader.backup``'s ``backup_made_at``, in the file itself) with a ``-wal`` beside it
+    that holds frames: the write-ahead log of the store the copy was put in place of (a
+    restore in place, after a crash left it). Whatever opens the file next (the lost-store
+    check included) applies it to the copy: pages of two stores mixed, without a word, or
+    damaged (session 68, restore review). None: no such thing. Read without the ``-wal``
+    (``immutable``), nothing written. A copy's first start writes its restore into the file
+    itself (``Store.restore_began``): a start killed before that left only what the next
+    start does again."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        if not path.is_file() or wal.stat().st_size == 0:
+            return None
+    except OSError:
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?immutable=1", uri=True, timeout=1)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'backup_made_at'").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    return (
+        f"{path} is a backup's copy (made {row[0]}) that no leader has started yet, and"
+        f" {wal.name} beside it is another store's (the one it was put in place of): SQLite"
+        " would apply it to the copy and mix the two; move"
+        f" {wal.name} and {path.name}-shm out of {path.parent} (keep them if the store they"
+        " belong to is wanted), then start the leader again; nothing was changed"
+    )
+
+
 def recorded_ca_pin(path: Path) -> str | None:
     """The pin of the CA the store at ``path`` belongs to (``Store.own_ca_pin``), read without
     opening it for writing (nothing migrated, nothing written), or None: none recorded (a new

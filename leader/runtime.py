@@ -32,7 +32,13 @@ from leader.agent_client import AgentPool
 from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import TEST_AGENT_CERT_ENV, LeaderConfig, agent_cert_seconds
-from leader.db import RELEARN_WINDOW, check_store, mark_store, recorded_ca_pin
+from leader.db import (
+    RELEARN_WINDOW,
+    check_store,
+    foreign_wal,
+    mark_store,
+    recorded_ca_pin,
+)
 from leader.engine import SILENT_AFTER, TEST_SILENT_AFTER_ENV, Engine, silent_after
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
@@ -342,7 +348,17 @@ def _passphrase_source(cfg: LeaderConfig) -> Path:
     try:
         return passphrase_source(cfg.ca_passphrase_file)
     except TerminalError as exc:
-        raise ConfigError(cfg.path, "[leader].ca_passphrase_file", str(exc)) from None
+        problem = str(exc)
+        if Path(cfg.ca_passphrase_file).parent == CREDENTIAL_COPY_DIR:
+            # A config restored from a server where install.sh ca-credential ran, on one
+            # where it did not (restore review, session 68): what the README's restore says.
+            problem += (
+                " (it is where the unit of a server where install.sh ca-credential ran copies"
+                " its credential: on another server, put the passphrase in a file (0600, the"
+                " leader's user's), set ca_passphrase_file to it, start the leader, then run"
+                " install.sh ca-credential)"
+            )
+        raise ConfigError(cfg.path, "[leader].ca_passphrase_file", problem) from None
 
 
 def _passphrase_error(cfg: LeaderConfig, credential: bool, problem: str) -> ConfigError:
@@ -502,7 +518,8 @@ def another_ca(layout: Layout, recorded: str, pin: str) -> ConfigError:
         f"{layout.ca_cert} is the CA of pin {pin}, but the store {layout.store} is of the CA"
         f" of pin {recorded} (its nodes pin that one): the store and ca/ are of two clusters;"
         " put back ca/ and tls/ from the same backup as the store (tlsroll-leader --backup"
-        " copies them together: README 'Backups'); nothing was changed",
+        " copies them together: README 'Backups'); a store an earlier release pinned to a"
+        " wrong ca/ is mended by tlsroll-leader --repin-ca; nothing was changed",
     )
 
 
@@ -671,6 +688,15 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     passphrase = _read_passphrase(cfg, source, credential=credential)
     ca = _load_ca(cfg, passphrase, source=source, credential=credential)
     _check_own_tls(layout, ca)
+    # Before anything opens the store (the lost-store check does): a backup's copy put back
+    # beside the -wal of the store it replaced is not mixed with it.
+    if (mixed := foreign_wal(layout.store)) is not None:
+        raise ConfigError(layout.store, None, mixed)
+    # Lost state stops the leader; it never starts empty instead, unless the admin says so
+    # (``reinitialise``, a one-shot of its own). Before the CA pin's check: a damaged store's
+    # pin is no word on its cluster, and the admin is told of the damage, not of two clusters
+    # (closing review s67; session 68).
+    check_store(layout.store, recover=recovery_command(config or layout.config))
     # Before anything is changed (the CA key's encryption, the store's schema): the store is
     # this CA's (review s67 deploy M1). Checked again, and recorded, once the store is open.
     pin = pki.spki_pin(ca.cert)
@@ -689,9 +715,6 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
             kdf_before=weak,
             kdf_now=str(keywrap.kdf_of(layout.ca_key.read_bytes())),
         )
-    # Lost state stops the leader; it never starts empty instead, unless the admin says so
-    # (``reinitialise``, a one-shot of its own).
-    check_store(layout.store, recover=recovery_command(config or layout.config))
     store = Store(layout.store, created=ca_pinned(pin))  # (a new one: recorded, unsaid)
     try:
         if (recorded := store.own_ca_pin(pin)) is None:
@@ -817,6 +840,87 @@ def reinitialise(cfg: LeaderConfig) -> str:
         f"store {layout.store}: begun again, empty{aside}; the leader re-learns the enrolled"
         f" nodes from their agents until {until.isoformat(timespec='minutes')}: start it now"
         " as before (installed: systemctl start tlsroll-leader), then check `tlsroll nodes`"
+    )
+
+
+def repin_ca(cfg: LeaderConfig, confirm: tuple[str, str] | None, *, config: Path) -> str:
+    """``tlsroll-leader --repin-ca RECORDED PIN``: the store is of the CA in ``ca/`` from now
+    on, in place of the one it records, then exit (the leader is started as before). The way
+    out of a wrong pin, which nothing else corrects: a store of a release before session 67
+    records whichever CA its first start finds in ``ca/`` (another cluster's, restored by
+    mistake, included), and once the right ``ca/`` is back the leader refuses it
+    (``another_ca``). Never silent: done only when ``confirm`` names the pin on record and
+    ``ca/ca.pem``'s, in that order, and audited (``store.ca_pin_replaced``); otherwise (None:
+    ``--repin-ca`` with no pins) a config error (exit 2) naming both and the command that
+    confirms, nothing changed. Like ``--reinitialise``, a one-shot with the leader stopped
+    that needs no CA passphrase (the pin is the CA certificate's key's, public; the start
+    checks that ``ca.key`` is its key); refused for a lost store (exit 4, as a start), and a
+    store that records no pin (its start records ``ca/``'s). Returns the line that says what
+    was done."""
+    layout = cfg.layout
+    if _answers(cfg.admin_socket):
+        raise TerminalError(
+            f"a leader is running on {cfg.admin_socket}: stop it first (systemctl stop"
+            " tlsroll-leader); nothing was changed"
+        )
+    check_secret_dirs(layout)
+    here = layout.store.parent
+    if (owner := os.stat(here).st_uid) != os.geteuid():
+        raise UnsafePermissions(
+            f"{here} is owned by {fsutil.user_label(owner)}, not by"
+            f" {fsutil.user_label(os.geteuid())} who runs this: run it as the leader's user;"
+            f" {fsutil.owner_fix(owner, layout.store)}"
+        )
+    if (mixed := foreign_wal(layout.store)) is not None:
+        raise ConfigError(layout.store, None, mixed)
+    check_store(layout.store, recover=recovery_command(config))
+    try:
+        pin = pki.spki_pin(pki.read_cert(layout.ca_cert))
+    except PKIError as exc:
+        raise ca_file_error("CA certificate", f"{layout.ca_cert}: {exc}") from None
+    recorded = recorded_ca_pin(layout.store)
+    if recorded is None:
+        raise ConfigError(
+            layout.store,
+            None,
+            "records no CA pin (a new store, or one of an earlier release): the leader's"
+            f" start records the pin of {layout.ca_cert}; nothing was changed",
+        )
+    if recorded == pin:
+        return (
+            f"store {layout.store}: already of the CA of pin {pin} ({layout.ca_cert});"
+            " nothing was changed"
+        )
+    if confirm != (recorded, pin):
+        run = f"{fsutil.this_program('tlsroll-leader')} --config {os.path.abspath(config)}"
+        said = "" if confirm is None else f"the pins given are not {recorded} then {pin}; "
+        raise ConfigError(
+            layout.store,
+            None,
+            f"{said}it is of the CA of pin {recorded}, {layout.ca_cert} is of pin {pin}:"
+            f" only if {layout.ca_cert} is this cluster's CA (the pin its agents have:"
+            " [leader].ca_pin in each agent.toml), and the store's pin a wrong ca/ left (an"
+            " earlier release's store first started with another cluster's ca/), record it"
+            f" in place of the store's: `{run} --repin-ca {recorded} {pin}`; else put back ca/"
+            " and tls/ from the same backup as the store; nothing was changed",
+        )
+    store = Store(layout.store)
+    try:
+        done = store.replace_ca_pin(recorded, pin, dt.datetime.now(dt.UTC), "admin:--repin-ca")
+    finally:
+        store.close()
+    if not done:  # (another process changed it meanwhile)
+        raise TerminalError(f"store {layout.store}: its CA pin changed meanwhile; try again")
+    log.warning(
+        "store.ca_pin_replaced",
+        path=str(layout.store),
+        was=recorded,
+        ca_pin=pin,
+        detail="the admin's --repin-ca: the store is of the CA in ca/ from now on",
+    )
+    return (
+        f"store {layout.store}: now of the CA of pin {pin} ({layout.ca_cert}), in place of"
+        f" {recorded}: start the leader as before (installed: systemctl start tlsroll-leader)"
     )
 
 
@@ -1167,9 +1271,22 @@ def main(argv: list[str] | None = None) -> int:
         help="write a consistent copy of the store, the config, the CA and the leader's own "
         "certificate into DIR (new or empty; made 0700) and exit; the leader may be running",
     )
+    parser.add_argument(
+        "--repin-ca",
+        nargs="*",
+        metavar="PIN",
+        help="RECORDED PIN: the store is of the CA in ca/ (PIN) from now on, in place of the"
+        " one it records (RECORDED), then exit; for a store an earlier release pinned to a"
+        " wrong ca/; with no pins, or others, it names both and changes nothing (exit 2);"
+        " run it as the leader's user with the leader stopped",
+    )
     ns = parser.parse_args(argv)
     if ns.backup is not None and ns.reinitialise:  # (the backup alone ran: rev57b L4)
         parser.error("--backup and --reinitialise are two things to do: run one, then the other")
+    if ns.repin_ca is not None and (ns.backup is not None or ns.reinitialise):
+        parser.error("--repin-ca is a thing of its own: run it alone, then the other")
+    if ns.repin_ca is not None and len(ns.repin_ca) not in (0, 2):
+        parser.error("--repin-ca takes two pins (the store's, then ca/'s) or none")
     daemon.no_core_dumps()  # before any key or secret is read
     if ns.backup is not None:
         return _backup(ns.config, ns.backup)
@@ -1184,6 +1301,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if ns.reinitialise:
             print(f"tlsroll-leader: {reinitialise(cfg)}")
+            return 0
+        if ns.repin_ca is not None:
+            confirm = (ns.repin_ca[0], ns.repin_ca[1]) if ns.repin_ca else None
+            print(f"tlsroll-leader: {repin_ca(cfg, confirm, config=ns.config)}")
             return 0
         state = load_state(cfg, config=ns.config)
         asyncio.run(serve(cfg, state))

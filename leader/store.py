@@ -2422,6 +2422,22 @@ class Store(LeaderStore):
             db.execute("INSERT INTO meta (key, value) VALUES ('ca_pin', ?)", (pin,))
         return None
 
+    def replace_ca_pin(self, recorded: str, pin: str, now: dt.datetime, actor: str) -> bool:
+        """``tlsroll-leader --repin-ca RECORDED PIN`` (``leader.runtime.repin_ca``): the store
+        is of the CA of ``pin`` from now on, in place of ``recorded``, the one on record (a
+        store of a release before session 67 pinned whatever ``ca/`` its first start found,
+        a wrong one restored included, and nothing else corrects it). Only if ``recorded`` is
+        still the one on record (False: nothing written); audited (``store.ca_pin_replaced``,
+        both pins) in the same transaction."""
+        with self._db.tx() as db:
+            done = db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'ca_pin' AND value = ?", (pin, recorded)
+            ).rowcount
+            if not done:
+                return False
+            self._audit(db, now, actor, "store.ca_pin_replaced", "leader", was=recorded, ca_pin=pin)
+        return True
+
     # --- re-learning nodes after a lost store --------------------------------------------------
 
     def relearn_until(self) -> dt.datetime | None:
@@ -2541,6 +2557,11 @@ class Store(LeaderStore):
                 revoked_leader_certificates=leader_serials,
                 crl_restored_between=[above, below],
             )
+        # In the file itself, not only in its -wal: from here on the file alone is no backup's
+        # copy not started yet (``leader.db.foreign_wal``), so that a -wal a start killed
+        # later leaves beside it is taken for its own.
+        with self._db.read() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         # (A leader certificate revoked: the agent pool reads its nodes again, as ``revoke``.)
         self.nodes_generation += 1
         return Restored(made, until, tuple(leader_serials))
