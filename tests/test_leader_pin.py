@@ -11,11 +11,13 @@ name (a revoked leader certificate passes that handshake) takes only lists and t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +26,7 @@ from cryptography import x509
 from nodeagent import leader_link, nodefiles, service
 from nodeagent.trust import EpochNotAnnounced
 from tests.cluster import Cluster, wait_until
-from tests.leader_rig import leader_with_a_node
+from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.nodeside import Node, cluster_of
 from tests.test_heartbeat_stream import agent_link, until
 from tests.test_own_revoked import agent_knows_revoked, serial_of
@@ -362,3 +364,127 @@ async def test_an_epoch_named_by_the_generic_name_of_a_leader_with_a_serial_is_a
         await link.close()
         journal.close()
         await rig.close()
+
+
+def reissue(rig: InProcessLeader) -> int:
+    """The leader's certificate issued again (a restore, a revocation): a new serial, named in
+    it and in the heartbeat answers; the old serial's name is in it no more. Served from the
+    next ``restart``. The new serial."""
+    ca, address = rig.state.ca, rig.target.rsplit(":", 1)[0]
+    td = ca.trust_domain
+    key, serial = pki.generate_key(), x509.random_serial_number()
+    cert = ca.issue(
+        key.public_key(),
+        pki.Names.of(
+            "tlsroll-leader",
+            [address],
+            [spiffe.leader_host(td), spiffe.leader_serial_host(td, serial)],
+        ),
+        server=True,
+        client=True,
+        identity=spiffe.leader(td),
+        serial=serial,
+    )
+    rig.credentials = grpc.ssl_server_credentials(
+        [(pki.key_to_pem(key), pki.cert_to_pem(cert))],
+        root_certificates=ca.cert_pem,
+        require_client_auth=True,
+    )
+    rig.leader_files = (pki.key_to_pem(key), pki.cert_to_pem(cert))
+    rig.state.leader_serial = f"{serial:x}"
+    return serial
+
+
+class LateReader:
+    """A stream's call whose reader learns of its end only once ``seen`` is set (its reader
+    busy meanwhile: taking a revocation list in the crypto worker, writing the serial's
+    record): the rest is the real call's."""
+
+    def __init__(self, call: Any, seen: asyncio.Event) -> None:
+        self._call, self._seen = call, seen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    async def read(self) -> Any:
+        try:
+            return await self._call.read()
+        except grpc.aio.AioRpcError:
+            await self._seen.wait()
+            raise
+
+
+async def test_a_pinned_stream_that_ended_unseen_goes_to_the_leaders_new_serial_at_once(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing review of s67, 1: the leader restarted with its certificate issued again (the
+    old serial's name in it no more), and the heartbeat's write on the pinned stream saw the
+    call done before the stream's reader did (a loaded machine): gRPC's InvalidStateError, a
+    TimeoutError of the link's ("the heartbeat stream ended: UNAVAILABLE"), not an AioRpcError,
+    and the beat failed without the at-once dials (the pin afresh, then the generic name): the
+    leader heard from the node a beat later (and a command's epoch question failed). Now any
+    shape of a connection that failed takes them: the beat is answered by the generic name,
+    which names the new serial, dialed next."""
+    seen = asyncio.Event()
+    real = leader_link._Stream
+
+    class Late(real):  # type: ignore[misc,valid-type]
+        def __init__(self, call: Any, *rest: Any) -> None:
+            super().__init__(LateReader(call, seen), *rest)
+
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address, serial_name=True)
+    rig.store.advance_epoch(1, now=rig.clock[0], actor="test")
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        await link.beat()  # learns the serial
+        monkeypatch.setattr(leader_link, "_Stream", Late)
+        await link.beat()  # and dials it: a new stream (``Late``)
+        assert link._dialed == int(rig.state.leader_serial, 16)
+        stream = link._stream
+        assert stream is not None and isinstance(stream.call, LateReader)
+        second = reissue(rig)
+        rig.store.advance_epoch(2, now=rig.clock[0], actor="test")
+        await rig.restart()
+        await until(stream.call.done, "the pinned stream's call ended with the leader's restart")
+        assert stream.ended is None  # (its reader has not seen it)
+        request = leader_pb2.HeartbeatRequest(agent_version="test")
+        async with link._lock:
+            await link._exchange_by_pin(request, answer=True)
+        assert link.pin == second  # answered by the generic name, which named it
+        assert trust.announced_epoch == 1  # (not taken there)
+        await link.beat()
+        assert (link._dialed, trust.announced_epoch) == (second, 2)
+    finally:
+        seen.set()
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+@pytest.mark.parametrize(
+    ("exc", "unreached"),
+    [
+        (grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "handshake"), True),
+        (
+            grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL, None, None, leader_link.GRPC_LOST_STATUS
+            ),
+            True,
+        ),
+        (grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, None, None, "the leader's"), False),
+        (grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, None, None, "refused"), False),
+        (leader_link.StreamEnded("ended", grpc.StatusCode.UNAVAILABLE), True),
+        (leader_link.StreamEnded("ended", leader_link.LOST_STATUS), True),
+        (leader_link.StreamEnded("ended", grpc.StatusCode.PERMISSION_DENIED), False),
+        (TimeoutError("no reply in time"), False),
+    ],
+)
+def test_which_failures_of_a_pinned_dial_are_made_again_at_once(
+    exc: BaseException, unreached: bool
+) -> None:
+    """``unreached``: what ``_exchange_by_pin`` makes again at once (the pin afresh, then the
+    generic name): a connection that failed, however gRPC said it; not a refusal of the
+    leader's nor a leader slow to answer (an interval each more under the link's lock)."""
+    assert leader_link.unreached(exc) is unreached
