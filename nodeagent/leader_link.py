@@ -974,6 +974,31 @@ class LeaderLink:
             except Exception as exc:
                 log.warning("stage.forget_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
+    def _answer_on(self, dialed: int | None) -> Answer | None:
+        """How the leader's planning questions on a stream of a channel dialed by ``dialed``
+        are answered: by ``answer_check`` while the link is trusted (``_trusts``, judged at
+        each question), else refused as ``BUSY`` without a word of the node's (closing review
+        of s67, 2: the answer, the server's view and the checks' findings, went to whoever
+        answered the generic name, a revoked leader certificate too). The leader then asks
+        over its own channel (``leader.service.LeaderService.ask_check``'s ``NO_ROOM``), where
+        the agent's service checks the caller's certificate (``LeaderTrust.check_leader``)."""
+        answer = self.answer_check
+        if answer is None:
+            return None
+
+        async def answer_on(question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+            if self._trusts(dialed):
+                return await answer(question)
+            self._ignored("check")
+            return leader_pb2.CheckAnswer(
+                id=question.id,
+                refused_code=BUSY.value[0],
+                refused="asked on a link the agent does not trust (the leader's generic name):"
+                " ask over the leader's channel",
+            )
+
+        return answer_on
+
     def _quiet(self, request: leader_pb2.HeartbeatRequest) -> bool:
         """True if ``request`` need not be sent: the stream is open and in renewal mode, the
         report says nothing new, and the renewal bound does not pass before the next beat."""
@@ -1008,7 +1033,8 @@ class LeaderLink:
             if self._stream is None:
                 call = self.stub.Heartbeats()  # type: ignore[call-arg]
                 take = functools.partial(self._take, dialed=self._dialed)
-                self._stream = _Stream(call, take, self._stream_ended, self.answer_check, self._now)
+                ask = self._answer_on(self._dialed)
+                self._stream = _Stream(call, take, self._stream_ended, ask, self._now)
                 self._ended.clear()  # an earlier stream's end: this beat is the new one
             stream = self._stream
             request.renews = True

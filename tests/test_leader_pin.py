@@ -21,8 +21,10 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from cryptography import x509
 
+from leader.observe import observe
 from nodeagent import leader_link, nodefiles, service
 from nodeagent.trust import EpochNotAnnounced
 from tests.cluster import Cluster, wait_until
@@ -30,6 +32,8 @@ from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.nodeside import Node, cluster_of
 from tests.test_heartbeat_stream import agent_link, until
 from tests.test_own_revoked import agent_knows_revoked, serial_of
+from tests.test_perf_shape import channels_opened
+from tests.test_plan_over_stream import world
 from tlsroll import pki, rpc, spiffe
 from tlsroll.defaults import CONTROL_PORT
 from tlsroll.errors import TransientError
@@ -488,3 +492,38 @@ def test_which_failures_of_a_pinned_dial_are_made_again_at_once(
     generic name): a connection that failed, however gRPC said it; not a refusal of the
     leader's nor a leader slow to answer (an interval each more under the link's lock)."""
     assert leader_link.unreached(exc) is unreached
+
+
+async def test_a_planning_question_on_an_untrusted_link_is_asked_over_the_leaders_channel(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing review of s67, 2: the leader's planning question on the heartbeat stream was
+    answered on a link dialed by the generic name too (the dial by the pinned serial failed):
+    the server's view and the node's problems went to whoever answered there, a revoked leader
+    certificate too. Now the agent refuses it there as having no room (``BUSY``), says so
+    (``leader.link_untrusted``, once), and the leader asks over its own channel, where the
+    agent's service checks the caller's certificate: the plan sees the node as before."""
+    opened = channels_opened(monkeypatch)
+    asked: list[int] = []
+    async with world(tmp_path, loopback, pin=0xABC) as (rig, pool, node):
+        assert node.link._dialed is None  # the generic name's (the leader has no 0xabc)
+        answer = node.link.answer_check
+        assert answer is not None
+
+        async def counted(question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+            asked.append(question.id)
+            return await answer(question)
+
+        node.link.answer_check = counted
+        node.link._drop_stream()
+        await node.link.beat()  # a stream that answers with it, by the generic name again
+        assert node.link._dialed is None
+        with structlog.testing.capture_logs() as events:
+            seen = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+            again = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert asked == []  # never answered on the stream
+        assert opened["hb1"] == 1  # asked over the leader's channel (kept for the second)
+        assert seen["hb1"].reachable and seen["hb1"].problems == () and seen == again
+        said = [e.get("ignored") for e in events if e["event"] == "leader.link_untrusted"]
+        assert said == ["check"], events
+        assert all(not b.questions for b in rig.service._open)
