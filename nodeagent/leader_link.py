@@ -938,16 +938,14 @@ class LeaderLink:
             self._crl_wanted = True
             self.beat_soon()
         if not trusted:
-            said = [
-                what
-                for what, there in (
-                    ("epoch", reply.epoch > self.trust.announced_epoch),
-                    ("ended_stages", bool(reply.ended_stages)),
-                )
-                if there
-            ]
-            if said:
-                self._ignored(",".join(said))
+            # Each said once on its own: said together ("epoch,ended_stages"), an epoch already
+            # said was said again with the first ended stages.
+            for what, there in (
+                ("epoch", reply.epoch > self.trust.announced_epoch),
+                ("ended_stages", bool(reply.ended_stages)),
+            ):
+                if there:
+                    self._ignored(what)
             if reply.leader_serial:
                 # A leader of this release (it names its serial) heard by the generic name: its
                 # epoch is taken once the serial is dialed. One that names none (a leader taken

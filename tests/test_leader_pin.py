@@ -527,3 +527,26 @@ async def test_a_planning_question_on_an_untrusted_link_is_asked_over_the_leader
         said = [e.get("ignored") for e in events if e["event"] == "leader.link_untrusted"]
         assert said == ["check"], events
         assert all(not b.questions for b in rig.service._open)
+
+
+async def test_what_an_untrusted_link_said_is_said_ignored_once_each(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """``leader.link_untrusted`` names each thing ignored once (until a trusted answer): the
+    epoch and the ended stages were said as one ("epoch,ended_stages"), and an epoch already
+    said was said again with the first ended stages."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    link, _trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        link.pin, link.announces = 0xABC, True
+        with structlog.testing.capture_logs() as events:
+            await link._take(leader_pb2.HeartbeatResponse(epoch=9), None)
+            await link._take(leader_pb2.HeartbeatResponse(epoch=9, ended_stages=["s1"]), None)
+            await link._take(leader_pb2.HeartbeatResponse(epoch=10, ended_stages=["s2"]), None)
+        said = [e.get("ignored") for e in events if e["event"] == "leader.link_untrusted"]
+        assert said == ["epoch", "ended_stages"], said
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
