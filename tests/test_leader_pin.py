@@ -467,18 +467,18 @@ async def test_a_pinned_stream_that_ended_unseen_goes_to_the_leaders_new_serial_
         await rig.close()
 
 
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An error as gRPC's asyncio client raises it."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
 @pytest.mark.parametrize(
     ("exc", "unreached"),
     [
-        (grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "handshake"), True),
-        (
-            grpc.aio.AioRpcError(
-                grpc.StatusCode.INTERNAL, None, None, leader_link.GRPC_LOST_STATUS
-            ),
-            True,
-        ),
-        (grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, None, None, "the leader's"), False),
-        (grpc.aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, None, None, "refused"), False),
+        (rpc_error(grpc.StatusCode.UNAVAILABLE, "handshake"), True),
+        (rpc_error(grpc.StatusCode.INTERNAL, leader_link.GRPC_LOST_STATUS), True),
+        (rpc_error(grpc.StatusCode.INTERNAL, "the leader's"), False),
+        (rpc_error(grpc.StatusCode.UNAUTHENTICATED, "refused"), False),
         (leader_link.StreamEnded("ended", grpc.StatusCode.UNAVAILABLE), True),
         (leader_link.StreamEnded("ended", leader_link.LOST_STATUS), True),
         (leader_link.StreamEnded("ended", grpc.StatusCode.PERMISSION_DENIED), False),
