@@ -148,6 +148,32 @@ LOST_DETAIL = (
 )
 
 
+class StreamEnded(TimeoutError):
+    """``LeaderLink._exchange``: the heartbeat stream ended (the leader ended it, the connection
+    broke, or it never connected) as a message went, seen by the write (gRPC's
+    ``InvalidStateError``: the call was done before the stream's reader took note), not by an
+    ``AioRpcError``; ``code``: its status, or ``LOST_STATUS``. A TimeoutError as before (the
+    heartbeat's callers take it as any failure); ``LeaderLink._exchange_by_pin`` tells it
+    from a leader that did not answer in time."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def unreached(exc: BaseException) -> bool:
+    """Whether a heartbeat that failed with ``exc`` may not have reached the leader it dialed:
+    UNAVAILABLE (the handshake failed, as with a certificate that lacks the name dialed, or the
+    leader is away or restarting), however it surfaced (``AioRpcError``, or ``StreamEnded``:
+    on a loaded machine the write saw the call done before its reader did), or a status gRPC
+    lost (``status_lost``: the stream ended as the message went). Not a refusal of the
+    leader's, nor a leader that did not answer in time (a plain TimeoutError: the stream was
+    up)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code() == grpc.StatusCode.UNAVAILABLE or status_lost(exc)
+    return isinstance(exc, StreamEnded) and exc.code in (grpc.StatusCode.UNAVAILABLE, LOST_STATUS)
+
+
 def status_lost(exc: BaseException | None) -> bool:
     """Whether ``exc`` is gRPC's own INTERNAL for a stream write the call's end cut short
     (``GRPC_LOST_STATUS``), not a status the leader sent."""
@@ -912,16 +938,14 @@ class LeaderLink:
             self._crl_wanted = True
             self.beat_soon()
         if not trusted:
-            said = [
-                what
-                for what, there in (
-                    ("epoch", reply.epoch > self.trust.announced_epoch),
-                    ("ended_stages", bool(reply.ended_stages)),
-                )
-                if there
-            ]
-            if said:
-                self._ignored(",".join(said))
+            # Each said once on its own: said together ("epoch,ended_stages"), an epoch already
+            # said was said again with the first ended stages.
+            for what, there in (
+                ("epoch", reply.epoch > self.trust.announced_epoch),
+                ("ended_stages", bool(reply.ended_stages)),
+            ):
+                if there:
+                    self._ignored(what)
             if reply.leader_serial:
                 # A leader of this release (it names its serial) heard by the generic name: its
                 # epoch is taken once the serial is dialed. One that names none (a leader taken
@@ -947,6 +971,31 @@ class LeaderLink:
                 await forget(ids)
             except Exception as exc:
                 log.warning("stage.forget_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    def _answer_on(self, dialed: int | None) -> Answer | None:
+        """How the leader's planning questions on a stream of a channel dialed by ``dialed``
+        are answered: by ``answer_check`` while the link is trusted (``_trusts``, judged at
+        each question), else refused as ``BUSY`` without a word of the node's (closing review
+        of s67, 2: the answer, the server's view and the checks' findings, went to whoever
+        answered the generic name, a revoked leader certificate too). The leader then asks
+        over its own channel (``leader.service.LeaderService.ask_check``'s ``NO_ROOM``), where
+        the agent's service checks the caller's certificate (``LeaderTrust.check_leader``)."""
+        answer = self.answer_check
+        if answer is None:
+            return None
+
+        async def answer_on(question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+            if self._trusts(dialed):
+                return await answer(question)
+            self._ignored("check")
+            return leader_pb2.CheckAnswer(
+                id=question.id,
+                refused_code=BUSY.value[0],
+                refused="asked on a link the agent does not trust (the leader's generic name):"
+                " ask over the leader's channel",
+            )
+
+        return answer_on
 
     def _quiet(self, request: leader_pb2.HeartbeatRequest) -> bool:
         """True if ``request`` need not be sent: the stream is open and in renewal mode, the
@@ -982,7 +1031,8 @@ class LeaderLink:
             if self._stream is None:
                 call = self.stub.Heartbeats()  # type: ignore[call-arg]
                 take = functools.partial(self._take, dialed=self._dialed)
-                self._stream = _Stream(call, take, self._stream_ended, self.answer_check, self._now)
+                ask = self._answer_on(self._dialed)
+                self._stream = _Stream(call, take, self._stream_ended, ask, self._now)
                 self._ended.clear()  # an earlier stream's end: this beat is the new one
             stream = self._stream
             request.renews = True
@@ -1040,13 +1090,15 @@ class LeaderLink:
                     details = await stream.call.details()
                     if rpc.node_removed(status, details):  # (the send saw the end first)
                         self._removed_said(details)
-                why = f"ended: {status.name}" if status is not None else "no reply in time"
                 if stream.lost or (
                     status == grpc.StatusCode.INTERNAL
                     and await stream.call.details() == GRPC_LOST_STATUS
                 ):
-                    why = f"ended: {LOST_STATUS}"  # (not an INTERNAL of the leader's)
-                raise TimeoutError(f"the heartbeat stream {why}") from None
+                    # (not an INTERNAL of the leader's)
+                    raise StreamEnded(f"the heartbeat stream ended: {LOST_STATUS}", LOST_STATUS)
+                if status is not None:
+                    raise StreamEnded(f"the heartbeat stream ended: {status.name}", status)
+                raise TimeoutError("the heartbeat stream got no reply in time") from None
             self.streaming = False
             self._unary_beats = 0
             request.renews = request.wants_answer = False
@@ -1208,7 +1260,8 @@ class LeaderLink:
         """(Under the lock.) ``_exchange``; one on a channel dialed by the pinned serial that
         could not connect (UNAVAILABLE) is made again at once on a channel dialed by it afresh,
         and if that fails too, by the generic name, whose answer names the leader's serial now:
-        the next beat dials that (``_learn``, ``_redial``).
+        the next beat dials that (``_learn``, ``_redial``). Could not connect: any of the shapes
+        ``unreached`` knows, not only an ``AioRpcError`` UNAVAILABLE.
 
         The fresh dial first: a channel that lost the leader waits out gRPC's reconnect backoff
         (up to an interval) and fails every call at once meanwhile, whatever the leader serves.
@@ -1222,24 +1275,27 @@ class LeaderLink:
         try:
             await self._exchange(request, answer)
             return
-        except grpc.aio.AioRpcError as exc:
-            if self._dialed is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            # Any shape the failure takes (``unreached``): a write that saw the call done
+            # before its reader did gave a TimeoutError, and the beat failed (review of s67).
+            if self._dialed is None or not unreached(exc):
                 raise
         await self._redial(fresh=True)
         request.sent_at.FromDatetime(self.clock())
         try:
             await self._exchange(request, answer)
             return
-        except grpc.aio.AioRpcError as exc:
-            if self._dialed is None or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        except (grpc.aio.AioRpcError, TimeoutError) as exc:
+            if self._dialed is None or not unreached(exc):
                 raise
             if self._dial_failed_said != self._dialed:  # once until a beat by it is answered
                 self._dial_failed_said = self._dialed
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 log.info(
                     "leader.serial_dial_failed",
                     leader=self.target,
                     serial=f"{self._dialed:x}",
-                    detail=str(exc.details())[:200],
+                    detail=str(detail)[:200],
                 )
         self._fallback = True
         await self._redial()

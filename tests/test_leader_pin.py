@@ -11,23 +11,29 @@ name (a revoked leader certificate passes that handshake) takes only lists and t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import structlog
 from cryptography import x509
 
+from leader.observe import observe
 from nodeagent import leader_link, nodefiles, service
 from nodeagent.trust import EpochNotAnnounced
 from tests.cluster import Cluster, wait_until
-from tests.leader_rig import leader_with_a_node
+from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.nodeside import Node, cluster_of
 from tests.test_heartbeat_stream import agent_link, until
 from tests.test_own_revoked import agent_knows_revoked, serial_of
+from tests.test_perf_shape import channels_opened
+from tests.test_plan_over_stream import world
 from tlsroll import pki, rpc, spiffe
 from tlsroll.defaults import CONTROL_PORT
 from tlsroll.errors import TransientError
@@ -358,6 +364,188 @@ async def test_an_epoch_named_by_the_generic_name_of_a_leader_with_a_serial_is_a
             await trust.admit_epoch(6)
         await link._take(leader_pb2.HeartbeatResponse(epoch=5, leader_serial="abc"), 0xABC)
         await trust.admit_epoch(5)  # heard on the pinned link: taken
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+def reissue(rig: InProcessLeader) -> int:
+    """The leader's certificate issued again (a restore, a revocation): a new serial, named in
+    it and in the heartbeat answers; the old serial's name is in it no more. Served from the
+    next ``restart``. The new serial."""
+    ca, address = rig.state.ca, rig.target.rsplit(":", 1)[0]
+    td = ca.trust_domain
+    key, serial = pki.generate_key(), x509.random_serial_number()
+    cert = ca.issue(
+        key.public_key(),
+        pki.Names.of(
+            "tlsroll-leader",
+            [address],
+            [spiffe.leader_host(td), spiffe.leader_serial_host(td, serial)],
+        ),
+        server=True,
+        client=True,
+        identity=spiffe.leader(td),
+        serial=serial,
+    )
+    rig.credentials = grpc.ssl_server_credentials(
+        [(pki.key_to_pem(key), pki.cert_to_pem(cert))],
+        root_certificates=ca.cert_pem,
+        require_client_auth=True,
+    )
+    rig.leader_files = (pki.key_to_pem(key), pki.cert_to_pem(cert))
+    rig.state.leader_serial = f"{serial:x}"
+    return serial
+
+
+class LateReader:
+    """A stream's call whose reader learns of its end only once ``seen`` is set (its reader
+    busy meanwhile: taking a revocation list in the crypto worker, writing the serial's
+    record): the rest is the real call's."""
+
+    def __init__(self, call: Any, seen: asyncio.Event) -> None:
+        self._call, self._seen = call, seen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+    async def read(self) -> Any:
+        try:
+            return await self._call.read()
+        except grpc.aio.AioRpcError:
+            await self._seen.wait()
+            raise
+
+
+async def test_a_pinned_stream_that_ended_unseen_goes_to_the_leaders_new_serial_at_once(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing review of s67, 1: the leader restarted with its certificate issued again (the
+    old serial's name in it no more), and the heartbeat's write on the pinned stream saw the
+    call done before the stream's reader did (a loaded machine): gRPC's InvalidStateError, a
+    TimeoutError of the link's ("the heartbeat stream ended: UNAVAILABLE"), not an AioRpcError,
+    and the beat failed without the at-once dials (the pin afresh, then the generic name): the
+    leader heard from the node a beat later (and a command's epoch question failed). Now any
+    shape of a connection that failed takes them: the beat is answered by the generic name,
+    which names the new serial, dialed next."""
+    seen = asyncio.Event()
+    real = leader_link._Stream
+
+    class Late(real):  # type: ignore[misc,valid-type]
+        def __init__(self, call: Any, *rest: Any) -> None:
+            super().__init__(LateReader(call, seen), *rest)
+
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address, serial_name=True)
+    rig.store.advance_epoch(1, now=rig.clock[0], actor="test")
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        await link.beat()  # learns the serial
+        monkeypatch.setattr(leader_link, "_Stream", Late)
+        await link.beat()  # and dials it: a new stream (``Late``)
+        assert link._dialed == int(rig.state.leader_serial, 16)
+        stream = link._stream
+        assert stream is not None and isinstance(stream.call, LateReader)
+        second = reissue(rig)
+        rig.store.advance_epoch(2, now=rig.clock[0], actor="test")
+        await rig.restart()
+        await until(stream.call.done, "the pinned stream's call ended with the leader's restart")
+        assert stream.ended is None  # (its reader has not seen it)
+        request = leader_pb2.HeartbeatRequest(agent_version="test")
+        async with link._lock:
+            await link._exchange_by_pin(request, answer=True)
+        assert link.pin == second  # answered by the generic name, which named it
+        assert trust.announced_epoch == 1  # (not taken there)
+        await link.beat()
+        assert (link._dialed, trust.announced_epoch) == (second, 2)
+    finally:
+        seen.set()
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An error as gRPC's asyncio client raises it."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "unreached"),
+    [
+        (rpc_error(grpc.StatusCode.UNAVAILABLE, "handshake"), True),
+        (rpc_error(grpc.StatusCode.INTERNAL, leader_link.GRPC_LOST_STATUS), True),
+        (rpc_error(grpc.StatusCode.INTERNAL, "the leader's"), False),
+        (rpc_error(grpc.StatusCode.UNAUTHENTICATED, "refused"), False),
+        (leader_link.StreamEnded("ended", grpc.StatusCode.UNAVAILABLE), True),
+        (leader_link.StreamEnded("ended", leader_link.LOST_STATUS), True),
+        (leader_link.StreamEnded("ended", grpc.StatusCode.PERMISSION_DENIED), False),
+        (TimeoutError("no reply in time"), False),
+    ],
+)
+def test_which_failures_of_a_pinned_dial_are_made_again_at_once(
+    exc: BaseException, unreached: bool
+) -> None:
+    """``unreached``: what ``_exchange_by_pin`` makes again at once (the pin afresh, then the
+    generic name): a connection that failed, however gRPC said it; not a refusal of the
+    leader's nor a leader slow to answer (an interval each more under the link's lock)."""
+    assert leader_link.unreached(exc) is unreached
+
+
+async def test_a_planning_question_on_an_untrusted_link_is_asked_over_the_leaders_channel(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing review of s67, 2: the leader's planning question on the heartbeat stream was
+    answered on a link dialed by the generic name too (the dial by the pinned serial failed):
+    the server's view and the node's problems went to whoever answered there, a revoked leader
+    certificate too. Now the agent refuses it there as having no room (``BUSY``), says so
+    (``leader.link_untrusted``, once), and the leader asks over its own channel, where the
+    agent's service checks the caller's certificate: the plan sees the node as before."""
+    opened = channels_opened(monkeypatch)
+    asked: list[int] = []
+    async with world(tmp_path, loopback, pin=0xABC) as (rig, pool, node):
+        assert node.link._dialed is None  # the generic name's (the leader has no 0xabc)
+        answer = node.link.answer_check
+        assert answer is not None
+
+        async def counted(question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+            asked.append(question.id)
+            return await answer(question)
+
+        node.link.answer_check = counted
+        node.link._drop_stream()
+        await node.link.beat()  # a stream that answers with it, by the generic name again
+        assert node.link._dialed is None
+        with structlog.testing.capture_logs() as events:
+            seen = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+            again = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert asked == []  # never answered on the stream
+        assert opened["hb1"] == 1  # asked over the leader's channel (kept for the second)
+        assert seen["hb1"].reachable and seen["hb1"].problems == () and seen == again
+        said = [e.get("ignored") for e in events if e["event"] == "leader.link_untrusted"]
+        assert said == ["check"], events
+        assert all(not b.questions for b in rig.service._open)
+
+
+async def test_what_an_untrusted_link_said_is_said_ignored_once_each(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """``leader.link_untrusted`` names each thing ignored once (until a trusted answer): the
+    epoch and the ended stages were said as one ("epoch,ended_stages"), and an epoch already
+    said was said again with the first ended stages."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    link, _trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        link.pin, link.announces = 0xABC, True
+        with structlog.testing.capture_logs() as events:
+            await link._take(leader_pb2.HeartbeatResponse(epoch=9), None)
+            await link._take(leader_pb2.HeartbeatResponse(epoch=9, ended_stages=["s1"]), None)
+            await link._take(leader_pb2.HeartbeatResponse(epoch=10, ended_stages=["s2"]), None)
+        said = [e.get("ignored") for e in events if e["event"] == "leader.link_untrusted"]
+        assert said == ["epoch", "ended_stages"], said
     finally:
         await link.close()
         journal.close()

@@ -126,14 +126,18 @@ async def agent(
     answers: bool = True,
     hold: bool = False,
     listen: str | None = None,
+    pin: int | None = None,
 ) -> AsyncIterator[Node]:
     """Node hb1's agent: ``LeaderLink`` (one beat done: its stream in renewal mode; ``answers``:
     it says it answers planning questions) and ``NodeAgentService`` on ``node_address``'s
     agent port (``driver``: a ``StubDriver``, else none configured; its clock ``skew`` ahead);
     ``hold``: its answers wait for ``Node.held.go``; ``listen``: the NodeAgent service listens
-    on this address instead (the leader dials the node's, where nothing listens)."""
+    on this address instead (the leader dials the node's, where nothing listens); ``pin``: it
+    holds that serial of a leader that announced serials (``LeaderLink.pin``)."""
     leader_address = rig.target.rsplit(":", 1)[0]
     link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    if pin is not None:
+        link.pin, link.announces = pin, True
     files = tmp_path / "agent"
     key_pem, cert_pem, ca_pem = rig.node_files
     identity = Identity.of(
