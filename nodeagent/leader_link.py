@@ -1236,10 +1236,11 @@ class LeaderLink:
                     exc.code(), exc.details()
                 ):
                     self._removed_said(detail)
-                if self._dialed is not None:
-                    # Maybe the leader's certificate was issued again (another serial): the
-                    # next beat dials the generic name and learns it (``_want``).
-                    self._fallback = True
+                # (A pinned beat that failed so is no sign of another certificate: one that did
+                # not reach the leader was made again at once, afresh and by the generic name
+                # (``_exchange_by_pin``); a refusal or a slow leader answered by the pin. The
+                # next beat dials the pin again: by the generic name it took no epoch, and a
+                # command's epoch question then failed: s68 leaderpin L2.)
                 if self.healthy is not False:
                     log.warning("heartbeat.failed", leader=self.target, code=code, detail=detail)
                 self.healthy = False

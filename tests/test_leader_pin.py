@@ -550,3 +550,37 @@ async def test_what_an_untrusted_link_said_is_said_ignored_once_each(
         await link.close()
         journal.close()
         await rig.close()
+
+
+async def test_a_pinned_beat_the_leader_did_not_answer_in_time_dials_the_pin_again(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 68's leaderpin L2: a pinned beat that failed other than by not reaching the
+    leader (no answer in time: a leader slow for a moment) set the next beat to the generic
+    name, where no epoch is taken: a command's epoch question in that beat failed. The pin is
+    dialed again."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address, serial_name=True)
+    await rig.server.start()
+    link, _trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        await link.beat()  # learns the serial
+        await link.beat()  # and dials it
+        serial = int(rig.state.leader_serial, 16)
+        assert link._dialed == serial
+        real = link._exchange
+
+        async def slow(request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
+            raise TimeoutError("no reply in time")
+
+        monkeypatch.setattr(link, "_exchange", slow)
+        with pytest.raises(TransientError):
+            await link.beat()
+        monkeypatch.setattr(link, "_exchange", real)
+        assert link._want() == serial
+        await link.beat()
+        assert link._dialed == serial
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
