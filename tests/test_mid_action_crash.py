@@ -1,0 +1,87 @@
+"""The agent SIGKILLed in the *middle* of an action, not between two (session 68's review of the
+journal's crash safety). ``tests/test_switch.py`` kills it right after each phase is journalled
+(``TLSROLL_AGENT_TEST_CRASH_AFTER``); here it dies while an action is under way, the journal
+saying the phase before it: a real agent, a real reference server, killed from outside at a
+point the test holds (the restarted server's start is held by the reference server's
+``TLSROLL_REFSERVER_TEST_START_DELAY``, which the server the driver starts inherits from the
+agent's environment).
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from refserver.server import START_DELAY_ENV
+from tests.cluster import AdminTokenCluster, Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, NodeFactory
+from tests.test_switch import assert_refused_while_frozen, assert_switched
+
+pytestmark = pytest.mark.timeout(240)
+HELD = "120"  # seconds the driver's start of the target server is held: longer than any test
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with AdminTokenCluster(tmp_path_factory.mktemp("midcrash"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+@pytest.fixture
+def make_node(cluster: Cluster, tmp_path: Path) -> Iterator[NodeFactory]:
+    factory = NodeFactory(cluster, tmp_path, "mc")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def held_start(node: Node, before: int | None) -> bool:
+    """The server the agent's restart started (not ``before``) is held in its start: its pid
+    file names it, and it said so in the driver's log."""
+    assert node.agent is not None
+    pid = node.server_pid()
+    if pid is None or pid == before:
+        return False
+    log = node.agent.data_dir / "refserver.log"
+    return log.exists() and "test_hook.start_delay" in log.read_text(errors="replace")
+
+
+def test_an_agent_killed_while_its_restart_starts_the_target_resumes_and_completes(
+    make_node: NodeFactory,
+) -> None:
+    """Killed while the server it restarted on the target config is still starting (its
+    public port up, its admin socket not yet): the journal says ``config_written``. The
+    server it left stays frozen; the agent started again restarts it (the half-started one
+    stopped, never a second one beside it) and the switch completes, no write lost."""
+    node = make_node(env={START_DELAY_ENV: HELD})
+    assert node.agent is not None
+    acked = node.post("http", {"note": "before"}).json()
+    staged = node.stage("midrestart")
+    before = node.server_pid()
+    node.switch("midrestart")
+    wait_until(lambda: held_start(node, before), 60, "the target server's start held")
+    node.agent.kill()
+    assert node.agent.proc is not None and node.agent.proc.returncode == -signal.SIGKILL
+
+    [row] = node.journal_query("SELECT phase, outcome FROM txns")
+    assert (row["phase"], row["outcome"]) == ("config_written", "")
+    marker = uuid.uuid4().hex
+    wait_until(lambda: node.port_open(8443), 30, "the held server's https port")
+    assert_refused_while_frozen(node.post("https", {"marker": marker}))
+    assert node.stored_with(marker) == 0
+
+    node.restart_agent()  # without the start delay
+    done = node.wait_txn("midrestart", timeout=90)
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert done.watermark == acked["seq"]
+    assert node.get("https", f"entries/{acked['id']}").status == 200
+    assert node.post("https", {"note": "after"}).status == 201
