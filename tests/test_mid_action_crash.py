@@ -4,7 +4,7 @@ journal's crash safety). ``tests/test_switch.py`` kills it right after each phas
 saying the phase before it: a real agent, a real reference server, killed from outside at a
 point the test holds (the restarted server's start is held by the reference server's
 ``TLSROLL_REFSERVER_TEST_START_DELAY``, which the server the driver starts inherits from the
-agent's environment).
+agent's environment). And what a power cut needs on disk first: a stage directory's entry.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
+from nodeagent import plans
+from nodeagent.drivers import Driver
 from refserver.server import START_DELAY_ENV
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
@@ -85,3 +89,34 @@ def test_an_agent_killed_while_its_restart_starts_the_target_resumes_and_complet
     assert done.watermark == acked["seq"]
     assert node.get("https", f"entries/{acked['id']}").status == 200
     assert node.post("https", {"note": "after"}).status == 201
+
+
+def test_a_stage_directory_made_is_on_disk_before_a_file_is_written_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files of a stage are each fsynced with their directory (``write_atomic``), and the
+    switch's config, which names them, is fsynced too; ``tlsroll-tls`` and the rollout's
+    directory were made with no fsync of the directory they are in: a power cut after a switch
+    could keep the config and lose the directory's entry, the server's next start then meeting
+    a config whose certificate and key are gone. Each directory made is fsynced into its parent;
+    one there already costs no fsync."""
+    config_dir = tmp_path / "server"
+    config_dir.mkdir(mode=0o700)
+    driver = cast(Driver, SimpleNamespace(config_file=config_dir / "server.toml"))
+    synced: list[Path] = []
+    real = plans.fsync_dir
+
+    def spy(directory: Path) -> None:
+        synced.append(Path(directory))
+        real(directory)
+
+    monkeypatch.setattr(plans, "fsync_dir", spy)
+    made = plans.make_stage_dir(driver, "r1", plans.Sharing.own())
+    assert made == config_dir / plans.STAGES / "r1" and made.is_dir()
+    assert synced == [config_dir, config_dir / plans.STAGES]
+    synced.clear()
+    plans.make_stage_dir(driver, "r2", plans.Sharing.own())
+    assert synced == [config_dir / plans.STAGES]
+    synced.clear()
+    plans.make_stage_dir(driver, "r2", plans.Sharing.own())
+    assert synced == []
