@@ -9,6 +9,7 @@ agent's environment). And what a power cut needs on disk first: a stage director
 
 from __future__ import annotations
 
+import os
 import signal
 import uuid
 from collections.abc import Iterator
@@ -103,14 +104,14 @@ def test_a_stage_directory_made_is_on_disk_before_a_file_is_written_in_it(
     config_dir = tmp_path / "server"
     config_dir.mkdir(mode=0o700)
     driver = cast(Driver, SimpleNamespace(config_file=config_dir / "server.toml"))
-    synced: list[Path] = []
-    real = plans.fsync_dir
+    synced: list[Path] = []  # what each fsync synced, by its descriptor's path
+    real = os.fsync
 
-    def spy(directory: Path) -> None:
-        synced.append(Path(directory))
-        real(directory)
+    def spy(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
 
-    monkeypatch.setattr(plans, "fsync_dir", spy)
+    monkeypatch.setattr(os, "fsync", spy)
     made = plans.make_stage_dir(driver, "r1", plans.Sharing.own())
     assert made == config_dir / plans.STAGES / "r1" and made.is_dir()
     assert synced == [config_dir, config_dir / plans.STAGES]
