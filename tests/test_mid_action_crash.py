@@ -4,13 +4,16 @@ journal's crash safety). ``tests/test_switch.py`` kills it right after each phas
 saying the phase before it: a real agent, a real reference server, killed from outside at a
 point the test holds (the restarted server's start is held by the reference server's
 ``TLSROLL_REFSERVER_TEST_START_DELAY``, which the server the driver starts inherits from the
-agent's environment). And what a power cut needs on disk first: a stage directory's entry.
+agent's environment). And what a power cut needs on disk first: a stage directory's entry;
+and a journal whose transaction row the agent cannot read, at its start.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ import pytest
 from nodeagent import plans
 from nodeagent.drivers import Driver
 from refserver.server import START_DELAY_ENV
-from tests.cluster import AdminTokenCluster, Cluster, wait_until
+from tests.cluster import AdminTokenCluster, Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
 from tests.test_switch import assert_refused_while_frozen, assert_switched
@@ -121,3 +124,45 @@ def test_a_stage_directory_made_is_on_disk_before_a_file_is_written_in_it(
     synced.clear()
     plans.make_stage_dir(driver, "r2", plans.Sharing.own())
     assert synced == []
+
+
+def test_a_journal_row_the_agent_cannot_read_stops_it_with_one_line_and_may_be_reinitialised(
+    make_node: NodeFactory,
+) -> None:
+    """Session 68 (journal review, L2): a transaction row whose phase the agent does not know
+    (an edit by hand, a bit flipped inside a value: ``quick_check`` passes) stopped the agent
+    at its start, resuming it, with "internal error: ValueError", exit 1, no file named,
+    started again for ever; and --reinitialise refused the journal as intact. Now: exit 4,
+    which the unit does not restart, one line naming the journal, the row and what is wrong;
+    --reinitialise moves it aside and the agent starts on an empty journal."""
+    node = make_node()
+    agent = node.agent
+    assert agent is not None
+    assert agent.stop() == 0
+    journal = node.journal_path
+    with sqlite3.connect(journal) as conn:
+        conn.execute(
+            "INSERT INTO txns (rollout_id, kind, epoch, phase, started_at, plan)"
+            " VALUES ('edited', 'switch', 1, 'halfway', ?, '{}')",
+            (dt.datetime.now(dt.UTC).isoformat(),),
+        )
+    conn.close()
+    code, output = agent.run_to_exit(timeout=60)
+    assert code == 4, output
+    line = one_line_error(output, "tlsroll-agent", allow_grpc_core=True)
+    assert line.startswith(
+        f"tlsroll-agent: journal {journal}: damaged (the transaction switch of rollout"
+        " edited: 'halfway' is not a valid Phase); restore it from a backup"
+    ), line
+    edited = journal.read_bytes()
+    argv = list(agent.argv)
+    agent.argv = [*argv, "--reinitialise"]
+    try:
+        code, output = agent.run_to_exit(timeout=60)
+    finally:
+        agent.argv = argv
+    assert code == 0, output
+    (kept,) = [k for k in journal.parent.glob(f"{journal.name}.lost-*") if k.name[-4:-3] != "-"]
+    assert kept.read_bytes() == edited  # (with its -wal and -shm beside it, if any)
+    node.restart_agent()
+    assert node.journal_query("SELECT rollout_id FROM txns") == []
