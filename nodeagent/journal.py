@@ -484,6 +484,8 @@ def open_journal(
                 " nothing was moved aside"
             ) from None
         raise
+    if problem is None and reinitialise and path.exists():
+        problem = _row_problem(path)  # what the agent's start met: the file itself is sound
     if problem is None:
         if reinitialise and path.exists():
             raise NotDamaged(
@@ -502,6 +504,28 @@ def open_journal(
         detail="started with an empty journal on the admin's --reinitialise",
     )
     return Journal(path)
+
+
+def _row_problem(path: Path) -> str | None:
+    """A transaction row of the journal at ``path`` the agent cannot read (``_txn``), said as
+    ``damage`` says a problem; None if every row reads (or the rows cannot be looked at here:
+    a journal of an earlier schema, whose missing columns its opening adds). Read-only."""
+    try:
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error:
+        return None
+    try:
+        conn.row_factory = sqlite3.Row
+        for row in conn.execute("SELECT * FROM txns ORDER BY rowid"):
+            try:
+                Txn(**{f.name: _dec(f.name, row[f.name]) for f in fields(Txn)})
+            except (ValueError, TypeError) as exc:
+                return _damaged_row(row, exc)
+    except (sqlite3.Error, IndexError):
+        return None
+    finally:
+        conn.close()
+    return None
 
 
 def _move_aside(path: Path) -> list[Path]:
@@ -986,7 +1010,7 @@ class Journal:
                 "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
                 (rollout_id, TxnKind(kind).value),
             ).fetchone()
-        return _txn(row) if row else None
+        return _txn(row, self.path) if row else None
 
     def newest_switch_from_http(self) -> Txn | None:
         """The newest completed switch that took this node from http to https, in the order
@@ -996,7 +1020,7 @@ class Journal:
         completed switch, configs and all, was read and sorted for it."""
         with self._read() as db:
             row = db.execute(_NEWEST_FROM_HTTP.format(columns="*"), _SWITCH_DONE).fetchone()
-        return _txn(row) if row is not None else None
+        return _txn(row, self.path) if row is not None else None
 
     def configs_after(self, txn: Txn) -> list[tuple[TxnOutcome, bytes | None, bytes | None]]:
         """Each transaction begun after ``txn`` (one runs at a time: each found the config the
@@ -1023,7 +1047,7 @@ class Journal:
             rows = db.execute(
                 "SELECT * FROM txns WHERE outcome = ? ORDER BY rowid", (_PENDING,)
             ).fetchall()
-        return [_txn(r) for r in rows]
+        return [_txn(r, self.path) for r in rows]
 
     def outlook(self, rollout_id: str, kind: str) -> Outlook:
         """``get``, the first of ``unfinished``, ``live_tls`` and ``staged`` in one read
@@ -1050,8 +1074,8 @@ class Journal:
         existing = next((r for r in rows if (r["rollout_id"], r["kind"]) == key), None)
         running = next((r for r in rows if r["outcome"] == _PENDING), None)
         return Outlook(
-            existing=_txn(existing) if existing is not None else None,
-            running=_txn(running) if running is not None else None,
+            existing=_txn(existing, self.path) if existing is not None else None,
+            running=_txn(running, self.path) if running is not None else None,
             live_tls=_live_tls(live),
             staged=_staged(staged),
         )
@@ -1065,7 +1089,7 @@ class Journal:
                 (txn.rollout_id, txn.kind.value),
             ).fetchone()
             if row is not None:
-                return _txn(row)
+                return _txn(row, self.path)
             names = [f.name for f in fields(Txn)]
             db.execute(
                 # Column names come from the dataclass, never from input.
@@ -1187,8 +1211,22 @@ class Journal:
         return [dict(r) for r in rows]
 
 
-def _txn(row: sqlite3.Row) -> Txn:
-    return Txn(**{f.name: _dec(f.name, row[f.name]) for f in fields(Txn)})
+def _txn(row: sqlite3.Row, path: Path) -> Txn:
+    """The transaction of ``row`` of the journal at ``path``. A row the agent cannot read (a
+    phase, kind or outcome it does not know, a plan that is not JSON, a time that is not one:
+    an edit by hand, a bit flipped that ``quick_check`` does not see) is a damaged journal
+    (``JournalLost``: one line naming the file, the row and what is wrong, exit 4), never an
+    "internal error" with no file named, started again for ever (session 68)."""
+    try:
+        return Txn(**{f.name: _dec(f.name, row[f.name]) for f in fields(Txn)})
+    except (ValueError, TypeError) as exc:  # (json.JSONDecodeError is a ValueError)
+        raise JournalLost(f"journal {path}: {_damaged_row(row, exc)}; {recovery()}") from None
+
+
+def _damaged_row(row: sqlite3.Row, exc: Exception) -> str:
+    """How a row ``_txn`` cannot read is said (as ``damage`` says a problem)."""
+    what = f"{row['kind']!s:.20} of rollout {row['rollout_id']!s:.64}"
+    return f"damaged (the transaction {what}: {exc!s:.200})"
 
 
 def _live_tls(row: sqlite3.Row | None) -> dict[str, str] | None:

@@ -48,6 +48,7 @@ from tlsroll.errors import (
 )
 from tlsroll.fsutil import (
     PRIVATE,
+    fsync_dir,
     give_file,
     make_private_dir,
     read_regular,
@@ -124,10 +125,16 @@ def sharing(driver: Driver) -> Sharing:
 def make_stage_dir(driver: Driver, rollout_id: str, share: Sharing) -> Path:
     """The rollout's stage directory (and ``tlsroll-tls``), made or taken over with ``share``'s
     group and mode (``make_private_dir``, strict: never through a link, refused if another
-    user could swap it)."""
+    user could swap it). A directory made here is on disk before this returns (its parent
+    fsynced, session 68): the files written in it are (``write_atomic``), and the config a
+    switch then writes names them, so a power cut after the switch must not lose the
+    directory's own entry, which would leave the server a config naming files that are gone."""
     refuse_unsafe_dir(driver.config_file.parent)
     directory = stage_dir(driver, rollout_id)
+    made = [d for d in (directory.parent, directory) if not os.path.lexists(d)]
     make_private_dir(directory, share.dir_mode, strict=True, group=share.group)
+    for new in made:
+        fsync_dir(new.parent)
     return directory
 
 

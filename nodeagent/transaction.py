@@ -894,13 +894,70 @@ class Runner:
                     lifted = f"could not lift the freeze: {describe(exc)}"
             if attempt < EXIT_UNFREEZE_ATTEMPTS:
                 await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
+        put_back = await self._source_back(txn)
         self.fatal = (
             f"the {txn.kind} transaction of rollout {txn.rollout_id} died {deaths} times"
-            f" (last: {error}); {lifted}; exiting so that the service manager restarts the"
-            f" agent, which resumes it from {self.journal.path}"
+            f" (last: {error}); {lifted}{put_back}; exiting so that the service manager restarts"
+            f" the agent, which resumes it from {self.journal.path}"
         )
         log.error("txn.died", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.fatal)
         self.dead.set()
+
+    async def _source_back(self, txn: Txn) -> str:
+        """Before the agent exits on a dead task: the source config put back on disk if the
+        journal says ``frozen`` and the live config file is the target (the write of the target
+        took, its record did not: a full disk under the journal, session 68). The server still
+        runs the source there (its restart comes only after ``config_written`` is journalled),
+        and the freeze is lifted: left on disk, the target, never loaded nor verified, was what
+        any other restart of the server (a reboot, an admin's) loaded, with no agent to take it
+        back. The journal still says ``frozen``: resumed, the switch writes the target again.
+        What it says (", the source config was put back"), or "" where nothing was done; a
+        put-back that fails is said and logged, never raised (the agent exits either way)."""
+        try:
+            latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
+        except Exception:  # unreadable: what the server may run is not known; nothing is done
+            return ""
+        if (
+            latest is None
+            or latest.phase is not Phase.FROZEN
+            or latest.target_config is None
+            or latest.source_config is None
+            or latest.target_config == latest.source_config
+        ):
+            return ""
+        target, source = latest.target_config, latest.source_config
+
+        def put_back() -> bool:
+            if self.driver.read_config() != target:
+                return False
+            self.driver.write_config(source)
+            return True
+
+        try:
+            done = await dbthread.run(put_back)
+        except Exception as exc:
+            problem = describe(exc)
+            log.error(
+                "txn.source_not_put_back",
+                rollout_id=txn.rollout_id,
+                kind=txn.kind,
+                config=str(self.driver.config_file),
+                error=problem,
+            )
+            return (
+                "; the target config stays on disk, never loaded (putting the source back"
+                f" failed: {problem})"
+            )
+        if not done:
+            return ""
+        log.warning(
+            "txn.source_put_back",
+            rollout_id=txn.rollout_id,
+            kind=txn.kind,
+            config=str(self.driver.config_file),
+            detail="the target config written was never loaded: the source is back on disk",
+        )
+        return "; the source config was put back (the target was never loaded)"
 
     async def _scope_frozen(self, txn: Txn) -> bool:
         """True if the freeze belongs to a rollout's scope freeze whose lease still holds

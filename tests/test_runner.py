@@ -723,6 +723,62 @@ async def test_a_journal_that_cannot_be_written_makes_no_freeze_at_each_start(
         journal.close()
 
 
+class FullFrom(CrashingJournal):
+    """A journal whose disk fills once the write labelled ``full_from`` is reached: that write
+    and every later one fail, as ``FullJournal``'s."""
+
+    def __init__(self, path: Path, full_from: str) -> None:
+        super().__init__(path)
+        self.full_from = full_from
+        self.full = False
+
+    def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.full = self.full or label.startswith(self.full_from)
+        if self.full:
+            raise JournalError(f"journal: database or disk is full ({label})")
+        return super()._write(label, write, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["completes", "undo"])
+async def test_a_transaction_that_dies_after_its_config_write_puts_the_source_back(
+    name: str, world: Callable[..., World]
+) -> None:
+    """Session 68 (journal review): the journal's disk fills between the record of ``frozen``
+    and that of ``config_written`` (the config is written in between, on another file system).
+    The task dies four times, each time writing the target again, and ``_die`` lifted the
+    freeze: the server ran the source, unfrozen, its config file the target, never loaded nor
+    verified, while the agent exited (and exited again at each start on the full disk). Any
+    restart of the server but the agent's (a reboot, an admin's, a package upgrade) loaded the
+    target, a config no verify ever passed, with no agent to take it back. Now ``_die`` puts
+    the source back where the journal says ``frozen`` (the target cannot be loaded yet), and
+    once there is room the switch resumed from ``frozen`` writes the target again and ends."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    journal = FullFrom(w.journal_path, "config_written")
+    runner = w.runner(journal)
+    with pytest.raises(JournalError):
+        await w.run(journal)  # the first task's death, as ``_supervised`` sees it
+    journal.close()
+
+    journal = FullFrom(w.journal_path, "config_written")
+    runner = w.runner(journal)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    assert runner.dead.is_set()
+    journal.close()
+    s = w.server
+    assert (s.running, s.config, s.frozen) == (sc.start, sc.start, False), s.ops
+    assert runner.fatal is not None and "the source config was put back" in runner.fatal
+    assert w.row()["phase"] == "frozen"
+
+    _, resumed = await w.resume()  # room again
+    txn = resumed.get("r1", sc.kind)
+    assert txn is not None
+    assert txn.outcome is TxnOutcome.COMPLETED, txn.reason
+    assert (s.running, s.config, s.frozen) == (sc.target, sc.target, False), s.ops
+    resumed.close()
+
+
 class KilledAtRefreeze(CrashingJournal):
     """Killed around the refreeze: ``before``: right after journalling ``freeze again``, before
     the freeze call; ``after``: after the freeze, before its watermark reaches the journal."""
