@@ -30,7 +30,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from leader import planner, schema_store
+from leader import admin_service, planner, schema_store
 from leader.layout import LEADER_RENEW_BEFORE, Layout
 from leader.rollout_core import (
     Change,
@@ -57,7 +57,7 @@ from leader.wire import CHANGE, NODE_STATE
 from tests import leader_rig
 from tests.conftest import none_fresh
 from tlsroll import pki, wire
-from tlsroll.v1 import schema_pb2
+from tlsroll.v1 import admin_pb2, schema_pb2
 
 NOW = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -128,7 +128,7 @@ def test_a_grant_opens_once_and_its_session_ends_with_it(store: Store, tmp_path:
 
 
 def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
-    """The browser's sign-out (review s67 viewer L2): its session's grant ends (revoked), in
+    """The browser's sign-out (review s67 viewer L2): its session's grant ends (signed_out), in
     the audit by the viewer; an unknown, ended or expired session writes nothing."""
     grants = Grants(store.db)
     made = grants.create("PC", ttl=HOUR, now=NOW, actor="admin:root")
@@ -137,7 +137,7 @@ def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
     _, kept = grants.login(keep.secret, NOW)
     ended = grants.sign_out(session, NOW + dt.timedelta(minutes=1))
     assert ended is not None and ended.id == made.grant.id
-    assert ended.state(NOW + dt.timedelta(minutes=1)) is GrantState.REVOKED
+    assert ended.state(NOW + dt.timedelta(minutes=1)) is GrantState.SIGNED_OUT
     assert grants.session(session, NOW + dt.timedelta(minutes=1)) is None
     assert grants.session(kept, NOW + dt.timedelta(minutes=1)) is not None  # only its own
     with pytest.raises(LoginRefused):  # its link does not open a new session
@@ -2624,7 +2624,9 @@ def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoke
     the link opened again, a copy of the cookie or the API said "revoked", as after `tlsroll
     viewer revoke`, to a person who had only signed out. Now they say "signed out" and how to
     come back (a new link); a grant revoked by the admin still says revoked, also one revoked
-    after its session signed out (``COALESCE``: the sign-out ended it first)."""
+    after its session signed out (``COALESCE``: the sign-out ended it first). `viewer list`
+    (``Grants.all``, the admin's ``ViewerGrantInfo``) says ``signed_out`` too (session 68:
+    it said revoked), and a later grant expired, unused or active still as before."""
     grants = Grants(store.db)
     left = grants.create("Abgemeldet", ttl=HOUR, now=NOW, actor="admin:root")
     cut = grants.create("Widerrufen", ttl=HOUR, now=NOW, actor="admin:root")
@@ -2633,6 +2635,17 @@ def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoke
     assert grants.sign_out(left_session, NOW) is not None
     grants.revoke(cut.grant.id, now=NOW, actor="admin:root")
     grants.revoke(left.grant.id, now=NOW, actor="admin:root")  # after the sign-out
+    unused = grants.create("Unbenutzt", ttl=HOUR, now=NOW, actor="admin:root").grant
+    listed = {g.name: g.state(NOW) for g in grants.all()}
+    assert listed == {
+        "Abgemeldet": GrantState.SIGNED_OUT,
+        "Widerrufen": GrantState.REVOKED,
+        "Unbenutzt": GrantState.UNUSED,
+    }
+    assert grants.get(left.grant.id).state(NOW) is GrantState.SIGNED_OUT
+    assert grants.get(unused.id).state(NOW + 2 * HOUR) is GrantState.EXPIRED
+    info = admin_service.grant_info(grants.get(left.grant.id), NOW)
+    assert info.state == admin_pb2.VIEWER_GRANT_STATE_SIGNED_OUT
     for secret, reason in ((left.secret, "signed_out"), (cut.secret, "revoked")):
         for spend in (grants.check, grants.login):
             with pytest.raises(LoginRefused) as refused:

@@ -464,15 +464,16 @@ class ViewerApp:
         return web.Response(text=html, content_type="text/html")
 
     async def _apart(self, draw: Callable[[], T]) -> T:
-        """``draw()`` (a page or a stream's live part) in a thread, one at a time. A cold draw
-        (nothing kept: the first after the start, another rollout's, the other language, or
-        after the last page closed) of a 500-node rollout's page takes a few hundred ms; drawn
+        """``draw()`` (a page, or a stream's live part and its event) in a thread, one at a
+        time. A cold draw (nothing kept: the first after the start, another rollout's, the
+        other language, or after the last page closed) of a 500-node rollout's page takes a
+        few hundred ms; drawn
         on the event loop, it held every other request (the stylesheet, a link's page) and the
         agents' heartbeats and the admin socket (session 67's closing read), and requests
         whose snapshot was shared drew one after another in one round (review s67 L1: 16
         requests, 5 s). One at a time still: the draws share what is kept of earlier ones
-        (``pages.DRAWN``, ``_drawn``), and a page's draw is mostly Python, which one thread
-        runs at a time anyway; ``_forget`` waits while one is under way."""
+        (``pages.DRAWN``, ``_drawn``, ``_events``), and a page's draw is mostly Python,
+        which one thread runs at a time anyway; ``_forget`` waits while one is under way."""
 
         def drawn() -> T:
             # (a draw whose request was cancelled goes on in its thread, the asyncio lock
@@ -685,8 +686,8 @@ class ViewerApp:
     async def api_schema(self, request: web.Request) -> web.Response:
         async def make() -> bytes:
             snap = await self._snapshot(None, every=True)
-            # (in a thread: every stored rollout's JSON, a few MiB at ten 500-node rollouts,
-            # held the event loop as it was made; session 68. One at a time: ``_one_at_a_time``)
+            # (in a thread: every stored rollout's JSON, which grows with each, held the event
+            # loop as it was made; session 68. One at a time still: ``_one_at_a_time``)
             return await asyncio.to_thread(_schema_json, snap.data)
 
         body = await self._one_at_a_time("api", make)
