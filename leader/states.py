@@ -26,7 +26,10 @@ class GrantState(StrEnum):
     UNUSED = "unused"  # the link has not been opened yet
     ACTIVE = "active"  # opened: a browser holds its session
     EXPIRED = "expired"
-    REVOKED = "revoked"
+    REVOKED = "revoked"  # by the admin (`tlsroll viewer revoke`)
+    # Ended by its browser's sign-out ("Abmelden"); like REVOKED, nothing signs in with it
+    # again (its ``revoked_at`` is set; the audit's ``viewer_grant.signed_out`` tells it apart).
+    SIGNED_OUT = "signed_out"
 
 
 class NodeProblemKind(StrEnum):

@@ -496,3 +496,40 @@ def test_a_change_that_asks_first_is_refused_before_it_asks(
     other_code(monkeypatch)
     refused_at_once(tlsroll("--socket", str(cluster.admin_socket), *args))
     assert cluster.store_rows(("audit",)) == before
+
+
+def test_viewer_list_says_signed_out_and_a_newer_leader_s_state_by_its_number(
+    monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    """Session 68: a grant whose browser signed out is ``signed_out`` (it showed as revoked,
+    as after `viewer revoke`). A CLI before it reads that value as none it knows: an empty
+    cell (and --json ""), after the warning that the leader runs other code. This CLI shows
+    a state it does not know (a newer leader's, here 99) by its number instead; --json keeps
+    "" (as for every enum it does not know)."""
+    states = {
+        "signed": admin_pb2.VIEWER_GRANT_STATE_SIGNED_OUT,
+        "cut": admin_pb2.VIEWER_GRANT_STATE_REVOKED,
+        "later": 99,
+    }
+
+    class Answers:
+        def ListViewerGrants(self, request: Any, timeout: float = 30) -> Any:
+            reply = admin_pb2.ListViewerGrantsResponse()
+            for name, state in states.items():
+                reply.grants.add(id=f"id{name}", name=name, state=state, created_by="root")
+            return reply
+
+    @contextlib.contextmanager
+    def admin(self: Leader) -> Iterator[Any]:
+        yield Answers()
+
+    monkeypatch.setattr(Leader, "admin", admin)
+    listed = tlsroll("viewer", "list", "--json")
+    assert listed.exit_code == 0, listed.stderr
+    said = {g["name"]: g["state"] for g in json.loads(listed.stdout)}
+    assert said == {"signed": "signed_out", "cut": "revoked", "later": ""}
+    table = tlsroll("viewer", "list")
+    assert table.exit_code == 0, table.stderr
+    rows = {line.split()[1]: line for line in table.stdout.splitlines() if "id" in line}
+    assert "signed_out" in rows["idsigned"], table.stdout
+    assert "revoked" in rows["idcut"] and "? (99)" in rows["idlater"], table.stdout

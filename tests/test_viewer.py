@@ -383,7 +383,7 @@ def test_signing_out_ends_the_session_its_copies_and_its_live_streams(lone: Clus
         reply = fetch(lone, path, cookie=session)
         assert reply.status == 401 and 'data-reason="signed_out"' in reply.body, path
     assert fetch(lone, "/api/v1/schema", cookie=session).status == 401
-    assert grants(lone)["Abmelden"]["state"] == "revoked"
+    assert grants(lone)["Abmelden"]["state"] == "signed_out"
     audit = [(r["actor"], r["kind"], r["subject"]) for r in audit_rows(lone)]
     assert audit.count((f"viewer:{grant_id}", "viewer_grant.signed_out", grant_id)) == 1
 
@@ -940,7 +940,7 @@ def test_browser_signs_out_with_the_button_and_its_other_tab_is_shown_the_door(
     assert page.locator("h1").inner_text() == "Abgemeldet"
     assert HOW_TO_GET_ACCESS in page.locator("#signed-out").inner_text()
     assert [c for c in context.cookies() if c["name"] == SESSION_COOKIE] == []
-    assert grants(farm.cluster)["Praxis-PC"]["state"] == "revoked"
+    assert grants(farm.cluster)["Praxis-PC"]["state"] == "signed_out"
     # The other tab's live stream ended: it reloads, and is not signed in any more.
     other.wait_for_selector("#denied")
     assert other.locator("#denied .why").get_attribute("data-reason") == "none"

@@ -12,10 +12,12 @@ import functools
 import hashlib
 import http.client
 import json
+import queue
 import re
 import sqlite3
 import threading
 import time
+import types
 from collections.abc import Callable, Sequence
 from html import unescape
 from pathlib import Path
@@ -28,7 +30,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from leader import planner, schema_store
+from leader import admin_service, planner, schema_store
 from leader.layout import LEADER_RENEW_BEFORE, Layout
 from leader.rollout_core import (
     Change,
@@ -55,7 +57,7 @@ from leader.wire import CHANGE, NODE_STATE
 from tests import leader_rig
 from tests.conftest import none_fresh
 from tlsroll import pki, wire
-from tlsroll.v1 import schema_pb2
+from tlsroll.v1 import admin_pb2, schema_pb2
 
 NOW = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -126,7 +128,7 @@ def test_a_grant_opens_once_and_its_session_ends_with_it(store: Store, tmp_path:
 
 
 def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
-    """The browser's sign-out (review s67 viewer L2): its session's grant ends (revoked), in
+    """The browser's sign-out (review s67 viewer L2): its session's grant ends (signed_out), in
     the audit by the viewer; an unknown, ended or expired session writes nothing."""
     grants = Grants(store.db)
     made = grants.create("PC", ttl=HOUR, now=NOW, actor="admin:root")
@@ -135,7 +137,7 @@ def test_a_sign_out_ends_its_grant_once_and_nothing_else(store: Store) -> None:
     _, kept = grants.login(keep.secret, NOW)
     ended = grants.sign_out(session, NOW + dt.timedelta(minutes=1))
     assert ended is not None and ended.id == made.grant.id
-    assert ended.state(NOW + dt.timedelta(minutes=1)) is GrantState.REVOKED
+    assert ended.state(NOW + dt.timedelta(minutes=1)) is GrantState.SIGNED_OUT
     assert grants.session(session, NOW + dt.timedelta(minutes=1)) is None
     assert grants.session(kept, NOW + dt.timedelta(minutes=1)) is not None  # only its own
     with pytest.raises(LoginRefused):  # its link does not open a new session
@@ -1761,82 +1763,6 @@ def test_a_request_that_came_after_a_read_began_takes_a_read_of_its_own(store: S
     asyncio.run(ask())
 
 
-def test_pages_drawn_for_requests_ready_together_are_drawn_a_loop_round_apart(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Review s67 L1: pages are drawn on the event loop, a 500-node rollout's in a few hundred
-    ms when its rows and timelines are not kept (another rollout's, or in the other language:
-    those of four are kept). Requests whose snapshot was shared became ready in the same round
-    of the loop and drew one after another in it: 16 such requests held the loop, and with it
-    the agents' heartbeats and the admin socket, for 5 s. Now each draw waits for the next
-    round after the one before it, so the loop looks at its sockets between any two."""
-    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)  # every snapshot shared
-    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
-    schema = SchemaStore(store.db)
-    grants = Grants(store.db)
-    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
-    _, session = grants.login(made.secret, NOW)
-    names = [f"n{i:02d}" for i in range(40)]
-    ids = [f"r{k}" for k in range(viewer_app.KEPT_SHARED)]
-    for rollout_id in ids:
-        row = start_rollout(schema, rollout_id, Change.ENABLE_TLS, names)
-        for event in (NodeEvent.START, NodeEvent.PREFLIGHT_FAILED):
-            records = [r.with_event(event) for r in row.records]
-            row = schema.save_states(row, row.rollout, records, NOW, "engine")
-        settled = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
-        schema.save_states(row, settled, row.records, NOW, "engine")
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
-    rounds = 0  # the loop's rounds, counted by a callback that puts itself back each round
-    drawn_in: list[int] = []
-    draw = pages.schema_page
-
-    def counted(*args: Any) -> str:
-        drawn_in.append(rounds)
-        return draw(*args)
-
-    monkeypatch.setattr(pages, "schema_page", counted)
-
-    async def ask() -> None:
-        loop = asyncio.get_running_loop()
-
-        def tick() -> None:
-            nonlocal rounds
-            rounds += 1
-            if not done:
-                loop.call_soon(tick)
-
-        done = False
-        tick()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
-        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
-            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
-
-            async def get(path: str) -> int:
-                response = await client.get(path, headers=cookie)
-                await response.read()
-                return response.status
-
-            for rollout_id in ids:  # each snapshot read once, and shared from then on
-                assert await get(f"/rollouts/{rollout_id}") == 200
-            drawn_in.clear()
-            paths = [f"/rollouts/{i}?lang={lang}" for i in ids for lang in LANGS]
-            statuses = await asyncio.wait_for(asyncio.gather(*(get(p) for p in paths)), 120)
-            app.close()
-        done = True
-        assert statuses == [200] * len(paths)
-        assert len(drawn_in) == len(paths)
-        assert len(set(drawn_in)) == len(drawn_in), f"pages drawn in one round: {drawn_in}"
-
-    asyncio.run(ask())
-
-
 # --- words and frames ----------------------------------------------------------------------------
 
 
@@ -2441,63 +2367,118 @@ def test_a_used_link_s_page_links_to_the_schema() -> None:
             assert 'id="to-schema"' not in pages.denied_page(w, reason)
 
 
-@pytest.mark.parametrize("path", ["/", "/events"])
+class Meanwhile:
+    """Another browser, in a thread of its own: while each slow step (``step``, which a test
+    patches into a draw, a JSON or an event made) waits, it asks for the stylesheet and a
+    login link's page, and lets the step go on once both were answered. A step on the event
+    loop holds the loop, and nothing is answered until it ends: it gives up after 20 s (a
+    bound), and the steps after it do not wait. ``most``: steps under way at once. ``gate``,
+    if given: the thread asks only once it is set (at most 60 s)."""
+
+    def __init__(self, link: str, gate: threading.Event | None = None) -> None:
+        self.link = link
+        self.gate = gate
+        self.began = threading.Event()  # a step is under way
+        self.during: list[bool] = []  # each step: whether the others were answered meanwhile
+        self.answers: list[tuple[int, ...]] = []
+        self.most = 0
+        self._inside = 0
+        self._counted = threading.Lock()
+        self._turns: queue.Queue[threading.Event | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def step(self) -> None:
+        with self._counted:
+            self._inside += 1
+            self.most = max(self.most, self._inside)
+        try:
+            self.began.set()
+            if not all(self.during):  # the loop was held once: no 20 s each again
+                self.during.append(False)
+                return
+            answered = threading.Event()
+            self._turns.put(answered)
+            self.during.append(answered.wait(20))
+        finally:
+            with self._counted:
+                self._inside -= 1
+
+    def start(self, port: int) -> None:
+        self._thread = threading.Thread(target=self._answer, args=(port,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """(In a thread: it may wait for the last answers.)"""
+        self._turns.put(None)
+        assert self._thread is not None
+        self._thread.join(120)
+
+    def _answer(self, port: int) -> None:
+        while (answered := self._turns.get(timeout=300)) is not None:
+            if self.gate is not None:
+                self.gate.wait(60)
+            statuses = []
+            for path in ("/static/viewer.css", f"/login/{self.link}"):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                try:
+                    conn.request("GET", path)
+                    reply = conn.getresponse()
+                    reply.read()
+                    statuses.append(reply.status)
+                finally:
+                    conn.close()
+            self.answers.append(tuple(statuses))
+            answered.set()
+
+
+def _viewer_with_rollouts(store: Store, ids: Sequence[str]) -> tuple[Grants, Reader, str, str]:
+    """Grants, a reader of rollouts ``ids`` (nodes a and b; all but the last ended), a session
+    id and another grant's unused link."""
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+    link = grants.create("another", ttl=HOUR, now=NOW, actor="admin:test").secret
+    for k, rollout_id in enumerate(ids):
+        row = start_rollout(schema, rollout_id, Change.ENABLE_TLS)
+        if k < len(ids) - 1:  # (one rollout at a time: the others failed their preflight)
+            for event in (NodeEvent.START, NodeEvent.PREFLIGHT_FAILED):
+                records = [r.with_event(event) for r in row.records]
+                row = schema.save_states(row, row.rollout, records, NOW, "engine")
+            settled = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+            schema.save_states(row, settled, row.records, NOW, "engine")
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    return grants, reader, session, link
+
+
+@pytest.mark.parametrize("path", ["/rollouts", "/events"])
 def test_a_slow_draw_leaves_the_loop_to_other_requests_and_draws_one_at_a_time(
     store: Store, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """Session 67's closing read: a cold draw (the first after the start, or after what was
     drawn went: a 500-node page, a few hundred ms) ran on the event loop, and every other
     request waited for it, the stylesheet and a login link's page too (and the agents'
-    heartbeats and the admin socket). Here the draw waits until those two were answered (at
-    most 20 s: on the loop they could not be, and it went on without them); two pages' draws
-    still run one at a time (review s67 L1)."""
+    heartbeats and the admin socket). Here each draw waits until those two were answered
+    (``Meanwhile``); two draws still run one at a time (review s67 L1). Review s67 L1's own
+    case too (its test, which counted the loop's rounds between draws, merged here: a draw in
+    a thread passes that whatever it holds): requests whose snapshots were shared became
+    ready in one round of the loop and drew one after another in it, 16 of them for 5 s; here
+    16 page requests are ready together so, and every one of their draws leaves the loop to
+    the others."""
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)  # every snapshot shared
     monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
-    schema = SchemaStore(store.db)
-    grants = Grants(store.db)
-    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
-    _, session = grants.login(made.secret, NOW)
-    link = grants.create("another", ttl=HOUR, now=NOW, actor="admin:test").secret
-    start_rollout(schema, "r1", Change.ENABLE_TLS)
-    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
-    name = "schema_page" if path == "/" else "content_parts"
+    ids = [f"r{k}" for k in range(viewer_app.KEPT_SHARED)]
+    grants, reader, session, link = _viewer_with_rollouts(store, ids)
+    meanwhile = Meanwhile(link)
+    name = "schema_page" if path == "/rollouts" else "content_parts"
     draw = getattr(pages, name)
-    drawing, answered = threading.Event(), threading.Event()
-    counted = threading.Lock()
-    inside = most = 0
-    during: list[bool] = []  # each draw: whether the other requests were answered meanwhile
-    others: dict[str, int] = {}
 
     def slow(*args: Any) -> Any:
-        nonlocal inside, most
-        with counted:
-            inside += 1
-            most = max(most, inside)
-        try:
-            drawing.set()
-            during.append(answered.wait(20))  # (a bound: on the loop nothing answers them)
-            return draw(*args)
-        finally:
-            with counted:
-                inside -= 1
+        meanwhile.step()
+        return draw(*args)
 
     monkeypatch.setattr(pages, name, slow)
-
-    def ask_others(port: int) -> None:
-        """(A thread of its own) once a draw began: the stylesheet and the link's page."""
-        try:
-            if not drawing.wait(60):
-                return
-            for other in ("/static/viewer.css", f"/login/{link}"):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                try:
-                    conn.request("GET", other)
-                    reply = conn.getresponse()
-                    reply.read()
-                    others[other.split("/")[1]] = reply.status
-                finally:
-                    conn.close()
-        finally:
-            answered.set()
+    asked: list[str] = []
 
     async def ask() -> None:
         app = ViewerApp(
@@ -2510,31 +2491,130 @@ def test_a_slow_draw_leaves_the_loop_to_other_requests_and_draws_one_at_a_time(
         )
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             assert client.port is not None
-            helper = threading.Thread(target=ask_others, args=(client.port,), daemon=True)
-            helper.start()
+            meanwhile.start(client.port)
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
-            if path == "/":
+            if path == "/rollouts":
 
-                async def get(lang: str) -> int:
-                    response = await client.get(f"/?lang={lang}", headers=cookie)
+                async def get(path: str) -> int:
+                    response = await client.get(path, headers=cookie)
                     await response.read()
                     return response.status
 
-                statuses = await asyncio.wait_for(asyncio.gather(*map(get, LANGS)), 60)
-                assert statuses == [200] * len(LANGS)
-            else:
-                response = await client.get("/events", headers=cookie)
-                assert response.status == 200
-                update = await asyncio.wait_for(next_update(response.content, bytearray()), 60)
-                assert 'data-rollout="r1"' in update
-                response.close()
-            await asyncio.to_thread(helper.join, 60)
+                for rollout_id in ids:  # each snapshot read once, and shared from then on
+                    assert await get(f"/rollouts/{rollout_id}") == 200
+                asked.extend(f"/rollouts/{i}?lang={lang}" for i in ids for lang in LANGS)
+                statuses = await asyncio.wait_for(asyncio.gather(*map(get, asked)), 120)
+                assert statuses == [200] * len(asked)
+            else:  # a stream in either language: two draws of one snapshot
+
+                async def update(lang: str) -> str:
+                    response = await client.get(f"/events?lang={lang}", headers=cookie)
+                    assert response.status == 200
+                    data = await next_update(response.content, bytearray())
+                    response.close()
+                    return data
+
+                asked.extend(LANGS)
+                updates = await asyncio.wait_for(asyncio.gather(*map(update, LANGS)), 120)
+                assert all(f'data-rollout="{ids[-1]}"' in update for update in updates)
+            await asyncio.to_thread(meanwhile.stop)
             app.close()
 
     asyncio.run(ask())
-    assert others == {"static": 200, "login": 200}
-    assert during and during[0], "the other requests waited for the draw"
-    assert most == 1, f"{most} draws at once"
+    drawn = len(asked) + (len(ids) if path == "/rollouts" else 0)
+    assert meanwhile.during == [True] * drawn, "the other requests waited for a draw"
+    assert meanwhile.answers == [(200, 200)] * drawn
+    assert meanwhile.most == 1, f"{meanwhile.most} draws at once"
+
+
+@pytest.mark.parametrize("made", ["api", "event"])
+def test_the_api_s_json_and_a_stream_s_event_leave_the_loop_to_other_requests(
+    store: Store, monkeypatch: pytest.MonkeyPatch, made: str
+) -> None:
+    """Session 68 (what the draws off the loop left): ``/api/v1/schema``'s JSON of every
+    stored rollout (a few MiB at ten 500-node rollouts) and a live stream's event (the part
+    whole, ~0.9 MiB at 500 nodes, joined and encoded) were made on the event loop, which
+    every other request waited for. Here each waits until the stylesheet and a login link's
+    page were answered (``Meanwhile``), and they are made one at a time still: the API's two
+    (the second request came while the first was made, so it takes a body of its own:
+    ``_one_at_a_time``), and a stream's event with the draws (of two streams, one a
+    language)."""
+    monkeypatch.setattr(pages, "DRAWN", pages.Drawn())
+    grants, reader, session, link = _viewer_with_rollouts(store, ["r1"])
+    gate = threading.Event()  # the API's: the second request waits for the first
+    meanwhile = Meanwhile(link, gate if made == "api" else None)
+    if made == "api":
+
+        def dumps(*args: Any, **kwargs: Any) -> str:
+            if kwargs.get("indent") == 2:  # the API's (not a patch event's)
+                meanwhile.step()
+            return json.dumps(*args, **kwargs)
+
+        monkeypatch.setattr(viewer_app, "json", types.SimpleNamespace(dumps=dumps))
+    else:
+        draw = pages.content_parts
+
+        def slow_sse(event: str, data: str) -> bytes:
+            if event in ("update", "patch"):
+                meanwhile.step()
+            return sse(event, data)
+
+        def slow_draw(*args: Any) -> Any:
+            meanwhile.step()
+            return draw(*args)
+
+        monkeypatch.setattr(viewer_app, "sse", slow_sse)
+        monkeypatch.setattr(pages, "content_parts", slow_draw)
+
+    async def ask() -> None:
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=asyncio.Event(),
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            assert client.port is not None
+            meanwhile.start(client.port)
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            if made == "api":
+
+                async def get() -> Any:
+                    response = await client.get("/api/v1/schema", headers=cookie)
+                    assert response.status == 200
+                    return json.loads(await response.read())
+
+                first = asyncio.create_task(get())
+                assert await asyncio.to_thread(meanwhile.began.wait, 60)
+                second = asyncio.create_task(get())
+                for _ in range(6000):  # until the second waits for the first (at most 60 s)
+                    if app._heavy_waiting == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                gate.set()
+                bodies = await asyncio.wait_for(asyncio.gather(first, second), 120)
+                assert all([r["id"] for r in body["rollouts"]] == ["r1"] for body in bodies), bodies
+            else:
+
+                async def update(lang: str) -> str:
+                    response = await client.get(f"/events?lang={lang}", headers=cookie)
+                    assert response.status == 200
+                    data = await next_update(response.content, bytearray())
+                    response.close()
+                    return data
+
+                updates = await asyncio.wait_for(asyncio.gather(*map(update, LANGS)), 120)
+                assert all('data-rollout="r1"' in update for update in updates)
+            await asyncio.to_thread(meanwhile.stop)
+            app.close()
+
+    asyncio.run(ask())
+    steps = 2 if made == "api" else 2 * len(LANGS)  # two bodies; or two draws, two events
+    assert meanwhile.during == [True] * steps, "the other requests waited for it"
+    assert meanwhile.answers == [(200, 200)] * steps
+    assert meanwhile.most == 1, f"{meanwhile.most} at once"
 
 
 def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoked(
@@ -2544,7 +2624,9 @@ def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoke
     the link opened again, a copy of the cookie or the API said "revoked", as after `tlsroll
     viewer revoke`, to a person who had only signed out. Now they say "signed out" and how to
     come back (a new link); a grant revoked by the admin still says revoked, also one revoked
-    after its session signed out (``COALESCE``: the sign-out ended it first)."""
+    after its session signed out (``COALESCE``: the sign-out ended it first). `viewer list`
+    (``Grants.all``, the admin's ``ViewerGrantInfo``) says ``signed_out`` too (session 68:
+    it said revoked), and a later grant expired, unused or active still as before."""
     grants = Grants(store.db)
     left = grants.create("Abgemeldet", ttl=HOUR, now=NOW, actor="admin:root")
     cut = grants.create("Widerrufen", ttl=HOUR, now=NOW, actor="admin:root")
@@ -2553,6 +2635,17 @@ def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoke
     assert grants.sign_out(left_session, NOW) is not None
     grants.revoke(cut.grant.id, now=NOW, actor="admin:root")
     grants.revoke(left.grant.id, now=NOW, actor="admin:root")  # after the sign-out
+    unused = grants.create("Unbenutzt", ttl=HOUR, now=NOW, actor="admin:root").grant
+    listed = {g.name: g.state(NOW) for g in grants.all()}
+    assert listed == {
+        "Abgemeldet": GrantState.SIGNED_OUT,
+        "Widerrufen": GrantState.REVOKED,
+        "Unbenutzt": GrantState.UNUSED,
+    }
+    assert grants.get(left.grant.id).state(NOW) is GrantState.SIGNED_OUT
+    assert grants.get(unused.id).state(NOW + 2 * HOUR) is GrantState.EXPIRED
+    info = admin_service.grant_info(grants.get(left.grant.id), NOW)
+    assert info.state == admin_pb2.VIEWER_GRANT_STATE_SIGNED_OUT
     for secret, reason in ((left.secret, "signed_out"), (cut.secret, "revoked")):
         for spend in (grants.check, grants.login):
             with pytest.raises(LoginRefused) as refused:

@@ -98,7 +98,9 @@ def viewer_list(leader: Leader, as_json: bool) -> None:
         table.add_row(
             g.id,
             g.name,
-            VIEWER_GRANT_STATE.text(g.state),
+            # (a state of a newer leader's, as signed_out was to a CLI before session 68: its
+            # number, not an empty cell; --json says "" for it)
+            VIEWER_GRANT_STATE.text(g.state) or f"? ({g.state})",
             g.created_by,
             fmt_time(g, "used_at"),
             fmt_time(g, "expires_at"),

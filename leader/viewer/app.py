@@ -464,15 +464,16 @@ class ViewerApp:
         return web.Response(text=html, content_type="text/html")
 
     async def _apart(self, draw: Callable[[], T]) -> T:
-        """``draw()`` (a page or a stream's live part) in a thread, one at a time. A cold draw
-        (nothing kept: the first after the start, another rollout's, the other language, or
-        after the last page closed) of a 500-node rollout's page takes a few hundred ms; drawn
+        """``draw()`` (a page, or a stream's live part and its event) in a thread, one at a
+        time. A cold draw (nothing kept: the first after the start, another rollout's, the
+        other language, or after the last page closed) of a 500-node rollout's page takes a
+        few hundred ms; drawn
         on the event loop, it held every other request (the stylesheet, a link's page) and the
         agents' heartbeats and the admin socket (session 67's closing read), and requests
         whose snapshot was shared drew one after another in one round (review s67 L1: 16
         requests, 5 s). One at a time still: the draws share what is kept of earlier ones
-        (``pages.DRAWN``, ``_drawn``), and a page's draw is mostly Python, which one thread
-        runs at a time anyway; ``_forget`` waits while one is under way."""
+        (``pages.DRAWN``, ``_drawn``, ``_events``), and a page's draw is mostly Python,
+        which one thread runs at a time anyway; ``_forget`` waits while one is under way."""
 
         def drawn() -> T:
             # (a draw whose request was cancelled goes on in its thread, the asyncio lock
@@ -546,8 +547,8 @@ class ViewerApp:
 
         with self._drawing_now:  # (free unless a cancelled request's draw is still under way)
             self._drawn.clear()
+            self._events.clear()
             pages.DRAWN.clear()
-        self._events.clear()
         self._shared.clear()
         self.reader.forget_pages()
 
@@ -575,13 +576,12 @@ class ViewerApp:
                 changed = self.pulse.event  # before the read: see ``Pulse``
                 began = time.monotonic()
                 snap = await self._shared_snapshot(rollout_id)
-                content = await self._apart(
-                    functools.partial(self._content, rollout_id, snap, words, page)
+                content, event = await self._apart(
+                    functools.partial(self._content_event, last, rollout_id, snap, words, page)
                 )
                 # A large cluster's page takes longer to read and draw: the gap grows with it,
                 # so that a page open during a rollout takes at most a third of the leader.
                 gap = max(EVENT_GAP, 2 * (time.monotonic() - began))
-                event = self._event(last, content)
                 if event:
                     await response.write(event)
                     last, quiet = content, time.monotonic()
@@ -593,6 +593,21 @@ class ViewerApp:
                 if not self.closing.is_set():
                     await asyncio.sleep(gap)
         return response
+
+    def _content_event(
+        self,
+        last: pages.Content | None,
+        rollout_id: str | None,
+        snap: Snapshot,
+        words: Words,
+        page: pages.PageContext,
+    ) -> tuple[pages.Content, bytes]:
+        """(In ``_apart``'s thread) the content of ``snap`` and the event that takes a page
+        that shows ``last`` to it: both made off the event loop (session 68: the event, the
+        part whole at 500 nodes, is ~0.9 MiB of text joined and encoded), and one at a time
+        with the draws, whose ``_events`` they share."""
+        content = self._content(rollout_id, snap, words, page)
+        return content, self._event(last, content)
 
     def _content(
         self, rollout_id: str | None, snap: Snapshot, words: Words, page: pages.PageContext
@@ -671,7 +686,9 @@ class ViewerApp:
     async def api_schema(self, request: web.Request) -> web.Response:
         async def make() -> bytes:
             snap = await self._snapshot(None, every=True)
-            return (json.dumps(snap.data, indent=2, sort_keys=True) + "\n").encode()
+            # (in a thread: every stored rollout's JSON, which grows with each, held the event
+            # loop as it was made; session 68. One at a time still: ``_one_at_a_time``)
+            return await asyncio.to_thread(_schema_json, snap.data)
 
         body = await self._one_at_a_time("api", make)
         return web.Response(body=body, content_type="application/json", charset="utf-8")
@@ -879,6 +896,11 @@ def _same_origin(request: web.Request) -> bool:
     if site is not None:
         return site == "same-origin"
     return origin == own
+
+
+def _schema_json(data: object) -> bytes:
+    """``/api/v1/schema``'s body."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def sse(event: str, data: str) -> bytes:

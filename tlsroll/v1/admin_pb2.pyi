@@ -39,6 +39,12 @@ class _ViewerGrantStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_View
     """Opened: a browser holds its session."""
     VIEWER_GRANT_STATE_EXPIRED: _ViewerGrantState.ValueType  # 3
     VIEWER_GRANT_STATE_REVOKED: _ViewerGrantState.ValueType  # 4
+    """Revoked by the admin (`tlsroll viewer revoke`)."""
+    VIEWER_GRANT_STATE_SIGNED_OUT: _ViewerGrantState.ValueType  # 5
+    """Ended by its browser's sign-out ("Abmelden"/"Sign out"): like revoked, nothing signs in
+    with it again. A leader before session 68 said VIEWER_GRANT_STATE_REVOKED for it; a CLI
+    before it shows this value as no state (and warns that the leader runs other code).
+    """
 
 class ViewerGrantState(_ViewerGrantState, metaclass=_ViewerGrantStateEnumTypeWrapper): ...
 
@@ -49,6 +55,12 @@ VIEWER_GRANT_STATE_ACTIVE: ViewerGrantState.ValueType  # 2
 """Opened: a browser holds its session."""
 VIEWER_GRANT_STATE_EXPIRED: ViewerGrantState.ValueType  # 3
 VIEWER_GRANT_STATE_REVOKED: ViewerGrantState.ValueType  # 4
+"""Revoked by the admin (`tlsroll viewer revoke`)."""
+VIEWER_GRANT_STATE_SIGNED_OUT: ViewerGrantState.ValueType  # 5
+"""Ended by its browser's sign-out ("Abmelden"/"Sign out"): like revoked, nothing signs in
+with it again. A leader before session 68 said VIEWER_GRANT_STATE_REVOKED for it; a CLI
+before it shows this value as no state (and warns that the leader runs other code).
+"""
 Global___ViewerGrantState: _TypeAlias = ViewerGrantState  # noqa: Y015
 
 class _RolloutAction:
