@@ -41,7 +41,13 @@ def shown(change: Change) -> tuple[int, str]:
     """node1's count in the view of a rollout of ``change`` (what `schema show --json` prints)
     and its cell in the "still on http" column of `schema show`'s table."""
     message = schema_message(
-        [row(change)], set(), NOW, clients=SEEN, infos=INFOS, fresh={"node1"}, reported=lambda _n: True
+        [row(change)],
+        set(),
+        NOW,
+        clients=SEEN,
+        infos=INFOS,
+        fresh={"node1"},
+        reported=lambda _n: True,
     )
     data = json.loads(schema_json(message))
     # The node's own client list says who is on http whatever the rollout.
@@ -61,8 +67,6 @@ def test_a_change_that_takes_http_away_counts_who_is_still_on_http(change: Chang
     assert shown(change) == (1, "1")
 
 
-@pytest.mark.parametrize(
-    "change", [Change.DISABLE_TLS, Change.CHANGE_PASSWORD, Change.ROTATE_CERT]
-)
+@pytest.mark.parametrize("change", [Change.DISABLE_TLS, Change.CHANGE_PASSWORD, Change.ROTATE_CERT])
 def test_a_change_that_keeps_or_gives_back_http_counts_no_one(change: Change) -> None:
     assert shown(change) == (0, "-")
