@@ -270,8 +270,13 @@ class Unreachable(PlanError):
             )
         unreadable = [n for n in down if errors[n].startswith(SERVER_DOWN + CONFIG_UNREADABLE)]
         down = [n for n in down if n not in unreadable]
+        # Each server's error without the "the managed server: " the sentence says before it
+        # (session 68: "its managed server does not (srv3: the managed server: managed server
+        # not answering …)").
         if down:
-            what = _some([f"{n}: {errors[n]}" for n in down], " (tlsroll nodes)")
+            what = _some(
+                [f"{n}: {errors[n].removeprefix(SERVER_DOWN)}" for n in down], " (tlsroll nodes)"
+            )
             its, verb = (
                 ("its agent answers, its managed server does not", "runs")
                 if len(down) == 1
@@ -283,7 +288,11 @@ class Unreachable(PlanError):
             )
         if unreadable:
             # (review rev58a H1: "bring the agent up" for a config edited by hand)
-            what = _some([f"{n}: {errors[n]}" for n in unreadable], " (tlsroll nodes)")
+            cut = SERVER_DOWN + CONFIG_UNREADABLE  # (then ", fix the file: <what>")
+            what = _some(
+                [f"{n}: {errors[n].removeprefix(cut).removeprefix(', ')}" for n in unreadable],
+                " (tlsroll nodes)",
+            )
             said.append(
                 f"cannot tell what {_some(unreadable)} "
                 f"{'runs' if len(unreadable) == 1 else 'run'}: the managed server's config "
