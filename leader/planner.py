@@ -263,7 +263,11 @@ class Unreachable(PlanError):
         agents = [n for n in names if n not in down]
         said = []
         if agents:
-            what = _some([f"{n}: {errors[n]}" for n in agents], " (tlsroll nodes --check)")
+            # (and an agent's failed call without its "agent NODE: ", said before it too)
+            what = _some(
+                [f"{n}: {errors[n].removeprefix(f'agent {n}: ')}" for n in agents],
+                " (tlsroll nodes --check)",
+            )
             said.append(
                 f"cannot ask the agent of {_some(agents)} what it runs ({what}); "
                 "bring the agent up or leave the node out (--nodes)"

@@ -2051,3 +2051,25 @@ def test_a_driver_s_words_after_words_that_name_the_server_name_it_once() -> Non
     view = agent_pb2.ServerView(healthy=False, detail="managed server not answering on /x: 111")
     seen = observation(view, pki.CertificateAuthority.create().cert)
     assert seen.error == "the managed server: not answering on /x: 111"
+    # The plan's sentence names the server, and an agent that did not answer, once.
+    observed = {
+        "a": seen,
+        "b": NodeObservation(False, "agent b: failed to connect to all addresses"),
+        "c": NodeObservation(False, "connection refused"),
+    }
+    with pytest.raises(Unreachable) as info:
+        plan_rollout(
+            rollout_id="r5",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled={"a": True, "b": True, "c": True},
+            leader="a",
+            epoch=1,
+            observed=observed,
+        )
+    assert str(info.value) == (
+        "cannot ask the agent of b, c what it runs (b: failed to connect to all addresses, "
+        "c: connection refused); bring the agent up or leave the node out (--nodes); cannot "
+        "tell what a runs: its agent answers, its managed server does not (a: not answering "
+        "on /x: 111); start the server or leave the node out (--nodes)"
+    )
