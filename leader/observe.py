@@ -60,7 +60,7 @@ from cryptography import x509
 from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
 from leader.rollout_core import CONFIG_READING_DRIVERS, SERVER_DOWN, NodeObservation
 from tlsroll import peertext, pki
-from tlsroll.enums import NEEDS_ADMIN
+from tlsroll.enums import NEEDS_ADMIN, of_server
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
@@ -129,7 +129,7 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
         needs_admin = detail if detail.startswith(NEEDS_ADMIN) else ""
         return NodeObservation(
             False,
-            f"{SERVER_DOWN}{detail or 'not healthy'}",
+            f"{SERVER_DOWN}{of_server(detail) or 'not healthy'}",
             needs_admin=needs_admin,
             configured=tuple(sorted(view.configured_schemes)),
             config_read=view.driver in CONFIG_READING_DRIVERS,

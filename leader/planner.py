@@ -263,15 +263,24 @@ class Unreachable(PlanError):
         agents = [n for n in names if n not in down]
         said = []
         if agents:
-            what = _some([f"{n}: {errors[n]}" for n in agents], " (tlsroll nodes --check)")
+            # (and an agent's failed call without its "agent NODE: ", said before it too)
+            what = _some(
+                [f"{n}: {errors[n].removeprefix(f'agent {n}: ')}" for n in agents],
+                " (tlsroll nodes --check)",
+            )
             said.append(
                 f"cannot ask the agent of {_some(agents)} what it runs ({what}); "
                 "bring the agent up or leave the node out (--nodes)"
             )
         unreadable = [n for n in down if errors[n].startswith(SERVER_DOWN + CONFIG_UNREADABLE)]
         down = [n for n in down if n not in unreadable]
+        # Each server's error without the "the managed server: " the sentence says before it
+        # (session 68: "its managed server does not (srv3: the managed server: managed server
+        # not answering …)").
         if down:
-            what = _some([f"{n}: {errors[n]}" for n in down], " (tlsroll nodes)")
+            what = _some(
+                [f"{n}: {errors[n].removeprefix(SERVER_DOWN)}" for n in down], " (tlsroll nodes)"
+            )
             its, verb = (
                 ("its agent answers, its managed server does not", "runs")
                 if len(down) == 1
@@ -283,7 +292,11 @@ class Unreachable(PlanError):
             )
         if unreadable:
             # (review rev58a H1: "bring the agent up" for a config edited by hand)
-            what = _some([f"{n}: {errors[n]}" for n in unreadable], " (tlsroll nodes)")
+            cut = SERVER_DOWN + CONFIG_UNREADABLE  # (then ", fix the file: <what>")
+            what = _some(
+                [f"{n}: {errors[n].removeprefix(cut).removeprefix(', ')}" for n in unreadable],
+                " (tlsroll nodes)",
+            )
             said.append(
                 f"cannot tell what {_some(unreadable)} "
                 f"{'runs' if len(unreadable) == 1 else 'run'}: the managed server's config "

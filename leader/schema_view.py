@@ -78,6 +78,15 @@ Made = dict[
 ]
 
 
+COUNTS_ON_HTTP = frozenset({Change.ENABLE_TLS, Change.FINALIZE})
+"""The changes whose nodes' views count the workstations still on http there
+(``NodeView.still_on_http``, `schema show`'s "still on http" column): those that take http
+away, where each is one who still needs the client steps (lose the server at the switch, or
+at the finalize of a transitional rollout). A way back (disable-tls) takes nodes back to http,
+and a password change or a new certificate keeps the address: a count there meant nothing
+(session 68's README walk: a way back's node showed "1" still on http)."""
+
+
 def rollout_view(
     row: RolloutRow | RolloutHead,
     pending: set[str] | None = None,
@@ -86,7 +95,8 @@ def rollout_view(
     reported: Reported | None = None,
 ) -> schema_pb2.RolloutView:
     """The view of one rollout; ``pending`` names nodes with a staged, not yet live password,
-    ``on_http`` counts the workstations still on http per node, ``reported``: whether a node's
+    ``on_http`` counts the workstations still on http per node (shown only in a rollout of
+    ``COUNTS_ON_HTTP``), ``reported``: whether a node's
     client report came since the leader started (``awaits_report``; None: not shown, as in
     the replies of the admin commands). A ``RolloutHead`` (a line of
     ``SchemaStore.listed``) has no nodes read: its view's ``nodes`` is empty. ``made``: (the
@@ -96,6 +106,8 @@ def rollout_view(
     a 500-node rollout again after each write of it: issue 15)."""
     r, meta = row.rollout, row.meta
     pins = dict(meta.own_ca_pins)
+    if r.change not in COUNTS_ON_HTTP:
+        on_http = None
     nodes = []
     for rec, d in row.nodes if isinstance(row, RolloutRow) else ():
         awaiting = reported is not None and awaits_report(r, meta.when_quiet, rec, reported)

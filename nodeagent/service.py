@@ -59,6 +59,7 @@ from tlsroll.enums import (
     SERVER_RESTARTING,
     Change,
     TxnKind,
+    of_server,
 )
 from tlsroll.errors import ConfigError, NotRegularFile, PKIError, PKIReason
 from tlsroll.fsutil import config_dir_problem, config_link_problem, read_regular
@@ -764,7 +765,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if (why := self.journal.needs_admin()) is not None:  # first: what to do first
             problems.insert(0, f"{NEEDS_ADMIN}{why}")
         if health is not None:
-            problems.append(f"{SERVER_NOT_HEALTHY}{health}")
+            problems.append(f"{SERVER_NOT_HEALTHY}{of_server(health)}")
         problems += local
         if leader_time is not None:
             offset = (received - leader_time).total_seconds()

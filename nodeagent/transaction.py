@@ -98,7 +98,7 @@ from nodeagent.lease import Leases
 from tlsroll import clocks, dbthread, logs, probe
 from tlsroll.backoff import Policy
 from tlsroll.defaults import MAX_FREEZE_LEASE
-from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.enums import TxnKind, TxnOutcome, of_server
 from tlsroll.errors import (
     LocalResourceError,
     NotRegularFile,
@@ -1373,7 +1373,7 @@ class Runner:
                 "txn.freeze_skipped",
                 rollout_id=txn.rollout_id,
                 kind=txn.kind,
-                reason=f"the managed server is down: {down}",
+                reason=f"the managed server is down: {of_server(down)}",
                 freeze_error=str(exc),
             )
             return {"watermark": None, **started}

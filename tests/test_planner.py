@@ -1330,7 +1330,7 @@ def test_an_agent_that_answers_for_a_down_server_is_not_told_to_be_brought_up() 
     assert str(info.value) == (
         "cannot ask the agent of b what it runs (b: connection refused); bring the agent up or "
         "leave the node out (--nodes); cannot tell what c runs: its agent answers, its managed "
-        "server does not (c: the managed server: not answering on /run/x.sock); start the "
+        "server does not (c: not answering on /run/x.sock); start the "
         "server or leave the node out (--nodes)"
     )
 
@@ -1737,7 +1737,7 @@ def test_other_changes_stay_strict_about_nodes_out_of_reach() -> None:
     down = NodeObservation(False, "the managed server: connection refused", configured=("https",))
     with pytest.raises(NodesOffline):
         _way_back({"a": True, "b": False}, {"a": seen("https")}, Change.ROTATE_CERT)
-    with pytest.raises(Unreachable, match="b: the managed server"):
+    with pytest.raises(Unreachable, match=r"its managed server does not \(b: connection refused\)"):
         _way_back({"a": True, "b": True}, {"a": seen("https"), "b": down}, Change.ROTATE_CERT)
 
 
@@ -1799,7 +1799,7 @@ def test_the_way_back_says_a_down_server_whose_config_serves_http_has_nothing_to
         _way_back({"b": True}, {"b": down_http}, Change.DISABLE_TLS)  # (b runs nothing)
     with pytest.raises(NoneReachable, match=r"c \(offline\); on http already: b; "):
         _way_back({"b": True, "c": False}, {"b": down_http}, Change.DISABLE_TLS)
-    with pytest.raises(Unreachable, match="b: the managed server"):
+    with pytest.raises(Unreachable, match=r"its managed server does not \(b: connection refused\)"):
         _way_back({"a": True, "b": True}, {"a": seen("https"), "b": down_http}, Change.ROTATE_CERT)
     # Review s46rev3 H1: the systemd and exec drivers send the ports that answer, not the
     # config: a down server whose http port another program holds may be configured on https.
@@ -2030,3 +2030,46 @@ def test_a_start_is_refused_only_for_the_blocked_nodes_it_would_preflight_at_onc
     assert str(alone).endswith(
         "(port 8443 taken): fix that, then run tlsroll rollout retry r1 again; nothing was changed"
     ), alone
+
+
+def test_a_driver_s_words_after_words_that_name_the_server_name_it_once() -> None:
+    """Session 68's README walk: a plan with a managed server down read "(srv3: the managed
+    server: managed server not answering …)": the driver's error ("managed server not
+    answering on …") after the leader's "the managed server: " (and the agent's preflight's
+    "managed server not healthy: ") is taken without its own "managed server "."""
+    from leader.observe import observation
+    from tlsroll import pki
+    from tlsroll.enums import of_server
+    from tlsroll.v1 import agent_pb2
+
+    assert of_server("managed server not answering on /run/x.sock: refused") == (
+        "not answering on /run/x.sock: refused"
+    )
+    assert of_server("the managed server did not start") == "did not start"
+    assert of_server("managed server ") == "managed server "  # nothing after it: as it is
+    assert of_server("status command printed no JSON") == "status command printed no JSON"
+    view = agent_pb2.ServerView(healthy=False, detail="managed server not answering on /x: 111")
+    seen = observation(view, pki.CertificateAuthority.create().cert)
+    assert seen.error == "the managed server: not answering on /x: 111"
+    # The plan's sentence names the server, and an agent that did not answer, once.
+    observed = {
+        "a": seen,
+        "b": NodeObservation(False, "agent b: failed to connect to all addresses"),
+        "c": NodeObservation(False, "connection refused"),
+    }
+    with pytest.raises(Unreachable) as info:
+        plan_rollout(
+            rollout_id="r5",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled={"a": True, "b": True, "c": True},
+            leader="a",
+            epoch=1,
+            observed=observed,
+        )
+    assert str(info.value) == (
+        "cannot ask the agent of b, c what it runs (b: failed to connect to all addresses, "
+        "c: connection refused); bring the agent up or leave the node out (--nodes); cannot "
+        "tell what a runs: its agent answers, its managed server does not (a: not answering "
+        "on /x: 111); start the server or leave the node out (--nodes)"
+    )

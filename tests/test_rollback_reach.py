@@ -327,7 +327,9 @@ def test_plan_says_start_the_server_where_the_agent_answers_and_its_server_does_
 ) -> None:
     """Review s46rt2 L4: node2's agent online, its managed server down: `tlsroll plan` said
     "cannot ask the agent of node2 what it runs (...); bring the agent up or leave the node
-    out", of an agent that was up. Now it says what is down and what to do."""
+    out", of an agent that was up. Now it says what is down and what to do. Session 68: it
+    said so twice over, "(node2: the managed server: managed server not answering on …)": the
+    managed server is named once, the agent's words after the node's name."""
     with cluster_of(tmp_path, 2) as (cluster, nodes):
         kill_server(nodes[1])
         seen_down(cluster, "node2")
@@ -335,9 +337,10 @@ def test_plan_says_start_the_server_where_the_agent_answers_and_its_server_does_
         assert plan.returncode == 1, plan.stdout
         assert re.fullmatch(
             r"tlsroll: error: cannot tell what node2 runs: its agent answers, its managed server"
-            r" does not \(node2: the managed server: [^\n]+\); start the server or leave the node"
+            r" does not \(node2: not answering on [^\n]+\); start the server or leave the node"
             r" out \(--nodes\)\n",
             plan.stderr,
         ), plan.stderr
+        assert plan.stderr.count("managed server") == 1, plan.stderr
         left_out = cluster.cli("plan", "--scope", "nodes", "--nodes", "node1")
         assert left_out.returncode == 0, left_out.stderr

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import select
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,12 @@ LAZY = {
 ADMIN = "leader.cli:admin"
 STDOUT_CLOSED = "standard output is closed"
 """The group that holds every other top-level command."""
+READER_GONE = 141
+"""The exit code of a command whose stdout's reader has gone (``tlsroll plan | head``, a pager
+quit): 128 + SIGPIPE, what a shell reports of ``ls | head`` or ``git log | head`` ended so,
+under ``set -o pipefail`` too. Not an error: nothing is said (session 68, README walk: click
+ended it with exit 1, as a plan with a blocked node does). A secret nobody saw is another
+matter: ``token create`` and ``viewer grant`` revoke it and say so, exit 1 (session 67)."""
 
 
 def refuse_empty_path(
@@ -251,9 +258,34 @@ def main(argv: list[str] | None = None) -> int:
         code = _run(None)
     finally:
         _resume_gc()  # (a command never looked up: --help, --version, a usage error)
+    try:
+        sys.stdout.flush()  # what is left of the output: its reader may have gone meanwhile
+    except OSError:
+        if not _reader_gone():
+            raise
+        code = READER_GONE
     if _Program.quick_exit:
         _exit_now(code)
     return code
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone: then it takes no output
+    any more, and whatever is still in its buffer goes to /dev/null instead, so that neither
+    the exit's flush nor anything else fails on it again (Python's own advice for SIGPIPE,
+    ignored by the interpreter: EPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+        if gone:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        return gone
+    except (OSError, ValueError, AttributeError):  # no descriptor behind it (a test's runner)
+        return False
 
 
 def _run(argv: list[str] | None) -> int:
@@ -271,6 +303,12 @@ def _run(argv: list[str] | None) -> int:
         return 2
     try:
         code = cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
+    except (SystemExit, BrokenPipeError):
+        # (click ends a command whose write found no reader with sys.exit(1), even when not
+        # standalone; a write of our own outside its call raises)
+        if _reader_gone():
+            return READER_GONE
+        raise
     except click.UsageError as exc:
         hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
         # A group called without a command: click's message is the whole help text.

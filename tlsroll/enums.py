@@ -55,6 +55,18 @@ SERVER_NOT_HEALTHY = "managed server not healthy: "
 the way back (disable-tls) goes on past it when the server's config is on https (the agent's
 switch restores http and starts the server); every other change fails its preflight there."""
 
+
+def of_server(said: str) -> str:
+    """What a driver said of the managed server (a ``DriverError``: "managed server not
+    answering on …"), for words that name the server before it (``SERVER_NOT_HEALTHY``, the
+    leader's "the managed server: "): without its own "managed server " it reads once
+    (session 68: "the managed server: managed server not answering …")."""
+    for named in ("the managed server ", "managed server "):
+        if said.startswith(named) and said[len(named) :].strip():
+            return said[len(named) :]
+    return said
+
+
 CONFIG_UNREADABLE = "its config cannot be read"
 """How an agent's view of its server (``ServerView.detail``) begins (then ", fix the file: ",
 the problem, and the file's path, which a leader may cut) when the server's config file cannot

@@ -62,9 +62,18 @@ def console() -> Console:
     """The console every command prints with, made at its first use."""
     from rich.console import Console  # noqa: PLC0415 - see _Out
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            """A write that found stdout's reader gone (``tlsroll plan | head``) raises, as a
+            click.echo's does, for ``tlsroll.cli`` to end the command quietly
+            (``READER_GONE``); rich's own exit 1 had put /dev/null in the pipe's place, so
+            that nobody could tell (session 68)."""
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
     # No markup and no emoji codes: text from agents and workstations (a reason, a name) is
     # printed as it came, never as "[bold]" or ":x:" turned into a style or a picture.
-    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_pipe_width())
+    return _Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_pipe_width())
 
 
 class _Out:

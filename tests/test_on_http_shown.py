@@ -1,0 +1,72 @@
+"""Where `schema show`, `rollout status` and the viewer count the workstations still on http
+per node (``NodeView.still_on_http``): only in a rollout whose change takes http away
+(enable-tls, a transitional rollout's finalize). Session 68's README walk: a way back
+(disable-tls) showed "1" still on http for a node it had just taken back to http, a figure that
+meant nothing there; a password change or a new certificate keeps the address, the same."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from leader import planner
+from leader.cli.draw import render_rollout
+from leader.rollout_core import Change, Client, Scope
+from leader.schema_store import ClientsInfo, NodeDetail, RolloutMeta, RolloutRow
+from leader.schema_view import schema_json, schema_message
+
+NOW = dt.datetime(2026, 12, 4, 9, 0, tzinfo=dt.UTC)
+# node1's report, fresh: one workstation on http just now, never on https since.
+SEEN = [Client("node1", "http", "127.0.0.9", "Empfang", NOW - dt.timedelta(hours=1), NOW)]
+INFOS = {"node1": ClientsInfo("node1", 60, "reference", "", NOW, NOW, NOW)}
+
+
+def row(change: Change) -> RolloutRow:
+    rollout, records = planner.plan_rollout(
+        rollout_id="r1",
+        change=change,
+        scope=Scope.cluster(),
+        enrolled={"node1": True, "node2": True},
+        leader="node1",
+        epoch=1,
+        finalizes="t1" if change is Change.FINALIZE else "",
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="node1")
+    return RolloutRow(rollout, meta, tuple((r, NodeDetail()) for r in records))
+
+
+def shown(change: Change) -> tuple[int, str]:
+    """node1's count in the view of a rollout of ``change`` (what `schema show --json` prints)
+    and its cell in the "still on http" column of `schema show`'s table."""
+    message = schema_message(
+        [row(change)],
+        set(),
+        NOW,
+        clients=SEEN,
+        infos=INFOS,
+        fresh={"node1"},
+        reported=lambda _n: True,
+    )
+    data = json.loads(schema_json(message))
+    # The node's own client list says who is on http whatever the rollout.
+    (clients,) = [v for v in data["node_clients"] if v["node"] == "node1"]
+    assert [c["workstation"] for c in clients["still_on_http"]] == ["Empfang"]
+    view = data["rollouts"][0]
+    node1 = next(n for n in view["nodes"] if n["name"] == "node1")
+    lines = render_rollout(view).lines(400, color=False)
+    head = next(line for line in lines if "still on http" in line)
+    (line,) = [line for line in lines if "│ node1 " in line]
+    cell = line[head.index("still on http") :].split("│")[0].strip()
+    return node1.get("still_on_http", 0), cell
+
+
+@pytest.mark.parametrize("change", [Change.ENABLE_TLS, Change.FINALIZE])
+def test_a_change_that_takes_http_away_counts_who_is_still_on_http(change: Change) -> None:
+    assert shown(change) == (1, "1")
+
+
+@pytest.mark.parametrize("change", [Change.DISABLE_TLS, Change.CHANGE_PASSWORD, Change.ROTATE_CERT])
+def test_a_change_that_keeps_or_gives_back_http_counts_no_one(change: Change) -> None:
+    assert shown(change) == (0, "-")
