@@ -141,6 +141,9 @@ def _copy_store(source: Path, target: Path, made_at: dt.datetime) -> None:
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (made_at.isoformat(timespec="microseconds"),),
                 )
+                # No leader has opened the copy (``leader.db.claim_copy``): a store that is
+                # itself a copy a start opened and did not restore says so no more.
+                dst.execute("DELETE FROM meta WHERE key = 'copy_opened_at'")
                 dst.commit()
                 # The copy stands alone: no -wal beside it to restore with it.
                 dst.execute("PRAGMA journal_mode=DELETE")

@@ -555,6 +555,8 @@ def mark_copy(conn: sqlite3.Connection, made_at: dt.datetime) -> None:
             " ON CONFLICT(key) DO NOTHING",
             (made_at.isoformat(timespec="microseconds"),),
         )
+        # A copy no leader has opened yet, as any backup (``claim_copy``).
+        conn.execute("DELETE FROM meta WHERE key = ?", (COPY_OPENED,))
 
 
 def open_db(path: Path, *, created: Callable[[sqlite3.Connection], None] | None = None) -> Database:
@@ -643,9 +645,10 @@ def foreign_wal(path: Path) -> str | None:
     restore in place, after a crash left it). Whatever opens the file next (the lost-store
     check included) applies it to the copy: pages of two stores mixed, without a word, or
     damaged (session 68, restore review). None: no such thing. Read without the ``-wal``
-    (``immutable``), nothing written. A copy's first start writes its restore into the file
-    itself (``Store.restore_began``): a start killed before that left only what the next
-    start does again."""
+    (``immutable``), nothing written. A copy a leader's start opened is marked so in the file
+    itself first (``claim_copy``, before any ``-wal`` of its own exists): a ``-wal`` beside
+    it then is its own (a start killed before its restore's checkpoint, or one a reader held
+    back: session 68's closing review), never refused."""
     wal = path.with_name(path.name + "-wal")
     try:
         if not path.is_file() or wal.stat().st_size == 0:
@@ -657,13 +660,18 @@ def foreign_wal(path: Path) -> str | None:
     except sqlite3.Error:
         return None
     try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'backup_made_at'").fetchone()
+        rows = dict(
+            conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('backup_made_at', ?)", (COPY_OPENED,)
+            ).fetchall()
+        )
     except sqlite3.Error:
         return None
     finally:
         conn.close()
-    if row is None:
+    if "backup_made_at" not in rows or COPY_OPENED in rows:  # (opened: its -wal is its own)
         return None
+    row = (rows["backup_made_at"],)
     return (
         f"{path} is a backup's copy (made {row[0]}) that no leader has started yet, and"
         f" {wal.name} beside it is another store's (the one it was put in place of): SQLite"
@@ -671,6 +679,49 @@ def foreign_wal(path: Path) -> str | None:
         f" {wal.name} and {path.name}-shm out of {path.parent} (keep them if the store they"
         " belong to is wanted), then start the leader again; nothing was changed"
     )
+
+
+COPY_OPENED = "copy_opened_at"
+"""``meta`` key: a backup's copy a leader's start has opened (``claim_copy``, ``foreign_wal``)."""
+
+
+def claim_copy(path: Path) -> None:
+    """Before a leader's start opens the store at ``path`` (``foreign_wal`` found nothing
+    wrong): if it is a backup's copy no leader has opened yet, in rollback-journal mode as
+    ``leader.backup`` leaves it, ``COPY_OPENED`` is written into the file itself (not into a
+    ``-wal``: none is in use yet). From then on a ``-wal`` beside it is the copy's own, whatever
+    became of the restore's checkpoint (``Store.restore_began``: a reader of the store held it
+    back, and SQLite says so only in its answer; or the start was killed before it): taken for
+    another store's, the leader's next start was refused, and the way out it named dropped
+    everything done since the restore. Anything else (no copy, one opened, one in WAL mode,
+    a file SQLite cannot read here) is left as it is: the start's own checks say what is
+    wrong."""
+    try:
+        if not path.is_file():
+            return
+        conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    except (OSError, sqlite3.Error):
+        return
+    try:
+        if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "delete":
+            return
+        keys = {
+            str(r[0])
+            for r in conn.execute(
+                "SELECT key FROM meta WHERE key IN ('backup_made_at', ?)", (COPY_OPENED,)
+            )
+        }
+        if keys != {"backup_made_at"}:
+            return
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+            (COPY_OPENED, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")),
+        )
+    except sqlite3.Error:
+        return
+    finally:
+        conn.close()
 
 
 def recorded_ca_pin(path: Path) -> str | None:

@@ -35,6 +35,7 @@ from leader.config import TEST_AGENT_CERT_ENV, LeaderConfig, agent_cert_seconds
 from leader.db import (
     RELEARN_WINDOW,
     check_store,
+    claim_copy,
     foreign_wal,
     mark_store,
     recorded_ca_pin,
@@ -715,6 +716,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
             kdf_before=weak,
             kdf_now=str(keywrap.kdf_of(layout.ca_key.read_bytes())),
         )
+    claim_copy(layout.store)  # (a backup's copy: its -wal from here on is its own)
     store = Store(layout.store, created=ca_pinned(pin))  # (a new one: recorded, unsaid)
     try:
         if (recorded := store.own_ca_pin(pin)) is None:
@@ -904,6 +906,7 @@ def repin_ca(cfg: LeaderConfig, confirm: tuple[str, str] | None, *, config: Path
             f" in place of the store's: `{run} --repin-ca {recorded} {pin}`; else put back ca/"
             " and tls/ from the same backup as the store; nothing was changed",
         )
+    claim_copy(layout.store)
     store = Store(layout.store)
     try:
         done = store.replace_ca_pin(recorded, pin, dt.datetime.now(dt.UTC), "admin:--repin-ca")

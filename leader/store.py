@@ -2500,7 +2500,8 @@ class Store(LeaderStore):
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                     (key, to_text(value)),
                 )
-            db.execute("DELETE FROM meta WHERE key = 'backup_made_at'")
+            # (And the mark of a copy opened: ``leader.db.claim_copy``.)
+            db.execute("DELETE FROM meta WHERE key IN ('backup_made_at', 'copy_opened_at')")
             leader_serials = [
                 r["serial"]
                 for r in db.execute(

@@ -7,11 +7,19 @@ Real leader as a process, a real SQLite store; the backup is ``tlsroll-leader --
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from leader.backup import _copy_store
+from leader.config import LeaderConfig
+from leader.db import foreign_wal
+from leader.layout import init
+from leader.runtime import load_state
+from leader.store import Restored, Store
 from tests.cluster import Cluster, one_line_error
 from tests.conftest import next_loopback
 from tests.test_backup import backup, token_ids
@@ -80,3 +88,60 @@ def test_a_restored_config_naming_the_credential_copy_says_what_to_do(tmp_path: 
         line = one_line_error(output, "tlsroll-leader")
         assert f"{copy} does not exist" in line, line
         assert "set ca_passphrase_file to it" in line and "install.sh ca-credential" in line, line
+
+
+def test_a_copys_first_start_whose_checkpoint_a_reader_held_back_keeps_its_own_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing review of session 68: the restore's checkpoint into the file
+    (``Store.restore_began``) is held back by a reader of the store (another process, such as
+    a backup run), and SQLite says so only in its answer: the file still said "a backup's copy
+    no leader started". The leader then killed (its ``-wal`` holds the restore and all since),
+    the next start refused its own ``-wal`` as another store's, and the way out it named
+    (move the ``-wal`` away) dropped the restore and everything after. The copy is marked
+    opened in the file itself before anything writes a ``-wal`` (``leader.db.claim_copy``):
+    its ``-wal`` is taken as its own."""
+    layout = init(tmp_path / "data", next_loopback())
+    cfg = LeaderConfig.load(layout.config)
+    load_state(cfg).store.close()  # (a clean stop: no -wal left)
+    copy = tmp_path / "copy.sqlite3"
+    _copy_store(layout.store, copy, dt.datetime.now(dt.UTC))
+    files = [layout.store.with_name(layout.store.name + s) for s in ("", "-wal", "-shm")]
+    for path in files[1:]:  # (a clean stop leaves them empty: the README's restore removes them)
+        path.unlink(missing_ok=True)
+    shutil.copy2(copy, layout.store)  # the restore, with the leader stopped
+
+    readers: list[sqlite3.Connection] = []
+    began = Store.restore_began
+
+    def read_meanwhile(store: Store, now: dt.datetime) -> Restored | None:
+        reader = sqlite3.connect(layout.store, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchall()  # (its snapshot, held)
+        readers.append(reader)
+        store.db._db.execute("PRAGMA busy_timeout = 50")  # (the 10 s wait, made short)
+        return began(store, now)
+
+    monkeypatch.setattr(Store, "restore_began", read_meanwhile)
+    state = load_state(cfg)
+    monkeypatch.undo()
+    assert readers
+    # Killed here: the files as the kill leaves them (the connections still open).
+    left = {p: p.read_bytes() for p in files if p.exists()}
+    assert left.get(files[1]), "the restore is in the -wal (the checkpoint was held back)"
+    state.store.close()
+    for reader in readers:
+        reader.close()
+    for path in files:
+        path.unlink(missing_ok=True)
+    for path, data in left.items():
+        path.write_bytes(data)
+
+    assert foreign_wal(layout.store) is None
+    state = load_state(cfg)  # the next start: its own -wal taken, the restore not begun again
+    try:
+        with state.store.db.read() as db:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        state.store.close()
+    assert "restored_at" in meta and "backup_made_at" not in meta, meta
