@@ -2116,7 +2116,8 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
 ) -> None:
     """Review s63 M1, M3: a page's read (``page``, without the client lists: issue 15) has
     who is still on http as the whole read and `schema show` have it (its own query reads
-    only the http sightings and the https ones of the same workstations), drawn in its
+    only the http sightings and the https ones of the same workstations, and every sighting
+    of a node with an unnamed http one: session 68), drawn in its
     section, counted in each row and per node in the metrics; and every enrolled node not in
     the selected rollout in the "other nodes" table, with its server's scheme by its
     heartbeat and the last rollout it was in."""
@@ -2134,6 +2135,9 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
             Client("a", "https", "10.1.0.2", "ws-labor", later, later, 3),
             Client("a", "http", "10.1.0.3", "", seen, seen, 1),  # no name: by its address
             Client("a", "https", "10.1.0.9", "ws-kasse", seen, later, 4),  # https only
+            # No name on http, its certificate's on https since: switched (session 68).
+            Client("a", "http", "10.1.0.6", "", seen, seen, 1),
+            Client("a", "https", "10.1.0.6", "ws-rezept", later, later, 1),
         ],
         window_seconds=3600,
         source="refserver",
