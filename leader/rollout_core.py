@@ -120,6 +120,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from leader.rollout_enums import FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
+from tlsroll.clients import https_matches
 from tlsroll.enums import NEEDS_ADMIN, Change
 from tlsroll.errors import TerminalError
 
@@ -754,8 +755,15 @@ def still_on_http(
     clients: Iterable[Client], now: dt.datetime, window: dt.timedelta
 ) -> list[Client]:
     """The http clients seen within ``window`` of ``now`` that have not switched to https
-    (same node, same workstation or address): who still needs the client steps. Most
+    (same node: its https sightings as ``tlsroll.clients.https_matches`` pairs them, those of
+    its workstation name, else of its address): who still needs the client steps. Most
     recently seen first.
+
+    An unnamed http sighting (no ``X-Tlsroll-Workstation`` header) is judged against the https
+    sightings of the one workstation named from its address at that node, where exactly one
+    was, too: its https requests carry its client certificate, and it kept the PC "still on
+    http" for the agent's whole window (session 68). From an address where several names were
+    seen (a terminal server, NAT) only its address's unnamed https sightings count.
 
     A key has switched only when its first https request came at or after its last http
     one (``first_seen`` on https >= ``last_seen`` on http): a clean switch clears, a client
@@ -767,19 +775,19 @@ def still_on_http(
     a client whose one http request after https came within its first https second and
     that then used http no more is taken for switched; any later http request counts it.
     """
-    everyone = list(clients)
-    first_https: dict[tuple[str, str], dt.datetime] = {}
-    for c in everyone:
-        if c.scheme == "https":
-            k = (c.node, c.key)
-            first_https[k] = min(first_https.get(k, c.first_seen), c.first_seen)
-    left = [
-        c
-        for c in everyone
-        if c.scheme == "http"
-        and now - c.last_seen <= window
-        and ((c.node, c.key) not in first_https or c.last_seen > first_https[(c.node, c.key)])
-    ]
+    by_node: dict[str, list[Client]] = {}
+    for c in clients:
+        by_node.setdefault(c.node, []).append(c)
+    left = []
+    for seen in by_node.values():
+        for i, matched in https_matches(
+            [(c.scheme, c.address, c.workstation) for c in seen]
+        ).items():
+            c = seen[i]
+            if now - c.last_seen <= window and (
+                not matched or c.last_seen > min(seen[j].first_seen for j in matched)
+            ):
+                left.append(c)
     return sorted(left, key=lambda c: (c.last_seen, c.node, c.key), reverse=True)
 
 

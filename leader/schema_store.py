@@ -1985,7 +1985,9 @@ _KEY = "CASE WHEN {t}.workstation != '' THEN {t}.workstation ELSE {t}.address EN
 def _http_clients(db: sqlite3.Connection) -> list[Client]:
     """Of the stored report, what ``rollout_core.still_on_http`` judges who is still on http
     by: the http sightings, and the https ones of the same node and key (whether it switched
-    since). The web page's (``viewer.snapshot.Reader``): every sighting, read after each write
+    since), and for an unnamed http sighting the https ones from its address and those of
+    each name seen from it (``clients.https_matches``: the names seen there decide which
+    count). The web page's (``viewer.snapshot.Reader``): every sighting, read after each write
     while a page is open, was a third of its read at 500 nodes with two workstations each
     (issue 15); once the practice is on https, the http ones age out and this reads none."""
     http = _KEY.format(t="h")
@@ -1993,7 +1995,12 @@ def _http_clients(db: sqlite3.Connection) -> list[Client]:
     rows = db.execute(
         f"SELECT c.* FROM node_clients c WHERE c.{_NOT_REMOVED}"  # noqa: S608 - constants
         " AND (c.scheme = 'http' OR EXISTS (SELECT 1 FROM node_clients h"
-        f" WHERE h.node = c.node AND h.scheme = 'http' AND {http} = {mine}))"
+        f" WHERE h.node = c.node AND h.scheme = 'http' AND ({http} = {mine}"
+        # An unnamed http sighting is judged against its address's https sightings and those
+        # of the one name seen from that address (``clients.https_matches``), wherever from.
+        "  OR (h.workstation = '' AND (h.address = c.address OR (c.workstation != ''"
+        "   AND EXISTS (SELECT 1 FROM node_clients n WHERE n.node = c.node"
+        "    AND n.address = h.address AND n.workstation = c.workstation)))))))"
         " ORDER BY c.last_seen DESC, c.node, c.address"
     )
     return [_client(r) for r in rows.fetchall()]

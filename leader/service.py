@@ -94,7 +94,7 @@ from leader.store import (
 from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, features, logs, peertext, pki, rpc, spiffe, wire
-from tlsroll.clients import used_http_after_https
+from tlsroll.clients import https_matches
 from tlsroll.enums import (
     CAP_SOURCE,
     NEEDS_ADMIN,
@@ -705,11 +705,12 @@ def client_rows(
     http one both lie ahead of the leader's clock was stored with both at ``now``, a tie,
     which ``rollout_core.still_on_http`` takes for switched, and a plain finalize went ahead
     while it used http (review s44rev6 L1; up to the preflight's 100 s of skew, until a
-    report came uncapped). A key whose times as sent say it went back to http
-    (``clients.used_http_after_https``, on the node's own clock) keeps that order: its first
-    https ``first_seen`` is put a microsecond before its last http ``last_seen``."""
+    report came uncapped). An http sighting whose times as sent say it went back to http
+    (``clients.https_matches``, on the node's own clock) keeps that order: each https
+    sighting it is judged against that begins at or after its ``last_seen`` is put a
+    microsecond before it."""
     rows = []
-    sent: list[tuple[str, str, tuple[int, int], tuple[int, int]]] = []
+    sent: list[tuple[str, str, str, tuple[int, int], tuple[int, int]]] = []
     for c in view.clients[:MAX_CLIENTS]:
         address = peertext.clean(c.address, 64)
         if c.scheme not in ("http", "https") or not address:
@@ -718,7 +719,8 @@ def client_rows(
         sent.append(
             (
                 c.scheme,
-                workstation or address,
+                address,
+                workstation,
                 (c.first_seen.seconds, c.first_seen.nanos),
                 (c.last_seen.seconds, c.last_seen.nanos),
             )
@@ -736,19 +738,18 @@ def client_rows(
                 requests=min(c.requests, 2**62),
             )
         )
-    back = used_http_after_https(sent)
-    if not back:
-        return rows
-    last_http: dict[str, dt.datetime] = {}
-    for r in rows:
-        if r.scheme == "http" and r.key in back:
-            last_http[r.key] = max(last_http.get(r.key, r.last_seen), r.last_seen)
-    before = dt.timedelta(microseconds=1)
+    # The http sightings that went back to http after https, as sent (the node's clock), and
+    # the https ones each is judged against (``clients.https_matches``): each of those that
+    # begins at or after the earliest such http ``last_seen`` is put a microsecond before it.
+    before: dict[int, dt.datetime] = {}
+    for i, matched in https_matches([(r[0], r[1], r[2]) for r in sent]).items():
+        if matched and sent[i][4] > min(sent[j][3] for j in matched):
+            for j in matched:
+                before[j] = min(before.get(j, rows[i].last_seen), rows[i].last_seen)
+    tick = dt.timedelta(microseconds=1)
     return [
-        replace(r, first_seen=last_http[r.key] - before)
-        if r.scheme == "https" and r.key in last_http and r.first_seen >= last_http[r.key]
-        else r
-        for r in rows
+        replace(r, first_seen=before[j] - tick) if j in before and r.first_seen >= before[j] else r
+        for j, r in enumerate(rows)
     ]
 
 

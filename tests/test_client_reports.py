@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from tests.test_transitional import (
     start_transitional,
 )
 from tests.test_viewer import fetch, session_for
+from tlsroll import httpcheck, pki, tls
 
 WINDOW = 60  # seconds: the reference server's clients_window (its least)
 SHORT_WINDOW = 15
@@ -419,6 +421,95 @@ def test_a_workstation_that_alternates_http_and_https_counts_on_http(tmp_path: P
         assert f"node1: {ws.source}" in refused.stderr, refused.stderr
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
         assert on_http_named(cluster, "node1") == [ws.source]
+
+
+def named_context(node: Node, name: str, source: str, root: Path) -> ssl.SSLContext:
+    """A client context with a workstation certificate for ``name`` (as its enrolment gets
+    one): the reference server names its https requests by it."""
+    key = pki.generate_key()
+    cert = node.ca().issue(
+        key.public_key(), pki.Names.of(name, [source]), server=False, client=True
+    )
+    pki.write_key(root / f"{name}.key", key)
+    pki.write_cert(root / f"{name}.pem", cert)
+    return tls.client_context(
+        node.cluster.ca_pem, cert_file=root / f"{name}.pem", key_file=root / f"{name}.key"
+    )
+
+
+def https_write(node: Node, source: str, context: ssl.SSLContext) -> dt.datetime:
+    """One write from ``source`` over https with ``context``; when it was made."""
+    before = dt.datetime.now(dt.UTC)
+    conn = httpcheck.HTTPSConnection(
+        node.address, 8443, timeout=10, context=context, source_address=(source, 0)
+    )
+    try:
+        conn.request(
+            "POST",
+            f"{node.server.app_path}entries",
+            body=json.dumps({"marker": uuid.uuid4().hex}).encode(),
+            headers={"Content-Type": "application/json", "Connection": "close"},
+        )
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 201
+    finally:
+        conn.close()
+    return before
+
+
+@pytest.mark.timeout(300)
+def test_a_pc_unnamed_on_http_and_named_on_https_is_one_workstation(tmp_path: Path) -> None:
+    """Session 68 (README walk, M3): two PCs write over http without a workstation name (a
+    practice application that sends no ``X-Tlsroll-Workstation`` header), then over https
+    with their workstation certificates, which name them. Each is one workstation: once the
+    agent reports the https sightings, neither is still on http (each stayed "still on
+    http" for the server's whole window, an hour here, and a plain finalize was refused that
+    long). Then one writes over http again: it is back on http at once, and a plain finalize
+    refuses, naming it alone."""
+    with one_node(tmp_path, clients_refresh=1, window=3600) as (cluster, node):
+        phase1 = phase_1(cluster, tmp_path)
+        pcs = {
+            name: Workstation(name, node, next_loopback(), cluster.ca_pem)
+            for name in ("ws-empfang", "ws-labor")
+        }
+        contexts = {n: named_context(node, n, ws.source, tmp_path) for n, ws in pcs.items()}
+        for ws in pcs.values():
+            visit(ws)
+        https_at = max(https_write(node, ws.source, contexts[n]) for n, ws in pcs.items())
+
+        def moved() -> bool:
+            view = node1_clients(cluster)
+            named = {
+                (c["address"], c.get("workstation", ""))
+                for c in view.get("clients", {}).get("clients", [])
+                if c["scheme"] == "https"
+            }
+            return named == {(ws.source, n) for n, ws in pcs.items()} and not view.get(
+                "still_on_http"
+            )
+
+        wait_until(moved, 30, "both PCs reported on https, none on http", interval=SCHEMA_POLL)
+        listed = cluster.cli("notify", "--remaining")
+        assert listed.returncode == 0, listed.stderr
+        assert all(ws.source not in listed.stdout for ws in pcs.values()), listed.stdout
+
+        # ws-labor goes back to http (whole seconds on the server: in a later second).
+        back = pcs["ws-labor"]
+        later = https_at.replace(microsecond=0) + dt.timedelta(seconds=1)
+        wait_until(lambda: dt.datetime.now(dt.UTC) >= later, 5, "the next second")
+        visit(back)
+        wait_until(
+            lambda: on_http_named(cluster, "node1") == [back.source],
+            30,
+            "ws-labor back on http",
+            interval=SCHEMA_POLL,
+        )
+        refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert refused.returncode == 1, refused.stdout
+        assert f"node1: {back.source}" in refused.stderr, refused.stderr
+        assert pcs["ws-empfang"].source not in refused.stderr, refused.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
 
 
 # --- finalize --when-quiet: quiet since the leader could know, judged afresh (review s64 M) ------

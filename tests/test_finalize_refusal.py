@@ -551,22 +551,29 @@ def test_the_providers_of_fresh_reports_are_required() -> None:
             assert param.default is inspect.Parameter.empty, (f, name)
 
 
-def sighting(scheme: str, first: dt.datetime, last: dt.datetime) -> types_pb2.ClientSeen:
-    """ws-9's sighting as its agent sends it (times on the node's clock)."""
-    seen = types_pb2.ClientSeen(scheme=scheme, address="10.0.0.9", workstation="ws-9")
+def sighting(
+    scheme: str, first: dt.datetime, last: dt.datetime, name: str = "ws-9"
+) -> types_pb2.ClientSeen:
+    """ws-9's sighting as its agent sends it (times on the node's clock); ``name`` "": its
+    requests carry no name (an http one without the header)."""
+    seen = types_pb2.ClientSeen(scheme=scheme, address="10.0.0.9", workstation=name)
     seen.first_seen.FromDatetime(first)
     seen.last_seen.FromDatetime(last)
     return seen
 
 
+@pytest.mark.parametrize("http_name", ["ws-9", ""])
 @pytest.mark.parametrize("back", [True, False])
-def test_a_node_clock_ahead_keeps_a_return_to_http_in_its_order(tmp_path: Path, back: bool) -> None:
+def test_a_node_clock_ahead_keeps_a_return_to_http_in_its_order(
+    tmp_path: Path, back: bool, http_name: str
+) -> None:
     """Review s44rev6 L1: node a's clock is 30 s ahead (the preflight allows 100 s). ws-9
     makes its first https request, then goes back to http 5 s later, both within those 30 s.
     The leader caps a sighting's times at its now (``service.client_rows``): stored, both
     were ``now``, a tie, taken for switched, and the finalize's rule let it go ahead while
     ws-9 had used http 5 s before. It is on http now; a clean switch (http, then https) so
-    capped stays switched (a tie, as before)."""
+    capped stays switched (a tie, as before). So too where its http requests carry no name
+    (``http_name`` ""): the one name seen from its address is its (session 68)."""
     schema, commands = cluster(tmp_path)
     store = commands.store
     ahead = NOW + dt.timedelta(seconds=30)  # the node's clock at the leader's NOW
@@ -576,7 +583,7 @@ def test_a_node_clock_ahead_keeps_a_return_to_http_in_its_order(tmp_path: Path, 
     view.clients.extend(
         [
             sighting("https", https_at, https_at),
-            sighting("http", NOW - dt.timedelta(minutes=5), http_at),
+            sighting("http", NOW - dt.timedelta(minutes=5), http_at, http_name),
         ]
     )
     rows = client_rows("a", view, NOW, dt.timedelta(0))  # (ahead: no shift, capped)
@@ -584,7 +591,8 @@ def test_a_node_clock_ahead_keeps_a_return_to_http_in_its_order(tmp_path: Path, 
     report(store, "a", rows, NOW)
     clients, infos = schema.clients_report(["a", "b"])
     left = still_on_http_now(clients, infos, NOW, {"a", "b"})
-    assert [c.workstation for c in left] == (["ws-9"] if back else []), clients
+    assert [c.workstation for c in left] == ([http_name] if back else []), clients
     if back:
-        with pytest.raises(StillOnHttp, match=r"a: 10\.0\.0\.9 \(ws-9\) last seen on http"):
+        named = r" \(ws-9\)" if http_name else ""
+        with pytest.raises(StillOnHttp, match=rf"a: 10\.0\.0\.9{named} last seen on http"):
             asyncio.run(commands.finalize("t1", "admin:test"))

@@ -70,7 +70,7 @@ from tests.cluster import (
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
-from tlsroll import features, pki, spiffe
+from tlsroll import features, pki, spiffe, wire
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
 
@@ -2767,6 +2767,38 @@ def test_going_back_to_http_is_news_once_not_per_request() -> None:
     # A tie (whole seconds) counts as switched, as the leader judges it (``still_on_http``).
     tie = _clients(("http", 100, 120), ("https", 120, 130))
     assert key(tie) == key(switched) and clients_said(tie) == clients_said(switched)
+
+
+def test_an_unnamed_http_client_going_back_after_its_named_https_use_is_news() -> None:
+    """Session 68: a PC whose http requests carry no workstation name and whose https ones its
+    certificate names (``ws-1``) is one client (``clients.https_matches``): its going back to
+    http after its https use is news to the agent (``report_key``) and to the leader
+    (``clients_said``) at once, as a named one's is; a clean switch is not, nor are later
+    requests. Two names from the address: its unnamed http client is none of them."""
+
+    def view(*seen: tuple[str, str, int, int]) -> types_pb2.ClientsView:
+        out = types_pb2.ClientsView(window_seconds=600)
+        for scheme, name, first, last in seen:
+            c = out.clients.add(scheme=scheme, address="10.0.0.5", workstation=name, requests=1)
+            c.first_seen.seconds, c.last_seen.seconds = first, last
+        return out
+
+    def key(v: types_pb2.ClientsView) -> bytes:
+        request = leader_pb2.HeartbeatRequest(agent_version="1")
+        request.server.clients.CopyFrom(v)
+        return report_key(request)
+
+    switched = view(("http", "", 100, 110), ("https", "ws-1", 120, 130))
+    back = view(("http", "", 100, 140), ("https", "ws-1", 120, 130))
+    again = view(("http", "", 100, 150), ("https", "ws-1", 120, 160))
+    moved = view(("http", "", 100, 110), ("https", "ws-1", 120, 170))
+    assert wire.back_on_http(switched.clients) == frozenset()
+    assert wire.back_on_http(back.clients) == {"10.0.0.5"}
+    assert key(switched) != key(back) == key(again) and key(switched) == key(moved)
+    assert clients_said(switched) != clients_said(back) == clients_said(again)
+    assert clients_said(switched) == clients_said(moved)
+    shared = view(("http", "", 100, 110), ("https", "ws-1", 120, 130), ("https", "ws-2", 90, 95))
+    assert wire.back_on_http(shared.clients) == frozenset()  # (no https of its own: on http)
 
 
 # --- times an agent sends that are no time (session 67, peers' times) ----------------------

@@ -1651,6 +1651,69 @@ def test_still_on_http_is_who_was_on_http_lately_and_not_on_https_since() -> Non
     ]
 
 
+def test_an_unnamed_http_client_is_the_one_workstation_named_from_its_address() -> None:
+    """Session 68 (README walk, M3): a PC whose http requests carry no workstation name (the
+    practice application sends no ``X-Tlsroll-Workstation`` header) is known by its address on
+    http; on https its client certificate names it. It was two clients, and its http one
+    stayed "still on http" for the agent's whole window (a day): a plain finalize was refused
+    all day. Now an unnamed http sighting is judged against the https ones of the one name
+    seen from its address as well; from an address with several names (a terminal server,
+    NAT) against its unnamed ones only, and an unnamed https sighting never stands for a
+    named workstation."""
+    t = T0 - 10 * MIN
+    day = dt.timedelta(days=1)
+
+    def at(node: str, scheme: str, address: str, ws: str, first: int, last: int) -> Client:
+        return Client(node, scheme, address, ws, t + first * MIN, t + last * MIN, 1)
+
+    # The brief's reproduction: http at t unnamed, https 5 minutes later with its certificate.
+    moved = [
+        at("a", "http", "192.168.1.20", "", 0, 0),
+        at("a", "https", "192.168.1.20", "ws-empfang", 5, 5),
+    ]
+    assert still_on_http(moved, T0, day) == []
+    # The same second: moved (a tie, as for a named one).
+    assert still_on_http([moved[0], replace(moved[1], first_seen=t)], T0, day) == []
+    # Back on http after its https use (or another program of the PC): still on http.
+    back = [replace(moved[0], last_seen=t + 7 * MIN), moved[1]]
+    assert still_on_http(back, T0, day) == [back[0]]
+    clients = [
+        # On https since before its last http request (alternates, or a second PC behind the
+        # address that moved earlier): still on http.
+        at("a", "http", "10.0.0.1", "", 0, 3),
+        at("a", "https", "10.0.0.1", "ws-one", 1, 9),
+        # Two names seen from the address (a terminal server, NAT): the unnamed http client
+        # is none of them, however late their https use began.
+        at("a", "http", "10.0.0.2", "", 0, 0),
+        at("a", "https", "10.0.0.2", "ws-two", 5, 9),
+        at("a", "https", "10.0.0.2", "ws-three", 6, 9),
+        # An unnamed https client never stands for a named http one.
+        at("a", "http", "10.0.0.3", "ws-four", 0, 0),
+        at("a", "https", "10.0.0.3", "", 5, 9),
+        # The name seen at another node's server says nothing here.
+        at("a", "http", "10.0.0.4", "", 0, 0),
+        at("b", "https", "10.0.0.4", "ws-five", 5, 9),
+        # Named from the address on http (its header, as test-connection sends it), on https
+        # from a new address: the unnamed http client of that address moved with it.
+        at("a", "http", "10.0.0.6", "", 0, 1),
+        at("a", "http", "10.0.0.6", "ws-six", 0, 2),
+        at("a", "https", "10.0.0.7", "ws-six", 4, 9),
+        # The unnamed https client of the address began before its last http request: on http
+        # (as before), though the one name's began after.
+        at("a", "http", "10.0.0.8", "", 0, 3),
+        at("a", "https", "10.0.0.8", "", 2, 9),
+        at("a", "https", "10.0.0.8", "ws-eight", 5, 9),
+    ]
+    left = still_on_http(clients, T0, day)
+    assert sorted((c.node, c.address, c.workstation) for c in left) == [
+        ("a", "10.0.0.1", ""),
+        ("a", "10.0.0.2", ""),
+        ("a", "10.0.0.3", "ws-four"),
+        ("a", "10.0.0.4", ""),
+        ("a", "10.0.0.8", ""),
+    ]
+
+
 def test_a_node_is_quiet_once_no_http_client_was_seen_for_the_duration() -> None:
     quiet = dt.timedelta(minutes=10)
     known = {n: T0 - 60 * MIN for n in "abcdf"}

@@ -43,7 +43,13 @@ from leader.rollout_core import (
     left_cut_off,
     left_out_reason,
 )
-from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
+from leader.schema_store import (
+    BootstrapFailureRow,
+    RolloutMeta,
+    RolloutRow,
+    SchemaStore,
+    _http_clients,
+)
 from leader.schema_view import SchemaViewService, schema_message
 from leader.states import GrantState, LoginFailuresRow
 from leader.store import NodeCert, NotFound, Store
@@ -2037,12 +2043,64 @@ def test_the_way_back_s_alert_leaves_out_a_node_cut_off(store: Store) -> None:
         assert text.endswith("completed, 1 node left as is: b"), text
 
 
+def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
+    store: Store,
+) -> None:
+    """Session 68: an unnamed http sighting is judged against the https ones from its address
+    and those of the one name seen from it, wherever from (``clients.https_matches``); a
+    page's own query reads them all, and only what it needs: it has who is still on http as
+    the whole read has it."""
+    enrol(store, ["a"])
+    schema = SchemaStore(store.db)
+    t = NOW - dt.timedelta(minutes=10)
+    m = dt.timedelta(minutes=1)
+    schema.record_clients(
+        "a",
+        [
+            # Named from its address on https only; its name's https from another address
+            # began before its last http request: on http.
+            Client("a", "http", "10.2.0.1", "", t, t + 3 * m, 1),
+            Client("a", "https", "10.2.0.1", "ws-roam", t + 5 * m, t + 6 * m, 1),
+            Client("a", "https", "10.2.0.9", "ws-roam", t + m, t + 2 * m, 1),
+            # Named from its address on http (the header), on https from another: moved.
+            Client("a", "http", "10.2.0.2", "", t, t, 1),
+            Client("a", "http", "10.2.0.2", "ws-head", t, t, 1),
+            Client("a", "https", "10.2.0.8", "ws-head", t + m, t + 2 * m, 1),
+            # Two names from the address: its unnamed https only (which began before): on http.
+            Client("a", "http", "10.2.0.3", "", t, t + 3 * m, 1),
+            Client("a", "https", "10.2.0.3", "", t + m, t + 2 * m, 1),
+            Client("a", "https", "10.2.0.3", "ws-x", t + 5 * m, t + 6 * m, 1),
+            Client("a", "https", "10.2.0.3", "ws-y", t + 5 * m, t + 6 * m, 1),
+            # Not judged against by anyone: a page's read leaves it out.
+            Client("a", "https", "10.2.0.7", "ws-other", t, t, 1),
+        ],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    reader = Reader(
+        store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
+    )
+    whole = reader.read(times=True)
+    part = reader.read(clients=False, page=True)
+    assert sorted((c.address, c.workstation) for c in whole.still_on_http) == [
+        ("10.2.0.1", ""),
+        ("10.2.0.3", ""),
+    ]
+    assert part.still_on_http == whole.still_on_http
+    with store.db.read() as db:
+        read = {(c.scheme, c.address, c.workstation) for c in _http_clients(db)}
+    assert ("https", "10.2.0.7", "ws-other") not in read and len(read) == 10, read
+
+
 def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_node(
     store: Store,
 ) -> None:
     """Review s63 M1, M3: a page's read (``page``, without the client lists: issue 15) has
     who is still on http as the whole read and `schema show` have it (its own query reads
-    only the http sightings and the https ones of the same workstations), drawn in its
+    only the http sightings and the https ones of the same workstations, and those an
+    unnamed http one is judged against: session 68), drawn in its
     section, counted in each row and per node in the metrics; and every enrolled node not in
     the selected rollout in the "other nodes" table, with its server's scheme by its
     heartbeat and the last rollout it was in."""
@@ -2060,6 +2118,9 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
             Client("a", "https", "10.1.0.2", "ws-labor", later, later, 3),
             Client("a", "http", "10.1.0.3", "", seen, seen, 1),  # no name: by its address
             Client("a", "https", "10.1.0.9", "ws-kasse", seen, later, 4),  # https only
+            # No name on http, its certificate's on https since: switched (session 68).
+            Client("a", "http", "10.1.0.6", "", seen, seen, 1),
+            Client("a", "https", "10.1.0.6", "ws-rezept", later, later, 1),
         ],
         window_seconds=3600,
         source="refserver",

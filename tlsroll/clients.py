@@ -27,7 +27,7 @@ import ipaddress
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,22 +270,55 @@ def quiet_refusal(view: ClientsView, now: dt.datetime, quiet_seconds: int) -> st
     )
 
 
-def used_http_after_https(
-    seen: Iterable[tuple[str, str, tuple[int, int], tuple[int, int]]],
-) -> frozenset[str]:
-    """Of ``seen`` (scheme, key, first_seen, last_seen: a key its workstation name where
-    known, else its address; times as (seconds, nanos)), the keys seen on both schemes whose
-    last http request came after their first https one: not switched (the leader's
-    ``rollout_core.still_on_http``; a tie counts as switched). What makes a client's going back
-    to http news in a report (the agent's ``report_key``, the leader's ``clients_said``):
-    the times alone move with every request and are not, so a revert that moves only the
-    http ``last_seen`` waited for the stored copy to age. It changes once per revert (or
-    switch), not per request."""
-    first_https: dict[str, tuple[int, int]] = {}
-    last_http: dict[str, tuple[int, int]] = {}
-    for scheme, key, first, last in seen:
+def https_matches(seen: Sequence[tuple[str, str, str]]) -> dict[int, list[int]]:
+    """Which https sightings each http one of ``seen`` (one node's sightings: scheme, address,
+    workstation) is judged against by "who is still on http" (by index): a named one, those
+    of its workstation name, wherever from; an unnamed one, the unnamed ones from its address
+    and, where exactly one workstation name was seen from that address (on either scheme),
+    those of that workstation, wherever from: a PC whose http requests carry no
+    ``X-Tlsroll-Workstation`` header and whose https ones its client certificate names is one
+    client, not two (it stayed "still on http" for the agent's whole window: session 68). An
+    address from which two or more names were seen (a terminal server, NAT) is shared: its
+    unnamed http sightings are judged against its unnamed https ones only. An unnamed https
+    sighting never stands for a named workstation. README, "Transitional rollout", step 2."""
+    names: dict[str, set[str]] = {}
+    by_name: dict[str, list[int]] = {}
+    unnamed_at: dict[str, list[int]] = {}
+    for i, (scheme, address, workstation) in enumerate(seen):
+        if workstation:
+            names.setdefault(address, set()).add(workstation)
         if scheme == "https":
-            first_https[key] = min(first_https.get(key, first), first)
-        elif scheme == "http":
-            last_http[key] = max(last_http.get(key, last), last)
-    return frozenset(k for k, at in last_http.items() if k in first_https and at > first_https[k])
+            if workstation:
+                by_name.setdefault(workstation, []).append(i)
+            else:
+                unnamed_at.setdefault(address, []).append(i)
+    matches: dict[int, list[int]] = {}
+    for i, (scheme, address, workstation) in enumerate(seen):
+        if scheme != "http":
+            continue
+        if workstation:
+            matches[i] = by_name.get(workstation, [])
+            continue
+        named = names.get(address, set())
+        (one,) = named if len(named) == 1 else ("",)
+        matches[i] = unnamed_at.get(address, []) + (by_name.get(one, []) if one else [])
+    return matches
+
+
+def used_http_after_https(
+    seen: Iterable[tuple[str, str, str, tuple[int, int], tuple[int, int]]],
+) -> frozenset[str]:
+    """Of ``seen`` (one node's sightings: scheme, address, workstation, first_seen, last_seen;
+    times as (seconds, nanos)), the http ones (their workstation name where known, else their
+    address) whose last request came after the first of the https sightings they are judged
+    against (``https_matches``): not switched (the leader's ``rollout_core.still_on_http``; a
+    tie counts as switched). What makes a client's going back to http news in a report (the
+    agent's ``report_key``, the leader's ``clients_said``): the times alone move with every
+    request and are not, so a revert that moves only the http ``last_seen`` waited for the
+    stored copy to age. It changes once per revert (or switch), not per request."""
+    rows = list(seen)
+    back = set()
+    for i, matched in https_matches([(r[0], r[1], r[2]) for r in rows]).items():
+        if matched and rows[i][4] > min(rows[j][3] for j in matched):
+            back.add(rows[i][2] or rows[i][1])
+    return frozenset(back)

@@ -166,7 +166,8 @@ def back_on_http(clients: Iterable[types_pb2.ClientSeen]) -> frozenset[str]:
     return used_http_after_https(
         (
             c.scheme,
-            c.workstation or c.address,
+            c.address,
+            c.workstation,
             (c.first_seen.seconds, c.first_seen.nanos),
             (c.last_seen.seconds, c.last_seen.nanos),
         )
