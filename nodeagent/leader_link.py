@@ -1230,6 +1230,9 @@ class LeaderLink:
                     code, detail = exc.code().name, str(exc.details())
                     if not self.streaming and exc.code() == grpc.StatusCode.UNAVAILABLE:
                         self.streaming = True  # the leader may come back upgraded: try again
+                elif isinstance(exc, StreamEnded):  # (the write saw the end: its status)
+                    code = exc.code.name if isinstance(exc.code, grpc.StatusCode) else exc.code
+                    detail = str(exc)
                 else:
                     code, detail = "DEADLINE_EXCEEDED", str(exc)
                 if isinstance(exc, grpc.aio.AioRpcError) and rpc.node_removed(

@@ -23,6 +23,7 @@ import grpc
 import pytest
 import structlog
 from cryptography import x509
+from structlog.testing import capture_logs
 
 from leader.observe import observe
 from nodeagent import leader_link, nodefiles, service
@@ -580,6 +581,33 @@ async def test_a_pinned_beat_the_leader_did_not_answer_in_time_dials_the_pin_aga
         assert link._want() == serial
         await link.beat()
         assert link._dialed == serial
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_a_stream_seen_ended_by_the_write_is_logged_with_its_status(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 68 (leaderpin L3, closing review L2): a heartbeat whose write saw the stream's end
+    (``StreamEnded``, UNAVAILABLE: the leader went away) was logged ``heartbeat.failed`` with
+    code DEADLINE_EXCEEDED, as a leader that did not answer in time; it says the status now."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    link, _trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+
+        async def ended(request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
+            raise leader_link.StreamEnded(
+                "the heartbeat stream ended: UNAVAILABLE", grpc.StatusCode.UNAVAILABLE
+            )
+
+        monkeypatch.setattr(link, "_exchange", ended)
+        with capture_logs() as logs, pytest.raises(TransientError):
+            await link.beat()
+        failed = [e for e in logs if e["event"] == "heartbeat.failed"]
+        assert [e["code"] for e in failed] == ["UNAVAILABLE"], logs
     finally:
         await link.close()
         journal.close()
