@@ -583,10 +583,17 @@ def _created_mark(path: Path) -> Path:
     return path.with_name(path.name + ".created")
 
 
+def _first_start_mark(path: Path) -> Path:
+    """``leader.layout.Layout.first_start``: init's, until the first start made the store."""
+    return path.with_name(path.name + ".first-start")
+
+
 RELEARN_WINDOW = dt.timedelta(hours=24)
 
 
-def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") -> list[Path]:
+def check_store(
+    path: Path, *, reinitialise: bool = False, recover: str = "", beside_ca: bool = False
+) -> list[Path]:
     """Refuse a lost store (see the module docstring); blocking, before ``open_db``.
 
     ``reinitialise``: the admin's explicit choice to start an empty store in place of a lost
@@ -595,9 +602,13 @@ def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") ->
     (``Store.relearn``). Returns what was moved aside. Refused (``NotDamaged``) for a store
     that is intact or only unavailable now (``StoreUnavailable``: a full disk). ``recover``:
     the ``--reinitialise`` command line, quoted, a lost store's message gives
-    (``leader.runtime``)."""
+    (``leader.runtime``). ``beside_ca``: the data dir holds a CA (a leader's start): a missing
+    store is lost there too unless ``tlsroll init`` left its first start's mark
+    (``_first_start_mark``), whatever the ``.created`` mark (a restore that left out the store
+    and the mark: session 68)."""
+    restored = beside_ca and not _first_start_mark(path).exists()
     try:
-        problem = damage(path, expected=_created_mark(path).exists())
+        problem = damage(path, expected=restored or _created_mark(path).exists())
     except StoreUnavailable as exc:
         if reinitialise:
             raise NotDamaged(
@@ -614,6 +625,11 @@ def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") ->
         return []
     if not reinitialise:
         begin = recover or "`tlsroll-leader --config CONFIG --reinitialise`"
+        if problem == "missing" and not _created_mark(path).exists():
+            problem = (
+                "missing beside the CA, and no `tlsroll init` left it to a first start (a"
+                f" restore that left out {path.name}?)"
+            )
         raise StoreLost(
             f"store {path}: {problem}; restore it from a backup with the leader stopped (it holds"
             " the enrolled nodes, join tokens and rollouts), or begin an empty store that"
@@ -634,6 +650,7 @@ def mark_store(path: Path) -> None:
             f" does not start without {path.name}: restore it from a backup.\n".encode(),
             PRIVATE,
         )
+    _first_start_mark(path).unlink(missing_ok=True)
 
 
 def foreign_wal(path: Path) -> str | None:
