@@ -2634,7 +2634,12 @@ def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoke
     _, cut_session = grants.login(cut.secret, NOW)
     assert grants.sign_out(left_session, NOW) is not None
     grants.revoke(cut.grant.id, now=NOW, actor="admin:root")
-    grants.revoke(left.grant.id, now=NOW, actor="admin:root")  # after the sign-out
+    with store.db.read() as db:
+        audit_before = db.execute("SELECT * FROM audit").fetchall()
+    # After the sign-out: nothing to revoke, nothing written (session 68, viewer2's L).
+    assert grants.revoke(left.grant.id, now=NOW + HOUR / 2, actor="admin:root").signed_out
+    with store.db.read() as db:
+        assert db.execute("SELECT * FROM audit").fetchall() == audit_before
     unused = grants.create("Unbenutzt", ttl=HOUR, now=NOW, actor="admin:root").grant
     listed = {g.name: g.state(NOW) for g in grants.all()}
     assert listed == {

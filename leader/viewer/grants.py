@@ -139,7 +139,13 @@ class Grants(LeaderStore):
         return [_grant(r) for r in rows]
 
     def revoke(self, grant_id: str, *, now: dt.datetime, actor: str) -> Grant:
+        """Revoke the grant (again, for one revoked before: audited again, its first time
+        kept). One its browser signed out had already ended: returned as it is, nothing
+        written (``Grant.signed_out``: the caller says so; session 68)."""
         with self._db.tx() as db:
+            row = db.execute(f"{_SELECT} WHERE id = ?", (grant_id,)).fetchone()
+            if row is not None and (grant := _grant(row)).signed_out:
+                return grant
             cur = db.execute(
                 "UPDATE viewer_grants SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
                 (to_text(now), grant_id),
