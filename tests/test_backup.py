@@ -562,10 +562,11 @@ def set_back_to_schema_12(dest: Path) -> None:
     """The backup as the leader of store schema 12 made it: migration 13 only adds the audit's
     index of re-learnings and records the floor that may read the file (``schema_floor``),
     migration 14 a column of the rollouts, 15 one of the nodes, 16 another of the rollouts,
-    17 and 18 one of the certificates each with its index, 19 the audit's index of removals;
-    all go, the schema is set back, the manifest says so."""
+    17 and 18 one of the certificates each with its index, 19 the audit's index of removals,
+    20 its index of viewer sign-outs; all go, the schema is set back, the manifest says so."""
     store = dest / "leader.sqlite3"
     with contextlib.closing(sqlite3.connect(store, isolation_level=None)) as db:
+        db.execute("DROP INDEX audit_signed_out")
         db.execute("DROP INDEX audit_removed")
         db.execute("DROP INDEX certificates_key_pin")
         db.execute("ALTER TABLE certificates DROP COLUMN key_pin")

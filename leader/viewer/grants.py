@@ -43,10 +43,11 @@ MAX_TTL = dt.timedelta(days=7)
 MAX_NAME = 100
 # A grant's row and whether its browser signed it out (``Grant.signed_out``): the audit says
 # so (the sign-out ends only an active grant, so it came before any `viewer revoke` of it,
-# whose ``COALESCE`` keeps its time). Asked of the audit for a revoked grant only (the CASE:
-# a valid session's look never scans it), and the IN's list made once a statement: a `viewer
-# list` with revoked grants scans the audit once (no index for it: ~0.15 s a million rows).
-# Not a column of its own: that would take a migration, and a leader before it writes none.
+# which then writes nothing: ``Grants.revoke``). Asked of the audit for a revoked grant only
+# (the CASE: a valid session's look never reads it), the IN's list made once a statement,
+# through the audit's index of sign-outs (store schema 20, ``leader.db._V20``: the literal
+# kind is what lets SQLite use it), not a scan of the audit. Not a column of its own: a leader
+# before it would write none (and an older one on the file still says revoked).
 _SELECT = (
     "SELECT *, CASE WHEN revoked_at IS NULL THEN 0 ELSE id IN (SELECT subject FROM audit"
     " WHERE kind = 'viewer_grant.signed_out') END AS signed_out FROM viewer_grants"
