@@ -68,7 +68,7 @@ CA_CREDENTIAL=/etc/tlsroll/credstore.encrypted/tlsroll-ca-passphrase
 # The newest schema (PRAGMA user_version) of each store this tlsroll knows: the number of
 # migrations of leader/db.py and of nodeagent/journal.py (tests/test_install_upgrades.py keeps
 # these in step with them). A newer store was written by a newer tlsroll: not installed over.
-KNOWN_SCHEMAS="leader.sqlite3 19
+KNOWN_SCHEMAS="leader.sqlite3 20
 journal.sqlite3 6"
 # sha256 of every unit file the earlier installer copied to /etc/systemd/system: such a copy
 # is ours and unchanged, so it may go (it would shadow the unit in /usr/lib).

@@ -1120,5 +1120,6 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         grant = await asyncio.to_thread(
             self.grants.revoke, request.id, now=now, actor=_actor(context)
         )
-        log.info("viewer_grant.revoked", grant_id=grant.id)
+        if not grant.signed_out:  # (else it had ended by its sign-out: nothing done)
+            log.info("viewer_grant.revoked", grant_id=grant.id)
         return admin_pb2.RevokeViewerGrantResponse(info=grant_info(grant, now))

@@ -464,6 +464,18 @@ _V19 = """
 CREATE INDEX audit_removed ON audit (subject) WHERE kind = 'node.removed';
 """
 
+# Migration 20: the audit's sign-outs of viewer grants (``viewer_grant.signed_out``), by which
+# `viewer list` and each grant's read tell a grant its browser signed out from one the admin
+# revoked (``leader.viewer.grants._SELECT``; session 68): told by the audit, nothing stored in
+# the grant's row. Once a grant was revoked, every `viewer list` scanned the whole audit, which
+# is never pruned (~0.16 s a million rows): a partial index, as migrations 13 and 19. SQLite
+# uses it only for a query whose WHERE holds ``kind = 'viewer_grant.signed_out'`` as written
+# here (a literal). No row written, and SQLite keeps it on an older leader's writes too: one an
+# older leader may ignore (``IGNORABLE``).
+_V20 = """
+CREATE INDEX audit_signed_out ON audit (subject) WHERE kind = 'viewer_grant.signed_out';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -484,6 +496,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V17,  # each certificate's parent: what it was issued on the strength of
     _V18,  # the key of each node certificate: a revoked one's key never enrols again
     _V19,  # the audit's removals by node: a removed machine's served certificate is no one's
+    _V20,  # the audit's sign-outs of viewer grants: `viewer list` tells them without a scan
 )
 
 
@@ -504,7 +517,7 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
-IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17, 18, 19})
+IGNORABLE: frozenset[int] = frozenset({13, 14, 15, 16, 17, 18, 19, 20})
 """The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
 file (``tlsroll.sqlite.migrate``): a new table, columns that are NULL or have a default, or an
 index that is not unique on plain columns (no COLLATE, expression or function), and this code
@@ -520,7 +533,8 @@ column of the certificates, NULL (not known) on those an older leader records, a
 column of the certificates with a default ('': the key not known, as for every certificate
 recorded before it) and a partial index on it, which SQLite keeps as an older leader writes.
 19: a partial index of the audit's removals, which SQLite keeps as an older leader writes (its
-removals carry no epoch: ``leader.schema_store.removals`` goes by their time then)."""
+removals carry no epoch: ``leader.schema_store.removals`` goes by their time then). 20: a
+partial index of the audit's sign-outs of viewer grants, which SQLite keeps likewise."""
 
 READS_FLOOR_FROM = 12
 """The lowest schema of ``leader.sqlite3`` that only builds reading ``readable_by`` wrote
@@ -585,10 +599,17 @@ def _created_mark(path: Path) -> Path:
     return path.with_name(path.name + ".created")
 
 
+def _first_start_mark(path: Path) -> Path:
+    """``leader.layout.Layout.first_start``: init's, until the first start made the store."""
+    return path.with_name(path.name + ".first-start")
+
+
 RELEARN_WINDOW = dt.timedelta(hours=24)
 
 
-def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") -> list[Path]:
+def check_store(
+    path: Path, *, reinitialise: bool = False, recover: str = "", beside_ca: bool = False
+) -> list[Path]:
     """Refuse a lost store (see the module docstring); blocking, before ``open_db``.
 
     ``reinitialise``: the admin's explicit choice to start an empty store in place of a lost
@@ -597,9 +618,13 @@ def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") ->
     (``Store.relearn``). Returns what was moved aside. Refused (``NotDamaged``) for a store
     that is intact or only unavailable now (``StoreUnavailable``: a full disk). ``recover``:
     the ``--reinitialise`` command line, quoted, a lost store's message gives
-    (``leader.runtime``)."""
+    (``leader.runtime``). ``beside_ca``: the data dir holds a CA (a leader's start): a missing
+    store is lost there too unless ``tlsroll init`` left its first start's mark
+    (``_first_start_mark``), whatever the ``.created`` mark (a restore that left out the store
+    and the mark: session 68)."""
+    restored = beside_ca and not _first_start_mark(path).exists()
     try:
-        problem = damage(path, expected=_created_mark(path).exists())
+        problem = damage(path, expected=restored or _created_mark(path).exists())
     except StoreUnavailable as exc:
         if reinitialise:
             raise NotDamaged(
@@ -616,6 +641,11 @@ def check_store(path: Path, *, reinitialise: bool = False, recover: str = "") ->
         return []
     if not reinitialise:
         begin = recover or "`tlsroll-leader --config CONFIG --reinitialise`"
+        if problem == "missing" and not _created_mark(path).exists():
+            problem = (
+                "missing beside the CA, and no `tlsroll init` left it to a first start (a"
+                f" restore that left out {path.name}?)"
+            )
         raise StoreLost(
             f"store {path}: {problem}; restore it from a backup with the leader stopped (it holds"
             " the enrolled nodes, join tokens and rollouts), or begin an empty store that"
@@ -636,6 +666,7 @@ def mark_store(path: Path) -> None:
             f" does not start without {path.name}: restore it from a backup.\n".encode(),
             PRIVATE,
         )
+    _first_start_mark(path).unlink(missing_ok=True)
 
 
 def foreign_wal(path: Path) -> str | None:

@@ -57,6 +57,10 @@ if TYPE_CHECKING:
 # imports cryptography (some 40 ms) in the functions that do it, not with the module.
 
 
+# Beside the store until the leader's first start made it (``Layout.first_start``).
+FIRST_START = "leader.sqlite3.first-start"
+
+
 @dataclass(frozen=True)
 class Layout:
     data_dir: Path
@@ -68,6 +72,13 @@ class Layout:
     @property
     def store(self) -> Path:
         return self.data_dir / "leader.sqlite3"
+
+    @property
+    def first_start(self) -> Path:
+        """What ``init`` leaves for the leader's first start, which makes the store and removes
+        it (``leader.db.mark_store``): without it, a data dir with a CA and neither the store
+        nor its ``.created`` mark is a restore that left the store out, not a new cluster."""
+        return self.data_dir / FIRST_START
 
     @property
     def ca_cert(self) -> Path:
@@ -573,7 +584,7 @@ def _init_lock(layout: Layout) -> Iterator[None]:
 # What an init makes before its last write (the config): a directory holding nothing else was
 # left by an init cut short (``_refuse_made`` sees to one that got as far as a CA key), and is
 # set up again. lost+found: a file system's own, where the data directory is one.
-INIT_ENTRIES = frozenset({"ca", "secrets", "tls", "run", INIT_LOCK, "lost+found"})
+INIT_ENTRIES = frozenset({"ca", "secrets", "tls", "run", INIT_LOCK, FIRST_START, "lost+found"})
 
 
 def _refuse_foreign(layout: Layout) -> None:
@@ -652,7 +663,7 @@ def _make(
     passphrase: bytes | None,
 ) -> Layout:
     """``init``'s work, under its lock: the passphrase (unless given), CA, leader
-    certificate, and last the config."""
+    certificate, the first start's mark (``Layout.first_start``), and last the config."""
     from tlsroll import pki  # noqa: PLC0415 - see the imports
     from tlsroll.config import dump_toml  # noqa: PLC0415 - see the imports
 
@@ -682,5 +693,12 @@ def _make(
         "node_name": node_name,  # None: left out (scope local then needs it set)
     }
     text = dump_toml({"leader": leader}, "tlsroll leader configuration (written by `tlsroll init`)")
+    write_atomic(
+        layout.first_start,
+        f"tlsroll init made this cluster here; the leader's first start makes {layout.store.name}"
+        " and removes this file. A leader finding neither (a restore that left the store out)"
+        " refuses to start.\n".encode(),
+        PRIVATE,
+    )
     write_atomic(layout.config, text.encode())
     return layout

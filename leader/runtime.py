@@ -45,6 +45,7 @@ from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
     CREDENTIAL,
+    FIRST_START,
     REISSUED_FOR_KEY,
     Layout,
     check_secret_dirs,
@@ -243,6 +244,7 @@ LEADER_ENTRIES = (
     "leader.toml",
     "leader.sqlite3",
     "leader.sqlite3.created",
+    FIRST_START,
 )
 
 
@@ -697,7 +699,7 @@ def load_state(cfg: LeaderConfig, *, config: Path | None = None) -> LeaderState:
     # (``reinitialise``, a one-shot of its own). Before the CA pin's check: a damaged store's
     # pin is no word on its cluster, and the admin is told of the damage, not of two clusters
     # (closing review s67; session 68).
-    check_store(layout.store, recover=recovery_command(config or layout.config))
+    check_store(layout.store, recover=recovery_command(config or layout.config), beside_ca=True)
     # Before anything is changed (the CA key's encryption, the store's schema): the store is
     # this CA's (review s67 deploy M1). Checked again, and recorded, once the store is open.
     pin = pki.spki_pin(ca.cert)
@@ -875,7 +877,7 @@ def repin_ca(cfg: LeaderConfig, confirm: tuple[str, str] | None, *, config: Path
         )
     if (mixed := foreign_wal(layout.store)) is not None:
         raise ConfigError(layout.store, None, mixed)
-    check_store(layout.store, recover=recovery_command(config))
+    check_store(layout.store, recover=recovery_command(config), beside_ca=True)
     try:
         pin = pki.spki_pin(pki.read_cert(layout.ca_cert))
     except PKIError as exc:

@@ -211,6 +211,37 @@ def restore(c: Cluster, dest: Path, passphrase: bytes) -> None:
     os.chmod(c.passphrase_path, 0o600)
 
 
+def test_a_restore_that_left_out_the_store_is_refused_until_it_is_copied(tmp_path: Path) -> None:
+    """An admin who puts back the backup's config, ``ca/`` and ``tls/`` but not
+    ``leader.sqlite3`` (session 68, restore helper's L): the leader started on a new, empty
+    store (the nodes refused, the backup's leader key not revoked). Now it exits 4 (as for a
+    lost store) with one line naming the two ways on, and makes nothing; the store copied in,
+    it starts."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        c.add_agent("n1", next_loopback())
+        c.wait_for_nodes_online(["n1"])
+        dest = tmp_path / "backup"
+        result = backup(c, dest)
+        assert result.returncode == 0, result.stderr
+        restore(c, dest, c.passphrase_path.read_bytes())
+        store = c.data_dir / "leader.sqlite3"
+        store.unlink()  # (forgotten)
+        before = sorted(str(p.relative_to(c.data_dir)) for p in c.data_dir.rglob("*"))
+
+        code, output = c.leader.run_to_exit(timeout=BACKUP_TIMEOUT)
+        assert code == 4, output
+        line = one_line_error(output, "tlsroll-leader", allow_grpc_core=True)
+        assert line.startswith(f"tlsroll-leader: store {store}: missing"), line
+        assert "leader.sqlite3" in line and "backup" in line and "--reinitialise" in line, line
+        assert sorted(str(p.relative_to(c.data_dir)) for p in c.data_dir.rglob("*")) == before
+
+        shutil.copy2(dest / "leader.sqlite3", store)
+        c.start_leader()
+        c.wait_for_nodes_online(["n1"])
+
+
 def node_cert(
     ca: pki.CertificateAuthority,
     name: str,
@@ -531,10 +562,11 @@ def set_back_to_schema_12(dest: Path) -> None:
     """The backup as the leader of store schema 12 made it: migration 13 only adds the audit's
     index of re-learnings and records the floor that may read the file (``schema_floor``),
     migration 14 a column of the rollouts, 15 one of the nodes, 16 another of the rollouts,
-    17 and 18 one of the certificates each with its index, 19 the audit's index of removals;
-    all go, the schema is set back, the manifest says so."""
+    17 and 18 one of the certificates each with its index, 19 the audit's index of removals,
+    20 its index of viewer sign-outs; all go, the schema is set back, the manifest says so."""
     store = dest / "leader.sqlite3"
     with contextlib.closing(sqlite3.connect(store, isolation_level=None)) as db:
+        db.execute("DROP INDEX audit_signed_out")
         db.execute("DROP INDEX audit_removed")
         db.execute("DROP INDEX certificates_key_pin")
         db.execute("ALTER TABLE certificates DROP COLUMN key_pin")

@@ -519,6 +519,27 @@ def test_reinitialise_killed_before_the_new_stores_first_commit_is_refused_and_d
     assert relearn_until(load_state(cfg)) is not None
 
 
+def test_a_data_dir_with_a_ca_and_no_store_nor_init_s_mark_is_lost_until_reinitialised(
+    tmp_path: Path,
+) -> None:
+    """A restore that put back the config, ``ca/`` and ``tls/`` but not the store (session 68:
+    the leader made a new, empty one): init's first-start mark is what tells a new cluster.
+    The first start removes it; without it the start is refused (the daemon's exit 4:
+    tests/test_backup.py), and ``--reinitialise`` is the way on that keeps no store."""
+    layout = init(tmp_path / "data", next_loopback())
+    cfg = LeaderConfig.load(layout.config)
+    assert layout.first_start.exists()
+    load_state(cfg).store.close()  # the first start
+    assert not layout.first_start.exists() and layout.store.exists()
+    for f in (*sqlite_files(layout.store), layout.store.with_name("leader.sqlite3.created")):
+        f.unlink(missing_ok=True)  # (a restore without them)
+    with pytest.raises(StoreLost, match=r"missing beside the CA.*--reinitialise"):
+        load_state(cfg)
+    assert not layout.store.exists()
+    runtime.reinitialise(cfg)
+    load_state(cfg).store.close()
+
+
 def test_an_init_killed_before_its_config_says_what_to_remove_and_runs_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -401,6 +401,16 @@ def test_signing_out_ends_the_session_its_copies_and_its_live_streams(lone: Clus
     assert "max-age=0" in again.cookies()[SESSION_COOKIE].lower()
     assert audit_rows(lone) == after and len(signed_out()) == 1
 
+    # `viewer revoke` of it (session 68, viewer2's L): it had ended by its sign-out; said so,
+    # nothing written, the exit of a revoke of a grant already revoked (0).
+    revoked = lone.cli("viewer", "revoke", grant_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.strip() == (
+        f"viewer grant {grant_id} had already ended: its browser signed out; nothing to revoke"
+    ), revoked.stdout
+    assert audit_rows(lone) == after
+    assert grants(lone)["Abmelden"]["state"] == "signed_out"
+
 
 def test_metrics_take_the_scrape_token_or_a_session(lone: Cluster) -> None:
     token = {"Authorization": "Bearer scrape-token-0123456789abcdef"}

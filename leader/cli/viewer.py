@@ -118,4 +118,10 @@ def viewer_revoke(leader: Leader, grant_id: str) -> None:
         reply = leader.call(
             admin.RevokeViewerGrant, admin_pb2.RevokeViewerGrantRequest(id=grant_id)
         )
+    if reply.info.state == admin_pb2.VIEWER_GRANT_STATE_SIGNED_OUT:  # (nothing written)
+        out.print(
+            f"viewer grant {reply.info.id} had already ended: its browser signed out;"
+            " nothing to revoke"
+        )
+        return
     out.print(f"revoked viewer grant {reply.info.id}")

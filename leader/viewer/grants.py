@@ -43,10 +43,11 @@ MAX_TTL = dt.timedelta(days=7)
 MAX_NAME = 100
 # A grant's row and whether its browser signed it out (``Grant.signed_out``): the audit says
 # so (the sign-out ends only an active grant, so it came before any `viewer revoke` of it,
-# whose ``COALESCE`` keeps its time). Asked of the audit for a revoked grant only (the CASE:
-# a valid session's look never scans it), and the IN's list made once a statement: a `viewer
-# list` with revoked grants scans the audit once (no index for it: ~0.15 s a million rows).
-# Not a column of its own: that would take a migration, and a leader before it writes none.
+# which then writes nothing: ``Grants.revoke``). Asked of the audit for a revoked grant only
+# (the CASE: a valid session's look never reads it), the IN's list made once a statement,
+# through the audit's index of sign-outs (store schema 20, ``leader.db._V20``: the literal
+# kind is what lets SQLite use it), not a scan of the audit. Not a column of its own: a leader
+# before it would write none (and an older one on the file still says revoked).
 _SELECT = (
     "SELECT *, CASE WHEN revoked_at IS NULL THEN 0 ELSE id IN (SELECT subject FROM audit"
     " WHERE kind = 'viewer_grant.signed_out') END AS signed_out FROM viewer_grants"
@@ -139,7 +140,13 @@ class Grants(LeaderStore):
         return [_grant(r) for r in rows]
 
     def revoke(self, grant_id: str, *, now: dt.datetime, actor: str) -> Grant:
+        """Revoke the grant (again, for one revoked before: audited again, its first time
+        kept). One its browser signed out had already ended: returned as it is, nothing
+        written (``Grant.signed_out``: the caller says so; session 68)."""
         with self._db.tx() as db:
+            row = db.execute(f"{_SELECT} WHERE id = ?", (grant_id,)).fetchone()
+            if row is not None and (grant := _grant(row)).signed_out:
+                return grant
             cur = db.execute(
                 "UPDATE viewer_grants SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
                 (to_text(now), grant_id),
