@@ -2094,6 +2094,46 @@ def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
     assert ("https", "10.2.0.7", "ws-other") not in read and len(read) == 10, read
 
 
+def test_a_page_counts_who_is_still_on_http_only_in_a_rollout_that_takes_http_away(
+    store: Store,
+) -> None:
+    """Session 68 (``schema_view.COUNTS_ON_HTTP``): a node's "still on http" count is shown
+    only in an enable-tls rollout or a finalize, in `schema show` and in the viewer alike. The
+    page's own rows (``Reader._page_data``) counted it in every rollout: a rotate-cert's (or
+    a way back's) node showed "1 still on http" on the page and "-" in `schema show`
+    (closing review of s68, 2)."""
+    enrol(store, ["a", "b"])
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    start_rollout(schema, "r2", Change.ROTATE_CERT)
+    seen = NOW - dt.timedelta(minutes=1)
+    schema.record_clients(
+        "a",
+        [Client("a", "http", "10.1.0.1", "ws-empfang", seen, seen, 1)],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    reader = Reader(
+        store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
+    )
+    for rollout_id, count in (("r1", 1), ("r2", 0)):
+        whole = reader.read(rollout_id)
+        part = reader.read(rollout_id, clients=False, page=True)
+        assert whole.selected is not None and part.selected is not None
+        shown = {n["name"]: n.get("still_on_http", 0) for n in whole.selected["nodes"]}
+        assert shown == {"a": count, "b": 0}, (rollout_id, shown)  # as `schema show --json`
+        rows = {n["name"]: n.get("still_on_http", 0) for n in part.selected["nodes"]}
+        assert rows == shown, (rollout_id, rows)
+        html = pages.schema_content(
+            part, Words.of("en"), pages.PageContext("127.0.0.1", "test", NOW, "/events")
+        )
+        (row,) = re.findall(r'<tr id="node-a".*?</tr>', html, re.S)
+        assert ("1 still on http" in row) is (count == 1), (rollout_id, row)
+        assert len(part.still_on_http) == 1  # the section lists it whatever the rollout
+
+
 def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_node(
     store: Store,
 ) -> None:
