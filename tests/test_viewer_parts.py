@@ -2096,6 +2096,46 @@ def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
     assert ("https", "10.2.0.7", "ws-other") not in read and len(read) == 10, read
 
 
+def test_a_page_counts_who_is_still_on_http_only_in_a_rollout_that_takes_http_away(
+    store: Store,
+) -> None:
+    """Session 68 (``schema_view.COUNTS_ON_HTTP``): a node's "still on http" count is shown
+    only in an enable-tls rollout or a finalize, in `schema show` and in the viewer alike. The
+    page's own rows (``Reader._page_data``) counted it in every rollout: a rotate-cert's (or
+    a way back's) node showed "1 still on http" on the page and "-" in `schema show`
+    (closing review of s68, 2)."""
+    enrol(store, ["a", "b"])
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    start_rollout(schema, "r2", Change.ROTATE_CERT)
+    seen = NOW - dt.timedelta(minutes=1)
+    schema.record_clients(
+        "a",
+        [Client("a", "http", "10.1.0.1", "ws-empfang", seen, seen, 1)],
+        window_seconds=3600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    reader = Reader(
+        store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
+    )
+    for rollout_id, count in (("r1", 1), ("r2", 0)):
+        whole = reader.read(rollout_id)
+        part = reader.read(rollout_id, clients=False, page=True)
+        assert whole.selected is not None and part.selected is not None
+        shown = {n["name"]: n.get("still_on_http", 0) for n in whole.selected["nodes"]}
+        assert shown == {"a": count, "b": 0}, (rollout_id, shown)  # as `schema show --json`
+        rows = {n["name"]: n.get("still_on_http", 0) for n in part.selected["nodes"]}
+        assert rows == shown, (rollout_id, rows)
+        html = pages.schema_content(
+            part, Words.of("en"), pages.PageContext("127.0.0.1", "test", NOW, "/events")
+        )
+        (row,) = re.findall(r'<tr id="node-a".*?</tr>', html, re.S)
+        assert ("1 still on http" in row) is (count == 1), (rollout_id, row)
+        assert len(part.still_on_http) == 1  # the section lists it whatever the rollout
+
+
 def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_node(
     store: Store,
 ) -> None:
@@ -2678,6 +2718,34 @@ def test_the_api_s_json_and_a_stream_s_event_leave_the_loop_to_other_requests(
     assert meanwhile.during == [True] * steps, "the other requests waited for it"
     assert meanwhile.answers == [(200, 200)] * steps
     assert meanwhile.most == 1, f"{meanwhile.most} at once"
+
+
+def test_a_revoked_session_s_look_reads_no_audit(store: Store) -> None:
+    """Closing review of s68 (4): whether a grant was signed out is asked of the audit, which
+    has no index for it (a scan: ~0.15 s a million rows, under the store's lock). The look at
+    a session's cookie, at every request, needs only whether it is valid: for a revoked or
+    signed-out grant's cookie it scanned the audit too, and the 401's reason (``ended``) once
+    more; now only the reason does."""
+    grants = Grants(store.db)
+    left = grants.create("Abgemeldet", ttl=HOUR, now=NOW, actor="admin:root")
+    cut = grants.create("Widerrufen", ttl=HOUR, now=NOW, actor="admin:root")
+    _, left_session = grants.login(left.secret, NOW)
+    _, cut_session = grants.login(cut.secret, NOW)
+    assert grants.sign_out(left_session, NOW) is not None
+    grants.revoke(cut.grant.id, now=NOW, actor="admin:root")
+    statements: list[str] = []
+    store.db._db.set_trace_callback(statements.append)  # the leader's one connection
+    try:
+        for session in (left_session, cut_session):
+            assert grants.session(session, NOW) is None
+            assert grants.sign_out(session, NOW) is None  # (a stale cookie's sign-out)
+        looked = [s for s in statements if "audit" in s]
+        assert not looked, looked
+        assert grants.ended(left_session) == "signed_out"
+        assert grants.ended(cut_session) == "session"
+    finally:
+        store.db._db.set_trace_callback(None)
+    assert grants.get(left.grant.id).state(NOW) is GrantState.SIGNED_OUT
 
 
 def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoked(

@@ -34,6 +34,7 @@ from leader.layout import DEFAULT_WARNING
 from leader.rollout_core import NodeRecord, NodeState, cut_off
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import (
+    COUNTS_ON_HTTP,
     FreshReports,
     Made,
     awaits_report,
@@ -666,6 +667,8 @@ class Reader:
             nodes = []
             leader = row.meta.leader_node
             reported = self.store.report_since_start
+            # (counted only where the change takes http away, as ``rollout_view`` shows it)
+            counts = row.rollout.change in COUNTS_ON_HTTP
             for rec, d in row.nodes:
                 key = (id(rec), id(d))
                 awaiting = awaits_report(row.rollout, row.meta.when_quiet, rec, reported)
@@ -674,7 +677,7 @@ class Reader:
                     rec.name in pending,
                     awaiting,
                     not awaiting and waits_until_quiet(row.rollout, row.meta.when_quiet, rec),
-                    on_http[rec.name],
+                    on_http[rec.name] if counts else 0,
                 )
                 hit = kept.get(key)
                 if (
