@@ -172,7 +172,8 @@ class Grants(LeaderStore):
             return None
         with self._db.read() as db:  # (a stale cookie takes no write lock)
             known = db.execute(
-                "SELECT 1 FROM viewer_grants WHERE session_hash = ?", (digest(session_id),)
+                "SELECT 1 FROM viewer_grants WHERE session_hash = ? AND revoked_at IS NULL",
+                (digest(session_id),),
             ).fetchone()
         if known is None:
             return None
