@@ -148,12 +148,13 @@ LOST_DETAIL = (
 )
 
 
-class StreamEnded(TimeoutError):
+class StreamEnded(TransientError, TimeoutError):
     """``LeaderLink._exchange``: the heartbeat stream ended (the leader ended it, the connection
     broke, or it never connected) as a message went, seen by the write (gRPC's
     ``InvalidStateError``: the call was done before the stream's reader took note), not by an
     ``AioRpcError``; ``code``: its status, or ``LOST_STATUS``. A TimeoutError as before (the
-    heartbeat's callers take it as any failure); ``LeaderLink._exchange_by_pin`` tells it
+    heartbeat's callers take it as any failure), and the project's TransientError (every error
+    the project defines is one of its two kinds); ``LeaderLink._exchange_by_pin`` tells it
     from a leader that did not answer in time."""
 
     def __init__(self, message: str, code: grpc.StatusCode | str) -> None:
