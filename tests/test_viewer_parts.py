@@ -1981,6 +1981,14 @@ def test_the_way_back_s_alert_leaves_out_a_node_cut_off(store: Store) -> None:
         assert text.endswith("completed, 1 node left as is: b"), text
 
 
+def report_clients(schema: SchemaStore, node: str, clients: Sequence[Client]) -> None:
+    """Node ``node``'s client report of ``clients`` at NOW: the reference server's, the agent's
+    window an hour, no problem."""
+    schema.record_clients(
+        node, clients, window_seconds=3600, source="refserver", problem="", now=NOW
+    )
+
+
 def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
     store: Store,
 ) -> None:
@@ -1992,7 +2000,8 @@ def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
     schema = SchemaStore(store.db)
     t = NOW - dt.timedelta(minutes=10)
     m = dt.timedelta(minutes=1)
-    schema.record_clients(
+    report_clients(
+        schema,
         "a",
         [
             # Named from its address on https only; its name's https from another address
@@ -2012,10 +2021,6 @@ def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
             # Not judged against by anyone: a page's read leaves it out.
             Client("a", "https", "10.2.0.7", "ws-other", t, t, 1),
         ],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
     )
     reader = Reader(
         store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
@@ -2045,14 +2050,7 @@ def test_a_page_counts_who_is_still_on_http_only_in_a_rollout_that_takes_http_aw
     run_rollout(schema, "r1", Change.ENABLE_TLS)
     start_rollout(schema, "r2", Change.ROTATE_CERT)
     seen = NOW - dt.timedelta(minutes=1)
-    schema.record_clients(
-        "a",
-        [Client("a", "http", "10.1.0.1", "ws-empfang", seen, seen, 1)],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
-    )
+    report_clients(schema, "a", [Client("a", "http", "10.1.0.1", "ws-empfang", seen, seen, 1)])
     reader = Reader(
         store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
     )
@@ -2088,7 +2086,8 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
     start_rollout(schema, "r2", Change.ROTATE_CERT, ("a", "c"))
     seen = NOW - dt.timedelta(minutes=1)
     later = NOW - dt.timedelta(seconds=10)
-    schema.record_clients(
+    report_clients(
+        schema,
         "a",
         [
             Client("a", "http", "10.1.0.1", "ws-empfang", seen, later, 5),  # stays on http
@@ -2100,27 +2099,9 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
             Client("a", "http", "10.1.0.6", "", seen, seen, 1),
             Client("a", "https", "10.1.0.6", "ws-rezept", later, later, 1),
         ],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
     )
-    schema.record_clients(
-        "c",
-        [Client("c", "http", "10.1.0.4", "ws-c", seen, later, 1)],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
-    )
-    schema.record_clients(
-        "b",
-        [Client("b", "https", "10.1.0.5", "ws-b", seen, later, 1)],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
-    )
+    report_clients(schema, "c", [Client("c", "http", "10.1.0.4", "ws-c", seen, later, 1)])
+    report_clients(schema, "b", [Client("b", "https", "10.1.0.5", "ws-b", seen, later, 1)])
     reader = Reader(
         store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
     )
