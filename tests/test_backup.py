@@ -17,8 +17,9 @@ import sqlite3
 import stat
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -929,6 +930,36 @@ def store_ca_pin(path: Path) -> str | None:
     return None if row is None else str(row[0])
 
 
+class TwoClusters(NamedTuple):
+    a: Cluster
+    b: Cluster
+    pin_a: str
+    pin_b: str
+    passphrase_a: bytes
+    dest: Path
+
+
+@contextlib.contextmanager
+def two_clusters(tmp_path: Path) -> Iterator[TwoClusters]:
+    """Two clusters, A and B, to mix on a restore: A's leader running with its node ``n1``
+    online, a backup of A in ``tmp_path/backup``, A's pin and passphrase read; B initialised
+    only (another cluster: its own CA, leader certificate and passphrase)."""
+    with (
+        Cluster(tmp_path / "a", next_loopback()) as a,
+        Cluster(tmp_path / "b", next_loopback()) as b,
+    ):
+        a.init()
+        a.start_leader()
+        a.add_agent("n1", next_loopback())
+        a.wait_for_nodes_online(["n1"])
+        pin_a = a.ca_pin()
+        passphrase_a = a.passphrase_path.read_bytes()
+        dest = tmp_path / "backup"
+        assert backup(a, dest).returncode == 0
+        b.init()
+        yield TwoClusters(a, b, pin_a, b.ca_pin(), passphrase_a, dest)
+
+
 def test_the_store_records_the_first_ca_pin_and_keeps_it(tmp_path: Path) -> None:
     """``Store.own_ca_pin``: the first pin is recorded, another is answered with the one on
     record and not written; ``recorded_ca_pin`` reads it without opening the store to write
@@ -959,21 +990,8 @@ def test_a_restore_that_mixes_two_clusters_files_is_refused_and_changes_nothing(
     pins and what to do), before anything is changed: the store, the CA key. A's ``ca/`` put
     back with B's ``tls/`` left, it starts (its certificate issued again from A's CA); the same
     backup's ``ca/`` and ``tls/`` put back, it starts; and A's node is back each time."""
-    with (
-        Cluster(tmp_path / "a", next_loopback()) as a,
-        Cluster(tmp_path / "b", next_loopback()) as b,
-    ):
-        a.init()
-        a.start_leader()
-        a.add_agent("n1", next_loopback())
-        a.wait_for_nodes_online(["n1"])
-        pin_a = a.ca_pin()
+    with two_clusters(tmp_path) as (a, b, pin_a, pin_b, passphrase_a, dest):
         assert store_ca_pin(a.store_path) == pin_a  # (recorded at the first start)
-        passphrase_a = a.passphrase_path.read_bytes()
-        dest = tmp_path / "backup"
-        assert backup(a, dest).returncode == 0
-        b.init()  # (another cluster: its own CA, leader certificate and passphrase)
-        pin_b = b.ca_pin()
         assert pin_b != pin_a
 
         restore(a, dest, passphrase_a)

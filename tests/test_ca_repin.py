@@ -17,7 +17,7 @@ from pathlib import Path
 from leader.db import recorded_ca_pin
 from tests.cluster import Cluster, child_env, one_line_error
 from tests.conftest import next_loopback
-from tests.test_backup import backup, restore, store_ca_pin
+from tests.test_backup import backup, restore, store_ca_pin, two_clusters
 from tlsroll.sqlite import damage
 
 EXIT_TIMEOUT = 60
@@ -88,22 +88,9 @@ def test_repin_ca_mends_a_store_an_earlier_release_pinned_to_a_wrong_ca(tmp_path
     no pins, or the wrong ones, one line naming both pins and the command, exit 2, nothing
     changed; refused while the leader runs; with the store's pin then ``ca/``'s, the pin is
     replaced (audited) and the leader starts, its node back."""
-    with (
-        Cluster(tmp_path / "a", next_loopback()) as a,
-        Cluster(tmp_path / "b", next_loopback()) as b,
-    ):
-        a.init()
-        a.start_leader()
-        a.add_agent("n1", next_loopback())
-        a.wait_for_nodes_online(["n1"])
-        pin_a = a.ca_pin()
-        passphrase_a = a.passphrase_path.read_bytes()
-        dest = tmp_path / "backup"
-        assert backup(a, dest).returncode == 0
+    with two_clusters(tmp_path) as (a, b, pin_a, pin_b, passphrase_a, dest):
         with contextlib.closing(sqlite3.connect(dest / "leader.sqlite3")) as db, db:
             db.execute("DELETE FROM meta WHERE key = 'ca_pin'")  # (an earlier release's)
-        b.init()
-        pin_b = b.ca_pin()
 
         # The mistake: B's ca/ and tls/ put back with A's store; the start records B's pin.
         restore(a, dest, passphrase_a)

@@ -76,6 +76,19 @@ def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "leader.sqlite3")
 
 
+def viewer_of(reader: Reader, grants: Grants, *, closing: asyncio.Event | None = None) -> ViewerApp:
+    """The viewer app as the tests here run it: the fixed clock (NOW), on loopback, /metrics
+    without a scrape token; `closing` given where the test ends the streams itself."""
+    return ViewerApp(
+        reader=reader,
+        grants=grants,
+        clock=lambda: NOW,
+        address="127.0.0.1",
+        scrape_token=None,
+        closing=asyncio.Event() if closing is None else closing,
+    )
+
+
 # --- grants --------------------------------------------------------------------------------------
 
 
@@ -185,14 +198,7 @@ def test_the_sign_in_url_linked_from_another_site_is_refused_and_spends_nothing(
     }
 
     async def ask() -> tuple[list[tuple[int, str, str, str]], dict[str, tuple[int, str]]]:
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         refused: list[tuple[int, str, str, str]] = []
         signed: dict[str, tuple[int, str]] = {}
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
@@ -247,14 +253,7 @@ def test_the_sign_out_form_s_page_lets_the_browser_send_its_origin(store: Store)
     meta = re.compile(r'<meta name="referrer" content="([^"]*)">')
 
     async def ask() -> dict[str, tuple[int, str | None, list[str]]]:
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         seen: dict[str, tuple[int, str | None, list[str]]] = {}
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
@@ -877,14 +876,7 @@ def test_every_write_to_the_store_reaches_an_open_page_without_waiting_for_a_loo
     async def watch() -> None:
         reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
         closing = asyncio.Event()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=closing,
-        )
+        app = viewer_of(reader, grants, closing=closing)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
             response = await client.get("/events", headers=cookie)
@@ -955,14 +947,7 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
 
     async def watch() -> None:
         closing = asyncio.Event()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=closing,
-        )
+        app = viewer_of(reader, grants, closing=closing)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
             response = await client.get("/events?lang=en", headers=cookie)
@@ -1032,14 +1017,7 @@ def test_open_pages_of_one_language_share_each_drawing_and_each_event(
 
     async def watch() -> None:
         closing = asyncio.Event()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=closing,
-        )
+        app = viewer_of(reader, grants, closing=closing)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
             opened = []
@@ -1102,14 +1080,7 @@ def test_a_page_opened_beside_an_open_one_reads_nothing_the_open_one_read(
 
     async def watch() -> None:
         closing = asyncio.Event()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=closing,
-        )
+        app = viewer_of(reader, grants, closing=closing)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
             response = await client.get("/events", headers=cookie)
@@ -1404,14 +1375,7 @@ def test_an_unknown_rollout_keeps_no_snapshot_and_the_kept_ones_are_few_and_fres
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
 
     async def watch() -> None:
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
             for i in range(50):
@@ -1459,14 +1423,7 @@ def test_what_was_drawn_for_the_open_pages_goes_when_the_last_one_closes(
 
     async def watch() -> None:
         closing = asyncio.Event()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=closing,
-        )
+        app = viewer_of(reader, grants, closing=closing)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
             opened = []
@@ -1558,14 +1515,7 @@ def test_what_a_read_puts_back_with_no_page_open_goes_too(
 
     async def watch() -> None:
         closing = asyncio.Event()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=closing,
-        )
+        app = viewer_of(reader, grants, closing=closing)
         app._shared = Shared()
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
@@ -1672,14 +1622,7 @@ def test_requests_for_the_api_and_the_metrics_read_the_store_one_at_a_time(
     async def ask() -> None:
         nonlocal loop
         loop = asyncio.get_running_loop()
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
 
@@ -1721,14 +1664,7 @@ def test_a_request_that_came_after_a_read_began_takes_a_read_of_its_own(store: S
         return f"read {n}".encode()
 
     async def ask() -> None:
-        app = ViewerApp(
-            reader=reader,
-            grants=Grants(store.db),
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, Grants(store.db))
 
         def request() -> asyncio.Task[bytes]:
             return asyncio.create_task(app._one_at_a_time("api", make))
@@ -2045,6 +1981,14 @@ def test_the_way_back_s_alert_leaves_out_a_node_cut_off(store: Store) -> None:
         assert text.endswith("completed, 1 node left as is: b"), text
 
 
+def report_clients(schema: SchemaStore, node: str, clients: Sequence[Client]) -> None:
+    """Node ``node``'s client report of ``clients`` at NOW: the reference server's, the agent's
+    window an hour, no problem."""
+    schema.record_clients(
+        node, clients, window_seconds=3600, source="refserver", problem="", now=NOW
+    )
+
+
 def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
     store: Store,
 ) -> None:
@@ -2056,7 +2000,8 @@ def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
     schema = SchemaStore(store.db)
     t = NOW - dt.timedelta(minutes=10)
     m = dt.timedelta(minutes=1)
-    schema.record_clients(
+    report_clients(
+        schema,
         "a",
         [
             # Named from its address on https only; its name's https from another address
@@ -2076,10 +2021,6 @@ def test_a_page_reads_the_https_sightings_an_unnamed_http_one_is_judged_against(
             # Not judged against by anyone: a page's read leaves it out.
             Client("a", "https", "10.2.0.7", "ws-other", t, t, 1),
         ],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
     )
     reader = Reader(
         store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
@@ -2109,14 +2050,7 @@ def test_a_page_counts_who_is_still_on_http_only_in_a_rollout_that_takes_http_aw
     run_rollout(schema, "r1", Change.ENABLE_TLS)
     start_rollout(schema, "r2", Change.ROTATE_CERT)
     seen = NOW - dt.timedelta(minutes=1)
-    schema.record_clients(
-        "a",
-        [Client("a", "http", "10.1.0.1", "ws-empfang", seen, seen, 1)],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
-    )
+    report_clients(schema, "a", [Client("a", "http", "10.1.0.1", "ws-empfang", seen, seen, 1)])
     reader = Reader(
         store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
     )
@@ -2152,7 +2086,8 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
     start_rollout(schema, "r2", Change.ROTATE_CERT, ("a", "c"))
     seen = NOW - dt.timedelta(minutes=1)
     later = NOW - dt.timedelta(seconds=10)
-    schema.record_clients(
+    report_clients(
+        schema,
         "a",
         [
             Client("a", "http", "10.1.0.1", "ws-empfang", seen, later, 5),  # stays on http
@@ -2164,27 +2099,9 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
             Client("a", "http", "10.1.0.6", "", seen, seen, 1),
             Client("a", "https", "10.1.0.6", "ws-rezept", later, later, 1),
         ],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
     )
-    schema.record_clients(
-        "c",
-        [Client("c", "http", "10.1.0.4", "ws-c", seen, later, 1)],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
-    )
-    schema.record_clients(
-        "b",
-        [Client("b", "https", "10.1.0.5", "ws-b", seen, later, 1)],
-        window_seconds=3600,
-        source="refserver",
-        problem="",
-        now=NOW,
-    )
+    report_clients(schema, "c", [Client("c", "http", "10.1.0.4", "ws-c", seen, later, 1)])
+    report_clients(schema, "b", [Client("b", "https", "10.1.0.5", "ws-b", seen, later, 1)])
     reader = Reader(
         store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset(i)
     )
@@ -2584,14 +2501,7 @@ def test_a_slow_draw_leaves_the_loop_to_other_requests_and_draws_one_at_a_time(
     asked: list[str] = []
 
     async def ask() -> None:
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             assert client.port is not None
             meanwhile.start(client.port)
@@ -2670,14 +2580,7 @@ def test_the_api_s_json_and_a_stream_s_event_leave_the_loop_to_other_requests(
         monkeypatch.setattr(pages, "content_parts", slow_draw)
 
     async def ask() -> None:
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             assert client.port is not None
             meanwhile.start(client.port)
@@ -2795,14 +2698,7 @@ def test_a_signed_out_viewer_is_told_it_signed_out_not_that_its_grant_was_revoke
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
 
     async def ask() -> dict[str, tuple[int, str]]:
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         seen: dict[str, tuple[int, str]] = {}
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
             for who, secret, session in (
@@ -2885,14 +2781,7 @@ def test_a_link_s_page_from_another_site_sets_nothing_and_its_sign_in_keeps_a_se
     cookie = f"{SESSION_COOKIE}={session}"
 
     async def ask() -> dict[str, tuple[int, str, str]]:
-        app = ViewerApp(
-            reader=reader,
-            grants=grants,
-            clock=lambda: NOW,
-            address="127.0.0.1",
-            scrape_token=None,
-            closing=asyncio.Event(),
-        )
+        app = viewer_of(reader, grants)
         seen: dict[str, tuple[int, str, str]] = {}
 
         async def get(key: str, path: str, headers: dict[str, str]) -> None:
