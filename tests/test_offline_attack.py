@@ -236,7 +236,7 @@ def app_server() -> web.Application:
 def run_client(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., Any]:
     """The real workstation client (``tlsroll client test-connection``) in a worker thread."""
 
-    async def run(url: str, secret: str, settings: str) -> tuple[int, str]:
+    async def run(url: str, secret: str, settings: str, *extra: str) -> tuple[int, str]:
         pw = tmp_path / f"pw-{secrets.token_hex(4)}"
         write_atomic(pw, (secret + "\n").encode(), PRIVATE)
         argv = [
@@ -252,6 +252,7 @@ def run_client(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[.
             str(tmp_path / settings),
             "--name",
             "empfang",  # (not the host's name: "localhost" names no PC)
+            *extra,
         ]
         with structlog.testing.capture_logs():
             code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)
@@ -520,6 +521,66 @@ async def test_a_fake_node_learns_only_whether_its_one_bet_was_right(
         assert confirmed == [PASSWORD]  # its one bet, paid for with one tricked run
     else:
         assert confirmed == []  # not even the right password, though it is in the list
+
+
+@asynccontextmanager
+async def switching_site(
+    app: web.Application, address: str, port: int, first: IssuedCert, then: IssuedCert
+) -> Any:
+    """``https_site`` that shows ``first``'s certificate on its first connection and
+    ``then``'s on every later one: a man in the middle that lets the hello through to the
+    node and takes the exchange's connections itself."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    later = server_context(then.cert_file, then.key_file)
+    shown: list[object] = []
+
+    def pick(conn: Any, _name: str | None, _ctx: Any) -> None:
+        if shown:
+            conn.context = later
+        shown.append(conn)
+
+    try:
+        ctx = server_context(first.cert_file, first.key_file)
+        ctx.sni_callback = pick
+        await web.TCPSite(runner, address, port, ssl_context=ctx).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("mitm", ["own app port", "relayed app port", "relayed hello"])
+async def test_a_pinned_workstation_sends_a_fake_bootstrap_port_no_guess(
+    real_node: Node,
+    tmp_path: Path,
+    run_client: Callable[..., Any],
+    test_ca: pki.CertificateAuthority,
+    mitm: str,
+) -> None:
+    """With the CA pin the workstation knows its cluster's CA before any password: a bootstrap
+    port whose certificate is not of that CA is not its cluster's node, and gets no
+    confirmation (one password guess) and no CSR. The fake node copies the real hello (whose
+    CA matches the pin); its app port is its own, or the real server's certificate, as a man
+    in the middle relaying 8443 to the real node would show; or it shows the real node's
+    certificate for the hello too (relayed) and its own for the exchange's connections."""
+    fake, _cands = await _fake_node(real_node, right=True)
+    address = next_loopback()
+    evil_cert = issue(pki.CertificateAuthority.create("evil"), address, tmp_path / "evil")
+    real_cert = issue(test_ca, address, tmp_path / "real")
+    app_cert = evil_cert if mitm == "own app port" else real_cert
+    first = real_cert if mitm == "relayed hello" else evil_cert
+    pin = pki.spki_pin(test_ca.cert)
+    async with (
+        https_site(app_server(), address, HTTPS_PORT, app_cert),
+        switching_site(fake.app(), address, BOOTSTRAP_PORT, first, evil_cert),
+    ):
+        url = f"https://{address}:{HTTPS_PORT}{APP}"
+        code, output = await run_client(url, PASSWORD, "ws", "--ca-pin", pin)
+    assert fake.captures == [], output  # not even a start: no exchange with it at all
+    assert code == 10, output  # not the cluster's node
+    said = "does not verify" if mitm == "relayed hello" else "is not from the pinned CA"
+    assert said in output and "do not continue" in output, output
+    assert not (tmp_path / "ws").exists()
 
 
 async def _fake_node(real_node: Node, right: bool = False) -> tuple[FakeNode, list[Candidate]]:

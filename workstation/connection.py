@@ -799,6 +799,11 @@ class TestConnection:
         if options.replace and not options.enrol:
             raise click.UsageError("--replace is for an enrolment; drop --no-enrol")
         self.context = unverified_client_context()
+        # With the pin: the bootstrap port's certificate as the hello's connection showed it
+        # (``fetch_hello``), and the context that verifies it by the pinned CA for the
+        # exchange's requests (``check_bootstrap_cert``).
+        self.hello_peer: bytes | None = None
+        self.exchange_context: ssl.SSLContext | None = None
         self.server: ServerURL | None = None  # (the address checked: ``check_arguments``)
         # This PC's newest client certificate and key in its settings dir, if of the name it
         # enrols under: they prove that it is the PC that holds the name (``exchange``).
@@ -935,6 +940,8 @@ class TestConnection:
         where = _netloc(server.host, port)
         # A wrong CA is reported as such, before the password is asked for.
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
+        if pinned is not None:
+            self.check_bootstrap_cert(where, hello, pinned)
         self.choose_proof(hello.ca_bundle_pem)
         self.check_settings_dir()
         secret = None
@@ -1651,7 +1658,7 @@ class TestConnection:
                 port,
                 method,
                 path,
-                self.context,
+                self.exchange_context or self.context,
                 body=data,
                 timeout=wait,
                 connect_timeout=self.o.timeout,
@@ -1660,6 +1667,13 @@ class TestConnection:
         except NetError as exc:
             # ``sent``: the request went (the answer did not come whole): the node may have
             # acted on it. A refused, unreachable or failed handshake sent nothing.
+            if exc.kind == "verify" and self.exchange_context is not None:  # (the pin's)
+                raise ClientError(
+                    Exit.UNTRUSTED,
+                    f"the bootstrap port {where} presented a certificate that does not verify "
+                    f"with the pinned CA ({self.pin}): {exc.detail}; someone may be in "
+                    "between; do not continue (nothing was sent)",
+                ) from None
             if exc.kind == "timeout":
                 # The hello answered on this port a moment ago: not the port's advice
                 # (``_port_closed``), the node's (review of s63-w1 L2).
@@ -1720,6 +1734,7 @@ class TestConnection:
             raise self._too_old(host, port)
         if reply.status != 200:
             raise self._not_bootstrap(host, port, f"HTTP {reply.status}")
+        self.hello_peer = reply.peer_der
         try:
             return proto.parse_hello(reply.body)
         except proto.BootstrapError as exc:
@@ -1800,6 +1815,30 @@ class TestConnection:
                 "cluster's CA (or the pin is mistyped); do not continue",
             )
         return pinned
+
+    def check_bootstrap_cert(
+        self, where: str, hello: proto.Hello, pinned: list[x509.Certificate]
+    ) -> None:
+        """With the pin, before the password is asked for: the bootstrap port's certificate
+        must be of the pinned CA (the node's service shows its server's certificate, which
+        the end of the run checks so too: ``check_chain``). One that is not is no node of the
+        cluster, and the exchange's confirmation would tell it whether the one password it
+        bet on was right (a fake node's one guess a tricked run, which the pin can spare).
+        The exchange's requests then verify it in their handshakes (chain and address,
+        ``exchange_context``): a man in the middle cannot let the hello through to the node
+        and take the exchange itself."""
+        cert = None
+        with contextlib.suppress(ValueError):
+            cert = x509.load_der_x509_certificate(self.hello_peer or b"")
+        if cert is None or pki.chain_to(cert, self._cas(hello.ca_bundle_pem), pinned) is None:
+            shown = f" ({pki.fingerprint(cert)})" if cert is not None else ""
+            raise ClientError(
+                Exit.UNTRUSTED,
+                f"the certificate the bootstrap port {where} presented{shown} is not from the "
+                f"pinned CA ({self.pin}): this is not your cluster's node, or someone is in "
+                "between; do not continue (nothing was sent)",
+            )
+        self.exchange_context = client_context(b"".join(pki.cert_to_pem(c) for c in pinned))
 
     @staticmethod
     def _cas(bundle_pem: bytes) -> list[x509.Certificate]:
