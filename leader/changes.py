@@ -64,7 +64,7 @@ from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, peertext, pki, probe, spiffe
 from tlsroll.clients import NOT_QUIET
-from tlsroll.enums import SERVER_NOT_HEALTHY, TxnKind, TxnOutcome
+from tlsroll.enums import SERVER_NOT_HEALTHY, TxnKind, TxnOutcome, problem_of_server
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import WireError
@@ -271,7 +271,8 @@ class ChangeSteps:
         await ctx.detail(
             old_url=reply.old_url, new_url=reply.new_url, bootstrap_port=reply.bootstrap_port
         )
-        problems = list(reply.problems)
+        # (an earlier release's agent names its server twice: ``problem_of_server``)
+        problems = [problem_of_server(p) for p in reply.problems]
         schemes = reply.server.schemes
         down = NodeObservation(False, configured=tuple(reply.server.configured_schemes))
         if not reply.server.healthy and down_on_https(self.change, down):

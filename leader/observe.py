@@ -60,7 +60,7 @@ from cryptography import x509
 from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
 from leader.rollout_core import CONFIG_READING_DRIVERS, SERVER_DOWN, NodeObservation
 from tlsroll import peertext, pki
-from tlsroll.enums import NEEDS_ADMIN, of_server
+from tlsroll.enums import NEEDS_ADMIN, of_server, problem_of_server
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
@@ -370,7 +370,7 @@ async def observe(
             seen = replace(seen, edited_config=peertext.clean(checked.edited_config, 300))
         if not seen.reachable:
             return seen
-        return replace(seen, problems=tuple(checked.problems))
+        return replace(seen, problems=tuple(problem_of_server(p) for p in checked.problems))
 
     def refused(view: agent_pb2.ServerView, refusal: StepFailed | NodeDiskFull) -> NodeObservation:
         """An agent that refused its checks, or could not make them as its node's disk is full:

@@ -910,6 +910,9 @@ class BootstrapService:
             self._at_stop(self._signing_stopped(request, cn, signing))
             raise
         except TerminalError as exc:
+            # Refused as no longer in the cluster (the host's ``set_removed``, as it raised):
+            # the 503 "removed" every start and finish gets now, not a 502 "try later".
+            self._check_removed()
             if not getattr(exc, "refused", False):
                 raise Refused(
                     502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"

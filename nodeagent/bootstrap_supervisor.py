@@ -43,7 +43,7 @@ from tlsroll import backoff, logs, password, peertext, spiffe
 from tlsroll.enums import RETRY_AFTER_KEY, SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import read_regular
-from tlsroll.rpc import hostport
+from tlsroll.rpc import hostport, node_removed
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 if TYPE_CHECKING:
@@ -168,6 +168,11 @@ class BootstrapHost:
         # (a guess oracle) until its first refused heartbeat (review s45rev8 L1).
         self.removed: str | None = journal.removed_from_cluster()
         self._removed_saved = self.removed is not None
+        # Told the leader's refusal of this node met in a signing (``sign``), which the
+        # heartbeats have not seen: the link (``LeaderLink.removed_at_start``), whose next
+        # answered heartbeat then says "accepted again" (``set_removed(None)``), and whose
+        # next refused one says it as its own.
+        self.on_signing_removed: Callable[[str], None] | None = None
         if self.removed is not None:
             log.warning(
                 "bootstrap.removed_earlier",
@@ -211,12 +216,26 @@ class BootstrapHost:
                     leader_pb2.SignWorkstationRequest(csr_pem=csr_pem), timeout=15
                 )
             except grpc.aio.AioRpcError as exc:
+                if node_removed(exc.code(), exc.details()):
+                    # Refused as no longer in the cluster (``tlsroll nodes remove``, or its
+                    # certificate revoked): taken as a refused heartbeat's, at once, so that
+                    # the next start is a 503 "removed", not a password checked and a 502
+                    # (bootstrap review s68 L5: only the next refused heartbeat said it).
+                    self._signing_refused(str(exc.details()))
                 raise SignRefused(
                     f"the leader did not sign: {exc.details()}",
                     refused=exc.code() in REFUSALS,
                     retry=retry_of(exc),
                 ) from None
         return Signed(bytes(reply.certificate_pem), bytes(reply.ca_certificate_pem))
+
+    def _signing_refused(self, why: str) -> None:
+        """The leader refused to sign as this node is no longer in the cluster (``why``)."""
+        if self.removed is None:
+            log.error("bootstrap.removed_by_signing", detail=peertext.clean(why, 200))
+        self.set_removed(why)
+        if self.on_signing_removed is not None:
+            self.on_signing_removed(why)
 
     async def withdraw(self, cert_pem: bytes) -> Withdrawal:
         """The leader withdraws the workstation certificate ``cert_pem`` it just signed, which

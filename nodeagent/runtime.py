@@ -687,6 +687,9 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     link.bootstrap_problem = lambda: bootstrap.problem
     link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password
     link.removed_at_start(bootstrap.removed)  # as an earlier run was last told (its journal)
+    # A signing refused as removed (``BootstrapHost.sign``): the link's next answered
+    # heartbeat says "accepted again", as after a refused heartbeat.
+    bootstrap.on_signing_removed = link.removed_at_start
     link.answer_check = service.answer_check
     link.stages_ended = service.forget_ended  # stages of rollouts the leader says are over
     service.on_prepare = bootstrap.warm

@@ -1021,3 +1021,52 @@ def test_escape_sequences_from_an_agent_never_reach_the_terminal(cluster: Cluste
             break
     assert "RED" in stored()
     assert "\x1b" not in stored() and "\x07" not in stored() and len(stored()) <= 64
+
+
+async def test_a_signing_refused_as_removed_closes_the_bootstrap_service_at_once(
+    cluster: Cluster, tmp_path: Path, issue_cert: Any, test_ca: pki.CertificateAuthority
+) -> None:
+    """Bootstrap review s68 L5: a node the admin removed learnt it only from its heartbeats:
+    until its next refused heartbeat its bootstrap service still checked workstation passwords
+    (a guess oracle), and the right one got a 502 "the CA did not sign; try later", which
+    never works. The leader's refusal of the node in the signing (``BootstrapHost.sign``) is
+    now taken as a removal too: that finish, and every start after it, is a 503
+    ``node_removed``; the refusal is kept in the agent's journal and told to the link (whose
+    next answered heartbeat takes it back). Here the real leader daemon refuses the agent's
+    real identity; the agent's bootstrap part runs in this process, its link not at all (no
+    heartbeat can say it first)."""
+    import aiohttp
+
+    from nodeagent.journal import Journal
+    from tests.test_bootstrap import FakeClock, Node, make_service
+
+    gone = cluster.add_agent("node-gone-sign", next_loopback())
+    cluster.wait_for_nodes_online(["node-gone-sign"])
+    gone.stop()  # its heartbeats stop: only the signing can tell it
+    removed = cluster.cli("nodes", "remove", "node-gone-sign", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    cfg = AgentConfig.load(gone.config_path)
+    identity = load_identity(cfg)
+    assert identity is not None
+    journal = Journal(tmp_path / "journal.sqlite3")
+    told: list[str] = []
+    try:
+        host = BootstrapHost(cfg, identity, journal)
+        host.on_signing_removed = told.append
+        address = next_loopback()
+        service = make_service(issue_cert(address, "node-gone-sign"), address, test_ca)
+        service.sign = host.sign
+        host.service = service  # as ``sync`` sets it
+        async with service, aiohttp.ClientSession() as session:
+            node = Node(service, FakeClock(), test_ca.cert_pem)
+            first = await node.exchange(session)  # the right password: the leader refuses
+            assert (first.status, first.error) == (503, "node_removed"), first.body
+            again = await node.exchange(session)  # refused at its start now
+            assert (again.status, again.error, again.keys) == (503, "node_removed", None)
+        assert host.removed is not None and "not an enrolled node" in host.removed
+        assert told == [host.removed]
+        await asyncio.gather(*host._saving)  # (the journal's write, as the link's would)
+        assert journal.removed_from_cluster() == host.removed
+        await host.close()
+    finally:
+        journal.close()

@@ -2136,3 +2136,58 @@ def test_a_driver_s_words_after_words_that_name_the_server_name_it_once() -> Non
         "tell what a runs: its agent answers, its managed server does not (a: not answering "
         "on /x: 111); start the server or leave the node out (--nodes)"
     )
+
+
+async def test_an_earlier_agent_s_preflight_problem_names_the_server_once() -> None:
+    """Session 68: an agent of an earlier release words its preflight problem "managed server
+    not healthy: managed server not answering …"; the leader cleaned the heartbeat's view of
+    the server (``of_server``) but not the problems: the plan (``observe``) and the rollout's
+    preflight showed the server named twice. Both name it once now; other problems as sent."""
+    import types
+
+    from leader.changes import EnableTls
+    from leader.observe import observe
+    from leader.rollout_core import NodeEvent
+    from tlsroll import pki
+    from tlsroll.enums import problem_of_server
+    from tlsroll.v1 import agent_pb2
+
+    doubled = "managed server not healthy: managed server not answering on /x: 111"
+    once = "managed server not healthy: not answering on /x: 111"
+    skew = "clock differs from the leader's by +600s (limit 120s); fix NTP"
+    assert problem_of_server(doubled) == once
+    assert problem_of_server(once) == once  # a current agent's: as it is
+    assert problem_of_server(skew) == skew
+    assert problem_of_server("managed server not healthy: managed server ") == (
+        "managed server not healthy: managed server "  # nothing after it: as it is
+    )
+    view = agent_pb2.ServerView(driver="old", healthy=True, schemes=["http"])
+    reply = agent_pb2.PreflightResponse(ok=False, server=view, problems=[doubled, skew])
+
+    class OldAgent:  # an earlier release's agent, as the pool hands it out
+        async def get(self, name: str) -> OldAgent:
+            return self
+
+        async def check(self, request: object, timeout: float = 0) -> agent_pb2.PreflightResponse:
+            return reply
+
+        async def preflight(self, request: object) -> agent_pb2.PreflightResponse:
+            return reply
+
+    ca = pki.CertificateAuthority.create()
+    seen = await observe(OldAgent(), ["old"], ca.cert)  # type: ignore[arg-type]
+    assert seen["old"].problems == (once, skew), seen
+    # The rollout's preflight, which fails with the problems before it asks anything else.
+
+    async def detail(**changes: object) -> None:
+        return None
+
+    ctx = types.SimpleNamespace(
+        facts=types.SimpleNamespace(own_ca=None),
+        command=agent_pb2.Command,
+        clock=lambda: dt.datetime.now(dt.UTC),
+        agent=OldAgent(),
+        detail=detail,
+    )
+    outcome = await EnableTls().preflight(ctx)  # type: ignore[arg-type]
+    assert outcome == (NodeEvent.PREFLIGHT_FAILED, f"{once}; {skew}")

@@ -67,6 +67,15 @@ def of_server(said: str) -> str:
     return said
 
 
+def problem_of_server(problem: str) -> str:
+    """An agent's preflight problem as the leader words it: one that begins with
+    ``SERVER_NOT_HEALTHY`` names the server once (``of_server``). An agent of an earlier
+    release sends "managed server not healthy: managed server not answering …" (session 68)."""
+    if problem.startswith(SERVER_NOT_HEALTHY):
+        return f"{SERVER_NOT_HEALTHY}{of_server(problem[len(SERVER_NOT_HEALTHY) :])}"
+    return problem
+
+
 CONFIG_UNREADABLE = "its config cannot be read"
 """How an agent's view of its server (``ServerView.detail``) begins (then ", fix the file: ",
 the problem, and the file's path, which a leader may cut) when the server's config file cannot

@@ -190,7 +190,8 @@ class NodeView(_message.Message):
     """
     still_on_http: _builtins.int
     """Workstations seen on http lately that have not been seen on https since (who still needs
-    the client steps; transitional strategy).
+    the client steps). Counted only in the rollouts that take http away (enable-tls, and a
+    transitional rollout's finalize); 0 in every other rollout.
     """
     freeze_seconds: _builtins.float
     """The freeze window's length in seconds; unset while it is open. It is the agent's measure in
