@@ -363,7 +363,7 @@ def san_lacks(cert: x509.Certificate, names: Names) -> list[str] | None:
     except x509.ExtensionNotFound:
         return None
     ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
-    dns = {d.lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName)}
+    dns = {dns_given(d) for d in san.get_values_for_type(x509.DNSName)}
     missing = [f"IP:{ip}" for ip in names.ips if str(ipaddress.ip_address(ip)) not in ips]
     for name in names.dns:
         wildcard = "*." + name.split(".", 1)[1] if "." in name else ""
