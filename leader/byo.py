@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
@@ -243,6 +244,24 @@ def _load_certs(data: bytes) -> list[x509.Certificate] | None:
         return None
 
 
+def _unusable_key(cert: x509.Certificate) -> bool:
+    """Whether ``cert``'s public key is no key ``cryptography`` takes (an RSA key of an even
+    exponent): every check that reads it would end in its ValueError (session 68)."""
+    try:
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return True
+    return False
+
+
+def _cas(ca_pem: bytes) -> list[x509.Certificate]:
+    """The CA certificates of ``ca.crt`` whose key reads (``ca_problems`` lists the others)."""
+    return [c for c in _load_certs(ca_pem) or [] if pki.is_ca(c) and not _unusable_key(c)]
+
+
+UNUSABLE_KEY = "has a public key that is not a valid key (an RSA exponent must be odd)"
+
+
 def ca_problems(
     ca_pem: bytes, now: dt.datetime, horizon: dt.timedelta, unreadable: Problem | None = None
 ) -> list[Problem]:
@@ -268,6 +287,9 @@ def ca_problems(
     problems = []
     for cert in certs:
         who = cert.subject.rfc4514_string() or "(no subject)"
+        if _unusable_key(cert):
+            problems.append(Problem("", CA_FILE, f"{who} {UNUSABLE_KEY}", fix))
+            continue
         if not pki.is_ca(cert):
             problems.append(
                 Problem("", CA_FILE, f"{who} is not a CA certificate (basicConstraints CA)", fix)
@@ -336,6 +358,8 @@ def _key_type_problem(public: object) -> str | None:
     if isinstance(public, rsa.RSAPublicKey):
         if public.key_size < MIN_RSA_BITS:
             return f"an RSA key of {public.key_size} bits (at least {MIN_RSA_BITS})"
+        if (e := public.public_numbers().e) != pki.RSA_EXPONENT:
+            return f"an RSA key of exponent {e} (only {pki.RSA_EXPONENT})"
         return None
     if isinstance(public, ec.EllipticCurvePublicKey):
         if public.curve.name not in CURVES:
@@ -469,6 +493,10 @@ def node_problems(
             Problem(node, crt, "holds no PEM certificate", "put the node's certificate first")
         )
         return problems
+    if bad := [c for c in certs if _unusable_key(c)]:
+        who = "it" if bad[0] is certs[0] else bad[0].subject.rfc4514_string() or "(no subject)"
+        problems.append(Problem(node, crt, f"{who} {UNUSABLE_KEY}", "reissue it"))
+        return problems
     leaf, intermediates = certs[0], certs[1:]
     if len(intermediates) > pki.MAX_INTERMEDIATES:  # (the workstations' bundle: ``MAX_BUNDLE``)
         problems.append(
@@ -587,7 +615,7 @@ def validate(
     touch); files of other nodes are ignored, whether or not they could be read. Empty: every
     node's certificate can be used."""
     problems = ca_problems(material.ca_pem, now, horizon, unreadable_problem(material, "", CA_FILE))
-    anchors = [c for c in (_load_certs(material.ca_pem) or []) if pki.is_ca(c)]
+    anchors = _cas(material.ca_pem)
     for node in sorted(expected):
         cant = {
             name: p
@@ -634,7 +662,7 @@ def chain_ends(
     (``_longest_path``): a bundle with the practice CA and its renewal (same key and subject)
     recorded the old one's end or none by their order (review s47rev5 L3); clients, given
     the whole bundle (``ca_bundle``), take the path that is still valid."""
-    anchors = [c for c in _load_certs(material.ca_pem) or [] if pki.is_ca(c)]
+    anchors = _cas(material.ca_pem)
     ends: dict[str, tuple[str, dt.datetime] | None] = {}
     for node in sorted(nodes):
         item = material.nodes.get(node)
@@ -689,7 +717,7 @@ def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:
     (``Accepted.ca_pin``, ``_top_in``: the notice gives the workstations that CA's pin; a
     workstation set up by the password alone lists every CA its server's certificate chains
     up to, ``pki.cas_above``, to compare it with)."""
-    anchors = [c for c in _load_certs(material.ca_pem) or [] if pki.is_ca(c)]
+    anchors = _cas(material.ca_pem)
     out = []
     for node in sorted(nodes):
         leaf, *extra = pki.load_certs_pem(material.nodes[node].chain_pem)
@@ -732,7 +760,7 @@ def bundle_pin(ca_pem: bytes) -> str:
     taken as ``_top_in`` takes it; "" if none reads. A node's chain is not stored, so with two
     unrelated roots in ``ca.crt`` this may be the other one's (rev57a M1: the first certificate
     was taken, an intermediate where ``ca.crt`` listed it before its root)."""
-    cas = [c for c in _load_certs(ca_pem) or [] if pki.is_ca(c)]
+    cas = _cas(ca_pem)
     roots = [c for c in cas if pki.issued_by(c, c)]
     if roots:
         return pki.spki_pin(roots[0])

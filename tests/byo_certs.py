@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def make_ca(
 def leaf(
     ca: Issuer,
     ips: list[str],
-    dns: list[str] | None = None,
+    dns: Sequence[str | x509.DNSName] | None = None,
     *,
     key: Any = None,
     now: dt.datetime = NOW,
@@ -134,7 +135,8 @@ def leaf(
         builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     if san:
         names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        names += [x509.DNSName(d) for d in dns or []]
+        # (A GeneralName as is: a DNS name ``x509.DNSName`` refuses, tests/test_names_ascii.py.)
+        names += [d if isinstance(d, x509.DNSName) else x509.DNSName(d) for d in dns or []]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(ca.key, hash_algorithm or hashes.SHA256()), key
 

@@ -171,7 +171,11 @@ class Names:
     @classmethod
     def of(cls, common_name: str, ips: Iterable[str] = (), dns: Iterable[str] = ()) -> Names:
         norm_ips = tuple(sorted({str(ipaddress.ip_address(i)) for i in ips}))
-        norm_dns = tuple(sorted({d.lower().rstrip(".") for d in dns}))
+        # ``dns_given``: ASCII letters lowered and one final dot dropped, nothing else. A name
+        # read from a certificate or a CSR that is not ASCII stays as written (``str.lower``
+        # made a Kelvin sign a ``k``: a SAN of "\u212a…" equalled the enrolled "k…"), so that
+        # it differs from every name the CA signs (session 68).
+        norm_dns = tuple(sorted({dns_given(d) for d in dns}))
         return cls(common_name, norm_ips, norm_dns)
 
 

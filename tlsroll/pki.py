@@ -363,7 +363,7 @@ def san_lacks(cert: x509.Certificate, names: Names) -> list[str] | None:
     except x509.ExtensionNotFound:
         return None
     ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
-    dns = {d.lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName)}
+    dns = {dns_given(d) for d in san.get_values_for_type(x509.DNSName)}
     missing = [f"IP:{ip}" for ip in names.ips if str(ipaddress.ip_address(ip)) not in ips]
     for name in names.dns:
         wildcard = "*." + name.split(".", 1)[1] if "." in name else ""
@@ -555,7 +555,11 @@ def load_csr_pem(data: bytes) -> x509.CertificateSigningRequest:
         csr = x509.load_pem_x509_csr(data)
     except ValueError as exc:
         raise PKIError(PKIReason.BAD_CSR) from exc
-    if not csr.is_signature_valid:
+    try:
+        valid = csr.is_signature_valid
+    except ValueError:  # a key no RSA or EC key is (an even RSA exponent): not the parser's view
+        raise PKIError(PKIReason.KEY_TYPE, "its public key is not a valid key") from None
+    if not valid:
         raise PKIError(PKIReason.BAD_SIGNATURE)
     return csr
 
@@ -564,18 +568,24 @@ MAX_RSA_BITS = 4096
 """The largest RSA key the CA signs for: what the public CAs take. A larger one (OpenSSL takes
 up to 16384 bits) costs every TLS peer that verifies with it, at every handshake (review s67
 L4): an outside CSR's (an agent's enrolment or renewal, a rollout's staged key) is refused."""
-ISSUED_KEYS = f"ECDSA P-256 or RSA of 2048 to {MAX_RSA_BITS} bits"
+RSA_EXPONENT = 65537
+"""The one RSA public exponent taken, wherever an RSA key is (a CSR's, a brought certificate's):
+what every key generator makes. A small one (3) is the one that low-exponent attacks on badly
+padded RSA need; 1 or an even one is no RSA key at all (session 68)."""
+ISSUED_KEYS = f"ECDSA P-256 or RSA of 2048 to {MAX_RSA_BITS} bits with exponent {RSA_EXPONENT}"
 """The keys the CA issues certificates for (``key_kind_problem``)."""
 
 
 def key_kind_problem(key: PublicKey) -> str | None:
     """What kind of key ``key`` is if the CA issues no certificate for it (``ISSUED_KEYS``),
-    else None: "ECDSA curve secp384r1", "RSA 1024 bits"."""
+    else None: "ECDSA curve secp384r1", "RSA 1024 bits", "RSA exponent 3"."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1):
             return f"ECDSA curve {key.curve.name}"
     elif not 2048 <= key.key_size <= MAX_RSA_BITS:
         return f"RSA {key.key_size} bits"
+    elif (e := key.public_numbers().e) != RSA_EXPONENT:
+        return f"RSA exponent {e}"
     return None
 
 
