@@ -427,11 +427,10 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
         for c1 in ("\\xc2\\x80", "\\xc2\\x85", "\\xc2\\x9b", "\\xc2\\x9f")
     ]
     for args in bad:
-        if args.startswith(("LC_ALL=", "LANG=")):
-            locale, args = args.split(" ", 1)
-            result = throwaway.run(f"{locale} {install} {args}")
-        else:
-            result = throwaway.run(f"{install} {args}")
+        # (a locale first: install.sh's environment)
+        locale = args.startswith(("LC_ALL=", "LANG="))
+        env, _, rest = args.partition(" ") if locale else ("", "", args)
+        result = throwaway.run(f"{env} {install} {rest}")
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "usage: install.sh leader" in result.stderr, (args, result.stderr)
         assert "line " not in result.stderr, (args, result.stderr)
