@@ -177,7 +177,13 @@ fi
 # What systemd would read otherwise in the drop-in's ReadWritePaths=: a space splits the path,
 # quotes and '\' are unquoted, '%h' becomes /root and '%x' makes the line void (session 67);
 # any other control character (\x01, DEL) went into the unit file as it was (review s67 L).
-if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:][:cntrl:]\"\'\\%] ]]; then
+# C1 controls (U+0080-U+009F, \xc2\x80-\xc2\x9f in UTF-8) too: [:cntrl:] holds them only in a
+# UTF-8 locale, and in the C locale they passed (session 68). Matched as bytes, in a subshell.
+has_c1_control() (
+    LC_ALL=C
+    [[ $1 == *$'\xc2'[$'\x80'-$'\x9f']* ]]
+)
+if [ -n "$server_config_dir" ] && { [[ $server_config_dir != /* || $server_config_dir =~ [[:space:][:cntrl:]\"\'\\%] ]] || has_c1_control "$server_config_dir"; }; then
     usage_error "--server-config-dir must be an absolute path without spaces, control characters, quotes, '\\' or '%'"
 fi
 if [ -n "$server_config_dir" ]; then

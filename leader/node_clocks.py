@@ -114,9 +114,24 @@ at every message while it is open): a node at the threshold does not come and go
 CHECK_SECONDS = 1.0
 """How soon after a change the leader's clock is judged and logged, and expired agents swept
 (``NodeClocks.check``): at most once this, off the per-message path."""
+MAX_OFFSET = 398 * 86400.0
+"""How far from the leader's clock a message's ``sent_at`` may be taken (``sent_offset``). A
+certificate of the cluster lives at most 397 days (``tlsroll.pki.LEAF_VALIDITY_DAYS``): an agent
+whose clock is farther off than that from the leader's cannot hold the leader's certificate
+valid, so no message of a real clock says so; a ``sent_at`` beyond it (years off, or no time
+at all: 2**62 s showed an offset of billions of seconds; session 68) is a foreign or broken
+agent's, and taken as no time: the clock is not known, as of a message without one (as a
+renewal due farther than ``leader.service.RENEWAL_DUE_SPAN`` is)."""
 AGENTS_KEPT = 4
 """Agents per node whose estimates the leader keeps (two agents with one identity are a
 problem of their own; a fifth one drops the oldest)."""
+
+
+def sent_offset(seconds: int, nanos: int, now: float) -> float | None:
+    """``x`` of a message stamped ``seconds``/``nanos`` (its ``sent_at``) that the leader read at
+    ``now`` (a POSIX time): the stamp less ``now``; None beyond ``MAX_OFFSET`` either way."""
+    x = seconds + nanos / 1e9 - now
+    return x if -MAX_OFFSET <= x <= MAX_OFFSET else None
 
 
 def clock_problem(offset: float, leader: bool = False, step: float | None = None) -> str:

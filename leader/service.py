@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
 from leader.config import hook_number
-from leader.node_clocks import NodeClocks, clock_problem
+from leader.node_clocks import NodeClocks, clock_problem, sent_offset
 from leader.observe import NodeProblem, StreamEnded
 from leader.planner import (
     AgentsTooOld,
@@ -1928,11 +1928,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # A unary call's (no ``agent``) is known a renewal deadline, as a stream's after its
         # end, unless a stream of the agent is open (whose end bounds it): else it was kept
         # for ever (review of s37, L4).
+        # A ``sent_at`` farther off than any real clock of the cluster (years, or no time) is
+        # as none (``node_clocks.MAX_OFFSET``; it showed billions of seconds: session 68).
         if not request.HasField("sent_at"):
             self.state.clocks.forget(name, agent or agent_of(request, context))
         elif not (request.closing or request.HasField("check_answer")):
             sent = request.sent_at
-            x = sent.seconds + sent.nanos / 1e9 - now.timestamp()
+            x = sent_offset(sent.seconds, sent.nanos, now.timestamp())
+            if x is None:
+                self.state.clocks.forget(name, agent or agent_of(request, context))
+                return snap, now, ask
             keep = None
             if not agent:
                 agent = agent_of(request, context)

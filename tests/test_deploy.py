@@ -127,6 +127,31 @@ def test_unit_exposure_is_ok(unit: str) -> None:
     assert score <= MAX_EXPOSURE, f"{unit} scores {score}:\n{result.stdout}"
 
 
+def test_the_leader_sees_only_processes_in_proc_and_the_agent_all_it_reads() -> None:
+    """Session 68: the leader's unit has ``ProcSubset=pid`` (/proc shows processes only; the
+    leader reads only its own /proc/self there), and ``systemd-analyze security`` counts it; the
+    agent's unit has neither it nor ``ProtectProc=``: the agent reads /proc/sys (the boot id of
+    its freeze lease), /proc/net/tcp* and the managed server's /proc/PID, which they would hide.
+    What the real systemd makes of it: test_the_installed_units_run_under_systemd."""
+    from nodeagent import lease
+
+    def settings(unit: str) -> list[str]:
+        return [
+            line
+            for line in (UNITS / unit).read_text().splitlines()
+            if line.startswith(("ProcSubset=", "ProtectProc="))
+        ]
+
+    assert settings("tlsroll-leader.service") == ["ProtectProc=invisible", "ProcSubset=pid"]
+    result = analyze(
+        "security", "--offline=yes", "--no-pager", str(UNITS / "tlsroll-leader.service")
+    )
+    (line,) = [line for line in result.stdout.splitlines() if " ProcSubset=" in line]
+    assert line.lstrip().startswith("\u2713"), line
+    assert settings("tlsroll-agent.service") == []
+    assert str(lease.BOOT_ID).startswith("/proc/sys/")
+
+
 # --- the throwaway root -------------------------------------------------------------------------
 
 
@@ -394,8 +419,18 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
             "$'/srv/pra\\x7fxis'",
         )
     ]
+    # C1 controls (U+0080-U+009F) passed in the C locale, where [:cntrl:] is ASCII's only
+    # (session 68): refused in every locale.
+    bad += [
+        f"{locale} agent --server-config-dir $'/srv/pra{c1}xis'"
+        for locale in ("LC_ALL=C", "LC_ALL=POSIX", "LANG=C.UTF-8")
+        for c1 in ("\\xc2\\x80", "\\xc2\\x85", "\\xc2\\x9b", "\\xc2\\x9f")
+    ]
     for args in bad:
-        result = throwaway.run(f"{install} {args}")
+        # (a locale first: install.sh's environment)
+        locale = args.startswith(("LC_ALL=", "LANG="))
+        env, _, rest = args.partition(" ") if locale else ("", "", args)
+        result = throwaway.run(f"{env} {install} {rest}")
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "usage: install.sh leader" in result.stderr, (args, result.stderr)
         assert "line " not in result.stderr, (args, result.stderr)
@@ -752,6 +787,9 @@ systemctl start tlsroll-leader.service && echo LEADER-STARTED >>/probe-out/leade
 tlsroll ca show >>/probe-out/leader 2>&1 && echo CA-SHOW-OK >>/probe-out/leader
 pid=$(systemctl show -p MainPID --value tlsroll-leader.service)
 grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status >>/probe-out/leader
+# Its /proc (ProcSubset=pid): processes only, no /proc/sys (seen through its own root).
+awk '$5 == "/proc" { print "proc-mount:", $0 }' /proc/$pid/mountinfo >>/probe-out/leader
+ls /proc/$pid/root/proc/sys >/dev/null 2>&1 || echo PROC-SYS-HIDDEN >>/probe-out/leader
 # The system bus, as on a server (this boot starts only what the probe needs).
 systemctl start dbus.socket
 systemctl start tlsroll-agent.service
@@ -894,6 +932,11 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     )
     leader = files.get("leader", "")
     assert "LEADER-STARTED" in leader and "CA-SHOW-OK" in leader, report
+    # ProcSubset=pid (session 68): the leader's /proc shows processes only, and it runs.
+    assert re.search(r"^proc-mount: .* / /proc .* - proc \S+ \S*\bsubset=pid\b", leader, re.M), (
+        report
+    )
+    assert "PROC-SYS-HIDDEN" in leader, report
     assert re.search(r"CapEff:\s+0+\n", leader), report
     assert re.search(r"NoNewPrivs:\s+1\n", leader) and re.search(r"Seccomp:\s+2\n", leader), report
     upgrade = files.get("upgrade", "")

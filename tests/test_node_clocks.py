@@ -50,6 +50,7 @@ from leader.cli import identity
 from leader.node_clocks import (
     CLEAR_AFTER,
     CLEAR_SECONDS,
+    MAX_OFFSET,
     REOPEN_SECONDS,
     NodeClocks,
     clock_problem,
@@ -1815,3 +1816,61 @@ async def test_a_change_is_judged_soon_though_an_agent_s_bound_is_due_later(
         async with asyncio.timeout(10):
             while not [e for e in events if e["event"] == "leader.clock_differs"]:
                 await asyncio.sleep(0.01)
+
+
+async def test_a_sent_at_farther_off_than_any_real_clock_is_taken_as_no_time(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 68: a heartbeat whose ``sent_at`` is years off (a time protobuf holds) or no
+    time at all (2**62 s) made the node's clock differ by billions of seconds, shown and
+    logged as said. Farther than ``MAX_OFFSET`` (no agent with a clock that far off holds the
+    leader's 397-day certificate valid) it is as a message without a time: the clock is not
+    known (a problem of it ends), nothing logged with such an offset; within it, taken."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+
+    def message(seconds: int, nanos: int = 0) -> leader_pb2.HeartbeatRequest:
+        request = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+        request.sent_at.CopyFrom(Timestamp(seconds=seconds, nanos=nanos))
+        return request
+
+    now = int(T.timestamp())
+    years = 5 * 365 * 86400
+    absurd = [
+        (now + years, 0),
+        (now - 30 * years, 0),
+        (now + int(MAX_OFFSET) + 1, 0),
+        (now - int(MAX_OFFSET) - 1, 0),
+        (2**62, 0),
+        (253402300799, 999999999),  # the last second of 9999
+        (-62135596800, 0),  # the first of year 1
+    ]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+                stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+
+                async def send(request: leader_pb2.HeartbeatRequest) -> None:
+                    await stream.write(request)
+                    assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+
+                clocks = rig.state.clocks
+                for seconds, nanos in absurd:
+                    for _ in range(2):
+                        await send(message(now + 300))
+                    assert clocks.offset("hb1") == 300.0 and clocks.differs("hb1")
+                    for _ in range(2):
+                        await send(message(seconds, nanos))
+                    assert clocks.offset("hb1") is None, (seconds, clocks.offset("hb1"))
+                    assert rig.state.node_problems() == [], seconds
+                # Within it, however far: taken (a node 397 days ahead, as said).
+                for _ in range(2):
+                    await send(message(now + 397 * 86400))
+                assert clocks.offset("hb1") == 397 * 86400.0 and clocks.differs("hb1")
+                await stream.done_writing()
+                assert not isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+        offsets = [abs(e["offset"]) for e in logs if "offset" in e]
+        assert offsets and max(offsets) <= MAX_OFFSET, offsets
+        assert not [e for e in logs if e["log_level"] == "error"], logs
+    finally:
+        await rig.close()
