@@ -21,9 +21,9 @@ from leader import byo
 from tests.byo_certs import NOW, key_pem, leaf, make_ca, pem
 from tests.cluster import AdminTokenCluster, Cluster, csr_pem, enrol, enrol_request
 from tests.conftest import next_loopback
+from tests.test_key_size import _uses_left
 from tlsroll import pki
 from tlsroll.errors import PKIError, PKIReason
-from tlsroll.v1 import admin_pb2
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -142,14 +142,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         c.init()
         c.start_leader()
         yield c
-
-
-def _uses_left(cluster: Cluster, token: str) -> int:
-    token_id = token.split(".", maxsplit=1)[0]
-    with cluster.admin() as admin:
-        reply = admin.ListTokens(admin_pb2.ListTokensRequest(), timeout=10)
-    (info,) = [t for t in reply.tokens if t.id == token_id]
-    return int(info.uses_left)
 
 
 def test_an_enrolment_csr_with_exponent_3_or_an_even_one_is_refused_and_spends_nothing(
