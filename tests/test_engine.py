@@ -48,7 +48,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from structlog.testing import capture_logs
 
-from leader import changes, planner
+from leader import byo, changes, planner
 from leader import engine as engine_module
 from leader.agent_client import NotHeardYet, StepFailed, cut_off_error
 from leader.commands import Commands, RolloutRequest
@@ -451,6 +451,27 @@ async def test_enable_tls_switches_every_node_once_in_order(
     await leader.stop()
 
 
+def practice_material(world: World, monkeypatch: pytest.MonkeyPatch) -> byo.Material:
+    """A practice CA's certificate and key for every fake node (``--cert-dir``'s material,
+    ``byo.Material``), and the outside check patched to judge by the cluster CA: the fake nodes
+    know only that one, where the outside check of a --cert-dir rollout trusts the practice CA."""
+    from tests.byo_certs import key_pem, leaf, make_ca, pem
+
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        ips, dns = list(agent.names.ips), list(agent.names.dns)
+        cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    check = world.agents.outside_check
+
+    async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
+        return await check(live, closed, world.ca.cert_pem, fingerprint)
+
+    monkeypatch.setattr(changes, "outside_check", outside)
+    return byo.Material(practice.pem, files)
+
+
 @pytest.mark.parametrize(
     ("change", "transitional", "cert_dir", "coming"),
     [
@@ -484,10 +505,8 @@ async def test_a_stage_tells_the_agent_the_switch_to_come(
     carries: for each node, what its Stage said (``switch_to_come``) is what its Switch then
     carries, whichever strategy, stage (the CA's or ``--cert-dir``'s) and change (review of
     session 29, L4: a divergence would silently drop every prepared switch)."""
-    from leader import byo
     from leader.rollout_enums import Strategy
     from leader.wire import CHANGE
-    from tests.byo_certs import key_pem, leaf, make_ca, pem
 
     leader = world.boot()
     leader.commands.vault = leader.engine.vault  # as the daemon wires them (--cert-dir)
@@ -495,23 +514,7 @@ async def test_a_stage_tells_the_agent_the_switch_to_come(
         await leader.start()
         assert states(await leader.run()) == ALL_DONE
 
-    own: byo.Material | None = None
-    if cert_dir:
-        practice = make_ca("Praxis CA", now=START)
-        files = {}
-        for agent in world.agents:
-            ips, dns = list(agent.names.ips), list(agent.names.dns)
-            cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
-            files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
-        own = byo.Material(practice.pem, files)
-        # The fake nodes judge a certificate by the cluster CA only; the outside check of a
-        # --cert-dir rollout trusts the practice CA.
-        check = world.agents.outside_check
-
-        async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
-            return await check(live, closed, world.ca.cert_pem, fingerprint)
-
-        monkeypatch.setattr(changes, "outside_check", outside)
+    own = practice_material(world, monkeypatch) if cert_dir else None
     # Phase 1's confirm wants both schemes answering; the fake node knows only its scheme.
     monkeypatch.setattr(changes, "dual_check", changes.outside_check)
 
@@ -571,26 +574,10 @@ async def test_a_stage_whose_agent_names_another_certificate_fails_the_node(
     sent that certificate itself. An agent that names another one now fails the node's stage,
     the reason naming both; nothing recorded as served, the node not switched; the others go
     on (a failure budget of 1) and are recorded with the certificate they were sent."""
-    from leader import byo
-    from tests.byo_certs import key_pem, leaf, make_ca, pem
 
     leader = world.boot()
     leader.commands.vault = leader.engine.vault  # as the daemon wires them (--cert-dir)
-    own: byo.Material | None = None
-    if cert_dir:
-        practice = make_ca("Praxis CA", now=START)
-        files = {}
-        for agent in world.agents:
-            ips, dns = list(agent.names.ips), list(agent.names.dns)
-            cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
-            files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
-        own = byo.Material(practice.pem, files)
-        check = world.agents.outside_check
-
-        async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
-            return await check(live, closed, world.ca.cert_pem, fingerprint)
-
-        monkeypatch.setattr(changes, "outside_check", outside)
+    own = practice_material(world, monkeypatch) if cert_dir else None
     other = "sha256:" + "ab" * 32
     bravo = world.agents["bravo"]
     sent: list[str] = []
