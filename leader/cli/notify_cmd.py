@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+import unicodedata
 import zoneinfo
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -67,7 +68,7 @@ from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
 from tlsroll.cli import PathParam, terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
-from tlsroll.echo import shown
+from tlsroll.echo import secret_inside, shown
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 if TYPE_CHECKING:
@@ -195,6 +196,32 @@ def parse_duration(text: str) -> dt.timedelta:
             f"{shown(text)}: give more than 0 minutes and at most 48 hours", param_hint="--duration"
         )
     return span
+
+
+def typed_text_problem(text: str, option: str) -> str | None:
+    """Why ``text``, given as ``option`` (``--practice``, ``--contact``, ``--password-source``:
+    words the notice repeats to the staff), is refused, or None. Not text a person typed: one
+    that is no UTF-8 (a byte a terminal of another encoding sent) or holds a control or
+    invisible character (an ESC sequence a terminal acts on when the notice is printed, a NUL,
+    a direction mark that shows the words around it reversed: review s69 revpass M1, they went
+    into every format as given). Nor a password's shape (a generated one): the notice gives
+    the password only with --include-password, which warns on top and never goes into HTML for
+    e-mail (review s69 revpass M2). The message never repeats the text."""
+    if not password.is_utf8(text):
+        return f"{option} is not UTF-8 text (a terminal set to another encoding, such as Latin-1?)"
+    for position, char in enumerate(text, 1):
+        # (white space, a line end or tab among it, is shown as one space: ``_Doc``)
+        if unicodedata.category(char) in password.INVISIBLE and not char.isspace():
+            return (
+                f"{option} has a control or invisible character (U+{ord(char):04X}) at position "
+                f"{position}, which the notice must not pass on: remove it"
+            )
+    if (kind := secret_inside(text)) is not None:
+        return (
+            f"{option} holds what looks like {kind}; the notice gives the password only with "
+            "--include-password (with its warning, never as HTML for e-mail): leave it out"
+        )
+    return None
 
 
 # --- what the notice is about -----------------------------------------------------------------
@@ -718,6 +745,13 @@ def notify(
         )
     # Everything that needs no zone before the leader is asked for one: bad input is a usage
     # error (exit 2) whether the leader is up or not.
+    for option, text in (
+        ("--practice", practice),
+        ("--contact", contact),
+        ("--password-source", password_source),
+    ):
+        if (why := typed_text_problem(text, option)) is not None:
+            raise click.UsageError(why)
     naive_when = when_syntax(when) if when is not None else None
     naive_until = when_syntax(until, "--until") if until is not None else None
     span = parse_duration(duration) if duration is not None else None
