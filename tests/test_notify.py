@@ -177,6 +177,24 @@ def test_words_the_notice_repeats_are_text_a_person_typed(text: str, says: str |
     assert PASSWORD not in why and PASSWORD.upper() not in why and "\x1b" not in why
 
 
+def test_words_left_out_or_blank_are_said_in_the_notice_s_language() -> None:
+    """Review s69 revpass L1: the default --practice was "Praxis" in an English notice too
+    ("… (https) – Praxis"), and a blank --contact or --password-source was taken as given:
+    "please contact ." with nobody named."""
+    en = notify_cmd.typed_words("en", None, " ", "\t")
+    assert en == {
+        "practice": "Practice",
+        "contact": "your practice IT",
+        "password_source": "in person from your practice IT",
+    }
+    assert notify_cmd.typed_words("de", "  ", "", "")["practice"] == "Praxis"
+    given = notify_cmd.typed_words("en", " Dr. Muster ", "Frau X", "bei Frau X")
+    assert given == {"practice": "Dr. Muster", "contact": "Frau X", "password_source": "bei Frau X"}
+    text = render_notice(info(**en), lang="en")
+    assert text.startswith("Switch to an encrypted connection (https) – Practice\n"), text
+    assert "please contact your practice IT." in text
+
+
 class _Tags(html.parser.HTMLParser):
     def __init__(self) -> None:
         super().__init__()

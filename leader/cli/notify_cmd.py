@@ -76,6 +76,8 @@ if TYPE_CHECKING:
 
 GERMAN_DEFAULT_ZONE = "Europe/Berlin"
 DEFAULT_SOURCE = {"de": "persönlich bei Ihrer Praxis-IT", "en": "in person from your practice IT"}
+DEFAULT_PRACTICE = {"de": "Praxis", "en": "Practice"}
+DEFAULT_CONTACT = {"de": "Ihre Praxis-IT", "en": "your practice IT"}
 HTTP_PORT, HTTPS_PORT = 8080, 8443  # the seed's, for nodes no agent has reported yet
 MAX_DURATION = dt.timedelta(days=2)
 _WHEN_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%d.%m.%Y %H:%M")
@@ -222,6 +224,19 @@ def typed_text_problem(text: str, option: str) -> str | None:
             "--include-password (with its warning, never as HTML for e-mail): leave it out"
         )
     return None
+
+
+def typed_words(
+    lang: str, practice: str | None, contact: str, password_source: str
+) -> dict[str, str]:
+    """The notice's ``practice``, ``contact`` and ``password_source``: as given, or where left
+    out or blank, the words of ``lang`` (review s69 revpass L1: an English notice was titled
+    "– Praxis", and a blank --contact said "please contact ." with nobody named)."""
+    return {
+        "practice": (practice or "").strip() or DEFAULT_PRACTICE[lang],
+        "contact": contact.strip() or DEFAULT_CONTACT[lang],
+        "password_source": password_source.strip() or DEFAULT_SOURCE[lang],
+    }
 
 
 # --- what the notice is about -----------------------------------------------------------------
@@ -655,7 +670,9 @@ def check_password(
     help="Time zone of the times shown, e.g. Europe/Berlin [default: maintenance_timezone in "
     "leader.toml, else the leader's; a German notice on a UTC leader: Europe/Berlin].",
 )
-@click.option("--practice", default="Praxis", show_default=True, help="Name for the title.")
+@click.option(
+    "--practice", help='Name for the title [default: "Praxis", in English "Practice"].'
+)
 @click.option("--contact", default="", help="Whom to ask (name, phone).")
 @click.option(
     "--password-source",
@@ -700,7 +717,7 @@ def notify(
     cert_dir: Path | None,
     rollout_id: str | None,
     tz_name: str | None,
-    practice: str,
+    practice: str | None,
     contact: str,
     password_source: str,
     include_password: bool,
@@ -746,7 +763,7 @@ def notify(
     # Everything that needs no zone before the leader is asked for one: bad input is a usage
     # error (exit 2) whether the leader is up or not.
     for option, text in (
-        ("--practice", practice),
+        ("--practice", practice or ""),
         ("--contact", contact),
         ("--password-source", password_source),
     ):
@@ -937,11 +954,9 @@ def notify(
     with leader.admin() as admin:
         ca = leader.call(admin.GetCA, admin_pb2.GetCARequest())
     info = NoticeInfo(
-        practice=practice,
+        **typed_words(lang, practice, contact, password_source),
         nodes=notice_nodes,
         ca_pin=ca.spki_pin,
-        password_source=password_source or DEFAULT_SOURCE[lang],
-        contact=contact or ("Ihre Praxis-IT" if lang == "de" else "your practice IT"),
         timing=timing,
         change=the_change.value,
         scope=kind.value if kind is not None else "cluster",
