@@ -670,9 +670,7 @@ def check_password(
     help="Time zone of the times shown, e.g. Europe/Berlin [default: maintenance_timezone in "
     "leader.toml, else the leader's; a German notice on a UTC leader: Europe/Berlin].",
 )
-@click.option(
-    "--practice", help='Name for the title [default: "Praxis", in English "Practice"].'
-)
+@click.option("--practice", help='Name for the title [default: "Praxis", in English "Practice"].')
 @click.option("--contact", default="", help="Whom to ask (name, phone).")
 @click.option(
     "--password-source",
