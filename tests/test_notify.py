@@ -149,6 +149,52 @@ def test_markdown_escapes_what_the_admin_typed() -> None:
     assert "``ab`cd``" in render_notice(info(), fmt="markdown", password="ab`cd")
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("Praxis Dr. Muster", None),
+        ("Frau Beispiel,\tTel. 0123\n456789", None),  # white space: shown as one space
+        ("Praxis \x1b[31mDr.", "control or invisible character (U+001B) at position 8"),
+        ("Praxis\x00", "(U+0000) at position 7"),
+        ("Praxis \u202eretsuM", "(U+202E) at position 8"),
+        ("Frau\u200bX", "(U+200B) at position 5"),
+        ("Praxis \udce4", "is not UTF-8 text"),
+        (f"Passwort: {PASSWORD}", "holds what looks like a generated auth password"),
+        (f"Passwort: {PASSWORD.upper()}", "holds what looks like a generated auth password"),
+    ],
+)
+def test_words_the_notice_repeats_are_text_a_person_typed(text: str, says: str | None) -> None:
+    """Review s69 revpass M1/M2: --practice, --contact and --password-source went into every
+    format as given: an ESC sequence (a terminal acts on it when the notice is printed), a NUL,
+    a direction mark (the words around it shown reversed), and a password pasted into them,
+    which then had no warning on top and went into HTML for e-mail. Refused in one line that
+    names the option and never repeats the text."""
+    why = notify_cmd.typed_text_problem(text, "--contact")
+    if says is None:
+        assert why is None
+        return
+    assert why is not None and why.startswith("--contact ") and says in why, why
+    assert PASSWORD not in why and PASSWORD.upper() not in why and "\x1b" not in why
+
+
+def test_words_left_out_or_blank_are_said_in_the_notice_s_language() -> None:
+    """Review s69 revpass L1: the default --practice was "Praxis" in an English notice too
+    ("… (https) – Praxis"), and a blank --contact or --password-source was taken as given:
+    "please contact ." with nobody named."""
+    en = notify_cmd.typed_words("en", None, " ", "\t")
+    assert en == {
+        "practice": "Practice",
+        "contact": "your practice IT",
+        "password_source": "in person from your practice IT",
+    }
+    assert notify_cmd.typed_words("de", "  ", "", "")["practice"] == "Praxis"
+    given = notify_cmd.typed_words("en", " Dr. Muster ", "Frau X", "bei Frau X")
+    assert given == {"practice": "Dr. Muster", "contact": "Frau X", "password_source": "bei Frau X"}
+    text = render_notice(info(**en), lang="en")
+    assert text.startswith("Switch to an encrypted connection (https) – Practice\n"), text
+    assert "please contact your practice IT." in text
+
+
 class _Tags(html.parser.HTMLParser):
     def __init__(self) -> None:
         super().__init__()

@@ -28,6 +28,7 @@ from tlsroll.v1 import admin_pb2
 pytestmark = pytest.mark.slow
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
+GENERATED = "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d"  # (the shape of tlsroll.password.generate_password)
 
 
 @pytest.fixture
@@ -719,6 +720,16 @@ def bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: str) -
         ),
         (["--format", "html", "--include-password"], "--format html is for e-mail"),
         (["--until", "garbage"], "--until"),
+        # Review s69 revpass M1: words the notice repeats, with a control or invisible
+        # character (an ESC sequence, a direction mark), went into the message as given.
+        (["--practice", "Praxis \x1b[2J"], "--practice has a control or invisible character"),
+        (["--contact", "Frau \u202eX"], "--contact has a control or invisible character"),
+        # Review s69 revpass M2: a password in the free text bypassed --include-password's
+        # warning and its refusal of HTML for e-mail.
+        (
+            ["--format", "html", "--password-source", f"bei Frau X: {GENERATED}"],
+            "--password-source holds what looks like a generated auth password",
+        ),
     ],
 )
 def test_bad_input_is_a_usage_error_with_the_leader_down(
@@ -739,6 +750,7 @@ def test_bad_input_is_a_usage_error_with_the_leader_down(
     line = usage_error(result)
     assert says in line and "admin socket" not in line, line
     assert list(tmp_path.iterdir()) == []
+    assert GENERATED not in result.stderr and "\x1b" not in result.stderr
 
 
 def test_include_password_off_a_terminal_is_refused_before_the_leader_is_asked(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import sys
+import unicodedata
 import zoneinfo
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -67,7 +68,7 @@ from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
 from tlsroll.cli import PathParam, terminal_only
 from tlsroll.defaults import BOOTSTRAP_PORT
-from tlsroll.echo import shown
+from tlsroll.echo import secret_inside, shown
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ if TYPE_CHECKING:
 
 GERMAN_DEFAULT_ZONE = "Europe/Berlin"
 DEFAULT_SOURCE = {"de": "persönlich bei Ihrer Praxis-IT", "en": "in person from your practice IT"}
+DEFAULT_PRACTICE = {"de": "Praxis", "en": "Practice"}
+DEFAULT_CONTACT = {"de": "Ihre Praxis-IT", "en": "your practice IT"}
 HTTP_PORT, HTTPS_PORT = 8080, 8443  # the seed's, for nodes no agent has reported yet
 MAX_DURATION = dt.timedelta(days=2)
 _WHEN_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%d.%m.%Y %H:%M")
@@ -195,6 +198,45 @@ def parse_duration(text: str) -> dt.timedelta:
             f"{shown(text)}: give more than 0 minutes and at most 48 hours", param_hint="--duration"
         )
     return span
+
+
+def typed_text_problem(text: str, option: str) -> str | None:
+    """Why ``text``, given as ``option`` (``--practice``, ``--contact``, ``--password-source``:
+    words the notice repeats to the staff), is refused, or None. Not text a person typed: one
+    that is no UTF-8 (a byte a terminal of another encoding sent) or holds a control or
+    invisible character (an ESC sequence a terminal acts on when the notice is printed, a NUL,
+    a direction mark that shows the words around it reversed: review s69 revpass M1, they went
+    into every format as given). Nor a password's shape (a generated one): the notice gives
+    the password only with --include-password, which warns on top and never goes into HTML for
+    e-mail (review s69 revpass M2). The message never repeats the text."""
+    if not password.is_utf8(text):
+        return f"{option} is not UTF-8 text (a terminal set to another encoding, such as Latin-1?)"
+    for position, char in enumerate(text, 1):
+        # (white space, a line end or tab among it, is shown as one space: ``_Doc``)
+        if unicodedata.category(char) in password.INVISIBLE and not char.isspace():
+            return (
+                f"{option} has a control or invisible character (U+{ord(char):04X}) at position "
+                f"{position}, which the notice must not pass on: remove it"
+            )
+    if (kind := secret_inside(text)) is not None:
+        return (
+            f"{option} holds what looks like {kind}; the notice gives the password only with "
+            "--include-password (with its warning, never as HTML for e-mail): leave it out"
+        )
+    return None
+
+
+def typed_words(
+    lang: str, practice: str | None, contact: str, password_source: str
+) -> dict[str, str]:
+    """The notice's ``practice``, ``contact`` and ``password_source``: as given, or where left
+    out or blank, the words of ``lang`` (review s69 revpass L1: an English notice was titled
+    "– Praxis", and a blank --contact said "please contact ." with nobody named)."""
+    return {
+        "practice": (practice or "").strip() or DEFAULT_PRACTICE[lang],
+        "contact": contact.strip() or DEFAULT_CONTACT[lang],
+        "password_source": password_source.strip() or DEFAULT_SOURCE[lang],
+    }
 
 
 # --- what the notice is about -----------------------------------------------------------------
@@ -628,7 +670,7 @@ def check_password(
     help="Time zone of the times shown, e.g. Europe/Berlin [default: maintenance_timezone in "
     "leader.toml, else the leader's; a German notice on a UTC leader: Europe/Berlin].",
 )
-@click.option("--practice", default="Praxis", show_default=True, help="Name for the title.")
+@click.option("--practice", help='Name for the title [default: "Praxis", in English "Practice"].')
 @click.option("--contact", default="", help="Whom to ask (name, phone).")
 @click.option(
     "--password-source",
@@ -673,7 +715,7 @@ def notify(
     cert_dir: Path | None,
     rollout_id: str | None,
     tz_name: str | None,
-    practice: str,
+    practice: str | None,
     contact: str,
     password_source: str,
     include_password: bool,
@@ -718,6 +760,13 @@ def notify(
         )
     # Everything that needs no zone before the leader is asked for one: bad input is a usage
     # error (exit 2) whether the leader is up or not.
+    for option, text in (
+        ("--practice", practice or ""),
+        ("--contact", contact),
+        ("--password-source", password_source),
+    ):
+        if (why := typed_text_problem(text, option)) is not None:
+            raise click.UsageError(why)
     naive_when = when_syntax(when) if when is not None else None
     naive_until = when_syntax(until, "--until") if until is not None else None
     span = parse_duration(duration) if duration is not None else None
@@ -903,11 +952,9 @@ def notify(
     with leader.admin() as admin:
         ca = leader.call(admin.GetCA, admin_pb2.GetCARequest())
     info = NoticeInfo(
-        practice=practice,
+        **typed_words(lang, practice, contact, password_source),
         nodes=notice_nodes,
         ca_pin=ca.spki_pin,
-        password_source=password_source or DEFAULT_SOURCE[lang],
-        contact=contact or ("Ihre Praxis-IT" if lang == "de" else "your practice IT"),
         timing=timing,
         change=the_change.value,
         scope=kind.value if kind is not None else "cluster",
