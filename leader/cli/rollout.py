@@ -766,8 +766,16 @@ def going_back(
         out.print(f"  {name} {REMOVED_SINCE}")
     for line in edited:
         out.print(f"  ! {line}")
-    for line in warnings or ("Every workstation must go back to the old http address afterwards.",):
-        out.print(f"  ! {line}")
+    out.print(
+        "  ! Every workstation of the nodes going back must go back to the old http address "
+        "afterwards."
+    )
+    # The way back's warnings beyond its change's own (``plan_texts``): for some nodes of an
+    # https cluster, that the others stay on https and the cluster is mixed afterwards.
+    own = set(plan_texts(Change.DISABLE_TLS, Strategy.DIRECT, FreezeMode.NODE, False)[2])
+    for line in warnings:
+        if line not in own:
+            out.print(f"  ! {line}")
 
 
 @rollout.command("finalize")
