@@ -27,11 +27,12 @@ from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.layout import Layout
 from leader.node_check import check_nodes
-from leader.plan_texts import edited_config_line, plan_texts
+from leader.plan_texts import edited_config_line, outside_scope_warning, plan_texts
 from leader.planner import not_on_https, too_old
 from leader.rollout_core import (
     NOT_ON_HTTPS,
     Change,
+    NodeRecord,
     NodeState,
     Rollout,
     RolloutState,
@@ -424,6 +425,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     "implements what the change needs (rollout start refuses it): wait for "
                     "its first heartbeat, then plan again"
                 )
+        if outside := await self._outside_scope(rollout, nodes):
+            warnings.append(outside)
         on_http = await self._on_http(
             [r.name for r in nodes if r.state is not NodeState.SKIPPED], rollout
         )
@@ -492,6 +495,26 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"
             )
         return reply
+
+    async def _outside_scope(self, rollout: Rollout, nodes: Sequence[NodeRecord]) -> str:
+        """The plan's warning for the enrolled nodes its scope leaves out (``--scope local``,
+        ``--nodes``, a way back of one rollout's nodes) that stay different from the nodes it
+        changes: the cluster is mixed afterwards, said before the start (``plan``, the
+        prompt, and ``rollout start --yes``; review s69 revlocal H1)."""
+        if rollout.scope.kind is ScopeKind.CLUSTER:
+            return ""
+        enrolled = await asyncio.to_thread(self.state.store.list_nodes)
+        shown = {r.name for r in nodes}
+        outside = {
+            n.name: self.state.live_servers.get(n.name, "")
+            for n in enrolled
+            if n.name not in shown and n.removed_at is None
+        }
+        if not outside:
+            return ""
+        return outside_scope_warning(
+            rollout.change, [r.name for r in nodes], outside, self.leader_node or ""
+        )
 
     async def _on_http(self, names: list[str], rollout: Rollout) -> dict[str, int]:
         """Per node of ``names``: how many workstations its agent saw on http lately and not

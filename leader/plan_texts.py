@@ -7,7 +7,7 @@ retry`` prints the warnings of the retried change as ``rollout start --yes`` pri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from leader.rollout_core import Change, FreezeMode, Strategy
 
@@ -189,3 +189,68 @@ def plan_texts(
     if own_certs and change is Change.ROTATE_CERT:
         steps = OWN_ROTATE_CLIENT_STEPS
     return checks, list(steps), [*warnings, entries]
+
+
+def served_scheme(server: str) -> str:
+    """What a node's server serves by its latest heartbeat (``NodeInfo.server``), as a mixed
+    cluster is judged: "http", "https" (a dual node, http+https, serves https already), or ""
+    (down, needing the admin, restarting, no server, not heard: not known)."""
+    schemes = server.removesuffix(" frozen")
+    if schemes == "http+https":
+        return "https"
+    return schemes if schemes in ("http", "https") else ""
+
+
+def outside_scope_warning(
+    change: Change, in_scope: Sequence[str], outside: Mapping[str, str], leader_node: str = ""
+) -> str:
+    """The warning of a plan whose scope leaves enrolled nodes out (``--scope local``,
+    ``--nodes``), in plain words before the start (the seed: the choice between the local node
+    and the whole multiserver "should be thought through before the switch"): which nodes
+    stay as they are, that the cluster is mixed afterwards, whose workstations are concerned,
+    and how to finish. ``outside``: each enrolled node outside the plan with its server by
+    its latest heartbeat (``NodeInfo.server``). "" where nothing is left different."""
+    from leader.planner import some_names  # noqa: PLC0415 - the CLI imports this module
+
+    def them(names: Sequence[str]) -> str:
+        return f"{some_names(names)} {'stays' if len(names) == 1 else 'stay'}"
+
+    one = len(in_scope) == 1
+    here = some_names(list(in_scope))
+    if leader_node and list(in_scope) == [leader_node]:
+        here = f"{leader_node} (the leader node)"
+    if change is Change.ENABLE_TLS:
+        left = sorted(n for n, s in outside.items() if served_scheme(s) == "http")
+        if not left:
+            return ""
+        rest = ",".join(left)
+        return (
+            f"Only {here} {'switches' if one else 'switch'} to https: {them(left)} "
+            "on http, so the cluster is mixed afterwards (some servers on https, some on "
+            "http). Only the workstations of the servers that switch need the client steps; "
+            f"those of {some_names(left)} keep their http address. To switch the rest later: "
+            f"tlsroll plan --nodes {rest}, then tlsroll rollout start --nodes {rest} (tlsroll "
+            "notify with the same scope tells the staff which servers change)."
+        )
+    if change is Change.DISABLE_TLS:
+        left = sorted(n for n, s in outside.items() if served_scheme(s) == "https")
+        if not left:
+            return ""
+        return (
+            f"Only {here} {'goes' if one else 'go'} back to http: {them(left)} on "
+            "https, so the cluster is mixed afterwards. Only the workstations of the servers "
+            f"that go back need the old http address again; those of {some_names(left)} "
+            "keep theirs."
+        )
+    if change is Change.CHANGE_PASSWORD:
+        left = sorted(n for n, s in outside.items() if served_scheme(s) == "https")
+        if not left:
+            return ""
+        rest = ",".join(left)
+        return (
+            f"Only {here} {'gets' if one else 'get'} the new password: {them(left)} "
+            f"on the password in use now, so a workstation set up at {some_names(left)} "
+            "still needs the old one. To give them the new one too: tlsroll rollout start "
+            f"--change change-password --nodes {rest}."
+        )
+    return ""

@@ -131,9 +131,17 @@ class UnknownNodes(PlanError):
     s47rtin L6); each named as given if it is plain, else escaped and cut (``tlsroll.echo``),
     ten at most."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], *, local: bool = False) -> None:
         said = _some([_as_given(n) for n in names])
-        super().__init__(f"not enrolled: {said} (check the names with `tlsroll nodes`)")
+        if local:  # (the admin named no node: say which one scope local is, and why)
+            super().__init__(
+                f"scope local is the leader node, {said} (node_name in leader.toml), and no "
+                f"enrolled node has that name: enrol its agent first (tlsroll token create "
+                f"--node {said} --address IP --print-join-command), or name the nodes with "
+                "--nodes (see `tlsroll nodes`)"
+            )
+        else:
+            super().__init__(f"not enrolled: {said} (check the names with `tlsroll nodes`)")
         self.names = tuple(names)
 
 
@@ -646,7 +654,7 @@ def plan_rollout(
         names = tuple(dict.fromkeys(scope.names))
     unknown = sorted(name for name in names if name not in enrolled)
     if unknown:
-        raise UnknownNodes(unknown)
+        raise UnknownNodes(unknown, local=scope.kind is ScopeKind.LOCAL)
     if not names:
         raise EmptyScope()
     out = {n: why for n, why in (left_out or {}).items() if n in names}

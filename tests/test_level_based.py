@@ -84,9 +84,24 @@ def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
     a = password_file(tmp_path, "a", "first-password-for-the-practice")
     b = password_file(tmp_path, "b", "another-password-for-the-practice")
 
+    # Before the start, in plain words: node2 and node3 stay on http, the cluster is mixed
+    # afterwards, and how to finish (review s69 revlocal H1: the plan and the start said
+    # nothing of the nodes a local switch leaves out).
+    mixed_after = (
+        "Only node1 (the leader node) switches to https: node2, node3 stay on http, so the "
+        "cluster is mixed afterwards"
+    )
+    finish = "tlsroll plan --nodes node2,node3, then tlsroll rollout start --nodes node2,node3"
+    plan = cluster.cli("plan", "--scope", "local")
+    assert plan.returncode == 0, plan.stderr
+    said = " ".join(plan.stdout.split())
+    assert mixed_after in said and finish in said, plan.stdout
     local = cluster.cli("rollout", "start", "--scope", "local", "--password-file", str(a), "--yes")
     assert local.returncode == 0, local.stderr
-    assert wait_ended(cluster, "the local switch")["state"] == "completed"
+    assert mixed_after in " ".join(local.stdout.split()), local.stdout
+    local_run = wait_ended(cluster, "the local switch")
+    assert local_run["state"] == "completed"
+    local_id = local_run["id"]
     digest_a = live(node1).verifier_digest
     assert digest_a and live(node1).schemes == ["https"]
     pid_before = node1.server_pid()
@@ -128,6 +143,20 @@ def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
         assert view.verifier_digest == digest_a  # one password, A, everywhere
         writes_work(node, "https", cluster.ca_pem)
     assert "mixed" not in cluster.cli("nodes").stdout  # every node on https
+    # The way back of the local rollout alone, asked (not a terminal: nothing started): it
+    # says node2 and node3 stay on https and the cluster is mixed then, not "Every
+    # workstation must go back" (review s69 revlocal L2).
+    cluster_id = r["id"]
+    asked = cluster.cli("rollout", "rollback", local_id, input="y\n")
+    assert asked.returncode == 2, (asked.stdout, asked.stderr)
+    said = " ".join(asked.stdout.split())
+    assert said.startswith("Back to http: node1 ("), said
+    assert (
+        "Only node1 (the leader node) goes back to http: node2, node3 stay on https, so the "
+        "cluster is mixed afterwards." in said
+    ), said
+    assert "Every workstation of the nodes going back must go back" in said
+    assert newest(cluster)["id"] == cluster_id  # nothing started
 
     back = cluster.cli("rollout", "rollback", "--yes")
     assert back.returncode == 0, back.stderr

@@ -181,3 +181,38 @@ def test_a_retry_gives_the_warnings_of_its_change_as_the_plan_does() -> None:
     assert final[:-1] == list(FINALIZE_WARNINGS), final
     assert "--strategy transitional" not in " ".join(final), final
     assert change_warnings(schema_pb2.RolloutView()) == []
+
+
+def test_a_plan_that_leaves_enrolled_nodes_out_says_the_cluster_is_mixed_afterwards() -> None:
+    """Review s69 revlocal H1: the seed says the choice between the local node and the whole
+    multiserver "should be thought through before the switch"; the plan and the prompt of
+    `--scope local` in a cluster of three said nothing of the two nodes it leaves on http. The
+    plan's warning (``PlanRollout`` adds it: plan, prompt, `rollout start --yes`) names them,
+    says the cluster is mixed afterwards, whose workstations are concerned, and how to
+    finish; the way back of some nodes and a change-password of some say theirs."""
+    from leader.plan_texts import outside_scope_warning
+    from leader.rollout_core import Change
+
+    outside = {"node2": "http", "node3": "http frozen", "node4": "https", "node5": "down: x"}
+    said = outside_scope_warning(Change.ENABLE_TLS, ["node1"], outside, "node1")
+    assert said == (
+        "Only node1 (the leader node) switches to https: node2, node3 stay on http, so the "
+        "cluster is mixed afterwards (some servers on https, some on http). Only the "
+        "workstations of the servers that switch need the client steps; those of node2, node3 "
+        "keep their http address. To switch the rest later: tlsroll plan --nodes node2,node3, "
+        "then tlsroll rollout start --nodes node2,node3 (tlsroll notify with the same scope "
+        "tells the staff which servers change)."
+    )
+    named = outside_scope_warning(Change.ENABLE_TLS, ["node1", "node2"], {"node3": "http"})
+    assert named.startswith("Only node1, node2 switch to https: node3 stays on http, so ")
+    # Nothing is left different: no warning (every other node on https already, or unknown).
+    assert outside_scope_warning(Change.ENABLE_TLS, ["node2"], {"n4": "https", "n5": ""}) == ""
+    back = outside_scope_warning(Change.DISABLE_TLS, ["node1"], outside, "node1")
+    assert back.startswith(
+        "Only node1 (the leader node) goes back to http: node4 stays on https, so the cluster "
+        "is mixed afterwards."
+    )
+    password = outside_scope_warning(Change.CHANGE_PASSWORD, ["node1", "node2"], outside)
+    assert "node4 stays on the password in use now" in password
+    assert password.endswith("tlsroll rollout start --change change-password --nodes node4.")
+    assert outside_scope_warning(Change.ROTATE_CERT, ["node1"], outside) == ""

@@ -587,6 +587,22 @@ def test_unknown_names_are_named() -> None:
     assert caught.value.names == ("ghost", "nope")
 
 
+def test_a_local_scope_whose_leader_node_is_not_enrolled_says_what_local_is() -> None:
+    """Review s69 revlocal L1: `--scope local` names no node, yet its refusal was "not
+    enrolled: leader (check the names …)", as if the admin had typed that name. It says that
+    scope local is the leader node (node_name in leader.toml) and how to enrol it or name
+    nodes instead."""
+    with pytest.raises(UnknownNodes) as caught:
+        plan(Scope.local(), {"node1": True, "node2": True})
+    said = str(caught.value)
+    assert said.startswith("scope local is the leader node, leader (node_name in leader.toml)")
+    assert "tlsroll token create --node leader --address IP" in said and "--nodes" in said
+    assert caught.value.names == ("leader",)
+    # A name the admin gave is still refused as before.
+    with pytest.raises(UnknownNodes, match=r"^not enrolled: leader \(check"):
+        plan(Scope.of_nodes(["leader"]), {"node1": True})
+
+
 def test_offline_nodes_in_scope_are_named() -> None:
     with pytest.raises(NodesOffline, match="offline: node3") as caught:
         plan(Scope.cluster())

@@ -2142,6 +2142,12 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
         assert '<tr data-node="c" data-scheme="http">' in others
         assert '<a href="/rollouts/r2">r2</a>' in others
         assert 'data-node="a"' not in others
+        # The cluster is mixed (a, b on https, c on http): said, with how to finish (review
+        # s69 revlocal M1: the page listed the schemes and said neither).
+        (mixed,) = re.findall(r'<p class="mixed" data-nodes="c">.*?</p>', others, re.S)
+        assert "<code>tlsroll plan --nodes c</code>" in mixed
+        assert "<code>tlsroll rollout start --nodes c</code>" in mixed
+        assert ("A mixed cluster: c on http" if lang == "en" else "Gemischter") in mixed
     families = {f.name: f for f in text_string_to_metric_families(metrics.render(whole).decode())}
     gauge = {s.labels["node"]: s.value for s in families["tlsroll_still_on_http"].samples}
     assert gauge == {"a": 2, "b": 0, "c": 1}

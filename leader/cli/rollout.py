@@ -714,6 +714,7 @@ def rollout_rollback(
                 " (each: freeze writes, restore the http config, restart, verify, unfreeze).",
                 planned.rollout.removed_since,
                 planned.edited_configs,
+                planned.warnings,
             )
             ask_first("add --yes to go back without asking", "Go back to http now?", "not started")
         view = leader.call(admin.StartRollout, request)
@@ -726,7 +727,7 @@ def rollout_rollback(
     # removed since the plan is left out too; review rev50f L3).
     removed = list(view.removed_since)
     if yes:  # (the plan was not shown: which nodes go back, and what the workstations must do)
-        going_back(view.nodes, ".", removed)
+        going_back(view.nodes, ".", removed, warnings=planned.warnings)
     elif removed != list(planned.rollout.removed_since):
         for name in removed:
             out.print(f"  {name} {REMOVED_SINCE}")
@@ -739,12 +740,16 @@ def going_back(
     how: str,
     removed: Sequence[str] = (),
     edited: Sequence[str] = (),
+    warnings: Sequence[str] = (),
 ) -> None:
     """Which nodes the way back puts on http (only those: review s45rt1 L1), then each other
     node with why it is not among them ("already on http", "offline: left as is: …"), the
     nodes of the rollout it takes back ``removed`` since, left out (s50retry), and a line for
     each node whose server config was ``edited`` since tlsroll wrote it (the plan's
-    ``edited_configs``: the way back undoes those edits; review rev58a H2)."""
+    ``edited_configs``: the way back undoes those edits; review rev58a H2), then the plan's
+    ``warnings``: whose workstations need the old address, and, for a way back of some nodes
+    of an https cluster, that it is mixed afterwards (review s69 revlocal L2: "Every
+    workstation must go back", said of one node's way back)."""
     skipped = [n for n in nodes if NODE_STATE.text(n.state) == SKIPPED]
     going = ", ".join(n.name for n in nodes if n not in skipped)
     out.print(f"Back to http: {going}{how}")
@@ -761,7 +766,16 @@ def going_back(
         out.print(f"  {name} {REMOVED_SINCE}")
     for line in edited:
         out.print(f"  ! {line}")
-    out.print("  ! Every workstation must go back to the old http address afterwards.")
+    out.print(
+        "  ! Every workstation of the nodes going back must go back to the old http address "
+        "afterwards."
+    )
+    # The way back's warnings beyond its change's own (``plan_texts``): for some nodes of an
+    # https cluster, that the others stay on https and the cluster is mixed afterwards.
+    own = set(plan_texts(Change.DISABLE_TLS, Strategy.DIRECT, FreezeMode.NODE, False)[2])
+    for line in warnings:
+        if line not in own:
+            out.print(f"  ! {line}")
 
 
 @rollout.command("finalize")

@@ -182,6 +182,9 @@ _DE: dict[str, str] = {
     "oder nicht in seinem Umfang), mit dem, was ihr Server laut ihrem letzten Lebenszeichen "
     "bedient.",
     "other_nodes_none": "Jeder angemeldete Knoten ist im gewählten Rollout.",
+    "mixed_cluster": "Gemischter Multiserver: {nodes} noch auf http, die anderen Knoten auf "
+    "https; deren Arbeitsplätze brauchen die neue Adresse erst, wenn auch sie umgestellt sind. "
+    "Den Rest umstellen (am Leader):",
     "server_now": "Server (laut Lebenszeichen)",
     "server_unknown": "unbekannt (kein Lebenszeichen seit dem Start des Leaders)",
     "last_rollout": "Letzter Rollout",
@@ -373,6 +376,9 @@ _EN: dict[str, str] = {
     "other_nodes_hint": "Enrolled nodes outside the selected rollout (enrolled later, or not "
     "in its scope), with what their server serves by their latest heartbeat.",
     "other_nodes_none": "Every enrolled node is in the selected rollout.",
+    "mixed_cluster": "A mixed cluster: {nodes} on http, the other nodes on https; their "
+    "workstations need the new address only once they are switched too. To switch the rest "
+    "(on the leader):",
     "server_now": "Server (by heartbeat)",
     "server_unknown": "unknown (no heartbeat since the leader started)",
     "last_rollout": "Last rollout",

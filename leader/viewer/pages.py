@@ -312,6 +312,7 @@ def _section_shows(key: str, snap: Snapshot) -> Any:
             )
             for n in snap.other_nodes
         ),
+        snap.mixed_on_http,
     )
 
 

@@ -31,6 +31,7 @@ from leader.expiry import (
     within,
 )
 from leader.layout import DEFAULT_WARNING
+from leader.plan_texts import served_scheme
 from leader.rollout_core import NodeRecord, NodeState, cut_off
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import (
@@ -209,6 +210,18 @@ class Snapshot:
         its scope): the page's "other nodes" table, so that every node's state is on it."""
         shown = {n["name"] for n in self.selected["nodes"]} if self.selected is not None else set()
         return tuple(n for n in self.nodes if n.name not in shown)
+
+    @cached_property
+    def mixed_on_http(self) -> tuple[str, ...]:
+        """The enrolled nodes whose servers run http only while others run https (by their
+        heartbeats: ``leader.plan_texts.served_scheme``), as `tlsroll nodes` names a mixed
+        cluster (a local switch, a node enrolled after the switch, one way back); () if the
+        cluster is not mixed (review s69 revlocal M1: the page listed the schemes, but said
+        neither that the cluster is mixed nor how to finish)."""
+        schemes = {n.name: served_scheme(n.server) for n in self.nodes}
+        if "https" not in schemes.values():
+            return ()
+        return tuple(sorted(name for name, scheme in schemes.items() if scheme == "http"))
 
     @cached_property
     def _on_http_counts(self) -> Counter[str]:
