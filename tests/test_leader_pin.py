@@ -371,6 +371,45 @@ async def test_an_epoch_named_by_the_generic_name_of_a_leader_with_a_serial_is_a
         await rig.close()
 
 
+async def test_an_epoch_heard_untrusted_is_refused_once_the_trusted_leader_answered_lower(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 69 (s68's open item 1): ``untrusted_epoch`` only rose. An epoch named on the
+    generic name's link (someone there, or a leader since replaced: a restore on another host
+    while the old process still runs with a certificate the restore did not know of) and never
+    by the leader dialed by its serial kept every command of it answered UNAVAILABLE ("the next
+    heartbeat dials the leader's serial") after that very heartbeat had been answered by the
+    serial with a lower epoch: its sender asked again for ever (a switch or confirm is never
+    given up) where the agent knew the leader it trusts had not announced it. A trusted answer
+    now supersedes what was heard untrusted; an epoch it names is still taken (s68's case)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address, serial_name=True)
+    rig.store.advance_epoch(1, now=rig.clock[0], actor="test")
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    trust.refresh = link.beat  # as the agent's runtime sets it
+    try:
+        await link.beat()  # learns the serial
+        await link.beat()  # and dials it
+        serial = rig.state.leader_serial
+        assert link._dialed == int(serial, 16) and trust.announced_epoch == 1
+        # Heard on the generic name (a beat whose dials by the serial failed): epoch 5.
+        await link._take(leader_pb2.HeartbeatResponse(epoch=5, leader_serial=serial), None)
+        assert (trust.announced_epoch, trust.untrusted_epoch) == (1, 5)
+        with pytest.raises(EpochNotAnnounced):  # asked by the serial: the leader's is 1
+            await trust.admit_epoch(5)
+        assert link._dialed == int(serial, 16) and trust.announced_epoch == 1
+        # Heard untrusted again, then the leader dialed by its serial names it: taken.
+        await link._take(leader_pb2.HeartbeatResponse(epoch=6, leader_serial=serial), None)
+        rig.store.advance_epoch(6, now=rig.clock[0], actor="test")
+        await trust.admit_epoch(6)
+        assert (trust.announced_epoch, trust.untrusted_epoch) == (6, 0)
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
 def reissue(rig: InProcessLeader) -> int:
     """The leader's certificate issued again (a restore, a revocation): a new serial, named in
     it and in the heartbeat answers; the old serial's name is in it no more. Served from the
