@@ -322,6 +322,23 @@ def served_fingerprint(cert_pem: bytes) -> str:
     return "sha256:" + hashlib.sha256(der).hexdigest() if der else ""
 
 
+def withhold(request: leader_pb2.HeartbeatRequest) -> None:
+    """Leave out of a heartbeat on a link the agent does not trust (the generic name's, once a
+    leader named its serial: ``LeaderLink._trusts``) what a holder of a revoked leader key
+    answering there should not learn and what its answer must not settle: the failed bootstrap
+    passwords (their sources and the workstation names claimed; taken as reported on its
+    answer, they never reached the leader: session 69) and who the managed server has seen
+    (``clients``: without it the leader keeps what it has). The rest goes: what the leader
+    records of the node from every message (the server's state, the renewal's: left out, the
+    leader would take it as said; an earlier leader too), and what a leader answering there
+    needs (its serial named, the agent's list and epoch: a restored leader relearns the node).
+    The report stays pending and goes with the next message by the serial."""
+    request.ClearField("bootstrap_failures")
+    request.failures_report = 0
+    if request.HasField("server"):
+        request.server.ClearField("clients")
+
+
 Beats = grpc.aio.StreamStreamCall[leader_pb2.HeartbeatRequest, leader_pb2.HeartbeatResponse]
 # The agent's answer to the leader's planning question (``NodeAgentService.answer_check``).
 Answer = Callable[[leader_pb2.CheckQuestion], Awaitable[leader_pb2.CheckAnswer]]
@@ -1218,7 +1235,9 @@ class LeaderLink:
                 self._crl_wanted = False
             try:
                 # The epoch asked for now (not quiet), or failures the leader must have taken.
-                await self._exchange_by_pin(request, answer=not quiet or bool(report) or bool(held))
+                trusted = await self._exchange_by_pin(
+                    request, answer=not quiet or bool(report) or bool(held)
+                )
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 if held:
                     self._crl_wanted = True  # the next message carries it
@@ -1249,7 +1268,9 @@ class LeaderLink:
                     log.warning("heartbeat.failed", leader=self.target, code=code, detail=detail)
                 self.healthy = False
                 raise TransientError(f"heartbeat to {self.target}: {detail}") from None
-            if self.failures is not None:
+            # Only the leader the agent trusts took them (``_withhold``): a holder of a revoked
+            # leader key answering the generic name dropped them before, unseen by the leader.
+            if self.failures is not None and trusted:
                 self.failures.reported(report)
                 self._report = None
             if self._removed and self._trusts(self._dialed):
@@ -1261,8 +1282,10 @@ class LeaderLink:
                 log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
             self.healthy = True
 
-    async def _exchange_by_pin(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
-        """(Under the lock.) ``_exchange``; one on a channel dialed by the pinned serial that
+    async def _exchange_by_pin(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> bool:
+        """(Under the lock.) ``_exchange``; whether the link it went through is trusted
+        (``_trusts``; on one that is not, ``_withhold``'s part is left out). One on a channel
+        dialed by the pinned serial that
         could not connect (UNAVAILABLE) is made again at once on a channel dialed by it afresh,
         and if that fails too, by the generic name, whose answer names the leader's serial now:
         the next beat dials that (``_learn``, ``_redial``). Could not connect: any of the shapes
@@ -1278,8 +1301,7 @@ class LeaderLink:
         word from the node for an interval more (a restored leader relearns a node's renewed
         certificate from its first heartbeat)."""
         try:
-            await self._exchange(request, answer)
-            return
+            return await self._withholding(request, answer)
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             # Any shape the failure takes (``unreached``): a write that saw the call done
             # before its reader did gave a TimeoutError, and the beat failed (review of s67).
@@ -1288,8 +1310,7 @@ class LeaderLink:
         await self._redial(fresh=True)
         request.sent_at.FromDatetime(self.clock())
         try:
-            await self._exchange(request, answer)
-            return
+            return await self._withholding(request, answer)
         except (grpc.aio.AioRpcError, TimeoutError) as exc:
             if self._dialed is None or not unreached(exc):
                 raise
@@ -1305,7 +1326,17 @@ class LeaderLink:
         self._fallback = True
         await self._redial()
         request.sent_at.FromDatetime(self.clock())
+        return await self._withholding(request, answer)
+
+    async def _withholding(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> bool:
+        """``_exchange`` on the channel as dialed, ``request`` less what only the leader the
+        agent trusts is told (``withhold``) where it does not trust the link (``_trusts``);
+        whether it does."""
+        trusted = self._trusts(self._dialed)
+        if not trusted:
+            withhold(request)
         await self._exchange(request, answer)
+        return trusted
 
     def removed_at_start(self, why: str | None) -> None:
         """What an earlier run of the agent was last told (``BootstrapHost.removed``, from the

@@ -95,8 +95,9 @@ class LeaderTrust:
     crl_pem: bytes = b""
     announced_epoch: int = 0
     # The highest epoch a leader's answer named on a link the agent does not trust (the
-    # generic name's, ``LeaderLink._trusts``): not announced; a command of it is answered
-    # UNAVAILABLE, not refused, so that the leader asks again (``admit_epoch``).
+    # generic name's, ``LeaderLink._trusts``) since the last trusted answer (``announce``
+    # clears it): not announced; a command of it is answered UNAVAILABLE, not refused, so
+    # that the leader asks again (``admit_epoch``).
     untrusted_epoch: int = 0
     refresh: Callable[[], Awaitable[None]] | None = None
     # Who checks a list (``certwork.load_crl``): the agent's crypto worker, from a worker
@@ -241,7 +242,17 @@ class LeaderTrust:
             return self.crl_number, self.crl_pem
 
     def announce(self, epoch: int) -> None:
+        """A trusted answer's epoch (``LeaderLink._take``: the leader dialed by its serial, or
+        one that never named a serial). It supersedes what was heard untrusted: an epoch named
+        only there is refused from now on unless a trusted answer names it or a later
+        untrusted one names it again (the dial by the serial failed again). Kept, it left a
+        command of it answered UNAVAILABLE for ever after the leader dialed by its serial had
+        said a lower epoch, its sender asking again without end (s68's open item 1). No
+        answer of the leader's own made before a rollout began comes after one it made since
+        (the stream dialed by the serial is closed before the generic name is dialed), so a
+        restarted leader's epoch heard by the generic name is not cleared by an older one."""
         self.announced_epoch = max(self.announced_epoch, epoch)
+        self.untrusted_epoch = 0
 
     def heard_untrusted(self, epoch: int) -> None:
         self.untrusted_epoch = max(self.untrusted_epoch, epoch)

@@ -12,6 +12,7 @@ name (a revoked leader certificate passes that handshake) takes only lists and t
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from structlog.testing import capture_logs
 
 from leader.observe import observe
 from nodeagent import leader_link, nodefiles, service
+from nodeagent.failure_log import FailureLog
 from nodeagent.trust import EpochNotAnnounced
 from tests.cluster import Cluster, wait_until
 from tests.leader_rig import InProcessLeader, leader_with_a_node
@@ -39,7 +41,7 @@ from tlsroll import pki, rpc, spiffe
 from tlsroll.defaults import CONTROL_PORT
 from tlsroll.errors import TransientError
 from tlsroll.rpc import hostport
-from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
 
 
 def pinned(node: Node) -> tuple[str, bool] | None:
@@ -365,6 +367,107 @@ async def test_an_epoch_named_by_the_generic_name_of_a_leader_with_a_serial_is_a
             await trust.admit_epoch(6)
         await link._take(leader_pb2.HeartbeatResponse(epoch=5, leader_serial="abc"), 0xABC)
         await trust.admit_epoch(5)  # heard on the pinned link: taken
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_an_epoch_heard_untrusted_is_refused_once_the_trusted_leader_answered_lower(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 69 (s68's open item 1): ``untrusted_epoch`` only rose. An epoch named on the
+    generic name's link (someone there, or a leader since replaced: a restore on another host
+    while the old process still runs with a certificate the restore did not know of) and never
+    by the leader dialed by its serial kept every command of it answered UNAVAILABLE ("the next
+    heartbeat dials the leader's serial") after that very heartbeat had been answered by the
+    serial with a lower epoch: its sender asked again for ever (a switch or confirm is never
+    given up) where the agent knew the leader it trusts had not announced it. A trusted answer
+    now supersedes what was heard untrusted; an epoch it names is still taken (s68's case)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address, serial_name=True)
+    rig.store.advance_epoch(1, now=rig.clock[0], actor="test")
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    trust.refresh = link.beat  # as the agent's runtime sets it
+    try:
+        await link.beat()  # learns the serial
+        await link.beat()  # and dials it
+        serial = rig.state.leader_serial
+        assert link._dialed == int(serial, 16) and trust.announced_epoch == 1
+        # Heard on the generic name (a beat whose dials by the serial failed): epoch 5.
+        await link._take(leader_pb2.HeartbeatResponse(epoch=5, leader_serial=serial), None)
+        assert (trust.announced_epoch, trust.untrusted_epoch) == (1, 5)
+        with pytest.raises(EpochNotAnnounced):  # asked by the serial: the leader's is 1
+            await trust.admit_epoch(5)
+        assert link._dialed == int(serial, 16) and trust.announced_epoch == 1
+        # Heard untrusted again, then the leader dialed by its serial names it: taken.
+        await link._take(leader_pb2.HeartbeatResponse(epoch=6, leader_serial=serial), None)
+        rig.store.advance_epoch(6, now=rig.clock[0], actor="test")
+        await trust.admit_epoch(6)
+        assert (trust.announced_epoch, trust.untrusted_epoch) == (6, 0)
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_a_generic_link_is_told_no_failed_password_and_cannot_settle_them(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 69 (s68's open item 3): a heartbeat by the generic name (the dials by the serial
+    failed; a holder of a revoked leader key may be answering) carried the failed bootstrap
+    passwords (sources, workstation names) and who the managed server had seen, and its answer
+    took the failures as reported: the leader never heard of someone guessing the password.
+    Now they are left out there and stay pending: the next message, by the serial the answer
+    named, carries them, and the leader counts them once."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address, serial_name=True)
+    await rig.server.start()
+    link, _trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    failures = link.failures = FailureLog()
+    now = dt.datetime.now(dt.UTC)
+    for _ in range(3):
+        failures.record("192.0.2.7", "ws-guess", now)
+    seen = types_pb2.ClientSeen(scheme="http", address="192.0.2.9", workstation="ws-a")
+
+    async def view() -> agent_pb2.ServerView:
+        return agent_pb2.ServerView(
+            driver="reference",
+            healthy=True,
+            schemes=["http"],
+            clients=types_pb2.ClientsView(clients=[seen], window_seconds=3600),
+        )
+
+    link.server_view = view
+    sent: list[tuple[int | None, leader_pb2.HeartbeatRequest]] = []
+    real = link._exchange
+
+    async def exchange(request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
+        copy = leader_pb2.HeartbeatRequest()
+        copy.CopyFrom(request)
+        sent.append((link._dialed, copy))
+        await real(request, answer)
+
+    monkeypatch.setattr(link, "_exchange", exchange)
+    try:
+        link.pin, link.announces = 0xABC, True  # a serial the leader does not serve
+        await link.beat()  # by 0xabc twice (refused), then by the generic name
+        assert [dialed for dialed, _ in sent] == [0xABC, 0xABC, None]
+        generic = sent[-1][1]
+        assert not generic.bootstrap_failures and generic.failures_report == 0
+        assert not generic.server.HasField("clients") and generic.server.driver == "reference"
+        assert sum(f.count for f in failures.pending()) == 3  # not settled there
+        assert rig.service.schema.bootstrap_failures() == []
+        serial = int(rig.state.leader_serial, 16)
+        assert link.pin == serial  # named there
+        await link.beat()  # by the serial: told
+        dialed, pinned = sent[-1]
+        assert dialed == serial and [f.count for f in pinned.bootstrap_failures] == [3]
+        assert list(pinned.server.clients.clients) == [seen]
+        assert failures.pending() == []
+        counts = {r.source: r.count for r in rig.service.schema.bootstrap_failures()}
+        assert counts == {"192.0.2.7": 3}
     finally:
         await link.close()
         journal.close()
