@@ -66,6 +66,10 @@ def obtain_password(
 
     if password_file is not None:
         secret = read_password_file(password_file)
+        from tlsroll import password  # noqa: PLC0415 - see read_password_file
+
+        if (why := password.unfolded_problem(secret)) is not None:
+            raise click.BadParameter(f"the password {why}", param_hint="--password-file")
         if (why := password_policy.problem(secret)) is not None:
             raise click.BadParameter(f"{why}; {or_else}", param_hint="--password-file")
         return secret
