@@ -141,7 +141,7 @@ def test_generated_passwords() -> None:
     group = f"[{password.ALPHABET}]{{4}}"
     for pw in seen:
         assert re.fullmatch(rf"{group}(-{group}){{5}}", pw), pw
-    # Nothing that reads or sounds like another character.
+    # None of the worst look-alikes (0/o, 1/l/i); others remain (the ALPHABET comment).
     assert not set("01ilo") & set(password.ALPHABET)
     assert len(set(password.ALPHABET)) == len(password.ALPHABET) == 31
     # Every symbol shows up: the draw is over the whole alphabet.

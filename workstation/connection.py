@@ -949,14 +949,14 @@ class TestConnection:
             secret = o.password if o.password is not None else self.ui.ask_password()
             if not secret:
                 raise ClientError(Exit.USAGE, "no password given")
-            # A generated password typed in capitals, or with spaces or nothing between its
-            # groups, in its form (review s69 revpass L2); `password set` takes none of that
-            # shape in another form, so this never makes a right password wrong.
-            secret = folded(secret)
             # The file's rule for a typed or pasted one too: sent, it would count as a wrong
             # guess, and no password may be so (audit s39ws M4).
             if (why := password_problem(secret)) is not None:
                 raise ClientError(Exit.USAGE, f"the password entered {why}; nothing was sent")
+            # A generated password typed in capitals, or with spaces or nothing between its
+            # groups, in its form (review s69 revpass L2); `password set` takes none of that
+            # shape in another form, so this never makes a right password wrong.
+            secret = folded(secret)
         node, node_url = hello.node, hello.server_url
         cert = key = None
         kept: Path | None = None  # where the new pair is kept aside (``keep_new_pair``)
