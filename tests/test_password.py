@@ -141,7 +141,7 @@ def test_generated_passwords() -> None:
     group = f"[{password.ALPHABET}]{{4}}"
     for pw in seen:
         assert re.fullmatch(rf"{group}(-{group}){{5}}", pw), pw
-    # Nothing that reads or sounds like another character.
+    # None of the worst look-alikes (0/o, 1/l/i); others remain (the ALPHABET comment).
     assert not set("01ilo") & set(password.ALPHABET)
     assert len(set(password.ALPHABET)) == len(password.ALPHABET) == 31
     # Every symbol shows up: the draw is over the whole alphabet.
@@ -414,3 +414,53 @@ def test_a_staged_password_says_the_change_password_rollout_applies_it() -> None
         assert "next restart" not in text and "nach Neustart" not in text, text
     assert "which restarts the server" in draw.PENDING
     assert "startet den Server neu" in TEXTS["de"]["password_pending"]
+
+
+# --- a generated password as people type it (review s69 revpass L2) ----------------------------
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d",
+        "KD7Q-X2MF-9VHC-3PTW-A8KE-RN5D",  # Caps Lock
+        "Kd7q-X2mf-9vhc-3ptw-A8ke-rn5d",
+        "kd7q x2mf 9vhc 3ptw a8ke rn5d",  # spaces for hyphens
+        "kd7qx2mf9vhc3ptwa8kern5d",  # no separators
+        " kd7q - x2mf-9vhc-3ptw-a8ke-rn5d ",
+        "kd7qx-2mf9vhc3ptw-a8kern5d",  # hyphens elsewhere
+    ],
+)
+def test_a_generated_password_typed_otherwise_is_folded_to_its_form(typed: str) -> None:
+    assert password.folded(typed) == "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d"
+    assert password.generated_form(typed) == "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d"
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "kd7q-x2mf-9vhc-3ptw-a8ke-rn5",  # 23 characters
+        "kd7q-x2mf-9vhc-3ptw-a8ke-rn5dd",  # 25
+        "kd7q-x2mf-9vhc-3ptw-a8ke-rn5o",  # o is not in the alphabet
+        "kd7q-x2mf-9vhc-3ptw-a8ke-rn51",
+        "kd7q_x2mf_9vhc_3ptw_a8ke_rn5d",  # another separator: as it is
+        "kd7q-x2mf-9vhc-3ptw-a8ke-rn5\u212a",  # the Kelvin sign lowers to k: not folded
+        "first-password-kd7q-x2mf",
+        "correct horse battery staple",
+    ],
+)
+def test_anything_else_is_left_as_it_is(typed: str) -> None:
+    assert password.folded(typed) == typed
+    assert password.generated_form(typed) is None
+
+
+def test_a_chosen_password_of_the_generated_shape_must_be_in_its_form() -> None:
+    """Folding can never make a right password wrong: `password set` takes one of the shape
+    only as folding leaves it."""
+    assert password.unfolded_problem("kd7q-x2mf-9vhc-3ptw-a8ke-rn5d") is None
+    assert password.unfolded_problem("correct horse battery staple") is None
+    assert password.unfolded_problem(generate_password()) is None
+    for written in ("KD7Q-X2MF-9VHC-3PTW-A8KE-RN5D", "kd7qx2mf9vhc3ptwa8kern5d"):
+        why = password.unfolded_problem(written)
+        assert why is not None and "shape of a generated password" in why
+        assert written not in why and written.lower() not in why

@@ -81,3 +81,37 @@ def test_the_admin_cli_refuses_a_weak_password_file(
     assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
     assert "--password-file" in err and "too easy to guess" in err and instead in err
     assert "hunter2hunter2" not in err
+
+
+# A password of the generated shape written otherwise (review s69 revpass L2): a workstation
+# folds such input (case, separators) to the generated form before the exchange, so a chosen
+# one of that shape must already be in that form, or folding would make it a wrong password.
+CANONICAL = "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d"
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["KD7Q-X2MF-9VHC-3PTW-A8KE-RN5D", "kd7q x2mf 9vhc 3ptw a8ke rn5d", "kd7qx2mf9vhc3ptwa8kern5d"],
+)
+@pytest.mark.parametrize(
+    "args", [["password", "set"], ["rollout", "start", "--scope", "cluster", "--yes"]]
+)
+def test_the_admin_cli_refuses_a_generated_shape_not_written_as_generated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], secret: str, args: list[str]
+) -> None:
+    """Exit 2 and one line before anything is contacted, never the password; the canonical
+    form passes these checks (and then finds no leader: exit 3 or 4, not 2)."""
+    path = tmp_path / "pw"
+    path.touch(0o600)
+    path.write_text(secret + "\n")
+    socket = tmp_path / "no-leader.sock"
+    code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
+    assert "--password-file" in err and "shape of a generated password" in err, err
+    assert "lower case" in err and secret not in err and CANONICAL not in err
+    path.write_text(CANONICAL + "\n")
+    code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code != 2 and "no admin socket" in err, err

@@ -947,6 +947,39 @@ async def test_a_typed_password_with_white_space_around_it_is_refused_unsent(
     assert "restart the client to finish" in screen and PASSWORD not in screen
 
 
+async def test_a_generated_password_typed_in_capitals_or_without_hyphens_enrols(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    tmp_path: Path,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Review s69 revpass L2: a generated password (lower case, groups joined by "-") typed
+    with Caps Lock on, or with spaces or nothing between the groups, was a wrong password,
+    counted toward the node's backoff and daily limit. Such input is folded to the generated
+    form at the prompt and from --password-file; the password is never shown."""
+    assert PASSWORD.lower() == PASSWORD and PASSWORD.count("-") == 5
+    node = nodes["tls"]
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--settings-dir", str(tmp_path / "typed"), "--name", "typed"]
+    async with bootstrap_on(node, test_ca):
+        code, screen = await asyncio.to_thread(on_terminal, argv, PASSWORD.upper())
+        assert code == 0, screen
+        assert "restart the client to finish" in screen
+        assert PASSWORD not in screen and PASSWORD.upper() not in screen
+        spaced = password_file(PASSWORD.replace("-", " ").upper())
+        more = ["--settings-dir", str(tmp_path / "spaced"), "--name", "spaced"]
+        run = await run_cli(node.url, "--password-file", spaced, "--yes", *more)
+        assert run.code == 0, run.out + run.err
+        bare = password_file(PASSWORD.replace("-", ""))
+        more = ["--settings-dir", str(tmp_path / "bare"), "--name", "bare"]
+        run = await run_cli(node.url, "--password-file", bare, "--yes", *more)
+        assert run.code == 0, run.out + run.err
+    events = [e["event"] for e in logs]
+    assert "bootstrap.password_refused" not in events
+
+
 async def test_a_typed_password_that_is_not_utf8_is_refused_unsent(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,

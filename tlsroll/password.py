@@ -9,7 +9,11 @@ with ``hash = scrypt(NFC(password) as UTF-8, salt, n, r, p, dklen=len(hash))``. 
 random bytes, the hash 32 bytes. ``check_password`` recomputes and compares in constant time.
 
 Generated passwords are meant to be read aloud and typed at a workstation: 6 groups of 4
-characters from a 31-character alphabet without look-alikes, e.g. ``kd7q-x2mf-9vhc-3ptw-…``.
+characters from a 31-character alphabet without the worst look-alikes (no 0/o, 1/l/i), e.g.
+``kd7q-x2mf-9vhc-3ptw-…``. Some characters still look or sound alike (``ALPHABET``): read it out
+with a spelling alphabet. A workstation takes it typed in capitals, or with spaces or nothing
+between the groups (``folded``); a chosen password of that shape must therefore be written in
+the generated form (``unfolded_problem``), so that folding never makes a right one wrong.
 Entropy: each character is drawn uniformly and independently (``secrets.choice``) from 31
 symbols, so the password carries 24 * log2(31) = 24 * 4.954 = 118.9 bits (the hyphens are fixed
 and add nothing). That is above the 100 bits we ask for; 21 characters would be the minimum
@@ -92,7 +96,11 @@ MAX_FILE_BYTES = 4096
 # the leader), so running it again costs nothing.
 PIPE_WAIT = 30.0
 
-# No 0/o, 1/l/i: nothing that reads or sounds like another character.
+# No 0/o and 1/l/i, the characters most often mistaken for one another. Not free of all
+# look-alikes: in some hands or fonts 2/z, 5/s, 9/g/q and u/v are close, and read aloud b/d/p/t
+# (and e, g, v, 3 in English), m/n and f/s sound alike: spell it out with a spelling alphabet
+# ("Kaufmann, Dora, sieben, Quelle"). Kept as it is: the entropy figure and the password's
+# shape (``tlsroll.echo``) rest on it.
 ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
 GROUPS = 6
 GROUP_LEN = 4
@@ -280,6 +288,43 @@ def generate_password() -> str:
     """A new random password, e.g. ``kd7q-x2mf-9vhc-3ptw-a8ke-rn5d`` (118.9 bits)."""
     return "-".join(
         "".join(secrets.choice(ALPHABET) for _ in range(GROUP_LEN)) for _ in range(GROUPS)
+    )
+
+
+def generated_form(text: str) -> str | None:
+    """``text`` in a generated password's form, if it has that shape when case and separators
+    are ignored (24 characters of ``ALPHABET`` once every "-" and white space is dropped and
+    capitals are lowered: Caps Lock, spaces for hyphens, no hyphens, hyphens elsewhere); None
+    if it has not (review s69 revpass L2)."""
+    bare = "".join(c for c in text if c != "-" and not c.isspace())
+    # ASCII first: ``lower`` makes "k" of the Kelvin sign, "i̇" (two characters) of "İ".
+    if not bare.isascii() or len(bare) != GROUPS * GROUP_LEN:
+        return None
+    bare = bare.lower()
+    if any(c not in ALPHABET for c in bare):
+        return None
+    return "-".join(bare[i : i + GROUP_LEN] for i in range(0, len(bare), GROUP_LEN))
+
+
+def folded(text: str) -> str:
+    """What a workstation sends for a typed (or --password-file) password ``text``: its
+    generated form (``generated_form``) if it has that shape, else ``text`` as it is. A wrong
+    guess costs the PC backoff and counts toward the node's daily limit; a generated password
+    typed in capitals or without hyphens is no guess."""
+    return generated_form(text) or text
+
+
+def unfolded_problem(text: str) -> str | None:
+    """Why an admin-chosen password ``text`` cannot be set: it has a generated password's shape
+    but is not written in that form, which a workstation would fold it to (``folded``), making
+    it wrong at every PC. As the end of a sentence about it, never naming it; None if fine."""
+    form = generated_form(text)
+    if form is None or form == text:
+        return None
+    return (
+        "has the shape of a generated password (24 characters of 2-9 and a-z but i, l, o) "
+        "but is not written as one: workstations fold such input to lower case with a hyphen "
+        "after every 4 characters, so write it that way in the file"
     )
 
 

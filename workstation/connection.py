@@ -158,7 +158,7 @@ from tlsroll.fsutil import (
     private_dir_problem,
     user_label,
 )
-from tlsroll.password import password_problem
+from tlsroll.password import folded, password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
@@ -953,6 +953,10 @@ class TestConnection:
             # guess, and no password may be so (audit s39ws M4).
             if (why := password_problem(secret)) is not None:
                 raise ClientError(Exit.USAGE, f"the password entered {why}; nothing was sent")
+            # A generated password typed in capitals, or with spaces or nothing between its
+            # groups, in its form (review s69 revpass L2); `password set` takes none of that
+            # shape in another form, so this never makes a right password wrong.
+            secret = folded(secret)
         node, node_url = hello.node, hello.server_url
         cert = key = None
         kept: Path | None = None  # where the new pair is kept aside (``keep_new_pair``)

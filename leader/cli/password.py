@@ -66,6 +66,13 @@ def obtain_password(
 
     if password_file is not None:
         secret = read_password_file(password_file)
+        from tlsroll import password  # noqa: PLC0415 - see read_password_file
+
+        if (why := password.unfolded_problem(secret)) is not None:
+            raise click.BadParameter(f"the password {why}", param_hint="--password-file")
+        # No ``user_words``: the file is judged before the leader is asked (a weak one fails
+        # with no leader at all), and the CLI knows no practice or cluster name; the node names
+        # come only from the leader (review s69 revpass L4, left).
         if (why := password_policy.problem(secret)) is not None:
             raise click.BadParameter(f"{why}; {or_else}", param_hint="--password-file")
         return secret
