@@ -623,12 +623,15 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such transaction")
         current = self.txns[key]
         yield current
+        wanted = set(request.phases)  # as a real agent: other pending states passed over
         while current.outcome == agent_pb2.TRANSACTION_OUTCOME_PENDING:
             sent = current
             async with self.changed:
                 await self.changed.wait_for(lambda: self.txns[key] is not sent)  # noqa: B023
                 current = self.txns[key]
-            yield current
+            pending = current.outcome == agent_pb2.TRANSACTION_OUTCOME_PENDING
+            if not wanted or not pending or current.phase in wanted:
+                yield current
 
     async def Freeze(
         self, request: agent_pb2.FreezeRequest, context: Any

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import NO_DEBUG
+from leader.agent_client import WATCHED_PHASES
 from tests.nodeside import RPC_TIMEOUT, Node, cluster_of
 from tlsroll.enums import Change, TxnKind
 from tlsroll.v1 import agent_pb2
@@ -90,6 +91,7 @@ class Switched:
     cpu_ms: float  # the agent's CPU time (its threads; the new server is another process)
     steps: dict[str, float]  # ms from the journal: the phase -> since the phase before
     added: float  # ms: the freeze window less the server's restart (what the agent adds to it)
+    messages: int  # the states the stream brought
 
 
 def switch(node: Node, rid: str, trace: Path | None) -> Switched:
@@ -101,6 +103,7 @@ def switch(node: Node, rid: str, trace: Path | None) -> Switched:
     request = agent_pb2.GetTransactionRequest(
         rollout_id=rid,
         kind=TXN_KIND.wire(TxnKind.SWITCH),
+        phases=WATCHED_PHASES,  # the states the leader asks for
         switch=agent_pb2.SwitchRequest(
             command=node.command(rid), change=CHANGE.wire(Change.ENABLE_TLS)
         ),
@@ -139,7 +142,7 @@ def switch(node: Node, rid: str, trace: Path | None) -> Switched:
     added = (window.total_seconds() - row["restart_seconds"]) * 1000
     node.rollback(rid)
     node.wait_txn(rid, "rollback")
-    return Switched(calls, after - before, (ran_after - ran) / 1e6, steps, added)
+    return Switched(calls, after - before, (ran_after - ran) / 1e6, steps, added, len(states))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                         "switches": plain.switches,
                         "cpu": plain.cpu_ms,
                         "added": plain.added,
+                        "messages": plain.messages,
                     }
                 )
                 for step, ms in plain.steps.items():
@@ -176,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     med = {
         k: statistics.median(r[k] for r in rows)
-        for k in ("durable", "renames", "all", "switches", "cpu", "added")
+        for k in ("durable", "renames", "all", "switches", "cpu", "added", "messages")
     }
     print(f"one switch, agent + its server ({len(rows)} switches each way, median):")
     print(f"  fsync+fdatasync: {med['durable']:.0f}   renames: {med['renames']:.0f}")
     print(f"  system calls in all: {med['all']:.0f} (the new server's start-up included)")
+    print(f"  the stream's messages: {med['messages']:.0f} (the states the leader is sent)")
     print(f"  the agent's context switches: {med['switches']:.0f} (its threads, not under strace)")
     print(f"  the agent's CPU: {med['cpu']:.1f} ms (its threads, not under strace)")
     print(

@@ -97,6 +97,25 @@ FAILED_STATES = frozenset(
 STREAM_SECONDS = 15.0
 STREAM_ATTEMPTS = 3  # streams in a row that bring nothing before it is a TransientError
 POLL_SECONDS = 0.3  # only for an agent without WatchTransaction (UNIMPLEMENTED)
+# WatchTransaction's ``phases``: the states the leader acts on (``leader.changes``'s
+# ``wait_transaction``): the begun one, the config written (the restart begins: the next
+# node's preflight may go), the verified one (the confirm's outside check begins) and every
+# state of a way back. A switch's frozen and restarted states are not streamed (two of its six
+# messages, the restarted one inside the freeze window): the next state sent carries what
+# they said (the freeze's start, the restart's length); the first state of a stream and every
+# outcome come whatever their phase. An agent of an earlier release sends every state.
+WATCHED_PHASES = (
+    agent_pb2.TRANSACTION_PHASE_STARTED,
+    agent_pb2.TRANSACTION_PHASE_CONFIG_WRITTEN,
+    agent_pb2.TRANSACTION_PHASE_VERIFIED,
+    agent_pb2.TRANSACTION_PHASE_COMPLETED,
+    agent_pb2.TRANSACTION_PHASE_ROLLING_BACK,
+    agent_pb2.TRANSACTION_PHASE_RESTORED,
+    agent_pb2.TRANSACTION_PHASE_RB_RESTARTED,
+    agent_pb2.TRANSACTION_PHASE_RB_VERIFIED,
+    agent_pb2.TRANSACTION_PHASE_ROLLED_BACK,
+    agent_pb2.TRANSACTION_PHASE_FAILED,
+)
 MAX_VERSION = 64  # characters of a version an agent says (as ``leader.service`` keeps one)
 Method = Callable[["agent_pb2_grpc.NodeAgentAsyncStub"], Callable[..., Awaitable[T]]]
 RECONNECT_SECONDS = 2.0
@@ -658,7 +677,9 @@ class AgentClient:
         L-2); asked first, as a restarted agent that cannot reach the leader refuses every
         command (it cannot ask for the command's epoch) but answers GetTransaction."""
         watch = agent_pb2.GetTransactionRequest(
-            rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
+            rollout_id=request.command.rollout_id,
+            kind=agent_pb2.TRANSACTION_KIND_SWITCH,
+            phases=WATCHED_PHASES,
         )
         begin = agent_pb2.GetTransactionRequest()
         begin.CopyFrom(watch)

@@ -37,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from leader import byo
-from leader.agent_client import AgentApi, NotHeardYet, NotSent, StepFailed, SwitchRefused
+from leader.agent_client import (
+    WATCHED_PHASES,
+    AgentApi,
+    NotHeardYet,
+    NotSent,
+    StepFailed,
+    SwitchRefused,
+)
 from leader.planner import confirm_success
 from leader.rollout_core import (
     CHANGES,
@@ -869,7 +876,9 @@ async def wait_transaction(
     (``unfreeze_keeps_answers``). The reason is the agent's text, cleaned here once for all
     who put it in the node's reason (``peertext.clean``: no control characters, at most
     ``REASON_LIMIT``; review of s60a L4)."""
-    request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
+    request = agent_pb2.GetTransactionRequest(
+        rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind), phases=WATCHED_PHASES
+    )
     recorded: dict[str, Any] | None = None
     unreadable: WireError | None = None  # the last state's outcome, if this leader cannot read it
     states = (

@@ -1606,8 +1606,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             if (request.rollout_id, kind) != (request.switch.command.rollout_id, TxnKind.SWITCH):
                 raise invalid("switch: rollout_id must be the command's and kind switch")
             begun = await self._switch(request.switch, context)
+        wanted = frozenset(request.phases)  # (empty: every state)
         try:
-            async for message in self._follow(request.rollout_id, kind, begun):
+            async for message in self._follow(request.rollout_id, kind, begun, wanted):
                 yield message
         except grpc.aio.AbortError:
             raise
@@ -1622,10 +1623,14 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             ) from exc
 
     async def _follow(
-        self, rollout_id: str, kind: TxnKind, begun: Txn | None
+        self, rollout_id: str, kind: TxnKind, begun: Txn | None, wanted: frozenset[int]
     ) -> AsyncIterator[agent_pb2.Transaction]:
         """WatchTransaction's messages: ``begun`` (the switch just begun) at once, with no
-        read in between, then the journal's record each time the runner changes it."""
+        read in between, then the journal's record each time the runner changes it. With
+        ``wanted`` (the request's ``phases``) a pending state of another phase is passed over,
+        unless it is the stream's first: each state holds the record so far, so the next one
+        sent says what it said (a switch's restarted state, which the leader does not use, is
+        one message fewer inside the freeze window)."""
         sent: Txn | None = None
         if begun is not None:
             yield txn_message(begun, self.driver)
@@ -1642,7 +1647,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             if txn is None:
                 raise not_found(f"no {kind.value} transaction for rollout {rollout_id!r}")
             if txn != sent:
-                yield txn_message(txn, self.driver)
+                if (
+                    sent is None
+                    or not wanted
+                    or txn.finished
+                    or TXN_PHASE.wire(txn.phase) in wanted
+                ):
+                    yield txn_message(txn, self.driver)
                 sent = txn
             if txn.finished or changed is None:
                 return

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from leader.agent_client import AgentClient
+from leader.agent_client import WATCHED_PHASES, AgentClient
 from leader.store import _node
 from nodeagent import drivers
 from nodeagent.transaction import CRASH_ENV
@@ -23,10 +23,10 @@ from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
 from tlsroll import pki, spiffe
-from tlsroll.enums import TxnKind
+from tlsroll.enums import Change, TxnKind
 from tlsroll.rpc import hostport
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
-from tlsroll.wire import TXN_KIND
+from tlsroll.wire import CHANGE, TXN_KIND
 
 FORWARD = ["started", "frozen", "config_written", "restarted", "verified", "completed"]
 
@@ -88,6 +88,51 @@ def test_a_switch_is_streamed_step_by_step_and_the_stream_ends_with_it(
     with pytest.raises(grpc.RpcError) as info:
         watch(node, "r-nothing")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_switch_streams_only_the_states_the_leader_asks_for(make_node: NodeFactory) -> None:
+    """Issue 15 (session 69): the leader acts on a switch's begun, config-written and
+    verified states and its outcome; the frozen and restarted ones (two of six messages, the
+    restarted one inside the freeze window) were streamed for nothing. Asked for its phases
+    (``GetTransactionRequest.phases``, as the leader asks: the switch begun by the same call),
+    a real agent passes them over; the states it sends carry what they said."""
+    node = make_node()
+    node.preflight("r-phases")
+    node.stage("r-phases")
+    request = agent_pb2.GetTransactionRequest(
+        rollout_id="r-phases",
+        kind=agent_pb2.TRANSACTION_KIND_SWITCH,
+        phases=WATCHED_PHASES,
+        switch=agent_pb2.SwitchRequest(
+            command=node.command("r-phases"), change=CHANGE.wire(Change.ENABLE_TLS)
+        ),
+    )
+    with node.stub() as stub:
+        messages = list(stub.WatchTransaction(request, timeout=60))
+    phases = phase_names(messages)
+    assert phases[0] == "started" and phases[-1] == "completed", phases
+    assert not {"frozen", "restarted"} & set(phases), phases
+    assert set(phases) <= {"started", "config_written", "verified", "completed"}, phases
+    last = messages[-1]
+    assert last.outcome == agent_pb2.TRANSACTION_OUTCOME_COMPLETED
+    assert last.HasField("freeze_started_at") and last.HasField("freeze_ended_at")
+    assert last.restart_seconds > 0
+    # Every message after the first that is pending carries the freeze's start: the frozen
+    # state's news, which the leader shows, is in the next state sent.
+    assert all(m.HasField("freeze_started_at") for m in messages[1:]), messages
+    # A stream opened on a finished switch: its one state, whatever the phases asked.
+    with node.stub() as stub:
+        again = list(
+            stub.WatchTransaction(
+                agent_pb2.GetTransactionRequest(
+                    rollout_id="r-phases",
+                    kind=agent_pb2.TRANSACTION_KIND_SWITCH,
+                    phases=[agent_pb2.TRANSACTION_PHASE_VERIFIED],
+                ),
+                timeout=60,
+            )
+        )
+    assert phase_names(again) == ["completed"]
 
 
 def test_the_leader_gets_the_outcome_through_a_broken_stream(tmp_path: Path) -> None:

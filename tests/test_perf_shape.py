@@ -2563,3 +2563,39 @@ def test_the_cut_off_nodes_are_looked_for_again_only_once_a_revocation_or_remova
         assert store.cut_off_kept() is None and store.cut_off_nodes() == frozenset()
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("merged", [True, False])
+async def test_the_leader_asks_a_switch_s_watch_only_for_the_states_it_acts_on(
+    loopback: Callable[[], str], merged: bool
+) -> None:
+    """Issue 15 (session 69): a switch's stream brought six states, two of them (frozen and
+    restarted, the latter inside the freeze window) for nothing: the leader acts on the begun
+    one, the config written (the restart begins), the verified one and the outcome, and the
+    next state sent carries what the two said. The leader's watch asks for its phases
+    (``GetTransactionRequest.phases``; a real agent's answer: ``tests/test_event_driven.py``),
+    in one call or as to an agent of the release before (Switch, then the watch), and every
+    state of a way back; what ``wait_transaction`` acts on is among them."""
+    from leader import changes
+    from tests.test_agent_calls import Agent, switch_calls
+
+    asked: list[frozenset[int]] = []
+
+    class Asked(Agent):
+        async def WatchTransaction(self, request: Any, context: Any) -> Any:
+            asked.append(frozenset(request.phases))
+            async for txn in super().WatchTransaction(request, context):
+                yield txn
+
+    await switch_calls(loopback(), Asked(merged=merged))  # type: ignore[abstract]
+    assert asked and len(set(asked)) == 1, asked
+    (phases,) = set(asked)
+    assert agent_pb2.TRANSACTION_PHASE_FROZEN not in phases
+    assert agent_pb2.TRANSACTION_PHASE_RESTARTED not in phases
+    # What the leader acts on: the restart begun (not before the restart), the verify (the
+    # confirm's early check), every phase of a way back.
+    acted_on = {agent_pb2.TRANSACTION_PHASE_VERIFIED}
+    every = set(agent_pb2.TransactionPhase.values()) - {0}
+    acted_on |= every - changes._BEFORE_RESTART - {agent_pb2.TRANSACTION_PHASE_RESTARTED}
+    acted_on |= {agent_pb2.TRANSACTION_PHASE_STARTED}
+    assert phases == acted_on, sorted(phases)

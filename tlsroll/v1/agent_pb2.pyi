@@ -727,6 +727,7 @@ class GetTransactionRequest(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     SWITCH_FIELD_NUMBER: _builtins.int
+    PHASES_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     """Required."""
@@ -740,16 +741,26 @@ class GetTransactionRequest(_message.Message):
         Switch and watches.
         """
 
+    @_builtins.property
+    def phases(self) -> _containers.RepeatedScalarFieldContainer[Global___TransactionPhase.ValueType]:
+        """WatchTransaction only: the phases whose states the leader wants streamed; empty: every
+        state. The first state a stream sends (the current one) and a state whose outcome is not
+        PENDING are sent whatever their phase; a state of another phase is passed over (each
+        state carries the whole record so far, so the next one sent holds what it said). An
+        agent of an earlier release ignores it and sends every state.
+        """
+
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
         kind: Global___TransactionKind.ValueType = ...,
         switch: Global___SwitchRequest | None = ...,
+        phases: _abc.Iterable[Global___TransactionPhase.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["switch", b"switch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "rollout_id", b"rollout_id", "switch", b"switch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "phases", b"phases", "rollout_id", b"rollout_id", "switch", b"switch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
