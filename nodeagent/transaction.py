@@ -946,6 +946,9 @@ class Runner:
         else:
             return ""  # the source still loaded (the target not restarted), or verified
         where = f"the journal says {txn.phase} and the server does not prove it runs the {which}"
+        with contextlib.suppress(Exception):
+            if not (await self.driver.status()).get("frozen"):
+                return ""  # no freeze to keep (lifted before: writes are taken as it is)
         try:
             if config is not None and await dbthread.run(self.driver.read_config) != config:
                 return f"{where}: its config file is not the {which}"
