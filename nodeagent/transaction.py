@@ -676,6 +676,7 @@ class Runner:
         """Carry on every unfinished transaction the journal holds (returned), except those of
         a journal put back from a copy (``Journal.restored_unfinished``), which are settled
         from what the server runs instead (``_settle_restored``: see ``nodeagent.journal``)."""
+        await dbthread.run(self.driver.end_stale_commands)
         await dbthread.run(self.driver.discard_stale_staged)
         pending = await dbthread.run(self.journal.unfinished)
         held = await dbthread.run(self.journal.restored_unfinished)
@@ -881,8 +882,9 @@ class Runner:
     async def _die(self, txn: Txn, deaths: int, error: str) -> None:
         """The task died for good: lift the freeze unless a scope freeze holds it (its lease
         bounds it) or the server does not prove it runs a verified config (``_unproved``: the
-        freeze is then kept, and the line says why), and tell the daemon to exit. Each attempt looks at the lease and lifts under
-        ``freeze_lock``; the backoff between attempts is outside it."""
+        freeze is then kept, and the line says why), and tell the daemon to exit. Each attempt
+        looks at the lease and lifts under ``freeze_lock``; the backoff between attempts is
+        outside it."""
         lifted = ""
         unproved = await self._unproved(txn)
         for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
@@ -931,7 +933,8 @@ class Runner:
         again (the task's last record); unreadable, the phase the task knew decides. Nothing is
         journalled here, and nothing done to the server but its checks."""
         with contextlib.suppress(Exception):
-            txn = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind) or txn
+            latest: Txn | None = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
+            txn = latest or txn
         plan = Plan.from_json(txn.plan)
         if txn.phase in (Phase.CONFIG_WRITTEN, Phase.RESTARTED):
             which, schemes, config = "target", plan.target_schemes, txn.target_config
