@@ -27,6 +27,7 @@ import signal
 import struct
 import subprocess
 import termios
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,9 @@ class CommandFailed(TransientError):
         self.cause = cause
 
 
-async def run_command(argv: Sequence[str], timeout: float, limit: int, kind: str = "") -> Ran:
+async def run_command(
+    argv: Sequence[str], timeout: float, limit: int, kind: str = "", track: Path | None = None
+) -> Ran:
     """Run a command of the admin's (an exec driver's operation or ``clients`` command,
     ``systemctl restart``; ``kind``: which, for the log): ``Ran``, or CommandFailed if it
     cannot run or does not exit within ``timeout`` seconds. One runner for both (duplicates of
@@ -116,7 +119,11 @@ async def run_command(argv: Sequence[str], timeout: float, limit: int, kind: str
     a hung ``status`` left one process and two pipes behind at every beat; a wrapper's tool,
     killed only in its wrapper, froze the server after the way back had unfrozen it. What a
     command that exited left running is not ours to kill (a restart's server): README, the
-    exec driver."""
+    exec driver.
+
+    ``track``: a directory where the command is noted while it runs (``note_running``: its
+    pid, which is its process group's, and its start time), so that an agent killed meanwhile
+    (SIGKILL, outside systemd) leaves a trace the next start ends it by (``end_stale``)."""
     what = kind or argv[0]
     if _left_held >= MAX_LEFT_HELD:  # (nothing closed: no new command, said in one line)
         raise CommandFailed(
@@ -143,6 +150,7 @@ async def run_command(argv: Sequence[str], timeout: float, limit: int, kind: str
         finally:
             for output in outputs:  # the command's own now: its end (or its children's) is EOF
                 output.close_write()
+        noted = note_running(track, proc.pid) if track is not None else None
         try:
             async with asyncio.timeout(timeout):
                 code = await proc.wait()
@@ -162,6 +170,10 @@ async def run_command(argv: Sequence[str], timeout: float, limit: int, kind: str
                 async with asyncio.timeout(KILL_WAIT):
                     await asyncio.shield(proc.wait())
             raise
+        finally:
+            if noted is not None and proc.returncode is not None:
+                with contextlib.suppress(OSError):
+                    noted.unlink(missing_ok=True)
         # All it wrote before it exited is in the pipes: read what the loop has not yet.
         out.read_now()
         err.read_now()
@@ -328,6 +340,68 @@ def _last_line(tail: bytes | bytearray) -> str:
     <the server's own config error>" says what to fix at its end)."""
     lines = bytes(tail).decode(errors="replace").strip().splitlines()
     return peertext.clean(lines[-1], ERROR_LINE) if lines else ""
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (this boot's id and ``/proc/PID/stat``'s starttime, in
+    clock ticks since boot: with the pid, it names one process, never a later one given the
+    same pid), or None if it is gone, a zombie, or this system has no such file."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # (the name in parentheses may hold spaces)
+    if len(fields) < 20 or fields[0] == "Z":
+        return None
+    try:  # this boot's: ticks since boot name a process only within one boot
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{boot} {fields[19]}"
+
+
+def note_running(track: Path, pid: int) -> Path | None:
+    """A command just started as ``pid`` (its process group's leader) noted in ``track``
+    (blocking, small: a file named by the pid holding its start time; no fsync: a crash of the
+    machine ends the command too). None if it cannot be noted (a full disk, no /proc): the
+    command runs all the same, untracked."""
+    started = _start_time(pid)
+    if started is None:
+        return None
+    path = track / str(pid)
+    try:
+        track.mkdir(mode=0o700, exist_ok=True)
+        path.write_text(started)
+    except OSError:
+        return None
+    return path
+
+
+def end_stale(track: Path, wait: float = KILL_WAIT) -> list[int]:
+    """At the agent's start (blocking; before any command of its own runs): each command an
+    earlier agent process noted in ``track`` and that still runs (the same pid and start time:
+    that process was killed while the command ran) is ended with SIGKILL to its whole process
+    group, as a command the agent gives up on is, and its end waited for (``wait`` seconds at
+    most); the notes are removed. A noted command that has exited is not touched, nor what it
+    left running (a restart's server). Returns the pids killed."""
+    killed: list[int] = []
+    try:
+        notes = list(track.iterdir())
+    except OSError:
+        return killed
+    for note in notes:
+        with contextlib.suppress(OSError, ValueError):
+            pid, started = int(note.name), note.read_text().strip()
+            if pid > 1 and started and _start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                killed.append(pid)
+                deadline = time.monotonic() + wait
+                while _start_time(pid) == started and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        with contextlib.suppress(OSError):
+            note.unlink(missing_ok=True)
+    return killed
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:

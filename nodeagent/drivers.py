@@ -257,6 +257,12 @@ class Driver(abc.ABC):
             with contextlib.suppress(FileNotFoundError):
                 staged.file.unlink()
 
+    def end_stale_commands(self) -> None:
+        """At the agent's start, before anything of its own acts on the server (blocking): what
+        an earlier agent process left running of its driver's commands is ended (the exec
+        driver's: ``ExecDriver.end_stale_commands``). Nothing by default."""
+        return
+
     def discard_stale_staged(self) -> None:
         """Staged configs an agent process before this one left (it was stopped between a
         staging and its commit): removed (blocking; at the agent's start, before it serves a
@@ -1235,13 +1241,13 @@ def _scheme_switches(schemes: Sequence[str]) -> dict[str, str]:
 MAX_COMMAND_OUTPUT = 1024 * 1024  # what is read of a command's stdout (a status's JSON)
 
 
-async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
+async def _run(argv: Sequence[str], timeout: float, what: str, track: Path | None = None) -> str:
     """Run a command of the admin's (an exec driver's operation, ``systemctl restart``) and
     return its stdout (at most ``MAX_COMMAND_OUTPUT`` bytes); DriverError (one line) if it
     cannot run, fails or does not exit within ``timeout`` seconds; LocalResourceError for
     this machine's shortage. How it is run and bounded: ``clients.run_command``."""
     try:
-        ran = await client_sources.run_command(argv, timeout, MAX_COMMAND_OUTPUT - 1, what)
+        ran = await client_sources.run_command(argv, timeout, MAX_COMMAND_OUTPUT - 1, what, track)
     except client_sources.CommandFailed as exc:
         if exc.cause is not None:
             raise_if_local(exc.cause, f"{what}: running {argv[0]}")
@@ -1285,8 +1291,10 @@ class ExecDriver(TemplateDriver):
     name = "exec"
     OPERATIONS = ("restart", "status", "freeze", "unfreeze")
 
-    def __init__(self, section: Section, address: str) -> None:
+    def __init__(self, section: Section, address: str, data_dir: Path | None = None) -> None:
         super().__init__(section, address)
+        # Where each command is noted while it runs (``end_stale_commands``).
+        self.running: Path | None = data_dir / "exec-running" if data_dir is not None else None
         commands = section.table("commands")
         self.commands = {op: commands.str_list(op) for op in self.OPERATIONS}
         for op, argv in self.commands.items():
@@ -1309,7 +1317,23 @@ class ExecDriver(TemplateDriver):
         )
 
     async def _op(self, op: str, timeout: float | None = None) -> str:
-        return await _run(self.commands[op], timeout or self.timeout, op)
+        return await _run(self.commands[op], timeout or self.timeout, op, self.running)
+
+    def end_stale_commands(self) -> None:
+        """A command an agent process before this one was running when it was killed (SIGKILL
+        outside systemd: its commands, each in a session of its own, outlive it) is ended with
+        its process group, so that the resumed step (a restart begun again) never overlaps it
+        (session 69, journalm L). Under systemd the unit's ``KillMode=control-group`` ends them
+        with the agent already."""
+        if self.running is None:
+            return
+        for pid in client_sources.end_stale(self.running):
+            log.warning(
+                "exec.stale_command_killed",
+                pid=pid,
+                detail="a command an earlier agent process left running was killed with its"
+                " process group",
+            )
 
     async def restart(self) -> None:
         await self._op("restart")
@@ -1353,7 +1377,7 @@ def make_driver(
     elif kind == "systemd":
         driver = SystemdDriver(section, address, not_clients)
     elif kind == "exec":
-        driver = ExecDriver(section, address)
+        driver = ExecDriver(section, address, data_dir)
     else:
         raise section.error("driver", f"unknown driver {kind!r}: use reference, systemd or exec")
     section.finish()

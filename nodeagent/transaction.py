@@ -49,8 +49,10 @@ A node never stays frozen because of tlsroll:
 
 Supervision: each transaction runs in a task that is restarted from the journal when it dies
 (a journal write that fails, say on a full disk), at most ``TASK_RESTARTS`` times with backoff.
-If it still dies, the runner lifts the freeze (unless a scope freeze holds it) and sets
-``dead``: the daemon then exits non-zero so that the service manager restarts it, and the next
+If it still dies, the runner lifts the freeze (unless a scope freeze holds it, or the journal's
+last phase says the server may run a config no verify passed and the server does not prove from
+outside that it runs the one that phase leads to: then the freeze is kept, ``_unproved``) and
+sets ``dead``: the daemon then exits non-zero so that the service manager restarts it, and the next
 start resumes the transaction from the journal. Never a live agent with a dead transaction.
 
 The runner does no blocking work on the event loop: journal writes, config files and the
@@ -674,6 +676,7 @@ class Runner:
         """Carry on every unfinished transaction the journal holds (returned), except those of
         a journal put back from a copy (``Journal.restored_unfinished``), which are settled
         from what the server runs instead (``_settle_restored``: see ``nodeagent.journal``)."""
+        await dbthread.run(self.driver.end_stale_commands)
         await dbthread.run(self.driver.discard_stale_staged)
         pending = await dbthread.run(self.journal.unfinished)
         held = await dbthread.run(self.journal.restored_unfinished)
@@ -878,10 +881,23 @@ class Runner:
 
     async def _die(self, txn: Txn, deaths: int, error: str) -> None:
         """The task died for good: lift the freeze unless a scope freeze holds it (its lease
-        bounds it), and tell the daemon to exit. Each attempt looks at the lease and lifts under
-        ``freeze_lock``; the backoff between attempts is outside it."""
+        bounds it) or the server does not prove it runs a verified config (``_unproved``: the
+        freeze is then kept, and the line says why), and tell the daemon to exit. Each attempt
+        looks at the lease and lifts under ``freeze_lock``; the backoff between attempts is
+        outside it."""
         lifted = ""
+        unproved = await self._unproved(txn)
         for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
+            if unproved:
+                lifted = (
+                    f"the freeze is kept: {unproved}, and the journal cannot record what it"
+                    " runs (writes stay refused until an agent that can write its journal"
+                    " carries the transaction on)"
+                )
+                log.error(
+                    "txn.freeze_kept", rollout_id=txn.rollout_id, kind=txn.kind, detail=unproved
+                )
+                break
             async with self.freeze_lock:
                 if await self._scope_frozen(txn):
                     lifted = "the freeze is left to the scope freeze's lease"
@@ -902,6 +918,53 @@ class Runner:
         )
         log.error("txn.died", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.fatal)
         self.dead.set()
+
+    async def _unproved(self, txn: Txn) -> str:
+        """Before the agent exits on a dead task: why the freeze must not be lifted ("" if it
+        may). Where the journal's last phase says the server may run a config no verify has
+        passed (``config_written``, ``restarted``: the target restarted; the way back before
+        ``rb_verified``), the freeze is lifted only if the server proves, from outside as the
+        verify step would, that it runs the config that phase leads to (the target with its
+        certificate and the freeze's watermark; or the source), and its config file is that
+        config. Else the outcome is unknown: a journal that cannot be written from there on
+        (a full disk under the data dir, the server's config elsewhere) left the target
+        restarted and unverified, and lifting the freeze let it take writes, for as long as
+        nothing could record taking it back (session 69, journalm M). The journal is read
+        again (the task's last record); unreadable, the phase the task knew decides. Nothing is
+        journalled here, and nothing done to the server but its checks."""
+        with contextlib.suppress(Exception):
+            latest: Txn | None = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
+            txn = latest or txn
+        plan = Plan.from_json(txn.plan)
+        if txn.phase in (Phase.CONFIG_WRITTEN, Phase.RESTARTED):
+            which, schemes, config = "target", plan.target_schemes, txn.target_config
+            fingerprint, watermark = plan.target_fingerprint, txn.watermark
+        elif txn.phase in (Phase.ROLLING_BACK, Phase.RESTORED, Phase.RB_RESTARTED):
+            which, schemes, config = "source", plan.source_schemes, txn.source_config
+            fingerprint, watermark = "", None
+            if txn.phase is Phase.ROLLING_BACK and (
+                (txn.failed_phase or Phase.STARTED) not in TARGET_MAY_BE_RUNNING
+            ):
+                config = None  # the target never restarted: the file alone tells nothing
+        else:
+            return ""  # the source still loaded (the target not restarted), or verified
+        where = f"the journal says {txn.phase} and the server does not prove it runs the {which}"
+        with contextlib.suppress(Exception):
+            if not (await self.driver.status()).get("frozen"):
+                return ""  # no freeze to keep (lifted before: writes are taken as it is)
+        try:
+            if config is not None and await dbthread.run(self.driver.read_config) != config:
+                return f"{where}: its config file is not the {which}"
+            await self._verify(txn, plan, schemes, fingerprint, watermark)
+            alike = plan.source_schemes == plan.target_schemes and not plan.target_fingerprint
+            if alike:  # the two answer alike: the server must have started after the write
+                status = await self.driver.status()
+                unloaded = await dbthread.run(_not_loaded, self.driver.config_file, status)
+                if unloaded:
+                    return f"{where}: {unloaded}"
+        except Exception as exc:
+            return f"{where} ({describe(exc)})"
+        return ""
 
     async def _source_back(self, txn: Txn) -> str:
         """Before the agent exits on a dead task: the source config put back on disk if the

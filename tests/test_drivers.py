@@ -40,7 +40,7 @@ from structlog.testing import capture_logs
 from leader.cli.password import verifier_json
 from leader.cli.rollout import rollout_request
 from nodeagent import clients as client_sources
-from nodeagent import drivers, plans
+from nodeagent import drivers, plans, transaction
 from nodeagent.drivers import (
     Driver,
     DriverError,
@@ -989,6 +989,61 @@ async def test_a_command_its_caller_gives_up_on_is_killed_with_what_it_started(
     finally:
         run.cancel()
         kill_recorded(pids)
+
+
+KILLED_AGENT = """
+import asyncio, json, sys
+from pathlib import Path
+from nodeagent.drivers import make_driver
+from tlsroll.config import Section
+root = Path(sys.argv[1])
+data = json.loads(sys.argv[2])
+driver = make_driver(Section(root / "agent.toml", "server", data), "10.0.0.5", root)
+asyncio.run(driver._op("restart"))
+"""
+
+
+async def test_a_command_an_agent_killed_mid_restart_left_running_is_ended_at_its_next_start(
+    tmp_path: Path,
+) -> None:
+    """Session 69 (journalm, L): an exec driver's command runs in a session of its own, so an
+    agent killed with SIGKILL (outside systemd, whose ``KillMode=control-group`` ends it with
+    the agent) left a slow ``restart`` running, and the restart its next start resumed ran
+    beside it (the old one could still act after, on a server the new one had restarted).
+    Now each command is noted in the data dir while it runs, and the next start ends what is
+    left of one (its whole process group) before it resumes anything."""
+    pid_file, acted = tmp_path / "tool.pid", tmp_path / "acted"
+    tool = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        f"time.sleep(300); open({str(acted)!r}, 'w').close()"
+    )
+    restart = ["sh", "-c", f"{shlex.quote(sys.executable)} -c {shlex.quote(tool)}; true"]
+    commands = {op: ["true"] for op in ("status", "freeze", "unfreeze")} | {"restart": restart}
+    section = driver_section(tmp_path, "exec", commands=commands)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    agent = subprocess.Popen(
+        [sys.executable, "-c", KILLED_AGENT, str(tmp_path), json.dumps(section.data)], env=env
+    )
+    try:
+        wait_until(lambda: pid_file.exists() and pid_file.read_text() != "", 30, "the restart")
+        tool_pid = int(pid_file.read_text())
+        agent.kill()  # SIGKILL mid-restart
+        agent.wait(timeout=30)
+        assert alive(tool_pid)  # the command outlives the agent (its own session)
+
+        driver = make_driver(section, "10.0.0.5", tmp_path)  # the agent's next start
+        journal = Journal(tmp_path / "journal.sqlite3")
+        try:
+            await transaction.Runner(journal, driver, lambda: dt.datetime.now(dt.UTC)).resume_all()
+        finally:
+            journal.close()
+        assert not alive(tool_pid)  # before: it ran on beside the resumed restart
+        assert not acted.exists()
+        assert list((tmp_path / "exec-running").iterdir()) == []
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        kill_recorded(pid_file)
 
 
 async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -779,6 +779,57 @@ async def test_a_transaction_that_dies_after_its_config_write_puts_the_source_ba
     resumed.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "full_from", "kept"),
+    [
+        ("verify_fails", "restarted", True),  # the target restarted, never verified
+        ("verify_fails", "restored", True),  # on the way back, the target still running
+        ("restart_fails", "restart error", True),  # the target's restart failed: down
+        ("completes", "restarted", False),  # the target runs and verifies: lifted
+        ("completes", "verified", False),  # the target verified: lifted
+    ],
+)
+async def test_a_transaction_that_dies_with_an_unverified_config_live_keeps_the_freeze(
+    name: str, full_from: str, kept: bool, world: Callable[..., World]
+) -> None:
+    """Session 69 (journalm, M): the journal's disk fills from ``config_written`` on (the
+    server's config elsewhere): the restart has happened, the record of what came of it cannot
+    be written. The task died four times and ``_die`` lifted the freeze with a target running
+    that no verify passed (a wrong certificate, say), or on the way back before the source was
+    loaded again, and nothing took it back while the disk stayed full: the node took writes on
+    a config never verified. Now the freeze is lifted only where the server proves it runs the
+    config its journal's phase leads to (verified from outside, as the step would); else it is
+    kept, and the agent's line says so. With room again, the switch resumed ends as it would
+    have (the server unfrozen on the verified config)."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    journal = FullFrom(w.journal_path, full_from)
+    with pytest.raises(JournalError):
+        await w.run(journal)  # the first task's death, as ``_supervised`` sees it
+    journal.close()
+
+    s = w.server
+    for start in range(2):  # the agent started again on the disk still full: as it was
+        journal = FullFrom(w.journal_path, full_from)
+        runner = w.runner(journal)
+        await runner.resume_all()
+        await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+        assert runner.dead.is_set()
+        journal.close()
+        assert s.frozen is kept, (start, s.ops, runner.fatal)
+        if kept:
+            assert "the freeze is kept" in runner.fatal, runner.fatal
+            assert "unfreeze" not in s.ops, s.ops
+        else:
+            assert "writes are accepted again" in runner.fatal, runner.fatal
+            assert (s.running, s.config) == (sc.target, sc.target)
+            s.watermark += 1  # a write taken, unfrozen: the next start does not freeze again
+
+    _, resumed = await w.resume()  # room again
+    w.assert_ended_well(resumed)
+    resumed.close()
+
+
 class KilledAtRefreeze(CrashingJournal):
     """Killed around the refreeze: ``before``: right after journalling ``freeze again``, before
     the freeze call; ``after``: after the freeze, before its watermark reaches the journal."""
