@@ -2257,7 +2257,7 @@ async def test_the_watch_sends_every_phase_without_reading_it_back(
     sent: list[Any] = []
 
     async def follow() -> None:
-        async for message in agent._follow("r1", sc.kind, txn):
+        async for message in agent._follow("r1", sc.kind, txn, frozenset()):  # every state
             sent.append(message)
 
     watching = asyncio.create_task(follow())
