@@ -2168,6 +2168,10 @@ def test_the_page_says_the_rest_of_a_large_mixed_cluster_as_tlsroll_nodes_does(
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset())
     reader.live_server = lambda name: servers.get(name, "")
     part = reader.read(clients=False, page=True)
+    # /api/v1/schema (the whole read) has the schema's mixed_cluster, as `schema show --json`.
+    m = reader.read().schema.mixed_cluster
+    assert (list(m.on_http), list(m.on_https), list(m.unknown)) == (names[1:13], ["n01"], ["n14"])
+    assert not part.schema.HasField("mixed_cluster")  # (a page draws its own)
     context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
     for lang, said in (
         ("en", "A mixed cluster: n02, n03, n04, n05, n06, n07, n08, n09, n10, n11 and 2 more on"),

@@ -478,6 +478,10 @@ class Reader:
             login_failures=guessed,
             fresh=reports,
             reported=self.store.report_since_start,
+            # (the API's read, as `schema show --json`; a page draws its own from its nodes)
+            servers=None
+            if page or self.live_server is None
+            else {n.name: self.live_server(n.name) for n, _ in enrolled},
         )
         if every:  # (every rollout read: as `schema show --all`; a page reads only some)
             message.total_rollouts = len(rows)
