@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from leader.mixed_cluster import served_scheme, switch_the_rest
 from leader.rollout_core import Change, FreezeMode, Strategy
 
 # What each change's plan says (``PlanRollout``): its checks and steps on a node, what the
@@ -191,16 +192,6 @@ def plan_texts(
     return checks, list(steps), [*warnings, entries]
 
 
-def served_scheme(server: str) -> str:
-    """What a node's server serves by its latest heartbeat (``NodeInfo.server``), as a mixed
-    cluster is judged: "http", "https" (a dual node, http+https, serves https already), or ""
-    (down, needing the admin, restarting, no server, not heard: not known)."""
-    schemes = server.removesuffix(" frozen")
-    if schemes == "http+https":
-        return "https"
-    return schemes if schemes in ("http", "https") else ""
-
-
 def outside_scope_warning(
     change: Change, in_scope: Sequence[str], outside: Mapping[str, str], leader_node: str = ""
 ) -> str:
@@ -223,14 +214,14 @@ def outside_scope_warning(
         left = sorted(n for n, s in outside.items() if served_scheme(s) == "http")
         if not left:
             return ""
-        rest = ",".join(left)
+        unknown = sorted(n for n, s in outside.items() if not served_scheme(s))
         return (
             f"Only {here} {'switches' if one else 'switch'} to https: {them(left)} "
             "on http, so the cluster is mixed afterwards (some servers on https, some on "
             "http). Only the workstations of the servers that switch need the client steps; "
             f"those of {some_names(left)} keep their http address. To switch the rest later: "
-            f"tlsroll plan --nodes {rest}, then tlsroll rollout start --nodes {rest} (tlsroll "
-            "notify with the same scope tells the staff which servers change)."
+            f"{switch_the_rest(left, unknown)} (tlsroll notify with the same scope tells the "
+            "staff which servers change)."
         )
     if change is Change.DISABLE_TLS:
         left = sorted(n for n, s in outside.items() if served_scheme(s) == "https")

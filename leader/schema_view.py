@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
+from leader.mixed_cluster import mixed
 from leader.planner import stale_reports
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
@@ -41,6 +42,7 @@ from leader.schema_store import (
     SchemaStore,
 )
 from leader.states import LoginFailuresRow, NodeProblemRow
+from leader.store import Store
 from leader.wire import (
     CHANGE,
     FREEZE,
@@ -57,7 +59,6 @@ from tlsroll.v1 import schema_pb2, schema_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
     from leader.expiry import ExpiryWatch
-    from leader.store import Store
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -441,6 +442,7 @@ def schema_message(
     *,
     fresh: Collection[str],
     reported: Reported,
+    servers: Mapping[str, str] | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
@@ -451,7 +453,8 @@ def schema_message(
     counts wrong client passwords (``LeaderState.login_failures``); ``fresh``: the nodes whose
     client report speaks for now (``fresh_reports``; who is still on http:
     ``still_on_http_now``); ``reported``: ``Reported`` (each node that waits for it says so:
-    ``awaits_report``)."""
+    ``awaits_report``); ``servers``: each enrolled node with what its server serves by its
+    latest heartbeat (``LeaderState.live_servers``): ``mixed_cluster`` if it is mixed."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now, fresh))
     return schema_pb2.Schema(
@@ -498,7 +501,18 @@ def schema_message(
         auto_rotate=auto_rotate,
         node_problems=[problem_view(p) for p in node_problems],
         server_login_failures=[login_failures_view(f) for f in login_failures],
+        mixed_cluster=mixed_view(servers) if servers else None,
     )
+
+
+def mixed_view(servers: Mapping[str, str]) -> schema_pb2.MixedClusterView | None:
+    """The schema's ``mixed_cluster`` of the enrolled nodes' ``servers`` (each with its server
+    by its latest heartbeat); None if the cluster is not mixed (review s69 revlocal2 M1:
+    after a local switch, `schema show` said neither that nor how to switch the rest)."""
+    m = mixed(servers)
+    if m is None:
+        return None
+    return schema_pb2.MixedClusterView(on_http=m.on_http, on_https=m.on_https, unknown=m.unknown)
 
 
 def login_failures_view(row: LoginFailuresRow) -> schema_pb2.ServerLoginFailuresView:
@@ -538,13 +552,16 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         fresh: FreshReports,
         reported: Reported,
         login_failures: Callable[[], Sequence[LoginFailuresRow]] | None = None,
+        live_server: Callable[[str], str] | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
         problem with now (``leader.service.LeaderState.node_problems``); ``store_trouble``:
         why the store's writes fail and since when, while they do (``Engine.store_trouble``);
         ``login_failures``: the nodes whose server counts wrong client passwords
-        (``leader.service.LeaderState.login_failures``);
+        (``leader.service.LeaderState.login_failures``); ``live_server``: what a node's
+        server serves by its latest heartbeat (``LeaderState.live_servers``; "" not known):
+        the schema's ``mixed_cluster``;
         ``fresh``: the nodes whose client report speaks for now
         (``leader.service.LeaderState.fresh_reports``); ``reported``: ``Reported``. Both
         required (review s44rev6 L3): without them this said nobody's report was fresh and
@@ -553,6 +570,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         self.reported = reported
         self.node_problems = node_problems
         self.login_failures = login_failures
+        self.live_server = live_server
         self.store_trouble = store_trouble
         self.schema = schema
         self.clock = clock
@@ -632,7 +650,9 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
                 every = schema.all_in(db)
                 return every, len(every)
 
-        shown = schema.shown(rollouts)
+        # (the enrolled nodes, in the same read, where the schema says if the cluster is mixed)
+        live = None if request.rollouts_only else self.live_server
+        shown = schema.shown(rollouts, nodes=Store.node_rows if live is not None else None)
         if request.rollout_id and not shown.rows:
             raise not_found(
                 f"no rollout {echo.shown(request.rollout_id)} (see: tlsroll schema show --all)"
@@ -654,6 +674,8 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             parts["node_problems"] = self.node_problems()
         if self.login_failures is not None:
             parts["login_failures"] = self.login_failures()
+        if live is not None:
+            parts["servers"] = {row["name"]: live(row["name"]) for row in shown.nodes}
         parts["failures"] = self.schema.bootstrap_failures()
         parts["removed"] = self.schema.removed_nodes()
         parts["revoked"] = self.schema.revoked_certificates(now)

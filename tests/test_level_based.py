@@ -96,6 +96,7 @@ def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
     assert plan.returncode == 0, plan.stderr
     said = " ".join(plan.stdout.split())
     assert mixed_after in said and finish in said, plan.stdout
+    assert said.startswith("Plan: change enable-tls on scope local (the leader node, node1),")
     local = cluster.cli("rollout", "start", "--scope", "local", "--password-file", str(a), "--yes")
     assert local.returncode == 0, local.stderr
     assert mixed_after in " ".join(local.stdout.split()), local.stdout
@@ -115,6 +116,20 @@ def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
         "a mixed cluster: node2, node3 on http, node1 on https; to switch the rest: tlsroll "
         "plan --nodes node2,node3, then tlsroll rollout start --nodes node2,node3"
     ) in mixed, listed.stdout
+    # `schema show` (the update schema at the leader node, as the seed has it) says the same
+    # beside the local rollout, and its --json has the nodes by scheme (review s69 revlocal2
+    # M1: it named node1 alone, and nothing said the cluster is mixed).
+    shown = cluster.cli("schema", "show")
+    assert shown.returncode == 0, shown.stderr
+    drawn = " ".join(shown.stdout.split())
+    assert "scope local (the leader node, node1)" in drawn, shown.stdout
+    assert mixed[mixed.index("a mixed cluster:") :] in drawn, shown.stdout
+    data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+    assert data["mixed_cluster"] == {
+        "on_http": ["node2", "node3"],
+        "on_https": ["node1"],
+        "unknown": [],
+    }
     # The plan shows node1 as already done and says the password in use is kept.
     plan = cluster.cli("plan", "--scope", "cluster")
     assert plan.returncode == 0, plan.stderr

@@ -216,3 +216,92 @@ def test_a_plan_that_leaves_enrolled_nodes_out_says_the_cluster_is_mixed_afterwa
     assert "node4 stays on the password in use now" in password
     assert password.endswith("tlsroll rollout start --change change-password --nodes node4.")
     assert outside_scope_warning(Change.ROTATE_CERT, ["node1"], outside) == ""
+
+
+def test_the_rest_of_a_large_mixed_cluster_is_one_short_command_said_alike_everywhere() -> None:
+    """Review s69 revlocal2 L4: the advice for a mixed cluster (`tlsroll nodes`, the plan of
+    some nodes, `schema show`, the viewer) put every node on http into one `--nodes a,b,…`:
+    at 200 nodes one unreadable command. Up to ten are named; beyond, `--scope cluster` (a
+    cluster enable-tls leaves the nodes on https already alone), naming the nodes not known
+    now that it takes in too; one helper (``leader.mixed_cluster``) says it for all."""
+    from leader.cli.identity import _mixed_schemes
+    from leader.mixed_cluster import NAMED, mixed, mixed_line, switch_the_rest
+    from leader.plan_texts import outside_scope_warning
+    from leader.planner import MAX_NAMED
+    from leader.rollout_core import Change
+    from tlsroll.v1 import admin_pb2
+
+    assert NAMED == MAX_NAMED
+    many = [f"n{i:03}" for i in range(2, 201)]  # 199 nodes on http
+    servers = {"n001": "https", **dict.fromkeys(many, "http")}
+    m = mixed(servers)
+    assert m is not None
+    line = mixed_line(m)
+    assert line == (
+        "a mixed cluster: n002, n003, n004, n005, n006, n007, n008, n009, n010, n011 and 189 "
+        "more on http, n001 on https; to switch the rest: tlsroll plan --scope cluster, then "
+        "tlsroll rollout start --scope cluster (the nodes on https already are left alone)"
+    )
+    listed = [admin_pb2.NodeInfo(name=n, server=s) for n, s in servers.items()]
+    assert _mixed_schemes(listed) == line  # `tlsroll nodes`
+    said = outside_scope_warning(Change.ENABLE_TLS, ["n001"], dict.fromkeys(many, "http"))
+    assert "n201" not in said and "n050" not in said and len(said) < 700, said
+    assert (
+        "To switch the rest later: tlsroll plan --scope cluster, then tlsroll rollout start "
+        "--scope cluster (the nodes on https already are left alone) (tlsroll notify" in said
+    )
+    # A node not known now is in a cluster rollout too: said, with the way out.
+    unknown = switch_the_rest(many, ["n300"])
+    assert unknown.endswith(
+        "(the nodes on https already are left alone; it takes in n300 too, whose servers are "
+        "not known now: wait until their agents are heard, or leave them out with --nodes)"
+    )
+    # A few are named, as before: the exact command.
+    assert switch_the_rest(["b", "a"]) == (
+        "tlsroll plan --nodes a,b, then tlsroll rollout start --nodes a,b"
+    )
+    assert mixed({"a": "https", "b": "down: x"}) is None  # nothing on http: not mixed
+
+
+def test_the_plan_and_the_help_say_which_node_scope_local_is() -> None:
+    """Review s69 revlocal2 L3/L6: the plan's head said "on scope local" and never which node
+    that is; `rollout start --help` said "the local node" while `--scope`'s help said "local =
+    the leader node". The head names the leader node; the help says it is the node the
+    admin CLI runs on; `schema show`'s head of a local rollout names it too."""
+    from click.testing import CliRunner
+
+    from leader.cli import rollout as rollout_cmd
+    from leader.cli.draw import render_rollout
+    from leader.cli.plain import emit
+    from leader.rollout_core import ScopeKind
+    from leader.wire import CHANGE, SCOPE_KIND
+    from tlsroll.enums import Change
+    from tlsroll.v1 import admin_pb2, schema_pb2
+
+    reply = admin_pb2.PlanResponse(
+        rollout=schema_pb2.RolloutView(
+            change=CHANGE.wire(Change.ENABLE_TLS),
+            scope=SCOPE_KIND.wire(ScopeKind.LOCAL),
+            max_parallel=1,
+            nodes=[schema_pb2.NodeView(name="node1", leader_node=True)],
+        )
+    )
+    runner = CliRunner()
+    with runner.isolation() as (out, _err, *_):
+        rollout_cmd.show_plan(reply)
+    head = out.getvalue().decode().splitlines()[0]
+    assert head.startswith(
+        "Plan: change enable-tls on scope local (the leader node, node1), 1 node(s)"
+    ), head
+    helped = " ".join(runner.invoke(rollout_cmd.rollout, ["start", "--help"]).output.split())
+    assert "the local node" not in helped
+    assert (
+        "Start the switch from http to https on the leader node (--scope local: the node "
+        "this command runs on)" in helped
+    ), helped
+    assert "local = the leader node (the one this command runs on" in helped, helped
+    from tlsroll import wire
+
+    with runner.isolation() as (out, _err, *_):
+        emit(render_rollout(wire.to_dict(reply.rollout)))
+    assert "scope local (the leader node, node1)" in out.getvalue().decode()

@@ -862,3 +862,68 @@ def test_the_active_rollout_is_read_whole_never_one_that_ended_meanwhile(tmp_pat
     assert ended is not None and ended.rollout.state.value == "aborted", "the write did not land"
     assert store.active() is None
     store.close()
+
+
+def test_the_schema_says_a_mixed_cluster_and_schema_show_how_to_switch_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Review s69 revlocal2 M1: after a local switch the schema (``GetSchema``, what `schema
+    show` prints) named only the rollout's node: neither the other enrolled nodes nor that
+    the cluster is mixed, which `tlsroll nodes` and the viewer said. It carries the mixed
+    cluster by the heartbeats (``mixed_cluster``: the nodes on http, on https, not known),
+    and `schema show` (text and --json) says it with the words of `tlsroll nodes`. A removed
+    node is no part of it; a cluster not mixed has none."""
+    import json
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    from leader.cli import schema_cmd
+    from leader.cli.identity import _mixed_schemes
+    from leader.schema_view import SchemaViewService, schema_json
+    from tlsroll.v1 import admin_pb2, schema_pb2
+
+    store, schema = enrolled(tmp_path, "node1", "node2", "node3", "node4", "gone")
+    store.remove_node("gone", now=NOW, actor="test")
+    live = {"node1": "https", "node2": "http", "node3": "http frozen", "node4": "down: x"}
+    live["gone"] = "https"
+    service = SchemaViewService(
+        schema,
+        lambda: NOW,
+        fresh=lambda infos, now: frozenset(),
+        reported=lambda name: True,
+        live_server=lambda name: live.get(name, ""),
+    )
+    message = service._answer(schema_pb2.GetSchemaRequest(limit=1), None)
+    assert message.HasField("mixed_cluster")
+    m = message.mixed_cluster
+    assert (list(m.on_http), list(m.on_https), list(m.unknown)) == (
+        ["node2", "node3"],
+        ["node1"],
+        ["node4"],
+    )
+    data = json.loads(schema_json(message))
+    line = (
+        "a mixed cluster: node2, node3 on http, node1 on https; to switch the rest: tlsroll "
+        "plan --nodes node2,node3, then tlsroll rollout start --nodes node2,node3"
+    )
+    listed = [admin_pb2.NodeInfo(name=n, server=s) for n, s in live.items() if n != "gone"]
+    assert _mixed_schemes(listed) == line  # the words of `tlsroll nodes`
+    with mock.patch.object(schema_cmd, "fetch_schema_json", return_value=data):
+        shown = CliRunner().invoke(schema_cmd.schema, ["show"])
+        as_json = CliRunner().invoke(schema_cmd.schema, ["show", "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert line in " ".join(shown.output.split()), shown.output
+    assert json.loads(as_json.output)["mixed_cluster"] == {
+        "on_http": ["node2", "node3"],
+        "on_https": ["node1"],
+        "unknown": ["node4"],
+    }
+    # Not mixed (every server known on https, or none on https): nothing said.
+    live.update(node2="https", node3="https")
+    assert not service._answer(schema_pb2.GetSchemaRequest(), None).HasField("mixed_cluster")
+    # A watch's read (rollouts only) reads no nodes for it.
+    live.update(node2="http")
+    only = service._answer(schema_pb2.GetSchemaRequest(rollouts_only=True), None)
+    assert not only.HasField("mixed_cluster")
+    assert service._answer(schema_pb2.GetSchemaRequest(), None).HasField("mixed_cluster")

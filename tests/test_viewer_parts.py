@@ -2154,6 +2154,38 @@ def test_a_page_reads_who_is_still_on_http_as_schema_show_and_lists_every_other_
     assert not [s for f in families.values() for s in f.samples if s.name.endswith("_created")]
 
 
+def test_the_page_says_the_rest_of_a_large_mixed_cluster_as_tlsroll_nodes_does(
+    store: Store,
+) -> None:
+    """Review s69 revlocal2 L4: the other-nodes section put every node on http into one
+    `--nodes a,b,…` (at 200 nodes one unreadable command). Beyond ten it names ten and counts
+    the rest, and gives `--scope cluster` as `tlsroll nodes` and `schema show` do
+    (``leader.mixed_cluster``), with the nodes not known now that it takes in too."""
+    names = [f"n{i:02}" for i in range(1, 15)]
+    enrol(store, names)
+    schema = SchemaStore(store.db)
+    servers = {"n01": "https", "n14": "", **{n: "http" for n in names[1:13]}}
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset())
+    reader.live_server = lambda name: servers.get(name, "")
+    part = reader.read(clients=False, page=True)
+    # /api/v1/schema (the whole read) has the schema's mixed_cluster, as `schema show --json`.
+    m = reader.read().schema.mixed_cluster
+    assert (list(m.on_http), list(m.on_https), list(m.unknown)) == (names[1:13], ["n01"], ["n14"])
+    assert not part.schema.HasField("mixed_cluster")  # (a page draws its own)
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, said in (
+        ("en", "A mixed cluster: n02, n03, n04, n05, n06, n07, n08, n09, n10, n11 and 2 more on"),
+        ("de", "Gemischter Multiserver: n02, n03, n04, n05, n06, n07, n08, n09, n10, n11 und 2 "),
+    ):
+        html = pages.schema_content(part, Words.of(lang), context)
+        (mixed,) = re.findall(r'<p class="mixed" data-nodes="n02,.*?,n13">.*?</p>', html, re.S)
+        assert said in " ".join(mixed.split()), mixed
+        assert "<code>tlsroll plan --scope cluster</code>" in mixed
+        assert "<code>tlsroll rollout start --scope cluster</code>" in mixed
+        assert "--nodes" not in mixed.replace("with --nodes", "").replace("mit --nodes", "")
+        assert ("not known now" if lang == "en" else "nicht bekannt") in mixed
+
+
 def on_http_report(
     schema: SchemaStore, node: str, workstations: Sequence[str], seen: dt.datetime
 ) -> None:

@@ -173,6 +173,9 @@ def _reason(r: View, n: View) -> str:
 def _head(r: View) -> list[Styled]:
     """The rollout's heading: its id, its state and its options, on one line."""
     scope_nodes = r.get("scope_nodes", [])
+    if r["scope"] == "local":  # which node local is (review s69 revlocal2 L3)
+        leader = next((n["name"] for n in r.get("nodes", []) if n.get("leader_node")), "")
+        scope_nodes = [f"the leader node{', ' + leader if leader else ''}"]
     rest = Styled(
         f"  change {r['change']}  scope {r['scope']}"
         + (f" ({', '.join(scope_nodes)})" if scope_nodes else "")

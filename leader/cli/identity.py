@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from rich.text import Text
 
 # rich's tables and texts (some 25 ms of imports) are imported where a table is drawn, and the
-# planner (``some_names``) where a mixed cluster is named: `nodes --json`, `nodes remove`,
+# words of ``leader.mixed_cluster`` where a mixed cluster is named: `nodes --json`, `nodes remove`,
 # `workstations revoke` and `epoch advance` never draw one (session 66).
 
 # What the server column shows in red: a server down, or a node that needs the admin.
@@ -137,26 +137,12 @@ def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo]) -> str:
     """A line naming the enrolled nodes whose servers run http only while others run https
     (a node enrolled into a cluster already switched, or one a local switch left): nothing
     else says the cluster is mixed, and the staff at those servers' workstations were told of
-    no switch (review s64 trans L5). "" if it is not; by the heartbeats' word (``server``)."""
-    on: dict[str, list[str]] = {"http": [], "https": []}
-    for n in listed:
-        if n.HasField("removed_at"):
-            continue
-        schemes = n.server.removesuffix(" frozen")
-        if schemes in on:
-            on[schemes].append(n.name)
-        elif schemes == "http+https":  # (dual: a transitional phase 1, https already served)
-            on["https"].append(n.name)
-    if not on["http"] or not on["https"]:
-        return ""
-    from leader.planner import some_names  # noqa: PLC0415 - see above
+    no switch (review s64 trans L5). "" if it is not; by the heartbeats' word (``server``),
+    in the words `schema show` and the viewer use (``leader.mixed_cluster``)."""
+    from leader.mixed_cluster import mixed, mixed_line  # noqa: PLC0415 - see above
 
-    http = ",".join(sorted(on["http"]))
-    return (
-        f"a mixed cluster: {some_names(sorted(on['http']))} on http, "
-        f"{some_names(sorted(on['https']))} on https; to switch the rest: tlsroll plan "
-        f"--nodes {http}, then tlsroll rollout start --nodes {http}"
-    )
+    m = mixed({n.name: n.server for n in listed if not n.HasField("removed_at")})
+    return mixed_line(m) if m is not None else ""
 
 
 def _clock(n: admin_pb2.NodeInfo) -> Text:

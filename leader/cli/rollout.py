@@ -140,7 +140,8 @@ def scope_options(f: Any) -> Any:
     f = click.option(
         "--scope",
         type=click.Choice(["local", "cluster", "nodes"]),
-        help="local = the leader node; cluster = every enrolled node.",
+        help="local = the leader node (the one this command runs on: node_name in "
+        "leader.toml); cluster = every enrolled node; nodes = those of --nodes.",
     )(f)
     return f
 
@@ -339,13 +340,23 @@ WILL = {
 }
 
 
+def scope_text(r: schema_pb2.RolloutView) -> str:
+    """A plan's scope in its head: "local" says which node that is (the leader node, the one
+    the admin CLI runs on; review s69 revlocal2 L3: "scope local" named none)."""
+    scope = SCOPE_KIND.text(r.scope)
+    if scope != ScopeKind.LOCAL.value:
+        return scope
+    leader_node = next((n.name for n in r.nodes if n.leader_node), "")
+    return f"local (the leader node{', ' + leader_node if leader_node else ''})"
+
+
 def show_plan(reply: admin_pb2.PlanResponse, *, nothing_changed: bool = True) -> None:
     """The plan on stdout; ``nothing_changed``: ending with "Nothing has been changed." (not
     when the caller's refusal on stderr says it)."""
     r = reply.rollout
     transitional = STRATEGY.text(r.strategy) == Strategy.TRANSITIONAL.value
     out.print(
-        f"Plan: change {CHANGE.text(r.change)} on scope {SCOPE_KIND.text(r.scope)}, "
+        f"Plan: change {CHANGE.text(r.change)} on scope {scope_text(r)}, "
         f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time"
         + (", in two phases (strategy transitional):" if transitional else ":")
     )
@@ -439,7 +450,8 @@ def rollout_start(
     yes: bool,
     wait: bool,
 ) -> None:
-    """Start the switch from http to https on the local node or the whole multiserver.
+    """Start the switch from http to https on the leader node (--scope local: the node this
+    command runs on) or the whole multiserver (--scope cluster), or on named nodes (--nodes).
 
     The plan comes from what each node runs now: a node already in the wanted state is left
     alone ("already done"), and a password the nodes already use is never replaced. With

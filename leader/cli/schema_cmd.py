@@ -57,7 +57,9 @@ def schema_show(
     leader: Leader, rollout_id: str, show_all: bool, as_json: bool, watch: bool
 ) -> None:
     """Show the active rollout (else the latest; --all: every one) with its nodes, states,
-    times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
+    times, freeze windows, addresses and cert expiry, whether the cluster is mixed (some
+    servers on http, some on https) and how to switch the rest, and failed bootstrap
+    passwords."""
     quick_exit()  # it only reads and prints: nothing for the interpreter's teardown to do
     if watch:
         try:
@@ -87,6 +89,11 @@ def schema_show(
     if not rollouts:
         parts.append("no rollouts yet")
     parts += [render_rollout(r) for r in rollouts]
+    if mixed := data.get("mixed_cluster"):  # (the nodes the rollouts above leave out too)
+        from leader.mixed_cluster import Mixed, mixed_line  # noqa: PLC0415 - text only
+
+        m = Mixed(*(tuple(mixed.get(k, ())) for k in ("on_http", "on_https", "unknown")))
+        parts.append(mixed_line(m))  # (the words of `tlsroll nodes`)
     if data.get("node_clients"):
         parts.append(render_clients(data["node_clients"]))
     older = data.get("total_rollouts", 0) - len(rollouts)

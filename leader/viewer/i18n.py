@@ -185,6 +185,11 @@ _DE: dict[str, str] = {
     "mixed_cluster": "Gemischter Multiserver: {nodes} noch auf http, die anderen Knoten auf "
     "https; deren Arbeitsplätze brauchen die neue Adresse erst, wenn auch sie umgestellt sind. "
     "Den Rest umstellen (am Leader):",
+    "mixed_more": "{nodes} und {count} weitere",
+    "mixed_cluster_scope": "(ein Rollout des ganzen Multiservers lässt die Knoten auf https, "
+    "wie sie sind)",
+    "mixed_cluster_unknown": "Knoten, deren Server jetzt nicht bekannt ist, sind darin auch: "
+    "warten, bis ihre Agenten sich melden, oder sie mit --nodes auslassen.",
     "server_now": "Server (laut Lebenszeichen)",
     "server_unknown": "unbekannt (kein Lebenszeichen seit dem Start des Leaders)",
     "last_rollout": "Letzter Rollout",
@@ -379,6 +384,10 @@ _EN: dict[str, str] = {
     "mixed_cluster": "A mixed cluster: {nodes} on http, the other nodes on https; their "
     "workstations need the new address only once they are switched too. To switch the rest "
     "(on the leader):",
+    "mixed_more": "{nodes} and {count} more",
+    "mixed_cluster_scope": "(a cluster rollout leaves the nodes on https already alone)",
+    "mixed_cluster_unknown": "Nodes whose server is not known now are in it too: wait until "
+    "their agents are heard, or leave them out with --nodes.",
     "server_now": "Server (by heartbeat)",
     "server_unknown": "unknown (no heartbeat since the leader started)",
     "last_rollout": "Last rollout",

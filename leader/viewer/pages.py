@@ -23,6 +23,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from leader.mixed_cluster import NAMED
 from leader.viewer.i18n import LANGS, Words
 from leader.viewer.snapshot import OnHttp, Snapshot, Transition
 from tlsroll.enums import SERVES_PREVIOUS
@@ -35,6 +36,8 @@ _ENV = jinja2.Environment(
 )
 # How a bootstrap problem that is no start's failure begins (``content.html``'s node problems).
 _ENV.globals["SERVES_PREVIOUS"] = SERVES_PREVIOUS
+# How many nodes a line names before it counts the rest (``leader.mixed_cluster``).
+_ENV.globals["NAMED"] = NAMED
 
 
 @dataclass(frozen=True)

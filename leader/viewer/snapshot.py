@@ -31,7 +31,7 @@ from leader.expiry import (
     within,
 )
 from leader.layout import DEFAULT_WARNING
-from leader.plan_texts import served_scheme
+from leader.mixed_cluster import Mixed, mixed, rest_scope
 from leader.rollout_core import NodeRecord, NodeState, cut_off
 from leader.schema_store import AuditEvent, NodeDetail, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import (
@@ -218,10 +218,23 @@ class Snapshot:
         cluster (a local switch, a node enrolled after the switch, one way back); () if the
         cluster is not mixed (review s69 revlocal M1: the page listed the schemes, but said
         neither that the cluster is mixed nor how to finish)."""
-        schemes = {n.name: served_scheme(n.server) for n in self.nodes}
-        if "https" not in schemes.values():
-            return ()
-        return tuple(sorted(name for name, scheme in schemes.items() if scheme == "http"))
+        return self._mixed.on_http if self._mixed is not None else ()
+
+    @cached_property
+    def _mixed(self) -> Mixed | None:
+        return mixed({n.name: n.server for n in self.nodes})
+
+    @cached_property
+    def mixed_rest(self) -> tuple[str, bool]:
+        """How to switch the rest of a mixed cluster as `tlsroll nodes` and `schema show` say
+        it (``leader.mixed_cluster``): the scope of the rollout (``--nodes a,b`` for a few,
+        ``--scope cluster`` beyond: review s69 revlocal2 L4), and whether nodes whose server
+        is not known now are in that scope too."""
+        m = self._mixed
+        if m is None:
+            return "", False
+        scope = rest_scope(m.on_http)
+        return scope, scope.startswith("--scope") and bool(m.unknown)
 
     @cached_property
     def _on_http_counts(self) -> Counter[str]:
@@ -465,6 +478,10 @@ class Reader:
             login_failures=guessed,
             fresh=reports,
             reported=self.store.report_since_start,
+            # (the API's read, as `schema show --json`; a page draws its own from its nodes)
+            servers=None
+            if page or self.live_server is None
+            else {n.name: self.live_server(n.name) for n, _ in enrolled},
         )
         if every:  # (every rollout read: as `schema show --all`; a page reads only some)
             message.total_rollouts = len(rows)

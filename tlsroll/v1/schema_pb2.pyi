@@ -490,6 +490,7 @@ class Schema(_message.Message):
     NODE_PROBLEMS_FIELD_NUMBER: _builtins.int
     STORE_TROUBLE_FIELD_NUMBER: _builtins.int
     SERVER_LOGIN_FAILURES_FIELD_NUMBER: _builtins.int
+    MIXED_CLUSTER_FIELD_NUMBER: _builtins.int
     total_rollouts: _builtins.int
     """How many rollouts are stored. (Before session 56: set only when `limit` left some out, else
     0, which a reader of `schema show --json` took for "none stored" beside the rollout
@@ -557,6 +558,16 @@ class Schema(_message.Message):
         by the leader: one that starts again shows them as the agents report.
         """
 
+    @_builtins.property
+    def mixed_cluster(self) -> Global___MixedClusterView:
+        """The cluster is mixed: some enrolled nodes' servers serve http only while others serve
+        https, by their latest heartbeats (the leader's live view, as `tlsroll nodes` shows it; not
+        stored: a leader that starts again knows it from the next heartbeats). Unset while it is
+        not mixed, and from a leader before this field. A local switch (`--scope local`), one of
+        named nodes, a node enrolled after a switch, or one node's way back leaves it so; the
+        rollouts shown above name only their own nodes.
+        """
+
     def __init__(
         self,
         *,
@@ -573,14 +584,51 @@ class Schema(_message.Message):
         node_problems: _abc.Iterable[Global___NodeProblemView] | None = ...,
         store_trouble: Global___StoreTroubleView | None = ...,
         server_login_failures: _abc.Iterable[Global___ServerLoginFailuresView] | None = ...,
+        mixed_cluster: Global___MixedClusterView | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "store_trouble", b"store_trouble"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "mixed_cluster", b"mixed_cluster", "store_trouble", b"store_trouble"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "server_login_failures", b"server_login_failures", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "mixed_cluster", b"mixed_cluster", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "server_login_failures", b"server_login_failures", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class MixedClusterView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ON_HTTP_FIELD_NUMBER: _builtins.int
+    ON_HTTPS_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def on_http(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The enrolled nodes whose servers serve http only, by name."""
+
+    @_builtins.property
+    def on_https(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Those whose servers serve https (a dual one, http+https, counts: it serves https already)."""
+
+    @_builtins.property
+    def unknown(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Those whose server is not known now (down, needing the admin, restarting, not heard since
+        the leader started): neither of the above.
+        """
+
+    def __init__(
+        self,
+        *,
+        on_http: _abc.Iterable[_builtins.str] | None = ...,
+        on_https: _abc.Iterable[_builtins.str] | None = ...,
+        unknown: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["on_http", b"on_http", "on_https", b"on_https", "unknown", b"unknown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MixedClusterView: _TypeAlias = MixedClusterView  # noqa: Y015
 
 @_typing.final
 class ServerLoginFailuresView(_message.Message):
