@@ -1053,8 +1053,29 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
                     # Its own shortage to the end says nothing about the server: not a
                     # DriverError, which would roll back a node that may be fine.
                     raise short
+                # Stopped, not left to come up later (review s69 revref M): one that had not
+                # written its pid file yet escaped the next stop, and came up beside (or after)
+                # the server started in its place, on the config the agent had gone back from.
+                await self._end_child(child, wakeup)
                 raise DriverError(f"the server did not answer within {timeout:g}s")
             wait = min(wait * 2, ceiling)
+
+    async def _end_child(self, child: subprocess.Popen[bytes], wakeup: Wakeup) -> None:
+        """Stop a server this driver started and did not reap (SIGTERM, then SIGKILL after
+        ``STOP_TIMEOUT``), and drop its pid file if it wrote one."""
+        reaped = self._reap()
+        if child.pid not in reaped:
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+            await self._wait_exit(child.pid, wakeup, STOP_TIMEOUT, reaped)
+            if child.pid not in reaped and child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await self._wait_exit(child.pid, wakeup, KILL_WAIT, reaped)
+            reaped |= self._reap()
+            await self._wait_reaped(child.pid, reaped)
+        if child.pid in reaped:
+            self._drop_pid_file(child.pid)
 
     def _last_log_line(self) -> str:
         """The server's last log line; one of the reference server's JSON lines as its message

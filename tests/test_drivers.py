@@ -1569,6 +1569,36 @@ async def test_reference_driver_start_gives_up_after_its_timeout(tmp_path: Path)
             child.wait(10)
 
 
+async def test_a_start_that_timed_out_leaves_no_server_to_come_up_later(tmp_path: Path) -> None:
+    """Review s69 revref M: a start that gave up left the server it started running. One that
+    had not written its pid file yet escaped the stop after it (the way back's), came up
+    later on the config the agent had gone back from, or kept the next start from taking the
+    data_dir. Now the driver stops what it started before it says the start failed."""
+    driver = reference_driver(tmp_path)
+    spawned: list[subprocess.Popen[bytes]] = []
+    spawn = driver._spawn
+
+    def recording(notify_socket: str | None = None) -> subprocess.Popen[bytes]:
+        child = spawn(notify_socket)
+        spawned.append(child)
+        return child
+
+    driver._spawn = recording  # type: ignore[method-assign]
+    try:
+        with pytest.raises(DriverError, match=r"^the server did not answer within 0.05s$"):
+            await driver.start(timeout=0.05)  # too short for a Python process to start
+        assert len(spawned) == 1
+        assert spawned[0].poll() is not None, "the server whose start timed out still runs"
+        assert not (driver.data_dir / "refserver.pid").exists()
+        await driver.start(timeout=30)  # and the next start takes the data_dir
+        assert (await driver.status())["pid"] == spawned[1].pid
+    finally:
+        for child in spawned:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+
+
 def lowest_free_fd() -> int:
     """The lowest descriptor number this process does not use (``dup`` takes that one)."""
     fd = os.dup(0)
