@@ -40,7 +40,7 @@ from structlog.testing import capture_logs
 from leader.cli.password import verifier_json
 from leader.cli.rollout import rollout_request
 from nodeagent import clients as client_sources
-from nodeagent import drivers, plans
+from nodeagent import drivers, plans, ports
 from nodeagent.drivers import (
     Driver,
     DriverError,
@@ -1597,6 +1597,26 @@ async def test_a_start_that_timed_out_leaves_no_server_to_come_up_later(tmp_path
             if child.poll() is None:
                 child.kill()
                 child.wait(10)
+
+
+def test_a_port_on_an_address_not_of_this_machine_is_a_problem_not_an_error() -> None:
+    """Review s69 revref M: the preflight's port check bound the server's address to see
+    whether the port was free; an address this machine does not have (EADDRNOTAVAIL: a typo in
+    the server's config, an address moved) raised OSError, and the preflight ended as an
+    internal error with no reason. Now it is the node's problem, one line."""
+    assert ports.port_problem("192.0.2.1", 8443, "https", set()) == (
+        "port 8443 (https) on 192.0.2.1 cannot be listened on: "
+        "the address is not one of this machine's"
+    )
+    address = next_loopback()
+    with socket.create_server((address, 0)) as listener:
+        port = listener.getsockname()[1]
+        taken = ports.port_problem(address, port, "https", set())
+        assert taken is not None and taken.startswith(
+            f"port {port} (https) on {address} is taken by"
+        )
+        assert ports.port_problem(address, port, "https", {os.getpid()}) is None  # our own
+    assert ports.port_problem(address, port, "https", set()) is None
 
 
 def lowest_free_fd() -> int:
