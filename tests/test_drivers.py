@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -54,7 +55,7 @@ from nodeagent.drivers import (
 )
 from nodeagent.journal import Journal
 from nodeagent.leader_link import live_server
-from nodeagent.service import login_failures
+from nodeagent.service import NodeAgentService, login_failures
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
@@ -1604,10 +1605,16 @@ def test_a_port_on_an_address_not_of_this_machine_is_a_problem_not_an_error() ->
     whether the port was free; an address this machine does not have (EADDRNOTAVAIL: a typo in
     the server's config, an address moved) raised OSError, and the preflight ended as an
     internal error with no reason. Now it is the node's problem, one line."""
-    assert ports.port_problem("192.0.2.1", 8443, "https", set()) == (
-        "port 8443 (https) on 192.0.2.1 cannot be listened on: "
-        "the address is not one of this machine's"
-    )
+    unassigned = ServerFacts("192.0.2.1", "/app/", 8080, 8443, ("http",))
+    service = SimpleNamespace(driver=None, cfg=SimpleNamespace(bootstrap_port=9443))
+    assert NodeAgentService._port_problems(service, unassigned) == [  # type: ignore[arg-type]
+        f"port {port} ({what}) on 192.0.2.1 cannot be listened on: "
+        "the address is not one of this machine's" + tail
+        for port, what, tail in (
+            (8443, "https", ""),
+            (9443, "bootstrap", "; set [agent].bootstrap_port to a free port"),
+        )
+    ]
     address = next_loopback()
     with socket.create_server((address, 0)) as listener:
         port = listener.getsockname()[1]
