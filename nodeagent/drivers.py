@@ -421,12 +421,23 @@ class AdminSocketClient:
     With ``owner`` (the uid the server runs as) the socket is trusted only in a directory that
     user owns and nobody else can write (``tlsroll.fsutil.socket_dir_problem``): whoever can
     write there can put a socket of their own in its place, and the agent would freeze (and
-    believe) a fake."""
+    believe) a fake. With ``dir_owner`` (the systemd driver: the agent does not know the
+    unit's user) the same is asked of the directory's owner: the directory is the server's
+    user's, and nobody else may write there (review s69 revref M: a systemd driver's socket in
+    /tmp, say, was trusted whoever had put it there)."""
 
-    def __init__(self, socket_path: Path, timeout: float = 10.0, owner: int | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        timeout: float = 10.0,
+        owner: int | None = None,
+        *,
+        dir_owner: bool = False,
+    ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self.owner = owner
+        self.dir_owner = dir_owner
 
     async def call(
         self,
@@ -435,9 +446,12 @@ class AdminSocketClient:
         body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        if self.owner is not None:
+        if self.owner is not None or self.dir_owner:
             try:
-                problem = socket_dir_problem(self.socket_path.parent, self.owner)
+                owner = self.owner
+                if owner is None:
+                    owner = os.stat(self.socket_path.parent).st_uid
+                problem = socket_dir_problem(self.socket_path.parent, owner)
             except OSError as exc:
                 problem = f"{exc.strerror}: {exc.filename}"
             if problem is not None:
@@ -1282,7 +1296,7 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
         self.unit: str = section.text("unit")
         self.systemctl: str = section.text("systemctl", "systemctl")
         self.timeout: int = section.integer("timeout", 60, lo=1, hi=3600)
-        self.admin = AdminSocketClient(section.path("admin_socket"))
+        self.admin = AdminSocketClient(section.path("admin_socket"), dir_owner=True)
         self.access_log = client_sources.access_log_clients(
             section, address, self.http_port, self.https_port, self.clients_window, not_clients
         )

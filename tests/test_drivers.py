@@ -1904,9 +1904,22 @@ async def test_reference_driver_refuses_a_socket_others_could_have_put_there(
         with pytest.raises(DriverError, match="not trusting"):
             await driver.status()
         assert asked == []
+        # Review s69 revref M: so does the systemd driver (it trusted any socket anywhere).
+        settings = {
+            "config_file": str(tmp_path / "srv.conf"),
+            "template": str(tmp_path / "srv.conf.tmpl"),
+            "app_path": "/",
+            "unit": "srv.service",
+            "admin_socket": str(sock),
+        }
+        unit = SystemdDriver(Section(tmp_path / "agent.toml", "server", settings), "10.0.0.5")
+        with pytest.raises(DriverError, match=r"not trusting the admin socket .*writ"):
+            await unit.freeze(5)
+        assert asked == []
         shared.chmod(0o700)  # ours alone: now it is the server's socket
         assert (await driver.status())["frozen"] is True
-        assert asked == ["/admin/status"]
+        assert (await unit.status())["frozen"] is True
+        assert asked == ["/admin/status", "/admin/status"]
     finally:
         await runner.cleanup()
 
