@@ -583,6 +583,11 @@ class _AdminSocketFreeze:
         )
         if not data.get("drained", False):
             raise DriverError(f"writes still in flight after {drain_timeout:g}s: {data}")
+        if data.get("frozen") is False:
+            # Unfrozen while it drained (another unfreeze came meanwhile): its watermark may
+            # already move (review s69 revref L). A server that does not say is taken at its
+            # word ("drained"), as the README's protocol allows.
+            raise DriverError("the server was unfrozen again before its freeze answered")
         # Checked as a status's is (review s64 L1): an answer without one (or with true, "7x")
         # raised KeyError or ValueError, and the step's reason was the bare key or int()'s text.
         return _watermark_of(data, "freeze answer")

@@ -2674,6 +2674,30 @@ async def test_a_freeze_answer_is_checked_for_its_watermark_as_a_status_is(
     )
 
 
+async def test_a_freeze_answered_unfrozen_is_no_freeze(tmp_path: Path) -> None:
+    """Review s69 revref L: a freeze waits for writes in flight with its lock released, so an
+    unfreeze sent meanwhile answers first, and the freeze then answers drained but
+    ``"frozen": false``. The driver took it for a freeze (it reads ``drained`` alone)."""
+    body = json.dumps({"frozen": False, "watermark": 7, "drained": True}).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    freezer = drivers._AdminSocketFreeze()
+    freezer.admin = drivers.AdminSocketClient(path, timeout=5)
+    try:
+        with pytest.raises(DriverError, match=r"^the server was unfrozen again before its freeze"):
+            await freezer.freeze(10)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def test_the_reference_config_says_where_the_previous_one_is_kept(tmp_path: Path) -> None:
     """Review s64 L2: the header of a config the agent writes said "the previous version is
     kept", not where: an admin looked for a backup file beside it."""

@@ -22,8 +22,7 @@ import pytest
 
 from refserver import gate as refserver_gate
 from tests.cluster import wait_until
-from tests.conftest import IssuedCert
-from tests.conftest import next_loopback
+from tests.conftest import IssuedCert, next_loopback
 from tests.nodeside import cluster_of
 from tests.refserver_helper import RefServer
 from tests.test_viewer_limits import fd_count, out_of_descriptors
