@@ -15,7 +15,8 @@ the agent's bootstrap listener do (``tlsroll.accept_gate``), counted from the TC
 - ``HANDSHAKE_SECONDS`` for a TLS handshake;
 - ``HEAD_SECONDS`` for the first request's whole head from the hand-over to aiohttp (nothing
   sent, or a head a byte at a time); from each answer on, aiohttp's ``keepalive_timeout`` (the
-  runner's) bounds the wait for the next.
+  runner's) bounds the wait for the next; a request's body must come within ``BODY_SECONDS``
+  (``refserver.server``: a body sent a byte at a time is a 408, its connection closed).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ BACKLOG = 64  # also how many connections asyncio accepts in one go, before any 
 RESERVED_DESCRIPTORS = 64 + 2 * BACKLOG
 HANDSHAKE_SECONDS = 10.0
 HEAD_SECONDS = 15.0
+BODY_SECONDS = 20.0  # for a request's whole body, once its head is in (``refserver.server``)
 CLOSE_SECONDS = 5.0  # TLS's close, then the connection is aborted
 
 

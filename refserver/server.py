@@ -157,6 +157,7 @@ _STATUS_WORDS = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "too_large",
     415: "unsupported_media_type",
 }
@@ -344,7 +345,7 @@ class RefServer:
 
     @staticmethod
     async def _json_body(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
-        raw = await request.read()
+        raw = await _read_body(request)
         if allow_empty and not raw.strip():
             return {}
         return _json_object(raw)
@@ -400,7 +401,7 @@ class RefServer:
         )
 
     async def post_entry(self, request: web.Request) -> web.Response:
-        raw = await request.read()
+        raw = await _read_body(request)
         # Checked after the body is in and before anything else awaits: from here until the
         # commit this write counts as in flight, and a freeze waits for it.
         if self.frozen:
@@ -796,6 +797,18 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except Exception as exc:
         log.exception("request.failed", path=request.path, error=_one_line(exc))
         return _error(500, "internal", "internal server error")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request's body (aiohttp's ``client_max_size`` at most), within ``gate.BODY_SECONDS``:
+    a body sent a byte at a time held its connection (and the memory of what it had sent)
+    for as long as its client liked, past the gate's head deadline (review s69 revref H1).
+    Else a 408; aiohttp then closes the connection (after its lingering time, 10 s, at most)."""
+    try:
+        async with asyncio.timeout(gate.BODY_SECONDS):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request's body did not come in time") from None
 
 
 def _one_line(exc: BaseException) -> str:

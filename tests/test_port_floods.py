@@ -146,6 +146,13 @@ def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_a
         cap, before = 40, fd_count(pid)
         limit = before + cap + refserver_gate.RESERVED_DESCRIPTORS
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+        # A body a byte at a time, past its head: it held its place for as long as it went on.
+        slow = socket.create_connection((address, server.port("http")), timeout=5)
+        held.append(slow)
+        slow.sendall(
+            f"POST {server.app_path}entries HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+        )
         began = time.monotonic()
         for port in (server.port("http"), server.port("https")):
             conns = _flood(address, port, 150)
@@ -166,7 +173,23 @@ def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_a
         assert server.unfreeze()["frozen"] is False
         assert not out_of_descriptors(server.log_events())
         # Every one of them is closed by the server: admitted ones at the head (or handshake)
-        # deadline, the rest as they were accepted.
+        # deadline, the rest as they were accepted; the slow body is a 408 at its deadline,
+        # then closed (aiohttp's lingering time: 10 s).
+        answer = b""
+        while True:
+            slow.settimeout(1.0)
+            try:
+                slow.sendall(b" ")  # (a byte every second: never idle)
+                got = slow.recv(4096)
+            except (ConnectionResetError, BrokenPipeError):
+                break  # closed as the byte came
+            except TimeoutError:
+                assert time.monotonic() - began < refserver_gate.BODY_SECONDS + 60, answer
+                continue
+            if not got:
+                break
+            answer += got
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
         for conn in held:
             conn.settimeout(refserver_gate.HEAD_SECONDS + 30 - (time.monotonic() - began))
             with contextlib.suppress(ConnectionResetError):
