@@ -427,12 +427,23 @@ class AdminSocketClient:
     With ``owner`` (the uid the server runs as) the socket is trusted only in a directory that
     user owns and nobody else can write (``tlsroll.fsutil.socket_dir_problem``): whoever can
     write there can put a socket of their own in its place, and the agent would freeze (and
-    believe) a fake."""
+    believe) a fake. With ``dir_owner`` (the systemd driver: the agent does not know the
+    unit's user) the same is asked of the directory's owner: the directory is the server's
+    user's, and nobody else may write there (review s69 revref M: a systemd driver's socket in
+    /tmp, say, was trusted whoever had put it there)."""
 
-    def __init__(self, socket_path: Path, timeout: float = 10.0, owner: int | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        timeout: float = 10.0,
+        owner: int | None = None,
+        *,
+        dir_owner: bool = False,
+    ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self.owner = owner
+        self.dir_owner = dir_owner
 
     async def call(
         self,
@@ -441,9 +452,12 @@ class AdminSocketClient:
         body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        if self.owner is not None:
+        if self.owner is not None or self.dir_owner:
             try:
-                problem = socket_dir_problem(self.socket_path.parent, self.owner)
+                owner = self.owner
+                if owner is None:
+                    owner = os.stat(self.socket_path.parent).st_uid
+                problem = socket_dir_problem(self.socket_path.parent, owner)
             except OSError as exc:
                 problem = f"{exc.strerror}: {exc.filename}"
             if problem is not None:
@@ -575,6 +589,11 @@ class _AdminSocketFreeze:
         )
         if not data.get("drained", False):
             raise DriverError(f"writes still in flight after {drain_timeout:g}s: {data}")
+        if data.get("frozen") is False:
+            # Unfrozen while it drained (another unfreeze came meanwhile): its watermark may
+            # already move (review s69 revref L). A server that does not say is taken at its
+            # word ("drained"), as the README's protocol allows.
+            raise DriverError("the server was unfrozen again before its freeze answered")
         # Checked as a status's is (review s64 L1): an answer without one (or with true, "7x")
         # raised KeyError or ValueError, and the step's reason was the bare key or int()'s text.
         return _watermark_of(data, "freeze answer")
@@ -1059,8 +1078,29 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
                     # Its own shortage to the end says nothing about the server: not a
                     # DriverError, which would roll back a node that may be fine.
                     raise short
+                # Stopped, not left to come up later (review s69 revref M): one that had not
+                # written its pid file yet escaped the next stop, and came up beside (or after)
+                # the server started in its place, on the config the agent had gone back from.
+                await self._end_child(child, wakeup)
                 raise DriverError(f"the server did not answer within {timeout:g}s")
             wait = min(wait * 2, ceiling)
+
+    async def _end_child(self, child: subprocess.Popen[bytes], wakeup: Wakeup) -> None:
+        """Stop a server this driver started and did not reap (SIGTERM, then SIGKILL after
+        ``STOP_TIMEOUT``), and drop its pid file if it wrote one."""
+        reaped = self._reap()
+        if child.pid not in reaped:
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+            await self._wait_exit(child.pid, wakeup, STOP_TIMEOUT, reaped)
+            if child.pid not in reaped and child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await self._wait_exit(child.pid, wakeup, KILL_WAIT, reaped)
+            reaped |= self._reap()
+            await self._wait_reaped(child.pid, reaped)
+        if child.pid in reaped:
+            self._drop_pid_file(child.pid)
 
     def _last_log_line(self) -> str:
         """The server's last log line; one of the reference server's JSON lines as its message
@@ -1267,7 +1307,7 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
         self.unit: str = section.text("unit")
         self.systemctl: str = section.text("systemctl", "systemctl")
         self.timeout: int = section.integer("timeout", 60, lo=1, hi=3600)
-        self.admin = AdminSocketClient(section.path("admin_socket"))
+        self.admin = AdminSocketClient(section.path("admin_socket"), dir_owner=True)
         self.access_log = client_sources.access_log_clients(
             section, address, self.http_port, self.https_port, self.clients_window, not_clients
         )

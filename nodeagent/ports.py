@@ -138,3 +138,23 @@ def port_free(address: str, port: int) -> bool:
                 return False
             raise
     return True
+
+
+def port_problem(address: str, port: int, what: str, own: set[int]) -> str | None:
+    """Why the server or the agent could not listen on ``address:port`` (``what``: "https",
+    "bootstrap"), or None: free, or held by one of the processes ``own``. An address this
+    machine does not have (EADDRNOTAVAIL: a typo in the server's config, an address moved to
+    another machine) is said as such: before, the OSError ended the preflight as an internal
+    error with no reason (review s69 revref M)."""
+    try:
+        if port_free(address, port):
+            return None
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        if exc.errno == errno.EADDRNOTAVAIL:
+            why = "the address is not one of this machine's"
+        return f"port {port} ({what}) on {address} cannot be listened on: {why}"
+    who = holder(address, port) or "another process"
+    if any(names_pid(who, pid) for pid in own):
+        return None
+    return f"port {port} ({what}) on {address} is taken by {who}"

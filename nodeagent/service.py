@@ -828,13 +828,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         for port, what in checks:
             if what == "https" and "https" in facts.schemes:
                 continue  # held by the managed server itself
-            if ports.port_free(facts.address, port):
-                continue
-            who = ports.holder(facts.address, port) or "another process"
-            if any(ports.names_pid(who, pid) for pid in own):
+            problem = ports.port_problem(facts.address, port, what, own)
+            if problem is None:
                 continue
             problems.append(
-                f"port {port} ({what}) on {facts.address} is taken by {who}"
+                problem
                 + ("; set [agent].bootstrap_port to a free port" if what == "bootstrap" else "")
             )
         return problems

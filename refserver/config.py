@@ -71,6 +71,8 @@ KEYS = frozenset(
 MAX_SOCKET_PATH = 107
 MIN_CLIENTS_WINDOW = 60  # seconds: the least clients_window (a test may go below: server.py)
 _APP_PATH = re.compile(r"/(?:[A-Za-z0-9._~-]+/)*")
+# A key with a passphrase: PKCS#8's label, or the traditional format's header.
+_ENCRYPTED = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4, *ENCRYPTED")
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,10 @@ def _ssl_context(s: Section, c: RefServerConfig) -> ssl.SSLContext:
     except (ssl.SSLError, OSError, ValueError) as exc:
         if labelled := _pem_problem(c.cert_file, c.key_file):
             raise s.error(*labelled) from None
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":  # (review s69 revref L)
+            raise s.error(
+                "key_file", f"{c.key_file} is not the key of the certificate in {c.cert_file}"
+            ) from None
         raise s.error("cert_file", f"cannot load certificate/key/CA: {_one_line(exc)}") from None
 
 
@@ -231,6 +237,9 @@ def _pem_problem(cert_file: Path, key_file: Path) -> tuple[str, str] | None:
         except (OSError, NotRegularFile):
             continue
         if kinds[kind].search(text) is not None:
+            if kind == "private key" and _ENCRYPTED.search(text) is not None:
+                # OpenSSL's word for it was "[SSL] PEM lib", under cert_file (review s69 L)
+                return key, f"{path} is encrypted: the server takes a key without a passphrase"
             continue
         if kinds[other].search(text) is None:
             return key, f"{path} holds no PEM {kind}"

@@ -97,6 +97,8 @@ from typing import Any, NoReturn, TypeVar
 from aiohttp import web
 
 from refserver import config as refserver_config
+from refserver import gate
+from refserver.gate import PublicListeners
 from refserver.store import FreezeState, LoginFailures, Store, now_iso
 from tlsroll import __version__, clients, daemon, httplog, logs, password
 from tlsroll.backoff import (
@@ -155,6 +157,7 @@ _STATUS_WORDS = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "too_large",
     415: "unsupported_media_type",
 }
@@ -342,7 +345,7 @@ class RefServer:
 
     @staticmethod
     async def _json_body(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
-        raw = await request.read()
+        raw = await _read_body(request)
         if allow_empty and not raw.strip():
             return {}
         return _json_object(raw)
@@ -398,7 +401,7 @@ class RefServer:
         )
 
     async def post_entry(self, request: web.Request) -> web.Response:
-        raw = await request.read()
+        raw = await _read_body(request)
         # Checked after the body is in and before anything else awaits: from here until the
         # commit this write counts as in flight, and a freeze waits for it.
         if self.frozen:
@@ -796,6 +799,18 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _error(500, "internal", "internal server error")
 
 
+async def _read_body(request: web.Request) -> bytes:
+    """The request's body (aiohttp's ``client_max_size`` at most), within ``gate.BODY_SECONDS``:
+    a body sent a byte at a time held its connection (and the memory of what it had sent)
+    for as long as its client liked, past the gate's head deadline (review s69 revref H1).
+    Else a 408; aiohttp then closes the connection (after its lingering time, 10 s, at most)."""
+    try:
+        async with asyncio.timeout(gate.BODY_SECONDS):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="the request's body did not come in time") from None
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -893,17 +908,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
-async def _start_public(server: RefServer, ssl_context: Any, public: web.AppRunner) -> None:
+async def _start_public(server: RefServer, ssl_context: Any, public: PublicListeners) -> None:
     c = server.config
     for scheme in c.listen:
-        site = web.TCPSite(
-            public,
-            c.address,
-            c.port(scheme),
-            ssl_context=ssl_context if scheme == "https" else None,
-        )
         try:
-            await site.start()
+            await public.listen(
+                c.address, c.port(scheme), ssl_context if scheme == "https" else None
+            )
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {scheme}://{c.address}:{c.port(scheme)}: {exc.strerror or exc}"
@@ -940,6 +951,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
     store: Store | None = None
     server: RefServer | None = None
     runners: list[web.AppRunner] = []
+    listeners: PublicListeners | None = None
     started = False
     bound: tuple[int, int] | None = None  # the admin socket file this server bound
     try:
@@ -967,6 +979,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             logger=_HttpLog(),
             handle_signals=False,
             shutdown_timeout=CLOSE_CONNECTIONS_SECONDS,
+            keepalive_timeout=gate.HEAD_SECONDS,
         )
         admin = web.AppRunner(
             server.admin_app(),
@@ -978,7 +991,9 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         for runner in (public, admin):
             await runner.setup()
             runners.append(runner)
-        await _start_public(server, loaded.ssl_context, public)
+        assert public.server is not None
+        listeners = PublicListeners(public.server)
+        await _start_public(server, loaded.ssl_context, listeners)
         if start_delay:
             log.warning("test_hook.start_delay", seconds=start_delay, env=START_DELAY_ENV)
             with contextlib.suppress(TimeoutError):  # a stop asked meanwhile ends it
@@ -1024,8 +1039,13 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         return 0
     finally:
         # Public first (waits for in-flight requests), the admin socket last.
+        if listeners is not None:
+            await listeners.stop()
         for runner in runners:
             await runner.cleanup()
+            if listeners is not None:  # (the public runner's: a stop waits for no client)
+                await listeners.abort_all()
+                listeners = None
         # Only the file this server bound: never one another server put in its place.
         with contextlib.suppress(FileNotFoundError):
             if bound is not None and _identity(c.admin_socket) == bound:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -40,7 +41,7 @@ from structlog.testing import capture_logs
 from leader.cli.password import verifier_json
 from leader.cli.rollout import rollout_request
 from nodeagent import clients as client_sources
-from nodeagent import drivers, plans, transaction
+from nodeagent import drivers, plans, ports, transaction
 from nodeagent.drivers import (
     Driver,
     DriverError,
@@ -54,7 +55,7 @@ from nodeagent.drivers import (
 )
 from nodeagent.journal import Journal
 from nodeagent.leader_link import live_server
-from nodeagent.service import login_failures
+from nodeagent.service import NodeAgentService, login_failures
 from tests.cluster import AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
@@ -1624,6 +1625,62 @@ async def test_reference_driver_start_gives_up_after_its_timeout(tmp_path: Path)
             child.wait(10)
 
 
+async def test_a_start_that_timed_out_leaves_no_server_to_come_up_later(tmp_path: Path) -> None:
+    """Review s69 revref M: a start that gave up left the server it started running. One that
+    had not written its pid file yet escaped the stop after it (the way back's), came up
+    later on the config the agent had gone back from, or kept the next start from taking the
+    data_dir. Now the driver stops what it started before it says the start failed."""
+    driver = reference_driver(tmp_path)
+    spawned: list[subprocess.Popen[bytes]] = []
+    spawn = driver._spawn
+
+    def recording(notify_socket: str | None = None) -> subprocess.Popen[bytes]:
+        child = spawn(notify_socket)
+        spawned.append(child)
+        return child
+
+    driver._spawn = recording  # type: ignore[method-assign]
+    try:
+        with pytest.raises(DriverError, match=r"^the server did not answer within 0.05s$"):
+            await driver.start(timeout=0.05)  # too short for a Python process to start
+        assert len(spawned) == 1
+        assert spawned[0].poll() is not None, "the server whose start timed out still runs"
+        assert not (driver.data_dir / "refserver.pid").exists()
+        await driver.start(timeout=30)  # and the next start takes the data_dir
+        assert (await driver.status())["pid"] == spawned[1].pid
+    finally:
+        for child in spawned:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+
+
+def test_a_port_on_an_address_not_of_this_machine_is_a_problem_not_an_error() -> None:
+    """Review s69 revref M: the preflight's port check bound the server's address to see
+    whether the port was free; an address this machine does not have (EADDRNOTAVAIL: a typo in
+    the server's config, an address moved) raised OSError, and the preflight ended as an
+    internal error with no reason. Now it is the node's problem, one line."""
+    unassigned = ServerFacts("192.0.2.1", "/app/", 8080, 8443, ("http",))
+    service = SimpleNamespace(driver=None, cfg=SimpleNamespace(bootstrap_port=9443))
+    assert NodeAgentService._port_problems(service, unassigned) == [  # type: ignore[arg-type]
+        f"port {port} ({what}) on 192.0.2.1 cannot be listened on: "
+        "the address is not one of this machine's" + tail
+        for port, what, tail in (
+            (8443, "https", ""),
+            (9443, "bootstrap", "; set [agent].bootstrap_port to a free port"),
+        )
+    ]
+    address = next_loopback()
+    with socket.create_server((address, 0)) as listener:
+        port = listener.getsockname()[1]
+        taken = ports.port_problem(address, port, "https", set())
+        assert taken is not None and taken.startswith(
+            f"port {port} (https) on {address} is taken by"
+        )
+        assert ports.port_problem(address, port, "https", {os.getpid()}) is None  # our own
+    assert ports.port_problem(address, port, "https", set()) is None
+
+
 def lowest_free_fd() -> int:
     """The lowest descriptor number this process does not use (``dup`` takes that one)."""
     fd = os.dup(0)
@@ -1902,9 +1959,22 @@ async def test_reference_driver_refuses_a_socket_others_could_have_put_there(
         with pytest.raises(DriverError, match="not trusting"):
             await driver.status()
         assert asked == []
+        # Review s69 revref M: so does the systemd driver (it trusted any socket anywhere).
+        settings = {
+            "config_file": str(tmp_path / "srv.conf"),
+            "template": str(tmp_path / "srv.conf.tmpl"),
+            "app_path": "/",
+            "unit": "srv.service",
+            "admin_socket": str(sock),
+        }
+        unit = SystemdDriver(Section(tmp_path / "agent.toml", "server", settings), "10.0.0.5")
+        with pytest.raises(DriverError, match=r"not trusting the admin socket .*writ"):
+            await unit.freeze(5)
+        assert asked == []
         shared.chmod(0o700)  # ours alone: now it is the server's socket
         assert (await driver.status())["frozen"] is True
-        assert asked == ["/admin/status"]
+        assert (await unit.status())["frozen"] is True
+        assert asked == ["/admin/status", "/admin/status"]
     finally:
         await runner.cleanup()
 
@@ -2657,6 +2727,30 @@ async def test_a_freeze_answer_is_checked_for_its_watermark_as_a_status_is(
     assert str(refused.value) == (
         f"the server's freeze answer has no write watermark (an integer; its keys: {keys})"
     )
+
+
+async def test_a_freeze_answered_unfrozen_is_no_freeze(tmp_path: Path) -> None:
+    """Review s69 revref L: a freeze waits for writes in flight with its lock released, so an
+    unfreeze sent meanwhile answers first, and the freeze then answers drained but
+    ``"frozen": false``. The driver took it for a freeze (it reads ``drained`` alone)."""
+    body = json.dumps({"frozen": False, "watermark": 7, "drained": True}).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    freezer = drivers._AdminSocketFreeze()
+    freezer.admin = drivers.AdminSocketClient(path, timeout=5)
+    try:
+        with pytest.raises(DriverError, match=r"^the server was unfrozen again before its freeze"):
+            await freezer.freeze(10)
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def test_the_reference_config_says_where_the_previous_one_is_kept(tmp_path: Path) -> None:

@@ -10,17 +10,21 @@ port. A real leader and agent as processes, real mutual TLS.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from refserver import gate as refserver_gate
 from tests.cluster import wait_until
-from tests.conftest import next_loopback
+from tests.conftest import IssuedCert, next_loopback
 from tests.nodeside import cluster_of
+from tests.refserver_helper import RefServer
 from tests.test_viewer_limits import fd_count, out_of_descriptors
 from tlsroll import rpc
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
@@ -113,3 +117,89 @@ def test_a_flood_of_idle_connections_leaves_the_leader_and_the_agent_working(
             for conns in silent.values():
                 for conn in conns:
                     conn.close()
+
+
+def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_admin_working(
+    tmp_path: Path, loopback: Callable[[], str], issue_cert: Callable[..., IssuedCert]
+) -> None:
+    """Review s69 revref H1: the reference server took every connection anyone opened on 8080
+    and 8443, and held one that sent half a request head (or no TLS handshake) for as long as
+    aiohttp's keep-alive (75 s) or asyncio's handshake timeout (60 s) let it. One LAN host
+    filled its descriptors (the agent's unit gives it 4096; lowered here): its admin socket
+    then accepted nothing, and the agent could neither freeze it nor ask its status (every
+    switch of the node failed). Now the public connections have a cap the descriptors leave
+    room under, and one with no whole request head within ``HEAD_SECONDS`` is closed."""
+    address = loopback()
+    cert = issue_cert(address)
+    server = RefServer(
+        tmp_path / "rs",
+        address,
+        listen=["http", "https"],
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+    )
+    held: list[socket.socket] = []
+    try:
+        server.start()
+        pid = server.pid
+        _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        cap, before = 40, fd_count(pid)
+        limit = before + cap + refserver_gate.RESERVED_DESCRIPTORS
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+        # A body a byte at a time, past its head: it held its place for as long as it went on.
+        slow = socket.create_connection((address, server.port("http")), timeout=5)
+        held.append(slow)
+        slow.sendall(
+            f"POST {server.app_path}entries HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+        )
+        began = time.monotonic()
+        for port in (server.port("http"), server.port("https")):
+            conns = _flood(address, port, 150)
+            for conn in conns:
+                with contextlib.suppress(OSError):  # (one refused is closed already)
+                    conn.send(b"POST /" if port == server.port("http") else b"")
+            held += conns
+        wait_until(
+            lambda: fd_count(pid) >= limit - refserver_gate.RESERVED_DESCRIPTORS - 8,
+            20,
+            "the reference server took its cap of connections",
+            interval=0.2,
+        )
+        assert fd_count(pid) < limit
+        # Its admin socket answers, and freezes it, while the flood holds every place.
+        assert server.status()["frozen"] is False
+        assert server.freeze(drain_timeout=1)["drained"] is True
+        assert server.unfreeze()["frozen"] is False
+        assert not out_of_descriptors(server.log_events())
+        # Every one of them is closed by the server: admitted ones at the head (or handshake)
+        # deadline, the rest as they were accepted; the slow body is a 408 at its deadline,
+        # then closed (aiohttp's lingering time: 10 s).
+        answer = b""
+        while True:
+            slow.settimeout(1.0)
+            try:
+                slow.sendall(b" ")  # (a byte every second: never idle)
+                got = slow.recv(4096)
+            except (ConnectionResetError, BrokenPipeError):
+                break  # closed as the byte came
+            except TimeoutError:
+                assert time.monotonic() - began < refserver_gate.BODY_SECONDS + 60, answer
+                continue
+            if not got:
+                break
+            answer += got
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        for conn in held:
+            conn.settimeout(refserver_gate.HEAD_SECONDS + 30 - (time.monotonic() - began))
+            with contextlib.suppress(ConnectionResetError):
+                assert conn.recv(1) == b""
+        wait_until(
+            lambda: fd_count(pid) <= before + 4, 20, "the flood's descriptors closed", interval=0.2
+        )
+        # And it serves again.
+        assert server.request("POST", "entries", {"after": "flood"}).status == 201
+    finally:
+        for conn in held:
+            conn.close()
+        server.close()

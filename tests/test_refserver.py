@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import pytest
 import structlog
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from refserver import config as refserver_config
@@ -869,6 +870,44 @@ def test_a_certificate_and_key_the_wrong_way_round_are_said_so(
     server.write_config(key_file=cert.key_file)
     server.start()
     assert not port_open(address, 8080) and port_open(address, 8443)
+
+
+def test_a_key_not_of_the_certificate_or_with_a_passphrase_is_said_so(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    """Review s69 revref L: a key not of the certificate was "[server].cert_file: cannot load
+    certificate/key/CA: [X509: KEY_VALUES_MISMATCH] key values mismatch (_ssl.c:3926)", and a
+    key with a passphrase "[server].cert_file: ... [SSL] PEM lib": both under the wrong key."""
+    address = loopback()
+    cert, other = issue_cert(address), issue_cert(loopback())  # (a directory per address)
+    server = make_server(
+        address=address, listen=["https"], cert_file=cert.cert_file, key_file=other.key_file
+    )
+    assert_config_error(
+        server,
+        f"[server].key_file: {other.key_file} is not the key of the certificate in "
+        f"{cert.cert_file}",
+    )
+    key = serialization.load_pem_private_key(cert.key_file.read_bytes(), None)
+    forms = {
+        "pkcs8": serialization.PrivateFormat.PKCS8,
+        "traditional": serialization.PrivateFormat.TraditionalOpenSSL,
+    }
+    for name, form in forms.items():
+        locked = cert.key_file.with_name(f"locked-{name}.pem")
+        write_atomic(
+            locked,
+            key.private_bytes(
+                Encoding.PEM, form, serialization.BestAvailableEncryption(b"passphrase")
+            ),
+            PRIVATE,
+        )
+        server.write_config(key_file=locked)
+        assert_config_error(
+            server,
+            f"[server].key_file: {locked} is encrypted: the server takes a key without a "
+            "passphrase",
+        )
 
 
 def test_bad_verifier_file_is_refused(make_server: MakeServer, tmp_path: Path) -> None:
