@@ -936,15 +936,15 @@ class Runner:
             latest: Txn | None = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
             txn = latest or txn
         plan = Plan.from_json(txn.plan)
+        stayed = False  # the server never restarted since the source ran: it runs the source
         if txn.phase in (Phase.CONFIG_WRITTEN, Phase.RESTARTED):
             which, schemes, config = "target", plan.target_schemes, txn.target_config
             fingerprint, watermark = plan.target_fingerprint, txn.watermark
         elif txn.phase in (Phase.ROLLING_BACK, Phase.RESTORED, Phase.RB_RESTARTED):
             which, schemes, config = "source", plan.source_schemes, txn.source_config
             fingerprint, watermark = "", None
-            if txn.phase is Phase.ROLLING_BACK and (
-                (txn.failed_phase or Phase.STARTED) not in TARGET_MAY_BE_RUNNING
-            ):
+            stayed = (txn.failed_phase or Phase.STARTED) not in TARGET_MAY_BE_RUNNING
+            if txn.phase is Phase.ROLLING_BACK and stayed:
                 config = None  # the target never restarted: the file alone tells nothing
         else:
             return ""  # the source still loaded (the target not restarted), or verified
@@ -956,8 +956,11 @@ class Runner:
             if config is not None and await dbthread.run(self.driver.read_config) != config:
                 return f"{where}: its config file is not the {which}"
             await self._verify(txn, plan, schemes, fingerprint, watermark)
-            alike = plan.source_schemes == plan.target_schemes and not plan.target_fingerprint
-            if alike:  # the two answer alike: the server must have started after the write
+            # The two answer alike (the source's check names no certificate: on the way back
+            # a rotation's target passes it too, review 1 of s69): the server must have
+            # started after the write.
+            alike = plan.source_schemes == plan.target_schemes and not fingerprint
+            if alike and not stayed:
                 status = await self.driver.status()
                 unloaded = await dbthread.run(_not_loaded, self.driver.config_file, status)
                 if unloaded:

@@ -830,6 +830,74 @@ async def test_a_transaction_that_dies_with_an_unverified_config_live_keeps_the_
     resumed.close()
 
 
+# A certificate's rotation: https before and after, the target told apart by its certificate
+# only; the source by nothing from outside (a verify of the source names no certificate).
+OLD_CERT = f'listen = ["https"]\ncert = "sha256:{"1" * 64}"\n'.encode()
+NAMES[OLD_CERT] = "old-cert"
+
+
+async def test_a_rotation_dying_on_its_way_back_keeps_the_freeze_while_the_target_runs(
+    world: Callable[..., World],
+) -> None:
+    """Review 1 of session 69: a rotation (https to https, a new certificate) whose target
+    failed its verify goes back; the disk fills as the source is written (its record,
+    ``restored``, cannot be written): the server still runs the target. ``_unproved`` checked
+    the source as the verify step does, naming no certificate, and the target answered as it
+    (https, the cluster's CA): the freeze was lifted on the target no verify passed. The source
+    is told from the target there only by the server's start after its config's write, as
+    for a change-password (``_not_loaded``); this server does not say when it started: kept."""
+    sc = replace(SCENARIOS["verify_fails"], start=OLD_CERT, ends_on=OLD_CERT)
+    w = world(sc)
+    assert w.plan.source_schemes == w.plan.target_schemes == ("https",)
+    journal = FullFrom(w.journal_path, "restored")
+    with pytest.raises(JournalError):
+        await w.run(journal)
+    journal.close()
+
+    s = w.server
+    journal = FullFrom(w.journal_path, "restored")
+    runner = w.runner(journal)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    journal.close()
+    assert runner.dead.is_set()
+    assert (s.config, s.running) == (OLD_CERT, WRONG_CERT)  # the source on disk, not loaded
+    assert s.frozen and "unfreeze" not in s.ops, (s.ops, runner.fatal)
+    assert "the freeze is kept" in runner.fatal, runner.fatal
+
+    _, resumed = await w.resume()  # room again: the way back ends as it would have
+    w.assert_ended_well(resumed)
+    resumed.close()
+
+
+async def test_a_rotation_dying_on_its_way_back_before_any_restart_lifts_the_freeze(
+    world: Callable[..., World],
+) -> None:
+    """The other side of the test above: the target's write failed (no restart was made, the
+    server runs the source it ran before) and the journal fills as the way back records
+    ``restored``. Nothing but the source can run: the freeze is lifted, as before, not kept
+    for a start time the server does not say (the source and target answer alike only to the
+    source's check)."""
+    sc = replace(SCENARIOS["completes"], start=OLD_CERT)
+    w = world(sc)
+    w.driver = FailingWrites(w.server, w.driver.config_file, [OSError(errno.ENOSPC, "no")])
+    journal = FullFrom(w.journal_path, "restored")
+    runner = w.runner(journal)
+    with pytest.raises(JournalError):
+        await w.run(journal)
+    journal.close()
+
+    s = w.server
+    journal = FullFrom(w.journal_path, "restored")
+    runner = w.runner(journal)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    journal.close()
+    assert runner.dead.is_set()
+    assert (s.config, s.running) == (OLD_CERT, OLD_CERT)
+    assert not s.frozen and "writes are accepted again" in runner.fatal, (s.ops, runner.fatal)
+
+
 class KilledAtRefreeze(CrashingJournal):
     """Killed around the refreeze: ``before``: right after journalling ``freeze again``, before
     the freeze call; ``after``: after the freeze, before its watermark reaches the journal."""
