@@ -48,6 +48,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import (
     AlreadyRetried,
+    PasswordStagedMeanwhile,
     RolloutMeta,
     RolloutRow,
     SchemaStore,
@@ -117,6 +118,9 @@ class RolloutRequest:
     auth_verifier_json: str | None = None
     # disable-tls: the enable-tls rollout to take back (None: every node on https now).
     undo_rollout_id: str | None = None
+    # change-password: the staged version the admin confirmed (0: not checked); another
+    # staged since the plan refuses the start (``PasswordStagedMeanwhile``).
+    applies_version: int = 0
     # ``rollout retry``: the rollout retried, the password version it applied, what it undid.
     retry_of: str = ""
     keep_auth_version: int = 0
@@ -727,6 +731,17 @@ class Commands:
         # would be applied where the plan skipped the nodes already on the planned one); the
         # create refuses the start if another was staged since (audit s32 M1).
         latest = planned.auth_latest
+        staged_one = CHANGES[request.change].password is Password.STAGED
+        if staged_one and request.applies_version and latest != request.applies_version:
+            # The admin confirmed (or named) another version: a `password set` came between
+            # their plan and this start (review s69 revrace). The create checks ``latest``
+            # again in its transaction: what it applies is the version confirmed.
+            if latest > request.applies_version:
+                raise PasswordStagedMeanwhile(request.applies_version, latest)
+            raise planner.PlanError(
+                f"no password version {request.applies_version} is staged (the newest is "
+                f"{latest}); nothing started"
+            )
         auth = planner.decide_auth(
             request.change,
             bool(request.auth_verifier_json),
@@ -734,7 +749,6 @@ class Commands:
             in_use=planned.password_in_use,
             keep=request.keep_auth_version,
         )
-        staged_one = CHANGES[request.change].password is Password.STAGED
         if auth.add_new:
             assert request.auth_verifier_json is not None
             _check_verifier(request.auth_verifier_json)

@@ -131,6 +131,28 @@ def test_each_password_says_which_staged_one_it_replaces_and_rollouts_which_they
     assert start.returncode == 0, start.stdout + start.stderr
     assert re.search(rf"applies password version 4, {STAGED_BY}", flat(start.stdout))
 
+    # The plan confirmed applies version 5; a second admin stages version 6 while the first
+    # is asked: the start is refused, nothing started (it applied version 6, which the first
+    # admin never saw: review s69 revrace M).
+    fifth = cluster.cli("password", "set", "--password-file", str(pw2))
+    assert fifth.returncode == 0, fifth.stderr
+    term = Terminal(cluster, "rollout", "start", "--scope", "local", "--change", "change-password")
+    try:
+        term.read_until("Start the switch now?")
+        assert re.search(rf"applies password version 5, {STAGED_BY}", flat(term.screen))
+        sixth = cluster.cli("password", "set", "--password-file", str(pw3))
+        assert sixth.returncode == 0, sixth.stderr
+        before = cluster.store_rows(("rollouts",))
+        term.type("y\n")
+        assert term.finish() == 1, term.screen
+    finally:
+        term.close()
+    assert (
+        "auth password version 6 was staged while this rollout was planned (with version 5);"
+        " nothing started" in flat(term.screen)
+    ), term.screen
+    assert cluster.store_rows(("rollouts",)) == before
+
 
 def test_a_generated_password_is_not_shown_when_the_leader_would_refuse_it(
     one_node: tuple[Cluster, Node], tmp_path: Path

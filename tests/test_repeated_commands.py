@@ -487,3 +487,84 @@ def test_a_real_start_whose_caller_gave_up_still_starts_and_its_stages_find_the_
             assert served(node.address, HTTPS_PORT, practice.pem) == issued[node.name][0]
     finally:
         close(cluster, nodes)
+
+
+# --- s69 revrace: the password version the admin confirmed ----------------------------------
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class Context:
+    """The servicer context as far as ``map_errors`` uses it: ``abort`` raises."""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+async def test_a_change_password_start_applies_the_version_confirmed_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s69 revrace (M): `rollout start --change change-password` showed "applies
+    password version 2" (or checked `--password-version 2` against its plan) and then asked
+    the leader to start; a second admin's `password set` in between (allowed: no rollout runs)
+    had the start apply version 3, which the first admin never confirmed, and nodes took a
+    password they did not know of. The start names the version confirmed (``auth_version``)
+    and is refused if another is the newest, nothing created; named again, it applies it."""
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import rollout_request
+    from leader.service import LeaderState
+    from tests.test_engine import VERIFIER_2, make_world, verifier
+
+    world = make_world(tmp_path, monkeypatch)
+    leader_ = world.boot()
+    await leader_.start()  # enable-tls with password version 1
+    assert (await leader_.run()).rollout.state is RolloutState.COMPLETED
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, leader_.schema
+    )
+    context: Any = Context()
+    from tlsroll.v1 import admin_pb2
+
+    staged = await service.SetPassword(
+        admin_pb2.SetPasswordRequest(auth_verifier_json=VERIFIER_2), context
+    )
+    assert staged.version == 2
+    request = rollout_request("cluster", None, 1, "node", "change-password")
+    planned = await service.PlanRollout(request, context)
+    assert planned.applies.version == 2  # what the admin is shown and confirms
+    # ... while a second admin stages another password
+    other = await service.SetPassword(
+        admin_pb2.SetPasswordRequest(auth_verifier_json=verifier(3)), context
+    )
+    assert other.version == 3
+    before = leader_.schema.latest()
+    request.auth_version = planned.applies.version  # as the CLI sends it
+    with pytest.raises(Aborted) as refused:
+        await service.StartRollout(request, context)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details == (
+        "auth password version 3 was staged while this rollout was planned (with version 2); "
+        "nothing started: start it again to apply version 3"
+    )
+    assert leader_.schema.latest() == before  # nothing created
+    # A version that was never staged is refused as such.
+    request.auth_version = 4
+    with pytest.raises(Aborted) as unknown:
+        await service.StartRollout(request, context)
+    assert unknown.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert unknown.value.details == (
+        "no password version 4 is staged (the newest is 3); nothing started"
+    )
+    assert leader_.schema.latest() == before
+    # Planned and confirmed again: version 3 goes out.
+    request.auth_version = (await service.PlanRollout(request, context)).applies.version
+    view = await service.StartRollout(request, context)
+    assert view.auth_version == 3
+    row = await leader_.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    assert set(leader_.schema.node_auth().values()) == {3}
+    await leader_.stop()

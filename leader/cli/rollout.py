@@ -492,6 +492,10 @@ def rollout_start(
                 f"rollout applies now: that is version {applies_text(planned.applies)} "
                 "(only the newest staged version is applied); nothing was started"
             )
+        if change == "change-password":
+            # The version confirmed (shown, or named): the leader refuses the start if
+            # another admin stages one meanwhile (it applied that one: review s69 revrace).
+            request.auth_version = planned.applies.version
         in_use = planned.password_version_in_use
         # A new password (the file's, or one generated below) while the leader cannot
         # confirm that none is in use, or a start without one that the doubt refuses too (no

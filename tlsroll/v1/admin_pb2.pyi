@@ -485,6 +485,7 @@ class RolloutRequest(_message.Message):
     STRATEGY_FIELD_NUMBER: _builtins.int
     CERT_DIR_FIELD_NUMBER: _builtins.int
     REFUSE_IF_BUSY_FIELD_NUMBER: _builtins.int
+    AUTH_VERSION_FIELD_NUMBER: _builtins.int
     change: _types_pb2.Change.ValueType
     """Required."""
     scope: _types_pb2.ScopeKind.ValueType
@@ -511,6 +512,11 @@ class RolloutRequest(_message.Message):
     busy switching, made the refusal "cannot ask the agent of NODE": review rev58a M2).
     `tlsroll plan` leaves it unset: the plan, with `busy` and a warning.
     """
+    auth_version: _builtins.int
+    """change-password: the staged password version the admin confirmed (the plan's `applies`, or
+    `--password-version`); the start is refused (FAILED_PRECONDITION) if the newest staged
+    version is another one: another admin's `password set` since the plan. 0: not checked.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SCOPE_KIND_NODES: the nodes."""
@@ -536,10 +542,11 @@ class RolloutRequest(_message.Message):
         strategy: _types_pb2.Strategy.ValueType = ...,
         cert_dir: Global___CertDir | None = ...,
         refuse_if_busy: _builtins.bool = ...,
+        auth_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cert_dir", b"cert_dir"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "cert_dir", b"cert_dir", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "refuse_if_busy", b"refuse_if_busy", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "auth_version", b"auth_version", "cert_dir", b"cert_dir", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "refuse_if_busy", b"refuse_if_busy", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
