@@ -1170,7 +1170,8 @@ async def test_a_restarts_server_is_not_killed_however_many_outputs_are_held(
                 assert await drivers._run(["sh", "-c", helper], 10, "status") == ""
             script = f"nohup sh -c {shlex.quote(server)} & echo restarted"
             out = await drivers._run(["sh", "-c", script], 10, "restart")
-            assert out.startswith("restarted\n"), out  # (and the server's first lines, maybe)
+            # (and the server's first lines, maybe: before it too, on a loaded machine)
+            assert "restarted" in out.splitlines(), out
             await _until(lambda: pids.exists() and len(pids.read_text().split()) == 18, 10, "pids")
             pid = int(pids.read_text().split()[-1])
             await asyncio.sleep(1)  # about 20 lines on each output after the restart returned
