@@ -465,6 +465,7 @@ class Reader:
             login_failures=guessed,
             fresh=reports,
             reported=self.store.report_since_start,
+            behind=shown.behind,
         )
         if every:  # (every rollout read: as `schema show --all`; a page reads only some)
             message.total_rollouts = len(rows)
@@ -526,7 +527,8 @@ class Reader:
             schema=message,
             data=data,
             nodes=nodes,
-            pending_passwords=tuple(sorted(pending)),
+            # (those behind the newest staged password: the removed nodes left out)
+            pending_passwords=tuple(n for n, _ in shown.behind.nodes) if shown.behind else (),
             certificates=self.own_certs
             + agents
             + self._served({n.name for n, _ in enrolled})
