@@ -240,7 +240,7 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
 
     def one_ended() -> bool:
         latest = world.poll()["rollouts"][0]
-        return latest["change"] == "change-password" and latest["state"] == "completed"
+        return bool(latest["change"] == "change-password" and latest["state"] == "completed")
 
     wait_until(one_ended, 90, "the change-password of node2", interval=LEADER_POLL)
     data = world.schema()

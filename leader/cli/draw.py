@@ -492,8 +492,7 @@ def password_behind_words(behind: View) -> tuple[str, str, str]:
     newest = f"password version {behind.get('version', 0)}"
     staged = f"staged by {behind.get('staged_by') or '-'} at {fmt_time(behind, 'staged_at')}"
     nodes = ", ".join(
-        f"{n.get('node', '')} (version {n.get('live_version', 0)})"
-        for n in behind.get("nodes", [])
+        f"{n.get('node', '')} (version {n.get('live_version', 0)})" for n in behind.get("nodes", [])
     )
     return (
         f"{newest} ({staged})",
