@@ -271,6 +271,17 @@ class Shown:
     clients: list[Client]  # ``clients_report``
     infos: dict[str, ClientsInfo]
     nodes: list[sqlite3.Row]  # what ``shown``'s ``nodes`` read (the enrolled nodes' rows)
+    behind: PasswordBehind | None = None  # ``password_behind``
+
+
+@dataclass(frozen=True)
+class PasswordBehind:
+    """The newest staged auth password (never the verifier) and the nodes whose live one is
+    older, each with the version it runs (``SchemaStore.password_behind``): what a
+    change-password that ended part way left (review s69 revpass3 M1)."""
+
+    staged: StagedAuth
+    nodes: tuple[tuple[str, int], ...]  # (node, live version), by name
 
 
 @dataclass(frozen=True)
@@ -817,7 +828,8 @@ class SchemaStore(LeaderStore):
             else:
                 seen, infos = [], {}
             enrolled = nodes(db) if nodes is not None else []
-        return Shown(list(rows), total, pending, seen, infos, enrolled)
+            behind = self._behind(db, pending)
+        return Shown(list(rows), total, pending, seen, infos, enrolled, behind)
 
     # What ``_http_report`` read last: the generation and count it was read at, its mark in
     # ``Database.cache`` (gone once another connection wrote or a transaction failed after
@@ -1390,6 +1402,30 @@ class SchemaStore(LeaderStore):
         """Under the lock: ``pending_password_nodes``."""
         latest = int(db.execute(_LATEST_AUTH).fetchone()[0])
         return {name for name, v in self._node_auth(db).items() if v < latest}
+
+    def password_behind(self) -> PasswordBehind | None:
+        """``PasswordBehind`` now (None: no node is behind), read at once."""
+        with self._db.read() as db:
+            return self._behind(db, self._pending(db))
+
+    def _behind(self, db: sqlite3.Connection, pending: set[str]) -> PasswordBehind | None:
+        """Under the lock: ``PasswordBehind`` of ``pending`` (``_pending``), the nodes removed
+        since left out (their record of the password stays; no workstation goes there)."""
+        if not pending:
+            return None
+        removed = {
+            str(r[0])
+            for r in db.execute("SELECT name FROM nodes WHERE removed_at IS NOT NULL").fetchall()
+        }
+        live = self._node_auth(db)
+        nodes = tuple(sorted((n, live[n]) for n in pending if n not in removed))
+        row = db.execute(
+            "SELECT version, created_at, actor FROM auth_versions ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        if not nodes or row is None:
+            return None
+        staged = StagedAuth(int(row["version"]), str(row["actor"]), from_text(row["created_at"]))
+        return PasswordBehind(staged, nodes)
 
     def set_node_auth(self, name: str, version: int | None, now: dt.datetime) -> None:
         """Record the password live on a node (None: the node is back on http, none is)."""

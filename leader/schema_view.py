@@ -37,6 +37,7 @@ from leader.schema_store import (
     BootstrapFailureRow,
     ClientsInfo,
     NodeDetail,
+    PasswordBehind,
     RolloutHead,
     RolloutRow,
     SchemaStore,
@@ -443,6 +444,7 @@ def schema_message(
     fresh: Collection[str],
     reported: Reported,
     servers: Mapping[str, str] | None = None,
+    behind: PasswordBehind | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
@@ -454,7 +456,9 @@ def schema_message(
     client report speaks for now (``fresh_reports``; who is still on http:
     ``still_on_http_now``); ``reported``: ``Reported`` (each node that waits for it says so:
     ``awaits_report``); ``servers``: each enrolled node with what its server serves by its
-    latest heartbeat (``LeaderState.live_servers``): ``mixed_cluster`` if it is mixed."""
+    latest heartbeat (``LeaderState.live_servers``): ``mixed_cluster`` if it is mixed;
+    ``behind``: the nodes whose live password is older than the newest
+    staged one (``SchemaStore.password_behind``)."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now, fresh))
     return schema_pb2.Schema(
@@ -502,6 +506,24 @@ def schema_message(
         node_problems=[problem_view(p) for p in node_problems],
         server_login_failures=[login_failures_view(f) for f in login_failures],
         mixed_cluster=mixed_view(servers) if servers else None,
+        password_behind=behind_view(behind) if behind is not None else None,
+    )
+
+
+def finish_password_command(nodes: Iterable[str]) -> str:
+    """The start that gives ``nodes`` the newest staged password (``PasswordBehindView``)."""
+    return f"tlsroll rollout start --change change-password --nodes {','.join(nodes)}"
+
+
+def behind_view(behind: PasswordBehind) -> schema_pb2.PasswordBehindView:
+    """``PasswordBehind`` as the schema carries it: versions, who staged, never a verifier."""
+    staged = behind.staged
+    return schema_pb2.PasswordBehindView(
+        version=staged.version,
+        staged_by=staged.staged_by,
+        staged_at=timestamp(staged.staged_at),
+        nodes=[schema_pb2.PasswordBehindNode(node=n, live_version=v) for n, v in behind.nodes],
+        command=finish_password_command(n for n, _ in behind.nodes),
     )
 
 
@@ -662,6 +684,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         now = self.clock()  # after the read: never before what it shows
         parts: dict[str, Any] = {
             "pending": shown.pending,
+            "behind": shown.behind,
             "now": now,
             "clients": shown.clients,
             "infos": shown.infos,

@@ -2551,6 +2551,32 @@ async def test_change_password_skips_the_stage_and_applies_the_staged_password(
     await leader.stop()
 
 
+async def test_a_change_password_rolled_back_at_a_node_leaves_it_behind_and_says_so(
+    world: World,
+) -> None:
+    """Review s69 revpass3 (3): a node whose change-password switch fails the outside check is
+    rolled back by its agent to the password live before it; the leader keeps recording that
+    one for it, and the schema names it behind the newest (``password_behind``, with the
+    command that finishes it), not the nodes done."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    before = world.agents["charlie"].verifier
+    world.agents["charlie"].outside_problem = "handshake: unknown CA"
+    await leader.start(Change.CHANGE_PASSWORD, failure_budget=1)
+    row = await leader.run()
+
+    assert states(row) == {"bravo": N.DONE, "charlie": N.ROLLED_BACK, "alpha": N.DONE}
+    charlie = world.agents["charlie"]
+    assert (charlie.scheme, charlie.verifier) == ("https", before) and before != VERIFIER_2
+    assert leader.schema.node_auth() == {"bravo": 2, "charlie": 1, "alpha": 2}
+    behind = leader.schema.password_behind()
+    assert behind is not None and behind.staged.version == 2
+    assert behind.nodes == (("charlie", 1),)
+    await leader.stop()
+
+
 @pytest.mark.parametrize("when", ["planning", "create"])
 async def test_a_password_staged_while_a_change_password_starts_refuses_the_start(
     world: World, when: str

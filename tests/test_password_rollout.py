@@ -231,9 +231,39 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
     assert "pending" in text
     assert login(world.nodes[0], PW1, ca_pem) == 200  # the old one still works until restart
 
+    # A change-password of node2 alone (review s69 revpass3 M1): the rollout's table names
+    # only node2, and nothing said that node1 and node3 still run version 1 (a PC there told
+    # the new password got "wrong password"). The schema says it cluster-wide: the newest
+    # version, who staged it, each node behind with the version it runs, and the command.
+    one = world.cli("rollout", "start", "--change", "change-password", "--nodes", "node2", "--yes")
+    assert one.returncode == 0, one.stderr
+
+    def one_ended() -> bool:
+        latest = world.poll()["rollouts"][0]
+        return bool(latest["change"] == "change-password" and latest["state"] == "completed")
+
+    wait_until(one_ended, 90, "the change-password of node2", interval=LEADER_POLL)
+    data = world.schema()
+    assert [n["name"] for n in data["rollouts"][0]["nodes"]] == ["node2"]
+    behind = data["password_behind"]
+    assert behind["version"] == 2 and behind["staged_by"] and behind["staged_at"], behind
+    assert behind["nodes"] == [
+        {"node": "node1", "live_version": 1},
+        {"node": "node3", "live_version": 1},
+    ], behind
+    finish = "tlsroll rollout start --change change-password --nodes node1,node3"
+    assert behind["command"] == finish, behind
+    text = world.cli("schema", "show").stdout
+    assert "password version 2" in text and f"staged by {behind['staged_by']}" in text, text
+    assert "node1 (version 1), node3 (version 1)" in text and finish in text, text
+    assert login(world.nodes[0], PW2, ca_pem) == 401  # what a PC there would meet
+    assert login(world.nodes[1], PW2, ca_pem) == 200
+
     rollout = world.run_rollout("--change", "change-password")
     assert rollout["state"] == "completed", rollout
     assert rollout["change"] == "change-password"
+    assert "password_behind" not in world.schema()
+    assert "password version" not in world.cli("schema", "show").stdout
     assert not any(n["password_pending"] for n in world.schema()["rollouts"][0]["nodes"])
 
     for node in world.nodes:

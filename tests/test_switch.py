@@ -35,9 +35,11 @@ from tests import procs
 from tests.cluster import LEADER_POLL, AdminTokenCluster, Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, TxnView, port_holder, read_only
-from tests.refserver_helper import Response
-from tlsroll import pki
+from tests.refserver_helper import Response, http_request
+from tlsroll import bootstrap_protocol as proto
+from tlsroll import password, pki
 from tlsroll.enums import Change
+from tlsroll.tls import unverified_client_context
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE
 
@@ -2051,3 +2053,60 @@ def test_a_later_rollouts_key_removes_only_a_stage_directory(tmp_path: Path) -> 
             ("stage.unknown_dir", str(tmp_path / "linked" / "tlsroll-tls")),
         ]
     )
+
+
+# --- a change-password rolled back ----------------------------------------------------------
+
+
+def test_a_change_password_rolled_back_serves_the_password_live_before(
+    make_node: NodeFactory,
+) -> None:
+    """Review s69 revpass3 (3), with the real drivers: a change-password switch that the
+    leader rolls back (its outside check failed) leaves the node on the password live before
+    it, at the server's login and at the bootstrap service (its hello's salt): the one the
+    leader still records for the node (a rolled-back node is never recorded done)."""
+    node = make_node()
+    node.stage("pw-tls")
+    node.switch("pw-tls")
+    done = node.wait_txn("pw-tls")
+    assert done.outcome == "completed", done.reason
+    secrets = {"pw-1": "first-password-kd7q-x2mf", "pw-2": "second-password-9wq3-p4hz"}
+    verifiers = {
+        rid: password.make_verifier(secret, **password.TEST_PARAMS)
+        for rid, secret in secrets.items()
+    }
+    for rid, verifier in verifiers.items():
+        with node.stub() as stub:
+            stub.Switch(
+                agent_pb2.SwitchRequest(
+                    command=node.command(rid),
+                    change=CHANGE.wire(Change.CHANGE_PASSWORD),
+                    auth_verifier_json=password.verifier_to_json(verifier),
+                ),
+                timeout=30,
+            )
+        assert node.wait_txn(rid).outcome == "completed"
+
+    def login(secret: str) -> int:
+        return node.post("https", {"password": secret}, "login").status
+
+    def salt() -> bytes | None:
+        try:
+            reply = http_request(
+                "GET",
+                f"https://{node.address}:9443{proto.HELLO_PATH}",
+                context=unverified_client_context(),
+            )
+        except OSError:
+            return None  # (the service restarting)
+        return proto.parse_hello(reply.body).kdf.salt if reply.status == 200 else None
+
+    def salt_of(rid: str) -> bytes:
+        return proto.NodePassword.of_verifier(verifiers[rid]).kdf.salt
+
+    assert (login(secrets["pw-1"]), login(secrets["pw-2"])) == (401, 200)
+    wait_until(lambda: salt() == salt_of("pw-2"), 30, "the bootstrap service on pw-2")
+    node.rollback("pw-2")
+    assert node.wait_txn("pw-2", "rollback").outcome == "completed"
+    assert (login(secrets["pw-1"]), login(secrets["pw-2"])) == (200, 401)
+    wait_until(lambda: salt() == salt_of("pw-1"), 30, "the bootstrap service back on pw-1")

@@ -789,6 +789,55 @@ def test_wrong_client_passwords_at_a_server_are_on_the_page_and_in_the_metrics_w
     assert shown[1]["last_at"] == "2026-11-30T08:58:00Z"
 
 
+def test_the_nodes_behind_the_newest_password_are_on_the_page_with_the_command(
+    store: Store,
+) -> None:
+    """Review s69 revpass3 M1: after a change-password that ended part way (here: node b got
+    version 2, a and c did not) only the rollout's own rows marked a node, and only those in
+    it. The page names, cluster-wide, the newest version and who staged it, each node still
+    on an older one with its version, and the command that finishes it; a removed node is
+    left out (its record of the password stays); the schema carries the same
+    (``password_behind``), never a verifier; with none behind there is no such section."""
+    enrol(store, ["a", "b", "c", "d"])
+    schema = SchemaStore(store.db)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=none_fresh)
+    page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    assert schema.stage_password('{"v": 1}', NOW, "admin:first") == 1
+    for name in ("a", "b", "c", "d"):
+        schema.set_node_auth(name, 1, NOW)
+    for lang in LANGS:
+        html = pages.schema_content(reader.read(), Words.of(lang), page)
+        assert 'id="passwords"' not in html
+    assert schema.stage_password('{"v": 2}', NOW, "admin:second") == 2
+    schema.set_node_auth("b", 2, NOW)
+    store.remove_node("d", now=NOW, actor="admin:test")
+    snap = reader.read(times=True)
+    finish = "tlsroll rollout start --change change-password --nodes a,c"
+    for lang, said in (
+        ("de", ("Passwort-Version 2 (hinterlegt von admin:second", "a: Version 1")),
+        ("en", ("Password version 2 (staged by admin:second", "a: version 1")),
+    ):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        (section,) = re.findall(r'<section id="passwords".*?</section>', html, re.S)
+        assert all(text in section for text in said), section
+        assert 'data-node="a" data-live="1"' in section and 'data-node="c"' in section
+        assert 'data-node="b"' not in section and 'data-node="d"' not in section
+        assert f"<code>{finish}</code>" in section
+    shown = wire.to_dict(snap.schema)["password_behind"]
+    assert shown == {
+        "version": 2,
+        "staged_by": "admin:second",
+        "staged_at": "2026-11-30T09:00:00Z",
+        "nodes": [{"node": "a", "live_version": 1}, {"node": "c", "live_version": 1}],
+        "command": finish,
+    }
+    assert snap.pending_passwords == ("a", "c")  # (the metrics' nodes: d left out too)
+    assert '"v"' not in json.dumps(shown)
+    schema.set_node_auth("a", 2, NOW)
+    schema.set_node_auth("c", 2, NOW)
+    assert "password_behind" not in wire.to_dict(reader.read().schema)
+
+
 @pytest.mark.parametrize(
     ("zone", "far"),
     [

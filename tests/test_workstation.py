@@ -60,7 +60,7 @@ from tests.test_bootstrap import (
     secrets_in,
 )
 from tests.test_workstation_settings import Crash, fault_at
-from tlsroll import bootstrap_base, bootstrap_csr, cli, fsutil, pki
+from tlsroll import bootstrap_base, bootstrap_csr, cli, fsutil, password, pki
 from tlsroll import bootstrap_protocol as proto
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -867,11 +867,13 @@ def on_terminal(
     *,
     port: str | None = None,
     env: dict[str, str] | None = None,
+    at_prompt: Callable[[], None] | None = None,
 ) -> tuple[int, str]:
     """``tlsroll ARGV`` on a pseudo-terminal that is its controlling terminal (the password
     prompt reads it with no echo); ``answer`` typed at the password prompt (None: none is
     expected; bytes: as they are, not UTF-8 encoded), ``port`` at the port prompt. The exit
-    code and the screen."""
+    code and the screen. ``at_prompt``: called once the password prompt shows, before the
+    answer is typed (what happens while a person types it)."""
     master, slave = pty.openpty()
     # The new session's leader takes the pty as its terminal, then becomes tlsroll (no
     # preexec_fn: the test's event loop runs in another thread).
@@ -902,6 +904,8 @@ def on_terminal(
                 os.write(master, (port or "").encode() + b"\n")
                 port_typed = True
             if not typed and b"not shown as you type" in screen:
+                if at_prompt is not None:
+                    at_prompt()
                 typing = answer if isinstance(answer, bytes) else (answer or "").encode()
                 os.write(master, typing + b"\n")
                 typed = True
@@ -978,6 +982,40 @@ async def test_a_generated_password_typed_in_capitals_or_without_hyphens_enrols(
         assert run.code == 0, run.out + run.err
     events = [e["event"] for e in logs]
     assert "bootstrap.password_refused" not in events
+
+
+async def test_a_password_changed_at_the_node_while_it_is_typed_enrols_with_the_new_one(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Review s69 revpass3 L2: the hello (the password's salt) was fetched before the password
+    prompt; a node whose change-password switch came while the admin typed the new password
+    (the agent's ``set_verifier``) took the exchange made with the old salt as a wrong
+    password, counted it toward its limits and said "wrong password". The hello is asked
+    again once a password is typed: the new password enrols, a note says why."""
+    node = nodes["tls"]
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--settings-dir", str(tmp_path / "settings"), "--name", "switched"]
+    loop = asyncio.get_running_loop()
+    async with bootstrap_on(node, test_ca) as service:
+        new = password.make_verifier(OTHER_PASSWORD, **password.TEST_PARAMS)
+
+        async def switch() -> None:
+            service.set_verifier(new)
+
+        def at_prompt() -> None:  # (in on_terminal's thread: the service's loop does it)
+            asyncio.run_coroutine_threadsafe(switch(), loop).result(10)
+
+        code, screen = await asyncio.to_thread(
+            on_terminal, argv, OTHER_PASSWORD, at_prompt=at_prompt
+        )
+        assert code == 0, screen
+        assert "the node's password changed while it was typed" in screen, screen
+        assert service.failures.pending() == []
+    events = [e["event"] for e in logs]
+    assert "bootstrap.password_refused" not in events and "bootstrap.enrolled" in events
 
 
 async def test_a_typed_password_that_is_not_utf8_is_refused_unsent(

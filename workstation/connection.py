@@ -957,6 +957,8 @@ class TestConnection:
             # groups, in its form (review s69 revpass L2); `password set` takes none of that
             # shape in another form, so this never makes a right password wrong.
             secret = folded(secret)
+            if o.password is None:  # typed: the node may have switched meanwhile
+                hello = self.hello_again(server.host, port, hello)
         node, node_url = hello.node, hello.server_url
         cert = key = None
         kept: Path | None = None  # where the new pair is kept aside (``keep_new_pair``)
@@ -1745,6 +1747,34 @@ class TestConnection:
             if exc.reason is proto.BootstrapReason.VERSION or _versioned(reply.body):
                 raise ClientError(Exit.FAILURE, f"{_netloc(host, port)}: {exc}") from None
             raise self._not_bootstrap(host, port, "no bootstrap hello") from None
+
+    def hello_again(self, host: str, port: int, hello: proto.Hello) -> proto.Hello:
+        """The node's hello asked again once the password was typed (review s69 revpass3 L2):
+        the first one came before the prompt, and a node whose change-password switch came
+        while it was typed serves the new password's salt since; the exchange made with the
+        old one failed as a wrong password (counted toward the node's limits) for the new
+        password typed right. Only the password's parameters may differ: another node name,
+        address, CA bundle or bootstrap certificate is refused, nothing sent."""
+        peer = self.hello_peer
+        fresh = self.fetch_hello(host, port)
+        if (fresh.node, fresh.server_url, fresh.ca_bundle_pem, self.hello_peer) != (
+            hello.node,
+            hello.server_url,
+            hello.ca_bundle_pem,
+            peer,
+        ):
+            raise ClientError(
+                Exit.FAILURE,
+                f"{_netloc(host, port)}: the bootstrap service answered otherwise while the "
+                "password was typed (another node name, address, CA or certificate): run this "
+                "again; nothing was sent",
+            )
+        if fresh.kdf != hello.kdf:
+            self.ui.say(
+                "note      the node's password changed while it was typed (its server "
+                "restarted with a new one): the exchange is made with the new one's parameters"
+            )
+        return fresh
 
     def _get_hello(self, host: str, port: int) -> Reply:
         return request(host, port, "GET", proto.HELLO_PATH, self.context, timeout=self.o.timeout)

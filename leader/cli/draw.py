@@ -488,6 +488,31 @@ def render_login_failures(rows: Sequence[View]) -> Block:
     return Block(head, table, LOGIN_FAILURES_HINT)
 
 
+def password_behind_words(behind: View) -> tuple[str, str, str]:
+    """What ``schema show`` and the viewer say of a ``PasswordBehindView``: (the newest
+    version and who staged it, the nodes behind with the version each runs, what a
+    workstation there meets and the command that finishes it)."""
+    newest = f"password version {behind.get('version', 0)}"
+    staged = f"staged by {behind.get('staged_by') or '-'} at {fmt_time(behind, 'staged_at')}"
+    nodes = ", ".join(
+        f"{n.get('node', '')} (version {n.get('live_version', 0)})" for n in behind.get("nodes", [])
+    )
+    return (
+        f"{newest} ({staged})",
+        nodes,
+        "a workstation set up there needs the password it runs; to give them the newest: "
+        + behind.get("command", ""),
+    )
+
+
+def render_password_behind(behind: View) -> Block:
+    """The nodes whose live auth password is older than the newest staged one (review s69
+    revpass3 M1: after a change-password that ended part way only ``plan`` said so)."""
+    newest, nodes, then = password_behind_words(behind)
+    head = Styled(f"{newest} not live on every node", "bold yellow")
+    return Block(head, f"still on an older one: {nodes}", then)
+
+
 def render_node_problems(problems: Sequence[View]) -> Block:
     """The nodes the leader sees a problem with now (two agents use one node's identity: held,
     neither planned nor switched; its clock differs from the leader's), each with what to do

@@ -77,6 +77,7 @@ def schema_show(
         render_failures,
         render_login_failures,
         render_node_problems,
+        render_password_behind,
         render_revocations,
         render_rollout,
     )
@@ -94,6 +95,8 @@ def schema_show(
 
         m = Mixed(*(tuple(mixed.get(k, ())) for k in ("on_http", "on_https", "unknown")))
         parts.append(mixed_line(m))  # (the words of `tlsroll nodes`)
+    if data.get("password_behind"):  # (a change-password that ended part way: s69 M1)
+        parts.append(render_password_behind(data["password_behind"]))
     if data.get("node_clients"):
         parts.append(render_clients(data["node_clients"]))
     older = data.get("total_rollouts", 0) - len(rollouts)

@@ -115,6 +115,11 @@ _DE: dict[str, str] = {
     "transition": "{old} → {new}",
     "no_transitions": "noch keine Übergänge",
     "passwords": "Passwortänderungen",
+    "password_behind": "Passwort-Version {version} (hinterlegt von {who}, {when}) ist nicht auf "
+    "allen Knoten wirksam. Noch auf einer älteren:",
+    "password_behind_node": "{node}: Version {live}",
+    "password_behind_then": "Ein dort eingerichteter Arbeitsplatz braucht das Passwort, das "
+    "der Knoten hat. Damit alle das neueste bekommen:",
     "password_pending": (
         "neues Passwort hinterlegt – wirksam mit `tlsroll rollout start --change "
         "change-password` (startet den Server neu)"
@@ -319,6 +324,11 @@ _EN: dict[str, str] = {
     "transition": "{old} → {new}",
     "no_transitions": "no transitions yet",
     "passwords": "Password changes",
+    "password_behind": "Password version {version} (staged by {who}, {when}) is not live on "
+    "every node. Still on an older one:",
+    "password_behind_node": "{node}: version {live}",
+    "password_behind_then": "A workstation set up there needs the password its node runs. "
+    "To give them the newest:",
     "password_pending": (
         "new password staged – takes effect with `tlsroll rollout start --change "
         "change-password` (which restarts the server)"

@@ -482,6 +482,7 @@ class Reader:
             servers=None
             if page or self.live_server is None
             else {n.name: self.live_server(n.name) for n, _ in enrolled},
+            behind=shown.behind,
         )
         if every:  # (every rollout read: as `schema show --all`; a page reads only some)
             message.total_rollouts = len(rows)
@@ -543,7 +544,8 @@ class Reader:
             schema=message,
             data=data,
             nodes=nodes,
-            pending_passwords=tuple(sorted(pending)),
+            # (those behind the newest staged password: the removed nodes left out)
+            pending_passwords=tuple(n for n, _ in shown.behind.nodes) if shown.behind else (),
             certificates=self.own_certs
             + agents
             + self._served({n.name for n, _ in enrolled})

@@ -491,6 +491,7 @@ class Schema(_message.Message):
     STORE_TROUBLE_FIELD_NUMBER: _builtins.int
     SERVER_LOGIN_FAILURES_FIELD_NUMBER: _builtins.int
     MIXED_CLUSTER_FIELD_NUMBER: _builtins.int
+    PASSWORD_BEHIND_FIELD_NUMBER: _builtins.int
     total_rollouts: _builtins.int
     """How many rollouts are stored. (Before session 56: set only when `limit` left some out, else
     0, which a reader of `schema show --json` took for "none stored" beside the rollout
@@ -568,6 +569,14 @@ class Schema(_message.Message):
         rollouts shown above name only their own nodes.
         """
 
+    @_builtins.property
+    def password_behind(self) -> Global___PasswordBehindView:
+        """The nodes whose live auth password is older than the newest staged one (a `password set`
+        not rolled out yet, or a change-password that ended part way: halted, aborted, --nodes):
+        a workstation set up there needs the older one. Unset when none is (from the store's
+        record of what each node runs; removed nodes left out). Never a password or verifier.
+        """
+
     def __init__(
         self,
         *,
@@ -585,10 +594,11 @@ class Schema(_message.Message):
         store_trouble: Global___StoreTroubleView | None = ...,
         server_login_failures: _abc.Iterable[Global___ServerLoginFailuresView] | None = ...,
         mixed_cluster: Global___MixedClusterView | None = ...,
+        password_behind: Global___PasswordBehindView | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "mixed_cluster", b"mixed_cluster", "store_trouble", b"store_trouble"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "mixed_cluster", b"mixed_cluster", "password_behind", b"password_behind", "store_trouble", b"store_trouble"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "mixed_cluster", b"mixed_cluster", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "server_login_failures", b"server_login_failures", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "mixed_cluster", b"mixed_cluster", "node_clients", b"node_clients", "node_problems", b"node_problems", "password_behind", b"password_behind", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "server_login_failures", b"server_login_failures", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -629,6 +639,65 @@ class MixedClusterView(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MixedClusterView: _TypeAlias = MixedClusterView  # noqa: Y015
+
+@_typing.final
+class PasswordBehindView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STAGED_BY_FIELD_NUMBER: _builtins.int
+    STAGED_AT_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The newest staged auth password version, who staged it and when."""
+    staged_by: _builtins.str
+    command: _builtins.str
+    """What gives them the newest one: the change-password start over exactly these nodes."""
+    @_builtins.property
+    def staged_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasswordBehindNode]:
+        """Each node behind, by name, with the version it runs."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        staged_by: _builtins.str = ...,
+        staged_at: _timestamp_pb2.Timestamp | None = ...,
+        nodes: _abc.Iterable[Global___PasswordBehindNode] | None = ...,
+        command: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["staged_at", b"staged_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "nodes", b"nodes", "staged_at", b"staged_at", "staged_by", b"staged_by", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PasswordBehindView: _TypeAlias = PasswordBehindView  # noqa: Y015
+
+@_typing.final
+class PasswordBehindNode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    LIVE_VERSION_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    live_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        live_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_version", b"live_version", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PasswordBehindNode: _TypeAlias = PasswordBehindNode  # noqa: Y015
 
 @_typing.final
 class ServerLoginFailuresView(_message.Message):
