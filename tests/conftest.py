@@ -20,6 +20,7 @@ from tests import (
     grpc_env,  # noqa: F401 - first of all that imports gRPC: the leader's setting
     procs,
 )
+from tests.private_files import open_keys_under
 from tlsroll import pki
 
 # Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports
@@ -55,6 +56,29 @@ def next_loopback() -> str:
 def loopback() -> Callable[[], str]:
     """Call it to get a fresh loopback address no other test uses."""
     return next_loopback
+
+
+@pytest.fixture(autouse=True)
+def keys_private_at_the_end(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that has its ``tmp_path`` fails (at its teardown, once its other fixtures are
+    torn down: this one is set up first) if a PEM private key there is left that group or
+    others can access: a key is 0600 from its first byte, in the product and in its tests
+    (``tests.private_files.write_private``; session 69, artefacts: 127 keys of a CI run's
+    tmp_path were 0644). A test that makes one on purpose says so:
+    ``@pytest.mark.open_keys``. Cheap: a file only its owner can access is never opened."""
+    if "tmp_path" not in request.fixturenames or request.node.get_closest_marker("open_keys"):
+        yield
+        return
+    root = request.getfixturevalue("tmp_path")
+    yield
+    found = open_keys_under(root)
+    if found:
+        pytest.fail(
+            "a private key group or others can access left in tmp_path (write it with "
+            "tests.private_files.write_private, or mark the test open_keys if on purpose): "
+            + "; ".join(f"{p.relative_to(root)} (mode {m:04o})" for p, m in found),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)

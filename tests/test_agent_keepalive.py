@@ -169,6 +169,7 @@ HUNG_LEADER = r"""
 import asyncio, functools, signal, sys, time
 from pathlib import Path
 from tests.leader_rig import leader_with_a_node
+from tests.private_files import write_private
 
 async def main():
     where, address, node_address, block = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -177,7 +178,8 @@ async def main():
     await rig.server.start()
     files = where / "node"
     files.mkdir()
-    for name, pem in zip(("key.pem", "cert.pem", "ca.pem"), rig.node_files):
+    write_private(files / "key.pem", rig.node_files[0])
+    for name, pem in zip(("cert.pem", "ca.pem"), rig.node_files[1:]):
         (files / name).write_bytes(pem)
     loop = asyncio.get_running_loop()
     hang = sys.stdin.readline if block == "told" else functools.partial(time.sleep, float(block))

@@ -911,6 +911,7 @@ async def test_new_verifier_replaces_the_old_password(
     assert (await node.exchange(session, OTHER_PASSWORD)).status == 200
 
 
+@pytest.mark.open_keys  # (a key others can read, on purpose)
 async def test_key_file_readable_by_others_is_refused(
     issue_cert: Callable[..., IssuedCert],
     loopback: Callable[[], str],

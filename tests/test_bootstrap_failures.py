@@ -43,6 +43,7 @@ from nodeagent.journal import Journal
 from nodeagent.leader_link import failure_messages
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
+from tests.private_files import write_private
 from tests.test_bootstrap import (
     OTHER_PASSWORD,
     VERIFIER,
@@ -168,7 +169,7 @@ def _host(journal: Journal, port: int = 0) -> BootstrapHost:
 def switched(journal: Journal, tmp_path: Path, address: str, cert: IssuedCert) -> None:
     """The server is switched: https with an auth password, as the journal says."""
     verifier_file = tmp_path / "verifier.json"
-    verifier_file.write_text(password.verifier_to_json(VERIFIER))
+    write_private(verifier_file, password.verifier_to_json(VERIFIER).encode())
     with journal._tx() as db:
         Journal._set_live_tls(
             db,

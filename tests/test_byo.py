@@ -302,6 +302,7 @@ def test_every_problem_is_reported_and_no_key_material_in_them(ca: Issuer) -> No
     assert body not in repr(byo.NodeMaterial("node1", pem(cert), key_pem(wrong_key)))
 
 
+@pytest.mark.open_keys  # (a key others can read, on purpose)
 def test_read_cert_dir(tmp_path: Path, ca: Issuer) -> None:
     cert, key = leaf(ca, [IP], [DNS])
     d = write_dir(tmp_path / "certs", ca, {"node1": (pem(cert), key)}, key_mode=0o640)

@@ -58,6 +58,7 @@ def test_an_identity_checked_in_a_child_is_the_one_checked_here(
     assert (child.key_file, child.cert_file, child.ca_file) == paths(cfg.data_dir)
 
 
+@pytest.mark.open_keys  # (a key others can read, on purpose)
 def test_a_failed_check_is_the_same_error_with_the_same_message(
     tmp_path: Path, test_ca: pki.CertificateAuthority
 ) -> None:

@@ -50,6 +50,7 @@ from tests.cluster import (
 )
 from tests.conftest import next_loopback
 from tests.nodeside import cluster_ca
+from tests.private_files import write_private
 from tlsroll import pki, spiffe
 from tlsroll.defaults import JOIN_PORT
 from tlsroll.errors import ConfigError, TerminalError, TransientError
@@ -641,7 +642,7 @@ def _serve_tls(
     with tempfile.TemporaryDirectory() as tmp:
         cert, key_file = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
         cert.write_bytes(b"".join(pki.cert_to_pem(c) for c in chain))
-        key_file.write_bytes(pki.key_to_pem(key))
+        write_private(key_file, pki.key_to_pem(key))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key_file)
     ctx.set_alpn_protocols(["h2"])

@@ -70,6 +70,7 @@ from tests.cluster import (
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
+from tests.private_files import write_private
 from tlsroll import features, pki, spiffe, wire
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
@@ -814,7 +815,8 @@ def agent_link(
     key_pem, cert_pem, ca_pem = node_files
     files = tmp_path / "agent"
     files.mkdir()
-    for name, pem in (("key.pem", key_pem), ("cert.pem", cert_pem), ("ca.pem", ca_pem)):
+    write_private(files / "key.pem", key_pem)
+    for name, pem in (("cert.pem", cert_pem), ("ca.pem", ca_pem)):
         (files / name).write_bytes(pem)
     ca = pki.load_cert_pem(ca_pem)
     identity = Identity.of(

@@ -54,6 +54,7 @@ from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import Node as NodeSide
+from tests.private_files import write_private
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll import daemon, dbthread, httpcheck, pki, probe, tls
 from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
@@ -1632,7 +1633,7 @@ def staging_agent(tmp_path: Path, issued: IssuedCert) -> tuple[Any, Any, Any]:
     stage_dir = tmp_path / "tlsroll-tls" / "r1"
     stage_dir.mkdir(parents=True)
     key_file = stage_dir / "server.key"
-    key_file.write_bytes(issued.key_file.read_bytes())
+    write_private(key_file, issued.key_file.read_bytes())
     journal.record_csr("r1", key_file, b"")
     staged = journal.staged("r1")
     assert staged is not None

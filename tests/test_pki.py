@@ -267,6 +267,7 @@ def test_plain_key_given_a_passphrase_and_garbage(tmp_path: Path) -> None:
     assert reason(info) == PKIReason.BAD_PEM
 
 
+@pytest.mark.open_keys  # (a key others can read, on purpose)
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
 def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "node.key"

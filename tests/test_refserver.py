@@ -829,6 +829,7 @@ def test_config_file_errors(make_server: MakeServer) -> None:
     assert_config_error(server, "no such file")
 
 
+@pytest.mark.open_keys  # (a key others can read, on purpose)
 def test_key_readable_by_others_is_refused(
     make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
 ) -> None:

@@ -48,6 +48,7 @@ from nodeagent.transaction import Checks, Phase, Plan, Runner, Staged, next_acti
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
 from tests.conftest import count_thread_hops
+from tests.private_files import write_private
 from tlsroll import dbthread, fsutil, password
 from tlsroll.config import ConfigFile
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -2845,7 +2846,7 @@ async def test_a_rotation_is_made_ready_at_its_stage_and_taken_with_a_password(
     w.server.config = w.server.running = TARGET
     agent, driver, journal, runner = staged_agent(w, monkeypatch)
     live_verifier = w.root / "live-verifier.json"
-    live_verifier.write_text(password.verifier_to_json(a_verifier("live")))
+    write_private(live_verifier, password.verifier_to_json(a_verifier("live")).encode())
     live = {
         "cert_file": "/x/old.pem",
         "server_url": f"https://{ADDRESS}:8443{APP}",

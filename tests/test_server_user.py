@@ -982,6 +982,7 @@ class FakeContext:
         raise Aborted(code, details)
 
 
+@pytest.mark.open_keys  # (the staged key root:N 0640 on purpose: the config's group reads it)
 @needs_root
 async def test_a_refused_certificate_leaves_the_staged_keys_access_as_it_was(
     tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch

@@ -49,6 +49,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nodeagent.bootstrap_server import BootstrapService
 from tests.cluster import child_env, command
 from tests.conftest import IssuedCert, next_loopback
+from tests.private_files import write_private
 from tests.refserver_helper import RefServer, http_request
 from tests.test_bootstrap import (
     OTHER_PASSWORD,
@@ -4489,8 +4490,7 @@ def test_the_pair_in_place_is_shown_only_to_a_server_of_the_trusted_ca(tmp_path:
     cert = cluster.issue(
         key.public_key(), workstation_names("ws-empfang"), server=False, client=True
     )
-    (d / "client.key").write_bytes(pki.key_to_pem(key))
-    (d / "client.key").chmod(0o600)
+    write_private(d / "client.key", pki.key_to_pem(key))
     (d / "client.pem").write_bytes(pki.cert_to_pem(cert))
     (d / "ca.pem").write_bytes(cluster.cert_pem)
     server_key = pki.generate_key()
@@ -4498,7 +4498,7 @@ def test_the_pair_in_place_is_shown_only_to_a_server_of_the_trusted_ca(tmp_path:
         server_key.public_key(), pki.Names.of("stranger", ips=[address]), server=True
     )
     (tmp_path / "s.pem").write_bytes(pki.cert_to_pem(server_cert))
-    (tmp_path / "s.key").write_bytes(pki.key_to_pem(server_key))
+    write_private(tmp_path / "s.key", pki.key_to_pem(server_key))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(tmp_path / "s.pem", tmp_path / "s.key")
     context.verify_mode = ssl.CERT_OPTIONAL

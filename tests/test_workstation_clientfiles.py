@@ -30,6 +30,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from tests import test_workstation
+from tests.private_files import write_private
 from tests.test_bootstrap import PASSWORD, ca_signer
 from tests.test_workstation import (
     SETTINGS_SET,
@@ -786,7 +787,7 @@ def test_an_encrypted_client_key_is_refused_not_asked_for_on_the_terminal(tmp_pa
         serialization.BestAvailableEncryption(b"not-typed"),
     )
     (tmp_path / "client.pem").write_bytes(cert_pem)
-    (tmp_path / "client.key").write_bytes(encrypted)
+    write_private(tmp_path / "client.key", encrypted)
     code = (
         "import ssl, sys\n"
         "from pathlib import Path\n"

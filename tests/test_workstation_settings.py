@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
+from tests.private_files import write_private
 from tlsroll import pki
 from tlsroll.fsutil import PRIVATE, PUBLIC, private_dir_problem, stage_atomic
 from workstation import settings_files
@@ -169,7 +170,8 @@ def stage(d: Path, data: dict[str, bytes], marker: bytes | None) -> None:
     staging = d / STAGING
     staging.mkdir(mode=0o700)
     for name, body in data.items():
-        (staging / name).write_bytes(body)
+        put = write_private if name == "client.key" else Path.write_bytes
+        put(staging / name, body)
     if marker is not None:
         (staging / MARKER).write_bytes(marker)
 
@@ -193,7 +195,7 @@ def test_a_committed_staging_is_completed_and_an_uncommitted_one_discarded(d: Pa
     # Cut short after the key moved: the rest of the committed set follows it.
     marker = json.dumps({"files": ["client.key", "client.pem", "settings.json"]}).encode()
     stage(d, {"client.pem": NEW["client.pem"], "settings.json": NEW["settings.json"]}, marker)
-    (d / "client.key").write_bytes(NEW["client.key"])
+    write_private(d / "client.key", NEW["client.key"])
     assert settings_files.finish(d) is Finished.FORWARD
     assert contents(d) == NEW
 
@@ -233,7 +235,7 @@ def test_a_newer_tools_committed_run_is_left_for_it_to_finish(d: Path) -> None:
     marker = json.dumps({"files": names}).encode()
     rest = {"ca.pem": b"new ca", "settings.json": NEW["settings.json"], "client.chain": b"chain"}
     stage(d, rest, marker)
-    (d / "client.key").write_bytes(NEW["client.key"])  # moved before the interruption
+    write_private(d / "client.key", NEW["client.key"])  # moved before the interruption
     (d / "client.pem").write_bytes(NEW["client.pem"])
     before = tree(d)
     with pytest.raises(settings_files.NewerStaging):
@@ -383,7 +385,8 @@ def client_pair(issued_days_ago: int) -> dict[str, bytes]:
 
 def put_in_place(d: Path, pair: dict[str, bytes]) -> None:
     for name, data in pair.items():
-        (d / name).write_bytes(data)
+        put = write_private if name == "client.key" else Path.write_bytes
+        put(d / name, data)
 
 
 @pytest.mark.parametrize(
@@ -738,7 +741,8 @@ def no_enrol(d: Path, worth: Callable[[bytes, bytes, bytes], bool]) -> Any:
 def put_replaced(d: Path, pair: dict[str, bytes]) -> None:
     (d / REPLACED).mkdir(mode=0o700)
     for name, data in pair.items():
-        (d / REPLACED / name).write_bytes(data)
+        put = write_private if name == "client.key" else Path.write_bytes
+        put(d / REPLACED / name, data)
 
 
 @pytest.mark.parametrize("in_place_newer", [False, True], ids=["kept newer", "in place newer"])
@@ -858,7 +862,7 @@ def test_a_link_in_place_is_no_pair_and_not_followed(d: Path, tmp_path: Path) ->
     secret.write_bytes(b"SECRET OUTSIDE THE SETTINGS DIR\n")
     secret.chmod(0o600)
     x = client_pair(3)
-    (d / "client.key").write_bytes(x["client.key"])
+    write_private(d / "client.key", x["client.key"])
     os.unlink(d / "client.pem")
     os.symlink(secret, d / "client.pem")
     assert settings_files.set_aside(d, worth_of(x)) == settings_files.SetAside(
@@ -1039,7 +1043,7 @@ def test_a_key_kept_alone_in_replaced_is_not_lost_to_a_later_pair(d: Path) -> No
     place. A REPLACED cut short in its removal holds no key alone (the key goes first)."""
     k, x, y = client_pair(5), client_pair(3), client_pair(1)
     (d / REPLACED).mkdir(mode=0o700)
-    (d / REPLACED / "client.key").write_bytes(k["client.key"])
+    write_private(d / REPLACED / "client.key", k["client.key"])
     settings_files.keep(d, *pair_of(y))
     put_in_place(d, x)
     before = pairs_at(d)
@@ -1059,7 +1063,7 @@ def test_a_key_alone_whose_pair_replaced_holds_leaves_that_pair_whole(d: Path, p
     w = client_pair(3)
     put_replaced(d, old_set(w))
     kept_before = contents(d / REPLACED)
-    (d / "client.key").write_bytes(w["client.key"])
+    write_private(d / "client.key", w["client.key"])
     os.unlink(d / "client.pem")
     if path == "set_aside":
         settings_files.set_aside(d, worth_of(w))
@@ -1089,7 +1093,7 @@ def test_a_key_alone_killed_at_every_step_is_never_lost(
         settings_files.replace(d, files(OLD))
         put_replaced(d, z)
         settings_files.keep(d, *pair_of(y))
-        (d / "client.key").write_bytes(k["client.key"])
+        write_private(d / "client.key", k["client.key"])
         os.unlink(d / "client.pem")
         if partner == "a link":
             os.symlink(tmp_path / "outside", d / "client.pem")
@@ -1158,7 +1162,7 @@ def test_a_key_whose_certificate_is_gone_is_not_kept(d: Path, path: str) -> None
     w, k = client_pair(7), client_pair(5)
     put_replaced(d, w)
     kept_before = contents(d / REPLACED)
-    (d / "client.key").write_bytes(k["client.key"])
+    write_private(d / "client.key", k["client.key"])
     os.unlink(d / "client.pem")
     if path == "set_aside":
         done = settings_files.set_aside(d, lambda *_pair: True)
@@ -1183,7 +1187,7 @@ def test_a_client_pem_link_to_the_keys_certificate_keeps_the_certificate_alone(
     outside = tmp_path / "outside.pem"
     outside.write_bytes(k["client.pem"] + b"SECRET OUTSIDE THE SETTINGS DIR\n")
     outside.chmod(0o600)
-    (d / "client.key").write_bytes(k["client.key"])
+    write_private(d / "client.key", k["client.key"])
     os.unlink(d / "client.pem")
     os.symlink(outside, d / "client.pem")
     if path == "set_aside":
@@ -1229,7 +1233,7 @@ def test_a_client_pem_link_to_a_certificate_whose_key_cannot_be_loaded_is_no_cra
     settings = tmp_path / "settings"
     settings.mkdir(mode=0o700)
     settings_files.replace(settings, files(OLD))
-    (settings / "client.key").write_bytes(pair["client.key"])
+    write_private(settings / "client.key", pair["client.key"])
     os.unlink(settings / "client.pem")
     linked = tmp_path / "linked.pem"
     linked.write_bytes(_damaged_point(pair["client.pem"]))
