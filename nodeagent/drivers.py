@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from nodeagent import clients as client_sources
 from tlsroll import clients, logs
 from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
+from tlsroll.echo import shown
 from tlsroll.errors import (
     LocalResourceError,
     NotRegularFile,
@@ -78,6 +79,10 @@ CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes th
 # s64, M1). A read slower than this (a ``clients`` command near its own timeout) refuses.
 CLIENTS_FRESH_WAIT = 10.0
 START_TIMEOUT = 20.0
+# What the systemd driver reads of its unit while the restarted server does not answer
+# (``SystemdDriver.unit_down``), and the bound on that read.
+UNIT_STATE = ("ActiveState", "SubState", "Result")
+UNIT_STATE_TIMEOUT = 10
 STOP_TIMEOUT = 15.0
 KILL_WAIT = client_sources.KILL_WAIT  # after SIGKILL: the process is gone within this (a bound)
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
@@ -558,6 +563,12 @@ class AdminSocketClient:
         return reader, writer
 
 
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits (``str.isdigit`` alone takes "²" and
+    other scripts' digits, which ``int()`` then takes or refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
     """The write watermark of a server's ``status`` (or its freeze ``answer``); DriverError if
     it says none."""
@@ -565,6 +576,8 @@ def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
     # As ``int()`` took it before (rev57c L5): 123, 123.0, "123"; never true/false.
     try:
         if isinstance(value, bool) or value is None:
+            raise ValueError
+        if isinstance(value, str) and not _digits(value.strip()):  # (as ``ExecDriver.freeze``)
             raise ValueError
         number = int(value) if not isinstance(value, float) or value.is_integer() else None
     except (TypeError, ValueError):
@@ -605,14 +618,20 @@ class _AdminSocketFreeze:
 
 
 async def _wait_healthy(
-    driver: Driver, timeout: float, why: str, interval: float = POLL_INTERVAL
+    driver: Driver,
+    timeout: float,
+    why: str,
+    down: Callable[[], Awaitable[str | None]] | None = None,
+    interval: float = POLL_INTERVAL,
 ) -> None:
     """Poll ``driver.health()`` until it is healthy; DriverError with the last problem after
-    ``timeout`` seconds. The agent short of descriptors cannot tell whether the server
-    answers: it keeps asking, and if its own shortage lasts to the deadline, that is what it
-    reports (``LocalResourceError``: the transaction waits and tries again), never the server
-    (a DriverError here rolls a node back). Before, the first shortage ended the wait, and the
-    transaction's retry ran the restart again on a server that may have been fine."""
+    ``timeout`` seconds, or at once with what ``down`` says (asked after each failed check:
+    why the server is gone for good, None if it may still come). The agent short of
+    descriptors cannot tell whether the server answers: it keeps asking, and if its own
+    shortage lasts to the deadline, that is what it reports (``LocalResourceError``: the
+    transaction waits and tries again), never the server (a DriverError here rolls a node
+    back). Before, the first shortage ended the wait, and the transaction's retry ran the
+    restart again on a server that may have been fine."""
     polling = AsyncRetrying(
         stop=stop_after_delay(timeout),
         wait=wait_fixed(interval),
@@ -621,8 +640,15 @@ async def _wait_healthy(
             | retry_if_exception_type(LocalResourceError)
         ),
     )
+
+    async def check() -> str | None:
+        problem = await driver.health()
+        if problem is not None and down is not None and (gone := await down()) is not None:
+            raise DriverError(f"{why}: {gone}")
+        return problem
+
     try:
-        await polling(driver.health)
+        await polling(check)
     except RetryError as exc:
         last = exc.last_attempt
         short = last.exception() if last.failed else None
@@ -1185,6 +1211,10 @@ class TemplateDriver(Driver):
         self.template_file: Path = section.path("template")
         self.address = address
         self.app_path: str = section.text("app_path")
+        if not self.app_path.startswith("/"):
+            # (every URL the agent checks is address:port and the path: "praxis" gave
+            # http://a:8080praxis, and a check of it failed after the switch)
+            raise section.error("app_path", f"{shown(self.app_path)} must start with '/'")
         self.http_port: int = section.port("http_port", 8080)
         self.https_port: int = section.port("https_port", 8443)
         self.clients_window: int = section.integer(
@@ -1319,8 +1349,35 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
         return await asyncio.to_thread(self.access_log.read)
 
     async def restart(self) -> None:
+        """``systemctl restart UNIT``, then wait until the server answers. While it does not,
+        the unit's state is read after each failed check (``unit_down``): a unit failed or
+        inactive after its restart's job (a ``Type=simple`` or ``exec`` server that exits at
+        once: its restart job succeeds all the same) ends the wait at once, naming the unit's
+        result; before, the whole ``START_TIMEOUT`` (20 s) went by inside the freeze window,
+        the server refusing new entries, before "did not come back" (session 69, smalls)."""
         await _run([self.systemctl, "restart", self.unit], self.timeout, "restart")
-        await _wait_healthy(self, START_TIMEOUT, f"{self.unit} did not come back")
+        await _wait_healthy(self, START_TIMEOUT, f"{self.unit} did not come back", self.unit_down)
+
+    async def unit_down(self) -> str | None:
+        """Why the unit is down for good now ("failed (failed, result exit-code)"), or None:
+        it is active, activating (a ``Restart=`` pending: systemd starts it again), or its
+        state cannot be read (an old ``systemctl`` or a stand-in without ``show``: then only
+        the server's answers count, as before)."""
+        argv = [self.systemctl, "show", self.unit, f"--property={','.join(UNIT_STATE)}"]
+        try:
+            out = await _run(argv, min(self.timeout, UNIT_STATE_TIMEOUT), "unit state")
+        except DriverError:
+            return None
+        state = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+        active = state.get("ActiveState", "")
+        if active not in ("failed", "inactive"):
+            return None
+        sub = clean(state.get("SubState", ""), 40) or "?"
+        result = clean(state.get("Result", ""), 40) or "?"
+        return (
+            f"the unit is {active} ({sub}, result {result}) after its restart; "
+            f"journalctl -u {self.unit} says why"
+        )
 
 
 class ExecDriver(TemplateDriver):
@@ -1391,10 +1448,12 @@ class ExecDriver(TemplateDriver):
 
     async def freeze(self, drain_timeout: float) -> int:
         out = await self._op("freeze", drain_timeout + self.timeout)
-        try:
-            return int(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise DriverError(f"freeze command printed no watermark: {out[:100]!r}") from None
+        lines = out.strip().splitlines()
+        # ASCII digits only: ``int()`` also took "1_000", "+5", " 7" and other scripts' digits
+        # ("٣"), none of them a watermark a command prints (session 69, smalls).
+        if not lines or not _digits(lines[-1].strip()):
+            raise DriverError(f"freeze command printed no watermark: {out[:100]!r}")
+        return int(lines[-1].strip())
 
     async def unfreeze(self) -> None:
         await self._op("unfreeze")
