@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import h11
@@ -97,6 +98,12 @@ READY_FALLBACK_WAIT = 0.5  # between checks while a readiness message or an exit
 # holds the lock file open, locked, for its whole run: every release has.
 REFSERVER_PID = "refserver.pid"
 REFSERVER_LOCK = "refserver.lock"
+# The reference server's output, which the agent appends to (``refserver.log`` in its data
+# dir): moved aside (to ``refserver.log.1``, over the one before) at a start beyond this size,
+# so that it is bounded at about twice this; a failed start reads its last line from the last
+# ``LOG_TAIL`` bytes, never the whole file (session 69, smalls).
+REFSERVER_LOG_MAX = 16 * 1024 * 1024
+LOG_TAIL = 64 * 1024
 
 log = logs.get_logger(__name__)
 
@@ -1044,6 +1051,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         if notify_socket is not None:
             env["NOTIFY_SOCKET"] = notify_socket
+        _bound_log(self.log_file)
         with open(self.log_file, "ab") as log:
             return subprocess.Popen(
                 # -P: not imported from the agent's working directory, whatever that is.
@@ -1133,10 +1141,12 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         (``event``) and the rest as ``key=value``, without its time, level and logger (pasted
         whole it was hard to read: review rev58a L2)."""
         try:
-            text = read_file(self.log_file).decode(errors="replace")
-            lines = [ln for ln in text.splitlines() if ln]
+            tail, cut = _read_tail(self.log_file, LOG_TAIL)
         except OSError:
             return "no log"
+        lines = [ln for ln in tail.decode(errors="replace").splitlines() if ln]
+        if cut and len(lines) > 1:
+            lines = lines[1:]  # (the first one read is likely cut: not a line of its own)
         if not lines:
             return "no output"
         last = lines[-1]
@@ -1164,6 +1174,36 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             return ClientsView(source="refserver", problem=client_sources.one_line(exc))
         window = window or clients.WINDOW_SECONDS
         return ClientsView(tuple(seen[: clients.MAX_REPORTED]), window, "refserver", problem)
+
+
+def _bound_log(path: Path) -> None:
+    """``path`` moved aside to ``NAME.1`` (replacing the one before) if it is larger than
+    ``REFSERVER_LOG_MAX``: the agent appends the server's output at each start and never
+    trimmed it. A file that cannot be looked at or moved is left as it is."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size > REFSERVER_LOG_MAX:
+            os.replace(path, path.with_name(path.name + ".1"))
+
+
+def _read_tail(path: Path, size: int) -> tuple[bytes, bool]:
+    """The last ``size`` bytes of the regular file ``path``, and whether that is not all of it
+    (never more in memory however large it grew; no FIFO or device is read: as
+    ``read_file``, an OSError naming its kind)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        start = max(st.st_size - size, 0)
+        os.lseek(fd, start, os.SEEK_SET)
+        chunks = []
+        left = size
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), start > 0
+    finally:
+        os.close(fd)
 
 
 def ended_at_start(code: int) -> str:

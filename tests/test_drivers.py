@@ -1419,7 +1419,13 @@ def reference_driver(root: Path, **settings: object) -> ReferenceDriver:
 
 
 async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> None:
+    """(And session 69, smalls 2: the server's log, appended to at every start, was never
+    bounded; one beyond ``REFSERVER_LOG_MAX`` is moved aside to ``refserver.log.1`` at a
+    start, so it stays under about twice that.)"""
     driver = reference_driver(tmp_path)
+    big = drivers.REFSERVER_LOG_MAX + 1
+    with open(tmp_path / "refserver.log", "wb") as f:  # (sparse: nothing written)
+        f.truncate(big)
     try:
         await driver.start()
         assert await driver.health() is None
@@ -1427,6 +1433,38 @@ async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> No
     finally:
         await driver.stop()
     assert await driver.health() is not None
+    assert (tmp_path / "refserver.log.1").stat().st_size == big
+    assert 0 < (tmp_path / "refserver.log").stat().st_size < 1024 * 1024
+    assert b"\0" not in (tmp_path / "refserver.log").read_bytes()  # the new start's output
+
+
+def test_a_failed_starts_last_log_line_reads_only_the_logs_tail(tmp_path: Path) -> None:
+    """Session 69 (smalls, 2): a start that failed read the whole refserver.log into memory
+    (as text, then as lines) for its last line; now only its last ``LOG_TAIL`` bytes."""
+    import tracemalloc
+
+    log = tmp_path / "refserver.log"
+    with open(log, "wb") as f:
+        f.truncate(20 * 1024 * 1024)  # 20 MiB (sparse), then the last lines
+        f.seek(0, os.SEEK_END)
+        f.write(b"\nbefore\n" + b'{"event": "server.failed", "why": "in use"}\n\n')
+    reader = SimpleNamespace(log_file=log)
+    tracemalloc.start()
+    try:
+        last = ReferenceDriver._last_log_line(reader)  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert last == "server.failed (why=in use)", last
+    assert peak < 1024 * 1024, peak  # (the whole file was 20 MiB, and more as text)
+    # A last line longer than the tail is its end, not "no output".
+    log.write_bytes(b"x" * (drivers.LOG_TAIL + 10) + b"END\n")
+    assert ReferenceDriver._last_log_line(reader).endswith("xxxEND")  # type: ignore[arg-type]
+    log.write_bytes(b"a\n" + b"b" * drivers.LOG_TAIL + b"\nlast\n")
+    assert ReferenceDriver._last_log_line(reader) == "last"  # type: ignore[arg-type]
+    log.unlink()
+    os.mkfifo(log)  # never read (it would block)
+    assert ReferenceDriver._last_log_line(reader) == "no log"  # type: ignore[arg-type]
 
 
 async def test_reference_driver_is_told_when_the_server_is_ready_and_gone(
