@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from leader.mixed_cluster import served_scheme, switch_the_rest
+from leader import mixed_cluster
+from leader.mixed_cluster import CLUSTER, NAMED, served_scheme, switch_the_rest
 from leader.rollout_core import Change, FreezeMode, Strategy
 
 # What each change's plan says (``PlanRollout``): its checks and steps on a node, what the
@@ -237,11 +238,39 @@ def outside_scope_warning(
         left = sorted(n for n, s in outside.items() if served_scheme(s) == "https")
         if not left:
             return ""
-        rest = ",".join(left)
+        on_http = sorted(n for n, s in outside.items() if served_scheme(s) == "http")
+        unknown = sorted(n for n, s in outside.items() if not served_scheme(s))
         return (
             f"Only {here} {'gets' if one else 'get'} the new password: {them(left)} "
             f"on the password in use now, so a workstation set up at {some_names(left)} "
-            "still needs the old one. To give them the new one too: tlsroll rollout start "
-            f"--change change-password --nodes {rest}."
+            "still needs the old one. To give them the new one too: "
+            f"{password_the_rest(left, on_http, unknown)}."
         )
     return ""
+
+
+def password_the_rest(left: Sequence[str], on_http: Sequence[str], unknown: Sequence[str]) -> str:
+    """How to give the nodes ``left`` (sorted, on https with the old password) the staged one,
+    capped as ``leader.mixed_cluster.rest_scope`` caps the way to switch the rest (review s69
+    revlocal2 L4; session 69, smalls: this one still named every node in one ``--nodes``): up
+    to ``NAMED`` by name; beyond, ``--scope cluster`` (the nodes with the staged password live
+    are "already done"), unless nodes on http only (``on_http``) would have it refused: then
+    ten at a time. ``unknown``: the nodes whose server is not known now, which a cluster
+    rollout takes in too (said, with the way out)."""
+    start = "tlsroll rollout start --change change-password"
+    if len(left) <= NAMED:
+        return f"{start} --nodes {','.join(left)}"
+    if on_http:
+        return (
+            f"{start} --nodes {','.join(left[:NAMED])}, then the next {NAMED} of them the same "
+            f"way, and so on ({start} {CLUSTER} is refused while "
+            f"{mixed_cluster.some_names(on_http)} {'is' if len(on_http) == 1 else 'are'} on "
+            "http only)"
+        )
+    said = f"{start} {CLUSTER} (the nodes with the new password already are left alone"
+    if unknown:
+        said += (
+            f"; it takes in {mixed_cluster.some_names(unknown)} too, whose servers are not known "
+            "now: wait until their agents are heard, or leave them out with --nodes"
+        )
+    return said + ")"

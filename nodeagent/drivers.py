@@ -31,9 +31,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import h11
@@ -50,6 +51,7 @@ from nodeagent import clients as client_sources
 from tlsroll import clients, logs
 from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
+from tlsroll.echo import shown
 from tlsroll.errors import (
     LocalResourceError,
     NotRegularFile,
@@ -78,6 +80,10 @@ CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes th
 # s64, M1). A read slower than this (a ``clients`` command near its own timeout) refuses.
 CLIENTS_FRESH_WAIT = 10.0
 START_TIMEOUT = 20.0
+# What the systemd driver reads of its unit while the restarted server does not answer
+# (``SystemdDriver.unit_down``), and the bound on that read.
+UNIT_STATE = ("ActiveState", "SubState", "Result")
+UNIT_STATE_TIMEOUT = 10
 STOP_TIMEOUT = 15.0
 KILL_WAIT = client_sources.KILL_WAIT  # after SIGKILL: the process is gone within this (a bound)
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
@@ -92,6 +98,12 @@ READY_FALLBACK_WAIT = 0.5  # between checks while a readiness message or an exit
 # holds the lock file open, locked, for its whole run: every release has.
 REFSERVER_PID = "refserver.pid"
 REFSERVER_LOCK = "refserver.lock"
+# The reference server's output, which the agent appends to (``refserver.log`` in its data
+# dir): moved aside (to ``refserver.log.1``, over the one before) at a start beyond this size,
+# so that it is bounded at about twice this; a failed start reads its last line from the last
+# ``LOG_TAIL`` bytes, never the whole file (session 69, smalls).
+REFSERVER_LOG_MAX = 16 * 1024 * 1024
+LOG_TAIL = 64 * 1024
 
 log = logs.get_logger(__name__)
 
@@ -558,6 +570,12 @@ class AdminSocketClient:
         return reader, writer
 
 
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits (``str.isdigit`` alone takes "²" and
+    other scripts' digits, which ``int()`` then takes or refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
     """The write watermark of a server's ``status`` (or its freeze ``answer``); DriverError if
     it says none."""
@@ -565,6 +583,8 @@ def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
     # As ``int()`` took it before (rev57c L5): 123, 123.0, "123"; never true/false.
     try:
         if isinstance(value, bool) or value is None:
+            raise ValueError
+        if isinstance(value, str) and not _digits(value.strip()):  # (as ``ExecDriver.freeze``)
             raise ValueError
         number = int(value) if not isinstance(value, float) or value.is_integer() else None
     except (TypeError, ValueError):
@@ -605,14 +625,20 @@ class _AdminSocketFreeze:
 
 
 async def _wait_healthy(
-    driver: Driver, timeout: float, why: str, interval: float = POLL_INTERVAL
+    driver: Driver,
+    timeout: float,
+    why: str,
+    down: Callable[[], Awaitable[str | None]] | None = None,
+    interval: float = POLL_INTERVAL,
 ) -> None:
     """Poll ``driver.health()`` until it is healthy; DriverError with the last problem after
-    ``timeout`` seconds. The agent short of descriptors cannot tell whether the server
-    answers: it keeps asking, and if its own shortage lasts to the deadline, that is what it
-    reports (``LocalResourceError``: the transaction waits and tries again), never the server
-    (a DriverError here rolls a node back). Before, the first shortage ended the wait, and the
-    transaction's retry ran the restart again on a server that may have been fine."""
+    ``timeout`` seconds, or at once with what ``down`` says (asked after each failed check:
+    why the server is gone for good, None if it may still come). The agent short of
+    descriptors cannot tell whether the server answers: it keeps asking, and if its own
+    shortage lasts to the deadline, that is what it reports (``LocalResourceError``: the
+    transaction waits and tries again), never the server (a DriverError here rolls a node
+    back). Before, the first shortage ended the wait, and the transaction's retry ran the
+    restart again on a server that may have been fine."""
     polling = AsyncRetrying(
         stop=stop_after_delay(timeout),
         wait=wait_fixed(interval),
@@ -621,8 +647,15 @@ async def _wait_healthy(
             | retry_if_exception_type(LocalResourceError)
         ),
     )
+
+    async def check() -> str | None:
+        problem = await driver.health()
+        if problem is not None and down is not None and (gone := await down()) is not None:
+            raise DriverError(f"{why}: {gone}")
+        return problem
+
     try:
-        await polling(driver.health)
+        await polling(check)
     except RetryError as exc:
         last = exc.last_attempt
         short = last.exception() if last.failed else None
@@ -1018,6 +1051,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         if notify_socket is not None:
             env["NOTIFY_SOCKET"] = notify_socket
+        _bound_log(self.log_file)
         with open(self.log_file, "ab") as log:
             return subprocess.Popen(
                 # -P: not imported from the agent's working directory, whatever that is.
@@ -1107,10 +1141,12 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         (``event``) and the rest as ``key=value``, without its time, level and logger (pasted
         whole it was hard to read: review rev58a L2)."""
         try:
-            text = read_file(self.log_file).decode(errors="replace")
-            lines = [ln for ln in text.splitlines() if ln]
+            tail, cut = _read_tail(self.log_file, LOG_TAIL)
         except OSError:
             return "no log"
+        lines = [ln for ln in tail.decode(errors="replace").splitlines() if ln]
+        if cut and len(lines) > 1:
+            lines = lines[1:]  # (the first one read is likely cut: not a line of its own)
         if not lines:
             return "no output"
         last = lines[-1]
@@ -1138,6 +1174,36 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             return ClientsView(source="refserver", problem=client_sources.one_line(exc))
         window = window or clients.WINDOW_SECONDS
         return ClientsView(tuple(seen[: clients.MAX_REPORTED]), window, "refserver", problem)
+
+
+def _bound_log(path: Path) -> None:
+    """``path`` moved aside to ``NAME.1`` (replacing the one before) if it is larger than
+    ``REFSERVER_LOG_MAX``: the agent appends the server's output at each start and never
+    trimmed it. A file that cannot be looked at or moved is left as it is."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size > REFSERVER_LOG_MAX:
+            os.replace(path, path.with_name(path.name + ".1"))
+
+
+def _read_tail(path: Path, size: int) -> tuple[bytes, bool]:
+    """The last ``size`` bytes of the regular file ``path``, and whether that is not all of it
+    (never more in memory however large it grew; no FIFO or device is read: as
+    ``read_file``, an OSError naming its kind)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        start = max(st.st_size - size, 0)
+        os.lseek(fd, start, os.SEEK_SET)
+        chunks = []
+        left = size
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), start > 0
+    finally:
+        os.close(fd)
 
 
 def ended_at_start(code: int) -> str:
@@ -1185,6 +1251,10 @@ class TemplateDriver(Driver):
         self.template_file: Path = section.path("template")
         self.address = address
         self.app_path: str = section.text("app_path")
+        if not self.app_path.startswith("/"):
+            # (every URL the agent checks is address:port and the path: "praxis" gave
+            # http://a:8080praxis, and a check of it failed after the switch)
+            raise section.error("app_path", f"{shown(self.app_path)} must start with '/'")
         self.http_port: int = section.port("http_port", 8080)
         self.https_port: int = section.port("https_port", 8443)
         self.clients_window: int = section.integer(
@@ -1319,8 +1389,35 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
         return await asyncio.to_thread(self.access_log.read)
 
     async def restart(self) -> None:
+        """``systemctl restart UNIT``, then wait until the server answers. While it does not,
+        the unit's state is read after each failed check (``unit_down``): a unit failed or
+        inactive after its restart's job (a ``Type=simple`` or ``exec`` server that exits at
+        once: its restart job succeeds all the same) ends the wait at once, naming the unit's
+        result; before, the whole ``START_TIMEOUT`` (20 s) went by inside the freeze window,
+        the server refusing new entries, before "did not come back" (session 69, smalls)."""
         await _run([self.systemctl, "restart", self.unit], self.timeout, "restart")
-        await _wait_healthy(self, START_TIMEOUT, f"{self.unit} did not come back")
+        await _wait_healthy(self, START_TIMEOUT, f"{self.unit} did not come back", self.unit_down)
+
+    async def unit_down(self) -> str | None:
+        """Why the unit is down for good now ("failed (failed, result exit-code)"), or None:
+        it is active, activating (a ``Restart=`` pending: systemd starts it again), or its
+        state cannot be read (an old ``systemctl`` or a stand-in without ``show``: then only
+        the server's answers count, as before)."""
+        argv = [self.systemctl, "show", self.unit, f"--property={','.join(UNIT_STATE)}"]
+        try:
+            out = await _run(argv, min(self.timeout, UNIT_STATE_TIMEOUT), "unit state")
+        except DriverError:
+            return None
+        state = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+        active = state.get("ActiveState", "")
+        if active not in ("failed", "inactive"):
+            return None
+        sub = clean(state.get("SubState", ""), 40) or "?"
+        result = clean(state.get("Result", ""), 40) or "?"
+        return (
+            f"the unit is {active} ({sub}, result {result}) after its restart; "
+            f"journalctl -u {self.unit} says why"
+        )
 
 
 class ExecDriver(TemplateDriver):
@@ -1391,10 +1488,12 @@ class ExecDriver(TemplateDriver):
 
     async def freeze(self, drain_timeout: float) -> int:
         out = await self._op("freeze", drain_timeout + self.timeout)
-        try:
-            return int(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise DriverError(f"freeze command printed no watermark: {out[:100]!r}") from None
+        lines = out.strip().splitlines()
+        # ASCII digits only: ``int()`` also took "1_000", "+5", " 7" and other scripts' digits
+        # ("٣"), none of them a watermark a command prints (session 69, smalls).
+        if not lines or not _digits(lines[-1].strip()):
+            raise DriverError(f"freeze command printed no watermark: {out[:100]!r}")
+        return int(lines[-1].strip())
 
     async def unfreeze(self) -> None:
         await self._op("unfreeze")

@@ -22,7 +22,10 @@ def _proc_addr(hexaddr: str) -> tuple[str, int]:
         return str(ipaddress.IPv4Address(raw[::-1])), int(port, 16)
     # /proc/net/tcp6: four little-endian 32-bit words
     words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
-    return str(ipaddress.IPv6Address(words)), int(port, 16)
+    v6 = ipaddress.IPv6Address(words)
+    # An IPv6 socket bound to ::ffff:a.b.c.d holds a.b.c.d: said as that, as it is asked
+    # (``holder`` said "another process" of it: session 69, smalls).
+    return str(v6.ipv4_mapped or v6), int(port, 16)
 
 
 def listeners(port: int) -> dict[str, set[int]]:

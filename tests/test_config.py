@@ -399,6 +399,25 @@ def test_agent_config_refuses_unknown_keys_in_the_exec_drivers_tables(tmp_path: 
         load_agent(path)
 
 
+@pytest.mark.parametrize("driver", ["exec", "systemd"])
+def test_a_template_drivers_app_path_must_start_with_a_slash(tmp_path: Path, driver: str) -> None:
+    """Session 69 (smalls, 3): ``app_path`` of the systemd and exec drivers was taken as it
+    was; without its leading "/" every URL the agent checks came out as http://a:8080praxis,
+    and the switch failed its checks. Refused at config load, one line naming the key."""
+    systemd = {"unit": "s.service", "admin_socket": "admin.sock"} if driver == "systemd" else {}
+    tables = exec_server(tmp_path, driver=driver, **systemd)
+    if driver == "systemd":
+        del tables["server.commands"]
+    for good in ("/", "/a/", "/praxis_live"):
+        tables["server"]["app_path"] = good
+        assert load_agent(write_agent(tmp_path, tables)).server is not None
+    for bad in ("praxis", "praxis/", "a\\b"):
+        tables["server"]["app_path"] = bad
+        path = write_agent(tmp_path, tables)
+        with expect_error(tmp_path, "[server].app_path", f"{bad!r} must start with '/'"):
+            load_agent(path)
+
+
 def test_reference_driver_refuses_an_exec_commands_table(tmp_path: Path) -> None:
     server: dict[str, object] = {"driver": "reference", "config_file": refserver_config(tmp_path)}
     path = write_agent(tmp_path, {"server": server, "server.commands": {"restart": ["true"]}})
@@ -453,6 +472,12 @@ def test_leader_config_refuses_unknown_keys_and_tables(
             {"server": {"driver": "exec", "timout": 5}},
             "[server].timout: unknown key (did you mean timeout?)",
         ),
+        (  # session 69 (smalls, 3): it made the URLs the agent checks http://a:8080praxis
+            "tlsroll-agent",
+            "nodeagent.daemon",
+            {"server": {"app_path": "praxis"}},
+            "[server].app_path: 'praxis' must start with '/'",
+        ),
         (
             "tlsroll-leader",
             "leader.daemon",
@@ -480,14 +505,14 @@ def test_leader_config_refuses_unknown_keys_and_tables(
             "name; use one such as Europe/Berlin",
         ),
     ],
-    ids=["agent", "agent-server", "leader", "leader-zone", "leader-zone-right"],
+    ids=["agent", "agent-server", "agent-app-path", "leader", "leader-zone", "leader-zone-right"],
 )
 def test_daemons_exit_2_with_one_line_on_an_unknown_key(
     tmp_path: Path, prog: str, module: str, tables: dict[str, dict[str, object]], where: str
 ) -> None:
     if prog == "tlsroll-agent":
         if "server" in tables:
-            tables = exec_server(tmp_path, timout=5)
+            tables = exec_server(tmp_path, **tables["server"])
         path = write_agent(tmp_path, tables)
     else:
         path = write_toml(tmp_path / "x.toml", tables)

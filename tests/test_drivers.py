@@ -1293,6 +1293,124 @@ async def test_waiting_for_a_server_that_never_answers_names_the_last_problem() 
     assert str(info.value).endswith(f"({driver.asked})") and 1 <= driver.asked <= 10
 
 
+FAKE_UNIT = """#!{python}
+# A stand-in for systemctl (systemd is not PID 1 here, nor in CI): the restart of a unit whose
+# server exits at once (Type=simple: its restart job succeeds all the same), then that unit's
+# state as `systemctl show` prints it. Each call noted in {calls}.
+import sys
+with open({calls!r}, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+if sys.argv[1] == "show" and {state!r}:
+    print({state!r})
+elif sys.argv[1] == "show":  # (an old systemctl)
+    sys.exit("Unknown command verb show.")
+"""
+
+
+def fake_unit_driver(tmp_path: Path, state: str) -> tuple[SystemdDriver, Path]:
+    """A systemd driver whose ``systemctl`` is a stand-in (``FAKE_UNIT``) that says the unit
+    is in ``state`` after its restart; no server answers on its admin socket. Its calls file."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "systemctl"
+    fake.write_text(FAKE_UNIT.format(python=sys.executable, calls=str(calls), state=state))
+    fake.chmod(0o755)
+    sockets = tmp_path / "sock"
+    sockets.mkdir(mode=0o700)
+    settings = {
+        "config_file": str(tmp_path / "srv.conf"),
+        "template": str(tmp_path / "srv.conf.tmpl"),
+        "app_path": "/",
+        "unit": "srv.service",
+        "systemctl": str(fake),
+        "admin_socket": str(sockets / "admin.sock"),
+    }
+    return SystemdDriver(Section(tmp_path / "agent.toml", "server", settings), "10.0.0.5"), calls
+
+
+async def test_a_systemd_unit_failed_after_its_restart_ends_the_wait_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 69 (smalls, 1): the systemd driver never read its unit's state, so a unit whose
+    server exits at once (``Type=simple``: ``systemctl restart`` succeeds all the same) cost
+    the whole ``START_TIMEOUT`` inside the freeze window, the server refusing new entries,
+    before "did not come back" and the server's last problem. Now the unit's state is read
+    after a failed check: failed or inactive ends the wait at the first look, naming the
+    unit's result. systemd is not PID 1 here: a stand-in ``systemctl`` says the state."""
+    monkeypatch.setattr(drivers, "START_TIMEOUT", 3.0)  # (the wait, if the state is not read)
+    driver, calls = fake_unit_driver(
+        tmp_path, "ActiveState=failed\nSubState=failed\nResult=exit-code"
+    )
+    with pytest.raises(DriverError) as info:
+        await driver.restart()
+    assert str(info.value) == (
+        "srv.service did not come back: the unit is failed (failed, result exit-code) after "
+        "its restart; journalctl -u srv.service says why"
+    )
+    # One look at the unit, after the first check of the server: it did not wait.
+    assert calls.read_text().splitlines() == [
+        "restart srv.service",
+        "show srv.service --property=ActiveState,SubState,Result",
+    ]
+    # Exited with code 0 (inactive) is as final.
+    (tmp_path / "gone").mkdir()
+    driver, calls = fake_unit_driver(
+        tmp_path / "gone", "ActiveState=inactive\nSubState=dead\nResult=success"
+    )
+    with pytest.raises(DriverError, match=r"the unit is inactive \(dead, result success\) "):
+        await driver.restart()
+    assert len(calls.read_text().splitlines()) == 2
+
+
+async def test_a_systemd_unit_still_starting_is_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the test above: a unit active (its server not answering yet) or
+    activating (a ``Restart=`` pending: systemd starts it again) is waited for until the
+    deadline, which names the server's last problem as before; so is one whose state cannot
+    be read (a ``systemctl`` without ``show``: its answer "" here)."""
+    monkeypatch.setattr(drivers, "START_TIMEOUT", 0.5)
+    for n, state in enumerate(
+        (
+            "ActiveState=active\nSubState=running\nResult=success",
+            "ActiveState=activating\nSubState=auto-restart\nResult=exit-code",
+            "",
+        )
+    ):
+        (tmp_path / str(n)).mkdir()
+        driver, calls = fake_unit_driver(tmp_path / str(n), state)
+        with pytest.raises(DriverError) as info:
+            await driver.restart()
+        assert str(info.value).startswith("srv.service did not come back: "), info.value
+        assert "the unit is" not in str(info.value), info.value
+        shows = [c for c in calls.read_text().splitlines() if c.startswith("show ")]
+        assert len(shows) >= 1, calls.read_text()
+
+
+async def test_an_exec_freeze_watermark_is_ascii_digits_only(tmp_path: Path) -> None:
+    """Session 69 (smalls, 5): the exec driver read its freeze command's last line with
+    ``int()``, which takes "1_000", "+5" and other scripts' digits as watermarks; only ASCII
+    digits are one now (so is a status's watermark given as text)."""
+
+    def freezing(printed: str) -> ExecDriver:
+        commands = {op: ["true"] for op in ("restart", "status", "unfreeze")}
+        commands["freeze"] = [sys.executable, "-c", f"print({printed!r})"]
+        driver = make_driver(
+            driver_section(tmp_path, "exec", commands=commands), "10.0.0.5", tmp_path
+        )
+        assert isinstance(driver, ExecDriver)
+        return driver
+
+    assert await freezing("frozen\n 1000 ").freeze(1) == 1000
+    assert await freezing("0").freeze(1) == 0
+    for bad in ("1_000", "+5", "-5", "\u0663", "\uff11", "1.0", ""):
+        with pytest.raises(DriverError, match=r"^freeze command printed no watermark: "):
+            await freezing(bad).freeze(1)
+    assert drivers._watermark_of({"watermark": " 12 "}) == 12
+    for text in ("1_000", "+5", "\u0663"):
+        with pytest.raises(DriverError, match="has no write watermark"):
+            drivers._watermark_of({"watermark": text})
+
+
 def reference_driver(root: Path, **settings: object) -> ReferenceDriver:
     """The reference driver of a server that is not running yet (``settings``: its config)."""
     server = RefServer(root / "server", next_loopback())
@@ -1301,7 +1419,13 @@ def reference_driver(root: Path, **settings: object) -> ReferenceDriver:
 
 
 async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> None:
+    """(And session 69, smalls 2: the server's log, appended to at every start, was never
+    bounded; one beyond ``REFSERVER_LOG_MAX`` is moved aside to ``refserver.log.1`` at a
+    start, so it stays under about twice that.)"""
     driver = reference_driver(tmp_path)
+    big = drivers.REFSERVER_LOG_MAX + 1
+    with open(tmp_path / "refserver.log", "wb") as f:  # (sparse: nothing written)
+        f.truncate(big)
     try:
         await driver.start()
         assert await driver.health() is None
@@ -1309,6 +1433,38 @@ async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> No
     finally:
         await driver.stop()
     assert await driver.health() is not None
+    assert (tmp_path / "refserver.log.1").stat().st_size == big
+    assert 0 < (tmp_path / "refserver.log").stat().st_size < 1024 * 1024
+    assert b"\0" not in (tmp_path / "refserver.log").read_bytes()  # the new start's output
+
+
+def test_a_failed_starts_last_log_line_reads_only_the_logs_tail(tmp_path: Path) -> None:
+    """Session 69 (smalls, 2): a start that failed read the whole refserver.log into memory
+    (as text, then as lines) for its last line; now only its last ``LOG_TAIL`` bytes."""
+    import tracemalloc
+
+    log = tmp_path / "refserver.log"
+    with open(log, "wb") as f:
+        f.truncate(20 * 1024 * 1024)  # 20 MiB (sparse), then the last lines
+        f.seek(0, os.SEEK_END)
+        f.write(b"\nbefore\n" + b'{"event": "server.failed", "why": "in use"}\n\n')
+    reader = SimpleNamespace(log_file=log)
+    tracemalloc.start()
+    try:
+        last = ReferenceDriver._last_log_line(reader)  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert last == "server.failed (why=in use)", last
+    assert peak < 1024 * 1024, peak  # (the whole file was 20 MiB, and more as text)
+    # A last line longer than the tail is its end, not "no output".
+    log.write_bytes(b"x" * (drivers.LOG_TAIL + 10) + b"END\n")
+    assert ReferenceDriver._last_log_line(reader).endswith("xxxEND")  # type: ignore[arg-type]
+    log.write_bytes(b"a\n" + b"b" * drivers.LOG_TAIL + b"\nlast\n")
+    assert ReferenceDriver._last_log_line(reader) == "last"  # type: ignore[arg-type]
+    log.unlink()
+    os.mkfifo(log)  # never read (it would block)
+    assert ReferenceDriver._last_log_line(reader) == "no log"  # type: ignore[arg-type]
 
 
 async def test_reference_driver_is_told_when_the_server_is_ready_and_gone(

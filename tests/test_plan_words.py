@@ -215,6 +215,30 @@ def test_a_plan_that_leaves_enrolled_nodes_out_says_the_cluster_is_mixed_afterwa
     password = outside_scope_warning(Change.CHANGE_PASSWORD, ["node1", "node2"], outside)
     assert "node4 stays on the password in use now" in password
     assert password.endswith("tlsroll rollout start --change change-password --nodes node4.")
+    # Session 69 (smalls, 6): the advice named every such node in one --nodes list (at 200
+    # nodes one unreadable command); capped as the enable-tls advice is (``rest_scope``).
+    many = {f"n{i:03}": "https" for i in range(2, 201)}
+    big = outside_scope_warning(Change.CHANGE_PASSWORD, ["n001"], many)
+    assert "n050" not in big and len(big) < 700, big
+    assert big.endswith(
+        "To give them the new one too: tlsroll rollout start --change change-password --scope "
+        "cluster (the nodes with the new password already are left alone)."
+    ), big
+    unknown = outside_scope_warning(Change.CHANGE_PASSWORD, ["n001"], {**many, "n300": ""})
+    assert unknown.endswith(
+        "(the nodes with the new password already are left alone; it takes in n300 too, whose "
+        "servers are not known now: wait until their agents are heard, or leave them out with "
+        "--nodes)."
+    ), unknown
+    # A node on http only has a cluster change-password refused: ten at a time, said why.
+    mixed = outside_scope_warning(Change.CHANGE_PASSWORD, ["n001"], {**many, "h1": "http"})
+    assert "n050" not in mixed and len(mixed) < 700, mixed
+    assert mixed.endswith(
+        "tlsroll rollout start --change change-password --nodes n002,n003,n004,n005,n006,n007,"
+        "n008,n009,n010,n011, then the next 10 of them the same way, and so on (tlsroll "
+        "rollout start --change change-password --scope cluster is refused while h1 is on http "
+        "only)."
+    ), mixed
     assert outside_scope_warning(Change.ROTATE_CERT, ["node1"], outside) == ""
 
 

@@ -181,6 +181,26 @@ def test_holder_names_this_process_although_an_fd_vanishes_during_the_scan(
         listener.close()
 
 
+def test_holder_names_a_listener_on_the_ipv4_mapped_ipv6_address(
+    loopback: Callable[[], str],
+) -> None:
+    """Session 69 (smalls, 4): an IPv6 socket bound to ``::ffff:a.b.c.d`` holds a.b.c.d (a
+    bind of a.b.c.d is refused), and /proc/net/tcp6 shows it by the mapped address: ``holder``
+    of a.b.c.d found nothing, and the preflight said "another process" instead of naming it."""
+    address = loopback()
+    listener = socket.socket(socket.AF_INET6)
+    try:
+        listener.bind((f"::ffff:{address}", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not ports.port_free(address, port)  # it holds the IPv4 address
+        assert address in ports.listeners(port)
+        who = ports.holder(address, port)
+        assert who is not None and ports.names_pid(who, os.getpid()), who
+    finally:
+        listener.close()
+
+
 def test_holder_names_a_process_with_a_newline_in_its_arguments_in_one_line(
     loopback: Callable[[], str],
 ) -> None:
