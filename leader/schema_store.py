@@ -34,6 +34,7 @@ from leader.rollout_core import (
     Strategy,
 )
 from leader.store import (
+    NODE_AUTH_CACHE,
     IssuedCert,
     cut_off_in,
     record_certificate_in,
@@ -1410,7 +1411,8 @@ class SchemaStore(LeaderStore):
 
     def _behind(self, db: sqlite3.Connection, pending: set[str]) -> PasswordBehind | None:
         """Under the lock: ``PasswordBehind`` of ``pending`` (``_pending``), the nodes removed
-        since left out (their record of the password stays; no workstation goes there)."""
+        left out (no workstation goes there; a removal forgets a node's record of the
+        password, one removed before session 69 may still have one)."""
         if not pending:
             return None
         removed = {
@@ -1539,7 +1541,7 @@ class SchemaStore(LeaderStore):
             ).fetchall()
 
 
-_ROWS, _AUTH = "rollout", ("node_auth",)  # what SchemaStore keeps in ``Database.cache``
+_ROWS, _AUTH = "rollout", NODE_AUTH_CACHE  # what SchemaStore keeps in ``Database.cache``
 _LATEST_AUTH = "SELECT COALESCE(MAX(version), 0) FROM auth_versions"
 
 

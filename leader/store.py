@@ -365,6 +365,9 @@ class Node:
 # served certificate revoked so is the removed machine's, not that of a node enrolled again
 # under its name (``leader.expiry.ExpiryWatch.served``).
 NODE_REMOVED = "node removed"
+# ``Database.cache``'s key of the password live on each node (``SchemaStore.node_auth``): a
+# removal and an enrolment forget the node's (``_forget_node_auth``).
+NODE_AUTH_CACHE = ("node_auth",)
 
 
 @dataclass(frozen=True)
@@ -1011,6 +1014,9 @@ class Store(LeaderStore):
             # A removed row's key goes on record with its certificate before the row takes the
             # new one: it stays refused (``_key_refused``) once the row no longer holds it.
             _stamp_row_keys(db, name)
+            # No password runs on a node enrolled anew (one a removal before session 69 left
+            # recorded for the name: ``remove_node``).
+            self._forget_node_auth(db, name)
             db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,))
             db.execute(
                 "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
@@ -1870,6 +1876,10 @@ class Store(LeaderStore):
             # workstations. Soft state, never audited: the audit keeps the removal.
             db.execute("DELETE FROM node_clients WHERE node = ?", (name,))
             db.execute("DELETE FROM node_clients_info WHERE node = ?", (name,))
+            # ... and so does the password it ran (review 2 of s69): the machine enrolled
+            # again under its name, on http, was named behind the newest staged password and
+            # counted as running the old one.
+            self._forget_node_auth(db, name)
             _bump_crl(db, now)
             # The newest rollout's epoch as it is removed: every rollout up to it (each ended:
             # ``InRollout`` above) switched the machine removed, and what they recorded it
@@ -1881,6 +1891,11 @@ class Store(LeaderStore):
         with self._db.read() as db:
             removed = _node(db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone())
         return removed, serials
+
+    def _forget_node_auth(self, db: sqlite3.Connection, name: str) -> None:
+        """Inside a write transaction: no auth password is recorded live on ``name``."""
+        if db.execute("DELETE FROM node_auth WHERE name = ?", (name,)).rowcount:
+            self._db.cache.pop(NODE_AUTH_CACHE, None)
 
     # --- certificates -------------------------------------------------------------------------
 

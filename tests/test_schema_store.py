@@ -927,3 +927,52 @@ def test_the_schema_says_a_mixed_cluster_and_schema_show_how_to_switch_the_rest(
     only = service._answer(schema_pb2.GetSchemaRequest(rollouts_only=True), None)
     assert not only.HasField("mixed_cluster")
     assert service._answer(schema_pb2.GetSchemaRequest(), None).HasField("mixed_cluster")
+
+
+def enrol_again(store: Store, name: str, at: dt.datetime, n: int = 9) -> None:
+    """``name`` enrolled again (a new token made ``at``, a new key) as ``enrolled`` does."""
+    address = (f"10.1.1.{n}",)
+    store.add_token(
+        f"t{n}", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=at,
+        actor="test", node_name=name, addresses=address,
+    )  # fmt: skip
+    store.enrol(
+        token_id=f"t{n}", secret="s" * 26, name=name, addresses=address, dns_names=(),
+        agent_version="t", agent_port=9442, key_pin=f"sha256:pin{n}",
+        issue=lambda: NodeCert(
+            f"sha256:pin{n}", f"sha256:fp{n}", f"{n:x}", at + dt.timedelta(days=30)
+        ),
+        now=at,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_node_removed_and_enrolled_again_runs_no_password_and_is_not_behind(
+    tmp_path: Path, stale: bool
+) -> None:
+    """Review 2 of s69 (revpass3): the password a node ran stayed recorded for it after
+    `nodes remove` (``node_auth``), so the machine enrolled again under its name (on http, no
+    password) was named behind the newest staged password in `schema show`, with a
+    change-password start for it that refuses a node on http, and counted as running the old
+    one. The removal forgets it in its transaction (the cache with it); an enrolment forgets a
+    record a removal before this fix left (``stale``)."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    assert schema.stage_password('{"v": 1}', NOW, "admin") == 1
+    schema.set_node_auth("a", 1, NOW)
+    schema.set_node_auth("b", 1, NOW)
+    assert schema.stage_password('{"v": 2}', NOW, "admin") == 2
+    schema.set_node_auth("a", 2, NOW)
+    behind = schema.password_behind()
+    assert behind is not None and behind.nodes == (("b", 1),)  # (the cache is read here)
+    store.remove_node("b", now=NOW, actor="admin")
+    if stale:  # as a removal before the fix left it
+        with store.db.tx() as db:
+            db.execute("INSERT OR REPLACE INTO node_auth VALUES ('b', 1, '')")
+        store.db.cache.clear()
+    else:
+        assert schema.node_auth() == {"a": 2}
+    enrol_again(store, "b", NOW + dt.timedelta(minutes=1))
+    assert schema.node_auth() == {"a": 2}
+    assert schema.password_behind() is None
+    assert schema.pending_password_nodes() == set()
+    store.close()

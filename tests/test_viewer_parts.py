@@ -796,7 +796,7 @@ def test_the_nodes_behind_the_newest_password_are_on_the_page_with_the_command(
     version 2, a and c did not) only the rollout's own rows marked a node, and only those in
     it. The page names, cluster-wide, the newest version and who staged it, each node still
     on an older one with its version, and the command that finishes it; a removed node is
-    left out (its record of the password stays); the schema carries the same
+    left out (the removal forgets its record of the password); the schema carries the same
     (``password_behind``), never a verifier; with none behind there is no such section."""
     enrol(store, ["a", "b", "c", "d"])
     schema = SchemaStore(store.db)
