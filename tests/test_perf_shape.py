@@ -2599,3 +2599,83 @@ async def test_the_leader_asks_a_switch_s_watch_only_for_the_states_it_acts_on(
     acted_on |= every - changes._BEFORE_RESTART - {agent_pb2.TRANSACTION_PHASE_RESTARTED}
     acted_on |= {agent_pb2.TRANSACTION_PHASE_STARTED}
     assert phases == acted_on, sorted(phases)
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts its passes and the callbacks handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = 0
+        self.callbacks = 0
+
+    def _run_once(self) -> None:
+        self.passes += 1
+        super()._run_once()  # type: ignore[misc]
+
+    def call_soon(self, *args: Any, **kwargs: Any) -> Any:
+        self.callbacks += 1
+        return super().call_soon(*args, **kwargs)
+
+    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
+        self.callbacks += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_a_store_call_comes_back_to_the_loop_in_one_hop() -> None:
+    """Issue 15 (session 69): the leader's loop made about 85 passes a node in a rollout, and
+    each store call (``tlsroll.dbthread.run``: about nine a node at the leader, more for a
+    switch at the agent) took three of them and six callbacks: the executor future's chaining
+    to an asyncio future, then ``asyncio.shield``'s inner and outer callbacks, then the
+    caller's wake-up. Now the store's thread hands the loop one callback that settles the
+    awaited future: two passes a call (that callback, the caller's wake-up) and two
+    callbacks. What it must keep (``tests/test_dbthread.py``): one thread, in order, and a
+    call whose caller is cancelled still runs."""
+    calls = 40
+    loop = _CountingLoop()
+    try:
+
+        async def calls_in_a_row() -> list[int]:
+            got = []
+            for i in range(calls):
+                got.append(await dbthread.run(int, str(i)))
+            return got
+
+        loop.run_until_complete(dbthread.run(int, "0"))  # the thread made, the loop started
+        loop.passes = loop.callbacks = 0
+        assert loop.run_until_complete(calls_in_a_row()) == list(range(calls))
+        # (the task's own start and end: a few passes and callbacks, not per call)
+        assert loop.callbacks <= 2 * calls + 4, loop.callbacks
+        assert loop.passes <= 2 * calls + 4, loop.passes
+    finally:
+        loop.close()
+
+
+def test_a_store_call_s_exception_reaches_its_caller_and_a_closed_loop_drops_its_result() -> (
+    None
+):
+    """The one-hop store call (above) raises the call's own exception in its caller, and a
+    call whose loop closed before it ended is dropped without a word from the thread."""
+
+    def fails() -> None:
+        raise ValueError("the store said no")
+
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="the store said no"):
+            loop.run_until_complete(dbthread.run(fails))
+        gate = threading.Event()
+
+        async def start() -> asyncio.Task[bool]:
+            task = asyncio.ensure_future(dbthread.run(gate.wait, 30))
+            await asyncio.sleep(0)
+            return task
+
+        task = loop.run_until_complete(start())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+    finally:
+        loop.close()
+    gate.set()
+    asyncio.run(dbthread.barrier())  # the thread ran the call and dropped its result
