@@ -2679,3 +2679,30 @@ def test_a_store_call_s_exception_reaches_its_caller_and_a_closed_loop_drops_its
         loop.close()
     gate.set()
     asyncio.run(dbthread.barrier())  # the thread ran the call and dropped its result
+
+
+async def test_a_bounded_step_s_work_runs_in_its_own_step_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (session 69): a preflight's and a stage's work (``Engine._step``) was bounded
+    by Python 3.11's ``asyncio.wait_for``, which made a task of it, a waiter future and their
+    callbacks: two loop passes and a task more a node and step. Now the step's own task runs
+    it under ``asyncio.timeout`` (the deadline's failure: ``tests/test_engine.py``'s
+    ``test_a_preflight_without_answer_fails_after_the_step_deadline``)."""
+    world = engine_world(tmp_path / "rollout", monkeypatch, 4)
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=1)
+    loop = asyncio.get_running_loop()
+    made: Counter[str] = Counter()
+    real = loop.create_task
+
+    def create_task(coro: Any, **kwargs: Any) -> Any:
+        made[getattr(coro, "__qualname__", type(coro).__name__)] += 1
+        return real(coro, **kwargs)
+
+    with monkeypatch.context() as counting:
+        counting.setattr(loop, "create_task", create_task)
+        await drive_to_the_end(world, leader, 4)
+    await leader.stop()
+    assert made["Engine._run_step"] >= 4 * 2, made  # (the steps ran: each in a task of its own)
+    assert made["Engine._step"] == 0, made
