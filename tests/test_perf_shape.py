@@ -2613,11 +2613,11 @@ class _CountingLoop(asyncio.SelectorEventLoop):
         self.passes += 1
         super()._run_once()  # type: ignore[misc]
 
-    def call_soon(self, *args: Any, **kwargs: Any) -> Any:
+    def call_soon(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         self.callbacks += 1
         return super().call_soon(*args, **kwargs)
 
-    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
+    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         self.callbacks += 1
         return super().call_soon_threadsafe(*args, **kwargs)
 
@@ -2651,9 +2651,7 @@ def test_a_store_call_comes_back_to_the_loop_in_one_hop() -> None:
         loop.close()
 
 
-def test_a_store_call_s_exception_reaches_its_caller_and_a_closed_loop_drops_its_result() -> (
-    None
-):
+def test_a_store_call_s_exception_reaches_its_caller_and_a_closed_loop_drops_its_result() -> None:
     """The one-hop store call (above) raises the call's own exception in its caller, and a
     call whose loop closed before it ended is dropped without a word from the thread."""
 
@@ -2688,7 +2686,10 @@ async def test_a_bounded_step_s_work_runs_in_its_own_step_task(
     by Python 3.11's ``asyncio.wait_for``, which made a task of it, a waiter future and their
     callbacks: two loop passes and a task more a node and step. Now the step's own task runs
     it under ``asyncio.timeout`` (the deadline's failure: ``tests/test_engine.py``'s
-    ``test_a_preflight_without_answer_fails_after_the_step_deadline``)."""
+    ``test_a_preflight_without_answer_fails_after_the_step_deadline``). And a switch's watch
+    (two generators, ``AgentClient.switch_and_watch`` around ``watch_transaction``), left
+    unfinished as its outcome returned, was closed by the garbage collector's hook: the loop
+    woken from outside (``call_soon_threadsafe``) to make a task for each."""
     world = engine_world(tmp_path / "rollout", monkeypatch, 4)
     leader = world.boot(prepare_ahead=1)
     await leader.start(max_parallel=1)
@@ -2706,3 +2707,28 @@ async def test_a_bounded_step_s_work_runs_in_its_own_step_task(
     await leader.stop()
     assert made["Engine._run_step"] >= 4 * 2, made  # (the steps ran: each in a task of its own)
     assert made["Engine._step"] == 0, made
+    # A switch's and a confirm's watch closed in the step's task as its outcome returns, not
+    # in tasks the loop made for the generators the garbage collector found unfinished.
+    assert made["async_generator_athrow"] == 0, made
+
+
+async def test_a_switch_s_watch_closed_by_its_caller_ends_its_stream_at_once(
+    loopback: Callable[[], str],
+) -> None:
+    """Issue 15 (session 69): the leader's switch watch is two generators
+    (``AgentClient.switch_and_watch`` around ``watch_transaction``). The step returns at the
+    outcome and closes the outer one (``leader.changes.wait_transaction``); the inner one,
+    holding the stream's call and the channel's use, was left to the garbage collector's hook,
+    which wakes the loop from outside to close it in a task of its own. Now the outer one
+    closes it as it is closed: the channel's use has ended when the close returns."""
+    from tests.test_agent_calls import Agent, served
+
+    request = agent_pb2.SwitchRequest(command=agent_pb2.Command(rollout_id="r1", epoch=1))
+    async with served(loopback(), Agent(merged=True)) as client:  # type: ignore[abstract]
+        states = client.switch_and_watch(request)
+        async for txn in states:
+            if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+                break
+        assert client.in_flight == 1  # (the watch is open until it is closed)
+        await states.aclose()
+        assert client.in_flight == 0
