@@ -15,12 +15,13 @@ saying no, ``StepFailed`` (terminal for the step).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -604,7 +605,7 @@ class AgentClient:
 
     async def watch_transaction(
         self, request: agent_pb2.GetTransactionRequest
-    ) -> AsyncIterator[agent_pb2.Transaction]:
+    ) -> AsyncGenerator[agent_pb2.Transaction, None]:
         """Each state of the transaction as the agent journals it, the current one first, until
         it has an outcome (``NodeAgent.WatchTransaction``: the leader hears of a step when it
         happens, no poll interval). A stream that breaks or brings nothing for
@@ -653,7 +654,7 @@ class AgentClient:
 
     async def switch_and_watch(
         self, request: agent_pb2.SwitchRequest
-    ) -> AsyncIterator[agent_pb2.Transaction]:
+    ) -> AsyncGenerator[agent_pb2.Transaction, None]:
         """Begin the switch and follow its states in one call: WatchTransaction with
         ``switch`` set (the Switch call and its answer saved). A refusal before any state
         (``REFUSAL_CODES``) is ``SwitchRefused``: nothing began. Any other failure before the
@@ -684,16 +685,22 @@ class AgentClient:
         begin = agent_pb2.GetTransactionRequest()
         begin.CopyFrom(watch)
         begin.switch.CopyFrom(request)
+        # Each watch closed here as its caller closes this one (``aclosing``): left to the
+        # garbage collector, an unfinished generator is closed in a task of its own the loop
+        # is woken for (one a switch, and one for this: issue 15).
         seen = False
         try:
-            async for txn in self.watch_transaction(begin):
-                seen = True
-                yield txn
+            async with contextlib.aclosing(self.watch_transaction(begin)) as states:
+                async for txn in states:
+                    seen = True
+                    yield txn
             return
         except (NotSent, NotHeardYet) as exc:
             if await self._begun_before(watch, exc):
-                async for txn in self.watch_transaction(watch):  # (sendable: it carries nothing)
-                    yield txn
+                # (sendable: it carries nothing)
+                async with contextlib.aclosing(self.watch_transaction(watch)) as states:
+                    async for txn in states:
+                        yield txn
                 return
             # Not heard since the leader started, and it has no such switch: begun as on an
             # agent of an earlier release (Switch, then the watch), Switch asking it first
@@ -712,8 +719,9 @@ class AgentClient:
             await self.switch(request)
         except StepFailed as exc:
             raise SwitchRefused(str(exc), exc.code) from None
-        async for txn in self.watch_transaction(watch):
-            yield txn
+        async with contextlib.aclosing(self.watch_transaction(watch)) as states:
+            async for txn in states:
+                yield txn
 
     async def _begun_before(
         self, request: agent_pb2.GetTransactionRequest, unsent: NotSent | NotHeardYet

@@ -990,6 +990,12 @@ async def wait_transaction(
         raise
     except StepFailed as exc:
         raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
+    finally:
+        # Closed now, in this task, as the outcome returns (its call cancelled, the channel's
+        # use counted ended): left to the garbage collector, the loop was woken to close it in
+        # a task of its own (issue 15).
+        if (aclose := getattr(states, "aclose", None)) is not None:
+            await aclose()
     if unreadable is not None:
         return TxnOutcome.FAILED, unreadable_outcome(unreadable)
     raise TransientError(f"the {kind.value} transaction's states ended without an outcome")

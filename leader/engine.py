@@ -1083,7 +1083,10 @@ class Engine:
                 )
                 try:
                     if bounded:  # one attempt never outlasts the step's deadline
-                        result = await asyncio.wait_for(work, deadline)
+                        # In this task, not wait_for's (3.11): that made a task of the work,
+                        # a waiter and its callbacks, two loop passes more a step (issue 15).
+                        async with asyncio.timeout(deadline):
+                            result = await work
                     else:
                         result = await work
                 finally:  # its note written, if a look was writing one: the outcome's is later

@@ -33,9 +33,10 @@ Agents outlive a leader: a test that "crashes" the leader builds a new engine on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -378,7 +379,7 @@ class FakeAgent:
 
     async def watch_transaction(
         self, request: agent_pb2.GetTransactionRequest
-    ) -> AsyncIterator[agent_pb2.Transaction]:
+    ) -> AsyncGenerator[agent_pb2.Transaction, None]:
         """The stream as the fake world can give it: its states read every ``WATCH_SECONDS``
         of fake time (each read is a ``get_transaction`` call in ``calls``)."""
         while True:
@@ -402,8 +403,10 @@ class FakeAgent:
         watch = agent_pb2.GetTransactionRequest(
             rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
         )
-        async for txn in self.watch_transaction(watch):
-            yield txn
+        # Closed as the caller closes this one, as the real client's watch is.
+        async with contextlib.aclosing(self.watch_transaction(watch)) as states:
+            async for txn in states:
+                yield txn
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         await self._arrive("freeze", request.command)

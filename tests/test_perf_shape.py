@@ -2600,3 +2600,136 @@ async def test_the_leader_asks_a_switch_s_watch_only_for_the_states_it_acts_on(
     acted_on |= every - changes._BEFORE_RESTART - {agent_pb2.TRANSACTION_PHASE_RESTARTED}
     acted_on |= {agent_pb2.TRANSACTION_PHASE_STARTED}
     assert phases == acted_on, sorted(phases)
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts its passes and the callbacks handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = 0
+        self.callbacks = 0
+
+    def _run_once(self) -> None:
+        self.passes += 1
+        super()._run_once()  # type: ignore[misc]
+
+    def call_soon(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.callbacks += 1
+        return super().call_soon(*args, **kwargs)
+
+    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.callbacks += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_a_store_call_comes_back_to_the_loop_in_one_hop() -> None:
+    """Issue 15 (session 69): the leader's loop made about 85 passes a node in a rollout, and
+    each store call (``tlsroll.dbthread.run``: about nine a node at the leader, more for a
+    switch at the agent) took three of them and six callbacks: the executor future's chaining
+    to an asyncio future, then ``asyncio.shield``'s inner and outer callbacks, then the
+    caller's wake-up. Now the store's thread hands the loop one callback that settles the
+    awaited future: two passes a call (that callback, the caller's wake-up) and two
+    callbacks. What it must keep (``tests/test_dbthread.py``): one thread, in order, and a
+    call whose caller is cancelled still runs."""
+    calls = 40
+    loop = _CountingLoop()
+    try:
+
+        async def calls_in_a_row() -> list[int]:
+            got = []
+            for i in range(calls):
+                got.append(await dbthread.run(int, str(i)))
+            return got
+
+        loop.run_until_complete(dbthread.run(int, "0"))  # the thread made, the loop started
+        loop.passes = loop.callbacks = 0
+        assert loop.run_until_complete(calls_in_a_row()) == list(range(calls))
+        # (the task's own start and end: a few passes and callbacks, not per call)
+        assert loop.callbacks <= 2 * calls + 4, loop.callbacks
+        assert loop.passes <= 2 * calls + 4, loop.passes
+    finally:
+        loop.close()
+
+
+def test_a_store_call_s_exception_reaches_its_caller_and_a_closed_loop_drops_its_result() -> None:
+    """The one-hop store call (above) raises the call's own exception in its caller, and a
+    call whose loop closed before it ended is dropped without a word from the thread."""
+
+    def fails() -> None:
+        raise ValueError("the store said no")
+
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="the store said no"):
+            loop.run_until_complete(dbthread.run(fails))
+        gate = threading.Event()
+
+        async def start() -> asyncio.Task[bool]:
+            task = asyncio.ensure_future(dbthread.run(gate.wait, 30))
+            await asyncio.sleep(0)
+            return task
+
+        task = loop.run_until_complete(start())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+    finally:
+        loop.close()
+    gate.set()
+    asyncio.run(dbthread.barrier())  # the thread ran the call and dropped its result
+
+
+async def test_a_bounded_step_s_work_runs_in_its_own_step_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (session 69): a preflight's and a stage's work (``Engine._step``) was bounded
+    by Python 3.11's ``asyncio.wait_for``, which made a task of it, a waiter future and their
+    callbacks: two loop passes and a task more a node and step. Now the step's own task runs
+    it under ``asyncio.timeout`` (the deadline's failure: ``tests/test_engine.py``'s
+    ``test_a_preflight_without_answer_fails_after_the_step_deadline``). And a switch's watch
+    (two generators, ``AgentClient.switch_and_watch`` around ``watch_transaction``), left
+    unfinished as its outcome returned, was closed by the garbage collector's hook: the loop
+    woken from outside (``call_soon_threadsafe``) to make a task for each."""
+    world = engine_world(tmp_path / "rollout", monkeypatch, 4)
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=1)
+    loop = asyncio.get_running_loop()
+    made: Counter[str] = Counter()
+    real = loop.create_task
+
+    def create_task(coro: Any, **kwargs: Any) -> Any:
+        made[getattr(coro, "__qualname__", type(coro).__name__)] += 1
+        return real(coro, **kwargs)
+
+    with monkeypatch.context() as counting:
+        counting.setattr(loop, "create_task", create_task)
+        await drive_to_the_end(world, leader, 4)
+    await leader.stop()
+    assert made["Engine._run_step"] >= 4 * 2, made  # (the steps ran: each in a task of its own)
+    assert made["Engine._step"] == 0, made
+    # A switch's and a confirm's watch closed in the step's task as its outcome returns, not
+    # in tasks the loop made for the generators the garbage collector found unfinished.
+    assert made["async_generator_athrow"] == 0, made
+
+
+async def test_a_switch_s_watch_closed_by_its_caller_ends_its_stream_at_once(
+    loopback: Callable[[], str],
+) -> None:
+    """Issue 15 (session 69): the leader's switch watch is two generators
+    (``AgentClient.switch_and_watch`` around ``watch_transaction``). The step returns at the
+    outcome and closes the outer one (``leader.changes.wait_transaction``); the inner one,
+    holding the stream's call and the channel's use, was left to the garbage collector's hook,
+    which wakes the loop from outside to close it in a task of its own. Now the outer one
+    closes it as it is closed: the channel's use has ended when the close returns."""
+    from tests.test_agent_calls import Agent, served
+
+    request = agent_pb2.SwitchRequest(command=agent_pb2.Command(rollout_id="r1", epoch=1))
+    async with served(loopback(), Agent(merged=True)) as client:  # type: ignore[abstract]
+        states = client.switch_and_watch(request)
+        async for txn in states:
+            if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+                break
+        assert client.in_flight == 1  # (the watch is open until it is closed)
+        await states.aclose()
+        assert client.in_flight == 0

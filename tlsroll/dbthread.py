@@ -20,6 +20,7 @@ except through the future it completes, so a call can never wait for one queued 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import threading
@@ -53,10 +54,45 @@ async def run(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     still runs when its turn comes (its result is dropped), as a call ``to_thread`` had
     handed to a thread of its own would have: a step's outcome queued behind another write
     when the leader stops is written, not dropped (review of session 25). ``barrier`` waits
-    for every call queued before it."""
+    for every call queued before it.
+
+    The result comes back to the loop in one hop: the thread hands the loop one callback that
+    settles the future the caller awaits. ``asyncio.shield`` around ``run_in_executor`` took
+    three loop passes and six callbacks a call (the executor future's chaining, then the
+    shield's inner and outer futures' callbacks), the shield only to keep a cancelled caller
+    from cancelling the call: a call handed to the thread here is never cancelled by its
+    caller (issue 15: the leader's loop passes per node, session 69)."""
     loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
     call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-    return await asyncio.shield(loop.run_in_executor(executor(), call))
+    executor().submit(_work, loop, done, call)
+    return await done
+
+
+def _work(loop: asyncio.AbstractEventLoop, done: asyncio.Future[T], call: Callable[[], T]) -> None:
+    """(On the store's thread.) Run ``call`` and hand its result or exception to ``done`` on
+    its loop; dropped if the loop has closed meanwhile (as ``run_in_executor``'s is)."""
+    try:
+        result = call()
+    except BaseException as exc:  # (the caller's to raise, as run_in_executor's future did)
+        settle = functools.partial(_failed, done, exc)
+    else:
+        settle = functools.partial(_settled, done, result)
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it any more
+        loop.call_soon_threadsafe(settle)
+
+
+def _settled(done: asyncio.Future[T], result: T) -> None:
+    if not done.done():  # (cancelled: the caller was; the call ran all the same)
+        done.set_result(result)
+
+
+def _failed(done: asyncio.Future[T], exc: BaseException) -> None:
+    if not done.done():
+        try:
+            done.set_exception(exc)
+        except TypeError:  # StopIteration cannot be a future's exception
+            done.set_exception(RuntimeError(f"{type(exc).__name__} raised in the store thread"))
 
 
 def _nothing() -> None:
