@@ -997,6 +997,9 @@ class Commands:
         the finalize leaves out (``_cut_off``). ``NotAwaitingFinalize`` as ``finalize``
         refuses; nothing is asked of an agent (the CLI's confirmation: ``check_only``)."""
         row = await asyncio.to_thread(self._awaiting, rollout_id)
+        # Its way back (or a finalize) completed, not yet recorded on it: said so, not judged
+        # by nodes the way back put on http only ("not on https": review s69 confirm L2).
+        await asyncio.to_thread(self.schema.refuse_if_settled, row.rollout.id)
         names = planner.finalize_scope(row.rollout, row.records)
         if not names:
             raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")

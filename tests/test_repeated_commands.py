@@ -19,6 +19,7 @@ from leader import byo, planner
 from leader.commands import RolloutRequest
 from leader.observe import FirstSteps
 from leader.rollout_core import (
+    TERMINAL_ROLLOUT_STATES as TERMINAL,
     Change,
     NodeObservation,
     NodeState,
@@ -567,4 +568,102 @@ async def test_a_change_password_start_applies_the_version_confirmed_or_none(
     row = await leader_.run()
     assert row.rollout.state is RolloutState.COMPLETED
     assert set(leader_.schema.node_auth().values()) == {3}
+    await leader_.stop()
+
+
+# --- s69 confirm L2: a transitional rollout whose finalize or way back just completed -------
+
+
+def dual_agents(world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fake agent says its server serves http and https (a fake knows one scheme): what
+    a finalize's preflight checks on a node phase 1 left dual."""
+    for agent in world.agents:
+        preflight = agent.preflight
+
+        async def dual(request: Any, real: Any = preflight) -> Any:
+            answer = await real(request)
+            del answer.server.schemes[:]
+            answer.server.schemes.extend(["http", "https"])
+            return answer
+
+        monkeypatch.setattr(agent, "preflight", dual)
+
+
+def state(schema: SchemaStore, rollout_id: str) -> RolloutState:
+    row = schema.get(rollout_id)
+    assert row is not None
+    return row.rollout.state
+
+
+def latest(schema: SchemaStore) -> str:
+    row = schema.latest()
+    assert row is not None
+    return row.rollout.id
+
+
+@pytest.mark.parametrize("first", ["finalize", "way-back"])
+async def test_nothing_follows_a_transitional_rollout_whose_follower_just_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """Review s69 confirm (L2): once the finalize (or the way back) of a transitional rollout
+    X completed, X stayed awaiting_finalize until the engine's next pass ended it, and a new
+    rollout following X was let in meanwhile: `rollout rollback X` right after its finalize
+    completed was created and X ended "aborted (taken back)", not "completed (finalized)";
+    `rollout finalize X` after its way back completed was refused "not on https". The engine's
+    settle is held here (the pass that would record X's end does nothing) while both are
+    asked: each is refused naming the rollout that completed, nothing created; released, X ends
+    as its follower decided."""
+    from tests.test_engine import changes, make_world, transitional_phase_1
+
+    world = make_world(tmp_path, monkeypatch)
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader_ = world.boot()
+    phase_1, _ = await transitional_phase_1(leader_)
+    x = phase_1.rollout.id
+    dual_agents(world, monkeypatch)
+    settle = leader_.engine._settle_awaiting
+    held = True
+
+    async def held_settle() -> None:
+        if not held:
+            await settle()
+
+    monkeypatch.setattr(leader_.engine, "_settle_awaiting", held_settle)
+    if first == "finalize":
+        follower = await leader_.commands.finalize(x, ADMIN, force=True)
+        how, ends = "finalized", (RolloutState.COMPLETED, "finalized")
+    else:
+        back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=x)
+        follower = await leader_.commands.start(back, ADMIN)
+        how, ends = "taken back", (RolloutState.ABORTED, "taken back")
+    f = follower.rollout.id
+    row = await leader_.run(lambda r: r.rollout.id == f and r.rollout.state in TERMINAL)
+    assert row.rollout.state is RolloutState.COMPLETED, row.rollout
+    assert state(leader_.schema, x) is RolloutState.AWAITING_FINALIZE  # (held)
+    line = (
+        f"rollout {x} was {how} by rollout {f}, which has just completed; the leader records "
+        "that in a moment (see: tlsroll schema show); nothing started"
+    )
+    back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=x)
+    attempts = [
+        lambda: leader_.commands.start(replace(back, undo_rollout_id=None), ADMIN),  # rollback
+        lambda: leader_.commands.finalize(x, ADMIN, force=True),
+        lambda: leader_.commands.finalize(x, ADMIN),
+        lambda: leader_.commands.finalize("", ADMIN, force=True),
+    ]
+    if first == "finalize":  # (after the way back, `rollback X` is "already taken back")
+        attempts.append(lambda: leader_.commands.start(back, ADMIN))  # rollback X
+    for attempt in attempts:
+        with pytest.raises(RolloutBusy) as refused:
+            await attempt()
+        assert str(refused.value) == line
+        assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+    assert latest(leader_.schema) == f  # nothing created
+    held = False
+    await leader_.one_pass()
+    ended = leader_.schema.get(x)
+    assert ended is not None
+    assert ended.rollout.state is ends[0], ended.rollout
+    assert ends[1] in ended.meta.reason, ended.meta.reason
+    assert latest(leader_.schema) == f
     await leader_.stop()
