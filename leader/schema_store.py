@@ -1687,11 +1687,9 @@ def _settled_by(db: sqlite3.Connection, rollout_id: str) -> tuple[str, str] | No
     if last["change"] not in (Change.FINALIZE.value, Change.DISABLE_TLS.value):
         return None
     failed = tuple(s.value for s in FAILED_NODE_STATES)
-    if db.execute(
-        "SELECT 1 FROM rollout_nodes WHERE rollout_id = ?"
-        f" AND state IN ({', '.join('?' * len(failed))}) LIMIT 1",  # noqa: S608
-        (last["id"], *failed),
-    ).fetchone():
+    marks = ", ".join("?" * len(failed))
+    query = f"SELECT 1 FROM rollout_nodes WHERE rollout_id = ? AND state IN ({marks})"  # noqa: S608
+    if db.execute(query, (last["id"], *failed)).fetchone():
         return None
     return str(last["id"]), str(last["change"])
 
@@ -1893,7 +1891,6 @@ class FollowerCompleted(RolloutBusy):
             f"rollout {rollout_id} was {how} by rollout {by}, which has just completed; the "
             f"leader records that in a moment (see: tlsroll schema show); nothing started",
         )
-
 
 
 def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:
