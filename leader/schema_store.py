@@ -1889,7 +1889,7 @@ class FollowerCompleted(RolloutBusy):
         TerminalError.__init__(
             self,
             f"rollout {rollout_id} was {how} by rollout {by}, which has just completed; the "
-            f"leader records that in a moment (see: tlsroll schema show); nothing started",
+            "leader records that in a moment: try again then (see: tlsroll schema show)",
         )
 
 

@@ -645,7 +645,7 @@ async def test_nothing_follows_a_transitional_rollout_whose_follower_just_comple
     assert state(leader_.schema, x) is RolloutState.AWAITING_FINALIZE  # (held)
     line = (
         f"rollout {x} was {how} by rollout {f}, which has just completed; the leader records "
-        "that in a moment (see: tlsroll schema show); nothing started"
+        "that in a moment: try again then (see: tlsroll schema show)"
     )
     back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=x)
     attempts: list[Callable[[], Awaitable[object]]] = [
