@@ -210,6 +210,7 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         undo_rollout_id=request.undo_rollout_id or None,
         own_certs=own_certs(request.cert_dir) if request.HasField("cert_dir") else None,
         applies_version=request.auth_version,
+        confirmed_nodes=tuple(request.confirmed_nodes),
     )
 
 

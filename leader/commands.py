@@ -121,6 +121,10 @@ class RolloutRequest:
     # change-password: the staged version the admin confirmed (0: not checked); another
     # staged since the plan refuses the start (``PasswordStagedMeanwhile``).
     applies_version: int = 0
+    # The nodes the admin was shown as those the rollout steps, in its order (the prompt of
+    # `rollout start` or `rollout rollback`; empty: nothing shown, not checked): the start is
+    # refused (``PlanChanged``) if its own plan steps others (review s69 confirm L1).
+    confirmed_nodes: tuple[str, ...] = ()
     # ``rollout retry``: the rollout retried, the password version it applied, what it undid.
     retry_of: str = ""
     keep_auth_version: int = 0
@@ -164,6 +168,28 @@ class Planned:
     # Per node that answered: its http and https address and its bootstrap port as its agent's
     # check gave them (``NodeObservation``): the plan's rows show them.
     addresses: Mapping[str, tuple[str, str, int]] = field(default_factory=dict)
+
+
+class PlanChanged(TerminalError):
+    """A start whose plan steps other nodes (or in another order) than those the admin was
+    shown and confirmed (``RolloutRequest.confirmed_nodes``): another admin's rollout, an
+    enrolment or a removal came between (FAILED_PRECONDITION; review s69 confirm L1)."""
+
+    def __init__(self, confirmed: Sequence[str], now: Sequence[str]) -> None:
+        added = [n for n in now if n not in confirmed]
+        gone = [n for n in confirmed if n not in now]
+        what = []
+        if added:
+            what.append(f"it now takes {planner.some_names(added)} too")
+        if gone:
+            what.append(f"no longer {planner.some_names(gone)}")
+        if not what:
+            what.append(f"in another order: {planner.some_names(now)}")
+        super().__init__(
+            "the plan changed since it was shown (another rollout, or a node enrolled or "
+            f"removed meanwhile): {'; '.join(what)}; nothing started: look at the new plan and "
+            "start again"
+        )
 
 
 class StillOnHttp(TerminalError):
@@ -742,6 +768,15 @@ class Commands:
                 f"no password version {request.applies_version} is staged (the newest is "
                 f"{latest}); nothing started"
             )
+        stepped = tuple(r.name for r in nodes if r.state is NodeState.PENDING)
+        # A node of the named rollout a way back takes back, removed since, is left out and
+        # named in the start's answer (``removed_since``: review rev50f L3), as before.
+        confirmed = tuple(n for n in request.confirmed_nodes if n not in planned.removed_since)
+        if request.confirmed_nodes and stepped != confirmed:
+            # The admin confirmed a plan that stepped other nodes: the scope resolved again
+            # (every node on https, the cluster's) has another rollout's nodes, or a node
+            # enrolled, switched or removed since (review s69 confirm L1).
+            raise PlanChanged(confirmed, stepped)
         auth = planner.decide_auth(
             request.change,
             bool(request.auth_verifier_json),
@@ -997,6 +1032,9 @@ class Commands:
         the finalize leaves out (``_cut_off``). ``NotAwaitingFinalize`` as ``finalize``
         refuses; nothing is asked of an agent (the CLI's confirmation: ``check_only``)."""
         row = await asyncio.to_thread(self._awaiting, rollout_id)
+        # Its way back (or a finalize) completed, not yet recorded on it: said so, not judged
+        # by nodes the way back put on http only ("not on https": review s69 confirm L2).
+        await asyncio.to_thread(self.schema.refuse_if_settled, row.rollout.id)
         names = planner.finalize_scope(row.rollout, row.records)
         if not names:
             raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")

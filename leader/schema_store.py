@@ -21,6 +21,7 @@ from leader.db import LeaderStore
 from leader.planner import Census, UnknownNodes
 from leader.rollout_core import (
     CHANGES,
+    FAILED_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     Change,
     Client,
@@ -470,6 +471,16 @@ class SchemaStore(LeaderStore):
         refuses)."""
         with self._db.read() as db:
             _refuse_if_busy(db, follows)
+
+    def refuse_if_settled(self, rollout_id: str) -> None:
+        """``FollowerCompleted`` if ``rollout_id`` awaits finalize and its finalize or its way
+        back has completed (``_refuse_if_busy`` says it too): asked before a finalize's other
+        checks, which judged nodes the way back had put on http only."""
+        with self._db.read() as db:
+            row = db.execute("SELECT state FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            waiting = row is not None and row["state"] == RolloutState.AWAITING_FINALIZE.value
+            if waiting and (ended := _settled_by(db, rollout_id)) is not None:
+                raise FollowerCompleted(rollout_id, *ended)
 
     def retried_by(self, rollout_id: str) -> tuple[str, str] | None:
         """The rollout that retried ``rollout_id`` and its state, if one was created
@@ -1690,8 +1701,35 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
         _TERMINAL,
     ).fetchall():
         waiting = busy["state"] == RolloutState.AWAITING_FINALIZE.value
+        if waiting and (ended := _settled_by(db, busy["id"])) is not None:
+            # Its finalize or its way back completed; the engine's next pass ends it
+            # (``Engine._settle_awaiting``). A follower let in meanwhile decided how it ended
+            # instead: a way back right after its finalize ended it "taken back" (review s69
+            # confirm L2).
+            raise FollowerCompleted(busy["id"], *ended)
         if not (waiting and follows and busy["id"] == follows):
             raise RolloutBusy(busy["id"], busy["state"], busy["change"])
+
+
+def _settled_by(db: sqlite3.Connection, rollout_id: str) -> tuple[str, str] | None:
+    """The rollout (id, change) whose end moves the transitional ``rollout_id`` on from
+    awaiting finalize, if it has ended so: its newest finalize or way back, completed with no
+    node failed (``planner.awaiting_verdict``, as the engine reads it)."""
+    last = db.execute(
+        "SELECT id, change, state FROM rollouts WHERE finalizes = ? OR undoes = ?"
+        " ORDER BY epoch DESC LIMIT 1",
+        (rollout_id, rollout_id),
+    ).fetchone()
+    if last is None or last["state"] != RolloutState.COMPLETED.value:
+        return None
+    if last["change"] not in (Change.FINALIZE.value, Change.DISABLE_TLS.value):
+        return None
+    failed = tuple(s.value for s in FAILED_NODE_STATES)
+    marks = ", ".join("?" * len(failed))
+    query = f"SELECT 1 FROM rollout_nodes WHERE rollout_id = ? AND state IN ({marks})"  # noqa: S608
+    if db.execute(query, (last["id"], *failed)).fetchone():
+        return None
+    return str(last["id"]), str(last["change"])
 
 
 _RETRIED_BY = "retried_by/"  # meta key prefix: ``retried_by/<rollout id>`` = its retry's id
@@ -1876,6 +1914,21 @@ class RolloutBusy(TerminalError):
         else:
             way = f"wait for it, or: tlsroll rollout abort {rollout_id}"
         super().__init__(f"{busy} ({way})")
+
+
+class FollowerCompleted(RolloutBusy):
+    """A transitional rollout awaiting finalize whose finalize or way back has completed: it
+    ends at the engine's next pass, and no other rollout starts before (a way back let in
+    then ended it "taken back" though it was finalized; a second finalize was refused "not on
+    https"; review s69 confirm L2)."""
+
+    def __init__(self, rollout_id: str, by: str, change: str) -> None:
+        how = "finalized" if change == Change.FINALIZE.value else "taken back"
+        TerminalError.__init__(
+            self,
+            f"rollout {rollout_id} was {how} by rollout {by}, which has just completed; the "
+            "leader records that in a moment: try again then (see: tlsroll schema show)",
+        )
 
 
 def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:

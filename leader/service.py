@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader import byo, join_guard
-from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
+from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, PlanChanged, StillOnHttp
 from leader.config import hook_number
 from leader.node_clocks import NodeClocks, clock_problem, sent_offset
 from leader.observe import NodeProblem, StreamEnded
@@ -149,6 +149,7 @@ ERRORS = {
     NotAwaitingFinalize: grpc.StatusCode.FAILED_PRECONDITION,
     WrongSource: grpc.StatusCode.FAILED_PRECONDITION,
     StillOnHttp: grpc.StatusCode.FAILED_PRECONDITION,
+    PlanChanged: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyRetried: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyTakenBack: grpc.StatusCode.FAILED_PRECONDITION,
     StaleRecords: grpc.StatusCode.ABORTED,

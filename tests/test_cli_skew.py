@@ -254,6 +254,70 @@ def test_a_plan_that_echoes_the_request_is_started(
     assert len(started) == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "change", "asked"),
+    [
+        (("rollout", "rollback"), types_pb2.CHANGE_DISABLE_TLS, True),
+        (("rollout", "rollback", "--yes"), types_pb2.CHANGE_DISABLE_TLS, False),
+        (
+            ("rollout", "start", "--scope", "cluster", "--change", "rotate-cert"),
+            types_pb2.CHANGE_ROTATE_CERT,
+            True,
+        ),
+        (
+            ("rollout", "start", "--scope", "cluster", "--change", "rotate-cert", "--yes"),
+            types_pb2.CHANGE_ROTATE_CERT,
+            False,
+        ),
+    ],
+    ids=["rollback", "rollback-yes", "start", "start-yes"],
+)
+def test_a_start_after_the_prompt_names_the_nodes_confirmed(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tlsroll: Callable[..., Ran],
+    args: tuple[str, ...],
+    change: types_pb2.Change.ValueType,
+    asked: bool,
+) -> None:
+    """Review s69 confirm (L1): the nodes the prompt showed as those the rollout steps, in
+    its order (not those already done), go with the start (``confirmed_nodes``): the leader
+    refuses it if its plan steps others by then. With --yes (nothing shown) none go."""
+    started: list[Any] = []
+
+    class Answers:
+        def PlanRollout(self, request: Any, timeout: float = 30) -> Any:
+            view = schema_pb2.RolloutView(
+                change=change,
+                scope=types_pb2.SCOPE_KIND_CLUSTER,
+                strategy=types_pb2.STRATEGY_DIRECT,
+                freeze=types_pb2.FREEZE_MODE_NODE,
+            )
+            view.nodes.add(name="n2", state=types_pb2.NODE_STATE_PENDING)
+            view.nodes.add(
+                name="n1", state=types_pb2.NODE_STATE_SKIPPED, reason="already done: on http"
+            )
+            view.nodes.add(name="n3", state=types_pb2.NODE_STATE_PENDING)
+            return admin_pb2.PlanResponse(rollout=view)
+
+        def StartRollout(self, request: Any, timeout: float = 30) -> Any:
+            started.append(request)
+            return schema_pb2.RolloutView(id="r1", change=change)
+
+    @contextlib.contextmanager
+    def admin(self: Leader) -> Iterator[Any]:
+        yield Answers()
+
+    monkeypatch.setattr(Leader, "admin", admin)
+    monkeypatch.setattr(Leader, "require_same_code", lambda self: None)
+    monkeypatch.setattr("leader.cli.base.terminal_only", lambda _why: None)
+    monkeypatch.setattr("click.confirm", lambda *_a, **_k: True)
+    result = tlsroll("--data-dir", str(tmp_path), *args)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    (request,) = started
+    assert list(request.confirmed_nodes) == (["n2", "n3"] if asked else [])
+
+
 # --- (c) a method the leader does not serve -------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from leader import byo, planner
 from leader.commands import RolloutRequest
 from leader.observe import FirstSteps
 from leader.rollout_core import (
+    TERMINAL_ROLLOUT_STATES,
     Change,
     NodeObservation,
     NodeState,
@@ -567,4 +568,219 @@ async def test_a_change_password_start_applies_the_version_confirmed_or_none(
     row = await leader_.run()
     assert row.rollout.state is RolloutState.COMPLETED
     assert set(leader_.schema.node_auth().values()) == {3}
+    await leader_.stop()
+
+
+# --- s69 confirm L2: a transitional rollout whose finalize or way back just completed -------
+
+
+def dual_agents(world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fake agent says its server serves http and https (a fake knows one scheme): what
+    a finalize's preflight checks on a node phase 1 left dual."""
+    for agent in world.agents:
+        preflight = agent.preflight
+
+        async def dual(request: Any, real: Any = preflight) -> Any:
+            answer = await real(request)
+            del answer.server.schemes[:]
+            answer.server.schemes.extend(["http", "https"])
+            return answer
+
+        monkeypatch.setattr(agent, "preflight", dual)
+
+
+def state(schema: SchemaStore, rollout_id: str) -> RolloutState:
+    row = schema.get(rollout_id)
+    assert row is not None
+    return row.rollout.state
+
+
+def latest(schema: SchemaStore) -> str:
+    row = schema.latest()
+    assert row is not None
+    return row.rollout.id
+
+
+@pytest.mark.parametrize("first", ["finalize", "way-back"])
+async def test_nothing_follows_a_transitional_rollout_whose_follower_just_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str
+) -> None:
+    """Review s69 confirm (L2): once the finalize (or the way back) of a transitional rollout
+    X completed, X stayed awaiting_finalize until the engine's next pass ended it, and a new
+    rollout following X was let in meanwhile: `rollout rollback X` right after its finalize
+    completed was created and X ended "aborted (taken back)", not "completed (finalized)";
+    `rollout finalize X` after its way back completed was refused "not on https". The engine's
+    settle is held here (the pass that would record X's end does nothing) while both are
+    asked: each is refused naming the rollout that completed, nothing created; released, X ends
+    as its follower decided."""
+    from leader import changes
+    from tests.test_engine import make_world, transitional_phase_1
+
+    world = make_world(tmp_path, monkeypatch)
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader_ = world.boot()
+    phase_1, _ = await transitional_phase_1(leader_)
+    x = phase_1.rollout.id
+    dual_agents(world, monkeypatch)
+    settle = leader_.engine._settle_awaiting
+    held = True
+
+    async def held_settle() -> None:
+        if not held:
+            await settle()
+
+    monkeypatch.setattr(leader_.engine, "_settle_awaiting", held_settle)
+    if first == "finalize":
+        follower = await leader_.commands.finalize(x, ADMIN, force=True)
+        how, ends = "finalized", (RolloutState.COMPLETED, "finalized")
+    else:
+        back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=x)
+        follower = await leader_.commands.start(back, ADMIN)
+        how, ends = "taken back", (RolloutState.ABORTED, "taken back")
+    f = follower.rollout.id
+    row = await leader_.run(
+        lambda r: r.rollout.id == f and r.rollout.state in TERMINAL_ROLLOUT_STATES
+    )
+    assert row.rollout.state is RolloutState.COMPLETED, row.rollout
+    assert state(leader_.schema, x) is RolloutState.AWAITING_FINALIZE  # (held)
+    line = (
+        f"rollout {x} was {how} by rollout {f}, which has just completed; the leader records "
+        "that in a moment: try again then (see: tlsroll schema show)"
+    )
+    back = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=x)
+    attempts: list[Callable[[], Awaitable[object]]] = [
+        lambda: leader_.commands.start(replace(back, undo_rollout_id=None), ADMIN),  # rollback
+        lambda: leader_.commands.finalize(x, ADMIN, force=True),
+        lambda: leader_.commands.finalize(x, ADMIN),
+        lambda: leader_.commands.finalize("", ADMIN, force=True),
+    ]
+    if first == "finalize":  # (after the way back, `rollback X` is "already taken back")
+        attempts.append(lambda: leader_.commands.start(back, ADMIN))  # rollback X
+    for attempt in attempts:
+        with pytest.raises(RolloutBusy) as refused:
+            await attempt()
+        assert str(refused.value) == line
+        assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+    assert latest(leader_.schema) == f  # nothing created
+    held = False
+    await leader_.one_pass()
+    ended = leader_.schema.get(x)
+    assert ended is not None
+    assert ended.rollout.state is ends[0], ended.rollout
+    assert ends[1] in ended.meta.reason, ended.meta.reason
+    assert latest(leader_.schema) == f
+    await leader_.stop()
+
+
+# --- s69 confirm L1: what the admin confirmed is what starts ----------------------------------
+
+
+class Serving:
+    """``Commands.observe``: each node on the scheme this map gives it (a certificate of the
+    cluster CA with https), as another admin's rollouts leave them."""
+
+    def __init__(self, schemes: dict[str, str]) -> None:
+        self.schemes = schemes
+
+    async def __call__(
+        self,
+        names: Sequence[str],
+        *,
+        warm: Collection[str],
+        first: FirstSteps | None,
+        edits: bool = False,
+        way_back: bool = False,
+    ) -> dict[str, NodeObservation]:
+        return {
+            n: NodeObservation(
+                reachable=True,
+                schemes=(self.schemes[n],),
+                cert_from_ca=self.schemes[n] == "https",
+            )
+            for n in names
+        }
+
+
+async def test_a_confirmed_start_or_way_back_starts_the_nodes_confirmed_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s69 confirm (L1): `rollout rollback` confirmed "Back to http: alpha, bravo" and
+    `rollout start --scope cluster` its plan's nodes, then the leader resolved the scope again
+    at the start: another admin's enable-tls completed meanwhile (or a way back) put more
+    nodes in than were confirmed, without a word. The start names the nodes confirmed
+    (``confirmed_nodes``, what the CLI sends after its prompt) and is refused if its plan
+    steps others, nothing created; without them (`--yes`: nothing shown) it starts as planned."""
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import rollout_request, stepped
+    from leader.rollout_core import FreezeMode
+    from leader.service import LeaderState
+    from leader.wire import CHANGE, FREEZE
+    from tests.test_engine import VERIFIER_1, make_world
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    leader_ = world.boot()
+    schema = leader_.schema
+    serving = Serving({"alpha": "https", "bravo": "https", "charlie": "http"})
+    leader_.commands.observe = serving
+    settle(schema, rollout(schema, "e1", Change.ENABLE_TLS, ["alpha", "bravo"]), {"alpha", "bravo"})
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, schema
+    )
+    context: Any = Context()
+
+    # `rollout rollback` (no id): alpha and bravo go back, confirmed ...
+    back = admin_pb2.RolloutRequest(
+        change=CHANGE.wire(Change.DISABLE_TLS), freeze=FREEZE.wire(FreezeMode.NODE)
+    )
+    planned = await service.PlanRollout(back, context)
+    assert stepped(planned.rollout.nodes) == ["bravo", "alpha"]
+    # ... while another admin's enable-tls switches charlie
+    settle(schema, rollout(schema, "e2", Change.ENABLE_TLS, ["charlie"]), {"charlie"})
+    serving.schemes["charlie"] = "https"
+    back.confirmed_nodes.extend(stepped(planned.rollout.nodes))  # as the CLI sends them
+    with pytest.raises(Aborted) as refused:
+        await service.StartRollout(back, context)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details == (
+        "the plan changed since it was shown (another rollout, or a node enrolled or removed "
+        "meanwhile): it now takes charlie too; nothing started: look at the new plan and "
+        "start again"
+    )
+    assert latest(schema) == "e2"  # nothing created
+
+    # `rollout start --scope cluster` (enable-tls): charlie and bravo... planned with all
+    # three on https but bravo, which another admin's way back took back to http.
+    serving.schemes["bravo"] = "http"
+    start = rollout_request("cluster", None, 1, "node", "enable-tls")
+    start.auth_verifier_json = VERIFIER_1  # (the nodes run none the leader knows of)
+    planned = await service.PlanRollout(start, context)
+    assert stepped(planned.rollout.nodes) == ["bravo"]
+    serving.schemes["charlie"] = "http"
+    start.confirmed_nodes.extend(stepped(planned.rollout.nodes))
+    with pytest.raises(Aborted) as refused:
+        await service.StartRollout(start, context)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "it now takes charlie too; nothing started" in refused.value.details
+    assert latest(schema) == "e2"
+    serving.schemes["charlie"] = "https"
+    serving.schemes["alpha"] = "http"  # (as if taken back meanwhile, alone)
+    serving.schemes["bravo"] = "https"
+    with pytest.raises(Aborted) as refused:
+        await service.StartRollout(start, context)
+    assert "it now takes alpha too; no longer bravo; nothing started" in refused.value.details
+    assert latest(schema) == "e2"
+
+    # The plan unchanged: it starts; without any (--yes), as planned, as before.
+    serving.schemes["alpha"] = "https"
+    serving.schemes["bravo"] = "http"
+    view = await service.StartRollout(start, context)
+    assert stepped(view.nodes) == ["bravo"]
+    started = schema.get(view.id)
+    assert started is not None
+    settle(schema, started, {"bravo"})
+    serving.schemes["bravo"] = "https"
+    del back.confirmed_nodes[:]  # `rollout rollback --yes`: every node on https goes back
+    view = await service.StartRollout(back, context)
+    assert stepped(view.nodes) == ["bravo", "charlie", "alpha"]
     await leader_.stop()

@@ -515,6 +515,9 @@ def rollout_start(
             ask_first(
                 "review `tlsroll plan`, then add --yes", "Start the switch now?", "not started"
             )
+            # What was confirmed is what starts: the leader refuses the start if its plan
+            # steps other nodes by then (review s69 confirm L1).
+            request.confirmed_nodes.extend(stepped(planned.rollout.nodes))
         generated = False
         if change == "enable-tls" and not in_use:
             if secret is None:  # generated now, after the confirmation, and shown once
@@ -531,6 +534,12 @@ def rollout_start(
     started(view, in_use, planned.warnings if yes else (), planned)
     if wait:
         wait_for_end(leader, view.id)
+
+
+def stepped(nodes: Sequence[schema_pb2.NodeView]) -> list[str]:
+    """The nodes a plan steps (not those already done, or left as is), in its order: those
+    the admin is shown and confirms (``RolloutRequest.confirmed_nodes``)."""
+    return [n.name for n in nodes if NODE_STATE.text(n.state) == PENDING]
 
 
 def refuse_if_busy(leader: Leader) -> None:
@@ -733,14 +742,19 @@ def rollout_rollback(
                 planned.warnings,
             )
             ask_first("add --yes to go back without asking", "Go back to http now?", "not started")
+            # The nodes confirmed: the start resolves its scope again, and the leader refuses
+            # it if its plan takes others back by then (another admin's enable-tls since, a
+            # node enrolled or switched: review s69 confirm L1).
+            request.confirmed_nodes.extend(stepped(planned.rollout.nodes))
         view = leader.call(admin.StartRollout, request)
     undoes = f", undoes {view.undoes}" if view.undoes else ""
     out.print(
         f"rollout {view.id} (disable-tls{undoes}) started; "
         "follow it with: tlsroll schema show --watch"
     )
-    # The nodes the start left out, as it answered (it resolves the scope again: a node
-    # removed since the plan is left out too; review rev50f L3).
+    # The nodes the start left out, as it answered (it resolves the scope again: a node of
+    # the named rollout removed since the plan is left out too; review rev50f L3; any other
+    # change of the nodes confirmed refuses the start).
     removed = list(view.removed_since)
     if yes:  # (the plan was not shown: which nodes go back, and what the workstations must do)
         going_back(view.nodes, ".", removed, warnings=planned.warnings)

@@ -486,6 +486,7 @@ class RolloutRequest(_message.Message):
     CERT_DIR_FIELD_NUMBER: _builtins.int
     REFUSE_IF_BUSY_FIELD_NUMBER: _builtins.int
     AUTH_VERSION_FIELD_NUMBER: _builtins.int
+    CONFIRMED_NODES_FIELD_NUMBER: _builtins.int
     change: _types_pb2.Change.ValueType
     """Required."""
     scope: _types_pb2.ScopeKind.ValueType
@@ -528,6 +529,16 @@ class RolloutRequest(_message.Message):
         node is touched (leader/byo.py).
         """
 
+    @_builtins.property
+    def confirmed_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The nodes the admin was shown as those the rollout steps (`rollout start`'s plan: not those
+        "already done"; `rollout rollback`'s "Back to http"), in its order, and confirmed: the start
+        is refused (FAILED_PRECONDITION, nothing created) if its own plan steps others or in another
+        order (another admin's rollout, or a node enrolled, switched or removed, since the plan). A
+        node of a named rollout's way back removed since is left out as before (`removed_since`).
+        Empty (`--yes`: nothing shown): not checked. A leader that does not know it starts as planned.
+        """
+
     def __init__(
         self,
         *,
@@ -543,10 +554,11 @@ class RolloutRequest(_message.Message):
         cert_dir: Global___CertDir | None = ...,
         refuse_if_busy: _builtins.bool = ...,
         auth_version: _builtins.int = ...,
+        confirmed_nodes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cert_dir", b"cert_dir"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "auth_version", b"auth_version", "cert_dir", b"cert_dir", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "refuse_if_busy", b"refuse_if_busy", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "auth_version", b"auth_version", "cert_dir", b"cert_dir", "change", b"change", "confirmed_nodes", b"confirmed_nodes", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "refuse_if_busy", b"refuse_if_busy", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
