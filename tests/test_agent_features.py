@@ -20,7 +20,7 @@ import signal
 import socket
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +322,7 @@ async def test_a_switch_the_leader_may_not_send_is_followed_if_its_agent_has_it(
     async def has_it(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
         return done
 
-    async def watch(request: agent_pb2.GetTransactionRequest) -> AsyncIterator[Any]:
+    async def watch(request: agent_pb2.GetTransactionRequest) -> AsyncGenerator[Any, None]:
         client._sendable(request)  # (the real one's first act: a begin is refused here)
         watched.append(request.HasField("switch"))
         yield done
@@ -444,7 +444,7 @@ async def test_a_switch_its_agent_has_is_followed_before_its_first_heartbeat() -
         asked.append((request.rollout_id, request.HasField("switch")))
         return done
 
-    async def watch(request: agent_pb2.GetTransactionRequest) -> AsyncIterator[Any]:
+    async def watch(request: agent_pb2.GetTransactionRequest) -> AsyncGenerator[Any, None]:
         client._sendable(request)  # (the real one's first act: a begin is not sent)
         watched.append(request.HasField("switch"))
         yield done
