@@ -912,7 +912,7 @@ async def _start_public(server: RefServer, ssl_context: Any, public: PublicListe
     c = server.config
     for scheme in c.listen:
         try:
-            await public.listen(
+            await public.listen_on(
                 c.address, c.port(scheme), ssl_context if scheme == "https" else None
             )
         except OSError as exc:
