@@ -16,7 +16,9 @@ the node failed and its heartbeats said the server was down. Now, as the leader'
 - ``HEAD_SECONDS`` for the first request's whole head from the hand-over to aiohttp (nothing
   sent, or a head a byte at a time); from each answer on, aiohttp's ``keepalive_timeout`` (the
   runner's) bounds the wait for the next; a request's body must come within ``BODY_SECONDS``
-  (``refserver.server``: a body sent a byte at a time is a 408, its connection closed).
+  (``refserver.server``: a body sent a byte at a time is a 408, its connection closed);
+- ``MAX_HEADERS`` header lines of ``MAX_FIELD_BYTES`` at most in a request (then a 400) and
+  ``MAX_BODY_BYTES`` of body (then a 413): what a flood can make the server hold is bounded.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ from tlsroll.gated_listener import GatedListener, Limits
 log = logs.get_logger(__name__)
 
 MAX_CONNECTIONS = 1024  # public connections at once, both listeners together
+# What one connection can make the server hold for up to ``HEAD_SECONDS`` + ``BODY_SECONDS``:
+# a request head of ``MAX_HEADERS`` lines of up to ``MAX_FIELD_BYTES`` (aiohttp's parser keeps
+# each line twice: 32 x 4 KiB, about 256 KiB measured) and a body of ``MAX_BODY_BYTES``. With
+# aiohttp's defaults (128 lines of 8 KiB, about 2 MiB; a body of 1 MiB) 1024 connections could
+# make it hold about 3 GiB; now about 0.5 GiB (review s69 gate). A browser sends about 20 lines
+# (its cookies for this host one of them); an entry is a few hundred bytes (the demo's: 50).
+MAX_HEADERS = 32  # header lines of one request (aiohttp's ``max_headers``; more: a 400)
+MAX_FIELD_BYTES = 4096  # one header line's name and value (``max_field_size``; more: a 400)
+MAX_BODY_BYTES = 256 * 1024  # one request's body: an entry, a login (``client_max_size``: 413)
 BACKLOG = 64  # also how many connections asyncio accepts in one go, before any is counted
 # Kept for everything else the server opens (the admin socket and its connections, the store's
 # connections, logs, listeners), and for one batch of accepts on each listener: a flood never
