@@ -357,7 +357,11 @@ class RefServer:
         await self._idle.wait()
 
     def public_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._count, _json_errors])
+        # (an entry's body: ``gate.MAX_BODY_BYTES``, so that what a flood can make it hold is
+        # bounded)
+        app = web.Application(
+            middlewares=[self._count, _json_errors], client_max_size=gate.MAX_BODY_BYTES
+        )
         p = self.config.app_path
         app.router.add_get(p, self.index)
         app.router.add_get(p + "health", self.health)
@@ -912,7 +916,7 @@ async def _start_public(server: RefServer, ssl_context: Any, public: PublicListe
     c = server.config
     for scheme in c.listen:
         try:
-            await public.listen(
+            await public.listen_on(
                 c.address, c.port(scheme), ssl_context if scheme == "https" else None
             )
         except OSError as exc:
@@ -980,6 +984,8 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             handle_signals=False,
             shutdown_timeout=CLOSE_CONNECTIONS_SECONDS,
             keepalive_timeout=gate.HEAD_SECONDS,
+            max_headers=gate.MAX_HEADERS,
+            max_field_size=gate.MAX_FIELD_BYTES,
         )
         admin = web.AppRunner(
             server.admin_app(),

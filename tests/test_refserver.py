@@ -270,6 +270,50 @@ def test_an_overlong_header_line_logs_its_type_and_not_the_line(make_server: Mak
     assert "COOKIE-SECRET" not in text and "Error handling request" not in text
 
 
+def _status_of(address: str, port: int, head: bytes) -> int:
+    """The status of the answer to ``head`` (a whole request head, no body), sent raw."""
+    with socket.create_connection((address, port), timeout=10) as conn:
+        conn.sendall(head)
+        answer = b""
+        while b"\r\n" not in answer:
+            got = conn.recv(4096)
+            if not got:
+                break
+            answer += got
+    return int(answer.split(b" ", 2)[1])
+
+
+def test_what_a_flood_can_make_the_reference_server_hold_is_bounded(
+    make_server: MakeServer,
+) -> None:
+    """Review s69 (gate): aiohttp's defaults let each of the public listeners' 1024 connections
+    make the server hold a request head of 128 header lines of up to 8 KiB (about 2 MiB, as its
+    parser keeps them: measured) and a body of 1 MiB, for up to 35 s (``gate.HEAD_SECONDS``
+    and ``gate.BODY_SECONDS``): about 3 GiB from one LAN host. An entry is a few hundred bytes
+    (the demo's: 50). Now at most 32 header lines of 4 KiB and a body of 256 KiB: about 0.5
+    GiB at the worst (the connections' count is the descriptors' business: ``gate``)."""
+    server = make_server(listen=["http"])
+    server.start()
+    port = server.port("http")
+    body_max = 256 * 1024
+    # The body: an entry of 256 KiB is taken, a larger one is a 413, nothing stored.
+    assert post(server, {"note": "x" * (body_max - 20)}).status == 201
+    resp = post(server, {"note": "x" * body_max})
+    assert resp.status == 413 and resp.json()["error"] == "too_large", resp
+    assert server.status()["watermark"] == 1
+    # The head: a browser's (about 20 lines, one of them its cookies) is served; 41 lines, or
+    # a line of 5000 bytes, are a 400.
+    head = f"GET {server.app_path}health HTTP/1.1\r\nHost: {server.address}\r\n".encode()
+    browser = b"".join(b"X-Browser-%d: %s\r\n" % (i, b"v" * 200) for i in range(18))
+    cookie = b"Cookie: sid=" + b"c" * 4000 + b"\r\n"
+    assert _status_of(server.address, port, head + browser + cookie + b"\r\n") == 200
+    many = b"".join(b"X-Many-%d: v\r\n" % i for i in range(40))
+    assert _status_of(server.address, port, head + many + b"\r\n") == 400
+    long_line = b"X-Long: " + b"v" * 5000 + b"\r\n"
+    assert _status_of(server.address, port, head + long_line + b"\r\n") == 400
+    assert server.request("GET", "health").status == 200  # and it serves on
+
+
 def test_the_http_log_gives_a_failed_handler_s_type_and_place_not_its_text() -> None:
     """What aiohttp logs of a handler that raised, or of its debug noise (audit s34 H2)."""
     try:

@@ -25,34 +25,36 @@ An /events stream is a connection like any other and counts here (the app caps t
 
 The listener is a plain TCP server on the viewer's socket; each connection starts TLS itself
 (``loop.start_tls``) and is then handed to aiohttp's request handler (``factory``), which sees
-it as ``web.SockSite`` would have given it.
+it as ``web.SockSite`` would have given it (``tlsroll.gated_listener``, as the reference
+server's public listeners are served; the limits here are the viewer's).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tlsroll import logs
-from tlsroll.accept_gate import Accepted, AcceptGate
+from tlsroll import gated_listener, logs
+from tlsroll.gated_listener import Handed as _Handed
+
+__all__ = ["GatedListener", "Limits", "_Handed"]
 
 log = logs.get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class Limits:
+class Limits(gated_listener.Limits):
     max_connections: int = 64
     handshake_timeout: float = 10.0
-    write_timeout: float = 30.0
+    write_timeout: float | None = 30.0
     close_timeout: float = 5.0
     head_timeout: float = 15.0
 
 
-class GatedListener:
+class GatedListener(gated_listener.GatedListener):
     """Serves aiohttp's handlers (``factory``) over TLS on a listening socket, gated."""
 
     def __init__(
@@ -63,206 +65,24 @@ class GatedListener:
         *,
         backlog: int = 128,
     ) -> None:
-        self.factory = factory
+        limits = limits or Limits()
+        super().__init__(
+            factory,
+            limits,
+            on_refused=_refused,
+            on_failed=_failed,
+            grace=limits.close_timeout,  # TLS's close of what aiohttp's cleanup left, first
+        )
         self.context = context
-        self.limits = limits or Limits()
         self.backlog = backlog
-        self.gate = AcceptGate(self.limits.max_connections, on_refused=_refused)
-        self._server: asyncio.Server | None = None
-        # Every connection from its accept on: its TCP transport and its source.
-        self._connections: dict[asyncio.Task[None], tuple[asyncio.Transport, str]] = {}
-        self._handed: set[asyncio.Task[None]] = set()  # aiohttp serves them
-        self._closing = False
 
     async def start(self, sock: socket.socket) -> None:
-        """Serve on ``sock`` (listening already); the server owns it from here on."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Accepted(self._accepted), sock=sock, backlog=self.backlog
-        )
-
-    async def stop(self) -> None:
-        """Stop accepting, and end the connections still in their handshake (those aiohttp
-        has are its runner's to close: call this before ``runner.cleanup``)."""
-        self._closing = True
-        if self._server is not None:
-            self._server.close()
-        for task in set(self._connections) - self._handed:
-            task.cancel()  # a handshake ends here; a connection aiohttp serves goes on
-        await asyncio.sleep(0)
-
-    async def abort_all(self) -> None:
-        """After ``runner.cleanup``: what is still open is aborted."""
-        if self._connections:
-            await asyncio.wait(set(self._connections), timeout=self.limits.close_timeout)
-        for transport, _ in self._connections.values():
-            transport.abort()
-        self._connections.clear()
-        self.gate.clear()
-        server, self._server = self._server, None
-        if server is not None:  # (from 3.12 on this waits for its connections: none are left)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.limits.close_timeout):
-                    await server.wait_closed()
-
-    def _accepted(self, transport: asyncio.Transport) -> None:
-        taken = self.gate.admit(transport, closing=self._closing)
-        if taken is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._connection(transport))
-        self._connections[task] = (transport, taken.source)
-        # Its place is given back when the task is done, whatever it did (a task cancelled
-        # before its first step never runs its ``finally``: review s38 H1, M1).
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        """A connection's task is done: its descriptor goes, then its place (once only; none
-        after ``abort_all``, which cleared the count)."""
-        self._handed.discard(task)
-        entry = self._connections.pop(task, None)
-        if entry is None:
-            return
-        transport, source = entry
-        transport.abort()
-        self.gate.release(source)
-        if not task.cancelled():
-            task.exception()  # (retrieved: ``_connection`` catches its own)
-
-    async def _connection(self, transport: asyncio.Transport) -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        ended: asyncio.Future[None] = loop.create_future()
-        try:
-            # (in the try: a factory that raises must not leave the transport open and the
-            # place taken, with asyncio's "Task exception was never retrieved": review s38 M1)
-            protocol = _Handed(self.factory(), ended, transport, self.limits)
-            tls = await loop.start_tls(
-                transport,
-                protocol,
-                self.context,
-                server_side=True,
-                ssl_handshake_timeout=self.limits.handshake_timeout,
-                ssl_shutdown_timeout=self.limits.close_timeout,
-            )
-            if tls is None or self._closing or ended.done():
-                return
-            self._handed.add(task)
-            protocol.connection_made(tls)  # start_tls never calls it (call_connection_made=False)
-            await ended  # aiohttp closes it (keepalive_timeout, an answer that closes, a stop)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
-            pass  # a handshake that failed or timed out: nothing to answer
-        except asyncio.CancelledError:
-            pass  # ``stop`` during the handshake
-        except Exception as exc:  # a bug here must not end in asyncio's log with a traceback
-            log.error("viewer.connection_failed", error=type(exc).__name__)
-        finally:
-            transport.abort()  # the descriptor is gone before ``_forget`` gives the place back
+        """Serve on ``sock`` (listening already); the listener owns it from here on."""
+        await self.listen(self.context, backlog=self.backlog, sock=sock)
 
 
-class _Handed(asyncio.Protocol):
-    """Between the TLS transport and aiohttp's handler: holds what TLS delivers before the
-    handler has its transport (TLS may read the first request in the same step as it ends
-    the handshake), closes the connection when no whole first request head has come
-    ``head_timeout`` after the hand-over, aborts it when its writes stay paused for
-    ``write_timeout``, and tells ``ended`` when the connection is lost."""
-
-    def __init__(
-        self,
-        inner: asyncio.Protocol,
-        ended: asyncio.Future[None],
-        tcp: asyncio.Transport,
-        limits: Limits,
-    ) -> None:
-        self.inner = inner
-        self.ended = ended
-        self.tcp = tcp
-        self.write_timeout = limits.write_timeout
-        self.head_timeout = limits.head_timeout
-        self.made = False
-        self.early: list[bytes] = []
-        self.early_eof = False
-        self._stalled: asyncio.TimerHandle | None = None
-        self._tls: asyncio.BaseTransport | None = None
-        self._headed = False  # the first request's head is whole (an empty line has come)
-        self._tail = b""  # the last bytes received until then
-        self._no_head: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.made, self._tls = True, transport
-        if not self._headed:  # ours: aiohttp's keepalive_timeout may not run yet (M2)
-            loop = asyncio.get_running_loop()
-            self._no_head = loop.call_later(self.head_timeout, self._headless)
-        self.inner.connection_made(transport)
-        early, self.early = self.early, []
-        for data in early:
-            self.inner.data_received(data)
-        if self.early_eof:
-            self.inner.eof_received()
-
-    def data_received(self, data: bytes) -> None:
-        if not self._headed:
-            self._watch(data)
-        if self.made:
-            self.inner.data_received(data)
-        else:
-            self.early.append(data)
-
-    def _watch(self, data: bytes) -> None:
-        """Look for the empty line that ends the first head (CRLF, or a bare LF); empty lines
-        before its request line are no head."""
-        if not self._tail:
-            data = data.lstrip(b"\r\n")
-            if not data:
-                return
-        seen = self._tail + data
-        if b"\n\r\n" in seen or b"\n\n" in seen:
-            self._headed, self._tail = True, b""
-            if self._no_head is not None:
-                self._no_head.cancel()
-                self._no_head = None
-        else:
-            self._tail = seen[-3:]  # (never empty once a request line has begun)
-
-    def _headless(self) -> None:
-        self._no_head = None
-        if self._tls is not None:
-            self._tls.close()  # TLS's close (close_notify), aborted after ``close_timeout``
-
-    def eof_received(self) -> bool | None:
-        if not self.made:
-            self.early_eof = True
-            return None
-        self.inner.eof_received()
-        return None  # over TLS, True would mean nothing (and asyncio says so in the log)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._no_head is not None:
-            self._no_head.cancel()
-            self._no_head = None
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
-        if self.made:
-            self.inner.connection_lost(exc)
-        if not self.ended.done():
-            self.ended.set_result(None)
-
-    def pause_writing(self) -> None:
-        if self._stalled is None:
-            loop = asyncio.get_running_loop()
-            self._stalled = loop.call_later(self.write_timeout, self._stall)
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._stalled is not None:
-            self._stalled.cancel()
-            self._stalled = None
-        self.inner.resume_writing()
-
-    def _stall(self) -> None:
-        self._stalled = None
-        self.tcp.abort()  # TLS and aiohttp learn it as a lost connection
+def _failed(error: str) -> None:
+    log.error("viewer.connection_failed", error=error)
 
 
 def _refused(remote: str, limit: str, refused: int) -> None:
