@@ -311,6 +311,7 @@ def test_a_node_that_renewed_its_certificate_after_the_backup_is_back_after_a_re
         up = dt.datetime.now(dt.UTC)
         n1.start()
         c.wait_for_nodes_online(["n1", "n2"])
+
         # Both agents heard by the restarted leader (not only online by their stored time,
         # which the backup's moment makes recent): "live" below is about n2's agent beating
         # with the backup's certificate (ci24, a loaded machine: the refusal came before n2's
