@@ -48,7 +48,7 @@ from leader.schema_store import (
     SchemaStore,
     StagedAuth,
 )
-from leader.schema_view import finalize_preview, rollout_view, still_on_http_now
+from leader.schema_view import behind_view, finalize_preview, rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
 from leader.store import Node, OwnCert, RolloutHoldsCA, in_rollout_text
 from leader.store_health import StoreHealth
@@ -838,7 +838,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             self.state.store.list_nodes, include_removed=request.include_removed
         )
         clocks = self.state.clocks.listing()
-        return admin_pb2.ListNodesResponse(nodes=[self._node_info(n, clocks) for n in nodes])
+        behind = await asyncio.to_thread(self.schema.password_behind)
+        return admin_pb2.ListNodesResponse(
+            nodes=[self._node_info(n, clocks) for n in nodes],
+            password_behind=behind_view(behind) if behind is not None else None,
+        )
 
     @map_errors(ERRORS)
     @runs_to_end

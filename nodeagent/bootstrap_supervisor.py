@@ -42,7 +42,7 @@ from nodeagent.journal import Journal
 from tlsroll import backoff, logs, password, peertext, spiffe
 from tlsroll.enums import RETRY_AFTER_KEY, SERVES_PREVIOUS
 from tlsroll.errors import TerminalError, TlsrollError, os_error_text
-from tlsroll.fsutil import read_regular
+from tlsroll.fsutil import check_private_file, read_regular
 from tlsroll.rpc import hostport, node_removed
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
@@ -111,6 +111,17 @@ def guard_times(earlier: list[float], wall: float, mono: float) -> list[float]:
     while the clock was ahead and is dropped: it would impose the day's ceiling again at every
     restart until the clock passes it (s34 review L3)."""
     return backoff.on_clock(earlier, wall, mono)
+
+
+def _read_verifier(name: str, shared: tuple[int, int] | None) -> bytes:
+    """The live verifier file's bytes (blocking), refused as a key file is
+    (``check_private_file``, ``UnsafePermissions`` naming it) if others may read it: the
+    verifier is as good as the password to a guesser. The agent writes it 0600, or 0640 with
+    the config's group for a server running as its own user (``plans.write_verifier``): a
+    mode beyond that was set by hand (s69)."""
+    path = Path(name)
+    check_private_file(path, shared=shared)
+    return read_regular(path)
 
 
 def _ca_bundle(ca_file: str) -> bytes:
@@ -454,14 +465,14 @@ class BootstrapHost:
             self.guard.restore(guard_times(self._earlier, time.time(), time.monotonic()))
             self._earlier = []
         verifier_file = live["verifier_file"]
-        verifier_text = (await asyncio.to_thread(read_regular, Path(verifier_file))).decode()
+        reader = self.key_reader
+        shared = await asyncio.to_thread(reader) if reader is not None else None
+        verifier_text = (await asyncio.to_thread(_read_verifier, verifier_file, shared)).decode()
         ca_pem = await asyncio.to_thread(_ca_bundle, live["ca_file"])
         try:
             verifier = password.verifier_from_json(verifier_text)
         except ValueError as exc:
             raise ValueError(f"{verifier_file}: {exc}") from None
-        reader = self.key_reader
-        shared = await asyncio.to_thread(reader) if reader is not None else None
         try:
             service = BootstrapService(
                 address=urllib.parse.urlsplit(live["server_url"]).hostname or "",

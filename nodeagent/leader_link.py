@@ -239,13 +239,24 @@ def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailu
 
 def _read_pin(data_dir: Path) -> tuple[int | None, bool]:
     """``nodefiles.read_leader_pin``; one that cannot be read is taken as a leader that
-    announced serials, none known (said): a generic-name link is then not trusted until the
-    leader names its serial again."""
+    announced serials, none known (said, with the way on): a generic-name link is then not
+    trusted until the leader names its serial again, and the record is written anew then
+    (``_learn``). Not as no record (an earlier leader's link trusted): a holder of a revoked
+    leader key on the path would be obeyed until the leader was heard. A leader of an earlier
+    release never names one: the admin removes the record, as for a downgrade (s69)."""
     try:
         return nodefiles.read_leader_pin(data_dir)
     except (OSError, NotRegularFile, ValueError) as exc:
         error = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
-        log.warning("leader.serial_unreadable", error=error[:200])
+        path = nodefiles.leader_pin_path(data_dir)
+        log.warning(
+            "leader.serial_unreadable",
+            error=error[:200],
+            detail="taken as a leader that named its serial, none known: a link by the "
+            "leader's generic name is not obeyed until the leader names it (then written "
+            f"anew); if the leader is of a release that names none, remove {path} and "
+            "restart the agent",
+        )
         return None, True
 
 
@@ -1027,7 +1038,14 @@ class LeaderLink:
         # leader allows for both (``leader.service.RENEW_GRACE``), so an agent at 1 s still
         # sends one message in 4 intervals, not one every beat.
         later = asyncio.get_running_loop().time() + self.cfg.heartbeat_interval / 2
-        return sent[0] == report_key(request) and later <= sent[1] + stream.renew
+        going = request
+        if not self._trusts(self._dialed):
+            # Compared as it would go (``_withholding``), as the last one was keyed: in full,
+            # a link that stays untrusted saw news in what is never sent there (s69).
+            going = leader_pb2.HeartbeatRequest()
+            going.CopyFrom(request)
+            withhold(going)
+        return sent[0] == report_key(going) and later <= sent[1] + stream.renew
 
     async def _exchange(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
         """Send one heartbeat and take the leader's answer: on the stream (opened if none

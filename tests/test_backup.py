@@ -311,14 +311,17 @@ def test_a_node_that_renewed_its_certificate_after_the_backup_is_back_after_a_re
         up = dt.datetime.now(dt.UTC)
         n1.start()
         c.wait_for_nodes_online(["n1", "n2"])
-        # n2's agent heard by the restarted leader (not only online by its stored time, which
-        # the backup's moment makes recent): "live" below is about an agent beating with the
-        # backup's certificate (ci24, a loaded machine: the refusal came before n2's beat).
-        wait_until(
-            lambda: c.list_nodes()["n2"].last_heartbeat.ToDatetime(dt.UTC) > up,
-            20,
-            "n2's agent heard by the restarted leader",
-        )
+
+        # Both agents heard by the restarted leader (not only online by their stored time,
+        # which the backup's moment makes recent): "live" below is about n2's agent beating
+        # with the backup's certificate (ci24, a loaded machine: the refusal came before n2's
+        # beat), and n1's renewed certificate is on record from its first beat, not before
+        # (s69: n2 heard first under load, n1's serial read was still the backup's).
+        def heard() -> bool:
+            nodes = c.list_nodes()
+            return all(nodes[n].last_heartbeat.ToDatetime(dt.UTC) > up for n in ("n1", "n2"))
+
+        wait_until(heard, 20, "n1's and n2's agents heard by the restarted leader")
         assert c.leader.event_names().count("store.restored") == 1
         assert c.list_nodes()["n1"].cert_serial == f"{renewed.serial_number:x}"
         [relearned] = [e for e in c.store_table("audit") if e["kind"] == "node.relearned"]

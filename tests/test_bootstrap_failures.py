@@ -764,7 +764,8 @@ async def test_the_problem_names_the_file_at_fault(
     """Review s44rev2 L4: the node's problem said "port 9443: ..." whatever the cause. A file
     that cannot be read, a verifier that is not one, a key others may read: named, and no
     port; a port held: the port. (Each try by ``sync``; the retries made slow, not to run
-    between.)"""
+    between.) s69: a verifier others may read (as good as the password to a guesser) is
+    refused as such a key is, named with the chmod that puts it right."""
     monkeypatch.setattr(bootstrap_supervisor, "RETRY_FIRST", 3600.0)
     address = loopback()
     journal = Journal(tmp_path / "journal.sqlite3")
@@ -776,10 +777,21 @@ async def test_the_problem_names_the_file_at_fault(
         verifier_file.unlink()
         await host.sync()
         assert (host.problem or "").startswith(f"{verifier_file}: No such file"), host.problem
-        verifier_file.write_text("{}")
+        write_private(verifier_file, b"{}")
         await host.sync()  # (the same settings: tried again now, not after the backoff)
         assert (host.problem or "").startswith(f"{verifier_file}: "), host.problem
         switched(journal, tmp_path, address, cert)
+        verifier_file.chmod(0o644)  # (by hand: the agent writes it 0600 or 0640)
+        await host.sync()
+        assert host.problem == (
+            f"{verifier_file} is accessible by others (mode 0644); run: chmod 600 {verifier_file}"
+        ), host.problem
+        assert host.service is None
+        verifier_file.chmod(0o600)
+        await host.sync()
+        assert host.problem == "" and host.service is not None, host.problem
+        await host.close()
+        host = _host(journal)
         cert.key_file.chmod(0o644)
         await host.sync()
         assert host.problem and str(cert.key_file) in host.problem, host.problem

@@ -26,6 +26,7 @@ import structlog
 from cryptography import x509
 from structlog.testing import capture_logs
 
+from leader import service as leader_service
 from leader.observe import observe
 from nodeagent import leader_link, nodefiles, service
 from nodeagent.failure_log import FailureLog
@@ -33,7 +34,7 @@ from nodeagent.trust import EpochNotAnnounced
 from tests.cluster import Cluster, wait_until
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.nodeside import Node, cluster_of
-from tests.test_heartbeat_stream import agent_link, until
+from tests.test_heartbeat_stream import LONG_RENEW, agent_link, until, viewing_link
 from tests.test_own_revoked import agent_knows_revoked, serial_of
 from tests.test_perf_shape import channels_opened
 from tests.test_plan_over_stream import world
@@ -204,11 +205,18 @@ def test_a_damaged_serial_record_is_taken_as_no_serial_known_but_announced(
 ) -> None:
     """A record the agent cannot read is refused by ``read_leader_pin`` (ValueError) and taken
     by the link as a leader that announced serials, none known: a generic-name link is not
-    trusted until the leader names its serial again (never as an earlier leader's)."""
-    nodefiles.leader_pin_path(tmp_path).write_text(text)
+    trusted until the leader names its serial again (never as an earlier leader's: a holder of
+    a revoked leader key on the path would be obeyed until then). s69 (review item 4a): with a
+    leader of an earlier release, which names none, that was for good, unsaid how to end it:
+    the line says to remove the record (as a downgrade does)."""
+    path = nodefiles.leader_pin_path(tmp_path)
+    path.write_text(text)
     with pytest.raises(ValueError):
         nodefiles.read_leader_pin(tmp_path)
-    assert leader_link._read_pin(tmp_path) == (None, True)
+    with capture_logs() as logs:
+        assert leader_link._read_pin(tmp_path) == (None, True)
+    [line] = [e for e in logs if e["event"] == "leader.serial_unreadable"]
+    assert f"remove {path} and restart the agent" in line["detail"], line
 
 
 def test_the_serial_record_round_trips(tmp_path: Path) -> None:
@@ -468,6 +476,51 @@ async def test_a_generic_link_is_told_no_failed_password_and_cannot_settle_them(
         assert failures.pending() == []
         counts = {r.source: r.count for r in rig.service.schema.bootstrap_failures()}
         assert counts == {"192.0.2.7": 3}
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_a_link_that_stays_untrusted_sends_only_news_as_any_link(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s69 (review item 4b): ``_quiet`` keyed the beat in full while the message sent on a link
+    the agent does not trust was keyed as it went, without what ``withhold`` leaves out (who
+    the server has seen, failed passwords): on a link that stays so (a leader of an earlier
+    release after one named its serial, or a damaged record), every beat was news and sent.
+    Compared as it would go, a beat that says nothing new waits, and news still goes."""
+    monkeypatch.setattr(leader_service, "renew_seconds", lambda _interval: LONG_RENEW)
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)  # names no serial
+    rig.state.heartbeat_interval = 1
+    await rig.server.start()
+    link, _trust, journal, view = viewing_link(
+        tmp_path, rig.node_files, leader_address, node_address
+    )
+    seen = types_pb2.ClientSeen(scheme="http", address="192.0.2.9", workstation="ws-a")
+    view.clients.CopyFrom(types_pb2.ClientsView(clients=[seen], window_seconds=3600))
+    link.announces = True  # as read from its record: the generic name's link is not trusted
+    sent: list[leader_pb2.HeartbeatRequest] = []
+    real = link._exchange
+
+    async def exchange(request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
+        sent.append(leader_pb2.HeartbeatRequest())
+        sent[-1].CopyFrom(request)
+        await real(request, answer)
+
+    monkeypatch.setattr(link, "_exchange", exchange)
+    try:
+        await link.beat()  # the stream opens, in renewal mode
+        assert link._stream is not None and link._stream.renew == LONG_RENEW
+        assert link._dialed is None and not link._trusts(None)
+        assert len(sent) == 1 and not sent[0].server.HasField("clients")  # (withheld)
+        for _ in range(3):
+            await link.beat(quiet=True)  # nothing new: not sent
+        assert len(sent) == 1
+        view.healthy, view.detail = False, "connection refused"  # news: sent at once
+        await link.beat(quiet=True)
+        assert len(sent) == 2 and sent[1].server.detail == "connection refused"
     finally:
         await link.close()
         journal.close()

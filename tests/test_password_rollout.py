@@ -256,6 +256,17 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
     text = world.cli("schema", "show").stdout
     assert "password version 2" in text and f"staged by {behind['staged_by']}" in text, text
     assert "node1 (version 1), node3 (version 1)" in text and finish in text, text
+    # `tlsroll nodes` says it too, under its table (review s69 item 5: only `schema show` and
+    # the viewer did), in the same words; its --json stays the list of nodes.
+    listed = world.cli("nodes")
+    assert listed.returncode == 0, listed.stderr
+    said = " ".join(listed.stdout.split())
+    assert f"password version 2 (staged by {behind['staged_by']} at " in said, listed.stdout
+    then = (
+        "not live on every node; still on an older one: node1 (version 1), node3 (version 1);"
+        f" a workstation set up there needs the password it runs; to give them the newest: {finish}"
+    )
+    assert then in said, listed.stdout
     assert login(world.nodes[0], PW2, ca_pem) == 401  # what a PC there would meet
     assert login(world.nodes[1], PW2, ca_pem) == 200
 
@@ -264,6 +275,7 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
     assert rollout["change"] == "change-password"
     assert "password_behind" not in world.schema()
     assert "password version" not in world.cli("schema", "show").stdout
+    assert "password version" not in world.cli("nodes").stdout
     assert not any(n["password_pending"] for n in world.schema()["rollouts"][0]["nodes"])
 
     for node in world.nodes:

@@ -39,7 +39,7 @@ from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.echo import shown
 from tlsroll.enums import NEEDS_ADMIN
-from tlsroll.v1 import admin_pb2
+from tlsroll.v1 import admin_pb2, schema_pb2
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -131,6 +131,17 @@ def nodes(
     out.print(table)
     if mixed := _mixed_schemes(reply.nodes):
         out.print(Text(mixed, style="yellow"))
+    if reply.HasField("password_behind"):  # (a change-password that ended part way: s69)
+        out.print(Text(_password_behind(reply.password_behind), style="yellow"))
+
+
+def _password_behind(behind: schema_pb2.PasswordBehindView) -> str:
+    """The line naming the nodes whose live auth password is older than the newest staged
+    one, in the words of `schema show` and the viewer (``draw.password_behind_words``)."""
+    from leader.cli.draw import password_behind_words  # noqa: PLC0415 - see above
+
+    newest, nodes, then = password_behind_words(to_dict(behind))
+    return f"{newest} not live on every node; still on an older one: {nodes}; {then}"
 
 
 def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo]) -> str:
