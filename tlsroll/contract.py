@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "2bcf46070947"
+REVISION = "8516727e3e6c"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
