@@ -15,7 +15,7 @@ import inspect
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.layout import Layout
+from leader.mixed_cluster import mixed
 from leader.node_check import check_nodes
 from leader.plan_texts import edited_config_line, outside_scope_warning, plan_texts
 from leader.planner import not_on_https, too_old
@@ -514,8 +515,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         }
         if not outside:
             return ""
+        other: Collection[str] = ()
+        if rollout.change is Change.ENABLE_TLS:  # (the only change that says how to switch)
+            other = await asyncio.to_thread(
+                self.schema.other_certificates, outside, dict(self.state.served_fingerprints)
+            )
         return outside_scope_warning(
-            rollout.change, [r.name for r in nodes], outside, self.leader_node or ""
+            rollout.change, [r.name for r in nodes], outside, self.leader_node or "", other
         )
 
     async def _on_http(self, names: list[str], rollout: Rollout) -> dict[str, int]:
@@ -838,9 +844,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             self.state.store.list_nodes, include_removed=request.include_removed
         )
         clocks = self.state.clocks.listing()
+        infos = [self._node_info(n, clocks) for n in nodes]
+        servers = {i.name: i.server for i in infos if not i.HasField("removed_at")}
+        if mixed(servers) is not None:  # (the certificates read only where it is said)
+            other = await asyncio.to_thread(
+                self.schema.other_certificates, servers, dict(self.state.served_fingerprints)
+            )
+            for info in infos:
+                info.other_certificate = info.name in other and not info.HasField("removed_at")
         behind = await asyncio.to_thread(self.schema.password_behind)
         return admin_pb2.ListNodesResponse(
-            nodes=[self._node_info(n, clocks) for n in nodes],
+            nodes=infos,
             password_behind=behind_view(behind) if behind is not None else None,
         )
 

@@ -7,12 +7,13 @@ command). Plain code with nothing imported: `schema show` imports it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
 NAMED = 10
 """Nodes named at most in a line (``leader.planner.MAX_NAMED``; a test keeps them equal), and
-in a ``--nodes`` list of the advice: beyond it, the advice is ``--scope cluster``."""
+in a ``--nodes`` list of the advice: beyond it, the advice is ``--scope cluster`` where that
+leaves every node on https alone, else ten at a time (``rest_scope``)."""
 
 CLUSTER = "--scope cluster"
 
@@ -27,23 +28,52 @@ def served_scheme(server: str) -> str:
     return schemes if schemes in ("http", "https") else ""
 
 
+def is_dual(server: str) -> bool:
+    """A node's server serves http and https (``served_scheme`` "https"): where a
+    transitional rollout's phase 1 leaves it, which a direct enable-tls refuses as a whole
+    (``rollout_core.wrong_source``)."""
+    return server.removesuffix(" frozen") == "http+https"
+
+
+def https_only(server: str) -> bool:
+    """A node's server serves https and not http, by its latest heartbeat."""
+    return server.removesuffix(" frozen") == "https"
+
+
 class Mixed(NamedTuple):
-    """The enrolled nodes of a mixed cluster by what their servers serve, each sorted."""
+    """The enrolled nodes of a mixed cluster by what their servers serve, each sorted.
+    ``dual`` and ``other_certificate``: those of ``on_https`` that a cluster enable-tls does
+    not leave alone (``rollout_core.already_done``): serving http and https (it refuses them,
+    and with them the whole rollout), or https with a certificate not known as one of this
+    cluster's CA (it would replace it: an https the practice set up before tlsroll)."""
 
     on_http: tuple[str, ...]
     on_https: tuple[str, ...]
     unknown: tuple[str, ...]
+    dual: tuple[str, ...] = ()
+    other_certificate: tuple[str, ...] = ()
 
 
-def mixed(servers: Mapping[str, str]) -> Mixed | None:
+def mixed(servers: Mapping[str, str], other_certificate: Collection[str] = ()) -> Mixed | None:
     """``servers``: each enrolled node with its server by its latest heartbeat. The cluster by
-    scheme if it is mixed (some on http only, some on https), else None."""
+    scheme if it is mixed (some on http only, some on https), else None.
+    ``other_certificate``: the nodes whose server serves https with a certificate not known
+    as one of this cluster's CA (``SchemaStore.other_certificates``); those on https only
+    count."""
     by: dict[str, list[str]] = {"http": [], "https": [], "": []}
     for name, server in servers.items():
         by[served_scheme(server)].append(name)
     if not by["http"] or not by["https"]:
         return None
-    return Mixed(*(tuple(sorted(by[k])) for k in ("http", "https", "")))
+    dual = sorted(n for n in by["https"] if is_dual(servers[n]))
+    other = sorted(n for n in other_certificate if https_only(servers.get(n, "")))
+    return Mixed(
+        tuple(sorted(by["http"])),
+        tuple(sorted(by["https"])),
+        tuple(sorted(by[""])),
+        tuple(dual),
+        tuple(other),
+    )
 
 
 def some_names(names: Sequence[str]) -> str:
@@ -53,20 +83,40 @@ def some_names(names: Sequence[str]) -> str:
     return shown if more <= 0 else f"{shown} and {more} more"
 
 
-def rest_scope(on_http: Sequence[str]) -> str:
+def rest_scope(on_http: Sequence[str], cluster: bool = True) -> str:
     """The scope of the rollout that switches the nodes ``on_http`` too: them by name, up to
-    ``NAMED`` of them; beyond, ``--scope cluster`` (a cluster enable-tls leaves the nodes on
-    https already alone: "already done"), not a list no one reads."""
+    ``NAMED`` of them; beyond, ``--scope cluster`` if it leaves every node on https alone
+    (``cluster``: none dual nor on https with a certificate not of this CA; "already done"),
+    not a list no one reads; else the first ``NAMED`` by name, a batch (``NEXT``)."""
     if len(on_http) <= NAMED:
         return "--nodes " + ",".join(sorted(on_http))
-    return CLUSTER
+    if cluster:
+        return CLUSTER
+    return "--nodes " + ",".join(sorted(on_http)[:NAMED])
 
 
-def switch_the_rest(on_http: Sequence[str], unknown: Sequence[str] = ()) -> str:
+NEXT = f"then the next {NAMED} of them the same way, and so on"
+"""What follows the first batch of ``rest_scope`` (the cluster's scope refused or unsafe)."""
+
+
+def _serve(names: Sequence[str]) -> str:
+    return f"{some_names(names)} {'serves' if len(names) == 1 else 'serve'}"
+
+
+def switch_the_rest(
+    on_http: Sequence[str],
+    unknown: Sequence[str] = (),
+    dual: Sequence[str] = (),
+    other_certificate: Sequence[str] = (),
+) -> str:
     """How to switch the nodes ``on_http`` (sorted) to https: "tlsroll plan …, then tlsroll
     rollout start …". ``unknown``: the enrolled nodes whose server is not known now, which a
-    ``--scope cluster`` takes in too (said, with the way out)."""
-    scope = rest_scope(on_http)
+    ``--scope cluster`` takes in too (said, with the way out). ``dual``, ``other_certificate``
+    (``Mixed``'s): nodes on https that a cluster enable-tls does not leave alone: with any,
+    beyond ``NAMED`` nodes on http, ten at a time, saying why not the cluster (review of s69,
+    M: "the nodes on https already are left alone" was said of them too); a dual node is
+    named with its own way (the finalize or retry of the rollout that left it)."""
+    scope = rest_scope(on_http, not dual and not other_certificate)
     said = f"tlsroll plan {scope}, then tlsroll rollout start {scope}"
     if scope == CLUSTER:
         said += " (the nodes on https already are left alone"
@@ -76,6 +126,24 @@ def switch_the_rest(on_http: Sequence[str], unknown: Sequence[str] = ()) -> str:
                 "wait until their agents are heard, or leave them out with --nodes"
             )
         said += ")"
+    elif len(on_http) > NAMED:
+        why = []
+        if dual:
+            why.append(f"it refuses {some_names(dual)}, on http and https")
+        if other_certificate:
+            one = len(other_certificate) == 1
+            why.append(
+                f"it would replace the certificate{'' if one else 's'} "
+                f"{_serve(other_certificate)} https with, not of this cluster's CA"
+            )
+        said += f", {NEXT} (not {CLUSTER}: {'; '.join(why)})"
+    if dual:
+        one = len(dual) == 1
+        said += (
+            f"; {_serve(dual)} http and https, as a transitional rollout's phase 1 leaves a "
+            f"node: close http there with tlsroll rollout finalize, or tlsroll rollout retry, "
+            f"of the rollout that left {'it' if one else 'them'}"
+        )
     return said
 
 
@@ -83,5 +151,6 @@ def mixed_line(m: Mixed) -> str:
     """The line that says a cluster is mixed and how to switch the rest."""
     return (
         f"a mixed cluster: {some_names(m.on_http)} on http, {some_names(m.on_https)} on "
-        f"https; to switch the rest: {switch_the_rest(m.on_http, m.unknown)}"
+        f"https; to switch the rest: "
+        f"{switch_the_rest(m.on_http, m.unknown, m.dual, m.other_certificate)}"
     )

@@ -7,10 +7,17 @@ retry`` prints the warnings of the retried change as ``rollout start --yes`` pri
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from leader import mixed_cluster
-from leader.mixed_cluster import CLUSTER, NAMED, served_scheme, switch_the_rest
+from leader.mixed_cluster import (
+    CLUSTER,
+    NAMED,
+    https_only,
+    is_dual,
+    served_scheme,
+    switch_the_rest,
+)
 from leader.rollout_core import Change, FreezeMode, Strategy
 
 # What each change's plan says (``PlanRollout``): its checks and steps on a node, what the
@@ -194,14 +201,21 @@ def plan_texts(
 
 
 def outside_scope_warning(
-    change: Change, in_scope: Sequence[str], outside: Mapping[str, str], leader_node: str = ""
+    change: Change,
+    in_scope: Sequence[str],
+    outside: Mapping[str, str],
+    leader_node: str = "",
+    other_certificate: Collection[str] = (),
 ) -> str:
     """The warning of a plan whose scope leaves enrolled nodes out (``--scope local``,
     ``--nodes``), in plain words before the start (the seed: the choice between the local node
     and the whole multiserver "should be thought through before the switch"): which nodes
     stay as they are, that the cluster is mixed afterwards, whose workstations are concerned,
     and how to finish. ``outside``: each enrolled node outside the plan with its server by
-    its latest heartbeat (``NodeInfo.server``). "" where nothing is left different."""
+    its latest heartbeat (``NodeInfo.server``); ``other_certificate``: those of them on https
+    with a certificate not known as one of this CA (``SchemaStore.other_certificates``), which
+    the way to switch the rest leaves out (``leader.mixed_cluster``). "" where nothing is left
+    different."""
     from leader.planner import some_names  # noqa: PLC0415 - the CLI imports this module
 
     def them(names: Sequence[str]) -> str:
@@ -216,13 +230,15 @@ def outside_scope_warning(
         if not left:
             return ""
         unknown = sorted(n for n, s in outside.items() if not served_scheme(s))
+        dual = sorted(n for n, s in outside.items() if is_dual(s))
+        other = sorted(n for n in other_certificate if https_only(outside.get(n, "")))
         return (
             f"Only {here} {'switches' if one else 'switch'} to https: {them(left)} "
             "on http, so the cluster is mixed afterwards (some servers on https, some on "
             "http). Only the workstations of the servers that switch need the client steps; "
             f"those of {some_names(left)} keep their http address. To switch the rest later: "
-            f"{switch_the_rest(left, unknown)} (tlsroll notify with the same scope tells the "
-            "staff which servers change)."
+            f"{switch_the_rest(left, unknown, dual, other)} (tlsroll notify with the same "
+            "scope tells the staff which servers change)."
         )
     if change is Change.DISABLE_TLS:
         left = sorted(n for n, s in outside.items() if served_scheme(s) == "https")

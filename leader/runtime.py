@@ -1162,6 +1162,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         fresh=state.fresh_reports,
         reported=state.store.report_since_start,
         live_server=lambda name: state.live_servers.get(name, ""),
+        served=lambda: dict(state.served_fingerprints),  # (a copy: read in a worker thread)
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
     add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`

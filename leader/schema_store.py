@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
 
 from leader.db import LeaderStore
+from leader.mixed_cluster import https_only
 from leader.planner import Census, UnknownNodes
 from leader.rollout_core import (
     CHANGES,
@@ -1358,6 +1359,34 @@ class SchemaStore(LeaderStore):
                 " WHERE n.state IN ('done', 'dual') AND n.cert_fingerprint != ''"
             ).fetchall()
         return {str(r[0]) for r in rows}
+
+    def other_certificates(
+        self, servers: Mapping[str, str], reported: Mapping[str, str]
+    ) -> frozenset[str]:
+        """Of the nodes whose ``servers`` (``LeaderState.live_servers``) serve https only, those
+        whose certificate, as their heartbeats said it (``reported``:
+        ``LeaderState.served_fingerprints``), is neither a server certificate of this CA on
+        record nor one a ``--cert-dir`` rollout installed (``own_fingerprints``): a cluster
+        enable-tls would not find them "already done" and would replace the certificate (the
+        practice's own https before tlsroll), so the way to switch the rest of a mixed cluster
+        leaves them out (``leader.mixed_cluster``; review of s69, M). One whose agent names no
+        certificate (an earlier release) is among them: not known to be left alone."""
+        https = [n for n, s in servers.items() if https_only(s)]
+        wanted = sorted({f for n in https if (f := reported.get(n, ""))})
+        known: set[str] = set()
+        if wanted:
+            with self._db.read() as db:
+                rows = db.execute(
+                    "SELECT fingerprint FROM certificates WHERE kind = 'server'"
+                    " AND fingerprint IN (SELECT value FROM json_each(?))"
+                    " UNION SELECT n.cert_fingerprint FROM rollout_nodes n"
+                    " JOIN meta m ON m.key = 'own_ca/' || n.rollout_id"
+                    " WHERE n.state IN ('done', 'dual')"
+                    " AND n.cert_fingerprint IN (SELECT value FROM json_each(?))",
+                    (json.dumps(wanted), json.dumps(wanted)),
+                ).fetchall()
+            known = {str(r[0]) for r in rows}
+        return frozenset(n for n in https if reported.get(n, "") not in known)
 
     def latest_auth_version(self) -> int:
         with self._db.read() as db:

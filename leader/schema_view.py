@@ -444,6 +444,7 @@ def schema_message(
     fresh: Collection[str],
     reported: Reported,
     servers: Mapping[str, str] | None = None,
+    other_certificate: Callable[[], Collection[str]] | None = None,
     behind: PasswordBehind | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
@@ -456,7 +457,8 @@ def schema_message(
     client report speaks for now (``fresh_reports``; who is still on http:
     ``still_on_http_now``); ``reported``: ``Reported`` (each node that waits for it says so:
     ``awaits_report``); ``servers``: each enrolled node with what its server serves by its
-    latest heartbeat (``LeaderState.live_servers``): ``mixed_cluster`` if it is mixed;
+    latest heartbeat (``LeaderState.live_servers``): ``mixed_cluster`` if it is mixed
+    (``other_certificate``: ``mixed_view``'s);
     ``behind``: the nodes whose live password is older than the newest
     staged one (``SchemaStore.password_behind``)."""
     infos = infos or {}
@@ -505,7 +507,7 @@ def schema_message(
         auto_rotate=auto_rotate,
         node_problems=[problem_view(p) for p in node_problems],
         server_login_failures=[login_failures_view(f) for f in login_failures],
-        mixed_cluster=mixed_view(servers) if servers else None,
+        mixed_cluster=mixed_view(servers, other_certificate) if servers else None,
         password_behind=behind_view(behind) if behind is not None else None,
     )
 
@@ -527,14 +529,26 @@ def behind_view(behind: PasswordBehind) -> schema_pb2.PasswordBehindView:
     )
 
 
-def mixed_view(servers: Mapping[str, str]) -> schema_pb2.MixedClusterView | None:
+def mixed_view(
+    servers: Mapping[str, str], other_certificate: Callable[[], Collection[str]] | None = None
+) -> schema_pb2.MixedClusterView | None:
     """The schema's ``mixed_cluster`` of the enrolled nodes' ``servers`` (each with its server
     by its latest heartbeat); None if the cluster is not mixed (review s69 revlocal2 M1:
-    after a local switch, `schema show` said neither that nor how to switch the rest)."""
+    after a local switch, `schema show` said neither that nor how to switch the rest).
+    ``other_certificate``: what gives the nodes on https with a certificate not known as one
+    of this CA (``SchemaStore.other_certificates``), asked only if the cluster is mixed."""
     m = mixed(servers)
     if m is None:
         return None
-    return schema_pb2.MixedClusterView(on_http=m.on_http, on_https=m.on_https, unknown=m.unknown)
+    if other_certificate is not None:
+        m = mixed(servers, other_certificate()) or m
+    return schema_pb2.MixedClusterView(
+        on_http=m.on_http,
+        on_https=m.on_https,
+        unknown=m.unknown,
+        dual=m.dual,
+        other_certificate=m.other_certificate,
+    )
 
 
 def login_failures_view(row: LoginFailuresRow) -> schema_pb2.ServerLoginFailuresView:
@@ -575,6 +589,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         reported: Reported,
         login_failures: Callable[[], Sequence[LoginFailuresRow]] | None = None,
         live_server: Callable[[str], str] | None = None,
+        served: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
@@ -583,7 +598,10 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         ``login_failures``: the nodes whose server counts wrong client passwords
         (``leader.service.LeaderState.login_failures``); ``live_server``: what a node's
         server serves by its latest heartbeat (``LeaderState.live_servers``; "" not known):
-        the schema's ``mixed_cluster``;
+        the schema's ``mixed_cluster``; ``served``: what each node's server serves https with
+        by its heartbeats (``LeaderState.served_fingerprints``, a copy): which nodes of a mixed
+        cluster serve a certificate not of this CA (``SchemaStore.other_certificates``; none
+        given: every one on https only is taken for such, not known to be left alone);
         ``fresh``: the nodes whose client report speaks for now
         (``leader.service.LeaderState.fresh_reports``); ``reported``: ``Reported``. Both
         required (review s44rev6 L3): without them this said nobody's report was fresh and
@@ -593,6 +611,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         self.node_problems = node_problems
         self.login_failures = login_failures
         self.live_server = live_server
+        self.served = served
         self.store_trouble = store_trouble
         self.schema = schema
         self.clock = clock
@@ -698,7 +717,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         if self.login_failures is not None:
             parts["login_failures"] = self.login_failures()
         if live is not None:
-            parts["servers"] = {row["name"]: live(row["name"]) for row in shown.nodes}
+            servers = parts["servers"] = {row["name"]: live(row["name"]) for row in shown.nodes}
+            served = self.served
+
+            def other_certificate() -> frozenset[str]:
+                reported = served() if served is not None else {}
+                return self.schema.other_certificates(servers, reported)
+
+            parts["other_certificate"] = other_certificate
         parts["failures"] = self.schema.bootstrap_failures()
         parts["removed"] = self.schema.removed_nodes()
         parts["revoked"] = self.schema.revoked_certificates(now)

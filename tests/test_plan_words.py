@@ -287,6 +287,99 @@ def test_the_rest_of_a_large_mixed_cluster_is_one_short_command_said_alike_every
     assert mixed({"a": "https", "b": "down: x"}) is None  # nothing on http: not mixed
 
 
+def test_the_rest_of_a_mixed_cluster_is_a_cluster_rollout_only_where_it_leaves_https_alone() -> (
+    None
+):
+    """Review of s69 (closing, M): beyond ten nodes on http the advice was `--scope cluster`,
+    "the nodes on https already are left alone", also where a node counted "on https" is dual
+    (http+https: a halted transitional phase 1), which the advised cluster enable-tls refuses as
+    a whole (``WrongSource``), or serves https with a certificate not of this CA (https before
+    tlsroll), which it plans and whose certificate it would replace. `--scope cluster` only
+    where the planner finds every node on https "already done"; else ten at a time by name,
+    saying why, and a dual node named with its own way; alike in `tlsroll nodes` (by
+    ``NodeInfo.other_certificate``), the plan's warning and `schema show`."""
+    from leader import planner
+    from leader.cli.identity import _mixed_schemes
+    from leader.mixed_cluster import CLUSTER, mixed, mixed_line, rest_scope
+    from leader.plan_texts import outside_scope_warning
+    from leader.rollout_core import Change, NodeObservation, Scope
+    from tlsroll.v1 import admin_pb2
+
+    names = [f"n{i:02}" for i in range(12)]  # twelve on http
+    on_http = NodeObservation(reachable=True, schemes=("http",))
+    cases = {  # the node on https: its server by the heartbeat, what its agent says, foreign
+        "done": ("https", NodeObservation(True, schemes=("https",), cert_from_ca=True), False),
+        "dual": (
+            "http+https",
+            NodeObservation(True, schemes=("http", "https"), cert_from_ca=True),
+            False,
+        ),
+        "other": ("https", NodeObservation(True, schemes=("https",), cert_from_ca=False), True),
+    }
+    batch = "--nodes " + ",".join(names[:10])
+    for case, (server, seen, other) in cases.items():
+        servers = {**dict.fromkeys(names, "http"), "x1": server}
+        m = mixed(servers, ["x1"] if other else [])
+        assert m is not None
+        line = mixed_line(m)
+        listed = [
+            admin_pb2.NodeInfo(name=n, server=s, other_certificate=other and n == "x1")
+            for n, s in servers.items()
+        ]
+        assert _mixed_schemes(listed) == line, case  # `tlsroll nodes`
+        warned = outside_scope_warning(
+            Change.ENABLE_TLS, ["n99"], servers, other_certificate=["x1"] if other else []
+        )
+        # What the planner makes of the cluster scope, as the advice must say it.
+        observed = {**dict.fromkeys(names, on_http), "x1": seen}
+        try:
+            _, records = planner.plan_rollout(
+                rollout_id="r", change=Change.ENABLE_TLS, scope=Scope.cluster(), epoch=1,
+                enrolled=dict.fromkeys(observed, True), leader="n00", observed=observed,
+            )  # fmt: skip
+            left_alone = {r.name: r.state.value for r in records}["x1"] == "skipped"
+        except planner.WrongSource:
+            left_alone = False
+        assert left_alone == (case == "done"), case
+        if case == "done":
+            assert rest_scope(m.on_http, not m.dual and not m.other_certificate) == CLUSTER
+            assert line.endswith(
+                "tlsroll plan --scope cluster, then tlsroll rollout start --scope cluster (the "
+                "nodes on https already are left alone)"
+            ), line
+            continue
+        assert CLUSTER + ")" not in line and "left alone" not in line, line
+        assert (
+            f"tlsroll plan {batch}, then tlsroll rollout start {batch}, then the next 10 of "
+            "them the same way, and so on (not --scope cluster: "
+        ) in line, line
+        assert "n10" not in line.split("; to switch")[1], line  # the batch: ten by name
+        if case == "dual":
+            assert line.endswith(
+                "(not --scope cluster: it refuses x1, on http and https); x1 serves http and "
+                "https, as a transitional rollout's phase 1 leaves a node: close http there "
+                "with tlsroll rollout finalize, or tlsroll rollout retry, of the rollout that "
+                "left it"
+            ), line
+        else:
+            assert line.endswith(
+                "(not --scope cluster: it would replace the certificate x1 serves https with, "
+                "not of this cluster's CA)"
+            ), line
+        said = " ".join(warned.split())
+        assert "To switch the rest later: tlsroll plan " + batch in said, said
+        assert "left alone" not in said, said
+    # Ten or fewer on http: named as before, a dual node with its own way.
+    few = mixed({"a": "http", "b": "http+https", "c": "https"}, ["c"])
+    assert few is not None and (few.dual, few.other_certificate) == (("b",), ("c",))
+    assert mixed_line(few) == (
+        "a mixed cluster: a on http, b, c on https; to switch the rest: tlsroll plan --nodes a, "
+        "then tlsroll rollout start --nodes a; b serves http and https, as a transitional "
+        "rollout's phase 1 leaves a node: close http there with tlsroll rollout finalize, or "
+        "tlsroll rollout retry, of the rollout that left it"
+    )
+
+
 def test_the_plan_and_the_help_say_which_node_scope_local_is() -> None:
     """Review s69 revlocal2 L3/L6: the plan's head said "on scope local" and never which node
     that is; `rollout start --help` said "the local node" while `--scope`'s help said "local =

@@ -918,6 +918,9 @@ def test_the_schema_says_a_mixed_cluster_and_schema_show_how_to_switch_the_rest(
         "on_http": ["node2", "node3"],
         "on_https": ["node1"],
         "unknown": ["node4"],
+        "dual": [],
+        # (no certificate heard of node1: not known to be this CA's; with two on http, named)
+        "other_certificate": ["node1"],
     }
     # Not mixed (every server known on https, or none on https): nothing said.
     live.update(node2="https", node3="https")
@@ -927,6 +930,66 @@ def test_the_schema_says_a_mixed_cluster_and_schema_show_how_to_switch_the_rest(
     only = service._answer(schema_pb2.GetSchemaRequest(rollouts_only=True), None)
     assert not only.HasField("mixed_cluster")
     assert service._answer(schema_pb2.GetSchemaRequest(), None).HasField("mixed_cluster")
+
+
+def test_the_schema_names_the_nodes_on_https_a_cluster_rollout_would_not_leave_alone(
+    tmp_path: Path,
+) -> None:
+    """Review of s69 (closing, M): the schema's mixed cluster could not tell a dual node, nor
+    one on https with a certificate not of this CA (the practice's own before tlsroll), from
+    one a cluster enable-tls leaves alone, and `schema show` said `--scope cluster` of them
+    beyond ten nodes on http. ``SchemaStore.other_certificates`` judges by the certificate
+    the heartbeat names (a server certificate of this CA on record is "already done"; an
+    unknown one, or none named, is not); ``mixed_cluster`` carries ``dual`` and
+    ``other_certificate``, and `schema show` advises ten at a time."""
+    import json
+    from unittest import mock
+
+    from click.testing import CliRunner
+
+    from leader.cli import schema_cmd
+    from leader.schema_view import SchemaViewService, schema_json
+    from leader.store import IssuedCert
+    from tlsroll.v1 import schema_pb2
+
+    http = [f"h{i:02}" for i in range(12)]
+    store, schema = enrolled(tmp_path, "ours", "foreign", "silent", "dual", *http)
+    store.record_certificate(
+        IssuedCert("a1", "server", "ours", "ours", "sha256:ours", NOW, NOW + dt.timedelta(9)),
+        actor="test",
+        now=NOW,
+    )
+    live = {"ours": "https", "foreign": "https frozen", "silent": "https", "dual": "http+https"}
+    live |= dict.fromkeys(http, "http")
+    served = {"ours": "sha256:ours", "foreign": "sha256:practice", "dual": "sha256:ours"}
+    assert schema.other_certificates(live, served) == {"foreign", "silent"}
+    assert schema.other_certificates({"ours": "https"}, served) == frozenset()
+    service = SchemaViewService(
+        schema,
+        lambda: NOW,
+        fresh=lambda infos, now: frozenset(),
+        reported=lambda name: True,
+        live_server=lambda name: live.get(name, ""),
+        served=lambda: served,
+    )
+    m = service._answer(schema_pb2.GetSchemaRequest(limit=1), None).mixed_cluster
+    assert (list(m.dual), list(m.other_certificate)) == (["dual"], ["foreign", "silent"])
+    data = json.loads(schema_json(service._answer(schema_pb2.GetSchemaRequest(), None)))
+    with mock.patch.object(schema_cmd, "fetch_schema_json", return_value=data):
+        shown = CliRunner().invoke(schema_cmd.schema, ["show"])
+    said = " ".join(shown.output.split())
+    batch = "--nodes " + ",".join(http[:10])
+    assert (
+        f"to switch the rest: tlsroll plan {batch}, then tlsroll rollout start {batch}, then "
+        "the next 10 of them the same way, and so on (not --scope cluster: it refuses dual, on "
+        "http and https; it would replace the certificates foreign, silent serve https "
+        "with, not of this cluster's CA); dual serves http and https" in said
+    ), said
+    assert "left alone" not in said, said
+    # Every node on https with this CA's certificate: the cluster's scope, as before.
+    live.update(foreign="http", silent="http", dual="http")
+    m = service._answer(schema_pb2.GetSchemaRequest(), None).mixed_cluster
+    assert (list(m.on_https), list(m.dual), list(m.other_certificate)) == (["ours"], [], [])
 
 
 def enrol_again(store: Store, name: str, at: dt.datetime, n: int = 9) -> None:

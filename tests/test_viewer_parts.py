@@ -52,7 +52,7 @@ from leader.schema_store import (
 )
 from leader.schema_view import SchemaViewService, schema_message
 from leader.states import GrantState, LoginFailuresRow
-from leader.store import NodeCert, NotFound, Store
+from leader.store import IssuedCert, NodeCert, NotFound, Store
 from leader.viewer import app as viewer_app
 from leader.viewer import certificate, metrics, pages, snapshot
 from leader.viewer.app import SESSION_COOKIE, ViewerApp, sse
@@ -2216,6 +2216,13 @@ def test_the_page_says_the_rest_of_a_large_mixed_cluster_as_tlsroll_nodes_does(
     servers = {"n01": "https", "n14": "", **{n: "http" for n in names[1:13]}}
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset())
     reader.live_server = lambda name: servers.get(name, "")
+    # n01 serves a server certificate of this CA: a cluster enable-tls leaves it alone.
+    store.record_certificate(
+        IssuedCert("a1", "server", "n01", "n01", "sha256:n01", NOW, NOW + dt.timedelta(9)),
+        actor="test",
+        now=NOW,
+    )
+    reader.served_reported = lambda: {"n01": "sha256:n01"}
     part = reader.read(clients=False, page=True)
     # /api/v1/schema (the whole read) has the schema's mixed_cluster, as `schema show --json`.
     m = reader.read().schema.mixed_cluster
@@ -2233,6 +2240,41 @@ def test_the_page_says_the_rest_of_a_large_mixed_cluster_as_tlsroll_nodes_does(
         assert "<code>tlsroll rollout start --scope cluster</code>" in mixed
         assert "--nodes" not in mixed.replace("with --nodes", "").replace("mit --nodes", "")
         assert ("not known now" if lang == "en" else "nicht bekannt") in mixed
+
+
+def test_the_page_says_a_cluster_rollout_only_where_it_leaves_the_nodes_on_https_alone(
+    store: Store,
+) -> None:
+    """Review of s69 (closing, M): beyond ten nodes on http the page said `--scope cluster`
+    ("a cluster rollout leaves the nodes on https already alone") also with a dual node (the
+    cluster enable-tls is refused) or one on https with a certificate not of this CA (it would
+    be replaced). The page gives the first ten by name and "the next 10 the same way", names
+    the dual node with its own way and the other one as left out, as `tlsroll nodes` says."""
+    names = [f"n{i:02}" for i in range(1, 15)]
+    enrol(store, names)
+    schema = SchemaStore(store.db)
+    servers = {"n01": "http+https", "n14": "https", **{n: "http" for n in names[1:13]}}
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [], fresh=lambda i, _n: frozenset())
+    reader.live_server = lambda name: servers.get(name, "")
+    reader.served_reported = lambda: {"n14": "sha256:" + "ab" * 32}  # not of this CA
+    part = reader.read(clients=False, page=True)
+    m = reader.read().schema.mixed_cluster  # /api/v1/schema, as `schema show --json`
+    assert (list(m.dual), list(m.other_certificate)) == (["n01"], ["n14"])
+    context = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    batch = "--nodes " + ",".join(names[1:11])
+    for lang, said in (
+        ("en", ("</code>, then the next 10 of them", "phase 1 leaves a node: n01.",
+                "tlsroll rollout finalize", "not of this cluster&#39;s CA: n14.")),
+        ("de", ("</code>, dann die nächsten 10 ebenso", "einen Knoten lässt: n01.",
+                "tlsroll rollout finalize", "der CA dieses Multiservers ist: n14.")),
+    ):  # fmt: skip
+        html = pages.schema_content(part, Words.of(lang), context)
+        (mixed,) = re.findall(r'<p class="mixed" data-nodes="n02,.*?,n13">.*?</p>', html, re.S)
+        mixed = " ".join(mixed.split())
+        assert f"<code>tlsroll plan {batch}</code>" in mixed, mixed
+        assert f"<code>tlsroll rollout start {batch}</code>" in mixed, mixed
+        assert "--scope cluster" not in mixed and "n12" not in mixed.split("</code>")[-1], mixed
+        assert all(s in mixed for s in said), mixed
 
 
 def on_http_report(

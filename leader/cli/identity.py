@@ -152,7 +152,10 @@ def _mixed_schemes(listed: Sequence[admin_pb2.NodeInfo]) -> str:
     in the words `schema show` and the viewer use (``leader.mixed_cluster``)."""
     from leader.mixed_cluster import mixed, mixed_line  # noqa: PLC0415 - see above
 
-    m = mixed({n.name: n.server for n in listed if not n.HasField("removed_at")})
+    enrolled = [n for n in listed if not n.HasField("removed_at")]
+    m = mixed(
+        {n.name: n.server for n in enrolled}, [n.name for n in enrolled if n.other_certificate]
+    )
     return mixed_line(m) if m is not None else ""
 
 

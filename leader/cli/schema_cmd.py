@@ -93,7 +93,7 @@ def schema_show(
     if mixed := data.get("mixed_cluster"):  # (the nodes the rollouts above leave out too)
         from leader.mixed_cluster import Mixed, mixed_line  # noqa: PLC0415 - text only
 
-        m = Mixed(*(tuple(mixed.get(k, ())) for k in ("on_http", "on_https", "unknown")))
+        m = Mixed(*(tuple(mixed.get(k, ())) for k in Mixed._fields))
         parts.append(mixed_line(m))  # (the words of `tlsroll nodes`)
     if data.get("password_behind"):  # (a change-password that ended part way: s69 M1)
         parts.append(render_password_behind(data["password_behind"]))

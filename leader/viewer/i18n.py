@@ -195,6 +195,15 @@ _DE: dict[str, str] = {
     "wie sie sind)",
     "mixed_cluster_unknown": "Knoten, deren Server jetzt nicht bekannt ist, sind darin auch: "
     "warten, bis ihre Agenten sich melden, oder sie mit --nodes auslassen.",
+    "mixed_cluster_next": "dann die nächsten {count} ebenso, und so weiter (kein Rollout des "
+    "ganzen Multiservers: er ließe nicht jeden Knoten auf https, wie er ist).",
+    "mixed_cluster_dual": "Auf http und https, wie Phase 1 eines Rollouts mit Übergang einen "
+    "Knoten lässt: {nodes}. Ein Rollout des ganzen Multiservers wird ihretwegen abgelehnt; "
+    "http dort schließen mit tlsroll rollout finalize oder tlsroll rollout retry des "
+    "Rollouts, der sie so ließ.",
+    "mixed_cluster_other": "Auf https mit einem Zertifikat, das nicht von der CA dieses "
+    "Multiservers ist: {nodes}. Ein Rollout des ganzen Multiservers würde es ersetzen; die "
+    "Befehle oben lassen sie aus.",
     "server_now": "Server (laut Lebenszeichen)",
     "server_unknown": "unbekannt (kein Lebenszeichen seit dem Start des Leaders)",
     "last_rollout": "Letzter Rollout",
@@ -398,6 +407,13 @@ _EN: dict[str, str] = {
     "mixed_cluster_scope": "(a cluster rollout leaves the nodes on https already alone)",
     "mixed_cluster_unknown": "Nodes whose server is not known now are in it too: wait until "
     "their agents are heard, or leave them out with --nodes.",
+    "mixed_cluster_next": "then the next {count} of them the same way, and so on (not a "
+    "cluster rollout: it would not leave every node on https alone).",
+    "mixed_cluster_dual": "On http and https, as a transitional rollout's phase 1 leaves a "
+    "node: {nodes}. A cluster rollout is refused for them; close http there with tlsroll "
+    "rollout finalize, or tlsroll rollout retry, of the rollout that left them so.",
+    "mixed_cluster_other": "On https with a certificate not of this cluster's CA: {nodes}. A "
+    "cluster rollout would replace it; the commands above leave them out.",
     "server_now": "Server (by heartbeat)",
     "server_unknown": "unknown (no heartbeat since the leader started)",
     "last_rollout": "Last rollout",

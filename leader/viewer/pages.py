@@ -316,6 +316,8 @@ def _section_shows(key: str, snap: Snapshot) -> Any:
             for n in snap.other_nodes
         ),
         snap.mixed_on_http,
+        snap.mixed_dual,
+        snap.mixed_other_certificate,
     )
 
 

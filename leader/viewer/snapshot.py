@@ -203,6 +203,10 @@ class Snapshot:
     or ``page``)."""
     last_rollouts: dict[str, str] = field(default_factory=dict)
     """Of ``other_nodes``, the last rollout each was in, by node (a page's read only)."""
+    other_certificate: frozenset[str] = frozenset()
+    """The nodes on https with a certificate not known as one of this CA
+    (``SchemaStore.other_certificates``), read where the cluster is mixed: the way to switch
+    the rest leaves them out (``leader.mixed_cluster``)."""
 
     @property
     def other_nodes(self) -> tuple[NodeStatus, ...]:
@@ -222,19 +226,30 @@ class Snapshot:
 
     @cached_property
     def _mixed(self) -> Mixed | None:
-        return mixed({n.name: n.server for n in self.nodes})
+        return mixed({n.name: n.server for n in self.nodes}, self.other_certificate)
 
     @cached_property
     def mixed_rest(self) -> tuple[str, bool]:
         """How to switch the rest of a mixed cluster as `tlsroll nodes` and `schema show` say
         it (``leader.mixed_cluster``): the scope of the rollout (``--nodes a,b`` for a few,
-        ``--scope cluster`` beyond: review s69 revlocal2 L4), and whether nodes whose server
-        is not known now are in that scope too."""
+        ``--scope cluster`` beyond: review s69 revlocal2 L4, unless nodes on https would not
+        be left alone: then the first ten, a batch), and whether nodes whose server is not
+        known now are in that scope too."""
         m = self._mixed
         if m is None:
             return "", False
-        scope = rest_scope(m.on_http)
+        scope = rest_scope(m.on_http, not m.dual and not m.other_certificate)
         return scope, scope.startswith("--scope") and bool(m.unknown)
+
+    @property
+    def mixed_dual(self) -> tuple[str, ...]:
+        """Of a mixed cluster, the nodes serving http and https (``Mixed.dual``)."""
+        return self._mixed.dual if self._mixed is not None else ()
+
+    @property
+    def mixed_other_certificate(self) -> tuple[str, ...]:
+        """Of a mixed cluster, the nodes on https with a certificate not of this CA."""
+        return self._mixed.other_certificate if self._mixed is not None else ()
 
     @cached_property
     def _on_http_counts(self) -> Counter[str]:
@@ -463,6 +478,12 @@ class Reader:
         made: Made = {}
         reports = self.fresh(infos, now)
         still = still_on_http_now(seen, infos, now, reports)
+        # (the API's read, as `schema show --json`; a page draws its own from its nodes)
+        servers = (
+            None
+            if page or self.live_server is None
+            else {n.name: self.live_server(n.name) for n, _ in enrolled}
+        )
         message = schema_message(
             # (a page's read makes no node views: ``_page_data`` makes its nodes' fields)
             [RolloutHead(r.rollout, r.meta) for r in rows] if page else rows,
@@ -478,10 +499,8 @@ class Reader:
             login_failures=guessed,
             fresh=reports,
             reported=self.store.report_since_start,
-            # (the API's read, as `schema show --json`; a page draws its own from its nodes)
-            servers=None
-            if page or self.live_server is None
-            else {n.name: self.live_server(n.name) for n, _ in enrolled},
+            servers=servers,
+            other_certificate=lambda: self._other_certificate(servers or {}),
             behind=shown.behind,
         )
         if every:  # (every rollout read: as `schema show --all`; a page reads only some)
@@ -537,6 +556,7 @@ class Reader:
             )
             with self._lock:
                 self._agents = (shown.nodes, agents)
+        shown_servers = {n.name: n.server for n in nodes}
         shown_nodes = {n["name"] for n in selected["nodes"]} if selected is not None else set()
         others = [n.name for n in nodes if n.name not in shown_nodes]
         return Snapshot(
@@ -561,7 +581,15 @@ class Reader:
                 for c in sorted(still, key=lambda c: c.node)  # (each node's newest first)
             ),
             last_rollouts=self._last_rollouts(others) if page and others else {},
+            other_certificate=self._other_certificate(shown_servers)
+            if mixed(shown_servers) is not None
+            else frozenset(),
         )
+
+    def _other_certificate(self, servers: Mapping[str, str]) -> frozenset[str]:
+        """``SchemaStore.other_certificates`` of ``servers``, by the heartbeats' word."""
+        reported = self.served_reported() if self.served_reported is not None else {}
+        return self.schema.other_certificates(servers, reported)
 
     def _last_rollouts(self, names: Sequence[str]) -> dict[str, str]:
         """The last rollout each of ``names`` was in (the newest by its epoch: one per

@@ -611,6 +611,8 @@ class MixedClusterView(_message.Message):
     ON_HTTP_FIELD_NUMBER: _builtins.int
     ON_HTTPS_FIELD_NUMBER: _builtins.int
     UNKNOWN_FIELD_NUMBER: _builtins.int
+    DUAL_FIELD_NUMBER: _builtins.int
+    OTHER_CERTIFICATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def on_http(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The enrolled nodes whose servers serve http only, by name."""
@@ -625,16 +627,29 @@ class MixedClusterView(_message.Message):
         the leader started): neither of the above.
         """
 
+    @_builtins.property
+    def dual(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Of `on_https`, those that a cluster enable-tls does not leave alone: `dual`, serving http
+        and https (as a transitional rollout's phase 1 leaves a node), which it refuses; and
+        `other_certificate`, serving https only with a certificate not known as one of this
+        cluster's CA (`NodeInfo.other_certificate`), which it would replace. Empty from a leader
+        before these fields.
+        """
+
+    @_builtins.property
+    def other_certificate(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         on_http: _abc.Iterable[_builtins.str] | None = ...,
         on_https: _abc.Iterable[_builtins.str] | None = ...,
         unknown: _abc.Iterable[_builtins.str] | None = ...,
+        dual: _abc.Iterable[_builtins.str] | None = ...,
+        other_certificate: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["on_http", b"on_http", "on_https", b"on_https", "unknown", b"unknown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dual", b"dual", "on_http", b"on_http", "on_https", b"on_https", "other_certificate", b"other_certificate", "unknown", b"unknown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
