@@ -1207,8 +1207,14 @@ class Engine:
             )
             await self._note(rollout.id, step, reason)
         elif step.step in (Step.FREEZE, Step.UNFREEZE) and attempts >= REASON_AFTER_ATTEMPTS:
-            await self._note(
-                rollout.id, step, f"scope {step.step.value} failing since {stamp}: {why}"
+            note = f"scope {step.step.value} failing since {stamp}: {why}"
+            # A node whose switch waits for its agent keeps that note ("unknown — …: it may be
+            # mid-switch"), which says more; a renewal's failure replaced it (review s69
+            # revfreeze L2). Its agent's answer replaces either (``_record``).
+            await self._save_node(
+                rollout.id,
+                step.node,
+                lambda r: r if _answered(r.reason) else replace(r, reason=note),
             )
 
     async def _forget_ended_keys(self, active: RolloutRow | None) -> None:

@@ -5069,6 +5069,8 @@ async def test_an_abort_unfreezes_the_scope_though_a_node_died_mid_switch(world:
     row = await leader.run(until=lambda _r: not any(a.frozen for a in alive), passes=200)
     assert row.rollout.state is R.ABORTING, states(row)
     assert node(row.records, "bravo").state is N.SWITCHING  # still followed
+    # L2: its note stays the switch's (a renewal's failure wrote over it).
+    assert node(row.records, "bravo").reason.startswith(UNKNOWN), node(row.records, "bravo")
     for name in ("charlie", "alpha"):
         assert not node(row.records, name).scope_frozen, row.records
     for _ in range(50):  # nothing freezes them again while bravo's switch waits
