@@ -344,9 +344,9 @@ class Engine:
         # When this process last sent each scope freeze (monotonic), and when it began: how
         # long an agent that never answers again may still hold a freeze (``_lease_ran_out``).
         self.freeze_sent: dict[tuple[str, str], float] = {}
-        # Since when (monotonic) this process has seen each scope-frozen node's freeze lapsed
-        # (``_unanswered``): gone once it is confirmed again.
-        self.lapsed_since: dict[tuple[str, str], float] = {}
+        # Since when (monotonic) this process has seen each scope-frozen node's freeze lapsed,
+        # and whether that was logged (``_unanswered``): gone once it is confirmed again.
+        self.lapsed_since: dict[tuple[str, str], tuple[float, bool]] = {}
         self.began = monotonic()
         # Switching nodes whose Switch the step's gate holds and whose agent said it has no
         # switch of the rollout (``_gated_switch``): True once the rollout drains (the plan
@@ -1670,11 +1670,24 @@ class Engine:
         now, period = self.monotonic(), self.freeze_lease / 3
         for key in [k for k in self.lapsed_since if k[0] == rollout_id and k[1] not in lapsed]:
             del self.lapsed_since[key]
-        return frozenset(
-            name
-            for name in lapsed
-            if now - self.lapsed_since.setdefault((rollout_id, name), now) >= period
-        )
+        unanswered = []
+        for name in sorted(lapsed):
+            since, told = self.lapsed_since.setdefault((rollout_id, name), (now, False))
+            if now - since < period:
+                continue
+            unanswered.append(name)
+            if not told:  # once per lapse: who is told that the scope stays frozen
+                self.lapsed_since[rollout_id, name] = (since, True)
+                log.warning(
+                    "freeze.unanswered",
+                    rollout_id=rollout_id,
+                    node=name,
+                    seconds=round(now - since),
+                    detail="its scope freeze is not confirmed: no switch begins, and the other"
+                    " nodes stay frozen (refusing entries) while the rollout runs, until it"
+                    f" answers; tlsroll rollout abort {rollout_id} lifts their freeze",
+                )
+        return frozenset(unanswered)
 
     async def _note_waiting(self, row: RolloutRow, lapsed: frozenset[str]) -> None:
         """``--freeze scope``: a node staged for its switch, or switching with its Switch held

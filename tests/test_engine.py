@@ -5062,7 +5062,18 @@ async def test_an_abort_unfreezes_the_scope_though_a_node_died_mid_switch(world:
     bravo.switch = switch_then_die  # type: ignore[method-assign]
     leader = world.boot(freeze_lease=lease)
     await leader.start(freeze=FreezeMode.SCOPE)
-    await leader.run(until=lambda r: node(r.records, "bravo").reason.startswith(UNKNOWN))
+    with capture_logs() as logs:
+        await leader.run(
+            until=lambda r: (
+                node(r.records, "bravo").reason.startswith(UNKNOWN)
+                and any(e["event"] == "freeze.unanswered" for e in logs)
+            )
+        )
+        for _ in range(20):  # still unanswered: told once
+            await leader.one_pass()
+    told = [e for e in logs if e["event"] == "freeze.unanswered"]
+    assert [e["node"] for e in told] == ["bravo"], told  # who is told: once per lapse
+    assert f"tlsroll rollout abort {told[0]['rollout_id']}" in told[0]["detail"]
     assert world.agents["charlie"].frozen and world.agents["alpha"].frozen
     await leader.control(RolloutAction.ABORT)
     alive = (world.agents["charlie"], world.agents["alpha"])
