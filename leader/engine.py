@@ -344,6 +344,9 @@ class Engine:
         # When this process last sent each scope freeze (monotonic), and when it began: how
         # long an agent that never answers again may still hold a freeze (``_lease_ran_out``).
         self.freeze_sent: dict[tuple[str, str], float] = {}
+        # Since when (monotonic) this process has seen each scope-frozen node's freeze lapsed,
+        # and whether that was logged (``_unanswered``): gone once it is confirmed again.
+        self.lapsed_since: dict[tuple[str, str], tuple[float, bool]] = {}
         self.began = monotonic()
         # Switching nodes whose Switch the step's gate holds and whose agent said it has no
         # switch of the rollout (``_gated_switch``): True once the rollout drains (the plan
@@ -474,6 +477,7 @@ class Engine:
             lapsed=lapsed,
             unsent=self._unsent(row),
             cut_off=cut_off,
+            unanswered=self._unanswered(row.rollout.id, lapsed),
         )
         before = row
         rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
@@ -1203,8 +1207,14 @@ class Engine:
             )
             await self._note(rollout.id, step, reason)
         elif step.step in (Step.FREEZE, Step.UNFREEZE) and attempts >= REASON_AFTER_ATTEMPTS:
-            await self._note(
-                rollout.id, step, f"scope {step.step.value} failing since {stamp}: {why}"
+            note = f"scope {step.step.value} failing since {stamp}: {why}"
+            # A node whose switch waits for its agent keeps that note ("unknown — …: it may be
+            # mid-switch"), which says more; a renewal's failure replaced it (review s69
+            # revfreeze L2). Its agent's answer replaces either (``_record``).
+            await self._save_node(
+                rollout.id,
+                step.node,
+                lambda r: r if _answered(r.reason) else replace(r, reason=note),
             )
 
     async def _forget_ended_keys(self, active: RolloutRow | None) -> None:
@@ -1228,7 +1238,8 @@ class Engine:
         at when the live rollout changes, and at each pass while none is (a step of an ended
         rollout may still be running: an abort leaves its preflights and stages to end on
         their own). The maps are emptied in place (steps hold them) and made anew, so that
-        their tables shrink too."""
+        their tables shrink too
+        (``lapsed_since`` too)."""
         if live is not None and live == self._kept_for:
             return
         self._kept_for = live
@@ -1242,6 +1253,7 @@ class Engine:
             self.renewed,
             self.confirmed,
             self.freeze_sent,
+            self.lapsed_since,
             self.unsent,
             self.revoked,
             self.auth_known,
@@ -1648,6 +1660,34 @@ class Engine:
             and now >= self.confirmed.get((rid, r.name), 0.0)
             and r.name not in cut_off
         )
+
+    def _unanswered(self, rollout_id: str, lapsed: frozenset[str]) -> frozenset[str]:
+        """The ``lapsed`` nodes whose freeze this process has seen lapsed for a renewal period
+        (a third of the lease) or longer: renewed again at once and still not confirmed, their
+        agents do not answer (``planner.next_actions``' ``unanswered``). Not a node only just
+        lapsed, nor every node after a leader restart (none confirmed yet): a live agent
+        confirms within that period."""
+        now, period = self.monotonic(), self.freeze_lease / 3
+        for key in [k for k in self.lapsed_since if k[0] == rollout_id and k[1] not in lapsed]:
+            del self.lapsed_since[key]
+        unanswered = []
+        for name in sorted(lapsed):
+            since, told = self.lapsed_since.setdefault((rollout_id, name), (now, False))
+            if now - since < period:
+                continue
+            unanswered.append(name)
+            if not told:  # once per lapse: who is told that the scope stays frozen
+                self.lapsed_since[rollout_id, name] = (since, True)
+                log.warning(
+                    "freeze.unanswered",
+                    rollout_id=rollout_id,
+                    node=name,
+                    seconds=round(now - since),
+                    detail="its scope freeze is not confirmed: no switch begins, and the other"
+                    " nodes stay frozen (refusing entries) while the rollout runs, until it"
+                    f" answers; tlsroll rollout abort {rollout_id} lifts their freeze",
+                )
+        return frozenset(unanswered)
 
     async def _note_waiting(self, row: RolloutRow, lapsed: frozenset[str]) -> None:
         """``--freeze scope``: a node staged for its switch, or switching with its Switch held

@@ -862,6 +862,7 @@ def next_actions(
     lapsed: Collection[str] = frozenset(),
     unsent: Collection[str] = frozenset(),
     cut_off: Collection[str] = frozenset(),
+    unanswered: Collection[str] = frozenset(),
 ) -> Plan:
     """Decide what happens now; safe to call any number of times (it only reads).
 
@@ -891,7 +892,10 @@ def next_actions(
     attention (``cut_off_mid_switch``: its outcome is not known), a failure counted against
     the budget in the same pass. None is frozen, nor holds a switch as lapsed. Before, a
     node revoked while a ``--when-quiet`` finalize held it stayed pending for good (review
-    s48rev5 M3), and any other change stepped it (s50)."""
+    s48rev5 M3), and any other change stepped it (s50). ``unanswered`` (``--freeze scope``):
+    ``lapsed`` nodes this leader has not heard confirm a freeze for a renewal period: a
+    draining rollout whose every node in flight is one lifts the others' scope freeze without
+    waiting for their outcomes (review s69 revfreeze M1)."""
     if census is None:
         records: Sequence[NodeRecord] = _in_order(rollout, nodes)
         census = Census.of(records)
@@ -1030,6 +1034,19 @@ def next_actions(
                 and state in (RolloutState.RUNNING, RolloutState.PAUSED)
             )
             rollout_events.append(RolloutEvent.NODES_DUAL if waits else RolloutEvent.NODES_SETTLED)
+    elif state in DRAINING_ROLLOUT_STATES and rollout.freeze is FreezeMode.SCOPE:
+        # Draining, with every node still in flight one whose agent has not confirmed its
+        # freeze for a renewal period (``unanswered``; its own switch keeps it frozen, and its
+        # lease ends its scope freeze): the others' scope freeze is lifted now, not when that
+        # node's outcome comes, which may be never (a machine that died mid-switch: every
+        # other node refused entries for good, abort or not; review s69 revfreeze M1).
+        in_flight = [name(at) for at in tally.among(IN_FLIGHT_NODE_STATES)]
+        if in_flight and all(n in unanswered for n in in_flight):
+            steps += [
+                StepAction(name(at), Step.UNFREEZE, rollout.epoch)
+                for at in census.frozen
+                if tally.state(at) in TERMINAL_NODE_STATES
+            ]
 
     return Plan(rollout.epoch, tuple(rollout_events), tuple(node_events), tuple(steps))
 

@@ -1580,10 +1580,24 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver = self._driver()
         async with self._freeze_lock:  # not across a Freeze or the lease watch's lift
             try:
-                await driver.unfreeze()
+                # A transaction under way owns the server's freeze (its config may be being
+                # written, its server restarting): the scope freeze ends (its lease), and the
+                # transaction's end lifts the freeze, no lease being left (review s69
+                # revfreeze L1: unfrozen here, entries were taken while the config changed).
+                # The lease watch and the runner's lifts look the same way.
+                running = await asyncio.to_thread(self.journal.unfinished)
+                if not running:
+                    await driver.unfreeze()
                 await asyncio.to_thread(self.journal.set_freeze_lease, None)
             finally:
                 self._freeze_changed()
+        if running:
+            log.warning(
+                "scope_freeze.off_left_to_switch",
+                rollout_id=rollout_id,
+                detail="a transaction is under way on this node: its end lifts the freeze",
+            )
+            return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
 

@@ -5039,3 +5039,79 @@ async def test_the_certificate_s_end_is_the_one_the_leader_signed_not_the_agent_
         signed = agent.staged[row.rollout.id].not_valid_after_utc
         assert row.node(agent.name)[1].cert_not_after == signed, agent.name
     await leader.stop()
+
+
+async def test_an_abort_unfreezes_the_scope_though_a_node_died_mid_switch(world: World) -> None:
+    """Review s69 revfreeze M1: under ``--freeze scope`` a node whose machine died in the middle
+    of its switch stays ``switching`` for good (its outcome is unknown: it cannot fail for want
+    of an answer). The settled rollout alone unfroze the scope, so every other node went on
+    refusing entries, renewed by the leader, abort or not: the practice could not work until
+    the admin revoked the dead machine's agent. An aborted (or halted) rollout now lifts the
+    scope freeze of every node not in flight at once; the dead node's switch is still
+    followed."""
+    lease = 6
+    bravo = world.agents["bravo"]
+    switch = bravo.switch
+
+    async def switch_then_die(request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        txn = await switch(request)
+        bravo.unreachable = 10**6  # its machine died right after it began the switch
+        bravo.switch = switch  # type: ignore[method-assign]  # once
+        return txn
+
+    bravo.switch = switch_then_die  # type: ignore[method-assign]
+    leader = world.boot(freeze_lease=lease)
+    await leader.start(freeze=FreezeMode.SCOPE)
+    with capture_logs() as logs:
+        await leader.run(
+            until=lambda r: (
+                node(r.records, "bravo").reason.startswith(UNKNOWN)
+                and any(e["event"] == "freeze.unanswered" for e in logs)
+            )
+        )
+        for _ in range(20):  # still unanswered: told once
+            await leader.one_pass()
+    told = [e for e in logs if e["event"] == "freeze.unanswered"]
+    assert [e["node"] for e in told] == ["bravo"], told  # who is told: once per lapse
+    assert f"tlsroll rollout abort {told[0]['rollout_id']}" in told[0]["detail"]
+    assert world.agents["charlie"].frozen and world.agents["alpha"].frozen
+    await leader.control(RolloutAction.ABORT)
+    alive = (world.agents["charlie"], world.agents["alpha"])
+    row = await leader.run(until=lambda _r: not any(a.frozen for a in alive), passes=200)
+    assert row.rollout.state is R.ABORTING, states(row)
+    assert node(row.records, "bravo").state is N.SWITCHING  # still followed
+    # L2: its note stays the switch's (a renewal's failure wrote over it).
+    assert node(row.records, "bravo").reason.startswith(UNKNOWN), node(row.records, "bravo")
+    for name in ("charlie", "alpha"):
+        assert not node(row.records, name).scope_frozen, row.records
+    for _ in range(50):  # nothing freezes them again while bravo's switch waits
+        row = await leader.one_pass()
+    assert row.rollout.state is R.ABORTING, states(row)
+    assert not any(a.frozen for a in alive)
+    assert all(not node(row.records, n).scope_frozen for n in ("charlie", "alpha"))
+    bravo.unreachable = 0  # back: its switch's outcome ends the rollout, bravo unfrozen
+    row = await leader.run(passes=200)
+    assert row.rollout.state is R.ABORTED, states(row)
+    assert not any(a.frozen for a in world.agents)
+    await leader.stop()
+
+
+async def test_a_node_counts_as_unanswered_only_once_lapsed_for_a_renewal_period(
+    world: World,
+) -> None:
+    """Review s69 revfreeze M1, the guard: a leader restarted mid-switch has seen no
+    confirmation, so every frozen node counts as lapsed at first; a draining rollout lifts the
+    others' scope freeze only for nodes in flight still unconfirmed a renewal period later
+    (``Engine._unanswered``), which a live agent never is."""
+    lease = 6
+    leader = world.boot(freeze_lease=lease)
+    engine = leader.engine
+    assert engine._unanswered("r1", frozenset({"a", "b"})) == frozenset()
+    world.clock.advance(lease / 3 - 0.5)
+    assert engine._unanswered("r1", frozenset({"a", "b"})) == frozenset()
+    assert engine._unanswered("r1", frozenset({"a"})) == frozenset()  # b confirmed again
+    world.clock.advance(0.5)
+    assert engine._unanswered("r1", frozenset({"a", "b"})) == frozenset({"a"})  # b anew
+    world.clock.advance(lease / 3)
+    assert engine._unanswered("r1", frozenset({"a", "b"})) == frozenset({"a", "b"})
+    await leader.stop()

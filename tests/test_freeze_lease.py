@@ -15,6 +15,7 @@ the caller's certificate check is left out (tests/test_identity.py covers it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -268,6 +269,13 @@ async def runner_lift(
         return asyncio.create_task(way_back)
     if path == "scope-switch-ended":
         return asyncio.create_task(runner._unfreeze(txn, plan))
+
+    async def proved(_txn: Txn) -> str:
+        return ""  # the server proves the config it runs (``Runner._unproved``): it may lift
+
+    # (The fake server answers no status: the freeze would be kept for that, session 69
+    # journalm, and what these tests look at, the lease and the lock, never reached.)
+    runner._unproved = proved  # type: ignore[method-assign, assignment]
     return asyncio.create_task(runner._die(txn, 4, "database is locked"))
 
 
@@ -739,4 +747,32 @@ async def test_every_change_of_a_scope_freeze_is_told_also_one_that_fails(
 
     agent.on_freeze_change = fails
     assert not (await agent.Unfreeze(freeze_request(), cast(Any, None))).frozen
+    journal.close()
+
+
+@pytest.mark.parametrize("phase", [Phase.FROZEN, Phase.CONFIG_WRITTEN, Phase.RESTARTED])
+async def test_the_leader_s_unfreeze_leaves_a_switch_under_way_frozen(
+    tmp_path: Path, phase: Phase
+) -> None:
+    """Review s69 revfreeze L1: the leader's Unfreeze lifted the server's freeze whatever ran
+    on the node, also in the middle of this node's own switch (its config being written, its
+    server restarting): entries were acknowledged while its config changed, the seed's first
+    warning. The lease watch and the runner's lifts never did that (``journal.unfinished``).
+    Now the Unfreeze ends the scope freeze (its lease) and leaves the server's freeze to the
+    switch, whose end lifts it, no lease being left (``Runner._unfreeze``)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    runner = make_runner(journal, server)
+    agent, _lock = make_agent(tmp_path, journal, server, runner)
+    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    txn, plan = scope_switch(tmp_path)
+    txn = journal.create(dataclasses.replace(txn, rollout_id="r1", phase=phase, reason=""))
+    with capture_logs() as logs:
+        reply = await agent.Unfreeze(freeze_request(), cast(Any, None))
+    assert not reply.frozen  # the scope freeze is over
+    assert journal.freeze_lease() is None
+    assert server.frozen, "unfrozen in the middle of the node's own switch"
+    assert any(e.get("event") == "scope_freeze.off_left_to_switch" for e in logs), logs
+    await runner._unfreeze(txn, plan)  # the switch's end: no lease left, so it lifts it
+    assert not server.frozen
     journal.close()

@@ -2207,3 +2207,33 @@ async def test_an_earlier_agent_s_preflight_problem_names_the_server_once() -> N
     )
     outcome = await EnableTls().preflight(ctx)  # type: ignore[arg-type]
     assert outcome == (NodeEvent.PREFLIGHT_FAILED, f"{once}; {skew}")
+
+
+def test_a_drain_unfreezes_the_scope_when_every_node_in_flight_is_unanswered() -> None:
+    """Review s69 revfreeze M1: an aborted (or halted) ``--freeze scope`` rollout unfroze the
+    scope only once every node had settled; a node whose machine died mid-switch never does,
+    and every other node refused entries for good. Once every node in flight is one whose
+    agent has not confirmed its freeze for a renewal period (``unanswered``), the nodes not in
+    flight are unfrozen; never while the rollout runs, nor for a node merely ``lapsed``."""
+    rollout, records = plan_rollout(
+        rollout_id="r1", change=Change.ENABLE_TLS, scope=Scope.of_nodes(["a", "b", "c"]),
+        enrolled={"a": True, "b": True, "c": True}, leader="c", epoch=2,
+        freeze=FreezeMode.SCOPE,
+    )  # fmt: skip
+    running = rollout.with_event(RolloutEvent.START)
+    where = {"a": NodeState.SWITCHING, "b": NodeState.DONE, "c": NodeState.SKIPPED}
+    nodes = tuple(replace(r, state=where[r.name], scope_frozen=True) for r in records)
+    everyone = {"a", "b", "c"}
+    for state in (RolloutState.ABORTING, RolloutState.HALTING):
+        draining = replace(running, state=state)
+        plan = next_actions(draining, nodes, lapsed=everyone, unanswered={"a"})
+        assert plan.nodes_with_step(Step.UNFREEZE) == ("b", "c"), plan
+        assert "a" not in plan.nodes_with_step(Step.FREEZE)
+        plan = next_actions(draining, nodes, lapsed=everyone)  # (a leader just restarted)
+        assert not plan.nodes_with_step(Step.UNFREEZE), plan
+    plan = next_actions(running, nodes, lapsed=everyone, unanswered={"a"})
+    assert not plan.nodes_with_step(Step.UNFREEZE), plan
+    two = tuple(replace(r, state=NodeState.SWITCHING) if r.name == "b" else r for r in nodes)
+    draining = replace(running, state=RolloutState.ABORTING)
+    plan = next_actions(draining, two, lapsed=everyone, unanswered={"a"})  # b still answers
+    assert not plan.nodes_with_step(Step.UNFREEZE), plan
