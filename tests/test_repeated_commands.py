@@ -780,6 +780,13 @@ async def test_a_confirmed_start_or_way_back_starts_the_nodes_confirmed_or_none(
     assert started is not None
     settle(schema, started, {"bravo"})
     serving.schemes["bravo"] = "https"
+    # The same nodes confirmed in another order than the plan steps them: refused too.
+    del back.confirmed_nodes[:]
+    back.confirmed_nodes.extend(["alpha", "bravo", "charlie"])
+    with pytest.raises(Aborted) as refused:
+        await service.StartRollout(back, context)
+    assert "in another order: bravo, charlie, alpha; nothing started" in refused.value.details
+    assert latest(schema) == view.id
     del back.confirmed_nodes[:]  # `rollout rollback --yes`: every node on https goes back
     view = await service.StartRollout(back, context)
     assert stepped(view.nodes) == ["bravo", "charlie", "alpha"]
