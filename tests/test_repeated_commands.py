@@ -801,8 +801,9 @@ async def test_a_finalize_completed_with_a_node_failed_lets_the_next_finalize_in
     (``planner.awaiting_verdict``), so it does not settle it, and a finalize again (for the
     node left dual) is let in, not refused as "finalized ... just completed" until the engine
     records an end that never comes."""
+    from leader import changes
     from leader.rollout_enums import Strategy
-    from tests.test_engine import VERIFIER_1, changes, make_world
+    from tests.test_engine import VERIFIER_1, make_world
 
     world = make_world(tmp_path, monkeypatch)
     monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
