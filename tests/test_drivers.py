@@ -1047,6 +1047,33 @@ async def test_a_command_an_agent_killed_mid_restart_left_running_is_ended_at_it
         kill_recorded(pid_file)
 
 
+def test_a_noted_command_whose_pid_now_names_another_process_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """The other side of the test above (s69 mutants: the start-time half of the match had no
+    test): a note whose pid now names another process (its command exited, the pid given
+    again) kills nothing, and the note goes; one whose pid and start time match is killed
+    with its process group."""
+    track = tmp_path / "exec-running"
+    track.mkdir()
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        started = client_sources._start_time(other.pid)
+        assert started is not None
+        (track / str(other.pid)).write_text(started + "0\n")  # another process's start
+        assert client_sources.end_stale(track) == []
+        assert other.poll() is None and alive(other.pid)
+        assert list(track.iterdir()) == []
+        (track / str(other.pid)).write_text(started + "\n")  # this one's
+        assert client_sources.end_stale(track) == [other.pid]
+        assert other.wait(timeout=30) == -signal.SIGKILL
+        assert list(track.iterdir()) == []
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait(timeout=30)
+
+
 async def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """``wait_until`` with the event loop running (it reads the commands' outputs)."""
     deadline = time.monotonic() + timeout

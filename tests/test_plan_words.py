@@ -239,6 +239,14 @@ def test_a_plan_that_leaves_enrolled_nodes_out_says_the_cluster_is_mixed_afterwa
         "rollout start --change change-password --scope cluster is refused while h1 is on http "
         "only)."
     ), mixed
+    # The cap's edge: ten such nodes are named, the eleventh makes it --scope cluster.
+    ten = {f"n{i:03}": "https" for i in range(2, 12)}
+    at_ten = outside_scope_warning(Change.CHANGE_PASSWORD, ["n001"], ten)
+    assert at_ten.endswith(f"--change change-password --nodes {','.join(ten)}."), at_ten
+    eleven = outside_scope_warning(Change.CHANGE_PASSWORD, ["n001"], {**ten, "n012": "https"})
+    assert eleven.endswith(
+        "--scope cluster (the nodes with the new password already are left alone)."
+    )
     assert outside_scope_warning(Change.ROTATE_CERT, ["node1"], outside) == ""
 
 

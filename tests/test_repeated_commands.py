@@ -780,7 +780,62 @@ async def test_a_confirmed_start_or_way_back_starts_the_nodes_confirmed_or_none(
     assert started is not None
     settle(schema, started, {"bravo"})
     serving.schemes["bravo"] = "https"
+    # The same nodes confirmed in another order than the plan steps them: refused too.
+    del back.confirmed_nodes[:]
+    back.confirmed_nodes.extend(["alpha", "bravo", "charlie"])
+    with pytest.raises(Aborted) as refused:
+        await service.StartRollout(back, context)
+    assert "in another order: bravo, charlie, alpha; nothing started" in refused.value.details
+    assert latest(schema) == view.id
     del back.confirmed_nodes[:]  # `rollout rollback --yes`: every node on https goes back
     view = await service.StartRollout(back, context)
     assert stepped(view.nodes) == ["bravo", "charlie", "alpha"]
+    await leader_.stop()
+
+
+async def test_a_finalize_completed_with_a_node_failed_lets_the_next_finalize_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the test above (s69 mutants: nothing pinned it): a finalize that
+    completed with a node failed within its budget leaves the transitional rollout awaiting
+    (``planner.awaiting_verdict``), so it does not settle it, and a finalize again (for the
+    node left dual) is let in, not refused as "finalized ... just completed" until the engine
+    records an end that never comes."""
+    from leader import changes
+    from leader.rollout_enums import Strategy
+    from tests.test_engine import VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader_ = world.boot()
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL,
+        failure_budget=1,
+        auth_verifier_json=VERIFIER_1,
+    )
+    x = (await leader_.commands.start(request, ADMIN)).rollout.id
+    await leader_.run(
+        lambda r: r.rollout.id == x and r.rollout.state is RolloutState.AWAITING_FINALIZE
+    )
+    dual_agents(world, monkeypatch)
+    world.agents["bravo"].outside_problem = "https://bravo: certificate unknown"
+    first = (await leader_.commands.finalize(x, ADMIN, force=True)).rollout.id
+    row = await leader_.run(
+        lambda r: r.rollout.id == first and r.rollout.state in TERMINAL_ROLLOUT_STATES
+    )
+    assert row.rollout.state is RolloutState.COMPLETED, row.rollout
+    assert any(r.state is not NodeState.DONE for r in row.records), row.records
+    await leader_.one_pass()
+    assert state(leader_.schema, x) is RolloutState.AWAITING_FINALIZE  # not settled
+    leader_.schema.refuse_if_settled(x)  # (says nothing)
+    world.agents["bravo"].outside_problem = None
+    again = await leader_.commands.finalize(x, ADMIN, force=True)
+    assert again.rollout.id != first and again.rollout.change is Change.FINALIZE
+    await leader_.run(
+        lambda r: r.rollout.id == again.rollout.id and r.rollout.state in TERMINAL_ROLLOUT_STATES
+    )
+    await leader_.one_pass()
+    assert state(leader_.schema, x) is RolloutState.COMPLETED
     await leader_.stop()

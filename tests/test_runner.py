@@ -831,6 +831,34 @@ async def test_a_transaction_that_dies_with_an_unverified_config_live_keeps_the_
     resumed.close()
 
 
+async def test_a_dying_transaction_keeps_the_freeze_where_the_config_file_is_not_the_target(
+    world: Callable[..., World],
+) -> None:
+    """The file half of the test above (s69 mutants: dropping ``_unproved``'s look at the
+    config file left every test green): the target restarted and answers as the target, but
+    its verify cannot be recorded, and the server's config file is no longer the target (put
+    back by hand, say): its next
+    restart would load another config, so the server does not prove it runs the target and
+    the freeze is kept, the line saying why."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    journal = FullFrom(w.journal_path, "verified")
+    with pytest.raises(JournalError):
+        await w.run(journal)
+    journal.close()
+    s = w.server
+    assert s.running == sc.target
+    s.config = sc.start
+    journal = FullFrom(w.journal_path, "verified")
+    runner = w.runner(journal)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    journal.close()
+    assert runner.dead.is_set()
+    assert s.frozen and "unfreeze" not in s.ops, (s.ops, runner.fatal)
+    assert "its config file is not the target" in runner.fatal, runner.fatal
+
+
 # A certificate's rotation: https before and after, the target told apart by its certificate
 # only; the source by nothing from outside (a verify of the source names no certificate).
 OLD_CERT = f'listen = ["https"]\ncert = "sha256:{"1" * 64}"\n'.encode()

@@ -1032,6 +1032,9 @@ def test_a_node_removed_and_enrolled_again_runs_no_password_and_is_not_behind(
         with store.db.tx() as db:
             db.execute("INSERT OR REPLACE INTO node_auth VALUES ('b', 1, '')")
         store.db.cache.clear()
+        # While removed, its stale record names no node behind (no workstation goes there).
+        assert schema.pending_password_nodes() == {"b"}
+        assert schema.password_behind() is None
     else:
         assert schema.node_auth() == {"a": 2}
     enrol_again(store, "b", NOW + dt.timedelta(minutes=1))

@@ -410,6 +410,8 @@ def test_signing_out_ends_the_session_its_copies_and_its_live_streams(lone: Clus
     ), revoked.stdout
     assert audit_rows(lone) == after
     assert grants(lone)["Abmelden"]["state"] == "signed_out"
+    revokes = [e for e in lone.leader.log_events() if e.get("event") == "viewer_grant.revoked"]
+    assert not [e for e in revokes if e.get("grant_id") == grant_id], revokes  # no log line
 
 
 def test_metrics_take_the_scrape_token_or_a_session(lone: Cluster) -> None:

@@ -1019,6 +1019,40 @@ async def test_a_password_changed_at_the_node_while_it_is_typed_enrols_with_the_
     assert "bootstrap.password_refused" not in events and "bootstrap.enrolled" in events
 
 
+async def test_a_node_that_answers_as_another_once_the_password_is_typed_gets_nothing(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """The other side of the test above (s69 mutants: ``hello_again``'s refusal had no test):
+    only the password's parameters may change between the two hellos; a bootstrap service
+    that answers the second with another node name is refused, nothing sent (no exchange:
+    nothing counted, nothing enrolled), exit 1 in one line."""
+    node = nodes["tls"]
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--settings-dir", str(tmp_path / "settings"), "--name", "renamed"]
+    loop = asyncio.get_running_loop()
+    async with bootstrap_on(node, test_ca) as service:
+
+        async def rename() -> None:
+            service.node_name = "someone-else"
+
+        def at_prompt() -> None:  # (in on_terminal's thread: the service's loop does it)
+            asyncio.run_coroutine_threadsafe(rename(), loop).result(10)
+
+        code, screen = await asyncio.to_thread(on_terminal, argv, PASSWORD, at_prompt=at_prompt)
+        assert code == 1, screen
+        assert (
+            "the bootstrap service answered otherwise while the password was typed (another "
+            "node name, address, CA or certificate): run this again; nothing was sent"
+        ) in screen, screen
+        assert "Traceback" not in screen, screen
+        assert service.failures.pending() == []
+    events = [e["event"] for e in logs]
+    assert not {"bootstrap.password_refused", "bootstrap.enrolled"} & set(events), events
+
+
 async def test_a_typed_password_that_is_not_utf8_is_refused_unsent(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,
