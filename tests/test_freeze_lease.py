@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 
 from nodeagent import lease as lease_module
 from nodeagent import service, transaction
-from nodeagent.drivers import ServerFacts
+from nodeagent.drivers import DriverError, ServerFacts
 from nodeagent.journal import Journal, JournalError, Txn
 from nodeagent.lease import BOOT_ID, Boot, Lease, boot_clock
 from nodeagent.service import NodeAgentService
@@ -794,7 +794,7 @@ async def test_the_leader_s_unfreeze_as_a_switch_ends_leaves_no_freeze_behind(
     runner = make_runner(journal, server)
     agent, _lock = make_agent(tmp_path, journal, server, runner)
     assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
-    txn, plan = scope_switch(tmp_path)
+    txn, _plan = scope_switch(tmp_path)
     phase = Phase.VERIFIED if path == "unfreeze-step" else Phase.ROLLING_BACK
     txn = journal.create(dataclasses.replace(txn, rollout_id="r1", phase=phase))
     replies: list[agent_pb2.FreezeResponse] = []
@@ -815,7 +815,7 @@ async def test_the_leader_s_unfreeze_as_a_switch_ends_leaves_no_freeze_behind(
         record = runner._record
 
         async def failing(*args: Any, **kwargs: Any) -> Txn:
-            raise transaction.DriverError("the way back failed")
+            raise DriverError("the way back failed")
 
         async def recorded(*args: Any, **kwargs: Any) -> Txn:
             if kwargs.get("phase") is Phase.FAILED:
