@@ -175,20 +175,27 @@ class PlanChanged(TerminalError):
     shown and confirmed (``RolloutRequest.confirmed_nodes``): another admin's rollout, an
     enrolment or a removal came between (FAILED_PRECONDITION; review s69 confirm L1)."""
 
-    def __init__(self, confirmed: Sequence[str], now: Sequence[str]) -> None:
+    def __init__(
+        self, confirmed: Sequence[str], now: Sequence[str], silent: Collection[str] = ()
+    ) -> None:
         added = [n for n in now if n not in confirmed]
         gone = [n for n in confirmed if n not in now]
         what = []
         if added:
             what.append(f"it now takes {planner.some_names(added)} too")
         if gone:
-            what.append(f"no longer {planner.some_names(gone)}")
+            # A way back leaves a node as is whose agent is offline or cannot say what it
+            # runs (``silent``): said, not blamed on a rollout or an enrolment (review3 s69).
+            quiet = " (left as is now: its agent cannot say what it runs)"
+            if any(n not in silent for n in gone):
+                quiet = ""
+            what.append(f"no longer {planner.some_names(gone)}{quiet}")
         if not what:
             what.append(f"in another order: {planner.some_names(now)}")
         super().__init__(
-            "the plan changed since it was shown (another rollout, or a node enrolled or "
-            f"removed meanwhile): {'; '.join(what)}; nothing started: look at the new plan and "
-            "start again"
+            "the plan changed since it was shown (another rollout, a node enrolled, removed or "
+            "switched, or an agent answering again or no longer, meanwhile): "
+            f"{'; '.join(what)}; nothing started: look at the new plan and start again"
         )
 
 
@@ -776,7 +783,10 @@ class Commands:
             # The admin confirmed a plan that stepped other nodes: the scope resolved again
             # (every node on https, the cluster's) has another rollout's nodes, or a node
             # enrolled, switched or removed since (review s69 confirm L1).
-            raise PlanChanged(confirmed, stepped)
+            silent = {
+                r.name for r in nodes if r.state is NodeState.SKIPPED and left_as_is(r.reason)
+            }
+            raise PlanChanged(confirmed, stepped, silent)
         auth = planner.decide_auth(
             request.change,
             bool(request.auth_verifier_json),

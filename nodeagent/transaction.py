@@ -596,6 +596,10 @@ class Runner:
         # scope switch that cannot read the lease waits for those this process knows of.
         self.leases = leases if leases is not None else Leases()
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
+        # The transactions (rollout id, kind) whose end left the freeze to the scope freeze's
+        # lease (``_unfreeze``, ``_give_up``): looked at again once their outcome is journalled
+        # (``_lift_left_freeze``).
+        self._left_to_lease: set[tuple[str, str]] = set()
         self.crash_after = os.environ.get(CRASH_ENV, "")
         self.term_after = os.environ.get(TERM_ENV, "")
         self.term_hold = bool(os.environ.get(TERM_HOLD_ENV))
@@ -1034,6 +1038,43 @@ class Runner:
         except Exception:  # an unreadable journal holds no lease we could honour
             return False
 
+    async def _lift_left_freeze(self, txn: Txn) -> None:
+        """A scope switch whose end left the freeze to the scope freeze's lease (``_unfreeze``,
+        ``_give_up``: the lease read under ``freeze_lock``), its outcome now journalled: lift
+        the freeze if the lease has gone meanwhile and no transaction runs. The leader's
+        Unfreeze between that read and the outcome's write saw the switch under way, left the
+        freeze to it and cleared the lease (``NodeAgentService.Unfreeze``): nothing else would
+        ever have lifted it (review3 of s69). A lift that fails is owed, as a failed
+        transaction's is."""
+        error = ""  # (the lift's failure: owed)
+        async with self.freeze_lock:
+            try:
+                lease = await dbthread.run(self.journal.freeze_lease)
+                running = await dbthread.run(self.journal.unfinished)
+            except Exception as exc:  # unreadable: a lease may hold, the freeze is left to it
+                log.error("txn.lease_unread", rollout_id=txn.rollout_id, error=describe(exc))
+                return
+            if lease is not None or running:
+                return  # the lease bounds it (the lease watch), or a transaction owns it
+            try:
+                await self.driver.unfreeze()
+            except (DriverError, OSError, LocalResourceError) as exc:
+                error = describe(exc)
+                await dbthread.run(self.journal.set_unfreeze_owed, txn.rollout_id)
+        log.warning(
+            "txn.scope_freeze_gone",
+            rollout_id=txn.rollout_id,
+            kind=txn.kind,
+            detail="the scope freeze ended as the transaction ended: "
+            + (
+                f"could not lift the freeze yet: {error} (the agent keeps trying)"
+                if error
+                else "writes are accepted again"
+            ),
+        )
+        if error:
+            self._lift_owed_freeze()
+
     def _lift_owed_freeze(self) -> None:
         if self._owed is None or self._owed.done():
             self._owed = asyncio.create_task(self._lift_owed(), name="txn-owed-unfreeze")
@@ -1106,8 +1147,12 @@ class Runner:
             if back is not None:
                 self._sources[key] = Staged(source=back)
         try:
-            return await self._steps(txn, plan, begun, resumed=resumed)
+            ended = await self._steps(txn, plan, begun, resumed=resumed)
+            if key in self._left_to_lease:
+                await self._lift_left_freeze(ended)
+            return ended
         finally:
+            self._left_to_lease.discard(key)
             self._ahead.pop(key, None)
             self._followed.pop(key, None)
             self._cas.pop(key, None)
@@ -1371,7 +1416,9 @@ class Runner:
             scope_frozen = plan.keep_frozen and (
                 await dbthread.run(self.journal.freeze_lease) is not None
             )
-            if not scope_frozen:
+            if scope_frozen:  # (looked at again once the outcome is journalled)
+                self._left_to_lease.add((txn.rollout_id, txn.kind.value))
+            else:
                 try:
                     await self.driver.unfreeze()
                 except (DriverError, OSError, LocalResourceError) as exc:
@@ -1846,7 +1893,10 @@ class Runner:
                             self.leases.seen(lease, self.clock(), self.monotonic())
                             unread_since = None
                         if lease is not None:
-                            return {}  # the rollout's scope freeze goes on, bounded by its lease
+                            # The rollout's scope freeze goes on, bounded by its lease; looked
+                            # at again once the outcome is journalled (``_lift_left_freeze``).
+                            self._left_to_lease.add((txn.rollout_id, txn.kind.value))
+                            return {}
                         await self.driver.unfreeze()
                 else:
                     await self.driver.unfreeze()

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 
 from nodeagent import lease as lease_module
 from nodeagent import service, transaction
-from nodeagent.drivers import ServerFacts
+from nodeagent.drivers import DriverError, ServerFacts
 from nodeagent.journal import Journal, JournalError, Txn
 from nodeagent.lease import BOOT_ID, Boot, Lease, boot_clock
 from nodeagent.service import NodeAgentService
@@ -775,4 +775,77 @@ async def test_the_leader_s_unfreeze_leaves_a_switch_under_way_frozen(
     assert any(e.get("event") == "scope_freeze.off_left_to_switch" for e in logs), logs
     await runner._unfreeze(txn, plan)  # the switch's end: no lease left, so it lifts it
     assert not server.frozen
+    journal.close()
+
+
+@pytest.mark.parametrize("path", ["unfreeze-step", "way-back-failed"])
+async def test_the_leader_s_unfreeze_as_a_switch_ends_leaves_no_freeze_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Review s69 review3: the runner's end of a scope switch reads the lease under the freeze
+    lock and leaves the freeze to it, then journals the outcome after the lock. The leader's
+    Unfreeze landing in between (the node judged failed or unknown, the rollout's end) saw
+    the switch still under way, left the freeze to it and cleared the lease: the switch then
+    ended with nothing left to lift the freeze, no lease, no transaction, no unfreeze owed,
+    and the server refused writes for good (``A node never stays frozen because of
+    tlsroll``). Now the switch's end looks again once its outcome is journalled."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    runner = make_runner(journal, server)
+    agent, _lock = make_agent(tmp_path, journal, server, runner)
+    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    txn, _plan = scope_switch(tmp_path)
+    phase = Phase.VERIFIED if path == "unfreeze-step" else Phase.ROLLING_BACK
+    txn = journal.create(dataclasses.replace(txn, rollout_id="r1", phase=phase))
+    replies: list[agent_pb2.FreezeResponse] = []
+
+    async def then_the_leader_s_unfreeze() -> None:
+        replies.append(await agent.Unfreeze(freeze_request(), cast(Any, None)))
+
+    if path == "unfreeze-step":
+        decided = runner._unfreeze
+
+        async def unfreeze(txn: Txn, plan: Plan) -> dict[str, Any]:
+            done = await decided(txn, plan)  # the lease holds: the freeze is left to it
+            await then_the_leader_s_unfreeze()  # before the outcome is journalled
+            return done
+
+        monkeypatch.setattr(runner, "_unfreeze", unfreeze)
+    else:
+        record = runner._record
+
+        async def failing(*args: Any, **kwargs: Any) -> Txn:
+            raise DriverError("the way back failed")
+
+        async def recorded(*args: Any, **kwargs: Any) -> Txn:
+            if kwargs.get("phase") is Phase.FAILED:
+                await then_the_leader_s_unfreeze()  # the lease read, the outcome not written
+            return await record(*args, **kwargs)
+
+        monkeypatch.setattr(runner, "_act", failing)
+        monkeypatch.setattr(runner, "_record", recorded)
+    ended = await runner.run(txn)
+    assert ended.phase in (Phase.COMPLETED, Phase.FAILED), ended
+    assert replies and not replies[0].frozen  # the leader was told the freeze is over
+    assert journal.freeze_lease() is None and not journal.unfinished()
+    assert not server.frozen, "frozen with no lease, no transaction and nothing owed"
+    journal.close()
+
+
+async def test_a_scope_switch_s_end_with_its_lease_held_leaves_the_freeze_to_it(
+    tmp_path: Path,
+) -> None:
+    """The other side of the test above: no Unfreeze came, the lease holds after the switch's
+    outcome is written, and the freeze stays the scope freeze's (its lease bounds it)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    runner = make_runner(journal, server)
+    agent, _lock = make_agent(tmp_path, journal, server, runner)
+    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    txn, _plan = scope_switch(tmp_path)
+    txn = journal.create(dataclasses.replace(txn, rollout_id="r1", phase=Phase.VERIFIED))
+    ended = await runner.run(txn)
+    assert ended.phase is Phase.COMPLETED, ended
+    assert server.frozen and journal.freeze_lease() is not None
+    assert not server.entered["unfreeze"].is_set()
     journal.close()

@@ -743,9 +743,9 @@ async def test_a_confirmed_start_or_way_back_starts_the_nodes_confirmed_or_none(
         await service.StartRollout(back, context)
     assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
     assert refused.value.details == (
-        "the plan changed since it was shown (another rollout, or a node enrolled or removed "
-        "meanwhile): it now takes charlie too; nothing started: look at the new plan and "
-        "start again"
+        "the plan changed since it was shown (another rollout, a node enrolled, removed or "
+        "switched, or an agent answering again or no longer, meanwhile): it now takes charlie "
+        "too; nothing started: look at the new plan and start again"
     )
     assert latest(schema) == "e2"  # nothing created
 
@@ -838,4 +838,73 @@ async def test_a_finalize_completed_with_a_node_failed_lets_the_next_finalize_in
     )
     await leader_.one_pass()
     assert state(leader_.schema, x) is RolloutState.COMPLETED
+    await leader_.stop()
+
+
+class Flapping(Serving):
+    """``Serving``, with the agents of ``silent`` not answering (a machine switched off, an
+    agent overloaded): the way back leaves such a node as is."""
+
+    def __init__(self, schemes: dict[str, str]) -> None:
+        super().__init__(schemes)
+        self.silent: set[str] = set()
+
+    async def __call__(
+        self,
+        names: Sequence[str],
+        *,
+        warm: Collection[str],
+        first: FirstSteps | None,
+        edits: bool = False,
+        way_back: bool = False,
+    ) -> dict[str, NodeObservation]:
+        seen = await super().__call__(names, warm=warm, first=first, edits=edits)
+        for n in self.silent & set(seen):
+            seen[n] = NodeObservation(reachable=False, error="connection refused")
+        return seen
+
+
+async def test_a_way_back_refused_for_an_agent_gone_silent_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing review of s69 (review3): `rollout rollback` confirmed "Back to http: bravo,
+    alpha", and bravo's agent stopped answering before the start: the way back now leaves it
+    as is, so the start is refused (what was confirmed is what starts), but the refusal blamed
+    "another rollout, or a node enrolled or removed", none of which happened. It says why the
+    node dropped out, and an agent back again is among the causes it names."""
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import stepped
+    from leader.rollout_core import FreezeMode
+    from leader.service import LeaderState
+    from leader.wire import CHANGE, FREEZE
+    from tests.test_engine import make_world
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    leader_ = world.boot()
+    schema = leader_.schema
+    serving = Flapping({"alpha": "https", "bravo": "https", "charlie": "http"})
+    leader_.commands.observe = serving
+    settle(schema, rollout(schema, "e1", Change.ENABLE_TLS, ["alpha", "bravo"]), {"alpha", "bravo"})
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, schema
+    )
+    context: Any = Context()
+    back = admin_pb2.RolloutRequest(
+        change=CHANGE.wire(Change.DISABLE_TLS), freeze=FREEZE.wire(FreezeMode.NODE)
+    )
+    planned = await service.PlanRollout(back, context)
+    back.confirmed_nodes.extend(stepped(planned.rollout.nodes))
+    assert list(back.confirmed_nodes) == ["bravo", "alpha"]
+    serving.silent.add("bravo")
+    with pytest.raises(Aborted) as refused:
+        await service.StartRollout(back, context)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.details == (
+        "the plan changed since it was shown (another rollout, a node enrolled, removed or "
+        "switched, or an agent answering again or no longer, meanwhile): no longer bravo (left "
+        "as is now: its agent cannot say what it runs); nothing started: look at the new plan "
+        "and start again"
+    )
+    assert latest(schema) == "e1"  # nothing created
     await leader_.stop()
