@@ -1004,8 +1004,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         floor = await asyncio.to_thread(
             self.state.store.advance_epoch, target, now=self.state.clock(), actor=_actor(context)
         )
-        log.warning("epoch.advanced", floor=floor, was=before.leader_epoch)
-        return await self._epochs()
+        after = await self._epochs()
+        if after.leader_epoch > before.leader_epoch:
+            log.warning("epoch.advanced", floor=floor, was=before.leader_epoch)
+        else:  # no node ahead: a warning here said something moved (review s69 revlogs L3)
+            log.info(
+                "epoch.unchanged",
+                epoch=after.leader_epoch,
+                detail="no node reports an epoch above the leader's: nothing to advance",
+            )
+        return after
 
     @map_errors(ERRORS)
     @runs_to_end
