@@ -359,8 +359,9 @@ def worth_logging(attempt: int, since_logged: float) -> bool:
     return attempt <= 3 or attempt & (attempt - 1) == 0 or since_logged >= UNFREEZE_LOG_EVERY
 
 
-class TxnDied(Exception):
-    """A transaction task's end after its last restart: ``txn.died`` has said why."""
+class TxnDied(TransientError):
+    """A transaction task's end after its last restart: ``txn.died`` has said why (the agent
+    exits; started again, it resumes the transaction from its journal)."""
 
 
 def _log_crash(task: asyncio.Task[Txn]) -> None:
