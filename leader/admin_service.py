@@ -69,7 +69,7 @@ from leader.wire import (
 from tlsroll import logs, password, peertext, pki, spiffe
 from tlsroll.backoff import Backoff, Policy, retry_after
 from tlsroll.echo import free_text_problem, shown, whole_secret_kind
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TlsrollError, os_error_text
 from tlsroll.rpc import RpcStatusError, failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
 
@@ -113,6 +113,16 @@ def _planned_detail(urls: tuple[str, str, int] | None) -> NodeDetail:
         return NodeDetail()
     http_url, https_url, port = urls
     return NodeDetail(old_url=http_url, new_url=https_url, bootstrap_port=port)
+
+
+def _hook_error(exc: Exception) -> str:
+    """What a failed re-issue of the leader's own certificate logs: a file's path and errno,
+    the project's own message, else the type and place only (any other may hold any value)."""
+    if isinstance(exc, OSError):
+        return os_error_text(exc)
+    if isinstance(exc, TlsrollError):
+        return str(exc)
+    return f"{type(exc).__name__} at {logs.where(exc)}"
 
 
 def _actor(context: Ctx) -> str:
@@ -946,7 +956,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                     if inspect.isawaitable(result):
                         await result
                 except Exception as exc:  # revoked all the same; the watch's next check tries
-                    log.error("certificate.revoked_hook_failed", error=str(exc))
+                    log.error(
+                        "certificate.revoked_hook_failed",
+                        error=_hook_error(exc),
+                        detail=(
+                            "the revocation stands, but the revoked certificate is not issued"
+                            " again and is still served: the expiry watch tries again, and so"
+                            " does the leader's next start; see `tlsroll certs"
+                            " check-expiration` (review s69 revlogs L4)"
+                        ),
+                    )
             # Those still revoked: the CLI says so (before, "revoked", exit 0, and only
             # `certs check-expiration` told: review of s63-o1 L3).
             now_own = await asyncio.to_thread(self._own_certs)
@@ -1022,8 +1041,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         floor = await asyncio.to_thread(
             self.state.store.advance_epoch, target, now=self.state.clock(), actor=_actor(context)
         )
-        log.warning("epoch.advanced", floor=floor, was=before.leader_epoch)
-        return await self._epochs()
+        after = await self._epochs()
+        if after.leader_epoch > before.leader_epoch:
+            log.warning("epoch.advanced", floor=floor, was=before.leader_epoch)
+        else:  # no node ahead: a warning here said something moved (review s69 revlogs L3)
+            log.info(
+                "epoch.unchanged",
+                epoch=after.leader_epoch,
+                detail="no node reports an epoch above the leader's: nothing to advance",
+            )
+        return after
 
     @map_errors(ERRORS)
     @runs_to_end

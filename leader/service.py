@@ -564,15 +564,6 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 now=self.state.clock(),
                 reserved=lambda: self.state.reserved_for(names.common_name),
             )
-        except NameTaken as exc:  # a refused token is logged (sampled) by join_guard
-            log.warning(
-                "enrol.refused",
-                node=names.common_name,
-                token_id=token.id,
-                reason=str(exc),
-                peer=context.peer(),
-            )
-            raise
         except TooMany as exc:
             # A replay over the node's certificates per hour: the agent is told when to try
             # again, as by the join guard (``retry-after``; review rev-enrol L3: without it, the

@@ -64,7 +64,13 @@ from typing import Any
 
 from nodeagent import certwork, cryptoworker_child
 from tlsroll import logs
-from tlsroll.errors import TerminalError, TlsrollError, TransientError, raise_if_local
+from tlsroll.errors import (
+    ShuttingDown,
+    TerminalError,
+    TlsrollError,
+    TransientError,
+    raise_if_local,
+)
 
 log = logs.get_logger(__name__)
 
@@ -155,7 +161,7 @@ class CryptoWorker:
 
     async def _exchange(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         if self._closed:
-            raise TransientError(f"crypto work ({op}): the agent is stopping")
+            raise ShuttingDown(f"crypto work ({op}): the agent is stopping")
         line = json.dumps({"op": op, "request": request}).encode() + b"\n"
         for again in (False, True):
             proc = await self._running(op)

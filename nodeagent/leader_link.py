@@ -71,7 +71,13 @@ from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, features, logs, rpc, spiffe, wire
-from tlsroll.errors import NotRegularFile, TerminalError, TransientError, os_error_text
+from tlsroll.errors import (
+    NotRegularFile,
+    ShuttingDown,
+    TerminalError,
+    TransientError,
+    os_error_text,
+)
 from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
@@ -526,7 +532,8 @@ class _Stream:
             # an epoch; no key goes through here).
             self.ended = exc
             self.broke = True
-            log.warning("heartbeat.reply_not_taken", error=f"{type(exc).__name__}: {exc}"[:200])
+            if not isinstance(exc, ShuttingDown):  # (the agent stops: no fault, review s69)
+                log.warning("heartbeat.reply_not_taken", error=f"{type(exc).__name__}: {exc}"[:200])
         finally:
             if self.ended is None:
                 self.ended = TimeoutError("the heartbeat stream was closed")

@@ -359,11 +359,17 @@ def worth_logging(attempt: int, since_logged: float) -> bool:
     return attempt <= 3 or attempt & (attempt - 1) == 0 or since_logged >= UNFREEZE_LOG_EVERY
 
 
+class TxnDied(TransientError):
+    """A transaction task's end after its last restart: ``txn.died`` has said why (the agent
+    exits; started again, it resumes the transaction from its journal)."""
+
+
 def _log_crash(task: asyncio.Task[Txn]) -> None:
     """A transaction task must never die silently: the journal resumes it at the next start,
-    but the log has to say why it stopped now."""
+    but the log has to say why it stopped now (unless ``txn.died`` said it: its death was
+    logged twice, the second time by the task's name only, review s69 revlogs L2)."""
     exc = None if task.cancelled() else task.exception()
-    if isinstance(exc, Exception):
+    if isinstance(exc, Exception) and not isinstance(exc, TxnDied):
         log.error("txn.crashed", task=task.get_name(), error=describe(exc))
 
 
@@ -859,7 +865,7 @@ class Runner:
                 error = describe(exc)
                 if deaths > TASK_RESTARTS:
                     await self._die(txn, deaths, error)
-                    raise
+                    raise TxnDied(error) from exc
                 wait = TASK_BACKOFF.delay(deaths)
                 log.error(
                     "txn.crashed",

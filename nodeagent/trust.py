@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 from nodeagent import certwork, nodefiles
 from tlsroll import logs, spiffe
-from tlsroll.errors import PKIError, TerminalError, TransientError, os_error_text
+from tlsroll.errors import PKIError, ShuttingDown, TerminalError, TransientError, os_error_text
 from tlsroll.fsutil import PUBLIC, read_regular, write_atomic
 from tlsroll.rpc import Peer
 
@@ -154,6 +154,8 @@ class LeaderTrust:
         except certwork.NoAnswer as exc:
             log.warning("crl.not_checked", error=str(exc))
             raise TransientError(f"the revocation list could not be checked: {exc}") from None
+        except ShuttingDown:
+            raise  # the agent stops: no warning (the next start's stream brings the list)
         except TransientError as exc:
             log.warning("crl.not_checked", error=str(exc))
             raise

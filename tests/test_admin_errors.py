@@ -329,6 +329,33 @@ def test_an_internal_error_logs_its_type_and_place_never_its_message() -> None:
     assert line["where"].endswith("in _fails_in_a_library"), line
 
 
+def test_an_internal_error_from_a_file_names_the_file_and_its_errno(tmp_path: Path) -> None:
+    """Review s69 revlogs M2: a file the daemon could not write for a reason that is not a full
+    or failing disk (a directory where its file goes, a file it may not write) was
+    ``rpc.internal_error`` with its type and place only (``IsADirectoryError``,
+    ``tlsroll/fsutil.py:148 in replace_staged``), and the caller read "internal error; see the
+    daemon's log": neither said which file. An OSError's path and the system's words hold no
+    value of a request or a secret: the line and the details name them, so the admin knows
+    what to fix. The status stays INTERNAL; any other error's message is still kept out."""
+    taken = tmp_path / "ca.pem"
+    taken.mkdir()
+    try:
+        taken.write_bytes(b"x")
+    except IsADirectoryError as exc:
+        with structlog.testing.capture_logs() as logs:
+            code, details = error_status(exc, {}, "Stage")
+    assert code == Code.INTERNAL
+    assert f"{taken}: Is a directory (errno 21, EISDIR)" in details, details
+    assert details.startswith("internal error: ") and "see the daemon's log" in details
+    [line] = [e for e in logs if e["event"] == "rpc.internal_error"]
+    assert line["error"] == f"{taken}: Is a directory (errno 21, EISDIR)", line
+    assert line["error_type"] == "IsADirectoryError" and line["method"] == "Stage"
+    # An OSError raised with a message of its own (no errno) may hold any value: not sent.
+    with structlog.testing.capture_logs() as logs:
+        code, details = error_status(OSError("secret-ish text"), {}, "Stage")
+    assert code == Code.INTERNAL and "secret-ish" not in details + str(logs)
+
+
 def _all_error_classes() -> set[type[TlsrollError]]:
     for package in (tlsroll, leader, nodeagent, workstation, refserver):
         for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):

@@ -320,6 +320,38 @@ def test_a_revocation_list_the_agent_cannot_check_now_is_raised_not_refused(
     assert trust.crl_number == 9 and 4242 in trust.revoked
 
 
+def test_a_revocation_list_that_comes_as_the_agent_stops_is_raised_with_no_warning(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review s69 revlogs L1: a list the leader sent as the agent stopped (its crypto worker
+    closed) was logged ``crl.not_checked`` (warning), and the heartbeat's reader then
+    ``heartbeat.reply_not_taken`` (warning): two warnings in a plain stop (14 of the last CI's
+    agent logs, between ``agent.stopping`` and ``agent.stopped``). Raised still (the list is
+    not taken; the next start's stream brings it), but no warning: nothing is wrong."""
+    cfg = _agent_config(tmp_path, test_ca)
+    _enrolled(cfg, test_ca)
+    now = dt.datetime.now(dt.UTC)
+    crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{4242:x}", now)], now=now))
+
+    async def run() -> tuple[BaseException, list[Any]]:
+        worker = CryptoWorker()
+        worker.warm()  # (the agent's loop, as at its start)
+        await worker.close()  # the agent stopping
+        trust = LeaderTrust.load(
+            paths(cfg.data_dir)[2], spiffe.trust_domain(test_ca.cert), tmp_path, worker
+        )
+        with structlog.testing.capture_logs() as events:
+            try:
+                await asyncio.to_thread(trust.take_crl, crl)
+            except TransientError as exc:
+                return exc, events
+        raise AssertionError("taken by a closed worker")
+
+    raised, events = asyncio.run(run())
+    assert "the agent is stopping" in str(raised), raised
+    assert events == [], events
+
+
 def test_a_revocation_list_whose_check_gave_no_answer_is_raised_not_refused(
     tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
 ) -> None:

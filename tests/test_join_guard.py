@@ -329,6 +329,20 @@ def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(
                     stub.Enrol(enrol_request(spent, "spent", source), timeout=10)
                 codes.append(info.value.code())
             assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes, codes
+            # A name on record with another key (``NameTaken``), again and again: no wait
+            # either, and logged as every refusal is, sampled by the guard (review s69 revlogs
+            # M1: the servicer logged it too, once per attempt, with ``peer`` for the guard's
+            # ``source``).
+            at = next_loopback()
+            taken = join_token(cluster, "taken", at)
+            assert stub.Enrol(enrol_request(taken, "taken", at), timeout=10).certificate_pem
+            for _ in range(3):  # a new token each time, the old node not removed
+                again = join_token(cluster, "taken", at)
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Enrol(enrol_request(again, "taken", at), timeout=10)
+                assert "already enrolled with another key" in str(info.value.details())
+                codes.append(info.value.code())
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes, codes
             # A good token from that source enrols at once.
             address = next_loopback()
             good = join_token(cluster, "good2", address)
@@ -336,6 +350,9 @@ def test_refusals_of_a_right_secret_do_not_hold_off_its_source_but_guesses_do(
             guesses_held_off(stub, source)  # guesses from it still count
     finally:
         relay.close()
+    # One line for the source (its first refusal), the others counted for the summary.
+    refused = [e for e in cluster.leader.log_events() if e["event"] == "enrol.refused"]
+    assert len(refused) == 1 and refused[0]["source"] == source, refused
 
 
 def test_an_older_agent_refused_again_and_again_does_not_hold_off_its_upgrade(

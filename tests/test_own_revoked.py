@@ -239,6 +239,12 @@ def test_a_revoked_certificate_not_issued_again_shows_revoked_and_the_start_issu
             assert path.stat().st_mode & 0o777 == 0o600, path
         events = {e.get("event"): e for e in cluster.leader.log_events()}
         assert events["leader.certificate_reissued_revoked"]["replaced_serial"] == leader
+        # The leader's error line at the revocation said what failed (the file, the errno)
+        # and what follows, as the CLI did (review s69 revlogs L4: a bare "[Errno 30] ...").
+        failed = events["certificate.revoked_hook_failed"]
+        assert "(errno 30, EROFS)" in failed["error"], failed
+        assert "the revocation stands" in failed["detail"], failed
+        assert "tlsroll certs check-expiration" in failed["detail"], failed
         assert events["viewer.certificate_revoked"]["serial"] == viewer
         code, rows = expiration(cluster)
         assert code == 0 and not rows["leader"].get("revoked"), rows

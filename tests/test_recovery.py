@@ -481,6 +481,16 @@ def test_a_transaction_task_that_keeps_dying_unfreezes_and_stops_the_agent(
         line = one_line_error(output, "tlsroll-agent", allow_grpc_core=True)
         assert "rollout tk died 4 times" in line and "SQLITE_FULL" in line, line
         assert "writes are accepted again" in line
+        # A line per death that was restarted, then ``txn.died``; the last death was logged
+        # again (``txn.crashed`` with the task's name, ``txn-('tk', 'switch')``: review s69
+        # revlogs L2).
+        events = [e for e in agent.log_events() if e.get("event") in ("txn.crashed", "txn.died")]
+        assert [(e["event"], e.get("rollout_id")) for e in events] == [
+            ("txn.crashed", "tk"),
+            ("txn.crashed", "tk"),
+            ("txn.crashed", "tk"),
+            ("txn.died", "tk"),
+        ], events
         assert node.admin_status()["frozen"] is False  # never left frozen by a dead task
         slow.acknowledged()
         assert node.post("http", {"while": "agent down"}).status == 201

@@ -162,7 +162,11 @@ def test_a_flood_of_unknown_viewer_links_writes_a_few_lines(
 
 
 async def _viewer_served(
-    store: Store, address: str, server_log: viewer_server._HttpLog, scrape_token: str | None
+    store: Store,
+    address: str,
+    server_log: viewer_server._HttpLog,
+    scrape_token: str | None,
+    refusals_clock: Callable[[], float] | None = None,
 ) -> tuple[ViewerApp, web.AppRunner, asyncio.Server]:
     """The viewer's app served as the leader serves it (its runner's settings, its request
     handler, ``server_log``), over plain TCP on ``address``: what is logged is the same."""
@@ -175,6 +179,7 @@ async def _viewer_served(
         address=address,
         scrape_token=scrape_token,
         closing=asyncio.Event(),
+        **({} if refusals_clock is None else {"refusals_clock": refusals_clock}),
     )
     runner = web.AppRunner(
         app.make(), access_log=None, logger=server_log, keepalive_timeout=viewer_server.HEAD_SECONDS
@@ -205,7 +210,8 @@ def test_a_scrape_token_that_is_no_utf8_is_refused_not_a_server_error(
     """Review s67 M2: ``Authorization: Bearer`` with bytes that are not UTF-8 (aiohttp keeps
     them as surrogates) raised ``UnicodeEncodeError`` in the token's check, before any
     session: a 500 and a ``viewer.request_failed`` error line for every such request, from
-    anybody. A wrong token now: 401, and nothing logged."""
+    anybody. A wrong token now: 401, and one line for the source, sampled (review s69 revlogs
+    M3: ``viewer.scrape_refused``), that holds nothing of the token."""
     store = Store(tmp_path / "leader.sqlite3")
     address = loopback()
 
@@ -234,4 +240,72 @@ def test_a_scrape_token_that_is_no_utf8_is_refused_not_a_server_error(
 
     statuses, events = asyncio.run(run())
     assert [s.split(b" ")[1] for s in statuses] == [b"401", b"401"], statuses
-    assert events == [], events
+    assert [(e["event"], e["reason"]) for e in events] == [
+        ("viewer.scrape_refused", "wrong_token")
+    ], events
+    assert "scrape-token" not in str(events), events
+
+
+def test_a_scrape_refused_says_why_in_its_answer_and_once_per_source_in_the_log(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review s69 revlogs M3: a Prometheus server whose bearer token was not the one in
+    ``metrics_token_file`` (or a leader with none) got the viewer's HTML page about login
+    links, and the leader logged nothing: the admin who saw "401" on the scrape target found
+    no line saying why. Now the answer says it in one line of text, and the leader logs a
+    source's first refusal (the reason and what to do, never the token), then counts the
+    others into a summary a minute (``tlsroll.logsample``: anybody may send these)."""
+    store = Store(tmp_path / "leader.sqlite3")
+    address, scraper = loopback(), loopback()
+    clock = FakeClock()
+    wrong = b"GET /metrics HTTP/1.1\r\nHost: v\r\nConnection: close\r\n"
+    wrong += b"Authorization: Bearer not-the-token-0123456789abcdef\r\n\r\n"
+
+    async def answer(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection(address, port, local_addr=(scraper, 0))
+        try:
+            writer.write(wrong)
+            async with asyncio.timeout(10):
+                return await reader.read()
+        finally:
+            writer.close()
+
+    async def run(token: str | None) -> tuple[list[bytes], list[MutableMapping[str, Any]]]:
+        app, runner, served = await _viewer_served(
+            store, address, viewer_server._HttpLog(), token, clock
+        )
+        port = served.sockets[0].getsockname()[1]
+        try:
+            with structlog.testing.capture_logs() as events:
+                answers = [await answer(port) for _ in range(5)]
+                clock.advance(60)
+                answers.append(await answer(port))
+        finally:
+            app.close()
+            served.close()
+            await runner.cleanup()
+        return answers, events
+
+    answers, events = asyncio.run(run("the-scrape-token-of-32-characters"))
+    assert all(a.startswith(b"HTTP/1.1 401 ") for a in answers), answers[0][:200]
+    assert all(b'WWW-Authenticate: Bearer realm="tlsroll"' in a for a in answers)
+    body = answers[0].split(b"\r\n\r\n", 1)[1].decode()
+    assert body == (
+        "401: /metrics: the Authorization header is not Bearer and the token in"
+        " [leader].metrics_token_file (the leader reads that file when it starts)\n"
+    ), body
+    [line] = named(events, "viewer.scrape_refused")
+    assert (line["remote"], line["reason"]) == (scraper, "wrong_token"), line
+    assert "metrics_token_file" in line["hint"], line
+    [summary] = named(events, "viewer.scrapes_refused_summary")
+    assert summary["refused_not_logged"] == 5 and summary["top"] == [f"{scraper}: 5"]
+    assert "not-the-token" not in str(events), events
+
+    # A leader without a metrics_token_file takes no token: the answer says what to set.
+    answers, events = asyncio.run(run(None))
+    body = answers[0].split(b"\r\n\r\n", 1)[1].decode()
+    assert answers[0].startswith(b"HTTP/1.1 401 ") and body == (
+        "401: /metrics: this leader has no [leader].metrics_token_file, so it takes no bearer"
+        " token: set one in leader.toml and restart the leader\n"
+    ), body
+    assert [e["reason"] for e in named(events, "viewer.scrape_refused")] == ["no_token_file"]

@@ -786,6 +786,41 @@ def test_the_epoch_is_not_advanced_if_a_rollout_started_after_the_admins_check(
     store.close()
 
 
+async def test_an_epoch_advance_that_moves_nothing_is_no_warning(tmp_path: Path) -> None:
+    """Review s69 revlogs L3: every ``tlsroll epoch advance`` logged ``epoch.advanced`` as a
+    warning, also when no node was ahead and the leader's epoch stayed where it was ("floor 1,
+    was 1": 177 such warnings in one leader log of the last CI, each a test's store write
+    noticed). One that moves the epoch is still a warning (it follows a store put back);
+    one that moves nothing is an info line that says so."""
+    from leader.admin_service import AdminService
+    from leader.service import LeaderState
+    from tlsroll import pki
+    from tlsroll.v1 import admin_pb2
+
+    store, schema = enrolled(tmp_path, "a")
+    new_rollout(schema)
+    end(schema)  # the leader's epoch is 1, no node ahead
+    ca = pki.CertificateAuthority.create("epoch test CA", now=NOW)
+    service = AdminService(
+        LeaderState(store, ca, lambda: NOW, 1),
+        None,  # type: ignore[arg-type]  # (not asked by AdvanceEpoch)
+        schema,
+    )
+    with capture_logs() as logs:
+        info = await service.AdvanceEpoch(admin_pb2.AdvanceEpochRequest(), None)  # type: ignore[arg-type]
+    assert info.leader_epoch == 1 and not info.behind
+    assert [(e["event"], e["log_level"]) for e in logs] == [("epoch.unchanged", "info")], logs
+    assert logs[0]["epoch"] == 1
+
+    store.heartbeat("a", "t", now=NOW, highest_epoch=4)  # a node ahead (a store put back)
+    with capture_logs() as logs:
+        info = await service.AdvanceEpoch(admin_pb2.AdvanceEpochRequest(), None)  # type: ignore[arg-type]
+    assert info.leader_epoch == 4 and not info.behind
+    assert [(e["event"], e["log_level"]) for e in logs] == [("epoch.advanced", "warning")], logs
+    assert (logs[0]["floor"], logs[0]["was"]) == (4, 1)
+    store.close()
+
+
 class LetsWriterFirst:
     """The Database's lock (``Database._lock``), for the test's thread and one writer thread:
     once ``writer`` runs, the test's thread lets it go first each time it takes the lock

@@ -37,6 +37,7 @@ from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.test_heartbeat_stream import agent_events, agent_link
 from tlsroll import rpc
+from tlsroll.errors import ShuttingDown
 
 INTERVAL = 600  # in process: the agent's next scheduled heartbeat is 10 minutes away
 
@@ -216,6 +217,26 @@ async def test_a_reply_the_agent_cannot_take_is_logged_and_the_stream_replaced_a
         assert logged["log_level"] == "warning"
         ended = [e for e in events if e["event"] == "heartbeat.stream_ended"]
         assert [e["code"] for e in ended] == ["NOT_TAKEN"]
+
+        # A list that comes as the agent stops (its crypto worker closed: ``ShuttingDown``) is
+        # not taken either, but that is no warning (review s69 revlogs L1).
+        def stopping(pem: bytes) -> None:
+            if len(failed) < 2:
+                failed.append(pem)
+                raise ShuttingDown("crypto work (cert.crl): the agent is stopping")
+            take(pem)
+
+        monkeypatch.setattr(trust, "take_crl", stopping)
+        with structlog.testing.capture_logs() as events:
+            assert rig.store.revoke(
+                "5eed", reason="", now=rig.clock[0], actor="t", unknown=True
+            ) == ["5eed"]
+            with contextlib.suppress(TimeoutError):  # (the test's bound, not the claim)
+                async with asyncio.timeout(30):
+                    while len(opened) < 3 or 0x5EED not in trust.revoked:
+                        await asyncio.sleep(0.02)
+        assert len(failed) == 2 and len(opened) == 3, (failed, opened)
+        assert [e for e in events if e["log_level"] in ("warning", "error")] == [], events
     finally:
         await stop(rig, link, journal, task)
 

@@ -35,6 +35,11 @@ class TransientError(TlsrollError):
     """A failure that may go away if the same thing is tried again later."""
 
 
+class ShuttingDown(TransientError):
+    """The daemon is stopping, so what was asked was not done (its crypto worker closed): no
+    fault, and no warning; the next start does it."""
+
+
 # Errors that say the machine *doing* something ran short (descriptors, kernel memory), nothing
 # about the server or file it was doing it with: the leader or an agent out of file descriptors
 # must not roll back a node, skip its freeze, or call its config unreadable.

@@ -261,6 +261,21 @@ def error_status(
         if full_disk is not grpc.StatusCode.UNAVAILABLE and is_disk_full(exc):
             return full_disk, short_details(f"{DISK_FULL}: {unavailable}")
         return grpc.StatusCode.UNAVAILABLE, short_details(unavailable)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # A file it could not write or read (a directory where its file goes, a permission):
+        # its path and the system's words, which hold no value of a request, say what to fix
+        # (review s69 revlogs M2: the type and the place alone did not say which file).
+        text = os_error_text(exc)
+        log.error(
+            "rpc.internal_error",
+            method=name,
+            error_type=type(exc).__name__,
+            where=logs.where(exc),
+            error=text,
+        )
+        return grpc.StatusCode.INTERNAL, short_details(
+            f"internal error: {text}; see the daemon's log"
+        )
     # The place, not the message: an error not the project's own may hold any value.
     log.error(
         "rpc.internal_error", method=name, error_type=type(exc).__name__, where=logs.where(exc)

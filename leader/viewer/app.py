@@ -228,6 +228,8 @@ class ViewerApp:
         self.closing = closing
         # The refused logins' log lines: a source's first, then a summary a minute.
         self.refusals = SampledLog(clock=refusals_clock)
+        # Likewise the refused scrapes of /metrics (a bearer token not taken).
+        self.scrape_refusals = SampledLog(clock=refusals_clock)
         self._shared: collections.OrderedDict[str | None, tuple[float, int, Snapshot]] = (
             collections.OrderedDict()
         )
@@ -321,6 +323,8 @@ class ViewerApp:
         session_id = request.cookies.get(SESSION_COOKIE, "")
         grant = await self._grant(session_id)
         if grant is None:
+            if request.path == "/metrics" and "Authorization" in request.headers:
+                return self._scrape_refused(request)
             if not session_id:
                 return self._denied(request, "none")
             reason = "session"  # (a copy of a signed-out session's cookie: "signed_out")
@@ -343,6 +347,34 @@ class ViewerApp:
         # 500 and an error line that anybody could have the leader write: review s67 M2)
         return scheme.lower() == "bearer" and hmac.compare_digest(
             value.strip().encode("utf-8", "surrogateescape"), self.scrape_token.encode()
+        )
+
+    def _scrape_refused(self, request: web.Request) -> web.Response:
+        """A scrape of /metrics whose bearer token is not taken: 401 with one line of text
+        that says why, and a log line for the source's first (then a summary a minute:
+        anybody may send these). It was the HTML page about login links and no line at all:
+        the admin whose Prometheus showed "401" found nothing that said why (review s69
+        revlogs M3). Nothing of the token is logged or echoed."""
+        if self.scrape_token is None:
+            reason = "no_token_file"
+            why = (
+                "this leader has no [leader].metrics_token_file, so it takes no bearer token:"
+                " set one in leader.toml and restart the leader"
+            )
+        else:
+            reason = "wrong_token"
+            why = (
+                "the Authorization header is not Bearer and the token in"
+                " [leader].metrics_token_file (the leader reads that file when it starts)"
+            )
+        if self.scrape_refusals.first(source_key(request.remote), reason):
+            log.info("viewer.scrape_refused", remote=request.remote, reason=reason, hint=why)
+        if (summary := self.scrape_refusals.summary()) is not None:
+            log.warning("viewer.scrapes_refused_summary", **summary.fields())
+        return web.Response(
+            status=401,
+            text=f"401: /metrics: {why}\n",
+            headers={"WWW-Authenticate": 'Bearer realm="tlsroll"'},
         )
 
     @web.middleware
