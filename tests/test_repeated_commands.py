@@ -701,6 +701,33 @@ class Serving:
         }
 
 
+def switched_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serving: Serving
+) -> tuple[Any, SchemaStore, Any, Any]:
+    """The engine harness's leader with ``serving`` as what its nodes run, alpha and bravo
+    switched by rollout e1, its admin service, and a `rollout rollback` request (no id): the
+    leader, its schema, the service, the request."""
+    from leader.admin_service import AdminService
+    from leader.rollout_core import FreezeMode
+    from leader.service import LeaderState
+    from leader.wire import CHANGE, FREEZE
+    from tests.test_engine import make_world
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    leader_ = world.boot()
+    schema = leader_.schema
+    leader_.commands.observe = serving
+    settle(schema, rollout(schema, "e1", Change.ENABLE_TLS, ["alpha", "bravo"]), {"alpha", "bravo"})
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, schema
+    )
+    back = admin_pb2.RolloutRequest(
+        change=CHANGE.wire(Change.DISABLE_TLS), freeze=FREEZE.wire(FreezeMode.NODE)
+    )
+    return leader_, schema, service, back
+
+
 async def test_a_confirmed_start_or_way_back_starts_the_nodes_confirmed_or_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -710,29 +737,14 @@ async def test_a_confirmed_start_or_way_back_starts_the_nodes_confirmed_or_none(
     nodes in than were confirmed, without a word. The start names the nodes confirmed
     (``confirmed_nodes``, what the CLI sends after its prompt) and is refused if its plan
     steps others, nothing created; without them (`--yes`: nothing shown) it starts as planned."""
-    from leader.admin_service import AdminService
     from leader.cli.rollout import rollout_request, stepped
-    from leader.rollout_core import FreezeMode
-    from leader.service import LeaderState
-    from leader.wire import CHANGE, FREEZE
-    from tests.test_engine import VERIFIER_1, make_world
-    from tlsroll.v1 import admin_pb2
+    from tests.test_engine import VERIFIER_1
 
-    world = make_world(tmp_path, monkeypatch)
-    leader_ = world.boot()
-    schema = leader_.schema
     serving = Serving({"alpha": "https", "bravo": "https", "charlie": "http"})
-    leader_.commands.observe = serving
-    settle(schema, rollout(schema, "e1", Change.ENABLE_TLS, ["alpha", "bravo"]), {"alpha", "bravo"})
-    service = AdminService(
-        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, schema
-    )
+    leader_, schema, service, back = switched_two(tmp_path, monkeypatch, serving)
     context: Any = Context()
 
     # `rollout rollback` (no id): alpha and bravo go back, confirmed ...
-    back = admin_pb2.RolloutRequest(
-        change=CHANGE.wire(Change.DISABLE_TLS), freeze=FREEZE.wire(FreezeMode.NODE)
-    )
     planned = await service.PlanRollout(back, context)
     assert stepped(planned.rollout.nodes) == ["bravo", "alpha"]
     # ... while another admin's enable-tls switches charlie
@@ -872,27 +884,11 @@ async def test_a_way_back_refused_for_an_agent_gone_silent_says_so(
     as is, so the start is refused (what was confirmed is what starts), but the refusal blamed
     "another rollout, or a node enrolled or removed", none of which happened. It says why the
     node dropped out, and an agent back again is among the causes it names."""
-    from leader.admin_service import AdminService
     from leader.cli.rollout import stepped
-    from leader.rollout_core import FreezeMode
-    from leader.service import LeaderState
-    from leader.wire import CHANGE, FREEZE
-    from tests.test_engine import make_world
-    from tlsroll.v1 import admin_pb2
 
-    world = make_world(tmp_path, monkeypatch)
-    leader_ = world.boot()
-    schema = leader_.schema
     serving = Flapping({"alpha": "https", "bravo": "https", "charlie": "http"})
-    leader_.commands.observe = serving
-    settle(schema, rollout(schema, "e1", Change.ENABLE_TLS, ["alpha", "bravo"]), {"alpha", "bravo"})
-    service = AdminService(
-        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, schema
-    )
+    leader_, schema, service, back = switched_two(tmp_path, monkeypatch, serving)
     context: Any = Context()
-    back = admin_pb2.RolloutRequest(
-        change=CHANGE.wire(Change.DISABLE_TLS), freeze=FREEZE.wire(FreezeMode.NODE)
-    )
     planned = await service.PlanRollout(back, context)
     back.confirmed_nodes.extend(stepped(planned.rollout.nodes))
     assert list(back.confirmed_nodes) == ["bravo", "alpha"]
