@@ -740,6 +740,27 @@ class FullFrom(CrashingJournal):
         return super()._write(label, write, *args, **kwargs)
 
 
+async def died_on_full(w: World, full_from: str) -> None:
+    """The switch's first task dies as the journal's disk fills from ``full_from`` on (the
+    death as ``_supervised`` sees it)."""
+    journal = FullFrom(w.journal_path, full_from)
+    with pytest.raises(JournalError):
+        await w.run(journal)
+    journal.close()
+
+
+async def started_on_full(w: World, full_from: str) -> Runner:
+    """The agent started again with its journal still full from ``full_from`` on: its runner,
+    whose resumed task has died for good."""
+    journal = FullFrom(w.journal_path, full_from)
+    runner = w.runner(journal)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    journal.close()
+    assert runner.dead.is_set()
+    return runner
+
+
 @pytest.mark.parametrize("name", ["completes", "undo"])
 async def test_a_transaction_that_dies_after_its_config_write_puts_the_source_back(
     name: str, world: Callable[..., World]
@@ -755,18 +776,9 @@ async def test_a_transaction_that_dies_after_its_config_write_puts_the_source_ba
     once there is room the switch resumed from ``frozen`` writes the target again and ends."""
     sc = SCENARIOS[name]
     w = world(sc)
-    journal = FullFrom(w.journal_path, "config_written")
-    runner = w.runner(journal)
-    with pytest.raises(JournalError):
-        await w.run(journal)  # the first task's death, as ``_supervised`` sees it
-    journal.close()
+    await died_on_full(w, "config_written")  # the first task's death, as ``_supervised`` sees it
 
-    journal = FullFrom(w.journal_path, "config_written")
-    runner = w.runner(journal)
-    await runner.resume_all()
-    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
-    assert runner.dead.is_set()
-    journal.close()
+    runner = await started_on_full(w, "config_written")
     s = w.server
     assert (s.running, s.config, s.frozen) == (sc.start, sc.start, False), s.ops
     assert runner.fatal is not None and "the source config was put back" in runner.fatal
@@ -804,19 +816,11 @@ async def test_a_transaction_that_dies_with_an_unverified_config_live_keeps_the_
     have (the server unfrozen on the verified config)."""
     sc = SCENARIOS[name]
     w = world(sc)
-    journal = FullFrom(w.journal_path, full_from)
-    with pytest.raises(JournalError):
-        await w.run(journal)  # the first task's death, as ``_supervised`` sees it
-    journal.close()
+    await died_on_full(w, full_from)  # the first task's death, as ``_supervised`` sees it
 
     s = w.server
     for start in range(2):  # the agent started again on the disk still full: as it was
-        journal = FullFrom(w.journal_path, full_from)
-        runner = w.runner(journal)
-        await runner.resume_all()
-        await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
-        assert runner.dead.is_set()
-        journal.close()
+        runner = await started_on_full(w, full_from)
         assert s.frozen is kept, (start, s.ops, runner.fatal)
         if kept:
             assert "the freeze is kept" in runner.fatal, runner.fatal
@@ -842,19 +846,11 @@ async def test_a_dying_transaction_keeps_the_freeze_where_the_config_file_is_not
     the freeze is kept, the line saying why."""
     sc = SCENARIOS["completes"]
     w = world(sc)
-    journal = FullFrom(w.journal_path, "verified")
-    with pytest.raises(JournalError):
-        await w.run(journal)
-    journal.close()
+    await died_on_full(w, "verified")
     s = w.server
     assert s.running == sc.target
     s.config = sc.start
-    journal = FullFrom(w.journal_path, "verified")
-    runner = w.runner(journal)
-    await runner.resume_all()
-    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
-    journal.close()
-    assert runner.dead.is_set()
+    runner = await started_on_full(w, "verified")
     assert s.frozen and "unfreeze" not in s.ops, (s.ops, runner.fatal)
     assert "its config file is not the target" in runner.fatal, runner.fatal
 
@@ -878,18 +874,10 @@ async def test_a_rotation_dying_on_its_way_back_keeps_the_freeze_while_the_targe
     sc = replace(SCENARIOS["verify_fails"], start=OLD_CERT, ends_on=OLD_CERT)
     w = world(sc)
     assert w.plan.source_schemes == w.plan.target_schemes == ("https",)
-    journal = FullFrom(w.journal_path, "restored")
-    with pytest.raises(JournalError):
-        await w.run(journal)
-    journal.close()
+    await died_on_full(w, "restored")
 
     s = w.server
-    journal = FullFrom(w.journal_path, "restored")
-    runner = w.runner(journal)
-    await runner.resume_all()
-    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
-    journal.close()
-    assert runner.dead.is_set()
+    runner = await started_on_full(w, "restored")
     assert (s.config, s.running) == (OLD_CERT, WRONG_CERT)  # the source on disk, not loaded
     assert s.frozen and "unfreeze" not in s.ops, (s.ops, runner.fatal)
     assert "the freeze is kept" in runner.fatal, runner.fatal
@@ -910,19 +898,10 @@ async def test_a_rotation_dying_on_its_way_back_before_any_restart_lifts_the_fre
     sc = replace(SCENARIOS["completes"], start=OLD_CERT)
     w = world(sc)
     w.driver = FailingWrites(w.server, w.driver.config_file, [OSError(errno.ENOSPC, "no")])
-    journal = FullFrom(w.journal_path, "restored")
-    runner = w.runner(journal)
-    with pytest.raises(JournalError):
-        await w.run(journal)
-    journal.close()
+    await died_on_full(w, "restored")
 
     s = w.server
-    journal = FullFrom(w.journal_path, "restored")
-    runner = w.runner(journal)
-    await runner.resume_all()
-    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
-    journal.close()
-    assert runner.dead.is_set()
+    runner = await started_on_full(w, "restored")
     assert (s.config, s.running) == (OLD_CERT, OLD_CERT)
     assert not s.frozen and "writes are accepted again" in runner.fatal, (s.ops, runner.fatal)
 
