@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -2867,6 +2867,30 @@ def test_the_write_watermark_a_status_may_give() -> None:
         assert "2026-12-03" not in said and "many" not in said
 
 
+@contextlib.asynccontextmanager
+async def freezing_with(
+    tmp_path: Path, answer: dict[str, Any]
+) -> AsyncIterator[drivers._AdminSocketFreeze]:
+    """An admin-socket freezer whose server answers every request with ``answer`` (JSON)."""
+    body = json.dumps(answer).encode()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    freezer = drivers._AdminSocketFreeze()
+    freezer.admin = drivers.AdminSocketClient(path, timeout=5)
+    try:
+        yield freezer
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -2886,27 +2910,12 @@ async def test_a_freeze_answer_is_checked_for_its_watermark_as_a_status_is(
     own text, and true passed as watermark 1. Now it is read as a status's is
     (``_watermark_of``): a DriverError in one line naming the answer's keys (the freeze
     step rolls back)."""
-    body = json.dumps(answer).encode()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
-    path = tmp_path / "admin.sock"
-    server = await asyncio.start_unix_server(serve, str(path))
-    freezer = drivers._AdminSocketFreeze()
-    freezer.admin = drivers.AdminSocketClient(path, timeout=5)
-    try:
+    async with freezing_with(tmp_path, answer) as freezer:
         if answer.get("watermark") == 7:
             assert await freezer.freeze(10) == 7
             return
         with pytest.raises(DriverError) as refused:
             await freezer.freeze(10)
-    finally:
-        server.close()
-        await server.wait_closed()
     keys = ", ".join(sorted(answer))
     assert str(refused.value) == (
         f"the server's freeze answer has no write watermark (an integer; its keys: {keys})"
@@ -2917,24 +2926,10 @@ async def test_a_freeze_answered_unfrozen_is_no_freeze(tmp_path: Path) -> None:
     """Review s69 revref L: a freeze waits for writes in flight with its lock released, so an
     unfreeze sent meanwhile answers first, and the freeze then answers drained but
     ``"frozen": false``. The driver took it for a freeze (it reads ``drained`` alone)."""
-    body = json.dumps({"frozen": False, "watermark": 7, "drained": True}).encode()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
-    path = tmp_path / "admin.sock"
-    server = await asyncio.start_unix_server(serve, str(path))
-    freezer = drivers._AdminSocketFreeze()
-    freezer.admin = drivers.AdminSocketClient(path, timeout=5)
-    try:
+    answer = {"frozen": False, "watermark": 7, "drained": True}
+    async with freezing_with(tmp_path, answer) as freezer:
         with pytest.raises(DriverError, match=r"^the server was unfrozen again before its freeze"):
             await freezer.freeze(10)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 def test_the_reference_config_says_where_the_previous_one_is_kept(tmp_path: Path) -> None:
