@@ -709,6 +709,8 @@ def test_uninstall_purge_of_a_leader_data_dir_wants_yes_or_purge_typed(
     --yes, or "purge" typed on a terminal; refused, it removes nothing. A node with no
     leader's data dir (an agent node) is purged as before."""
     throwaway.ok(
+        # (an empty agent data dir, whatever the machine's own holds: the overlay shows it)
+        "rm -rf /var/lib/tlsroll-agent && "
         "mkdir -p /opt/tlsroll/bin /var/lib/tlsroll/ca /etc/tlsroll /var/lib/tlsroll-agent && "
         "touch /opt/tlsroll/installed-files /var/lib/tlsroll/ca/ca.key /etc/tlsroll/agent.toml"
     )

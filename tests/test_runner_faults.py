@@ -269,8 +269,9 @@ async def test_a_task_that_keeps_dying_lifts_the_freeze_and_tells_the_daemon(
     journal.failures = 1000
     runner = await started(w, journal)
     (task,) = runner.tasks.values()
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(transaction.TxnDied) as died:  # (its last death: logged once, txn.died)
         await task
+    assert isinstance(died.value.__cause__, sqlite3.OperationalError)
     assert runner.dead.is_set()
     assert "rollout r1 died 4 times" in runner.fatal
     assert "database or disk is full" in runner.fatal and str(w.journal_path) in runner.fatal
