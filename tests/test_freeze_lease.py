@@ -751,6 +751,17 @@ async def test_every_change_of_a_scope_freeze_is_told_also_one_that_fails(
 
 
 @pytest.mark.parametrize("phase", [Phase.FROZEN, Phase.CONFIG_WRITTEN, Phase.RESTARTED])
+async def scope_frozen(tmp_path: Path) -> tuple[Journal, GatedServer, Runner, NodeAgentService]:
+    """An agent whose server the leader's Freeze has scope-frozen (a lease held): its
+    journal, the server, the runner and the agent's servicer."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    runner = make_runner(journal, server)
+    agent, _lock = make_agent(tmp_path, journal, server, runner)
+    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    return journal, server, runner, agent
+
+
 async def test_the_leader_s_unfreeze_leaves_a_switch_under_way_frozen(
     tmp_path: Path, phase: Phase
 ) -> None:
@@ -760,11 +771,7 @@ async def test_the_leader_s_unfreeze_leaves_a_switch_under_way_frozen(
     warning. The lease watch and the runner's lifts never did that (``journal.unfinished``).
     Now the Unfreeze ends the scope freeze (its lease) and leaves the server's freeze to the
     switch, whose end lifts it, no lease being left (``Runner._unfreeze``)."""
-    journal = Journal(tmp_path / "journal.sqlite3")
-    server = GatedServer(frozen=False)
-    runner = make_runner(journal, server)
-    agent, _lock = make_agent(tmp_path, journal, server, runner)
-    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    journal, server, runner, agent = await scope_frozen(tmp_path)
     txn, plan = scope_switch(tmp_path)
     txn = journal.create(dataclasses.replace(txn, rollout_id="r1", phase=phase, reason=""))
     with capture_logs() as logs:
@@ -789,11 +796,7 @@ async def test_the_leader_s_unfreeze_as_a_switch_ends_leaves_no_freeze_behind(
     ended with nothing left to lift the freeze, no lease, no transaction, no unfreeze owed,
     and the server refused writes for good (``A node never stays frozen because of
     tlsroll``). Now the switch's end looks again once its outcome is journalled."""
-    journal = Journal(tmp_path / "journal.sqlite3")
-    server = GatedServer(frozen=False)
-    runner = make_runner(journal, server)
-    agent, _lock = make_agent(tmp_path, journal, server, runner)
-    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    journal, server, runner, agent = await scope_frozen(tmp_path)
     txn, _plan = scope_switch(tmp_path)
     phase = Phase.VERIFIED if path == "unfreeze-step" else Phase.ROLLING_BACK
     txn = journal.create(dataclasses.replace(txn, rollout_id="r1", phase=phase))
@@ -837,11 +840,7 @@ async def test_a_scope_switch_s_end_with_its_lease_held_leaves_the_freeze_to_it(
 ) -> None:
     """The other side of the test above: no Unfreeze came, the lease holds after the switch's
     outcome is written, and the freeze stays the scope freeze's (its lease bounds it)."""
-    journal = Journal(tmp_path / "journal.sqlite3")
-    server = GatedServer(frozen=False)
-    runner = make_runner(journal, server)
-    agent, _lock = make_agent(tmp_path, journal, server, runner)
-    assert (await agent.Freeze(freeze_request(), cast(Any, None))).frozen
+    journal, server, runner, _agent = await scope_frozen(tmp_path)
     txn, _plan = scope_switch(tmp_path)
     txn = journal.create(dataclasses.replace(txn, rollout_id="r1", phase=Phase.VERIFIED))
     ended = await runner.run(txn)
