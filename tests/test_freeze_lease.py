@@ -750,7 +750,6 @@ async def test_every_change_of_a_scope_freeze_is_told_also_one_that_fails(
     journal.close()
 
 
-@pytest.mark.parametrize("phase", [Phase.FROZEN, Phase.CONFIG_WRITTEN, Phase.RESTARTED])
 async def scope_frozen(tmp_path: Path) -> tuple[Journal, GatedServer, Runner, NodeAgentService]:
     """An agent whose server the leader's Freeze has scope-frozen (a lease held): its
     journal, the server, the runner and the agent's servicer."""
@@ -762,6 +761,7 @@ async def scope_frozen(tmp_path: Path) -> tuple[Journal, GatedServer, Runner, No
     return journal, server, runner, agent
 
 
+@pytest.mark.parametrize("phase", [Phase.FROZEN, Phase.CONFIG_WRITTEN, Phase.RESTARTED])
 async def test_the_leader_s_unfreeze_leaves_a_switch_under_way_frozen(
     tmp_path: Path, phase: Phase
 ) -> None:
