@@ -576,6 +576,20 @@ def _digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+MAX_WATERMARK = 2**63 - 1
+"""The largest watermark taken: the journal keeps it in SQLite's signed 64-bit INTEGER (one
+beyond made its write raise OverflowError; review s69 review4 L)."""
+
+
+def _watermark_text(text: str) -> int | None:
+    """``text`` as a watermark (ASCII digits, at most ``MAX_WATERMARK``), or None; never
+    ``int()``'s ValueError of more than 4300 digits."""
+    if not _digits(text) or len(text.lstrip("0")) > len(str(MAX_WATERMARK)):
+        return None
+    number = int(text)
+    return number if number <= MAX_WATERMARK else None
+
+
 def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
     """The write watermark of a server's ``status`` (or its freeze ``answer``); DriverError if
     it says none."""
@@ -584,10 +598,13 @@ def _watermark_of(status: Mapping[str, Any], answer: str = "status") -> int:
     try:
         if isinstance(value, bool) or value is None:
             raise ValueError
-        if isinstance(value, str) and not _digits(value.strip()):  # (as ``ExecDriver.freeze``)
-            raise ValueError
-        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+        if isinstance(value, str):  # (as ``ExecDriver.freeze``)
+            number = _watermark_text(value.strip())
+        else:
+            number = int(value) if not isinstance(value, float) or value.is_integer() else None
     except (TypeError, ValueError):
+        number = None
+    if number is not None and not 0 <= number <= MAX_WATERMARK:
         number = None
     if number is None:
         keys = ", ".join(sorted(clean(k, 40) for k in status)[:10]) or "none"
@@ -1491,9 +1508,10 @@ class ExecDriver(TemplateDriver):
         lines = out.strip().splitlines()
         # ASCII digits only: ``int()`` also took "1_000", "+5", " 7" and other scripts' digits
         # ("٣"), none of them a watermark a command prints (session 69, smalls).
-        if not lines or not _digits(lines[-1].strip()):
+        number = _watermark_text(lines[-1].strip()) if lines else None
+        if number is None:
             raise DriverError(f"freeze command printed no watermark: {out[:100]!r}")
-        return int(lines[-1].strip())
+        return number
 
     async def unfreeze(self) -> None:
         await self._op("unfreeze")

@@ -2963,3 +2963,27 @@ def test_a_server_killed_at_start_says_by_which_signal_and_its_last_line_reads(
     log.write_text("refserver: error: cannot listen on 127.0.0.1:8443: in use\n")
     last = ReferenceDriver._last_log_line(SimpleNamespace(log_file=log))  # type: ignore[arg-type]
     assert last == "refserver: error: cannot listen on 127.0.0.1:8443: in use"
+
+
+async def test_a_watermark_beyond_64_bits_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Review s69 review4 (L): a watermark is journalled (SQLite's signed 64-bit INTEGER) and
+    sent as a uint64: one beyond 2**63 - 1 made the journal's write raise OverflowError, and a
+    freeze command's line of more than 4300 digits made ``int()`` raise ValueError (not the
+    driver's one-line refusal): the transaction task crashed. Both are "no watermark" now."""
+    commands = {op: ["true"] for op in ("restart", "status", "unfreeze")}
+    for printed in (str(2**63), "9" * 5000):
+        commands["freeze"] = [sys.executable, "-c", f"print({printed!r})"]
+        driver = make_driver(
+            driver_section(tmp_path, "exec", commands=commands), "10.0.0.5", tmp_path
+        )
+        assert isinstance(driver, ExecDriver)
+        with pytest.raises(DriverError, match=r"^freeze command printed no watermark: "):
+            await driver.freeze(1)
+    commands["freeze"] = [sys.executable, "-c", f"print({str(2**63 - 1)!r})"]
+    driver = make_driver(driver_section(tmp_path, "exec", commands=commands), "10.0.0.5", tmp_path)
+    assert isinstance(driver, ExecDriver)
+    assert await driver.freeze(1) == 2**63 - 1
+    for value in (2**63, str(2**63), "9" * 5000, -1):
+        with pytest.raises(DriverError, match="has no write watermark"):
+            drivers._watermark_of({"watermark": value})
+    assert drivers._watermark_of({"watermark": 2**63 - 1}) == 2**63 - 1
