@@ -1417,7 +1417,8 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
 
     async def unit_down(self) -> str | None:
         """Why the unit is down for good now ("failed (failed, result exit-code)"), or None:
-        it is active, activating (a ``Restart=`` pending: systemd starts it again), or its
+        it is active, activating (a ``Restart=`` pending: systemd starts it again), inactive
+        after a run that succeeded (a oneshot starter: its server may come up later), or its
         state cannot be read (an old ``systemctl`` or a stand-in without ``show``: then only
         the server's answers count, as before)."""
         argv = [self.systemctl, "show", self.unit, f"--property={','.join(UNIT_STATE)}"]
@@ -1427,10 +1428,13 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
             return None
         state = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
         active = state.get("ActiveState", "")
-        if active not in ("failed", "inactive"):
+        result = clean(state.get("Result", ""), 40) or "?"
+        # Inactive after a run that ended well is no verdict: a ``Type=oneshot`` unit that
+        # starts the server elsewhere (``docker compose up -d``) is so at once, its server
+        # coming up a moment later (last read of session 69).
+        if active != "failed" and (active != "inactive" or result == "success"):
             return None
         sub = clean(state.get("SubState", ""), 40) or "?"
-        result = clean(state.get("Result", ""), 40) or "?"
         return (
             f"the unit is {active} ({sub}, result {result}) after its restart; "
             f"journalctl -u {self.unit} says why"

@@ -1378,12 +1378,12 @@ async def test_a_systemd_unit_failed_after_its_restart_ends_the_wait_at_once(
         "restart srv.service",
         "show srv.service --property=ActiveState,SubState,Result",
     ]
-    # Exited with code 0 (inactive) is as final.
+    # Inactive after a run that failed (a unit without Restart= whose server crashed) too.
     (tmp_path / "gone").mkdir()
     driver, calls = fake_unit_driver(
-        tmp_path / "gone", "ActiveState=inactive\nSubState=dead\nResult=success"
+        tmp_path / "gone", "ActiveState=inactive\nSubState=dead\nResult=exit-code"
     )
-    with pytest.raises(DriverError, match=r"the unit is inactive \(dead, result success\) "):
+    with pytest.raises(DriverError, match=r"the unit is inactive \(dead, result exit-code\) "):
         await driver.restart()
     assert len(calls.read_text().splitlines()) == 2
 
@@ -1392,7 +1392,8 @@ async def test_a_systemd_unit_still_starting_is_waited_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The other side of the test above: a unit active (its server not answering yet) or
-    activating (a ``Restart=`` pending: systemd starts it again) is waited for until the
+    activating (a ``Restart=`` pending: systemd starts it again), or inactive after a run
+    that succeeded (a oneshot unit that starts the server elsewhere), is waited for until the
     deadline, which names the server's last problem as before; so is one whose state cannot
     be read (a ``systemctl`` without ``show``: its answer "" here)."""
     monkeypatch.setattr(drivers, "START_TIMEOUT", 0.5)
@@ -1400,6 +1401,9 @@ async def test_a_systemd_unit_still_starting_is_waited_for(
         (
             "ActiveState=active\nSubState=running\nResult=success",
             "ActiveState=activating\nSubState=auto-restart\nResult=exit-code",
+            # A oneshot starter (``docker compose up -d``): its run ended well, its server may
+            # come up a moment later (last read of session 69: this was taken as final).
+            "ActiveState=inactive\nSubState=dead\nResult=success",
             "",
         )
     ):
