@@ -71,8 +71,6 @@ KEYS = frozenset(
 MAX_SOCKET_PATH = 107
 MIN_CLIENTS_WINDOW = 60  # seconds: the least clients_window (a test may go below: server.py)
 _APP_PATH = re.compile(r"/(?:[A-Za-z0-9._~-]+/)*")
-# A key with a passphrase: PKCS#8's label, or the traditional format's header.
-_ENCRYPTED = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4, *ENCRYPTED")
 
 
 @dataclass(frozen=True)
@@ -228,6 +226,9 @@ def _pem_problem(cert_file: Path, key_file: Path) -> tuple[str, str] | None:
         "certificate": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*CERTIFICATE-----"),
         "private key": re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
     }
+    # A key with a passphrase: PKCS#8's label (the one label that begins so), or the
+    # traditional format's header.
+    encrypted = re.compile(rb"-----BEGIN ENCRYPTED |Proc-Type: *4, *ENCRYPTED")
     for key, path, kind, other in (
         ("cert_file", cert_file, "certificate", "private key"),
         ("key_file", key_file, "private key", "certificate"),
@@ -237,7 +238,7 @@ def _pem_problem(cert_file: Path, key_file: Path) -> tuple[str, str] | None:
         except (OSError, NotRegularFile):
             continue
         if kinds[kind].search(text) is not None:
-            if kind == "private key" and _ENCRYPTED.search(text) is not None:
+            if kind == "private key" and encrypted.search(text) is not None:
                 # OpenSSL's word for it was "[SSL] PEM lib", under cert_file (review s69 L)
                 return key, f"{path} is encrypted: the server takes a key without a passphrase"
             continue
