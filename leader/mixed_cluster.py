@@ -99,6 +99,17 @@ NEXT = f"then the next {NAMED} of them the same way, and so on"
 """What follows the first batch of ``rest_scope`` (the cluster's scope refused or unsafe)."""
 
 
+def takes_in(unknown: Sequence[str]) -> str:
+    """What a ``--scope cluster`` advice adds for the nodes ``unknown`` (their servers not
+    known now), which that rollout takes in too: the way out; "" if none."""
+    if not unknown:
+        return ""
+    return (
+        f"; it takes in {some_names(unknown)} too, whose servers are not known now: "
+        "wait until their agents are heard, or leave them out with --nodes"
+    )
+
+
 def _serve(names: Sequence[str]) -> str:
     return f"{some_names(names)} {'serves' if len(names) == 1 else 'serve'}"
 
@@ -119,13 +130,7 @@ def switch_the_rest(
     scope = rest_scope(on_http, not dual and not other_certificate)
     said = f"tlsroll plan {scope}, then tlsroll rollout start {scope}"
     if scope == CLUSTER:
-        said += " (the nodes on https already are left alone"
-        if unknown:
-            said += (
-                f"; it takes in {some_names(unknown)} too, whose servers are not known now: "
-                "wait until their agents are heard, or leave them out with --nodes"
-            )
-        said += ")"
+        said += f" (the nodes on https already are left alone{takes_in(unknown)})"
     elif len(on_http) > NAMED:
         why = []
         if dual:

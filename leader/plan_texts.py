@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
-from leader import mixed_cluster
 from leader.mixed_cluster import (
     CLUSTER,
     NAMED,
+    NEXT,
     https_only,
     is_dual,
+    rest_scope,
     served_scheme,
+    some_names,
     switch_the_rest,
+    takes_in,
 )
 from leader.rollout_core import Change, FreezeMode, Strategy
 
@@ -216,7 +219,6 @@ def outside_scope_warning(
     with a certificate not known as one of this CA (``SchemaStore.other_certificates``), which
     the way to switch the rest leaves out (``leader.mixed_cluster``). "" where nothing is left
     different."""
-    from leader.planner import some_names  # noqa: PLC0415 - the CLI imports this module
 
     def them(names: Sequence[str]) -> str:
         return f"{some_names(names)} {'stays' if len(names) == 1 else 'stay'}"
@@ -274,19 +276,13 @@ def password_the_rest(left: Sequence[str], on_http: Sequence[str], unknown: Sequ
     ten at a time. ``unknown``: the nodes whose server is not known now, which a cluster
     rollout takes in too (said, with the way out)."""
     start = "tlsroll rollout start --change change-password"
+    scope = rest_scope(left, cluster=not on_http)
     if len(left) <= NAMED:
-        return f"{start} --nodes {','.join(left)}"
+        return f"{start} {scope}"
     if on_http:
         return (
-            f"{start} --nodes {','.join(left[:NAMED])}, then the next {NAMED} of them the same "
-            f"way, and so on ({start} {CLUSTER} is refused while "
-            f"{mixed_cluster.some_names(on_http)} {'is' if len(on_http) == 1 else 'are'} on "
-            "http only)"
+            f"{start} {scope}, {NEXT} ({start} {CLUSTER} is refused while "
+            f"{some_names(on_http)} {'is' if len(on_http) == 1 else 'are'} on http only)"
         )
-    said = f"{start} {CLUSTER} (the nodes with the new password already are left alone"
-    if unknown:
-        said += (
-            f"; it takes in {mixed_cluster.some_names(unknown)} too, whose servers are not known "
-            "now: wait until their agents are heard, or leave them out with --nodes"
-        )
-    return said + ")"
+    done = "the nodes with the new password already are left alone"
+    return f"{start} {scope} ({done}{takes_in(unknown)})"
