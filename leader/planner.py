@@ -1299,13 +1299,21 @@ def awaiting_verdict(follower: Rollout, nodes: Sequence[NodeRecord]) -> RolloutE
     ``taken_back`` once the finalize or the way back completed with no node failed; None while
     it runs, or if it left nodes dual (the waiting rollout keeps waiting; finalize again or
     retry)."""
-    if follower.state is not RolloutState.COMPLETED:
+    return settles(follower.state, follower.change, (r.state for r in nodes))
+
+
+def settles(
+    state: RolloutState, change: Change, node_states: Iterable[NodeState]
+) -> RolloutEvent | None:
+    """``awaiting_verdict``'s rule on the follower's state, change and node states alone (the
+    store's ``_settled_by`` reads them in SQL and applies this same rule)."""
+    if state is not RolloutState.COMPLETED:
         return None
-    if any(r.state in FAILED_NODE_STATES for r in nodes):
+    if any(s in FAILED_NODE_STATES for s in node_states):
         return None
-    if follower.change is Change.FINALIZE:
+    if change is Change.FINALIZE:
         return RolloutEvent.FINALIZED
-    if follower.change is Change.DISABLE_TLS:
+    if change is Change.DISABLE_TLS:
         return RolloutEvent.TAKEN_BACK
     return None
 

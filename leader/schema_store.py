@@ -19,10 +19,9 @@ from typing import Any, cast, overload
 
 from leader.db import LeaderStore
 from leader.mixed_cluster import https_only
-from leader.planner import Census, UnknownNodes
+from leader.planner import Census, UnknownNodes, settles
 from leader.rollout_core import (
     CHANGES,
-    FAILED_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     Change,
     Client,
@@ -1742,23 +1741,20 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
 
 def _settled_by(db: sqlite3.Connection, rollout_id: str) -> tuple[str, str] | None:
     """The rollout (id, change) whose end moves the transitional ``rollout_id`` on from
-    awaiting finalize, if it has ended so: its newest finalize or way back, completed with no
-    node failed (``planner.awaiting_verdict``, as the engine reads it)."""
+    awaiting finalize, if it has ended so: its newest finalize or way back, judged by
+    ``planner.settles`` (the rule ``planner.awaiting_verdict`` applies, as the engine reads it)."""
     last = db.execute(
         "SELECT id, change, state FROM rollouts WHERE finalizes = ? OR undoes = ?"
         " ORDER BY epoch DESC LIMIT 1",
         (rollout_id, rollout_id),
     ).fetchone()
     if last is None or last["state"] != RolloutState.COMPLETED.value:
-        return None
-    if last["change"] not in (Change.FINALIZE.value, Change.DISABLE_TLS.value):
-        return None
-    failed = tuple(s.value for s in FAILED_NODE_STATES)
-    marks = ", ".join("?" * len(failed))
-    query = f"SELECT 1 FROM rollout_nodes WHERE rollout_id = ? AND state IN ({marks})"  # noqa: S608
-    if db.execute(query, (last["id"], *failed)).fetchone():
-        return None
-    return str(last["id"]), str(last["change"])
+        return None  # the common case, without reading its nodes
+    states = db.execute("SELECT state FROM rollout_nodes WHERE rollout_id = ?", (last["id"],))
+    verdict = settles(
+        RolloutState(last["state"]), Change(last["change"]), (NodeState(r[0]) for r in states)
+    )
+    return None if verdict is None else (str(last["id"]), str(last["change"]))
 
 
 _RETRIED_BY = "retried_by/"  # meta key prefix: ``retried_by/<rollout id>`` = its retry's id

@@ -27,6 +27,7 @@ from leader.rollout_core import (
 from leader.schema_store import (
     MAX_CLIENTS,
     AlreadyTakenBack,
+    FollowerCompleted,
     RolloutBusy,
     RolloutMeta,
     RolloutRow,
@@ -1077,3 +1078,34 @@ def test_a_node_removed_and_enrolled_again_runs_no_password_and_is_not_behind(
     assert schema.password_behind() is None
     assert schema.pending_password_nodes() == set()
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "b_ends", "completed_by"),
+    [
+        (Change.FINALIZE, NodeState.DONE, True),
+        (Change.DISABLE_TLS, NodeState.DONE, True),
+        (Change.FINALIZE, NodeState.ROLLED_BACK, False),
+    ],
+)
+def test_a_completed_follower_holds_new_rollouts_only_if_planner_says_it_settles(
+    tmp_path: Path, change: Change, b_ends: NodeState, completed_by: bool
+) -> None:
+    """The store's ``_settled_by`` (SQL, at a create) and the engine's
+    ``planner.awaiting_verdict`` judge a completed finalize or way back by one rule: a follower
+    with a failed node leaves its rollout awaiting (plain busy), one without says it settled."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    awaiting_rollout(store)
+    follower(store, change, "t1")
+    row = store.get("f1")
+    assert row is not None
+    ends = {"a": NodeState.DONE, "b": b_ends}
+    nodes = [replace(n, state=ends[n.name]) for n in row.records]
+    store.save_states(row, row.rollout.with_event(RolloutEvent.NODES_SETTLED), nodes, NOW, "e")
+    done = store.get("f1")
+    assert done is not None
+    verdict = planner.awaiting_verdict(done.rollout, done.records)
+    assert (verdict is not None) is completed_by
+    with pytest.raises(RolloutBusy) as refused:
+        new_rollout(store, "r2")
+    assert isinstance(refused.value, FollowerCompleted) is completed_by
