@@ -178,13 +178,20 @@ fi
 # quotes and '\' are unquoted, '%h' becomes /root and '%x' makes the line void (session 67);
 # any other control character (\x01, DEL) went into the unit file as it was (review s67 L).
 # C1 controls (U+0080-U+009F, \xc2\x80-\xc2\x9f in UTF-8) too: [:cntrl:] holds them only in a
-# UTF-8 locale, and in the C locale they passed (session 68). Matched as bytes, in a subshell.
-has_c1_control() (
+# UTF-8 locale, and in the C locale they passed (session 68); and bytes that are no UTF-8 at all
+# (a lone Latin-1 C1 byte such as \x85, an overlong form, a surrogate: session 70), which
+# systemd would refuse or read otherwise. Whether $1 is anything but UTF-8 text without a C0 or
+# C1 control or DEL (RFC 3629's well-formed sequences), matched as bytes, in a subshell.
+not_clean_text() (
     LC_ALL=C
-    [[ $1 == *$'\xc2'[$'\x80'-$'\x9f']* ]]
+    t=$'[\x80-\xbf]'
+    utf8="[^"$'\x01-\x1f\x7f\x80-\xff'"]|"$'\xc2[\xa0-\xbf]|[\xc3-\xdf]'"$t|"
+    utf8+=$'\xe0[\xa0-\xbf]'"$t|"$'[\xe1-\xec\xee\xef]'"$t$t|"$'\xed[\x80-\x9f]'"$t|"
+    utf8+=$'\xf0[\x90-\xbf]'"$t$t|"$'[\xf1-\xf3]'"$t$t$t|"$'\xf4[\x80-\x8f]'"$t$t"
+    ! [[ $1 =~ ^($utf8)*$ ]]
 )
-if [ -n "$server_config_dir" ] && { [[ $server_config_dir != /* || $server_config_dir =~ [[:space:][:cntrl:]\"\'\\%] ]] || has_c1_control "$server_config_dir"; }; then
-    usage_error "--server-config-dir must be an absolute path without spaces, control characters, quotes, '\\' or '%'"
+if [ -n "$server_config_dir" ] && { [[ $server_config_dir != /* || $server_config_dir =~ [[:space:][:cntrl:]\"\'\\%] ]] || not_clean_text "$server_config_dir"; }; then
+    usage_error "--server-config-dir must be an absolute path of UTF-8 text without spaces, control characters, quotes, '\\' or '%'"
 fi
 if [ -n "$server_config_dir" ]; then
     # The drop-in makes this directory writable to the root agent (ReadWritePaths=): a system

@@ -298,6 +298,9 @@ class Endpoints:
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):
+    # Its callers (the admin socket's) read an OSError's path (``tlsroll.rpc.SHOWS_PATHS``).
+    shows_paths = True
+
     def __init__(
         self,
         state: LeaderState,

@@ -262,6 +262,18 @@ def _cas(ca_pem: bytes) -> list[x509.Certificate]:
 UNUSABLE_KEY = "has a public key that is not a valid key (an RSA exponent must be odd)"
 
 
+def _exponent_problem(cert: x509.Certificate) -> str | None:
+    """What is wrong with the RSA exponent of a CA's key (the practice CA's, an intermediate's),
+    by the leaves' rule (``_key_type_problem``: 65537 only; session 68 left these unchecked),
+    or None; ``cert``'s key reads (``_unusable_key``)."""
+    public = cert.public_key()
+    if isinstance(public, rsa.RSAPublicKey) and (e := public.public_numbers().e) != (
+        pki.RSA_EXPONENT
+    ):
+        return f"has an RSA key of exponent {e} (only {pki.RSA_EXPONENT})"
+    return None
+
+
 def ca_problems(
     ca_pem: bytes, now: dt.datetime, horizon: dt.timedelta, unreadable: Problem | None = None
 ) -> list[Problem]:
@@ -290,6 +302,9 @@ def ca_problems(
         if _unusable_key(cert):
             problems.append(Problem("", CA_FILE, f"{who} {UNUSABLE_KEY}", fix))
             continue
+        if why := _exponent_problem(cert):
+            renew = "make the CA a new key of exponent 65537 and issue its certificates again"
+            problems.append(Problem("", CA_FILE, f"{who} {why}", renew))
         if not pki.is_ca(cert):
             problems.append(
                 Problem("", CA_FILE, f"{who} is not a CA certificate (basicConstraints CA)", fix)
@@ -509,6 +524,11 @@ def node_problems(
             )
         )
         return problems
+    for cert in intermediates:
+        if weak := _exponent_problem(cert):
+            who = cert.subject.rfc4514_string() or "(no subject)"
+            renew = "make the intermediate CA a new key of exponent 65537 and reissue it"
+            problems.append(Problem(node, crt, f"the intermediate {who} {weak}", renew))
     fingerprint = pki.fingerprint(leaf)
     # The path clients take, as ``chain_ends`` records it: not the first CA listed that signed
     # a link (an old intermediate before its renewal refused a good directory once it ended

@@ -576,6 +576,9 @@ def problem_view(p: NodeProblemRow) -> schema_pb2.NodeProblemView:
 
 
 class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
+    # Its callers (the admin socket's) read an OSError's path (``tlsroll.rpc.SHOWS_PATHS``).
+    shows_paths = True
+
     def __init__(
         self,
         schema: SchemaStore,

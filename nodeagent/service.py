@@ -341,6 +341,10 @@ def _restarting_view(driver: Driver) -> agent_pb2.ServerView | None:
 
 
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
+    # Its one caller past ``require_leader`` is the leader, which shows the admin an agent's
+    # failure: it reads an OSError's path (``tlsroll.rpc.SHOWS_PATHS``).
+    shows_paths = True
+
     def __init__(
         self,
         cfg: AgentConfig,
@@ -724,7 +728,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             checked = await self.check(question.request)
             return leader_pb2.CheckAnswer(id=question.id, checked=checked)
         except Exception as exc:
-            code, details = error_status(exc, ERRORS, "Check", FULL_DISK)
+            code, details = error_status(exc, ERRORS, "Check", FULL_DISK, self.shows_paths)
         return leader_pb2.CheckAnswer(
             id=question.id, refused_code=code.value[0], refused=details, server=await self._view()
         )

@@ -343,7 +343,7 @@ def test_an_internal_error_from_a_file_names_the_file_and_its_errno(tmp_path: Pa
         taken.write_bytes(b"x")
     except IsADirectoryError as exc:
         with structlog.testing.capture_logs() as logs:
-            code, details = error_status(exc, {}, "Stage")
+            code, details = error_status(exc, {}, "Stage", paths=True)
     assert code == Code.INTERNAL
     assert f"{taken}: Is a directory (errno 21, EISDIR)" in details, details
     assert details.startswith("internal error: ") and "see the daemon's log" in details
@@ -354,6 +354,77 @@ def test_an_internal_error_from_a_file_names_the_file_and_its_errno(tmp_path: Pa
     with structlog.testing.capture_logs() as logs:
         code, details = error_status(OSError("secret-ish text"), {}, "Stage")
     assert code == Code.INTERNAL and "secret-ish" not in details + str(logs)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What ``map_errors`` asks of a call's context: ``abort``, which records the status."""
+
+    def __init__(self) -> None:
+        self.status: tuple[Code, str] | None = None
+
+    async def abort(self, code: Code, details: str) -> None:
+        self.status = (code, details)
+        raise _Aborted
+
+
+def test_a_file_error_names_its_path_only_to_the_admin_and_the_leader(tmp_path: Path) -> None:
+    """Session 70 (review s69, left): an OSError's path and errno (s69 revlogs M2) went to
+    every caller, the join port's too, who holds a join token or nothing and learnt the
+    leader's file layout. A servicer whose callers may read paths says so (``SHOWS_PATHS``:
+    the admin socket's two, the agent's, whose one caller is the leader); any other's caller
+    gets the generic INTERNAL text, or a full or read-only disk's errno without its path. The
+    log line keeps the path either way."""
+    import asyncio
+
+    from leader.admin_service import AdminService
+    from leader.schema_view import SchemaViewService
+    from leader.service import EnrolmentService, LeaderService
+    from nodeagent.service import NodeAgentService
+    from tlsroll.rpc import INTERNAL_DETAILS, SHOWS_PATHS, map_errors
+
+    taken = tmp_path / "ca.pem"
+    taken.mkdir()
+    readonly = OSError(30, "Read-only file system", str(tmp_path / "leader.sqlite3"))
+
+    class Join:  # as the join port's servicer: no ``shows_paths``
+        @map_errors({})
+        async def Enrol(self, request: object, context: Any) -> None:
+            taken.write_bytes(b"x")
+
+        @map_errors({})
+        async def Store(self, request: object, context: Any) -> None:
+            raise readonly
+
+    class Admin(Join):
+        shows_paths = True
+
+    def status(servicer: Join, method: str) -> tuple[tuple[Code, str] | None, list[Any]]:
+        context = _Context()
+        with structlog.testing.capture_logs() as logs, pytest.raises(_Aborted):
+            asyncio.run(getattr(servicer, method)(None, context))
+        return context.status, logs
+
+    told, logs = status(Join(), "Enrol")
+    assert told == (Code.INTERNAL, INTERNAL_DETAILS), told
+    [line] = [e for e in logs if e["event"] == "rpc.internal_error"]
+    assert line["error"] == f"{taken}: Is a directory (errno 21, EISDIR)", line
+    told, logs = status(Join(), "Store")
+    assert told == (Code.UNAVAILABLE, "Read-only file system (errno 30, EROFS)"), told
+    assert str(tmp_path) in str(logs)
+    told, _ = status(Admin(), "Enrol")
+    assert told is not None and f"{taken}: Is a directory" in told[1], told
+    told, _ = status(Admin(), "Store")
+    assert told is not None and str(tmp_path / "leader.sqlite3") in told[1], told
+    # The servicers: the admin socket's and the agent's read paths; the join port's and the
+    # control port's (every node) do not.
+    for servicer in (AdminService, SchemaViewService, NodeAgentService):
+        assert getattr(servicer, SHOWS_PATHS, False) is True, servicer
+    for other in (EnrolmentService, LeaderService):
+        assert getattr(other, SHOWS_PATHS, False) is False, other
 
 
 def _all_error_classes() -> set[type[TlsrollError]]:

@@ -1075,6 +1075,45 @@ async def test_the_password_blinding_points_are_made_at_start_not_at_a_request(
         assert crypto.calls["blinds"] == 2  # the failed one at start, then the exchange's
 
 
+def test_a_start_that_is_no_valid_point_costs_the_worker_no_spake2_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 70 (session 68 left it): a msg_a of the right shape whose point is not on the
+    curve, not in the group (a small-order or mixed point) or the neutral one was refused
+    only in SPAKE2's ``finish``, after its ``start`` had cost the worker a multiplication of
+    its own. The point is checked first now: ``start`` is never reached. A valid msg_a is
+    answered as before, its point decoded once (``finish`` takes the checked one)."""
+    from spake2 import SPAKE2_A
+
+    pw = b"p" * 32
+    blinds = bootstrap_pake.node_blinds(pw)
+    group = bootstrap_pake.PARAMS.group
+
+    def no_start(self: object) -> bytes:
+        raise AssertionError("SPAKE2's start ran for a message that is no valid point")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(bootstrap_pake._NodeSPAKE2, "start", no_start)
+        for y in (2, 3, 1, 2**255 - 20):  # off the curve; small order; neutral; order 2
+            with pytest.raises(proto.BootstrapError, match="msg_a is not a valid point"):
+                bootstrap_pake.node_respond(pw, b"A" + y.to_bytes(32, "little"), blinds)
+    decoded: list[bytes] = []
+    decode = type(group).bytes_to_element
+
+    def counted(self: object, data: bytes) -> Any:
+        decoded.append(data)
+        return decode(self, data)
+
+    workstation = SPAKE2_A(
+        pw, idA=proto.ID_WORKSTATION, idB=proto.ID_NODE, params=bootstrap_pake.PARAMS
+    )
+    msg_a = workstation.start()
+    monkeypatch.setattr(type(group), "bytes_to_element", counted)
+    msg_b, key = bootstrap_pake.node_respond(pw, msg_a, blinds)
+    assert decoded.count(msg_a[1:]) == 1, len(decoded)
+    assert workstation.finish(msg_b) == key
+
+
 async def test_a_malformed_pake_message_is_refused_without_the_worker(
     issue_cert: Callable[..., IssuedCert],
     loopback: Callable[[], str],

@@ -426,6 +426,13 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
         for locale in ("LC_ALL=C", "LC_ALL=POSIX", "LANG=C.UTF-8")
         for c1 in ("\\xc2\\x80", "\\xc2\\x85", "\\xc2\\x9b", "\\xc2\\x9f")
     ]
+    # Bytes that are no UTF-8 passed in every locale (session 68 left it; session 70): a lone
+    # Latin-1 C1 byte, an overlong '/', a surrogate, a byte no UTF-8 has.
+    bad += [
+        f"{locale} agent --server-config-dir $'/srv/pra{raw}xis'"
+        for locale in ("LC_ALL=C", "LANG=C.UTF-8")
+        for raw in ("\\x85", "\\xe4", "\\xc0\\xaf", "\\xed\\xa0\\x80", "\\xff")
+    ]
     for args in bad:
         # (a locale first: install.sh's environment)
         locale = args.startswith(("LC_ALL=", "LANG="))
@@ -444,6 +451,44 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
     assert result.returncode == 1
     assert "is Python 3.10.12; tlsroll needs 3.11 or newer" in result.stderr
     assert throwaway.changed() == []
+
+
+def test_install_sh_takes_utf8_text_without_controls_only() -> None:
+    """install.sh's check of ``--server-config-dir`` (``not_clean_text``), run alone (no root,
+    no throwaway root): bytes that are no UTF-8, or UTF-8 of a C0 or C1 control or DEL, are
+    refused in every locale; any other UTF-8 (ä, €, an emoji, U+00A0) passes it, as Python's
+    strict decoder says. A lone Latin-1 C1 byte (\\x85) passed before (session 70)."""
+    text = INSTALL_SH.read_text()
+    [function] = re.findall(r"(?ms)^not_clean_text\(\) \(\n.*?^\)\n", text)
+
+    def refused(raw: bytes) -> bool:
+        try:
+            decoded = raw.decode()
+        except UnicodeDecodeError:
+            return True
+        return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in decoded)
+
+    pieces = [bytes([b]) for b in range(1, 256)]
+    pieces += [c.encode() for c in "ä€\U0001f600\x85\xa0\ud7ff\ue000\U0010ffff\x9f"]
+    pieces += [b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
+    chosen = random.Random(70)
+    cases = [b"/srv/praxis", b"/srv/pr\xc3\xa4xis", b"/srv/pra\x85xis", b"/srv/pra\xc2\x85xis"]
+    cases += [b"/" + b"".join(chosen.choices(pieces, k=chosen.randint(1, 5))) for _ in range(600)]
+    script = function + 'for x in "$@"; do not_clean_text "$x" && echo 1 || echo 0; done'
+    for locale in ("C", "C.UTF-8"):
+        env = {**os.environ, "LC_ALL": locale}
+        done = subprocess.run(
+            [b"bash", b"-c", script.encode(), b"check", *cases],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        said = done.stdout.split()
+        assert len(said) == len(cases), done.stderr
+        wrong = [(c, s) for c, s in zip(cases, said, strict=True) if (s == b"1") != refused(c)]
+        assert not wrong, (locale, wrong[:5])
+    assert [refused(c) for c in cases[:4]] == [False, False, True, True]
 
 
 @pytest.mark.timeout(400)

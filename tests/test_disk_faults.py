@@ -392,9 +392,14 @@ def test_a_disk_error_becomes_unavailable_with_its_cause_and_other_errors_stay_i
     wrong.sqlite_errorname = "SQLITE_ERROR"
     assert error_status(wrong, {}, "M")[0] == grpc.StatusCode.INTERNAL
     rofs = OSError(errno.EROFS, os.strerror(errno.EROFS), "/var/lib/tlsroll/x")
-    assert error_status(rofs, {}, "M") == (
+    assert error_status(rofs, {}, "M", paths=True) == (
         grpc.StatusCode.UNAVAILABLE,
         "/var/lib/tlsroll/x: Read-only file system (errno 30, EROFS)",
+    )
+    # (a caller that may not read paths: the errno only; session 70)
+    assert error_status(rofs, {}, "M") == (
+        grpc.StatusCode.UNAVAILABLE,
+        "Read-only file system (errno 30, EROFS)",
     )
     assert error_status(OSError(errno.EBADF, "x"), {}, "M")[0] == grpc.StatusCode.INTERNAL
 
@@ -421,7 +426,7 @@ def test_a_full_disk_on_a_node_is_resource_exhausted_disk_full_and_the_leader_re
         (quota, "/var/lib/tlsroll-agent/y: Disk quota exceeded (errno 122, EDQUOT)"),
         (full, "store: database or disk is full (SQLITE_FULL)"),
     ):
-        code, details = error_status(exc, AGENT_ERRORS, "Stage", FULL_DISK)
+        code, details = error_status(exc, AGENT_ERRORS, "Stage", FULL_DISK, paths=True)
         assert (code, details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, f"disk full: {cause}")
         assert error_status(exc, {}, "M")[0] == grpc.StatusCode.UNAVAILABLE  # the leader's
         failed = call_failed("node1", code, details)

@@ -136,6 +136,40 @@ def test_a_brought_certificate_with_exponent_3_is_refused(e3: rsa.RSAPrivateKey)
     ]
 
 
+def test_a_practice_ca_or_intermediate_with_exponent_3_is_refused(
+    e3: rsa.RSAPrivateKey, e65537: rsa.RSAPrivateKey
+) -> None:
+    """Session 70 (session 68 left it): the RSA exponent of the practice CA's own certificate
+    (``ca.crt``) and of an intermediate (after the node's certificate) was not checked: e=3
+    there passed, as it no longer does for a leaf. Refused by the leaves' rule, one line each;
+    65537 passes. (An even one is ``UNUSABLE_KEY``: the test above.)"""
+    low_ca = make_ca(key=e3)
+    cert, key = leaf(low_ca, ["127.0.0.9"])
+    assert _brought(low_ca.pem, pem(cert), key) == [
+        "ca: ca.crt: CN=Praxis CA,O=Praxis Dr. Beispiel has an RSA key of exponent 3 (only"
+        " 65537); make the CA a new key of exponent 65537 and issue its certificates again"
+    ]
+    root = make_ca()
+    low = make_ca("Praxis Sub CA", parent=root, key=e3, path_length=0)
+    cert, key = leaf(low, ["127.0.0.9"])
+    assert _brought(root.pem, pem(cert) + low.pem, key) == [
+        "node1: node1.crt: the intermediate CN=Praxis Sub CA,O=Praxis Dr. Beispiel has an RSA"
+        " key of exponent 3 (only 65537); make the intermediate CA a new key of exponent 65537"
+        " and reissue it"
+    ]
+    # In ca.crt beside the root, the intermediate is the CA file's problem.
+    problems = _brought(root.pem + low.pem, pem(cert), key)
+    assert problems == [
+        "ca: ca.crt: CN=Praxis Sub CA,O=Praxis Dr. Beispiel has an RSA key of exponent 3 (only"
+        " 65537); make the CA a new key of exponent 65537 and issue its certificates again"
+    ], problems
+    # 65537 at every level: taken.
+    good_root = make_ca(key=e65537)
+    good = make_ca("Praxis Sub CA", parent=good_root, key=e65537, path_length=0)
+    cert, key = leaf(good, ["127.0.0.9"])
+    assert _brought(good_root.pem, pem(cert) + good.pem, key) == []
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with AdminTokenCluster(tmp_path / "c", next_loopback()) as c:

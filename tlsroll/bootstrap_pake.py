@@ -8,6 +8,7 @@ serves for months, never holds these libraries (issue 15: about 10 MiB a switche
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from collections.abc import Mapping
@@ -93,11 +94,32 @@ class _Fixed:
         return self.element
 
 
-class _NodeSPAKE2(SPAKE2_B):  # type: ignore[misc]
-    """SPAKE2's side B with ``w·N`` and ``−w·M`` computed beforehand (see "Side channels")."""
+class _Decoded:
+    """``PARAMS.group`` with one message's element already decoded and checked: SPAKE2's
+    ``finish`` decodes its message again (a check that costs a multiplication by the group's
+    order), which ``node_respond`` did before ``start``."""
 
-    def __init__(self, pake_pw: bytes, blind: Any, unblind: Any) -> None:
-        super().__init__(pake_pw, idA=ID_WORKSTATION, idB=ID_NODE, params=PARAMS)
+    def __init__(self, message: bytes, element: Any) -> None:
+        self._message = message
+        self._element = element
+
+    def bytes_to_element(self, data: bytes) -> Any:
+        if data == self._message:
+            return self._element
+        return PARAMS.group.bytes_to_element(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(PARAMS.group, name)
+
+
+class _NodeSPAKE2(SPAKE2_B):  # type: ignore[misc]
+    """SPAKE2's side B with ``w·N`` and ``−w·M`` computed beforehand (see "Side channels"),
+    and the workstation's element decoded beforehand (``decoded``: ``_Decoded``)."""
+
+    def __init__(self, pake_pw: bytes, blind: Any, unblind: Any, decoded: _Decoded) -> None:
+        params = copy.copy(PARAMS)  # (its M, N and S as they are: made once, at the import)
+        params.group = decoded
+        super().__init__(pake_pw, idA=ID_WORKSTATION, idB=ID_NODE, params=params)
         self._blind = _Fixed(blind)
         self._unblind = _Fixed(unblind)
 
@@ -139,10 +161,22 @@ def node_respond(
 ) -> tuple[bytes, bytes]:
     """The node's SPAKE2 for ``pake_pw`` (what SPAKE2 runs on: ``NodePassword.pake_pw``):
     ``(msg_b, SPAKE2 key)`` for the workstation's ``msg_a`` (BootstrapError if bad).
-    ``blinds``: ``node_blinds(pake_pw)``, made earlier; None: made (or kept) here."""
+    ``blinds``: ``node_blinds(pake_pw)``, made earlier; None: made (or kept) here.
+
+    ``msg_a``'s point is decoded and checked (on the curve, in the group: a multiplication by
+    the group's order) before SPAKE2's ``start`` (a multiplication of its own): a message of
+    the right shape that is no valid point costs the worker that check alone (a fifth of a
+    valid exchange's time, half of it for a point not on the curve), not ``start`` too
+    (session 68 left it). No cheaper check exists: whether a point of the curve is in the
+    group takes that multiplication, and ``cryptography`` decodes no Ed25519 point. A valid
+    point costs what it did (decoded once)."""
     check_message(msg_a, b"A")
+    try:
+        element = PARAMS.group.bytes_to_element(msg_a[1:])
+    except (NotOnCurve, ValueError):
+        raise BootstrapError(BootstrapReason.MALFORMED, "msg_a is not a valid point") from None
     blind, unblind = _node_blinds(pake_pw) if blinds is None else _decoded(*blinds)
-    side = _NodeSPAKE2(pake_pw, blind, unblind)
+    side = _NodeSPAKE2(pake_pw, blind, unblind, _Decoded(msg_a[1:], element))
     msg_b: bytes = side.start()
     try:
         key: bytes = side.finish(msg_a)

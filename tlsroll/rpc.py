@@ -121,13 +121,22 @@ specific classes win). A store or disk that fails (``storage_trouble``: SQLITE_F
 is UNAVAILABLE with its cause; only any other error not the project's own becomes INTERNAL."""
 
 
+SHOWS_PATHS = "shows_paths"
+"""A servicer's class attribute: True if its callers may read the daemon's file paths in an
+OSError's details (``error_status``'s ``paths``): the admin socket's (the admin's own tools),
+and the agent's port, whose only caller that gets past its first check is the leader (which
+shows an agent's failure to the admin). Any other servicer's callers (the join port's, who hold
+a join token or nothing; the control port's, every node) read no path: absent, False."""
+
+
 def map_errors(
     mapping: ErrorMap, *, full_disk: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
 ) -> Callable[[F], F]:
     """Decorate an async servicer method: project errors → status per ``mapping`` (plus
     ``BASE_ERRORS``), the most specific class winning. An unmapped error becomes INTERNAL with a
     generic message; it is logged, never sent, so no detail of a bug reaches a caller.
-    ``full_disk``: the status of a full disk (``error_status``)."""
+    ``full_disk``: the status of a full disk (``error_status``); an OSError's path is sent only
+    by a servicer whose ``SHOWS_PATHS`` attribute is True."""
     full = {**BASE_ERRORS, **mapping}
 
     def decorate(method: F) -> F:
@@ -141,7 +150,8 @@ def map_errors(
                 raise
             except Exception as exc:
                 _tell_store_health(self, exc, method.__name__)
-                await _abort_for(exc, full, method.__name__, context, full_disk)
+                paths = getattr(self, SHOWS_PATHS, False) is True
+                await _abort_for(exc, full, method.__name__, context, full_disk, paths)
 
         return wrapper  # type: ignore[return-value]
 
@@ -177,7 +187,8 @@ def map_stream_errors(
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort_for(exc, full, method.__name__, context, full_disk)
+                paths = getattr(self, SHOWS_PATHS, False) is True
+                await _abort_for(exc, full, method.__name__, context, full_disk, paths)
 
         return wrapper  # type: ignore[return-value]
 
@@ -198,18 +209,24 @@ _OS_UNAVAILABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 """The errnos of a disk that is full, failing or read-only."""
 
 
-def storage_trouble(exc: BaseException) -> str | None:
+def storage_trouble(exc: BaseException, *, paths: bool = True) -> str | None:
     """The one line a caller gets for a store or disk that cannot be written now (UNAVAILABLE),
     or None: SQLite's words and code (``store: database or disk is full (SQLITE_FULL)``; its
-    texts for these codes hold no values), an OSError's path and errno (``os_error_text``)."""
+    texts for these codes hold no values), an OSError's path and errno (``os_error_text``;
+    without its path unless ``paths``)."""
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorname", None) or ""
         if code.startswith(_SQLITE_UNAVAILABLE):
             return f"store: {exc} ({code})"
         return None
     if isinstance(exc, OSError) and exc.errno in _OS_UNAVAILABLE:
-        return os_error_text(exc)
+        return os_error_text(exc) if paths else os_error_text(_pathless(exc))
     return None
+
+
+def _pathless(exc: OSError) -> OSError:
+    """``exc``'s errno and words without its paths (what a caller without ``paths`` reads)."""
+    return OSError(exc.errno, exc.strerror)
 
 
 DISK_FULL = "disk full"
@@ -231,6 +248,7 @@ def error_status(
     mapping: ErrorMap,
     name: str,
     full_disk: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    paths: bool = False,
 ) -> tuple[grpc.StatusCode, str]:
     """The status and details a method ``name`` decorated with ``map_errors(mapping)`` ends
     with when it raises ``exc``; an error not the project's own is INTERNAL, logged, no
@@ -238,7 +256,11 @@ def error_status(
     cause; one that is full is ``full_disk`` if that is another code, with the details
     ``disk full: CAUSE`` (``DISK_FULL``): the node agent's RESOURCE_EXHAUSTED, which the
     leader shows as the node's disk being full, not as an agent it cannot reach. So is a
-    project error whose cause is a full disk (the agent's journal that cannot grow)."""
+    project error whose cause is a full disk (the agent's journal that cannot grow).
+    ``paths``: the caller may read the daemon's file paths (``SHOWS_PATHS``): an OSError's
+    path and errno are then in the details; otherwise only in the log line (an INTERNAL's
+    details are the generic text, a full disk's its errno: review s69, the join port's
+    caller learnt the leader's file layout)."""
     if isinstance(exc, RpcStatusError):
         return exc.code, short_details(str(exc))
     if (
@@ -258,13 +280,15 @@ def error_status(
         return code, short_details(str(exc))
     if (unavailable := storage_trouble(exc)) is not None:
         log.warning("rpc.unavailable", method=name, error=unavailable)
+        told = unavailable if paths else storage_trouble(exc, paths=False) or unavailable
         if full_disk is not grpc.StatusCode.UNAVAILABLE and is_disk_full(exc):
-            return full_disk, short_details(f"{DISK_FULL}: {unavailable}")
-        return grpc.StatusCode.UNAVAILABLE, short_details(unavailable)
+            return full_disk, short_details(f"{DISK_FULL}: {told}")
+        return grpc.StatusCode.UNAVAILABLE, short_details(told)
     if isinstance(exc, OSError) and exc.errno is not None:
         # A file it could not write or read (a directory where its file goes, a permission):
         # its path and the system's words, which hold no value of a request, say what to fix
-        # (review s69 revlogs M2: the type and the place alone did not say which file).
+        # (review s69 revlogs M2: the type and the place alone did not say which file). Sent
+        # to a caller who may read paths only (``paths``): the join port's is anybody.
         text = os_error_text(exc)
         log.error(
             "rpc.internal_error",
@@ -273,6 +297,8 @@ def error_status(
             where=logs.where(exc),
             error=text,
         )
+        if not paths:
+            return grpc.StatusCode.INTERNAL, INTERNAL_DETAILS
         return grpc.StatusCode.INTERNAL, short_details(
             f"internal error: {text}; see the daemon's log"
         )
@@ -280,7 +306,11 @@ def error_status(
     log.error(
         "rpc.internal_error", method=name, error_type=type(exc).__name__, where=logs.where(exc)
     )
-    return grpc.StatusCode.INTERNAL, "internal error; see the daemon's log"
+    return grpc.StatusCode.INTERNAL, INTERNAL_DETAILS
+
+
+INTERNAL_DETAILS = "internal error; see the daemon's log"
+"""The details of an INTERNAL that says nothing of its cause (``error_status``)."""
 
 
 MAX_DETAILS = 1000
@@ -301,8 +331,9 @@ async def _abort_for(
     name: str,
     context: grpc.aio.ServicerContext[Any, Any],
     full_disk: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+    paths: bool = False,
 ) -> None:
-    await context.abort(*error_status(exc, full, name, full_disk))
+    await context.abort(*error_status(exc, full, name, full_disk, paths))
 
 
 def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:

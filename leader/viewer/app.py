@@ -206,6 +206,15 @@ class Pulse:
         event.set()
 
 
+SCRAPE_REFUSED = (
+    "401: /metrics: the bearer token is not taken: a scrape sends `Authorization: Bearer`"
+    " with the token in [leader].metrics_token_file (read when the leader starts; without that"
+    " setting the leader takes no token); the leader's log (viewer.scrape_refused) says which\n"
+)
+"""The answer to a scrape whose ``Authorization`` is not taken, the same whether the leader has
+a ``metrics_token_file`` or not (``ViewerApp._scrape_refused``)."""
+
+
 class ViewerApp:
     """The handlers and what they read: the grants, the snapshot reader, the clock."""
 
@@ -354,7 +363,9 @@ class ViewerApp:
         that says why, and a log line for the source's first (then a summary a minute:
         anybody may send these). It was the HTML page about login links and no line at all:
         the admin whose Prometheus showed "401" found nothing that said why (review s69
-        revlogs M3). Nothing of the token is logged or echoed."""
+        revlogs M3). Nothing of the token is logged or echoed. The answer is the same whether
+        the leader has a ``metrics_token_file`` or not (``SCRAPE_REFUSED``: a caller learnt
+        which from it; review s69, left): the log line says which (its reason and hint)."""
         if self.scrape_token is None:
             reason = "no_token_file"
             why = (
@@ -373,7 +384,7 @@ class ViewerApp:
             log.warning("viewer.scrapes_refused_summary", **summary.fields())
         return web.Response(
             status=401,
-            text=f"401: /metrics: {why}\n",
+            text=SCRAPE_REFUSED,
             headers={"WWW-Authenticate": 'Bearer realm="tlsroll"'},
         )
 
