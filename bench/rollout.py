@@ -13,6 +13,7 @@ one-time token. Then, in this order:
    on the idle machine, and once while the writer (below) posts to the nodes as it does during
    the rollout, since its load (a TLS handshake per https post) slows any restart on two cores:
    half of those before the rollout (every node on http), half after it (every node on https);
+   the server runs on http there, as every node does before its switch;
 3. an enable-tls rollout of the whole cluster (max-parallel 1, freeze per node) while a writer
    thread posts entries to every node in turn (http, then https once a node has switched).
 
@@ -26,7 +27,14 @@ Figures per run, then over the runs: median and spread (min–max).
 Overhead per node = (rollout wall time − Σ managed-server restart) / N, the restart being what
 each agent's transaction recorded (``restart_seconds``). Freeze − bare restart = each node's
 write freeze window (schema) minus the median bare restart under the writer's load (the idle
-one is printed too); freeze − own restart = each node's
+one is printed too). After the rollout, on the idle machine, the bare restart again on http
+and on https with a switched node's files (https alone, its certificate, client CA and
+password verifier: the config a node runs after its switch), one of each in turn, ``--restarts``
+times, and freeze − each: a node's freeze ends with the server on https, so the https figure is
+the server's own restart as it runs then (in session 70's runs its start-up cost about 2 ms of
+CPU more: the TLS context and its certificate; the ~40 ms by which the managed restart
+outlasts the bare one is the other nodes' work on the same two cores, see
+``--restart-cpu``); freeze − own restart = each node's
 freeze window minus the restart its agent recorded inside it (what tlsroll itself adds: the
 freeze call, the config write, the verify and the unfreeze), which keeps the restart's own
 spread under load (one node's restart taking twice the median) out of tlsroll's part.
