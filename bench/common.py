@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +128,10 @@ def process_kind(cmdline: bytes) -> str | None:
     return next((kind for marker, kind in PROCESS_KINDS if marker in program), None)
 
 
+THIS_NODE = " (this node)"
+"""``CpuByKind.in_window``'s suffix for the kinds of the one node named."""
+
+
 class CpuByKind:
     """The CPU (utime + stime, clock ticks) of the benchmark's processes by kind
     (``process_kind``), sampled every ``every`` seconds by a thread while the ``with`` block
@@ -152,6 +156,7 @@ class CpuByKind:
         self.seen: dict[tuple[int, int], int] = {}  # samples so far
         self.ours: dict[tuple[int, int], bool] = {}  # this process or a descendant
         self.series: dict[tuple[int, int], list[tuple[float, int]]] = {}
+        self.parents: dict[tuple[int, int], int] = {}  # each process's parent pid
         self.span: tuple[float, float] | None = None  # first and last sample times
         self._sampler_tid: int | None = None
         self._stop = threading.Event()
@@ -203,6 +208,7 @@ class CpuByKind:
             if not self.ours[key]:
                 continue
             count = self.seen[key] = self.seen.get(key, 0) + 1
+            self.parents[key] = int(fields[1])
             if pid == self.me:
                 self.kinds[key] = "bench"
                 ticks = self._own_ticks()
@@ -239,15 +245,19 @@ class CpuByKind:
         process alive before the first sample as begun inside it)."""
         return self.span is not None and self.span[0] <= start and end <= self.span[1]
 
-    def in_window(self, start: float, end: float) -> dict[str, float]:
+    def in_window(self, start: float, end: float, mine: Collection[int] = ()) -> dict[str, float]:
         """CPU seconds by kind between wall-clock times ``start`` and ``end``: each process's
         last sample at or before ``end`` less its last one at or before ``start`` (0 if it
-        began after ``start``)."""
+        began after ``start``). ``mine``: the pids of one node's processes (its agent, the
+        server the benchmark started for it); they and their children (the crypto worker, the
+        server the agent starts) count apart, under their kind with " (this node)"."""
         used: dict[str, float] = {}
         for key, points in self.series.items():
             kind = self.kinds.get(key)
             if kind is None:
                 continue
+            if mine and (key[0] in mine or self.parents.get(key) in mine):
+                kind += THIS_NODE
             before = [ticks for t, ticks in points if t <= start]
             until = [ticks for t, ticks in points if t <= end]
             if not until:

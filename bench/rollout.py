@@ -13,6 +13,7 @@ one-time token. Then, in this order:
    on the idle machine, and once while the writer (below) posts to the nodes as it does during
    the rollout, since its load (a TLS handshake per https post) slows any restart on two cores:
    half of those before the rollout (every node on http), half after it (every node on https);
+   the server runs on http there, as every node does before its switch;
 3. an enable-tls rollout of the whole cluster (max-parallel 1, freeze per node) while a writer
    thread posts entries to every node in turn (http, then https once a node has switched).
 
@@ -26,7 +27,14 @@ Figures per run, then over the runs: median and spread (min–max).
 Overhead per node = (rollout wall time − Σ managed-server restart) / N, the restart being what
 each agent's transaction recorded (``restart_seconds``). Freeze − bare restart = each node's
 write freeze window (schema) minus the median bare restart under the writer's load (the idle
-one is printed too); freeze − own restart = each node's
+one is printed too). After the rollout, on the idle machine, the bare restart again on http
+and on https with a switched node's files (https alone, its certificate, client CA and
+password verifier: the config a node runs after its switch), one of each in turn, ``--restarts``
+times, and freeze − each: a node's freeze ends with the server on https, so the https figure is
+the server's own restart as it runs then (in session 70's runs its start-up cost about 2 ms of
+CPU more: the TLS context and its certificate; the ~40 ms by which the managed restart
+outlasts the bare one is the other nodes' work on the same two cores, see
+``--restart-cpu``); freeze − own restart = each node's
 freeze window minus the restart its agent recorded inside it (what tlsroll itself adds: the
 freeze call, the config write, the verify and the unfreeze), which keeps the restart's own
 spread under load (one node's restart taking twice the median) out of tlsroll's part.
@@ -56,9 +64,11 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -133,11 +143,24 @@ def writer(nodes: Sequence[Node], ca: ssl.SSLContext, stop: threading.Event, w: 
         stop.wait(0.02)
 
 
-def bare_restarts(root: Path, addr: str, count: int) -> list[float]:
+def bare_restarts(
+    root: Path, addr: str, count: int, tls: Mapping[str, str] | None = None
+) -> list[float]:
     """The reference server's own restart, ``count`` times: SIGTERM, exit, start, first 200
-    on its health path (polled every 5 ms)."""
+    on its health path (polled every 5 ms). With ``tls`` (``switched_files``: a switched
+    node's certificate, key, client CA and password verifier) it listens on https alone, as
+    a node does after its enable-tls switch, and is polled over https."""
     times: list[float] = []
-    with RefServer(root, addr) as server:
+    # (the [server] keys as RefServer takes them: its typed keywords do not fit these)
+    settings: dict[str, Any] = {"listen": ("https",), **tls} if tls is not None else {}
+    with RefServer(root, addr, **settings) as server:
+        context = None
+        if tls is not None:
+            # The node's certificate names the node's address, not this server's: the chain
+            # is still checked against the cluster CA, the name is not.
+            context = client_context(Path(tls["client_ca_file"]).read_bytes())
+            context.check_hostname = False
+        scheme = "https" if tls else "http"
         server.start()
         for _ in range(count):
             assert server.proc is not None
@@ -145,15 +168,48 @@ def bare_restarts(root: Path, addr: str, count: int) -> list[float]:
             server.proc.send_signal(signal.SIGTERM)
             server.proc.wait(15)
             server.spawn()
+            deadline = time.monotonic() + START_TIMEOUT
             while True:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"refserver not answering on {scheme}:\n{server.log()}")
                 with contextlib.suppress(OSError):
-                    if server.request("GET", "health", timeout=1).status == 200:
+                    answer = server.request(
+                        "GET", "health", scheme=scheme, context=context, timeout=1
+                    )
+                    if answer.status == 200:
                         break
                 if server.proc.poll() is not None:
                     raise RuntimeError(f"refserver exited on restart:\n{server.log()}")
                 time.sleep(0.005)
             times.append(time.perf_counter() - t0)
     return times
+
+
+TLS_FILES = ("cert_file", "key_file", "client_ca_file", "auth_verifier_file")
+
+
+def switched_files(node: Node) -> dict[str, str]:
+    """The files a switched node's server config names (``TLS_FILES``; the agent wrote that
+    config at the switch): for a bare restart with the node's config after the switch."""
+    server = tomllib.loads(node.server.config_path.read_text())["server"]
+    return {key: str(server[key]) for key in TLS_FILES if key in server}
+
+
+def bare_restarts_both(
+    root: Path, addr: str, count: int, tls: Mapping[str, str]
+) -> tuple[list[float], list[float]]:
+    """``bare_restarts`` on http (the config before the switch) and on https with ``tls``
+    (a node's config after it) in turn, one restart of each at a time, so that both meet the
+    same load: the http ones, the https ones."""
+    http: list[float] = []
+    https: list[float] = []
+    for i in range(count):
+        for scheme in ("http", "https") if i % 2 == 0 else ("https", "http"):
+            if scheme == "https":
+                https += bare_restarts(root / "https", addr, 1, tls)
+            else:
+                http += bare_restarts(root / "http", addr, 1)
+    return http, https
 
 
 def restarts_while_writing(
@@ -221,6 +277,10 @@ class Run:
     start_cpu: float = 0.0
     idle_rate: float = 0.0
     window: float = 0.0  # seconds the rollout's switches were counted over
+    # After the rollout (idle, no writer), in turn: the bare restart on http (the config
+    # before the switch) and on https with a switched node's files (its config after it).
+    bare_http_after: list[float] = field(default_factory=list)
+    bare_https: list[float] = field(default_factory=list)
 
     @property
     def net_switches(self) -> float:
@@ -249,6 +309,12 @@ class Run:
     def freeze_excess_idle(self) -> list[float]:
         """The same against the bare restart on an idle machine (no writer)."""
         bare = median(self.bare)
+        return [f - bare for f in self.freezes]
+
+    def freeze_excess_after(self, scheme: str) -> list[float]:
+        """Each node's freeze window less the median bare restart after the rollout on
+        ``scheme`` (http: the config before the switch; https: a node's after it)."""
+        bare = median(self.bare_https if scheme == "https" else self.bare_http_after)
         return [f - bare for f in self.freezes]
 
 
@@ -335,6 +401,11 @@ def one_run(
             thread.join(10)
             view = get_schema(channel, view.id)
         bare_loaded += restarts_while_writing(root / "bare-after", nodes, ca, restarts // 2)
+        # The server's own restart with the config a node runs after its switch (https alone,
+        # its certificate, client CA and password verifier) beside the same on http, in turn.
+        http_after, https_after = bare_restarts_both(
+            root / "bare-both", address(1), restarts, switched_files(nodes[0])
+        )
         by_kind: dict[str, dict[str, float]] = {}
         if sampler is not None:
             sampler.__exit__(None, None, None)
@@ -376,6 +447,8 @@ def one_run(
             idle_rate=idle_rate,
             window=window,
             restart_cpu=by_kind,
+            bare_http_after=http_after,
+            bare_https=https_after,
             gaps=switch_gaps(view),
             parts=overhead_parts(view),
             steps=switch_steps(view, nodes),
@@ -396,34 +469,47 @@ def cpu_beside_restarts(
     ``rollout``: from its first server's ``server.stopping`` to the agent's server's
     ``server.started``; the Ansible playbook's restart of the same server, earlier, is not
     one), and the bare restarts, idle and while the writer posts. Windows the sampler did not
-    cover are left out."""
-    groups: dict[str, list[tuple[float, float]]] = {
+    cover are left out. In a managed restart the restarting node's own processes (its agent,
+    its crypto worker, its old and new server) count apart, as "(this node)": what the agent
+    itself spends beside its restart, against what the other nodes' agents, crypto workers and
+    servers (the next node's preparation, the writer's posts) take from the same two cores."""
+    groups: dict[str, list[tuple[float, float, frozenset[int]]]] = {
         "managed": [
-            (start, end)
+            (start, end, own_pids(n))
             for n in nodes
             if n.agent is not None
             for start, end in restart_windows(n.server.log_path, n.agent.data_dir / "refserver.log")
             if rollout[0] <= start and end <= rollout[1]
         ],
-        "bare": restart_windows(root / "bare" / "refserver.log"),
+        "bare": [(*w, frozenset()) for w in restart_windows(root / "bare" / "refserver.log")],
         "bare, writer": [
-            w
+            (*w, frozenset())
             for d in ("bare-before", "bare-after")
             for w in restart_windows(root / d / "refserver.log")
         ],
     }
     found: dict[str, dict[str, float]] = {}
     for label, all_windows in groups.items():
-        windows = [w for w in all_windows if sampler.covers(*w)]
+        windows = [w for w in all_windows if sampler.covers(w[0], w[1])]
         total: dict[str, float] = {"window": 0.0}
-        for start, end in windows:
+        for start, end, mine in windows:
             total["window"] += end - start
-            for kind, used in sampler.in_window(start, end).items():
+            for kind, used in sampler.in_window(start, end, mine).items():
                 total[kind] = total.get(kind, 0.0) + used
         if windows:
             found[label] = {k: v / len(windows) for k, v in total.items()}
             found[label]["count"] = len(windows)
     return found
+
+
+def own_pids(node: Node) -> frozenset[int]:
+    """The pids of ``node``'s processes the benchmark started: its agent and the reference
+    server it started before the agent took it over (``CpuByKind.in_window`` counts their
+    children with them)."""
+    pids = {node.agent.pid} if node.agent is not None and node.agent.proc is not None else set()
+    if node.server.proc is not None:
+        pids.add(node.server.proc.pid)
+    return frozenset(pids)
 
 
 def switch_gaps(view: schema_pb2.RolloutView) -> list[float]:
@@ -674,6 +760,20 @@ def report(runs: Sequence[Run]) -> None:
         f"{summary([median(r.freeze_excess_idle) for r in runs], 'ms', ms, 0)} (median node; "
         "against the bare restart with no writer)"
     )
+    if all(r.bare_https for r in runs):
+        print(
+            "  bare restart after, in turn: "
+            f"http {summary([median(r.bare_http_after) for r in runs], 'ms', ms, 0)}, "
+            f"https {summary([median(r.bare_https) for r in runs], 'ms', ms, 0)} (idle, after "
+            "the rollout; https: a switched node's config, its certificate, client CA and "
+            "verifier)"
+        )
+        for scheme, what in (("http", "http, as before it"), ("https", "https, as after it")):
+            excess = [median(r.freeze_excess_after(scheme)) for r in runs]
+            print(
+                f"  freeze − bare {scheme + ' restart:':15s}{summary(excess, 'ms', ms, 0)} "
+                f"(median node; against that bare restart after the rollout: {what})"
+            )
     print(
         "  freeze − own restart:     "
         f"{summary([median(r.freeze_own) for r in runs], 'ms', ms, 0)} (median node); "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -130,6 +131,61 @@ def test_cpu_by_kind_counts_a_process_begun_inside_a_window_from_zero() -> None:
     assert used == {
         "reference server": 30 / os.sysconf("SC_CLK_TCK"),
         "agent": 4 / os.sysconf("SC_CLK_TCK"),
+    }
+
+
+def test_cpu_by_kind_counts_one_node_s_processes_and_their_children_apart() -> None:
+    """Issue 15 (session 70): a managed restart's window, split by node: the restarting
+    node's agent and its children (its crypto worker, the server it starts) count as "(this
+    node)", another node's agent and crypto worker under their plain kind, so that what the
+    agent spends beside its own restart is told from the next node's preparation."""
+    from bench.common import THIS_NODE, CpuByKind
+
+    sampler = CpuByKind()
+    tick = os.sysconf("SC_CLK_TCK")
+    sampler.kinds = {
+        (10, 1): "agent",  # this node's agent
+        (11, 1): "crypto worker",  # its child
+        (12, 1): "reference server",  # the server it started, its child too
+        (20, 1): "agent",  # another node's
+        (21, 1): "crypto worker",
+    }
+    sampler.parents = {(10, 1): 5, (11, 1): 10, (12, 1): 10, (20, 1): 5, (21, 1): 20}
+    sampler.series = {key: [(9.0, 0), (11.0, 10)] for key in sampler.kinds}
+    sampler.span = (9.0, 11.0)
+    assert sampler.in_window(9.5, 11.0, mine=frozenset({10})) == {
+        "agent" + THIS_NODE: 10 / tick,
+        "crypto worker" + THIS_NODE: 10 / tick,
+        "reference server" + THIS_NODE: 10 / tick,
+        "agent": 10 / tick,
+        "crypto worker": 10 / tick,
+    }
+    assert sampler.in_window(9.5, 11.0) == {
+        "agent": 20 / tick,
+        "crypto worker": 20 / tick,
+        "reference server": 10 / tick,
+    }
+
+
+def test_the_bare_https_restart_takes_a_switched_node_s_files(tmp_path: Path) -> None:
+    """Session 70: the bare restart "as after the switch" runs with the files the node's
+    server config names once the agent rewrote it (certificate, key, client CA, verifier),
+    and nothing else of that config (its address, ports and data dir are the bench's own)."""
+    from bench.rollout import switched_files
+
+    config = tmp_path / "refserver.toml"
+    config.write_text(
+        "[server]\n"
+        'address = "127.0.0.9"\nlisten = ["https"]\ndata_dir = "/x/data"\n'
+        'cert_file = "/x/c.pem"\nkey_file = "/x/k.pem"\nclient_ca_file = "/x/ca.pem"\n'
+        'auth_verifier_file = "/x/auth.json"\n'
+    )
+    node = SimpleNamespace(server=SimpleNamespace(config_path=config))
+    assert switched_files(node) == {  # type: ignore[arg-type]
+        "cert_file": "/x/c.pem",
+        "key_file": "/x/k.pem",
+        "client_ca_file": "/x/ca.pem",
+        "auth_verifier_file": "/x/auth.json",
     }
 
 
