@@ -930,9 +930,9 @@ class Runner:
         for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
             if unproved:
                 lifted = (
-                    f"the freeze is kept: {unproved} (writes stay refused until the agent,"
-                    " started again, carries the transaction on: see the last error; a full"
-                    " disk under the journal must be freed first)"
+                    f"the freeze is kept: {unproved} (writes stay refused until the agent"
+                    " carries the transaction on: see the last error; a full disk under the"
+                    " journal must be freed first)"
                 )
                 log.error(
                     "txn.freeze_kept", rollout_id=txn.rollout_id, kind=txn.kind, detail=unproved
