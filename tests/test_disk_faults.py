@@ -330,6 +330,10 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
         assert listed.returncode == 0, listed.stderr
         return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
 
+    def problem() -> str:  # (the schema's, asked from this process: cheap to poll)
+        said = [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name]
+        return f"{said[0]['kind']}: {said[0]['problem']}" if said else ""
+
     with tmpfs(data, "4m"), contextlib.closing(sqlite3.connect(data / "journal.sqlite3")) as db:
         shutil.copytree(kept, data, symlinks=True, dirs_exist_ok=True)
         # Its WAL emptied into the file (the next write needs new blocks: a WAL with room
@@ -339,12 +343,14 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
         try:
             agent.start()  # without the crash hook
             said = "needs the admin: its journal cannot be written (database or disk is full"
-            wait_until(lambda: shown().startswith(said), 60, "tlsroll nodes to say so")
+            wait_until(
+                lambda: problem().startswith(f"needs-admin: {node.name} {said}"),
+                60,
+                "the schema's node problems to say so",
+                interval=0.2,
+            )
+            assert shown().startswith(said)  # `tlsroll nodes`
             assert "the switch of rollout jfull waits mid-way, writes refused" in shown()
-            [problem] = [
-                p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name
-            ]
-            assert problem["kind"] == "needs-admin", problem
             assert agent.running
             status = node.admin_status()
             assert (node.server_pid(), status["frozen"]) == (pid, True)  # no restart, no lift
@@ -355,7 +361,8 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
         assert txn.outcome == "completed", txn.reason
         assert_on_https(node, staged.fingerprint)
         assert agent.running
-        wait_until(lambda: not shown().startswith("needs the admin"), 30, "the note to go")
+        wait_until(lambda: not problem(), 30, "the node problem to go", interval=0.2)
+        assert not shown().startswith("needs the admin")
         assert agent.stop() == 0  # (before the unmount: the journal lives there)
 
 
