@@ -883,8 +883,9 @@ class Filling(CrashingJournal):
         self._write("probe", super().probe)
 
 
+@pytest.mark.parametrize("end", ["room again", "agent stopped"])
 async def test_an_agent_started_again_on_a_full_journal_restarts_nothing_and_holds_the_switch(
-    world: Callable[..., World],
+    end: str, world: Callable[..., World]
 ) -> None:
     """Session 70 (keptfreeze, M): a switch died on a full disk under the journal with the
     target restarted and never verified: the freeze is kept and the agent exited. Started
@@ -894,7 +895,9 @@ async def test_an_agent_started_again_on_a_full_journal_restarts_nothing_and_hol
     a transaction resumed first makes a write to its journal: none takes, so nothing is done
     to the server; the agent does not exit but holds the switch, frozen, and says why (its
     view of its server: "needs the admin: its journal cannot be written ..."). Once the
-    journal takes writes again, it carries the switch on by itself, to its outcome."""
+    journal takes writes again, it carries the switch on by itself, to its outcome. Stopped
+    while it holds it, the agent stops at once (nothing to let end: the grace is not waited
+    for), and the next start carries it on."""
     sc = SCENARIOS["verify_fails"]
     w = world(sc)
     await died_on_full(w, "restarted")
@@ -926,6 +929,17 @@ async def test_an_agent_started_again_on_a_full_journal_restarts_nothing_and_hol
     assert not view.healthy and view.detail == f"needs the admin: {why}", view
     assert transaction.HOLD_BACKOFF.delay(1) in w.time.slept  # it asks again with backoff
 
+    if end == "agent stopped":
+        closing = asyncio.ensure_future(runner.close(3600))
+        await asyncio.sleep(0)  # the stop has begun, up to its first wait
+        assert task.cancelling() or task.done(), "the held switch is not stopped at once"
+        await closing
+        assert runner.needs_admin() is None and s.ops == [] and s.frozen
+        journal.close()
+        _, resumed = await w.resume()  # started again, with room
+        w.assert_ended_well(resumed)
+        resumed.close()
+        return
     journal.full = False  # room again: the switch goes on in the same agent
     done = await task
     assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
