@@ -115,6 +115,7 @@ from leader.schema_view import CHECK_AGENT, report_problems, waiting_for
 from leader.store import IssuedCert, Node, NotFound, Store, elapsed
 from leader.store_health import StoreHealth
 from tlsroll import dbthread, logs, pki
+from tlsroll.enums import NEEDS_ADMIN
 from tlsroll.errors import TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2
 
@@ -262,10 +263,17 @@ def silent_note(step: Step, last: dt.datetime, began: dt.datetime, now: dt.datet
     )
 
 
+MID_STEP = "; its {step} waits: the leader keeps asking and records the outcome when it goes on"
+"""How a switching node's note ends when its agent says the node needs the admin
+(``Engine._needs_admin_note``)."""
+
+
 def _answered(reason: str) -> bool:
     """Whether ``reason`` is a note that an answer of the agent ends (``Engine._record``): its
-    silence, or its being unreachable mid-switch."""
-    return reason.startswith((UNKNOWN, SILENT))
+    silence, its being unreachable mid-switch, or its saying it needs the admin mid-switch."""
+    return reason.startswith((UNKNOWN, SILENT)) or (
+        reason.startswith(NEEDS_ADMIN) and reason.endswith(MID_STEP.split("{step}")[1])
+    )
 
 
 def crash_fields(exc: BaseException) -> dict[str, str]:
@@ -286,6 +294,10 @@ class Engine:
     # (``_Silence``): ``SILENT_AFTER``, shorter only in a test (the leader sets it:
     # ``silent_after``).
     silent_after: float = SILENT_AFTER
+    # What a node's agent says of its server on its heartbeats (``LeaderState.live_servers``:
+    # "needs the admin: <why>" for one whose transaction is held on a journal it cannot write);
+    # set by the leader. A switching node's note says it, not "unreachable" (session 70).
+    live_server: Callable[[str], str] | None = None
 
     def __init__(
         self,
@@ -1201,7 +1213,7 @@ class Engine:
             self.wake.set()
             return
         if step.step in (Step.SWITCH, Step.CONFIRM) and now - first >= UNKNOWN_AFTER:
-            reason = (
+            reason = self._needs_admin_note(step) or (
                 f"{UNKNOWN} {stamp}: {why}; it may be mid-switch (writes refused); the leader "
                 "keeps asking and records the outcome when it answers"
             )
@@ -1275,6 +1287,15 @@ class Engine:
             held.clear()
             held.update(kept)
 
+    def _needs_admin_note(self, step: planner.StepAction) -> str:
+        """The note of a node whose ``step`` waits while its agent says, on its heartbeats,
+        that the node needs the admin (a transaction held on a journal it cannot write: the
+        agent is up, its watch says nothing), or ""."""
+        said = self.live_server(step.node) if self.live_server is not None else ""
+        if not said.startswith(NEEDS_ADMIN):
+            return ""
+        return f"{said}{MID_STEP.format(step=step.step.value)}"
+
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
         await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
@@ -1323,10 +1344,20 @@ class Engine:
         quiet = dt.timedelta(seconds=SILENT_HEARTBEATS * self.heartbeat_interval)
         silent = last is not None and now - last > quiet
         noted: list[str] = []
+        # Heard, and saying the node needs the admin (``_needs_admin_note``): that, not silence.
+        held = "" if silent else self._needs_admin_note(step)
+        admin: list[str] = []
 
         def change(r: NodeRecord) -> NodeRecord:
             if STEP_FOR_STATE.get(r.state) is not step.step:
                 return r  # its outcome is written (or an abort skipped it)
+            if held:
+                if r.reason != held and (not r.reason or _answered(r.reason)):
+                    admin.append(held)
+                    return replace(r, reason=held)
+                return r
+            if r.reason.startswith(NEEDS_ADMIN) and _answered(r.reason):
+                r = replace(r, reason="")  # no longer said (or the agent is silent now)
             if silent and not r.reason:
                 assert last is not None
                 noted.append(silent_note(step.step, last, began, now))
@@ -1336,6 +1367,14 @@ class Engine:
             return r
 
         await self._save_node(rollout_id, step.node, change)
+        if admin:
+            log.warning(
+                "step.needs_admin",
+                rollout_id=rollout_id,
+                node=step.node,
+                step=step.step.value,
+                reason=admin[0],
+            )
         if noted:
             log.warning(
                 "step.agent_silent",

@@ -1041,6 +1041,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         node_problem=state.node_problem,
     )
     engine.store_health = health
+    engine.live_server = lambda name: state.live_servers.get(name, "")
     engine.silent_after = silent_after(os.environ)
     if engine.silent_after != SILENT_AFTER:
         _test_hook(TEST_SILENT_AFTER_ENV, engine.silent_after)

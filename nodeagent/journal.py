@@ -648,6 +648,13 @@ class Journal:
         no read of the file)."""
         return self._needs_admin
 
+    def probe(self) -> None:
+        """A write that takes only where the journal can be written now (a full disk under it
+        refuses it): the runner's look before a transaction resumed or restarted acts, and
+        while one is held (``Runner._probe``). It records when, in ``meta``."""
+        with self._tx() as db:
+            self._set_meta(db, "probed_at", dt.datetime.now(dt.UTC).isoformat())
+
     def clear_needs_admin(self) -> str | None:
         """The admin checked the node (``tlsroll-agent --journal-checked``): ``needs_admin``
         forgotten; returns what it was."""

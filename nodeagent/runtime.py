@@ -683,6 +683,7 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
             service.sweep_stages()
 
         runner.on_end = ended
+        runner.on_held = link.beat_soon  # "needs the admin" said at once, and its end
     service.on_freeze_change = link.beat_soon  # "frozen" shown as it is now, not an interval on
     link.bootstrap_problem = lambda: bootstrap.problem
     link.on_removed = bootstrap.set_removed  # a removed node takes no workstation password

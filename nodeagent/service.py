@@ -456,6 +456,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if (why := self.journal.needs_admin()) is not None:
             raise failed_precondition(f"{NEEDS_ADMIN}{why}")
 
+    def _needs_admin(self) -> str | None:
+        """Why the node needs the admin now: its journal put back from a copy (above), or a
+        transaction held on a journal that cannot be written (``Runner.needs_admin``)."""
+        if (why := self.journal.needs_admin()) is not None:
+            return why
+        return self.runner.needs_admin() if self.runner is not None else None
+
     async def server_view(self) -> agent_pb2.ServerView:
         """What the managed server runs now (for the heartbeats), once a restart this agent's
         own transaction makes has ended (waited for at most ``RESTART_VIEW_WAIT`` in all): a
@@ -487,7 +494,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver = self.driver
         # A journal put back from a copy whose transaction what the server runs did not settle
         # (``nodeagent.journal``): not planned or switched until the admin checked the node.
-        if (why := self.journal.needs_admin()) is not None:
+        if (why := self._needs_admin()) is not None:
             detail = f"{NEEDS_ADMIN}{why}"
             return agent_pb2.ServerView(
                 driver=driver.name,
@@ -766,7 +773,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise
         facts, unread, local, edited = await local_checks
         problems = [unread] if unread else []  # in the order they were always found
-        if (why := self.journal.needs_admin()) is not None:  # first: what to do first
+        if (why := self._needs_admin()) is not None:  # first: what to do first
             problems.insert(0, f"{NEEDS_ADMIN}{why}")
         if health is not None:
             problems.append(f"{SERVER_NOT_HEALTHY}{of_server(health)}")

@@ -54,6 +54,14 @@ last phase says the server may run a config no verify passed and the server does
 outside that it runs the one that phase leads to: then the freeze is kept, ``_unproved``) and
 sets ``dead``: the daemon then exits non-zero so that the service manager restarts it, and the next
 start resumes the transaction from the journal. Never a live agent with a dead transaction.
+But where the journal still cannot be written then (a full disk under the data dir: a restart
+changes nothing), the agent does not exit: the transaction is held (``held``, after the same
+lift or kept freeze), the agent's view of its server says the node needs the admin and why
+(``Runner.needs_admin``), and the task asks the journal again with backoff (``HOLD_BACKOFF``)
+and carries the transaction on once a write takes (session 70). A transaction resumed or
+restarted first makes a write to its journal (``_probe``): a journal that cannot be written
+makes no action on the server (the restart of a server left at ``config_written``
+came again at each start of the agent, four times, while the disk stayed full).
 
 The runner does no blocking work on the event loop: journal writes, config files and the
 outside checks run in threads. Time (``clock``, ``sleep``) and the outside checks
@@ -155,6 +163,9 @@ SPACE_BACKOFF = Policy(free=0, base=0.5, cap=10.0, forget=3600.0)
 # dies once more, the agent exits (see the module docstring)
 TASK_RESTARTS = 3
 TASK_BACKOFF = Policy(free=1, base=1.0, cap=8.0, forget=3600.0)
+# a transaction held on a journal that cannot be written asks it again after 2 s, 4 s, 8 s ...
+# then every minute (``Runner._hold``), and logs that it still waits at a bounded rate
+HOLD_BACKOFF = Policy(free=0, base=2.0, cap=60.0, forget=3600.0)
 EXIT_UNFREEZE_ATTEMPTS = 3  # before the agent exits: a few quick tries, the next start resumes
 LATEST_KEPT = 8  # transactions whose last record ``TxnChanges`` keeps for the watch
 # How much later than its time stamp a file may have been written (``_not_loaded``): the
@@ -357,6 +368,11 @@ def worth_logging(attempt: int, since_logged: float) -> bool:
     """Retries are logged at a bounded rate: the first three, then the 4th, 8th, 16th ...,
     and at least one every ``UNFREEZE_LOG_EVERY`` seconds."""
     return attempt <= 3 or attempt & (attempt - 1) == 0 or since_logged >= UNFREEZE_LOG_EVERY
+
+
+class JournalUnwritable(TransientError):
+    """A transaction resumed or restarted found that its journal takes no write
+    (``Runner._probe``): nothing was done to the server; counted as a death of its task."""
 
 
 class TxnDied(TransientError):
@@ -613,6 +629,11 @@ class Runner:
         # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
         self.dead = asyncio.Event()
         self.fatal = ""
+        # The transactions held because their journal cannot be written (``_hold``): why, in
+        # one line, which the agent's view of its server says after "needs the admin: ".
+        self.held: dict[tuple[str, str], str] = {}
+        self.held_said = ""  # the last hold's whole line (``txn.held``: what ``_die`` did too)
+        self.on_held: Callable[[], object] | None = None  # told when a hold begins or ends
         self._owed: asyncio.Task[None] | None = None  # lifts a freeze a failed transaction owes
         self.changes = TxnChanges()  # set after every journalled phase (WatchTransaction)
         # A switch's target config, staged before its freeze (``stage``), and
@@ -840,6 +861,8 @@ class Runner:
         the next start resume them)."""
         if self._owed is not None:
             self._owed.cancel()  # the journal keeps what is owed for the next start
+        for key in list(self.held):  # waiting for the journal: nothing to let end
+            self.tasks[key].cancel()
         running = [t for t in self.tasks.values() if not t.done()]
         if running:
             await asyncio.wait(running, timeout=grace)
@@ -859,23 +882,28 @@ class Runner:
         deaths = 0
         while True:
             try:
+                if begun is None and (unwritable := await self._probe(txn)):
+                    raise JournalUnwritable(unwritable)
                 return await self.run(txn, begun, staged)
             except Exception as exc:
                 deaths += 1
                 error = describe(exc)
                 if deaths > TASK_RESTARTS:
-                    await self._die(txn, deaths, error)
-                    raise TxnDied(error) from exc
-                wait = TASK_BACKOFF.delay(deaths)
-                log.error(
-                    "txn.crashed",
-                    rollout_id=txn.rollout_id,
-                    kind=txn.kind,
-                    error=error,
-                    restart_in=wait,
-                    restarts_left=TASK_RESTARTS - deaths + 1,
-                )
-            await self.sleep(wait)
+                    if not await self._die(txn, deaths, error):
+                        raise TxnDied(error) from exc
+                    deaths, wait = 0, 0.0  # held until the journal took a write (``_die``)
+                else:
+                    wait = TASK_BACKOFF.delay(deaths)
+                    log.error(
+                        "txn.crashed",
+                        rollout_id=txn.rollout_id,
+                        kind=txn.kind,
+                        error=error,
+                        restart_in=wait,
+                        restarts_left=TASK_RESTARTS - deaths + 1,
+                    )
+            if wait:
+                await self.sleep(wait)
             begun, staged = None, None  # restarted: what was last journalled is read again
             try:
                 latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
@@ -889,10 +917,12 @@ class Runner:
             txn = latest or txn
             log.warning("txn.restarting", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
 
-    async def _die(self, txn: Txn, deaths: int, error: str) -> None:
+    async def _die(self, txn: Txn, deaths: int, error: str) -> bool:
         """The task died for good: lift the freeze unless a scope freeze holds it (its lease
         bounds it) or the server does not prove it runs a verified config (``_unproved``: the
-        freeze is then kept, and the line says why), and tell the daemon to exit. Each attempt
+        freeze is then kept, and the line says why), and tell the daemon to exit; or, where
+        the journal still cannot be written (``_probe``), hold the transaction until it can
+        (``_hold``, returning True): a new agent process would find the same disk. Each attempt
         looks at the lease and lifts under ``freeze_lock``; the backoff between attempts is
         outside it."""
         lifted = ""
@@ -900,9 +930,9 @@ class Runner:
         for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
             if unproved:
                 lifted = (
-                    f"the freeze is kept: {unproved} (writes stay refused until the agent,"
-                    " started again, carries the transaction on: see the last error; a full"
-                    " disk under the journal must be freed first)"
+                    f"the freeze is kept: {unproved} (writes stay refused until the agent"
+                    " carries the transaction on: see the last error; a full disk under the"
+                    " journal must be freed first)"
                 )
                 log.error(
                     "txn.freeze_kept", rollout_id=txn.rollout_id, kind=txn.kind, detail=unproved
@@ -921,6 +951,9 @@ class Runner:
             if attempt < EXIT_UNFREEZE_ATTEMPTS:
                 await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
         put_back = await self._source_back(txn)
+        if unwritable := await self._probe(txn):
+            await self._hold(txn, unwritable, kept=bool(unproved), said=f"{lifted}{put_back}")
+            return True
         self.fatal = (
             f"the {txn.kind} transaction of rollout {txn.rollout_id} died {deaths} times"
             f" (last: {error}); {lifted}{put_back}; exiting so that the service manager restarts"
@@ -928,6 +961,73 @@ class Runner:
         )
         log.error("txn.died", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.fatal)
         self.dead.set()
+        return False
+
+    async def _probe(self, txn: Txn) -> str:
+        """Before a transaction resumed or restarted acts, and before the agent exits on a dead
+        one: whether the journal takes a write now (``Journal.probe``). "" if it did (or the
+        transaction has ended), else why not, in a few words (SQLite's: "database or disk is
+        full (SQLITE_FULL)"). A read that fails says nothing (``run`` meets it)."""
+        try:
+            latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
+        except Exception:
+            latest = None
+        if (latest or txn).finished:
+            return ""
+        try:
+            await dbthread.run(self.journal.probe)
+        except Exception as exc:
+            said = str(exc) or type(exc).__name__
+            return said.removeprefix(f"journal {self.journal.path}: ")[:100]
+        return ""
+
+    def needs_admin(self) -> str | None:
+        """Why the node needs the admin now (a transaction held: ``_hold``), else None."""
+        return next(iter(self.held.values()), None)
+
+    async def _hold(self, txn: Txn, unwritable: str, *, kept: bool, said: str) -> None:
+        """The task died for good and the journal still cannot be written (``unwritable``):
+        say so (``held``: the agent's view of its server, hence the leader's `tlsroll nodes`,
+        schema and rollout status) and ask the journal again with backoff (``HOLD_BACKOFF``)
+        until a write takes; the task then carries the transaction on from the journal. The
+        server is left as ``_die`` left it (``kept``: frozen; ``said``: what was done)."""
+        key = (txn.rollout_id, txn.kind.value)
+        self.held[key] = (
+            f"its journal cannot be written ({unwritable}): the {txn.kind} of rollout"
+            f" {txn.rollout_id} waits mid-way{', writes refused' if kept else ''}; free space"
+            f" in {self.journal.path.parent} (the agent then carries it on by itself)"
+        )
+        self.held_said = f"{self.held[key]}; {said.removeprefix('; ')}"
+        log.error("txn.held", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.held_said)
+        self._tell_held()
+        try:
+            attempt, logged = 0, time.monotonic()
+            while True:
+                attempt += 1
+                await self.sleep(HOLD_BACKOFF.delay(attempt))
+                if not (unwritable := await self._probe(txn)):
+                    break
+                if worth_logging(attempt, time.monotonic() - logged):
+                    logged = time.monotonic()
+                    log.warning(
+                        "txn.still_held", rollout_id=txn.rollout_id, kind=txn.kind, error=unwritable
+                    )
+        finally:
+            del self.held[key]
+            self._tell_held()
+        log.warning(
+            "txn.carried_on",
+            rollout_id=txn.rollout_id,
+            kind=txn.kind,
+            detail="the journal takes writes again: the transaction goes on",
+        )
+
+    def _tell_held(self) -> None:
+        if self.on_held is not None:
+            try:
+                self.on_held()
+            except Exception as exc:  # a listener's trouble is not the transaction's
+                log.error("txn.on_held_failed", error=describe(exc))
 
     async def _unproved(self, txn: Txn) -> str:
         """Before the agent exits on a dead task: why the freeze must not be lifted ("" if it

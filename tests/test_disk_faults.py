@@ -10,6 +10,8 @@ of a full disk and I/O errors).
   than leave it answering with no rollout moving.
 - An admin command on a leader whose disk is full says so (UNAVAILABLE with SQLite's words and
   code), not "internal error".
+- An agent whose journal cannot be written mid-switch (its data dir on a full tmpfs) restarts
+  nothing, holds the switch and says the node needs the admin, and carries it on with room.
 - The smaller ones: a staged file's write error names the file; a failing ROLLBACK does not
   hide the error that made it; a daemon's OSError line never says ": None".
 
@@ -294,6 +296,74 @@ def test_an_agent_whose_log_disk_fills_mid_run_completes_a_switch_and_tells_the_
         assert lost["lost"] >= 1
         assert names.index("log.lines_lost") < names.index("agent.stopped")
         assert "txn.step" not in names  # written while full: lost, not written late
+
+
+def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_needs_the_admin(
+    make_node: NodeFactory, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Session 70 (keptfreeze): the disk under the agent's data dir is full while a switch is
+    mid-way (here: the agent killed right after journalling ``config_written``, then its data
+    dir on a full tmpfs). Started again, the agent resumed the switch: it restarted the
+    managed server, could not journal that, and exited after four tries (the server restarted
+    four times at each start, systemd starting it every few seconds), and the leader showed an
+    unreachable node. Now it makes no restart while the journal takes no write: it holds the
+    switch, frozen, stays up and says why, which `tlsroll nodes` and the schema's node problems
+    show ("needs the admin: its journal cannot be written ..."); with room again it carries the
+    switch on by itself, to its end."""
+    node = make_node(env={CRASH_ENV: "config_written"})
+    agent = node.agent
+    assert agent is not None and agent.proc is not None
+    staged = node.stage("jfull")
+    try:
+        node.switch("jfull")
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    agent.proc.wait(30)
+    pid = node.server_pid()
+    assert node.admin_status()["frozen"] is True
+    data = agent.data_dir
+    kept = tmp_path / "data-kept"
+    shutil.copytree(data, kept, symlinks=True)
+
+    def shown() -> str:
+        listed = cluster.cli("nodes", "--json")
+        assert listed.returncode == 0, listed.stderr
+        return str(next(n for n in json.loads(listed.stdout) if n["name"] == node.name)["server"])
+
+    def problem() -> str:  # (the schema's, asked from this process: cheap to poll)
+        said = [p for p in cluster.schema_json()["node_problems"] if p["node"] == node.name]
+        return f"{said[0]['kind']}: {said[0]['problem']}" if said else ""
+
+    with tmpfs(data, "4m"), contextlib.closing(sqlite3.connect(data / "journal.sqlite3")) as db:
+        shutil.copytree(kept, data, symlinks=True, dirs_exist_ok=True)
+        # Its WAL emptied into the file (the next write needs new blocks: a WAL with room
+        # left is written over from its start), its -shm kept by this open connection.
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = fill(data)
+        try:
+            agent.start()  # without the crash hook
+            said = "needs the admin: its journal cannot be written (database or disk is full"
+            wait_until(
+                lambda: problem().startswith(f"needs-admin: {node.name} {said}"),
+                60,
+                "the schema's node problems to say so",
+                interval=0.2,
+            )
+            assert shown().startswith(said)  # `tlsroll nodes`
+            assert "the switch of rollout jfull waits mid-way, writes refused" in shown()
+            assert agent.running
+            status = node.admin_status()
+            assert (node.server_pid(), status["frozen"]) == (pid, True)  # no restart, no lift
+            assert "restart" not in [e.get("step") for e in agent.log_events()]
+        finally:
+            filler.unlink()
+        txn = node.wait_txn("jfull", timeout=90)  # carried on by the same agent process
+        assert txn.outcome == "completed", txn.reason
+        assert_on_https(node, staged.fingerprint)
+        assert agent.running
+        wait_until(lambda: not problem(), 30, "the node problem to go", interval=0.2)
+        assert not shown().startswith("needs the admin")
+        assert agent.stop() == 0  # (before the unmount: the journal lives there)
 
 
 def test_a_leader_whose_stderr_is_dev_full_runs_a_rollout_to_completion(tmp_path: Path) -> None:

@@ -2503,6 +2503,44 @@ async def test_a_switching_node_without_answer_shows_unknown_until_it_answers(
     await leader.stop()
 
 
+async def test_a_switching_node_whose_agent_says_it_needs_the_admin_shows_that_not_unknown(
+    world: World,
+) -> None:
+    """Session 70 (keptfreeze): an agent whose switch is held on a journal it cannot write (a
+    full disk) stays up and says on its heartbeats that the node needs the admin, and why
+    (``LeaderState.live_servers``); its switch's watch brings nothing. The node's reason said
+    "unknown — agent unreachable since …", and the admin looked at the network, not at the
+    node's disk. It says what the agent said now, while the leader keeps asking; the outcome
+    replaces it once the agent carries the switch on."""
+    alpha = world.agents["alpha"]
+    switch = alpha.switch
+    said = "needs the admin: its journal cannot be written (database or disk is full)"
+    live = {"alpha": ""}
+
+    async def switch_then_hold(request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        txn = await switch(request)
+        alpha.unreachable = 6  # its watch says nothing for a while (~20 s)
+        live["alpha"] = said
+        alpha.switch = switch  # type: ignore[method-assign]  # once
+        return txn
+
+    alpha.switch = switch_then_hold  # type: ignore[method-assign]
+    leader = world.boot()
+    leader.engine.live_server = lambda name: live.get(name, "")
+    await leader.start()
+    row = await leader.run(until=lambda row: node(row.records, "alpha").reason.startswith(said))
+    reason = node(row.records, "alpha").reason
+    assert node(row.records, "alpha").state is N.SWITCHING
+    assert reason == (
+        f"{said}; its switch waits: the leader keeps asking and records the outcome when it goes on"
+    ), reason
+    live["alpha"] = "https"
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert node(row.records, "alpha") == NodeRecord("alpha", N.DONE)
+    await leader.stop()
+
+
 async def test_an_unreachable_agent_defers_the_step_and_it_runs_again_later(world: World) -> None:
     world.agents["bravo"].unreachable = 3
     leader = world.boot()
@@ -4933,6 +4971,35 @@ async def test_a_look_for_an_agent_s_silence_reads_no_node_from_the_store(
     assert latest is not None
     reason = latest.node(step.node)[0].reason
     assert reason == engine_module.silent_note(Step.PREFLIGHT, heard, began, world.clock.wall())
+
+
+async def test_a_look_at_a_heard_agent_that_says_it_needs_the_admin_notes_that(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 70 (keptfreeze): a step's agent heard on its heartbeats while the step waits,
+    saying the node needs the admin (its transaction held on a journal it cannot write): the
+    look puts that on the node, not "unreachable" nor nothing; once it no longer says so, the
+    note goes."""
+    world, leader, row, step = await a_step_waiting_on_a_silent_agent(tmp_path, monkeypatch)
+    leader.store.heartbeat(
+        step.node, "test", now=world.clock.wall(), features=features.AGENT_FEATURES
+    )  # heard again: not silent
+    said = {step.node: "needs the admin: its journal cannot be written (disk full)"}
+    leader.engine.live_server = lambda name: said.get(name, "")
+
+    def reason() -> str:
+        latest = leader.schema.latest()
+        assert latest is not None
+        return latest.node(step.node)[0].reason
+
+    await leader.engine._look_for_silence(row.rollout.id, step, world.clock.wall())
+    assert reason() == (
+        f"{said[step.node]}; its preflight waits: the leader keeps asking and records the"
+        " outcome when it goes on"
+    )
+    said[step.node] = "http"
+    await leader.engine._look_for_silence(row.rollout.id, step, world.clock.wall())
+    assert reason() == ""
 
 
 async def test_a_look_for_an_agent_s_silence_on_a_full_store_is_the_store_s_trouble(

@@ -701,6 +701,34 @@ class FullJournal(CrashingJournal):
     def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise JournalError(f"journal: database or disk is full ({label})")
 
+    def probe(self) -> None:  # (not in the transcript of a journal that takes writes)
+        self._write("probe", super().probe)
+
+
+def said(runner: Runner) -> str:
+    """What a runner whose task died for good said: the daemon's line as it exits (``fatal``),
+    or, held on a journal that cannot be written, the hold's (``held_said``)."""
+    return runner.fatal or runner.held_said
+
+
+async def settled(runner: Runner) -> bool:
+    """Wait until every task of ``runner`` has ended or one is held on its journal
+    (``Runner._hold``); a held one is then stopped, as the agent's stop would. True if held."""
+    held = asyncio.Event()
+    runner.on_held = held.set
+    if runner.held:  # (held already)
+        held.set()
+    ended: asyncio.Future[list[Any]] = asyncio.ensure_future(
+        asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    )
+    waiting: asyncio.Future[Any] = asyncio.ensure_future(held.wait())
+    await asyncio.wait([ended, waiting], return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if held.is_set():
+        await runner.close(0)
+    await ended
+    return held.is_set()
+
 
 async def test_a_journal_that_cannot_be_written_makes_no_freeze_at_each_start(
     world: Callable[..., World],
@@ -718,8 +746,7 @@ async def test_a_journal_that_cannot_be_written_makes_no_freeze_at_each_start(
         journal = FullJournal(w.journal_path)
         runner = w.runner(journal)
         await runner.resume_all()
-        await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
-        assert runner.dead.is_set()
+        assert await settled(runner)  # (held, session 70: it used to exit)
         assert "freeze" not in w.server.ops and not w.server.frozen, w.server.ops
         journal.close()
 
@@ -739,6 +766,12 @@ class FullFrom(CrashingJournal):
             raise JournalError(f"journal: database or disk is full ({label})")
         return super()._write(label, write, *args, **kwargs)
 
+    def probe(self) -> None:  # fails once full; not in the transcript before
+        if self.full:
+            self._write("probe", super().probe)
+        else:
+            super().probe()
+
 
 async def died_on_full(w: World, full_from: str) -> None:
     """The switch's first task dies as the journal's disk fills from ``full_from`` on (the
@@ -755,9 +788,9 @@ async def started_on_full(w: World, full_from: str) -> Runner:
     journal = FullFrom(w.journal_path, full_from)
     runner = w.runner(journal)
     await runner.resume_all()
-    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    held = await settled(runner)
     journal.close()
-    assert runner.dead.is_set()
+    assert held and not runner.dead.is_set()  # (it exited before session 70)
     return runner
 
 
@@ -781,7 +814,7 @@ async def test_a_transaction_that_dies_after_its_config_write_puts_the_source_ba
     runner = await started_on_full(w, "config_written")
     s = w.server
     assert (s.running, s.config, s.frozen) == (sc.start, sc.start, False), s.ops
-    assert runner.fatal is not None and "the source config was put back" in runner.fatal
+    assert "the source config was put back" in said(runner)
     assert w.row()["phase"] == "frozen"
 
     _, resumed = await w.resume()  # room again
@@ -821,18 +854,99 @@ async def test_a_transaction_that_dies_with_an_unverified_config_live_keeps_the_
     s = w.server
     for start in range(2):  # the agent started again on the disk still full: as it was
         runner = await started_on_full(w, full_from)
-        assert s.frozen is kept, (start, s.ops, runner.fatal)
+        assert s.frozen is kept, (start, s.ops, said(runner))
         if kept:
-            assert "the freeze is kept" in runner.fatal, runner.fatal
+            assert "the freeze is kept" in said(runner), said(runner)
             assert "unfreeze" not in s.ops, s.ops
         else:
-            assert "writes are accepted again" in runner.fatal, runner.fatal
+            assert "writes are accepted again" in said(runner), said(runner)
             assert (s.running, s.config) == (sc.target, sc.target)
             s.watermark += 1  # a write taken, unfrozen: the next start does not freeze again
 
     _, resumed = await w.resume()  # room again
     w.assert_ended_well(resumed)
     resumed.close()
+
+
+class Filling(CrashingJournal):
+    """A journal that takes no write while ``full`` (a full disk under the agent's data dir),
+    its probe included; the disk freed, it takes them again."""
+
+    full = True
+
+    def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.full:
+            raise JournalError(f"journal {self.path}: database or disk is full (SQLITE_FULL)")
+        return super()._write(label, write, *args, **kwargs)
+
+    def probe(self) -> None:
+        self._write("probe", super().probe)
+
+
+@pytest.mark.parametrize("end", ["room again", "agent stopped"])
+async def test_an_agent_started_again_on_a_full_journal_restarts_nothing_and_holds_the_switch(
+    end: str, world: Callable[..., World]
+) -> None:
+    """Session 70 (keptfreeze, M): a switch died on a full disk under the journal with the
+    target restarted and never verified: the freeze is kept and the agent exited. Started
+    again (systemd, every few seconds) on the disk still full, the agent resumed it from
+    ``config_written``: it restarted the server, four times at each start (the record of the
+    restart could not be written), and exited again; the leader saw an unreachable node. Now
+    a transaction resumed first makes a write to its journal: none takes, so nothing is done
+    to the server; the agent does not exit but holds the switch, frozen, and says why (its
+    view of its server: "needs the admin: its journal cannot be written ..."). Once the
+    journal takes writes again, it carries the switch on by itself, to its outcome. Stopped
+    while it holds it, the agent stops at once (nothing to let end: the grace is not waited
+    for), and the next start carries it on."""
+    sc = SCENARIOS["verify_fails"]
+    w = world(sc)
+    await died_on_full(w, "restarted")
+    s = w.server
+    assert (s.running, s.frozen) == (sc.target, True)
+    s.ops.clear()
+
+    journal = Filling(w.journal_path)
+    runner = w.runner(journal)
+    held = asyncio.Event()
+    runner.on_held = held.set
+    trust = LeaderTrust(w.root / "ca.pem", "example.test", w.root / "crl.pem")
+    agent = service.NodeAgentService(
+        cast(Any, None), cast(Any, None), journal, w.driver, runner, w.time.clock, trust=trust
+    )
+    await runner.resume_all()
+    (task,) = runner.tasks.values()
+    await asyncio.wait({task, asyncio.ensure_future(held.wait())}, return_when="FIRST_COMPLETED")
+    assert not task.done() and not runner.dead.is_set(), (s.ops, runner.fatal)
+    assert s.ops == [] and s.frozen and s.running == sc.target, s.ops  # no restart, no lift
+    why = runner.needs_admin()
+    assert why is not None and why.startswith(
+        "its journal cannot be written (database or disk is full (SQLITE_FULL)): the switch of"
+        " rollout r1 waits mid-way, writes refused; free space in "
+    ), why
+    assert str(w.journal_path.parent) in why
+    assert "the freeze is kept" in runner.held_said, runner.held_said
+    view = await agent._view()  # what the heartbeats say, hence the leader
+    assert not view.healthy and view.detail == f"needs the admin: {why}", view
+    assert transaction.HOLD_BACKOFF.delay(1) in w.time.slept  # it asks again with backoff
+
+    if end == "agent stopped":
+        closing = asyncio.ensure_future(runner.close(3600))
+        await asyncio.sleep(0)  # the stop has begun, up to its first wait
+        assert task.cancelling() or task.done(), "the held switch is not stopped at once"
+        await closing
+        assert runner.needs_admin() is None and s.ops == [] and s.frozen
+        journal.close()
+        _, resumed = await w.resume()  # started again, with room
+        w.assert_ended_well(resumed)
+        resumed.close()
+        return
+    journal.full = False  # room again: the switch goes on in the same agent
+    done = await task
+    assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+    assert runner.needs_admin() is None and not runner.dead.is_set()
+    assert not (await agent._view()).detail.startswith("needs the admin"), await agent._view()
+    w.assert_ended_well(journal)
+    journal.close()
 
 
 async def test_a_dying_transaction_keeps_the_freeze_where_the_config_file_is_not_the_target(
@@ -851,8 +965,8 @@ async def test_a_dying_transaction_keeps_the_freeze_where_the_config_file_is_not
     assert s.running == sc.target
     s.config = sc.start
     runner = await started_on_full(w, "verified")
-    assert s.frozen and "unfreeze" not in s.ops, (s.ops, runner.fatal)
-    assert "its config file is not the target" in runner.fatal, runner.fatal
+    assert s.frozen and "unfreeze" not in s.ops, (s.ops, said(runner))
+    assert "its config file is not the target" in said(runner), said(runner)
 
 
 # A certificate's rotation: https before and after, the target told apart by its certificate
@@ -879,8 +993,8 @@ async def test_a_rotation_dying_on_its_way_back_keeps_the_freeze_while_the_targe
     s = w.server
     runner = await started_on_full(w, "restored")
     assert (s.config, s.running) == (OLD_CERT, WRONG_CERT)  # the source on disk, not loaded
-    assert s.frozen and "unfreeze" not in s.ops, (s.ops, runner.fatal)
-    assert "the freeze is kept" in runner.fatal, runner.fatal
+    assert s.frozen and "unfreeze" not in s.ops, (s.ops, said(runner))
+    assert "the freeze is kept" in said(runner), said(runner)
 
     _, resumed = await w.resume()  # room again: the way back ends as it would have
     w.assert_ended_well(resumed)
@@ -903,7 +1017,7 @@ async def test_a_rotation_dying_on_its_way_back_before_any_restart_lifts_the_fre
     s = w.server
     runner = await started_on_full(w, "restored")
     assert (s.config, s.running) == (OLD_CERT, OLD_CERT)
-    assert not s.frozen and "writes are accepted again" in runner.fatal, (s.ops, runner.fatal)
+    assert not s.frozen and "writes are accepted again" in said(runner), (s.ops, said(runner))
 
 
 class KilledAtRefreeze(CrashingJournal):
