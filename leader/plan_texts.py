@@ -164,7 +164,16 @@ def edited_config_line(node: str, config: str) -> str:
     puts back the config from before the switch byte for byte (the one known to run on http),
     so those edits are undone; the agent keeps the file first (``nodeagent.plans``'s
     ``KEPT_BEFORE_ROLLBACK``), under the way back's rollout id, which the plan does not know
-    yet (review rev58a H2: the edits were undone without a word)."""
+    yet (review rev58a H2: the edits were undone without a word). ``config`` empty: the node's
+    agent, of an earlier release, does not say whether the config was edited and keeps no copy
+    of it (review s70 compat: the plan said nothing of such a node)."""
+    if not config:
+        return (
+            f"{node}: its agent is of an earlier release that does not say whether its server"
+            " config was edited since tlsroll wrote it: the way back puts back the config from"
+            " before the switch and keeps no copy, so an edit made there since is lost (upgrade"
+            " that agent first to have an edited config named and kept)"
+        )
     return (
         f"{node}: its server config {config} was edited since tlsroll wrote it; the way back puts"
         " back the config from before the switch and undoes those edits (the file as it is now"

@@ -55,6 +55,15 @@ own until it has recorded that one's revocations (a leader restored from a backu
 patience ran out (``crl.not_learned``). An agent that does not name it is never asked: its
 list is replaced by the leader's, as before."""
 
+EDITED_CONFIG = "check.want_edited_config"
+"""``CheckRequest.want_edited_config``: the agent says in its answer to the plan of a way back
+to http whether its server's config was edited since tlsroll wrote it
+(``PreflightResponse.edited_config``), and that way back keeps such a file beside the config
+(``NAME.before-rollback-ID``) before it puts back the one from before the switch (session 59).
+An agent of an earlier release says nothing of an edit and keeps no copy; it still goes back,
+so the leader does not block it: the plan of a way back says so for its node (review s70
+compat)."""
+
 AGENT_FEATURES: tuple[str, ...] = tuple(
     sorted(
         (
@@ -66,6 +75,7 @@ AGENT_FEATURES: tuple[str, ...] = tuple(
             OWN_CERTIFICATE,
             HELD_CRL,
             SWITCH_QUIET,
+            EDITED_CONFIG,
         )
     )
 )
