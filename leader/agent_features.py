@@ -33,6 +33,9 @@ WHAT: Mapping[str, str] = {
     # Needed by no rollout: a leader restored from a backup learns what was revoked since from
     # the agents' lists, and an agent that cannot send its own has it replaced.
     features.HELD_CRL: "keeping revocations through a leader's restore",
+    # Needed by no rollout either: the way back goes on without it, its plan saying that an
+    # edited server config is put back with no copy kept (``leader.commands``).
+    features.EDITED_CONFIG: "keeping a server config edited by hand on the way back",
 }
 """What each feature is needed for, in the words of the command line (a node's "too old for
 …"). Every feature the leader may need has its words here."""

@@ -56,7 +56,7 @@ from leader.schema_store import (
 )
 from leader.schema_view import report_problems, still_on_http_now, waiting_for
 from leader.store import Store
-from tlsroll import logs, password
+from tlsroll import features, logs, password
 from tlsroll.echo import shown
 from tlsroll.errors import TerminalError
 from tlsroll.pki import Names
@@ -272,6 +272,18 @@ def _own_count(seen: NodeObservation, installed: Collection[str]) -> NodeObserva
     if seen.cert_fingerprint and seen.cert_fingerprint in installed:
         return replace(seen, cert_from_ca=True)
     return seen
+
+
+def _says_nothing_of_edits(
+    name: str, agents: Mapping[str, tuple[str, tuple[str, ...]]], not_heard: Collection[str]
+) -> bool:
+    """Whether the agent of ``name`` is of a release that neither says whether its server
+    config was edited since tlsroll wrote it nor keeps such a file on the way back (it lacks
+    ``features.EDITED_CONFIG``, as heard since this leader started: of one not heard since,
+    the store's word is a former process's, and nothing is said)."""
+    if name in not_heard:
+        return False
+    return features.EDITED_CONFIG not in agents.get(name, ("", ()))[1]
 
 
 def _check_verifier(verifier_json: str) -> None:
@@ -672,10 +684,17 @@ class Commands:
         stepped = {r.name for r in records if r.state is not NodeState.SKIPPED}
         edited: tuple[tuple[str, str], ...] = ()
         if request.change is Change.DISABLE_TLS and seen:
+            # A node whose agent does not say whether its config was edited (an earlier
+            # release, which keeps no copy either) is named with no config: its line says that
+            # an edit would be lost (``plan_texts.edited_config_line``; review s70 compat).
             edited = tuple(
-                (r.name, seen[r.name].edited_config)
+                (r.name, seen[r.name].edited_config if r.name in seen else "")
                 for r in records
-                if r.name in stepped and r.name in seen and seen[r.name].edited_config
+                if r.name in stepped
+                and (
+                    (r.name in seen and seen[r.name].edited_config)
+                    or (edits and _says_nothing_of_edits(r.name, agents, not_heard))
+                )
             )
         return Planned(
             rollout,

@@ -164,7 +164,17 @@ def edited_config_line(node: str, config: str) -> str:
     puts back the config from before the switch byte for byte (the one known to run on http),
     so those edits are undone; the agent keeps the file first (``nodeagent.plans``'s
     ``KEPT_BEFORE_ROLLBACK``), under the way back's rollout id, which the plan does not know
-    yet (review rev58a H2: the edits were undone without a word)."""
+    yet (review rev58a H2: the edits were undone without a word). ``config`` empty: the node's
+    agent names no feature that says it looks and keeps (``features.EDITED_CONFIG``, or a later
+    one): one of a release before session 59 does neither (review s70 compat: the plan said
+    nothing of such a node); one of sessions 59 to 63 does both without saying so."""
+    if not config:
+        return (
+            f"{node}: its agent is of an earlier release that may not say whether its server"
+            " config was edited since tlsroll wrote it: the way back puts back the config from"
+            " before the switch, and such an agent keeps no copy, so an edit made there since"
+            " would be lost (upgrade that agent first to have an edited config named and kept)"
+        )
     return (
         f"{node}: its server config {config} was edited since tlsroll wrote it; the way back puts"
         " back the config from before the switch and undoes those edits (the file as it is now"

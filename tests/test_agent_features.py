@@ -78,6 +78,22 @@ def test_reported_names_are_cleaned_and_bounded() -> None:
     assert len(features.reported(many)) == features.MAX_FEATURES
 
 
+def test_a_feature_named_late_is_read_from_a_later_features_name() -> None:
+    """An agent of sessions 64 to 69 looks for an edited config and keeps it on the way back
+    (session 59) but names no feature for it: a feature of its own release implies it, and an
+    agent naming neither lacks it (review s70 compat)."""
+    session_68 = sorted(set(ALL) - {features.EDITED_CONFIG})
+    assert features.EDITED_CONFIG in features.reported(session_68)
+    for later in (features.HELD_CRL, features.SWITCH_QUIET):
+        assert features.reported([later]) == tuple(sorted({later, features.EDITED_CONFIG}))
+    before_59 = [features.KEEP_HTTP, features.ROLLBACK_UNDOES, features.FREEZE_LEASE]
+    assert features.reported(before_59) == tuple(sorted(before_59))
+    assert af.too_old_for(features.reported(session_68)) == ()
+    assert af.too_old_for(features.reported(before_59), {features.EDITED_CONFIG}) == (
+        "keeping a server config edited by hand on the way back",
+    )
+
+
 def test_the_test_switch_of_what_an_agent_reports() -> None:
     assert features.agent_features({}) == ALL
     assert features.agent_features({features.TEST_ENV: ""}) == ()

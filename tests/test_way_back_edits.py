@@ -19,6 +19,7 @@ from tests.cluster import LEADER_POLL, wait_until
 from tests.nodeside import cluster_of
 from tests.procs import alive
 from tests.refserver_helper import http_request
+from tlsroll import features
 
 EDITED = "was edited since tlsroll wrote it"
 
@@ -26,7 +27,14 @@ EDITED = "was edited since tlsroll wrote it"
 def test_the_way_back_says_first_it_undoes_a_config_edited_by_hand_and_keeps_that_file(
     tmp_path: Path,
 ) -> None:
-    with cluster_of(tmp_path, 3) as (cluster, nodes):
+    # node3's agent reports what one of a release before session 59 does (the features of
+    # session 64 on imply the one that says it looks and keeps: ``features.IMPLIED_BY``): it
+    # neither says whether its config was edited nor keeps such a file (review s70 compat: the
+    # plan said nothing of it, as of a node not edited). What it does is this release's.
+    later = {features.EDITED_CONFIG, features.HELD_CRL, features.SWITCH_QUIET}
+    earlier = [f for f in features.AGENT_FEATURES if f not in later]
+    node_env = {"node3": {features.TEST_ENV: ",".join(earlier)}}
+    with cluster_of(tmp_path, 3, node_env=node_env) as (cluster, nodes):
         configs = {n.name: n.server.config_path for n in nodes}
         on_http = {name: path.read_bytes() for name, path in configs.items()}
 
@@ -66,10 +74,23 @@ def test_the_way_back_says_first_it_undoes_a_config_edited_by_hand_and_keeps_tha
         assert asked.returncode == 2, asked.stdout + asked.stderr
         assert "not a terminal" in asked.stderr, asked.stderr
         said = [line for line in asked.stdout.splitlines() if EDITED in line]
-        assert len(said) == 1, asked.stdout
+        assert len(said) == 2, asked.stdout
         assert said[0].startswith(f"  ! node2: its server config {config} "), asked.stdout
         assert "undoes those edits" in said[0], asked.stdout
         assert f"kept as {config}.before-rollback-" in said[0], asked.stdout
+        # node3's agent cannot say: an edit there would be lost, with no copy kept.
+        assert said[1].startswith(
+            "  ! node3: its agent is of an earlier release that may not say whether its"
+            " server config was edited"
+        ), asked.stdout
+        assert "keeps no copy, so an edit made there since would be lost" in said[1], said
+        # tlsroll nodes marks that agent as lacking it.
+        listed = cluster.cli("nodes", "--json")
+        assert listed.returncode == 0, listed.stderr
+        by_name = {n["name"]: n for n in json.loads(listed.stdout)}
+        too_old_for = by_name["node3"]["agent_too_old_for"]
+        assert "keeping a server config edited by hand on the way back" in too_old_for
+        assert not by_name["node2"].get("agent_too_old_for"), by_name["node2"]
         assert newest()["id"] == switch["id"]  # nothing started
 
         back = cluster.cli("rollout", "rollback", "--yes")

@@ -55,6 +55,23 @@ own until it has recorded that one's revocations (a leader restored from a backu
 patience ran out (``crl.not_learned``). An agent that does not name it is never asked: its
 list is replaced by the leader's, as before."""
 
+EDITED_CONFIG = "check.want_edited_config"
+"""``CheckRequest.want_edited_config``: the agent says in its answer to the plan of a way back
+to http whether its server's config was edited since tlsroll wrote it
+(``PreflightResponse.edited_config``), and that way back keeps such a file beside the config
+(``NAME.before-rollback-ID``) before it puts back the one from before the switch (session 59).
+An agent of an earlier release says nothing of an edit and keeps no copy; it still goes back,
+so the leader does not block it: the plan of a way back says so for its node (review s70
+compat). Named only from session 70 on: an agent of sessions 59 to 69 does all this without
+naming it, and one from session 64 on names a later feature (``IMPLIED_BY``)."""
+
+IMPLIED_BY: Mapping[str, frozenset[str]] = {
+    EDITED_CONFIG: frozenset({HELD_CRL, SWITCH_QUIET}),
+}
+"""A feature named after the release that brought its behaviour -> the features of a later
+release whose names imply it (features are never taken away): a peer's list that names one of
+those is read as naming it too (``reported``)."""
+
 AGENT_FEATURES: tuple[str, ...] = tuple(
     sorted(
         (
@@ -66,6 +83,7 @@ AGENT_FEATURES: tuple[str, ...] = tuple(
             OWN_CERTIFICATE,
             HELD_CRL,
             SWITCH_QUIET,
+            EDITED_CONFIG,
         )
     )
 )
@@ -93,6 +111,7 @@ def reported(names: Iterable[str]) -> tuple[str, ...]:
             break
         if len(name) <= MAX_NAME and _NAME.fullmatch(name):
             kept.add(name)
+    kept |= {implied for implied, later in IMPLIED_BY.items() if kept & later}
     return tuple(sorted(kept)[:MAX_FEATURES])
 
 
