@@ -126,6 +126,13 @@ LEASE_MARGIN = 60.0
 """Seconds past a scope freeze's lease after which a node that never answered its unfreeze
 counts as unfrozen (``Engine._lease_ran_out``): the agent's watch of its lease, a Freeze that
 waited for the agent's freeze lock, its clock."""
+TEST_LEASE_MARGIN_ENV = "TLSROLL_TEST_LEASE_MARGIN_SECONDS"
+"""Tests only: a leader daemon's ``LEASE_MARGIN`` (seconds, over 0, never longer than
+``LEASE_MARGIN``: ``lease_margin``), so that a test of a node cut off while scope-frozen sees
+its rollout end seconds after the lease, not a minute (the CI's slowest test waited it out).
+Not a setting: the margin covers what the leader cannot see of the agent (its lease watch, a
+Freeze that waited for its lock, its clock), which no administrator can size better; a longer
+one is ``scope_freeze_lease``'s third."""
 
 WAITS_FOR_FREEZE = "waits for the scope freeze of "
 """A node's note while a frozen node's freeze is not confirmed (``_note_waiting``): a staged
@@ -175,6 +182,14 @@ def silent_after(environ: Mapping[str, str]) -> float:
     (0, ``SILENT_AFTER``]."""
     return hook_number(
         environ, TEST_SILENT_AFTER_ENV, SILENT_AFTER, lambda v: 0 < v <= SILENT_AFTER
+    )
+
+
+def lease_margin(environ: Mapping[str, str]) -> float:
+    """``LEASE_MARGIN``, or the test hook's (``TEST_LEASE_MARGIN_ENV``) if it holds a number in
+    (0, ``LEASE_MARGIN``]."""
+    return hook_number(
+        environ, TEST_LEASE_MARGIN_ENV, LEASE_MARGIN, lambda v: 0 < v <= LEASE_MARGIN
     )
 
 
@@ -294,6 +309,10 @@ class Engine:
     # (``_Silence``): ``SILENT_AFTER``, shorter only in a test (the leader sets it:
     # ``silent_after``).
     silent_after: float = SILENT_AFTER
+    # Past a scope freeze's lease, when a node that never answered its unfreeze counts as
+    # unfrozen (``_lease_ran_out``): ``LEASE_MARGIN``, shorter only in a test (the leader sets
+    # it: ``lease_margin``).
+    lease_margin: float = LEASE_MARGIN
     # What a node's agent says of its server on its heartbeats (``LeaderState.live_servers``:
     # "needs the admin: <why>" for one whose transaction is held on a journal it cannot write);
     # set by the leader. A switching node's note says it, not "unreachable" (session 70).
@@ -1790,7 +1809,7 @@ class Engine:
         so recorded."""
         key = (rollout_id, step.node)
         since = max(self.freeze_sent.get(key, self.began), self.began)
-        ran_out = since + self.freeze_lease + max(self.freeze_lease / 3, LEASE_MARGIN)
+        ran_out = since + self.freeze_lease + max(self.freeze_lease / 3, self.lease_margin)
         if self.monotonic() < ran_out:
             return False
         self.renewed.pop(key, None)

@@ -40,7 +40,15 @@ from leader.db import (
     mark_store,
     recorded_ca_pin,
 )
-from leader.engine import SILENT_AFTER, TEST_SILENT_AFTER_ENV, Engine, silent_after
+from leader.engine import (
+    LEASE_MARGIN,
+    SILENT_AFTER,
+    TEST_LEASE_MARGIN_ENV,
+    TEST_SILENT_AFTER_ENV,
+    Engine,
+    lease_margin,
+    silent_after,
+)
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
@@ -91,10 +99,13 @@ from tlsroll.errors import (
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import (
     CONTROL_CONNECTIONS,
+    HANDSHAKE_SECONDS,
     JOIN_CONNECTIONS,
+    TEST_HANDSHAKE_ENV,
     add_standard_services,
     bind,
     connection_cap,
+    handshake_seconds,
     hostport,
 )
 from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
@@ -1006,6 +1017,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         + control_server_options(cfg.heartbeat_interval)
         + connection_cap(CONTROL_CONNECTIONS)
     )
+    if handshake_seconds() != HANDSHAKE_SECONDS:  # (``connection_cap``'s, every gRPC port)
+        _test_hook(TEST_HANDSHAKE_ENV, handshake_seconds())
     leader_service = LeaderService(state)
     leader_service.batch_seconds = batch_period(os.environ)
     if leader_service.batch_seconds != BATCH_SECONDS:
@@ -1045,6 +1058,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     engine.silent_after = silent_after(os.environ)
     if engine.silent_after != SILENT_AFTER:
         _test_hook(TEST_SILENT_AFTER_ENV, engine.silent_after)
+    engine.lease_margin = lease_margin(os.environ)
+    if engine.lease_margin != LEASE_MARGIN:
+        _test_hook(TEST_LEASE_MARGIN_ENV, engine.lease_margin)
     commands = Commands(
         state.store,
         schema,

@@ -66,7 +66,15 @@ from tlsroll.errors import (
     os_error_text,
 )
 from tlsroll.fsutil import make_private_dir
-from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
+from tlsroll.rpc import (
+    AGENT_SERVER_OPTIONS,
+    HANDSHAKE_SECONDS,
+    TEST_HANDSHAKE_ENV,
+    add_standard_services,
+    bind,
+    handshake_seconds,
+    hostport,
+)
 from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
@@ -664,6 +672,14 @@ async def _serve(cfg: AgentConfig, config: Path | None, held: contextlib.ExitSta
     creds = ServerCredentials(identity)
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
     server = grpc.aio.server(options=AGENT_SERVER_OPTIONS)
+    if (handshake := handshake_seconds()) != HANDSHAKE_SECONDS:  # (its options' deadline)
+        log.warning(
+            "agent.test_hook",
+            hook=TEST_HANDSHAKE_ENV,
+            value=handshake,
+            detail=f"{TEST_HANDSHAKE_ENV} is for tests only: remove it from the agent's"
+            " environment",
+        )
     trust = await asyncio.to_thread(
         LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir, crypto
     )

@@ -51,6 +51,10 @@ RESERVED_DESCRIPTORS = 64 + 2 * BACKLOG
 HANDSHAKE_SECONDS = 10.0
 HEAD_SECONDS = 15.0
 BODY_SECONDS = 20.0  # for a request's whole body, once its head is in (``refserver.server``)
+# aiohttp's lingering time (its default, named): after an answer sent before the request's
+# body was read (the 408 of a body past ``BODY_SECONDS``), the rest of the body is read and
+# dropped for this long at most, then the connection is closed.
+LINGER_SECONDS = 10.0
 CLOSE_SECONDS = 5.0  # TLS's close, then the connection is aborted
 
 

@@ -68,8 +68,12 @@ listeners answering and its admin socket (so before READY=1): a switch then take
 long, with the restarted server frozen (503) throughout, so a test on a fast machine can watch
 a switch under way. A third, ``TLSROLL_REFSERVER_TEST_CLIENTS_WINDOW`` (whole seconds, 1 to
 59), takes the place of ``clients_window`` below its least (60 s), so that a test can watch a
-sighting fall out of the window in seconds, not a minute. Never set any of them in production;
-the server logs a warning when one is set.
+sighting fall out of the window in seconds, not a minute. A fourth,
+``TLSROLL_REFSERVER_TEST_BODY_SECONDS`` (seconds, over 0, at most ``gate.BODY_SECONDS``), takes
+the place of a request body's deadline, and bounds aiohttp's lingering time after its 408
+(``gate.LINGER_SECONDS``) by as much, so that a test of a body sent a byte at a time sees it cut
+in seconds, not half a minute. Never set any of them in production; the server logs a warning
+when one is set.
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ PROG = "tlsroll-refserver"
 WRITE_DELAY_ENV = "TLSROLL_REFSERVER_TEST_WRITE_DELAY"
 START_DELAY_ENV = "TLSROLL_REFSERVER_TEST_START_DELAY"
 CLIENTS_WINDOW_ENV = "TLSROLL_REFSERVER_TEST_CLIENTS_WINDOW"
+BODY_SECONDS_ENV = "TLSROLL_REFSERVER_TEST_BODY_SECONDS"
+BODY_SECONDS_KEY = web.AppKey("body_seconds", float)  # a body's deadline (``_read_body``)
 PID_NAME = "refserver.pid"
 LOCK_NAME = "refserver.lock"
 RETRY_AFTER_SECONDS = 30
@@ -253,6 +259,7 @@ class RefServer:
         *,
         write_delay: float = 0.0,
         failures: LoginFailures | None = None,
+        body_seconds: float = gate.BODY_SECONDS,
     ) -> None:
         self.config = loaded.config
         self.verifier = loaded.verifier
@@ -265,6 +272,7 @@ class RefServer:
         self.frozen = state.frozen
         self.frozen_since = state.since
         self.write_delay = write_delay
+        self.body_seconds = body_seconds
         self.in_flight = 0
         self.requests = {scheme: 0 for scheme in refserver_config.SCHEMES}
         self.clients: dict[str, set[str]] = {scheme: set() for scheme in refserver_config.SCHEMES}
@@ -362,6 +370,7 @@ class RefServer:
         app = web.Application(
             middlewares=[self._count, _json_errors], client_max_size=gate.MAX_BODY_BYTES
         )
+        app[BODY_SECONDS_KEY] = self.body_seconds
         p = self.config.app_path
         app.router.add_get(p, self.index)
         app.router.add_get(p + "health", self.health)
@@ -645,6 +654,7 @@ class RefServer:
 
     def admin_app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors])
+        app[BODY_SECONDS_KEY] = self.body_seconds
         app.router.add_post("/admin/freeze", self.freeze)
         app.router.add_post("/admin/unfreeze", self.unfreeze)
         app.router.add_get("/admin/status", self.status)
@@ -804,12 +814,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 async def _read_body(request: web.Request) -> bytes:
-    """The request's body (aiohttp's ``client_max_size`` at most), within ``gate.BODY_SECONDS``:
-    a body sent a byte at a time held its connection (and the memory of what it had sent)
-    for as long as its client liked, past the gate's head deadline (review s69 revref H1).
-    Else a 408; aiohttp then closes the connection (after its lingering time, 10 s, at most)."""
+    """The request's body (aiohttp's ``client_max_size`` at most), within ``gate.BODY_SECONDS``
+    (``BODY_SECONDS_ENV``'s in a test): a body sent a byte at a time held its connection (and
+    the memory of what it had sent) for as long as its client liked, past the gate's head
+    deadline (review s69 revref H1). Else a 408; aiohttp then closes the connection (after its
+    lingering time, ``gate.LINGER_SECONDS``, at most)."""
     try:
-        async with asyncio.timeout(gate.BODY_SECONDS):
+        async with asyncio.timeout(request.config_dict.get(BODY_SECONDS_KEY, gate.BODY_SECONDS)):
             return await request.read()
     except TimeoutError:
         raise web.HTTPRequestTimeout(reason="the request's body did not come in time") from None
@@ -830,6 +841,21 @@ def _test_delay(env: str) -> float:
         raise StartupError(f"{env}={raw!r} is not a number of seconds") from None
     if not 0 <= value <= 600:  # also refuses nan
         raise StartupError(f"{env} must be from 0 to 600 seconds")
+    return value
+
+
+def _test_body_seconds(env: str) -> float:
+    """Seconds of the test-only body deadline (``BODY_SECONDS_ENV``); 0 when unset. Only below
+    ``gate.BODY_SECONDS``: a test's deadline never gives a body longer."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StartupError(f"{env}={raw!r} is not a number of seconds") from None
+    if not 0 < value <= gate.BODY_SECONDS:  # also refuses nan
+        raise StartupError(f"{env} must be over 0 and at most {gate.BODY_SECONDS:g} seconds")
     return value
 
 
@@ -943,6 +969,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
     c = loaded.config
     write_delay = _test_delay(WRITE_DELAY_ENV)
     start_delay = _test_delay(START_DELAY_ENV)
+    body_seconds = _test_body_seconds(BODY_SECONDS_ENV)
     if clients_window := _test_clients_window(CLIENTS_WINDOW_ENV):
         c = dataclasses.replace(c, clients_window=clients_window)
         loaded = dataclasses.replace(loaded, config=c)
@@ -976,7 +1003,14 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             log.error("state.unreadable", problem=state.problem)
         if store.read_only:
             log.error("store.read_only", path=str(store.path))
-        server = RefServer(loaded, store, state, write_delay=write_delay, failures=failures)
+        server = RefServer(
+            loaded,
+            store,
+            state,
+            write_delay=write_delay,
+            failures=failures,
+            body_seconds=body_seconds or gate.BODY_SECONDS,
+        )
         public = web.AppRunner(
             server.public_app(),
             access_log=None,
@@ -986,6 +1020,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             keepalive_timeout=gate.HEAD_SECONDS,
             max_headers=gate.MAX_HEADERS,
             max_field_size=gate.MAX_FIELD_BYTES,
+            lingering_time=min(gate.LINGER_SECONDS, server.body_seconds),
         )
         admin = web.AppRunner(
             server.admin_app(),
@@ -1019,6 +1054,8 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         bound = _identity(c.admin_socket)
         if write_delay:
             log.warning("test_hook.write_delay", seconds=write_delay, env=WRITE_DELAY_ENV)
+        if body_seconds:
+            log.warning("test_hook.body_seconds", seconds=body_seconds, env=BODY_SECONDS_ENV)
         if clients_window:
             log.warning("test_hook.clients_window", seconds=clients_window, env=CLIENTS_WINDOW_ENV)
         log.info(

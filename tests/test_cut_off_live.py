@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from leader.engine import TEST_LEASE_MARGIN_ENV
 from leader.rollout_core import cut_off_mid_switch
 from refserver.server import START_DELAY_ENV
 from tests.cluster import LEADER_POLL, Cluster, one_line_error, wait_until
@@ -37,6 +38,13 @@ switches (the retry's) are not held."""
 LEASE = 10
 """The scope freeze's lease (s), the least leader.toml takes: a cut-off node's freeze, never
 renewed, lapses on its agent within it."""
+
+MARGIN = 20
+"""Seconds past that lease after which the leader counts the cut-off node's freeze lifted (its
+``LEASE_MARGIN``, a minute, shortened by the leader's test hook ``TEST_LEASE_MARGIN_ENV``): the
+rollout's end waits for it, the others' switches must not. Well past what the switches take
+after the resume (3 s on a loaded machine), so that a switch held for it would be seen: the
+leader has not counted it lifted when they are done."""
 
 
 def node_states(view: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -178,7 +186,7 @@ def test_a_scope_frozen_node_cut_off_holds_no_switch_of_the_others(tmp_path: Pat
     revocation (its agent lifted it by its lease)."""
     world = ScopeWorld(tmp_path, 3)
     try:
-        world.start_paused_rollout(scope_freeze_lease=LEASE)
+        world.start_paused_rollout({TEST_LEASE_MARGIN_ENV: str(MARGIN)}, scope_freeze_lease=LEASE)
         cluster, (node1, node2, node3) = world.cluster, world.nodes
         r = world.schema()
         assert r["state"] == "paused" and r["freeze"] == "scope", r
@@ -207,7 +215,7 @@ def test_a_scope_frozen_node_cut_off_holds_no_switch_of_the_others(tmp_path: Pat
         resumed = cluster.cli("rollout", "resume")
         assert resumed.returncode == 0, resumed.stderr
         # The others switch at once, not held until the leader counts node2's freeze lifted
-        # (its lease and a margin after its last freeze call, about a minute: the rollout's
+        # (its lease and a margin after its last freeze call, ``MARGIN`` here: the rollout's
         # end waits for that, the switches must not; review rev51b L1).
         wait_until(
             lambda: {state_of(cluster, n) for n in ("node1", "node3")} == {"done"},
@@ -215,6 +223,7 @@ def test_a_scope_frozen_node_cut_off_holds_no_switch_of_the_others(tmp_path: Pat
             "node3 and node1 to switch",
             interval=LEADER_POLL,
         )
+        assert "freeze.lease_ran_out" not in cluster.leader.event_names()  # (not held for it)
         wait_until(
             lambda: world.poll()["state"] in WAITED,
             120,
@@ -232,6 +241,9 @@ def test_a_scope_frozen_node_cut_off_holds_no_switch_of_the_others(tmp_path: Pat
             assert unfrozen_on(node, "https"), (node.name, node.server.status())
         # Its agent lifted the freeze by its lease, once: no renewal reached it after that
         # (the leader dials it no more), nor an unfreeze.
+        # The leader counted it lifted by its lease and margin: the rollout's end waited for it.
+        ran_out = [e for e in cluster.leader.log_events() if e["event"] == "freeze.lease_ran_out"]
+        assert [e["node"] for e in ran_out] == ["node2"], ran_out
         events = agent.event_names()
         assert events.count("scope_freeze.lease_expired") == 1, events
         after = events[events.index("scope_freeze.lease_expired") :]

@@ -3257,6 +3257,48 @@ async def test_a_dead_frozen_node_holds_the_next_switch_staged_and_an_abort_ends
     await leader.stop()
 
 
+async def test_the_test_only_lease_margin_is_how_long_past_the_lease_an_unfreeze_waits(
+    world: World,
+) -> None:
+    """``TEST_LEASE_MARGIN_ENV`` (a test leader's ``Engine.lease_margin``, set as the leader
+    sets it) is the wait past a dead frozen node's lease: its unanswered unfreeze counts as
+    done once that margin past the lease from its last freeze call has gone by, not before,
+    and not a whole ``LEASE_MARGIN`` later (tests/test_cut_off_live.py waits for it)."""
+    lease, margin = 6, 5.0
+    leader = world.boot(freeze_lease=lease)
+    leader.engine.lease_margin = engine_module.lease_margin(
+        {engine_module.TEST_LEASE_MARGIN_ENV: str(margin)}
+    )
+    assert leader.engine.lease_margin == margin > lease / 3
+    first = await leader.start(freeze=FreezeMode.SCOPE)
+    bravo = world.agents["bravo"]
+    await leader.run(until=lambda r: node(r.records, "bravo").state is N.DONE)
+    bravo.unreachable = 10**6  # its machine died: it never answers again
+    await leader.control(RolloutAction.ABORT)
+    row = await leader.run(
+        until=lambda r: not node(r.records, "bravo").scope_frozen,
+        passes=int(engine_module.LEASE_MARGIN),
+    )
+    now = world.clock.monotonic()
+    sent = leader.engine.freeze_sent[(first.rollout.id, "bravo")]
+    assert sent + lease + margin <= now < sent + lease + margin + 2 * TICK_SECONDS, (now, sent)
+    assert "lease has run out" in node(row.records, "bravo").reason
+    row = await leader.run()
+    assert row.rollout.state is R.ABORTED, row.rollout.state
+    await leader.stop()
+
+
+def test_the_test_only_lease_margin_only_shortens_it() -> None:
+    """``TEST_LEASE_MARGIN_ENV`` brings the margin closer; anything else there, a longer one
+    included, leaves it at ``LEASE_MARGIN``."""
+    env, margin = engine_module.TEST_LEASE_MARGIN_ENV, engine_module.LEASE_MARGIN
+    assert engine_module.lease_margin({}) == margin == 60.0
+    assert engine_module.lease_margin({env: "5"}) == 5.0
+    assert engine_module.lease_margin({env: "60"}) == margin
+    for bad in ("", "soon", "0", "-1", "nan", "inf", "60.5", "3600"):
+        assert engine_module.lease_margin({env: bad}) == margin, bad
+
+
 async def test_a_dead_frozen_node_that_failed_holds_the_switches_too(world: World) -> None:
     """Review 2 of session 32, F1: a node frozen and then failed (its machine died after it
     confirmed the scope freeze; its preflight fails; a failure budget of 1) stays frozen on

@@ -5,7 +5,8 @@ from one LAN host): `tlsroll nodes` got "the leader did not answer in time", the
 asyncio's "socket.accept() out of system resource". Each gRPC port now holds at most its cap of
 connections (``tlsroll.rpc.connection_cap``; one more is closed as it is accepted), and one
 that has not finished its TLS handshake within ``HANDSHAKE_SECONDS`` is closed, on every gRPC
-port. A real leader and agent as processes, real mutual TLS.
+port (``HANDSHAKE`` here: the daemons' test hook ``TEST_HANDSHAKE_ENV``). A real leader and agent
+as processes, real mutual TLS.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import resource
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from refserver import gate as refserver_gate
+from refserver.server import BODY_SECONDS_ENV
 from tests.cluster import wait_until
 from tests.conftest import IssuedCert, next_loopback
 from tests.nodeside import cluster_of
@@ -30,6 +33,16 @@ from tlsroll import rpc
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 
 pytestmark = pytest.mark.timeout(240)
+
+HANDSHAKE = 5.0
+"""The leader's and the agent's TLS handshake deadline here (their test-only knob,
+``tlsroll.rpc.TEST_HANDSHAKE_ENV``, for ``HANDSHAKE_SECONDS``): the silent connections are
+closed in seconds, not ten (twice)."""
+
+BODY = 3.0
+"""The reference server's deadline for a request's body here (its test-only knob,
+``BODY_SECONDS_ENV``, for ``refserver.gate.BODY_SECONDS``), and its lingering time after the
+408 with it: the slow body is cut in seconds, not half a minute."""
 
 
 def _flood(address: str, port: int, count: int) -> list[socket.socket]:
@@ -49,6 +62,23 @@ def _flood(address: str, port: int, count: int) -> list[socket.socket]:
     return held
 
 
+def _trickle(conn: socket.socket, answer: list[tuple[bytes, float]]) -> None:
+    """A byte of a request's body every half second on ``conn`` (never idle) until the server
+    closes it, and what it answered meanwhile (in ``answer``: what, and when, as it came)."""
+    while True:
+        conn.settimeout(0.5)
+        try:
+            conn.sendall(b" ")
+            got = conn.recv(4096)
+        except (ConnectionResetError, BrokenPipeError):
+            return  # closed as the byte came
+        except TimeoutError:
+            continue
+        if not got:
+            return
+        answer.append((got, time.monotonic()))
+
+
 def _holds_its_cap(pid: int, before: int, cap: int, port: str) -> None:
     """Process ``pid`` (``before`` descriptors before the flood) took ``port``'s cap of the
     flood's connections, and not many more (a few of its own meanwhile)."""
@@ -64,8 +94,13 @@ def _holds_its_cap(pid: int, before: int, cap: int, port: str) -> None:
 def test_a_flood_of_idle_connections_leaves_the_leader_and_the_agent_working(
     tmp_path: Path,
 ) -> None:
-    with cluster_of(tmp_path, 2) as (cluster, (_node1, node2)):
+    short = {rpc.TEST_HANDSHAKE_ENV: str(HANDSHAKE)}
+    with cluster_of(tmp_path, 2, env=short) as (cluster, (_node1, node2)):
         pid = cluster.leader.pid
+        said = [e for e in cluster.leader.log_events() if e["event"] == "leader.test_hook"]
+        assert (rpc.TEST_HANDSHAKE_ENV, HANDSHAKE) in [(e["hook"], e["value"]) for e in said]
+        assert node2.agent is not None
+        assert "agent.test_hook" in node2.agent.event_names()  # (the agent's, likewise)
         logged = len(cluster.leader.log_events())
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         before = fd_count(pid)
@@ -90,7 +125,7 @@ def test_a_flood_of_idle_connections_leaves_the_leader_and_the_agent_working(
             # connections closed).
             wait_until(
                 lambda: cluster.cli("nodes", "--check", "--json").returncode == 0,
-                3 * rpc.HANDSHAKE_SECONDS + 15,
+                3 * HANDSHAKE + 15,
                 "nodes --check answers again",
                 interval=1.0,
             )
@@ -110,13 +145,25 @@ def test_a_flood_of_idle_connections_leaves_the_leader_and_the_agent_working(
         try:
             for port, conns in silent.items():
                 for conn in conns:
-                    conn.settimeout(rpc.HANDSHAKE_SECONDS + 15 - (time.monotonic() - began))
+                    conn.settimeout(HANDSHAKE + 15 - (time.monotonic() - began))
                     assert conn.recv(1) == b"", port  # closed by the daemon
-            assert time.monotonic() - began >= rpc.HANDSHAKE_SECONDS - 1
+            assert time.monotonic() - began >= HANDSHAKE - 1
         finally:
             for conns in silent.values():
                 for conn in conns:
                     conn.close()
+
+
+def test_the_test_only_handshake_deadline_only_shortens_it() -> None:
+    """``TEST_HANDSHAKE_ENV`` brings a daemon's handshake deadline closer; anything else there,
+    a longer one included, leaves it at ``HANDSHAKE_SECONDS``; the servers' options carry it."""
+    env, deadline = rpc.TEST_HANDSHAKE_ENV, rpc.HANDSHAKE_SECONDS
+    assert rpc.handshake_seconds({}) == deadline == 10.0
+    assert rpc.handshake_seconds({env: "5"}) == 5.0
+    assert rpc.handshake_seconds({env: "10"}) == deadline
+    for bad in ("", "soon", "0", "-1", "nan", "inf", "10.5", "3600"):
+        assert rpc.handshake_seconds({env: bad}) == deadline, bad
+    assert ("grpc.server_handshake_timeout_ms", 10_000) in rpc.connection_cap(1)
 
 
 def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_admin_working(
@@ -128,7 +175,8 @@ def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_a
     filled its descriptors (the agent's unit gives it 4096; lowered here): its admin socket
     then accepted nothing, and the agent could neither freeze it nor ask its status (every
     switch of the node failed). Now the public connections have a cap the descriptors leave
-    room under, and one with no whole request head within ``HEAD_SECONDS`` is closed."""
+    room under, and one with no whole request head within ``HEAD_SECONDS`` is closed; a body
+    sent a byte at a time is cut at its deadline (``BODY`` here)."""
     address = loopback()
     cert = issue_cert(address)
     server = RefServer(
@@ -137,23 +185,31 @@ def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_a
         listen=["http", "https"],
         cert_file=cert.cert_file,
         key_file=cert.key_file,
+        env={BODY_SECONDS_ENV: str(BODY)},
     )
     held: list[socket.socket] = []
+    trickled: list[tuple[bytes, float]] = []  # the slow body's answer, and when it came
+    trickle = threading.Thread()
     try:
         server.start()
         pid = server.pid
+        (warned,) = [e for e in server.log_events() if e["event"] == "test_hook.body_seconds"]
+        assert warned["seconds"] == BODY, warned
         _soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         cap, before = 40, fd_count(pid)
         limit = before + cap + refserver_gate.RESERVED_DESCRIPTORS
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
         # A body a byte at a time, past its head: it held its place for as long as it went on.
+        # (From a thread, while the flood comes: its deadline is shorter than the flood's.)
         slow = socket.create_connection((address, server.port("http")), timeout=5)
         held.append(slow)
+        began = time.monotonic()  # (before its head: its body's deadline runs from later)
         slow.sendall(
             f"POST {server.app_path}entries HTTP/1.1\r\nHost: x\r\n"
             "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
         )
-        began = time.monotonic()
+        trickle = threading.Thread(target=_trickle, args=(slow, trickled), daemon=True)
+        trickle.start()
         for port in (server.port("http"), server.port("https")):
             conns = _flood(address, port, 150)
             for conn in conns:
@@ -173,23 +229,13 @@ def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_a
         assert server.unfreeze()["frozen"] is False
         assert not out_of_descriptors(server.log_events())
         # Every one of them is closed by the server: admitted ones at the head (or handshake)
-        # deadline, the rest as they were accepted; the slow body is a 408 at its deadline,
-        # then closed (aiohttp's lingering time: 10 s).
-        answer = b""
-        while True:
-            slow.settimeout(1.0)
-            try:
-                slow.sendall(b" ")  # (a byte every second: never idle)
-                got = slow.recv(4096)
-            except (ConnectionResetError, BrokenPipeError):
-                break  # closed as the byte came
-            except TimeoutError:
-                assert time.monotonic() - began < refserver_gate.BODY_SECONDS + 60, answer
-                continue
-            if not got:
-                break
-            answer += got
+        # deadline, the rest as they were accepted; the slow body is a 408 at its deadline
+        # (not sooner), then closed (after aiohttp's lingering time, ``BODY`` here).
+        trickle.join(BODY + 60)
+        assert not trickle.is_alive(), trickled
+        answer = b"".join(got for got, _ in trickled)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert trickled[0][1] - began >= BODY, (trickled, began)  # (a lower bound: no sooner)
         for conn in held:
             conn.settimeout(refserver_gate.HEAD_SECONDS + 30 - (time.monotonic() - began))
             with contextlib.suppress(ConnectionResetError):
@@ -202,4 +248,6 @@ def test_a_flood_of_half_requests_and_handshakes_leaves_the_reference_server_s_a
     finally:
         for conn in held:
             conn.close()
+        if trickle.ident is not None:  # (started)
+            trickle.join(5)
         server.close()

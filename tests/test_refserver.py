@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from refserver import config as refserver_config
 from refserver import store as refstore
 from refserver.server import (
+    BODY_SECONDS_ENV,
     CLIENTS_WINDOW_ENV,
     START_DELAY_ENV,
     SWITCHING_MESSAGE,
@@ -726,6 +727,21 @@ def test_the_clients_window_test_knob_goes_below_the_least_and_no_further(
     assert clients_seen(server)["window_seconds"] == 15
     (warned,) = [e for e in server.log_events() if e.get("event") == "test_hook.clients_window"]
     assert warned["seconds"] == 15 and warned["level"] == "warning", warned
+
+
+def test_the_body_deadline_test_knob_only_shortens_it(make_server: MakeServer) -> None:
+    """``BODY_SECONDS_ENV`` shortens a request body's deadline (``gate.BODY_SECONDS``, 20 s;
+    tests/test_port_floods.py sees a slow body cut at it); a deadline it cannot set (none,
+    longer, nonsense) stops the start in one line."""
+    for raw, said in (
+        ("0", f"{BODY_SECONDS_ENV} must be over 0 and at most 20 seconds"),
+        ("21", f"{BODY_SECONDS_ENV} must be over 0 and at most 20 seconds"),
+        ("nan", f"{BODY_SECONDS_ENV} must be over 0 and at most 20 seconds"),
+        ("soon", f"{BODY_SECONDS_ENV}='soon' is not a number of seconds"),
+    ):
+        refused = make_server(env={BODY_SECONDS_ENV: raw})
+        code, err = refused.run_to_exit()
+        assert code == 1 and said in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_sigterm_lets_the_write_in_flight_finish(make_server: MakeServer) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,16 @@ class ScopeWorld:
             Node(self.cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)
         ]
 
-    def start_paused_rollout(self, **leader_config: object) -> None:
+    def start_paused_rollout(
+        self, env: Mapping[str, str] | None = None, **leader_config: object
+    ) -> None:
         """A scope-frozen rollout paused at once: its first node (in flight) finishes, the
         others stay pending. Without pipelining (``prepare_ahead`` 0): with it, a pause holds
-        the first node too, staged, if its switch had not begun (``leader.planner``)."""
+        the first node too, staged, if its switch had not begun (``leader.planner``). ``env``
+        is added to the leader's environment."""
         self.cluster.init("--node-name", "node1")
         self.cluster.write_leader_config({"prepare_ahead": 0, **leader_config})
-        self.cluster.start_leader()
+        self.cluster.start_leader(env)
         start_nodes(self.nodes)
         self.cluster.wait_for_nodes_online([n.name for n in self.nodes])
         pw = self.root / "pw"

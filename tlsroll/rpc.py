@@ -11,6 +11,7 @@ import datetime as dt
 import errno
 import functools
 import ipaddress
+import os
 import socket
 import sqlite3
 import ssl
@@ -504,14 +505,35 @@ def connection_cap(connections: int) -> list[tuple[str, int]]:
     filled with "socket.accept() out of system resource" (review rev58b H3). The cap is the
     server's own (one port's flood leaves the others alone); a flood kept up can still keep
     others from connecting to that port while it lasts, which only a firewall's per-source
-    limit prevents (README "Security notes")."""
+    limit prevents (README "Security notes"). The handshake deadline is ``handshake_seconds``'s:
+    ``HANDSHAKE_SECONDS``, or a test's shorter one."""
     return [
         ("grpc.max_allowed_incoming_connections", connections),
-        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_SECONDS * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(handshake_seconds() * 1000)),
     ]
 
 
 HANDSHAKE_SECONDS = 10.0
+TEST_HANDSHAKE_ENV = "TLSROLL_TEST_HANDSHAKE_SECONDS"
+"""Tests only: a daemon's (leader's, agent's) TLS handshake deadline on its gRPC ports in place
+of ``HANDSHAKE_SECONDS`` (seconds, over 0, never longer: ``handshake_seconds``), so that a test
+of a flood of silent connections sees them closed in seconds, not ten. Read when a daemon makes
+its servers' options (at its start; the agent's at import, ``AGENT_SERVER_OPTIONS``). Not a
+setting: a shorter deadline only fails a slow peer's handshake sooner, a longer one holds a
+flood's connections longer; no operator has a reason to trade either."""
+
+
+def handshake_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    """``HANDSHAKE_SECONDS``, or the test hook's (``TEST_HANDSHAKE_ENV``) if it holds a number in
+    (0, ``HANDSHAKE_SECONDS``]: set wrong it is as unset (a hook is never a reason not to
+    start)."""
+    try:
+        value = float(environ.get(TEST_HANDSHAKE_ENV, ""))
+    except ValueError:
+        return HANDSHAKE_SECONDS
+    return value if 0 < value <= HANDSHAKE_SECONDS else HANDSHAKE_SECONDS
+
+
 # Connections at once: the leader's join port (enrolments, a few at a time), its control port
 # (each agent holds one, a renewal or the CLI's a second for a moment: issue 15's 500 nodes
 # with room), an agent's NodeAgent port (the leader and `nodes --check`).
