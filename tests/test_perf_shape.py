@@ -2733,3 +2733,46 @@ async def test_a_switch_s_watch_closed_by_its_caller_ends_its_stream_at_once(
         assert client.in_flight == 1  # (the watch is open until it is closed)
         await states.aclose()
         assert client.in_flight == 0
+
+
+def test_a_switch_whose_early_check_has_ended_takes_it_without_a_wait() -> None:
+    """Issue 15 (session 70): when a switch completes, the confirm's outside check begun at the
+    agent's verify has mostly ended already (it began before the agent's unfreeze and its
+    completed record). Its result was still taken through ``asyncio.wait`` with a timer task
+    of ``CONFIRM_WITH_SWITCH``: a task, a waiter and their callbacks, two loop passes and more
+    on the switch's critical path, between the outcome's arrival and the write that plans the
+    next node's switch. Now an ended check is taken at once: no loop pass, no timer; the
+    confirm is written with the switch as before (a check not ended yet is still waited for:
+    ``tests/test_engine.py``)."""
+    from leader.changes import ChangeSteps
+    from leader.rollout_core import NodeEvent
+    from leader.rollout_enums import Strategy
+
+    loop = _CountingLoop()
+    key = ("r1", "n1")
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await asyncio.sleep(seconds)
+
+    async def switch_completed() -> tuple[int, int, SimpleNamespace]:
+        early: asyncio.Future[str | None] = loop.create_future()
+        early.set_result(None)  # the check found nothing wrong, before the outcome came
+        ctx = SimpleNamespace(
+            sleep=sleep,
+            checks={key: early},
+            confirmed=[],
+            rollout=SimpleNamespace(strategy=Strategy.DIRECT),
+        )
+        passes, callbacks = loop.passes, loop.callbacks
+        await ChangeSteps._confirm_with_switch(cast(Any, ctx), key, early)
+        return loop.passes - passes, loop.callbacks - callbacks, ctx
+
+    try:
+        passes, callbacks, ctx = loop.run_until_complete(switch_completed())
+    finally:
+        loop.close()
+    assert ctx.confirmed == [NodeEvent.CONFIRM_DONE]  # written with the switch's outcome
+    assert ctx.checks == {}  # taken: the confirm step does not run it again
+    assert (passes, callbacks, slept) == (0, 0, []), (passes, callbacks, slept)
