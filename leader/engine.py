@@ -1546,7 +1546,11 @@ class Engine:
         store) and a planner error are left to the loop, which the step's task wakes when
         this persists no plan (``_record`` returns False, ``_run_step``); so is a write that
         found its node's agent cut off (``cut``: its plan would not know that node cut off,
-        which the pass reads again: review rev53a L2)."""
+        which the pass reads again: review rev53a L2). A plan that moves no node (a stage's
+        outcome while another node switches, a preflight's) persists nothing; in a running
+        rollout without scope freezes it is given all the same, its steps begun with the
+        outcome (``_planned``), so that the outcome wakes no pass to make it again
+        (``_record``)."""
         if after.meta.when_quiet or (cut is not None and cut.taken):
             return (), []
         try:
@@ -1561,7 +1565,18 @@ class Engine:
             )
         except Exception:  # the loop's pass meets it again, and logs it
             return (), []
-        if plan.rollout_events or not plan.node_events:
+        if plan.rollout_events:
+            return (), []
+        if not plan.node_events:
+            # Nothing to persist (a stage's outcome while another node switches, say): the
+            # plan's steps are begun now all the same (``_planned``), and a running rollout
+            # without scope freezes need not wake the loop for a pass that would make the
+            # same plan and find nothing to do (issue 15: about one pass a node).
+            if (
+                after.rollout.state is RolloutState.RUNNING
+                and after.rollout.freeze is not FreezeMode.SCOPE
+            ):
+                plans.append(plan)
             return (), []
         if after.rollout.state is RolloutState.HALTING and any(
             a.node in self.cut_off for a in plan.node_events
@@ -1925,8 +1940,12 @@ class Engine:
         # can leave the next pass more to do (a change without a stage: a node it moves to
         # staged is skipped by a halt only at the next pass), and each pass renews the
         # scope freezes' leases (``_renew_freezes``).
+        # A plan that asks for the very step ending now (its node still in the step's state)
+        # cannot begin it while this task runs: the loop's pass does, once it has ended.
+        again = any((s.node, s.step) == (step.node, step.step) for p in plans for s in p.steps)
         return (
             bool(plans)
+            and not again
             and row.rollout.state is RolloutState.RUNNING
             and row.rollout.freeze is not FreezeMode.SCOPE
         )
