@@ -1513,6 +1513,9 @@ class Engine:
                     auth, revoke = dict(if_cut_off.auth), list(if_cut_off.revoke)
                     if cut is not None:
                         cut.append(True)
+                # A plan that moves no node counts only if every step it names runs already
+                # (``_running``): one that would begin a step is the loop's pass's, as before.
+                plans[:] = [p for p in plans if p.node_events or self._running(row, p)]
                 for plan in plans:
                     self._planned(row, plan)
                 if plan_next is not None:
@@ -1547,9 +1550,9 @@ class Engine:
         this persists no plan (``_record`` returns False, ``_run_step``); so is a write that
         found its node's agent cut off (``cut``: its plan would not know that node cut off,
         which the pass reads again: review rev53a L2). A plan that moves no node (a stage's
-        outcome while another node switches, a preflight's) persists nothing; in a running
-        rollout without scope freezes it is given all the same, its steps begun with the
-        outcome (``_planned``), so that the outcome wakes no pass to make it again
+        outcome while another node switches) persists nothing; in a running rollout without
+        scope freezes it is given all the same, and if every step it names runs already
+        (``_running``, checked on the loop) the outcome wakes no pass to make it again
         (``_record``)."""
         if after.meta.when_quiet or (cut is not None and cut.taken):
             return (), []
@@ -1568,10 +1571,10 @@ class Engine:
         if plan.rollout_events:
             return (), []
         if not plan.node_events:
-            # Nothing to persist (a stage's outcome while another node switches, say): the
-            # plan's steps are begun now all the same (``_planned``), and a running rollout
-            # without scope freezes need not wake the loop for a pass that would make the
-            # same plan and find nothing to do (issue 15: about one pass a node).
+            # Nothing to persist (a stage's outcome while another node switches, say): if its
+            # steps all run already (``_save_node``), a running rollout without scope freezes
+            # need not wake the loop for a pass that would make the same plan and find
+            # nothing to do (issue 15: about one pass a node).
             if (
                 after.rollout.state is RolloutState.RUNNING
                 and after.rollout.freeze is not FreezeMode.SCOPE
@@ -1585,6 +1588,16 @@ class Engine:
         _rollout, moved = planner.plan_moves(after.rollout, lambda n: after.node(n)[0], plan)
         plans.append(plan)
         return moved, _begun([after.node(r.name)[0] for r in moved], moved, now)
+
+    def _running(self, row: RolloutRow, plan: planner.Plan) -> bool:
+        """Whether every step of ``plan`` runs already, in a task other than this one (the
+        step whose outcome is being written ends with it): the loop's pass would begin none."""
+        me = asyncio.current_task()
+        for step in plan.steps:
+            task = self.tasks.get((row.rollout.id, step.node, step.step))
+            if task is None or task.done() or task is me:
+                return False
+        return True
 
     def _planned(self, row: RolloutRow, plan: planner.Plan) -> None:
         """A plan persisted with a step's outcome (``_plan_next``): logged as the loop logs
@@ -1940,12 +1953,8 @@ class Engine:
         # can leave the next pass more to do (a change without a stage: a node it moves to
         # staged is skipped by a halt only at the next pass), and each pass renews the
         # scope freezes' leases (``_renew_freezes``).
-        # A plan that asks for the very step ending now (its node still in the step's state)
-        # cannot begin it while this task runs: the loop's pass does, once it has ended.
-        again = any((s.node, s.step) == (step.node, step.step) for p in plans for s in p.steps)
         return (
             bool(plans)
-            and not again
             and row.rollout.state is RolloutState.RUNNING
             and row.rollout.freeze is not FreezeMode.SCOPE
         )
