@@ -2789,7 +2789,7 @@ async def test_a_stage_s_outcome_while_another_node_switches_wakes_no_pass(
     and the loop's turns. Now an outcome whose plan moves no node and names only steps that
     run already wakes none (one whose plan would begin a step still wakes the pass, which
     begins it, as before). The rollout is as before (``tests/test_engine.py``)."""
-    n = 5
+    n = 3
     world = engine_world(tmp_path / "rollout", monkeypatch, n)
     leader = world.boot(prepare_ahead=1)
     await leader.start(max_parallel=1)
@@ -2807,5 +2807,5 @@ async def test_a_stage_s_outcome_while_another_node_switches_wakes_no_pass(
     row = await drive_to_the_end(world, leader, n)
     await leader.stop()
     assert {r.state for r in row.records} == {NodeState.DONE}
-    # (before: 4 of the 5 stages, all but the first node's, whose outcome plans its switch)
+    # (before: 2 of the 3 stages, all but the first node's, whose outcome plans its switch)
     assert woken["stage"] == 0, woken
