@@ -512,12 +512,18 @@ class ChangeSteps:
         (its task, its write, then the next node's switch). A check that found a problem, or
         has not ended, stays for the confirm step, which rolls the node back or waits for it,
         as ever: nothing is sent to the agent here, and the switch's outcome is written
-        before the confirm's Rollback is sent."""
-        waited = asyncio.ensure_future(ctx.sleep(CONFIRM_WITH_SWITCH))  # the engine's clock
-        try:
-            await asyncio.wait({early, waited}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waited.cancel()
+        before the confirm's Rollback is sent.
+
+        A check that has already ended (mostly: it began at the verify, before the agent's
+        unfreeze and its completed record) is taken as it is: no wait, whose timer task,
+        waiter and callbacks cost two loop passes and more on the switch's critical path,
+        between its outcome's arrival and the write that plans the next switch (issue 15)."""
+        if not early.done():
+            waited = asyncio.ensure_future(ctx.sleep(CONFIRM_WITH_SWITCH))  # the engine's clock
+            try:
+                await asyncio.wait({early, waited}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waited.cancel()
         if not early.done() or early.cancelled() or early.exception() is not None:
             return
         if early.result() is None and ctx.checks.get(key) is early:

@@ -1571,6 +1571,9 @@ class Engine:
                     auth, revoke = dict(if_cut_off.auth), list(if_cut_off.revoke)
                     if cut is not None:
                         cut.append(True)
+                # A plan that moves no node counts only if every step it names runs already
+                # (``_running``): one that would begin a step is the loop's pass's, as before.
+                plans[:] = [p for p in plans if p.node_events or self._running(row, p)]
                 for plan in plans:
                     self._planned(row, plan)
                 if plan_next is not None:
@@ -1604,7 +1607,11 @@ class Engine:
         store) and a planner error are left to the loop, which the step's task wakes when
         this persists no plan (``_record`` returns False, ``_run_step``); so is a write that
         found its node's agent cut off (``cut``: its plan would not know that node cut off,
-        which the pass reads again: review rev53a L2)."""
+        which the pass reads again: review rev53a L2). A plan that moves no node (a stage's
+        outcome while another node switches) persists nothing; in a running rollout without
+        scope freezes it is given all the same, and if every step it names runs already
+        (``_running``, checked on the loop) the outcome wakes no pass to make it again
+        (``_record``)."""
         if after.meta.when_quiet or (cut is not None and cut.taken):
             return (), []
         try:
@@ -1619,7 +1626,18 @@ class Engine:
             )
         except Exception:  # the loop's pass meets it again, and logs it
             return (), []
-        if plan.rollout_events or not plan.node_events:
+        if plan.rollout_events:
+            return (), []
+        if not plan.node_events:
+            # Nothing to persist (a stage's outcome while another node switches, say): if its
+            # steps all run already (``_save_node``), a running rollout without scope freezes
+            # need not wake the loop for a pass that would make the same plan and find
+            # nothing to do (issue 15: about one pass a node).
+            if (
+                after.rollout.state is RolloutState.RUNNING
+                and after.rollout.freeze is not FreezeMode.SCOPE
+            ):
+                plans.append(plan)
             return (), []
         if after.rollout.state is RolloutState.HALTING and any(
             a.node in self.cut_off for a in plan.node_events
@@ -1628,6 +1646,16 @@ class Engine:
         _rollout, moved = planner.plan_moves(after.rollout, lambda n: after.node(n)[0], plan)
         plans.append(plan)
         return moved, _begun([after.node(r.name)[0] for r in moved], moved, now)
+
+    def _running(self, row: RolloutRow, plan: planner.Plan) -> bool:
+        """Whether every step of ``plan`` runs already, in a task other than this one (the
+        step whose outcome is being written ends with it): the loop's pass would begin none."""
+        me = asyncio.current_task()
+        for step in plan.steps:
+            task = self.tasks.get((row.rollout.id, step.node, step.step))
+            if task is None or task.done() or task is me:
+                return False
+        return True
 
     def _planned(self, row: RolloutRow, plan: planner.Plan) -> None:
         """A plan persisted with a step's outcome (``_plan_next``): logged as the loop logs

@@ -2733,3 +2733,79 @@ async def test_a_switch_s_watch_closed_by_its_caller_ends_its_stream_at_once(
         assert client.in_flight == 1  # (the watch is open until it is closed)
         await states.aclose()
         assert client.in_flight == 0
+
+
+def test_a_switch_whose_early_check_has_ended_takes_it_without_a_wait() -> None:
+    """Issue 15 (session 70): when a switch completes, the confirm's outside check begun at the
+    agent's verify has mostly ended already (it began before the agent's unfreeze and its
+    completed record). Its result was still taken through ``asyncio.wait`` with a timer task
+    of ``CONFIRM_WITH_SWITCH``: a task, a waiter and their callbacks, two loop passes and more
+    on the switch's critical path, between the outcome's arrival and the write that plans the
+    next node's switch. Now an ended check is taken at once: no loop pass, no timer; the
+    confirm is written with the switch as before (a check not ended yet is still waited for:
+    ``tests/test_engine.py``)."""
+    from leader.changes import ChangeSteps
+    from leader.rollout_core import NodeEvent
+    from leader.rollout_enums import Strategy
+
+    loop = _CountingLoop()
+    key = ("r1", "n1")
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await asyncio.sleep(seconds)
+
+    async def switch_completed() -> tuple[int, int, SimpleNamespace]:
+        early: asyncio.Future[str | None] = loop.create_future()
+        early.set_result(None)  # the check found nothing wrong, before the outcome came
+        ctx = SimpleNamespace(
+            sleep=sleep,
+            checks={key: early},
+            confirmed=[],
+            rollout=SimpleNamespace(strategy=Strategy.DIRECT),
+        )
+        passes, callbacks = loop.passes, loop.callbacks
+        await ChangeSteps._confirm_with_switch(cast(Any, ctx), key, early)
+        return loop.passes - passes, loop.callbacks - callbacks, ctx
+
+    try:
+        passes, callbacks, ctx = loop.run_until_complete(switch_completed())
+    finally:
+        loop.close()
+    assert ctx.confirmed == [NodeEvent.CONFIRM_DONE]  # written with the switch's outcome
+    assert ctx.checks == {}  # taken: the confirm step does not run it again
+    assert (passes, callbacks, slept) == (0, 0, []), (passes, callbacks, slept)
+
+
+async def test_a_stage_s_outcome_while_another_node_switches_wakes_no_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (session 70): a step's outcome is written with the plan that follows it, and
+    the engine's loop is not woken for it (its pass would make the same plan again). But a
+    stage's outcome while another node switches (nodes prepared ahead: the staged node waits
+    for that switch's confirm) moves no node, so it persisted no plan and woke the loop for a
+    pass that found nothing to do: one pass a node, each a plan, a read of the cut-off nodes
+    and the loop's turns. Now an outcome whose plan moves no node and names only steps that
+    run already wakes none (one whose plan would begin a step still wakes the pass, which
+    begins it, as before). The rollout is as before (``tests/test_engine.py``)."""
+    n = 3
+    world = engine_world(tmp_path / "rollout", monkeypatch, n)
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=1)
+    woken: Counter[str] = Counter()
+    real = leader.engine.wake.set
+
+    def wake() -> None:
+        task = asyncio.current_task()
+        # a step's task is named by its key: (rollout id, node, <Step.X: 'x'>)
+        step = re.search(r"<Step\.\w+: '(\w+)'>", task.get_name() if task is not None else "")
+        woken[step[1] if step is not None else "other"] += 1
+        real()
+
+    monkeypatch.setattr(leader.engine.wake, "set", wake)
+    row = await drive_to_the_end(world, leader, n)
+    await leader.stop()
+    assert {r.state for r in row.records} == {NodeState.DONE}
+    # (before: 2 of the 3 stages, all but the first node's, whose outcome plans its switch)
+    assert woken["stage"] == 0, woken
