@@ -781,6 +781,9 @@ class BootstrapService:
                     remote=request.remote,
                     cn=cn,
                     deadline=self.finish_deadline,
+                    hint="the node was too slow to seal the signed certificate in time (a loaded "
+                    "machine or a hung crypto worker): it was withdrawn and the PC told to try "
+                    "again; if this repeats, check the node's load and restart tlsroll-agent",
                 )
             withdrawn = await self._withdraw(request, cn, signed)
             if withdrawn is Withdrawal.WITHDRAWN:  # the name is free again: the next try is signed
