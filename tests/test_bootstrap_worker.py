@@ -1115,6 +1115,56 @@ def test_a_start_that_is_no_valid_point_costs_the_worker_no_spake2_start(
     assert workstation.finish(msg_b) == key
 
 
+async def test_starts_that_are_no_valid_point_count_as_failures_and_the_source_backs_off(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Session 70 (session 68 left it): a start whose msg_a is malformed or no valid point
+    was refused and its exchange dropped at once, so the per-source cap of open exchanges did
+    not bound it, and nothing was counted: one address could keep the crypto worker busy
+    with cheap invalid starts (only ``PAKE_CONCURRENCY`` bounded it). Each is counted now as
+    a wrong password is (``bootstrap.start_malformed``, with a hint; the failures the leader
+    hears of: ``schema show``), and past the free ones the address waits (429) before the
+    worker is asked; another address is not affected. Failed on the old code: the sixth
+    invalid start was answered 400 after the worker's ``respond``, nothing counted."""
+    address = loopback()
+    crypto, clock = InProcessCrypto(), FakeClock()
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto, clock=clock
+    ) as service:
+        node = Node(service, clock, test_ca.cert_pem)
+        free = service.limits.per_source.free
+        no_point = b"A" + (2).to_bytes(32, "little")  # the right shape, off the curve
+        wrong_shape = b"B" + b"\x01" * 32  # found without the worker
+
+        async def start(msg_a: bytes) -> tuple[int, dict[str, str], Any]:
+            request = proto.StartRequest("ws-a", msg_a).to_json()
+            return await node.call(session, "POST", proto.START_PATH, request)
+
+        with structlog.testing.capture_logs() as events:
+            for n in range(free):
+                status, _headers, body = await start(no_point if n else wrong_shape)
+                assert (status, body["error"]) == (400, "bad_request"), body
+            asked = crypto.calls.get("respond", 0)
+            status, headers, body = await start(no_point)
+        assert asked == free - 1
+        assert (status, body["error"]) == (429, "rate_limited"), body
+        assert headers["Retry-After"] == "2"
+        assert crypto.calls.get("respond", 0) == asked  # refused before the worker
+        assert len(service.exchanges) == 0
+        (pending,) = service.failures.pending()
+        assert (pending.workstation, pending.count) == ("ws-a", free)
+        said = [e for e in events if e["event"] == "bootstrap.start_malformed"]
+        assert [e["failures"] for e in said] == list(range(1, free + 1)), said
+        assert all(e["log_level"] == "warning" and "backoff" in e["hint"] for e in said)
+        assert str(said[0]["remote"]).startswith("127."), said  # the client's address
+        clock.advance(2)
+        assert (await start(no_point))[0] == 400  # after the wait: counted again (the 6th)
+        assert service.guard.sources.failures(pending.source, clock()) == free + 1
+
+
 async def test_a_malformed_pake_message_is_refused_without_the_worker(
     issue_cert: Callable[..., IssuedCert],
     loopback: Callable[[], str],
