@@ -1328,11 +1328,11 @@ class LeaderLink:
                 self._dial_failed_said = None
             if self.healthy is not True:
                 renew = self._stream.renew if self._stream is not None else 0
-                said: dict[str, float] = {}
+                outage: dict[str, float] = {}
                 if self._failing_since is not None:
-                    said["outage_seconds"] = round(self.monotonic() - self._failing_since, 1)
+                    outage["outage_seconds"] = round(self.monotonic() - self._failing_since, 1)
                 log.info(
-                    "heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew, **said
+                    "heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew, **outage
                 )
             self.healthy = True
             self._failing_since, self._outage_said = None, False

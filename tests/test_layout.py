@@ -205,6 +205,7 @@ def test_warnings_and_errors_say_what_to_do() -> None:
         if call.func.attr in ("warning", "error", "exception", "critical")  # type: ignore[attr-defined]
         and call.args
         and isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[0].value, str)
     ]
     assert len(loud) > 100  # the scan finds them at all
     bad = [

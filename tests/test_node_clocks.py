@@ -857,8 +857,8 @@ async def test_a_node_enrolled_again_under_a_removed_nodes_name_starts_afresh(
         assert not rig.store.report_since_start("hb1")
         # The admin's own command: info, not a warning in the leader's journal (session 69's
         # log review; its audit entry and the command's output say the rest).
-        (said,) = [e for e in removed if e["event"] == "node.removed"]
-        assert said["log_level"] == "info" and said["node"] == "hb1", said
+        (gone,) = [e for e in removed if e["event"] == "node.removed"]
+        assert gone["log_level"] == "info" and gone["node"] == "hb1", gone
 
         again = rig.add_node("hb1", node_address)
         with structlog.testing.capture_logs() as events:
