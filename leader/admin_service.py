@@ -897,7 +897,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             actor=_actor(context),
         )
         self.state.forget_node(node.name)  # no node problem of it is left
-        log.warning("node.removed", node=node.name, revoked=len(serials))
+        # Info: the admin's own command (its audit entry and output say it), nothing to act on.
+        log.info("node.removed", node=node.name, revoked=len(serials))
         return admin_pb2.RemoveNodeResponse(node=self._node_info(node), revoked_serials=serials)
 
     @map_errors(ERRORS)

@@ -618,7 +618,7 @@ class BootstrapService:
             except proto.BootstrapError as exc:
                 raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
             try:
-                answer = await self._start(source, start)
+                answer = await self._start(source, start, request.remote)
             except WorkerFailed:
                 raise _busy() from None
         except Refused as exc:
@@ -648,7 +648,9 @@ class BootstrapService:
                 retry=wait,
             )
 
-    async def _start(self, source: str, start: proto.StartRequest) -> proto.StartAnswer:
+    async def _start(
+        self, source: str, start: proto.StartRequest, remote: str | None = None
+    ) -> proto.StartAnswer:
         now = self.clock()
         self._check_guard(source, start.workstation, now)
         try:
@@ -670,6 +672,22 @@ class BootstrapService:
             shared = _worker_bytes(answer, "key")
         except proto.BootstrapError as exc:
             self.exchanges.drop(ex.id)
+            # Counted as a wrong password is (its source's, its name's and the node's backoff,
+            # the failures the leader hears of): dropped at once, such a start held no open
+            # exchange, and one source could keep the crypto worker busy with invalid points
+            # (only PAKE_CONCURRENCY bounded it: session 70). No workstation sends one.
+            when, count = self._count_failure(source, start.workstation)
+            log.warning(
+                "bootstrap.start_malformed",
+                remote=remote,
+                workstation=start.workstation,
+                failures=count,
+                detail=str(exc)[:200],
+                hint="a client that is no tlsroll workstation, or a broken one, sent it: "
+                "counted as a wrong password for its address (the usual backoff)",
+            )
+            if self.counted is not None:
+                await self.counted(when)
             raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
         except BaseException:
             self.exchanges.drop(ex.id)
@@ -781,6 +799,9 @@ class BootstrapService:
                     remote=request.remote,
                     cn=cn,
                     deadline=self.finish_deadline,
+                    hint="the node was too slow to seal the signed certificate in time (a loaded "
+                    "machine or a hung crypto worker): it was withdrawn and the PC told to try "
+                    "again; if this repeats, check the node's load and restart tlsroll-agent",
                 )
             withdrawn = await self._withdraw(request, cn, signed)
             if withdrawn is Withdrawal.WITHDRAWN:  # the name is free again: the next try is signed
@@ -868,9 +889,7 @@ class BootstrapService:
 
     def _failed(self, request: Request, ex: Exchange) -> dt.datetime:
         """Count a wrong password (in memory, at once); returns when."""
-        count = self.guard.failed(ex.source, ex.workstation, self.clock())
-        when = self.wall()
-        self.failures.record(ex.source, ex.workstation, when)
+        when, count = self._count_failure(ex.source, ex.workstation)
         log.warning(
             "bootstrap.password_refused",
             remote=request.remote,
@@ -878,6 +897,15 @@ class BootstrapService:
             failures=count,
         )
         return when
+
+    def _count_failure(self, source: str, workstation: str) -> tuple[dt.datetime, int]:
+        """Count a failure of ``source`` claiming ``workstation`` (the guard's backoffs and
+        ceiling, the failures the leader hears of: ``FailureLog``); when, and the source's
+        failures so far."""
+        count = self.guard.failed(source, workstation, self.clock())
+        when = self.wall()
+        self.failures.record(source, workstation, when)
+        return when, count
 
     async def _enrol(
         self, request: Request, ex: Exchange, finish: proto.FinishRequest

@@ -57,6 +57,7 @@ import functools
 import hashlib
 import random
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -151,6 +152,26 @@ LOST_STATUS = "STATUS_LOST"  # what the log says of such an end, in place of a s
 LOST_DETAIL = (
     "the stream ended as a message went (the leader ended it or the connection broke); "
     "gRPC lost the leader's status"
+)
+OUTAGE_WARN_SECONDS = 60.0
+"""How long heartbeats may fail in a row, the leader away or slow (``PASSING``), before the
+agent warns (``heartbeat.still_failing``, once per outage, at the first beat that fails this
+long after the first did): a leader's planned restart (an upgrade, ``systemctl restart
+tlsroll-leader``) is over well within it, and its agents then log only ``heartbeat.failed`` at
+info (before, each agent warned: 50 warnings in the journal for a 50-node upgrade, none of
+them anything for the admin to do)."""
+PASSING = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", LOST_STATUS})
+"""The failures of a beat that say the leader is away, restarting or slow, as in a planned
+restart (a stopping leader ends the streams UNAVAILABLE, "the leader is stopping"): logged at
+info until they last ``OUTAGE_WARN_SECONDS``. Any other (a refusal: a certificate the leader
+does not take, an error of the leader's) is a warning at once."""
+OUTAGE_HINT = (
+    "check that tlsroll-leader runs on the leader (systemctl status tlsroll-leader) and that "
+    "this node reaches the leader's address and control port; the node shows offline meanwhile"
+)
+CRASH_HINT = (
+    "a fault in the agent's heartbeat code, not the leader's: the next heartbeat comes as "
+    "usual; if this repeats, restart the agent (systemctl restart tlsroll-agent) and report it"
 )
 
 
@@ -715,6 +736,11 @@ class LeaderLink:
             self._dialed_said = self._dialed
             log.info("leader.dialed", leader=self.target, serial=f"{self._dialed:x}")
         self.healthy: bool | None = None
+        # When the beats began to fail (``monotonic``; None: the last one was answered), and
+        # whether ``heartbeat.still_failing`` has been said of this outage.
+        self.monotonic: Callable[[], float] = time.monotonic
+        self._failing_since: float | None = None
+        self._outage_said = False
         # This agent's id on its streams (``HeartbeatRequest.agent_instance``), drawn as it
         # starts: the leader tells two agents with one identity apart by it (a cloned machine).
         self.instance = secrets.token_hex(8)
@@ -1289,9 +1315,7 @@ class LeaderLink:
                 # (``_exchange_by_pin``); a refusal or a slow leader answered by the pin. The
                 # next beat dials the pin again: by the generic name it took no epoch, and a
                 # command's epoch question then failed: s68 leaderpin L2.)
-                if self.healthy is not False:
-                    log.warning("heartbeat.failed", leader=self.target, code=code, detail=detail)
-                self.healthy = False
+                self._failed(code, detail)
                 raise TransientError(f"heartbeat to {self.target}: {detail}") from None
             # Only the leader the agent trusts took them (``_withhold``): a holder of a revoked
             # leader key answering the generic name dropped them before, unseen by the leader.
@@ -1304,8 +1328,44 @@ class LeaderLink:
                 self._dial_failed_said = None
             if self.healthy is not True:
                 renew = self._stream.renew if self._stream is not None else 0
-                log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
+                outage: dict[str, float] = {}
+                if self._failing_since is not None:
+                    outage["outage_seconds"] = round(self.monotonic() - self._failing_since, 1)
+                log.info(
+                    "heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew, **outage
+                )
             self.healthy = True
+            self._failing_since, self._outage_said = None, False
+
+    def _failed(self, code: str, detail: str) -> None:
+        """A beat failed (``code``, ``detail``: what the log says of it). The first of an
+        outage is ``heartbeat.failed``: info where the leader is away, restarting or slow
+        (``PASSING``: a planned restart is nothing for the admin to do), a warning for any
+        other failure (a refusal); one that lasts ``OUTAGE_WARN_SECONDS`` is a warning,
+        ``heartbeat.still_failing``, once per outage."""
+        now = self.monotonic()
+        if self.healthy is not False:
+            self._failing_since, self._outage_said = now, False
+            if code in PASSING:
+                log.info("heartbeat.failed", leader=self.target, code=code, detail=detail)
+            else:
+                log.warning(
+                    "heartbeat.failed", leader=self.target, code=code, detail=detail,
+                    hint="the leader is there but refused this heartbeat or failed on it: "
+                    "see the detail, and the leader's log (journalctl -u tlsroll-leader)",
+                )  # fmt: skip
+        elif (
+            self._failing_since is not None
+            and not self._outage_said
+            and now - self._failing_since >= OUTAGE_WARN_SECONDS
+        ):
+            self._outage_said = True
+            log.warning(
+                "heartbeat.still_failing", leader=self.target,
+                seconds=round(now - self._failing_since), code=code, detail=detail,
+                hint=OUTAGE_HINT,
+            )  # fmt: skip
+        self.healthy = False
 
     async def _exchange_by_pin(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> bool:
         """(Under the lock.) ``_exchange``; whether the link it went through is trusted
@@ -1406,10 +1466,12 @@ class LeaderLink:
             self._soon.clear()  # (this beat carries what changed before it)
             try:
                 await self.beat(quiet=True)
-            except TransientError:  # logged once per outage by beat
+            except TransientError:  # logged by beat (``_failed``)
                 pass
             except Exception as exc:
-                log.error("heartbeat.failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                log.error(
+                    "heartbeat.crashed", error=f"{type(exc).__name__}: {exc}"[:200], hint=CRASH_HINT
+                )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     ended = asyncio.ensure_future(self._ended.wait())

@@ -1002,7 +1002,13 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         if state.problem:
             log.error("state.unreadable", problem=state.problem)
         if store.read_only:
-            log.error("store.read_only", path=str(store.path))
+            log.error(
+                "store.read_only",
+                path=str(store.path),
+                hint="its file system is mounted read-only: entries are served, every save "
+                "fails; make the data dir writable (remount it read-write), then restart the "
+                "server (its first start that can write the store migrates it)",
+            )
         server = RefServer(
             loaded,
             store,

@@ -371,7 +371,8 @@ def test_a_certificate_signed_while_the_worker_hangs_is_withdrawn_while_the_work
     assert first.returncode == Exit.ENROL_REFUSED, first.stdout + first.stderr
     assert "busy" in first.stderr and "try again in 5 s" in first.stderr, first.stderr
     assert not (settings / "client.pem").exists()
-    assert len(events_since(node.agent, before, "bootstrap.delivery_late")) == 1
+    (late,) = events_since(node.agent, before, "bootstrap.delivery_late")
+    assert "restart tlsroll-agent" in late["hint"], late  # what to do (session 70)
     assert len(events_since(node.agent, before, "bootstrap.undelivered_withdrawn")) == 1
     again = client_test_connection(node.https_url(), pw, settings)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -1112,6 +1113,56 @@ def test_a_start_that_is_no_valid_point_costs_the_worker_no_spake2_start(
     msg_b, key = bootstrap_pake.node_respond(pw, msg_a, blinds)
     assert decoded.count(msg_a[1:]) == 1, len(decoded)
     assert workstation.finish(msg_b) == key
+
+
+async def test_starts_that_are_no_valid_point_count_as_failures_and_the_source_backs_off(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    session: aiohttp.ClientSession,
+) -> None:
+    """Session 70 (session 68 left it): a start whose msg_a is malformed or no valid point
+    was refused and its exchange dropped at once, so the per-source cap of open exchanges did
+    not bound it, and nothing was counted: one address could keep the crypto worker busy
+    with cheap invalid starts (only ``PAKE_CONCURRENCY`` bounded it). Each is counted now as
+    a wrong password is (``bootstrap.start_malformed``, with a hint; the failures the leader
+    hears of: ``schema show``), and past the free ones the address waits (429) before the
+    worker is asked; another address is not affected. Failed on the old code: the sixth
+    invalid start was answered 400 after the worker's ``respond``, nothing counted."""
+    address = loopback()
+    crypto, clock = InProcessCrypto(), FakeClock()
+    async with make_service(
+        issue_cert(address, "node-a"), address, test_ca, crypto=crypto, clock=clock
+    ) as service:
+        node = Node(service, clock, test_ca.cert_pem)
+        free = service.limits.per_source.free
+        no_point = b"A" + (2).to_bytes(32, "little")  # the right shape, off the curve
+        wrong_shape = b"B" + b"\x01" * 32  # found without the worker
+
+        async def start(msg_a: bytes) -> tuple[int, dict[str, str], Any]:
+            request = proto.StartRequest("ws-a", msg_a).to_json()
+            return await node.call(session, "POST", proto.START_PATH, request)
+
+        with structlog.testing.capture_logs() as events:
+            for n in range(free):
+                status, _headers, body = await start(no_point if n else wrong_shape)
+                assert (status, body["error"]) == (400, "bad_request"), body
+            asked = crypto.calls.get("respond", 0)
+            status, headers, body = await start(no_point)
+        assert asked == free - 1
+        assert (status, body["error"]) == (429, "rate_limited"), body
+        assert headers["Retry-After"] == "2"
+        assert crypto.calls.get("respond", 0) == asked  # refused before the worker
+        assert len(service.exchanges) == 0
+        (pending,) = service.failures.pending()
+        assert (pending.workstation, pending.count) == ("ws-a", free)
+        said = [e for e in events if e["event"] == "bootstrap.start_malformed"]
+        assert [e["failures"] for e in said] == list(range(1, free + 1)), said
+        assert all(e["log_level"] == "warning" and "backoff" in e["hint"] for e in said)
+        assert str(said[0]["remote"]).startswith("127."), said  # the client's address
+        clock.advance(2)
+        assert (await start(no_point))[0] == 400  # after the wait: counted again (the 6th)
+        assert service.guard.sources.failures(pending.source, clock()) == free + 1
 
 
 async def test_a_malformed_pake_message_is_refused_without_the_worker(

@@ -812,7 +812,8 @@ async def test_a_node_enrolled_again_under_a_removed_nodes_name_starts_afresh(
     scaled down to 1 here) nor taken at all where it repeated the removed node's last entry
     (an answer lost to the removal: the agent's journal keeps the failure). Now the removal
     clears them: the new node's first report is stored, counted and audited. The leader's real
-    service on its mutual-TLS port, the real admin service's removal, the real store."""
+    service on its mutual-TLS port, the real admin service's removal, the real store. The
+    removal's ``node.removed`` is info (session 70: a warning for the admin's own command)."""
     monkeypatch.setattr(service_module, "FAILURE_AUDITS_A_DAY", 1)
     rig = leader_with_a_node(tmp_path, loopback(), node_address := loopback())
     rig.service.batch_seconds = 3600  # the test commits (``write_queued``)
@@ -851,8 +852,13 @@ async def test_a_node_enrolled_again_under_a_removed_nodes_name_starts_afresh(
         rig.store.write_queued()
         assert rig.store.report_since_start("hb1")
         assert audited() == 1
-        await admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="hb1"), cast(Any, None))
+        with structlog.testing.capture_logs() as removed:
+            await admin.RemoveNode(admin_pb2.RemoveNodeRequest(name="hb1"), cast(Any, None))
         assert not rig.store.report_since_start("hb1")
+        # The admin's own command: info, not a warning in the leader's journal (session 69's
+        # log review; its audit entry and the command's output say the rest).
+        (gone,) = [e for e in removed if e["event"] == "node.removed"]
+        assert gone["log_level"] == "info" and gone["node"] == "hb1", gone
 
         again = rig.add_node("hb1", node_address)
         with structlog.testing.capture_logs() as events:

@@ -37,7 +37,7 @@ from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.test_heartbeat_stream import agent_events, agent_link
 from tlsroll import rpc
-from tlsroll.errors import ShuttingDown
+from tlsroll.errors import ShuttingDown, TransientError
 
 INTERVAL = 600  # in process: the agent's next scheduled heartbeat is 10 minutes away
 
@@ -367,6 +367,102 @@ async def test_a_stream_the_leader_refuses_is_opened_again_only_at_the_next_hear
         await stop(rig, link, journal, task)
 
 
+async def test_a_leader_away_for_a_moment_is_info_and_one_that_stays_away_one_warning(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Session 69's log review: every agent warned ``heartbeat.failed`` at a leader's planned
+    restart (50 warnings in the journal for a 50-node upgrade, nothing for the admin to do).
+    A leader that is away (here not started: UNAVAILABLE) is ``heartbeat.failed`` at info;
+    only once the beats have failed for ``OUTAGE_WARN_SECONDS`` (the agent's clock, moved
+    here) does one warning say so, with what to check (``heartbeat.still_failing``, once per
+    outage); the answer after it says how long the outage lasted. A failure that is no
+    leader away (a refusal) warns at once, with a hint. Failed on the old code: a warning at
+    the first failure, none when it lasted."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)  # not started: away
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address, INTERVAL)
+    now = [1000.0]
+    link.monotonic = lambda: now[0]
+    names = ("heartbeat.failed", "heartbeat.still_failing", "heartbeat.ok")
+    try:
+        with structlog.testing.capture_logs() as events:
+            for step in (0, 30, 29, 2, 100):  # 0, 30, 59, 61 and 161 s into the outage
+                now[0] += step
+                with pytest.raises(TransientError):
+                    await link.beat()
+            await rig.server.start()
+            now[0] += 4
+            async with asyncio.timeout(30):  # the test's bound (a dial may fail as it starts)
+                while not link.healthy:
+                    with contextlib.suppress(TransientError):
+                        await link.beat()
+        said = [e for e in events if e["event"] in names]
+        assert [(e["event"], e["log_level"]) for e in said] == [
+            ("heartbeat.failed", "info"),
+            ("heartbeat.still_failing", "warning"),
+            ("heartbeat.ok", "info"),
+        ], said
+        failed, lasting, ok = said
+        assert failed["code"] == "UNAVAILABLE", failed
+        assert lasting["seconds"] == 61 and lasting["code"] == "UNAVAILABLE", lasting
+        assert "systemctl status tlsroll-leader" in lasting["hint"], lasting
+        assert ok["outage_seconds"] == 165.0, ok
+        assert not [e for e in events if e["log_level"] in ("warning", "error")][1:], events
+
+        # A refusal (the leader is there) warns at once, once per outage; never
+        # ``still_failing`` for it before the bound.
+        with structlog.testing.capture_logs() as events:
+            link._failed("UNAUTHENTICATED", "the certificate is revoked")
+            now[0] += 10
+            link._failed("UNAUTHENTICATED", "the certificate is revoked")
+        ((refused),) = [e for e in events if e["event"] in names]
+        assert refused["log_level"] == "warning" and refused["code"] == "UNAUTHENTICATED"
+        assert "journalctl -u tlsroll-leader" in refused["hint"], refused
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_a_fault_in_a_beat_is_its_own_event_with_a_hint(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 69's log review: ``heartbeat.failed`` meant both the leader unreachable (once
+    per outage) and, at error level, a fault in the agent's own heartbeat code. The fault is
+    ``heartbeat.crashed`` now, with what to do; the loop goes on (its next beat comes). Failed
+    on the old code: ``heartbeat.failed``, no hint."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)  # never called here
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address, 1)
+    beats: list[int] = []
+
+    async def faulty(*, quiet: bool = False) -> None:
+        beats.append(1)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(link, "beat", faulty)
+    try:
+        with structlog.testing.capture_logs() as events:
+            task = asyncio.create_task(link.run())
+            try:
+                async with asyncio.timeout(30):  # the test's bound: the next beat in 1 s
+                    while len(beats) < 2:
+                        await asyncio.sleep(0.02)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        crashed = [e for e in events if e["event"] == "heartbeat.crashed"]
+        assert crashed and crashed[0]["log_level"] == "error", events
+        assert crashed[0]["error"] == "RuntimeError: a bug"
+        assert "systemctl restart tlsroll-agent" in crashed[0]["hint"]
+        assert not [e for e in events if e["event"] == "heartbeat.failed"]
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
 def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Path) -> None:
     """Real leader and agent daemons at a 90 s interval. The leader stops right after the
     agent's first heartbeat and is away for 8 s; the agent sees its stream end (the stopping
@@ -378,7 +474,8 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
     logs ``heartbeat.stream_ended``) are the one the leader ended and one more (opened before
     the channel saw the leader gone), two more in the rare case that the first reached the
     stopping leader before its port closed; calling at each pause, at least 4 streams ended by
-    4 s (pauses of up to 1, 1 and 2 s), 5 in the test's run."""
+    4 s (pauses of up to 1, 1 and 2 s), 5 in the test's run. None of it is a warning in the
+    agent's log (session 70)."""
     with AdminTokenCluster(
         tmp_path / "c", next_loopback(), heartbeat_interval=90, agent_heartbeat_interval=90
     ) as c:
@@ -387,6 +484,7 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
         agent = c.add_agent("rc-node", next_loopback())
         wait_until(lambda: bool(agent_events(agent, "heartbeat.ok")), 20, "the agent beating")
         restart = dt.datetime.now(dt.UTC)
+        seen = len(agent.log_events())
         assert c.stop_leader() == 0
         time.sleep(8)  # the leader away (the claim is a count, not a time)
         ended = agent_events(agent, "heartbeat.stream_ended")
@@ -404,6 +502,10 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
             "the agent heard by the restarted leader",
             interval=LEADER_POLL,
         )
+        # A planned restart is nothing for the admin to do: no warning in the agent's journal
+        # (session 70; before, ``heartbeat.failed`` warned on every node at each restart).
+        later = agent.log_events()[seen:]
+        assert [e for e in later if e.get("level") in ("warning", "error")] == [], later
 
 
 async def test_the_wait_for_the_channel_ends_when_the_channel_is_closed(

@@ -543,7 +543,15 @@ class ViewerApp:
             self._streams.total() >= MAX_STREAMS
             or self._streams[session_id] >= MAX_STREAMS_PER_SESSION
         ):
-            log.warning("viewer.too_many_streams", open=self._streams.total())
+            log.warning(
+                "viewer.too_many_streams",
+                open=self._streams.total(),
+                limit=MAX_STREAMS,
+                per_session=MAX_STREAMS_PER_SESSION,
+                hint="each open viewer page holds a live stream; this one is shown not live and "
+                "tries again in 30 s: close viewer tabs not in use (one sign-in: at most "
+                f"{MAX_STREAMS_PER_SESSION}); if few are open, look for a client that opens many",
+            )
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             response.force_close()  # its connection too: the browser opens one when it is back
             await response.prepare(request)
