@@ -1393,6 +1393,8 @@ class Engine:
                 node=step.node,
                 step=step.step.value,
                 reason=admin[0],
+                hint="the agent's reason says what to do on that node (tlsroll nodes); the"
+                " leader keeps asking and records the outcome once the node goes on",
             )
         if noted:
             log.warning(

@@ -1010,7 +1010,12 @@ class Runner:
                 if worth_logging(attempt, time.monotonic() - logged):
                     logged = time.monotonic()
                     log.warning(
-                        "txn.still_held", rollout_id=txn.rollout_id, kind=txn.kind, error=unwritable
+                        "txn.still_held",
+                        rollout_id=txn.rollout_id,
+                        kind=txn.kind,
+                        error=unwritable,
+                        hint="free space under the agent's data dir (or make it writable): the"
+                        " switch carries on by itself once its journal takes a write",
                     )
         finally:
             del self.held[key]
@@ -1027,7 +1032,11 @@ class Runner:
             try:
                 self.on_held()
             except Exception as exc:  # a listener's trouble is not the transaction's
-                log.error("txn.on_held_failed", error=describe(exc))
+                log.error(
+                    "txn.on_held_failed",
+                    error=describe(exc),
+                    detail="the held switch goes on; the agent's report of it may come late",
+                )
 
     async def _unproved(self, txn: Txn) -> str:
         """Before the agent exits on a dead task: why the freeze must not be lifted ("" if it

@@ -1061,7 +1061,12 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         if write_delay:
             log.warning("test_hook.write_delay", seconds=write_delay, env=WRITE_DELAY_ENV)
         if body_seconds:
-            log.warning("test_hook.body_seconds", seconds=body_seconds, env=BODY_SECONDS_ENV)
+            log.warning(
+                "test_hook.body_seconds",
+                seconds=body_seconds,
+                env=BODY_SECONDS_ENV,
+                detail="a test-only setting: unset it outside tests",
+            )
         if clients_window:
             log.warning("test_hook.clients_window", seconds=clients_window, env=CLIENTS_WINDOW_ENV)
         log.info(
