@@ -342,7 +342,7 @@ def test_an_agent_whose_journal_disk_is_full_mid_switch_holds_it_and_says_it_nee
         filler = fill(data)
         try:
             agent.start()  # without the crash hook
-            said = "needs the admin: its journal cannot be written (database or disk is full"
+            said = "needs the admin: its journal cannot be written (disk full: SQLITE_FULL): free"
             wait_until(
                 lambda: problem().startswith(f"needs-admin: {node.name} {said}"),
                 60,
