@@ -1075,7 +1075,11 @@ class Runner:
         key = (txn.rollout_id, txn.kind.value)
         self.held[key] = self._held_line(txn, refused, frozen=frozen)
         self.held_said = f"{self.held[key]}; {said.removeprefix('; ')}; {refused.error}"
-        log.error("txn.held", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.held_said)
+        where = self.journal.path.parent
+        hint = f"{refused.hint(where)}: the agent then carries it on"
+        log.error(
+            "txn.held", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.held_said, hint=hint
+        )
         self._tell_held()
         try:
             attempt, logged = 0, time.monotonic()
@@ -1096,6 +1100,7 @@ class Runner:
                         rollout_id=txn.rollout_id,
                         kind=txn.kind,
                         error=again.error,
+                        hint=f"{again.hint(where)}: the agent then carries it on",
                     )
         finally:
             del self.held[key]
