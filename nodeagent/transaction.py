@@ -1016,10 +1016,9 @@ class Runner:
                 await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
         put_back = await self._source_back(txn)
         if (refused := await self._probe(txn)) is not None and refused.held:
-            # Frozen but not kept (a freeze left to the scope freeze's lease, a lift that
-            # failed): the hold tries the lift again (``_lift_held``).
-            lift = frozen and not unproved
-            await self._hold(txn, refused, frozen=frozen, lift=lift, said=f"{lifted}{put_back}")
+            # Left frozen (kept, left to the scope freeze's lease, a lift that failed): the
+            # hold tries the lift again as this did (``_lift_held``), as each start did.
+            await self._hold(txn, refused, frozen=frozen, lift=frozen, said=f"{lifted}{put_back}")
             return True
         self.fatal = (
             f"the {txn.kind} transaction of rollout {txn.rollout_id} died {deaths} times"
@@ -1070,8 +1069,8 @@ class Runner:
         schema and rollout status) and ask the journal again with backoff (``HOLD_BACKOFF``)
         until a write takes; the task then carries the transaction on from the journal. The
         server is left as ``_die`` left it (``frozen``: the freeze is on; ``said``: what was
-        done), but for a freeze ``_die`` meant to lift (``lift``): tried again at each look
-        (``_lift_held``), as each start of the agent did when it exited."""
+        done), but for a freeze it left (``lift``): the lift is tried again at each look as
+        ``_die`` tried it (``_lift_held``), as each start of the agent did when it exited."""
         key = (txn.rollout_id, txn.kind.value)
         self.held[key] = self._held_line(txn, refused, frozen=frozen)
         self.held_said = f"{self.held[key]}; {said.removeprefix('; ')}; {refused.error}"
@@ -1113,12 +1112,12 @@ class Runner:
         )
 
     async def _lift_held(self, txn: Txn) -> bool:
-        """While ``txn`` is held: lift the freeze ``_die`` meant to lift and could not (the
-        server refused the unfreeze, or the scope freeze's lease held it then), as ``_die``
-        would now: unless the server does not prove it runs a verified config (``_unproved``,
-        asked again: the server may have changed meanwhile) or a scope freeze's lease still
-        holds (in elapsed time: its renewal cannot be journalled either, so it runs out,
-        as the leader counts it). True once lifted; never raises."""
+        """While ``txn`` is held: lift the freeze ``_die`` left (kept, the server refused the
+        unfreeze, or the scope freeze's lease held it then), as ``_die`` would now: unless the
+        server does not prove it runs a verified config (``_unproved``, asked again: a verify
+        may pass now, the server may have changed) or a scope freeze's lease still holds (in
+        elapsed time: its renewal cannot be journalled either, so it runs out, as the leader
+        counts it). True once lifted; never raises."""
         try:
             if await self._unproved(txn):
                 return False

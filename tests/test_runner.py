@@ -1034,6 +1034,44 @@ async def test_a_held_switch_lifts_the_freeze_its_death_left_once_it_may(
     journal.close()
 
 
+async def test_a_held_switch_keeps_the_freeze_until_the_server_proves_its_config(
+    world: Callable[..., World],
+) -> None:
+    """Review of session 70's hold: a switch dead on a full journal right after its restart
+    (``config_written`` journalled, the target restarted) while the server did not answer:
+    nothing proves what it runs, so the freeze is kept ("writes refused"). Held, the agent
+    asks again as each start of it did before the hold: once the server answers as the
+    target (its watermark the freeze's: no write lost), the freeze is lifted, and the switch
+    carries on with room."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    await died_on_full(w, "restarted")
+    s = w.server
+    assert (s.running, s.frozen) == (sc.target, True)
+    s.running = None  # down (slow to start, say) as the task dies: nothing proved
+    s.ops.clear()
+    journal = Filling(w.journal_path)
+    runner = w.runner(journal)
+    told = asyncio.Event()
+    runner.on_held = told.set
+    await runner.resume_all()
+    (task,) = runner.tasks.values()
+    await held_told(runner, told)
+    why = runner.needs_admin()
+    assert why is not None and "writes refused" in why and "the freeze is kept" in said(runner)
+    assert s.frozen and s.ops == [], s.ops
+    s.running = sc.target  # it answers now, as the target
+    await held_told(runner, told)
+    assert not s.frozen and s.ops == ["unfreeze"], s.ops
+    why = runner.needs_admin()
+    assert why is not None and "writes refused" not in why, why
+    journal.full = False
+    done = await task
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    w.assert_ended_well(journal)
+    journal.close()
+
+
 class BrokenJournal(CrashingJournal):
     """A journal whose every write fails with SQLite's ``code``."""
 
